@@ -1,0 +1,164 @@
+//! Every environment knob, parsed once per engine into a plain struct. A malformed value is an error
+//! that names the variable, never a silent default.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+pub(crate) const MAX_CHANNELS: u16 = crate::proto::MAX_CHANNELS;
+/// TCPX receives are capped at 4 MiB; the socket transport keeps the same cap so one chunk plan fits both.
+pub(crate) const MAX_CHUNK_SIZE: u32 = 4 << 20;
+pub(crate) const MIN_CHUNK_SIZE: u32 = 4 << 10;
+/// TCPX allows 16 outstanding requests per comm, received-but-unconsumed ones included.
+pub(crate) const MAX_WINDOW: usize = 16;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Data channels per connection (each a pair of one-way comms). `UCCL_TCPX_NUM_CHANNELS`.
+    pub num_channels: u16,
+    /// Payload is cut into chunks of this many bytes, spread round-robin over channels. `UCCL_TCPX_CHUNK_SIZE`.
+    pub chunk_size: u32,
+    /// Requests in flight per comm. `UCCL_TCPX_WINDOW`.
+    pub window: usize,
+    /// Control listener port; 0 picks a free one. `UCCL_TCPX_PORT`.
+    pub port: u16,
+    /// Address advertised in metadata and channel handles. `UCCL_TCPX_IP`, else the address of
+    /// `UCCL_TCPX_IFNAME`, else the first non-loopback IPv4 interface that is up.
+    pub ip: Option<IpAddr>,
+    pub ifname: Option<String>,
+    /// Bound on connection setup (TCP connect, handshake, channel establishment). `UCCL_TCPX_CONNECT_TIMEOUT_MS`.
+    pub connect_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            num_channels: 2,
+            chunk_size: 1 << 20,
+            window: 8,
+            port: 0,
+            ip: None,
+            ifname: None,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Config {
+    pub fn from_env() -> Result<Config> {
+        Config::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        let d = Config::default();
+        let get = |name: &str| lookup(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+        Ok(Config {
+            num_channels: parse_in(&get, "UCCL_TCPX_NUM_CHANNELS", d.num_channels, 1, MAX_CHANNELS)?,
+            chunk_size: parse_size(&get, "UCCL_TCPX_CHUNK_SIZE", d.chunk_size)?,
+            window: parse_in(&get, "UCCL_TCPX_WINDOW", d.window, 1, MAX_WINDOW)?,
+            port: parse_in(&get, "UCCL_TCPX_PORT", d.port, 0, u16::MAX)?,
+            ip: get("UCCL_TCPX_IP")
+                .map(|v| v.parse().map_err(|_| bad("UCCL_TCPX_IP", &v, "an IPv4 or IPv6 address")))
+                .transpose()?,
+            ifname: get("UCCL_TCPX_IFNAME"),
+            connect_timeout: Duration::from_millis(parse_in(
+                &get,
+                "UCCL_TCPX_CONNECT_TIMEOUT_MS",
+                d.connect_timeout.as_millis() as u64,
+                1,
+                3_600_000,
+            )?),
+        })
+    }
+}
+
+fn bad(name: &str, value: &str, expected: &str) -> Error {
+    Error::invalid(format!("environment variable {name}={value:?} is invalid: expected {expected}"))
+}
+
+fn parse_in<T>(get: &impl Fn(&str) -> Option<String>, name: &str, default: T, min: T, max: T) -> Result<T>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
+{
+    let Some(raw) = get(name) else { return Ok(default) };
+    match raw.parse::<T>() {
+        Ok(v) if v >= min && v <= max => Ok(v),
+        _ => Err(bad(name, &raw, &format!("an integer in {min}..={max}"))),
+    }
+}
+
+/// Accepts plain bytes or a K/M suffix (binary units), e.g. "512K", "1M", "1048576".
+fn parse_size(get: &impl Fn(&str) -> Option<String>, name: &str, default: u32) -> Result<u32> {
+    let Some(raw) = get(name) else { return Ok(default) };
+    let (digits, unit) = match raw.as_bytes().last() {
+        Some(b'k' | b'K') => (&raw[..raw.len() - 1], 1u64 << 10),
+        Some(b'm' | b'M') => (&raw[..raw.len() - 1], 1u64 << 20),
+        _ => (raw.as_str(), 1),
+    };
+    let expected = format!("a size in {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE} bytes (K and M suffixes allowed)");
+    let value = digits.parse::<u64>().ok().and_then(|v| v.checked_mul(unit));
+    match value {
+        Some(v) if (MIN_CHUNK_SIZE as u64..=MAX_CHUNK_SIZE as u64).contains(&v) => Ok(v as u32),
+        _ => Err(bad(name, &raw, &expected)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config> {
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_when_unset_or_empty() {
+        assert_eq!(cfg(&[]).unwrap(), Config::default());
+        assert_eq!(cfg(&[("UCCL_TCPX_NUM_CHANNELS", " ")]).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn parses_every_knob() {
+        let c = cfg(&[
+            ("UCCL_TCPX_NUM_CHANNELS", "4"),
+            ("UCCL_TCPX_CHUNK_SIZE", "512K"),
+            ("UCCL_TCPX_WINDOW", "16"),
+            ("UCCL_TCPX_PORT", "6000"),
+            ("UCCL_TCPX_IP", "127.0.0.1"),
+            ("UCCL_TCPX_IFNAME", "lo"),
+            ("UCCL_TCPX_CONNECT_TIMEOUT_MS", "250"),
+        ])
+        .unwrap();
+        assert_eq!(c.num_channels, 4);
+        assert_eq!(c.chunk_size, 512 << 10);
+        assert_eq!(c.window, 16);
+        assert_eq!(c.port, 6000);
+        assert_eq!(c.ip, Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(c.ifname.as_deref(), Some("lo"));
+        assert_eq!(c.connect_timeout, Duration::from_millis(250));
+        assert_eq!(cfg(&[("UCCL_TCPX_CHUNK_SIZE", "4M")]).unwrap().chunk_size, 4 << 20);
+    }
+
+    #[test]
+    fn rejects_out_of_range_and_garbage_naming_the_variable() {
+        for (k, v) in [
+            ("UCCL_TCPX_NUM_CHANNELS", "0"),
+            ("UCCL_TCPX_NUM_CHANNELS", "65"),
+            ("UCCL_TCPX_NUM_CHANNELS", "two"),
+            ("UCCL_TCPX_CHUNK_SIZE", "5M"),
+            ("UCCL_TCPX_CHUNK_SIZE", "1K"),
+            ("UCCL_TCPX_CHUNK_SIZE", "99999999999999999999M"),
+            ("UCCL_TCPX_WINDOW", "17"),
+            ("UCCL_TCPX_PORT", "70000"),
+            ("UCCL_TCPX_IP", "not-an-ip"),
+            ("UCCL_TCPX_CONNECT_TIMEOUT_MS", "0"),
+        ] {
+            let err = cfg(&[(k, v)]).unwrap_err();
+            assert_eq!(err.status(), crate::error::UcclStatus::ErrInvalidParam);
+            assert!(err.message().contains(k), "{k}={v}: {}", err.message());
+        }
+    }
+}

@@ -1,0 +1,602 @@
+//! A connection: one control stream plus N channels. The caller threads post, the reader thread
+//! applies the peer's control messages, the engine's progress thread moves chunks; all three meet
+//! in `ConnState` under one lock, held only for non-blocking work.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufReader, Read};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use super::EngineCore;
+use super::channel::{self, Channel, Chunk};
+use super::notify;
+use super::region::Region;
+use super::transfer::Transfer;
+use super::writer::ControlWriter;
+use crate::error::{Error, Result, UcclStatus};
+use crate::proto::{Control, FRAME_HEADER_LEN, FifoItem, FrameHeader};
+
+/// Announced sends the peer may queue ahead of our receives before it is treated as hostile.
+const MAX_UNMATCHED_ANNOUNCES: usize = 1 << 16;
+/// How long closing waits for queued control messages (the Close among them) to leave.
+const LINGER_ON_CLOSE: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    pub addr: SocketAddr,
+    pub gpu_index: i32,
+    pub gpu_id: String,
+}
+
+/// One local buffer of a one-sided call and the remote capability it targets.
+pub struct OneSided {
+    pub mr: u64,
+    pub addr: usize,
+    pub len: usize,
+    pub remote: FifoItem,
+}
+
+/// What finishing a flow means.
+enum OnDone {
+    /// A part of the caller's transfer.
+    Part(Arc<Transfer>),
+    /// Tell the peer its send or write landed.
+    Ack(u64),
+    /// A matched two-sided receive: both.
+    PartAndAck(Arc<Transfer>, u64),
+    /// Serving a peer's read: nothing to report.
+    Nothing,
+}
+
+impl OnDone {
+    fn transfer(&self) -> Option<&Arc<Transfer>> {
+        match self {
+            OnDone::Part(t) | OnDone::PartAndAck(t, _) => Some(t),
+            OnDone::Ack(_) | OnDone::Nothing => None,
+        }
+    }
+}
+
+struct Flow {
+    /// Chunks still in flight, plus one while the peer's Done is outstanding.
+    remaining: usize,
+    len: u64,
+    on_done: OnDone,
+    /// Keeps the registration (and so the caller's promise about the memory) alive while in flight.
+    _region: Arc<Region>,
+}
+
+/// Memory a flow sends from.
+struct Source {
+    addr: usize,
+    len: u64,
+    region: Arc<Region>,
+}
+
+struct Outbound {
+    src: Source,
+    transfer: Arc<Transfer>,
+}
+
+struct Inbound {
+    addr: usize,
+    len: u64,
+    region: Arc<Region>,
+    on_done: OnDone,
+}
+
+struct PostedRecv {
+    addr: usize,
+    max: u64,
+    region: Arc<Region>,
+    transfer: Arc<Transfer>,
+}
+
+struct ConnState {
+    channels: Vec<Channel>,
+    chunk_size: usize,
+    next_id: u64,
+    /// Flows started in each direction; seeds each flow's channel rotation identically on both ends.
+    out_seq: u64,
+    in_seq: u64,
+    /// Our sends and writes waiting for the peer's Grant or Deny, by op id.
+    awaiting_grant: HashMap<u64, Outbound>,
+    /// Our running sends and writes waiting for the peer's Done: op id -> flow id.
+    awaiting_done: HashMap<u64, u64>,
+    /// Granted destinations waiting for the peer's Data marker, by our flow id.
+    inbound: HashMap<u64, Inbound>,
+    posted_recvs: VecDeque<PostedRecv>,
+    /// The peer's announced sends not yet matched to a receive: (peer op id, length).
+    announces: VecDeque<(u64, u64)>,
+    flows: HashMap<u64, Flow>,
+    failure: Option<Error>,
+    finished_chunks: Vec<Chunk>,
+}
+
+pub struct Connection {
+    pub id: u64,
+    pub peer: PeerInfo,
+    core: Arc<EngineCore>,
+    writer: ControlWriter,
+    control: TcpStream,
+    state: Mutex<ConnState>,
+    closed: AtomicBool,
+    listener_started: AtomicBool,
+    reader: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Connection {
+    pub(super) fn start(
+        core: Arc<EngineCore>,
+        control: TcpStream,
+        peer: PeerInfo,
+        channels: Vec<Channel>,
+        chunk_size: u32,
+    ) -> Result<Arc<Connection>> {
+        let io = |e| Error::io("control stream", e);
+        control.set_read_timeout(None).map_err(io)?;
+        control.set_write_timeout(None).map_err(io)?;
+        let writer = ControlWriter::start(control.try_clone().map_err(io)?)?;
+        let reader_stream = control.try_clone().map_err(io)?;
+        let conn = Arc::new(Connection {
+            id: core.next_conn_id(),
+            peer,
+            core,
+            writer,
+            control,
+            state: Mutex::new(ConnState {
+                channels,
+                chunk_size: chunk_size as usize,
+                next_id: 0,
+                out_seq: 0,
+                in_seq: 0,
+                awaiting_grant: HashMap::new(),
+                awaiting_done: HashMap::new(),
+                inbound: HashMap::new(),
+                posted_recvs: VecDeque::new(),
+                announces: VecDeque::new(),
+                flows: HashMap::new(),
+                failure: None,
+                finished_chunks: Vec::new(),
+            }),
+            closed: AtomicBool::new(false),
+            listener_started: AtomicBool::new(false),
+            reader: Mutex::new(None),
+        });
+        let weak = Arc::downgrade(&conn);
+        let thread = std::thread::Builder::new()
+            .name("uccl-ctrl-rx".into())
+            .spawn(move || read_control(reader_stream, weak))
+            .map_err(|e| Error::io("spawn control reader", e))?;
+        *conn.reader.lock() = Some(thread);
+        Ok(conn)
+    }
+
+    pub fn num_channels(&self) -> usize {
+        self.state.lock().channels.len()
+    }
+
+    /// UCCL's start_listener: control messages are always served here; this only records the call so
+    /// that a second call is reported like UCCL does.
+    pub fn start_listener(&self) -> Result<()> {
+        if self.listener_started.swap(true, Ordering::AcqRel) {
+            return Err(Error::new(UcclStatus::ErrRepostActive, "the listener of this connection is already started"));
+        }
+        Ok(())
+    }
+
+    pub fn write(&self, ops: &[OneSided]) -> Result<u64> {
+        self.one_sided(ops, true)
+    }
+
+    pub fn read(&self, ops: &[OneSided]) -> Result<u64> {
+        self.one_sided(ops, false)
+    }
+
+    fn one_sided(&self, ops: &[OneSided], write: bool) -> Result<u64> {
+        let verb = if write { "write" } else { "read" };
+        let mut checked = Vec::with_capacity(ops.len());
+        for (i, op) in ops.iter().enumerate() {
+            let ctx = |e: Error| e.context(format!("{verb} item {i}"));
+            let region = self.core.regions.local(op.mr, op.addr, op.len).map_err(ctx)?;
+            let cap = op.remote.capability().map_err(|e| ctx(Error::invalid(e.to_string())))?;
+            if op.len as u64 > op.remote.size as u64 {
+                return Err(ctx(Error::invalid(format!(
+                    "{} bytes exceed the {} bytes the FifoItem grants",
+                    op.len, op.remote.size
+                ))));
+            }
+            checked.push((region, cap));
+        }
+        self.post(ops.len(), |st, transfer| {
+            for (op, (region, cap)) in ops.iter().zip(checked) {
+                let id = st.take_id();
+                let (addr, len, token) = (op.remote.addr, op.len as u64, cap.token);
+                let msg = if write {
+                    let src = Source { addr: op.addr, len, region };
+                    st.awaiting_grant.insert(id, Outbound { src, transfer: transfer.clone() });
+                    Control::WriteRequest { xfer: id, region: cap.region, token, addr, len }
+                } else {
+                    let on_done = OnDone::Part(transfer.clone());
+                    st.inbound.insert(id, Inbound { addr: op.addr, len, region, on_done });
+                    Control::ReadRequest { xfer: id, region: cap.region, token, addr, len }
+                };
+                self.writer.send(&msg)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Each `(mr, addr, len)` is one message, matched by one receive the peer posts.
+    pub fn send(&self, msgs: &[(u64, usize, usize)]) -> Result<u64> {
+        let mut regions = Vec::with_capacity(msgs.len());
+        for (i, &(mr, addr, len)) in msgs.iter().enumerate() {
+            regions.push(self.core.regions.local(mr, addr, len).map_err(|e| e.context(format!("send item {i}")))?);
+        }
+        self.post(msgs.len(), |st, transfer| {
+            for (&(_, addr, len), region) in msgs.iter().zip(regions) {
+                let id = st.take_id();
+                let src = Source { addr, len: len as u64, region };
+                st.awaiting_grant.insert(id, Outbound { src, transfer: transfer.clone() });
+                self.writer.send(&Control::SendAnnounce { xfer: id, len: len as u64 })?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn recv(&self, mr: u64, addr: usize, max: usize) -> Result<u64> {
+        let region = self.core.regions.local(mr, addr, max)?;
+        self.post(1, |st, transfer| {
+            st.posted_recvs.push_back(PostedRecv { addr, max: max as u64, region, transfer: transfer.clone() });
+            self.match_recvs(st)
+        })
+    }
+
+    /// Creates the transfer and runs `post` under the state lock; a failure before anything reached
+    /// the wire forgets the id again.
+    fn post(&self, parts: usize, post: impl FnOnce(&mut ConnState, &Arc<Transfer>) -> Result<()>) -> Result<u64> {
+        if parts == 0 {
+            return Err(Error::invalid("nothing to transfer: zero items"));
+        }
+        let transfer = self.core.transfers.create(self.id, parts);
+        let mut st = self.state.lock();
+        let posted = match &st.failure {
+            Some(e) => Err(e.clone()),
+            None => post(&mut st, &transfer),
+        };
+        if let Err(e) = posted {
+            // Parts already queued are failed (and their ids forgotten) with the connection.
+            self.fail(&mut st, e.clone());
+            drop(st);
+            self.core.transfers.discard(transfer.id);
+            return Err(e);
+        }
+        Ok(transfer.id)
+    }
+
+    pub fn poll(&self, transfer: u64) -> Result<Option<u64>> {
+        self.core.transfers.poll(self.id, transfer)
+    }
+
+    pub fn wait(&self, transfer: u64) -> Result<u64> {
+        self.core.transfers.wait(self.id, transfer)
+    }
+
+    pub fn notify(&self, name: &[u8], msg: &[u8]) -> Result<()> {
+        if name.len() > crate::proto::MAX_NAME_LEN || name.contains(&0) {
+            return Err(Error::invalid(format!(
+                "notification name must be at most {} bytes without NUL",
+                crate::proto::MAX_NAME_LEN
+            )));
+        }
+        if msg.len() > crate::proto::MAX_NOTIFY_MSG_LEN {
+            return Err(Error::invalid(format!(
+                "notification message of {} bytes exceeds {} bytes",
+                msg.len(),
+                crate::proto::MAX_NOTIFY_MSG_LEN
+            )));
+        }
+        if let Some(e) = &self.state.lock().failure {
+            return Err(e.clone());
+        }
+        self.writer.send(&Control::Notify { name: name.to_vec(), msg: msg.to_vec() })
+    }
+
+    /// Tells the peer, stops all I/O on the caller's memory and fails what is still pending.
+    pub fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let _ = self.writer.send(&Control::Close);
+        self.writer.finish(LINGER_ON_CLOSE);
+        let _ = self.control.shutdown(Shutdown::Both);
+        {
+            let mut st = self.state.lock();
+            self.fail(&mut st, Error::new(UcclStatus::ErrCanceled, "the connection was closed locally"));
+        }
+        if let Some(t) = self.reader.lock().take() {
+            // The reader may hold the last reference and be the one dropping us.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// One pass of the progress engine over this connection; returns whether anything moved.
+    pub(super) fn progress(&self) -> bool {
+        let mut st = self.state.lock();
+        if st.failure.is_some() {
+            return false;
+        }
+        let mut finished = std::mem::take(&mut st.finished_chunks);
+        let mut moved = false;
+        let mut result = Ok(());
+        for ch in st.channels.iter_mut() {
+            match ch.drive(&mut finished) {
+                Ok(m) => moved |= m,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        for chunk in finished.drain(..) {
+            if result.is_ok() {
+                result = self.chunk_finished(&mut st, chunk.flow);
+            }
+        }
+        st.finished_chunks = finished;
+        if let Err(e) = result {
+            self.fail(&mut st, e);
+            return true;
+        }
+        moved
+    }
+
+    fn chunk_finished(&self, st: &mut ConnState, flow: u64) -> Result<()> {
+        let Some(f) = st.flows.get_mut(&flow) else {
+            return Err(Error::backend(format!("internal: chunk of unknown flow {flow}")));
+        };
+        f.remaining -= 1;
+        if f.remaining == 0 {
+            self.flow_finished(st, flow)?;
+        }
+        Ok(())
+    }
+
+    fn flow_finished(&self, st: &mut ConnState, flow: u64) -> Result<()> {
+        let Some(f) = st.flows.remove(&flow) else { return Ok(()) };
+        match f.on_done {
+            OnDone::Part(t) => t.finish_part(Ok(f.len)),
+            OnDone::Ack(peer_op) => self.writer.send(&Control::Done { xfer: peer_op, len: f.len })?,
+            OnDone::PartAndAck(t, peer_op) => {
+                t.finish_part(Ok(f.len));
+                self.writer.send(&Control::Done { xfer: peer_op, len: f.len })?;
+            }
+            OnDone::Nothing => {}
+        }
+        Ok(())
+    }
+
+    /// Pairs posted receives with announced sends, oldest first.
+    fn match_recvs(&self, st: &mut ConnState) -> Result<()> {
+        while !st.posted_recvs.is_empty() && !st.announces.is_empty() {
+            let recv = st.posted_recvs.pop_front().expect("non-empty");
+            let (peer_op, len) = st.announces.pop_front().expect("non-empty");
+            if len > recv.max {
+                let why = format!("a {len}-byte message does not fit the posted {}-byte receive", recv.max);
+                recv.transfer.finish_part(Err(Error::new(UcclStatus::ErrMismatch, why.clone())));
+                self.writer.send(&Control::Deny {
+                    xfer: peer_op,
+                    status: UcclStatus::ErrMismatch as i32,
+                    reason: why,
+                })?;
+                continue;
+            }
+            let flow = st.take_id();
+            let on_done = OnDone::PartAndAck(recv.transfer, peer_op);
+            st.inbound.insert(flow, Inbound { addr: recv.addr, len, region: recv.region, on_done });
+            self.writer.send(&Control::Grant { xfer: peer_op, flow })?;
+        }
+        Ok(())
+    }
+
+    /// Starts sending `len` bytes at `addr` as the peer's flow `peer_flow`.
+    fn start_outbound(
+        &self,
+        st: &mut ConnState,
+        peer_flow: u64,
+        src: Source,
+        extra: usize,
+        on_done: OnDone,
+    ) -> Result<u64> {
+        let flow = st.take_id();
+        let (chunk_size, nch, seq) = (st.chunk_size, st.channels.len(), st.out_seq);
+        st.out_seq += 1;
+        let remaining = channel::chunk_count(src.len, chunk_size) + extra;
+        self.writer.send(&Control::Data { flow: peer_flow, len: src.len })?;
+        for (c, chunk) in channel::plan(flow, src.addr, src.len as usize, chunk_size, seq, nch) {
+            st.channels[c].queue_send(chunk);
+        }
+        st.flows.insert(flow, Flow { remaining, len: src.len, on_done, _region: src.region });
+        self.core.waker.wake();
+        Ok(flow)
+    }
+
+    fn handle(&self, st: &mut ConnState, msg: Control) -> Result<()> {
+        match msg {
+            Control::SendAnnounce { xfer, len } => {
+                if st.announces.len() >= MAX_UNMATCHED_ANNOUNCES {
+                    return Err(Error::backend(format!(
+                        "peer announced more than {MAX_UNMATCHED_ANNOUNCES} sends without matching receives"
+                    )));
+                }
+                st.announces.push_back((xfer, len));
+                self.match_recvs(st)
+            }
+            Control::WriteRequest { xfer, region, token, addr, len } => {
+                match self.core.regions.authorize(region, token, addr, len) {
+                    Err(e) => self.deny(xfer, e),
+                    Ok(region) => {
+                        let flow = st.take_id();
+                        st.inbound
+                            .insert(flow, Inbound { addr: addr as usize, len, region, on_done: OnDone::Ack(xfer) });
+                        self.writer.send(&Control::Grant { xfer, flow })
+                    }
+                }
+            }
+            Control::ReadRequest { xfer, region, token, addr, len } => {
+                match self.core.regions.authorize(region, token, addr, len) {
+                    Err(e) => self.deny(xfer, e),
+                    Ok(region) => {
+                        let src = Source { addr: addr as usize, len, region };
+                        self.start_outbound(st, xfer, src, 0, OnDone::Nothing).map(|_| ())
+                    }
+                }
+            }
+            Control::Grant { xfer, flow } => {
+                let out = st.awaiting_grant.remove(&xfer).ok_or_else(|| unknown_op("Grant", xfer))?;
+                let local = self.start_outbound(st, flow, out.src, 1, OnDone::Part(out.transfer))?;
+                st.awaiting_done.insert(xfer, local);
+                Ok(())
+            }
+            Control::Deny { xfer, status, reason } => {
+                let status =
+                    UcclStatus::from_code(status).filter(|s| (*s as i32) < 0).unwrap_or(UcclStatus::ErrUnknown);
+                let err = Error::new(status, format!("peer refused: {reason}"));
+                if let Some(out) = st.awaiting_grant.remove(&xfer) {
+                    out.transfer.finish_part(Err(err));
+                } else if let Some(read) = st.inbound.remove(&xfer) {
+                    if let Some(t) = read.on_done.transfer() {
+                        t.finish_part(Err(err));
+                    }
+                } else {
+                    return Err(unknown_op("Deny", xfer));
+                }
+                Ok(())
+            }
+            Control::Data { flow, len } => {
+                let dst = st.inbound.remove(&flow).ok_or_else(|| unknown_op("Data", flow))?;
+                if len != dst.len {
+                    return Err(Error::backend(format!(
+                        "protocol violation: Data for flow {flow} carries {len} bytes, {} were granted",
+                        dst.len
+                    )));
+                }
+                let (chunk_size, nch, seq) = (st.chunk_size, st.channels.len(), st.in_seq);
+                st.in_seq += 1;
+                for (c, chunk) in channel::plan(flow, dst.addr, len as usize, chunk_size, seq, nch) {
+                    st.channels[c].queue_recv(chunk);
+                }
+                let remaining = channel::chunk_count(len, chunk_size);
+                st.flows.insert(flow, Flow { remaining, len, on_done: dst.on_done, _region: dst.region });
+                self.core.waker.wake();
+                Ok(())
+            }
+            Control::Done { xfer, len } => {
+                let flow = st.awaiting_done.remove(&xfer).ok_or_else(|| unknown_op("Done", xfer))?;
+                let expected = st.flows.get(&flow).map(|f| f.len);
+                if expected != Some(len) {
+                    return Err(Error::backend(format!(
+                        "protocol violation: Done for op {xfer} reports {len} bytes, expected {expected:?}"
+                    )));
+                }
+                self.chunk_finished(st, flow)
+            }
+            Control::Notify { name, msg } => {
+                notify::push(&name, &msg);
+                Ok(())
+            }
+            Control::Close => Err(Error::disconnected("the peer closed the connection")),
+        }
+    }
+
+    fn deny(&self, xfer: u64, e: Error) -> Result<()> {
+        log::debug!("connection to {}: refusing op {xfer}: {}", self.peer.addr, e.message());
+        self.writer.send(&Control::Deny { xfer, status: e.status() as i32, reason: e.message().to_owned() })
+    }
+
+    /// Makes the failure permanent: stops the channels (their I/O on caller memory ends before this
+    /// returns), then fails every pending part with `err`.
+    fn fail(&self, st: &mut ConnState, err: Error) {
+        if st.failure.is_some() {
+            return;
+        }
+        if err.status() != UcclStatus::ErrCanceled {
+            log::warn!("connection to {} failed: {err}", self.peer.addr);
+        }
+        st.failure = Some(err.clone());
+        st.channels.clear();
+        let _ = self.control.shutdown(Shutdown::Both);
+        let mut failed: Vec<Arc<Transfer>> = Vec::new();
+        failed.extend(st.awaiting_grant.drain().map(|(_, o)| o.transfer));
+        failed.extend(st.inbound.drain().filter_map(|(_, i)| i.on_done.transfer().cloned()));
+        failed.extend(st.posted_recvs.drain(..).map(|r| r.transfer));
+        failed.extend(st.flows.drain().filter_map(|(_, f)| f.on_done.transfer().cloned()));
+        st.awaiting_done.clear();
+        st.announces.clear();
+        for t in failed {
+            t.finish_part(Err(err.clone()));
+        }
+    }
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection").field("id", &self.id).field("peer", &self.peer).finish()
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl ConnState {
+    fn take_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+}
+
+fn unknown_op(what: &str, id: u64) -> Error {
+    Error::backend(format!("protocol violation: {what} for unknown id {id}"))
+}
+
+fn read_control(stream: TcpStream, conn: std::sync::Weak<Connection>) {
+    let mut reader = BufReader::with_capacity(64 << 10, stream);
+    let mut body = Vec::new();
+    loop {
+        let msg = read_frame(&mut reader, &mut body);
+        let Some(conn) = conn.upgrade() else { return };
+        let mut st = conn.state.lock();
+        let outcome = msg.and_then(|m| conn.handle(&mut st, m));
+        if let Err(e) = outcome {
+            if !conn.is_closed() {
+                conn.fail(&mut st, e);
+            }
+            return;
+        }
+    }
+}
+
+fn read_frame(reader: &mut impl Read, body: &mut Vec<u8>) -> Result<Control> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    reader.read_exact(&mut header).map_err(|e| Error::io("control stream", e))?;
+    let header = FrameHeader::parse(&header)?;
+    body.clear();
+    // The header parser bounded body_len for this kind, so this allocation is bounded too.
+    body.resize(header.body_len as usize, 0);
+    reader.read_exact(body).map_err(|e| Error::io("control stream", e))?;
+    Ok(Control::decode(&header, body)?)
+}

@@ -1,0 +1,249 @@
+//! Connection setup: the versioned handshake on the control stream, then the channels. Both sides
+//! listen for their receive direction and connect their send direction at once, polling connect and
+//! accept together (plugin transports complete both asynchronously), and every data comm opens with
+//! a ChannelHello that names its channel, so accept order does not matter.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use super::channel::Channel;
+use crate::error::{Error, Result, UcclStatus};
+use crate::proto::{ChannelHello, FRAME_HEADER_LEN, FrameHeader, Handshake, Hello, NET_HANDLE_SIZE, Refuse, Welcome};
+use crate::transport::{ListenComm, MrHandle, Net, NetHandle, RecvComm, RequestId, SendComm};
+
+/// What both ends agreed on.
+pub struct Agreement {
+    pub num_channels: u16,
+    pub chunk_size: u32,
+    pub nonce: u64,
+    pub peer_gpu_index: i32,
+    pub peer_gpu_id: String,
+    pub peer_handle: NetHandle,
+}
+
+pub struct Local<'a> {
+    pub net: &'a dyn Net,
+    pub num_channels: u16,
+    pub chunk_size: u32,
+    pub gpu_index: i32,
+    pub gpu_id: &'a str,
+    pub window: usize,
+}
+
+pub fn send_frame(stream: &mut TcpStream, msg: &Handshake) -> Result<()> {
+    let mut buf = Vec::new();
+    msg.encode(&mut buf);
+    stream.write_all(&buf).map_err(|e| Error::io("handshake write", e))
+}
+
+pub fn read_frame(stream: &mut TcpStream) -> Result<Handshake> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    stream.read_exact(&mut header).map_err(|e| Error::io("handshake read", e))?;
+    let header = FrameHeader::parse(&header)?;
+    let mut body = vec![0u8; header.body_len as usize];
+    stream.read_exact(&mut body).map_err(|e| Error::io("handshake read", e))?;
+    Ok(Handshake::decode(&header, &body)?)
+}
+
+/// Connector side: Hello out, Welcome (or Refuse) back.
+pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, own_handle: NetHandle) -> Result<Agreement> {
+    let nonce = crate::transport::socket::random_u64();
+    let hello = Hello {
+        version: crate::proto::PROTOCOL_VERSION,
+        capabilities: 0,
+        nonce,
+        num_channels: local.num_channels,
+        chunk_size: local.chunk_size,
+        gpu_index: local.gpu_index,
+        gpu_id: local.gpu_id.to_owned(),
+        requested_gpu: requested_gpu.to_owned(),
+        transport: local.net.name().to_owned(),
+        net_handle: own_handle,
+    };
+    send_frame(stream, &Handshake::Hello(hello))?;
+    match read_frame(stream)? {
+        Handshake::Welcome(w) => {
+            if w.num_channels == 0 || w.num_channels > local.num_channels || w.chunk_size > local.chunk_size {
+                return Err(Error::backend(format!(
+                    "peer agreed to {} channels of {} bytes, more than the {} of {} bytes offered",
+                    w.num_channels, w.chunk_size, local.num_channels, local.chunk_size
+                )));
+            }
+            Ok(Agreement {
+                num_channels: w.num_channels,
+                chunk_size: w.chunk_size,
+                nonce,
+                peer_gpu_index: w.gpu_index,
+                peer_gpu_id: w.gpu_id,
+                peer_handle: w.net_handle,
+            })
+        }
+        Handshake::Refuse(r) => {
+            let status = UcclStatus::from_code(r.status).filter(|s| (*s as i32) < 0).unwrap_or(UcclStatus::ErrUnknown);
+            Err(Error::new(status, format!("peer refused the connection: {}", r.reason)))
+        }
+        Handshake::Hello(_) => Err(Error::backend("protocol violation: peer answered Hello with Hello")),
+    }
+}
+
+/// Acceptor side: reads the Hello, refuses what it cannot serve, answers Welcome.
+pub fn welcome(stream: &mut TcpStream, local: &Local, own_handle: NetHandle) -> Result<Agreement> {
+    let Handshake::Hello(h) = read_frame(stream)? else {
+        return Err(Error::backend("protocol violation: connection did not open with Hello"));
+    };
+    let refusal = if h.transport != local.net.name() {
+        Some((
+            UcclStatus::ErrNotSupported,
+            format!("peer uses transport {:?}, this engine {:?}", h.transport, local.net.name()),
+        ))
+    } else if !gpu_matches(&h.requested_gpu, local.gpu_index, local.gpu_id) {
+        Some((UcclStatus::ErrNotFound, format!("this engine serves GPU {}, not {:?}", local.gpu_id, h.requested_gpu)))
+    } else {
+        None
+    };
+    if let Some((status, reason)) = refusal {
+        let _ = send_frame(stream, &Handshake::Refuse(Refuse { status: status as i32, reason: reason.clone() }));
+        return Err(Error::new(status, reason));
+    }
+    let agreed = Agreement {
+        num_channels: h.num_channels.min(local.num_channels),
+        chunk_size: h.chunk_size.min(local.chunk_size),
+        nonce: h.nonce,
+        peer_gpu_index: h.gpu_index,
+        peer_gpu_id: h.gpu_id,
+        peer_handle: h.net_handle,
+    };
+    let welcome = Welcome {
+        version: crate::proto::PROTOCOL_VERSION,
+        capabilities: 0,
+        num_channels: agreed.num_channels,
+        chunk_size: agreed.chunk_size,
+        gpu_index: local.gpu_index,
+        gpu_id: local.gpu_id.to_owned(),
+        transport: local.net.name().to_owned(),
+        net_handle: own_handle,
+    };
+    send_frame(stream, &Handshake::Welcome(welcome))?;
+    Ok(agreed)
+}
+
+/// A GPU named by index ("3") or by identity string (a PCI BDF once GPUs are known).
+pub fn gpu_matches(requested: &str, index: i32, id: &str) -> bool {
+    let requested = requested.trim();
+    requested.eq_ignore_ascii_case(id) || requested.parse::<i32>().is_ok_and(|i| i == index)
+}
+
+struct Pending<C> {
+    comm: C,
+    buf: Box<[u8; 16]>,
+    req: RequestId,
+}
+
+/// Opens `n` send comms to the peer's handle and accepts `n` receive comms on `listen`, pairing them
+/// into channels by the ChannelHello each carries.
+pub fn establish_channels(
+    local: &Local,
+    listen: &mut dyn ListenComm,
+    agreed: &Agreement,
+    deadline: Instant,
+) -> Result<Vec<Channel>> {
+    let n = agreed.num_channels as usize;
+    let net = local.net;
+    let mut handles: Vec<NetHandle> = vec![agreed.peer_handle; n];
+    let mut sends: Vec<Option<Pending<Box<dyn SendComm>>>> = (0..n).map(|_| None).collect();
+    let mut sent = vec![false; n];
+    let mut accepted: Vec<Pending<Box<dyn RecvComm>>> = Vec::new();
+    let mut recvs: Vec<Option<Box<dyn RecvComm>>> = (0..n).map(|_| None).collect();
+    loop {
+        let mut moved = false;
+        for (i, slot) in sends.iter_mut().enumerate() {
+            if slot.is_some() {
+                continue;
+            }
+            if let Some(mut comm) = net.connect(0, &mut handles[i])? {
+                let buf = Box::new(ChannelHello { channel: i as u16, nonce: agreed.nonce }.to_bytes());
+                // SAFETY: `buf` is boxed and kept in the slot until the send is tested done.
+                let req = unsafe { comm.isend(buf.as_ptr(), buf.len(), MrHandle::NONE)? }
+                    .ok_or_else(|| Error::backend("a fresh comm has no free request slot"))?;
+                *slot = Some(Pending { comm, buf, req });
+                moved = true;
+            }
+        }
+        if accepted.len() + recvs.iter().filter(|r| r.is_some()).count() < n {
+            if let Some(mut comm) = listen.accept()? {
+                let mut buf = Box::new([0u8; 16]);
+                // SAFETY: `buf` is boxed and kept with the comm until the receive is consumed.
+                let req = unsafe { comm.irecv(buf.as_mut_ptr(), buf.len(), MrHandle::NONE)? }
+                    .ok_or_else(|| Error::backend("a fresh comm has no free request slot"))?;
+                accepted.push(Pending { comm, buf, req });
+                moved = true;
+            }
+        }
+        for (i, slot) in sends.iter_mut().enumerate() {
+            if let Some(p) = slot.as_mut().filter(|_| !sent[i]) {
+                if p.comm.test(p.req)?.is_some() {
+                    sent[i] = true;
+                    moved = true;
+                }
+            }
+        }
+        let mut i = 0;
+        while i < accepted.len() {
+            let p = &mut accepted[i];
+            match p.comm.test(p.req)? {
+                None => i += 1,
+                Some(size) => {
+                    let mut p = accepted.swap_remove(i);
+                    let hello = ChannelHello::from_bytes(&p.buf[..size.min(16)])?;
+                    p.comm.irecv_consumed(p.req)?;
+                    let ch = hello.channel as usize;
+                    if hello.nonce != agreed.nonce || ch >= n || recvs[ch].is_some() {
+                        return Err(Error::backend(format!(
+                            "protocol violation: unexpected channel hello (channel {ch} of {n}, nonce match {})",
+                            hello.nonce == agreed.nonce
+                        )));
+                    }
+                    recvs[ch] = Some(p.comm);
+                    moved = true;
+                }
+            }
+        }
+        if sent.iter().all(|s| *s) && recvs.iter().all(|r| r.is_some()) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::timeout(format!(
+                "channel setup did not finish in time: {}/{n} send and {}/{n} receive comms ready",
+                sent.iter().filter(|s| **s).count(),
+                recvs.iter().filter(|r| r.is_some()).count()
+            )));
+        }
+        if !moved {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    let window = local.window.min(net.properties(0)?.max_requests);
+    Ok(sends
+        .into_iter()
+        .zip(recvs)
+        .map(|(s, r)| Channel::new(s.expect("all sent").comm, r.expect("all accepted"), window))
+        .collect())
+}
+
+const _: () = assert!(NET_HANDLE_SIZE == 128);
+
+#[cfg(test)]
+mod tests {
+    use super::gpu_matches;
+
+    #[test]
+    fn gpu_identity_by_index_or_id() {
+        assert!(gpu_matches("0", 0, "0"));
+        assert!(gpu_matches(" 2 ", 2, "0000:4a:00.0"));
+        assert!(gpu_matches("0000:4A:00.0", 2, "0000:4a:00.0"));
+        assert!(!gpu_matches("1", 0, "0"));
+        assert!(!gpu_matches("0000:4b:00.0", 2, "0000:4a:00.0"));
+        assert!(!gpu_matches("", 0, "0000:4a:00.0"));
+    }
+}

@@ -1,0 +1,296 @@
+//! The engine: owns the control listener, the accept loop, the memory-region and transfer tables
+//! and the progress thread; hands out connections.
+
+mod channel;
+mod conn;
+mod handshake;
+pub mod notify;
+mod progress;
+pub mod region;
+mod transfer;
+mod writer;
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use parking_lot::{Condvar, Mutex};
+
+pub use conn::{Connection, OneSided, PeerInfo};
+pub use notify::Notification;
+
+use crate::config::Config;
+use crate::error::{Error, Result, UcclStatus};
+use crate::proto::FifoItem;
+use crate::transport::socket::SocketNet;
+use crate::transport::{MemKind, Net};
+use handshake::Local;
+use progress::{ConnList, ProgressThread, Waker};
+use region::RegionTable;
+use transfer::TransferTable;
+
+/// What connections share with the engine (never the connection list itself, so no cycle).
+pub(crate) struct EngineCore {
+    config: Config,
+    net: Arc<dyn Net>,
+    regions: RegionTable,
+    transfers: TransferTable,
+    waker: Arc<Waker>,
+    next_conn: AtomicU64,
+    gpu_index: i32,
+    gpu_id: String,
+}
+
+impl EngineCore {
+    fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    fn local(&self) -> Local<'_> {
+        Local {
+            net: &*self.net,
+            num_channels: self.config.num_channels,
+            chunk_size: self.config.chunk_size,
+            gpu_index: self.gpu_index,
+            gpu_id: &self.gpu_id,
+            window: self.config.window,
+        }
+    }
+}
+
+#[derive(Default)]
+struct AcceptQueue {
+    ready: Mutex<VecDeque<Arc<Connection>>>,
+    changed: Condvar,
+    stopped: AtomicBool,
+}
+
+pub struct Engine {
+    core: Arc<EngineCore>,
+    conns: Arc<ConnList>,
+    accepted: Arc<AcceptQueue>,
+    shutdown: Arc<AtomicBool>,
+    advertised: SocketAddr,
+    accept_thread: Mutex<Option<JoinHandle<()>>>,
+    progress: Mutex<Option<ProgressThread>>,
+}
+
+impl Engine {
+    pub fn new(config: Config) -> Result<Engine> {
+        let ip = crate::transport::socket::iface::pick_address(config.ip, config.ifname.as_deref())?;
+        let bind: IpAddr = if ip.is_ipv4() { [0u8; 4].into() } else { [0u16; 8].into() };
+        let listener = TcpListener::bind((bind, config.port))
+            .map_err(|e| Error::io(format!("listen on port {}", config.port), e))?;
+        let port = listener.local_addr().map_err(|e| Error::io("listener address", e))?.port();
+        let waker = Arc::new(Waker::default());
+        let wake_from_io = waker.clone();
+        let net = Arc::new(SocketNet::new(ip, config.connect_timeout, Arc::new(move || wake_from_io.wake())));
+        let core = Arc::new(EngineCore {
+            config,
+            net,
+            regions: RegionTable::default(),
+            transfers: TransferTable::default(),
+            waker: waker.clone(),
+            next_conn: AtomicU64::new(0),
+            gpu_index: 0,
+            gpu_id: "0".into(),
+        });
+        let conns = Arc::new(ConnList::default());
+        let progress =
+            ProgressThread::start(conns.clone(), waker).map_err(|e| Error::io("spawn progress thread", e))?;
+        let accepted = Arc::new(AcceptQueue::default());
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let accept_thread = {
+            let (core, conns, accepted, shutdown) = (core.clone(), conns.clone(), accepted.clone(), shutdown.clone());
+            std::thread::Builder::new()
+                .name("uccl-accept".into())
+                .spawn(move || accept_loop(listener, core, conns, accepted, shutdown))
+                .map_err(|e| Error::io("spawn accept thread", e))?
+        };
+        log::info!("engine listening on {ip}:{port} ({} transport)", core.net.name());
+        Ok(Engine {
+            core,
+            conns,
+            accepted,
+            shutdown,
+            advertised: SocketAddr::new(ip, port),
+            accept_thread: Mutex::new(Some(accept_thread)),
+            progress: Mutex::new(Some(progress)),
+        })
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.advertised
+    }
+
+    /// UCCL's metadata string: `ip:port?gpu` (`[ip6]:port?gpu` for IPv6).
+    pub fn metadata(&self) -> String {
+        format!("{}?{}", self.advertised, self.core.gpu_id)
+    }
+
+    pub fn connect(&self, host: &str, remote_gpu: &str, port: u16) -> Result<Arc<Connection>> {
+        if port == 0 {
+            return Err(Error::invalid("remote port 0 is not a listening port"));
+        }
+        let addr = (host, port)
+            .to_socket_addrs()
+            .map_err(|e| Error::invalid(format!("cannot resolve {host:?}: {e}")))?
+            .next()
+            .ok_or_else(|| Error::invalid(format!("{host:?} resolves to no address")))?;
+        let ctx = |e: Error| e.context(format!("connect to {addr}"));
+        let core = &self.core;
+        let deadline = Instant::now() + core.config.connect_timeout;
+        let mut stream = TcpStream::connect_timeout(&addr, core.config.connect_timeout)
+            .map_err(|e| Error::io("TCP connect", e))
+            .map_err(ctx)?;
+        prepare_control(&stream, deadline).map_err(ctx)?;
+        let (own_handle, mut listen) = core.net.listen(0).map_err(ctx)?;
+        let agreed = handshake::hello(&mut stream, &core.local(), remote_gpu, own_handle).map_err(ctx)?;
+        let channels = handshake::establish_channels(&core.local(), &mut *listen, &agreed, deadline).map_err(ctx)?;
+        let peer = PeerInfo { addr, gpu_index: agreed.peer_gpu_index, gpu_id: agreed.peer_gpu_id };
+        let conn = Connection::start(core.clone(), stream, peer, channels, agreed.chunk_size)?;
+        self.register_conn(conn)
+    }
+
+    fn register_conn(&self, conn: Arc<Connection>) -> Result<Arc<Connection>> {
+        if self.shutdown.load(Ordering::Acquire) {
+            conn.close();
+            return Err(Error::new(UcclStatus::ErrCanceled, "the engine is shutting down"));
+        }
+        self.conns.add(conn.clone());
+        self.core.waker.wake();
+        Ok(conn)
+    }
+
+    /// Blocks until a peer finished its handshake, or `stop_accept` was called.
+    pub fn accept(&self) -> Result<Arc<Connection>> {
+        let mut ready = self.accepted.ready.lock();
+        loop {
+            if self.accepted.stopped.load(Ordering::Acquire) {
+                return Err(Error::new(UcclStatus::ErrCanceled, "accept was stopped"));
+            }
+            if let Some(conn) = ready.pop_front() {
+                return Ok(conn);
+            }
+            self.accepted.changed.wait(&mut ready);
+        }
+    }
+
+    pub fn stop_accept(&self) {
+        self.accepted.stopped.store(true, Ordering::Release);
+        let _guard = self.accepted.ready.lock();
+        self.accepted.changed.notify_all();
+    }
+
+    /// Closes one connection and forgets it.
+    pub fn close_connection(&self, conn: &Connection) {
+        self.conns.remove(conn.id);
+        conn.close();
+    }
+
+    pub fn register(&self, addr: usize, len: usize) -> Result<u64> {
+        self.core.regions.register(addr, len, MemKind::Host)
+    }
+
+    pub fn deregister(&self, mr: u64) -> Result<()> {
+        self.core.regions.remove(mr)
+    }
+
+    pub fn prepare_fifo(&self, mr: u64, addr: usize, len: usize) -> Result<FifoItem> {
+        self.core.regions.advertise(mr, addr, len)
+    }
+
+    /// Whether `addr` has an IPC path: it must be registered; no IPC transport exists yet, so never.
+    pub fn ipc_available(&self, addr: usize) -> Result<bool> {
+        match self.core.regions.find_containing(addr) {
+            Some(_) => Ok(false),
+            None => Err(Error::not_found(format!("address {addr:#x} is not inside a registered region"))),
+        }
+    }
+
+    /// Stops accepting, closes every connection (failing what is pending) and stops the threads.
+    pub fn shutdown(&self) {
+        if self.shutdown.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.stop_accept();
+        if let Some(t) = self.accept_thread.lock().take() {
+            let _ = t.join();
+        }
+        for conn in self.accepted.ready.lock().drain(..) {
+            conn.close();
+        }
+        for conn in self.conns.take_all() {
+            conn.close();
+        }
+        self.progress.lock().take();
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Bounds the handshake: a peer that connects and goes silent cannot hold a thread forever.
+fn prepare_control(stream: &TcpStream, deadline: Instant) -> Result<()> {
+    crate::transport::socket::tune_stream(stream)?;
+    let left = deadline.saturating_duration_since(Instant::now()).max(std::time::Duration::from_millis(1));
+    stream.set_read_timeout(Some(left)).map_err(|e| Error::io("control stream", e))?;
+    stream.set_write_timeout(Some(left)).map_err(|e| Error::io("control stream", e))
+}
+
+fn accept_loop(
+    listener: TcpListener,
+    core: Arc<EngineCore>,
+    conns: Arc<ConnList>,
+    accepted: Arc<AcceptQueue>,
+    shutdown: Arc<AtomicBool>,
+) {
+    let mut pfd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    while !shutdown.load(Ordering::Acquire) {
+        // SAFETY: one pollfd for a descriptor the listener keeps open for the whole loop.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 100) };
+        if ready <= 0 {
+            continue;
+        }
+        let (stream, peer) = match listener.accept() {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("accept on the control listener failed: {e}");
+                continue;
+            }
+        };
+        let (core, conns, accepted, shutdown) = (core.clone(), conns.clone(), accepted.clone(), shutdown.clone());
+        let spawned = std::thread::Builder::new().name("uccl-handshake".into()).spawn(move || {
+            match serve_handshake(&core, stream, peer) {
+                Ok(conn) if !shutdown.load(Ordering::Acquire) => {
+                    conns.add(conn.clone());
+                    core.waker.wake();
+                    accepted.ready.lock().push_back(conn);
+                    accepted.changed.notify_all();
+                }
+                Ok(conn) => conn.close(),
+                Err(e) => log::warn!("handshake with {peer} failed: {e}"),
+            }
+        });
+        if let Err(e) = spawned {
+            log::error!("cannot spawn a handshake thread for {peer}: {e}");
+        }
+    }
+}
+
+fn serve_handshake(core: &Arc<EngineCore>, mut stream: TcpStream, peer: SocketAddr) -> Result<Arc<Connection>> {
+    let deadline = Instant::now() + core.config.connect_timeout;
+    prepare_control(&stream, deadline)?;
+    let (own_handle, mut listen) = core.net.listen(0)?;
+    let agreed = handshake::welcome(&mut stream, &core.local(), own_handle)?;
+    let channels = handshake::establish_channels(&core.local(), &mut *listen, &agreed, deadline)?;
+    let info = PeerInfo { addr: peer, gpu_index: agreed.peer_gpu_index, gpu_id: agreed.peer_gpu_id };
+    Connection::start(core.clone(), stream, info, channels, agreed.chunk_size)
+}

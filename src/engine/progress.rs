@@ -1,0 +1,117 @@
+//! The engine's one progress thread: drives every connection's channels, spins briefly when idle,
+//! then parks until a transport completion or a new post wakes it.
+
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::{JoinHandle, Thread};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use super::conn::Connection;
+
+/// Idle passes before parking; a completion usually arrives within a few of them under load.
+const IDLE_SPINS: u32 = 64;
+/// Parked threads re-check this often even without a wake (a lost wake costs at most this).
+const PARK_TIMEOUT: Duration = Duration::from_millis(5);
+
+#[derive(Default)]
+pub struct Waker {
+    thread: OnceLock<Thread>,
+}
+
+impl Waker {
+    pub fn wake(&self) {
+        if let Some(t) = self.thread.get() {
+            t.unpark();
+        }
+    }
+}
+
+/// The connections the progress thread drives; the generation lets it refresh its copy only when
+/// the set changed, so a pass allocates nothing.
+#[derive(Default)]
+pub struct ConnList {
+    conns: Mutex<Vec<Arc<Connection>>>,
+    generation: AtomicU64,
+}
+
+impl ConnList {
+    pub fn add(&self, conn: Arc<Connection>) {
+        self.conns.lock().push(conn);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    pub fn remove(&self, id: u64) -> Option<Arc<Connection>> {
+        let mut conns = self.conns.lock();
+        let pos = conns.iter().position(|c| c.id == id)?;
+        let conn = conns.swap_remove(pos);
+        self.generation.fetch_add(1, Ordering::Release);
+        Some(conn)
+    }
+
+    pub fn take_all(&self) -> Vec<Arc<Connection>> {
+        let all = std::mem::take(&mut *self.conns.lock());
+        self.generation.fetch_add(1, Ordering::Release);
+        all
+    }
+
+    fn refresh(&self, seen: &mut u64, local: &mut Vec<Arc<Connection>>) {
+        let current = self.generation.load(Ordering::Acquire);
+        if current != *seen {
+            let conns = self.conns.lock();
+            local.clear();
+            local.extend(conns.iter().cloned());
+            *seen = current;
+        }
+    }
+}
+
+pub struct ProgressThread {
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ProgressThread {
+    pub fn start(conns: Arc<ConnList>, waker: Arc<Waker>) -> std::io::Result<ProgressThread> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        let thread =
+            std::thread::Builder::new().name("uccl-progress".into()).spawn(move || run(&conns, &thread_stop))?;
+        let _ = waker.thread.set(thread.thread().clone());
+        Ok(ProgressThread { stop, waker, thread: Some(thread) })
+    }
+}
+
+impl Drop for ProgressThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.waker.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(list: &ConnList, stop: &AtomicBool) {
+    let mut local = Vec::new();
+    let mut seen = u64::MAX;
+    let mut idle = 0u32;
+    while !stop.load(Ordering::Acquire) {
+        list.refresh(&mut seen, &mut local);
+        let mut moved = false;
+        for conn in &local {
+            moved |= conn.progress();
+        }
+        if moved {
+            idle = 0;
+        } else if idle < IDLE_SPINS {
+            idle += 1;
+            std::thread::yield_now();
+        } else {
+            std::thread::park_timeout(PARK_TIMEOUT);
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Registered memory and the capabilities advertised for it. A peer's one-sided request is honoured
+//! only when it names a region of this engine, carries that region's random token, and lies inside a
+//! window that `prepare_fifo` advertised.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::error::{Error, Result};
+use crate::proto::{Capability, FifoItem};
+use crate::transport::MemKind;
+
+/// Distinct windows a region may advertise; callers normally advertise once per registration.
+const MAX_WINDOWS_PER_REGION: usize = 4096;
+
+#[derive(Debug)]
+pub struct Region {
+    pub id: u64,
+    pub base: usize,
+    pub len: usize,
+    pub kind: MemKind,
+    token: u64,
+    windows: Mutex<Vec<(usize, usize)>>,
+}
+
+impl Region {
+    pub fn contains(&self, addr: usize, len: usize) -> bool {
+        range_within(addr, len, self.base, self.len)
+    }
+}
+
+fn range_within(addr: usize, len: usize, base: usize, base_len: usize) -> bool {
+    match (addr.checked_add(len), base.checked_add(base_len)) {
+        (Some(end), Some(base_end)) => addr >= base && end <= base_end,
+        _ => false,
+    }
+}
+
+pub fn check_range(addr: usize, len: usize) -> Result<()> {
+    if addr == 0 {
+        return Err(Error::invalid("buffer address is NULL"));
+    }
+    if len == 0 {
+        return Err(Error::invalid("size is 0"));
+    }
+    if addr.checked_add(len).is_none() {
+        return Err(Error::invalid(format!("buffer {addr:#x} + {len} bytes wraps around the address space")));
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+pub struct RegionTable {
+    regions: RwLock<HashMap<u64, Arc<Region>>>,
+    next_id: AtomicU64,
+}
+
+impl RegionTable {
+    pub fn register(&self, addr: usize, len: usize, kind: MemKind) -> Result<u64> {
+        check_range(addr, len)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let region = Region {
+            id,
+            base: addr,
+            len,
+            kind,
+            token: crate::transport::socket::random_u64(),
+            windows: Mutex::new(Vec::new()),
+        };
+        self.regions.write().insert(id, Arc::new(region));
+        Ok(id)
+    }
+
+    pub fn remove(&self, id: u64) -> Result<()> {
+        self.regions
+            .write()
+            .remove(&id)
+            .map(|_| ())
+            .ok_or_else(|| Error::not_found(format!("memory region {id} is not registered")))
+    }
+
+    pub fn get(&self, id: u64) -> Result<Arc<Region>> {
+        self.regions
+            .read()
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::not_found(format!("memory region {id} is not registered with this engine")))
+    }
+
+    /// A local buffer the caller hands us must lie inside the region it names.
+    pub fn local(&self, id: u64, addr: usize, len: usize) -> Result<Arc<Region>> {
+        check_range(addr, len)?;
+        let region = self.get(id)?;
+        if !region.contains(addr, len) {
+            return Err(Error::invalid(format!(
+                "buffer [{addr:#x}, +{len}) lies outside memory region {id} [{:#x}, +{})",
+                region.base, region.len
+            )));
+        }
+        Ok(region)
+    }
+
+    pub fn find_containing(&self, addr: usize) -> Option<Arc<Region>> {
+        self.regions.read().values().find(|r| r.contains(addr, 1)).cloned()
+    }
+
+    /// Mints the capability for `[addr, addr + len)` of region `id`.
+    pub fn advertise(&self, id: u64, addr: usize, len: usize) -> Result<FifoItem> {
+        let region = self.local(id, addr, len)?;
+        let size = u32::try_from(len).map_err(|_| {
+            Error::invalid(format!(
+                "cannot advertise {len} bytes in one FifoItem: its size field holds at most 4 GiB - 1"
+            ))
+        })?;
+        let mut windows = region.windows.lock();
+        if !windows.contains(&(addr, len)) {
+            if windows.len() >= MAX_WINDOWS_PER_REGION {
+                return Err(Error::invalid(format!(
+                    "memory region {id} already advertises {MAX_WINDOWS_PER_REGION} windows; advertise the whole region once instead"
+                )));
+            }
+            windows.push((addr, len));
+        }
+        Ok(FifoItem::with_capability(addr as u64, size, Capability { region: id, token: region.token }))
+    }
+
+    /// Decides a peer's one-sided request. Every failure is NOT_ALLOWED and names no secret.
+    pub fn authorize(&self, region: u64, token: u64, addr: u64, len: u64) -> Result<Arc<Region>> {
+        let deny = |why: &str| Error::not_allowed(format!("remote access to [{addr:#x}, +{len}) refused: {why}"));
+        let (Ok(addr), Ok(len)) = (usize::try_from(addr), usize::try_from(len)) else {
+            return Err(deny("address out of range"));
+        };
+        let Some(r) = self.regions.read().get(&region).cloned() else {
+            return Err(deny("the region is not registered (or was deregistered)"));
+        };
+        if r.token != token {
+            return Err(deny("the capability token does not match the region"));
+        }
+        if len == 0 || !r.windows.lock().iter().any(|&(base, wlen)| range_within(addr, len, base, wlen)) {
+            return Err(deny("the range is outside every window advertised for the region"));
+        }
+        Ok(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::UcclStatus;
+
+    #[test]
+    fn register_validates_ranges() {
+        let t = RegionTable::default();
+        assert_eq!(t.register(0, 8, MemKind::Host).unwrap_err().status(), UcclStatus::ErrInvalidParam);
+        assert_eq!(t.register(64, 0, MemKind::Host).unwrap_err().status(), UcclStatus::ErrInvalidParam);
+        assert_eq!(t.register(usize::MAX - 3, 8, MemKind::Host).unwrap_err().status(), UcclStatus::ErrInvalidParam);
+        let a = t.register(0x1000, 0x100, MemKind::Host).unwrap();
+        let b = t.register(0x1000, 0x100, MemKind::Host).unwrap();
+        assert_ne!(a, b);
+        assert!(t.local(a, 0x10ff, 1).is_ok());
+        assert_eq!(t.local(a, 0x10ff, 2).unwrap_err().status(), UcclStatus::ErrInvalidParam);
+        assert_eq!(t.local(999, 0x1000, 1).unwrap_err().status(), UcclStatus::ErrNotFound);
+        t.remove(a).unwrap();
+        assert_eq!(t.remove(a).unwrap_err().status(), UcclStatus::ErrNotFound);
+    }
+
+    #[test]
+    fn authorize_requires_token_and_advertised_window() {
+        let t = RegionTable::default();
+        let id = t.register(0x10000, 0x1000, MemKind::Host).unwrap();
+        let item = t.advertise(id, 0x10100, 0x100).unwrap();
+        let cap = item.capability().unwrap();
+        assert_eq!((cap.region, item.addr, item.size), (id, 0x10100, 0x100));
+        assert!(t.authorize(id, cap.token, 0x10100, 0x100).is_ok());
+        assert!(t.authorize(id, cap.token, 0x10180, 0x80).is_ok());
+        for (region, token, addr, len) in [
+            (id, cap.token ^ 1, 0x10100, 0x10),
+            (id, cap.token, 0x10000, 0x10),
+            (id, cap.token, 0x101f0, 0x11),
+            (id, cap.token, 0x10100, 0),
+            (id, cap.token, u64::MAX, 2),
+            (id + 1, cap.token, 0x10100, 0x10),
+        ] {
+            let err = t.authorize(region, token, addr, len).unwrap_err();
+            assert_eq!(err.status(), UcclStatus::ErrNotAllowed, "{err}");
+        }
+        t.remove(id).unwrap();
+        assert!(t.authorize(id, cap.token, 0x10100, 0x10).is_err());
+    }
+
+    #[test]
+    fn advertise_rejects_oversized_and_outside() {
+        let t = RegionTable::default();
+        let id = t.register(0x1000, 0x1000, MemKind::Host).unwrap();
+        assert!(t.advertise(id, 0x1800, 0x1000).is_err());
+        let huge = t.register(1 << 40, 1 << 33, MemKind::Host).unwrap();
+        assert!(t.advertise(huge, 1 << 40, 1 << 33).unwrap_err().message().contains("4 GiB"));
+    }
+}

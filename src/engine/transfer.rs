@@ -1,0 +1,156 @@
+//! Transfer ids handed to callers. An id names one call (a vector call is one id over several
+//! parts); it is reported finished exactly once, after which it is unknown. Parts finish only when
+//! no transport still touches their memory, so a reported failure frees the caller's buffers too.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::error::{Error, Result};
+
+pub struct Transfer {
+    pub id: u64,
+    conn: u64,
+    state: Mutex<Progress>,
+    finished: Condvar,
+}
+
+struct Progress {
+    remaining: usize,
+    bytes: u64,
+    error: Option<Error>,
+}
+
+impl Transfer {
+    pub fn finish_part(&self, outcome: Result<u64>) {
+        let mut p = self.state.lock();
+        debug_assert!(p.remaining > 0);
+        match outcome {
+            Ok(bytes) => p.bytes += bytes,
+            Err(e) => {
+                p.error.get_or_insert(e);
+            }
+        }
+        p.remaining = p.remaining.saturating_sub(1);
+        if p.remaining == 0 {
+            self.finished.notify_all();
+        }
+    }
+
+    /// `None` while parts are outstanding, else the byte count or the first error.
+    fn outcome(&self) -> Option<Result<u64>> {
+        let p = self.state.lock();
+        (p.remaining == 0).then(|| p.error.clone().map_or(Ok(p.bytes), Err))
+    }
+
+    fn wait(&self, timeout: Duration) -> bool {
+        let mut p = self.state.lock();
+        if p.remaining > 0 {
+            self.finished.wait_for(&mut p, timeout);
+        }
+        p.remaining == 0
+    }
+}
+
+#[derive(Default)]
+pub struct TransferTable {
+    live: Mutex<HashMap<u64, Arc<Transfer>>>,
+    next_id: AtomicU64,
+}
+
+impl TransferTable {
+    pub fn create(&self, conn: u64, parts: usize) -> Arc<Transfer> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let t = Arc::new(Transfer {
+            id,
+            conn,
+            state: Mutex::new(Progress { remaining: parts, bytes: 0, error: None }),
+            finished: Condvar::new(),
+        });
+        self.live.lock().insert(id, t.clone());
+        t
+    }
+
+    /// Forgets a transfer that never reached the wire (its post failed).
+    pub fn discard(&self, id: u64) {
+        self.live.lock().remove(&id);
+    }
+
+    /// `Ok(None)` in progress; `Ok(Some(bytes))` or `Err` once, then the id is gone.
+    pub fn poll(&self, conn: u64, id: u64) -> Result<Option<u64>> {
+        let mut live = self.live.lock();
+        let t = match live.get(&id) {
+            Some(t) if t.conn == conn => t.clone(),
+            _ => return Err(unknown(id)),
+        };
+        let outcome = t.outcome();
+        if outcome.is_some() {
+            live.remove(&id);
+        }
+        outcome.transpose()
+    }
+
+    /// Blocks until the transfer finished (the connection failing finishes it too), then polls it.
+    pub fn wait(&self, conn: u64, id: u64) -> Result<u64> {
+        let t = match self.live.lock().get(&id) {
+            Some(t) if t.conn == conn => t.clone(),
+            _ => return Err(unknown(id)),
+        };
+        while !t.wait(Duration::from_millis(100)) {}
+        self.poll(conn, id)?.ok_or_else(|| Error::backend("transfer finished but has no outcome"))
+    }
+}
+
+fn unknown(id: u64) -> Error {
+    Error::not_found(format!(
+        "transfer id {id} is unknown on this connection (never issued here, or already reported finished)"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::UcclStatus;
+
+    #[test]
+    fn reports_once_then_unknown() {
+        let t = TransferTable::default();
+        let x = t.create(7, 2);
+        assert_eq!(t.poll(7, x.id).unwrap(), None);
+        x.finish_part(Ok(10));
+        assert_eq!(t.poll(7, x.id).unwrap(), None);
+        x.finish_part(Ok(5));
+        assert_eq!(t.poll(8, x.id).unwrap_err().status(), UcclStatus::ErrNotFound, "other connection");
+        assert_eq!(t.poll(7, x.id).unwrap(), Some(15));
+        assert_eq!(t.poll(7, x.id).unwrap_err().status(), UcclStatus::ErrNotFound);
+        assert_eq!(t.poll(7, 12345).unwrap_err().status(), UcclStatus::ErrNotFound);
+    }
+
+    #[test]
+    fn first_error_wins_after_all_parts() {
+        let t = TransferTable::default();
+        let x = t.create(1, 3);
+        x.finish_part(Err(Error::not_allowed("first")));
+        x.finish_part(Err(Error::backend("second")));
+        assert_eq!(t.poll(1, x.id).unwrap(), None, "a part is still outstanding");
+        x.finish_part(Ok(1));
+        let err = t.poll(1, x.id).unwrap_err();
+        assert_eq!((err.status(), err.message()), (UcclStatus::ErrNotAllowed, "first"));
+    }
+
+    #[test]
+    fn wait_wakes_on_completion() {
+        let t = Arc::new(TransferTable::default());
+        let x = t.create(1, 1);
+        let id = x.id;
+        let h = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            x.finish_part(Ok(3));
+        });
+        assert_eq!(t.wait(1, id).unwrap(), 3);
+        h.join().unwrap();
+    }
+}

@@ -1,0 +1,108 @@
+//! The sending half of a control stream. Messages are encoded into a buffer and written by a
+//! dedicated thread, so neither callers nor the reader thread ever block on the network (two readers
+//! blocked writing to each other would deadlock the connection).
+
+use std::io::Write;
+use std::net::{Shutdown, TcpStream};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::error::{Error, Result};
+use crate::proto::Control;
+
+struct Pending {
+    bytes: Vec<u8>,
+    writing: bool,
+    closing: bool,
+    error: Option<Error>,
+}
+
+struct Shared {
+    pending: Mutex<Pending>,
+    changed: Condvar,
+}
+
+pub struct ControlWriter {
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl ControlWriter {
+    pub fn start(stream: TcpStream) -> Result<ControlWriter> {
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Pending { bytes: Vec::new(), writing: false, closing: false, error: None }),
+            changed: Condvar::new(),
+        });
+        let io = stream.try_clone().map_err(|e| Error::io("clone control stream", e))?;
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("uccl-ctrl-tx".into())
+            .spawn(move || run(io, thread_shared))
+            .map_err(|e| Error::io("spawn control writer", e))?;
+        Ok(ControlWriter { shared, stream, thread: Mutex::new(Some(thread)) })
+    }
+
+    pub fn send(&self, msg: &Control) -> Result<()> {
+        let mut p = self.shared.pending.lock();
+        if let Some(e) = &p.error {
+            return Err(e.clone());
+        }
+        if p.closing {
+            return Err(Error::new(crate::error::UcclStatus::ErrCanceled, "the connection is closing"));
+        }
+        msg.encode(&mut p.bytes);
+        self.shared.changed.notify_all();
+        Ok(())
+    }
+
+    /// Writes what is queued (waiting at most `linger`), then closes the stream and joins the thread.
+    pub fn finish(&self, linger: Duration) {
+        let deadline = Instant::now() + linger;
+        {
+            let mut p = self.shared.pending.lock();
+            p.closing = true;
+            self.shared.changed.notify_all();
+            while (p.writing || !p.bytes.is_empty()) && p.error.is_none() {
+                if self.shared.changed.wait_until(&mut p, deadline).timed_out() {
+                    break;
+                }
+            }
+        }
+        let _ = self.stream.shutdown(Shutdown::Both);
+        if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(mut stream: TcpStream, shared: Arc<Shared>) {
+    let mut batch = Vec::new();
+    loop {
+        {
+            let mut p = shared.pending.lock();
+            p.writing = false;
+            shared.changed.notify_all();
+            while p.bytes.is_empty() && !p.closing {
+                shared.changed.wait(&mut p);
+            }
+            if p.bytes.is_empty() {
+                return;
+            }
+            std::mem::swap(&mut batch, &mut p.bytes);
+            p.writing = true;
+        }
+        let written = stream.write_all(&batch);
+        batch.clear();
+        if let Err(e) = written {
+            let mut p = shared.pending.lock();
+            p.error = Some(Error::io("control stream write", e));
+            p.writing = false;
+            shared.changed.notify_all();
+            return;
+        }
+    }
+}

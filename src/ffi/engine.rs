@@ -1,0 +1,138 @@
+//! Engine handles: create, destroy, metadata, connect, accept.
+
+use std::ffi::{CString, c_char, c_int};
+use std::sync::Arc;
+
+use super::conn::{CONNS, ConnEntry, uccl_conn_t};
+use super::handle::HandleTable;
+use super::{c_str_arg, ffi_fn, non_null};
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::error::Error;
+
+/// An engine: one control listener, memory registrations and the connections it made or accepted.
+pub struct uccl_engine {
+    _private: [u8; 0],
+}
+pub type uccl_engine_t = uccl_engine;
+
+pub(crate) static ENGINES: HandleTable<Engine> = HandleTable::new("engine", 1);
+
+/// Smallest `ip_addr_buf_len` accepted by `uccl_engine_accept` (INET6_ADDRSTRLEN).
+pub const UCCL_IP_ADDR_BUF_MIN: usize = 46;
+
+/// Creates an engine listening on `UCCL_TCPX_PORT` (any free port by default). `num_cpus` and
+/// `in_python` are accepted for compatibility; `num_cpus` must not be negative. Returns NULL on failure.
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_engine_create(num_cpus: c_int, in_python: bool) -> *mut uccl_engine_t {
+    crate::init_logging();
+    ffi_fn!("uccl_engine_create", {
+        if num_cpus < 0 {
+            return Err(Error::invalid(format!("num_cpus is {num_cpus}, must not be negative")));
+        }
+        let engine = Engine::new(Config::from_env()?)?;
+        log::debug!("engine created (num_cpus {num_cpus}, in_python {in_python}): {}", engine.metadata());
+        Ok(ENGINES.insert(Arc::new(engine)))
+    })
+}
+
+/// Closes every connection of the engine (their handles then report errors) and frees it. NULL is a no-op.
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_engine_destroy(engine: *mut uccl_engine_t) {
+    ffi_fn!("uccl_engine_destroy", {
+        if engine.is_null() {
+            return Ok(());
+        }
+        ENGINES.remove(engine)?.shutdown();
+        Ok(())
+    })
+}
+
+/// `*metadata_str` receives "ip:port?gpu", to be released with `uccl_engine_free_string`.
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_engine_get_metadata(engine: *mut uccl_engine_t, metadata_str: *mut *mut c_char) -> c_int {
+    ffi_fn!("uccl_engine_get_metadata", {
+        non_null!(metadata_str);
+        let engine = ENGINES.get(engine)?;
+        let text = CString::new(engine.metadata()).map_err(|_| Error::backend("metadata contains NUL"))?;
+        // SAFETY: checked non-NULL; the caller provides a writable char*.
+        unsafe { *metadata_str = text.into_raw() };
+        Ok(0)
+    })
+}
+
+/// Frees a string this library returned. NULL is a no-op.
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_engine_free_string(s: *mut c_char) {
+    ffi_fn!("uccl_engine_free_string", {
+        if !s.is_null() {
+            // SAFETY: the string came from CString::into_raw in this library, per the contract.
+            drop(unsafe { CString::from_raw(s) });
+        }
+        Ok(())
+    })
+}
+
+/// Connects to the engine at `ip_addr:remote_port` serving `remote_gpu` (the part after '?' in its
+/// metadata: an index or a PCI BDF). Blocks for the handshake (bounded by UCCL_TCPX_CONNECT_TIMEOUT_MS).
+/// `same_process` is accepted for compatibility; such connections use the network path too.
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_engine_connect(
+    engine: *mut uccl_engine_t,
+    ip_addr: *const c_char,
+    remote_gpu: *const c_char,
+    remote_port: c_int,
+    same_process: bool,
+) -> *mut uccl_conn_t {
+    ffi_fn!("uccl_engine_connect", {
+        let engine_ref = ENGINES.get(engine)?;
+        let ip = c_str_arg(ip_addr, "ip_addr")?;
+        let gpu = c_str_arg(remote_gpu, "remote_gpu")?;
+        let port = u16::try_from(remote_port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| Error::invalid(format!("remote_port {remote_port} is outside 1..=65535")))?;
+        let conn = engine_ref.connect(ip, gpu, port)?;
+        log::debug!("connected to {ip}:{port} (same_process {same_process})");
+        Ok(CONNS.insert(Arc::new(ConnEntry { conn, engine: Arc::downgrade(&engine_ref) })))
+    })
+}
+
+/// Blocks until a peer connects (or `uccl_engine_stop_accept`). Writes the peer's IP as a C string
+/// into `ip_addr_buf` (at least 46 bytes) and its GPU index into `*remote_gpu_idx`.
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_engine_accept(
+    engine: *mut uccl_engine_t,
+    ip_addr_buf: *mut c_char,
+    ip_addr_buf_len: libc::size_t,
+    remote_gpu_idx: *mut c_int,
+) -> *mut uccl_conn_t {
+    ffi_fn!("uccl_engine_accept", {
+        non_null!(ip_addr_buf);
+        non_null!(remote_gpu_idx);
+        if ip_addr_buf_len < UCCL_IP_ADDR_BUF_MIN {
+            return Err(Error::invalid(format!(
+                "ip_addr_buf_len is {ip_addr_buf_len}; at least {UCCL_IP_ADDR_BUF_MIN} bytes are needed for any address"
+            )));
+        }
+        let engine_ref = ENGINES.get(engine)?;
+        let conn = engine_ref.accept()?;
+        let ip = conn.peer.addr.ip().to_string();
+        // SAFETY: the caller's buffer holds ip_addr_buf_len >= 46 bytes; an IP string is at most 45 + NUL.
+        unsafe {
+            std::ptr::copy_nonoverlapping(ip.as_ptr(), ip_addr_buf.cast::<u8>(), ip.len());
+            *ip_addr_buf.add(ip.len()) = 0;
+            *remote_gpu_idx = conn.peer.gpu_index;
+        }
+        Ok(CONNS.insert(Arc::new(ConnEntry { conn, engine: Arc::downgrade(&engine_ref) })))
+    })
+}
+
+/// Makes a blocked `uccl_engine_accept` (and every later one) return NULL promptly.
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_engine_stop_accept(engine: *mut uccl_engine_t) {
+    ffi_fn!("uccl_engine_stop_accept", {
+        ENGINES.get(engine)?.stop_accept();
+        Ok(())
+    })
+}

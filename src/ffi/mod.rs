@@ -1,0 +1,129 @@
+//! The C ABI. Thin by design: check arguments, turn handles into engine objects, call the engine,
+//! turn the outcome into a status and this thread's last error. Nothing here knows about sockets or
+//! the wire. Every exported function runs inside `boundary`, so no panic reaches the caller.
+#![allow(non_camel_case_types)]
+
+mod conn;
+mod engine;
+mod fifo;
+mod handle;
+mod memory;
+mod notify;
+mod status;
+mod xfer;
+
+pub use conn::*;
+pub use engine::*;
+pub use fifo::*;
+pub use memory::*;
+pub use notify::*;
+pub use status::*;
+pub use xfer::*;
+
+use std::cell::RefCell;
+use std::ffi::c_int;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use crate::error::{Error, Result, UcclStatus};
+
+/// Size of `notify_msg_t`'s fields.
+pub const MSG_SIZE: usize = 256;
+/// Size of a serialized FifoItem.
+pub const FIFO_SIZE: usize = 64;
+/// Size of the buffer `uccl_engine_get_ipc_info` fills.
+pub const IPC_INFO_SIZE: usize = 128;
+
+thread_local! {
+    static LAST_ERROR: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+pub(crate) fn set_last_error(message: String) {
+    LAST_ERROR.with(|e| *e.borrow_mut() = message);
+}
+
+pub(crate) fn last_error() -> String {
+    LAST_ERROR.with(|e| e.borrow().clone())
+}
+
+/// What an exported function returns when it fails.
+pub(crate) trait FfiReturn {
+    fn failure(status: UcclStatus) -> Self;
+}
+
+impl FfiReturn for c_int {
+    fn failure(status: UcclStatus) -> c_int {
+        status as c_int
+    }
+}
+
+impl<T> FfiReturn for *mut T {
+    fn failure(_: UcclStatus) -> *mut T {
+        std::ptr::null_mut()
+    }
+}
+
+impl FfiReturn for bool {
+    fn failure(_: UcclStatus) -> bool {
+        false
+    }
+}
+
+impl FfiReturn for usize {
+    fn failure(_: UcclStatus) -> usize {
+        0
+    }
+}
+
+impl FfiReturn for () {
+    fn failure(_: UcclStatus) {}
+}
+
+/// Runs `body`, recording an error or a caught panic as this thread's last error.
+pub(crate) fn boundary<R: FfiReturn>(function: &str, body: impl FnOnce() -> Result<R>) -> R {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(value)) => value,
+        Ok(Err(err)) => {
+            set_last_error(format!("{function}: {}", err.message()));
+            R::failure(err.status())
+        }
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            log::error!("{function}: internal panic caught at the C boundary: {what}");
+            set_last_error(format!("{function}: internal error (panic: {what})"));
+            R::failure(UcclStatus::ErrInternal)
+        }
+    }
+}
+
+/// Wraps an exported function's body in the panic boundary, naming the function in errors.
+macro_rules! ffi_fn {
+    ($name:literal, $body:block) => {
+        $crate::ffi::boundary($name, || -> $crate::error::Result<_> { $body })
+    };
+}
+pub(crate) use ffi_fn;
+
+/// Rejects a NULL pointer argument with a message naming it.
+macro_rules! non_null {
+    ($ptr:ident) => {
+        if $ptr.is_null() {
+            return Err($crate::error::Error::invalid(concat!("argument `", stringify!($ptr), "` is NULL")));
+        }
+    };
+}
+pub(crate) use non_null;
+
+/// Reads a caller's C string argument (non-NULL, valid UTF-8).
+pub(crate) fn c_str_arg<'a>(ptr: *const std::ffi::c_char, name: &str) -> Result<&'a str> {
+    if ptr.is_null() {
+        return Err(Error::invalid(format!("argument `{name}` is NULL")));
+    }
+    // SAFETY: the caller passes a NUL-terminated string that outlives this call.
+    unsafe { std::ffi::CStr::from_ptr(ptr) }
+        .to_str()
+        .map_err(|_| Error::invalid(format!("argument `{name}` is not valid UTF-8")))
+}

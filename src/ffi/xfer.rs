@@ -1,0 +1,239 @@
+//! Transfers: one-sided write/read, two-sided send/recv, completion polling.
+
+use std::ffi::{c_char, c_int, c_void};
+
+use super::conn::{conn_ref, uccl_conn_t};
+use super::fifo::FifoItem;
+use super::memory::uccl_mr_t;
+use super::{ffi_fn, non_null};
+use crate::engine::OneSided;
+use crate::error::{Error, Result};
+
+fn store_id(transfer_id: *mut u64, id: u64) -> c_int {
+    // SAFETY: callers check `transfer_id` non-NULL before posting.
+    unsafe { *transfer_id = id };
+    0
+}
+
+/// Turns the C vector arguments into one-sided items after checking every pointer and the count.
+fn one_sided_items(
+    mr_ids: *const uccl_mr_t,
+    bufs: *const *mut c_void,
+    size_v: *const libc::size_t,
+    fifo_items: *const FifoItem,
+    num_iovs: c_int,
+) -> Result<Vec<OneSided>> {
+    let n = iov_count(num_iovs)?;
+    non_null!(mr_ids);
+    non_null!(bufs);
+    non_null!(size_v);
+    non_null!(fifo_items);
+    // SAFETY: each array holds `num_iovs` elements per the contract; checked non-NULL.
+    let (mrs, ptrs, sizes, items) = unsafe {
+        (
+            std::slice::from_raw_parts(mr_ids, n),
+            std::slice::from_raw_parts(bufs, n),
+            std::slice::from_raw_parts(size_v, n),
+            std::slice::from_raw_parts(fifo_items, n),
+        )
+    };
+    Ok((0..n).map(|i| OneSided { mr: mrs[i], addr: ptrs[i] as usize, len: sizes[i], remote: items[i] }).collect())
+}
+
+fn iov_count(num_iovs: c_int) -> Result<usize> {
+    if num_iovs <= 0 {
+        return Err(Error::invalid(format!("num_iovs is {num_iovs}, must be positive")));
+    }
+    Ok(num_iovs as usize)
+}
+
+/// One-sided write of local `[data, data + size)` to the remote range `fifo_item` describes.
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_engine_write(
+    conn: *mut uccl_conn_t,
+    mr: uccl_mr_t,
+    data: *const c_void,
+    size: libc::size_t,
+    fifo_item: FifoItem,
+    transfer_id: *mut u64,
+) -> c_int {
+    ffi_fn!("uccl_engine_write", {
+        non_null!(transfer_id);
+        let op = OneSided { mr, addr: data as usize, len: size, remote: fifo_item };
+        Ok(store_id(transfer_id, conn_ref(conn)?.write(&[op])?))
+    })
+}
+
+/// One-sided read of the remote range `fifo_item` describes into local `[data, data + size)`.
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_engine_read(
+    conn: *mut uccl_conn_t,
+    mr: uccl_mr_t,
+    data: *const c_void,
+    size: libc::size_t,
+    fifo_item: FifoItem,
+    transfer_id: *mut u64,
+) -> c_int {
+    ffi_fn!("uccl_engine_read", {
+        non_null!(transfer_id);
+        let op = OneSided { mr, addr: data as usize, len: size, remote: fifo_item };
+        Ok(store_id(transfer_id, conn_ref(conn)?.read(&[op])?))
+    })
+}
+
+/// `num_iovs` one-sided writes under one transfer id; `dst_v[i]` are the local sources.
+/// `ipc_bufs` may be NULL (no IPC path is used).
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_engine_write_vector(
+    conn: *mut uccl_conn_t,
+    mr_ids: *const uccl_mr_t,
+    dst_v: *const *mut c_void,
+    size_v: *const libc::size_t,
+    fifo_items: *const FifoItem,
+    num_iovs: c_int,
+    transfer_id: *mut u64,
+    ipc_bufs: *const *mut c_char,
+) -> c_int {
+    let _ = ipc_bufs;
+    ffi_fn!("uccl_engine_write_vector", {
+        non_null!(transfer_id);
+        let ops = one_sided_items(mr_ids, dst_v, size_v, fifo_items, num_iovs)?;
+        Ok(store_id(transfer_id, conn_ref(conn)?.write(&ops)?))
+    })
+}
+
+/// `num_iovs` one-sided reads under one transfer id; `dst_v[i]` are the local destinations.
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_engine_read_vector(
+    conn: *mut uccl_conn_t,
+    mr_ids: *const uccl_mr_t,
+    dst_v: *const *mut c_void,
+    size_v: *const libc::size_t,
+    fifo_items: *const FifoItem,
+    num_iovs: c_int,
+    transfer_id: *mut u64,
+    ipc_bufs: *const *mut c_char,
+) -> c_int {
+    let _ = ipc_bufs;
+    ffi_fn!("uccl_engine_read_vector", {
+        non_null!(transfer_id);
+        let ops = one_sided_items(mr_ids, dst_v, size_v, fifo_items, num_iovs)?;
+        Ok(store_id(transfer_id, conn_ref(conn)?.read(&ops)?))
+    })
+}
+
+/// Sends one message, matched by the peer's next receive. Non-blocking.
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_engine_send_async(
+    conn: *mut uccl_conn_t,
+    mr: uccl_mr_t,
+    data: *const c_void,
+    size: libc::size_t,
+    transfer_id: *mut u64,
+) -> c_int {
+    ffi_fn!("uccl_engine_send_async", {
+        non_null!(transfer_id);
+        Ok(store_id(transfer_id, conn_ref(conn)?.send(&[(mr, data as usize, size)])?))
+    })
+}
+
+/// The same call as `uccl_engine_send_async` (non-blocking).
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_engine_send(
+    conn: *mut uccl_conn_t,
+    mr: uccl_mr_t,
+    data: *const c_void,
+    size: libc::size_t,
+    transfer_id: *mut u64,
+) -> c_int {
+    uccl_engine_send_async(conn, mr, data, size, transfer_id)
+}
+
+/// Sends `num_iovs` messages (each matched by one peer receive) under one transfer id.
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_engine_send_vector(
+    conn: *mut uccl_conn_t,
+    mr_ids: *const uccl_mr_t,
+    src_v: *const *const c_void,
+    size_v: *const libc::size_t,
+    num_iovs: c_int,
+    transfer_id: *mut u64,
+) -> c_int {
+    ffi_fn!("uccl_engine_send_vector", {
+        non_null!(transfer_id);
+        let n = iov_count(num_iovs)?;
+        non_null!(mr_ids);
+        non_null!(src_v);
+        non_null!(size_v);
+        // SAFETY: each array holds `num_iovs` elements per the contract; checked non-NULL.
+        let msgs: Vec<(u64, usize, usize)> = unsafe {
+            let (mrs, ptrs, sizes) = (
+                std::slice::from_raw_parts(mr_ids, n),
+                std::slice::from_raw_parts(src_v, n),
+                std::slice::from_raw_parts(size_v, n),
+            );
+            (0..n).map(|i| (mrs[i], ptrs[i] as usize, sizes[i])).collect()
+        };
+        Ok(store_id(transfer_id, conn_ref(conn)?.send(&msgs)?))
+    })
+}
+
+/// Posts a receive of at most `max_size` bytes; receives match the peer's sends in order.
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_engine_recv_async(
+    conn: *mut uccl_conn_t,
+    mr: uccl_mr_t,
+    data: *mut c_void,
+    max_size: libc::size_t,
+    transfer_id: *mut u64,
+) -> c_int {
+    ffi_fn!("uccl_engine_recv_async", {
+        non_null!(transfer_id);
+        Ok(store_id(transfer_id, conn_ref(conn)?.recv(mr, data as usize, max_size)?))
+    })
+}
+
+/// Blocking receive; returns the bytes received or a negative status. `max_size` must fit an int.
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_engine_recv(
+    conn: *mut uccl_conn_t,
+    mr: uccl_mr_t,
+    data: *mut c_void,
+    max_size: libc::size_t,
+) -> c_int {
+    ffi_fn!("uccl_engine_recv", {
+        if max_size > c_int::MAX as usize {
+            return Err(Error::invalid(format!(
+                "max_size {max_size} cannot be reported as an int; use uccl_engine_recv_async"
+            )));
+        }
+        let conn = conn_ref(conn)?;
+        let id = conn.recv(mr, data as usize, max_size)?;
+        Ok(conn.wait(id)? as c_int)
+    })
+}
+
+/// 1 while in progress, 0 once done (then `*bytes` holds the byte count; `bytes` may be NULL), or a
+/// negative status. A finished transfer is reported once; its id is unknown afterwards.
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_engine_poll(conn: *mut uccl_conn_t, transfer_id: u64, bytes: *mut libc::size_t) -> c_int {
+    ffi_fn!("uccl_engine_poll", {
+        match conn_ref(conn)?.poll(transfer_id)? {
+            None => Ok(1),
+            Some(n) => {
+                if !bytes.is_null() {
+                    // SAFETY: checked non-NULL; the caller's size_t is writable.
+                    unsafe { *bytes = n as usize };
+                }
+                Ok(0)
+            }
+        }
+    })
+}
+
+/// True once when the transfer finished successfully; false while in progress or on error (the
+/// error, which also ends the transfer, is in `uccl_engine_last_error`; `uccl_engine_poll` tells them apart).
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_engine_xfer_status(conn: *mut uccl_conn_t, transfer_id: u64) -> bool {
+    ffi_fn!("uccl_engine_xfer_status", { Ok(conn_ref(conn)?.poll(transfer_id)?.is_some()) })
+}

@@ -1,0 +1,516 @@
+//! Control messages exchanged on the control connection once the handshake is done.
+//!
+//! Fixed-size messages are their fields in declaration order (`u64`/`i32`, little-endian);
+//! Deny and Notify carry `u32`-length-prefixed byte strings, and Close has an empty body.
+
+use super::frame::{FRAME_HEADER_LEN, FrameHeader, is_handshake_kind, kind, write_frame};
+use super::wire::{Reader, Writer, check_len};
+use super::{MAX_NAME_LEN, MAX_NOTIFY_MSG_LEN, MAX_REASON_LEN, ProtoError};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    SendAnnounce {
+        xfer: u64,
+        len: u64,
+    },
+    WriteRequest {
+        xfer: u64,
+        region: u64,
+        token: u64,
+        addr: u64,
+        len: u64,
+    },
+    ReadRequest {
+        xfer: u64,
+        region: u64,
+        token: u64,
+        addr: u64,
+        len: u64,
+    },
+    Grant {
+        xfer: u64,
+        flow: u64,
+    },
+    /// `status` is a negative error code.
+    Deny {
+        xfer: u64,
+        status: i32,
+        reason: String,
+    },
+    Data {
+        flow: u64,
+        len: u64,
+    },
+    Done {
+        xfer: u64,
+        len: u64,
+    },
+    /// `name` is at most `MAX_NAME_LEN` bytes with no NUL, so the receiver can hand it to C
+    /// as a NUL-terminated string.
+    Notify {
+        name: Vec<u8>,
+        msg: Vec<u8>,
+    },
+    Close,
+}
+
+const HANDSHAKE_AFTER_SETUP: ProtoError =
+    ProtoError::Invalid("received a handshake message (Hello, Welcome or Refuse) where a control message was expected");
+
+fn nonzero_len(len: u64) -> Result<(), ProtoError> {
+    if len == 0 {
+        return Err(ProtoError::Invalid("a transfer length of zero is not allowed"));
+    }
+    Ok(())
+}
+
+/// A remote range must be addressable as a whole, or the access check on the other end
+/// could be bypassed by wrap-around.
+fn check_range(addr: u64, len: u64) -> Result<(), ProtoError> {
+    nonzero_len(len)?;
+    match addr.checked_add(len) {
+        Some(_) => Ok(()),
+        None => Err(ProtoError::Invalid("the requested memory range runs past the end of the address space")),
+    }
+}
+
+fn check_deny(status: i32, reason: &str) -> Result<(), ProtoError> {
+    if status >= 0 {
+        return Err(ProtoError::Invalid("a Deny message must carry a negative error status"));
+    }
+    check_len(reason.len(), MAX_REASON_LEN, "Deny reason")
+}
+
+fn check_notify(name: &[u8], msg: &[u8]) -> Result<(), ProtoError> {
+    check_len(name.len(), MAX_NAME_LEN, "notification name")?;
+    check_len(msg.len(), MAX_NOTIFY_MSG_LEN, "notification message")?;
+    if name.contains(&0) {
+        return Err(ProtoError::Invalid("a notification name must not contain a NUL byte"));
+    }
+    Ok(())
+}
+
+impl Control {
+    pub fn kind(&self) -> u8 {
+        match self {
+            Self::SendAnnounce { .. } => kind::SEND_ANNOUNCE,
+            Self::WriteRequest { .. } => kind::WRITE_REQUEST,
+            Self::ReadRequest { .. } => kind::READ_REQUEST,
+            Self::Grant { .. } => kind::GRANT,
+            Self::Deny { .. } => kind::DENY,
+            Self::Data { .. } => kind::DATA,
+            Self::Done { .. } => kind::DONE,
+            Self::Notify { .. } => kind::NOTIFY,
+            Self::Close => kind::CLOSE,
+        }
+    }
+
+    /// Appends header and body. Encoding does not validate; call [`Control::validate`] first
+    /// if the fields come from outside, or the peer will reject the frame.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        write_frame(out, self.kind(), |w| self.write_body(w));
+    }
+
+    fn write_body(&self, w: &mut Writer<'_>) {
+        match self {
+            Self::SendAnnounce { xfer: a, len: b }
+            | Self::Grant { xfer: a, flow: b }
+            | Self::Data { flow: a, len: b }
+            | Self::Done { xfer: a, len: b } => {
+                w.u64(*a);
+                w.u64(*b);
+            }
+            Self::WriteRequest { xfer, region, token, addr, len }
+            | Self::ReadRequest { xfer, region, token, addr, len } => {
+                for v in [xfer, region, token, addr, len] {
+                    w.u64(*v);
+                }
+            }
+            Self::Deny { xfer, status, reason } => {
+                w.u64(*xfer);
+                w.i32(*status);
+                w.bytes32(reason.as_bytes());
+            }
+            Self::Notify { name, msg } => {
+                w.bytes32(name);
+                w.bytes32(msg);
+            }
+            Self::Close => {}
+        }
+    }
+
+    /// Decodes a body that must be exactly `header.body_len` bytes long.
+    pub fn decode(header: &FrameHeader, body: &[u8]) -> Result<Control, ProtoError> {
+        let what = header.check_body(body)?;
+        if is_handshake_kind(header.kind) {
+            return Err(HANDSHAKE_AFTER_SETUP);
+        }
+        let mut r = Reader::new(body, what);
+        let msg = Self::read_body(header.kind, &mut r)?;
+        r.finish()?;
+        msg.validate()?;
+        Ok(msg)
+    }
+
+    fn read_body(kind: u8, r: &mut Reader<'_>) -> Result<Self, ProtoError> {
+        // Struct-literal fields are evaluated in the order written, which is the wire order.
+        let msg = match kind {
+            kind::SEND_ANNOUNCE => Self::SendAnnounce { xfer: r.u64()?, len: r.u64()? },
+            kind::WRITE_REQUEST => {
+                Self::WriteRequest { xfer: r.u64()?, region: r.u64()?, token: r.u64()?, addr: r.u64()?, len: r.u64()? }
+            }
+            kind::READ_REQUEST => {
+                Self::ReadRequest { xfer: r.u64()?, region: r.u64()?, token: r.u64()?, addr: r.u64()?, len: r.u64()? }
+            }
+            kind::GRANT => Self::Grant { xfer: r.u64()?, flow: r.u64()? },
+            kind::DENY => {
+                Self::Deny { xfer: r.u64()?, status: r.i32()?, reason: r.string32(MAX_REASON_LEN, "Deny reason")? }
+            }
+            kind::DATA => Self::Data { flow: r.u64()?, len: r.u64()? },
+            kind::DONE => Self::Done { xfer: r.u64()?, len: r.u64()? },
+            kind::NOTIFY => Self::Notify {
+                name: r.bytes32(MAX_NAME_LEN, "notification name")?.to_vec(),
+                msg: r.bytes32(MAX_NOTIFY_MSG_LEN, "notification message")?.to_vec(),
+            },
+            kind::CLOSE => Self::Close,
+            other => return Err(ProtoError::UnknownKind(other)),
+        };
+        Ok(msg)
+    }
+
+    /// The semantic checks `decode` applies, usable on the sending side as well.
+    pub fn validate(&self) -> Result<(), ProtoError> {
+        match self {
+            Self::SendAnnounce { len, .. } | Self::Data { len, .. } | Self::Done { len, .. } => nonzero_len(*len),
+            Self::WriteRequest { addr, len, .. } | Self::ReadRequest { addr, len, .. } => check_range(*addr, *len),
+            Self::Deny { status, reason, .. } => check_deny(*status, reason),
+            Self::Notify { name, msg } => check_notify(name, msg),
+            Self::Grant { .. } | Self::Close => Ok(()),
+        }
+    }
+}
+
+/// Decodes one control frame from the front of a stream buffer.
+///
+/// Returns `Ok(None)` while `buf` holds less than a whole frame, and otherwise the message and
+/// the number of bytes it occupied. The header is validated as soon as it is complete, so an
+/// oversized or unknown frame fails immediately instead of waiting for its body.
+pub fn decode_frame(buf: &[u8]) -> Result<Option<(Control, usize)>, ProtoError> {
+    let Some((head, _)) = buf.split_first_chunk::<FRAME_HEADER_LEN>() else {
+        return Ok(None);
+    };
+    let header = FrameHeader::parse(head)?;
+    if is_handshake_kind(header.kind) {
+        return Err(HANDSHAKE_AFTER_SETUP);
+    }
+    let frame_len = header.frame_len();
+    let Some(body) = buf.get(FRAME_HEADER_LEN..frame_len) else {
+        return Ok(None);
+    };
+    let msg = Control::decode(&header, body)?;
+    Ok(Some((msg, frame_len)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::frame::max_body_len;
+    use crate::proto::testutil::XorShift;
+
+    fn samples() -> Vec<Control> {
+        vec![
+            Control::SendAnnounce { xfer: 1, len: 4096 },
+            Control::WriteRequest {
+                xfer: 2,
+                region: 3,
+                token: 0xffff_ffff_ffff_ffff,
+                addr: 0x7f00_0000_0000,
+                len: 1 << 20,
+            },
+            Control::ReadRequest { xfer: 4, region: 5, token: 6, addr: u64::MAX - 1, len: 1 },
+            Control::Grant { xfer: 7, flow: 8 },
+            Control::Deny { xfer: 9, status: -12, reason: "région not registered".into() },
+            Control::Deny { xfer: 10, status: i32::MIN, reason: String::new() },
+            Control::Data { flow: 11, len: u64::MAX },
+            Control::Done { xfer: 12, len: 13 },
+            Control::Notify { name: b"checkpoint".to_vec(), msg: vec![0, 1, 2, 0xff] },
+            Control::Notify { name: vec![b'n'; MAX_NAME_LEN], msg: Vec::new() },
+            Control::Notify { name: Vec::new(), msg: vec![0xab; 3000] },
+            Control::Close,
+        ]
+    }
+
+    fn encode(msg: &Control) -> Vec<u8> {
+        let mut out = Vec::new();
+        msg.encode(&mut out);
+        out
+    }
+
+    fn split(frame: &[u8]) -> (FrameHeader, &[u8]) {
+        let (head, body) = frame.split_first_chunk::<FRAME_HEADER_LEN>().unwrap();
+        (FrameHeader::parse(head).unwrap(), body)
+    }
+
+    /// Builds a frame by hand so decoders can be fed bodies our encoder would never produce.
+    fn raw_frame(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = FrameHeader { kind, body_len: u32::try_from(body.len()).unwrap() }.to_bytes().to_vec();
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn decode_raw(kind: u8, body: &[u8]) -> Result<Option<(Control, usize)>, ProtoError> {
+        decode_frame(&raw_frame(kind, body))
+    }
+
+    #[test]
+    fn every_message_round_trips_through_the_stream_decoder() {
+        for msg in samples() {
+            let frame = encode(&msg);
+            assert_eq!(decode_frame(&frame), Ok(Some((msg.clone(), frame.len()))));
+            let (header, body) = split(&frame);
+            assert_eq!(header.kind, msg.kind());
+            assert_eq!(Control::decode(&header, body), Ok(msg));
+        }
+    }
+
+    #[test]
+    fn fixed_bodies_have_their_declared_sizes() {
+        for msg in samples() {
+            let frame = encode(&msg);
+            let body_len = frame.len() - FRAME_HEADER_LEN;
+            assert!(body_len <= max_body_len(msg.kind()).unwrap());
+            if !matches!(msg, Control::Deny { .. } | Control::Notify { .. }) {
+                assert_eq!(Some(body_len), max_body_len(msg.kind()), "{msg:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn byte_layouts_are_exact() {
+        let grant = encode(&Control::Grant { xfer: 0x0102, flow: 0x0304 });
+        assert_eq!(grant, [0x43, 0x54, 19, 0, 16, 0, 0, 0, 0x02, 0x01, 0, 0, 0, 0, 0, 0, 0x04, 0x03, 0, 0, 0, 0, 0, 0]);
+        let deny = encode(&Control::Deny { xfer: 1, status: -1, reason: "x".into() });
+        assert_eq!(&deny[FRAME_HEADER_LEN..], [1, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 1, 0, 0, 0, b'x']);
+        let notify = encode(&Control::Notify { name: b"ab".to_vec(), msg: b"c".to_vec() });
+        assert_eq!(&notify[FRAME_HEADER_LEN..], [2, 0, 0, 0, b'a', b'b', 1, 0, 0, 0, b'c']);
+        assert_eq!(encode(&Control::Close), [0x43, 0x54, 24, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn back_to_back_frames_decode_in_order() {
+        let msgs = samples();
+        let stream: Vec<u8> = msgs.iter().flat_map(encode).collect();
+        let mut rest = stream.as_slice();
+        let mut decoded = Vec::new();
+        while let Some((msg, used)) = decode_frame(rest).unwrap() {
+            decoded.push(msg);
+            rest = &rest[used..];
+        }
+        assert!(rest.is_empty());
+        assert_eq!(decoded, msgs);
+    }
+
+    #[test]
+    fn every_prefix_needs_more_bytes_and_every_short_body_is_truncated() {
+        for msg in samples() {
+            let frame = encode(&msg);
+            for cut in 0..frame.len() {
+                assert_eq!(decode_frame(&frame[..cut]), Ok(None), "{msg:?} cut at {cut}");
+            }
+            let (header, body) = split(&frame);
+            for cut in 0..body.len() {
+                assert!(matches!(Control::decode(&header, &body[..cut]), Err(ProtoError::Truncated { .. })));
+                // With a header that agrees with the short body the failure must still be
+                // truncation, found either by the header's size rule or by the field reader.
+                let short = FrameHeader { body_len: u32::try_from(cut).unwrap(), ..header };
+                assert!(matches!(Control::decode(&short, &body[..cut]), Err(ProtoError::Truncated { .. })));
+            }
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_are_rejected() {
+        for msg in samples() {
+            let frame = encode(&msg);
+            let (header, body) = split(&frame);
+            let mut longer = body.to_vec();
+            longer.push(0);
+            assert!(matches!(Control::decode(&header, &longer), Err(ProtoError::TrailingBytes { extra: 1, .. })));
+            let result = decode_raw(header.kind, &longer);
+            if matches!(msg, Control::Deny { .. } | Control::Notify { .. }) {
+                assert!(matches!(result, Err(ProtoError::TrailingBytes { extra: 1, .. })));
+            } else {
+                // Fixed-size kinds are caught by the header before the body is read.
+                assert!(matches!(result, Err(ProtoError::TooLong { .. })));
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_frames_fail_from_the_header_alone() {
+        for (kind, max) in [
+            (kind::NOTIFY, 4 + MAX_NAME_LEN + 4 + MAX_NOTIFY_MSG_LEN),
+            (kind::DENY, 16 + MAX_REASON_LEN),
+            (kind::GRANT, 16),
+            (kind::CLOSE, 0),
+        ] {
+            let header = FrameHeader { kind, body_len: u32::try_from(max + 1).unwrap() };
+            assert_eq!(
+                decode_frame(&header.to_bytes()).unwrap_err(),
+                ProtoError::TooLong {
+                    what: match kind {
+                        kind::NOTIFY => "Notify body",
+                        kind::DENY => "Deny body",
+                        kind::GRANT => "Grant body",
+                        _ => "Close body",
+                    },
+                    len: max + 1,
+                    max
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_inner_lengths_fail_before_their_bytes_arrive() {
+        let mut body = Vec::new();
+        body.extend(u32::try_from(MAX_NAME_LEN + 1).unwrap().to_le_bytes());
+        assert_eq!(
+            decode_raw(kind::NOTIFY, &body),
+            Err(ProtoError::TooLong { what: "notification name", len: MAX_NAME_LEN + 1, max: MAX_NAME_LEN })
+        );
+        let mut body = 0u32.to_le_bytes().to_vec();
+        body.extend(u32::MAX.to_le_bytes());
+        assert_eq!(
+            decode_raw(kind::NOTIFY, &body),
+            Err(ProtoError::TooLong { what: "notification message", len: u32::MAX as usize, max: MAX_NOTIFY_MSG_LEN })
+        );
+        let mut body = vec![0; 8];
+        body.extend((-1i32).to_le_bytes());
+        body.extend(u32::try_from(MAX_REASON_LEN + 1).unwrap().to_le_bytes());
+        assert_eq!(
+            decode_raw(kind::DENY, &body),
+            Err(ProtoError::TooLong { what: "Deny reason", len: MAX_REASON_LEN + 1, max: MAX_REASON_LEN })
+        );
+    }
+
+    #[test]
+    fn largest_notification_round_trips() {
+        let msg = Control::Notify { name: vec![b'n'; MAX_NAME_LEN], msg: vec![7; MAX_NOTIFY_MSG_LEN] };
+        let frame = encode(&msg);
+        assert_eq!(frame.len(), FRAME_HEADER_LEN + max_body_len(kind::NOTIFY).unwrap());
+        assert_eq!(decode_frame(&frame), Ok(Some((msg, frame.len()))));
+    }
+
+    #[test]
+    fn zero_lengths_are_invalid() {
+        for msg in [
+            Control::SendAnnounce { xfer: 1, len: 0 },
+            Control::Data { flow: 1, len: 0 },
+            Control::Done { xfer: 1, len: 0 },
+            Control::WriteRequest { xfer: 1, region: 1, token: 1, addr: 1, len: 0 },
+            Control::ReadRequest { xfer: 1, region: 1, token: 1, addr: 1, len: 0 },
+        ] {
+            assert!(matches!(msg.validate(), Err(ProtoError::Invalid(_))));
+            assert_eq!(decode_frame(&encode(&msg)), Err(msg.validate().unwrap_err()));
+        }
+    }
+
+    #[test]
+    fn wrapping_ranges_are_invalid() {
+        let make = |addr, len| Control::ReadRequest { xfer: 1, region: 2, token: 3, addr, len };
+        assert!(make(u64::MAX - 1, 1).validate().is_ok());
+        for (addr, len) in [(u64::MAX, 1), (1, u64::MAX), (u64::MAX, u64::MAX)] {
+            let read = make(addr, len);
+            assert!(matches!(decode_frame(&encode(&read)), Err(ProtoError::Invalid(_))));
+            let write = Control::WriteRequest { xfer: 1, region: 2, token: 3, addr, len };
+            assert!(matches!(decode_frame(&encode(&write)), Err(ProtoError::Invalid(_))));
+        }
+    }
+
+    #[test]
+    fn deny_requires_negative_status_and_utf8_reason() {
+        for status in [0, 1, i32::MAX] {
+            let deny = Control::Deny { xfer: 1, status, reason: "r".into() };
+            assert!(matches!(decode_frame(&encode(&deny)), Err(ProtoError::Invalid(_))));
+        }
+        let mut frame = encode(&Control::Deny { xfer: 1, status: -1, reason: "ok".into() });
+        let n = frame.len();
+        frame[n - 2] = 0xff;
+        assert_eq!(decode_frame(&frame), Err(ProtoError::BadUtf8 { what: "Deny reason" }));
+    }
+
+    #[test]
+    fn notify_name_must_not_contain_nul() {
+        let msg = Control::Notify { name: b"a\0b".to_vec(), msg: b"payload".to_vec() };
+        assert!(matches!(msg.validate(), Err(ProtoError::Invalid(_))));
+        assert!(matches!(decode_frame(&encode(&msg)), Err(ProtoError::Invalid(_))));
+    }
+
+    #[test]
+    fn handshake_and_unknown_kinds_are_rejected() {
+        for k in [kind::HELLO, kind::WELCOME, kind::REFUSE] {
+            assert_eq!(decode_raw(k, &[0; 10]), Err(HANDSHAKE_AFTER_SETUP));
+            // Rejected from the header, without waiting for the body.
+            assert_eq!(decode_frame(&raw_frame(k, &[0; 10])[..FRAME_HEADER_LEN]), Err(HANDSHAKE_AFTER_SETUP));
+            let header = FrameHeader { kind: k, body_len: 0 };
+            assert_eq!(Control::decode(&header, &[]), Err(HANDSHAKE_AFTER_SETUP));
+        }
+        assert_eq!(decode_raw(0, &[]), Err(ProtoError::UnknownKind(0)));
+        assert_eq!(decode_raw(25, &[]), Err(ProtoError::UnknownKind(25)));
+    }
+
+    #[test]
+    fn bad_magic_and_flags_are_rejected() {
+        let mut frame = encode(&Control::Close);
+        frame[3] = 0x80;
+        assert_eq!(decode_frame(&frame), Err(ProtoError::BadFlags(0x80)));
+        let mut frame = encode(&Control::Close);
+        frame[0] = 0;
+        assert_eq!(decode_frame(&frame), Err(ProtoError::BadMagic { found: 0x5400 }));
+    }
+
+    #[test]
+    fn validate_accepts_every_sample() {
+        for msg in samples() {
+            assert_eq!(msg.validate(), Ok(()), "{msg:?}");
+        }
+    }
+
+    #[test]
+    fn fuzz_random_streams_never_panic() {
+        let frames: Vec<Vec<u8>> = samples().iter().map(encode).collect();
+        let mut rng = XorShift::new(0xc0ff_ee00_1234);
+        let mut accepted = 0;
+        for i in 0..10_000 {
+            let buf = match i % 3 {
+                0 => rng.bytes_below(64),
+                1 => {
+                    // A plausible header so the body decoders see random input too.
+                    let kind = u8::try_from(16 + rng.below(10)).unwrap();
+                    raw_frame(kind, &rng.bytes_below(48))
+                }
+                _ => {
+                    let base = rng.pick(&frames);
+                    rng.mutate(base)
+                }
+            };
+            match decode_frame(&buf) {
+                Ok(Some((msg, used))) => {
+                    accepted += 1;
+                    assert!(used <= buf.len());
+                    // Encodings are canonical: what decodes must re-encode to the same bytes.
+                    assert_eq!(encode(&msg), &buf[..used]);
+                }
+                Ok(None) => assert!(
+                    buf.len() < FRAME_HEADER_LEN || {
+                        let (h, _) = split(&buf);
+                        h.frame_len() > buf.len()
+                    }
+                ),
+                Err(_) => {}
+            }
+        }
+        assert!(accepted > 0, "fuzzing never reached a successful decode");
+    }
+}

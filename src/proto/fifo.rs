@@ -1,0 +1,255 @@
+//! The 64-byte FIFO item shared with C callers, and the capability hidden in its padding.
+//!
+//! C code allocates and copies these items opaquely, so the in-memory layout is part of the
+//! ABI: it is pinned with compile-time assertions, and the wire form reuses the same offsets so
+//! the two can never drift apart.
+
+use core::ffi::c_char;
+use core::mem::{align_of, offset_of, size_of};
+
+use super::ProtoError;
+use super::wire::{Reader, get_at, put_at};
+
+pub(crate) const FIFO_ITEM_SIZE: usize = 64;
+pub(crate) const CAP_MAGIC: u32 = 0x3158_5455;
+pub(crate) const CAP_VERSION: u16 = 1;
+
+const PADDING_LEN: usize = 32;
+/// Capability bytes at the front of the padding; the remainder must stay zero.
+const CAP_LEN: usize = 8 + 8 + 4 + 2;
+
+const FOREIGN_ITEM: ProtoError =
+    ProtoError::Invalid("FifoItem was not minted by uccl-tcpx prepare_fifo or is corrupted");
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FifoItem {
+    pub addr: u64,
+    pub size: u32,
+    pub rkey: u32,
+    pub nmsgs: u32,
+    pub rid: u32,
+    pub idx: u64,
+    pub padding: [c_char; 32],
+}
+
+const _: () = {
+    assert!(size_of::<FifoItem>() == FIFO_ITEM_SIZE);
+    assert!(align_of::<FifoItem>() == 8);
+    assert!(offset_of!(FifoItem, addr) == 0);
+    assert!(offset_of!(FifoItem, size) == 8);
+    assert!(offset_of!(FifoItem, rkey) == 12);
+    assert!(offset_of!(FifoItem, nmsgs) == 16);
+    assert!(offset_of!(FifoItem, rid) == 20);
+    assert!(offset_of!(FifoItem, idx) == 24);
+    assert!(offset_of!(FifoItem, padding) == 32);
+    assert!(offset_of!(FifoItem, padding) + PADDING_LEN == FIFO_ITEM_SIZE);
+    assert!(CAP_LEN <= PADDING_LEN);
+};
+
+/// Names a registered memory region and the token that authorises access to it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Capability {
+    pub region: u64,
+    pub token: u64,
+}
+
+// c_char is i8 on some targets and u8 on others; going through native bytes works for both
+// without a sign-changing cast.
+fn char_to_byte(c: c_char) -> u8 {
+    u8::from_ne_bytes(c.to_ne_bytes())
+}
+
+fn byte_to_char(b: u8) -> c_char {
+    c_char::from_ne_bytes(b.to_ne_bytes())
+}
+
+impl Capability {
+    fn to_padding(self) -> [c_char; PADDING_LEN] {
+        let mut bytes = [0u8; PADDING_LEN];
+        put_at(&mut bytes, 0, &self.region.to_le_bytes());
+        put_at(&mut bytes, 8, &self.token.to_le_bytes());
+        put_at(&mut bytes, 16, &CAP_MAGIC.to_le_bytes());
+        put_at(&mut bytes, 20, &CAP_VERSION.to_le_bytes());
+        bytes.map(byte_to_char)
+    }
+
+    fn from_padding(padding: &[c_char; PADDING_LEN]) -> Result<Self, ProtoError> {
+        let bytes = padding.map(char_to_byte);
+        let mut r = Reader::new(&bytes, "FifoItem padding");
+        let cap = Capability { region: r.u64()?, token: r.u64()? };
+        let magic = r.u32()?;
+        let version = r.u16()?;
+        // A zero tail leaves room for later versions and catches stray writes into it.
+        let tail_is_zero = r.bytes(PADDING_LEN - CAP_LEN)?.iter().all(|&b| b == 0);
+        r.finish()?;
+        if magic != CAP_MAGIC || version != CAP_VERSION || !tail_is_zero {
+            return Err(FOREIGN_ITEM);
+        }
+        Ok(cap)
+    }
+}
+
+impl FifoItem {
+    /// Field-wise little-endian at the `repr(C)` offsets.
+    pub fn to_bytes(&self) -> [u8; FIFO_ITEM_SIZE] {
+        let mut out = [0u8; FIFO_ITEM_SIZE];
+        put_at(&mut out, offset_of!(Self, addr), &self.addr.to_le_bytes());
+        put_at(&mut out, offset_of!(Self, size), &self.size.to_le_bytes());
+        put_at(&mut out, offset_of!(Self, rkey), &self.rkey.to_le_bytes());
+        put_at(&mut out, offset_of!(Self, nmsgs), &self.nmsgs.to_le_bytes());
+        put_at(&mut out, offset_of!(Self, rid), &self.rid.to_le_bytes());
+        put_at(&mut out, offset_of!(Self, idx), &self.idx.to_le_bytes());
+        put_at(&mut out, offset_of!(Self, padding), &self.padding.map(char_to_byte));
+        out
+    }
+
+    pub fn from_bytes(b: &[u8; FIFO_ITEM_SIZE]) -> FifoItem {
+        let padding: [u8; PADDING_LEN] = get_at(b, offset_of!(Self, padding));
+        FifoItem {
+            addr: u64::from_le_bytes(get_at(b, offset_of!(Self, addr))),
+            size: u32::from_le_bytes(get_at(b, offset_of!(Self, size))),
+            rkey: u32::from_le_bytes(get_at(b, offset_of!(Self, rkey))),
+            nmsgs: u32::from_le_bytes(get_at(b, offset_of!(Self, nmsgs))),
+            rid: u32::from_le_bytes(get_at(b, offset_of!(Self, rid))),
+            idx: u64::from_le_bytes(get_at(b, offset_of!(Self, idx))),
+            padding: padding.map(byte_to_char),
+        }
+    }
+
+    /// An item describing `size` bytes at `addr`, stamped with `cap` so the receiver can
+    /// authorise the access; the transport-specific fields stay zero.
+    pub fn with_capability(addr: u64, size: u32, cap: Capability) -> FifoItem {
+        FifoItem { addr, size, padding: cap.to_padding(), ..FifoItem::default() }
+    }
+
+    /// Recovers the capability, refusing items this library did not produce.
+    pub fn capability(&self) -> Result<Capability, ProtoError> {
+        Capability::from_padding(&self.padding).map_err(|_| FOREIGN_ITEM)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::testutil::XorShift;
+
+    fn cap() -> Capability {
+        Capability { region: 0x0102_0304_0506_0708, token: 0xa1a2_a3a4_a5a6_a7a8 }
+    }
+
+    fn sample() -> FifoItem {
+        FifoItem {
+            addr: 0x1122_3344_5566_7788,
+            size: 0x99aa_bbcc,
+            rkey: 1,
+            nmsgs: 2,
+            rid: 3,
+            idx: 0xdead_beef_cafe_f00d,
+            padding: core::array::from_fn(|i| byte_to_char(u8::try_from(i).unwrap() + 0x80)),
+        }
+    }
+
+    #[test]
+    fn layout_matches_the_c_struct() {
+        assert_eq!(size_of::<FifoItem>(), 64);
+        assert_eq!(align_of::<FifoItem>(), 8);
+        let offsets = [
+            offset_of!(FifoItem, addr),
+            offset_of!(FifoItem, size),
+            offset_of!(FifoItem, rkey),
+            offset_of!(FifoItem, nmsgs),
+            offset_of!(FifoItem, rid),
+            offset_of!(FifoItem, idx),
+            offset_of!(FifoItem, padding),
+        ];
+        assert_eq!(offsets, [0, 8, 12, 16, 20, 24, 32]);
+        assert_eq!(size_of::<c_char>(), 1);
+    }
+
+    #[test]
+    fn bytes_are_little_endian_at_struct_offsets() {
+        let item = sample();
+        let b = item.to_bytes();
+        assert_eq!(&b[0..8], &item.addr.to_le_bytes());
+        assert_eq!(&b[8..12], &[0xcc, 0xbb, 0xaa, 0x99]);
+        assert_eq!(&b[12..16], &[1, 0, 0, 0]);
+        assert_eq!(&b[16..20], &[2, 0, 0, 0]);
+        assert_eq!(&b[20..24], &[3, 0, 0, 0]);
+        assert_eq!(&b[24..32], &item.idx.to_le_bytes());
+        let padding: Vec<u8> = (0x80..0xa0).collect();
+        assert_eq!(&b[32..64], padding.as_slice());
+        assert_eq!(FifoItem::from_bytes(&b), item);
+    }
+
+    #[test]
+    fn capability_round_trips_and_leaves_other_fields_zero() {
+        let item = FifoItem::with_capability(0x4000, 4096, cap());
+        assert_eq!((item.addr, item.size), (0x4000, 4096));
+        assert_eq!((item.rkey, item.nmsgs, item.rid, item.idx), (0, 0, 0, 0));
+        assert_eq!(item.capability(), Ok(cap()));
+        let copied = FifoItem::from_bytes(&item.to_bytes());
+        assert_eq!(copied.capability(), Ok(cap()));
+    }
+
+    #[test]
+    fn capability_padding_layout_is_exact() {
+        let b = FifoItem::with_capability(0, 0, cap()).to_bytes();
+        assert_eq!(&b[32..40], &cap().region.to_le_bytes());
+        assert_eq!(&b[40..48], &cap().token.to_le_bytes());
+        assert_eq!(&b[48..52], &[0x55, 0x54, 0x58, 0x31]);
+        assert_eq!(&b[52..54], &[1, 0]);
+        assert!(b[54..].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn items_not_minted_here_are_refused() {
+        let expected = "FifoItem was not minted by uccl-tcpx prepare_fifo or is corrupted";
+        assert_eq!(FifoItem::default().capability().unwrap_err().to_string(), expected);
+        assert_eq!(sample().capability(), Err(FOREIGN_ITEM));
+    }
+
+    #[test]
+    fn tampering_with_any_padding_bit_is_detected_or_changes_the_capability() {
+        let item = FifoItem::with_capability(1, 2, cap());
+        for byte in 0..PADDING_LEN {
+            for bit in 0..8 {
+                let mut bad = item;
+                bad.padding[byte] = byte_to_char(char_to_byte(bad.padding[byte]) ^ (1 << bit));
+                match bad.capability() {
+                    Ok(c) => {
+                        assert!(byte < 16, "byte {byte} bit {bit} went unnoticed");
+                        assert_ne!(c, cap());
+                    }
+                    Err(e) => {
+                        assert!(byte >= 16);
+                        assert_eq!(e, FOREIGN_ITEM);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fuzz_random_items_never_panic() {
+        let mut rng = XorShift::new(0xf1f0_1234);
+        let minted = FifoItem::with_capability(9, 9, cap()).to_bytes();
+        let mut accepted = 0;
+        for i in 0..10_000 {
+            let bytes: [u8; FIFO_ITEM_SIZE] = if i % 2 == 0 {
+                rng.bytes(FIFO_ITEM_SIZE).try_into().unwrap()
+            } else {
+                let mut b = rng.mutate(&minted);
+                b.resize(FIFO_ITEM_SIZE, 0);
+                b.try_into().unwrap()
+            };
+            let item = FifoItem::from_bytes(&bytes);
+            assert_eq!(item.to_bytes(), bytes);
+            if let Ok(c) = item.capability() {
+                accepted += 1;
+                assert_eq!(Capability::to_padding(c), item.padding);
+            }
+        }
+        assert!(accepted > 0);
+    }
+}

@@ -1,0 +1,88 @@
+//! The transport interface the engine drives, shaped like NCCL's `ncclNet` v7 so that the built-in
+//! socket transport and a net plugin (TCPX) fit behind the same calls.
+//!
+//! Rules every implementation follows and the engine relies on:
+//! - comms are one-way (a send comm and a receive comm per direction);
+//! - `connect`/`accept` may report "not yet" (`Ok(None)`) and are polled again;
+//! - `isend`/`irecv` may report "no free request slot" (`Ok(None)`);
+//! - `test` is called only on the oldest outstanding request of a comm, never again once it reported done;
+//! - a completed receive keeps its slot until `irecv_consumed`, called in posting order;
+//! - the size a completed receive reports is the sender's, which may be smaller than what was posted;
+//!   a sender larger than the posted buffer is an error, never a truncation;
+//! - closing is dropping.
+
+pub mod socket;
+
+use crate::error::Result;
+
+/// Opaque bytes a listener hands to the connecting side out of band (NCCL's `NCCL_NET_HANDLE_MAXSIZE`).
+pub type NetHandle = [u8; crate::proto::NET_HANDLE_SIZE];
+
+/// Identifies a posted request within its comm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RequestId(pub u64);
+
+/// A registration of memory with a comm (ncclNet `mhandle`). Transports without registration use `NONE`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MrHandle(pub usize);
+
+impl MrHandle {
+    pub(crate) const NONE: MrHandle = MrHandle(0);
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemKind {
+    Host,
+    Cuda { device: i32 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Properties {
+    pub name: String,
+    /// sysfs PCI path of the device, used to pair GPUs with close NICs; None for virtual interfaces.
+    pub pci_path: Option<String>,
+    pub supports_host: bool,
+    pub supports_cuda: bool,
+    pub speed_mbps: u32,
+    /// Received data lands in a device bounce pool and must be gathered by an unpack kernel.
+    pub device_unpack: bool,
+    /// Maximum outstanding requests per comm, received-but-unconsumed included.
+    pub max_requests: usize,
+}
+
+pub trait Net: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn devices(&self) -> usize;
+    fn properties(&self, dev: usize) -> Result<Properties>;
+    fn listen(&self, dev: usize) -> Result<(NetHandle, Box<dyn ListenComm>)>;
+    /// `handle` is a fresh copy of the listener's bytes for every connect: implementations may keep
+    /// connection state in it between polls.
+    fn connect(&self, dev: usize, handle: &mut NetHandle) -> Result<Option<Box<dyn SendComm>>>;
+}
+
+pub trait ListenComm: Send {
+    fn accept(&mut self) -> Result<Option<Box<dyn RecvComm>>>;
+}
+
+pub trait SendComm: Send {
+    fn reg_mr(&mut self, addr: usize, len: usize, kind: MemKind) -> Result<MrHandle>;
+    fn dereg_mr(&mut self, mr: MrHandle);
+    /// # Safety
+    /// `[data, data + len)` stays valid and unmodified until `test` reports the request done or the
+    /// comm is dropped.
+    unsafe fn isend(&mut self, data: *const u8, len: usize, mr: MrHandle) -> Result<Option<RequestId>>;
+    /// `Some(bytes)` once the request finished.
+    fn test(&mut self, req: RequestId) -> Result<Option<usize>>;
+}
+
+pub trait RecvComm: Send {
+    fn reg_mr(&mut self, addr: usize, len: usize, kind: MemKind) -> Result<MrHandle>;
+    fn dereg_mr(&mut self, mr: MrHandle);
+    /// # Safety
+    /// `[data, data + len)` stays valid and is not accessed by anyone else until `test` reports the
+    /// request done or the comm is dropped.
+    unsafe fn irecv(&mut self, data: *mut u8, len: usize, mr: MrHandle) -> Result<Option<RequestId>>;
+    /// `Some(bytes)` (the sender's size) once the data is in place.
+    fn test(&mut self, req: RequestId) -> Result<Option<usize>>;
+    fn irecv_consumed(&mut self, req: RequestId) -> Result<()>;
+}

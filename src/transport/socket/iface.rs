@@ -1,0 +1,100 @@
+//! Which local address to advertise: the one peers will use to reach this host.
+
+use std::ffi::CStr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::error::{Error, Result};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub addr: IpAddr,
+    pub up: bool,
+    pub loopback: bool,
+}
+
+pub fn list() -> Result<Vec<Interface>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we walk read-only and free with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(Error::io("getifaddrs", std::io::Error::last_os_error()));
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list returned above, alive until freeifaddrs.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        // SAFETY: non-null ifa_addr points at a sockaddr whose family tells its real type.
+        let addr = unsafe { sockaddr_ip(ifa.ifa_addr) };
+        let Some(addr) = addr else { continue };
+        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
+        let flags = ifa.ifa_flags as i32;
+        out.push(Interface { name, addr, up: flags & libc::IFF_UP != 0, loopback: flags & libc::IFF_LOOPBACK != 0 });
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
+unsafe fn sockaddr_ip(sa: *const libc::sockaddr) -> Option<IpAddr> {
+    if sa.is_null() {
+        return None;
+    }
+    // SAFETY (caller): sa points at a sockaddr_in or sockaddr_in6 as its family says.
+    unsafe {
+        match (*sa).sa_family as i32 {
+            libc::AF_INET => {
+                let sin = &*(sa as *const libc::sockaddr_in);
+                Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))))
+            }
+            libc::AF_INET6 => {
+                let sin6 = &*(sa as *const libc::sockaddr_in6);
+                Some(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Explicit address, else the named interface's IPv4 (or IPv6) address, else the first IPv4 address
+/// of an up, non-loopback, non-container interface, else loopback.
+pub fn pick_address(explicit: Option<IpAddr>, ifname: Option<&str>) -> Result<IpAddr> {
+    if let Some(ip) = explicit {
+        return Ok(ip);
+    }
+    let ifaces = list()?;
+    if let Some(name) = ifname {
+        let mut candidates: Vec<&Interface> = ifaces.iter().filter(|i| i.name == name).collect();
+        candidates.sort_by_key(|i| !i.addr.is_ipv4());
+        return candidates.first().map(|i| i.addr).ok_or_else(|| {
+            Error::not_found(format!("UCCL_TCPX_IFNAME={name}: no interface with an address by that name"))
+        });
+    }
+    let usable = |i: &&Interface| {
+        i.up && !i.loopback && i.addr.is_ipv4() && !i.name.starts_with("docker") && !i.name.starts_with("veth")
+    };
+    Ok(ifaces.iter().find(usable).map(|i| i.addr).unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_is_listed_and_named_lookup_works() {
+        let ifaces = list().unwrap();
+        let lo = ifaces.iter().find(|i| i.loopback && i.addr == IpAddr::V4(Ipv4Addr::LOCALHOST)).expect("lo");
+        assert_eq!(pick_address(None, Some(&lo.name)).unwrap(), lo.addr);
+    }
+
+    #[test]
+    fn explicit_wins_and_unknown_name_is_an_error() {
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(pick_address(Some(ip), Some("nope0")).unwrap(), ip);
+        let err = pick_address(None, Some("no-such-if9")).unwrap_err();
+        assert!(err.message().contains("no-such-if9"));
+        assert!(!pick_address(None, None).unwrap().is_unspecified());
+    }
+}

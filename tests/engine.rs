@@ -1,0 +1,219 @@
+//! End-to-end engine behaviour over loopback through the Rust API (the C ABI has its own tests).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use uccl_tcpx::engine::OneSided;
+use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
+
+fn config() -> Config {
+    Config { ip: Some("127.0.0.1".parse().unwrap()), num_channels: 3, chunk_size: 64 << 10, ..Config::default() }
+}
+
+struct Pair {
+    a: Engine,
+    b: Engine,
+    ab: Arc<Connection>,
+    ba: Arc<Connection>,
+}
+
+fn pair() -> Pair {
+    let a = Engine::new(config()).unwrap();
+    let b = Engine::new(config()).unwrap();
+    let port = b.address().port();
+    let ab = a.connect("127.0.0.1", "0", port).unwrap();
+    let ba = b.accept().unwrap();
+    Pair { a, b, ab, ba }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u32).wrapping_mul(131).wrapping_add(seed as u32) as u8).collect()
+}
+
+fn wait(conn: &Connection, id: u64) -> uccl_tcpx::Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(n) = conn.poll(id)? {
+            return Ok(n);
+        }
+        assert!(Instant::now() < deadline, "transfer {id} did not finish in time");
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
+#[test]
+fn send_recv_various_sizes_in_order() {
+    let p = pair();
+    let sizes = [1usize, 4095, 64 << 10, (1 << 20) + 7];
+    let srcs: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &n)| pattern(n, i as u8)).collect();
+    let mut dsts: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0u8; n + 16]).collect();
+    let mut recvs = Vec::new();
+    for d in dsts.iter_mut() {
+        let mr = p.b.register(d.as_mut_ptr() as usize, d.len()).unwrap();
+        recvs.push(p.ba.recv(mr, d.as_mut_ptr() as usize, d.len()).unwrap());
+    }
+    let mut sends = Vec::new();
+    for s in &srcs {
+        let mr = p.a.register(s.as_ptr() as usize, s.len()).unwrap();
+        sends.push(p.ab.send(&[(mr, s.as_ptr() as usize, s.len())]).unwrap());
+    }
+    for (i, id) in sends.into_iter().enumerate() {
+        assert_eq!(wait(&p.ab, id).unwrap(), sizes[i] as u64);
+    }
+    for (i, id) in recvs.into_iter().enumerate() {
+        assert_eq!(wait(&p.ba, id).unwrap(), sizes[i] as u64);
+        assert_eq!(&dsts[i][..sizes[i]], &srcs[i][..], "message {i}");
+        assert!(dsts[i][sizes[i]..].iter().all(|b| *b == 0), "bytes past the message untouched");
+    }
+}
+
+#[test]
+fn oversized_send_fails_both_sides_and_connection_survives() {
+    let p = pair();
+    let src = pattern(1000, 1);
+    let mut dst = vec![0u8; 100];
+    let smr = p.a.register(src.as_ptr() as usize, src.len()).unwrap();
+    let dmr = p.b.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();
+    let r = p.ba.recv(dmr, dst.as_mut_ptr() as usize, dst.len()).unwrap();
+    let s = p.ab.send(&[(smr, src.as_ptr() as usize, src.len())]).unwrap();
+    assert_eq!(wait(&p.ab, s).unwrap_err().status(), UcclStatus::ErrMismatch);
+    assert_eq!(wait(&p.ba, r).unwrap_err().status(), UcclStatus::ErrMismatch);
+    assert!(dst.iter().all(|b| *b == 0));
+    let r = p.ba.recv(dmr, dst.as_mut_ptr() as usize, dst.len()).unwrap();
+    let s = p.ab.send(&[(smr, src.as_ptr() as usize, 100)]).unwrap();
+    assert_eq!(wait(&p.ab, s).unwrap(), 100);
+    assert_eq!(wait(&p.ba, r).unwrap(), 100);
+    assert_eq!(&dst[..], &src[..100]);
+}
+
+#[test]
+fn one_sided_write_read_and_refusals() {
+    let p = pair();
+    let mut target = vec![0xEEu8; 3 << 20];
+    let tmr = p.b.register(target.as_mut_ptr() as usize, target.len()).unwrap();
+    let base = target.as_mut_ptr() as usize;
+    // Advertise the middle only: [base + 4096, base + 4096 + 2 MiB).
+    let fifo = p.b.prepare_fifo(tmr, base + 4096, 2 << 20).unwrap();
+    let src = pattern((2 << 20) - 10, 9);
+    let smr = p.a.register(src.as_ptr() as usize, src.len()).unwrap();
+    let mut item = fifo;
+    item.addr += 10;
+    let w = p.ab.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len: src.len(), remote: item }]).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap(), src.len() as u64);
+    assert_eq!(&target[4096 + 10..4096 + 10 + src.len()], &src[..]);
+
+    let mut back = vec![0u8; src.len()];
+    let bmr = p.a.register(back.as_mut_ptr() as usize, back.len()).unwrap();
+    let r =
+        p.ab.read(&[OneSided { mr: bmr, addr: back.as_mut_ptr() as usize, len: back.len(), remote: item }]).unwrap();
+    assert_eq!(wait(&p.ab, r).unwrap(), back.len() as u64);
+    assert_eq!(back, src);
+
+    let before = target.clone();
+    for (addr, len) in [(base, 16usize), (base + 4096 + (2 << 20) - 8, 16)] {
+        let mut bad = fifo;
+        bad.addr = addr as u64;
+        let w = p.ab.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len, remote: bad }]).unwrap();
+        assert_eq!(wait(&p.ab, w).unwrap_err().status(), UcclStatus::ErrNotAllowed);
+        let r = p.ab.read(&[OneSided { mr: bmr, addr: back.as_mut_ptr() as usize, len, remote: bad }]).unwrap();
+        assert_eq!(wait(&p.ab, r).unwrap_err().status(), UcclStatus::ErrNotAllowed);
+    }
+    let mut forged = fifo;
+    forged.padding[9] ^= 0x40; // inside the token
+    let w = p.ab.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len: 8, remote: forged }]).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap_err().status(), UcclStatus::ErrNotAllowed);
+    assert!(target == before, "refused writes left target memory untouched");
+
+    // Still usable afterwards, with a vector write of two items.
+    let a = OneSided { mr: smr, addr: src.as_ptr() as usize, len: 100, remote: fifo };
+    let mut second = fifo;
+    second.addr += 1 << 20;
+    let b = OneSided { mr: smr, addr: src.as_ptr() as usize + 100, len: 5000, remote: second };
+    let w = p.ab.write(&[a, b]).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap(), 5100);
+    assert_eq!(&target[4096..4196], &src[..100]);
+    assert_eq!(&target[4096 + (1 << 20)..4096 + (1 << 20) + 5000], &src[100..5100]);
+}
+
+#[test]
+fn peer_close_fails_pending_and_later_posts() {
+    let p = pair();
+    let mut dst = vec![0u8; 64];
+    let dmr = p.b.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();
+    let r = p.ba.recv(dmr, dst.as_mut_ptr() as usize, dst.len()).unwrap();
+    p.a.close_connection(&p.ab);
+    let err = wait(&p.ba, r).unwrap_err();
+    assert_eq!(err.status(), UcclStatus::ErrRemoteDisconnect, "{err}");
+    let again = p.ba.recv(dmr, dst.as_mut_ptr() as usize, dst.len()).unwrap_err();
+    assert_eq!(again.status(), UcclStatus::ErrRemoteDisconnect);
+    assert_eq!(p.ab.notify(b"x", b"y").unwrap_err().status(), UcclStatus::ErrCanceled);
+}
+
+#[test]
+fn simultaneous_connects_both_ways_and_wrong_gpu_refused() {
+    let a = Arc::new(Engine::new(config()).unwrap());
+    let b = Arc::new(Engine::new(config()).unwrap());
+    let (pa, pb) = (a.address().port(), b.address().port());
+    let (a2, b2) = (a.clone(), b.clone());
+    let t1 = std::thread::spawn(move || a2.connect("127.0.0.1", "0", pb).unwrap());
+    let t2 = std::thread::spawn(move || b2.connect("127.0.0.1", "0", pa).unwrap());
+    let ab = t1.join().unwrap();
+    let ba = t2.join().unwrap();
+    let from_b = a.accept().unwrap();
+    let from_a = b.accept().unwrap();
+    assert_eq!(from_b.peer.gpu_index, 0);
+    for (tx, rx, eng_tx, eng_rx) in [(&ab, &from_a, &a, &b), (&ba, &from_b, &b, &a)] {
+        let src = pattern(70_000, 3);
+        let mut dst = vec![0u8; 70_000];
+        let smr = eng_tx.register(src.as_ptr() as usize, src.len()).unwrap();
+        let dmr = eng_rx.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();
+        let r = rx.recv(dmr, dst.as_mut_ptr() as usize, dst.len()).unwrap();
+        let s = tx.send(&[(smr, src.as_ptr() as usize, src.len())]).unwrap();
+        assert_eq!(wait(tx, s).unwrap(), 70_000);
+        assert_eq!(wait(rx, r).unwrap(), 70_000);
+        assert_eq!(dst, src);
+    }
+    let err = a.connect("127.0.0.1", "5", pb).unwrap_err();
+    assert_eq!(err.status(), UcclStatus::ErrNotFound, "{err}");
+    assert!(err.message().contains("GPU"), "{err}");
+}
+
+#[test]
+fn stop_accept_unblocks_and_shutdown_fails_pending() {
+    let e = Arc::new(Engine::new(config()).unwrap());
+    let e2 = e.clone();
+    let t = std::thread::spawn(move || e2.accept());
+    std::thread::sleep(Duration::from_millis(100));
+    let start = Instant::now();
+    e.stop_accept();
+    let err = t.join().unwrap().unwrap_err();
+    assert_eq!(err.status(), UcclStatus::ErrCanceled);
+    assert!(start.elapsed() < Duration::from_secs(1));
+
+    let p = pair();
+    let mut dst = vec![0u8; 64];
+    let dmr = p.b.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();
+    let r = p.ba.recv(dmr, dst.as_mut_ptr() as usize, dst.len()).unwrap();
+    p.b.shutdown();
+    assert_eq!(wait(&p.ba, r).unwrap_err().status(), UcclStatus::ErrCanceled);
+    drop(p.a);
+}
+
+#[test]
+fn notifications_arrive_in_order_truncated_to_256() {
+    let p = pair();
+    let long = pattern(1000, 5);
+    p.ab.notify(b"agent-a", &long).unwrap();
+    p.ab.notify(b"agent-a", b"second").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    while got.len() < 2 && Instant::now() < deadline {
+        got.extend(uccl_tcpx::engine::notify::drain(16).into_iter().filter(|n| n.name == b"agent-a"));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].msg, &long[..256]);
+    assert_eq!(got[1].msg, b"second");
+    assert!(p.ab.notify(&[b'n'; 256], b"").is_err(), "name too long");
+    drop(p.b);
+}
