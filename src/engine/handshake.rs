@@ -170,22 +170,22 @@ pub fn establish_channels(
                 moved = true;
             }
         }
-        if accepted.len() + recvs.iter().filter(|r| r.is_some()).count() < n {
-            if let Some(mut comm) = listen.accept()? {
-                let mut buf = Box::new([0u8; 16]);
-                // SAFETY: `buf` is boxed and kept with the comm until the receive is consumed.
-                let req = unsafe { comm.irecv(buf.as_mut_ptr(), buf.len(), MrHandle::NONE)? }
-                    .ok_or_else(|| Error::backend("a fresh comm has no free request slot"))?;
-                accepted.push(Pending { comm, buf, req });
-                moved = true;
-            }
+        if accepted.len() + recvs.iter().filter(|r| r.is_some()).count() < n
+            && let Some(mut comm) = listen.accept()?
+        {
+            let mut buf = Box::new([0u8; 16]);
+            // SAFETY: `buf` is boxed and kept with the comm until the receive is consumed.
+            let req = unsafe { comm.irecv(buf.as_mut_ptr(), buf.len(), MrHandle::NONE)? }
+                .ok_or_else(|| Error::backend("a fresh comm has no free request slot"))?;
+            accepted.push(Pending { comm, buf, req });
+            moved = true;
         }
         for (i, slot) in sends.iter_mut().enumerate() {
-            if let Some(p) = slot.as_mut().filter(|_| !sent[i]) {
-                if p.comm.test(p.req)?.is_some() {
-                    sent[i] = true;
-                    moved = true;
-                }
+            if let Some(p) = slot.as_mut().filter(|_| !sent[i])
+                && p.comm.test(p.req)?.is_some()
+            {
+                sent[i] = true;
+                moved = true;
             }
         }
         let mut i = 0;

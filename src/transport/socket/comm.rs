@@ -262,10 +262,14 @@ fn write_all_vectored(stream: &mut TcpStream, header: &[u8], payload: &[u8]) -> 
     let total = header.len() + payload.len();
     let mut written = 0;
     while written < total {
-        let n = if written < header.len() {
-            stream.write_vectored(&[IoSlice::new(&header[written..]), IoSlice::new(payload)])?
+        let n = match if written < header.len() {
+            stream.write_vectored(&[IoSlice::new(&header[written..]), IoSlice::new(payload)])
         } else {
-            stream.write(&payload[written - header.len()..])?
+            stream.write(&payload[written - header.len()..])
+        } {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
         };
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());

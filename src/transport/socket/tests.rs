@@ -1,1 +1,145 @@
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use super::*;
+use crate::error::UcclStatus;
+use crate::transport::{MemKind, MrHandle, RequestId};
+
+fn net() -> SocketNet {
+    SocketNet::new("127.0.0.1".parse().unwrap(), Duration::from_secs(5), Arc::new(|| {}))
+}
+
+fn pair(net: &SocketNet) -> (Box<dyn SendComm>, Box<dyn RecvComm>) {
+    let (mut handle, mut listen) = net.listen(0).unwrap();
+    let send = net.connect(0, &mut handle).unwrap().expect("socket connect completes at once");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(recv) = listen.accept().unwrap() {
+            return (send, recv);
+        }
+        assert!(Instant::now() < deadline, "accept timed out");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn until<T>(mut f: impl FnMut() -> crate::Result<Option<T>>) -> crate::Result<T> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = f()? {
+            return Ok(v);
+        }
+        assert!(Instant::now() < deadline, "request did not finish");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn handle_round_trip_and_rejects_garbage() {
+    let h = SocketHandle { addr: "127.0.0.1:4242".parse().unwrap(), nonce: 77 };
+    assert_eq!(SocketHandle::decode(&h.encode()).unwrap(), h);
+    let v6 = SocketHandle { addr: "[::1]:9".parse().unwrap(), nonce: 1 };
+    assert_eq!(SocketHandle::decode(&v6.encode()).unwrap(), v6);
+    let mut bad = h.encode();
+    bad[0] ^= 1;
+    assert!(SocketHandle::decode(&bad).is_err());
+    let mut family = h.encode();
+    family[4] = 9;
+    assert!(SocketHandle::decode(&family).is_err());
+    assert!(SocketHandle::decode(&[0u8; 128]).is_err());
+}
+
+#[test]
+fn messages_complete_in_order_with_sender_sizes() {
+    let net = net();
+    let (mut tx, mut rx) = pair(&net);
+    let msgs: Vec<Vec<u8>> = (0..20).map(|i| vec![i as u8; 1 + i * 1000]).collect();
+    let mut bufs: Vec<Vec<u8>> = (0..20).map(|_| vec![0u8; 32 << 10]).collect();
+    let mut rreqs = Vec::new();
+    let mut sreqs = Vec::new();
+    // 16 receives fit the window; the 17th must wait for a consume.
+    for b in bufs.iter_mut().take(16) {
+        rreqs.push(unsafe { rx.irecv(b.as_mut_ptr(), b.len(), MrHandle::NONE) }.unwrap().unwrap());
+    }
+    assert!(unsafe { rx.irecv(bufs[16].as_mut_ptr(), 1, MrHandle::NONE) }.unwrap().is_none(), "window of 16");
+    for m in msgs.iter().take(16) {
+        sreqs.push(unsafe { tx.isend(m.as_ptr(), m.len(), MrHandle::NONE) }.unwrap().unwrap());
+    }
+    for (i, r) in sreqs.into_iter().enumerate() {
+        assert_eq!(until(|| tx.test(r)).unwrap(), msgs[i].len());
+    }
+    for (i, r) in rreqs.into_iter().enumerate() {
+        assert_eq!(until(|| rx.test(r)).unwrap(), msgs[i].len(), "receive reports the sender's size");
+        assert_eq!(&bufs[i][..msgs[i].len()], &msgs[i][..]);
+        rx.irecv_consumed(r).unwrap();
+    }
+}
+
+#[test]
+fn test_and_consume_out_of_order_are_errors() {
+    let net = net();
+    let (mut tx, mut rx) = pair(&net);
+    let data = [1u8; 8];
+    let mut a = [0u8; 8];
+    let mut b = [0u8; 8];
+    let s0 = unsafe { tx.isend(data.as_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
+    let s1 = unsafe { tx.isend(data.as_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
+    assert!(tx.test(s1).is_err(), "only the oldest request may be tested");
+    let r0 = unsafe { rx.irecv(a.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
+    let r1 = unsafe { rx.irecv(b.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
+    assert!(rx.irecv_consumed(r0).is_err(), "consume before completion");
+    until(|| tx.test(s0)).unwrap();
+    until(|| tx.test(s1)).unwrap();
+    until(|| rx.test(r0)).unwrap();
+    until(|| rx.test(r1)).unwrap();
+    assert!(rx.irecv_consumed(r1).is_err(), "consume out of order");
+    rx.irecv_consumed(r0).unwrap();
+    rx.irecv_consumed(r1).unwrap();
+    assert!(tx.test(RequestId(99)).is_err());
+    assert_eq!(rx.reg_mr(0, 1, MemKind::Cuda { device: 0 }).unwrap_err().status(), UcclStatus::ErrNotSupported);
+    assert_eq!(tx.reg_mr(0x1000, 1, MemKind::Host).unwrap(), MrHandle::NONE);
+}
+
+#[test]
+fn oversized_message_fails_the_receive_without_overflow() {
+    let net = net();
+    let (mut tx, mut rx) = pair(&net);
+    let data = [7u8; 100];
+    let mut buf = vec![0u8; 150];
+    let r = unsafe { rx.irecv(buf.as_mut_ptr(), 50, MrHandle::NONE) }.unwrap().unwrap();
+    unsafe { tx.isend(data.as_ptr(), data.len(), MrHandle::NONE) }.unwrap().unwrap();
+    let err = until(|| rx.test(r)).unwrap_err();
+    assert!(err.message().contains("100-byte message into a 50-byte receive"), "{err}");
+    assert!(buf.iter().all(|b| *b == 0), "nothing was written");
+}
+
+#[test]
+fn peer_drop_surfaces_as_error_and_drop_unblocks_pending_receive() {
+    let net = net();
+    let (tx, mut rx) = pair(&net);
+    let mut buf = [0u8; 8];
+    let r = unsafe { rx.irecv(buf.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
+    drop(tx);
+    let err = until(|| rx.test(r)).unwrap_err();
+    assert_eq!(err.status(), UcclStatus::ErrRemoteDisconnect, "{err}");
+
+    let (_tx2, mut rx2) = pair(&net);
+    let r = unsafe { rx2.irecv(buf.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
+    assert!(rx2.test(r).unwrap().is_none());
+    let start = Instant::now();
+    drop(rx2);
+    assert!(start.elapsed() < Duration::from_secs(1), "dropping a comm with a blocked receive returns promptly");
+}
+
+#[test]
+fn stray_connection_without_nonce_is_ignored() {
+    let net = net();
+    let (handle, mut listen) = net.listen(0).unwrap();
+    let h = SocketHandle::decode(&handle).unwrap();
+    let mut stray = std::net::TcpStream::connect(h.addr).unwrap();
+    stray.write_all(&[0u8; 12]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        assert!(listen.accept().unwrap().is_none());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
