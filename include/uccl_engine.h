@@ -161,7 +161,8 @@ uccl_conn_t *uccl_engine_accept(uccl_engine_t *engine, char *ip_addr_buf, size_t
 void uccl_engine_stop_accept(uccl_engine_t *engine);
 
 /**
- * Points the item at `remote_addr` for `size` bytes (the peer still checks both against what it advertised).
+ * Points the item at `remote_addr` for `size` (> 0) bytes; the peer still checks the range against
+ * what it advertised.
  */
 int uccl_engine_update_fifo(struct FifoItem *fifo_item, uint64_t remote_addr, uint32_t size);
 

@@ -184,6 +184,9 @@ impl Connection {
     /// UCCL's start_listener: control messages are always served here; this only records the call so
     /// that a second call is reported like UCCL does.
     pub fn start_listener(&self) -> Result<()> {
+        if let Some(e) = &self.state.lock().failure {
+            return Err(e.clone());
+        }
         if self.listener_started.swap(true, Ordering::AcqRel) {
             return Err(Error::new(UcclStatus::ErrRepostActive, "the listener of this connection is already started"));
         }

@@ -3,13 +3,21 @@
 use std::ffi::{c_char, c_int};
 
 use super::{FIFO_SIZE, ffi_fn, non_null};
+use crate::error::Error;
 pub use crate::proto::FifoItem;
 
-/// Points the item at `remote_addr` for `size` bytes (the peer still checks both against what it advertised).
+/// Points the item at `remote_addr` for `size` (> 0) bytes; the peer still checks the range against
+/// what it advertised.
 #[unsafe(no_mangle)]
 pub extern "C" fn uccl_engine_update_fifo(fifo_item: *mut FifoItem, remote_addr: u64, size: u32) -> c_int {
     ffi_fn!("uccl_engine_update_fifo", {
         non_null!(fifo_item);
+        if size == 0 {
+            return Err(Error::invalid("size is 0"));
+        }
+        if remote_addr.checked_add(size as u64).is_none() {
+            return Err(Error::invalid(format!("remote range {remote_addr:#x} + {size} wraps around")));
+        }
         // SAFETY: checked non-NULL; the caller's FifoItem is writable.
         let item = unsafe { &mut *fifo_item };
         item.addr = remote_addr;

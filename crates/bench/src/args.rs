@@ -110,7 +110,9 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        for bad in ["--ops fly", "--sizes 0", "--sizes 4X", "--depth 0", "--iters", "--bogus", "--sizes 99999999999999999999G"] {
+        for bad in
+            ["--ops fly", "--sizes 0", "--sizes 4X", "--depth 0", "--iters", "--bogus", "--sizes 99999999999999999999G"]
+        {
             assert!(parse(bad).is_err(), "{bad}");
         }
     }

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Every test: Rust unit and integration tests, lints, the checked-in header against cbindgen, and
+# the C suite (shared and static) through the installed CMake package.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
+
+if command -v cbindgen >/dev/null 2>&1; then
+  fresh="$(mktemp)"
+  trap 'rm -f "$fresh"' EXIT
+  cbindgen --config cbindgen.toml --quiet --output "$fresh" .
+  if ! diff -u include/uccl_engine.h "$fresh"; then
+    echo "include/uccl_engine.h is stale: run cbindgen --config cbindgen.toml --output include/uccl_engine.h" >&2
+    exit 1
+  fi
+else
+  echo "cbindgen not installed: header freshness not checked (.ci/run installs it)" >&2
+fi
+
+scripts/c_tests.sh
