@@ -29,6 +29,9 @@ pub struct Config {
     pub ifname: Option<String>,
     /// Bound on connection setup (TCP connect, handshake, channel establishment). `UCCL_TCPX_CONNECT_TIMEOUT_MS`.
     pub connect_timeout: Duration,
+    /// A connection with work outstanding that hears nothing from its peer for this long fails with
+    /// TIMEOUT (a stalled or vanished peer); also the sockets' TCP_USER_TIMEOUT. `UCCL_TCPX_TIMEOUT_MS`.
+    pub timeout: Duration,
 }
 
 impl Default for Config {
@@ -41,6 +44,7 @@ impl Default for Config {
             ip: None,
             ifname: None,
             connect_timeout: Duration::from_secs(10),
+            timeout: Duration::from_secs(30),
         }
     }
 }
@@ -68,6 +72,13 @@ impl Config {
                 d.connect_timeout.as_millis() as u64,
                 1,
                 3_600_000,
+            )?),
+            timeout: Duration::from_millis(parse_in(
+                &get,
+                "UCCL_TCPX_TIMEOUT_MS",
+                d.timeout.as_millis() as u64,
+                100,
+                86_400_000,
             )?),
         })
     }
@@ -130,6 +141,7 @@ mod tests {
             ("UCCL_TCPX_IP", "127.0.0.1"),
             ("UCCL_TCPX_IFNAME", "lo"),
             ("UCCL_TCPX_CONNECT_TIMEOUT_MS", "250"),
+            ("UCCL_TCPX_TIMEOUT_MS", "1500"),
         ])
         .unwrap();
         assert_eq!(c.num_channels, 4);
@@ -139,6 +151,7 @@ mod tests {
         assert_eq!(c.ip, Some("127.0.0.1".parse().unwrap()));
         assert_eq!(c.ifname.as_deref(), Some("lo"));
         assert_eq!(c.connect_timeout, Duration::from_millis(250));
+        assert_eq!(c.timeout, Duration::from_millis(1500));
         assert_eq!(cfg(&[("UCCL_TCPX_CHUNK_SIZE", "4M")]).unwrap().chunk_size, 4 << 20);
     }
 
@@ -155,6 +168,7 @@ mod tests {
             ("UCCL_TCPX_PORT", "70000"),
             ("UCCL_TCPX_IP", "not-an-ip"),
             ("UCCL_TCPX_CONNECT_TIMEOUT_MS", "0"),
+            ("UCCL_TCPX_TIMEOUT_MS", "99"),
         ] {
             let err = cfg(&[(k, v)]).unwrap_err();
             assert_eq!(err.status(), crate::error::UcclStatus::ErrInvalidParam);

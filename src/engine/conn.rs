@@ -8,7 +8,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -81,6 +81,8 @@ struct Source {
 struct Outbound {
     src: Source,
     transfer: Arc<Transfer>,
+    /// The peer's engine answers at once (a write); a send waits for the peer's user to post a receive.
+    prompt: bool,
 }
 
 struct Inbound {
@@ -116,6 +118,8 @@ struct ConnState {
     flows: HashMap<u64, Flow>,
     failure: Option<Error>,
     finished_chunks: Vec<Chunk>,
+    /// Last time the peer showed life: a control message or a finished chunk.
+    last_heard: Instant,
 }
 
 pub struct Connection {
@@ -163,6 +167,7 @@ impl Connection {
                 flows: HashMap::new(),
                 failure: None,
                 finished_chunks: Vec::new(),
+                last_heard: Instant::now(),
             }),
             closed: AtomicBool::new(false),
             listener_started: AtomicBool::new(false),
@@ -222,7 +227,7 @@ impl Connection {
                 let (addr, len, token) = (op.remote.addr, op.len as u64, cap.token);
                 let msg = if write {
                     let src = Source { addr: op.addr, len, region };
-                    st.awaiting_grant.insert(id, Outbound { src, transfer: transfer.clone() });
+                    st.awaiting_grant.insert(id, Outbound { src, transfer: transfer.clone(), prompt: true });
                     Control::WriteRequest { xfer: id, region: cap.region, token, addr, len }
                 } else {
                     let on_done = OnDone::Part(transfer.clone());
@@ -245,7 +250,7 @@ impl Connection {
             for (&(_, addr, len), region) in msgs.iter().zip(regions) {
                 let id = st.take_id();
                 let src = Source { addr, len: len as u64, region };
-                st.awaiting_grant.insert(id, Outbound { src, transfer: transfer.clone() });
+                st.awaiting_grant.insert(id, Outbound { src, transfer: transfer.clone(), prompt: false });
                 self.writer.send(&Control::SendAnnounce { xfer: id, len: len as u64 })?;
             }
             Ok(())
@@ -268,6 +273,10 @@ impl Connection {
         }
         let transfer = self.core.transfers.create(self.id, parts);
         let mut st = self.state.lock();
+        if !st.waits_on_peer() {
+            // The peer owed us nothing until now, so its silence so far is not a stall.
+            st.last_heard = Instant::now();
+        }
         let posted = match &st.failure {
             Some(e) => Err(e.clone()),
             None => post(&mut st, &transfer),
@@ -358,6 +367,14 @@ impl Connection {
             }
         }
         st.finished_chunks = finished;
+        if moved {
+            st.last_heard = Instant::now();
+        } else if result.is_ok() && st.waits_on_peer() && st.last_heard.elapsed() > self.core.config.timeout {
+            result = Err(Error::timeout(format!(
+                "the peer showed no progress for {} ms while transfers were pending (UCCL_TCPX_TIMEOUT_MS)",
+                self.core.config.timeout.as_millis()
+            )));
+        }
         if let Err(e) = result {
             self.fail(&mut st, e);
             return true;
@@ -566,6 +583,14 @@ impl Drop for Connection {
 }
 
 impl ConnState {
+    /// Whether something pending needs the peer's engine (not its user) to act soon.
+    fn waits_on_peer(&self) -> bool {
+        !self.flows.is_empty()
+            || !self.awaiting_done.is_empty()
+            || !self.inbound.is_empty()
+            || self.awaiting_grant.values().any(|o| o.prompt)
+    }
+
     fn take_id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
@@ -583,6 +608,7 @@ fn read_control(stream: TcpStream, conn: std::sync::Weak<Connection>) {
         let msg = read_frame(&mut reader, &mut body);
         let Some(conn) = conn.upgrade() else { return };
         let mut st = conn.state.lock();
+        st.last_heard = Instant::now();
         let outcome = msg.and_then(|m| conn.handle(&mut st, m));
         if let Err(e) = outcome {
             if !conn.is_closed() {

@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -88,7 +88,8 @@ impl Engine {
         let port = listener.local_addr().map_err(|e| Error::io("listener address", e))?.port();
         let waker = Arc::new(Waker::default());
         let wake_from_io = waker.clone();
-        let net = Arc::new(SocketNet::new(ip, config.connect_timeout, Arc::new(move || wake_from_io.wake())));
+        let wake: crate::transport::socket::Wake = Arc::new(move || wake_from_io.wake());
+        let net = Arc::new(SocketNet::new(ip, config.connect_timeout, config.timeout, wake));
         let core = Arc::new(EngineCore {
             config,
             net,
@@ -147,7 +148,7 @@ impl Engine {
         let mut stream = TcpStream::connect_timeout(&addr, core.config.connect_timeout)
             .map_err(|e| Error::io("TCP connect", e))
             .map_err(ctx)?;
-        prepare_control(&stream, deadline).map_err(ctx)?;
+        prepare_control(&stream, deadline, core.config.timeout).map_err(ctx)?;
         let (own_handle, mut listen) = core.net.listen(0).map_err(ctx)?;
         let agreed = handshake::hello(&mut stream, &core.local(), remote_gpu, own_handle).map_err(ctx)?;
         let channels = handshake::establish_channels(&core.local(), &mut *listen, &agreed, deadline).map_err(ctx)?;
@@ -238,8 +239,8 @@ impl Drop for Engine {
 }
 
 /// Bounds the handshake: a peer that connects and goes silent cannot hold a thread forever.
-fn prepare_control(stream: &TcpStream, deadline: Instant) -> Result<()> {
-    crate::transport::socket::tune_stream(stream)?;
+fn prepare_control(stream: &TcpStream, deadline: Instant, io_timeout: std::time::Duration) -> Result<()> {
+    crate::transport::socket::tune_stream(stream, io_timeout)?;
     let left = deadline.saturating_duration_since(Instant::now()).max(std::time::Duration::from_millis(1));
     stream.set_read_timeout(Some(left)).map_err(|e| Error::io("control stream", e))?;
     stream.set_write_timeout(Some(left)).map_err(|e| Error::io("control stream", e))
@@ -253,6 +254,7 @@ fn accept_loop(
     shutdown: Arc<AtomicBool>,
 ) {
     let mut pfd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let handshakes = Arc::new(AtomicUsize::new(0));
     while !shutdown.load(Ordering::Acquire) {
         // SAFETY: one pollfd for a descriptor the listener keeps open for the whole loop.
         let ready = unsafe { libc::poll(&mut pfd, 1, 100) };
@@ -266,28 +268,51 @@ fn accept_loop(
                 continue;
             }
         };
+        if handshakes.load(Ordering::Acquire) >= MAX_PENDING_HANDSHAKES {
+            log::warn!("refusing {peer}: {MAX_PENDING_HANDSHAKES} handshakes already in progress");
+            continue;
+        }
+        handshakes.fetch_add(1, Ordering::AcqRel);
+        let in_progress = handshakes.clone();
         let (core, conns, accepted, shutdown) = (core.clone(), conns.clone(), accepted.clone(), shutdown.clone());
-        let spawned = std::thread::Builder::new().name("uccl-handshake".into()).spawn(move || {
-            match serve_handshake(&core, stream, peer) {
-                Ok(conn) if !shutdown.load(Ordering::Acquire) => {
-                    conns.add(conn.clone());
-                    core.waker.wake();
-                    accepted.ready.lock().push_back(conn);
-                    accepted.changed.notify_all();
+        let spawned =
+            std::thread::Builder::new().name("uccl-handshake".into()).stack_size(HANDSHAKE_STACK).spawn(move || {
+                let _done = DecrementOnDrop(in_progress);
+                match serve_handshake(&core, stream, peer) {
+                    Ok(conn) if !shutdown.load(Ordering::Acquire) => {
+                        conns.add(conn.clone());
+                        core.waker.wake();
+                        accepted.ready.lock().push_back(conn);
+                        accepted.changed.notify_all();
+                    }
+                    Ok(conn) => conn.close(),
+                    Err(e) => log::warn!("handshake with {peer} failed: {e}"),
                 }
-                Ok(conn) => conn.close(),
-                Err(e) => log::warn!("handshake with {peer} failed: {e}"),
-            }
-        });
+            });
         if let Err(e) = spawned {
+            handshakes.fetch_sub(1, Ordering::AcqRel);
             log::error!("cannot spawn a handshake thread for {peer}: {e}");
         }
     }
 }
 
+/// Handshakes served at once; each is bounded by UCCL_TCPX_CONNECT_TIMEOUT_MS, so a flood of idle
+/// connections costs at most this many (small-stack) threads, and real peers still get through
+/// unless the flood exceeds it.
+const MAX_PENDING_HANDSHAKES: usize = 1024;
+const HANDSHAKE_STACK: usize = 256 << 10;
+
+struct DecrementOnDrop(Arc<AtomicUsize>);
+
+impl Drop for DecrementOnDrop {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 fn serve_handshake(core: &Arc<EngineCore>, mut stream: TcpStream, peer: SocketAddr) -> Result<Arc<Connection>> {
     let deadline = Instant::now() + core.config.connect_timeout;
-    prepare_control(&stream, deadline)?;
+    prepare_control(&stream, deadline, core.config.timeout)?;
     let (own_handle, mut listen) = core.net.listen(0)?;
     let agreed = handshake::welcome(&mut stream, &core.local(), own_handle)?;
     let channels = handshake::establish_channels(&core.local(), &mut *listen, &agreed, deadline)?;

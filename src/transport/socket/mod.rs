@@ -26,12 +26,14 @@ const STREAM_HELLO_MAGIC: u32 = 0x5353_5455;
 pub struct SocketNet {
     ip: IpAddr,
     connect_timeout: Duration,
+    /// Unacknowledged data older than this fails the stream (TCP_USER_TIMEOUT).
+    io_timeout: Duration,
     wake: Wake,
 }
 
 impl SocketNet {
-    pub fn new(ip: IpAddr, connect_timeout: Duration, wake: Wake) -> SocketNet {
-        SocketNet { ip, connect_timeout, wake }
+    pub fn new(ip: IpAddr, connect_timeout: Duration, io_timeout: Duration, wake: Wake) -> SocketNet {
+        SocketNet { ip, connect_timeout, io_timeout, wake }
     }
 }
 
@@ -88,14 +90,15 @@ fn stream_hello(nonce: u64) -> [u8; 12] {
     b
 }
 
-/// Settings shared by control and data streams: no Nagle delay on small frames, and keepalive so a
-/// vanished peer turns into an error instead of a hang.
-pub fn tune_stream(stream: &TcpStream) -> Result<()> {
+/// Settings shared by control and data streams: no Nagle delay on small frames; keepalive and a user
+/// timeout so that a vanished host (no RST ever arrives) turns into an error instead of a hang.
+pub fn tune_stream(stream: &TcpStream, io_timeout: Duration) -> Result<()> {
     let sock = SockRef::from(stream);
-    let ka =
-        TcpKeepalive::new().with_time(Duration::from_secs(10)).with_interval(Duration::from_secs(2)).with_retries(5);
+    let probe = (io_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(10));
+    let ka = TcpKeepalive::new().with_time(probe).with_interval(probe).with_retries(3);
     sock.set_tcp_nodelay(true)
         .and_then(|_| sock.set_tcp_keepalive(&ka))
+        .and_then(|_| sock.set_tcp_user_timeout(Some(io_timeout)))
         .map_err(|e| Error::io("configure TCP stream", e))
 }
 
@@ -142,8 +145,13 @@ impl Net for SocketNet {
         listener.set_nonblocking(true).map_err(|e| Error::io("channel listener", e))?;
         let port = listener.local_addr().map_err(|e| Error::io("channel listener", e))?.port();
         let handle = SocketHandle { addr: SocketAddr::new(self.ip, port), nonce: random_u64() };
-        let listen =
-            SocketListen { listener, nonce: handle.nonce, timeout: self.connect_timeout, wake: self.wake.clone() };
+        let listen = SocketListen {
+            listener,
+            nonce: handle.nonce,
+            timeout: self.connect_timeout,
+            io_timeout: self.io_timeout,
+            wake: self.wake.clone(),
+        };
         Ok((handle.encode(), Box::new(listen)))
     }
 
@@ -152,7 +160,7 @@ impl Net for SocketNet {
         let h = SocketHandle::decode(handle)?;
         let ctx = || format!("connect channel to {}", h.addr);
         let mut stream = TcpStream::connect_timeout(&h.addr, self.connect_timeout).map_err(|e| Error::io(ctx(), e))?;
-        tune_stream(&stream)?;
+        tune_stream(&stream, self.io_timeout)?;
         stream.write_all(&stream_hello(h.nonce)).map_err(|e| Error::io(ctx(), e))?;
         Ok(Some(Box::new(comm::SocketSendComm::new(stream, self.wake.clone())?)))
     }
@@ -162,6 +170,7 @@ struct SocketListen {
     listener: TcpListener,
     nonce: u64,
     timeout: Duration,
+    io_timeout: Duration,
     wake: Wake,
 }
 
@@ -182,7 +191,7 @@ impl ListenComm for SocketListen {
             return Ok(None);
         }
         stream.set_read_timeout(None).map_err(io)?;
-        tune_stream(&stream)?;
+        tune_stream(&stream, self.io_timeout)?;
         Ok(Some(Box::new(comm::SocketRecvComm::new(stream, self.wake.clone())?)))
     }
 }

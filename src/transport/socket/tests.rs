@@ -6,7 +6,7 @@ use crate::error::UcclStatus;
 use crate::transport::{MemKind, MrHandle, RequestId};
 
 fn net() -> SocketNet {
-    SocketNet::new("127.0.0.1".parse().unwrap(), Duration::from_secs(5), Arc::new(|| {}))
+    SocketNet::new("127.0.0.1".parse().unwrap(), Duration::from_secs(5), Duration::from_secs(30), Arc::new(|| {}))
 }
 
 fn pair(net: &SocketNet) -> (Box<dyn SendComm>, Box<dyn RecvComm>) {

@@ -1,0 +1,137 @@
+//! Faults of a peer process: stopped (SIGSTOP), killed (SIGKILL). The peer is this test binary run
+//! again in "peer" mode, so the faults hit a real, separate process.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use uccl_tcpx::engine::OneSided;
+use uccl_tcpx::proto::FifoItem;
+use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
+
+const PEER_ENV: &str = "UCCL_TCPX_FAULT_PEER";
+const REGION: usize = 64 << 20;
+
+fn config(timeout_ms: u64) -> Config {
+    Config { ip: Some("127.0.0.1".parse().unwrap()), timeout: Duration::from_millis(timeout_ms), ..Config::default() }
+}
+
+/// Peer mode: an engine with one advertised region; prints its port and FifoItem, then serves
+/// until killed.
+#[test]
+fn peer_process() {
+    if std::env::var_os(PEER_ENV).is_none() {
+        return;
+    }
+    let engine = Engine::new(config(60_000)).unwrap();
+    let buf = vec![0u8; REGION];
+    let mr = engine.register(buf.as_ptr() as usize, buf.len()).unwrap();
+    let item = engine.prepare_fifo(mr, buf.as_ptr() as usize, buf.len()).unwrap();
+    let hex: String = item.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    println!("PEER {} {hex}", engine.address().port());
+    let _conn = engine.accept().unwrap();
+    std::thread::sleep(Duration::from_secs(120));
+}
+
+struct Peer {
+    child: Child,
+    port: u16,
+    item: FifoItem,
+}
+
+impl Peer {
+    fn spawn() -> Peer {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "peer_process", "--nocapture", "--test-threads=1"])
+            .env(PEER_ENV, "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        // The harness may print "test peer_process ... " on the same line first.
+        let line = lines.find_map(|l| l.ok().and_then(|l| l.split_once("PEER ").map(|(_, rest)| rest.to_owned())));
+        let line = line.expect("peer announced itself");
+        let mut parts = line.split_whitespace();
+        let port = parts.next().unwrap().parse().unwrap();
+        let hex = parts.next().unwrap();
+        let mut bytes = [0u8; 64];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
+        }
+        Peer { child, port, item: FifoItem::from_bytes(&bytes) }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child process.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+fn wait(conn: &Connection, id: u64, limit: Duration) -> uccl_tcpx::Result<u64> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(n) = conn.poll(id)? {
+            return Ok(n);
+        }
+        assert!(Instant::now() < deadline, "transfer {id} still pending after {limit:?}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn connected(timeout_ms: u64) -> (Engine, Arc<Connection>, Peer, Vec<u8>, u64) {
+    let peer = Peer::spawn();
+    let engine = Engine::new(config(timeout_ms)).unwrap();
+    let conn = engine.connect("127.0.0.1", "0", peer.port).unwrap();
+    let src = vec![0x5Au8; REGION];
+    let mr = engine.register(src.as_ptr() as usize, src.len()).unwrap();
+    // A first write proves the path works before the fault.
+    let w = conn.write(&[OneSided { mr, addr: src.as_ptr() as usize, len: 4096, remote: peer.item }]).unwrap();
+    assert_eq!(wait(&conn, w, Duration::from_secs(10)).unwrap(), 4096);
+    (engine, conn, peer, src, mr)
+}
+
+#[test]
+fn stopped_peer_fails_pending_transfers_with_timeout() {
+    let (engine, conn, peer, src, mr) = connected(1500);
+    let other = Engine::new(config(1500)).unwrap();
+    let other_conn = engine.connect("127.0.0.1", "0", other.address().port()).unwrap();
+    let _accepted = other.accept().unwrap();
+    peer.signal(libc::SIGSTOP);
+    let start = Instant::now();
+    let w = conn.write(&[OneSided { mr, addr: src.as_ptr() as usize, len: REGION, remote: peer.item }]).unwrap();
+    let err = wait(&conn, w, Duration::from_secs(20)).unwrap_err();
+    assert_eq!(err.status(), UcclStatus::ErrTimeout, "{err}");
+    assert!(start.elapsed() < Duration::from_secs(10), "failed after {:?}", start.elapsed());
+    // Other connections of the engine are unaffected.
+    other_conn.notify(b"still", b"alive").unwrap();
+    peer.signal(libc::SIGCONT);
+}
+
+#[test]
+fn killed_peer_fails_pending_transfers_promptly() {
+    let (_engine, conn, peer, src, mr) = connected(30_000);
+    let w = conn.write(&[OneSided { mr, addr: src.as_ptr() as usize, len: REGION, remote: peer.item }]).unwrap();
+    peer.signal(libc::SIGKILL);
+    let start = Instant::now();
+    match wait(&conn, w, Duration::from_secs(10)) {
+        // The whole write may have landed before the kill.
+        Ok(n) => assert_eq!(n, REGION as u64),
+        Err(e) => assert_eq!(e.status(), UcclStatus::ErrRemoteDisconnect, "{e}"),
+    }
+    let later = conn.write(&[OneSided { mr, addr: src.as_ptr() as usize, len: 8, remote: peer.item }]);
+    let err = match later {
+        Err(e) => e,
+        Ok(id) => wait(&conn, id, Duration::from_secs(10)).unwrap_err(),
+    };
+    assert_eq!(err.status(), UcclStatus::ErrRemoteDisconnect, "{err}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+}
