@@ -40,6 +40,20 @@ fn one_sided_items(
     Ok((0..n).map(|i| OneSided { mr: mrs[i], addr: ptrs[i] as usize, len: sizes[i], remote: items[i] }).collect())
 }
 
+/// Shared tail of the four one-sided calls; argument errors surface in the same order for all.
+fn post_one_sided(
+    conn: *mut uccl_conn_t,
+    transfer_id: *mut u64,
+    write: bool,
+    ops: Result<Vec<OneSided>>,
+) -> Result<c_int> {
+    non_null!(transfer_id);
+    let ops = ops?;
+    let conn = conn_ref(conn)?;
+    let id = if write { conn.write(&ops)? } else { conn.read(&ops)? };
+    Ok(store_id(transfer_id, id))
+}
+
 fn iov_count(num_iovs: c_int) -> Result<usize> {
     if num_iovs <= 0 {
         return Err(Error::invalid(format!("num_iovs is {num_iovs}, must be positive")));
@@ -57,11 +71,8 @@ pub extern "C" fn uccl_engine_write(
     fifo_item: FifoItem,
     transfer_id: *mut u64,
 ) -> c_int {
-    ffi_fn!("uccl_engine_write", {
-        non_null!(transfer_id);
-        let op = OneSided { mr, addr: data as usize, len: size, remote: fifo_item };
-        Ok(store_id(transfer_id, conn_ref(conn)?.write(&[op])?))
-    })
+    let op = OneSided { mr, addr: data as usize, len: size, remote: fifo_item };
+    ffi_fn!("uccl_engine_write", { post_one_sided(conn, transfer_id, true, Ok(vec![op])) })
 }
 
 /// One-sided read of the remote range `fifo_item` describes into local `[data, data + size)`.
@@ -74,11 +85,8 @@ pub extern "C" fn uccl_engine_read(
     fifo_item: FifoItem,
     transfer_id: *mut u64,
 ) -> c_int {
-    ffi_fn!("uccl_engine_read", {
-        non_null!(transfer_id);
-        let op = OneSided { mr, addr: data as usize, len: size, remote: fifo_item };
-        Ok(store_id(transfer_id, conn_ref(conn)?.read(&[op])?))
-    })
+    let op = OneSided { mr, addr: data as usize, len: size, remote: fifo_item };
+    ffi_fn!("uccl_engine_read", { post_one_sided(conn, transfer_id, false, Ok(vec![op])) })
 }
 
 /// `num_iovs` one-sided writes under one transfer id; `dst_v[i]` are the local sources.
@@ -96,9 +104,7 @@ pub extern "C" fn uccl_engine_write_vector(
 ) -> c_int {
     let _ = ipc_bufs;
     ffi_fn!("uccl_engine_write_vector", {
-        non_null!(transfer_id);
-        let ops = one_sided_items(mr_ids, dst_v, size_v, fifo_items, num_iovs)?;
-        Ok(store_id(transfer_id, conn_ref(conn)?.write(&ops)?))
+        post_one_sided(conn, transfer_id, true, one_sided_items(mr_ids, dst_v, size_v, fifo_items, num_iovs))
     })
 }
 
@@ -116,9 +122,7 @@ pub extern "C" fn uccl_engine_read_vector(
 ) -> c_int {
     let _ = ipc_bufs;
     ffi_fn!("uccl_engine_read_vector", {
-        non_null!(transfer_id);
-        let ops = one_sided_items(mr_ids, dst_v, size_v, fifo_items, num_iovs)?;
-        Ok(store_id(transfer_id, conn_ref(conn)?.read(&ops)?))
+        post_one_sided(conn, transfer_id, false, one_sided_items(mr_ids, dst_v, size_v, fifo_items, num_iovs))
     })
 }
 
