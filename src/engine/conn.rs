@@ -213,6 +213,12 @@ impl Connection {
             let ctx = |e: Error| e.context(format!("{verb} item {i}"));
             let region = self.core.regions.local(op.mr, op.addr, op.len).map_err(ctx)?;
             let cap = op.remote.capability().map_err(|e| ctx(Error::invalid(e.to_string())))?;
+            if op.remote.addr.checked_add(op.len as u64).is_none() {
+                return Err(ctx(Error::invalid(format!(
+                    "remote range {:#x} + {} bytes wraps around",
+                    op.remote.addr, op.len
+                ))));
+            }
             if op.len as u64 > op.remote.size as u64 {
                 return Err(ctx(Error::invalid(format!(
                     "{} bytes exceed the {} bytes the FifoItem grants",
@@ -443,11 +449,12 @@ impl Connection {
         let (chunk_size, nch, seq) = (st.chunk_size, st.channels.len(), st.out_seq);
         st.out_seq += 1;
         let remaining = channel::chunk_count(src.len, chunk_size) + extra;
-        self.writer.send(&Control::Data { flow: peer_flow, len: src.len })?;
         for (c, chunk) in channel::plan(flow, src.addr, src.len as usize, chunk_size, seq, nch) {
             st.channels[c].queue_send(chunk);
         }
+        // Recorded before the fallible send: a failing connection must still find (and fail) the part.
         st.flows.insert(flow, Flow { remaining, len: src.len, on_done, _region: src.region });
+        self.writer.send(&Control::Data { flow: peer_flow, len: src.len })?;
         self.core.waker.wake();
         Ok(flow)
     }
@@ -505,13 +512,14 @@ impl Connection {
                 Ok(())
             }
             Control::Data { flow, len } => {
-                let dst = st.inbound.remove(&flow).ok_or_else(|| unknown_op("Data", flow))?;
-                if len != dst.len {
+                let granted = st.inbound.get(&flow).ok_or_else(|| unknown_op("Data", flow))?.len;
+                if len != granted {
+                    // Left in `inbound`, so failing the connection fails the part too.
                     return Err(Error::backend(format!(
-                        "protocol violation: Data for flow {flow} carries {len} bytes, {} were granted",
-                        dst.len
+                        "protocol violation: Data for flow {flow} carries {len} bytes, {granted} were granted"
                     )));
                 }
+                let dst = st.inbound.remove(&flow).expect("checked above");
                 let (chunk_size, nch, seq) = (st.chunk_size, st.channels.len(), st.in_seq);
                 st.in_seq += 1;
                 for (c, chunk) in channel::plan(flow, dst.addr, len as usize, chunk_size, seq, nch) {
@@ -608,6 +616,10 @@ fn read_control(stream: TcpStream, conn: std::sync::Weak<Connection>) {
         let msg = read_frame(&mut reader, &mut body);
         let Some(conn) = conn.upgrade() else { return };
         let mut st = conn.state.lock();
+        if st.failure.is_some() {
+            // The channels are gone; nothing the peer says can be acted on any more.
+            return;
+        }
         st.last_heard = Instant::now();
         let outcome = msg.and_then(|m| conn.handle(&mut st, m));
         if let Err(e) = outcome {

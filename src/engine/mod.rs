@@ -268,6 +268,10 @@ fn accept_loop(
                 continue;
             }
         };
+        if accepted.stopped.load(Ordering::Acquire) {
+            log::info!("refusing {peer}: accepting was stopped");
+            continue;
+        }
         if handshakes.load(Ordering::Acquire) >= MAX_PENDING_HANDSHAKES {
             log::warn!("refusing {peer}: {MAX_PENDING_HANDSHAKES} handshakes already in progress");
             continue;
@@ -279,7 +283,7 @@ fn accept_loop(
             std::thread::Builder::new().name("uccl-handshake".into()).stack_size(HANDSHAKE_STACK).spawn(move || {
                 let _done = DecrementOnDrop(in_progress);
                 match serve_handshake(&core, stream, peer) {
-                    Ok(conn) if !shutdown.load(Ordering::Acquire) => {
+                    Ok(conn) if !shutdown.load(Ordering::Acquire) && !accepted.stopped.load(Ordering::Acquire) => {
                         conns.add(conn.clone());
                         core.waker.wake();
                         accepted.ready.lock().push_back(conn);

@@ -151,6 +151,7 @@ impl Net for SocketNet {
             timeout: self.connect_timeout,
             io_timeout: self.io_timeout,
             wake: self.wake.clone(),
+            pending: Vec::new(),
         };
         Ok((handle.encode(), Box::new(listen)))
     }
@@ -172,27 +173,79 @@ struct SocketListen {
     timeout: Duration,
     io_timeout: Duration,
     wake: Wake,
+    /// Accepted streams whose 12-byte hello has not fully arrived; read without blocking so that a
+    /// silent stranger cannot hold up the real connections queued behind it.
+    pending: Vec<PendingStream>,
+}
+
+struct PendingStream {
+    stream: TcpStream,
+    peer: SocketAddr,
+    hello: [u8; 12],
+    got: usize,
+    since: std::time::Instant,
+}
+
+/// Streams waiting for their hello at once; more are refused until some finish or time out.
+const MAX_PENDING_STREAMS: usize = 256;
+
+impl SocketListen {
+    fn take_new_streams(&mut self) -> Result<()> {
+        while self.pending.len() < MAX_PENDING_STREAMS {
+            let (stream, peer) = match self.listener.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(Error::io("accept channel", e)),
+            };
+            stream.set_nonblocking(true).map_err(|e| Error::io(format!("accept channel from {peer}"), e))?;
+            self.pending.push(PendingStream { stream, peer, hello: [0; 12], got: 0, since: std::time::Instant::now() });
+        }
+        Ok(())
+    }
+
+    /// Reads what has arrived of a pending hello: Some(true) complete and valid, Some(false) to drop.
+    fn poll_hello(p: &mut PendingStream, expected: &[u8; 12], timeout: Duration) -> Option<bool> {
+        loop {
+            match p.stream.read(&mut p.hello[p.got..]) {
+                Ok(0) => return Some(false),
+                Ok(n) => {
+                    p.got += n;
+                    if p.got == p.hello.len() {
+                        return Some(&p.hello == expected);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return (p.since.elapsed() > timeout).then_some(false);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return Some(false),
+            }
+        }
+    }
 }
 
 impl ListenComm for SocketListen {
     fn accept(&mut self) -> Result<Option<Box<dyn RecvComm>>> {
-        let (mut stream, peer) = match self.listener.accept() {
-            Ok(s) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
-            Err(e) => return Err(Error::io("accept channel", e)),
-        };
-        let io = |e| Error::io(format!("accept channel from {peer}"), e);
-        stream.set_nonblocking(false).map_err(io)?;
-        stream.set_read_timeout(Some(self.timeout)).map_err(io)?;
-        let mut hello = [0u8; 12];
-        let read = stream.read_exact(&mut hello);
-        if read.is_err() || hello != stream_hello(self.nonce) {
-            log::warn!("ignoring a connection from {peer} that does not carry this listener's nonce");
-            return Ok(None);
+        self.take_new_streams()?;
+        let expected = stream_hello(self.nonce);
+        let mut i = 0;
+        while i < self.pending.len() {
+            match Self::poll_hello(&mut self.pending[i], &expected, self.timeout) {
+                None => i += 1,
+                Some(false) => {
+                    let p = self.pending.swap_remove(i);
+                    log::warn!("ignoring a connection from {} that does not carry this listener's nonce", p.peer);
+                }
+                Some(true) => {
+                    let p = self.pending.swap_remove(i);
+                    let io = |e| Error::io(format!("accept channel from {}", p.peer), e);
+                    p.stream.set_nonblocking(false).map_err(io)?;
+                    tune_stream(&p.stream, self.io_timeout)?;
+                    return Ok(Some(Box::new(comm::SocketRecvComm::new(p.stream, self.wake.clone())?)));
+                }
+            }
         }
-        stream.set_read_timeout(None).map_err(io)?;
-        tune_stream(&stream, self.io_timeout)?;
-        Ok(Some(Box::new(comm::SocketRecvComm::new(stream, self.wake.clone())?)))
+        Ok(None)
     }
 }
 
