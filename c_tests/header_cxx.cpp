@@ -1,5 +1,6 @@
 // The generated header must be usable from C++17 as-is: this file fails to compile on C-only
-// constructs and fails to link if the declarations lack C linkage.
+// constructs and fails to link if the declarations lack C linkage. (In C++ the header also pulls
+// in uccl_tcpx/engine_cxx.hpp; the C functions called here are the extern "C" ones.)
 #include "uccl_engine.h"
 
 #include <cstdio>

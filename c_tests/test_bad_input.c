@@ -3,7 +3,7 @@
  *
  * Rows run one per fresh thread: last_error is per thread, so a fresh thread starts empty and a
  * non-empty message afterwards can only have come from the call under test. */
-#include "common.h"
+#include "harness.h"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -133,7 +133,7 @@ static bool b_unchanged(char *why, size_t why_len) {
   return false;
 }
 
-static void *addr_before(const void *p, size_t n) { return (void *)((uintptr_t)p - n); }
+static uint8_t *addr_before(const void *p, size_t n) { return (uint8_t *)((uintptr_t)p - n); }
 
 /* ---- create and environment ----------------------------------------------------------------- */
 

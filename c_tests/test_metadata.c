@@ -1,5 +1,5 @@
 /* Metadata format, connection bookkeeping, completion reporting and the small query calls. */
-#include "common.h"
+#include "harness.h"
 
 static bool is_decimal(const char *s) {
   if (!*s) return false;

@@ -1,6 +1,6 @@
 /* Notifications: exact binary payloads, truncation to MSG_SIZE, name_len honoured, ordering,
  * and draining one at a time. */
-#include "common.h"
+#include "harness.h"
 
 #define NUM_BURST 20
 

@@ -1,6 +1,6 @@
 /* Two-sided messaging: sizes across chunk boundaries, both posting orders, the blocking receive,
  * FIFO matching of concurrent messages, oversized sends, and send_vector. */
-#include "common.h"
+#include "harness.h"
 
 #define POISON 0xEE
 #define SLACK 64

@@ -1,6 +1,6 @@
 /* stop_accept must release a thread parked in accept promptly, and keep later accepts from
  * blocking, so a host can shut down without a connection ever arriving. */
-#include "common.h"
+#include "harness.h"
 
 typedef struct {
   uccl_engine_t *engine;

@@ -1,6 +1,6 @@
 /* Batched one-sided transfers: four iovs of different sizes, each from its own registration,
  * to different offsets of one advertised region, completing under a single transfer id. */
-#include "common.h"
+#include "harness.h"
 
 #define N 4
 #define POISON 0x3C

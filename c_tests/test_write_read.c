@@ -1,6 +1,6 @@
 /* One-sided write and read against a region B advertised with prepare_fifo, including the
  * capability checks that must keep B's memory intact when A oversteps or forges. */
-#include "common.h"
+#include "harness.h"
 
 #define MiB ((size_t)1024 * 1024)
 #define POISON 0xA5

@@ -296,3 +296,10 @@ bool uccl_engine_xfer_status(uccl_conn_t *conn, uint64_t transfer_id);
 #endif  // __cplusplus
 
 #endif  /* UCCL_TCPX_UCCL_ENGINE_H */
+
+/* C++ translation units also get the C++ forms of UCCL's uccl_engine.h (std::vector overloads,
+ * references, notify_msg_v_t, serialize_fifo_item, ...); define UCCL_TCPX_C_ONLY to get only the
+ * C declarations above. See uccl_tcpx/engine_cxx.hpp. */
+#if defined(__cplusplus) && !defined(UCCL_TCPX_C_ONLY)
+#include "uccl_tcpx/engine_cxx.hpp"
+#endif

@@ -1,7 +1,7 @@
-/* Shared helpers for the C API tests. Include this first: it selects the POSIX feature level
- * before any system header is seen. */
-#ifndef UCCL_TCPX_C_TESTS_COMMON_H
-#define UCCL_TCPX_C_TESTS_COMMON_H
+/* Shared helpers for the C API tests (also compiled as C++, and used by the C++ tests). Include
+ * this first: it selects the POSIX feature level before any system header is seen. */
+#ifndef UCCL_TCPX_C_TESTS_HARNESS_H
+#define UCCL_TCPX_C_TESTS_HARNESS_H
 
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE 1

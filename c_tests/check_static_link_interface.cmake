@@ -1,0 +1,31 @@
+# ctest: pins the system libraries libuccl_tcpx.a needs. WANT is the list this suite expects,
+# REPORTED what rustc printed at packaging time (UcclTcpx_NATIVE_STATIC_LIBS), IFACE the
+# INTERFACE_LINK_LIBRARIES of UcclTcpx::static, PC_FILE the pkg-config file (Libs.private).
+# Lists arrive comma-separated.
+string(REPLACE "," ";" want "${WANT}")
+string(REPLACE "," ";" reported "${REPORTED}")
+string(REPLACE "," ";" iface "${IFACE}")
+set(failures 0)
+if(NOT reported STREQUAL want)
+  message(SEND_ERROR "rustc reported native-static-libs \"${reported}\", the suite pins \"${want}\": "
+                     "review the change, then update UCCL_TCPX_EXPECTED_NATIVE_STATIC_LIBS")
+  math(EXPR failures "${failures} + 1")
+endif()
+if(NOT iface STREQUAL reported)
+  message(SEND_ERROR "UcclTcpx::static links \"${iface}\", not rustc's \"${reported}\"")
+  math(EXPR failures "${failures} + 1")
+endif()
+set(flags "")
+foreach(lib IN LISTS want)
+  string(APPEND flags " -l${lib}")
+endforeach()
+string(STRIP "${flags}" flags)
+file(STRINGS "${PC_FILE}" private REGEX "^Libs.private:")
+if(NOT private STREQUAL "Libs.private: ${flags}")
+  message(SEND_ERROR "${PC_FILE} has \"${private}\", want \"Libs.private: ${flags}\"")
+  math(EXPR failures "${failures} + 1")
+endif()
+if(failures GREATER 0)
+  message(FATAL_ERROR "${failures} check(s) failed")
+endif()
+message(STATUS "static link interface: ${reported}: PASSED")
