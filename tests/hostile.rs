@@ -1,0 +1,1005 @@
+//! Hostile peers against an engine's listening ports, driven with plain `std::net::TcpStream`s:
+//! garbage, foreign protocol versions, refused transports, silent and half-open connections,
+//! connection floods, and a scripted fake peer that completes the handshake and then breaks the
+//! control and data protocol. Every case must be refused or ignored without a crash, and a
+//! connection between two real engines must keep moving verified data throughout.
+//!
+//! The tests share one lock: they count the process's threads to prove that abandoned handshakes
+//! release theirs, which only works while no other test of this file creates engines.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use uccl_tcpx::engine::OneSided;
+use uccl_tcpx::proto::control::decode_frame;
+use uccl_tcpx::proto::{ChannelHello, Control, FrameHeader, Handshake, Hello, Refuse};
+use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
+
+/// Bound on connection setup for the engines under attack: abandoned handshakes end this quickly.
+const SETUP_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How long past `SETUP_TIMEOUT` an engine may take to drop a connection it gave up on.
+const SLACK: Duration = Duration::from_secs(4);
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn config() -> Config {
+    Config {
+        ip: Some(Ipv4Addr::LOCALHOST.into()),
+        num_channels: 2,
+        chunk_size: 64 << 10,
+        connect_timeout: SETUP_TIMEOUT,
+        ..Config::default()
+    }
+}
+
+fn threads() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("Threads:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Waits until the thread count is back to `baseline`, failing after `limit`.
+fn threads_settle(baseline: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let now = threads();
+        if now <= baseline {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{now} threads, {baseline} expected: abandoned handshakes leaked threads");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait(conn: &Connection, id: u64) -> uccl_tcpx::Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(n) = conn.poll(id)? {
+            return Ok(n);
+        }
+        assert!(Instant::now() < deadline, "transfer {id} still in progress after 30 s");
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+/// `Engine::accept` bounded by the setup timeout; on expiry accepting is stopped (which releases the
+/// blocked call) and the test fails.
+fn accept(engine: &Arc<Engine>) -> uccl_tcpx::Result<Arc<Connection>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let e = engine.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(e.accept());
+    });
+    match rx.recv_timeout(SETUP_TIMEOUT + SLACK) {
+        Ok(r) => r,
+        Err(_) => {
+            engine.stop_accept();
+            panic!("Engine::accept returned nothing within {:?}", SETUP_TIMEOUT + SLACK);
+        }
+    }
+}
+
+struct Pair {
+    a: Arc<Engine>,
+    b: Arc<Engine>,
+    ab: Arc<Connection>,
+    ba: Arc<Connection>,
+}
+
+fn pair() -> Pair {
+    // Errors only (unless UCCL_TCPX_LOG says otherwise): an engine-side failure shows up in the output.
+    uccl_tcpx::init_logging();
+    let a = Arc::new(Engine::new(config()).unwrap());
+    let b = Arc::new(Engine::new(config()).unwrap());
+    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+    let ba = accept(&b).unwrap();
+    Pair { a, b, ab, ba }
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    (0..len).map(|i| ((i as u64).wrapping_mul(0x9e37_79b9).wrapping_add(seed) >> 3) as u8).collect()
+}
+
+/// A write, a read and a send/receive between the two real engines, each checked by content.
+fn assert_pair_works(p: &Pair, seed: u64) {
+    let len = 200_000;
+    let src = pattern(len, seed);
+    let mut target = vec![0u8; len];
+    let mut back = vec![0u8; len];
+    let smr = p.a.register(src.as_ptr() as usize, len).unwrap();
+    let bmr = p.a.register(back.as_mut_ptr() as usize, len).unwrap();
+    let tmr = p.b.register(target.as_mut_ptr() as usize, len).unwrap();
+    let item = p.b.prepare_fifo(tmr, target.as_mut_ptr() as usize, len).unwrap();
+    let w = p.ab.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len, remote: item }]).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap(), len as u64);
+    assert!(target == src, "write delivered the wrong bytes");
+    let r = p.ab.read(&[OneSided { mr: bmr, addr: back.as_mut_ptr() as usize, len, remote: item }]).unwrap();
+    assert_eq!(wait(&p.ab, r).unwrap(), len as u64);
+    assert!(back == src, "read returned the wrong bytes");
+    target.fill(0);
+    let rid = p.ba.recv(tmr, target.as_mut_ptr() as usize, len).unwrap();
+    let sid = p.ab.send(&[(smr, src.as_ptr() as usize, len)]).unwrap();
+    assert_eq!(wait(&p.ab, sid).unwrap(), len as u64);
+    assert_eq!(wait(&p.ba, rid).unwrap(), len as u64);
+    assert!(target == src, "send delivered the wrong bytes");
+    for (e, mr) in [(&p.a, smr), (&p.a, bmr), (&p.b, tmr)] {
+        e.deregister(mr).unwrap();
+    }
+}
+
+/// A new engine can still complete a handshake with `target` (its accept loop is alive).
+fn assert_accepts_new_peers(target: &Arc<Engine>) {
+    let probe = Engine::new(config()).unwrap();
+    let conn = probe.connect("127.0.0.1", "0", target.address().port()).unwrap();
+    let accepted = accept(target).unwrap();
+    probe.close_connection(&conn);
+    target.close_connection(&accepted);
+}
+
+/// What came back on a raw control connection before the engine closed it (or `limit` passed).
+struct Reply {
+    bytes: Vec<u8>,
+    closed: bool,
+    elapsed: Duration,
+}
+
+fn read_reply(stream: &mut TcpStream, limit: Duration) -> Reply {
+    let start = Instant::now();
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = limit.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return Reply { bytes, closed: false, elapsed: start.elapsed() };
+        }
+        stream.set_read_timeout(Some(left.min(Duration::from_millis(100)))).unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => return Reply { bytes, closed: true, elapsed: start.elapsed() },
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+            Err(_) => return Reply { bytes, closed: true, elapsed: start.elapsed() },
+        }
+    }
+}
+
+/// Decodes the handshake frames in `bytes` (an engine answers at most one).
+fn handshakes_in(bytes: &[u8]) -> Vec<Handshake> {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while let Some((head, body)) = rest.split_first_chunk::<8>() {
+        let h = FrameHeader::parse(head).expect("the engine sent a malformed frame header");
+        let len = h.body_len as usize;
+        out.push(Handshake::decode(&h, &body[..len]).expect("the engine sent a malformed handshake"));
+        rest = &body[len..];
+    }
+    out
+}
+
+fn encode(msg: &Handshake) -> Vec<u8> {
+    let mut out = Vec::new();
+    msg.encode(&mut out);
+    out
+}
+
+fn hello() -> Hello {
+    Hello {
+        version: 1,
+        capabilities: 0,
+        nonce: 0x1234_5678_9abc_def0,
+        num_channels: 1,
+        chunk_size: 64 << 10,
+        gpu_index: 0,
+        gpu_id: "0".into(),
+        requested_gpu: "0".into(),
+        transport: "socket".into(),
+        net_handle: [0u8; 128],
+    }
+}
+
+/// Sends `bytes` on a fresh control connection and returns what the engine answered before closing.
+/// Write errors are expected: the engine may close before it has read everything.
+fn probe(target: SocketAddr, bytes: &[u8]) -> Reply {
+    let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(bytes);
+    read_reply(&mut s, SETUP_TIMEOUT + SLACK)
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+}
+
+#[test]
+fn garbage_on_the_control_port_is_dropped() {
+    let _serial = serial();
+    let p = pair();
+    let target = p.b.address();
+    let baseline = threads();
+    let mut rng = Rng(0xbad_5eed);
+    let mut cases: Vec<(String, Vec<u8>)> = vec![
+        ("http request".into(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+        ("tls client hello".into(), [0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03].to_vec()),
+        ("zeros".into(), vec![0; 64]),
+        ("one byte".into(), vec![0x43]),
+        ("1 MiB of noise".into(), rng.bytes(1 << 20)),
+        ("control frame instead of Hello".into(), {
+            let mut f = Vec::new();
+            Control::Close.encode(&mut f);
+            f
+        }),
+        ("Welcome instead of Hello".into(), {
+            let h = hello();
+            encode(&Handshake::Welcome(uccl_tcpx::proto::Welcome {
+                version: 1,
+                capabilities: 0,
+                num_channels: 1,
+                chunk_size: 4096,
+                gpu_index: 0,
+                gpu_id: h.gpu_id,
+                transport: h.transport,
+                net_handle: h.net_handle,
+            }))
+        }),
+        ("Refuse instead of Hello".into(), encode(&Handshake::Refuse(Refuse { status: -3, reason: "no".into() }))),
+        (
+            "Hello header with an oversized body length".into(),
+            FrameHeader { kind: 1, body_len: 4097 }.to_bytes().to_vec(),
+        ),
+        ("Hello header, body never sent".into(), FrameHeader { kind: 1, body_len: 300 }.to_bytes().to_vec()),
+        ("truncated Hello".into(), {
+            let f = encode(&Handshake::Hello(hello()));
+            f[..f.len() / 2].to_vec()
+        }),
+        ("Hello with trailing bytes in its body".into(), {
+            let mut f = encode(&Handshake::Hello(hello()));
+            f.push(0);
+            let len = u32::from_le_bytes(f[4..8].try_into().unwrap()) + 1;
+            f[4..8].copy_from_slice(&len.to_le_bytes());
+            f
+        }),
+        ("Hello asking for 0 channels".into(), encode(&Handshake::Hello(Hello { num_channels: 0, ..hello() }))),
+        ("Hello asking for 65 channels".into(), encode(&Handshake::Hello(Hello { num_channels: 65, ..hello() }))),
+        ("Hello with chunk size 0".into(), encode(&Handshake::Hello(Hello { chunk_size: 0, ..hello() }))),
+        ("Hello with invalid UTF-8 gpu id".into(), {
+            let mut f = encode(&Handshake::Hello(Hello { gpu_id: "ab".into(), ..hello() }));
+            // Header 8, then magic 4, version 2, caps 8, nonce 8, channels 2, chunk 4, gpu 4, len 2.
+            f[8 + 34] = 0xff;
+            f
+        }),
+        (
+            "Hello with a garbage channel handle".into(),
+            encode(&Handshake::Hello(Hello { net_handle: [0xa5; 128], ..hello() })),
+        ),
+    ];
+    for i in 0..40 {
+        let len = 1 + (rng.next() % 600) as usize;
+        let mut bytes = rng.bytes(len);
+        if i % 2 == 0 {
+            // Valid frame magic so the kind and length checks are reached.
+            bytes[..2.min(len)].copy_from_slice(&[0x43, 0x54][..2.min(len)]);
+        }
+        cases.push((format!("random {len} bytes #{i}"), bytes));
+    }
+    let total = cases.len();
+    // Probe all at once (the slow ones wait for the setup timeout); each answer is checked on its own.
+    for batch in cases.chunks(64) {
+        let handles: Vec<_> = batch
+            .iter()
+            .cloned()
+            .map(|(name, bytes)| std::thread::spawn(move || (name, probe(target, &bytes))))
+            .collect();
+        for h in handles {
+            let (name, reply) = h.join().unwrap();
+            assert!(reply.closed, "{name}: the engine kept the connection open for {:?}", reply.elapsed);
+            for msg in handshakes_in(&reply.bytes) {
+                // A garbage channel handle passes the handshake (the Welcome) and fails the channel setup.
+                let welcome_ok = name.contains("garbage channel handle") && matches!(msg, Handshake::Welcome(_));
+                assert!(matches!(msg, Handshake::Refuse(_)) || welcome_ok, "{name}: answered {msg:?}");
+            }
+        }
+    }
+    eprintln!("{total} garbage connections dropped");
+    assert_pair_works(&p, 1);
+    assert_accepts_new_peers(&p.b);
+    threads_settle(baseline, SLACK);
+}
+
+#[test]
+fn other_protocol_versions_are_dropped_without_a_welcome() {
+    let _serial = serial();
+    let p = pair();
+    for version in [0u16, 2, 0x100, u16::MAX] {
+        // A full Hello of another version, and only magic + version as a future peer might send.
+        let full = encode(&Handshake::Hello(Hello { version, ..hello() }));
+        let mut short = FrameHeader { kind: 1, body_len: 6 }.to_bytes().to_vec();
+        short.extend_from_slice(&full[8..12]);
+        short.extend_from_slice(&version.to_le_bytes());
+        for bytes in [full, short] {
+            let reply = probe(p.b.address(), &bytes);
+            assert!(reply.closed, "version {version}: connection left open");
+            assert!(
+                handshakes_in(&reply.bytes).iter().all(|m| !matches!(m, Handshake::Welcome(_))),
+                "version {version} was welcomed"
+            );
+        }
+    }
+    assert_pair_works(&p, 2);
+    assert_accepts_new_peers(&p.b);
+}
+
+#[test]
+fn unknown_transports_and_gpus_are_refused_with_a_reason() {
+    let _serial = serial();
+    let p = pair();
+    let cases = [
+        (Hello { transport: "tcpx".into(), ..hello() }, UcclStatus::ErrNotSupported, "tcpx"),
+        (Hello { transport: String::new(), ..hello() }, UcclStatus::ErrNotSupported, "transport"),
+        (Hello { transport: "SOCKET".into(), ..hello() }, UcclStatus::ErrNotSupported, "SOCKET"),
+        (Hello { transport: "s".repeat(32), ..hello() }, UcclStatus::ErrNotSupported, "transport"),
+        (Hello { requested_gpu: "7".into(), ..hello() }, UcclStatus::ErrNotFound, "GPU"),
+        (Hello { requested_gpu: "0000:ff:00.0".into(), ..hello() }, UcclStatus::ErrNotFound, "GPU"),
+    ];
+    for (h, status, needle) in cases {
+        let what = format!("transport {:?} gpu {:?}", h.transport, h.requested_gpu);
+        let reply = probe(p.b.address(), &encode(&Handshake::Hello(h)));
+        assert!(reply.closed, "{what}: connection left open");
+        match handshakes_in(&reply.bytes).as_slice() {
+            [Handshake::Refuse(r)] => {
+                assert_eq!(r.status, status as i32, "{what}: {r:?}");
+                assert!(r.reason.contains(needle), "{what}: reason {:?}", r.reason);
+            }
+            other => panic!("{what}: expected one Refuse, got {other:?}"),
+        }
+    }
+    assert_pair_works(&p, 3);
+}
+
+#[test]
+fn silent_and_stalled_connections_time_out_while_the_engine_keeps_serving() {
+    let _serial = serial();
+    let p = pair();
+    let baseline = threads();
+    let target = p.b.address();
+    let mut silent = TcpStream::connect(target).unwrap();
+    let mut half_header = TcpStream::connect(target).unwrap();
+    half_header.write_all(&[0x43, 0x54, 1]).unwrap();
+    let mut half_body = TcpStream::connect(target).unwrap();
+    let hello_frame = encode(&Handshake::Hello(hello()));
+    half_body.write_all(&hello_frame[..20]).unwrap();
+    let started = Instant::now();
+    // While those sit there, the real connection works and new peers are accepted.
+    assert_pair_works(&p, 4);
+    assert_accepts_new_peers(&p.b);
+    for (name, s) in [("silent", &mut silent), ("half header", &mut half_header), ("half body", &mut half_body)] {
+        let reply = read_reply(s, SETUP_TIMEOUT + SLACK);
+        assert!(reply.closed, "{name}: still open after {:?}", started.elapsed());
+        assert!(reply.bytes.is_empty(), "{name}: the engine answered {:?}", reply.bytes);
+        assert!(started.elapsed() >= SETUP_TIMEOUT - Duration::from_millis(100), "{name}: dropped before the timeout");
+    }
+    eprintln!("stalled handshakes dropped after {:?}", started.elapsed());
+    threads_settle(baseline, SLACK);
+    assert_pair_works(&p, 5);
+}
+
+#[test]
+fn two_hundred_connections_opened_and_dropped() {
+    let _serial = serial();
+    let p = pair();
+    let baseline = threads();
+    let target = p.b.address();
+    let start = Instant::now();
+    for i in 0..200 {
+        let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
+        match i % 4 {
+            0 => {}
+            1 => {
+                let _ = s.write_all(&[0x43]);
+            }
+            2 => {
+                let _ = s.write_all(&encode(&Handshake::Hello(hello()))[..30]);
+            }
+            _ => {
+                // Reset instead of FIN.
+                socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+            }
+        }
+        drop(s);
+    }
+    eprintln!("200 connections opened and dropped in {:?}", start.elapsed());
+    assert_pair_works(&p, 6);
+    assert_accepts_new_peers(&p.b);
+    threads_settle(baseline, SLACK);
+}
+
+#[test]
+fn two_hundred_silent_connections_held_at_once() {
+    let _serial = serial();
+    let p = pair();
+    let baseline = threads();
+    let target = p.b.address();
+    // Opened in batches that the accept loop drains before the next one: a single burst of 200 can
+    // overflow the listen backlog (std's 128), which is the kernel's business, not the engine's.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.extend((0..50).map(|_| TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap()));
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while threads() < baseline + held.len() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let peak = threads();
+    eprintln!("200 silent connections: {} threads (baseline {baseline})", peak);
+    // A real peer still gets through while every one of them holds a handshake thread.
+    assert_accepts_new_peers(&p.b);
+    assert_pair_works(&p, 7);
+    for mut s in held {
+        let reply = read_reply(&mut s, SETUP_TIMEOUT + SLACK);
+        assert!(reply.closed && reply.bytes.is_empty());
+    }
+    threads_settle(baseline, SLACK);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A scripted peer that completes the handshake itself, then misbehaves. It speaks the socket
+// transport's wire format, which is private to the crate: it mirrors `SocketHandle` and the stream
+// hello in src/transport/socket/mod.rs and the 8-byte length framing in src/transport/socket/comm.rs.
+
+const HANDLE_MAGIC: u32 = 0x4B53_5455;
+const STREAM_HELLO_MAGIC: u32 = 0x5353_5455;
+
+fn socket_handle(addr: SocketAddr, nonce: u64) -> [u8; 128] {
+    let SocketAddr::V4(v4) = addr else { panic!("IPv4 only") };
+    let mut h = [0u8; 128];
+    h[0..4].copy_from_slice(&HANDLE_MAGIC.to_le_bytes());
+    h[4] = 4;
+    h[6..8].copy_from_slice(&v4.port().to_le_bytes());
+    h[8..12].copy_from_slice(&v4.ip().octets());
+    h[24..32].copy_from_slice(&nonce.to_le_bytes());
+    h
+}
+
+fn parse_socket_handle(h: &[u8; 128]) -> (SocketAddr, u64) {
+    assert_eq!(u32::from_le_bytes(h[0..4].try_into().unwrap()), HANDLE_MAGIC);
+    assert_eq!(h[4], 4);
+    let port = u16::from_le_bytes([h[6], h[7]]);
+    let ip = Ipv4Addr::new(h[8], h[9], h[10], h[11]);
+    (SocketAddr::from((ip, port)), u64::from_le_bytes(h[24..32].try_into().unwrap()))
+}
+
+fn stream_hello(nonce: u64) -> Vec<u8> {
+    let mut b = STREAM_HELLO_MAGIC.to_le_bytes().to_vec();
+    b.extend_from_slice(&nonce.to_le_bytes());
+    b
+}
+
+fn message(payload: &[u8]) -> Vec<u8> {
+    let mut b = (payload.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(payload);
+    b
+}
+
+fn read_exact_within(s: &mut TcpStream, n: usize, limit: Duration) -> std::io::Result<Vec<u8>> {
+    s.set_read_timeout(Some(limit))?;
+    let mut buf = vec![0u8; n];
+    s.read_exact(&mut buf)?;
+    Ok(buf)
+}
+
+/// What the fake peer does on the engine's data port before opening its real channel.
+#[derive(Clone, Copy)]
+enum Stray {
+    None,
+    /// A connection that sends 12 wrong bytes.
+    Garbage,
+    /// A connection that sends nothing at all.
+    Silent,
+}
+
+struct FakePeer {
+    control: TcpStream,
+    /// Our send direction (fake -> engine), channel 0.
+    tx: TcpStream,
+    /// The engine's send direction (engine -> fake), channel 0.
+    rx: TcpStream,
+    inbox: Vec<u8>,
+    _stray: Option<TcpStream>,
+}
+
+impl FakePeer {
+    /// Runs the connector's side of the handshake with one channel against `target`.
+    fn connect(target: SocketAddr, stray: Stray) -> std::io::Result<FakePeer> {
+        let limit = SETUP_TIMEOUT + SLACK;
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let our_handle_nonce = 0x5eed_0000_0000_0001;
+        let session_nonce = 0x5eed_0000_0000_0002;
+        let mut control = TcpStream::connect(target)?;
+        let h = Hello {
+            nonce: session_nonce,
+            net_handle: socket_handle(listener.local_addr()?, our_handle_nonce),
+            ..hello()
+        };
+        control.write_all(&encode(&Handshake::Hello(h)))?;
+        let head: [u8; 8] = read_exact_within(&mut control, 8, limit)?.try_into().unwrap();
+        let header = FrameHeader::parse(&head).expect("engine header");
+        let body = read_exact_within(&mut control, header.body_len as usize, limit)?;
+        let Handshake::Welcome(w) = Handshake::decode(&header, &body).expect("engine handshake") else {
+            return Err(std::io::Error::other("not welcomed"));
+        };
+        assert_eq!((w.num_channels, w.chunk_size), (1, 64 << 10));
+        let (data_addr, their_handle_nonce) = parse_socket_handle(&w.net_handle);
+        let stray = match stray {
+            Stray::None => None,
+            Stray::Garbage => {
+                let mut s = TcpStream::connect(data_addr)?;
+                s.write_all(&[0xee; 12])?;
+                Some(s)
+            }
+            Stray::Silent => Some(TcpStream::connect(data_addr)?),
+        };
+        let mut tx = TcpStream::connect(data_addr)?;
+        tx.write_all(&stream_hello(their_handle_nonce))?;
+        tx.write_all(&message(&ChannelHello { channel: 0, nonce: session_nonce }.to_bytes()))?;
+        // The engine dials our handle for its send direction.
+        listener.set_nonblocking(true)?;
+        let deadline = Instant::now() + limit;
+        let mut rx = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        rx.set_nonblocking(false)?;
+        assert_eq!(read_exact_within(&mut rx, 12, limit)?, stream_hello(our_handle_nonce));
+        let ch = read_exact_within(&mut rx, 8 + 16, limit)?;
+        assert_eq!(u64::from_le_bytes(ch[..8].try_into().unwrap()), 16);
+        assert_eq!(ChannelHello::from_bytes(&ch[8..]).unwrap(), ChannelHello { channel: 0, nonce: session_nonce });
+        Ok(FakePeer { control, tx, rx, inbox: Vec::new(), _stray: stray })
+    }
+
+    fn send(&mut self, msg: &Control) {
+        let mut f = Vec::new();
+        msg.encode(&mut f);
+        self.control.write_all(&f).unwrap();
+    }
+
+    fn send_raw(&mut self, bytes: &[u8]) {
+        let _ = self.control.write_all(bytes);
+    }
+
+    /// The next control message from the engine, `None` once it closed the stream.
+    fn recv(&mut self) -> Option<Control> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match decode_frame(&self.inbox).expect("the engine sent a malformed control frame") {
+                Some((msg, used)) => {
+                    self.inbox.drain(..used);
+                    return Some(msg);
+                }
+                None => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    assert!(!left.is_zero(), "no control message from the engine within 10 s");
+                    self.control.set_read_timeout(Some(left)).unwrap();
+                    let mut buf = [0u8; 4096];
+                    match self.control.read(&mut buf) {
+                        Ok(0) => return None,
+                        Ok(n) => self.inbox.extend_from_slice(&buf[..n]),
+                        Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {}
+                        Err(_) => return None,
+                    }
+                }
+            }
+        }
+    }
+
+    /// The engine closed the control stream (after a Close or nothing) within the bound.
+    fn expect_closed(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            match self.recv() {
+                None => return,
+                Some(Control::Close) => {}
+                Some(other) => panic!("expected the engine to close, got {other:?}"),
+            }
+        }
+        panic!("the engine did not close the control stream");
+    }
+}
+
+/// The fake peer's own happy path: the engine accepts it and moves verified data both ways, so the
+/// failures provoked below come from the violations and not from a broken fake.
+#[test]
+fn fake_peer_happy_path_moves_data_both_ways() {
+    let _serial = serial();
+    let p = pair();
+    let mut fake = FakePeer::connect(p.b.address(), Stray::None).unwrap();
+    let conn = accept(&p.b).unwrap();
+    // fake -> engine: a two-sided send of 100 bytes.
+    let mut dst = vec![0u8; 300];
+    let dmr = p.b.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();
+    let rid = conn.recv(dmr, dst.as_mut_ptr() as usize, 200).unwrap();
+    fake.send(&Control::SendAnnounce { xfer: 1, len: 100 });
+    let Some(Control::Grant { xfer: 1, flow }) = fake.recv() else { panic!("no Grant") };
+    fake.send(&Control::Data { flow, len: 100 });
+    fake.tx.write_all(&message(&pattern(100, 9))).unwrap();
+    assert_eq!(fake.recv(), Some(Control::Done { xfer: 1, len: 100 }));
+    assert_eq!(wait(&conn, rid).unwrap(), 100);
+    assert_eq!(&dst[..100], &pattern(100, 9)[..]);
+    assert!(dst[100..].iter().all(|&b| b == 0));
+    // engine -> fake: a send of 50 bytes.
+    let src = pattern(50, 3);
+    let smr = p.b.register(src.as_ptr() as usize, src.len()).unwrap();
+    let sid = conn.send(&[(smr, src.as_ptr() as usize, 50)]).unwrap();
+    let Some(Control::SendAnnounce { xfer, len: 50 }) = fake.recv() else { panic!("no SendAnnounce") };
+    fake.send(&Control::Grant { xfer, flow: 77 });
+    assert_eq!(fake.recv(), Some(Control::Data { flow: 77, len: 50 }));
+    assert_eq!(read_exact_within(&mut fake.rx, 8 + 50, Duration::from_secs(10)).unwrap(), message(&src));
+    fake.send(&Control::Done { xfer, len: 50 });
+    assert_eq!(wait(&conn, sid).unwrap(), 50);
+    // A guessed one-sided request is denied, and the connection stays up.
+    let guess = dst.as_ptr() as u64;
+    fake.send(&Control::WriteRequest { xfer: 2, region: dmr, token: 0, addr: guess, len: 8 });
+    match fake.recv() {
+        Some(Control::Deny { xfer: 2, status, .. }) => assert_eq!(status, UcclStatus::ErrNotAllowed as i32),
+        other => panic!("expected a Deny, got {other:?}"),
+    }
+    fake.send(&Control::ReadRequest { xfer: 3, region: dmr, token: 1, addr: guess, len: 8 });
+    assert!(matches!(fake.recv(), Some(Control::Deny { xfer: 3, status: -6, .. })));
+    fake.send(&Control::Notify { name: b"fake-peer".to_vec(), msg: b"still here".to_vec() });
+    fake.send(&Control::Close);
+    fake.expect_closed();
+    assert_pair_works(&p, 8);
+}
+
+/// Protocol violations after the handshake: each fails that one connection (a pending receive
+/// reports an error, the control stream is closed), never the process or other connections.
+#[test]
+fn control_protocol_violations_fail_only_that_connection() {
+    let _serial = serial();
+    let p = pair();
+    let mut hello_frame = Vec::new();
+    Handshake::Hello(hello()).encode(&mut hello_frame);
+    let frame = |m: Control| {
+        let mut f = Vec::new();
+        m.encode(&mut f);
+        f
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage bytes", vec![0xde, 0xad, 0xbe, 0xef, 0, 1, 2, 3, 4, 5]),
+        ("unknown frame kind", FrameHeader { kind: 99, body_len: 0 }.to_bytes().to_vec()),
+        ("nonzero flags", {
+            let mut f = frame(Control::Close);
+            f[3] = 1;
+            f
+        }),
+        ("a second Hello", hello_frame),
+        ("Grant for an unknown op", frame(Control::Grant { xfer: 42, flow: 1 })),
+        ("Deny for an unknown op", frame(Control::Deny { xfer: 42, status: -3, reason: "x".into() })),
+        ("Data for an unknown flow", frame(Control::Data { flow: 42, len: 10 })),
+        ("Done for an unknown op", frame(Control::Done { xfer: 42, len: 10 })),
+        ("zero-length SendAnnounce", {
+            let mut f = frame(Control::SendAnnounce { xfer: 1, len: 1 });
+            f[16..24].copy_from_slice(&0u64.to_le_bytes());
+            f
+        }),
+        ("WriteRequest wrapping the address space", {
+            let mut f = frame(Control::WriteRequest { xfer: 1, region: 1, token: 1, addr: 1, len: 1 });
+            f[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
+            f
+        }),
+        ("Deny with a positive status", {
+            let mut f = frame(Control::Deny { xfer: 1, status: -1, reason: String::new() });
+            f[16..20].copy_from_slice(&5i32.to_le_bytes());
+            f
+        }),
+        ("Notify name with a NUL", frame(Control::Notify { name: b"a\0b".to_vec(), msg: vec![] })),
+        ("Notify name over 255 bytes", {
+            let mut f = frame(Control::Notify { name: vec![b'n'; 255], msg: vec![] });
+            f[8..12].copy_from_slice(&256u32.to_le_bytes());
+            f.insert(12, b'n');
+            let body_len = u32::from_le_bytes(f[4..8].try_into().unwrap()) + 1;
+            f[4..8].copy_from_slice(&body_len.to_le_bytes());
+            f
+        }),
+        (
+            "Notify announcing more than 64 MiB",
+            FrameHeader { kind: 23, body_len: (64 << 20) + 264 }.to_bytes().to_vec(),
+        ),
+        ("Close", frame(Control::Close)),
+    ];
+    let total = cases.len();
+    for (name, bytes) in cases {
+        let mut fake = FakePeer::connect(p.b.address(), Stray::None).unwrap();
+        let conn = accept(&p.b).unwrap();
+        let mut dst = vec![0u8; 64];
+        let dmr = p.b.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();
+        let rid = conn.recv(dmr, dst.as_mut_ptr() as usize, dst.len()).unwrap();
+        fake.send_raw(&bytes);
+        let err = wait(&conn, rid).expect_err(name);
+        let expected = if name == "Close" { UcclStatus::ErrRemoteDisconnect } else { UcclStatus::ErrBackend };
+        assert_eq!(err.status(), expected, "{name}: {err}");
+        fake.expect_closed();
+        assert!(conn.recv(dmr, dst.as_mut_ptr() as usize, dst.len()).is_err(), "{name}: connection still usable");
+        assert!(dst.iter().all(|&b| b == 0), "{name}: destination written");
+        p.b.close_connection(&conn);
+        p.b.deregister(dmr).unwrap();
+    }
+    eprintln!("{total} control-protocol violations each failed only their connection");
+    assert_pair_works(&p, 9);
+}
+
+#[test]
+fn unmatched_send_announce_flood_is_cut_off() {
+    let _serial = serial();
+    let p = pair();
+    let mut fake = FakePeer::connect(p.b.address(), Stray::None).unwrap();
+    let conn = accept(&p.b).unwrap();
+    let mut burst = Vec::new();
+    for xfer in 0..(1u64 << 16) + 1 {
+        Control::SendAnnounce { xfer, len: 1 << 30 }.encode(&mut burst);
+    }
+    fake.send_raw(&burst);
+    fake.expect_closed();
+    assert!(conn.notify(b"x", b"y").is_err(), "the connection survived 65537 unmatched announces");
+    assert_pair_works(&p, 10);
+}
+
+/// A data chunk larger than granted is refused before a byte of it lands; a shorter one fails the
+/// connection too. Either way the bytes past the granted range stay untouched.
+#[test]
+fn wrong_sized_data_chunks_fail_the_connection_without_overflow() {
+    let _serial = serial();
+    let p = pair();
+    for (name, sent) in [("longer chunk", 150usize), ("shorter chunk", 60), ("empty chunk", 0)] {
+        let mut fake = FakePeer::connect(p.b.address(), Stray::None).unwrap();
+        let conn = accept(&p.b).unwrap();
+        let mut dst = vec![0u8; 256];
+        let dmr = p.b.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();
+        let rid = conn.recv(dmr, dst.as_mut_ptr() as usize, 100).unwrap();
+        fake.send(&Control::SendAnnounce { xfer: 1, len: 100 });
+        let Some(Control::Grant { flow, .. }) = fake.recv() else { panic!("{name}: no Grant") };
+        fake.send(&Control::Data { flow, len: 100 });
+        let _ = fake.tx.write_all(&message(&vec![0xab; sent]));
+        let err = wait(&conn, rid).expect_err(name);
+        assert_eq!(err.status(), UcclStatus::ErrBackend, "{name}: {err}");
+        assert!(dst[100..].iter().all(|&b| b == 0), "{name}: bytes past the receive were written");
+        if sent > 100 {
+            assert!(dst[..100].iter().all(|&b| b == 0), "{name}: an oversized chunk was partly written");
+        }
+        fake.expect_closed();
+        p.b.close_connection(&conn);
+        p.b.deregister(dmr).unwrap();
+    }
+    assert_pair_works(&p, 11);
+}
+
+/// Sets up a granted 100-byte receive from the fake peer, then announces Data of another length.
+fn data_len_mismatch(p: &Pair) -> (FakePeer, Arc<Connection>, u64, Vec<u8>, u64) {
+    let mut fake = FakePeer::connect(p.b.address(), Stray::None).unwrap();
+    let conn = accept(&p.b).unwrap();
+    let mut dst = vec![0u8; 256];
+    let dmr = p.b.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();
+    let rid = conn.recv(dmr, dst.as_mut_ptr() as usize, 100).unwrap();
+    fake.send(&Control::SendAnnounce { xfer: 1, len: 100 });
+    let Some(Control::Grant { flow, .. }) = fake.recv() else { panic!("no Grant") };
+    fake.send(&Control::Data { flow, len: 200 });
+    (fake, conn, rid, dst, dmr)
+}
+
+#[test]
+fn data_len_differing_from_the_grant_fails_the_connection() {
+    let _serial = serial();
+    let p = pair();
+    let (mut fake, conn, _rid, dst, dmr) = data_len_mismatch(&p);
+    fake.expect_closed();
+    let err = conn.recv(dmr, dst.as_ptr() as usize, 100).unwrap_err();
+    assert_eq!(err.status(), UcclStatus::ErrBackend, "{err}");
+    assert!(err.message().contains("Data for flow"), "{err}");
+    assert!(dst.iter().all(|&b| b == 0));
+    assert_pair_works(&p, 12);
+}
+
+/// Regression (found here, fixed in 8b66d84): `Control::Data` handling removed the granted
+/// destination from `inbound` before comparing lengths, so on a mismatch `fail` never saw the
+/// receive's transfer and it stayed in progress forever although its connection was dead.
+#[test]
+fn data_len_mismatch_reports_the_pending_receive() {
+    let _serial = serial();
+    let p = pair();
+    let (mut fake, conn, rid, _dst, _dmr) = data_len_mismatch(&p);
+    fake.expect_closed();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match conn.poll(rid) {
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Ok(None) => panic!("the receive is still in progress 5 s after its connection failed"),
+            Ok(Some(n)) => panic!("the receive succeeded with {n} bytes"),
+            Err(e) => {
+                assert_eq!(e.status(), UcclStatus::ErrBackend, "{e}");
+                break;
+            }
+        }
+    }
+}
+
+#[test]
+fn done_with_a_wrong_length_fails_the_send() {
+    let _serial = serial();
+    let p = pair();
+    let mut fake = FakePeer::connect(p.b.address(), Stray::None).unwrap();
+    let conn = accept(&p.b).unwrap();
+    let src = pattern(50, 4);
+    let smr = p.b.register(src.as_ptr() as usize, src.len()).unwrap();
+    let sid = conn.send(&[(smr, src.as_ptr() as usize, 50)]).unwrap();
+    let Some(Control::SendAnnounce { xfer, .. }) = fake.recv() else { panic!("no SendAnnounce") };
+    fake.send(&Control::Grant { xfer, flow: 5 });
+    assert_eq!(fake.recv(), Some(Control::Data { flow: 5, len: 50 }));
+    read_exact_within(&mut fake.rx, 58, Duration::from_secs(10)).unwrap();
+    fake.send(&Control::Done { xfer, len: 49 });
+    assert_eq!(wait(&conn, sid).unwrap_err().status(), UcclStatus::ErrBackend);
+    fake.expect_closed();
+    assert_pair_works(&p, 13);
+}
+
+#[test]
+fn data_port_noise_during_setup_is_ignored() {
+    let _serial = serial();
+    let p = pair();
+    let mut fake = FakePeer::connect(p.b.address(), Stray::Garbage).unwrap();
+    let conn = accept(&p.b).unwrap();
+    fake.send(&Control::Notify { name: b"x".to_vec(), msg: vec![] });
+    p.b.close_connection(&conn);
+    fake.expect_closed();
+    assert_pair_works(&p, 14);
+}
+
+/// Regression (found here, fixed in 8b66d84): the data listener read each accepted stream's 12-byte
+/// hello with a blocking read bounded only by the connect timeout, inside the setup loop whose
+/// deadline is that same timeout, so one silent connection to the data port made setup fail.
+#[test]
+fn silent_data_port_connection_does_not_block_setup() {
+    let _serial = serial();
+    let p = pair();
+    let mut fake = FakePeer::connect(p.b.address(), Stray::Silent).unwrap();
+    let conn = accept(&p.b).expect("the real peer's setup failed because of a silent stray connection");
+    fake.send(&Control::Notify { name: b"x".to_vec(), msg: vec![] });
+    p.b.close_connection(&conn);
+    fake.expect_closed();
+}
+
+/// The engine dials whatever address a Hello's channel handle names (here our own listener) and
+/// sends it 12 + 24 bytes; it gives up by the connect timeout when nothing answers on the control
+/// stream. Documented in docs/RELIABILITY.md: an unauthenticated peer can make it open connections.
+#[test]
+fn hello_handle_makes_the_engine_dial_the_named_address_then_give_up() {
+    let _serial = serial();
+    let p = pair();
+    let baseline = threads();
+    let decoy = TcpListener::bind("127.0.0.1:0").unwrap();
+    decoy.set_nonblocking(true).unwrap();
+    let h = Hello { net_handle: socket_handle(decoy.local_addr().unwrap(), 7), ..hello() };
+    let mut control = TcpStream::connect(p.b.address()).unwrap();
+    control.write_all(&encode(&Handshake::Hello(h))).unwrap();
+    let deadline = Instant::now() + SETUP_TIMEOUT + SLACK;
+    let mut dialed = loop {
+        match decoy.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => panic!("the engine never dialed the handle's address: {e}"),
+        }
+    };
+    dialed.set_nonblocking(false).unwrap();
+    let got = read_reply(&mut dialed, SETUP_TIMEOUT + SLACK);
+    assert!(got.closed, "the engine kept the dialed connection open");
+    assert_eq!(&got.bytes[..12], &stream_hello(7)[..]);
+    assert_eq!(got.bytes.len(), 12 + 8 + 16, "unexpected bytes sent to the dialed address");
+    let reply = read_reply(&mut control, SETUP_TIMEOUT + SLACK);
+    assert!(reply.closed);
+    assert!(matches!(handshakes_in(&reply.bytes).as_slice(), [Handshake::Welcome(_)]));
+    let _ = control.shutdown(Shutdown::Both);
+    threads_settle(baseline, SLACK);
+    assert_pair_works(&p, 15);
+}
+
+/// Regression (found here, fixed in 8b66d84): `close` marks the control writer closing and waits up
+/// to a second for it to drain before failing what is pending. A Grant for one of our writes handled
+/// in that window was taken out of `awaiting_grant`, `start_outbound` then failed to queue the Data
+/// message before recording the flow, and the transfer was in no table when `fail` ran: it stayed in
+/// progress forever. A peer that stops reading its control stream makes the window last the full
+/// second (the race also showed up with two real engines under CPU load).
+#[test]
+fn grant_arriving_during_close_does_not_strand_the_write() {
+    let _serial = serial();
+    let p = pair();
+    let mut fake = FakePeer::connect(p.b.address(), Stray::None).unwrap();
+    let conn = accept(&p.b).unwrap();
+    let src = pattern(4096, 5);
+    let smr = p.b.register(src.as_ptr() as usize, src.len()).unwrap();
+    let remote =
+        uccl_tcpx::proto::FifoItem::with_capability(0x1000, 4096, uccl_tcpx::proto::Capability { region: 1, token: 2 });
+    let w = conn.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len: 4096, remote }]).unwrap();
+    let Some(Control::WriteRequest { xfer, .. }) = fake.recv() else { panic!("no WriteRequest") };
+    // Stop reading: 64 MiB of notification fill the socket buffers and the engine's writer blocks.
+    conn.notify(b"filler", &vec![0u8; 64 << 20]).unwrap();
+    let (b, c) = (p.b.clone(), conn.clone());
+    let closer = std::thread::spawn(move || b.close_connection(&c));
+    std::thread::sleep(Duration::from_millis(200));
+    fake.send(&Control::Grant { xfer, flow: 1 });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !closer.is_finished() {
+        assert!(Instant::now() < deadline, "close_connection did not return");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    closer.join().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match conn.poll(w) {
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Ok(None) => panic!("the write is still in progress 5 s after close_connection returned"),
+            Ok(Some(n)) => panic!("the write succeeded with {n} bytes on a closed connection"),
+            Err(e) => {
+                assert_eq!(e.status(), UcclStatus::ErrCanceled, "{e}");
+                break;
+            }
+        }
+    }
+}
+
+/// The same close with the writer blocked, but no Grant crossing it: the pending write is failed.
+#[test]
+fn close_with_a_blocked_control_writer_fails_pending_writes() {
+    let _serial = serial();
+    let p = pair();
+    let mut fake = FakePeer::connect(p.b.address(), Stray::None).unwrap();
+    let conn = accept(&p.b).unwrap();
+    let src = pattern(4096, 6);
+    let smr = p.b.register(src.as_ptr() as usize, src.len()).unwrap();
+    let remote =
+        uccl_tcpx::proto::FifoItem::with_capability(0x1000, 4096, uccl_tcpx::proto::Capability { region: 1, token: 2 });
+    let w = conn.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len: 4096, remote }]).unwrap();
+    assert!(matches!(fake.recv(), Some(Control::WriteRequest { .. })));
+    conn.notify(b"filler", &vec![0u8; 64 << 20]).unwrap();
+    let start = Instant::now();
+    let (b, c) = (p.b.clone(), conn.clone());
+    let closer = std::thread::spawn(move || b.close_connection(&c));
+    while !closer.is_finished() {
+        assert!(start.elapsed() < Duration::from_secs(10), "close_connection did not return");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    closer.join().unwrap();
+    eprintln!("close with a blocked writer returned after {:?}", start.elapsed());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let err = loop {
+        match conn.poll(w) {
+            Ok(None) => {
+                assert!(Instant::now() < deadline, "the write is still in progress after the close");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(Some(n)) => panic!("the write succeeded with {n} bytes"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.status(), UcclStatus::ErrCanceled, "{err}");
+    assert_pair_works(&p, 16);
+}
