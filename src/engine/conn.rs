@@ -559,6 +559,13 @@ impl Connection {
         if st.failure.is_some() {
             return;
         }
+        // Once the user closed the connection, whatever breaks while it winds down (the peer hanging
+        // up in answer to our Close, say) is the cancellation they asked for.
+        let err = if self.is_closed() {
+            Error::new(UcclStatus::ErrCanceled, "the connection was closed locally")
+        } else {
+            err
+        };
         if err.status() != UcclStatus::ErrCanceled {
             log::warn!("connection to {} failed: {err}", self.peer.addr);
         }
