@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every test: Rust unit and integration tests, lints, the checked-in header against cbindgen, and
-# the C suite (shared and static) through the installed CMake package.
+# Every test: Rust unit and integration tests, lints, the checked-in header against cbindgen,
+# the C suite (shared and static) through the installed CMake package, and that suite again under
+# ASan+UBSan and valgrind.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -21,3 +22,4 @@ else
 fi
 
 scripts/c_tests.sh
+scripts/sanitize.sh
