@@ -6,6 +6,13 @@ use std::time::{Duration, Instant};
 use uccl_tcpx::engine::OneSided;
 use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
 
+mod common;
+use common::pattern;
+
+fn wait(conn: &Connection, id: u64) -> uccl_tcpx::Result<u64> {
+    common::wait_done(conn, id, Duration::from_secs(30))
+}
+
 fn config() -> Config {
     Config { ip: Some("127.0.0.1".parse().unwrap()), num_channels: 3, chunk_size: 64 << 10, ..Config::default() }
 }
@@ -26,26 +33,11 @@ fn pair() -> Pair {
     Pair { a, b, ab, ba }
 }
 
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u32).wrapping_mul(131).wrapping_add(seed as u32) as u8).collect()
-}
-
-fn wait(conn: &Connection, id: u64) -> uccl_tcpx::Result<u64> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(n) = conn.poll(id)? {
-            return Ok(n);
-        }
-        assert!(Instant::now() < deadline, "transfer {id} did not finish in time");
-        std::thread::sleep(Duration::from_micros(50));
-    }
-}
-
 #[test]
 fn send_recv_various_sizes_in_order() {
     let p = pair();
     let sizes = [1usize, 4095, 64 << 10, (1 << 20) + 7];
-    let srcs: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &n)| pattern(n, i as u8)).collect();
+    let srcs: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &n)| pattern(n, i as u64)).collect();
     let mut dsts: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0u8; n + 16]).collect();
     let mut recvs = Vec::new();
     for d in dsts.iter_mut() {

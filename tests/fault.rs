@@ -10,6 +10,9 @@ use uccl_tcpx::engine::OneSided;
 use uccl_tcpx::proto::FifoItem;
 use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
 
+mod common;
+use common::wait_done as wait;
+
 const PEER_ENV: &str = "UCCL_TCPX_FAULT_PEER";
 const REGION: usize = 64 << 20;
 
@@ -73,17 +76,6 @@ impl Drop for Peer {
     fn drop(&mut self) {
         self.signal(libc::SIGKILL);
         let _ = self.child.wait();
-    }
-}
-
-fn wait(conn: &Connection, id: u64, limit: Duration) -> uccl_tcpx::Result<u64> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(n) = conn.poll(id)? {
-            return Ok(n);
-        }
-        assert!(Instant::now() < deadline, "transfer {id} still pending after {limit:?}");
-        std::thread::sleep(Duration::from_millis(1));
     }
 }
 

@@ -17,6 +17,13 @@ use uccl_tcpx::proto::control::decode_frame;
 use uccl_tcpx::proto::{ChannelHello, Control, FrameHeader, Handshake, Hello, Refuse};
 use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
 
+mod common;
+use common::{Rng, pattern};
+
+fn wait(conn: &Connection, id: u64) -> uccl_tcpx::Result<u64> {
+    common::wait_done(conn, id, Duration::from_secs(30))
+}
+
 /// Bound on connection setup for the engines under attack: abandoned handshakes end this quickly.
 const SETUP_TIMEOUT: Duration = Duration::from_millis(1500);
 /// How long past `SETUP_TIMEOUT` an engine may take to drop a connection it gave up on.
@@ -57,17 +64,6 @@ fn threads_settle(baseline: usize, limit: Duration) {
     }
 }
 
-fn wait(conn: &Connection, id: u64) -> uccl_tcpx::Result<u64> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(n) = conn.poll(id)? {
-            return Ok(n);
-        }
-        assert!(Instant::now() < deadline, "transfer {id} still in progress after 30 s");
-        std::thread::sleep(Duration::from_micros(100));
-    }
-}
-
 /// `Engine::accept` bounded by the setup timeout; on expiry accepting is stopped (which releases the
 /// blocked call) and the test fails.
 fn accept(engine: &Arc<Engine>) -> uccl_tcpx::Result<Arc<Connection>> {
@@ -100,10 +96,6 @@ fn pair() -> Pair {
     let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
     let ba = accept(&b).unwrap();
     Pair { a, b, ab, ba }
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    (0..len).map(|i| ((i as u64).wrapping_mul(0x9e37_79b9).wrapping_add(seed) >> 3) as u8).collect()
 }
 
 /// A write, a read and a send/receive between the two real engines, each checked by content.
@@ -209,21 +201,6 @@ fn probe(target: SocketAddr, bytes: &[u8]) -> Reply {
     s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
     let _ = s.write_all(bytes);
     read_reply(&mut s, SETUP_TIMEOUT + SLACK)
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| self.next() as u8).collect()
-    }
 }
 
 #[test]

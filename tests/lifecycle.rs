@@ -11,6 +11,9 @@ use uccl_tcpx::engine::OneSided;
 use uccl_tcpx::proto::FifoItem;
 use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
 
+mod common;
+use common::wait_done as outcome;
+
 const BIG: usize = 64 << 20;
 /// Bound on any single transfer id reaching a final state after a teardown.
 const SETTLE: Duration = Duration::from_secs(20);
@@ -35,17 +38,6 @@ fn within<T: Send + 'static>(limit: Duration, what: &str, f: impl FnOnce() -> T 
 }
 
 /// The final outcome of `id`; fails the test if it is still in progress after `limit`.
-fn outcome(conn: &Connection, id: u64, limit: Duration) -> uccl_tcpx::Result<u64> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(n) = conn.poll(id)? {
-            return Ok(n);
-        }
-        assert!(Instant::now() < deadline, "transfer {id} still in progress {limit:?} after the teardown");
-        std::thread::sleep(Duration::from_micros(200));
-    }
-}
-
 /// `outcome`, naming the transfer in the failure.
 fn outcome_or(conn: &Connection, id: u64, limit: Duration, what: &str) -> uccl_tcpx::Result<u64> {
     let deadline = Instant::now() + limit;

@@ -5,11 +5,17 @@
 //! untouched, reveal no token, and leave the connection usable.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use uccl_tcpx::engine::OneSided;
 use uccl_tcpx::proto::FifoItem;
 use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
+
+mod common;
+
+fn wait(conn: &Connection, id: u64) -> uccl_tcpx::Result<u64> {
+    common::wait_done(conn, id, Duration::from_secs(30))
+}
 
 fn config() -> Config {
     Config {
@@ -18,17 +24,6 @@ fn config() -> Config {
         chunk_size: 64 << 10,
         connect_timeout: Duration::from_secs(5),
         ..Config::default()
-    }
-}
-
-fn wait(conn: &Connection, id: u64) -> uccl_tcpx::Result<u64> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(n) = conn.poll(id)? {
-            return Ok(n);
-        }
-        assert!(Instant::now() < deadline, "transfer {id} still in progress after 30 s");
-        std::thread::sleep(Duration::from_micros(100));
     }
 }
 

@@ -17,6 +17,9 @@ use uccl_tcpx::engine::OneSided;
 use uccl_tcpx::proto::FifoItem;
 use uccl_tcpx::{Config, Connection, Engine};
 
+mod common;
+use common::Rng;
+
 /// Both tests use the process-wide notification queue; they take turns.
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -54,20 +57,12 @@ const KINDS: [Kind; 8] = [
     Kind::Notify,
 ];
 
-struct Rng(u64);
+/// Soak sizes on top of the shared generator.
+trait SizeRng {
+    fn size(&mut self, max: usize, chunk: usize) -> usize;
+}
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
+impl SizeRng for Rng {
     /// Log-uniform in [1, max], with the chunking edge cases mixed in.
     fn size(&mut self, max: usize, chunk: usize) -> usize {
         match self.below(16) {

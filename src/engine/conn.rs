@@ -182,10 +182,6 @@ impl Connection {
         Ok(conn)
     }
 
-    pub fn num_channels(&self) -> usize {
-        self.state.lock().channels.len()
-    }
-
     /// UCCL's start_listener: control messages are always served here; this only records the call so
     /// that a second call is reported like UCCL does.
     pub fn start_listener(&self) -> Result<()> {
@@ -639,12 +635,18 @@ fn read_control(stream: TcpStream, conn: std::sync::Weak<Connection>) {
 }
 
 fn read_frame(reader: &mut impl Read, body: &mut Vec<u8>) -> Result<Control> {
+    let header = read_raw_frame(reader, body, "control stream")?;
+    Ok(Control::decode(&header, body)?)
+}
+
+/// Reads one frame's header and body into `body`; shared by the handshake and the control reader.
+pub(super) fn read_raw_frame(reader: &mut impl Read, body: &mut Vec<u8>, what: &str) -> Result<FrameHeader> {
     let mut header = [0u8; FRAME_HEADER_LEN];
-    reader.read_exact(&mut header).map_err(|e| Error::io("control stream", e))?;
+    reader.read_exact(&mut header).map_err(|e| Error::io(what, e))?;
     let header = FrameHeader::parse(&header)?;
     body.clear();
     // The header parser bounded body_len for this kind, so this allocation is bounded too.
     body.resize(header.body_len as usize, 0);
-    reader.read_exact(body).map_err(|e| Error::io("control stream", e))?;
-    Ok(Control::decode(&header, body)?)
+    reader.read_exact(body).map_err(|e| Error::io(what, e))?;
+    Ok(header)
 }

@@ -3,13 +3,13 @@
 //! accept together (plugin transports complete both asynchronously), and every data comm opens with
 //! a ChannelHello that names its channel, so accept order does not matter.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use super::channel::Channel;
 use crate::error::{Error, Result, UcclStatus};
-use crate::proto::{ChannelHello, FRAME_HEADER_LEN, FrameHeader, Handshake, Hello, NET_HANDLE_SIZE, Refuse, Welcome};
+use crate::proto::{ChannelHello, Handshake, Hello, NET_HANDLE_SIZE, Refuse, Welcome};
 use crate::transport::{ListenComm, MrHandle, Net, NetHandle, RecvComm, RequestId, SendComm};
 
 /// What both ends agreed on.
@@ -38,11 +38,8 @@ pub fn send_frame(stream: &mut TcpStream, msg: &Handshake) -> Result<()> {
 }
 
 pub fn read_frame(stream: &mut TcpStream) -> Result<Handshake> {
-    let mut header = [0u8; FRAME_HEADER_LEN];
-    stream.read_exact(&mut header).map_err(|e| Error::io("handshake read", e))?;
-    let header = FrameHeader::parse(&header)?;
-    let mut body = vec![0u8; header.body_len as usize];
-    stream.read_exact(&mut body).map_err(|e| Error::io("handshake read", e))?;
+    let mut body = Vec::new();
+    let header = super::conn::read_raw_frame(stream, &mut body, "handshake read")?;
     Ok(Handshake::decode(&header, &body)?)
 }
 

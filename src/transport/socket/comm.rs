@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::io::{IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use parking_lot::{Condvar, Mutex};
@@ -37,6 +37,8 @@ struct Shared {
     completed: AtomicU64,
     sizes: [AtomicU64; MAX_REQUESTS],
     failure: Mutex<Option<Error>>,
+    /// Set with `failure`, so that polling a healthy comm takes no lock.
+    failed: AtomicBool,
     wake: Wake,
 }
 
@@ -48,6 +50,7 @@ impl Shared {
             completed: AtomicU64::new(0),
             sizes: Default::default(),
             failure: Mutex::new(None),
+            failed: AtomicBool::new(false),
             wake,
         })
     }
@@ -73,10 +76,14 @@ impl Shared {
 
     fn fail(&self, err: Error) {
         self.failure.lock().get_or_insert(err);
+        self.failed.store(true, Ordering::Release);
         (self.wake)();
     }
 
     fn check(&self) -> Result<()> {
+        if !self.failed.load(Ordering::Acquire) {
+            return Ok(());
+        }
         match &*self.failure.lock() {
             Some(e) => Err(e.clone()),
             None => Ok(()),
