@@ -11,6 +11,7 @@
 //!   a sender larger than the posted buffer is an error, never a truncation;
 //! - closing is dropping.
 
+pub mod plugin;
 pub mod socket;
 
 use crate::error::Result;
