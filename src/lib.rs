@@ -5,6 +5,7 @@
 //! [`transport`] (ncclNet-shaped comms).
 
 pub mod config;
+pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod ffi;
