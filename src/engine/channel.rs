@@ -1,15 +1,24 @@
 //! A channel: one send comm and one receive comm to the same peer, with the queue of chunks waiting
 //! for a request slot and the window of chunks in flight. Both peers derive the same chunk plan, so
 //! per-channel FIFO order is the only matching rule the transport needs (tags are ignored).
+//!
+//! Each comm gets its own registration of every region a chunk of this channel touches (TCPX binds a
+//! registration to the comm's NIC), made when the first such chunk is queued and released once the
+//! region was deregistered and no flow holds it any more.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
+use super::region::Region;
 use crate::error::{Error, Result};
 use crate::transport::{MrHandle, RecvComm, RequestId, SendComm};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Chunk {
     pub flow: u64,
+    /// The local region the chunk lies in.
+    pub region: u64,
     pub addr: usize,
     pub len: usize,
 }
@@ -18,6 +27,7 @@ pub struct Chunk {
 /// rides channel `(seq + i) % channels`, so small flows spread over channels too.
 pub fn plan(
     flow: u64,
+    region: u64,
     addr: usize,
     len: usize,
     chunk_size: usize,
@@ -27,7 +37,7 @@ pub fn plan(
     let count = len.div_ceil(chunk_size);
     (0..count).map(move |i| {
         let off = i * chunk_size;
-        let chunk = Chunk { flow, addr: addr + off, len: chunk_size.min(len - off) };
+        let chunk = Chunk { flow, region, addr: addr + off, len: chunk_size.min(len - off) };
         (((seq % channels as u64) as usize + i) % channels, chunk)
     })
 }
@@ -36,10 +46,23 @@ pub fn chunk_count(len: u64, chunk_size: usize) -> usize {
     len.div_ceil(chunk_size as u64) as usize
 }
 
+/// A region's registrations with this channel's two comms, made on first use in each direction.
+struct Registration {
+    region: Weak<Region>,
+    send: Option<MrHandle>,
+    recv: Option<MrHandle>,
+}
+
 pub struct Channel {
     send: Box<dyn SendComm>,
     recv: Box<dyn RecvComm>,
     window: usize,
+    registrations: HashMap<u64, Registration>,
+    /// The region table's removal count when the cache was last swept.
+    removals_seen: u64,
+    removals: Arc<AtomicU64>,
+    /// A removed region is still held by a flow; sweep again on later passes.
+    sweep_pending: bool,
     send_queue: VecDeque<Chunk>,
     send_inflight: VecDeque<(RequestId, Chunk)>,
     recv_queue: VecDeque<Chunk>,
@@ -47,11 +70,15 @@ pub struct Channel {
 }
 
 impl Channel {
-    pub fn new(send: Box<dyn SendComm>, recv: Box<dyn RecvComm>, window: usize) -> Channel {
+    pub fn new(send: Box<dyn SendComm>, recv: Box<dyn RecvComm>, window: usize, removals: Arc<AtomicU64>) -> Channel {
         Channel {
             send,
             recv,
             window,
+            registrations: HashMap::new(),
+            removals_seen: removals.load(Ordering::Acquire),
+            removals,
+            sweep_pending: false,
             send_queue: VecDeque::new(),
             send_inflight: VecDeque::new(),
             recv_queue: VecDeque::new(),
@@ -59,23 +86,86 @@ impl Channel {
         }
     }
 
-    pub fn queue_send(&mut self, chunk: Chunk) {
+    /// Queues a chunk of `region`, registering the region with the send comm first if needed.
+    pub fn queue_send(&mut self, chunk: Chunk, region: &Arc<Region>) -> Result<()> {
+        debug_assert_eq!(chunk.region, region.id);
+        let entry = Self::entry(&mut self.registrations, region);
+        if entry.send.is_none() {
+            entry.send = Some(self.send.reg_mr(region.base, region.len, region.kind)?);
+        }
         self.send_queue.push_back(chunk);
+        Ok(())
     }
 
-    pub fn queue_recv(&mut self, chunk: Chunk) {
+    /// Queues a chunk of `region`, registering the region with the receive comm first if needed.
+    pub fn queue_recv(&mut self, chunk: Chunk, region: &Arc<Region>) -> Result<()> {
+        debug_assert_eq!(chunk.region, region.id);
+        let entry = Self::entry(&mut self.registrations, region);
+        if entry.recv.is_none() {
+            entry.recv = Some(self.recv.reg_mr(region.base, region.len, region.kind)?);
+        }
         self.recv_queue.push_back(chunk);
+        Ok(())
+    }
+
+    fn entry<'a>(registrations: &'a mut HashMap<u64, Registration>, region: &Arc<Region>) -> &'a mut Registration {
+        registrations.entry(region.id).or_insert_with(|| Registration {
+            region: Arc::downgrade(region),
+            send: None,
+            recv: None,
+        })
+    }
+
+    fn mr(&self, region: u64, send: bool) -> MrHandle {
+        let reg = self.registrations.get(&region);
+        let mr = if send { reg.and_then(|r| r.send) } else { reg.and_then(|r| r.recv) };
+        // Queueing registered the region, and a region is only swept once nothing holds it.
+        mr.unwrap_or(MrHandle::NONE)
+    }
+
+    /// Releases the registrations of regions that were deregistered and are no longer held by any
+    /// flow; a removed region still in use is looked at again on later passes.
+    fn sweep_registrations(&mut self) {
+        let removals = self.removals.load(Ordering::Acquire);
+        if removals == self.removals_seen && !self.sweep_pending {
+            return;
+        }
+        self.removals_seen = removals;
+        self.sweep_pending = false;
+        let (send, recv) = (&mut self.send, &mut self.recv);
+        let mut pending = false;
+        self.registrations.retain(|_, reg| {
+            if let Some(region) = reg.region.upgrade() {
+                pending |= region.is_removed();
+                return true;
+            }
+            if let Some(mr) = reg.send {
+                send.dereg_mr(mr);
+            }
+            if let Some(mr) = reg.recv {
+                recv.dereg_mr(mr);
+            }
+            false
+        });
+        self.sweep_pending = pending;
+    }
+
+    #[cfg(test)]
+    fn registered_regions(&self) -> usize {
+        self.registrations.len()
     }
 
     /// Posts queued chunks while the window has room and reaps finished ones (oldest first, the
     /// only order `test` allows). Finished chunks are appended to `done`; returns whether anything moved.
     pub fn drive(&mut self, done: &mut Vec<Chunk>) -> Result<bool> {
+        self.sweep_registrations();
         let mut moved = false;
         while self.send_inflight.len() < self.window {
             let Some(&chunk) = self.send_queue.front() else { break };
+            let mr = self.mr(chunk.region, true);
             // SAFETY: chunks point into registered regions the flow keeps alive; the connection
             // drops this channel (joining its I/O) before any flow is reported finished on failure.
-            let posted = unsafe { self.send.isend(chunk.addr as *const u8, chunk.len, MrHandle::NONE)? };
+            let posted = unsafe { self.send.isend(chunk.addr as *const u8, chunk.len, mr)? };
             let Some(req) = posted else { break };
             self.send_queue.pop_front();
             self.send_inflight.push_back((req, chunk));
@@ -91,8 +181,9 @@ impl Channel {
         }
         while self.recv_inflight.len() < self.window {
             let Some(&chunk) = self.recv_queue.front() else { break };
+            let mr = self.mr(chunk.region, false);
             // SAFETY: as above; the destination is exclusively ours until the flow finishes.
-            let posted = unsafe { self.recv.irecv(chunk.addr as *mut u8, chunk.len, MrHandle::NONE)? };
+            let posted = unsafe { self.recv.irecv(chunk.addr as *mut u8, chunk.len, mr)? };
             let Some(req) = posted else { break };
             self.recv_queue.pop_front();
             self.recv_inflight.push_back((req, chunk));
@@ -119,21 +210,114 @@ impl Channel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::region::RegionTable;
+    use crate::transport::MemKind;
+    use parking_lot::Mutex;
+
+    /// A comm that completes everything at once and logs registrations and the handles it is given.
+    struct LoggingComm {
+        log: Arc<Mutex<Vec<String>>>,
+        next: usize,
+    }
+
+    impl LoggingComm {
+        fn reg(&mut self, addr: usize, len: usize, kind: MemKind) -> Result<MrHandle> {
+            self.next += 1;
+            self.log.lock().push(format!("reg {addr:#x}+{len} {kind:?} -> {}", self.next));
+            Ok(MrHandle(self.next))
+        }
+    }
+
+    impl SendComm for LoggingComm {
+        fn reg_mr(&mut self, addr: usize, len: usize, kind: MemKind) -> Result<MrHandle> {
+            self.reg(addr, len, kind)
+        }
+        fn dereg_mr(&mut self, mr: MrHandle) {
+            self.log.lock().push(format!("dereg {}", mr.0));
+        }
+        unsafe fn isend(&mut self, data: *const u8, len: usize, mr: MrHandle) -> Result<Option<RequestId>> {
+            self.log.lock().push(format!("isend {:#x}+{len} mr {}", data as usize, mr.0));
+            Ok(Some(RequestId(len as u64)))
+        }
+        fn test(&mut self, req: RequestId) -> Result<Option<usize>> {
+            Ok(Some(req.0 as usize))
+        }
+    }
+
+    impl RecvComm for LoggingComm {
+        fn reg_mr(&mut self, addr: usize, len: usize, kind: MemKind) -> Result<MrHandle> {
+            self.reg(addr, len, kind)
+        }
+        fn dereg_mr(&mut self, mr: MrHandle) {
+            self.log.lock().push(format!("dereg {}", mr.0));
+        }
+        unsafe fn irecv(&mut self, data: *mut u8, len: usize, mr: MrHandle) -> Result<Option<RequestId>> {
+            self.log.lock().push(format!("irecv {:#x}+{len} mr {}", data as usize, mr.0));
+            Ok(Some(RequestId(len as u64)))
+        }
+        fn test(&mut self, req: RequestId) -> Result<Option<usize>> {
+            Ok(Some(req.0 as usize))
+        }
+        fn irecv_consumed(&mut self, _req: RequestId) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn regions_are_registered_once_per_comm_and_released_after_removal() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let table = RegionTable::default();
+        let send = Box::new(LoggingComm { log: log.clone(), next: 100 });
+        let recv = Box::new(LoggingComm { log: log.clone(), next: 200 });
+        let mut ch = Channel::new(send, recv, 4, table.removals());
+        let id = table.register(0x10000, 0x1000, MemKind::Host).unwrap();
+        let region = table.get(id).unwrap();
+        for (flow, off) in [(1, 0), (2, 0x800)] {
+            let chunk = Chunk { flow, region: id, addr: 0x10000 + off, len: 0x800 };
+            ch.queue_send(chunk, &region).unwrap();
+            ch.queue_recv(chunk, &region).unwrap();
+        }
+        let mut done = Vec::new();
+        assert!(ch.drive(&mut done).unwrap());
+        assert_eq!(done.len(), 4);
+        assert_eq!(
+            *log.lock(),
+            [
+                "reg 0x10000+4096 Host -> 101",
+                "reg 0x10000+4096 Host -> 201",
+                "isend 0x10000+2048 mr 101",
+                "isend 0x10800+2048 mr 101",
+                "irecv 0x10000+2048 mr 201",
+                "irecv 0x10800+2048 mr 201",
+            ]
+        );
+        log.lock().clear();
+
+        // Removed while a flow still holds the region: kept until the last holder lets go.
+        table.remove(id).unwrap();
+        ch.drive(&mut done).unwrap();
+        assert!(log.lock().is_empty(), "{:?}", log.lock());
+        assert_eq!(ch.registered_regions(), 1);
+        drop(region);
+        ch.drive(&mut done).unwrap();
+        assert_eq!(*log.lock(), ["dereg 101", "dereg 201"]);
+        assert_eq!(ch.registered_regions(), 0);
+    }
 
     #[test]
     fn plan_covers_every_byte_once_and_rotates() {
-        let chunks: Vec<_> = plan(9, 1000, 10, 4, 1, 3).collect();
+        let chunks: Vec<_> = plan(9, 3, 1000, 10, 4, 1, 3).collect();
         assert_eq!(
             chunks,
             vec![
-                (1, Chunk { flow: 9, addr: 1000, len: 4 }),
-                (2, Chunk { flow: 9, addr: 1004, len: 4 }),
-                (0, Chunk { flow: 9, addr: 1008, len: 2 }),
+                (1, Chunk { flow: 9, region: 3, addr: 1000, len: 4 }),
+                (2, Chunk { flow: 9, region: 3, addr: 1004, len: 4 }),
+                (0, Chunk { flow: 9, region: 3, addr: 1008, len: 2 }),
             ]
         );
         assert_eq!(chunk_count(10, 4), 3);
         assert_eq!(chunk_count(8, 4), 2);
-        let one: Vec<_> = plan(1, 0, 1, 4096, 5, 2).collect();
-        assert_eq!(one, vec![(1, Chunk { flow: 1, addr: 0, len: 1 })]);
+        let one: Vec<_> = plan(1, 2, 0, 1, 4096, 5, 2).collect();
+        assert_eq!(one, vec![(1, Chunk { flow: 1, region: 2, addr: 0, len: 1 })]);
     }
 }

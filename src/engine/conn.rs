@@ -445,11 +445,12 @@ impl Connection {
         let (chunk_size, nch, seq) = (st.chunk_size, st.channels.len(), st.out_seq);
         st.out_seq += 1;
         let remaining = channel::chunk_count(src.len, chunk_size) + extra;
-        for (c, chunk) in channel::plan(flow, src.addr, src.len as usize, chunk_size, seq, nch) {
-            st.channels[c].queue_send(chunk);
-        }
-        // Recorded before the fallible send: a failing connection must still find (and fail) the part.
+        let region = src.region.clone();
+        // Recorded before anything fallible: a failing connection must still find (and fail) the part.
         st.flows.insert(flow, Flow { remaining, len: src.len, on_done, _region: src.region });
+        for (c, chunk) in channel::plan(flow, region.id, src.addr, src.len as usize, chunk_size, seq, nch) {
+            st.channels[c].queue_send(chunk, &region)?;
+        }
         self.writer.send(&Control::Data { flow: peer_flow, len: src.len })?;
         self.core.waker.wake();
         Ok(flow)
@@ -518,11 +519,12 @@ impl Connection {
                 let dst = st.inbound.remove(&flow).expect("checked above");
                 let (chunk_size, nch, seq) = (st.chunk_size, st.channels.len(), st.in_seq);
                 st.in_seq += 1;
-                for (c, chunk) in channel::plan(flow, dst.addr, len as usize, chunk_size, seq, nch) {
-                    st.channels[c].queue_recv(chunk);
-                }
                 let remaining = channel::chunk_count(len, chunk_size);
+                let region = dst.region.clone();
                 st.flows.insert(flow, Flow { remaining, len, on_done: dst.on_done, _region: dst.region });
+                for (c, chunk) in channel::plan(flow, region.id, dst.addr, len as usize, chunk_size, seq, nch) {
+                    st.channels[c].queue_recv(chunk, &region)?;
+                }
                 self.core.waker.wake();
                 Ok(())
             }

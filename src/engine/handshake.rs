@@ -5,6 +5,8 @@
 
 use std::io::Write;
 use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use super::channel::Channel;
@@ -29,6 +31,8 @@ pub struct Local<'a> {
     pub gpu_index: i32,
     pub gpu_id: &'a str,
     pub window: usize,
+    /// The region table's removal counter, watched by each channel's registration cache.
+    pub removals: Arc<AtomicU64>,
 }
 
 pub fn send_frame(stream: &mut TcpStream, msg: &Handshake) -> Result<()> {
@@ -224,7 +228,7 @@ pub fn establish_channels(
     Ok(sends
         .into_iter()
         .zip(recvs)
-        .map(|(s, r)| Channel::new(s.expect("all sent").comm, r.expect("all accepted"), window))
+        .map(|(s, r)| Channel::new(s.expect("all sent").comm, r.expect("all accepted"), window, local.removals.clone()))
         .collect())
 }
 

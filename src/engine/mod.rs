@@ -58,6 +58,7 @@ impl EngineCore {
             gpu_index: self.gpu_index,
             gpu_id: &self.gpu_id,
             window: self.config.window,
+            removals: self.regions.removals(),
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 
@@ -23,11 +23,17 @@ pub struct Region {
     pub kind: MemKind,
     token: u64,
     windows: Mutex<Vec<(usize, usize)>>,
+    /// Set by `mr_destroy`; transport registrations are released once no flow holds the region.
+    removed: AtomicBool,
 }
 
 impl Region {
     pub fn contains(&self, addr: usize, len: usize) -> bool {
         range_within(addr, len, self.base, self.len)
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
     }
 }
 
@@ -55,6 +61,8 @@ pub fn check_range(addr: usize, len: usize) -> Result<()> {
 pub struct RegionTable {
     regions: RwLock<HashMap<u64, Arc<Region>>>,
     next_id: AtomicU64,
+    /// Counts removals, so channels notice cheaply that a registration cache may hold dead regions.
+    removals: Arc<AtomicU64>,
 }
 
 impl RegionTable {
@@ -68,17 +76,25 @@ impl RegionTable {
             kind,
             token: crate::transport::socket::random_u64(),
             windows: Mutex::new(Vec::new()),
+            removed: AtomicBool::new(false),
         };
         self.regions.write().insert(id, Arc::new(region));
         Ok(id)
     }
 
     pub fn remove(&self, id: u64) -> Result<()> {
-        self.regions
+        let region = self
+            .regions
             .write()
             .remove(&id)
-            .map(|_| ())
-            .ok_or_else(|| Error::not_found(format!("memory region {id} is not registered")))
+            .ok_or_else(|| Error::not_found(format!("memory region {id} is not registered")))?;
+        region.removed.store(true, Ordering::Release);
+        self.removals.fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    pub fn removals(&self) -> Arc<AtomicU64> {
+        self.removals.clone()
     }
 
     pub fn get(&self, id: u64) -> Result<Arc<Region>> {
