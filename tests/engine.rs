@@ -127,6 +127,53 @@ fn one_sided_write_read_and_refusals() {
     assert_eq!(&target[4096 + (1 << 20)..4096 + (1 << 20) + 5000], &src[100..5100]);
 }
 
+/// Transfers up to 8 KiB travel inline on the control stream, larger ones over the channels; a vector
+/// mixing both, in both directions, lands every byte where it belongs and nothing beyond.
+#[test]
+fn small_and_large_one_sided_items_mix_across_the_inline_limit() {
+    let p = pair();
+    let sizes = [1usize, 8, 8191, 8192, 8193, 70_000];
+    let total: usize = sizes.iter().sum();
+    let mut target = vec![0u8; total + sizes.len() * 16];
+    let tmr = p.b.register(target.as_mut_ptr() as usize, target.len()).unwrap();
+    let fifo = p.b.prepare_fifo(tmr, target.as_mut_ptr() as usize, target.len()).unwrap();
+    let src = pattern(total, 77);
+    let smr = p.a.register(src.as_ptr() as usize, src.len()).unwrap();
+    let (mut items, mut spans) = (Vec::new(), Vec::new());
+    let (mut s_off, mut t_off) = (0usize, 0usize);
+    for &n in &sizes {
+        let mut remote = fifo;
+        remote.addr += t_off as u64;
+        items.push(OneSided { mr: smr, addr: src.as_ptr() as usize + s_off, len: n, remote });
+        spans.push((s_off, t_off, n));
+        s_off += n;
+        t_off += n + 16; // a gap that must stay untouched
+    }
+    let w = p.ab.write(&items).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap(), total as u64);
+    let mut expected = vec![0u8; target.len()];
+    for &(s, t, n) in &spans {
+        expected[t..t + n].copy_from_slice(&src[s..s + n]);
+    }
+    assert!(target == expected, "written bytes and gaps");
+
+    let mut back = vec![0xAAu8; total];
+    let bmr = p.a.register(back.as_mut_ptr() as usize, back.len()).unwrap();
+    let reads: Vec<OneSided> = items
+        .iter()
+        .zip(&spans)
+        .map(|(item, &(s, _, n))| OneSided {
+            mr: bmr,
+            addr: back.as_mut_ptr() as usize + s,
+            len: n,
+            remote: item.remote,
+        })
+        .collect();
+    let r = p.ab.read(&reads).unwrap();
+    assert_eq!(wait(&p.ab, r).unwrap(), total as u64);
+    assert_eq!(back, src);
+}
+
 #[test]
 fn peer_close_fails_pending_and_later_posts() {
     let p = pair();

@@ -22,13 +22,15 @@ use uccl_tcpx::proto::{Capability, ChannelHello, Control, FifoItem, FrameHeader,
 
 /// `proto::FRAME_HEADER_LEN` is crate-private; `FrameHeader::to_bytes` pins the same number.
 const HEADER_LEN: usize = 8;
-/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 1.
-const VERSION: u16 = 1;
+/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 2.
+const VERSION: u16 = 2;
 const CHANNEL_HELLO_LEN: usize = 16;
 const FIFO_LEN: usize = 64;
 /// Protocol limits (crate-private in `proto`); `limits_match_the_codec` checks each against the codec.
 const MAX_NAME_LEN: usize = 255;
 const MAX_REASON_LEN: usize = 1024;
+/// `proto::MAX_INLINE_LEN`; the size-limit tests below prove it.
+const MAX_INLINE: usize = 8192;
 const MAX_ID_LEN: usize = 64;
 const MAX_TRANSPORT_NAME_LEN: usize = 32;
 
@@ -228,6 +230,9 @@ fn sample_controls() -> Vec<(&'static str, Control)> {
         ("notify", Control::Notify { name: b"checkpoint".to_vec(), msg: vec![0, 1, 2, 0xff] }),
         ("notify_long_name", Control::Notify { name: vec![b'n'; MAX_NAME_LEN], msg: vec![7; 300] }),
         ("close", Control::Close),
+        ("inline_write", Control::InlineWrite { xfer: 14, region: 15, token: 16, addr: 0x1000, payload: vec![9; 8] }),
+        ("read_small", Control::ReadSmall { xfer: 17, region: 18, token: 19, addr: 0x2000, len: 64 }),
+        ("read_data", Control::ReadData { xfer: 20, payload: vec![1, 2, 3] }),
     ]
 }
 
@@ -399,6 +404,13 @@ fn limits_match_the_codec() {
     assert!(hello(MAX_ID_LEN + 1, 1).validate().is_err());
     assert!(hello(1, MAX_TRANSPORT_NAME_LEN + 1).validate().is_err());
     assert!(Handshake::Hello(Hello { version: VERSION + 1, ..sample_hello() }).validate().is_err());
+    let inline = |n: usize| Control::InlineWrite { xfer: 1, region: 1, token: 1, addr: 64, payload: vec![1; n] };
+    assert!(inline(MAX_INLINE).validate().is_ok());
+    assert!(inline(MAX_INLINE + 1).validate().is_err());
+    assert!(inline(0).validate().is_err());
+    let small = |len: u64| Control::ReadSmall { xfer: 1, region: 1, token: 1, addr: 64, len };
+    assert!(small(MAX_INLINE as u64).validate().is_ok());
+    assert!(small(MAX_INLINE as u64 + 1).validate().is_err());
     // Exactly the handshake kinds are handshake kinds, and every known kind has a size limit.
     let control_kinds: Vec<u8> = sample_controls().iter().map(|(_, m)| m.kind()).collect();
     let hs_kinds: Vec<u8> = sample_handshakes().iter().map(|(_, m)| m.kind()).collect();
@@ -587,7 +599,7 @@ fn handshake_frames_random_and_mutated() {
 }
 
 fn random_control(rng: &mut Rng) -> Control {
-    match rng.below(9) {
+    match rng.below(12) {
         0 => Control::SendAnnounce { xfer: rng.interesting_u64(), len: rng.interesting_u64() },
         1 => Control::WriteRequest {
             xfer: rng.u64(),
@@ -620,6 +632,21 @@ fn random_control(rng: &mut Rng) -> Control {
             }
             Control::Notify { name, msg: rng.bytes_below(600) }
         }
+        8 => Control::InlineWrite {
+            xfer: rng.u64(),
+            region: rng.interesting_u64(),
+            token: rng.u64(),
+            addr: rng.interesting_u64(),
+            payload: rng.bytes_below(MAX_INLINE + 8),
+        },
+        9 => Control::ReadSmall {
+            xfer: rng.u64(),
+            region: rng.interesting_u64(),
+            token: rng.u64(),
+            addr: rng.interesting_u64(),
+            len: if rng.chance(2) { rng.below(MAX_INLINE + 8) as u64 } else { rng.interesting_u64() },
+        },
+        10 => Control::ReadData { xfer: rng.u64(), payload: rng.bytes_below(MAX_INLINE + 8) },
         _ => Control::Close,
     }
 }

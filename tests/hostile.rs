@@ -181,7 +181,7 @@ fn encode(msg: &Handshake) -> Vec<u8> {
 
 fn hello() -> Hello {
     Hello {
-        version: 1,
+        version: 2,
         capabilities: 0,
         nonce: 0x1234_5678_9abc_def0,
         num_channels: 1,
@@ -224,7 +224,7 @@ fn garbage_on_the_control_port_is_dropped() {
         ("Welcome instead of Hello".into(), {
             let h = hello();
             encode(&Handshake::Welcome(uccl_tcpx::proto::Welcome {
-                version: 1,
+                version: 2,
                 capabilities: 0,
                 num_channels: 1,
                 chunk_size: 4096,
@@ -302,7 +302,7 @@ fn garbage_on_the_control_port_is_dropped() {
 fn other_protocol_versions_are_dropped_without_a_welcome() {
     let _serial = serial();
     let p = pair();
-    for version in [0u16, 2, 0x100, u16::MAX] {
+    for version in [0u16, 1, 3, 0x100, u16::MAX] {
         // A full Hello of another version, and only magic + version as a future peer might send.
         let full = encode(&Handshake::Hello(Hello { version, ..hello() }));
         let mut short = FrameHeader { kind: 1, body_len: 6 }.to_bytes().to_vec();
@@ -916,11 +916,15 @@ fn grant_arriving_during_close_does_not_strand_the_write() {
     let p = pair();
     let mut fake = FakePeer::connect(p.b.address(), Stray::None).unwrap();
     let conn = accept(&p.b).unwrap();
-    let src = pattern(4096, 5);
+    // Larger than the inline limit, so the write asks for a Grant.
+    let src = pattern(64 << 10, 5);
     let smr = p.b.register(src.as_ptr() as usize, src.len()).unwrap();
-    let remote =
-        uccl_tcpx::proto::FifoItem::with_capability(0x1000, 4096, uccl_tcpx::proto::Capability { region: 1, token: 2 });
-    let w = conn.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len: 4096, remote }]).unwrap();
+    let remote = uccl_tcpx::proto::FifoItem::with_capability(
+        0x1000,
+        64 << 10,
+        uccl_tcpx::proto::Capability { region: 1, token: 2 },
+    );
+    let w = conn.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len: src.len(), remote }]).unwrap();
     let Some(Control::WriteRequest { xfer, .. }) = fake.recv() else { panic!("no WriteRequest") };
     // Stop reading: 64 MiB of notification fill the socket buffers and the engine's writer blocks.
     conn.notify(b"filler", &vec![0u8; 64 << 20]).unwrap();
@@ -955,11 +959,15 @@ fn close_with_a_blocked_control_writer_fails_pending_writes() {
     let p = pair();
     let mut fake = FakePeer::connect(p.b.address(), Stray::None).unwrap();
     let conn = accept(&p.b).unwrap();
-    let src = pattern(4096, 6);
+    // Larger than the inline limit, so the write asks for a Grant.
+    let src = pattern(64 << 10, 6);
     let smr = p.b.register(src.as_ptr() as usize, src.len()).unwrap();
-    let remote =
-        uccl_tcpx::proto::FifoItem::with_capability(0x1000, 4096, uccl_tcpx::proto::Capability { region: 1, token: 2 });
-    let w = conn.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len: 4096, remote }]).unwrap();
+    let remote = uccl_tcpx::proto::FifoItem::with_capability(
+        0x1000,
+        64 << 10,
+        uccl_tcpx::proto::Capability { region: 1, token: 2 },
+    );
+    let w = conn.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len: src.len(), remote }]).unwrap();
     assert!(matches!(fake.recv(), Some(Control::WriteRequest { .. })));
     conn.notify(b"filler", &vec![0u8; 64 << 20]).unwrap();
     let start = Instant::now();

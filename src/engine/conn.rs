@@ -19,7 +19,8 @@ use super::region::Region;
 use super::transfer::Transfer;
 use super::writer::ControlWriter;
 use crate::error::{Error, Result, UcclStatus};
-use crate::proto::{Control, FRAME_HEADER_LEN, FifoItem, FrameHeader};
+use crate::proto::{Control, FRAME_HEADER_LEN, FifoItem, FrameHeader, MAX_INLINE_LEN};
+use crate::transport::MemKind;
 
 /// Announced sends the peer may queue ahead of our receives before it is treated as hostile.
 const MAX_UNMATCHED_ANNOUNCES: usize = 1 << 16;
@@ -110,6 +111,8 @@ struct ConnState {
     awaiting_grant: HashMap<u64, Outbound>,
     /// Our running sends and writes waiting for the peer's Done: op id -> flow id.
     awaiting_done: HashMap<u64, u64>,
+    /// Our inline writes waiting for the peer's Done or Deny: op id -> (transfer, length).
+    inline_writes: HashMap<u64, (Arc<Transfer>, u64)>,
     /// Granted destinations waiting for the peer's Data marker, by our flow id.
     inbound: HashMap<u64, Inbound>,
     posted_recvs: VecDeque<PostedRecv>,
@@ -161,6 +164,7 @@ impl Connection {
                 in_seq: 0,
                 awaiting_grant: HashMap::new(),
                 awaiting_done: HashMap::new(),
+                inline_writes: HashMap::new(),
                 inbound: HashMap::new(),
                 posted_recvs: VecDeque::new(),
                 announces: VecDeque::new(),
@@ -227,7 +231,19 @@ impl Connection {
             for (op, (region, cap)) in ops.iter().zip(checked) {
                 let id = st.take_id();
                 let (addr, len, token) = (op.remote.addr, op.len as u64, cap.token);
-                let msg = if write {
+                // Small host transfers ride the control stream: one round trip instead of a
+                // request, a grant and a channel hop.
+                let inline = op.len <= MAX_INLINE_LEN && region.kind == MemKind::Host;
+                let msg = if write && inline {
+                    // SAFETY: `regions.local` checked that the range lies in a live registration.
+                    let payload = unsafe { std::slice::from_raw_parts(op.addr as *const u8, op.len) }.to_vec();
+                    st.inline_writes.insert(id, (transfer.clone(), len));
+                    Control::InlineWrite { xfer: id, region: cap.region, token, addr, payload }
+                } else if inline {
+                    let on_done = OnDone::Part(transfer.clone());
+                    st.inbound.insert(id, Inbound { addr: op.addr, len, region, on_done });
+                    Control::ReadSmall { xfer: id, region: cap.region, token, addr, len }
+                } else if write {
                     let src = Source { addr: op.addr, len, region };
                     st.awaiting_grant.insert(id, Outbound { src, transfer: transfer.clone(), prompt: true });
                     Control::WriteRequest { xfer: id, region: cap.region, token, addr, len }
@@ -487,6 +503,45 @@ impl Connection {
                     }
                 }
             }
+            Control::InlineWrite { xfer, region, token, addr, payload } => {
+                let len = payload.len() as u64;
+                match self.core.regions.authorize(region, token, addr, len).and_then(host_only) {
+                    Err(e) => self.deny(xfer, e),
+                    Ok(_region) => {
+                        // SAFETY: `authorize` proved the range lies in a live, advertised host region.
+                        unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), addr as *mut u8, payload.len()) };
+                        self.writer.send(&Control::Done { xfer, len })
+                    }
+                }
+            }
+            Control::ReadSmall { xfer, region, token, addr, len } => {
+                match self.core.regions.authorize(region, token, addr, len).and_then(host_only) {
+                    Err(e) => self.deny(xfer, e),
+                    Ok(_region) => {
+                        // SAFETY: as above; `len` is at most MAX_INLINE_LEN (checked by the decoder).
+                        let payload = unsafe { std::slice::from_raw_parts(addr as *const u8, len as usize) }.to_vec();
+                        self.writer.send(&Control::ReadData { xfer, payload })
+                    }
+                }
+            }
+            Control::ReadData { xfer, payload } => {
+                let dst = st.inbound.get(&xfer).ok_or_else(|| unknown_op("ReadData", xfer))?;
+                if payload.len() as u64 != dst.len {
+                    return Err(Error::backend(format!(
+                        "protocol violation: ReadData for op {xfer} carries {} bytes, {} were asked for",
+                        payload.len(),
+                        dst.len
+                    )));
+                }
+                let dst = st.inbound.remove(&xfer).expect("checked above");
+                // SAFETY: the destination was checked against its registration when the read was posted
+                // and the region is kept alive by `dst`.
+                unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), dst.addr as *mut u8, payload.len()) };
+                if let Some(t) = dst.on_done.transfer() {
+                    t.finish_part(Ok(dst.len));
+                }
+                Ok(())
+            }
             Control::Grant { xfer, flow } => {
                 let out = st.awaiting_grant.remove(&xfer).ok_or_else(|| unknown_op("Grant", xfer))?;
                 let local = self.start_outbound(st, flow, out.src, 1, OnDone::Part(out.transfer))?;
@@ -499,6 +554,8 @@ impl Connection {
                 let err = Error::new(status, format!("peer refused: {reason}"));
                 if let Some(out) = st.awaiting_grant.remove(&xfer) {
                     out.transfer.finish_part(Err(err));
+                } else if let Some((t, _)) = st.inline_writes.remove(&xfer) {
+                    t.finish_part(Err(err));
                 } else if let Some(read) = st.inbound.remove(&xfer) {
                     if let Some(t) = read.on_done.transfer() {
                         t.finish_part(Err(err));
@@ -529,6 +586,15 @@ impl Connection {
                 Ok(())
             }
             Control::Done { xfer, len } => {
+                if let Some((t, expected)) = st.inline_writes.remove(&xfer) {
+                    if len != expected {
+                        return Err(Error::backend(format!(
+                            "protocol violation: Done for inline write {xfer} reports {len} bytes, expected {expected}"
+                        )));
+                    }
+                    t.finish_part(Ok(len));
+                    return Ok(());
+                }
                 let flow = st.awaiting_done.remove(&xfer).ok_or_else(|| unknown_op("Done", xfer))?;
                 let expected = st.flows.get(&flow).map(|f| f.len);
                 if expected != Some(len) {
@@ -572,6 +638,7 @@ impl Connection {
         let _ = self.control.shutdown(Shutdown::Both);
         let mut failed: Vec<Arc<Transfer>> = Vec::new();
         failed.extend(st.awaiting_grant.drain().map(|(_, o)| o.transfer));
+        failed.extend(st.inline_writes.drain().map(|(_, (t, _))| t));
         failed.extend(st.inbound.drain().filter_map(|(_, i)| i.on_done.transfer().cloned()));
         failed.extend(st.posted_recvs.drain(..).map(|r| r.transfer));
         failed.extend(st.flows.drain().filter_map(|(_, f)| f.on_done.transfer().cloned()));
@@ -600,6 +667,7 @@ impl ConnState {
     fn waits_on_peer(&self) -> bool {
         !self.flows.is_empty()
             || !self.awaiting_done.is_empty()
+            || !self.inline_writes.is_empty()
             || !self.inbound.is_empty()
             || self.awaiting_grant.values().any(|o| o.prompt)
     }
@@ -607,6 +675,17 @@ impl ConnState {
     fn take_id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
+    }
+}
+
+/// Inline transfers copy with the CPU, so they only reach host memory.
+fn host_only(region: Arc<Region>) -> Result<Arc<Region>> {
+    match region.kind {
+        MemKind::Host => Ok(region),
+        MemKind::Cuda { .. } => Err(Error::new(
+            UcclStatus::ErrNotSupported,
+            "inline access to device memory is not supported; the peer must use the channel path",
+        )),
     }
 }
 

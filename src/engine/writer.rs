@@ -4,6 +4,7 @@
 
 use std::io::Write;
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -54,7 +55,18 @@ impl ControlWriter {
         if p.closing {
             return Err(Error::new(crate::error::UcclStatus::ErrCanceled, "the connection is closing"));
         }
+        let idle = p.bytes.is_empty() && !p.writing;
         msg.encode(&mut p.bytes);
+        if idle {
+            // Nothing queued ahead of us: try the socket directly and save the writer thread's wake-up
+            // (most of a small message's latency). Non-blocking, so a full send buffer (a peer not
+            // reading) still never blocks the caller; the rest goes to the thread.
+            let sent = send_nonblocking(&self.stream, &p.bytes);
+            p.bytes.drain(..sent);
+            if p.bytes.is_empty() {
+                return Ok(());
+            }
+        }
         self.shared.changed.notify_all();
         Ok(())
     }
@@ -77,6 +89,24 @@ impl ControlWriter {
             let _ = t.join();
         }
     }
+}
+
+/// Writes what the socket takes without blocking; errors are left for the writer thread to report.
+fn send_nonblocking(stream: &TcpStream, mut bytes: &[u8]) -> usize {
+    let mut sent = 0;
+    while !bytes.is_empty() {
+        // SAFETY: a valid socket and a valid buffer; MSG_NOSIGNAL keeps a closed peer from raising
+        // SIGPIPE in a host process that did not ignore it.
+        let n = unsafe {
+            libc::send(stream.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
+        if n <= 0 {
+            break;
+        }
+        sent += n as usize;
+        bytes = &bytes[n as usize..];
+    }
+    sent
 }
 
 fn run(mut stream: TcpStream, shared: Arc<Shared>) {

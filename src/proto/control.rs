@@ -5,7 +5,7 @@
 
 use super::frame::{FRAME_HEADER_LEN, FrameHeader, is_handshake_kind, kind, write_frame};
 use super::wire::{Reader, Writer, check_len};
-use super::{MAX_NAME_LEN, MAX_NOTIFY_MSG_LEN, MAX_REASON_LEN, ProtoError};
+use super::{MAX_INLINE_LEN, MAX_NAME_LEN, MAX_NOTIFY_MSG_LEN, MAX_REASON_LEN, ProtoError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {
@@ -52,6 +52,26 @@ pub enum Control {
         msg: Vec<u8>,
     },
     Close,
+    /// A write small enough to carry its payload; answered with Done or Deny.
+    InlineWrite {
+        xfer: u64,
+        region: u64,
+        token: u64,
+        addr: u64,
+        payload: Vec<u8>,
+    },
+    /// A read of at most `MAX_INLINE_LEN` bytes; answered with ReadData or Deny.
+    ReadSmall {
+        xfer: u64,
+        region: u64,
+        token: u64,
+        addr: u64,
+        len: u64,
+    },
+    ReadData {
+        xfer: u64,
+        payload: Vec<u8>,
+    },
 }
 
 const HANDSHAKE_AFTER_SETUP: ProtoError =
@@ -72,6 +92,11 @@ fn check_range(addr: u64, len: u64) -> Result<(), ProtoError> {
         Some(_) => Ok(()),
         None => Err(ProtoError::Invalid("the requested memory range runs past the end of the address space")),
     }
+}
+
+fn check_inline(addr: u64, len: usize) -> Result<(), ProtoError> {
+    check_len(len, MAX_INLINE_LEN, "inline payload")?;
+    check_range(addr, len as u64)
 }
 
 fn check_deny(status: i32, reason: &str) -> Result<(), ProtoError> {
@@ -102,6 +127,9 @@ impl Control {
             Self::Done { .. } => kind::DONE,
             Self::Notify { .. } => kind::NOTIFY,
             Self::Close => kind::CLOSE,
+            Self::InlineWrite { .. } => kind::INLINE_WRITE,
+            Self::ReadSmall { .. } => kind::READ_SMALL,
+            Self::ReadData { .. } => kind::READ_DATA,
         }
     }
 
@@ -121,10 +149,21 @@ impl Control {
                 w.u64(*b);
             }
             Self::WriteRequest { xfer, region, token, addr, len }
-            | Self::ReadRequest { xfer, region, token, addr, len } => {
+            | Self::ReadRequest { xfer, region, token, addr, len }
+            | Self::ReadSmall { xfer, region, token, addr, len } => {
                 for v in [xfer, region, token, addr, len] {
                     w.u64(*v);
                 }
+            }
+            Self::InlineWrite { xfer, region, token, addr, payload } => {
+                for v in [xfer, region, token, addr] {
+                    w.u64(*v);
+                }
+                w.bytes32(payload);
+            }
+            Self::ReadData { xfer, payload } => {
+                w.u64(*xfer);
+                w.bytes32(payload);
             }
             Self::Deny { xfer, status, reason } => {
                 w.u64(*xfer);
@@ -173,6 +212,19 @@ impl Control {
                 msg: r.bytes32(MAX_NOTIFY_MSG_LEN, "notification message")?.to_vec(),
             },
             kind::CLOSE => Self::Close,
+            kind::INLINE_WRITE => Self::InlineWrite {
+                xfer: r.u64()?,
+                region: r.u64()?,
+                token: r.u64()?,
+                addr: r.u64()?,
+                payload: r.bytes32(MAX_INLINE_LEN, "inline payload")?.to_vec(),
+            },
+            kind::READ_SMALL => {
+                Self::ReadSmall { xfer: r.u64()?, region: r.u64()?, token: r.u64()?, addr: r.u64()?, len: r.u64()? }
+            }
+            kind::READ_DATA => {
+                Self::ReadData { xfer: r.u64()?, payload: r.bytes32(MAX_INLINE_LEN, "inline payload")?.to_vec() }
+            }
             other => return Err(ProtoError::UnknownKind(other)),
         };
         Ok(msg)
@@ -185,6 +237,15 @@ impl Control {
             Self::WriteRequest { addr, len, .. } | Self::ReadRequest { addr, len, .. } => check_range(*addr, *len),
             Self::Deny { status, reason, .. } => check_deny(*status, reason),
             Self::Notify { name, msg } => check_notify(name, msg),
+            Self::InlineWrite { addr, payload, .. } => check_inline(*addr, payload.len()),
+            Self::ReadSmall { addr, len, .. } => check_inline(*addr, usize::try_from(*len).unwrap_or(usize::MAX))
+                .map_err(|_| {
+                    ProtoError::Invalid("a ReadSmall must ask for 1 to MAX_INLINE_LEN bytes of a valid range")
+                }),
+            Self::ReadData { payload, .. } => {
+                nonzero_len(payload.len() as u64)?;
+                check_len(payload.len(), MAX_INLINE_LEN, "inline payload")
+            }
             Self::Grant { .. } | Self::Close => Ok(()),
         }
     }
@@ -237,7 +298,18 @@ mod tests {
             Control::Notify { name: vec![b'n'; MAX_NAME_LEN], msg: Vec::new() },
             Control::Notify { name: Vec::new(), msg: vec![0xab; 3000] },
             Control::Close,
+            Control::InlineWrite { xfer: 14, region: 15, token: 16, addr: 0x1000, payload: vec![7; 8] },
+            Control::InlineWrite { xfer: 17, region: 1, token: 2, addr: 3, payload: vec![0x5a; MAX_INLINE_LEN] },
+            Control::ReadSmall { xfer: 18, region: 19, token: 20, addr: 0x2000, len: MAX_INLINE_LEN as u64 },
+            Control::ReadData { xfer: 21, payload: vec![1, 2, 3] },
         ]
+    }
+
+    fn variable_size(msg: &Control) -> bool {
+        matches!(
+            msg,
+            Control::Deny { .. } | Control::Notify { .. } | Control::InlineWrite { .. } | Control::ReadData { .. }
+        )
     }
 
     fn encode(msg: &Control) -> Vec<u8> {
@@ -279,7 +351,7 @@ mod tests {
             let frame = encode(&msg);
             let body_len = frame.len() - FRAME_HEADER_LEN;
             assert!(body_len <= max_body_len(msg.kind()).unwrap());
-            if !matches!(msg, Control::Deny { .. } | Control::Notify { .. }) {
+            if !variable_size(&msg) {
                 assert_eq!(Some(body_len), max_body_len(msg.kind()), "{msg:?}");
             }
         }
@@ -337,7 +409,7 @@ mod tests {
             longer.push(0);
             assert!(matches!(Control::decode(&header, &longer), Err(ProtoError::TrailingBytes { extra: 1, .. })));
             let result = decode_raw(header.kind, &longer);
-            if matches!(msg, Control::Deny { .. } | Control::Notify { .. }) {
+            if variable_size(&msg) && body.len() < max_body_len(header.kind).unwrap() {
                 assert!(matches!(result, Err(ProtoError::TrailingBytes { extra: 1, .. })));
             } else {
                 // Fixed-size kinds are caught by the header before the body is read.
@@ -457,7 +529,7 @@ mod tests {
             assert_eq!(Control::decode(&header, &[]), Err(HANDSHAKE_AFTER_SETUP));
         }
         assert_eq!(decode_raw(0, &[]), Err(ProtoError::UnknownKind(0)));
-        assert_eq!(decode_raw(25, &[]), Err(ProtoError::UnknownKind(25)));
+        assert_eq!(decode_raw(28, &[]), Err(ProtoError::UnknownKind(28)));
     }
 
     #[test]

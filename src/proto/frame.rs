@@ -4,7 +4,7 @@
 //! never has to buffer (or wait for) a body the protocol would not accept anyway.
 
 use super::wire::{Reader, Writer, put_at};
-use super::{MAX_NAME_LEN, MAX_NOTIFY_MSG_LEN, MAX_REASON_LEN, ProtoError};
+use super::{MAX_INLINE_LEN, MAX_NAME_LEN, MAX_NOTIFY_MSG_LEN, MAX_REASON_LEN, ProtoError};
 
 pub(crate) const FRAME_HEADER_LEN: usize = 8;
 pub(crate) const FRAME_MAGIC: u16 = 0x5443;
@@ -25,6 +25,9 @@ pub mod kind {
     pub(crate) const DONE: u8 = 22;
     pub(crate) const NOTIFY: u8 = 23;
     pub(crate) const CLOSE: u8 = 24;
+    pub(crate) const INLINE_WRITE: u8 = 25;
+    pub(crate) const READ_SMALL: u8 = 26;
+    pub(crate) const READ_DATA: u8 = 27;
 }
 
 #[derive(Clone, Copy)]
@@ -49,6 +52,9 @@ fn body_spec(kind: u8) -> Option<(&'static str, BodySize)> {
         kind::DONE => ("Done body", Exactly(16)),
         kind::NOTIFY => ("Notify body", UpTo(4 + MAX_NAME_LEN + 4 + MAX_NOTIFY_MSG_LEN)),
         kind::CLOSE => ("Close body", Exactly(0)),
+        kind::INLINE_WRITE => ("InlineWrite body", UpTo(32 + 4 + MAX_INLINE_LEN)),
+        kind::READ_SMALL => ("ReadSmall body", Exactly(40)),
+        kind::READ_DATA => ("ReadData body", UpTo(8 + 4 + MAX_INLINE_LEN)),
         _ => return None,
     };
     Some(spec)
@@ -156,7 +162,7 @@ mod tests {
     use super::*;
     use crate::proto::testutil::XorShift;
 
-    const KNOWN: [u8; 12] = [
+    const KNOWN: [u8; 15] = [
         kind::HELLO,
         kind::WELCOME,
         kind::REFUSE,
@@ -169,6 +175,9 @@ mod tests {
         kind::DONE,
         kind::NOTIFY,
         kind::CLOSE,
+        kind::INLINE_WRITE,
+        kind::READ_SMALL,
+        kind::READ_DATA,
     ];
 
     fn raw(magic: u16, kind: u8, flags: u8, body_len: u32) -> [u8; 8] {
@@ -209,6 +218,9 @@ mod tests {
         assert_eq!(max_body_len(kind::DONE), Some(16));
         assert_eq!(max_body_len(kind::NOTIFY), Some(263 + (64 << 20)));
         assert_eq!(max_body_len(kind::CLOSE), Some(0));
+        assert_eq!(max_body_len(kind::INLINE_WRITE), Some(36 + 8192));
+        assert_eq!(max_body_len(kind::READ_SMALL), Some(40));
+        assert_eq!(max_body_len(kind::READ_DATA), Some(12 + 8192));
     }
 
     #[test]

@@ -19,12 +19,14 @@ pub use handshake::{ChannelHello, Handshake, Hello, Refuse, Welcome};
 
 /// Protocol magic, the first field of Hello, Welcome and Refuse bodies.
 pub(crate) const MAGIC: u32 = 0x5854_4355;
-pub(crate) const PROTOCOL_VERSION: u16 = 1;
+pub(crate) const PROTOCOL_VERSION: u16 = 2;
 pub(crate) const NET_HANDLE_SIZE: usize = 128;
 /// Notification name bytes, NUL terminator excluded.
 pub(crate) const MAX_NAME_LEN: usize = 255;
 pub(crate) const MAX_NOTIFY_MSG_LEN: usize = 64 << 20;
 pub(crate) const MAX_REASON_LEN: usize = 1024;
+/// One-sided transfers up to this size travel on the control stream (one round trip, no channel).
+pub(crate) const MAX_INLINE_LEN: usize = 8192;
 /// Limit for the `gpu_id` and `requested_gpu` strings.
 pub(crate) const MAX_ID_LEN: usize = 64;
 pub(crate) const MAX_TRANSPORT_NAME_LEN: usize = 32;
