@@ -12,6 +12,13 @@ use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
 
 mod common;
 use common::wait_done as wait;
+use common::{threads, threads_settle};
+
+/// The tests count this process's threads, so they run one at a time.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 const PEER_ENV: &str = "UCCL_TCPX_FAULT_PEER";
 const REGION: usize = 64 << 20;
@@ -93,6 +100,7 @@ fn connected(timeout_ms: u64) -> (Engine, Arc<Connection>, Peer, Vec<u8>, u64) {
 
 #[test]
 fn stopped_peer_fails_pending_transfers_with_timeout() {
+    let _serial = serial();
     let (engine, conn, peer, src, mr) = connected(1500);
     let other = Engine::new(config(1500)).unwrap();
     let other_conn = engine.connect("127.0.0.1", "0", other.address().port()).unwrap();
@@ -110,6 +118,7 @@ fn stopped_peer_fails_pending_transfers_with_timeout() {
 
 #[test]
 fn killed_peer_fails_pending_transfers_promptly() {
+    let _serial = serial();
     let (_engine, conn, peer, src, mr) = connected(30_000);
     let w = conn.write(&[OneSided { mr, addr: src.as_ptr() as usize, len: REGION, remote: peer.item }]).unwrap();
     peer.signal(libc::SIGKILL);
@@ -126,4 +135,30 @@ fn killed_peer_fails_pending_transfers_promptly() {
     };
     assert_eq!(err.status(), UcclStatus::ErrRemoteDisconnect, "{err}");
     assert!(start.elapsed() < Duration::from_secs(5));
+}
+
+/// After each kind of peer fault, closing the connection and dropping the engine returns every
+/// thread the engine started (control reader and writer, progress, accept, socket helpers).
+#[test]
+fn faults_leave_no_threads_behind() {
+    let _serial = serial();
+    for fault in [libc::SIGKILL, libc::SIGSTOP] {
+        let baseline = threads();
+        {
+            let (engine, conn, peer, src, mr) = connected(1500);
+            assert!(threads() > baseline, "the engine runs threads of its own");
+            let w =
+                conn.write(&[OneSided { mr, addr: src.as_ptr() as usize, len: REGION, remote: peer.item }]).unwrap();
+            peer.signal(fault);
+            let err = wait(&conn, w, Duration::from_secs(20));
+            if fault == libc::SIGSTOP {
+                assert_eq!(err.unwrap_err().status(), UcclStatus::ErrTimeout);
+            }
+            engine.close_connection(&conn);
+            drop(conn);
+            drop(engine);
+            drop(peer);
+        }
+        threads_settle(baseline, Duration::from_secs(10));
+    }
 }

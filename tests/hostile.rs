@@ -18,7 +18,7 @@ use uccl_tcpx::proto::{ChannelHello, Control, FrameHeader, Handshake, Hello, Ref
 use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
 
 mod common;
-use common::{Rng, pattern};
+use common::{Rng, pattern, threads, threads_settle};
 
 fn wait(conn: &Connection, id: u64) -> uccl_tcpx::Result<u64> {
     common::wait_done(conn, id, Duration::from_secs(30))
@@ -42,25 +42,6 @@ fn config() -> Config {
         chunk_size: 64 << 10,
         connect_timeout: SETUP_TIMEOUT,
         ..Config::default()
-    }
-}
-
-fn threads() -> usize {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("Threads:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-/// Waits until the thread count is back to `baseline`, failing after `limit`.
-fn threads_settle(baseline: usize, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    loop {
-        let now = threads();
-        if now <= baseline {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{now} threads, {baseline} expected: abandoned handshakes leaked threads");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -299,7 +280,7 @@ fn garbage_on_the_control_port_is_dropped() {
 }
 
 #[test]
-fn other_protocol_versions_are_dropped_without_a_welcome() {
+fn other_protocol_versions_are_refused_with_a_reason() {
     let _serial = serial();
     let p = pair();
     for version in [0u16, 1, 3, 0x100, u16::MAX] {
@@ -311,10 +292,13 @@ fn other_protocol_versions_are_dropped_without_a_welcome() {
         for bytes in [full, short] {
             let reply = probe(p.b.address(), &bytes);
             assert!(reply.closed, "version {version}: connection left open");
-            assert!(
-                handshakes_in(&reply.bytes).iter().all(|m| !matches!(m, Handshake::Welcome(_))),
-                "version {version} was welcomed"
-            );
+            match handshakes_in(&reply.bytes).as_slice() {
+                [Handshake::Refuse(r)] => {
+                    assert_eq!(r.status, UcclStatus::ErrNotSupported as i32, "version {version}");
+                    assert!(r.reason.contains("version"), "version {version}: {}", r.reason);
+                }
+                other => panic!("version {version}: expected one Refuse, got {other:?}"),
+            }
         }
     }
     assert_pair_works(&p, 2);

@@ -726,8 +726,12 @@ pub(super) fn read_raw_frame(reader: &mut impl Read, body: &mut Vec<u8>, what: &
     reader.read_exact(&mut header).map_err(|e| Error::io(what, e))?;
     let header = FrameHeader::parse(&header)?;
     body.clear();
-    // The header parser bounded body_len for this kind, so this allocation is bounded too.
-    body.resize(header.body_len as usize, 0);
-    reader.read_exact(body).map_err(|e| Error::io(what, e))?;
+    // The header parser bounded body_len for this kind. Memory grows only as bytes arrive, so a
+    // header announcing a maximal Notify costs nothing until the peer really sends it.
+    let want = u64::from(header.body_len);
+    let got = reader.by_ref().take(want).read_to_end(body).map_err(|e| Error::io(what, e))?;
+    if got as u64 != want {
+        return Err(Error::io(what, std::io::Error::from(std::io::ErrorKind::UnexpectedEof)));
+    }
     Ok(header)
 }

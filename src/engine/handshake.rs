@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::channel::Channel;
 use crate::error::{Error, Result, UcclStatus};
-use crate::proto::{ChannelHello, Handshake, Hello, NET_HANDLE_SIZE, Refuse, Welcome};
+use crate::proto::{ChannelHello, Handshake, Hello, NET_HANDLE_SIZE, ProtoError, Refuse, Welcome};
 use crate::transport::{ListenComm, MrHandle, Net, NetHandle, RecvComm, RequestId, SendComm};
 
 /// What both ends agreed on.
@@ -90,8 +90,19 @@ pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, own_han
 
 /// Acceptor side: reads the Hello, refuses what it cannot serve, answers Welcome.
 pub fn welcome(stream: &mut TcpStream, local: &Local, own_handle: NetHandle) -> Result<Agreement> {
-    let Handshake::Hello(h) = read_frame(stream)? else {
-        return Err(Error::backend("protocol violation: connection did not open with Hello"));
+    let mut body = Vec::new();
+    let header = super::conn::read_raw_frame(stream, &mut body, "handshake read")?;
+    let h = match Handshake::decode(&header, &body) {
+        Ok(Handshake::Hello(h)) => h,
+        Ok(_) => return Err(Error::backend("protocol violation: connection did not open with Hello")),
+        Err(e @ ProtoError::VersionMismatch { .. }) => {
+            // Refuse is magic + our version first, so a peer of any version can tell why it was turned away.
+            let reason = e.to_string();
+            let refuse = Refuse { status: UcclStatus::ErrNotSupported as i32, reason: reason.clone() };
+            let _ = send_frame(stream, &Handshake::Refuse(refuse));
+            return Err(Error::new(UcclStatus::ErrNotSupported, reason));
+        }
+        Err(e) => return Err(e.into()),
     };
     let refusal = if h.transport != local.net.name() {
         Some((

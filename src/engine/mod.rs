@@ -83,7 +83,13 @@ pub struct Engine {
 impl Engine {
     pub fn new(config: Config) -> Result<Engine> {
         let ip = crate::transport::socket::iface::pick_address(config.ip, config.ifname.as_deref())?;
-        let bind: IpAddr = if ip.is_ipv4() { [0u8; 4].into() } else { [0u16; 8].into() };
+        // An operator who names the address or interface gets a listener on it alone; otherwise every
+        // interface is served, as UCCL's engine does.
+        let bind: IpAddr = match (config.ip, &config.ifname) {
+            (None, None) if ip.is_ipv4() => [0u8; 4].into(),
+            (None, None) => [0u16; 8].into(),
+            _ => ip,
+        };
         let listener = TcpListener::bind((bind, config.port))
             .map_err(|e| Error::io(format!("listen on port {}", config.port), e))?;
         let port = listener.local_addr().map_err(|e| Error::io("listener address", e))?.port();

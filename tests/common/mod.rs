@@ -41,3 +41,23 @@ impl Rng {
         (0..len).map(|_| self.next() as u8).collect()
     }
 }
+
+/// Threads of this process, from /proc.
+pub fn threads() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("Threads:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Waits until the thread count is back to `baseline`, failing after `limit`.
+pub fn threads_settle(baseline: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let now = threads();
+        if now <= baseline {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{now} threads, {baseline} expected: threads leaked");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
