@@ -174,7 +174,7 @@ mod tests {
         assert_eq!(p.avg, Duration::from_nanos(50_500));
         assert!((p.gbs() - 1000.0 / 50.5e-6 / 1e9).abs() < 1e-9);
         assert!((p.lat_ratio().unwrap() - 51.0 / 25.0).abs() < 1e-9);
-        assert!(line(&p).starts_with("[Client]     1000 B :"));
+        assert!(line(&p).starts_with("[Client]   1000 B :"), "{}", line(&p));
         let j = json(
             &RunInfo {
                 channels: 2,
