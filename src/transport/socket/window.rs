@@ -31,6 +31,10 @@ struct Request {
 struct Book {
     posted: u64,
     reqs: [Request; MAX_REQUESTS],
+    /// Receive: one bit per piece of each request, so a repeated piece is caught even when its bytes
+    /// would fit (it would leave another piece's range unwritten). Kept between requests: no
+    /// allocation once grown.
+    seen: [Vec<u64>; MAX_REQUESTS],
     /// Send: the next piece to cut.
     cut_seq: u64,
     cut_offset: u64,
@@ -79,7 +83,13 @@ impl Window {
     pub fn new(subchunk: usize, threads: usize, wake: Wake) -> Result<Window> {
         let empty = Request { seq: UNKNOWN, addr: 0, len: 0, total: UNKNOWN, admitted: 0 };
         Ok(Window {
-            book: Mutex::new(Book { posted: 0, reqs: [empty; MAX_REQUESTS], cut_seq: 0, cut_offset: 0 }),
+            book: Mutex::new(Book {
+                posted: 0,
+                reqs: [empty; MAX_REQUESTS],
+                seen: Default::default(),
+                cut_seq: 0,
+                cut_offset: 0,
+            }),
             posted: AtomicU64::new(0),
             progress: Default::default(),
             subchunk: subchunk as u64,
@@ -142,7 +152,9 @@ impl Window {
             return Ok(Admission::NotPosted);
         }
         let slot = seq as usize % MAX_REQUESTS;
-        let req = &mut book.reqs[slot];
+        let Book { reqs, seen, .. } = &mut *book;
+        let req = &mut reqs[slot];
+        let seen = &mut seen[slot];
         if req.seq != seq || self.progress[slot].done.load(Ordering::Acquire) == seq + 1 {
             return Err(Error::backend(format!(
                 "protocol violation: peer sent a piece of request {seq}, which is complete"
@@ -153,15 +165,21 @@ impl Window {
         }
         if req.total == UNKNOWN {
             req.total = total;
+            seen.clear();
+            seen.resize(total.div_ceil(self.subchunk).div_ceil(64).max(1) as usize, 0);
         } else if req.total != total {
             return Err(Error::backend(format!(
                 "protocol violation: pieces of request {seq} disagree on its size ({} and {total} bytes)",
                 req.total
             )));
         }
-        if req.admitted + len > total {
+        // The header decoder checked that offset is a multiple of the piece size below total.
+        let index = (offset / self.subchunk) as usize;
+        let bit = 1u64 << (index % 64);
+        if seen[index / 64] & bit != 0 || req.admitted + len > total {
             return Err(Error::backend(format!("protocol violation: request {seq} received a piece twice")));
         }
+        seen[index / 64] |= bit;
         req.admitted += len;
         let piece = Piece { seq, total, offset, addr: req.addr + offset as usize, len: len as usize };
         if total == 0 {
