@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::Wake;
 use super::receiver::RecvThread;
-use super::sender::SendThread;
+use super::sender::{INLINE_MAX, SendSockets, SendThread};
 use super::window::{MAX_REQUESTS, Window};
 use crate::error::{Error, Result};
 use crate::transport::{MemKind, MrHandle, RecvComm, RequestId, SendComm};
@@ -25,6 +25,9 @@ pub struct Threading {
 struct CommCore {
     streams: Arc<[TcpStream]>,
     window: Arc<Window>,
+    /// Send comms: socket claims shared with the helpers, for inline sends.
+    send_sockets: Option<Arc<SendSockets>>,
+    inline_max: usize,
     threads: Vec<JoinHandle<()>>,
     posted: u64,
     /// Requests whose slot was given back (send: tested done; receive: consumed).
@@ -45,9 +48,12 @@ impl CommCore {
         }
         let streams: Arc<[TcpStream]> = streams.into();
         let window = Arc::new(Window::new(how.subchunk, threads, wake)?);
+        let send_sockets = matches!(role, Role::Send).then(|| Arc::new(SendSockets::new(streams.clone(), threads)));
         let mut core = CommCore {
             streams: streams.clone(),
             window: window.clone(),
+            send_sockets: send_sockets.clone(),
+            inline_max: INLINE_MAX.min(how.subchunk),
             threads: Vec::new(),
             posted: 0,
             released: 0,
@@ -56,12 +62,12 @@ impl CommCore {
         for t in 0..threads {
             // Socket k goes to thread k % threads, NCCL's layout of nsocks_per_thread per thread.
             let sockets: Vec<usize> = (t..streams.len()).step_by(threads).collect();
-            let (streams, window) = (streams.clone(), window.clone());
-            let spawned = match role {
-                Role::Send => std::thread::Builder::new()
+            let (streams, window, send_sockets) = (streams.clone(), window.clone(), send_sockets.clone());
+            let spawned = match send_sockets {
+                Some(shared) => std::thread::Builder::new()
                     .name(format!("uccl-sock-tx{t}"))
-                    .spawn(move || SendThread { index: t, sockets, streams, window, spin: how.spin }.run()),
-                Role::Recv => std::thread::Builder::new()
+                    .spawn(move || SendThread { index: t, sockets, shared, window, spin: how.spin }.run()),
+                None => std::thread::Builder::new()
                     .name(format!("uccl-sock-rx{t}"))
                     .spawn(move || RecvThread { index: t, sockets, streams, window, spin: how.spin }.run()),
             };
@@ -77,7 +83,13 @@ impl CommCore {
             return Ok(None);
         }
         let id = self.posted;
-        self.window.post(id, addr, len);
+        let inline = self.send_sockets.as_ref().filter(|_| len <= self.inline_max);
+        if self.window.post(id, addr, len, inline.is_some()) {
+            let sent = inline.is_some_and(|s| s.send_inline(&self.window));
+            if !sent {
+                self.window.wake_helpers();
+            }
+        }
         self.posted += 1;
         Ok(Some(RequestId(id)))
     }

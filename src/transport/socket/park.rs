@@ -50,6 +50,11 @@ impl Parking {
         }
     }
 
+    /// Wakes one thread whatever it is doing (it re-checks its sockets on the way).
+    pub fn wake(&self, thread: usize) {
+        signal(self.event_fd(thread));
+    }
+
     pub fn wake_all(&self) {
         for i in 0..self.events.len() {
             signal(self.event_fd(i));

@@ -101,17 +101,28 @@ impl Window {
         })
     }
 
-    /// Publishes request `seq` (the caller checked the window has room, so its slot is free).
-    pub fn post(&self, seq: u64, addr: usize, len: usize) {
+    /// Publishes request `seq` (the caller checked the window has room, so its slot is free) and
+    /// wakes sleeping helpers, unless `inline` and nothing older is left to cut: then returns true and
+    /// the caller sends it itself.
+    pub fn post(&self, seq: u64, addr: usize, len: usize, inline: bool) -> bool {
         let slot = seq as usize % MAX_REQUESTS;
         self.progress[slot].bytes.store(0, Ordering::Relaxed);
-        {
+        let alone = {
             let mut book = self.book.lock();
             debug_assert_eq!(book.posted, seq);
             book.reqs[slot] = Request { seq, addr, len, total: UNKNOWN, admitted: 0 };
             book.posted = seq + 1;
-        }
+            book.cut_seq == seq
+        };
         self.posted.store(seq + 1, Ordering::SeqCst);
+        if inline && alone {
+            return true;
+        }
+        self.parking.wake_sleepers();
+        false
+    }
+
+    pub fn wake_helpers(&self) {
         self.parking.wake_sleepers();
     }
 
