@@ -55,8 +55,6 @@ pub struct SocketConfig {
     /// A request is cut into pieces of this many bytes; free sockets pull the next piece, so a slow
     /// flow takes fewer of them. `UCCL_TCPX_SOCKET_SUBCHUNK`.
     pub subchunk: u32,
-    /// Pieces at least this large are sent with MSG_ZEROCOPY; 0 = never. `UCCL_TCPX_ZEROCOPY_THRESHOLD`.
-    pub zerocopy_threshold: u32,
     /// How long an idle helper thread polls before it sleeps; default 20 us on 8 or more cores, else
     /// 0. `UCCL_TCPX_SOCKET_SPIN_US`.
     pub spin: Duration,
@@ -70,7 +68,6 @@ impl Default for SocketConfig {
             sndbuf: 0,
             rcvbuf: 0,
             subchunk: 256 << 10,
-            zerocopy_threshold: 0,
             spin: default_spin(),
         }
     }
@@ -171,7 +168,6 @@ impl SocketConfig {
             sndbuf: buf("UCCL_TCPX_SOCKET_SNDBUF")?,
             rcvbuf: buf("UCCL_TCPX_SOCKET_RCVBUF")?,
             subchunk: parse_size(get, "UCCL_TCPX_SOCKET_SUBCHUNK", d.subchunk, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)?,
-            zerocopy_threshold: parse_size(get, "UCCL_TCPX_ZEROCOPY_THRESHOLD", d.zerocopy_threshold, 0, 1 << 30)?,
             spin: Duration::from_micros(parse_in(
                 get,
                 "UCCL_TCPX_SOCKET_SPIN_US",
@@ -262,7 +258,6 @@ mod tests {
             ("UCCL_TCPX_SOCKET_SNDBUF", "4M"),
             ("UCCL_TCPX_SOCKET_RCVBUF", "8M"),
             ("UCCL_TCPX_SOCKET_SUBCHUNK", "128K"),
-            ("UCCL_TCPX_ZEROCOPY_THRESHOLD", "64K"),
             ("UCCL_TCPX_SOCKET_SPIN_US", "0"),
         ])
         .unwrap()
@@ -270,7 +265,7 @@ mod tests {
         assert_eq!((c.nthreads, c.nsocks_per_thread), (4, 2));
         assert_eq!((c.threads_per_comm(), c.sockets_per_comm()), (4, 8));
         assert_eq!((c.sndbuf, c.rcvbuf), (4 << 20, 8 << 20));
-        assert_eq!((c.subchunk, c.zerocopy_threshold, c.spin), (128 << 10, 64 << 10, Duration::ZERO));
+        assert_eq!((c.subchunk, c.spin), (128 << 10, Duration::ZERO));
         let auto = SocketConfig::default();
         assert!((1..=4).contains(&auto.threads_per_comm()), "auto picks 1 to 4 threads");
         assert_eq!(auto.sockets_per_comm(), auto.threads_per_comm());
@@ -296,7 +291,7 @@ mod tests {
             ("UCCL_TCPX_NSOCKS_PERTHREAD", "0"),
             ("UCCL_TCPX_SOCKET_SNDBUF", "2G"),
             ("UCCL_TCPX_SOCKET_SUBCHUNK", "1K"),
-            ("UCCL_TCPX_ZEROCOPY_THRESHOLD", "x"),
+            ("UCCL_TCPX_SOCKET_SUBCHUNK", "x"),
             ("UCCL_TCPX_SOCKET_SPIN_US", "-1"),
         ] {
             let err = cfg(&[(k, v)]).unwrap_err();

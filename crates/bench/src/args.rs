@@ -72,7 +72,7 @@ usage: uccl-tcpx-bench [--loopback | --role server|client --remote-ip IP] [--por
   --ops                 write, read (one-sided), send (two-sided); transport = the socket transport's
                         comms alone, in-process round trips (default write,read,send)
   --sizes               message sizes, K/M/G suffixes (default 8 B to 256 MiB in powers of 4)
-  --iters               transfers per size (default: enough for about 256 MiB, 4 to 2000)
+  --iters               transfers per size (default: about 512 MiB worth, 8 to 2000)
   --depth               transfers in flight (default 1: the latency column is a round trip)
   --channels            data channels per connection (default UCCL_TCPX_NUM_CHANNELS or 2)
   --num-iovs            pieces each transfer is split into (one-sided: iovecs; send: messages)
@@ -160,9 +160,9 @@ impl Args {
         Ok(a)
     }
 
-    /// Transfers for one size: the flag, else about 256 MiB worth, 4 to 2000.
+    /// Transfers for one size: the flag, else about 512 MiB worth, 8 to 2000.
     pub fn iters_for(&self, size: usize) -> usize {
-        self.iters.unwrap_or_else(|| ((256usize << 20) / size).clamp(4, 2000))
+        self.iters.unwrap_or_else(|| ((512usize << 20) / size).clamp(8, 2000))
     }
 
     /// The options a loopback parent hands to its server child.
@@ -227,7 +227,7 @@ mod tests {
         assert_eq!((a.depth, a.channels, a.iters, a.num_iovs), (2, Some(4), Some(9), 3));
         assert!(a.json && !a.baseline && a.plot.is_some());
         assert_eq!(d.iters_for(8), 2000);
-        assert_eq!(d.iters_for(256 << 20), 4);
+        assert_eq!(d.iters_for(256 << 20), 8);
     }
 
     #[test]
