@@ -150,7 +150,6 @@ fn socket_buffer_sizes_and_zero_spin_are_accepted() {
         rcvbuf: 256 << 10,
         subchunk: 32 << 10,
         spin: Duration::ZERO,
-        ..SocketConfig::default()
     };
     concurrent_comms(options, 1, 40);
 }
