@@ -32,6 +32,70 @@ pub struct Config {
     /// A connection with work outstanding that hears nothing from its peer for this long fails with
     /// TIMEOUT (a stalled or vanished peer); also the sockets' TCP_USER_TIMEOUT. `UCCL_TCPX_TIMEOUT_MS`.
     pub timeout: Duration,
+    /// Built-in TCP transport tuning (`UCCL_TCPX_SOCKET_*`, `UCCL_TCPX_NSOCKS_PERTHREAD`, ...).
+    pub socket: SocketConfig,
+}
+
+/// Most data sockets one comm may open (NCCL's MAX_SOCKETS); also what an accepting side allows.
+pub(crate) const MAX_SOCKETS_PER_COMM: usize = 64;
+pub(crate) const MAX_SOCKET_THREADS: u8 = 16;
+
+/// Knobs of the built-in TCP transport, with NCCL's meaning so that operators can map them: each
+/// comm opens `nthreads x nsocks_per_thread` data sockets served by `nthreads` helper threads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketConfig {
+    /// Helper threads per comm; 0 = pick from the core count. `UCCL_TCPX_SOCKET_NTHREADS`.
+    pub nthreads: u8,
+    /// Data sockets each helper thread serves. `UCCL_TCPX_NSOCKS_PERTHREAD`.
+    pub nsocks_per_thread: u8,
+    /// SO_SNDBUF / SO_RCVBUF of data sockets in bytes; 0 leaves the kernel's autotuning on (setting
+    /// a size turns autotuning off). `UCCL_TCPX_SOCKET_SNDBUF`, `UCCL_TCPX_SOCKET_RCVBUF`.
+    pub sndbuf: u32,
+    pub rcvbuf: u32,
+    /// A request is cut into pieces of this many bytes; free sockets pull the next piece, so a slow
+    /// flow takes fewer of them. `UCCL_TCPX_SOCKET_SUBCHUNK`.
+    pub subchunk: u32,
+    /// How long an idle helper thread polls before it sleeps; default 20 us on 8 or more cores, else
+    /// 0. `UCCL_TCPX_SOCKET_SPIN_US`.
+    pub spin: Duration,
+}
+
+impl Default for SocketConfig {
+    fn default() -> SocketConfig {
+        SocketConfig {
+            nthreads: 0,
+            nsocks_per_thread: 1,
+            sndbuf: 0,
+            rcvbuf: 0,
+            subchunk: 256 << 10,
+            spin: default_spin(),
+        }
+    }
+}
+
+/// Spinning pays only with cores to spare: on a small host a spinning helper takes the core that
+/// the thread it waits for needs (on 2 cores, 20 us of spin made an 8-byte round trip 5x slower).
+fn default_spin() -> Duration {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if cores >= 8 { Duration::from_micros(20) } else { Duration::ZERO }
+}
+
+impl SocketConfig {
+    /// Helper threads per comm: the knob, else a quarter of the cores, 1 to 4. A transfer in one
+    /// direction keeps a sending and a receiving thread busy per socket on each host of a loopback
+    /// pair, so more threads than cores only adds context switches (2 cores: 1 thread per comm).
+    pub fn threads_per_comm(&self) -> usize {
+        if self.nthreads != 0 {
+            return self.nthreads as usize;
+        }
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        (cores / 4).clamp(1, 4)
+    }
+
+    /// Data sockets per comm, capped like NCCL at 64.
+    pub fn sockets_per_comm(&self) -> usize {
+        (self.threads_per_comm() * self.nsocks_per_thread as usize).min(MAX_SOCKETS_PER_COMM)
+    }
 }
 
 impl Default for Config {
@@ -45,6 +109,7 @@ impl Default for Config {
             ifname: None,
             connect_timeout: Duration::from_secs(10),
             timeout: Duration::from_secs(30),
+            socket: SocketConfig::default(),
         }
     }
 }
@@ -59,7 +124,7 @@ impl Config {
         let get = |name: &str| lookup(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
         Ok(Config {
             num_channels: parse_in(&get, "UCCL_TCPX_NUM_CHANNELS", d.num_channels, 1, MAX_CHANNELS)?,
-            chunk_size: parse_size(&get, "UCCL_TCPX_CHUNK_SIZE", d.chunk_size)?,
+            chunk_size: parse_size(&get, "UCCL_TCPX_CHUNK_SIZE", d.chunk_size, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)?,
             window: parse_in(&get, "UCCL_TCPX_WINDOW", d.window, 1, MAX_WINDOW)?,
             port: parse_in(&get, "UCCL_TCPX_PORT", d.port, 0, u16::MAX)?,
             ip: get("UCCL_TCPX_IP")
@@ -79,6 +144,36 @@ impl Config {
                 d.timeout.as_millis() as u64,
                 100,
                 86_400_000,
+            )?),
+            socket: SocketConfig::from_lookup(&get)?,
+        })
+    }
+}
+
+impl SocketConfig {
+    fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<SocketConfig> {
+        let d = SocketConfig::default();
+        let nthreads = parse_in(get, "UCCL_TCPX_SOCKET_NTHREADS", d.nthreads, 0, MAX_SOCKET_THREADS)?;
+        let nsocks_per_thread = parse_in(get, "UCCL_TCPX_NSOCKS_PERTHREAD", d.nsocks_per_thread, 1, 64)?;
+        if nthreads as usize * nsocks_per_thread as usize > MAX_SOCKETS_PER_COMM {
+            return Err(Error::invalid(format!(
+                "UCCL_TCPX_SOCKET_NTHREADS={nthreads} x UCCL_TCPX_NSOCKS_PERTHREAD={nsocks_per_thread} \
+                 exceeds {MAX_SOCKETS_PER_COMM} sockets per comm"
+            )));
+        }
+        let buf = |name| parse_size(get, name, 0, 0, 1 << 30);
+        Ok(SocketConfig {
+            nthreads,
+            nsocks_per_thread,
+            sndbuf: buf("UCCL_TCPX_SOCKET_SNDBUF")?,
+            rcvbuf: buf("UCCL_TCPX_SOCKET_RCVBUF")?,
+            subchunk: parse_size(get, "UCCL_TCPX_SOCKET_SUBCHUNK", d.subchunk, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)?,
+            spin: Duration::from_micros(parse_in(
+                get,
+                "UCCL_TCPX_SOCKET_SPIN_US",
+                d.spin.as_micros() as u64,
+                0,
+                1_000_000,
             )?),
         })
     }
@@ -100,17 +195,17 @@ where
 }
 
 /// Accepts plain bytes or a K/M suffix (binary units), e.g. "512K", "1M", "1048576".
-fn parse_size(get: &impl Fn(&str) -> Option<String>, name: &str, default: u32) -> Result<u32> {
+fn parse_size(get: &impl Fn(&str) -> Option<String>, name: &str, default: u32, min: u32, max: u32) -> Result<u32> {
     let Some(raw) = get(name) else { return Ok(default) };
     let (digits, unit) = match raw.as_bytes().last() {
         Some(b'k' | b'K') => (&raw[..raw.len() - 1], 1u64 << 10),
         Some(b'm' | b'M') => (&raw[..raw.len() - 1], 1u64 << 20),
         _ => (raw.as_str(), 1),
     };
-    let expected = format!("a size in {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE} bytes (K and M suffixes allowed)");
+    let expected = format!("a size in {min}..={max} bytes (K and M suffixes allowed)");
     let value = digits.parse::<u64>().ok().and_then(|v| v.checked_mul(unit));
     match value {
-        Some(v) if (MIN_CHUNK_SIZE as u64..=MAX_CHUNK_SIZE as u64).contains(&v) => Ok(v as u32),
+        Some(v) if (min as u64..=max as u64).contains(&v) => Ok(v as u32),
         _ => Err(bad(name, &raw, &expected)),
     }
 }
@@ -156,6 +251,29 @@ mod tests {
     }
 
     #[test]
+    fn parses_socket_knobs() {
+        let c = cfg(&[
+            ("UCCL_TCPX_SOCKET_NTHREADS", "4"),
+            ("UCCL_TCPX_NSOCKS_PERTHREAD", "2"),
+            ("UCCL_TCPX_SOCKET_SNDBUF", "4M"),
+            ("UCCL_TCPX_SOCKET_RCVBUF", "8M"),
+            ("UCCL_TCPX_SOCKET_SUBCHUNK", "128K"),
+            ("UCCL_TCPX_SOCKET_SPIN_US", "0"),
+        ])
+        .unwrap()
+        .socket;
+        assert_eq!((c.nthreads, c.nsocks_per_thread), (4, 2));
+        assert_eq!((c.threads_per_comm(), c.sockets_per_comm()), (4, 8));
+        assert_eq!((c.sndbuf, c.rcvbuf), (4 << 20, 8 << 20));
+        assert_eq!((c.subchunk, c.spin), (128 << 10, Duration::ZERO));
+        let auto = SocketConfig::default();
+        assert!((1..=4).contains(&auto.threads_per_comm()), "auto picks 1 to 4 threads");
+        assert_eq!(auto.sockets_per_comm(), auto.threads_per_comm());
+        let err = cfg(&[("UCCL_TCPX_SOCKET_NTHREADS", "16"), ("UCCL_TCPX_NSOCKS_PERTHREAD", "8")]).unwrap_err();
+        assert!(err.message().contains("64 sockets"), "{}", err.message());
+    }
+
+    #[test]
     fn rejects_out_of_range_and_garbage_naming_the_variable() {
         for (k, v) in [
             ("UCCL_TCPX_NUM_CHANNELS", "0"),
@@ -169,6 +287,12 @@ mod tests {
             ("UCCL_TCPX_IP", "not-an-ip"),
             ("UCCL_TCPX_CONNECT_TIMEOUT_MS", "0"),
             ("UCCL_TCPX_TIMEOUT_MS", "99"),
+            ("UCCL_TCPX_SOCKET_NTHREADS", "17"),
+            ("UCCL_TCPX_NSOCKS_PERTHREAD", "0"),
+            ("UCCL_TCPX_SOCKET_SNDBUF", "2G"),
+            ("UCCL_TCPX_SOCKET_SUBCHUNK", "1K"),
+            ("UCCL_TCPX_SOCKET_SUBCHUNK", "x"),
+            ("UCCL_TCPX_SOCKET_SPIN_US", "-1"),
         ] {
             let err = cfg(&[(k, v)]).unwrap_err();
             assert_eq!(err.status(), crate::error::UcclStatus::ErrInvalidParam);

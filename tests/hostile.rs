@@ -12,6 +12,7 @@ use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use uccl_tcpx::config::SocketConfig;
 use uccl_tcpx::engine::OneSided;
 use uccl_tcpx::proto::control::decode_frame;
 use uccl_tcpx::proto::{ChannelHello, Control, FrameHeader, Handshake, Hello, Refuse};
@@ -41,6 +42,7 @@ fn config() -> Config {
         num_channels: 2,
         chunk_size: 64 << 10,
         connect_timeout: SETUP_TIMEOUT,
+        socket: SocketConfig { nthreads: 1, nsocks_per_thread: 1, ..SocketConfig::default() },
         ..Config::default()
     }
 }
@@ -424,11 +426,15 @@ fn two_hundred_silent_connections_held_at_once() {
 
 // ---------------------------------------------------------------------------------------------
 // A scripted peer that completes the handshake itself, then misbehaves. It speaks the socket
-// transport's wire format, which is private to the crate: it mirrors `SocketHandle` and the stream
-// hello in src/transport/socket/mod.rs and the 8-byte length framing in src/transport/socket/comm.rs.
+// transport's wire format, which is private to the crate: it mirrors `SocketHandle` in
+// src/transport/socket/mod.rs and the data socket hello and piece header in src/transport/socket/wire.rs,
+// with one data socket per comm (so every message is one piece, in order).
 
 const HANDLE_MAGIC: u32 = 0x4B53_5455;
 const STREAM_HELLO_MAGIC: u32 = 0x5353_5455;
+const PIECE_MAGIC: u32 = 0x4350_5455;
+const HELLO_LEN: usize = 32;
+const PIECE_HEADER_LEN: usize = 32;
 
 fn socket_handle(addr: SocketAddr, nonce: u64) -> [u8; 128] {
     let SocketAddr::V4(v4) = addr else { panic!("IPv4 only") };
@@ -449,14 +455,25 @@ fn parse_socket_handle(h: &[u8; 128]) -> (SocketAddr, u64) {
     (SocketAddr::from((ip, port)), u64::from_le_bytes(h[24..32].try_into().unwrap()))
 }
 
-fn stream_hello(nonce: u64) -> Vec<u8> {
+/// The hello of socket 0 of a one-socket comm; the comm id is what the engine's side picks at random.
+fn stream_hello(nonce: u64, comm_id: u64) -> Vec<u8> {
     let mut b = STREAM_HELLO_MAGIC.to_le_bytes().to_vec();
+    b.extend_from_slice(&2u16.to_le_bytes());
+    b.extend_from_slice(&[0, 1]);
     b.extend_from_slice(&nonce.to_le_bytes());
+    b.extend_from_slice(&comm_id.to_le_bytes());
+    b.extend_from_slice(&(256u32 << 10).to_le_bytes());
+    b.extend_from_slice(&[0; 4]);
     b
 }
 
-fn message(payload: &[u8]) -> Vec<u8> {
-    let mut b = (payload.len() as u64).to_le_bytes().to_vec();
+/// Message `seq` of a comm as one piece (payloads here are below the 256 KiB piece size).
+fn message(seq: u64, payload: &[u8]) -> Vec<u8> {
+    let mut b = PIECE_MAGIC.to_le_bytes().to_vec();
+    b.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    b.extend_from_slice(&seq.to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes());
+    b.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     b.extend_from_slice(payload);
     b
 }
@@ -472,7 +489,7 @@ fn read_exact_within(s: &mut TcpStream, n: usize, limit: Duration) -> std::io::R
 #[derive(Clone, Copy)]
 enum Stray {
     None,
-    /// A connection that sends 12 wrong bytes.
+    /// A connection that sends a hello's worth of wrong bytes.
     Garbage,
     /// A connection that sends nothing at all.
     Silent,
@@ -486,6 +503,8 @@ struct FakePeer {
     rx: TcpStream,
     inbox: Vec<u8>,
     _stray: Option<TcpStream>,
+    /// Number of the next message on `tx`.
+    tx_seq: u64,
 }
 
 impl FakePeer {
@@ -514,14 +533,14 @@ impl FakePeer {
             Stray::None => None,
             Stray::Garbage => {
                 let mut s = TcpStream::connect(data_addr)?;
-                s.write_all(&[0xee; 12])?;
+                s.write_all(&[0xee; HELLO_LEN])?;
                 Some(s)
             }
             Stray::Silent => Some(TcpStream::connect(data_addr)?),
         };
         let mut tx = TcpStream::connect(data_addr)?;
-        tx.write_all(&stream_hello(their_handle_nonce))?;
-        tx.write_all(&message(&ChannelHello { channel: 0, nonce: session_nonce }.to_bytes()))?;
+        tx.write_all(&stream_hello(their_handle_nonce, 0x5eed_0000_0000_0003))?;
+        tx.write_all(&message(0, &ChannelHello { channel: 0, nonce: session_nonce }.to_bytes()))?;
         // The engine dials our handle for its send direction.
         listener.set_nonblocking(true)?;
         let deadline = Instant::now() + limit;
@@ -535,17 +554,25 @@ impl FakePeer {
             }
         };
         rx.set_nonblocking(false)?;
-        assert_eq!(read_exact_within(&mut rx, 12, limit)?, stream_hello(our_handle_nonce));
-        let ch = read_exact_within(&mut rx, 8 + 16, limit)?;
-        assert_eq!(u64::from_le_bytes(ch[..8].try_into().unwrap()), 16);
-        assert_eq!(ChannelHello::from_bytes(&ch[8..]).unwrap(), ChannelHello { channel: 0, nonce: session_nonce });
-        Ok(FakePeer { control, tx, rx, inbox: Vec::new(), _stray: stray })
+        let their_hello = read_exact_within(&mut rx, HELLO_LEN, limit)?;
+        let comm_id = u64::from_le_bytes(their_hello[16..24].try_into().unwrap());
+        assert_eq!(their_hello, stream_hello(our_handle_nonce, comm_id));
+        let ch = read_exact_within(&mut rx, PIECE_HEADER_LEN + 16, limit)?;
+        let channel_hello = ChannelHello { channel: 0, nonce: session_nonce };
+        assert_eq!(ch, message(0, &channel_hello.to_bytes()));
+        Ok(FakePeer { control, tx, rx, inbox: Vec::new(), _stray: stray, tx_seq: 1 })
     }
 
     fn send(&mut self, msg: &Control) {
         let mut f = Vec::new();
         msg.encode(&mut f);
         self.control.write_all(&f).unwrap();
+    }
+
+    /// The next data message on our send direction.
+    fn data(&mut self, payload: &[u8]) -> std::io::Result<()> {
+        self.tx_seq += 1;
+        self.tx.write_all(&message(self.tx_seq - 1, payload))
     }
 
     fn send_raw(&mut self, bytes: &[u8]) {
@@ -606,7 +633,7 @@ fn fake_peer_happy_path_moves_data_both_ways() {
     fake.send(&Control::SendAnnounce { xfer: 1, len: 100 });
     let Some(Control::Grant { xfer: 1, flow }) = fake.recv() else { panic!("no Grant") };
     fake.send(&Control::Data { flow, len: 100 });
-    fake.tx.write_all(&message(&pattern(100, 9))).unwrap();
+    fake.data(&pattern(100, 9)).unwrap();
     assert_eq!(fake.recv(), Some(Control::Done { xfer: 1, len: 100 }));
     assert_eq!(wait(&conn, rid).unwrap(), 100);
     assert_eq!(&dst[..100], &pattern(100, 9)[..]);
@@ -618,7 +645,8 @@ fn fake_peer_happy_path_moves_data_both_ways() {
     let Some(Control::SendAnnounce { xfer, len: 50 }) = fake.recv() else { panic!("no SendAnnounce") };
     fake.send(&Control::Grant { xfer, flow: 77 });
     assert_eq!(fake.recv(), Some(Control::Data { flow: 77, len: 50 }));
-    assert_eq!(read_exact_within(&mut fake.rx, 8 + 50, Duration::from_secs(10)).unwrap(), message(&src));
+    let got = read_exact_within(&mut fake.rx, PIECE_HEADER_LEN + 50, Duration::from_secs(10)).unwrap();
+    assert_eq!(got, message(1, &src));
     fake.send(&Control::Done { xfer, len: 50 });
     assert_eq!(wait(&conn, sid).unwrap(), 50);
     // A guessed one-sided request is denied, and the connection stays up.
@@ -744,7 +772,7 @@ fn wrong_sized_data_chunks_fail_the_connection_without_overflow() {
         fake.send(&Control::SendAnnounce { xfer: 1, len: 100 });
         let Some(Control::Grant { flow, .. }) = fake.recv() else { panic!("{name}: no Grant") };
         fake.send(&Control::Data { flow, len: 100 });
-        let _ = fake.tx.write_all(&message(&vec![0xab; sent]));
+        let _ = fake.data(&vec![0xab; sent]);
         let err = wait(&conn, rid).expect_err(name);
         assert_eq!(err.status(), UcclStatus::ErrBackend, "{name}: {err}");
         assert!(dst[100..].iter().all(|&b| b == 0), "{name}: bytes past the receive were written");
@@ -819,7 +847,7 @@ fn done_with_a_wrong_length_fails_the_send() {
     let Some(Control::SendAnnounce { xfer, .. }) = fake.recv() else { panic!("no SendAnnounce") };
     fake.send(&Control::Grant { xfer, flow: 5 });
     assert_eq!(fake.recv(), Some(Control::Data { flow: 5, len: 50 }));
-    read_exact_within(&mut fake.rx, 58, Duration::from_secs(10)).unwrap();
+    read_exact_within(&mut fake.rx, PIECE_HEADER_LEN + 50, Duration::from_secs(10)).unwrap();
     fake.send(&Control::Done { xfer, len: 49 });
     assert_eq!(wait(&conn, sid).unwrap_err().status(), UcclStatus::ErrBackend);
     fake.expect_closed();
@@ -853,7 +881,7 @@ fn silent_data_port_connection_does_not_block_setup() {
 }
 
 /// The engine dials whatever address a Hello's channel handle names (here our own listener) and
-/// sends it 12 + 24 bytes; it gives up by the connect timeout when nothing answers on the control
+/// sends it a data socket hello and a ChannelHello; it gives up by the connect timeout when nothing answers on the control
 /// stream. Documented in docs/RELIABILITY.md: an unauthenticated peer can make it open connections.
 #[test]
 fn hello_handle_makes_the_engine_dial_the_named_address_then_give_up() {
@@ -878,8 +906,9 @@ fn hello_handle_makes_the_engine_dial_the_named_address_then_give_up() {
     dialed.set_nonblocking(false).unwrap();
     let got = read_reply(&mut dialed, SETUP_TIMEOUT + SLACK);
     assert!(got.closed, "the engine kept the dialed connection open");
-    assert_eq!(&got.bytes[..12], &stream_hello(7)[..]);
-    assert_eq!(got.bytes.len(), 12 + 8 + 16, "unexpected bytes sent to the dialed address");
+    let comm_id = u64::from_le_bytes(got.bytes[16..24].try_into().unwrap());
+    assert_eq!(&got.bytes[..HELLO_LEN], &stream_hello(7, comm_id)[..]);
+    assert_eq!(got.bytes.len(), HELLO_LEN + PIECE_HEADER_LEN + 16, "unexpected bytes sent to the dialed address");
     let reply = read_reply(&mut control, SETUP_TIMEOUT + SLACK);
     assert!(reply.closed);
     assert!(matches!(handshakes_in(&reply.bytes).as_slice(), [Handshake::Welcome(_)]));

@@ -96,7 +96,9 @@ impl Engine {
         let waker = Arc::new(Waker::default());
         let wake_from_io = waker.clone();
         let wake: crate::transport::socket::Wake = Arc::new(move || wake_from_io.wake());
-        let net = Arc::new(SocketNet::new(ip, config.connect_timeout, config.timeout, wake));
+        let net = Arc::new(
+            SocketNet::new(ip, config.connect_timeout, config.timeout, wake).with_options(config.socket.clone()),
+        );
         let core = Arc::new(EngineCore {
             config,
             net,

@@ -1,10 +1,14 @@
 //! Command-line options (hand-parsed: a handful of flags does not justify a parser dependency).
 
+use std::path::PathBuf;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
     Write,
     Read,
     Send,
+    /// Round trips over the socket transport's comms alone, in this process (no engine).
+    Transport,
 }
 
 impl Op {
@@ -13,70 +17,176 @@ impl Op {
             Op::Write => "write",
             Op::Read => "read",
             Op::Send => "send",
+            Op::Transport => "transport",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Op, String> {
+        match s {
+            "write" => Ok(Op::Write),
+            "read" => Ok(Op::Read),
+            "send" => Ok(Op::Send),
+            "transport" => Ok(Op::Transport),
+            _ => Err(format!("unknown op {s:?} (write, read, send, transport)")),
         }
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Both ends on this host, the server end in a child process.
+    Loopback,
+    Server,
+    Client,
+}
+
+#[derive(Clone, Debug)]
 pub struct Args {
+    pub role: Role,
+    pub remote_ip: Option<String>,
+    /// The bench's own control port (server listens, client connects); 0 = any (loopback).
+    pub port: u16,
     pub ops: Vec<Op>,
     pub sizes: Vec<usize>,
     pub iters: Option<usize>,
-    /// Bytes per measurement when `iters` is not given.
-    pub bytes: usize,
     pub depth: usize,
-    pub channels: u16,
-    pub anchor: bool,
+    pub channels: Option<u16>,
+    pub num_iovs: usize,
+    pub json: bool,
+    pub plot: Option<PathBuf>,
+    pub baseline: bool,
+    /// Server started by a loopback parent: print the chosen port on stdout.
+    pub announce: bool,
 }
 
-const USAGE: &str = "usage: uccl-tcpx-bench [--ops write,read,send] [--sizes 4K,64K,1M,16M] [--iters N] \
-[--bytes 512M] [--depth N] [--channels N] [--no-anchor]";
+pub const DEFAULT_PORT: u16 = 19_971;
+
+pub const USAGE: &str = "\
+usage: uccl-tcpx-bench [--loopback | --role server|client --remote-ip IP] [--port P]
+                       [--ops write,read,send,transport] [--sizes 8,4K,1M,...] [--iters N] [--depth N]
+                       [--channels N] [--num-iovs N] [--device cpu|gpu] [--json] [--plot FILE.png]
+                       [--no-baseline]
+  --loopback (default)  both ends on this host: the server end runs as a child process
+  --role server         wait for a client on --port (default 19971)
+  --role client         connect to the server at --remote-ip:--port
+  --ops                 write, read (one-sided), send (two-sided); transport = the socket transport's
+                        comms alone, in-process round trips (default write,read,send)
+  --sizes               message sizes, K/M/G suffixes (default 8 B to 256 MiB in powers of 4)
+  --iters               transfers per size (default: about 512 MiB worth, 8 to 2000)
+  --depth               transfers in flight (default 1: the latency column is a round trip)
+  --channels            data channels per connection (default UCCL_TCPX_NUM_CHANNELS or 2)
+  --num-iovs            pieces each transfer is split into (one-sided: iovecs; send: messages)
+  --json                machine-readable results on stdout instead of the tables
+  --plot FILE.png       GB/s against size, ours and the raw TCP baseline
+  --no-baseline         skip the raw TCP baselines
+Socket transport knobs (UCCL_TCPX_SOCKET_NTHREADS, ...) are read from the environment on each side.";
 
 impl Args {
     pub fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         let mut a = Args {
+            role: Role::Loopback,
+            remote_ip: None,
+            port: DEFAULT_PORT,
             ops: vec![Op::Write, Op::Read, Op::Send],
-            sizes: vec![4 << 10, 64 << 10, 1 << 20, 16 << 20],
+            sizes: default_sizes(),
             iters: None,
-            bytes: 512 << 20,
-            depth: 4,
-            channels: 2,
-            anchor: true,
+            depth: 1,
+            channels: None,
+            num_iovs: 1,
+            json: false,
+            plot: None,
+            baseline: true,
+            announce: false,
         };
+        let mut port_given = false;
         while let Some(flag) = it.next() {
             let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"));
             match flag.as_str() {
-                "--ops" => a.ops = value()?.split(',').map(op).collect::<Result<_, _>>()?,
+                "--loopback" => a.role = Role::Loopback,
+                "--role" => {
+                    a.role = match value()?.as_str() {
+                        "server" => Role::Server,
+                        "client" => Role::Client,
+                        "loopback" => Role::Loopback,
+                        other => return Err(format!("unknown role {other:?} (server, client, loopback)")),
+                    }
+                }
+                "--remote-ip" => a.remote_ip = Some(value()?),
+                "--port" => {
+                    a.port = value()?.parse().map_err(|_| "--port needs a port number".to_string())?;
+                    port_given = true;
+                }
+                "--ops" => a.ops = value()?.split(',').map(Op::parse).collect::<Result<_, _>>()?,
                 "--sizes" => a.sizes = value()?.split(',').map(size).collect::<Result<_, _>>()?,
                 "--iters" => a.iters = Some(number(&value()?)?),
-                "--bytes" => a.bytes = size(&value()?)?,
                 "--depth" => a.depth = number(&value()?)?,
-                "--channels" => a.channels = number(&value()?)? as u16,
-                "--no-anchor" => a.anchor = false,
+                "--channels" => {
+                    let n = number(&value()?)?;
+                    a.channels = Some(u16::try_from(n).map_err(|_| format!("--channels {n} is out of range"))?);
+                }
+                "--num-iovs" => a.num_iovs = number(&value()?)?,
+                "--device" => match value()?.as_str() {
+                    "cpu" => {}
+                    "gpu" => {
+                        return Err("--device gpu is not available in this build: the GPU data path is not \
+                                    part of it yet; use --device cpu"
+                            .into());
+                    }
+                    other => return Err(format!("unknown device {other:?} (cpu, gpu)")),
+                },
+                "--json" => a.json = true,
+                "--plot" => a.plot = Some(PathBuf::from(value()?)),
+                "--no-baseline" => a.baseline = false,
+                "--announce" => a.announce = true,
                 "-h" | "--help" => return Err(USAGE.into()),
                 other => return Err(format!("unknown option {other}\n{USAGE}")),
             }
         }
-        if a.ops.is_empty() || a.sizes.is_empty() || a.depth == 0 || a.channels == 0 || a.iters == Some(0) {
+        if a.role == Role::Loopback && !port_given {
+            a.port = 0;
+        }
+        if a.role == Role::Client && a.remote_ip.is_none() {
+            return Err(format!("--role client needs --remote-ip\n{USAGE}"));
+        }
+        if a.ops.is_empty() || a.sizes.is_empty() || a.depth == 0 || a.iters == Some(0) || a.channels == Some(0) {
             return Err(format!("ops, sizes, depth, channels and iters must be non-empty / positive\n{USAGE}"));
+        }
+        if a.num_iovs == 0 || a.sizes.iter().any(|&s| s < a.num_iovs) {
+            return Err(format!("--num-iovs must be at least 1 and at most the smallest size\n{USAGE}"));
+        }
+        if a.sizes.iter().any(|&s| s > u32::MAX as usize / a.depth) {
+            return Err("sizes times depth must stay below 4 GiB (the advertised window's limit)".into());
         }
         Ok(a)
     }
+
+    /// Transfers for one size: the flag, else about 512 MiB worth, 8 to 2000.
+    pub fn iters_for(&self, size: usize) -> usize {
+        self.iters.unwrap_or_else(|| ((512usize << 20) / size).clamp(8, 2000))
+    }
+
+    /// The options a loopback parent hands to its server child.
+    pub fn server_child_args(&self) -> Vec<String> {
+        let mut v = vec!["--role".into(), "server".into(), "--port".into(), "0".into(), "--announce".into()];
+        if let Some(c) = self.channels {
+            v.extend(["--channels".into(), c.to_string()]);
+        }
+        v
+    }
 }
 
-fn op(s: &str) -> Result<Op, String> {
-    match s {
-        "write" => Ok(Op::Write),
-        "read" => Ok(Op::Read),
-        "send" => Ok(Op::Send),
-        _ => Err(format!("unknown op {s:?} (write, read, send)")),
-    }
+/// 8 B to 256 MiB: powers of 4, then 256 MiB.
+pub fn default_sizes() -> Vec<usize> {
+    let mut v: Vec<usize> = (0..13).map(|i| 8usize << (2 * i)).collect();
+    v.push(256 << 20);
+    v
 }
 
 fn number(s: &str) -> Result<usize, String> {
     s.parse().map_err(|_| format!("{s:?} is not a number"))
 }
 
-fn size(s: &str) -> Result<usize, String> {
+pub fn size(s: &str) -> Result<usize, String> {
     let (digits, unit) = match s.as_bytes().last() {
         Some(b'K' | b'k') => (&s[..s.len() - 1], 1 << 10),
         Some(b'M' | b'm') => (&s[..s.len() - 1], 1 << 20),
@@ -101,19 +211,45 @@ mod tests {
     fn defaults_and_overrides() {
         let d = parse("").unwrap();
         assert_eq!(d.ops, vec![Op::Write, Op::Read, Op::Send]);
-        assert!(d.anchor);
-        let a = parse("--ops read,send --sizes 1K,2M,1G,7 --depth 2 --channels 4 --iters 9 --no-anchor").unwrap();
+        assert_eq!((d.role, d.port, d.depth, d.num_iovs), (Role::Loopback, 0, 1, 1));
+        assert_eq!(d.sizes.first(), Some(&8));
+        assert_eq!(d.sizes.last(), Some(&(256 << 20)));
+        assert!(d.sizes.windows(2).all(|w| w[0] < w[1]));
+        assert!(d.baseline);
+        let a = parse(
+            "--role client --remote-ip 10.0.0.2 --ops read,send --sizes 1K,2M,1G,7 --depth 2 --channels 4 \
+             --iters 9 --num-iovs 3 --json --plot x.png --no-baseline",
+        )
+        .unwrap();
+        assert_eq!((a.role, a.remote_ip.as_deref(), a.port), (Role::Client, Some("10.0.0.2"), DEFAULT_PORT));
         assert_eq!(a.ops, vec![Op::Read, Op::Send]);
         assert_eq!(a.sizes, vec![1 << 10, 2 << 20, 1 << 30, 7]);
-        assert_eq!((a.depth, a.channels, a.iters, a.anchor), (2, 4, Some(9), false));
+        assert_eq!((a.depth, a.channels, a.iters, a.num_iovs), (2, Some(4), Some(9), 3));
+        assert!(a.json && !a.baseline && a.plot.is_some());
+        assert_eq!(d.iters_for(8), 2000);
+        assert_eq!(d.iters_for(256 << 20), 8);
     }
 
     #[test]
     fn rejects_bad_input() {
-        for bad in
-            ["--ops fly", "--sizes 0", "--sizes 4X", "--depth 0", "--iters", "--bogus", "--sizes 99999999999999999999G"]
-        {
+        for bad in [
+            "--ops fly",
+            "--sizes 0",
+            "--sizes 4X",
+            "--depth 0",
+            "--iters",
+            "--bogus",
+            "--sizes 99999999999999999999G",
+            "--role client",
+            "--role nope",
+            "--num-iovs 0",
+            "--sizes 4 --num-iovs 8",
+            "--channels 70000",
+            "--sizes 3G --depth 2",
+        ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
+        let gpu = parse("--device gpu").unwrap_err();
+        assert!(gpu.contains("not available in this build"), "{gpu}");
     }
 }

@@ -1,127 +1,95 @@
-//! Socket comms. Each message on the stream is an 8-byte little-endian length followed by the
-//! payload; the receiver refuses a length larger than the posted buffer. Requests complete strictly
-//! in posting order, so completion is a counter and per-slot sizes, read without locks by `test`.
+//! Socket comms: a request window shared with helper threads, each serving some of the comm's data
+//! sockets. Requests are numbered in posting order; `test` reads a completion flag without locking.
 
-use std::collections::VecDeque;
-use std::io::{IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
-
-use parking_lot::{Condvar, Mutex};
+use std::time::Duration;
 
 use super::Wake;
+use super::receiver::RecvThread;
+use super::sender::{INLINE_MAX, SendSockets, SendThread};
+use super::window::{MAX_REQUESTS, Window};
 use crate::error::{Error, Result};
 use crate::transport::{MemKind, MrHandle, RecvComm, RequestId, SendComm};
 
-/// Outstanding requests per comm, the same bound TCPX imposes.
-pub(crate) const MAX_REQUESTS: usize = 16;
-
-#[derive(Clone, Copy)]
-struct Work {
-    addr: usize,
-    len: usize,
+/// How a comm spreads its sockets over helper threads.
+#[derive(Clone, Copy, Debug)]
+pub struct Threading {
+    pub threads: usize,
+    pub subchunk: usize,
+    pub spin: Duration,
 }
 
-#[derive(Default)]
-struct Queue {
-    work: VecDeque<Work>,
-    closing: bool,
-}
-
-struct Shared {
-    queue: Mutex<Queue>,
-    ready: Condvar,
-    /// Requests finished so far; request `i` is done when `completed > i`.
-    completed: AtomicU64,
-    sizes: [AtomicU64; MAX_REQUESTS],
-    failure: Mutex<Option<Error>>,
-    /// Set with `failure`, so that polling a healthy comm takes no lock.
-    failed: AtomicBool,
-    wake: Wake,
-}
-
-impl Shared {
-    fn new(wake: Wake) -> Arc<Shared> {
-        Arc::new(Shared {
-            queue: Mutex::new(Queue::default()),
-            ready: Condvar::new(),
-            completed: AtomicU64::new(0),
-            sizes: Default::default(),
-            failure: Mutex::new(None),
-            failed: AtomicBool::new(false),
-            wake,
-        })
-    }
-
-    fn next_work(&self) -> Option<Work> {
-        let mut q = self.queue.lock();
-        loop {
-            if q.closing {
-                return None;
-            }
-            if let Some(w) = q.work.pop_front() {
-                return Some(w);
-            }
-            self.ready.wait(&mut q);
-        }
-    }
-
-    fn complete(&self, index: u64, size: usize) {
-        self.sizes[index as usize % MAX_REQUESTS].store(size as u64, Ordering::Relaxed);
-        self.completed.store(index + 1, Ordering::Release);
-        (self.wake)();
-    }
-
-    fn fail(&self, err: Error) {
-        self.failure.lock().get_or_insert(err);
-        self.failed.store(true, Ordering::Release);
-        (self.wake)();
-    }
-
-    fn check(&self) -> Result<()> {
-        if !self.failed.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        match &*self.failure.lock() {
-            Some(e) => Err(e.clone()),
-            None => Ok(()),
-        }
-    }
-}
-
-/// The part both comm kinds share: the helper thread, its queue and the request window.
+/// What both comm kinds share: the threads, their window, and the caller's view of the requests.
 struct CommCore {
-    stream: TcpStream,
-    shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    streams: Arc<[TcpStream]>,
+    window: Arc<Window>,
+    /// Send comms: socket claims shared with the helpers, for inline sends.
+    send_sockets: Option<Arc<SendSockets>>,
+    inline_max: usize,
+    threads: Vec<JoinHandle<()>>,
     posted: u64,
     /// Requests whose slot was given back (send: tested done; receive: consumed).
     released: u64,
     tested: u64,
 }
 
+enum Role {
+    Send,
+    Recv,
+}
+
 impl CommCore {
-    fn start(stream: TcpStream, wake: Wake, name: &str, run: fn(TcpStream, Arc<Shared>)) -> Result<CommCore> {
-        let shared = Shared::new(wake);
-        let io_stream = stream.try_clone().map_err(|e| Error::io("clone channel stream", e))?;
-        let thread_shared = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || run(io_stream, thread_shared))
-            .map_err(|e| Error::io("spawn channel thread", e))?;
-        Ok(CommCore { stream, shared, thread: Some(thread), posted: 0, released: 0, tested: 0 })
+    fn start(streams: Vec<TcpStream>, wake: Wake, how: Threading, role: Role) -> Result<CommCore> {
+        let threads = how.threads.clamp(1, streams.len().max(1));
+        for s in &streams {
+            s.set_nonblocking(true).map_err(|e| Error::io("configure data socket", e))?;
+        }
+        let streams: Arc<[TcpStream]> = streams.into();
+        let window = Arc::new(Window::new(how.subchunk, threads, wake)?);
+        let send_sockets = matches!(role, Role::Send).then(|| Arc::new(SendSockets::new(streams.clone(), threads)));
+        let mut core = CommCore {
+            streams: streams.clone(),
+            window: window.clone(),
+            send_sockets: send_sockets.clone(),
+            inline_max: INLINE_MAX.min(how.subchunk),
+            threads: Vec::new(),
+            posted: 0,
+            released: 0,
+            tested: 0,
+        };
+        for t in 0..threads {
+            // Socket k goes to thread k % threads, NCCL's layout of nsocks_per_thread per thread.
+            let sockets: Vec<usize> = (t..streams.len()).step_by(threads).collect();
+            let (streams, window, send_sockets) = (streams.clone(), window.clone(), send_sockets.clone());
+            let spawned = match send_sockets {
+                Some(shared) => std::thread::Builder::new()
+                    .name(format!("uccl-sock-tx{t}"))
+                    .spawn(move || SendThread { index: t, sockets, shared, window, spin: how.spin }.run()),
+                None => std::thread::Builder::new()
+                    .name(format!("uccl-sock-rx{t}"))
+                    .spawn(move || RecvThread { index: t, sockets, streams, window, spin: how.spin }.run()),
+            };
+            // On error the partly built core's drop stops the threads already started.
+            core.threads.push(spawned.map_err(|e| Error::io("spawn channel thread", e))?);
+        }
+        Ok(core)
     }
 
     fn post(&mut self, addr: usize, len: usize) -> Result<Option<RequestId>> {
-        self.shared.check()?;
+        self.window.check()?;
         if self.posted - self.released >= MAX_REQUESTS as u64 {
             return Ok(None);
         }
-        self.shared.queue.lock().work.push_back(Work { addr, len });
-        self.shared.ready.notify_one();
         let id = self.posted;
+        let inline = self.send_sockets.as_ref().filter(|_| len <= self.inline_max);
+        if self.window.post(id, addr, len, inline.is_some()) {
+            let sent = inline.is_some_and(|s| s.send_inline(&self.window));
+            if !sent {
+                self.window.wake_helpers();
+            }
+        }
         self.posted += 1;
         Ok(Some(RequestId(id)))
     }
@@ -133,23 +101,25 @@ impl CommCore {
                 req.0, self.tested
             )));
         }
-        if self.shared.completed.load(Ordering::Acquire) > req.0 {
+        if let Some(size) = self.window.done(req.0) {
             self.tested += 1;
-            return Ok(Some(self.shared.sizes[req.0 as usize % MAX_REQUESTS].load(Ordering::Relaxed) as usize));
+            return Ok(Some(size));
         }
-        self.shared.check()?;
+        self.window.check()?;
         Ok(None)
     }
 }
 
 impl Drop for CommCore {
     fn drop(&mut self) {
-        self.shared.queue.lock().closing = true;
-        self.shared.ready.notify_all();
-        // Unblocks a helper thread stuck in read/write so that it stops touching caller memory before
-        // the drop returns.
-        let _ = self.stream.shutdown(Shutdown::Both);
-        if let Some(t) = self.thread.take() {
+        self.window.close();
+        // Unblocks nothing (sockets are non-blocking) but tells the peer at once, and makes a thread
+        // that is mid-poll see an event.
+        for s in self.streams.iter() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        // Joining first guarantees no helper touches caller memory after the drop returns.
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -158,8 +128,8 @@ impl Drop for CommCore {
 pub struct SocketSendComm(CommCore);
 
 impl SocketSendComm {
-    pub fn new(stream: TcpStream, wake: Wake) -> Result<SocketSendComm> {
-        Ok(SocketSendComm(CommCore::start(stream, wake, "uccl-sock-tx", run_sender)?))
+    pub fn new(streams: Vec<TcpStream>, wake: Wake, how: Threading) -> Result<SocketSendComm> {
+        Ok(SocketSendComm(CommCore::start(streams, wake, how, Role::Send)?))
     }
 }
 
@@ -185,8 +155,8 @@ impl SendComm for SocketSendComm {
 pub struct SocketRecvComm(CommCore);
 
 impl SocketRecvComm {
-    pub fn new(stream: TcpStream, wake: Wake) -> Result<SocketRecvComm> {
-        Ok(SocketRecvComm(CommCore::start(stream, wake, "uccl-sock-rx", run_receiver)?))
+    pub fn new(streams: Vec<TcpStream>, wake: Wake, how: Threading) -> Result<SocketRecvComm> {
+        Ok(SocketRecvComm(CommCore::start(streams, wake, how, Role::Recv)?))
     }
 }
 
@@ -224,64 +194,4 @@ fn host_only(kind: MemKind) -> Result<MrHandle> {
             "the socket transport moves host memory only; GPU buffers need staging",
         )),
     }
-}
-
-fn run_sender(mut stream: TcpStream, shared: Arc<Shared>) {
-    let mut index = 0u64;
-    while let Some(w) = shared.next_work() {
-        // SAFETY: isend's contract keeps [addr, addr+len) valid until completion or comm drop, and
-        // the drop joins this thread first.
-        let payload = unsafe { std::slice::from_raw_parts(w.addr as *const u8, w.len) };
-        let header = (w.len as u64).to_le_bytes();
-        if let Err(e) = write_all_vectored(&mut stream, &header, payload) {
-            return shared.fail(Error::io("channel send", e));
-        }
-        shared.complete(index, w.len);
-        index += 1;
-    }
-}
-
-fn run_receiver(mut stream: TcpStream, shared: Arc<Shared>) {
-    let mut index = 0u64;
-    while let Some(w) = shared.next_work() {
-        let mut header = [0u8; 8];
-        if let Err(e) = stream.read_exact(&mut header) {
-            return shared.fail(Error::io("channel receive", e));
-        }
-        let size = u64::from_le_bytes(header);
-        if size > w.len as u64 {
-            return shared
-                .fail(Error::backend(format!("peer sent a {size}-byte message into a {}-byte receive", w.len)));
-        }
-        // SAFETY: irecv's contract gives this thread exclusive use of [addr, addr+len) until
-        // completion or comm drop, and the drop joins this thread first; size <= len.
-        let buf = unsafe { std::slice::from_raw_parts_mut(w.addr as *mut u8, size as usize) };
-        if let Err(e) = stream.read_exact(buf) {
-            return shared.fail(Error::io("channel receive", e));
-        }
-        shared.complete(index, size as usize);
-        index += 1;
-    }
-}
-
-/// One syscall for header and payload in the common case, so a small message is one TCP segment.
-fn write_all_vectored(stream: &mut TcpStream, header: &[u8], payload: &[u8]) -> std::io::Result<()> {
-    let total = header.len() + payload.len();
-    let mut written = 0;
-    while written < total {
-        let n = match if written < header.len() {
-            stream.write_vectored(&[IoSlice::new(&header[written..]), IoSlice::new(payload)])
-        } else {
-            stream.write(&payload[written - header.len()..])
-        } {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        written += n;
-    }
-    Ok(())
 }

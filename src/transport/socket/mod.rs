@@ -1,9 +1,16 @@
-//! Built-in TCP transport: one TCP stream per comm, a helper thread per comm doing blocking I/O
-//! straight from and into the caller's buffers, completions reported through counters the engine
-//! polls, and a wake callback so an idle progress thread can sleep instead of spinning.
+//! Built-in TCP transport in the shape of NCCL's socket transport: each comm opens several data
+//! sockets served by a few helper threads. A request is cut into pieces that free sockets pull in
+//! order (dynamic load balancing, as Google's Fast Socket does), each piece carries a header with its
+//! request number and offset, and the receiver lands it straight in the posted buffer. Completions
+//! are flags the engine polls, plus a wake callback so an idle progress thread can sleep.
 
 mod comm;
 pub mod iface;
+mod park;
+mod receiver;
+mod sender;
+mod window;
+mod wire;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -15,13 +22,15 @@ use socket2::{SockRef, TcpKeepalive};
 use super::{ListenComm, Net, NetHandle, Properties, RecvComm, SendComm};
 use crate::error::{Error, Result};
 
-use comm::MAX_REQUESTS;
+use crate::config::{MAX_SOCKETS_PER_COMM, SocketConfig};
+use comm::Threading;
+use window::MAX_REQUESTS;
+use wire::{HELLO_LEN, SocketHello};
 
 /// Called by helper threads whenever a request completes or a comm fails.
 pub type Wake = Arc<dyn Fn() + Send + Sync>;
 
 const HANDLE_MAGIC: u32 = 0x4B53_5455;
-const STREAM_HELLO_MAGIC: u32 = 0x5353_5455;
 
 pub struct SocketNet {
     ip: IpAddr,
@@ -29,11 +38,50 @@ pub struct SocketNet {
     /// Unacknowledged data older than this fails the stream (TCP_USER_TIMEOUT).
     io_timeout: Duration,
     wake: Wake,
+    options: SocketConfig,
 }
 
 impl SocketNet {
     pub fn new(ip: IpAddr, connect_timeout: Duration, io_timeout: Duration, wake: Wake) -> SocketNet {
-        SocketNet { ip, connect_timeout, io_timeout, wake }
+        SocketNet { ip, connect_timeout, io_timeout, wake, options: SocketConfig::default() }
+    }
+
+    /// Socket counts, buffer sizes and thread tuning (`Config::socket`).
+    pub fn with_options(mut self, options: SocketConfig) -> SocketNet {
+        self.options = options;
+        self
+    }
+
+    fn threading(&self) -> Threading {
+        Threading {
+            threads: self.options.threads_per_comm(),
+            subchunk: self.options.subchunk as usize,
+            spin: self.options.spin,
+        }
+    }
+
+    fn set_buffers(&self, sock: SockRef<'_>) -> Result<()> {
+        let io = |e| Error::io("set data socket buffer size", e);
+        if self.options.sndbuf > 0 {
+            sock.set_send_buffer_size(self.options.sndbuf as usize).map_err(io)?;
+        }
+        if self.options.rcvbuf > 0 {
+            sock.set_recv_buffer_size(self.options.rcvbuf as usize).map_err(io)?;
+        }
+        Ok(())
+    }
+
+    fn connect_one(&self, h: &SocketHandle, hello: &SocketHello) -> Result<TcpStream> {
+        let ctx = || format!("connect channel to {}", h.addr);
+        let sock = socket2::Socket::new(socket2::Domain::for_address(h.addr), socket2::Type::STREAM, None)
+            .map_err(|e| Error::io(ctx(), e))?;
+        // Buffer sizes must be set before connecting for the window scale to account for them.
+        self.set_buffers(SockRef::from(&sock))?;
+        sock.connect_timeout(&h.addr.into(), self.connect_timeout).map_err(|e| Error::io(ctx(), e))?;
+        let mut stream = TcpStream::from(sock);
+        tune_stream(&stream, self.io_timeout)?;
+        stream.write_all(&hello.encode()).map_err(|e| Error::io(ctx(), e))?;
+        Ok(stream)
     }
 }
 
@@ -81,13 +129,6 @@ impl SocketHandle {
         let nonce = u64::from_le_bytes(h[24..32].try_into().expect("8 bytes"));
         Ok(SocketHandle { addr: SocketAddr::new(ip, port), nonce })
     }
-}
-
-fn stream_hello(nonce: u64) -> [u8; 12] {
-    let mut b = [0u8; 12];
-    b[0..4].copy_from_slice(&STREAM_HELLO_MAGIC.to_le_bytes());
-    b[4..12].copy_from_slice(&nonce.to_le_bytes());
-    b
 }
 
 /// Settings shared by control and data streams: no Nagle delay on small frames; keepalive and a user
@@ -141,7 +182,13 @@ impl Net for SocketNet {
     fn listen(&self, dev: usize) -> Result<(NetHandle, Box<dyn ListenComm>)> {
         self.properties(dev)?;
         let bind = SocketAddr::new(if self.ip.is_ipv4() { [0u8; 4].into() } else { [0u16; 8].into() }, 0);
-        let listener = TcpListener::bind(bind).map_err(|e| Error::io("bind channel listener", e))?;
+        let sock = socket2::Socket::new(socket2::Domain::for_address(bind), socket2::Type::STREAM, None)
+            .map_err(|e| Error::io("channel listener", e))?;
+        // Accepted sockets inherit buffer sizes from the listener, in time for the handshake.
+        self.set_buffers(SockRef::from(&sock))?;
+        sock.bind(&bind.into()).map_err(|e| Error::io("bind channel listener", e))?;
+        sock.listen(MAX_PENDING_STREAMS as i32).map_err(|e| Error::io("listen for channels", e))?;
+        let listener = TcpListener::from(sock);
         listener.set_nonblocking(true).map_err(|e| Error::io("channel listener", e))?;
         let port = listener.local_addr().map_err(|e| Error::io("channel listener", e))?.port();
         let handle = SocketHandle { addr: SocketAddr::new(self.ip, port), nonce: random_u64() };
@@ -151,7 +198,9 @@ impl Net for SocketNet {
             timeout: self.connect_timeout,
             io_timeout: self.io_timeout,
             wake: self.wake.clone(),
+            threading: self.threading(),
             pending: Vec::new(),
+            groups: Vec::new(),
         };
         Ok((handle.encode(), Box::new(listen)))
     }
@@ -159,11 +208,20 @@ impl Net for SocketNet {
     fn connect(&self, dev: usize, handle: &mut NetHandle) -> Result<Option<Box<dyn SendComm>>> {
         self.properties(dev)?;
         let h = SocketHandle::decode(handle)?;
-        let ctx = || format!("connect channel to {}", h.addr);
-        let mut stream = TcpStream::connect_timeout(&h.addr, self.connect_timeout).map_err(|e| Error::io(ctx(), e))?;
-        tune_stream(&stream, self.io_timeout)?;
-        stream.write_all(&stream_hello(h.nonce)).map_err(|e| Error::io(ctx(), e))?;
-        Ok(Some(Box::new(comm::SocketSendComm::new(stream, self.wake.clone())?)))
+        let count = self.options.sockets_per_comm();
+        let comm_id = random_u64();
+        let mut streams = Vec::with_capacity(count);
+        for index in 0..count {
+            let hello = SocketHello {
+                listen_nonce: h.nonce,
+                comm_id,
+                index: index as u8,
+                count: count as u8,
+                subchunk: self.options.subchunk,
+            };
+            streams.push(self.connect_one(&h, &hello)?);
+        }
+        Ok(Some(Box::new(comm::SocketSendComm::new(streams, self.wake.clone(), self.threading())?)))
     }
 }
 
@@ -173,45 +231,67 @@ struct SocketListen {
     timeout: Duration,
     io_timeout: Duration,
     wake: Wake,
-    /// Accepted streams whose 12-byte hello has not fully arrived; read without blocking so that a
-    /// silent stranger cannot hold up the real connections queued behind it.
+    threading: Threading,
+    /// Accepted streams whose hello has not fully arrived; read without blocking so that a silent
+    /// stranger cannot hold up the real connections queued behind it.
     pending: Vec<PendingStream>,
+    /// Comms some of whose sockets arrived, waiting for the rest.
+    groups: Vec<SocketGroup>,
 }
 
 struct PendingStream {
     stream: TcpStream,
     peer: SocketAddr,
-    hello: [u8; 12],
+    hello: [u8; HELLO_LEN],
     got: usize,
     since: std::time::Instant,
 }
 
-/// Streams waiting for their hello at once; more are refused until some finish or time out.
+struct SocketGroup {
+    comm_id: u64,
+    subchunk: u32,
+    streams: Vec<Option<TcpStream>>,
+    arrived: usize,
+    since: std::time::Instant,
+}
+
+/// Streams held at once (waiting for a hello, or for the rest of their comm); more wait in the
+/// kernel's backlog until some finish or time out.
 const MAX_PENDING_STREAMS: usize = 256;
 
 impl SocketListen {
+    fn held_streams(&self) -> usize {
+        self.pending.len() + self.groups.iter().map(|g| g.arrived).sum::<usize>()
+    }
+
     fn take_new_streams(&mut self) -> Result<()> {
-        while self.pending.len() < MAX_PENDING_STREAMS {
+        while self.held_streams() < MAX_PENDING_STREAMS {
             let (stream, peer) = match self.listener.accept() {
                 Ok(s) => s,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(Error::io("accept channel", e)),
             };
             stream.set_nonblocking(true).map_err(|e| Error::io(format!("accept channel from {peer}"), e))?;
-            self.pending.push(PendingStream { stream, peer, hello: [0; 12], got: 0, since: std::time::Instant::now() });
+            self.pending.push(PendingStream {
+                stream,
+                peer,
+                hello: [0; HELLO_LEN],
+                got: 0,
+                since: std::time::Instant::now(),
+            });
         }
         Ok(())
     }
 
-    /// Reads what has arrived of a pending hello: Some(true) complete and valid, Some(false) to drop.
-    fn poll_hello(p: &mut PendingStream, expected: &[u8; 12], timeout: Duration) -> Option<bool> {
+    /// Reads what has arrived of a pending hello: Some(true) complete, Some(false) to drop.
+    fn poll_hello(p: &mut PendingStream, timeout: Duration) -> Option<bool> {
         loop {
             match p.stream.read(&mut p.hello[p.got..]) {
                 Ok(0) => return Some(false),
                 Ok(n) => {
                     p.got += n;
                     if p.got == p.hello.len() {
-                        return Some(&p.hello == expected);
+                        return Some(true);
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -224,24 +304,73 @@ impl SocketListen {
     }
 }
 
+impl SocketListen {
+    /// Files a socket under its comm; returns the comm's sockets once all of them arrived.
+    fn file(&mut self, hello: SocketHello, stream: TcpStream, peer: SocketAddr) -> Option<SocketGroup> {
+        let pos = match self.groups.iter().position(|g| g.comm_id == hello.comm_id) {
+            Some(pos) => pos,
+            None => {
+                self.groups.push(SocketGroup {
+                    comm_id: hello.comm_id,
+                    subchunk: hello.subchunk,
+                    streams: (0..hello.count).map(|_| None).collect(),
+                    arrived: 0,
+                    since: std::time::Instant::now(),
+                });
+                self.groups.len() - 1
+            }
+        };
+        let g = &mut self.groups[pos];
+        let fits = g.streams.len() == hello.count as usize && g.subchunk == hello.subchunk;
+        if !fits || g.streams[hello.index as usize].is_some() {
+            log::warn!("dropping a data socket from {peer} that contradicts the other sockets of its comm");
+            return None;
+        }
+        g.streams[hello.index as usize] = Some(stream);
+        g.arrived += 1;
+        (g.arrived == g.streams.len()).then(|| self.groups.swap_remove(pos))
+    }
+}
+
 impl ListenComm for SocketListen {
     fn accept(&mut self) -> Result<Option<Box<dyn RecvComm>>> {
         self.take_new_streams()?;
-        let expected = stream_hello(self.nonce);
+        let timeout = self.timeout;
+        self.groups.retain(|g| {
+            let alive = g.since.elapsed() <= timeout;
+            if !alive {
+                log::warn!(
+                    "dropping a channel whose {} of {} data sockets arrived in time",
+                    g.arrived,
+                    g.streams.len()
+                );
+            }
+            alive
+        });
         let mut i = 0;
         while i < self.pending.len() {
-            match Self::poll_hello(&mut self.pending[i], &expected, self.timeout) {
+            match Self::poll_hello(&mut self.pending[i], timeout) {
                 None => i += 1,
                 Some(false) => {
                     let p = self.pending.swap_remove(i);
-                    log::warn!("ignoring a connection from {} that does not carry this listener's nonce", p.peer);
+                    log::warn!("ignoring a connection from {} that sent no hello", p.peer);
                 }
                 Some(true) => {
                     let p = self.pending.swap_remove(i);
-                    let io = |e| Error::io(format!("accept channel from {}", p.peer), e);
-                    p.stream.set_nonblocking(false).map_err(io)?;
+                    let hello = match SocketHello::decode(&p.hello, self.nonce) {
+                        Ok(h) => h,
+                        Err(e) => {
+                            log::warn!("ignoring a connection from {}: {e}", p.peer);
+                            continue;
+                        }
+                    };
                     tune_stream(&p.stream, self.io_timeout)?;
-                    return Ok(Some(Box::new(comm::SocketRecvComm::new(p.stream, self.wake.clone())?)));
+                    if let Some(group) = self.file(hello, p.stream, p.peer) {
+                        debug_assert!(group.streams.len() <= MAX_SOCKETS_PER_COMM);
+                        let streams: Vec<TcpStream> = group.streams.into_iter().flatten().collect();
+                        let threading = Threading { subchunk: group.subchunk as usize, ..self.threading };
+                        return Ok(Some(Box::new(comm::SocketRecvComm::new(streams, self.wake.clone(), threading)?)));
+                    }
                 }
             }
         }

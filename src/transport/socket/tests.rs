@@ -136,7 +136,7 @@ fn stray_connection_without_nonce_is_ignored() {
     let (handle, mut listen) = net.listen(0).unwrap();
     let h = SocketHandle::decode(&handle).unwrap();
     let mut stray = std::net::TcpStream::connect(h.addr).unwrap();
-    stray.write_all(&[0u8; 12]).unwrap();
+    stray.write_all(&[0u8; wire::HELLO_LEN]).unwrap();
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {
         assert!(listen.accept().unwrap().is_none());

@@ -1,0 +1,213 @@
+//! The client end: drives every op and size against the server, checks one transfer of each point
+//! byte for byte before timing it, and measures the raw TCP baselines of the same sizes.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use uccl_tcpx::engine::OneSided;
+use uccl_tcpx::proto::FifoItem;
+use uccl_tcpx::{Config, Connection, Engine};
+
+use crate::args::{Args, Op};
+use crate::ctl::{self, Ctl, field};
+use crate::progress::Progress;
+use crate::raw;
+use crate::report::{Point, RunInfo};
+use crate::server::wait;
+use crate::transport_ping;
+
+type Io<T> = std::io::Result<T>;
+
+/// Called after every measured point, with the progress bar to clear before printing.
+pub type OnPoint<'a> = &'a mut dyn FnMut(&RunInfo, &Point, &mut Progress);
+
+pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(RunInfo, Vec<Point>)> {
+    let mut ctl = Ctl::new(TcpStream::connect(SocketAddr::new(server, port))?)?;
+    let mut config = Config::from_env().map_err(std::io::Error::other)?;
+    if let Some(c) = args.channels {
+        config.num_channels = c;
+    }
+    if server.is_loopback() {
+        config.ip = Some(server);
+    }
+    let max = args.sizes.iter().max().copied().unwrap_or(8);
+    let bytes = max * args.depth;
+    ctl.send(&format!("SETUP {bytes} {}", config.num_channels))?;
+    let ready = ctl.expect("READY")?;
+    let engine_port: u16 = field(&ready, 1)?;
+    let fifo_bytes = ready.get(2).and_then(|h| ctl::unhex(h)).filter(|b| b.len() == 64);
+    let fifo = FifoItem::from_bytes(
+        &fifo_bytes.ok_or_else(|| std::io::Error::other("malformed FifoItem from the server"))?.try_into().unwrap(),
+    );
+    let engine = Engine::new(config.clone()).map_err(std::io::Error::other)?;
+    let mut buf = vec![0u8; bytes];
+    let mr = engine.register(buf.as_mut_ptr() as usize, bytes).map_err(std::io::Error::other)?;
+    let conn = engine.connect(&server.to_string(), "0", engine_port).map_err(std::io::Error::other)?;
+    let streams = config.num_channels as usize * config.socket.sockets_per_comm();
+    let info = RunInfo {
+        channels: config.num_channels,
+        sockets_per_comm: config.socket.sockets_per_comm(),
+        threads_per_comm: config.socket.threads_per_comm(),
+        raw_streams: streams,
+        depth: args.depth,
+        num_iovs: args.num_iovs,
+        chunk_size: config.chunk_size,
+    };
+    let steps = args.ops.len() * args.sizes.len() + if args.baseline { args.sizes.len() } else { 0 };
+    let mut progress = Progress::new(steps);
+    let mut baselines: HashMap<usize, (f64, Duration)> = HashMap::new();
+    let mut points = Vec::new();
+    let mut seed = 1u64;
+    for &op in &args.ops {
+        for &size in &args.sizes {
+            progress.step(&format!("{} {}", op.name(), crate::report::human(size)));
+            seed += 1;
+            let iters = args.iters_for(size);
+            let samples = if op == Op::Transport {
+                transport_ping::round_trips(size, iters, &config)?
+            } else {
+                let mut run = Run { args, ctl: &mut ctl, conn: &conn, mr, buf: &mut buf, fifo, op, size, seed };
+                run.measure(iters)?
+            };
+            let baseline = if !args.baseline {
+                None
+            } else if let Some(&known) = baselines.get(&size) {
+                Some(known)
+            } else {
+                progress.step(&format!("raw TCP {}", crate::report::human(size)));
+                let raw_gbs = raw::streams_client(&mut ctl, server, &buf[..size], streams, iters)?;
+                let ping = raw::pingpong_client(&mut ctl, server, &mut buf[..size], iters.min(1000))?;
+                let measured = (raw_gbs, median(ping));
+                baselines.insert(size, measured);
+                Some(measured)
+            };
+            let point = Point::new(op, size, iters, args.depth, &samples, baseline);
+            on_point(&info, &point, &mut progress);
+            points.push(point);
+        }
+    }
+    progress.finish();
+    ctl.send("QUIT")?;
+    drop(conn);
+    engine.shutdown();
+    Ok((info, points))
+}
+
+pub fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+struct Run<'a> {
+    args: &'a Args,
+    ctl: &'a mut Ctl,
+    conn: &'a Arc<Connection>,
+    mr: u64,
+    buf: &'a mut Vec<u8>,
+    fifo: FifoItem,
+    op: Op,
+    size: usize,
+    seed: u64,
+}
+
+impl Run<'_> {
+    /// Checks one transfer, warms up, then times `iters` transfers with `depth` in flight. Returns
+    /// one sample per transfer at depth 1, else the mean repeated (there is no per-transfer time).
+    fn measure(&mut self, iters: usize) -> Io<Vec<Duration>> {
+        let warmup = (iters / 10).clamp(1, 10);
+        let (depth, iovs, size, seed) = (self.args.depth, self.args.num_iovs, self.size, self.seed);
+        let count = 1 + warmup + iters;
+        self.ctl.send(&format!("OP {} {size} {count} {depth} {iovs} {seed}", self.op.name()))?;
+        self.ctl.expect("GO")?;
+        match self.op {
+            Op::Read => self.buf[..size].fill(0),
+            _ => ctl::fill(&mut self.buf[..size], seed),
+        }
+        let first = self.post(0)?;
+        wait(self.conn, first)?;
+        match self.op {
+            Op::Write => {
+                self.ctl.send("CHECK")?;
+                self.verdict()?;
+            }
+            Op::Read if !ctl::check(&self.buf[..size], seed) => return Err(self.wrong_data()),
+            _ => {}
+        }
+        self.pipeline(warmup)?;
+        let samples = self.pipeline(iters)?;
+        match self.op {
+            Op::Read => {
+                self.ctl.send("END")?;
+                self.verdict()?;
+            }
+            Op::Send => self.verdict()?,
+            _ => {}
+        }
+        Ok(samples)
+    }
+
+    fn verdict(&mut self) -> Io<()> {
+        match self.ctl.recv()?.first().map(String::as_str) {
+            Some("OK") => Ok(()),
+            _ => Err(self.wrong_data()),
+        }
+    }
+
+    fn wrong_data(&self) -> std::io::Error {
+        std::io::Error::other(format!("{} of {} bytes delivered wrong data", self.op.name(), self.size))
+    }
+
+    fn pipeline(&mut self, iters: usize) -> Io<Vec<Duration>> {
+        let depth = self.args.depth;
+        let mut samples = Vec::with_capacity(if depth == 1 { iters } else { 1 });
+        let start = Instant::now();
+        let mut inflight = std::collections::VecDeque::with_capacity(depth);
+        for i in 0..iters {
+            if inflight.len() == depth {
+                wait(self.conn, inflight.pop_front().expect("non-empty"))?;
+            }
+            let t = Instant::now();
+            inflight.push_back(self.post(i % depth)?);
+            if depth == 1 {
+                wait(self.conn, inflight.pop_front().expect("just posted"))?;
+                samples.push(t.elapsed());
+            }
+        }
+        while let Some(id) = inflight.pop_front() {
+            wait(self.conn, id)?;
+        }
+        if depth > 1 {
+            samples = vec![start.elapsed() / iters.max(1) as u32; iters];
+        }
+        Ok(samples)
+    }
+
+    fn post(&self, slot: usize) -> Io<u64> {
+        let (size, iovs) = (self.size, self.args.num_iovs);
+        let base = self.buf.as_ptr() as usize + slot * size;
+        let part = |k: usize| k * size / iovs..(k + 1) * size / iovs;
+        let posted = match self.op {
+            Op::Write | Op::Read => {
+                let ops: Vec<OneSided> = (0..iovs)
+                    .map(|k| {
+                        let r = part(k);
+                        let mut remote = self.fifo;
+                        remote.addr += (slot * size + r.start) as u64;
+                        remote.size = r.len() as u32;
+                        OneSided { mr: self.mr, addr: base + r.start, len: r.len(), remote }
+                    })
+                    .collect();
+                if self.op == Op::Write { self.conn.write(&ops) } else { self.conn.read(&ops) }
+            }
+            Op::Send => {
+                let msgs: Vec<(u64, usize, usize)> =
+                    (0..iovs).map(|k| (self.mr, base + part(k).start, part(k).len())).collect();
+                self.conn.send(&msgs)
+            }
+            Op::Transport => unreachable!("transport round trips do not use the engine"),
+        };
+        posted.map_err(|e| std::io::Error::other(format!("{} post: {e}", self.op.name())))
+    }
+}

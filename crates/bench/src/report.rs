@@ -1,0 +1,196 @@
+//! Result lines in UCCL's benchmark format, the summary against the baselines, and JSON.
+
+use std::time::Duration;
+
+use crate::args::Op;
+
+pub struct RunInfo {
+    pub channels: u16,
+    pub sockets_per_comm: usize,
+    pub threads_per_comm: usize,
+    pub raw_streams: usize,
+    pub depth: usize,
+    pub num_iovs: usize,
+    pub chunk_size: u32,
+}
+
+pub struct Point {
+    pub op: Op,
+    pub size: usize,
+    pub iters: usize,
+    /// Mean time per transfer (the run's elapsed time over `iters` when several are in flight).
+    pub avg: Duration,
+    pub p50: Duration,
+    pub p99: Duration,
+    /// Raw TCP with the same streams: GB/s; and the median raw ping-pong of this size.
+    pub baseline: Option<(f64, Duration)>,
+}
+
+impl Point {
+    pub fn new(
+        op: Op,
+        size: usize,
+        iters: usize,
+        _depth: usize,
+        samples: &[Duration],
+        baseline: Option<(f64, Duration)>,
+    ) -> Point {
+        let mut sorted = samples.to_vec();
+        sorted.sort_unstable();
+        let total: Duration = samples.iter().sum();
+        let at = |q: usize| sorted.get((sorted.len() * q / 100).min(sorted.len().saturating_sub(1))).copied();
+        Point {
+            op,
+            size,
+            iters,
+            avg: total / samples.len().max(1) as u32,
+            p50: at(50).unwrap_or_default(),
+            p99: at(99).unwrap_or_default(),
+            baseline,
+        }
+    }
+
+    pub fn gbs(&self) -> f64 {
+        self.size as f64 / self.avg.as_secs_f64().max(1e-12) / 1e9
+    }
+
+    pub fn bw_ratio(&self) -> Option<f64> {
+        self.baseline.map(|(raw, _)| self.gbs() / raw)
+    }
+
+    pub fn lat_ratio(&self) -> Option<f64> {
+        self.baseline.map(|(_, ping)| self.p50.as_secs_f64() / ping.as_secs_f64().max(1e-12))
+    }
+}
+
+pub fn human(n: usize) -> String {
+    match n {
+        n if n >= 1 << 30 && n.is_multiple_of(1 << 30) => format!("{} GiB", n >> 30),
+        n if n >= 1 << 20 && n.is_multiple_of(1 << 20) => format!("{} MiB", n >> 20),
+        n if n >= 1 << 10 && n.is_multiple_of(1 << 10) => format!("{} KiB", n >> 10),
+        n => format!("{n} B"),
+    }
+}
+
+pub fn header(info: &RunInfo, mode: &str) -> String {
+    format!(
+        "# uccl-tcpx-bench: socket transport, host memory, {mode}\n# {} channels x {} sockets ({} helper threads \
+         per comm), chunk {}, {} in flight, {} iov(s); baseline: raw TCP, {} streams with a thread each, same buffers",
+        info.channels,
+        info.sockets_per_comm,
+        info.threads_per_comm,
+        human(info.chunk_size as usize),
+        info.depth,
+        info.num_iovs,
+        info.raw_streams
+    )
+}
+
+/// `[Client] size : Gbps | GB/s | us`, UCCL's per-size line.
+pub fn line(p: &Point) -> String {
+    let gbs = p.gbs();
+    format!(
+        "[Client] {:>8} : {:6.2} Gbps | {:6.2} GB/s | {:8.2} us   ({})",
+        human(p.size),
+        gbs * 8.0,
+        gbs,
+        p.avg.as_secs_f64() * 1e6,
+        p.op.name()
+    )
+}
+
+pub fn summary(points: &[Point]) -> String {
+    let mut s = String::from(
+        "\n# Summary (ratio = ours / raw TCP; latency: median round trip, ours vs a raw ping-pong of the same size)\n",
+    );
+    s += &format!(
+        "{:<9} {:>9} {:>10} {:>10} {:>7} {:>12} {:>12} {:>7}\n",
+        "op", "size", "GB/s", "raw GB/s", "ratio", "p50 us", "raw p50 us", "ratio"
+    );
+    for p in points {
+        let (raw, ping) = p.baseline.map(|(r, d)| (format!("{r:.2}"), format!("{:.1}", d.as_secs_f64() * 1e6))).unzip();
+        s += &format!(
+            "{:<9} {:>9} {:>10.2} {:>10} {:>7} {:>12.1} {:>12} {:>7}\n",
+            p.op.name(),
+            human(p.size),
+            p.gbs(),
+            raw.unwrap_or_else(|| "-".into()),
+            p.bw_ratio().map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into()),
+            p.p50.as_secs_f64() * 1e6,
+            ping.unwrap_or_else(|| "-".into()),
+            p.lat_ratio().map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into()),
+        );
+    }
+    s
+}
+
+pub fn json(info: &RunInfo, mode: &str, points: &[Point]) -> String {
+    let opt = |v: Option<f64>| v.map(|x| format!("{x:.6}")).unwrap_or_else(|| "null".into());
+    let mut s = format!(
+        "{{\"mode\":\"{mode}\",\"channels\":{},\"sockets_per_comm\":{},\"threads_per_comm\":{},\"raw_streams\":{},\
+         \"depth\":{},\"num_iovs\":{},\"chunk_size\":{},\"results\":[",
+        info.channels,
+        info.sockets_per_comm,
+        info.threads_per_comm,
+        info.raw_streams,
+        info.depth,
+        info.num_iovs,
+        info.chunk_size
+    );
+    for (i, p) in points.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s += &format!(
+            "{{\"op\":\"{}\",\"size\":{},\"iters\":{},\"gbps\":{:.6},\"gb_per_s\":{:.6},\"avg_us\":{:.3},\
+             \"p50_us\":{:.3},\"p99_us\":{:.3},\"raw_gb_per_s\":{},\"bw_ratio\":{},\"raw_pingpong_p50_us\":{},\
+             \"lat_ratio\":{}}}",
+            p.op.name(),
+            p.size,
+            p.iters,
+            p.gbs() * 8.0,
+            p.gbs(),
+            p.avg.as_secs_f64() * 1e6,
+            p.p50.as_secs_f64() * 1e6,
+            p.p99.as_secs_f64() * 1e6,
+            opt(p.baseline.map(|b| b.0)),
+            opt(p.bw_ratio()),
+            opt(p.baseline.map(|b| b.1.as_secs_f64() * 1e6)),
+            opt(p.lat_ratio()),
+        );
+    }
+    s + "]}"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn point_statistics_and_formats() {
+        let samples: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
+        let p = Point::new(Op::Write, 1000, 100, 1, &samples, Some((1.0, Duration::from_micros(25))));
+        assert_eq!(p.p50, Duration::from_micros(51));
+        assert_eq!(p.avg, Duration::from_nanos(50_500));
+        assert!((p.gbs() - 1000.0 / 50.5e-6 / 1e9).abs() < 1e-9);
+        assert!((p.lat_ratio().unwrap() - 51.0 / 25.0).abs() < 1e-9);
+        assert!(line(&p).starts_with("[Client]   1000 B :"), "{}", line(&p));
+        let j = json(
+            &RunInfo {
+                channels: 2,
+                sockets_per_comm: 1,
+                threads_per_comm: 1,
+                raw_streams: 2,
+                depth: 1,
+                num_iovs: 1,
+                chunk_size: 1 << 20,
+            },
+            "loopback",
+            &[p],
+        );
+        assert!(j.contains("\"size\":1000") && j.contains("\"lat_ratio\":2.04"), "{j}");
+        assert_eq!(human(8), "8 B");
+        assert_eq!(human(256 << 20), "256 MiB");
+        assert_eq!(human(3 << 10), "3 KiB");
+    }
+}

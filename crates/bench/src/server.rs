@@ -1,0 +1,157 @@
+//! The server end: owns the target buffer and engine, answers the client's control messages, posts
+//! receives for two-sided runs, checks delivered data, and serves the raw TCP baselines.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use uccl_tcpx::{Config, Connection, Engine};
+
+use crate::args::Args;
+use crate::ctl::{self, Ctl, field};
+use crate::raw;
+
+type Io<T> = std::io::Result<T>;
+
+pub fn run(args: &Args) -> Io<()> {
+    let listener = TcpListener::bind(("0.0.0.0", args.port))?;
+    let port = listener.local_addr()?.port();
+    if args.announce {
+        let mut out = std::io::stdout();
+        writeln!(out, "LISTENING {port}")?;
+        out.flush()?;
+    } else {
+        eprintln!("uccl-tcpx-bench server: waiting for a client on port {port}");
+    }
+    let (stream, peer) = listener.accept()?;
+    let mut ctl = Ctl::new(stream)?;
+    let setup = ctl.expect("SETUP")?;
+    let (bytes, channels): (usize, u16) = (field(&setup, 1)?, field(&setup, 2)?);
+    let config = Config {
+        num_channels: args.channels.unwrap_or(channels),
+        ..Config::from_env().map_err(std::io::Error::other)?
+    };
+    let engine = Engine::new(config).map_err(std::io::Error::other)?;
+    let mut buf = vec![0u8; bytes];
+    let mr = engine.register(buf.as_mut_ptr() as usize, bytes).map_err(std::io::Error::other)?;
+    let fifo = engine.prepare_fifo(mr, buf.as_ptr() as usize, bytes).map_err(std::io::Error::other)?;
+    ctl.send(&format!("READY {} {}", engine.address().port(), ctl::hex(&fifo.to_bytes())))?;
+    let conn = engine.accept().map_err(std::io::Error::other)?;
+    log_line(args, &format!("client {peer} connected"));
+    let mut target = Target { engine: &engine, conn: &conn, mr, buf: &mut buf };
+    let served = target.serve(&mut ctl);
+    drop(conn);
+    engine.shutdown();
+    served
+}
+
+fn log_line(args: &Args, msg: &str) {
+    if !args.announce {
+        eprintln!("uccl-tcpx-bench server: {msg}");
+    }
+}
+
+struct Target<'a> {
+    engine: &'a Engine,
+    conn: &'a Arc<Connection>,
+    mr: u64,
+    buf: &'a mut Vec<u8>,
+}
+
+impl Target<'_> {
+    fn serve(&mut self, ctl: &mut Ctl) -> Io<()> {
+        let _ = self.engine;
+        loop {
+            let words = ctl.recv()?;
+            match words.first().map(String::as_str) {
+                Some("OP") => self.op(ctl, &words)?,
+                Some("RAW") => raw::streams_server(ctl, self.buf, &words)?,
+                Some("PING") => raw::pingpong_server(ctl, self.buf, &words)?,
+                Some("QUIT") => return Ok(()),
+                _ => return Err(std::io::Error::other(format!("unknown bench message {:?}", words.join(" ")))),
+            }
+        }
+    }
+
+    /// `OP kind size count depth iovs seed`: prepares slot 0 (the checked transfer), then for a send
+    /// posts `count` receives of `iovs` messages each, `depth` transfers ahead.
+    fn op(&mut self, ctl: &mut Ctl, w: &[String]) -> Io<()> {
+        let kind = w.get(1).map(String::as_str).unwrap_or("");
+        let (size, count, depth, iovs, seed): (usize, usize, usize, usize, u64) =
+            (field(w, 2)?, field(w, 3)?, field(w, 4)?, field(w, 5)?, field(w, 6)?);
+        if size.checked_mul(depth).is_none_or(|n| n > self.buf.len()) || iovs == 0 || iovs > size {
+            return Err(std::io::Error::other(format!("{size} bytes x {depth} in flight do not fit the buffer")));
+        }
+        match kind {
+            "write" => {
+                self.buf[..size].fill(0);
+                ctl.send("GO")?;
+                ctl.expect("CHECK")?;
+                ctl.send(if ctl::check(&self.buf[..size], seed) { "OK" } else { "BAD" })
+            }
+            "read" => {
+                ctl::fill(&mut self.buf[..size], seed);
+                ctl.send("GO")?;
+                ctl.expect("END")?;
+                ctl.send("OK")
+            }
+            "send" => {
+                self.buf[..size].fill(0);
+                ctl.send("GO")?;
+                let ok = self.receive(size, count, depth, iovs, seed)?;
+                ctl.send(if ok { "OK" } else { "BAD" })
+            }
+            other => Err(std::io::Error::other(format!("unknown op {other:?}"))),
+        }
+    }
+
+    fn receive(&mut self, size: usize, count: usize, depth: usize, iovs: usize, seed: u64) -> Io<bool> {
+        let base = self.buf.as_ptr() as usize;
+        let mut inflight = std::collections::VecDeque::with_capacity(depth * iovs);
+        let mut ok = true;
+        for i in 0..count {
+            if inflight.len() == depth * iovs {
+                for _ in 0..iovs {
+                    wait(self.conn, inflight.pop_front().expect("non-empty"))?;
+                }
+            }
+            let slot = base + (i % depth) * size;
+            for k in 0..iovs {
+                let r = k * size / iovs..(k + 1) * size / iovs;
+                let id = self.conn.recv(self.mr, slot + r.start, r.len()).map_err(std::io::Error::other)?;
+                inflight.push_back(id);
+            }
+            if i == 0 {
+                while let Some(id) = inflight.pop_front() {
+                    wait(self.conn, id)?;
+                }
+                ok = ctl::check(&self.buf[..size], seed);
+            }
+        }
+        while let Some(id) = inflight.pop_front() {
+            wait(self.conn, id)?;
+        }
+        Ok(ok)
+    }
+}
+
+/// Polls briefly (a small transfer is usually done within microseconds), then blocks so that a
+/// waiting caller does not take a core from the transport's threads on a small host.
+pub fn wait(conn: &Connection, id: u64) -> Io<u64> {
+    let spin_until = Instant::now() + Duration::from_micros(spin_us());
+    loop {
+        match conn.poll(id) {
+            Ok(Some(n)) => return Ok(n),
+            Ok(None) if Instant::now() < spin_until => std::hint::spin_loop(),
+            Ok(None) => return conn.wait(id).map_err(|e| std::io::Error::other(format!("transfer failed: {e}"))),
+            Err(e) => return Err(std::io::Error::other(format!("transfer failed: {e}"))),
+        }
+    }
+}
+
+/// How long a waiting caller polls before it blocks: only on hosts with cores to spare, since a
+/// spinning caller on a 2-core host delays the very threads it waits for.
+pub fn spin_us() -> u64 {
+    if std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) >= 8 { 50 } else { 0 }
+}

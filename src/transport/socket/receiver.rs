@@ -1,0 +1,203 @@
+//! A receive helper thread: reads piece headers from each of its sockets, has the window admit them,
+//! and reads payloads straight into the posted buffer. A header small enough arrives with its payload
+//! in one `recv` into a 4 KiB staging area, so a small message costs one syscall; large payloads are
+//! read in place and only their first few KiB pass through staging.
+
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::park;
+use super::sender::MAX_SLEEP;
+use super::window::{Admission, Piece, Window};
+use super::wire::{PIECE_HEADER_LEN, PieceHeader};
+use crate::error::{Error, Result};
+
+const STAGE_LEN: usize = 4096;
+
+enum Phase {
+    Header,
+    /// A header for a request not posted yet; the socket is not read until it is.
+    Held(PieceHeader),
+    Payload {
+        piece: Piece,
+        landed: usize,
+    },
+}
+
+struct Incoming {
+    stage: Box<[u8; STAGE_LEN]>,
+    start: usize,
+    end: usize,
+    phase: Phase,
+}
+
+enum Step {
+    Moved,
+    Stalled,
+}
+
+pub(super) struct RecvThread {
+    pub index: usize,
+    pub sockets: Vec<usize>,
+    pub streams: Arc<[TcpStream]>,
+    pub window: Arc<Window>,
+    pub spin: Duration,
+}
+
+impl RecvThread {
+    pub fn run(self) {
+        let mut ins: Vec<Incoming> = self
+            .sockets
+            .iter()
+            .map(|_| Incoming { stage: Box::new([0; STAGE_LEN]), start: 0, end: 0, phase: Phase::Header })
+            .collect();
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(self.sockets.len() + 1);
+        let mut idle_since: Option<Instant> = None;
+        while !self.window.closing() {
+            let mut moved = false;
+            for (k, inc) in ins.iter_mut().enumerate() {
+                match self.drive(self.sockets[k], inc) {
+                    Ok(Step::Moved) => moved = true,
+                    Ok(Step::Stalled) => {}
+                    Err(e) => return self.window.fail(e),
+                }
+            }
+            if moved {
+                idle_since = None;
+                continue;
+            }
+            let since = *idle_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < self.spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            let seen = self.window.posted();
+            self.window.parking.announce_sleep(self.index);
+            let held_ready = ins.iter().any(|i| matches!(i.phase, Phase::Held(h) if h.seq < self.window.posted()));
+            if held_ready || self.window.posted() != seen || self.window.closing() {
+                self.window.parking.cancel_sleep(self.index);
+                continue;
+            }
+            fds.clear();
+            fds.push(libc::pollfd { fd: self.window.parking.event_fd(self.index), events: libc::POLLIN, revents: 0 });
+            for (k, inc) in ins.iter().enumerate() {
+                if !matches!(inc.phase, Phase::Held(_)) {
+                    let fd = self.streams[self.sockets[k]].as_raw_fd();
+                    fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+                }
+            }
+            if let Err(e) = park::wait(&mut fds, MAX_SLEEP) {
+                return self.window.fail(Error::io("wait for channel sockets", e));
+            }
+            self.window.parking.cancel_sleep(self.index);
+            if fds[0].revents != 0 {
+                self.window.parking.drain(self.index);
+            }
+        }
+    }
+
+    /// Moves one socket forward until it would block or finished a piece (so one busy socket does not
+    /// starve the others of this thread).
+    fn drive(&self, socket: usize, inc: &mut Incoming) -> Result<Step> {
+        let fd = self.streams[socket].as_raw_fd();
+        let mut moved = false;
+        loop {
+            match &mut inc.phase {
+                Phase::Held(h) => {
+                    let h = *h;
+                    if h.seq >= self.window.posted() {
+                        return Ok(if moved { Step::Moved } else { Step::Stalled });
+                    }
+                    self.admit(inc, h)?;
+                    moved = true;
+                }
+                Phase::Header => {
+                    if inc.end - inc.start >= PIECE_HEADER_LEN {
+                        let h = PieceHeader::decode(&inc.stage[inc.start..inc.end], self.window.subchunk as u32)?;
+                        inc.start += PIECE_HEADER_LEN;
+                        self.admit(inc, h)?;
+                        moved = true;
+                        continue;
+                    }
+                    if inc.start > 0 {
+                        inc.stage.copy_within(inc.start..inc.end, 0);
+                        inc.end -= inc.start;
+                        inc.start = 0;
+                    }
+                    let end = inc.end;
+                    match recv(fd, &mut inc.stage[end..])? {
+                        Some(n) => {
+                            inc.end += n;
+                            moved = true;
+                        }
+                        None => return Ok(if moved { Step::Moved } else { Step::Stalled }),
+                    }
+                }
+                Phase::Payload { piece, landed } => {
+                    let staged = inc.end - inc.start;
+                    if staged > 0 {
+                        let n = staged.min(piece.len - *landed);
+                        // SAFETY: the window admitted [addr, addr + len) inside a posted receive that
+                        // only this piece writes; `landed + n <= len`.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                inc.stage[inc.start..].as_ptr(),
+                                (piece.addr + *landed) as *mut u8,
+                                n,
+                            )
+                        };
+                        inc.start += n;
+                        *landed += n;
+                    }
+                    while *landed < piece.len {
+                        // SAFETY: as above, the rest of the admitted range.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut((piece.addr + *landed) as *mut u8, piece.len - *landed)
+                        };
+                        match recv(fd, dst)? {
+                            Some(n) => {
+                                *landed += n;
+                                moved = true;
+                            }
+                            None => return Ok(if moved { Step::Moved } else { Step::Stalled }),
+                        }
+                    }
+                    let piece = *piece;
+                    inc.phase = Phase::Header;
+                    self.window.finish(&piece);
+                    return Ok(Step::Moved);
+                }
+            }
+        }
+    }
+
+    fn admit(&self, inc: &mut Incoming, h: PieceHeader) -> Result<()> {
+        inc.phase = match self.window.admit(h.seq, h.total, h.offset, h.len as u64)? {
+            Admission::Land(piece) => Phase::Payload { piece, landed: 0 },
+            Admission::NotPosted => Phase::Held(h),
+        };
+        Ok(())
+    }
+}
+
+/// `Some(n)` bytes read, `None` when nothing is there yet; end of stream is an error.
+fn recv(fd: i32, buf: &mut [u8]) -> Result<Option<usize>> {
+    loop {
+        // SAFETY: `buf` is writable for its length.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n > 0 {
+            return Ok(Some(n as usize));
+        }
+        if n == 0 {
+            return Err(Error::disconnected("channel receive: the peer closed the data socket"));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            std::io::ErrorKind::Interrupted => continue,
+            std::io::ErrorKind::WouldBlock => return Ok(None),
+            _ => return Err(Error::io("channel receive", e)),
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! A send helper thread: each of its sockets that has nothing in flight cuts the next piece from the
+//! comm's window, so whichever socket drains first takes more (a slow flow never gates a request).
+//! Header and payload leave in one `sendmsg` straight from the caller's buffer.
+
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::park;
+use super::window::{Piece, Window};
+use super::wire::{PIECE_HEADER_LEN, PieceHeader};
+use crate::error::Error;
+
+/// Upper bound on one sleep, so a lost wake-up (there should be none) costs latency, never a hang.
+pub(super) const MAX_SLEEP: Duration = Duration::from_millis(100);
+
+/// Requests at most this large (and a single piece) are written by the posting thread itself when
+/// nothing older is waiting, saving the wake-up of a helper thread on the latency path.
+pub(super) const INLINE_MAX: usize = 16 << 10;
+
+struct Outgoing {
+    piece: Piece,
+    header: [u8; PIECE_HEADER_LEN],
+    /// Header and payload bytes already accepted by the kernel.
+    written: usize,
+}
+
+impl Outgoing {
+    fn new(piece: Piece) -> Outgoing {
+        let header =
+            PieceHeader { seq: piece.seq, total: piece.total, offset: piece.offset, len: piece.len as u32 }.encode();
+        Outgoing { piece, header, written: 0 }
+    }
+}
+
+/// A send comm's sockets and who is writing on each: a piece is written by whoever claimed the
+/// socket (its helper thread, or the posting thread for an inline send), so bytes never interleave.
+pub(super) struct SendSockets {
+    pub streams: Arc<[TcpStream]>,
+    claimed: Vec<AtomicBool>,
+    /// A partly written inline piece left for the socket's helper thread to finish (the claim moves
+    /// with it).
+    handoff: Vec<Mutex<Option<Outgoing>>>,
+    handed: Vec<AtomicBool>,
+    threads: usize,
+}
+
+impl SendSockets {
+    pub fn new(streams: Arc<[TcpStream]>, threads: usize) -> SendSockets {
+        let n = streams.len();
+        SendSockets {
+            streams,
+            claimed: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            handoff: (0..n).map(|_| Mutex::new(None)).collect(),
+            handed: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            threads,
+        }
+    }
+
+    fn claim(&self, k: usize) -> bool {
+        !self.claimed[k].load(Ordering::Relaxed)
+            && self.claimed[k].compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok()
+    }
+
+    fn release(&self, k: usize) {
+        self.claimed[k].store(false, Ordering::Release);
+    }
+
+    fn take_handoff(&self, k: usize) -> Option<Outgoing> {
+        if !self.handed[k].load(Ordering::Acquire) {
+            return None;
+        }
+        self.handed[k].store(false, Ordering::Relaxed);
+        self.handoff[k].lock().take()
+    }
+
+    /// The posting thread writes the next piece on a free socket. Returns false if no socket was free
+    /// (the helpers, busy on them, cut it next) so the caller wakes them.
+    pub fn send_inline(&self, window: &Window) -> bool {
+        for k in 0..self.streams.len() {
+            if !self.claim(k) {
+                continue;
+            }
+            let Some(piece) = window.cut() else {
+                // A running helper took it already.
+                self.release(k);
+                return true;
+            };
+            let mut o = Outgoing::new(piece);
+            match write(&self.streams[k], &mut o) {
+                Ok(Step::Finished) => {
+                    self.release(k);
+                    window.finish(&o.piece);
+                }
+                Ok(Step::Partial | Step::Blocked) => {
+                    *self.handoff[k].lock() = Some(o);
+                    self.handed[k].store(true, Ordering::Release);
+                    window.parking.wake(k % self.threads);
+                }
+                Err(e) => {
+                    self.release(k);
+                    window.fail(Error::io("channel send", e));
+                }
+            }
+            return true;
+        }
+        false
+    }
+}
+
+pub(super) struct SendThread {
+    pub index: usize,
+    pub sockets: Vec<usize>,
+    pub shared: Arc<SendSockets>,
+    pub window: Arc<Window>,
+    pub spin: Duration,
+}
+
+enum Step {
+    Finished,
+    Partial,
+    Blocked,
+}
+
+impl SendThread {
+    pub fn run(self) {
+        let mut out: Vec<Option<Outgoing>> = self.sockets.iter().map(|_| None).collect();
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(self.sockets.len() + 1);
+        let mut idle_since: Option<Instant> = None;
+        while !self.window.closing() {
+            let mut moved = false;
+            let mut blocked = false;
+            for (k, slot) in out.iter_mut().enumerate() {
+                let sock = self.sockets[k];
+                if slot.is_none() {
+                    *slot = self.shared.take_handoff(sock);
+                }
+                if slot.is_none() && self.shared.claim(sock) {
+                    *slot = self.window.cut().map(Outgoing::new);
+                    if slot.is_none() {
+                        self.shared.release(sock);
+                    }
+                }
+                let Some(o) = slot else { continue };
+                match write(&self.shared.streams[sock], o) {
+                    Ok(Step::Finished) => {
+                        self.window.finish(&o.piece);
+                        *slot = None;
+                        self.shared.release(sock);
+                        moved = true;
+                    }
+                    Ok(Step::Partial) => moved = true,
+                    Ok(Step::Blocked) => blocked = true,
+                    Err(e) => return self.window.fail(Error::io("channel send", e)),
+                }
+            }
+            if moved {
+                idle_since = None;
+                continue;
+            }
+            if blocked {
+                // Waiting on the peer to drain: sleep on the sockets, no spinning.
+                fds.clear();
+                fds.push(pollin(self.window.parking.event_fd(self.index)));
+                for (k, o) in out.iter().enumerate() {
+                    if o.is_some() {
+                        let fd = self.shared.streams[self.sockets[k]].as_raw_fd();
+                        fds.push(libc::pollfd { fd, events: libc::POLLOUT, revents: 0 });
+                    }
+                }
+                if let Err(e) = park::wait(&mut fds, MAX_SLEEP) {
+                    return self.window.fail(Error::io("wait for channel sockets", e));
+                }
+                if fds[0].revents != 0 {
+                    self.window.parking.drain(self.index);
+                }
+                continue;
+            }
+            // No work at all: spin a little (a new post is usually close behind), then sleep.
+            let since = *idle_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < self.spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            self.sleep_until_posted(&mut fds);
+        }
+    }
+
+    fn sleep_until_posted(&self, fds: &mut Vec<libc::pollfd>) {
+        let seen = self.window.posted();
+        self.window.parking.announce_sleep(self.index);
+        let handed = self.sockets.iter().any(|&k| self.shared.handed[k].load(Ordering::Acquire));
+        if self.window.posted() != seen || self.window.closing() || self.window.has_uncut() || handed {
+            self.window.parking.cancel_sleep(self.index);
+            return;
+        }
+        fds.clear();
+        fds.push(pollin(self.window.parking.event_fd(self.index)));
+        if let Err(e) = park::wait(fds, MAX_SLEEP) {
+            return self.window.fail(Error::io("wait for channel work", e));
+        }
+        self.window.parking.cancel_sleep(self.index);
+        self.window.parking.drain(self.index);
+    }
+}
+
+fn write(stream: &TcpStream, o: &mut Outgoing) -> std::io::Result<Step> {
+    let fd = stream.as_raw_fd();
+    let total = PIECE_HEADER_LEN + o.piece.len;
+    let start = o.written;
+    while o.written < total {
+        let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 2];
+        let mut n_iov = 0;
+        if o.written < PIECE_HEADER_LEN {
+            iov[0] = libc::iovec {
+                iov_base: o.header[o.written..].as_ptr() as *mut libc::c_void,
+                iov_len: PIECE_HEADER_LEN - o.written,
+            };
+            n_iov = 1;
+        }
+        let payload_done = o.written.saturating_sub(PIECE_HEADER_LEN);
+        if payload_done < o.piece.len {
+            iov[n_iov] = libc::iovec {
+                iov_base: (o.piece.addr + payload_done) as *mut libc::c_void,
+                iov_len: o.piece.len - payload_done,
+            };
+            n_iov += 1;
+        }
+        // SAFETY: an all-zero msghdr is valid; we point it at our iovecs only.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = n_iov;
+        // SAFETY: the iovecs cover our header array and the caller's payload, which isend's contract
+        // keeps valid until the request completes (or the comm's drop, which joins this thread).
+        // MSG_NOSIGNAL: a closed peer must be an error, not SIGPIPE in the host process.
+        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                std::io::ErrorKind::Interrupted => continue,
+                std::io::ErrorKind::WouldBlock => {
+                    return Ok(if o.written == start { Step::Blocked } else { Step::Partial });
+                }
+                _ => return Err(e),
+            }
+        }
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        o.written += n as usize;
+    }
+    Ok(Step::Finished)
+}
+
+fn pollin(fd: i32) -> libc::pollfd {
+    libc::pollfd { fd, events: libc::POLLIN, revents: 0 }
+}

@@ -1,0 +1,258 @@
+//! The request window a comm shares with its helper threads: 16 slots, request `seq` in slot
+//! `seq % 16`. Request descriptions and the decisions that must be atomic across threads (which piece
+//! a sender cuts next, which piece a receiver admits) sit behind one short lock per piece; byte counts
+//! and completion are atomics, so `test` never locks.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use super::Wake;
+use super::park::Parking;
+use crate::error::{Error, Result};
+
+/// Outstanding requests per comm, the same bound TCPX imposes.
+pub(crate) const MAX_REQUESTS: usize = 16;
+
+const UNKNOWN: u64 = u64::MAX;
+
+#[derive(Clone, Copy)]
+struct Request {
+    seq: u64,
+    addr: usize,
+    /// Send: the message size. Receive: the posted capacity.
+    len: usize,
+    /// Receive: the sender's size, once a piece told it.
+    total: u64,
+    /// Receive: bytes admitted so far; never exceeds `total`, so nothing lands after completion.
+    admitted: u64,
+}
+
+struct Book {
+    posted: u64,
+    reqs: [Request; MAX_REQUESTS],
+    /// Receive: one bit per piece of each request, so a repeated piece is caught even when its bytes
+    /// would fit (it would leave another piece's range unwritten). Kept between requests: no
+    /// allocation once grown.
+    seen: [Vec<u64>; MAX_REQUESTS],
+    /// Send: the next piece to cut.
+    cut_seq: u64,
+    cut_offset: u64,
+}
+
+#[derive(Default)]
+struct Progress {
+    /// Bytes sent (send) or landed (receive).
+    bytes: AtomicU64,
+    /// `seq + 1` once the request is complete.
+    done: AtomicU64,
+    size: AtomicU64,
+}
+
+/// A piece a thread moves: `len` bytes at `addr`, which is `offset` into request `seq`.
+#[derive(Clone, Copy, Debug)]
+pub struct Piece {
+    pub seq: u64,
+    pub total: u64,
+    pub offset: u64,
+    pub addr: usize,
+    pub len: usize,
+}
+
+pub enum Admission {
+    /// Read the payload into the piece's `addr`.
+    Land(Piece),
+    /// The request is not posted yet: hold the header and ask again after the next post.
+    NotPosted,
+}
+
+pub struct Window {
+    book: Mutex<Book>,
+    /// Mirror of `book.posted` that threads watch without the lock.
+    posted: AtomicU64,
+    progress: [Progress; MAX_REQUESTS],
+    pub subchunk: u64,
+    pub parking: Parking,
+    closing: AtomicBool,
+    failed: AtomicBool,
+    failure: Mutex<Option<Error>>,
+    wake: Wake,
+}
+
+impl Window {
+    pub fn new(subchunk: usize, threads: usize, wake: Wake) -> Result<Window> {
+        let empty = Request { seq: UNKNOWN, addr: 0, len: 0, total: UNKNOWN, admitted: 0 };
+        Ok(Window {
+            book: Mutex::new(Book {
+                posted: 0,
+                reqs: [empty; MAX_REQUESTS],
+                seen: Default::default(),
+                cut_seq: 0,
+                cut_offset: 0,
+            }),
+            posted: AtomicU64::new(0),
+            progress: Default::default(),
+            subchunk: subchunk as u64,
+            parking: Parking::new(threads)?,
+            closing: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            wake,
+        })
+    }
+
+    /// Publishes request `seq` (the caller checked the window has room, so its slot is free) and
+    /// wakes sleeping helpers, unless `inline` and nothing older is left to cut: then returns true and
+    /// the caller sends it itself.
+    pub fn post(&self, seq: u64, addr: usize, len: usize, inline: bool) -> bool {
+        let slot = seq as usize % MAX_REQUESTS;
+        self.progress[slot].bytes.store(0, Ordering::Relaxed);
+        let alone = {
+            let mut book = self.book.lock();
+            debug_assert_eq!(book.posted, seq);
+            book.reqs[slot] = Request { seq, addr, len, total: UNKNOWN, admitted: 0 };
+            book.posted = seq + 1;
+            book.cut_seq == seq
+        };
+        self.posted.store(seq + 1, Ordering::SeqCst);
+        if inline && alone {
+            return true;
+        }
+        self.parking.wake_sleepers();
+        false
+    }
+
+    pub fn wake_helpers(&self) {
+        self.parking.wake_sleepers();
+    }
+
+    pub fn posted(&self) -> u64 {
+        self.posted.load(Ordering::Acquire)
+    }
+
+    /// Sender: the next piece to put on a free socket, if any request still has uncut bytes. Pieces
+    /// are cut in request order, so the oldest request finishes first.
+    pub fn cut(&self) -> Option<Piece> {
+        let mut book = self.book.lock();
+        if book.cut_seq >= book.posted {
+            return None;
+        }
+        let req = book.reqs[book.cut_seq as usize % MAX_REQUESTS];
+        let offset = book.cut_offset;
+        let len = (req.len as u64 - offset).min(self.subchunk);
+        book.cut_offset += self.subchunk;
+        if book.cut_offset >= req.len as u64 {
+            book.cut_seq += 1;
+            book.cut_offset = 0;
+        }
+        Some(Piece { seq: req.seq, total: req.len as u64, offset, addr: req.addr + offset as usize, len: len as usize })
+    }
+
+    /// Sender: whether `cut` would find a piece (checked once more before sleeping).
+    pub fn has_uncut(&self) -> bool {
+        let book = self.book.lock();
+        book.cut_seq < book.posted
+    }
+
+    /// Receiver: checks a piece header against the posted requests and reserves its bytes. Errors are
+    /// protocol violations (the comm fails): the peer can never make us write outside a posted buffer
+    /// or into a request that already completed.
+    pub fn admit(&self, seq: u64, total: u64, offset: u64, len: u64) -> Result<Admission> {
+        let mut book = self.book.lock();
+        if seq >= book.posted {
+            return Ok(Admission::NotPosted);
+        }
+        let slot = seq as usize % MAX_REQUESTS;
+        let Book { reqs, seen, .. } = &mut *book;
+        let req = &mut reqs[slot];
+        let seen = &mut seen[slot];
+        if req.seq != seq || self.progress[slot].done.load(Ordering::Acquire) == seq + 1 {
+            return Err(Error::backend(format!(
+                "protocol violation: peer sent a piece of request {seq}, which is complete"
+            )));
+        }
+        if total > req.len as u64 {
+            return Err(Error::backend(format!("peer sent a {total}-byte message into a {}-byte receive", req.len)));
+        }
+        if req.total == UNKNOWN {
+            req.total = total;
+            seen.clear();
+            seen.resize(total.div_ceil(self.subchunk).div_ceil(64).max(1) as usize, 0);
+        } else if req.total != total {
+            return Err(Error::backend(format!(
+                "protocol violation: pieces of request {seq} disagree on its size ({} and {total} bytes)",
+                req.total
+            )));
+        }
+        // The header decoder checked that offset is a multiple of the piece size below total.
+        let index = (offset / self.subchunk) as usize;
+        let bit = 1u64 << (index % 64);
+        if seen[index / 64] & bit != 0 || req.admitted + len > total {
+            return Err(Error::backend(format!("protocol violation: request {seq} received a piece twice")));
+        }
+        seen[index / 64] |= bit;
+        req.admitted += len;
+        let piece = Piece { seq, total, offset, addr: req.addr + offset as usize, len: len as usize };
+        if total == 0 {
+            // Completing under the lock makes a repeated empty piece see `done` and fail.
+            self.complete(slot, seq, 0);
+        }
+        Ok(Admission::Land(piece))
+    }
+
+    /// Counts a moved piece; the thread that moves a request's last byte completes it.
+    pub fn finish(&self, piece: &Piece) {
+        if piece.len == 0 {
+            if piece.total == 0
+                && self.progress[piece.seq as usize % MAX_REQUESTS].done.load(Ordering::Acquire) <= piece.seq
+            {
+                self.complete(piece.seq as usize % MAX_REQUESTS, piece.seq, 0);
+            }
+            return;
+        }
+        let slot = piece.seq as usize % MAX_REQUESTS;
+        let before = self.progress[slot].bytes.fetch_add(piece.len as u64, Ordering::AcqRel);
+        if before + piece.len as u64 == piece.total {
+            self.complete(slot, piece.seq, piece.total);
+        }
+    }
+
+    fn complete(&self, slot: usize, seq: u64, size: u64) {
+        self.progress[slot].size.store(size, Ordering::Relaxed);
+        self.progress[slot].done.store(seq + 1, Ordering::Release);
+        (self.wake)();
+    }
+
+    /// `Some(size)` once request `seq` is complete.
+    pub fn done(&self, seq: u64) -> Option<usize> {
+        let p = &self.progress[seq as usize % MAX_REQUESTS];
+        (p.done.load(Ordering::Acquire) == seq + 1).then(|| p.size.load(Ordering::Relaxed) as usize)
+    }
+
+    pub fn fail(&self, err: Error) {
+        self.failure.lock().get_or_insert(err);
+        self.failed.store(true, Ordering::Release);
+        self.closing.store(true, Ordering::Release);
+        self.parking.wake_all();
+        (self.wake)();
+    }
+
+    pub fn check(&self) -> Result<()> {
+        if !self.failed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        match &*self.failure.lock() {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.parking.wake_all();
+    }
+
+    pub fn closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+}

@@ -1,0 +1,108 @@
+//! Engines over the socket transport with several connections, channels and sockets per comm:
+//! concurrent writes, reads and sends of random sizes from several threads, every byte checked, with
+//! one socket per comm and with many.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use uccl_tcpx::config::SocketConfig;
+use uccl_tcpx::engine::OneSided;
+use uccl_tcpx::{Config, Connection, Engine};
+
+mod common;
+use common::{Rng, pattern};
+
+fn config(socket: SocketConfig) -> Config {
+    Config {
+        ip: Some("127.0.0.1".parse().unwrap()),
+        num_channels: 3,
+        chunk_size: 64 << 10,
+        socket,
+        ..Config::default()
+    }
+}
+
+fn wait(conn: &Connection, id: u64) -> u64 {
+    common::wait_done(conn, id, Duration::from_secs(60)).unwrap()
+}
+
+/// One thread's traffic on its own connection: `rounds` batches of a write, a read and a send of
+/// random sizes in flight together, each checked byte for byte.
+fn traffic(a: &Engine, b: &Engine, ab: &Arc<Connection>, ba: &Arc<Connection>, seed: u64, rounds: usize) {
+    let mut rng = Rng(seed | 1);
+    let max = 3 << 20;
+    let mut src = vec![0u8; max];
+    let mut dst = vec![0u8; max];
+    let mut remote = vec![0u8; 2 * max];
+    let smr = a.register(src.as_mut_ptr() as usize, max).unwrap();
+    let dmr = a.register(dst.as_mut_ptr() as usize, max).unwrap();
+    let rmr = b.register(remote.as_mut_ptr() as usize, remote.len()).unwrap();
+    let fifo = b.prepare_fifo(rmr, remote.as_ptr() as usize, remote.len()).unwrap();
+    for round in 0..rounds {
+        let sizes: Vec<usize> = (0..3)
+            .map(|_| match rng.below(4) {
+                0 => 1 + rng.below(100),
+                1 => rng.below(64 << 10) + 1,
+                _ => rng.below(max) + 1,
+            })
+            .collect();
+        let (w, r, s) = (sizes[0], sizes[1], sizes[2]);
+        let s_seed = seed * 1000 + round as u64;
+        // The write source and the send source share `src`: both are read-only while in flight.
+        let payload = pattern(w.max(s), s_seed);
+        src[..payload.len()].copy_from_slice(&payload);
+        let read_src = pattern(r, s_seed + 1);
+        remote[max..max + r].copy_from_slice(&read_src);
+        remote[..w].fill(0);
+        dst[..r].fill(0);
+        let mut recv_buf = vec![0u8; s + 8];
+        let recv_mr = b.register(recv_buf.as_mut_ptr() as usize, recv_buf.len()).unwrap();
+        let rid = ba.recv(recv_mr, recv_buf.as_mut_ptr() as usize, recv_buf.len()).unwrap();
+        let wid = ab.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len: w, remote: fifo }]).unwrap();
+        let mut read_at = fifo;
+        read_at.addr += max as u64;
+        let rd = ab.read(&[OneSided { mr: dmr, addr: dst.as_ptr() as usize, len: r, remote: read_at }]).unwrap();
+        let sid = ab.send(&[(smr, src.as_ptr() as usize, s)]).unwrap();
+        assert_eq!(wait(ab, wid), w as u64);
+        assert_eq!(wait(ab, rd), r as u64);
+        assert_eq!(wait(ab, sid), s as u64);
+        assert_eq!(wait(ba, rid), s as u64);
+        assert!(remote[..w] == payload[..w], "seed {seed} round {round}: write of {w} bytes corrupted");
+        assert!(dst[..r] == read_src[..], "seed {seed} round {round}: read of {r} bytes corrupted");
+        assert!(recv_buf[..s] == payload[..s], "seed {seed} round {round}: send of {s} bytes corrupted");
+        assert!(recv_buf[s..].iter().all(|&x| x == 0), "bytes past the sent message were written");
+        b.deregister(recv_mr).unwrap();
+    }
+}
+
+fn many_connections(socket: SocketConfig) {
+    let a = Engine::new(config(socket.clone())).unwrap();
+    let b = Engine::new(config(socket)).unwrap();
+    let conns: Vec<(Arc<Connection>, Arc<Connection>)> = (0..3)
+        .map(|_| {
+            let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+            (ab, b.accept().unwrap())
+        })
+        .collect();
+    std::thread::scope(|s| {
+        for (i, (ab, ba)) in conns.iter().enumerate() {
+            let (a, b) = (&a, &b);
+            s.spawn(move || traffic(a, b, ab, ba, 7 + i as u64, 12));
+        }
+    });
+    drop(conns);
+    a.shutdown();
+    b.shutdown();
+}
+
+#[test]
+fn concurrent_transfers_with_one_socket_per_comm() {
+    many_connections(SocketConfig { nthreads: 1, nsocks_per_thread: 1, ..SocketConfig::default() });
+}
+
+#[test]
+fn concurrent_transfers_with_many_sockets_per_comm() {
+    // 3 channels x 2 comm directions x 6 sockets per comm, 16 KiB pieces: every chunk is reassembled
+    // from pieces that travelled on different sockets.
+    many_connections(SocketConfig { nthreads: 3, nsocks_per_thread: 2, subchunk: 16 << 10, ..SocketConfig::default() });
+}

@@ -1,0 +1,199 @@
+//! A hostile peer on the socket transport's data sockets: bad hellos are ignored, and a bad piece
+//! header fails the receiving comm cleanly (an error from `test`, nothing written outside the posted
+//! buffer, a prompt drop). The peer speaks the wire format of src/transport/socket/wire.rs by hand.
+
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use uccl_tcpx::UcclStatus;
+use uccl_tcpx::config::SocketConfig;
+use uccl_tcpx::transport::socket::SocketNet;
+use uccl_tcpx::transport::{ListenComm, MrHandle, Net, NetHandle, RecvComm};
+
+const HELLO_MAGIC: u32 = 0x5353_5455;
+const PIECE_MAGIC: u32 = 0x4350_5455;
+const PIECE: u32 = 4096;
+
+fn net() -> SocketNet {
+    let nop: Arc<dyn Fn() + Send + Sync> = Arc::new(|| {});
+    SocketNet::new(Ipv4Addr::LOCALHOST.into(), Duration::from_secs(2), Duration::from_secs(30), nop)
+        .with_options(SocketConfig { nthreads: 1, nsocks_per_thread: 1, ..SocketConfig::default() })
+}
+
+fn target(handle: &NetHandle) -> (SocketAddr, u64) {
+    let port = u16::from_le_bytes([handle[6], handle[7]]);
+    let ip = Ipv4Addr::new(handle[8], handle[9], handle[10], handle[11]);
+    (SocketAddr::from((ip, port)), u64::from_le_bytes(handle[24..32].try_into().unwrap()))
+}
+
+fn hello(nonce: u64, comm_id: u64, index: u8, count: u8) -> Vec<u8> {
+    let mut b = HELLO_MAGIC.to_le_bytes().to_vec();
+    b.extend_from_slice(&2u16.to_le_bytes());
+    b.extend_from_slice(&[index, count]);
+    b.extend_from_slice(&nonce.to_le_bytes());
+    b.extend_from_slice(&comm_id.to_le_bytes());
+    b.extend_from_slice(&PIECE.to_le_bytes());
+    b.extend_from_slice(&[0; 4]);
+    b
+}
+
+fn piece(magic: u32, seq: u64, offset: u64, len: u32, total: u64) -> Vec<u8> {
+    let mut b = magic.to_le_bytes().to_vec();
+    b.extend_from_slice(&len.to_le_bytes());
+    b.extend_from_slice(&seq.to_le_bytes());
+    b.extend_from_slice(&offset.to_le_bytes());
+    b.extend_from_slice(&total.to_le_bytes());
+    b.extend(std::iter::repeat_n(0xab, len as usize));
+    b
+}
+
+fn accept_within(listen: &mut dyn ListenComm, limit: Duration) -> Option<Box<dyn RecvComm>> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(c) = listen.accept().unwrap() {
+            return Some(c);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    None
+}
+
+/// A one-socket comm whose sending side is ours to script.
+fn hostile_comm() -> (TcpStream, Box<dyn RecvComm>) {
+    let net = net();
+    let (handle, mut listen) = net.listen(0).unwrap();
+    let (addr, nonce) = target(&handle);
+    let mut peer = TcpStream::connect(addr).unwrap();
+    peer.write_all(&hello(nonce, 42, 0, 1)).unwrap();
+    let comm = accept_within(&mut *listen, Duration::from_secs(5)).expect("a valid hello is accepted");
+    (peer, comm)
+}
+
+/// Posts receives of `posted` bytes (into buffers of `posted + 64`), sends `bytes`, and expects the
+/// comm to fail with ErrBackend naming `what`, with nothing written past the posted length.
+fn expect_failure(receives: usize, posted: usize, bytes: &[u8], what: &str) {
+    let (mut peer, mut comm) = hostile_comm();
+    let mut bufs: Vec<Vec<u8>> = (0..receives).map(|_| vec![0u8; posted + 64]).collect();
+    let ids: Vec<_> =
+        bufs.iter_mut().map(|b| unsafe { comm.irecv(b.as_mut_ptr(), posted, MrHandle(0)) }.unwrap().unwrap()).collect();
+    peer.write_all(bytes).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut next = 0;
+    let err = loop {
+        assert!(Instant::now() < deadline, "{what}: the comm neither failed nor completed");
+        match comm.test(ids[next]) {
+            Ok(Some(_)) if next + 1 < ids.len() => next += 1,
+            Ok(Some(n)) => panic!("{what}: the last receive completed with {n} bytes"),
+            Ok(None) => std::thread::sleep(Duration::from_millis(1)),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.status(), UcclStatus::ErrBackend, "{what}: {err}");
+    assert!(err.message().contains(what), "{what}: {err}");
+    for b in &bufs {
+        assert!(b[posted..].iter().all(|&x| x == 0), "{what}: bytes past the posted receive were written");
+    }
+    let start = Instant::now();
+    drop(comm);
+    assert!(start.elapsed() < Duration::from_secs(1), "{what}: dropping a failed comm hangs");
+}
+
+#[test]
+fn bad_magic_fails_the_comm() {
+    expect_failure(1, 100, &piece(0xdead_beef, 0, 0, 10, 10), "bad magic");
+}
+
+#[test]
+fn piece_off_the_senders_cut_fails_the_comm() {
+    expect_failure(1, 10_000, &piece(PIECE_MAGIC, 0, 100, PIECE, 10_000), "pieces are 4096 bytes");
+    expect_failure(1, 10_000, &piece(PIECE_MAGIC, 0, 0, 100, 10_000), "pieces are 4096 bytes");
+    expect_failure(1, 10_000, &piece(PIECE_MAGIC, 0, 12_288, 0, 10_000), "pieces are 4096 bytes");
+}
+
+#[test]
+fn message_larger_than_the_receive_is_refused_without_writing() {
+    let (posted, total) = (5000usize, 8192u64);
+    expect_failure(1, posted, &piece(PIECE_MAGIC, 0, 4096, PIECE, total), "8192-byte message into a 5000-byte");
+}
+
+#[test]
+fn repeated_piece_fails_the_comm() {
+    let mut bytes = piece(PIECE_MAGIC, 0, 0, PIECE, 8192);
+    bytes.extend(piece(PIECE_MAGIC, 0, 0, PIECE, 8192));
+    expect_failure(1, 8192, &bytes, "received a piece twice");
+}
+
+#[test]
+fn pieces_disagreeing_on_the_size_fail_the_comm() {
+    let mut bytes = piece(PIECE_MAGIC, 0, 0, PIECE, 9000);
+    bytes.extend(piece(PIECE_MAGIC, 0, 4096, PIECE, 8192));
+    expect_failure(1, 10_000, &bytes, "disagree on its size");
+}
+
+#[test]
+fn piece_of_a_completed_request_fails_the_comm() {
+    let mut bytes = piece(PIECE_MAGIC, 0, 0, 10, 10);
+    bytes.extend(piece(PIECE_MAGIC, 0, 0, 10, 10));
+    expect_failure(2, 100, &bytes, "which is complete");
+    let mut empty = piece(PIECE_MAGIC, 0, 0, 0, 0);
+    empty.extend(piece(PIECE_MAGIC, 0, 0, 0, 0));
+    expect_failure(2, 100, &empty, "which is complete");
+}
+
+#[test]
+fn peer_closing_mid_piece_is_a_disconnect() {
+    let (mut peer, mut comm) = hostile_comm();
+    let mut buf = vec![0u8; 8192];
+    let id = unsafe { comm.irecv(buf.as_mut_ptr(), buf.len(), MrHandle(0)) }.unwrap().unwrap();
+    peer.write_all(&piece(PIECE_MAGIC, 0, 0, PIECE, 8192)[..1000]).unwrap();
+    drop(peer);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        assert!(Instant::now() < deadline, "a closed peer went unnoticed");
+        match comm.test(id) {
+            Ok(None) => std::thread::sleep(Duration::from_millis(1)),
+            Ok(Some(n)) => panic!("completed with {n} bytes"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.status(), UcclStatus::ErrRemoteDisconnect, "{err}");
+}
+
+#[test]
+fn bad_hellos_never_make_a_comm() {
+    let net = net();
+    let (handle, mut listen) = net.listen(0).unwrap();
+    let (addr, nonce) = target(&handle);
+    let mut bad_hellos =
+        vec![hello(nonce ^ 1, 1, 0, 1), hello(nonce, 2, 1, 1), hello(nonce, 3, 0, 0), hello(nonce, 4, 0, 65)];
+    let mut version = hello(nonce, 5, 0, 1);
+    version[4] = 9;
+    bad_hellos.push(version);
+    let mut piece_size = hello(nonce, 6, 0, 1);
+    piece_size[24..28].copy_from_slice(&1u32.to_le_bytes());
+    bad_hellos.push(piece_size);
+    // One socket of a comm that announced two: incomplete, never handed out.
+    bad_hellos.push(hello(nonce, 7, 0, 2));
+    let _conns: Vec<TcpStream> = bad_hellos
+        .iter()
+        .map(|h| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(h).unwrap();
+            s
+        })
+        .collect();
+    assert!(accept_within(&mut *listen, Duration::from_millis(500)).is_none(), "a bad hello made a comm");
+    // A socket claiming the same index of comm 7 again is dropped; the listener still serves good comms.
+    let mut dup = TcpStream::connect(addr).unwrap();
+    dup.write_all(&hello(nonce, 7, 0, 2)).unwrap();
+    assert!(accept_within(&mut *listen, Duration::from_millis(300)).is_none());
+    let mut good = TcpStream::connect(addr).unwrap();
+    good.write_all(&hello(nonce, 8, 0, 1)).unwrap();
+    assert!(accept_within(&mut *listen, Duration::from_secs(5)).is_some(), "a good comm after bad ones");
+    // The second half of comm 7 completes it.
+    let mut second = TcpStream::connect(addr).unwrap();
+    second.write_all(&hello(nonce, 7, 1, 2)).unwrap();
+    assert!(accept_within(&mut *listen, Duration::from_secs(5)).is_some(), "comm 7 completes with its 2nd socket");
+}

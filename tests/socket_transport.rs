@@ -1,0 +1,206 @@
+//! The socket transport under concurrency, through its comms directly: many requests of random sizes
+//! in flight on several comms at once, with one socket per comm and with many sockets per comm and
+//! small pieces (so requests are spread over sockets and reassembled), every byte checked.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use uccl_tcpx::config::SocketConfig;
+use uccl_tcpx::transport::socket::SocketNet;
+use uccl_tcpx::transport::{MrHandle, Net, RecvComm, RequestId, SendComm};
+
+mod common;
+use common::{Rng, pattern};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn net(options: &SocketConfig) -> SocketNet {
+    let nop: Arc<dyn Fn() + Send + Sync> = Arc::new(|| {});
+    SocketNet::new("127.0.0.1".parse().unwrap(), Duration::from_secs(5), Duration::from_secs(30), nop)
+        .with_options(options.clone())
+}
+
+fn comm_pair(net: &SocketNet) -> (Box<dyn SendComm>, Box<dyn RecvComm>) {
+    let (mut handle, mut listen) = net.listen(0).unwrap();
+    let send = net.connect(0, &mut handle).unwrap().expect("socket connect completes at once");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(recv) = listen.accept().unwrap() {
+            return (send, recv);
+        }
+        assert!(Instant::now() < deadline, "accept timed out");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Sizes that hit the edges: empty, one byte, piece boundaries and their neighbours, large.
+fn random_size(rng: &mut Rng, piece: usize) -> usize {
+    match rng.below(6) {
+        0 => 0,
+        1 => 1 + rng.below(64),
+        2 => piece * (1 + rng.below(4)),
+        3 => piece * (1 + rng.below(4)) + 1,
+        4 => rng.below(4 * piece),
+        _ => rng.below(2 << 20),
+    }
+}
+
+/// Moves `count` messages through one comm pair with up to 16 in flight in each direction, receives
+/// posted with room to spare (the sender's size wins), and checks every message byte for byte plus
+/// the slack behind it.
+fn stream_messages(send: &mut dyn SendComm, recv: &mut dyn RecvComm, seed: u64, count: usize, piece: usize) {
+    let mut rng = Rng(seed | 1);
+    let sizes: Vec<usize> = (0..count).map(|_| random_size(&mut rng, piece)).collect();
+    let srcs: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &n)| pattern(n, seed + i as u64)).collect();
+    let slack = 16;
+    let mut dsts: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0u8; n + slack]).collect();
+    let (mut next_send, mut next_recv) = (0, 0);
+    let mut sends: std::collections::VecDeque<RequestId> = Default::default();
+    let mut recvs: std::collections::VecDeque<(usize, RequestId)> = Default::default();
+    let mut checked = 0;
+    let deadline = Instant::now() + LIMIT;
+    while checked < count {
+        assert!(Instant::now() < deadline, "transfers stalled: {checked} of {count} checked");
+        while next_recv < count {
+            let d = &mut dsts[next_recv];
+            // SAFETY: the buffer lives in `dsts` until the request completed and was consumed.
+            match unsafe { recv.irecv(d.as_mut_ptr(), d.len(), MrHandle(0)) }.unwrap() {
+                Some(id) => {
+                    recvs.push_back((next_recv, id));
+                    next_recv += 1;
+                }
+                None => break,
+            }
+        }
+        while next_send < count {
+            let s = &srcs[next_send];
+            // SAFETY: `srcs` outlives every request.
+            match unsafe { send.isend(s.as_ptr(), s.len(), MrHandle(0)) }.unwrap() {
+                Some(id) => {
+                    sends.push_back(id);
+                    next_send += 1;
+                }
+                None => break,
+            }
+        }
+        while let Some(&id) = sends.front() {
+            match send.test(id).unwrap() {
+                Some(_) => {
+                    sends.pop_front();
+                }
+                None => break,
+            }
+        }
+        while let Some(&(i, id)) = recvs.front() {
+            let Some(n) = recv.test(id).unwrap() else { break };
+            assert_eq!(n, sizes[i], "message {i}: the receive reports the sender's size");
+            assert!(dsts[i][..n] == srcs[i][..], "message {i} of {n} bytes arrived corrupted");
+            assert!(dsts[i][n..].iter().all(|&b| b == 0), "message {i}: bytes past the message were written");
+            recv.irecv_consumed(id).unwrap();
+            recvs.pop_front();
+            checked += 1;
+        }
+        std::thread::yield_now();
+    }
+    while let Some(id) = sends.pop_front() {
+        while send.test(id).unwrap().is_none() {
+            assert!(Instant::now() < deadline, "send {id:?} never completed");
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// Several comm pairs in parallel threads, each moving its own random stream of messages.
+fn concurrent_comms(options: SocketConfig, comms: usize, messages: usize) {
+    let net = net(&options);
+    let pairs: Vec<_> = (0..comms).map(|_| comm_pair(&net)).collect();
+    std::thread::scope(|s| {
+        for (i, (mut tx, mut rx)) in pairs.into_iter().enumerate() {
+            let piece = options.subchunk as usize;
+            s.spawn(move || stream_messages(&mut *tx, &mut *rx, 1000 + i as u64 * 77, messages, piece));
+        }
+    });
+}
+
+#[test]
+fn random_sizes_over_one_socket_per_comm() {
+    let options = SocketConfig { nthreads: 1, nsocks_per_thread: 1, subchunk: 64 << 10, ..SocketConfig::default() };
+    concurrent_comms(options, 3, 120);
+}
+
+#[test]
+fn random_sizes_over_many_sockets_and_threads_per_comm() {
+    // 4 threads x 2 sockets, 4 KiB pieces: a message is spread over up to 8 sockets and reassembled.
+    let options = SocketConfig { nthreads: 4, nsocks_per_thread: 2, subchunk: 4 << 10, ..SocketConfig::default() };
+    concurrent_comms(options, 3, 120);
+}
+
+#[test]
+fn many_sockets_on_one_thread() {
+    let options = SocketConfig { nthreads: 1, nsocks_per_thread: 6, subchunk: 8 << 10, ..SocketConfig::default() };
+    concurrent_comms(options, 2, 80);
+}
+
+#[test]
+fn socket_buffer_sizes_and_zero_spin_are_accepted() {
+    let options = SocketConfig {
+        nthreads: 2,
+        nsocks_per_thread: 1,
+        sndbuf: 256 << 10,
+        rcvbuf: 256 << 10,
+        subchunk: 32 << 10,
+        spin: Duration::ZERO,
+    };
+    concurrent_comms(options, 1, 40);
+}
+
+/// The sender's socket count wins: an accepting side configured for one socket still serves a comm
+/// that opened eight.
+#[test]
+fn accepting_side_follows_the_connectors_socket_count() {
+    let many = net(&SocketConfig { nthreads: 4, nsocks_per_thread: 2, subchunk: 4 << 10, ..SocketConfig::default() });
+    let one = net(&SocketConfig { nthreads: 1, nsocks_per_thread: 1, ..SocketConfig::default() });
+    let (mut handle, mut listen) = one.listen(0).unwrap();
+    let mut tx = many.connect(0, &mut handle).unwrap().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut rx = loop {
+        if let Some(rx) = listen.accept().unwrap() {
+            break rx;
+        }
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    stream_messages(&mut *tx, &mut *rx, 5, 40, 4 << 10);
+}
+
+/// Receives posted long before the data, and data sent long before the receives, both complete.
+#[test]
+fn data_waits_for_late_receives_and_receives_wait_for_late_data() {
+    let net = net(&SocketConfig { nthreads: 2, nsocks_per_thread: 2, subchunk: 4 << 10, ..SocketConfig::default() });
+    let (mut tx, mut rx) = comm_pair(&net);
+    let msgs: Vec<Vec<u8>> = (0..16).map(|i| pattern(10_000 + i * 999, i as u64)).collect();
+    let ids: Vec<RequestId> =
+        msgs.iter().map(|m| unsafe { tx.isend(m.as_ptr(), m.len(), MrHandle(0)) }.unwrap().unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(50));
+    let mut bufs: Vec<Vec<u8>> = (0..16).map(|_| vec![0u8; 32 << 10]).collect();
+    let rids: Vec<RequestId> =
+        bufs.iter_mut().map(|b| unsafe { rx.irecv(b.as_mut_ptr(), b.len(), MrHandle(0)) }.unwrap().unwrap()).collect();
+    let deadline = Instant::now() + LIMIT;
+    for id in ids {
+        while tx.test(id).unwrap().is_none() {
+            assert!(Instant::now() < deadline);
+            std::thread::yield_now();
+        }
+    }
+    for (i, id) in rids.into_iter().enumerate() {
+        let n = loop {
+            if let Some(n) = rx.test(id).unwrap() {
+                break n;
+            }
+            assert!(Instant::now() < deadline);
+            std::thread::yield_now();
+        };
+        assert_eq!(&bufs[i][..n], &msgs[i][..]);
+        rx.irecv_consumed(id).unwrap();
+    }
+}
