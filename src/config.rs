@@ -12,6 +12,8 @@ pub(crate) const MAX_CHUNK_SIZE: u32 = 4 << 20;
 pub(crate) const MIN_CHUNK_SIZE: u32 = 4 << 10;
 /// TCPX allows 16 outstanding requests per comm, received-but-unconsumed ones included.
 pub(crate) const MAX_WINDOW: usize = 16;
+/// Bound on UCCL_TCPX_GPU; the device count is checked when the engine opens the GPU.
+const MAX_GPU_ORDINAL: i32 = 1023;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -32,6 +34,9 @@ pub struct Config {
     /// A connection with work outstanding that hears nothing from its peer for this long fails with
     /// TIMEOUT (a stalled or vanished peer); also the sockets' TCP_USER_TIMEOUT. `UCCL_TCPX_TIMEOUT_MS`.
     pub timeout: Duration,
+    /// CUDA device ordinal the engine serves, chosen at creation. Unset: the GPU of the first
+    /// device-memory registration. `UCCL_TCPX_GPU`.
+    pub gpu: Option<i32>,
 }
 
 impl Default for Config {
@@ -45,6 +50,7 @@ impl Default for Config {
             ifname: None,
             connect_timeout: Duration::from_secs(10),
             timeout: Duration::from_secs(30),
+            gpu: None,
         }
     }
 }
@@ -80,6 +86,7 @@ impl Config {
                 100,
                 86_400_000,
             )?),
+            gpu: get("UCCL_TCPX_GPU").map(|_| parse_in(&get, "UCCL_TCPX_GPU", 0, 0, MAX_GPU_ORDINAL)).transpose()?,
         })
     }
 }
@@ -142,6 +149,7 @@ mod tests {
             ("UCCL_TCPX_IFNAME", "lo"),
             ("UCCL_TCPX_CONNECT_TIMEOUT_MS", "250"),
             ("UCCL_TCPX_TIMEOUT_MS", "1500"),
+            ("UCCL_TCPX_GPU", "3"),
         ])
         .unwrap();
         assert_eq!(c.num_channels, 4);
@@ -152,6 +160,7 @@ mod tests {
         assert_eq!(c.ifname.as_deref(), Some("lo"));
         assert_eq!(c.connect_timeout, Duration::from_millis(250));
         assert_eq!(c.timeout, Duration::from_millis(1500));
+        assert_eq!(c.gpu, Some(3));
         assert_eq!(cfg(&[("UCCL_TCPX_CHUNK_SIZE", "4M")]).unwrap().chunk_size, 4 << 20);
     }
 
@@ -169,6 +178,9 @@ mod tests {
             ("UCCL_TCPX_IP", "not-an-ip"),
             ("UCCL_TCPX_CONNECT_TIMEOUT_MS", "0"),
             ("UCCL_TCPX_TIMEOUT_MS", "99"),
+            ("UCCL_TCPX_GPU", "-1"),
+            ("UCCL_TCPX_GPU", "gpu0"),
+            ("UCCL_TCPX_GPU", "0000:4a:00.0"),
         ] {
             let err = cfg(&[(k, v)]).unwrap_err();
             assert_eq!(err.status(), crate::error::UcclStatus::ErrInvalidParam);

@@ -1,7 +1,7 @@
 //! A GPU as the engine uses it: the device's primary context (the one PyTorch and cudart use, so
 //! pointers and streams are shared with them) and its PCI identity.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::safe::CudaContext;
 use cudarc::driver::{result, sys};
@@ -22,15 +22,18 @@ impl std::fmt::Debug for Gpu {
 }
 
 impl Gpu {
-    /// Retains GPU `ordinal`'s primary context. One `Gpu` per ordinal is alive at a time in the
-    /// process; callers share it. The calling thread's current context is left as it was.
+    /// GPU `ordinal` with its primary context retained. The calling thread's current context is
+    /// left as it was.
+    ///
+    /// Retained once per process and kept, as cudart does: releasing the last reference would reset
+    /// the context (freeing every allocation in it, including the user's) and leave threads with a
+    /// destroyed context current, and re-creating one costs far more than keeping it.
     pub fn open(ordinal: i32) -> Result<Arc<Gpu>> {
         super::driver()?;
-        static OPEN: Mutex<Vec<(i32, Weak<Gpu>)>> = Mutex::new(Vec::new());
+        static OPEN: Mutex<Vec<Arc<Gpu>>> = Mutex::new(Vec::new());
         let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
-        open.retain(|(_, gpu)| gpu.strong_count() > 0);
-        if let Some(gpu) = open.iter().find(|(o, _)| *o == ordinal).and_then(|(_, g)| g.upgrade()) {
-            return Ok(gpu);
+        if let Some(gpu) = open.iter().find(|g| g.ordinal == ordinal) {
+            return Ok(gpu.clone());
         }
         let count = result::device::get_count().map_err(|e| super::driver_error(e.0, "cuDeviceGetCount"))?;
         if ordinal < 0 || ordinal >= count {
@@ -42,7 +45,7 @@ impl Gpu {
         };
         let bus_id = pci_bus_id(ctx.cu_device())?;
         let gpu = Arc::new(Gpu { ctx, ordinal, bus_id });
-        open.push((ordinal, Arc::downgrade(&gpu)));
+        open.push(gpu.clone());
         Ok(gpu)
     }
 

@@ -44,6 +44,19 @@ fn describe(location: Location) -> String {
 }
 
 fn locate_one(addr: usize) -> Result<Location> {
+    match query(addr) {
+        // No context is needed for this query on the drivers we know; should one insist, any
+        // context will do, and GPU 0's primary context exists wherever a driver does.
+        Err(CUresult::CUDA_ERROR_INVALID_CONTEXT | CUresult::CUDA_ERROR_CONTEXT_IS_DESTROYED) => {
+            let gpu = super::Gpu::open(0)?;
+            let _ctx = gpu.enter()?;
+            query(addr).map_err(|status| super::driver_error(status, "cuPointerGetAttributes"))
+        }
+        found => found.map_err(|status| super::driver_error(status, "cuPointerGetAttributes")),
+    }
+}
+
+fn query(addr: usize) -> std::result::Result<Location, CUresult> {
     // Zeroed 8-byte cells whatever width the driver writes (a 4-byte enum, an int), so a narrower
     // write still reads back right on little-endian hosts.
     let mut memory_type = 0u64;
@@ -56,22 +69,22 @@ fn locate_one(addr: usize) -> Result<Location> {
     // SAFETY: two attributes, two writable cells each at least as wide as the attribute's type.
     // cuPointerGetAttributes needs no current context and, unlike cuPointerGetAttribute, reports
     // memory CUDA does not know (plain host memory) as success with a zero memory type.
-    let status = unsafe {
-        sys::cuPointerGetAttributes(2, attributes.as_mut_ptr(), data.as_mut_ptr(), addr as sys::CUdeviceptr)
-    };
+    let status =
+        unsafe { sys::cuPointerGetAttributes(2, attributes.as_mut_ptr(), data.as_mut_ptr(), addr as sys::CUdeviceptr) };
     match status {
         CUresult::CUDA_SUCCESS => {}
         // Older drivers answer unknown host addresses this way.
         CUresult::CUDA_ERROR_INVALID_VALUE => return Ok(Location::Host),
-        other => return Err(super::driver_error(other, "cuPointerGetAttributes")),
+        other => return Err(other),
     }
     const DEVICE: u64 = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u64;
     const UNIFIED: u64 = sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED as u64;
     match memory_type as u32 as u64 {
         DEVICE | UNIFIED => {
+            // A negative ordinal (no owning GPU) cannot be staged; INVALID_DEVICE says so below.
             let ordinal = ordinal as u32 as i32;
             if ordinal < 0 {
-                return Err(Error::invalid(format!("CUDA reports no GPU for device address {addr:#x}")));
+                return Err(CUresult::CUDA_ERROR_INVALID_DEVICE);
             }
             Ok(Location::Device { ordinal })
         }

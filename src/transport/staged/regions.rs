@@ -17,8 +17,14 @@ pub(super) trait InnerRegistry {
 #[derive(Clone, Copy, Debug)]
 enum Registered {
     /// Host memory: the inner comm's own handle for it.
-    Host { inner: MrHandle },
-    Device { base: usize, len: usize, device: i32 },
+    Host {
+        inner: MrHandle,
+    },
+    Device {
+        base: usize,
+        len: usize,
+        device: i32,
+    },
 }
 
 /// How one posted buffer travels.
@@ -80,7 +86,13 @@ impl Staging {
 
     /// How `[addr, addr + len)` posted with `mr` travels. With no handle (the engine's own small
     /// buffers, or callers that never register) the pointer itself says, when a driver exists.
-    pub(super) fn route(&mut self, inner: &mut dyn InnerRegistry, mr: MrHandle, addr: usize, len: usize) -> Result<Route> {
+    pub(super) fn route(
+        &mut self,
+        inner: &mut dyn InnerRegistry,
+        mr: MrHandle,
+        addr: usize,
+        len: usize,
+    ) -> Result<Route> {
         let device = if mr == MrHandle::NONE {
             match cuda::locate(addr, len.max(1))? {
                 Location::Host => return Ok(Route::Direct(MrHandle::NONE)),
@@ -91,8 +103,7 @@ impl Staging {
                 None => return Err(Error::invalid(format!("memory registration {} is unknown to this comm", mr.0))),
                 Some(Registered::Host { inner }) => return Ok(Route::Direct(*inner)),
                 Some(&Registered::Device { base, len: region_len, device }) => {
-                    let inside =
-                        addr >= base && addr.checked_add(len).is_some_and(|end| end <= base + region_len);
+                    let inside = addr >= base && addr.checked_add(len).is_some_and(|end| end <= base + region_len);
                     if !inside {
                         return Err(Error::invalid(format!(
                             "buffer [{addr:#x}, +{len}) lies outside its GPU registration [{base:#x}, +{region_len})"
@@ -117,7 +128,10 @@ impl Staging {
             if ring.gpu().ordinal() != device {
                 return Err(Error::new(
                     UcclStatus::ErrNotSupported,
-                    format!("this connection stages GPU {} memory; a buffer of GPU {device} cannot share it", ring.gpu().ordinal()),
+                    format!(
+                        "this connection stages GPU {} memory; a buffer of GPU {device} cannot share it",
+                        ring.gpu().ordinal()
+                    ),
                 ));
             }
         } else {

@@ -50,7 +50,14 @@ impl InnerRegistry for Inner<'_> {
 
 impl StagedSendComm {
     pub(crate) fn new(inner: Box<dyn SendComm>, setup: Setup) -> StagedSendComm {
-        StagedSendComm { inner, staging: Staging::new(setup), queue: VecDeque::new(), posted: 0, unsent: 0, failure: None }
+        StagedSendComm {
+            inner,
+            staging: Staging::new(setup),
+            queue: VecDeque::new(),
+            posted: 0,
+            unsent: 0,
+            failure: None,
+        }
     }
 
     fn healthy(&self) -> Result<()> {

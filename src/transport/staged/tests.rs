@@ -147,7 +147,7 @@ fn request_rules_hold_as_for_the_inner_comm() {
     assert_eq!((a, b), (data, data));
     assert!(tx.test(RequestId(99)).is_err());
     // 16 receives outstanding (tested or not, until consumed) fill the comm.
-    let mut bufs = vec![[0u8; 8]; 17];
+    let mut bufs = [[0u8; 8]; 17];
     for b in bufs.iter_mut().take(16) {
         assert!(unsafe { rx.irecv(b.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap().is_some());
     }

@@ -1,0 +1,93 @@
+//! Loopback throughput of one-sided writes between two engines in this process: GPU->GPU through
+//! the pinned staging path next to host->host over the same transport, for a few channel and chunk
+//! settings. Every run's last write is checked byte for byte.
+//!
+//! `cargo run --release --example gpu_staging_bw [size_mib] [iterations]` (defaults 64, 20).
+
+use std::time::Instant;
+
+use uccl_tcpx::cuda::{self, DeviceBuffer};
+use uccl_tcpx::engine::OneSided;
+use uccl_tcpx::{Config, Engine};
+
+enum Buf {
+    Host(Vec<u8>),
+    Gpu(DeviceBuffer),
+}
+
+impl Buf {
+    fn new(gpu: bool, len: usize) -> Buf {
+        if gpu { Buf::Gpu(DeviceBuffer::new(0, len).expect("device memory")) } else { Buf::Host(vec![0u8; len]) }
+    }
+    fn addr(&self) -> usize {
+        match self {
+            Buf::Host(v) => v.as_ptr() as usize,
+            Buf::Gpu(d) => d.addr(),
+        }
+    }
+    fn write(&mut self, data: &[u8]) {
+        match self {
+            Buf::Host(v) => v.copy_from_slice(data),
+            Buf::Gpu(d) => d.copy_from_host(0, data).expect("copy to device"),
+        }
+    }
+    fn read(&self) -> Vec<u8> {
+        match self {
+            Buf::Host(v) => v.clone(),
+            Buf::Gpu(d) => d.to_vec().expect("copy from device"),
+        }
+    }
+}
+
+fn run(config: &Config, gpu: bool, size: usize, iterations: usize) -> f64 {
+    let a = Engine::new(config.clone()).expect("engine");
+    let b = Engine::new(config.clone()).expect("engine");
+    let conn = a.connect("127.0.0.1", "0", b.address().port()).expect("connect");
+    let _accepted = b.accept().expect("accept");
+    let mut src = Buf::new(gpu, size);
+    let dst = Buf::new(gpu, size);
+    let data: Vec<u8> = (0..size).map(|i| (i as u64).wrapping_mul(0x9e37_79b9).rotate_right(7) as u8).collect();
+    src.write(&data);
+    let smr = a.register(src.addr(), size).expect("register source");
+    let dmr = b.register(dst.addr(), size).expect("register destination");
+    let remote = b.prepare_fifo(dmr, dst.addr(), size).expect("advertise");
+    let op = [OneSided { mr: smr, addr: src.addr(), len: size, remote }];
+    for _ in 0..2 {
+        conn.wait(conn.write(&op).expect("write")).expect("warm-up write");
+    }
+    let start = Instant::now();
+    for _ in 0..iterations {
+        conn.wait(conn.write(&op).expect("write")).expect("write");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    assert!(dst.read() == data, "destination differs from the source after the last write");
+    (size * iterations) as f64 / secs / 1e9
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let size = args.next().map_or(64, |s| s.parse::<usize>().expect("size in MiB")) << 20;
+    let iterations = args.next().map_or(20, |s| s.parse().expect("iteration count"));
+    let gpu = cuda::available();
+    if !gpu {
+        println!("SKIPPED: no CUDA driver (host->host only)");
+    }
+    println!("{} MiB one-sided writes over loopback, {iterations} per run", size >> 20);
+    for (channels, chunk, window) in [(2u16, 1u32 << 20, 8usize), (4, 1 << 20, 8), (4, 4 << 20, 16), (8, 4 << 20, 16)] {
+        let config = Config {
+            ip: Some("127.0.0.1".parse().unwrap()),
+            num_channels: channels,
+            chunk_size: chunk,
+            window,
+            ..Config::default()
+        };
+        let host = run(&config, false, size, iterations);
+        let line = format!("channels {channels} chunk {} KiB window {window}: host->host {host:6.2} GB/s", chunk >> 10);
+        if gpu {
+            let staged = run(&config, true, size, iterations);
+            println!("{line}   GPU->GPU (staged) {staged:6.2} GB/s ({:.0}% of host)", 100.0 * staged / host);
+        } else {
+            println!("{line}");
+        }
+    }
+}
