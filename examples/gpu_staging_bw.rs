@@ -1,6 +1,7 @@
 //! Loopback throughput of one-sided writes between two engines in this process: GPU->GPU through
-//! the pinned staging path next to host->host over the same transport, for a few channel and chunk
-//! settings. Every run's last write is checked byte for byte.
+//! the pinned staging path next to host->host over the same transport (and GPU->host, host->GPU,
+//! where only one side stages), for a few channel and chunk settings. Every run's last write is
+//! checked byte for byte.
 //!
 //! `cargo run --release --example gpu_staging_bw [size_mib] [iterations]` (defaults 64, 20).
 
@@ -39,13 +40,13 @@ impl Buf {
     }
 }
 
-fn run(config: &Config, gpu: bool, size: usize, iterations: usize) -> f64 {
+fn run(config: &Config, (src_gpu, dst_gpu): (bool, bool), size: usize, iterations: usize) -> f64 {
     let a = Engine::new(config.clone()).expect("engine");
     let b = Engine::new(config.clone()).expect("engine");
     let conn = a.connect("127.0.0.1", "0", b.address().port()).expect("connect");
     let _accepted = b.accept().expect("accept");
-    let mut src = Buf::new(gpu, size);
-    let dst = Buf::new(gpu, size);
+    let mut src = Buf::new(src_gpu, size);
+    let dst = Buf::new(dst_gpu, size);
     let data: Vec<u8> = (0..size).map(|i| (i as u64).wrapping_mul(0x9e37_79b9).rotate_right(7) as u8).collect();
     src.write(&data);
     let smr = a.register(src.addr(), size).expect("register source");
@@ -81,13 +82,18 @@ fn main() {
             window,
             ..Config::default()
         };
-        let host = run(&config, false, size, iterations);
-        let line = format!("channels {channels} chunk {} KiB window {window}: host->host {host:6.2} GB/s", chunk >> 10);
+        let host = run(&config, (false, false), size, iterations);
+        let mut line =
+            format!("channels {channels} chunk {:>4} KiB window {window:>2}: host->host {host:6.2} GB/s", chunk >> 10);
         if gpu {
-            let staged = run(&config, true, size, iterations);
-            println!("{line}   GPU->GPU (staged) {staged:6.2} GB/s ({:.0}% of host)", 100.0 * staged / host);
-        } else {
-            println!("{line}");
+            let staged = run(&config, (true, true), size, iterations);
+            let from_gpu = run(&config, (true, false), size, iterations);
+            let to_gpu = run(&config, (false, true), size, iterations);
+            line += &format!(
+                " | GPU->GPU {staged:6.2} GB/s ({:3.0}% of host) | GPU->host {from_gpu:6.2} | host->GPU {to_gpu:6.2}",
+                100.0 * staged / host
+            );
         }
+        println!("{line}");
     }
 }

@@ -58,7 +58,15 @@ impl Staging {
         kind: MemKind,
     ) -> Result<MrHandle> {
         let entry = match kind {
-            MemKind::Host => Registered::Host { inner: inner.register(addr, len, kind)? },
+            MemKind::Host => {
+                // The inner comm would read or write it from the CPU: device memory there is a crash.
+                if let Location::Device { ordinal } = cuda::locate(addr, len)? {
+                    return Err(Error::invalid(format!(
+                        "[{addr:#x}, +{len}) was registered as host memory but is memory of GPU {ordinal}"
+                    )));
+                }
+                Registered::Host { inner: inner.register(addr, len, kind)? }
+            }
             MemKind::Cuda { device } => {
                 cuda::driver().map_err(|e| e.context("cannot register GPU memory"))?;
                 let found = cuda::locate(addr, len)?;
