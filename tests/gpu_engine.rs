@@ -184,6 +184,96 @@ fn vectors_mix_gpu_and_host_items() {
 }
 
 #[test]
+fn many_transfers_in_flight_at_once() {
+    if no_gpu() {
+        return;
+    }
+    let p = pair(Config { num_channels: 4, chunk_size: 512 << 10, window: 16, ..config() });
+    let count = 12;
+    let lens: Vec<usize> = (0..count).map(|i| (i * 777_777) % (6 << 20) + 1 + i).collect();
+    let mut srcs: Vec<Mem> =
+        (0..count).map(|i| Mem::new(if i % 3 == 2 { Side::Host } else { Side::Gpu }, lens[i] + 8)).collect();
+    let dsts: Vec<Mem> =
+        (0..count).map(|i| Mem::new(if i % 4 == 1 { Side::Host } else { Side::Gpu }, lens[i] + 8)).collect();
+    let data: Vec<Vec<u8>> = (0..count).map(|i| pattern(lens[i], 500 + i as u64)).collect();
+    for (m, d) in srcs.iter_mut().zip(&data) {
+        m.write(2, d);
+    }
+    let smrs: Vec<u64> = srcs.iter().map(|m| p.a.register(m.addr(), m.len()).unwrap()).collect();
+    let dmrs: Vec<u64> = dsts.iter().map(|m| p.b.register(m.addr(), m.len()).unwrap()).collect();
+    // Even items are one-sided writes, odd ones send/recv; all posted before any is waited for.
+    let mut pending = Vec::new();
+    for i in 0..count {
+        if i % 2 == 0 {
+            let mut remote = p.b.prepare_fifo(dmrs[i], dsts[i].addr(), dsts[i].len()).unwrap();
+            remote.addr += 4;
+            let op = OneSided { mr: smrs[i], addr: srcs[i].addr() + 2, len: lens[i], remote };
+            pending.push((None, p.ab.write(&[op]).unwrap()));
+        } else {
+            let r = p.ba.recv(dmrs[i], dsts[i].addr() + 4, lens[i]).unwrap();
+            pending.push((Some(r), p.ab.send(&[(smrs[i], srcs[i].addr() + 2, lens[i])]).unwrap()));
+        }
+    }
+    for (i, (recv, id)) in pending.into_iter().enumerate() {
+        assert_eq!(wait(&p.ab, id).unwrap(), lens[i] as u64);
+        if let Some(r) = recv {
+            assert_eq!(wait(&p.ba, r).unwrap(), lens[i] as u64);
+        }
+    }
+    for i in 0..count {
+        let what = format!("item {i} ({:?}->{:?}, {} bytes)", srcs[i].side(), dsts[i].side(), lens[i]);
+        assert_same(&dsts[i].read(4, lens[i]), &data[i], &what);
+    }
+}
+
+#[test]
+fn closing_during_gpu_transfers_is_clean() {
+    if no_gpu() {
+        return;
+    }
+    let len = 128 << 20;
+    for closer in ["initiator", "target"] {
+        let p = pair(config());
+        let src = Mem::new(Side::Gpu, len);
+        let dst = Mem::new(Side::Gpu, len);
+        let smr = p.a.register(src.addr(), len).unwrap();
+        let dmr = p.b.register(dst.addr(), len).unwrap();
+        let remote = p.b.prepare_fifo(dmr, dst.addr(), len).unwrap();
+        let w = p.ab.write(&[OneSided { mr: smr, addr: src.addr(), len, remote }]).unwrap();
+        let r = p.ba.recv(dmr, dst.addr(), len).unwrap();
+        let s = p.ab.send(&[(smr, src.addr(), len)]).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        if closer == "initiator" {
+            p.a.close_connection(&p.ab);
+        } else {
+            p.b.close_connection(&p.ba);
+        }
+        for (conn, id) in [(&p.ab, w), (&p.ab, s), (&p.ba, r)] {
+            match wait(conn, id) {
+                Ok(n) => assert_eq!(n, len as u64),
+                Err(e) => assert!(
+                    matches!(e.status(), UcclStatus::ErrCanceled | UcclStatus::ErrRemoteDisconnect),
+                    "{closer} closed: {e}"
+                ),
+            }
+        }
+        // Memory can go once the transfers are over; the engines still work.
+        drop((src, dst));
+        let q = pair(config());
+        let mut a = Mem::new(Side::Gpu, 4096);
+        let b = Mem::new(Side::Gpu, 4096);
+        a.write(0, &pattern(4096, 1));
+        let amr = q.a.register(a.addr(), 4096).unwrap();
+        let bmr = q.b.register(b.addr(), 4096).unwrap();
+        let r = q.ba.recv(bmr, b.addr(), 4096).unwrap();
+        let s = q.ab.send(&[(amr, a.addr(), 4096)]).unwrap();
+        assert_eq!(wait(&q.ab, s).unwrap(), 4096);
+        assert_eq!(wait(&q.ba, r).unwrap(), 4096);
+        assert_same(&b.read(0, 4096), &pattern(4096, 1), "after a closed connection");
+    }
+}
+
+#[test]
 fn gpu_identity_in_metadata_and_handshake() {
     if no_gpu() {
         return;
