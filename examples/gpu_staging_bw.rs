@@ -3,7 +3,8 @@
 //! where only one side stages), for a few channel and chunk settings. Every run's last write is
 //! checked byte for byte.
 //!
-//! `cargo run --release --example gpu_staging_bw [size_mib] [iterations]` (defaults 64, 20).
+//! `cargo run --release --example gpu_staging_bw [size_mib] [iterations] [channels:chunk_kib:window ...]`
+//! (defaults 64, 20 and a small grid).
 
 use std::time::Instant;
 
@@ -69,12 +70,24 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let size = args.next().map_or(64, |s| s.parse::<usize>().expect("size in MiB")) << 20;
     let iterations = args.next().map_or(20, |s| s.parse().expect("iteration count"));
+    let mut settings: Vec<(u16, u32, usize)> = args
+        .map(|spec| {
+            let parts: Vec<&str> = spec.split(':').collect();
+            let [channels, chunk_kib, window] = parts[..] else {
+                panic!("{spec:?}: expected channels:chunk_kib:window")
+            };
+            (channels.parse().unwrap(), chunk_kib.parse::<u32>().unwrap() << 10, window.parse().unwrap())
+        })
+        .collect();
+    if settings.is_empty() {
+        settings = vec![(2, 1 << 20, 8), (4, 1 << 20, 8), (4, 4 << 20, 16), (8, 4 << 20, 16)];
+    }
     let gpu = cuda::available();
     if !gpu {
         println!("SKIPPED: no CUDA driver (host->host only)");
     }
     println!("{} MiB one-sided writes over loopback, {iterations} per run", size >> 20);
-    for (channels, chunk, window) in [(2u16, 1u32 << 20, 8usize), (4, 1 << 20, 8), (4, 4 << 20, 16), (8, 4 << 20, 16)] {
+    for (channels, chunk, window) in settings {
         let config = Config {
             ip: Some("127.0.0.1".parse().unwrap()),
             num_channels: channels,
