@@ -12,6 +12,8 @@ pub(crate) const MAX_CHUNK_SIZE: u32 = 4 << 20;
 pub(crate) const MIN_CHUNK_SIZE: u32 = 4 << 10;
 /// TCPX allows 16 outstanding requests per comm, received-but-unconsumed ones included.
 pub(crate) const MAX_WINDOW: usize = 16;
+/// Bound on UCCL_TCPX_GPU; the device count is checked when the engine opens the GPU.
+const MAX_GPU_ORDINAL: i32 = 1023;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -34,6 +36,9 @@ pub struct Config {
     pub timeout: Duration,
     /// Built-in TCP transport tuning (`UCCL_TCPX_SOCKET_*`, `UCCL_TCPX_NSOCKS_PERTHREAD`, ...).
     pub socket: SocketConfig,
+    /// CUDA device ordinal the engine serves, chosen at creation. Unset: the GPU of the first
+    /// device-memory registration. `UCCL_TCPX_GPU`.
+    pub gpu: Option<i32>,
 }
 
 /// Most data sockets one comm may open (NCCL's MAX_SOCKETS); also what an accepting side allows.
@@ -110,6 +115,7 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(10),
             timeout: Duration::from_secs(30),
             socket: SocketConfig::default(),
+            gpu: None,
         }
     }
 }
@@ -145,6 +151,7 @@ impl Config {
                 100,
                 86_400_000,
             )?),
+            gpu: get("UCCL_TCPX_GPU").map(|_| parse_in(&get, "UCCL_TCPX_GPU", 0, 0, MAX_GPU_ORDINAL)).transpose()?,
             socket: SocketConfig::from_lookup(&get)?,
         })
     }
@@ -237,6 +244,7 @@ mod tests {
             ("UCCL_TCPX_IFNAME", "lo"),
             ("UCCL_TCPX_CONNECT_TIMEOUT_MS", "250"),
             ("UCCL_TCPX_TIMEOUT_MS", "1500"),
+            ("UCCL_TCPX_GPU", "3"),
         ])
         .unwrap();
         assert_eq!(c.num_channels, 4);
@@ -247,6 +255,7 @@ mod tests {
         assert_eq!(c.ifname.as_deref(), Some("lo"));
         assert_eq!(c.connect_timeout, Duration::from_millis(250));
         assert_eq!(c.timeout, Duration::from_millis(1500));
+        assert_eq!(c.gpu, Some(3));
         assert_eq!(cfg(&[("UCCL_TCPX_CHUNK_SIZE", "4M")]).unwrap().chunk_size, 4 << 20);
     }
 
@@ -293,6 +302,9 @@ mod tests {
             ("UCCL_TCPX_SOCKET_SUBCHUNK", "1K"),
             ("UCCL_TCPX_SOCKET_SUBCHUNK", "x"),
             ("UCCL_TCPX_SOCKET_SPIN_US", "-1"),
+            ("UCCL_TCPX_GPU", "-1"),
+            ("UCCL_TCPX_GPU", "gpu0"),
+            ("UCCL_TCPX_GPU", "0000:4a:00.0"),
         ] {
             let err = cfg(&[(k, v)]).unwrap_err();
             assert_eq!(err.status(), crate::error::UcclStatus::ErrInvalidParam);

@@ -1,9 +1,28 @@
 //! CUDA through cudarc, loaded at run time: the library builds and runs on machines without CUDA, and
 //! every entry point here checks for the driver first because cudarc panics when it is missing.
+//!
+//! - [`gpu`]: a device's primary context and PCI identity (shared with PyTorch and cudart callers);
+//! - [`pointer`]: is an address host or device memory, and on which GPU;
+//! - [`memory`]: [`DeviceBuffer`] (device memory for tests and benchmarks) and pinned host memory;
+//! - [`stream`]: streams and events, the asynchronous copies the staging path issues;
+//! - [`ring`]: a comm's ring of pinned staging slots.
+
+pub mod gpu;
+pub mod memory;
+pub mod pointer;
+pub mod ring;
+pub mod stream;
 
 use std::sync::OnceLock;
 
+use cudarc::driver::sys::CUresult;
+
 use crate::error::{Error, Result};
+
+pub use gpu::Gpu;
+pub use memory::DeviceBuffer;
+pub use pointer::{Location, locate};
+pub use ring::StagingRing;
 
 /// Whether a usable CUDA driver is present (libcuda loads and `cuInit` succeeds), probed once per
 /// process. The error says why not, for messages such as "cannot register device memory".
@@ -24,6 +43,22 @@ pub fn driver() -> Result<()> {
 /// True when CUDA work can run here; GPU tests use it to report themselves skipped.
 pub fn available() -> bool {
     driver().is_ok()
+}
+
+/// A driver status as a result whose error names the call that failed. Only called after a
+/// successful [`driver`] probe, since naming the error calls into the driver.
+pub(crate) fn check(status: CUresult, what: &str) -> Result<()> {
+    match status {
+        CUresult::CUDA_SUCCESS => Ok(()),
+        other => Err(driver_error(other, what)),
+    }
+}
+
+pub(crate) fn driver_error(status: CUresult, what: &str) -> Error {
+    let err = cudarc::driver::result::DriverError(status);
+    let name = err.error_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("{status:?}"));
+    let text = err.error_string().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    Error::backend(format!("CUDA {what} failed: {name} ({text})"))
 }
 
 #[cfg(test)]

@@ -505,23 +505,19 @@ impl Connection {
             }
             Control::InlineWrite { xfer, region, token, addr, payload } => {
                 let len = payload.len() as u64;
-                match self.core.regions.authorize(region, token, addr, len).and_then(host_only) {
+                let authorized = self.core.regions.authorize(region, token, addr, len);
+                // SAFETY: `authorize` proved the range lies in a live, advertised region.
+                match authorized.and_then(|r| unsafe { self.store_inline(&r, addr as usize, &payload) }) {
                     Err(e) => self.deny(xfer, e),
-                    Ok(_region) => {
-                        // SAFETY: `authorize` proved the range lies in a live, advertised host region.
-                        unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), addr as *mut u8, payload.len()) };
-                        self.writer.send(&Control::Done { xfer, len })
-                    }
+                    Ok(()) => self.writer.send(&Control::Done { xfer, len }),
                 }
             }
             Control::ReadSmall { xfer, region, token, addr, len } => {
-                match self.core.regions.authorize(region, token, addr, len).and_then(host_only) {
+                let authorized = self.core.regions.authorize(region, token, addr, len);
+                // SAFETY: as above; `len` is at most MAX_INLINE_LEN (checked by the decoder).
+                match authorized.and_then(|r| unsafe { self.load_inline(&r, addr as usize, len as usize) }) {
                     Err(e) => self.deny(xfer, e),
-                    Ok(_region) => {
-                        // SAFETY: as above; `len` is at most MAX_INLINE_LEN (checked by the decoder).
-                        let payload = unsafe { std::slice::from_raw_parts(addr as *const u8, len as usize) }.to_vec();
-                        self.writer.send(&Control::ReadData { xfer, payload })
-                    }
+                    Ok(payload) => self.writer.send(&Control::ReadData { xfer, payload }),
                 }
             }
             Control::ReadData { xfer, payload } => {
@@ -612,6 +608,50 @@ impl Connection {
         }
     }
 
+    /// Puts an inline write's payload into the target region: a CPU copy for host memory, a
+    /// synchronous copy for device memory (at most 8 KiB, cheaper than a staged pass).
+    ///
+    /// # Safety
+    /// `[addr, addr + payload.len())` lies inside `region`, which is live.
+    unsafe fn store_inline(&self, region: &Region, addr: usize, payload: &[u8]) -> Result<()> {
+        match region.kind {
+            // SAFETY: per the contract.
+            MemKind::Host => unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), addr as *mut u8, payload.len()) },
+            // SAFETY: per the contract; registration proved the range is memory of the engine's GPU.
+            MemKind::Cuda { .. } => unsafe {
+                crate::cuda::memory::copy_to_device_sync(self.region_gpu(region)?, addr, payload)?
+            },
+        }
+        Ok(())
+    }
+
+    /// Reads an inline read's bytes out of the target region.
+    ///
+    /// # Safety
+    /// `[addr, addr + len)` lies inside `region`, which is live.
+    unsafe fn load_inline(&self, region: &Region, addr: usize, len: usize) -> Result<Vec<u8>> {
+        match region.kind {
+            // SAFETY: per the contract.
+            MemKind::Host => Ok(unsafe { std::slice::from_raw_parts(addr as *const u8, len) }.to_vec()),
+            MemKind::Cuda { .. } => {
+                let mut out = vec![0u8; len];
+                // SAFETY: per the contract.
+                unsafe { crate::cuda::memory::copy_from_device_sync(self.region_gpu(region)?, &mut out, addr)? };
+                Ok(out)
+            }
+        }
+    }
+
+    fn region_gpu(&self, region: &Region) -> Result<&crate::cuda::Gpu> {
+        match (self.core.gpu.get(), region.kind) {
+            (Some(gpu), MemKind::Cuda { device }) if gpu.ordinal() == device => Ok(gpu),
+            _ => Err(Error::new(
+                UcclStatus::ErrInternal,
+                format!("region {} is device memory of no GPU this engine serves", region.id),
+            )),
+        }
+    }
+
     fn deny(&self, xfer: u64, e: Error) -> Result<()> {
         log::debug!("connection to {}: refusing op {xfer}: {}", self.peer.addr, e.message());
         self.writer.send(&Control::Deny { xfer, status: e.status() as i32, reason: e.message().to_owned() })
@@ -675,17 +715,6 @@ impl ConnState {
     fn take_id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
-    }
-}
-
-/// Inline transfers copy with the CPU, so they only reach host memory.
-fn host_only(region: Arc<Region>) -> Result<Arc<Region>> {
-    match region.kind {
-        MemKind::Host => Ok(region),
-        MemKind::Cuda { .. } => Err(Error::new(
-            UcclStatus::ErrNotSupported,
-            "inline access to device memory is not supported; the peer must use the channel path",
-        )),
     }
 }
 

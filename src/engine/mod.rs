@@ -13,8 +13,8 @@ mod writer;
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -24,9 +24,11 @@ pub use conn::{Connection, OneSided, PeerInfo};
 pub use notify::Notification;
 
 use crate::config::Config;
+use crate::cuda::{self, Gpu, Location};
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::FifoItem;
 use crate::transport::socket::SocketNet;
+use crate::transport::staged::{StagedNet, StagingParams};
 use crate::transport::{MemKind, Net};
 use handshake::Local;
 use progress::{ConnList, ProgressThread, Waker};
@@ -41,8 +43,8 @@ pub(crate) struct EngineCore {
     transfers: TransferTable,
     waker: Arc<Waker>,
     next_conn: AtomicU64,
-    gpu_index: i32,
-    gpu_id: String,
+    /// The GPU this engine serves: from UCCL_TCPX_GPU, else the first device registration.
+    gpu: OnceLock<Arc<Gpu>>,
 }
 
 impl EngineCore {
@@ -51,14 +53,61 @@ impl EngineCore {
     }
 
     fn local(&self) -> Local<'_> {
+        let (gpu_index, gpu_id) = self.gpu_identity();
         Local {
             net: &*self.net,
             num_channels: self.config.num_channels,
             chunk_size: self.config.chunk_size,
-            gpu_index: self.gpu_index,
-            gpu_id: &self.gpu_id,
+            gpu_index,
+            gpu_id,
             window: self.config.window,
             removals: self.regions.removals(),
+        }
+    }
+
+    /// Ordinal and PCI bus id once a GPU is chosen; before that (and in host-only use) GPU "0", as
+    /// engines without GPUs have always called themselves.
+    fn gpu_identity(&self) -> (i32, &str) {
+        match self.gpu.get() {
+            Some(gpu) => (gpu.ordinal(), gpu.bus_id()),
+            None => (0, "0"),
+        }
+    }
+
+    /// The engine's GPU, chosen now if none is yet. One engine serves one GPU.
+    fn serve_gpu(&self, ordinal: i32) -> Result<()> {
+        if self.gpu.get().is_none() {
+            let _ = self.gpu.set(Gpu::open(ordinal)?);
+        }
+        match self.gpu.get() {
+            Some(gpu) if gpu.ordinal() == ordinal => Ok(()),
+            Some(gpu) => Err(Error::new(
+                UcclStatus::ErrNotSupported,
+                format!(
+                    "this engine serves GPU {} ({}); memory of GPU {ordinal} needs an engine of its own",
+                    gpu.ordinal(),
+                    gpu.bus_id()
+                ),
+            )),
+            None => Err(Error::new(UcclStatus::ErrInternal, "GPU choice lost")),
+        }
+    }
+
+    /// What `[addr, addr + len)` is, refusing memory this engine's transport cannot move.
+    fn memory_kind(&self, addr: usize, len: usize) -> Result<MemKind> {
+        region::check_range(addr, len)?;
+        match cuda::locate(addr, len)? {
+            Location::Host => Ok(MemKind::Host),
+            Location::Device { ordinal } => {
+                if !self.net.properties(0)?.supports_cuda {
+                    return Err(Error::new(
+                        UcclStatus::ErrNotSupported,
+                        format!("the {} transport cannot move GPU memory", self.net.name()),
+                    ));
+                }
+                self.serve_gpu(ordinal)?;
+                Ok(MemKind::Cuda { device: ordinal })
+            }
         }
     }
 }
@@ -96,9 +145,16 @@ impl Engine {
         let waker = Arc::new(Waker::default());
         let wake_from_io = waker.clone();
         let wake: crate::transport::socket::Wake = Arc::new(move || wake_from_io.wake());
-        let net = Arc::new(
-            SocketNet::new(ip, config.connect_timeout, config.timeout, wake).with_options(config.socket.clone()),
+        let socket: Arc<dyn Net> = Arc::new(
+            SocketNet::new(ip, config.connect_timeout, config.timeout, wake.clone())
+                .with_options(config.socket.clone()),
         );
+        let net = StagedNet::wrap(socket, StagingParams::from_config(&config), wake)?;
+        let gpu = OnceLock::new();
+        if let Some(ordinal) = config.gpu {
+            let opened = Gpu::open(ordinal).map_err(|e| e.context(format!("UCCL_TCPX_GPU={ordinal}")))?;
+            let _ = gpu.set(opened);
+        }
         let core = Arc::new(EngineCore {
             config,
             net,
@@ -106,8 +162,7 @@ impl Engine {
             transfers: TransferTable::default(),
             waker: waker.clone(),
             next_conn: AtomicU64::new(0),
-            gpu_index: 0,
-            gpu_id: "0".into(),
+            gpu,
         });
         let conns = Arc::new(ConnList::default());
         let progress =
@@ -137,9 +192,15 @@ impl Engine {
         self.advertised
     }
 
-    /// UCCL's metadata string: `ip:port?gpu` (`[ip6]:port?gpu` for IPv6).
+    /// UCCL's metadata string: `ip:port?gpu` (`[ip6]:port?gpu` for IPv6), where `gpu` is the
+    /// served GPU's PCI bus id once one is chosen, else "0". Peers connect with that string.
     pub fn metadata(&self) -> String {
-        format!("{}?{}", self.advertised, self.core.gpu_id)
+        format!("{}?{}", self.advertised, self.core.gpu_identity().1)
+    }
+
+    /// The GPU this engine serves, once chosen.
+    pub fn gpu(&self) -> Option<&Arc<Gpu>> {
+        self.core.gpu.get()
     }
 
     pub fn connect(&self, host: &str, remote_gpu: &str, port: u16) -> Result<Arc<Connection>> {
@@ -202,8 +263,12 @@ impl Engine {
         conn.close();
     }
 
+    /// Registers host or GPU memory, whichever `addr` is (CUDA decides; without a driver all
+    /// memory is host). The first GPU registration chooses the engine's GPU unless
+    /// UCCL_TCPX_GPU did.
     pub fn register(&self, addr: usize, len: usize) -> Result<u64> {
-        self.core.regions.register(addr, len, MemKind::Host)
+        let kind = self.core.memory_kind(addr, len)?;
+        self.core.regions.register(addr, len, kind)
     }
 
     pub fn deregister(&self, mr: u64) -> Result<()> {

@@ -13,6 +13,7 @@
 
 pub mod plugin;
 pub mod socket;
+pub mod staged;
 
 use crate::error::Result;
 

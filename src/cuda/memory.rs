@@ -1,0 +1,209 @@
+//! Owned CUDA memory: [`DeviceBuffer`] (device memory with blocking copies, for tests and
+//! benchmarks that need GPU buffers without a framework) and [`PinnedBuffer`] (page-locked host
+//! memory, the staging slots). Both free themselves on drop.
+
+use std::sync::Arc;
+
+use cudarc::driver::sys;
+
+use super::{Gpu, check};
+use crate::error::{Error, Result};
+
+pub struct DeviceBuffer {
+    gpu: Arc<Gpu>,
+    ptr: sys::CUdeviceptr,
+    len: usize,
+}
+
+impl std::fmt::Debug for DeviceBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceBuffer({:#x}, {} bytes on {:?})", self.ptr, self.len, self.gpu)
+    }
+}
+
+impl DeviceBuffer {
+    /// `len` bytes of uninitialized device memory on GPU `ordinal`.
+    pub fn new(ordinal: i32, len: usize) -> Result<DeviceBuffer> {
+        if len == 0 {
+            return Err(Error::invalid("a device buffer of 0 bytes"));
+        }
+        let gpu = Gpu::open(ordinal)?;
+        let _ctx = gpu.enter()?;
+        let mut ptr: sys::CUdeviceptr = 0;
+        // SAFETY: the driver writes one device pointer into `ptr`.
+        check(unsafe { sys::cuMemAlloc_v2(&mut ptr, len) }, &format!("cuMemAlloc of {len} bytes"))?;
+        Ok(DeviceBuffer { gpu, ptr, len })
+    }
+
+    /// The device address, for registration and transfers.
+    pub fn addr(&self) -> usize {
+        self.ptr as usize
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    fn range(&self, offset: usize, len: usize) -> Result<sys::CUdeviceptr> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(self.ptr + offset as u64),
+            _ => Err(Error::invalid(format!("[{offset}, +{len}) lies outside a device buffer of {} bytes", self.len))),
+        }
+    }
+
+    /// Copies `src` to device bytes `[offset, offset + src.len())`; returns once they are in place.
+    pub fn copy_from_host(&mut self, offset: usize, src: &[u8]) -> Result<()> {
+        let dst = self.range(offset, src.len())?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        let _ctx = self.gpu.enter()?;
+        // SAFETY: dst..+len lies in this allocation (checked); src is a live host slice.
+        check(unsafe { sys::cuMemcpyHtoD_v2(dst, src.as_ptr().cast(), src.len()) }, "cuMemcpyHtoD")?;
+        // From pageable memory the call may return before the DMA landed; streams that do not
+        // synchronize with the legacy stream (the staging streams) must see the bytes.
+        sync_legacy_stream()
+    }
+
+    /// Copies device bytes `[offset, offset + dst.len())` into `dst`; waits for them.
+    pub fn copy_to_host(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
+        let src = self.range(offset, dst.len())?;
+        if dst.is_empty() {
+            return Ok(());
+        }
+        let _ctx = self.gpu.enter()?;
+        // SAFETY: src..+len lies in this allocation (checked); dst is a live, writable host slice.
+        check(unsafe { sys::cuMemcpyDtoH_v2(dst.as_mut_ptr().cast(), src, dst.len()) }, "cuMemcpyDtoH")
+    }
+
+    pub fn to_vec(&self) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; self.len];
+        self.copy_to_host(0, &mut out)?;
+        Ok(out)
+    }
+
+    /// Sets every byte to `value` and waits.
+    pub fn fill(&mut self, value: u8) -> Result<()> {
+        let _ctx = self.gpu.enter()?;
+        // SAFETY: exactly this allocation.
+        check(unsafe { sys::cuMemsetD8_v2(self.ptr, value, self.len) }, "cuMemsetD8")?;
+        // The memset runs asynchronously on the legacy stream.
+        sync_legacy_stream()
+    }
+}
+
+fn sync_legacy_stream() -> Result<()> {
+    // SAFETY: the null handle names the current context's legacy default stream.
+    check(unsafe { sys::cuStreamSynchronize(std::ptr::null_mut()) }, "cuStreamSynchronize")
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        if let Ok(_ctx) = self.gpu.enter() {
+            // SAFETY: allocated by cuMemAlloc in new(), freed once here. cuMemFree waits for work
+            // still using the memory.
+            let _ = unsafe { sys::cuMemFree_v2(self.ptr) };
+        }
+    }
+}
+
+/// Page-locked host memory: DMA-able by every GPU (portable), readable and writable by the CPU at
+/// full speed (not write-combined), so the socket transport can use it like any host buffer.
+pub struct PinnedBuffer {
+    gpu: Arc<Gpu>,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: a plain allocation; who may touch which bytes when is up to the owner (the staging ring).
+unsafe impl Send for PinnedBuffer {}
+
+impl PinnedBuffer {
+    pub fn new(gpu: &Arc<Gpu>, len: usize) -> Result<PinnedBuffer> {
+        if len == 0 {
+            return Err(Error::invalid("a pinned buffer of 0 bytes"));
+        }
+        let _ctx = gpu.enter()?;
+        let mut ptr: *mut std::ffi::c_void = std::ptr::null_mut();
+        // SAFETY: the driver writes one host pointer into `ptr`.
+        check(
+            unsafe { sys::cuMemHostAlloc(&mut ptr, len, sys::CU_MEMHOSTALLOC_PORTABLE) },
+            &format!("cuMemHostAlloc of {len} bytes"),
+        )?;
+        if ptr.is_null() {
+            return Err(Error::backend("cuMemHostAlloc returned NULL"));
+        }
+        Ok(PinnedBuffer { gpu: gpu.clone(), ptr: ptr.cast(), len })
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for PinnedBuffer {
+    fn drop(&mut self) {
+        if let Ok(_ctx) = self.gpu.enter() {
+            // SAFETY: allocated by cuMemHostAlloc in new(), freed once here; the owner made sure no
+            // copy or I/O still uses it.
+            let _ = unsafe { sys::cuMemFreeHost(self.ptr.cast()) };
+        }
+    }
+}
+
+/// Copies host bytes to device address `dst` of `gpu` and waits: for small transfers (inline writes)
+/// where a stream and an event would cost more than the copy.
+///
+/// # Safety
+/// `[dst, dst + src.len())` is device memory of `gpu` that nobody else writes meanwhile.
+pub(crate) unsafe fn copy_to_device_sync(gpu: &Gpu, dst: usize, src: &[u8]) -> Result<()> {
+    if src.is_empty() {
+        return Ok(());
+    }
+    let _ctx = gpu.enter()?;
+    // SAFETY: the caller vouches for the device range; src is a live host slice.
+    check(unsafe { sys::cuMemcpyHtoD_v2(dst as sys::CUdeviceptr, src.as_ptr().cast(), src.len()) }, "cuMemcpyHtoD")?;
+    sync_legacy_stream()
+}
+
+/// Copies device bytes at `src` of `gpu` into `dst` and waits.
+///
+/// # Safety
+/// `[src, src + dst.len())` is device memory of `gpu`.
+pub(crate) unsafe fn copy_from_device_sync(gpu: &Gpu, dst: &mut [u8], src: usize) -> Result<()> {
+    if dst.is_empty() {
+        return Ok(());
+    }
+    let _ctx = gpu.enter()?;
+    // SAFETY: the caller vouches for the device range; dst is a live, writable host slice.
+    check(unsafe { sys::cuMemcpyDtoH_v2(dst.as_mut_ptr().cast(), src as sys::CUdeviceptr, dst.len()) }, "cuMemcpyDtoH")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn no_driver_means_a_clear_error() {
+        if crate::cuda::available() {
+            assert!(super::DeviceBuffer::new(0, 0).is_err());
+            return;
+        }
+        let err = super::DeviceBuffer::new(0, 16).unwrap_err();
+        assert!(err.message().contains("CUDA unavailable"), "{err}");
+    }
+}

@@ -1,0 +1,144 @@
+//! A comm's staging ring: `slots` pinned host buffers of `slot_size` bytes in one allocation, one
+//! stream and one event per slot, all made once when the comm first meets device memory. Slots are
+//! taken and given back in FIFO order, which is the order a comm's requests complete in.
+
+use std::sync::Arc;
+
+use cudarc::driver::sys;
+
+use super::memory::PinnedBuffer;
+use super::stream::{Event, Stream, Wake};
+use super::{Gpu, check};
+use crate::error::{Error, Result};
+
+pub struct StagingRing {
+    // Drop order matters: the stream synchronizes first (no copy still reads or writes a slot or
+    // user memory, every wake call has run), then the events, the slots and the wake go.
+    stream: Stream,
+    events: Vec<Event>,
+    host: PinnedBuffer,
+    wake: Box<Wake>,
+    slot_size: usize,
+    /// Slots handed out and given back so far; slot `i` of the sequence is `i % slots`.
+    taken: u64,
+    returned: u64,
+}
+
+impl StagingRing {
+    pub fn new(gpu: &Arc<Gpu>, slot_size: usize, slots: usize, wake: Wake) -> Result<StagingRing> {
+        if slot_size == 0 || slots == 0 {
+            return Err(Error::invalid(format!("a staging ring of {slots} slots of {slot_size} bytes")));
+        }
+        let total = slot_size
+            .checked_mul(slots)
+            .ok_or_else(|| Error::invalid(format!("{slots} staging slots of {slot_size} bytes overflow")))?;
+        let host = PinnedBuffer::new(gpu, total)?;
+        let stream = Stream::new(gpu)?;
+        let events = (0..slots).map(|_| Event::new(gpu)).collect::<Result<Vec<_>>>()?;
+        Ok(StagingRing { stream, events, host, wake: Box::new(wake), slot_size, taken: 0, returned: 0 })
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        self.stream.gpu()
+    }
+
+    pub fn slot_size(&self) -> usize {
+        self.slot_size
+    }
+
+    pub fn slots(&self) -> usize {
+        self.events.len()
+    }
+
+    /// The pinned bytes of all slots, for a transport that wants them registered.
+    pub fn host_range(&self) -> (usize, usize) {
+        (self.host.as_ptr() as usize, self.host.len())
+    }
+
+    pub fn in_use(&self) -> usize {
+        (self.taken - self.returned) as usize
+    }
+
+    /// The slot the next `take` returns, if one is free.
+    pub fn peek(&self) -> Option<usize> {
+        (self.in_use() < self.slots()).then_some((self.taken % self.slots() as u64) as usize)
+    }
+
+    pub fn take(&mut self) -> Option<usize> {
+        let slot = self.peek()?;
+        self.taken += 1;
+        Some(slot)
+    }
+
+    /// Gives back the oldest slot taken.
+    pub fn give_back(&mut self) {
+        debug_assert!(self.returned < self.taken, "staging slot returned twice");
+        self.returned = (self.returned + 1).min(self.taken);
+    }
+
+    pub fn slot_ptr(&self, slot: usize) -> *mut u8 {
+        debug_assert!(slot < self.slots());
+        // In bounds: slot < slots and the allocation holds slots * slot_size bytes.
+        self.host.as_ptr().wrapping_add(slot * self.slot_size)
+    }
+
+    fn check_len(&self, len: usize) -> Result<()> {
+        if len > self.slot_size {
+            return Err(Error::invalid(format!(
+                "a {len}-byte device chunk exceeds the {}-byte staging slot (UCCL_TCPX_CHUNK_SIZE)",
+                self.slot_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Queues the copy of `len` device bytes at `src` into `slot`; `copied(slot)` tells when it is
+    /// there, and the wake runs then.
+    ///
+    /// # Safety
+    /// `[src, src + len)` is device memory of this ring's GPU that stays valid until the copy is
+    /// reported done or the ring is dropped; `slot` is taken and not otherwise in use.
+    pub unsafe fn copy_in(&mut self, slot: usize, src: usize, len: usize) -> Result<()> {
+        self.check_len(len)?;
+        self.gpu().bind()?;
+        // SAFETY: per the contract for the source; the slot holds slot_size >= len bytes.
+        check(
+            unsafe {
+                sys::cuMemcpyDtoHAsync_v2(self.slot_ptr(slot).cast(), src as sys::CUdeviceptr, len, self.stream.raw())
+            },
+            "cuMemcpyDtoHAsync into a staging slot",
+        )?;
+        self.mark(slot)
+    }
+
+    /// Queues the copy of the first `len` bytes of `slot` to device memory at `dst`.
+    ///
+    /// # Safety
+    /// `[dst, dst + len)` is device memory of this ring's GPU that nobody else accesses until the
+    /// copy is reported done or the ring is dropped; the slot's bytes are final.
+    pub unsafe fn copy_out(&mut self, slot: usize, dst: usize, len: usize) -> Result<()> {
+        self.check_len(len)?;
+        self.gpu().bind()?;
+        // SAFETY: per the contract for the destination; the slot holds slot_size >= len bytes.
+        check(
+            unsafe {
+                sys::cuMemcpyHtoDAsync_v2(dst as sys::CUdeviceptr, self.slot_ptr(slot).cast(), len, self.stream.raw())
+            },
+            "cuMemcpyHtoDAsync from a staging slot",
+        )?;
+        self.mark(slot)
+    }
+
+    fn mark(&mut self, slot: usize) -> Result<()> {
+        self.events[slot].record(&self.stream)?;
+        // SAFETY: the boxed wake lives as long as the ring, whose stream synchronizes on drop
+        // before the box goes.
+        unsafe { self.stream.notify(&*self.wake) }
+    }
+
+    /// Whether the last copy queued for `slot` finished.
+    pub fn copied(&self, slot: usize) -> Result<bool> {
+        self.gpu().bind()?;
+        self.events[slot].done()
+    }
+}

@@ -1,0 +1,128 @@
+//! A stream and events of one GPU, created once and reused: the staging path issues every copy on
+//! its comm's stream and learns of completion through per-slot events, never by blocking.
+
+use std::sync::Arc;
+
+use cudarc::driver::sys::{self, CUresult};
+
+use super::{Gpu, check};
+use crate::error::Result;
+
+/// Called from a CUDA driver thread when queued work finished; must be quick and must not call CUDA.
+pub type Wake = Arc<dyn Fn() + Send + Sync>;
+
+pub struct Stream {
+    gpu: Arc<Gpu>,
+    raw: sys::CUstream,
+}
+
+// SAFETY: a CUstream may be used from any thread once its context is current there.
+unsafe impl Send for Stream {}
+
+impl Stream {
+    /// A non-blocking stream: it does not wait for work the user queued on the legacy default stream.
+    pub fn new(gpu: &Arc<Gpu>) -> Result<Stream> {
+        let _ctx = gpu.enter()?;
+        let mut raw: sys::CUstream = std::ptr::null_mut();
+        // SAFETY: the driver writes one stream handle into `raw`.
+        check(
+            unsafe { sys::cuStreamCreate(&mut raw, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32) },
+            "cuStreamCreate",
+        )?;
+        Ok(Stream { gpu: gpu.clone(), raw })
+    }
+
+    pub fn raw(&self) -> sys::CUstream {
+        self.raw
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        let _ctx = self.gpu.enter()?;
+        // SAFETY: a stream this object owns.
+        check(unsafe { sys::cuStreamSynchronize(self.raw) }, "cuStreamSynchronize")
+    }
+
+    /// Queues a call of `*wake` after the work queued so far.
+    ///
+    /// # Safety
+    /// `wake` must stay valid until the stream has run the call (the owner synchronizes the stream
+    /// before freeing it).
+    pub unsafe fn notify(&self, wake: *const Wake) -> Result<()> {
+        // SAFETY: per the contract `wake` outlives the call; the callback only reads it.
+        check(unsafe { sys::cuLaunchHostFunc(self.raw, Some(call_wake), wake as *mut _) }, "cuLaunchHostFunc")
+    }
+}
+
+unsafe extern "C" fn call_wake(wake: *mut std::ffi::c_void) {
+    // A panic must not unwind into the driver's thread; a wake that cannot run is only a later poll.
+    let _ = std::panic::catch_unwind(|| {
+        // SAFETY: `notify`'s contract keeps the pointee alive until this call ran.
+        let wake = unsafe { &*(wake as *const Wake) };
+        wake();
+    });
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if let Ok(_ctx) = self.gpu.enter() {
+            // SAFETY: a stream this object owns; synchronizing first means no copy queued on it
+            // still touches memory its owner is about to release, and every host call has run.
+            unsafe {
+                let _ = sys::cuStreamSynchronize(self.raw);
+                let _ = sys::cuStreamDestroy_v2(self.raw);
+            }
+        }
+    }
+}
+
+pub struct Event {
+    gpu: Arc<Gpu>,
+    raw: sys::CUevent,
+}
+
+// SAFETY: a CUevent may be recorded and queried from any thread once its context is current there.
+unsafe impl Send for Event {}
+
+impl Event {
+    pub fn new(gpu: &Arc<Gpu>) -> Result<Event> {
+        let _ctx = gpu.enter()?;
+        let mut raw: sys::CUevent = std::ptr::null_mut();
+        // SAFETY: the driver writes one event handle into `raw`.
+        check(
+            unsafe { sys::cuEventCreate(&mut raw, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32) },
+            "cuEventCreate",
+        )?;
+        Ok(Event { gpu: gpu.clone(), raw })
+    }
+
+    /// Marks the point in `stream` that `done` reports on. The stream must be of the same GPU and
+    /// its context current (the caller bound it to issue the work being marked).
+    pub fn record(&self, stream: &Stream) -> Result<()> {
+        // SAFETY: both handles are owned and alive.
+        check(unsafe { sys::cuEventRecord(self.raw, stream.raw) }, "cuEventRecord")
+    }
+
+    /// Whether the work before the last `record` finished; never blocks. An error is one the
+    /// copies themselves hit (e.g. an invalid address) and is reported as such.
+    pub fn done(&self) -> Result<bool> {
+        // SAFETY: an owned event handle.
+        match unsafe { sys::cuEventQuery(self.raw) } {
+            CUresult::CUDA_SUCCESS => Ok(true),
+            CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+            other => Err(super::driver_error(other, "staging copy (cuEventQuery)")),
+        }
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        if let Ok(_ctx) = self.gpu.enter() {
+            // SAFETY: an event this object owns, destroyed once.
+            let _ = unsafe { sys::cuEventDestroy_v2(self.raw) };
+        }
+    }
+}

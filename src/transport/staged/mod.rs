@@ -1,0 +1,131 @@
+//! GPU memory over a transport that moves host memory only: a decorator around any [`Net`] whose
+//! properties lack CUDA support. A chunk of a device region is copied into a pinned host slot
+//! (`cuMemcpyDtoHAsync` on the comm's stream) and sent from there once the copy's event fired; a
+//! receive into a device region lands in a slot and is copied up (`cuMemcpyHtoDAsync`), and is
+//! reported done only when that copy finished. Host memory passes straight through. The engine's
+//! channel logic sees the same comms and rules as without staging.
+//!
+//! Each comm owns its ring of `window` slots of `chunk size` bytes, its stream and one event per
+//! slot, made when the comm first meets device memory and reused for every chunk. Several slots are
+//! in flight at once, so copies overlap the network; a driver callback wakes the engine's progress
+//! thread when a copy finishes, so it does not sleep through it.
+
+mod recv;
+mod regions;
+mod send;
+
+use std::sync::Arc;
+
+use super::{ListenComm, Net, NetHandle, Properties, RecvComm, SendComm};
+use crate::cuda::stream::Wake;
+use crate::error::{Error, Result};
+
+pub use recv::StagedRecvComm;
+pub use send::StagedSendComm;
+
+/// The ring every staged comm allocates on first use of device memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StagingParams {
+    /// Bytes per slot: the largest device chunk a comm can carry (the engine's chunk size).
+    pub slot_size: usize,
+    /// Slots per comm: device chunks in flight at once (the engine's window).
+    pub slots: usize,
+}
+
+impl StagingParams {
+    pub fn from_config(config: &crate::Config) -> StagingParams {
+        StagingParams { slot_size: config.chunk_size as usize, slots: config.window }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let max_slot = crate::config::MAX_CHUNK_SIZE as usize;
+        if self.slot_size == 0 || self.slot_size > max_slot || self.slots == 0 || self.slots > crate::config::MAX_WINDOW
+        {
+            return Err(Error::invalid(format!(
+                "staging needs 1..={} slots of 1..={max_slot} bytes, not {} of {}",
+                crate::config::MAX_WINDOW,
+                self.slots,
+                self.slot_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What every staged comm of one net shares.
+#[derive(Clone)]
+pub(crate) struct Setup {
+    params: StagingParams,
+    /// The inner comms' bound on outstanding requests, which the staged comms keep too.
+    max_requests: usize,
+    wake: Wake,
+}
+
+pub struct StagedNet {
+    inner: Arc<dyn Net>,
+    setup: Setup,
+}
+
+impl StagedNet {
+    /// `inner` itself when it moves GPU memory already; otherwise `inner` behind staging. `wake`
+    /// is called (from a CUDA driver thread) whenever a staging copy finishes.
+    pub fn wrap(inner: Arc<dyn Net>, params: StagingParams, wake: Wake) -> Result<Arc<dyn Net>> {
+        params.validate()?;
+        let props = inner.properties(0)?;
+        if props.supports_cuda {
+            return Ok(inner);
+        }
+        if !props.supports_host {
+            return Err(Error::invalid(format!("transport {:?} moves neither host nor GPU memory", inner.name())));
+        }
+        let setup = Setup { params, max_requests: props.max_requests.max(1), wake };
+        Ok(Arc::new(StagedNet { inner, setup }))
+    }
+}
+
+impl Net for StagedNet {
+    /// The inner transport's name: staging changes nothing on the wire, so a staged engine and an
+    /// unstaged one still agree on the transport in their handshake.
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn devices(&self) -> usize {
+        self.inner.devices()
+    }
+
+    fn properties(&self, dev: usize) -> Result<Properties> {
+        let mut props = self.inner.properties(dev)?;
+        props.supports_cuda = true;
+        Ok(props)
+    }
+
+    fn listen(&self, dev: usize) -> Result<(NetHandle, Box<dyn ListenComm>)> {
+        let (handle, inner) = self.inner.listen(dev)?;
+        Ok((handle, Box::new(StagedListen { inner, setup: self.setup.clone() })))
+    }
+
+    fn connect(&self, dev: usize, handle: &mut NetHandle) -> Result<Option<Box<dyn SendComm>>> {
+        Ok(self
+            .inner
+            .connect(dev, handle)?
+            .map(|comm| Box::new(StagedSendComm::new(comm, self.setup.clone())) as Box<dyn SendComm>))
+    }
+}
+
+struct StagedListen {
+    inner: Box<dyn ListenComm>,
+    setup: Setup,
+}
+
+impl ListenComm for StagedListen {
+    fn accept(&mut self) -> Result<Option<Box<dyn RecvComm>>> {
+        Ok(self
+            .inner
+            .accept()?
+            .map(|comm| Box::new(StagedRecvComm::new(comm, self.setup.clone())) as Box<dyn RecvComm>))
+    }
+}
+
+#[cfg(test)]
+mod tests;

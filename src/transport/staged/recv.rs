@@ -1,0 +1,191 @@
+//! Staged receive comm: a receive into device memory lands in a slot through the inner comm, is
+//! copied up, and is reported done once that copy finished. The inner receive is consumed as soon
+//! as it completes (its data is in the slot, or in the caller's host buffer); the slot itself stays
+//! busy until the copy is done.
+
+use std::collections::VecDeque;
+
+use super::Setup;
+use super::regions::{InnerRegistry, Route, Staging};
+use crate::error::{Error, Result};
+use crate::transport::{MemKind, MrHandle, RecvComm, RequestId};
+
+#[derive(Clone, Copy, Debug)]
+enum Stage {
+    /// Waiting for the inner receive.
+    Receiving { inner: RequestId },
+    /// `size` bytes are being copied from the slot to the destination.
+    Copying { size: usize },
+    /// `size` bytes are in place.
+    Landed { size: usize },
+}
+
+struct Request {
+    addr: usize,
+    len: usize,
+    slot: Option<usize>,
+    stage: Stage,
+}
+
+pub struct StagedRecvComm {
+    // Declared first so it drops first: its I/O stops writing slots before the ring goes.
+    inner: Box<dyn RecvComm>,
+    staging: Staging,
+    /// Requests not yet reported done, oldest first.
+    queue: VecDeque<Request>,
+    posted: u64,
+    tested: u64,
+    consumed: u64,
+    failure: Option<Error>,
+}
+
+struct Inner<'a>(&'a mut dyn RecvComm);
+
+impl InnerRegistry for Inner<'_> {
+    fn register(&mut self, addr: usize, len: usize, kind: MemKind) -> Result<MrHandle> {
+        self.0.reg_mr(addr, len, kind)
+    }
+    fn deregister(&mut self, mr: MrHandle) {
+        self.0.dereg_mr(mr)
+    }
+}
+
+impl StagedRecvComm {
+    pub(crate) fn new(inner: Box<dyn RecvComm>, setup: Setup) -> StagedRecvComm {
+        StagedRecvComm {
+            inner,
+            staging: Staging::new(setup),
+            queue: VecDeque::new(),
+            posted: 0,
+            tested: 0,
+            consumed: 0,
+            failure: None,
+        }
+    }
+
+    fn healthy(&self) -> Result<()> {
+        self.failure.clone().map_or(Ok(()), Err)
+    }
+
+    fn sticky<T>(&mut self, result: Result<T>) -> Result<T> {
+        if let Err(e) = &result {
+            self.failure.get_or_insert_with(|| e.clone());
+        }
+        result
+    }
+
+    fn post(&mut self, route: Route, addr: usize, len: usize) -> Result<Option<RequestId>> {
+        let (target, mr, slot) = match route {
+            Route::Direct(mr) => (addr, mr, None),
+            Route::Staged => {
+                let ring = self.staging.ring_mut()?;
+                let Some(slot) = ring.peek() else { return Ok(None) };
+                (ring.slot_ptr(slot) as usize, self.staging.ring_mr, Some(slot))
+            }
+        };
+        // SAFETY: a host destination is the caller's until this request is done (irecv's
+        // contract); a slot is ours until the copy out of it finished.
+        let Some(inner) = (unsafe { self.inner.irecv(target as *mut u8, len, mr)? }) else { return Ok(None) };
+        if slot.is_some() {
+            self.staging.ring_mut()?.take();
+        }
+        self.queue.push_back(Request { addr, len, slot, stage: Stage::Receiving { inner } });
+        let id = RequestId(self.posted);
+        self.posted += 1;
+        Ok(Some(id))
+    }
+
+    /// Completes inner receives in order and starts the copies out of their slots.
+    fn advance(&mut self) -> Result<()> {
+        for req in self.queue.iter_mut() {
+            let Stage::Receiving { inner } = req.stage else { continue };
+            let Some(size) = self.inner.test(inner)? else { break };
+            self.inner.irecv_consumed(inner)?;
+            if size > req.len {
+                return Err(Error::backend(format!("{size} bytes arrived for a {}-byte receive", req.len)));
+            }
+            req.stage = match req.slot {
+                Some(slot) if size > 0 => {
+                    let ring = self.staging.ring.as_mut().ok_or_else(|| Error::backend("staging ring missing"))?;
+                    // SAFETY: the destination is exclusively ours until this request is reported
+                    // done or the comm dropped, and the drop waits for the copy.
+                    unsafe { ring.copy_out(slot, req.addr, size)? };
+                    Stage::Copying { size }
+                }
+                _ => Stage::Landed { size },
+            };
+        }
+        Ok(())
+    }
+
+    fn finish_oldest(&mut self) -> Result<Option<usize>> {
+        self.advance()?;
+        let Some(front) = self.queue.front() else { return Ok(None) };
+        let size = match front.stage {
+            Stage::Receiving { .. } => return Ok(None),
+            Stage::Landed { size } => size,
+            Stage::Copying { size } => {
+                let slot = front.slot.ok_or_else(|| Error::backend("copying request without a slot"))?;
+                if !self.staging.ring_mut()?.copied(slot)? {
+                    return Ok(None);
+                }
+                size
+            }
+        };
+        if self.queue.pop_front().is_some_and(|r| r.slot.is_some()) {
+            self.staging.ring_mut()?.give_back();
+        }
+        self.tested += 1;
+        Ok(Some(size))
+    }
+}
+
+impl RecvComm for StagedRecvComm {
+    fn reg_mr(&mut self, addr: usize, len: usize, kind: MemKind) -> Result<MrHandle> {
+        self.staging.register(&mut Inner(&mut *self.inner), addr, len, kind)
+    }
+
+    fn dereg_mr(&mut self, mr: MrHandle) {
+        self.staging.deregister(&mut Inner(&mut *self.inner), mr)
+    }
+
+    unsafe fn irecv(&mut self, data: *mut u8, len: usize, mr: MrHandle) -> Result<Option<RequestId>> {
+        self.healthy()?;
+        if (self.posted - self.consumed) as usize >= self.staging.setup.max_requests {
+            return Ok(None);
+        }
+        let route = self.staging.route(&mut Inner(&mut *self.inner), mr, data as usize, len)?;
+        let posted = self.post(route, data as usize, len);
+        self.sticky(posted)
+    }
+
+    fn test(&mut self, req: RequestId) -> Result<Option<usize>> {
+        self.healthy()?;
+        if req.0 != self.tested || req.0 >= self.posted {
+            return Err(Error::backend(format!(
+                "test of request {} out of order: the oldest untested request is {}",
+                req.0, self.tested
+            )));
+        }
+        let done = self.finish_oldest();
+        self.sticky(done)
+    }
+
+    fn irecv_consumed(&mut self, req: RequestId) -> Result<()> {
+        if req.0 != self.consumed || req.0 >= self.tested {
+            return Err(Error::backend(format!(
+                "irecv_consumed of request {} out of order: next to consume is {}, {} completed",
+                req.0, self.consumed, self.tested
+            )));
+        }
+        self.consumed += 1;
+        Ok(())
+    }
+}
+
+impl Drop for StagedRecvComm {
+    fn drop(&mut self) {
+        let idle = self.queue.is_empty();
+        self.staging.release_ring_registration(&mut Inner(&mut *self.inner), idle);
+    }
+}

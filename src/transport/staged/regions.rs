@@ -1,0 +1,166 @@
+//! The part both staged comm kinds share: the registrations handed out (each says whether its
+//! memory is host, passed to the inner comm, or device, staged) and the comm's staging ring.
+
+use std::collections::HashMap;
+
+use super::Setup;
+use crate::cuda::{self, Gpu, Location, StagingRing};
+use crate::error::{Error, Result, UcclStatus};
+use crate::transport::{MemKind, MrHandle};
+
+/// Registration calls of the wrapped comm, whichever direction it moves.
+pub(super) trait InnerRegistry {
+    fn register(&mut self, addr: usize, len: usize, kind: MemKind) -> Result<MrHandle>;
+    fn deregister(&mut self, mr: MrHandle);
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Registered {
+    /// Host memory: the inner comm's own handle for it.
+    Host {
+        inner: MrHandle,
+    },
+    Device {
+        base: usize,
+        len: usize,
+        device: i32,
+    },
+}
+
+/// How one posted buffer travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Route {
+    /// Straight through the inner comm, with its handle.
+    Direct(MrHandle),
+    /// Through a staging slot.
+    Staged,
+}
+
+pub(super) struct Staging {
+    pub(super) setup: Setup,
+    registered: HashMap<usize, Registered>,
+    next_handle: usize,
+    /// Made on first use of device memory; `ring_mr` is its registration with the inner comm.
+    pub(super) ring: Option<StagingRing>,
+    pub(super) ring_mr: MrHandle,
+}
+
+impl Staging {
+    pub(super) fn new(setup: Setup) -> Staging {
+        Staging { setup, registered: HashMap::new(), next_handle: 1, ring: None, ring_mr: MrHandle::NONE }
+    }
+
+    pub(super) fn register(
+        &mut self,
+        inner: &mut dyn InnerRegistry,
+        addr: usize,
+        len: usize,
+        kind: MemKind,
+    ) -> Result<MrHandle> {
+        let entry = match kind {
+            MemKind::Host => {
+                // The inner comm would read or write it from the CPU: device memory there is a crash.
+                if let Location::Device { ordinal } = cuda::locate(addr, len)? {
+                    return Err(Error::invalid(format!(
+                        "[{addr:#x}, +{len}) was registered as host memory but is memory of GPU {ordinal}"
+                    )));
+                }
+                Registered::Host { inner: inner.register(addr, len, kind)? }
+            }
+            MemKind::Cuda { device } => {
+                cuda::driver().map_err(|e| e.context("cannot register GPU memory"))?;
+                let found = cuda::locate(addr, len)?;
+                if found != (Location::Device { ordinal: device }) {
+                    return Err(Error::invalid(format!(
+                        "[{addr:#x}, +{len}) was registered as memory of GPU {device} but is {found:?}"
+                    )));
+                }
+                self.ring(inner, device)?;
+                Registered::Device { base: addr, len, device }
+            }
+        };
+        // Never 0: that is MrHandle::NONE.
+        let handle = self.next_handle;
+        self.next_handle += 1;
+        self.registered.insert(handle, entry);
+        Ok(MrHandle(handle))
+    }
+
+    pub(super) fn deregister(&mut self, inner: &mut dyn InnerRegistry, mr: MrHandle) {
+        if let Some(Registered::Host { inner: handle }) = self.registered.remove(&mr.0) {
+            inner.deregister(handle);
+        }
+    }
+
+    /// How `[addr, addr + len)` posted with `mr` travels. With no handle (the engine's own small
+    /// buffers, or callers that never register) the pointer itself says, when a driver exists.
+    pub(super) fn route(
+        &mut self,
+        inner: &mut dyn InnerRegistry,
+        mr: MrHandle,
+        addr: usize,
+        len: usize,
+    ) -> Result<Route> {
+        let device = if mr == MrHandle::NONE {
+            match cuda::locate(addr, len.max(1))? {
+                Location::Host => return Ok(Route::Direct(MrHandle::NONE)),
+                Location::Device { ordinal } => ordinal,
+            }
+        } else {
+            match self.registered.get(&mr.0) {
+                None => return Err(Error::invalid(format!("memory registration {} is unknown to this comm", mr.0))),
+                Some(Registered::Host { inner }) => return Ok(Route::Direct(*inner)),
+                Some(&Registered::Device { base, len: region_len, device }) => {
+                    let inside = addr >= base && addr.checked_add(len).is_some_and(|end| end <= base + region_len);
+                    if !inside {
+                        return Err(Error::invalid(format!(
+                            "buffer [{addr:#x}, +{len}) lies outside its GPU registration [{base:#x}, +{region_len})"
+                        )));
+                    }
+                    device
+                }
+            }
+        };
+        let slot_size = self.ring(inner, device)?.slot_size();
+        if len > slot_size {
+            return Err(Error::invalid(format!(
+                "a {len}-byte GPU chunk exceeds the {slot_size}-byte staging slot (UCCL_TCPX_CHUNK_SIZE)"
+            )));
+        }
+        Ok(Route::Staged)
+    }
+
+    /// The ring, made on first use. A comm stages for one GPU: the engine serves one.
+    fn ring(&mut self, inner: &mut dyn InnerRegistry, device: i32) -> Result<&mut StagingRing> {
+        if let Some(ring) = &self.ring {
+            if ring.gpu().ordinal() != device {
+                return Err(Error::new(
+                    UcclStatus::ErrNotSupported,
+                    format!(
+                        "this connection stages GPU {} memory; a buffer of GPU {device} cannot share it",
+                        ring.gpu().ordinal()
+                    ),
+                ));
+            }
+        } else {
+            let gpu = Gpu::open(device)?;
+            let params = self.setup.params;
+            let ring = StagingRing::new(&gpu, params.slot_size, params.slots, self.setup.wake.clone())?;
+            let (base, len) = ring.host_range();
+            self.ring_mr = inner.register(base, len, MemKind::Host)?;
+            self.ring = Some(ring);
+        }
+        self.ring.as_mut().ok_or_else(|| Error::new(UcclStatus::ErrInternal, "staging ring missing"))
+    }
+
+    pub(super) fn ring_mut(&mut self) -> Result<&mut StagingRing> {
+        self.ring.as_mut().ok_or_else(|| Error::new(UcclStatus::ErrInternal, "staged request without a staging ring"))
+    }
+
+    /// Lets go of the ring's inner registration before the comm closes, if nothing uses it.
+    pub(super) fn release_ring_registration(&mut self, inner: &mut dyn InnerRegistry, idle: bool) {
+        if idle && self.ring.is_some() {
+            inner.deregister(std::mem::replace(&mut self.ring_mr, MrHandle::NONE));
+        }
+    }
+}

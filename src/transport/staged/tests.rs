@@ -1,0 +1,200 @@
+//! Staging over the socket transport with host memory (runs everywhere); the device paths are
+//! exercised by tests/gpu_staging.rs on machines with a GPU.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::error::UcclStatus;
+use crate::transport::socket::SocketNet;
+use crate::transport::{MemKind, MrHandle, RequestId};
+
+fn staged() -> Arc<dyn Net> {
+    let socket =
+        SocketNet::new("127.0.0.1".parse().unwrap(), Duration::from_secs(5), Duration::from_secs(30), Arc::new(|| {}));
+    StagedNet::wrap(Arc::new(socket), StagingParams { slot_size: 64 << 10, slots: 4 }, Arc::new(|| {})).unwrap()
+}
+
+fn pair(net: &dyn Net) -> (Box<dyn SendComm>, Box<dyn RecvComm>) {
+    let (mut handle, mut listen) = net.listen(0).unwrap();
+    let send = net.connect(0, &mut handle).unwrap().expect("socket connect completes at once");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(recv) = listen.accept().unwrap() {
+            return (send, recv);
+        }
+        assert!(Instant::now() < deadline, "accept timed out");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn until<T>(mut f: impl FnMut() -> crate::Result<Option<T>>) -> crate::Result<T> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = f()? {
+            return Ok(v);
+        }
+        assert!(Instant::now() < deadline, "request did not finish");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn properties_claim_cuda_and_keep_the_inner_name() {
+    let net = staged();
+    let props = net.properties(0).unwrap();
+    assert!(props.supports_cuda && props.supports_host);
+    assert_eq!(net.name(), "socket", "the wire is unchanged, so the handshake must see the same transport");
+    assert_eq!(props.max_requests, 16);
+}
+
+#[test]
+fn wrap_validates_its_ring() {
+    let socket =
+        SocketNet::new("127.0.0.1".parse().unwrap(), Duration::from_secs(5), Duration::from_secs(30), Arc::new(|| {}));
+    let socket: Arc<dyn Net> = Arc::new(socket);
+    for params in [
+        StagingParams { slot_size: 0, slots: 4 },
+        StagingParams { slot_size: (4 << 20) + 1, slots: 4 },
+        StagingParams { slot_size: 4096, slots: 0 },
+        StagingParams { slot_size: 4096, slots: 17 },
+    ] {
+        let err = StagedNet::wrap(socket.clone(), params, Arc::new(|| {})).err().expect("refused");
+        assert_eq!(err.status(), UcclStatus::ErrInvalidParam, "{params:?}: {err}");
+    }
+}
+
+#[test]
+fn host_memory_passes_through_registered_or_not() {
+    let net = staged();
+    let (mut tx, mut rx) = pair(&*net);
+    let msgs: Vec<Vec<u8>> = (0..40).map(|i| (0..1 + i * 997).map(|j| (i * 31 + j) as u8).collect()).collect();
+    let mut bufs: Vec<Vec<u8>> = (0..40).map(|_| vec![0u8; 48 << 10]).collect();
+    let mut region = vec![0u8; 40 * (40 << 10)];
+    let region_ptr = region.as_mut_ptr();
+    let smr = tx.reg_mr(region_ptr as usize, region.len(), MemKind::Host).unwrap();
+    assert_ne!(smr, MrHandle::NONE);
+    let mut sent = 0;
+    let mut received = 0;
+    let mut sreqs = std::collections::VecDeque::new();
+    let mut rreqs = std::collections::VecDeque::new();
+    // Keep up to 16 of each in flight; alternate registered and unregistered posts.
+    while received < msgs.len() {
+        while rreqs.len() < 16 && received + rreqs.len() < msgs.len() {
+            let i = received + rreqs.len();
+            let r = unsafe { rx.irecv(bufs[i].as_mut_ptr(), bufs[i].len(), MrHandle::NONE) }.unwrap().unwrap();
+            rreqs.push_back(r);
+        }
+        while sreqs.len() < 16 && sent < msgs.len() {
+            let mr = if sent % 2 == 0 { MrHandle::NONE } else { smr };
+            // Registered posts must lie in the registration; the message is copied into it.
+            let (ptr, len) = if mr == MrHandle::NONE {
+                (msgs[sent].as_ptr(), msgs[sent].len())
+            } else {
+                let dst = unsafe { region_ptr.add(sent * (40 << 10)) };
+                unsafe { std::ptr::copy_nonoverlapping(msgs[sent].as_ptr(), dst, msgs[sent].len()) };
+                (dst as *const u8, msgs[sent].len())
+            };
+            match unsafe { tx.isend(ptr, len, mr) }.unwrap() {
+                Some(r) => {
+                    sreqs.push_back(r);
+                    sent += 1;
+                }
+                None => break,
+            }
+        }
+        if let Some(&r) = sreqs.front()
+            && tx.test(r).unwrap().is_some()
+        {
+            sreqs.pop_front();
+        }
+        if let Some(&r) = rreqs.front()
+            && let Some(size) = rx.test(r).unwrap()
+        {
+            assert_eq!(size, msgs[received].len());
+            assert_eq!(&bufs[received][..size], &msgs[received][..], "message {received}");
+            rx.irecv_consumed(r).unwrap();
+            rreqs.pop_front();
+            received += 1;
+        }
+    }
+    while let Some(r) = sreqs.pop_front() {
+        until(|| tx.test(r)).unwrap();
+    }
+    tx.dereg_mr(smr);
+}
+
+#[test]
+fn request_rules_hold_as_for_the_inner_comm() {
+    let net = staged();
+    let (mut tx, mut rx) = pair(&*net);
+    let data = [5u8; 8];
+    let mut a = [0u8; 8];
+    let mut b = [0u8; 8];
+    let s0 = unsafe { tx.isend(data.as_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
+    let s1 = unsafe { tx.isend(data.as_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
+    assert!(tx.test(s1).is_err(), "only the oldest request may be tested");
+    let r0 = unsafe { rx.irecv(a.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
+    let r1 = unsafe { rx.irecv(b.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
+    assert!(rx.irecv_consumed(r0).is_err(), "consume before completion");
+    until(|| tx.test(s0)).unwrap();
+    until(|| tx.test(s1)).unwrap();
+    assert_eq!(until(|| rx.test(r0)).unwrap(), 8);
+    assert_eq!(until(|| rx.test(r1)).unwrap(), 8);
+    assert!(rx.irecv_consumed(r1).is_err(), "consume out of order");
+    rx.irecv_consumed(r0).unwrap();
+    rx.irecv_consumed(r1).unwrap();
+    assert_eq!((a, b), (data, data));
+    assert!(tx.test(RequestId(99)).is_err());
+    // 16 receives outstanding (tested or not, until consumed) fill the comm.
+    let mut bufs = [[0u8; 8]; 17];
+    for b in bufs.iter_mut().take(16) {
+        assert!(unsafe { rx.irecv(b.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap().is_some());
+    }
+    assert!(unsafe { rx.irecv(bufs[16].as_mut_ptr(), 8, MrHandle::NONE) }.unwrap().is_none(), "window of 16");
+}
+
+#[test]
+fn unknown_handles_and_out_of_region_posts_are_refused() {
+    let net = staged();
+    let (mut tx, mut rx) = pair(&*net);
+    let data = [1u8; 64];
+    let err = unsafe { tx.isend(data.as_ptr(), 8, MrHandle(4242)) }.unwrap_err();
+    assert_eq!(err.status(), UcclStatus::ErrInvalidParam, "{err}");
+    let mut buf = [0u8; 64];
+    let err = unsafe { rx.irecv(buf.as_mut_ptr(), 8, MrHandle(7)) }.unwrap_err();
+    assert_eq!(err.status(), UcclStatus::ErrInvalidParam, "{err}");
+    // A refused post does not poison the comm.
+    let s = unsafe { tx.isend(data.as_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
+    let r = unsafe { rx.irecv(buf.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
+    until(|| tx.test(s)).unwrap();
+    assert_eq!(until(|| rx.test(r)).unwrap(), 8);
+}
+
+#[test]
+fn gpu_registration_without_a_driver_is_a_clear_error() {
+    if crate::cuda::available() {
+        return;
+    }
+    let net = staged();
+    let (mut tx, mut rx) = pair(&*net);
+    for err in [
+        tx.reg_mr(0x7f00_0000_0000, 4096, MemKind::Cuda { device: 0 }).unwrap_err(),
+        rx.reg_mr(0x7f00_0000_0000, 4096, MemKind::Cuda { device: 0 }).unwrap_err(),
+    ] {
+        assert!(err.message().contains("cannot register GPU memory") && err.message().contains("CUDA unavailable"));
+    }
+}
+
+#[test]
+fn peer_failure_surfaces_through_the_decorator() {
+    let net = staged();
+    let (tx, mut rx) = pair(&*net);
+    let mut buf = [0u8; 8];
+    let r = unsafe { rx.irecv(buf.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
+    drop(tx);
+    let err = until(|| rx.test(r)).unwrap_err();
+    assert_eq!(err.status(), UcclStatus::ErrRemoteDisconnect, "{err}");
+    let again = unsafe { rx.irecv(buf.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap_err();
+    assert_eq!(again.status(), UcclStatus::ErrRemoteDisconnect, "a failed comm stays failed");
+}

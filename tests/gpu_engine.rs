@@ -1,0 +1,478 @@
+//! GPU memory through the public Engine API: every transfer kind (send/recv, write, read, vectors)
+//! GPU->GPU, GPU->host and host->GPU over loopback, sizes from 1 byte to 256 MiB at unaligned
+//! offsets, byte for byte; two processes sharing one GPU; the GPU identity in metadata and
+//! handshake. On machines without a CUDA driver the GPU tests print "SKIPPED: no CUDA driver";
+//! `host_memory_without_a_driver` runs everywhere.
+//!
+//! These drive device memory through the engine's chunk posts. The staging decorator also stages
+//! posts made without a registration handle (it asks CUDA what the pointer is), so they pass with
+//! or without the engine registering regions per comm.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use uccl_tcpx::engine::OneSided;
+use uccl_tcpx::proto::FifoItem;
+use uccl_tcpx::{Config, Connection, Engine, UcclStatus, cuda};
+
+mod common;
+mod gpu_common;
+use common::pattern;
+use gpu_common::{Mem, Side, assert_same, no_gpu};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn wait(conn: &Connection, id: u64) -> uccl_tcpx::Result<u64> {
+    common::wait_done(conn, id, LIMIT)
+}
+
+fn config() -> Config {
+    Config { ip: Some("127.0.0.1".parse().unwrap()), ..Config::default() }
+}
+
+struct Pair {
+    a: Engine,
+    b: Engine,
+    ab: Arc<Connection>,
+    ba: Arc<Connection>,
+}
+
+fn pair(config: Config) -> Pair {
+    let a = Engine::new(config.clone()).unwrap();
+    let b = Engine::new(config).unwrap();
+    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+    let ba = b.accept().unwrap();
+    Pair { a, b, ab, ba }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    SendRecv,
+    Write,
+    Read,
+}
+
+/// Moves `len` bytes from `src[soff..]` on engine `a` to `dst[doff..]` on engine `b` (for reads,
+/// `a` pulls from `b`: the data still goes src -> dst).
+fn move_bytes(p: &Pair, kind: Kind, src: (&Mem, u64, usize), dst: (&Mem, u64, usize), len: usize) {
+    let (smem, smr, soff) = src;
+    let (dmem, dmr, doff) = dst;
+    let (saddr, daddr) = (smem.addr() + soff, dmem.addr() + doff);
+    match kind {
+        Kind::SendRecv => {
+            let r = p.ba.recv(dmr, daddr, len).unwrap();
+            let s = p.ab.send(&[(smr, saddr, len)]).unwrap();
+            assert_eq!(wait(&p.ab, s).unwrap(), len as u64);
+            assert_eq!(wait(&p.ba, r).unwrap(), len as u64);
+        }
+        Kind::Write => {
+            let fifo = p.b.prepare_fifo(dmr, dmem.addr(), dmem.len()).unwrap();
+            let mut remote = fifo;
+            remote.addr = daddr as u64;
+            let w = p.ab.write(&[OneSided { mr: smr, addr: saddr, len, remote }]).unwrap();
+            assert_eq!(wait(&p.ab, w).unwrap(), len as u64);
+        }
+        Kind::Read => {
+            // Here the source is on b and the destination on a.
+            let fifo = p.b.prepare_fifo(smr, smem.addr(), smem.len()).unwrap();
+            let mut remote = fifo;
+            remote.addr = saddr as u64;
+            let r = p.ab.read(&[OneSided { mr: dmr, addr: daddr, len, remote }]).unwrap();
+            assert_eq!(wait(&p.ab, r).unwrap(), len as u64);
+        }
+    }
+}
+
+#[test]
+fn every_kind_every_direction_every_size() {
+    if no_gpu() {
+        return;
+    }
+    let p = pair(config());
+    let sizes = [1usize, 7, 4097, (1 << 20) - 3, (4 << 20) + 17, (64 << 20) + 5, 256 << 20];
+    let max = *sizes.iter().max().unwrap() + 64;
+    for (from, to) in [(Side::Gpu, Side::Gpu), (Side::Gpu, Side::Host), (Side::Host, Side::Gpu)] {
+        for kind in [Kind::SendRecv, Kind::Write, Kind::Read] {
+            let mut src = Mem::new(from, max);
+            let mut dst = Mem::new(to, max);
+            // For reads the source lives on b, the destination on a.
+            let (src_engine, dst_engine) = match kind {
+                Kind::Read => (&p.b, &p.a),
+                _ => (&p.a, &p.b),
+            };
+            let smr = src_engine.register(src.addr(), src.len()).unwrap();
+            let dmr = dst_engine.register(dst.addr(), dst.len()).unwrap();
+            for (k, &len) in sizes.iter().enumerate() {
+                let (soff, doff) = (1 + (k * 3) % 13, 5 + k % 3);
+                let data = pattern(len, (k * 10 + kind as usize) as u64);
+                src.write(soff, &data);
+                dst.clear();
+                move_bytes(&p, kind, (&src, smr, soff), (&dst, dmr, doff), len);
+                let got = dst.read(doff - 1, len + 2);
+                let what = format!("{kind:?} {from:?}->{to:?} {len} bytes at +{soff} -> +{doff}");
+                assert_same(&got[1..=len], &data, &what);
+                assert_eq!((got[0], got[len + 1]), (0, 0), "{what}: neighbours untouched");
+            }
+            src_engine.deregister(smr).unwrap();
+            dst_engine.deregister(dmr).unwrap();
+        }
+    }
+    let gpu = p.a.gpu().expect("device registrations chose a GPU");
+    assert_eq!(gpu.ordinal(), 0);
+}
+
+#[test]
+fn vectors_mix_gpu_and_host_items() {
+    if no_gpu() {
+        return;
+    }
+    let p = pair(Config { num_channels: 3, chunk_size: 256 << 10, ..config() });
+    let lens = [(1 << 20) + 3, 5, (3 << 20) + 11];
+    let sides = [Side::Gpu, Side::Host, Side::Gpu];
+    let mut srcs: Vec<Mem> = sides.iter().zip(lens).map(|(&s, l)| Mem::new(s, l + 16)).collect();
+    let mut dsts: Vec<Mem> =
+        [Side::Host, Side::Gpu, Side::Gpu].iter().zip(lens).map(|(&s, l)| Mem::new(s, l + 16)).collect();
+    let data: Vec<Vec<u8>> = lens.iter().enumerate().map(|(i, &l)| pattern(l, 40 + i as u64)).collect();
+    for (m, d) in srcs.iter_mut().zip(&data) {
+        m.write(3, d);
+    }
+    let smrs: Vec<u64> = srcs.iter().map(|m| p.a.register(m.addr(), m.len()).unwrap()).collect();
+    let dmrs: Vec<u64> = dsts.iter().map(|m| p.b.register(m.addr(), m.len()).unwrap()).collect();
+
+    // Two-sided: one send of three messages, three receives.
+    let recvs: Vec<u64> =
+        dsts.iter().zip(&dmrs).map(|(m, &mr)| p.ba.recv(mr, m.addr() + 1, m.len() - 1).unwrap()).collect();
+    let msgs: Vec<(u64, usize, usize)> =
+        srcs.iter().zip(&smrs).zip(lens).map(|((m, &mr), l)| (mr, m.addr() + 3, l)).collect();
+    let s = p.ab.send(&msgs).unwrap();
+    assert_eq!(wait(&p.ab, s).unwrap(), lens.iter().sum::<usize>() as u64);
+    for (i, r) in recvs.into_iter().enumerate() {
+        assert_eq!(wait(&p.ba, r).unwrap(), lens[i] as u64);
+        assert_same(&dsts[i].read(1, lens[i]), &data[i], &format!("vector send item {i}"));
+    }
+
+    // One-sided: a vector write of the three items, then a vector read back into cleared sources.
+    for d in dsts.iter_mut() {
+        d.clear();
+    }
+    let items =
+        |local: &[Mem], local_mrs: &[u64], local_off: usize, remote: &[Mem], remote_mrs: &[u64], remote_off: usize| {
+            (0..3)
+                .map(|i| {
+                    let mut item: FifoItem =
+                        p.b.prepare_fifo(remote_mrs[i], remote[i].addr(), remote[i].len()).unwrap();
+                    item.addr = (remote[i].addr() + remote_off) as u64;
+                    OneSided { mr: local_mrs[i], addr: local[i].addr() + local_off, len: lens[i], remote: item }
+                })
+                .collect::<Vec<_>>()
+        };
+    let w = p.ab.write(&items(&srcs, &smrs, 3, &dsts, &dmrs, 9)).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap(), lens.iter().sum::<usize>() as u64);
+    for i in 0..3 {
+        assert_same(&dsts[i].read(9, lens[i]), &data[i], &format!("vector write item {i}"));
+    }
+    for s in srcs.iter_mut() {
+        s.clear();
+    }
+    let r = p.ab.read(&items(&srcs, &smrs, 2, &dsts, &dmrs, 9)).unwrap();
+    assert_eq!(wait(&p.ab, r).unwrap(), lens.iter().sum::<usize>() as u64);
+    for i in 0..3 {
+        assert_same(&srcs[i].read(2, lens[i]), &data[i], &format!("vector read item {i}"));
+    }
+}
+
+#[test]
+fn many_transfers_in_flight_at_once() {
+    if no_gpu() {
+        return;
+    }
+    let p = pair(Config { num_channels: 4, chunk_size: 512 << 10, window: 16, ..config() });
+    let count = 12;
+    let lens: Vec<usize> = (0..count).map(|i| (i * 777_777) % (6 << 20) + 1 + i).collect();
+    let mut srcs: Vec<Mem> =
+        (0..count).map(|i| Mem::new(if i % 3 == 2 { Side::Host } else { Side::Gpu }, lens[i] + 8)).collect();
+    let dsts: Vec<Mem> =
+        (0..count).map(|i| Mem::new(if i % 4 == 1 { Side::Host } else { Side::Gpu }, lens[i] + 8)).collect();
+    let data: Vec<Vec<u8>> = (0..count).map(|i| pattern(lens[i], 500 + i as u64)).collect();
+    for (m, d) in srcs.iter_mut().zip(&data) {
+        m.write(2, d);
+    }
+    let smrs: Vec<u64> = srcs.iter().map(|m| p.a.register(m.addr(), m.len()).unwrap()).collect();
+    let dmrs: Vec<u64> = dsts.iter().map(|m| p.b.register(m.addr(), m.len()).unwrap()).collect();
+    // Even items are one-sided writes, odd ones send/recv; all posted before any is waited for.
+    let mut pending = Vec::new();
+    for i in 0..count {
+        if i % 2 == 0 {
+            let mut remote = p.b.prepare_fifo(dmrs[i], dsts[i].addr(), dsts[i].len()).unwrap();
+            remote.addr += 4;
+            let op = OneSided { mr: smrs[i], addr: srcs[i].addr() + 2, len: lens[i], remote };
+            pending.push((None, p.ab.write(&[op]).unwrap()));
+        } else {
+            let r = p.ba.recv(dmrs[i], dsts[i].addr() + 4, lens[i]).unwrap();
+            pending.push((Some(r), p.ab.send(&[(smrs[i], srcs[i].addr() + 2, lens[i])]).unwrap()));
+        }
+    }
+    for (i, (recv, id)) in pending.into_iter().enumerate() {
+        assert_eq!(wait(&p.ab, id).unwrap(), lens[i] as u64);
+        if let Some(r) = recv {
+            assert_eq!(wait(&p.ba, r).unwrap(), lens[i] as u64);
+        }
+    }
+    for i in 0..count {
+        let what = format!("item {i} ({:?}->{:?}, {} bytes)", srcs[i].side(), dsts[i].side(), lens[i]);
+        assert_same(&dsts[i].read(4, lens[i]), &data[i], &what);
+    }
+}
+
+#[test]
+fn closing_during_gpu_transfers_is_clean() {
+    if no_gpu() {
+        return;
+    }
+    let len = 128 << 20;
+    for closer in ["initiator", "target"] {
+        let p = pair(config());
+        let src = Mem::new(Side::Gpu, len);
+        let dst = Mem::new(Side::Gpu, len);
+        let smr = p.a.register(src.addr(), len).unwrap();
+        let dmr = p.b.register(dst.addr(), len).unwrap();
+        let remote = p.b.prepare_fifo(dmr, dst.addr(), len).unwrap();
+        let w = p.ab.write(&[OneSided { mr: smr, addr: src.addr(), len, remote }]).unwrap();
+        let r = p.ba.recv(dmr, dst.addr(), len).unwrap();
+        let s = p.ab.send(&[(smr, src.addr(), len)]).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        if closer == "initiator" {
+            p.a.close_connection(&p.ab);
+        } else {
+            p.b.close_connection(&p.ba);
+        }
+        for (conn, id) in [(&p.ab, w), (&p.ab, s), (&p.ba, r)] {
+            match wait(conn, id) {
+                Ok(n) => assert_eq!(n, len as u64),
+                Err(e) => assert!(
+                    matches!(e.status(), UcclStatus::ErrCanceled | UcclStatus::ErrRemoteDisconnect),
+                    "{closer} closed: {e}"
+                ),
+            }
+        }
+        // Memory can go once the transfers are over; the engines still work.
+        drop((src, dst));
+        let q = pair(config());
+        let mut a = Mem::new(Side::Gpu, 4096);
+        let b = Mem::new(Side::Gpu, 4096);
+        a.write(0, &pattern(4096, 1));
+        let amr = q.a.register(a.addr(), 4096).unwrap();
+        let bmr = q.b.register(b.addr(), 4096).unwrap();
+        let r = q.ba.recv(bmr, b.addr(), 4096).unwrap();
+        let s = q.ab.send(&[(amr, a.addr(), 4096)]).unwrap();
+        assert_eq!(wait(&q.ab, s).unwrap(), 4096);
+        assert_eq!(wait(&q.ba, r).unwrap(), 4096);
+        assert_same(&b.read(0, 4096), &pattern(4096, 1), "after a closed connection");
+    }
+}
+
+#[test]
+fn gpu_identity_in_metadata_and_handshake() {
+    if no_gpu() {
+        return;
+    }
+    let a = Engine::new(config()).unwrap();
+    let b = Engine::new(config()).unwrap();
+    assert!(b.metadata().ends_with("?0"), "no GPU chosen yet: {}", b.metadata());
+    let buf = Mem::new(Side::Gpu, 4096);
+    let host = Mem::new(Side::Host, 4096);
+    b.register(host.addr(), host.len()).unwrap();
+    assert!(b.gpu().is_none(), "host memory chooses no GPU");
+    b.register(buf.addr(), buf.len()).unwrap();
+    let gpu = b.gpu().expect("GPU chosen by the first device registration").clone();
+    let bus_id = gpu.bus_id().to_owned();
+    let metadata = b.metadata();
+    let (_, advertised) = metadata.rsplit_once('?').unwrap();
+    assert_eq!(advertised, bus_id);
+    let fields: Vec<&str> = bus_id.split([':', '.']).collect();
+    assert_eq!(fields.iter().map(|f| f.len()).collect::<Vec<_>>(), [4, 2, 2, 1], "PCI bus id form: {bus_id}");
+    println!("engine metadata with a GPU: {metadata}");
+
+    // Peers name the GPU by what metadata says, or by ordinal; another GPU is refused.
+    let port = b.address().port();
+    let by_id = a.connect("127.0.0.1", advertised, port).unwrap();
+    let accepted = b.accept().unwrap();
+    assert_eq!(by_id.peer.gpu_id, bus_id);
+    assert_eq!(by_id.peer.gpu_index, 0);
+    assert_eq!(accepted.peer.gpu_id, "0", "a has no GPU yet");
+    let _by_index = a.connect("127.0.0.1", "0", port).unwrap();
+    let err = a.connect("127.0.0.1", "0000:ff:1f.7", port).unwrap_err();
+    assert_eq!(err.status(), UcclStatus::ErrNotFound, "{err}");
+
+    // UCCL_TCPX_GPU chooses at creation and is checked.
+    let chosen = Engine::new(Config { gpu: Some(0), ..config() }).unwrap();
+    assert_eq!(chosen.gpu().map(|g| g.bus_id().to_owned()), Some(bus_id.clone()));
+    assert!(chosen.metadata().ends_with(&bus_id));
+    let err = Engine::new(Config { gpu: Some(999), ..config() }).err().expect("GPU 999 does not exist");
+    assert!(err.message().contains("UCCL_TCPX_GPU=999") && err.message().contains("does not exist"), "{err}");
+}
+
+#[test]
+fn host_memory_without_a_driver() {
+    // Runs everywhere; without libcuda it is the proof that nothing calls into CUDA.
+    if !cuda::available() {
+        assert_eq!(cuda::locate(0x7f12_3400_0000, 1 << 20).unwrap(), cuda::Location::Host);
+        let err = cuda::DeviceBuffer::new(0, 64).unwrap_err();
+        assert!(err.message().contains("CUDA unavailable"), "{err}");
+        let err = Engine::new(Config { gpu: Some(0), ..config() }).err().expect("UCCL_TCPX_GPU needs CUDA");
+        assert!(err.message().contains("CUDA unavailable"), "{err}");
+    }
+    let p = pair(config());
+    let len = (3 << 20) + 3;
+    let src = pattern(len, 8);
+    let mut dst = vec![0u8; len];
+    assert_eq!(cuda::locate(src.as_ptr() as usize, len).unwrap(), cuda::Location::Host);
+    let smr = p.a.register(src.as_ptr() as usize, len).unwrap();
+    let dmr = p.b.register(dst.as_mut_ptr() as usize, len).unwrap();
+    let r = p.ba.recv(dmr, dst.as_mut_ptr() as usize, len).unwrap();
+    let s = p.ab.send(&[(smr, src.as_ptr() as usize, len)]).unwrap();
+    assert_eq!(wait(&p.ab, s).unwrap(), len as u64);
+    assert_eq!(wait(&p.ba, r).unwrap(), len as u64);
+    assert_same(&dst, &src, "host send/recv");
+    let mut back = vec![0u8; len];
+    let bmr = p.a.register(back.as_mut_ptr() as usize, len).unwrap();
+    let fifo = p.b.prepare_fifo(dmr, dst.as_ptr() as usize, len).unwrap();
+    let rd = p.ab.read(&[OneSided { mr: bmr, addr: back.as_mut_ptr() as usize, len, remote: fifo }]).unwrap();
+    assert_eq!(wait(&p.ab, rd).unwrap(), len as u64);
+    assert_same(&back, &src, "host read");
+    assert!(p.a.gpu().is_none() && p.b.gpu().is_none(), "host memory never chooses a GPU");
+    assert!(p.a.metadata().ends_with("?0"));
+}
+
+// ---- two processes on one GPU -------------------------------------------------------------------
+
+const PEER_ENV: &str = "UCCL_TCPX_GPU_PEER";
+const PEER_REGION: usize = (64 << 20) + 64;
+const PEER_SEED: u64 = 77;
+const ECHO_LEN: usize = (8 << 20) + 13;
+
+/// Peer mode: an engine with a GPU region holding a known pattern, advertised whole; prints its
+/// port, metadata and FifoItem, echoes one message received into GPU memory, then serves until
+/// killed.
+#[test]
+fn gpu_peer_process() {
+    if std::env::var_os(PEER_ENV).is_none() || no_gpu() {
+        return;
+    }
+    let engine = Engine::new(config()).unwrap();
+    let mut region = Mem::new(Side::Gpu, PEER_REGION);
+    region.write(0, &pattern(PEER_REGION, PEER_SEED));
+    let mr = engine.register(region.addr(), region.len()).unwrap();
+    let item = engine.prepare_fifo(mr, region.addr(), region.len()).unwrap();
+    let hex: String = item.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    println!("PEER {} {} {hex}", engine.address().port(), engine.metadata());
+    let conn = engine.accept().unwrap();
+    let echo = Mem::new(Side::Gpu, ECHO_LEN);
+    let emr = engine.register(echo.addr(), echo.len()).unwrap();
+    let r = conn.recv(emr, echo.addr(), ECHO_LEN).unwrap();
+    assert_eq!(wait(&conn, r).unwrap(), ECHO_LEN as u64);
+    let s = conn.send(&[(emr, echo.addr(), ECHO_LEN)]).unwrap();
+    assert_eq!(wait(&conn, s).unwrap(), ECHO_LEN as u64);
+    std::thread::sleep(Duration::from_secs(120));
+}
+
+struct Peer {
+    child: Child,
+    port: u16,
+    gpu: String,
+    item: FifoItem,
+}
+
+impl Peer {
+    fn spawn() -> Peer {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "gpu_peer_process", "--nocapture", "--test-threads=1"])
+            .env(PEER_ENV, "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = lines.find_map(|l| l.ok().and_then(|l| l.split_once("PEER ").map(|(_, rest)| rest.to_owned())));
+        let line = line.expect("peer announced itself");
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        let port = parts[0].parse().unwrap();
+        let gpu = parts[1].rsplit_once('?').unwrap().1.to_owned();
+        let mut bytes = [0u8; 64];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&parts[2][2 * i..2 * i + 2], 16).unwrap();
+        }
+        Peer { child, port, gpu, item: FifoItem::from_bytes(&bytes) }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn two_processes_share_one_gpu() {
+    if no_gpu() || std::env::var_os(PEER_ENV).is_some() {
+        return;
+    }
+    let peer = Peer::spawn();
+    let engine = Engine::new(config()).unwrap();
+    let mut local = Mem::new(Side::Gpu, PEER_REGION);
+    let mr = engine.register(local.addr(), local.len()).unwrap();
+    assert_eq!(engine.gpu().unwrap().bus_id(), peer.gpu, "both processes see the same GPU");
+    // The peer's metadata names its GPU by PCI bus id; connect with exactly that.
+    let conn = engine.connect("127.0.0.1", &peer.gpu, peer.port).unwrap();
+    assert_eq!(conn.peer.gpu_id, peer.gpu);
+    let expected = pattern(PEER_REGION, PEER_SEED);
+
+    // Read most of the peer's GPU region into ours, at odd offsets on both ends.
+    let len = PEER_REGION - 64;
+    let mut remote = peer.item;
+    remote.addr += 5;
+    let r = conn.read(&[OneSided { mr, addr: local.addr() + 3, len, remote }]).unwrap();
+    assert_eq!(wait(&conn, r).unwrap(), len as u64);
+    assert_same(&local.read(3, len), &expected[5..5 + len], "read from the other process's GPU");
+
+    // Write a new pattern into part of it, then read that back.
+    let wlen = (3 << 20) + 7;
+    let fresh = pattern(wlen, 5);
+    local.write(1, &fresh);
+    let mut target = peer.item;
+    target.addr += (1 << 20) + 1;
+    let w = conn.write(&[OneSided { mr, addr: local.addr() + 1, len: wlen, remote: target }]).unwrap();
+    assert_eq!(wait(&conn, w).unwrap(), wlen as u64);
+    local.clear();
+    let r = conn
+        .read(&[OneSided {
+            mr,
+            addr: local.addr(),
+            len: wlen + 2,
+            remote: {
+                let mut around = peer.item;
+                around.addr += 1 << 20;
+                around
+            },
+        }])
+        .unwrap();
+    assert_eq!(wait(&conn, r).unwrap(), (wlen + 2) as u64);
+    let got = local.read(0, wlen + 2);
+    assert_same(&got[1..=wlen], &fresh, "write into the other process's GPU");
+    assert_eq!(got[0], expected[1 << 20], "byte before the write untouched");
+    assert_eq!(got[wlen + 1], expected[(1 << 20) + 1 + wlen], "byte after the write untouched");
+
+    // Two-sided: GPU -> peer GPU -> back into host memory.
+    let msg = pattern(ECHO_LEN, 6);
+    local.write(0, &msg);
+    let mut back = vec![0u8; ECHO_LEN];
+    let bmr = engine.register(back.as_mut_ptr() as usize, back.len()).unwrap();
+    let r = conn.recv(bmr, back.as_mut_ptr() as usize, ECHO_LEN).unwrap();
+    let s = conn.send(&[(mr, local.addr(), ECHO_LEN)]).unwrap();
+    assert_eq!(wait(&conn, s).unwrap(), ECHO_LEN as u64);
+    assert_eq!(wait(&conn, r).unwrap(), ECHO_LEN as u64);
+    assert_same(&back, &msg, "echo through the other process's GPU");
+}
