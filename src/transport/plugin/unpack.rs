@@ -151,3 +151,95 @@ impl UnpackView {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unpack_type(handle: *mut c_void) -> NcclNetDeviceHandleV7 {
+        NcclNetDeviceHandleV7 {
+            net_device_type: NCCL_NET_DEVICE_UNPACK,
+            net_device_version: NCCL_NET_DEVICE_UNPACK_VERSION,
+            handle,
+            size: size_of::<UnpackDeviceHandle>(),
+            needs_proxy_progress: 1,
+        }
+    }
+
+    fn zeroed_meta() -> Box<NetUnpackMeta> {
+        // SAFETY: plain integers, all-zero is valid; boxed because it is 512 KiB.
+        unsafe { Box::from_raw(std::alloc::alloc_zeroed(std::alloc::Layout::new::<NetUnpackMeta>()).cast()) }
+    }
+
+    #[test]
+    fn a_host_resident_handle_is_read_directly_and_refuses_bad_values() {
+        let mut meta = zeroed_meta();
+        meta.cnt[3] = 2;
+        meta.mem[3][1] = LoadMeta { src_off: 7, len: 9, dst_off: 11 };
+        let mut pool = vec![0u8; 4096];
+        let mut handle = UnpackDeviceHandle { meta: &mut *meta, bounce_buf: pool.as_mut_ptr().cast(), head: u64::MAX };
+        let view = UnpackView::from_device_handle(&unpack_type((&mut handle as *mut UnpackDeviceHandle).cast()))
+            .unwrap()
+            .expect("an unpack view");
+        assert_eq!(view.fragment_count(3), 2);
+        let mut out = Vec::new();
+        view.copy_fragments(3, 2, &mut out);
+        assert_eq!(out[1], LoadMeta { src_off: 7, len: 9, dst_off: 11 });
+        assert_eq!(view.host_pool().unwrap(), pool.as_ptr());
+
+        let host_type = NcclNetDeviceHandleV7::default();
+        assert!(UnpackView::from_device_handle(&host_type).unwrap().is_none());
+        let mut wrong = unpack_type((&mut handle as *mut UnpackDeviceHandle).cast());
+        wrong.net_device_version = 6;
+        assert!(UnpackView::from_device_handle(&wrong).err().unwrap().to_string().contains("version 6"));
+        assert!(UnpackView::from_device_handle(&unpack_type(std::ptr::null_mut())).is_err());
+        handle.meta = std::ptr::null_mut();
+        let e = UnpackView::from_device_handle(&unpack_type((&mut handle as *mut UnpackDeviceHandle).cast()));
+        assert!(e.err().unwrap().to_string().contains("no fragment metadata"));
+        handle.meta = &mut *meta;
+        handle.bounce_buf = std::ptr::null_mut();
+        let view = UnpackView::from_device_handle(&unpack_type((&mut handle as *mut UnpackDeviceHandle).cast()));
+        assert!(view.unwrap().unwrap().host_pool().unwrap_err().to_string().contains("no bounce pool"));
+    }
+
+    /// TCPX's layout: the handle and the pool in device memory, the metadata in host memory. Needs a
+    /// CUDA device; without a driver there is no device memory to read and the case is skipped.
+    #[test]
+    fn a_device_resident_handle_is_copied_once_and_a_device_pool_is_refused() {
+        if !crate::cuda::available() {
+            eprintln!("skipped: no CUDA driver");
+            return;
+        }
+        let ctx = cudarc::driver::CudaContext::new(0).expect("a CUDA device");
+        ctx.bind_to_thread().unwrap();
+        let mut meta = zeroed_meta();
+        meta.cnt[0] = 5;
+        // SAFETY: plain driver allocations and copies of the sizes given, freed below.
+        unsafe {
+            let pool = cudarc::driver::result::malloc_sync(1 << 20).unwrap();
+            let handle = UnpackDeviceHandle { meta: &mut *meta, bounce_buf: pool as *mut c_void, head: u64::MAX };
+            let dev_handle = cudarc::driver::result::malloc_sync(size_of::<UnpackDeviceHandle>()).unwrap();
+            let bytes = std::slice::from_raw_parts(
+                (&handle as *const UnpackDeviceHandle).cast::<u8>(),
+                size_of::<UnpackDeviceHandle>(),
+            );
+            cudarc::driver::result::memcpy_htod_sync(dev_handle, bytes).unwrap();
+            assert_eq!(residence(dev_handle as *const c_void), Residence::Device);
+            assert_eq!(residence((&*meta as *const NetUnpackMeta).cast()), Residence::Host);
+            // Read from another thread, where no context is current: the copy pushes the owner's.
+            let raw = dev_handle as usize;
+            let view = std::thread::spawn(move || {
+                UnpackView::from_device_handle(&unpack_type(raw as *mut c_void)).map(|v| v.map(|v| v.fragment_count(0)))
+            })
+            .join()
+            .unwrap();
+            assert_eq!(view.unwrap(), Some(5), "meta pointer came through the device copy");
+            let view = UnpackView::from_device_handle(&unpack_type(dev_handle as *mut c_void)).unwrap().unwrap();
+            let err = view.host_pool().unwrap_err();
+            assert_eq!(err.status(), crate::error::UcclStatus::ErrNotSupported);
+            assert!(err.to_string().contains("GPU bounce pool"), "{err}");
+            cudarc::driver::result::free_sync(dev_handle).unwrap();
+            cudarc::driver::result::free_sync(pool).unwrap();
+        }
+    }
+}
