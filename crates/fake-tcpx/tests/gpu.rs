@@ -68,6 +68,7 @@ fn gpu_mode_transfer() {
     if common::spawn_in_child("gpu_mode_transfer", &env) {
         return;
     }
+    uccl_tcpx::cuda::driver().expect("cuInit");
     let dev = result::device::get(0).unwrap();
     let ctx = unsafe { result::primary_ctx::retain(dev) }.unwrap();
     unsafe { result::ctx::set_current(ctx) }.unwrap();
@@ -117,6 +118,19 @@ fn gpu_mode_transfer() {
             covered += len;
         }
         assert_eq!(covered, size);
+        // The metadata is device-mapped: what a kernel reads through `meta` is what the host sees.
+        let mut via_device = [0u64; 1];
+        let cnt_off = std::mem::offset_of!(NetUnpackMeta, cnt) + slot * 8;
+        unsafe { result::memcpy_dtoh_sync(&mut via_device, meta as sys::CUdeviceptr + cnt_off as u64) }.unwrap();
+        assert_eq!(via_device[0] as usize, cnt);
+        if cnt > 0 {
+            let mut first = [0u8; 16];
+            let mem_off = slot * 2048 * 16;
+            unsafe { result::memcpy_dtoh_sync(&mut first, meta as sys::CUdeviceptr + mem_off as u64) }.unwrap();
+            let host = unsafe { std::ptr::addr_of!((*meta).mem[slot][0]).read() };
+            assert_eq!(u32::from_le_bytes(first[0..4].try_into().unwrap()), host.src_off);
+            assert_eq!(u64::from_le_bytes(first[8..16].try_into().unwrap()), host.dst_off);
+        }
         assert!(got == data, "size {size}: bytes gathered from the device pool differ");
         assert!(dst.read(0, size.min(8192)).iter().all(|b| *b == 0xEE), "the posted buffer is never written");
         assert_eq!(p.consume(pair.recv, r), 0);
