@@ -31,7 +31,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use uccl_tcpx::transport::Net;
-use uccl_tcpx::transport::plugin::abi::{NcclDebugLogger, NcclNetDeviceHandleV7, NcclNetPropertiesV7, NcclNetV7};
+use uccl_tcpx::transport::plugin::abi::{
+    NCCL_PTR_CUDA, NcclDebugLogger, NcclNetDeviceHandleV7, NcclNetPropertiesV7, NcclNetV7,
+};
 
 use entry::{guard, non_null};
 use fail::{Fail, Result};
@@ -148,11 +150,13 @@ unsafe extern "C" fn fake_connect(
         let Some(outcome) = c.poll() else { return Ok(()) };
         registry::remove_connect(state);
         let inner = outcome?;
-        let comm = Arc::new_cyclic(|weak: &std::sync::Weak<Mutex<send::FakeSend>>| {
-            Mutex::new(send::FakeSend::new(inner, weak.as_ptr() as usize, &p.cfg))
-        });
+        let comm = Arc::new(Mutex::new(send::FakeSend::new(inner, &p.cfg)?));
         let key = Arc::as_ptr(&comm) as usize;
-        let ring = registry::lock(&comm)?.ring_base();
+        let ring = {
+            let mut c = registry::lock(&comm)?;
+            c.set_key(key);
+            c.ring_base()
+        };
         registry::add(key, Object::Send(comm), Some(ring));
         // SAFETY: as above.
         unsafe { send_comm.write(key as *mut c_void) };
@@ -213,7 +217,25 @@ unsafe extern "C" fn fake_reg_mr(
     guard("regMr", || {
         plugin::get()?;
         let mhandle = non_null(mhandle, "mhandle")?;
-        let h = with_comm(comm, "regMr", |c| c.regs().register(data, size, ty), |c| c.regs().register(data, size, ty))?;
+        // GPU mode reads CUDA registrations with CUDA copies: they must be device memory.
+        let check = |gpu: Option<&gpu::GpuContext>| match gpu {
+            Some(g) if ty == NCCL_PTR_CUDA && size > 0 => g.check_device_pointer(data as usize),
+            _ => Ok(()),
+        };
+        let h = with_comm(
+            comm,
+            "regMr",
+            |c| {
+                let h = c.regs().register(data, size, ty)?;
+                check(c.gpu()).inspect_err(|_| drop(c.regs().deregister(h)))?;
+                Ok(h)
+            },
+            |c| {
+                let h = c.regs().register(data, size, ty)?;
+                check(c.gpu()).inspect_err(|_| drop(c.regs().deregister(h)))?;
+                Ok(h)
+            },
+        )?;
         // SAFETY: checked non-NULL.
         unsafe { mhandle.write(h) };
         Ok(())

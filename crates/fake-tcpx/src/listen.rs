@@ -12,7 +12,7 @@ use uccl_tcpx::transport::plugin::abi::{
 
 use crate::config::Mode;
 use crate::fail::{Fail, Result};
-use crate::gpu;
+use crate::gpu::{self, GpuContext};
 use crate::health::closed;
 use crate::memory::{HostRx, RxMemory};
 use crate::plugin::Plugin;
@@ -42,16 +42,15 @@ impl FakeListen {
             return Ok(None);
         }
         let Some(inner) = self.inner.accept().map_err(closed)? else { return Ok(None) };
-        let mem: Box<dyn RxMemory> = match plugin.cfg.mode {
-            Mode::Host => Box::new(HostRx::new(plugin.cfg.pool_bytes)?),
-            Mode::Gpu => gpu::rx_memory(plugin.cfg.pool_bytes)?,
+        let (mem, gpu): (Box<dyn RxMemory>, _) = match plugin.cfg.mode {
+            Mode::Host => (Box::new(HostRx::new(plugin.cfg.pool_bytes)?), None),
+            Mode::Gpu => (gpu::rx_memory(plugin.cfg.pool_bytes)?, Some(GpuContext::acquire()?)),
         };
-        let comm = Arc::new_cyclic(|weak: &std::sync::Weak<Mutex<FakeRecv>>| {
-            Mutex::new(FakeRecv::new(inner, mem, weak.as_ptr() as usize, &plugin.cfg, self.seed))
-        });
+        let comm = Arc::new(Mutex::new(FakeRecv::new(inner, mem, gpu, &plugin.cfg, self.seed)));
         let key = Arc::as_ptr(&comm) as usize;
         let (ring, unpack) = {
-            let c = registry::lock(&comm)?;
+            let mut c = registry::lock(&comm)?;
+            c.set_key(key);
             (c.ring_base(), c.unpack_handle())
         };
         // SAFETY: the caller checked dev_handle non-NULL; it points at caller-allocated storage.

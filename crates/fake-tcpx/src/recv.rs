@@ -12,6 +12,7 @@ use uccl_tcpx::transport::{MrHandle, RecvComm, RequestId};
 use crate::config::{Config, Fragmentation};
 use crate::fail::{Fail, Result};
 use crate::fragment::{self, Fragment, MAX_FRAGMENTS, PAGE, Rng};
+use crate::gpu::GpuContext;
 use crate::health::{AfterCompletion, Health, closed};
 use crate::log;
 use crate::memory::RxMemory;
@@ -52,6 +53,8 @@ pub struct FakeRecv {
     /// First field: dropped (closing the stream, joining its helper thread) before the buffers below.
     inner: Option<Box<dyn RecvComm>>,
     mem: Box<dyn RxMemory>,
+    /// GPU mode: the context CUDA registrations are checked in.
+    gpu: Option<GpuContext>,
     key: usize,
     chunk: usize,
     fragmentation: Fragmentation,
@@ -68,7 +71,13 @@ pub struct FakeRecv {
 }
 
 impl FakeRecv {
-    pub fn new(inner: Box<dyn RecvComm>, mem: Box<dyn RxMemory>, key: usize, cfg: &Config, seed: u64) -> FakeRecv {
+    pub fn new(
+        inner: Box<dyn RecvComm>,
+        mem: Box<dyn RxMemory>,
+        gpu: Option<GpuContext>,
+        cfg: &Config,
+        seed: u64,
+    ) -> FakeRecv {
         let health = Health::new(cfg.fault);
         let inner = (!health.drops_at_start()).then_some(inner);
         let mut rng = Rng::new(seed);
@@ -76,7 +85,8 @@ impl FakeRecv {
         FakeRecv {
             inner,
             mem,
-            key,
+            gpu,
+            key: 0,
             chunk: cfg.chunk_bytes,
             fragmentation: cfg.fragmentation,
             ring: Ring::new(),
@@ -97,6 +107,15 @@ impl FakeRecv {
 
     pub fn unpack_handle(&self) -> *mut c_void {
         self.mem.unpack_handle()
+    }
+
+    /// The address the caller knows this comm by, recorded in its request entries.
+    pub fn set_key(&mut self, key: usize) {
+        self.key = key;
+    }
+
+    pub fn gpu(&self) -> Option<&GpuContext> {
+        self.gpu.as_ref()
     }
 
     pub fn regs(&mut self) -> &mut Registrations {

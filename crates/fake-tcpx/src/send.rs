@@ -10,7 +10,7 @@ use uccl_tcpx::transport::{MrHandle, RequestId, SendComm};
 
 use crate::config::{Config, Mode};
 use crate::fail::{Fail, Result};
-use crate::gpu;
+use crate::gpu::GpuContext;
 use crate::health::{AfterCompletion, Health, closed};
 use crate::mr::Registrations;
 use crate::request::{MAX_REQUESTS, OP_SEND, Ring};
@@ -39,7 +39,8 @@ pub struct FakeSend {
     /// First field: dropped (closing the stream, joining its helper thread) before the buffers below.
     inner: Option<Box<dyn SendComm>>,
     key: usize,
-    mode: Mode,
+    /// GPU mode: the context CUDA sends are copied out of device memory with.
+    gpu: Option<GpuContext>,
     ring: Ring,
     regs: Registrations,
     health: Health,
@@ -51,13 +52,17 @@ pub struct FakeSend {
 }
 
 impl FakeSend {
-    pub fn new(inner: Box<dyn SendComm>, key: usize, cfg: &Config) -> FakeSend {
+    pub fn new(inner: Box<dyn SendComm>, cfg: &Config) -> Result<FakeSend> {
         let health = Health::new(cfg.fault);
         let inner = (!health.drops_at_start()).then_some(inner);
-        FakeSend {
+        let gpu = match cfg.mode {
+            Mode::Gpu => Some(GpuContext::acquire()?),
+            Mode::Host => None,
+        };
+        Ok(FakeSend {
             inner,
-            key,
-            mode: cfg.mode,
+            key: 0,
+            gpu,
             ring: Ring::new(),
             regs: Registrations::default(),
             health,
@@ -65,7 +70,16 @@ impl FakeSend {
             slots: Default::default(),
             submitted: 0,
             inner_queue: VecDeque::new(),
-        }
+        })
+    }
+
+    /// The address the caller knows this comm by, recorded in its request entries.
+    pub fn set_key(&mut self, key: usize) {
+        self.key = key;
+    }
+
+    pub fn gpu(&self) -> Option<&GpuContext> {
+        self.gpu.as_ref()
     }
 
     pub fn ring_base(&self) -> usize {
@@ -90,7 +104,7 @@ impl FakeSend {
         self.slots[k as usize % MAX_REQUESTS] = SendSlot {
             data: data as usize,
             len,
-            device: self.mode == Mode::Gpu && kind == NCCL_PTR_CUDA,
+            device: self.gpu.is_some() && kind == NCCL_PTR_CUDA,
             staged: Vec::new(),
             sent: false,
         };
@@ -130,8 +144,8 @@ impl FakeSend {
             let seq = self.submitted;
             let i = seq as usize % MAX_REQUESTS;
             let s = &mut self.slots[i];
-            let payload = if s.device {
-                s.staged = gpu::copy_to_host(s.data, s.len)?;
+            let payload = if let (true, Some(gpu)) = (s.device, &self.gpu) {
+                s.staged = gpu.copy_to_host(s.data, s.len)?;
                 s.staged.as_ptr()
             } else {
                 s.data as *const u8

@@ -292,3 +292,45 @@ isolated_test!(
         assert!(take_warnings().is_empty());
     }
 );
+
+isolated_test!(
+    fn misuse_from_many_threads_never_crashes() {
+        // Each comm is meant to be driven by one thread; a consumer that breaks this, or passes
+        // stale and made-up pointers, gets error codes, never a crash.
+        let p = std::sync::Arc::new(Plugin::init());
+        let pair = p.pair(0);
+        let (send, recv) = (pair.send as usize, pair.recv as usize);
+        let src = std::sync::Arc::new(common::pattern(4096, 1));
+        let smh = p.reg(pair.send, src.as_ptr(), 4096, NCCL_PTR_HOST).unwrap() as usize;
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let (p, src) = (p.clone(), src.clone());
+                std::thread::spawn(move || {
+                    let mut reqs = Vec::new();
+                    for i in 0..200usize {
+                        if let Ok(r) = p.isend(send as *mut _, src.as_ptr(), 4096, smh as *mut _) {
+                            reqs.push(r as usize);
+                        }
+                        for r in &reqs {
+                            let rc = p.test(*r as *mut _).err().unwrap_or(0);
+                            assert!(rc == 0 || rc == NCCL_INTERNAL_ERROR, "rc {rc}");
+                        }
+                        let junk = (recv + t * 8 + i) as *mut std::ffi::c_void;
+                        assert_eq!(p.test(junk).err().unwrap_or(NCCL_INTERNAL_ERROR), NCCL_INTERNAL_ERROR);
+                        assert_eq!(p.consume(recv as *mut _, junk), NCCL_INTERNAL_ERROR);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        // Closing while requests are in flight, then using the closed comm, is reported too.
+        assert_eq!(unsafe { p.t.close_send.unwrap()(pair.send) }, 0);
+        assert_eq!(p.isend(pair.send, src.as_ptr(), 1, smh as *mut _), Err(NCCL_INTERNAL_ERROR));
+        assert_eq!(unsafe { p.t.close_listen.unwrap()(pair.recv) }, NCCL_INTERNAL_ERROR, "wrong kind");
+        assert_eq!(unsafe { p.t.close_recv.unwrap()(pair.listen) }, NCCL_INTERNAL_ERROR, "wrong kind");
+        assert_eq!(unsafe { p.t.close_recv.unwrap()(pair.recv) }, 0);
+        assert_eq!(unsafe { p.t.close_listen.unwrap()(pair.listen) }, 0);
+    }
+);

@@ -29,6 +29,11 @@ fn round_trips(sizes: &[usize], pool: usize, check: impl Fn(&[LoadMeta])) {
         let slot = k % 16;
         assert_eq!(request_size(r), size as i32, "request offset 36 holds the sender's size");
         assert_eq!(request_slot(r), slot as u64, "unpack slot of the k-th receive");
+        // The fields a TCPX-peeking consumer validates: comm at 0, &mem[slot][0] at 72, &cnt[slot] at 80.
+        let field = |off: usize| unsafe { r.cast::<u8>().add(off).cast::<usize>().read() };
+        assert_eq!(field(0), pair.recv as usize);
+        assert_eq!(field(72), unsafe { std::ptr::addr_of!((*unpack.meta).mem[slot]) } as usize);
+        assert_eq!(field(80), unsafe { std::ptr::addr_of!((*unpack.meta).cnt[slot]) } as usize);
         let got = unpack.gather(slot, size, pool);
         assert!(got == src, "size {size}: reassembled bytes differ");
         check(&unpack.metas(slot));
