@@ -7,6 +7,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The plugin tests load the fake devmem NIC from target/<profile>/libfake_tcpx.so.
+cargo build -p fake-tcpx --locked
 cargo test --workspace --locked
 
 if command -v cbindgen >/dev/null 2>&1; then

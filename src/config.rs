@@ -2,6 +2,7 @@
 //! that names the variable, never a silent default.
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -14,6 +15,20 @@ pub(crate) const MIN_CHUNK_SIZE: u32 = 4 << 10;
 pub(crate) const MAX_WINDOW: usize = 16;
 /// Bound on UCCL_TCPX_GPU; the device count is checked when the engine opens the GPU.
 const MAX_GPU_ORDINAL: i32 = 1023;
+/// More plugin devices than any host has NICs; bounds what `UCCL_TCPX_NET_DEVICES` may list.
+pub(crate) const MAX_NET_DEVICES: usize = 64;
+
+/// Which transport an engine moves data with. `UCCL_TCPX_TRANSPORT`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TransportChoice {
+    /// The net plugin if one loads, else the built-in socket transport (with a warning saying why).
+    #[default]
+    Auto,
+    /// The built-in socket transport; no plugin is ever loaded.
+    Socket,
+    /// The net plugin; failing to load it fails engine creation.
+    Tcpx,
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -39,6 +54,15 @@ pub struct Config {
     /// CUDA device ordinal the engine serves, chosen at creation. Unset: the GPU of the first
     /// device-memory registration. `UCCL_TCPX_GPU`.
     pub gpu: Option<i32>,
+    /// `UCCL_TCPX_TRANSPORT` = auto | socket | tcpx.
+    pub transport: TransportChoice,
+    /// The net plugin to load. `UCCL_TCPX_PLUGIN`; when unset, the names NCCL tries.
+    pub plugin_path: Option<PathBuf>,
+    /// NCCL's `NCCL_NET_PLUGIN`: try `libnccl-net-<name>.so` before `libnccl-net.so`.
+    pub nccl_net_plugin: Option<String>,
+    /// Plugin device indices channels use, channel `i` on entry `i % len`. `UCCL_TCPX_NET_DEVICES`;
+    /// when unset, every device the plugin reports, closest to the GPU first.
+    pub net_devices: Option<Vec<usize>>,
 }
 
 /// Most data sockets one comm may open (NCCL's MAX_SOCKETS); also what an accepting side allows.
@@ -116,6 +140,10 @@ impl Default for Config {
             timeout: Duration::from_secs(30),
             socket: SocketConfig::default(),
             gpu: None,
+            transport: TransportChoice::Auto,
+            plugin_path: None,
+            nccl_net_plugin: None,
+            net_devices: None,
         }
     }
 }
@@ -151,6 +179,10 @@ impl Config {
                 100,
                 86_400_000,
             )?),
+            transport: parse_transport(&get)?,
+            plugin_path: get("UCCL_TCPX_PLUGIN").map(PathBuf::from),
+            nccl_net_plugin: get("NCCL_NET_PLUGIN"),
+            net_devices: parse_devices(&get, "UCCL_TCPX_NET_DEVICES")?,
             gpu: get("UCCL_TCPX_GPU").map(|_| parse_in(&get, "UCCL_TCPX_GPU", 0, 0, MAX_GPU_ORDINAL)).transpose()?,
             socket: SocketConfig::from_lookup(&get)?,
         })
@@ -183,6 +215,29 @@ impl SocketConfig {
                 1_000_000,
             )?),
         })
+    }
+}
+
+fn parse_transport(get: &impl Fn(&str) -> Option<String>) -> Result<TransportChoice> {
+    let name = "UCCL_TCPX_TRANSPORT";
+    let Some(raw) = get(name) else { return Ok(TransportChoice::Auto) };
+    match raw.to_ascii_lowercase().as_str() {
+        "auto" => Ok(TransportChoice::Auto),
+        "socket" => Ok(TransportChoice::Socket),
+        "tcpx" => Ok(TransportChoice::Tcpx),
+        _ => Err(bad(name, &raw, "auto, socket or tcpx")),
+    }
+}
+
+/// A comma-separated list of device indices, e.g. "0,2"; duplicates are allowed (they weight a device).
+fn parse_devices(get: &impl Fn(&str) -> Option<String>, name: &str) -> Result<Option<Vec<usize>>> {
+    let Some(raw) = get(name) else { return Ok(None) };
+    let expected = format!("a comma-separated list of 1..={MAX_NET_DEVICES} device indices below {MAX_NET_DEVICES}");
+    let list: Option<Vec<usize>> =
+        raw.split(',').map(|d| d.trim().parse::<usize>().ok().filter(|d| *d < MAX_NET_DEVICES)).collect();
+    match list {
+        Some(list) if !list.is_empty() && list.len() <= MAX_NET_DEVICES => Ok(Some(list)),
+        _ => Err(bad(name, &raw, &expected)),
     }
 }
 
@@ -245,8 +300,18 @@ mod tests {
             ("UCCL_TCPX_CONNECT_TIMEOUT_MS", "250"),
             ("UCCL_TCPX_TIMEOUT_MS", "1500"),
             ("UCCL_TCPX_GPU", "3"),
+            ("UCCL_TCPX_TRANSPORT", "TCPX"),
+            ("UCCL_TCPX_PLUGIN", "/opt/tcpx/libnccl-net.so"),
+            ("NCCL_NET_PLUGIN", "tcpx"),
+            ("UCCL_TCPX_NET_DEVICES", "1, 3,1"),
         ])
         .unwrap();
+        assert_eq!(c.transport, TransportChoice::Tcpx);
+        assert_eq!(c.plugin_path.as_deref(), Some(std::path::Path::new("/opt/tcpx/libnccl-net.so")));
+        assert_eq!(c.nccl_net_plugin.as_deref(), Some("tcpx"));
+        assert_eq!(c.net_devices, Some(vec![1, 3, 1]));
+        assert_eq!(cfg(&[("UCCL_TCPX_TRANSPORT", "socket")]).unwrap().transport, TransportChoice::Socket);
+        assert_eq!(cfg(&[("UCCL_TCPX_TRANSPORT", "auto")]).unwrap().transport, TransportChoice::Auto);
         assert_eq!(c.num_channels, 4);
         assert_eq!(c.chunk_size, 512 << 10);
         assert_eq!(c.window, 16);
@@ -305,6 +370,11 @@ mod tests {
             ("UCCL_TCPX_GPU", "-1"),
             ("UCCL_TCPX_GPU", "gpu0"),
             ("UCCL_TCPX_GPU", "0000:4a:00.0"),
+            ("UCCL_TCPX_TRANSPORT", "rdma"),
+            ("UCCL_TCPX_NET_DEVICES", "0,,1"),
+            ("UCCL_TCPX_NET_DEVICES", "-1"),
+            ("UCCL_TCPX_NET_DEVICES", "64"),
+            ("UCCL_TCPX_NET_DEVICES", "eth1"),
         ] {
             let err = cfg(&[(k, v)]).unwrap_err();
             assert_eq!(err.status(), crate::error::UcclStatus::ErrInvalidParam);

@@ -2,6 +2,11 @@
 //! listen for their receive direction and connect their send direction at once, polling connect and
 //! accept together (plugin transports complete both asynchronously), and every data comm opens with
 //! a ChannelHello that names its channel, so accept order does not matter.
+//!
+//! Channel `i` listens and connects on the transport's device for `i`. A transport whose listen comm
+//! serves one accept (TCPX) needs a listen per channel: Hello and Welcome carry channel 0's handle,
+//! and each side then sends one more Hello (connector) or Welcome (acceptor) per further channel,
+//! identical but for the handle.
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -21,7 +26,38 @@ pub struct Agreement {
     pub nonce: u64,
     pub peer_gpu_index: i32,
     pub peer_gpu_id: String,
-    pub peer_handle: NetHandle,
+    /// The peer's listen handle for each channel (all the same when one listen serves every channel).
+    pub peer_handles: Vec<NetHandle>,
+}
+
+/// This side's listen comms: one for every channel, or one per channel (`Net::listen_per_channel`).
+pub struct Listens {
+    handles: Vec<NetHandle>,
+    comms: Vec<Box<dyn ListenComm>>,
+}
+
+impl Listens {
+    /// Channel 0's listen, whose handle goes into Hello / Welcome.
+    pub fn first(local: &Local) -> Result<Listens> {
+        let (handle, comm) = local.net.listen(local.net.channel_device(0))?;
+        Ok(Listens { handles: vec![handle], comms: vec![comm] })
+    }
+
+    pub fn first_handle(&self) -> NetHandle {
+        self.handles[0]
+    }
+
+    /// Listens for channels 1..n when each channel needs its own; returns their handles.
+    fn open_rest(&mut self, local: &Local, n: usize) -> Result<&[NetHandle]> {
+        if local.net.listen_per_channel() {
+            for ch in self.comms.len()..n {
+                let (handle, comm) = local.net.listen(local.net.channel_device(ch))?;
+                self.handles.push(handle);
+                self.comms.push(comm);
+            }
+        }
+        Ok(&self.handles[1..])
+    }
 }
 
 pub struct Local<'a> {
@@ -48,9 +84,9 @@ pub fn read_frame(stream: &mut TcpStream) -> Result<Handshake> {
 }
 
 /// Connector side: Hello out, Welcome (or Refuse) back.
-pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, own_handle: NetHandle) -> Result<Agreement> {
+pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, listens: &mut Listens) -> Result<Agreement> {
     let nonce = crate::transport::socket::random_u64();
-    let hello = Hello {
+    let hello = |net_handle| Hello {
         version: crate::proto::PROTOCOL_VERSION,
         capabilities: 0,
         nonce,
@@ -60,9 +96,9 @@ pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, own_han
         gpu_id: local.gpu_id.to_owned(),
         requested_gpu: requested_gpu.to_owned(),
         transport: local.net.name().to_owned(),
-        net_handle: own_handle,
+        net_handle,
     };
-    send_frame(stream, &Handshake::Hello(hello))?;
+    send_frame(stream, &Handshake::Hello(hello(listens.first_handle())))?;
     match read_frame(stream)? {
         Handshake::Welcome(w) => {
             if w.num_channels == 0 || w.num_channels > local.num_channels || w.chunk_size > local.chunk_size {
@@ -71,14 +107,35 @@ pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, own_han
                     w.num_channels, w.chunk_size, local.num_channels, local.chunk_size
                 )));
             }
-            Ok(Agreement {
+            if w.transport != local.net.name() {
+                return Err(Error::new(
+                    UcclStatus::ErrNotSupported,
+                    format!("peer uses transport {:?}, this engine {:?}", w.transport, local.net.name()),
+                ));
+            }
+            let n = w.num_channels as usize;
+            let mut agreed = Agreement {
                 num_channels: w.num_channels,
                 chunk_size: w.chunk_size,
                 nonce,
                 peer_gpu_index: w.gpu_index,
                 peer_gpu_id: w.gpu_id,
-                peer_handle: w.net_handle,
-            })
+                peer_handles: vec![w.net_handle],
+            };
+            for handle in listens.open_rest(local, n)? {
+                send_frame(stream, &Handshake::Hello(hello(*handle)))?;
+            }
+            for _ in 0..extra_handles(local, n) {
+                let extra = match read_frame(stream)? {
+                    Handshake::Welcome(extra) if extra.num_channels == w.num_channels => extra,
+                    _ => {
+                        return Err(Error::backend("protocol violation: expected a Welcome carrying a channel handle"));
+                    }
+                };
+                agreed.peer_handles.push(extra.net_handle);
+            }
+            agreed.fill_shared_handles(n);
+            Ok(agreed)
         }
         Handshake::Refuse(r) => {
             let status = UcclStatus::from_code(r.status).filter(|s| (*s as i32) < 0).unwrap_or(UcclStatus::ErrUnknown);
@@ -89,7 +146,7 @@ pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, own_han
 }
 
 /// Acceptor side: reads the Hello, refuses what it cannot serve, answers Welcome.
-pub fn welcome(stream: &mut TcpStream, local: &Local, own_handle: NetHandle) -> Result<Agreement> {
+pub fn welcome(stream: &mut TcpStream, local: &Local, listens: &mut Listens) -> Result<Agreement> {
     let mut body = Vec::new();
     let header = super::conn::read_raw_frame(stream, &mut body, "handshake read")?;
     let h = match Handshake::decode(&header, &body) {
@@ -118,15 +175,15 @@ pub fn welcome(stream: &mut TcpStream, local: &Local, own_handle: NetHandle) -> 
         let _ = send_frame(stream, &Handshake::Refuse(Refuse { status: status as i32, reason: reason.clone() }));
         return Err(Error::new(status, reason));
     }
-    let agreed = Agreement {
+    let mut agreed = Agreement {
         num_channels: h.num_channels.min(local.num_channels),
         chunk_size: h.chunk_size.min(local.chunk_size),
         nonce: h.nonce,
         peer_gpu_index: h.gpu_index,
         peer_gpu_id: h.gpu_id,
-        peer_handle: h.net_handle,
+        peer_handles: vec![h.net_handle],
     };
-    let welcome = Welcome {
+    let welcome = |net_handle| Welcome {
         version: crate::proto::PROTOCOL_VERSION,
         capabilities: 0,
         num_channels: agreed.num_channels,
@@ -134,10 +191,36 @@ pub fn welcome(stream: &mut TcpStream, local: &Local, own_handle: NetHandle) -> 
         gpu_index: local.gpu_index,
         gpu_id: local.gpu_id.to_owned(),
         transport: local.net.name().to_owned(),
-        net_handle: own_handle,
+        net_handle,
     };
-    send_frame(stream, &Handshake::Welcome(welcome))?;
+    send_frame(stream, &Handshake::Welcome(welcome(listens.first_handle())))?;
+    let n = agreed.num_channels as usize;
+    for handle in listens.open_rest(local, n)? {
+        send_frame(stream, &Handshake::Welcome(welcome(*handle)))?;
+    }
+    for _ in 0..extra_handles(local, n) {
+        let extra = match read_frame(stream)? {
+            Handshake::Hello(extra) if extra.nonce == agreed.nonce => extra,
+            _ => return Err(Error::backend("protocol violation: expected a Hello carrying a channel handle")),
+        };
+        agreed.peer_handles.push(extra.net_handle);
+    }
+    agreed.fill_shared_handles(n);
     Ok(agreed)
+}
+
+/// Handles each side sends after Hello / Welcome: one per channel beyond the first, when each
+/// channel has its own listen.
+fn extra_handles(local: &Local, n: usize) -> usize {
+    if local.net.listen_per_channel() { n.saturating_sub(1) } else { 0 }
+}
+
+impl Agreement {
+    /// With one listen serving every channel, every channel connects to the one handle.
+    fn fill_shared_handles(&mut self, n: usize) {
+        let first = self.peer_handles[0];
+        self.peer_handles.resize(n, first);
+    }
 }
 
 /// A GPU named by index ("3") or by identity string (a PCI BDF once GPUs are known).
@@ -152,17 +235,23 @@ struct Pending<C> {
     req: RequestId,
 }
 
-/// Opens `n` send comms to the peer's handle and accepts `n` receive comms on `listen`, pairing them
-/// into channels by the ChannelHello each carries.
+/// Opens `n` send comms to the peer's handles and accepts `n` receive comms on `listens`, pairing
+/// them into channels by the ChannelHello each carries. Bounded by `deadline`.
 pub fn establish_channels(
     local: &Local,
-    listen: &mut dyn ListenComm,
+    listens: &mut Listens,
     agreed: &Agreement,
     deadline: Instant,
 ) -> Result<Vec<Channel>> {
     let n = agreed.num_channels as usize;
     let net = local.net;
-    let mut handles: Vec<NetHandle> = vec![agreed.peer_handle; n];
+    // One buffer per connect attempt, kept in place while it is polled (plugins keep state in it).
+    let mut handles: Vec<NetHandle> = agreed.peer_handles.clone();
+    if handles.len() != n {
+        return Err(Error::backend(format!("internal: {} peer handles for {n} channels", handles.len())));
+    }
+    let shared_listen = !net.listen_per_channel();
+    let mut listen_done = vec![false; listens.comms.len()];
     let mut sends: Vec<Option<Pending<Box<dyn SendComm>>>> = (0..n).map(|_| None).collect();
     let mut sent = vec![false; n];
     let mut accepted: Vec<Pending<Box<dyn RecvComm>>> = Vec::new();
@@ -173,7 +262,7 @@ pub fn establish_channels(
             if slot.is_some() {
                 continue;
             }
-            if let Some(mut comm) = net.connect(0, &mut handles[i])? {
+            if let Some(mut comm) = net.connect(net.channel_device(i), &mut handles[i])? {
                 let buf = Box::new(ChannelHello { channel: i as u16, nonce: agreed.nonce }.to_bytes());
                 // SAFETY: `buf` is boxed and kept in the slot until the send is tested done.
                 let req = unsafe { comm.isend(buf.as_ptr(), buf.len(), MrHandle::NONE)? }
@@ -182,15 +271,24 @@ pub fn establish_channels(
                 moved = true;
             }
         }
-        if accepted.len() + recvs.iter().filter(|r| r.is_some()).count() < n
-            && let Some(mut comm) = listen.accept()?
-        {
-            let mut buf = Box::new([0u8; 16]);
-            // SAFETY: `buf` is boxed and kept with the comm until the receive is consumed.
-            let req = unsafe { comm.irecv(buf.as_mut_ptr(), buf.len(), MrHandle::NONE)? }
-                .ok_or_else(|| Error::backend("a fresh comm has no free request slot"))?;
-            accepted.push(Pending { comm, buf, req });
-            moved = true;
+        for (j, listen) in listens.comms.iter_mut().enumerate() {
+            let wanted = if shared_listen {
+                accepted.len() + recvs.iter().filter(|r| r.is_some()).count() < n
+            } else {
+                !listen_done[j]
+            };
+            if !wanted {
+                continue;
+            }
+            if let Some(mut comm) = listen.accept()? {
+                listen_done[j] = !shared_listen;
+                let mut buf = Box::new([0u8; 16]);
+                // SAFETY: `buf` is boxed and kept with the comm until the receive is consumed.
+                let req = unsafe { comm.irecv(buf.as_mut_ptr(), buf.len(), MrHandle::NONE)? }
+                    .ok_or_else(|| Error::backend("a fresh comm has no free request slot"))?;
+                accepted.push(Pending { comm, buf, req });
+                moved = true;
+            }
         }
         for (i, slot) in sends.iter_mut().enumerate() {
             if let Some(p) = slot.as_mut().filter(|_| !sent[i])

@@ -23,10 +23,11 @@ use parking_lot::{Condvar, Mutex};
 pub use conn::{Connection, OneSided, PeerInfo};
 pub use notify::Notification;
 
-use crate::config::Config;
+use crate::config::{Config, TransportChoice};
 use crate::cuda::{self, Gpu, Location};
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::FifoItem;
+use crate::transport::plugin::PluginNet;
 use crate::transport::socket::SocketNet;
 use crate::transport::staged::{StagedNet, StagingParams};
 use crate::transport::{MemKind, Net};
@@ -145,11 +146,8 @@ impl Engine {
         let waker = Arc::new(Waker::default());
         let wake_from_io = waker.clone();
         let wake: crate::transport::socket::Wake = Arc::new(move || wake_from_io.wake());
-        let socket: Arc<dyn Net> = Arc::new(
-            SocketNet::new(ip, config.connect_timeout, config.timeout, wake.clone())
-                .with_options(config.socket.clone()),
-        );
-        let net = StagedNet::wrap(socket, StagingParams::from_config(&config), wake)?;
+        let selected = select_net(&config, ip, wake.clone())?;
+        let net = StagedNet::wrap(selected, StagingParams::from_config(&config), wake)?;
         let gpu = OnceLock::new();
         if let Some(ordinal) = config.gpu {
             let opened = Gpu::open(ordinal).map_err(|e| e.context(format!("UCCL_TCPX_GPU={ordinal}")))?;
@@ -165,8 +163,8 @@ impl Engine {
             gpu,
         });
         let conns = Arc::new(ConnList::default());
-        let progress =
-            ProgressThread::start(conns.clone(), waker).map_err(|e| Error::io("spawn progress thread", e))?;
+        let progress = ProgressThread::start(conns.clone(), waker, core.net.clone())
+            .map_err(|e| Error::io("spawn progress thread", e))?;
         let accepted = Arc::new(AcceptQueue::default());
         let shutdown = Arc::new(AtomicBool::new(false));
         let accept_thread = {
@@ -186,6 +184,11 @@ impl Engine {
             accept_thread: Mutex::new(Some(accept_thread)),
             progress: Mutex::new(Some(progress)),
         })
+    }
+
+    /// The transport moving this engine's data: "socket" or the net plugin's name.
+    pub fn transport(&self) -> &'static str {
+        self.core.net.name()
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -219,9 +222,9 @@ impl Engine {
             .map_err(|e| Error::io("TCP connect", e))
             .map_err(ctx)?;
         prepare_control(&stream, deadline, core.config.timeout).map_err(ctx)?;
-        let (own_handle, mut listen) = core.net.listen(0).map_err(ctx)?;
-        let agreed = handshake::hello(&mut stream, &core.local(), remote_gpu, own_handle).map_err(ctx)?;
-        let channels = handshake::establish_channels(&core.local(), &mut *listen, &agreed, deadline).map_err(ctx)?;
+        let mut listens = handshake::Listens::first(&core.local()).map_err(ctx)?;
+        let agreed = handshake::hello(&mut stream, &core.local(), remote_gpu, &mut listens).map_err(ctx)?;
+        let channels = handshake::establish_channels(&core.local(), &mut listens, &agreed, deadline).map_err(ctx)?;
         let peer = PeerInfo { addr, gpu_index: agreed.peer_gpu_index, gpu_id: agreed.peer_gpu_id };
         let conn = Connection::start(core.clone(), stream, peer, channels, agreed.chunk_size)?;
         self.register_conn(conn)
@@ -312,6 +315,33 @@ impl Drop for Engine {
     }
 }
 
+/// The transport `UCCL_TCPX_TRANSPORT` asks for: auto falls back from the plugin to sockets with a
+/// warning saying why; tcpx makes a plugin failure an engine-creation error.
+fn select_net(config: &Config, ip: IpAddr, wake: crate::transport::socket::Wake) -> Result<Arc<dyn Net>> {
+    let socket = || -> Arc<dyn Net> {
+        Arc::new(
+            SocketNet::new(ip, config.connect_timeout, config.timeout, wake.clone())
+                .with_options(config.socket.clone()),
+        )
+    };
+    // No GPU is bound to an engine yet, so devices keep the plugin's order.
+    let gpu_pci_path = None;
+    match config.transport {
+        TransportChoice::Socket => Ok(socket()),
+        TransportChoice::Tcpx => match PluginNet::open(config, gpu_pci_path) {
+            Ok(net) => Ok(Arc::new(net)),
+            Err(e) => Err(e.context("UCCL_TCPX_TRANSPORT=tcpx")),
+        },
+        TransportChoice::Auto => match PluginNet::open(config, gpu_pci_path) {
+            Ok(net) => Ok(Arc::new(net)),
+            Err(e) => {
+                log::warn!("using the built-in socket transport: {}", e.message());
+                Ok(socket())
+            }
+        },
+    }
+}
+
 /// Bounds the handshake: a peer that connects and goes silent cannot hold a thread forever.
 fn prepare_control(stream: &TcpStream, deadline: Instant, io_timeout: std::time::Duration) -> Result<()> {
     crate::transport::socket::tune_stream(stream, io_timeout)?;
@@ -391,9 +421,9 @@ impl Drop for DecrementOnDrop {
 fn serve_handshake(core: &Arc<EngineCore>, mut stream: TcpStream, peer: SocketAddr) -> Result<Arc<Connection>> {
     let deadline = Instant::now() + core.config.connect_timeout;
     prepare_control(&stream, deadline, core.config.timeout)?;
-    let (own_handle, mut listen) = core.net.listen(0)?;
-    let agreed = handshake::welcome(&mut stream, &core.local(), own_handle)?;
-    let channels = handshake::establish_channels(&core.local(), &mut *listen, &agreed, deadline)?;
+    let mut listens = handshake::Listens::first(&core.local())?;
+    let agreed = handshake::welcome(&mut stream, &core.local(), &mut listens)?;
+    let channels = handshake::establish_channels(&core.local(), &mut listens, &agreed, deadline)?;
     let info = PeerInfo { addr: peer, gpu_index: agreed.peer_gpu_index, gpu_id: agreed.peer_gpu_id };
     Connection::start(core.clone(), stream, info, channels, agreed.chunk_size)
 }

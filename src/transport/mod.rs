@@ -60,6 +60,20 @@ pub trait Net: Send + Sync {
     /// `handle` is a fresh copy of the listener's bytes for every connect: implementations may keep
     /// connection state in it between polls.
     fn connect(&self, dev: usize, handle: &mut NetHandle) -> Result<Option<Box<dyn SendComm>>>;
+    /// Whether requests progress only while polled (no completion wakes the engine), and some are
+    /// outstanding: the progress thread then keeps polling instead of parking.
+    fn needs_polling(&self) -> bool {
+        false
+    }
+    /// The device channel `channel` of a connection listens and connects on.
+    fn channel_device(&self, _channel: usize) -> usize {
+        0
+    }
+    /// Whether a listen comm serves only one accept (TCPX), so every channel needs its own listen
+    /// and the peer one handle per channel.
+    fn listen_per_channel(&self) -> bool {
+        false
+    }
 }
 
 pub trait ListenComm: Send {

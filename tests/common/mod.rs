@@ -42,11 +42,10 @@ impl Rng {
     }
 }
 
-/// Threads of this process, from /proc.
+/// Threads the library started in this process (all are named `uccl-*`). Counting only those keeps
+/// the test harness's own threads, which come and go with other tests, out of the figure.
 pub fn threads() -> usize {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("Threads:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    thread_names().iter().filter(|n| n.starts_with("uccl")).count()
 }
 
 /// Waits until the thread count is back to `baseline`, failing after `limit`.
@@ -57,7 +56,18 @@ pub fn threads_settle(baseline: usize, limit: Duration) {
         if now <= baseline {
             return;
         }
-        assert!(Instant::now() < deadline, "{now} threads, {baseline} expected: threads leaked");
+        assert!(Instant::now() < deadline, "{now} threads, {baseline} expected: threads leaked: {:?}", thread_names());
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Names of this process's threads, for failure messages.
+pub fn thread_names() -> Vec<String> {
+    let mut names = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+        if let Ok(name) = std::fs::read_to_string(task.path().join("comm")) {
+            names.push(name.trim().to_owned());
+        }
+    }
+    names
 }

@@ -1,4 +1,271 @@
 //! Any ncclNet v7 plugin (GPUDirect-TCPX in production, the fake devmem NIC in tests) behind the
 //! transport traits.
+//!
+//! The plugin has no completion callback: it progresses only inside `test`, so the engine keeps
+//! polling while [`PluginNet::needs_polling`] says requests are outstanding. Connect and accept are
+//! asynchronous state machines polled by the handshake; connect keeps its state in the handle
+//! buffer, so each attempt gets its own aligned copy that stays put until the attempt ends.
 
 pub mod abi;
+mod comm;
+pub mod devices;
+pub mod env;
+pub mod gather;
+pub mod loader;
+pub mod logger;
+pub mod unpack;
+
+#[cfg(test)]
+mod mock;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use parking_lot::Mutex;
+
+use self::abi::{NCCL_NET_HANDLE_MAXSIZE, NCCL_SUCCESS, NcclNetDeviceHandleV7};
+use self::comm::{PluginRecvComm, PluginSendComm, plugin_error};
+pub use self::loader::Plugin;
+use self::unpack::UnpackView;
+use super::{ListenComm, Net, NetHandle, Properties, RecvComm, SendComm};
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+/// Bytes 80..88 of TCPX's listen handle: where `connect` keeps its in-progress state.
+const CONNECT_STATE: std::ops::Range<usize> = 80..88;
+
+/// 8-byte aligned, as the plugin writes a pointer into it.
+#[repr(C, align(8))]
+struct AlignedHandle([u8; NCCL_NET_HANDLE_MAXSIZE]);
+
+/// One connect attempt in progress: the plugin's copy of the peer's handle and the device-handle
+/// out-slot, both at stable addresses for as long as the plugin may use them.
+struct PendingConnect {
+    peer_handle: NetHandle,
+    handle: AlignedHandle,
+    dev_handle: *mut NcclNetDeviceHandleV7,
+}
+
+// SAFETY: a pending connect is plain data; the pointer slot is only written by the plugin during
+// calls made with the registry entry taken out (one thread at a time).
+unsafe impl Send for PendingConnect {}
+
+pub struct PluginNet {
+    plugin: Arc<Plugin>,
+    /// Device of channel `i`: `channel_devices[i % len]`.
+    channel_devices: Vec<usize>,
+    busy: Arc<AtomicUsize>,
+    /// Connect attempts in progress, by the address of the caller's handle buffer (the engine keeps
+    /// one buffer per attempt for its whole duration). Entries of abandoned attempts stay: the
+    /// plugin may still hold their state.
+    connects: Mutex<HashMap<usize, Box<PendingConnect>>>,
+}
+
+impl PluginNet {
+    /// Loads (once per process) and initialises the plugin the configuration names.
+    pub fn open(config: &Config, gpu_pci_path: Option<&str>) -> Result<PluginNet> {
+        let plugin = loader::load(config.plugin_path.as_deref(), config.nccl_net_plugin.as_deref())?;
+        PluginNet::with_plugin(plugin, config.net_devices.as_deref(), gpu_pci_path)
+    }
+
+    pub fn with_plugin(
+        plugin: Arc<Plugin>,
+        explicit: Option<&[usize]>,
+        gpu_pci_path: Option<&str>,
+    ) -> Result<PluginNet> {
+        let channel_devices = devices::channel_devices(explicit, &plugin.devices, gpu_pci_path)?;
+        Ok(PluginNet { plugin, channel_devices, busy: Arc::default(), connects: Mutex::default() })
+    }
+
+    pub fn plugin(&self) -> &Arc<Plugin> {
+        &self.plugin
+    }
+
+    fn device(&self, dev: usize) -> Result<&Properties> {
+        self.plugin.devices.get(dev).ok_or_else(|| {
+            Error::invalid(format!(
+                "net plugin {} has {} devices, not device {dev}",
+                self.plugin.name,
+                self.plugin.devices.len()
+            ))
+        })
+    }
+}
+
+impl Net for PluginNet {
+    fn name(&self) -> &'static str {
+        self.plugin.name
+    }
+
+    fn devices(&self) -> usize {
+        self.plugin.devices.len()
+    }
+
+    fn properties(&self, dev: usize) -> Result<Properties> {
+        self.device(dev).cloned()
+    }
+
+    fn listen(&self, dev: usize) -> Result<(NetHandle, Box<dyn ListenComm>)> {
+        let props = self.device(dev)?.clone();
+        let mut handle = AlignedHandle([0; NCCL_NET_HANDLE_MAXSIZE]);
+        let mut listen_comm: *mut c_void = std::ptr::null_mut();
+        let listen = self.plugin.table.listen.expect("checked at load");
+        let since = logger::mark();
+        // SAFETY: a valid device index, a 128-byte aligned handle buffer and an out-pointer.
+        let rc = unsafe { listen(dev as i32, handle.0.as_mut_ptr().cast(), &mut listen_comm) };
+        if rc != NCCL_SUCCESS {
+            return Err(plugin_error(&format!("listen on device {dev} ({})", props.name), rc, since));
+        }
+        if listen_comm.is_null() {
+            return Err(Error::backend(format!("net plugin listen on device {dev} returned no listen comm")));
+        }
+        let listen = PluginListen {
+            plugin: self.plugin.clone(),
+            listen_comm,
+            state: AcceptState::Idle,
+            dev_handle: Box::new(NcclNetDeviceHandleV7::default()),
+            dev_handle_slot: Box::new(std::ptr::null_mut()),
+            props,
+            busy: self.busy.clone(),
+        };
+        let mut wire = handle.0;
+        // Connect state is local to the connecting process; never ship whatever sits there.
+        wire[CONNECT_STATE].fill(0);
+        Ok((wire, Box::new(listen)))
+    }
+
+    fn connect(&self, dev: usize, handle: &mut NetHandle) -> Result<Option<Box<dyn SendComm>>> {
+        let props = self.device(dev)?.clone();
+        let key = handle.as_ptr() as usize;
+        let previous = self.connects.lock().remove(&key);
+        let mut pending = match previous {
+            Some(p) if p.peer_handle == *handle => p,
+            stale => {
+                // The buffer now holds another peer's handle: the old attempt was abandoned, and the
+                // plugin may still hold its state, so it is leaked, not freed.
+                if let Some(old) = stale {
+                    Box::leak(old);
+                }
+                // A fresh attempt: a fresh copy with no connect state in it.
+                let mut copy = AlignedHandle(*handle);
+                copy.0[CONNECT_STATE].fill(0);
+                Box::new(PendingConnect { peer_handle: *handle, handle: copy, dev_handle: std::ptr::null_mut() })
+            }
+        };
+        let mut send_comm: *mut c_void = std::ptr::null_mut();
+        let connect = self.plugin.table.connect.expect("checked at load");
+        let since = logger::mark();
+        // SAFETY: a valid device, this attempt's own handle buffer (same one on every poll) and out-slots.
+        let rc = unsafe {
+            connect(dev as i32, pending.handle.0.as_mut_ptr().cast(), &mut send_comm, &mut pending.dev_handle)
+        };
+        if rc != NCCL_SUCCESS {
+            return Err(plugin_error(&format!("connect on device {dev} ({})", props.name), rc, since));
+        }
+        if send_comm.is_null() {
+            self.connects.lock().insert(key, pending);
+            return Ok(None);
+        }
+        Ok(Some(Box::new(PluginSendComm::new(self.plugin.clone(), send_comm, props, self.busy.clone()))))
+    }
+
+    fn needs_polling(&self) -> bool {
+        self.busy.load(Ordering::Acquire) > 0
+    }
+
+    fn channel_device(&self, channel: usize) -> usize {
+        self.channel_devices[channel % self.channel_devices.len()]
+    }
+
+    fn listen_per_channel(&self) -> bool {
+        true
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AcceptState {
+    Idle,
+    /// The plugin's accept is running (it returned "not yet" at least once).
+    Accepting,
+    Accepted,
+    Failed,
+}
+
+/// A plugin listen comm. TCPX serves exactly one accept per listen comm.
+struct PluginListen {
+    plugin: Arc<Plugin>,
+    listen_comm: *mut c_void,
+    state: AcceptState,
+    /// Caller-allocated device handle the plugin fills on the accept that completes, and the
+    /// pointer to it accept takes the address of: both stay put while the accept is polled.
+    dev_handle: Box<NcclNetDeviceHandleV7>,
+    dev_handle_slot: Box<*mut NcclNetDeviceHandleV7>,
+    props: Properties,
+    busy: Arc<AtomicUsize>,
+}
+
+// SAFETY: used through `&mut self` only, one thread at a time.
+unsafe impl Send for PluginListen {}
+
+impl ListenComm for PluginListen {
+    fn accept(&mut self) -> Result<Option<Box<dyn RecvComm>>> {
+        match self.state {
+            AcceptState::Accepted => {
+                return Err(Error::backend("a net plugin listen comm serves one accept, which already completed"));
+            }
+            AcceptState::Failed => return Err(Error::backend("accept on this net plugin listen comm already failed")),
+            AcceptState::Idle | AcceptState::Accepting => {}
+        }
+        *self.dev_handle_slot = &mut *self.dev_handle;
+        let mut recv_comm: *mut c_void = std::ptr::null_mut();
+        let accept = self.plugin.table.accept.expect("checked at load");
+        let since = logger::mark();
+        // SAFETY: the live listen comm; the device-handle slot points to caller-allocated storage.
+        let rc = unsafe { accept(self.listen_comm, &mut recv_comm, &mut *self.dev_handle_slot) };
+        if rc != NCCL_SUCCESS {
+            self.state = AcceptState::Failed;
+            return Err(plugin_error(&format!("accept on device {}", self.props.name), rc, since));
+        }
+        if recv_comm.is_null() {
+            self.state = AcceptState::Accepting;
+            return Ok(None);
+        }
+        self.state = AcceptState::Accepted;
+        let mut comm = PluginRecvComm::new(self.plugin.clone(), recv_comm, self.props.clone(), self.busy.clone());
+        // Dropping `comm` on an error below closes it: nothing is in flight yet.
+        if self.props.device_unpack {
+            match UnpackView::from_device_handle(&self.dev_handle)? {
+                Some(view) => comm.set_unpack(view),
+                None => {
+                    return Err(Error::backend(format!(
+                        "net device {} reports device unpack, but accept filled no unpack device handle",
+                        self.props.name
+                    )));
+                }
+            }
+        }
+        Ok(Some(Box::new(comm)))
+    }
+}
+
+impl Drop for PluginListen {
+    fn drop(&mut self) {
+        if self.state == AcceptState::Accepting {
+            // The plugin's accept thread still uses the listen comm; closing it would free state
+            // under that thread. Leaking one listen comm is the lesser harm.
+            log::warn!("leaking a net plugin listen comm whose accept never completed");
+            return;
+        }
+        let close = self.plugin.table.close_listen.expect("checked at load");
+        let since = logger::mark();
+        // SAFETY: the live listen comm, closed once, with no accept running.
+        let rc = unsafe { close(self.listen_comm) };
+        if rc != NCCL_SUCCESS {
+            log::warn!("net plugin closeListen failed with {}{}", loader::rc_text(rc), logger::warning_suffix(since));
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! The fake's knobs, read once by `init` (as TCPX reads its environment once). A malformed value
+//! fails `init` with a message naming the variable.
+
+use std::net::IpAddr;
+
+use crate::fail::{Fail, Result};
+
+/// Devices the fake reports at most: enough for any test, and it keeps the fake PCI paths unique.
+pub const MAX_DEVICES: usize = 16;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Bounce pool, metadata and device handle in host memory: runs anywhere.
+    Host,
+    /// Bounce pool and device handle in GPU memory, metadata in mapped pinned memory, as TCPX.
+    Gpu,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fragmentation {
+    /// Whole 4 KiB fragments at page starts; partial ones only at chunk edges.
+    Page,
+    /// Random lengths and in-page offsets, so that every alignment occurs.
+    Random,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    None,
+    /// After this many completed requests on a comm its connection is dropped.
+    Drop(u64),
+    /// After this many completed requests a comm stops progressing.
+    Stall(u64),
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub devices: usize,
+    pub ip: IpAddr,
+    pub mode: Mode,
+    pub fragmentation: Fragmentation,
+    pub seed: u64,
+    pub pool_bytes: usize,
+    /// Sends are cut into chunks of this size, like TCPX's `NCCL_DYNAMIC_CHUNK_SIZE`; fragmentation
+    /// restarts at every chunk edge.
+    pub chunk_bytes: usize,
+    pub fault: Fault,
+}
+
+impl Config {
+    pub fn from_env() -> Result<Config> {
+        Self::parse(|name| std::env::var(name).ok())
+    }
+
+    pub fn parse(var: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        let get = |name: &str| var(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+        let devices = number(&get, "FAKE_TCPX_NDEV", 2, 1, MAX_DEVICES as u64)? as usize;
+        let ip = match get("FAKE_TCPX_IP") {
+            None => IpAddr::from([127, 0, 0, 1]),
+            Some(v) => v.parse().map_err(|_| bad("FAKE_TCPX_IP", &v, "an IPv4 or IPv6 address"))?,
+        };
+        let mode = match get("FAKE_TCPX_MODE").as_deref() {
+            None | Some("host") => Mode::Host,
+            Some("gpu") => Mode::Gpu,
+            Some(v) => return Err(bad("FAKE_TCPX_MODE", v, "host or gpu")),
+        };
+        let fragmentation = match get("FAKE_TCPX_FRAGMENT").as_deref() {
+            None | Some("page") => Fragmentation::Page,
+            Some("random") => Fragmentation::Random,
+            Some(v) => return Err(bad("FAKE_TCPX_FRAGMENT", v, "page or random")),
+        };
+        let seed = number(&get, "FAKE_TCPX_SEED", 0x7c9f_0d5e, 0, u64::MAX)?;
+        // src_off is 32-bit, so the pool cannot exceed 4 GiB (TCPX's pool is exactly that).
+        let pool_mb = number(&get, "FAKE_TCPX_POOL_MB", 64, 1, 4096)?;
+        let chunk_bytes = number(&get, "FAKE_TCPX_CHUNK", 512 * 1024, 1, i32::MAX as u64)? as usize;
+        let fault = match get("FAKE_TCPX_FAULT") {
+            None => Fault::None,
+            Some(v) => parse_fault(&v)?,
+        };
+        Ok(Config {
+            devices,
+            ip,
+            mode,
+            fragmentation,
+            seed,
+            pool_bytes: pool_mb as usize * 1024 * 1024,
+            chunk_bytes,
+            fault,
+        })
+    }
+}
+
+fn parse_fault(v: &str) -> Result<Fault> {
+    let expected = "none, drop:N or stall:N";
+    if v == "none" {
+        return Ok(Fault::None);
+    }
+    let (kind, n) = v.split_once(':').ok_or_else(|| bad("FAKE_TCPX_FAULT", v, expected))?;
+    let n: u64 = n.trim().parse().map_err(|_| bad("FAKE_TCPX_FAULT", v, expected))?;
+    match kind.trim() {
+        "drop" => Ok(Fault::Drop(n)),
+        "stall" => Ok(Fault::Stall(n)),
+        _ => Err(bad("FAKE_TCPX_FAULT", v, expected)),
+    }
+}
+
+fn number(get: &impl Fn(&str) -> Option<String>, name: &str, default: u64, min: u64, max: u64) -> Result<u64> {
+    let Some(v) = get(name) else { return Ok(default) };
+    let parsed = match v.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => v.parse().ok(),
+    };
+    match parsed {
+        Some(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(bad(name, &v, &format!("an integer in {min}..={max}"))),
+    }
+}
+
+fn bad(name: &str, value: &str, expected: &str) -> Fail {
+    Fail::internal(format!("{name}={value:?} is not valid: expected {expected}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(pairs: &[(&str, &str)]) -> Result<Config> {
+        Config::parse(|n| pairs.iter().find(|(k, _)| *k == n).map(|(_, v)| v.to_string()))
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.devices, 2);
+        assert_eq!(c.mode, Mode::Host);
+        assert_eq!(c.fragmentation, Fragmentation::Page);
+        assert_eq!(c.pool_bytes, 64 << 20);
+        assert_eq!(c.fault, Fault::None);
+    }
+
+    #[test]
+    fn values_and_errors() {
+        let c = parse(&[("FAKE_TCPX_FAULT", "drop:3"), ("FAKE_TCPX_NDEV", "4"), ("FAKE_TCPX_SEED", "0x10")]).unwrap();
+        assert_eq!(c.fault, Fault::Drop(3));
+        assert_eq!(c.devices, 4);
+        assert_eq!(c.seed, 16);
+        assert_eq!(parse(&[("FAKE_TCPX_FAULT", "stall:0")]).unwrap().fault, Fault::Stall(0));
+        for (k, v) in [
+            ("FAKE_TCPX_NDEV", "0"),
+            ("FAKE_TCPX_NDEV", "17"),
+            ("FAKE_TCPX_MODE", "cpu"),
+            ("FAKE_TCPX_FRAGMENT", "pages"),
+            ("FAKE_TCPX_POOL_MB", "4097"),
+            ("FAKE_TCPX_FAULT", "drop"),
+            ("FAKE_TCPX_FAULT", "hang:1"),
+            ("FAKE_TCPX_IP", "localhost"),
+        ] {
+            let err = parse(&[(k, v)]).unwrap_err();
+            assert!(err.msg.contains(k), "{k}={v}: {}", err.msg);
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! Asynchronous connect, TCPX style: the first call starts a connecting thread and stores its state
+//! in bytes 80..88 of the caller's handle; later calls with the same handle bytes poll it. A handle
+//! whose state is unknown (reused after a completed connect, or corrupted) is an error, where TCPX
+//! would read freed memory.
+
+use std::sync::{Arc, Mutex};
+
+use uccl_tcpx::transport::{Net, NetHandle, SendComm};
+
+use crate::fail::{Fail, Result};
+use crate::handle;
+use crate::health::closed;
+use crate::plugin::Plugin;
+
+pub struct Connecting {
+    outcome: Mutex<Option<Result<Box<dyn SendComm>>>>,
+}
+
+impl Connecting {
+    pub fn start(plugin: &'static Plugin, mut h: NetHandle) -> Result<Arc<Connecting>> {
+        handle::check(&h)?;
+        let c = Arc::new(Connecting { outcome: Mutex::new(None) });
+        let thread_c = c.clone();
+        std::thread::Builder::new()
+            .name("fake-tcpx-connect".into())
+            .spawn(move || {
+                // Every fake device runs on the one socket device.
+                let outcome = match plugin.net.connect(0, &mut h) {
+                    Ok(Some(comm)) => Ok(comm),
+                    Ok(None) => Err(Fail::internal("socket transport connect did not complete")),
+                    Err(e) => Err(closed(e)),
+                };
+                *thread_c.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
+            })
+            .map_err(|e| Fail::system(format!("cannot start a connect thread: {e}")))?;
+        Ok(c)
+    }
+
+    /// The connect's outcome once it finished.
+    pub fn poll(&self) -> Option<Result<Box<dyn SendComm>>> {
+        self.outcome.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}

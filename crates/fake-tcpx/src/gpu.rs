@@ -1,0 +1,226 @@
+//! GPU mode: receive memory where TCPX has it. The bounce pool and the `unpackNetDeviceHandle` are
+//! device memory (`cuMemAlloc`), `netUnpackMeta` is mapped pinned host memory
+//! (`cuMemHostAlloc(DEVICEMAP | PORTABLE)`, cached, read by GPU kernels over PCIe). Received bytes
+//! are staged in pinned host memory and copied into their scattered pool pages before `test` can
+//! report the receive done. Sends from CUDA registrations are copied to the host first.
+//!
+//! Every CUDA call runs with the comm's context pushed on the calling thread and popped after, so
+//! the caller's current context is left as it was.
+
+use std::ffi::c_void;
+
+use cudarc::driver::result;
+use cudarc::driver::sys::{self, CUcontext, CUdevice, CUdeviceptr, CUstream};
+use uccl_tcpx::transport::plugin::abi::{LoadMeta, NetUnpackMeta, UnpackDeviceHandle};
+
+use crate::fail::{Fail, Result};
+use crate::fragment::{MAX_FRAGMENTS, PAGE};
+use crate::memory::RxMemory;
+
+fn cuda(what: &str, r: sys::CUresult) -> Result<()> {
+    r.result().map_err(|e| Fail::internal(format!("{what}: {e:?}")))
+}
+
+/// The context a comm's memory belongs to: the caller's current one (TCPX binds to the device
+/// current at listen/accept/connect), else device 0's primary context, retained while in use.
+pub struct GpuContext {
+    ctx: CUcontext,
+    retained: Option<CUdevice>,
+}
+
+// SAFETY: CUDA contexts may be used from any thread; this value only pushes/pops it.
+unsafe impl Send for GpuContext {}
+
+impl GpuContext {
+    pub fn acquire() -> Result<GpuContext> {
+        uccl_tcpx::cuda::driver().map_err(|e| Fail::internal(e.to_string()))?;
+        if let Some(ctx) = result::ctx::get_current().map_err(|e| Fail::internal(format!("cuCtxGetCurrent: {e:?}")))? {
+            return Ok(GpuContext { ctx, retained: None });
+        }
+        let dev = result::device::get(0).map_err(|e| Fail::internal(format!("cuDeviceGet(0): {e:?}")))?;
+        // SAFETY: `dev` came from cuDeviceGet.
+        let ctx = unsafe { result::primary_ctx::retain(dev) }
+            .map_err(|e| Fail::internal(format!("cuDevicePrimaryCtxRetain: {e:?}")))?;
+        Ok(GpuContext { ctx, retained: Some(dev) })
+    }
+
+    /// Runs `f` with this context current on the calling thread.
+    pub fn with<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        // SAFETY: a valid context; popped below whatever `f` returns.
+        cuda("cuCtxPushCurrent", unsafe { sys::cuCtxPushCurrent_v2(self.ctx) })?;
+        let out = f();
+        let mut popped: CUcontext = std::ptr::null_mut();
+        // SAFETY: pops the context pushed above.
+        let _ = unsafe { sys::cuCtxPopCurrent_v2(&mut popped) };
+        out
+    }
+
+    /// Copies device memory to a new host vector (a send from a CUDA registration).
+    pub fn copy_to_host(&self, src: usize, len: usize) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; len];
+        if len > 0 {
+            self.with(|| {
+                // SAFETY: `out` holds `len` bytes; `src` is inside a CUDA registration the caller keeps
+                // valid until the send completes.
+                cuda("cuMemcpyDtoH", unsafe { sys::cuMemcpyDtoH_v2(out.as_mut_ptr().cast(), src as CUdeviceptr, len) })
+            })?;
+        }
+        Ok(out)
+    }
+
+    /// A CUDA registration must name device memory in GPU mode (it is read with cuMemcpyDtoH).
+    pub fn check_device_pointer(&self, ptr: usize) -> Result<()> {
+        let mut kind: u32 = 0;
+        self.with(|| {
+            // SAFETY: MEMORY_TYPE writes one unsigned int.
+            cuda("cuPointerGetAttribute(MEMORY_TYPE)", unsafe {
+                sys::cuPointerGetAttribute(
+                    (&mut kind as *mut u32).cast(),
+                    sys::CUpointer_attribute_enum::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+                    ptr as CUdeviceptr,
+                )
+            })
+        })
+        .map_err(|e| Fail::internal(format!("CUDA regMr of {ptr:#x}, which is not device memory ({})", e.msg)))?;
+        if kind != sys::CUmemorytype_enum::CU_MEMORYTYPE_DEVICE as u32 {
+            return Err(Fail::internal(format!("CUDA regMr of {ptr:#x}, which is not device memory (type {kind})")));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for GpuContext {
+    fn drop(&mut self) {
+        if let Some(dev) = self.retained {
+            // SAFETY: releases the reference retained in acquire.
+            let _ = unsafe { result::primary_ctx::release(dev) };
+        }
+    }
+}
+
+/// Staging holds the largest receive that passes the fragment limit (2048 fragments of ≤ 4 KiB).
+const STAGING_BYTES: usize = MAX_FRAGMENTS * PAGE;
+
+pub struct GpuRx {
+    ctx: GpuContext,
+    stream: CUstream,
+    meta_host: *mut c_void,
+    pool: CUdeviceptr,
+    pool_bytes: usize,
+    handle: CUdeviceptr,
+    staging: *mut c_void,
+}
+
+// SAFETY: owned CUDA allocations, used under the comm's lock.
+unsafe impl Send for GpuRx {}
+
+pub fn rx_memory(pool_bytes: usize) -> Result<Box<dyn RxMemory>> {
+    let ctx = GpuContext::acquire()?;
+    let mut rx = GpuRx {
+        ctx,
+        stream: std::ptr::null_mut(),
+        meta_host: std::ptr::null_mut(),
+        pool: 0,
+        pool_bytes,
+        handle: 0,
+        staging: std::ptr::null_mut(),
+    };
+    // On failure `rx` is dropped, freeing whatever was allocated so far.
+    rx.ctx.with(|| {
+        let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
+        let meta_bytes = size_of::<NetUnpackMeta>();
+        // SAFETY: out-pointers to locals/fields; sizes as documented.
+        unsafe {
+            cuda("cuStreamCreate", sys::cuStreamCreate(&mut rx.stream, 1 /* non-blocking */))?;
+            cuda("cuMemHostAlloc(meta)", sys::cuMemHostAlloc(&mut rx.meta_host, meta_bytes, flags))?;
+            std::ptr::write_bytes(rx.meta_host.cast::<u8>(), 0, meta_bytes);
+            let mut meta_dev: CUdeviceptr = 0;
+            cuda("cuMemHostGetDevicePointer", sys::cuMemHostGetDevicePointer_v2(&mut meta_dev, rx.meta_host, 0))?;
+            cuda("cuMemAlloc(bounce pool)", sys::cuMemAlloc_v2(&mut rx.pool, pool_bytes))?;
+            cuda("cuMemsetD8(bounce pool)", sys::cuMemsetD8_v2(rx.pool, 0, pool_bytes))?;
+            cuda("cuMemAlloc(unpack handle)", sys::cuMemAlloc_v2(&mut rx.handle, size_of::<UnpackDeviceHandle>()))?;
+            let h = UnpackDeviceHandle {
+                meta: meta_dev as *mut NetUnpackMeta,
+                bounce_buf: rx.pool as *mut c_void,
+                head: u64::MAX,
+            };
+            cuda(
+                "cuMemcpyHtoD(unpack handle)",
+                sys::cuMemcpyHtoD_v2(
+                    rx.handle,
+                    (&h as *const UnpackDeviceHandle).cast(),
+                    size_of::<UnpackDeviceHandle>(),
+                ),
+            )?;
+            cuda(
+                "cuMemHostAlloc(staging)",
+                sys::cuMemHostAlloc(&mut rx.staging, STAGING_BYTES, sys::CU_MEMHOSTALLOC_PORTABLE),
+            )?;
+        }
+        Ok(())
+    })?;
+    Ok(Box::new(rx))
+}
+
+impl RxMemory for GpuRx {
+    fn meta(&self) -> *mut NetUnpackMeta {
+        self.meta_host.cast()
+    }
+
+    fn unpack_handle(&self) -> *mut c_void {
+        self.handle as *mut c_void
+    }
+
+    fn staging(&mut self, size: usize) -> Result<*mut u8> {
+        if size > STAGING_BYTES {
+            return Err(Fail::internal(format!("a {size}-byte receive exceeds the {STAGING_BYTES}-byte staging")));
+        }
+        Ok(self.staging.cast())
+    }
+
+    fn scatter(&mut self, frags: &[LoadMeta]) -> Result<()> {
+        let (staging, pool, pool_bytes, stream) = (self.staging.cast::<u8>(), self.pool, self.pool_bytes, self.stream);
+        self.ctx.with(|| {
+            for f in frags {
+                let (src, dst, len) = (f.dst_off as usize, f.src_off as usize, f.len as usize);
+                if src + len > STAGING_BYTES || dst + len > pool_bytes {
+                    return Err(Fail::internal(format!("fragment {f:?} outside staging or pool")));
+                }
+                // SAFETY: both ranges checked; staging is pinned, so the copy is truly asynchronous
+                // and completes before the synchronize below.
+                cuda("cuMemcpyHtoDAsync", unsafe {
+                    sys::cuMemcpyHtoDAsync_v2(pool + dst as CUdeviceptr, staging.add(src).cast(), len, stream)
+                })?;
+            }
+            // SAFETY: a stream created by this value.
+            cuda("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(stream) })
+        })
+    }
+}
+
+impl Drop for GpuRx {
+    fn drop(&mut self) {
+        let _ = self.ctx.with(|| {
+            // SAFETY: frees only what this value allocated (zero/NULL fields were never allocated).
+            unsafe {
+                if !self.stream.is_null() {
+                    let _ = sys::cuStreamSynchronize(self.stream);
+                    let _ = sys::cuStreamDestroy_v2(self.stream);
+                }
+                if self.pool != 0 {
+                    let _ = sys::cuMemFree_v2(self.pool);
+                }
+                if self.handle != 0 {
+                    let _ = sys::cuMemFree_v2(self.handle);
+                }
+                if !self.meta_host.is_null() {
+                    let _ = sys::cuMemFreeHost(self.meta_host);
+                }
+                if !self.staging.is_null() {
+                    let _ = sys::cuMemFreeHost(self.staging);
+                }
+            }
+            Ok(())
+        });
+    }
+}

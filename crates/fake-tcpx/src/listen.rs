@@ -1,0 +1,70 @@
+//! Listen comms and accept. Like TCPX, accept is asynchronous (the first call only starts it and
+//! returns no comm) and allowed once per listen comm; the receive comm comes with its device handle
+//! written into the caller's `ncclNetDeviceHandle_v7_t`.
+
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+use uccl_tcpx::transport::ListenComm;
+use uccl_tcpx::transport::plugin::abi::{
+    NCCL_NET_DEVICE_UNPACK, NCCL_NET_DEVICE_UNPACK_VERSION, NcclNetDeviceHandleV7,
+};
+
+use crate::config::Mode;
+use crate::fail::{Fail, Result};
+use crate::gpu::{self, GpuContext};
+use crate::health::closed;
+use crate::memory::{HostRx, RxMemory};
+use crate::plugin::Plugin;
+use crate::recv::FakeRecv;
+use crate::registry::{self, Object};
+
+pub struct FakeListen {
+    inner: Box<dyn ListenComm>,
+    started: bool,
+    accepted: bool,
+    /// Distinguishes the pool shuffles of comms accepted in one process.
+    seed: u64,
+}
+
+impl FakeListen {
+    pub fn new(inner: Box<dyn ListenComm>, seed: u64) -> FakeListen {
+        FakeListen { inner, started: false, accepted: false, seed }
+    }
+
+    /// `Some(comm pointer)` once a connection arrived; fills `*dev_handle` then.
+    pub fn accept(&mut self, plugin: &Plugin, dev_handle: *mut NcclNetDeviceHandleV7) -> Result<Option<*mut c_void>> {
+        if self.accepted {
+            return Err(Fail::internal("accept called again: one accept per listen comm (TCPX reuses freed state)"));
+        }
+        if !self.started {
+            self.started = true;
+            return Ok(None);
+        }
+        let Some(inner) = self.inner.accept().map_err(closed)? else { return Ok(None) };
+        let (mem, gpu): (Box<dyn RxMemory>, _) = match plugin.cfg.mode {
+            Mode::Host => (Box::new(HostRx::new(plugin.cfg.pool_bytes)?), None),
+            Mode::Gpu => (gpu::rx_memory(plugin.cfg.pool_bytes)?, Some(GpuContext::acquire()?)),
+        };
+        let comm = Arc::new(Mutex::new(FakeRecv::new(inner, mem, gpu, &plugin.cfg, self.seed)));
+        let key = Arc::as_ptr(&comm) as usize;
+        let (ring, unpack) = {
+            let mut c = registry::lock(&comm)?;
+            c.set_key(key);
+            (c.ring_base(), c.unpack_handle())
+        };
+        // SAFETY: the caller checked dev_handle non-NULL; it points at caller-allocated storage.
+        unsafe {
+            dev_handle.write(NcclNetDeviceHandleV7 {
+                net_device_type: NCCL_NET_DEVICE_UNPACK,
+                net_device_version: NCCL_NET_DEVICE_UNPACK_VERSION,
+                handle: unpack,
+                size: size_of::<uccl_tcpx::transport::plugin::abi::UnpackDeviceHandle>(),
+                needs_proxy_progress: 1,
+            })
+        };
+        registry::add(key, Object::Recv(comm), Some(ring));
+        self.accepted = true;
+        Ok(Some(key as *mut c_void))
+    }
+}

@@ -1,0 +1,44 @@
+//! Messages go to the logger `init` received, as TCPX's do. The logger is C-variadic: it is always
+//! called with the format "%s" and one C string, so no caller text is ever interpreted as a format.
+
+use std::ffi::{CString, c_int, c_ulong};
+use std::sync::OnceLock;
+
+use uccl_tcpx::transport::plugin::abi::{NCCL_LOG_INFO, NCCL_LOG_WARN, NcclDebugLogger};
+
+/// `NCCL_NET`, the subsystem flag of every message.
+const SUBSYSTEM_NET: c_ulong = 16;
+
+static LOGGER: OnceLock<NcclDebugLogger> = OnceLock::new();
+
+/// Installs the logger once; later calls keep the first (TCPX's init runs once per process).
+pub fn install(logger: NcclDebugLogger) {
+    let _ = LOGGER.set(logger);
+}
+
+pub fn warn(msg: &str) {
+    emit(NCCL_LOG_WARN, msg);
+}
+
+pub fn info(msg: &str) {
+    emit(NCCL_LOG_INFO, msg);
+}
+
+/// Logs through an explicit logger, for the "init twice" warning whose logger may be the new one.
+pub fn warn_with(logger: NcclDebugLogger, msg: &str) {
+    call(logger, NCCL_LOG_WARN, msg);
+}
+
+fn emit(level: c_int, msg: &str) {
+    if let Some(logger) = LOGGER.get() {
+        call(*logger, level, msg);
+    }
+}
+
+fn call(logger: NcclDebugLogger, level: c_int, msg: &str) {
+    let Some(f) = logger else { return };
+    let text = CString::new(format!("NET/FakeTCPX : {msg}").replace('\0', "\\0")).expect("NULs were replaced");
+    // SAFETY: the logger follows ncclDebugLogger_t; "%s" consumes exactly the one C string passed,
+    // and both strings outlive the call.
+    unsafe { f(level, SUBSYSTEM_NET, c"fake-tcpx".as_ptr(), 0, c"%s".as_ptr(), text.as_ptr()) };
+}

@@ -1,0 +1,102 @@
+//! Memory registrations of a comm. The mhandle given to the caller is the address of a boxed
+//! record; every use is checked against this comm's set, so a stale or foreign handle is an error.
+
+use std::collections::HashMap;
+use std::ffi::{c_int, c_void};
+
+use uccl_tcpx::transport::plugin::abi::{NCCL_PTR_CUDA, NCCL_PTR_HOST};
+
+use crate::fail::{Fail, Result};
+
+const DEVMEM_PAGE: usize = 4096;
+
+#[derive(Debug)]
+pub struct Mr {
+    pub base: usize,
+    pub len: usize,
+    pub kind: c_int,
+}
+
+#[derive(Default)]
+pub struct Registrations {
+    by_handle: HashMap<usize, Box<Mr>>,
+}
+
+impl Registrations {
+    pub fn register(&mut self, data: *mut c_void, size: c_int, kind: c_int) -> Result<*mut c_void> {
+        let len = usize::try_from(size).map_err(|_| Fail::internal(format!("regMr size {size} is negative")))?;
+        match kind {
+            NCCL_PTR_HOST => {}
+            NCCL_PTR_CUDA => {
+                // TCPX builds a dma-buf of whole pages for GPU memory.
+                if !(data as usize).is_multiple_of(DEVMEM_PAGE) || !len.is_multiple_of(DEVMEM_PAGE) {
+                    return Err(Fail::internal(format!(
+                        "data not aligned: CUDA regMr needs a 4 KiB-aligned address and a size multiple of \
+                         4096 (got {data:p}, {len} bytes)"
+                    )));
+                }
+            }
+            other => {
+                return Err(Fail::internal(format!("regMr type {other} is neither NCCL_PTR_HOST nor NCCL_PTR_CUDA")));
+            }
+        }
+        if data.is_null() && len > 0 {
+            return Err(Fail::internal("regMr of a NULL address"));
+        }
+        let mr = Box::new(Mr { base: data as usize, len, kind });
+        let handle = &*mr as *const Mr as usize;
+        self.by_handle.insert(handle, mr);
+        Ok(handle as *mut c_void)
+    }
+
+    pub fn deregister(&mut self, handle: *mut c_void) -> Result<()> {
+        self.by_handle
+            .remove(&(handle as usize))
+            .map(drop)
+            .ok_or_else(|| Fail::internal(format!("deregMr of {handle:p}, which is not a registration of this comm")))
+    }
+
+    /// The registration `handle` names, checked to cover `[data, data + len)`.
+    pub fn covering(&self, handle: *mut c_void, data: usize, len: usize) -> Result<&Mr> {
+        if handle.is_null() {
+            return Err(Fail::internal("mhandle is NULL"));
+        }
+        let mr = self
+            .by_handle
+            .get(&(handle as usize))
+            .ok_or_else(|| Fail::internal(format!("mhandle {handle:p} is not a registration of this comm")))?;
+        let inside = data >= mr.base && data.checked_add(len).is_some_and(|end| end <= mr.base + mr.len);
+        if !inside {
+            return Err(Fail::internal(format!(
+                "buffer {data:#x}+{len} lies outside its registration {:#x}+{}",
+                mr.base, mr.len
+            )));
+        }
+        Ok(mr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registration_rules() {
+        let mut regs = Registrations::default();
+        let mut buf = vec![0u8; 64];
+        let p = buf.as_mut_ptr().cast::<c_void>();
+        assert!(regs.register(p, -1, NCCL_PTR_HOST).is_err());
+        assert!(regs.register(p, 64, 4).is_err());
+        assert!(regs.register(0x1001 as *mut c_void, 4096, NCCL_PTR_CUDA).unwrap_err().msg.contains("not aligned"));
+        assert!(regs.register(0x1000 as *mut c_void, 100, NCCL_PTR_CUDA).unwrap_err().msg.contains("not aligned"));
+        let h = regs.register(p, 64, NCCL_PTR_HOST).unwrap();
+        let base = p as usize;
+        assert!(regs.covering(h, base + 10, 54).is_ok());
+        assert!(regs.covering(h, base + 10, 55).is_err());
+        assert!(regs.covering(h, base - 1, 1).is_err());
+        assert!(regs.covering(std::ptr::null_mut(), base, 1).is_err());
+        regs.deregister(h).unwrap();
+        assert!(regs.covering(h, base, 1).is_err());
+        assert!(regs.deregister(h).is_err());
+    }
+}

@@ -1,0 +1,103 @@
+//! Process-wide state created by `init`: the knobs, the socket transport the comms run on and the
+//! devices' property strings (static storage, as TCPX's are).
+
+use std::ffi::{CString, c_char, c_int};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use uccl_tcpx::transport::plugin::abi::{
+    NCCL_NET_DEVICE_UNPACK, NCCL_NET_DEVICE_UNPACK_VERSION, NCCL_PTR_CUDA, NCCL_PTR_HOST, NcclDebugLogger,
+    NcclNetPropertiesV7,
+};
+use uccl_tcpx::transport::socket::SocketNet;
+
+use crate::config::{Config, Mode};
+use crate::fail::{Fail, Result};
+use crate::log;
+
+/// TCPX retries a refused connect for about 20 s.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// One A3 GPU NIC: 200 Gbps.
+const SPEED_MBPS: c_int = 200_000;
+const MAX_COMMS: c_int = 65536;
+
+pub struct Plugin {
+    pub cfg: Config,
+    pub net: SocketNet,
+    devices: Vec<DeviceStrings>,
+}
+
+struct DeviceStrings {
+    name: CString,
+    pci_path: CString,
+}
+
+static PLUGIN: OnceLock<Plugin> = OnceLock::new();
+static INIT: Mutex<()> = Mutex::new(());
+
+pub fn get() -> Result<&'static Plugin> {
+    PLUGIN.get().ok_or_else(|| Fail::internal("called before a successful init"))
+}
+
+pub fn init(logger: NcclDebugLogger) -> Result<()> {
+    if logger.is_none() {
+        return Err(Fail::internal("init needs a logger, got NULL"));
+    }
+    let _serial = INIT.lock().unwrap_or_else(|p| p.into_inner());
+    if PLUGIN.get().is_some() {
+        log::warn_with(logger, "init: gpu lib init twice (init must be called once per process)");
+        return Err(Fail::internal("init called twice"));
+    }
+    log::install(logger);
+    let cfg = Config::from_env()?;
+    if cfg.mode == Mode::Gpu {
+        uccl_tcpx::cuda::driver().map_err(|e| Fail::internal(format!("FAKE_TCPX_MODE=gpu: {e}")))?;
+    }
+    let devices = (0..cfg.devices)
+        .map(|i| DeviceStrings {
+            name: CString::new(format!("fake{i}")).expect("no NUL"),
+            pci_path: CString::new(format!("/sys/devices/pci0000:00/0000:00:{i:02x}.0")).expect("no NUL"),
+        })
+        .collect();
+    let net = SocketNet::new(cfg.ip, CONNECT_TIMEOUT, IO_TIMEOUT, Arc::new(|| {}));
+    log::info(&format!(
+        "init: {} devices on {}, {:?} mode, {:?} fragments, seed {:#x}, pool {} MiB, chunk {} B, fault {:?}",
+        cfg.devices,
+        cfg.ip,
+        cfg.mode,
+        cfg.fragmentation,
+        cfg.seed,
+        cfg.pool_bytes >> 20,
+        cfg.chunk_bytes,
+        cfg.fault
+    ));
+    let _ = PLUGIN.set(Plugin { cfg, net, devices });
+    Ok(())
+}
+
+impl Plugin {
+    pub fn check_dev(&self, dev: c_int) -> Result<usize> {
+        usize::try_from(dev)
+            .ok()
+            .filter(|d| *d < self.devices.len())
+            .ok_or_else(|| Fail::argument(format!("device {dev} does not exist ({} devices)", self.devices.len())))
+    }
+
+    pub fn properties(&self, dev: usize) -> NcclNetPropertiesV7 {
+        let d = &self.devices[dev];
+        NcclNetPropertiesV7 {
+            name: d.name.as_ptr() as *mut c_char,
+            pci_path: d.pci_path.as_ptr() as *mut c_char,
+            guid: dev as u64,
+            ptr_support: NCCL_PTR_HOST | NCCL_PTR_CUDA,
+            speed: SPEED_MBPS,
+            port: 0,
+            latency: 0.0,
+            max_comms: MAX_COMMS,
+            max_recvs: 1,
+            net_device_type: NCCL_NET_DEVICE_UNPACK,
+            net_device_version: NCCL_NET_DEVICE_UNPACK_VERSION,
+        }
+    }
+}

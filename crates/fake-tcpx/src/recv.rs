@@ -1,0 +1,298 @@
+//! A receive comm: every received byte lands in the comm's bounce pool, cut into fragments at
+//! shuffled pool pages, and is described by `loadMeta` entries in the unpack slot of its request
+//! (slot of the k-th receive = k % 16), published when `test` reports the request done. Pool pages
+//! and the request entry stay owned by the receive until `irecvConsumed`.
+
+use std::ffi::{c_int, c_void};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use uccl_tcpx::transport::plugin::abi::{LoadMeta, NetUnpackMeta};
+use uccl_tcpx::transport::{MrHandle, RecvComm, RequestId};
+
+use crate::config::{Config, Fragmentation};
+use crate::fail::{Fail, Result};
+use crate::fragment::{self, Fragment, MAX_FRAGMENTS, PAGE, Rng};
+use crate::gpu::GpuContext;
+use crate::health::{AfterCompletion, Health, closed};
+use crate::log;
+use crate::memory::RxMemory;
+use crate::mr::Registrations;
+use crate::pool::PagePool;
+use crate::request::{MAX_REQUESTS, OP_RECV, Ring};
+use crate::wire::{self, HEADER_LEN};
+
+#[derive(Default)]
+struct RecvSlot {
+    posted_len: usize,
+    /// Fragment count once all bytes are in the pool; published as `cnt[slot]` by `test`.
+    arrived: Option<u64>,
+    pages: Vec<u32>,
+}
+
+/// Where the one receive being filled stands. Messages arrive in order on one stream, so receives
+/// are filled one at a time, oldest first.
+enum Rx {
+    Idle,
+    Header(RequestId),
+    /// The header arrived; waiting for enough free pool pages.
+    Pages {
+        seq: u64,
+        len: usize,
+        frags: Vec<Fragment>,
+    },
+    Payload {
+        seq: u64,
+        len: usize,
+        frags: Vec<Fragment>,
+        pages: Vec<u32>,
+        id: RequestId,
+    },
+}
+
+pub struct FakeRecv {
+    /// First field: dropped (closing the stream, joining its helper thread) before the buffers below.
+    inner: Option<Box<dyn RecvComm>>,
+    mem: Box<dyn RxMemory>,
+    /// GPU mode: the context CUDA registrations are checked in.
+    gpu: Option<GpuContext>,
+    key: usize,
+    chunk: usize,
+    fragmentation: Fragmentation,
+    ring: Ring,
+    regs: Registrations,
+    health: Health,
+    slots: [RecvSlot; MAX_REQUESTS],
+    rx: Rx,
+    /// Sequence number of the receive whose header comes next.
+    next_header: u64,
+    pool: PagePool,
+    rng: Rng,
+    header: Box<[u8; HEADER_LEN]>,
+}
+
+impl FakeRecv {
+    pub fn new(
+        inner: Box<dyn RecvComm>,
+        mem: Box<dyn RxMemory>,
+        gpu: Option<GpuContext>,
+        cfg: &Config,
+        seed: u64,
+    ) -> FakeRecv {
+        let health = Health::new(cfg.fault);
+        let inner = (!health.drops_at_start()).then_some(inner);
+        let mut rng = Rng::new(seed);
+        let pool = PagePool::new(cfg.pool_bytes, &mut rng);
+        FakeRecv {
+            inner,
+            mem,
+            gpu,
+            key: 0,
+            chunk: cfg.chunk_bytes,
+            fragmentation: cfg.fragmentation,
+            ring: Ring::new(),
+            regs: Registrations::default(),
+            health,
+            slots: Default::default(),
+            rx: Rx::Idle,
+            next_header: 0,
+            pool,
+            rng,
+            header: Box::new([0; HEADER_LEN]),
+        }
+    }
+
+    pub fn ring_base(&self) -> usize {
+        self.ring.base()
+    }
+
+    pub fn unpack_handle(&self) -> *mut c_void {
+        self.mem.unpack_handle()
+    }
+
+    /// The address the caller knows this comm by, recorded in its request entries.
+    pub fn set_key(&mut self, key: usize) {
+        self.key = key;
+    }
+
+    pub fn gpu(&self) -> Option<&GpuContext> {
+        self.gpu.as_ref()
+    }
+
+    pub fn regs(&mut self) -> &mut Registrations {
+        &mut self.regs
+    }
+
+    pub fn irecv(&mut self, data: *mut c_void, size: c_int, mhandle: *mut c_void) -> Result<*mut c_void> {
+        let len = usize::try_from(size).map_err(|_| Fail::internal(format!("irecv size {size} is negative")))?;
+        let kind = self.regs.covering(mhandle, data as usize, len)?.kind;
+        let (k, entry) = self.ring.post()?;
+        entry.comm = self.key as *mut c_void;
+        entry.data = data;
+        entry.op = OP_RECV;
+        entry.mem_type = kind;
+        entry.size = size;
+        self.slots[k as usize % MAX_REQUESTS] = RecvSlot { posted_len: len, arrived: None, pages: Vec::new() };
+        Ok(self.ring.pointer(k))
+    }
+
+    pub fn test(&mut self, slot: usize, done: &mut c_int) -> Result<()> {
+        let k = self.ring.check_test(slot)?;
+        *done = 0;
+        if !self.health.may_progress()? {
+            return Ok(());
+        }
+        if let Err(f) = self.progress() {
+            return Err(self.health.fail(f));
+        }
+        let i = k as usize % MAX_REQUESTS;
+        let Some(cnt) = self.slots[i].arrived else { return Ok(()) };
+        // SAFETY: `cnt` is an aligned u64 inside the comm's metadata block, written by no one else;
+        // the release store orders the loadMeta writes before it for a reader that acquires it.
+        unsafe { AtomicU64::from_ptr(cnt_ptr(self.mem.meta(), i)) }.store(cnt, Ordering::Release);
+        self.ring.entry(k).unpack_cnt_cache = cnt;
+        self.ring.tested += 1;
+        *done = 1;
+        if self.health.completed() == AfterCompletion::Drop {
+            self.inner = None;
+        }
+        Ok(())
+    }
+
+    pub fn consumed(&mut self, slot: usize) -> Result<()> {
+        let k = self.ring.check_consume(slot)?;
+        let i = k as usize % MAX_REQUESTS;
+        let s = std::mem::take(&mut self.slots[i]);
+        self.pool.give_back(s.pages);
+        self.ring.entry(k).unpack_active = false;
+        self.ring.released += 1;
+        Ok(())
+    }
+
+    /// Completed receives whose pages were never given back.
+    pub fn unconsumed(&self) -> u64 {
+        self.ring.unconsumed()
+    }
+
+    pub fn has_outstanding(&self) -> bool {
+        self.ring.in_flight() > 0
+    }
+
+    fn progress(&mut self) -> Result<()> {
+        loop {
+            let inner = self.inner.as_mut().ok_or_else(|| Fail::system("Connection closed by remote peer"))?;
+            self.rx = match std::mem::replace(&mut self.rx, Rx::Idle) {
+                Rx::Idle => {
+                    if self.next_header >= self.ring.posted {
+                        return Ok(());
+                    }
+                    // SAFETY: the header buffer lives in this comm; dropping `inner` first joins its thread.
+                    match unsafe { inner.irecv(self.header.as_mut_ptr(), HEADER_LEN, MrHandle(0)) }.map_err(closed)? {
+                        Some(id) => Rx::Header(id),
+                        None => return Ok(()),
+                    }
+                }
+                Rx::Header(id) => {
+                    let Some(n) = inner.test(id).map_err(closed)? else {
+                        self.rx = Rx::Header(id);
+                        return Ok(());
+                    };
+                    inner.irecv_consumed(id).map_err(closed)?;
+                    let seq = self.next_header;
+                    let len = wire::decode(&self.header[..n.min(HEADER_LEN)], seq)?;
+                    let frags = self.announce(seq, len)?;
+                    Rx::Pages { seq, len, frags }
+                }
+                Rx::Pages { seq, len, frags } => {
+                    let Some(pages) = self.pool.take(frags.len(), &mut self.rng) else {
+                        // Not an error: the receive waits until consumes give pages back.
+                        self.rx = Rx::Pages { seq, len, frags };
+                        return Ok(());
+                    };
+                    let staging = self.mem.staging(len)?;
+                    let inner = self.inner.as_mut().expect("checked above");
+                    // SAFETY: staging holds `len` bytes and does not move until this receive completed.
+                    match unsafe { inner.irecv(staging, len, MrHandle(0)) }.map_err(closed)? {
+                        Some(id) => Rx::Payload { seq, len, frags, pages, id },
+                        None => return Err(Fail::internal("socket transport refused a request inside its window")),
+                    }
+                }
+                Rx::Payload { seq, len, frags, pages, id } => {
+                    let Some(n) = inner.test(id).map_err(closed)? else {
+                        self.rx = Rx::Payload { seq, len, frags, pages, id };
+                        return Ok(());
+                    };
+                    inner.irecv_consumed(id).map_err(closed)?;
+                    if n != len {
+                        return Err(Fail::internal(format!("peer announced {len} bytes and sent {n}")));
+                    }
+                    self.land(seq, &frags, pages)?;
+                    self.next_header += 1;
+                    Rx::Idle
+                }
+            };
+        }
+    }
+
+    /// The sender's header arrived: the request takes the sender's size and its unpack slot.
+    fn announce(&mut self, seq: u64, len: usize) -> Result<Vec<Fragment>> {
+        let i = seq as usize % MAX_REQUESTS;
+        let meta = self.mem.meta();
+        let entry = self.ring.entry(seq);
+        entry.size = len as c_int;
+        entry.unpack_active = true;
+        entry.unpack_idx = i as u64;
+        // SAFETY: in-bounds field addresses of the comm's metadata block.
+        entry.unpack_mem = unsafe { std::ptr::addr_of_mut!((*meta).mem[i]).cast::<LoadMeta>() };
+        entry.unpack_cnt = cnt_ptr(meta, i);
+        entry.unpack_cnt_cache = 0;
+        // SAFETY: as above; the consumer reads cnt[i] only after test reported this request done.
+        unsafe { AtomicU64::from_ptr(cnt_ptr(meta, i)) }.store(0, Ordering::Relaxed);
+        let posted = self.slots[i].posted_len;
+        if len > posted {
+            log::info(&format!(
+                "receive {seq}: the sender's {len} bytes exceed the posted {posted}; they land in the pool and \
+                 loadMeta describes all of them (TCPX does not check either)"
+            ));
+        }
+        let frags = fragment::plan(len, self.chunk, self.fragmentation, &mut self.rng).ok_or_else(|| {
+            Fail::internal(format!(
+                "request too many pages: {len} bytes need more than {MAX_FRAGMENTS} fragments, failstop \
+                 (TCPX exits the process here)"
+            ))
+        })?;
+        if frags.len() > self.pool.total() {
+            return Err(Fail::internal(format!(
+                "a {len}-byte receive needs {} pool pages, the bounce pool has {} (FAKE_TCPX_POOL_MB)",
+                frags.len(),
+                self.pool.total()
+            )));
+        }
+        Ok(frags)
+    }
+
+    /// The payload is staged: scatter it to its pages and write the slot's loadMeta entries.
+    fn land(&mut self, seq: u64, frags: &[Fragment], pages: Vec<u32>) -> Result<()> {
+        let metas: Vec<LoadMeta> = frags
+            .iter()
+            .zip(&pages)
+            .map(|(f, &page)| LoadMeta { src_off: page * PAGE as u32 + f.page_off, len: f.len, dst_off: f.dst_off })
+            .collect();
+        self.mem.scatter(&metas)?;
+        let i = seq as usize % MAX_REQUESTS;
+        let meta = self.mem.meta();
+        for (j, m) in metas.iter().enumerate() {
+            // SAFETY: j < MAX_FRAGMENTS (the plan is capped) and i < 16: in bounds of the metadata
+            // block; slot i belongs to this receive until it is consumed.
+            unsafe { std::ptr::addr_of_mut!((*meta).mem[i][j]).write(*m) };
+        }
+        let s = &mut self.slots[i];
+        s.arrived = Some(metas.len() as u64);
+        s.pages = pages;
+        Ok(())
+    }
+}
+
+fn cnt_ptr(meta: *mut NetUnpackMeta, slot: usize) -> *mut u64 {
+    // SAFETY: an in-bounds field address; nothing is read.
+    unsafe { std::ptr::addr_of_mut!((*meta).cnt[slot]) }
+}

@@ -1,0 +1,177 @@
+//! A send comm: requests are queued by `isend` and moved onto the socket transport only inside
+//! `test`, the one progress engine of a comm as in TCPX. Each request becomes a header message and a
+//! payload message on the underlying stream.
+
+use std::collections::VecDeque;
+use std::ffi::{c_int, c_void};
+
+use uccl_tcpx::transport::plugin::abi::NCCL_PTR_CUDA;
+use uccl_tcpx::transport::{MrHandle, RequestId, SendComm};
+
+use crate::config::{Config, Mode};
+use crate::fail::{Fail, Result};
+use crate::gpu::GpuContext;
+use crate::health::{AfterCompletion, Health, closed};
+use crate::mr::Registrations;
+use crate::request::{MAX_REQUESTS, OP_SEND, Ring};
+use crate::wire::{self, HEADER_LEN};
+
+/// The socket transport's own request window.
+const INNER_WINDOW: usize = 16;
+
+#[derive(Default)]
+struct SendSlot {
+    data: usize,
+    len: usize,
+    /// Device memory in GPU mode: copied to `staged` before it goes on the wire.
+    device: bool,
+    staged: Vec<u8>,
+    sent: bool,
+}
+
+struct InnerRequest {
+    seq: u64,
+    payload: bool,
+    id: RequestId,
+}
+
+pub struct FakeSend {
+    /// First field: dropped (closing the stream, joining its helper thread) before the buffers below.
+    inner: Option<Box<dyn SendComm>>,
+    key: usize,
+    /// GPU mode: the context CUDA sends are copied out of device memory with.
+    gpu: Option<GpuContext>,
+    ring: Ring,
+    regs: Registrations,
+    health: Health,
+    headers: Box<[[u8; HEADER_LEN]; MAX_REQUESTS]>,
+    slots: [SendSlot; MAX_REQUESTS],
+    /// Requests handed to the socket transport so far.
+    submitted: u64,
+    inner_queue: VecDeque<InnerRequest>,
+}
+
+impl FakeSend {
+    pub fn new(inner: Box<dyn SendComm>, cfg: &Config) -> Result<FakeSend> {
+        let health = Health::new(cfg.fault);
+        let inner = (!health.drops_at_start()).then_some(inner);
+        let gpu = match cfg.mode {
+            Mode::Gpu => Some(GpuContext::acquire()?),
+            Mode::Host => None,
+        };
+        Ok(FakeSend {
+            inner,
+            key: 0,
+            gpu,
+            ring: Ring::new(),
+            regs: Registrations::default(),
+            health,
+            headers: Box::new([[0; HEADER_LEN]; MAX_REQUESTS]),
+            slots: Default::default(),
+            submitted: 0,
+            inner_queue: VecDeque::new(),
+        })
+    }
+
+    /// The address the caller knows this comm by, recorded in its request entries.
+    pub fn set_key(&mut self, key: usize) {
+        self.key = key;
+    }
+
+    pub fn gpu(&self) -> Option<&GpuContext> {
+        self.gpu.as_ref()
+    }
+
+    pub fn ring_base(&self) -> usize {
+        self.ring.base()
+    }
+
+    pub fn regs(&mut self) -> &mut Registrations {
+        &mut self.regs
+    }
+
+    pub fn isend(&mut self, data: *mut c_void, size: c_int, mhandle: *mut c_void) -> Result<*mut c_void> {
+        let len = usize::try_from(size).map_err(|_| Fail::internal(format!("isend size {size} is negative")))?;
+        let mr = self.regs.covering(mhandle, data as usize, len)?;
+        let (kind, base) = (mr.kind, mr.base);
+        let (k, entry) = self.ring.post()?;
+        entry.comm = self.key as *mut c_void;
+        entry.data = data;
+        entry.op = OP_SEND;
+        entry.mem_type = kind;
+        entry.size = size;
+        entry.gpu_mem_off = (data as usize - base) as u64;
+        self.slots[k as usize % MAX_REQUESTS] = SendSlot {
+            data: data as usize,
+            len,
+            device: self.gpu.is_some() && kind == NCCL_PTR_CUDA,
+            staged: Vec::new(),
+            sent: false,
+        };
+        Ok(self.ring.pointer(k))
+    }
+
+    pub fn test(&mut self, slot: usize, done: &mut c_int) -> Result<()> {
+        let k = self.ring.check_test(slot)?;
+        *done = 0;
+        if !self.health.may_progress()? {
+            return Ok(());
+        }
+        if let Err(f) = self.progress() {
+            return Err(self.health.fail(f));
+        }
+        let s = &mut self.slots[k as usize % MAX_REQUESTS];
+        if !s.sent {
+            return Ok(());
+        }
+        *s = SendSlot::default();
+        self.ring.tested += 1;
+        self.ring.released += 1;
+        *done = 1;
+        if self.health.completed() == AfterCompletion::Drop {
+            self.inner = None;
+        }
+        Ok(())
+    }
+
+    pub fn has_outstanding(&self) -> bool {
+        self.ring.in_flight() > 0
+    }
+
+    fn progress(&mut self) -> Result<()> {
+        let inner = self.inner.as_mut().ok_or_else(|| Fail::system("Connection closed by remote peer"))?;
+        while self.submitted < self.ring.posted && self.inner_queue.len() + 2 <= INNER_WINDOW {
+            let seq = self.submitted;
+            let i = seq as usize % MAX_REQUESTS;
+            let s = &mut self.slots[i];
+            let payload = if let (true, Some(gpu)) = (s.device, &self.gpu) {
+                s.staged = gpu.copy_to_host(s.data, s.len)?;
+                s.staged.as_ptr()
+            } else {
+                s.data as *const u8
+            };
+            self.headers[i] = wire::encode(seq, s.len as u32);
+            // SAFETY: the header lives in this comm and the payload is caller memory that isend's
+            // contract keeps valid until test reports done; dropping `inner` first joins its thread.
+            let header_id =
+                unsafe { inner.isend(self.headers[i].as_ptr(), HEADER_LEN, MrHandle(0)) }.map_err(closed)?;
+            let payload_id = unsafe { inner.isend(payload, s.len, MrHandle(0)) }.map_err(closed)?;
+            let (Some(h), Some(p)) = (header_id, payload_id) else {
+                return Err(Fail::internal("socket transport refused a request inside its window"));
+            };
+            self.inner_queue.push_back(InnerRequest { seq, payload: false, id: h });
+            self.inner_queue.push_back(InnerRequest { seq, payload: true, id: p });
+            self.submitted += 1;
+        }
+        while let Some(front) = self.inner_queue.front() {
+            if inner.test(front.id).map_err(closed)?.is_none() {
+                break;
+            }
+            if front.payload {
+                self.slots[front.seq as usize % MAX_REQUESTS].sent = true;
+            }
+            self.inner_queue.pop_front();
+        }
+        Ok(())
+    }
+}

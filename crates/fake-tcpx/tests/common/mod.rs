@@ -1,0 +1,326 @@
+//! Drives the built plugin as a raw ncclNet v7 consumer would: dlopen, copy the table out of the
+//! data symbol, call through its function pointers. Every test runs in its own child process (the
+//! plugin's init is once per process and its knobs are read there), with the environment it names.
+
+#![allow(dead_code)]
+
+use std::ffi::{CStr, c_char, c_int, c_ulong, c_void};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use uccl_tcpx::transport::plugin::abi::*;
+
+const CHILD_VAR: &str = "FAKE_TCPX_TEST_CHILD";
+const KNOBS: [&str; 8] = [
+    "FAKE_TCPX_NDEV",
+    "FAKE_TCPX_IP",
+    "FAKE_TCPX_MODE",
+    "FAKE_TCPX_FRAGMENT",
+    "FAKE_TCPX_SEED",
+    "FAKE_TCPX_POOL_MB",
+    "FAKE_TCPX_CHUNK",
+    "FAKE_TCPX_FAULT",
+];
+
+/// In the parent: runs test `name` in a child process with `env` and fails if the child fails;
+/// returns true. In that child: returns false, and the test body runs.
+pub fn spawn_in_child(name: &str, env: &[(&str, &str)]) -> bool {
+    if std::env::var(CHILD_VAR).as_deref() == Ok(name) {
+        return false;
+    }
+    let mut cmd = std::process::Command::new(std::env::current_exe().expect("test binary path"));
+    cmd.args([name, "--exact", "--nocapture", "--test-threads=1"]).env(CHILD_VAR, name);
+    for k in KNOBS {
+        cmd.env_remove(k);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("spawn the test child");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "child {name} failed ({}):\n{text}", out.status);
+    assert!(text.contains("1 passed"), "child {name} did not run its test:\n{text}");
+    print!("{text}");
+    true
+}
+
+/// A test that runs in its own process with the given plugin knobs.
+#[macro_export]
+macro_rules! isolated_test {
+    ($(#[$attr:meta])* fn $name:ident() $body:block $(env: [$($k:expr => $v:expr),* $(,)?])?) => {
+        #[test]
+        $(#[$attr])*
+        fn $name() {
+            if common::spawn_in_child(stringify!($name), &[$($(($k, $v)),*)?]) {
+                return;
+            }
+            $body
+        }
+    };
+}
+
+unsafe extern "C" {
+    /// tests/logger.c: the variadic ncclDebugLogger_t.
+    fn fake_tcpx_test_logger(level: c_int, flags: c_ulong, file: *const c_char, line: c_int, fmt: *const c_char, ...);
+}
+
+static LOG: Mutex<Vec<(c_int, String)>> = Mutex::new(Vec::new());
+
+#[unsafe(no_mangle)]
+extern "C" fn fake_tcpx_test_log_sink(
+    level: c_int,
+    _flags: c_ulong,
+    _file: *const c_char,
+    _line: c_int,
+    msg: *const c_char,
+) {
+    // SAFETY: logger.c passes a NUL-terminated buffer.
+    let text = unsafe { CStr::from_ptr(msg) }.to_string_lossy().into_owned();
+    if level == NCCL_LOG_WARN {
+        eprintln!("WARN {text}");
+    }
+    LOG.lock().unwrap().push((level, text));
+}
+
+pub fn logger() -> NcclDebugLogger {
+    Some(fake_tcpx_test_logger)
+}
+
+/// WARN messages logged since the last call.
+pub fn take_warnings() -> Vec<String> {
+    let mut log = LOG.lock().unwrap();
+    let warns = log.iter().filter(|(l, _)| *l == NCCL_LOG_WARN).map(|(_, m)| m.clone()).collect();
+    log.clear();
+    warns
+}
+
+/// Asserts that the last call logged a WARN containing `needle`.
+pub fn assert_warned(needle: &str) {
+    let w = take_warnings();
+    assert!(w.iter().any(|m| m.contains(needle)), "expected a WARN containing {needle:?}, got {w:?}");
+}
+
+/// The cdylib cargo built for this package: `<target>/<profile>/libfake_tcpx.so`, next to `deps/`
+/// where the test binary lives.
+pub fn library_path() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let deps = exe.parent().expect("deps dir");
+    for dir in [deps, deps.parent().expect("profile dir")] {
+        let p = dir.join("libfake_tcpx.so");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("libfake_tcpx.so not found next to {}: run `cargo build -p fake-tcpx`", exe.display());
+}
+
+pub struct Plugin {
+    _lib: libloading::Library,
+    pub t: NcclNetV7,
+}
+
+impl Plugin {
+    /// Loads the plugin without calling init.
+    pub fn load() -> Plugin {
+        // SAFETY: loading our own plugin, whose initialisers are Rust's (none that run on load).
+        let lib = unsafe { libloading::Library::new(library_path()) }.expect("dlopen libfake_tcpx.so");
+        // SAFETY: ncclNetPlugin_v7 is a data symbol holding an NcclNetV7.
+        let t = unsafe { **lib.get::<*const NcclNetV7>(PLUGIN_SYMBOL_V7).expect("ncclNetPlugin_v7") };
+        Plugin { _lib: lib, t }
+    }
+
+    /// Loads and initialises the plugin.
+    pub fn init() -> Plugin {
+        let p = Plugin::load();
+        assert_eq!(unsafe { p.t.init.unwrap()(logger()) }, 0, "init");
+        take_warnings();
+        p
+    }
+
+    pub fn listen(&self, dev: c_int) -> ([u8; 128], *mut c_void) {
+        let mut handle = [0u8; 128];
+        let mut lc = std::ptr::null_mut();
+        let rc = unsafe { self.t.listen.unwrap()(dev, handle.as_mut_ptr().cast(), &mut lc) };
+        assert_eq!(rc, 0, "listen");
+        assert!(!lc.is_null());
+        (handle, lc)
+    }
+
+    /// Connects and accepts by polling both, as NCCL's proxy does.
+    pub fn pair(&self, dev: c_int) -> Pair {
+        let (handle, lc) = self.listen(dev);
+        let mut connect_handle = handle;
+        let mut dev_handle = Box::new(NcclNetDeviceHandleV7::default());
+        let mut dev_handle_ptr: *mut NcclNetDeviceHandleV7 = &mut *dev_handle;
+        let (mut sc, mut rc): (*mut c_void, *mut c_void) = (std::ptr::null_mut(), std::ptr::null_mut());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while sc.is_null() || rc.is_null() {
+            assert!(Instant::now() < deadline, "connect/accept did not complete");
+            if sc.is_null() {
+                let r = unsafe {
+                    self.t.connect.unwrap()(dev, connect_handle.as_mut_ptr().cast(), &mut sc, std::ptr::null_mut())
+                };
+                assert_eq!(r, 0, "connect");
+            }
+            if rc.is_null() {
+                let r = unsafe { self.t.accept.unwrap()(lc, &mut rc, &mut dev_handle_ptr) };
+                assert_eq!(r, 0, "accept");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Pair { send: sc, recv: rc, listen: lc, dev_handle, connect_handle }
+    }
+
+    pub fn reg(&self, comm: *mut c_void, data: *const u8, len: usize, ty: c_int) -> Result<*mut c_void, c_int> {
+        let mut mh = std::ptr::null_mut();
+        let rc = unsafe { self.t.reg_mr.unwrap()(comm, data as *mut c_void, len as c_int, ty, &mut mh) };
+        if rc == 0 { Ok(mh) } else { Err(rc) }
+    }
+
+    pub fn isend(&self, sc: *mut c_void, data: *const u8, len: usize, mh: *mut c_void) -> Result<*mut c_void, c_int> {
+        let mut req = std::ptr::null_mut();
+        let rc = unsafe { self.t.isend.unwrap()(sc, data as *mut c_void, len as c_int, 7, mh, &mut req) };
+        if rc == 0 { Ok(req) } else { Err(rc) }
+    }
+
+    pub fn irecv(&self, rc: *mut c_void, data: *mut u8, len: usize, mh: *mut c_void) -> Result<*mut c_void, c_int> {
+        let mut req = std::ptr::null_mut();
+        let mut data = data.cast::<c_void>();
+        let mut size = len as c_int;
+        let mut tag = 99;
+        let mut mh = mh;
+        let r = unsafe { self.t.irecv.unwrap()(rc, 1, &mut data, &mut size, &mut tag, &mut mh, &mut req) };
+        if r == 0 { Ok(req) } else { Err(r) }
+    }
+
+    /// One test call: Ok(done).
+    pub fn test(&self, req: *mut c_void) -> Result<bool, c_int> {
+        let mut done = -1;
+        let mut size = -12345;
+        let rc = unsafe { self.t.test.unwrap()(req, &mut done, &mut size) };
+        assert_eq!(size, -12345, "test must never write *size");
+        if rc == 0 {
+            assert!(done == 0 || done == 1, "done = {done}");
+            Ok(done == 1)
+        } else {
+            Err(rc)
+        }
+    }
+
+    /// Tests until done, with a deadline.
+    pub fn wait(&self, req: *mut c_void) -> Result<(), c_int> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.test(req)? {
+                return Ok(());
+            }
+            assert!(Instant::now() < deadline, "request {req:p} never completed");
+            std::thread::yield_now();
+        }
+    }
+
+    /// Tests the oldest send and receive alternately until both are done (one thread drives both
+    /// comms, as a proxy thread would).
+    pub fn wait_both(&self, send: *mut c_void, recv: *mut c_void) -> Result<(), c_int> {
+        let (mut s, mut r) = (false, false);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !(s && r) {
+            if !s {
+                s = self.test(send)?;
+            }
+            if !r {
+                r = self.test(recv)?;
+            }
+            assert!(Instant::now() < deadline, "transfer never completed");
+        }
+        Ok(())
+    }
+
+    pub fn consume(&self, rc: *mut c_void, req: *mut c_void) -> c_int {
+        unsafe { self.t.irecv_consumed.unwrap()(rc, 1, req) }
+    }
+}
+
+pub struct Pair {
+    pub send: *mut c_void,
+    pub recv: *mut c_void,
+    pub listen: *mut c_void,
+    pub dev_handle: Box<NcclNetDeviceHandleV7>,
+    pub connect_handle: [u8; 128],
+}
+
+/// The host-mode view of a receive comm's unpack queue.
+pub struct Unpack {
+    pub meta: *const NetUnpackMeta,
+    pub bounce: *const u8,
+}
+
+impl Unpack {
+    /// Host mode: the device handle points at host memory.
+    pub fn host(pair: &Pair) -> Unpack {
+        let h = pair.dev_handle.handle.cast::<UnpackDeviceHandle>();
+        let h = unsafe { h.read() };
+        Unpack { meta: h.meta, bounce: h.bounce_buf.cast() }
+    }
+
+    pub fn cnt(&self, slot: usize) -> u64 {
+        unsafe { std::sync::atomic::AtomicU64::from_ptr(std::ptr::addr_of!((*self.meta).cnt[slot]) as *mut u64) }
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn metas(&self, slot: usize) -> Vec<LoadMeta> {
+        let cnt = self.cnt(slot) as usize;
+        assert!(cnt <= UNPACK_MAX_SLICE_PAGES, "cnt {cnt} over 2048");
+        (0..cnt).map(|i| unsafe { std::ptr::addr_of!((*self.meta).mem[slot][i]).read() }).collect()
+    }
+
+    /// Reassembles a receive from its loadMeta list, checking that the fragments tile
+    /// `[0, expected_len)` exactly and stay inside the pool.
+    pub fn gather(&self, slot: usize, expected_len: usize, pool_bytes: usize) -> Vec<u8> {
+        let metas = self.metas(slot);
+        let mut out = vec![0u8; expected_len];
+        let mut covered = vec![false; expected_len];
+        for m in &metas {
+            let (src, len, dst) = (m.src_off as usize, m.len as usize, m.dst_off as usize);
+            assert!(len > 0 && len <= 4096, "fragment length {len}");
+            assert!(src + len <= pool_bytes, "fragment {m:?} outside the pool");
+            assert!(src / 4096 == (src + len - 1) / 4096, "fragment {m:?} crosses a page");
+            assert!(dst + len <= expected_len, "fragment {m:?} beyond {expected_len}");
+            for c in &mut covered[dst..dst + len] {
+                assert!(!*c, "byte covered twice by {m:?}");
+                *c = true;
+            }
+            unsafe { std::ptr::copy_nonoverlapping(self.bounce.add(src), out.as_mut_ptr().add(dst), len) };
+        }
+        assert!(covered.iter().all(|c| *c), "fragments leave holes");
+        out
+    }
+}
+
+/// Deterministic test bytes, different per message.
+pub fn pattern(len: usize, salt: u8) -> Vec<u8> {
+    (0..len).map(|i| ((i * 131 + i / 4099) as u8) ^ salt).collect()
+}
+
+/// A 4 KiB-aligned host buffer (what a CUDA registration requires).
+pub struct Aligned {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+impl Aligned {
+    pub fn new(len: usize) -> Aligned {
+        let layout = std::alloc::Layout::from_size_align(len.max(4096), 4096).unwrap();
+        Aligned { ptr: unsafe { std::alloc::alloc_zeroed(layout) }, layout }
+    }
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}

@@ -1,0 +1,147 @@
+//! GPU mode (FAKE_TCPX_MODE=gpu): pool and unpack handle in device memory, metadata in mapped pinned
+//! memory. Needs a CUDA driver and a GPU; without one the transfer test reports itself skipped and
+//! only the init failure is checked.
+
+mod common;
+
+use common::{Plugin, assert_warned, pattern};
+use cudarc::driver::{result, sys};
+use uccl_tcpx::transport::plugin::abi::*;
+
+const CHILD: &str = "FAKE_TCPX_TEST_CHILD";
+
+#[test]
+fn gpu_mode_needs_a_driver() {
+    if uccl_tcpx::cuda::available() {
+        println!("SKIPPED: a CUDA driver is present");
+        return;
+    }
+    if common::spawn_in_child("gpu_mode_needs_a_driver", &[("FAKE_TCPX_MODE", "gpu")]) {
+        return;
+    }
+    let p = Plugin::load();
+    assert_eq!(unsafe { p.t.init.unwrap()(common::logger()) }, NCCL_INTERNAL_ERROR);
+    assert_warned("CUDA unavailable");
+}
+
+/// A device buffer whose usable part starts on a 4 KiB boundary (CUDA regMr requires it).
+struct DeviceBuf {
+    raw: sys::CUdeviceptr,
+    ptr: sys::CUdeviceptr,
+}
+
+impl DeviceBuf {
+    fn new(len: usize, fill: u8) -> DeviceBuf {
+        let raw = unsafe { result::malloc_sync(len + 8192) }.unwrap();
+        unsafe { result::memset_d8_sync(raw, fill, len + 8192) }.unwrap();
+        DeviceBuf { raw, ptr: (raw + 4095) & !4095 }
+    }
+    fn host(&self) -> *const u8 {
+        self.ptr as *const u8
+    }
+    fn read(&self, off: usize, len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        if len > 0 {
+            unsafe { result::memcpy_dtoh_sync(&mut out, self.ptr + off as u64) }.unwrap();
+        }
+        out
+    }
+}
+
+impl Drop for DeviceBuf {
+    fn drop(&mut self) {
+        unsafe { result::free_sync(self.raw) }.unwrap();
+    }
+}
+
+fn round_up(n: usize) -> usize {
+    n.div_ceil(4096).max(1) * 4096
+}
+
+#[test]
+fn gpu_mode_transfer() {
+    if std::env::var(CHILD).is_err() && !uccl_tcpx::cuda::available() {
+        println!("SKIPPED: no CUDA driver");
+        return;
+    }
+    let env = [("FAKE_TCPX_MODE", "gpu"), ("FAKE_TCPX_FRAGMENT", "random"), ("FAKE_TCPX_POOL_MB", "32")];
+    if common::spawn_in_child("gpu_mode_transfer", &env) {
+        return;
+    }
+    uccl_tcpx::cuda::driver().expect("cuInit");
+    let dev = result::device::get(0).unwrap();
+    let ctx = unsafe { result::primary_ctx::retain(dev) }.unwrap();
+    unsafe { result::ctx::set_current(ctx) }.unwrap();
+
+    let p = Plugin::init();
+    let pair = p.pair(0);
+    // The unpack handle lives in device memory: read it as a consumer would, once.
+    let mut raw = [0u8; 24];
+    unsafe { result::memcpy_dtoh_sync(&mut raw, pair.dev_handle.handle as sys::CUdeviceptr) }.unwrap();
+    let h: UnpackDeviceHandle = unsafe { std::ptr::read_unaligned(raw.as_ptr().cast()) };
+    assert_eq!(h.head, u64::MAX);
+    assert!(!h.meta.is_null() && !h.bounce_buf.is_null());
+    // meta is mapped pinned memory: with unified addressing its device pointer is the host pointer.
+    let meta = h.meta;
+    let pool = h.bounce_buf as sys::CUdeviceptr;
+
+    let cap = 4 << 20;
+    let dst = DeviceBuf::new(cap, 0xEE);
+    let rmh = p.reg(pair.recv, dst.host(), cap, NCCL_PTR_CUDA).unwrap();
+    let sizes = [0usize, 1, 4095, 3 * 4096 + 17, 1 << 20, 4 << 20];
+    for (k, &size) in sizes.iter().enumerate() {
+        let data = pattern(size, k as u8);
+        // Device senders (copied to the host by the fake) and host senders alternate.
+        let src = DeviceBuf::new(round_up(size), 0);
+        let (sptr, smh) = if k % 2 == 0 {
+            if size > 0 {
+                unsafe { result::memcpy_htod_sync(src.ptr, &data) }.unwrap();
+            }
+            (src.host(), p.reg(pair.send, src.host(), round_up(size), NCCL_PTR_CUDA).unwrap())
+        } else {
+            (data.as_ptr(), p.reg(pair.send, data.as_ptr(), size, NCCL_PTR_HOST).unwrap())
+        };
+        let r = p.irecv(pair.recv, dst.host() as *mut u8, cap, rmh).unwrap();
+        let s = p.isend(pair.send, sptr, size, smh).unwrap();
+        p.wait_both(s, r).unwrap();
+        let slot = k % 16;
+        let cnt = unsafe { std::sync::atomic::AtomicU64::from_ptr(std::ptr::addr_of_mut!((*meta).cnt[slot])) }
+            .load(std::sync::atomic::Ordering::Acquire) as usize;
+        assert!(cnt <= 2048);
+        let mut got = vec![0u8; size];
+        let mut covered = 0usize;
+        for i in 0..cnt {
+            let m = unsafe { std::ptr::addr_of!((*meta).mem[slot][i]).read() };
+            let (so, len, dofs) = (m.src_off as usize, m.len as usize, m.dst_off as usize);
+            assert!(dofs + len <= size && so + len <= 32 << 20, "{m:?}");
+            unsafe { result::memcpy_dtoh_sync(&mut got[dofs..dofs + len], pool + so as u64) }.unwrap();
+            covered += len;
+        }
+        assert_eq!(covered, size);
+        // The metadata is device-mapped: what a kernel reads through `meta` is what the host sees.
+        let mut via_device = [0u64; 1];
+        let cnt_off = std::mem::offset_of!(NetUnpackMeta, cnt) + slot * 8;
+        unsafe { result::memcpy_dtoh_sync(&mut via_device, meta as sys::CUdeviceptr + cnt_off as u64) }.unwrap();
+        assert_eq!(via_device[0] as usize, cnt);
+        if cnt > 0 {
+            let mut first = [0u8; 16];
+            let mem_off = slot * 2048 * 16;
+            unsafe { result::memcpy_dtoh_sync(&mut first, meta as sys::CUdeviceptr + mem_off as u64) }.unwrap();
+            let host = unsafe { std::ptr::addr_of!((*meta).mem[slot][0]).read() };
+            assert_eq!(u32::from_le_bytes(first[0..4].try_into().unwrap()), host.src_off);
+            assert_eq!(u64::from_le_bytes(first[8..16].try_into().unwrap()), host.dst_off);
+        }
+        assert!(got == data, "size {size}: bytes gathered from the device pool differ");
+        assert!(dst.read(0, size.min(8192)).iter().all(|b| *b == 0xEE), "the posted buffer is never written");
+        assert_eq!(p.consume(pair.recv, r), 0);
+        assert_eq!(unsafe { p.t.dereg_mr.unwrap()(pair.send, smh) }, 0);
+    }
+
+    // In GPU mode a CUDA registration must be device memory.
+    let host = common::Aligned::new(4096);
+    assert_eq!(p.reg(pair.send, host.ptr(), 4096, NCCL_PTR_CUDA), Err(NCCL_INTERNAL_ERROR));
+    assert_warned("not device memory");
+    for (f, c) in [(p.t.close_send, pair.send), (p.t.close_recv, pair.recv), (p.t.close_listen, pair.listen)] {
+        assert_eq!(unsafe { f.unwrap()(c) }, 0);
+    }
+}

@@ -1,0 +1,336 @@
+//! TCPX's rules as a raw v7 consumer meets them: table shape, init once, devices, asynchronous
+//! connect/accept, registration checks, the 16-request window, FIFO test and consume, rc codes.
+
+mod common;
+
+use std::ffi::{CStr, c_int};
+use std::ptr::null_mut;
+
+use common::{Plugin, assert_warned, take_warnings};
+use uccl_tcpx::transport::plugin::abi::*;
+
+isolated_test!(
+    fn table_shape_and_iflush() {
+        let p = Plugin::load();
+        let t = &p.t;
+        assert_eq!(unsafe { CStr::from_ptr(t.name) }.to_str().unwrap(), "FakeDevmemTCPX_v7");
+        assert!(t.init.is_some() && t.devices.is_some() && t.get_properties.is_some() && t.listen.is_some());
+        assert!(t.connect.is_some() && t.accept.is_some() && t.reg_mr.is_some() && t.dereg_mr.is_some());
+        assert!(t.isend.is_some() && t.irecv.is_some() && t.iflush.is_some() && t.test.is_some());
+        assert!(t.close_send.is_some() && t.close_recv.is_some() && t.close_listen.is_some());
+        assert!(t.get_device_mr.is_some() && t.irecv_consumed.is_some());
+        assert!(t.reg_mr_dma_buf.is_none());
+        let p = Plugin::init();
+        let pair = p.pair(0);
+        let mut req = null_mut();
+        let rc = unsafe { p.t.iflush.unwrap()(pair.recv, 1, null_mut(), null_mut(), null_mut(), &mut req) };
+        assert_eq!(rc, NCCL_INTERNAL_ERROR);
+        assert_warned("iflush");
+    }
+);
+
+isolated_test!(
+    fn init_once_with_a_logger() {
+        let p = Plugin::load();
+        let init = p.t.init.unwrap();
+        let mut n = 0;
+        assert_eq!(unsafe { p.t.devices.unwrap()(&mut n) }, NCCL_INTERNAL_ERROR, "devices before init");
+        assert_eq!(unsafe { init(None) }, NCCL_INTERNAL_ERROR, "NULL logger");
+        assert_eq!(unsafe { init(common::logger()) }, 0, "a rejected init does not count");
+        take_warnings();
+        assert_eq!(unsafe { init(common::logger()) }, NCCL_INTERNAL_ERROR);
+        assert_warned("init twice");
+    }
+);
+
+isolated_test!(
+    fn bad_knob_fails_init() {
+        let p = Plugin::load();
+        assert_eq!(unsafe { p.t.init.unwrap()(common::logger()) }, NCCL_INTERNAL_ERROR);
+        assert_warned("FAKE_TCPX_FRAGMENT");
+    }
+    env: ["FAKE_TCPX_FRAGMENT" => "pages"]
+);
+
+fn check_properties(p: &Plugin, ndev: c_int) {
+    let mut n = 0;
+    assert_eq!(unsafe { p.t.devices.unwrap()(&mut n) }, 0);
+    assert_eq!(n, ndev);
+    let mut paths = Vec::new();
+    for dev in 0..n {
+        let mut props = NcclNetPropertiesV7::default();
+        // Poison every byte, so that a field left unwritten shows.
+        unsafe { std::ptr::write_bytes(&mut props as *mut NcclNetPropertiesV7 as *mut u8, 0xAB, 56) };
+        assert_eq!(unsafe { p.t.get_properties.unwrap()(dev, &mut props) }, 0);
+        assert_eq!(unsafe { CStr::from_ptr(props.name) }.to_str().unwrap(), format!("fake{dev}"));
+        let path = unsafe { CStr::from_ptr(props.pci_path) }.to_str().unwrap().to_owned();
+        assert!(path.starts_with("/sys/devices/pci"), "{path}");
+        paths.push(path);
+        assert_eq!(props.guid, dev as u64);
+        assert_eq!(props.ptr_support, NCCL_PTR_HOST | NCCL_PTR_CUDA);
+        assert!(props.speed > 0);
+        assert_eq!(props.port, 0);
+        assert_eq!(props.latency, 0.0);
+        assert!(props.max_comms > 0);
+        assert_eq!(props.max_recvs, 1);
+        assert_eq!(props.net_device_type, NCCL_NET_DEVICE_UNPACK);
+        assert_eq!(props.net_device_version, NCCL_NET_DEVICE_UNPACK_VERSION);
+        // Static storage: a second call returns the same strings.
+        let mut again = NcclNetPropertiesV7::default();
+        unsafe { p.t.get_properties.unwrap()(dev, &mut again) };
+        assert_eq!(again.name, props.name);
+        assert_eq!(again.pci_path, props.pci_path);
+    }
+    paths.sort();
+    paths.dedup();
+    assert_eq!(paths.len(), n as usize, "PCI paths are distinct");
+    let mut props = NcclNetPropertiesV7::default();
+    for bad in [-1, n, 1000] {
+        assert_eq!(unsafe { p.t.get_properties.unwrap()(bad, &mut props) }, NCCL_INVALID_ARGUMENT, "dev {bad}");
+        assert_warned("does not exist");
+    }
+}
+
+isolated_test!(
+    fn devices_and_properties_default() {
+        check_properties(&Plugin::init(), 2);
+    }
+);
+
+isolated_test!(
+    fn devices_and_properties_ndev() {
+        let p = Plugin::init();
+        check_properties(&p, 5);
+        let mut handle = [0u8; 128];
+        let mut lc = null_mut();
+        assert_eq!(unsafe { p.t.listen.unwrap()(5, handle.as_mut_ptr().cast(), &mut lc) }, NCCL_INVALID_ARGUMENT);
+        let pair = p.pair(4);
+        assert!(!pair.send.is_null());
+    }
+    env: ["FAKE_TCPX_NDEV" => "5"]
+);
+
+isolated_test!(
+    fn connect_and_accept_are_asynchronous() {
+        let p = Plugin::init();
+        let (handle, lc) = p.listen(0);
+        assert_eq!(&handle[80..88], &[0u8; 8], "listen leaves the connect state slot empty");
+        let mut h = handle;
+        let mut sc = std::ptr::dangling_mut::<std::ffi::c_void>();
+        assert_eq!(unsafe { p.t.connect.unwrap()(0, h.as_mut_ptr().cast(), &mut sc, null_mut()) }, 0);
+        assert!(sc.is_null(), "the first connect call never completes");
+        assert_ne!(&h[80..88], &[0u8; 8], "connect keeps its state in the handle");
+
+        // accept insists on caller-allocated device handle storage, on every call.
+        let mut rc = null_mut();
+        assert_eq!(unsafe { p.t.accept.unwrap()(lc, &mut rc, null_mut()) }, NCCL_INTERNAL_ERROR);
+        assert_warned("recvDevComm");
+        let mut no_storage: *mut NcclNetDeviceHandleV7 = null_mut();
+        assert_eq!(unsafe { p.t.accept.unwrap()(lc, &mut rc, &mut no_storage) }, NCCL_INTERNAL_ERROR);
+        assert_warned("caller-allocated");
+
+        let mut dh = NcclNetDeviceHandleV7::default();
+        let mut dhp: *mut NcclNetDeviceHandleV7 = &mut dh;
+        assert_eq!(unsafe { p.t.accept.unwrap()(lc, &mut rc, &mut dhp) }, 0);
+        assert!(rc.is_null(), "the first accept call never completes");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while sc.is_null() || rc.is_null() {
+            assert!(std::time::Instant::now() < deadline);
+            if sc.is_null() {
+                assert_eq!(unsafe { p.t.connect.unwrap()(0, h.as_mut_ptr().cast(), &mut sc, null_mut()) }, 0);
+            }
+            if rc.is_null() {
+                assert_eq!(unsafe { p.t.accept.unwrap()(lc, &mut rc, &mut dhp) }, 0);
+            }
+        }
+        assert_eq!(dh.net_device_type, NCCL_NET_DEVICE_UNPACK);
+        assert_eq!(dh.net_device_version, NCCL_NET_DEVICE_UNPACK_VERSION);
+        assert_eq!(dh.size, 24);
+        assert_eq!(dh.needs_proxy_progress, 1);
+        let unpack = unsafe { dh.handle.cast::<UnpackDeviceHandle>().read() };
+        assert_eq!(unpack.head, u64::MAX);
+        assert!(!unpack.meta.is_null() && !unpack.bounce_buf.is_null());
+
+        // A handle reused after its connect completed is refused, not dereferenced.
+        let mut sc2 = null_mut();
+        assert_eq!(
+            unsafe { p.t.connect.unwrap()(0, h.as_mut_ptr().cast(), &mut sc2, null_mut()) },
+            NCCL_INTERNAL_ERROR
+        );
+        assert_warned("fresh copy");
+        // One accept per listen comm.
+        let mut rc2 = null_mut();
+        assert_eq!(unsafe { p.t.accept.unwrap()(lc, &mut rc2, &mut dhp) }, NCCL_INTERNAL_ERROR);
+        assert_warned("one accept per listen comm");
+        // A handle not written by listen.
+        let mut junk = [7u8; 128];
+        junk[80..88].fill(0);
+        assert_eq!(
+            unsafe { p.t.connect.unwrap()(0, junk.as_mut_ptr().cast(), &mut sc2, null_mut()) },
+            NCCL_INTERNAL_ERROR
+        );
+
+        for (f, c) in [(p.t.close_send, sc), (p.t.close_recv, rc), (p.t.close_listen, lc)] {
+            assert_eq!(unsafe { f.unwrap()(c) }, 0);
+        }
+        assert_eq!(unsafe { p.t.close_send.unwrap()(sc) }, NCCL_INTERNAL_ERROR, "double close");
+    }
+);
+
+isolated_test!(
+    fn registration_rules() {
+        let p = Plugin::init();
+        let pair = p.pair(0);
+        let buf = common::Aligned::new(16384);
+        let b = buf.ptr();
+        for comm in [pair.send, pair.recv] {
+            assert_eq!(p.reg(comm, b, 4096, 4), Err(NCCL_INTERNAL_ERROR), "DMABUF type");
+            assert_eq!(p.reg(comm, b, 4096, 0), Err(NCCL_INTERNAL_ERROR), "type 0");
+            assert_eq!(p.reg(comm, unsafe { b.add(8) }, 4096, NCCL_PTR_CUDA), Err(NCCL_INTERNAL_ERROR));
+            assert_warned("data not aligned");
+            assert_eq!(p.reg(comm, b, 4095, NCCL_PTR_CUDA), Err(NCCL_INTERNAL_ERROR));
+            assert_warned("data not aligned");
+            let cuda = p.reg(comm, b, 16384, NCCL_PTR_CUDA).unwrap();
+            let host = p.reg(comm, unsafe { b.add(3) }, 100, NCCL_PTR_HOST).unwrap();
+            assert_eq!(unsafe { p.t.dereg_mr.unwrap()(comm, cuda) }, 0);
+            assert_eq!(unsafe { p.t.dereg_mr.unwrap()(comm, cuda) }, NCCL_INTERNAL_ERROR, "double dereg");
+            assert_eq!(unsafe { p.t.dereg_mr.unwrap()(comm, host) }, 0);
+        }
+        assert_eq!(p.reg(null_mut(), b, 4096, NCCL_PTR_HOST), Err(NCCL_INTERNAL_ERROR), "no comm");
+        // A registration belongs to its comm.
+        let mh = p.reg(pair.send, b, 4096, NCCL_PTR_HOST).unwrap();
+        assert_eq!(p.irecv(pair.recv, b, 10, mh), Err(NCCL_INTERNAL_ERROR));
+        // Buffers must lie inside the registration.
+        assert_eq!(p.isend(pair.send, unsafe { b.add(4000) }, 97, mh), Err(NCCL_INTERNAL_ERROR));
+        assert_warned("outside");
+        assert_eq!(p.isend(pair.send, b, 10, null_mut()), Err(NCCL_INTERNAL_ERROR));
+        let rmh = p.reg(pair.recv, b, 4096, NCCL_PTR_HOST).unwrap();
+        assert_eq!(p.irecv(pair.recv, unsafe { b.sub(1) }, 10, rmh), Err(NCCL_INTERNAL_ERROR));
+        // irecv: n must be 1, mhandles[0] non-NULL.
+        let mut req = null_mut();
+        let mut datas = [b.cast::<std::ffi::c_void>(); 2];
+        let mut sizes = [10, 10];
+        let mut tags = [0, 0];
+        let mut mhs = [rmh, rmh];
+        let irecv = p.t.irecv.unwrap();
+        let r = unsafe {
+            irecv(pair.recv, 2, datas.as_mut_ptr(), sizes.as_mut_ptr(), tags.as_mut_ptr(), mhs.as_mut_ptr(), &mut req)
+        };
+        assert_eq!(r, NCCL_INTERNAL_ERROR);
+        mhs[0] = null_mut();
+        let r = unsafe {
+            irecv(pair.recv, 1, datas.as_mut_ptr(), sizes.as_mut_ptr(), tags.as_mut_ptr(), mhs.as_mut_ptr(), &mut req)
+        };
+        assert_eq!(r, NCCL_INTERNAL_ERROR);
+        // Sends on a receive comm and receives on a send comm are refused.
+        assert_eq!(p.isend(pair.recv, b, 10, rmh), Err(NCCL_INTERNAL_ERROR));
+        assert_eq!(p.irecv(pair.send, b, 10, mh), Err(NCCL_INTERNAL_ERROR));
+    }
+);
+
+isolated_test!(
+    fn request_window_test_and_consume_order() {
+        let p = Plugin::init();
+        let pair = p.pair(1);
+        let src = common::pattern(64 * 100, 1);
+        let mut dst = vec![0u8; 64 * 100];
+        let smh = p.reg(pair.send, src.as_ptr(), src.len(), NCCL_PTR_HOST).unwrap();
+        let rmh = p.reg(pair.recv, dst.as_mut_ptr(), dst.len(), NCCL_PTR_HOST).unwrap();
+
+        let mut sends = Vec::new();
+        let mut recvs = Vec::new();
+        for i in 0..16 {
+            sends.push(p.isend(pair.send, unsafe { src.as_ptr().add(i * 100) }, 100, smh).unwrap());
+            recvs.push(p.irecv(pair.recv, unsafe { dst.as_mut_ptr().add(i * 100) }, 100, rmh).unwrap());
+        }
+        assert_eq!(p.isend(pair.send, src.as_ptr(), 100, smh), Err(NCCL_INTERNAL_ERROR), "17th send");
+        assert_warned("unable to allocate requests");
+        assert_eq!(p.irecv(pair.recv, dst.as_mut_ptr(), 100, rmh), Err(NCCL_INTERNAL_ERROR), "17th receive");
+        assert_warned("unable to allocate requests");
+
+        // test only the oldest in-flight request.
+        assert_eq!(p.test(sends[1]), Err(NCCL_INTERNAL_ERROR));
+        assert_warned("test called with invalid request");
+        assert_eq!(p.test(recvs[5]), Err(NCCL_INTERNAL_ERROR));
+        assert_eq!(p.test(null_mut()), Err(NCCL_INTERNAL_ERROR));
+        assert_eq!(p.test(unsafe { sends[0].cast::<u8>().add(8).cast() }), Err(NCCL_INTERNAL_ERROR));
+        // Consume before done.
+        assert_eq!(p.consume(pair.recv, recvs[0]), NCCL_INTERNAL_ERROR);
+        assert_warned("has not been reported done");
+
+        for i in 0..16 {
+            p.wait_both(sends[i], recvs[i]).unwrap();
+        }
+        // Completed receives still hold their entries: the window is still full for receives but
+        // not for sends, whose entries are freed on completion.
+        assert_eq!(p.irecv(pair.recv, dst.as_mut_ptr(), 100, rmh), Err(NCCL_INTERNAL_ERROR));
+        assert_warned("16 requests are outstanding");
+        // Re-testing a completed request is invalid.
+        assert_eq!(p.test(recvs[0]), Err(NCCL_INTERNAL_ERROR));
+        assert_warned("already reported done");
+        assert_eq!(p.test(sends[0]), Err(NCCL_INTERNAL_ERROR));
+        // Consume in order only; a send request is ignored with a WARN.
+        assert_eq!(p.consume(pair.recv, recvs[1]), NCCL_INTERNAL_ERROR);
+        assert_warned("not the oldest unconsumed");
+        assert_eq!(p.consume(pair.send, sends[0]), 0);
+        assert_warned("send request");
+        let r = unsafe { p.t.irecv_consumed.unwrap()(pair.recv, 2, recvs[0]) };
+        assert_eq!(r, NCCL_INTERNAL_ERROR, "n must be 1");
+        assert_warned("n = 2");
+        for (i, r) in recvs.iter().enumerate() {
+            assert_eq!(p.consume(pair.recv, *r), 0, "consume {i}");
+        }
+        assert_eq!(p.consume(pair.recv, recvs[0]), NCCL_INTERNAL_ERROR, "double consume");
+        assert_warned("invalid request");
+        // The 17th request now fits, in entry 0 again (request k lives in entry k % 16).
+        let again = p.irecv(pair.recv, dst.as_mut_ptr(), 100, rmh).unwrap();
+        assert_eq!(again, recvs[0]);
+        let send_again = p.isend(pair.send, src.as_ptr(), 100, smh).unwrap();
+        assert_eq!(send_again, sends[0]);
+        p.wait_both(send_again, again).unwrap();
+        assert_eq!(p.consume(pair.recv, again), 0);
+        assert!(take_warnings().is_empty());
+    }
+);
+
+isolated_test!(
+    fn misuse_from_many_threads_never_crashes() {
+        // Each comm is meant to be driven by one thread; a consumer that breaks this, or passes
+        // stale and made-up pointers, gets error codes, never a crash.
+        let p = std::sync::Arc::new(Plugin::init());
+        let pair = p.pair(0);
+        let (send, recv) = (pair.send as usize, pair.recv as usize);
+        let src = std::sync::Arc::new(common::pattern(4096, 1));
+        let smh = p.reg(pair.send, src.as_ptr(), 4096, NCCL_PTR_HOST).unwrap() as usize;
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let (p, src) = (p.clone(), src.clone());
+                std::thread::spawn(move || {
+                    let mut reqs = Vec::new();
+                    for i in 0..200usize {
+                        if let Ok(r) = p.isend(send as *mut _, src.as_ptr(), 4096, smh as *mut _) {
+                            reqs.push(r as usize);
+                        }
+                        for r in &reqs {
+                            let rc = p.test(*r as *mut _).err().unwrap_or(0);
+                            assert!(rc == 0 || rc == NCCL_INTERNAL_ERROR, "rc {rc}");
+                        }
+                        let junk = (recv + t * 8 + i) as *mut std::ffi::c_void;
+                        assert_eq!(p.test(junk).err().unwrap_or(NCCL_INTERNAL_ERROR), NCCL_INTERNAL_ERROR);
+                        assert_eq!(p.consume(recv as *mut _, junk), NCCL_INTERNAL_ERROR);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        // Closing while requests are in flight, then using the closed comm, is reported too.
+        assert_eq!(unsafe { p.t.close_send.unwrap()(pair.send) }, 0);
+        assert_eq!(p.isend(pair.send, src.as_ptr(), 1, smh as *mut _), Err(NCCL_INTERNAL_ERROR));
+        assert_eq!(unsafe { p.t.close_listen.unwrap()(pair.recv) }, NCCL_INTERNAL_ERROR, "wrong kind");
+        assert_eq!(unsafe { p.t.close_recv.unwrap()(pair.listen) }, NCCL_INTERNAL_ERROR, "wrong kind");
+        assert_eq!(unsafe { p.t.close_recv.unwrap()(pair.recv) }, 0);
+        assert_eq!(unsafe { p.t.close_listen.unwrap()(pair.listen) }, 0);
+    }
+);

@@ -1,0 +1,511 @@
+//! Plugin comms behind the transport traits, enforcing TCPX's rules so the engine cannot break them:
+//! `test` only on the oldest outstanding request, at most 16 requests per comm (received-but-
+//! unconsumed included, checked before the plugin is called), receives ≤ 4 MiB, consumption in
+//! order after completion, int-sized registrations and requests, and no plugin call on a comm after
+//! it failed. Sizes come from the protocol (`test` never writes them).
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::{c_int, c_void};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::abi::{LoadMeta, NCCL_PTR_CUDA, NCCL_PTR_HOST, NCCL_SUCCESS, UNPACK_MAX_SLICE_SIZE, UNPACK_QUEUE_DEPTH};
+use super::gather::{self, Run};
+use super::loader::{Plugin, rc_text};
+use super::logger::{mark, warning_suffix};
+use super::unpack::UnpackView;
+use crate::error::{Error, Result, UcclStatus};
+use crate::transport::{MemKind, MrHandle, Properties, RecvComm, RequestId, SendComm};
+
+/// Requests per comm, received-but-unconsumed included (TCPX's ring and unpack queue).
+pub const MAX_REQUESTS: usize = UNPACK_QUEUE_DEPTH;
+/// One request at most: TCPX's 2048 fragments per receive hold 4 MiB; sends keep to the same so a
+/// peer's receive can never be asked for more.
+pub const MAX_MESSAGE: usize = UNPACK_MAX_SLICE_SIZE;
+/// CUDA registrations are page-granular.
+const PAGE: usize = 4096;
+
+/// "net plugin test failed with rc 2 (system error); the plugin said: ..." for a call that started
+/// when the logger's counter read `mark`. TCPX's rc 2 is its socket-error code (a peer that went away).
+pub(super) fn plugin_error(what: &str, rc: c_int, mark: u64) -> Error {
+    let status =
+        if rc == super::abi::NCCL_SYSTEM_ERROR { UcclStatus::ErrRemoteDisconnect } else { UcclStatus::ErrBackend };
+    Error::new(status, format!("net plugin {what} failed with {}{}", rc_text(rc), warning_suffix(mark)))
+}
+
+struct Registration {
+    mhandle: *mut c_void,
+    base: usize,
+    len: usize,
+    kind: MemKind,
+    /// Requests using it; a deregistration waits for them.
+    in_use: usize,
+    /// Made for one `MrHandle::NONE` request, or deregistered by the caller while in use: goes when
+    /// `in_use` drops to zero.
+    release_when_idle: bool,
+}
+
+/// What send and receive comms share: the plugin comm, its registrations and its failure state.
+struct CommCore {
+    plugin: Arc<Plugin>,
+    comm: *mut c_void,
+    props: Properties,
+    regs: HashMap<usize, Registration>,
+    next_mr: usize,
+    failure: Option<Error>,
+    /// Requests outstanding on every comm of the net, so the progress thread knows to keep polling.
+    busy: Arc<AtomicUsize>,
+    /// Requests outstanding on this comm counted into `busy`.
+    counted: usize,
+    direction: &'static str,
+}
+
+// SAFETY: the plugin comm and mhandles are only used through `&mut self`, i.e. by one thread at a
+// time, which is all TCPX asks (its comms are not thread-safe, not thread-bound).
+unsafe impl Send for CommCore {}
+
+impl CommCore {
+    fn new(
+        plugin: Arc<Plugin>,
+        comm: *mut c_void,
+        props: Properties,
+        busy: Arc<AtomicUsize>,
+        direction: &'static str,
+    ) -> Self {
+        CommCore { plugin, comm, props, regs: HashMap::new(), next_mr: 1, failure: None, busy, counted: 0, direction }
+    }
+
+    fn check(&self) -> Result<()> {
+        match &self.failure {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Remembers the failure: the plugin is not called on this comm again (except to close it).
+    fn fail(&mut self, err: Error) -> Error {
+        self.failure.get_or_insert(err).clone()
+    }
+
+    fn count(&mut self, delta: isize) {
+        if delta > 0 {
+            self.counted += delta as usize;
+            self.busy.fetch_add(delta as usize, Ordering::Release);
+        } else {
+            self.counted -= delta.unsigned_abs();
+            self.busy.fetch_sub(delta.unsigned_abs(), Ordering::Release);
+        }
+    }
+
+    fn register(&mut self, addr: usize, len: usize, kind: MemKind, temporary: bool) -> Result<usize> {
+        self.check()?;
+        let end =
+            addr.checked_add(len).ok_or_else(|| Error::invalid(format!("region {addr:#x}+{len} wraps around")))?;
+        let (base, size, ty) = match kind {
+            MemKind::Host if self.props.supports_host => (addr, len, NCCL_PTR_HOST),
+            // The plugin maps whole pages (TCPX refuses unaligned CUDA registrations): register
+            // the page-aligned superset.
+            MemKind::Cuda { .. } if self.props.supports_cuda => {
+                let base = addr & !(PAGE - 1);
+                let end = end
+                    .checked_next_multiple_of(PAGE)
+                    .ok_or_else(|| Error::invalid("region ends past the address space"))?;
+                (base, end - base, NCCL_PTR_CUDA)
+            }
+            _ => {
+                return Err(Error::new(
+                    UcclStatus::ErrNotSupported,
+                    format!("net device {} cannot register {kind:?} memory", self.props.name),
+                ));
+            }
+        };
+        let size_int = c_int::try_from(size).map_err(|_| {
+            Error::invalid(format!("registration of {size} bytes exceeds the net plugin's 2 GiB (int) limit"))
+        })?;
+        let mut mhandle: *mut c_void = std::ptr::null_mut();
+        let reg_mr = self.plugin.table.reg_mr.expect("checked at load");
+        let since = mark();
+        // SAFETY: a live comm; the plugin records (host) or maps (CUDA) the range the caller vouches for.
+        let rc = unsafe { reg_mr(self.comm, base as *mut c_void, size_int, ty, &mut mhandle) };
+        if rc != NCCL_SUCCESS {
+            return Err(plugin_error(&format!("regMr of {size} bytes of {kind:?} memory"), rc, since));
+        }
+        if mhandle.is_null() {
+            return Err(Error::backend("net plugin regMr succeeded but returned no handle"));
+        }
+        let key = self.next_mr;
+        self.next_mr += 1;
+        // Requests are checked against what the caller registered, not the page-rounded superset.
+        let reg = Registration { mhandle, base: addr, len, kind, in_use: 0, release_when_idle: temporary };
+        self.regs.insert(key, reg);
+        Ok(key)
+    }
+
+    fn deregister_now(&mut self, key: usize) {
+        let Some(reg) = self.regs.remove(&key) else { return };
+        let dereg = self.plugin.table.dereg_mr.expect("checked at load");
+        let since = mark();
+        // SAFETY: a handle this comm's regMr returned, used by no outstanding request.
+        let rc = unsafe { dereg(self.comm, reg.mhandle) };
+        if rc != NCCL_SUCCESS {
+            log::warn!("net plugin deregMr failed with {}{}", rc_text(rc), warning_suffix(since));
+        }
+    }
+
+    fn deregister(&mut self, mr: MrHandle) {
+        match self.regs.get_mut(&mr.0) {
+            Some(reg) if reg.in_use > 0 => reg.release_when_idle = true,
+            Some(_) => self.deregister_now(mr.0),
+            None => log::warn!("dereg_mr of unknown registration {} on a {} comm", mr.0, self.direction),
+        }
+    }
+
+    /// The registration covering `[data, data + len)` for one request, taken into use: the caller's,
+    /// or a host registration made for this request alone when `mr` is NONE.
+    fn acquire(&mut self, data: usize, len: usize, mr: MrHandle) -> Result<(usize, *mut c_void, MemKind)> {
+        let key = if mr == MrHandle::NONE { self.register(data, len, MemKind::Host, true)? } else { mr.0 };
+        let reg = self.regs.get_mut(&key).ok_or_else(|| Error::invalid(format!("unknown registration {}", mr.0)))?;
+        let inside = data >= reg.base && data.checked_add(len).is_some_and(|end| end <= reg.base + reg.len);
+        if !inside {
+            return Err(Error::invalid(format!(
+                "request [{data:#x}, +{len}) is not inside its registration [{:#x}, +{})",
+                reg.base, reg.len
+            )));
+        }
+        reg.in_use += 1;
+        Ok((key, reg.mhandle, reg.kind))
+    }
+
+    fn release(&mut self, key: usize) {
+        let Some(reg) = self.regs.get_mut(&key) else { return };
+        reg.in_use -= 1;
+        if reg.in_use == 0 && reg.release_when_idle {
+            self.deregister_now(key);
+        }
+    }
+
+    /// Registrations used by requests still in the plugin's hands are leaked rather than freed under it.
+    fn close(&mut self, outstanding: usize, close: unsafe extern "C" fn(*mut c_void) -> c_int) {
+        if outstanding > 0 {
+            log::warn!("closing a net plugin {} comm with {outstanding} requests outstanding", self.direction);
+        }
+        let idle: Vec<usize> = self.regs.iter().filter(|(_, r)| r.in_use == 0).map(|(k, _)| *k).collect();
+        for key in idle {
+            self.deregister_now(key);
+        }
+        let counted = self.counted;
+        if counted > 0 {
+            self.count(-(counted as isize));
+        }
+        let since = mark();
+        // SAFETY: closing the live comm once; nothing uses it afterwards.
+        let rc = unsafe { close(self.comm) };
+        if rc != NCCL_SUCCESS {
+            log::warn!(
+                "net plugin close of a {} comm failed with {}{}",
+                self.direction,
+                rc_text(rc),
+                warning_suffix(since)
+            );
+        }
+    }
+}
+
+fn check_size(len: usize, what: &str) -> Result<c_int> {
+    if len > MAX_MESSAGE {
+        return Err(Error::invalid(format!(
+            "a {what} of {len} bytes exceeds the net plugin's {MAX_MESSAGE}-byte limit"
+        )));
+    }
+    Ok(len as c_int)
+}
+
+/// `test` may only be called on the oldest request still in flight.
+fn out_of_order(req: RequestId, oldest: Option<u64>, what: &str) -> Error {
+    Error::backend(format!(
+        "{what} of request {} breaks the plugin's order rule: the oldest request in flight is {}",
+        req.0,
+        oldest.map_or_else(|| "none".to_owned(), |o| o.to_string())
+    ))
+}
+
+struct SendReq {
+    id: u64,
+    request: *mut c_void,
+    len: usize,
+    mr: usize,
+}
+
+// SAFETY: a request pointer is an opaque token handed back to the plugin by the comm's one user.
+unsafe impl Send for SendReq {}
+
+pub struct PluginSendComm {
+    core: CommCore,
+    inflight: VecDeque<SendReq>,
+    next_id: u64,
+}
+
+impl PluginSendComm {
+    pub(super) fn new(plugin: Arc<Plugin>, comm: *mut c_void, props: Properties, busy: Arc<AtomicUsize>) -> Self {
+        PluginSendComm { core: CommCore::new(plugin, comm, props, busy, "send"), inflight: VecDeque::new(), next_id: 0 }
+    }
+}
+
+impl SendComm for PluginSendComm {
+    fn reg_mr(&mut self, addr: usize, len: usize, kind: MemKind) -> Result<MrHandle> {
+        self.core.register(addr, len, kind, false).map(MrHandle)
+    }
+
+    fn dereg_mr(&mut self, mr: MrHandle) {
+        self.core.deregister(mr);
+    }
+
+    unsafe fn isend(&mut self, data: *const u8, len: usize, mr: MrHandle) -> Result<Option<RequestId>> {
+        self.core.check()?;
+        let size = check_size(len, "send")?;
+        if self.inflight.len() >= MAX_REQUESTS {
+            return Ok(None);
+        }
+        let (key, mhandle, _) = self.core.acquire(data as usize, len, mr)?;
+        let isend = self.core.plugin.table.isend.expect("checked at load");
+        let mut request: *mut c_void = std::ptr::null_mut();
+        let since = mark();
+        // SAFETY: a live comm with a free request slot; the caller keeps `data` valid until done.
+        let rc = unsafe { isend(self.core.comm, data as *mut c_void, size, 0, mhandle, &mut request) };
+        if rc != NCCL_SUCCESS || request.is_null() {
+            self.core.release(key);
+            if rc != NCCL_SUCCESS {
+                return Err(self.core.fail(plugin_error("isend", rc, since)));
+            }
+            return Ok(None);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.inflight.push_back(SendReq { id, request, len, mr: key });
+        self.core.count(1);
+        Ok(Some(RequestId(id)))
+    }
+
+    fn test(&mut self, req: RequestId) -> Result<Option<usize>> {
+        self.core.check()?;
+        let Some(head) = self.inflight.front().filter(|h| h.id == req.0) else {
+            return Err(out_of_order(req, self.inflight.front().map(|h| h.id), "test"));
+        };
+        let test = self.core.plugin.table.test.expect("checked at load");
+        let (mut done, mut size): (c_int, c_int) = (0, -1);
+        let since = mark();
+        // SAFETY: the oldest in-flight request of this live comm, never tested done before.
+        let rc = unsafe { test(head.request, &mut done, &mut size) };
+        if rc != NCCL_SUCCESS {
+            return Err(self.core.fail(plugin_error("test of a send", rc, since)));
+        }
+        if done == 0 {
+            return Ok(None);
+        }
+        let head = self.inflight.pop_front().expect("checked above");
+        self.core.release(head.mr);
+        self.core.count(-1);
+        Ok(Some(head.len))
+    }
+}
+
+impl Drop for PluginSendComm {
+    fn drop(&mut self) {
+        let close = self.core.plugin.table.close_send.expect("checked at load");
+        self.core.close(self.inflight.len(), close);
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RecvState {
+    Posted,
+    Done,
+}
+
+struct RecvReq {
+    id: u64,
+    request: *mut c_void,
+    data: usize,
+    len: usize,
+    mr: usize,
+    kind: MemKind,
+    state: RecvState,
+}
+
+// SAFETY: as for SendReq; `data` is the caller's buffer, only written under the irecv contract.
+unsafe impl Send for RecvReq {}
+
+pub struct PluginRecvComm {
+    core: CommCore,
+    /// Posted and done-but-unconsumed receives, oldest first.
+    queue: VecDeque<RecvReq>,
+    next_id: u64,
+    unpack: Option<UnpackView>,
+    metas: Vec<LoadMeta>,
+    runs: Vec<Run>,
+}
+
+impl PluginRecvComm {
+    pub(super) fn new(
+        plugin: Arc<Plugin>,
+        comm: *mut c_void,
+        props: Properties,
+        busy: Arc<AtomicUsize>,
+    ) -> PluginRecvComm {
+        PluginRecvComm {
+            core: CommCore::new(plugin, comm, props, busy, "receive"),
+            queue: VecDeque::new(),
+            next_id: 0,
+            unpack: None,
+            metas: Vec::new(),
+            runs: Vec::new(),
+        }
+    }
+
+    pub(super) fn set_unpack(&mut self, view: UnpackView) {
+        self.unpack = Some(view);
+    }
+
+    /// The message size of the receive `id` that the plugin just reported done, after its bytes
+    /// were gathered into place when they sit in a bounce pool.
+    fn land(&mut self, idx: usize) -> Result<usize> {
+        let Some(view) = &self.unpack else {
+            // A host-type plugin received straight into the buffer and does not say how much.
+            return Ok(self.queue[idx].len);
+        };
+        let r = &self.queue[idx];
+        // Slots are taken in posting order, one per receive, and freed in order by consumption.
+        let slot = (r.id % UNPACK_QUEUE_DEPTH as u64) as usize;
+        let count = gather::check_count(view.fragment_count(slot))?;
+        if count == 0 {
+            // Nothing went through the pool: a zero-byte message, or (TCPX host receives) bytes
+            // that landed in the buffer directly, whose size the plugin does not report.
+            return Ok(if matches!(r.kind, MemKind::Host) { r.len } else { 0 });
+        }
+        view.copy_fragments(slot, count, &mut self.metas);
+        let total = gather::plan(&self.metas, r.len, gather::MAX_POOL_LEN, &mut self.runs)?;
+        if let MemKind::Cuda { .. } = r.kind {
+            return Err(Error::new(
+                UcclStatus::ErrNotSupported,
+                "a receive into GPU memory needs the GPU unpack path, which is unsupported until it is wired",
+            ));
+        }
+        let pool = view.host_pool()?;
+        // SAFETY: `plan` bounded every run by the pool (u32 offsets) and the posted buffer, which the
+        // irecv contract gives us exclusively until the request is reported done.
+        unsafe { gather::copy_runs(pool, r.data as *mut u8, &self.runs) };
+        Ok(total)
+    }
+}
+
+impl RecvComm for PluginRecvComm {
+    fn reg_mr(&mut self, addr: usize, len: usize, kind: MemKind) -> Result<MrHandle> {
+        self.core.register(addr, len, kind, false).map(MrHandle)
+    }
+
+    fn dereg_mr(&mut self, mr: MrHandle) {
+        self.core.deregister(mr);
+    }
+
+    unsafe fn irecv(&mut self, data: *mut u8, len: usize, mr: MrHandle) -> Result<Option<RequestId>> {
+        self.core.check()?;
+        let mut size = check_size(len, "receive")?;
+        if self.queue.len() >= MAX_REQUESTS {
+            return Ok(None);
+        }
+        let (key, mut mhandle, kind) = self.core.acquire(data as usize, len, mr)?;
+        let irecv = self.core.plugin.table.irecv.expect("checked at load");
+        let (mut ptr, mut tag): (*mut c_void, c_int) = (data.cast(), 0);
+        let mut request: *mut c_void = std::ptr::null_mut();
+        let since = mark();
+        // SAFETY: one receive (n = 1) on a live comm with a free slot; the caller keeps the buffer ours.
+        let rc = unsafe { irecv(self.core.comm, 1, &mut ptr, &mut size, &mut tag, &mut mhandle, &mut request) };
+        if rc != NCCL_SUCCESS || request.is_null() {
+            self.core.release(key);
+            if rc != NCCL_SUCCESS {
+                return Err(self.core.fail(plugin_error("irecv", rc, since)));
+            }
+            return Ok(None);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.queue.push_back(RecvReq {
+            id,
+            request,
+            data: data as usize,
+            len,
+            mr: key,
+            kind,
+            state: RecvState::Posted,
+        });
+        self.core.count(1);
+        Ok(Some(RequestId(id)))
+    }
+
+    fn test(&mut self, req: RequestId) -> Result<Option<usize>> {
+        self.core.check()?;
+        let idx = self.queue.iter().position(|r| r.state == RecvState::Posted);
+        let Some(idx) = idx.filter(|i| self.queue[*i].id == req.0) else {
+            return Err(out_of_order(req, idx.map(|i| self.queue[i].id), "test"));
+        };
+        let test = self.core.plugin.table.test.expect("checked at load");
+        let (mut done, mut size): (c_int, c_int) = (0, -1);
+        let since = mark();
+        // SAFETY: the oldest in-flight receive of this live comm, never tested done before.
+        let rc = unsafe { test(self.queue[idx].request, &mut done, &mut size) };
+        if rc != NCCL_SUCCESS {
+            return Err(self.core.fail(plugin_error("test of a receive", rc, since)));
+        }
+        if done == 0 {
+            return Ok(None);
+        }
+        self.queue[idx].state = RecvState::Done;
+        match self.land(idx) {
+            Ok(size) => Ok(Some(size)),
+            Err(e) => Err(self.core.fail(e)),
+        }
+    }
+
+    fn irecv_consumed(&mut self, req: RequestId) -> Result<()> {
+        self.core.check()?;
+        match self.queue.front() {
+            Some(head) if head.id == req.0 && head.state == RecvState::Done => {}
+            head => {
+                return Err(Error::backend(format!(
+                    "irecv_consumed of request {} out of order: the oldest unconsumed receive is {}",
+                    req.0,
+                    head.map_or_else(
+                        || "none".to_owned(),
+                        |h| format!("{} ({})", h.id, if h.state == RecvState::Done { "done" } else { "in flight" })
+                    )
+                )));
+            }
+        }
+        let consumed = self.core.plugin.table.irecv_consumed.expect("checked at load");
+        let head = self.queue.pop_front().expect("checked above");
+        let since = mark();
+        // SAFETY: the oldest completed, unconsumed receive of this live comm.
+        let rc = unsafe { consumed(self.core.comm, 1, head.request) };
+        self.core.release(head.mr);
+        self.core.count(-1);
+        if rc != NCCL_SUCCESS {
+            return Err(self.core.fail(plugin_error("irecvConsumed", rc, since)));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PluginRecvComm {
+    fn drop(&mut self) {
+        // Completed receives go back first, so the plugin does not close over unreturned pages.
+        while self.core.failure.is_none()
+            && let Some(id) = self.queue.front().filter(|r| r.state == RecvState::Done).map(|r| r.id)
+        {
+            if self.irecv_consumed(RequestId(id)).is_err() {
+                break;
+            }
+        }
+        let close = self.core.plugin.table.close_recv.expect("checked at load");
+        self.core.close(self.queue.len(), close);
+    }
+}

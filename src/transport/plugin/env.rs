@@ -1,0 +1,84 @@
+//! Environment the plugin reads once, in `init`. Defaults are applied only to variables the user
+//! left unset, so a deployment's own tuning always wins.
+
+/// `(variable, value, why)`; `UNIX_CLIENT_PREFIX` is added separately because it depends on the host.
+pub const DEFAULTS: &[(&str, &str, &str)] = &[
+    (
+        "NCCL_DYNAMIC_CHUNK_SIZE",
+        "524288",
+        "the plugin's effective default is 0, which schedules zero-byte tasks forever; 512 KiB spreads a 1 MiB chunk over two sockets",
+    ),
+    (
+        "NCCL_NSOCKS_PERTHREAD",
+        "2",
+        "two channels per connection x two sockets = 4 per GPU, 8 per NIC shared by two GPUs (the ~8 connections a 200 Gbps NIC needs)",
+    ),
+    ("NCCL_SOCKET_NTHREADS", "1", "one helper thread drives a comm's sockets; more threads per comm showed no gain"),
+    (
+        "NCCL_GPUDIRECTTCPX_PROGRAM_FLOW_STEERING_WAIT_MICROS",
+        "500000",
+        "the 5 s default stalls every accept; 0.5 s is Google's production value",
+    ),
+    ("NCCL_GPUDIRECTTCPX_FORCE_ACK", "0", "as Google's tested manifests: no TCP_QUICKACK on every drained queue"),
+    (
+        "NCCL_GPUDIRECTTCPX_TX_COMPLETION_NANOSLEEP",
+        "1000",
+        "helper threads nap 1 us between zerocopy-completion polls instead of burning a core (Google's tested value)",
+    ),
+];
+
+/// RxDM's socket directory on GKE; the plugin's default (/tmp) is wrong there.
+pub const RXDM_DIR: &str = "/run/tcpx";
+pub const RXDM_PREFIX_VAR: &str = "NCCL_GPUDIRECTTCPX_UNIX_CLIENT_PREFIX";
+
+/// The defaults that `lookup` (the environment) does not already set, in order, with the reason.
+pub fn missing_defaults(
+    lookup: impl Fn(&str) -> Option<String>,
+    rxdm_dir_exists: bool,
+) -> Vec<(&'static str, &'static str, &'static str)> {
+    let mut out: Vec<_> = DEFAULTS.iter().filter(|(name, _, _)| lookup(name).is_none()).copied().collect();
+    if rxdm_dir_exists && lookup(RXDM_PREFIX_VAR).is_none() {
+        out.push((RXDM_PREFIX_VAR, RXDM_DIR, "RxDM serves its sockets there on GKE; the plugin's default is /tmp"));
+    }
+    out
+}
+
+/// Sets the missing defaults in the process environment. Called once per process, under the
+/// loader's lock, right before the first plugin's `init`.
+pub fn apply_defaults() {
+    let rxdm = std::path::Path::new(RXDM_DIR).is_dir();
+    let set = |n: &str| std::env::var_os(n).map(|v| v.to_string_lossy().into_owned());
+    for (name, value, why) in missing_defaults(set, rxdm) {
+        log::info!("net plugin: {name}={value} by default ({why}); set it to override");
+        // SAFETY: setenv is not safe against concurrent getenv in other threads, and no code path
+        // can promise that none run here (the host application, earlier engines). The plugin reads
+        // its configuration only from the environment, once, in the `init` that follows, so there
+        // is no other way to configure it; this runs once per process under the loader lock, and
+        // our own threads do not read these variables.
+        unsafe { std::env::set_var(name, value) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_values_win_and_the_rxdm_prefix_needs_the_directory() {
+        let set = |n: &str| (n == "NCCL_NSOCKS_PERTHREAD").then(|| "8".to_owned());
+        let without_dir = missing_defaults(set, false);
+        assert!(without_dir.iter().all(|(n, _, _)| *n != "NCCL_NSOCKS_PERTHREAD"));
+        assert!(without_dir.iter().any(|(n, v, _)| *n == "NCCL_DYNAMIC_CHUNK_SIZE" && *v == "524288"));
+        assert!(without_dir.iter().all(|(n, _, _)| *n != RXDM_PREFIX_VAR));
+        assert_eq!(without_dir.len(), DEFAULTS.len() - 1);
+        let with_dir = missing_defaults(|_| None, true);
+        assert_eq!(with_dir.last().map(|(n, v, _)| (*n, *v)), Some((RXDM_PREFIX_VAR, RXDM_DIR)));
+        assert!(missing_defaults(|_| Some("x".into()), true).is_empty());
+    }
+
+    #[test]
+    fn chunk_size_default_is_never_zero() {
+        let (_, v, _) = DEFAULTS.iter().find(|(n, _, _)| *n == "NCCL_DYNAMIC_CHUNK_SIZE").expect("present");
+        assert!(v.parse::<u64>().unwrap() > 0);
+    }
+}

@@ -1,0 +1,256 @@
+//! Finding, loading and initialising a net plugin, once per process: plugins such as TCPX refuse a
+//! second `init` ("gpu lib init twice"), so every engine of the process shares one [`Plugin`].
+
+use std::ffi::{CStr, OsString, c_int};
+use std::path::Path;
+use std::sync::Arc;
+
+use libloading::os::unix::Library;
+use parking_lot::Mutex;
+
+use super::abi::{NCCL_SUCCESS, NcclNetPropertiesV7, NcclNetV7, PLUGIN_SYMBOL_V7};
+use super::{devices, env, logger};
+use crate::error::{Error, Result};
+use crate::transport::Properties;
+
+/// More devices than this is a plugin bug, not a host.
+const MAX_DEVICES: c_int = crate::config::MAX_NET_DEVICES as c_int;
+
+/// A loaded, initialised plugin: its function table (copied out of the library) and its devices.
+pub struct Plugin {
+    pub table: NcclNetV7,
+    /// The table's `name`, e.g. "GPUDirectTCPX_v7"; peers must use the same plugin.
+    pub name: &'static str,
+    /// What was loaded, as given (a path or a library name dlopen searched for).
+    pub origin: String,
+    pub devices: Vec<Properties>,
+    /// Keeps the code mapped; RTLD_NODELETE keeps it mapped even past this.
+    _library: Option<Library>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin").field("name", &self.name).field("origin", &self.origin).finish()
+    }
+}
+
+/// Where to look: the explicit path alone when given (falling back from a file the user named to
+/// some other library would be a surprise), else the names NCCL tries, in NCCL's order.
+pub fn candidates(explicit: Option<&Path>, nccl_net_plugin: Option<&str>) -> Vec<OsString> {
+    if let Some(path) = explicit {
+        return vec![path.as_os_str().to_owned()];
+    }
+    let mut names = Vec::new();
+    if let Some(name) = nccl_net_plugin {
+        names.push(format!("libnccl-net-{name}.so").into());
+    }
+    names.push("libnccl-net.so".into());
+    names
+}
+
+/// Initialised plugins by the address of their table symbol (the same library reached through two
+/// paths is one entry), or the error their `init` gave: it must not be called a second time.
+static LOADED: Mutex<Vec<(usize, Result<Arc<Plugin>>)>> = Mutex::new(Vec::new());
+
+/// Loads the first candidate that works; the error lists why each failed.
+pub fn load(explicit: Option<&Path>, nccl_net_plugin: Option<&str>) -> Result<Arc<Plugin>> {
+    let mut failures = Vec::new();
+    for candidate in candidates(explicit, nccl_net_plugin) {
+        match load_one(&candidate) {
+            Ok(plugin) => return Ok(plugin),
+            Err(e) if explicit.is_some() => return Err(e),
+            Err(e) => failures.push(e.message().to_owned()),
+        }
+    }
+    Err(Error::backend(format!("no net plugin could be loaded: {}", failures.join("; "))))
+}
+
+fn load_one(candidate: &OsString) -> Result<Arc<Plugin>> {
+    let origin = candidate.to_string_lossy().into_owned();
+    let mut loaded = LOADED.lock();
+    // SAFETY: loading runs the library's initialisers; loading a net plugin is what the caller
+    // asked for. NODELETE: a plugin's helper threads may outlive any handle we hold.
+    let library = unsafe { Library::open(Some(candidate), libc::RTLD_NOW | libc::RTLD_LOCAL | libc::RTLD_NODELETE) }
+        .map_err(|e| Error::backend(format!("cannot load net plugin {origin}: {}", dl_text(&e))))?;
+    // SAFETY: `ncclNetPlugin_v7` is a data symbol holding an `NcclNetV7`; only its address is read here.
+    let symbol = unsafe { library.get::<*const NcclNetV7>(PLUGIN_SYMBOL_V7) }.map_err(|e| {
+        Error::backend(format!("net plugin {origin} does not export ncclNetPlugin_v7: {}", dl_text(&e)))
+    })?;
+    let table_ptr: *const NcclNetV7 = *symbol;
+    if table_ptr.is_null() {
+        return Err(Error::backend(format!("net plugin {origin} exports a NULL ncclNetPlugin_v7")));
+    }
+    if let Some((_, cached)) = loaded.iter().find(|(addr, _)| *addr == table_ptr as usize) {
+        return cached.clone();
+    }
+    // SAFETY: the symbol is a valid, aligned table for the library's lifetime (kept by NODELETE);
+    // volatile because plugins declare it `volatile`.
+    let table = unsafe { std::ptr::read_volatile(table_ptr) };
+    let name = table_name(&table, &origin)?;
+    check_entries(&table, &origin, name)?;
+    // From here on `init` has been called, so the outcome, success or not, is final for the process.
+    let outcome = init_and_describe(table, name, &origin)
+        .map(|devices| Arc::new(Plugin { table, name, origin: origin.clone(), devices, _library: Some(library) }));
+    loaded.push((table_ptr as usize, outcome.clone()));
+    if let Ok(p) = &outcome {
+        log::info!("loaded net plugin {} from {} with {} devices", p.name, p.origin, p.devices.len());
+    }
+    outcome
+}
+
+/// libloading's Display says only "dlopen failed"; the dlerror text is its source.
+fn dl_text(e: &libloading::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(src) => format!("{e}: {src}"),
+        None => e.to_string(),
+    }
+}
+
+/// The table's name, leaked once per plugin per process so the transport can report it as `&'static`.
+fn table_name(table: &NcclNetV7, origin: &str) -> Result<&'static str> {
+    if table.name.is_null() {
+        return Err(Error::backend(format!("net plugin {origin}: ncclNetPlugin_v7 has a NULL name")));
+    }
+    // SAFETY: non-NULL name of a loaded table: a static NUL-terminated string.
+    let name = unsafe { CStr::from_ptr(table.name) }.to_string_lossy();
+    if name.is_empty() || name.len() > crate::proto::MAX_TRANSPORT_NAME_LEN {
+        return Err(Error::backend(format!(
+            "net plugin {origin}: name {name:?} must be 1..={} bytes",
+            crate::proto::MAX_TRANSPORT_NAME_LEN
+        )));
+    }
+    Ok(Box::leak(name.into_owned().into_boxed_str()))
+}
+
+/// Every entry this transport calls must be present; `regMrDmaBuf`, `iflush` (broken in TCPX) and
+/// `getDeviceMr` are never called.
+pub fn check_entries(t: &NcclNetV7, origin: &str, name: &str) -> Result<()> {
+    let entries = [
+        ("init", t.init.is_some()),
+        ("devices", t.devices.is_some()),
+        ("getProperties", t.get_properties.is_some()),
+        ("listen", t.listen.is_some()),
+        ("connect", t.connect.is_some()),
+        ("accept", t.accept.is_some()),
+        ("regMr", t.reg_mr.is_some()),
+        ("deregMr", t.dereg_mr.is_some()),
+        ("isend", t.isend.is_some()),
+        ("irecv", t.irecv.is_some()),
+        ("test", t.test.is_some()),
+        ("closeSend", t.close_send.is_some()),
+        ("closeRecv", t.close_recv.is_some()),
+        ("closeListen", t.close_listen.is_some()),
+        ("irecvConsumed", t.irecv_consumed.is_some()),
+    ];
+    let missing: Vec<&str> = entries.iter().filter(|(_, present)| !present).map(|(n, _)| *n).collect();
+    if !missing.is_empty() {
+        return Err(Error::backend(format!(
+            "net plugin {origin} ({name}) leaves required entries NULL: {}",
+            missing.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+fn init_and_describe(table: NcclNetV7, name: &str, origin: &str) -> Result<Vec<Properties>> {
+    let since = logger::mark();
+    let fail =
+        |what: String| Error::backend(format!("net plugin {origin} ({name}): {what}{}", logger::warning_suffix(since)));
+    env::apply_defaults();
+    let (init, devices, get_properties) = (table.init.unwrap(), table.devices.unwrap(), table.get_properties.unwrap());
+    // SAFETY: entries checked non-NULL; the logger lives for the whole process.
+    let rc = unsafe { init(logger::logger()) };
+    if rc != NCCL_SUCCESS {
+        return Err(fail(format!("init failed with {}", rc_text(rc))));
+    }
+    let mut n: c_int = -1;
+    // SAFETY: `n` is a valid out-pointer.
+    let rc = unsafe { devices(&mut n) };
+    if rc != NCCL_SUCCESS {
+        return Err(fail(format!("devices failed with {}", rc_text(rc))));
+    }
+    if !(1..=MAX_DEVICES).contains(&n) {
+        return Err(fail(format!("reports {n} devices (expected 1..={MAX_DEVICES})")));
+    }
+    (0..n)
+        .map(|dev| {
+            let mut raw = NcclNetPropertiesV7::default();
+            // SAFETY: `dev` < the device count (the plugin does not check); `raw` is the exact v7 layout.
+            let rc = unsafe { get_properties(dev, &mut raw) };
+            if rc != NCCL_SUCCESS {
+                return Err(fail(format!("getProperties({dev}) failed with {}", rc_text(rc))));
+            }
+            devices::from_raw(dev as usize, &raw).map_err(|e| e.context(format!("net plugin {origin}")))
+        })
+        .collect()
+}
+
+/// "rc 3 (internal error)".
+pub fn rc_text(rc: c_int) -> String {
+    let what = match rc {
+        1 => "unhandled CUDA error",
+        2 => "system error",
+        3 => "internal error",
+        4 => "invalid argument",
+        5 => "invalid usage",
+        6 => "remote error",
+        7 => "in progress",
+        _ => "unknown code",
+    };
+    format!("rc {rc} ({what})")
+}
+
+#[cfg(test)]
+impl Plugin {
+    /// A plugin made from a table in this process (the mock), bypassing dlopen and the cache.
+    pub(crate) fn from_table(table: NcclNetV7) -> Result<Arc<Plugin>> {
+        let name = table_name(&table, "test table")?;
+        check_entries(&table, "test table", name)?;
+        let devices = init_and_describe(table, name, "test table")?;
+        Ok(Arc::new(Plugin { table, name, origin: "test table".into(), devices, _library: None }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidate_order_follows_nccl_and_an_explicit_path_stands_alone() {
+        assert_eq!(candidates(None, None), vec![OsString::from("libnccl-net.so")]);
+        assert_eq!(
+            candidates(None, Some("tcpx")),
+            vec![OsString::from("libnccl-net-tcpx.so"), OsString::from("libnccl-net.so")]
+        );
+        assert_eq!(candidates(Some(Path::new("/x/y.so")), Some("tcpx")), vec![OsString::from("/x/y.so")]);
+    }
+
+    #[test]
+    fn missing_library_names_the_path_and_dlerror() {
+        let path = Path::new("/nonexistent/dir/libnccl-net-missing.so");
+        let err = load(Some(path), None).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/dir/libnccl-net-missing.so"), "{err}");
+        // dlerror's own words, e.g. "...: cannot open shared object file: No such file or directory".
+        assert!(err.contains("cannot open shared object file"), "{err}");
+    }
+
+    #[test]
+    fn a_library_without_the_symbol_is_refused_by_name() {
+        let err = load(Some(Path::new("libc.so.6")), None).unwrap_err().to_string();
+        assert!(err.contains("ncclNetPlugin_v7") && err.contains("libc.so.6"), "{err}");
+        assert!(err.contains("undefined symbol"), "dlerror text included: {err}");
+    }
+
+    #[test]
+    fn name_search_reports_every_attempt() {
+        let err = load(None, Some("surely-not-installed-xyz")).unwrap_err().to_string();
+        assert!(err.contains("libnccl-net-surely-not-installed-xyz.so"), "{err}");
+        assert!(err.contains("no net plugin could be loaded"), "{err}");
+    }
+
+    #[test]
+    fn rc_texts() {
+        assert_eq!(rc_text(2), "rc 2 (system error)");
+        assert_eq!(rc_text(42), "rc 42 (unknown code)");
+    }
+}

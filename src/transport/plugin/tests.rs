@@ -1,0 +1,302 @@
+//! The plugin transport against the mock table: data moves and lands gathered, and every TCPX rule
+//! the engine could break is refused here before the plugin sees it (the mock records violations).
+
+use super::mock;
+use super::*;
+use crate::error::UcclStatus;
+use crate::transport::{MemKind, MrHandle, RequestId};
+
+fn net() -> PluginNet {
+    PluginNet::with_plugin(mock::plugin(), None, None).unwrap()
+}
+
+struct Link {
+    pair: u64,
+    send: Box<dyn SendComm>,
+    recv: Box<dyn RecvComm>,
+}
+
+fn link(net: &PluginNet) -> Link {
+    let (handle, mut listen) = net.listen(0).unwrap();
+    assert_eq!(&handle[CONNECT_STATE], &[0u8; 8], "connect state never goes on the wire");
+    let pair = mock::pair_of_handle(&handle);
+    let mut mine = handle;
+    // A peer may ship anything in those bytes; the connect must start from a clean copy anyway.
+    mine[CONNECT_STATE].fill(0xFF);
+    let (mut send, mut recv) = (None, None);
+    for _ in 0..10 {
+        if send.is_none() {
+            send = net.connect(0, &mut mine).unwrap();
+        }
+        if recv.is_none() {
+            recv = listen.accept().unwrap();
+        }
+    }
+    let err = listen.accept().err().expect("one accept per listen comm");
+    assert!(err.to_string().contains("serves one accept"), "{err}");
+    drop(listen);
+    mock::pair(pair, |p| {
+        assert!(p.listen_closed, "listen closed after its accept completed");
+        assert!(p.calls["connect"] >= 2 && p.calls["accept"] >= 2, "both were asynchronous: {:?}", p.calls);
+    });
+    Link { pair, send: send.expect("connected"), recv: recv.expect("accepted") }
+}
+
+fn no_violations(pair: u64) {
+    mock::pair(pair, |p| assert!(p.violations.is_empty(), "{:?}", p.violations));
+}
+
+fn calls(pair: u64, entry: &str) -> usize {
+    mock::pair(pair, |p| p.calls.get(entry).copied().unwrap_or(0))
+}
+
+fn wait_send(l: &mut Link, req: RequestId) -> usize {
+    (0..100).find_map(|_| l.send.test(req).unwrap()).expect("send completes")
+}
+
+fn wait_recv(l: &mut Link, req: RequestId) -> usize {
+    (0..100).find_map(|_| l.recv.test(req).unwrap()).expect("receive completes")
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+#[test]
+fn messages_arrive_in_order_gathered_from_shuffled_fragments() {
+    let net = net();
+    let mut l = link(&net);
+    let sizes = [0usize, 1, 999, 1000, 4097, 60_000];
+    let srcs: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &n)| pattern(n, i as u8)).collect();
+    let mut dsts: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0u8; n]).collect();
+    let recvs: Vec<RequestId> = dsts
+        .iter_mut()
+        .map(|d| unsafe { l.recv.irecv(d.as_mut_ptr(), d.len(), MrHandle::NONE) }.unwrap().unwrap())
+        .collect();
+    let sends: Vec<RequestId> =
+        srcs.iter().map(|s| unsafe { l.send.isend(s.as_ptr(), s.len(), MrHandle::NONE) }.unwrap().unwrap()).collect();
+    assert!(net.needs_polling(), "requests outstanding");
+    for (i, req) in sends.into_iter().enumerate() {
+        assert_eq!(wait_send(&mut l, req), sizes[i]);
+    }
+    for (i, req) in recvs.into_iter().enumerate() {
+        assert_eq!(wait_recv(&mut l, req), sizes[i], "message {i}");
+        assert_eq!(dsts[i], srcs[i], "message {i}");
+        l.recv.irecv_consumed(req).unwrap();
+    }
+    assert!(!net.needs_polling(), "nothing outstanding");
+    no_violations(l.pair);
+    mock::pair(l.pair, |p| assert_eq!(p.live_mrs, 0, "per-request registrations were released"));
+}
+
+#[test]
+fn the_window_is_full_at_sixteen_before_the_plugin_is_called() {
+    let net = net();
+    let mut l = link(&net);
+    let mut bufs = [[0u8; 8]; 17];
+    for (k, b) in bufs.iter_mut().enumerate().take(16) {
+        let r = unsafe { l.recv.irecv(b.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap();
+        assert_eq!(r, Some(RequestId(k as u64)));
+    }
+    assert_eq!(unsafe { l.recv.irecv(bufs[16].as_mut_ptr(), 8, MrHandle::NONE) }.unwrap(), None);
+    assert_eq!(calls(l.pair, "irecv"), 16);
+
+    let src = [7u8; 8];
+    let sends: Vec<RequestId> =
+        (0..16).map(|_| unsafe { l.send.isend(src.as_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap()).collect();
+    assert_eq!(unsafe { l.send.isend(src.as_ptr(), 8, MrHandle::NONE) }.unwrap(), None);
+    assert_eq!(calls(l.pair, "isend"), 16);
+
+    // A completed but unconsumed receive still holds its slot.
+    assert_eq!(wait_recv(&mut l, RequestId(0)), 8);
+    assert_eq!(unsafe { l.recv.irecv(bufs[16].as_mut_ptr(), 8, MrHandle::NONE) }.unwrap(), None);
+    l.recv.irecv_consumed(RequestId(0)).unwrap();
+    let r = unsafe { l.recv.irecv(bufs[16].as_mut_ptr(), 8, MrHandle::NONE) }.unwrap();
+    assert_eq!(r, Some(RequestId(16)), "slot freed by consumption");
+    for s in sends {
+        wait_send(&mut l, s);
+    }
+    no_violations(l.pair);
+}
+
+#[test]
+fn test_and_consume_only_in_order_and_never_twice() {
+    let net = net();
+    let mut l = link(&net);
+    mock::pair(l.pair, |p| p.send_polls_to_finish = 2);
+    let src = pattern(64, 1);
+    let s0 = unsafe { l.send.isend(src.as_ptr(), 64, MrHandle::NONE) }.unwrap().unwrap();
+    let s1 = unsafe { l.send.isend(src.as_ptr(), 32, MrHandle::NONE) }.unwrap().unwrap();
+    let err = l.send.test(s1).unwrap_err().to_string();
+    assert!(err.contains("oldest request in flight is 0"), "{err}");
+    assert_eq!(calls(l.pair, "test"), 0, "refused before the plugin");
+    assert_eq!(l.send.test(s0).unwrap(), None, "in progress");
+    assert_eq!(l.send.test(s0).unwrap(), Some(64));
+    assert!(l.send.test(s0).is_err(), "a done request is never tested again");
+    assert_eq!(wait_send(&mut l, s1), 32);
+
+    let mut a = [0u8; 64];
+    let mut b = [0u8; 64];
+    let r0 = unsafe { l.recv.irecv(a.as_mut_ptr(), 64, MrHandle::NONE) }.unwrap().unwrap();
+    let r1 = unsafe { l.recv.irecv(b.as_mut_ptr(), 64, MrHandle::NONE) }.unwrap().unwrap();
+    let tests_before = calls(l.pair, "test");
+    assert!(l.recv.test(r1).is_err());
+    assert!(l.recv.irecv_consumed(r0).unwrap_err().to_string().contains("in flight"));
+    assert_eq!(calls(l.pair, "test"), tests_before);
+    assert_eq!(calls(l.pair, "irecvConsumed"), 0);
+    assert_eq!(wait_recv(&mut l, r0), 64);
+    assert!(l.recv.test(r0).is_err(), "never re-tested");
+    assert_eq!(wait_recv(&mut l, r1), 32);
+    assert!(l.recv.irecv_consumed(r1).is_err(), "r0 first");
+    l.recv.irecv_consumed(r0).unwrap();
+    l.recv.irecv_consumed(r1).unwrap();
+    assert!(l.recv.irecv_consumed(r1).is_err(), "never consumed twice");
+    assert_eq!((&a[..], &b[..32]), (&src[..], &src[..32]));
+    no_violations(l.pair);
+}
+
+#[test]
+fn sizes_beyond_the_plugin_limits_are_refused() {
+    let net = net();
+    let mut l = link(&net);
+    let mut big = vec![0u8; (4 << 20) + 1];
+    let e = unsafe { l.recv.irecv(big.as_mut_ptr(), big.len(), MrHandle::NONE) }.unwrap_err();
+    assert!(e.to_string().contains("4194304-byte limit"), "{e}");
+    let e = unsafe { l.send.isend(big.as_ptr(), big.len(), MrHandle::NONE) }.unwrap_err();
+    assert!(e.to_string().contains("4194304-byte limit"), "{e}");
+    let r = unsafe { l.recv.irecv(big.as_mut_ptr(), 4 << 20, MrHandle::NONE) }.unwrap();
+    assert_eq!(r, Some(RequestId(0)), "exactly 4 MiB is allowed");
+    let e = l.send.reg_mr(0x1000, 1 << 31, MemKind::Host).unwrap_err();
+    assert!(e.to_string().contains("2 GiB"), "{e}");
+    assert_eq!(calls(l.pair, "regMr"), 1, "only the 4 MiB receive's own registration");
+    no_violations(l.pair);
+}
+
+#[test]
+fn a_sender_larger_than_the_receive_fails_the_comm_without_touching_memory() {
+    let net = net();
+    let mut l = link(&net);
+    let mut dst = vec![0u8; 100];
+    let src = pattern(200, 3);
+    let r = unsafe { l.recv.irecv(dst.as_mut_ptr(), 100, MrHandle::NONE) }.unwrap().unwrap();
+    let s = unsafe { l.send.isend(src.as_ptr(), 200, MrHandle::NONE) }.unwrap().unwrap();
+    wait_send(&mut l, s);
+    let e = (0..10).find_map(|_| l.recv.test(r).err()).expect("refused");
+    assert!(e.to_string().contains("exceeds the posted 100-byte receive"), "{e}");
+    assert!(dst.iter().all(|b| *b == 0), "nothing gathered");
+    let irecvs = calls(l.pair, "irecv");
+    let again = unsafe { l.recv.irecv(dst.as_mut_ptr(), 100, MrHandle::NONE) }.unwrap_err();
+    assert_eq!(again, e, "the comm stays failed");
+    assert_eq!(calls(l.pair, "irecv"), irecvs, "no plugin call after the failure");
+    no_violations(l.pair);
+}
+
+#[test]
+fn plugin_errors_carry_the_last_warning() {
+    let net = net();
+    let mut l = link(&net);
+    let mut dst = [0u8; 8];
+    let r = unsafe { l.recv.irecv(dst.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
+    mock::pair(l.pair, |p| p.fail_next_recv_test = Some(2));
+    let e = l.recv.test(r).unwrap_err();
+    assert_eq!(e.status(), UcclStatus::ErrRemoteDisconnect);
+    assert!(e.message().contains("rc 2 (system error)"), "{e}");
+    assert!(e.message().contains("Connection closed by remote peer"), "{e}");
+    assert_eq!(l.recv.test(r).unwrap_err(), e, "failed comms are not called again");
+    drop(l.recv);
+    mock::pair(l.pair, |p| assert_eq!(p.closed_with_outstanding, 1, "closed anyway"));
+    assert!(!net.needs_polling(), "a closed comm counts nothing outstanding");
+}
+
+#[test]
+fn cuda_registrations_cover_whole_pages_and_gpu_receives_are_refused_for_now() {
+    let net = net();
+    let mut l = link(&net);
+    let mr = l.send.reg_mr(0x10010, 100, MemKind::Cuda { device: 0 }).unwrap();
+    l.send.reg_mr(0x1F000, 0x2000, MemKind::Cuda { device: 0 }).unwrap();
+    mock::pair(l.pair, |p| assert_eq!(p.cuda_regs, vec![(0x10000, 4096), (0x1F000, 0x2000)]));
+    let e = unsafe { l.send.isend(0x10000 as *const u8, 8, mr) }.unwrap_err();
+    assert!(e.to_string().contains("not inside its registration"), "{e}");
+    l.send.dereg_mr(mr);
+
+    let gpu = l.recv.reg_mr(0x40000, 4096, MemKind::Cuda { device: 0 }).unwrap();
+    let r = unsafe { l.recv.irecv(0x40000 as *mut u8, 4096, gpu) }.unwrap().unwrap();
+    let src = pattern(10, 9);
+    let s = unsafe { l.send.isend(src.as_ptr(), 10, MrHandle::NONE) }.unwrap().unwrap();
+    wait_send(&mut l, s);
+    let e = (0..10).find_map(|_| l.recv.test(r).err()).expect("refused");
+    assert_eq!(e.status(), UcclStatus::ErrNotSupported);
+    assert!(e.to_string().contains("GPU unpack path"), "{e}");
+    no_violations(l.pair);
+}
+
+#[test]
+fn deregistering_while_in_use_waits_for_completion() {
+    let net = net();
+    let mut l = link(&net);
+    let src = pattern(300, 4);
+    let mr = l.send.reg_mr(src.as_ptr() as usize, src.len(), MemKind::Host).unwrap();
+    let s = unsafe { l.send.isend(src[100..].as_ptr(), 200, mr) }.unwrap().unwrap();
+    l.send.dereg_mr(mr);
+    mock::pair(l.pair, |p| assert_eq!(p.live_mrs, 1, "still used by the send"));
+    wait_send(&mut l, s);
+    mock::pair(l.pair, |p| assert_eq!(p.live_mrs, 0));
+    no_violations(l.pair);
+}
+
+#[test]
+fn listen_comms_close_only_when_no_accept_runs() {
+    let net = net();
+    let (h, listen) = net.listen(0).unwrap();
+    let pair = mock::pair_of_handle(&h);
+    drop(listen);
+    mock::pair(pair, |p| assert!(p.listen_closed, "never accepted: closed"));
+
+    let (h, mut listen) = net.listen(0).unwrap();
+    let pair = mock::pair_of_handle(&h);
+    assert!(listen.accept().unwrap().is_none(), "no peer yet");
+    drop(listen);
+    mock::pair(pair, |p| assert!(!p.listen_closed, "accept running: left open"));
+    no_violations(pair);
+}
+
+#[test]
+fn interleaved_connects_each_keep_their_own_handle_buffer() {
+    let net = net();
+    let (h1, mut l1) = net.listen(0).unwrap();
+    let (h2, mut l2) = net.listen(0).unwrap();
+    let (mut c1, mut c2) = (h1, h2);
+    let (mut s1, mut s2, mut r1, mut r2) = (None, None, None, None);
+    for _ in 0..10 {
+        if s1.is_none() {
+            s1 = net.connect(0, &mut c1).unwrap();
+        }
+        if s2.is_none() {
+            s2 = net.connect(0, &mut c2).unwrap();
+        }
+        if r1.is_none() {
+            r1 = l1.accept().unwrap();
+        }
+        if r2.is_none() {
+            r2 = l2.accept().unwrap();
+        }
+    }
+    assert!(s1.is_some() && s2.is_some() && r1.is_some() && r2.is_some());
+    no_violations(mock::pair_of_handle(&h1));
+    no_violations(mock::pair_of_handle(&h2));
+    assert!(net.connects.lock().is_empty(), "finished attempts leave nothing behind");
+}
+
+#[test]
+fn devices_and_properties_come_from_the_plugin() {
+    let net = net();
+    assert_eq!(net.name(), "MockNet_v7");
+    assert_eq!(net.devices(), 1);
+    let p = net.properties(0).unwrap();
+    assert!(p.device_unpack && p.supports_cuda && p.supports_host);
+    assert_eq!((p.name.as_str(), p.max_requests), ("mock0", 16));
+    assert!(net.properties(1).is_err());
+    assert!(net.listen(3).is_err());
+    assert_eq!((net.channel_device(0), net.channel_device(5)), (0, 0));
+    assert!(PluginNet::with_plugin(mock::plugin(), Some(&[1]), None).is_err(), "device 1 does not exist");
+}

@@ -1,0 +1,25 @@
+//! Finding the fake devmem NIC plugin for the plugin tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// `$UCCL_TCPX_FAKE_PLUGIN`, else `libfake_tcpx.so` in the target directory and profile this test
+/// was built into (so CARGO_TARGET_DIR and --release are respected). Fails the test, saying how to
+/// build it, when it is missing.
+pub fn fake_plugin() -> PathBuf {
+    if let Some(path) = std::env::var_os("UCCL_TCPX_FAKE_PLUGIN") {
+        let path = PathBuf::from(path);
+        assert!(path.exists(), "UCCL_TCPX_FAKE_PLUGIN={} does not exist", path.display());
+        return path;
+    }
+    // Test binaries live in <target>/<profile>/deps/.
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("<target>/<profile>/deps/<test>");
+    let so = profile_dir.join("libfake_tcpx.so");
+    assert!(
+        so.exists(),
+        "{} is missing: run `cargo build -p fake-tcpx` (with the same profile) before these tests, or set UCCL_TCPX_FAKE_PLUGIN",
+        so.display()
+    );
+    so
+}

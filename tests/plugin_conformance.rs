@@ -1,0 +1,359 @@
+//! The plugin transport against the fake devmem NIC (`crates/fake-tcpx`, host mode): every received
+//! byte lands in shuffled pages of a bounce pool and must be gathered from `loadMeta` lists, and the
+//! fake answers any broken TCPX rule with rc 3, which would fail these transfers. The whole engine
+//! runs with the tcpx transport (configured through `Config`, so nothing here touches the process
+//! environment); the transport-level cases drive the comms directly.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use uccl_tcpx::config::TransportChoice;
+use uccl_tcpx::engine::OneSided;
+use uccl_tcpx::transport::plugin::PluginNet;
+use uccl_tcpx::transport::{ListenComm, MrHandle, Net, RecvComm, RequestId, SendComm};
+use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
+
+mod common;
+mod plugin_common;
+use common::pattern;
+
+const LIMIT: Duration = Duration::from_secs(60);
+/// "No registration": the transport registers the buffer for that one request (`MrHandle::NONE`).
+const NONE: MrHandle = MrHandle(0);
+
+fn config(channels: u16, chunk: u32) -> Config {
+    Config {
+        ip: Some("127.0.0.1".parse().unwrap()),
+        transport: TransportChoice::Tcpx,
+        plugin_path: Some(plugin_common::fake_plugin()),
+        num_channels: channels,
+        chunk_size: chunk,
+        window: 16,
+        connect_timeout: Duration::from_secs(30),
+        ..Config::default()
+    }
+}
+
+struct Pair {
+    a: Engine,
+    b: Engine,
+    ab: Arc<Connection>,
+    ba: Arc<Connection>,
+}
+
+fn pair_with(config: Config) -> Pair {
+    let a = Engine::new(config.clone()).unwrap();
+    let b = Engine::new(config).unwrap();
+    assert_eq!(a.transport(), "FakeDevmemTCPX_v7");
+    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+    let ba = b.accept().unwrap();
+    Pair { a, b, ab, ba }
+}
+
+fn pair() -> Pair {
+    // Three channels over the fake's two devices: channels use devices 0, 1, 0.
+    pair_with(config(3, 256 << 10))
+}
+
+fn wait(conn: &Connection, id: u64) -> uccl_tcpx::Result<u64> {
+    common::wait_done(conn, id, LIMIT)
+}
+
+/// Sends each buffer as one message from `tx` to `rx` and checks every byte.
+fn send_all(tx: (&Engine, &Connection), rx: (&Engine, &Connection), sizes: &[usize], seed: u64) {
+    let srcs: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &n)| pattern(n, seed + i as u64)).collect();
+    let mut dsts: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0u8; n + 64]).collect();
+    let mut recvs = Vec::new();
+    for d in dsts.iter_mut() {
+        let mr = rx.0.register(d.as_mut_ptr() as usize, d.len()).unwrap();
+        recvs.push(rx.1.recv(mr, d.as_mut_ptr() as usize, d.len()).unwrap());
+    }
+    let mut sends = Vec::new();
+    for s in &srcs {
+        let mr = tx.0.register(s.as_ptr() as usize, s.len()).unwrap();
+        sends.push(tx.1.send(&[(mr, s.as_ptr() as usize, s.len())]).unwrap());
+    }
+    for (i, id) in sends.into_iter().enumerate() {
+        assert_eq!(wait(tx.1, id).unwrap(), sizes[i] as u64, "send {i}");
+    }
+    for (i, id) in recvs.into_iter().enumerate() {
+        assert_eq!(wait(rx.1, id).unwrap(), sizes[i] as u64, "receive {i}");
+        assert!(dsts[i][..sizes[i]] == srcs[i][..], "message {i} of {} bytes differs", sizes[i]);
+        assert!(dsts[i][sizes[i]..].iter().all(|b| *b == 0), "bytes past message {i} untouched");
+    }
+}
+
+#[test]
+fn send_recv_of_many_sizes_gathers_every_byte() {
+    let p = pair();
+    let sizes = [1usize, 100, 4095, 4096, 4097, 256 << 10, (256 << 10) + 1, (3 << 20) + 7];
+    send_all((&p.a, &p.ab), (&p.b, &p.ba), &sizes, 1);
+}
+
+#[test]
+fn receives_of_exactly_four_mib() {
+    let p = pair_with(config(2, 4 << 20));
+    send_all((&p.a, &p.ab), (&p.b, &p.ba), &[4 << 20, 12 << 20, (4 << 20) - 1], 7);
+}
+
+#[test]
+fn a_large_transfer_holds_every_window_at_its_limit() {
+    // 32 MiB in 64 KiB chunks over two channels: 256 chunks per comm, always 16 in flight.
+    let p = pair_with(config(2, 64 << 10));
+    send_all((&p.a, &p.ab), (&p.b, &p.ba), &[32 << 20], 11);
+}
+
+#[test]
+fn one_sided_writes_and_reads_with_vectors() {
+    let p = pair();
+    let mut target = vec![0u8; 2 << 20];
+    let tmr = p.b.register(target.as_mut_ptr() as usize, target.len()).unwrap();
+    let base = target.as_mut_ptr() as usize;
+    let fifo = p.b.prepare_fifo(tmr, base, target.len()).unwrap();
+    let src = pattern(1 << 20, 21);
+    let smr = p.a.register(src.as_ptr() as usize, src.len()).unwrap();
+    let mut second = fifo;
+    second.addr += (1 << 20) + 5;
+    let items = [
+        OneSided { mr: smr, addr: src.as_ptr() as usize, len: 300_000, remote: fifo },
+        OneSided { mr: smr, addr: src.as_ptr() as usize + 300_000, len: 700_001, remote: second },
+    ];
+    let w = p.ab.write(&items).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap(), 1_000_001);
+    assert!(target[..300_000] == src[..300_000]);
+    assert!(target[(1 << 20) + 5..(1 << 20) + 5 + 700_001] == src[300_000..1_000_001]);
+
+    let mut back = vec![0u8; 1_000_001];
+    let bmr = p.a.register(back.as_mut_ptr() as usize, back.len()).unwrap();
+    let reads = [
+        OneSided { mr: bmr, addr: back.as_mut_ptr() as usize, len: 300_000, remote: fifo },
+        OneSided { mr: bmr, addr: back.as_mut_ptr() as usize + 300_000, len: 700_001, remote: second },
+    ];
+    let r = p.ab.read(&reads).unwrap();
+    assert_eq!(wait(&p.ab, r).unwrap(), 1_000_001);
+    assert!(back[..] == src[..1_000_001]);
+
+    let mut forged = fifo;
+    forged.padding[9] ^= 0x40;
+    let w = p.ab.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len: 8, remote: forged }]).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap_err().status(), UcclStatus::ErrNotAllowed);
+}
+
+#[test]
+fn vector_sends_and_notifications() {
+    let p = pair();
+    let parts: Vec<Vec<u8>> =
+        [5000usize, 1, 300_000].iter().enumerate().map(|(i, &n)| pattern(n, 40 + i as u64)).collect();
+    let mut dsts: Vec<Vec<u8>> = parts.iter().map(|s| vec![0u8; s.len()]).collect();
+    let recvs: Vec<u64> = dsts
+        .iter_mut()
+        .map(|d| {
+            let mr = p.b.register(d.as_mut_ptr() as usize, d.len()).unwrap();
+            p.ba.recv(mr, d.as_mut_ptr() as usize, d.len()).unwrap()
+        })
+        .collect();
+    let items: Vec<(u64, usize, usize)> = parts
+        .iter()
+        .map(|s| (p.a.register(s.as_ptr() as usize, s.len()).unwrap(), s.as_ptr() as usize, s.len()))
+        .collect();
+    let s = p.ab.send(&items).unwrap();
+    assert_eq!(wait(&p.ab, s).unwrap(), 305_001);
+    for (i, r) in recvs.into_iter().enumerate() {
+        assert_eq!(wait(&p.ba, r).unwrap(), parts[i].len() as u64);
+        assert_eq!(dsts[i], parts[i]);
+    }
+
+    p.ab.notify(b"plugin-conformance", b"after the data").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    while got.is_empty() && Instant::now() < deadline {
+        got.extend(uccl_tcpx::engine::notify::drain(64).into_iter().filter(|n| n.name == b"plugin-conformance"));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].msg, b"after the data");
+}
+
+#[test]
+fn interleaved_transfers_in_both_directions() {
+    let p = Arc::new(pair());
+    let sizes: Vec<usize> = (0..24).map(|i| 1 + (i * 97_003) % (1 << 20)).collect();
+    let (p1, s1) = (p.clone(), sizes.clone());
+    let there = std::thread::spawn(move || send_all((&p1.a, &p1.ab), (&p1.b, &p1.ba), &s1, 100));
+    let back = std::thread::spawn({
+        let p = p.clone();
+        move || send_all((&p.b, &p.ba), (&p.a, &p.ab), &sizes, 200)
+    });
+    there.join().unwrap();
+    back.join().unwrap();
+}
+
+#[test]
+fn zero_byte_engine_messages_are_refused_cleanly() {
+    let p = pair();
+    let buf = [0u8; 16];
+    let mr = p.a.register(buf.as_ptr() as usize, buf.len()).unwrap();
+    let err = p.ab.send(&[(mr, buf.as_ptr() as usize, 0)]).unwrap_err();
+    assert_eq!(err.status(), UcclStatus::ErrInvalidParam, "{err}");
+    send_all((&p.a, &p.ab), (&p.b, &p.ba), &[16], 3);
+}
+
+#[test]
+fn peer_closing_mid_transfer_fails_the_transfer_without_hanging() {
+    let p = pair_with(Config { timeout: Duration::from_secs(10), ..config(2, 64 << 10) });
+    let src = pattern(64 << 20, 9);
+    let mut dst = vec![0u8; src.len()];
+    let smr = p.a.register(src.as_ptr() as usize, src.len()).unwrap();
+    let dmr = p.b.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();
+    let r = p.ba.recv(dmr, dst.as_mut_ptr() as usize, dst.len()).unwrap();
+    let s = p.ab.send(&[(smr, src.as_ptr() as usize, src.len())]).unwrap();
+    // Wait until bytes are arriving, then close the receiving side.
+    let deadline = Instant::now() + LIMIT;
+    while dst[..1 << 20].iter().all(|b| *b == 0) {
+        assert!(Instant::now() < deadline, "no data arrived");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let started = Instant::now();
+    p.b.close_connection(&p.ba);
+    assert_eq!(wait(&p.ba, r).unwrap_err().status(), UcclStatus::ErrCanceled);
+    let err = wait(&p.ab, s).expect_err("the sender learns of the close");
+    assert!(
+        matches!(err.status(), UcclStatus::ErrRemoteDisconnect | UcclStatus::ErrTimeout | UcclStatus::ErrBackend),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30), "failed within bounds: {:?}", started.elapsed());
+    drop(p.a);
+}
+
+/// One comm each way over the fake, without the engine.
+struct Link {
+    send: Box<dyn SendComm>,
+    recv: Box<dyn RecvComm>,
+    _listen: Box<dyn ListenComm>,
+}
+
+fn link(net: &PluginNet, dev: usize) -> Link {
+    let (handle, mut listen) = net.listen(dev).unwrap();
+    let mut theirs = handle;
+    let (mut send, mut recv) = (None, None);
+    let deadline = Instant::now() + LIMIT;
+    while send.is_none() || recv.is_none() {
+        assert!(Instant::now() < deadline, "setup did not finish");
+        if send.is_none() {
+            send = net.connect(dev, &mut theirs).unwrap();
+        }
+        if recv.is_none() {
+            recv = listen.accept().unwrap();
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    Link { send: send.unwrap(), recv: recv.unwrap(), _listen: listen }
+}
+
+fn transport() -> PluginNet {
+    PluginNet::open(&config(1, 1 << 20), None).unwrap()
+}
+
+fn finish<T>(mut poll: impl FnMut() -> uccl_tcpx::Result<Option<T>>) -> T {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        if let Some(v) = poll().unwrap() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "request did not complete");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn transport_zero_byte_and_four_mib_messages() {
+    let net = transport();
+    let mut l = link(&net, 1);
+    let src = pattern(4 << 20, 77);
+    let mut big = vec![0u8; 4 << 20];
+    let mut none = [0u8; 0];
+    let r0 = unsafe { l.recv.irecv(none.as_mut_ptr(), 0, NONE) }.unwrap().unwrap();
+    let r1 = unsafe { l.recv.irecv(big.as_mut_ptr(), big.len(), NONE) }.unwrap().unwrap();
+    let s0 = unsafe { l.send.isend(src.as_ptr(), 0, NONE) }.unwrap().unwrap();
+    let s1 = unsafe { l.send.isend(src.as_ptr(), src.len(), NONE) }.unwrap().unwrap();
+    let mut sent = Vec::new();
+    let mut got = Vec::new();
+    // Progress happens only inside test: poll both sides, oldest first.
+    let deadline = Instant::now() + LIMIT;
+    while sent.len() < 2 || got.len() < 2 {
+        assert!(Instant::now() < deadline);
+        if let Some(&s) = [s0, s1].get(sent.len())
+            && let Some(n) = l.send.test(s).unwrap()
+        {
+            sent.push(n);
+        }
+        if let Some(&r) = [r0, r1].get(got.len())
+            && let Some(n) = l.recv.test(r).unwrap()
+        {
+            got.push(n);
+        }
+    }
+    assert_eq!(sent, vec![0, 4 << 20]);
+    assert_eq!(got, vec![0, 4 << 20]);
+    assert!(big == src);
+    l.recv.irecv_consumed(r0).unwrap();
+    l.recv.irecv_consumed(r1).unwrap();
+    assert!(!net.needs_polling());
+}
+
+#[test]
+fn transport_window_of_sixteen_with_unconsumed_receives() {
+    let net = transport();
+    let mut l = link(&net, 0);
+    let srcs: Vec<Vec<u8>> = (0..16).map(|i| pattern(10_000 + i * 1000, i as u64)).collect();
+    let mut dsts: Vec<Vec<u8>> = (0..17).map(|_| vec![0u8; 30_000]).collect();
+    let recvs: Vec<RequestId> = dsts[..16]
+        .iter_mut()
+        .map(|d| unsafe { l.recv.irecv(d.as_mut_ptr(), d.len(), NONE) }.unwrap().unwrap())
+        .collect();
+    assert_eq!(unsafe { l.recv.irecv(dsts[16].as_mut_ptr(), 100, NONE) }.unwrap(), None);
+    let sends: Vec<RequestId> =
+        srcs.iter().map(|s| unsafe { l.send.isend(s.as_ptr(), s.len(), NONE) }.unwrap().unwrap()).collect();
+    assert_eq!(unsafe { l.send.isend(srcs[0].as_ptr(), 1, NONE) }.unwrap(), None);
+    let (mut s_done, mut r_done) = (0, 0);
+    let deadline = Instant::now() + LIMIT;
+    while s_done < 16 || r_done < 16 {
+        assert!(Instant::now() < deadline);
+        if s_done < 16 && l.send.test(sends[s_done]).unwrap().is_some() {
+            s_done += 1;
+        }
+        if r_done < 16
+            && let Some(n) = l.recv.test(recvs[r_done]).unwrap()
+        {
+            assert_eq!(n, srcs[r_done].len());
+            r_done += 1;
+        }
+    }
+    // All 16 completed but none consumed: the window is still full.
+    assert_eq!(unsafe { l.recv.irecv(dsts[16].as_mut_ptr(), 100, NONE) }.unwrap(), None);
+    for (i, r) in recvs.iter().enumerate() {
+        assert!(dsts[i][..srcs[i].len()] == srcs[i][..], "message {i}");
+        l.recv.irecv_consumed(*r).unwrap();
+    }
+    let src = pattern(100, 5);
+    let r = unsafe { l.recv.irecv(dsts[16].as_mut_ptr(), 100, NONE) }.unwrap().expect("room again");
+    let s = unsafe { l.send.isend(src.as_ptr(), 100, NONE) }.unwrap().unwrap();
+    assert_eq!(finish(|| l.send.test(s)), 100);
+    assert_eq!(finish(|| l.recv.test(r)), 100);
+    assert!(dsts[16][..100] == src[..]);
+}
+
+#[test]
+fn transport_reports_the_fakes_devices() {
+    let net = transport();
+    assert_eq!(net.devices(), 2);
+    for dev in 0..2 {
+        let p = net.properties(dev).unwrap();
+        assert_eq!(p.name, format!("fake{dev}"));
+        assert!(p.device_unpack && p.supports_host && p.supports_cuda);
+        assert!(p.pci_path.is_some());
+    }
+    assert_eq!((0..4).map(|c| net.channel_device(c)).collect::<Vec<_>>(), vec![0, 1, 0, 1]);
+    let explicit = PluginNet::open(&Config { net_devices: Some(vec![1]), ..config(1, 1 << 20) }, None).unwrap();
+    assert_eq!(explicit.channel_device(3), 1);
+}
