@@ -5,6 +5,8 @@ use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
 
+pub mod unpack;
+
 /// Whether a usable CUDA driver is present (libcuda loads and `cuInit` succeeds), probed once per
 /// process. The error says why not, for messages such as "cannot register device memory".
 pub fn driver() -> Result<()> {

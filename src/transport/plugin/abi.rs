@@ -41,8 +41,9 @@ pub const UNPACK_MAX_SLICE_PAGES: usize = UNPACK_MAX_SLICE_SIZE / UNPACK_PAGE_SI
 
 /// `ncclDebugLogger_t`: `void (*)(ncclDebugLogLevel, unsigned long, const char*, int, const char*, ...)`.
 /// Variadic, so only C can define one; see `logger.c`.
-pub type NcclDebugLogger =
-    Option<unsafe extern "C" fn(level: c_int, flags: c_ulong, file: *const c_char, line: c_int, fmt: *const c_char, ...)>;
+pub type NcclDebugLogger = Option<
+    unsafe extern "C" fn(level: c_int, flags: c_ulong, file: *const c_char, line: c_int, fmt: *const c_char, ...),
+>;
 
 /// `ncclNetProperties_v7_t`; the plugin writes all 56 bytes.
 #[repr(C)]
@@ -140,7 +141,8 @@ pub struct NcclNetV7 {
     pub init: Fn0<NcclDebugLogger>,
     pub devices: Fn0<*mut c_int>,
     pub get_properties: Option<unsafe extern "C" fn(dev: c_int, props: *mut NcclNetPropertiesV7) -> NcclResult>,
-    pub listen: Option<unsafe extern "C" fn(dev: c_int, handle: *mut c_void, listen_comm: *mut *mut c_void) -> NcclResult>,
+    pub listen:
+        Option<unsafe extern "C" fn(dev: c_int, handle: *mut c_void, listen_comm: *mut *mut c_void) -> NcclResult>,
     pub connect: Option<
         unsafe extern "C" fn(
             dev: c_int,
@@ -157,8 +159,13 @@ pub struct NcclNetV7 {
         ) -> NcclResult,
     >,
     pub reg_mr: Option<
-        unsafe extern "C" fn(comm: *mut c_void, data: *mut c_void, size: c_int, ty: c_int, mhandle: *mut *mut c_void)
-            -> NcclResult,
+        unsafe extern "C" fn(
+            comm: *mut c_void,
+            data: *mut c_void,
+            size: c_int,
+            ty: c_int,
+            mhandle: *mut *mut c_void,
+        ) -> NcclResult,
     >,
     pub reg_mr_dma_buf: Option<
         unsafe extern "C" fn(
@@ -207,9 +214,11 @@ pub struct NcclNetV7 {
     pub close_send: Fn0<*mut c_void>,
     pub close_recv: Fn0<*mut c_void>,
     pub close_listen: Fn0<*mut c_void>,
-    pub get_device_mr:
-        Option<unsafe extern "C" fn(comm: *mut c_void, mhandle: *mut c_void, dptr_mhandle: *mut *mut c_void) -> NcclResult>,
-    pub irecv_consumed: Option<unsafe extern "C" fn(recv_comm: *mut c_void, n: c_int, request: *mut c_void) -> NcclResult>,
+    pub get_device_mr: Option<
+        unsafe extern "C" fn(comm: *mut c_void, mhandle: *mut c_void, dptr_mhandle: *mut *mut c_void) -> NcclResult,
+    >,
+    pub irecv_consumed:
+        Option<unsafe extern "C" fn(recv_comm: *mut c_void, n: c_int, request: *mut c_void) -> NcclResult>,
 }
 
 // SAFETY: the table is plain function pointers and a pointer to a static name string.
