@@ -16,8 +16,9 @@
 // The kernel runs after the receive completed and nothing writes the pool pages until the host
 // returns them, so read-once non-coherent loads are safe.
 //
-// Built by NVRTC with -D definitions from kernels.rs: UNPACK_BLOCK_THREADS,
-// UNPACK_INLINE_SMALL, UNPACK_INLINE_MEDIUM, UNPACK_INLINE_LARGE (0 leaves a variant out).
+// Built by NVRTC with -D definitions from kernels.rs: UNPACK_INLINE_SMALL, UNPACK_INLINE_MEDIUM,
+// UNPACK_INLINE_LARGE (tile capacities of the inline variants; 0 leaves a variant out). No
+// __launch_bounds__: with it ptxas capped registers at 64 and spilled the in-flight words.
 
 typedef unsigned char u8;
 typedef unsigned int u32;
@@ -178,14 +179,12 @@ __device__ __forceinline__ void unpack_warp(const Tile* tiles, u32 count) {
     copy_tile(src, dst, len, lane);
 }
 
-extern "C" __global__ void __launch_bounds__(UNPACK_BLOCK_THREADS)
-    unpack_tiles(const Tile* __restrict__ tiles, u32 count) {
+extern "C" __global__ void unpack_tiles(const Tile* __restrict__ tiles, u32 count) {
     unpack_warp(tiles, count);
 }
 
 #define UNPACK_DEFINE_INLINE(NAME, N)                                                                  \
-    extern "C" __global__ void __launch_bounds__(UNPACK_BLOCK_THREADS)                                 \
-        NAME(const __grid_constant__ InlineTiles<N> p) {                                               \
+    extern "C" __global__ void NAME(const __grid_constant__ InlineTiles<N> p) {                       \
         unpack_warp(p.tiles, p.count);                                                                 \
     }
 

@@ -199,7 +199,6 @@ fn compile(cc: i32, inline_caps: &[usize; 3]) -> Result<(String, nvrtc::Ptx)> {
     let options = vec![
         format!("--gpu-architecture={target}"),
         "-std=c++17".to_owned(),
-        format!("-DUNPACK_BLOCK_THREADS={BLOCK_THREADS}"),
         format!("-DUNPACK_INLINE_SMALL={}", inline_caps[0]),
         format!("-DUNPACK_INLINE_MEDIUM={}", inline_caps[1]),
         format!("-DUNPACK_INLINE_LARGE={}", inline_caps[2]),
@@ -255,5 +254,33 @@ impl Drop for Program {
     fn drop(&mut self) {
         // SAFETY: created by create_program, destroyed once.
         let _ = unsafe { nvrtc::result::destroy_program(self.0) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel source must compile wherever NVRTC is installed, GPU or not; both output kinds.
+    #[test]
+    fn kernel_source_compiles_to_cubin_and_ptx() {
+        // SAFETY: only dlopens candidate library names.
+        if !unsafe { nvrtc::sys::is_culib_present() } {
+            println!("SKIPPED: no NVRTC");
+            return;
+        }
+        let archs = supported_archs().unwrap();
+        assert!(!archs.is_empty());
+        let newest = *archs.iter().max().unwrap();
+        let (target, image) = compile(newest, &[INLINE_SMALL, INLINE_MEDIUM, INLINE_LARGE]).unwrap();
+        assert_eq!(target, format!("sm_{newest}"));
+        let cubin = format!("{image:?}");
+        assert!(cubin.contains("Binary"), "expected a cubin image");
+        // An architecture newer than NVRTC knows falls back to PTX of the newest it knows.
+        let (target, image) = compile(newest + 1, &[INLINE_SMALL, 0, 0]).unwrap();
+        assert_eq!(target, format!("compute_{newest}"));
+        let ptx = image.to_src();
+        assert!(ptx.contains(".entry unpack_tiles") && ptx.contains(".entry unpack_inline_small"));
+        assert!(!ptx.contains("unpack_inline_large"), "disabled variants are left out");
     }
 }
