@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use common::Rng;
 use cudarc::driver::{CudaContext, result, sys};
-use uccl_tcpx::cuda::unpack::{ReceiveLayout, Submit, Unpacker, UnpackerConfig};
+use uccl_tcpx::cuda::unpack::{BulkTiles, ReceiveLayout, Submit, Unpacker, UnpackerConfig};
 use uccl_tcpx::transport::plugin::abi::LoadMeta;
 
 const GUARD: u8 = 0xA5;
@@ -75,6 +75,17 @@ fn cpu_gather(pool: &[u8], dst: &mut [u8], r: &Receive) {
         let (s, d, n) = (m.src_off as usize, r.dst_at + m.dst_off as usize, m.len as usize);
         dst[d..d + n].copy_from_slice(&pool[s..s + n]);
     }
+}
+
+/// Every way tiles reach the kernel: in the parameters (up to the largest variant), copied to
+/// device memory, read through the host mapping.
+fn tile_paths() -> [UnpackerConfig; 3] {
+    let base = UnpackerConfig::default();
+    [
+        UnpackerConfig { inline_tiles: usize::MAX, ..base },
+        UnpackerConfig { inline_tiles: 0, bulk: BulkTiles::Copy, ..base },
+        UnpackerConfig { inline_tiles: 0, bulk: BulkTiles::Mapped, ..base },
+    ]
 }
 
 /// Submits every receive (polling when the ring is full), finishes, and checks tickets.
@@ -165,13 +176,15 @@ fn random_fragment_patterns_match_a_cpu_gather() {
         receives.push(random_receive(&mut rng, pool.expected.len(), at, dst_len));
         at += dst_len;
     }
-    let mut dst = Region::guarded(at + 4096);
-    for r in &receives {
-        cpu_gather(&pool.expected, &mut dst.expected, r);
+    for config in tile_paths() {
+        let mut dst = Region::guarded(at + 4096);
+        for r in &receives {
+            cpu_gather(&pool.expected, &mut dst.expected, r);
+        }
+        let mut unpacker = Unpacker::new(config).expect("unpacker");
+        run(&mut unpacker, &pool, &dst, &receives);
+        dst.assert_matches(&format!("random receives, {config:?}"));
     }
-    let mut unpacker = Unpacker::new(UnpackerConfig::default()).expect("unpacker");
-    run(&mut unpacker, &pool, &dst, &receives);
-    dst.assert_matches("random receives");
 }
 
 #[test]
@@ -203,13 +216,15 @@ fn every_source_and_destination_alignment() {
             }
         }
     }
-    let mut dst = Region::guarded(at + 64);
-    for r in &receives {
-        cpu_gather(&pool.expected, &mut dst.expected, r);
+    for config in tile_paths() {
+        let mut dst = Region::guarded(at + 64);
+        for r in &receives {
+            cpu_gather(&pool.expected, &mut dst.expected, r);
+        }
+        let mut unpacker = Unpacker::new(config).expect("unpacker");
+        run(&mut unpacker, &pool, &dst, &receives);
+        dst.assert_matches(&format!("alignment sweep, {config:?}"));
     }
-    let mut unpacker = Unpacker::new(UnpackerConfig::default()).expect("unpacker");
-    run(&mut unpacker, &pool, &dst, &receives);
-    dst.assert_matches("alignment sweep");
 }
 
 #[test]
@@ -247,12 +262,15 @@ fn small_rings_force_device_tile_launches_full_rings_and_in_order_completion() {
     let Some(_ctx) = gpu() else { return };
     let mut rng = Rng(0x5eed_0004);
     let pool = Region::new(rng.bytes(32 << 20));
-    let mut unpacker =
-        Unpacker::new(UnpackerConfig { ordinal: 0, tiles_per_launch: 3000, launches_in_flight: 2 }).expect("unpacker");
-    let max_inline = unpacker.kernels().max_inline();
-    assert!(max_inline >= 160, "{:?}", unpacker.kernels());
-    // 512 KiB receives of shuffled whole pages: 128 tiles each, so batches of more than
-    // `max_inline` tiles go through the device tile buffer.
+    let mut unpacker = Unpacker::new(UnpackerConfig {
+        tiles_per_launch: 3000,
+        launches_in_flight: 2,
+        inline_tiles: 0,
+        ..UnpackerConfig::default()
+    })
+    .expect("unpacker");
+    assert!(unpacker.kernels().max_inline() >= 160, "{:?}", unpacker.kernels());
+    // 512 KiB receives of shuffled whole pages: 128 tiles each, copied to the device tile buffer.
     let mut receives = Vec::new();
     for i in 0..48 {
         let mut metas: Vec<LoadMeta> = (0..128u64)
@@ -271,8 +289,8 @@ fn small_rings_force_device_tile_launches_full_rings_and_in_order_completion() {
     for r in &receives {
         cpu_gather(&pool.expected, &mut dst.expected, r);
     }
-    // Batches of 20 receives (2560 tiles) exceed the inline capacity; with two slots a batch may
-    // have to wait for one (Submit::Full).
+    // Batches of 20 receives (2560 tiles); with two slots a batch may have to wait for one
+    // (Submit::Full).
     let mut tickets = Vec::new();
     for chunk in receives.chunks(20) {
         for r in chunk {
@@ -294,7 +312,7 @@ fn small_rings_force_device_tile_launches_full_rings_and_in_order_completion() {
                 }
             }
         }
-        assert!(unpacker.pending_tiles() > max_inline || chunk.len() < 20);
+        assert_eq!(unpacker.pending_tiles(), chunk.len() * 128);
         assert!(unpacker.launch().expect("launch"));
     }
     let mut last = 0;

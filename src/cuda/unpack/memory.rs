@@ -13,10 +13,12 @@ pub(super) fn driver_error(what: &str, err: result::DriverError) -> Error {
     Error::backend(format!("unpack: {what}: {err}"))
 }
 
-/// Page-locked, cached (not write-combined: the host reads it back for inline launches) host memory.
+/// Page-locked, cached (not write-combined: the host reads it back for inline launches) host
+/// memory, mapped into the device so a kernel can also read it in place.
 pub(super) struct PinnedTiles {
     ptr: *mut Tile,
     len: usize,
+    device: sys::CUdeviceptr,
 }
 
 // SAFETY: plain memory owned by this value; nothing about it is tied to a thread.
@@ -26,11 +28,22 @@ impl PinnedTiles {
     pub(super) fn new(len: usize) -> Result<PinnedTiles> {
         let bytes = len.max(1) * size_of::<Tile>();
         // SAFETY: a fresh allocation; zeroed below before any read.
-        let ptr = unsafe { result::malloc_host(bytes, 0) }.map_err(|e| driver_error("pinned tile buffer", e))?;
+        let ptr = unsafe { result::malloc_host(bytes, sys::CU_MEMHOSTALLOC_DEVICEMAP) }
+            .map_err(|e| driver_error("pinned tile buffer", e))?;
         let ptr = ptr.cast::<Tile>();
+        let mut tiles = PinnedTiles { ptr, len, device: 0 };
         // SAFETY: `ptr` points to `bytes` writable bytes, suitably aligned (page-aligned allocation).
         unsafe { std::ptr::write_bytes(ptr, 0, len.max(1)) };
-        Ok(PinnedTiles { ptr, len })
+        // SAFETY: `ptr` was allocated with DEVICEMAP in the current context.
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut tiles.device, ptr.cast(), 0) }
+            .result()
+            .map_err(|e| driver_error("map pinned tile buffer", e))?;
+        Ok(tiles)
+    }
+
+    /// The device's address of the same memory.
+    pub(super) fn device_ptr(&self) -> sys::CUdeviceptr {
+        self.device
     }
 
     pub(super) fn as_slice(&self) -> &[Tile] {

@@ -13,4 +13,4 @@ mod unpacker;
 
 pub use kernels::{BLOCK_THREADS, INLINE_LARGE, INLINE_MEDIUM, INLINE_SMALL, InlineTiles, UnpackKernels};
 pub use plan::{MAX_FRAGMENTS, PlanError, PlanStats, ReceiveLayout, TILE_BYTES, Tile, plan_receive};
-pub use unpacker::{Submit, Unpacker, UnpackerConfig};
+pub use unpacker::{BulkTiles, Submit, Unpacker, UnpackerConfig};

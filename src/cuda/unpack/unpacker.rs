@@ -35,11 +35,33 @@ pub struct UnpackerConfig {
     pub tiles_per_launch: usize,
     /// Launches that may be running before `submit` reports [`Submit::Full`].
     pub launches_in_flight: usize,
+    /// Launches of at most this many tiles carry them in the kernel parameters (capped at what
+    /// the driver allows, [`UnpackKernels::max_inline`]).
+    pub inline_tiles: usize,
+    /// How larger launches get their tiles.
+    pub bulk: BulkTiles,
+}
+
+/// How the tiles of a launch too large for its parameters reach the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BulkTiles {
+    /// One host-to-device copy from the pinned slot into the slot's device buffer, on the
+    /// unpack stream just before the kernel.
+    Copy,
+    /// The kernel reads the pinned slot through its device mapping: one PCIe read per tile,
+    /// issued by all warps at once, and no copy operation to wait for.
+    Mapped,
 }
 
 impl Default for UnpackerConfig {
     fn default() -> UnpackerConfig {
-        UnpackerConfig { ordinal: 0, tiles_per_launch: 16384, launches_in_flight: 8 }
+        UnpackerConfig {
+            ordinal: 0,
+            tiles_per_launch: 16384,
+            launches_in_flight: 8,
+            inline_tiles: super::kernels::INLINE_LARGE,
+            bulk: BulkTiles::Copy,
+        }
     }
 }
 
@@ -66,6 +88,8 @@ pub struct Unpacker {
     params: Box<InlineTiles>,
     stream: Arc<CudaStream>,
     kernels: Arc<UnpackKernels>,
+    inline_tiles: usize,
+    bulk: BulkTiles,
     /// Slot of the open batch.
     next: usize,
     /// Launched slots whose events have not been seen complete: the `in_flight` slots before `next`.
@@ -114,6 +138,8 @@ impl Unpacker {
         Ok(Unpacker {
             slots,
             params: InlineTiles::boxed(),
+            inline_tiles: config.inline_tiles.min(kernels.max_inline()),
+            bulk: config.bulk,
             stream,
             kernels,
             next: 0,
@@ -222,12 +248,16 @@ impl Unpacker {
         let slot = &mut self.slots[self.next];
         let tiles = &slot.host.as_slice()[..self.open_tiles];
         if !tiles.is_empty() {
-            if tiles.len() <= self.kernels.max_inline() {
+            if tiles.len() <= self.inline_tiles {
                 self.params.count = tiles.len() as u32;
                 self.params.tiles[..tiles.len()].copy_from_slice(tiles);
                 // SAFETY: the stream is ours and the context is current; the submit contract covers
                 // the tiles' ranges.
                 unsafe { self.kernels.launch_inline(stream, &self.params) }?;
+            } else if self.bulk == BulkTiles::Mapped {
+                // SAFETY: as for the inline launch; the pinned slot is not written again before this
+                // slot's event completes, and x86 stores are visible to the device before the launch.
+                unsafe { self.kernels.launch_device_tiles(stream, slot.host.device_ptr(), tiles.len() as u32) }?;
             } else {
                 // SAFETY: pinned source and device destination both hold `tiles.len()` tiles and stay
                 // untouched until this slot's event completes.

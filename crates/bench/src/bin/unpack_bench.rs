@@ -15,7 +15,8 @@ use std::time::Instant;
 use cudarc::driver::{CudaContext, CudaFunction, result, sys};
 use cudarc::nvrtc;
 use uccl_tcpx::cuda::unpack::{
-    InlineTiles, PlanError, ReceiveLayout, Submit, Tile, UnpackKernels, Unpacker, UnpackerConfig, plan_receive,
+    BulkTiles, INLINE_SMALL, InlineTiles, PlanError, ReceiveLayout, Submit, Tile, UnpackKernels, Unpacker,
+    UnpackerConfig, plan_receive,
 };
 use uccl_tcpx::transport::plugin::abi::LoadMeta;
 
@@ -170,6 +171,9 @@ __device__ __forceinline__ void copy_fragment(const char* s, char* d, u32 len, u
     if (lane < (len & 15u)) d[body + lane] = ((const volatile char*)s)[body + lane];
 }
 
+// Launch-overhead anchor.
+extern "C" __global__ void empty_kernel() {}
+
 extern "C" __global__ void reference_unpack(const u64* metas, u32 count, const char* pool, char* dst) {
     const u32 lane = threadIdx.x & 31;
     const u32 warp = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -194,7 +198,7 @@ extern "C" __global__ void reference_unpack(const u64* metas, u32 count, const c
 }
 "#;
 
-fn compile_reference(ctx: &Arc<CudaContext>) -> CudaFunction {
+fn compile_reference(ctx: &Arc<CudaContext>) -> (CudaFunction, CudaFunction) {
     let (major, minor) = check("compute capability", ctx.compute_capability());
     let source = CString::new(REFERENCE_SOURCE).unwrap();
     let prog = check("nvrtc create", nvrtc::result::create_program(&source, Some(c"reference.cu")));
@@ -210,7 +214,10 @@ fn compile_reference(ctx: &Arc<CudaContext>) -> CudaFunction {
     check("cubin", unsafe { nvrtc::sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast()) }.result());
     let _ = unsafe { nvrtc::result::destroy_program(prog) };
     let module = check("load reference module", ctx.load_module(nvrtc::Ptx::from_binary(cubin)));
-    check("reference function", module.load_function("reference_unpack"))
+    (
+        check("reference function", module.load_function("reference_unpack")),
+        check("empty function", module.load_function("empty_kernel")),
+    )
 }
 
 /// Mean microseconds per repetition of `op`, from events around `reps` back-to-back repetitions
@@ -240,31 +247,38 @@ fn gbps(bytes: usize, us: f64) -> f64 {
 }
 
 struct Bench {
-    ctx: Arc<CudaContext>,
     kernels: Arc<UnpackKernels>,
     reference: CudaFunction,
+    empty: CudaFunction,
     stream: sys::CUstream,
     pool: DeviceBuffer,
     pool_host: Vec<u8>,
     dst: DeviceBuffer,
     dst_len: usize,
+    /// Tiles resident in device memory, and a pinned, device-mapped staging copy of them.
     tiles_dev: DeviceBuffer,
+    tiles_pinned: *mut Tile,
+    tiles_mapped: sys::CUdeviceptr,
+    tiles_capacity: usize,
     metas_host: *mut LoadMeta,
     metas_capacity: usize,
     params: Box<InlineTiles>,
-    reps_small: usize,
+    reps: usize,
 }
 
+/// Microseconds per repetition of each way of running the same batch.
 struct Row {
     name: &'static str,
     bytes: usize,
     fragments: usize,
     tiles: usize,
-    memcpy_us: f64,
-    kernel_us: f64,
-    path_us: f64,
-    unpacker_us: f64,
-    reference_us: f64,
+    memcpy: f64,
+    resident: f64,
+    inline: Option<f64>,
+    copied: f64,
+    mapped: f64,
+    reference: f64,
+    unpacker: f64,
 }
 
 impl Bench {
@@ -310,20 +324,23 @@ impl Bench {
         if let Some(at) = actual.iter().zip(&expected).position(|(a, e)| a != e) {
             fail(&format!("{who} produced wrong bytes for '{}' at offset {at}", s.name));
         }
+        self.clear_dst();
     }
 
-    /// Our kernel with tiles already where the launch reads them: in the parameters when they fit,
-    /// else in device memory uploaded once beforehand.
-    fn launch_kernel(&mut self, tiles: &[Tile]) {
-        if tiles.len() <= self.kernels.max_inline() {
-            self.params.count = tiles.len() as u32;
-            self.params.tiles[..tiles.len()].copy_from_slice(tiles);
-            check("launch", unsafe { self.kernels.launch_inline(self.stream, &self.params) });
-        } else {
-            check("launch", unsafe {
-                self.kernels.launch_device_tiles(self.stream, self.tiles_dev.0, tiles.len() as u32)
-            });
-        }
+    fn launch_inline(&mut self, tiles: &[Tile]) {
+        self.params.count = tiles.len() as u32;
+        self.params.tiles[..tiles.len()].copy_from_slice(tiles);
+        check("launch", unsafe { self.kernels.launch_inline(self.stream, &self.params) });
+    }
+
+    fn launch_from(&self, tiles: sys::CUdeviceptr, count: usize) {
+        check("launch", unsafe { self.kernels.launch_device_tiles(self.stream, tiles, count as u32) });
+    }
+
+    fn launch_copied(&self, count: usize) {
+        let pinned = unsafe { std::slice::from_raw_parts(self.tiles_pinned, count) };
+        check("upload", unsafe { result::memcpy_htod_async(self.tiles_dev.0, pinned, self.stream) });
+        self.launch_from(self.tiles_dev.0, count);
     }
 
     fn launch_reference(&self, count: usize) {
@@ -340,47 +357,53 @@ impl Bench {
     }
 
     fn run(&mut self, s: &Scenario, unpacker: &mut Unpacker) -> Row {
-        let reps = if s.bytes > (8 << 20) { self.reps_small / 4 } else { self.reps_small }.max(10);
+        let reps = if s.bytes > (8 << 20) { self.reps / 4 } else { self.reps }.max(10);
         let tiles = self.plan(s);
+        let n = tiles.len();
+        if n > self.tiles_capacity {
+            fail("too many tiles for the staging buffers");
+        }
+        unsafe { std::ptr::copy_nonoverlapping(tiles.as_ptr(), self.tiles_pinned, n) };
         check("upload tiles", unsafe { result::memcpy_htod_sync(self.tiles_dev.0, &tiles) });
-
-        self.clear_dst();
-        self.launch_kernel(&tiles);
-        self.verify(s, "unpack kernel");
-        self.clear_dst();
         let flat = s.flat_metas();
         if flat.len() > self.metas_capacity {
             fail("too many fragments for the mapped metadata buffer");
         }
         unsafe { std::ptr::copy_nonoverlapping(flat.as_ptr(), self.metas_host, flat.len()) };
+
+        // Every way of running the batch must produce the CPU gather's bytes before it is timed.
+        self.clear_dst();
+        let fits_inline = n <= self.kernels.max_inline();
+        if fits_inline {
+            self.launch_inline(&tiles);
+            self.verify(s, "unpack kernel (inline tiles)");
+        }
+        self.launch_from(self.tiles_dev.0, n);
+        self.verify(s, "unpack kernel (resident tiles)");
+        self.launch_copied(n);
+        self.verify(s, "unpack kernel (copied tiles)");
+        self.launch_from(self.tiles_mapped, n);
+        self.verify(s, "unpack kernel (mapped tiles)");
         self.launch_reference(flat.len());
         self.verify(s, "reference kernel");
-        self.clear_dst();
         for r in &s.receives {
-            let layout = self.layout(r.dst_at, CHUNK);
-            submit(unpacker, &layout, &r.metas);
+            submit(unpacker, &self.layout(r.dst_at, CHUNK), &r.metas);
         }
         check("finish", unpacker.finish());
         self.verify(s, "Unpacker");
 
         let stream = self.stream;
         let (dst, pool, bytes) = (self.dst.0, self.pool.0, s.bytes);
-        let memcpy_us = time_us(stream, reps, || {
+        let memcpy = time_us(stream, reps, || {
             check("memcpy", unsafe { result::memcpy_dtod_async(dst, pool, bytes, stream) });
         });
-        let kernel_us = time_us(stream, reps, || self.launch_kernel(&tiles));
-        let path_us = if tiles.len() <= self.kernels.max_inline() {
-            kernel_us
-        } else {
-            let tiles_dev = self.tiles_dev.0;
-            time_us(stream, reps, || {
-                check("upload", unsafe { result::memcpy_htod_async(tiles_dev, &tiles, stream) });
-                self.launch_kernel(&tiles);
-            })
-        };
-        let reference_us = time_us(stream, reps, || self.launch_reference(flat.len()));
+        let resident = time_us(stream, reps, || self.launch_from(self.tiles_dev.0, n));
+        let inline = fits_inline.then(|| time_us(stream, reps, || self.launch_inline(&tiles)));
+        let copied = time_us(stream, reps, || self.launch_copied(n));
+        let mapped = time_us(stream, reps, || self.launch_from(self.tiles_mapped, n));
+        let reference = time_us(stream, reps, || self.launch_reference(flat.len()));
 
-        // The whole host path: validate, merge, plan, launch, per repetition; wall clock.
+        // The whole host path per repetition (validate, merge, plan, launch), host wall clock.
         let start = Instant::now();
         for _ in 0..reps {
             for r in &s.receives {
@@ -395,12 +418,14 @@ impl Bench {
             name: s.name,
             bytes: s.bytes,
             fragments: s.fragments(),
-            tiles: tiles.len(),
-            memcpy_us,
-            kernel_us,
-            path_us,
-            unpacker_us,
-            reference_us,
+            tiles: n,
+            memcpy,
+            resident,
+            inline,
+            copied,
+            mapped,
+            reference,
+            unpacker: unpacker_us,
         }
     }
 }
@@ -417,31 +442,46 @@ fn submit(unpacker: &mut Unpacker, layout: &ReceiveLayout, metas: &[LoadMeta]) -
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+struct Spread {
+    p50: f64,
+    p90: f64,
+    p99: f64,
 }
 
-/// Microseconds from submitting one 512 KiB receive to seeing its event complete, one at a time.
-fn latency(bench: &Bench, unpacker: &mut Unpacker, metas: &[LoadMeta], iters: usize) -> (f64, f64, f64, f64) {
-    let layout = bench.layout(0, CHUNK);
-    let mut samples = Vec::with_capacity(iters);
-    let mut host = Vec::with_capacity(iters);
+fn spread(mut samples: Vec<f64>) -> Spread {
+    samples.sort_by(f64::total_cmp);
+    let at = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
+    Spread { p50: at(0.5), p90: at(0.9), p99: at(0.99) }
+}
+
+/// Host-measured microseconds from `issue` (which starts GPU work and returns a token) until
+/// `done(token)` holds, one at a time, after a tenth as many warm-up rounds; also the median time
+/// `issue` itself took.
+fn one_at_a_time<S>(
+    iters: usize,
+    state: &mut S,
+    mut issue: impl FnMut(&mut S) -> u64,
+    mut done: impl FnMut(&mut S, u64) -> bool,
+) -> (Spread, f64) {
+    let mut total = Vec::with_capacity(iters);
+    let mut issuing = Vec::with_capacity(iters);
     for i in 0..iters + iters / 10 {
         let start = Instant::now();
-        let ticket = submit(unpacker, &layout, metas);
-        check("launch", unpacker.launch());
-        let launched = start.elapsed();
-        while check("poll", unpacker.poll()) <= ticket {
+        let token = issue(state);
+        let issued = start.elapsed();
+        while !done(state, token) {
             std::hint::spin_loop();
         }
         if i >= iters / 10 {
-            samples.push(start.elapsed().as_secs_f64() * 1e6);
-            host.push(launched.as_secs_f64() * 1e6);
+            total.push(start.elapsed().as_secs_f64() * 1e6);
+            issuing.push(issued.as_secs_f64() * 1e6);
         }
     }
-    samples.sort_by(f64::total_cmp);
-    host.sort_by(f64::total_cmp);
-    (percentile(&samples, 0.5), percentile(&samples, 0.9), percentile(&samples, 0.99), percentile(&host, 0.5))
+    (spread(total), spread(issuing).p50)
+}
+
+fn event_done(event: sys::CUevent) -> bool {
+    unsafe { result::event::query(event) }.is_ok()
 }
 
 fn main() {
@@ -483,74 +523,142 @@ fn main() {
     check("upload pool", unsafe { result::memcpy_htod_sync(pool.0, &pool_host) });
     let dst_len = 32 << 20;
     let metas_capacity = 32 << 10;
-    let metas_host = check("mapped metas", unsafe {
-        result::malloc_host(metas_capacity * 16, sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE)
+    let mapped_flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
+    let metas_host =
+        check("mapped metas", unsafe { result::malloc_host(metas_capacity * 16, mapped_flags) }).cast::<LoadMeta>();
+    let tiles_capacity = 64 << 10;
+    let tiles_pinned = check("pinned tiles", unsafe {
+        result::malloc_host(tiles_capacity * std::mem::size_of::<Tile>(), mapped_flags)
     })
-    .cast::<LoadMeta>();
+    .cast::<Tile>();
+    let mut tiles_mapped = 0;
+    check(
+        "map tiles",
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut tiles_mapped, tiles_pinned.cast(), 0) }.result(),
+    );
+    let (reference, empty) = compile_reference(&ctx);
     let mut bench = Bench {
-        reference: compile_reference(&ctx),
-        ctx: ctx.clone(),
         kernels,
+        reference,
+        empty,
         stream,
         pool,
         pool_host,
         dst: DeviceBuffer::new(dst_len),
         dst_len,
-        tiles_dev: DeviceBuffer::new(64 << 10 << 5),
+        tiles_dev: DeviceBuffer::new(tiles_capacity * std::mem::size_of::<Tile>()),
+        tiles_pinned,
+        tiles_mapped,
+        tiles_capacity,
         metas_host,
         metas_capacity,
         params: InlineTiles::boxed(),
-        reps_small: reps,
+        reps,
     };
     let mut unpacker = check("unpacker", Unpacker::new(UnpackerConfig::default()));
+    println!("Unpacker e2e uses {:?}", UnpackerConfig::default());
 
     let scenarios = [
+        shuffled_pages("512 KiB, shuffled 4 KiB pages", 512 << 10, &mut rng),
         shuffled_pages("4 MiB, shuffled 4 KiB pages", 4 << 20, &mut rng),
         shuffled_pages("32 MiB, shuffled 4 KiB pages", 32 << 20, &mut rng),
         misaligned_fragments("4 MiB, misaligned 1-4 KiB fragments", 4 << 20, &mut rng),
         misaligned_fragments("32 MiB, misaligned 1-4 KiB fragments", 32 << 20, &mut rng),
     ];
     let rows: Vec<Row> = scenarios.iter().map(|s| bench.run(s, &mut unpacker)).collect();
-    println!("all kernels verified byte for byte against a CPU gather before timing");
+    println!("every path verified byte for byte against a CPU gather before timing");
     println!();
+    println!("GPU time per batch (CUDA events around back-to-back repetitions), and ratio memcpy time / our time:");
     println!(
-        "| case | frags | tiles | memcpy D2D | unpack kernel | kernel / memcpy | + tile upload | Unpacker e2e (host) | NCCL-style reference | kernel vs reference |"
+        "| case | frags | tiles | memcpy D2D | kernel, tiles resident | tiles in params | tiles copied H2D | tiles mapped | Unpacker e2e (host clock) | NCCL-style reference | resident vs reference |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
+        let cell = |us: f64| format!("{us:.1} us ({:.2})", r.memcpy / us);
         println!(
-            "| {} | {} | {} | {:.1} us, {:.0} GB/s | {:.1} us, {:.0} GB/s | {:.2} | {:.1} us ({:.2}) | {:.1} us ({:.2}) | {:.1} us, {:.0} GB/s | {:.1}x |",
+            "| {} | {} | {} | {:.1} us, {:.0} GB/s | {} | {} | {} | {} | {} | {:.1} us, {:.0} GB/s | {:.1}x |",
             r.name,
             r.fragments,
             r.tiles,
-            r.memcpy_us,
-            gbps(r.bytes, r.memcpy_us),
-            r.kernel_us,
-            gbps(r.bytes, r.kernel_us),
-            r.memcpy_us / r.kernel_us,
-            r.path_us,
-            r.memcpy_us / r.path_us,
-            r.unpacker_us,
-            r.memcpy_us / r.unpacker_us,
-            r.reference_us,
-            gbps(r.bytes, r.reference_us),
-            r.reference_us / r.kernel_us,
+            r.memcpy,
+            gbps(r.bytes, r.memcpy),
+            cell(r.resident),
+            r.inline.map_or("-".to_owned(), cell),
+            cell(r.copied),
+            cell(r.mapped),
+            cell(r.unpacker),
+            r.reference,
+            gbps(r.bytes, r.reference),
+            r.reference / r.resident,
         );
     }
     println!();
+
+    // Latency of one 512 KiB receive at a time, submit to event complete, against what an empty
+    // kernel and a 512 KiB memcpy cost the same way.
+    let stream = bench.stream;
+    let done = check("event", result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING));
+    let empty = bench.empty.cu_function();
+    let (empty_kernel, _) = one_at_a_time(
+        latency_iters,
+        &mut (),
+        |_| {
+            let mut no_args: [*mut c_void; 0] = [];
+            check("launch", unsafe { result::launch_kernel(empty, (1, 1, 1), (32, 1, 1), 0, stream, &mut no_args) });
+            check("record", unsafe { result::event::record(done, stream) });
+            0
+        },
+        |_, _| event_done(done),
+    );
+    let (dst, pool) = (bench.dst.0, bench.pool.0);
+    let (memcpy_chunk, _) = one_at_a_time(
+        latency_iters,
+        &mut (),
+        |_| {
+            check("memcpy", unsafe { result::memcpy_dtod_async(dst, pool, CHUNK, stream) });
+            check("record", unsafe { result::event::record(done, stream) });
+            0
+        },
+        |_, _| event_done(done),
+    );
+    println!(
+        "latency anchors: empty kernel + event median {:.1} us (p99 {:.1}); 512 KiB memcpy + event median {:.1} us (p99 {:.1})",
+        empty_kernel.p50, empty_kernel.p99, memcpy_chunk.p50, memcpy_chunk.p99
+    );
     let pages = &scenarios[0].receives[0].metas;
-    let odd = &scenarios[2].receives[0].metas;
-    for (what, metas) in [("512 KiB of 128 shuffled pages", pages), ("512 KiB of misaligned fragments", odd)] {
-        let (p50, p90, p99, host) = latency(&bench, &mut unpacker, metas, latency_iters);
-        println!(
-            "latency, {what} ({} frags): submit -> event complete median {p50:.1} us, p90 {p90:.1} us, p99 {p99:.1} us; host submit+launch median {host:.1} us",
-            metas.len()
-        );
+    let odd = &scenarios[3].receives[0].metas;
+    let layout = bench.layout(0, CHUNK);
+    let configs = [
+        ("tiles in params", UnpackerConfig { inline_tiles: INLINE_SMALL, ..UnpackerConfig::default() }),
+        ("tiles copied", UnpackerConfig { inline_tiles: 0, bulk: BulkTiles::Copy, ..UnpackerConfig::default() }),
+        ("tiles mapped", UnpackerConfig { inline_tiles: 0, bulk: BulkTiles::Mapped, ..UnpackerConfig::default() }),
+    ];
+    for (path, config) in configs {
+        let mut unpacker = check("unpacker", Unpacker::new(config));
+        for (what, metas) in [("128 shuffled pages", pages), ("misaligned fragments", odd)] {
+            let (total, issue) = one_at_a_time(
+                latency_iters,
+                &mut unpacker,
+                |u| {
+                    let ticket = submit(u, &layout, metas);
+                    check("launch", u.launch());
+                    ticket
+                },
+                |u, ticket| check("poll", u.poll()) > ticket,
+            );
+            println!(
+                "latency, 512 KiB of {what} ({} frags), {path}: submit -> event complete median {:.1} us, p90 {:.1} us, p99 {:.1} us; host submit+launch median {issue:.1} us",
+                metas.len(),
+                total.p50,
+                total.p90,
+                total.p99
+            );
+        }
     }
-    drop(unpacker);
-    let _ = &bench.ctx;
     unsafe {
+        let _ = result::event::destroy(done);
         let _ = result::stream::destroy(bench.stream);
         let _ = result::free_host(bench.metas_host.cast());
+        let _ = result::free_host(bench.tiles_pinned.cast());
     }
 }
