@@ -356,3 +356,33 @@ fn invalid_and_empty_receives() {
     dst.expected[4096..8192].copy_from_slice(&pool.expected[4096 * 7 + 3..4096 * 8 + 3]);
     dst.assert_matches("after rejected and empty receives");
 }
+
+#[test]
+fn every_parameter_block_size_carries_its_tiles() {
+    let Some(_ctx) = gpu() else { return };
+    let mut rng = Rng(0x5eed_0006);
+    let pool = Region::new(rng.bytes(16 << 20));
+    let config = UnpackerConfig { inline_tiles: usize::MAX, ..UnpackerConfig::default() };
+    let mut unpacker = Unpacker::new(config).expect("unpacker");
+    let max_inline = unpacker.kernels().max_inline();
+    // Just under and at each variant's capacity (small, medium, large), then one past the largest.
+    for pages in [1usize, 159, 160, 161, 511, 512, 513, 1359, 1360, 1361] {
+        let pages = pages.min(max_inline + 1);
+        let mut metas: Vec<LoadMeta> = (0..pages)
+            .map(|k| LoadMeta {
+                src_off: (rng.below(pool.expected.len() / 4096) * 4096 + rng.below(16)) as u32 % (15 << 20),
+                len: 4096,
+                dst_off: (k * 4096) as u64,
+            })
+            .collect();
+        for k in (1..metas.len()).rev() {
+            metas.swap(k, rng.below(k + 1));
+        }
+        // A 16-byte-aligned destination: one tile per page (sources are misaligned instead).
+        let receive = Receive { dst_at: 0, dst_len: pages * 4096, metas };
+        let mut dst = Region::guarded(pages * 4096 + 64);
+        cpu_gather(&pool.expected, &mut dst.expected, &receive);
+        run(&mut unpacker, &pool, &dst, std::slice::from_ref(&receive));
+        dst.assert_matches(&format!("{pages} tiles"));
+    }
+}

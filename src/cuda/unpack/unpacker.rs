@@ -10,11 +10,18 @@
 //! [`Unpacker::poll`]'s value is finished. The caller consumes them in ticket order, which is
 //! posting order per comm as long as it submits them in that order.
 //!
-//! Everything a launch needs is allocated once: a ring of slots, each with a pinned tile buffer,
-//! a device tile buffer and an event. The open batch is planned straight into the next slot's
-//! pinned buffer. A launch puts up to [`max_inline`](UnpackKernels::max_inline) tiles in the
-//! kernel parameters; more go through one host-to-device copy on the same stream. A slot is reused
-//! only after its event completed, so neither buffer is overwritten while the GPU may read it.
+//! Everything a launch needs is allocated once: a ring of slots, each with a pinned, device-mapped
+//! tile buffer, a device tile buffer and an event. The open batch is planned straight into the
+//! next slot's pinned buffer. A launch of up to [`UnpackerConfig::inline_tiles`] tiles carries
+//! them in the kernel parameters; a larger one lets the kernel read the pinned buffer through its
+//! mapping ([`BulkTiles::Mapped`]) or copies it to the device first ([`BulkTiles::Copy`]). A slot
+//! is reused only after its event completed, so neither buffer is overwritten while the GPU may
+//! read it.
+//!
+//! The defaults follow measurements on H200 (docs/PERFORMANCE.md): parameter blocks cost GPU time
+//! in proportion to their size (about +0.9 us for 160 tiles, +4.7 us for 1024), a mapped read costs
+//! one PCIe round trip (about +2 us) whatever the count, and a copy-engine upload costs +7 us or
+//! more. So small launches (one 512 KiB receive is 128 tiles) go inline and larger ones mapped.
 
 use std::sync::Arc;
 
@@ -36,9 +43,9 @@ pub struct UnpackerConfig {
     /// Launches that may be running before `submit` reports [`Submit::Full`].
     pub launches_in_flight: usize,
     /// Launches of at most this many tiles carry them in the kernel parameters (capped at what
-    /// the driver allows, [`UnpackKernels::max_inline`]).
+    /// the driver allows, [`UnpackKernels::max_inline`]). Default: 160, the small variant.
     pub inline_tiles: usize,
-    /// How larger launches get their tiles.
+    /// How larger launches get their tiles. Default: mapped.
     pub bulk: BulkTiles,
 }
 
@@ -46,7 +53,8 @@ pub struct UnpackerConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BulkTiles {
     /// One host-to-device copy from the pinned slot into the slot's device buffer, on the
-    /// unpack stream just before the kernel.
+    /// unpack stream just before the kernel. Measured slower than `Mapped`: the copy engine's
+    /// start-up dominates a few hundred KiB of tiles.
     Copy,
     /// The kernel reads the pinned slot through its device mapping: one PCIe read per tile,
     /// issued by all warps at once, and no copy operation to wait for.
@@ -59,8 +67,8 @@ impl Default for UnpackerConfig {
             ordinal: 0,
             tiles_per_launch: 16384,
             launches_in_flight: 8,
-            inline_tiles: super::kernels::INLINE_LARGE,
-            bulk: BulkTiles::Copy,
+            inline_tiles: super::kernels::INLINE_SMALL,
+            bulk: BulkTiles::Mapped,
         }
     }
 }

@@ -15,8 +15,8 @@ use std::time::Instant;
 use cudarc::driver::{CudaContext, CudaFunction, result, sys};
 use cudarc::nvrtc;
 use uccl_tcpx::cuda::unpack::{
-    BulkTiles, INLINE_SMALL, InlineTiles, PlanError, ReceiveLayout, Submit, Tile, UnpackKernels, Unpacker,
-    UnpackerConfig, plan_receive,
+    BulkTiles, InlineTiles, PlanError, ReceiveLayout, Submit, Tile, UnpackKernels, Unpacker, UnpackerConfig,
+    plan_receive,
 };
 use uccl_tcpx::transport::plugin::abi::LoadMeta;
 
@@ -599,7 +599,7 @@ fn main() {
     let stream = bench.stream;
     let done = check("event", result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING));
     let empty = bench.empty.cu_function();
-    let (empty_kernel, _) = one_at_a_time(
+    let (empty_kernel, empty_issue) = one_at_a_time(
         latency_iters,
         &mut (),
         |_| {
@@ -611,7 +611,7 @@ fn main() {
         |_, _| event_done(done),
     );
     let (dst, pool) = (bench.dst.0, bench.pool.0);
-    let (memcpy_chunk, _) = one_at_a_time(
+    let (memcpy_chunk, memcpy_issue) = one_at_a_time(
         latency_iters,
         &mut (),
         |_| {
@@ -622,14 +622,15 @@ fn main() {
         |_, _| event_done(done),
     );
     println!(
-        "latency anchors: empty kernel + event median {:.1} us (p99 {:.1}); 512 KiB memcpy + event median {:.1} us (p99 {:.1})",
+        "latency anchors: empty kernel + event median {:.1} us (p99 {:.1}, host issue {empty_issue:.1} us); \
+         512 KiB memcpy + event median {:.1} us (p99 {:.1}, host issue {memcpy_issue:.1} us)",
         empty_kernel.p50, empty_kernel.p99, memcpy_chunk.p50, memcpy_chunk.p99
     );
     let pages = &scenarios[0].receives[0].metas;
     let odd = &scenarios[3].receives[0].metas;
     let layout = bench.layout(0, CHUNK);
     let configs = [
-        ("tiles in params", UnpackerConfig { inline_tiles: INLINE_SMALL, ..UnpackerConfig::default() }),
+        ("default (tiles in params)", UnpackerConfig::default()),
         ("tiles copied", UnpackerConfig { inline_tiles: 0, bulk: BulkTiles::Copy, ..UnpackerConfig::default() }),
         ("tiles mapped", UnpackerConfig { inline_tiles: 0, bulk: BulkTiles::Mapped, ..UnpackerConfig::default() }),
     ];
