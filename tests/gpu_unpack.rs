@@ -269,7 +269,7 @@ fn small_rings_force_device_tile_launches_full_rings_and_in_order_completion() {
         ..UnpackerConfig::default()
     })
     .expect("unpacker");
-    assert!(unpacker.kernels().max_inline() >= 160, "{:?}", unpacker.kernels());
+    assert!(unpacker.kernels().max_inline() >= 255, "{:?}", unpacker.kernels());
     // 512 KiB receives of shuffled whole pages: 128 tiles each, copied to the device tile buffer.
     let mut receives = Vec::new();
     for i in 0..48 {
@@ -366,7 +366,7 @@ fn every_parameter_block_size_carries_its_tiles() {
     let mut unpacker = Unpacker::new(config).expect("unpacker");
     let max_inline = unpacker.kernels().max_inline();
     // Just under and at each variant's capacity (small, medium, large), then one past the largest.
-    for pages in [1usize, 159, 160, 161, 511, 512, 513, 1359, 1360, 1361] {
+    for pages in [1usize, 254, 255, 256, 1023, 1024, 1025, 2045, 2046, 2047] {
         let pages = pages.min(max_inline + 1);
         let mut metas: Vec<LoadMeta> = (0..pages)
             .map(|k| LoadMeta {

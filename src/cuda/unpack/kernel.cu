@@ -28,19 +28,18 @@ typedef unsigned long long u64;
 #define UNPACK_WARP 32
 #define UNPACK_FULL_MASK 0xffffffffu
 
-// Mirrors plan::Tile (24 bytes, 8-byte aligned).
-struct __align__(8) Tile {
-    u64 src;
+// Mirrors plan::Tile: the source address with len - 1 in the top 12 bits, then the destination.
+#define UNPACK_ADDRESS_BITS 52
+struct __align__(16) Tile {
+    u64 src_and_len;
     u64 dst;
-    u32 len;
-    u32 reserved;
 };
 
 // Mirrors kernels::InlineTiles: the used prefix of `tiles` is `count` long.
 template <int N>
 struct InlineTiles {
     u32 count;
-    u32 reserved;
+    u32 reserved[3];
     Tile tiles[N];
 };
 
@@ -173,10 +172,10 @@ __device__ __forceinline__ void unpack_warp(const Tile* tiles, u32 count) {
     const u32 lane = threadIdx.x & (UNPACK_WARP - 1);
     const u32 tile = blockIdx.x * (blockDim.x / UNPACK_WARP) + threadIdx.x / UNPACK_WARP;
     if (tile >= count) return;
-    const u64 src = tiles[tile].src;
-    const u64 dst = tiles[tile].dst;
-    const u32 len = tiles[tile].len;
-    copy_tile(src, dst, len, lane);
+    const Tile t = tiles[tile];
+    const u64 src = t.src_and_len & ((1ull << UNPACK_ADDRESS_BITS) - 1);
+    const u32 len = (u32)(t.src_and_len >> UNPACK_ADDRESS_BITS) + 1;
+    copy_tile(src, t.dst, len, lane);
 }
 
 extern "C" __global__ void unpack_tiles(const Tile* __restrict__ tiles, u32 count) {

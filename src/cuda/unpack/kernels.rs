@@ -20,9 +20,9 @@ const TILES_PER_BLOCK: u32 = BLOCK_THREADS / 32;
 
 /// Tile capacities of the inline variants, smallest first. The small one fits the 4 KiB parameter
 /// limit of every driver; the others need CUDA 12.1+, which allows 32 764 bytes.
-pub const INLINE_SMALL: usize = 160;
-pub const INLINE_MEDIUM: usize = 512;
-pub const INLINE_LARGE: usize = 1360;
+pub const INLINE_SMALL: usize = 255;
+pub const INLINE_MEDIUM: usize = 1024;
+pub const INLINE_LARGE: usize = 2046;
 const LARGE_PARAMS_DRIVER: i32 = 12010;
 
 /// Kernel parameters of the inline variants: a count and the tiles. Every variant's parameter block
@@ -30,16 +30,16 @@ const LARGE_PARAMS_DRIVER: i32 = 12010;
 #[repr(C)]
 pub struct InlineTiles {
     pub count: u32,
-    pub reserved: u32,
+    pub reserved: [u32; 3],
     pub tiles: [Tile; INLINE_LARGE],
 }
 
-const _: () = assert!(size_of::<InlineTiles>() == 8 + 24 * INLINE_LARGE && size_of::<InlineTiles>() <= 32764);
-const _: () = assert!(8 + 24 * INLINE_SMALL <= 4096);
+const _: () = assert!(size_of::<InlineTiles>() == 16 + 16 * INLINE_LARGE && size_of::<InlineTiles>() <= 32764);
+const _: () = assert!(16 + 16 * INLINE_SMALL <= 4096);
 
 impl InlineTiles {
     pub fn boxed() -> Box<InlineTiles> {
-        Box::new(InlineTiles { count: 0, reserved: 0, tiles: [Tile::default(); INLINE_LARGE] })
+        Box::new(InlineTiles { count: 0, reserved: [0; 3], tiles: [Tile::default(); INLINE_LARGE] })
     }
 }
 

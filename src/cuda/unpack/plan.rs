@@ -35,15 +35,16 @@ impl ReceiveLayout {
         if self.pool == 0 || self.dst == 0 {
             return Err(Error::invalid("unpack: null bounce pool or destination address"));
         }
-        if self.pool.checked_add(self.pool_len).is_none() {
+        let limit = 1u64 << ADDRESS_BITS;
+        if self.pool.checked_add(self.pool_len).is_none_or(|end| end > limit) {
             return Err(Error::invalid(format!(
-                "unpack: bounce pool {:#x} + {} bytes overflows the address space",
+                "unpack: bounce pool {:#x} + {} bytes overflows the {ADDRESS_BITS}-bit device address space",
                 self.pool, self.pool_len
             )));
         }
-        if self.dst.checked_add(self.dst_len).is_none() {
+        if self.dst.checked_add(self.dst_len).is_none_or(|end| end > limit) {
             return Err(Error::invalid(format!(
-                "unpack: destination {:#x} + {} bytes overflows the address space",
+                "unpack: destination {:#x} + {} bytes overflows the {ADDRESS_BITS}-bit device address space",
                 self.dst, self.dst_len
             )));
         }
@@ -51,17 +52,43 @@ impl ReceiveLayout {
     }
 }
 
-/// One copy of at most [`TILE_BYTES`] bytes, as the kernel reads it (`struct Tile` in kernel.cu).
-#[repr(C, align(8))]
+/// Device addresses must lie below 2^52 (4 PiB; x86-64 and Arm GPU address spaces use 47 to 49
+/// bits) so that a tile's length fits in the top bits of its source address.
+pub const ADDRESS_BITS: u32 = 52;
+const ADDRESS_MASK: u64 = (1 << ADDRESS_BITS) - 1;
+
+/// One copy of 1 to [`TILE_BYTES`] bytes, as the kernel reads it (`struct Tile` in kernel.cu):
+/// the source address with `len - 1` in its top 12 bits, and the destination address. Sixteen
+/// bytes, so one vector load fetches a tile and 255 of them fit in a 4 KiB parameter block.
+#[repr(C, align(16))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Tile {
-    pub src: u64,
-    pub dst: u64,
-    pub len: u32,
-    pub reserved: u32,
+    src_and_len: u64,
+    dst: u64,
 }
 
-const _: () = assert!(size_of::<Tile>() == 24 && align_of::<Tile>() == 8);
+const _: () = assert!(size_of::<Tile>() == 16 && align_of::<Tile>() == 16);
+const _: () = assert!(TILE_BYTES - 1 < 1 << (64 - ADDRESS_BITS));
+
+impl Tile {
+    /// `src` and `dst` below 2^[`ADDRESS_BITS`], `len` in 1..=[`TILE_BYTES`] (checked by the planner).
+    pub fn new(src: u64, dst: u64, len: u32) -> Tile {
+        debug_assert!(src <= ADDRESS_MASK && len >= 1 && u64::from(len) <= TILE_BYTES);
+        Tile { src_and_len: src | (u64::from(len) - 1) << ADDRESS_BITS, dst }
+    }
+
+    pub fn src(&self) -> u64 {
+        self.src_and_len & ADDRESS_MASK
+    }
+
+    pub fn dst(&self) -> u64 {
+        self.dst
+    }
+
+    pub fn bytes(&self) -> u32 {
+        (self.src_and_len >> ADDRESS_BITS) as u32 + 1
+    }
+}
 
 /// What planning one receive produced.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -193,7 +220,7 @@ impl TileWriter<'_> {
         let mut done = 0;
         while done < run.len {
             let len = if done == 0 { first } else { TILE_BYTES.min(run.len - done) };
-            self.tiles[self.used] = Tile { src: src + done, dst: dst + done, len: len as u32, reserved: 0 };
+            self.tiles[self.used] = Tile::new(src + done, dst + done, len as u32);
             self.used += 1;
             done += len;
         }
@@ -235,9 +262,9 @@ mod tests {
     /// Byte-exact CPU model: applies tiles or fragments to a pool and destination held in memory.
     fn apply_tiles(pool: &[u8], dst: &mut [u8], tiles: &[Tile]) {
         for t in tiles {
-            let s = (t.src - POOL) as usize;
-            let d = (t.dst - DST) as usize;
-            dst[d..d + t.len as usize].copy_from_slice(&pool[s..s + t.len as usize]);
+            let s = (t.src() - POOL) as usize;
+            let d = (t.dst() - DST) as usize;
+            dst[d..d + t.bytes() as usize].copy_from_slice(&pool[s..s + t.bytes() as usize]);
         }
     }
 
@@ -262,18 +289,27 @@ mod tests {
     }
 
     #[test]
+    fn tiles_round_trip_their_fields() {
+        let top = (1 << ADDRESS_BITS) - 1;
+        for (src, dst, len) in [(0, 0, 1), (top, top, 4096), (POOL + 3, DST + 5, 4095), (1, u64::MAX, 17)] {
+            let t = Tile::new(src, dst, len);
+            assert_eq!((t.src(), t.dst(), t.bytes()), (src, dst, len));
+        }
+    }
+
+    #[test]
     fn adjacent_fragments_merge_and_others_do_not() {
         let l = layout(1 << 20);
         // Two halves of one page, contiguous in both source and destination: one run.
         let tiles = plan(&l, &[meta(8192, 2048, 0), meta(10240, 2048, 2048)], 16).unwrap();
-        assert_eq!(tiles, vec![Tile { src: POOL + 8192, dst: DST, len: 4096, reserved: 0 }]);
+        assert_eq!(tiles, vec![Tile::new(POOL + 8192, DST, 4096)]);
         // Contiguous source, gap in destination: two runs.
         let tiles = plan(&l, &[meta(0, 100, 0), meta(100, 100, 4096)], 16).unwrap();
         assert_eq!(tiles.len(), 2);
         // Contiguous destination, source elsewhere: two runs.
         let tiles = plan(&l, &[meta(0, 100, 0), meta(500, 100, 100)], 16).unwrap();
         assert_eq!(tiles.len(), 2);
-        assert_eq!(tiles[1], Tile { src: POOL + 500, dst: DST + 100, len: 100, reserved: 0 });
+        assert_eq!((tiles[1].src(), tiles[1].dst(), tiles[1].bytes()), (POOL + 500, DST + 100, 100));
     }
 
     #[test]
@@ -282,16 +318,16 @@ mod tests {
         l.dst = DST + 3;
         let metas: Vec<LoadMeta> = (0..4).map(|i| meta(i * 4096 + 5, 4096, u64::from(i) * 4096)).collect();
         let tiles = plan(&l, &metas, 16).unwrap();
-        assert_eq!(tiles.iter().map(|t| u64::from(t.len)).sum::<u64>(), 4 * 4096);
-        assert_eq!(tiles[0].len, 4096 - 3);
-        assert_eq!(tiles[0].dst, DST + 3);
+        assert_eq!(tiles.iter().map(|t| u64::from(t.bytes())).sum::<u64>(), 4 * 4096);
+        assert_eq!(tiles[0].bytes(), 4096 - 3);
+        assert_eq!(tiles[0].dst(), DST + 3);
         for pair in tiles.windows(2) {
-            assert_eq!(pair[0].dst + u64::from(pair[0].len), pair[1].dst);
-            assert_eq!(pair[0].src + u64::from(pair[0].len), pair[1].src);
+            assert_eq!(pair[0].dst() + u64::from(pair[0].bytes()), pair[1].dst());
+            assert_eq!(pair[0].src() + u64::from(pair[0].bytes()), pair[1].src());
         }
         for t in &tiles[1..] {
-            assert_eq!(t.dst % 16, 0, "{t:?}");
-            assert!(u64::from(t.len) <= TILE_BYTES);
+            assert_eq!(t.dst() % 16, 0, "{t:?}");
+            assert!(u64::from(t.bytes()) <= TILE_BYTES);
         }
         assert_eq!(tiles.len(), 5);
     }
@@ -327,6 +363,15 @@ mod tests {
         let mut l = layout(4096);
         l.dst = u64::MAX - 100;
         assert!(invalid_message(plan(&l, &[], 1)).contains("overflows"));
+        // Ending exactly at 2^52 is fine; one byte further does not fit a tile.
+        let mut l = layout(4096);
+        l.dst = (1 << ADDRESS_BITS) - 4096;
+        assert!(plan(&l, &[meta(0, 4096, 0)], 1).is_ok());
+        l.dst_len = 4097;
+        assert!(invalid_message(plan(&l, &[], 1)).contains("52-bit"));
+        let mut l = layout(4096);
+        l.pool = 1 << ADDRESS_BITS;
+        assert!(invalid_message(plan(&l, &[], 1)).contains("52-bit"));
         let mut l = layout(4096);
         l.pool = 0;
         assert!(invalid_message(plan(&l, &[], 1)).contains("null"));
@@ -388,7 +433,7 @@ mod tests {
             l.dst = DST + rng.below(16);
             let room = metas.iter().map(|m| m.len as usize / 4096 + 2).sum();
             let tiles = plan(&l, &metas, room).unwrap();
-            assert!(tiles.iter().all(|t| t.len > 0 && u64::from(t.len) <= TILE_BYTES));
+            assert!(tiles.iter().all(|t| t.bytes() > 0 && u64::from(t.bytes()) <= TILE_BYTES));
             let offset = (l.dst - DST) as usize;
             let mut via_tiles = vec![0u8; offset + dst_len as usize];
             apply_tiles(&pool, &mut via_tiles, &tiles);

@@ -43,7 +43,7 @@ pub struct UnpackerConfig {
     /// Launches that may be running before `submit` reports [`Submit::Full`].
     pub launches_in_flight: usize,
     /// Launches of at most this many tiles carry them in the kernel parameters (capped at what
-    /// the driver allows, [`UnpackKernels::max_inline`]). Default: 160, the small variant.
+    /// the driver allows, [`UnpackKernels::max_inline`]). Default: 255, the small variant (4 KiB of parameters).
     pub inline_tiles: usize,
     /// How larger launches get their tiles. Default: mapped.
     pub bulk: BulkTiles,

@@ -629,6 +629,24 @@ fn main() {
     let pages = &scenarios[0].receives[0].metas;
     let odd = &scenarios[3].receives[0].metas;
     let layout = bench.layout(0, CHUNK);
+    let mut scratch = vec![Tile::default(); 4096];
+    for (what, metas) in [("128 shuffled pages", pages), ("misaligned fragments", odd)] {
+        let rounds = 20_000;
+        let start = Instant::now();
+        for _ in 0..rounds {
+            let mut used = 0;
+            check(
+                "plan",
+                plan_receive(&layout, std::hint::black_box(metas), &mut scratch, &mut used).map_err(|_| "plan"),
+            );
+            std::hint::black_box(&scratch);
+        }
+        println!(
+            "host planning (validate, merge, tile) of 512 KiB of {what} ({} frags): {:.2} us",
+            metas.len(),
+            start.elapsed().as_secs_f64() * 1e6 / f64::from(rounds)
+        );
+    }
     let configs = [
         ("default (tiles in params)", UnpackerConfig::default()),
         ("tiles copied", UnpackerConfig { inline_tiles: 0, bulk: BulkTiles::Copy, ..UnpackerConfig::default() }),
