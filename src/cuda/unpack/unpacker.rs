@@ -18,10 +18,11 @@
 //! is reused only after its event completed, so neither buffer is overwritten while the GPU may
 //! read it.
 //!
-//! The defaults follow measurements on H200 (docs/PERFORMANCE.md): parameter blocks cost GPU time
-//! in proportion to their size (about +0.9 us for 160 tiles, +4.7 us for 1024), a mapped read costs
-//! one PCIe round trip (about +2 us) whatever the count, and a copy-engine upload costs +7 us or
-//! more. So small launches (one 512 KiB receive is 128 tiles) go inline and larger ones mapped.
+//! The defaults follow measurements on H200 (docs/PERFORMANCE.md): a parameter block costs GPU
+//! time roughly in proportion to its size (about +1 us for 128 tiles, +2 us for 1024, +3.6 us for
+//! the 32 KiB block), a mapped read costs about one PCIe round trip (+1 to +3 us) whatever the count, and a
+//! copy-engine upload +5 to +14 us. Parameters win on latency for one receive (one 512 KiB receive
+//! of whole pages is 128 tiles), so launches of up to 255 tiles go inline and larger ones mapped.
 
 use std::sync::Arc;
 
@@ -84,7 +85,8 @@ pub enum Submit {
 
 struct Slot {
     host: PinnedTiles,
-    device: DeviceTiles,
+    /// Only for [`BulkTiles::Copy`].
+    device: Option<DeviceTiles>,
     event: Event,
     /// Receives with tickets below this are finished once `event` completed.
     finishes_below: u64,
@@ -97,7 +99,6 @@ pub struct Unpacker {
     stream: Arc<CudaStream>,
     kernels: Arc<UnpackKernels>,
     inline_tiles: usize,
-    bulk: BulkTiles,
     /// Slot of the open batch.
     next: usize,
     /// Launched slots whose events have not been seen complete: the `in_flight` slots before `next`.
@@ -138,7 +139,10 @@ impl Unpacker {
         for _ in 0..config.launches_in_flight {
             slots.push(Slot {
                 host: PinnedTiles::new(config.tiles_per_launch)?,
-                device: DeviceTiles::new(config.tiles_per_launch)?,
+                device: match config.bulk {
+                    BulkTiles::Copy => Some(DeviceTiles::new(config.tiles_per_launch)?),
+                    BulkTiles::Mapped => None,
+                },
                 event: Event::new()?,
                 finishes_below: 0,
             });
@@ -147,7 +151,6 @@ impl Unpacker {
             slots,
             params: InlineTiles::boxed(),
             inline_tiles: config.inline_tiles.min(kernels.max_inline()),
-            bulk: config.bulk,
             stream,
             kernels,
             next: 0,
@@ -262,17 +265,20 @@ impl Unpacker {
                 // SAFETY: the stream is ours and the context is current; the submit contract covers
                 // the tiles' ranges.
                 unsafe { self.kernels.launch_inline(stream, &self.params) }?;
-            } else if self.bulk == BulkTiles::Mapped {
-                // SAFETY: as for the inline launch; the pinned slot is not written again before this
-                // slot's event completes, and x86 stores are visible to the device before the launch.
-                unsafe { self.kernels.launch_device_tiles(stream, slot.host.device_ptr(), tiles.len() as u32) }?;
-            } else {
+            } else if let Some(device) = &slot.device {
                 // SAFETY: pinned source and device destination both hold `tiles.len()` tiles and stay
                 // untouched until this slot's event completes.
-                unsafe { cudarc::driver::result::memcpy_htod_async(slot.device.ptr(), tiles, stream) }
+                unsafe { cudarc::driver::result::memcpy_htod_async(device.ptr(), tiles, stream) }
                     .map_err(|e| driver_error("copy tiles to the device", e))?;
                 // SAFETY: as for the inline launch; the device tiles were just copied on this stream.
-                unsafe { self.kernels.launch_device_tiles(stream, slot.device.ptr(), tiles.len() as u32) }?;
+                unsafe { self.kernels.launch_device_tiles(stream, device.ptr(), tiles.len() as u32) }?;
+            } else {
+                // The tiles were written with plain stores; order them before the launch's doorbell
+                // on weakly ordered hosts too.
+                std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+                // SAFETY: as for the inline launch; the pinned slot is not written again before this
+                // slot's event completes.
+                unsafe { self.kernels.launch_device_tiles(stream, slot.host.device_ptr(), tiles.len() as u32) }?;
             }
         }
         slot.event.record(stream)?;
