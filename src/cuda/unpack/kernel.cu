@@ -1,8 +1,9 @@
 // Gathers received fragments from the bounce pool into their destinations.
 //
 // The host has already validated and merged the fragment list and cut it into tiles of at most
-// UNPACK_TILE_BYTES bytes (plan.rs); one warp copies one tile. Tiles arrive either in the kernel
-// parameters (unpack_inline_*) or in device memory filled by one host-to-device copy (unpack_tiles).
+// 4 KiB (plan.rs); one warp copies one tile. Tiles arrive either in the kernel parameters
+// (unpack_inline_*) or through a pointer (unpack_tiles): the device mapping of the host's pinned
+// tile buffer, or device memory the tiles were copied to.
 //
 // Each lane keeps UNPACK_WORDS_PER_LANE independent 16-byte loads in flight before it stores, and a
 // warp's loads of one round cover 512 contiguous bytes, so small and large tiles both stream.
