@@ -23,6 +23,7 @@ pub use gpu::Gpu;
 pub use memory::DeviceBuffer;
 pub use pointer::{Location, locate};
 pub use ring::StagingRing;
+pub mod unpack;
 
 /// Whether a usable CUDA driver is present (libcuda loads and `cuInit` succeeds), probed once per
 /// process. The error says why not, for messages such as "cannot register device memory".

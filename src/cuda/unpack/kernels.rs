@@ -1,0 +1,286 @@
+//! The unpack kernel, compiled by NVRTC for the device's own architecture on first use and kept for
+//! the life of the process (one module per device), plus the raw launches the unpacker and the
+//! benchmark share.
+
+use std::ffi::{CString, c_void};
+use std::sync::{Arc, OnceLock};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, result, sys};
+use cudarc::nvrtc;
+
+use super::memory::driver_error;
+use super::plan::Tile;
+use crate::error::{Error, Result};
+
+const SOURCE: &str = include_str!("kernel.cu");
+
+/// Threads per block: four warps, four tiles. Small blocks spread a few tiles over many SMs.
+pub const BLOCK_THREADS: u32 = 128;
+const TILES_PER_BLOCK: u32 = BLOCK_THREADS / 32;
+
+/// Tile capacities of the inline variants, smallest first. The small one fits the 4 KiB parameter
+/// limit of every driver; the others need CUDA 12.1+, which allows 32 764 bytes.
+pub const INLINE_SMALL: usize = 255;
+pub const INLINE_MEDIUM: usize = 1024;
+pub const INLINE_LARGE: usize = 2046;
+const LARGE_PARAMS_DRIVER: i32 = 12010;
+
+/// Kernel parameters of the inline variants: a count and the tiles. Every variant's parameter block
+/// is a prefix of this one, so one buffer serves all three.
+#[repr(C)]
+pub struct InlineTiles {
+    pub count: u32,
+    pub reserved: [u32; 3],
+    pub tiles: [Tile; INLINE_LARGE],
+}
+
+const _: () = assert!(size_of::<InlineTiles>() == 16 + 16 * INLINE_LARGE && size_of::<InlineTiles>() <= 32764);
+const _: () = assert!(16 + 16 * INLINE_SMALL <= 4096);
+
+impl InlineTiles {
+    pub fn boxed() -> Box<InlineTiles> {
+        Box::new(InlineTiles { count: 0, reserved: [0; 3], tiles: [Tile::default(); INLINE_LARGE] })
+    }
+}
+
+const MAX_DEVICES: usize = 64;
+
+/// The compiled module of one device.
+pub struct UnpackKernels {
+    context: Arc<CudaContext>,
+    target: String,
+    device_tiles: CudaFunction,
+    inline: Vec<(usize, CudaFunction)>,
+    _module: Arc<CudaModule>,
+}
+
+impl std::fmt::Debug for UnpackKernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnpackKernels")
+            .field("ordinal", &self.context.ordinal())
+            .field("target", &self.target)
+            .field("max_inline", &self.max_inline())
+            .finish()
+    }
+}
+
+impl UnpackKernels {
+    /// The kernels of device `ordinal` (its primary context), compiled on the first call.
+    pub fn for_device(ordinal: usize) -> Result<Arc<UnpackKernels>> {
+        crate::cuda::driver()?;
+        static CACHE: [OnceLock<std::result::Result<Arc<UnpackKernels>, String>>; MAX_DEVICES] =
+            [const { OnceLock::new() }; MAX_DEVICES];
+        let count = result::device::get_count().map_err(|e| driver_error("count devices", e))?;
+        if ordinal >= count as usize || ordinal >= MAX_DEVICES {
+            return Err(Error::invalid(format!("unpack: no CUDA device {ordinal} ({count} present)")));
+        }
+        CACHE[ordinal]
+            .get_or_init(|| build(ordinal).map(Arc::new).map_err(|e| e.message().to_owned()))
+            .clone()
+            .map_err(Error::backend)
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.context
+    }
+
+    /// What NVRTC compiled for, e.g. `sm_90` (a cubin) or `compute_90` (PTX the driver finishes).
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// Most tiles one launch can carry in its parameters.
+    pub fn max_inline(&self) -> usize {
+        self.inline.last().map_or(0, |(cap, _)| *cap)
+    }
+
+    /// Copies `count` tiles that sit in device memory at `tiles`.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of this device's primary context, current on this thread; `tiles`
+    /// holds `count` tiles until the launch finished; every tile's ranges are valid device memory.
+    pub unsafe fn launch_device_tiles(&self, stream: sys::CUstream, tiles: sys::CUdeviceptr, count: u32) -> Result<()> {
+        if count == 0 {
+            return Ok(());
+        }
+        let mut tiles = tiles;
+        let mut count_arg = count;
+        let mut args: [*mut c_void; 2] = [(&raw mut tiles).cast(), (&raw mut count_arg).cast()];
+        // SAFETY: argument types match `unpack_tiles(const Tile*, u32)`; the rest is the caller's.
+        unsafe { self.launch(&self.device_tiles, stream, count, &mut args) }
+    }
+
+    /// Copies the first `params.count` tiles of `params`; the driver copies the parameters at the
+    /// call, so `params` may be reused at once.
+    ///
+    /// # Safety
+    /// As for [`launch_device_tiles`](Self::launch_device_tiles).
+    pub unsafe fn launch_inline(&self, stream: sys::CUstream, params: &InlineTiles) -> Result<()> {
+        let count = params.count;
+        if count == 0 {
+            return Ok(());
+        }
+        let Some((_, function)) = self.inline.iter().find(|(cap, _)| count as usize <= *cap) else {
+            return Err(Error::invalid(format!(
+                "unpack: {count} tiles do not fit in the parameters (at most {})",
+                self.max_inline()
+            )));
+        };
+        let mut args: [*mut c_void; 1] = [(params as *const InlineTiles).cast_mut().cast()];
+        // SAFETY: the variant's parameter block is a prefix of InlineTiles; the driver only reads it.
+        unsafe { self.launch(function, stream, count, &mut args) }
+    }
+
+    unsafe fn launch(
+        &self,
+        function: &CudaFunction,
+        stream: sys::CUstream,
+        tiles: u32,
+        args: &mut [*mut c_void],
+    ) -> Result<()> {
+        let grid = tiles.div_ceil(TILES_PER_BLOCK);
+        // SAFETY: forwarded from the callers' contracts.
+        unsafe { result::launch_kernel(function.cu_function(), (grid, 1, 1), (BLOCK_THREADS, 1, 1), 0, stream, args) }
+            .map_err(|e| driver_error("launch unpack kernel", e))
+    }
+}
+
+fn build(ordinal: usize) -> Result<UnpackKernels> {
+    let context = CudaContext::new(ordinal).map_err(|e| driver_error("open primary context", e))?;
+    let (major, minor) = context.compute_capability().map_err(|e| driver_error("query compute capability", e))?;
+    if major < 7 {
+        return Err(Error::backend(format!(
+            "unpack: device {ordinal} has compute capability {major}.{minor}; the kernel needs 7.0 or newer"
+        )));
+    }
+    let mut driver_version = 0;
+    // SAFETY: writes one int.
+    unsafe { sys::cuDriverGetVersion(&mut driver_version) }
+        .result()
+        .map_err(|e| driver_error("query driver version", e))?;
+    let large_params = driver_version >= LARGE_PARAMS_DRIVER;
+    let inline_caps = if large_params { [INLINE_SMALL, INLINE_MEDIUM, INLINE_LARGE] } else { [INLINE_SMALL, 0, 0] };
+
+    let (target, image) = compile(major * 10 + minor, &inline_caps)?;
+    let module = context.load_module(image).map_err(|e| driver_error(&format!("load module ({target})"), e))?;
+    let load = |name: &str| module.load_function(name).map_err(|e| driver_error(&format!("find {name}"), e));
+    let device_tiles = load("unpack_tiles")?;
+    let mut inline = Vec::new();
+    for (cap, name) in inline_caps.iter().zip(["unpack_inline_small", "unpack_inline_medium", "unpack_inline_large"]) {
+        if *cap > 0 {
+            inline.push((*cap, load(name)?));
+        }
+    }
+    Ok(UnpackKernels { context, target, device_tiles, inline, _module: module })
+}
+
+/// Compiles the kernel to a cubin for `sm_<cc>` when this NVRTC knows the architecture, else to PTX
+/// for the newest architecture it knows below it.
+fn compile(cc: i32, inline_caps: &[usize; 3]) -> Result<(String, nvrtc::Ptx)> {
+    // SAFETY: only dlopens candidate library names.
+    if !unsafe { nvrtc::sys::is_culib_present() } {
+        return Err(Error::backend(
+            "unpack: NVRTC (libnvrtc.so) not found; it compiles the unpack kernel at run time (set LD_LIBRARY_PATH)",
+        ));
+    }
+    let archs = supported_archs()?;
+    let (target, cubin) = if archs.contains(&cc) {
+        (format!("sm_{cc}"), true)
+    } else {
+        match archs.iter().copied().filter(|a| *a < cc).max() {
+            Some(older) => (format!("compute_{older}"), false),
+            None => {
+                return Err(Error::backend(format!(
+                    "unpack: this NVRTC supports architectures {archs:?}, none usable for compute capability {cc}"
+                )));
+            }
+        }
+    };
+    let options = vec![
+        format!("--gpu-architecture={target}"),
+        "-std=c++17".to_owned(),
+        format!("-DUNPACK_INLINE_SMALL={}", inline_caps[0]),
+        format!("-DUNPACK_INLINE_MEDIUM={}", inline_caps[1]),
+        format!("-DUNPACK_INLINE_LARGE={}", inline_caps[2]),
+    ];
+    let source = CString::new(SOURCE).expect("kernel source has no NUL");
+    let program = Program(
+        nvrtc::result::create_program(&source, Some(c"unpack.cu"))
+            .map_err(|e| Error::backend(format!("unpack: NVRTC create program: {e:?}")))?,
+    );
+    // SAFETY: a live program; options are plain strings.
+    if let Err(e) = unsafe { nvrtc::result::compile_program(program.0, &options) } {
+        // SAFETY: a live program.
+        let log = unsafe { nvrtc::result::get_program_log(program.0) }
+            .map(|raw| raw.iter().take_while(|c| **c != 0).map(|c| *c as u8 as char).collect::<String>())
+            .unwrap_or_default();
+        return Err(Error::backend(format!("unpack: NVRTC failed to compile for {target} ({e:?}): {log}")));
+    }
+    let image = if cubin {
+        let mut size = 0usize;
+        // SAFETY: a compiled program; the buffer has the size NVRTC reported.
+        let bytes = unsafe {
+            nvrtc::sys::nvrtcGetCUBINSize(program.0, &mut size).result().and_then(|()| {
+                let mut bytes = vec![0u8; size];
+                nvrtc::sys::nvrtcGetCUBIN(program.0, bytes.as_mut_ptr().cast()).result().map(|()| bytes)
+            })
+        }
+        .map_err(|e| Error::backend(format!("unpack: NVRTC cubin: {e:?}")))?;
+        nvrtc::Ptx::from_binary(bytes)
+    } else {
+        // SAFETY: a compiled program.
+        let ptx = unsafe { nvrtc::result::get_ptx(program.0) }
+            .map_err(|e| Error::backend(format!("unpack: NVRTC PTX: {e:?}")))?;
+        nvrtc::Ptx::from_src(ptx.iter().take_while(|c| **c != 0).map(|c| *c as u8 as char).collect::<String>())
+    };
+    Ok((target, image))
+}
+
+fn supported_archs() -> Result<Vec<i32>> {
+    let mut count = 0;
+    // SAFETY: writes one int, then `count` ints into a buffer of that size.
+    unsafe {
+        nvrtc::sys::nvrtcGetNumSupportedArchs(&mut count).result().and_then(|()| {
+            let mut archs = vec![0i32; count.max(0) as usize];
+            nvrtc::sys::nvrtcGetSupportedArchs(archs.as_mut_ptr()).result().map(|()| archs)
+        })
+    }
+    .map_err(|e| Error::backend(format!("unpack: NVRTC supported architectures: {e:?}")))
+}
+
+struct Program(nvrtc::sys::nvrtcProgram);
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        // SAFETY: created by create_program, destroyed once.
+        let _ = unsafe { nvrtc::result::destroy_program(self.0) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel source must compile wherever NVRTC is installed, GPU or not; both output kinds.
+    #[test]
+    fn kernel_source_compiles_to_cubin_and_ptx() {
+        // SAFETY: only dlopens candidate library names.
+        if !unsafe { nvrtc::sys::is_culib_present() } {
+            println!("SKIPPED: no NVRTC");
+            return;
+        }
+        let archs = supported_archs().unwrap();
+        assert!(!archs.is_empty());
+        let newest = *archs.iter().max().unwrap();
+        let (target, image) = compile(newest, &[INLINE_SMALL, INLINE_MEDIUM, INLINE_LARGE]).unwrap();
+        assert_eq!(target, format!("sm_{newest}"));
+        let cubin = format!("{image:?}");
+        assert!(cubin.contains("Binary"), "expected a cubin image");
+        // An architecture newer than NVRTC knows falls back to PTX of the newest it knows.
+        let (target, image) = compile(newest + 1, &[INLINE_SMALL, 0, 0]).unwrap();
+        assert_eq!(target, format!("compute_{newest}"));
+        let ptx = image.to_src();
+        assert!(ptx.contains(".entry unpack_tiles") && ptx.contains(".entry unpack_inline_small"));
+        assert!(!ptx.contains("unpack_inline_large"), "disabled variants are left out");
+    }
+}

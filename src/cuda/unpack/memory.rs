@@ -1,0 +1,131 @@
+//! The unpacker's own CUDA resources, each freed on drop: pinned tile buffers the host fills,
+//! device tile buffers the kernel reads, and completion events. All are created once per unpacker
+//! and reused for every launch.
+//!
+//! Drop runs with whatever context is current; the owner binds its context before dropping them.
+
+use cudarc::driver::{result, sys};
+
+use super::plan::Tile;
+use crate::error::{Error, Result};
+
+pub(super) fn driver_error(what: &str, err: result::DriverError) -> Error {
+    Error::backend(format!("unpack: {what}: {err}"))
+}
+
+/// Page-locked, cached (not write-combined: the host reads it back for inline launches) host
+/// memory, mapped into the device so a kernel can also read it in place.
+pub(super) struct PinnedTiles {
+    ptr: *mut Tile,
+    len: usize,
+    device: sys::CUdeviceptr,
+}
+
+// SAFETY: plain memory owned by this value; nothing about it is tied to a thread.
+unsafe impl Send for PinnedTiles {}
+
+impl PinnedTiles {
+    pub(super) fn new(len: usize) -> Result<PinnedTiles> {
+        let bytes = len.max(1) * size_of::<Tile>();
+        // SAFETY: a fresh allocation; zeroed below before any read.
+        let ptr = unsafe { result::malloc_host(bytes, sys::CU_MEMHOSTALLOC_DEVICEMAP) }
+            .map_err(|e| driver_error("pinned tile buffer", e))?;
+        let ptr = ptr.cast::<Tile>();
+        let mut tiles = PinnedTiles { ptr, len, device: 0 };
+        // SAFETY: `ptr` points to `bytes` writable bytes, suitably aligned (page-aligned allocation).
+        unsafe { std::ptr::write_bytes(ptr, 0, len.max(1)) };
+        // SAFETY: `ptr` was allocated with DEVICEMAP in the current context.
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut tiles.device, ptr.cast(), 0) }
+            .result()
+            .map_err(|e| driver_error("map pinned tile buffer", e))?;
+        Ok(tiles)
+    }
+
+    /// The device's address of the same memory.
+    pub(super) fn device_ptr(&self) -> sys::CUdeviceptr {
+        self.device
+    }
+
+    pub(super) fn as_slice(&self) -> &[Tile] {
+        // SAFETY: `len` initialised tiles owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    pub(super) fn as_mut_slice(&mut self) -> &mut [Tile] {
+        // SAFETY: as above, borrowed mutably through self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for PinnedTiles {
+    fn drop(&mut self) {
+        // SAFETY: allocated by malloc_host in new and freed once.
+        let _ = unsafe { result::free_host(self.ptr.cast()) };
+    }
+}
+
+/// Device memory for one launch's tiles.
+pub(super) struct DeviceTiles {
+    ptr: sys::CUdeviceptr,
+}
+
+impl DeviceTiles {
+    pub(super) fn new(len: usize) -> Result<DeviceTiles> {
+        // SAFETY: plain allocation in the current context.
+        let ptr = unsafe { result::malloc_sync(len.max(1) * size_of::<Tile>()) }
+            .map_err(|e| driver_error("device tile buffer", e))?;
+        Ok(DeviceTiles { ptr })
+    }
+
+    pub(super) fn ptr(&self) -> sys::CUdeviceptr {
+        self.ptr
+    }
+}
+
+impl Drop for DeviceTiles {
+    fn drop(&mut self) {
+        // SAFETY: allocated in new, freed once, after the owner synchronised its stream.
+        let _ = unsafe { result::free_sync(self.ptr) };
+    }
+}
+
+/// A reusable completion event (no timing, so record and query stay cheap).
+pub(super) struct Event(sys::CUevent);
+
+// SAFETY: CUDA events may be used from any thread.
+unsafe impl Send for Event {}
+
+impl Event {
+    pub(super) fn new() -> Result<Event> {
+        result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map(Event)
+            .map_err(|e| driver_error("create event", e))
+    }
+
+    pub(super) fn record(&self, stream: sys::CUstream) -> Result<()> {
+        // SAFETY: a live event and a live stream of the same context.
+        unsafe { result::event::record(self.0, stream) }.map_err(|e| driver_error("record event", e))
+    }
+
+    /// Ok(true) once all work before the last record finished; Err for a failed launch.
+    pub(super) fn is_complete(&self) -> Result<bool> {
+        // SAFETY: a live event.
+        match unsafe { result::event::query(self.0) } {
+            Ok(()) => Ok(true),
+            Err(result::DriverError(sys::CUresult::CUDA_ERROR_NOT_READY)) => Ok(false),
+            Err(e) => Err(driver_error("unpack launch failed", e)),
+        }
+    }
+
+    pub(super) fn synchronize(&self) -> Result<()> {
+        // SAFETY: a live event.
+        unsafe { result::event::synchronize(self.0) }.map_err(|e| driver_error("wait for unpack launch", e))
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: created in new, destroyed once.
+        let _ = unsafe { result::event::destroy(self.0) };
+    }
+}

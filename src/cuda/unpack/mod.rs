@@ -1,0 +1,16 @@
+//! GPU unpack for TCPX receives: gathers the fragments a receive left scattered over the bounce
+//! pool (`LoadMeta` records) into the receive's destination with one kernel launch per batch of
+//! receives.
+//!
+//! - [`plan`]: host-side validation, merging of contiguous fragments, cutting into copy tiles.
+//! - [`UnpackKernels`]: the CUDA C kernel (kernel.cu), compiled by NVRTC per device on first use.
+//! - [`Unpacker`]: batching, preallocated launch ring, event-based completion watermark.
+
+mod kernels;
+mod memory;
+pub mod plan;
+mod unpacker;
+
+pub use kernels::{BLOCK_THREADS, INLINE_LARGE, INLINE_MEDIUM, INLINE_SMALL, InlineTiles, UnpackKernels};
+pub use plan::{MAX_FRAGMENTS, PlanError, PlanStats, ReceiveLayout, TILE_BYTES, Tile, plan_receive};
+pub use unpacker::{BulkTiles, Submit, Unpacker, UnpackerConfig};

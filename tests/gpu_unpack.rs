@@ -1,0 +1,388 @@
+//! The unpack kernel against a CPU gather, byte for byte, on random data and fragment patterns.
+//! Every destination lives inside a larger region pre-filled with a guard pattern, and the whole
+//! region is compared, so a byte written outside a destination fails the test as surely as a
+//! wrong byte inside one. Needs a CUDA driver and NVRTC; elsewhere each test prints SKIPPED.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::Rng;
+use cudarc::driver::{CudaContext, result, sys};
+use uccl_tcpx::cuda::unpack::{BulkTiles, ReceiveLayout, Submit, Unpacker, UnpackerConfig};
+use uccl_tcpx::transport::plugin::abi::LoadMeta;
+
+const GUARD: u8 = 0xA5;
+
+fn gpu() -> Option<Arc<CudaContext>> {
+    if !uccl_tcpx::cuda::available() {
+        println!("SKIPPED: no CUDA driver");
+        return None;
+    }
+    let ctx = CudaContext::new(0).expect("primary context of device 0");
+    ctx.bind_to_thread().expect("bind context");
+    Some(ctx)
+}
+
+/// Device memory with a host mirror of what it should hold.
+struct Region {
+    ptr: sys::CUdeviceptr,
+    expected: Vec<u8>,
+}
+
+impl Region {
+    fn new(bytes: Vec<u8>) -> Region {
+        let ptr = unsafe { result::malloc_sync(bytes.len()) }.expect("cuMemAlloc");
+        unsafe { result::memcpy_htod_sync(ptr, &bytes) }.expect("upload");
+        Region { ptr, expected: bytes }
+    }
+
+    fn guarded(len: usize) -> Region {
+        Region::new(vec![GUARD; len])
+    }
+
+    fn assert_matches(&self, what: &str) {
+        let mut actual = vec![0u8; self.expected.len()];
+        unsafe { result::memcpy_dtoh_sync(&mut actual, self.ptr) }.expect("download");
+        if let Some(at) = actual.iter().zip(&self.expected).position(|(a, e)| a != e) {
+            let end = (at + 16).min(actual.len());
+            panic!(
+                "{what}: first difference at byte {at} of {}: got {:02x?}, expected {:02x?}",
+                actual.len(),
+                &actual[at..end],
+                &self.expected[at..end]
+            );
+        }
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        let _ = unsafe { result::free_sync(self.ptr) };
+    }
+}
+
+/// One receive: its destination offset inside the destination region, its length, its fragments.
+struct Receive {
+    dst_at: usize,
+    dst_len: usize,
+    metas: Vec<LoadMeta>,
+}
+
+/// Applies a receive to the host mirror exactly as the GPU should.
+fn cpu_gather(pool: &[u8], dst: &mut [u8], r: &Receive) {
+    for m in &r.metas {
+        let (s, d, n) = (m.src_off as usize, r.dst_at + m.dst_off as usize, m.len as usize);
+        dst[d..d + n].copy_from_slice(&pool[s..s + n]);
+    }
+}
+
+/// Every way tiles reach the kernel: in the parameters (up to the largest variant), copied to
+/// device memory, read through the host mapping.
+fn tile_paths() -> [UnpackerConfig; 3] {
+    let base = UnpackerConfig::default();
+    [
+        UnpackerConfig { inline_tiles: usize::MAX, ..base },
+        UnpackerConfig { inline_tiles: 0, bulk: BulkTiles::Copy, ..base },
+        UnpackerConfig { inline_tiles: 0, bulk: BulkTiles::Mapped, ..base },
+    ]
+}
+
+/// Submits every receive (polling when the ring is full), finishes, and checks tickets.
+fn run(unpacker: &mut Unpacker, pool: &Region, dst: &Region, receives: &[Receive]) {
+    let first = unpacker.submitted();
+    for (i, r) in receives.iter().enumerate() {
+        let layout = ReceiveLayout {
+            pool: pool.ptr,
+            pool_len: pool.expected.len() as u64,
+            dst: dst.ptr + r.dst_at as u64,
+            dst_len: r.dst_len as u64,
+        };
+        loop {
+            // SAFETY: both regions outlive the unpacker's work (finish below).
+            match unsafe { unpacker.submit(&layout, &r.metas) }.expect("submit") {
+                Submit::Queued(ticket) => {
+                    assert_eq!(ticket, first + i as u64, "tickets are consecutive");
+                    break;
+                }
+                Submit::Full => {
+                    let done = unpacker.poll().expect("poll");
+                    assert!(done <= first + i as u64, "a receive not yet submitted reported done");
+                    std::thread::yield_now();
+                }
+            }
+        }
+        let done = unpacker.poll().expect("poll");
+        assert!(done <= unpacker.submitted());
+    }
+    let done = unpacker.finish().expect("finish");
+    assert_eq!(done, first + receives.len() as u64, "finish covers every receive");
+    assert_eq!(unpacker.pending_receives(), 0);
+    assert_eq!(unpacker.launches_in_flight(), 0);
+}
+
+/// Fragments covering `dst_len` bytes in order, each from a random place in the pool, with a kind
+/// chosen per receive: whole shuffled pages, partial pages, tiny pieces, or runs that continue the
+/// previous fragment's source (so they merge). Arrival order is shuffled for half the receives.
+fn random_receive(rng: &mut Rng, pool_len: usize, dst_at: usize, dst_len: usize) -> Receive {
+    let kind = rng.below(4);
+    let pages = pool_len / 4096;
+    let mut metas = Vec::new();
+    let mut at = 0usize;
+    while at < dst_len {
+        let want = match kind {
+            0 => 4096,
+            1 => 1 + rng.below(4096),
+            2 => 1 + rng.below(48),
+            _ => 1 + rng.below(9000),
+        };
+        // Never more fragments than the plugin's limit of 2048 per receive.
+        let len = want.max(dst_len.div_ceil(2000)).min(dst_len - at);
+        let src = match (kind, metas.last()) {
+            (0, _) => rng.below(pages) * 4096,
+            (3, Some(LoadMeta { src_off, len: prev, .. }))
+                if rng.below(2) == 0 && (*src_off + *prev) as usize + len <= pool_len =>
+            {
+                (*src_off + *prev) as usize
+            }
+            _ => rng.below(pool_len - len + 1),
+        };
+        metas.push(LoadMeta { src_off: src as u32, len: len as u32, dst_off: at as u64 });
+        at += len;
+    }
+    if rng.below(2) == 0 {
+        for i in (1..metas.len()).rev() {
+            metas.swap(i, rng.below(i + 1));
+        }
+    }
+    Receive { dst_at, dst_len, metas }
+}
+
+#[test]
+fn random_fragment_patterns_match_a_cpu_gather() {
+    let Some(_ctx) = gpu() else { return };
+    let mut rng = Rng(0x5eed_0001);
+    let pool = Region::new(rng.bytes(8 << 20));
+    // Receives placed one after another at random alignments, with guard gaps between them.
+    let mut receives = Vec::new();
+    let mut at = 0;
+    for i in 0..400 {
+        at += rng.below(64);
+        let dst_len = match i % 5 {
+            0 => 512 << 10,
+            1 => 1 + rng.below(64),
+            _ => 1 + rng.below(96 << 10),
+        };
+        receives.push(random_receive(&mut rng, pool.expected.len(), at, dst_len));
+        at += dst_len;
+    }
+    for config in tile_paths() {
+        let mut dst = Region::guarded(at + 4096);
+        for r in &receives {
+            cpu_gather(&pool.expected, &mut dst.expected, r);
+        }
+        let mut unpacker = Unpacker::new(config).expect("unpacker");
+        run(&mut unpacker, &pool, &dst, &receives);
+        dst.assert_matches(&format!("random receives, {config:?}"));
+    }
+}
+
+#[test]
+fn every_source_and_destination_alignment() {
+    let Some(_ctx) = gpu() else { return };
+    let mut rng = Rng(0x5eed_0002);
+    let pool = Region::new(rng.bytes(4 << 20));
+    let lens = [1usize, 3, 15, 16, 17, 31, 100, 511, 4080, 4095, 4096, 4097, 8191, 12_345];
+    let mut receives = Vec::new();
+    let mut at = 0usize;
+    for src_align in 0..16 {
+        for dst_align in 0..16 {
+            for &len in &lens {
+                // A 16-byte-aligned start, then the alignment under test; guard bytes either side.
+                at = (at + 32).next_multiple_of(16) + dst_align;
+                let src = rng.below((pool.expected.len() - len - 16) / 16) * 16 + src_align;
+                // Half as one fragment, half split in two pieces that merge back into one run.
+                let metas = if len > 1 && rng.below(2) == 0 {
+                    let cut = 1 + rng.below(len - 1);
+                    vec![
+                        LoadMeta { src_off: src as u32, len: cut as u32, dst_off: 0 },
+                        LoadMeta { src_off: (src + cut) as u32, len: (len - cut) as u32, dst_off: cut as u64 },
+                    ]
+                } else {
+                    vec![LoadMeta { src_off: src as u32, len: len as u32, dst_off: 0 }]
+                };
+                receives.push(Receive { dst_at: at, dst_len: len, metas });
+                at += len;
+            }
+        }
+    }
+    for config in tile_paths() {
+        let mut dst = Region::guarded(at + 64);
+        for r in &receives {
+            cpu_gather(&pool.expected, &mut dst.expected, r);
+        }
+        let mut unpacker = Unpacker::new(config).expect("unpacker");
+        run(&mut unpacker, &pool, &dst, &receives);
+        dst.assert_matches(&format!("alignment sweep, {config:?}"));
+    }
+}
+
+#[test]
+fn destinations_at_the_very_end_of_a_region_leave_the_guard_untouched() {
+    let Some(_ctx) = gpu() else { return };
+    let mut rng = Rng(0x5eed_0003);
+    let pool = Region::new(rng.bytes(1 << 20));
+    for (len, guard) in [(1usize, 1usize), (17, 1), (4096, 1), (4099, 13), (65_536 + 7, 1), (100_003, 64)] {
+        let region_len = len + 5 + guard;
+        let mut dst = Region::guarded(region_len);
+        // The destination ends `guard` bytes before the end of the allocation; its last fragment
+        // writes its last byte; the source of that fragment ends at the pool's last byte.
+        let last = len.min(3000);
+        let receive = Receive {
+            dst_at: 5,
+            dst_len: len,
+            metas: vec![
+                LoadMeta { src_off: 7, len: (len - last) as u32, dst_off: 0 },
+                LoadMeta {
+                    src_off: (pool.expected.len() - last) as u32,
+                    len: last as u32,
+                    dst_off: (len - last) as u64,
+                },
+            ],
+        };
+        cpu_gather(&pool.expected, &mut dst.expected, &receive);
+        let mut unpacker = Unpacker::new(UnpackerConfig::default()).expect("unpacker");
+        run(&mut unpacker, &pool, &dst, std::slice::from_ref(&receive));
+        dst.assert_matches(&format!("destination of {len} bytes, {guard} guard bytes"));
+    }
+}
+
+#[test]
+fn small_rings_force_device_tile_launches_full_rings_and_in_order_completion() {
+    let Some(_ctx) = gpu() else { return };
+    let mut rng = Rng(0x5eed_0004);
+    let pool = Region::new(rng.bytes(32 << 20));
+    let mut unpacker = Unpacker::new(UnpackerConfig {
+        tiles_per_launch: 3000,
+        launches_in_flight: 2,
+        inline_tiles: 0,
+        ..UnpackerConfig::default()
+    })
+    .expect("unpacker");
+    assert!(unpacker.kernels().max_inline() >= 255, "{:?}", unpacker.kernels());
+    // 512 KiB receives of shuffled whole pages: 128 tiles each, copied to the device tile buffer.
+    let mut receives = Vec::new();
+    for i in 0..48 {
+        let mut metas: Vec<LoadMeta> = (0..128u64)
+            .map(|k| LoadMeta {
+                src_off: (rng.below(pool.expected.len() / 4096) * 4096) as u32,
+                len: 4096,
+                dst_off: k * 4096,
+            })
+            .collect();
+        for k in (1..metas.len()).rev() {
+            metas.swap(k, rng.below(k + 1));
+        }
+        receives.push(Receive { dst_at: i * (512 << 10), dst_len: 512 << 10, metas });
+    }
+    let mut dst = Region::guarded(48 * (512 << 10) + 64);
+    for r in &receives {
+        cpu_gather(&pool.expected, &mut dst.expected, r);
+    }
+    // Batches of 20 receives (2560 tiles); with two slots a batch may have to wait for one
+    // (Submit::Full).
+    let mut tickets = Vec::new();
+    for chunk in receives.chunks(20) {
+        for r in chunk {
+            let layout = ReceiveLayout {
+                pool: pool.ptr,
+                pool_len: pool.expected.len() as u64,
+                dst: dst.ptr + r.dst_at as u64,
+                dst_len: r.dst_len as u64,
+            };
+            loop {
+                match unsafe { unpacker.submit(&layout, &r.metas) }.expect("submit") {
+                    Submit::Queued(t) => {
+                        tickets.push(t);
+                        break;
+                    }
+                    Submit::Full => {
+                        unpacker.poll().expect("poll");
+                    }
+                }
+            }
+        }
+        assert_eq!(unpacker.pending_tiles(), chunk.len() * 128);
+        assert!(unpacker.launch().expect("launch"));
+    }
+    let mut last = 0;
+    while unpacker.launches_in_flight() > 0 {
+        let done = unpacker.poll().expect("poll");
+        assert!(done >= last, "the watermark never goes back");
+        last = done;
+    }
+    assert_eq!(unpacker.poll().unwrap(), 48);
+    assert_eq!(tickets, (0..48).collect::<Vec<u64>>());
+    assert!(!unpacker.launch().expect("nothing pending"), "an empty batch launches nothing");
+    dst.assert_matches("device tile batches");
+}
+
+#[test]
+fn invalid_and_empty_receives() {
+    let Some(_ctx) = gpu() else { return };
+    let mut rng = Rng(0x5eed_0005);
+    let pool = Region::new(rng.bytes(1 << 20));
+    let mut dst = Region::guarded(3 * 4096 + 64);
+    let mut unpacker = Unpacker::new(UnpackerConfig::default()).expect("unpacker");
+    let layout = |at: usize, len: usize| ReceiveLayout {
+        pool: pool.ptr,
+        pool_len: pool.expected.len() as u64,
+        dst: dst.ptr + at as u64,
+        dst_len: len as u64,
+    };
+    // One byte past the destination: rejected, nothing queued, nothing written.
+    let bad = [LoadMeta { src_off: 0, len: 4096, dst_off: 1 }];
+    let err = unsafe { unpacker.submit(&layout(0, 4096), &bad) }.unwrap_err();
+    assert!(err.to_string().contains("destination"), "{err}");
+    let too_many = vec![LoadMeta { src_off: 0, len: 1, dst_off: 0 }; 2049];
+    assert!(unsafe { unpacker.submit(&layout(0, 4096), &too_many) }.is_err());
+    assert_eq!(unpacker.submitted(), 0);
+    // Empty receives (zero-size requests) still get tickets and complete in order.
+    assert_eq!(unsafe { unpacker.submit(&layout(0, 0), &[]) }.unwrap(), Submit::Queued(0));
+    let good = [LoadMeta { src_off: 4096 * 7 + 3, len: 4096, dst_off: 0 }];
+    assert_eq!(unsafe { unpacker.submit(&layout(4096, 4096), &good) }.unwrap(), Submit::Queued(1));
+    assert_eq!(unsafe { unpacker.submit(&layout(0, 0), &[]) }.unwrap(), Submit::Queued(2));
+    assert_eq!(unpacker.finish().unwrap(), 3);
+    dst.expected[4096..8192].copy_from_slice(&pool.expected[4096 * 7 + 3..4096 * 8 + 3]);
+    dst.assert_matches("after rejected and empty receives");
+}
+
+#[test]
+fn every_parameter_block_size_carries_its_tiles() {
+    let Some(_ctx) = gpu() else { return };
+    let mut rng = Rng(0x5eed_0006);
+    let pool = Region::new(rng.bytes(16 << 20));
+    let config = UnpackerConfig { inline_tiles: usize::MAX, ..UnpackerConfig::default() };
+    let mut unpacker = Unpacker::new(config).expect("unpacker");
+    let max_inline = unpacker.kernels().max_inline();
+    // Just under and at each variant's capacity (small, medium, large), then one past the largest.
+    for pages in [1usize, 254, 255, 256, 1023, 1024, 1025, 2045, 2046, 2047] {
+        let pages = pages.min(max_inline + 1);
+        let mut metas: Vec<LoadMeta> = (0..pages)
+            .map(|k| LoadMeta {
+                src_off: (rng.below(pool.expected.len() / 4096) * 4096 + rng.below(16)) as u32 % (15 << 20),
+                len: 4096,
+                dst_off: (k * 4096) as u64,
+            })
+            .collect();
+        for k in (1..metas.len()).rev() {
+            metas.swap(k, rng.below(k + 1));
+        }
+        // A 16-byte-aligned destination: one tile per page (sources are misaligned instead).
+        let receive = Receive { dst_at: 0, dst_len: pages * 4096, metas };
+        let mut dst = Region::guarded(pages * 4096 + 64);
+        cpu_gather(&pool.expected, &mut dst.expected, &receive);
+        run(&mut unpacker, &pool, &dst, std::slice::from_ref(&receive));
+        dst.assert_matches(&format!("{pages} tiles"));
+    }
+}
