@@ -32,6 +32,13 @@ impl Op {
     }
 }
 
+/// Where the transferred buffers live. Raw TCP baselines always use host memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Gpu,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
     /// Both ends on this host, the server end in a child process.
@@ -54,7 +61,14 @@ pub struct Args {
     pub num_iovs: usize,
     pub json: bool,
     pub plot: Option<PathBuf>,
+    /// The JSON results written to this file as well, next to the tables.
+    pub json_file: Option<PathBuf>,
     pub baseline: bool,
+    pub device: Device,
+    /// CUDA ordinal of this end's buffers with `--device gpu`.
+    pub gpu: i32,
+    /// The loopback server child's GPU; unset: chosen once the GPUs are counted.
+    pub peer_gpu: Option<i32>,
     /// Server started by a loopback parent: print the chosen port on stdout.
     pub announce: bool,
 }
@@ -64,8 +78,8 @@ pub const DEFAULT_PORT: u16 = 19_971;
 pub const USAGE: &str = "\
 usage: uccl-tcpx-bench [--loopback | --role server|client --remote-ip IP] [--port P]
                        [--ops write,read,send,transport] [--sizes 8,4K,1M,...] [--iters N] [--depth N]
-                       [--channels N] [--num-iovs N] [--device cpu|gpu] [--json] [--plot FILE.png]
-                       [--no-baseline]
+                       [--channels N] [--num-iovs N] [--device cpu|gpu] [--gpu N] [--peer-gpu N]
+                       [--json] [--json-file FILE] [--plot FILE.png] [--no-baseline]
   --loopback (default)  both ends on this host: the server end runs as a child process
   --role server         wait for a client on --port (default 19971)
   --role client         connect to the server at --remote-ip:--port
@@ -76,7 +90,12 @@ usage: uccl-tcpx-bench [--loopback | --role server|client --remote-ip IP] [--por
   --depth               transfers in flight (default 1: the latency column is a round trip)
   --channels            data channels per connection (default UCCL_TCPX_NUM_CHANNELS or 2)
   --num-iovs            pieces each transfer is split into (one-sided: iovecs; send: messages)
+  --device              cpu (default): host buffers; gpu: device buffers (cuMemAlloc), staged through
+                        pinned host memory by the socket transport; baselines stay host-memory raw TCP
+  --gpu N               this end's GPU with --device gpu (default 0)
+  --peer-gpu N          the loopback server's GPU (default: the next GPU if there are 2+, else the same)
   --json                machine-readable results on stdout instead of the tables
+  --json-file FILE      also write the JSON results to FILE
   --plot FILE.png       GB/s against size, ours and the raw TCP baseline
   --no-baseline         skip the raw TCP baselines
 Socket transport knobs (UCCL_TCPX_SOCKET_NTHREADS, ...) are read from the environment on each side.";
@@ -95,7 +114,11 @@ impl Args {
             num_iovs: 1,
             json: false,
             plot: None,
+            json_file: None,
             baseline: true,
+            device: Device::Cpu,
+            gpu: 0,
+            peer_gpu: None,
             announce: false,
         };
         let mut port_given = false;
@@ -125,15 +148,16 @@ impl Args {
                     a.channels = Some(u16::try_from(n).map_err(|_| format!("--channels {n} is out of range"))?);
                 }
                 "--num-iovs" => a.num_iovs = number(&value()?)?,
-                "--device" => match value()?.as_str() {
-                    "cpu" => {}
-                    "gpu" => {
-                        return Err("--device gpu is not available in this build: the GPU data path is not \
-                                    part of it yet; use --device cpu"
-                            .into());
+                "--device" => {
+                    a.device = match value()?.as_str() {
+                        "cpu" => Device::Cpu,
+                        "gpu" => Device::Gpu,
+                        other => return Err(format!("unknown device {other:?} (cpu, gpu)")),
                     }
-                    other => return Err(format!("unknown device {other:?} (cpu, gpu)")),
-                },
+                }
+                "--gpu" => a.gpu = ordinal("--gpu", &value()?)?,
+                "--peer-gpu" => a.peer_gpu = Some(ordinal("--peer-gpu", &value()?)?),
+                "--json-file" => a.json_file = Some(PathBuf::from(value()?)),
                 "--json" => a.json = true,
                 "--plot" => a.plot = Some(PathBuf::from(value()?)),
                 "--no-baseline" => a.baseline = false,
@@ -150,6 +174,16 @@ impl Args {
         }
         if a.ops.is_empty() || a.sizes.is_empty() || a.depth == 0 || a.iters == Some(0) || a.channels == Some(0) {
             return Err(format!("ops, sizes, depth, channels and iters must be non-empty / positive\n{USAGE}"));
+        }
+        if a.device == Device::Gpu && a.ops.contains(&Op::Transport) {
+            return Err("--ops transport measures the socket transport on host memory alone; \
+                        leave it out with --device gpu"
+                .into());
+        }
+        if a.peer_gpu.is_some() && (a.role != Role::Loopback || a.device != Device::Gpu) {
+            return Err("--peer-gpu applies to --loopback --device gpu only (a separate server takes \
+                        --device gpu --gpu N itself)"
+                .into());
         }
         if a.num_iovs == 0 || a.sizes.iter().any(|&s| s < a.num_iovs) {
             return Err(format!("--num-iovs must be at least 1 and at most the smallest size\n{USAGE}"));
@@ -171,6 +205,10 @@ impl Args {
         if let Some(c) = self.channels {
             v.extend(["--channels".into(), c.to_string()]);
         }
+        if self.device == Device::Gpu {
+            let gpu = self.peer_gpu.unwrap_or(self.gpu);
+            v.extend(["--device".into(), "gpu".into(), "--gpu".into(), gpu.to_string()]);
+        }
         v
     }
 }
@@ -184,6 +222,10 @@ pub fn default_sizes() -> Vec<usize> {
 
 fn number(s: &str) -> Result<usize, String> {
     s.parse().map_err(|_| format!("{s:?} is not a number"))
+}
+
+fn ordinal(flag: &str, s: &str) -> Result<i32, String> {
+    s.parse::<u16>().map(i32::from).map_err(|_| format!("{flag} needs a GPU ordinal (0, 1, ...), not {s:?}"))
 }
 
 pub fn size(s: &str) -> Result<usize, String> {
@@ -249,7 +291,34 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
-        let gpu = parse("--device gpu").unwrap_err();
-        assert!(gpu.contains("not available in this build"), "{gpu}");
+        for bad in [
+            "--device tpu",
+            "--device",
+            "--gpu -1",
+            "--gpu x",
+            "--device gpu --peer-gpu",
+            "--peer-gpu 1",
+            "--device gpu --peer-gpu 1 --role server",
+            "--device gpu --ops write,transport",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn device_flags() {
+        let d = parse("").unwrap();
+        assert_eq!((d.device, d.gpu, d.peer_gpu), (Device::Cpu, 0, None));
+        assert!(!d.server_child_args().contains(&"--device".to_string()), "cpu children stay as they were");
+        assert!(parse("--device cpu --ops transport").is_ok());
+        let g = parse("--device gpu --gpu 3 --peer-gpu 5 --channels 4 --json-file r.json").unwrap();
+        assert_eq!((g.device, g.gpu, g.peer_gpu), (Device::Gpu, 3, Some(5)));
+        assert_eq!(g.json_file.as_deref(), Some(std::path::Path::new("r.json")));
+        let child = g.server_child_args().join(" ");
+        assert!(child.ends_with("--channels 4 --device gpu --gpu 5"), "{child}");
+        let same = parse("--device gpu --gpu 2").unwrap().server_child_args().join(" ");
+        assert!(same.ends_with("--device gpu --gpu 2"), "unresolved peer: same GPU ({same})");
+        let server = parse("--role server --device gpu --gpu 1").unwrap();
+        assert_eq!((server.role, server.device, server.gpu), (Role::Server, Device::Gpu, 1));
     }
 }

@@ -12,6 +12,7 @@ use uccl_tcpx::{Config, Connection, Engine};
 
 use crate::args::{Args, Op};
 use crate::ctl::{self, Ctl, field};
+use crate::memory::BenchMemory;
 use crate::progress::Progress;
 use crate::raw;
 use crate::report::{Point, RunInfo};
@@ -41,9 +42,10 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
     let fifo = FifoItem::from_bytes(
         &fifo_bytes.ok_or_else(|| std::io::Error::other("malformed FifoItem from the server"))?.try_into().unwrap(),
     );
+    let server_memory = ready.get(3).cloned().unwrap_or_else(|| "host".into());
     let engine = Engine::new(config.clone()).map_err(std::io::Error::other)?;
-    let mut buf = vec![0u8; bytes];
-    let mr = engine.register(buf.as_mut_ptr() as usize, bytes).map_err(std::io::Error::other)?;
+    let mut mem = BenchMemory::for_args(args, bytes)?;
+    let mr = engine.register(mem.addr(), bytes).map_err(std::io::Error::other)?;
     let conn = engine.connect(&server.to_string(), "0", engine_port).map_err(std::io::Error::other)?;
     let streams = config.num_channels as usize * config.socket.sockets_per_comm();
     let info = RunInfo {
@@ -54,6 +56,8 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
         depth: args.depth,
         num_iovs: args.num_iovs,
         chunk_size: config.chunk_size,
+        client_memory: mem.describe(),
+        server_memory,
     };
     let steps = args.ops.len() * args.sizes.len() + if args.baseline { args.sizes.len() } else { 0 };
     let mut progress = Progress::new(steps);
@@ -68,7 +72,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
             let samples = if op == Op::Transport {
                 transport_ping::round_trips(size, iters, &config)?
             } else {
-                let mut run = Run { args, ctl: &mut ctl, conn: &conn, mr, buf: &mut buf, fifo, op, size, seed };
+                let mut run = Run { args, ctl: &mut ctl, conn: &conn, mr, mem: &mut mem, fifo, op, size, seed };
                 run.measure(iters)?
             };
             let baseline = if !args.baseline {
@@ -77,8 +81,9 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
                 Some(known)
             } else {
                 progress.step(&format!("raw TCP {}", crate::report::human(size)));
-                let raw_gbs = raw::streams_client(&mut ctl, server, &buf[..size], streams, iters)?;
-                let ping = raw::pingpong_client(&mut ctl, server, &mut buf[..size], iters.min(1000))?;
+                let host = &mut mem.host()[..size];
+                let raw_gbs = raw::streams_client(&mut ctl, server, host, streams, iters)?;
+                let ping = raw::pingpong_client(&mut ctl, server, host, iters.min(1000))?;
                 let measured = (raw_gbs, median(ping));
                 baselines.insert(size, measured);
                 Some(measured)
@@ -105,7 +110,7 @@ struct Run<'a> {
     ctl: &'a mut Ctl,
     conn: &'a Arc<Connection>,
     mr: u64,
-    buf: &'a mut Vec<u8>,
+    mem: &'a mut BenchMemory,
     fifo: FifoItem,
     op: Op,
     size: usize,
@@ -122,8 +127,8 @@ impl Run<'_> {
         self.ctl.send(&format!("OP {} {size} {count} {depth} {iovs} {seed}", self.op.name()))?;
         self.ctl.expect("GO")?;
         match self.op {
-            Op::Read => self.buf[..size].fill(0),
-            _ => ctl::fill(&mut self.buf[..size], seed),
+            Op::Read => self.mem.zero(size)?,
+            _ => self.mem.fill(size, seed)?,
         }
         let first = self.post(0)?;
         wait(self.conn, first)?;
@@ -132,7 +137,7 @@ impl Run<'_> {
                 self.ctl.send("CHECK")?;
                 self.verdict()?;
             }
-            Op::Read if !ctl::check(&self.buf[..size], seed) => return Err(self.wrong_data()),
+            Op::Read if !self.mem.check(size, seed)? => return Err(self.wrong_data()),
             _ => {}
         }
         self.pipeline(warmup)?;
@@ -186,7 +191,7 @@ impl Run<'_> {
 
     fn post(&self, slot: usize) -> Io<u64> {
         let (size, iovs) = (self.size, self.args.num_iovs);
-        let base = self.buf.as_ptr() as usize + slot * size;
+        let base = self.mem.addr() + slot * size;
         let part = |k: usize| k * size / iovs..(k + 1) * size / iovs;
         let posted = match self.op {
             Op::Write | Op::Read => {

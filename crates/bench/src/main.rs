@@ -1,10 +1,11 @@
-//! `uccl-tcpx-bench`: transfer benchmark over the built-in socket transport, host memory, between two
-//! processes (`--loopback`, the default, starts the server end as a child of itself) or two hosts
+//! `uccl-tcpx-bench`: transfer benchmark over the built-in socket transport, host or GPU memory
+//! (`--device gpu`), between two processes (`--loopback`, the default, starts the server end as a child of itself) or two hosts
 //! (`--role server` / `--role client`), with raw TCP baselines measured in the same run.
 
 mod args;
 mod client;
 mod ctl;
+mod memory;
 mod plot;
 mod progress;
 mod raw;
@@ -24,7 +25,12 @@ fn fail(msg: &str) -> ! {
 }
 
 fn main() {
-    let args = Args::parse(std::env::args().skip(1)).unwrap_or_else(|e| fail(&e));
+    let mut args = Args::parse(std::env::args().skip(1)).unwrap_or_else(|e| fail(&e));
+    // Checked before any process or connection exists, so a host without CUDA gets one clear line.
+    let peer_gpu = memory::resolve_gpus(&args).unwrap_or_else(|e| fail(&e));
+    if args.role == Role::Loopback {
+        args.peer_gpu = peer_gpu;
+    }
     match args.role {
         Role::Server => server::run(&args).unwrap_or_else(|e| fail(&format!("server: {e}"))),
         Role::Client => {
@@ -76,8 +82,13 @@ fn client_and_report(args: &Args, ip: IpAddr, port: u16, mode: &str) {
         progress.redraw();
     })
     .unwrap_or_else(|e| fail(&format!("client: {e}")));
+    let json = report::json(&info, mode, &points);
+    if let Some(path) = &args.json_file {
+        std::fs::write(path, format!("{json}\n"))
+            .unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", path.display())));
+    }
     if args.json {
-        println!("{}", report::json(&info, mode, &points));
+        println!("{json}");
     } else {
         print!("{}", report::summary(&points));
     }

@@ -12,6 +12,15 @@ pub struct RunInfo {
     pub depth: usize,
     pub num_iovs: usize,
     pub chunk_size: u32,
+    /// Each end's memory as [`crate::memory::BenchMemory::describe`] names it.
+    pub client_memory: String,
+    pub server_memory: String,
+}
+
+impl RunInfo {
+    fn on_gpu(&self) -> bool {
+        self.client_memory != "host" || self.server_memory != "host"
+    }
 }
 
 pub struct Point {
@@ -73,9 +82,18 @@ pub fn human(n: usize) -> String {
 }
 
 pub fn header(info: &RunInfo, mode: &str) -> String {
+    let memory = if info.on_gpu() {
+        format!(
+            "GPU memory (client {}, server {}) staged through pinned host memory",
+            info.client_memory, info.server_memory
+        )
+    } else {
+        "host memory".into()
+    };
+    let baseline_memory = if info.on_gpu() { "host-memory buffers of the same size" } else { "same buffers" };
     format!(
-        "# uccl-tcpx-bench: socket transport, host memory, {mode}\n# {} channels x {} sockets ({} helper threads \
-         per comm), chunk {}, {} in flight, {} iov(s); baseline: raw TCP, {} streams with a thread each, same buffers",
+        "# uccl-tcpx-bench: socket transport, {memory}, {mode}\n# {} channels x {} sockets ({} helper threads \
+         per comm), chunk {}, {} in flight, {} iov(s); baseline: raw TCP, {} streams with a thread each, {baseline_memory}",
         info.channels,
         info.sockets_per_comm,
         info.threads_per_comm,
@@ -127,8 +145,11 @@ pub fn summary(points: &[Point]) -> String {
 pub fn json(info: &RunInfo, mode: &str, points: &[Point]) -> String {
     let opt = |v: Option<f64>| v.map(|x| format!("{x:.6}")).unwrap_or_else(|| "null".into());
     let mut s = format!(
-        "{{\"mode\":\"{mode}\",\"channels\":{},\"sockets_per_comm\":{},\"threads_per_comm\":{},\"raw_streams\":{},\
+        "{{\"mode\":\"{mode}\",\"device\":\"{}\",\"client_memory\":\"{}\",\"server_memory\":\"{}\",\"channels\":{},\"sockets_per_comm\":{},\"threads_per_comm\":{},\"raw_streams\":{},\
          \"depth\":{},\"num_iovs\":{},\"chunk_size\":{},\"results\":[",
+        if info.on_gpu() { "gpu" } else { "cpu" },
+        info.client_memory,
+        info.server_memory,
         info.channels,
         info.sockets_per_comm,
         info.threads_per_comm,
@@ -166,6 +187,31 @@ pub fn json(info: &RunInfo, mode: &str, points: &[Point]) -> String {
 mod tests {
     use super::*;
 
+    fn info(client: &str, server: &str) -> RunInfo {
+        RunInfo {
+            channels: 4,
+            sockets_per_comm: 2,
+            threads_per_comm: 2,
+            raw_streams: 8,
+            depth: 1,
+            num_iovs: 1,
+            chunk_size: 1 << 20,
+            client_memory: client.into(),
+            server_memory: server.into(),
+        }
+    }
+
+    #[test]
+    fn header_names_the_memory_and_the_baselines_memory() {
+        let host = header(&info("host", "host"), "loopback");
+        assert!(host.starts_with("# uccl-tcpx-bench: socket transport, host memory, loopback"), "{host}");
+        assert!(host.ends_with("same buffers"), "{host}");
+        assert!(json(&info("host", "host"), "m", &[]).contains("\"device\":\"cpu\""));
+        let gpu = header(&info("gpu0@a", "gpu1@b"), "loopback");
+        assert!(gpu.contains("GPU memory (client gpu0@a, server gpu1@b)"), "{gpu}");
+        assert!(gpu.ends_with("host-memory buffers of the same size"), "{gpu}");
+    }
+
     #[test]
     fn point_statistics_and_formats() {
         let samples: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
@@ -184,11 +230,14 @@ mod tests {
                 depth: 1,
                 num_iovs: 1,
                 chunk_size: 1 << 20,
+                client_memory: "gpu0@0000:4a:00.0".into(),
+                server_memory: "gpu1@0000:5b:00.0".into(),
             },
             "loopback",
             &[p],
         );
         assert!(j.contains("\"size\":1000") && j.contains("\"lat_ratio\":2.04"), "{j}");
+        assert!(j.contains("\"device\":\"gpu\",\"client_memory\":\"gpu0@0000:4a:00.0\""), "{j}");
         assert_eq!(human(8), "8 B");
         assert_eq!(human(256 << 20), "256 MiB");
         assert_eq!(human(3 << 10), "3 KiB");

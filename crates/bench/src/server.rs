@@ -10,6 +10,7 @@ use uccl_tcpx::{Config, Connection, Engine};
 
 use crate::args::Args;
 use crate::ctl::{self, Ctl, field};
+use crate::memory::BenchMemory;
 use crate::raw;
 
 type Io<T> = std::io::Result<T>;
@@ -33,13 +34,14 @@ pub fn run(args: &Args) -> Io<()> {
         ..Config::from_env().map_err(std::io::Error::other)?
     };
     let engine = Engine::new(config).map_err(std::io::Error::other)?;
-    let mut buf = vec![0u8; bytes];
-    let mr = engine.register(buf.as_mut_ptr() as usize, bytes).map_err(std::io::Error::other)?;
-    let fifo = engine.prepare_fifo(mr, buf.as_ptr() as usize, bytes).map_err(std::io::Error::other)?;
-    ctl.send(&format!("READY {} {}", engine.address().port(), ctl::hex(&fifo.to_bytes())))?;
+    let mut mem = BenchMemory::for_args(args, bytes)?;
+    let mr = engine.register(mem.addr(), bytes).map_err(std::io::Error::other)?;
+    let fifo = engine.prepare_fifo(mr, mem.addr(), bytes).map_err(std::io::Error::other)?;
+    let port = engine.address().port();
+    ctl.send(&format!("READY {port} {} {}", ctl::hex(&fifo.to_bytes()), mem.describe()))?;
     let conn = engine.accept().map_err(std::io::Error::other)?;
     log_line(args, &format!("client {peer} connected"));
-    let mut target = Target { engine: &engine, conn: &conn, mr, buf: &mut buf };
+    let mut target = Target { engine: &engine, conn: &conn, mr, mem: &mut mem };
     let served = target.serve(&mut ctl);
     drop(conn);
     engine.shutdown();
@@ -56,7 +58,7 @@ struct Target<'a> {
     engine: &'a Engine,
     conn: &'a Arc<Connection>,
     mr: u64,
-    buf: &'a mut Vec<u8>,
+    mem: &'a mut BenchMemory,
 }
 
 impl Target<'_> {
@@ -66,8 +68,8 @@ impl Target<'_> {
             let words = ctl.recv()?;
             match words.first().map(String::as_str) {
                 Some("OP") => self.op(ctl, &words)?,
-                Some("RAW") => raw::streams_server(ctl, self.buf, &words)?,
-                Some("PING") => raw::pingpong_server(ctl, self.buf, &words)?,
+                Some("RAW") => raw::streams_server(ctl, self.mem.host(), &words)?,
+                Some("PING") => raw::pingpong_server(ctl, self.mem.host(), &words)?,
                 Some("QUIT") => return Ok(()),
                 _ => return Err(std::io::Error::other(format!("unknown bench message {:?}", words.join(" ")))),
             }
@@ -80,24 +82,24 @@ impl Target<'_> {
         let kind = w.get(1).map(String::as_str).unwrap_or("");
         let (size, count, depth, iovs, seed): (usize, usize, usize, usize, u64) =
             (field(w, 2)?, field(w, 3)?, field(w, 4)?, field(w, 5)?, field(w, 6)?);
-        if size.checked_mul(depth).is_none_or(|n| n > self.buf.len()) || iovs == 0 || iovs > size {
+        if size.checked_mul(depth).is_none_or(|n| n > self.mem.len()) || iovs == 0 || iovs > size {
             return Err(std::io::Error::other(format!("{size} bytes x {depth} in flight do not fit the buffer")));
         }
         match kind {
             "write" => {
-                self.buf[..size].fill(0);
+                self.mem.zero(size)?;
                 ctl.send("GO")?;
                 ctl.expect("CHECK")?;
-                ctl.send(if ctl::check(&self.buf[..size], seed) { "OK" } else { "BAD" })
+                ctl.send(if self.mem.check(size, seed)? { "OK" } else { "BAD" })
             }
             "read" => {
-                ctl::fill(&mut self.buf[..size], seed);
+                self.mem.fill(size, seed)?;
                 ctl.send("GO")?;
                 ctl.expect("END")?;
                 ctl.send("OK")
             }
             "send" => {
-                self.buf[..size].fill(0);
+                self.mem.zero(size)?;
                 ctl.send("GO")?;
                 let ok = self.receive(size, count, depth, iovs, seed)?;
                 ctl.send(if ok { "OK" } else { "BAD" })
@@ -107,7 +109,7 @@ impl Target<'_> {
     }
 
     fn receive(&mut self, size: usize, count: usize, depth: usize, iovs: usize, seed: u64) -> Io<bool> {
-        let base = self.buf.as_ptr() as usize;
+        let base = self.mem.addr();
         let mut inflight = std::collections::VecDeque::with_capacity(depth * iovs);
         let mut ok = true;
         for i in 0..count {
@@ -126,7 +128,7 @@ impl Target<'_> {
                 while let Some(id) = inflight.pop_front() {
                     wait(self.conn, id)?;
                 }
-                ok = ctl::check(&self.buf[..size], seed);
+                ok = self.mem.check(size, seed)?;
             }
         }
         while let Some(id) = inflight.pop_front() {

@@ -1,0 +1,188 @@
+//! The memory transfers move between: host memory, or GPU memory that the engine recognizes as such
+//! on registration (the socket transport then stages it through pinned host rings). The data pattern
+//! is written and checked on the host, so a GPU buffer keeps a host mirror for that; the mirror also
+//! serves the raw TCP baselines, which measure host memory in either case.
+
+use uccl_tcpx::cuda::{self, DeviceBuffer};
+
+use crate::args::{Args, Device};
+use crate::ctl;
+
+type Io<T> = std::io::Result<T>;
+
+fn io(e: uccl_tcpx::Error) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+pub enum BenchMemory {
+    Host(Vec<u8>),
+    Gpu { dev: DeviceBuffer, mirror: Vec<u8> },
+}
+
+impl BenchMemory {
+    /// `len` bytes of host memory, or of GPU `ordinal`'s memory.
+    pub fn new(gpu: Option<i32>, len: usize) -> Io<BenchMemory> {
+        match gpu {
+            None => Ok(BenchMemory::Host(vec![0u8; len])),
+            Some(ordinal) => {
+                let dev = DeviceBuffer::new(ordinal, len).map_err(io)?;
+                Ok(BenchMemory::Gpu { dev, mirror: vec![0u8; len] })
+            }
+        }
+    }
+
+    /// The transfer end's memory as chosen on its command line.
+    pub fn for_args(args: &Args, len: usize) -> Io<BenchMemory> {
+        BenchMemory::new((args.device == Device::Gpu).then_some(args.gpu), len)
+    }
+
+    /// The address the engine registers and transfers use.
+    pub fn addr(&self) -> usize {
+        match self {
+            BenchMemory::Host(v) => v.as_ptr() as usize,
+            BenchMemory::Gpu { dev, .. } => dev.addr(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            BenchMemory::Host(v) => v.len(),
+            BenchMemory::Gpu { dev, .. } => dev.len(),
+        }
+    }
+
+    /// One word for the control protocol and reports: `host`, or `gpu<ordinal>@<PCI bus id>`.
+    pub fn describe(&self) -> String {
+        match self {
+            BenchMemory::Host(_) => "host".into(),
+            BenchMemory::Gpu { dev, .. } => format!("gpu{}@{}", dev.gpu().ordinal(), dev.gpu().bus_id()),
+        }
+    }
+
+    /// Writes the pattern for `seed` to bytes `[0, size)`.
+    pub fn fill(&mut self, size: usize, seed: u64) -> Io<()> {
+        self.check_size(size)?;
+        match self {
+            BenchMemory::Host(v) => ctl::fill(&mut v[..size], seed),
+            BenchMemory::Gpu { dev, mirror } => {
+                ctl::fill(&mut mirror[..size], seed);
+                dev.copy_from_host(0, &mirror[..size]).map_err(io)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Zeroes bytes `[0, size)` (a GPU buffer entirely: one memset costs less than a copy).
+    pub fn zero(&mut self, size: usize) -> Io<()> {
+        self.check_size(size)?;
+        match self {
+            BenchMemory::Host(v) => v[..size].fill(0),
+            BenchMemory::Gpu { dev, .. } => dev.fill(0).map_err(io)?,
+        }
+        Ok(())
+    }
+
+    /// Whether bytes `[0, size)` hold the pattern for `seed`; GPU bytes are copied back to check.
+    pub fn check(&mut self, size: usize, seed: u64) -> Io<bool> {
+        self.check_size(size)?;
+        match self {
+            BenchMemory::Host(v) => Ok(ctl::check(&v[..size], seed)),
+            BenchMemory::Gpu { dev, mirror } => {
+                dev.copy_to_host(0, &mut mirror[..size]).map_err(io)?;
+                Ok(ctl::check(&mirror[..size], seed))
+            }
+        }
+    }
+
+    /// Host bytes of the same length for the raw TCP baselines (the mirror of a GPU buffer).
+    pub fn host(&mut self) -> &mut [u8] {
+        match self {
+            BenchMemory::Host(v) => v,
+            BenchMemory::Gpu { mirror, .. } => mirror,
+        }
+    }
+
+    fn check_size(&self, size: usize) -> Io<()> {
+        if size > self.len() {
+            return Err(std::io::Error::other(format!("{size} bytes do not fit a buffer of {}", self.len())));
+        }
+        Ok(())
+    }
+}
+
+/// GPUs a `--device gpu` run may use: probes the driver, counts the devices and checks the ordinals.
+/// Returns the server end's GPU for a loopback run: `--peer-gpu`, else the next GPU when there are
+/// two or more (so each process has its own), else the same one.
+pub fn resolve_gpus(args: &Args) -> Result<Option<i32>, String> {
+    if args.device != Device::Gpu {
+        return Ok(None);
+    }
+    cuda::driver().map_err(|e| format!("--device gpu needs a CUDA driver: {e}"))?;
+    let count = cudarc::driver::result::device::get_count()
+        .map_err(|e| format!("--device gpu: counting CUDA devices failed: {e:?}"))?;
+    peer_gpu(args.gpu, args.peer_gpu, count).map(Some)
+}
+
+pub fn peer_gpu(gpu: i32, peer: Option<i32>, count: i32) -> Result<i32, String> {
+    if count <= 0 {
+        return Err("--device gpu: the CUDA driver sees no GPU".into());
+    }
+    let exists = |g: i32| (0..count).contains(&g);
+    if !exists(gpu) {
+        return Err(format!("--gpu {gpu} does not exist: {count} GPU(s) are visible"));
+    }
+    let peer = peer.unwrap_or(if count >= 2 { (gpu + 1) % count } else { gpu });
+    if !exists(peer) {
+        return Err(format!("--peer-gpu {peer} does not exist: {count} GPU(s) are visible"));
+    }
+    Ok(peer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_gpu_defaults_to_another_gpu_when_there_is_one() {
+        assert_eq!(peer_gpu(0, None, 1), Ok(0));
+        assert_eq!(peer_gpu(0, None, 2), Ok(1));
+        assert_eq!(peer_gpu(1, None, 2), Ok(0));
+        assert_eq!(peer_gpu(3, None, 8), Ok(4));
+        assert_eq!(peer_gpu(0, Some(0), 2), Ok(0));
+        assert!(peer_gpu(1, None, 1).unwrap_err().contains("--gpu 1 does not exist"));
+        assert!(peer_gpu(0, Some(2), 2).unwrap_err().contains("--peer-gpu 2 does not exist"));
+        assert!(peer_gpu(0, None, 0).is_err());
+    }
+
+    #[test]
+    fn host_memory_fills_zeroes_and_checks() {
+        let mut m = BenchMemory::new(None, 100).unwrap();
+        assert_eq!(m.describe(), "host");
+        m.fill(64, 7).unwrap();
+        assert!(m.check(64, 7).unwrap());
+        assert!(!m.check(64, 8).unwrap());
+        m.zero(64).unwrap();
+        assert!(!m.check(64, 7).unwrap());
+        assert!(m.fill(101, 7).is_err(), "a size past the buffer is an error, not a panic");
+        assert_eq!(m.host().len(), 100);
+    }
+
+    /// Without a driver a GPU buffer is a clear error; with one, the pattern goes through the device.
+    #[test]
+    fn gpu_memory_or_a_clear_error() {
+        match BenchMemory::new(Some(0), 4096) {
+            Err(e) => {
+                assert!(!cuda::available());
+                assert!(e.to_string().contains("CUDA unavailable"), "{e}");
+            }
+            Ok(mut m) => {
+                assert!(m.describe().starts_with("gpu0@"));
+                m.fill(4096, 3).unwrap();
+                m.host().fill(0);
+                assert!(m.check(4096, 3).unwrap(), "the pattern came back from the device");
+                m.zero(4096).unwrap();
+                assert!(!m.check(4096, 3).unwrap());
+            }
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! The benchmark binary end to end: a short loopback run with its JSON file, and `--device gpu`,
+//! which runs where a CUDA driver is present and otherwise fails with one clear line, not a panic.
+
+use std::process::{Command, Output};
+
+fn bench(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_uccl-tcpx-bench")).args(args).output().expect("the bench binary starts")
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn host_run_prints_tables_and_writes_its_json_file() {
+    let dir = std::env::temp_dir().join(format!("uccl-tcpx-bench-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("host.json");
+    let out =
+        bench(&["--sizes", "8,64K", "--iters", "5", "--ops", "write,send", "--json-file", json.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("socket transport, host memory"), "{stdout}");
+    assert!(stdout.contains("# Summary"), "{stdout}");
+    let saved = std::fs::read_to_string(&json).unwrap();
+    assert!(saved.contains("\"device\":\"cpu\""), "{saved}");
+    assert_eq!(saved.matches("\"op\":").count(), 4, "two ops times two sizes: {saved}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn gpu_runs_or_says_it_needs_a_driver() {
+    let out = bench(&["--device", "gpu", "--sizes", "4K,1M", "--iters", "4", "--json"]);
+    let all = text(&out);
+    assert!(!all.contains("panicked"), "{all}");
+    if out.status.success() {
+        assert!(all.contains("\"device\":\"gpu\"") && all.contains("\"client_memory\":\"gpu0@"), "{all}");
+        assert_eq!(all.matches("\"op\":").count(), 6, "{all}");
+    } else {
+        assert_eq!(out.status.code(), Some(1), "{all}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.starts_with("uccl-tcpx-bench: --device gpu needs a CUDA driver: "), "{err}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(out.stdout.is_empty(), "nothing measured: {all}");
+    }
+}
+
+#[test]
+fn bad_gpu_flags_are_refused_before_anything_runs() {
+    for args in [&["--gpu", "-1"][..], &["--peer-gpu", "1"], &["--device", "gpu", "--ops", "transport"]] {
+        let out = bench(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
+        assert!(!text(&out).contains("panicked"), "{args:?}");
+    }
+}

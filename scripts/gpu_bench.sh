@@ -1,0 +1,210 @@
+#!/usr/bin/env bash
+# One-shot measurement on a GPU host, no cargo needed there: uccl-tcpx-bench with GPU buffers and
+# with host buffers at two socket layouts, raw TCP anchors, and (on hosts with 2+ GPUs and PyTorch)
+# NCCL's socket transport GPU->GPU, default and tuned. Everything goes to stdout; the bench runs'
+# results are also collected in one JSON file.
+#
+#   scripts/gpu_bench.sh [BENCH_BINARY]
+#
+# BENCH_BINARY (or UCCL_TCPX_BENCH_BIN): a prebuilt uccl-tcpx-bench, default target/release/uccl-tcpx-bench.
+# GPU_BENCH_OUT (else $OUT, else ./gpu_bench_out): where logs and gpu_bench.json go.
+# GPU_BENCH_STEP_TIMEOUT: seconds one step may take (default 150); GPU_BENCH_BUDGET: seconds for the
+# whole script (default 540), after which the remaining steps are skipped.
+# Optional: target/release/examples/gpu_staging_bw (or GPU_STAGING_BW_BIN) is run too when present.
+set -uo pipefail # not -e: a failing step is reported and the next one still runs
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+BIN="${1:-${UCCL_TCPX_BENCH_BIN:-target/release/uccl-tcpx-bench}}"
+OUTDIR="${GPU_BENCH_OUT:-${OUT:-gpu_bench_out}}"
+STEP_TIMEOUT="${GPU_BENCH_STEP_TIMEOUT:-150}"
+BUDGET="${GPU_BENCH_BUDGET:-540}"
+STAGING_BW="${GPU_STAGING_BW_BIN:-target/release/examples/gpu_staging_bw}"
+SIZES=8,4K,64K,1M,16M,64M,256M
+ANCHORS=scripts/anchors
+mkdir -p "$OUTDIR"
+OUTDIR="$(cd "$OUTDIR" && pwd)"
+START=$SECONDS
+
+if [[ ! -x "$BIN" ]]; then
+  echo "gpu_bench: no executable bench binary at $BIN (build it with cargo build --release -p uccl-tcpx-bench)" >&2
+  exit 2
+fi
+
+section() { printf '\n======== %s (t=%ds) ========\n' "$*" "$((SECONDS - START))"; }
+
+# Runs a step under the time limit (the step's own, cut to what is left of the script's budget),
+# its output to stdout and to $OUTDIR/NAME.log.
+step() {
+  local name=$1
+  shift
+  local limit=$((BUDGET - (SECONDS - START)))
+  ((limit > STEP_TIMEOUT)) && limit=$STEP_TIMEOUT
+  if ((limit < 15)); then
+    echo "gpu_bench: step $name skipped: the ${BUDGET}s budget is spent"
+    return 125
+  fi
+  timeout -k 10 "$limit" "$@" 2>&1 | tee "$OUTDIR/$name.log"
+  local rc=${PIPESTATUS[0]}
+  if [[ $rc -ne 0 ]]; then
+    echo "gpu_bench: step $name failed with status $rc$([[ $rc -eq 124 ]] && echo " (timed out after ${limit}s)")"
+  fi
+  return "$rc"
+}
+
+json_string() { printf '"%s"' "$(printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g' | tr '\n\t' '  ')"; }
+
+GPUS=0
+if command -v nvidia-smi >/dev/null 2>&1; then
+  GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
+fi
+CORES=$(nproc)
+
+section "host"
+echo "date: $(date -u +%FT%TZ)"
+echo "kernel: $(uname -r), cores: $CORES, $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | sed 's/.*: //')"
+echo "GPUs: $GPUS"
+nvidia-smi -L 2>/dev/null
+nvidia-smi --query-gpu=name,driver_version,memory.total,pci.bus_id --format=csv,noheader 2>/dev/null
+nvidia-smi topo -m 2>/dev/null | head -n 12
+echo "bench binary: $BIN"
+
+# Two socket layouts with 16 data sockets per direction each (16-32 core host): 4 channels x 4
+# helper threads with 1 MiB chunks, and 8 channels x 2 threads with 4 MiB chunks and a deeper
+# window (the staged GPU path's best setting in the in-process staging example); the latter again
+# with 4 transfers in flight, where copies of one transfer overlap the socket I/O of another.
+LAYOUTS=(
+  "ch4|--channels 4|UCCL_TCPX_SOCKET_NTHREADS=4 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=1M UCCL_TCPX_WINDOW=8"
+  "ch8|--channels 8|UCCL_TCPX_SOCKET_NTHREADS=2 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=4M UCCL_TCPX_WINDOW=16"
+  "ch8-depth4|--channels 8 --depth 4|UCCL_TCPX_SOCKET_NTHREADS=2 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=4M UCCL_TCPX_WINDOW=16"
+)
+RUNS_JSON=()
+for device in gpu cpu; do
+  for layout in "${LAYOUTS[@]}"; do
+    IFS='|' read -r tag flags knobs <<<"$layout"
+    name="bench-$device-$tag"
+    section "$name: $knobs uccl-tcpx-bench --device $device $flags"
+    rm -f "$OUTDIR/$name.json"
+    # shellcheck disable=SC2086 # flags and knobs are word lists
+    step "$name" env $knobs "$BIN" --device "$device" $flags --ops write,read,send --sizes "$SIZES" \
+      --json-file "$OUTDIR/$name.json"
+    rc=$?
+    result=null
+    [[ -s "$OUTDIR/$name.json" ]] && result=$(cat "$OUTDIR/$name.json")
+    RUNS_JSON+=("{\"name\":\"$name\",\"device\":\"$device\",\"env\":$(json_string "$knobs"),\"flags\":$(json_string "$flags"),\"status\":$rc,\"result\":$result}")
+  done
+done
+
+if [[ -x "$STAGING_BW" ]]; then
+  section "gpu_staging_bw (two engines in one process, one-sided writes)"
+  step staging_bw "$STAGING_BW" 256 6 4:1024:8 8:1024:16 8:4096:16
+fi
+
+section "raw TCP anchors (gcc -O2 -pthread)"
+ANCHOR_LINES=()
+ANCHOR_BIN="$(mktemp -d)"
+trap 'rm -rf "$ANCHOR_BIN"' EXIT
+if command -v gcc >/dev/null 2>&1 &&
+  gcc -O2 -pthread "$ANCHORS/tcp_stream.c" -o "$ANCHOR_BIN/tcp_stream" &&
+  gcc -O2 -pthread "$ANCHORS/tcp_pingpong.c" -o "$ANCHOR_BIN/tcp_pingpong"; then
+  for streams in 1 2 4 8 16 32; do
+    ((SECONDS - START < BUDGET - 15)) || break
+    line=$(timeout -k 5 60 "$ANCHOR_BIN/tcp_stream" "$streams" 16384 2>&1)
+    echo "$line"
+    ANCHOR_LINES+=("$(json_string "$line")")
+  done
+  for _ in 1 2 3; do
+    ((SECONDS - START < BUDGET - 15)) || break
+    line=$(timeout -k 5 60 "$ANCHOR_BIN/tcp_pingpong" 2>&1)
+    echo "$line"
+    ANCHOR_LINES+=("$(json_string "$line")")
+  done
+else
+  echo "gpu_bench: gcc missing or the anchors did not compile: raw TCP anchors skipped"
+fi
+
+section "NCCL socket transport GPU->GPU (anchor)"
+if [[ $GPUS -lt 2 ]]; then
+  echo "skipped: needs 2 GPUs, this host has $GPUS"
+elif ! command -v torchrun >/dev/null 2>&1 || ! python3 -c 'import torch' 2>/dev/null; then
+  echo "skipped: torchrun / PyTorch not installed"
+else
+  NCCL_ENV=(NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_NET=Socket NCCL_SOCKET_IFNAME=lo NCCL_IB_DISABLE=1
+    NCCL_NVLS_ENABLE=0)
+  step nccl-default env "${NCCL_ENV[@]}" TAG=default \
+    torchrun --nproc_per_node=2 --master_port=29561 "$ANCHORS/nccl_socket_p2p.py"
+  step nccl-tuned env "${NCCL_ENV[@]}" NCCL_SOCKET_NTHREADS=4 NCCL_NSOCKS_PERTHREAD=2 TAG=tuned \
+    torchrun --nproc_per_node=2 --master_port=29562 "$ANCHORS/nccl_socket_p2p.py"
+  for tag in default tuned; do
+    while IFS= read -r line; do
+      ANCHOR_LINES+=("$(json_string "$line")")
+    done < <(grep '^nccl-socket' "$OUTDIR/nccl-$tag.log" 2>/dev/null)
+  done
+fi
+
+join() {
+  local IFS=,
+  echo "$*"
+}
+{
+  printf '{"date":"%s","cores":%s,"gpus":%s,"sizes":"%s",' "$(date -u +%FT%TZ)" "$CORES" "$GPUS" "$SIZES"
+  printf '"runs":[%s],"anchor_lines":[%s]}\n' "$(join "${RUNS_JSON[@]}")" "$(join "${ANCHOR_LINES[@]}")"
+} >"$OUTDIR/gpu_bench.json"
+
+section "summary: GPU bench against host bench and raw TCP, same layout (GB/s)"
+if command -v python3 >/dev/null 2>&1; then
+  python3 - "$OUTDIR/gpu_bench.json" <<'EOF'
+import json, sys
+doc = json.load(open(sys.argv[1]))
+runs = {r["name"]: r["result"] for r in doc["runs"] if r["result"]}
+for tag in ("ch4", "ch8", "ch8-depth4"):
+    gpu, cpu = runs.get(f"bench-gpu-{tag}"), runs.get(f"bench-cpu-{tag}")
+    if not gpu:
+        print(f"{tag}: no GPU result")
+        continue
+    host = {(p["op"], p["size"]): p for p in (cpu or {}).get("results", [])}
+    print(f"\n{tag}: client {gpu['client_memory']}, server {gpu['server_memory']}, "
+          f"{gpu['raw_streams']} raw streams, {gpu['depth']} in flight")
+    print(f"{'op':<6}{'size':>11}{'GPU GB/s':>10}{'host GB/s':>10}{'GPU/host':>9}{'raw GB/s':>9}{'GPU/raw':>8}"
+          f"{'GPU p50 us':>11}{'host p50':>9}")
+    for p in gpu["results"]:
+        h = host.get((p["op"], p["size"]))
+        f = lambda v, spec: format(v, spec) if v is not None else "-"
+        ratio = p["gb_per_s"] / h["gb_per_s"] if h and h["gb_per_s"] else None
+        print(f"{p['op']:<6}{p['size']:>11}{p['gb_per_s']:>10.2f}{f(h and h['gb_per_s'], '>10.2f'):>10}"
+              f"{f(ratio, '>9.2f'):>9}{f(p['raw_gb_per_s'], '>9.2f'):>9}{f(p['bw_ratio'], '>8.2f'):>8}"
+              f"{p['p50_us']:>11.1f}{f(h and h['p50_us'], '>9.1f'):>9}")
+
+# NCCL lines: "nccl-socket TAG size=N GB/s=X lat_us=Y"
+nccl = {}
+for line in doc["anchor_lines"]:
+    words = line.split()
+    if words and words[0] == "nccl-socket":
+        kv = dict(w.split("=", 1) for w in words if "=" in w)
+        nccl[(words[1], int(kv["size"]))] = (float(kv["GB/s"]), float(kv["lat_us"]))
+if nccl:
+    print("\nGPU->GPU against NCCL's socket transport (best of our layouts; NCCL latency = time per send/recv)")
+    print(f"{'op':<6}{'size':>11}{'ours GB/s':>10}{'layout':>11}{'NCCL dflt':>10}{'NCCL tuned':>11}{'ours/tuned':>11}"
+          f"{'ours p50 us':>12}{'NCCL tuned us':>14}")
+    gpu_runs = {n: r for n, r in runs.items() if n.startswith("bench-gpu-")}
+    sizes = sorted({size for _, size in nccl})
+    for op in ("write", "send"):
+        for size in sizes:
+            best = None
+            for name, r in gpu_runs.items():
+                for p in r["results"]:
+                    if p["op"] == op and p["size"] == size and (best is None or p["gb_per_s"] > best[1]["gb_per_s"]):
+                        best = (name.removeprefix("bench-gpu-"), p)
+            d, t = nccl.get(("default", size)), nccl.get(("tuned", size))
+            if best is None:
+                continue
+            layout, p = best
+            ratio = p["gb_per_s"] / t[0] if t and t[0] else None
+            f = lambda v, spec: format(v, spec) if v is not None else "-"
+            print(f"{op:<6}{size:>11}{p['gb_per_s']:>10.2f}{layout:>11}{f(d and d[0], '>10.2f'):>10}"
+                  f"{f(t and t[0], '>11.2f'):>11}{f(ratio, '>11.2f'):>11}{p['p50_us']:>12.1f}{f(t and t[1], '>14.1f'):>14}")
+EOF
+else
+  echo "python3 missing: see $OUTDIR/gpu_bench.json"
+fi
+echo
+echo "results: $OUTDIR/gpu_bench.json (logs: $OUTDIR/*.log), total ${SECONDS}s"
