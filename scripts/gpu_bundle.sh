@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Builds everything the GPU suite needs into one folder that can be copied to a GPU host without a
+# Rust toolchain: release test binaries (stripped), the fake devmem NIC, the benchmarks.
+#
+#   scripts/gpu_bundle.sh OUT_DIR
+#
+# Then, on the GPU host: scripts/gpu_tests.sh OUT_DIR (and scripts/gpu_bench.sh OUT_DIR/uccl-tcpx-bench).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+out="${1:?usage: scripts/gpu_bundle.sh OUT_DIR}"
+mkdir -p "$out"
+
+cargo build --release --locked -p fake-tcpx -p uccl-tcpx-bench --bins
+cargo build --release --locked --example gpu_staging_bw
+cp target/release/libfake_tcpx.so target/release/uccl-tcpx-bench target/release/unpack_bench \
+  target/release/examples/gpu_staging_bw "$out/"
+
+# Test binaries: every GPU test, the fake NIC's GPU test, and the library's unit tests (which hold
+# the CUDA and staging unit tests); cargo prints each executable in its JSON messages.
+bundle_tests() {
+  cargo test --release --locked --no-run --message-format=json "$@" 2>/dev/null |
+    python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        print(m["target"]["name"], m["executable"])'
+}
+{
+  bundle_tests -p uccl-tcpx --lib --test gpu_staging --test gpu_engine --test gpu_unpack --test plugin_gpu
+  bundle_tests -p fake-tcpx --test gpu
+} | while read -r name exe; do
+  dest="$out/test-$name"
+  [[ "$name" == uccl_tcpx ]] && dest="$out/test-lib"
+  [[ "$name" == gpu && "$exe" == *fake* ]] && dest="$out/test-fake-gpu"
+  cp "$exe" "$dest"
+done
+strip "$out"/* 2>/dev/null || true
+ls -la "$out"
