@@ -41,6 +41,9 @@ fn run_child(name: &str, fragments: &str) -> String {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "child {name} (FAKE_TCPX_FRAGMENT={fragments}) failed:\n{text}");
     assert!(text.contains("1 passed"), "child {name} did not run:\n{text}");
+    for line in text.lines().filter(|l| l.contains("checked") || l.contains("GB/s")) {
+        println!("  {name} ({fragments}): {line}");
+    }
     text
 }
 
@@ -282,9 +285,6 @@ fn throughput_against_the_staged_socket_path() {
         return;
     }
     let out = run_child("child_throughput", "page");
-    for line in out.lines().filter(|l| l.contains("GB/s")) {
-        println!("{line}");
-    }
     assert!(out.contains("child checked"), "{out}");
 }
 

@@ -278,7 +278,8 @@ mod tests {
             let err = view.host_pool().unwrap_err();
             assert!(err.to_string().contains("GPU bounce pool"), "{err}");
             let pool_info = view.device_pool().expect("a device pool");
-            assert_eq!((pool_info.addr, pool_info.len, pool_info.ordinal), (pool, 1 << 20, 0));
+            assert_eq!((pool_info.addr, pool_info.ordinal), (pool, 0));
+            assert!(pool_info.len >= 1 << 20, "the allocation holds the pool: {pool_info:?}");
             cudarc::driver::result::free_sync(dev_handle).unwrap();
             cudarc::driver::result::free_sync(pool).unwrap();
         }
