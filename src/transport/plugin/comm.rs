@@ -9,11 +9,16 @@ use std::ffi::{c_int, c_void};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use parking_lot::Mutex;
+
 use super::abi::{LoadMeta, NCCL_PTR_CUDA, NCCL_PTR_HOST, NCCL_SUCCESS, UNPACK_MAX_SLICE_SIZE, UNPACK_QUEUE_DEPTH};
 use super::gather::{self, Run};
+use super::gpu::PluginGpus;
 use super::loader::{Plugin, rc_text};
 use super::logger::{mark, warning_suffix};
-use super::unpack::UnpackView;
+use super::unpack::{DevicePool, UnpackView};
+use crate::cuda::Gpu;
+use crate::cuda::unpack::{ReceiveLayout, Submit, Unpacker};
 use crate::error::{Error, Result, UcclStatus};
 use crate::transport::{MemKind, MrHandle, Properties, RecvComm, RequestId, SendComm};
 
@@ -24,6 +29,9 @@ pub const MAX_REQUESTS: usize = UNPACK_QUEUE_DEPTH;
 pub const MAX_MESSAGE: usize = UNPACK_MAX_SLICE_SIZE;
 /// CUDA registrations are page-granular.
 const PAGE: usize = 4096;
+/// Tiles (4 KiB each at most) at which a waiting batch launches even while an earlier launch runs:
+/// one 4 MiB receive of whole pages.
+const BATCH_TILES: usize = 1024;
 
 /// "net plugin test failed with rc 2 (system error); the plugin said: ..." for a call that started
 /// when the logger's counter read `mark`. TCPX's rc 2 is its socket-error code (a peer that went away).
@@ -58,6 +66,7 @@ struct CommCore {
     /// Requests outstanding on this comm counted into `busy`.
     counted: usize,
     direction: &'static str,
+    gpus: Arc<PluginGpus>,
 }
 
 // SAFETY: the plugin comm and mhandles are only used through `&mut self`, i.e. by one thread at a
@@ -65,14 +74,20 @@ struct CommCore {
 unsafe impl Send for CommCore {}
 
 impl CommCore {
-    fn new(
-        plugin: Arc<Plugin>,
-        comm: *mut c_void,
-        props: Properties,
-        busy: Arc<AtomicUsize>,
-        direction: &'static str,
-    ) -> Self {
-        CommCore { plugin, comm, props, regs: HashMap::new(), next_mr: 1, failure: None, busy, counted: 0, direction }
+    fn new(plugin: Arc<Plugin>, comm: *mut c_void, shared: CommShared, direction: &'static str) -> Self {
+        let CommShared { props, busy, gpus } = shared;
+        CommCore {
+            plugin,
+            comm,
+            props,
+            regs: HashMap::new(),
+            next_mr: 1,
+            failure: None,
+            busy,
+            counted: 0,
+            direction,
+            gpus,
+        }
     }
 
     fn check(&self) -> Result<()> {
@@ -122,6 +137,13 @@ impl CommCore {
         let size_int = c_int::try_from(size).map_err(|_| {
             Error::invalid(format!("registration of {size} bytes exceeds the net plugin's 2 GiB (int) limit"))
         })?;
+        // TCPX maps CUDA registrations with the device current at regMr: the memory's own GPU (the
+        // engine's), else the engine's GPU when it has one. Without a driver no device memory
+        // exists (the mock plugin's tests pass made-up addresses), so there is nothing to bind.
+        let _current = match kind {
+            MemKind::Cuda { device } if crate::cuda::available() => Some(self.gpus.note_device(device)?.enter()?),
+            _ => self.gpus.enter()?,
+        };
         let mut mhandle: *mut c_void = std::ptr::null_mut();
         let reg_mr = self.plugin.table.reg_mr.expect("checked at load");
         let since = mark();
@@ -229,6 +251,14 @@ fn out_of_order(req: RequestId, oldest: Option<u64>, what: &str) -> Error {
     ))
 }
 
+/// What a comm gets from the net that made it.
+pub(super) struct CommShared {
+    pub props: Properties,
+    /// Requests outstanding on every comm of the net.
+    pub busy: Arc<AtomicUsize>,
+    pub gpus: Arc<PluginGpus>,
+}
+
 struct SendReq {
     id: u64,
     request: *mut c_void,
@@ -246,8 +276,8 @@ pub struct PluginSendComm {
 }
 
 impl PluginSendComm {
-    pub(super) fn new(plugin: Arc<Plugin>, comm: *mut c_void, props: Properties, busy: Arc<AtomicUsize>) -> Self {
-        PluginSendComm { core: CommCore::new(plugin, comm, props, busy, "send"), inflight: VecDeque::new(), next_id: 0 }
+    pub(super) fn new(plugin: Arc<Plugin>, comm: *mut c_void, shared: CommShared) -> Self {
+        PluginSendComm { core: CommCore::new(plugin, comm, shared, "send"), inflight: VecDeque::new(), next_id: 0 }
     }
 }
 
@@ -316,9 +346,21 @@ impl Drop for PluginSendComm {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum RecvState {
     Posted,
+    /// The plugin completed it and its fragments (in `PluginRecvComm::metas`) wait for room in the
+    /// unpacker. At most one receive per comm is here or unpacking: only the oldest is tested.
+    Unsubmitted {
+        total: usize,
+    },
+    /// In the unpacker: done once `ticket` is below its watermark, not before, so the pages the
+    /// kernel reads are never handed back to the plugin under it.
+    Unpacking {
+        ticket: u64,
+        total: usize,
+    },
+    /// Reported done to the caller; waits for `irecv_consumed`.
     Done,
 }
 
@@ -335,28 +377,40 @@ struct RecvReq {
 // SAFETY: as for SendReq; `data` is the caller's buffer, only written under the irecv contract.
 unsafe impl Send for RecvReq {}
 
+/// How a receive the plugin reported done reaches its buffer.
+enum Landing {
+    /// The bytes are in place: a message of this size.
+    Landed(usize),
+    /// The fragments go through the GPU unpacker.
+    Unpack { total: usize },
+}
+
+/// The GPU side of a receive comm whose pool is device memory, set up on its first GPU receive.
+struct DeviceUnpack {
+    gpu: Arc<Gpu>,
+    pool: DevicePool,
+    unpacker: Arc<Mutex<Unpacker>>,
+}
+
 pub struct PluginRecvComm {
     core: CommCore,
     /// Posted and done-but-unconsumed receives, oldest first.
     queue: VecDeque<RecvReq>,
     next_id: u64,
     unpack: Option<UnpackView>,
+    device: Option<DeviceUnpack>,
     metas: Vec<LoadMeta>,
     runs: Vec<Run>,
 }
 
 impl PluginRecvComm {
-    pub(super) fn new(
-        plugin: Arc<Plugin>,
-        comm: *mut c_void,
-        props: Properties,
-        busy: Arc<AtomicUsize>,
-    ) -> PluginRecvComm {
+    pub(super) fn new(plugin: Arc<Plugin>, comm: *mut c_void, shared: CommShared) -> PluginRecvComm {
         PluginRecvComm {
-            core: CommCore::new(plugin, comm, props, busy, "receive"),
+            core: CommCore::new(plugin, comm, shared, "receive"),
             queue: VecDeque::new(),
             next_id: 0,
             unpack: None,
+            device: None,
             metas: Vec::new(),
             runs: Vec::new(),
         }
@@ -366,12 +420,12 @@ impl PluginRecvComm {
         self.unpack = Some(view);
     }
 
-    /// The message size of the receive `id` that the plugin just reported done, after its bytes
-    /// were gathered into place when they sit in a bounce pool.
-    fn land(&mut self, idx: usize) -> Result<usize> {
+    /// Gathers the receive at `idx`, which the plugin just reported done, when its bytes sit in a
+    /// bounce pool: on the CPU for host destinations, or by handing it to the GPU unpacker.
+    fn land(&mut self, idx: usize) -> Result<Landing> {
         let Some(view) = &self.unpack else {
             // A host-type plugin received straight into the buffer and does not say how much.
-            return Ok(self.queue[idx].len);
+            return Ok(Landing::Landed(self.queue[idx].len));
         };
         let r = &self.queue[idx];
         // Slots are taken in posting order, one per receive, and freed in order by consumption.
@@ -380,21 +434,121 @@ impl PluginRecvComm {
         if count == 0 {
             // Nothing went through the pool: a zero-byte message, or (TCPX host receives) bytes
             // that landed in the buffer directly, whose size the plugin does not report.
-            return Ok(if matches!(r.kind, MemKind::Host) { r.len } else { 0 });
+            return Ok(Landing::Landed(if matches!(r.kind, MemKind::Host) { r.len } else { 0 }));
         }
         view.copy_fragments(slot, count, &mut self.metas);
-        let total = gather::plan(&self.metas, r.len, gather::MAX_POOL_LEN, &mut self.runs)?;
-        if let MemKind::Cuda { .. } = r.kind {
-            return Err(Error::new(
+        let device_pool = view.device_pool();
+        let pool_len = device_pool.map_or(gather::MAX_POOL_LEN, |p| p.len);
+        let total = gather::plan(&self.metas, r.len, pool_len, &mut self.runs)?;
+        match (r.kind, device_pool) {
+            (MemKind::Cuda { device }, Some(pool)) => {
+                if device != pool.ordinal {
+                    return Err(Error::new(
+                        UcclStatus::ErrNotSupported,
+                        format!(
+                            "a receive into GPU {device} from a bounce pool on GPU {}: the net device must be bound to the destination's GPU",
+                            pool.ordinal
+                        ),
+                    ));
+                }
+                Ok(Landing::Unpack { total })
+            }
+            (MemKind::Cuda { .. }, None) => Err(Error::new(
                 UcclStatus::ErrNotSupported,
-                "a receive into GPU memory needs the GPU unpack path, which is unsupported until it is wired",
-            ));
+                "a receive into GPU memory from a host bounce pool is not supported (the net plugin keeps its pool in host memory)",
+            )),
+            (MemKind::Host, Some(pool)) => {
+                let gpu = Gpu::open(pool.ordinal)?;
+                // SAFETY: `plan` bounded every run by the pool's allocation and the posted buffer,
+                // which the irecv contract gives us exclusively until the request is reported done.
+                unsafe { gather::copy_runs_from_device(&gpu, pool.addr, r.data as *mut u8, &self.runs)? };
+                Ok(Landing::Landed(total))
+            }
+            (MemKind::Host, None) => {
+                let pool = view.host_pool()?;
+                // SAFETY: as above, for a host pool.
+                unsafe { gather::copy_runs(pool, r.data as *mut u8, &self.runs) };
+                Ok(Landing::Landed(total))
+            }
         }
-        let pool = view.host_pool()?;
-        // SAFETY: `plan` bounded every run by the pool (u32 offsets) and the posted buffer, which the
-        // irecv contract gives us exclusively until the request is reported done.
-        unsafe { gather::copy_runs(pool, r.data as *mut u8, &self.runs) };
-        Ok(total)
+    }
+
+    /// This comm's pool, GPU and (shared) unpacker, set up on first use.
+    fn device_unpack(&mut self) -> Result<&DeviceUnpack> {
+        if self.device.is_none() {
+            let pool = self.unpack.as_ref().and_then(UnpackView::device_pool).ok_or_else(|| {
+                Error::new(UcclStatus::ErrInternal, "GPU unpack of a receive comm without a device pool")
+            })?;
+            let gpu = Gpu::open(pool.ordinal)?;
+            let unpacker = self.core.gpus.unpacker(pool.ordinal)?;
+            self.device = Some(DeviceUnpack { gpu, pool, unpacker });
+        }
+        Ok(self.device.as_ref().expect("set above"))
+    }
+
+    /// Moves the receive at `idx` through the unpacker: submits it when it is not yet, launches
+    /// its batch when the GPU has nothing else to do or the batch is large, and returns its size
+    /// once its kernel finished.
+    ///
+    /// Launching only while no earlier launch runs batches receives of all comms that complete
+    /// meanwhile into one kernel, and adds no latency when the GPU is idle.
+    fn unpack_step(&mut self, idx: usize) -> Result<Option<usize>> {
+        let r = &self.queue[idx];
+        let (dst, dst_len, state) = (r.data as u64, r.len as u64, r.state);
+        let (gpu, pool, unpacker) = {
+            let d = self.device_unpack()?;
+            (d.gpu.clone(), d.pool, d.unpacker.clone())
+        };
+        let _current = gpu.enter()?;
+        let mut unpacker = unpacker.lock();
+        let (ticket, total) = match state {
+            RecvState::Unsubmitted { total } => {
+                let layout = ReceiveLayout { pool: pool.addr, pool_len: pool.len, dst, dst_len };
+                // SAFETY: the pool is the plugin's device memory on this GPU, valid until the comm
+                // closes (which waits for the unpacker first), and its pages stay the receive's until
+                // `irecv_consumed`, which the caller may only call after this reported done; the
+                // destination is device memory of the same GPU that the irecv contract gives us.
+                match unsafe { unpacker.submit(&layout, &self.metas)? } {
+                    Submit::Queued(ticket) => (ticket, total),
+                    Submit::Full => {
+                        unpacker.poll()?;
+                        return Ok(None);
+                    }
+                }
+            }
+            RecvState::Unpacking { ticket, total } => (ticket, total),
+            other => {
+                return Err(Error::new(
+                    UcclStatus::ErrInternal,
+                    format!("unpack step of a receive in state {other:?}"),
+                ));
+            }
+        };
+        self.queue[idx].state = RecvState::Unpacking { ticket, total };
+        if ticket < unpacker.poll()? {
+            self.queue[idx].state = RecvState::Done;
+            return Ok(Some(total));
+        }
+        let launched_below = unpacker.submitted() - unpacker.pending_receives() as u64;
+        if ticket >= launched_below && (unpacker.launches_in_flight() == 0 || unpacker.pending_tiles() >= BATCH_TILES) {
+            unpacker.launch()?;
+        }
+        Ok(None)
+    }
+
+    /// Hands the oldest receive back to the plugin, which then reuses its slot and pages.
+    fn consume_head(&mut self) -> Result<()> {
+        let consumed = self.core.plugin.table.irecv_consumed.expect("checked at load");
+        let head = self.queue.pop_front().expect("checked by the caller");
+        let since = mark();
+        // SAFETY: the oldest completed, unconsumed receive of this live comm.
+        let rc = unsafe { consumed(self.core.comm, 1, head.request) };
+        self.core.release(head.mr);
+        self.core.count(-1);
+        if rc != NCCL_SUCCESS {
+            return Err(self.core.fail(plugin_error("irecvConsumed", rc, since)));
+        }
+        Ok(())
     }
 }
 
@@ -444,10 +598,14 @@ impl RecvComm for PluginRecvComm {
 
     fn test(&mut self, req: RequestId) -> Result<Option<usize>> {
         self.core.check()?;
-        let idx = self.queue.iter().position(|r| r.state == RecvState::Posted);
+        let idx = self.queue.iter().position(|r| r.state != RecvState::Done);
         let Some(idx) = idx.filter(|i| self.queue[*i].id == req.0) else {
             return Err(out_of_order(req, idx.map(|i| self.queue[i].id), "test"));
         };
+        if self.queue[idx].state != RecvState::Posted {
+            // The plugin finished it; the unpack has not.
+            return self.unpack_step(idx).map_err(|e| self.core.fail(e));
+        }
         let test = self.core.plugin.table.test.expect("checked at load");
         let (mut done, mut size): (c_int, c_int) = (0, -1);
         let since = mark();
@@ -459,10 +617,20 @@ impl RecvComm for PluginRecvComm {
         if done == 0 {
             return Ok(None);
         }
-        self.queue[idx].state = RecvState::Done;
         match self.land(idx) {
-            Ok(size) => Ok(Some(size)),
-            Err(e) => Err(self.core.fail(e)),
+            Ok(Landing::Landed(size)) => {
+                self.queue[idx].state = RecvState::Done;
+                Ok(Some(size))
+            }
+            Ok(Landing::Unpack { total }) => {
+                self.queue[idx].state = RecvState::Unsubmitted { total };
+                self.unpack_step(idx).map_err(|e| self.core.fail(e))
+            }
+            Err(e) => {
+                // Its pages hold nothing anyone reads: it may go back to the plugin.
+                self.queue[idx].state = RecvState::Done;
+                Err(self.core.fail(e))
+            }
         }
     }
 
@@ -481,27 +649,32 @@ impl RecvComm for PluginRecvComm {
                 )));
             }
         }
-        let consumed = self.core.plugin.table.irecv_consumed.expect("checked at load");
-        let head = self.queue.pop_front().expect("checked above");
-        let since = mark();
-        // SAFETY: the oldest completed, unconsumed receive of this live comm.
-        let rc = unsafe { consumed(self.core.comm, 1, head.request) };
-        self.core.release(head.mr);
-        self.core.count(-1);
-        if rc != NCCL_SUCCESS {
-            return Err(self.core.fail(plugin_error("irecvConsumed", rc, since)));
-        }
-        Ok(())
+        self.consume_head()
     }
 }
 
 impl Drop for PluginRecvComm {
     fn drop(&mut self) {
+        // The kernel may still read this comm's pages (and write the destinations): it finishes
+        // before any page goes back or the pool is closed.
+        let unpacking = self.queue.iter().any(|r| matches!(r.state, RecvState::Unpacking { .. }));
+        let mut unpacked = true;
+        if unpacking && let Some(device) = &self.device {
+            let _current = device.gpu.enter();
+            if let Err(e) = device.unpacker.lock().finish() {
+                log::warn!("closing a net plugin receive comm: the GPU unpack failed: {e}");
+                unpacked = false;
+            }
+        }
         // Completed receives go back first, so the plugin does not close over unreturned pages.
         while self.core.failure.is_none()
-            && let Some(id) = self.queue.front().filter(|r| r.state == RecvState::Done).map(|r| r.id)
+            && self.queue.front().is_some_and(|r| match r.state {
+                RecvState::Posted => false,
+                RecvState::Unpacking { .. } => unpacked,
+                RecvState::Unsubmitted { .. } | RecvState::Done => true,
+            })
         {
-            if self.irecv_consumed(RequestId(id)).is_err() {
+            if self.consume_head().is_err() {
                 break;
             }
         }

@@ -11,6 +11,7 @@ mod comm;
 pub mod devices;
 pub mod env;
 pub mod gather;
+mod gpu;
 pub mod loader;
 pub mod logger;
 pub mod unpack;
@@ -28,7 +29,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use parking_lot::Mutex;
 
 use self::abi::{NCCL_NET_HANDLE_MAXSIZE, NCCL_SUCCESS, NcclNetDeviceHandleV7};
-use self::comm::{PluginRecvComm, PluginSendComm, plugin_error};
+use self::comm::{CommShared, PluginRecvComm, PluginSendComm, plugin_error};
+use self::gpu::PluginGpus;
 pub use self::loader::Plugin;
 use self::unpack::UnpackView;
 use super::{ListenComm, Net, NetHandle, Properties, RecvComm, SendComm};
@@ -63,13 +65,16 @@ pub struct PluginNet {
     /// one buffer per attempt for its whole duration). Entries of abandoned attempts stay: the
     /// plugin may still hold their state.
     connects: Mutex<HashMap<usize, Box<PendingConnect>>>,
+    gpus: Arc<PluginGpus>,
 }
 
 impl PluginNet {
     /// Loads (once per process) and initialises the plugin the configuration names.
     pub fn open(config: &Config, gpu_pci_path: Option<&str>) -> Result<PluginNet> {
         let plugin = loader::load(config.plugin_path.as_deref(), config.nccl_net_plugin.as_deref())?;
-        PluginNet::with_plugin(plugin, config.net_devices.as_deref(), gpu_pci_path)
+        let mut net = PluginNet::with_plugin(plugin, config.net_devices.as_deref(), gpu_pci_path)?;
+        net.gpus = Arc::new(PluginGpus::new(config.gpu));
+        Ok(net)
     }
 
     pub fn with_plugin(
@@ -78,11 +83,21 @@ impl PluginNet {
         gpu_pci_path: Option<&str>,
     ) -> Result<PluginNet> {
         let channel_devices = devices::channel_devices(explicit, &plugin.devices, gpu_pci_path)?;
-        Ok(PluginNet { plugin, channel_devices, busy: Arc::default(), connects: Mutex::default() })
+        Ok(PluginNet {
+            plugin,
+            channel_devices,
+            busy: Arc::default(),
+            connects: Mutex::default(),
+            gpus: Arc::default(),
+        })
     }
 
     pub fn plugin(&self) -> &Arc<Plugin> {
         &self.plugin
+    }
+
+    fn shared(&self, props: Properties) -> CommShared {
+        CommShared { props, busy: self.busy.clone(), gpus: self.gpus.clone() }
     }
 
     fn device(&self, dev: usize) -> Result<&Properties> {
@@ -114,12 +129,15 @@ impl Net for PluginNet {
         let mut handle = AlignedHandle([0; NCCL_NET_HANDLE_MAXSIZE]);
         let mut listen_comm: *mut c_void = std::ptr::null_mut();
         let listen = self.plugin.table.listen.expect("checked at load");
+        // TCPX binds the comm to the device current at listen (its pool, its CUDA context).
+        let current = self.gpus.enter()?;
         let since = logger::mark();
         // SAFETY: a valid device index, a 128-byte aligned handle buffer and an out-pointer.
         let rc = unsafe { listen(dev as i32, handle.0.as_mut_ptr().cast(), &mut listen_comm) };
         if rc != NCCL_SUCCESS {
             return Err(plugin_error(&format!("listen on device {dev} ({})", props.name), rc, since));
         }
+        drop(current);
         if listen_comm.is_null() {
             return Err(Error::backend(format!("net plugin listen on device {dev} returned no listen comm")));
         }
@@ -129,8 +147,7 @@ impl Net for PluginNet {
             state: AcceptState::Idle,
             dev_handle: Box::new(NcclNetDeviceHandleV7::default()),
             dev_handle_slot: Box::new(std::ptr::null_mut()),
-            props,
-            busy: self.busy.clone(),
+            shared: self.shared(props),
         };
         let mut wire = handle.0;
         // Connect state is local to the connecting process; never ship whatever sits there.
@@ -158,11 +175,13 @@ impl Net for PluginNet {
         };
         let mut send_comm: *mut c_void = std::ptr::null_mut();
         let connect = self.plugin.table.connect.expect("checked at load");
+        let current = self.gpus.enter()?;
         let since = logger::mark();
         // SAFETY: a valid device, this attempt's own handle buffer (same one on every poll) and out-slots.
         let rc = unsafe {
             connect(dev as i32, pending.handle.0.as_mut_ptr().cast(), &mut send_comm, &mut pending.dev_handle)
         };
+        drop(current);
         if rc != NCCL_SUCCESS {
             return Err(plugin_error(&format!("connect on device {dev} ({})", props.name), rc, since));
         }
@@ -170,7 +189,7 @@ impl Net for PluginNet {
             self.connects.lock().insert(key, pending);
             return Ok(None);
         }
-        Ok(Some(Box::new(PluginSendComm::new(self.plugin.clone(), send_comm, props, self.busy.clone()))))
+        Ok(Some(Box::new(PluginSendComm::new(self.plugin.clone(), send_comm, self.shared(props)))))
     }
 
     fn needs_polling(&self) -> bool {
@@ -204,8 +223,7 @@ struct PluginListen {
     /// pointer to it accept takes the address of: both stay put while the accept is polled.
     dev_handle: Box<NcclNetDeviceHandleV7>,
     dev_handle_slot: Box<*mut NcclNetDeviceHandleV7>,
-    props: Properties,
-    busy: Arc<AtomicUsize>,
+    shared: CommShared,
 }
 
 // SAFETY: used through `&mut self` only, one thread at a time.
@@ -223,27 +241,34 @@ impl ListenComm for PluginListen {
         *self.dev_handle_slot = &mut *self.dev_handle;
         let mut recv_comm: *mut c_void = std::ptr::null_mut();
         let accept = self.plugin.table.accept.expect("checked at load");
+        let current = self.shared.gpus.enter()?;
         let since = logger::mark();
         // SAFETY: the live listen comm; the device-handle slot points to caller-allocated storage.
         let rc = unsafe { accept(self.listen_comm, &mut recv_comm, &mut *self.dev_handle_slot) };
+        drop(current);
         if rc != NCCL_SUCCESS {
             self.state = AcceptState::Failed;
-            return Err(plugin_error(&format!("accept on device {}", self.props.name), rc, since));
+            return Err(plugin_error(&format!("accept on device {}", self.shared.props.name), rc, since));
         }
         if recv_comm.is_null() {
             self.state = AcceptState::Accepting;
             return Ok(None);
         }
         self.state = AcceptState::Accepted;
-        let mut comm = PluginRecvComm::new(self.plugin.clone(), recv_comm, self.props.clone(), self.busy.clone());
+        let shared = CommShared {
+            props: self.shared.props.clone(),
+            busy: self.shared.busy.clone(),
+            gpus: self.shared.gpus.clone(),
+        };
+        let mut comm = PluginRecvComm::new(self.plugin.clone(), recv_comm, shared);
         // Dropping `comm` on an error below closes it: nothing is in flight yet.
-        if self.props.device_unpack {
+        if self.shared.props.device_unpack {
             match UnpackView::from_device_handle(&self.dev_handle)? {
                 Some(view) => comm.set_unpack(view),
                 None => {
                     return Err(Error::backend(format!(
                         "net device {} reports device unpack, but accept filled no unpack device handle",
-                        self.props.name
+                        self.shared.props.name
                     )));
                 }
             }

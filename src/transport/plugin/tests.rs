@@ -209,7 +209,7 @@ fn plugin_errors_carry_the_last_warning() {
 }
 
 #[test]
-fn cuda_registrations_cover_whole_pages_and_gpu_receives_are_refused_for_now() {
+fn cuda_registrations_cover_whole_pages_and_gpu_receives_from_a_host_pool_are_refused() {
     let net = net();
     let mut l = link(&net);
     let mr = l.send.reg_mr(0x10010, 100, MemKind::Cuda { device: 0 }).unwrap();
@@ -226,7 +226,7 @@ fn cuda_registrations_cover_whole_pages_and_gpu_receives_are_refused_for_now() {
     wait_send(&mut l, s);
     let e = (0..10).find_map(|_| l.recv.test(r).err()).expect("refused");
     assert_eq!(e.status(), UcclStatus::ErrNotSupported);
-    assert!(e.to_string().contains("GPU unpack path"), "{e}");
+    assert!(e.to_string().contains("from a host bounce pool"), "{e}");
     no_violations(l.pair);
 }
 

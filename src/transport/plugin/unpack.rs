@@ -74,11 +74,42 @@ fn copy_from_device(ptr: *const c_void) -> Result<UnpackDeviceHandle> {
     }
 }
 
+/// A bounce pool in device memory: where, how large (the allocation it lies in, as the driver
+/// reports it, so no fragment can send the kernel past it) and on which GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DevicePool {
+    pub addr: u64,
+    pub len: u64,
+    pub ordinal: i32,
+}
+
+/// The device pool at `addr`: its GPU and the bytes from `addr` to the end of its allocation.
+fn device_pool(addr: u64) -> Result<DevicePool> {
+    let ordinal = match crate::cuda::locate(addr as usize, 1)? {
+        crate::cuda::Location::Device { ordinal } => ordinal,
+        crate::cuda::Location::Host => {
+            return Err(Error::backend(format!("net plugin's bounce pool {addr:#x} is not device memory")));
+        }
+    };
+    let gpu = crate::cuda::Gpu::open(ordinal)?;
+    let _current = gpu.enter()?;
+    let (mut base, mut size): (sys::CUdeviceptr, usize) = (0, 0);
+    // SAFETY: out-pointers for one address range query on an address the driver knows as device memory.
+    let rc = unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, addr as sys::CUdeviceptr) };
+    crate::cuda::check(rc, "cuMemGetAddressRange of the bounce pool")?;
+    let end = base + size as u64;
+    if base > addr || end <= addr {
+        return Err(Error::backend(format!("net plugin's bounce pool {addr:#x} lies outside its own allocation")));
+    }
+    Ok(DevicePool { addr, len: (end - addr).min(super::gather::MAX_POOL_LEN), ordinal })
+}
+
 /// A receive comm's view of its unpack queue.
 pub struct UnpackView {
     meta: *const NetUnpackMeta,
     pool: *const u8,
     pool_residence: Residence,
+    device_pool: Option<DevicePool>,
 }
 
 // SAFETY: the pointers name the plugin's per-comm queue and pool, which live until the comm closes
@@ -113,7 +144,12 @@ impl UnpackView {
             return Err(bad("the fragment metadata is in device memory, which the host cannot read".into()));
         }
         let pool = handle.bounce_buf as *const u8;
-        Ok(Some(UnpackView { meta: handle.meta, pool, pool_residence: residence(pool.cast()) }))
+        let pool_residence = residence(pool.cast());
+        let device_pool = match pool_residence {
+            Residence::Device => Some(device_pool(pool as u64)?),
+            Residence::Host => None,
+        };
+        Ok(Some(UnpackView { meta: handle.meta, pool, pool_residence, device_pool }))
     }
 
     /// `cnt[slot]`, published by the plugin (release) before `test` reported the receive done.
@@ -139,14 +175,18 @@ impl UnpackView {
         }
     }
 
+    /// The bounce pool when it is device memory.
+    pub fn device_pool(&self) -> Option<DevicePool> {
+        self.device_pool
+    }
+
     /// The bounce pool when the CPU can read it.
     pub fn host_pool(&self) -> Result<*const u8> {
         match (self.pool.is_null(), self.pool_residence) {
             (true, _) => Err(Error::backend("net plugin has no bounce pool to gather received fragments from")),
-            (false, Residence::Device) => Err(Error::new(
-                crate::error::UcclStatus::ErrNotSupported,
-                "received data sits in a GPU bounce pool; gathering it is unsupported until the GPU unpack path is wired",
-            )),
+            (false, Residence::Device) => {
+                Err(Error::backend("received data sits in a GPU bounce pool, which the CPU cannot read"))
+            }
             (false, Residence::Host) => Ok(self.pool),
         }
     }
@@ -205,7 +245,7 @@ mod tests {
     /// TCPX's layout: the handle and the pool in device memory, the metadata in host memory. Needs a
     /// CUDA device; without a driver there is no device memory to read and the case is skipped.
     #[test]
-    fn a_device_resident_handle_is_copied_once_and_a_device_pool_is_refused() {
+    fn a_device_resident_handle_is_copied_once_and_a_device_pool_is_measured() {
         if !crate::cuda::available() {
             eprintln!("skipped: no CUDA driver");
             return;
@@ -236,8 +276,10 @@ mod tests {
             assert_eq!(view.unwrap(), Some(5), "meta pointer came through the device copy");
             let view = UnpackView::from_device_handle(&unpack_type(dev_handle as *mut c_void)).unwrap().unwrap();
             let err = view.host_pool().unwrap_err();
-            assert_eq!(err.status(), crate::error::UcclStatus::ErrNotSupported);
             assert!(err.to_string().contains("GPU bounce pool"), "{err}");
+            let pool_info = view.device_pool().expect("a device pool");
+            assert_eq!((pool_info.addr, pool_info.ordinal), (pool, 0));
+            assert!(pool_info.len >= 1 << 20, "the allocation holds the pool: {pool_info:?}");
             cudarc::driver::result::free_sync(dev_handle).unwrap();
             cudarc::driver::result::free_sync(pool).unwrap();
         }

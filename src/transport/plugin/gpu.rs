@@ -1,0 +1,70 @@
+//! What the plugin transport shares across its comms about GPUs: the engine's GPU, made current
+//! around the plugin's control calls (TCPX binds a comm to the device current at listen, connect,
+//! accept and regMr, as NCCL's proxy thread would have it), and one [`Unpacker`] per GPU, shared by
+//! every receive comm whose bounce pool lives there so that receives of all channels batch into
+//! the same launches.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
+
+use crate::cuda::Gpu;
+use crate::cuda::gpu::ContextRestore;
+use crate::cuda::unpack::{Unpacker, UnpackerConfig};
+use crate::error::Result;
+
+#[derive(Default)]
+pub struct PluginGpus {
+    /// The GPU the engine serves: from the configuration, else the first device registration.
+    engine_gpu: OnceLock<Arc<Gpu>>,
+    unpackers: Mutex<HashMap<i32, Arc<Mutex<Unpacker>>>>,
+}
+
+impl PluginGpus {
+    /// `configured` is the engine's GPU when the configuration names one. A GPU that cannot be
+    /// opened is left unset here: the engine reports that error itself.
+    pub fn new(configured: Option<i32>) -> PluginGpus {
+        let gpus = PluginGpus::default();
+        if let Some(ordinal) = configured
+            && let Ok(gpu) = Gpu::open(ordinal)
+        {
+            let _ = gpus.engine_gpu.set(gpu);
+        }
+        gpus
+    }
+
+    /// An engine serves one GPU: the first device memory registered names it when the
+    /// configuration did not. Later comms' control calls then run with it current.
+    pub fn note_device(&self, ordinal: i32) -> Result<Arc<Gpu>> {
+        let gpu = Gpu::open(ordinal)?;
+        let _ = self.engine_gpu.set(gpu.clone());
+        Ok(gpu)
+    }
+
+    /// Makes the engine's GPU current until the guard drops, when one is known. With none known yet
+    /// the plugin sees the caller's context (TCPX then uses whatever device is current, device 0 on
+    /// a fresh thread).
+    pub(crate) fn enter(&self) -> Result<Option<ContextRestore>> {
+        match self.engine_gpu.get() {
+            Some(gpu) => gpu.enter().map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The unpacker of GPU `ordinal`, created on first use.
+    pub fn unpacker(&self, ordinal: i32) -> Result<Arc<Mutex<Unpacker>>> {
+        let mut unpackers = self.unpackers.lock();
+        if let Some(u) = unpackers.get(&ordinal) {
+            return Ok(u.clone());
+        }
+        let gpu = Gpu::open(ordinal)?;
+        // Creating the unpacker binds the context to the calling thread; the caller's stays its own.
+        let _restore = gpu.enter()?;
+        let unpacker = Unpacker::new(UnpackerConfig { ordinal: ordinal as usize, ..UnpackerConfig::default() })
+            .map_err(|e| e.context(format!("GPU unpack on GPU {ordinal}")))?;
+        let unpacker = Arc::new(Mutex::new(unpacker));
+        unpackers.insert(ordinal, unpacker.clone());
+        Ok(unpacker)
+    }
+}

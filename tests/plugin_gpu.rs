@@ -1,0 +1,329 @@
+//! GPU memory over the plugin transport: the whole engine against the fake devmem NIC in GPU mode
+//! (bounce pool and unpack handle in device memory, as TCPX has them), so every receive into GPU
+//! memory is gathered by the unpack kernel and every receive into host memory is copied out of the
+//! device pool. Every transfer kind (send/recv, write, read, vectors), GPU->GPU, GPU->host and
+//! host->GPU, sizes 1 B to 16 MiB at unaligned offsets, byte for byte.
+//!
+//! The fake reads its knobs once per process, in `init`, so each case re-runs this binary as a child
+//! with `FAKE_TCPX_MODE=gpu` set; the children are `#[ignore]`d so a normal run only starts them
+//! through their parent. Without a CUDA driver the parents print "SKIPPED: no CUDA driver".
+//! `throughput_against_the_staged_socket_path` (ignored) prints GB/s of 64 MiB GPU->GPU writes over
+//! the fake next to the built-in socket transport's staged path, in the same process.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use uccl_tcpx::config::TransportChoice;
+use uccl_tcpx::engine::OneSided;
+use uccl_tcpx::proto::FifoItem;
+use uccl_tcpx::{Config, Connection, Engine};
+
+mod common;
+mod gpu_common;
+mod plugin_common;
+use common::pattern;
+use gpu_common::{Mem, Side, assert_same, no_gpu};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// Runs the ignored test `name` in a child process with the fake in GPU mode and `fragments`
+/// (`page` or `random`); returns its output.
+fn run_child(name: &str, fragments: &str) -> String {
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new(exe)
+        .args(["--ignored", "--exact", name, "--nocapture", "--test-threads=1"])
+        .env("FAKE_TCPX_MODE", "gpu")
+        .env("FAKE_TCPX_FRAGMENT", fragments)
+        .env("UCCL_TCPX_FAKE_PLUGIN", plugin_common::fake_plugin())
+        .output()
+        .expect("spawn the test binary");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "child {name} (FAKE_TCPX_FRAGMENT={fragments}) failed:\n{text}");
+    assert!(text.contains("1 passed"), "child {name} did not run:\n{text}");
+    for line in text.lines().filter(|l| l.contains("checked") || l.contains("GB/s")) {
+        println!("  {name} ({fragments}): {line}");
+    }
+    text
+}
+
+/// Children only make sense with the fake in GPU mode, which their parent sets.
+fn assert_gpu_mode() {
+    assert_eq!(
+        std::env::var("FAKE_TCPX_MODE").as_deref(),
+        Ok("gpu"),
+        "run through its parent test, which sets FAKE_TCPX_MODE=gpu"
+    );
+}
+
+fn plugin_config(channels: u16, chunk: u32) -> Config {
+    Config {
+        ip: Some("127.0.0.1".parse().unwrap()),
+        transport: TransportChoice::Tcpx,
+        plugin_path: Some(plugin_common::fake_plugin()),
+        num_channels: channels,
+        chunk_size: chunk,
+        window: 16,
+        gpu: Some(0),
+        connect_timeout: Duration::from_secs(30),
+        ..Config::default()
+    }
+}
+
+fn wait(conn: &Connection, id: u64) -> uccl_tcpx::Result<u64> {
+    common::wait_done(conn, id, LIMIT)
+}
+
+struct Pair {
+    a: Engine,
+    b: Engine,
+    ab: Arc<Connection>,
+    ba: Arc<Connection>,
+}
+
+fn pair(config: Config) -> Pair {
+    let a = Engine::new(config.clone()).unwrap();
+    let b = Engine::new(config).unwrap();
+    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+    let ba = b.accept().unwrap();
+    Pair { a, b, ab, ba }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    SendRecv,
+    Write,
+    Read,
+}
+
+/// Moves `len` bytes from `src[soff..]` on engine `a` to `dst[doff..]` on engine `b` (for reads,
+/// `a` pulls from `b`: the data still goes src -> dst).
+fn move_bytes(p: &Pair, kind: Kind, src: (&Mem, u64, usize), dst: (&Mem, u64, usize), len: usize) {
+    let (smem, smr, soff) = src;
+    let (dmem, dmr, doff) = dst;
+    let (saddr, daddr) = (smem.addr() + soff, dmem.addr() + doff);
+    match kind {
+        Kind::SendRecv => {
+            let r = p.ba.recv(dmr, daddr, len).unwrap();
+            let s = p.ab.send(&[(smr, saddr, len)]).unwrap();
+            assert_eq!(wait(&p.ab, s).unwrap(), len as u64);
+            assert_eq!(wait(&p.ba, r).unwrap(), len as u64);
+        }
+        Kind::Write => {
+            let mut remote = p.b.prepare_fifo(dmr, dmem.addr(), dmem.len()).unwrap();
+            remote.addr = daddr as u64;
+            let w = p.ab.write(&[OneSided { mr: smr, addr: saddr, len, remote }]).unwrap();
+            assert_eq!(wait(&p.ab, w).unwrap(), len as u64);
+        }
+        Kind::Read => {
+            let mut remote = p.b.prepare_fifo(smr, smem.addr(), smem.len()).unwrap();
+            remote.addr = saddr as u64;
+            let r = p.ab.read(&[OneSided { mr: dmr, addr: daddr, len, remote }]).unwrap();
+            assert_eq!(wait(&p.ab, r).unwrap(), len as u64);
+        }
+    }
+}
+
+#[test]
+fn every_kind_every_direction_random_fragments() {
+    if no_gpu() {
+        return;
+    }
+    let out = run_child("child_every_kind_every_direction", "random");
+    assert!(out.contains("child checked"), "{out}");
+}
+
+#[test]
+fn every_kind_every_direction_page_fragments() {
+    if no_gpu() {
+        return;
+    }
+    let out = run_child("child_every_kind_every_direction", "page");
+    assert!(out.contains("child checked"), "{out}");
+}
+
+#[test]
+#[ignore = "run by its parent with FAKE_TCPX_MODE=gpu"]
+fn child_every_kind_every_direction() {
+    assert_gpu_mode();
+    // 4 MiB chunks: a message of exactly 4 MiB is one full receive, larger ones span several.
+    let p = pair(plugin_config(2, 4 << 20));
+    assert_eq!(p.a.transport(), "FakeDevmemTCPX_v7");
+    let sizes = [1usize, 7, 4095, 4096, 4097, (1 << 20) - 3, 4 << 20, (4 << 20) + 17, 16 << 20];
+    let max = *sizes.iter().max().unwrap() + 64;
+    for (from, to) in [(Side::Gpu, Side::Gpu), (Side::Gpu, Side::Host), (Side::Host, Side::Gpu)] {
+        for kind in [Kind::SendRecv, Kind::Write, Kind::Read] {
+            let mut src = Mem::new(from, max);
+            let mut dst = Mem::new(to, max);
+            let (src_engine, dst_engine) = match kind {
+                Kind::Read => (&p.b, &p.a),
+                _ => (&p.a, &p.b),
+            };
+            let smr = src_engine.register(src.addr(), src.len()).unwrap();
+            let dmr = dst_engine.register(dst.addr(), dst.len()).unwrap();
+            for (k, &len) in sizes.iter().enumerate() {
+                let (soff, doff) = (1 + (k * 3) % 13, 5 + k % 3);
+                let data = pattern(len, (k * 10 + kind as usize) as u64);
+                src.write(soff, &data);
+                dst.clear();
+                move_bytes(&p, kind, (&src, smr, soff), (&dst, dmr, doff), len);
+                let got = dst.read(doff - 1, len + 2);
+                let what = format!("{kind:?} {from:?}->{to:?} {len} bytes at +{soff} -> +{doff}");
+                assert_same(&got[1..=len], &data, &what);
+                assert_eq!((got[0], got[len + 1]), (0, 0), "{what}: neighbours untouched");
+            }
+            src_engine.deregister(smr).unwrap();
+            dst_engine.deregister(dmr).unwrap();
+            println!("{kind:?} {from:?}->{to:?}: {} sizes checked", sizes.len());
+        }
+    }
+    assert_eq!(p.b.gpu().expect("configured GPU").ordinal(), 0);
+    println!("child checked");
+}
+
+#[test]
+fn vectors_and_many_in_flight() {
+    if no_gpu() {
+        return;
+    }
+    let out = run_child("child_vectors_and_many_in_flight", "random");
+    assert!(out.contains("child checked"), "{out}");
+}
+
+#[test]
+#[ignore = "run by its parent with FAKE_TCPX_MODE=gpu"]
+fn child_vectors_and_many_in_flight() {
+    assert_gpu_mode();
+    // Small chunks over three channels (devices 0, 1, 0): many receives of several comms complete
+    // together and share unpack launches.
+    let p = pair(plugin_config(3, 256 << 10));
+    let lens = [(1 << 20) + 3, 5, (3 << 20) + 11];
+    let mut srcs: Vec<Mem> = lens.iter().map(|&l| Mem::new(Side::Gpu, l + 16)).collect();
+    let mut dsts: Vec<Mem> =
+        [Side::Gpu, Side::Host, Side::Gpu].iter().zip(lens).map(|(&s, l)| Mem::new(s, l + 16)).collect();
+    let data: Vec<Vec<u8>> = lens.iter().enumerate().map(|(i, &l)| pattern(l, 40 + i as u64)).collect();
+    for (m, d) in srcs.iter_mut().zip(&data) {
+        m.write(3, d);
+    }
+    let smrs: Vec<u64> = srcs.iter().map(|m| p.a.register(m.addr(), m.len()).unwrap()).collect();
+    let dmrs: Vec<u64> = dsts.iter().map(|m| p.b.register(m.addr(), m.len()).unwrap()).collect();
+
+    let recvs: Vec<u64> =
+        dsts.iter().zip(&dmrs).map(|(m, &mr)| p.ba.recv(mr, m.addr() + 1, m.len() - 1).unwrap()).collect();
+    let msgs: Vec<(u64, usize, usize)> =
+        srcs.iter().zip(&smrs).zip(lens).map(|((m, &mr), l)| (mr, m.addr() + 3, l)).collect();
+    let s = p.ab.send(&msgs).unwrap();
+    assert_eq!(wait(&p.ab, s).unwrap(), lens.iter().sum::<usize>() as u64);
+    for (i, r) in recvs.into_iter().enumerate() {
+        assert_eq!(wait(&p.ba, r).unwrap(), lens[i] as u64);
+        assert_same(&dsts[i].read(1, lens[i]), &data[i], &format!("vector send item {i}"));
+    }
+
+    for d in dsts.iter_mut() {
+        d.clear();
+    }
+    let items = |local: &[Mem], local_mrs: &[u64], local_off: usize, remote: &[Mem], remote_mrs: &[u64]| {
+        (0..3)
+            .map(|i| {
+                let mut item: FifoItem = p.b.prepare_fifo(remote_mrs[i], remote[i].addr(), remote[i].len()).unwrap();
+                item.addr = (remote[i].addr() + 9) as u64;
+                OneSided { mr: local_mrs[i], addr: local[i].addr() + local_off, len: lens[i], remote: item }
+            })
+            .collect::<Vec<_>>()
+    };
+    let w = p.ab.write(&items(&srcs, &smrs, 3, &dsts, &dmrs)).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap(), lens.iter().sum::<usize>() as u64);
+    for i in 0..3 {
+        assert_same(&dsts[i].read(9, lens[i]), &data[i], &format!("vector write item {i}"));
+    }
+    for s in srcs.iter_mut() {
+        s.clear();
+    }
+    let r = p.ab.read(&items(&srcs, &smrs, 2, &dsts, &dmrs)).unwrap();
+    assert_eq!(wait(&p.ab, r).unwrap(), lens.iter().sum::<usize>() as u64);
+    for i in 0..3 {
+        assert_same(&srcs[i].read(2, lens[i]), &data[i], &format!("vector read item {i}"));
+    }
+
+    // Twelve writes in flight at once into one GPU target, each at its own unaligned offset.
+    let count = 12;
+    let wlens: Vec<usize> = (0..count).map(|i| (i * 777_777) % (3 << 20) + 1 + i).collect();
+    let span: usize = wlens.iter().map(|l| l + 64).sum();
+    let mut source = Mem::new(Side::Gpu, span);
+    let target = Mem::new(Side::Gpu, span);
+    let wdata: Vec<Vec<u8>> = (0..count).map(|i| pattern(wlens[i], 500 + i as u64)).collect();
+    let mut offsets = Vec::new();
+    let mut at = 7;
+    for (i, d) in wdata.iter().enumerate() {
+        source.write(at, d);
+        offsets.push(at);
+        at += wlens[i] + 33;
+    }
+    let smr = p.a.register(source.addr(), source.len()).unwrap();
+    let tmr = p.b.register(target.addr(), target.len()).unwrap();
+    let fifo = p.b.prepare_fifo(tmr, target.addr(), target.len()).unwrap();
+    let ids: Vec<u64> = (0..count)
+        .map(|i| {
+            let mut remote = fifo;
+            remote.addr = (target.addr() + offsets[i] + 1) as u64;
+            p.ab.write(&[OneSided { mr: smr, addr: source.addr() + offsets[i], len: wlens[i], remote }]).unwrap()
+        })
+        .collect();
+    for (i, id) in ids.into_iter().enumerate() {
+        assert_eq!(wait(&p.ab, id).unwrap(), wlens[i] as u64);
+    }
+    for i in 0..count {
+        assert_same(&target.read(offsets[i] + 1, wlens[i]), &wdata[i], &format!("concurrent write {i}"));
+    }
+    println!("child checked");
+}
+
+#[test]
+#[ignore = "a measurement: run on a GPU host with --ignored --nocapture"]
+fn throughput_against_the_staged_socket_path() {
+    if no_gpu() {
+        return;
+    }
+    let out = run_child("child_throughput", "page");
+    assert!(out.contains("child checked"), "{out}");
+}
+
+/// GB/s of `iters` 64 MiB GPU->GPU writes, one at a time, after one warm-up, data checked once.
+fn write_rate(config: Config, iters: usize) -> f64 {
+    const LEN: usize = 64 << 20;
+    let p = pair(config);
+    let mut src = Mem::new(Side::Gpu, LEN);
+    let dst = Mem::new(Side::Gpu, LEN);
+    let data = pattern(LEN, 77);
+    src.write(0, &data);
+    let smr = p.a.register(src.addr(), LEN).unwrap();
+    let dmr = p.b.register(dst.addr(), LEN).unwrap();
+    let remote = p.b.prepare_fifo(dmr, dst.addr(), LEN).unwrap();
+    let item = [OneSided { mr: smr, addr: src.addr(), len: LEN, remote }];
+    assert_eq!(wait(&p.ab, p.ab.write(&item).unwrap()).unwrap(), LEN as u64);
+    assert_same(&dst.read(0, LEN), &data, "64 MiB write");
+    let started = Instant::now();
+    for _ in 0..iters {
+        assert_eq!(wait(&p.ab, p.ab.write(&item).unwrap()).unwrap(), LEN as u64);
+    }
+    (iters * LEN) as f64 / started.elapsed().as_secs_f64() / 1e9
+}
+
+#[test]
+#[ignore = "run by its parent with FAKE_TCPX_MODE=gpu"]
+fn child_throughput() {
+    assert_gpu_mode();
+    let iters = 8;
+    for (channels, chunk) in [(2u16, 4u32 << 20), (4, 1 << 20)] {
+        let plugin = write_rate(plugin_config(channels, chunk), iters);
+        let staged = write_rate(
+            Config { transport: TransportChoice::Socket, plugin_path: None, ..plugin_config(channels, chunk) },
+            iters,
+        );
+        println!(
+            "64 MiB GPU->GPU writes, {channels} channels, {} KiB chunks: plugin (fake GPU mode, unpack kernel) {plugin:.2} GB/s, socket staged {staged:.2} GB/s",
+            chunk >> 10
+        );
+    }
+    println!("child checked");
+}
