@@ -8,6 +8,7 @@
 #
 # BENCH_BINARY (or UCCL_TCPX_BENCH_BIN): a prebuilt uccl-tcpx-bench, default target/release/uccl-tcpx-bench.
 # GPU_BENCH_OUT (else $OUT, else ./gpu_bench_out): where logs and gpu_bench.json go.
+# GPU_BENCH_SIZES, GPU_BENCH_LAYOUTS: override the size list and the layouts run (tags ch4 ch8 ch8-depth4).
 # GPU_BENCH_STEP_TIMEOUT: seconds one step may take (default 150); GPU_BENCH_BUDGET: seconds for the
 # whole script (default 540), after which the remaining steps are skipped.
 # Optional: target/release/examples/gpu_staging_bw (or GPU_STAGING_BW_BIN) is run too when present.
@@ -19,7 +20,9 @@ OUTDIR="${GPU_BENCH_OUT:-${OUT:-gpu_bench_out}}"
 STEP_TIMEOUT="${GPU_BENCH_STEP_TIMEOUT:-150}"
 BUDGET="${GPU_BENCH_BUDGET:-540}"
 STAGING_BW="${GPU_STAGING_BW_BIN:-target/release/examples/gpu_staging_bw}"
-SIZES=8,4K,64K,1M,16M,64M,256M
+SIZES="${GPU_BENCH_SIZES:-8,4K,64K,1M,16M,64M,256M}"
+# GPU_BENCH_LAYOUTS: the layout tags to run (below), default all.
+ONLY_LAYOUTS="${GPU_BENCH_LAYOUTS:-}"
 ANCHORS=scripts/anchors
 mkdir -p "$OUTDIR"
 OUTDIR="$(cd "$OUTDIR" && pwd)"
@@ -81,6 +84,7 @@ RUNS_JSON=()
 for device in gpu cpu; do
   for layout in "${LAYOUTS[@]}"; do
     IFS='|' read -r tag flags knobs <<<"$layout"
+    [[ -n "$ONLY_LAYOUTS" && " $ONLY_LAYOUTS " != *" $tag "* ]] && continue
     name="bench-$device-$tag"
     section "$name: $knobs uccl-tcpx-bench --device $device $flags"
     rm -f "$OUTDIR/$name.json"

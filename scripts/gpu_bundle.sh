@@ -10,7 +10,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${1:?usage: scripts/gpu_bundle.sh OUT_DIR}"
 mkdir -p "$out"
 
-cargo build --release --locked -p fake-tcpx -p uccl-tcpx-bench --bins
+cargo build --release --locked -p fake-tcpx
+cargo build --release --locked -p uccl-tcpx-bench --bins
 cargo build --release --locked --example gpu_staging_bw
 cp target/release/libfake_tcpx.so target/release/uccl-tcpx-bench target/release/unpack_bench \
   target/release/examples/gpu_staging_bw "$out/"
@@ -31,7 +32,7 @@ for line in sys.stdin:
 } | while read -r name exe; do
   dest="$out/test-$name"
   [[ "$name" == uccl_tcpx ]] && dest="$out/test-lib"
-  [[ "$name" == gpu && "$exe" == *fake* ]] && dest="$out/test-fake-gpu"
+  [[ "$name" == gpu ]] && dest="$out/test-fake-gpu"
   cp "$exe" "$dest"
 done
 strip "$out"/* 2>/dev/null || true
