@@ -46,7 +46,9 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
     let engine = Engine::new(config.clone()).map_err(std::io::Error::other)?;
     let mut mem = BenchMemory::for_args(args, bytes)?;
     let mr = engine.register(mem.addr(), bytes).map_err(std::io::Error::other)?;
-    let conn = engine.connect(&server.to_string(), "0", engine_port).map_err(std::io::Error::other)?;
+    // A GPU server names its GPU (`gpuN@<bus id>`); host-memory engines answer to "0".
+    let remote_gpu = server_memory.split_once('@').map_or("0", |(_, bus)| bus);
+    let conn = engine.connect(&server.to_string(), remote_gpu, engine_port).map_err(std::io::Error::other)?;
     let streams = config.num_channels as usize * config.socket.sockets_per_comm();
     let info = RunInfo {
         channels: config.num_channels,
