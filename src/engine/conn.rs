@@ -231,12 +231,12 @@ impl Connection {
             for (op, (region, cap)) in ops.iter().zip(checked) {
                 let id = st.take_id();
                 let (addr, len, token) = (op.remote.addr, op.len as u64, cap.token);
-                // Small host transfers ride the control stream: one round trip instead of a
-                // request, a grant and a channel hop.
-                let inline = op.len <= MAX_INLINE_LEN && region.kind == MemKind::Host;
+                // Small transfers ride the control stream: one round trip instead of a request, a
+                // grant and a channel hop (for device memory also instead of two staged copies).
+                let inline = op.len <= MAX_INLINE_LEN;
                 let msg = if write && inline {
                     // SAFETY: `regions.local` checked that the range lies in a live registration.
-                    let payload = unsafe { std::slice::from_raw_parts(op.addr as *const u8, op.len) }.to_vec();
+                    let payload = unsafe { self.load_inline(&region, op.addr, op.len)? };
                     st.inline_writes.insert(id, (transfer.clone(), len));
                     Control::InlineWrite { xfer: id, region: cap.region, token, addr, payload }
                 } else if inline {
@@ -532,9 +532,10 @@ impl Connection {
                 let dst = st.inbound.remove(&xfer).expect("checked above");
                 // SAFETY: the destination was checked against its registration when the read was posted
                 // and the region is kept alive by `dst`.
-                unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), dst.addr as *mut u8, payload.len()) };
+                let stored = unsafe { self.store_inline(&dst.region, dst.addr, &payload) };
                 if let Some(t) = dst.on_done.transfer() {
-                    t.finish_part(Ok(dst.len));
+                    // A failed local copy fails this read only; the connection is fine.
+                    t.finish_part(stored.map(|()| dst.len));
                 }
                 Ok(())
             }
@@ -608,8 +609,8 @@ impl Connection {
         }
     }
 
-    /// Puts an inline write's payload into the target region: a CPU copy for host memory, a
-    /// synchronous copy for device memory (at most 8 KiB, cheaper than a staged pass).
+    /// Puts an inline payload into a local region: a CPU copy for host memory, a synchronous copy
+    /// for device memory (at most 8 KiB, cheaper than a staged pass).
     ///
     /// # Safety
     /// `[addr, addr + payload.len())` lies inside `region`, which is live.
@@ -625,7 +626,7 @@ impl Connection {
         Ok(())
     }
 
-    /// Reads an inline read's bytes out of the target region.
+    /// Reads an inline payload out of a local region.
     ///
     /// # Safety
     /// `[addr, addr + len)` lies inside `region`, which is live.
