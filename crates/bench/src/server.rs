@@ -154,6 +154,9 @@ pub fn wait(conn: &Connection, id: u64) -> Io<u64> {
 
 /// How long a waiting caller polls before it blocks: only on hosts with cores to spare, since a
 /// spinning caller on a 2-core host delays the very threads it waits for.
+/// Computed once: `available_parallelism` reads cgroup files, tens of microseconds a call.
 pub fn spin_us() -> u64 {
-    if std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) >= 8 { 50 } else { 0 }
+    static SPIN_US: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *SPIN_US
+        .get_or_init(|| if std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) >= 8 { 50 } else { 0 })
 }
