@@ -256,3 +256,122 @@ fn notifications_arrive_in_order_truncated_to_256() {
     assert!(p.ab.notify(&[b'n'; 256], b"").is_err(), "name too long");
     drop(p.b);
 }
+
+/// Blocking waits on inline transfers read the control stream in the waiting thread. Several such
+/// waiters, a large write whose Done arrives on the same stream and a peer sending back at the
+/// same time must all be served, whoever happens to be reading.
+#[test]
+fn blocking_waits_from_many_threads_share_the_control_stream() {
+    let p = Arc::new(pair());
+    let region_len = 4 << 20;
+    let mut remote = vec![0u8; region_len];
+    let rmr = p.b.register(remote.as_mut_ptr() as usize, remote.len()).unwrap();
+    let fifo = p.b.prepare_fifo(rmr, remote.as_mut_ptr() as usize, remote.len()).unwrap();
+    let at = move |off: usize| {
+        let mut item = fifo;
+        item.addr += off as u64;
+        item
+    };
+    let threads = 4;
+    let rounds = 150;
+    std::thread::scope(|sc| {
+        for t in 0..threads {
+            let p = p.clone();
+            sc.spawn(move || {
+                // Each thread owns a disjoint 64 KiB slice of the remote region.
+                let base = t * (64 << 10);
+                let mut local = pattern(8192, t as u64);
+                let mut back = vec![0u8; 8192];
+                let lmr = p.a.register(local.as_mut_ptr() as usize, local.len()).unwrap();
+                let bmr = p.a.register(back.as_mut_ptr() as usize, back.len()).unwrap();
+                for r in 0..rounds {
+                    let len = 1 + (r * 997 + t * 131) % 8192;
+                    local[..len].copy_from_slice(&pattern(len, (t * 1000 + r) as u64));
+                    let item = at(base);
+                    let op = OneSided { mr: lmr, addr: local.as_ptr() as usize, len, remote: item };
+                    let w = p.ab.write(&[op]).unwrap();
+                    assert_eq!(p.ab.wait(w).unwrap(), len as u64, "thread {t} round {r}");
+                    let op = OneSided { mr: bmr, addr: back.as_mut_ptr() as usize, len, remote: item };
+                    let rd = p.ab.read(&[op]).unwrap();
+                    assert_eq!(p.ab.wait(rd).unwrap(), len as u64);
+                    assert_eq!(&back[..len], &local[..len], "thread {t} round {r}: read back");
+                }
+            });
+        }
+        // A large write on the same connection: its Done is read by whichever thread reads.
+        let p2 = p.clone();
+        sc.spawn(move || {
+            let big = pattern(1 << 20, 77);
+            let mr = p2.a.register(big.as_ptr() as usize, big.len()).unwrap();
+            for _ in 0..4 {
+                let item = at(2 << 20);
+                let w =
+                    p2.ab.write(&[OneSided { mr, addr: big.as_ptr() as usize, len: big.len(), remote: item }]).unwrap();
+                assert_eq!(p2.ab.wait(w).unwrap(), big.len() as u64);
+            }
+        });
+        // The peer sends small messages back while all that runs.
+        let p3 = p.clone();
+        sc.spawn(move || {
+            let mut dst = vec![0u8; 64];
+            let dmr = p3.a.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();
+            let src = pattern(64, 5);
+            let smr = p3.b.register(src.as_ptr() as usize, src.len()).unwrap();
+            for i in 0..200 {
+                let r = p3.ab.recv(dmr, dst.as_mut_ptr() as usize, dst.len()).unwrap();
+                let s = p3.ba.send(&[(smr, src.as_ptr() as usize, 1 + i % 64)]).unwrap();
+                assert_eq!(p3.ba.wait(s).unwrap(), (1 + i % 64) as u64);
+                assert_eq!(p3.ab.wait(r).unwrap(), (1 + i % 64) as u64);
+                assert_eq!(&dst[..1 + i % 64], &src[..1 + i % 64]);
+            }
+        });
+    });
+    assert_eq!(&remote[2 << 20..(2 << 20) + (1 << 20)], &pattern(1 << 20, 77)[..]);
+}
+
+/// Small sends posted before any receive wait at the receiver (inline ones buffered up to a bound,
+/// the rest announced) and land in posting order once receives come.
+#[test]
+fn small_sends_before_receives_land_in_order() {
+    let p = pair();
+    // 700 messages with 8 KiB ones among them pass the receiver's 4 MiB inline buffer, so both
+    // kinds interleave; 20000-byte ones are always announced.
+    let sizes: Vec<usize> = (0..700).map(|i| [1, 8192, 100, 20_000, 8192][i % 5]).collect();
+    let srcs: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &n)| pattern(n, i as u64)).collect();
+    let mut sends = Vec::new();
+    for s in &srcs {
+        let mr = p.a.register(s.as_ptr() as usize, s.len()).unwrap();
+        sends.push(p.ab.send(&[(mr, s.as_ptr() as usize, s.len())]).unwrap());
+    }
+    let mut dst = vec![0u8; 20_000 + 8];
+    let dmr = p.b.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();
+    for (i, &n) in sizes.iter().enumerate() {
+        dst.fill(0);
+        let r = p.ba.recv(dmr, dst.as_mut_ptr() as usize, 20_000).unwrap();
+        assert_eq!(p.ba.wait(r).unwrap(), n as u64, "message {i}");
+        assert_eq!(&dst[..n], &srcs[i][..], "message {i}");
+        assert!(dst[n..].iter().all(|&b| b == 0), "message {i}: bytes past it untouched");
+    }
+    for (i, id) in sends.into_iter().enumerate() {
+        assert_eq!(p.ab.wait(id).unwrap(), sizes[i] as u64, "send {i}");
+    }
+}
+
+/// A caller blocked on an inline send whose receive never comes is released by a local close.
+#[test]
+fn close_releases_a_caller_waiting_on_the_stream() {
+    let p = pair();
+    let src = pattern(16, 1);
+    let mr = p.a.register(src.as_ptr() as usize, src.len()).unwrap();
+    let id = p.ab.send(&[(mr, src.as_ptr() as usize, src.len())]).unwrap();
+    let conn = p.ab.clone();
+    let waiter = std::thread::spawn(move || {
+        let started = Instant::now();
+        (conn.wait(id), started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    p.a.close_connection(&p.ab);
+    let (outcome, waited) = waiter.join().unwrap();
+    assert_eq!(outcome.unwrap_err().status(), UcclStatus::ErrCanceled);
+    assert!(waited < Duration::from_secs(3), "the waiter took {waited:?} to notice the close");
+}

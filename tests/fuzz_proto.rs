@@ -22,8 +22,8 @@ use uccl_tcpx::proto::{Capability, ChannelHello, Control, FifoItem, FrameHeader,
 
 /// `proto::FRAME_HEADER_LEN` is crate-private; `FrameHeader::to_bytes` pins the same number.
 const HEADER_LEN: usize = 8;
-/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 2.
-const VERSION: u16 = 2;
+/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 3.
+const VERSION: u16 = 3;
 const CHANNEL_HELLO_LEN: usize = 16;
 const FIFO_LEN: usize = 64;
 /// Protocol limits (crate-private in `proto`); `limits_match_the_codec` checks each against the codec.
@@ -233,6 +233,7 @@ fn sample_controls() -> Vec<(&'static str, Control)> {
         ("inline_write", Control::InlineWrite { xfer: 14, region: 15, token: 16, addr: 0x1000, payload: vec![9; 8] }),
         ("read_small", Control::ReadSmall { xfer: 17, region: 18, token: 19, addr: 0x2000, len: 64 }),
         ("read_data", Control::ReadData { xfer: 20, payload: vec![1, 2, 3] }),
+        ("inline_send", Control::InlineSend { xfer: 21, payload: vec![4; 8192] }),
     ]
 }
 

@@ -164,7 +164,7 @@ fn encode(msg: &Handshake) -> Vec<u8> {
 
 fn hello() -> Hello {
     Hello {
-        version: 2,
+        version: 3,
         capabilities: 0,
         nonce: 0x1234_5678_9abc_def0,
         num_channels: 1,
@@ -207,7 +207,7 @@ fn garbage_on_the_control_port_is_dropped() {
         ("Welcome instead of Hello".into(), {
             let h = hello();
             encode(&Handshake::Welcome(uccl_tcpx::proto::Welcome {
-                version: 2,
+                version: 3,
                 capabilities: 0,
                 num_channels: 1,
                 chunk_size: 4096,
@@ -285,7 +285,7 @@ fn garbage_on_the_control_port_is_dropped() {
 fn other_protocol_versions_are_refused_with_a_reason() {
     let _serial = serial();
     let p = pair();
-    for version in [0u16, 1, 3, 0x100, u16::MAX] {
+    for version in [0u16, 1, 2, 4, 0x100, u16::MAX] {
         // A full Hello of another version, and only magic + version as a future peer might send.
         let full = encode(&Handshake::Hello(Hello { version, ..hello() }));
         let mut short = FrameHeader { kind: 1, body_len: 6 }.to_bytes().to_vec();
@@ -638,17 +638,29 @@ fn fake_peer_happy_path_moves_data_both_ways() {
     assert_eq!(wait(&conn, rid).unwrap(), 100);
     assert_eq!(&dst[..100], &pattern(100, 9)[..]);
     assert!(dst[100..].iter().all(|&b| b == 0));
-    // engine -> fake: a send of 50 bytes.
-    let src = pattern(50, 3);
+    // fake -> engine: an inline send of 40 bytes lands in the next receive.
+    let rid = conn.recv(dmr, dst.as_mut_ptr() as usize + 200, 100).unwrap();
+    fake.send(&Control::InlineSend { xfer: 4, payload: pattern(40, 10) });
+    assert_eq!(fake.recv(), Some(Control::Done { xfer: 4, len: 40 }));
+    assert_eq!(wait(&conn, rid).unwrap(), 40);
+    assert_eq!(&dst[200..240], &pattern(40, 10)[..]);
+    assert!(dst[240..].iter().all(|&b| b == 0));
+    // engine -> fake: a send of 50 bytes rides inline; one of 10000 is announced and streamed.
+    let src = pattern(10_000, 3);
     let smr = p.b.register(src.as_ptr() as usize, src.len()).unwrap();
     let sid = conn.send(&[(smr, src.as_ptr() as usize, 50)]).unwrap();
-    let Some(Control::SendAnnounce { xfer, len: 50 }) = fake.recv() else { panic!("no SendAnnounce") };
-    fake.send(&Control::Grant { xfer, flow: 77 });
-    assert_eq!(fake.recv(), Some(Control::Data { flow: 77, len: 50 }));
-    let got = read_exact_within(&mut fake.rx, PIECE_HEADER_LEN + 50, Duration::from_secs(10)).unwrap();
-    assert_eq!(got, message(1, &src));
+    let Some(Control::InlineSend { xfer, payload }) = fake.recv() else { panic!("no InlineSend") };
+    assert_eq!(payload, &src[..50]);
     fake.send(&Control::Done { xfer, len: 50 });
     assert_eq!(wait(&conn, sid).unwrap(), 50);
+    let sid = conn.send(&[(smr, src.as_ptr() as usize, 10_000)]).unwrap();
+    let Some(Control::SendAnnounce { xfer, len: 10_000 }) = fake.recv() else { panic!("no SendAnnounce") };
+    fake.send(&Control::Grant { xfer, flow: 77 });
+    assert_eq!(fake.recv(), Some(Control::Data { flow: 77, len: 10_000 }));
+    let got = read_exact_within(&mut fake.rx, PIECE_HEADER_LEN + 10_000, Duration::from_secs(10)).unwrap();
+    assert_eq!(got, message(1, &src));
+    fake.send(&Control::Done { xfer, len: 10_000 });
+    assert_eq!(wait(&conn, sid).unwrap(), 10_000);
     // A guessed one-sided request is denied, and the connection stays up.
     let guess = dst.as_ptr() as u64;
     fake.send(&Control::WriteRequest { xfer: 2, region: dmr, token: 0, addr: guess, len: 8 });
@@ -841,17 +853,81 @@ fn done_with_a_wrong_length_fails_the_send() {
     let p = pair();
     let mut fake = FakePeer::connect(p.b.address(), Stray::None).unwrap();
     let conn = accept(&p.b).unwrap();
-    let src = pattern(50, 4);
+    let src = pattern(10_000, 4);
     let smr = p.b.register(src.as_ptr() as usize, src.len()).unwrap();
-    let sid = conn.send(&[(smr, src.as_ptr() as usize, 50)]).unwrap();
+    let sid = conn.send(&[(smr, src.as_ptr() as usize, 10_000)]).unwrap();
     let Some(Control::SendAnnounce { xfer, .. }) = fake.recv() else { panic!("no SendAnnounce") };
     fake.send(&Control::Grant { xfer, flow: 5 });
-    assert_eq!(fake.recv(), Some(Control::Data { flow: 5, len: 50 }));
-    read_exact_within(&mut fake.rx, PIECE_HEADER_LEN + 50, Duration::from_secs(10)).unwrap();
-    fake.send(&Control::Done { xfer, len: 49 });
+    assert_eq!(fake.recv(), Some(Control::Data { flow: 5, len: 10_000 }));
+    read_exact_within(&mut fake.rx, PIECE_HEADER_LEN + 10_000, Duration::from_secs(10)).unwrap();
+    fake.send(&Control::Done { xfer, len: 9_999 });
     assert_eq!(wait(&conn, sid).unwrap_err().status(), UcclStatus::ErrBackend);
     fake.expect_closed();
     assert_pair_works(&p, 13);
+}
+
+#[test]
+fn done_with_a_wrong_length_fails_the_inline_send() {
+    let _serial = serial();
+    let p = pair();
+    let mut fake = FakePeer::connect(p.b.address(), Stray::None).unwrap();
+    let conn = accept(&p.b).unwrap();
+    let src = pattern(50, 4);
+    let smr = p.b.register(src.as_ptr() as usize, src.len()).unwrap();
+    let sid = conn.send(&[(smr, src.as_ptr() as usize, 50)]).unwrap();
+    let Some(Control::InlineSend { xfer, .. }) = fake.recv() else { panic!("no InlineSend") };
+    fake.send(&Control::Done { xfer, len: 51 });
+    assert_eq!(wait(&conn, sid).unwrap_err().status(), UcclStatus::ErrBackend);
+    fake.expect_closed();
+    assert_pair_works(&p, 14);
+}
+
+/// Inline sends the engine has no receive for are buffered up to a bound; a peer that goes past it
+/// is cut off, and nothing it sent lands anywhere.
+#[test]
+fn unmatched_inline_send_flood_is_cut_off() {
+    let _serial = serial();
+    let p = pair();
+    let mut fake = FakePeer::connect(p.b.address(), Stray::None).unwrap();
+    let conn = accept(&p.b).unwrap();
+    let mut burst = Vec::new();
+    // 512 full payloads are exactly the 4 MiB a peer may leave unanswered; one byte more is not.
+    for xfer in 0..512u64 {
+        Control::InlineSend { xfer, payload: vec![0xa5; 8192] }.encode(&mut burst);
+    }
+    fake.send_raw(&burst);
+    // A refused guess proves the engine read the whole burst and is still serving.
+    fake.send(&Control::ReadRequest { xfer: 9999, region: 1, token: 0, addr: 4096, len: 8 });
+    assert!(matches!(fake.recv(), Some(Control::Deny { xfer: 9999, .. })), "the connection failed within the bound");
+    fake.send(&Control::InlineSend { xfer: 512, payload: vec![0xa5; 1] });
+    fake.expect_closed();
+    assert!(conn.notify(b"x", b"y").is_err(), "the connection survived an unbounded inline backlog");
+    assert_pair_works(&p, 15);
+}
+
+/// An inline send larger than the receive it meets is refused to the peer and fails that receive;
+/// the connection and the bytes past the receive are untouched.
+#[test]
+fn oversized_inline_send_fails_only_its_receive() {
+    let _serial = serial();
+    let p = pair();
+    let mut fake = FakePeer::connect(p.b.address(), Stray::None).unwrap();
+    let conn = accept(&p.b).unwrap();
+    let mut dst = vec![0u8; 256];
+    let dmr = p.b.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();
+    let rid = conn.recv(dmr, dst.as_mut_ptr() as usize, 100).unwrap();
+    fake.send(&Control::InlineSend { xfer: 1, payload: vec![7; 101] });
+    assert!(
+        matches!(fake.recv(), Some(Control::Deny { xfer: 1, status, .. }) if status == UcclStatus::ErrMismatch as i32)
+    );
+    assert_eq!(wait(&conn, rid).unwrap_err().status(), UcclStatus::ErrMismatch);
+    assert!(dst.iter().all(|&b| b == 0), "a refused message wrote into the receive");
+    let rid = conn.recv(dmr, dst.as_mut_ptr() as usize, 100).unwrap();
+    fake.send(&Control::InlineSend { xfer: 2, payload: vec![7; 100] });
+    assert_eq!(fake.recv(), Some(Control::Done { xfer: 2, len: 100 }));
+    assert_eq!(wait(&conn, rid).unwrap(), 100);
+    assert!(dst[..100].iter().all(|&b| b == 7) && dst[100..].iter().all(|&b| b == 0));
+    assert_pair_works(&p, 16);
 }
 
 #[test]

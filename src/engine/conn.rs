@@ -1,9 +1,10 @@
 //! A connection: one control stream plus N channels. The caller threads post, the reader thread
-//! applies the peer's control messages, the engine's progress thread moves chunks; all three meet
-//! in `ConnState` under one lock, held only for non-blocking work.
+//! (or a caller waiting for an inline reply) applies the peer's control messages, the engine's
+//! progress thread moves chunks; all meet in `ConnState` under one lock, held only for
+//! non-blocking work.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{BufReader, Read};
+use std::io::Read;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,12 +15,13 @@ use parking_lot::Mutex;
 
 use super::EngineCore;
 use super::channel::{self, Channel, Chunk};
+use super::control_rx::{ControlRx, Drained, RxBuffer};
 use super::notify;
 use super::region::Region;
 use super::transfer::Transfer;
 use super::writer::ControlWriter;
 use crate::error::{Error, Result, UcclStatus};
-use crate::proto::{Control, FRAME_HEADER_LEN, FifoItem, FrameHeader, MAX_INLINE_LEN};
+use crate::proto::{Control, FRAME_HEADER_LEN, FifoItem, FrameHeader, MAX_INLINE_LEN, MAX_INLINE_SEND_BACKLOG};
 use crate::transport::MemKind;
 
 /// Announced sends the peer may queue ahead of our receives before it is treated as hostile.
@@ -93,6 +95,21 @@ struct Inbound {
     on_done: OnDone,
 }
 
+/// A part waiting for the peer's Done or Deny of an inline write or send.
+struct InlineOp {
+    transfer: Arc<Transfer>,
+    len: u64,
+    /// Bytes this op holds of the peer's inline-send buffer (zero for writes).
+    backlog: u64,
+}
+
+/// A send the peer announced (or carried inline) that no receive has matched yet.
+struct Announced {
+    peer_op: u64,
+    len: u64,
+    payload: Option<Vec<u8>>,
+}
+
 struct PostedRecv {
     addr: usize,
     max: u64,
@@ -111,13 +128,18 @@ struct ConnState {
     awaiting_grant: HashMap<u64, Outbound>,
     /// Our running sends and writes waiting for the peer's Done: op id -> flow id.
     awaiting_done: HashMap<u64, u64>,
-    /// Our inline writes waiting for the peer's Done or Deny: op id -> (transfer, length).
-    inline_writes: HashMap<u64, (Arc<Transfer>, u64)>,
+    /// Our inline writes and sends waiting for the peer's Done or Deny, by op id.
+    inline_ops: HashMap<u64, InlineOp>,
+    /// Payload bytes of our inline sends the peer has not answered yet (bounded by
+    /// MAX_INLINE_SEND_BACKLOG, so the peer never buffers more than that for us).
+    inline_send_backlog: u64,
     /// Granted destinations waiting for the peer's Data marker, by our flow id.
     inbound: HashMap<u64, Inbound>,
     posted_recvs: VecDeque<PostedRecv>,
-    /// The peer's announced sends not yet matched to a receive: (peer op id, length).
-    announces: VecDeque<(u64, u64)>,
+    /// The peer's announced sends not yet matched to a receive, in the order it sent them.
+    announces: VecDeque<Announced>,
+    /// Payload bytes held in `announces`.
+    announced_inline: u64,
     flows: HashMap<u64, Flow>,
     failure: Option<Error>,
     finished_chunks: Vec<Chunk>,
@@ -130,6 +152,7 @@ pub struct Connection {
     pub peer: PeerInfo,
     core: Arc<EngineCore>,
     writer: ControlWriter,
+    rx: Arc<ControlRx>,
     control: TcpStream,
     state: Mutex<ConnState>,
     closed: AtomicBool,
@@ -149,12 +172,13 @@ impl Connection {
         control.set_read_timeout(None).map_err(io)?;
         control.set_write_timeout(None).map_err(io)?;
         let writer = ControlWriter::start(control.try_clone().map_err(io)?)?;
-        let reader_stream = control.try_clone().map_err(io)?;
+        let rx = Arc::new(ControlRx::new(control.try_clone().map_err(io)?)?);
         let conn = Arc::new(Connection {
             id: core.next_conn_id(),
             peer,
             core,
             writer,
+            rx: rx.clone(),
             control,
             state: Mutex::new(ConnState {
                 channels,
@@ -164,10 +188,12 @@ impl Connection {
                 in_seq: 0,
                 awaiting_grant: HashMap::new(),
                 awaiting_done: HashMap::new(),
-                inline_writes: HashMap::new(),
+                inline_ops: HashMap::new(),
+                inline_send_backlog: 0,
                 inbound: HashMap::new(),
                 posted_recvs: VecDeque::new(),
                 announces: VecDeque::new(),
+                announced_inline: 0,
                 flows: HashMap::new(),
                 failure: None,
                 finished_chunks: Vec::new(),
@@ -180,7 +206,7 @@ impl Connection {
         let weak = Arc::downgrade(&conn);
         let thread = std::thread::Builder::new()
             .name("uccl-ctrl-rx".into())
-            .spawn(move || read_control(reader_stream, weak))
+            .spawn(move || read_control(&rx, weak))
             .map_err(|e| Error::io("spawn control reader", e))?;
         *conn.reader.lock() = Some(thread);
         Ok(conn)
@@ -227,17 +253,29 @@ impl Connection {
             }
             checked.push((region, cap));
         }
-        self.post(ops.len(), |st, transfer| {
-            for (op, (region, cap)) in ops.iter().zip(checked) {
+        // Inline payloads are read before the state lock: a device copy must not stall the reader
+        // and progress threads.
+        let mut payloads = Vec::with_capacity(ops.len());
+        for (op, (region, _)) in ops.iter().zip(&checked) {
+            payloads.push(if write && op.len <= MAX_INLINE_LEN {
+                // SAFETY: `regions.local` checked that the range lies in a live registration.
+                Some(unsafe { self.load_inline(region, op.addr, op.len) }.map_err(|e| e.context(verb))?)
+            } else {
+                None
+            });
+        }
+        self.post(ops.len(), |st, transfer, out| {
+            if ops.iter().all(|op| op.len <= MAX_INLINE_LEN) {
+                transfer.set_completes_on_control();
+            }
+            for ((op, (region, cap)), payload) in ops.iter().zip(checked).zip(payloads) {
                 let id = st.take_id();
                 let (addr, len, token) = (op.remote.addr, op.len as u64, cap.token);
                 // Small transfers ride the control stream: one round trip instead of a request, a
                 // grant and a channel hop (for device memory also instead of two staged copies).
                 let inline = op.len <= MAX_INLINE_LEN;
-                let msg = if write && inline {
-                    // SAFETY: `regions.local` checked that the range lies in a live registration.
-                    let payload = unsafe { self.load_inline(&region, op.addr, op.len)? };
-                    st.inline_writes.insert(id, (transfer.clone(), len));
+                out.push(if let Some(payload) = payload {
+                    st.inline_ops.insert(id, InlineOp { transfer: transfer.clone(), len, backlog: 0 });
                     Control::InlineWrite { xfer: id, region: cap.region, token, addr, payload }
                 } else if inline {
                     let on_done = OnDone::Part(transfer.clone());
@@ -251,8 +289,7 @@ impl Connection {
                     let on_done = OnDone::Part(transfer.clone());
                     st.inbound.insert(id, Inbound { addr: op.addr, len, region, on_done });
                     Control::ReadRequest { xfer: id, region: cap.region, token, addr, len }
-                };
-                self.writer.send(&msg)?;
+                });
             }
             Ok(())
         })
@@ -260,16 +297,40 @@ impl Connection {
 
     /// Each `(mr, addr, len)` is one message, matched by one receive the peer posts.
     pub fn send(&self, msgs: &[(u64, usize, usize)]) -> Result<u64> {
-        let mut regions = Vec::with_capacity(msgs.len());
+        let mut sources = Vec::with_capacity(msgs.len());
         for (i, &(mr, addr, len)) in msgs.iter().enumerate() {
-            regions.push(self.core.regions.local(mr, addr, len).map_err(|e| e.context(format!("send item {i}")))?);
+            let region = self.core.regions.local(mr, addr, len).map_err(|e| e.context(format!("send item {i}")))?;
+            let payload = if len <= MAX_INLINE_LEN {
+                // SAFETY: `regions.local` checked that the range lies in a live registration.
+                Some(unsafe { self.load_inline(&region, addr, len) }.map_err(|e| e.context(format!("send item {i}")))?)
+            } else {
+                None
+            };
+            sources.push((Source { addr, len: len as u64, region }, payload));
         }
-        self.post(msgs.len(), |st, transfer| {
-            for (&(_, addr, len), region) in msgs.iter().zip(regions) {
+        let parts = msgs.len();
+        self.post(parts, |st, transfer, out| {
+            let mut inline_parts = 0;
+            for (src, payload) in sources {
                 let id = st.take_id();
-                let src = Source { addr, len: len as u64, region };
-                st.awaiting_grant.insert(id, Outbound { src, transfer: transfer.clone(), prompt: false });
-                self.writer.send(&Control::SendAnnounce { xfer: id, len: len as u64 })?;
+                let len = src.len;
+                // A small message carries its payload unless the peer could be left buffering too
+                // much for receives not yet posted; then it is announced like a large one.
+                match payload {
+                    Some(payload) if st.inline_send_backlog + len <= MAX_INLINE_SEND_BACKLOG => {
+                        inline_parts += 1;
+                        st.inline_send_backlog += len;
+                        st.inline_ops.insert(id, InlineOp { transfer: transfer.clone(), len, backlog: len });
+                        out.push(Control::InlineSend { xfer: id, payload });
+                    }
+                    _ => {
+                        st.awaiting_grant.insert(id, Outbound { src, transfer: transfer.clone(), prompt: false });
+                        out.push(Control::SendAnnounce { xfer: id, len });
+                    }
+                }
+            }
+            if inline_parts == parts {
+                transfer.set_completes_on_control();
             }
             Ok(())
         })
@@ -277,32 +338,46 @@ impl Connection {
 
     pub fn recv(&self, mr: u64, addr: usize, max: usize) -> Result<u64> {
         let region = self.core.regions.local(mr, addr, max)?;
-        self.post(1, |st, transfer| {
+        self.post(1, |st, transfer, out| {
             st.posted_recvs.push_back(PostedRecv { addr, max: max as u64, region, transfer: transfer.clone() });
-            self.match_recvs(st)
+            self.match_recvs(st, out);
+            Ok(())
         })
     }
 
-    /// Creates the transfer and runs `post` under the state lock; a failure before anything reached
-    /// the wire forgets the id again.
-    fn post(&self, parts: usize, post: impl FnOnce(&mut ConnState, &Arc<Transfer>) -> Result<()>) -> Result<u64> {
+    /// Creates the transfer and registers its parts under the state lock, then sends the resulting
+    /// control messages after releasing it: the reply can come back before the send call returns,
+    /// and the reader must not find the lock held by a thread still inside that call. A failure
+    /// before anything reached the wire forgets the id again.
+    fn post(
+        &self,
+        parts: usize,
+        post: impl FnOnce(&mut ConnState, &Arc<Transfer>, &mut Vec<Control>) -> Result<()>,
+    ) -> Result<u64> {
         if parts == 0 {
             return Err(Error::invalid("nothing to transfer: zero items"));
         }
         let transfer = self.core.transfers.create(self.id, parts);
-        let mut st = self.state.lock();
-        if !st.waits_on_peer() {
-            // The peer owed us nothing until now, so its silence so far is not a stall.
-            st.last_heard = Instant::now();
-        }
-        let posted = match &st.failure {
-            Some(e) => Err(e.clone()),
-            None => post(&mut st, &transfer),
+        let mut out = Vec::new();
+        let posted = {
+            let mut st = self.state.lock();
+            if !st.waits_on_peer() {
+                // The peer owed us nothing until now, so its silence so far is not a stall.
+                st.last_heard = Instant::now();
+            }
+            let posted = match &st.failure {
+                Some(e) => Err(e.clone()),
+                None => post(&mut st, &transfer, &mut out),
+            };
+            if let Err(e) = &posted {
+                // Parts already registered are failed (and their ids forgotten) with the connection.
+                self.fail(&mut st, e.clone());
+            }
+            posted
         };
-        if let Err(e) = posted {
-            // Parts already queued are failed (and their ids forgotten) with the connection.
-            self.fail(&mut st, e.clone());
-            drop(st);
+        let sent = posted.and_then(|()| self.writer.send_all(&out));
+        if let Err(e) = sent {
+            self.fail(&mut self.state.lock(), e.clone());
             self.core.transfers.discard(transfer.id);
             return Err(e);
         }
@@ -314,7 +389,58 @@ impl Connection {
     }
 
     pub fn wait(&self, transfer: u64) -> Result<u64> {
+        let t = self.core.transfers.get(self.id, transfer)?;
+        if t.completes_on_control() {
+            self.read_until_finished(&t);
+        }
         self.core.transfers.wait(self.id, transfer)
+    }
+
+    /// Reads the control stream in the caller's thread until `t` finished, unless another thread is
+    /// reading it (then that thread delivers the reply and the caller's condvar wait picks it up).
+    fn read_until_finished(&self, t: &Transfer) {
+        let Some(mut buf) = self.rx.try_lock() else { return };
+        self.rx.disarm();
+        while !t.is_finished() {
+            // Bounded, so a reply delivered some other way (a failure) is noticed.
+            if self.rx.poll_ready(Duration::from_millis(20)) && !self.pump(&mut buf) {
+                break;
+            }
+        }
+        self.rx.arm();
+    }
+
+    /// Reads what the control stream holds and handles every whole message; false once the
+    /// connection failed (nothing more will be read).
+    fn pump(&self, buf: &mut RxBuffer) -> bool {
+        loop {
+            let drained = self.rx.drain(buf);
+            let mut st = self.state.lock();
+            if st.failure.is_some() {
+                // The channels are gone; nothing the peer says can be acted on any more.
+                return false;
+            }
+            let mut handled = Ok(());
+            while handled.is_ok() {
+                match buf.next_frame() {
+                    Ok(Some(msg)) => {
+                        st.last_heard = Instant::now();
+                        handled = self.handle(&mut st, msg);
+                    }
+                    Ok(None) => break,
+                    Err(e) => handled = Err(e),
+                }
+            }
+            let outcome = match (handled, drained) {
+                (Err(e), _) | (Ok(()), Drained::Closed(e)) => e,
+                (Ok(()), Drained::Open) => return true,
+                (Ok(()), Drained::More) => continue,
+            };
+            if !self.is_closed() {
+                self.fail(&mut st, outcome);
+            }
+            return false;
+        }
     }
 
     pub fn notify(&self, name: &[u8], msg: &[u8]) -> Result<()> {
@@ -425,27 +551,43 @@ impl Connection {
         Ok(())
     }
 
-    /// Pairs posted receives with announced sends, oldest first.
-    fn match_recvs(&self, st: &mut ConnState) -> Result<()> {
+    /// Pairs posted receives with announced sends, oldest first; the answers go to `out`.
+    fn match_recvs(&self, st: &mut ConnState, out: &mut Vec<Control>) {
         while !st.posted_recvs.is_empty() && !st.announces.is_empty() {
             let recv = st.posted_recvs.pop_front().expect("non-empty");
-            let (peer_op, len) = st.announces.pop_front().expect("non-empty");
+            let Announced { peer_op, len, payload } = st.announces.pop_front().expect("non-empty");
+            if payload.is_some() {
+                st.announced_inline -= len;
+            }
             if len > recv.max {
                 let why = format!("a {len}-byte message does not fit the posted {}-byte receive", recv.max);
                 recv.transfer.finish_part(Err(Error::new(UcclStatus::ErrMismatch, why.clone())));
-                self.writer.send(&Control::Deny {
-                    xfer: peer_op,
-                    status: UcclStatus::ErrMismatch as i32,
-                    reason: why,
-                })?;
+                out.push(Control::Deny { xfer: peer_op, status: UcclStatus::ErrMismatch as i32, reason: why });
+                continue;
+            }
+            if let Some(payload) = payload {
+                // SAFETY: the receive was checked against its registration when posted, for `max`
+                // bytes, and its region is kept alive by `recv`.
+                let stored = unsafe { self.store_inline(&recv.region, recv.addr, &payload) };
+                out.push(match &stored {
+                    Ok(()) => Control::Done { xfer: peer_op, len },
+                    Err(e) => {
+                        Control::Deny { xfer: peer_op, status: e.status() as i32, reason: e.message().to_owned() }
+                    }
+                });
+                recv.transfer.finish_part(stored.map(|()| len));
                 continue;
             }
             let flow = st.take_id();
             let on_done = OnDone::PartAndAck(recv.transfer, peer_op);
             st.inbound.insert(flow, Inbound { addr: recv.addr, len, region: recv.region, on_done });
-            self.writer.send(&Control::Grant { xfer: peer_op, flow })?;
+            out.push(Control::Grant { xfer: peer_op, flow });
         }
-        Ok(())
+    }
+
+    /// Sends answers produced while handling the peer's messages.
+    fn answer(&self, out: &[Control]) -> Result<()> {
+        if out.is_empty() { Ok(()) } else { self.writer.send_all(out) }
     }
 
     /// Starts sending `len` bytes at `addr` as the peer's flow `peer_flow`.
@@ -472,16 +614,30 @@ impl Connection {
         Ok(flow)
     }
 
+    fn announced(&self, st: &mut ConnState, send: Announced) -> Result<()> {
+        if st.announces.len() >= MAX_UNMATCHED_ANNOUNCES {
+            return Err(Error::backend(format!(
+                "peer announced more than {MAX_UNMATCHED_ANNOUNCES} sends without matching receives"
+            )));
+        }
+        st.announces.push_back(send);
+        let mut out = Vec::new();
+        self.match_recvs(st, &mut out);
+        self.answer(&out)
+    }
+
     fn handle(&self, st: &mut ConnState, msg: Control) -> Result<()> {
         match msg {
-            Control::SendAnnounce { xfer, len } => {
-                if st.announces.len() >= MAX_UNMATCHED_ANNOUNCES {
+            Control::SendAnnounce { xfer, len } => self.announced(st, Announced { peer_op: xfer, len, payload: None }),
+            Control::InlineSend { xfer, payload } => {
+                let len = payload.len() as u64;
+                if st.announced_inline + len > MAX_INLINE_SEND_BACKLOG {
                     return Err(Error::backend(format!(
-                        "peer announced more than {MAX_UNMATCHED_ANNOUNCES} sends without matching receives"
+                        "protocol violation: the peer's unmatched inline sends exceed {MAX_INLINE_SEND_BACKLOG} bytes"
                     )));
                 }
-                st.announces.push_back((xfer, len));
-                self.match_recvs(st)
+                st.announced_inline += len;
+                self.announced(st, Announced { peer_op: xfer, len, payload: Some(payload) })
             }
             Control::WriteRequest { xfer, region, token, addr, len } => {
                 match self.core.regions.authorize(region, token, addr, len) {
@@ -551,8 +707,9 @@ impl Connection {
                 let err = Error::new(status, format!("peer refused: {reason}"));
                 if let Some(out) = st.awaiting_grant.remove(&xfer) {
                     out.transfer.finish_part(Err(err));
-                } else if let Some((t, _)) = st.inline_writes.remove(&xfer) {
-                    t.finish_part(Err(err));
+                } else if let Some(op) = st.inline_ops.remove(&xfer) {
+                    st.inline_send_backlog -= op.backlog;
+                    op.transfer.finish_part(Err(err));
                 } else if let Some(read) = st.inbound.remove(&xfer) {
                     if let Some(t) = read.on_done.transfer() {
                         t.finish_part(Err(err));
@@ -583,13 +740,17 @@ impl Connection {
                 Ok(())
             }
             Control::Done { xfer, len } => {
-                if let Some((t, expected)) = st.inline_writes.remove(&xfer) {
-                    if len != expected {
+                if let Some(op) = st.inline_ops.get(&xfer) {
+                    if len != op.len {
+                        // Left in `inline_ops`, so failing the connection fails the part too.
                         return Err(Error::backend(format!(
-                            "protocol violation: Done for inline write {xfer} reports {len} bytes, expected {expected}"
+                            "protocol violation: Done for inline op {xfer} reports {len} bytes, expected {}",
+                            op.len
                         )));
                     }
-                    t.finish_part(Ok(len));
+                    let op = st.inline_ops.remove(&xfer).expect("checked above");
+                    st.inline_send_backlog -= op.backlog;
+                    op.transfer.finish_part(Ok(len));
                     return Ok(());
                 }
                 let flow = st.awaiting_done.remove(&xfer).ok_or_else(|| unknown_op("Done", xfer))?;
@@ -679,12 +840,14 @@ impl Connection {
         let _ = self.control.shutdown(Shutdown::Both);
         let mut failed: Vec<Arc<Transfer>> = Vec::new();
         failed.extend(st.awaiting_grant.drain().map(|(_, o)| o.transfer));
-        failed.extend(st.inline_writes.drain().map(|(_, (t, _))| t));
+        failed.extend(st.inline_ops.drain().map(|(_, op)| op.transfer));
+        st.inline_send_backlog = 0;
         failed.extend(st.inbound.drain().filter_map(|(_, i)| i.on_done.transfer().cloned()));
         failed.extend(st.posted_recvs.drain(..).map(|r| r.transfer));
         failed.extend(st.flows.drain().filter_map(|(_, f)| f.on_done.transfer().cloned()));
         st.awaiting_done.clear();
         st.announces.clear();
+        st.announced_inline = 0;
         for t in failed {
             t.finish_part(Err(err.clone()));
         }
@@ -708,7 +871,7 @@ impl ConnState {
     fn waits_on_peer(&self) -> bool {
         !self.flows.is_empty()
             || !self.awaiting_done.is_empty()
-            || !self.inline_writes.is_empty()
+            || !self.inline_ops.is_empty()
             || !self.inbound.is_empty()
             || self.awaiting_grant.values().any(|o| o.prompt)
     }
@@ -723,31 +886,24 @@ fn unknown_op(what: &str, id: u64) -> Error {
     Error::backend(format!("protocol violation: {what} for unknown id {id}"))
 }
 
-fn read_control(stream: TcpStream, conn: std::sync::Weak<Connection>) {
-    let mut reader = BufReader::with_capacity(64 << 10, stream);
-    let mut body = Vec::new();
+/// The reader thread: waits for the stream to have something, then reads it (after a waiting
+/// caller that holds the stream let go of it).
+fn read_control(rx: &ControlRx, conn: std::sync::Weak<Connection>) {
     loop {
-        let msg = read_frame(&mut reader, &mut body);
+        // Bounded so that a connection dropped without a close still lets this thread go.
+        let ready = rx.wait_ready(Duration::from_millis(100));
         let Some(conn) = conn.upgrade() else { return };
-        let mut st = conn.state.lock();
-        if st.failure.is_some() {
-            // The channels are gone; nothing the peer says can be acted on any more.
-            return;
-        }
-        st.last_heard = Instant::now();
-        let outcome = msg.and_then(|m| conn.handle(&mut st, m));
-        if let Err(e) = outcome {
-            if !conn.is_closed() {
-                conn.fail(&mut st, e);
+        if !ready {
+            if conn.state.lock().failure.is_some() {
+                return;
             }
+            continue;
+        }
+        let open = conn.pump(&mut rx.lock());
+        if !open {
             return;
         }
     }
-}
-
-fn read_frame(reader: &mut impl Read, body: &mut Vec<u8>) -> Result<Control> {
-    let header = read_raw_frame(reader, body, "control stream")?;
-    Ok(Control::decode(&header, body)?)
 }
 
 /// Reads one frame's header and body into `body`; shared by the handshake and the control reader.

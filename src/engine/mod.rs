@@ -3,6 +3,7 @@
 
 mod channel;
 mod conn;
+mod control_rx;
 mod handshake;
 pub mod notify;
 mod progress;

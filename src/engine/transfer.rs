@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
@@ -16,6 +16,9 @@ pub struct Transfer {
     conn: u64,
     state: Mutex<Progress>,
     finished: Condvar,
+    /// Every part completes with a message on the control stream (inline transfers), so a waiting
+    /// caller may read that stream itself.
+    on_control: AtomicBool,
 }
 
 struct Progress {
@@ -38,6 +41,18 @@ impl Transfer {
         if p.remaining == 0 {
             self.finished.notify_all();
         }
+    }
+
+    pub fn set_completes_on_control(&self) {
+        self.on_control.store(true, Ordering::Relaxed);
+    }
+
+    pub fn completes_on_control(&self) -> bool {
+        self.on_control.load(Ordering::Relaxed)
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.state.lock().remaining == 0
     }
 
     /// `None` while parts are outstanding, else the byte count or the first error.
@@ -69,6 +84,7 @@ impl TransferTable {
             conn,
             state: Mutex::new(Progress { remaining: parts, bytes: 0, error: None }),
             finished: Condvar::new(),
+            on_control: AtomicBool::new(false),
         });
         self.live.lock().insert(id, t.clone());
         t
@@ -93,12 +109,16 @@ impl TransferTable {
         outcome.transpose()
     }
 
+    pub fn get(&self, conn: u64, id: u64) -> Result<Arc<Transfer>> {
+        match self.live.lock().get(&id) {
+            Some(t) if t.conn == conn => Ok(t.clone()),
+            _ => Err(unknown(id)),
+        }
+    }
+
     /// Blocks until the transfer finished (the connection failing finishes it too), then polls it.
     pub fn wait(&self, conn: u64, id: u64) -> Result<u64> {
-        let t = match self.live.lock().get(&id) {
-            Some(t) if t.conn == conn => t.clone(),
-            _ => return Err(unknown(id)),
-        };
+        let t = self.get(conn, id)?;
         while !t.wait(Duration::from_millis(100)) {}
         self.poll(conn, id)?.ok_or_else(|| Error::backend("transfer finished but has no outcome"))
     }

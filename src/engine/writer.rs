@@ -48,6 +48,11 @@ impl ControlWriter {
     }
 
     pub fn send(&self, msg: &Control) -> Result<()> {
+        self.send_all(std::slice::from_ref(msg))
+    }
+
+    /// Queues `msgs` in order, back to back (one socket write when nothing is queued ahead).
+    pub fn send_all(&self, msgs: &[Control]) -> Result<()> {
         let mut p = self.shared.pending.lock();
         if let Some(e) = &p.error {
             return Err(e.clone());
@@ -56,7 +61,9 @@ impl ControlWriter {
             return Err(Error::new(crate::error::UcclStatus::ErrCanceled, "the connection is closing"));
         }
         let idle = p.bytes.is_empty() && !p.writing;
-        msg.encode(&mut p.bytes);
+        for msg in msgs {
+            msg.encode(&mut p.bytes);
+        }
         if idle {
             // Nothing queued ahead of us: try the socket directly and save the writer thread's wake-up
             // (most of a small message's latency). Non-blocking, so a full send buffer (a peer not

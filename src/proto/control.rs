@@ -72,6 +72,12 @@ pub enum Control {
         xfer: u64,
         payload: Vec<u8>,
     },
+    /// A two-sided message small enough to carry its payload; matched like a SendAnnounce and
+    /// answered with Done or Deny.
+    InlineSend {
+        xfer: u64,
+        payload: Vec<u8>,
+    },
 }
 
 const HANDSHAKE_AFTER_SETUP: ProtoError =
@@ -130,6 +136,7 @@ impl Control {
             Self::InlineWrite { .. } => kind::INLINE_WRITE,
             Self::ReadSmall { .. } => kind::READ_SMALL,
             Self::ReadData { .. } => kind::READ_DATA,
+            Self::InlineSend { .. } => kind::INLINE_SEND,
         }
     }
 
@@ -161,7 +168,7 @@ impl Control {
                 }
                 w.bytes32(payload);
             }
-            Self::ReadData { xfer, payload } => {
+            Self::ReadData { xfer, payload } | Self::InlineSend { xfer, payload } => {
                 w.u64(*xfer);
                 w.bytes32(payload);
             }
@@ -225,6 +232,9 @@ impl Control {
             kind::READ_DATA => {
                 Self::ReadData { xfer: r.u64()?, payload: r.bytes32(MAX_INLINE_LEN, "inline payload")?.to_vec() }
             }
+            kind::INLINE_SEND => {
+                Self::InlineSend { xfer: r.u64()?, payload: r.bytes32(MAX_INLINE_LEN, "inline payload")?.to_vec() }
+            }
             other => return Err(ProtoError::UnknownKind(other)),
         };
         Ok(msg)
@@ -242,7 +252,7 @@ impl Control {
                 .map_err(|_| {
                     ProtoError::Invalid("a ReadSmall must ask for 1 to MAX_INLINE_LEN bytes of a valid range")
                 }),
-            Self::ReadData { payload, .. } => {
+            Self::ReadData { payload, .. } | Self::InlineSend { payload, .. } => {
                 nonzero_len(payload.len() as u64)?;
                 check_len(payload.len(), MAX_INLINE_LEN, "inline payload")
             }
@@ -302,13 +312,18 @@ mod tests {
             Control::InlineWrite { xfer: 17, region: 1, token: 2, addr: 3, payload: vec![0x5a; MAX_INLINE_LEN] },
             Control::ReadSmall { xfer: 18, region: 19, token: 20, addr: 0x2000, len: MAX_INLINE_LEN as u64 },
             Control::ReadData { xfer: 21, payload: vec![1, 2, 3] },
+            Control::InlineSend { xfer: 22, payload: vec![9; MAX_INLINE_LEN] },
         ]
     }
 
     fn variable_size(msg: &Control) -> bool {
         matches!(
             msg,
-            Control::Deny { .. } | Control::Notify { .. } | Control::InlineWrite { .. } | Control::ReadData { .. }
+            Control::Deny { .. }
+                | Control::Notify { .. }
+                | Control::InlineWrite { .. }
+                | Control::ReadData { .. }
+                | Control::InlineSend { .. }
         )
     }
 
@@ -529,7 +544,7 @@ mod tests {
             assert_eq!(Control::decode(&header, &[]), Err(HANDSHAKE_AFTER_SETUP));
         }
         assert_eq!(decode_raw(0, &[]), Err(ProtoError::UnknownKind(0)));
-        assert_eq!(decode_raw(28, &[]), Err(ProtoError::UnknownKind(28)));
+        assert_eq!(decode_raw(29, &[]), Err(ProtoError::UnknownKind(29)));
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub mod kind {
     pub(crate) const INLINE_WRITE: u8 = 25;
     pub(crate) const READ_SMALL: u8 = 26;
     pub(crate) const READ_DATA: u8 = 27;
+    pub(crate) const INLINE_SEND: u8 = 28;
 }
 
 #[derive(Clone, Copy)]
@@ -55,6 +56,7 @@ fn body_spec(kind: u8) -> Option<(&'static str, BodySize)> {
         kind::INLINE_WRITE => ("InlineWrite body", UpTo(32 + 4 + MAX_INLINE_LEN)),
         kind::READ_SMALL => ("ReadSmall body", Exactly(40)),
         kind::READ_DATA => ("ReadData body", UpTo(8 + 4 + MAX_INLINE_LEN)),
+        kind::INLINE_SEND => ("InlineSend body", UpTo(8 + 4 + MAX_INLINE_LEN)),
         _ => return None,
     };
     Some(spec)
@@ -162,7 +164,7 @@ mod tests {
     use super::*;
     use crate::proto::testutil::XorShift;
 
-    const KNOWN: [u8; 15] = [
+    const KNOWN: [u8; 16] = [
         kind::HELLO,
         kind::WELCOME,
         kind::REFUSE,
@@ -178,6 +180,7 @@ mod tests {
         kind::INLINE_WRITE,
         kind::READ_SMALL,
         kind::READ_DATA,
+        kind::INLINE_SEND,
     ];
 
     fn raw(magic: u16, kind: u8, flags: u8, body_len: u32) -> [u8; 8] {
@@ -221,6 +224,7 @@ mod tests {
         assert_eq!(max_body_len(kind::INLINE_WRITE), Some(36 + 8192));
         assert_eq!(max_body_len(kind::READ_SMALL), Some(40));
         assert_eq!(max_body_len(kind::READ_DATA), Some(12 + 8192));
+        assert_eq!(max_body_len(kind::INLINE_SEND), Some(12 + 8192));
     }
 
     #[test]

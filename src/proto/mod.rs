@@ -11,7 +11,7 @@ pub mod frame;
 pub mod handshake;
 mod wire;
 
-pub use control::Control;
+pub use control::{Control, decode_frame};
 pub use fifo::{Capability, FifoItem};
 pub(crate) use frame::FRAME_HEADER_LEN;
 pub use frame::FrameHeader;
@@ -19,14 +19,17 @@ pub use handshake::{ChannelHello, Handshake, Hello, Refuse, Welcome};
 
 /// Protocol magic, the first field of Hello, Welcome and Refuse bodies.
 pub(crate) const MAGIC: u32 = 0x5854_4355;
-pub(crate) const PROTOCOL_VERSION: u16 = 2;
+pub(crate) const PROTOCOL_VERSION: u16 = 3;
 pub(crate) const NET_HANDLE_SIZE: usize = 128;
 /// Notification name bytes, NUL terminator excluded.
 pub(crate) const MAX_NAME_LEN: usize = 255;
 pub(crate) const MAX_NOTIFY_MSG_LEN: usize = 64 << 20;
 pub(crate) const MAX_REASON_LEN: usize = 1024;
-/// One-sided transfers up to this size travel on the control stream (one round trip, no channel).
+/// Transfers up to this size travel on the control stream (one round trip, no channel).
 pub(crate) const MAX_INLINE_LEN: usize = 8192;
+/// Inline-send payload bytes a sender may have unacknowledged; the receiver buffers at most this
+/// much for sends that arrive before their receives.
+pub(crate) const MAX_INLINE_SEND_BACKLOG: u64 = 4 << 20;
 /// Limit for the `gpu_id` and `requested_gpu` strings.
 pub(crate) const MAX_ID_LEN: usize = 64;
 pub(crate) const MAX_TRANSPORT_NAME_LEN: usize = 32;
