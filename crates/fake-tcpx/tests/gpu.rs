@@ -60,7 +60,13 @@ fn round_up(n: usize) -> usize {
 
 #[test]
 fn gpu_mode_transfer() {
-    transfer_in_gpu_mode("gpu_mode_transfer", "batch");
+    transfer_in_gpu_mode("gpu_mode_transfer", "kernel");
+}
+
+/// The same with the receive's copies as one cuMemcpyBatchAsync.
+#[test]
+fn gpu_mode_transfer_batching_copies() {
+    transfer_in_gpu_mode("gpu_mode_transfer_batching_copies", "batch");
 }
 
 /// The same with one copy per run of fragments instead of one batch per receive.

@@ -218,11 +218,12 @@ UNPACK_DEFINE_INLINE(unpack_inline_large, UNPACK_INLINE_LARGE)
 // One launch that stays on the GPU and takes batches from a ring the host fills in mapped pinned
 // memory, so a batch costs no launch and no event. Protocol (resident.rs holds the host side):
 //
-// - The host plans batch `seq` into slot seq % slots (tiles in that slot's mapped buffer), stores
-//   its tile count in counts[slot], then releases the doorbell word = seq.
-// - Block 0, thread 0 polls the doorbell (one PCIe read per poll) for the next seq, reads its count
-//   and publishes both to the other blocks in device memory (go[slot] = seq << 24 | count + 1);
-//   they poll that, which stays on the GPU.
+// - The host plans batch `seq` into slot seq % slots (tiles in that slot's mapped buffer), then
+//   releases that slot's doorbell word = seq << 24 | count + 1 (one word, so one PCIe read tells
+//   the kernel both; 0 never matches).
+// - Block 0, thread 0 polls the doorbell of the next seq's slot (relaxed loads, one PCIe read
+//   each; one system-scope fence after a hit), then publishes the same word to the other blocks in
+//   device memory (go[slot]); they poll that, which stays on the GPU.
 // - Every block copies its share of the tiles (warp w of the grid: tiles w, w + W, ...) and counts
 //   itself in done[slot]; the last block of a batch resets that counter and, after a system-scope
 //   fence, writes seq to completed[slot] in host memory. Blocks may be batches apart, so each
@@ -233,16 +234,15 @@ UNPACK_DEFINE_INLINE(unpack_inline_large, UNPACK_INLINE_LARGE)
 //   that seq when work arrives. Leaving when idle bounds how long device-wide synchronisations
 //   elsewhere in the process (cuMemFree, cuCtxSynchronize) can wait for this kernel.
 //
-// Host words (u64): [0] doorbell, [1] stop (host-written); [8] exit epoch, [9] exit seq;
-// [16 + slot] counts (host-written); [48 + slot] completed. Device words (u64, zeroed before each
-// launch): [0] leave; [8 + slot] go; [40 + slot] done.
+// Host words (u64): [1] stop (host-written); [8] exit epoch, [9] exit seq; [16 + slot] doorbells
+// (host-written); [48 + slot] completed. Device words (u64, zeroed before each launch): [0] leave;
+// [8 + slot] go; [40 + slot] done.
 
 #define UNPACK_MAX_SLOTS 32
-#define UNPACK_HOST_DOORBELL 0
 #define UNPACK_HOST_STOP 1
 #define UNPACK_HOST_EXIT_EPOCH 8
 #define UNPACK_HOST_EXIT_SEQ 9
-#define UNPACK_HOST_COUNTS 16
+#define UNPACK_HOST_DOORBELLS 16
 #define UNPACK_HOST_COMPLETED 48
 #define UNPACK_DEV_LEAVE 0
 #define UNPACK_DEV_GO 8
@@ -260,12 +260,6 @@ struct ResidentParams {
     u64 slot_tiles[UNPACK_MAX_SLOTS];  // device addresses of each slot's mapped tile buffer
 };
 
-__device__ __forceinline__ u64 ld_acquire_sys(u64 addr) {
-    u64 v;
-    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(addr) : "memory");
-    return v;
-}
-
 __device__ __forceinline__ u64 ld_acquire_gpu(u64 addr) {
     u64 v;
     asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(addr) : "memory");
@@ -276,6 +270,10 @@ __device__ __forceinline__ u64 ld_relaxed_sys(u64 addr) {
     u64 v;
     asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(addr) : "memory");
     return v;
+}
+
+__device__ __forceinline__ void st_release_gpu(u64 addr, u64 v) {
+    asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(addr), "l"(v) : "memory");
 }
 
 __device__ __forceinline__ void st_release_sys(u64 addr, u64 v) {
@@ -299,34 +297,42 @@ __device__ __forceinline__ Tile load_tile_volatile(u64 addr) {
     return t;
 }
 
+// Whether a doorbell or go word announces batch `seq`; its count then is (word & mask) - 1.
+__device__ __forceinline__ bool announces(u64 word, u64 seq) {
+    const u64 mask = (1ull << UNPACK_COUNT_BITS) - 1;
+    return (word & mask) != 0 && (word >> UNPACK_COUNT_BITS) == (seq & (~0ull >> UNPACK_COUNT_BITS));
+}
+
 // Block 0, thread 0: waits for batch `seq`; returns its count, or -1 to leave.
 __device__ long long resident_wait_host(const ResidentParams& p, u64 seq) {
+    const u32 slot = (u32)(seq % p.slots);
     const u64 start = global_ns();
+    u64 word;
     for (;;) {
-        if (ld_acquire_sys(p.host + 8 * UNPACK_HOST_DOORBELL) >= seq) break;
+        word = ld_relaxed_sys(p.host + 8 * (UNPACK_HOST_DOORBELLS + slot));
+        if (announces(word, seq)) break;
         if (ld_relaxed_sys(p.host + 8 * UNPACK_HOST_STOP) != 0 || global_ns() - start > p.idle_ns) {
             st_relaxed_sys(p.host + 8 * UNPACK_HOST_EXIT_SEQ, seq);
             st_release_sys(p.host + 8 * UNPACK_HOST_EXIT_EPOCH, p.epoch);
-            st_release_sys(p.dev + 8 * UNPACK_DEV_LEAVE, 1);
+            st_release_gpu(p.dev + 8 * UNPACK_DEV_LEAVE, 1);
             return -1;
         }
     }
-    const u32 slot = (u32)(seq % p.slots);
-    const u64 count = ld_relaxed_sys(p.host + 8 * (UNPACK_HOST_COUNTS + slot));
-    st_release_sys(p.dev + 8 * (UNPACK_DEV_GO + slot), seq << UNPACK_COUNT_BITS | (count + 1));
-    return (long long)count;
+    // Acquire: the host's tile stores, released by the doorbell, are seen by this block and,
+    // through the go word's release, by every other block.
+    __threadfence_system();
+    st_release_gpu(p.dev + 8 * (UNPACK_DEV_GO + slot), word);
+    return (long long)((word & ((1ull << UNPACK_COUNT_BITS) - 1)) - 1);
 }
 
 // Other blocks, thread 0: the same answer, from device memory.
 __device__ long long resident_wait_device(const ResidentParams& p, u64 seq) {
     const u32 slot = (u32)(seq % p.slots);
-    const u64 mask = (1ull << UNPACK_COUNT_BITS) - 1;
     for (;;) {
         // `leave` first: once it is seen, every go word published before it is visible too.
         const u64 leave = ld_acquire_gpu(p.dev + 8 * UNPACK_DEV_LEAVE);
         const u64 go = ld_acquire_gpu(p.dev + 8 * (UNPACK_DEV_GO + slot));
-        if ((go & mask) != 0 && (go >> UNPACK_COUNT_BITS) == (seq & (~0ull >> UNPACK_COUNT_BITS)))
-            return (long long)((go & mask) - 1);
+        if (announces(go, seq)) return (long long)((go & ((1ull << UNPACK_COUNT_BITS) - 1)) - 1);
         if (leave != 0) return -1;
         __nanosleep(64);
     }
@@ -360,7 +366,7 @@ extern "C" __global__ void unpack_resident(const __grid_constant__ ResidentParam
                 // The slot's next batch cannot be published before the host sees this one complete.
                 *done = 0;
                 __threadfence_system();
-                st_release_sys(p.host + 8 * (UNPACK_HOST_COMPLETED + slot), seq);
+                st_relaxed_sys(p.host + 8 * (UNPACK_HOST_COMPLETED + slot), seq);
             }
         }
     }

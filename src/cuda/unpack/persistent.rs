@@ -17,17 +17,15 @@ use super::memory::{DeviceBytes, MappedWords, driver_error};
 use crate::error::{Error, Result};
 
 // Word indices; they mirror the UNPACK_HOST_* / UNPACK_DEV_* definitions in kernel.cu.
-const HOST_DOORBELL: usize = 0;
 const HOST_STOP: usize = 1;
 const HOST_EXIT_EPOCH: usize = 8;
 const HOST_EXIT_SEQ: usize = 9;
-const HOST_COUNTS: usize = 16;
+const HOST_DOORBELLS: usize = 16;
 const HOST_COMPLETED: usize = 48;
 const HOST_WORDS: usize = HOST_COMPLETED + RESIDENT_MAX_SLOTS;
 const DEV_WORDS: usize = 40 + RESIDENT_MAX_SLOTS;
 
-/// A batch's tile count shares a 64-bit word with its sequence number on the GPU (24 bits, the
-/// all-ones value reserved).
+/// A batch's tile count + 1 shares its doorbell word with its sequence number (24 bits).
 pub const MAX_TILES_PER_BATCH: usize = (1 << 24) - 2;
 
 /// Threads per block of the resident kernel: eight warps, one tile each per round.
@@ -46,7 +44,7 @@ pub(super) struct Resident {
     blocks: u32,
     /// Launch number of the kernel started last; 0 before the first start.
     epoch: u64,
-    /// Highest sequence number published.
+    /// Highest sequence number published (`first_seq - 1` before the first).
     posted: u64,
     idle_polls: u32,
 }
@@ -83,7 +81,8 @@ impl Resident {
             ..ResidentParams::default()
         };
         params.slot_tiles[..slot_tiles.len()].copy_from_slice(slot_tiles);
-        Ok(Resident { host, dev, kernels, stream, params, blocks, epoch: 0, posted: 0, idle_polls: 0 })
+        let posted = u64::from(params.slots) - 1;
+        Ok(Resident { host, dev, kernels, stream, params, blocks, epoch: 0, posted, idle_polls: 0 })
     }
 
     /// The sequence number of the first batch (slot 0).
@@ -94,11 +93,10 @@ impl Resident {
     /// Publishes batch `seq` (the next one) of `count` tiles, already written to its slot's
     /// buffer, and makes sure a kernel runs to take it.
     pub(super) fn post(&mut self, seq: u64, count: usize) -> Result<()> {
-        debug_assert!(seq == self.posted.max(self.first_seq() - 1) + 1 && count <= MAX_TILES_PER_BATCH);
+        debug_assert!(seq == self.posted + 1 && count <= MAX_TILES_PER_BATCH);
         let slot = (seq % u64::from(self.params.slots)) as usize;
-        self.host.word(HOST_COUNTS + slot).store(count as u64, Ordering::Relaxed);
-        // Release: the tiles (plain stores) and the count are visible before the doorbell is.
-        self.host.word(HOST_DOORBELL).store(seq, Ordering::Release);
+        // Release: the tiles (plain stores) are visible before the doorbell is.
+        self.host.word(HOST_DOORBELLS + slot).store(seq << 24 | (count as u64 + 1), Ordering::Release);
         self.posted = seq;
         self.ensure_running()
     }

@@ -699,13 +699,17 @@ fn main() {
     let configs = [
         ("default (tiles in params)", UnpackerConfig::default()),
         ("persistent kernel", persistent_config),
+        ("persistent kernel, 64 blocks", UnpackerConfig { persistent_blocks: 64, ..persistent_config }),
         ("tiles copied", UnpackerConfig { inline_tiles: 0, bulk: BulkTiles::Copy, ..UnpackerConfig::default() }),
         ("tiles mapped", UnpackerConfig { inline_tiles: 0, bulk: BulkTiles::Mapped, ..UnpackerConfig::default() }),
     ];
     let mut medians = Vec::new();
+    // A receive without fragments: the completion round trip alone (an event with no kernel in
+    // launch mode; doorbell to completion word in persistent mode).
+    let nothing: &Vec<LoadMeta> = &Vec::new();
     for (path, config) in configs {
         let mut unpacker = check("unpacker", Unpacker::new(config));
-        for (what, metas) in [("128 shuffled pages", pages), ("misaligned fragments", odd)] {
+        for (what, metas) in [("128 shuffled pages", pages), ("misaligned fragments", odd), ("no fragments", nothing)] {
             let (total, issue) = one_at_a_time(
                 latency_iters,
                 &mut unpacker,
@@ -727,16 +731,23 @@ fn main() {
         }
     }
     println!();
-    println!("| 512 KiB receive, submit -> done (median / p90) | launch mode (default) | persistent mode |");
-    println!("|---|---|---|");
-    for what in ["128 shuffled pages", "misaligned fragments"] {
+    println!(
+        "| 512 KiB receive, submit -> done (median / p90) | launch mode (default) | persistent mode | persistent, 64 blocks |"
+    );
+    println!("|---|---|---|---|");
+    for what in ["128 shuffled pages", "misaligned fragments", "no fragments"] {
         let cell = |path: &str| {
             medians
                 .iter()
                 .find(|m| m.0 == path && m.1 == what)
                 .map_or("-".to_owned(), |m| format!("{:.1} / {:.1} us", m.2, m.3))
         };
-        println!("| {what} | {} | {} |", cell("default (tiles in params)"), cell("persistent kernel"));
+        println!(
+            "| {what} | {} | {} | {} |",
+            cell("default (tiles in params)"),
+            cell("persistent kernel"),
+            cell("persistent kernel, 64 blocks")
+        );
     }
     unsafe {
         let _ = result::event::destroy(done);
