@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use common::Rng;
 use cudarc::driver::{CudaContext, result, sys};
-use uccl_tcpx::cuda::unpack::{BulkTiles, ReceiveLayout, Submit, Unpacker, UnpackerConfig};
+use uccl_tcpx::cuda::unpack::{BulkTiles, ReceiveLayout, Submit, UnpackMode, Unpacker, UnpackerConfig};
 use uccl_tcpx::transport::plugin::abi::LoadMeta;
 
 const GUARD: u8 = 0xA5;
@@ -77,14 +77,20 @@ fn cpu_gather(pool: &[u8], dst: &mut [u8], r: &Receive) {
     }
 }
 
+fn persistent() -> UnpackerConfig {
+    UnpackerConfig { mode: UnpackMode::Persistent, ..UnpackerConfig::default() }
+}
+
 /// Every way tiles reach the kernel: in the parameters (up to the largest variant), copied to
-/// device memory, read through the host mapping.
-fn tile_paths() -> [UnpackerConfig; 3] {
+/// device memory, read through the host mapping by one launch per batch, or by the resident
+/// kernel.
+fn tile_paths() -> [UnpackerConfig; 4] {
     let base = UnpackerConfig::default();
     [
         UnpackerConfig { inline_tiles: usize::MAX, ..base },
         UnpackerConfig { inline_tiles: 0, bulk: BulkTiles::Copy, ..base },
         UnpackerConfig { inline_tiles: 0, bulk: BulkTiles::Mapped, ..base },
+        persistent(),
     ]
 }
 
@@ -251,24 +257,35 @@ fn destinations_at_the_very_end_of_a_region_leave_the_guard_untouched() {
             ],
         };
         cpu_gather(&pool.expected, &mut dst.expected, &receive);
-        let mut unpacker = Unpacker::new(UnpackerConfig::default()).expect("unpacker");
-        run(&mut unpacker, &pool, &dst, std::slice::from_ref(&receive));
-        dst.assert_matches(&format!("destination of {len} bytes, {guard} guard bytes"));
+        for config in [UnpackerConfig::default(), persistent()] {
+            let mut unpacker = Unpacker::new(config).expect("unpacker");
+            run(&mut unpacker, &pool, &dst, std::slice::from_ref(&receive));
+            dst.assert_matches(&format!("destination of {len} bytes, {guard} guard bytes, {:?}", config.mode));
+        }
     }
 }
 
 #[test]
 fn small_rings_force_device_tile_launches_full_rings_and_in_order_completion() {
     let Some(_ctx) = gpu() else { return };
+    for mode in [UnpackMode::Launch, UnpackMode::Persistent] {
+        small_rings(mode);
+    }
+}
+
+fn small_rings(mode: UnpackMode) {
     let mut rng = Rng(0x5eed_0004);
     let pool = Region::new(rng.bytes(32 << 20));
+    let mut dst = Region::guarded(48 * (512 << 10) + 64);
     let mut unpacker = Unpacker::new(UnpackerConfig {
         tiles_per_launch: 3000,
         launches_in_flight: 2,
         inline_tiles: 0,
+        mode,
         ..UnpackerConfig::default()
     })
     .expect("unpacker");
+    assert_eq!(unpacker.mode(), mode);
     assert!(unpacker.kernels().max_inline() >= 255, "{:?}", unpacker.kernels());
     // 512 KiB receives of shuffled whole pages: 128 tiles each, copied to the device tile buffer.
     let mut receives = Vec::new();
@@ -285,7 +302,6 @@ fn small_rings_force_device_tile_launches_full_rings_and_in_order_completion() {
         }
         receives.push(Receive { dst_at: i * (512 << 10), dst_len: 512 << 10, metas });
     }
-    let mut dst = Region::guarded(48 * (512 << 10) + 64);
     for r in &receives {
         cpu_gather(&pool.expected, &mut dst.expected, r);
     }
@@ -324,16 +340,22 @@ fn small_rings_force_device_tile_launches_full_rings_and_in_order_completion() {
     assert_eq!(unpacker.poll().unwrap(), 48);
     assert_eq!(tickets, (0..48).collect::<Vec<u64>>());
     assert!(!unpacker.launch().expect("nothing pending"), "an empty batch launches nothing");
-    dst.assert_matches("device tile batches");
+    dst.assert_matches(&format!("device tile batches, {mode:?}"));
 }
 
 #[test]
 fn invalid_and_empty_receives() {
     let Some(_ctx) = gpu() else { return };
+    for config in [UnpackerConfig::default(), persistent()] {
+        invalid_and_empty(config);
+    }
+}
+
+fn invalid_and_empty(config: UnpackerConfig) {
     let mut rng = Rng(0x5eed_0005);
     let pool = Region::new(rng.bytes(1 << 20));
     let mut dst = Region::guarded(3 * 4096 + 64);
-    let mut unpacker = Unpacker::new(UnpackerConfig::default()).expect("unpacker");
+    let mut unpacker = Unpacker::new(config).expect("unpacker");
     let layout = |at: usize, len: usize| ReceiveLayout {
         pool: pool.ptr,
         pool_len: pool.expected.len() as u64,
@@ -354,7 +376,43 @@ fn invalid_and_empty_receives() {
     assert_eq!(unsafe { unpacker.submit(&layout(0, 0), &[]) }.unwrap(), Submit::Queued(2));
     assert_eq!(unpacker.finish().unwrap(), 3);
     dst.expected[4096..8192].copy_from_slice(&pool.expected[4096 * 7 + 3..4096 * 8 + 3]);
-    dst.assert_matches("after rejected and empty receives");
+    dst.assert_matches(&format!("after rejected and empty receives, {:?}", config.mode));
+}
+
+/// The resident kernel leaves when idle and the next batch starts it again where it stopped; it
+/// holds only part of the GPU, so launches on other streams run while it waits; dropping the
+/// unpacker stops it. Each step is checked byte for byte.
+#[test]
+fn persistent_kernel_restarts_after_idling_and_leaves_room_for_other_streams() {
+    let Some(_ctx) = gpu() else { return };
+    let mut rng = Rng(0x5eed_0007);
+    let pool = Region::new(rng.bytes(8 << 20));
+    let rounds = 6;
+    let mut dst = Region::guarded(2 * rounds * (64 << 10) + 64);
+    let receives: Vec<Receive> =
+        (0..2 * rounds).map(|i| random_receive(&mut rng, pool.expected.len(), i * (64 << 10), 64 << 10)).collect();
+    for r in &receives {
+        cpu_gather(&pool.expected, &mut dst.expected, r);
+    }
+    // A resident kernel that idles out after 200 us, and one that stays for the whole test.
+    let mut short = Unpacker::new(UnpackerConfig { persistent_idle_us: 200, ..persistent() }).expect("unpacker");
+    let mut long = Unpacker::new(UnpackerConfig { persistent_idle_us: 60_000_000, ..persistent() }).expect("unpacker");
+    let mut launches = Unpacker::new(UnpackerConfig::default()).expect("unpacker");
+    for round in 0..rounds {
+        run(&mut short, &pool, &dst, &receives[2 * round..2 * round + 1]);
+        // Long enough for `short` to leave: the next round must start it again.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        // `long` stays resident from its first batch on; launch-mode kernels on another stream
+        // still run and finish meanwhile.
+        let other = if round % 2 == 0 { &mut long } else { &mut launches };
+        run(other, &pool, &dst, &receives[2 * round + 1..2 * round + 2]);
+    }
+    assert_eq!(short.persistent_starts(), rounds as u64, "the idle kernel left and was started again each round");
+    assert_eq!(long.persistent_starts(), 1, "the kernel with a long idle time stayed resident");
+    assert_eq!(short.completed(), rounds as u64);
+    dst.assert_matches("persistent kernels restarted after idling, next to launches");
+    drop(long);
+    drop(short);
 }
 
 #[test]

@@ -16,6 +16,18 @@ pub enum Mode {
     Gpu,
 }
 
+/// How GPU mode moves a received message from its pinned staging buffer into its pool pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuCopy {
+    /// One host-to-device copy of the whole message into device scratch memory, then one small
+    /// scatter kernel (compiled by NVRTC; without it, `Batch`).
+    Kernel,
+    /// One `cuMemcpyBatchAsync` per receive (CUDA 12.8+ drivers; older ones fall back to `Each`).
+    Batch,
+    /// One `cuMemcpyHtoDAsync` per run of contiguous fragments.
+    Each,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fragmentation {
     /// Whole 4 KiB fragments at page starts; partial ones only at chunk edges.
@@ -38,6 +50,7 @@ pub struct Config {
     pub devices: usize,
     pub ip: IpAddr,
     pub mode: Mode,
+    pub gpu_copy: GpuCopy,
     pub fragmentation: Fragmentation,
     pub seed: u64,
     pub pool_bytes: usize,
@@ -64,6 +77,12 @@ impl Config {
             Some("gpu") => Mode::Gpu,
             Some(v) => return Err(bad("FAKE_TCPX_MODE", v, "host or gpu")),
         };
+        let gpu_copy = match get("FAKE_TCPX_GPU_COPY").as_deref() {
+            None | Some("kernel") => GpuCopy::Kernel,
+            Some("batch") => GpuCopy::Batch,
+            Some("each") => GpuCopy::Each,
+            Some(v) => return Err(bad("FAKE_TCPX_GPU_COPY", v, "kernel, batch or each")),
+        };
         let fragmentation = match get("FAKE_TCPX_FRAGMENT").as_deref() {
             None | Some("page") => Fragmentation::Page,
             Some("random") => Fragmentation::Random,
@@ -81,6 +100,7 @@ impl Config {
             devices,
             ip,
             mode,
+            gpu_copy,
             fragmentation,
             seed,
             pool_bytes: pool_mb as usize * 1024 * 1024,
@@ -133,6 +153,7 @@ mod tests {
         let c = parse(&[]).unwrap();
         assert_eq!(c.devices, 2);
         assert_eq!(c.mode, Mode::Host);
+        assert_eq!(c.gpu_copy, GpuCopy::Kernel);
         assert_eq!(c.fragmentation, Fragmentation::Page);
         assert_eq!(c.pool_bytes, 64 << 20);
         assert_eq!(c.fault, Fault::None);
@@ -144,12 +165,15 @@ mod tests {
         assert_eq!(c.fault, Fault::Drop(3));
         assert_eq!(c.devices, 4);
         assert_eq!(c.seed, 16);
+        assert_eq!(parse(&[("FAKE_TCPX_GPU_COPY", "each")]).unwrap().gpu_copy, GpuCopy::Each);
+        assert_eq!(parse(&[("FAKE_TCPX_GPU_COPY", "batch")]).unwrap().gpu_copy, GpuCopy::Batch);
         assert_eq!(parse(&[("FAKE_TCPX_FAULT", "stall:0")]).unwrap().fault, Fault::Stall(0));
         for (k, v) in [
             ("FAKE_TCPX_NDEV", "0"),
             ("FAKE_TCPX_NDEV", "17"),
             ("FAKE_TCPX_MODE", "cpu"),
             ("FAKE_TCPX_FRAGMENT", "pages"),
+            ("FAKE_TCPX_GPU_COPY", "kernels"),
             ("FAKE_TCPX_POOL_MB", "4097"),
             ("FAKE_TCPX_FAULT", "drop"),
             ("FAKE_TCPX_FAULT", "hang:1"),

@@ -2,7 +2,10 @@
 //! device memory (`cuMemAlloc`), `netUnpackMeta` is mapped pinned host memory
 //! (`cuMemHostAlloc(DEVICEMAP | PORTABLE)`, cached, read by GPU kernels over PCIe). Received bytes
 //! are staged in pinned host memory and copied into their scattered pool pages before `test` can
-//! report the receive done. Sends from CUDA registrations are copied to the host first.
+//! report the receive done. By default the whole message goes to device scratch memory in one copy
+//! and a small kernel scatters it into the pages: one copy-engine operation per 4 KiB page (even
+//! batched with `cuMemcpyBatchAsync`) made GPU mode 8-10x slower than the staged path. Then one
+//! stream synchronisation. Sends from CUDA registrations are copied to the host first.
 //!
 //! Every CUDA call runs with the comm's context pushed on the calling thread and popped after, so
 //! the caller's current context is left as it was.
@@ -13,6 +16,7 @@ use cudarc::driver::result;
 use cudarc::driver::sys::{self, CUcontext, CUdevice, CUdeviceptr, CUstream};
 use uccl_tcpx::transport::plugin::abi::{LoadMeta, NetUnpackMeta, UnpackDeviceHandle};
 
+use crate::config::GpuCopy;
 use crate::fail::{Fail, Result};
 use crate::fragment::{MAX_FRAGMENTS, PAGE};
 use crate::memory::RxMemory;
@@ -109,12 +113,19 @@ pub struct GpuRx {
     pool_bytes: usize,
     handle: CUdeviceptr,
     staging: *mut c_void,
+    batch: Option<BatchCopy>,
+    scatter: Option<ScatterKernel>,
+    device: CUdevice,
+    /// Per receive: the merged copies, reused.
+    dsts: Vec<CUdeviceptr>,
+    srcs: Vec<CUdeviceptr>,
+    sizes: Vec<usize>,
 }
 
 // SAFETY: owned CUDA allocations, used under the comm's lock.
 unsafe impl Send for GpuRx {}
 
-pub fn rx_memory(pool_bytes: usize) -> Result<Box<dyn RxMemory>> {
+pub fn rx_memory(pool_bytes: usize, copy: GpuCopy) -> Result<Box<dyn RxMemory>> {
     let ctx = GpuContext::acquire()?;
     let mut rx = GpuRx {
         ctx,
@@ -124,6 +135,21 @@ pub fn rx_memory(pool_bytes: usize) -> Result<Box<dyn RxMemory>> {
         pool_bytes,
         handle: 0,
         staging: std::ptr::null_mut(),
+        scatter: None,
+        batch: match copy {
+            GpuCopy::Batch | GpuCopy::Kernel => {
+                let batch = BatchCopy::load();
+                if batch.is_none() {
+                    crate::log::info("the driver has no cuMemcpyBatchAsync: GPU mode copies fragment by fragment");
+                }
+                batch
+            }
+            GpuCopy::Each => None,
+        },
+        device: 0,
+        dsts: Vec::new(),
+        srcs: Vec::new(),
+        sizes: Vec::new(),
     };
     // On failure `rx` is dropped, freeing whatever was allocated so far.
     rx.ctx.with(|| {
@@ -131,6 +157,7 @@ pub fn rx_memory(pool_bytes: usize) -> Result<Box<dyn RxMemory>> {
         let meta_bytes = size_of::<NetUnpackMeta>();
         // SAFETY: out-pointers to locals/fields; sizes as documented.
         unsafe {
+            cuda("cuCtxGetDevice", sys::cuCtxGetDevice(&mut rx.device))?;
             cuda("cuStreamCreate", sys::cuStreamCreate(&mut rx.stream, 1 /* non-blocking */))?;
             cuda("cuMemHostAlloc(meta)", sys::cuMemHostAlloc(&mut rx.meta_host, meta_bytes, flags))?;
             std::ptr::write_bytes(rx.meta_host.cast::<u8>(), 0, meta_bytes);
@@ -157,6 +184,12 @@ pub fn rx_memory(pool_bytes: usize) -> Result<Box<dyn RxMemory>> {
                 sys::cuMemHostAlloc(&mut rx.staging, STAGING_BYTES, sys::CU_MEMHOSTALLOC_PORTABLE),
             )?;
         }
+        if copy == GpuCopy::Kernel {
+            match ScatterKernel::new() {
+                Ok(k) => rx.scatter = Some(k),
+                Err(e) => crate::log::info(&format!("{}: GPU mode copies with cuMemcpyBatchAsync", e.msg)),
+            }
+        }
         Ok(())
     })?;
     Ok(Box::new(rx))
@@ -179,18 +212,68 @@ impl RxMemory for GpuRx {
     }
 
     fn scatter(&mut self, frags: &[LoadMeta]) -> Result<()> {
-        let (staging, pool, pool_bytes, stream) = (self.staging.cast::<u8>(), self.pool, self.pool_bytes, self.stream);
-        self.ctx.with(|| {
-            for f in frags {
-                let (src, dst, len) = (f.dst_off as usize, f.src_off as usize, f.len as usize);
-                if src + len > STAGING_BYTES || dst + len > pool_bytes {
-                    return Err(Fail::internal(format!("fragment {f:?} outside staging or pool")));
+        let (staging, pool) = (self.staging as CUdeviceptr, self.pool);
+        self.dsts.clear();
+        self.srcs.clear();
+        self.sizes.clear();
+        for f in frags {
+            let (src, dst, len) = (f.dst_off as usize, f.src_off as usize, f.len as usize);
+            if src + len > STAGING_BYTES || dst + len > self.pool_bytes {
+                return Err(Fail::internal(format!("fragment {f:?} outside staging or pool")));
+            }
+            if len == 0 {
+                continue;
+            }
+            let (src, dst) = (staging + src as CUdeviceptr, pool + dst as CUdeviceptr);
+            match (self.dsts.last(), self.srcs.last(), self.sizes.last_mut()) {
+                (Some(&d), Some(&s), Some(n)) if d + *n as CUdeviceptr == dst && s + *n as CUdeviceptr == src => {
+                    *n += len;
                 }
-                // SAFETY: both ranges checked; staging is pinned, so the copy is truly asynchronous
-                // and completes before the synchronize below.
-                cuda("cuMemcpyHtoDAsync", unsafe {
-                    sys::cuMemcpyHtoDAsync_v2(pool + dst as CUdeviceptr, staging.add(src).cast(), len, stream)
-                })?;
+                _ => {
+                    self.dsts.push(dst);
+                    self.srcs.push(src);
+                    self.sizes.push(len);
+                }
+            }
+        }
+        if self.sizes.is_empty() {
+            return Ok(());
+        }
+        if let Some(kernel) = &mut self.scatter {
+            let (staging, stream) = (self.staging, self.stream);
+            let (dsts, srcs, sizes) = (&self.dsts, &self.srcs, &self.sizes);
+            return self.ctx.with(|| {
+                // SAFETY: every range was checked above; the context is current.
+                unsafe { kernel.scatter(staging, STAGING_BYTES, dsts, srcs, sizes, stream) }?;
+                // SAFETY: a stream created by this value.
+                cuda("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(stream) })
+            });
+        }
+        let (stream, device) = (self.stream, self.device);
+        let (dsts, srcs, sizes, batch) = (&mut self.dsts, &mut self.srcs, &mut self.sizes, &mut self.batch);
+        self.ctx.with(|| {
+            // SAFETY: every range was checked above; staging is pinned (host pointers are valid
+            // device addresses under unified addressing) and stays untouched until the synchronize
+            // below.
+            let batched = match batch {
+                Some(b) => match unsafe { b.copy(dsts, srcs, sizes, device, stream) } {
+                    Ok(()) => true,
+                    Err(e) => {
+                        // Copies are idempotent: whatever part of the batch was queued is redone.
+                        crate::log::warn(&format!("{}; copying fragment by fragment from now on", e.msg));
+                        *batch = None;
+                        false
+                    }
+                },
+                None => false,
+            };
+            if !batched {
+                for ((&dst, &src), &len) in dsts.iter().zip(srcs.iter()).zip(sizes.iter()) {
+                    // SAFETY: as above.
+                    cuda("cuMemcpyHtoDAsync", unsafe {
+                        sys::cuMemcpyHtoDAsync_v2(dst, src as *const c_void, len, stream)
+                    })?;
+                }
             }
             // SAFETY: a stream created by this value.
             cuda("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(stream) })
@@ -207,6 +290,7 @@ impl Drop for GpuRx {
                     let _ = sys::cuStreamSynchronize(self.stream);
                     let _ = sys::cuStreamDestroy_v2(self.stream);
                 }
+                drop(self.scatter.take());
                 if self.pool != 0 {
                     let _ = sys::cuMemFree_v2(self.pool);
                 }
@@ -222,5 +306,254 @@ impl Drop for GpuRx {
             }
             Ok(())
         });
+    }
+}
+
+/// `CUmemcpyAttributes` of cuda.h (CUDA 12.8+), declared here because the bindings' version of it
+/// for CUDA 13 is an opaque blob.
+#[repr(C)]
+struct MemcpyAttributes {
+    src_access_order: u32,
+    src_loc_type: u32,
+    src_loc_id: i32,
+    dst_loc_type: u32,
+    dst_loc_id: i32,
+    flags: u32,
+}
+
+const _: () = assert!(size_of::<MemcpyAttributes>() == 24);
+
+const SRC_ACCESS_ORDER_STREAM: u32 = 1;
+const LOCATION_DEVICE: u32 = 1;
+const LOCATION_HOST: u32 = 2;
+
+type BatchV2 = unsafe extern "C" fn(
+    *mut CUdeviceptr,
+    *mut CUdeviceptr,
+    *mut usize,
+    usize,
+    *mut MemcpyAttributes,
+    *mut usize,
+    usize,
+    CUstream,
+) -> sys::CUresult;
+type BatchV1 = unsafe extern "C" fn(
+    *mut CUdeviceptr,
+    *mut CUdeviceptr,
+    *mut usize,
+    usize,
+    *mut MemcpyAttributes,
+    *mut usize,
+    usize,
+    *mut usize,
+    CUstream,
+) -> sys::CUresult;
+
+/// `cuMemcpyBatchAsync` as the driver exports it: the CUDA 13 signature, else CUDA 12.8's (with a
+/// failure index), looked up once.
+#[derive(Clone, Copy)]
+enum BatchCopy {
+    V2(BatchV2),
+    V1(BatchV1),
+}
+
+impl BatchCopy {
+    fn load() -> Option<BatchCopy> {
+        // SAFETY: symbol lookups in the driver library (present: GPU mode initialised the driver);
+        // the types are cuda.h's prototypes of these entry points.
+        unsafe {
+            let lib = sys::culib();
+            if let Ok(f) = lib.get::<BatchV2>(b"cuMemcpyBatchAsync_v2") {
+                return Some(BatchCopy::V2(*f));
+            }
+            lib.get::<BatchV1>(b"cuMemcpyBatchAsync").ok().map(|f| BatchCopy::V1(*f))
+        }
+    }
+
+    /// Host-to-device copies `srcs[i] -> dsts[i]` of `sizes[i]` bytes, in stream order.
+    ///
+    /// # Safety
+    /// Every range is valid pinned host memory (source) and device memory (destination) until the
+    /// stream has finished them; the three slices are equally long; the context is current.
+    unsafe fn copy(
+        &self,
+        dsts: &mut [CUdeviceptr],
+        srcs: &mut [CUdeviceptr],
+        sizes: &mut [usize],
+        device: CUdevice,
+        stream: CUstream,
+    ) -> Result<()> {
+        let mut attrs = MemcpyAttributes {
+            src_access_order: SRC_ACCESS_ORDER_STREAM,
+            src_loc_type: LOCATION_HOST,
+            src_loc_id: 0,
+            dst_loc_type: LOCATION_DEVICE,
+            dst_loc_id: device,
+            flags: 0,
+        };
+        let mut first_index = 0usize;
+        let count = sizes.len();
+        let (d, s, n) = (dsts.as_mut_ptr(), srcs.as_mut_ptr(), sizes.as_mut_ptr());
+        // SAFETY: arrays of `count` entries, one attribute applying from index 0; the rest is the
+        // caller's contract.
+        let rc = unsafe {
+            match self {
+                BatchCopy::V2(f) => f(d, s, n, count, &mut attrs, &mut first_index, 1, stream),
+                BatchCopy::V1(f) => {
+                    let mut fail_index = usize::MAX;
+                    f(d, s, n, count, &mut attrs, &mut first_index, 1, &mut fail_index, stream)
+                }
+            }
+        };
+        cuda("cuMemcpyBatchAsync", rc)
+    }
+}
+
+const SCATTER_SOURCE: &str = r#"
+// Fragment i: frags[2i] = staging offset | length << 32, frags[2i + 1] = pool address.
+extern "C" __global__ void fake_scatter(const volatile unsigned long long* frags, unsigned int n,
+                                        const unsigned char* scratch) {
+    for (unsigned int f = blockIdx.x; f < n; f += gridDim.x) {
+        const unsigned long long a = frags[2 * f];
+        const unsigned char* s = scratch + (unsigned int)a;
+        unsigned char* d = (unsigned char*)frags[2 * f + 1];
+        const unsigned int len = (unsigned int)(a >> 32);
+        if ((((unsigned long long)s | (unsigned long long)d | len) & 15) == 0) {
+            for (unsigned int i = threadIdx.x; i < len / 16; i += blockDim.x) ((uint4*)d)[i] = ((const uint4*)s)[i];
+        } else {
+            for (unsigned int i = threadIdx.x; i < len; i += blockDim.x) d[i] = s[i];
+        }
+    }
+}
+"#;
+
+/// PTX of the scatter kernel, compiled once per process.
+fn scatter_ptx() -> std::result::Result<&'static str, String> {
+    static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
+    PTX.get_or_init(|| {
+        cudarc::nvrtc::compile_ptx(SCATTER_SOURCE).map(|p| p.to_src()).map_err(|e| format!("NVRTC: {e:?}"))
+    })
+    .as_ref()
+    .map(String::as_str)
+    .map_err(Clone::clone)
+}
+
+/// Device scratch for one message, a mapped fragment list and the loaded kernel, per receive comm.
+struct ScatterKernel {
+    module: sys::CUmodule,
+    function: sys::CUfunction,
+    scratch: CUdeviceptr,
+    frags: *mut u64,
+    frags_device: CUdeviceptr,
+}
+
+impl ScatterKernel {
+    /// In the comm's context (current).
+    fn new() -> Result<ScatterKernel> {
+        let ptx = std::ffi::CString::new(scatter_ptx().map_err(Fail::internal)?).expect("PTX has no NUL");
+        let mut k = ScatterKernel {
+            module: std::ptr::null_mut(),
+            function: std::ptr::null_mut(),
+            scratch: 0,
+            frags: std::ptr::null_mut(),
+            frags_device: 0,
+        };
+        // SAFETY: out-pointers to fields; sizes as documented; on failure Drop frees what was made.
+        unsafe {
+            cuda("cuModuleLoadData", sys::cuModuleLoadData(&mut k.module, ptx.as_ptr().cast()))?;
+            cuda("cuModuleGetFunction", sys::cuModuleGetFunction(&mut k.function, k.module, c"fake_scatter".as_ptr()))?;
+            cuda("cuMemAlloc(scratch)", sys::cuMemAlloc_v2(&mut k.scratch, STAGING_BYTES))?;
+            let mut host: *mut c_void = std::ptr::null_mut();
+            cuda(
+                "cuMemHostAlloc(fragments)",
+                sys::cuMemHostAlloc(&mut host, MAX_FRAGMENTS * 16, sys::CU_MEMHOSTALLOC_DEVICEMAP),
+            )?;
+            k.frags = host.cast();
+            cuda("cuMemHostGetDevicePointer", sys::cuMemHostGetDevicePointer_v2(&mut k.frags_device, host, 0))?;
+        }
+        Ok(k)
+    }
+
+    /// Copies staging[..used] to the scratch buffer, then each run `srcs[i]` (a staging address)
+    /// to `dsts[i]`.
+    ///
+    /// # Safety
+    /// Context current; every run lies in staging and in device memory; the caller synchronises the
+    /// stream before the next call or before staging is written again.
+    unsafe fn scatter(
+        &mut self,
+        staging: *mut c_void,
+        staging_len: usize,
+        dsts: &[CUdeviceptr],
+        srcs: &[CUdeviceptr],
+        sizes: &[usize],
+        stream: CUstream,
+    ) -> Result<()> {
+        let base = staging as CUdeviceptr;
+        let mut used = 0usize;
+        for (i, ((&dst, &src), &len)) in dsts.iter().zip(srcs).zip(sizes).enumerate() {
+            let from = (src - base) as usize;
+            used = used.max(from + len);
+            // SAFETY: i < runs <= fragments <= MAX_FRAGMENTS, the buffer's capacity.
+            unsafe {
+                self.frags.add(2 * i).write_volatile(from as u64 | (len as u64) << 32);
+                self.frags.add(2 * i + 1).write_volatile(dst);
+            }
+        }
+        debug_assert!(used <= staging_len && sizes.len() <= MAX_FRAGMENTS);
+        let n = sizes.len() as u32;
+        // SAFETY: staging is pinned and `used` bytes long; scratch holds STAGING_BYTES.
+        cuda("cuMemcpyHtoDAsync(scratch)", unsafe { sys::cuMemcpyHtoDAsync_v2(self.scratch, staging, used, stream) })?;
+        let (mut frags, mut count, mut scratch) = (self.frags_device, n, self.scratch);
+        let mut args: [*mut c_void; 3] = [(&raw mut frags).cast(), (&raw mut count).cast(), (&raw mut scratch).cast()];
+        // SAFETY: arguments match `fake_scatter`; the fragment list is written before the launch.
+        cuda("cuLaunchKernel(fake_scatter)", unsafe {
+            sys::cuLaunchKernel(
+                self.function,
+                n.min(1024),
+                1,
+                1,
+                256,
+                1,
+                1,
+                0,
+                stream,
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        })
+    }
+}
+
+impl Drop for ScatterKernel {
+    fn drop(&mut self) {
+        // SAFETY: frees only what new made (null/zero fields were never allocated); the owner
+        // synchronised its stream first and runs this with the context current.
+        unsafe {
+            if self.scratch != 0 {
+                let _ = sys::cuMemFree_v2(self.scratch);
+            }
+            if !self.frags.is_null() {
+                let _ = sys::cuMemFreeHost(self.frags.cast());
+            }
+            if !self.module.is_null() {
+                let _ = sys::cuModuleUnload(self.module);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The scatter kernel compiles wherever NVRTC is installed, GPU or not.
+    #[test]
+    fn scatter_kernel_compiles() {
+        // SAFETY: only dlopens candidate library names.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            println!("SKIPPED: no NVRTC");
+            return;
+        }
+        let ptx = super::scatter_ptx().unwrap();
+        assert!(ptx.contains(".entry fake_scatter"), "{ptx}");
     }
 }

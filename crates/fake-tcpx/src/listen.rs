@@ -44,7 +44,7 @@ impl FakeListen {
         let Some(inner) = self.inner.accept().map_err(closed)? else { return Ok(None) };
         let (mem, gpu): (Box<dyn RxMemory>, _) = match plugin.cfg.mode {
             Mode::Host => (Box::new(HostRx::new(plugin.cfg.pool_bytes)?), None),
-            Mode::Gpu => (gpu::rx_memory(plugin.cfg.pool_bytes)?, Some(GpuContext::acquire()?)),
+            Mode::Gpu => (gpu::rx_memory(plugin.cfg.pool_bytes, plugin.cfg.gpu_copy)?, Some(GpuContext::acquire()?)),
         };
         let comm = Arc::new(Mutex::new(FakeRecv::new(inner, mem, gpu, &plugin.cfg, self.seed)));
         let key = Arc::as_ptr(&comm) as usize;

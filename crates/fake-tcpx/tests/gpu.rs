@@ -60,12 +60,33 @@ fn round_up(n: usize) -> usize {
 
 #[test]
 fn gpu_mode_transfer() {
+    transfer_in_gpu_mode("gpu_mode_transfer", "kernel");
+}
+
+/// The same with the receive's copies as one cuMemcpyBatchAsync.
+#[test]
+fn gpu_mode_transfer_batching_copies() {
+    transfer_in_gpu_mode("gpu_mode_transfer_batching_copies", "batch");
+}
+
+/// The same with one copy per run of fragments instead of one batch per receive.
+#[test]
+fn gpu_mode_transfer_copying_each_fragment() {
+    transfer_in_gpu_mode("gpu_mode_transfer_copying_each_fragment", "each");
+}
+
+fn transfer_in_gpu_mode(name: &str, copy: &str) {
     if std::env::var(CHILD).is_err() && !uccl_tcpx::cuda::available() {
         println!("SKIPPED: no CUDA driver");
         return;
     }
-    let env = [("FAKE_TCPX_MODE", "gpu"), ("FAKE_TCPX_FRAGMENT", "random"), ("FAKE_TCPX_POOL_MB", "32")];
-    if common::spawn_in_child("gpu_mode_transfer", &env) {
+    let env = [
+        ("FAKE_TCPX_MODE", "gpu"),
+        ("FAKE_TCPX_FRAGMENT", "random"),
+        ("FAKE_TCPX_POOL_MB", "32"),
+        ("FAKE_TCPX_GPU_COPY", copy),
+    ];
+    if common::spawn_in_child(name, &env) {
         return;
     }
     uccl_tcpx::cuda::driver().expect("cuInit");
@@ -136,6 +157,9 @@ fn gpu_mode_transfer() {
         assert_eq!(p.consume(pair.recv, r), 0);
         assert_eq!(unsafe { p.t.dereg_mr.unwrap()(pair.send, smh) }, 0);
     }
+    // A batch copy the driver offers must have worked: a failed one falls back with a warning.
+    let warnings = common::take_warnings();
+    assert!(!warnings.iter().any(|w| w.contains("cuMemcpyBatchAsync")), "{warnings:?}");
 
     // In GPU mode a CUDA registration must be device memory.
     let host = common::Aligned::new(4096);

@@ -129,3 +129,78 @@ impl Drop for Event {
         let _ = unsafe { result::event::destroy(self.0) };
     }
 }
+
+/// Page-locked, device-mapped 64-bit words shared with a running kernel: the host and the GPU
+/// both read and write them, so every access goes through atomics.
+pub(super) struct MappedWords {
+    ptr: *mut u64,
+    len: usize,
+    device: sys::CUdeviceptr,
+}
+
+// SAFETY: plain memory owned by this value, accessed only through atomics.
+unsafe impl Send for MappedWords {}
+
+impl MappedWords {
+    pub(super) fn new(len: usize) -> Result<MappedWords> {
+        // SAFETY: a fresh allocation; zeroed below before any read.
+        let ptr = unsafe { result::malloc_host(len * size_of::<u64>(), sys::CU_MEMHOSTALLOC_DEVICEMAP) }
+            .map_err(|e| driver_error("mapped control words", e))?
+            .cast::<u64>();
+        let mut words = MappedWords { ptr, len, device: 0 };
+        // SAFETY: `len` writable, page-aligned words.
+        unsafe { std::ptr::write_bytes(ptr, 0, len) };
+        // SAFETY: allocated with DEVICEMAP in the current context.
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut words.device, ptr.cast(), 0) }
+            .result()
+            .map_err(|e| driver_error("map control words", e))?;
+        Ok(words)
+    }
+
+    pub(super) fn device_ptr(&self) -> sys::CUdeviceptr {
+        self.device
+    }
+
+    pub(super) fn word(&self, index: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!(index < self.len, "control word {index} of {}", self.len);
+        // SAFETY: in bounds, 8-byte aligned, live as long as self; shared with the GPU only through
+        // atomic accesses on this side.
+        unsafe { std::sync::atomic::AtomicU64::from_ptr(self.ptr.add(index)) }
+    }
+}
+
+impl Drop for MappedWords {
+    fn drop(&mut self) {
+        // SAFETY: allocated by malloc_host in new, freed once, after the kernel using it stopped.
+        let _ = unsafe { result::free_host(self.ptr.cast()) };
+    }
+}
+
+/// Device memory of `bytes` bytes, freed on drop.
+pub(super) struct DeviceBytes {
+    ptr: sys::CUdeviceptr,
+    bytes: usize,
+}
+
+impl DeviceBytes {
+    pub(super) fn new(bytes: usize) -> Result<DeviceBytes> {
+        // SAFETY: plain allocation in the current context.
+        let ptr = unsafe { result::malloc_sync(bytes.max(1)) }.map_err(|e| driver_error("device control words", e))?;
+        Ok(DeviceBytes { ptr, bytes })
+    }
+
+    pub(super) fn ptr(&self) -> sys::CUdeviceptr {
+        self.ptr
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for DeviceBytes {
+    fn drop(&mut self) {
+        // SAFETY: allocated in new, freed once, after the kernel using it stopped.
+        let _ = unsafe { result::free_sync(self.ptr) };
+    }
+}

@@ -18,6 +18,11 @@
 //! is reused only after its event completed, so neither buffer is overwritten while the GPU may
 //! read it.
 //!
+//! In [`UnpackMode::Persistent`] the same ring feeds one resident kernel instead (persistent.rs):
+//! a launch becomes a doorbell store to mapped host memory, and `poll` reads the per-slot
+//! completion words the kernel writes there instead of querying events. Tickets, batching and the
+//! in-order watermark are the same in both modes, so callers do not care which one runs.
+//!
 //! The defaults follow measurements on H200 (docs/PERFORMANCE.md): a parameter block costs GPU
 //! time roughly in proportion to its size (about +1 us for 128 tiles, +2 us for 1024, +3.6 us for
 //! the 32 KiB block), a mapped read costs about one PCIe round trip (+1 to +3 us) whatever the count, and a
@@ -30,6 +35,7 @@ use cudarc::driver::CudaStream;
 
 use super::kernels::{InlineTiles, UnpackKernels};
 use super::memory::{DeviceTiles, Event, PinnedTiles, driver_error};
+use super::persistent::{MAX_TILES_PER_BATCH, Resident};
 use super::plan::{PlanError, PlanStats, ReceiveLayout, plan_receive};
 use crate::error::{Error, Result};
 use crate::transport::plugin::abi::LoadMeta;
@@ -48,6 +54,25 @@ pub struct UnpackerConfig {
     pub inline_tiles: usize,
     /// How larger launches get their tiles. Default: mapped.
     pub bulk: BulkTiles,
+    /// One kernel launch per batch, or one resident kernel fed through mapped memory.
+    pub mode: UnpackMode,
+    /// Blocks of 256 threads the persistent kernel occupies (one warp copies one tile per round).
+    pub persistent_blocks: u32,
+    /// The persistent kernel leaves after this many microseconds without work and is started
+    /// again by the next batch, so device-wide synchronisations (`cuMemFree`, `cuCtxSynchronize`)
+    /// elsewhere in the process wait at most about this long for it.
+    pub persistent_idle_us: u64,
+}
+
+/// How batches reach the GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnpackMode {
+    /// One kernel launch and one event per batch (the default).
+    Launch,
+    /// One resident kernel per unpacker on its own stream, polling a doorbell in mapped host
+    /// memory and reporting completion there. Saves the launch and event costs per batch; while
+    /// it runs it holds `persistent_blocks` blocks of the GPU.
+    Persistent,
 }
 
 /// How the tiles of a launch too large for its parameters reach the kernel.
@@ -70,6 +95,9 @@ impl Default for UnpackerConfig {
             launches_in_flight: 8,
             inline_tiles: super::kernels::INLINE_SMALL,
             bulk: BulkTiles::Mapped,
+            mode: UnpackMode::Launch,
+            persistent_blocks: 16,
+            persistent_idle_us: 2000,
         }
     }
 }
@@ -87,8 +115,11 @@ struct Slot {
     host: PinnedTiles,
     /// Only for [`BulkTiles::Copy`].
     device: Option<DeviceTiles>,
-    event: Event,
-    /// Receives with tickets below this are finished once `event` completed.
+    /// Launch mode only.
+    event: Option<Event>,
+    /// Persistent mode: the batch's sequence number.
+    seq: u64,
+    /// Receives with tickets below this are finished once the slot's batch completed.
     finishes_below: u64,
 }
 
@@ -98,6 +129,10 @@ pub struct Unpacker {
     params: Box<InlineTiles>,
     stream: Arc<CudaStream>,
     kernels: Arc<UnpackKernels>,
+    /// Persistent mode only. Its kernel is stopped in `drop`, before any buffer it reads is freed.
+    persistent: Option<Resident>,
+    /// Persistent mode: sequence number of the next batch.
+    next_seq: u64,
     inline_tiles: usize,
     /// Slot of the open batch.
     next: usize,
@@ -131,6 +166,12 @@ impl Unpacker {
         if config.tiles_per_launch > u32::MAX as usize / 2 {
             return Err(Error::invalid(format!("unpack: tiles_per_launch {} is too large", config.tiles_per_launch)));
         }
+        if config.mode == UnpackMode::Persistent && config.tiles_per_launch > MAX_TILES_PER_BATCH {
+            return Err(Error::invalid(format!(
+                "unpack: tiles_per_launch {} is too large for the persistent kernel (at most {MAX_TILES_PER_BATCH})",
+                config.tiles_per_launch
+            )));
+        }
         let kernels = UnpackKernels::for_device(config.ordinal)?;
         let context = kernels.context().clone();
         context.bind_to_thread().map_err(|e| driver_error("bind context", e))?;
@@ -143,11 +184,31 @@ impl Unpacker {
                     BulkTiles::Copy => Some(DeviceTiles::new(config.tiles_per_launch)?),
                     BulkTiles::Mapped => None,
                 },
-                event: Event::new()?,
+                event: match config.mode {
+                    UnpackMode::Launch => Some(Event::new()?),
+                    UnpackMode::Persistent => None,
+                },
+                seq: 0,
                 finishes_below: 0,
             });
         }
+        let persistent = match config.mode {
+            UnpackMode::Launch => None,
+            UnpackMode::Persistent => {
+                let tiles: Vec<u64> = slots.iter().map(|s| s.host.device_ptr()).collect();
+                Some(Resident::new(
+                    kernels.clone(),
+                    stream.cu_stream(),
+                    &tiles,
+                    config.persistent_blocks,
+                    config.persistent_idle_us,
+                )?)
+            }
+        };
+        let next_seq = persistent.as_ref().map_or(0, Resident::first_seq);
         Ok(Unpacker {
+            persistent,
+            next_seq,
             slots,
             params: InlineTiles::boxed(),
             inline_tiles: config.inline_tiles.min(kernels.max_inline()),
@@ -165,6 +226,15 @@ impl Unpacker {
 
     pub fn kernels(&self) -> &Arc<UnpackKernels> {
         &self.kernels
+    }
+
+    /// How often the persistent kernel was started (it leaves when idle); 0 in launch mode.
+    pub fn persistent_starts(&self) -> u64 {
+        self.persistent.as_ref().map_or(0, Resident::starts)
+    }
+
+    pub fn mode(&self) -> UnpackMode {
+        if self.persistent.is_some() { UnpackMode::Persistent } else { UnpackMode::Launch }
     }
 
     /// Checks and plans one completed receive into the open batch, launching that batch first if
@@ -238,7 +308,8 @@ impl Unpacker {
         self.in_flight
     }
 
-    /// Launches the open batch (one kernel, or none for a batch of empty receives, then one event).
+    /// Launches the open batch (one kernel, or none for a batch of empty receives, then one event;
+    /// in persistent mode: publishes it to the resident kernel, starting that if needed).
     /// Returns false when nothing was pending. A failed launch leaves the unpacker failed: its
     /// receives' pages may be in any state and every later call returns the error.
     pub fn launch(&mut self) -> Result<bool> {
@@ -254,6 +325,16 @@ impl Unpacker {
     }
 
     fn launch_open(&mut self) -> Result<()> {
+        if let Some(persistent) = &mut self.persistent {
+            let slot = &mut self.slots[self.next];
+            let seq = self.next_seq;
+            // Plain stores to the slot's tiles are ordered before the doorbell by `post`.
+            persistent.post(seq, self.open_tiles)?;
+            slot.seq = seq;
+            self.next_seq += 1;
+            self.close_open();
+            return Ok(());
+        }
         self.kernels.context().bind_to_thread().map_err(|e| driver_error("bind context", e))?;
         let stream = self.stream.cu_stream();
         let slot = &mut self.slots[self.next];
@@ -281,13 +362,18 @@ impl Unpacker {
                 unsafe { self.kernels.launch_device_tiles(stream, slot.host.device_ptr(), tiles.len() as u32) }?;
             }
         }
-        slot.event.record(stream)?;
-        slot.finishes_below = self.submitted;
+        slot.event.as_ref().expect("launch mode has events").record(stream)?;
+        self.close_open();
+        Ok(())
+    }
+
+    /// The open batch was handed to the GPU: its slot is in flight, the next one opens.
+    fn close_open(&mut self) {
+        self.slots[self.next].finishes_below = self.submitted;
         self.in_flight += 1;
         self.next = (self.next + 1) % self.slots.len();
         self.open_tiles = 0;
         self.open_receives = 0;
-        Ok(())
     }
 
     /// Retires finished launches (oldest first, one event query each) and returns the completion
@@ -295,9 +381,12 @@ impl Unpacker {
     /// returned. Receives not yet launched are never reported finished.
     pub fn poll(&mut self) -> Result<u64> {
         self.check_failed()?;
+        if self.persistent.is_some() {
+            return self.poll_persistent();
+        }
         while self.in_flight > 0 {
             let oldest = (self.next + self.slots.len() - self.in_flight) % self.slots.len();
-            match self.slots[oldest].event.is_complete() {
+            match self.slots[oldest].event.as_ref().expect("launch mode has events").is_complete() {
                 Ok(true) => {
                     self.completed = self.slots[oldest].finishes_below;
                     self.in_flight -= 1;
@@ -308,6 +397,28 @@ impl Unpacker {
                     return Err(e);
                 }
             }
+        }
+        Ok(self.completed)
+    }
+
+    fn poll_persistent(&mut self) -> Result<u64> {
+        let persistent = self.persistent.as_mut().expect("persistent mode");
+        let before = self.in_flight;
+        while self.in_flight > 0 {
+            let oldest = (self.next + self.slots.len() - self.in_flight) % self.slots.len();
+            if !persistent.is_complete(self.slots[oldest].seq) {
+                break;
+            }
+            self.completed = self.slots[oldest].finishes_below;
+            self.in_flight -= 1;
+        }
+        if self.in_flight < before {
+            persistent.progressed();
+        } else if self.in_flight > 0
+            && let Err(e) = persistent.keep_alive()
+        {
+            self.failed = Some(e.clone());
+            return Err(e);
         }
         Ok(self.completed)
     }
@@ -327,9 +438,16 @@ impl Unpacker {
     /// for a progress loop.
     pub fn finish(&mut self) -> Result<u64> {
         self.launch()?;
+        if self.persistent.is_some() {
+            while self.in_flight > 0 {
+                self.poll()?;
+                std::hint::spin_loop();
+            }
+            return Ok(self.completed);
+        }
         if self.in_flight > 0 {
             let newest = (self.next + self.slots.len() - 1) % self.slots.len();
-            if let Err(e) = self.slots[newest].event.synchronize() {
+            if let Err(e) = self.slots[newest].event.as_ref().expect("launch mode has events").synchronize() {
                 self.failed = Some(e.clone());
                 return Err(e);
             }
@@ -355,6 +473,12 @@ impl Drop for Unpacker {
     fn drop(&mut self) {
         // The GPU may still read the tile buffers and write destinations: wait before freeing.
         let _ = self.kernels.context().bind_to_thread();
+        if let Some(persistent) = &mut self.persistent {
+            // The kernel takes every published batch before it sees the stop flag.
+            if let Err(e) = persistent.stop() {
+                log::warn!("stopping the persistent unpack kernel: {e}");
+            }
+        }
         let _ = self.stream.synchronize();
     }
 }

@@ -4,7 +4,10 @@
 //! kernel written from the description of NCCL's unpack (metadata read from mapped host memory,
 //! 16-byte elements when source and destination are aligned, else the largest common power of two,
 //! byte tail). Every kernel's output is checked against a CPU gather before it is timed. Then the
-//! latency a 512 KiB receive adds, from submit to its event completing, measured on the host.
+//! latency a 512 KiB receive adds, from submit to the unpacker reporting it done, measured on the
+//! host, in launch mode (one kernel + event per receive) and persistent mode (resident kernel,
+//! doorbell and completion word in mapped host memory) side by side, with anchors that split the
+//! launch-mode time into planning, launch and completion detection.
 //!
 //! Usage: unpack_bench [--reps N] [--latency-iters N]
 
@@ -15,8 +18,8 @@ use std::time::Instant;
 use cudarc::driver::{CudaContext, CudaFunction, result, sys};
 use cudarc::nvrtc;
 use uccl_tcpx::cuda::unpack::{
-    BulkTiles, InlineTiles, PlanError, ReceiveLayout, Submit, Tile, UnpackKernels, Unpacker, UnpackerConfig,
-    plan_receive,
+    BulkTiles, InlineTiles, PlanError, ReceiveLayout, Submit, Tile, UnpackKernels, UnpackMode, Unpacker,
+    UnpackerConfig, plan_receive,
 };
 use uccl_tcpx::transport::plugin::abi::LoadMeta;
 
@@ -279,6 +282,7 @@ struct Row {
     mapped: f64,
     reference: f64,
     unpacker: f64,
+    persistent: f64,
 }
 
 impl Bench {
@@ -356,7 +360,7 @@ impl Bench {
         });
     }
 
-    fn run(&mut self, s: &Scenario, unpacker: &mut Unpacker) -> Row {
+    fn run(&mut self, s: &Scenario, unpacker: &mut Unpacker, persistent: &mut Unpacker) -> Row {
         let reps = if s.bytes > (8 << 20) { self.reps / 4 } else { self.reps }.max(10);
         let tiles = self.plan(s);
         let n = tiles.len();
@@ -391,6 +395,11 @@ impl Bench {
         }
         check("finish", unpacker.finish());
         self.verify(s, "Unpacker");
+        for r in &s.receives {
+            submit(persistent, &self.layout(r.dst_at, CHUNK), &r.metas);
+        }
+        check("finish", persistent.finish());
+        self.verify(s, "Unpacker (persistent)");
 
         let stream = self.stream;
         let (dst, pool, bytes) = (self.dst.0, self.pool.0, s.bytes);
@@ -404,15 +413,19 @@ impl Bench {
         let reference = time_us(stream, reps, || self.launch_reference(flat.len()));
 
         // The whole host path per repetition (validate, merge, plan, launch), host wall clock.
-        let start = Instant::now();
-        for _ in 0..reps {
-            for r in &s.receives {
-                submit(unpacker, &self.layout(r.dst_at, CHUNK), &r.metas);
+        let host_path = |u: &mut Unpacker| {
+            let start = Instant::now();
+            for _ in 0..reps {
+                for r in &s.receives {
+                    submit(u, &self.layout(r.dst_at, CHUNK), &r.metas);
+                }
+                check("launch", u.launch());
             }
-            check("launch", unpacker.launch());
-        }
-        check("finish", unpacker.finish());
-        let unpacker_us = start.elapsed().as_secs_f64() * 1e6 / reps as f64;
+            check("finish", u.finish());
+            start.elapsed().as_secs_f64() * 1e6 / reps as f64
+        };
+        let unpacker_us = host_path(unpacker);
+        let persistent_us = host_path(persistent);
 
         Row {
             name: s.name,
@@ -426,6 +439,7 @@ impl Bench {
             mapped,
             reference,
             unpacker: unpacker_us,
+            persistent: persistent_us,
         }
     }
 }
@@ -556,7 +570,10 @@ fn main() {
         reps,
     };
     let mut unpacker = check("unpacker", Unpacker::new(UnpackerConfig::default()));
+    let persistent_config = UnpackerConfig { mode: UnpackMode::Persistent, ..UnpackerConfig::default() };
+    let mut persistent = check("unpacker", Unpacker::new(persistent_config));
     println!("Unpacker e2e uses {:?}", UnpackerConfig::default());
+    println!("persistent e2e uses {persistent_config:?}");
 
     let scenarios = [
         shuffled_pages("512 KiB, shuffled 4 KiB pages", 512 << 10, &mut rng),
@@ -565,18 +582,20 @@ fn main() {
         misaligned_fragments("4 MiB, misaligned 1-4 KiB fragments", 4 << 20, &mut rng),
         misaligned_fragments("32 MiB, misaligned 1-4 KiB fragments", 32 << 20, &mut rng),
     ];
-    let rows: Vec<Row> = scenarios.iter().map(|s| bench.run(s, &mut unpacker)).collect();
+    let rows: Vec<Row> = scenarios.iter().map(|s| bench.run(s, &mut unpacker, &mut persistent)).collect();
+    // Its kernel leaves when idle; dropped here so that nothing of it stays resident below.
+    drop(persistent);
     println!("every path verified byte for byte against a CPU gather before timing");
     println!();
     println!("GPU time per batch (CUDA events around back-to-back repetitions), and ratio memcpy time / our time:");
     println!(
-        "| case | frags | tiles | memcpy D2D | kernel, tiles resident | tiles in params | tiles copied H2D | tiles mapped | Unpacker e2e (host clock) | NCCL-style reference | resident vs reference |"
+        "| case | frags | tiles | memcpy D2D | kernel, tiles resident | tiles in params | tiles copied H2D | tiles mapped | Unpacker e2e (host clock) | persistent e2e (host clock) | NCCL-style reference | resident vs reference |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         let cell = |us: f64| format!("{us:.1} us ({:.2})", r.memcpy / us);
         println!(
-            "| {} | {} | {} | {:.1} us, {:.0} GB/s | {} | {} | {} | {} | {} | {:.1} us, {:.0} GB/s | {:.1}x |",
+            "| {} | {} | {} | {:.1} us, {:.0} GB/s | {} | {} | {} | {} | {} | {} | {:.1} us, {:.0} GB/s | {:.1}x |",
             r.name,
             r.fragments,
             r.tiles,
@@ -587,6 +606,7 @@ fn main() {
             cell(r.copied),
             cell(r.mapped),
             cell(r.unpacker),
+            cell(r.persistent),
             r.reference,
             gbps(r.bytes, r.reference),
             r.reference / r.resident,
@@ -629,6 +649,35 @@ fn main() {
     let pages = &scenarios[0].receives[0].metas;
     let odd = &scenarios[3].receives[0].metas;
     let layout = bench.layout(0, CHUNK);
+    // The default launch path without its host planning: 128 pre-planned tiles in the parameters,
+    // then an event; completion seen by spinning on cuEventQuery, or by cuEventSynchronize.
+    let mut preplanned = vec![Tile::default(); 4096];
+    let mut used = 0;
+    check("plan", plan_receive(&layout, pages, &mut preplanned, &mut used).map_err(|_| "plan"));
+    let mut params = InlineTiles::boxed();
+    params.count = used as u32;
+    params.tiles[..used].copy_from_slice(&preplanned[..used]);
+    let kernels = bench.kernels.clone();
+    let launch_preplanned = || {
+        check("launch", unsafe { kernels.launch_inline(stream, &params) });
+        check("record", unsafe { result::event::record(done, stream) });
+        0
+    };
+    let (query_spin, query_issue) =
+        one_at_a_time(latency_iters, &mut (), |_| launch_preplanned(), |_, _| event_done(done));
+    let (synchronized, _) = one_at_a_time(
+        latency_iters,
+        &mut (),
+        |_| launch_preplanned(),
+        |_, _| {
+            check("event sync", unsafe { result::event::synchronize(done) });
+            true
+        },
+    );
+    println!(
+        "latency anchors: 128 pre-planned tiles in params + event: cuEventQuery spin median {:.1} us (p90 {:.1}, host issue {query_issue:.1} us); cuEventSynchronize median {:.1} us (p90 {:.1})",
+        query_spin.p50, query_spin.p90, synchronized.p50, synchronized.p90
+    );
     let mut scratch = vec![Tile::default(); 4096];
     for (what, metas) in [("128 shuffled pages", pages), ("misaligned fragments", odd)] {
         let rounds = 20_000;
@@ -649,12 +698,18 @@ fn main() {
     }
     let configs = [
         ("default (tiles in params)", UnpackerConfig::default()),
+        ("persistent kernel", persistent_config),
+        ("persistent kernel, 64 blocks", UnpackerConfig { persistent_blocks: 64, ..persistent_config }),
         ("tiles copied", UnpackerConfig { inline_tiles: 0, bulk: BulkTiles::Copy, ..UnpackerConfig::default() }),
         ("tiles mapped", UnpackerConfig { inline_tiles: 0, bulk: BulkTiles::Mapped, ..UnpackerConfig::default() }),
     ];
+    let mut medians = Vec::new();
+    // A receive without fragments: the completion round trip alone (an event with no kernel in
+    // launch mode; doorbell to completion word in persistent mode).
+    let nothing: &Vec<LoadMeta> = &Vec::new();
     for (path, config) in configs {
         let mut unpacker = check("unpacker", Unpacker::new(config));
-        for (what, metas) in [("128 shuffled pages", pages), ("misaligned fragments", odd)] {
+        for (what, metas) in [("128 shuffled pages", pages), ("misaligned fragments", odd), ("no fragments", nothing)] {
             let (total, issue) = one_at_a_time(
                 latency_iters,
                 &mut unpacker,
@@ -666,13 +721,33 @@ fn main() {
                 |u, ticket| check("poll", u.poll()) > ticket,
             );
             println!(
-                "latency, 512 KiB of {what} ({} frags), {path}: submit -> event complete median {:.1} us, p90 {:.1} us, p99 {:.1} us; host submit+launch median {issue:.1} us",
+                "latency, 512 KiB of {what} ({} frags), {path}: submit -> poll reports done median {:.1} us, p90 {:.1} us, p99 {:.1} us; host submit+launch median {issue:.1} us",
                 metas.len(),
                 total.p50,
                 total.p90,
                 total.p99
             );
+            medians.push((path, what, total.p50, total.p90));
         }
+    }
+    println!();
+    println!(
+        "| 512 KiB receive, submit -> done (median / p90) | launch mode (default) | persistent mode | persistent, 64 blocks |"
+    );
+    println!("|---|---|---|---|");
+    for what in ["128 shuffled pages", "misaligned fragments", "no fragments"] {
+        let cell = |path: &str| {
+            medians
+                .iter()
+                .find(|m| m.0 == path && m.1 == what)
+                .map_or("-".to_owned(), |m| format!("{:.1} / {:.1} us", m.2, m.3))
+        };
+        println!(
+            "| {what} | {} | {} | {} |",
+            cell("default (tiles in params)"),
+            cell("persistent kernel"),
+            cell("persistent kernel, 64 blocks")
+        );
     }
     unsafe {
         let _ = result::event::destroy(done);

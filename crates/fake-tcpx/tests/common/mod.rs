@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use uccl_tcpx::transport::plugin::abi::*;
 
 const CHILD_VAR: &str = "FAKE_TCPX_TEST_CHILD";
-const KNOBS: [&str; 8] = [
+const KNOBS: [&str; 9] = [
     "FAKE_TCPX_NDEV",
     "FAKE_TCPX_IP",
     "FAKE_TCPX_MODE",
@@ -21,6 +21,7 @@ const KNOBS: [&str; 8] = [
     "FAKE_TCPX_POOL_MB",
     "FAKE_TCPX_CHUNK",
     "FAKE_TCPX_FAULT",
+    "FAKE_TCPX_GPU_COPY",
 ];
 
 /// In the parent: runs test `name` in a child process with `env` and fails if the child fails;
