@@ -401,20 +401,17 @@ impl Connection {
     fn read_until_finished(&self, t: &Transfer) {
         let Some(mut buf) = self.rx.try_lock() else { return };
         self.rx.disarm();
-        while !t.is_finished() {
-            // Bounded, so a reply delivered some other way (a failure) is noticed.
-            if self.rx.poll_ready(Duration::from_millis(20)) && !self.pump(&mut buf) {
-                break;
-            }
-        }
+        // Each blocking read is bounded, so a reply delivered some other way (a failure) is noticed.
+        while !t.is_finished() && self.pump(&mut buf, true) {}
         self.rx.arm();
     }
 
-    /// Reads what the control stream holds and handles every whole message; false once the
-    /// connection failed (nothing more will be read).
-    fn pump(&self, buf: &mut RxBuffer) -> bool {
+    /// Reads what the control stream holds (with `wait`, waiting a bounded time for something) and
+    /// handles every whole message; false once the connection failed (nothing more will be read).
+    fn pump(&self, buf: &mut RxBuffer, mut wait: bool) -> bool {
         loop {
-            let drained = self.rx.drain(buf);
+            let drained = self.rx.drain(buf, wait);
+            wait = false;
             let mut st = self.state.lock();
             if st.failure.is_some() {
                 // The channels are gone; nothing the peer says can be acted on any more.
@@ -899,7 +896,7 @@ fn read_control(rx: &ControlRx, conn: std::sync::Weak<Connection>) {
             }
             continue;
         }
-        let open = conn.pump(&mut rx.lock());
+        let open = conn.pump(&mut rx.lock(), false);
         if !open {
             return;
         }

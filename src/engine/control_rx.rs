@@ -18,6 +18,8 @@ use parking_lot::{Mutex, MutexGuard};
 use crate::error::{Error, Result};
 use crate::proto::{Control, decode_frame};
 
+/// The longest a waiting caller's read blocks before it re-checks its transfer.
+const WAIT_SLICE: Duration = Duration::from_millis(20);
 /// Read granularity; a frame larger than this (a Notify) grows the buffer only as its bytes arrive.
 const READ_CHUNK: usize = 64 << 10;
 
@@ -46,6 +48,9 @@ pub enum Drained {
 
 impl ControlRx {
     pub fn new(stream: TcpStream) -> Result<ControlRx> {
+        // Bounds a waiting caller's blocking read (SO_RCVTIMEO; every other read is non-blocking), so
+        // that it notices a reply delivered some other way, such as a failure.
+        stream.set_read_timeout(Some(WAIT_SLICE)).map_err(|e| Error::io("control stream", e))?;
         // SAFETY: plain syscall; the result is checked and owned at once.
         let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if epfd < 0 {
@@ -103,19 +108,14 @@ impl ControlRx {
         self.buffer.try_lock()
     }
 
-    /// A caller's wait: true when the stream has something within `timeout`.
-    pub fn poll_ready(&self, timeout: Duration) -> bool {
-        let mut p = libc::pollfd { fd: self.fd(), events: libc::POLLIN | libc::POLLRDHUP, revents: 0 };
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: one valid pollfd.
-        unsafe { libc::poll(&mut p, 1, ms) > 0 }
-    }
-
-    /// Reads what the socket holds, up to about a buffer's worth, without blocking. Non-blocking per call (MSG_DONTWAIT):
-    /// the descriptor is shared with the writer thread, which writes in blocking mode.
-    pub fn drain(&self, buf: &mut RxBuffer) -> Drained {
+    /// Reads what the socket holds, up to about a buffer's worth. With `wait`, the first read blocks
+    /// for at most `WAIT_SLICE` (a caller waiting for its reply: one syscall instead of a poll and a
+    /// read); every other read is non-blocking per call (MSG_DONTWAIT), since the descriptor is
+    /// shared with the writer thread, which writes in blocking mode.
+    pub fn drain(&self, buf: &mut RxBuffer, wait: bool) -> Drained {
         buf.compact();
         let limit = buf.bytes.len() + READ_CHUNK;
+        let mut flags = if wait { 0 } else { libc::MSG_DONTWAIT };
         loop {
             if buf.bytes.len() >= limit {
                 return Drained::More;
@@ -125,7 +125,8 @@ impl ControlRx {
             }
             let spare = buf.bytes.spare_capacity_mut();
             // SAFETY: `spare` is writable memory of the given length that recv fills from the front.
-            let n = unsafe { libc::recv(self.fd(), spare.as_mut_ptr().cast(), spare.len(), libc::MSG_DONTWAIT) };
+            let n = unsafe { libc::recv(self.fd(), spare.as_mut_ptr().cast(), spare.len(), flags) };
+            flags = libc::MSG_DONTWAIT;
             if n > 0 {
                 let short = (n as usize) < spare.len();
                 // SAFETY: recv initialised the first `n` bytes of the spare capacity.
