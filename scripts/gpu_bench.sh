@@ -76,9 +76,9 @@ echo "bench binary: $BIN"
 # helper threads with 1 MiB chunks, and 8 channels x 2 threads with 4 MiB chunks and a deeper
 # window (the staged GPU path's best setting in the in-process staging example); the latter again
 # with 4 transfers in flight, where copies of one transfer overlap the socket I/O of another.
-# With the staging wake off the copy stream, smaller chunks shorten a depth-1 transfer's pipeline
-# fill and drain (the first chunk of every channel copied before the network starts, the last
-# ones copied after it ends): ch4-2m and ch8-1m measure that.
+# Smaller chunks would shorten a depth-1 GPU transfer's pipeline fill and drain (every channel's
+# first chunk is copied before the network starts, its last after it ends); ch4-2m (4 x 2 MiB in
+# the pipe) and ch8-1m measure whether that beats the per-chunk cost.
 LAYOUTS=(
   "ch4|--channels 4|UCCL_TCPX_SOCKET_NTHREADS=4 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=1M UCCL_TCPX_WINDOW=8"
   "ch8|--channels 8|UCCL_TCPX_SOCKET_NTHREADS=2 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=4M UCCL_TCPX_WINDOW=16"
