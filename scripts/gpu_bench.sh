@@ -8,7 +8,8 @@
 #
 # BENCH_BINARY (or UCCL_TCPX_BENCH_BIN): a prebuilt uccl-tcpx-bench, default target/release/uccl-tcpx-bench.
 # GPU_BENCH_OUT (else $OUT, else ./gpu_bench_out): where logs and gpu_bench.json go.
-# GPU_BENCH_SIZES, GPU_BENCH_LAYOUTS: override the size list and the layouts run (tags ch4 ch8 ch8-depth4).
+# GPU_BENCH_SIZES, GPU_BENCH_LAYOUTS: override the size list and the layouts run (tags below).
+# GPU_BENCH_DEVICES: which buffers to bench, default "gpu cpu".
 # GPU_BENCH_STEP_TIMEOUT: seconds one step may take (default 150); GPU_BENCH_BUDGET: seconds for the
 # whole script (default 540), after which the remaining steps are skipped.
 # Optional: target/release/examples/gpu_staging_bw (or GPU_STAGING_BW_BIN) is run too when present.
@@ -75,13 +76,19 @@ echo "bench binary: $BIN"
 # helper threads with 1 MiB chunks, and 8 channels x 2 threads with 4 MiB chunks and a deeper
 # window (the staged GPU path's best setting in the in-process staging example); the latter again
 # with 4 transfers in flight, where copies of one transfer overlap the socket I/O of another.
+# Smaller chunks would shorten a depth-1 GPU transfer's pipeline fill and drain (every channel's
+# first chunk is copied before the network starts, its last after it ends); ch4-2m (4 x 2 MiB in
+# the pipe) and ch8-1m measure whether that beats the per-chunk cost.
 LAYOUTS=(
   "ch4|--channels 4|UCCL_TCPX_SOCKET_NTHREADS=4 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=1M UCCL_TCPX_WINDOW=8"
   "ch8|--channels 8|UCCL_TCPX_SOCKET_NTHREADS=2 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=4M UCCL_TCPX_WINDOW=16"
   "ch8-depth4|--channels 8 --depth 4|UCCL_TCPX_SOCKET_NTHREADS=2 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=4M UCCL_TCPX_WINDOW=16"
+  "ch4-2m|--channels 4|UCCL_TCPX_SOCKET_NTHREADS=4 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=2M UCCL_TCPX_WINDOW=16"
+  "ch4-2m-depth4|--channels 4 --depth 4|UCCL_TCPX_SOCKET_NTHREADS=4 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=2M UCCL_TCPX_WINDOW=16"
+  "ch8-1m|--channels 8|UCCL_TCPX_SOCKET_NTHREADS=2 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=1M UCCL_TCPX_WINDOW=16"
 )
 RUNS_JSON=()
-for device in gpu cpu; do
+for device in ${GPU_BENCH_DEVICES:-gpu cpu}; do
   for layout in "${LAYOUTS[@]}"; do
     IFS='|' read -r tag flags knobs <<<"$layout"
     [[ -n "$ONLY_LAYOUTS" && " $ONLY_LAYOUTS " != *" $tag "* ]] && continue
@@ -160,7 +167,7 @@ if command -v python3 >/dev/null 2>&1; then
 import json, sys
 doc = json.load(open(sys.argv[1]))
 runs = {r["name"]: r["result"] for r in doc["runs"] if r["result"]}
-for tag in ("ch4", "ch8", "ch8-depth4"):
+for tag in ("ch4", "ch8", "ch8-depth4", "ch4-2m", "ch4-2m-depth4", "ch8-1m"):
     gpu, cpu = runs.get(f"bench-gpu-{tag}"), runs.get(f"bench-cpu-{tag}")
     if not gpu:
         print(f"{tag}: no GPU result")
@@ -191,7 +198,7 @@ if nccl:
           f"{'ours p50 us':>12}{'NCCL tuned us':>14}")
     gpu_runs = {n: r for n, r in runs.items() if n.startswith("bench-gpu-")}
     sizes = sorted({size for _, size in nccl})
-    for op in ("write", "send"):
+    for op in ("write", "read", "send"):
         for size in sizes:
             best = None
             for name, r in gpu_runs.items():

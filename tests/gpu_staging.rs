@@ -280,3 +280,130 @@ fn misuse_is_refused_with_a_clear_error() {
     assert_same(&dst.read(0, 4096), &data, "after refusals");
     dst.clear();
 }
+
+/// The small copier behind inline transfers, in every mode: sizes around the kernel's 8-byte limit
+/// and up to 8 KiB, at every alignment, ending exactly at the buffer's end; neighbouring bytes
+/// stay untouched, and the caller's current context is the same afterwards.
+#[test]
+fn small_copies_every_mode_size_and_alignment() {
+    use uccl_tcpx::cuda::small_copy::{MAX_SMALL_COPY, SmallCopier, SmallCopyMode};
+    if no_gpu() {
+        return;
+    }
+    let gpu = uccl_tcpx::cuda::Gpu::open(0).unwrap();
+    let total = 3 * MAX_SMALL_COPY;
+    let mut dev = uccl_tcpx::cuda::DeviceBuffer::new(0, total).unwrap();
+    let before = cudarc::driver::result::ctx::get_current().unwrap();
+    for mode in [SmallCopyMode::Legacy, SmallCopyMode::Dma] {
+        let copier = SmallCopier::new(&gpu, mode).unwrap();
+        for len in [1usize, 2, 3, 7, 8, 9, 15, 16, 64, 4095, 4096, MAX_SMALL_COPY] {
+            for offset in [0usize, 1, 3, 5, 7, 8, MAX_SMALL_COPY + 13, total - len] {
+                dev.fill(0xee).unwrap();
+                let payload = pattern(len, (len * 31 + offset) as u64);
+                unsafe { copier.to_device(dev.addr() + offset, &payload).unwrap() };
+                let all = dev.to_vec().unwrap();
+                assert_same(&all[offset..offset + len], &payload, "small copy to the device");
+                assert!(all[..offset].iter().all(|&b| b == 0xee), "{mode:?}: bytes before +{offset} changed");
+                assert!(
+                    all[offset + len..].iter().all(|&b| b == 0xee),
+                    "{mode:?}: bytes after +{offset}+{len} changed"
+                );
+                let mut back = vec![0u8; len];
+                unsafe { copier.from_device(&mut back, dev.addr() + offset).unwrap() };
+                assert_same(&back, &payload, "small copy from the device");
+            }
+        }
+        let mut big = vec![0u8; MAX_SMALL_COPY + 1];
+        let err = unsafe { copier.from_device(&mut big, dev.addr()) }.unwrap_err();
+        assert!(err.message().contains("exceeds"), "{err}");
+        assert!(unsafe { copier.to_device(dev.addr(), &big) }.is_err());
+    }
+    assert_eq!(cudarc::driver::result::ctx::get_current().unwrap(), before, "the caller's context changed");
+}
+
+/// Threads sharing one GPU's copier (its bounce buffer is one, behind a lock) never see each
+/// other's bytes.
+#[test]
+fn small_copies_from_concurrent_callers_stay_apart() {
+    if no_gpu() {
+        return;
+    }
+    let gpu = uccl_tcpx::cuda::Gpu::open(0).unwrap();
+    let copier = gpu.small_copier().unwrap();
+    let threads = 6;
+    let dev = Arc::new(uccl_tcpx::cuda::DeviceBuffer::new(0, threads * 8192).unwrap());
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (copier, dev) = (copier.clone(), dev.clone());
+            std::thread::spawn(move || {
+                for i in 0..400usize {
+                    let len = [8usize, 5, 1000, 8192][i % 4];
+                    let at = dev.addr() + t * 8192 + (8192 - len);
+                    let payload = pattern(len, (t * 1000 + i) as u64);
+                    unsafe { copier.to_device(at, &payload).unwrap() };
+                    let mut back = vec![0u8; len];
+                    unsafe { copier.from_device(&mut back, at).unwrap() };
+                    assert_eq!(back, payload, "thread {t} iteration {i}");
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
+/// Copies queued back to back on one ring each land and each wake the engine once, whatever the
+/// order the driver runs the notifications in.
+#[test]
+fn every_ring_copy_lands_and_wakes_once() {
+    use uccl_tcpx::cuda::{DeviceBuffer, Gpu, StagingRing};
+    if no_gpu() {
+        return;
+    }
+    let gpu = Gpu::open(0).unwrap();
+    let (slot_size, slots) = (64 << 10, 8usize);
+    let wakes = Arc::new(AtomicUsize::new(0));
+    let counter = wakes.clone();
+    let mut ring = StagingRing::new(
+        &gpu,
+        slot_size,
+        slots,
+        Arc::new(move || {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }),
+    )
+    .unwrap();
+    let want = pattern(slot_size * slots, 77);
+    let mut src = DeviceBuffer::new(0, want.len()).unwrap();
+    src.copy_from_host(0, &want).unwrap();
+    let dst = DeviceBuffer::new(0, want.len()).unwrap();
+    let wait_all = |ring: &StagingRing, taken: &[usize]| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !taken.iter().all(|&s| ring.copied(s).unwrap()) {
+            assert!(Instant::now() < deadline, "staging copies did not finish");
+        }
+    };
+    let taken: Vec<usize> = (0..slots).map(|_| ring.take().unwrap()).collect();
+    assert!(ring.take().is_none(), "a full ring hands out no slot");
+    for (i, &slot) in taken.iter().enumerate() {
+        unsafe { ring.copy_in(slot, src.addr() + i * slot_size, slot_size).unwrap() };
+    }
+    wait_all(&ring, &taken);
+    for (i, &slot) in taken.iter().enumerate() {
+        let got = unsafe { std::slice::from_raw_parts(ring.slot_ptr(slot), slot_size) };
+        assert_same(got, &want[i * slot_size..(i + 1) * slot_size], "slot after copy_in");
+    }
+    for (i, &slot) in taken.iter().enumerate() {
+        unsafe { ring.copy_out(slot, dst.addr() + i * slot_size, slot_size).unwrap() };
+    }
+    wait_all(&ring, &taken);
+    assert_same(&dst.to_vec().unwrap(), &want, "device memory after copy_out");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while wakes.load(Ordering::Relaxed) < 2 * slots {
+        assert!(Instant::now() < deadline, "only {} wakes for {} copies", wakes.load(Ordering::Relaxed), 2 * slots);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(ring);
+    assert_eq!(wakes.load(Ordering::Relaxed), 2 * slots, "one wake per copy");
+}

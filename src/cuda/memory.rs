@@ -168,13 +168,17 @@ impl Drop for PinnedBuffer {
 }
 
 /// Copies host bytes to device address `dst` of `gpu` and waits: for small transfers (inline writes)
-/// where a stream and an event would cost more than the copy.
+/// where a staged pass would cost more than the copy. Up to 8 KiB through the GPU's small copier.
 ///
 /// # Safety
 /// `[dst, dst + src.len())` is device memory of `gpu` that nobody else writes meanwhile.
 pub(crate) unsafe fn copy_to_device_sync(gpu: &Gpu, dst: usize, src: &[u8]) -> Result<()> {
     if src.is_empty() {
         return Ok(());
+    }
+    if src.len() <= super::small_copy::MAX_SMALL_COPY {
+        // SAFETY: per the contract.
+        return unsafe { gpu.small_copier()?.to_device(dst, src) };
     }
     let _ctx = gpu.enter()?;
     // SAFETY: the caller vouches for the device range; src is a live host slice.
@@ -189,6 +193,10 @@ pub(crate) unsafe fn copy_to_device_sync(gpu: &Gpu, dst: usize, src: &[u8]) -> R
 pub(crate) unsafe fn copy_from_device_sync(gpu: &Gpu, dst: &mut [u8], src: usize) -> Result<()> {
     if dst.is_empty() {
         return Ok(());
+    }
+    if dst.len() <= super::small_copy::MAX_SMALL_COPY {
+        // SAFETY: per the contract.
+        return unsafe { gpu.small_copier()?.from_device(dst, src) };
     }
     let _ctx = gpu.enter()?;
     // SAFETY: the caller vouches for the device range; dst is a live, writable host slice.

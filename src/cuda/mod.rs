@@ -5,12 +5,14 @@
 //! - [`pointer`]: is an address host or device memory, and on which GPU;
 //! - [`memory`]: [`DeviceBuffer`] (device memory for tests and benchmarks) and pinned host memory;
 //! - [`stream`]: streams and events, the asynchronous copies the staging path issues;
-//! - [`ring`]: a comm's ring of pinned staging slots.
+//! - [`ring`]: a comm's ring of pinned staging slots;
+//! - [`small_copy`]: fast synchronous copies of at most 8 KiB (inline transfers).
 
 pub mod gpu;
 pub mod memory;
 pub mod pointer;
 pub mod ring;
+pub mod small_copy;
 pub mod stream;
 
 use std::sync::OnceLock;

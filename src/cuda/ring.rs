@@ -1,6 +1,12 @@
 //! A comm's staging ring: `slots` pinned host buffers of `slot_size` bytes in one allocation, one
-//! stream and one event per slot, all made once when the comm first meets device memory. Slots are
-//! taken and given back in FIFO order, which is the order a comm's requests complete in.
+//! copy stream and one event per slot, all made once when the comm first meets device memory. Slots
+//! are taken and given back in FIFO order, which is the order a comm's requests complete in.
+//!
+//! The wake that tells the engine a copy finished is a host function on a second stream that waits
+//! for the copy's event, not on the copy stream itself: there it would hold back the next copy
+//! until the driver's callback thread had run it (about 12 us on an idle H200). Measured on two
+//! H200s this changed depth-1 bandwidth by no more than run-to-run noise (64 MiB writes 18.62 vs
+//! 18.48 GB/s with 4 MiB slots, 18.93 vs 18.43 with 2 MiB), so the stall was not what limits it.
 
 use std::sync::Arc;
 
@@ -12,8 +18,9 @@ use super::{Gpu, check};
 use crate::error::{Error, Result};
 
 pub struct StagingRing {
-    // Drop order matters: the stream synchronizes first (no copy still reads or writes a slot or
-    // user memory, every wake call has run), then the events, the slots and the wake go.
+    // Drop order matters: the streams synchronize first (every wake call has run, no copy still
+    // reads or writes a slot or user memory), then the events, the slots and the wake go.
+    notify: Stream,
     stream: Stream,
     events: Vec<Event>,
     host: PinnedBuffer,
@@ -34,8 +41,9 @@ impl StagingRing {
             .ok_or_else(|| Error::invalid(format!("{slots} staging slots of {slot_size} bytes overflow")))?;
         let host = PinnedBuffer::new(gpu, total)?;
         let stream = Stream::new(gpu)?;
+        let notify = Stream::new(gpu)?;
         let events = (0..slots).map(|_| Event::new(gpu)).collect::<Result<Vec<_>>>()?;
-        Ok(StagingRing { stream, events, host, wake: Box::new(wake), slot_size, taken: 0, returned: 0 })
+        Ok(StagingRing { notify, stream, events, host, wake: Box::new(wake), slot_size, taken: 0, returned: 0 })
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {
@@ -131,9 +139,10 @@ impl StagingRing {
 
     fn mark(&mut self, slot: usize) -> Result<()> {
         self.events[slot].record(&self.stream)?;
-        // SAFETY: the boxed wake lives as long as the ring, whose stream synchronizes on drop
-        // before the box goes.
-        unsafe { self.stream.notify(&*self.wake) }
+        self.notify.wait_for(&self.events[slot])?;
+        // SAFETY: the boxed wake lives as long as the ring, whose notify stream synchronizes on
+        // drop before the box goes.
+        unsafe { self.notify.notify(&*self.wake) }
     }
 
     /// Whether the last copy queued for `slot` finished.

@@ -46,6 +46,13 @@ impl Stream {
         check(unsafe { sys::cuStreamSynchronize(self.raw) }, "cuStreamSynchronize")
     }
 
+    /// Makes work queued on this stream from now on wait for what `event` marked last. The
+    /// stream's context must be current.
+    pub fn wait_for(&self, event: &Event) -> Result<()> {
+        // SAFETY: both handles are owned and alive; flags must be 0.
+        check(unsafe { sys::cuStreamWaitEvent(self.raw, event.raw, 0) }, "cuStreamWaitEvent")
+    }
+
     /// Queues a call of `*wake` after the work queued so far.
     ///
     /// # Safety
