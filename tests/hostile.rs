@@ -78,7 +78,11 @@ fn pair() -> Pair {
     let b = Arc::new(Engine::new(config()).unwrap());
     let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
     let ba = accept(&b).unwrap();
-    Pair { a, b, ab, ba }
+    let p = Pair { a, b, ab, ba };
+    // Every thread the pair runs exists once a transfer went each way, so a thread count taken
+    // after this is a steady baseline.
+    assert_pair_works(&p, 0);
+    p
 }
 
 /// A write, a read and a send/receive between the two real engines, each checked by content.
