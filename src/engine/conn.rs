@@ -4,7 +4,6 @@
 //! non-blocking work.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::Read;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +20,7 @@ use super::region::Region;
 use super::transfer::Transfer;
 use super::writer::ControlWriter;
 use crate::error::{Error, Result, UcclStatus};
-use crate::proto::{Control, FRAME_HEADER_LEN, FifoItem, FrameHeader, MAX_INLINE_LEN, MAX_INLINE_SEND_BACKLOG};
+use crate::proto::{Control, FifoItem, MAX_INLINE_LEN, MAX_INLINE_SEND_BACKLOG};
 use crate::transport::MemKind;
 
 /// Announced sends the peer may queue ahead of our receives before it is treated as hostile.
@@ -901,20 +900,4 @@ fn read_control(rx: &ControlRx, conn: std::sync::Weak<Connection>) {
             return;
         }
     }
-}
-
-/// Reads one frame's header and body into `body`; shared by the handshake and the control reader.
-pub(super) fn read_raw_frame(reader: &mut impl Read, body: &mut Vec<u8>, what: &str) -> Result<FrameHeader> {
-    let mut header = [0u8; FRAME_HEADER_LEN];
-    reader.read_exact(&mut header).map_err(|e| Error::io(what, e))?;
-    let header = FrameHeader::parse(&header)?;
-    body.clear();
-    // The header parser bounded body_len for this kind. Memory grows only as bytes arrive, so a
-    // header announcing a maximal Notify costs nothing until the peer really sends it.
-    let want = u64::from(header.body_len);
-    let got = reader.by_ref().take(want).read_to_end(body).map_err(|e| Error::io(what, e))?;
-    if got as u64 != want {
-        return Err(Error::io(what, std::io::Error::from(std::io::ErrorKind::UnexpectedEof)));
-    }
-    Ok(header)
 }

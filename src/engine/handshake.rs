@@ -8,7 +8,7 @@
 //! and each side then sends one more Hello (connector) or Welcome (acceptor) per further channel,
 //! identical but for the handle.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use super::channel::Channel;
 use crate::error::{Error, Result, UcclStatus};
-use crate::proto::{ChannelHello, Handshake, Hello, NET_HANDLE_SIZE, ProtoError, Refuse, Welcome};
+use crate::proto::{
+    ChannelHello, FRAME_HEADER_LEN, FrameHeader, Handshake, Hello, NET_HANDLE_SIZE, ProtoError, Refuse, Welcome,
+};
 use crate::transport::{ListenComm, MrHandle, Net, NetHandle, RecvComm, RequestId, SendComm};
 
 /// What both ends agreed on.
@@ -79,7 +81,7 @@ pub fn send_frame(stream: &mut TcpStream, msg: &Handshake) -> Result<()> {
 
 pub fn read_frame(stream: &mut TcpStream) -> Result<Handshake> {
     let mut body = Vec::new();
-    let header = super::conn::read_raw_frame(stream, &mut body, "handshake read")?;
+    let header = read_raw_frame(stream, &mut body, "handshake read")?;
     Ok(Handshake::decode(&header, &body)?)
 }
 
@@ -148,7 +150,7 @@ pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, listens
 /// Acceptor side: reads the Hello, refuses what it cannot serve, answers Welcome.
 pub fn welcome(stream: &mut TcpStream, local: &Local, listens: &mut Listens) -> Result<Agreement> {
     let mut body = Vec::new();
-    let header = super::conn::read_raw_frame(stream, &mut body, "handshake read")?;
+    let header = read_raw_frame(stream, &mut body, "handshake read")?;
     let h = match Handshake::decode(&header, &body) {
         Ok(Handshake::Hello(h)) => h,
         Ok(_) => return Err(Error::backend("protocol violation: connection did not open with Hello")),
@@ -342,6 +344,22 @@ pub fn establish_channels(
 }
 
 const _: () = assert!(NET_HANDLE_SIZE == 128);
+
+/// Reads one frame's header and body into `body` (the handshake's blocking reads).
+fn read_raw_frame(reader: &mut impl Read, body: &mut Vec<u8>, what: &str) -> Result<FrameHeader> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    reader.read_exact(&mut header).map_err(|e| Error::io(what, e))?;
+    let header = FrameHeader::parse(&header)?;
+    body.clear();
+    // The header parser bounded body_len for this kind. Memory grows only as bytes arrive, so a
+    // header announcing a maximal Notify costs nothing until the peer really sends it.
+    let want = u64::from(header.body_len);
+    let got = reader.by_ref().take(want).read_to_end(body).map_err(|e| Error::io(what, e))?;
+    if got as u64 != want {
+        return Err(Error::io(what, std::io::Error::from(std::io::ErrorKind::UnexpectedEof)));
+    }
+    Ok(header)
+}
 
 #[cfg(test)]
 mod tests {
