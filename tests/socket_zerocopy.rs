@@ -133,7 +133,7 @@ fn request_is_not_done_while_the_kernel_holds_its_pages() {
         nthreads: 1,
         nsocks_per_thread: 1,
         sndbuf: 4 << 20,
-        rcvbuf: 4 << 10,
+        rcvbuf: 64 << 10,
         subchunk: piece as u32,
         zerocopy_threshold: piece as u32,
         ..SocketConfig::default()
