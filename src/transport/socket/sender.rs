@@ -222,12 +222,28 @@ impl SendThread {
             // No work at all: spin a little (a new post is usually close behind), then sleep.
             let since = *idle_since.get_or_insert_with(Instant::now);
             if since.elapsed() < self.spin {
-                std::hint::spin_loop();
+                self.spin_until_posted(since, zc);
                 continue;
             }
             self.sleep_until_posted(&out, zc, &mut fds)?;
         }
         Ok(())
+    }
+
+    /// Spins on atomics only until something is posted or handed over (re-scanning would take the
+    /// window's lock, which the posting thread needs). Sockets owing completions end the spin at
+    /// once: the loop collects them.
+    fn spin_until_posted(&self, since: Instant, zc: &[ZcSocket]) {
+        if zc.iter().any(ZcSocket::has_pending) {
+            return;
+        }
+        let seen = self.window.posted();
+        while since.elapsed() < self.spin && self.window.posted() == seen && !self.window.closing() {
+            if self.sockets.iter().any(|&k| self.shared.handed[k].load(Ordering::Acquire)) {
+                return;
+            }
+            std::hint::spin_loop();
+        }
     }
 
     /// Collects the socket's zero-copy completions and finishes the pieces they release.

@@ -24,6 +24,7 @@ pub(super) struct Counters {
     copied: AtomicU64,
     fallbacks: AtomicU64,
     refused: AtomicU64,
+    pieces: AtomicU64,
     held: AtomicU64,
     /// Test hooks: refuse SO_ZEROCOPY; fail every Nth zero-copy send with ENOBUFS before the kernel
     /// sees it (neither is reliably provoked from a test on a stock kernel).
@@ -46,6 +47,8 @@ pub struct ZeroCopyStats {
     pub enobufs_fallbacks: u64,
     /// Sockets that refused SO_ZEROCOPY and send with copies.
     pub refused_sockets: u64,
+    /// Pieces fully written with at least one zero-copy send.
+    pub pieces_sent: u64,
     /// Pieces fully written whose completions have not all arrived yet (so their requests are not
     /// done): a gauge, not a total.
     pub pieces_held: u64,
@@ -60,6 +63,7 @@ impl Counters {
             copied: get(&self.copied),
             enobufs_fallbacks: get(&self.fallbacks),
             refused_sockets: get(&self.refused),
+            pieces_sent: get(&self.pieces),
             pieces_held: get(&self.held),
         }
     }
@@ -137,6 +141,7 @@ impl ZcSocket {
     /// A fully written piece that used ids up to `issued`: finished once they are all reported.
     pub fn hold(&mut self, piece: Piece, counters: &Counters) {
         self.pending.push_back((piece, self.issued));
+        counters.pieces.fetch_add(1, Ordering::Relaxed);
         counters.held.fetch_add(1, Ordering::Relaxed);
     }
 
