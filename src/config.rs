@@ -87,6 +87,9 @@ pub struct SocketConfig {
     /// How long an idle helper thread polls before it sleeps; default 20 us on 8 or more cores, else
     /// 0. `UCCL_TCPX_SOCKET_SPIN_US`.
     pub spin: Duration,
+    /// Pieces of at least this many bytes are sent with MSG_ZEROCOPY; 0 = never (the default).
+    /// `UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD`.
+    pub zerocopy_threshold: u32,
 }
 
 impl Default for SocketConfig {
@@ -98,6 +101,7 @@ impl Default for SocketConfig {
             rcvbuf: 0,
             subchunk: 256 << 10,
             spin: default_spin(),
+            zerocopy_threshold: 0,
         }
     }
 }
@@ -214,6 +218,13 @@ impl SocketConfig {
                 0,
                 1_000_000,
             )?),
+            zerocopy_threshold: parse_size(
+                get,
+                "UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD",
+                d.zerocopy_threshold,
+                0,
+                MAX_CHUNK_SIZE,
+            )?,
         })
     }
 }
@@ -333,6 +344,7 @@ mod tests {
             ("UCCL_TCPX_SOCKET_RCVBUF", "8M"),
             ("UCCL_TCPX_SOCKET_SUBCHUNK", "128K"),
             ("UCCL_TCPX_SOCKET_SPIN_US", "0"),
+            ("UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD", "64K"),
         ])
         .unwrap()
         .socket;
@@ -340,6 +352,7 @@ mod tests {
         assert_eq!((c.threads_per_comm(), c.sockets_per_comm()), (4, 8));
         assert_eq!((c.sndbuf, c.rcvbuf), (4 << 20, 8 << 20));
         assert_eq!((c.subchunk, c.spin), (128 << 10, Duration::ZERO));
+        assert_eq!(c.zerocopy_threshold, 64 << 10);
         let auto = SocketConfig::default();
         assert!((1..=4).contains(&auto.threads_per_comm()), "auto picks 1 to 4 threads");
         assert_eq!(auto.sockets_per_comm(), auto.threads_per_comm());
@@ -367,6 +380,8 @@ mod tests {
             ("UCCL_TCPX_SOCKET_SUBCHUNK", "1K"),
             ("UCCL_TCPX_SOCKET_SUBCHUNK", "x"),
             ("UCCL_TCPX_SOCKET_SPIN_US", "-1"),
+            ("UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD", "8M"),
+            ("UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD", "lots"),
             ("UCCL_TCPX_GPU", "-1"),
             ("UCCL_TCPX_GPU", "gpu0"),
             ("UCCL_TCPX_GPU", "0000:4a:00.0"),

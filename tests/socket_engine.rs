@@ -106,3 +106,16 @@ fn concurrent_transfers_with_many_sockets_per_comm() {
     // from pieces that travelled on different sockets.
     many_connections(SocketConfig { nthreads: 3, nsocks_per_thread: 2, subchunk: 16 << 10, ..SocketConfig::default() });
 }
+
+#[test]
+fn concurrent_transfers_with_zero_copy_sends() {
+    // Every 16 KiB piece and most chunks' tails leave with MSG_ZEROCOPY; writes, reads and sends all
+    // finish only after the kernel reported the pages released, and every byte is checked.
+    many_connections(SocketConfig {
+        nthreads: 2,
+        nsocks_per_thread: 2,
+        subchunk: 16 << 10,
+        zerocopy_threshold: 4 << 10,
+        ..SocketConfig::default()
+    });
+}

@@ -150,6 +150,7 @@ fn socket_buffer_sizes_and_zero_spin_are_accepted() {
         rcvbuf: 256 << 10,
         subchunk: 32 << 10,
         spin: Duration::ZERO,
+        zerocopy_threshold: 0,
     };
     concurrent_comms(options, 1, 40);
 }

@@ -123,7 +123,8 @@ impl Run<'_> {
     /// Checks one transfer, warms up, then times `iters` transfers with `depth` in flight. Returns
     /// one sample per transfer at depth 1, else the mean repeated (there is no per-transfer time).
     fn measure(&mut self, iters: usize) -> Io<Vec<Duration>> {
-        let warmup = (iters / 10).clamp(1, 10);
+        // At least one pass over every slot of the pipeline, so no slot is first used while timed.
+        let warmup = (iters / 10).clamp(1, 10).max(self.args.depth);
         let (depth, iovs, size, seed) = (self.args.depth, self.args.num_iovs, self.size, self.seed);
         let count = 1 + warmup + iters;
         self.ctl.send(&format!("OP {} {size} {count} {depth} {iovs} {seed}", self.op.name()))?;

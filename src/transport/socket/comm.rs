@@ -2,6 +2,7 @@
 //! sockets. Requests are numbered in posting order; `test` reads a completion flag without locking.
 
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use super::Wake;
 use super::receiver::RecvThread;
 use super::sender::{INLINE_MAX, SendSockets, SendThread};
 use super::window::{MAX_REQUESTS, Window};
+use super::zerocopy::{self, Counters};
 use crate::error::{Error, Result};
 use crate::transport::{MemKind, MrHandle, RecvComm, RequestId, SendComm};
 
@@ -19,6 +21,8 @@ pub struct Threading {
     pub threads: usize,
     pub subchunk: usize,
     pub spin: Duration,
+    /// Send comms: pieces of at least this many bytes go out with MSG_ZEROCOPY; 0 = never.
+    pub zerocopy_threshold: usize,
 }
 
 /// What both comm kinds share: the threads, their window, and the caller's view of the requests.
@@ -36,7 +40,7 @@ struct CommCore {
 }
 
 enum Role {
-    Send,
+    Send(Arc<Counters>),
     Recv,
 }
 
@@ -46,9 +50,15 @@ impl CommCore {
         for s in &streams {
             s.set_nonblocking(true).map_err(|e| Error::io("configure data socket", e))?;
         }
+        let zerocopy: Vec<bool> = match &role {
+            Role::Send(counters) if how.zerocopy_threshold > 0 => {
+                streams.iter().map(|s| zerocopy::enable(s.as_raw_fd(), counters)).collect()
+            }
+            _ => vec![false; streams.len()],
+        };
         let streams: Arc<[TcpStream]> = streams.into();
         let window = Arc::new(Window::new(how.subchunk, threads, wake)?);
-        let send_sockets = matches!(role, Role::Send).then(|| Arc::new(SendSockets::new(streams.clone(), threads)));
+        let send_sockets = matches!(role, Role::Send(_)).then(|| Arc::new(SendSockets::new(streams.clone(), threads)));
         let mut core = CommCore {
             streams: streams.clone(),
             window: window.clone(),
@@ -63,11 +73,21 @@ impl CommCore {
             // Socket k goes to thread k % threads, NCCL's layout of nsocks_per_thread per thread.
             let sockets: Vec<usize> = (t..streams.len()).step_by(threads).collect();
             let (streams, window, send_sockets) = (streams.clone(), window.clone(), send_sockets.clone());
-            let spawned = match send_sockets {
-                Some(shared) => std::thread::Builder::new()
-                    .name(format!("uccl-sock-tx{t}"))
-                    .spawn(move || SendThread { index: t, sockets, shared, window, spin: how.spin }.run()),
-                None => std::thread::Builder::new()
+            let spawned = match (send_sockets, &role) {
+                (Some(shared), Role::Send(counters)) => {
+                    let sender = SendThread {
+                        index: t,
+                        zerocopy: sockets.iter().map(|&k| zerocopy[k]).collect(),
+                        sockets,
+                        shared,
+                        window,
+                        spin: how.spin,
+                        zerocopy_threshold: how.zerocopy_threshold,
+                        counters: counters.clone(),
+                    };
+                    std::thread::Builder::new().name(format!("uccl-sock-tx{t}")).spawn(move || sender.run())
+                }
+                _ => std::thread::Builder::new()
                     .name(format!("uccl-sock-rx{t}"))
                     .spawn(move || RecvThread { index: t, sockets, streams, window, spin: how.spin }.run()),
             };
@@ -128,8 +148,8 @@ impl Drop for CommCore {
 pub struct SocketSendComm(CommCore);
 
 impl SocketSendComm {
-    pub fn new(streams: Vec<TcpStream>, wake: Wake, how: Threading) -> Result<SocketSendComm> {
-        Ok(SocketSendComm(CommCore::start(streams, wake, how, Role::Send)?))
+    pub fn new(streams: Vec<TcpStream>, wake: Wake, how: Threading, counters: Arc<Counters>) -> Result<SocketSendComm> {
+        Ok(SocketSendComm(CommCore::start(streams, wake, how, Role::Send(counters))?))
     }
 }
 

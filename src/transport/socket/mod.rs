@@ -11,6 +11,9 @@ mod receiver;
 mod sender;
 mod window;
 mod wire;
+mod zerocopy;
+
+pub use zerocopy::ZeroCopyStats;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -39,11 +42,23 @@ pub struct SocketNet {
     io_timeout: Duration,
     wake: Wake,
     options: SocketConfig,
+    zerocopy: Arc<zerocopy::Counters>,
 }
 
 impl SocketNet {
     pub fn new(ip: IpAddr, connect_timeout: Duration, io_timeout: Duration, wake: Wake) -> SocketNet {
-        SocketNet { ip, connect_timeout, io_timeout, wake, options: SocketConfig::default() }
+        let zerocopy = Arc::default();
+        SocketNet { ip, connect_timeout, io_timeout, wake, options: SocketConfig::default(), zerocopy }
+    }
+
+    /// What the zero-copy path did so far, over every send comm this net connected.
+    pub fn zerocopy_stats(&self) -> ZeroCopyStats {
+        self.zerocopy.snapshot()
+    }
+
+    #[cfg(test)]
+    fn zerocopy_counters(&self) -> &zerocopy::Counters {
+        &self.zerocopy
     }
 
     /// Socket counts, buffer sizes and thread tuning (`Config::socket`).
@@ -57,6 +72,7 @@ impl SocketNet {
             threads: self.options.threads_per_comm(),
             subchunk: self.options.subchunk as usize,
             spin: self.options.spin,
+            zerocopy_threshold: self.options.zerocopy_threshold as usize,
         }
     }
 
@@ -221,7 +237,8 @@ impl Net for SocketNet {
             };
             streams.push(self.connect_one(&h, &hello)?);
         }
-        Ok(Some(Box::new(comm::SocketSendComm::new(streams, self.wake.clone(), self.threading())?)))
+        let send = comm::SocketSendComm::new(streams, self.wake.clone(), self.threading(), self.zerocopy.clone())?;
+        Ok(Some(Box::new(send)))
     }
 }
 

@@ -15,6 +15,8 @@ use super::wire::{PIECE_HEADER_LEN, PieceHeader};
 use crate::error::{Error, Result};
 
 const STAGE_LEN: usize = 4096;
+/// A thread waiting for more than this much of a piece sleeps at once instead of spinning.
+const BULK_WAIT: usize = 64 << 10;
 
 enum Phase {
     Header,
@@ -31,6 +33,16 @@ struct Incoming {
     start: usize,
     end: usize,
     phase: Phase,
+}
+
+impl Incoming {
+    /// Payload bytes of the current piece still to arrive.
+    fn awaited(&self) -> usize {
+        match &self.phase {
+            Phase::Payload { piece, landed } => piece.len - landed,
+            _ => 0,
+        }
+    }
 }
 
 enum Step {
@@ -69,8 +81,13 @@ impl RecvThread {
                 continue;
             }
             let since = *idle_since.get_or_insert_with(Instant::now);
-            if since.elapsed() < self.spin {
-                std::hint::spin_loop();
+            // The rest of a large piece takes longer to arrive than a wake-up costs, and on a busy
+            // host a spinning helper takes the core that a copying thread needs.
+            let bulk = ins.iter().any(|i| i.awaited() > BULK_WAIT);
+            if !bulk && since.elapsed() < self.spin {
+                if let Err(e) = self.spin_until_ready(&ins, &mut fds, since) {
+                    return self.window.fail(Error::io("wait for channel sockets", e));
+                }
                 continue;
             }
             let seen = self.window.posted();
@@ -80,14 +97,7 @@ impl RecvThread {
                 self.window.parking.cancel_sleep(self.index);
                 continue;
             }
-            fds.clear();
-            fds.push(libc::pollfd { fd: self.window.parking.event_fd(self.index), events: libc::POLLIN, revents: 0 });
-            for (k, inc) in ins.iter().enumerate() {
-                if !matches!(inc.phase, Phase::Held(_)) {
-                    let fd = self.streams[self.sockets[k]].as_raw_fd();
-                    fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
-                }
-            }
+            self.poll_set(&ins, &mut fds);
             if let Err(e) = park::wait(&mut fds, MAX_SLEEP) {
                 return self.window.fail(Error::io("wait for channel sockets", e));
             }
@@ -96,6 +106,37 @@ impl RecvThread {
                 self.window.parking.drain(self.index);
             }
         }
+    }
+
+    /// The thread's eventfd and every socket that is not holding a header.
+    fn poll_set(&self, ins: &[Incoming], fds: &mut Vec<libc::pollfd>) {
+        fds.clear();
+        fds.push(libc::pollfd { fd: self.window.parking.event_fd(self.index), events: libc::POLLIN, revents: 0 });
+        for (k, inc) in ins.iter().enumerate() {
+            if !matches!(inc.phase, Phase::Held(_)) {
+                let fd = self.streams[self.sockets[k]].as_raw_fd();
+                fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+            }
+        }
+    }
+
+    /// Spins until a socket is readable, a request is posted or the spin time is over. Readiness is
+    /// checked with a zero-timeout poll, not by reading: a read takes the socket's lock, which the
+    /// sending side needs to deliver (on loopback, on its own thread) the very data we wait for.
+    fn spin_until_ready(&self, ins: &[Incoming], fds: &mut Vec<libc::pollfd>, since: Instant) -> std::io::Result<()> {
+        let seen = self.window.posted();
+        self.poll_set(ins, fds);
+        while since.elapsed() < self.spin && self.window.posted() == seen && !self.window.closing() {
+            park::wait(fds, Duration::ZERO)?;
+            if fds.iter().any(|f| f.revents != 0) {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        if fds[0].revents != 0 {
+            self.window.parking.drain(self.index);
+        }
+        Ok(())
     }
 
     /// Moves one socket forward until it would block or finished a piece (so one busy socket does not

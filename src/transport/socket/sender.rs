@@ -1,6 +1,8 @@
 //! A send helper thread: each of its sockets that has nothing in flight cuts the next piece from the
 //! comm's window, so whichever socket drains first takes more (a slow flow never gates a request).
-//! Header and payload leave in one `sendmsg` straight from the caller's buffer.
+//! Header and payload leave in one `sendmsg` straight from the caller's buffer; with zero-copy on,
+//! a large enough payload leaves in its own MSG_ZEROCOPY `sendmsg` and its piece only finishes once
+//! the socket's error queue reports the kernel done with the pages.
 
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
@@ -13,6 +15,7 @@ use parking_lot::Mutex;
 use super::park;
 use super::window::{Piece, Window};
 use super::wire::{PIECE_HEADER_LEN, PieceHeader};
+use super::zerocopy::{Counters, ZcSocket};
 use crate::error::Error;
 
 /// Upper bound on one sleep, so a lost wake-up (there should be none) costs latency, never a hang.
@@ -27,13 +30,17 @@ struct Outgoing {
     header: [u8; PIECE_HEADER_LEN],
     /// Header and payload bytes already accepted by the kernel.
     written: usize,
+    /// The payload goes out with MSG_ZEROCOPY (the header, which lives here and moves, never does).
+    zerocopy: bool,
+    /// Zero-copy sends of this piece the kernel accepted.
+    zc_sends: u32,
 }
 
 impl Outgoing {
-    fn new(piece: Piece) -> Outgoing {
+    fn new(piece: Piece, zerocopy: bool) -> Outgoing {
         let header =
             PieceHeader { seq: piece.seq, total: piece.total, offset: piece.offset, len: piece.len as u32 }.encode();
-        Outgoing { piece, header, written: 0 }
+        Outgoing { piece, header, written: 0, zerocopy, zc_sends: 0 }
     }
 }
 
@@ -90,8 +97,9 @@ impl SendSockets {
                 self.release(k);
                 return true;
             };
-            let mut o = Outgoing::new(piece);
-            match write(&self.streams[k], &mut o) {
+            // Inline pieces are at most 16 KiB: too small for zero-copy to pay for its notification.
+            let mut o = Outgoing::new(piece, false);
+            match write(&self.streams[k], &mut o, None) {
                 Ok(Step::Finished) => {
                     self.release(k);
                     window.finish(&o.piece);
@@ -118,6 +126,11 @@ pub(super) struct SendThread {
     pub shared: Arc<SendSockets>,
     pub window: Arc<Window>,
     pub spin: Duration,
+    /// Pieces of at least this many bytes go out zero-copy on sockets that accepted SO_ZEROCOPY; 0 = never.
+    pub zerocopy_threshold: usize,
+    /// Per socket of `sockets`: whether SO_ZEROCOPY is on.
+    pub zerocopy: Vec<bool>,
+    pub counters: Arc<Counters>,
 }
 
 enum Step {
@@ -128,6 +141,21 @@ enum Step {
 
 impl SendThread {
     pub fn run(self) {
+        let mut zc: Vec<ZcSocket> = self.zerocopy.iter().map(|&on| ZcSocket::new(on)).collect();
+        if let Err(e) = self.serve(&mut zc) {
+            self.window.fail(e);
+        }
+        for (k, z) in zc.iter_mut().enumerate() {
+            if z.has_pending() {
+                z.abandon(&self.counters);
+                // The kernel still holds pages of caller buffers that the comm's owner gets back
+                // once the comm is gone: reset instead of letting an orphaned socket send from them.
+                let _ = socket2::SockRef::from(&self.shared.streams[self.sockets[k]]).set_linger(Some(Duration::ZERO));
+            }
+        }
+    }
+
+    fn serve(&self, zc: &mut [ZcSocket]) -> Result<(), Error> {
         let mut out: Vec<Option<Outgoing>> = self.sockets.iter().map(|_| None).collect();
         let mut fds: Vec<libc::pollfd> = Vec::with_capacity(self.sockets.len() + 1);
         let mut idle_since: Option<Instant> = None;
@@ -140,22 +168,40 @@ impl SendThread {
                     *slot = self.shared.take_handoff(sock);
                 }
                 if slot.is_none() && self.shared.claim(sock) {
-                    *slot = self.window.cut().map(Outgoing::new);
+                    *slot = self.window.cut().map(|p| {
+                        let zerocopy = zc[k].enabled && self.zerocopy_threshold > 0 && p.len >= self.zerocopy_threshold;
+                        Outgoing::new(p, zerocopy)
+                    });
                     if slot.is_none() {
                         self.shared.release(sock);
                     }
                 }
-                let Some(o) = slot else { continue };
-                match write(&self.shared.streams[sock], o) {
-                    Ok(Step::Finished) => {
-                        self.window.finish(&o.piece);
+                let Some(o) = slot else {
+                    // An idle socket still owes completions: collect them (one syscall) so its
+                    // requests finish while the thread's other sockets are busy.
+                    if zc[k].has_pending() {
+                        moved |= self.reap(sock, &mut zc[k])?;
+                    }
+                    continue;
+                };
+                let stream = &self.shared.streams[sock];
+                match write(stream, o, Some((&mut zc[k], &self.counters))).map_err(|e| Error::io("channel send", e))? {
+                    Step::Finished => {
+                        let used_zerocopy = o.zc_sends > 0;
+                        if used_zerocopy {
+                            zc[k].hold(o.piece, &self.counters);
+                        } else {
+                            self.window.finish(&o.piece);
+                        }
                         *slot = None;
                         self.shared.release(sock);
+                        if used_zerocopy || zc[k].has_pending() {
+                            self.reap(sock, &mut zc[k])?;
+                        }
                         moved = true;
                     }
-                    Ok(Step::Partial) => moved = true,
-                    Ok(Step::Blocked) => blocked = true,
-                    Err(e) => return self.window.fail(Error::io("channel send", e)),
+                    Step::Partial => moved = true,
+                    Step::Blocked => blocked = true,
                 }
             }
             if moved {
@@ -166,15 +212,8 @@ impl SendThread {
                 // Waiting on the peer to drain: sleep on the sockets, no spinning.
                 fds.clear();
                 fds.push(pollin(self.window.parking.event_fd(self.index)));
-                for (k, o) in out.iter().enumerate() {
-                    if o.is_some() {
-                        let fd = self.shared.streams[self.sockets[k]].as_raw_fd();
-                        fds.push(libc::pollfd { fd, events: libc::POLLOUT, revents: 0 });
-                    }
-                }
-                if let Err(e) = park::wait(&mut fds, MAX_SLEEP) {
-                    return self.window.fail(Error::io("wait for channel sockets", e));
-                }
+                self.push_socket_fds(&out, zc, &mut fds);
+                park::wait(&mut fds, MAX_SLEEP).map_err(|e| Error::io("wait for channel sockets", e))?;
                 if fds[0].revents != 0 {
                     self.window.parking.drain(self.index);
                 }
@@ -183,38 +222,89 @@ impl SendThread {
             // No work at all: spin a little (a new post is usually close behind), then sleep.
             let since = *idle_since.get_or_insert_with(Instant::now);
             if since.elapsed() < self.spin {
-                std::hint::spin_loop();
+                self.spin_until_posted(since, zc);
                 continue;
             }
-            self.sleep_until_posted(&mut fds);
+            self.sleep_until_posted(&out, zc, &mut fds)?;
+        }
+        Ok(())
+    }
+
+    /// Spins on atomics only until something is posted or handed over (re-scanning would take the
+    /// window's lock, which the posting thread needs). Sockets owing completions end the spin at
+    /// once: the loop collects them.
+    fn spin_until_posted(&self, since: Instant, zc: &[ZcSocket]) {
+        if zc.iter().any(ZcSocket::has_pending) {
+            return;
+        }
+        let seen = self.window.posted();
+        while since.elapsed() < self.spin && self.window.posted() == seen && !self.window.closing() {
+            if self.sockets.iter().any(|&k| self.shared.handed[k].load(Ordering::Acquire)) {
+                return;
+            }
+            std::hint::spin_loop();
         }
     }
 
-    fn sleep_until_posted(&self, fds: &mut Vec<libc::pollfd>) {
+    /// Collects the socket's zero-copy completions and finishes the pieces they release.
+    fn reap(&self, sock: usize, zc: &mut ZcSocket) -> Result<bool, Error> {
+        let fd = self.shared.streams[sock].as_raw_fd();
+        let any = zc.reap(fd, &self.counters).map_err(|e| Error::io("read zero-copy completions", e))?;
+        for piece in zc.released(&self.counters) {
+            self.window.finish(&piece);
+        }
+        Ok(any)
+    }
+
+    /// Sockets to wake up for: writable for a piece in progress, and (POLLERR, always reported) a
+    /// completion for one that owes some.
+    fn push_socket_fds(&self, out: &[Option<Outgoing>], zc: &[ZcSocket], fds: &mut Vec<libc::pollfd>) {
+        for (k, o) in out.iter().enumerate() {
+            let events = if o.is_some() { libc::POLLOUT } else { 0 };
+            if o.is_some() || zc[k].has_pending() {
+                let fd = self.shared.streams[self.sockets[k]].as_raw_fd();
+                fds.push(libc::pollfd { fd, events, revents: 0 });
+            }
+        }
+    }
+
+    fn sleep_until_posted(
+        &self,
+        out: &[Option<Outgoing>],
+        zc: &[ZcSocket],
+        fds: &mut Vec<libc::pollfd>,
+    ) -> Result<(), Error> {
         let seen = self.window.posted();
         self.window.parking.announce_sleep(self.index);
         let handed = self.sockets.iter().any(|&k| self.shared.handed[k].load(Ordering::Acquire));
         if self.window.posted() != seen || self.window.closing() || self.window.has_uncut() || handed {
             self.window.parking.cancel_sleep(self.index);
-            return;
+            return Ok(());
         }
         fds.clear();
         fds.push(pollin(self.window.parking.event_fd(self.index)));
-        if let Err(e) = park::wait(fds, MAX_SLEEP) {
-            return self.window.fail(Error::io("wait for channel work", e));
-        }
+        self.push_socket_fds(out, zc, fds);
+        let waited = park::wait(fds, MAX_SLEEP);
         self.window.parking.cancel_sleep(self.index);
+        waited.map_err(|e| Error::io("wait for channel work", e))?;
         self.window.parking.drain(self.index);
+        Ok(())
     }
 }
 
-fn write(stream: &TcpStream, o: &mut Outgoing) -> std::io::Result<Step> {
+/// Writes what the socket takes of `o`. With `zc` and `o.zerocopy`, the header goes first as a copy
+/// (MSG_MORE holds it for the payload) and the payload with MSG_ZEROCOPY, each accepted call taking
+/// the socket's next notification id; ENOBUFS (notifications exhausted the socket's option memory)
+/// sends the rest of the piece as a copy.
+fn write(stream: &TcpStream, o: &mut Outgoing, mut zc: Option<(&mut ZcSocket, &Counters)>) -> std::io::Result<Step> {
     let fd = stream.as_raw_fd();
     let total = PIECE_HEADER_LEN + o.piece.len;
     let start = o.written;
     while o.written < total {
+        let zerocopy_payload = o.zerocopy && zc.is_some() && o.written >= PIECE_HEADER_LEN;
         let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 2];
         let mut n_iov = 0;
+        let mut flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
         if o.written < PIECE_HEADER_LEN {
             iov[0] = libc::iovec {
                 iov_base: o.header[o.written..].as_ptr() as *mut libc::c_void,
@@ -223,33 +313,57 @@ fn write(stream: &TcpStream, o: &mut Outgoing) -> std::io::Result<Step> {
             n_iov = 1;
         }
         let payload_done = o.written.saturating_sub(PIECE_HEADER_LEN);
-        if payload_done < o.piece.len {
+        if o.zerocopy && n_iov == 1 {
+            if o.piece.len > 0 {
+                flags |= libc::MSG_MORE;
+            }
+        } else if payload_done < o.piece.len {
             iov[n_iov] = libc::iovec {
                 iov_base: (o.piece.addr + payload_done) as *mut libc::c_void,
                 iov_len: o.piece.len - payload_done,
             };
             n_iov += 1;
         }
+        if zerocopy_payload {
+            flags |= libc::MSG_ZEROCOPY;
+        }
         // SAFETY: an all-zero msghdr is valid; we point it at our iovecs only.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = iov.as_mut_ptr();
         msg.msg_iovlen = n_iov;
+        let injected = zerocopy_payload && zc.as_ref().is_some_and(|(_, c)| c.inject_enobufs());
         // SAFETY: the iovecs cover our header array and the caller's payload, which isend's contract
-        // keeps valid until the request completes (or the comm's drop, which joins this thread).
+        // keeps valid until the request completes (or the comm's drop, which joins this thread); a
+        // zero-copy payload's request completes only after the kernel reported the pages released.
         // MSG_NOSIGNAL: a closed peer must be an error, not SIGPIPE in the host process.
-        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+        let n = if injected { -1 } else { unsafe { libc::sendmsg(fd, &msg, flags) } };
         if n < 0 {
-            let e = std::io::Error::last_os_error();
+            let e = if injected {
+                std::io::Error::from_raw_os_error(libc::ENOBUFS)
+            } else {
+                std::io::Error::last_os_error()
+            };
             match e.kind() {
                 std::io::ErrorKind::Interrupted => continue,
                 std::io::ErrorKind::WouldBlock => {
                     return Ok(if o.written == start { Step::Blocked } else { Step::Partial });
+                }
+                _ if zerocopy_payload && e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    if let Some((_, counters)) = &zc {
+                        counters.fell_back();
+                    }
+                    o.zerocopy = false;
+                    continue;
                 }
                 _ => return Err(e),
             }
         }
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        if zerocopy_payload && let Some((z, counters)) = zc.as_mut() {
+            z.sent(counters);
+            o.zc_sends += 1;
         }
         o.written += n as usize;
     }
