@@ -414,6 +414,7 @@ fn invalid_and_empty(config: UnpackerConfig) {
     assert!(unpacker.poll().unwrap() <= 5);
     assert_eq!(unpacker.finish().unwrap(), 5);
     assert_signalled(&unpacker, 3);
+    dst.expected[4096..8192].copy_from_slice(&pool.expected[4096 * 7 + 3..4096 * 8 + 3]);
     dst.expected[8192..12288].copy_from_slice(&pool.expected[4096 * 9..4096 * 10]);
     dst.assert_matches(&format!("after rejected and empty receives, {:?}", config.mode));
 }
