@@ -316,9 +316,9 @@ impl Unpacker {
         if self.persistent.is_some() { UnpackMode::Persistent } else { UnpackMode::Launch }
     }
 
-    /// How launch mode detects completion (meaningless in persistent mode).
+    /// How completion is detected (persistent mode always reads its kernel's words).
     pub fn completion(&self) -> Completion {
-        if self.words.is_some() { Completion::Word } else { Completion::Event }
+        if self.words.is_some() || self.persistent.is_some() { Completion::Word } else { Completion::Event }
     }
 
     /// How the launches retired so far were seen to finish.
