@@ -59,7 +59,7 @@ const ADDRESS_MASK: u64 = (1 << ADDRESS_BITS) - 1;
 
 /// One copy of 1 to [`TILE_BYTES`] bytes, as the kernel reads it (`struct Tile` in kernel.cu):
 /// the source address with `len - 1` in its top 12 bits, and the destination address. Sixteen
-/// bytes, so one vector load fetches a tile and 255 of them fit in a 4 KiB parameter block.
+/// bytes, so one vector load fetches a tile and 254 of them fit in a 4 KiB parameter block after its 32-byte header.
 #[repr(C, align(16))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Tile {

@@ -38,7 +38,7 @@
 //! time roughly in proportion to its size (about +1 us for 128 tiles, +2 us for 1024, +3.6 us for
 //! the 32 KiB block), a mapped read costs about one PCIe round trip (+1 to +3 us) whatever the count, and a
 //! copy-engine upload +5 to +14 us. Parameters win on latency for one receive (one 512 KiB receive
-//! of whole pages is 128 tiles), so launches of up to 255 tiles go inline and larger ones mapped.
+//! of whole pages is 128 tiles), so launches of up to 254 tiles go inline and larger ones mapped.
 
 use std::sync::Arc;
 
@@ -63,7 +63,7 @@ pub struct UnpackerConfig {
     /// Launches that may be running before `submit` reports [`Submit::Full`].
     pub launches_in_flight: usize,
     /// Launches of at most this many tiles carry them in the kernel parameters (capped at what
-    /// the driver allows, [`UnpackKernels::max_inline`]). Default: 255, the small variant (4 KiB of parameters).
+    /// the driver allows, [`UnpackKernels::max_inline`]). Default: 254, the small variant (4 KiB of parameters); 128 or fewer use the 2 KiB tiny one.
     pub inline_tiles: usize,
     /// How larger launches get their tiles. Default: mapped.
     pub bulk: BulkTiles,
