@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use common::Rng;
 use cudarc::driver::{CudaContext, result, sys};
-use uccl_tcpx::cuda::unpack::{BulkTiles, ReceiveLayout, Submit, UnpackMode, Unpacker, UnpackerConfig};
+use uccl_tcpx::cuda::unpack::{
+    BulkTiles, Completion, CompletionCounts, INLINE_SMALL, ReceiveLayout, Submit, UnpackMode, Unpacker, UnpackerConfig,
+};
 use uccl_tcpx::transport::plugin::abi::LoadMeta;
 
 const GUARD: u8 = 0xA5;
@@ -81,17 +83,34 @@ fn persistent() -> UnpackerConfig {
     UnpackerConfig { mode: UnpackMode::Persistent, ..UnpackerConfig::default() }
 }
 
+fn with_events(config: UnpackerConfig) -> UnpackerConfig {
+    UnpackerConfig { completion: Completion::Event, ..config }
+}
+
 /// Every way tiles reach the kernel: in the parameters (up to the largest variant), copied to
 /// device memory, read through the host mapping by one launch per batch, or by the resident
-/// kernel.
-fn tile_paths() -> [UnpackerConfig; 4] {
+/// kernel; launches report through completion words (the default) except in the last row, which
+/// uses events.
+fn tile_paths() -> [UnpackerConfig; 5] {
     let base = UnpackerConfig::default();
     [
         UnpackerConfig { inline_tiles: usize::MAX, ..base },
         UnpackerConfig { inline_tiles: 0, bulk: BulkTiles::Copy, ..base },
         UnpackerConfig { inline_tiles: 0, bulk: BulkTiles::Mapped, ..base },
         persistent(),
+        with_events(UnpackerConfig { inline_tiles: 0, bulk: BulkTiles::Mapped, ..base }),
     ]
+}
+
+/// Every launch retired must have been seen through its own signal (word or event), never by the
+/// stream-idle fallback, which would hide a kernel that forgot to write its word.
+fn assert_signalled(unpacker: &Unpacker, launches: u64) {
+    assert_eq!(
+        unpacker.completion_counts(),
+        CompletionCounts { signalled: launches, by_stream_check: 0 },
+        "{:?} completion",
+        unpacker.completion()
+    );
 }
 
 /// Submits every receive (polling when the ring is full), finishes, and checks tickets.
@@ -125,6 +144,8 @@ fn run(unpacker: &mut Unpacker, pool: &Region, dst: &Region, receives: &[Receive
     assert_eq!(done, first + receives.len() as u64, "finish covers every receive");
     assert_eq!(unpacker.pending_receives(), 0);
     assert_eq!(unpacker.launches_in_flight(), 0);
+    assert_eq!(unpacker.completion_counts().by_stream_check, 0, "a launch's completion word never arrived");
+    assert!(unpacker.completion_counts().signalled > 0);
 }
 
 /// Fragments covering `dst_len` bytes in order, each from a random place in the pool, with a kind
@@ -257,10 +278,11 @@ fn destinations_at_the_very_end_of_a_region_leave_the_guard_untouched() {
             ],
         };
         cpu_gather(&pool.expected, &mut dst.expected, &receive);
-        for config in [UnpackerConfig::default(), persistent()] {
+        for config in [UnpackerConfig::default(), with_events(UnpackerConfig::default()), persistent()] {
             let mut unpacker = Unpacker::new(config).expect("unpacker");
             run(&mut unpacker, &pool, &dst, std::slice::from_ref(&receive));
-            dst.assert_matches(&format!("destination of {len} bytes, {guard} guard bytes, {:?}", config.mode));
+            assert_signalled(&unpacker, 1);
+            dst.assert_matches(&format!("destination of {len} bytes, {guard} guard bytes, {config:?}"));
         }
     }
 }
@@ -268,12 +290,16 @@ fn destinations_at_the_very_end_of_a_region_leave_the_guard_untouched() {
 #[test]
 fn small_rings_force_device_tile_launches_full_rings_and_in_order_completion() {
     let Some(_ctx) = gpu() else { return };
-    for mode in [UnpackMode::Launch, UnpackMode::Persistent] {
-        small_rings(mode);
+    for (mode, completion) in [
+        (UnpackMode::Launch, Completion::Word),
+        (UnpackMode::Launch, Completion::Event),
+        (UnpackMode::Persistent, Completion::Word),
+    ] {
+        small_rings(mode, completion);
     }
 }
 
-fn small_rings(mode: UnpackMode) {
+fn small_rings(mode: UnpackMode, completion: Completion) {
     let mut rng = Rng(0x5eed_0004);
     let pool = Region::new(rng.bytes(32 << 20));
     let mut dst = Region::guarded(48 * (512 << 10) + 64);
@@ -282,11 +308,12 @@ fn small_rings(mode: UnpackMode) {
         launches_in_flight: 2,
         inline_tiles: 0,
         mode,
+        completion,
         ..UnpackerConfig::default()
     })
     .expect("unpacker");
     assert_eq!(unpacker.mode(), mode);
-    assert!(unpacker.kernels().max_inline() >= 255, "{:?}", unpacker.kernels());
+    assert!(unpacker.kernels().max_inline() >= INLINE_SMALL, "{:?}", unpacker.kernels());
     // 512 KiB receives of shuffled whole pages: 128 tiles each, copied to the device tile buffer.
     let mut receives = Vec::new();
     for i in 0..48 {
@@ -340,13 +367,15 @@ fn small_rings(mode: UnpackMode) {
     assert_eq!(unpacker.poll().unwrap(), 48);
     assert_eq!(tickets, (0..48).collect::<Vec<u64>>());
     assert!(!unpacker.launch().expect("nothing pending"), "an empty batch launches nothing");
-    dst.assert_matches(&format!("device tile batches, {mode:?}"));
+    // 48 receives in batches of 20, 20 and 8, each launched once.
+    assert_signalled(&unpacker, 3);
+    dst.assert_matches(&format!("device tile batches, {mode:?}, {completion:?}"));
 }
 
 #[test]
 fn invalid_and_empty_receives() {
     let Some(_ctx) = gpu() else { return };
-    for config in [UnpackerConfig::default(), persistent()] {
+    for config in [UnpackerConfig::default(), with_events(UnpackerConfig::default()), persistent()] {
         invalid_and_empty(config);
     }
 }
@@ -375,7 +404,18 @@ fn invalid_and_empty(config: UnpackerConfig) {
     assert_eq!(unsafe { unpacker.submit(&layout(4096, 4096), &good) }.unwrap(), Submit::Queued(1));
     assert_eq!(unsafe { unpacker.submit(&layout(0, 0), &[]) }.unwrap(), Submit::Queued(2));
     assert_eq!(unpacker.finish().unwrap(), 3);
+    assert_signalled(&unpacker, 1);
+    // A batch of empty receives alone launches no kernel, yet completes in order behind a real one.
+    let one = [LoadMeta { src_off: 4096 * 9, len: 4096, dst_off: 0 }];
+    assert_eq!(unsafe { unpacker.submit(&layout(8192, 4096), &one) }.unwrap(), Submit::Queued(3));
+    assert!(unpacker.launch().unwrap());
+    assert_eq!(unsafe { unpacker.submit(&layout(0, 0), &[]) }.unwrap(), Submit::Queued(4));
+    assert!(unpacker.launch().unwrap());
+    assert!(unpacker.poll().unwrap() <= 5);
+    assert_eq!(unpacker.finish().unwrap(), 5);
+    assert_signalled(&unpacker, 3);
     dst.expected[4096..8192].copy_from_slice(&pool.expected[4096 * 7 + 3..4096 * 8 + 3]);
+    dst.expected[8192..12288].copy_from_slice(&pool.expected[4096 * 9..4096 * 10]);
     dst.assert_matches(&format!("after rejected and empty receives, {:?}", config.mode));
 }
 
@@ -424,7 +464,7 @@ fn every_parameter_block_size_carries_its_tiles() {
     let mut unpacker = Unpacker::new(config).expect("unpacker");
     let max_inline = unpacker.kernels().max_inline();
     // Just under and at each variant's capacity (small, medium, large), then one past the largest.
-    for pages in [1usize, 254, 255, 256, 1023, 1024, 1025, 2045, 2046, 2047] {
+    for pages in [1usize, 127, 128, 129, 253, 254, 255, 1023, 1024, 1025, 2044, 2045, 2046] {
         let pages = pages.min(max_inline + 1);
         let mut metas: Vec<LoadMeta> = (0..pages)
             .map(|k| LoadMeta {
@@ -442,5 +482,83 @@ fn every_parameter_block_size_carries_its_tiles() {
         cpu_gather(&pool.expected, &mut dst.expected, &receive);
         run(&mut unpacker, &pool, &dst, std::slice::from_ref(&receive));
         dst.assert_matches(&format!("{pages} tiles"));
+    }
+}
+
+/// Many launches in flight at once, through every launch path: completion is reported in launch
+/// order, and each receive's bytes are already in place the moment the watermark covers it (read
+/// back at once, while later launches still run). Far more launches than slots, so every slot's
+/// counter and word are reused many times: a counter the kernel failed to reset would leave a
+/// word unwritten and show up as a stream-check retirement.
+#[test]
+fn many_launches_in_flight_complete_in_order_with_their_bytes_in_place() {
+    let Some(_ctx) = gpu() else { return };
+    let mut rng = Rng(0x5eed_0008);
+    let pool = Region::new(rng.bytes(32 << 20));
+    let count = 96;
+    // 7 to 300 pages of every fragment kind: launches take the tiny, small and mapped paths.
+    let sizes = [128usize, 200, 300, 7];
+    let mut receives = Vec::new();
+    let mut at = 0;
+    for i in 0..count {
+        let len = sizes[i % sizes.len()] * 4096 - (i % 3) * 5;
+        receives.push(random_receive(&mut rng, pool.expected.len(), at, len));
+        at += len + 16 + rng.below(16);
+    }
+    for completion in [Completion::Word, Completion::Event] {
+        let config = UnpackerConfig { launches_in_flight: 32, completion, ..UnpackerConfig::default() };
+        let mut dst = Region::guarded(at + 64);
+        for r in &receives {
+            cpu_gather(&pool.expected, &mut dst.expected, r);
+        }
+        let mut unpacker = Unpacker::new(config).expect("unpacker");
+        let mut checked = 0usize;
+        let mut max_in_flight = 0;
+        let check_done = |done: u64, checked: &mut usize| {
+            assert!(done as usize >= *checked, "the watermark never goes back");
+            while *checked < done as usize {
+                let r = &receives[*checked];
+                let mut actual = vec![0u8; r.dst_len];
+                unsafe { result::memcpy_dtoh_sync(&mut actual, dst.ptr + r.dst_at as u64) }.expect("download");
+                assert!(
+                    actual == dst.expected[r.dst_at..r.dst_at + r.dst_len],
+                    "receive {} reported done before its bytes were in place ({completion:?})",
+                    *checked
+                );
+                *checked += 1;
+            }
+        };
+        for (i, r) in receives.iter().enumerate() {
+            let layout = ReceiveLayout {
+                pool: pool.ptr,
+                pool_len: pool.expected.len() as u64,
+                dst: dst.ptr + r.dst_at as u64,
+                dst_len: r.dst_len as u64,
+            };
+            loop {
+                match unsafe { unpacker.submit(&layout, &r.metas) }.expect("submit") {
+                    Submit::Queued(ticket) => {
+                        assert_eq!(ticket, i as u64);
+                        break;
+                    }
+                    Submit::Full => {
+                        let done = unpacker.poll().expect("poll");
+                        check_done(done, &mut checked);
+                    }
+                }
+            }
+            // One launch per receive; no poll until the ring is full.
+            assert!(unpacker.launch().expect("launch"));
+            max_in_flight = max_in_flight.max(unpacker.launches_in_flight());
+        }
+        while unpacker.launches_in_flight() > 0 {
+            let done = unpacker.poll().expect("poll");
+            assert!(done <= count as u64);
+            check_done(done, &mut checked);
+        }
+        assert_eq!(checked, count);
+        assert_eq!(max_in_flight, 32, "the ring filled before the first poll");
+        assert_signalled(&unpacker, count as u64);
+        dst.assert_matches(&format!("many launches in flight, {completion:?}"));
     }
 }

@@ -10,7 +10,7 @@ use uccl_tcpx::transport::{MrHandle, RequestId, SendComm};
 
 use crate::config::{Config, Mode};
 use crate::fail::{Fail, Result};
-use crate::gpu::GpuContext;
+use crate::gpu::{GpuContext, SendStaging};
 use crate::health::{AfterCompletion, Health, closed};
 use crate::mr::Registrations;
 use crate::request::{MAX_REQUESTS, OP_SEND, Ring};
@@ -23,9 +23,11 @@ const INNER_WINDOW: usize = 16;
 struct SendSlot {
     data: usize,
     len: usize,
-    /// Device memory in GPU mode: copied to `staged` before it goes on the wire.
+    /// Device memory in GPU mode: copied to the slot's pinned staging buffer before it goes on
+    /// the wire.
     device: bool,
-    staged: Vec<u8>,
+    /// The staging copy was started (device sends only).
+    copying: bool,
     sent: bool,
 }
 
@@ -39,8 +41,10 @@ pub struct FakeSend {
     /// First field: dropped (closing the stream, joining its helper thread) before the buffers below.
     inner: Option<Box<dyn SendComm>>,
     key: usize,
-    /// GPU mode: the context CUDA sends are copied out of device memory with.
-    gpu: Option<GpuContext>,
+    /// GPU mode: the context and the pinned buffers CUDA sends are copied out of device memory with.
+    gpu: Option<SendStaging>,
+    /// Requests whose staging copy was started (device sends) or that need none.
+    staged: u64,
     ring: Ring,
     regs: Registrations,
     health: Health,
@@ -56,13 +60,14 @@ impl FakeSend {
         let health = Health::new(cfg.fault);
         let inner = (!health.drops_at_start()).then_some(inner);
         let gpu = match cfg.mode {
-            Mode::Gpu => Some(GpuContext::acquire()?),
+            Mode::Gpu => Some(SendStaging::new(GpuContext::acquire()?, MAX_REQUESTS)?),
             Mode::Host => None,
         };
         Ok(FakeSend {
             inner,
             key: 0,
             gpu,
+            staged: 0,
             ring: Ring::new(),
             regs: Registrations::default(),
             health,
@@ -79,7 +84,7 @@ impl FakeSend {
     }
 
     pub fn gpu(&self) -> Option<&GpuContext> {
-        self.gpu.as_ref()
+        self.gpu.as_ref().map(SendStaging::ctx)
     }
 
     pub fn ring_base(&self) -> usize {
@@ -105,7 +110,7 @@ impl FakeSend {
             data: data as usize,
             len,
             device: self.gpu.is_some() && kind == NCCL_PTR_CUDA,
-            staged: Vec::new(),
+            copying: false,
             sent: false,
         };
         Ok(self.ring.pointer(k))
@@ -140,15 +145,29 @@ impl FakeSend {
 
     fn progress(&mut self) -> Result<()> {
         let inner = self.inner.as_mut().ok_or_else(|| Fail::system("Connection closed by remote peer"))?;
+        // Start the staging copies of every posted device send at once, so they run while the
+        // requests before them are written to the socket.
+        while self.staged < self.ring.posted {
+            let i = self.staged as usize % MAX_REQUESTS;
+            let s = &mut self.slots[i];
+            if let (true, Some(gpu)) = (s.device, &mut self.gpu) {
+                gpu.start(i, s.data, s.len)?;
+                s.copying = true;
+            }
+            self.staged += 1;
+        }
         while self.submitted < self.ring.posted && self.inner_queue.len() + 2 <= INNER_WINDOW {
             let seq = self.submitted;
             let i = seq as usize % MAX_REQUESTS;
             let s = &mut self.slots[i];
-            let payload = if let (true, Some(gpu)) = (s.device, &self.gpu) {
-                s.staged = gpu.copy_to_host(s.data, s.len)?;
-                s.staged.as_ptr()
-            } else {
-                s.data as *const u8
+            let payload = match (s.copying, &mut self.gpu) {
+                (true, Some(gpu)) => {
+                    if !gpu.ready(i)? {
+                        break;
+                    }
+                    gpu.buffer(i)
+                }
+                _ => s.data as *const u8,
             };
             self.headers[i] = wire::encode(seq, s.len as u32);
             // SAFETY: the header lives in this comm and the payload is caller memory that isend's

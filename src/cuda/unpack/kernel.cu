@@ -17,9 +17,16 @@
 // The kernel runs after the receive completed and nothing writes the pool pages until the host
 // returns them, so read-once non-coherent loads are safe.
 //
-// Built by NVRTC with -D definitions from kernels.rs: UNPACK_INLINE_SMALL, UNPACK_INLINE_MEDIUM,
-// UNPACK_INLINE_LARGE (tile capacities of the inline variants; 0 leaves a variant out). No
-// __launch_bounds__: with it ptxas capped registers at 64 and spilled the in-flight words.
+// Completion: a launch that carries a completion signal (word != 0) reports its end itself. Every
+// block counts itself done in the launch slot's device counter once its warps' stores are issued
+// and fenced; the last one resets the counter (the slot's next launch is queued behind this one on
+// the same stream) and, after a system-scope fence, stores the launch's sequence number to the
+// slot's completion word in mapped host memory, which the host polls instead of a CUDA event.
+//
+// Built by NVRTC with -D definitions from kernels.rs: UNPACK_INLINE_TINY, UNPACK_INLINE_SMALL,
+// UNPACK_INLINE_MEDIUM, UNPACK_INLINE_LARGE (tile capacities of the inline variants; 0 leaves a
+// variant out). No __launch_bounds__: with it ptxas capped registers at 64 and spilled the
+// in-flight words.
 
 typedef unsigned char u8;
 typedef unsigned int u32;
@@ -36,11 +43,19 @@ struct __align__(16) Tile {
     u64 dst;
 };
 
+// Mirrors kernels::CompletionSignal. word == 0: the launch signals nothing (the host uses an event).
+struct CompletionSignal {
+    u64 seq;      // stored to `word` when the whole launch is done
+    u64 counter;  // device address of the slot's u32 block counter, 0 between launches
+    u64 word;     // device address of the slot's u64 completion word in mapped host memory
+};
+
 // Mirrors kernels::InlineTiles: the used prefix of `tiles` is `count` long.
 template <int N>
 struct InlineTiles {
     u32 count;
-    u32 reserved[3];
+    u32 reserved;
+    CompletionSignal signal;
     Tile tiles[N];
 };
 
@@ -184,25 +199,50 @@ __device__ __forceinline__ void copy_tile(u64 src, u64 dst, u32 len, u32 lane) {
     if (has_tail) store_byte(body_dst + tail_at, tail_byte);
 }
 
-__device__ __forceinline__ void unpack_warp(const Tile* tiles, u32 count) {
-    const u32 lane = threadIdx.x & (UNPACK_WARP - 1);
-    const u32 tile = blockIdx.x * (blockDim.x / UNPACK_WARP) + threadIdx.x / UNPACK_WARP;
-    if (tile >= count) return;
-    const Tile t = tiles[tile];
-    const u64 src = t.src_and_len & ((1ull << UNPACK_ADDRESS_BITS) - 1);
-    const u32 len = (u32)(t.src_and_len >> UNPACK_ADDRESS_BITS) + 1;
-    copy_tile<false>(src, t.dst, len, lane);
+__device__ __forceinline__ void store_completion_word(u64 addr, u64 v) {
+    asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(addr), "l"(v) : "memory");
 }
 
-extern "C" __global__ void unpack_tiles(const Tile* __restrict__ tiles, u32 count) {
-    unpack_warp(tiles, count);
+// Called by every thread of every block after its copies (no thread may have returned early).
+__device__ __forceinline__ void signal_completion(const CompletionSignal& signal) {
+    if (signal.word == 0) return;
+    // All warps' stores are issued before thread 0 counts the block; its fence orders them before
+    // the count device-wide, and the last block's system fence orders all of them before the word.
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    __threadfence();
+    u32* counter = (u32*)signal.counter;
+    if (atomicAdd(counter, 1u) + 1 == gridDim.x) {
+        *counter = 0;
+        __threadfence_system();
+        store_completion_word(signal.word, signal.seq);
+    }
+}
+
+__device__ __forceinline__ void unpack_block(const Tile* tiles, u32 count, const CompletionSignal& signal) {
+    const u32 lane = threadIdx.x & (UNPACK_WARP - 1);
+    const u32 tile = blockIdx.x * (blockDim.x / UNPACK_WARP) + threadIdx.x / UNPACK_WARP;
+    if (tile < count) {
+        const Tile t = tiles[tile];
+        const u64 src = t.src_and_len & ((1ull << UNPACK_ADDRESS_BITS) - 1);
+        const u32 len = (u32)(t.src_and_len >> UNPACK_ADDRESS_BITS) + 1;
+        copy_tile<false>(src, t.dst, len, lane);
+    }
+    signal_completion(signal);
+}
+
+extern "C" __global__ void unpack_tiles(const Tile* __restrict__ tiles, u32 count, const CompletionSignal signal) {
+    unpack_block(tiles, count, signal);
 }
 
 #define UNPACK_DEFINE_INLINE(NAME, N)                                                                  \
     extern "C" __global__ void NAME(const __grid_constant__ InlineTiles<N> p) {                       \
-        unpack_warp(p.tiles, p.count);                                                                 \
+        unpack_block(p.tiles, p.count, p.signal);                                                      \
     }
 
+#if UNPACK_INLINE_TINY > 0
+UNPACK_DEFINE_INLINE(unpack_inline_tiny, UNPACK_INLINE_TINY)
+#endif
 #if UNPACK_INLINE_SMALL > 0
 UNPACK_DEFINE_INLINE(unpack_inline_small, UNPACK_INLINE_SMALL)
 #endif

@@ -18,28 +18,51 @@ const SOURCE: &str = include_str!("kernel.cu");
 pub const BLOCK_THREADS: u32 = 128;
 const TILES_PER_BLOCK: u32 = BLOCK_THREADS / 32;
 
-/// Tile capacities of the inline variants, smallest first. The small one fits the 4 KiB parameter
-/// limit of every driver; the others need CUDA 12.1+, which allows 32 764 bytes.
-pub const INLINE_SMALL: usize = 255;
+/// Tile capacities of the inline variants, smallest first. The driver copies a variant's whole
+/// parameter block at every launch, so the tiny one (one 512 KiB receive of whole pages) keeps
+/// that copy at 2 KiB. Tiny and small fit the 4 KiB parameter limit of every driver; the others
+/// need CUDA 12.1+, which allows 32 764 bytes.
+pub const INLINE_TINY: usize = 128;
+pub const INLINE_SMALL: usize = 254;
 pub const INLINE_MEDIUM: usize = 1024;
-pub const INLINE_LARGE: usize = 2046;
+pub const INLINE_LARGE: usize = 2045;
 const LARGE_PARAMS_DRIVER: i32 = 12010;
 
-/// Kernel parameters of the inline variants: a count and the tiles. Every variant's parameter block
-/// is a prefix of this one, so one buffer serves all three.
+/// How a launch reports that it finished (`struct CompletionSignal` in kernel.cu): its last block
+/// stores `seq` to the mapped host word at device address `word` after a system-scope fence,
+/// counting finished blocks in the device `u32` at `counter` (0 before the launch, reset to 0 by
+/// the kernel). `word == 0` signals nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CompletionSignal {
+    pub seq: u64,
+    pub counter: u64,
+    pub word: u64,
+}
+
+/// Kernel parameters of the inline variants: a count, the completion signal and the tiles. Every
+/// variant's parameter block is a prefix of this one, so one buffer serves all of them.
 #[repr(C)]
 pub struct InlineTiles {
     pub count: u32,
-    pub reserved: [u32; 3],
+    pub reserved: u32,
+    pub signal: CompletionSignal,
     pub tiles: [Tile; INLINE_LARGE],
 }
 
-const _: () = assert!(size_of::<InlineTiles>() == 16 + 16 * INLINE_LARGE && size_of::<InlineTiles>() <= 32764);
-const _: () = assert!(16 + 16 * INLINE_SMALL <= 4096);
+const INLINE_HEADER: usize = 32;
+const _: () = assert!(std::mem::offset_of!(InlineTiles, tiles) == INLINE_HEADER);
+const _: () = assert!(size_of::<InlineTiles>() == INLINE_HEADER + 16 * INLINE_LARGE);
+const _: () = assert!(size_of::<InlineTiles>() <= 32764 && INLINE_HEADER + 16 * INLINE_SMALL <= 4096);
 
 impl InlineTiles {
     pub fn boxed() -> Box<InlineTiles> {
-        Box::new(InlineTiles { count: 0, reserved: [0; 3], tiles: [Tile::default(); INLINE_LARGE] })
+        Box::new(InlineTiles {
+            count: 0,
+            reserved: 0,
+            signal: CompletionSignal::default(),
+            tiles: [Tile::default(); INLINE_LARGE],
+        })
     }
 }
 
@@ -120,24 +143,36 @@ impl UnpackKernels {
         self.inline.last().map_or(0, |(cap, _)| *cap)
     }
 
-    /// Copies `count` tiles that sit in device memory at `tiles`.
+    /// Copies `count` tiles that sit in device memory at `tiles`, then raises `signal` (if its
+    /// word is set).
     ///
     /// # Safety
     /// `stream` is a live stream of this device's primary context, current on this thread; `tiles`
-    /// holds `count` tiles until the launch finished; every tile's ranges are valid device memory.
-    pub unsafe fn launch_device_tiles(&self, stream: sys::CUstream, tiles: sys::CUdeviceptr, count: u32) -> Result<()> {
+    /// holds `count` tiles until the launch finished; every tile's ranges are valid device memory;
+    /// a set signal names a zeroed device counter and a mapped host word no other launch running at
+    /// the same time uses.
+    pub unsafe fn launch_device_tiles(
+        &self,
+        stream: sys::CUstream,
+        tiles: sys::CUdeviceptr,
+        count: u32,
+        signal: CompletionSignal,
+    ) -> Result<()> {
         if count == 0 {
             return Ok(());
         }
         let mut tiles = tiles;
         let mut count_arg = count;
-        let mut args: [*mut c_void; 2] = [(&raw mut tiles).cast(), (&raw mut count_arg).cast()];
-        // SAFETY: argument types match `unpack_tiles(const Tile*, u32)`; the rest is the caller's.
+        let mut signal = signal;
+        let mut args: [*mut c_void; 3] =
+            [(&raw mut tiles).cast(), (&raw mut count_arg).cast(), (&raw mut signal).cast()];
+        // SAFETY: argument types match `unpack_tiles(const Tile*, u32, CompletionSignal)`; the rest
+        // is the caller's.
         unsafe { self.launch(&self.device_tiles, stream, count, &mut args) }
     }
 
-    /// Copies the first `params.count` tiles of `params`; the driver copies the parameters at the
-    /// call, so `params` may be reused at once.
+    /// Copies the first `params.count` tiles of `params` and raises `params.signal` (if set); the
+    /// driver copies the parameters at the call, so `params` may be reused at once.
     ///
     /// # Safety
     /// As for [`launch_device_tiles`](Self::launch_device_tiles).
@@ -207,7 +242,11 @@ fn build(ordinal: usize) -> Result<UnpackKernels> {
         .result()
         .map_err(|e| driver_error("query driver version", e))?;
     let large_params = driver_version >= LARGE_PARAMS_DRIVER;
-    let inline_caps = if large_params { [INLINE_SMALL, INLINE_MEDIUM, INLINE_LARGE] } else { [INLINE_SMALL, 0, 0] };
+    let inline_caps = if large_params {
+        [INLINE_TINY, INLINE_SMALL, INLINE_MEDIUM, INLINE_LARGE]
+    } else {
+        [INLINE_TINY, INLINE_SMALL, 0, 0]
+    };
 
     let (target, image) = compile(major * 10 + minor, &inline_caps)?;
     let module = context.load_module(image).map_err(|e| driver_error(&format!("load module ({target})"), e))?;
@@ -215,7 +254,8 @@ fn build(ordinal: usize) -> Result<UnpackKernels> {
     let device_tiles = load("unpack_tiles")?;
     let resident = load("unpack_resident")?;
     let mut inline = Vec::new();
-    for (cap, name) in inline_caps.iter().zip(["unpack_inline_small", "unpack_inline_medium", "unpack_inline_large"]) {
+    let names = ["unpack_inline_tiny", "unpack_inline_small", "unpack_inline_medium", "unpack_inline_large"];
+    for (cap, name) in inline_caps.iter().zip(names) {
         if *cap > 0 {
             inline.push((*cap, load(name)?));
         }
@@ -225,7 +265,7 @@ fn build(ordinal: usize) -> Result<UnpackKernels> {
 
 /// Compiles the kernel to a cubin for `sm_<cc>` when this NVRTC knows the architecture, else to PTX
 /// for the newest architecture it knows below it.
-fn compile(cc: i32, inline_caps: &[usize; 3]) -> Result<(String, nvrtc::Ptx)> {
+fn compile(cc: i32, inline_caps: &[usize; 4]) -> Result<(String, nvrtc::Ptx)> {
     // SAFETY: only dlopens candidate library names.
     if !unsafe { nvrtc::sys::is_culib_present() } {
         return Err(Error::backend(
@@ -248,9 +288,10 @@ fn compile(cc: i32, inline_caps: &[usize; 3]) -> Result<(String, nvrtc::Ptx)> {
     let options = vec![
         format!("--gpu-architecture={target}"),
         "-std=c++17".to_owned(),
-        format!("-DUNPACK_INLINE_SMALL={}", inline_caps[0]),
-        format!("-DUNPACK_INLINE_MEDIUM={}", inline_caps[1]),
-        format!("-DUNPACK_INLINE_LARGE={}", inline_caps[2]),
+        format!("-DUNPACK_INLINE_TINY={}", inline_caps[0]),
+        format!("-DUNPACK_INLINE_SMALL={}", inline_caps[1]),
+        format!("-DUNPACK_INLINE_MEDIUM={}", inline_caps[2]),
+        format!("-DUNPACK_INLINE_LARGE={}", inline_caps[3]),
     ];
     let source = CString::new(SOURCE).expect("kernel source has no NUL");
     let program = Program(
@@ -321,15 +362,16 @@ mod tests {
         let archs = supported_archs().unwrap();
         assert!(!archs.is_empty());
         let newest = *archs.iter().max().unwrap();
-        let (target, image) = compile(newest, &[INLINE_SMALL, INLINE_MEDIUM, INLINE_LARGE]).unwrap();
+        let (target, image) = compile(newest, &[INLINE_TINY, INLINE_SMALL, INLINE_MEDIUM, INLINE_LARGE]).unwrap();
         assert_eq!(target, format!("sm_{newest}"));
         let cubin = format!("{image:?}");
         assert!(cubin.contains("Binary"), "expected a cubin image");
         // An architecture newer than NVRTC knows falls back to PTX of the newest it knows.
-        let (target, image) = compile(newest + 1, &[INLINE_SMALL, 0, 0]).unwrap();
+        let (target, image) = compile(newest + 1, &[INLINE_TINY, INLINE_SMALL, 0, 0]).unwrap();
         assert_eq!(target, format!("compute_{newest}"));
         let ptx = image.to_src();
         assert!(ptx.contains(".entry unpack_tiles") && ptx.contains(".entry unpack_inline_small"));
+        assert!(ptx.contains(".entry unpack_inline_tiny"));
         assert!(ptx.contains(".entry unpack_resident"));
         assert!(!ptx.contains("unpack_inline_large"), "disabled variants are left out");
     }

@@ -59,7 +59,7 @@ const ADDRESS_MASK: u64 = (1 << ADDRESS_BITS) - 1;
 
 /// One copy of 1 to [`TILE_BYTES`] bytes, as the kernel reads it (`struct Tile` in kernel.cu):
 /// the source address with `len - 1` in its top 12 bits, and the destination address. Sixteen
-/// bytes, so one vector load fetches a tile and 255 of them fit in a 4 KiB parameter block.
+/// bytes, so one vector load fetches a tile and 254 of them fit in a 4 KiB parameter block after its 32-byte header.
 #[repr(C, align(16))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Tile {
@@ -128,29 +128,36 @@ pub fn plan_receive(
     let start = *used;
     let mut out = TileWriter { tiles, used: start };
     let mut stats = PlanStats::default();
-    let mut run: Option<Run> = None;
+    // The run being extended; `run.len == 0` means none yet. Kept in locals rather than an
+    // Option so the per-fragment loop stays branch-light (this is on every receive's latency).
+    let mut run = Run { src_off: 0, dst_off: 0, len: 0 };
     for (index, meta) in metas.iter().enumerate() {
-        let fragment = match checked_fragment(layout, index, meta) {
-            Ok(Some(fragment)) => fragment,
-            Ok(None) => continue,
-            Err(e) => return Err(PlanError::Invalid(e)),
-        };
-        stats.bytes += fragment.len;
-        match run.as_mut() {
-            Some(current) if current.continues_with(&fragment) => current.len += fragment.len,
-            _ => {
-                if let Some(done) = run.replace(fragment) {
-                    stats.runs += 1;
-                    if let Err(needed) = out.push_run(layout, &done) {
-                        return Err(no_room(start, needed, &out));
-                    }
-                }
+        let len = u64::from(meta.len);
+        if len == 0 {
+            continue;
+        }
+        let src_off = u64::from(meta.src_off);
+        // src_off and len are both 32-bit, so their sum cannot overflow u64; dst_off is checked
+        // before the subtraction.
+        if src_off + len > layout.pool_len || meta.dst_off > layout.dst_len || len > layout.dst_len - meta.dst_off {
+            return Err(PlanError::Invalid(fragment_error(layout, index, meta)));
+        }
+        stats.bytes += len;
+        if run.len != 0 && run.src_off + run.len == src_off && run.dst_off + run.len == meta.dst_off {
+            run.len += len;
+            continue;
+        }
+        if run.len != 0 {
+            stats.runs += 1;
+            if let Err(needed) = out.push_run(layout, &run) {
+                return Err(no_room(start, needed, &out));
             }
         }
+        run = Run { src_off, dst_off: meta.dst_off, len };
     }
-    if let Some(done) = run {
+    if run.len != 0 {
         stats.runs += 1;
-        if let Err(needed) = out.push_run(layout, &done) {
+        if let Err(needed) = out.push_run(layout, &run) {
             return Err(no_room(start, needed, &out));
         }
     }
@@ -159,6 +166,7 @@ pub fn plan_receive(
     Ok(stats)
 }
 
+#[cold]
 fn no_room(start: usize, needed_now: usize, out: &TileWriter<'_>) -> PlanError {
     PlanError::NoRoom { needed: out.used - start + needed_now }
 }
@@ -171,32 +179,21 @@ struct Run {
     len: u64,
 }
 
-impl Run {
-    fn continues_with(&self, next: &Run) -> bool {
-        self.src_off + self.len == next.src_off && self.dst_off + self.len == next.dst_off
-    }
-}
-
-fn checked_fragment(layout: &ReceiveLayout, index: usize, meta: &LoadMeta) -> Result<Option<Run>> {
-    let len = u64::from(meta.len);
-    if len == 0 {
-        return Ok(None);
-    }
-    let src_off = u64::from(meta.src_off);
-    // src_off and len are both 32-bit, so their sum cannot overflow u64.
+/// Why a fragment failed the bounds checks of `plan_receive`.
+#[cold]
+fn fragment_error(layout: &ReceiveLayout, index: usize, meta: &LoadMeta) -> Error {
+    let (src_off, len) = (u64::from(meta.src_off), u64::from(meta.len));
     if src_off + len > layout.pool_len {
-        return Err(Error::invalid(format!(
+        Error::invalid(format!(
             "unpack: fragment {index} reads pool bytes {src_off}..{} beyond the pool's {} bytes",
             src_off + len,
             layout.pool_len
-        )));
-    }
-    match meta.dst_off.checked_add(len) {
-        Some(end) if end <= layout.dst_len => Ok(Some(Run { src_off, dst_off: meta.dst_off, len })),
-        _ => Err(Error::invalid(format!(
+        ))
+    } else {
+        Error::invalid(format!(
             "unpack: fragment {index} writes destination bytes {}+{len} beyond the destination's {} bytes",
             meta.dst_off, layout.dst_len
-        ))),
+        ))
     }
 }
 
@@ -209,10 +206,18 @@ impl TileWriter<'_> {
     /// Cuts a run into tiles. The first tile ends on a 16-byte destination boundary so that every
     /// later tile starts aligned and only the run's two ends need byte copies. Err carries how many
     /// tiles the run needs.
+    #[inline]
     fn push_run(&mut self, layout: &ReceiveLayout, run: &Run) -> std::result::Result<(), usize> {
         let src = layout.pool + run.src_off;
         let dst = layout.dst + run.dst_off;
         let first = (TILE_BYTES - (dst & 15)).min(run.len);
+        if first == run.len {
+            // One tile: the common case of a page or less.
+            let Some(tile) = self.tiles.get_mut(self.used) else { return Err(1) };
+            *tile = Tile::new(src, dst, run.len as u32);
+            self.used += 1;
+            return Ok(());
+        }
         let needed = 1 + (run.len - first).div_ceil(TILE_BYTES) as usize;
         if self.tiles.len() - self.used < needed {
             return Err(needed);

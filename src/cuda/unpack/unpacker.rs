@@ -1,9 +1,9 @@
 //! Batches completed receives into kernel launches and reports when they are finished.
 //!
 //! Built for a transport's progress thread: `submit` each receive whose `test` reported done,
-//! `launch` when a batch is worth sending or nothing else is pending, and `poll` (one
-//! `cuEventQuery` per launch still running) to learn which receives may now be handed back to
-//! the plugin with `irecv_consumed`.
+//! `launch` when a batch is worth sending or nothing else is pending, and `poll` (one load of a
+//! word in host memory per launch still running) to learn which receives may now be handed back
+//! to the plugin with `irecv_consumed`.
 //!
 //! Receives get consecutive tickets in submission order, and launches run in that order on one
 //! stream, so completion is a single watermark: every receive with a ticket below
@@ -11,12 +11,23 @@
 //! posting order per comm as long as it submits them in that order.
 //!
 //! Everything a launch needs is allocated once: a ring of slots, each with a pinned, device-mapped
-//! tile buffer, a device tile buffer and an event. The open batch is planned straight into the
+//! tile buffer, a device tile buffer, a device block counter and a completion word in mapped host
+//! memory (or an event, [`Completion::Event`]). The open batch is planned straight into the
 //! next slot's pinned buffer. A launch of up to [`UnpackerConfig::inline_tiles`] tiles carries
 //! them in the kernel parameters; a larger one lets the kernel read the pinned buffer through its
 //! mapping ([`BulkTiles::Mapped`]) or copies it to the device first ([`BulkTiles::Copy`]). A slot
-//! is reused only after its event completed, so neither buffer is overwritten while the GPU may
-//! read it.
+//! is reused only after its launch reported completion, so neither buffer is overwritten while the
+//! GPU may read it.
+//!
+//! Completion ([`Completion::Word`], the default): each launch carries its sequence number and its
+//! slot's counter and word; the last block to finish writes the number to the word after a
+//! system-scope fence (kernel.cu), and `poll` reads the words in launch order. That replaces an
+//! event record per launch and a `cuEventQuery` per poll, which cost about as much as the copy of
+//! a 512 KiB receive on the H200 VM of docs/PERFORMANCE.md. A kernel that failed never writes its
+//! word, so after every [`HEALTH_CHECK_EVERY`] polls without progress `poll` asks the driver about
+//! the stream: an error fails the unpacker; an idle stream retires every launch (counted in
+//! [`CompletionCounts::by_stream_check`], which stays 0 when the words work). A batch without
+//! tiles launches nothing; the host writes its word itself and it still completes in order.
 //!
 //! In [`UnpackMode::Persistent`] the same ring feeds one resident kernel instead (persistent.rs):
 //! a launch becomes a doorbell store to mapped host memory, and `poll` reads the per-slot
@@ -27,14 +38,16 @@
 //! time roughly in proportion to its size (about +1 us for 128 tiles, +2 us for 1024, +3.6 us for
 //! the 32 KiB block), a mapped read costs about one PCIe round trip (+1 to +3 us) whatever the count, and a
 //! copy-engine upload +5 to +14 us. Parameters win on latency for one receive (one 512 KiB receive
-//! of whole pages is 128 tiles), so launches of up to 255 tiles go inline and larger ones mapped.
+//! of whole pages is 128 tiles), so launches of up to 254 tiles go inline and larger ones mapped.
 
 use std::sync::Arc;
 
 use cudarc::driver::CudaStream;
 
-use super::kernels::{InlineTiles, UnpackKernels};
-use super::memory::{DeviceTiles, Event, PinnedTiles, driver_error};
+use cudarc::driver::{result, sys};
+
+use super::kernels::{CompletionSignal, InlineTiles, UnpackKernels};
+use super::memory::{DeviceBytes, DeviceTiles, Event, MappedWords, PinnedTiles, driver_error};
 use super::persistent::{MAX_TILES_PER_BATCH, Resident};
 use super::plan::{PlanError, PlanStats, ReceiveLayout, plan_receive};
 use crate::error::{Error, Result};
@@ -50,12 +63,14 @@ pub struct UnpackerConfig {
     /// Launches that may be running before `submit` reports [`Submit::Full`].
     pub launches_in_flight: usize,
     /// Launches of at most this many tiles carry them in the kernel parameters (capped at what
-    /// the driver allows, [`UnpackKernels::max_inline`]). Default: 255, the small variant (4 KiB of parameters).
+    /// the driver allows, [`UnpackKernels::max_inline`]). Default: 254, the small variant (4 KiB of parameters); 128 or fewer use the 2 KiB tiny one.
     pub inline_tiles: usize,
     /// How larger launches get their tiles. Default: mapped.
     pub bulk: BulkTiles,
     /// One kernel launch per batch, or one resident kernel fed through mapped memory.
     pub mode: UnpackMode,
+    /// How launch mode learns that a launch finished. Ignored in persistent mode.
+    pub completion: Completion,
     /// Blocks of 256 threads the persistent kernel occupies (one warp copies one tile per round).
     pub persistent_blocks: u32,
     /// The persistent kernel leaves after this many microseconds without work and is started
@@ -74,6 +89,28 @@ pub enum UnpackMode {
     /// it runs it holds `persistent_blocks` blocks of the GPU.
     Persistent,
 }
+
+/// How launch mode learns that a launch finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Completion {
+    /// The launch's last block writes its sequence number to the slot's word in mapped host
+    /// memory; `poll` loads it. The default.
+    Word,
+    /// An event recorded after each launch; `poll` queries it. Kept to measure against.
+    Event,
+}
+
+/// How the launches retired so far were seen to finish.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CompletionCounts {
+    /// By their own signal: completion word, persistent kernel's word, or event.
+    pub signalled: u64,
+    /// By a stream check that found the stream idle while their word was still missing.
+    pub by_stream_check: u64,
+}
+
+/// Polls without progress between two checks of the unpack stream for a failed launch.
+pub const HEALTH_CHECK_EVERY: u32 = 1024;
 
 /// How the tiles of a launch too large for its parameters reach the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,6 +133,7 @@ impl Default for UnpackerConfig {
             inline_tiles: super::kernels::INLINE_SMALL,
             bulk: BulkTiles::Mapped,
             mode: UnpackMode::Launch,
+            completion: Completion::Word,
             persistent_blocks: 16,
             persistent_idle_us: 2000,
         }
@@ -115,24 +153,57 @@ struct Slot {
     host: PinnedTiles,
     /// Only for [`BulkTiles::Copy`].
     device: Option<DeviceTiles>,
-    /// Launch mode only.
+    /// [`Completion::Event`] only.
     event: Option<Event>,
-    /// Persistent mode: the batch's sequence number.
+    /// The launch's (or persistent batch's) sequence number, which its completion word reports.
     seq: u64,
     /// Receives with tickets below this are finished once the slot's batch completed.
     finishes_below: u64,
 }
 
+/// Per-slot completion state of [`Completion::Word`]: slot i's launches count their blocks in
+/// `counters[i]` and report in `words[i]`.
+struct CompletionWords {
+    words: MappedWords,
+    counters: DeviceBytes,
+}
+
+impl CompletionWords {
+    fn new(slots: usize) -> Result<CompletionWords> {
+        let counters = DeviceBytes::new(slots * size_of::<u32>())?;
+        // SAFETY: fresh device memory of this size in the current context.
+        unsafe { result::memset_d8_sync(counters.ptr(), 0, counters.len()) }
+            .map_err(|e| driver_error("zero completion counters", e))?;
+        Ok(CompletionWords { words: MappedWords::new(slots)?, counters })
+    }
+
+    fn signal(&self, slot: usize, seq: u64) -> CompletionSignal {
+        CompletionSignal {
+            seq,
+            counter: self.counters.ptr() + (slot * size_of::<u32>()) as u64,
+            word: self.words.device_ptr() + (slot * size_of::<u64>()) as u64,
+        }
+    }
+
+    fn reported(&self, slot: usize, seq: u64) -> bool {
+        self.words.word(slot).load(std::sync::atomic::Ordering::Acquire) >= seq
+    }
+}
+
 pub struct Unpacker {
     // Declared before `stream` and `kernels` so that they drop while the context is still alive.
     slots: Vec<Slot>,
+    /// [`Completion::Word`] in launch mode.
+    words: Option<CompletionWords>,
     params: Box<InlineTiles>,
     stream: Arc<CudaStream>,
     kernels: Arc<UnpackKernels>,
     /// Persistent mode only. Its kernel is stopped in `drop`, before any buffer it reads is freed.
     persistent: Option<Resident>,
-    /// Persistent mode: sequence number of the next batch.
+    /// Sequence number of the next launch or persistent batch.
     next_seq: u64,
+    idle_polls: u32,
+    counts: CompletionCounts,
     inline_tiles: usize,
     /// Slot of the open batch.
     next: usize,
@@ -184,9 +255,9 @@ impl Unpacker {
                     BulkTiles::Copy => Some(DeviceTiles::new(config.tiles_per_launch)?),
                     BulkTiles::Mapped => None,
                 },
-                event: match config.mode {
-                    UnpackMode::Launch => Some(Event::new()?),
-                    UnpackMode::Persistent => None,
+                event: match (config.mode, config.completion) {
+                    (UnpackMode::Launch, Completion::Event) => Some(Event::new()?),
+                    _ => None,
                 },
                 seq: 0,
                 finishes_below: 0,
@@ -205,10 +276,18 @@ impl Unpacker {
                 )?)
             }
         };
-        let next_seq = persistent.as_ref().map_or(0, Resident::first_seq);
+        let words = match (config.mode, config.completion) {
+            (UnpackMode::Launch, Completion::Word) => Some(CompletionWords::new(slots.len())?),
+            _ => None,
+        };
+        // Completion words start at 0, so launch sequence numbers start at 1.
+        let next_seq = persistent.as_ref().map_or(1, Resident::first_seq);
         Ok(Unpacker {
             persistent,
+            words,
             next_seq,
+            idle_polls: 0,
+            counts: CompletionCounts::default(),
             slots,
             params: InlineTiles::boxed(),
             inline_tiles: config.inline_tiles.min(kernels.max_inline()),
@@ -235,6 +314,16 @@ impl Unpacker {
 
     pub fn mode(&self) -> UnpackMode {
         if self.persistent.is_some() { UnpackMode::Persistent } else { UnpackMode::Launch }
+    }
+
+    /// How completion is detected (persistent mode always reads its kernel's words).
+    pub fn completion(&self) -> Completion {
+        if self.words.is_some() || self.persistent.is_some() { Completion::Word } else { Completion::Event }
+    }
+
+    /// How the launches retired so far were seen to finish.
+    pub fn completion_counts(&self) -> CompletionCounts {
+        self.counts
     }
 
     /// Checks and plans one completed receive into the open batch, launching that batch first if
@@ -308,8 +397,9 @@ impl Unpacker {
         self.in_flight
     }
 
-    /// Launches the open batch (one kernel, or none for a batch of empty receives, then one event;
-    /// in persistent mode: publishes it to the resident kernel, starting that if needed).
+    /// Launches the open batch (one kernel, or none for a batch of empty receives; then one event
+    /// with [`Completion::Event`]; in persistent mode: publishes it to the resident kernel,
+    /// starting that if needed).
     /// Returns false when nothing was pending. A failed launch leaves the unpacker failed: its
     /// receives' pages may be in any state and every later call returns the error.
     pub fn launch(&mut self) -> Result<bool> {
@@ -337,32 +427,44 @@ impl Unpacker {
         }
         self.kernels.context().bind_to_thread().map_err(|e| driver_error("bind context", e))?;
         let stream = self.stream.cu_stream();
+        let seq = self.next_seq;
+        let signal = self.words.as_ref().map_or(CompletionSignal::default(), |w| w.signal(self.next, seq));
         let slot = &mut self.slots[self.next];
         let tiles = &slot.host.as_slice()[..self.open_tiles];
-        if !tiles.is_empty() {
-            if tiles.len() <= self.inline_tiles {
-                self.params.count = tiles.len() as u32;
-                self.params.tiles[..tiles.len()].copy_from_slice(tiles);
-                // SAFETY: the stream is ours and the context is current; the submit contract covers
-                // the tiles' ranges.
-                unsafe { self.kernels.launch_inline(stream, &self.params) }?;
-            } else if let Some(device) = &slot.device {
-                // SAFETY: pinned source and device destination both hold `tiles.len()` tiles and stay
-                // untouched until this slot's event completes.
-                unsafe { cudarc::driver::result::memcpy_htod_async(device.ptr(), tiles, stream) }
-                    .map_err(|e| driver_error("copy tiles to the device", e))?;
-                // SAFETY: as for the inline launch; the device tiles were just copied on this stream.
-                unsafe { self.kernels.launch_device_tiles(stream, device.ptr(), tiles.len() as u32) }?;
-            } else {
-                // The tiles were written with plain stores; order them before the launch's doorbell
-                // on weakly ordered hosts too.
-                std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-                // SAFETY: as for the inline launch; the pinned slot is not written again before this
-                // slot's event completes.
-                unsafe { self.kernels.launch_device_tiles(stream, slot.host.device_ptr(), tiles.len() as u32) }?;
+        if tiles.is_empty() {
+            if let Some(words) = &self.words {
+                // Nothing to copy: the batch is done once every launch before it is, which the
+                // in-order poll already waits for.
+                words.words.word(self.next).store(seq, std::sync::atomic::Ordering::Release);
             }
+        } else if tiles.len() <= self.inline_tiles {
+            self.params.count = tiles.len() as u32;
+            self.params.signal = signal;
+            self.params.tiles[..tiles.len()].copy_from_slice(tiles);
+            // SAFETY: the stream is ours and the context is current; the submit contract covers
+            // the tiles' ranges; the slot's counter and word are not used by a running launch
+            // (the slot is reused only after its launch completed).
+            unsafe { self.kernels.launch_inline(stream, &self.params) }?;
+        } else if let Some(device) = &slot.device {
+            // SAFETY: pinned source and device destination both hold `tiles.len()` tiles and stay
+            // untouched until this slot's launch completes.
+            unsafe { result::memcpy_htod_async(device.ptr(), tiles, stream) }
+                .map_err(|e| driver_error("copy tiles to the device", e))?;
+            // SAFETY: as for the inline launch; the device tiles were just copied on this stream.
+            unsafe { self.kernels.launch_device_tiles(stream, device.ptr(), tiles.len() as u32, signal) }?;
+        } else {
+            // The tiles were written with plain stores; order them before the launch's doorbell
+            // on weakly ordered hosts too.
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+            // SAFETY: as for the inline launch; the pinned slot is not written again before this
+            // slot's launch completes.
+            unsafe { self.kernels.launch_device_tiles(stream, slot.host.device_ptr(), tiles.len() as u32, signal) }?;
         }
-        slot.event.as_ref().expect("launch mode has events").record(stream)?;
+        if let Some(event) = &slot.event {
+            event.record(stream)?;
+        }
+        slot.seq = seq;
+        self.next_seq += 1;
         self.close_open();
         Ok(())
     }
@@ -376,51 +478,94 @@ impl Unpacker {
         self.open_receives = 0;
     }
 
-    /// Retires finished launches (oldest first, one event query each) and returns the completion
-    /// watermark: every receive whose ticket is below it is finished, and its bounce pages may be
-    /// returned. Receives not yet launched are never reported finished.
+    /// Retires finished launches (oldest first, one completion-word load or event query each) and
+    /// returns the completion watermark: every receive whose ticket is below it is finished, and
+    /// its bounce pages may be returned. Receives not yet launched are never reported finished.
     pub fn poll(&mut self) -> Result<u64> {
         self.check_failed()?;
-        if self.persistent.is_some() {
-            return self.poll_persistent();
-        }
-        while self.in_flight > 0 {
-            let oldest = (self.next + self.slots.len() - self.in_flight) % self.slots.len();
-            match self.slots[oldest].event.as_ref().expect("launch mode has events").is_complete() {
-                Ok(true) => {
-                    self.completed = self.slots[oldest].finishes_below;
-                    self.in_flight -= 1;
-                }
-                Ok(false) => break,
-                Err(e) => {
-                    self.failed = Some(e.clone());
-                    return Err(e);
-                }
-            }
-        }
-        Ok(self.completed)
-    }
-
-    fn poll_persistent(&mut self) -> Result<u64> {
-        let persistent = self.persistent.as_mut().expect("persistent mode");
-        let before = self.in_flight;
-        while self.in_flight > 0 {
-            let oldest = (self.next + self.slots.len() - self.in_flight) % self.slots.len();
-            if !persistent.is_complete(self.slots[oldest].seq) {
-                break;
-            }
-            self.completed = self.slots[oldest].finishes_below;
-            self.in_flight -= 1;
-        }
-        if self.in_flight < before {
-            persistent.progressed();
-        } else if self.in_flight > 0
-            && let Err(e) = persistent.keep_alive()
-        {
+        if let Err(e) = self.retire_finished() {
             self.failed = Some(e.clone());
             return Err(e);
         }
         Ok(self.completed)
+    }
+
+    fn oldest_in_flight(&self) -> usize {
+        (self.next + self.slots.len() - self.in_flight) % self.slots.len()
+    }
+
+    fn retire_oldest(&mut self, oldest: usize) {
+        self.completed = self.slots[oldest].finishes_below;
+        self.in_flight -= 1;
+    }
+
+    /// Retires launches in order while their own signal says they finished.
+    fn retire_signalled(&mut self) -> Result<()> {
+        while self.in_flight > 0 {
+            let oldest = self.oldest_in_flight();
+            let slot = &self.slots[oldest];
+            let done = if let Some(words) = &self.words {
+                words.reported(oldest, slot.seq)
+            } else if let Some(persistent) = &self.persistent {
+                persistent.is_complete(slot.seq)
+            } else {
+                slot.event.as_ref().expect("launch mode without words has events").is_complete()?
+            };
+            if !done {
+                break;
+            }
+            self.retire_oldest(oldest);
+            self.counts.signalled += 1;
+        }
+        Ok(())
+    }
+
+    fn retire_finished(&mut self) -> Result<()> {
+        let before = self.in_flight;
+        self.retire_signalled()?;
+        if self.in_flight < before {
+            self.idle_polls = 0;
+            if let Some(persistent) = &mut self.persistent {
+                persistent.progressed();
+            }
+            return Ok(());
+        }
+        if self.in_flight == 0 {
+            return Ok(());
+        }
+        if let Some(persistent) = &mut self.persistent {
+            return persistent.keep_alive();
+        }
+        if self.words.is_some() {
+            self.idle_polls += 1;
+            if self.idle_polls.is_multiple_of(HEALTH_CHECK_EVERY) {
+                self.check_stream()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A failed launch never writes its word: the stream reports the failure instead. An idle
+    /// stream means every launch finished, so whatever is still in flight is retired.
+    fn check_stream(&mut self) -> Result<()> {
+        self.kernels.context().bind_to_thread().map_err(|e| driver_error("bind context", e))?;
+        // SAFETY: a live stream of the current context.
+        match unsafe { sys::cuStreamQuery(self.stream.cu_stream()) } {
+            sys::CUresult::CUDA_SUCCESS => {
+                // Words written before the stream went idle are visible now.
+                self.retire_signalled()?;
+                if self.in_flight > 0 {
+                    log::warn!("unpack: {} launches finished without their completion word", self.in_flight);
+                }
+                while self.in_flight > 0 {
+                    self.retire_oldest(self.oldest_in_flight());
+                    self.counts.by_stream_check += 1;
+                }
+                Ok(())
+            }
+            sys::CUresult::CUDA_ERROR_NOT_READY => Ok(()),
+            rc => Err(driver_error("unpack launch failed", result::DriverError(rc))),
+        }
     }
 
     /// The watermark as of the last poll, without querying anything.
@@ -438,7 +583,7 @@ impl Unpacker {
     /// for a progress loop.
     pub fn finish(&mut self) -> Result<u64> {
         self.launch()?;
-        if self.persistent.is_some() {
+        if self.persistent.is_some() || self.words.is_some() {
             while self.in_flight > 0 {
                 self.poll()?;
                 std::hint::spin_loop();
@@ -447,7 +592,8 @@ impl Unpacker {
         }
         if self.in_flight > 0 {
             let newest = (self.next + self.slots.len() - 1) % self.slots.len();
-            if let Err(e) = self.slots[newest].event.as_ref().expect("launch mode has events").synchronize() {
+            let event = self.slots[newest].event.as_ref().expect("launch mode without words has events");
+            if let Err(e) = event.synchronize() {
                 self.failed = Some(e.clone());
                 return Err(e);
             }

@@ -5,7 +5,8 @@
 //! 16-byte elements when source and destination are aligned, else the largest common power of two,
 //! byte tail). Every kernel's output is checked against a CPU gather before it is timed. Then the
 //! latency a 512 KiB receive adds, from submit to the unpacker reporting it done, measured on the
-//! host, in launch mode (one kernel + event per receive) and persistent mode (resident kernel,
+//! host, in launch mode (one kernel per receive, completion seen through the word its last block
+//! writes to mapped host memory, or through an event) and persistent mode (resident kernel,
 //! doorbell and completion word in mapped host memory) side by side, with anchors that split the
 //! launch-mode time into planning, launch and completion detection.
 //!
@@ -18,8 +19,8 @@ use std::time::Instant;
 use cudarc::driver::{CudaContext, CudaFunction, result, sys};
 use cudarc::nvrtc;
 use uccl_tcpx::cuda::unpack::{
-    BulkTiles, InlineTiles, PlanError, ReceiveLayout, Submit, Tile, UnpackKernels, UnpackMode, Unpacker,
-    UnpackerConfig, plan_receive,
+    BulkTiles, Completion, CompletionSignal, InlineTiles, PlanError, ReceiveLayout, Submit, Tile, UnpackKernels,
+    UnpackMode, Unpacker, UnpackerConfig, plan_receive,
 };
 use uccl_tcpx::transport::plugin::abi::LoadMeta;
 
@@ -338,7 +339,9 @@ impl Bench {
     }
 
     fn launch_from(&self, tiles: sys::CUdeviceptr, count: usize) {
-        check("launch", unsafe { self.kernels.launch_device_tiles(self.stream, tiles, count as u32) });
+        check("launch", unsafe {
+            self.kernels.launch_device_tiles(self.stream, tiles, count as u32, CompletionSignal::default())
+        });
     }
 
     fn launch_copied(&self, count: usize) {
@@ -678,6 +681,42 @@ fn main() {
         "latency anchors: 128 pre-planned tiles in params + event: cuEventQuery spin median {:.1} us (p90 {:.1}, host issue {query_issue:.1} us); cuEventSynchronize median {:.1} us (p90 {:.1})",
         query_spin.p50, query_spin.p90, synchronized.p50, synchronized.p90
     );
+    // The same launches reporting through a completion word instead of an event, and a one-tile
+    // (16-byte) launch the same way: the floor of launch + word.
+    let word_host =
+        check("mapped word", unsafe { result::malloc_host(8, sys::CU_MEMHOSTALLOC_DEVICEMAP) }).cast::<u64>();
+    unsafe { word_host.write_volatile(0) };
+    let mut word_dev = 0;
+    check("map word", unsafe { sys::cuMemHostGetDevicePointer_v2(&mut word_dev, word_host.cast(), 0) }.result());
+    let counter = DeviceBuffer::new(4);
+    check("zero counter", unsafe { result::memset_d8_sync(counter.0, 0, 4) });
+    let word_done = |seq: u64| unsafe { std::ptr::read_volatile(word_host) } >= seq;
+    let mut seq = 0u64;
+    let mut one_tile = InlineTiles::boxed();
+    one_tile.count = 1;
+    one_tile.tiles[0] = Tile::new(bench.pool.0, bench.dst.0, 16);
+    let mut word_params = InlineTiles::boxed();
+    word_params.count = params.count;
+    word_params.tiles[..used].copy_from_slice(&preplanned[..used]);
+    let launch_signalled = |p: &mut InlineTiles, seq: &mut u64| {
+        *seq += 1;
+        p.signal = CompletionSignal { seq: *seq, counter: counter.0, word: word_dev };
+        check("launch", unsafe { kernels.launch_inline(stream, p) });
+        *seq
+    };
+    let (word_spin, word_issue) =
+        one_at_a_time(latency_iters, &mut seq, |seq| launch_signalled(&mut word_params, seq), |_, t| word_done(t));
+    let (word_floor, floor_issue) =
+        one_at_a_time(latency_iters, &mut seq, |seq| launch_signalled(&mut one_tile, seq), |_, t| word_done(t));
+    check("sync", unsafe { result::stream::synchronize(stream) });
+    println!(
+        "latency anchors: 128 pre-planned tiles in params + completion word: median {:.1} us (p90 {:.1}, host issue {word_issue:.1} us); one 16-byte tile + completion word median {:.1} us (p90 {:.1}, host issue {floor_issue:.1} us)",
+        word_spin.p50, word_spin.p90, word_floor.p50, word_floor.p90
+    );
+    unsafe {
+        let _ = result::free_host(word_host.cast());
+    }
+    drop(counter);
     let mut scratch = vec![Tile::default(); 4096];
     for (what, metas) in [("128 shuffled pages", pages), ("misaligned fragments", odd)] {
         let rounds = 20_000;
@@ -698,6 +737,7 @@ fn main() {
     }
     let configs = [
         ("default (tiles in params)", UnpackerConfig::default()),
+        ("event completion", UnpackerConfig { completion: Completion::Event, ..UnpackerConfig::default() }),
         ("persistent kernel", persistent_config),
         ("persistent kernel, 64 blocks", UnpackerConfig { persistent_blocks: 64, ..persistent_config }),
         ("tiles copied", UnpackerConfig { inline_tiles: 0, bulk: BulkTiles::Copy, ..UnpackerConfig::default() }),
@@ -729,12 +769,19 @@ fn main() {
             );
             medians.push((path, what, total.p50, total.p90));
         }
+        let counts = unpacker.completion_counts();
+        println!(
+            "{path}: {:?} completion, launches seen finished by their own signal {}, by a stream check {}",
+            unpacker.completion(),
+            counts.signalled,
+            counts.by_stream_check
+        );
     }
     println!();
     println!(
-        "| 512 KiB receive, submit -> done (median / p90) | launch mode (default) | persistent mode | persistent, 64 blocks |"
+        "| 512 KiB receive, submit -> done (median / p90) | launch mode, completion word (default) | launch mode, event | tiles mapped, word | tiles copied, word | persistent mode | persistent, 64 blocks |"
     );
-    println!("|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for what in ["128 shuffled pages", "misaligned fragments", "no fragments"] {
         let cell = |path: &str| {
             medians
@@ -743,8 +790,11 @@ fn main() {
                 .map_or("-".to_owned(), |m| format!("{:.1} / {:.1} us", m.2, m.3))
         };
         println!(
-            "| {what} | {} | {} | {} |",
+            "| {what} | {} | {} | {} | {} | {} | {} |",
             cell("default (tiles in params)"),
+            cell("event completion"),
+            cell("tiles mapped"),
+            cell("tiles copied"),
             cell("persistent kernel"),
             cell("persistent kernel, 64 blocks")
         );
