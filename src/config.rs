@@ -70,10 +70,12 @@ pub struct Config {
 /// How the staged GPU path learns that a copy finished.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum StagingWake {
-    /// A driver host function per copy unparks the progress thread.
-    #[default]
+    /// A driver host function per copy unparks the progress thread. Under load the driver ran them
+    /// up to about 1.5 ms late, and the parked progress thread with them.
     Host,
-    /// No host functions: the progress thread polls the copies' events while any are in flight.
+    /// No host functions: the progress thread polls the copies' events (napping between passes)
+    /// while any are in flight.
+    #[default]
     Poll,
 }
 
@@ -88,13 +90,15 @@ pub struct StagingConfig {
     /// Copy streams per comm; slot `i` copies on stream `i % streams`. `UCCL_TCPX_STAGING_STREAMS`.
     pub streams: u8,
     /// Device-to-host copies one send comm keeps issued but unfinished; later chunks wait for one
-    /// to finish, so every channel's first copy is issued early. 0 = no limit. `UCCL_TCPX_STAGING_AHEAD`.
+    /// to finish. The copy engine drains one stream's queue before it turns to the next, so with no
+    /// limit (0) the last channel's first chunk lands only after every other channel's whole share;
+    /// with 1 the channels' copies alternate. `UCCL_TCPX_STAGING_AHEAD`.
     pub ahead: u8,
 }
 
 impl Default for StagingConfig {
     fn default() -> StagingConfig {
-        StagingConfig { trace: false, wake: StagingWake::Host, streams: 1, ahead: 0 }
+        StagingConfig { trace: false, wake: StagingWake::Poll, streams: 1, ahead: 1 }
     }
 }
 
@@ -390,7 +394,8 @@ mod tests {
         .unwrap()
         .staging;
         assert_eq!(c, StagingConfig { trace: true, wake: StagingWake::Poll, streams: 2, ahead: 3 });
-        assert_eq!(cfg(&[("UCCL_TCPX_STAGING_WAKE", "host")]).unwrap().staging.wake, StagingWake::Host);
+        let host = cfg(&[("UCCL_TCPX_STAGING_WAKE", "host"), ("UCCL_TCPX_STAGING_AHEAD", "0")]).unwrap().staging;
+        assert_eq!((host.wake, host.ahead), (StagingWake::Host, 0));
         for (name, value) in [
             ("UCCL_TCPX_TRACE_STAGING", "2"),
             ("UCCL_TCPX_STAGING_WAKE", "spin"),
