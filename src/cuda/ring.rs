@@ -3,12 +3,11 @@
 //! once when the comm first meets device memory. Slots are taken and given back in FIFO order,
 //! which is the order a comm's requests complete in.
 //!
-//! The wake that tells the engine a copy finished is a host function on a second stream that waits
-//! for the copy's event, not on the copy stream itself: there it would hold back the next copy
-//! until the driver's callback thread had run it (about 12 us on an idle H200). Measured on two
-//! H200s this changed depth-1 bandwidth by no more than run-to-run noise (64 MiB writes 18.62 vs
-//! 18.48 GB/s with 4 MiB slots, 18.93 vs 18.43 with 2 MiB), so the stall was not what limits it.
-//! Without host wakes (`RingOptions::host_wake` false) the owner polls the events instead.
+//! The optional wake that tells the engine a copy finished is a host function on a second stream
+//! that waits for the copy's event, not on the copy stream itself: there it would hold back the next
+//! copy until the driver's callback thread had run it (about 12 us on an idle H200). Under load the
+//! driver ran these up to about 1.5 ms late (measured with `stamp_wakes`), so the engine polls the
+//! events by default and queues no host functions (`RingOptions::host_wake` false).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

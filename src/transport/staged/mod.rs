@@ -5,11 +5,13 @@
 //! reported done only when that copy finished. Host memory passes straight through. The engine's
 //! channel logic sees the same comms and rules as without staging.
 //!
-//! Each comm owns its ring of `window` slots of `chunk size` bytes, its stream(s) and one event per
-//! slot, made when the comm first meets device memory and reused for every chunk. Several slots are
-//! in flight at once, so copies overlap the network; a driver callback wakes the engine's progress
-//! thread when a copy finishes, so it does not sleep through it (or, with `UCCL_TCPX_STAGING_WAKE=poll`,
-//! the net asks the progress thread to keep polling while any copy is in flight).
+//! Each comm owns its ring of `window` slots of `chunk size` bytes, its copy stream(s) and one event
+//! per slot, made when the comm first meets device memory and reused for every chunk. Several slots
+//! are in flight at once, so copies overlap the network. A send comm keeps only `ahead` copies
+//! queued (default 1): the copy engine drains one stream before the next, so without the limit the
+//! last channel waited for every other channel's whole share before its first chunk landed. By
+//! default the net asks the progress thread to keep polling while any copy is in flight
+//! (`needs_polling`); `UCCL_TCPX_STAGING_WAKE=host` has a driver callback per copy wake it instead.
 
 mod recv;
 mod regions;
