@@ -63,6 +63,63 @@ pub struct Config {
     /// Plugin device indices channels use, channel `i` on entry `i % len`. `UCCL_TCPX_NET_DEVICES`;
     /// when unset, every device the plugin reports, closest to the GPU first.
     pub net_devices: Option<Vec<usize>>,
+    /// How GPU memory is staged through host memory (`UCCL_TCPX_STAGING_*`, `UCCL_TCPX_TRACE_STAGING`).
+    pub staging: StagingConfig,
+}
+
+/// How the staged GPU path learns that a copy finished.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StagingWake {
+    /// A driver host function per copy unparks the progress thread. Under load the driver ran them
+    /// up to about 1.5 ms late, and the parked progress thread with them.
+    Host,
+    /// No host functions: the progress thread polls the copies' events (napping between passes)
+    /// while any are in flight.
+    #[default]
+    Poll,
+}
+
+/// Knobs of the staged GPU path (GPU memory over a transport that moves host memory only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StagingConfig {
+    /// Record per-chunk timestamps of every staged comm and print a summary per burst of transfers
+    /// to stderr at exit. `UCCL_TCPX_TRACE_STAGING` = 0 | 1.
+    pub trace: bool,
+    /// `UCCL_TCPX_STAGING_WAKE` = host | poll.
+    pub wake: StagingWake,
+    /// Copy streams per comm; slot `i` copies on stream `i % streams`. `UCCL_TCPX_STAGING_STREAMS`.
+    pub streams: u8,
+    /// Device-to-host copies one send comm keeps issued but unfinished; later chunks wait for one
+    /// to finish. The copy engine drains one stream's queue before it turns to the next, so with no
+    /// limit (0) the last channel's first chunk lands only after every other channel's whole share;
+    /// with 1 the channels' copies alternate. `UCCL_TCPX_STAGING_AHEAD`.
+    pub ahead: u8,
+}
+
+impl Default for StagingConfig {
+    fn default() -> StagingConfig {
+        StagingConfig { trace: false, wake: StagingWake::Poll, streams: 1, ahead: 1 }
+    }
+}
+
+impl StagingConfig {
+    fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<StagingConfig> {
+        let d = StagingConfig::default();
+        let wake = match get("UCCL_TCPX_STAGING_WAKE") {
+            None => d.wake,
+            Some(raw) => match raw.to_ascii_lowercase().as_str() {
+                "host" => StagingWake::Host,
+                "poll" => StagingWake::Poll,
+                _ => return Err(bad("UCCL_TCPX_STAGING_WAKE", &raw, "host or poll")),
+            },
+        };
+        Ok(StagingConfig {
+            trace: parse_in(get, "UCCL_TCPX_TRACE_STAGING", 0u8, 0, 1)? == 1,
+            wake,
+            streams: parse_in(get, "UCCL_TCPX_STAGING_STREAMS", d.streams, 1, 8)?,
+            ahead: parse_in(get, "UCCL_TCPX_STAGING_AHEAD", d.ahead, 0, MAX_WINDOW as u8)?,
+        })
+    }
 }
 
 /// Most data sockets one comm may open (NCCL's MAX_SOCKETS); also what an accepting side allows.
@@ -148,6 +205,7 @@ impl Default for Config {
             plugin_path: None,
             nccl_net_plugin: None,
             net_devices: None,
+            staging: StagingConfig::default(),
         }
     }
 }
@@ -189,6 +247,7 @@ impl Config {
             net_devices: parse_devices(&get, "UCCL_TCPX_NET_DEVICES")?,
             gpu: get("UCCL_TCPX_GPU").map(|_| parse_in(&get, "UCCL_TCPX_GPU", 0, 0, MAX_GPU_ORDINAL)).transpose()?,
             socket: SocketConfig::from_lookup(&get)?,
+            staging: StagingConfig::from_lookup(&get)?,
         })
     }
 }
@@ -333,6 +392,31 @@ mod tests {
         assert_eq!(c.timeout, Duration::from_millis(1500));
         assert_eq!(c.gpu, Some(3));
         assert_eq!(cfg(&[("UCCL_TCPX_CHUNK_SIZE", "4M")]).unwrap().chunk_size, 4 << 20);
+    }
+
+    #[test]
+    fn parses_staging_knobs() {
+        let c = cfg(&[
+            ("UCCL_TCPX_TRACE_STAGING", "1"),
+            ("UCCL_TCPX_STAGING_WAKE", "Poll"),
+            ("UCCL_TCPX_STAGING_STREAMS", "2"),
+            ("UCCL_TCPX_STAGING_AHEAD", "3"),
+        ])
+        .unwrap()
+        .staging;
+        assert_eq!(c, StagingConfig { trace: true, wake: StagingWake::Poll, streams: 2, ahead: 3 });
+        let host = cfg(&[("UCCL_TCPX_STAGING_WAKE", "host"), ("UCCL_TCPX_STAGING_AHEAD", "0")]).unwrap().staging;
+        assert_eq!((host.wake, host.ahead), (StagingWake::Host, 0));
+        for (name, value) in [
+            ("UCCL_TCPX_TRACE_STAGING", "2"),
+            ("UCCL_TCPX_STAGING_WAKE", "spin"),
+            ("UCCL_TCPX_STAGING_STREAMS", "0"),
+            ("UCCL_TCPX_STAGING_STREAMS", "9"),
+            ("UCCL_TCPX_STAGING_AHEAD", "17"),
+        ] {
+            let err = cfg(&[(name, value)]).unwrap_err();
+            assert!(err.message().contains(name), "{err}");
+        }
     }
 
     #[test]

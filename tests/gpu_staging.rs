@@ -9,9 +9,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use uccl_tcpx::UcclStatus;
+use uccl_tcpx::config::{StagingConfig, StagingWake};
 use uccl_tcpx::transport::socket::SocketNet;
 use uccl_tcpx::transport::staged::{StagedNet, StagingParams};
-use uccl_tcpx::transport::{MemKind, MrHandle, RecvComm, SendComm};
+use uccl_tcpx::transport::{MemKind, MrHandle, Net, RecvComm, SendComm};
 
 mod common;
 mod gpu_common;
@@ -22,6 +23,8 @@ use gpu_common::{Mem, Side, assert_same, no_gpu};
 const WINDOW: usize = 16;
 
 struct Staged {
+    net: Arc<dyn Net>,
+    tuning: StagingConfig,
     tx: Box<dyn SendComm>,
     rx: Box<dyn RecvComm>,
     wakes: Arc<AtomicUsize>,
@@ -29,6 +32,11 @@ struct Staged {
 }
 
 fn staged(slot: usize, slots: usize) -> Staged {
+    staged_with(StagingParams::new(slot, slots))
+}
+
+fn staged_with(params: StagingParams) -> Staged {
+    let (slot, tuning) = (params.slot_size, params.tuning);
     let socket =
         SocketNet::new("127.0.0.1".parse().unwrap(), Duration::from_secs(5), Duration::from_secs(30), Arc::new(|| {}));
     let wakes = Arc::new(AtomicUsize::new(0));
@@ -36,7 +44,7 @@ fn staged(slot: usize, slots: usize) -> Staged {
     let wake = Arc::new(move || {
         counter.fetch_add(1, Ordering::Relaxed);
     });
-    let net = StagedNet::wrap(Arc::new(socket), StagingParams { slot_size: slot, slots }, wake).unwrap();
+    let net = StagedNet::wrap(Arc::new(socket), params, wake).unwrap();
     let (mut handle, mut listen) = net.listen(0).unwrap();
     let tx = net.connect(0, &mut handle).unwrap().expect("socket connect completes at once");
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -47,7 +55,7 @@ fn staged(slot: usize, slots: usize) -> Staged {
         assert!(Instant::now() < deadline, "accept timed out");
         std::thread::sleep(Duration::from_millis(1));
     };
-    Staged { tx, rx, wakes, slot }
+    Staged { net, tuning, tx, rx, wakes, slot }
 }
 
 /// One side's view of a transfer: where the bytes are and the handle to post them with.
@@ -138,11 +146,55 @@ fn every_direction_and_size_byte_for_byte() {
             assert_same(&got[1..=len], &data, &format!("{from:?}->{to:?} {len} bytes"));
             assert_eq!((got[0], got[len + 1]), (0, 0), "{from:?}->{to:?} {len} bytes: neighbours untouched");
         }
-        if from == Side::Gpu || to == Side::Gpu {
+        if (from == Side::Gpu || to == Side::Gpu) && s.tuning.wake == StagingWake::Host {
             assert!(s.wakes.load(Ordering::Relaxed) > 0, "finished copies wake the poller");
         }
+        assert!(!s.net.needs_polling(), "every copy was seen finished, nothing left to poll");
         s.tx.dereg_mr(smr);
         s.rx.dereg_mr(rmr);
+    }
+}
+
+#[test]
+fn every_staging_tuning_moves_the_same_bytes() {
+    if no_gpu() {
+        return;
+    }
+    let tuning = |wake, streams, ahead, trace| StagingConfig { trace, wake, streams, ahead };
+    let tunings = [
+        StagingConfig::default(),
+        tuning(StagingWake::Host, 1, 0, false),
+        tuning(StagingWake::Poll, 1, 0, false),
+        tuning(StagingWake::Poll, 1, 2, false),
+        tuning(StagingWake::Host, 3, 1, false),
+        tuning(StagingWake::Host, 2, 3, true),
+    ];
+    let sizes = [1usize, (256 << 10) + 7, (3 << 20) + 5];
+    let max = sizes.iter().max().unwrap() + 64;
+    for tuning in tunings {
+        for (from, to) in [(Side::Gpu, Side::Gpu), (Side::Gpu, Side::Host), (Side::Host, Side::Gpu)] {
+            let mut s = staged_with(StagingParams { tuning, ..StagingParams::new(64 << 10, 8) });
+            let mut src = Mem::new(from, max);
+            let mut dst = Mem::new(to, max);
+            let (smr, rmr) = register(&mut s, &src, &dst);
+            for (k, &len) in sizes.iter().enumerate() {
+                let data = pattern(len, k as u64 + 7);
+                src.write(k, &data);
+                dst.clear();
+                let (a, b) = (End { addr: src.addr() + k, mr: smr }, End { addr: dst.addr() + 2 * k, mr: rmr });
+                transfer(&mut s, a, b, len, |_, _| {});
+                assert_same(&dst.read(2 * k, len), &data, &format!("{tuning:?} {from:?}->{to:?} {len} bytes"));
+            }
+            let woken = s.wakes.load(Ordering::Relaxed);
+            if tuning.wake == StagingWake::Poll {
+                assert_eq!(woken, 0, "{tuning:?}: polling queues no host wakes");
+            } else {
+                assert!(woken > 0, "{tuning:?}: finished copies wake the poller");
+            }
+            assert!(!s.net.needs_polling(), "{tuning:?}: every copy was seen finished, nothing left to poll");
+            s.tx.dereg_mr(smr);
+            s.rx.dereg_mr(rmr);
+        }
     }
 }
 
@@ -354,56 +406,66 @@ fn small_copies_from_concurrent_callers_stay_apart() {
 }
 
 /// Copies queued back to back on one ring each land and each wake the engine once, whatever the
-/// order the driver runs the notifications in.
+/// order the driver runs the notifications in; on several streams too, and without host wakes
+/// none runs.
 #[test]
 fn every_ring_copy_lands_and_wakes_once() {
+    use uccl_tcpx::cuda::ring::RingOptions;
     use uccl_tcpx::cuda::{DeviceBuffer, Gpu, StagingRing};
     if no_gpu() {
         return;
     }
     let gpu = Gpu::open(0).unwrap();
     let (slot_size, slots) = (64 << 10, 8usize);
-    let wakes = Arc::new(AtomicUsize::new(0));
-    let counter = wakes.clone();
-    let mut ring = StagingRing::new(
-        &gpu,
-        slot_size,
-        slots,
-        Arc::new(move || {
+    for opts in [
+        RingOptions::default(),
+        RingOptions { streams: 3, host_wake: true, stamp_wakes: true },
+        RingOptions { streams: 2, host_wake: false, stamp_wakes: true },
+    ] {
+        let wakes = Arc::new(AtomicUsize::new(0));
+        let counter = wakes.clone();
+        let wake = Arc::new(move || {
             counter.fetch_add(1, Ordering::Relaxed);
-        }),
-    )
-    .unwrap();
-    let want = pattern(slot_size * slots, 77);
-    let mut src = DeviceBuffer::new(0, want.len()).unwrap();
-    src.copy_from_host(0, &want).unwrap();
-    let dst = DeviceBuffer::new(0, want.len()).unwrap();
-    let wait_all = |ring: &StagingRing, taken: &[usize]| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !taken.iter().all(|&s| ring.copied(s).unwrap()) {
-            assert!(Instant::now() < deadline, "staging copies did not finish");
+        });
+        let mut ring = StagingRing::new(&gpu, slot_size, slots, wake, opts).unwrap();
+        let want = pattern(slot_size * slots, 77);
+        let mut src = DeviceBuffer::new(0, want.len()).unwrap();
+        src.copy_from_host(0, &want).unwrap();
+        let dst = DeviceBuffer::new(0, want.len()).unwrap();
+        let wait_all = |ring: &StagingRing, taken: &[usize]| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !taken.iter().all(|&s| ring.copied(s).unwrap()) {
+                assert!(Instant::now() < deadline, "{opts:?}: staging copies did not finish");
+            }
+        };
+        let taken: Vec<usize> = (0..slots).map(|_| ring.take().unwrap()).collect();
+        assert!(ring.take().is_none(), "a full ring hands out no slot");
+        for (i, &slot) in taken.iter().enumerate() {
+            unsafe { ring.copy_in(slot, src.addr() + i * slot_size, slot_size).unwrap() };
         }
-    };
-    let taken: Vec<usize> = (0..slots).map(|_| ring.take().unwrap()).collect();
-    assert!(ring.take().is_none(), "a full ring hands out no slot");
-    for (i, &slot) in taken.iter().enumerate() {
-        unsafe { ring.copy_in(slot, src.addr() + i * slot_size, slot_size).unwrap() };
+        wait_all(&ring, &taken);
+        for (i, &slot) in taken.iter().enumerate() {
+            let got = unsafe { std::slice::from_raw_parts(ring.slot_ptr(slot), slot_size) };
+            assert_same(got, &want[i * slot_size..(i + 1) * slot_size], "slot after copy_in");
+        }
+        for (i, &slot) in taken.iter().enumerate() {
+            unsafe { ring.copy_out(slot, dst.addr() + i * slot_size, slot_size).unwrap() };
+        }
+        wait_all(&ring, &taken);
+        assert_same(&dst.to_vec().unwrap(), &want, "device memory after copy_out");
+        let expected = if opts.host_wake { 2 * slots } else { 0 };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while wakes.load(Ordering::Relaxed) < expected {
+            assert!(
+                Instant::now() < deadline,
+                "{opts:?}: only {} wakes for {expected} copies",
+                wakes.load(Ordering::Relaxed)
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let stamped = taken.iter().filter(|&&s| ring.wake_ran_at(s).is_some()).count();
+        assert_eq!(stamped, if opts.host_wake && opts.stamp_wakes { slots } else { 0 }, "{opts:?}: wake stamps");
+        drop(ring);
+        assert_eq!(wakes.load(Ordering::Relaxed), expected, "{opts:?}: one wake per copy");
     }
-    wait_all(&ring, &taken);
-    for (i, &slot) in taken.iter().enumerate() {
-        let got = unsafe { std::slice::from_raw_parts(ring.slot_ptr(slot), slot_size) };
-        assert_same(got, &want[i * slot_size..(i + 1) * slot_size], "slot after copy_in");
-    }
-    for (i, &slot) in taken.iter().enumerate() {
-        unsafe { ring.copy_out(slot, dst.addr() + i * slot_size, slot_size).unwrap() };
-    }
-    wait_all(&ring, &taken);
-    assert_same(&dst.to_vec().unwrap(), &want, "device memory after copy_out");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while wakes.load(Ordering::Relaxed) < 2 * slots {
-        assert!(Instant::now() < deadline, "only {} wakes for {} copies", wakes.load(Ordering::Relaxed), 2 * slots);
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    drop(ring);
-    assert_eq!(wakes.load(Ordering::Relaxed), 2 * slots, "one wake per copy");
 }

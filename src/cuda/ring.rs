@@ -1,14 +1,16 @@
 //! A comm's staging ring: `slots` pinned host buffers of `slot_size` bytes in one allocation, one
-//! copy stream and one event per slot, all made once when the comm first meets device memory. Slots
-//! are taken and given back in FIFO order, which is the order a comm's requests complete in.
+//! or more copy streams (slot `i` copies on stream `i % streams`) and one event per slot, all made
+//! once when the comm first meets device memory. Slots are taken and given back in FIFO order,
+//! which is the order a comm's requests complete in.
 //!
-//! The wake that tells the engine a copy finished is a host function on a second stream that waits
-//! for the copy's event, not on the copy stream itself: there it would hold back the next copy
-//! until the driver's callback thread had run it (about 12 us on an idle H200). Measured on two
-//! H200s this changed depth-1 bandwidth by no more than run-to-run noise (64 MiB writes 18.62 vs
-//! 18.48 GB/s with 4 MiB slots, 18.93 vs 18.43 with 2 MiB), so the stall was not what limits it.
+//! The optional wake that tells the engine a copy finished is a host function on a second stream
+//! that waits for the copy's event, not on the copy stream itself: there it would hold back the next
+//! copy until the driver's callback thread had run it (about 12 us on an idle H200). Under load the
+//! driver ran these up to about 1.5 ms late (measured with `stamp_wakes`), so the engine polls the
+//! events by default and queues no host functions (`RingOptions::host_wake` false).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use cudarc::driver::sys;
 
@@ -17,14 +19,47 @@ use super::stream::{Event, Stream, Wake};
 use super::{Gpu, check};
 use crate::error::{Error, Result};
 
+/// CLOCK_MONOTONIC in nanoseconds: one clock for every process on the host, so traces of the two
+/// ends of a loopback transfer line up.
+pub fn clock_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: writes one timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingOptions {
+    /// Copy streams, 1 or more.
+    pub streams: usize,
+    /// Queue a host function per copy that calls the wake when the copy finished.
+    pub host_wake: bool,
+    /// Have those host functions note when they ran ([`StagingRing::wake_ran_at`]).
+    pub stamp_wakes: bool,
+}
+
+impl Default for RingOptions {
+    fn default() -> RingOptions {
+        RingOptions { streams: 1, host_wake: true, stamp_wakes: false }
+    }
+}
+
+/// What one slot's host function reads: its own, so it can note when it ran for that slot.
+struct SlotWake {
+    wake: Wake,
+    stamp: bool,
+    ran_at: AtomicU64,
+}
+
 pub struct StagingRing {
     // Drop order matters: the streams synchronize first (every wake call has run, no copy still
     // reads or writes a slot or user memory), then the events, the slots and the wake go.
     notify: Stream,
-    stream: Stream,
+    streams: Vec<Stream>,
     events: Vec<Event>,
     host: PinnedBuffer,
-    wake: Box<Wake>,
+    wakes: Box<[SlotWake]>,
+    host_wake: bool,
     slot_size: usize,
     /// Slots handed out and given back so far; slot `i` of the sequence is `i % slots`.
     taken: u64,
@@ -32,22 +67,42 @@ pub struct StagingRing {
 }
 
 impl StagingRing {
-    pub fn new(gpu: &Arc<Gpu>, slot_size: usize, slots: usize, wake: Wake) -> Result<StagingRing> {
-        if slot_size == 0 || slots == 0 {
-            return Err(Error::invalid(format!("a staging ring of {slots} slots of {slot_size} bytes")));
+    pub fn new(gpu: &Arc<Gpu>, slot_size: usize, slots: usize, wake: Wake, opts: RingOptions) -> Result<StagingRing> {
+        if slot_size == 0 || slots == 0 || opts.streams == 0 {
+            return Err(Error::invalid(format!(
+                "a staging ring of {slots} slots of {slot_size} bytes on {} streams",
+                opts.streams
+            )));
         }
         let total = slot_size
             .checked_mul(slots)
             .ok_or_else(|| Error::invalid(format!("{slots} staging slots of {slot_size} bytes overflow")))?;
         let host = PinnedBuffer::new(gpu, total)?;
-        let stream = Stream::new(gpu)?;
+        let streams = (0..opts.streams.min(slots)).map(|_| Stream::new(gpu)).collect::<Result<Vec<_>>>()?;
         let notify = Stream::new(gpu)?;
         let events = (0..slots).map(|_| Event::new(gpu)).collect::<Result<Vec<_>>>()?;
-        Ok(StagingRing { notify, stream, events, host, wake: Box::new(wake), slot_size, taken: 0, returned: 0 })
+        let wakes = (0..slots)
+            .map(|_| SlotWake { wake: wake.clone(), stamp: opts.stamp_wakes, ran_at: AtomicU64::new(0) })
+            .collect();
+        Ok(StagingRing {
+            notify,
+            streams,
+            events,
+            host,
+            wakes,
+            host_wake: opts.host_wake,
+            slot_size,
+            taken: 0,
+            returned: 0,
+        })
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {
-        self.stream.gpu()
+        self.notify.gpu()
+    }
+
+    fn stream(&self, slot: usize) -> &Stream {
+        &self.streams[slot % self.streams.len()]
     }
 
     pub fn slot_size(&self) -> usize {
@@ -112,7 +167,12 @@ impl StagingRing {
         // SAFETY: per the contract for the source; the slot holds slot_size >= len bytes.
         check(
             unsafe {
-                sys::cuMemcpyDtoHAsync_v2(self.slot_ptr(slot).cast(), src as sys::CUdeviceptr, len, self.stream.raw())
+                sys::cuMemcpyDtoHAsync_v2(
+                    self.slot_ptr(slot).cast(),
+                    src as sys::CUdeviceptr,
+                    len,
+                    self.stream(slot).raw(),
+                )
             },
             "cuMemcpyDtoHAsync into a staging slot",
         )?;
@@ -130,7 +190,12 @@ impl StagingRing {
         // SAFETY: per the contract for the destination; the slot holds slot_size >= len bytes.
         check(
             unsafe {
-                sys::cuMemcpyHtoDAsync_v2(dst as sys::CUdeviceptr, self.slot_ptr(slot).cast(), len, self.stream.raw())
+                sys::cuMemcpyHtoDAsync_v2(
+                    dst as sys::CUdeviceptr,
+                    self.slot_ptr(slot).cast(),
+                    len,
+                    self.stream(slot).raw(),
+                )
             },
             "cuMemcpyHtoDAsync from a staging slot",
         )?;
@@ -138,11 +203,22 @@ impl StagingRing {
     }
 
     fn mark(&mut self, slot: usize) -> Result<()> {
-        self.events[slot].record(&self.stream)?;
+        self.events[slot].record(self.stream(slot))?;
+        if !self.host_wake {
+            return Ok(());
+        }
+        self.wakes[slot].ran_at.store(0, Ordering::Relaxed);
         self.notify.wait_for(&self.events[slot])?;
-        // SAFETY: the boxed wake lives as long as the ring, whose notify stream synchronizes on
-        // drop before the box goes.
-        unsafe { self.notify.notify(&*self.wake) }
+        let data = &self.wakes[slot] as *const SlotWake;
+        // SAFETY: the slot's wake lives as long as the ring, whose notify stream synchronizes on
+        // drop before the wakes go.
+        unsafe { self.notify.launch_host_fn(slot_copied, data.cast()) }
+    }
+
+    /// When the host function of `slot`'s last copy ran (`clock_ns`), if it has and the ring was
+    /// made with `stamp_wakes`.
+    pub fn wake_ran_at(&self, slot: usize) -> Option<u64> {
+        Some(self.wakes[slot].ran_at.load(Ordering::Relaxed)).filter(|&t| t != 0)
     }
 
     /// Whether the last copy queued for `slot` finished.
@@ -150,4 +226,16 @@ impl StagingRing {
         self.gpu().bind()?;
         self.events[slot].done()
     }
+}
+
+unsafe extern "C" fn slot_copied(data: *mut std::ffi::c_void) {
+    // A panic must not unwind into the driver's thread; a wake that cannot run is only a later poll.
+    let _ = std::panic::catch_unwind(|| {
+        // SAFETY: `mark` queued this with a pointer to a slot wake that outlives the notify stream's work.
+        let slot = unsafe { &*(data as *const SlotWake) };
+        if slot.stamp {
+            slot.ran_at.store(clock_ns(), Ordering::Relaxed);
+        }
+        (slot.wake)();
+    });
 }

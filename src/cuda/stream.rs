@@ -53,24 +53,19 @@ impl Stream {
         check(unsafe { sys::cuStreamWaitEvent(self.raw, event.raw, 0) }, "cuStreamWaitEvent")
     }
 
-    /// Queues a call of `*wake` after the work queued so far.
+    /// Queues a call of `f(data)` on a driver thread after the work queued so far.
     ///
     /// # Safety
-    /// `wake` must stay valid until the stream has run the call (the owner synchronizes the stream
-    /// before freeing it).
-    pub unsafe fn notify(&self, wake: *const Wake) -> Result<()> {
-        // SAFETY: per the contract `wake` outlives the call; the callback only reads it.
-        check(unsafe { sys::cuLaunchHostFunc(self.raw, Some(call_wake), wake as *mut _) }, "cuLaunchHostFunc")
+    /// `f` must not call CUDA and must not unwind; `data` must stay valid until the stream has run
+    /// the call (the owner synchronizes the stream before freeing it).
+    pub unsafe fn launch_host_fn(
+        &self,
+        f: unsafe extern "C" fn(*mut std::ffi::c_void),
+        data: *const std::ffi::c_void,
+    ) -> Result<()> {
+        // SAFETY: per the contract `data` outlives the call.
+        check(unsafe { sys::cuLaunchHostFunc(self.raw, Some(f), data as *mut _) }, "cuLaunchHostFunc")
     }
-}
-
-unsafe extern "C" fn call_wake(wake: *mut std::ffi::c_void) {
-    // A panic must not unwind into the driver's thread; a wake that cannot run is only a later poll.
-    let _ = std::panic::catch_unwind(|| {
-        // SAFETY: `notify`'s contract keeps the pointee alive until this call ran.
-        let wake = unsafe { &*(wake as *const Wake) };
-        wake();
-    });
 }
 
 impl Drop for Stream {

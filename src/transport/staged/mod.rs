@@ -5,18 +5,25 @@
 //! reported done only when that copy finished. Host memory passes straight through. The engine's
 //! channel logic sees the same comms and rules as without staging.
 //!
-//! Each comm owns its ring of `window` slots of `chunk size` bytes, its stream and one event per
-//! slot, made when the comm first meets device memory and reused for every chunk. Several slots are
-//! in flight at once, so copies overlap the network; a driver callback wakes the engine's progress
-//! thread when a copy finishes, so it does not sleep through it.
+//! Each comm owns its ring of `window` slots of `chunk size` bytes, its copy stream(s) and one event
+//! per slot, made when the comm first meets device memory and reused for every chunk. Several slots
+//! are in flight at once, so copies overlap the network. A send comm keeps only `ahead` copies
+//! queued (default 1): the copy engine drains one stream before the next, so without the limit the
+//! last channel waited for every other channel's whole share before its first chunk landed. By
+//! default the net asks the progress thread to keep polling while any copy is in flight
+//! (`needs_polling`); `UCCL_TCPX_STAGING_WAKE=host` has a driver callback per copy wake it instead.
 
 mod recv;
 mod regions;
 mod send;
+mod trace;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::{ListenComm, Net, NetHandle, Properties, RecvComm, SendComm};
+use crate::config::{StagingConfig, StagingWake};
+use crate::cuda::ring::RingOptions;
 use crate::cuda::stream::Wake;
 use crate::error::{Error, Result};
 
@@ -30,11 +37,23 @@ pub struct StagingParams {
     pub slot_size: usize,
     /// Slots per comm: device chunks in flight at once (the engine's window).
     pub slots: usize,
+    /// Wake mode, streams, copy pacing and tracing.
+    pub tuning: StagingConfig,
 }
 
 impl StagingParams {
     pub fn from_config(config: &crate::Config) -> StagingParams {
-        StagingParams { slot_size: config.chunk_size as usize, slots: config.window }
+        StagingParams { slot_size: config.chunk_size as usize, slots: config.window, tuning: config.staging }
+    }
+
+    /// `slots` slots of `slot_size` bytes with the default tuning.
+    pub fn new(slot_size: usize, slots: usize) -> StagingParams {
+        StagingParams { slot_size, slots, tuning: StagingConfig::default() }
+    }
+
+    fn ring_options(&self) -> RingOptions {
+        let host_wake = self.tuning.wake == StagingWake::Host;
+        RingOptions { streams: self.tuning.streams.max(1) as usize, host_wake, stamp_wakes: self.tuning.trace }
     }
 
     fn validate(&self) -> Result<()> {
@@ -59,6 +78,25 @@ pub(crate) struct Setup {
     /// The inner comms' bound on outstanding requests, which the staged comms keep too.
     max_requests: usize,
     wake: Wake,
+    /// Copies queued and not yet seen finished, over every comm of this net (polling mode only).
+    copies_in_flight: Arc<AtomicUsize>,
+}
+
+impl Setup {
+    fn polls(&self) -> bool {
+        self.params.tuning.wake == StagingWake::Poll
+    }
+
+    /// A copy was queued (`+1`) or seen finished or abandoned (`-n`).
+    fn copies_changed(&self, queued: bool, n: usize) {
+        if self.polls() && n > 0 {
+            if queued {
+                self.copies_in_flight.fetch_add(n, Ordering::Relaxed);
+            } else {
+                self.copies_in_flight.fetch_sub(n, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 pub struct StagedNet {
@@ -78,7 +116,7 @@ impl StagedNet {
         if !props.supports_host {
             return Err(Error::invalid(format!("transport {:?} moves neither host nor GPU memory", inner.name())));
         }
-        let setup = Setup { params, max_requests: props.max_requests.max(1), wake };
+        let setup = Setup { params, max_requests: props.max_requests.max(1), wake, copies_in_flight: Arc::default() };
         Ok(Arc::new(StagedNet { inner, setup }))
     }
 }
@@ -98,6 +136,20 @@ impl Net for StagedNet {
         let mut props = self.inner.properties(dev)?;
         props.supports_cuda = true;
         Ok(props)
+    }
+
+    /// Without host wakes nothing tells the progress thread a copy finished: it polls while any is
+    /// in flight.
+    fn needs_polling(&self) -> bool {
+        self.inner.needs_polling() || self.setup.copies_in_flight.load(Ordering::Relaxed) > 0
+    }
+
+    fn channel_device(&self, channel: usize) -> usize {
+        self.inner.channel_device(channel)
+    }
+
+    fn listen_per_channel(&self) -> bool {
+        self.inner.listen_per_channel()
     }
 
     fn listen(&self, dev: usize) -> Result<(NetHandle, Box<dyn ListenComm>)> {

@@ -7,6 +7,8 @@ use std::collections::VecDeque;
 
 use super::Setup;
 use super::regions::{InnerRegistry, Route, Staging};
+use super::trace::{ChunkTrace, CommTracer, Mark};
+use crate::cuda::ring::clock_ns;
 use crate::error::{Error, Result};
 use crate::transport::{MemKind, MrHandle, RecvComm, RequestId};
 
@@ -25,6 +27,7 @@ struct Request {
     len: usize,
     slot: Option<usize>,
     stage: Stage,
+    trace: Option<ChunkTrace>,
 }
 
 pub struct StagedRecvComm {
@@ -36,7 +39,10 @@ pub struct StagedRecvComm {
     posted: u64,
     tested: u64,
     consumed: u64,
+    /// Copies queued and not yet seen finished.
+    copying: usize,
     failure: Option<Error>,
+    tracer: Option<CommTracer>,
 }
 
 struct Inner<'a>(&'a mut dyn RecvComm);
@@ -54,11 +60,13 @@ impl StagedRecvComm {
     pub(crate) fn new(inner: Box<dyn RecvComm>, setup: Setup) -> StagedRecvComm {
         StagedRecvComm {
             inner,
+            tracer: setup.params.tuning.trace.then(|| CommTracer::new(false)),
             staging: Staging::new(setup),
             queue: VecDeque::new(),
             posted: 0,
             tested: 0,
             consumed: 0,
+            copying: 0,
             failure: None,
         }
     }
@@ -89,7 +97,15 @@ impl StagedRecvComm {
         if slot.is_some() {
             self.staging.ring_mut()?.take();
         }
-        self.queue.push_back(Request { addr, len, slot, stage: Stage::Receiving { inner } });
+        let trace = self.tracer.as_mut().map(|t| {
+            let mut trace = t.posted(len);
+            trace.mark(Mark::Handed);
+            if slot.is_some() {
+                trace.set_staged();
+            }
+            trace
+        });
+        self.queue.push_back(Request { addr, len, slot, stage: Stage::Receiving { inner }, trace });
         let id = RequestId(self.posted);
         self.posted += 1;
         Ok(Some(id))
@@ -101,21 +117,37 @@ impl StagedRecvComm {
             let Stage::Receiving { inner } = req.stage else { continue };
             let Some(size) = self.inner.test(inner)? else { break };
             self.inner.irecv_consumed(inner)?;
+            if let Some(trace) = &mut req.trace {
+                trace.mark(Mark::InnerDone);
+            }
             if size > req.len {
                 return Err(Error::backend(format!("{size} bytes arrived for a {}-byte receive", req.len)));
             }
             req.stage = match req.slot {
                 Some(slot) if size > 0 => {
+                    let started = req.trace.as_ref().map(|_| clock_ns());
                     let ring = self.staging.ring.as_mut().ok_or_else(|| Error::backend("staging ring missing"))?;
                     // SAFETY: the destination is exclusively ours until this request is reported
                     // done or the comm dropped, and the drop waits for the copy.
                     unsafe { ring.copy_out(slot, req.addr, size)? };
+                    self.copying += 1;
+                    self.staging.setup.copies_changed(true, 1);
+                    if let (Some(trace), Some(started)) = (&mut req.trace, started) {
+                        trace.add_issue(started);
+                        trace.mark(Mark::CopyIssued);
+                    }
                     Stage::Copying { size }
                 }
                 _ => Stage::Landed { size },
             };
         }
         Ok(())
+    }
+
+    fn exit(&mut self, entered: Option<u64>) {
+        if let (Some(t), Some(entered)) = (&mut self.tracer, entered) {
+            t.exit(entered);
+        }
     }
 
     fn finish_oldest(&mut self) -> Result<Option<usize>> {
@@ -129,10 +161,20 @@ impl StagedRecvComm {
                 if !self.staging.ring_mut()?.copied(slot)? {
                     return Ok(None);
                 }
+                self.copying -= 1;
+                self.staging.setup.copies_changed(false, 1);
                 size
             }
         };
-        if self.queue.pop_front().is_some_and(|r| r.slot.is_some()) {
+        let done = self.queue.pop_front().expect("front request");
+        if let (Some(tracer), Some(mut trace)) = (&mut self.tracer, done.trace) {
+            if let Some(slot) = done.slot {
+                trace.mark(Mark::CopySeen);
+                trace.mark_at(Mark::GpuDone, self.staging.ring.as_ref().and_then(|r| r.wake_ran_at(slot)));
+            }
+            tracer.reported(trace);
+        }
+        if done.slot.is_some() {
             self.staging.ring_mut()?.give_back();
         }
         self.tested += 1;
@@ -154,8 +196,10 @@ impl RecvComm for StagedRecvComm {
         if (self.posted - self.consumed) as usize >= self.staging.setup.max_requests {
             return Ok(None);
         }
+        let entered = self.tracer.as_mut().map(|t| t.enter(false));
         let route = self.staging.route(&mut Inner(&mut *self.inner), mr, data as usize, len)?;
         let posted = self.post(route, data as usize, len);
+        self.exit(entered);
         self.sticky(posted)
     }
 
@@ -167,7 +211,9 @@ impl RecvComm for StagedRecvComm {
                 req.0, self.tested
             )));
         }
+        let entered = self.tracer.as_mut().map(|t| t.enter(true));
         let done = self.finish_oldest();
+        self.exit(entered);
         self.sticky(done)
     }
 
@@ -185,6 +231,7 @@ impl RecvComm for StagedRecvComm {
 
 impl Drop for StagedRecvComm {
     fn drop(&mut self) {
+        self.staging.setup.copies_changed(false, self.copying);
         let idle = self.queue.is_empty();
         self.staging.release_ring_registration(&mut Inner(&mut *self.inner), idle);
     }

@@ -145,7 +145,8 @@ impl Staging {
         } else {
             let gpu = Gpu::open(device)?;
             let params = self.setup.params;
-            let ring = StagingRing::new(&gpu, params.slot_size, params.slots, self.setup.wake.clone())?;
+            let ring =
+                StagingRing::new(&gpu, params.slot_size, params.slots, self.setup.wake.clone(), params.ring_options())?;
             let (base, len) = ring.host_range();
             self.ring_mr = inner.register(base, len, MemKind::Host)?;
             self.ring = Some(ring);

@@ -2,11 +2,18 @@
 //! copy finished; host chunks go straight to the inner comm. The inner comm sees every request in
 //! posting order (its stream order is what the receiver matches), so a host chunk posted behind a
 //! copying device chunk waits for it.
+//!
+//! With a copy limit (`UCCL_TCPX_STAGING_AHEAD`) a device chunk beyond it keeps its slot but its
+//! copy is queued only once an earlier one finished: the engine posts a channel's whole window in
+//! one go, and without the limit every channel's copies are issued before the next channel's
+//! first one.
 
 use std::collections::VecDeque;
 
 use super::Setup;
 use super::regions::{InnerRegistry, Route, Staging};
+use super::trace::{ChunkTrace, CommTracer, Mark};
+use crate::cuda::ring::clock_ns;
 use crate::error::{Error, Result};
 use crate::transport::{MemKind, MrHandle, RequestId, SendComm};
 
@@ -14,8 +21,12 @@ use crate::transport::{MemKind, MrHandle, RequestId, SendComm};
 enum Stage {
     /// Host data not yet handed to the inner comm.
     Waiting { addr: usize, mr: MrHandle },
+    /// Device data at `src` waiting for its copy into `slot` to be queued.
+    Pending { slot: usize, src: usize },
     /// Device data being copied into `slot`.
     Copying { slot: usize },
+    /// In `slot`, not yet handed to the inner comm.
+    Copied { slot: usize },
     /// Handed to the inner comm as this request.
     Sent { inner: RequestId, slot: Option<usize> },
 }
@@ -23,6 +34,7 @@ enum Stage {
 struct Request {
     len: usize,
     stage: Stage,
+    trace: Option<ChunkTrace>,
 }
 
 pub struct StagedSendComm {
@@ -34,7 +46,12 @@ pub struct StagedSendComm {
     posted: u64,
     /// Index in `queue` of the first request not yet handed to the inner comm.
     unsent: usize,
+    /// Copies queued and not yet seen finished.
+    copying: usize,
+    /// Copies this comm may have queued and unfinished at once.
+    copy_limit: usize,
     failure: Option<Error>,
+    tracer: Option<CommTracer>,
 }
 
 struct Inner<'a>(&'a mut dyn SendComm);
@@ -50,12 +67,16 @@ impl InnerRegistry for Inner<'_> {
 
 impl StagedSendComm {
     pub(crate) fn new(inner: Box<dyn SendComm>, setup: Setup) -> StagedSendComm {
+        let tuning = setup.params.tuning;
         StagedSendComm {
             inner,
+            copy_limit: if tuning.ahead == 0 { usize::MAX } else { tuning.ahead as usize },
+            tracer: tuning.trace.then(|| CommTracer::new(true)),
             staging: Staging::new(setup),
             queue: VecDeque::new(),
             posted: 0,
             unsent: 0,
+            copying: 0,
             failure: None,
         }
     }
@@ -72,28 +93,72 @@ impl StagedSendComm {
         result
     }
 
+    /// Queues the copies of pending chunks, oldest first, while the copy limit allows.
+    fn issue_copies(&mut self) -> Result<()> {
+        for i in self.unsent..self.queue.len() {
+            if self.copying >= self.copy_limit {
+                break;
+            }
+            let Stage::Pending { slot, src } = self.queue[i].stage else { continue };
+            let len = self.queue[i].len;
+            let started = self.tracer.as_ref().map(|_| clock_ns());
+            let ring = self.staging.ring_mut()?;
+            // SAFETY: the device source stays valid until the request is reported done or the
+            // comm dropped (isend's contract), and the drop waits for the copy.
+            unsafe { ring.copy_in(slot, src, len)? };
+            self.copying += 1;
+            self.staging.setup.copies_changed(true, 1);
+            let req = &mut self.queue[i];
+            req.stage = Stage::Copying { slot };
+            if let (Some(trace), Some(started)) = (&mut req.trace, started) {
+                trace.add_issue(started);
+                trace.mark(Mark::CopyIssued);
+            }
+        }
+        Ok(())
+    }
+
     /// Hands requests to the inner comm in order while their data is ready and it has room.
     fn advance(&mut self) -> Result<()> {
+        self.issue_copies()?;
         while self.unsent < self.queue.len() {
-            let req = &self.queue[self.unsent];
+            let req = &mut self.queue[self.unsent];
             let (addr, mr, slot) = match req.stage {
                 Stage::Waiting { addr, mr } => (addr, mr, None),
+                Stage::Pending { .. } => break,
                 Stage::Copying { slot } => {
-                    let ring = self.staging.ring_mut()?;
+                    let ring = self.staging.ring.as_ref().ok_or_else(|| Error::backend("staging ring missing"))?;
                     if !ring.copied(slot)? {
                         break;
                     }
-                    (ring.slot_ptr(slot) as usize, self.staging.ring_mr, Some(slot))
+                    req.stage = Stage::Copied { slot };
+                    if let Some(trace) = &mut req.trace {
+                        trace.mark(Mark::CopySeen);
+                    }
+                    self.copying -= 1;
+                    self.staging.setup.copies_changed(false, 1);
+                    // A finished copy makes room under the limit: queue the next before the
+                    // (slower) hand-over.
+                    self.issue_copies()?;
+                    continue;
+                }
+                Stage::Copied { slot } => {
+                    (self.staging.ring_mut()?.slot_ptr(slot) as usize, self.staging.ring_mr, Some(slot))
                 }
                 Stage::Sent { .. } => {
                     self.unsent += 1;
                     continue;
                 }
             };
+            let len = req.len;
             // SAFETY: host data stays valid until this request is reported done (the caller's
             // isend contract); a slot stays ours until then too.
-            let Some(inner) = (unsafe { self.inner.isend(addr as *const u8, req.len, mr)? }) else { break };
-            self.queue[self.unsent].stage = Stage::Sent { inner, slot };
+            let Some(inner) = (unsafe { self.inner.isend(addr as *const u8, len, mr)? }) else { break };
+            let req = &mut self.queue[self.unsent];
+            req.stage = Stage::Sent { inner, slot };
+            if let Some(trace) = &mut req.trace {
+                trace.mark(Mark::Handed);
+            }
             self.unsent += 1;
         }
         Ok(())
@@ -105,13 +170,17 @@ impl StagedSendComm {
             Route::Staged => {
                 let ring = self.staging.ring_mut()?;
                 let Some(slot) = ring.take() else { return Ok(None) };
-                // SAFETY: the device source stays valid until the request is reported done or the
-                // comm dropped (isend's contract), and the drop waits for the copy.
-                unsafe { ring.copy_in(slot, addr, len)? };
-                Stage::Copying { slot }
+                Stage::Pending { slot, src: addr }
             }
         };
-        self.queue.push_back(Request { len, stage });
+        let trace = self.tracer.as_mut().map(|t| {
+            let mut trace = t.posted(len);
+            if route == Route::Staged {
+                trace.set_staged();
+            }
+            trace
+        });
+        self.queue.push_back(Request { len, stage, trace });
         let id = RequestId(self.posted);
         self.posted += 1;
         self.advance()?;
@@ -123,12 +192,31 @@ impl StagedSendComm {
         let Some(Request { stage: Stage::Sent { inner, slot }, .. }) = self.queue.front() else { return Ok(None) };
         let (inner, slot) = (*inner, *slot);
         let Some(size) = self.inner.test(inner)? else { return Ok(None) };
-        self.queue.pop_front();
+        let done = self.queue.pop_front().expect("front request");
         self.unsent -= 1;
-        if slot.is_some() {
-            self.staging.ring_mut()?.give_back();
+        if let Some(slot) = slot {
+            let ring = self.staging.ring_mut()?;
+            if let (Some(tracer), Some(mut trace)) = (&mut self.tracer, done.trace) {
+                trace.mark_at(Mark::GpuDone, ring.wake_ran_at(slot));
+                trace.mark(Mark::InnerDone);
+                tracer.reported(trace);
+            }
+            ring.give_back();
+        } else if let (Some(tracer), Some(mut trace)) = (&mut self.tracer, done.trace) {
+            trace.mark(Mark::InnerDone);
+            tracer.reported(trace);
         }
         Ok(Some(size))
+    }
+
+    fn enter(&mut self, test: bool) -> Option<u64> {
+        self.tracer.as_mut().map(|t| t.enter(test))
+    }
+
+    fn exit(&mut self, entered: Option<u64>) {
+        if let (Some(t), Some(entered)) = (&mut self.tracer, entered) {
+            t.exit(entered);
+        }
     }
 }
 
@@ -146,11 +234,13 @@ impl SendComm for StagedSendComm {
         if self.queue.len() >= self.staging.setup.max_requests {
             return Ok(None);
         }
+        let entered = self.enter(false);
         let route = self.staging.route(&mut Inner(&mut *self.inner), mr, data as usize, len)?;
         if route == Route::Staged && self.staging.ring_mut()?.peek().is_none() {
             return Ok(None);
         }
         let posted = self.post(route, data as usize, len);
+        self.exit(entered);
         self.sticky(posted)
     }
 
@@ -163,13 +253,18 @@ impl SendComm for StagedSendComm {
                 req.0
             )));
         }
+        let entered = self.enter(true);
         let done = self.finish_oldest();
+        self.exit(entered);
         self.sticky(done)
     }
 }
 
 impl Drop for StagedSendComm {
     fn drop(&mut self) {
+        // Copies still queued are waited for when the ring goes; they no longer count as work the
+        // progress thread must poll for.
+        self.staging.setup.copies_changed(false, self.copying);
         let idle = self.queue.is_empty();
         self.staging.release_ring_registration(&mut Inner(&mut *self.inner), idle);
     }

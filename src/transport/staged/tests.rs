@@ -12,7 +12,7 @@ use crate::transport::{MemKind, MrHandle, RequestId};
 fn staged() -> Arc<dyn Net> {
     let socket =
         SocketNet::new("127.0.0.1".parse().unwrap(), Duration::from_secs(5), Duration::from_secs(30), Arc::new(|| {}));
-    StagedNet::wrap(Arc::new(socket), StagingParams { slot_size: 64 << 10, slots: 4 }, Arc::new(|| {})).unwrap()
+    StagedNet::wrap(Arc::new(socket), StagingParams::new(64 << 10, 4), Arc::new(|| {})).unwrap()
 }
 
 fn pair(net: &dyn Net) -> (Box<dyn SendComm>, Box<dyn RecvComm>) {
@@ -54,10 +54,10 @@ fn wrap_validates_its_ring() {
         SocketNet::new("127.0.0.1".parse().unwrap(), Duration::from_secs(5), Duration::from_secs(30), Arc::new(|| {}));
     let socket: Arc<dyn Net> = Arc::new(socket);
     for params in [
-        StagingParams { slot_size: 0, slots: 4 },
-        StagingParams { slot_size: (4 << 20) + 1, slots: 4 },
-        StagingParams { slot_size: 4096, slots: 0 },
-        StagingParams { slot_size: 4096, slots: 17 },
+        StagingParams::new(0, 4),
+        StagingParams::new((4 << 20) + 1, 4),
+        StagingParams::new(4096, 0),
+        StagingParams::new(4096, 17),
     ] {
         let err = StagedNet::wrap(socket.clone(), params, Arc::new(|| {})).err().expect("refused");
         assert_eq!(err.status(), UcclStatus::ErrInvalidParam, "{params:?}: {err}");
