@@ -163,6 +163,15 @@ impl Default for SocketConfig {
     }
 }
 
+/// Channels and chunk size: 2 x 1 MiB below 16 cores, where 2 channels already keep more helper
+/// threads busy than there are cores; 4 x 2 MiB from 16 cores, which on a 32-core 2 x H200 host
+/// took 64 MiB GPU->GPU writes at 1 in flight from 15.4 to 20.8 GB/s and host-memory writes from
+/// 24.9 to 37.3 GB/s (docs/PERFORMANCE.md, "Default layout").
+fn default_layout() -> (u16, u32) {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if cores >= 16 { (4, 2 << 20) } else { (2, 1 << 20) }
+}
+
 /// Spinning pays only with cores to spare: on a small host a spinning helper takes the core that
 /// the thread it waits for needs (on 2 cores, 20 us of spin made an 8-byte round trip 5x slower).
 fn default_spin() -> Duration {
@@ -190,9 +199,10 @@ impl SocketConfig {
 
 impl Default for Config {
     fn default() -> Config {
+        let (num_channels, chunk_size) = default_layout();
         Config {
-            num_channels: 2,
-            chunk_size: 1 << 20,
+            num_channels,
+            chunk_size,
             window: 8,
             port: 0,
             ip: None,

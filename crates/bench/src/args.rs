@@ -88,7 +88,7 @@ usage: uccl-tcpx-bench [--loopback | --role server|client --remote-ip IP] [--por
   --sizes               message sizes, K/M/G suffixes (default 8 B to 256 MiB in powers of 4)
   --iters               transfers per size (default: about 512 MiB worth, 8 to 2000)
   --depth               transfers in flight (default 1: the latency column is a round trip)
-  --channels            data channels per connection (default UCCL_TCPX_NUM_CHANNELS or 2)
+  --channels            data channels per connection (default UCCL_TCPX_NUM_CHANNELS, else 2; 4 from 16 cores)
   --num-iovs            pieces each transfer is split into (one-sided: iovecs; send: messages)
   --device              cpu (default): host buffers; gpu: device buffers (cuMemAlloc), staged through
                         pinned host memory by the socket transport; baselines stay host-memory raw TCP
