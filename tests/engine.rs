@@ -375,3 +375,27 @@ fn close_releases_a_caller_waiting_on_the_stream() {
     assert_eq!(outcome.unwrap_err().status(), UcclStatus::ErrCanceled);
     assert!(waited < Duration::from_secs(3), "the waiter took {waited:?} to notice the close");
 }
+
+/// A small send waits inline at the receiver for its receive; that is the peer's user being slow,
+/// not the peer's engine stalling, so no timeout may fire however long it takes.
+#[test]
+fn an_inline_send_waiting_for_its_receive_is_not_a_stall() {
+    let cfg = || Config { timeout: Duration::from_millis(500), ..config() };
+    let a = Engine::new(cfg()).unwrap();
+    let b = Engine::new(cfg()).unwrap();
+    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+    let ba = b.accept().unwrap();
+    let src = pattern(16, 3);
+    let smr = a.register(src.as_ptr() as usize, src.len()).unwrap();
+    let id = ab.send(&[(smr, src.as_ptr() as usize, src.len())]).unwrap();
+    // Three timeouts' worth with nothing on the wire.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(ab.poll(id).unwrap(), None, "the send must still be pending");
+    ab.notify(b"alive", b"").expect("the connection must still be up");
+    let mut dst = vec![0u8; 16];
+    let dmr = b.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();
+    let r = ba.recv(dmr, dst.as_mut_ptr() as usize, dst.len()).unwrap();
+    assert_eq!(wait(&ba, r).unwrap(), 16);
+    assert_eq!(wait(&ab, id).unwrap(), 16);
+    assert_eq!(dst, src);
+}

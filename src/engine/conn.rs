@@ -100,6 +100,9 @@ struct InlineOp {
     len: u64,
     /// Bytes this op holds of the peer's inline-send buffer (zero for writes).
     backlog: u64,
+    /// The peer's engine answers at once (a write); a send waits for the peer's user to post a
+    /// receive, which is not a stall.
+    prompt: bool,
 }
 
 /// A send the peer announced (or carried inline) that no receive has matched yet.
@@ -274,7 +277,7 @@ impl Connection {
                 // grant and a channel hop (for device memory also instead of two staged copies).
                 let inline = op.len <= MAX_INLINE_LEN;
                 out.push(if let Some(payload) = payload {
-                    st.inline_ops.insert(id, InlineOp { transfer: transfer.clone(), len, backlog: 0 });
+                    st.inline_ops.insert(id, InlineOp { transfer: transfer.clone(), len, backlog: 0, prompt: true });
                     Control::InlineWrite { xfer: id, region: cap.region, token, addr, payload }
                 } else if inline {
                     let on_done = OnDone::Part(transfer.clone());
@@ -319,7 +322,8 @@ impl Connection {
                     Some(payload) if st.inline_send_backlog + len <= MAX_INLINE_SEND_BACKLOG => {
                         inline_parts += 1;
                         st.inline_send_backlog += len;
-                        st.inline_ops.insert(id, InlineOp { transfer: transfer.clone(), len, backlog: len });
+                        st.inline_ops
+                            .insert(id, InlineOp { transfer: transfer.clone(), len, backlog: len, prompt: false });
                         out.push(Control::InlineSend { xfer: id, payload });
                     }
                     _ => {
@@ -405,12 +409,15 @@ impl Connection {
         self.rx.arm();
     }
 
-    /// Reads what the control stream holds (with `wait`, waiting a bounded time for something) and
-    /// handles every whole message; false once the connection failed (nothing more will be read).
-    fn pump(&self, buf: &mut RxBuffer, mut wait: bool) -> bool {
+    /// Reads what the control stream holds and handles every whole message; false once the
+    /// connection failed (nothing more will be read). A waiting caller (`wait`) blocks a bounded
+    /// time for something and returns after one buffer's worth, so that a busy stream does not keep
+    /// it past its own reply; the reader thread drains until the socket is empty.
+    fn pump(&self, buf: &mut RxBuffer, wait: bool) -> bool {
+        let mut first = true;
         loop {
-            let drained = self.rx.drain(buf, wait);
-            wait = false;
+            let drained = self.rx.drain(buf, wait && first);
+            first = false;
             let mut st = self.state.lock();
             if st.failure.is_some() {
                 // The channels are gone; nothing the peer says can be acted on any more.
@@ -430,6 +437,7 @@ impl Connection {
             let outcome = match (handled, drained) {
                 (Err(e), _) | (Ok(()), Drained::Closed(e)) => e,
                 (Ok(()), Drained::Open) => return true,
+                (Ok(()), Drained::More) if wait => return true,
                 (Ok(()), Drained::More) => continue,
             };
             if !self.is_closed() {
@@ -867,7 +875,7 @@ impl ConnState {
     fn waits_on_peer(&self) -> bool {
         !self.flows.is_empty()
             || !self.awaiting_done.is_empty()
-            || !self.inline_ops.is_empty()
+            || self.inline_ops.values().any(|o| o.prompt)
             || !self.inbound.is_empty()
             || self.awaiting_grant.values().any(|o| o.prompt)
     }

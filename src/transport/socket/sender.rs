@@ -143,6 +143,10 @@ impl SendThread {
     pub fn run(self) {
         let mut zc: Vec<ZcSocket> = self.zerocopy.iter().map(|&on| ZcSocket::new(on)).collect();
         if let Err(e) = self.serve(&mut zc) {
+            // Pieces held for zero-copy completions stay readable by the kernel until the comm is
+            // dropped (its sockets are reset then, below): a failed request's buffer is only free
+            // once the comm is gone, which is the order the engine keeps (channels first, then
+            // failing the transfers).
             self.window.fail(e);
         }
         for (k, z) in zc.iter_mut().enumerate() {
@@ -201,7 +205,15 @@ impl SendThread {
                         moved = true;
                     }
                     Step::Partial => moved = true,
-                    Step::Blocked => blocked = true,
+                    Step::Blocked => {
+                        // Completions keep the socket's error queue non-empty, and poll reports
+                        // POLLERR for that whatever was asked: reap them, or the park below
+                        // returns at once for as long as the peer's window stays shut.
+                        if zc[k].has_pending() {
+                            moved |= self.reap(sock, &mut zc[k])?;
+                        }
+                        blocked = true;
+                    }
                 }
             }
             if moved {
