@@ -11,8 +11,13 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::error::{Error, Result};
-use crate::proto::Control;
+use crate::error::{Error, Result, UcclStatus};
+use crate::proto::{Control, MAX_NOTIFY_MSG_LEN};
+
+/// Control bytes that may wait for a peer that does not read: twice the largest message (a maximal
+/// Notify), so only a peer that stopped reading its control stream reaches it, and such a peer
+/// (one that keeps asking for small reads, say) cannot grow our memory without bound.
+const MAX_QUEUED: usize = 2 * (MAX_NOTIFY_MSG_LEN + 4096);
 
 struct Pending {
     bytes: Vec<u8>,
@@ -58,7 +63,16 @@ impl ControlWriter {
             return Err(e.clone());
         }
         if p.closing {
-            return Err(Error::new(crate::error::UcclStatus::ErrCanceled, "the connection is closing"));
+            return Err(Error::new(UcclStatus::ErrCanceled, "the connection is closing"));
+        }
+        if p.bytes.len() > MAX_QUEUED {
+            return Err(Error::new(
+                UcclStatus::ErrBackend,
+                format!(
+                    "the peer has not read {} bytes of control messages queued for it: it stopped reading its control stream",
+                    p.bytes.len()
+                ),
+            ));
         }
         let idle = p.bytes.is_empty() && !p.writing;
         for msg in msgs {
@@ -141,5 +155,34 @@ fn run(mut stream: TcpStream, shared: Arc<Shared>) {
             shared.changed.notify_all();
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A peer that never reads gets the connection failed once the queue passes its bound, instead
+    /// of our memory growing with every answer we owe it.
+    #[test]
+    fn a_peer_that_never_reads_is_cut_off_at_the_bound() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_silent, _) = listener.accept().unwrap();
+        let writer = ControlWriter::start(ours).unwrap();
+        let msg = Control::Notify { name: b"n".to_vec(), msg: vec![7; 16 << 20] };
+        let mut sent = 0usize;
+        let err = loop {
+            match writer.send(&msg) {
+                Ok(()) => sent += 1,
+                Err(e) => break e,
+            }
+            assert!(sent <= MAX_QUEUED / (16 << 20) + 4, "{sent} messages of 16 MiB queued without a bound");
+        };
+        assert!(sent >= MAX_QUEUED / (16 << 20), "cut off after {sent} messages, below the bound");
+        assert_eq!(err.status(), UcclStatus::ErrBackend);
+        assert!(err.message().contains("stopped reading"), "{}", err.message());
+        writer.finish(Duration::from_millis(10));
     }
 }
