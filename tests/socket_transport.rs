@@ -2,36 +2,16 @@
 //! in flight on several comms at once, with one socket per comm and with many sockets per comm and
 //! small pieces (so requests are spread over sockets and reassembled), every byte checked.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use uccl_tcpx::config::SocketConfig;
-use uccl_tcpx::transport::socket::SocketNet;
 use uccl_tcpx::transport::{MrHandle, Net, RecvComm, RequestId, SendComm};
 
 mod common;
+use common::socket::{comm_pair, socket_net};
 use common::{Rng, pattern};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn net(options: &SocketConfig) -> SocketNet {
-    let nop: Arc<dyn Fn() + Send + Sync> = Arc::new(|| {});
-    SocketNet::new("127.0.0.1".parse().unwrap(), Duration::from_secs(5), Duration::from_secs(30), nop)
-        .with_options(options.clone())
-}
-
-fn comm_pair(net: &SocketNet) -> (Box<dyn SendComm>, Box<dyn RecvComm>) {
-    let (mut handle, mut listen) = net.listen(0).unwrap();
-    let send = net.connect(0, &mut handle).unwrap().expect("socket connect completes at once");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(recv) = listen.accept().unwrap() {
-            return (send, recv);
-        }
-        assert!(Instant::now() < deadline, "accept timed out");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
 
 /// Sizes that hit the edges: empty, one byte, piece boundaries and their neighbours, large.
 fn random_size(rng: &mut Rng, piece: usize) -> usize {
@@ -112,7 +92,7 @@ fn stream_messages(send: &mut dyn SendComm, recv: &mut dyn RecvComm, seed: u64, 
 
 /// Several comm pairs in parallel threads, each moving its own random stream of messages.
 fn concurrent_comms(options: SocketConfig, comms: usize, messages: usize) {
-    let net = net(&options);
+    let net = socket_net(options.clone());
     let pairs: Vec<_> = (0..comms).map(|_| comm_pair(&net)).collect();
     std::thread::scope(|s| {
         for (i, (mut tx, mut rx)) in pairs.into_iter().enumerate() {
@@ -159,8 +139,9 @@ fn socket_buffer_sizes_and_zero_spin_are_accepted() {
 /// that opened eight.
 #[test]
 fn accepting_side_follows_the_connectors_socket_count() {
-    let many = net(&SocketConfig { nthreads: 4, nsocks_per_thread: 2, subchunk: 4 << 10, ..SocketConfig::default() });
-    let one = net(&SocketConfig { nthreads: 1, nsocks_per_thread: 1, ..SocketConfig::default() });
+    let many =
+        socket_net(SocketConfig { nthreads: 4, nsocks_per_thread: 2, subchunk: 4 << 10, ..SocketConfig::default() });
+    let one = socket_net(SocketConfig { nthreads: 1, nsocks_per_thread: 1, ..SocketConfig::default() });
     let (mut handle, mut listen) = one.listen(0).unwrap();
     let mut tx = many.connect(0, &mut handle).unwrap().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -177,7 +158,8 @@ fn accepting_side_follows_the_connectors_socket_count() {
 /// Receives posted long before the data, and data sent long before the receives, both complete.
 #[test]
 fn data_waits_for_late_receives_and_receives_wait_for_late_data() {
-    let net = net(&SocketConfig { nthreads: 2, nsocks_per_thread: 2, subchunk: 4 << 10, ..SocketConfig::default() });
+    let net =
+        socket_net(SocketConfig { nthreads: 2, nsocks_per_thread: 2, subchunk: 4 << 10, ..SocketConfig::default() });
     let (mut tx, mut rx) = comm_pair(&net);
     let msgs: Vec<Vec<u8>> = (0..16).map(|i| pattern(10_000 + i * 999, i as u64)).collect();
     let ids: Vec<RequestId> =

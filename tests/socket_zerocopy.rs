@@ -3,36 +3,16 @@
 //! sockets in flight, every zero-copy send is reported before its request counts as done, and a
 //! request whose pages the kernel still holds is not reported done.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use uccl_tcpx::config::SocketConfig;
-use uccl_tcpx::transport::socket::SocketNet;
-use uccl_tcpx::transport::{MrHandle, Net, RecvComm, RequestId, SendComm};
+use uccl_tcpx::transport::{MrHandle, RequestId};
 
 mod common;
+use common::socket::{comm_pair, socket_net};
 use common::{Rng, pattern};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn net(options: SocketConfig) -> SocketNet {
-    let nop: Arc<dyn Fn() + Send + Sync> = Arc::new(|| {});
-    SocketNet::new("127.0.0.1".parse().unwrap(), Duration::from_secs(5), Duration::from_secs(30), nop)
-        .with_options(options)
-}
-
-fn comm_pair(net: &SocketNet) -> (Box<dyn SendComm>, Box<dyn RecvComm>) {
-    let (mut handle, mut listen) = net.listen(0).unwrap();
-    let send = net.connect(0, &mut handle).unwrap().expect("socket connect completes at once");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(recv) = listen.accept().unwrap() {
-            return (send, recv);
-        }
-        assert!(Instant::now() < deadline, "accept timed out");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
 
 fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + LIMIT;
@@ -50,7 +30,7 @@ fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 #[test]
 fn many_requests_in_flight_arrive_intact_and_every_send_is_reported() {
     let piece = 32 << 10;
-    let net = net(SocketConfig {
+    let net = socket_net(SocketConfig {
         nthreads: 2,
         nsocks_per_thread: 2,
         subchunk: piece as u32,
@@ -130,7 +110,7 @@ fn many_requests_in_flight_arrive_intact_and_every_send_is_reported() {
 #[test]
 fn request_is_not_done_while_the_kernel_holds_its_pages() {
     let piece = 64 << 10;
-    let net = net(SocketConfig {
+    let net = socket_net(SocketConfig {
         nthreads: 1,
         nsocks_per_thread: 1,
         subchunk: piece as u32,

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests. Each test binary uses a subset.
 #![allow(dead_code)]
 
+pub mod socket;
+
 use std::time::{Duration, Instant};
 
 use uccl_tcpx::Connection;
