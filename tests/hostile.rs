@@ -85,6 +85,12 @@ fn pair() -> Pair {
     p
 }
 
+/// A hand-driven peer (no stray data connections) and the connection engine `b` accepted for it.
+fn fake_peer(p: &Pair) -> (FakePeer, Arc<Connection>) {
+    let fake = FakePeer::connect(p.b.address(), Stray::None).unwrap();
+    (fake, accept(&p.b).unwrap())
+}
+
 /// A write, a read and a send/receive between the two real engines, each checked by content.
 fn assert_pair_works(p: &Pair, seed: u64) {
     let len = 200_000;
@@ -628,8 +634,7 @@ impl FakePeer {
 fn fake_peer_happy_path_moves_data_both_ways() {
     let _serial = serial();
     let p = pair();
-    let mut fake = FakePeer::connect(p.b.address(), Stray::None).unwrap();
-    let conn = accept(&p.b).unwrap();
+    let (mut fake, conn) = fake_peer(&p);
     // fake -> engine: a two-sided send of 100 bytes.
     let mut dst = vec![0u8; 300];
     let dmr = p.b.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();
@@ -761,8 +766,7 @@ fn control_protocol_violations_fail_only_that_connection() {
 fn unmatched_send_announce_flood_is_cut_off() {
     let _serial = serial();
     let p = pair();
-    let mut fake = FakePeer::connect(p.b.address(), Stray::None).unwrap();
-    let conn = accept(&p.b).unwrap();
+    let (mut fake, conn) = fake_peer(&p);
     let mut burst = Vec::new();
     for xfer in 0..(1u64 << 16) + 1 {
         Control::SendAnnounce { xfer, len: 1 << 30 }.encode(&mut burst);
@@ -804,8 +808,7 @@ fn wrong_sized_data_chunks_fail_the_connection_without_overflow() {
 
 /// Sets up a granted 100-byte receive from the fake peer, then announces Data of another length.
 fn data_len_mismatch(p: &Pair) -> (FakePeer, Arc<Connection>, u64, Vec<u8>, u64) {
-    let mut fake = FakePeer::connect(p.b.address(), Stray::None).unwrap();
-    let conn = accept(&p.b).unwrap();
+    let (mut fake, conn) = fake_peer(p);
     let mut dst = vec![0u8; 256];
     let dmr = p.b.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();
     let rid = conn.recv(dmr, dst.as_mut_ptr() as usize, 100).unwrap();
@@ -855,8 +858,7 @@ fn data_len_mismatch_reports_the_pending_receive() {
 fn done_with_a_wrong_length_fails_the_send() {
     let _serial = serial();
     let p = pair();
-    let mut fake = FakePeer::connect(p.b.address(), Stray::None).unwrap();
-    let conn = accept(&p.b).unwrap();
+    let (mut fake, conn) = fake_peer(&p);
     let src = pattern(10_000, 4);
     let smr = p.b.register(src.as_ptr() as usize, src.len()).unwrap();
     let sid = conn.send(&[(smr, src.as_ptr() as usize, 10_000)]).unwrap();
@@ -874,8 +876,7 @@ fn done_with_a_wrong_length_fails_the_send() {
 fn done_with_a_wrong_length_fails_the_inline_send() {
     let _serial = serial();
     let p = pair();
-    let mut fake = FakePeer::connect(p.b.address(), Stray::None).unwrap();
-    let conn = accept(&p.b).unwrap();
+    let (mut fake, conn) = fake_peer(&p);
     let src = pattern(50, 4);
     let smr = p.b.register(src.as_ptr() as usize, src.len()).unwrap();
     let sid = conn.send(&[(smr, src.as_ptr() as usize, 50)]).unwrap();
@@ -892,8 +893,7 @@ fn done_with_a_wrong_length_fails_the_inline_send() {
 fn unmatched_inline_send_flood_is_cut_off() {
     let _serial = serial();
     let p = pair();
-    let mut fake = FakePeer::connect(p.b.address(), Stray::None).unwrap();
-    let conn = accept(&p.b).unwrap();
+    let (mut fake, conn) = fake_peer(&p);
     let mut burst = Vec::new();
     // 512 full payloads are exactly the 4 MiB a peer may leave unanswered; one byte more is not.
     for xfer in 0..512u64 {
@@ -915,8 +915,7 @@ fn unmatched_inline_send_flood_is_cut_off() {
 fn oversized_inline_send_fails_only_its_receive() {
     let _serial = serial();
     let p = pair();
-    let mut fake = FakePeer::connect(p.b.address(), Stray::None).unwrap();
-    let conn = accept(&p.b).unwrap();
+    let (mut fake, conn) = fake_peer(&p);
     let mut dst = vec![0u8; 256];
     let dmr = p.b.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();
     let rid = conn.recv(dmr, dst.as_mut_ptr() as usize, 100).unwrap();
@@ -1007,8 +1006,7 @@ fn hello_handle_makes_the_engine_dial_the_named_address_then_give_up() {
 fn grant_arriving_during_close_does_not_strand_the_write() {
     let _serial = serial();
     let p = pair();
-    let mut fake = FakePeer::connect(p.b.address(), Stray::None).unwrap();
-    let conn = accept(&p.b).unwrap();
+    let (mut fake, conn) = fake_peer(&p);
     // Larger than the inline limit, so the write asks for a Grant.
     let src = pattern(64 << 10, 5);
     let smr = p.b.register(src.as_ptr() as usize, src.len()).unwrap();
@@ -1050,8 +1048,7 @@ fn grant_arriving_during_close_does_not_strand_the_write() {
 fn close_with_a_blocked_control_writer_fails_pending_writes() {
     let _serial = serial();
     let p = pair();
-    let mut fake = FakePeer::connect(p.b.address(), Stray::None).unwrap();
-    let conn = accept(&p.b).unwrap();
+    let (mut fake, conn) = fake_peer(&p);
     // Larger than the inline limit, so the write asks for a Grant.
     let src = pattern(64 << 10, 6);
     let smr = p.b.register(src.as_ptr() as usize, src.len()).unwrap();

@@ -515,9 +515,10 @@ impl Connection {
             }
         }
         st.finished_chunks = finished;
+        // On an idle pass the clock goes first: `waits_on_peer` scans the pending ops.
         if moved {
             st.last_heard = Instant::now();
-        } else if result.is_ok() && st.waits_on_peer() && st.last_heard.elapsed() > self.core.config.timeout {
+        } else if result.is_ok() && st.last_heard.elapsed() > self.core.config.timeout && st.waits_on_peer() {
             result = Err(Error::timeout(format!(
                 "the peer showed no progress for {} ms while transfers were pending (UCCL_TCPX_TIMEOUT_MS)",
                 self.core.config.timeout.as_millis()

@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 
 use super::Setup;
-use super::regions::{InnerRegistry, Route, Staging};
+use super::regions::{Route, Staging};
 use super::trace::{ChunkTrace, CommTracer, Mark};
 use crate::cuda::ring::clock_ns;
 use crate::error::{Error, Result};
@@ -43,17 +43,6 @@ pub struct StagedRecvComm {
     copying: usize,
     failure: Option<Error>,
     tracer: Option<CommTracer>,
-}
-
-struct Inner<'a>(&'a mut dyn RecvComm);
-
-impl InnerRegistry for Inner<'_> {
-    fn register(&mut self, addr: usize, len: usize, kind: MemKind) -> Result<MrHandle> {
-        self.0.reg_mr(addr, len, kind)
-    }
-    fn deregister(&mut self, mr: MrHandle) {
-        self.0.dereg_mr(mr)
-    }
 }
 
 impl StagedRecvComm {
@@ -184,11 +173,11 @@ impl StagedRecvComm {
 
 impl RecvComm for StagedRecvComm {
     fn reg_mr(&mut self, addr: usize, len: usize, kind: MemKind) -> Result<MrHandle> {
-        self.staging.register(&mut Inner(&mut *self.inner), addr, len, kind)
+        self.staging.register(&mut self.inner, addr, len, kind)
     }
 
     fn dereg_mr(&mut self, mr: MrHandle) {
-        self.staging.deregister(&mut Inner(&mut *self.inner), mr)
+        self.staging.deregister(&mut self.inner, mr)
     }
 
     unsafe fn irecv(&mut self, data: *mut u8, len: usize, mr: MrHandle) -> Result<Option<RequestId>> {
@@ -197,7 +186,7 @@ impl RecvComm for StagedRecvComm {
             return Ok(None);
         }
         let entered = self.tracer.as_mut().map(|t| t.enter(false));
-        let route = self.staging.route(&mut Inner(&mut *self.inner), mr, data as usize, len)?;
+        let route = self.staging.route(&mut self.inner, mr, data as usize, len)?;
         let posted = self.post(route, data as usize, len);
         self.exit(entered);
         self.sticky(posted)
@@ -233,6 +222,6 @@ impl Drop for StagedRecvComm {
     fn drop(&mut self) {
         self.staging.setup.copies_changed(false, self.copying);
         let idle = self.queue.is_empty();
-        self.staging.release_ring_registration(&mut Inner(&mut *self.inner), idle);
+        self.staging.release_ring_registration(&mut self.inner, idle);
     }
 }

@@ -14,6 +14,21 @@ pub(super) trait InnerRegistry {
     fn deregister(&mut self, mr: MrHandle);
 }
 
+// Both comm kinds register the same way; `Staging` needs only that.
+macro_rules! comm_registry {
+    ($($comm:ident),*) => {$(
+        impl InnerRegistry for Box<dyn crate::transport::$comm> {
+            fn register(&mut self, addr: usize, len: usize, kind: MemKind) -> Result<MrHandle> {
+                self.reg_mr(addr, len, kind)
+            }
+            fn deregister(&mut self, mr: MrHandle) {
+                self.dereg_mr(mr)
+            }
+        }
+    )*};
+}
+comm_registry!(SendComm, RecvComm);
+
 #[derive(Clone, Copy, Debug)]
 enum Registered {
     /// Host memory: the inner comm's own handle for it.

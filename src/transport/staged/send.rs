@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 
 use super::Setup;
-use super::regions::{InnerRegistry, Route, Staging};
+use super::regions::{Route, Staging};
 use super::trace::{ChunkTrace, CommTracer, Mark};
 use crate::cuda::ring::clock_ns;
 use crate::error::{Error, Result};
@@ -52,17 +52,6 @@ pub struct StagedSendComm {
     copy_limit: usize,
     failure: Option<Error>,
     tracer: Option<CommTracer>,
-}
-
-struct Inner<'a>(&'a mut dyn SendComm);
-
-impl InnerRegistry for Inner<'_> {
-    fn register(&mut self, addr: usize, len: usize, kind: MemKind) -> Result<MrHandle> {
-        self.0.reg_mr(addr, len, kind)
-    }
-    fn deregister(&mut self, mr: MrHandle) {
-        self.0.dereg_mr(mr)
-    }
 }
 
 impl StagedSendComm {
@@ -222,11 +211,11 @@ impl StagedSendComm {
 
 impl SendComm for StagedSendComm {
     fn reg_mr(&mut self, addr: usize, len: usize, kind: MemKind) -> Result<MrHandle> {
-        self.staging.register(&mut Inner(&mut *self.inner), addr, len, kind)
+        self.staging.register(&mut self.inner, addr, len, kind)
     }
 
     fn dereg_mr(&mut self, mr: MrHandle) {
-        self.staging.deregister(&mut Inner(&mut *self.inner), mr)
+        self.staging.deregister(&mut self.inner, mr)
     }
 
     unsafe fn isend(&mut self, data: *const u8, len: usize, mr: MrHandle) -> Result<Option<RequestId>> {
@@ -235,7 +224,7 @@ impl SendComm for StagedSendComm {
             return Ok(None);
         }
         let entered = self.enter(false);
-        let route = self.staging.route(&mut Inner(&mut *self.inner), mr, data as usize, len)?;
+        let route = self.staging.route(&mut self.inner, mr, data as usize, len)?;
         if route == Route::Staged && self.staging.ring_mut()?.peek().is_none() {
             return Ok(None);
         }
@@ -266,6 +255,6 @@ impl Drop for StagedSendComm {
         // progress thread must poll for.
         self.staging.setup.copies_changed(false, self.copying);
         let idle = self.queue.is_empty();
-        self.staging.release_ring_registration(&mut Inner(&mut *self.inner), idle);
+        self.staging.release_ring_registration(&mut self.inner, idle);
     }
 }
