@@ -147,6 +147,10 @@ pub struct SocketConfig {
     /// Pieces of at least this many bytes are sent with MSG_ZEROCOPY; 0 = never (the default).
     /// `UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD`.
     pub zerocopy_threshold: u32,
+    /// A helper thread that serves one socket (and no zero-copy sends) waits inside blocking
+    /// `recv`/`sendmsg` calls instead of `poll` + non-blocking calls; default on.
+    /// `UCCL_TCPX_SOCKET_BLOCKING`.
+    pub blocking: bool,
 }
 
 impl Default for SocketConfig {
@@ -159,6 +163,7 @@ impl Default for SocketConfig {
             subchunk: 256 << 10,
             spin: default_spin(),
             zerocopy_threshold: 0,
+            blocking: true,
         }
     }
 }
@@ -294,6 +299,7 @@ impl SocketConfig {
                 0,
                 MAX_CHUNK_SIZE,
             )?,
+            blocking: parse_in(get, "UCCL_TCPX_SOCKET_BLOCKING", d.blocking as u8, 0, 1)? == 1,
         })
     }
 }
@@ -439,9 +445,11 @@ mod tests {
             ("UCCL_TCPX_SOCKET_SUBCHUNK", "128K"),
             ("UCCL_TCPX_SOCKET_SPIN_US", "0"),
             ("UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD", "64K"),
+            ("UCCL_TCPX_SOCKET_BLOCKING", "0"),
         ])
         .unwrap()
         .socket;
+        assert!(!c.blocking);
         assert_eq!((c.nthreads, c.nsocks_per_thread), (4, 2));
         assert_eq!((c.threads_per_comm(), c.sockets_per_comm()), (4, 8));
         assert_eq!((c.sndbuf, c.rcvbuf), (4 << 20, 8 << 20));
@@ -450,6 +458,7 @@ mod tests {
         let auto = SocketConfig::default();
         assert!((1..=4).contains(&auto.threads_per_comm()), "auto picks 1 to 4 threads");
         assert_eq!(auto.sockets_per_comm(), auto.threads_per_comm());
+        assert!(auto.blocking);
         let err = cfg(&[("UCCL_TCPX_SOCKET_NTHREADS", "16"), ("UCCL_TCPX_NSOCKS_PERTHREAD", "8")]).unwrap_err();
         assert!(err.message().contains("64 sockets"), "{}", err.message());
     }
@@ -474,6 +483,7 @@ mod tests {
             ("UCCL_TCPX_SOCKET_SUBCHUNK", "1K"),
             ("UCCL_TCPX_SOCKET_SUBCHUNK", "x"),
             ("UCCL_TCPX_SOCKET_SPIN_US", "-1"),
+            ("UCCL_TCPX_SOCKET_BLOCKING", "2"),
             ("UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD", "8M"),
             ("UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD", "lots"),
             ("UCCL_TCPX_GPU", "-1"),

@@ -108,6 +108,20 @@ fn random_sizes_over_one_socket_per_comm() {
     concurrent_comms(options, 3, 120);
 }
 
+/// The same over helper threads that wait in `poll` and non-blocking calls, the path threads with
+/// several sockets always take.
+#[test]
+fn random_sizes_over_one_socket_per_comm_without_blocking_calls() {
+    let options = SocketConfig {
+        nthreads: 1,
+        nsocks_per_thread: 1,
+        subchunk: 64 << 10,
+        blocking: false,
+        ..SocketConfig::default()
+    };
+    concurrent_comms(options, 3, 120);
+}
+
 #[test]
 fn random_sizes_over_many_sockets_and_threads_per_comm() {
     // 4 threads x 2 sockets, 4 KiB pieces: a message is spread over up to 8 sockets and reassembled.
@@ -131,6 +145,8 @@ fn socket_buffer_sizes_and_zero_spin_are_accepted() {
         subchunk: 32 << 10,
         spin: Duration::ZERO,
         zerocopy_threshold: 0,
+        // Small buffers keep the blocking sends waiting for room.
+        blocking: true,
     };
     concurrent_comms(options, 1, 40);
 }
@@ -158,8 +174,28 @@ fn accepting_side_follows_the_connectors_socket_count() {
 /// Receives posted long before the data, and data sent long before the receives, both complete.
 #[test]
 fn data_waits_for_late_receives_and_receives_wait_for_late_data() {
-    let net =
-        socket_net(SocketConfig { nthreads: 2, nsocks_per_thread: 2, subchunk: 4 << 10, ..SocketConfig::default() });
+    late_receives_and_late_data(SocketConfig {
+        nthreads: 2,
+        nsocks_per_thread: 2,
+        subchunk: 4 << 10,
+        ..SocketConfig::default()
+    });
+}
+
+/// The same with a socket per thread: the helpers wait in blocking calls, and a receiving one
+/// holding a header for a request not posted yet must still see the post.
+#[test]
+fn late_receives_and_late_data_with_blocking_helpers() {
+    late_receives_and_late_data(SocketConfig {
+        nthreads: 2,
+        nsocks_per_thread: 1,
+        subchunk: 4 << 10,
+        ..SocketConfig::default()
+    });
+}
+
+fn late_receives_and_late_data(options: SocketConfig) {
+    let net = socket_net(options);
     let (mut tx, mut rx) = comm_pair(&net);
     let msgs: Vec<Vec<u8>> = (0..16).map(|i| pattern(10_000 + i * 999, i as u64)).collect();
     let ids: Vec<RequestId> =

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::Wake;
 use super::receiver::RecvThread;
-use super::sender::{INLINE_MAX, SendSockets, SendThread};
+use super::sender::{INLINE_MAX, MAX_SLEEP, SendSockets, SendThread};
 use super::window::{MAX_REQUESTS, Window};
 use super::zerocopy::{self, Counters};
 use crate::error::{Error, Result};
@@ -23,6 +23,8 @@ pub struct Threading {
     pub spin: Duration,
     /// Send comms: pieces of at least this many bytes go out with MSG_ZEROCOPY; 0 = never.
     pub zerocopy_threshold: usize,
+    /// Threads serving a single socket wait in blocking calls on it (see `blocking_mode`).
+    pub blocking: bool,
 }
 
 /// What both comm kinds share: the threads, their window, and the caller's view of the requests.
@@ -47,15 +49,20 @@ enum Role {
 impl CommCore {
     fn start(streams: Vec<TcpStream>, wake: Wake, how: Threading, role: Role) -> Result<CommCore> {
         let threads = how.threads.clamp(1, streams.len().max(1));
-        for s in &streams {
-            s.set_nonblocking(true).map_err(|e| Error::io("configure data socket", e))?;
-        }
         let zerocopy: Vec<bool> = match &role {
             Role::Send(counters) if how.zerocopy_threshold > 0 => {
                 streams.iter().map(|s| zerocopy::enable(s.as_raw_fd(), counters)).collect()
             }
             _ => vec![false; streams.len()],
         };
+        // Socket k goes to thread k % threads, NCCL's layout of nsocks_per_thread per thread.
+        let layout: Vec<Vec<usize>> = (0..threads).map(|t| (t..streams.len()).step_by(threads).collect()).collect();
+        let blocking: Vec<bool> = layout.iter().map(|s| how.blocking && s.len() == 1 && !zerocopy[s[0]]).collect();
+        for (t, sockets) in layout.iter().enumerate() {
+            for &k in sockets {
+                blocking_mode(&streams[k], blocking[t]).map_err(|e| Error::io("configure data socket", e))?;
+            }
+        }
         let streams: Arc<[TcpStream]> = streams.into();
         let window = Arc::new(Window::new(how.subchunk, threads, wake)?);
         let send_sockets = matches!(role, Role::Send(_)).then(|| Arc::new(SendSockets::new(streams.clone(), threads)));
@@ -69,9 +76,8 @@ impl CommCore {
             released: 0,
             tested: 0,
         };
-        for t in 0..threads {
-            // Socket k goes to thread k % threads, NCCL's layout of nsocks_per_thread per thread.
-            let sockets: Vec<usize> = (t..streams.len()).step_by(threads).collect();
+        for (t, sockets) in layout.into_iter().enumerate() {
+            let blocking = blocking[t];
             let (streams, window, send_sockets) = (streams.clone(), window.clone(), send_sockets.clone());
             let spawned = match (send_sockets, &role) {
                 (Some(shared), Role::Send(counters)) => {
@@ -84,12 +90,13 @@ impl CommCore {
                         spin: how.spin,
                         zerocopy_threshold: how.zerocopy_threshold,
                         counters: counters.clone(),
+                        blocking,
                     };
                     std::thread::Builder::new().name(format!("uccl-sock-tx{t}")).spawn(move || sender.run())
                 }
                 _ => std::thread::Builder::new()
                     .name(format!("uccl-sock-rx{t}"))
-                    .spawn(move || RecvThread { index: t, sockets, streams, window, spin: how.spin }.run()),
+                    .spawn(move || RecvThread { index: t, sockets, streams, window, spin: how.spin, blocking }.run()),
             };
             // On error the partly built core's drop stops the threads already started.
             core.threads.push(spawned.map_err(|e| Error::io("spawn channel thread", e))?);
@@ -204,6 +211,21 @@ impl RecvComm for SocketRecvComm {
         self.0.released += 1;
         Ok(())
     }
+}
+
+/// A thread with one socket waits best inside the kernel: a blocking `recv` with `MSG_WAITALL`
+/// returns once per piece instead of once per arriving segment, and a blocking `sendmsg` sleeps in
+/// the socket's own memory wait, where `poll` + non-blocking calls cost two extra syscalls and a
+/// wake-up per segment. The timeouts bound how long such a call can miss the comm closing (the
+/// comm's drop shuts the sockets down, which ends the call at once). Every other call on a data
+/// socket (inline sends, readiness checks, zero-copy completions) passes `MSG_DONTWAIT`.
+fn blocking_mode(stream: &TcpStream, blocking: bool) -> std::io::Result<()> {
+    stream.set_nonblocking(!blocking)?;
+    if blocking {
+        stream.set_read_timeout(Some(MAX_SLEEP))?;
+        stream.set_write_timeout(Some(MAX_SLEEP))?;
+    }
+    Ok(())
 }
 
 fn host_only(kind: MemKind) -> Result<MrHandle> {

@@ -73,6 +73,7 @@ impl SocketNet {
             subchunk: self.options.subchunk as usize,
             spin: self.options.spin,
             zerocopy_threshold: self.options.zerocopy_threshold as usize,
+            blocking: self.options.blocking,
         }
     }
 

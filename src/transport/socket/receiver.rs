@@ -56,6 +56,8 @@ pub(super) struct RecvThread {
     pub streams: Arc<[TcpStream]>,
     pub window: Arc<Window>,
     pub spin: Duration,
+    /// The thread's one socket is in blocking mode: instead of polling, wait inside `recv`.
+    pub blocking: bool,
 }
 
 impl RecvThread {
@@ -70,7 +72,7 @@ impl RecvThread {
         while !self.window.closing() {
             let mut moved = false;
             for (k, inc) in ins.iter_mut().enumerate() {
-                match self.drive(self.sockets[k], inc) {
+                match self.drive(self.sockets[k], inc, false) {
                     Ok(Step::Moved) => moved = true,
                     Ok(Step::Stalled) => {}
                     Err(e) => return self.window.fail(e),
@@ -87,6 +89,15 @@ impl RecvThread {
             if !bulk && since.elapsed() < self.spin {
                 if let Err(e) = self.spin_until_ready(&ins, &mut fds, since) {
                     return self.window.fail(Error::io("wait for channel sockets", e));
+                }
+                continue;
+            }
+            if self.blocking && !matches!(ins[0].phase, Phase::Held(_)) {
+                // Only a post (which a held header waits for) or closing would come through the
+                // eventfd; the comm's drop shuts the socket down and `fail` is seen after the
+                // socket's timeout.
+                if let Err(e) = self.drive(self.sockets[0], &mut ins[0], true) {
+                    return self.window.fail(e);
                 }
                 continue;
             }
@@ -140,8 +151,11 @@ impl RecvThread {
     }
 
     /// Moves one socket forward until it would block or finished a piece (so one busy socket does not
-    /// starve the others of this thread).
-    fn drive(&self, socket: usize, inc: &mut Incoming) -> Result<Step> {
+    /// starve the others of this thread). `wait`: block for data (a socket in blocking mode, up to its
+    /// receive timeout), and for the whole rest of a payload at once.
+    fn drive(&self, socket: usize, inc: &mut Incoming, wait: bool) -> Result<Step> {
+        let (header_flags, payload_flags) =
+            if wait { (0, libc::MSG_WAITALL) } else { (libc::MSG_DONTWAIT, libc::MSG_DONTWAIT) };
         let fd = self.streams[socket].as_raw_fd();
         let mut moved = false;
         loop {
@@ -168,7 +182,7 @@ impl RecvThread {
                         inc.start = 0;
                     }
                     let end = inc.end;
-                    match recv(fd, &mut inc.stage[end..])? {
+                    match recv(fd, &mut inc.stage[end..], header_flags)? {
                         Some(n) => {
                             inc.end += n;
                             moved = true;
@@ -197,7 +211,7 @@ impl RecvThread {
                         let dst = unsafe {
                             std::slice::from_raw_parts_mut((piece.addr + *landed) as *mut u8, piece.len - *landed)
                         };
-                        match recv(fd, dst)? {
+                        match recv(fd, dst, payload_flags)? {
                             Some(n) => {
                                 *landed += n;
                                 moved = true;
@@ -223,11 +237,12 @@ impl RecvThread {
     }
 }
 
-/// `Some(n)` bytes read, `None` when nothing is there yet; end of stream is an error.
-fn recv(fd: i32, buf: &mut [u8]) -> Result<Option<usize>> {
+/// `Some(n)` bytes read, `None` when nothing is there yet (or came before a blocking socket's
+/// timeout); end of stream is an error.
+fn recv(fd: i32, buf: &mut [u8], flags: i32) -> Result<Option<usize>> {
     loop {
         // SAFETY: `buf` is writable for its length.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), flags) };
         if n > 0 {
             return Ok(Some(n as usize));
         }

@@ -99,7 +99,7 @@ impl SendSockets {
             };
             // Inline pieces are at most 16 KiB: too small for zero-copy to pay for its notification.
             let mut o = Outgoing::new(piece, false);
-            match write(&self.streams[k], &mut o, None) {
+            match write(&self.streams[k], &mut o, None, false) {
                 Ok(Step::Finished) => {
                     self.release(k);
                     window.finish(&o.piece);
@@ -131,6 +131,8 @@ pub(super) struct SendThread {
     /// Per socket of `sockets`: whether SO_ZEROCOPY is on.
     pub zerocopy: Vec<bool>,
     pub counters: Arc<Counters>,
+    /// The thread's one socket is in blocking mode: `sendmsg` waits for buffer space itself.
+    pub blocking: bool,
 }
 
 enum Step {
@@ -189,7 +191,9 @@ impl SendThread {
                     continue;
                 };
                 let stream = &self.shared.streams[sock];
-                match write(stream, o, Some((&mut zc[k], &self.counters))).map_err(|e| Error::io("channel send", e))? {
+                match write(stream, o, Some((&mut zc[k], &self.counters)), self.blocking)
+                    .map_err(|e| Error::io("channel send", e))?
+                {
                     Step::Finished => {
                         let used_zerocopy = o.zc_sends > 0;
                         if used_zerocopy {
@@ -307,8 +311,14 @@ impl SendThread {
 /// Writes what the socket takes of `o`. With `zc` and `o.zerocopy`, the header goes first as a copy
 /// (MSG_MORE holds it for the payload) and the payload with MSG_ZEROCOPY, each accepted call taking
 /// the socket's next notification id; ENOBUFS (notifications exhausted the socket's option memory)
-/// sends the rest of the piece as a copy.
-fn write(stream: &TcpStream, o: &mut Outgoing, mut zc: Option<(&mut ZcSocket, &Counters)>) -> std::io::Result<Step> {
+/// sends the rest of the piece as a copy. `wait`: the call may block (on a socket in blocking mode,
+/// up to its send timeout).
+fn write(
+    stream: &TcpStream,
+    o: &mut Outgoing,
+    mut zc: Option<(&mut ZcSocket, &Counters)>,
+    wait: bool,
+) -> std::io::Result<Step> {
     let fd = stream.as_raw_fd();
     let total = PIECE_HEADER_LEN + o.piece.len;
     let start = o.written;
@@ -316,7 +326,7 @@ fn write(stream: &TcpStream, o: &mut Outgoing, mut zc: Option<(&mut ZcSocket, &C
         let zerocopy_payload = o.zerocopy && zc.is_some() && o.written >= PIECE_HEADER_LEN;
         let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 2];
         let mut n_iov = 0;
-        let mut flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
+        let mut flags = libc::MSG_NOSIGNAL | if wait { 0 } else { libc::MSG_DONTWAIT };
         if o.written < PIECE_HEADER_LEN {
             iov[0] = libc::iovec {
                 iov_base: o.header[o.written..].as_ptr() as *mut libc::c_void,
