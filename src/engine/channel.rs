@@ -275,13 +275,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn regions_are_registered_once_per_comm_and_released_after_removal() {
+    /// A channel over two logging comms (send handles from 101, receive handles from 201).
+    fn logging_channel(window: usize, completes: bool) -> (Channel, Arc<Mutex<Vec<String>>>, RegionTable) {
         let log = Arc::new(Mutex::new(Vec::new()));
         let table = RegionTable::default();
-        let send = Box::new(LoggingComm { log: log.clone(), next: 100, completes: true });
-        let recv = Box::new(LoggingComm { log: log.clone(), next: 200, completes: true });
-        let mut ch = Channel::new(send, recv, 4, table.removals());
+        let send = Box::new(LoggingComm { log: log.clone(), next: 100, completes });
+        let recv = Box::new(LoggingComm { log: log.clone(), next: 200, completes });
+        (Channel::new(send, recv, window, table.removals()), log, table)
+    }
+
+    #[test]
+    fn regions_are_registered_once_per_comm_and_released_after_removal() {
+        let (mut ch, log, table) = logging_channel(4, true);
         let id = table.register(0x10000, 0x1000, MemKind::Host).unwrap();
         let region = table.get(id).unwrap();
         for (flow, off) in [(1, 0), (2, 0x800)] {
@@ -318,11 +323,7 @@ mod tests {
 
     #[test]
     fn receives_are_posted_twice_as_far_ahead_as_sends() {
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let table = RegionTable::default();
-        let send = Box::new(LoggingComm { log: log.clone(), next: 100, completes: false });
-        let recv = Box::new(LoggingComm { log: log.clone(), next: 200, completes: false });
-        let mut ch = Channel::new(send, recv, 3, table.removals());
+        let (mut ch, log, table) = logging_channel(3, false);
         let id = table.register(0x10000, 0x10000, MemKind::Host).unwrap();
         let region = table.get(id).unwrap();
         for i in 0..10 {
