@@ -71,6 +71,24 @@ impl StagingParams {
     }
 }
 
+/// The first error a staged comm hit past its argument checks. Such a failure leaves requests half
+/// done (a copy queued, a slot taken), so the comm stays failed and every later call reports it.
+#[derive(Default)]
+struct StickyFailure(Option<Error>);
+
+impl StickyFailure {
+    fn check(&self) -> Result<()> {
+        self.0.clone().map_or(Ok(()), Err)
+    }
+
+    fn keep<T>(&mut self, result: Result<T>) -> Result<T> {
+        if let Err(e) = &result {
+            self.0.get_or_insert_with(|| e.clone());
+        }
+        result
+    }
+}
+
 /// What every staged comm of one net shares.
 #[derive(Clone)]
 pub(crate) struct Setup {

@@ -5,9 +5,9 @@
 
 use std::collections::VecDeque;
 
-use super::Setup;
 use super::regions::{Route, Staging};
 use super::trace::{ChunkTrace, CommTracer, Mark};
+use super::{Setup, StickyFailure};
 use crate::cuda::ring::clock_ns;
 use crate::error::{Error, Result};
 use crate::transport::{MemKind, MrHandle, RecvComm, RequestId};
@@ -41,7 +41,7 @@ pub struct StagedRecvComm {
     consumed: u64,
     /// Copies queued and not yet seen finished.
     copying: usize,
-    failure: Option<Error>,
+    failure: StickyFailure,
     tracer: Option<CommTracer>,
 }
 
@@ -56,19 +56,8 @@ impl StagedRecvComm {
             tested: 0,
             consumed: 0,
             copying: 0,
-            failure: None,
+            failure: StickyFailure::default(),
         }
-    }
-
-    fn healthy(&self) -> Result<()> {
-        self.failure.clone().map_or(Ok(()), Err)
-    }
-
-    fn sticky<T>(&mut self, result: Result<T>) -> Result<T> {
-        if let Err(e) = &result {
-            self.failure.get_or_insert_with(|| e.clone());
-        }
-        result
     }
 
     fn post(&mut self, route: Route, addr: usize, len: usize) -> Result<Option<RequestId>> {
@@ -181,7 +170,7 @@ impl RecvComm for StagedRecvComm {
     }
 
     unsafe fn irecv(&mut self, data: *mut u8, len: usize, mr: MrHandle) -> Result<Option<RequestId>> {
-        self.healthy()?;
+        self.failure.check()?;
         if (self.posted - self.consumed) as usize >= self.staging.setup.max_requests {
             return Ok(None);
         }
@@ -189,11 +178,11 @@ impl RecvComm for StagedRecvComm {
         let route = self.staging.route(&mut self.inner, mr, data as usize, len)?;
         let posted = self.post(route, data as usize, len);
         self.exit(entered);
-        self.sticky(posted)
+        self.failure.keep(posted)
     }
 
     fn test(&mut self, req: RequestId) -> Result<Option<usize>> {
-        self.healthy()?;
+        self.failure.check()?;
         if req.0 != self.tested || req.0 >= self.posted {
             return Err(Error::backend(format!(
                 "test of request {} out of order: the oldest untested request is {}",
@@ -203,7 +192,7 @@ impl RecvComm for StagedRecvComm {
         let entered = self.tracer.as_mut().map(|t| t.enter(true));
         let done = self.finish_oldest();
         self.exit(entered);
-        self.sticky(done)
+        self.failure.keep(done)
     }
 
     fn irecv_consumed(&mut self, req: RequestId) -> Result<()> {

@@ -10,9 +10,9 @@
 
 use std::collections::VecDeque;
 
-use super::Setup;
 use super::regions::{Route, Staging};
 use super::trace::{ChunkTrace, CommTracer, Mark};
+use super::{Setup, StickyFailure};
 use crate::cuda::ring::clock_ns;
 use crate::error::{Error, Result};
 use crate::transport::{MemKind, MrHandle, RequestId, SendComm};
@@ -50,7 +50,7 @@ pub struct StagedSendComm {
     copying: usize,
     /// Copies this comm may have queued and unfinished at once.
     copy_limit: usize,
-    failure: Option<Error>,
+    failure: StickyFailure,
     tracer: Option<CommTracer>,
 }
 
@@ -66,20 +66,8 @@ impl StagedSendComm {
             posted: 0,
             unsent: 0,
             copying: 0,
-            failure: None,
+            failure: StickyFailure::default(),
         }
-    }
-
-    fn healthy(&self) -> Result<()> {
-        self.failure.clone().map_or(Ok(()), Err)
-    }
-
-    /// Failures past argument checks leave requests half done: the comm stays failed.
-    fn sticky<T>(&mut self, result: Result<T>) -> Result<T> {
-        if let Err(e) = &result {
-            self.failure.get_or_insert_with(|| e.clone());
-        }
-        result
     }
 
     /// Queues the copies of pending chunks, oldest first, while the copy limit allows.
@@ -219,7 +207,7 @@ impl SendComm for StagedSendComm {
     }
 
     unsafe fn isend(&mut self, data: *const u8, len: usize, mr: MrHandle) -> Result<Option<RequestId>> {
-        self.healthy()?;
+        self.failure.check()?;
         if self.queue.len() >= self.staging.setup.max_requests {
             return Ok(None);
         }
@@ -230,11 +218,11 @@ impl SendComm for StagedSendComm {
         }
         let posted = self.post(route, data as usize, len);
         self.exit(entered);
-        self.sticky(posted)
+        self.failure.keep(posted)
     }
 
     fn test(&mut self, req: RequestId) -> Result<Option<usize>> {
-        self.healthy()?;
+        self.failure.check()?;
         let oldest = self.posted - self.queue.len() as u64;
         if req.0 != oldest || self.queue.is_empty() {
             return Err(Error::backend(format!(
@@ -245,7 +233,7 @@ impl SendComm for StagedSendComm {
         let entered = self.enter(true);
         let done = self.finish_oldest();
         self.exit(entered);
-        self.sticky(done)
+        self.failure.keep(done)
     }
 }
 
