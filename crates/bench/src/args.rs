@@ -71,6 +71,10 @@ pub struct Args {
     pub peer_gpu: Option<i32>,
     /// Server started by a loopback parent: print the chosen port on stdout.
     pub announce: bool,
+    /// Run this process on these CPUs only.
+    pub cpus: Option<Vec<usize>>,
+    /// Loopback: the server on the first half of the CPUs, the client on the second.
+    pub split_cores: bool,
 }
 
 pub const DEFAULT_PORT: u16 = 19_971;
@@ -80,6 +84,7 @@ usage: uccl-tcpx-bench [--loopback | --role server|client --remote-ip IP] [--por
                        [--ops write,read,send,transport] [--sizes 8,4K,1M,...] [--iters N] [--depth N]
                        [--channels N] [--num-iovs N] [--device cpu|gpu] [--gpu N] [--peer-gpu N]
                        [--json] [--json-file FILE] [--plot FILE.png] [--no-baseline]
+                       [--cpus LIST] [--split-cores]
   --loopback (default)  both ends on this host: the server end runs as a child process
   --role server         wait for a client on --port (default 19971)
   --role client         connect to the server at --remote-ip:--port
@@ -98,6 +103,10 @@ usage: uccl-tcpx-bench [--loopback | --role server|client --remote-ip IP] [--por
   --json-file FILE      also write the JSON results to FILE
   --plot FILE.png       GB/s against size, ours and the raw TCP baseline
   --no-baseline         skip the raw TCP baselines
+  --cpus LIST           run this process on these CPUs only (taskset's form: 0-7,12)
+  --split-cores         loopback: the server on the first half of the CPUs, the client on the second,
+                        as two hosts would be (sharing cores lets a receiver copy cache-hot data on
+                        its sender's core, raw TCP most of all)
 Socket transport knobs (UCCL_TCPX_SOCKET_NTHREADS, ...) are read from the environment on each side.";
 
 impl Args {
@@ -120,6 +129,8 @@ impl Args {
             gpu: 0,
             peer_gpu: None,
             announce: false,
+            cpus: None,
+            split_cores: false,
         };
         let mut port_given = false;
         while let Some(flag) = it.next() {
@@ -162,6 +173,8 @@ impl Args {
                 "--plot" => a.plot = Some(PathBuf::from(value()?)),
                 "--no-baseline" => a.baseline = false,
                 "--announce" => a.announce = true,
+                "--cpus" => a.cpus = Some(crate::cpus::parse(&value()?)?),
+                "--split-cores" => a.split_cores = true,
                 "-h" | "--help" => return Err(USAGE.into()),
                 other => return Err(format!("unknown option {other}\n{USAGE}")),
             }
@@ -179,6 +192,9 @@ impl Args {
             return Err("--ops transport measures the socket transport on host memory alone; \
                         leave it out with --device gpu"
                 .into());
+        }
+        if a.split_cores && a.role != Role::Loopback {
+            return Err("--split-cores applies to --loopback only (two hosts have their own cores)".into());
         }
         if a.peer_gpu.is_some() && (a.role != Role::Loopback || a.device != Device::Gpu) {
             return Err("--peer-gpu applies to --loopback --device gpu only (a separate server takes \
@@ -270,6 +286,9 @@ mod tests {
         assert!(a.json && !a.baseline && a.plot.is_some());
         assert_eq!(d.iters_for(8), 2000);
         assert_eq!(d.iters_for(256 << 20), 8);
+        assert_eq!((d.cpus.as_deref(), d.split_cores), (None, false));
+        let p = parse("--cpus 0-2,5 --split-cores").unwrap();
+        assert_eq!((p.cpus.as_deref(), p.split_cores), (Some(&[0usize, 1, 2, 5][..]), true));
     }
 
     #[test]
@@ -288,6 +307,10 @@ mod tests {
             "--sizes 4 --num-iovs 8",
             "--channels 70000",
             "--sizes 3G --depth 2",
+            "--cpus",
+            "--cpus 3-1",
+            "--split-cores --role server",
+            "--split-cores --role client --remote-ip 10.0.0.2",
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }

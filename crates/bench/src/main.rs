@@ -4,6 +4,7 @@
 
 mod args;
 mod client;
+mod cpus;
 mod ctl;
 mod memory;
 mod plot;
@@ -26,6 +27,8 @@ fn fail(msg: &str) -> ! {
 
 fn main() {
     let mut args = Args::parse(std::env::args().skip(1)).unwrap_or_else(|e| fail(&e));
+    // Before anything starts a thread: later threads inherit the set.
+    let split = place(&args).unwrap_or_else(|e| fail(&e));
     // Checked before any process or connection exists, so a host without CUDA gets one clear line.
     let peer_gpu = memory::resolve_gpus(&args).unwrap_or_else(|e| fail(&e));
     if args.role == Role::Loopback {
@@ -38,15 +41,37 @@ fn main() {
             let ip: IpAddr = ip.parse().unwrap_or_else(|_| fail(&format!("--remote-ip {ip:?} is not an IP address")));
             client_and_report(&args, ip, args.port, &format!("client of {ip}"));
         }
-        Role::Loopback => loopback(&args),
+        Role::Loopback => loopback(&args, split),
     }
 }
 
-/// Starts the server end as a child process, reads the port it chose, and runs the client here.
-fn loopback(args: &Args) {
+/// Pins this process to `--cpus`; with `--split-cores`, to the second half of its CPUs, returning
+/// the first half for the server.
+fn place(args: &Args) -> Result<Option<Vec<usize>>, String> {
+    if let Some(cpus) = &args.cpus {
+        cpus::pin(cpus)?;
+    }
+    if !args.split_cores {
+        return Ok(None);
+    }
+    let (server, client) = cpus::halves(&cpus::allowed()?)?;
+    cpus::pin(&client)?;
+    Ok(Some(server))
+}
+
+/// Starts the server end as a child process (on `server_cpus` if given), reads the port it chose,
+/// and runs the client here.
+fn loopback(args: &Args, server_cpus: Option<Vec<usize>>) {
     let exe = std::env::current_exe().unwrap_or_else(|e| fail(&format!("cannot find this executable: {e}")));
+    let mut child_args = args.server_child_args();
+    let mut mode = "loopback, 2 processes".to_string();
+    if let Some(server) = &server_cpus {
+        let client = cpus::allowed().unwrap_or_else(|e| fail(&e));
+        child_args.extend(["--cpus".into(), cpus::format(server)]);
+        mode = format!("{mode}, server on CPUs {}, client on {}", cpus::format(server), cpus::format(&client));
+    }
     let mut child = Command::new(exe)
-        .args(args.server_child_args())
+        .args(child_args)
         .stdout(Stdio::piped())
         .stdin(Stdio::null())
         .spawn()
@@ -59,7 +84,7 @@ fn loopback(args: &Args) {
         let _ = child.kill();
         fail(&format!("the server process did not announce its port (said {line:?})"));
     };
-    client_and_report(args, "127.0.0.1".parse().unwrap(), port, "loopback, 2 processes");
+    client_and_report(args, "127.0.0.1".parse().unwrap(), port, &mode);
     match child.wait() {
         Ok(s) if s.success() => {}
         Ok(s) => fail(&format!("the server process ended with {s}")),
