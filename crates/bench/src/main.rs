@@ -46,8 +46,8 @@ fn main() {
 }
 
 /// Pins this process to `--cpus`; with `--split-cores`, to the second half of its CPUs, returning
-/// the first half for the server.
-fn place(args: &Args) -> Result<Option<Vec<usize>>, String> {
+/// both halves (the first is the server's).
+fn place(args: &Args) -> Result<Option<(Vec<usize>, Vec<usize>)>, String> {
     if let Some(cpus) = &args.cpus {
         cpus::pin(cpus)?;
     }
@@ -56,19 +56,18 @@ fn place(args: &Args) -> Result<Option<Vec<usize>>, String> {
     }
     let (server, client) = cpus::halves(&cpus::allowed()?)?;
     cpus::pin(&client)?;
-    Ok(Some(server))
+    Ok(Some((server, client)))
 }
 
-/// Starts the server end as a child process (on `server_cpus` if given), reads the port it chose,
-/// and runs the client here.
-fn loopback(args: &Args, server_cpus: Option<Vec<usize>>) {
+/// Starts the server end as a child process (on the first of `split`'s CPU sets if given, this
+/// process already running on the second), reads the port it chose, and runs the client here.
+fn loopback(args: &Args, split: Option<(Vec<usize>, Vec<usize>)>) {
     let exe = std::env::current_exe().unwrap_or_else(|e| fail(&format!("cannot find this executable: {e}")));
     let mut child_args = args.server_child_args();
     let mut mode = "loopback, 2 processes".to_string();
-    if let Some(server) = &server_cpus {
-        let client = cpus::allowed().unwrap_or_else(|e| fail(&e));
+    if let Some((server, client)) = &split {
         child_args.extend(["--cpus".into(), cpus::format(server)]);
-        mode = format!("{mode}, server on CPUs {}, client on {}", cpus::format(server), cpus::format(&client));
+        mode = format!("{mode}, server on CPUs {}, client on {}", cpus::format(server), cpus::format(client));
     }
     let mut child = Command::new(exe)
         .args(child_args)

@@ -224,6 +224,11 @@ impl SendThread {
                 idle_since = None;
                 continue;
             }
+            if blocked && self.blocking {
+                // The blocking `sendmsg` already waited its timeout for room: look at the window
+                // (closing, failure) and go again, without a second wait in `poll`.
+                continue;
+            }
             if blocked {
                 // Waiting on the peer to drain: sleep on the sockets, no spinning.
                 fds.clear();
