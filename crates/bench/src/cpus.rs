@@ -67,13 +67,20 @@ pub fn pin(cpus: &[usize]) -> Result<(), String> {
     Ok(())
 }
 
-/// The server's and the client's halves of `cpus` for `--split-cores`.
-pub fn halves(cpus: &[usize]) -> Result<(Vec<usize>, Vec<usize>), String> {
+/// `--split-cores`: the loopback server's CPUs and the client's.
+#[derive(Debug)]
+pub struct Split {
+    pub server: Vec<usize>,
+    pub client: Vec<usize>,
+}
+
+/// Splits `cpus` in two halves, the first for the server.
+pub fn halves(cpus: &[usize]) -> Result<Split, String> {
     if cpus.len() < 2 {
         return Err(format!("--split-cores needs at least 2 CPUs, this process may use {}", format(cpus)));
     }
     let (server, client) = cpus.split_at(cpus.len() / 2);
-    Ok((server.to_vec(), client.to_vec()))
+    Ok(Split { server: server.to_vec(), client: client.to_vec() })
 }
 
 #[cfg(test)]
@@ -88,10 +95,10 @@ mod tests {
         for bad in ["", "a", "3-1", "1-", "-1", "0-99999"] {
             assert!(parse(bad).unwrap_err().contains("--cpus"), "{bad:?}");
         }
-        let (s, c) = halves(&parse("0-15").unwrap()).unwrap();
-        assert_eq!((format(&s), format(&c)), ("0-7".to_string(), "8-15".to_string()));
-        let (s, c) = halves(&[4, 9, 10]).unwrap();
-        assert_eq!((s, c), (vec![4], vec![9, 10]));
+        let h = halves(&parse("0-15").unwrap()).unwrap();
+        assert_eq!((format(&h.server), format(&h.client)), ("0-7".to_string(), "8-15".to_string()));
+        let h = halves(&[4, 9, 10]).unwrap();
+        assert_eq!((h.server, h.client), (vec![4], vec![9, 10]));
         assert!(halves(&[3]).unwrap_err().contains("at least 2 CPUs"));
     }
 

@@ -47,25 +47,25 @@ fn main() {
 
 /// Pins this process to `--cpus`; with `--split-cores`, to the second half of its CPUs, returning
 /// both halves (the first is the server's).
-fn place(args: &Args) -> Result<Option<(Vec<usize>, Vec<usize>)>, String> {
+fn place(args: &Args) -> Result<Option<cpus::Split>, String> {
     if let Some(cpus) = &args.cpus {
         cpus::pin(cpus)?;
     }
     if !args.split_cores {
         return Ok(None);
     }
-    let (server, client) = cpus::halves(&cpus::allowed()?)?;
-    cpus::pin(&client)?;
-    Ok(Some((server, client)))
+    let split = cpus::halves(&cpus::allowed()?)?;
+    cpus::pin(&split.client)?;
+    Ok(Some(split))
 }
 
-/// Starts the server end as a child process (on the first of `split`'s CPU sets if given, this
-/// process already running on the second), reads the port it chose, and runs the client here.
-fn loopback(args: &Args, split: Option<(Vec<usize>, Vec<usize>)>) {
+/// Starts the server end as a child process (on `split.server` if given, this process already
+/// running on `split.client`), reads the port it chose, and runs the client here.
+fn loopback(args: &Args, split: Option<cpus::Split>) {
     let exe = std::env::current_exe().unwrap_or_else(|e| fail(&format!("cannot find this executable: {e}")));
     let mut child_args = args.server_child_args();
     let mut mode = "loopback, 2 processes".to_string();
-    if let Some((server, client)) = &split {
+    if let Some(cpus::Split { server, client }) = &split {
         child_args.extend(["--cpus".into(), cpus::format(server)]);
         mode = format!("{mode}, server on CPUs {}, client on {}", cpus::format(server), cpus::format(client));
     }
