@@ -399,3 +399,53 @@ fn an_inline_send_waiting_for_its_receive_is_not_a_stall() {
     assert_eq!(wait(&ab, id).unwrap(), 16);
     assert_eq!(dst, src);
 }
+
+/// A connection that only serves (its peer's inline writes) stops sharing its control stream and
+/// reads it in `recv`; when its own callers then wait for inline replies, the first of them is
+/// answered through the reader thread and the stream is shared again. Every transfer completes,
+/// with the right bytes, in both phases and after the roles swap back.
+#[test]
+fn inline_waits_are_served_after_the_serving_side_stopped_sharing_its_stream() {
+    let p = pair();
+    let mut at_b = vec![0u8; 8192];
+    let mut at_a = vec![0u8; 8192];
+    let bmr = p.b.register(at_b.as_mut_ptr() as usize, at_b.len()).unwrap();
+    let amr = p.a.register(at_a.as_mut_ptr() as usize, at_a.len()).unwrap();
+    let fifo_b = p.b.prepare_fifo(bmr, at_b.as_mut_ptr() as usize, at_b.len()).unwrap();
+    let fifo_a = p.a.prepare_fifo(amr, at_a.as_mut_ptr() as usize, at_a.len()).unwrap();
+    let mut src = pattern(8192, 1);
+    let smr_a = p.a.register(src.as_mut_ptr() as usize, src.len()).unwrap();
+    let smr_b = p.b.register(src.as_mut_ptr() as usize, src.len()).unwrap();
+    let mut back = vec![0u8; 8192];
+    let back_b = p.b.register(back.as_mut_ptr() as usize, back.len()).unwrap();
+
+    let write = |conn: &Connection, mr, fifo, len: usize, seed: u64, src: &mut Vec<u8>| {
+        src[..len].copy_from_slice(&pattern(len, seed));
+        let t = Instant::now();
+        let id = conn.write(&[OneSided { mr, addr: src.as_ptr() as usize, len, remote: fifo }]).unwrap();
+        assert_eq!(conn.wait(id).unwrap(), len as u64);
+        t.elapsed()
+    };
+    // A hand-back that missed its wake-up shows as a wait of a whole read timeout (100 ms).
+    let mut slow = 0;
+    for round in 0..3 {
+        // A serves B's memory: more than enough writes for B's reader to stop sharing the stream.
+        for i in 0..(3 * 32) {
+            let len = 1 + (i * 61) % 8192;
+            write(&p.ab, smr_a, fifo_b, len, (round * 1000 + i) as u64, &mut src);
+            assert_eq!(&at_b[..len], &src[..len]);
+        }
+        // Now B waits on inline transfers of its own: writes into A, and reads of A's memory.
+        for i in 0..40 {
+            let len = 1 + (i * 211) % 8192;
+            let took = write(&p.ba, smr_b, fifo_a, len, (round * 1000 + 500 + i) as u64, &mut src);
+            slow += usize::from(took >= Duration::from_millis(50));
+            assert_eq!(&at_a[..len], &src[..len]);
+            let id =
+                p.ba.read(&[OneSided { mr: back_b, addr: back.as_mut_ptr() as usize, len, remote: fifo_a }]).unwrap();
+            assert_eq!(p.ba.wait(id).unwrap(), len as u64);
+            assert_eq!(&back[..len], &at_a[..len]);
+        }
+    }
+    assert!(slow <= 3, "{slow} of 120 inline writes waited 50 ms or more");
+}

@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 
 use super::EngineCore;
 use super::channel::{self, Channel, Chunk};
-use super::control_rx::{ControlRx, Drained, RxBuffer};
+use super::control_rx::{ControlRx, Drained, ReaderWait, RxBuffer};
 use super::notify;
 use super::region::Region;
 use super::transfer::Transfer;
@@ -402,7 +402,7 @@ impl Connection {
     /// Reads the control stream in the caller's thread until `t` finished, unless another thread is
     /// reading it (then that thread delivers the reply and the caller's condvar wait picks it up).
     fn read_until_finished(&self, t: &Transfer) {
-        let Some(mut buf) = self.rx.try_lock() else { return };
+        let Some(mut buf) = self.rx.try_take() else { return };
         self.rx.disarm();
         // Each blocking read is bounded, so a reply delivered some other way (a failure) is noticed.
         while !t.is_finished() && self.pump(&mut buf, true) {}
@@ -414,10 +414,13 @@ impl Connection {
     /// time for something and returns after one buffer's worth, so that a busy stream does not keep
     /// it past its own reply; the reader thread drains until the socket is empty.
     fn pump(&self, buf: &mut RxBuffer, wait: bool) -> bool {
-        let mut first = true;
+        let drained = self.rx.drain(buf, wait);
+        self.handle_read(buf, drained, wait)
+    }
+
+    /// `pump` after its first read.
+    fn handle_read(&self, buf: &mut RxBuffer, mut drained: Drained, wait: bool) -> bool {
         loop {
-            let drained = self.rx.drain(buf, wait && first);
-            first = false;
             let mut st = self.state.lock();
             if st.failure.is_some() {
                 // The channels are gone; nothing the peer says can be acted on any more.
@@ -438,7 +441,11 @@ impl Connection {
                 (Err(e), _) | (Ok(()), Drained::Closed(e)) => e,
                 (Ok(()), Drained::Open) => return true,
                 (Ok(()), Drained::More) if wait => return true,
-                (Ok(()), Drained::More) => continue,
+                (Ok(()), Drained::More) => {
+                    drop(st);
+                    drained = self.rx.drain(buf, false);
+                    continue;
+                }
             };
             if !self.is_closed() {
                 self.fail(&mut st, outcome);
@@ -892,21 +899,40 @@ fn unknown_op(what: &str, id: u64) -> Error {
 }
 
 /// The reader thread: waits for the stream to have something, then reads it (after a waiting
-/// caller that holds the stream let go of it).
+/// caller that holds the stream let go of it). Waits are bounded so that a connection dropped
+/// without a close still lets this thread go; it holds the connection only while handling bytes.
 fn read_control(rx: &ControlRx, conn: std::sync::Weak<Connection>) {
+    let mut wait = rx.shared_wait();
     loop {
-        // Bounded so that a connection dropped without a close still lets this thread go.
-        let ready = rx.wait_ready(Duration::from_millis(100));
-        let Some(conn) = conn.upgrade() else { return };
-        if !ready {
-            if conn.state.lock().failure.is_some() {
-                return;
+        wait = match wait {
+            ReaderWait::Shared { .. } => {
+                let ready = rx.wait_ready(Duration::from_millis(100));
+                let Some(conn) = conn.upgrade() else { return };
+                if !ready {
+                    if conn.state.lock().failure.is_some() {
+                        return;
+                    }
+                    continue;
+                }
+                if !conn.pump(&mut rx.lock(), false) {
+                    return;
+                }
+                rx.next_wait(wait)
             }
-            continue;
-        }
-        let open = conn.pump(&mut rx.lock(), false);
-        if !open {
-            return;
-        }
+            ReaderWait::Blocking => {
+                let mut buf = rx.lock();
+                loop {
+                    let drained = rx.drain(&mut buf, true);
+                    let Some(conn) = conn.upgrade() else { return };
+                    if !conn.handle_read(&mut buf, drained, false) {
+                        return;
+                    }
+                    let next = rx.next_wait(ReaderWait::Blocking);
+                    if next != ReaderWait::Blocking {
+                        break next;
+                    }
+                }
+            }
+        };
     }
 }

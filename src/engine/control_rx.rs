@@ -4,13 +4,20 @@
 //! wants it instead of a reader thread that would then have to wake it: one wake-up per round trip
 //! fewer, the largest part of a small transfer's latency.
 //!
-//! Whoever holds the buffer lock is the reader. The reader thread waits in a level-triggered epoll
-//! registration, which a caller disarms while it reads and re-arms when it leaves; arming reports
-//! bytes already queued, so nothing that arrives during the hand-back is missed.
+//! Whoever holds the buffer lock is the reader. The reader thread waits in one of two ways
+//! (`ReaderWait`). Shared: in a level-triggered epoll registration, which a caller disarms while it
+//! reads and re-arms when it leaves; arming reports bytes already queued, so nothing that arrives
+//! during the hand-back is missed. Blocking: in `recv` itself, holding the buffer, which saves the
+//! epoll wait on every message of a connection whose callers never wait here (the serving side of
+//! one-sided traffic). A caller that finds the buffer held says so (`want`) and waits for the
+//! reader thread to deliver its reply; that reply wakes the reader, which then goes back to shared
+//! waits. The reader returns to blocking waits after `QUIET_BATCHES` reads in a row that no caller
+//! took part in.
 
 use std::io;
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::{Mutex, MutexGuard};
@@ -18,8 +25,13 @@ use parking_lot::{Mutex, MutexGuard};
 use crate::error::{Error, Result};
 use crate::proto::{Control, decode_frame};
 
-/// The longest a waiting caller's read blocks before it re-checks its transfer.
-const WAIT_SLICE: Duration = Duration::from_millis(20);
+/// The longest one blocking read lasts (a waiting caller's, or the reader thread's in blocking
+/// mode) before its thread re-checks its transfer or connection. A failing or closing connection
+/// shuts the stream down, which ends such a read at once; this is only the backstop.
+const WAIT_SLICE: Duration = Duration::from_millis(100);
+/// Reads by the reader thread, with no caller taking the stream in between, after which it waits in
+/// `recv` instead of epoll.
+pub const QUIET_BATCHES: u32 = 32;
 /// Read granularity; a frame larger than this (a Notify) grows the buffer only as its bytes arrive.
 const READ_CHUNK: usize = 64 << 10;
 
@@ -27,6 +39,19 @@ pub struct ControlRx {
     stream: TcpStream,
     epoll: OwnedFd,
     buffer: Mutex<RxBuffer>,
+    /// A caller found the buffer held by the reader thread in blocking mode.
+    wanted: AtomicBool,
+    /// How many times a caller took the stream; the reader thread compares it across its reads.
+    takes: AtomicU64,
+}
+
+/// How the reader thread waits for the next bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReaderWait {
+    /// In epoll, so that callers may take the stream.
+    Shared { quiet: u32, takes: u64 },
+    /// In `recv`, holding the buffer.
+    Blocking,
 }
 
 #[derive(Default)]
@@ -58,7 +83,13 @@ impl ControlRx {
         }
         // SAFETY: `epfd` is a fresh descriptor nothing else owns.
         let epoll = unsafe { OwnedFd::from_raw_fd(epfd) };
-        let rx = ControlRx { stream, epoll, buffer: Mutex::new(RxBuffer::default()) };
+        let rx = ControlRx {
+            stream,
+            epoll,
+            buffer: Mutex::new(RxBuffer::default()),
+            wanted: AtomicBool::new(false),
+            takes: AtomicU64::new(0),
+        };
         rx.epoll_ctl(libc::EPOLL_CTL_ADD, ARMED)?;
         Ok(rx)
     }
@@ -104,14 +135,50 @@ impl ControlRx {
         self.buffer.lock()
     }
 
-    pub fn try_lock(&self) -> Option<MutexGuard<'_, RxBuffer>> {
-        self.buffer.try_lock()
+    /// A caller's attempt to read the stream itself; `None` (and the reader thread told to share
+    /// the stream from its next read on) when another thread reads it.
+    pub fn try_take(&self) -> Option<MutexGuard<'_, RxBuffer>> {
+        match self.buffer.try_lock() {
+            Some(buf) => {
+                self.takes.fetch_add(1, Ordering::Relaxed);
+                Some(buf)
+            }
+            None => {
+                self.wanted.store(true, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// The reader thread's next way of waiting, after a read in `wait` mode.
+    pub fn next_wait(&self, wait: ReaderWait) -> ReaderWait {
+        match wait {
+            ReaderWait::Blocking if self.wanted.swap(false, Ordering::Relaxed) => self.shared_wait(),
+            ReaderWait::Blocking => ReaderWait::Blocking,
+            ReaderWait::Shared { quiet, takes } => {
+                let now = self.takes.load(Ordering::Relaxed);
+                if now != takes {
+                    ReaderWait::Shared { quiet: 0, takes: now }
+                } else if quiet + 1 >= QUIET_BATCHES {
+                    self.wanted.store(false, Ordering::Relaxed);
+                    ReaderWait::Blocking
+                } else {
+                    ReaderWait::Shared { quiet: quiet + 1, takes }
+                }
+            }
+        }
+    }
+
+    /// Where the reader thread starts: sharing, so that a connection's first callers read their own
+    /// replies.
+    pub fn shared_wait(&self) -> ReaderWait {
+        ReaderWait::Shared { quiet: 0, takes: self.takes.load(Ordering::Relaxed) }
     }
 
     /// Reads what the socket holds, up to about a buffer's worth. With `wait`, the first read blocks
-    /// for at most `WAIT_SLICE` (a caller waiting for its reply: one syscall instead of a poll and a
-    /// read); every other read is non-blocking per call (MSG_DONTWAIT), since the descriptor is
-    /// shared with the writer thread, which writes in blocking mode.
+    /// for at most `WAIT_SLICE` (one syscall instead of a wait and a read); every other read is
+    /// non-blocking per call (MSG_DONTWAIT), since the descriptor is shared with the writer thread,
+    /// which writes in blocking mode. A blocking read that timed out reports `Open`.
     pub fn drain(&self, buf: &mut RxBuffer, wait: bool) -> Drained {
         buf.compact();
         let limit = buf.bytes.len() + READ_CHUNK;
@@ -174,5 +241,59 @@ impl RxBuffer {
         if self.bytes.is_empty() && self.bytes.capacity() > 4 * READ_CHUNK {
             self.bytes = Vec::new();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn rx() -> (ControlRx, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        (ControlRx::new(ours).unwrap(), peer)
+    }
+
+    #[test]
+    fn reader_blocks_after_quiet_reads_and_shares_again_when_a_caller_asks() {
+        let (rx, _peer) = rx();
+        let mut wait = rx.shared_wait();
+        for i in 1..QUIET_BATCHES {
+            wait = rx.next_wait(wait);
+            assert_eq!(wait, ReaderWait::Shared { quiet: i, takes: 0 });
+        }
+        // A caller reading the stream itself in between starts the count again.
+        drop(rx.try_take().expect("nobody holds the buffer"));
+        wait = rx.next_wait(wait);
+        assert_eq!(wait, ReaderWait::Shared { quiet: 0, takes: 1 });
+        for _ in 0..QUIET_BATCHES {
+            wait = rx.next_wait(wait);
+        }
+        assert_eq!(wait, ReaderWait::Blocking);
+        assert_eq!(rx.next_wait(wait), ReaderWait::Blocking, "no caller asked");
+        // The reader thread holds the buffer while it waits in recv: a caller is refused and says so.
+        let held = rx.lock();
+        assert!(rx.try_take().is_none());
+        drop(held);
+        wait = rx.next_wait(wait);
+        assert_eq!(wait, ReaderWait::Shared { quiet: 0, takes: 1 });
+        assert_eq!(rx.next_wait(ReaderWait::Blocking), ReaderWait::Blocking, "the request is used up");
+    }
+
+    #[test]
+    fn a_blocking_read_returns_what_arrives_and_reports_a_timeout_as_open() {
+        use std::io::Write;
+        let (rx, mut peer) = rx();
+        let mut buf = rx.lock();
+        peer.write_all(b"hello").unwrap();
+        assert!(matches!(rx.drain(&mut buf, true), Drained::Open));
+        assert_eq!(&buf.bytes[buf.start..], b"hello");
+        let t = std::time::Instant::now();
+        assert!(matches!(rx.drain(&mut buf, true), Drained::Open));
+        assert!(t.elapsed() >= WAIT_SLICE / 2, "the second read waited for more");
+        drop(peer);
+        assert!(matches!(rx.drain(&mut buf, true), Drained::Closed(_)));
     }
 }
