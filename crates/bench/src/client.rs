@@ -15,7 +15,7 @@ use crate::ctl::{self, Ctl, field};
 use crate::memory::BenchMemory;
 use crate::progress::Progress;
 use crate::raw;
-use crate::report::{Point, RunInfo};
+use crate::report::{Baseline, Point, RunInfo};
 use crate::server::wait;
 use crate::transport_ping;
 
@@ -63,7 +63,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
     };
     let steps = args.ops.len() * args.sizes.len() + if args.baseline { args.sizes.len() } else { 0 };
     let mut progress = Progress::new(steps);
-    let mut baselines: HashMap<usize, (f64, Duration)> = HashMap::new();
+    let mut baselines: HashMap<usize, Baseline> = HashMap::new();
     let mut points = Vec::new();
     let mut seed = 1u64;
     for &op in &args.ops {
@@ -84,9 +84,10 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
             } else {
                 progress.step(&format!("raw TCP {}", crate::report::human(size)));
                 let host = &mut mem.host()[..size];
-                let raw_gbs = raw::streams_client(&mut ctl, server, host, streams, iters)?;
+                let stream_gbs = raw::streams_client(&mut ctl, server, host, streams, iters)?;
+                let message_gbs = raw::messages_client(&mut ctl, server, host, streams, iters, args.depth)?;
                 let ping = raw::pingpong_client(&mut ctl, server, host, iters.min(1000))?;
-                let measured = (raw_gbs, median(ping));
+                let measured = Baseline { stream_gbs, message_gbs, pingpong: median(ping) };
                 baselines.insert(size, measured);
                 Some(measured)
             };

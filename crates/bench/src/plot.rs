@@ -37,7 +37,8 @@ pub fn draw(path: &Path, title: &str, points: &[Point]) -> Result<(), String> {
     let fail = |e: &dyn std::fmt::Display| format!("plot {}: {e}", path.display());
     let min = points.iter().map(|p| p.size).min().ok_or("nothing to plot")? as f64;
     let max = points.iter().map(|p| p.size).max().unwrap_or(1) as f64;
-    let top = points.iter().map(|p| p.gbs().max(p.baseline.map(|b| b.0).unwrap_or(0.0))).fold(0.0f64, f64::max);
+    let top =
+        points.iter().map(|p| p.gbs().max(p.baseline.map(|b| b.stream_gbs).unwrap_or(0.0))).fold(0.0f64, f64::max);
     let root = BitMapBackend::new(path, (1100, 650)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| fail(&e))?;
     let mut builder = ChartBuilder::on(&root);
@@ -69,7 +70,8 @@ pub fn draw(path: &Path, title: &str, points: &[Point]) -> Result<(), String> {
         }
         chart.draw_series(series.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(|e| fail(&e))?;
     }
-    let mut raw: Vec<(f64, f64)> = points.iter().filter_map(|p| p.baseline.map(|b| (p.size as f64, b.0))).collect();
+    let mut raw: Vec<(f64, f64)> =
+        points.iter().filter_map(|p| p.baseline.map(|b| (p.size as f64, b.stream_gbs))).collect();
     raw.sort_by(|a, b| a.0.total_cmp(&b.0));
     raw.dedup_by(|a, b| a.0 == b.0);
     if !raw.is_empty() {

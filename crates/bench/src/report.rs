@@ -31,8 +31,19 @@ pub struct Point {
     pub avg: Duration,
     pub p50: Duration,
     pub p99: Duration,
-    /// Raw TCP with the same streams: GB/s; and the median raw ping-pong of this size.
-    pub baseline: Option<(f64, Duration)>,
+    pub baseline: Option<Baseline>,
+}
+
+/// Raw TCP between the same two processes, for one size.
+#[derive(Clone, Copy, Debug)]
+pub struct Baseline {
+    /// GB/s of the same streams writing without message ends (the ceiling).
+    pub stream_gbs: f64,
+    /// GB/s of the same streams carrying acknowledged messages of this size, as many in flight as
+    /// the transfers.
+    pub message_gbs: f64,
+    /// Median round trip of a one-connection ping-pong of this size.
+    pub pingpong: Duration,
 }
 
 impl Point {
@@ -42,7 +53,7 @@ impl Point {
         iters: usize,
         _depth: usize,
         samples: &[Duration],
-        baseline: Option<(f64, Duration)>,
+        baseline: Option<Baseline>,
     ) -> Point {
         let mut sorted = samples.to_vec();
         sorted.sort_unstable();
@@ -64,11 +75,15 @@ impl Point {
     }
 
     pub fn bw_ratio(&self) -> Option<f64> {
-        self.baseline.map(|(raw, _)| self.gbs() / raw)
+        self.baseline.map(|b| self.gbs() / b.stream_gbs)
+    }
+
+    pub fn msg_ratio(&self) -> Option<f64> {
+        self.baseline.map(|b| self.gbs() / b.message_gbs)
     }
 
     pub fn lat_ratio(&self) -> Option<f64> {
-        self.baseline.map(|(_, ping)| self.p50.as_secs_f64() / ping.as_secs_f64().max(1e-12))
+        self.baseline.map(|b| self.p50.as_secs_f64() / b.pingpong.as_secs_f64().max(1e-12))
     }
 }
 
@@ -93,7 +108,8 @@ pub fn header(info: &RunInfo, mode: &str) -> String {
     let baseline_memory = if info.on_gpu() { "host-memory buffers of the same size" } else { "same buffers" };
     format!(
         "# uccl-tcpx-bench: socket transport, {memory}, {mode}\n# {} channels x {} sockets ({} helper threads \
-         per comm), chunk {}, {} in flight, {} iov(s); baseline: raw TCP, {} streams with a thread each, {baseline_memory}",
+         per comm), chunk {}, {} in flight, {} iov(s); baseline: raw TCP, {} streams with a thread each, {baseline_memory}\
+         ; msg = the same streams, each message acknowledged, as many in flight",
         info.channels,
         info.sockets_per_comm,
         info.threads_per_comm,
@@ -119,24 +135,29 @@ pub fn line(p: &Point) -> String {
 
 pub fn summary(points: &[Point]) -> String {
     let mut s = String::from(
-        "\n# Summary (ratio = ours / raw TCP; latency: median round trip, ours vs a raw ping-pong of the same size)\n",
+        "\n# Summary (ratio = ours / raw TCP with the same streams: streaming without message ends, and \
+         acknowledged messages of the size with the same depth; latency: median round trip, ours vs a raw \
+         ping-pong of the same size)\n",
     );
     s += &format!(
-        "{:<9} {:>9} {:>10} {:>10} {:>7} {:>12} {:>12} {:>7}\n",
-        "op", "size", "GB/s", "raw GB/s", "ratio", "p50 us", "raw p50 us", "ratio"
+        "{:<9} {:>9} {:>10} {:>10} {:>7} {:>10} {:>7} {:>12} {:>12} {:>7}\n",
+        "op", "size", "GB/s", "raw GB/s", "ratio", "msg GB/s", "ratio", "p50 us", "raw p50 us", "ratio"
     );
+    let fmt = |v: Option<f64>, digits: usize| v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "-".into());
     for p in points {
-        let (raw, ping) = p.baseline.map(|(r, d)| (format!("{r:.2}"), format!("{:.1}", d.as_secs_f64() * 1e6))).unzip();
+        let b = p.baseline;
         s += &format!(
-            "{:<9} {:>9} {:>10.2} {:>10} {:>7} {:>12.1} {:>12} {:>7}\n",
+            "{:<9} {:>9} {:>10.2} {:>10} {:>7} {:>10} {:>7} {:>12.1} {:>12} {:>7}\n",
             p.op.name(),
             human(p.size),
             p.gbs(),
-            raw.unwrap_or_else(|| "-".into()),
-            p.bw_ratio().map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into()),
+            fmt(b.map(|b| b.stream_gbs), 2),
+            fmt(p.bw_ratio(), 2),
+            fmt(b.map(|b| b.message_gbs), 2),
+            fmt(p.msg_ratio(), 2),
             p.p50.as_secs_f64() * 1e6,
-            ping.unwrap_or_else(|| "-".into()),
-            p.lat_ratio().map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into()),
+            fmt(b.map(|b| b.pingpong.as_secs_f64() * 1e6), 1),
+            fmt(p.lat_ratio(), 2),
         );
     }
     s
@@ -164,8 +185,8 @@ pub fn json(info: &RunInfo, mode: &str, points: &[Point]) -> String {
         }
         s += &format!(
             "{{\"op\":\"{}\",\"size\":{},\"iters\":{},\"gbps\":{:.6},\"gb_per_s\":{:.6},\"avg_us\":{:.3},\
-             \"p50_us\":{:.3},\"p99_us\":{:.3},\"raw_gb_per_s\":{},\"bw_ratio\":{},\"raw_pingpong_p50_us\":{},\
-             \"lat_ratio\":{}}}",
+             \"p50_us\":{:.3},\"p99_us\":{:.3},\"raw_gb_per_s\":{},\"bw_ratio\":{},\"raw_msg_gb_per_s\":{},\
+             \"msg_ratio\":{},\"raw_pingpong_p50_us\":{},\"lat_ratio\":{}}}",
             p.op.name(),
             p.size,
             p.iters,
@@ -174,9 +195,11 @@ pub fn json(info: &RunInfo, mode: &str, points: &[Point]) -> String {
             p.avg.as_secs_f64() * 1e6,
             p.p50.as_secs_f64() * 1e6,
             p.p99.as_secs_f64() * 1e6,
-            opt(p.baseline.map(|b| b.0)),
+            opt(p.baseline.map(|b| b.stream_gbs)),
             opt(p.bw_ratio()),
-            opt(p.baseline.map(|b| b.1.as_secs_f64() * 1e6)),
+            opt(p.baseline.map(|b| b.message_gbs)),
+            opt(p.msg_ratio()),
+            opt(p.baseline.map(|b| b.pingpong.as_secs_f64() * 1e6)),
             opt(p.lat_ratio()),
         );
     }
@@ -205,21 +228,27 @@ mod tests {
     fn header_names_the_memory_and_the_baselines_memory() {
         let host = header(&info("host", "host"), "loopback");
         assert!(host.starts_with("# uccl-tcpx-bench: socket transport, host memory, loopback"), "{host}");
-        assert!(host.ends_with("same buffers"), "{host}");
+        assert!(host.contains("same buffers; msg = "), "{host}");
         assert!(json(&info("host", "host"), "m", &[]).contains("\"device\":\"cpu\""));
         let gpu = header(&info("gpu0@a", "gpu1@b"), "loopback");
         assert!(gpu.contains("GPU memory (client gpu0@a, server gpu1@b)"), "{gpu}");
-        assert!(gpu.ends_with("host-memory buffers of the same size"), "{gpu}");
+        assert!(gpu.contains("host-memory buffers of the same size; msg = "), "{gpu}");
     }
 
     #[test]
     fn point_statistics_and_formats() {
         let samples: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
-        let p = Point::new(Op::Write, 1000, 100, 1, &samples, Some((1.0, Duration::from_micros(25))));
+        let baseline = Baseline { stream_gbs: 1.0, message_gbs: 0.5, pingpong: Duration::from_micros(25) };
+        let p = Point::new(Op::Write, 1000, 100, 1, &samples, Some(baseline));
         assert_eq!(p.p50, Duration::from_micros(51));
         assert_eq!(p.avg, Duration::from_nanos(50_500));
         assert!((p.gbs() - 1000.0 / 50.5e-6 / 1e9).abs() < 1e-9);
         assert!((p.lat_ratio().unwrap() - 51.0 / 25.0).abs() < 1e-9);
+        assert!((p.msg_ratio().unwrap() - 2.0 * p.bw_ratio().unwrap()).abs() < 1e-9);
+        let table = summary(std::slice::from_ref(&p));
+        let row: Vec<&str> = table.lines().last().unwrap().split_whitespace().collect();
+        assert_eq!(&row[..4], ["write", "1000", "B", "0.02"], "{table}");
+        assert_eq!(&row[4..], ["1.00", "0.02", "0.50", "0.04", "51.0", "25.0", "2.04"], "{table}");
         assert!(line(&p).starts_with("[Client]   1000 B :"), "{}", line(&p));
         let j = json(
             &RunInfo {
@@ -237,6 +266,7 @@ mod tests {
             &[p],
         );
         assert!(j.contains("\"size\":1000") && j.contains("\"lat_ratio\":2.04"), "{j}");
+        assert!(j.contains("\"raw_msg_gb_per_s\":0.500000,\"msg_ratio\":0.039604"), "{j}");
         assert!(j.contains("\"device\":\"gpu\",\"client_memory\":\"gpu0@0000:4a:00.0\""), "{j}");
         assert_eq!(human(8), "8 B");
         assert_eq!(human(256 << 20), "256 MiB");

@@ -69,6 +69,7 @@ impl Target<'_> {
             match words.first().map(String::as_str) {
                 Some("OP") => self.op(ctl, &words)?,
                 Some("RAW") => raw::streams_server(ctl, self.mem.host(), &words)?,
+                Some("RAWMSG") => raw::messages_server(ctl, self.mem.host(), &words)?,
                 Some("PING") => raw::pingpong_server(ctl, self.mem.host(), &words)?,
                 Some("QUIT") => return Ok(()),
                 _ => return Err(std::io::Error::other(format!("unknown bench message {:?}", words.join(" ")))),
