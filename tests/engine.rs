@@ -127,12 +127,12 @@ fn one_sided_write_read_and_refusals() {
     assert_eq!(&target[4096 + (1 << 20)..4096 + (1 << 20) + 5000], &src[100..5100]);
 }
 
-/// Transfers up to 8 KiB travel inline on the control stream, larger ones over the channels; a vector
+/// Transfers up to 64 KiB travel inline on the control stream, larger ones over the channels; a vector
 /// mixing both, in both directions, lands every byte where it belongs and nothing beyond.
 #[test]
 fn small_and_large_one_sided_items_mix_across_the_inline_limit() {
     let p = pair();
-    let sizes = [1usize, 8, 8191, 8192, 8193, 70_000];
+    let sizes = [1usize, 8, 65_535, 65_536, 65_537, 200_000];
     let total: usize = sizes.iter().sum();
     let mut target = vec![0u8; total + sizes.len() * 16];
     let tmr = p.b.register(target.as_mut_ptr() as usize, target.len()).unwrap();
@@ -334,20 +334,20 @@ fn blocking_waits_from_many_threads_share_the_control_stream() {
 #[test]
 fn small_sends_before_receives_land_in_order() {
     let p = pair();
-    // 700 messages with 8 KiB ones among them pass the receiver's 4 MiB inline buffer, so both
-    // kinds interleave; 20000-byte ones are always announced.
-    let sizes: Vec<usize> = (0..700).map(|i| [1, 8192, 100, 20_000, 8192][i % 5]).collect();
+    // 700 messages with 64 KiB ones among them pass the receiver's 4 MiB inline buffer, so both
+    // kinds interleave; 100000-byte ones are always announced.
+    let sizes: Vec<usize> = (0..700).map(|i| [1, 65_536, 100, 100_000, 8192][i % 5]).collect();
     let srcs: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &n)| pattern(n, i as u64)).collect();
     let mut sends = Vec::new();
     for s in &srcs {
         let mr = p.a.register(s.as_ptr() as usize, s.len()).unwrap();
         sends.push(p.ab.send(&[(mr, s.as_ptr() as usize, s.len())]).unwrap());
     }
-    let mut dst = vec![0u8; 20_000 + 8];
+    let mut dst = vec![0u8; 100_000 + 8];
     let dmr = p.b.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();
     for (i, &n) in sizes.iter().enumerate() {
         dst.fill(0);
-        let r = p.ba.recv(dmr, dst.as_mut_ptr() as usize, 20_000).unwrap();
+        let r = p.ba.recv(dmr, dst.as_mut_ptr() as usize, 100_000).unwrap();
         assert_eq!(p.ba.wait(r).unwrap(), n as u64, "message {i}");
         assert_eq!(&dst[..n], &srcs[i][..], "message {i}");
         assert!(dst[n..].iter().all(|&b| b == 0), "message {i}: bytes past it untouched");

@@ -22,15 +22,15 @@ use uccl_tcpx::proto::{Capability, ChannelHello, Control, FifoItem, FrameHeader,
 
 /// `proto::FRAME_HEADER_LEN` is crate-private; `FrameHeader::to_bytes` pins the same number.
 const HEADER_LEN: usize = 8;
-/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 3.
-const VERSION: u16 = 3;
+/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 4.
+const VERSION: u16 = 4;
 const CHANNEL_HELLO_LEN: usize = 16;
 const FIFO_LEN: usize = 64;
 /// Protocol limits (crate-private in `proto`); `limits_match_the_codec` checks each against the codec.
 const MAX_NAME_LEN: usize = 255;
 const MAX_REASON_LEN: usize = 1024;
 /// `proto::MAX_INLINE_LEN`; the size-limit tests below prove it.
-const MAX_INLINE: usize = 8192;
+const MAX_INLINE: usize = 64 << 10;
 const MAX_ID_LEN: usize = 64;
 const MAX_TRANSPORT_NAME_LEN: usize = 32;
 

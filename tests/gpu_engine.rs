@@ -91,7 +91,7 @@ fn every_kind_every_direction_every_size() {
         return;
     }
     let p = pair(config());
-    let sizes = [1usize, 7, 4097, (1 << 20) - 3, (4 << 20) + 17, (64 << 20) + 5, 256 << 20];
+    let sizes = [1usize, 7, 4097, 65_536, 65_537, (1 << 20) - 3, (4 << 20) + 17, (64 << 20) + 5, 256 << 20];
     let max = *sizes.iter().max().unwrap() + 64;
     for (from, to) in [(Side::Gpu, Side::Gpu), (Side::Gpu, Side::Host), (Side::Host, Side::Gpu)] {
         for kind in [Kind::SendRecv, Kind::Write, Kind::Read] {

@@ -40,7 +40,7 @@ fn config() -> Config {
     Config {
         ip: Some(Ipv4Addr::LOCALHOST.into()),
         num_channels: 2,
-        chunk_size: 64 << 10,
+        chunk_size: 128 << 10,
         connect_timeout: SETUP_TIMEOUT,
         socket: SocketConfig { nthreads: 1, nsocks_per_thread: 1, ..SocketConfig::default() },
         ..Config::default()
@@ -172,13 +172,16 @@ fn encode(msg: &Handshake) -> Vec<u8> {
     out
 }
 
+/// The crate's protocol version (crate-private there); a wrong one fails every handshake below.
+const PROTOCOL_VERSION: u16 = 4;
+
 fn hello() -> Hello {
     Hello {
-        version: 3,
+        version: PROTOCOL_VERSION,
         capabilities: 0,
         nonce: 0x1234_5678_9abc_def0,
         num_channels: 1,
-        chunk_size: 64 << 10,
+        chunk_size: 128 << 10,
         gpu_index: 0,
         gpu_id: "0".into(),
         requested_gpu: "0".into(),
@@ -217,7 +220,7 @@ fn garbage_on_the_control_port_is_dropped() {
         ("Welcome instead of Hello".into(), {
             let h = hello();
             encode(&Handshake::Welcome(uccl_tcpx::proto::Welcome {
-                version: 3,
+                version: PROTOCOL_VERSION,
                 capabilities: 0,
                 num_channels: 1,
                 chunk_size: 4096,
@@ -295,7 +298,7 @@ fn garbage_on_the_control_port_is_dropped() {
 fn other_protocol_versions_are_refused_with_a_reason() {
     let _serial = serial();
     let p = pair();
-    for version in [0u16, 1, 2, 4, 0x100, u16::MAX] {
+    for version in [0u16, 1, 2, 3, 5, 0x100, u16::MAX] {
         // A full Hello of another version, and only magic + version as a future peer might send.
         let full = encode(&Handshake::Hello(Hello { version, ..hello() }));
         let mut short = FrameHeader { kind: 1, body_len: 6 }.to_bytes().to_vec();
@@ -537,7 +540,7 @@ impl FakePeer {
         let Handshake::Welcome(w) = Handshake::decode(&header, &body).expect("engine handshake") else {
             return Err(std::io::Error::other("not welcomed"));
         };
-        assert_eq!((w.num_channels, w.chunk_size), (1, 64 << 10));
+        assert_eq!((w.num_channels, w.chunk_size), (1, 128 << 10));
         let (data_addr, their_handle_nonce) = parse_socket_handle(&w.net_handle);
         let stray = match stray {
             Stray::None => None,
@@ -655,21 +658,21 @@ fn fake_peer_happy_path_moves_data_both_ways() {
     assert_eq!(&dst[200..240], &pattern(40, 10)[..]);
     assert!(dst[240..].iter().all(|&b| b == 0));
     // engine -> fake: a send of 50 bytes rides inline; one of 10000 is announced and streamed.
-    let src = pattern(10_000, 3);
+    let src = pattern(100_000, 3);
     let smr = p.b.register(src.as_ptr() as usize, src.len()).unwrap();
     let sid = conn.send(&[(smr, src.as_ptr() as usize, 50)]).unwrap();
     let Some(Control::InlineSend { xfer, payload }) = fake.recv() else { panic!("no InlineSend") };
     assert_eq!(payload, &src[..50]);
     fake.send(&Control::Done { xfer, len: 50 });
     assert_eq!(wait(&conn, sid).unwrap(), 50);
-    let sid = conn.send(&[(smr, src.as_ptr() as usize, 10_000)]).unwrap();
-    let Some(Control::SendAnnounce { xfer, len: 10_000 }) = fake.recv() else { panic!("no SendAnnounce") };
+    let sid = conn.send(&[(smr, src.as_ptr() as usize, 100_000)]).unwrap();
+    let Some(Control::SendAnnounce { xfer, len: 100_000 }) = fake.recv() else { panic!("no SendAnnounce") };
     fake.send(&Control::Grant { xfer, flow: 77 });
-    assert_eq!(fake.recv(), Some(Control::Data { flow: 77, len: 10_000 }));
-    let got = read_exact_within(&mut fake.rx, PIECE_HEADER_LEN + 10_000, Duration::from_secs(10)).unwrap();
+    assert_eq!(fake.recv(), Some(Control::Data { flow: 77, len: 100_000 }));
+    let got = read_exact_within(&mut fake.rx, PIECE_HEADER_LEN + 100_000, Duration::from_secs(10)).unwrap();
     assert_eq!(got, message(1, &src));
-    fake.send(&Control::Done { xfer, len: 10_000 });
-    assert_eq!(wait(&conn, sid).unwrap(), 10_000);
+    fake.send(&Control::Done { xfer, len: 100_000 });
+    assert_eq!(wait(&conn, sid).unwrap(), 100_000);
     // A guessed one-sided request is denied, and the connection stays up.
     let guess = dst.as_ptr() as u64;
     fake.send(&Control::WriteRequest { xfer: 2, region: dmr, token: 0, addr: guess, len: 8 });
@@ -859,13 +862,13 @@ fn done_with_a_wrong_length_fails_the_send() {
     let _serial = serial();
     let p = pair();
     let (mut fake, conn) = fake_peer(&p);
-    let src = pattern(10_000, 4);
+    let src = pattern(100_000, 4);
     let smr = p.b.register(src.as_ptr() as usize, src.len()).unwrap();
-    let sid = conn.send(&[(smr, src.as_ptr() as usize, 10_000)]).unwrap();
+    let sid = conn.send(&[(smr, src.as_ptr() as usize, 100_000)]).unwrap();
     let Some(Control::SendAnnounce { xfer, .. }) = fake.recv() else { panic!("no SendAnnounce") };
     fake.send(&Control::Grant { xfer, flow: 5 });
-    assert_eq!(fake.recv(), Some(Control::Data { flow: 5, len: 10_000 }));
-    read_exact_within(&mut fake.rx, PIECE_HEADER_LEN + 10_000, Duration::from_secs(10)).unwrap();
+    assert_eq!(fake.recv(), Some(Control::Data { flow: 5, len: 100_000 }));
+    read_exact_within(&mut fake.rx, PIECE_HEADER_LEN + 100_000, Duration::from_secs(10)).unwrap();
     fake.send(&Control::Done { xfer, len: 9_999 });
     assert_eq!(wait(&conn, sid).unwrap_err().status(), UcclStatus::ErrBackend);
     fake.expect_closed();
@@ -1008,11 +1011,11 @@ fn grant_arriving_during_close_does_not_strand_the_write() {
     let p = pair();
     let (mut fake, conn) = fake_peer(&p);
     // Larger than the inline limit, so the write asks for a Grant.
-    let src = pattern(64 << 10, 5);
+    let src = pattern(128 << 10, 5);
     let smr = p.b.register(src.as_ptr() as usize, src.len()).unwrap();
     let remote = uccl_tcpx::proto::FifoItem::with_capability(
         0x1000,
-        64 << 10,
+        128 << 10,
         uccl_tcpx::proto::Capability { region: 1, token: 2 },
     );
     let w = conn.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len: src.len(), remote }]).unwrap();
@@ -1050,11 +1053,11 @@ fn close_with_a_blocked_control_writer_fails_pending_writes() {
     let p = pair();
     let (mut fake, conn) = fake_peer(&p);
     // Larger than the inline limit, so the write asks for a Grant.
-    let src = pattern(64 << 10, 6);
+    let src = pattern(128 << 10, 6);
     let smr = p.b.register(src.as_ptr() as usize, src.len()).unwrap();
     let remote = uccl_tcpx::proto::FifoItem::with_capability(
         0x1000,
-        64 << 10,
+        128 << 10,
         uccl_tcpx::proto::Capability { region: 1, token: 2 },
     );
     let w = conn.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len: src.len(), remote }]).unwrap();

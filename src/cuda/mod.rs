@@ -6,7 +6,7 @@
 //! - [`memory`]: [`DeviceBuffer`] (device memory for tests and benchmarks) and pinned host memory;
 //! - [`stream`]: streams and events, the asynchronous copies the staging path issues;
 //! - [`ring`]: a comm's ring of pinned staging slots;
-//! - [`small_copy`]: fast synchronous copies of at most 8 KiB (inline transfers).
+//! - [`small_copy`]: fast synchronous copies of at most 64 KiB (inline transfers).
 
 pub mod gpu;
 pub mod memory;

@@ -21,7 +21,7 @@ use super::{Gpu, check};
 use crate::error::{Error, Result};
 
 /// The largest copy this module serves (the inline limit of the control protocol).
-pub const MAX_SMALL_COPY: usize = 8 << 10;
+pub const MAX_SMALL_COPY: usize = crate::proto::MAX_INLINE_LEN;
 /// Spinning beyond this hands the wait to the driver: the GPU is busy with other work and the
 /// copy will take long enough that a sleeping wait costs nothing extra.
 const SPIN_LIMIT: Duration = Duration::from_micros(500);

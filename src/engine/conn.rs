@@ -783,7 +783,7 @@ impl Connection {
     }
 
     /// Puts an inline payload into a local region: a CPU copy for host memory, a synchronous copy
-    /// for device memory (at most 8 KiB, cheaper than a staged pass).
+    /// for device memory (at most 64 KiB, cheaper than a staged pass).
     ///
     /// # Safety
     /// `[addr, addr + payload.len())` lies inside `region`, which is live.
