@@ -31,7 +31,7 @@ use crate::proto::{Control, decode_frame};
 const WAIT_SLICE: Duration = Duration::from_millis(100);
 /// Reads by the reader thread, with no caller taking the stream in between, after which it waits in
 /// `recv` instead of epoll.
-pub const QUIET_BATCHES: u32 = 32;
+const QUIET_BATCHES: u32 = 32;
 /// Read granularity; a frame larger than this (a Notify) grows the buffer only as its bytes arrive.
 const READ_CHUNK: usize = 64 << 10;
 
