@@ -65,6 +65,11 @@ pub struct Config {
     pub net_devices: Option<Vec<usize>>,
     /// How GPU memory is staged through host memory (`UCCL_TCPX_STAGING_*`, `UCCL_TCPX_TRACE_STAGING`).
     pub staging: StagingConfig,
+    /// How long a thread that expects control-stream bytes polls the socket before it sleeps: a
+    /// caller waiting for an inline transfer's reply, and a serving connection's reader after each
+    /// message. Default 20 us when this process may run on 2 or more CPUs, else 0.
+    /// `UCCL_TCPX_CONTROL_SPIN_US`.
+    pub control_spin: Duration,
 }
 
 /// How the staged GPU path learns that a copy finished.
@@ -177,6 +182,14 @@ fn default_layout() -> (u16, u32) {
     if cores >= 16 { (4, 2 << 20) } else { (2, 1 << 20) }
 }
 
+/// A reply that comes back while its reader polls costs no sleep and no wake-up on either side,
+/// which is most of a small round trip (2-core VM, unpinned: 8-byte write 9.4 -> 3.1 us). With a
+/// single CPU the poller would hold the core its peer needs (43.7 us on one core), so none there.
+fn default_control_spin() -> Duration {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if cpus >= 2 { Duration::from_micros(20) } else { Duration::ZERO }
+}
+
 /// Spinning pays only with cores to spare: on a small host a spinning helper takes the core that
 /// the thread it waits for needs (on 2 cores, 20 us of spin made an 8-byte round trip 5x slower).
 fn default_spin() -> Duration {
@@ -221,6 +234,7 @@ impl Default for Config {
             nccl_net_plugin: None,
             net_devices: None,
             staging: StagingConfig::default(),
+            control_spin: default_control_spin(),
         }
     }
 }
@@ -263,6 +277,13 @@ impl Config {
             gpu: get("UCCL_TCPX_GPU").map(|_| parse_in(&get, "UCCL_TCPX_GPU", 0, 0, MAX_GPU_ORDINAL)).transpose()?,
             socket: SocketConfig::from_lookup(&get)?,
             staging: StagingConfig::from_lookup(&get)?,
+            control_spin: Duration::from_micros(parse_in(
+                &get,
+                "UCCL_TCPX_CONTROL_SPIN_US",
+                d.control_spin.as_micros() as u64,
+                0,
+                1_000_000,
+            )?),
         })
     }
 }
@@ -390,6 +411,7 @@ mod tests {
             ("UCCL_TCPX_PLUGIN", "/opt/tcpx/libnccl-net.so"),
             ("NCCL_NET_PLUGIN", "tcpx"),
             ("UCCL_TCPX_NET_DEVICES", "1, 3,1"),
+            ("UCCL_TCPX_CONTROL_SPIN_US", "75"),
         ])
         .unwrap();
         assert_eq!(c.transport, TransportChoice::Tcpx);
@@ -407,6 +429,8 @@ mod tests {
         assert_eq!(c.connect_timeout, Duration::from_millis(250));
         assert_eq!(c.timeout, Duration::from_millis(1500));
         assert_eq!(c.gpu, Some(3));
+        assert_eq!(c.control_spin, Duration::from_micros(75));
+        assert_eq!(cfg(&[("UCCL_TCPX_CONTROL_SPIN_US", "0")]).unwrap().control_spin, Duration::ZERO);
         assert_eq!(cfg(&[("UCCL_TCPX_CHUNK_SIZE", "4M")]).unwrap().chunk_size, 4 << 20);
     }
 
@@ -483,6 +507,8 @@ mod tests {
             ("UCCL_TCPX_SOCKET_SUBCHUNK", "1K"),
             ("UCCL_TCPX_SOCKET_SUBCHUNK", "x"),
             ("UCCL_TCPX_SOCKET_SPIN_US", "-1"),
+            ("UCCL_TCPX_CONTROL_SPIN_US", "-1"),
+            ("UCCL_TCPX_CONTROL_SPIN_US", "2000000"),
             ("UCCL_TCPX_SOCKET_BLOCKING", "2"),
             ("UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD", "8M"),
             ("UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD", "lots"),

@@ -174,7 +174,7 @@ impl Connection {
         control.set_read_timeout(None).map_err(io)?;
         control.set_write_timeout(None).map_err(io)?;
         let writer = ControlWriter::start(control.try_clone().map_err(io)?)?;
-        let rx = Arc::new(ControlRx::new(control.try_clone().map_err(io)?)?);
+        let rx = Arc::new(ControlRx::new(control.try_clone().map_err(io)?, core.config.control_spin)?);
         let conn = Arc::new(Connection {
             id: core.next_conn_id(),
             peer,
@@ -399,14 +399,40 @@ impl Connection {
         self.core.transfers.wait(self.id, transfer)
     }
 
-    /// Reads the control stream in the caller's thread until `t` finished, unless another thread is
-    /// reading it (then that thread delivers the reply and the caller's condvar wait picks it up).
+    /// Reads the control stream in the caller's thread until `t` finished (polling for the spin time,
+    /// then in bounded blocking reads), unless another thread is reading it: then that thread
+    /// delivers the reply, which the caller watches for during the spin time and afterwards sleeps on.
     fn read_until_finished(&self, t: &Transfer) {
-        let Some(mut buf) = self.rx.try_take() else { return };
+        let Some(mut buf) = self.rx.try_take() else {
+            // Another thread reads the stream and delivers the reply: watch for it before sleeping.
+            let until = Instant::now() + self.rx.spin();
+            while !t.is_finished() && Instant::now() < until {
+                std::thread::yield_now();
+            }
+            return;
+        };
         self.rx.disarm();
-        // Each blocking read is bounded, so a reply delivered some other way (a failure) is noticed.
-        while !t.is_finished() && self.pump(&mut buf, true) {}
+        if self.spin_until_finished(&mut buf, t) {
+            // Each blocking read is bounded, so a reply delivered some other way (a failure) is noticed.
+            while !t.is_finished() && self.pump(&mut buf, true) {}
+        }
         self.rx.arm();
+    }
+
+    /// Polls the stream without blocking, for at most the spin time, while `t` is unfinished; false
+    /// once the connection failed. Frames are handled only when bytes came, so polling takes no lock.
+    fn spin_until_finished(&self, buf: &mut RxBuffer, t: &Transfer) -> bool {
+        let until = Instant::now() + self.rx.spin();
+        while !t.is_finished() && Instant::now() < until {
+            let before = buf.received();
+            let drained = self.rx.drain(buf, false);
+            let quiet = buf.received() == before && matches!(drained, Drained::Open);
+            if !quiet && !self.handle_read(buf, drained, false) {
+                return false;
+            }
+            std::thread::yield_now();
+        }
+        true
     }
 
     /// Reads what the control stream holds and handles every whole message; false once the
@@ -898,6 +924,27 @@ fn unknown_op(what: &str, id: u64) -> Error {
     Error::backend(format!("protocol violation: {what} for unknown id {id}"))
 }
 
+/// The shared-mode reader's poll after a read: the next message often follows at once (the reply to
+/// a polling caller's next request), and polling catches it without a wake-up. Stops when a caller
+/// holds the stream or after the spin time without bytes; false once the connection failed.
+fn poll_while_busy(rx: &ControlRx, conn: &Connection) -> bool {
+    let mut until = Instant::now() + rx.spin();
+    while Instant::now() < until {
+        let Some(mut buf) = rx.try_lock() else { return true };
+        let before = buf.received();
+        let drained = rx.drain(&mut buf, false);
+        if buf.received() != before || !matches!(drained, Drained::Open) {
+            if !conn.handle_read(&mut buf, drained, false) {
+                return false;
+            }
+            until = Instant::now() + rx.spin();
+        }
+        drop(buf);
+        std::thread::yield_now();
+    }
+    true
+}
+
 /// The reader thread: waits for the stream to have something, then reads it (after a waiting
 /// caller that holds the stream let go of it). Waits are bounded so that a connection dropped
 /// without a close still lets this thread go; it holds the connection only while handling bytes.
@@ -914,15 +961,26 @@ fn read_control(rx: &ControlRx, conn: std::sync::Weak<Connection>) {
                     }
                     continue;
                 }
-                if !conn.pump(&mut rx.lock(), false) {
+                if !conn.pump(&mut rx.lock(), false) || !poll_while_busy(rx, &conn) {
                     return;
                 }
                 rx.next_wait(wait)
             }
             ReaderWait::Blocking => {
                 let mut buf = rx.lock();
+                // After a message the next one often follows at once (a caller's next request):
+                // poll for it before blocking again.
+                let mut poll_until = Instant::now();
                 loop {
-                    let drained = rx.drain(&mut buf, true);
+                    let before = buf.received();
+                    let block = Instant::now() >= poll_until;
+                    let drained = rx.drain(&mut buf, block);
+                    if buf.received() != before {
+                        poll_until = Instant::now() + rx.spin();
+                    } else if !block && matches!(drained, Drained::Open) {
+                        std::thread::yield_now();
+                        continue;
+                    }
                     let Some(conn) = conn.upgrade() else { return };
                     if !conn.handle_read(&mut buf, drained, false) {
                         return;

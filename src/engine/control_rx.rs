@@ -13,6 +13,10 @@
 //! reader thread to deliver its reply; that reply wakes the reader, which then goes back to shared
 //! waits. The reader returns to blocking waits after `QUIET_BATCHES` reads in a row that no caller
 //! took part in.
+//!
+//! Both kinds of reader poll the socket for `spin` before they block when they expect bytes soon (a
+//! caller its reply, the blocking reader thread the next message after one arrived): a reply that
+//! arrives meanwhile then costs no sleep and no wake-up.
 
 use std::io;
 use std::net::TcpStream;
@@ -43,6 +47,8 @@ pub struct ControlRx {
     wanted: AtomicBool,
     /// How many times a caller took the stream; the reader thread compares it across its reads.
     takes: AtomicU64,
+    /// How long a reader expecting bytes polls before it blocks (`Config::control_spin`).
+    spin: Duration,
 }
 
 /// How the reader thread waits for the next bytes.
@@ -58,6 +64,8 @@ pub enum ReaderWait {
 pub struct RxBuffer {
     bytes: Vec<u8>,
     start: usize,
+    /// Bytes ever read into this buffer.
+    received: u64,
 }
 
 /// What one drain of the socket found.
@@ -72,7 +80,7 @@ pub enum Drained {
 }
 
 impl ControlRx {
-    pub fn new(stream: TcpStream) -> Result<ControlRx> {
+    pub fn new(stream: TcpStream, spin: Duration) -> Result<ControlRx> {
         // Bounds a waiting caller's blocking read (SO_RCVTIMEO; every other read is non-blocking), so
         // that it notices a reply delivered some other way, such as a failure.
         stream.set_read_timeout(Some(WAIT_SLICE)).map_err(|e| Error::io("control stream", e))?;
@@ -89,9 +97,14 @@ impl ControlRx {
             buffer: Mutex::new(RxBuffer::default()),
             wanted: AtomicBool::new(false),
             takes: AtomicU64::new(0),
+            spin,
         };
         rx.epoll_ctl(libc::EPOLL_CTL_ADD, ARMED)?;
         Ok(rx)
+    }
+
+    pub fn spin(&self) -> Duration {
+        self.spin
     }
 
     fn fd(&self) -> RawFd {
@@ -133,6 +146,11 @@ impl ControlRx {
 
     pub fn lock(&self) -> MutexGuard<'_, RxBuffer> {
         self.buffer.lock()
+    }
+
+    /// The reader thread's attempt to poll the stream while no caller holds it.
+    pub fn try_lock(&self) -> Option<MutexGuard<'_, RxBuffer>> {
+        self.buffer.try_lock()
     }
 
     /// A caller's attempt to read the stream itself; `None` (and the reader thread told to share
@@ -198,6 +216,7 @@ impl ControlRx {
                 let short = (n as usize) < spare.len();
                 // SAFETY: recv initialised the first `n` bytes of the spare capacity.
                 unsafe { buf.bytes.set_len(buf.bytes.len() + n as usize) };
+                buf.received += n as u64;
                 if short {
                     // Most likely all there was; whatever came since keeps the stream readable
                     // (both waits are level-triggered), so skip the EAGAIN round trip.
@@ -221,6 +240,10 @@ impl ControlRx {
 const ARMED: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
 
 impl RxBuffer {
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
     /// The next whole frame, if buffered; a malformed one is an error as soon as its header is in.
     pub fn next_frame(&mut self) -> Result<Option<Control>> {
         match decode_frame(&self.bytes[self.start..])? {
@@ -253,7 +276,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (ours, _) = listener.accept().unwrap();
-        (ControlRx::new(ours).unwrap(), peer)
+        (ControlRx::new(ours, Duration::ZERO).unwrap(), peer)
     }
 
     #[test]
