@@ -25,8 +25,12 @@ struct Pair {
 }
 
 fn pair() -> Pair {
-    let a = Engine::new(config()).unwrap();
-    let b = Engine::new(config()).unwrap();
+    pair_with(config())
+}
+
+fn pair_with(config: Config) -> Pair {
+    let a = Engine::new(config.clone()).unwrap();
+    let b = Engine::new(config).unwrap();
     let port = b.address().port();
     let ab = a.connect("127.0.0.1", "0", port).unwrap();
     let ba = b.accept().unwrap();
@@ -262,7 +266,20 @@ fn notifications_arrive_in_order_truncated_to_256() {
 /// same time must all be served, whoever happens to be reading.
 #[test]
 fn blocking_waits_from_many_threads_share_the_control_stream() {
-    let p = Arc::new(pair());
+    many_threads_share_the_control_stream(config());
+}
+
+/// The same with no polling at all, and with polls long enough that every reader polls through most
+/// of the run (a caller's reply then usually arrives while the reader thread holds the stream).
+#[test]
+fn blocking_waits_share_the_control_stream_without_and_with_long_polls() {
+    for spin in [Duration::ZERO, Duration::from_millis(2)] {
+        many_threads_share_the_control_stream(Config { control_spin: spin, ..config() });
+    }
+}
+
+fn many_threads_share_the_control_stream(config: Config) {
+    let p = Arc::new(pair_with(config));
     let region_len = 4 << 20;
     let mut remote = vec![0u8; region_len];
     let rmr = p.b.register(remote.as_mut_ptr() as usize, remote.len()).unwrap();
@@ -280,12 +297,14 @@ fn blocking_waits_from_many_threads_share_the_control_stream() {
             sc.spawn(move || {
                 // Each thread owns a disjoint 64 KiB slice of the remote region.
                 let base = t * (64 << 10);
-                let mut local = pattern(8192, t as u64);
-                let mut back = vec![0u8; 8192];
+                let mut local = pattern(64 << 10, t as u64);
+                let mut back = vec![0u8; 64 << 10];
                 let lmr = p.a.register(local.as_mut_ptr() as usize, local.len()).unwrap();
                 let bmr = p.a.register(back.as_mut_ptr() as usize, back.len()).unwrap();
                 for r in 0..rounds {
-                    let len = 1 + (r * 997 + t * 131) % 8192;
+                    // Up to the inline limit, mostly small.
+                    let len =
+                        if r % 8 == 7 { 1 + (r * 7919 + t * 131) % (64 << 10) } else { 1 + (r * 997 + t * 131) % 8192 };
                     local[..len].copy_from_slice(&pattern(len, (t * 1000 + r) as u64));
                     let item = at(base);
                     let op = OneSided { mr: lmr, addr: local.as_ptr() as usize, len, remote: item };
