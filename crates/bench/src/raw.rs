@@ -110,12 +110,21 @@ pub fn streams_client(ctl: &mut Ctl, server: IpAddr, src: &[u8], streams: usize,
 }
 
 pub fn streams_server(ctl: &mut Ctl, dst: &mut [u8], words: &[String]) -> Io<()> {
+    receive_streams(ctl, dst, words, false)
+}
+
+/// The server side of both bandwidth baselines: every stream reads its part of each message, and
+/// with `ack` answers each part with one byte.
+fn receive_streams(ctl: &mut Ctl, dst: &mut [u8], words: &[String], ack: bool) -> Io<()> {
     let (size, streams, iters): (usize, usize, usize) = (field(words, 1)?, field(words, 2)?, field(words, 3)?);
     check_fits(size, dst.len(), streams)?;
     let conns = accept_streams(ctl, streams)?;
     per_stream(conns, Shared(dst.as_mut_ptr()), size, |_, mut s, mine| {
         for _ in 0..iters {
             s.read_exact(mine)?;
+            if ack {
+                s.write_all(&[1])?;
+            }
         }
         Ok(())
     })?;
@@ -165,17 +174,7 @@ pub fn messages_client(
 }
 
 pub fn messages_server(ctl: &mut Ctl, dst: &mut [u8], words: &[String]) -> Io<()> {
-    let (size, streams, iters): (usize, usize, usize) = (field(words, 1)?, field(words, 2)?, field(words, 3)?);
-    check_fits(size, dst.len(), streams)?;
-    let conns = accept_streams(ctl, streams)?;
-    per_stream(conns, Shared(dst.as_mut_ptr()), size, |_, mut s, mine| {
-        for _ in 0..iters {
-            s.read_exact(mine)?;
-            s.write_all(&[1])?;
-        }
-        Ok(())
-    })?;
-    ctl.send("DONE")
+    receive_streams(ctl, dst, words, true)
 }
 
 /// A barrier over the client's stream threads that a failing thread breaks for the others, so that
