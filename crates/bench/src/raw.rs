@@ -263,6 +263,34 @@ mod tests {
     use super::part;
 
     #[test]
+    fn ack_rounds_hold_every_thread_until_the_last_and_a_failure_releases_them() {
+        use super::AckRound;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let round = AckRound::new(3);
+        let passed = AtomicUsize::new(0);
+        std::thread::scope(|sc| {
+            for _ in 0..2 {
+                sc.spawn(|| {
+                    round.wait().unwrap();
+                    passed.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert_eq!(passed.load(Ordering::SeqCst), 0, "two of three threads are held");
+            round.wait().unwrap();
+        });
+        assert_eq!(passed.load(Ordering::SeqCst), 2);
+        // The next round: one thread waits, another fails instead of arriving.
+        std::thread::scope(|sc| {
+            let waiter = sc.spawn(|| round.wait());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            round.abandon();
+            assert!(waiter.join().unwrap().is_err(), "released with an error");
+        });
+        assert!(round.wait().is_err(), "an abandoned round stays broken");
+    }
+
+    #[test]
     fn parts_cover_the_buffer_once() {
         for (size, n) in [(8usize, 2usize), (7, 3), (1, 4), (1 << 20, 6)] {
             let ranges: Vec<_> = (0..n).map(|i| part(size, n, i)).collect();

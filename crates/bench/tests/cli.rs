@@ -25,6 +25,13 @@ fn host_run_prints_tables_and_writes_its_json_file() {
     let saved = std::fs::read_to_string(&json).unwrap();
     assert!(saved.contains("\"device\":\"cpu\""), "{saved}");
     assert_eq!(saved.matches("\"op\":").count(), 4, "two ops times two sizes: {saved}");
+    // Both bandwidth baselines ran for every point and measured something.
+    for key in ["\"raw_gb_per_s\":", "\"raw_msg_gb_per_s\":"] {
+        let values: Vec<f64> =
+            saved.split(key).skip(1).map(|v| v.split(',').next().unwrap().parse().unwrap()).collect();
+        assert_eq!(values.len(), 4, "{key} in {saved}");
+        assert!(values.iter().all(|&v| v > 0.0), "{key} {values:?}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
