@@ -92,18 +92,34 @@ struct Inbound {
     len: u64,
     region: Arc<Region>,
     on_done: OnDone,
+    /// Bytes of `inline_one_sided` this small read holds until its ReadData (zero otherwise).
+    inline: u64,
 }
 
 /// A part waiting for the peer's Done or Deny of an inline write or send.
 struct InlineOp {
     transfer: Arc<Transfer>,
     len: u64,
-    /// Bytes this op holds of the peer's inline-send buffer (zero for writes).
+    /// Bytes this op holds of the peer's inline-send buffer (sends), or of `inline_one_sided`
+    /// (writes).
     backlog: u64,
+    /// Which of the two `backlog` counts against.
+    kind: InlineKind,
     /// The peer's engine answers at once (a write); a send waits for the peer's user to post a
     /// receive, which is not a stall.
     prompt: bool,
 }
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum InlineKind {
+    Write,
+    Send,
+}
+
+/// Inline write and small-read bytes a connection keeps unanswered; further small one-sided items
+/// take the request path. Bounds what either end's control writer can be asked to queue for the
+/// other (a vector of 8192 reads of 64 KiB would otherwise queue 512 MiB of ReadData at once).
+const MAX_INLINE_ONE_SIDED: u64 = 8 << 20;
 
 /// A send the peer announced (or carried inline) that no receive has matched yet.
 struct Announced {
@@ -135,6 +151,9 @@ struct ConnState {
     /// Payload bytes of our inline sends the peer has not answered yet (bounded by
     /// MAX_INLINE_SEND_BACKLOG, so the peer never buffers more than that for us).
     inline_send_backlog: u64,
+    /// Payload bytes of our inline writes and small reads the peer has not answered yet (bounded by
+    /// MAX_INLINE_ONE_SIDED).
+    inline_one_sided: u64,
     /// Granted destinations waiting for the peer's Data marker, by our flow id.
     inbound: HashMap<u64, Inbound>,
     posted_recvs: VecDeque<PostedRecv>,
@@ -192,6 +211,7 @@ impl Connection {
                 awaiting_done: HashMap::new(),
                 inline_ops: HashMap::new(),
                 inline_send_backlog: 0,
+                inline_one_sided: 0,
                 inbound: HashMap::new(),
                 posted_recvs: VecDeque::new(),
                 announces: VecDeque::new(),
@@ -267,21 +287,26 @@ impl Connection {
             });
         }
         self.post(ops.len(), |st, transfer, out| {
-            if ops.iter().all(|op| op.len <= MAX_INLINE_LEN) {
-                transfer.set_completes_on_control();
-            }
+            let mut inline_parts = 0;
             for ((op, (region, cap)), payload) in ops.iter().zip(checked).zip(payloads) {
                 let id = st.take_id();
                 let (addr, len, token) = (op.remote.addr, op.len as u64, cap.token);
                 // Small transfers ride the control stream: one round trip instead of a request, a
-                // grant and a channel hop (for device memory also instead of two staged copies).
-                let inline = op.len <= MAX_INLINE_LEN;
-                out.push(if let Some(payload) = payload {
-                    st.inline_ops.insert(id, InlineOp { transfer: transfer.clone(), len, backlog: 0, prompt: true });
+                // grant and a channel hop (for device memory also instead of two staged copies),
+                // while the inline bytes in flight stay bounded.
+                let inline = op.len <= MAX_INLINE_LEN && st.inline_one_sided + len <= MAX_INLINE_ONE_SIDED;
+                if inline {
+                    st.inline_one_sided += len;
+                    inline_parts += 1;
+                }
+                out.push(if let (Some(payload), true) = (payload, inline) {
+                    let kind = InlineKind::Write;
+                    st.inline_ops
+                        .insert(id, InlineOp { transfer: transfer.clone(), len, backlog: len, kind, prompt: true });
                     Control::InlineWrite { xfer: id, region: cap.region, token, addr, payload }
                 } else if inline {
                     let on_done = OnDone::Part(transfer.clone());
-                    st.inbound.insert(id, Inbound { addr: op.addr, len, region, on_done });
+                    st.inbound.insert(id, Inbound { addr: op.addr, len, region, on_done, inline: len });
                     Control::ReadSmall { xfer: id, region: cap.region, token, addr, len }
                 } else if write {
                     let src = Source { addr: op.addr, len, region };
@@ -289,9 +314,12 @@ impl Connection {
                     Control::WriteRequest { xfer: id, region: cap.region, token, addr, len }
                 } else {
                     let on_done = OnDone::Part(transfer.clone());
-                    st.inbound.insert(id, Inbound { addr: op.addr, len, region, on_done });
+                    st.inbound.insert(id, Inbound { addr: op.addr, len, region, on_done, inline: 0 });
                     Control::ReadRequest { xfer: id, region: cap.region, token, addr, len }
                 });
+            }
+            if inline_parts == ops.len() {
+                transfer.set_completes_on_control();
             }
             Ok(())
         })
@@ -322,8 +350,11 @@ impl Connection {
                     Some(payload) if st.inline_send_backlog + len <= MAX_INLINE_SEND_BACKLOG => {
                         inline_parts += 1;
                         st.inline_send_backlog += len;
-                        st.inline_ops
-                            .insert(id, InlineOp { transfer: transfer.clone(), len, backlog: len, prompt: false });
+                        let kind = InlineKind::Send;
+                        st.inline_ops.insert(
+                            id,
+                            InlineOp { transfer: transfer.clone(), len, backlog: len, kind, prompt: false },
+                        );
                         out.push(Control::InlineSend { xfer: id, payload });
                     }
                     _ => {
@@ -427,7 +458,8 @@ impl Connection {
             let before = buf.received();
             let drained = self.rx.drain(buf, false);
             let quiet = buf.received() == before && matches!(drained, Drained::Open);
-            if !quiet && !self.handle_read(buf, drained, false) {
+            // Handled as a waiting caller: back here after a buffer's worth, to look at `t` again.
+            if !quiet && !self.handle_read(buf, drained, true) {
                 return false;
             }
             std::thread::yield_now();
@@ -618,7 +650,7 @@ impl Connection {
             }
             let flow = st.take_id();
             let on_done = OnDone::PartAndAck(recv.transfer, peer_op);
-            st.inbound.insert(flow, Inbound { addr: recv.addr, len, region: recv.region, on_done });
+            st.inbound.insert(flow, Inbound { addr: recv.addr, len, region: recv.region, on_done, inline: 0 });
             out.push(Control::Grant { xfer: peer_op, flow });
         }
     }
@@ -682,8 +714,10 @@ impl Connection {
                     Err(e) => self.deny(xfer, e),
                     Ok(region) => {
                         let flow = st.take_id();
-                        st.inbound
-                            .insert(flow, Inbound { addr: addr as usize, len, region, on_done: OnDone::Ack(xfer) });
+                        st.inbound.insert(
+                            flow,
+                            Inbound { addr: addr as usize, len, region, on_done: OnDone::Ack(xfer), inline: 0 },
+                        );
                         self.writer.send(&Control::Grant { xfer, flow })
                     }
                 }
@@ -724,6 +758,7 @@ impl Connection {
                     )));
                 }
                 let dst = st.inbound.remove(&xfer).expect("checked above");
+                st.inline_one_sided -= dst.inline;
                 // SAFETY: the destination was checked against its registration when the read was posted
                 // and the region is kept alive by `dst`.
                 let stored = unsafe { self.store_inline(&dst.region, dst.addr, &payload) };
@@ -746,9 +781,10 @@ impl Connection {
                 if let Some(out) = st.awaiting_grant.remove(&xfer) {
                     out.transfer.finish_part(Err(err));
                 } else if let Some(op) = st.inline_ops.remove(&xfer) {
-                    st.inline_send_backlog -= op.backlog;
+                    st.release_inline(&op);
                     op.transfer.finish_part(Err(err));
                 } else if let Some(read) = st.inbound.remove(&xfer) {
+                    st.inline_one_sided -= read.inline;
                     if let Some(t) = read.on_done.transfer() {
                         t.finish_part(Err(err));
                     }
@@ -787,7 +823,7 @@ impl Connection {
                         )));
                     }
                     let op = st.inline_ops.remove(&xfer).expect("checked above");
-                    st.inline_send_backlog -= op.backlog;
+                    st.release_inline(&op);
                     op.transfer.finish_part(Ok(len));
                     return Ok(());
                 }
@@ -880,6 +916,7 @@ impl Connection {
         failed.extend(st.awaiting_grant.drain().map(|(_, o)| o.transfer));
         failed.extend(st.inline_ops.drain().map(|(_, op)| op.transfer));
         st.inline_send_backlog = 0;
+        st.inline_one_sided = 0;
         failed.extend(st.inbound.drain().filter_map(|(_, i)| i.on_done.transfer().cloned()));
         failed.extend(st.posted_recvs.drain(..).map(|r| r.transfer));
         failed.extend(st.flows.drain().filter_map(|(_, f)| f.on_done.transfer().cloned()));
@@ -905,6 +942,14 @@ impl Drop for Connection {
 }
 
 impl ConnState {
+    /// Returns what an answered inline op held of its bound.
+    fn release_inline(&mut self, op: &InlineOp) {
+        match op.kind {
+            InlineKind::Send => self.inline_send_backlog -= op.backlog,
+            InlineKind::Write => self.inline_one_sided -= op.backlog,
+        }
+    }
+
     /// Whether something pending needs the peer's engine (not its user) to act soon.
     fn waits_on_peer(&self) -> bool {
         !self.flows.is_empty()

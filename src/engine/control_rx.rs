@@ -9,8 +9,8 @@
 //! reads and re-arms when it leaves; arming reports bytes already queued, so nothing that arrives
 //! during the hand-back is missed. Blocking: in `recv` itself, holding the buffer, which saves the
 //! epoll wait on every message of a connection whose callers never wait here (the serving side of
-//! one-sided traffic). A caller that finds the buffer held says so (`want`) and waits for the
-//! reader thread to deliver its reply; that reply wakes the reader, which then goes back to shared
+//! one-sided traffic). A caller that finds the buffer held says so (`try_take` sets `wanted`) and
+//! waits for the reader thread to deliver its reply; that reply wakes the reader, which then goes back to shared
 //! waits. The reader returns to blocking waits after `QUIET_BATCHES` reads in a row that no caller
 //! took part in.
 //!
@@ -36,8 +36,9 @@ const WAIT_SLICE: Duration = Duration::from_millis(100);
 /// Reads by the reader thread, with no caller taking the stream in between, after which it waits in
 /// `recv` instead of epoll.
 const QUIET_BATCHES: u32 = 32;
-/// Read granularity; a frame larger than this (a Notify) grows the buffer only as its bytes arrive.
-const READ_CHUNK: usize = 64 << 10;
+/// Read granularity: room for a whole inline frame (64 KiB of payload and its header); a larger frame
+/// (a Notify) grows the buffer only as its bytes arrive.
+const READ_CHUNK: usize = 128 << 10;
 
 pub struct ControlRx {
     stream: TcpStream,
