@@ -85,7 +85,14 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
                 progress.step(&format!("raw TCP {}", crate::report::human(size)));
                 let host = &mut mem.host()[..size];
                 let stream_gbs = raw::streams_client(&mut ctl, server, host, streams, iters)?;
-                let message_gbs = raw::messages_client(&mut ctl, server, host, streams, iters, args.depth)?;
+                let message_gbs = raw::messages_client(
+                    &mut ctl,
+                    server,
+                    host,
+                    raw::message_streams(size, streams),
+                    iters,
+                    args.depth,
+                )?;
                 let ping = raw::pingpong_client(&mut ctl, server, host, iters.min(1000))?;
                 let measured = Baseline { stream_gbs, message_gbs, pingpong: median(ping) };
                 baselines.insert(size, measured);

@@ -131,6 +131,13 @@ fn receive_streams(ctl: &mut Ctl, dst: &mut [u8], words: &[String], ack: bool) -
     ctl.send("DONE")
 }
 
+/// Streams the message baseline uses for `size`: those of the bandwidth baseline, but none with less
+/// than 64 KiB of each message (a small transfer rides one stream, the control stream, so the
+/// baseline should not pay a barrier over streams that carry nothing).
+pub fn message_streams(size: usize, streams: usize) -> usize {
+    streams.min(size.div_ceil(64 << 10)).max(1)
+}
+
 /// Client side of the message baseline: the same streams carry `iters` messages of `size` bytes,
 /// each split over all streams, and a message counts as delivered once the server acknowledged every
 /// part of it (one byte back per stream). At most `depth` messages are unacknowledged: message `m`
@@ -288,6 +295,17 @@ mod tests {
             assert!(waiter.join().unwrap().is_err(), "released with an error");
         });
         assert!(round.wait().is_err(), "an abandoned round stays broken");
+    }
+
+    #[test]
+    fn message_streams_carry_at_least_64_kib_each() {
+        use super::message_streams;
+        assert_eq!(message_streams(8, 16), 1);
+        assert_eq!(message_streams(64 << 10, 16), 1);
+        assert_eq!(message_streams((64 << 10) + 1, 16), 2);
+        assert_eq!(message_streams(1 << 20, 16), 16);
+        assert_eq!(message_streams(64 << 20, 16), 16);
+        assert_eq!(message_streams(0, 4), 1);
     }
 
     #[test]

@@ -109,7 +109,7 @@ pub fn header(info: &RunInfo, mode: &str) -> String {
     format!(
         "# uccl-tcpx-bench: socket transport, {memory}, {mode}\n# {} channels x {} sockets ({} helper threads \
          per comm), chunk {}, {} in flight, {} iov(s); baseline: raw TCP, {} streams with a thread each, {baseline_memory}\
-         ; msg = the same streams, each message acknowledged, as many in flight",
+         ; msg = the same streams (at most one per 64 KiB of message), each message acknowledged, as many in flight",
         info.channels,
         info.sockets_per_comm,
         info.threads_per_comm,
