@@ -802,6 +802,8 @@ impl Connection {
                     )));
                 }
                 let dst = st.inbound.remove(&flow).expect("checked above");
+                // A peer answering a small read with Data instead of ReadData still frees its share.
+                st.inline_one_sided -= dst.inline;
                 let (chunk_size, nch, seq) = (st.chunk_size, st.channels.len(), st.in_seq);
                 st.in_seq += 1;
                 let remaining = channel::chunk_count(len, chunk_size);
