@@ -168,7 +168,8 @@ impl Drop for PinnedBuffer {
 }
 
 /// Copies host bytes to device address `dst` of `gpu` and waits: for small transfers (inline writes)
-/// where a staged pass would cost more than the copy. Up to the inline limit (64 KiB) through the GPU's small copier.
+/// where a staged pass would cost more than the copy. Up to the inline limit (64 KiB) through the
+/// GPU's small copier.
 ///
 /// # Safety
 /// `[dst, dst + src.len())` is device memory of `gpu` that nobody else writes meanwhile.

@@ -10,13 +10,13 @@
 //! during the hand-back is missed. Blocking: in `recv` itself, holding the buffer, which saves the
 //! epoll wait on every message of a connection whose callers never wait here (the serving side of
 //! one-sided traffic). A caller that finds the buffer held says so (`try_take` sets `wanted`) and
-//! waits for the reader thread to deliver its reply; that reply wakes the reader, which then goes back to shared
-//! waits. The reader returns to blocking waits after `QUIET_BATCHES` reads in a row that no caller
-//! took part in.
+//! waits for the reader thread to deliver its reply; that reply wakes the reader, which then goes
+//! back to shared waits. The reader returns to blocking waits after `QUIET_BATCHES` reads in a row
+//! that no caller took part in.
 //!
 //! Both kinds of reader poll the socket for `spin` before they block when they expect bytes soon (a
-//! caller its reply, the blocking reader thread the next message after one arrived): a reply that
-//! arrives meanwhile then costs no sleep and no wake-up.
+//! caller its reply, the reader thread the next message after one arrived): a reply that arrives
+//! meanwhile then costs no sleep and no wake-up.
 
 use std::io;
 use std::net::TcpStream;
@@ -82,8 +82,9 @@ pub enum Drained {
 
 impl ControlRx {
     pub fn new(stream: TcpStream, spin: Duration) -> Result<ControlRx> {
-        // Bounds a waiting caller's blocking read (SO_RCVTIMEO; every other read is non-blocking), so
-        // that it notices a reply delivered some other way, such as a failure.
+        // Bounds every blocking read (SO_RCVTIMEO; a waiting caller's, the reader thread's in blocking
+        // mode; every other read is non-blocking), so that its thread looks at its transfer or
+        // connection again now and then.
         stream.set_read_timeout(Some(WAIT_SLICE)).map_err(|e| Error::io("control stream", e))?;
         // SAFETY: plain syscall; the result is checked and owned at once.
         let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
