@@ -256,20 +256,8 @@ impl Config {
                 .map(|v| v.parse().map_err(|_| bad("UCCL_TCPX_IP", &v, "an IPv4 or IPv6 address")))
                 .transpose()?,
             ifname: get("UCCL_TCPX_IFNAME"),
-            connect_timeout: Duration::from_millis(parse_in(
-                &get,
-                "UCCL_TCPX_CONNECT_TIMEOUT_MS",
-                d.connect_timeout.as_millis() as u64,
-                1,
-                3_600_000,
-            )?),
-            timeout: Duration::from_millis(parse_in(
-                &get,
-                "UCCL_TCPX_TIMEOUT_MS",
-                d.timeout.as_millis() as u64,
-                100,
-                86_400_000,
-            )?),
+            connect_timeout: parse_millis(&get, "UCCL_TCPX_CONNECT_TIMEOUT_MS", d.connect_timeout, 1, 3_600_000)?,
+            timeout: parse_millis(&get, "UCCL_TCPX_TIMEOUT_MS", d.timeout, 100, 86_400_000)?,
             transport: parse_transport(&get)?,
             plugin_path: get("UCCL_TCPX_PLUGIN").map(PathBuf::from),
             nccl_net_plugin: get("NCCL_NET_PLUGIN"),
@@ -277,13 +265,7 @@ impl Config {
             gpu: get("UCCL_TCPX_GPU").map(|_| parse_in(&get, "UCCL_TCPX_GPU", 0, 0, MAX_GPU_ORDINAL)).transpose()?,
             socket: SocketConfig::from_lookup(&get)?,
             staging: StagingConfig::from_lookup(&get)?,
-            control_spin: Duration::from_micros(parse_in(
-                &get,
-                "UCCL_TCPX_CONTROL_SPIN_US",
-                d.control_spin.as_micros() as u64,
-                0,
-                1_000_000,
-            )?),
+            control_spin: parse_micros(&get, "UCCL_TCPX_CONTROL_SPIN_US", d.control_spin, 1_000_000)?,
         })
     }
 }
@@ -306,13 +288,7 @@ impl SocketConfig {
             sndbuf: buf("UCCL_TCPX_SOCKET_SNDBUF")?,
             rcvbuf: buf("UCCL_TCPX_SOCKET_RCVBUF")?,
             subchunk: parse_size(get, "UCCL_TCPX_SOCKET_SUBCHUNK", d.subchunk, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)?,
-            spin: Duration::from_micros(parse_in(
-                get,
-                "UCCL_TCPX_SOCKET_SPIN_US",
-                d.spin.as_micros() as u64,
-                0,
-                1_000_000,
-            )?),
+            spin: parse_micros(get, "UCCL_TCPX_SOCKET_SPIN_US", d.spin, 1_000_000)?,
             zerocopy_threshold: parse_size(
                 get,
                 "UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD",
@@ -350,6 +326,22 @@ fn parse_devices(get: &impl Fn(&str) -> Option<String>, name: &str) -> Result<Op
 
 fn bad(name: &str, value: &str, expected: &str) -> Error {
     Error::invalid(format!("environment variable {name}={value:?} is invalid: expected {expected}"))
+}
+
+/// A duration knob given in milliseconds.
+fn parse_millis(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &str,
+    default: Duration,
+    min_ms: u64,
+    max_ms: u64,
+) -> Result<Duration> {
+    Ok(Duration::from_millis(parse_in(get, name, default.as_millis() as u64, min_ms, max_ms)?))
+}
+
+/// A duration knob given in microseconds, from 0.
+fn parse_micros(get: &impl Fn(&str) -> Option<String>, name: &str, default: Duration, max_us: u64) -> Result<Duration> {
+    Ok(Duration::from_micros(parse_in(get, name, default.as_micros() as u64, 0, max_us)?))
 }
 
 fn parse_in<T>(get: &impl Fn(&str) -> Option<String>, name: &str, default: T, min: T, max: T) -> Result<T>
