@@ -455,11 +455,9 @@ impl Connection {
     fn spin_until_finished(&self, buf: &mut RxBuffer, t: &Transfer) -> bool {
         let until = Instant::now() + self.rx.spin();
         while !t.is_finished() && Instant::now() < until {
-            let before = buf.received();
             let drained = self.rx.drain(buf, false);
-            let quiet = buf.received() == before && matches!(drained, Drained::Open);
             // Handled as a waiting caller: back here after a buffer's worth, to look at `t` again.
-            if !quiet && !self.handle_read(buf, drained, true) {
+            if !matches!(drained, Drained::Empty) && !self.handle_read(buf, drained, true) {
                 return false;
             }
             std::thread::yield_now();
@@ -497,7 +495,7 @@ impl Connection {
             }
             let outcome = match (handled, drained) {
                 (Err(e), _) | (Ok(()), Drained::Closed(e)) => e,
-                (Ok(()), Drained::Open) => return true,
+                (Ok(()), Drained::Empty | Drained::Open) => return true,
                 (Ok(()), Drained::More) if wait => return true,
                 (Ok(()), Drained::More) => {
                     drop(st);
@@ -978,9 +976,8 @@ fn poll_while_busy(rx: &ControlRx, conn: &Connection) -> bool {
     let mut until = Instant::now() + rx.spin();
     while Instant::now() < until {
         let Some(mut buf) = rx.try_lock() else { return true };
-        let before = buf.received();
         let drained = rx.drain(&mut buf, false);
-        if buf.received() != before || !matches!(drained, Drained::Open) {
+        if !matches!(drained, Drained::Empty) {
             if !conn.handle_read(&mut buf, drained, false) {
                 return false;
             }
@@ -1019,14 +1016,15 @@ fn read_control(rx: &ControlRx, conn: std::sync::Weak<Connection>) {
                 // poll for it before blocking again.
                 let mut poll_until = Instant::now();
                 loop {
-                    let before = buf.received();
                     let block = Instant::now() >= poll_until;
                     let drained = rx.drain(&mut buf, block);
-                    if buf.received() != before {
-                        poll_until = Instant::now() + rx.spin();
-                    } else if !block && matches!(drained, Drained::Open) {
-                        std::thread::yield_now();
-                        continue;
+                    match drained {
+                        Drained::Empty if !block => {
+                            std::thread::yield_now();
+                            continue;
+                        }
+                        Drained::Empty => {}
+                        _ => poll_until = Instant::now() + rx.spin(),
                     }
                     let Some(conn) = conn.upgrade() else { return };
                     if !conn.handle_read(&mut buf, drained, false) {

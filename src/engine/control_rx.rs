@@ -65,12 +65,13 @@ pub enum ReaderWait {
 pub struct RxBuffer {
     bytes: Vec<u8>,
     start: usize,
-    /// Bytes ever read into this buffer.
-    received: u64,
 }
 
 /// What one drain of the socket found.
 pub enum Drained {
+    /// The stream is open and had nothing (a poll that found no bytes, a blocking read that timed
+    /// out): there is nothing to handle.
+    Empty,
     /// The stream is open; everything queued was read.
     Open,
     /// A buffer's worth was read and more may be queued: handle what is buffered, then drain again
@@ -198,10 +199,11 @@ impl ControlRx {
     /// Reads what the socket holds, up to about a buffer's worth. With `wait`, the first read blocks
     /// for at most `WAIT_SLICE` (one syscall instead of a wait and a read); every other read is
     /// non-blocking per call (MSG_DONTWAIT), since the descriptor is shared with the writer thread,
-    /// which writes in blocking mode. A blocking read that timed out reports `Open`.
+    /// which writes in blocking mode.
     pub fn drain(&self, buf: &mut RxBuffer, wait: bool) -> Drained {
         buf.compact();
-        let limit = buf.bytes.len() + READ_CHUNK;
+        let start = buf.bytes.len();
+        let limit = start + READ_CHUNK;
         let mut flags = if wait { 0 } else { libc::MSG_DONTWAIT };
         loop {
             if buf.bytes.len() >= limit {
@@ -218,7 +220,6 @@ impl ControlRx {
                 let short = (n as usize) < spare.len();
                 // SAFETY: recv initialised the first `n` bytes of the spare capacity.
                 unsafe { buf.bytes.set_len(buf.bytes.len() + n as usize) };
-                buf.received += n as u64;
                 if short {
                     // Most likely all there was; whatever came since keeps the stream readable
                     // (both waits are level-triggered), so skip the EAGAIN round trip.
@@ -231,6 +232,7 @@ impl ControlRx {
             }
             let err = io::Error::last_os_error();
             match err.kind() {
+                io::ErrorKind::WouldBlock if buf.bytes.len() == start => return Drained::Empty,
                 io::ErrorKind::WouldBlock => return Drained::Open,
                 io::ErrorKind::Interrupted => continue,
                 _ => return Drained::Closed(Error::io("control stream", err)),
@@ -242,10 +244,6 @@ impl ControlRx {
 const ARMED: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
 
 impl RxBuffer {
-    pub fn received(&self) -> u64 {
-        self.received
-    }
-
     /// The next whole frame, if buffered; a malformed one is an error as soon as its header is in.
     pub fn next_frame(&mut self) -> Result<Option<Control>> {
         match decode_frame(&self.bytes[self.start..])? {
@@ -308,7 +306,7 @@ mod tests {
     }
 
     #[test]
-    fn a_blocking_read_returns_what_arrives_and_reports_a_timeout_as_open() {
+    fn a_blocking_read_returns_what_arrives_and_reports_a_timeout_as_empty() {
         use std::io::Write;
         let (rx, mut peer) = rx();
         let mut buf = rx.lock();
@@ -316,9 +314,10 @@ mod tests {
         assert!(matches!(rx.drain(&mut buf, true), Drained::Open));
         assert_eq!(&buf.bytes[buf.start..], b"hello");
         let t = std::time::Instant::now();
-        assert!(matches!(rx.drain(&mut buf, true), Drained::Open));
+        assert!(matches!(rx.drain(&mut buf, true), Drained::Empty));
         assert!(t.elapsed() >= WAIT_SLICE / 2, "the second read waited for more");
         drop(peer);
         assert!(matches!(rx.drain(&mut buf, true), Drained::Closed(_)));
+        assert!(matches!(rx.drain(&mut buf, false), Drained::Closed(_)));
     }
 }
