@@ -5,6 +5,7 @@ mod channel;
 mod conn;
 mod control_rx;
 mod handshake;
+mod mapping;
 pub mod notify;
 mod progress;
 pub mod region;
@@ -99,7 +100,10 @@ impl EngineCore {
     fn memory_kind(&self, addr: usize, len: usize) -> Result<MemKind> {
         region::check_range(addr, len)?;
         match cuda::locate(addr, len)? {
-            Location::Host => Ok(MemKind::Host),
+            Location::Host => {
+                mapping::check_host_range(addr, len)?;
+                Ok(MemKind::Host)
+            }
             Location::Device { ordinal } => {
                 if !self.net.properties(0)?.supports_cuda {
                     return Err(Error::new(
