@@ -189,6 +189,60 @@ fn interleaved_transfers_in_both_directions() {
 }
 
 #[test]
+fn connections_come_up_while_others_transfer() {
+    // Handshake threads (connect, accept, the channels' first calls) and the progress thread all
+    // reach the one plugin of the process at once here; its calls must still come one at a time
+    // (the strict fake ends the process otherwise), and every connection must move its data.
+    let p = Arc::new(pair_with(config(2, 128 << 10)));
+    let busy = std::thread::spawn({
+        let p = p.clone();
+        move || {
+            let sizes: Vec<usize> = (0..16).map(|i| 1 + (i * 131_071) % (1 << 20)).collect();
+            send_all((&p.a, &p.ab), (&p.b, &p.ba), &sizes, 300);
+        }
+    });
+    let joiners: Vec<_> = (0..3)
+        .map(|_| {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                let c = Engine::new(config(2, 128 << 10)).unwrap();
+                let cb = c.connect("127.0.0.1", "0", p.b.address().port()).unwrap();
+                (c, cb)
+            })
+        })
+        .collect();
+    // Accepts pop in any order, so every new connection carries the same bytes both ways.
+    let accepted: Vec<_> = (0..3).map(|_| p.b.accept().unwrap()).collect();
+    let linked: Vec<_> = joiners.into_iter().map(|j| j.join().unwrap()).collect();
+    busy.join().unwrap();
+    let src = pattern(700_000, 400);
+    let mut dsts: Vec<Vec<u8>> = (0..6).map(|_| vec![0u8; src.len()]).collect();
+    let mut recvs = Vec::new();
+    let (c_side, b_side) = dsts.split_at_mut(3);
+    for ((c, cb), dst) in linked.iter().zip(c_side) {
+        let mr = c.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();
+        recvs.push((cb.clone(), cb.recv(mr, dst.as_mut_ptr() as usize, dst.len()).unwrap()));
+    }
+    for (bc, dst) in accepted.iter().zip(b_side) {
+        let mr = p.b.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();
+        recvs.push((bc.clone(), bc.recv(mr, dst.as_mut_ptr() as usize, dst.len()).unwrap()));
+    }
+    let mut sends = Vec::new();
+    let bmr = p.b.register(src.as_ptr() as usize, src.len()).unwrap();
+    for bc in &accepted {
+        sends.push((bc.clone(), bc.send(&[(bmr, src.as_ptr() as usize, src.len())]).unwrap()));
+    }
+    for (c, cb) in &linked {
+        let mr = c.register(src.as_ptr() as usize, src.len()).unwrap();
+        sends.push((cb.clone(), cb.send(&[(mr, src.as_ptr() as usize, src.len())]).unwrap()));
+    }
+    for (conn, id) in sends.iter().chain(&recvs) {
+        assert_eq!(wait(conn, *id).unwrap(), src.len() as u64);
+    }
+    assert!(dsts.iter().all(|d| *d == src), "every connection delivered the bytes");
+}
+
+#[test]
 fn zero_byte_engine_messages_are_refused_cleanly() {
     let p = pair();
     let buf = [0u8; 16];

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
-use super::abi::{LoadMeta, NCCL_PTR_CUDA, NCCL_PTR_HOST, NCCL_SUCCESS, UNPACK_MAX_SLICE_SIZE, UNPACK_QUEUE_DEPTH};
+use super::abi::{
+    LoadMeta, NCCL_PTR_CUDA, NCCL_PTR_HOST, NCCL_SUCCESS, NcclNetV7, UNPACK_MAX_SLICE_SIZE, UNPACK_QUEUE_DEPTH,
+};
 use super::gather::{self, Run};
 use super::gpu::PluginGpus;
 use super::loader::{Plugin, rc_text};
@@ -40,6 +42,9 @@ pub(super) fn plugin_error(what: &str, rc: c_int, mark: u64) -> Error {
         if rc == super::abi::NCCL_SYSTEM_ERROR { UcclStatus::ErrRemoteDisconnect } else { UcclStatus::ErrBackend };
     Error::new(status, format!("net plugin {what} failed with {}{}", rc_text(rc), warning_suffix(mark)))
 }
+
+/// A comm's close entry (`closeSend` / `closeRecv`).
+type CloseFn = unsafe extern "C" fn(*mut c_void) -> c_int;
 
 struct Registration {
     mhandle: *mut c_void,
@@ -145,10 +150,13 @@ impl CommCore {
             _ => self.gpus.enter()?,
         };
         let mut mhandle: *mut c_void = std::ptr::null_mut();
-        let reg_mr = self.plugin.table.reg_mr.expect("checked at load");
-        let since = mark();
-        // SAFETY: a live comm; the plugin records (host) or maps (CUDA) the range the caller vouches for.
-        let rc = unsafe { reg_mr(self.comm, base as *mut c_void, size_int, ty, &mut mhandle) };
+        let comm = self.comm;
+        let (rc, since) = self.plugin.call(|t| {
+            let reg_mr = t.reg_mr.expect("checked at load");
+            let since = mark();
+            // SAFETY: a live comm; the plugin records (host) or maps (CUDA) the range the caller vouches for.
+            (unsafe { reg_mr(comm, base as *mut c_void, size_int, ty, &mut mhandle) }, since)
+        });
         if rc != NCCL_SUCCESS {
             return Err(plugin_error(&format!("regMr of {size} bytes of {kind:?} memory"), rc, since));
         }
@@ -165,10 +173,13 @@ impl CommCore {
 
     fn deregister_now(&mut self, key: usize) {
         let Some(reg) = self.regs.remove(&key) else { return };
-        let dereg = self.plugin.table.dereg_mr.expect("checked at load");
-        let since = mark();
-        // SAFETY: a handle this comm's regMr returned, used by no outstanding request.
-        let rc = unsafe { dereg(self.comm, reg.mhandle) };
+        let comm = self.comm;
+        let (rc, since) = self.plugin.call(|t| {
+            let dereg = t.dereg_mr.expect("checked at load");
+            let since = mark();
+            // SAFETY: a handle this comm's regMr returned, used by no outstanding request.
+            (unsafe { dereg(comm, reg.mhandle) }, since)
+        });
         if rc != NCCL_SUCCESS {
             log::warn!("net plugin deregMr failed with {}{}", rc_text(rc), warning_suffix(since));
         }
@@ -207,7 +218,8 @@ impl CommCore {
     }
 
     /// Registrations used by requests still in the plugin's hands are leaked rather than freed under it.
-    fn close(&mut self, outstanding: usize, close: unsafe extern "C" fn(*mut c_void) -> c_int) {
+    /// `close` picks the table's close entry for this direction.
+    fn close(&mut self, outstanding: usize, close: fn(&NcclNetV7) -> CloseFn) {
         if outstanding > 0 {
             log::warn!("closing a net plugin {} comm with {outstanding} requests outstanding", self.direction);
         }
@@ -219,9 +231,12 @@ impl CommCore {
         if counted > 0 {
             self.count(-(counted as isize));
         }
-        let since = mark();
-        // SAFETY: closing the live comm once; nothing uses it afterwards.
-        let rc = unsafe { close(self.comm) };
+        let comm = self.comm;
+        let (rc, since) = self.plugin.call(|t| {
+            let since = mark();
+            // SAFETY: closing the live comm once; nothing uses it afterwards.
+            (unsafe { close(t)(comm) }, since)
+        });
         if rc != NCCL_SUCCESS {
             log::warn!(
                 "net plugin close of a {} comm failed with {}{}",
@@ -297,11 +312,14 @@ impl SendComm for PluginSendComm {
             return Ok(None);
         }
         let (key, mhandle, _) = self.core.acquire(data as usize, len, mr)?;
-        let isend = self.core.plugin.table.isend.expect("checked at load");
         let mut request: *mut c_void = std::ptr::null_mut();
-        let since = mark();
-        // SAFETY: a live comm with a free request slot; the caller keeps `data` valid until done.
-        let rc = unsafe { isend(self.core.comm, data as *mut c_void, size, 0, mhandle, &mut request) };
+        let comm = self.core.comm;
+        let (rc, since) = self.core.plugin.call(|t| {
+            let isend = t.isend.expect("checked at load");
+            let since = mark();
+            // SAFETY: a live comm with a free request slot; the caller keeps `data` valid until done.
+            (unsafe { isend(comm, data as *mut c_void, size, 0, mhandle, &mut request) }, since)
+        });
         if rc != NCCL_SUCCESS || request.is_null() {
             self.core.release(key);
             if rc != NCCL_SUCCESS {
@@ -321,11 +339,13 @@ impl SendComm for PluginSendComm {
         let Some(head) = self.inflight.front().filter(|h| h.id == req.0) else {
             return Err(out_of_order(req, self.inflight.front().map(|h| h.id), "test"));
         };
-        let test = self.core.plugin.table.test.expect("checked at load");
         let (mut done, mut size): (c_int, c_int) = (0, -1);
-        let since = mark();
-        // SAFETY: the oldest in-flight request of this live comm, never tested done before.
-        let rc = unsafe { test(head.request, &mut done, &mut size) };
+        let (rc, since) = self.core.plugin.call(|t| {
+            let test = t.test.expect("checked at load");
+            let since = mark();
+            // SAFETY: the oldest in-flight request of this live comm, never tested done before.
+            (unsafe { test(head.request, &mut done, &mut size) }, since)
+        });
         if rc != NCCL_SUCCESS {
             return Err(self.core.fail(plugin_error("test of a send", rc, since)));
         }
@@ -341,8 +361,7 @@ impl SendComm for PluginSendComm {
 
 impl Drop for PluginSendComm {
     fn drop(&mut self) {
-        let close = self.core.plugin.table.close_send.expect("checked at load");
-        self.core.close(self.inflight.len(), close);
+        self.core.close(self.inflight.len(), |t| t.close_send.expect("checked at load"));
     }
 }
 
@@ -538,11 +557,14 @@ impl PluginRecvComm {
 
     /// Hands the oldest receive back to the plugin, which then reuses its slot and pages.
     fn consume_head(&mut self) -> Result<()> {
-        let consumed = self.core.plugin.table.irecv_consumed.expect("checked at load");
         let head = self.queue.pop_front().expect("checked by the caller");
-        let since = mark();
-        // SAFETY: the oldest completed, unconsumed receive of this live comm.
-        let rc = unsafe { consumed(self.core.comm, 1, head.request) };
+        let comm = self.core.comm;
+        let (rc, since) = self.core.plugin.call(|t| {
+            let consumed = t.irecv_consumed.expect("checked at load");
+            let since = mark();
+            // SAFETY: the oldest completed, unconsumed receive of this live comm.
+            (unsafe { consumed(comm, 1, head.request) }, since)
+        });
         self.core.release(head.mr);
         self.core.count(-1);
         if rc != NCCL_SUCCESS {
@@ -568,12 +590,15 @@ impl RecvComm for PluginRecvComm {
             return Ok(None);
         }
         let (key, mut mhandle, kind) = self.core.acquire(data as usize, len, mr)?;
-        let irecv = self.core.plugin.table.irecv.expect("checked at load");
         let (mut ptr, mut tag): (*mut c_void, c_int) = (data.cast(), 0);
         let mut request: *mut c_void = std::ptr::null_mut();
-        let since = mark();
-        // SAFETY: one receive (n = 1) on a live comm with a free slot; the caller keeps the buffer ours.
-        let rc = unsafe { irecv(self.core.comm, 1, &mut ptr, &mut size, &mut tag, &mut mhandle, &mut request) };
+        let comm = self.core.comm;
+        let (rc, since) = self.core.plugin.call(|t| {
+            let irecv = t.irecv.expect("checked at load");
+            let since = mark();
+            // SAFETY: one receive (n = 1) on a live comm with a free slot; the caller keeps the buffer ours.
+            (unsafe { irecv(comm, 1, &mut ptr, &mut size, &mut tag, &mut mhandle, &mut request) }, since)
+        });
         if rc != NCCL_SUCCESS || request.is_null() {
             self.core.release(key);
             if rc != NCCL_SUCCESS {
@@ -606,11 +631,14 @@ impl RecvComm for PluginRecvComm {
             // The plugin finished it; the unpack has not.
             return self.unpack_step(idx).map_err(|e| self.core.fail(e));
         }
-        let test = self.core.plugin.table.test.expect("checked at load");
         let (mut done, mut size): (c_int, c_int) = (0, -1);
-        let since = mark();
-        // SAFETY: the oldest in-flight receive of this live comm, never tested done before.
-        let rc = unsafe { test(self.queue[idx].request, &mut done, &mut size) };
+        let request = self.queue[idx].request;
+        let (rc, since) = self.core.plugin.call(|t| {
+            let test = t.test.expect("checked at load");
+            let since = mark();
+            // SAFETY: the oldest in-flight receive of this live comm, never tested done before.
+            (unsafe { test(request, &mut done, &mut size) }, since)
+        });
         if rc != NCCL_SUCCESS {
             return Err(self.core.fail(plugin_error("test of a receive", rc, since)));
         }
@@ -678,7 +706,6 @@ impl Drop for PluginRecvComm {
                 break;
             }
         }
-        let close = self.core.plugin.table.close_recv.expect("checked at load");
-        self.core.close(self.queue.len(), close);
+        self.core.close(self.queue.len(), |t| t.close_recv.expect("checked at load"));
     }
 }

@@ -1,12 +1,18 @@
 //! Finding, loading and initialising a net plugin, once per process: plugins such as TCPX refuse a
 //! second `init` ("gpu lib init twice"), so every engine of the process shares one [`Plugin`].
+//!
+//! Every call into a loaded plugin goes through [`Plugin::call`], which holds the plugin's one lock:
+//! TCPX's lazy per-GPU setup and its comms' request rings take no lock of their own (NCCL drives it
+//! from its proxy threads), while this process reaches it from the progress thread, handshake
+//! threads and callers registering memory. Connect and accept return at once and are polled, so the
+//! lock is held for one call at a time, never across a wait.
 
 use std::ffi::{CStr, OsString, c_int};
 use std::path::Path;
 use std::sync::Arc;
 
 use libloading::os::unix::Library;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, const_mutex};
 
 use super::abi::{NCCL_SUCCESS, NcclNetPropertiesV7, NcclNetV7, PLUGIN_SYMBOL_V7};
 use super::{devices, env, logger};
@@ -18,7 +24,10 @@ const MAX_DEVICES: c_int = crate::config::MAX_NET_DEVICES as c_int;
 
 /// A loaded, initialised plugin: its function table (copied out of the library) and its devices.
 pub struct Plugin {
-    pub table: NcclNetV7,
+    /// Private: reached only through [`Plugin::call`].
+    table: NcclNetV7,
+    /// Held for the duration of every call into the plugin.
+    calls: Mutex<()>,
     /// The table's `name`, e.g. "GPUDirectTCPX_v7"; peers must use the same plugin.
     pub name: &'static str,
     /// What was loaded, as given (a path or a library name dlopen searched for).
@@ -31,6 +40,25 @@ pub struct Plugin {
 impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Plugin").field("name", &self.name).field("origin", &self.origin).finish()
+    }
+}
+
+impl Plugin {
+    fn new(
+        table: NcclNetV7,
+        name: &'static str,
+        origin: String,
+        devices: Vec<Properties>,
+        library: Option<Library>,
+    ) -> Plugin {
+        Plugin { table, calls: const_mutex(()), name, origin, devices, _library: library }
+    }
+
+    /// Runs `f`, which makes one call into the plugin through the table it is given, with no other
+    /// thread of the process inside the plugin. `f` must not wait for anything but that call.
+    pub fn call<R>(&self, f: impl FnOnce(&NcclNetV7) -> R) -> R {
+        let _inside = self.calls.lock();
+        f(&self.table)
     }
 }
 
@@ -90,7 +118,7 @@ fn load_one(candidate: &OsString) -> Result<Arc<Plugin>> {
     check_entries(&table, &origin, name)?;
     // From here on `init` has been called, so the outcome, success or not, is final for the process.
     let outcome = init_and_describe(table, name, &origin)
-        .map(|devices| Arc::new(Plugin { table, name, origin: origin.clone(), devices, _library: Some(library) }));
+        .map(|devices| Arc::new(Plugin::new(table, name, origin.clone(), devices, Some(library))));
     loaded.push((table_ptr as usize, outcome.clone()));
     if let Ok(p) = &outcome {
         log::info!("loaded net plugin {} from {} with {} devices", p.name, p.origin, p.devices.len());
@@ -207,7 +235,7 @@ impl Plugin {
         let name = table_name(&table, "test table")?;
         check_entries(&table, "test table", name)?;
         let devices = init_and_describe(table, name, "test table")?;
-        Ok(Arc::new(Plugin { table, name, origin: "test table".into(), devices, _library: None }))
+        Ok(Arc::new(Plugin::new(table, name, "test table".into(), devices, None)))
     }
 }
 

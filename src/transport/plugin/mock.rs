@@ -2,11 +2,16 @@
 //! TCPX's rules and record every violation instead of crashing. Receives land in a host bounce pool
 //! in reversed fragments with `loadMeta`s, like a devmem NIC. Handles, comms and requests are ids,
 //! never pointers, so a misbehaving caller cannot make the mock touch freed memory.
+//!
+//! Every entry notes the thread inside it for a moment longer than its work takes, and a second
+//! thread arriving meanwhile is recorded in [`overlaps`]: TCPX takes no lock of its own, so a
+//! consumer must never have two threads inside the plugin at once.
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{c_char, c_int, c_void};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
@@ -72,6 +77,41 @@ struct State {
 }
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
+/// Threads inside an entry right now.
+static INSIDE: AtomicUsize = AtomicUsize::new(0);
+/// One line per entry that found another thread already inside.
+static OVERLAPS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+/// How long an entry keeps its thread inside beyond its work: wide enough that unserialised callers
+/// meet there (each entry's real work is a few microseconds under one lock).
+const DWELL: Duration = Duration::from_micros(30);
+
+/// A thread inside entry `name` until dropped.
+struct Inside(&'static str);
+
+impl Inside {
+    fn enter(name: &'static str) -> Inside {
+        let before = INSIDE.fetch_add(1, Ordering::AcqRel);
+        if before > 0 {
+            OVERLAPS.lock().push(format!("{name} entered while {before} other call(s) were inside the plugin"));
+        }
+        Inside(name)
+    }
+}
+
+impl Drop for Inside {
+    fn drop(&mut self) {
+        std::thread::sleep(DWELL);
+        let after = INSIDE.fetch_sub(1, Ordering::AcqRel) - 1;
+        if after > 0 {
+            OVERLAPS.lock().push(format!("{} left while {after} other call(s) were inside the plugin", self.0));
+        }
+    }
+}
+
+/// Every time two threads were inside the mock at once, since the process started.
+pub fn overlaps() -> Vec<String> {
+    OVERLAPS.lock().clone()
+}
 static NEXT_ID: AtomicU64 = AtomicU64::new(0x1000);
 
 fn next_id() -> u64 {
@@ -115,16 +155,19 @@ fn count(s: &mut State, pair: u64, entry: &'static str) {
 }
 
 unsafe extern "C" fn init(logger: NcclDebugLogger) -> NcclResult {
+    let _inside = Inside::enter("init");
     with(|s| s.logger = logger);
     NCCL_SUCCESS
 }
 
 unsafe extern "C" fn devices(n: *mut c_int) -> NcclResult {
+    let _inside = Inside::enter("devices");
     unsafe { *n = 1 };
     NCCL_SUCCESS
 }
 
 unsafe extern "C" fn get_properties(dev: c_int, props: *mut NcclNetPropertiesV7) -> NcclResult {
+    let _inside = Inside::enter("get_properties");
     if dev != 0 {
         return NCCL_INVALID_ARGUMENT;
     }
@@ -147,6 +190,7 @@ unsafe extern "C" fn get_properties(dev: c_int, props: *mut NcclNetPropertiesV7)
 }
 
 unsafe extern "C" fn listen(_dev: c_int, handle: *mut c_void, lc: *mut *mut c_void) -> NcclResult {
+    let _inside = Inside::enter("listen");
     let (pair, listen) = (next_id(), next_id());
     with(|s| {
         s.pairs.insert(pair, Pair::default());
@@ -170,6 +214,7 @@ unsafe extern "C" fn connect(
     sc: *mut *mut c_void,
     _dev_comm: *mut *mut NcclNetDeviceHandleV7,
 ) -> NcclResult {
+    let _inside = Inside::enter("connect");
     let h = handle.cast::<u8>();
     let read = |off: usize| unsafe { std::ptr::read_unaligned(h.add(off).cast::<u64>()) };
     let (magic, pair, state) = (read(0), read(8), read(80));
@@ -233,6 +278,7 @@ unsafe extern "C" fn accept(
     rc: *mut *mut c_void,
     dev_comm: *mut *mut NcclNetDeviceHandleV7,
 ) -> NcclResult {
+    let _inside = Inside::enter("accept");
     with(|s| {
         let pair = *s.listens.get(&(lc as u64)).expect("a listen comm this mock made");
         count(s, pair, "accept");
@@ -275,6 +321,7 @@ unsafe extern "C" fn reg_mr(
     ty: c_int,
     mh: *mut *mut c_void,
 ) -> NcclResult {
+    let _inside = Inside::enter("reg_mr");
     with(|s| {
         let pair = s.comms.get(&(comm as u64)).expect("known comm").pair;
         count(s, pair, "regMr");
@@ -294,6 +341,7 @@ unsafe extern "C" fn reg_mr(
 }
 
 unsafe extern "C" fn dereg_mr(comm: *mut c_void, mh: *mut c_void) -> NcclResult {
+    let _inside = Inside::enter("dereg_mr");
     with(|s| {
         let pair = s.comms.get(&(comm as u64)).expect("known comm").pair;
         count(s, pair, "deregMr");
@@ -324,6 +372,7 @@ unsafe extern "C" fn isend(
     mh: *mut c_void,
     request: *mut *mut c_void,
 ) -> NcclResult {
+    let _inside = Inside::enter("isend");
     with(|s| {
         let pair = s.comms.get(&(comm as u64)).expect("known comm").pair;
         count(s, pair, "isend");
@@ -351,6 +400,7 @@ unsafe extern "C" fn irecv(
     mhs: *mut *mut c_void,
     request: *mut *mut c_void,
 ) -> NcclResult {
+    let _inside = Inside::enter("irecv");
     with(|s| {
         let pair = s.comms.get(&(comm as u64)).expect("known comm").pair;
         count(s, pair, "irecv");
@@ -363,6 +413,7 @@ unsafe extern "C" fn irecv(
 }
 
 unsafe extern "C" fn test(request: *mut c_void, done: *mut c_int, _size: *mut c_int) -> NcclResult {
+    let _inside = Inside::enter("test");
     let id = request as u64;
     let comm_id = id >> 20;
     with(|s| {
@@ -415,6 +466,7 @@ unsafe extern "C" fn test(request: *mut c_void, done: *mut c_int, _size: *mut c_
 }
 
 unsafe extern "C" fn irecv_consumed(comm: *mut c_void, n: c_int, request: *mut c_void) -> NcclResult {
+    let _inside = Inside::enter("irecv_consumed");
     with(|s| {
         let c = s.comms.get_mut(&(comm as u64)).expect("known comm");
         let pair = c.pair;
@@ -430,6 +482,7 @@ unsafe extern "C" fn irecv_consumed(comm: *mut c_void, n: c_int, request: *mut c
 }
 
 unsafe extern "C" fn close(comm: *mut c_void) -> NcclResult {
+    let _inside = Inside::enter("close");
     with(|s| {
         let c = s.comms.remove(&(comm as u64)).expect("known comm, closed once");
         let p = s.pairs.get_mut(&c.pair).unwrap();
@@ -440,6 +493,7 @@ unsafe extern "C" fn close(comm: *mut c_void) -> NcclResult {
 }
 
 unsafe extern "C" fn close_listen(lc: *mut c_void) -> NcclResult {
+    let _inside = Inside::enter("close_listen");
     with(|s| {
         let pair = s.listens.remove(&(lc as u64)).expect("known listen comm, closed once");
         let p = s.pairs.get_mut(&pair).unwrap();

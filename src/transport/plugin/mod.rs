@@ -128,12 +128,14 @@ impl Net for PluginNet {
         let props = self.device(dev)?.clone();
         let mut handle = AlignedHandle([0; NCCL_NET_HANDLE_MAXSIZE]);
         let mut listen_comm: *mut c_void = std::ptr::null_mut();
-        let listen = self.plugin.table.listen.expect("checked at load");
         // TCPX binds the comm to the device current at listen (its pool, its CUDA context).
         let current = self.gpus.enter()?;
-        let since = logger::mark();
-        // SAFETY: a valid device index, a 128-byte aligned handle buffer and an out-pointer.
-        let rc = unsafe { listen(dev as i32, handle.0.as_mut_ptr().cast(), &mut listen_comm) };
+        let (rc, since) = self.plugin.call(|t| {
+            let listen = t.listen.expect("checked at load");
+            let since = logger::mark();
+            // SAFETY: a valid device index, a 128-byte aligned handle buffer and an out-pointer.
+            (unsafe { listen(dev as i32, handle.0.as_mut_ptr().cast(), &mut listen_comm) }, since)
+        });
         if rc != NCCL_SUCCESS {
             return Err(plugin_error(&format!("listen on device {dev} ({})", props.name), rc, since));
         }
@@ -174,13 +176,16 @@ impl Net for PluginNet {
             }
         };
         let mut send_comm: *mut c_void = std::ptr::null_mut();
-        let connect = self.plugin.table.connect.expect("checked at load");
         let current = self.gpus.enter()?;
-        let since = logger::mark();
-        // SAFETY: a valid device, this attempt's own handle buffer (same one on every poll) and out-slots.
-        let rc = unsafe {
-            connect(dev as i32, pending.handle.0.as_mut_ptr().cast(), &mut send_comm, &mut pending.dev_handle)
-        };
+        let (rc, since) = self.plugin.call(|t| {
+            let connect = t.connect.expect("checked at load");
+            let since = logger::mark();
+            // SAFETY: a valid device, this attempt's own handle buffer (same one on every poll) and out-slots.
+            let rc = unsafe {
+                connect(dev as i32, pending.handle.0.as_mut_ptr().cast(), &mut send_comm, &mut pending.dev_handle)
+            };
+            (rc, since)
+        });
         drop(current);
         if rc != NCCL_SUCCESS {
             return Err(plugin_error(&format!("connect on device {dev} ({})", props.name), rc, since));
@@ -240,11 +245,13 @@ impl ListenComm for PluginListen {
         }
         *self.dev_handle_slot = &mut *self.dev_handle;
         let mut recv_comm: *mut c_void = std::ptr::null_mut();
-        let accept = self.plugin.table.accept.expect("checked at load");
         let current = self.shared.gpus.enter()?;
-        let since = logger::mark();
-        // SAFETY: the live listen comm; the device-handle slot points to caller-allocated storage.
-        let rc = unsafe { accept(self.listen_comm, &mut recv_comm, &mut *self.dev_handle_slot) };
+        let (rc, since) = self.plugin.call(|t| {
+            let accept = t.accept.expect("checked at load");
+            let since = logger::mark();
+            // SAFETY: the live listen comm; the device-handle slot points to caller-allocated storage.
+            (unsafe { accept(self.listen_comm, &mut recv_comm, &mut *self.dev_handle_slot) }, since)
+        });
         drop(current);
         if rc != NCCL_SUCCESS {
             self.state = AcceptState::Failed;
@@ -285,10 +292,12 @@ impl Drop for PluginListen {
             log::warn!("leaking a net plugin listen comm whose accept never completed");
             return;
         }
-        let close = self.plugin.table.close_listen.expect("checked at load");
-        let since = logger::mark();
-        // SAFETY: the live listen comm, closed once, with no accept running.
-        let rc = unsafe { close(self.listen_comm) };
+        let (rc, since) = self.plugin.call(|t| {
+            let close = t.close_listen.expect("checked at load");
+            let since = logger::mark();
+            // SAFETY: the live listen comm, closed once, with no accept running.
+            (unsafe { close(self.listen_comm) }, since)
+        });
         if rc != NCCL_SUCCESS {
             log::warn!("net plugin closeListen failed with {}{}", loader::rc_text(rc), logger::warning_suffix(since));
         }

@@ -300,3 +300,34 @@ fn devices_and_properties_come_from_the_plugin() {
     assert_eq!((net.channel_device(0), net.channel_device(5)), (0, 0));
     assert!(PluginNet::with_plugin(mock::plugin(), Some(&[1]), None).is_err(), "device 1 does not exist");
 }
+
+#[test]
+fn no_two_threads_are_ever_inside_the_plugin_at_once() {
+    // Connects, accepts and transfers from several threads at once, as the engine's handshake
+    // threads and its progress thread do; the mock records any call that found another inside.
+    let net = Arc::new(net());
+    let threads: Vec<_> = (0..4u8)
+        .map(|t| {
+            let net = net.clone();
+            std::thread::spawn(move || {
+                for round in 0..3u8 {
+                    let mut l = link(&net);
+                    let src = pattern(5000, t.wrapping_mul(16).wrapping_add(round));
+                    let mut dst = vec![0u8; src.len()];
+                    let r = unsafe { l.recv.irecv(dst.as_mut_ptr(), dst.len(), MrHandle::NONE) }.unwrap().unwrap();
+                    let s = unsafe { l.send.isend(src.as_ptr(), src.len(), MrHandle::NONE) }.unwrap().unwrap();
+                    wait_send(&mut l, s);
+                    assert_eq!(wait_recv(&mut l, r), src.len());
+                    l.recv.irecv_consumed(r).unwrap();
+                    assert_eq!(dst, src);
+                    no_violations(l.pair);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let overlaps = mock::overlaps();
+    assert!(overlaps.is_empty(), "{} overlapping plugin calls, first: {:?}", overlaps.len(), overlaps.first());
+}
