@@ -70,6 +70,12 @@ impl Transfer {
     }
 }
 
+impl std::fmt::Debug for Transfer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transfer").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
 #[derive(Default)]
 pub struct TransferTable {
     live: Mutex<HashMap<u64, Arc<Transfer>>>,

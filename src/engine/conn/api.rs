@@ -1,0 +1,171 @@
+//! What callers do with a connection: post transfers, poll and wait for them, notify, close is in
+//! `mod.rs`. Posting checks the caller's buffers, reads small payloads before taking the lock,
+//! registers the parts with the state machine under it and sends the requests after releasing it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use super::reader;
+use super::state::{Action, ConnState, Memory, OneSidedItem, SendItem};
+use super::{Connection, OneSided};
+use crate::engine::transfer::Transfer;
+use crate::error::{Error, Result, UcclStatus};
+use crate::proto::{Control, MAX_INLINE_LEN};
+
+impl Connection {
+    /// UCCL's start_listener: control messages are always served here; this only records the call so
+    /// that a second call is reported like UCCL does.
+    pub fn start_listener(&self) -> Result<()> {
+        self.inner.lock().state.check_open()?;
+        if self.listener_started.swap(true, Ordering::AcqRel) {
+            return Err(Error::new(UcclStatus::ErrRepostActive, "the listener of this connection is already started"));
+        }
+        Ok(())
+    }
+
+    pub fn write(&self, ops: &[OneSided]) -> Result<u64> {
+        self.one_sided(ops, true)
+    }
+
+    pub fn read(&self, ops: &[OneSided]) -> Result<u64> {
+        self.one_sided(ops, false)
+    }
+
+    fn one_sided(&self, ops: &[OneSided], write: bool) -> Result<u64> {
+        let verb = if write { "write" } else { "read" };
+        let mem = self.memory();
+        let mut items = Vec::with_capacity(ops.len());
+        for (i, op) in ops.iter().enumerate() {
+            let ctx = |e: Error| e.context(format!("{verb} item {i}"));
+            let region = self.core.regions.local(op.mr, op.addr, op.len).map_err(ctx)?;
+            let cap = op.remote.capability().map_err(|e| ctx(Error::invalid(e.to_string())))?;
+            if op.remote.addr.checked_add(op.len as u64).is_none() {
+                return Err(ctx(Error::invalid(format!(
+                    "remote range {:#x} + {} bytes wraps around",
+                    op.remote.addr, op.len
+                ))));
+            }
+            if op.len as u64 > op.remote.size as u64 {
+                return Err(ctx(Error::invalid(format!(
+                    "{} bytes exceed the {} bytes the FifoItem grants",
+                    op.len, op.remote.size
+                ))));
+            }
+            items.push(OneSidedItem {
+                region,
+                addr: op.addr,
+                len: op.len as u64,
+                remote_region: cap.region,
+                token: cap.token,
+                remote_addr: op.remote.addr,
+                payload: None,
+            });
+        }
+        // Inline payloads are read before the state lock: a device copy must not stall the reader
+        // and progress threads.
+        if write {
+            for item in items.iter_mut().filter(|item| item.len <= MAX_INLINE_LEN as u64) {
+                // SAFETY: `regions.local` checked that the range lies in a live registration.
+                let payload = unsafe { mem.load(&item.region, item.addr, item.len as usize) };
+                item.payload = Some(payload.map_err(|e| e.context(verb))?);
+            }
+        }
+        self.post(ops.len(), |st, transfer, out| {
+            out.extend(st.post_one_sided(transfer, write, items).into_iter().map(Action::Send));
+        })
+    }
+
+    /// Each `(mr, addr, len)` is one message, matched by one receive the peer posts.
+    pub fn send(&self, msgs: &[(u64, usize, usize)]) -> Result<u64> {
+        let mem = self.memory();
+        let mut items = Vec::with_capacity(msgs.len());
+        for (i, &(mr, addr, len)) in msgs.iter().enumerate() {
+            let region = self.core.regions.local(mr, addr, len).map_err(|e| e.context(format!("send item {i}")))?;
+            let payload = if len <= MAX_INLINE_LEN {
+                // SAFETY: `regions.local` checked that the range lies in a live registration.
+                Some(unsafe { mem.load(&region, addr, len) }.map_err(|e| e.context(format!("send item {i}")))?)
+            } else {
+                None
+            };
+            items.push(SendItem { region, addr, len: len as u64, payload });
+        }
+        self.post(msgs.len(), |st, transfer, out| {
+            out.extend(st.post_send(transfer, items).into_iter().map(Action::Send));
+        })
+    }
+
+    pub fn recv(&self, mr: u64, addr: usize, max: usize) -> Result<u64> {
+        let region = self.core.regions.local(mr, addr, max)?;
+        let mem = self.memory();
+        self.post(1, |st, transfer, out| st.post_recv(transfer, region, addr, max as u64, &mem, out))
+    }
+
+    /// Creates the transfer and registers its parts under the state lock, then sends the resulting
+    /// control messages after releasing it: the reply can come back before the send call returns,
+    /// and the reader must not find the lock held by a thread still inside that call. A failure
+    /// before anything reached the wire forgets the id again.
+    fn post(&self, parts: usize, post: impl FnOnce(&mut ConnState, &Arc<Transfer>, &mut Vec<Action>)) -> Result<u64> {
+        if parts == 0 {
+            return Err(Error::invalid("nothing to transfer: zero items"));
+        }
+        let transfer = self.core.transfers.create(self.id, parts);
+        let mut msgs: Vec<Control> = Vec::new();
+        let posted = {
+            let mut inner = self.inner.lock();
+            let mut posted = inner.state.begin_post(Instant::now());
+            if posted.is_ok() {
+                let mut out = Vec::new();
+                post(&mut inner.state, &transfer, &mut out);
+                let (sends, rest): (Vec<_>, Vec<_>) = out.into_iter().partition(|a| matches!(a, Action::Send(_)));
+                msgs.extend(sends.into_iter().filter_map(|a| match a {
+                    Action::Send(msg) => Some(msg),
+                    _ => None,
+                }));
+                posted = self.apply(&mut inner, rest);
+                if let Err(e) = &posted {
+                    // Parts already registered are failed (and their ids forgotten) with the connection.
+                    self.fail(&mut inner, e.clone());
+                }
+            }
+            posted
+        };
+        let sent = posted.and_then(|()| self.writer.send_all(&msgs));
+        if let Err(e) = sent {
+            self.fail(&mut self.inner.lock(), e.clone());
+            self.core.transfers.discard(transfer.id);
+            return Err(e);
+        }
+        Ok(transfer.id)
+    }
+
+    pub fn poll(&self, transfer: u64) -> Result<Option<u64>> {
+        self.core.transfers.poll(self.id, transfer)
+    }
+
+    pub fn wait(&self, transfer: u64) -> Result<u64> {
+        let t = self.core.transfers.get(self.id, transfer)?;
+        if t.completes_on_control() {
+            reader::read_until_finished(self, &t);
+        }
+        self.core.transfers.wait(self.id, transfer)
+    }
+
+    pub fn notify(&self, name: &[u8], msg: &[u8]) -> Result<()> {
+        if name.len() > crate::proto::MAX_NAME_LEN || name.contains(&0) {
+            return Err(Error::invalid(format!(
+                "notification name must be at most {} bytes without NUL",
+                crate::proto::MAX_NAME_LEN
+            )));
+        }
+        if msg.len() > crate::proto::MAX_NOTIFY_MSG_LEN {
+            return Err(Error::invalid(format!(
+                "notification message of {} bytes exceeds {} bytes",
+                msg.len(),
+                crate::proto::MAX_NOTIFY_MSG_LEN
+            )));
+        }
+        self.inner.lock().state.check_open()?;
+        self.writer.send(&Control::Notify { name: name.to_vec(), msg: msg.to_vec() })
+    }
+}

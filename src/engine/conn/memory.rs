@@ -1,0 +1,62 @@
+//! The engine's memory as the connection state machine sees it: a peer's requests are decided by
+//! the region table, and inline payloads are copied with the CPU (host memory) or a synchronous
+//! copy of at most 64 KiB (device memory, cheaper than a staged pass).
+
+use std::sync::Arc;
+
+use super::state::Memory;
+use crate::engine::EngineCore;
+use crate::engine::region::Region;
+use crate::error::{Error, Result, UcclStatus};
+use crate::transport::MemKind;
+
+pub(super) struct EngineMemory<'a> {
+    core: &'a EngineCore,
+}
+
+impl<'a> EngineMemory<'a> {
+    pub fn new(core: &'a EngineCore) -> EngineMemory<'a> {
+        EngineMemory { core }
+    }
+
+    fn region_gpu(&self, region: &Region) -> Result<&crate::cuda::Gpu> {
+        match (self.core.gpu.get(), region.kind) {
+            (Some(gpu), MemKind::Cuda { device }) if gpu.ordinal() == device => Ok(gpu),
+            _ => Err(Error::new(
+                UcclStatus::ErrInternal,
+                format!("region {} is device memory of no GPU this engine serves", region.id),
+            )),
+        }
+    }
+}
+
+impl Memory for EngineMemory<'_> {
+    fn authorize(&self, region: u64, token: u64, addr: u64, len: u64) -> Result<Arc<Region>> {
+        self.core.regions.authorize(region, token, addr, len)
+    }
+
+    unsafe fn store(&self, region: &Region, addr: usize, payload: &[u8]) -> Result<()> {
+        match region.kind {
+            // SAFETY: per the contract.
+            MemKind::Host => unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), addr as *mut u8, payload.len()) },
+            // SAFETY: per the contract; registration proved the range is memory of the engine's GPU.
+            MemKind::Cuda { .. } => unsafe {
+                crate::cuda::memory::copy_to_device_sync(self.region_gpu(region)?, addr, payload)?
+            },
+        }
+        Ok(())
+    }
+
+    unsafe fn load(&self, region: &Region, addr: usize, len: usize) -> Result<Vec<u8>> {
+        match region.kind {
+            // SAFETY: per the contract.
+            MemKind::Host => Ok(unsafe { std::slice::from_raw_parts(addr as *const u8, len) }.to_vec()),
+            MemKind::Cuda { .. } => {
+                let mut out = vec![0u8; len];
+                // SAFETY: per the contract.
+                unsafe { crate::cuda::memory::copy_from_device_sync(self.region_gpu(region)?, &mut out, addr)? };
+                Ok(out)
+            }
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! A connection: one control stream plus N channels around the per-connection state machine
+//! (`state.rs`). The caller threads post (`api.rs`), the reader thread or a caller waiting for an
+//! inline reply reads the control stream (`reader.rs`) and feeds the peer's messages to the state,
+//! the engine's progress thread moves chunks; all meet under one lock, held only for non-blocking
+//! work. The state answers with actions, which this module carries out: control messages to the
+//! writer, chunks to the channels, finished parts to their transfers.
+
+mod api;
+mod memory;
+mod reader;
+mod state;
+
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::EngineCore;
+use super::channel::{self, Channel, Chunk};
+use super::control_rx::{ControlRx, Drained, RxBuffer};
+use super::notify;
+use super::writer::ControlWriter;
+use crate::error::{Error, Result, UcclStatus};
+use crate::proto::{Control, FifoItem};
+use memory::EngineMemory;
+use state::{Action, ConnState, Direction, FlowPlan};
+
+/// How long closing waits for queued control messages (the Close among them) to leave.
+const LINGER_ON_CLOSE: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    pub addr: SocketAddr,
+    pub gpu_index: i32,
+    pub gpu_id: String,
+}
+
+/// One local buffer of a one-sided call and the remote capability it targets.
+pub struct OneSided {
+    pub mr: u64,
+    pub addr: usize,
+    pub len: usize,
+    pub remote: FifoItem,
+}
+
+/// What the connection lock guards: the state machine and the channels that carry its flows.
+struct Inner {
+    state: ConnState,
+    channels: Vec<Channel>,
+    /// Reused by each progress pass.
+    finished_chunks: Vec<Chunk>,
+}
+
+pub struct Connection {
+    pub id: u64,
+    pub peer: PeerInfo,
+    core: Arc<EngineCore>,
+    writer: ControlWriter,
+    rx: Arc<ControlRx>,
+    control: TcpStream,
+    inner: Mutex<Inner>,
+    closed: AtomicBool,
+    listener_started: AtomicBool,
+    reader: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Connection {
+    pub(super) fn start(
+        core: Arc<EngineCore>,
+        control: TcpStream,
+        peer: PeerInfo,
+        channels: Vec<Channel>,
+        chunk_size: u32,
+    ) -> Result<Arc<Connection>> {
+        let io = |e| Error::io("control stream", e);
+        control.set_read_timeout(None).map_err(io)?;
+        control.set_write_timeout(None).map_err(io)?;
+        let writer = ControlWriter::start(control.try_clone().map_err(io)?)?;
+        let rx = Arc::new(ControlRx::new(control.try_clone().map_err(io)?, core.config.control_spin)?);
+        let conn = Arc::new(Connection {
+            id: core.next_conn_id(),
+            peer,
+            core,
+            writer,
+            rx: rx.clone(),
+            control,
+            inner: Mutex::new(Inner {
+                state: ConnState::new(chunk_size as usize, Instant::now()),
+                channels,
+                finished_chunks: Vec::new(),
+            }),
+            closed: AtomicBool::new(false),
+            listener_started: AtomicBool::new(false),
+            reader: Mutex::new(None),
+        });
+        let weak = Arc::downgrade(&conn);
+        let thread = std::thread::Builder::new()
+            .name("uccl-ctrl-rx".into())
+            .spawn(move || reader::read_control(&rx, weak))
+            .map_err(|e| Error::io("spawn control reader", e))?;
+        *conn.reader.lock() = Some(thread);
+        Ok(conn)
+    }
+
+    fn memory(&self) -> EngineMemory<'_> {
+        EngineMemory::new(&self.core)
+    }
+
+    /// Handles every whole message in `buf` after a read that `drained` describes, reading on while
+    /// the socket has more (unless `wait`: a waiting caller returns after one buffer's worth, so
+    /// that a busy stream does not keep it past its own reply); false once the connection failed
+    /// (nothing more will be read).
+    fn handle_read(&self, buf: &mut RxBuffer, mut drained: Drained, wait: bool) -> bool {
+        loop {
+            let mut inner = self.inner.lock();
+            if inner.state.failure().is_some() {
+                // The channels are gone; nothing the peer says can be acted on any more.
+                return false;
+            }
+            let mut handled = Ok(());
+            while handled.is_ok() {
+                match buf.next_frame() {
+                    Ok(Some(msg)) => {
+                        inner.state.heard(Instant::now());
+                        handled = self.handle(&mut inner, msg);
+                    }
+                    Ok(None) => break,
+                    Err(e) => handled = Err(e),
+                }
+            }
+            let outcome = match (handled, drained) {
+                (Err(e), _) | (Ok(()), Drained::Closed(e)) => e,
+                (Ok(()), Drained::Empty | Drained::Open) => return true,
+                (Ok(()), Drained::More) if wait => return true,
+                (Ok(()), Drained::More) => {
+                    drop(inner);
+                    drained = self.rx.drain(buf, false);
+                    continue;
+                }
+            };
+            if !self.is_closed() {
+                self.fail(&mut inner, outcome);
+            }
+            return false;
+        }
+    }
+
+    /// Feeds one message of the peer to the state machine and carries out its answer.
+    fn handle(&self, inner: &mut Inner, msg: Control) -> Result<()> {
+        let mut out = Vec::new();
+        let handled = inner.state.handle(msg, &self.memory(), &mut out);
+        let applied = self.apply(inner, out);
+        handled.and(applied)
+    }
+
+    /// Carries out the state machine's actions in order; consecutive control messages leave in one
+    /// write. After a failure only the parts are still finished: they are no longer the state's,
+    /// so failing the connection would not reach them.
+    fn apply(&self, inner: &mut Inner, actions: impl IntoIterator<Item = Action>) -> Result<()> {
+        let mut msgs = Vec::new();
+        let mut queued = false;
+        let mut result = Ok(());
+        for action in actions {
+            if result.is_ok() && !matches!(action, Action::Send(_)) && !msgs.is_empty() {
+                result = self.writer.send_all(&std::mem::take(&mut msgs));
+            }
+            match action {
+                Action::Finish(t, outcome) => t.finish_part(outcome),
+                _ if result.is_err() => {}
+                Action::Send(msg) => msgs.push(msg),
+                Action::Queue(plan) => {
+                    result = queue(&mut inner.channels, inner.state.chunk_size(), &plan);
+                    queued = true;
+                }
+                Action::Notify { name, msg } => notify::push(&name, &msg),
+            }
+        }
+        if result.is_ok() && !msgs.is_empty() {
+            result = self.writer.send_all(&msgs);
+        }
+        if queued {
+            self.core.waker.wake();
+        }
+        result
+    }
+
+    /// Tells the peer, stops all I/O on the caller's memory and fails what is still pending.
+    pub fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let _ = self.writer.send(&Control::Close);
+        self.writer.finish(LINGER_ON_CLOSE);
+        let _ = self.control.shutdown(Shutdown::Both);
+        {
+            let mut inner = self.inner.lock();
+            self.fail(&mut inner, Error::new(UcclStatus::ErrCanceled, "the connection was closed locally"));
+        }
+        if let Some(t) = self.reader.lock().take() {
+            // The reader may hold the last reference and be the one dropping us.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Makes the failure permanent: stops the channels (their I/O on caller memory ends before this
+    /// returns), then fails every pending part with `err`.
+    fn fail(&self, inner: &mut Inner, err: Error) {
+        if inner.state.failure().is_some() {
+            return;
+        }
+        // Once the user closed the connection, whatever breaks while it winds down (the peer hanging
+        // up in answer to our Close, say) is the cancellation they asked for.
+        let err = if self.is_closed() {
+            Error::new(UcclStatus::ErrCanceled, "the connection was closed locally")
+        } else {
+            err
+        };
+        if err.status() != UcclStatus::ErrCanceled {
+            log::warn!("connection to {} failed: {err}", self.peer.addr);
+        }
+        let failed = inner.state.fail(err.clone());
+        inner.channels.clear();
+        let _ = self.control.shutdown(Shutdown::Both);
+        for t in failed {
+            t.finish_part(Err(err.clone()));
+        }
+    }
+
+    /// One pass of the progress engine over this connection; returns whether anything moved.
+    pub(super) fn progress(&self) -> bool {
+        let mut guard = self.inner.lock();
+        let inner = &mut *guard;
+        if inner.state.failure().is_some() {
+            return false;
+        }
+        let mut finished = std::mem::take(&mut inner.finished_chunks);
+        let mut moved = false;
+        let mut result = Ok(());
+        for ch in inner.channels.iter_mut() {
+            match ch.drive(&mut finished) {
+                Ok(m) => moved |= m,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for chunk in finished.drain(..) {
+            if result.is_ok() {
+                result = inner.state.chunk_finished(chunk.flow, &mut out);
+                let applied = self.apply(inner, out.drain(..));
+                result = result.and(applied);
+            }
+        }
+        inner.finished_chunks = finished;
+        if moved {
+            inner.state.heard(Instant::now());
+        } else if result.is_ok() && inner.state.stalled(Instant::now(), self.core.config.timeout) {
+            result = Err(Error::timeout(format!(
+                "the peer showed no progress for {} ms while transfers were pending (UCCL_TCPX_TIMEOUT_MS)",
+                self.core.config.timeout.as_millis()
+            )));
+        }
+        if let Err(e) = result {
+            self.fail(inner, e);
+            return true;
+        }
+        moved
+    }
+}
+
+/// Cuts a flow into chunks and queues each on its channel (registering its region there first).
+fn queue(channels: &mut [Channel], chunk_size: usize, plan: &FlowPlan) -> Result<()> {
+    if channels.is_empty() {
+        return Err(Error::backend("internal: a flow was started on a connection without channels"));
+    }
+    let FlowPlan { dir, flow, ref region, addr, len, seq } = *plan;
+    for (c, chunk) in channel::plan(flow, region.id, addr, len as usize, chunk_size, seq, channels.len()) {
+        match dir {
+            Direction::Send => channels[c].queue_send(chunk, region)?,
+            Direction::Recv => channels[c].queue_recv(chunk, region)?,
+        }
+    }
+    Ok(())
+}
+
+impl reader::Served for Connection {
+    fn rx(&self) -> &ControlRx {
+        &self.rx
+    }
+
+    fn handle_read(&self, buf: &mut RxBuffer, drained: Drained, wait: bool) -> bool {
+        Connection::handle_read(self, buf, drained, wait)
+    }
+
+    fn has_failed(&self) -> bool {
+        self.inner.lock().state.failure().is_some()
+    }
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection").field("id", &self.id).field("peer", &self.peer).finish()
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

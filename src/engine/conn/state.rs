@@ -1,0 +1,656 @@
+//! The per-connection state machine: what each end asked for, granted and still owes. It takes the
+//! peer's decoded control messages and the caller's requests and answers with actions (control
+//! messages to send, flows to queue on channels, transfer parts to finish); it never touches a
+//! socket, a thread or a channel, so every exchange is unit-tested as plain calls. `Connection`
+//! holds it under its lock and carries the actions out.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::engine::channel::chunk_count;
+use crate::engine::region::Region;
+use crate::engine::transfer::Transfer;
+use crate::error::{Error, Result, UcclStatus};
+use crate::proto::{Control, MAX_INLINE_LEN, MAX_INLINE_SEND_BACKLOG};
+
+/// Announced sends the peer may queue ahead of our receives before it is treated as hostile.
+pub(super) const MAX_UNMATCHED_ANNOUNCES: usize = 1 << 16;
+
+/// Inline write and small-read bytes a connection keeps unanswered; further small one-sided items
+/// take the request path. Bounds what either end's control writer can be asked to queue for the
+/// other (a vector of 8192 reads of 64 KiB would otherwise queue 512 MiB of ReadData at once).
+pub(super) const MAX_INLINE_ONE_SIDED: u64 = 8 << 20;
+
+/// What the state machine asks its connection to do, in order.
+#[derive(Debug)]
+pub(super) enum Action {
+    /// Put a control message on the wire.
+    Send(Control),
+    /// Cut a flow into chunks and queue them on the channels.
+    Queue(FlowPlan),
+    /// Finish one part of a caller's transfer.
+    Finish(Arc<Transfer>, Result<u64>),
+    /// Hand the peer's notification to the process-wide queue.
+    Notify { name: Vec<u8>, msg: Vec<u8> },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Direction {
+    Send,
+    Recv,
+}
+
+/// A flow to cut into chunks: `seq` is its number in its direction, which seeds its channel
+/// rotation identically on both ends.
+#[derive(Debug)]
+pub(super) struct FlowPlan {
+    pub dir: Direction,
+    pub flow: u64,
+    pub region: Arc<Region>,
+    pub addr: usize,
+    pub len: u64,
+    pub seq: u64,
+}
+
+/// Local memory as the state machine sees it: the peer's one-sided requests are decided here, and
+/// the inline kinds copy through it.
+pub(super) trait Memory {
+    /// Decides a peer's request for `[addr, addr + len)` of region `region` presenting `token`.
+    fn authorize(&self, region: u64, token: u64, addr: u64, len: u64) -> Result<Arc<Region>>;
+
+    /// Puts `payload` at `addr`.
+    ///
+    /// # Safety
+    /// `[addr, addr + payload.len())` lies inside `region`, which is live.
+    unsafe fn store(&self, region: &Region, addr: usize, payload: &[u8]) -> Result<()>;
+
+    /// Reads `len` bytes at `addr`.
+    ///
+    /// # Safety
+    /// `[addr, addr + len)` lies inside `region`, which is live.
+    unsafe fn load(&self, region: &Region, addr: usize, len: usize) -> Result<Vec<u8>>;
+}
+
+/// One item of a caller's write or read: the local buffer and the peer's capability it targets.
+pub(super) struct OneSidedItem {
+    pub region: Arc<Region>,
+    pub addr: usize,
+    pub len: u64,
+    pub remote_region: u64,
+    pub token: u64,
+    pub remote_addr: u64,
+    /// The bytes of a small write, read before the state lock.
+    pub payload: Option<Vec<u8>>,
+}
+
+/// One message of a caller's send.
+pub(super) struct SendItem {
+    pub region: Arc<Region>,
+    pub addr: usize,
+    pub len: u64,
+    /// The bytes of a small message, read before the state lock.
+    pub payload: Option<Vec<u8>>,
+}
+
+/// What finishing a flow means.
+enum OnDone {
+    /// A part of the caller's transfer.
+    Part(Arc<Transfer>),
+    /// Tell the peer its send or write landed.
+    Ack(u64),
+    /// A matched two-sided receive: both.
+    PartAndAck(Arc<Transfer>, u64),
+    /// Serving a peer's read: nothing to report.
+    Nothing,
+}
+
+impl OnDone {
+    fn transfer(&self) -> Option<&Arc<Transfer>> {
+        match self {
+            OnDone::Part(t) | OnDone::PartAndAck(t, _) => Some(t),
+            OnDone::Ack(_) | OnDone::Nothing => None,
+        }
+    }
+}
+
+struct Flow {
+    /// Chunks still in flight, plus one while the peer's Done is outstanding.
+    remaining: usize,
+    len: u64,
+    on_done: OnDone,
+    /// Keeps the registration (and so the caller's promise about the memory) alive while in flight.
+    _region: Arc<Region>,
+}
+
+/// Memory a flow sends from.
+struct Source {
+    addr: usize,
+    len: u64,
+    region: Arc<Region>,
+}
+
+struct Outbound {
+    src: Source,
+    transfer: Arc<Transfer>,
+    /// The peer's engine answers at once (a write); a send waits for the peer's user to post a receive.
+    prompt: bool,
+}
+
+struct Inbound {
+    addr: usize,
+    len: u64,
+    region: Arc<Region>,
+    on_done: OnDone,
+    /// Bytes of `inline_one_sided` this small read holds until its ReadData (zero otherwise).
+    inline: u64,
+}
+
+/// A part waiting for the peer's Done or Deny of an inline write or send.
+struct InlineOp {
+    transfer: Arc<Transfer>,
+    len: u64,
+    /// Bytes this op holds of the peer's inline-send buffer (sends), or of `inline_one_sided`
+    /// (writes).
+    backlog: u64,
+    /// Which of the two `backlog` counts against.
+    kind: InlineKind,
+    /// The peer's engine answers at once (a write); a send waits for the peer's user to post a
+    /// receive, which is not a stall.
+    prompt: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum InlineKind {
+    Write,
+    Send,
+}
+
+/// A send the peer announced (or carried inline) that no receive has matched yet.
+struct Announced {
+    peer_op: u64,
+    len: u64,
+    payload: Option<Vec<u8>>,
+}
+
+struct PostedRecv {
+    addr: usize,
+    max: u64,
+    region: Arc<Region>,
+    transfer: Arc<Transfer>,
+}
+
+pub(super) struct ConnState {
+    chunk_size: usize,
+    next_id: u64,
+    /// Flows started in each direction; seeds each flow's channel rotation identically on both ends.
+    out_seq: u64,
+    in_seq: u64,
+    /// Our sends and writes waiting for the peer's Grant or Deny, by op id.
+    awaiting_grant: HashMap<u64, Outbound>,
+    /// Our running sends and writes waiting for the peer's Done: op id -> flow id.
+    awaiting_done: HashMap<u64, u64>,
+    /// Our inline writes and sends waiting for the peer's Done or Deny, by op id.
+    inline_ops: HashMap<u64, InlineOp>,
+    /// Payload bytes of our inline sends the peer has not answered yet (bounded by
+    /// MAX_INLINE_SEND_BACKLOG, so the peer never buffers more than that for us).
+    inline_send_backlog: u64,
+    /// Payload bytes of our inline writes and small reads the peer has not answered yet (bounded by
+    /// MAX_INLINE_ONE_SIDED).
+    inline_one_sided: u64,
+    /// Granted destinations waiting for the peer's Data marker, by our flow id.
+    inbound: HashMap<u64, Inbound>,
+    posted_recvs: VecDeque<PostedRecv>,
+    /// The peer's announced sends not yet matched to a receive, in the order it sent them.
+    announces: VecDeque<Announced>,
+    /// Payload bytes held in `announces`.
+    announced_inline: u64,
+    flows: HashMap<u64, Flow>,
+    failure: Option<Error>,
+    /// Last time the peer showed life: a control message or a finished chunk.
+    last_heard: Instant,
+}
+
+impl ConnState {
+    pub fn new(chunk_size: usize, now: Instant) -> ConnState {
+        ConnState {
+            chunk_size,
+            next_id: 0,
+            out_seq: 0,
+            in_seq: 0,
+            awaiting_grant: HashMap::new(),
+            awaiting_done: HashMap::new(),
+            inline_ops: HashMap::new(),
+            inline_send_backlog: 0,
+            inline_one_sided: 0,
+            inbound: HashMap::new(),
+            posted_recvs: VecDeque::new(),
+            announces: VecDeque::new(),
+            announced_inline: 0,
+            flows: HashMap::new(),
+            failure: None,
+            last_heard: now,
+        }
+    }
+
+    pub fn chunk_size(&self) -> usize {
+        self.chunk_size
+    }
+
+    /// The error that ended the connection, once it failed.
+    pub fn failure(&self) -> Option<&Error> {
+        self.failure.as_ref()
+    }
+
+    /// Ok while the connection works; its failure afterwards.
+    pub fn check_open(&self) -> Result<()> {
+        self.failure.as_ref().map_or(Ok(()), |e| Err(e.clone()))
+    }
+
+    /// Opens a caller's post: checks the connection, and restarts the stall clock when the peer
+    /// owed us nothing until now (its silence so far was no stall).
+    pub fn begin_post(&mut self, now: Instant) -> Result<()> {
+        if !self.waits_on_peer() {
+            self.last_heard = now;
+        }
+        self.check_open()
+    }
+
+    /// The peer showed life: a control message arrived or a chunk moved.
+    pub fn heard(&mut self, now: Instant) {
+        self.last_heard = now;
+    }
+
+    /// Whether the peer's engine owes us something and has been silent for longer than `timeout`.
+    /// The clock goes first: `waits_on_peer` scans the pending ops.
+    pub fn stalled(&self, now: Instant, timeout: Duration) -> bool {
+        now.saturating_duration_since(self.last_heard) > timeout && self.waits_on_peer()
+    }
+
+    /// Whether something pending needs the peer's engine (not its user) to act soon.
+    fn waits_on_peer(&self) -> bool {
+        !self.flows.is_empty()
+            || !self.awaiting_done.is_empty()
+            || self.inline_ops.values().any(|o| o.prompt)
+            || !self.inbound.is_empty()
+            || self.awaiting_grant.values().any(|o| o.prompt)
+    }
+
+    fn take_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// Registers the items of one write or read call as parts of `transfer`; returns the requests.
+    pub fn post_one_sided(&mut self, transfer: &Arc<Transfer>, write: bool, items: Vec<OneSidedItem>) -> Vec<Control> {
+        let parts = items.len();
+        let mut out = Vec::with_capacity(parts);
+        let mut inline_parts = 0;
+        for item in items {
+            let id = self.take_id();
+            let OneSidedItem { region, addr: local, len, remote_region, token, remote_addr: addr, payload } = item;
+            // Small transfers ride the control stream: one round trip instead of a request, a grant
+            // and a channel hop (for device memory also instead of two staged copies), while the
+            // inline bytes in flight stay bounded.
+            let inline = len <= MAX_INLINE_LEN as u64 && self.inline_one_sided + len <= MAX_INLINE_ONE_SIDED;
+            if inline {
+                self.inline_one_sided += len;
+                inline_parts += 1;
+            }
+            out.push(if let (Some(payload), true) = (payload, inline) {
+                let kind = InlineKind::Write;
+                self.inline_ops
+                    .insert(id, InlineOp { transfer: transfer.clone(), len, backlog: len, kind, prompt: true });
+                Control::InlineWrite { xfer: id, region: remote_region, token, addr, payload }
+            } else if inline {
+                let on_done = OnDone::Part(transfer.clone());
+                self.inbound.insert(id, Inbound { addr: local, len, region, on_done, inline: len });
+                Control::ReadSmall { xfer: id, region: remote_region, token, addr, len }
+            } else if write {
+                let src = Source { addr: local, len, region };
+                self.awaiting_grant.insert(id, Outbound { src, transfer: transfer.clone(), prompt: true });
+                Control::WriteRequest { xfer: id, region: remote_region, token, addr, len }
+            } else {
+                let on_done = OnDone::Part(transfer.clone());
+                self.inbound.insert(id, Inbound { addr: local, len, region, on_done, inline: 0 });
+                Control::ReadRequest { xfer: id, region: remote_region, token, addr, len }
+            });
+        }
+        if inline_parts == parts {
+            transfer.set_completes_on_control();
+        }
+        out
+    }
+
+    /// Registers the messages of one send call as parts of `transfer`; returns the announcements.
+    pub fn post_send(&mut self, transfer: &Arc<Transfer>, items: Vec<SendItem>) -> Vec<Control> {
+        let parts = items.len();
+        let mut out = Vec::with_capacity(parts);
+        let mut inline_parts = 0;
+        for SendItem { region, addr, len, payload } in items {
+            let id = self.take_id();
+            // A small message carries its payload unless the peer could be left buffering too much
+            // for receives not yet posted; then it is announced like a large one.
+            match payload {
+                Some(payload) if self.inline_send_backlog + len <= MAX_INLINE_SEND_BACKLOG => {
+                    inline_parts += 1;
+                    self.inline_send_backlog += len;
+                    let kind = InlineKind::Send;
+                    self.inline_ops
+                        .insert(id, InlineOp { transfer: transfer.clone(), len, backlog: len, kind, prompt: false });
+                    out.push(Control::InlineSend { xfer: id, payload });
+                }
+                _ => {
+                    let src = Source { addr, len, region };
+                    self.awaiting_grant.insert(id, Outbound { src, transfer: transfer.clone(), prompt: false });
+                    out.push(Control::SendAnnounce { xfer: id, len });
+                }
+            }
+        }
+        if inline_parts == parts {
+            transfer.set_completes_on_control();
+        }
+        out
+    }
+
+    /// Posts a receive of at most `max` bytes at `addr` and matches it against announced sends.
+    pub fn post_recv(
+        &mut self,
+        transfer: &Arc<Transfer>,
+        region: Arc<Region>,
+        addr: usize,
+        max: u64,
+        mem: &impl Memory,
+        out: &mut Vec<Action>,
+    ) {
+        self.posted_recvs.push_back(PostedRecv { addr, max, region, transfer: transfer.clone() });
+        self.match_recvs(mem, out);
+    }
+
+    /// Applies one control message from the peer. An error is a protocol violation (or the peer
+    /// closing): the connection must fail.
+    pub fn handle(&mut self, msg: Control, mem: &impl Memory, out: &mut Vec<Action>) -> Result<()> {
+        match msg {
+            Control::SendAnnounce { xfer, len } => {
+                self.announced(Announced { peer_op: xfer, len, payload: None }, mem, out)
+            }
+            Control::InlineSend { xfer, payload } => {
+                let len = payload.len() as u64;
+                if self.announced_inline + len > MAX_INLINE_SEND_BACKLOG {
+                    return Err(Error::backend(format!(
+                        "protocol violation: the peer's unmatched inline sends exceed {MAX_INLINE_SEND_BACKLOG} bytes"
+                    )));
+                }
+                self.announced_inline += len;
+                self.announced(Announced { peer_op: xfer, len, payload: Some(payload) }, mem, out)
+            }
+            Control::WriteRequest { xfer, region, token, addr, len } => {
+                match mem.authorize(region, token, addr, len) {
+                    Err(e) => deny(xfer, e, out),
+                    Ok(region) => {
+                        let flow = self.take_id();
+                        self.inbound.insert(
+                            flow,
+                            Inbound { addr: addr as usize, len, region, on_done: OnDone::Ack(xfer), inline: 0 },
+                        );
+                        out.push(Action::Send(Control::Grant { xfer, flow }));
+                    }
+                }
+                Ok(())
+            }
+            Control::ReadRequest { xfer, region, token, addr, len } => {
+                match mem.authorize(region, token, addr, len) {
+                    Err(e) => deny(xfer, e, out),
+                    Ok(region) => {
+                        let src = Source { addr: addr as usize, len, region };
+                        self.start_outbound(xfer, src, 0, OnDone::Nothing, out);
+                    }
+                }
+                Ok(())
+            }
+            Control::InlineWrite { xfer, region, token, addr, payload } => {
+                let len = payload.len() as u64;
+                let authorized = mem.authorize(region, token, addr, len);
+                // SAFETY: `authorize` proved the range lies in a live, advertised region.
+                match authorized.and_then(|r| unsafe { mem.store(&r, addr as usize, &payload) }) {
+                    Err(e) => deny(xfer, e, out),
+                    Ok(()) => out.push(Action::Send(Control::Done { xfer, len })),
+                }
+                Ok(())
+            }
+            Control::ReadSmall { xfer, region, token, addr, len } => {
+                let authorized = mem.authorize(region, token, addr, len);
+                // SAFETY: as above; `len` is at most MAX_INLINE_LEN (checked by the decoder).
+                match authorized.and_then(|r| unsafe { mem.load(&r, addr as usize, len as usize) }) {
+                    Err(e) => deny(xfer, e, out),
+                    Ok(payload) => out.push(Action::Send(Control::ReadData { xfer, payload })),
+                }
+                Ok(())
+            }
+            Control::ReadData { xfer, payload } => {
+                let dst = self.inbound.get(&xfer).ok_or_else(|| unknown_op("ReadData", xfer))?;
+                if payload.len() as u64 != dst.len {
+                    return Err(Error::backend(format!(
+                        "protocol violation: ReadData for op {xfer} carries {} bytes, {} were asked for",
+                        payload.len(),
+                        dst.len
+                    )));
+                }
+                let dst = self.inbound.remove(&xfer).expect("checked above");
+                self.inline_one_sided -= dst.inline;
+                // SAFETY: the destination was checked against its registration when the read was
+                // posted and the region is kept alive by `dst`.
+                let stored = unsafe { mem.store(&dst.region, dst.addr, &payload) };
+                if let Some(t) = dst.on_done.transfer() {
+                    // A failed local copy fails this read only; the connection is fine.
+                    out.push(Action::Finish(t.clone(), stored.map(|()| dst.len)));
+                }
+                Ok(())
+            }
+            Control::Grant { xfer, flow } => {
+                let granted = self.awaiting_grant.remove(&xfer).ok_or_else(|| unknown_op("Grant", xfer))?;
+                let local = self.start_outbound(flow, granted.src, 1, OnDone::Part(granted.transfer), out);
+                self.awaiting_done.insert(xfer, local);
+                Ok(())
+            }
+            Control::Deny { xfer, status, reason } => {
+                let status =
+                    UcclStatus::from_code(status).filter(|s| (*s as i32) < 0).unwrap_or(UcclStatus::ErrUnknown);
+                let err = Error::new(status, format!("peer refused: {reason}"));
+                if let Some(refused) = self.awaiting_grant.remove(&xfer) {
+                    out.push(Action::Finish(refused.transfer, Err(err)));
+                } else if let Some(op) = self.inline_ops.remove(&xfer) {
+                    self.release_inline(&op);
+                    out.push(Action::Finish(op.transfer, Err(err)));
+                } else if let Some(read) = self.inbound.remove(&xfer) {
+                    self.inline_one_sided -= read.inline;
+                    if let Some(t) = read.on_done.transfer() {
+                        out.push(Action::Finish(t.clone(), Err(err)));
+                    }
+                } else {
+                    return Err(unknown_op("Deny", xfer));
+                }
+                Ok(())
+            }
+            Control::Data { flow, len } => {
+                let granted = self.inbound.get(&flow).ok_or_else(|| unknown_op("Data", flow))?.len;
+                if len != granted {
+                    // Left in `inbound`, so failing the connection fails the part too.
+                    return Err(Error::backend(format!(
+                        "protocol violation: Data for flow {flow} carries {len} bytes, {granted} were granted"
+                    )));
+                }
+                let dst = self.inbound.remove(&flow).expect("checked above");
+                // A peer answering a small read with Data instead of ReadData still frees its share.
+                self.inline_one_sided -= dst.inline;
+                let seq = self.in_seq;
+                self.in_seq += 1;
+                let remaining = chunk_count(len, self.chunk_size);
+                let region = dst.region.clone();
+                self.flows.insert(flow, Flow { remaining, len, on_done: dst.on_done, _region: dst.region });
+                out.push(Action::Queue(FlowPlan { dir: Direction::Recv, flow, region, addr: dst.addr, len, seq }));
+                Ok(())
+            }
+            Control::Done { xfer, len } => {
+                if let Some(op) = self.inline_ops.get(&xfer) {
+                    if len != op.len {
+                        // Left in `inline_ops`, so failing the connection fails the part too.
+                        return Err(Error::backend(format!(
+                            "protocol violation: Done for inline op {xfer} reports {len} bytes, expected {}",
+                            op.len
+                        )));
+                    }
+                    let op = self.inline_ops.remove(&xfer).expect("checked above");
+                    self.release_inline(&op);
+                    out.push(Action::Finish(op.transfer, Ok(len)));
+                    return Ok(());
+                }
+                let flow = self.awaiting_done.remove(&xfer).ok_or_else(|| unknown_op("Done", xfer))?;
+                let expected = self.flows.get(&flow).map(|f| f.len);
+                if expected != Some(len) {
+                    return Err(Error::backend(format!(
+                        "protocol violation: Done for op {xfer} reports {len} bytes, expected {expected:?}"
+                    )));
+                }
+                self.chunk_finished(flow, out)
+            }
+            Control::Notify { name, msg } => {
+                out.push(Action::Notify { name, msg });
+                Ok(())
+            }
+            Control::Close => Err(Error::disconnected("the peer closed the connection")),
+        }
+    }
+
+    /// One chunk of `flow` (or the peer's Done for it) finished.
+    pub fn chunk_finished(&mut self, flow: u64, out: &mut Vec<Action>) -> Result<()> {
+        let Some(f) = self.flows.get_mut(&flow) else {
+            return Err(Error::backend(format!("internal: chunk of unknown flow {flow}")));
+        };
+        f.remaining -= 1;
+        if f.remaining == 0 {
+            let f = self.flows.remove(&flow).expect("looked up above");
+            match f.on_done {
+                OnDone::Part(t) => out.push(Action::Finish(t, Ok(f.len))),
+                OnDone::Ack(peer_op) => out.push(Action::Send(Control::Done { xfer: peer_op, len: f.len })),
+                OnDone::PartAndAck(t, peer_op) => {
+                    out.push(Action::Finish(t, Ok(f.len)));
+                    out.push(Action::Send(Control::Done { xfer: peer_op, len: f.len }));
+                }
+                OnDone::Nothing => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `err` the connection's failure and returns every pending part, which the caller
+    /// fails once no transport can touch their memory any more. Empty when it had failed already.
+    pub fn fail(&mut self, err: Error) -> Vec<Arc<Transfer>> {
+        if self.failure.is_some() {
+            return Vec::new();
+        }
+        self.failure = Some(err);
+        let mut failed: Vec<Arc<Transfer>> = Vec::new();
+        failed.extend(self.awaiting_grant.drain().map(|(_, o)| o.transfer));
+        failed.extend(self.inline_ops.drain().map(|(_, op)| op.transfer));
+        self.inline_send_backlog = 0;
+        self.inline_one_sided = 0;
+        failed.extend(self.inbound.drain().filter_map(|(_, i)| i.on_done.transfer().cloned()));
+        failed.extend(self.posted_recvs.drain(..).map(|r| r.transfer));
+        failed.extend(self.flows.drain().filter_map(|(_, f)| f.on_done.transfer().cloned()));
+        self.awaiting_done.clear();
+        self.announces.clear();
+        self.announced_inline = 0;
+        failed
+    }
+
+    /// Returns what an answered inline op held of its bound.
+    fn release_inline(&mut self, op: &InlineOp) {
+        match op.kind {
+            InlineKind::Send => self.inline_send_backlog -= op.backlog,
+            InlineKind::Write => self.inline_one_sided -= op.backlog,
+        }
+    }
+
+    fn announced(&mut self, send: Announced, mem: &impl Memory, out: &mut Vec<Action>) -> Result<()> {
+        if self.announces.len() >= MAX_UNMATCHED_ANNOUNCES {
+            return Err(Error::backend(format!(
+                "peer announced more than {MAX_UNMATCHED_ANNOUNCES} sends without matching receives"
+            )));
+        }
+        self.announces.push_back(send);
+        self.match_recvs(mem, out);
+        Ok(())
+    }
+
+    /// Pairs posted receives with announced sends, oldest first. The parts finish first, then the
+    /// answers go out together.
+    fn match_recvs(&mut self, mem: &impl Memory, out: &mut Vec<Action>) {
+        let mut answers = Vec::new();
+        while !self.posted_recvs.is_empty() && !self.announces.is_empty() {
+            let recv = self.posted_recvs.pop_front().expect("non-empty");
+            let Announced { peer_op, len, payload } = self.announces.pop_front().expect("non-empty");
+            if payload.is_some() {
+                self.announced_inline -= len;
+            }
+            if len > recv.max {
+                let why = format!("a {len}-byte message does not fit the posted {}-byte receive", recv.max);
+                out.push(Action::Finish(recv.transfer, Err(Error::new(UcclStatus::ErrMismatch, why.clone()))));
+                answers.push(Control::Deny { xfer: peer_op, status: UcclStatus::ErrMismatch as i32, reason: why });
+                continue;
+            }
+            if let Some(payload) = payload {
+                // SAFETY: the receive was checked against its registration when posted, for `max`
+                // bytes, and its region is kept alive by `recv`.
+                let stored = unsafe { mem.store(&recv.region, recv.addr, &payload) };
+                answers.push(match &stored {
+                    Ok(()) => Control::Done { xfer: peer_op, len },
+                    Err(e) => {
+                        Control::Deny { xfer: peer_op, status: e.status() as i32, reason: e.message().to_owned() }
+                    }
+                });
+                out.push(Action::Finish(recv.transfer, stored.map(|()| len)));
+                continue;
+            }
+            let flow = self.take_id();
+            let on_done = OnDone::PartAndAck(recv.transfer, peer_op);
+            self.inbound.insert(flow, Inbound { addr: recv.addr, len, region: recv.region, on_done, inline: 0 });
+            answers.push(Control::Grant { xfer: peer_op, flow });
+        }
+        out.extend(answers.into_iter().map(Action::Send));
+    }
+
+    /// Starts sending `src` as the peer's flow `peer_flow`: the chunks, then the Data marker.
+    /// Returns the local flow id.
+    fn start_outbound(
+        &mut self,
+        peer_flow: u64,
+        src: Source,
+        extra: usize,
+        on_done: OnDone,
+        out: &mut Vec<Action>,
+    ) -> u64 {
+        let flow = self.take_id();
+        let seq = self.out_seq;
+        self.out_seq += 1;
+        let remaining = chunk_count(src.len, self.chunk_size) + extra;
+        let Source { addr, len, region } = src;
+        // Recorded before anything fallible: a failing connection must still find (and fail) the part.
+        self.flows.insert(flow, Flow { remaining, len, on_done, _region: region.clone() });
+        out.push(Action::Queue(FlowPlan { dir: Direction::Send, flow, region, addr, len, seq }));
+        out.push(Action::Send(Control::Data { flow: peer_flow, len }));
+        flow
+    }
+}
+
+fn deny(xfer: u64, e: Error, out: &mut Vec<Action>) {
+    log::debug!("refusing the peer's op {xfer}: {}", e.message());
+    out.push(Action::Send(Control::Deny { xfer, status: e.status() as i32, reason: e.message().to_owned() }));
+}
+
+fn unknown_op(what: &str, id: u64) -> Error {
+    Error::backend(format!("protocol violation: {what} for unknown id {id}"))
+}
+
+#[cfg(test)]
+mod tests;

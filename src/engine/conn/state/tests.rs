@@ -1,0 +1,570 @@
+//! The state machine without sockets: two `ConnState`s exchange their control messages directly,
+//! and a simulated channel moves each flow's bytes between real buffers in per-direction order.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::engine::region::RegionTable;
+use crate::engine::transfer::TransferTable;
+use crate::proto::Capability;
+use crate::transport::MemKind;
+
+const CHUNK: usize = 64 << 10;
+const CONN: u64 = 1;
+
+/// Host memory behind a region table, as the engine's memory is.
+#[derive(Default)]
+struct HostMemory {
+    regions: RegionTable,
+}
+
+impl Memory for HostMemory {
+    fn authorize(&self, region: u64, token: u64, addr: u64, len: u64) -> Result<Arc<Region>> {
+        self.regions.authorize(region, token, addr, len)
+    }
+
+    unsafe fn store(&self, region: &Region, addr: usize, payload: &[u8]) -> Result<()> {
+        assert!(region.contains(addr, payload.len()));
+        // SAFETY: per the contract; test buffers are live boxes.
+        unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), addr as *mut u8, payload.len()) };
+        Ok(())
+    }
+
+    unsafe fn load(&self, region: &Region, addr: usize, len: usize) -> Result<Vec<u8>> {
+        assert!(region.contains(addr, len));
+        // SAFETY: as above.
+        Ok(unsafe { std::slice::from_raw_parts(addr as *const u8, len) }.to_vec())
+    }
+}
+
+/// A registered buffer, advertised whole.
+struct Buf {
+    bytes: Box<[u8]>,
+    region: Arc<Region>,
+    cap: Capability,
+}
+
+impl Buf {
+    fn addr(&self) -> usize {
+        self.bytes.as_ptr() as usize
+    }
+}
+
+/// One end: its state machine, memory and transfers, and what its actions asked for.
+struct End {
+    st: ConnState,
+    mem: HostMemory,
+    transfers: TransferTable,
+    /// Control messages for the peer, in order.
+    outbox: VecDeque<Control>,
+    /// Flows queued on the (simulated) channels, by direction sequence number.
+    sending: BTreeMap<u64, FlowPlan>,
+    receiving: BTreeMap<u64, FlowPlan>,
+    notes: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl End {
+    fn new() -> End {
+        End {
+            st: ConnState::new(CHUNK, Instant::now()),
+            mem: HostMemory::default(),
+            transfers: TransferTable::default(),
+            outbox: VecDeque::new(),
+            sending: BTreeMap::new(),
+            receiving: BTreeMap::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    fn buffer(&self, len: usize, fill: impl Fn(usize) -> u8) -> Buf {
+        let bytes: Box<[u8]> = (0..len).map(fill).collect();
+        let id = self.mem.regions.register(bytes.as_ptr() as usize, len, MemKind::Host).unwrap();
+        let item = self.mem.regions.advertise(id, bytes.as_ptr() as usize, len).unwrap();
+        Buf { bytes, region: self.mem.regions.get(id).unwrap(), cap: item.capability().unwrap() }
+    }
+
+    fn take(&mut self, out: Vec<Action>) {
+        for action in out {
+            match action {
+                Action::Send(msg) => self.outbox.push_back(msg),
+                Action::Queue(plan) => {
+                    let queue = match plan.dir {
+                        Direction::Send => &mut self.sending,
+                        Direction::Recv => &mut self.receiving,
+                    };
+                    assert!(queue.insert(plan.seq, plan).is_none(), "two flows with one sequence number");
+                }
+                Action::Finish(t, outcome) => t.finish_part(outcome),
+                Action::Notify { name, msg } => self.notes.push((name, msg)),
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: Control) -> Result<()> {
+        let mut out = Vec::new();
+        let handled = self.st.handle(msg, &self.mem, &mut out);
+        self.take(out);
+        handled
+    }
+
+    fn transfer(&self, parts: usize) -> Arc<Transfer> {
+        self.transfers.create(CONN, parts)
+    }
+
+    /// A write (or read) of `len` bytes between `local` at `off` and `remote` at `roff`.
+    fn one_sided(&mut self, write: bool, items: &[(&Buf, usize, &Buf, usize, usize)]) -> Arc<Transfer> {
+        let t = self.transfer(items.len());
+        let items = items
+            .iter()
+            .map(|&(local, off, remote, roff, len)| OneSidedItem {
+                region: local.region.clone(),
+                addr: local.addr() + off,
+                len: len as u64,
+                remote_region: remote.cap.region,
+                token: remote.cap.token,
+                remote_addr: (remote.addr() + roff) as u64,
+                payload: (write && len <= MAX_INLINE_LEN).then(|| local.bytes[off..off + len].to_vec()),
+            })
+            .collect();
+        self.st.begin_post(Instant::now()).unwrap();
+        let msgs = self.st.post_one_sided(&t, write, items);
+        self.outbox.extend(msgs);
+        t
+    }
+
+    fn send(&mut self, items: &[(&Buf, usize, usize)]) -> Arc<Transfer> {
+        let t = self.transfer(items.len());
+        let items = items
+            .iter()
+            .map(|&(buf, off, len)| SendItem {
+                region: buf.region.clone(),
+                addr: buf.addr() + off,
+                len: len as u64,
+                payload: (len <= MAX_INLINE_LEN).then(|| buf.bytes[off..off + len].to_vec()),
+            })
+            .collect();
+        self.st.begin_post(Instant::now()).unwrap();
+        let msgs = self.st.post_send(&t, items);
+        self.outbox.extend(msgs);
+        t
+    }
+
+    fn recv(&mut self, buf: &Buf, max: usize) -> Arc<Transfer> {
+        let t = self.transfer(1);
+        let mut out = Vec::new();
+        self.st.begin_post(Instant::now()).unwrap();
+        self.st.post_recv(&t, buf.region.clone(), buf.addr(), max as u64, &self.mem, &mut out);
+        self.take(out);
+        t
+    }
+
+    fn outcome(&self, t: &Transfer) -> Option<Result<u64>> {
+        self.transfers.poll(CONN, t.id).transpose()
+    }
+}
+
+/// Delivers every message one way; the first handling error is returned.
+fn deliver(from: &mut End, to: &mut End) -> Result<bool> {
+    let moved = !from.outbox.is_empty();
+    while let Some(msg) = from.outbox.pop_front() {
+        to.handle(msg)?;
+    }
+    Ok(moved)
+}
+
+/// Moves the bytes of flows both ends queued (the n-th sending flow of one end is the n-th
+/// receiving flow of the other) and reports every chunk finished on both ends.
+fn move_data(from: &mut End, to: &mut End) -> bool {
+    let mut moved = false;
+    while let (Some((&s, _)), Some((&r, _))) = (from.sending.first_key_value(), to.receiving.first_key_value()) {
+        assert_eq!(s, r, "flows pair up in order");
+        let src = from.sending.remove(&s).unwrap();
+        let dst = to.receiving.remove(&r).unwrap();
+        assert_eq!(src.len, dst.len, "both ends plan the same flow");
+        // SAFETY: both plans lie in live test buffers the state checked against their regions.
+        unsafe { std::ptr::copy_nonoverlapping(src.addr as *const u8, dst.addr as *mut u8, src.len as usize) };
+        for _ in 0..chunk_count(src.len, CHUNK) {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            from.st.chunk_finished(src.flow, &mut a).unwrap();
+            to.st.chunk_finished(dst.flow, &mut b).unwrap();
+            from.take(a);
+            to.take(b);
+        }
+        moved = true;
+    }
+    moved
+}
+
+/// Runs both ends until nothing moves.
+fn pump(a: &mut End, b: &mut End) {
+    loop {
+        let mut moved = deliver(a, b).unwrap();
+        moved |= deliver(b, a).unwrap();
+        moved |= move_data(a, b);
+        moved |= move_data(b, a);
+        if !moved {
+            return;
+        }
+    }
+}
+
+fn pattern(seed: u8) -> impl Fn(usize) -> u8 {
+    move |i| (i as u8).wrapping_mul(31).wrapping_add(seed)
+}
+
+fn status(outcome: Option<Result<u64>>) -> UcclStatus {
+    outcome.expect("finished").expect_err("failed").status()
+}
+
+#[test]
+fn write_runs_request_grant_data_then_done() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let len = 3 * CHUNK + 5;
+    let src = a.buffer(len, pattern(1));
+    let dst = b.buffer(len + 100, |_| 0);
+    let t = a.one_sided(true, &[(&src, 0, &dst, 100, len)]);
+    let xfer = match a.outbox.front() {
+        Some(&Control::WriteRequest { xfer, region, token, addr, len: l }) => {
+            assert_eq!((region, token, addr, l), (dst.cap.region, dst.cap.token, dst.addr() as u64 + 100, len as u64));
+            xfer
+        }
+        other => panic!("expected a WriteRequest, got {other:?}"),
+    };
+    deliver(&mut a, &mut b).unwrap();
+    let Some(&Control::Grant { xfer: granted, flow }) = b.outbox.front() else { panic!("{:?}", b.outbox) };
+    assert_eq!(granted, xfer);
+    deliver(&mut b, &mut a).unwrap();
+    assert_eq!(a.outbox, [Control::Data { flow, len: len as u64 }]);
+    assert_eq!(a.sending.len(), 1, "the chunks are queued with the Data marker");
+    deliver(&mut a, &mut b).unwrap();
+    assert!(move_data(&mut a, &mut b));
+    // Every local chunk went out, but the write completes only with the peer's Done.
+    assert!(a.outcome(&t).is_none());
+    assert_eq!(b.outbox, [Control::Done { xfer, len: len as u64 }]);
+    deliver(&mut b, &mut a).unwrap();
+    assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
+    assert_eq!(&dst.bytes[100..], &src.bytes[..]);
+    assert!(!t.completes_on_control());
+    assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
+}
+
+#[test]
+fn done_before_the_last_local_chunk_waits_for_it() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let src = a.buffer(2 * CHUNK, pattern(2));
+    let dst = b.buffer(2 * CHUNK, |_| 0);
+    let t = a.one_sided(true, &[(&src, 0, &dst, 0, 2 * CHUNK)]);
+    deliver(&mut a, &mut b).unwrap();
+    deliver(&mut b, &mut a).unwrap();
+    deliver(&mut a, &mut b).unwrap();
+    let plan = a.sending.pop_first().unwrap().1;
+    let peer = b.receiving.pop_first().unwrap().1;
+    let mut out = Vec::new();
+    for _ in 0..2 {
+        b.st.chunk_finished(peer.flow, &mut out).unwrap();
+    }
+    b.take(out);
+    deliver(&mut b, &mut a).unwrap();
+    assert!(a.outcome(&t).is_none(), "a local chunk send is still in flight");
+    for _ in 0..2 {
+        let mut out = Vec::new();
+        a.st.chunk_finished(plan.flow, &mut out).unwrap();
+        a.take(out);
+    }
+    assert_eq!(a.outcome(&t).unwrap().unwrap(), 2 * CHUNK as u64);
+}
+
+#[test]
+fn read_runs_request_then_data() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let len = 5 * CHUNK;
+    let dst = a.buffer(len, |_| 0);
+    let src = b.buffer(len, pattern(3));
+    let t = a.one_sided(false, &[(&dst, 0, &src, 0, len)]);
+    assert!(matches!(a.outbox.front(), Some(Control::ReadRequest { .. })));
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
+    assert_eq!(dst.bytes, src.bytes);
+}
+
+#[test]
+fn sends_match_receives_in_order_whichever_comes_first() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let src = a.buffer(8 * CHUNK, pattern(4));
+    let d1 = b.buffer(4 * CHUNK, |_| 0);
+    let d2 = b.buffer(4 * CHUNK, |_| 0);
+    let d3 = b.buffer(100, |_| 0);
+    // First two announced before any receive, the third (inline) after all receives.
+    let s1 = a.send(&[(&src, 0, 3 * CHUNK)]);
+    let s2 = a.send(&[(&src, CHUNK, 4 * CHUNK)]);
+    pump(&mut a, &mut b);
+    assert!(a.outcome(&s1).is_none() && a.outcome(&s2).is_none());
+    assert!(!a.st.waits_on_peer(), "waiting for the peer's user to post a receive is no stall");
+    let r1 = b.recv(&d1, 4 * CHUNK);
+    let r2 = b.recv(&d2, 4 * CHUNK);
+    let r3 = b.recv(&d3, 100);
+    let s3 = a.send(&[(&src, 7, 100)]);
+    assert!(matches!(a.outbox.front(), Some(Control::InlineSend { .. })));
+    assert!(s3.completes_on_control());
+    pump(&mut a, &mut b);
+    for (s, r, n) in [(&s1, &r1, 3 * CHUNK), (&s2, &r2, 4 * CHUNK), (&s3, &r3, 100)] {
+        assert_eq!(a.outcome(s).unwrap().unwrap(), n as u64);
+        assert_eq!(b.outcome(r).unwrap().unwrap(), n as u64);
+    }
+    assert_eq!(&d1.bytes[..3 * CHUNK], &src.bytes[..3 * CHUNK]);
+    assert_eq!(&d2.bytes[..], &src.bytes[CHUNK..5 * CHUNK]);
+    assert_eq!(&d3.bytes[..], &src.bytes[7..107]);
+}
+
+#[test]
+fn a_message_larger_than_its_receive_fails_both_with_mismatch() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let src = a.buffer(4 * CHUNK, pattern(5));
+    let dst = b.buffer(4 * CHUNK, |_| 0);
+    for len in [4 * CHUNK, 200] {
+        let r = b.recv(&dst, len - 1);
+        let s = a.send(&[(&src, 0, len)]);
+        pump(&mut a, &mut b);
+        assert_eq!(status(a.outcome(&s)), UcclStatus::ErrMismatch);
+        assert_eq!(status(b.outcome(&r)), UcclStatus::ErrMismatch);
+    }
+    assert!(dst.bytes.iter().all(|&x| x == 0));
+    // The next pair still matches.
+    let r = b.recv(&dst, 4 * CHUNK);
+    let s = a.send(&[(&src, 0, 4 * CHUNK)]);
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&s).unwrap().unwrap(), b.outcome(&r).unwrap().unwrap());
+}
+
+#[test]
+fn refused_requests_of_every_kind_are_denied_not_allowed() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let local = a.buffer(4 * CHUNK, pattern(6));
+    let target = b.buffer(4 * CHUNK, |_| 0);
+    let mut forged = b.buffer(16, |_| 0);
+    forged.cap = Capability { region: target.cap.region, token: target.cap.token ^ 1 };
+    for write in [true, false] {
+        for len in [100, 4 * CHUNK] {
+            let t = a.one_sided(write, &[(&local, 0, &forged, 0, len)]);
+            pump(&mut a, &mut b);
+            assert_eq!(status(a.outcome(&t)), UcclStatus::ErrNotAllowed, "write {write}, {len} bytes");
+        }
+    }
+    assert!(target.bytes.iter().all(|&x| x == 0));
+    assert!(a.st.check_open().is_ok() && b.st.check_open().is_ok());
+    assert_eq!((a.st.inline_one_sided, a.st.inline_send_backlog), (0, 0), "refusals free the inline bound");
+}
+
+#[test]
+fn small_writes_and_reads_ride_the_control_stream() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let local = a.buffer(2 * MAX_INLINE_LEN, pattern(7));
+    let remote = b.buffer(2 * MAX_INLINE_LEN, pattern(8));
+    let w = a.one_sided(true, &[(&local, 0, &remote, 0, MAX_INLINE_LEN)]);
+    assert!(matches!(a.outbox.front(), Some(Control::InlineWrite { .. })));
+    assert!(w.completes_on_control());
+    let r = a.one_sided(false, &[(&local, MAX_INLINE_LEN, &remote, MAX_INLINE_LEN, 10)]);
+    assert!(matches!(a.outbox.back(), Some(Control::ReadSmall { len: 10, .. })));
+    pump(&mut a, &mut b);
+    assert!(a.sending.is_empty() && b.receiving.is_empty(), "no flow on a channel");
+    assert_eq!(a.outcome(&w).unwrap().unwrap(), MAX_INLINE_LEN as u64);
+    assert_eq!(a.outcome(&r).unwrap().unwrap(), 10);
+    assert_eq!(&remote.bytes[..MAX_INLINE_LEN], &local.bytes[..MAX_INLINE_LEN]);
+    assert_eq!(&local.bytes[MAX_INLINE_LEN..MAX_INLINE_LEN + 10], &remote.bytes[MAX_INLINE_LEN..MAX_INLINE_LEN + 10]);
+    // One byte more than the inline limit takes the request path.
+    let big = a.one_sided(true, &[(&local, 0, &remote, 0, MAX_INLINE_LEN + 1)]);
+    assert!(matches!(a.outbox.front(), Some(Control::WriteRequest { .. })));
+    assert!(!big.completes_on_control());
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&big).unwrap().unwrap(), MAX_INLINE_LEN as u64 + 1);
+}
+
+#[test]
+fn unanswered_inline_one_sided_bytes_are_bounded() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let n = (MAX_INLINE_ONE_SIDED / MAX_INLINE_LEN as u64) as usize;
+    let local = a.buffer(MAX_INLINE_LEN, pattern(9));
+    let remote = b.buffer(MAX_INLINE_LEN, |_| 0);
+    // A vector of writes and reads: the first `n` fill the bound, the rest take the request path.
+    let items: Vec<_> = (0..n + 2).map(|_| (&local, 0, &remote, 0, MAX_INLINE_LEN)).collect();
+    let w = a.one_sided(true, &items[..n - 1]);
+    let r = a.one_sided(false, &items[..3]);
+    let kinds: Vec<_> = a.outbox.iter().map(std::mem::discriminant).collect();
+    let inline_write =
+        std::mem::discriminant(&Control::InlineWrite { xfer: 0, region: 0, token: 0, addr: 0, payload: vec![] });
+    assert!(kinds[..n - 1].iter().all(|k| *k == inline_write));
+    assert!(matches!(a.outbox[n - 1], Control::ReadSmall { .. }), "the last inline byte goes to a small read");
+    assert!(
+        matches!(a.outbox[n], Control::ReadRequest { .. }) && matches!(a.outbox[n + 1], Control::ReadRequest { .. })
+    );
+    assert_eq!(a.st.inline_one_sided, MAX_INLINE_ONE_SIDED);
+    assert!(w.completes_on_control() && !r.completes_on_control());
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&w).unwrap().unwrap(), ((n - 1) * MAX_INLINE_LEN) as u64);
+    assert_eq!(a.outcome(&r).unwrap().unwrap(), (3 * MAX_INLINE_LEN) as u64);
+    assert_eq!(a.st.inline_one_sided, 0, "answers give the bound back");
+    a.one_sided(true, &items[..1]);
+    assert!(matches!(a.outbox.back(), Some(Control::InlineWrite { .. })));
+}
+
+#[test]
+fn unanswered_inline_sends_are_bounded_at_both_ends() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let n = (MAX_INLINE_SEND_BACKLOG / MAX_INLINE_LEN as u64) as usize;
+    let src = a.buffer(MAX_INLINE_LEN, pattern(10));
+    let items: Vec<_> = (0..n + 1).map(|_| (&src, 0, MAX_INLINE_LEN)).collect();
+    let s = a.send(&items);
+    assert!(a.outbox.iter().take(n).all(|m| matches!(m, Control::InlineSend { .. })));
+    assert!(matches!(a.outbox[n], Control::SendAnnounce { .. }), "past the bound a small send is announced");
+    assert!(!s.completes_on_control());
+    // The receiver buffers exactly the bound for receives not posted yet.
+    deliver(&mut a, &mut b).unwrap();
+    assert_eq!(b.st.announced_inline, MAX_INLINE_SEND_BACKLOG);
+    let dsts: Vec<_> = (0..n + 1).map(|_| b.buffer(MAX_INLINE_LEN, |_| 0)).collect();
+    let recvs: Vec<_> = dsts.iter().map(|d| b.recv(d, MAX_INLINE_LEN)).collect();
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&s).unwrap().unwrap(), ((n + 1) * MAX_INLINE_LEN) as u64);
+    for (r, d) in recvs.iter().zip(&dsts) {
+        assert_eq!(b.outcome(r).unwrap().unwrap(), MAX_INLINE_LEN as u64);
+        assert_eq!(d.bytes, src.bytes);
+    }
+    assert_eq!((a.st.inline_send_backlog, b.st.announced_inline), (0, 0));
+
+    // A peer ignoring the bound is cut off.
+    let payload = vec![0u8; MAX_INLINE_LEN];
+    for xfer in 0..n as u64 {
+        b.handle(Control::InlineSend { xfer, payload: payload.clone() }).unwrap();
+    }
+    let err = b.handle(Control::InlineSend { xfer: 99, payload: vec![1] }).unwrap_err();
+    assert!(err.message().contains("unmatched inline sends exceed"), "{err}");
+}
+
+#[test]
+fn unknown_ids_and_wrong_lengths_fail_the_connection() {
+    let mut a = End::new();
+    for msg in [
+        Control::Grant { xfer: 7, flow: 1 },
+        Control::Deny { xfer: 7, status: -6, reason: "no".into() },
+        Control::Data { flow: 7, len: 1 },
+        Control::Done { xfer: 7, len: 1 },
+        Control::ReadData { xfer: 7, payload: vec![1] },
+    ] {
+        let err = a.handle(msg.clone()).unwrap_err();
+        assert!(err.message().contains("for unknown id 7"), "{msg:?}: {err}");
+    }
+    let b = End::new();
+    let local = a.buffer(4 * CHUNK, |_| 0);
+    let remote = b.buffer(4 * CHUNK, |_| 0);
+    let read = a.one_sided(false, &[(&local, 0, &remote, 0, 4 * CHUNK)]);
+    let small = a.one_sided(false, &[(&local, 0, &remote, 0, 8)]);
+    let write = a.one_sided(true, &[(&local, 0, &remote, 0, 8)]);
+    let ids: Vec<u64> = a
+        .outbox
+        .iter()
+        .map(|m| match m {
+            Control::ReadRequest { xfer, .. } | Control::ReadSmall { xfer, .. } | Control::InlineWrite { xfer, .. } => {
+                *xfer
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    for (msg, what) in [
+        (Control::Data { flow: ids[0], len: 4 * CHUNK as u64 + 1 }, "were granted"),
+        (Control::ReadData { xfer: ids[1], payload: vec![0; 9] }, "were asked for"),
+        (Control::Done { xfer: ids[2], len: 9 }, "expected 8"),
+    ] {
+        let err = a.handle(msg).unwrap_err();
+        assert!(err.message().contains(what), "{err}");
+    }
+    // Still pending, so failing the connection fails them.
+    let failed = a.st.fail(Error::backend("violation"));
+    let mut ids: Vec<_> = failed.iter().map(|t| t.id).collect();
+    ids.sort();
+    assert_eq!(ids, [read.id, small.id, write.id]);
+}
+
+#[test]
+fn too_many_unmatched_announces_fail_the_connection() {
+    let mut b = End::new();
+    for xfer in 0..MAX_UNMATCHED_ANNOUNCES as u64 {
+        b.handle(Control::SendAnnounce { xfer, len: 1 << 20 }).unwrap();
+    }
+    let err = b.handle(Control::SendAnnounce { xfer: u64::MAX, len: 1 }).unwrap_err();
+    assert!(err.message().contains("without matching receives"), "{err}");
+}
+
+#[test]
+fn close_fails_the_connection_and_every_pending_part_once() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let local = a.buffer(8 * CHUNK, pattern(11));
+    let remote = b.buffer(8 * CHUNK, |_| 0);
+    let granted_write = a.one_sided(true, &[(&local, 0, &remote, 0, 4 * CHUNK)]);
+    pump_messages_only(&mut a, &mut b);
+    assert_eq!(a.sending.len(), 1, "the write runs");
+    let waiting_write = a.one_sided(true, &[(&local, 0, &remote, 0, 4 * CHUNK)]);
+    let inline = a.one_sided(true, &[(&local, 0, &remote, 0, 10)]);
+    let read = a.one_sided(false, &[(&local, 0, &remote, 0, 4 * CHUNK)]);
+    let send = a.send(&[(&local, 0, 10)]);
+    let recv = a.recv(&local, CHUNK);
+    let err = a.handle(Control::Close).unwrap_err();
+    assert_eq!(err.status(), UcclStatus::ErrRemoteDisconnect);
+    let failed = a.st.fail(err.clone());
+    let mut ids: Vec<_> = failed.iter().map(|t| t.id).collect();
+    ids.sort();
+    let mut expected = vec![granted_write.id, waiting_write.id, inline.id, read.id, send.id, recv.id];
+    expected.sort();
+    assert_eq!(ids, expected);
+    assert_eq!(a.st.failure(), Some(&err));
+    assert_eq!(a.st.begin_post(Instant::now()).unwrap_err(), err);
+    assert!(a.st.fail(Error::backend("again")).is_empty(), "the first failure stays");
+    assert!(!a.st.waits_on_peer());
+}
+
+/// Exchanges control messages both ways until none is left, moving no data.
+fn pump_messages_only(a: &mut End, b: &mut End) {
+    while deliver(a, b).unwrap() | deliver(b, a).unwrap() {}
+}
+
+#[test]
+fn only_what_the_peers_engine_owes_can_stall() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let timeout = Duration::from_millis(10);
+    let start = Instant::now();
+    let later = start + Duration::from_secs(1);
+    let local = a.buffer(4 * CHUNK, pattern(12));
+    let remote = b.buffer(4 * CHUNK, |_| 0);
+    a.send(&[(&local, 0, 4 * CHUNK)]);
+    a.send(&[(&local, 0, 10)]);
+    assert!(!a.st.stalled(later, timeout), "a send waits for the peer's user");
+    a.one_sided(true, &[(&local, 0, &remote, 0, 4 * CHUNK)]);
+    assert!(a.st.stalled(later, timeout), "a write waits for the peer's engine");
+    a.st.heard(later);
+    assert!(!a.st.stalled(later + timeout, timeout));
+    assert!(a.st.stalled(later + 2 * timeout, timeout));
+    pump(&mut a, &mut b);
+}
+
+#[test]
+fn notifications_are_handed_on() {
+    let mut a = End::new();
+    a.handle(Control::Notify { name: b"n".to_vec(), msg: b"hello".to_vec() }).unwrap();
+    assert_eq!(a.notes, [(b"n".to_vec(), b"hello".to_vec())]);
+}
+
+#[test]
+fn flows_rotate_identically_on_both_ends() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let src = a.buffer(4 * CHUNK, pattern(13));
+    let dst = b.buffer(4 * CHUNK, |_| 0);
+    let ts: Vec<_> = (0..3).map(|i| a.one_sided(true, &[(&src, i * CHUNK, &dst, i * CHUNK, CHUNK + 1)])).collect();
+    pump_messages_only(&mut a, &mut b);
+    let seqs = |m: &BTreeMap<u64, FlowPlan>| m.values().map(|p| (p.seq, p.len)).collect::<Vec<_>>();
+    assert_eq!(seqs(&a.sending), seqs(&b.receiving));
+    assert_eq!(seqs(&a.sending).iter().map(|s| s.0).collect::<Vec<_>>(), [0, 1, 2]);
+    pump(&mut a, &mut b);
+    for t in ts {
+        assert_eq!(a.outcome(&t).unwrap().unwrap(), CHUNK as u64 + 1);
+    }
+}
