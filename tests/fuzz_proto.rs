@@ -22,8 +22,8 @@ use uccl_tcpx::proto::{Capability, ChannelHello, Control, FifoItem, FrameHeader,
 
 /// `proto::FRAME_HEADER_LEN` is crate-private; `FrameHeader::to_bytes` pins the same number.
 const HEADER_LEN: usize = 8;
-/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 4.
-const VERSION: u16 = 4;
+/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 5.
+const VERSION: u16 = 5;
 const CHANNEL_HELLO_LEN: usize = 16;
 const FIFO_LEN: usize = 64;
 /// Protocol limits (crate-private in `proto`); `limits_match_the_codec` checks each against the codec.

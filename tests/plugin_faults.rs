@@ -68,7 +68,7 @@ fn a_dropped_plugin_connection_fails_the_transfer_with_the_plugins_words() {
 #[test]
 #[ignore = "run by its parent with FAKE_TCPX_FAULT set"]
 fn child_dropped_connection() {
-    // The handshake's ChannelHello is each comm's first request; the eighth chunk drops the link.
+    // Each comm's eighth chunk drops the link (setup moves no bytes over plugin comms).
     let (sent, received, took) = transfer_outcomes(config(Duration::from_secs(20)));
     let errors = [sent.expect_err("send fails"), received.expect_err("receive fails")];
     println!("outcomes after {took:?}: {errors:?}");

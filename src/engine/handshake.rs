@@ -1,7 +1,8 @@
 //! Connection setup: the versioned handshake on the control stream, then the channels. Both sides
 //! listen for their receive direction and connect their send direction at once, polling connect and
-//! accept together (plugin transports complete both asynchronously), and every data comm opens with
-//! a ChannelHello that names its channel, so accept order does not matter.
+//! accept together (plugin transports complete both asynchronously). Channels pair by handle order
+//! when each has its own listen, else by a ChannelHello that opens every data comm, so accept order
+//! does not matter.
 //!
 //! Channel `i` listens and connects on the transport's device for `i`. A transport whose listen comm
 //! serves one accept (TCPX) needs a listen per channel: Hello and Welcome carry channel 0's handle,
@@ -231,14 +232,21 @@ pub fn gpu_matches(requested: &str, index: i32, id: &str) -> bool {
     requested.eq_ignore_ascii_case(id) || requested.parse::<i32>().is_ok_and(|i| i == index)
 }
 
-struct Pending<C> {
-    comm: C,
+/// A channel hello in flight: its boxed buffer stays put until the request finished.
+struct HelloIo {
     buf: Box<[u8; 16]>,
     req: RequestId,
 }
 
 /// Opens `n` send comms to the peer's handles and accepts `n` receive comms on `listens`, pairing
-/// them into channels by the ChannelHello each carries. Bounded by `deadline`.
+/// them into channels. Bounded by `deadline`.
+///
+/// With a listen per channel the pairing is the handle order itself: channel `i` connects to the
+/// peer's `i`-th handle, and whatever the `i`-th listen accepts is channel `i`, so no byte moves
+/// before the channels exist. That matters for TCPX, whose receive comms are flow-steered into GPU
+/// memory at accept and cannot take a host-memory receive. A listen shared by every channel (the
+/// socket transport) accepts in any order: each send comm then opens with a ChannelHello naming its
+/// channel and the session's nonce.
 pub fn establish_channels(
     local: &Local,
     listens: &mut Listens,
@@ -253,10 +261,13 @@ pub fn establish_channels(
         return Err(Error::backend(format!("internal: {} peer handles for {n} channels", handles.len())));
     }
     let shared_listen = !net.listen_per_channel();
+    if !shared_listen && listens.comms.len() != n {
+        return Err(Error::backend(format!("internal: {} listens for {n} channels", listens.comms.len())));
+    }
     let mut listen_done = vec![false; listens.comms.len()];
-    let mut sends: Vec<Option<Pending<Box<dyn SendComm>>>> = (0..n).map(|_| None).collect();
-    let mut sent = vec![false; n];
-    let mut accepted: Vec<Pending<Box<dyn RecvComm>>> = Vec::new();
+    let mut sends: Vec<Option<Box<dyn SendComm>>> = (0..n).map(|_| None).collect();
+    let mut hellos_out: Vec<Option<HelloIo>> = (0..n).map(|_| None).collect();
+    let mut accepted: Vec<(Box<dyn RecvComm>, HelloIo)> = Vec::new();
     let mut recvs: Vec<Option<Box<dyn RecvComm>>> = (0..n).map(|_| None).collect();
     loop {
         let mut moved = false;
@@ -265,11 +276,14 @@ pub fn establish_channels(
                 continue;
             }
             if let Some(mut comm) = net.connect(net.channel_device(i), &mut handles[i])? {
-                let buf = Box::new(ChannelHello { channel: i as u16, nonce: agreed.nonce }.to_bytes());
-                // SAFETY: `buf` is boxed and kept in the slot until the send is tested done.
-                let req = unsafe { comm.isend(buf.as_ptr(), buf.len(), MrHandle::NONE)? }
-                    .ok_or_else(|| Error::backend("a fresh comm has no free request slot"))?;
-                *slot = Some(Pending { comm, buf, req });
+                if shared_listen {
+                    let buf = Box::new(ChannelHello { channel: i as u16, nonce: agreed.nonce }.to_bytes());
+                    // SAFETY: `buf` is boxed and kept in `hellos_out` until the send is tested done.
+                    let req = unsafe { comm.isend(buf.as_ptr(), buf.len(), MrHandle::NONE)? }
+                        .ok_or_else(|| Error::backend("a fresh comm has no free request slot"))?;
+                    hellos_out[i] = Some(HelloIo { buf, req });
+                }
+                *slot = Some(comm);
                 moved = true;
             }
         }
@@ -283,32 +297,36 @@ pub fn establish_channels(
                 continue;
             }
             if let Some(mut comm) = listen.accept()? {
-                listen_done[j] = !shared_listen;
+                moved = true;
+                if !shared_listen {
+                    listen_done[j] = true;
+                    recvs[j] = Some(comm);
+                    continue;
+                }
                 let mut buf = Box::new([0u8; 16]);
                 // SAFETY: `buf` is boxed and kept with the comm until the receive is consumed.
                 let req = unsafe { comm.irecv(buf.as_mut_ptr(), buf.len(), MrHandle::NONE)? }
                     .ok_or_else(|| Error::backend("a fresh comm has no free request slot"))?;
-                accepted.push(Pending { comm, buf, req });
-                moved = true;
+                accepted.push((comm, HelloIo { buf, req }));
             }
         }
-        for (i, slot) in sends.iter_mut().enumerate() {
-            if let Some(p) = slot.as_mut().filter(|_| !sent[i])
-                && p.comm.test(p.req)?.is_some()
+        for (comm, hello) in sends.iter_mut().zip(hellos_out.iter_mut()) {
+            if let (Some(comm), Some(io)) = (comm, hello.as_ref())
+                && comm.test(io.req)?.is_some()
             {
-                sent[i] = true;
+                *hello = None;
                 moved = true;
             }
         }
         let mut i = 0;
         while i < accepted.len() {
-            let p = &mut accepted[i];
-            match p.comm.test(p.req)? {
+            let (comm, io) = &mut accepted[i];
+            match comm.test(io.req)? {
                 None => i += 1,
                 Some(size) => {
-                    let mut p = accepted.swap_remove(i);
-                    let hello = ChannelHello::from_bytes(&p.buf[..size.min(16)])?;
-                    p.comm.irecv_consumed(p.req)?;
+                    let (mut comm, io) = accepted.swap_remove(i);
+                    let hello = ChannelHello::from_bytes(&io.buf[..size.min(16)])?;
+                    comm.irecv_consumed(io.req)?;
                     let ch = hello.channel as usize;
                     if hello.nonce != agreed.nonce || ch >= n || recvs[ch].is_some() {
                         return Err(Error::backend(format!(
@@ -316,19 +334,20 @@ pub fn establish_channels(
                             hello.nonce == agreed.nonce
                         )));
                     }
-                    recvs[ch] = Some(p.comm);
+                    recvs[ch] = Some(comm);
                     moved = true;
                 }
             }
         }
-        if sent.iter().all(|s| *s) && recvs.iter().all(|r| r.is_some()) {
+        let ready = |s: &Option<Box<dyn SendComm>>, h: &Option<HelloIo>| s.is_some() && h.is_none();
+        let sent = sends.iter().zip(&hellos_out).filter(|(s, h)| ready(s, h)).count();
+        let received = recvs.iter().filter(|r| r.is_some()).count();
+        if sent == n && received == n {
             break;
         }
         if Instant::now() >= deadline {
             return Err(Error::timeout(format!(
-                "channel setup did not finish in time: {}/{n} send and {}/{n} receive comms ready",
-                sent.iter().filter(|s| **s).count(),
-                recvs.iter().filter(|r| r.is_some()).count()
+                "channel setup did not finish in time: {sent}/{n} send and {received}/{n} receive comms ready"
             )));
         }
         if !moved {
@@ -339,7 +358,7 @@ pub fn establish_channels(
     Ok(sends
         .into_iter()
         .zip(recvs)
-        .map(|(s, r)| Channel::new(s.expect("all sent").comm, r.expect("all accepted"), window, local.removals.clone()))
+        .map(|(s, r)| Channel::new(s.expect("all sent"), r.expect("all accepted"), window, local.removals.clone()))
         .collect())
 }
 
@@ -363,7 +382,87 @@ fn read_raw_frame(reader: &mut impl Read, body: &mut Vec<u8>, what: &str) -> Res
 
 #[cfg(test)]
 mod tests {
-    use super::gpu_matches;
+    use super::*;
+    use crate::engine::channel::Chunk;
+    use crate::engine::region::RegionTable;
+    use crate::transport::MemKind;
+    use crate::transport::plugin::{PluginNet, mock};
+
+    fn local<'a>(net: &'a dyn Net, removals: &Arc<AtomicU64>) -> Local<'a> {
+        Local {
+            net,
+            num_channels: 3,
+            chunk_size: 1 << 20,
+            gpu_index: 0,
+            gpu_id: "0",
+            window: 16,
+            removals: removals.clone(),
+        }
+    }
+
+    #[test]
+    fn plugin_channels_pair_by_handle_order_and_no_byte_moves_during_setup() {
+        // TCPX flow-steers a receive comm's sockets into GPU memory at accept: a host receive of a
+        // channel hello could never complete there. The mock counts every call per connection.
+        let net = PluginNet::with_plugin(mock::plugin(), None, None).unwrap();
+        let (n, table) = (3usize, RegionTable::default());
+        let removals = table.removals();
+        let mut sides: Vec<Listens> = (0..2)
+            .map(|_| {
+                let mut l = Listens::first(&local(&net, &removals)).unwrap();
+                l.open_rest(&local(&net, &removals), n).unwrap();
+                l
+            })
+            .collect();
+        let handles: Vec<Vec<NetHandle>> = sides.iter().map(|l| l.handles.clone()).collect();
+        let agreement = |peer: usize| Agreement {
+            num_channels: n as u16,
+            chunk_size: 1 << 20,
+            nonce: 7,
+            peer_gpu_index: 0,
+            peer_gpu_id: "0".into(),
+            peer_handles: handles[peer].clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (a_side, b_side) = sides.split_at_mut(1);
+        let (mut a, mut b) = std::thread::scope(|s| {
+            let a = s.spawn(|| establish_channels(&local(&net, &removals), &mut a_side[0], &agreement(1), deadline));
+            let b = s.spawn(|| establish_channels(&local(&net, &removals), &mut b_side[0], &agreement(0), deadline));
+            (a.join().unwrap().unwrap(), b.join().unwrap().unwrap())
+        });
+        for pair in handles.iter().flatten().map(mock::pair_of_handle) {
+            mock::pair(pair, |p| {
+                assert!(p.violations.is_empty(), "{:?}", p.violations);
+                let moved = ["irecv", "isend", "test"].map(|e| p.calls.get(e).copied().unwrap_or(0));
+                assert_eq!(moved, [0, 0, 0], "irecv, isend and test calls during setup");
+            });
+        }
+
+        // Channel i of one side reaches channel i of the other: each carries its own bytes.
+        let src: Vec<u8> = (0..n * 1000).map(|i| (i / 1000) as u8 + 1).collect();
+        let mut dst = vec![0u8; src.len()];
+        let smr = table.register(src.as_ptr() as usize, src.len(), MemKind::Host).unwrap();
+        let dmr = table.register(dst.as_mut_ptr() as usize, dst.len(), MemKind::Host).unwrap();
+        let (sreg, dreg) = (table.get(smr).unwrap(), table.get(dmr).unwrap());
+        for i in 0..n {
+            let off = i * 1000;
+            a[i].queue_send(Chunk { flow: 1, region: smr, addr: src.as_ptr() as usize + off, len: 1000 }, &sreg)
+                .unwrap();
+            let chunk = Chunk { flow: 1, region: dmr, addr: dst.as_mut_ptr() as usize + off, len: 1000 };
+            b[i].queue_recv(chunk, &dreg).unwrap();
+        }
+        let mut done = Vec::new();
+        for _ in 0..1000 {
+            for ch in a.iter_mut().chain(b.iter_mut()) {
+                ch.drive(&mut done).unwrap();
+            }
+            if done.len() == 2 * n {
+                break;
+            }
+        }
+        assert_eq!(done.len(), 2 * n, "every chunk finished");
+        assert_eq!(dst, src);
+    }
 
     #[test]
     fn gpu_identity_by_index_or_id() {

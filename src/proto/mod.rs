@@ -19,7 +19,7 @@ pub use handshake::{ChannelHello, Handshake, Hello, Refuse, Welcome};
 
 /// Protocol magic, the first field of Hello, Welcome and Refuse bodies.
 pub(crate) const MAGIC: u32 = 0x5854_4355;
-pub(crate) const PROTOCOL_VERSION: u16 = 4;
+pub(crate) const PROTOCOL_VERSION: u16 = 5;
 pub(crate) const NET_HANDLE_SIZE: usize = 128;
 /// Notification name bytes, NUL terminator excluded.
 pub(crate) const MAX_NAME_LEN: usize = 255;

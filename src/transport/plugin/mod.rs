@@ -17,7 +17,7 @@ pub mod logger;
 pub mod unpack;
 
 #[cfg(test)]
-mod mock;
+pub(crate) mod mock;
 #[cfg(test)]
 mod tests;
 
