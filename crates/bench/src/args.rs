@@ -1,13 +1,22 @@
-//! Command-line options (hand-parsed: a handful of flags does not justify a parser dependency).
+//! Command-line options, declared once for clap: parsing, `--help` and the errors for bad values
+//! come from the declarations below; the rules between flags are checked after parsing.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+use clap::error::ErrorKind;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Op {
+    /// One-sided write into the server's registered buffer
     Write,
+    /// One-sided read from the server's registered buffer
     Read,
+    /// Two-sided send, the server posting the receive
     Send,
-    /// Round trips over the socket transport's comms alone, in this process (no engine).
+    /// Round trips over the socket transport's comms alone, in this process (no engine)
     Transport,
 }
 
@@ -20,194 +29,155 @@ impl Op {
             Op::Transport => "transport",
         }
     }
-
-    pub fn parse(s: &str) -> Result<Op, String> {
-        match s {
-            "write" => Ok(Op::Write),
-            "read" => Ok(Op::Read),
-            "send" => Ok(Op::Send),
-            "transport" => Ok(Op::Transport),
-            _ => Err(format!("unknown op {s:?} (write, read, send, transport)")),
-        }
-    }
 }
 
 /// Where the transferred buffers live. Raw TCP baselines always use host memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Device {
+    /// Host buffers
     Cpu,
+    /// Device buffers (cuMemAlloc), staged through pinned host memory by the socket transport
     Gpu,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Role {
-    /// Both ends on this host, the server end in a child process.
+    /// Both ends on this host, the server end in a child process
     Loopback,
+    /// Wait for a client on --port
     Server,
+    /// Connect to the server at --remote-ip:--port
     Client,
-}
-
-#[derive(Clone, Debug)]
-pub struct Args {
-    pub role: Role,
-    pub remote_ip: Option<String>,
-    /// The bench's own control port (server listens, client connects); 0 = any (loopback).
-    pub port: u16,
-    pub ops: Vec<Op>,
-    pub sizes: Vec<usize>,
-    pub iters: Option<usize>,
-    pub depth: usize,
-    pub channels: Option<u16>,
-    pub num_iovs: usize,
-    pub json: bool,
-    pub plot: Option<PathBuf>,
-    /// The JSON results written to this file as well, next to the tables.
-    pub json_file: Option<PathBuf>,
-    pub baseline: bool,
-    pub device: Device,
-    /// CUDA ordinal of this end's buffers with `--device gpu`.
-    pub gpu: i32,
-    /// The loopback server child's GPU; unset: chosen once the GPUs are counted.
-    pub peer_gpu: Option<i32>,
-    /// Server started by a loopback parent: print the chosen port on stdout.
-    pub announce: bool,
-    /// Run this process on these CPUs only.
-    pub cpus: Option<Vec<usize>>,
-    /// Loopback: the server on the first half of the CPUs, the client on the second.
-    pub split_cores: bool,
 }
 
 pub const DEFAULT_PORT: u16 = 19_971;
 
-pub const USAGE: &str = "\
-usage: uccl-tcpx-bench [--loopback | --role server|client --remote-ip IP] [--port P]
-                       [--ops write,read,send,transport] [--sizes 8,4K,1M,...] [--iters N] [--depth N]
-                       [--channels N] [--num-iovs N] [--device cpu|gpu] [--gpu N] [--peer-gpu N]
-                       [--json] [--json-file FILE] [--plot FILE.png] [--no-baseline]
-                       [--cpus LIST] [--split-cores]
-  --loopback (default)  both ends on this host: the server end runs as a child process
-  --role server         wait for a client on --port (default 19971)
-  --role client         connect to the server at --remote-ip:--port
-  --ops                 write, read (one-sided), send (two-sided); transport = the socket transport's
-                        comms alone, in-process round trips (default write,read,send)
-  --sizes               message sizes, K/M/G suffixes (default 8 B to 256 MiB in powers of 4)
-  --iters               transfers per size (default: about 512 MiB worth, 8 to 2000)
-  --depth               transfers in flight (default 1: the latency column is a round trip)
-  --channels            data channels per connection (default UCCL_TCPX_NUM_CHANNELS, else 2; 4 from 16 cores)
-  --num-iovs            pieces each transfer is split into (one-sided: iovecs; send: messages)
-  --device              cpu (default): host buffers; gpu: device buffers (cuMemAlloc), staged through
-                        pinned host memory by the socket transport; baselines stay host-memory raw TCP
-  --gpu N               this end's GPU with --device gpu (default 0)
-  --peer-gpu N          the loopback server's GPU (default: the next GPU if there are 2+, else the same)
-  --json                machine-readable results on stdout instead of the tables
-  --json-file FILE      also write the JSON results to FILE
-  --plot FILE.png       GB/s against size, ours and the raw TCP baseline
-  --no-baseline         skip the raw TCP baselines
-  --cpus LIST           run this process on these CPUs only (taskset's form: 0-7,12)
-  --split-cores         loopback: the server on the first half of the CPUs, the client on the second,
-                        as two hosts would be (sharing cores lets a receiver copy cache-hot data on
-                        its sender's core, raw TCP most of all)
-Socket transport knobs (UCCL_TCPX_SOCKET_NTHREADS, ...) are read from the environment on each side.";
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "uccl-tcpx-bench",
+    about = "Transfer benchmark over uccl-tcpx's socket transport, with raw TCP baselines measured in the same run",
+    // A repeated flag takes its last value, so a script can append an override to a base command.
+    args_override_self = true,
+    after_help = "Socket transport knobs (UCCL_TCPX_SOCKET_NTHREADS, ...) are read from the environment on each side."
+)]
+pub struct Args {
+    /// Both ends on this host, the server end as a child process (the default; same as --role loopback)
+    // Read by clap alone: overriding --role resets it to its default, loopback, so `role` is the answer.
+    #[arg(long, overrides_with = "role")]
+    loopback: bool,
+    /// Which end this process runs
+    #[arg(long, value_enum, default_value_t = Role::Loopback, overrides_with = "loopback")]
+    pub role: Role,
+    /// The server's address, for --role client
+    #[arg(long, value_name = "IP", required_if_eq("role", "client"))]
+    pub remote_ip: Option<String>,
+    /// The bench's own control port (the server listens, the client connects); a loopback run takes
+    /// any free port unless one is given
+    #[arg(long, value_name = "P", default_value_t = DEFAULT_PORT)]
+    pub port: u16,
+    /// Operations to measure, comma-separated
+    // Set, not clap's default Append for lists: a repeated --ops replaces the list, as other flags do.
+    #[arg(long, value_enum, value_name = "LIST", value_delimiter = ',', action = clap::ArgAction::Set, default_values_t = [Op::Write, Op::Read, Op::Send])]
+    pub ops: Vec<Op>,
+    /// Message sizes, comma-separated, with K/M/G suffixes [default: 8 B to 256 MiB in powers of 4]
+    #[arg(long, value_name = "LIST", value_delimiter = ',', action = clap::ArgAction::Set, value_parser = size, default_values_t = default_sizes(), hide_default_value = true)]
+    pub sizes: Vec<usize>,
+    /// Transfers per size [default: about 512 MiB worth, 8 to 2000]
+    #[arg(long, value_name = "N", value_parser = positive)]
+    pub iters: Option<usize>,
+    /// Transfers in flight (1: the latency column is a round trip)
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = positive)]
+    pub depth: usize,
+    /// Data channels per connection [default: UCCL_TCPX_NUM_CHANNELS, else 2; 4 from 16 cores]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub channels: Option<u16>,
+    /// Pieces each transfer is split into (one-sided: iovecs; send: messages)
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = positive)]
+    pub num_iovs: usize,
+    /// Machine-readable results on stdout instead of the tables
+    #[arg(long)]
+    pub json: bool,
+    /// GB/s against size, ours and the raw TCP baseline, as a PNG chart
+    #[arg(long, value_name = "FILE.png")]
+    pub plot: Option<PathBuf>,
+    /// Also write the JSON results to FILE, next to the tables
+    #[arg(long, value_name = "FILE")]
+    pub json_file: Option<PathBuf>,
+    /// Skip the raw TCP baselines
+    #[arg(long = "no-baseline", action = clap::ArgAction::SetFalse)]
+    pub baseline: bool,
+    /// Where the transferred buffers live; the baselines stay host-memory raw TCP
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
+    /// This end's GPU with --device gpu
+    // Negative numbers reach the parser, which says what an ordinal is, instead of reading as a flag.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = ordinal, allow_negative_numbers = true)]
+    pub gpu: i32,
+    /// The loopback server's GPU with --device gpu [default: the next GPU if there are 2+, else the same]
+    #[arg(long, value_name = "N", value_parser = ordinal, allow_negative_numbers = true)]
+    pub peer_gpu: Option<i32>,
+    /// Server started by a loopback parent: print the chosen port on stdout.
+    #[arg(long, hide = true)]
+    pub announce: bool,
+    /// Run this process on these CPUs only (taskset's form: 0-7,12)
+    // The full path keeps clap from reading the list as a flag given once per CPU.
+    #[arg(long, value_name = "LIST", value_parser = crate::cpus::parse)]
+    pub cpus: Option<::std::vec::Vec<usize>>,
+    /// Loopback: the server on the first half of the CPUs, the client on the second, as two hosts
+    /// would be (sharing cores lets a receiver copy cache-hot data on its sender's core, raw TCP most
+    /// of all)
+    #[arg(long)]
+    pub split_cores: bool,
+}
 
 impl Args {
-    pub fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
-        let mut a = Args {
-            role: Role::Loopback,
-            remote_ip: None,
-            port: DEFAULT_PORT,
-            ops: vec![Op::Write, Op::Read, Op::Send],
-            sizes: default_sizes(),
-            iters: None,
-            depth: 1,
-            channels: None,
-            num_iovs: 1,
-            json: false,
-            plot: None,
-            json_file: None,
-            baseline: true,
-            device: Device::Cpu,
-            gpu: 0,
-            peer_gpu: None,
-            announce: false,
-            cpus: None,
-            split_cores: false,
-        };
-        let mut port_given = false;
-        while let Some(flag) = it.next() {
-            let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"));
-            match flag.as_str() {
-                "--loopback" => a.role = Role::Loopback,
-                "--role" => {
-                    a.role = match value()?.as_str() {
-                        "server" => Role::Server,
-                        "client" => Role::Client,
-                        "loopback" => Role::Loopback,
-                        other => return Err(format!("unknown role {other:?} (server, client, loopback)")),
-                    }
-                }
-                "--remote-ip" => a.remote_ip = Some(value()?),
-                "--port" => {
-                    a.port = value()?.parse().map_err(|_| "--port needs a port number".to_string())?;
-                    port_given = true;
-                }
-                "--ops" => a.ops = value()?.split(',').map(Op::parse).collect::<Result<_, _>>()?,
-                "--sizes" => a.sizes = value()?.split(',').map(size).collect::<Result<_, _>>()?,
-                "--iters" => a.iters = Some(number(&value()?)?),
-                "--depth" => a.depth = number(&value()?)?,
-                "--channels" => {
-                    let n = number(&value()?)?;
-                    a.channels = Some(u16::try_from(n).map_err(|_| format!("--channels {n} is out of range"))?);
-                }
-                "--num-iovs" => a.num_iovs = number(&value()?)?,
-                "--device" => {
-                    a.device = match value()?.as_str() {
-                        "cpu" => Device::Cpu,
-                        "gpu" => Device::Gpu,
-                        other => return Err(format!("unknown device {other:?} (cpu, gpu)")),
-                    }
-                }
-                "--gpu" => a.gpu = ordinal("--gpu", &value()?)?,
-                "--peer-gpu" => a.peer_gpu = Some(ordinal("--peer-gpu", &value()?)?),
-                "--json-file" => a.json_file = Some(PathBuf::from(value()?)),
-                "--json" => a.json = true,
-                "--plot" => a.plot = Some(PathBuf::from(value()?)),
-                "--no-baseline" => a.baseline = false,
-                "--announce" => a.announce = true,
-                "--cpus" => a.cpus = Some(crate::cpus::parse(&value()?)?),
-                "--split-cores" => a.split_cores = true,
-                "-h" | "--help" => return Err(USAGE.into()),
-                other => return Err(format!("unknown option {other}\n{USAGE}")),
-            }
-        }
-        if a.role == Role::Loopback && !port_given {
+    /// Parses a command line, program name first, and checks the rules between flags; the error
+    /// prints as clap's (`Error::exit`).
+    pub fn try_from_args<I, T>(argv: I) -> Result<Args, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let mut command = Args::command();
+        let matches = command.try_get_matches_from_mut(argv)?;
+        let mut a = Args::from_arg_matches(&matches).map_err(|e| e.format(&mut command))?;
+        if a.role == Role::Loopback && matches.value_source("port") == Some(ValueSource::DefaultValue) {
             a.port = 0;
         }
-        if a.role == Role::Client && a.remote_ip.is_none() {
-            return Err(format!("--role client needs --remote-ip\n{USAGE}"));
-        }
-        if a.ops.is_empty() || a.sizes.is_empty() || a.depth == 0 || a.iters == Some(0) || a.channels == Some(0) {
-            return Err(format!("ops, sizes, depth, channels and iters must be non-empty / positive\n{USAGE}"));
-        }
-        if a.device == Device::Gpu && a.ops.contains(&Op::Transport) {
-            return Err("--ops transport measures the socket transport on host memory alone; \
-                        leave it out with --device gpu"
-                .into());
-        }
-        if a.split_cores && a.role != Role::Loopback {
-            return Err("--split-cores applies to --loopback only (two hosts have their own cores)".into());
-        }
-        if a.peer_gpu.is_some() && (a.role != Role::Loopback || a.device != Device::Gpu) {
-            return Err("--peer-gpu applies to --loopback --device gpu only (a separate server takes \
-                        --device gpu --gpu N itself)"
-                .into());
-        }
-        if a.num_iovs == 0 || a.sizes.iter().any(|&s| s < a.num_iovs) {
-            return Err(format!("--num-iovs must be at least 1 and at most the smallest size\n{USAGE}"));
-        }
-        if a.sizes.iter().any(|&s| s > u32::MAX as usize / a.depth) {
-            return Err("sizes times depth must stay below 4 GiB (the advertised window's limit)".into());
-        }
+        a.check().map_err(|(kind, msg)| command.error(kind, msg))?;
         Ok(a)
+    }
+
+    fn check(&self) -> Result<(), (ErrorKind, &'static str)> {
+        if self.device == Device::Gpu && self.ops.contains(&Op::Transport) {
+            return Err((
+                ErrorKind::ArgumentConflict,
+                "--ops transport measures the socket transport on host memory alone; leave it out with --device gpu",
+            ));
+        }
+        if self.split_cores && self.role != Role::Loopback {
+            return Err((
+                ErrorKind::ArgumentConflict,
+                "--split-cores applies to --loopback only (two hosts have their own cores)",
+            ));
+        }
+        if self.peer_gpu.is_some() && (self.role != Role::Loopback || self.device != Device::Gpu) {
+            return Err((
+                ErrorKind::ArgumentConflict,
+                "--peer-gpu applies to --loopback --device gpu only (a separate server takes --device gpu --gpu N \
+                 itself)",
+            ));
+        }
+        if self.sizes.iter().any(|&s| s < self.num_iovs) {
+            return Err((ErrorKind::ValueValidation, "--num-iovs must be at most the smallest size"));
+        }
+        if self.sizes.iter().any(|&s| s > u32::MAX as usize / self.depth) {
+            return Err((
+                ErrorKind::ValueValidation,
+                "sizes times depth must stay below 4 GiB (the advertised window's limit)",
+            ));
+        }
+        Ok(())
     }
 
     /// Transfers for one size: the flag, else about 512 MiB worth, 8 to 2000.
@@ -236,23 +206,26 @@ pub fn default_sizes() -> Vec<usize> {
     v
 }
 
-fn number(s: &str) -> Result<usize, String> {
-    s.parse().map_err(|_| format!("{s:?} is not a number"))
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse() {
+        Ok(0) | Err(_) => Err("expected a whole number of at least 1".into()),
+        Ok(n) => Ok(n),
+    }
 }
 
-fn ordinal(flag: &str, s: &str) -> Result<i32, String> {
-    s.parse::<u16>().map(i32::from).map_err(|_| format!("{flag} needs a GPU ordinal (0, 1, ...), not {s:?}"))
+fn ordinal(s: &str) -> Result<i32, String> {
+    s.parse::<u16>().map(i32::from).map_err(|_| "expected a GPU ordinal (0, 1, ...)".into())
 }
 
-pub fn size(s: &str) -> Result<usize, String> {
+fn size(s: &str) -> Result<usize, String> {
     let (digits, unit) = match s.as_bytes().last() {
         Some(b'K' | b'k') => (&s[..s.len() - 1], 1 << 10),
         Some(b'M' | b'm') => (&s[..s.len() - 1], 1 << 20),
         Some(b'G' | b'g') => (&s[..s.len() - 1], 1 << 30),
         _ => (s, 1),
     };
-    match number(digits)?.checked_mul(unit) {
-        Some(0) | None => Err(format!("{s:?} is not a positive size")),
+    match digits.parse::<usize>().ok().and_then(|n| n.checked_mul(unit)) {
+        Some(0) | None => Err("expected a positive size: bytes, or a number with K, M or G".into()),
         Some(n) => Ok(n),
     }
 }
@@ -261,8 +234,13 @@ pub fn size(s: &str) -> Result<usize, String> {
 mod tests {
     use super::*;
 
-    fn parse(s: &str) -> Result<Args, String> {
-        Args::parse(s.split_whitespace().map(String::from))
+    fn parse(s: &str) -> Result<Args, clap::Error> {
+        Args::try_from_args(std::iter::once("uccl-tcpx-bench").chain(s.split_whitespace()))
+    }
+
+    #[test]
+    fn the_declarations_are_consistent() {
+        Args::command().debug_assert();
     }
 
     #[test]
@@ -270,10 +248,12 @@ mod tests {
         let d = parse("").unwrap();
         assert_eq!(d.ops, vec![Op::Write, Op::Read, Op::Send]);
         assert_eq!((d.role, d.port, d.depth, d.num_iovs), (Role::Loopback, 0, 1, 1));
+        assert_eq!(d.sizes, default_sizes());
         assert_eq!(d.sizes.first(), Some(&8));
         assert_eq!(d.sizes.last(), Some(&(256 << 20)));
         assert!(d.sizes.windows(2).all(|w| w[0] < w[1]));
-        assert!(d.baseline);
+        assert!(d.baseline && !d.json && !d.announce);
+        assert_eq!((d.iters, d.channels, d.plot.as_deref(), d.json_file.as_deref()), (None, None, None, None));
         let a = parse(
             "--role client --remote-ip 10.0.0.2 --ops read,send --sizes 1K,2M,1G,7 --depth 2 --channels 4 \
              --iters 9 --num-iovs 3 --json --plot x.png --no-baseline",
@@ -289,32 +269,46 @@ mod tests {
         assert_eq!((d.cpus.as_deref(), d.split_cores), (None, false));
         let p = parse("--cpus 0-2,5 --split-cores").unwrap();
         assert_eq!((p.cpus.as_deref(), p.split_cores), (Some(&[0usize, 1, 2, 5][..]), true));
+        assert_eq!(parse("--port 5000").unwrap().port, 5000, "a loopback run keeps a port it was given");
+        assert_eq!(parse("--role server").unwrap().port, DEFAULT_PORT);
     }
 
     #[test]
-    fn rejects_bad_input() {
+    fn the_last_of_a_repeated_or_competing_flag_wins() {
+        let a = parse("--depth 2 --depth 3 --sizes 1K,2K --sizes 8 --ops write --ops read,send").unwrap();
+        assert_eq!((a.depth, a.sizes, a.ops), (3, vec![8], vec![Op::Read, Op::Send]));
+        assert_eq!(parse("--role server --loopback").unwrap().role, Role::Loopback);
+        assert_eq!(parse("--loopback --role server").unwrap().role, Role::Server);
+        assert_eq!(parse("--role server --role loopback").unwrap().role, Role::Loopback);
+    }
+
+    #[test]
+    fn rejects_bad_input_with_clap_usage_errors() {
         for bad in [
             "--ops fly",
+            "--ops",
             "--sizes 0",
             "--sizes 4X",
+            "--sizes 8,,16",
             "--depth 0",
+            "--depth -1",
             "--iters",
+            "--iters 0",
             "--bogus",
             "--sizes 99999999999999999999G",
+            "--sizes 16E",
             "--role client",
             "--role nope",
+            "--port 70000",
             "--num-iovs 0",
             "--sizes 4 --num-iovs 8",
             "--channels 70000",
+            "--channels 0",
             "--sizes 3G --depth 2",
             "--cpus",
             "--cpus 3-1",
             "--split-cores --role server",
             "--split-cores --role client --remote-ip 10.0.0.2",
-        ] {
-            assert!(parse(bad).is_err(), "{bad}");
-        }
-        for bad in [
             "--device tpu",
             "--device",
             "--gpu -1",
@@ -323,8 +317,92 @@ mod tests {
             "--peer-gpu 1",
             "--device gpu --peer-gpu 1 --role server",
             "--device gpu --ops write,transport",
+            "stray",
         ] {
-            assert!(parse(bad).is_err(), "{bad}");
+            let e = parse(bad).err().unwrap_or_else(|| panic!("{bad} was accepted"));
+            assert_eq!(e.exit_code(), 2, "{bad}: a usage error ({e})");
+            assert!(e.to_string().starts_with("error: "), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_flag_and_the_rule() {
+        let says = |bad: &str, want: &str| {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains(want), "{bad}: {e}");
+        };
+        says("--ops fly", "[possible values: write, read, send, transport]");
+        says("--sizes 4X", "'--sizes <LIST>'");
+        says("--gpu -1", "expected a GPU ordinal");
+        says("--role client", "--remote-ip <IP>");
+        says("--channels 70000", "70000 is not in 1..=65535");
+        says("--cpus 3-1", "ranges like 0-7,12");
+        says("--sizes 4 --num-iovs 8", "--num-iovs must be at most the smallest size");
+        says("--device gpu --ops transport", "leave it out with --device gpu");
+        says("--bogus", "unexpected argument '--bogus'");
+    }
+
+    #[test]
+    fn help_lists_every_flag_but_the_internal_one() {
+        let e = parse("--help").unwrap_err();
+        assert_eq!((e.kind(), e.exit_code()), (ErrorKind::DisplayHelp, 0));
+        let help = e.to_string();
+        for flag in [
+            "--loopback",
+            "--role",
+            "--remote-ip",
+            "--port",
+            "--ops",
+            "--sizes",
+            "--iters",
+            "--depth",
+            "--channels",
+            "--num-iovs",
+            "--json",
+            "--plot",
+            "--json-file",
+            "--no-baseline",
+            "--device",
+            "--gpu",
+            "--peer-gpu",
+            "--cpus",
+            "--split-cores",
+            "--help",
+        ] {
+            assert!(help.split_whitespace().any(|w| w == flag), "{flag} in {help}");
+        }
+        assert!(!help.contains("--announce"), "{help}");
+        assert!(help.contains("[default: 19971]") && help.contains("UCCL_TCPX_SOCKET_NTHREADS"), "{help}");
+    }
+
+    #[test]
+    fn command_lines_from_the_readme_scripts_and_docs_parse() {
+        for line in [
+            "--role server --port 19971",
+            "--role client --remote-ip 10.0.0.2 --port 19971",
+            "--ops write --sizes 64M --channels 4 --depth 2",
+            "--ops transport --sizes 8,4K",
+            "--json",
+            "--plot run.png",
+            "--iters 5 --num-iovs 4 --no-baseline --json-file run.json --cpus 0-7,12",
+            "--split-cores",
+            "--device gpu --gpu 1 --peer-gpu 0",
+            "--role server --device gpu --gpu 1",
+            // scripts/gpu_bench.sh, one layout of each shape
+            "--device gpu --channels 8 --depth 4 --ops write,read,send --sizes 8,4K,64K,1M,16M,64M,256M \
+             --json-file out/bench-gpu-ch8-depth4.json",
+            "--device cpu --channels 4 --ops write,read,send --sizes 8,4K,64K,1M,16M,64M,256M --json-file x.json",
+            // scripts/diag/thread_cpu.py
+            "--ops write --sizes 64M --iters 2500 --no-baseline",
+            // docs/PERFORMANCE.md
+            "--ops write,read,send,transport --sizes 8,4K --iters 5000",
+            "--loopback --ops write --device gpu --sizes 512K,4M,64M --no-baseline",
+            "--sizes 128K,256K,512K,1M,4M,64M --ops write,read",
+            "--ops write,read --sizes 64M --depth 4 --iters 16 --channels 8",
+        ] {
+            if let Err(e) = parse(line) {
+                panic!("{line}: {e}");
+            }
         }
     }
 
@@ -343,5 +421,14 @@ mod tests {
         assert!(same.ends_with("--device gpu --gpu 2"), "unresolved peer: same GPU ({same})");
         let server = parse("--role server --device gpu --gpu 1").unwrap();
         assert_eq!((server.role, server.device, server.gpu), (Role::Server, Device::Gpu, 1));
+    }
+
+    #[test]
+    fn a_server_child_parses_what_its_parent_hands_it() {
+        let parent = parse("--device gpu --gpu 1 --peer-gpu 0 --channels 3").unwrap();
+        let argv = std::iter::once("uccl-tcpx-bench".to_string()).chain(parent.server_child_args());
+        let child = Args::try_from_args(argv).unwrap();
+        assert_eq!((child.role, child.port, child.announce), (Role::Server, 0, true));
+        assert_eq!((child.device, child.gpu, child.channels), (Device::Gpu, 0, Some(3)));
     }
 }

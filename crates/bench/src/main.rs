@@ -26,7 +26,8 @@ fn fail(msg: &str) -> ! {
 }
 
 fn main() {
-    let mut args = Args::parse(std::env::args().skip(1)).unwrap_or_else(|e| fail(&e));
+    // Usage errors print as clap's and exit with 2; failures of the run itself exit with 1.
+    let mut args = Args::try_from_args(std::env::args_os()).unwrap_or_else(|e| e.exit());
     // Before anything starts a thread: later threads inherit the set.
     let split = place(&args).unwrap_or_else(|e| fail(&e));
     // Checked before any process or connection exists, so a host without CUDA gets one clear line.

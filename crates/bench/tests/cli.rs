@@ -53,10 +53,26 @@ fn gpu_runs_or_says_it_needs_a_driver() {
 }
 
 #[test]
-fn bad_gpu_flags_are_refused_before_anything_runs() {
-    for args in [&["--gpu", "-1"][..], &["--peer-gpu", "1"], &["--device", "gpu", "--ops", "transport"]] {
+fn bad_flags_are_usage_errors_before_anything_runs() {
+    for args in [
+        &["--gpu", "-1"][..],
+        &["--peer-gpu", "1"],
+        &["--device", "gpu", "--ops", "transport"],
+        &["--sizes", "4X"],
+        &["--bogus"],
+    ] {
         let out = bench(args);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
-        assert!(!text(&out).contains("panicked"), "{args:?}");
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.starts_with("error: ") && err.contains("--help"), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}: nothing ran");
     }
+}
+
+#[test]
+fn help_goes_to_stdout_and_succeeds() {
+    let out = bench(&["--help"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("Usage: uccl-tcpx-bench [OPTIONS]") && help.contains("--split-cores"), "{help}");
 }

@@ -9,13 +9,12 @@
 //! writes to mapped host memory, or through an event) and persistent mode (resident kernel,
 //! doorbell and completion word in mapped host memory) side by side, with anchors that split the
 //! launch-mode time into planning, launch and completion detection.
-//!
-//! Usage: unpack_bench [--reps N] [--latency-iters N]
 
 use std::ffi::{CString, c_void};
 use std::sync::Arc;
 use std::time::Instant;
 
+use clap::Parser;
 use cudarc::driver::{CudaContext, CudaFunction, result, sys};
 use cudarc::nvrtc;
 use uccl_tcpx::cuda::unpack::{
@@ -23,6 +22,19 @@ use uccl_tcpx::cuda::unpack::{
     UnpackMode, Unpacker, UnpackerConfig, plan_receive,
 };
 use uccl_tcpx::transport::plugin::abi::LoadMeta;
+
+/// GPU unpack kernel against a device memcpy and an NCCL-style unpack, then the latency a 512 KiB
+/// receive adds in launch and persistent mode.
+#[derive(Parser)]
+#[command(name = "unpack_bench")]
+struct Options {
+    /// Back-to-back repetitions per timed kernel (a quarter of it above 8 MiB; at least 10)
+    #[arg(long, value_name = "N", default_value_t = 400, value_parser = clap::value_parser!(u32).range(1..))]
+    reps: u32,
+    /// Receives timed one at a time in each latency measurement
+    #[arg(long, value_name = "N", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..))]
+    latency_iters: u32,
+}
 
 const POOL_BYTES: usize = 256 << 20;
 const CHUNK: usize = 512 << 10;
@@ -502,18 +514,8 @@ fn event_done(event: sys::CUevent) -> bool {
 }
 
 fn main() {
-    let mut reps = 400usize;
-    let mut latency_iters = 5000usize;
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let mut value =
-            || args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| fail(&format!("{flag} needs a number")));
-        match flag.as_str() {
-            "--reps" => reps = value(),
-            "--latency-iters" => latency_iters = value(),
-            _ => fail(&format!("unknown option {flag} (use --reps N, --latency-iters N)")),
-        }
-    }
+    let options = Options::parse();
+    let (reps, latency_iters) = (options.reps as usize, options.latency_iters as usize);
     if !uccl_tcpx::cuda::available() {
         println!("SKIPPED: no CUDA driver");
         return;
