@@ -107,7 +107,8 @@ fn client_and_report(args: &Args, ip: IpAddr, port: u16, mode: &str) {
         progress.redraw();
     })
     .unwrap_or_else(|e| fail(&format!("client: {e}")));
-    let json = report::json(&info, mode, &points);
+    let json =
+        report::json(&info, mode, &points).unwrap_or_else(|e| fail(&format!("cannot write the JSON report: {e}")));
     if let Some(path) = &args.json_file {
         std::fs::write(path, format!("{json}\n"))
             .unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", path.display())));

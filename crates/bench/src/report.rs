@@ -2,9 +2,16 @@
 
 use std::time::Duration;
 
+use serde::Serialize;
+
 use crate::args::Op;
 
+/// The run's setup; its field names are the JSON report's (scripts/gpu_bench.sh reads them).
+#[derive(Serialize)]
 pub struct RunInfo {
+    /// Each end's memory as [`crate::memory::BenchMemory::describe`] names it.
+    pub client_memory: String,
+    pub server_memory: String,
     pub channels: u16,
     pub sockets_per_comm: usize,
     pub threads_per_comm: usize,
@@ -12,9 +19,6 @@ pub struct RunInfo {
     pub depth: usize,
     pub num_iovs: usize,
     pub chunk_size: u32,
-    /// Each end's memory as [`crate::memory::BenchMemory::describe`] names it.
-    pub client_memory: String,
-    pub server_memory: String,
 }
 
 impl RunInfo {
@@ -163,47 +167,66 @@ pub fn summary(points: &[Point]) -> String {
     s
 }
 
-pub fn json(info: &RunInfo, mode: &str, points: &[Point]) -> String {
-    let opt = |v: Option<f64>| v.map(|x| format!("{x:.6}")).unwrap_or_else(|| "null".into());
-    let mut s = format!(
-        "{{\"mode\":\"{mode}\",\"device\":\"{}\",\"client_memory\":\"{}\",\"server_memory\":\"{}\",\"channels\":{},\"sockets_per_comm\":{},\"threads_per_comm\":{},\"raw_streams\":{},\
-         \"depth\":{},\"num_iovs\":{},\"chunk_size\":{},\"results\":[",
-        if info.on_gpu() { "gpu" } else { "cpu" },
-        info.client_memory,
-        info.server_memory,
-        info.channels,
-        info.sockets_per_comm,
-        info.threads_per_comm,
-        info.raw_streams,
-        info.depth,
-        info.num_iovs,
-        info.chunk_size
-    );
-    for (i, p) in points.iter().enumerate() {
-        if i > 0 {
-            s.push(',');
+/// The JSON report: the run's setup, then one entry per point. Field names are the interface
+/// (scripts/gpu_bench.sh and the docs read them).
+#[derive(Serialize)]
+struct JsonReport<'a> {
+    mode: &'a str,
+    device: &'static str,
+    #[serde(flatten)]
+    info: &'a RunInfo,
+    results: Vec<JsonPoint>,
+}
+
+/// One point in the JSON report; the baseline fields are null where no baseline ran.
+#[derive(Serialize)]
+struct JsonPoint {
+    op: &'static str,
+    size: usize,
+    iters: usize,
+    gbps: f64,
+    gb_per_s: f64,
+    avg_us: f64,
+    p50_us: f64,
+    p99_us: f64,
+    raw_gb_per_s: Option<f64>,
+    bw_ratio: Option<f64>,
+    raw_msg_gb_per_s: Option<f64>,
+    msg_ratio: Option<f64>,
+    raw_pingpong_p50_us: Option<f64>,
+    lat_ratio: Option<f64>,
+}
+
+impl JsonPoint {
+    fn new(p: &Point) -> JsonPoint {
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        JsonPoint {
+            op: p.op.name(),
+            size: p.size,
+            iters: p.iters,
+            gbps: p.gbs() * 8.0,
+            gb_per_s: p.gbs(),
+            avg_us: us(p.avg),
+            p50_us: us(p.p50),
+            p99_us: us(p.p99),
+            raw_gb_per_s: p.baseline.map(|b| b.stream_gbs),
+            bw_ratio: p.bw_ratio(),
+            raw_msg_gb_per_s: p.baseline.map(|b| b.message_gbs),
+            msg_ratio: p.msg_ratio(),
+            raw_pingpong_p50_us: p.baseline.map(|b| us(b.pingpong)),
+            lat_ratio: p.lat_ratio(),
         }
-        s += &format!(
-            "{{\"op\":\"{}\",\"size\":{},\"iters\":{},\"gbps\":{:.6},\"gb_per_s\":{:.6},\"avg_us\":{:.3},\
-             \"p50_us\":{:.3},\"p99_us\":{:.3},\"raw_gb_per_s\":{},\"bw_ratio\":{},\"raw_msg_gb_per_s\":{},\
-             \"msg_ratio\":{},\"raw_pingpong_p50_us\":{},\"lat_ratio\":{}}}",
-            p.op.name(),
-            p.size,
-            p.iters,
-            p.gbs() * 8.0,
-            p.gbs(),
-            p.avg.as_secs_f64() * 1e6,
-            p.p50.as_secs_f64() * 1e6,
-            p.p99.as_secs_f64() * 1e6,
-            opt(p.baseline.map(|b| b.stream_gbs)),
-            opt(p.bw_ratio()),
-            opt(p.baseline.map(|b| b.message_gbs)),
-            opt(p.msg_ratio()),
-            opt(p.baseline.map(|b| b.pingpong.as_secs_f64() * 1e6)),
-            opt(p.lat_ratio()),
-        );
     }
-    s + "]}"
+}
+
+/// The report as one line of JSON.
+pub fn json(info: &RunInfo, mode: &str, points: &[Point]) -> Result<String, serde_json::Error> {
+    serde_json::to_string(&JsonReport {
+        mode,
+        device: if info.on_gpu() { "gpu" } else { "cpu" },
+        info,
+        results: points.iter().map(JsonPoint::new).collect(),
+    })
 }
 
 #[cfg(test)]
@@ -229,7 +252,6 @@ mod tests {
         let host = header(&info("host", "host"), "loopback");
         assert!(host.starts_with("# uccl-tcpx-bench: socket transport, host memory, loopback"), "{host}");
         assert!(host.contains("same buffers; msg = "), "{host}");
-        assert!(json(&info("host", "host"), "m", &[]).contains("\"device\":\"cpu\""));
         let gpu = header(&info("gpu0@a", "gpu1@b"), "loopback");
         assert!(gpu.contains("GPU memory (client gpu0@a, server gpu1@b)"), "{gpu}");
         assert!(gpu.contains("host-memory buffers of the same size; msg = "), "{gpu}");
@@ -250,26 +272,107 @@ mod tests {
         assert_eq!(&row[..4], ["write", "1000", "B", "0.02"], "{table}");
         assert_eq!(&row[4..], ["1.00", "0.02", "0.50", "0.04", "51.0", "25.0", "2.04"], "{table}");
         assert!(line(&p).starts_with("[Client]   1000 B :"), "{}", line(&p));
-        let j = json(
-            &RunInfo {
-                channels: 2,
-                sockets_per_comm: 1,
-                threads_per_comm: 1,
-                raw_streams: 2,
-                depth: 1,
-                num_iovs: 1,
-                chunk_size: 1 << 20,
-                client_memory: "gpu0@0000:4a:00.0".into(),
-                server_memory: "gpu1@0000:5b:00.0".into(),
-            },
-            "loopback",
-            &[p],
-        );
-        assert!(j.contains("\"size\":1000") && j.contains("\"lat_ratio\":2.04"), "{j}");
-        assert!(j.contains("\"raw_msg_gb_per_s\":0.500000,\"msg_ratio\":0.039604"), "{j}");
-        assert!(j.contains("\"device\":\"gpu\",\"client_memory\":\"gpu0@0000:4a:00.0\""), "{j}");
         assert_eq!(human(8), "8 B");
         assert_eq!(human(256 << 20), "256 MiB");
         assert_eq!(human(3 << 10), "3 KiB");
+    }
+
+    fn parsed(info: &RunInfo, mode: &str, points: &[Point]) -> serde_json::Value {
+        let text = json(info, mode, points).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    }
+
+    fn names(v: &serde_json::Value) -> Vec<&str> {
+        let mut names: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    #[test]
+    fn json_report_keeps_its_field_names_and_values() {
+        let samples: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
+        let baseline = Baseline { stream_gbs: 1.0, message_gbs: 0.5, pingpong: Duration::from_micros(25) };
+        let measured = Point::new(Op::Write, 1000, 100, 1, &samples, Some(baseline));
+        let bare = Point::new(Op::Transport, 8, 3, 1, &samples[..3], None);
+        let mut run = info("gpu0@0000:4a:00.0", "gpu1@0000:5b:00.0");
+        run.channels = 2;
+        let v = parsed(&run, "loopback, 2 processes", &[measured, bare]);
+        // The names scripts/gpu_bench.sh and the docs read; a rename has to show up here.
+        assert_eq!(
+            names(&v),
+            [
+                "channels",
+                "chunk_size",
+                "client_memory",
+                "depth",
+                "device",
+                "mode",
+                "num_iovs",
+                "raw_streams",
+                "results",
+                "server_memory",
+                "sockets_per_comm",
+                "threads_per_comm"
+            ]
+        );
+        assert_eq!((v["mode"].as_str(), v["device"].as_str()), (Some("loopback, 2 processes"), Some("gpu")));
+        assert_eq!(v["client_memory"], "gpu0@0000:4a:00.0");
+        assert_eq!(v["server_memory"], "gpu1@0000:5b:00.0");
+        assert_eq!((v["channels"].as_u64(), v["raw_streams"].as_u64()), (Some(2), Some(8)));
+        assert_eq!(v["chunk_size"].as_u64(), Some(1 << 20));
+        let results = v["results"].as_array().unwrap();
+        assert_eq!(results.len(), 2);
+        let p = &results[0];
+        assert_eq!(
+            names(p),
+            [
+                "avg_us",
+                "bw_ratio",
+                "gb_per_s",
+                "gbps",
+                "iters",
+                "lat_ratio",
+                "msg_ratio",
+                "op",
+                "p50_us",
+                "p99_us",
+                "raw_gb_per_s",
+                "raw_msg_gb_per_s",
+                "raw_pingpong_p50_us",
+                "size"
+            ]
+        );
+        let f = |key: &str| p[key].as_f64().unwrap_or_else(|| panic!("{key} in {p}"));
+        assert_eq!((p["op"].as_str(), p["size"].as_u64(), p["iters"].as_u64()), (Some("write"), Some(1000), Some(100)));
+        let gbs = 1000.0 / 50.5e-6 / 1e9;
+        for (key, want) in [
+            ("gb_per_s", gbs),
+            ("gbps", gbs * 8.0),
+            ("avg_us", 50.5),
+            ("p50_us", 51.0),
+            ("p99_us", 100.0),
+            ("raw_gb_per_s", 1.0),
+            ("bw_ratio", gbs),
+            ("raw_msg_gb_per_s", 0.5),
+            ("msg_ratio", gbs / 0.5),
+            ("raw_pingpong_p50_us", 25.0),
+            ("lat_ratio", 51.0 / 25.0),
+        ] {
+            assert!((f(key) - want).abs() < 1e-9, "{key}: {} against {want}", f(key));
+        }
+        let q = &results[1];
+        assert_eq!((q["op"].as_str(), q["size"].as_u64()), (Some("transport"), Some(8)));
+        for key in ["raw_gb_per_s", "bw_ratio", "raw_msg_gb_per_s", "msg_ratio", "raw_pingpong_p50_us", "lat_ratio"] {
+            assert!(q[key].is_null(), "no baseline ran: {key} in {q}");
+        }
+    }
+
+    #[test]
+    fn json_report_escapes_strings_and_names_host_runs_cpu() {
+        let odd = "a \"quoted\" mode\\with a backslash\nand a line";
+        let v = parsed(&info("host", "host"), odd, &[]);
+        assert_eq!((v["mode"].as_str(), v["device"].as_str()), (Some(odd), Some("cpu")));
+        assert_eq!(v["results"].as_array().map(Vec::len), Some(0));
     }
 }

@@ -3,6 +3,8 @@
 
 use std::process::{Command, Output};
 
+use serde_json::Value;
+
 fn bench(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_uccl-tcpx-bench")).args(args).output().expect("the bench binary starts")
 }
@@ -23,14 +25,20 @@ fn host_run_prints_tables_and_writes_its_json_file() {
     assert!(stdout.contains("socket transport, host memory"), "{stdout}");
     assert!(stdout.contains("# Summary"), "{stdout}");
     let saved = std::fs::read_to_string(&json).unwrap();
-    assert!(saved.contains("\"device\":\"cpu\""), "{saved}");
-    assert_eq!(saved.matches("\"op\":").count(), 4, "two ops times two sizes: {saved}");
-    // Both bandwidth baselines ran for every point and measured something.
-    for key in ["\"raw_gb_per_s\":", "\"raw_msg_gb_per_s\":"] {
-        let values: Vec<f64> =
-            saved.split(key).skip(1).map(|v| v.split(',').next().unwrap().parse().unwrap()).collect();
-        assert_eq!(values.len(), 4, "{key} in {saved}");
-        assert!(values.iter().all(|&v| v > 0.0), "{key} {values:?}");
+    let report: Value = serde_json::from_str(&saved).unwrap_or_else(|e| panic!("{e}: {saved}"));
+    assert_eq!((report["device"].as_str(), report["client_memory"].as_str()), (Some("cpu"), Some("host")), "{saved}");
+    assert!(report["mode"].as_str().is_some_and(|m| m.starts_with("loopback")), "{saved}");
+    assert!(report["channels"].as_u64().is_some_and(|c| c > 0), "{saved}");
+    let results = report["results"].as_array().expect("a results list");
+    let points: Vec<(&str, u64)> =
+        results.iter().map(|p| (p["op"].as_str().unwrap(), p["size"].as_u64().unwrap())).collect();
+    assert_eq!(points, [("write", 8), ("write", 65536), ("send", 8), ("send", 65536)], "{saved}");
+    for p in results {
+        assert_eq!(p["iters"].as_u64(), Some(5), "{p}");
+        // Ours and both bandwidth baselines ran for every point and measured something.
+        for key in ["gb_per_s", "raw_gb_per_s", "raw_msg_gb_per_s", "p50_us", "raw_pingpong_p50_us"] {
+            assert!(p[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {p}");
+        }
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -41,8 +49,11 @@ fn gpu_runs_or_says_it_needs_a_driver() {
     let all = text(&out);
     assert!(!all.contains("panicked"), "{all}");
     if out.status.success() {
-        assert!(all.contains("\"device\":\"gpu\"") && all.contains("\"client_memory\":\"gpu0@"), "{all}");
-        assert_eq!(all.matches("\"op\":").count(), 6, "{all}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let report: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {all}"));
+        assert_eq!(report["device"], "gpu", "{all}");
+        assert!(report["client_memory"].as_str().is_some_and(|m| m.starts_with("gpu0@")), "{all}");
+        assert_eq!(report["results"].as_array().map(Vec::len), Some(6), "three ops times two sizes: {all}");
     } else {
         assert_eq!(out.status.code(), Some(1), "{all}");
         let err = String::from_utf8_lossy(&out.stderr);
