@@ -98,6 +98,9 @@ impl Error {
     pub fn timeout(message: impl Into<String>) -> Error {
         Error::new(UcclStatus::ErrTimeout, message)
     }
+    pub fn internal(message: impl Into<String>) -> Error {
+        Error::new(UcclStatus::ErrInternal, message)
+    }
 
     pub fn status(&self) -> UcclStatus {
         self.status

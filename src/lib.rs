@@ -10,6 +10,7 @@ pub mod engine;
 pub mod error;
 pub mod ffi;
 pub mod proto;
+pub mod threads;
 pub mod transport;
 
 pub use config::Config;

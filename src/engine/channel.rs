@@ -12,6 +12,7 @@ use std::sync::{Arc, Weak};
 
 use super::region::Region;
 use crate::error::{Error, Result};
+use crate::threads::{self, ThreadKind};
 use crate::transport::{MrHandle, RecvComm, RequestId, SendComm};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -207,6 +208,7 @@ impl Channel {
                     chunk.len
                 )));
             }
+            threads::point(ThreadKind::Progress);
             // Host memory is final once the receive completes, so the slot goes back at once.
             self.recv.irecv_consumed(req)?;
             self.recv_inflight.pop_front();

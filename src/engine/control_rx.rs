@@ -28,6 +28,7 @@ use parking_lot::{Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
 use crate::proto::{Control, decode_frame};
+use crate::threads::{self, ThreadKind};
 
 /// The longest one blocking read lasts (a waiting caller's, or the reader thread's in blocking
 /// mode) before its thread re-checks its transfer or connection. A failing or closing connection
@@ -217,6 +218,7 @@ impl ControlRx {
             let n = unsafe { libc::recv(self.fd(), spare.as_mut_ptr().cast(), spare.len(), flags) };
             flags = libc::MSG_DONTWAIT;
             if n > 0 {
+                threads::point(ThreadKind::ControlReader);
                 let short = (n as usize) < spare.len();
                 // SAFETY: recv initialised the first `n` bytes of the spare capacity.
                 unsafe { buf.bytes.set_len(buf.bytes.len() + n as usize) };

@@ -29,6 +29,7 @@ use crate::config::{Config, TransportChoice};
 use crate::cuda::{self, Gpu, Location};
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::FifoItem;
+use crate::threads::{ThreadKind, spawn_contained};
 use crate::transport::plugin::PluginNet;
 use crate::transport::socket::SocketNet;
 use crate::transport::staged::{StagedNet, StagingParams};
@@ -118,11 +119,33 @@ impl EngineCore {
     }
 }
 
+/// Handshakes' outcomes waiting for `accept`.
 #[derive(Default)]
 struct AcceptQueue {
-    ready: Mutex<VecDeque<Arc<Connection>>>,
+    state: Mutex<Accepted>,
     changed: Condvar,
     stopped: AtomicBool,
+}
+
+#[derive(Default)]
+struct Accepted {
+    /// Finished handshakes, and handshake threads that panicked (an internal error for the
+    /// `accept` that would have returned their connection).
+    ready: VecDeque<Result<Arc<Connection>>>,
+    /// Once the accept loop or the progress thread died: every later `accept` fails with it.
+    broken: Option<Error>,
+}
+
+impl AcceptQueue {
+    fn push(&self, outcome: Result<Arc<Connection>>) {
+        self.state.lock().ready.push_back(outcome);
+        self.changed.notify_all();
+    }
+
+    fn break_with(&self, err: Error) {
+        self.state.lock().broken.get_or_insert(err);
+        self.changed.notify_all();
+    }
 }
 
 pub struct Engine {
@@ -168,16 +191,25 @@ impl Engine {
             gpu,
         });
         let conns = Arc::new(ConnList::default());
-        let progress = ProgressThread::start(conns.clone(), waker, core.net.clone())
-            .map_err(|e| Error::io("spawn progress thread", e))?;
         let accepted = Arc::new(AcceptQueue::default());
+        let progress = {
+            let accepted = accepted.clone();
+            ProgressThread::start(conns.clone(), waker, core.net.clone(), move |err| accepted.break_with(err))
+                .map_err(|e| Error::io("spawn progress thread", e))?
+        };
         let shutdown = Arc::new(AtomicBool::new(false));
         let accept_thread = {
             let (core, conns, accepted, shutdown) = (core.clone(), conns.clone(), accepted.clone(), shutdown.clone());
-            std::thread::Builder::new()
-                .name("uccl-accept".into())
-                .spawn(move || accept_loop(listener, core, conns, accepted, shutdown))
-                .map_err(|e| Error::io("spawn accept thread", e))?
+            // A dead accept loop closed the listener as it unwound: peers are refused, and `accept`
+            // says why instead of waiting for a connection that cannot come.
+            let failing = accepted.clone();
+            spawn_contained(
+                std::thread::Builder::new().name("uccl-accept".into()),
+                ThreadKind::Accept,
+                move |err| failing.break_with(err),
+                move || accept_loop(listener, core, conns, accepted, shutdown),
+            )
+            .map_err(|e| Error::io("spawn accept thread", e))?
         };
         log::info!("engine listening on {ip}:{port} ({} transport)", core.net.name());
         Ok(Engine {
@@ -212,6 +244,9 @@ impl Engine {
     }
 
     pub fn connect(&self, host: &str, remote_gpu: &str, port: u16) -> Result<Arc<Connection>> {
+        if let Some(e) = self.conns.failure() {
+            return Err(e.context("connect"));
+        }
         if port == 0 {
             return Err(Error::invalid("remote port 0 is not a listening port"));
         }
@@ -240,28 +275,36 @@ impl Engine {
             conn.close();
             return Err(Error::new(UcclStatus::ErrCanceled, "the engine is shutting down"));
         }
-        self.conns.add(conn.clone());
+        if let Err(e) = self.conns.add(conn.clone()) {
+            conn.close();
+            return Err(e.context("connect"));
+        }
         self.core.waker.wake();
         Ok(conn)
     }
 
-    /// Blocks until a peer finished its handshake, or `stop_accept` was called.
+    /// Blocks until a peer finished its handshake, or `stop_accept` was called. Fails with an
+    /// internal error for a handshake whose thread panicked, and for good once the accept loop or
+    /// the progress thread did.
     pub fn accept(&self) -> Result<Arc<Connection>> {
-        let mut ready = self.accepted.ready.lock();
+        let mut state = self.accepted.state.lock();
         loop {
             if self.accepted.stopped.load(Ordering::Acquire) {
                 return Err(Error::new(UcclStatus::ErrCanceled, "accept was stopped"));
             }
-            if let Some(conn) = ready.pop_front() {
-                return Ok(conn);
+            if let Some(outcome) = state.ready.pop_front() {
+                return outcome;
             }
-            self.accepted.changed.wait(&mut ready);
+            if let Some(e) = &state.broken {
+                return Err(e.clone().context("accept"));
+            }
+            self.accepted.changed.wait(&mut state);
         }
     }
 
     pub fn stop_accept(&self) {
         self.accepted.stopped.store(true, Ordering::Release);
-        let _guard = self.accepted.ready.lock();
+        let _guard = self.accepted.state.lock();
         self.accepted.changed.notify_all();
     }
 
@@ -304,7 +347,7 @@ impl Engine {
         if let Some(t) = self.accept_thread.lock().take() {
             let _ = t.join();
         }
-        for conn in self.accepted.ready.lock().drain(..) {
+        for conn in self.accepted.state.lock().ready.drain(..).flatten() {
             conn.close();
         }
         for conn in self.conns.take_all() {
@@ -377,6 +420,7 @@ fn accept_loop(
                 continue;
             }
         };
+        crate::threads::point(ThreadKind::Accept);
         if accepted.stopped.load(Ordering::Acquire) {
             log::info!("refusing {peer}: accepting was stopped");
             continue;
@@ -388,20 +432,32 @@ fn accept_loop(
         handshakes.fetch_add(1, Ordering::AcqRel);
         let in_progress = handshakes.clone();
         let (core, conns, accepted, shutdown) = (core.clone(), conns.clone(), accepted.clone(), shutdown.clone());
-        let spawned =
-            std::thread::Builder::new().name("uccl-handshake".into()).stack_size(HANDSHAKE_STACK).spawn(move || {
+        // The peer sees its connection drop as the thread unwinds; our `accept` learns of it here.
+        let failing = accepted.clone();
+        let spawned = spawn_contained(
+            std::thread::Builder::new().name("uccl-handshake".into()).stack_size(HANDSHAKE_STACK),
+            ThreadKind::Handshake,
+            move |err| failing.push(Err(err.context(format!("handshake with {peer}")))),
+            move || {
                 let _done = DecrementOnDrop(in_progress);
                 match serve_handshake(&core, stream, peer) {
                     Ok(conn) if !shutdown.load(Ordering::Acquire) && !accepted.stopped.load(Ordering::Acquire) => {
-                        conns.add(conn.clone());
-                        core.waker.wake();
-                        accepted.ready.lock().push_back(conn);
-                        accepted.changed.notify_all();
+                        match conns.add(conn.clone()) {
+                            Ok(()) => {
+                                core.waker.wake();
+                                accepted.push(Ok(conn));
+                            }
+                            Err(e) => {
+                                conn.close();
+                                log::warn!("handshake with {peer} finished after the engine failed: {e}");
+                            }
+                        }
                     }
                     Ok(conn) => conn.close(),
                     Err(e) => log::warn!("handshake with {peer} failed: {e}"),
                 }
-            });
+            },
+        );
         if let Err(e) = spawned {
             handshakes.fetch_sub(1, Ordering::AcqRel);
             log::error!("cannot spawn a handshake thread for {peer}: {e}");
@@ -428,6 +484,7 @@ fn serve_handshake(core: &Arc<EngineCore>, mut stream: TcpStream, peer: SocketAd
     prepare_control(&stream, deadline, core.config.timeout)?;
     let mut listens = handshake::Listens::first(&core.local())?;
     let agreed = handshake::welcome(&mut stream, &core.local(), &mut listens)?;
+    crate::threads::point(ThreadKind::Handshake);
     let channels = handshake::establish_channels(&core.local(), &mut listens, &agreed, deadline)?;
     let info = PeerInfo { addr: peer, gpu_index: agreed.peer_gpu_index, gpu_id: agreed.peer_gpu_id };
     Connection::start(core.clone(), stream, info, channels, agreed.chunk_size)

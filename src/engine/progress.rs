@@ -1,7 +1,8 @@
 //! The engine's one progress thread: drives every connection's channels, spins briefly when idle,
 //! then parks until a transport completion or a new post wakes it. A transport that progresses
 //! only while polled (a net plugin) never wakes it, so while such a transport has requests
-//! outstanding the thread naps briefly instead of parking.
+//! outstanding the thread naps briefly instead of parking. Should the thread panic, every
+//! connection fails with an internal error and the engine refuses new ones.
 
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -12,6 +13,8 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use super::conn::Connection;
+use crate::error::{Error, Result};
+use crate::threads::{ThreadKind, spawn_contained};
 use crate::transport::Net;
 
 /// Idle passes before parking; a completion usually arrives within a few of them under load.
@@ -41,36 +44,68 @@ impl Waker {
 /// the set changed, so a pass allocates nothing.
 #[derive(Default)]
 pub struct ConnList {
-    conns: Mutex<Vec<Arc<Connection>>>,
+    members: Mutex<Members>,
     generation: AtomicU64,
 }
 
+#[derive(Default)]
+struct Members {
+    conns: Vec<Arc<Connection>>,
+    /// Set once the progress thread died: no connection can be driven any more.
+    failure: Option<Error>,
+}
+
 impl ConnList {
-    pub fn add(&self, conn: Arc<Connection>) {
-        self.conns.lock().push(conn);
+    /// Adds `conn` unless the progress thread died (then its error).
+    pub fn add(&self, conn: Arc<Connection>) -> Result<()> {
+        let mut members = self.members.lock();
+        if let Some(e) = &members.failure {
+            return Err(e.clone());
+        }
+        members.conns.push(conn);
         self.generation.fetch_add(1, Ordering::Release);
+        Ok(())
     }
 
     pub fn remove(&self, id: u64) -> Option<Arc<Connection>> {
-        let mut conns = self.conns.lock();
-        let pos = conns.iter().position(|c| c.id == id)?;
-        let conn = conns.swap_remove(pos);
+        let mut members = self.members.lock();
+        let pos = members.conns.iter().position(|c| c.id == id)?;
+        let conn = members.conns.swap_remove(pos);
         self.generation.fetch_add(1, Ordering::Release);
         Some(conn)
     }
 
     pub fn take_all(&self) -> Vec<Arc<Connection>> {
-        let all = std::mem::take(&mut *self.conns.lock());
+        let all = std::mem::take(&mut self.members.lock().conns);
         self.generation.fetch_add(1, Ordering::Release);
         all
+    }
+
+    /// Why no connection can be added any more, once the progress thread died.
+    pub fn failure(&self) -> Option<Error> {
+        self.members.lock().failure.clone()
+    }
+
+    /// Fails every connection with `err` and refuses new ones. Recording the failure and taking
+    /// the list happen under one lock, so a connection added concurrently is either failed here or
+    /// refused by `add`.
+    fn fail_all(&self, err: Error) {
+        let conns = {
+            let mut members = self.members.lock();
+            members.failure.get_or_insert_with(|| err.clone());
+            members.conns.clone()
+        };
+        for conn in conns {
+            conn.fail_with(err.clone());
+        }
     }
 
     fn refresh(&self, seen: &mut u64, local: &mut Vec<Arc<Connection>>) {
         let current = self.generation.load(Ordering::Acquire);
         if current != *seen {
-            let conns = self.conns.lock();
+            let members = self.members.lock();
             local.clear();
-            local.extend(conns.iter().cloned());
+            local.extend(members.conns.iter().cloned());
             *seen = current;
         }
     }
@@ -83,11 +118,27 @@ pub struct ProgressThread {
 }
 
 impl ProgressThread {
-    pub fn start(conns: Arc<ConnList>, waker: Arc<Waker>, net: Arc<dyn Net>) -> std::io::Result<ProgressThread> {
+    /// Starts the thread. Should it panic, every connection of `conns` fails with the internal
+    /// error (nothing drives their transfers or watches them for stalls any more), later ones are
+    /// refused, and `on_panic` gets the error to stop the rest of the engine the same way.
+    pub fn start(
+        conns: Arc<ConnList>,
+        waker: Arc<Waker>,
+        net: Arc<dyn Net>,
+        on_panic: impl FnOnce(Error) + Send + 'static,
+    ) -> std::io::Result<ProgressThread> {
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
-        let thread =
-            std::thread::Builder::new().name("uccl-progress".into()).spawn(move || run(&conns, &thread_stop, &*net))?;
+        let failing = conns.clone();
+        let thread = spawn_contained(
+            std::thread::Builder::new().name("uccl-progress".into()),
+            ThreadKind::Progress,
+            move |err| {
+                on_panic(err.clone());
+                failing.fail_all(err);
+            },
+            move || run(&conns, &thread_stop, &*net),
+        )?;
         let _ = waker.thread.set(thread.thread().clone());
         Ok(ProgressThread { stop, waker, thread: Some(thread) })
     }

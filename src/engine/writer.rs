@@ -13,6 +13,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, MAX_NOTIFY_MSG_LEN};
+use crate::threads::{self, ThreadKind, spawn_contained};
 
 /// Control bytes that may wait for a peer that does not read: twice the largest message (a maximal
 /// Notify), so only a peer that stopped reading its control stream reaches it, and such a peer
@@ -24,6 +25,8 @@ struct Pending {
     writing: bool,
     closing: bool,
     error: Option<Error>,
+    /// `error` is the writer thread's panic.
+    panicked: bool,
 }
 
 struct Shared {
@@ -40,15 +43,38 @@ pub struct ControlWriter {
 impl ControlWriter {
     pub fn start(stream: TcpStream) -> Result<ControlWriter> {
         let shared = Arc::new(Shared {
-            pending: Mutex::new(Pending { bytes: Vec::new(), writing: false, closing: false, error: None }),
+            pending: Mutex::new(Pending {
+                bytes: Vec::new(),
+                writing: false,
+                closing: false,
+                error: None,
+                panicked: false,
+            }),
             changed: Condvar::new(),
         });
-        let io = stream.try_clone().map_err(|e| Error::io("clone control stream", e))?;
+        let clone = || stream.try_clone().map_err(|e| Error::io("clone control stream", e));
+        let (io, to_shut) = (clone()?, clone()?);
         let thread_shared = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("uccl-ctrl-tx".into())
-            .spawn(move || run(io, thread_shared))
-            .map_err(|e| Error::io("spawn control writer", e))?;
+        let failing = shared.clone();
+        let thread = spawn_contained(
+            std::thread::Builder::new().name("uccl-ctrl-tx".into()),
+            ThreadKind::ControlWriter,
+            move |err| {
+                // What was queued never leaves, and the stream may hold half a frame: later sends
+                // fail, `finish` stops waiting, and the shutdown ends the connection's reads.
+                {
+                    let mut p = failing.pending.lock();
+                    p.bytes.clear();
+                    p.writing = false;
+                    p.error = Some(err);
+                    p.panicked = true;
+                }
+                failing.changed.notify_all();
+                let _ = to_shut.shutdown(Shutdown::Both);
+            },
+            move || run(io, thread_shared),
+        )
+        .map_err(|e| Error::io("spawn control writer", e))?;
         Ok(ControlWriter { shared, stream, thread: Mutex::new(Some(thread)) })
     }
 
@@ -74,7 +100,9 @@ impl ControlWriter {
                 ),
             ));
         }
-        let idle = p.bytes.is_empty() && !p.writing;
+        // An injected writer panic (tests) takes every message through the thread, so that the panic
+        // happens with one in flight.
+        let idle = p.bytes.is_empty() && !p.writing && !threads::armed(ThreadKind::ControlWriter);
         for msg in msgs {
             msg.encode(&mut p.bytes);
         }
@@ -90,6 +118,12 @@ impl ControlWriter {
         }
         self.shared.changed.notify_all();
         Ok(())
+    }
+
+    /// The writer thread's panic, once it died of one.
+    pub fn panicked(&self) -> Option<Error> {
+        let p = self.shared.pending.lock();
+        if p.panicked { p.error.clone() } else { None }
     }
 
     /// Writes what is queued (waiting at most `linger`), then closes the stream and joins the thread.
@@ -146,6 +180,7 @@ fn run(mut stream: TcpStream, shared: Arc<Shared>) {
             std::mem::swap(&mut batch, &mut p.bytes);
             p.writing = true;
         }
+        threads::point(ThreadKind::ControlWriter);
         let written = stream.write_all(&batch);
         batch.clear();
         if let Err(e) = written {

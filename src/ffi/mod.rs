@@ -89,11 +89,7 @@ pub(crate) fn boundary<R: FfiReturn>(function: &str, body: impl FnOnce() -> Resu
             R::failure(err.status())
         }
         Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
+            let what = crate::threads::panic_text(&*panic);
             log::error!("{function}: internal panic caught at the C boundary: {what}");
             set_last_error(format!("{function}: internal error (panic: {what})"));
             R::failure(UcclStatus::ErrInternal)

@@ -25,6 +25,7 @@ use super::notify;
 use super::writer::ControlWriter;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, FifoItem};
+use crate::threads::{ThreadKind, spawn_contained};
 use memory::EngineMemory;
 use state::{Action, ConnState, Direction, FlowPlan};
 
@@ -97,10 +98,18 @@ impl Connection {
             reader: Mutex::new(None),
         });
         let weak = Arc::downgrade(&conn);
-        let thread = std::thread::Builder::new()
-            .name("uccl-ctrl-rx".into())
-            .spawn(move || reader::read_control(&rx, weak))
-            .map_err(|e| Error::io("spawn control reader", e))?;
+        let failing = weak.clone();
+        let thread = spawn_contained(
+            std::thread::Builder::new().name("uccl-ctrl-rx".into()),
+            ThreadKind::ControlReader,
+            move |err| {
+                if let Some(conn) = failing.upgrade() {
+                    conn.fail_with(err);
+                }
+            },
+            move || reader::read_control(&rx, weak),
+        )
+        .map_err(|e| Error::io("spawn control reader", e))?;
         *conn.reader.lock() = Some(thread);
         Ok(conn)
     }
@@ -211,6 +220,11 @@ impl Connection {
         self.closed.load(Ordering::Acquire)
     }
 
+    /// Fails the connection from outside its own paths: a library thread serving it died.
+    pub(super) fn fail_with(&self, err: Error) {
+        self.fail(&mut self.inner.lock(), err);
+    }
+
     /// Makes the failure permanent: stops the channels (their I/O on caller memory ends before this
     /// returns), then fails every pending part with `err`.
     fn fail(&self, inner: &mut Inner, err: Error) {
@@ -218,11 +232,12 @@ impl Connection {
             return;
         }
         // Once the user closed the connection, whatever breaks while it winds down (the peer hanging
-        // up in answer to our Close, say) is the cancellation they asked for.
+        // up in answer to our Close, say) is the cancellation they asked for. A writer that panicked
+        // shut the stream down, so the end of stream the reader sees next is the panic's doing.
         let err = if self.is_closed() {
             Error::new(UcclStatus::ErrCanceled, "the connection was closed locally")
         } else {
-            err
+            self.writer.panicked().unwrap_or(err)
         };
         if err.status() != UcclStatus::ErrCanceled {
             log::warn!("connection to {} failed: {err}", self.peer.addr);

@@ -13,6 +13,7 @@ use super::sender::{INLINE_MAX, MAX_SLEEP, SendSockets, SendThread};
 use super::window::{MAX_REQUESTS, Window};
 use super::zerocopy::{self, Counters};
 use crate::error::{Error, Result};
+use crate::threads::{ThreadKind, spawn_contained};
 use crate::transport::{MemKind, MrHandle, RecvComm, RequestId, SendComm};
 
 /// How a comm spreads its sockets over helper threads.
@@ -79,8 +80,21 @@ impl CommCore {
         for (t, sockets) in layout.into_iter().enumerate() {
             let blocking = blocking[t];
             let (streams, window, send_sockets) = (streams.clone(), window.clone(), send_sockets.clone());
+            // A dead helper fails its comm, which the progress thread sees at its next `test` and
+            // the comm's other helpers within their sleep.
+            let failing = window.clone();
             let spawned = match (send_sockets, &role) {
                 (Some(shared), Role::Send(counters)) => {
+                    // The kernel may still hold pages of caller buffers for zero-copy pieces this
+                    // thread sent: reset those sockets when they close, as a failing helper does.
+                    let zerocopy_sockets: Vec<usize> = sockets.iter().copied().filter(|&k| zerocopy[k]).collect();
+                    let all = streams.clone();
+                    let on_panic = move |err| {
+                        for k in zerocopy_sockets {
+                            let _ = socket2::SockRef::from(&all[k]).set_linger(Some(Duration::ZERO));
+                        }
+                        failing.fail(err);
+                    };
                     let sender = SendThread {
                         index: t,
                         zerocopy: sockets.iter().map(|&k| zerocopy[k]).collect(),
@@ -92,11 +106,19 @@ impl CommCore {
                         counters: counters.clone(),
                         blocking,
                     };
-                    std::thread::Builder::new().name(format!("uccl-sock-tx{t}")).spawn(move || sender.run())
+                    spawn_contained(
+                        std::thread::Builder::new().name(format!("uccl-sock-tx{t}")),
+                        ThreadKind::SocketSender,
+                        on_panic,
+                        move || sender.run(),
+                    )
                 }
-                _ => std::thread::Builder::new()
-                    .name(format!("uccl-sock-rx{t}"))
-                    .spawn(move || RecvThread { index: t, sockets, streams, window, spin: how.spin, blocking }.run()),
+                _ => spawn_contained(
+                    std::thread::Builder::new().name(format!("uccl-sock-rx{t}")),
+                    ThreadKind::SocketReceiver,
+                    move |err| failing.fail(err),
+                    move || RecvThread { index: t, sockets, streams, window, spin: how.spin, blocking }.run(),
+                ),
             };
             // On error the partly built core's drop stops the threads already started.
             core.threads.push(spawned.map_err(|e| Error::io("spawn channel thread", e))?);

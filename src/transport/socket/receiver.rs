@@ -13,6 +13,7 @@ use super::sender::MAX_SLEEP;
 use super::window::{Admission, Piece, Window};
 use super::wire::{PIECE_HEADER_LEN, PieceHeader};
 use crate::error::{Error, Result};
+use crate::threads::{self, ThreadKind};
 
 const STAGE_LEN: usize = 4096;
 /// A thread waiting for more than this much of a piece sleeps at once instead of spinning.
@@ -233,6 +234,9 @@ impl RecvThread {
             Admission::Land(piece) => Phase::Payload { piece, landed: 0 },
             Admission::NotPosted => Phase::Held(h),
         };
+        if matches!(inc.phase, Phase::Payload { .. }) {
+            threads::point(ThreadKind::SocketReceiver);
+        }
         Ok(())
     }
 }

@@ -17,6 +17,7 @@ use super::window::{Piece, Window};
 use super::wire::{PIECE_HEADER_LEN, PieceHeader};
 use super::zerocopy::{Counters, ZcSocket};
 use crate::error::Error;
+use crate::threads::{self, ThreadKind};
 
 /// Upper bound on one sleep, so a lost wake-up (there should be none) costs latency, never a hang.
 pub(super) const MAX_SLEEP: Duration = Duration::from_millis(100);
@@ -180,6 +181,9 @@ impl SendThread {
                     });
                     if slot.is_none() {
                         self.shared.release(sock);
+                    }
+                    if slot.is_some() {
+                        threads::point(ThreadKind::SocketSender);
                     }
                 }
                 let Some(o) = slot else {

@@ -1,0 +1,123 @@
+//! Starting a library thread whose panic is contained: logged once and reported to its owner.
+
+use std::any::Any;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::thread::{Builder, JoinHandle};
+
+use super::fault;
+use super::kind::ThreadKind;
+use crate::error::Error;
+
+/// Spawns `body` on `builder`'s thread. If `body` panics, `on_panic` runs on that thread with an
+/// internal error naming `kind` and the panic text, after the panic unwound `body`'s frames (so
+/// every lock it held is released: the library's locks do not poison). `on_panic` must fail what
+/// the thread served and wake its waiters; it is itself contained, so a second panic there is
+/// logged and ends the thread quietly instead of crossing into the process's other threads.
+pub fn spawn_contained<B, P>(
+    builder: Builder,
+    kind: ThreadKind,
+    on_panic: P,
+    body: B,
+) -> std::io::Result<JoinHandle<()>>
+where
+    B: FnOnce() + Send + 'static,
+    P: FnOnce(Error) + Send + 'static,
+{
+    builder.spawn(move || {
+        fault::enter(kind);
+        // Unwind safety: after a panic nothing of `body` is used again; `on_panic` touches only
+        // shared state made to be failed (a flag, an error slot, a socket shutdown).
+        let Err(panic) = catch_unwind(AssertUnwindSafe(body)) else { return };
+        let err = Error::internal(format!("{kind} panicked: {}", panic_text(&*panic)));
+        log::error!("{}", err.message());
+        if let Err(again) = catch_unwind(AssertUnwindSafe(|| on_panic(err))) {
+            log::error!("failing what the {kind} served panicked too: {}", panic_text(&*again));
+        }
+    })
+}
+
+/// The message of a panic payload (`panic!` with a literal or a format string).
+pub fn panic_text(panic: &(dyn Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    #[test]
+    fn a_panic_reaches_on_panic_as_an_internal_error_naming_the_thread() {
+        let (tx, rx) = mpsc::channel();
+        let t = spawn_contained(
+            Builder::new(),
+            ThreadKind::ControlWriter,
+            move |e| tx.send(e).unwrap(),
+            || panic!("boom {}", 7),
+        )
+        .unwrap();
+        assert!(t.join().is_ok(), "the panic stays inside the thread");
+        let err = rx.recv().unwrap();
+        assert_eq!(err.status(), crate::error::UcclStatus::ErrInternal);
+        assert_eq!(err.message(), "control writer thread panicked: boom 7");
+    }
+
+    #[test]
+    fn a_body_that_returns_never_calls_on_panic() {
+        let (tx, rx) = mpsc::channel::<Error>();
+        spawn_contained(Builder::new(), ThreadKind::Accept, move |e| tx.send(e).unwrap(), || {})
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(rx.recv().is_err(), "on_panic was dropped unused");
+    }
+
+    #[test]
+    fn a_panic_in_on_panic_is_contained_too() {
+        let t =
+            spawn_contained(Builder::new(), ThreadKind::Progress, |_| panic!("second"), || panic!("first")).unwrap();
+        assert!(t.join().is_ok());
+    }
+
+    #[test]
+    fn a_fault_point_fires_once_and_only_in_its_kind_of_thread() {
+        // No other unit test starts handshake threads, so arming that kind cannot hit another test.
+        let kind = ThreadKind::Handshake;
+        fault::inject_panic(kind);
+        // Not a library thread of that kind: the point passes.
+        fault::point(kind);
+        let (tx, rx) = mpsc::channel();
+        let other = spawn_contained(Builder::new(), ThreadKind::Accept, |_| {}, || fault::point(ThreadKind::Handshake));
+        other.unwrap().join().unwrap();
+        assert!(fault::panic_pending(kind), "a thread of another kind does not fire it");
+        let tx2 = tx.clone();
+        let hit = spawn_contained(
+            Builder::new(),
+            kind,
+            move |e| tx2.send(e.message().to_owned()).unwrap(),
+            move || {
+                fault::point(kind);
+                tx.send("passed".into()).unwrap();
+            },
+        );
+        hit.unwrap().join().unwrap();
+        assert_eq!(rx.recv().unwrap(), "handshake thread panicked: injected panic in the handshake thread");
+        assert!(!fault::panic_pending(kind), "fired once");
+        let (tx, rx) = mpsc::channel();
+        let again = spawn_contained(
+            Builder::new(),
+            kind,
+            |_| {},
+            move || {
+                fault::point(kind);
+                tx.send(()).unwrap();
+            },
+        );
+        again.unwrap().join().unwrap();
+        assert!(rx.recv().is_ok(), "a fired point passes afterwards");
+    }
+}

@@ -1,0 +1,61 @@
+//! Test-only fault hook: makes the next thread of a chosen kind panic at that kind's fault point.
+//!
+//! A runtime switch rather than a cargo feature: integration tests link the library as it is built
+//! for users, and a feature enabled for them would reach every build that unifies features with
+//! the tests. Unused, a fault point costs one relaxed load of a static that nothing writes (no
+//! cache line bounces) and a predicted branch. The switch is a Rust function only; the C ABI
+//! exports nothing that reaches it.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use super::kind::ThreadKind;
+
+/// One bit per `ThreadKind` armed and not yet fired.
+static ARMED: AtomicU32 = AtomicU32::new(0);
+
+thread_local! {
+    /// The kind of library thread this is (`None` in callers' threads), so that a point shared
+    /// with callers' code paths only ever fires in the thread kind it stands for.
+    static KIND: Cell<Option<ThreadKind>> = const { Cell::new(None) };
+}
+
+/// Makes the next `kind` thread (of any engine in the process) that reaches its fault point
+/// panic, once. Test support; never needed in use.
+pub fn inject_panic(kind: ThreadKind) {
+    ARMED.fetch_or(kind.bit(), Ordering::AcqRel);
+}
+
+/// Whether a panic injected for `kind` has not fired yet.
+pub fn panic_pending(kind: ThreadKind) -> bool {
+    armed(kind)
+}
+
+pub(crate) fn armed(kind: ThreadKind) -> bool {
+    ARMED.load(Ordering::Relaxed) & kind.bit() != 0
+}
+
+/// Records which kind of library thread the calling thread is.
+pub(super) fn enter(kind: ThreadKind) {
+    KIND.with(|k| k.set(Some(kind)));
+}
+
+/// A fault point of `kind`'s threads: panics here if a panic was injected for `kind` and this is
+/// such a thread.
+#[inline]
+pub(crate) fn point(kind: ThreadKind) {
+    if ARMED.load(Ordering::Relaxed) != 0 {
+        fire(kind);
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn fire(kind: ThreadKind) {
+    if KIND.with(Cell::get) != Some(kind) {
+        return;
+    }
+    if ARMED.fetch_and(!kind.bit(), Ordering::AcqRel) & kind.bit() != 0 {
+        panic!("injected panic in the {kind}");
+    }
+}

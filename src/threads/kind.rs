@@ -1,0 +1,45 @@
+//! The kinds of thread the library starts, as errors and the fault hook name them.
+
+use std::fmt;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ThreadKind {
+    /// The engine's progress thread (drives every connection's channels).
+    Progress,
+    /// The engine's accept loop (takes control connections, starts handshakes).
+    Accept,
+    /// One incoming peer's handshake.
+    Handshake,
+    /// A connection's control-stream reader.
+    ControlReader,
+    /// A connection's control-stream writer.
+    ControlWriter,
+    /// A socket-transport helper sending a comm's pieces.
+    SocketSender,
+    /// A socket-transport helper receiving a comm's pieces.
+    SocketReceiver,
+}
+
+impl ThreadKind {
+    pub fn describe(self) -> &'static str {
+        match self {
+            ThreadKind::Progress => "progress thread",
+            ThreadKind::Accept => "accept thread",
+            ThreadKind::Handshake => "handshake thread",
+            ThreadKind::ControlReader => "control reader thread",
+            ThreadKind::ControlWriter => "control writer thread",
+            ThreadKind::SocketSender => "socket sender thread",
+            ThreadKind::SocketReceiver => "socket receiver thread",
+        }
+    }
+
+    pub(super) fn bit(self) -> u32 {
+        1 << self as u32
+    }
+}
+
+impl fmt::Display for ThreadKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.describe())
+    }
+}

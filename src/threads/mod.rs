@@ -1,0 +1,18 @@
+//! The threads the library starts, and what happens when one of them panics.
+//!
+//! Every library thread runs its body through [`spawn_contained`]: a panic ends that thread, is
+//! logged once, and is handed to the thread's owner as an internal error, which fails what the
+//! thread served and wakes whoever waits on it. Nothing else would: a thread that unwinds silently
+//! leaves its waiters blocked for good (a dead progress thread also takes the stall timeout with
+//! it). The fault hook ([`inject_panic`]) lets tests make a chosen kind of thread panic at a
+//! chosen point.
+
+mod contain;
+mod fault;
+mod kind;
+
+pub(crate) use contain::{panic_text, spawn_contained};
+pub(crate) use fault::{armed, point};
+#[doc(hidden)]
+pub use fault::{inject_panic, panic_pending};
+pub use kind::ThreadKind;

@@ -1,0 +1,300 @@
+//! A panic in a library thread fails what that thread served with an internal error (-15) naming
+//! the thread, wakes whoever waits on it, and leaves the engine destroyable; what another thread
+//! serves goes on working where that is sound. Each test injects one panic through the fault hook
+//! with a call or a transfer in flight.
+
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use uccl_tcpx::config::TransportChoice;
+use uccl_tcpx::threads::{ThreadKind, inject_panic, panic_pending};
+use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
+
+mod common;
+use common::pattern;
+
+/// The fault hook is process-wide: one test at a time.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Generous for a loaded CI host, and far below the stall and connect timeouts below, so that an
+/// outcome within it came from the panic's handling and not from a timeout.
+const BOUND: Duration = Duration::from_secs(5);
+const LEN: usize = 8 << 20;
+
+fn config() -> Config {
+    Config {
+        ip: Some("127.0.0.1".parse().unwrap()),
+        transport: TransportChoice::Socket,
+        num_channels: 2,
+        chunk_size: 256 << 10,
+        timeout: Duration::from_secs(120),
+        connect_timeout: Duration::from_secs(60),
+        ..Config::default()
+    }
+}
+
+struct Pair {
+    a: Arc<Engine>,
+    b: Arc<Engine>,
+    ab: Arc<Connection>,
+    ba: Arc<Connection>,
+}
+
+fn pair() -> Pair {
+    let a = Arc::new(Engine::new(config()).unwrap());
+    let b = Arc::new(Engine::new(config()).unwrap());
+    let (ab, ba) = connect(&a, &b);
+    Pair { a, b, ab, ba }
+}
+
+/// A new connection from `a` to `b`: (a's end, b's end).
+fn connect(a: &Arc<Engine>, b: &Arc<Engine>) -> (Arc<Connection>, Arc<Connection>) {
+    let accepting = background({
+        let b = b.clone();
+        move || b.accept()
+    });
+    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+    (ab, accepting.finish("accept").unwrap())
+}
+
+/// A call running on its own thread, so that a hang fails the test instead of stalling it.
+struct Background<T> {
+    done: mpsc::Receiver<T>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+fn background<T: Send + 'static>(call: impl FnOnce() -> T + Send + 'static) -> Background<T> {
+    let (tx, done) = mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let _ = tx.send(call());
+    });
+    Background { done, thread }
+}
+
+impl<T> Background<T> {
+    fn finish(self, what: &str) -> T {
+        let out = self.done.recv_timeout(BOUND).unwrap_or_else(|_| panic!("{what} did not return within {BOUND:?}"));
+        self.thread.join().unwrap();
+        out
+    }
+}
+
+fn within<T: Send + 'static>(what: &str, call: impl FnOnce() -> T + Send + 'static) -> T {
+    background(call).finish(what)
+}
+
+/// Destroys the engine, which must return even though one of its threads died.
+fn destroy(engine: Arc<Engine>) {
+    within("destroying the engine", move || drop(Arc::into_inner(engine).expect("the test holds the last reference")));
+}
+
+/// The transfer's outcome, which must come within the bound.
+fn outcome(conn: &Connection, id: u64) -> uccl_tcpx::Result<u64> {
+    common::wait_done(conn, id, BOUND)
+}
+
+/// The internal error of an injected panic in a `kind` thread.
+fn assert_internal<T: std::fmt::Debug>(result: uccl_tcpx::Result<T>, kind: ThreadKind) {
+    let err = result.expect_err("the call must fail");
+    assert_eq!(err.status(), UcclStatus::ErrInternal, "{err}");
+    let expected = format!("{kind} panicked: injected panic in the {kind}");
+    assert!(err.message().contains(&expected), "{:?} does not say {expected:?}", err.message());
+    assert!(!panic_pending(kind), "the injected panic fired");
+}
+
+/// A registered buffer.
+struct Buf {
+    data: Vec<u8>,
+    mr: u64,
+}
+
+impl Buf {
+    fn new(engine: &Engine, data: Vec<u8>) -> Buf {
+        let mr = engine.register(data.as_ptr() as usize, data.len()).unwrap();
+        Buf { data, mr }
+    }
+
+    fn recv(&mut self, conn: &Connection) -> u64 {
+        conn.recv(self.mr, self.data.as_mut_ptr() as usize, self.data.len()).unwrap()
+    }
+
+    fn send(&self, conn: &Connection) -> u64 {
+        conn.send(&[(self.mr, self.data.as_ptr() as usize, self.data.len())]).unwrap()
+    }
+}
+
+/// A message of LEN bytes from `from` to `to` arrives intact.
+fn moves_data(from: &Connection, from_engine: &Engine, to: &Connection, to_engine: &Engine) {
+    let src = Buf::new(from_engine, pattern(LEN, 9));
+    let mut dst = Buf::new(to_engine, vec![0; LEN]);
+    let r = dst.recv(to);
+    let s = src.send(from);
+    assert_eq!(outcome(from, s).unwrap(), LEN as u64);
+    assert_eq!(outcome(to, r).unwrap(), LEN as u64);
+    assert!(dst.data == src.data, "the message arrived intact");
+}
+
+/// A new connection between the engines carries data both ways: what the dead thread did not serve
+/// still works.
+fn new_connection_works(a: &Arc<Engine>, b: &Arc<Engine>) {
+    let (ab, ba) = connect(a, b);
+    moves_data(&ab, a, &ba, b);
+    moves_data(&ba, b, &ab, a);
+}
+
+/// A panic in a thread that serves one connection during a data transfer from `a` to `b`: `failing`
+/// says which end's transfer must see the internal error; the other end's fails as its peer goes.
+fn panic_during_transfer(kind: ThreadKind, failing_is_receiver: bool) {
+    let _serial = serial();
+    let p = pair();
+    let src = Buf::new(&p.a, pattern(LEN, 1));
+    let mut dst = Buf::new(&p.b, vec![0; LEN]);
+    let r = dst.recv(&p.ba);
+    inject_panic(kind);
+    let s = src.send(&p.ab);
+    let (ours, theirs) = if failing_is_receiver {
+        (outcome(&p.ba, r), outcome(&p.ab, s))
+    } else {
+        (outcome(&p.ab, s), outcome(&p.ba, r))
+    };
+    assert_internal(ours, kind);
+    let theirs = theirs.expect_err("the peer's end of a failed connection fails too");
+    assert_ne!(theirs.status(), UcclStatus::ErrTimeout, "{theirs}");
+    new_connection_works(&p.a, &p.b);
+    drop((p.ab, p.ba));
+    destroy(p.a);
+    destroy(p.b);
+}
+
+#[test]
+fn socket_sender_panic_fails_the_send_and_other_connections_work() {
+    panic_during_transfer(ThreadKind::SocketSender, false);
+}
+
+#[test]
+fn socket_receiver_panic_fails_the_receive_and_other_connections_work() {
+    panic_during_transfer(ThreadKind::SocketReceiver, true);
+}
+
+/// The progress thread serves every connection of its engine: all of them fail, and every later
+/// call on that engine fails at once with the same error instead of waiting for progress that
+/// cannot come. The peer engine is unaffected.
+#[test]
+fn progress_panic_fails_every_connection_and_later_calls_fail_fast() {
+    let _serial = serial();
+    let p = pair();
+    let c = Arc::new(Engine::new(config()).unwrap());
+    // A second connection of the engine whose progress thread dies, with a receive pending.
+    let (cb, bc) = connect(&c, &p.b);
+    let mut idle = Buf::new(&p.b, vec![0; 4096]);
+    let pending = idle.recv(&bc);
+    // The panic comes as the first chunk of this receive completes: only b receives chunks.
+    let src = Buf::new(&p.a, pattern(LEN, 2));
+    let mut dst = Buf::new(&p.b, vec![0; LEN]);
+    let r = dst.recv(&p.ba);
+    inject_panic(ThreadKind::Progress);
+    let s = src.send(&p.ab);
+    assert_internal(outcome(&p.ba, r), ThreadKind::Progress);
+    assert_internal(outcome(&bc, pending), ThreadKind::Progress);
+    assert!(outcome(&p.ab, s).is_err(), "the sender's connection went with its peer");
+
+    // Later calls on b fail at once.
+    assert_internal(p.ba.recv(idle.mr, idle.data.as_mut_ptr() as usize, 4096), ThreadKind::Progress);
+    assert_internal(p.ba.notify(b"n", b"m"), ThreadKind::Progress);
+    let b = p.b.clone();
+    assert_internal(within("accept", move || b.accept()), ThreadKind::Progress);
+    let (b, port) = (p.b.clone(), p.a.address().port());
+    assert_internal(within("connect", move || b.connect("127.0.0.1", "0", port)), ThreadKind::Progress);
+
+    // a and c keep working with each other.
+    new_connection_works(&p.a, &c);
+    drop((p.ab, p.ba, cb, bc));
+    destroy(p.b);
+    destroy(p.a);
+    destroy(c);
+}
+
+/// The control reader serves one connection: it fails, with a receive pending on each end.
+#[test]
+fn control_reader_panic_fails_its_connection_only() {
+    control_thread_panic(ThreadKind::ControlReader);
+}
+
+/// The control writer serves one connection: it fails, with a receive pending on each end.
+#[test]
+fn control_writer_panic_fails_its_connection_only() {
+    control_thread_panic(ThreadKind::ControlWriter);
+}
+
+/// A notification from a to b: the reader kind panics in b as it reads it, the writer kind in a as
+/// it writes it (an armed writer panic takes every message through the writer thread).
+fn control_thread_panic(kind: ThreadKind) {
+    let _serial = serial();
+    let p = pair();
+    let mut at_a = Buf::new(&p.a, vec![0; 4096]);
+    let mut at_b = Buf::new(&p.b, vec![0; 4096]);
+    let ra = at_a.recv(&p.ab);
+    let rb = at_b.recv(&p.ba);
+    inject_panic(kind);
+    p.ab.notify(b"panic", b"in flight").unwrap();
+    let (ours, theirs) = match kind {
+        ThreadKind::ControlReader => (outcome(&p.ba, rb), outcome(&p.ab, ra)),
+        _ => (outcome(&p.ab, ra), outcome(&p.ba, rb)),
+    };
+    assert_internal(ours, kind);
+    assert!(theirs.is_err(), "the peer's end fails as the connection goes");
+    new_connection_works(&p.a, &p.b);
+    drop((p.ab, p.ba));
+    destroy(p.a);
+    destroy(p.b);
+}
+
+/// The accept loop's death closes the listener: a blocked accept and every later one fail with
+/// the internal error, a connecting peer is refused, and established connections keep working.
+#[test]
+fn accept_loop_panic_fails_accept_and_spares_established_connections() {
+    let _serial = serial();
+    let p = pair();
+    let accepting = background({
+        let b = p.b.clone();
+        move || b.accept()
+    });
+    inject_panic(ThreadKind::Accept);
+    let (a, port) = (p.a.clone(), p.b.address().port());
+    let refused = within("connect to an engine whose accept loop died", move || a.connect("127.0.0.1", "0", port));
+    assert!(refused.is_err(), "the listener went with the accept loop");
+    assert_internal(accepting.finish("the blocked accept"), ThreadKind::Accept);
+    let b = p.b.clone();
+    assert_internal(within("a later accept", move || b.accept()), ThreadKind::Accept);
+    moves_data(&p.ab, &p.a, &p.ba, &p.b);
+    drop((p.ab, p.ba));
+    destroy(p.a);
+    destroy(p.b);
+}
+
+/// A handshake serves one incoming peer: that peer's connect fails, one accept reports the
+/// internal error, and the next peer is accepted as usual.
+#[test]
+fn handshake_panic_fails_that_handshake_only() {
+    let _serial = serial();
+    let a = Arc::new(Engine::new(config()).unwrap());
+    let b = Arc::new(Engine::new(config()).unwrap());
+    let accepting = background({
+        let b = b.clone();
+        move || b.accept()
+    });
+    inject_panic(ThreadKind::Handshake);
+    let (a2, port) = (a.clone(), b.address().port());
+    let refused = within("connect through a handshake that panicked", move || a2.connect("127.0.0.1", "0", port));
+    assert!(refused.is_err(), "the peer's handshake went with the thread");
+    let err = accepting.finish("the blocked accept").map(|_| ());
+    assert!(err.as_ref().is_err_and(|e| e.message().contains("handshake with 127.0.0.1:")), "{err:?}");
+    assert_internal(err, ThreadKind::Handshake);
+    new_connection_works(&a, &b);
+    destroy(a);
+    destroy(b);
+}
