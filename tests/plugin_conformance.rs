@@ -242,6 +242,89 @@ fn connections_come_up_while_others_transfer() {
     assert!(dsts.iter().all(|d| *d == src), "every connection delivered the bytes");
 }
 
+/// A sparse anonymous mapping: only the pages a test touches take memory.
+struct Sparse {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Sparse {
+    fn new(len: usize) -> Sparse {
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        // SAFETY: a fresh anonymous mapping, unmapped on drop.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, -1, 0) };
+        assert_ne!(ptr, libc::MAP_FAILED, "mmap of {len} bytes: {}", std::io::Error::last_os_error());
+        Sparse { ptr: ptr.cast(), len }
+    }
+
+    fn at(&self, off: usize) -> usize {
+        self.ptr as usize + off
+    }
+
+    fn slice(&self, off: usize, len: usize) -> &[u8] {
+        assert!(off + len <= self.len);
+        // SAFETY: inside the mapping, which lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(off), len) }
+    }
+
+    fn slice_mut(&mut self, off: usize, len: usize) -> &mut [u8] {
+        assert!(off + len <= self.len);
+        // SAFETY: inside the mapping, borrowed mutably through `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(off), len) }
+    }
+}
+
+impl Drop for Sparse {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+#[test]
+fn transfers_anywhere_in_six_gib_regions() {
+    // ncclNet v7's regMr takes an int size: each channel registers windows of the regions below 2 GiB,
+    // on demand, so writes, reads and sends reach every part of a 6 GiB registration.
+    const GIB: usize = 1 << 30;
+    let p = pair_with(config(2, 1 << 20));
+    let (mut src, dst) = (Sparse::new(6 * GIB), Sparse::new(6 * GIB));
+    let smr = p.a.register(src.at(0), src.len).unwrap();
+    let dmr = p.b.register(dst.at(0), dst.len).unwrap();
+    // A FifoItem advertises less than 4 GiB: the target advertises its two halves.
+    let halves = [0, 3 * GIB].map(|off| (off, p.b.prepare_fifo(dmr, dst.at(off), 3 * GIB).unwrap()));
+    let fifo_for = |off: usize| halves.iter().rev().find(|(start, _)| off >= *start).unwrap().1;
+    // (source offset, destination offset, length): the start, across the 1 and 2 GiB marks, the end.
+    let moves = [
+        (0, 5 * GIB + 4097, 3 << 20),
+        (2 * GIB - (3 << 20) - 5, GIB - (1 << 20), 6 << 20),
+        (6 * GIB - (5 << 20), 2 * GIB - (2 << 20) + 1, 5 << 20),
+        (4 * GIB + 12_345, 6 * GIB - (2 << 20), 2 << 20),
+    ];
+    for (i, &(from, to, len)) in moves.iter().enumerate() {
+        src.slice_mut(from, len).copy_from_slice(&pattern(len, 600 + i as u64));
+        let mut remote = fifo_for(to);
+        remote.addr = dst.at(to) as u64;
+        let w = p.ab.write(&[OneSided { mr: smr, addr: src.at(from), len, remote }]).unwrap();
+        assert_eq!(wait(&p.ab, w).unwrap(), len as u64, "write {i}");
+        assert!(dst.slice(to, len) == src.slice(from, len), "write {i} landed");
+    }
+    // Reads back from the far end of the target into the far end of the source region.
+    let back = (5 * GIB + (7 << 20), 3 << 20);
+    let mut remote = fifo_for(5 * GIB + 4097);
+    remote.addr = dst.at(5 * GIB + 4097) as u64;
+    let r = p.ab.read(&[OneSided { mr: smr, addr: src.at(back.0), len: back.1, remote }]).unwrap();
+    assert_eq!(wait(&p.ab, r).unwrap(), back.1 as u64);
+    assert!(src.slice(back.0, back.1) == &pattern(3 << 20, 600)[..]);
+    // A message received at the very end of the 6 GiB registration.
+    let at = 6 * GIB - (3 << 20);
+    let rx = p.ba.recv(dmr, dst.at(at), 3 << 20).unwrap();
+    let tx = p.ab.send(&[(smr, src.at(back.0), back.1)]).unwrap();
+    assert_eq!(wait(&p.ab, tx).unwrap(), back.1 as u64);
+    assert_eq!(wait(&p.ba, rx).unwrap(), back.1 as u64);
+    assert!(dst.slice(at, 3 << 20) == &pattern(3 << 20, 600)[..]);
+}
+
 #[test]
 fn zero_byte_engine_messages_are_refused_cleanly() {
     let p = pair();

@@ -279,6 +279,52 @@ fn child_vectors_and_many_in_flight() {
 }
 
 #[test]
+fn transfers_anywhere_in_six_gib_device_regions() {
+    if no_gpu() {
+        return;
+    }
+    let out = run_child("child_six_gib_device_regions", "page");
+    assert!(out.contains("child checked"), "{out}");
+}
+
+#[test]
+#[ignore = "run by its parent with FAKE_TCPX_MODE=gpu"]
+fn child_six_gib_device_regions() {
+    assert_gpu_mode();
+    // regMr's size is an int: each channel registers windows below 2 GiB of these regions, on demand.
+    const GIB: usize = 1 << 30;
+    let p = pair(plugin_config(2, 1 << 20));
+    let mut src = Mem::new(Side::Gpu, 6 * GIB);
+    let dst = Mem::new(Side::Gpu, 6 * GIB);
+    let smr = p.a.register(src.addr(), src.len()).unwrap();
+    let dmr = p.b.register(dst.addr(), dst.len()).unwrap();
+    // A FifoItem advertises less than 4 GiB: the target advertises its two halves.
+    let halves = [0, 3 * GIB].map(|off| (off, p.b.prepare_fifo(dmr, dst.addr() + off, 3 * GIB).unwrap()));
+    let fifo_for = |off: usize| halves.iter().rev().find(|(start, _)| off >= *start).unwrap().1;
+    let moves = [
+        (0, 5 * GIB + 4097, 3 << 20),
+        (2 * GIB - (3 << 20) - 5, GIB - (1 << 20), 6 << 20),
+        (6 * GIB - (5 << 20), 2 * GIB - (2 << 20) + 1, 5 << 20),
+    ];
+    for (i, &(from, to, len)) in moves.iter().enumerate() {
+        let data = pattern(len, 700 + i as u64);
+        src.write(from, &data);
+        let mut remote = fifo_for(to);
+        remote.addr = (dst.addr() + to) as u64;
+        let w = p.ab.write(&[OneSided { mr: smr, addr: src.addr() + from, len, remote }]).unwrap();
+        assert_eq!(wait(&p.ab, w).unwrap(), len as u64, "write {i}");
+        assert_same(&dst.read(to, len), &data, &format!("write {i}"));
+    }
+    let at = 6 * GIB - (3 << 20);
+    let rx = p.ba.recv(dmr, dst.addr() + at, 3 << 20).unwrap();
+    let tx = p.ab.send(&[(smr, src.addr(), 3 << 20)]).unwrap();
+    assert_eq!(wait(&p.ab, tx).unwrap(), 3 << 20);
+    assert_eq!(wait(&p.ba, rx).unwrap(), 3 << 20);
+    assert_same(&dst.read(at, 3 << 20), &pattern(3 << 20, 700), "send to the region's end");
+    println!("child checked");
+}
+
+#[test]
 #[ignore = "a measurement: run on a GPU host with --ignored --nocapture"]
 fn throughput_against_the_staged_socket_path() {
     if no_gpu() {

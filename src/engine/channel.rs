@@ -4,7 +4,9 @@
 //!
 //! Each comm gets its own registration of every region a chunk of this channel touches (TCPX binds a
 //! registration to the comm's NIC), made when the first such chunk is queued and released once the
-//! region was deregistered and no flow holds it any more.
+//! region was deregistered and no flow holds it any more, or when the channel closes. A region larger
+//! than one registration may cover (TCPX's `regMr` takes an `int` size) is registered in windows,
+//! each made when a chunk first falls into it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,11 +49,54 @@ pub fn chunk_count(len: u64, chunk_size: usize) -> usize {
     len.div_ceil(chunk_size as u64) as usize
 }
 
-/// A region's registrations with this channel's two comms, made on first use in each direction.
+/// A region's registrations with this channel's two comms, by window, made on first use in each
+/// direction.
 struct Registration {
     region: Weak<Region>,
-    send: Option<MrHandle>,
-    recv: Option<MrHandle>,
+    send: HashMap<usize, MrHandle>,
+    recv: HashMap<usize, MrHandle>,
+}
+
+/// A chunk never ends further than this past the start of its window's span.
+const WINDOW_OVERLAP: usize = crate::config::MAX_CHUNK_SIZE as usize;
+/// Slack for a transport that widens a registration to whole pages at both ends.
+const PAGE_SLACK: usize = 2 * 4096;
+
+/// How regions are cut into registrations a transport accepts. Window `k` of a region starts `k`
+/// spans into it and reaches one chunk further than the next window's start, so every chunk lies
+/// inside the window its first byte falls in: `[k * span, min(len, (k + 1) * span + overlap))`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Windows {
+    /// The largest registration the transport takes, in bytes.
+    max: usize,
+    span: usize,
+}
+
+impl Windows {
+    pub fn new(max_registration: usize) -> Windows {
+        let room = max_registration.saturating_sub(WINDOW_OVERLAP + PAGE_SLACK).max(1);
+        // A power of two, so window starts keep the alignment of the region's base.
+        let span = 1usize << (usize::BITS - 1 - room.leading_zeros());
+        Windows { max: max_registration, span }
+    }
+
+    /// The window of the region `[base, base + len)` that holds `[addr, addr + chunk)`: its index,
+    /// start and length. A region that fits one registration is one window.
+    fn locate(&self, base: usize, len: usize, addr: usize, chunk: usize) -> Result<(usize, usize, usize)> {
+        if len.saturating_add(PAGE_SLACK) <= self.max {
+            return Ok((0, base, len));
+        }
+        let index = (addr - base) / self.span;
+        let start = index * self.span;
+        let end = len.min(start + self.span + WINDOW_OVERLAP);
+        if addr - base + chunk > end {
+            return Err(Error::new(
+                crate::error::UcclStatus::ErrInternal,
+                format!("a {chunk}-byte chunk at offset {} crosses its registration window", addr - base),
+            ));
+        }
+        Ok((index, base + start, end - start))
+    }
 }
 
 /// Receives a channel keeps posted per chunk of its send window. A receiving socket whose next
@@ -67,25 +112,34 @@ pub struct Channel {
     recv: Box<dyn RecvComm>,
     window: usize,
     recv_window: usize,
+    windows: Windows,
     registrations: HashMap<u64, Registration>,
     /// The region table's removal count when the cache was last swept.
     removals_seen: u64,
     removals: Arc<AtomicU64>,
     /// A removed region is still held by a flow; sweep again on later passes.
     sweep_pending: bool,
-    send_queue: VecDeque<Chunk>,
+    /// Queued chunks with the registration they go out with.
+    send_queue: VecDeque<(Chunk, MrHandle)>,
     send_inflight: VecDeque<(RequestId, Chunk)>,
-    recv_queue: VecDeque<Chunk>,
+    recv_queue: VecDeque<(Chunk, MrHandle)>,
     recv_inflight: VecDeque<(RequestId, Chunk)>,
 }
 
 impl Channel {
-    pub fn new(send: Box<dyn SendComm>, recv: Box<dyn RecvComm>, window: usize, removals: Arc<AtomicU64>) -> Channel {
+    pub fn new(
+        send: Box<dyn SendComm>,
+        recv: Box<dyn RecvComm>,
+        window: usize,
+        windows: Windows,
+        removals: Arc<AtomicU64>,
+    ) -> Channel {
         Channel {
             send,
             recv,
             window,
             recv_window: window * RECV_WINDOW_FACTOR,
+            windows,
             registrations: HashMap::new(),
             removals_seen: removals.load(Ordering::Acquire),
             removals,
@@ -97,41 +151,46 @@ impl Channel {
         }
     }
 
-    /// Queues a chunk of `region`, registering the region with the send comm first if needed.
+    /// Queues a chunk of `region`, registering its window with the send comm first if needed.
     pub fn queue_send(&mut self, chunk: Chunk, region: &Arc<Region>) -> Result<()> {
         debug_assert_eq!(chunk.region, region.id);
+        let (index, start, len) = self.windows.locate(region.base, region.len, chunk.addr, chunk.len)?;
         let entry = Self::entry(&mut self.registrations, region);
-        if entry.send.is_none() {
-            entry.send = Some(self.send.reg_mr(region.base, region.len, region.kind)?);
-        }
-        self.send_queue.push_back(chunk);
+        let mr = match entry.send.get(&index) {
+            Some(mr) => *mr,
+            None => {
+                let mr = self.send.reg_mr(start, len, region.kind)?;
+                entry.send.insert(index, mr);
+                mr
+            }
+        };
+        self.send_queue.push_back((chunk, mr));
         Ok(())
     }
 
-    /// Queues a chunk of `region`, registering the region with the receive comm first if needed.
+    /// Queues a chunk of `region`, registering its window with the receive comm first if needed.
     pub fn queue_recv(&mut self, chunk: Chunk, region: &Arc<Region>) -> Result<()> {
         debug_assert_eq!(chunk.region, region.id);
+        let (index, start, len) = self.windows.locate(region.base, region.len, chunk.addr, chunk.len)?;
         let entry = Self::entry(&mut self.registrations, region);
-        if entry.recv.is_none() {
-            entry.recv = Some(self.recv.reg_mr(region.base, region.len, region.kind)?);
-        }
-        self.recv_queue.push_back(chunk);
+        let mr = match entry.recv.get(&index) {
+            Some(mr) => *mr,
+            None => {
+                let mr = self.recv.reg_mr(start, len, region.kind)?;
+                entry.recv.insert(index, mr);
+                mr
+            }
+        };
+        self.recv_queue.push_back((chunk, mr));
         Ok(())
     }
 
     fn entry<'a>(registrations: &'a mut HashMap<u64, Registration>, region: &Arc<Region>) -> &'a mut Registration {
         registrations.entry(region.id).or_insert_with(|| Registration {
             region: Arc::downgrade(region),
-            send: None,
-            recv: None,
+            send: HashMap::new(),
+            recv: HashMap::new(),
         })
-    }
-
-    fn mr(&self, region: u64, send: bool) -> MrHandle {
-        let reg = self.registrations.get(&region);
-        let mr = if send { reg.and_then(|r| r.send) } else { reg.and_then(|r| r.recv) };
-        // Queueing registered the region, and a region is only swept once nothing holds it.
-        mr.unwrap_or(MrHandle::NONE)
     }
 
     /// Releases the registrations of regions that were deregistered and are no longer held by any
@@ -150,11 +209,11 @@ impl Channel {
                 pending |= region.is_removed();
                 return true;
             }
-            if let Some(mr) = reg.send {
-                send.dereg_mr(mr);
+            for mr in reg.send.values() {
+                send.dereg_mr(*mr);
             }
-            if let Some(mr) = reg.recv {
-                recv.dereg_mr(mr);
+            for mr in reg.recv.values() {
+                recv.dereg_mr(*mr);
             }
             false
         });
@@ -172,8 +231,7 @@ impl Channel {
         self.sweep_registrations();
         let mut moved = false;
         while self.send_inflight.len() < self.window {
-            let Some(&chunk) = self.send_queue.front() else { break };
-            let mr = self.mr(chunk.region, true);
+            let Some(&(chunk, mr)) = self.send_queue.front() else { break };
             // SAFETY: chunks point into registered regions the flow keeps alive; the connection
             // drops this channel (joining its I/O) before any flow is reported finished on failure.
             let posted = unsafe { self.send.isend(chunk.addr as *const u8, chunk.len, mr)? };
@@ -191,8 +249,7 @@ impl Channel {
             moved = true;
         }
         while self.recv_inflight.len() < self.recv_window {
-            let Some(&chunk) = self.recv_queue.front() else { break };
-            let mr = self.mr(chunk.region, false);
+            let Some(&(chunk, mr)) = self.recv_queue.front() else { break };
             // SAFETY: as above; the destination is exclusively ours until the flow finishes.
             let posted = unsafe { self.recv.irecv(chunk.addr as *mut u8, chunk.len, mr)? };
             let Some(req) = posted else { break };
@@ -283,7 +340,7 @@ mod tests {
         let table = RegionTable::default();
         let send = Box::new(LoggingComm { log: log.clone(), next: 100, completes });
         let recv = Box::new(LoggingComm { log: log.clone(), next: 200, completes });
-        (Channel::new(send, recv, window, table.removals()), log, table)
+        (Channel::new(send, recv, window, Windows::new(usize::MAX), table.removals()), log, table)
     }
 
     #[test]
@@ -321,6 +378,63 @@ mod tests {
         ch.drive(&mut done).unwrap();
         assert_eq!(*log.lock(), ["dereg 101", "dereg 201"]);
         assert_eq!(ch.registered_regions(), 0);
+    }
+
+    #[test]
+    fn int_sized_windows_cover_every_chunk_of_a_six_gib_region() {
+        const GIB: usize = 1 << 30;
+        let windows = Windows::new(i32::MAX as usize);
+        assert_eq!(windows.span, GIB);
+        let base = 0x7f00_0000_0000usize;
+        let len = 6 * GIB;
+        // Window k covers [k GiB, (k + 1) GiB + 4 MiB), cut at the region's end.
+        assert_eq!(windows.locate(base, len, base, 4096).unwrap(), (0, base, GIB + (4 << 20)));
+        assert_eq!(windows.locate(base, len, base + GIB - 10, 4 << 20).unwrap().0, 0, "a chunk crossing 1 GiB");
+        assert_eq!(windows.locate(base, len, base + 5 * GIB + 7, 100).unwrap(), (5, base + 5 * GIB, GIB));
+        assert!(windows.locate(base, len, base + GIB - 10, (4 << 20) + 11).is_err(), "longer than any chunk");
+        assert_eq!(windows.locate(base, 100, base + 50, 50).unwrap(), (0, base, 100), "small regions: one window");
+        assert_eq!(Windows::new(usize::MAX).locate(base, len, base + 5 * GIB, 100).unwrap(), (0, base, len));
+
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let table = RegionTable::default();
+        let send = Box::new(LoggingComm { log: log.clone(), next: 100, completes: true });
+        let recv = Box::new(LoggingComm { log: log.clone(), next: 200, completes: true });
+        let mut ch = Channel::new(send, recv, 4, windows, table.removals());
+        let id = table.register(base, len, MemKind::Host).unwrap();
+        let region = table.get(id).unwrap();
+        let offsets = [0, GIB - 10, 3 * GIB + 5, 5 * GIB + (GIB - 100), 10];
+        for (flow, off) in offsets.into_iter().enumerate() {
+            let chunk = Chunk { flow: flow as u64, region: id, addr: base + off, len: 100 };
+            ch.queue_send(chunk, &region).unwrap();
+            ch.queue_recv(chunk, &region).unwrap();
+        }
+        let mut done = Vec::new();
+        while ch.drive(&mut done).unwrap() {}
+        assert_eq!(done.len(), 2 * offsets.len());
+        let lines = log.lock().clone();
+        let regs: Vec<&String> = lines.iter().filter(|l| l.starts_with("reg ")).collect();
+        assert_eq!(
+            regs,
+            [
+                &format!("reg {base:#x}+{} Host -> 101", GIB + (4 << 20)),
+                &format!("reg {base:#x}+{} Host -> 201", GIB + (4 << 20)),
+                &format!("reg {:#x}+{} Host -> 102", base + 3 * GIB, GIB + (4 << 20)),
+                &format!("reg {:#x}+{} Host -> 202", base + 3 * GIB, GIB + (4 << 20)),
+                &format!("reg {:#x}+{GIB} Host -> 103", base + 5 * GIB),
+                &format!("reg {:#x}+{GIB} Host -> 203", base + 5 * GIB),
+            ],
+            "one registration per touched window and direction, reused by later chunks"
+        );
+        for (off, mr) in [(0, 101), (GIB - 10, 101), (3 * GIB + 5, 102), (5 * GIB + (GIB - 100), 103), (10, 101)] {
+            assert!(lines.contains(&format!("isend {:#x}+100 mr {mr}", base + off)), "{lines:?}");
+        }
+        log.lock().clear();
+        table.remove(id).unwrap();
+        drop(region);
+        ch.drive(&mut done).unwrap();
+        let mut released = log.lock().clone();
+        released.sort();
+        assert_eq!(released, ["dereg 101", "dereg 102", "dereg 103", "dereg 201", "dereg 202", "dereg 203"]);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
-use super::channel::Channel;
+use super::channel::{Channel, Windows};
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{
     ChannelHello, FRAME_HEADER_LEN, FrameHeader, Handshake, Hello, NET_HANDLE_SIZE, ProtoError, Refuse, Welcome,
@@ -355,10 +355,13 @@ pub fn establish_channels(
         }
     }
     let window = local.window.min(net.properties(0)?.max_requests);
+    let windows = Windows::new(net.max_registration());
     Ok(sends
         .into_iter()
         .zip(recvs)
-        .map(|(s, r)| Channel::new(s.expect("all sent"), r.expect("all accepted"), window, local.removals.clone()))
+        .map(|(s, r)| {
+            Channel::new(s.expect("all sent"), r.expect("all accepted"), window, windows, local.removals.clone())
+        })
         .collect())
 }
 

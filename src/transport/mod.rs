@@ -74,6 +74,10 @@ pub trait Net: Send + Sync {
     fn listen_per_channel(&self) -> bool {
         false
     }
+    /// The largest `reg_mr` the comms take, in bytes; larger regions are registered in windows.
+    fn max_registration(&self) -> usize {
+        usize::MAX
+    }
 }
 
 pub trait ListenComm: Send {

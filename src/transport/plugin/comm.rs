@@ -31,6 +31,8 @@ pub const MAX_REQUESTS: usize = UNPACK_QUEUE_DEPTH;
 pub const MAX_MESSAGE: usize = UNPACK_MAX_SLICE_SIZE;
 /// CUDA registrations are page-granular.
 const PAGE: usize = 4096;
+/// The largest registration, after page rounding: `regMr`'s size is an `int`.
+pub const MAX_REGISTRATION: usize = c_int::MAX as usize;
 /// Tiles (4 KiB each at most) at which a waiting batch launches even while an earlier launch runs:
 /// one 4 MiB receive of whole pages.
 const BATCH_TILES: usize = 1024;

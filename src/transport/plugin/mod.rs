@@ -208,6 +208,11 @@ impl Net for PluginNet {
     fn listen_per_channel(&self) -> bool {
         true
     }
+
+    /// ncclNet v7's `regMr` takes an `int` size (TCPX: `tcpxRegMr`).
+    fn max_registration(&self) -> usize {
+        comm::MAX_REGISTRATION
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -170,6 +170,10 @@ impl Net for StagedNet {
         self.inner.listen_per_channel()
     }
 
+    fn max_registration(&self) -> usize {
+        self.inner.max_registration()
+    }
+
     fn listen(&self, dev: usize) -> Result<(NetHandle, Box<dyn ListenComm>)> {
         let (handle, inner) = self.inner.listen(dev)?;
         Ok((handle, Box::new(StagedListen { inner, setup: self.setup.clone() })))
