@@ -8,6 +8,8 @@ use clap::error::ErrorKind;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 
+use crate::layout::Layout;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Op {
     /// One-sided write into the server's registered buffer
@@ -94,6 +96,10 @@ pub struct Args {
     /// Pieces each transfer is split into (one-sided: iovecs; send: messages)
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = positive)]
     pub num_iovs: usize,
+    /// Spread the pieces of each transfer over a region of SIZE bytes on both ends (K/M/G suffixes),
+    /// as the blocks of a KV cache are, instead of side by side
+    #[arg(long, value_name = "SIZE", value_parser = size)]
+    pub scatter: Option<usize>,
     /// Machine-readable results on stdout instead of the tables
     #[arg(long)]
     pub json: bool,
@@ -171,6 +177,18 @@ impl Args {
         if self.sizes.iter().any(|&s| s < self.num_iovs) {
             return Err((ErrorKind::ValueValidation, "--num-iovs must be at most the smallest size"));
         }
+        if self.scatter.is_some_and(|s| s > u32::MAX as usize) {
+            return Err((
+                ErrorKind::ValueValidation,
+                "--scatter must stay below 4 GiB (the advertised window's limit)",
+            ));
+        }
+        if self.sizes.iter().any(|&s| self.layout(s, self.num_iovs).is_err()) {
+            return Err((
+                ErrorKind::ValueValidation,
+                "--scatter is too small: it needs room for every piece of the largest size, --depth times",
+            ));
+        }
         if self.sizes.iter().any(|&s| s > u32::MAX as usize / self.depth) {
             return Err((
                 ErrorKind::ValueValidation,
@@ -178,6 +196,18 @@ impl Args {
             ));
         }
         Ok(())
+    }
+
+    /// Where the pieces of a transfer of `size` bytes in `iovs` pieces lie.
+    pub fn layout(&self, size: usize, iovs: usize) -> Result<Layout, String> {
+        Layout::new(size, iovs, self.scatter, self.depth)
+    }
+
+    /// Bytes each end registers: every slot of the largest size, or the scatter region.
+    pub fn buffer_bytes(&self) -> usize {
+        let max = self.sizes.iter().max().copied().unwrap_or(8);
+        let spans = self.sizes.iter().filter_map(|&s| self.layout(s, self.num_iovs).ok()).map(|l| l.span(self.depth));
+        spans.fold(max * self.depth, usize::max)
     }
 
     /// Transfers for one size: the flag, else about 512 MiB worth, 8 to 2000.
@@ -263,6 +293,11 @@ mod tests {
         assert_eq!(a.ops, vec![Op::Read, Op::Send]);
         assert_eq!(a.sizes, vec![1 << 10, 2 << 20, 1 << 30, 7]);
         assert_eq!((a.depth, a.channels, a.iters, a.num_iovs), (2, Some(4), Some(9), 3));
+        assert_eq!((d.scatter, d.buffer_bytes()), (None, 256 << 20));
+        let s = parse("--sizes 16M,4M --num-iovs 1024 --scatter 1G --depth 2").unwrap();
+        assert_eq!(s.scatter, Some(1 << 30));
+        assert!(s.buffer_bytes() > 32 << 20 && s.buffer_bytes() <= 1 << 30, "{}", s.buffer_bytes());
+        assert_eq!(s.layout(16 << 20, 1024).unwrap().stride, 1 << 20);
         assert!(a.json && !a.baseline && a.plot.is_some());
         assert_eq!(d.iters_for(8), 2000);
         assert_eq!(d.iters_for(256 << 20), 8);
@@ -302,6 +337,9 @@ mod tests {
             "--port 70000",
             "--num-iovs 0",
             "--sizes 4 --num-iovs 8",
+            "--sizes 16M --num-iovs 1024 --scatter 8M",
+            "--sizes 16M --num-iovs 4 --scatter 5G",
+            "--scatter 0",
             "--channels 70000",
             "--channels 0",
             "--sizes 3G --depth 2",
@@ -338,6 +376,7 @@ mod tests {
         says("--channels 70000", "70000 is not in 1..=65535");
         says("--cpus 3-1", "ranges like 0-7,12");
         says("--sizes 4 --num-iovs 8", "--num-iovs must be at most the smallest size");
+        says("--sizes 16M --num-iovs 1024 --scatter 8M", "--scatter is too small");
         says("--device gpu --ops transport", "leave it out with --device gpu");
         says("--bogus", "unexpected argument '--bogus'");
     }
@@ -358,6 +397,7 @@ mod tests {
             "--depth",
             "--channels",
             "--num-iovs",
+            "--scatter",
             "--json",
             "--plot",
             "--json-file",
@@ -385,6 +425,8 @@ mod tests {
             "--json",
             "--plot run.png",
             "--iters 5 --num-iovs 4 --no-baseline --json-file run.json --cpus 0-7,12",
+            "--sizes 16M --ops write,read --num-iovs 1024 --scatter 1G",
+            "--sizes 400000K --ops write,read --num-iovs 100000 --scatter 1G --iters 8",
             "--split-cores",
             "--device gpu --gpu 1 --peer-gpu 0",
             "--role server --device gpu --gpu 1",

@@ -12,6 +12,7 @@ use uccl_tcpx::{Config, Connection, Engine};
 
 use crate::args::{Args, Op};
 use crate::ctl::{self, Ctl, field};
+use crate::layout::Layout;
 use crate::memory::BenchMemory;
 use crate::progress::Progress;
 use crate::raw;
@@ -33,8 +34,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
     if server.is_loopback() {
         config.ip = Some(server);
     }
-    let max = args.sizes.iter().max().copied().unwrap_or(8);
-    let bytes = max * args.depth;
+    let bytes = args.buffer_bytes();
     ctl.send(&format!("SETUP {bytes} {}", config.num_channels))?;
     let ready = ctl.expect("READY")?;
     let engine_port: u16 = field(&ready, 1)?;
@@ -61,7 +61,9 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
         client_memory: mem.describe(),
         server_memory,
     };
-    let steps = args.ops.len() * args.sizes.len() + if args.baseline { args.sizes.len() } else { 0 };
+    let vectors = args.num_iovs > 1;
+    let steps = args.ops.len() * args.sizes.len() * if vectors { 2 } else { 1 }
+        + if args.baseline { args.sizes.len() } else { 0 };
     let mut progress = Progress::new(steps);
     let mut baselines: HashMap<usize, Baseline> = HashMap::new();
     let mut points = Vec::new();
@@ -71,10 +73,22 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
             progress.step(&format!("{} {}", op.name(), crate::report::human(size)));
             seed += 1;
             let iters = args.iters_for(size);
-            let samples = if op == Op::Transport {
-                transport_ping::round_trips(size, iters, &config)?
+            let layout = args.layout(size, args.num_iovs).map_err(std::io::Error::other)?;
+            let mut contiguous = None;
+            let timed = if op == Op::Transport {
+                Timed { samples: transport_ping::round_trips(size, iters, &config)?, posts: Vec::new() }
             } else {
-                let mut run = Run { args, ctl: &mut ctl, conn: &conn, mr, mem: &mut mem, fifo, op, size, seed };
+                if vectors {
+                    // The same bytes in one piece, same run: what the vector is compared with.
+                    let whole = args.layout(size, 1).map_err(std::io::Error::other)?;
+                    let mut run =
+                        Run { args, ctl: &mut ctl, conn: &conn, mr, mem: &mut mem, fifo, op, layout: whole, seed };
+                    let one = run.measure(iters)?;
+                    contiguous = Some(Point::new(op, size, iters, &one.samples, None).gbs());
+                    progress.step(&format!("{} {} in {} pieces", op.name(), crate::report::human(size), args.num_iovs));
+                    seed += 1;
+                }
+                let mut run = Run { args, ctl: &mut ctl, conn: &conn, mr, mem: &mut mem, fifo, op, layout, seed };
                 run.measure(iters)?
             };
             let baseline = if !args.baseline {
@@ -98,7 +112,9 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
                 baselines.insert(size, measured);
                 Some(measured)
             };
-            let point = Point::new(op, size, iters, args.depth, &samples, baseline);
+            let mut point = Point::new(op, size, iters, &timed.samples, baseline);
+            point.contiguous_gbs = contiguous;
+            point.post_p50 = (!timed.posts.is_empty()).then(|| median(timed.posts));
             on_point(&info, &point, &mut progress);
             points.push(point);
         }
@@ -123,23 +139,30 @@ struct Run<'a> {
     mem: &'a mut BenchMemory,
     fifo: FifoItem,
     op: Op,
-    size: usize,
+    layout: Layout,
     seed: u64,
+}
+
+/// Per transfer at depth 1: the round trip and the time its post call took.
+struct Timed {
+    samples: Vec<Duration>,
+    posts: Vec<Duration>,
 }
 
 impl Run<'_> {
     /// Checks one transfer, warms up, then times `iters` transfers with `depth` in flight. Returns
     /// one sample per transfer at depth 1, else the mean repeated (there is no per-transfer time).
-    fn measure(&mut self, iters: usize) -> Io<Vec<Duration>> {
+    fn measure(&mut self, iters: usize) -> Io<Timed> {
         // At least one pass over every slot of the pipeline, so no slot is first used while timed.
         let warmup = (iters / 10).clamp(1, 10).max(self.args.depth);
-        let (depth, iovs, size, seed) = (self.args.depth, self.args.num_iovs, self.size, self.seed);
+        let (depth, seed) = (self.args.depth, self.seed);
+        let Layout { size, iovs, stride } = self.layout;
         let count = 1 + warmup + iters;
-        self.ctl.send(&format!("OP {} {size} {count} {depth} {iovs} {seed}", self.op.name()))?;
+        self.ctl.send(&format!("OP {} {size} {count} {depth} {iovs} {seed} {stride}", self.op.name()))?;
         self.ctl.expect("GO")?;
         match self.op {
-            Op::Read => self.mem.zero(size)?,
-            _ => self.mem.fill(size, seed)?,
+            Op::Read => self.mem.zero(&self.layout)?,
+            _ => self.mem.fill(&self.layout, seed)?,
         }
         let first = self.post(0)?;
         wait(self.conn, first)?;
@@ -148,11 +171,11 @@ impl Run<'_> {
                 self.ctl.send("CHECK")?;
                 self.verdict()?;
             }
-            Op::Read if !self.mem.check(size, seed)? => return Err(self.wrong_data()),
+            Op::Read if !self.mem.check(&self.layout, seed)? => return Err(self.wrong_data()),
             _ => {}
         }
         self.pipeline(warmup)?;
-        let samples = self.pipeline(iters)?;
+        let timed = self.pipeline(iters)?;
         match self.op {
             Op::Read => {
                 self.ctl.send("END")?;
@@ -161,7 +184,7 @@ impl Run<'_> {
             Op::Send => self.verdict()?,
             _ => {}
         }
-        Ok(samples)
+        Ok(timed)
     }
 
     fn verdict(&mut self) -> Io<()> {
@@ -172,12 +195,14 @@ impl Run<'_> {
     }
 
     fn wrong_data(&self) -> std::io::Error {
-        std::io::Error::other(format!("{} of {} bytes delivered wrong data", self.op.name(), self.size))
+        let Layout { size, iovs, .. } = self.layout;
+        std::io::Error::other(format!("{} of {size} bytes in {iovs} pieces delivered wrong data", self.op.name()))
     }
 
-    fn pipeline(&mut self, iters: usize) -> Io<Vec<Duration>> {
+    fn pipeline(&mut self, iters: usize) -> Io<Timed> {
         let depth = self.args.depth;
         let mut samples = Vec::with_capacity(if depth == 1 { iters } else { 1 });
+        let mut posts = Vec::with_capacity(iters);
         let start = Instant::now();
         let mut inflight = std::collections::VecDeque::with_capacity(depth);
         for i in 0..iters {
@@ -186,6 +211,7 @@ impl Run<'_> {
             }
             let t = Instant::now();
             inflight.push_back(self.post(i % depth)?);
+            posts.push(t.elapsed());
             if depth == 1 {
                 wait(self.conn, inflight.pop_front().expect("just posted"))?;
                 samples.push(t.elapsed());
@@ -197,20 +223,21 @@ impl Run<'_> {
         if depth > 1 {
             samples = vec![start.elapsed() / iters.max(1) as u32; iters];
         }
-        Ok(samples)
+        Ok(Timed { samples, posts })
     }
 
+    /// Posts the transfer of slot `slot`; the item list is built inside the timed post, as a caller
+    /// building its descriptors would.
     fn post(&self, slot: usize) -> Io<u64> {
-        let (size, iovs) = (self.size, self.args.num_iovs);
-        let base = self.mem.addr() + slot * size;
-        let part = |k: usize| k * size / iovs..(k + 1) * size / iovs;
+        let base = self.mem.addr();
         let posted = match self.op {
             Op::Write | Op::Read => {
-                let ops: Vec<OneSided> = (0..iovs)
-                    .map(|k| {
-                        let r = part(k);
+                let ops: Vec<OneSided> = self
+                    .layout
+                    .pieces(slot)
+                    .map(|r| {
                         let mut remote = self.fifo;
-                        remote.addr += (slot * size + r.start) as u64;
+                        remote.addr += r.start as u64;
                         remote.size = r.len() as u32;
                         OneSided { mr: self.mr, addr: base + r.start, len: r.len(), remote }
                     })
@@ -219,7 +246,7 @@ impl Run<'_> {
             }
             Op::Send => {
                 let msgs: Vec<(u64, usize, usize)> =
-                    (0..iovs).map(|k| (self.mr, base + part(k).start, part(k).len())).collect();
+                    self.layout.pieces(slot).map(|r| (self.mr, base + r.start, r.len())).collect();
                 self.conn.send(&msgs)
             }
             Op::Transport => unreachable!("transport round trips do not use the engine"),

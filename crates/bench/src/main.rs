@@ -6,6 +6,7 @@ mod args;
 mod client;
 mod cpus;
 mod ctl;
+mod layout;
 mod memory;
 mod plot;
 mod progress;

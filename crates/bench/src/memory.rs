@@ -5,8 +5,11 @@
 
 use uccl_tcpx::cuda::{self, DeviceBuffer};
 
+use std::ops::Range;
+
 use crate::args::{Args, Device};
 use crate::ctl;
+use crate::layout::Layout;
 
 type Io<T> = std::io::Result<T>;
 
@@ -59,37 +62,38 @@ impl BenchMemory {
         }
     }
 
-    /// Writes the pattern for `seed` to bytes `[0, size)`.
-    pub fn fill(&mut self, size: usize, seed: u64) -> Io<()> {
-        self.check_size(size)?;
+    /// Writes the pattern for `seed` to the pieces of slot 0 (piece `k` with seed `seed + k`).
+    pub fn fill(&mut self, layout: &Layout, seed: u64) -> Io<()> {
+        let hull = self.check_layout(layout)?;
         match self {
-            BenchMemory::Host(v) => ctl::fill(&mut v[..size], seed),
+            BenchMemory::Host(v) => fill_pieces(v, layout, seed),
             BenchMemory::Gpu { dev, mirror } => {
-                ctl::fill(&mut mirror[..size], seed);
-                dev.copy_from_host(0, &mirror[..size]).map_err(io)?;
+                fill_pieces(mirror, layout, seed);
+                dev.copy_from_host(hull.start, &mirror[hull]).map_err(io)?;
             }
         }
         Ok(())
     }
 
-    /// Zeroes bytes `[0, size)` (a GPU buffer entirely: one memset costs less than a copy).
-    pub fn zero(&mut self, size: usize) -> Io<()> {
-        self.check_size(size)?;
+    /// Zeroes the pieces of slot 0 (a GPU buffer entirely: one memset costs less than a copy).
+    pub fn zero(&mut self, layout: &Layout) -> Io<()> {
+        self.check_layout(layout)?;
         match self {
-            BenchMemory::Host(v) => v[..size].fill(0),
+            BenchMemory::Host(v) => layout.pieces(0).for_each(|r| v[r].fill(0)),
             BenchMemory::Gpu { dev, .. } => dev.fill(0).map_err(io)?,
         }
         Ok(())
     }
 
-    /// Whether bytes `[0, size)` hold the pattern for `seed`; GPU bytes are copied back to check.
-    pub fn check(&mut self, size: usize, seed: u64) -> Io<bool> {
-        self.check_size(size)?;
+    /// Whether the pieces of slot 0 hold the pattern for `seed`; GPU bytes are copied back to check.
+    pub fn check(&mut self, layout: &Layout, seed: u64) -> Io<bool> {
+        let hull = self.check_layout(layout)?;
+        let pieces_hold = |v: &[u8]| layout.pieces(0).enumerate().all(|(k, r)| ctl::check(&v[r], piece_seed(seed, k)));
         match self {
-            BenchMemory::Host(v) => Ok(ctl::check(&v[..size], seed)),
+            BenchMemory::Host(v) => Ok(pieces_hold(v)),
             BenchMemory::Gpu { dev, mirror } => {
-                dev.copy_to_host(0, &mut mirror[..size]).map_err(io)?;
-                Ok(ctl::check(&mirror[..size], seed))
+                dev.copy_to_host(hull.start, &mut mirror[hull]).map_err(io)?;
+                Ok(pieces_hold(mirror))
             }
         }
     }
@@ -102,11 +106,27 @@ impl BenchMemory {
         }
     }
 
-    fn check_size(&self, size: usize) -> Io<()> {
-        if size > self.len() {
-            return Err(std::io::Error::other(format!("{size} bytes do not fit a buffer of {}", self.len())));
+    /// The bytes from the first piece of slot 0 to the end of its last, once checked to fit.
+    fn check_layout(&self, layout: &Layout) -> Io<Range<usize>> {
+        let start = layout.pieces(0).map(|r| r.start).min().unwrap_or(0);
+        let end = layout.pieces(0).map(|r| r.end).max().unwrap_or(0);
+        if end > self.len() {
+            return Err(std::io::Error::other(format!(
+                "pieces up to byte {end} do not fit a buffer of {}",
+                self.len()
+            )));
         }
-        Ok(())
+        Ok(start..end)
+    }
+}
+
+fn piece_seed(seed: u64, k: usize) -> u64 {
+    seed.wrapping_add(k as u64)
+}
+
+fn fill_pieces(v: &mut [u8], layout: &Layout, seed: u64) {
+    for (k, r) in layout.pieces(0).enumerate() {
+        ctl::fill(&mut v[r], piece_seed(seed, k));
     }
 }
 
@@ -172,13 +192,22 @@ mod tests {
     fn host_memory_fills_zeroes_and_checks() {
         let mut m = BenchMemory::new(None, 100).unwrap();
         assert_eq!(m.describe(), "host");
-        m.fill(64, 7).unwrap();
-        assert!(m.check(64, 7).unwrap());
-        assert!(!m.check(64, 8).unwrap());
-        m.zero(64).unwrap();
-        assert!(!m.check(64, 7).unwrap());
-        assert!(m.fill(101, 7).is_err(), "a size past the buffer is an error, not a panic");
+        let whole = Layout::new(64, 1, None, 1).unwrap();
+        m.fill(&whole, 7).unwrap();
+        assert!(m.check(&whole, 7).unwrap());
+        assert!(!m.check(&whole, 8).unwrap());
+        m.zero(&whole).unwrap();
+        assert!(!m.check(&whole, 7).unwrap());
+        assert!(m.fill(&Layout::new(101, 1, None, 1).unwrap(), 7).is_err(), "past the buffer: an error, not a panic");
         assert_eq!(m.host().len(), 100);
+        // Scattered pieces: only they are written, and each is checked.
+        let spread = Layout { size: 20, iovs: 4, stride: 24 };
+        m.host().fill(0xee);
+        m.fill(&spread, 3).unwrap();
+        assert!(m.check(&spread, 3).unwrap());
+        assert!(m.host()[5..24].iter().all(|&b| b == 0xee), "the gaps are untouched");
+        m.host()[72] ^= 1;
+        assert!(!m.check(&spread, 3).unwrap(), "a flipped byte of the last piece is seen");
     }
 
     /// Without a driver a GPU buffer is a clear error; with one, the pattern goes through the device.
@@ -191,11 +220,12 @@ mod tests {
             }
             Ok(mut m) => {
                 assert!(m.describe().starts_with("gpu0@"));
-                m.fill(4096, 3).unwrap();
+                let spread = Layout { size: 2048, iovs: 4, stride: 1024 };
+                m.fill(&spread, 3).unwrap();
                 m.host().fill(0);
-                assert!(m.check(4096, 3).unwrap(), "the pattern came back from the device");
-                m.zero(4096).unwrap();
-                assert!(!m.check(4096, 3).unwrap());
+                assert!(m.check(&spread, 3).unwrap(), "the pattern came back from the device");
+                m.zero(&spread).unwrap();
+                assert!(!m.check(&spread, 3).unwrap());
             }
         }
     }

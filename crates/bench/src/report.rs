@@ -36,6 +36,10 @@ pub struct Point {
     pub p50: Duration,
     pub p99: Duration,
     pub baseline: Option<Baseline>,
+    /// GB/s of the same bytes in one piece, measured in the same run just before (vector runs).
+    pub contiguous_gbs: Option<f64>,
+    /// Median time the post call took (one-sided and send ops).
+    pub post_p50: Option<Duration>,
 }
 
 /// Raw TCP between the same two processes, for one size.
@@ -51,14 +55,7 @@ pub struct Baseline {
 }
 
 impl Point {
-    pub fn new(
-        op: Op,
-        size: usize,
-        iters: usize,
-        _depth: usize,
-        samples: &[Duration],
-        baseline: Option<Baseline>,
-    ) -> Point {
+    pub fn new(op: Op, size: usize, iters: usize, samples: &[Duration], baseline: Option<Baseline>) -> Point {
         let mut sorted = samples.to_vec();
         sorted.sort_unstable();
         let total: Duration = samples.iter().sum();
@@ -71,6 +68,8 @@ impl Point {
             p50: at(50).unwrap_or_default(),
             p99: at(99).unwrap_or_default(),
             baseline,
+            contiguous_gbs: None,
+            post_p50: None,
         }
     }
 
@@ -84,6 +83,11 @@ impl Point {
 
     pub fn msg_ratio(&self) -> Option<f64> {
         self.baseline.map(|b| self.gbs() / b.message_gbs)
+    }
+
+    /// Ours over the same bytes in one piece.
+    pub fn vector_ratio(&self) -> Option<f64> {
+        self.contiguous_gbs.map(|c| self.gbs() / c)
     }
 
     pub fn lat_ratio(&self) -> Option<f64> {
@@ -147,11 +151,16 @@ pub fn summary(points: &[Point]) -> String {
         "{:<9} {:>9} {:>10} {:>10} {:>7} {:>10} {:>7} {:>12} {:>12} {:>7}\n",
         "op", "size", "GB/s", "raw GB/s", "ratio", "msg GB/s", "ratio", "p50 us", "raw p50 us", "ratio"
     );
+    let vectors = points.iter().any(|p| p.contiguous_gbs.is_some());
+    if vectors {
+        s.pop();
+        s += &format!(" {:>12} {:>10} {:>10}\n", "1-piece GB/s", "vec ratio", "post us");
+    }
     let fmt = |v: Option<f64>, digits: usize| v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "-".into());
     for p in points {
         let b = p.baseline;
         s += &format!(
-            "{:<9} {:>9} {:>10.2} {:>10} {:>7} {:>10} {:>7} {:>12.1} {:>12} {:>7}\n",
+            "{:<9} {:>9} {:>10.2} {:>10} {:>7} {:>10} {:>7} {:>12.1} {:>12} {:>7}",
             p.op.name(),
             human(p.size),
             p.gbs(),
@@ -163,6 +172,11 @@ pub fn summary(points: &[Point]) -> String {
             fmt(b.map(|b| b.pingpong.as_secs_f64() * 1e6), 1),
             fmt(p.lat_ratio(), 2),
         );
+        if vectors {
+            let post = p.post_p50.map(|d| d.as_secs_f64() * 1e6);
+            s += &format!(" {:>12} {:>10} {:>10}", fmt(p.contiguous_gbs, 2), fmt(p.vector_ratio(), 2), fmt(post, 1));
+        }
+        s.push('\n');
     }
     s
 }
@@ -195,6 +209,9 @@ struct JsonPoint {
     msg_ratio: Option<f64>,
     raw_pingpong_p50_us: Option<f64>,
     lat_ratio: Option<f64>,
+    contiguous_gb_per_s: Option<f64>,
+    vector_ratio: Option<f64>,
+    post_p50_us: Option<f64>,
 }
 
 impl JsonPoint {
@@ -215,6 +232,9 @@ impl JsonPoint {
             msg_ratio: p.msg_ratio(),
             raw_pingpong_p50_us: p.baseline.map(|b| us(b.pingpong)),
             lat_ratio: p.lat_ratio(),
+            contiguous_gb_per_s: p.contiguous_gbs,
+            vector_ratio: p.vector_ratio(),
+            post_p50_us: p.post_p50.map(us),
         }
     }
 }
@@ -261,7 +281,7 @@ mod tests {
     fn point_statistics_and_formats() {
         let samples: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
         let baseline = Baseline { stream_gbs: 1.0, message_gbs: 0.5, pingpong: Duration::from_micros(25) };
-        let p = Point::new(Op::Write, 1000, 100, 1, &samples, Some(baseline));
+        let p = Point::new(Op::Write, 1000, 100, &samples, Some(baseline));
         assert_eq!(p.p50, Duration::from_micros(51));
         assert_eq!(p.avg, Duration::from_nanos(50_500));
         assert!((p.gbs() - 1000.0 / 50.5e-6 / 1e9).abs() < 1e-9);
@@ -272,6 +292,14 @@ mod tests {
         assert_eq!(&row[..4], ["write", "1000", "B", "0.02"], "{table}");
         assert_eq!(&row[4..], ["1.00", "0.02", "0.50", "0.04", "51.0", "25.0", "2.04"], "{table}");
         assert!(line(&p).starts_with("[Client]   1000 B :"), "{}", line(&p));
+        assert!(!table.contains("vec ratio"), "no vector columns without a one-piece figure: {table}");
+        let mut v = Point::new(Op::Read, 1000, 100, &samples, None);
+        v.contiguous_gbs = Some(0.04);
+        v.post_p50 = Some(Duration::from_micros(12));
+        let table = summary(&[v]);
+        assert!(table.lines().nth(2).unwrap().ends_with("1-piece GB/s  vec ratio    post us"), "{table}");
+        let row: Vec<&str> = table.lines().last().unwrap().split_whitespace().collect();
+        assert_eq!(&row[row.len() - 3..], ["0.04", "0.50", "12.0"], "{table}");
         assert_eq!(human(8), "8 B");
         assert_eq!(human(256 << 20), "256 MiB");
         assert_eq!(human(3 << 10), "3 KiB");
@@ -293,8 +321,10 @@ mod tests {
     fn json_report_keeps_its_field_names_and_values() {
         let samples: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
         let baseline = Baseline { stream_gbs: 1.0, message_gbs: 0.5, pingpong: Duration::from_micros(25) };
-        let measured = Point::new(Op::Write, 1000, 100, 1, &samples, Some(baseline));
-        let bare = Point::new(Op::Transport, 8, 3, 1, &samples[..3], None);
+        let mut measured = Point::new(Op::Write, 1000, 100, &samples, Some(baseline));
+        measured.contiguous_gbs = Some(0.04);
+        measured.post_p50 = Some(Duration::from_micros(3));
+        let bare = Point::new(Op::Transport, 8, 3, &samples[..3], None);
         let mut run = info("gpu0@0000:4a:00.0", "gpu1@0000:5b:00.0");
         run.channels = 2;
         let v = parsed(&run, "loopback, 2 processes", &[measured, bare]);
@@ -329,6 +359,7 @@ mod tests {
             [
                 "avg_us",
                 "bw_ratio",
+                "contiguous_gb_per_s",
                 "gb_per_s",
                 "gbps",
                 "iters",
@@ -337,10 +368,12 @@ mod tests {
                 "op",
                 "p50_us",
                 "p99_us",
+                "post_p50_us",
                 "raw_gb_per_s",
                 "raw_msg_gb_per_s",
                 "raw_pingpong_p50_us",
-                "size"
+                "size",
+                "vector_ratio"
             ]
         );
         let f = |key: &str| p[key].as_f64().unwrap_or_else(|| panic!("{key} in {p}"));
@@ -358,12 +391,25 @@ mod tests {
             ("msg_ratio", gbs / 0.5),
             ("raw_pingpong_p50_us", 25.0),
             ("lat_ratio", 51.0 / 25.0),
+            ("contiguous_gb_per_s", 0.04),
+            ("vector_ratio", gbs / 0.04),
+            ("post_p50_us", 3.0),
         ] {
             assert!((f(key) - want).abs() < 1e-9, "{key}: {} against {want}", f(key));
         }
         let q = &results[1];
         assert_eq!((q["op"].as_str(), q["size"].as_u64()), (Some("transport"), Some(8)));
-        for key in ["raw_gb_per_s", "bw_ratio", "raw_msg_gb_per_s", "msg_ratio", "raw_pingpong_p50_us", "lat_ratio"] {
+        for key in [
+            "raw_gb_per_s",
+            "bw_ratio",
+            "raw_msg_gb_per_s",
+            "msg_ratio",
+            "raw_pingpong_p50_us",
+            "lat_ratio",
+            "contiguous_gb_per_s",
+            "vector_ratio",
+            "post_p50_us",
+        ] {
             assert!(q[key].is_null(), "no baseline ran: {key} in {q}");
         }
     }

@@ -10,6 +10,7 @@ use uccl_tcpx::{Config, Connection, Engine};
 
 use crate::args::Args;
 use crate::ctl::{self, Ctl, field};
+use crate::layout::Layout;
 use crate::memory::BenchMemory;
 use crate::raw;
 
@@ -77,40 +78,43 @@ impl Target<'_> {
         }
     }
 
-    /// `OP kind size count depth iovs seed`: prepares slot 0 (the checked transfer), then for a send
-    /// posts `count` receives of `iovs` messages each, `depth` transfers ahead.
+    /// `OP kind size count depth iovs seed stride`: prepares slot 0 (the checked transfer), then for
+    /// a send posts `count` receives of `iovs` messages each, `depth` transfers ahead. The pieces lie
+    /// where the client's do ([`Layout`]).
     fn op(&mut self, ctl: &mut Ctl, w: &[String]) -> Io<()> {
         let kind = w.get(1).map(String::as_str).unwrap_or("");
-        let (size, count, depth, iovs, seed): (usize, usize, usize, usize, u64) =
-            (field(w, 2)?, field(w, 3)?, field(w, 4)?, field(w, 5)?, field(w, 6)?);
-        if size.checked_mul(depth).is_none_or(|n| n > self.mem.len()) || iovs == 0 || iovs > size {
+        let (size, count, depth, iovs, seed, stride): (usize, usize, usize, usize, u64, usize) =
+            (field(w, 2)?, field(w, 3)?, field(w, 4)?, field(w, 5)?, field(w, 6)?, field(w, 7)?);
+        let layout = Layout::from_wire(size, iovs, stride, depth).map_err(std::io::Error::other)?;
+        if depth == 0 || layout.span(depth) > self.mem.len() {
             return Err(std::io::Error::other(format!("{size} bytes x {depth} in flight do not fit the buffer")));
         }
         match kind {
             "write" => {
-                self.mem.zero(size)?;
+                self.mem.zero(&layout)?;
                 ctl.send("GO")?;
                 ctl.expect("CHECK")?;
-                ctl.send(if self.mem.check(size, seed)? { "OK" } else { "BAD" })
+                ctl.send(if self.mem.check(&layout, seed)? { "OK" } else { "BAD" })
             }
             "read" => {
-                self.mem.fill(size, seed)?;
+                self.mem.fill(&layout, seed)?;
                 ctl.send("GO")?;
                 ctl.expect("END")?;
                 ctl.send("OK")
             }
             "send" => {
-                self.mem.zero(size)?;
+                self.mem.zero(&layout)?;
                 ctl.send("GO")?;
-                let ok = self.receive(size, count, depth, iovs, seed)?;
+                let ok = self.receive(&layout, count, depth, seed)?;
                 ctl.send(if ok { "OK" } else { "BAD" })
             }
             other => Err(std::io::Error::other(format!("unknown op {other:?}"))),
         }
     }
 
-    fn receive(&mut self, size: usize, count: usize, depth: usize, iovs: usize, seed: u64) -> Io<bool> {
+    fn receive(&mut self, layout: &Layout, count: usize, depth: usize, seed: u64) -> Io<bool> {
         let base = self.mem.addr();
+        let iovs = layout.iovs;
         let mut inflight = std::collections::VecDeque::with_capacity(depth * iovs);
         let mut ok = true;
         for i in 0..count {
@@ -119,17 +123,15 @@ impl Target<'_> {
                     wait(self.conn, inflight.pop_front().expect("non-empty"))?;
                 }
             }
-            let slot = base + (i % depth) * size;
-            for k in 0..iovs {
-                let r = k * size / iovs..(k + 1) * size / iovs;
-                let id = self.conn.recv(self.mr, slot + r.start, r.len()).map_err(std::io::Error::other)?;
+            for r in layout.pieces(i % depth) {
+                let id = self.conn.recv(self.mr, base + r.start, r.len()).map_err(std::io::Error::other)?;
                 inflight.push_back(id);
             }
             if i == 0 {
                 while let Some(id) = inflight.pop_front() {
                     wait(self.conn, id)?;
                 }
-                ok = self.mem.check(size, seed)?;
+                ok = self.mem.check(layout, seed)?;
             }
         }
         while let Some(id) = inflight.pop_front() {

@@ -44,6 +44,36 @@ fn host_run_prints_tables_and_writes_its_json_file() {
 }
 
 #[test]
+fn vector_run_reports_the_one_piece_figure_of_the_same_run() {
+    let out = bench(&[
+        "--sizes",
+        "64K,1M",
+        "--iters",
+        "4",
+        "--ops",
+        "write,read,send",
+        "--num-iovs",
+        "16",
+        "--scatter",
+        "8M",
+        "--no-baseline",
+        "--json",
+    ]);
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    let report: Value =
+        serde_json::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap_or_else(|e| panic!("{e}: {all}"));
+    assert_eq!(report["num_iovs"].as_u64(), Some(16), "{all}");
+    let results = report["results"].as_array().expect("a results list");
+    assert_eq!(results.len(), 6, "{all}");
+    for p in results {
+        let f = |key: &str| p[key].as_f64().unwrap_or_else(|| panic!("{key} in {p}"));
+        assert!(f("contiguous_gb_per_s") > 0.0 && f("post_p50_us") > 0.0, "{p}");
+        assert!((f("vector_ratio") - f("gb_per_s") / f("contiguous_gb_per_s")).abs() < 1e-9, "{p}");
+    }
+}
+
+#[test]
 fn gpu_runs_or_says_it_needs_a_driver() {
     let out = bench(&["--device", "gpu", "--sizes", "4K,1M", "--iters", "4", "--json"]);
     let all = text(&out);
