@@ -7,34 +7,14 @@ use uccl_tcpx::engine::OneSided;
 use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
 
 mod common;
-use common::pattern;
-
-fn wait(conn: &Connection, id: u64) -> uccl_tcpx::Result<u64> {
-    common::wait_done(conn, id, Duration::from_secs(30))
-}
+use common::{PATIENCE, Pair, pattern, wait};
 
 fn config() -> Config {
-    Config { ip: Some("127.0.0.1".parse().unwrap()), num_channels: 3, chunk_size: 64 << 10, ..Config::default() }
-}
-
-struct Pair {
-    a: Engine,
-    b: Engine,
-    ab: Arc<Connection>,
-    ba: Arc<Connection>,
+    Config { num_channels: 3, chunk_size: 64 << 10, ..common::loopback() }
 }
 
 fn pair() -> Pair {
-    pair_with(config())
-}
-
-fn pair_with(config: Config) -> Pair {
-    let a = Engine::new(config.clone()).unwrap();
-    let b = Engine::new(config).unwrap();
-    let port = b.address().port();
-    let ab = a.connect("127.0.0.1", "0", port).unwrap();
-    let ba = b.accept().unwrap();
-    Pair { a, b, ab, ba }
+    common::pair(config())
 }
 
 #[test]
@@ -202,8 +182,8 @@ fn simultaneous_connects_both_ways_and_wrong_gpu_refused() {
     let t2 = std::thread::spawn(move || b2.connect("127.0.0.1", "0", pa).unwrap());
     let ab = t1.join().unwrap();
     let ba = t2.join().unwrap();
-    let from_b = a.accept().unwrap();
-    let from_a = b.accept().unwrap();
+    let from_b = common::accept(&a).unwrap();
+    let from_a = common::accept(&b).unwrap();
     assert_eq!(from_b.peer.gpu_index, 0);
     for (tx, rx, eng_tx, eng_rx) in [(&ab, &from_a, &a, &b), (&ba, &from_b, &b, &a)] {
         let src = pattern(70_000, 3);
@@ -225,13 +205,13 @@ fn simultaneous_connects_both_ways_and_wrong_gpu_refused() {
 fn stop_accept_unblocks_and_shutdown_fails_pending() {
     let e = Arc::new(Engine::new(config()).unwrap());
     let e2 = e.clone();
-    let t = std::thread::spawn(move || e2.accept());
-    std::thread::sleep(Duration::from_millis(100));
+    let t = testkit::threads::spawn_blocked("Engine::accept", move || e2.accept());
     let start = Instant::now();
     e.stop_accept();
-    let err = t.join().unwrap().unwrap_err();
+    let err = testkit::within(Duration::from_secs(5), "the accept released by stop_accept", move || t.join().unwrap())
+        .unwrap_err();
     assert_eq!(err.status(), UcclStatus::ErrCanceled);
-    assert!(start.elapsed() < Duration::from_secs(1));
+    eprintln!("stop_accept released a blocked accept after {:?}", start.elapsed());
 
     let p = pair();
     let mut dst = vec![0u8; 64];
@@ -248,12 +228,11 @@ fn notifications_arrive_in_order_truncated_to_256() {
     let long = pattern(1000, 5);
     p.ab.notify(b"agent-a", &long).unwrap();
     p.ab.notify(b"agent-a", b"second").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
     let mut got = Vec::new();
-    while got.len() < 2 && Instant::now() < deadline {
+    common::wait_until("both notifications arrive", PATIENCE, || {
         got.extend(uccl_tcpx::engine::notify::drain(16).into_iter().filter(|n| n.name == b"agent-a"));
-        std::thread::sleep(Duration::from_millis(1));
-    }
+        got.len() >= 2
+    });
     assert_eq!(got.len(), 2);
     assert_eq!(got[0].msg, &long[..256]);
     assert_eq!(got[1].msg, b"second");
@@ -279,7 +258,7 @@ fn blocking_waits_share_the_control_stream_without_and_with_long_polls() {
 }
 
 fn many_threads_share_the_control_stream(config: Config) {
-    let p = Arc::new(pair_with(config));
+    let p = Arc::new(common::pair(config));
     let region_len = 4 << 20;
     let mut remote = vec![0u8; region_len];
     let rmr = p.b.register(remote.as_mut_ptr() as usize, remote.len()).unwrap();
@@ -384,14 +363,12 @@ fn close_releases_a_caller_waiting_on_the_stream() {
     let mr = p.a.register(src.as_ptr() as usize, src.len()).unwrap();
     let id = p.ab.send(&[(mr, src.as_ptr() as usize, src.len())]).unwrap();
     let conn = p.ab.clone();
-    let waiter = std::thread::spawn(move || {
-        let started = Instant::now();
-        (conn.wait(id), started.elapsed())
-    });
-    std::thread::sleep(Duration::from_millis(200));
+    let waiter = testkit::threads::spawn_blocked("Connection::wait", move || (conn.wait(id), Instant::now()));
+    let closed = Instant::now();
     p.a.close_connection(&p.ab);
-    let (outcome, waited) = waiter.join().unwrap();
+    let (outcome, returned) = waiter.join().unwrap();
     assert_eq!(outcome.unwrap_err().status(), UcclStatus::ErrCanceled);
+    let waited = returned.duration_since(closed);
     assert!(waited < Duration::from_secs(3), "the waiter took {waited:?} to notice the close");
 }
 
@@ -400,10 +377,7 @@ fn close_releases_a_caller_waiting_on_the_stream() {
 #[test]
 fn an_inline_send_waiting_for_its_receive_is_not_a_stall() {
     let cfg = || Config { timeout: Duration::from_millis(500), ..config() };
-    let a = Engine::new(cfg()).unwrap();
-    let b = Engine::new(cfg()).unwrap();
-    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
-    let ba = b.accept().unwrap();
+    let Pair { a, b, ab, ba } = common::pair(cfg());
     let src = pattern(16, 3);
     let smr = a.register(src.as_ptr() as usize, src.len()).unwrap();
     let id = ab.send(&[(smr, src.as_ptr() as usize, src.len())]).unwrap();

@@ -1,8 +1,6 @@
 //! Faults of a peer process: stopped (SIGSTOP), killed (SIGKILL). The peer is this test binary run
 //! again in "peer" mode, so the faults hit a real, separate process.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +10,7 @@ use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
 
 mod common;
 use common::wait_done as wait;
-use common::{threads, threads_settle};
+use common::{ChildTest, PATIENCE, threads, threads_settle};
 
 /// The tests count this process's threads, so they run one at a time.
 fn serial() -> std::sync::MutexGuard<'static, ()> {
@@ -20,69 +18,45 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-const PEER_ENV: &str = "UCCL_TCPX_FAULT_PEER";
 const REGION: usize = 64 << 20;
 
 fn config(timeout_ms: u64) -> Config {
-    Config { ip: Some("127.0.0.1".parse().unwrap()), timeout: Duration::from_millis(timeout_ms), ..Config::default() }
+    Config { timeout: Duration::from_millis(timeout_ms), ..common::loopback() }
 }
 
-/// Peer mode: an engine with one advertised region; prints its port and FifoItem, then serves
+/// The peer: an engine with one advertised region; prints its port and FifoItem, then serves
 /// until killed.
 #[test]
+#[ignore = "started by the other tests as their peer process"]
 fn peer_process() {
-    if std::env::var_os(PEER_ENV).is_none() {
-        return;
-    }
+    assert!(common::is_child("peer_process"), "runs as a peer process that the other tests start");
     let engine = Engine::new(config(60_000)).unwrap();
     let buf = vec![0u8; REGION];
     let mr = engine.register(buf.as_ptr() as usize, buf.len()).unwrap();
     let item = engine.prepare_fifo(mr, buf.as_ptr() as usize, buf.len()).unwrap();
-    let hex: String = item.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
-    println!("PEER {} {hex}", engine.address().port());
+    println!("PEER {} {}", engine.address().port(), common::engine::fifo_to_hex(&item));
     let _conn = engine.accept().unwrap();
-    std::thread::sleep(Duration::from_secs(120));
+    testkit::child::park_until_killed()
 }
 
 struct Peer {
-    child: Child,
+    process: testkit::child::Peer,
     port: u16,
     item: FifoItem,
 }
 
 impl Peer {
     fn spawn() -> Peer {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "peer_process", "--nocapture", "--test-threads=1"])
-            .env(PEER_ENV, "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        // The harness may print "test peer_process ... " on the same line first.
-        let line = lines.find_map(|l| l.ok().and_then(|l| l.split_once("PEER ").map(|(_, rest)| rest.to_owned())));
-        let line = line.expect("peer announced itself");
-        let mut parts = line.split_whitespace();
-        let port = parts.next().unwrap().parse().unwrap();
-        let hex = parts.next().unwrap();
-        let mut bytes = [0u8; 64];
-        for (i, b) in bytes.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
-        }
-        Peer { child, port, item: FifoItem::from_bytes(&bytes) }
+        // Quiet: what the peer logs after the faults inflicted on it is noise.
+        let mut process = ChildTest::new("peer_process").ignored().quiet().spawn();
+        let line = process.announcement("PEER ", PATIENCE);
+        let (port, hex) = line.split_once(' ').expect("PEER <port> <item>");
+        Peer { port: port.parse().unwrap(), item: common::engine::fifo_from_hex(hex.trim()), process }
     }
 
     fn signal(&self, sig: i32) {
-        // SAFETY: sending a signal to our own child process.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        self.signal(libc::SIGKILL);
-        let _ = self.child.wait();
+        // SAFETY: sending a signal to our own child process, which is alive until `process` drops.
+        assert_eq!(unsafe { libc::kill(self.process.pid() as i32, sig) }, 0);
     }
 }
 

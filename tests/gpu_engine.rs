@@ -8,82 +8,15 @@
 //! posts made without a registration handle (it asks CUDA what the pointer is), so they pass with
 //! or without the engine registering regions per comm.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use uccl_tcpx::engine::OneSided;
 use uccl_tcpx::proto::FifoItem;
-use uccl_tcpx::{Config, Connection, Engine, UcclStatus, cuda};
+use uccl_tcpx::{Config, Engine, UcclStatus, cuda};
 
 mod common;
-mod gpu_common;
-use common::pattern;
-use gpu_common::{Mem, Side, assert_same, no_gpu};
-
-const LIMIT: Duration = Duration::from_secs(120);
-
-fn wait(conn: &Connection, id: u64) -> uccl_tcpx::Result<u64> {
-    common::wait_done(conn, id, LIMIT)
-}
-
-fn config() -> Config {
-    Config { ip: Some("127.0.0.1".parse().unwrap()), ..Config::default() }
-}
-
-struct Pair {
-    a: Engine,
-    b: Engine,
-    ab: Arc<Connection>,
-    ba: Arc<Connection>,
-}
-
-fn pair(config: Config) -> Pair {
-    let a = Engine::new(config.clone()).unwrap();
-    let b = Engine::new(config).unwrap();
-    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
-    let ba = b.accept().unwrap();
-    Pair { a, b, ab, ba }
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Kind {
-    SendRecv,
-    Write,
-    Read,
-}
-
-/// Moves `len` bytes from `src[soff..]` on engine `a` to `dst[doff..]` on engine `b` (for reads,
-/// `a` pulls from `b`: the data still goes src -> dst).
-fn move_bytes(p: &Pair, kind: Kind, src: (&Mem, u64, usize), dst: (&Mem, u64, usize), len: usize) {
-    let (smem, smr, soff) = src;
-    let (dmem, dmr, doff) = dst;
-    let (saddr, daddr) = (smem.addr() + soff, dmem.addr() + doff);
-    match kind {
-        Kind::SendRecv => {
-            let r = p.ba.recv(dmr, daddr, len).unwrap();
-            let s = p.ab.send(&[(smr, saddr, len)]).unwrap();
-            assert_eq!(wait(&p.ab, s).unwrap(), len as u64);
-            assert_eq!(wait(&p.ba, r).unwrap(), len as u64);
-        }
-        Kind::Write => {
-            let fifo = p.b.prepare_fifo(dmr, dmem.addr(), dmem.len()).unwrap();
-            let mut remote = fifo;
-            remote.addr = daddr as u64;
-            let w = p.ab.write(&[OneSided { mr: smr, addr: saddr, len, remote }]).unwrap();
-            assert_eq!(wait(&p.ab, w).unwrap(), len as u64);
-        }
-        Kind::Read => {
-            // Here the source is on b and the destination on a.
-            let fifo = p.b.prepare_fifo(smr, smem.addr(), smem.len()).unwrap();
-            let mut remote = fifo;
-            remote.addr = saddr as u64;
-            let r = p.ab.read(&[OneSided { mr: dmr, addr: daddr, len, remote }]).unwrap();
-            assert_eq!(wait(&p.ab, r).unwrap(), len as u64);
-        }
-    }
-}
+use common::gpu::{Mem, Side, every_kind_every_direction, no_gpu};
+use common::{ChildTest, PATIENCE, assert_same, loopback as config, pair, pattern, wait};
 
 #[test]
 fn every_kind_every_direction_every_size() {
@@ -92,33 +25,7 @@ fn every_kind_every_direction_every_size() {
     }
     let p = pair(config());
     let sizes = [1usize, 7, 4097, 65_536, 65_537, (1 << 20) - 3, (4 << 20) + 17, (64 << 20) + 5, 256 << 20];
-    let max = *sizes.iter().max().unwrap() + 64;
-    for (from, to) in [(Side::Gpu, Side::Gpu), (Side::Gpu, Side::Host), (Side::Host, Side::Gpu)] {
-        for kind in [Kind::SendRecv, Kind::Write, Kind::Read] {
-            let mut src = Mem::new(from, max);
-            let mut dst = Mem::new(to, max);
-            // For reads the source lives on b, the destination on a.
-            let (src_engine, dst_engine) = match kind {
-                Kind::Read => (&p.b, &p.a),
-                _ => (&p.a, &p.b),
-            };
-            let smr = src_engine.register(src.addr(), src.len()).unwrap();
-            let dmr = dst_engine.register(dst.addr(), dst.len()).unwrap();
-            for (k, &len) in sizes.iter().enumerate() {
-                let (soff, doff) = (1 + (k * 3) % 13, 5 + k % 3);
-                let data = pattern(len, (k * 10 + kind as usize) as u64);
-                src.write(soff, &data);
-                dst.clear();
-                move_bytes(&p, kind, (&src, smr, soff), (&dst, dmr, doff), len);
-                let got = dst.read(doff - 1, len + 2);
-                let what = format!("{kind:?} {from:?}->{to:?} {len} bytes at +{soff} -> +{doff}");
-                assert_same(&got[1..=len], &data, &what);
-                assert_eq!((got[0], got[len + 1]), (0, 0), "{what}: neighbours untouched");
-            }
-            src_engine.deregister(smr).unwrap();
-            dst_engine.deregister(dmr).unwrap();
-        }
-    }
+    every_kind_every_direction(&p, &sizes);
     let gpu = p.a.gpu().expect("device registrations chose a GPU");
     assert_eq!(gpu.ordinal(), 0);
 }
@@ -234,7 +141,9 @@ fn closing_during_gpu_transfers_is_clean() {
     let len = 128 << 20;
     for closer in ["initiator", "target"] {
         let p = pair(config());
-        let src = Mem::new(Side::Gpu, len);
+        let mut src = Mem::new(Side::Gpu, len);
+        // Nonzero from the first byte on, so that arriving data shows in the destination.
+        src.write(0, &vec![0x5a; len]);
         let dst = Mem::new(Side::Gpu, len);
         let smr = p.a.register(src.addr(), len).unwrap();
         let dmr = p.b.register(dst.addr(), len).unwrap();
@@ -242,7 +151,8 @@ fn closing_during_gpu_transfers_is_clean() {
         let w = p.ab.write(&[OneSided { mr: smr, addr: src.addr(), len, remote }]).unwrap();
         let r = p.ba.recv(dmr, dst.addr(), len).unwrap();
         let s = p.ab.send(&[(smr, src.addr(), len)]).unwrap();
-        std::thread::sleep(Duration::from_millis(20));
+        // The close comes once data is moving (the first chunk landed), not at some guessed moment.
+        common::wait_until("the first bytes land", PATIENCE, || dst.read(0, 1)[0] != 0);
         if closer == "initiator" {
             p.a.close_connection(&p.ab);
         } else {
@@ -298,7 +208,8 @@ fn gpu_identity_in_metadata_and_handshake() {
     // Peers name the GPU by what metadata says, or by ordinal; another GPU is refused.
     let port = b.address().port();
     let by_id = a.connect("127.0.0.1", advertised, port).unwrap();
-    let accepted = b.accept().unwrap();
+    let b = std::sync::Arc::new(b);
+    let accepted = common::accept(&b).unwrap();
     assert_eq!(by_id.peer.gpu_id, bus_id);
     assert_eq!(by_id.peer.gpu_index, 0);
     assert_eq!(accepted.peer.gpu_id, "0", "a has no GPU yet");
@@ -348,38 +259,35 @@ fn host_memory_without_a_driver() {
 
 // ---- two processes on one GPU -------------------------------------------------------------------
 
-const PEER_ENV: &str = "UCCL_TCPX_GPU_PEER";
 const PEER_REGION: usize = (64 << 20) + 64;
 const PEER_SEED: u64 = 77;
 const ECHO_LEN: usize = (8 << 20) + 13;
 
-/// Peer mode: an engine with a GPU region holding a known pattern, advertised whole; prints its
+/// The peer: an engine with a GPU region holding a known pattern, advertised whole; prints its
 /// port, metadata and FifoItem, echoes one message received into GPU memory, then serves until
 /// killed.
 #[test]
+#[ignore = "started by two_processes_share_one_gpu as its peer process"]
 fn gpu_peer_process() {
-    if std::env::var_os(PEER_ENV).is_none() || no_gpu() {
-        return;
-    }
-    let engine = Engine::new(config()).unwrap();
+    assert!(common::is_child("gpu_peer_process"), "runs as the peer process of two_processes_share_one_gpu");
+    let engine = std::sync::Arc::new(Engine::new(config()).unwrap());
     let mut region = Mem::new(Side::Gpu, PEER_REGION);
     region.write(0, &pattern(PEER_REGION, PEER_SEED));
     let mr = engine.register(region.addr(), region.len()).unwrap();
     let item = engine.prepare_fifo(mr, region.addr(), region.len()).unwrap();
-    let hex: String = item.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
-    println!("PEER {} {} {hex}", engine.address().port(), engine.metadata());
-    let conn = engine.accept().unwrap();
+    println!("PEER {} {} {}", engine.address().port(), engine.metadata(), common::engine::fifo_to_hex(&item));
+    let conn = common::accept(&engine).unwrap();
     let echo = Mem::new(Side::Gpu, ECHO_LEN);
     let emr = engine.register(echo.addr(), echo.len()).unwrap();
     let r = conn.recv(emr, echo.addr(), ECHO_LEN).unwrap();
     assert_eq!(wait(&conn, r).unwrap(), ECHO_LEN as u64);
     let s = conn.send(&[(emr, echo.addr(), ECHO_LEN)]).unwrap();
     assert_eq!(wait(&conn, s).unwrap(), ECHO_LEN as u64);
-    std::thread::sleep(Duration::from_secs(120));
+    testkit::child::park_until_killed()
 }
 
 struct Peer {
-    child: Child,
+    _process: testkit::child::Peer,
     port: u16,
     gpu: String,
     item: FifoItem,
@@ -387,37 +295,18 @@ struct Peer {
 
 impl Peer {
     fn spawn() -> Peer {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "gpu_peer_process", "--nocapture", "--test-threads=1"])
-            .env(PEER_ENV, "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = lines.find_map(|l| l.ok().and_then(|l| l.split_once("PEER ").map(|(_, rest)| rest.to_owned())));
-        let line = line.expect("peer announced itself");
+        let mut process = ChildTest::new("gpu_peer_process").ignored().spawn();
+        let line = process.announcement("PEER ", Duration::from_secs(120));
         let parts: Vec<&str> = line.split_whitespace().collect();
         let port = parts[0].parse().unwrap();
         let gpu = parts[1].rsplit_once('?').unwrap().1.to_owned();
-        let mut bytes = [0u8; 64];
-        for (i, b) in bytes.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&parts[2][2 * i..2 * i + 2], 16).unwrap();
-        }
-        Peer { child, port, gpu, item: FifoItem::from_bytes(&bytes) }
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        Peer { _process: process, port, gpu, item: common::engine::fifo_from_hex(parts[2]) }
     }
 }
 
 #[test]
 fn two_processes_share_one_gpu() {
-    if no_gpu() || std::env::var_os(PEER_ENV).is_some() {
+    if no_gpu() {
         return;
     }
     let peer = Peer::spawn();

@@ -9,15 +9,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use uccl_tcpx::UcclStatus;
+use uccl_tcpx::config::SocketConfig;
 use uccl_tcpx::config::{StagingConfig, StagingWake};
-use uccl_tcpx::transport::socket::SocketNet;
 use uccl_tcpx::transport::staged::{StagedNet, StagingParams};
-use uccl_tcpx::transport::{MemKind, MrHandle, Net, RecvComm, SendComm};
+use uccl_tcpx::transport::{ListenComm, MemKind, MrHandle, Net, RecvComm, SendComm};
 
 mod common;
-mod gpu_common;
-use common::pattern;
-use gpu_common::{Mem, Side, assert_same, no_gpu};
+use common::gpu::{Mem, Side, no_gpu};
+use common::{PATIENCE, assert_same, pattern};
 
 /// Requests a comm holds at once, as the engine's window allows at most.
 const WINDOW: usize = 16;
@@ -27,6 +26,7 @@ struct Staged {
     tuning: StagingConfig,
     tx: Box<dyn SendComm>,
     rx: Box<dyn RecvComm>,
+    _listen: Box<dyn ListenComm>,
     wakes: Arc<AtomicUsize>,
     slot: usize,
 }
@@ -37,25 +37,15 @@ fn staged(slot: usize, slots: usize) -> Staged {
 
 fn staged_with(params: StagingParams) -> Staged {
     let (slot, tuning) = (params.slot_size, params.tuning);
-    let socket =
-        SocketNet::new("127.0.0.1".parse().unwrap(), Duration::from_secs(5), Duration::from_secs(30), Arc::new(|| {}));
+    let socket = common::socket::socket_net(SocketConfig::default());
     let wakes = Arc::new(AtomicUsize::new(0));
     let counter = wakes.clone();
     let wake = Arc::new(move || {
         counter.fetch_add(1, Ordering::Relaxed);
     });
     let net = StagedNet::wrap(Arc::new(socket), params, wake).unwrap();
-    let (mut handle, mut listen) = net.listen(0).unwrap();
-    let tx = net.connect(0, &mut handle).unwrap().expect("socket connect completes at once");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let rx = loop {
-        if let Some(rx) = listen.accept().unwrap() {
-            break rx;
-        }
-        assert!(Instant::now() < deadline, "accept timed out");
-        std::thread::sleep(Duration::from_millis(1));
-    };
-    Staged { net, tuning, tx, rx, wakes, slot }
+    let (tx, rx, listen) = common::comm::comm_pair(&*net, 0);
+    Staged { net, tuning, tx, rx, _listen: listen, wakes, slot }
 }
 
 /// One side's view of a transfer: where the bytes are and the handle to post them with.
@@ -454,15 +444,9 @@ fn every_ring_copy_lands_and_wakes_once() {
         wait_all(&ring, &taken);
         assert_same(&dst.to_vec().unwrap(), &want, "device memory after copy_out");
         let expected = if opts.host_wake { 2 * slots } else { 0 };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while wakes.load(Ordering::Relaxed) < expected {
-            assert!(
-                Instant::now() < deadline,
-                "{opts:?}: only {} wakes for {expected} copies",
-                wakes.load(Ordering::Relaxed)
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        common::wait_until(&format!("{opts:?}: {expected} wakes for {expected} copies"), PATIENCE, || {
+            wakes.load(Ordering::Relaxed) >= expected
+        });
         let stamped = taken.iter().filter(|&&s| ring.wake_ran_at(s).is_some()).count();
         assert_eq!(stamped, if opts.host_wake && opts.stamp_wakes { slots } else { 0 }, "{opts:?}: wake stamps");
         drop(ring);

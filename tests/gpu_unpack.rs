@@ -17,8 +17,7 @@ use uccl_tcpx::transport::plugin::abi::LoadMeta;
 const GUARD: u8 = 0xA5;
 
 fn gpu() -> Option<Arc<CudaContext>> {
-    if !uccl_tcpx::cuda::available() {
-        println!("SKIPPED: no CUDA driver");
+    if common::gpu::no_gpu() {
         return None;
     }
     let ctx = CudaContext::new(0).expect("primary context of device 0");
@@ -188,7 +187,7 @@ fn random_receive(rng: &mut Rng, pool_len: usize, dst_at: usize, dst_len: usize)
 #[test]
 fn random_fragment_patterns_match_a_cpu_gather() {
     let Some(_ctx) = gpu() else { return };
-    let mut rng = Rng(0x5eed_0001);
+    let mut rng = Rng::new("random_fragment_patterns_match_a_cpu_gather");
     let pool = Region::new(rng.bytes(8 << 20));
     // Receives placed one after another at random alignments, with guard gaps between them.
     let mut receives = Vec::new();
@@ -217,7 +216,7 @@ fn random_fragment_patterns_match_a_cpu_gather() {
 #[test]
 fn every_source_and_destination_alignment() {
     let Some(_ctx) = gpu() else { return };
-    let mut rng = Rng(0x5eed_0002);
+    let mut rng = Rng::new("every_source_and_destination_alignment");
     let pool = Region::new(rng.bytes(4 << 20));
     let lens = [1usize, 3, 15, 16, 17, 31, 100, 511, 4080, 4095, 4096, 4097, 8191, 12_345];
     let mut receives = Vec::new();
@@ -257,7 +256,7 @@ fn every_source_and_destination_alignment() {
 #[test]
 fn destinations_at_the_very_end_of_a_region_leave_the_guard_untouched() {
     let Some(_ctx) = gpu() else { return };
-    let mut rng = Rng(0x5eed_0003);
+    let mut rng = Rng::new("destinations_at_the_very_end_of_a_region_leave_the_guard_untouched");
     let pool = Region::new(rng.bytes(1 << 20));
     for (len, guard) in [(1usize, 1usize), (17, 1), (4096, 1), (4099, 13), (65_536 + 7, 1), (100_003, 64)] {
         let region_len = len + 5 + guard;
@@ -300,7 +299,7 @@ fn small_rings_force_device_tile_launches_full_rings_and_in_order_completion() {
 }
 
 fn small_rings(mode: UnpackMode, completion: Completion) {
-    let mut rng = Rng(0x5eed_0004);
+    let mut rng = Rng::new("small_rings");
     let pool = Region::new(rng.bytes(32 << 20));
     let mut dst = Region::guarded(48 * (512 << 10) + 64);
     let mut unpacker = Unpacker::new(UnpackerConfig {
@@ -381,7 +380,7 @@ fn invalid_and_empty_receives() {
 }
 
 fn invalid_and_empty(config: UnpackerConfig) {
-    let mut rng = Rng(0x5eed_0005);
+    let mut rng = Rng::new("invalid_and_empty");
     let pool = Region::new(rng.bytes(1 << 20));
     let mut dst = Region::guarded(3 * 4096 + 64);
     let mut unpacker = Unpacker::new(config).expect("unpacker");
@@ -425,7 +424,7 @@ fn invalid_and_empty(config: UnpackerConfig) {
 #[test]
 fn persistent_kernel_restarts_after_idling_and_leaves_room_for_other_streams() {
     let Some(_ctx) = gpu() else { return };
-    let mut rng = Rng(0x5eed_0007);
+    let mut rng = Rng::new("persistent_kernel_restarts_after_idling_and_leaves_room_for_other_streams");
     let pool = Region::new(rng.bytes(8 << 20));
     let rounds = 6;
     let mut dst = Region::guarded(2 * rounds * (64 << 10) + 64);
@@ -458,7 +457,7 @@ fn persistent_kernel_restarts_after_idling_and_leaves_room_for_other_streams() {
 #[test]
 fn every_parameter_block_size_carries_its_tiles() {
     let Some(_ctx) = gpu() else { return };
-    let mut rng = Rng(0x5eed_0006);
+    let mut rng = Rng::new("every_parameter_block_size_carries_its_tiles");
     let pool = Region::new(rng.bytes(16 << 20));
     let config = UnpackerConfig { inline_tiles: usize::MAX, ..UnpackerConfig::default() };
     let mut unpacker = Unpacker::new(config).expect("unpacker");
@@ -493,7 +492,7 @@ fn every_parameter_block_size_carries_its_tiles() {
 #[test]
 fn many_launches_in_flight_complete_in_order_with_their_bytes_in_place() {
     let Some(_ctx) = gpu() else { return };
-    let mut rng = Rng(0x5eed_0008);
+    let mut rng = Rng::new("many_launches_in_flight_complete_in_order_with_their_bytes_in_place");
     let pool = Region::new(rng.bytes(32 << 20));
     let count = 96;
     // 7 to 300 pages of every fragment kind: launches take the tiny, small and mapped paths.

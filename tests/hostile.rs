@@ -19,11 +19,7 @@ use uccl_tcpx::proto::{ChannelHello, Control, FrameHeader, Handshake, Hello, Ref
 use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
 
 mod common;
-use common::{Rng, pattern, threads, threads_settle};
-
-fn wait(conn: &Connection, id: u64) -> uccl_tcpx::Result<u64> {
-    common::wait_done(conn, id, Duration::from_secs(30))
-}
+use common::{PATIENCE, Pair, Rng, accept, pattern, threads, threads_settle, wait};
 
 /// Bound on connection setup for the engines under attack: abandoned handshakes end this quickly.
 const SETUP_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -38,47 +34,22 @@ fn serial() -> MutexGuard<'static, ()> {
 
 fn config() -> Config {
     Config {
-        ip: Some(Ipv4Addr::LOCALHOST.into()),
         num_channels: 2,
         chunk_size: 128 << 10,
         connect_timeout: SETUP_TIMEOUT,
         socket: SocketConfig { nthreads: 1, nsocks_per_thread: 1, ..SocketConfig::default() },
-        ..Config::default()
+        ..common::loopback()
     }
-}
-
-/// `Engine::accept` bounded by the setup timeout; on expiry accepting is stopped (which releases the
-/// blocked call) and the test fails.
-fn accept(engine: &Arc<Engine>) -> uccl_tcpx::Result<Arc<Connection>> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let e = engine.clone();
-    std::thread::spawn(move || {
-        let _ = tx.send(e.accept());
-    });
-    match rx.recv_timeout(SETUP_TIMEOUT + SLACK) {
-        Ok(r) => r,
-        Err(_) => {
-            engine.stop_accept();
-            panic!("Engine::accept returned nothing within {:?}", SETUP_TIMEOUT + SLACK);
-        }
-    }
-}
-
-struct Pair {
-    a: Arc<Engine>,
-    b: Arc<Engine>,
-    ab: Arc<Connection>,
-    ba: Arc<Connection>,
 }
 
 fn pair() -> Pair {
+    pair_with(config())
+}
+
+fn pair_with(config: Config) -> Pair {
     // Errors only (unless UCCL_TCPX_LOG says otherwise): an engine-side failure shows up in the output.
     uccl_tcpx::init_logging();
-    let a = Arc::new(Engine::new(config()).unwrap());
-    let b = Arc::new(Engine::new(config()).unwrap());
-    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
-    let ba = accept(&b).unwrap();
-    let p = Pair { a, b, ab, ba };
+    let p = common::pair(config);
     // Every thread the pair runs exists once a transfer went each way, so a thread count taken
     // after this is a steady baseline.
     assert_pair_works(&p, 0);
@@ -205,7 +176,7 @@ fn garbage_on_the_control_port_is_dropped() {
     let p = pair();
     let target = p.b.address();
     let baseline = threads();
-    let mut rng = Rng(0xbad_5eed);
+    let mut rng = Rng::new("garbage on the control port");
     let mut cases: Vec<(String, Vec<u8>)> = vec![
         ("http request".into(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
         ("tls client hello".into(), [0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03].to_vec()),
@@ -262,7 +233,7 @@ fn garbage_on_the_control_port_is_dropped() {
         ),
     ];
     for i in 0..40 {
-        let len = 1 + (rng.next() % 600) as usize;
+        let len = 1 + rng.below(600);
         let mut bytes = rng.bytes(len);
         if i % 2 == 0 {
             // Valid frame magic so the kind and length checks are reached.
@@ -353,13 +324,14 @@ fn silent_and_stalled_connections_time_out_while_the_engine_keeps_serving() {
     let p = pair();
     let baseline = threads();
     let target = p.b.address();
+    // Before the first connect: the engine's clock for each of them cannot start earlier.
+    let started = Instant::now();
     let mut silent = TcpStream::connect(target).unwrap();
     let mut half_header = TcpStream::connect(target).unwrap();
     half_header.write_all(&[0x43, 0x54, 1]).unwrap();
     let mut half_body = TcpStream::connect(target).unwrap();
     let hello_frame = encode(&Handshake::Hello(hello()));
     half_body.write_all(&hello_frame[..20]).unwrap();
-    let started = Instant::now();
     // While those sit there, the real connection works and new peers are accepted.
     assert_pair_works(&p, 4);
     assert_accepts_new_peers(&p.b);
@@ -404,10 +376,14 @@ fn two_hundred_connections_opened_and_dropped() {
     threads_settle(baseline, SLACK);
 }
 
+/// The handshake timeout of the engine the silent flood targets: long enough that a loaded machine
+/// opens all 200 connections before the first of them time out.
+const FLOOD_SETUP_TIMEOUT: Duration = Duration::from_secs(6);
+
 #[test]
 fn two_hundred_silent_connections_held_at_once() {
     let _serial = serial();
-    let p = pair();
+    let p = pair_with(Config { connect_timeout: FLOOD_SETUP_TIMEOUT, ..config() });
     let baseline = threads();
     let target = p.b.address();
     // Opened in batches that the accept loop drains before the next one: a single burst of 200 can
@@ -418,20 +394,17 @@ fn two_hundred_silent_connections_held_at_once() {
         let before = threads();
         held.extend((0..50).map(|_| TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap()));
         // Each accepted connection gets a handshake thread; wait for most of this batch's.
-        let deadline = Instant::now() + Duration::from_millis(250);
-        while threads() < before + 45 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        common::wait_until("the engine accepts a batch", FLOOD_SETUP_TIMEOUT, || threads() >= before + 45);
     }
     let peak = threads();
     eprintln!("200 silent connections opened in {:?}: {peak} threads (baseline {baseline})", opened.elapsed());
-    assert!(opened.elapsed() < SETUP_TIMEOUT, "the flood took longer than the handshake timeout");
+    assert!(opened.elapsed() < FLOOD_SETUP_TIMEOUT, "the flood took longer than the handshake timeout");
     assert!(peak >= baseline + 150, "only {} handshakes pending at once", peak.saturating_sub(baseline));
     // A real peer still gets through while every one of them holds a handshake thread.
     assert_accepts_new_peers(&p.b);
     assert_pair_works(&p, 7);
     for mut s in held {
-        let reply = read_reply(&mut s, SETUP_TIMEOUT + SLACK);
+        let reply = read_reply(&mut s, FLOOD_SETUP_TIMEOUT + SLACK);
         assert!(reply.closed && reply.bytes.is_empty());
     }
     threads_settle(baseline, SLACK);
@@ -556,16 +529,11 @@ impl FakePeer {
         tx.write_all(&message(0, &ChannelHello { channel: 0, nonce: session_nonce }.to_bytes()))?;
         // The engine dials our handle for its send direction.
         listener.set_nonblocking(true)?;
-        let deadline = Instant::now() + limit;
-        let mut rx = loop {
-            match listener.accept() {
-                Ok((s, _)) => break s,
-                Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        let mut rx = common::eventually("the engine dials our handle", limit, || match listener.accept() {
+            Ok((s, _)) => Some(Ok(s)),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => None,
+            Err(e) => Some(Err(e)),
+        })?;
         rx.set_nonblocking(false)?;
         let their_hello = read_exact_within(&mut rx, HELLO_LEN, limit)?;
         let comm_id = u64::from_le_bytes(their_hello[16..24].try_into().unwrap());
@@ -843,17 +811,10 @@ fn data_len_mismatch_reports_the_pending_receive() {
     let p = pair();
     let (mut fake, conn, rid, _dst, _dmr) = data_len_mismatch(&p);
     fake.expect_closed();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match conn.poll(rid) {
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-            Ok(None) => panic!("the receive is still in progress 5 s after its connection failed"),
-            Ok(Some(n)) => panic!("the receive succeeded with {n} bytes"),
-            Err(e) => {
-                assert_eq!(e.status(), UcclStatus::ErrBackend, "{e}");
-                break;
-            }
-        }
+    let what = "the receive ends after its connection failed";
+    match common::eventually(what, PATIENCE, || conn.poll(rid).transpose()) {
+        Ok(n) => panic!("the receive succeeded with {n} bytes"),
+        Err(e) => assert_eq!(e.status(), UcclStatus::ErrBackend, "{e}"),
     }
 }
 
@@ -975,16 +936,12 @@ fn hello_handle_makes_the_engine_dial_the_named_address_then_give_up() {
     let h = Hello { net_handle: socket_handle(decoy.local_addr().unwrap(), 7), ..hello() };
     let mut control = TcpStream::connect(p.b.address()).unwrap();
     control.write_all(&encode(&Handshake::Hello(h))).unwrap();
-    let deadline = Instant::now() + SETUP_TIMEOUT + SLACK;
-    let mut dialed = loop {
-        match decoy.accept() {
-            Ok((s, _)) => break s,
-            Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5))
-            }
-            Err(e) => panic!("the engine never dialed the handle's address: {e}"),
-        }
-    };
+    let mut dialed =
+        common::eventually("the engine dials the handle's address", SETUP_TIMEOUT + SLACK, || match decoy.accept() {
+            Ok((s, _)) => Some(s),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => None,
+            Err(e) => panic!("accepting on the decoy: {e}"),
+        });
     dialed.set_nonblocking(false).unwrap();
     let got = read_reply(&mut dialed, SETUP_TIMEOUT + SLACK);
     assert!(got.closed, "the engine kept the dialed connection open");
@@ -1010,7 +967,24 @@ fn grant_arriving_during_close_does_not_strand_the_write() {
     let _serial = serial();
     let p = pair();
     let (mut fake, conn) = fake_peer(&p);
-    // Larger than the inline limit, so the write asks for a Grant.
+    let (w, xfer, _src) = write_behind_a_blocked_writer(&p, &mut fake, &conn);
+    let (b, c) = (p.b.clone(), conn.clone());
+    let closer = std::thread::spawn(move || b.close_connection(&c));
+    // The writer refuses new messages from the moment the close starts waiting for it to drain:
+    // the Grant must arrive in that wait.
+    common::wait_until("close_connection waits for the blocked writer", PATIENCE, || {
+        conn.notify(b"probe", b"").is_err()
+    });
+    fake.send(&Control::Grant { xfer, flow: 1 });
+    common::wait_until("close_connection returns", Duration::from_secs(10), || closer.is_finished());
+    closer.join().unwrap();
+    assert_canceled(&conn, w);
+}
+
+/// A write of `p.b`'s on `conn` waiting for its Grant (it is larger than the inline limit), behind
+/// 64 MiB of notification that the fake never reads, so the engine's control writer is blocked.
+/// Returns the write's id, the xfer the fake saw and the write's source.
+fn write_behind_a_blocked_writer(p: &Pair, fake: &mut FakePeer, conn: &Connection) -> (u64, u64, Vec<u8>) {
     let src = pattern(128 << 10, 5);
     let smr = p.b.register(src.as_ptr() as usize, src.len()).unwrap();
     let remote = uccl_tcpx::proto::FifoItem::with_capability(
@@ -1022,27 +996,15 @@ fn grant_arriving_during_close_does_not_strand_the_write() {
     let Some(Control::WriteRequest { xfer, .. }) = fake.recv() else { panic!("no WriteRequest") };
     // Stop reading: 64 MiB of notification fill the socket buffers and the engine's writer blocks.
     conn.notify(b"filler", &vec![0u8; 64 << 20]).unwrap();
-    let (b, c) = (p.b.clone(), conn.clone());
-    let closer = std::thread::spawn(move || b.close_connection(&c));
-    std::thread::sleep(Duration::from_millis(200));
-    fake.send(&Control::Grant { xfer, flow: 1 });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !closer.is_finished() {
-        assert!(Instant::now() < deadline, "close_connection did not return");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    closer.join().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match conn.poll(w) {
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-            Ok(None) => panic!("the write is still in progress 5 s after close_connection returned"),
-            Ok(Some(n)) => panic!("the write succeeded with {n} bytes on a closed connection"),
-            Err(e) => {
-                assert_eq!(e.status(), UcclStatus::ErrCanceled, "{e}");
-                break;
-            }
-        }
+    (w, xfer, src)
+}
+
+/// Write `w` of the closed connection `conn` ends, canceled.
+fn assert_canceled(conn: &Connection, w: u64) {
+    let what = "the write ends after close_connection returned";
+    match common::eventually(what, PATIENCE, || conn.poll(w).transpose()) {
+        Ok(n) => panic!("the write succeeded with {n} bytes on a closed connection"),
+        Err(e) => assert_eq!(e.status(), UcclStatus::ErrCanceled, "{e}"),
     }
 }
 
@@ -1052,37 +1014,13 @@ fn close_with_a_blocked_control_writer_fails_pending_writes() {
     let _serial = serial();
     let p = pair();
     let (mut fake, conn) = fake_peer(&p);
-    // Larger than the inline limit, so the write asks for a Grant.
-    let src = pattern(128 << 10, 6);
-    let smr = p.b.register(src.as_ptr() as usize, src.len()).unwrap();
-    let remote = uccl_tcpx::proto::FifoItem::with_capability(
-        0x1000,
-        128 << 10,
-        uccl_tcpx::proto::Capability { region: 1, token: 2 },
-    );
-    let w = conn.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len: src.len(), remote }]).unwrap();
-    assert!(matches!(fake.recv(), Some(Control::WriteRequest { .. })));
-    conn.notify(b"filler", &vec![0u8; 64 << 20]).unwrap();
+    let (w, _xfer, _src) = write_behind_a_blocked_writer(&p, &mut fake, &conn);
     let start = Instant::now();
     let (b, c) = (p.b.clone(), conn.clone());
     let closer = std::thread::spawn(move || b.close_connection(&c));
-    while !closer.is_finished() {
-        assert!(start.elapsed() < Duration::from_secs(10), "close_connection did not return");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_until("close_connection returns", Duration::from_secs(10), || closer.is_finished());
     closer.join().unwrap();
     eprintln!("close with a blocked writer returned after {:?}", start.elapsed());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let err = loop {
-        match conn.poll(w) {
-            Ok(None) => {
-                assert!(Instant::now() < deadline, "the write is still in progress after the close");
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Ok(Some(n)) => panic!("the write succeeded with {n} bytes"),
-            Err(e) => break e,
-        }
-    };
-    assert_eq!(err.status(), UcclStatus::ErrCanceled, "{err}");
+    assert_canceled(&conn, w);
     assert_pair_works(&p, 16);
 }

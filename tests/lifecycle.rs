@@ -12,63 +12,22 @@ use uccl_tcpx::proto::FifoItem;
 use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
 
 mod common;
-use common::wait_done as outcome;
+use common::{Pair, wait_done as outcome, within};
 
 const BIG: usize = 64 << 20;
 /// Bound on any single transfer id reaching a final state after a teardown.
 const SETTLE: Duration = Duration::from_secs(20);
 
 fn config() -> Config {
-    Config {
-        ip: Some("127.0.0.1".parse().unwrap()),
-        num_channels: 2,
-        chunk_size: 256 << 10,
-        connect_timeout: Duration::from_secs(5),
-        ..Config::default()
-    }
+    Config { num_channels: 2, chunk_size: 256 << 10, connect_timeout: Duration::from_secs(5), ..common::loopback() }
 }
 
-/// Runs `f` on its own thread and fails the test if it has not returned within `limit`.
-fn within<T: Send + 'static>(limit: Duration, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(limit).unwrap_or_else(|e| panic!("{what} did not return within {limit:?} ({e})"))
-}
-
-/// The final outcome of `id`; fails the test if it is still in progress after `limit`.
-/// `outcome`, naming the transfer in the failure.
-fn outcome_or(conn: &Connection, id: u64, limit: Duration, what: &str) -> uccl_tcpx::Result<u64> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(n) = conn.poll(id)? {
-            return Ok(n);
-        }
-        assert!(Instant::now() < deadline, "{what}: transfer {id} still in progress {limit:?} after the close");
-        std::thread::sleep(Duration::from_micros(200));
-    }
-}
-
-/// Accepts one connection on `engine`, bounded.
 fn accept(engine: &Arc<Engine>) -> Arc<Connection> {
-    let e = engine.clone();
-    within(Duration::from_secs(10), "Engine::accept", move || e.accept()).unwrap()
-}
-
-struct Pair {
-    a: Arc<Engine>,
-    b: Arc<Engine>,
-    ab: Arc<Connection>,
-    ba: Arc<Connection>,
+    common::accept(engine).unwrap()
 }
 
 fn pair() -> Pair {
-    let a = Arc::new(Engine::new(config()).unwrap());
-    let b = Arc::new(Engine::new(config()).unwrap());
-    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
-    let ba = accept(&b);
-    Pair { a, b, ab, ba }
+    common::pair(config())
 }
 
 /// Large buffers on both engines: A's source and read-back, B's target and send source.
@@ -138,11 +97,11 @@ fn settle(conn: &Connection, ids: &[(&str, u64)], allowed: &[UcclStatus]) -> usi
     failed
 }
 
-/// `buf` does not change for a while: nothing still writes into it.
-fn assert_quiescent(buf: &[u8], what: &str) {
-    let snapshot = buf.to_vec();
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(buf == snapshot.as_slice(), "{what}: memory changed after the close returned");
+/// `buf` still holds `then`, what it held when a close (or shutdown) returned. Called once every
+/// transfer the close cut off reached its final state on both ends and the engines moved data on a
+/// fresh connection: a transport still writing the caller's memory would have changed it by then.
+fn assert_untouched_since(buf: &[u8], then: &[u8], what: &str) {
+    assert!(buf == then, "{what}: memory changed after the close returned");
 }
 
 fn assert_new_connection_works(a: &Arc<Engine>, b: &Arc<Engine>) {
@@ -173,7 +132,7 @@ fn close_connection_with_64_mib_transfers_in_flight() {
     within(Duration::from_secs(10), "close_connection", move || a.close_connection(&ab));
     let closed_in = start.elapsed();
     // After the close returned no transport touches the initiator's memory.
-    assert_quiescent(&bufs.back, "read destination");
+    let back_then = bufs.back.clone();
     let failed = settle(&p.ab, &ids, &[UcclStatus::ErrCanceled]);
     assert!(failed > 0, "every 64 MiB transfer finished before the close: nothing was in flight");
     match outcome(&p.ba, rid, SETTLE) {
@@ -188,6 +147,7 @@ fn close_connection_with_64_mib_transfers_in_flight() {
     p.b.close_connection(&p.ba);
     eprintln!("close with 3 x 64 MiB in flight: returned in {closed_in:?}, {failed} of {} cut off", ids.len());
     assert_new_connection_works(&p.a, &p.b);
+    assert_untouched_since(&bufs.back, &back_then, "read destination");
 }
 
 #[test]
@@ -198,7 +158,7 @@ fn peer_closes_while_64_mib_transfers_are_in_flight() {
     let (b, ba) = (p.b.clone(), p.ba.clone());
     within(Duration::from_secs(10), "close_connection", move || b.close_connection(&ba));
     // The target closed: nothing may land in its memory any more.
-    assert_quiescent(&bufs.target, "write target");
+    let target_then = bufs.target.clone();
     let allowed = [UcclStatus::ErrRemoteDisconnect, UcclStatus::ErrBackend];
     let failed = settle(&p.ab, &ids, &allowed);
     assert!(failed > 0, "nothing was in flight");
@@ -206,8 +166,11 @@ fn peer_closes_while_64_mib_transfers_are_in_flight() {
         Ok(n) => assert_eq!(n, BIG as u64),
         Err(e) => assert_eq!(e.status(), UcclStatus::ErrCanceled, "{e}"),
     }
-    assert_quiescent(&bufs.back, "read destination");
+    // Every read ended: nothing may land in the initiator's memory any more either.
+    let back_then = bufs.back.clone();
     assert_new_connection_works(&p.a, &p.b);
+    assert_untouched_since(&bufs.target, &target_then, "write target");
+    assert_untouched_since(&bufs.back, &back_then, "read destination");
 }
 
 /// Waits (bounded) until the first byte of `buf` changed from zero: data is moving into it.
@@ -309,7 +272,7 @@ fn engine_shutdown_with_connections_and_transfers_open() {
     let start = Instant::now();
     within(Duration::from_secs(15), "Engine::shutdown", move || b.shutdown());
     let shutdown_in = start.elapsed();
-    assert_quiescent(&bufs.target, "B's memory after shutdown");
+    let target_then = bufs.target.clone();
     let failed = settle(&p.ab, &ids, &[UcclStatus::ErrRemoteDisconnect, UcclStatus::ErrBackend]);
     assert!(failed > 0, "nothing was in flight");
     for (conn, id) in [(&p.ba, rid), (&ba2, pending_recv)] {
@@ -321,7 +284,7 @@ fn engine_shutdown_with_connections_and_transfers_open() {
     // The shut-down engine refuses everything promptly; its old connection handles report the closure.
     let b = p.b.clone();
     assert_eq!(
-        within(Duration::from_secs(2), "accept after shutdown", move || b.accept()).unwrap_err().status(),
+        within(Duration::from_secs(10), "accept after shutdown", move || b.accept()).unwrap_err().status(),
         UcclStatus::ErrCanceled
     );
     let b = p.b.clone();
@@ -331,11 +294,7 @@ fn engine_shutdown_with_connections_and_transfers_open() {
     );
     assert!(ba2.notify(b"x", b"y").is_err());
     // The survivor notices the peer engine went away on its second connection too.
-    let deadline = Instant::now() + SETTLE;
-    while ab2.notify(b"x", b"y").is_ok() {
-        assert!(Instant::now() < deadline, "A never noticed that B shut down");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_until("A notices that B shut down", SETTLE, || ab2.notify(b"x", b"y").is_err());
     p.b.shutdown();
     eprintln!("shutdown with 2 connections and {} x 64 MiB posted took {shutdown_in:?}, {failed} cut off", ids.len());
     // Dropping every handle (engines last) returns promptly.
@@ -344,6 +303,7 @@ fn engine_shutdown_with_connections_and_transfers_open() {
         drop((ab, ba, ab2, ba2));
         drop((a, b));
     });
+    assert_untouched_since(&bufs.target, &target_then, "B's memory after shutdown");
 }
 
 #[test]
@@ -358,11 +318,7 @@ fn dropping_an_engine_while_holding_its_connections() {
     assert_eq!(outcome(&ba, r, SETTLE).unwrap_err().status(), UcclStatus::ErrCanceled);
     assert!(ba.notify(b"n", b"m").is_err());
     assert!(ba.recv(dmr, dst.as_mut_ptr() as usize, 16).is_err());
-    let deadline = Instant::now() + SETTLE;
-    while ab.notify(b"n", b"m").is_ok() {
-        assert!(Instant::now() < deadline, "A never noticed that B went away");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_until("A notices that B went away", SETTLE, || ab.notify(b"n", b"m").is_err());
     within(Duration::from_secs(15), "dropping the rest", move || drop((ab, ba, a)));
 }
 
@@ -409,7 +365,8 @@ fn close_right_after_posting(rounds: usize, kinds: &[Kind], close_by_a: impl Fn(
         closer.close_connection(closed);
         for (kind, id) in ids {
             let what = format!("round {round}, a {kind}, closed by {engine}");
-            match outcome_or(&ab, id, Duration::from_secs(10), &what) {
+            let end = format!("{what}: transfer {id} ends after the close");
+            match common::eventually(&end, Duration::from_secs(10), || ab.poll(id).transpose()) {
                 Ok(_) => ok += 1,
                 Err(e) => {
                     let expected = if by_a { UcclStatus::ErrCanceled } else { UcclStatus::ErrRemoteDisconnect };
@@ -485,16 +442,13 @@ fn stop_accept_racing_handshakes() {
         std::thread::sleep(Duration::from_micros(round * 700));
         b.stop_accept();
         // A blocked accept may have taken one connection before the stop; afterwards it is canceled.
-        let first = blocked.recv_timeout(Duration::from_secs(2)).expect("stop_accept did not release a blocked accept");
+        let first =
+            blocked.recv_timeout(Duration::from_secs(10)).expect("stop_accept did not release a blocked accept");
         let b3 = b.clone();
-        let later = within(Duration::from_secs(2), "accept after stop_accept", move || b3.accept());
+        let later = within(Duration::from_secs(10), "accept after stop_accept", move || b3.accept());
         assert_eq!(later.unwrap_err().status(), UcclStatus::ErrCanceled);
         for h in handles {
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                let _ = tx.send(h.join());
-            });
-            match rx.recv_timeout(Duration::from_secs(15)).expect("a connect hung after stop_accept").unwrap() {
+            match within(Duration::from_secs(15), "a connect racing stop_accept", move || h.join()).unwrap() {
                 Ok((c, conn)) => {
                     outcomes[0] += 1;
                     c.close_connection(&conn);

@@ -5,58 +5,30 @@
 //! environment); the transport-level cases drive the comms directly.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use uccl_tcpx::config::TransportChoice;
 use uccl_tcpx::engine::OneSided;
 use uccl_tcpx::transport::plugin::PluginNet;
 use uccl_tcpx::transport::{ListenComm, MrHandle, Net, RecvComm, RequestId, SendComm};
 use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
 
 mod common;
-mod plugin_common;
-use common::pattern;
+use common::{PATIENCE, Pair, TRANSFER_LIMIT, drive, pattern, wait};
 
-const LIMIT: Duration = Duration::from_secs(60);
 /// "No registration": the transport registers the buffer for that one request (`MrHandle::NONE`).
 const NONE: MrHandle = MrHandle(0);
 
-fn config(channels: u16, chunk: u32) -> Config {
-    Config {
-        ip: Some("127.0.0.1".parse().unwrap()),
-        transport: TransportChoice::Tcpx,
-        plugin_path: Some(plugin_common::fake_plugin()),
-        num_channels: channels,
-        chunk_size: chunk,
-        window: 16,
-        connect_timeout: Duration::from_secs(30),
-        ..Config::default()
-    }
-}
-
-struct Pair {
-    a: Engine,
-    b: Engine,
-    ab: Arc<Connection>,
-    ba: Arc<Connection>,
-}
+use common::plugin::config;
 
 fn pair_with(config: Config) -> Pair {
-    let a = Engine::new(config.clone()).unwrap();
-    let b = Engine::new(config).unwrap();
-    assert_eq!(a.transport(), "FakeDevmemTCPX_v7");
-    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
-    let ba = b.accept().unwrap();
-    Pair { a, b, ab, ba }
+    let p = common::pair(config);
+    assert_eq!(p.a.transport(), "FakeDevmemTCPX_v7");
+    p
 }
 
 fn pair() -> Pair {
     // Three channels over the fake's two devices: channels use devices 0, 1, 0.
     pair_with(config(3, 256 << 10))
-}
-
-fn wait(conn: &Connection, id: u64) -> uccl_tcpx::Result<u64> {
-    common::wait_done(conn, id, LIMIT)
 }
 
 /// Sends each buffer as one message from `tx` to `rx` and checks every byte.
@@ -164,12 +136,11 @@ fn vector_sends_and_notifications() {
     }
 
     p.ab.notify(b"plugin-conformance", b"after the data").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
     let mut got = Vec::new();
-    while got.is_empty() && Instant::now() < deadline {
+    common::wait_until("the notification arrives", PATIENCE, || {
         got.extend(uccl_tcpx::engine::notify::drain(64).into_iter().filter(|n| n.name == b"plugin-conformance"));
-        std::thread::sleep(Duration::from_millis(1));
-    }
+        !got.is_empty()
+    });
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].msg, b"after the data");
 }
@@ -345,12 +316,11 @@ fn peer_closing_mid_transfer_fails_the_transfer_without_hanging() {
     let r = p.ba.recv(dmr, dst.as_mut_ptr() as usize, dst.len()).unwrap();
     let s = p.ab.send(&[(smr, src.as_ptr() as usize, src.len())]).unwrap();
     // Wait until bytes are arriving, then close the receiving side.
-    let deadline = Instant::now() + LIMIT;
-    while dst[..1 << 20].iter().all(|b| *b == 0) {
-        assert!(Instant::now() < deadline, "no data arrived");
-        std::thread::sleep(Duration::from_micros(200));
-    }
-    let started = Instant::now();
+    common::wait_until("data arrives", PATIENCE, || {
+        // SAFETY: a live buffer; the engine's threads write it, so the read must be repeated.
+        (0..1 << 20).any(|i| unsafe { std::ptr::read_volatile(dst.as_ptr().add(i)) } != 0)
+    });
+    let started = std::time::Instant::now();
     p.b.close_connection(&p.ba);
     assert_eq!(wait(&p.ba, r).unwrap_err().status(), UcclStatus::ErrCanceled);
     let err = wait(&p.ab, s).expect_err("the sender learns of the close");
@@ -370,21 +340,8 @@ struct Link {
 }
 
 fn link(net: &PluginNet, dev: usize) -> Link {
-    let (handle, mut listen) = net.listen(dev).unwrap();
-    let mut theirs = handle;
-    let (mut send, mut recv) = (None, None);
-    let deadline = Instant::now() + LIMIT;
-    while send.is_none() || recv.is_none() {
-        assert!(Instant::now() < deadline, "setup did not finish");
-        if send.is_none() {
-            send = net.connect(dev, &mut theirs).unwrap();
-        }
-        if recv.is_none() {
-            recv = listen.accept().unwrap();
-        }
-        std::thread::sleep(Duration::from_micros(100));
-    }
-    Link { send: send.unwrap(), recv: recv.unwrap(), _listen: listen }
+    let (send, recv, listen) = common::comm::comm_pair(net, dev);
+    Link { send, recv, _listen: listen }
 }
 
 fn transport() -> PluginNet {
@@ -392,14 +349,7 @@ fn transport() -> PluginNet {
 }
 
 fn finish<T>(mut poll: impl FnMut() -> uccl_tcpx::Result<Option<T>>) -> T {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        if let Some(v) = poll().unwrap() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "request did not complete");
-        std::thread::yield_now();
-    }
+    drive("the request completes", TRANSFER_LIMIT, || poll().unwrap())
 }
 
 #[test]
@@ -416,9 +366,7 @@ fn transport_zero_byte_and_four_mib_messages() {
     let mut sent = Vec::new();
     let mut got = Vec::new();
     // Progress happens only inside test: poll both sides, oldest first.
-    let deadline = Instant::now() + LIMIT;
-    while sent.len() < 2 || got.len() < 2 {
-        assert!(Instant::now() < deadline);
+    drive("both messages complete", TRANSFER_LIMIT, || {
         if let Some(&s) = [s0, s1].get(sent.len())
             && let Some(n) = l.send.test(s).unwrap()
         {
@@ -429,7 +377,8 @@ fn transport_zero_byte_and_four_mib_messages() {
         {
             got.push(n);
         }
-    }
+        (sent.len() == 2 && got.len() == 2).then_some(())
+    });
     assert_eq!(sent, vec![0, 4 << 20]);
     assert_eq!(got, vec![0, 4 << 20]);
     assert!(big == src);
@@ -453,9 +402,7 @@ fn transport_window_of_sixteen_with_unconsumed_receives() {
         srcs.iter().map(|s| unsafe { l.send.isend(s.as_ptr(), s.len(), NONE) }.unwrap().unwrap()).collect();
     assert_eq!(unsafe { l.send.isend(srcs[0].as_ptr(), 1, NONE) }.unwrap(), None);
     let (mut s_done, mut r_done) = (0, 0);
-    let deadline = Instant::now() + LIMIT;
-    while s_done < 16 || r_done < 16 {
-        assert!(Instant::now() < deadline);
+    drive("16 sends and receives complete", TRANSFER_LIMIT, || {
         if s_done < 16 && l.send.test(sends[s_done]).unwrap().is_some() {
             s_done += 1;
         }
@@ -465,7 +412,8 @@ fn transport_window_of_sixteen_with_unconsumed_receives() {
             assert_eq!(n, srcs[r_done].len());
             r_done += 1;
         }
-    }
+        (s_done == 16 && r_done == 16).then_some(())
+    });
     // All 16 completed but none consumed: the window is still full.
     assert_eq!(unsafe { l.recv.irecv(dsts[16].as_mut_ptr(), 100, NONE) }.unwrap(), None);
     for (i, r) in recvs.iter().enumerate() {

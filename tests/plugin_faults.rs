@@ -3,50 +3,29 @@
 //! knob once per process, in `init`, so each case re-runs this binary as a child process with the
 //! knob set; the children are `#[ignore]`d so a normal run only starts them through their parent.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use uccl_tcpx::config::TransportChoice;
-use uccl_tcpx::{Config, Engine, UcclStatus};
+use uccl_tcpx::{Config, UcclStatus};
 
 mod common;
-mod plugin_common;
+use common::{ChildTest, plugin};
 
 /// Runs the ignored test `name` in a child process with `FAKE_TCPX_FAULT=fault`; returns its output.
 fn run_child(name: &str, fault: &str) -> String {
-    let exe = std::env::current_exe().unwrap();
-    let out = Command::new(exe)
-        .args(["--ignored", "--exact", name, "--nocapture"])
+    ChildTest::new(name)
+        .ignored()
         .env("FAKE_TCPX_FAULT", fault)
-        .env("UCCL_TCPX_FAKE_PLUGIN", plugin_common::fake_plugin())
-        .output()
-        .expect("spawn the test binary");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "child {name} with FAKE_TCPX_FAULT={fault} failed:\n{text}");
-    assert!(text.contains("1 passed"), "child {name} did not run:\n{text}");
-    text
+        .env("UCCL_TCPX_FAKE_PLUGIN", plugin::fake_plugin())
+        .run()
 }
 
 fn config(timeout: Duration) -> Config {
-    Config {
-        ip: Some("127.0.0.1".parse().unwrap()),
-        transport: TransportChoice::Tcpx,
-        plugin_path: Some(plugin_common::fake_plugin()),
-        num_channels: 2,
-        chunk_size: 64 << 10,
-        window: 16,
-        timeout,
-        connect_timeout: Duration::from_secs(30),
-        ..Config::default()
-    }
+    Config { timeout, ..plugin::config(2, 64 << 10) }
 }
 
 /// Sends 8 MiB from a to b and returns both outcomes and how long they took to settle.
 fn transfer_outcomes(cfg: Config) -> (uccl_tcpx::Result<u64>, uccl_tcpx::Result<u64>, Duration) {
-    let a = Engine::new(cfg.clone()).unwrap();
-    let b = Engine::new(cfg).unwrap();
-    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
-    let ba = b.accept().unwrap();
+    let common::Pair { a, b, ab, ba } = common::pair(cfg);
     let src = common::pattern(8 << 20, 1);
     let mut dst = vec![0u8; src.len()];
     let smr = a.register(src.as_ptr() as usize, src.len()).unwrap();

@@ -10,41 +10,26 @@
 //! `throughput_against_the_staged_socket_path` (ignored) prints GB/s of 64 MiB GPU->GPU writes over
 //! the fake next to the built-in socket transport's staged path, in the same process.
 
-use std::process::Command;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use uccl_tcpx::Config;
 use uccl_tcpx::config::TransportChoice;
 use uccl_tcpx::engine::OneSided;
 use uccl_tcpx::proto::FifoItem;
-use uccl_tcpx::{Config, Connection, Engine};
 
 mod common;
-mod gpu_common;
-mod plugin_common;
-use common::pattern;
-use gpu_common::{Mem, Side, assert_same, no_gpu};
-
-const LIMIT: Duration = Duration::from_secs(120);
+use common::gpu::{Mem, Side, every_kind_every_direction, no_gpu};
+use common::{ChildTest, assert_same, pair, pattern, plugin, wait};
 
 /// Runs the ignored test `name` in a child process with the fake in GPU mode and `fragments`
 /// (`page` or `random`); returns its output.
 fn run_child(name: &str, fragments: &str) -> String {
-    let exe = std::env::current_exe().unwrap();
-    let out = Command::new(exe)
-        .args(["--ignored", "--exact", name, "--nocapture", "--test-threads=1"])
+    ChildTest::new(name)
+        .ignored()
         .env("FAKE_TCPX_MODE", "gpu")
         .env("FAKE_TCPX_FRAGMENT", fragments)
-        .env("UCCL_TCPX_FAKE_PLUGIN", plugin_common::fake_plugin())
-        .output()
-        .expect("spawn the test binary");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "child {name} (FAKE_TCPX_FRAGMENT={fragments}) failed:\n{text}");
-    assert!(text.contains("1 passed"), "child {name} did not run:\n{text}");
-    for line in text.lines().filter(|l| l.contains("checked") || l.contains("GB/s")) {
-        println!("  {name} ({fragments}): {line}");
-    }
-    text
+        .env("UCCL_TCPX_FAKE_PLUGIN", plugin::fake_plugin())
+        .run()
 }
 
 /// Children only make sense with the fake in GPU mode, which their parent sets.
@@ -57,71 +42,7 @@ fn assert_gpu_mode() {
 }
 
 fn plugin_config(channels: u16, chunk: u32) -> Config {
-    Config {
-        ip: Some("127.0.0.1".parse().unwrap()),
-        transport: TransportChoice::Tcpx,
-        plugin_path: Some(plugin_common::fake_plugin()),
-        num_channels: channels,
-        chunk_size: chunk,
-        window: 16,
-        gpu: Some(0),
-        connect_timeout: Duration::from_secs(30),
-        ..Config::default()
-    }
-}
-
-fn wait(conn: &Connection, id: u64) -> uccl_tcpx::Result<u64> {
-    common::wait_done(conn, id, LIMIT)
-}
-
-struct Pair {
-    a: Engine,
-    b: Engine,
-    ab: Arc<Connection>,
-    ba: Arc<Connection>,
-}
-
-fn pair(config: Config) -> Pair {
-    let a = Engine::new(config.clone()).unwrap();
-    let b = Engine::new(config).unwrap();
-    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
-    let ba = b.accept().unwrap();
-    Pair { a, b, ab, ba }
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Kind {
-    SendRecv,
-    Write,
-    Read,
-}
-
-/// Moves `len` bytes from `src[soff..]` on engine `a` to `dst[doff..]` on engine `b` (for reads,
-/// `a` pulls from `b`: the data still goes src -> dst).
-fn move_bytes(p: &Pair, kind: Kind, src: (&Mem, u64, usize), dst: (&Mem, u64, usize), len: usize) {
-    let (smem, smr, soff) = src;
-    let (dmem, dmr, doff) = dst;
-    let (saddr, daddr) = (smem.addr() + soff, dmem.addr() + doff);
-    match kind {
-        Kind::SendRecv => {
-            let r = p.ba.recv(dmr, daddr, len).unwrap();
-            let s = p.ab.send(&[(smr, saddr, len)]).unwrap();
-            assert_eq!(wait(&p.ab, s).unwrap(), len as u64);
-            assert_eq!(wait(&p.ba, r).unwrap(), len as u64);
-        }
-        Kind::Write => {
-            let mut remote = p.b.prepare_fifo(dmr, dmem.addr(), dmem.len()).unwrap();
-            remote.addr = daddr as u64;
-            let w = p.ab.write(&[OneSided { mr: smr, addr: saddr, len, remote }]).unwrap();
-            assert_eq!(wait(&p.ab, w).unwrap(), len as u64);
-        }
-        Kind::Read => {
-            let mut remote = p.b.prepare_fifo(smr, smem.addr(), smem.len()).unwrap();
-            remote.addr = saddr as u64;
-            let r = p.ab.read(&[OneSided { mr: dmr, addr: daddr, len, remote }]).unwrap();
-            assert_eq!(wait(&p.ab, r).unwrap(), len as u64);
-        }
-    }
+    Config { gpu: Some(0), ..plugin::config(channels, chunk) }
 }
 
 #[test]
@@ -150,33 +71,7 @@ fn child_every_kind_every_direction() {
     let p = pair(plugin_config(2, 4 << 20));
     assert_eq!(p.a.transport(), "FakeDevmemTCPX_v7");
     let sizes = [1usize, 7, 4095, 4096, 4097, (1 << 20) - 3, 4 << 20, (4 << 20) + 17, 16 << 20];
-    let max = *sizes.iter().max().unwrap() + 64;
-    for (from, to) in [(Side::Gpu, Side::Gpu), (Side::Gpu, Side::Host), (Side::Host, Side::Gpu)] {
-        for kind in [Kind::SendRecv, Kind::Write, Kind::Read] {
-            let mut src = Mem::new(from, max);
-            let mut dst = Mem::new(to, max);
-            let (src_engine, dst_engine) = match kind {
-                Kind::Read => (&p.b, &p.a),
-                _ => (&p.a, &p.b),
-            };
-            let smr = src_engine.register(src.addr(), src.len()).unwrap();
-            let dmr = dst_engine.register(dst.addr(), dst.len()).unwrap();
-            for (k, &len) in sizes.iter().enumerate() {
-                let (soff, doff) = (1 + (k * 3) % 13, 5 + k % 3);
-                let data = pattern(len, (k * 10 + kind as usize) as u64);
-                src.write(soff, &data);
-                dst.clear();
-                move_bytes(&p, kind, (&src, smr, soff), (&dst, dmr, doff), len);
-                let got = dst.read(doff - 1, len + 2);
-                let what = format!("{kind:?} {from:?}->{to:?} {len} bytes at +{soff} -> +{doff}");
-                assert_same(&got[1..=len], &data, &what);
-                assert_eq!((got[0], got[len + 1]), (0, 0), "{what}: neighbours untouched");
-            }
-            src_engine.deregister(smr).unwrap();
-            dst_engine.deregister(dmr).unwrap();
-            println!("{kind:?} {from:?}->{to:?}: {} sizes checked", sizes.len());
-        }
-    }
+    every_kind_every_direction(&p, &sizes);
     assert_eq!(p.b.gpu().expect("configured GPU").ordinal(), 0);
     println!("child checked");
 }

@@ -3,7 +3,7 @@
 //! Configured through `Config`, not the environment, so these run in parallel with anything.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::Arc;
 
 use uccl_tcpx::config::TransportChoice;
 use uccl_tcpx::{Config, Engine};
@@ -11,12 +11,7 @@ use uccl_tcpx::{Config, Engine};
 mod common;
 
 fn config(transport: TransportChoice, plugin: &str) -> Config {
-    Config {
-        ip: Some("127.0.0.1".parse().unwrap()),
-        transport,
-        plugin_path: Some(PathBuf::from(plugin)),
-        ..Config::default()
-    }
+    Config { transport, plugin_path: Some(PathBuf::from(plugin)), ..common::loopback() }
 }
 
 const MISSING: &str = "/nonexistent/uccl-tcpx-test/libnccl-net-missing.so";
@@ -25,9 +20,10 @@ const MISSING: &str = "/nonexistent/uccl-tcpx-test/libnccl-net-missing.so";
 fn auto_falls_back_to_sockets_and_the_engine_works() {
     let a = Engine::new(config(TransportChoice::Auto, MISSING)).expect("auto never fails on a missing plugin");
     let b = Engine::new(config(TransportChoice::Auto, "libc.so.6")).expect("nor on a library that is no plugin");
+    let b = Arc::new(b);
     assert_eq!((a.transport(), b.transport()), ("socket", "socket"));
     let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
-    let ba = b.accept().unwrap();
+    let ba = common::accept(&b).unwrap();
     let src = common::pattern(100_000, 5);
     let mut dst = vec![0u8; src.len()];
     let (smr, dmr) = (
@@ -36,8 +32,8 @@ fn auto_falls_back_to_sockets_and_the_engine_works() {
     );
     let r = ba.recv(dmr, dst.as_mut_ptr() as usize, dst.len()).unwrap();
     let s = ab.send(&[(smr, src.as_ptr() as usize, src.len())]).unwrap();
-    assert_eq!(common::wait_done(&ab, s, Duration::from_secs(20)).unwrap(), src.len() as u64);
-    assert_eq!(common::wait_done(&ba, r, Duration::from_secs(20)).unwrap(), src.len() as u64);
+    assert_eq!(common::wait(&ab, s).unwrap(), src.len() as u64);
+    assert_eq!(common::wait(&ba, r).unwrap(), src.len() as u64);
     assert_eq!(dst, src);
 }
 

@@ -12,19 +12,10 @@ use uccl_tcpx::proto::FifoItem;
 use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
 
 mod common;
-
-fn wait(conn: &Connection, id: u64) -> uccl_tcpx::Result<u64> {
-    common::wait_done(conn, id, Duration::from_secs(30))
-}
+use common::wait;
 
 fn config() -> Config {
-    Config {
-        ip: Some("127.0.0.1".parse().unwrap()),
-        num_channels: 2,
-        chunk_size: 64 << 10,
-        connect_timeout: Duration::from_secs(5),
-        ..Config::default()
-    }
+    Config { num_channels: 2, chunk_size: 64 << 10, connect_timeout: Duration::from_secs(5), ..common::loopback() }
 }
 
 const REGION: usize = 1 << 20;
@@ -48,15 +39,7 @@ struct Setup {
 
 impl Setup {
     fn new() -> Setup {
-        let a = Arc::new(Engine::new(config()).unwrap());
-        let b = Arc::new(Engine::new(config()).unwrap());
-        let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
-        let b2 = b.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(b2.accept());
-        });
-        let ba = rx.recv_timeout(Duration::from_secs(10)).expect("accept did not return").unwrap();
+        let common::Pair { a, b, ab, ba } = common::pair(config());
         // B keeps its end open through its engine's connection list.
         drop(ba);
         let mut target = vec![SENTINEL; REGION];

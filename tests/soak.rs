@@ -18,7 +18,7 @@ use uccl_tcpx::proto::FifoItem;
 use uccl_tcpx::{Config, Connection, Engine};
 
 mod common;
-use common::Rng;
+use common::{Rng, fill};
 
 /// Both tests use the process-wide notification queue; they take turns.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -31,7 +31,8 @@ struct Params {
     /// Transfers posted together before waiting for them.
     max_batch: usize,
     warmup: usize,
-    seed: u64,
+    /// Names the run's random streams (one per worker).
+    name: &'static str,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -76,19 +77,6 @@ impl SizeRng for Rng {
                 (1 + self.below(top)).min(max)
             }
         }
-    }
-}
-
-/// Fills `buf` with bytes derived from `seed` (8 at a time), so each transfer's payload is distinct.
-fn fill(buf: &mut [u8], seed: u64) {
-    let mut x = seed | 1;
-    let mut chunks = buf.chunks_exact_mut(8);
-    for c in &mut chunks {
-        x = x.wrapping_mul(0x5851_f42d_4c95_7f2d).wrapping_add(0x1405_7b7e_f767_814f);
-        c.copy_from_slice(&(x ^ (x >> 29)).to_le_bytes());
-    }
-    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
-        *b = (x >> (8 * i)) as u8 ^ 0xa5;
     }
 }
 
@@ -347,20 +335,14 @@ struct Report {
 }
 
 fn run(p: &Params) -> Report {
-    let config =
-        Config { ip: Some("127.0.0.1".parse().unwrap()), num_channels: 3, chunk_size: 512 << 10, ..Config::default() };
+    let config = Config { num_channels: 3, chunk_size: 512 << 10, ..common::loopback() };
     let chunk = config.chunk_size as usize;
     let a = Arc::new(Engine::new(config.clone()).unwrap());
     let b = Arc::new(Engine::new(config).unwrap());
     let mut workers = Vec::new();
     for id in 0..p.connections {
         let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let b2 = b.clone();
-        std::thread::spawn(move || {
-            let _ = tx.send(b2.accept());
-        });
-        let ba = rx.recv_timeout(Duration::from_secs(10)).expect("accept hung").unwrap();
+        let ba = common::accept(&b).unwrap();
         workers.push(Worker::new(id, &a, &b, ab, ba, p));
     }
     let completed = Arc::new(AtomicU64::new(0));
@@ -370,9 +352,10 @@ fn run(p: &Params) -> Report {
         .into_iter()
         .map(|mut w| {
             let completed = completed.clone();
-            let (max_len, max_batch, seed) = (p.max_len, p.max_batch, p.seed);
+            let (max_len, max_batch) = (p.max_len, p.max_batch);
+            let stream = format!("{} worker {}", p.name, w.id);
             std::thread::spawn(move || {
-                let mut rng = Rng(seed ^ (w.id as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                let mut rng = Rng::new(&stream);
                 let mut stats = Stats {
                     latencies: vec![u32::MAX; per_worker],
                     kinds: vec![Kind::Notify; per_worker],
@@ -386,7 +369,7 @@ fn run(p: &Params) -> Report {
                         .map(|slot| {
                             let kind = KINDS[rng.below(KINDS.len())];
                             let len = rng.size(max_len, chunk);
-                            let seed = rng.next();
+                            let seed = rng.u64();
                             w.post(&mut rng, kind, slot, len, seed)
                         })
                         .collect();
@@ -479,8 +462,14 @@ fn env_usize(name: &str) -> Option<usize> {
 #[test]
 fn soak_small() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let p =
-        Params { connections: 3, transfers: 5_000, max_len: 512 << 10, max_batch: 4, warmup: 1_000, seed: 0x50a6_0001 };
+    let p = Params {
+        connections: 3,
+        transfers: 5_000,
+        max_len: 512 << 10,
+        max_batch: 4,
+        warmup: 1_000,
+        name: "soak_small",
+    };
     let r = run(&p);
     assert!(r.transfers >= 5_000);
     // Loose in CI (a short run is mostly warm-up); the full soak holds it to 5 %.
@@ -498,7 +487,7 @@ fn soak_full() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let transfers = env_usize("UCCL_TCPX_SOAK_TRANSFERS").unwrap_or(120_000);
     let p =
-        Params { connections: 4, transfers, max_len: 4 << 20, max_batch: 4, warmup: transfers / 10, seed: 0x50a6_f011 };
+        Params { connections: 4, transfers, max_len: 4 << 20, max_batch: 4, warmup: transfers / 10, name: "soak_full" };
     let r = run(&p);
     assert!(r.transfers >= 100_000 || env_usize("UCCL_TCPX_SOAK_TRANSFERS").is_some());
     let limit = r.rss_warm_kib + r.rss_warm_kib / 20;

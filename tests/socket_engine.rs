@@ -3,7 +3,6 @@
 //! one socket per comm and with many.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use uccl_tcpx::config::SocketConfig;
 use uccl_tcpx::engine::OneSided;
@@ -13,23 +12,17 @@ mod common;
 use common::{Rng, pattern};
 
 fn config(socket: SocketConfig) -> Config {
-    Config {
-        ip: Some("127.0.0.1".parse().unwrap()),
-        num_channels: 3,
-        chunk_size: 64 << 10,
-        socket,
-        ..Config::default()
-    }
+    Config { num_channels: 3, chunk_size: 64 << 10, socket, ..common::loopback() }
 }
 
 fn wait(conn: &Connection, id: u64) -> u64 {
-    common::wait_done(conn, id, Duration::from_secs(60)).unwrap()
+    common::wait(conn, id).unwrap()
 }
 
 /// One thread's traffic on its own connection: `rounds` batches of a write, a read and a send of
 /// random sizes in flight together, each checked byte for byte.
 fn traffic(a: &Engine, b: &Engine, ab: &Arc<Connection>, ba: &Arc<Connection>, seed: u64, rounds: usize) {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(&format!("connection {seed}"));
     let max = 3 << 20;
     let mut src = vec![0u8; max];
     let mut dst = vec![0u8; max];
@@ -77,11 +70,11 @@ fn traffic(a: &Engine, b: &Engine, ab: &Arc<Connection>, ba: &Arc<Connection>, s
 
 fn many_connections(socket: SocketConfig) {
     let a = Engine::new(config(socket.clone())).unwrap();
-    let b = Engine::new(config(socket)).unwrap();
+    let b = Arc::new(Engine::new(config(socket)).unwrap());
     let conns: Vec<(Arc<Connection>, Arc<Connection>)> = (0..3)
         .map(|_| {
             let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
-            (ab, b.accept().unwrap())
+            (ab, common::accept(&b).unwrap())
         })
         .collect();
     std::thread::scope(|s| {

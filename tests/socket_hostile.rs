@@ -2,24 +2,24 @@
 //! header fails the receiving comm cleanly (an error from `test`, nothing written outside the posted
 //! buffer, a prompt drop). The peer speaks the wire format of src/transport/socket/wire.rs by hand.
 
-use std::io::Write;
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use uccl_tcpx::UcclStatus;
 use uccl_tcpx::config::SocketConfig;
 use uccl_tcpx::transport::socket::SocketNet;
 use uccl_tcpx::transport::{ListenComm, MrHandle, Net, NetHandle, RecvComm};
 
+mod common;
+use common::PATIENCE;
+
 const HELLO_MAGIC: u32 = 0x5353_5455;
 const PIECE_MAGIC: u32 = 0x4350_5455;
 const PIECE: u32 = 4096;
 
 fn net() -> SocketNet {
-    let nop: Arc<dyn Fn() + Send + Sync> = Arc::new(|| {});
-    SocketNet::new(Ipv4Addr::LOCALHOST.into(), Duration::from_secs(2), Duration::from_secs(30), nop)
-        .with_options(SocketConfig { nthreads: 1, nsocks_per_thread: 1, ..SocketConfig::default() })
+    common::socket::socket_net(SocketConfig { nthreads: 1, nsocks_per_thread: 1, ..SocketConfig::default() })
 }
 
 fn target(handle: &NetHandle) -> (SocketAddr, u64) {
@@ -49,15 +49,25 @@ fn piece(magic: u32, seq: u64, offset: u64, len: u32, total: u64) -> Vec<u8> {
     b
 }
 
-fn accept_within(listen: &mut dyn ListenComm, limit: Duration) -> Option<Box<dyn RecvComm>> {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if let Some(c) = listen.accept().unwrap() {
-            return Some(c);
-        }
-        std::thread::sleep(Duration::from_millis(2));
+/// Whether the other end closed `s` (a listener drops a connection whose hello it refuses).
+fn closed_by_peer(s: &mut TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 1];
+    match s.read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => panic!("the listener sent bytes"),
+        Err(e) if e.kind() == ErrorKind::WouldBlock => false,
+        Err(_) => true,
     }
-    None
+}
+
+/// Asks `listen` for comms, failing the test if it hands one out, until `done`: the listener reads
+/// hellos only when asked.
+fn refuse_until(listen: &mut dyn ListenComm, what: &str, mut done: impl FnMut() -> bool) {
+    common::wait_until(what, PATIENCE, || {
+        assert!(listen.accept().unwrap().is_none(), "{what}: a bad hello made a comm");
+        done()
+    });
 }
 
 /// A one-socket comm whose sending side is ours to script.
@@ -67,7 +77,7 @@ fn hostile_comm() -> (TcpStream, Box<dyn RecvComm>) {
     let (addr, nonce) = target(&handle);
     let mut peer = TcpStream::connect(addr).unwrap();
     peer.write_all(&hello(nonce, 42, 0, 1)).unwrap();
-    let comm = accept_within(&mut *listen, Duration::from_secs(5)).expect("a valid hello is accepted");
+    let comm = common::comm::accept(&mut *listen);
     (peer, comm)
 }
 
@@ -79,25 +89,22 @@ fn expect_failure(receives: usize, posted: usize, bytes: &[u8], what: &str) {
     let ids: Vec<_> =
         bufs.iter_mut().map(|b| unsafe { comm.irecv(b.as_mut_ptr(), posted, MrHandle(0)) }.unwrap().unwrap()).collect();
     peer.write_all(bytes).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
     let mut next = 0;
-    let err = loop {
-        assert!(Instant::now() < deadline, "{what}: the comm neither failed nor completed");
-        match comm.test(ids[next]) {
-            Ok(Some(_)) if next + 1 < ids.len() => next += 1,
-            Ok(Some(n)) => panic!("{what}: the last receive completed with {n} bytes"),
-            Ok(None) => std::thread::sleep(Duration::from_millis(1)),
-            Err(e) => break e,
+    let err = common::eventually(&format!("{what}: the comm fails"), PATIENCE, || match comm.test(ids[next]) {
+        Ok(Some(_)) if next + 1 < ids.len() => {
+            next += 1;
+            None
         }
-    };
+        Ok(Some(n)) => panic!("{what}: the last receive completed with {n} bytes"),
+        Ok(None) => None,
+        Err(e) => Some(e),
+    });
     assert_eq!(err.status(), UcclStatus::ErrBackend, "{what}: {err}");
     assert!(err.message().contains(what), "{what}: {err}");
     for b in &bufs {
         assert!(b[posted..].iter().all(|&x| x == 0), "{what}: bytes past the posted receive were written");
     }
-    let start = Instant::now();
-    drop(comm);
-    assert!(start.elapsed() < Duration::from_secs(1), "{what}: dropping a failed comm hangs");
+    common::within(Duration::from_secs(10), &format!("{what}: dropping the failed comm"), move || drop(comm));
 }
 
 #[test]
@@ -149,15 +156,11 @@ fn peer_closing_mid_piece_is_a_disconnect() {
     let id = unsafe { comm.irecv(buf.as_mut_ptr(), buf.len(), MrHandle(0)) }.unwrap().unwrap();
     peer.write_all(&piece(PIECE_MAGIC, 0, 0, PIECE, 8192)[..1000]).unwrap();
     drop(peer);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let err = loop {
-        assert!(Instant::now() < deadline, "a closed peer went unnoticed");
-        match comm.test(id) {
-            Ok(None) => std::thread::sleep(Duration::from_millis(1)),
-            Ok(Some(n)) => panic!("completed with {n} bytes"),
-            Err(e) => break e,
-        }
-    };
+    let err = common::eventually("the closed peer is noticed", PATIENCE, || match comm.test(id) {
+        Ok(None) => None,
+        Ok(Some(n)) => panic!("completed with {n} bytes"),
+        Err(e) => Some(e),
+    });
     assert_eq!(err.status(), UcclStatus::ErrRemoteDisconnect, "{err}");
 }
 
@@ -174,26 +177,30 @@ fn bad_hellos_never_make_a_comm() {
     let mut piece_size = hello(nonce, 6, 0, 1);
     piece_size[24..28].copy_from_slice(&1u32.to_le_bytes());
     bad_hellos.push(piece_size);
-    // One socket of a comm that announced two: incomplete, never handed out.
-    bad_hellos.push(hello(nonce, 7, 0, 2));
-    let _conns: Vec<TcpStream> = bad_hellos
-        .iter()
-        .map(|h| {
-            let mut s = TcpStream::connect(addr).unwrap();
-            s.write_all(h).unwrap();
-            s
-        })
-        .collect();
-    assert!(accept_within(&mut *listen, Duration::from_millis(500)).is_none(), "a bad hello made a comm");
-    // A socket claiming the same index of comm 7 again is dropped; the listener still serves good comms.
-    let mut dup = TcpStream::connect(addr).unwrap();
-    dup.write_all(&hello(nonce, 7, 0, 2)).unwrap();
-    assert!(accept_within(&mut *listen, Duration::from_millis(300)).is_none());
-    let mut good = TcpStream::connect(addr).unwrap();
-    good.write_all(&hello(nonce, 8, 0, 1)).unwrap();
-    assert!(accept_within(&mut *listen, Duration::from_secs(5)).is_some(), "a good comm after bad ones");
+    let connect = |h: &[u8]| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(h).unwrap();
+        s
+    };
+    let mut refused: Vec<TcpStream> = bad_hellos.iter().map(|h| connect(h)).collect();
+    let mut dropped = vec![false; refused.len()];
+    refuse_until(&mut *listen, "the listener drops every bad hello", || {
+        for (s, d) in refused.iter_mut().zip(dropped.iter_mut()) {
+            *d = *d || closed_by_peer(s);
+        }
+        dropped.iter().all(|d| *d)
+    });
+    // One socket of a comm that announced two: incomplete, never handed out. Another socket claiming
+    // the same index of comm 7 is dropped (whichever of the two the listener reads second).
+    let mut first = connect(&hello(nonce, 7, 0, 2));
+    let mut dup = connect(&hello(nonce, 7, 0, 2));
+    refuse_until(&mut *listen, "the listener drops one of two sockets claiming one index", || {
+        closed_by_peer(&mut first) || closed_by_peer(&mut dup)
+    });
+    // The listener still serves good comms.
+    let _good = connect(&hello(nonce, 8, 0, 1));
+    let _comm = common::comm::accept(&mut *listen);
     // The second half of comm 7 completes it.
-    let mut second = TcpStream::connect(addr).unwrap();
-    second.write_all(&hello(nonce, 7, 1, 2)).unwrap();
-    assert!(accept_within(&mut *listen, Duration::from_secs(5)).is_some(), "comm 7 completes with its 2nd socket");
+    let _second = connect(&hello(nonce, 7, 1, 2));
+    let _comm7 = common::comm::accept(&mut *listen);
 }

@@ -2,16 +2,15 @@
 //! in flight on several comms at once, with one socket per comm and with many sockets per comm and
 //! small pieces (so requests are spread over sockets and reassembled), every byte checked.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use uccl_tcpx::config::SocketConfig;
 use uccl_tcpx::transport::{MrHandle, Net, RecvComm, RequestId, SendComm};
 
 mod common;
-use common::socket::{comm_pair, socket_net};
-use common::{Rng, pattern};
-
-const LIMIT: Duration = Duration::from_secs(60);
+use common::comm::comm_pair;
+use common::socket::socket_net;
+use common::{Rng, TRANSFER_LIMIT as LIMIT, drive, pattern};
 
 /// Sizes that hit the edges: empty, one byte, piece boundaries and their neighbours, large.
 fn random_size(rng: &mut Rng, piece: usize) -> usize {
@@ -25,77 +24,19 @@ fn random_size(rng: &mut Rng, piece: usize) -> usize {
     }
 }
 
-/// Moves `count` messages through one comm pair with up to 16 in flight in each direction, receives
-/// posted with room to spare (the sender's size wins), and checks every message byte for byte plus
-/// the slack behind it.
+/// Moves `count` messages of random sizes through one comm pair, every one checked.
 fn stream_messages(send: &mut dyn SendComm, recv: &mut dyn RecvComm, seed: u64, count: usize, piece: usize) {
-    let mut rng = Rng(seed | 1);
-    let sizes: Vec<usize> = (0..count).map(|_| random_size(&mut rng, piece)).collect();
-    let srcs: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &n)| pattern(n, seed + i as u64)).collect();
-    let slack = 16;
-    let mut dsts: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0u8; n + slack]).collect();
-    let (mut next_send, mut next_recv) = (0, 0);
-    let mut sends: std::collections::VecDeque<RequestId> = Default::default();
-    let mut recvs: std::collections::VecDeque<(usize, RequestId)> = Default::default();
-    let mut checked = 0;
-    let deadline = Instant::now() + LIMIT;
-    while checked < count {
-        assert!(Instant::now() < deadline, "transfers stalled: {checked} of {count} checked");
-        while next_recv < count {
-            let d = &mut dsts[next_recv];
-            // SAFETY: the buffer lives in `dsts` until the request completed and was consumed.
-            match unsafe { recv.irecv(d.as_mut_ptr(), d.len(), MrHandle(0)) }.unwrap() {
-                Some(id) => {
-                    recvs.push_back((next_recv, id));
-                    next_recv += 1;
-                }
-                None => break,
-            }
-        }
-        while next_send < count {
-            let s = &srcs[next_send];
-            // SAFETY: `srcs` outlives every request.
-            match unsafe { send.isend(s.as_ptr(), s.len(), MrHandle(0)) }.unwrap() {
-                Some(id) => {
-                    sends.push_back(id);
-                    next_send += 1;
-                }
-                None => break,
-            }
-        }
-        while let Some(&id) = sends.front() {
-            match send.test(id).unwrap() {
-                Some(_) => {
-                    sends.pop_front();
-                }
-                None => break,
-            }
-        }
-        while let Some(&(i, id)) = recvs.front() {
-            let Some(n) = recv.test(id).unwrap() else { break };
-            assert_eq!(n, sizes[i], "message {i}: the receive reports the sender's size");
-            assert!(dsts[i][..n] == srcs[i][..], "message {i} of {n} bytes arrived corrupted");
-            assert!(dsts[i][n..].iter().all(|&b| b == 0), "message {i}: bytes past the message were written");
-            recv.irecv_consumed(id).unwrap();
-            recvs.pop_front();
-            checked += 1;
-        }
-        std::thread::yield_now();
-    }
-    while let Some(id) = sends.pop_front() {
-        while send.test(id).unwrap().is_none() {
-            assert!(Instant::now() < deadline, "send {id:?} never completed");
-            std::thread::yield_now();
-        }
-    }
+    let mut rng = Rng::new(&format!("message stream {seed}"));
+    let srcs: Vec<Vec<u8>> = (0..count).map(|i| pattern(random_size(&mut rng, piece), seed + i as u64)).collect();
+    common::comm::stream(send, recv, &srcs, 16);
 }
 
 /// Several comm pairs in parallel threads, each moving its own random stream of messages.
 fn concurrent_comms(options: SocketConfig, comms: usize, messages: usize) {
     let net = socket_net(options.clone());
-    let pairs: Vec<_> = (0..comms).map(|_| comm_pair(&net)).collect();
+    let pairs: Vec<_> = (0..comms).map(|_| comm_pair(&net, 0)).collect();
     std::thread::scope(|s| {
-        for (i, (mut tx, mut rx)) in pairs.into_iter().enumerate() {
+        for (i, (mut tx, mut rx, _listen)) in pairs.into_iter().enumerate() {
             let piece = options.subchunk as usize;
             s.spawn(move || stream_messages(&mut *tx, &mut *rx, 1000 + i as u64 * 77, messages, piece));
         }
@@ -160,14 +101,7 @@ fn accepting_side_follows_the_connectors_socket_count() {
     let one = socket_net(SocketConfig { nthreads: 1, nsocks_per_thread: 1, ..SocketConfig::default() });
     let (mut handle, mut listen) = one.listen(0).unwrap();
     let mut tx = many.connect(0, &mut handle).unwrap().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut rx = loop {
-        if let Some(rx) = listen.accept().unwrap() {
-            break rx;
-        }
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(1));
-    };
+    let mut rx = common::comm::accept(&mut *listen);
     stream_messages(&mut *tx, &mut *rx, 5, 40, 4 << 10);
 }
 
@@ -196,29 +130,20 @@ fn late_receives_and_late_data_with_blocking_helpers() {
 
 fn late_receives_and_late_data(options: SocketConfig) {
     let net = socket_net(options);
-    let (mut tx, mut rx) = comm_pair(&net);
+    let (mut tx, mut rx, _listen) = comm_pair(&net, 0);
     let msgs: Vec<Vec<u8>> = (0..16).map(|i| pattern(10_000 + i * 999, i as u64)).collect();
     let ids: Vec<RequestId> =
         msgs.iter().map(|m| unsafe { tx.isend(m.as_ptr(), m.len(), MrHandle(0)) }.unwrap().unwrap()).collect();
-    std::thread::sleep(Duration::from_millis(50));
+    // The messages fit the sockets' buffers, so every send completes with no receive posted: the
+    // data is all on its way to the receiver before the first receive comes.
+    for id in ids {
+        drive("a send completes before any receive is posted", LIMIT, || tx.test(id).unwrap());
+    }
     let mut bufs: Vec<Vec<u8>> = (0..16).map(|_| vec![0u8; 32 << 10]).collect();
     let rids: Vec<RequestId> =
         bufs.iter_mut().map(|b| unsafe { rx.irecv(b.as_mut_ptr(), b.len(), MrHandle(0)) }.unwrap().unwrap()).collect();
-    let deadline = Instant::now() + LIMIT;
-    for id in ids {
-        while tx.test(id).unwrap().is_none() {
-            assert!(Instant::now() < deadline);
-            std::thread::yield_now();
-        }
-    }
     for (i, id) in rids.into_iter().enumerate() {
-        let n = loop {
-            if let Some(n) = rx.test(id).unwrap() {
-                break n;
-            }
-            assert!(Instant::now() < deadline);
-            std::thread::yield_now();
-        };
+        let n = drive(&format!("receive {i} completes"), LIMIT, || rx.test(id).unwrap());
         assert_eq!(&bufs[i][..n], &msgs[i][..]);
         rx.irecv_consumed(id).unwrap();
     }

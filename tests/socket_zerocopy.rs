@@ -3,26 +3,16 @@
 //! sockets in flight, every zero-copy send is reported before its request counts as done, and a
 //! request whose pages the kernel still holds is not reported done.
 
-use std::time::{Duration, Instant};
-
 use uccl_tcpx::config::SocketConfig;
-use uccl_tcpx::transport::{MrHandle, RequestId};
+use uccl_tcpx::transport::MrHandle;
 
 mod common;
-use common::socket::{comm_pair, socket_net};
-use common::{Rng, pattern};
+use common::comm::comm_pair;
+use common::socket::socket_net;
+use common::{Rng, TRANSFER_LIMIT as LIMIT, pattern};
 
-const LIMIT: Duration = Duration::from_secs(60);
-
-fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{what}: timed out");
-        std::thread::yield_now();
-    }
+fn until<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    common::drive(what, LIMIT, f)
 }
 
 /// Keeps 16 sends and 16 receives in flight over a comm of several sockets and threads; sizes mix
@@ -37,8 +27,8 @@ fn many_requests_in_flight_arrive_intact_and_every_send_is_reported() {
         zerocopy_threshold: 8 << 10,
         ..SocketConfig::default()
     });
-    let (mut tx, mut rx) = comm_pair(&net);
-    let mut rng = Rng(0x2c0f_fee5);
+    let (mut tx, mut rx, _listen) = comm_pair(&net, 0);
+    let mut rng = Rng::new("zero-copy message sizes");
     let count = 160;
     let sizes: Vec<usize> = (0..count)
         .map(|_| match rng.below(4) {
@@ -48,48 +38,7 @@ fn many_requests_in_flight_arrive_intact_and_every_send_is_reported() {
         })
         .collect();
     let srcs: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &n)| pattern(n, i as u64 + 1)).collect();
-    let mut dsts: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0u8; n + 8]).collect();
-    let (mut next_send, mut next_recv, mut checked) = (0, 0, 0);
-    let mut sends: std::collections::VecDeque<RequestId> = Default::default();
-    let mut recvs: std::collections::VecDeque<(usize, RequestId)> = Default::default();
-    let mut max_in_flight = 0;
-    let deadline = Instant::now() + LIMIT;
-    while checked < count {
-        assert!(Instant::now() < deadline, "stalled: {checked} of {count} checked");
-        while next_recv < count {
-            let d = &mut dsts[next_recv];
-            // SAFETY: `dsts` outlives the request, which is consumed before it is read.
-            let Some(id) = (unsafe { rx.irecv(d.as_mut_ptr(), d.len(), MrHandle(0)) }).unwrap() else { break };
-            recvs.push_back((next_recv, id));
-            next_recv += 1;
-        }
-        while next_send < count {
-            let s = &srcs[next_send];
-            // SAFETY: `srcs` outlives every request.
-            let Some(id) = (unsafe { tx.isend(s.as_ptr(), s.len(), MrHandle(0)) }).unwrap() else { break };
-            sends.push_back(id);
-            next_send += 1;
-        }
-        max_in_flight = max_in_flight.max(sends.len());
-        while let Some(&id) = sends.front() {
-            if tx.test(id).unwrap().is_none() {
-                break;
-            }
-            sends.pop_front();
-        }
-        while let Some(&(i, id)) = recvs.front() {
-            let Some(n) = rx.test(id).unwrap() else { break };
-            assert_eq!(n, sizes[i], "message {i} reports the sender's size");
-            assert!(dsts[i][..n] == srcs[i][..], "message {i} of {n} bytes arrived intact");
-            assert!(dsts[i][n..].iter().all(|&b| b == 0), "nothing landed past message {i}");
-            rx.irecv_consumed(id).unwrap();
-            recvs.pop_front();
-            checked += 1;
-        }
-    }
-    while let Some(id) = sends.pop_front() {
-        until("last sends", || tx.test(id).unwrap());
-    }
+    let max_in_flight = common::comm::stream(&mut *tx, &mut *rx, &srcs, 8);
     assert_eq!(max_in_flight, 16, "the window was full at times");
     let stats = net.zerocopy_stats();
     eprintln!("{stats:?}");
@@ -117,7 +66,7 @@ fn request_is_not_done_while_the_kernel_holds_its_pages() {
         zerocopy_threshold: piece as u32,
         ..SocketConfig::default()
     });
-    let (mut tx, mut rx) = comm_pair(&net);
+    let (mut tx, mut rx, _listen) = comm_pair(&net, 0);
     if net.zerocopy_stats().refused_sockets > 0 {
         eprintln!("SKIPPED: the kernel refuses SO_ZEROCOPY");
         return;
@@ -127,7 +76,13 @@ fn request_is_not_done_while_the_kernel_holds_its_pages() {
     // SAFETY: `msg` outlives the request.
     let id = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle(0)) }.unwrap().unwrap();
     until("every piece handed to the kernel", || (net.zerocopy_stats().pieces_sent == pieces as u64).then_some(()));
-    std::thread::sleep(Duration::from_millis(100));
+    // The kernel released the pages of what the receiver's socket took and reported them: the
+    // sender has reaped reports since, yet still holds the rest.
+    let stats = until("the first zero-copy sends reported", || {
+        let stats = net.zerocopy_stats();
+        (stats.completed > 0).then_some(stats)
+    });
+    assert!(stats.pieces_held > 0, "the receiver took nothing, yet no pages are held: {stats:?}");
     assert_eq!(tx.test(id).unwrap(), None, "done while the kernel still held its pages");
     let stats = net.zerocopy_stats();
     assert!(stats.pieces_held > 0 && stats.completed < stats.sends, "the kernel still holds pages: {stats:?}");

@@ -8,8 +8,6 @@ use common::{Plugin, assert_warned, pattern};
 use cudarc::driver::{result, sys};
 use uccl_tcpx::transport::plugin::abi::*;
 
-const CHILD: &str = "FAKE_TCPX_TEST_CHILD";
-
 #[test]
 fn gpu_mode_needs_a_driver() {
     if uccl_tcpx::cuda::available() {
@@ -76,8 +74,7 @@ fn gpu_mode_transfer_copying_each_fragment() {
 }
 
 fn transfer_in_gpu_mode(name: &str, copy: &str) {
-    if std::env::var(CHILD).is_err() && !uccl_tcpx::cuda::available() {
-        println!("SKIPPED: no CUDA driver");
+    if !testkit::child::is_child(name) && common::no_gpu() {
         return;
     }
     let env = [
@@ -111,7 +108,7 @@ fn transfer_in_gpu_mode(name: &str, copy: &str) {
     let rmh = p.reg(pair.recv, dst.host(), cap, NCCL_PTR_CUDA).unwrap();
     let sizes = [0usize, 1, 4095, 3 * 4096 + 17, 1 << 20, 4 << 20];
     for (k, &size) in sizes.iter().enumerate() {
-        let data = pattern(size, k as u8);
+        let data = pattern(size, k as u64);
         // Device senders (copied to the host by the fake) and host senders alternate.
         let src = DeviceBuf::new(round_up(size), 0);
         let (sptr, smh) = if k % 2 == 0 {

@@ -21,7 +21,7 @@ fn round_trips(sizes: &[usize], pool: usize, check: impl Fn(&[LoadMeta])) {
     let mut dst = vec![0xEEu8; cap];
     let rmh = p.reg(pair.recv, dst.as_mut_ptr(), cap, NCCL_PTR_HOST).unwrap();
     for (k, &size) in sizes.iter().enumerate() {
-        let src = pattern(size, k as u8);
+        let src = pattern(size, k as u64);
         let smh = p.reg(pair.send, src.as_ptr(), size, NCCL_PTR_HOST).unwrap();
         let r = p.irecv(pair.recv, dst.as_mut_ptr(), cap, rmh).unwrap();
         let s = p.isend(pair.send, src.as_ptr(), size, smh).unwrap();
@@ -132,7 +132,7 @@ isolated_test!(
         let unpack = Unpack::host(&pair);
         let mut dst = vec![0u8; 4096];
         let rmh = p.reg(pair.recv, dst.as_mut_ptr(), dst.len(), NCCL_PTR_HOST).unwrap();
-        let msgs: Vec<Vec<u8>> = (0..5).map(|i| pattern(100 + i * 10, i as u8)).collect();
+        let msgs: Vec<Vec<u8>> = (0..5).map(|i| pattern(100 + i * 10, i as u64)).collect();
         let smhs: Vec<_> = msgs.iter().map(|m| p.reg(pair.send, m.as_ptr(), m.len(), NCCL_PTR_HOST).unwrap()).collect();
         let isend = p.t.isend.unwrap();
         let irecv = p.t.irecv.unwrap();

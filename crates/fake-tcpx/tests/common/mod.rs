@@ -1,49 +1,41 @@
 //! Drives the built plugin as a raw ncclNet v7 consumer would: dlopen, copy the table out of the
 //! data symbol, call through its function pointers. Every test runs in its own child process (the
 //! plugin's init is once per process and its knobs are read there), with the environment it names.
+//! Waiting, child processes and test data come from `testkit`, shared with the engine's tests.
 
 #![allow(dead_code)]
 
 use std::ffi::{CStr, c_char, c_int, c_ulong, c_void};
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use testkit::child::{ChildTest, is_child};
 use uccl_tcpx::transport::plugin::abi::*;
 
-const CHILD_VAR: &str = "FAKE_TCPX_TEST_CHILD";
-const KNOBS: [&str; 9] = [
-    "FAKE_TCPX_NDEV",
-    "FAKE_TCPX_IP",
-    "FAKE_TCPX_MODE",
-    "FAKE_TCPX_FRAGMENT",
-    "FAKE_TCPX_SEED",
-    "FAKE_TCPX_POOL_MB",
-    "FAKE_TCPX_CHUNK",
-    "FAKE_TCPX_FAULT",
-    "FAKE_TCPX_GPU_COPY",
-];
+pub use testkit::pattern;
 
-/// In the parent: runs test `name` in a child process with `env` and fails if the child fails;
-/// returns true. In that child: returns false, and the test body runs.
+/// How long a connect, accept or request of the fake may take on a loaded machine.
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// In the parent: runs test `name` in a child process with `env` as the only fake knobs, and fails
+/// if the child fails; returns true. In that child: returns false, and the test body runs.
 pub fn spawn_in_child(name: &str, env: &[(&str, &str)]) -> bool {
-    if std::env::var(CHILD_VAR).as_deref() == Ok(name) {
+    if is_child(name) {
         return false;
     }
-    let mut cmd = std::process::Command::new(std::env::current_exe().expect("test binary path"));
-    cmd.args([name, "--exact", "--nocapture", "--test-threads=1"]).env(CHILD_VAR, name);
-    for k in KNOBS {
-        cmd.env_remove(k);
-    }
+    let mut child = ChildTest::new(name).env_cleared("FAKE_TCPX_");
     for (k, v) in env {
-        cmd.env(k, v);
+        child = child.env(k, v);
     }
-    let out = cmd.output().expect("spawn the test child");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "child {name} failed ({}):\n{text}", out.status);
-    assert!(text.contains("1 passed"), "child {name} did not run its test:\n{text}");
-    print!("{text}");
+    child.run();
     true
+}
+
+/// Whether a GPU-mode test must return without running (see `testkit::gpu`): checked in the
+/// parent, whose child then runs it.
+pub fn no_gpu() -> bool {
+    testkit::skip_without_gpu(uccl_tcpx::cuda::available())
 }
 
 /// A test that runs in its own process with the given plugin knobs.
@@ -155,9 +147,7 @@ impl Plugin {
         let mut dev_handle = Box::new(NcclNetDeviceHandleV7::default());
         let mut dev_handle_ptr: *mut NcclNetDeviceHandleV7 = &mut *dev_handle;
         let (mut sc, mut rc): (*mut c_void, *mut c_void) = (std::ptr::null_mut(), std::ptr::null_mut());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while sc.is_null() || rc.is_null() {
-            assert!(Instant::now() < deadline, "connect/accept did not complete");
+        testkit::drive("connect and accept", LIMIT, || {
             if sc.is_null() {
                 let r = unsafe {
                     self.t.connect.unwrap()(dev, connect_handle.as_mut_ptr().cast(), &mut sc, std::ptr::null_mut())
@@ -168,8 +158,8 @@ impl Plugin {
                 let r = unsafe { self.t.accept.unwrap()(lc, &mut rc, &mut dev_handle_ptr) };
                 assert_eq!(r, 0, "accept");
             }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+            (!sc.is_null() && !rc.is_null()).then_some(())
+        });
         Pair { send: sc, recv: rc, listen: lc, dev_handle, connect_handle }
     }
 
@@ -211,31 +201,29 @@ impl Plugin {
 
     /// Tests until done, with a deadline.
     pub fn wait(&self, req: *mut c_void) -> Result<(), c_int> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if self.test(req)? {
-                return Ok(());
-            }
-            assert!(Instant::now() < deadline, "request {req:p} never completed");
-            std::thread::yield_now();
-        }
+        testkit::drive(&format!("request {req:p} completes"), LIMIT, || match self.test(req) {
+            Ok(false) => None,
+            Ok(true) => Some(Ok(())),
+            Err(rc) => Some(Err(rc)),
+        })
     }
 
     /// Tests the oldest send and receive alternately until both are done (one thread drives both
     /// comms, as a proxy thread would).
     pub fn wait_both(&self, send: *mut c_void, recv: *mut c_void) -> Result<(), c_int> {
         let (mut s, mut r) = (false, false);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !(s && r) {
-            if !s {
-                s = self.test(send)?;
+        let poll = |done: &mut bool, req| -> Result<(), c_int> {
+            if !*done {
+                *done = self.test(req)?;
             }
-            if !r {
-                r = self.test(recv)?;
+            Ok(())
+        };
+        testkit::drive("the send and the receive complete", LIMIT, || {
+            match poll(&mut s, send).and_then(|()| poll(&mut r, recv)) {
+                Err(rc) => Some(Err(rc)),
+                Ok(()) => (s && r).then_some(Ok(())),
             }
-            assert!(Instant::now() < deadline, "transfer never completed");
-        }
-        Ok(())
+        })
     }
 
     pub fn consume(&self, rc: *mut c_void, req: *mut c_void) -> c_int {
@@ -297,11 +285,6 @@ impl Unpack {
         assert!(covered.iter().all(|c| *c), "fragments leave holes");
         out
     }
-}
-
-/// Deterministic test bytes, different per message.
-pub fn pattern(len: usize, salt: u8) -> Vec<u8> {
-    (0..len).map(|i| ((i * 131 + i / 4099) as u8) ^ salt).collect()
 }
 
 /// A 4 KiB-aligned host buffer (what a CUDA registration requires).

@@ -1,7 +1,10 @@
-//! Finding the fake devmem NIC plugin for the plugin tests.
-#![allow(dead_code)]
+//! The fake devmem NIC plugin for the plugin tests: where it is, and engines configured to use it.
 
 use std::path::PathBuf;
+use std::time::Duration;
+
+use uccl_tcpx::Config;
+use uccl_tcpx::config::TransportChoice;
 
 /// `$UCCL_TCPX_FAKE_PLUGIN`, else `libfake_tcpx.so` in the target directory and profile this test
 /// was built into (so CARGO_TARGET_DIR and --release are respected). Fails the test, saying how to
@@ -22,4 +25,18 @@ pub fn fake_plugin() -> PathBuf {
         so.display()
     );
     so
+}
+
+/// Engines on the plugin transport over the fake NIC, with `channels` channels of `chunk`-byte
+/// chunks, 16 in flight (TCPX's window).
+pub fn config(channels: u16, chunk: u32) -> Config {
+    Config {
+        transport: TransportChoice::Tcpx,
+        plugin_path: Some(fake_plugin()),
+        num_channels: channels,
+        chunk_size: chunk,
+        window: 16,
+        connect_timeout: Duration::from_secs(30),
+        ..super::loopback()
+    }
 }

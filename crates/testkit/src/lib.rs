@@ -1,0 +1,15 @@
+//! What the workspace's integration tests share, so that each way of waiting, spawning a child
+//! test process, drawing random numbers or deciding to skip a GPU test is written once. Nothing
+//! here knows the engine: the tests' own `common` modules build engine pairs and comms on top.
+
+pub mod child;
+pub mod data;
+pub mod gpu;
+pub mod poll;
+pub mod rng;
+pub mod threads;
+
+pub use data::{assert_same, fill, pattern};
+pub use gpu::skip_without_gpu;
+pub use poll::{PATIENCE, drive, eventually, wait_until, within};
+pub use rng::Rng;

@@ -1,0 +1,73 @@
+//! Two engines over loopback and the connection between them, set up with bounded waits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use uccl_tcpx::proto::FifoItem;
+use uccl_tcpx::{Config, Connection, Engine};
+
+use testkit::PATIENCE;
+
+/// The defaults on loopback.
+pub fn loopback() -> Config {
+    Config { ip: Some("127.0.0.1".parse().unwrap()), ..Config::default() }
+}
+
+/// Engine `a` connected to engine `b`: `ab` is a's end, `ba` the connection b accepted.
+pub struct Pair {
+    pub a: Arc<Engine>,
+    pub b: Arc<Engine>,
+    pub ab: Arc<Connection>,
+    pub ba: Arc<Connection>,
+}
+
+/// Two engines with `config`, a connected to b.
+pub fn pair(config: Config) -> Pair {
+    let a = Arc::new(Engine::new(config.clone()).unwrap());
+    let b = Arc::new(Engine::new(config).unwrap());
+    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+    let ba = accept(&b).unwrap();
+    Pair { a, b, ab, ba }
+}
+
+/// `Engine::accept`, bounded: if nothing is accepted within [`PATIENCE`], accepting is stopped
+/// (which releases the blocked call) and the test fails.
+pub fn accept(engine: &Arc<Engine>) -> uccl_tcpx::Result<Arc<Connection>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let e = engine.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(e.accept());
+    });
+    rx.recv_timeout(PATIENCE).unwrap_or_else(|_| {
+        engine.stop_accept();
+        panic!("Engine::accept returned nothing within {PATIENCE:?}");
+    })
+}
+
+/// The outcome of transfer `id`; fails the test if it is still in progress after `limit`.
+pub fn wait_done(conn: &Connection, id: u64, limit: Duration) -> uccl_tcpx::Result<u64> {
+    testkit::eventually(&format!("transfer {id} finishes"), limit, || conn.poll(id).transpose())
+}
+
+/// How long a transfer may take in the tests: ample for hundreds of MiB on a loaded machine.
+pub const TRANSFER_LIMIT: Duration = Duration::from_secs(120);
+
+/// The outcome of transfer `id`, bounded by [`TRANSFER_LIMIT`].
+pub fn wait(conn: &Connection, id: u64) -> uccl_tcpx::Result<u64> {
+    wait_done(conn, id, TRANSFER_LIMIT)
+}
+
+/// `item` as hex, for a peer process to print.
+pub fn fifo_to_hex(item: &FifoItem) -> String {
+    item.to_bytes().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The item a peer printed with [`fifo_to_hex`].
+pub fn fifo_from_hex(hex: &str) -> FifoItem {
+    let mut bytes = [0u8; 64];
+    assert_eq!(hex.len(), 2 * bytes.len(), "a FifoItem is 64 bytes: {hex}");
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex digits");
+    }
+    FifoItem::from_bytes(&bytes)
+}

@@ -1,0 +1,164 @@
+//! Buffers on either side of the PCIe bus for the GPU tests, and their skip rule.
+
+use uccl_tcpx::cuda::{self, DeviceBuffer};
+use uccl_tcpx::engine::OneSided;
+use uccl_tcpx::transport::MemKind;
+
+use super::engine::{Pair, wait};
+use testkit::{assert_same, pattern};
+
+/// Where a test buffer lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Host,
+    Gpu,
+}
+
+/// Whether a GPU test must return without running: no CUDA driver here, and none required
+/// (`UCCL_TCPX_REQUIRE_GPU=1` makes a missing driver a failure instead; see `testkit::gpu`).
+pub fn no_gpu() -> bool {
+    testkit::skip_without_gpu(cuda::available())
+}
+
+pub enum Mem {
+    Host(Vec<u8>),
+    Device(DeviceBuffer),
+}
+
+impl Mem {
+    /// `len` zeroed bytes on `side` (GPU 0).
+    pub fn new(side: Side, len: usize) -> Mem {
+        match side {
+            Side::Host => Mem::Host(vec![0u8; len]),
+            Side::Gpu => {
+                let mut buf = DeviceBuffer::new(0, len).expect("allocate device memory");
+                buf.fill(0).expect("clear device memory");
+                Mem::Device(buf)
+            }
+        }
+    }
+
+    pub fn side(&self) -> Side {
+        match self {
+            Mem::Host(_) => Side::Host,
+            Mem::Device(_) => Side::Gpu,
+        }
+    }
+
+    pub fn kind(&self) -> MemKind {
+        match self {
+            Mem::Host(_) => MemKind::Host,
+            Mem::Device(_) => MemKind::Cuda { device: 0 },
+        }
+    }
+
+    pub fn addr(&self) -> usize {
+        match self {
+            Mem::Host(v) => v.as_ptr() as usize,
+            Mem::Device(d) => d.addr(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Mem::Host(v) => v.len(),
+            Mem::Device(d) => d.len(),
+        }
+    }
+
+    pub fn write(&mut self, offset: usize, data: &[u8]) {
+        match self {
+            Mem::Host(v) => v[offset..offset + data.len()].copy_from_slice(data),
+            Mem::Device(d) => d.copy_from_host(offset, data).expect("copy to device"),
+        }
+    }
+
+    pub fn read(&self, offset: usize, len: usize) -> Vec<u8> {
+        match self {
+            Mem::Host(v) => v[offset..offset + len].to_vec(),
+            Mem::Device(d) => {
+                let mut out = vec![0u8; len];
+                d.copy_to_host(offset, &mut out).expect("copy from device");
+                out
+            }
+        }
+    }
+
+    pub fn clear(&mut self) {
+        match self {
+            Mem::Host(v) => v.fill(0),
+            Mem::Device(d) => d.fill(0).expect("clear device memory"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Kind {
+    SendRecv,
+    Write,
+    Read,
+}
+
+/// Moves `len` bytes from `src[soff..]` on engine `a` to `dst[doff..]` on engine `b` (for reads,
+/// `a` pulls from `b`: the data still goes src -> dst).
+pub fn move_bytes(p: &Pair, kind: Kind, src: (&Mem, u64, usize), dst: (&Mem, u64, usize), len: usize) {
+    let (smem, smr, soff) = src;
+    let (dmem, dmr, doff) = dst;
+    let (saddr, daddr) = (smem.addr() + soff, dmem.addr() + doff);
+    match kind {
+        Kind::SendRecv => {
+            let r = p.ba.recv(dmr, daddr, len).unwrap();
+            let s = p.ab.send(&[(smr, saddr, len)]).unwrap();
+            assert_eq!(wait(&p.ab, s).unwrap(), len as u64);
+            assert_eq!(wait(&p.ba, r).unwrap(), len as u64);
+        }
+        Kind::Write => {
+            let fifo = p.b.prepare_fifo(dmr, dmem.addr(), dmem.len()).unwrap();
+            let mut remote = fifo;
+            remote.addr = daddr as u64;
+            let w = p.ab.write(&[OneSided { mr: smr, addr: saddr, len, remote }]).unwrap();
+            assert_eq!(wait(&p.ab, w).unwrap(), len as u64);
+        }
+        Kind::Read => {
+            // Here the source is on b and the destination on a.
+            let fifo = p.b.prepare_fifo(smr, smem.addr(), smem.len()).unwrap();
+            let mut remote = fifo;
+            remote.addr = saddr as u64;
+            let r = p.ab.read(&[OneSided { mr: dmr, addr: daddr, len, remote }]).unwrap();
+            assert_eq!(wait(&p.ab, r).unwrap(), len as u64);
+        }
+    }
+}
+
+/// Every transfer kind, GPU->GPU, GPU->host and host->GPU, each of `sizes` at unaligned offsets on
+/// both ends: byte for byte, and the bytes either side of each destination untouched.
+pub fn every_kind_every_direction(p: &Pair, sizes: &[usize]) {
+    let max = *sizes.iter().max().unwrap() + 64;
+    for (from, to) in [(Side::Gpu, Side::Gpu), (Side::Gpu, Side::Host), (Side::Host, Side::Gpu)] {
+        for kind in [Kind::SendRecv, Kind::Write, Kind::Read] {
+            let mut src = Mem::new(from, max);
+            let mut dst = Mem::new(to, max);
+            // For reads the source lives on b, the destination on a.
+            let (src_engine, dst_engine) = match kind {
+                Kind::Read => (&p.b, &p.a),
+                _ => (&p.a, &p.b),
+            };
+            let smr = src_engine.register(src.addr(), src.len()).unwrap();
+            let dmr = dst_engine.register(dst.addr(), dst.len()).unwrap();
+            for (k, &len) in sizes.iter().enumerate() {
+                let (soff, doff) = (1 + (k * 3) % 13, 5 + k % 3);
+                let data = pattern(len, (k * 10 + kind as usize) as u64);
+                src.write(soff, &data);
+                dst.clear();
+                move_bytes(p, kind, (&src, smr, soff), (&dst, dmr, doff), len);
+                let got = dst.read(doff - 1, len + 2);
+                let what = format!("{kind:?} {from:?}->{to:?} {len} bytes at +{soff} -> +{doff}");
+                assert_same(&got[1..=len], &data, &what);
+                assert_eq!((got[0], got[len + 1]), (0, 0), "{what}: neighbours untouched");
+            }
+            src_engine.deregister(smr).unwrap();
+            dst_engine.deregister(dmr).unwrap();
+            println!("{kind:?} {from:?}->{to:?}: {} sizes checked", sizes.len());
+        }
+    }
+}
