@@ -6,6 +6,8 @@
 set -uo pipefail
 bundle="$(cd "${1:?usage: scripts/gpu_tests.sh BUNDLE_DIR}" && pwd)"
 export UCCL_TCPX_FAKE_PLUGIN="$bundle/libfake_tcpx.so"
+# Here a GPU test that finds no CUDA driver fails instead of printing SKIPPED and passing.
+export UCCL_TCPX_REQUIRE_GPU=1
 nvidia-smi -L || true
 failed=()
 for t in "$bundle"/test-*; do
