@@ -1,21 +1,28 @@
-//! Bounded randomized fuzzing of every wire decoder reachable through the public API:
-//! `FrameHeader::parse`, `Control::decode`, `control::decode_frame`, `Handshake::decode`,
-//! `ChannelHello::from_bytes`, `FifoItem::from_bytes` and `FifoItem::capability`.
+//! Property tests of every wire decoder reachable through the public API: `FrameHeader::parse`,
+//! `Control::decode`, `control::decode_frame`, `Handshake::decode`, `ChannelHello::from_bytes`,
+//! `FifoItem::from_bytes` and `FifoItem::capability`.
 //!
-//! Inputs are purely random bytes, mutated valid encodings (bit flips, truncation, extension,
-//! splices, "interesting" integers written over length fields) and structured random messages.
-//! Every decoder must return instead of panicking, and anything that decodes must re-encode to
-//! exactly the bytes it came from (the codec is canonical). Runs are deterministic: the seed is
-//! fixed unless `UCCL_TCPX_FUZZ_SEED` is set, and `UCCL_TCPX_FUZZ_SCALE` multiplies the iteration
-//! counts for longer local runs (the defaults keep the whole file well under 20 s in a debug build
-//! on two cores). Coverage-guided fuzzing of the same decoders lives in `fuzz/` (docs/RELIABILITY.md).
+//! Inputs are random bytes, mutated valid encodings (bit flips, byte overwrites, truncation,
+//! extension, inserted and removed ranges, splices of two samples, boundary integers written over
+//! length and id fields) and structured random messages, drawn by proptest. Every decoder must
+//! return instead of panicking, and anything that decodes must re-encode to exactly the bytes it
+//! came from (the codec is canonical); for structured messages `validate()` succeeds exactly when
+//! the message round-trips. A failure is shrunk to a small input, reported with it, and saved under
+//! `tests/proptest-regressions/` so the next run tries it first. `UCCL_TCPX_FUZZ_SCALE` multiplies
+//! the case counts for longer local runs (the defaults keep the file to seconds in a debug build on
+//! two cores). Coverage-guided fuzzing of the same decoders lives in `fuzz/` (docs/RELIABILITY.md).
 //!
 //! `UCCL_TCPX_WRITE_FUZZ_CORPUS=1 cargo test --test fuzz_proto seed_corpus` rewrites the checked-in
 //! seed corpus under `fuzz/corpus/`; without it that test checks every checked-in seed still decodes.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::cell::Cell;
+use std::fmt::Debug;
 use std::path::PathBuf;
 
+use proptest::collection::vec;
+use proptest::prelude::*;
+use proptest::sample::{Index, select};
+use proptest::test_runner::{Config as RunnerConfig, FileFailurePersistence, TestRunner};
 use uccl_tcpx::proto::control::decode_frame;
 use uccl_tcpx::proto::frame::{is_handshake_kind, max_body_len};
 use uccl_tcpx::proto::{Capability, ChannelHello, Control, FifoItem, FrameHeader, Handshake, Hello, Refuse, Welcome};
@@ -35,176 +42,171 @@ const MAX_ID_LEN: usize = 64;
 const MAX_TRANSPORT_NAME_LEN: usize = 32;
 
 // ---------------------------------------------------------------------------------------------
-// Deterministic randomness and mutation.
+// Running properties.
 
-struct Rng(u64);
-
-impl Rng {
-    fn new(stream: u64) -> Rng {
-        let base = std::env::var("UCCL_TCPX_FUZZ_SEED").ok().and_then(|s| s.parse::<u64>().ok()).unwrap_or(0x5eed);
-        // splitmix64 of (seed, stream) so every test gets an independent sequence.
-        let mut z = base ^ stream.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        Rng((z ^ (z >> 31)).max(1))
-    }
-
-    fn u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        if n == 0 { 0 } else { (self.u64() % n as u64) as usize }
-    }
-
-    fn chance(&mut self, one_in: usize) -> bool {
-        self.below(one_in) == 0
-    }
-
-    fn byte(&mut self) -> u8 {
-        self.u64() as u8
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| self.byte()).collect()
-    }
-
-    fn bytes_below(&mut self, max_len: usize) -> Vec<u8> {
-        let len = self.below(max_len);
-        self.bytes(len)
-    }
-
-    /// A mutated copy of a random member of `pool`.
-    fn mutate_seed(&mut self, pool: &[Vec<u8>]) -> Vec<u8> {
-        let base = self.pick(pool).clone();
-        self.mutate(&base, pool)
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-
-    /// A value biased towards the boundaries decoders get wrong.
-    fn interesting_u64(&mut self) -> u64 {
-        match self.below(8) {
-            0 => 0,
-            1 => 1,
-            2 => u64::MAX,
-            3 => u64::MAX - self.below(4) as u64,
-            4 => u64::from(u32::MAX) + self.below(3) as u64 - 1,
-            5 => 1 << self.below(64),
-            6 => self.below(300) as u64,
-            _ => self.u64(),
+/// Checks `check` on `cases` values of `strategy` (times `UCCL_TCPX_FUZZ_SCALE`); returns how many
+/// it accepted (returned true for) and how many it saw. A panic inside, a decoder's or a failed
+/// assertion's, fails the test with the shrunk input.
+fn run<S>(what: &str, cases: u32, strategy: S, check: impl Fn(&S::Value) -> bool) -> (u32, u32)
+where
+    S: Strategy,
+    S::Value: Debug,
+{
+    let scale = std::env::var("UCCL_TCPX_FUZZ_SCALE").ok().and_then(|s| s.parse::<u32>().ok()).unwrap_or(1).max(1);
+    let config = RunnerConfig {
+        cases: cases * scale,
+        failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel("proptest-regressions"))),
+        source_file: Some(file!()),
+        ..RunnerConfig::default()
+    };
+    let (accepted, seen) = (Cell::new(0u32), Cell::new(0u32));
+    let result = TestRunner::new(config).run(&strategy, |value| {
+        seen.set(seen.get() + 1);
+        if check(&value) {
+            accepted.set(accepted.get() + 1);
         }
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{what}: {e}");
     }
+    eprintln!("{what}: {} inputs, {} accepted", seen.get(), accepted.get());
+    (accepted.get(), seen.get())
+}
 
-    fn interesting_u32(&mut self) -> u32 {
-        match self.below(6) {
-            0 => 0,
-            1 => u32::MAX,
-            2 => 1 << self.below(32),
-            3 => self.below(5000) as u32,
-            _ => self.u64() as u32,
-        }
-    }
+/// A value biased towards the boundaries decoders get wrong.
+fn interesting_u64() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        Just(0u64),
+        Just(1u64),
+        Just(u64::MAX),
+        (0u64..4).prop_map(|d| u64::MAX - d),
+        (0u64..3).prop_map(|d| u64::from(u32::MAX) + d - 1),
+        (0u32..64).prop_map(|b| 1u64 << b),
+        0u64..300,
+        any::<u64>(),
+    ]
+}
 
-    /// Applies 1 to 4 stacked mutations to `base`; `pool` supplies material for splices.
-    fn mutate(&mut self, base: &[u8], pool: &[Vec<u8>]) -> Vec<u8> {
-        let mut out = base.to_vec();
-        for _ in 0..1 + self.below(4) {
-            match self.below(10) {
-                0 if !out.is_empty() => {
-                    let at = self.below(out.len());
-                    out[at] ^= 1 << self.below(8);
-                }
-                1 if !out.is_empty() => {
-                    let at = self.below(out.len());
-                    out[at] = self.byte();
-                }
-                2 => out.truncate(self.below(out.len() + 1)),
-                3 => {
-                    let extra = 1 + self.below(16);
-                    let bytes = self.bytes(extra);
-                    out.extend(bytes);
-                }
-                4 if !out.is_empty() => {
-                    // Remove a range.
-                    let at = self.below(out.len());
-                    let n = 1 + self.below(out.len() - at);
-                    out.drain(at..at + n);
-                }
-                5 => {
-                    // Insert random bytes.
-                    let at = self.below(out.len() + 1);
-                    let n = 1 + self.below(8);
-                    let bytes = self.bytes(n);
-                    out.splice(at..at, bytes);
-                }
-                6 if out.len() >= 4 => {
-                    // Overwrite a (possible) length or id field with a boundary value.
-                    let at = self.below(out.len() - 3);
-                    let v = self.interesting_u32().to_le_bytes();
-                    out[at..at + 4].copy_from_slice(&v);
-                }
-                7 if out.len() >= 2 => {
-                    let at = self.below(out.len() - 1);
-                    let v = [0u16, 1, 0xff, 0x100, u16::MAX, self.below(70) as u16][self.below(6)];
-                    out[at..at + 2].copy_from_slice(&v.to_le_bytes());
-                }
-                8 if out.len() >= 8 => {
-                    let at = self.below(out.len() - 7);
-                    let v = self.interesting_u64().to_le_bytes();
-                    out[at..at + 8].copy_from_slice(&v);
-                }
-                9 if !pool.is_empty() => {
-                    // Splice: our head, another seed's tail.
-                    let other = self.pick(pool).clone();
-                    let cut = self.below(out.len() + 1);
-                    let from = self.below(other.len() + 1);
-                    out.truncate(cut);
-                    out.extend_from_slice(&other[from..]);
-                }
-                _ => {}
-            }
-        }
-        out
-    }
+fn interesting_u32() -> impl Strategy<Value = u32> {
+    prop_oneof![Just(0u32), Just(u32::MAX), (0u32..32).prop_map(|b| 1u32 << b), 0u32..5000, any::<u32>(), any::<u32>()]
+}
 
-    fn utf8_string(&mut self, max_bytes: usize) -> String {
-        const CHARS: [char; 8] = ['a', 'Z', '0', '-', ':', 'é', '€', '𝄞'];
-        let mut s = String::new();
-        let target = self.below(max_bytes + 1);
-        while s.len() < target {
-            s.push(*self.pick(&CHARS));
+/// One edit of an encoding; positions are drawn as fractions of whatever length the bytes have by then.
+#[derive(Clone, Debug)]
+enum Mutation {
+    FlipBit(Index, u8),
+    SetByte(Index, u8),
+    Truncate(Index),
+    Extend(Vec<u8>),
+    Remove(Index, Index),
+    Insert(Index, Vec<u8>),
+    /// Overwrites a (possible) length or id field with a boundary value.
+    Write16(Index, u16),
+    Write32(Index, u32),
+    Write64(Index, u64),
+    /// Our head, another sample's tail: (cut, which sample, from where in it).
+    Splice(Index, Index, Index),
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    let u16s = select(vec![0u16, 1, 0xff, 0x100, u16::MAX, 7, 64, 65]);
+    prop_oneof![
+        (any::<Index>(), 0u8..8).prop_map(|(at, bit)| Mutation::FlipBit(at, bit)),
+        (any::<Index>(), any::<u8>()).prop_map(|(at, v)| Mutation::SetByte(at, v)),
+        any::<Index>().prop_map(Mutation::Truncate),
+        vec(any::<u8>(), 1..=16).prop_map(Mutation::Extend),
+        (any::<Index>(), any::<Index>()).prop_map(|(at, n)| Mutation::Remove(at, n)),
+        (any::<Index>(), vec(any::<u8>(), 1..=8)).prop_map(|(at, b)| Mutation::Insert(at, b)),
+        (any::<Index>(), u16s).prop_map(|(at, v)| Mutation::Write16(at, v)),
+        (any::<Index>(), interesting_u32()).prop_map(|(at, v)| Mutation::Write32(at, v)),
+        (any::<Index>(), interesting_u64()).prop_map(|(at, v)| Mutation::Write64(at, v)),
+        (any::<Index>(), any::<Index>(), any::<Index>()).prop_map(|(c, o, f)| Mutation::Splice(c, o, f)),
+    ]
+}
+
+fn apply(m: &Mutation, out: &mut Vec<u8>, pool: &[Vec<u8>]) {
+    let len = out.len();
+    let mut write = |at: &Index, bytes: &[u8]| {
+        if len >= bytes.len() {
+            let at = at.index(len - bytes.len() + 1);
+            out[at..at + bytes.len()].copy_from_slice(bytes);
         }
-        s
+    };
+    match m {
+        Mutation::FlipBit(at, bit) if len > 0 => out[at.index(len)] ^= 1 << bit,
+        Mutation::SetByte(at, v) if len > 0 => out[at.index(len)] = *v,
+        Mutation::Truncate(at) => out.truncate(at.index(len + 1)),
+        Mutation::Extend(bytes) => out.extend_from_slice(bytes),
+        Mutation::Remove(at, n) if len > 0 => {
+            let at = at.index(len);
+            let n = 1 + n.index(len - at);
+            out.drain(at..at + n);
+        }
+        Mutation::Insert(at, bytes) => {
+            let at = at.index(len + 1);
+            out.splice(at..at, bytes.iter().copied());
+        }
+        Mutation::Write16(at, v) => write(at, &v.to_le_bytes()),
+        Mutation::Write32(at, v) => write(at, &v.to_le_bytes()),
+        Mutation::Write64(at, v) => write(at, &v.to_le_bytes()),
+        Mutation::Splice(cut, which, from) if !pool.is_empty() => {
+            let other = &pool[which.index(pool.len())];
+            out.truncate(cut.index(len + 1));
+            out.extend_from_slice(&other[from.index(other.len() + 1)..]);
+        }
+        _ => {}
     }
 }
 
-fn scale() -> usize {
-    std::env::var("UCCL_TCPX_FUZZ_SCALE").ok().and_then(|s| s.parse::<usize>().ok()).unwrap_or(1).max(1)
+/// 1 to 4 stacked mutations.
+fn mutations() -> impl Strategy<Value = Vec<Mutation>> {
+    vec(mutation(), 1..=4)
+}
+
+fn mutate(base: &[u8], ms: &[Mutation], pool: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = base.to_vec();
+    for m in ms {
+        apply(m, &mut out, pool);
+    }
+    out
+}
+
+/// A mutated copy of a member of `pool`.
+fn mutated(pool: Vec<Vec<u8>>) -> impl Strategy<Value = Vec<u8>> {
+    (any::<Index>(), mutations()).prop_map(move |(which, ms)| mutate(&pool[which.index(pool.len())], &ms, &pool))
+}
+
+/// A frame whose header parses, with a random body of exactly the announced length; the kind is
+/// mostly one of `kinds`.
+fn framed(kinds: Vec<u8>, max_body: usize) -> impl Strategy<Value = Vec<u8>> {
+    let kind = prop_oneof![7 => select(kinds), 1 => any::<u8>()];
+    (kind, vec(any::<u8>(), 0..max_body)).prop_map(|(kind, body)| {
+        let mut f = FrameHeader { kind, body_len: body.len() as u32 }.to_bytes().to_vec();
+        f.extend(body);
+        f
+    })
+}
+
+/// A string of up to about `max_bytes` (a few bytes more at times) of one- to four-byte characters.
+fn utf8_string(max_bytes: usize) -> impl Strategy<Value = String> {
+    const CHARS: [char; 8] = ['a', 'Z', '0', '-', ':', 'é', '€', '𝄞'];
+    let target = prop_oneof![0..=max_bytes, (max_bytes.saturating_sub(2))..=max_bytes];
+    (target, vec(select(&CHARS[..]), 1..=8)).prop_map(|(target, chars)| {
+        let mut s = String::new();
+        for c in chars.iter().cycle() {
+            if s.len() >= target {
+                break;
+            }
+            s.push(*c);
+        }
+        s
+    })
 }
 
 fn hex(bytes: &[u8]) -> String {
     let shown: String = bytes.iter().take(96).map(|b| format!("{b:02x}")).collect();
     if bytes.len() > 96 { format!("{shown}… ({} bytes)", bytes.len()) } else { shown }
-}
-
-/// Runs one check, turning a panic inside a decoder into a failure that names the input.
-fn guarded(what: &str, iteration: usize, input: &[u8], check: impl FnOnce()) {
-    if let Err(panic) = catch_unwind(AssertUnwindSafe(check)) {
-        let msg = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_default();
-        panic!("{what}: iteration {iteration} failed on input {}: {msg}", hex(input));
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -424,31 +426,24 @@ fn limits_match_the_codec() {
 
 #[test]
 fn frame_headers_random_mutated_and_exhaustive_kinds() {
-    let mut rng = Rng::new(1);
     let seeds: Vec<Vec<u8>> = sample_controls()
         .iter()
         .map(|(_, m)| control_frame(m)[..HEADER_LEN].to_vec())
         .chain(sample_handshakes().iter().map(|(_, m)| handshake_frame(m)[..HEADER_LEN].to_vec()))
         .collect();
-    let mut accepted = 0usize;
-    let iterations = 1_200_000 * scale();
-    for i in 0..iterations {
-        let bytes: [u8; HEADER_LEN] = if i % 3 == 0 {
-            rng.bytes(HEADER_LEN).try_into().unwrap()
-        } else {
-            let mut m = rng.mutate_seed(&seeds);
-            m.resize(HEADER_LEN, 0);
-            m.try_into().unwrap()
-        };
-        guarded("FrameHeader::parse", i, &bytes, || {
-            if let Ok(h) = FrameHeader::parse(&bytes) {
-                accepted += 1;
-                assert_eq!(h.to_bytes(), bytes, "header re-encodes differently");
-                assert_eq!(h.validate(), Ok(()));
-                assert!(h.body_len as usize <= max_body_len(h.kind).expect("a parsed kind is known"));
-            }
-        });
-    }
+    let input = prop_oneof![1 => vec(any::<u8>(), HEADER_LEN), 2 => mutated(seeds)].prop_map(|mut m| {
+        m.resize(HEADER_LEN, 0);
+        <[u8; HEADER_LEN]>::try_from(m).unwrap()
+    });
+    let (accepted, seen) = run("FrameHeader::parse", 20_000, input, |bytes| match FrameHeader::parse(bytes) {
+        Ok(h) => {
+            assert_eq!(&h.to_bytes(), bytes, "header re-encodes differently");
+            assert_eq!(h.validate(), Ok(()));
+            assert!(h.body_len as usize <= max_body_len(h.kind).expect("a parsed kind is known"));
+            true
+        }
+        Err(_) => false,
+    });
     // Every kind with boundary lengths, including hand-built headers `validate` must judge alone.
     for kind in 0..=u8::MAX {
         for body_len in [0, 1, 15, 16, 17, 40, 41, 1040, 1041, 4096, 4097, u32::MAX / 2, u32::MAX] {
@@ -460,284 +455,260 @@ fn frame_headers_random_mutated_and_exhaustive_kinds() {
             }
         }
     }
-    eprintln!("FrameHeader::parse: {iterations} inputs, {accepted} parsed");
-    assert!(accepted > iterations / 20, "only {accepted} of {iterations} headers parsed");
+    assert!(accepted > seen / 20, "only {accepted} of {seen} headers parsed");
+}
+
+/// Decoding `body` under a hand-built header whose length may disagree with it: refused, or (when
+/// the lengths agree) canonical.
+fn check_hand_built<T>(
+    kind: u8,
+    body_len: u32,
+    body: &[u8],
+    decode: impl Fn(&FrameHeader, &[u8]) -> Result<T, uccl_tcpx::proto::ProtoError>,
+    encode: impl Fn(&T) -> Vec<u8>,
+) {
+    let header = FrameHeader { kind, body_len };
+    if let Ok(msg) = decode(&header, body) {
+        assert_eq!(header.body_len as usize, body.len());
+        let mut expect = header.to_bytes().to_vec();
+        expect.extend_from_slice(body);
+        assert_eq!(encode(&msg), expect, "input {}", hex(&expect));
+    }
 }
 
 #[test]
 fn control_frames_random_and_mutated() {
-    let mut rng = Rng::new(2);
     let seeds: Vec<Vec<u8>> = sample_controls().iter().map(|(_, m)| control_frame(m)).collect();
     let kinds: Vec<u8> = sample_controls().iter().map(|(_, m)| m.kind()).collect();
-    let mut accepted = 0usize;
-    let iterations = 1_200_000 * scale();
-    for i in 0..iterations {
-        let frame = match i % 4 {
-            0 => {
-                // A header that parses, random body of exactly the announced length.
-                let kind = if rng.chance(8) { rng.byte() } else { *rng.pick(&kinds) };
-                let body = rng.bytes_below(64);
-                let mut f = FrameHeader { kind, body_len: body.len() as u32 }.to_bytes().to_vec();
-                f.extend(body);
-                f
-            }
-            1 => rng.bytes_below(80),
-            _ => rng.mutate_seed(&seeds),
-        };
-        guarded("Control::decode", i, &frame, || {
-            if check_control(&frame) {
-                accepted += 1;
-            }
-        });
+    let frame = prop_oneof![1 => framed(kinds, 64), 1 => vec(any::<u8>(), 0..80), 2 => mutated(seeds)];
+    let (accepted, seen) = run("Control::decode", 20_000, (frame, interesting_u32()), |(frame, hand_len)| {
         // Hand-built headers whose fields disagree with the body must be refused, not trusted.
         if frame.len() >= HEADER_LEN {
-            let header = FrameHeader { kind: frame[2], body_len: rng.interesting_u32() };
-            let body = &frame[HEADER_LEN..];
-            guarded("Control::decode (hand-built header)", i, &frame, || {
-                if let Ok(msg) = Control::decode(&header, body) {
-                    assert_eq!(header.body_len as usize, body.len());
-                    let mut expect = header.to_bytes().to_vec();
-                    expect.extend_from_slice(body);
-                    assert_eq!(control_frame(&msg), expect);
-                }
-            });
+            check_hand_built(frame[2], *hand_len, &frame[HEADER_LEN..], Control::decode, control_frame);
         }
-    }
-    eprintln!("Control::decode: {iterations} frames (+ as many hand-built headers), {accepted} decoded");
-    assert!(accepted > iterations / 50, "only {accepted} of {iterations} control frames decoded");
+        check_control(frame)
+    });
+    assert!(accepted > seen / 50, "only {accepted} of {seen} control frames decoded");
 }
 
 #[test]
 fn control_stream_decoder_on_random_splits() {
-    let mut rng = Rng::new(3);
     let samples: Vec<Control> = sample_controls().into_iter().map(|(_, m)| m).collect();
     let seeds: Vec<Vec<u8>> = samples.iter().map(control_frame).collect();
-    let iterations = 160_000 * scale();
-    let mut complete_streams = 0usize;
-    for i in 0..iterations {
-        // A stream of valid frames, possibly mutated somewhere, cut at a random point.
-        let count = 1 + rng.below(6);
-        let msgs: Vec<&Control> = (0..count).map(|_| rng.pick(&samples)).collect();
-        let mut stream: Vec<u8> = msgs.iter().flat_map(|m| control_frame(m)).collect();
-        let mutated = rng.chance(2);
-        if mutated {
-            stream = rng.mutate(&stream, &seeds);
+    // A stream of valid frames, possibly mutated somewhere, possibly cut at some point.
+    let stream = (
+        vec(select(samples), 1..=6),
+        proptest::option::of(mutations()),
+        proptest::option::weighted(0.33, any::<Index>()),
+    );
+    let complete = Cell::new(0u32);
+    run("control::decode_frame", 4_000, stream, |(msgs, muts, cut)| {
+        let mut stream: Vec<u8> = msgs.iter().flat_map(control_frame).collect();
+        if let Some(ms) = muts {
+            stream = mutate(&stream, ms, &seeds);
         }
-        let cut = if rng.chance(3) { rng.below(stream.len() + 1) } else { stream.len() };
-        let buf = &stream[..cut];
-        guarded("control::decode_frame", i, buf, || {
-            let mut rest = buf;
-            let mut decoded = Vec::new();
-            loop {
-                match decode_frame(rest) {
-                    Ok(Some((msg, used))) => {
-                        assert!((HEADER_LEN..=rest.len()).contains(&used));
-                        assert_eq!(control_frame(&msg), &rest[..used], "stream frame re-encodes differently");
-                        decoded.push(msg);
-                        rest = &rest[used..];
-                    }
-                    Ok(None) => {
-                        // Only a genuinely incomplete frame may ask for more bytes.
-                        if let Some((head, _)) = rest.split_first_chunk::<HEADER_LEN>() {
-                            let h = FrameHeader::parse(head).expect("a pending frame has a valid header");
-                            assert!(HEADER_LEN + h.body_len as usize > rest.len());
-                        }
-                        break;
-                    }
-                    Err(_) => break,
+        let cut = cut.as_ref().map_or(stream.len(), |c| c.index(stream.len() + 1));
+        let mut rest = &stream[..cut];
+        let mut decoded = Vec::new();
+        loop {
+            match decode_frame(rest) {
+                Ok(Some((msg, used))) => {
+                    assert!((HEADER_LEN..=rest.len()).contains(&used));
+                    assert_eq!(control_frame(&msg), &rest[..used], "stream frame re-encodes differently");
+                    decoded.push(msg);
+                    rest = &rest[used..];
                 }
+                Ok(None) => {
+                    // Only a genuinely incomplete frame may ask for more bytes.
+                    if let Some((head, _)) = rest.split_first_chunk::<HEADER_LEN>() {
+                        let h = FrameHeader::parse(head).expect("a pending frame has a valid header");
+                        assert!(HEADER_LEN + h.body_len as usize > rest.len());
+                    }
+                    break;
+                }
+                Err(_) => break,
             }
-            if !mutated && cut == stream.len() {
-                assert!(rest.is_empty());
-                assert_eq!(decoded.iter().collect::<Vec<_>>(), msgs);
-                complete_streams += 1;
-            }
-        });
-    }
-    eprintln!("control::decode_frame: {iterations} streams, {complete_streams} intact ones fully decoded");
-    assert!(complete_streams > 0);
+        }
+        let intact = muts.is_none() && cut == stream.len();
+        if intact {
+            assert!(rest.is_empty());
+            assert_eq!(&decoded, msgs);
+            complete.set(complete.get() + 1);
+        }
+        intact
+    });
+    assert!(complete.get() > 0, "no intact stream was fully decoded");
 }
 
 #[test]
 fn handshake_frames_random_and_mutated() {
-    let mut rng = Rng::new(4);
     let seeds: Vec<Vec<u8>> = sample_handshakes().iter().map(|(_, m)| handshake_frame(m)).collect();
     let kinds: Vec<u8> = sample_handshakes().iter().map(|(_, m)| m.kind()).collect();
-    let mut accepted = 0usize;
-    let iterations = 600_000 * scale();
-    for i in 0..iterations {
-        let frame = match i % 4 {
-            0 => {
-                let kind = if rng.chance(8) { rng.byte() } else { *rng.pick(&kinds) };
-                let body = rng.bytes_below(400);
-                let mut f = FrameHeader { kind, body_len: body.len() as u32 }.to_bytes().to_vec();
-                f.extend(body);
-                f
-            }
-            1 => rng.bytes_below(400),
-            _ => rng.mutate_seed(&seeds),
-        };
-        guarded("Handshake::decode", i, &frame, || {
-            if check_handshake(&frame) {
-                accepted += 1;
-            }
-        });
+    let frame = prop_oneof![1 => framed(kinds, 400), 1 => vec(any::<u8>(), 0..400), 2 => mutated(seeds)];
+    let (accepted, seen) = run("Handshake::decode", 10_000, (frame, interesting_u32()), |(frame, hand_len)| {
         if frame.len() >= HEADER_LEN {
-            let header = FrameHeader { kind: frame[2], body_len: rng.interesting_u32() };
-            let body = &frame[HEADER_LEN..];
-            guarded("Handshake::decode (hand-built header)", i, &frame, || {
-                if let Ok(msg) = Handshake::decode(&header, body) {
-                    assert_eq!(header.body_len as usize, body.len());
-                    let mut expect = header.to_bytes().to_vec();
-                    expect.extend_from_slice(body);
-                    assert_eq!(handshake_frame(&msg), expect);
-                }
-            });
+            check_hand_built(frame[2], *hand_len, &frame[HEADER_LEN..], Handshake::decode, handshake_frame);
         }
-    }
-    eprintln!("Handshake::decode: {iterations} frames (+ as many hand-built headers), {accepted} decoded");
-    assert!(accepted > iterations / 50, "only {accepted} of {iterations} handshake frames decoded");
+        check_handshake(frame)
+    });
+    assert!(accepted > seen / 50, "only {accepted} of {seen} handshake frames decoded");
 }
 
-fn random_control(rng: &mut Rng) -> Control {
-    match rng.below(12) {
-        0 => Control::SendAnnounce { xfer: rng.interesting_u64(), len: rng.interesting_u64() },
-        1 => Control::WriteRequest {
-            xfer: rng.u64(),
-            region: rng.interesting_u64(),
-            token: rng.u64(),
-            addr: rng.interesting_u64(),
-            len: rng.interesting_u64(),
-        },
-        2 => Control::ReadRequest {
-            xfer: rng.u64(),
-            region: rng.interesting_u64(),
-            token: rng.u64(),
-            addr: rng.interesting_u64(),
-            len: rng.interesting_u64(),
-        },
-        3 => Control::Grant { xfer: rng.interesting_u64(), flow: rng.interesting_u64() },
-        4 => Control::Deny {
-            xfer: rng.u64(),
-            status: rng.interesting_u32() as i32,
-            reason: rng.utf8_string(MAX_REASON_LEN + 8),
-        },
-        5 => Control::Data { flow: rng.interesting_u64(), len: rng.interesting_u64() },
-        6 => Control::Done { xfer: rng.interesting_u64(), len: rng.interesting_u64() },
-        7 => {
-            let name_len = if rng.chance(4) { MAX_NAME_LEN - 1 + rng.below(3) } else { rng.below(40) };
-            let mut name: Vec<u8> = (0..name_len).map(|_| b'a' + rng.below(26) as u8).collect();
-            if rng.chance(4) && !name.is_empty() {
-                let at = rng.below(name.len());
+/// Inline payloads: any length up to past the limit, the boundaries often.
+fn payload() -> impl Strategy<Value = Vec<u8>> {
+    let len = prop_oneof![0..MAX_INLINE + 8, select(vec![0, 1, MAX_INLINE - 1, MAX_INLINE, MAX_INLINE + 1])];
+    (len, any::<u8>()).prop_map(|(n, b)| vec![b; n])
+}
+
+fn request() -> impl Strategy<Value = (u64, u64, u64, u64)> {
+    (any::<u64>(), interesting_u64(), any::<u64>(), interesting_u64())
+}
+
+fn control() -> impl Strategy<Value = Control> {
+    let name_len = prop_oneof![3 => 0usize..40, 1 => (MAX_NAME_LEN - 1)..=(MAX_NAME_LEN + 1)];
+    let name = (name_len.prop_flat_map(|n| vec(b'a'..=b'z', n)), proptest::option::weighted(0.25, any::<Index>()))
+        .prop_map(|(mut name, nul)| {
+            if let Some(at) = nul
+                && !name.is_empty()
+            {
+                let at = at.index(name.len());
                 name[at] = 0;
             }
-            Control::Notify { name, msg: rng.bytes_below(600) }
-        }
-        8 => Control::InlineWrite {
-            xfer: rng.u64(),
-            region: rng.interesting_u64(),
-            token: rng.u64(),
-            addr: rng.interesting_u64(),
-            payload: rng.bytes_below(MAX_INLINE + 8),
-        },
-        9 => Control::ReadSmall {
-            xfer: rng.u64(),
-            region: rng.interesting_u64(),
-            token: rng.u64(),
-            addr: rng.interesting_u64(),
-            len: if rng.chance(2) { rng.below(MAX_INLINE + 8) as u64 } else { rng.interesting_u64() },
-        },
-        10 => Control::ReadData { xfer: rng.u64(), payload: rng.bytes_below(MAX_INLINE + 8) },
-        _ => Control::Close,
-    }
+            name
+        });
+    let small_len = prop_oneof![(0..MAX_INLINE as u64 + 8), interesting_u64()];
+    prop_oneof![
+        (interesting_u64(), interesting_u64()).prop_map(|(xfer, len)| Control::SendAnnounce { xfer, len }),
+        (request(), interesting_u64()).prop_map(|((xfer, region, token, addr), len)| Control::WriteRequest {
+            xfer,
+            region,
+            token,
+            addr,
+            len
+        }),
+        (request(), interesting_u64()).prop_map(|((xfer, region, token, addr), len)| Control::ReadRequest {
+            xfer,
+            region,
+            token,
+            addr,
+            len
+        }),
+        (interesting_u64(), interesting_u64()).prop_map(|(xfer, flow)| Control::Grant { xfer, flow }),
+        (any::<u64>(), interesting_u32(), utf8_string(MAX_REASON_LEN + 8))
+            .prop_map(|(xfer, status, reason)| Control::Deny { xfer, status: status as i32, reason }),
+        (interesting_u64(), interesting_u64()).prop_map(|(flow, len)| Control::Data { flow, len }),
+        (interesting_u64(), interesting_u64()).prop_map(|(xfer, len)| Control::Done { xfer, len }),
+        (name, vec(any::<u8>(), 0..600)).prop_map(|(name, msg)| Control::Notify { name, msg }),
+        (request(), payload()).prop_map(|((xfer, region, token, addr), payload)| Control::InlineWrite {
+            xfer,
+            region,
+            token,
+            addr,
+            payload
+        }),
+        (request(), small_len).prop_map(|((xfer, region, token, addr), len)| Control::ReadSmall {
+            xfer,
+            region,
+            token,
+            addr,
+            len
+        }),
+        (any::<u64>(), payload()).prop_map(|(xfer, payload)| Control::ReadData { xfer, payload }),
+        Just(Control::Close),
+    ]
 }
 
-fn random_handshake(rng: &mut Rng) -> Handshake {
-    let version = if rng.chance(8) { rng.u64() as u16 } else { VERSION };
-    let num_channels = [0u16, 1, 2, 63, 64, 65, u16::MAX][rng.below(7)];
-    let chunk_size = if rng.chance(8) { 0 } else { rng.interesting_u32() };
-    let id = |rng: &mut Rng| rng.utf8_string(MAX_ID_LEN + 4);
-    match rng.below(3) {
-        0 => Handshake::Hello(Hello {
-            version,
-            capabilities: rng.u64(),
-            nonce: rng.u64(),
-            num_channels,
-            chunk_size,
-            gpu_index: rng.u64() as i32,
-            gpu_id: id(rng),
-            requested_gpu: id(rng),
-            transport: rng.utf8_string(MAX_TRANSPORT_NAME_LEN + 4),
-            net_handle: net_handle(rng.byte()),
-        }),
-        1 => Handshake::Welcome(Welcome {
-            version,
-            capabilities: rng.u64(),
-            num_channels,
-            chunk_size,
-            gpu_index: rng.u64() as i32,
-            gpu_id: id(rng),
-            transport: rng.utf8_string(MAX_TRANSPORT_NAME_LEN + 4),
-            net_handle: net_handle(rng.byte()),
-        }),
-        _ => Handshake::Refuse(Refuse { status: rng.u64() as i32, reason: rng.utf8_string(MAX_REASON_LEN + 8) }),
-    }
+fn handshake() -> impl Strategy<Value = Handshake> {
+    let version = prop_oneof![7 => Just(VERSION), 1 => any::<u16>()];
+    let channels = select(vec![0u16, 1, 2, 63, 64, 65, u16::MAX]);
+    let chunk = prop_oneof![1 => Just(0u32), 7 => interesting_u32()];
+    let common = (version, any::<u64>(), channels, chunk, any::<i32>(), any::<u8>());
+    let id = || utf8_string(MAX_ID_LEN + 4);
+    let transport = || utf8_string(MAX_TRANSPORT_NAME_LEN + 4);
+    prop_oneof![
+        (common.clone(), any::<u64>(), id(), id(), transport()).prop_map(
+            |(
+                (version, capabilities, num_channels, chunk_size, gpu_index, h),
+                nonce,
+                gpu_id,
+                requested_gpu,
+                transport,
+            )| {
+                Handshake::Hello(Hello {
+                    version,
+                    capabilities,
+                    nonce,
+                    num_channels,
+                    chunk_size,
+                    gpu_index,
+                    gpu_id,
+                    requested_gpu,
+                    transport,
+                    net_handle: net_handle(h),
+                })
+            }
+        ),
+        (common, id(), transport()).prop_map(
+            |((version, capabilities, num_channels, chunk_size, gpu_index, h), gpu_id, transport)| {
+                Handshake::Welcome(Welcome {
+                    version,
+                    capabilities,
+                    num_channels,
+                    chunk_size,
+                    gpu_index,
+                    gpu_id,
+                    transport,
+                    net_handle: net_handle(h),
+                })
+            }
+        ),
+        (any::<i32>(), utf8_string(MAX_REASON_LEN + 8))
+            .prop_map(|(status, reason)| Handshake::Refuse(Refuse { status, reason })),
+    ]
 }
 
 #[test]
 fn structured_messages_round_trip_exactly_when_valid() {
-    let mut rng = Rng::new(5);
-    let (mut valid, mut invalid) = (0usize, 0usize);
-    for i in 0..120_000 * scale() {
-        let msg = random_control(&mut rng);
-        let frame = control_frame(&msg);
-        guarded("Control round trip", i, &frame, || {
-            let decoded = decode_control_frame(&frame).unwrap_or(Err(uccl_tcpx::proto::ProtoError::Invalid("header")));
-            match msg.validate() {
-                Ok(()) => {
-                    assert_eq!(decoded, Ok(msg.clone()));
-                    assert_eq!(decode_frame(&frame), Ok(Some((msg.clone(), frame.len()))));
-                    valid += 1;
-                }
-                Err(_) => {
-                    assert!(decoded.is_err(), "{msg:?} fails validate but decodes");
-                    assert!(decode_frame(&frame).is_err());
-                    invalid += 1;
-                }
+    let (valid, seen) = run("Control round trip", 6_000, control(), |msg| {
+        let frame = control_frame(msg);
+        let decoded = decode_control_frame(&frame).unwrap_or(Err(uccl_tcpx::proto::ProtoError::Invalid("header")));
+        match msg.validate() {
+            Ok(()) => {
+                assert_eq!(decoded, Ok(msg.clone()));
+                assert_eq!(decode_frame(&frame), Ok(Some((msg.clone(), frame.len()))));
+                true
             }
-        });
-        let hs = random_handshake(&mut rng);
-        let frame = handshake_frame(&hs);
-        guarded("Handshake round trip", i, &frame, || {
-            let decoded =
-                decode_handshake_frame(&frame).unwrap_or(Err(uccl_tcpx::proto::ProtoError::Invalid("header")));
-            match hs.validate() {
-                Ok(()) => assert_eq!(decoded, Ok(hs.clone())),
-                Err(_) => assert!(decoded.is_err(), "{hs:?} fails validate but decodes"),
+            Err(_) => {
+                assert!(decoded.is_err(), "{msg:?} fails validate but decodes");
+                assert!(decode_frame(&frame).is_err());
+                false
             }
-        });
-    }
-    eprintln!(
-        "structured: {} Control + as many Handshake values; Control valid {valid}, invalid {invalid}",
-        valid + invalid
-    );
+        }
+    });
+    let invalid = seen - valid;
     assert!(valid > 100 && invalid > 100, "valid {valid}, invalid {invalid}");
+    let (valid, seen) = run("Handshake round trip", 6_000, handshake(), |hs| {
+        let frame = handshake_frame(hs);
+        let decoded = decode_handshake_frame(&frame).unwrap_or(Err(uccl_tcpx::proto::ProtoError::Invalid("header")));
+        match hs.validate() {
+            Ok(()) => {
+                assert_eq!(decoded, Ok(hs.clone()));
+                true
+            }
+            Err(_) => {
+                assert!(decoded.is_err(), "{hs:?} fails validate but decodes");
+                false
+            }
+        }
+    });
+    assert!(valid > 100 && seen - valid > 100, "valid {valid} of {seen} handshakes");
 }
 
 #[test]
 fn channel_hellos_random_and_mutated() {
-    let mut rng = Rng::new(6);
     let seeds: Vec<Vec<u8>> = sample_channel_hellos().iter().map(|(_, c)| c.to_bytes().to_vec()).collect();
-    let mut accepted = 0usize;
-    let iterations = 1_200_000 * scale();
-    for i in 0..iterations {
-        let bytes = if i % 2 == 0 { rng.bytes_below(CHANNEL_HELLO_LEN + 8) } else { rng.mutate(&seeds[0], &seeds) };
-        guarded("ChannelHello::from_bytes", i, &bytes, || {
-            if check_channel_hello(&bytes) {
-                accepted += 1;
-            }
-        });
-    }
+    let input = prop_oneof![vec(any::<u8>(), 0..CHANNEL_HELLO_LEN + 8), mutated(seeds.clone())];
+    let (accepted, seen) = run("ChannelHello::from_bytes", 20_000, input, |bytes| check_channel_hello(bytes));
     // Every channel and reserved value with a valid magic: only reserved == 0 passes.
     let mut b = seeds[0].clone();
     for reserved in [0u16, 1, 0x100, u16::MAX] {
@@ -747,26 +718,17 @@ fn channel_hellos_random_and_mutated() {
             assert_eq!(ChannelHello::from_bytes(&b).is_ok(), reserved == 0);
         }
     }
-    eprintln!("ChannelHello::from_bytes: {iterations} inputs, {accepted} decoded");
-    assert!(accepted > iterations / 50, "only {accepted} of {iterations} channel hellos decoded");
+    assert!(accepted > seen / 50, "only {accepted} of {seen} channel hellos decoded");
 }
 
 #[test]
 fn fifo_items_random_and_mutated() {
-    let mut rng = Rng::new(7);
     let seeds: Vec<Vec<u8>> = sample_fifo_items().iter().map(|(_, f)| f.to_bytes().to_vec()).collect();
-    let mut accepted = 0usize;
-    let iterations = 1_200_000 * scale();
-    for i in 0..iterations {
-        let mut bytes = if i % 2 == 0 { rng.bytes(FIFO_LEN) } else { rng.mutate_seed(&seeds) };
-        bytes.resize(FIFO_LEN, 0);
-        let bytes: [u8; FIFO_LEN] = bytes.try_into().unwrap();
-        guarded("FifoItem::from_bytes/capability", i, &bytes, || {
-            if check_fifo_item(&bytes) {
-                accepted += 1;
-            }
-        });
-    }
+    let input = prop_oneof![vec(any::<u8>(), FIFO_LEN), mutated(seeds)].prop_map(|mut m| {
+        m.resize(FIFO_LEN, 0);
+        <[u8; FIFO_LEN]>::try_from(m).unwrap()
+    });
+    let (accepted, _) = run("FifoItem::from_bytes + capability", 20_000, input, check_fifo_item);
     // Any single bit flipped in the capability trailer (magic, version, reserved tail) is refused.
     let minted = sample_fifo_items()[0].1.to_bytes();
     for byte in 48..FIFO_LEN {
@@ -776,7 +738,6 @@ fn fifo_items_random_and_mutated() {
             assert!(!check_fifo_item(&b), "byte {byte} bit {bit} went unnoticed");
         }
     }
-    eprintln!("FifoItem::from_bytes + capability: {iterations} inputs, {accepted} capabilities accepted");
     assert!(accepted > 0, "no mutated FifoItem kept a valid capability");
 }
 
