@@ -183,7 +183,7 @@ fn connections_come_up_while_others_transfer() {
         })
         .collect();
     // Accepts pop in any order, so every new connection carries the same bytes both ways.
-    let accepted: Vec<_> = (0..3).map(|_| p.b.accept().unwrap()).collect();
+    let accepted: Vec<_> = (0..3).map(|_| common::accept(&p.b).unwrap()).collect();
     let linked: Vec<_> = joiners.into_iter().map(|j| j.join().unwrap()).collect();
     busy.join().unwrap();
     let src = pattern(700_000, 400);

@@ -2,12 +2,14 @@
 //! read-only mappings, and ranges that run into a hole. Before this check, `reg` accepted them and
 //! the first remote write killed the target process.
 
-use uccl_tcpx::{Config, Engine, UcclStatus};
+use uccl_tcpx::{Engine, UcclStatus};
+
+mod common;
 
 const PAGE: usize = 4096;
 
 fn engine() -> Engine {
-    Engine::new(Config { ip: Some("127.0.0.1".parse().unwrap()), ..Config::default() }).unwrap()
+    Engine::new(common::loopback()).unwrap()
 }
 
 /// An anonymous mapping of `pages` pages with `prot`, unmapped on drop.
