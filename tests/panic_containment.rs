@@ -4,7 +4,6 @@
 //! with a call or a transfer in flight.
 
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use uccl_tcpx::config::TransportChoice;
@@ -12,7 +11,8 @@ use uccl_tcpx::threads::{ThreadKind, inject_panic, panic_pending};
 use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
 
 mod common;
-use common::pattern;
+use common::{Pair, pattern};
+use testkit::poll::background;
 
 /// The fault hook is process-wide: one test at a time.
 fn serial() -> std::sync::MutexGuard<'static, ()> {
@@ -27,28 +27,17 @@ const LEN: usize = 8 << 20;
 
 fn config() -> Config {
     Config {
-        ip: Some("127.0.0.1".parse().unwrap()),
         transport: TransportChoice::Socket,
         num_channels: 2,
         chunk_size: 256 << 10,
         timeout: Duration::from_secs(120),
         connect_timeout: Duration::from_secs(60),
-        ..Config::default()
+        ..common::loopback()
     }
 }
 
-struct Pair {
-    a: Arc<Engine>,
-    b: Arc<Engine>,
-    ab: Arc<Connection>,
-    ba: Arc<Connection>,
-}
-
 fn pair() -> Pair {
-    let a = Arc::new(Engine::new(config()).unwrap());
-    let b = Arc::new(Engine::new(config()).unwrap());
-    let (ab, ba) = connect(&a, &b);
-    Pair { a, b, ab, ba }
+    common::pair(config())
 }
 
 /// A new connection from `a` to `b`: (a's end, b's end).
@@ -58,33 +47,11 @@ fn connect(a: &Arc<Engine>, b: &Arc<Engine>) -> (Arc<Connection>, Arc<Connection
         move || b.accept()
     });
     let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
-    (ab, accepting.finish("accept").unwrap())
-}
-
-/// A call running on its own thread, so that a hang fails the test instead of stalling it.
-struct Background<T> {
-    done: mpsc::Receiver<T>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-fn background<T: Send + 'static>(call: impl FnOnce() -> T + Send + 'static) -> Background<T> {
-    let (tx, done) = mpsc::channel();
-    let thread = std::thread::spawn(move || {
-        let _ = tx.send(call());
-    });
-    Background { done, thread }
-}
-
-impl<T> Background<T> {
-    fn finish(self, what: &str) -> T {
-        let out = self.done.recv_timeout(BOUND).unwrap_or_else(|_| panic!("{what} did not return within {BOUND:?}"));
-        self.thread.join().unwrap();
-        out
-    }
+    (ab, accepting.finish(BOUND, "accept").unwrap())
 }
 
 fn within<T: Send + 'static>(what: &str, call: impl FnOnce() -> T + Send + 'static) -> T {
-    background(call).finish(what)
+    common::within(BOUND, what, call)
 }
 
 /// Destroys the engine, which must return even though one of its threads died.
@@ -267,7 +234,7 @@ fn accept_loop_panic_fails_accept_and_spares_established_connections() {
     let (a, port) = (p.a.clone(), p.b.address().port());
     let refused = within("connect to an engine whose accept loop died", move || a.connect("127.0.0.1", "0", port));
     assert!(refused.is_err(), "the listener went with the accept loop");
-    assert_internal(accepting.finish("the blocked accept"), ThreadKind::Accept);
+    assert_internal(accepting.finish(BOUND, "the blocked accept"), ThreadKind::Accept);
     let b = p.b.clone();
     assert_internal(within("a later accept", move || b.accept()), ThreadKind::Accept);
     moves_data(&p.ab, &p.a, &p.ba, &p.b);
@@ -291,7 +258,7 @@ fn handshake_panic_fails_that_handshake_only() {
     let (a2, port) = (a.clone(), b.address().port());
     let refused = within("connect through a handshake that panicked", move || a2.connect("127.0.0.1", "0", port));
     assert!(refused.is_err(), "the peer's handshake went with the thread");
-    let err = accepting.finish("the blocked accept").map(|_| ());
+    let err = accepting.finish(BOUND, "the blocked accept").map(|_| ());
     assert!(err.as_ref().is_err_and(|e| e.message().contains("handshake with 127.0.0.1:")), "{err:?}");
     assert_internal(err, ThreadKind::Handshake);
     new_connection_works(&a, &b);

@@ -54,11 +54,29 @@ pub fn drive<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -
 /// Runs `f` on a thread of its own and returns its result; fails the test naming `what` if it has
 /// not returned within `limit` (the thread is left behind: it is what hung).
 pub fn within<T: Send + 'static>(limit: Duration, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
+    background(f).finish(limit, what)
+}
+
+/// A call running on a thread of its own, so that the test can do something else meanwhile (make
+/// the call return, say) and a hang fails the test instead of stalling it.
+pub struct Background<T> {
+    done: std::sync::mpsc::Receiver<T>,
+}
+
+/// Starts `f` on a thread of its own; [`Background::finish`] collects its result.
+pub fn background<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Background<T> {
+    let (tx, done) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(f());
     });
-    rx.recv_timeout(limit).unwrap_or_else(|e| panic!("{what} did not return within {limit:?} ({e})"))
+    Background { done }
+}
+
+impl<T> Background<T> {
+    /// The call's result; fails the test naming `what` if it has not returned within `limit`.
+    pub fn finish(self, limit: Duration, what: &str) -> T {
+        self.done.recv_timeout(limit).unwrap_or_else(|e| panic!("{what} did not return within {limit:?} ({e})"))
+    }
 }
 
 #[cfg(test)]
