@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the library in release mode and installs it under PREFIX through the packaging project in
 # this directory:
-#   PREFIX/lib/libuccl_tcpx.so.0 (+ .so.0.1.0, .so), libuccl_p2p.so, libuccl_tcpx.a,
+#   PREFIX/lib/libuccl_tcpx.so.0 (+ .so.0.1.0, .so), libuccl_tcpx.a,
+#   PREFIX/lib/libuccl_p2p.so (UCCL's name and C++ interface over libuccl_tcpx.so.0; needs a C++ compiler),
 #   PREFIX/include/{uccl_engine.h, common.h, uccl_tcpx/*.hpp},
 #   PREFIX/lib/cmake/UcclTcpx/UcclTcpxConfig{,Version}.cmake, PREFIX/lib/pkgconfig/uccl_tcpx.pc
 #

@@ -69,7 +69,7 @@ configure_suite() {
 # The test programs of a build directory (ctest also runs CMake-script checks; those are skipped).
 programs() {
   local dir="$1" exe
-  for exe in "$dir"/test_* "$dir"/header_*; do
+  for exe in "$dir"/test_* "$dir"/header_* "$dir"/p2p_*; do
     [[ -f "$exe" && -x "$exe" ]] && echo "$exe"
   done
 }
