@@ -124,6 +124,9 @@ bool uccl_engine_conn_is_local(uccl_conn_t *conn);
 /**
  * Creates an engine listening on `UCCL_TCPX_PORT` (any free port by default). `num_cpus` and
  * `in_python` are accepted for compatibility; `num_cpus` must not be negative. Returns NULL on failure.
+ *
+ * The engine serves one GPU: `UCCL_TCPX_GPU`, else the GPU whose CUDA context is current on the
+ * calling thread (after `cudaSetDevice(n)`, say), else the GPU of the first device registration.
  */
 uccl_engine_t *uccl_engine_create(int num_cpus, bool in_python);
 
@@ -133,7 +136,10 @@ uccl_engine_t *uccl_engine_create(int num_cpus, bool in_python);
 void uccl_engine_destroy(uccl_engine_t *engine);
 
 /**
- * `*metadata_str` receives "ip:port?gpu", to be released with `uccl_engine_free_string`.
+ * `*metadata_str` receives "ip:port?gpu", to be released with `uccl_engine_free_string`. `gpu` is
+ * the PCI bus id of the engine's GPU when it is known at the first call, else "0". Every call
+ * returns the same string, so peers may keep it for the engine's life; the GPU part is advisory
+ * (a peer that connects naming another GPU is served by this engine's own).
  */
 int uccl_engine_get_metadata(uccl_engine_t *engine, char **metadata_str);
 
@@ -143,8 +149,10 @@ int uccl_engine_get_metadata(uccl_engine_t *engine, char **metadata_str);
 void uccl_engine_free_string(char *s);
 
 /**
- * Connects to the engine at `ip_addr:remote_port` serving `remote_gpu` (the part after '?' in its
- * metadata: an index or a PCI BDF). Blocks for the handshake (bounded by UCCL_TCPX_CONNECT_TIMEOUT_MS).
+ * Connects to the engine at `ip_addr:remote_port`. `remote_gpu` is the part after '?' in its
+ * metadata (an index or a PCI BDF); it is advisory, since the port names the engine, and a name
+ * that differs from the GPU the engine serves does not fail the connection. Blocks for the
+ * handshake (bounded by UCCL_TCPX_CONNECT_TIMEOUT_MS).
  * `same_process` is accepted for compatibility; such connections use the network path too.
  */
 uccl_conn_t *uccl_engine_connect(uccl_engine_t *engine, const char *ip_addr, const char *remote_gpu, int remote_port, bool same_process);

@@ -173,7 +173,7 @@ fn peer_close_fails_pending_and_later_posts() {
 }
 
 #[test]
-fn simultaneous_connects_both_ways_and_wrong_gpu_refused() {
+fn simultaneous_connects_both_ways_and_any_gpu_name_served() {
     let a = Arc::new(Engine::new(config()).unwrap());
     let b = Arc::new(Engine::new(config()).unwrap());
     let (pa, pb) = (a.address().port(), b.address().port());
@@ -196,9 +196,14 @@ fn simultaneous_connects_both_ways_and_wrong_gpu_refused() {
         assert_eq!(wait(rx, r).unwrap(), 70_000);
         assert_eq!(dst, src);
     }
-    let err = a.connect("127.0.0.1", "5", pb).unwrap_err();
-    assert_eq!(err.status(), UcclStatus::ErrNotFound, "{err}");
-    assert!(err.message().contains("GPU"), "{err}");
+    // The GPU a peer names is advisory (its metadata may predate the engine's GPU): one port
+    // reaches one engine, which serves its own GPU whatever the name.
+    for name in ["5", "0000:ff:1f.7"] {
+        let conn = a.connect("127.0.0.1", name, pb).unwrap_or_else(|e| panic!("GPU name {name:?}: {e}"));
+        let served = b.accept().unwrap();
+        assert_eq!((conn.peer.gpu_index, conn.peer.gpu_id.as_str()), (0, "0"), "b says which GPU it serves");
+        assert_eq!(served.peer.addr.ip(), conn.peer.addr.ip());
+    }
 }
 
 #[test]

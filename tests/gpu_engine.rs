@@ -1,13 +1,17 @@
 //! GPU memory through the public Engine API: every transfer kind (send/recv, write, read, vectors)
 //! GPU->GPU, GPU->host and host->GPU over loopback, sizes from 1 byte to 256 MiB at unaligned
 //! offsets, byte for byte; two processes sharing one GPU; the GPU identity in metadata and
-//! handshake. On machines without a CUDA driver the GPU tests print "SKIPPED: no CUDA driver";
+//! handshake, and how an engine learns its GPU (UCCL_TCPX_GPU, the GPU current at creation, its
+//! first registration) in NIXL's order of calls, one engine per GPU. On machines without a CUDA
+//! driver the GPU tests print "SKIPPED: no CUDA driver", and those needing two GPUs say so on
+//! hosts with one;
 //! `host_memory_without_a_driver` runs everywhere.
 //!
 //! These drive device memory through the engine's chunk posts. The staging decorator also stages
 //! posts made without a registration handle (it asks CUDA what the pointer is), so they pass with
 //! or without the engine registering regions per comm.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use uccl_tcpx::engine::OneSided;
@@ -15,7 +19,7 @@ use uccl_tcpx::proto::FifoItem;
 use uccl_tcpx::{Config, Engine, UcclStatus, cuda};
 
 mod common;
-use common::gpu::{Mem, Side, every_kind_every_direction, no_gpu};
+use common::gpu::{Mem, Side, connect_by_metadata, every_kind_every_direction, fewer_gpus_than, make_current, no_gpu};
 use common::{ChildTest, PATIENCE, assert_same, loopback as config, pair, pattern, wait};
 
 #[test]
@@ -188,9 +192,12 @@ fn gpu_identity_in_metadata_and_handshake() {
     if no_gpu() {
         return;
     }
+    make_current(None);
     let a = Engine::new(config()).unwrap();
-    let b = Engine::new(config()).unwrap();
-    assert!(b.metadata().ends_with("?0"), "no GPU chosen yet: {}", b.metadata());
+    let b = Arc::new(Engine::new(config()).unwrap());
+    assert!(b.gpu().is_none(), "no GPU current at creation, none registered");
+    let cached = b.metadata();
+    assert!(cached.ends_with("?0"), "no GPU known yet: {cached}");
     let buf = Mem::new(Side::Gpu, 4096);
     let host = Mem::new(Side::Host, 4096);
     b.register(host.addr(), host.len()).unwrap();
@@ -198,24 +205,27 @@ fn gpu_identity_in_metadata_and_handshake() {
     b.register(buf.addr(), buf.len()).unwrap();
     let gpu = b.gpu().expect("GPU chosen by the first device registration").clone();
     let bus_id = gpu.bus_id().to_owned();
-    let metadata = b.metadata();
-    let (_, advertised) = metadata.rsplit_once('?').unwrap();
-    assert_eq!(advertised, bus_id);
     let fields: Vec<&str> = bus_id.split([':', '.']).collect();
     assert_eq!(fields.iter().map(|f| f.len()).collect::<Vec<_>>(), [4, 2, 2, 1], "PCI bus id form: {bus_id}");
-    println!("engine metadata with a GPU: {metadata}");
+    assert_eq!(b.metadata(), cached, "metadata changed after it was handed out");
 
-    // Peers name the GPU by what metadata says, or by ordinal; another GPU is refused.
+    // Peers name the GPU by what the metadata said, by bus id, by ordinal or by another GPU's
+    // name: the name is advisory, and the handshake says which GPU the engine really serves.
     let port = b.address().port();
-    let by_id = a.connect("127.0.0.1", advertised, port).unwrap();
-    let b = std::sync::Arc::new(b);
-    let accepted = common::accept(&b).unwrap();
-    assert_eq!(by_id.peer.gpu_id, bus_id);
-    assert_eq!(by_id.peer.gpu_index, 0);
-    assert_eq!(accepted.peer.gpu_id, "0", "a has no GPU yet");
-    let _by_index = a.connect("127.0.0.1", "0", port).unwrap();
-    let err = a.connect("127.0.0.1", "0000:ff:1f.7", port).unwrap_err();
-    assert_eq!(err.status(), UcclStatus::ErrNotFound, "{err}");
+    for name in ["0", bus_id.as_str(), "0000:ff:1f.7", "3"] {
+        let conn = a.connect("127.0.0.1", name, port).unwrap_or_else(|e| panic!("GPU name {name:?}: {e}"));
+        let accepted = common::accept(&b).unwrap();
+        assert_eq!((conn.peer.gpu_index, conn.peer.gpu_id.as_str()), (0, bus_id.as_str()), "GPU name {name:?}");
+        assert_eq!(accepted.peer.gpu_id, "0", "a has no GPU yet");
+    }
+
+    // An engine created with the GPU current knows it from the start, and says so in its metadata.
+    make_current(Some(0));
+    let current = Engine::new(config()).unwrap();
+    make_current(None);
+    assert_eq!(current.gpu().map(|g| g.bus_id().to_owned()), Some(bus_id.clone()));
+    assert_eq!(current.metadata().rsplit_once('?').unwrap().1, bus_id);
+    println!("engine metadata with a GPU: {}", current.metadata());
 
     // UCCL_TCPX_GPU chooses at creation and is checked.
     let chosen = Engine::new(Config { gpu: Some(0), ..config() }).unwrap();
@@ -223,6 +233,124 @@ fn gpu_identity_in_metadata_and_handshake() {
     assert!(chosen.metadata().ends_with(&bus_id));
     let err = Engine::new(Config { gpu: Some(999), ..config() }).err().expect("GPU 999 does not exist");
     assert!(err.message().contains("UCCL_TCPX_GPU=999") && err.message().contains("does not exist"), "{err}");
+}
+
+/// UCCL_TCPX_GPU, read from the environment as `uccl_engine_create` reads it, names the engine's
+/// GPU even when another GPU is current on the creating thread; memory of the other GPU is then
+/// refused with a message that says how to serve it.
+#[test]
+fn uccl_tcpx_gpu_wins_over_the_current_gpu() {
+    if no_gpu() || fewer_gpus_than(2) {
+        return;
+    }
+    let env = |gpu: &'static str| {
+        move |name: &str| match name {
+            "UCCL_TCPX_GPU" => Some(gpu.to_owned()),
+            "UCCL_TCPX_IP" => Some("127.0.0.1".to_owned()),
+            _ => None,
+        }
+    };
+    make_current(Some(0));
+    let one = Arc::new(Engine::new(Config::from_lookup(env("1")).unwrap()).unwrap());
+    make_current(None);
+    let gpu1 = one.gpu().expect("UCCL_TCPX_GPU=1 chose at creation").clone();
+    assert_eq!(gpu1.ordinal(), 1);
+    assert_eq!(one.metadata().rsplit_once('?').unwrap().1, gpu1.bus_id());
+    let on0 = Mem::on_gpu(0, 4096);
+    let err = one.register(on0.addr(), on0.len()).unwrap_err();
+    assert_eq!(err.status(), UcclStatus::ErrNotSupported, "{err}");
+    assert!(err.message().contains("UCCL_TCPX_GPU"), "{err}");
+    let on1 = Mem::on_gpu(1, 1 << 20);
+    let mr1 = one.register(on1.addr(), on1.len()).unwrap();
+
+    // And it serves that GPU's memory: a peer on GPU 0 writes into it.
+    make_current(Some(0));
+    let zero = Engine::new(Config::from_lookup(env("0")).unwrap()).unwrap();
+    make_current(None);
+    assert_eq!(zero.gpu().unwrap().ordinal(), 0);
+    let mut src = Mem::on_gpu(0, 1 << 20);
+    let data = pattern(1 << 20, 21);
+    src.write(0, &data);
+    let smr = zero.register(src.addr(), src.len()).unwrap();
+    let conn = connect_by_metadata(&zero, &one.metadata());
+    let _served = common::accept(&one).unwrap();
+    let remote = one.prepare_fifo(mr1, on1.addr(), on1.len()).unwrap();
+    let w = conn.write(&[OneSided { mr: smr, addr: src.addr(), len: 1 << 20, remote }]).unwrap();
+    assert_eq!(wait(&conn, w).unwrap(), 1 << 20);
+    assert_same(&on1.read(0, 1 << 20), &data, "GPU 0 -> GPU 1 under UCCL_TCPX_GPU");
+}
+
+/// NIXL's order of calls with one agent per GPU: each engine is created on a thread whose current
+/// GPU is the agent's (`torch.cuda.set_device`), its metadata read at once and cached, device
+/// memory registered only afterwards, and each side connects with the other's cached metadata.
+/// A third engine is created with no GPU current, so its cached metadata says GPU "0" while its
+/// registration makes it serve GPU 1: peers holding that string still connect.
+#[test]
+fn nixl_order_one_engine_per_gpu() {
+    if no_gpu() || fewer_gpus_than(2) {
+        return;
+    }
+    make_current(Some(0));
+    let a = Arc::new(Engine::new(config()).unwrap());
+    let meta_a = a.metadata();
+    make_current(Some(1));
+    let b = Arc::new(Engine::new(config()).unwrap());
+    let meta_b = b.metadata();
+    make_current(None);
+    let c = Arc::new(Engine::new(config()).unwrap());
+    let meta_c = c.metadata();
+    let (bus0, bus1) = (a.gpu().unwrap().bus_id().to_owned(), b.gpu().unwrap().bus_id().to_owned());
+    assert_eq!(a.gpu().unwrap().ordinal(), 0);
+    assert_eq!(b.gpu().unwrap().ordinal(), 1, "the creating thread's current GPU");
+    assert!(meta_a.ends_with(&format!("?{bus0}")) && meta_b.ends_with(&format!("?{bus1}")), "{meta_a} {meta_b}");
+    assert!(c.gpu().is_none() && meta_c.ends_with("?0"), "{meta_c}");
+
+    let len = (8 << 20) + 13;
+    let mut mem_a = Mem::on_gpu(0, len);
+    let mut mem_b = Mem::on_gpu(1, len);
+    let mut mem_c = Mem::on_gpu(1, len);
+    let mr_a = a.register(mem_a.addr(), len).unwrap();
+    let mr_b = b.register(mem_b.addr(), len).unwrap();
+    let mr_c = c.register(mem_c.addr(), len).unwrap();
+    assert_eq!(c.gpu().unwrap().bus_id(), bus1, "c learned GPU 1 from its registration");
+    for (engine, cached) in [(&a, &meta_a), (&b, &meta_b), (&c, &meta_c)] {
+        assert_eq!(&engine.metadata(), cached, "metadata changed after it was handed out");
+    }
+
+    // Both directions, as two NIXL agents each load the other's metadata.
+    let ab = connect_by_metadata(&a, &meta_b);
+    let _b_from_a = common::accept(&b).unwrap();
+    let ba = connect_by_metadata(&b, &meta_a);
+    let _a_from_b = common::accept(&a).unwrap();
+    let ac = connect_by_metadata(&a, &meta_c);
+    let _c_from_a = common::accept(&c).unwrap();
+    assert_eq!(ab.peer.gpu_id, bus1);
+    assert_eq!(ba.peer.gpu_id, bus0);
+    assert_eq!(ac.peer.gpu_id, bus1, "c serves GPU 1 although its metadata says 0");
+
+    // Write a pattern into the peer's GPU, read it back into ours, byte for byte.
+    let mut round = 0;
+    for (conn, peer, remote_mem, remote_mr) in [(&ab, &b, &mut mem_b, mr_b), (&ac, &c, &mut mem_c, mr_c)] {
+        round += 1;
+        let data = pattern(len - 8, round);
+        mem_a.write(3, &data);
+        let mut remote = peer.prepare_fifo(remote_mr, remote_mem.addr(), len).unwrap();
+        remote.addr += 5;
+        let w = conn.write(&[OneSided { mr: mr_a, addr: mem_a.addr() + 3, len: len - 8, remote }]).unwrap();
+        assert_eq!(wait(conn, w).unwrap(), (len - 8) as u64);
+        assert_same(&remote_mem.read(5, len - 8), &data, &format!("write {round} into GPU 1"));
+        mem_a.clear();
+        let r = conn.read(&[OneSided { mr: mr_a, addr: mem_a.addr() + 1, len: len - 8, remote }]).unwrap();
+        assert_eq!(wait(conn, r).unwrap(), (len - 8) as u64);
+        assert_same(&mem_a.read(1, len - 8), &data, &format!("read {round} back from GPU 1"));
+        remote_mem.clear();
+    }
+    let data = pattern(len, 9);
+    mem_b.write(0, &data);
+    let remote = a.prepare_fifo(mr_a, mem_a.addr(), len).unwrap();
+    let w = ba.write(&[OneSided { mr: mr_b, addr: mem_b.addr(), len, remote }]).unwrap();
+    assert_eq!(wait(&ba, w).unwrap(), len as u64);
+    assert_same(&mem_a.read(0, len), &data, "write from GPU 1 into GPU 0");
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! (bounce pool and unpack handle in device memory, as TCPX has them), so every receive into GPU
 //! memory is gathered by the unpack kernel and every receive into host memory is copied out of the
 //! device pool. Every transfer kind (send/recv, write, read, vectors), GPU->GPU, GPU->host and
-//! host->GPU, sizes 1 B to 16 MiB at unaligned offsets, byte for byte.
+//! host->GPU, sizes 1 B to 16 MiB at unaligned offsets, byte for byte; and, on two GPUs, comms
+//! bound to the GPU each engine knew at creation.
 //!
 //! The fake reads its knobs once per process, in `init`, so each case re-runs this binary as a child
 //! with `FAKE_TCPX_MODE=gpu` set; the children are `#[ignore]`d so a normal run only starts them
@@ -10,15 +11,16 @@
 //! `throughput_against_the_staged_socket_path` (ignored) prints GB/s of 64 MiB GPU->GPU writes over
 //! the fake next to the built-in socket transport's staged path, in the same process.
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use uccl_tcpx::Config;
 use uccl_tcpx::config::TransportChoice;
 use uccl_tcpx::engine::OneSided;
 use uccl_tcpx::proto::FifoItem;
+use uccl_tcpx::{Config, Engine};
 
 mod common;
-use common::gpu::{Mem, Side, every_kind_every_direction, no_gpu};
+use common::gpu::{Mem, Side, connect_by_metadata, every_kind_every_direction, fewer_gpus_than, make_current, no_gpu};
 use common::{ChildTest, assert_same, pair, pattern, plugin, wait};
 
 /// Runs the ignored test `name` in a child process with the fake in GPU mode and `fragments`
@@ -216,6 +218,80 @@ fn child_six_gib_device_regions() {
     assert_eq!(wait(&p.ab, tx).unwrap(), 3 << 20);
     assert_eq!(wait(&p.ba, rx).unwrap(), 3 << 20);
     assert_same(&dst.read(at, 3 << 20), &pattern(3 << 20, 700), "send to the region's end");
+    println!("child checked");
+}
+
+/// TCPX binds a comm and its bounce pool to the device current at listen, connect and accept, as
+/// the fake does in GPU mode. Engines whose GPU comes from the context current at creation (GPU 0
+/// and GPU 1, no UCCL_TCPX_GPU) make their first connection before registering any memory, so the
+/// plugin calls run before a registration could have named the GPU; data then moves both ways
+/// between the GPUs through pools on the right devices.
+#[test]
+fn comms_bind_the_gpu_known_at_creation() {
+    if no_gpu() || fewer_gpus_than(2) {
+        return;
+    }
+    let out = run_child("child_comms_bind_the_gpu_known_at_creation", "random");
+    assert!(out.contains("child checked"), "{out}");
+}
+
+#[test]
+#[ignore = "run by its parent with FAKE_TCPX_MODE=gpu"]
+fn child_comms_bind_the_gpu_known_at_creation() {
+    assert_gpu_mode();
+    let config = plugin::config(2, 1 << 20);
+    make_current(Some(0));
+    let a = Arc::new(Engine::new(config.clone()).unwrap());
+    let meta_a = a.metadata();
+    make_current(Some(1));
+    let b = Arc::new(Engine::new(config.clone()).unwrap());
+    let meta_b = b.metadata();
+    make_current(None);
+    assert_eq!(a.gpu().expect("GPU current at creation").ordinal(), 0);
+    assert_eq!(b.gpu().expect("GPU current at creation").ordinal(), 1);
+    assert!(meta_b.ends_with(b.gpu().unwrap().bus_id()), "{meta_b}");
+
+    // Comms first, memory afterwards.
+    let ab = connect_by_metadata(&a, &meta_b);
+    let _b_from_a = common::accept(&b).unwrap();
+    let len = (6 << 20) + 7;
+    let mut mem_a = Mem::on_gpu(0, len);
+    let mut mem_b = Mem::on_gpu(1, len);
+    let mr_a = a.register(mem_a.addr(), len).unwrap();
+    let mr_b = b.register(mem_b.addr(), len).unwrap();
+    let data = pattern(len - 4, 31);
+    mem_a.write(1, &data);
+    let mut remote = b.prepare_fifo(mr_b, mem_b.addr(), len).unwrap();
+    remote.addr += 2;
+    let w = ab.write(&[OneSided { mr: mr_a, addr: mem_a.addr() + 1, len: len - 4, remote }]).unwrap();
+    assert_eq!(wait(&ab, w).unwrap(), (len - 4) as u64);
+    assert_same(&mem_b.read(2, len - 4), &data, "GPU 0 -> GPU 1 write over comms made before registration");
+    mem_a.clear();
+    let r = ab.read(&[OneSided { mr: mr_a, addr: mem_a.addr() + 3, len: len - 4, remote }]).unwrap();
+    assert_eq!(wait(&ab, r).unwrap(), (len - 4) as u64);
+    assert_same(&mem_a.read(3, len - 4), &data, "GPU 1 -> GPU 0 read");
+
+    // The other direction, connected after registration with the metadata cached at creation.
+    let ba = connect_by_metadata(&b, &meta_a);
+    let _a_from_b = common::accept(&a).unwrap();
+    let back = pattern(len, 32);
+    mem_b.write(0, &back);
+    let remote = a.prepare_fifo(mr_a, mem_a.addr(), len).unwrap();
+    let w = ba.write(&[OneSided { mr: mr_b, addr: mem_b.addr(), len, remote }]).unwrap();
+    assert_eq!(wait(&ba, w).unwrap(), len as u64);
+    assert_same(&mem_a.read(0, len), &back, "GPU 1 -> GPU 0 write");
+
+    // An engine with no GPU known takes one before its first plugin call (the connecting
+    // thread's, else GPU 0) and then refuses memory of another GPU, saying how to choose it.
+    let c = Engine::new(config).unwrap();
+    assert!(c.gpu().is_none() && c.metadata().ends_with("?0"), "{}", c.metadata());
+    let _ca = connect_by_metadata(&c, &meta_a);
+    let _a_from_c = common::accept(&a).unwrap();
+    assert_eq!(c.gpu().expect("chosen at the first connection").ordinal(), 0);
+    assert!(c.metadata().ends_with("?0"), "metadata changed: {}", c.metadata());
+    let on1 = Mem::on_gpu(1, 4096);
+    let err = c.register(on1.addr(), on1.len()).unwrap_err();
+    assert!(err.message().contains("UCCL_TCPX_GPU=1"), "{err}");
     println!("child checked");
 }
 

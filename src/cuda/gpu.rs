@@ -89,6 +89,37 @@ impl Gpu {
     }
 }
 
+/// The ordinal of the GPU whose context is current on the calling thread: how a caller that did
+/// `cudaSetDevice(n)` (or made any context of GPU `n` current) says which GPU it works on, as UCCL's
+/// endpoint reads it. `None` without a driver or without a current context. A context that fails
+/// the query (destroyed under the thread, say) names no GPU either; that is logged, not an error,
+/// since the caller may still name its GPU another way.
+pub fn current_ordinal() -> Option<i32> {
+    super::driver().ok()?;
+    let current = match result::ctx::get_current() {
+        Ok(Some(ctx)) => ctx,
+        Ok(None) => return None,
+        Err(e) => {
+            log::debug!("cuCtxGetCurrent failed ({e:?}): no current GPU");
+            return None;
+        }
+    };
+    if current.is_null() {
+        return None;
+    }
+    let mut device: sys::CUdevice = 0;
+    // SAFETY: writes one device handle for the context current on this thread.
+    let status = unsafe { sys::cuCtxGetDevice(&mut device) };
+    if status != sys::CUresult::CUDA_SUCCESS {
+        log::debug!("cuCtxGetDevice failed ({status:?}): no current GPU");
+        return None;
+    }
+    // A device handle is its ordinal on every driver we know; map it through the device table
+    // anyway, so that nothing rests on that.
+    let count = result::device::get_count().ok()?;
+    (0..count).find(|&ordinal| result::device::get(ordinal).is_ok_and(|d| d == device))
+}
+
 /// Puts back the context that was current when it was made.
 pub(crate) struct ContextRestore {
     previous: sys::CUcontext,

@@ -8,6 +8,10 @@
 //! serves one accept (TCPX) needs a listen per channel: Hello and Welcome carry channel 0's handle,
 //! and each side then sends one more Hello (connector) or Welcome (acceptor) per further channel,
 //! identical but for the handle.
+//!
+//! A side that gives up after Hello tells the other why with a Refuse, and each side watches for
+//! one while it waits, so both ends report the same cause instead of one of them seeing only a
+//! closed stream or a timeout.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -18,7 +22,8 @@ use std::time::{Duration, Instant};
 use super::channel::{Channel, Windows};
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{
-    ChannelHello, FRAME_HEADER_LEN, FrameHeader, Handshake, Hello, NET_HANDLE_SIZE, ProtoError, Refuse, Welcome,
+    ChannelHello, FRAME_HEADER_LEN, FrameHeader, Handshake, Hello, MAX_REASON_LEN, NET_HANDLE_SIZE, ProtoError, Refuse,
+    Welcome,
 };
 use crate::transport::{ListenComm, MrHandle, Net, NetHandle, RecvComm, RequestId, SendComm};
 
@@ -105,15 +110,21 @@ pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, listens
     match read_frame(stream)? {
         Handshake::Welcome(w) => {
             if w.num_channels == 0 || w.num_channels > local.num_channels || w.chunk_size > local.chunk_size {
-                return Err(Error::backend(format!(
-                    "peer agreed to {} channels of {} bytes, more than the {} of {} bytes offered",
-                    w.num_channels, w.chunk_size, local.num_channels, local.chunk_size
-                )));
+                return Err(refuse(
+                    stream,
+                    Error::backend(format!(
+                        "peer agreed to {} channels of {} bytes, more than the {} of {} bytes offered",
+                        w.num_channels, w.chunk_size, local.num_channels, local.chunk_size
+                    )),
+                ));
             }
             if w.transport != local.net.name() {
-                return Err(Error::new(
-                    UcclStatus::ErrNotSupported,
-                    format!("peer uses transport {:?}, this engine {:?}", w.transport, local.net.name()),
+                return Err(refuse(
+                    stream,
+                    Error::new(
+                        UcclStatus::ErrNotSupported,
+                        format!("peer uses transport {:?}, this engine {:?}", w.transport, local.net.name()),
+                    ),
                 ));
             }
             let n = w.num_channels as usize;
@@ -125,14 +136,19 @@ pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, listens
                 peer_gpu_id: w.gpu_id,
                 peer_handles: vec![w.net_handle],
             };
-            for handle in listens.open_rest(local, n)? {
-                send_frame(stream, &Handshake::Hello(hello(*handle)))?;
+            let handles = listens.open_rest(local, n).map_err(|e| refuse(stream, e))?.to_vec();
+            for handle in handles {
+                send_frame(stream, &Handshake::Hello(hello(handle)))?;
             }
             for _ in 0..extra_handles(local, n) {
                 let extra = match read_frame(stream)? {
                     Handshake::Welcome(extra) if extra.num_channels == w.num_channels => extra,
+                    Handshake::Refuse(r) => return Err(refused(r)),
                     _ => {
-                        return Err(Error::backend("protocol violation: expected a Welcome carrying a channel handle"));
+                        return Err(refuse(
+                            stream,
+                            Error::backend("protocol violation: expected a Welcome carrying a channel handle"),
+                        ));
                     }
                 };
                 agreed.peer_handles.push(extra.net_handle);
@@ -140,12 +156,32 @@ pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, listens
             agreed.fill_shared_handles(n);
             Ok(agreed)
         }
-        Handshake::Refuse(r) => {
-            let status = UcclStatus::from_code(r.status).filter(|s| (*s as i32) < 0).unwrap_or(UcclStatus::ErrUnknown);
-            Err(Error::new(status, format!("peer refused the connection: {}", r.reason)))
+        Handshake::Refuse(r) => Err(refused(r)),
+        Handshake::Hello(_) => {
+            Err(refuse(stream, Error::backend("protocol violation: peer answered Hello with Hello")))
         }
-        Handshake::Hello(_) => Err(Error::backend("protocol violation: peer answered Hello with Hello")),
     }
+}
+
+/// The error a peer's Refuse stands for.
+fn refused(r: Refuse) -> Error {
+    let status = UcclStatus::from_code(r.status).filter(|s| (*s as i32) < 0).unwrap_or(UcclStatus::ErrUnknown);
+    Error::new(status, format!("peer refused the connection: {}", r.reason))
+}
+
+/// Tells the peer why this side gives up on the connection (best effort: the stream may be gone
+/// already), and hands the error back for the caller to report.
+pub fn refuse(stream: &mut TcpStream, err: Error) -> Error {
+    let mut reason = err.message().to_owned();
+    if reason.len() > MAX_REASON_LEN {
+        let mut end = MAX_REASON_LEN;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
+    let _ = send_frame(stream, &Handshake::Refuse(Refuse { status: err.status() as i32, reason }));
+    err
 }
 
 /// Acceptor side: reads the Hello, refuses what it cannot serve, answers Welcome.
@@ -154,6 +190,8 @@ pub fn welcome(stream: &mut TcpStream, local: &Local, listens: &mut Listens) -> 
     let header = read_raw_frame(stream, &mut body, "handshake read")?;
     let h = match Handshake::decode(&header, &body) {
         Ok(Handshake::Hello(h)) => h,
+        // The connector failed before its Hello (its own listen, say) and says why.
+        Ok(Handshake::Refuse(r)) => return Err(refused(r)),
         Ok(_) => return Err(Error::backend("protocol violation: connection did not open with Hello")),
         Err(e @ ProtoError::VersionMismatch { .. }) => {
             // Refuse is magic + our version first, so a peer of any version can tell why it was turned away.
@@ -164,19 +202,25 @@ pub fn welcome(stream: &mut TcpStream, local: &Local, listens: &mut Listens) -> 
         }
         Err(e) => return Err(e.into()),
     };
-    let refusal = if h.transport != local.net.name() {
-        Some((
-            UcclStatus::ErrNotSupported,
-            format!("peer uses transport {:?}, this engine {:?}", h.transport, local.net.name()),
-        ))
-    } else if !gpu_matches(&h.requested_gpu, local.gpu_index, local.gpu_id) {
-        Some((UcclStatus::ErrNotFound, format!("this engine serves GPU {}, not {:?}", local.gpu_id, h.requested_gpu)))
-    } else {
-        None
-    };
-    if let Some((status, reason)) = refusal {
-        let _ = send_frame(stream, &Handshake::Refuse(Refuse { status: status as i32, reason: reason.clone() }));
-        return Err(Error::new(status, reason));
+    if h.transport != local.net.name() {
+        return Err(refuse(
+            stream,
+            Error::new(
+                UcclStatus::ErrNotSupported,
+                format!("peer uses transport {:?}, this engine {:?}", h.transport, local.net.name()),
+            ),
+        ));
+    }
+    // The GPU a peer names comes from metadata it may have read before this engine knew its GPU
+    // (NIXL reads it once, right after creating the engine), and one port reaches one engine
+    // anyway: the name is advisory, and this engine serves its own GPU.
+    if !gpu_matches(&h.requested_gpu, local.gpu_index, local.gpu_id) {
+        log::debug!(
+            "peer asked for GPU {:?}; this engine serves GPU {} ({}), which it serves this connection",
+            h.requested_gpu,
+            local.gpu_index,
+            local.gpu_id
+        );
     }
     let mut agreed = Agreement {
         num_channels: h.num_channels.min(local.num_channels),
@@ -198,13 +242,20 @@ pub fn welcome(stream: &mut TcpStream, local: &Local, listens: &mut Listens) -> 
     };
     send_frame(stream, &Handshake::Welcome(welcome(listens.first_handle())))?;
     let n = agreed.num_channels as usize;
-    for handle in listens.open_rest(local, n)? {
-        send_frame(stream, &Handshake::Welcome(welcome(*handle)))?;
+    let handles = listens.open_rest(local, n).map_err(|e| refuse(stream, e))?.to_vec();
+    for handle in handles {
+        send_frame(stream, &Handshake::Welcome(welcome(handle)))?;
     }
     for _ in 0..extra_handles(local, n) {
         let extra = match read_frame(stream)? {
             Handshake::Hello(extra) if extra.nonce == agreed.nonce => extra,
-            _ => return Err(Error::backend("protocol violation: expected a Hello carrying a channel handle")),
+            Handshake::Refuse(r) => return Err(refused(r)),
+            _ => {
+                return Err(refuse(
+                    stream,
+                    Error::backend("protocol violation: expected a Hello carrying a channel handle"),
+                ));
+            }
         };
         agreed.peer_handles.push(extra.net_handle);
     }
@@ -226,7 +277,8 @@ impl Agreement {
     }
 }
 
-/// A GPU named by index ("3") or by identity string (a PCI BDF once GPUs are known).
+/// Whether a peer's GPU name (an index such as "3", or an identity string: a PCI BDF once GPUs
+/// are known) names this engine's GPU. Only logged: see `welcome`.
 pub fn gpu_matches(requested: &str, index: i32, id: &str) -> bool {
     let requested = requested.trim();
     requested.eq_ignore_ascii_case(id) || requested.parse::<i32>().is_ok_and(|i| i == index)
@@ -239,7 +291,7 @@ struct HelloIo {
 }
 
 /// Opens `n` send comms to the peer's handles and accepts `n` receive comms on `listens`, pairing
-/// them into channels. Bounded by `deadline`.
+/// them into channels. Bounded by `deadline`; ends early when the peer gives up on `control`.
 ///
 /// With a listen per channel the pairing is the handle order itself: channel `i` connects to the
 /// peer's `i`-th handle, and whatever the `i`-th listen accepts is channel `i`, so no byte moves
@@ -252,6 +304,7 @@ pub fn establish_channels(
     listens: &mut Listens,
     agreed: &Agreement,
     deadline: Instant,
+    control: &mut TcpStream,
 ) -> Result<Vec<Channel>> {
     let n = agreed.num_channels as usize;
     let net = local.net;
@@ -351,6 +404,7 @@ pub fn establish_channels(
             )));
         }
         if !moved {
+            watch_control(control)?;
             std::thread::sleep(Duration::from_micros(200));
         }
     }
@@ -363,6 +417,41 @@ pub fn establish_channels(
             Channel::new(s.expect("all sent"), r.expect("all accepted"), window, windows, local.removals.clone())
         })
         .collect())
+}
+
+/// During channel setup the control stream carries nothing but a Refuse (the peer gave up, and
+/// says why) or the first control messages of a peer that finished its side already, which stay
+/// unread for the connection. A closed stream means the peer gave up without a word.
+fn watch_control(stream: &mut TcpStream) -> Result<()> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    // SAFETY: peeks at most `header.len()` bytes into `header`, without blocking or consuming.
+    let got = unsafe {
+        libc::recv(
+            std::os::fd::AsRawFd::as_raw_fd(&*stream),
+            header.as_mut_ptr().cast(),
+            header.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if got < 0 {
+        let err = std::io::Error::last_os_error();
+        return match err.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(()),
+            _ => Err(Error::io("control stream during channel setup", err)),
+        };
+    }
+    if got == 0 {
+        return Err(Error::disconnected("peer closed the connection during channel setup"));
+    }
+    let refusing = got as usize == FRAME_HEADER_LEN
+        && FrameHeader::parse(&header).is_ok_and(|h| h.kind == crate::proto::frame::kind::REFUSE);
+    if !refusing {
+        return Ok(());
+    }
+    match read_frame(stream)? {
+        Handshake::Refuse(r) => Err(refused(r)),
+        _ => Err(Error::backend("internal: a peeked Refuse header read back as another frame")),
+    }
 }
 
 const _: () = assert!(NET_HANDLE_SIZE == 128);
@@ -385,11 +474,22 @@ fn read_raw_frame(reader: &mut impl Read, body: &mut Vec<u8>, what: &str) -> Res
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+    use std::net::TcpListener;
+
     use super::*;
     use crate::engine::channel::Chunk;
     use crate::engine::region::RegionTable;
+    use crate::proto::Control;
     use crate::transport::MemKind;
     use crate::transport::plugin::{PluginNet, mock};
+
+    fn stream_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let near = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (far, _) = listener.accept().unwrap();
+        (near, far)
+    }
 
     fn local<'a>(net: &'a dyn Net, removals: &Arc<AtomicU64>) -> Local<'a> {
         Local {
@@ -428,9 +528,14 @@ mod tests {
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         let (a_side, b_side) = sides.split_at_mut(1);
+        let (mut a_control, mut b_control) = stream_pair();
         let (mut a, mut b) = std::thread::scope(|s| {
-            let a = s.spawn(|| establish_channels(&local(&net, &removals), &mut a_side[0], &agreement(1), deadline));
-            let b = s.spawn(|| establish_channels(&local(&net, &removals), &mut b_side[0], &agreement(0), deadline));
+            let a = s.spawn(|| {
+                establish_channels(&local(&net, &removals), &mut a_side[0], &agreement(1), deadline, &mut a_control)
+            });
+            let b = s.spawn(|| {
+                establish_channels(&local(&net, &removals), &mut b_side[0], &agreement(0), deadline, &mut b_control)
+            });
             (a.join().unwrap().unwrap(), b.join().unwrap().unwrap())
         });
         for pair in handles.iter().flatten().map(mock::pair_of_handle) {
@@ -465,6 +570,75 @@ mod tests {
         }
         assert_eq!(done.len(), 2 * n, "every chunk finished");
         assert_eq!(dst, src);
+    }
+
+    #[test]
+    fn channel_setup_sees_a_refusal_or_a_hang_up_and_leaves_control_traffic_alone() {
+        // Nothing arrived: keep waiting.
+        let (mut near, mut far) = stream_pair();
+        watch_control(&mut near).unwrap();
+
+        // A peer that finished its side may send control messages already: they stay unread.
+        let mut close = Vec::new();
+        Control::Close.encode(&mut close);
+        far.write_all(&close).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        watch_control(&mut near).unwrap();
+        let mut peeked = vec![0u8; close.len()];
+        assert_eq!(near.peek(&mut peeked).unwrap(), close.len());
+        assert_eq!(peeked, close, "control bytes consumed");
+
+        // A peer that gave up says why, with its status.
+        let (mut near, mut far) = stream_pair();
+        let long = "x".repeat(5000);
+        let err = refuse(&mut far, Error::timeout(format!("channel setup on the far side failed {long}")));
+        assert_eq!(err.status(), UcclStatus::ErrTimeout);
+        let err = loop {
+            if let Err(e) = watch_control(&mut near) {
+                break e;
+            }
+        };
+        assert_eq!(err.status(), UcclStatus::ErrTimeout, "{err}");
+        assert!(
+            err.message().starts_with("peer refused the connection: channel setup on the far side failed"),
+            "{err}"
+        );
+
+        // One that hung up without a word.
+        let (mut near, far) = stream_pair();
+        drop(far);
+        let err = loop {
+            if let Err(e) = watch_control(&mut near) {
+                break e;
+            }
+        };
+        assert_eq!(err.status(), UcclStatus::ErrRemoteDisconnect, "{err}");
+    }
+
+    #[test]
+    fn a_refusal_in_place_of_hello_is_reported_with_its_reason() {
+        let net = crate::transport::socket::SocketNet::new(
+            "127.0.0.1".parse().unwrap(),
+            std::time::Duration::from_secs(5),
+            std::time::Duration::from_secs(5),
+            std::sync::Arc::new(|| {}),
+        );
+        let local = super::Local {
+            net: &net,
+            num_channels: 1,
+            chunk_size: 64 << 10,
+            gpu_index: 0,
+            gpu_id: "0",
+            window: 4,
+            removals: Default::default(),
+        };
+        let mut listens = super::Listens::first(&local).unwrap();
+        let (mut near, mut far) = stream_pair();
+        // The connector's own listen failed before it could say Hello.
+        let _ = refuse(&mut far, Error::backend("net plugin listen failed"));
+        let err = super::welcome(&mut near, &local, &mut listens).err().expect("a refusal is no Hello");
+        assert_eq!(err.status(), UcclStatus::ErrBackend, "{err}");
+        assert_eq!(err.message(), "peer refused the connection: net plugin listen failed");
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod mapping;
 pub mod notify;
 mod progress;
 pub mod region;
+mod served_gpu;
 mod transfer;
 mod writer;
 
@@ -37,6 +38,7 @@ use crate::transport::{MemKind, Net};
 use handshake::Local;
 use progress::{ConnList, ProgressThread, Waker};
 use region::RegionTable;
+use served_gpu::ServedGpu;
 use transfer::TransferTable;
 
 /// What connections share with the engine (never the connection list itself, so no cycle).
@@ -47,8 +49,8 @@ pub(crate) struct EngineCore {
     transfers: TransferTable,
     waker: Arc<Waker>,
     next_conn: AtomicU64,
-    /// The GPU this engine serves: from UCCL_TCPX_GPU, else the first device registration.
-    gpu: OnceLock<Arc<Gpu>>,
+    /// The GPU this engine serves (see `served_gpu` for how it is chosen).
+    gpu: ServedGpu,
 }
 
 impl EngineCore {
@@ -57,7 +59,7 @@ impl EngineCore {
     }
 
     fn local(&self) -> Local<'_> {
-        let (gpu_index, gpu_id) = self.gpu_identity();
+        let (gpu_index, gpu_id) = self.gpu.identity();
         Local {
             net: &*self.net,
             num_channels: self.config.num_channels,
@@ -66,34 +68,6 @@ impl EngineCore {
             gpu_id,
             window: self.config.window,
             removals: self.regions.removals(),
-        }
-    }
-
-    /// Ordinal and PCI bus id once a GPU is chosen; before that (and in host-only use) GPU "0", as
-    /// engines without GPUs have always called themselves.
-    fn gpu_identity(&self) -> (i32, &str) {
-        match self.gpu.get() {
-            Some(gpu) => (gpu.ordinal(), gpu.bus_id()),
-            None => (0, "0"),
-        }
-    }
-
-    /// The engine's GPU, chosen now if none is yet. One engine serves one GPU.
-    fn serve_gpu(&self, ordinal: i32) -> Result<()> {
-        if self.gpu.get().is_none() {
-            let _ = self.gpu.set(Gpu::open(ordinal)?);
-        }
-        match self.gpu.get() {
-            Some(gpu) if gpu.ordinal() == ordinal => Ok(()),
-            Some(gpu) => Err(Error::new(
-                UcclStatus::ErrNotSupported,
-                format!(
-                    "this engine serves GPU {} ({}); memory of GPU {ordinal} needs an engine of its own",
-                    gpu.ordinal(),
-                    gpu.bus_id()
-                ),
-            )),
-            None => Err(Error::new(UcclStatus::ErrInternal, "GPU choice lost")),
         }
     }
 
@@ -112,7 +86,7 @@ impl EngineCore {
                         format!("the {} transport cannot move GPU memory", self.net.name()),
                     ));
                 }
-                self.serve_gpu(ordinal)?;
+                self.gpu.serve(ordinal, &*self.net)?;
                 Ok(MemKind::Cuda { device: ordinal })
             }
         }
@@ -154,6 +128,8 @@ pub struct Engine {
     accepted: Arc<AcceptQueue>,
     shutdown: Arc<AtomicBool>,
     advertised: SocketAddr,
+    /// The metadata string as first handed out: peers may keep it for the engine's whole life.
+    metadata: OnceLock<String>,
     accept_thread: Mutex<Option<JoinHandle<()>>>,
     progress: Mutex<Option<ProgressThread>>,
 }
@@ -171,16 +147,14 @@ impl Engine {
         let listener = TcpListener::bind((bind, config.port))
             .map_err(|e| Error::io(format!("listen on port {}", config.port), e))?;
         let port = listener.local_addr().map_err(|e| Error::io("listener address", e))?.port();
+        // Before the transport: a plugin must never make a comm before it knows the GPU.
+        let gpu = ServedGpu::at_creation(config.gpu)?;
         let waker = Arc::new(Waker::default());
         let wake_from_io = waker.clone();
         let wake: crate::transport::socket::Wake = Arc::new(move || wake_from_io.wake());
         let selected = select_net(&config, ip, wake.clone())?;
         let net = StagedNet::wrap(selected, StagingParams::from_config(&config), wake)?;
-        let gpu = OnceLock::new();
-        if let Some(ordinal) = config.gpu {
-            let opened = Gpu::open(ordinal).map_err(|e| e.context(format!("UCCL_TCPX_GPU={ordinal}")))?;
-            let _ = gpu.set(opened);
-        }
+        gpu.tell(&*net);
         let core = Arc::new(EngineCore {
             config,
             net,
@@ -218,6 +192,7 @@ impl Engine {
             accepted,
             shutdown,
             advertised: SocketAddr::new(ip, port),
+            metadata: OnceLock::new(),
             accept_thread: Mutex::new(Some(accept_thread)),
             progress: Mutex::new(Some(progress)),
         })
@@ -233,9 +208,11 @@ impl Engine {
     }
 
     /// UCCL's metadata string: `ip:port?gpu` (`[ip6]:port?gpu` for IPv6), where `gpu` is the
-    /// served GPU's PCI bus id once one is chosen, else "0". Peers connect with that string.
+    /// served GPU's PCI bus id when one is chosen at the first call, else "0". Peers connect with
+    /// that string, and may keep it as long as the engine lives (NIXL reads it once, right after
+    /// creating the engine), so it never changes after the first call; the GPU part is advisory.
     pub fn metadata(&self) -> String {
-        format!("{}?{}", self.advertised, self.core.gpu_identity().1)
+        self.metadata.get_or_init(|| format!("{}?{}", self.advertised, self.core.gpu.identity().1)).clone()
     }
 
     /// The GPU this engine serves, once chosen.
@@ -255,18 +232,12 @@ impl Engine {
             .map_err(|e| Error::invalid(format!("cannot resolve {host:?}: {e}")))?
             .next()
             .ok_or_else(|| Error::invalid(format!("{host:?} resolves to no address")))?;
-        let ctx = |e: Error| e.context(format!("connect to {addr}"));
-        let core = &self.core;
-        let deadline = Instant::now() + core.config.connect_timeout;
-        let mut stream = TcpStream::connect_timeout(&addr, core.config.connect_timeout)
-            .map_err(|e| Error::io("TCP connect", e))
-            .map_err(ctx)?;
-        prepare_control(&stream, deadline, core.config.timeout).map_err(ctx)?;
-        let mut listens = handshake::Listens::first(&core.local()).map_err(ctx)?;
-        let agreed = handshake::hello(&mut stream, &core.local(), remote_gpu, &mut listens).map_err(ctx)?;
-        let channels = handshake::establish_channels(&core.local(), &mut listens, &agreed, deadline).map_err(ctx)?;
-        let peer = PeerInfo { addr, gpu_index: agreed.peer_gpu_index, gpu_id: agreed.peer_gpu_id };
-        let conn = Connection::start(core.clone(), stream, peer, channels, agreed.chunk_size)?;
+        let conn = connect_to(&self.core, addr, remote_gpu).map_err(|e| {
+            let e = e.context(format!("connect to {addr}"));
+            // The caller gets the error too, but a caller such as NIXL reports only a status.
+            log::error!("{e}");
+            e
+        })?;
         self.register_conn(conn)
     }
 
@@ -441,7 +412,9 @@ fn accept_loop(
             move || {
                 let _done = DecrementOnDrop(in_progress);
                 match serve_handshake(&core, stream, peer) {
-                    Ok(conn) if !shutdown.load(Ordering::Acquire) && !accepted.stopped.load(Ordering::Acquire) => {
+                    Ok(Some(conn))
+                        if !shutdown.load(Ordering::Acquire) && !accepted.stopped.load(Ordering::Acquire) =>
+                    {
                         match conns.add(conn.clone()) {
                             Ok(()) => {
                                 core.waker.wake();
@@ -453,8 +426,9 @@ fn accept_loop(
                             }
                         }
                     }
-                    Ok(conn) => conn.close(),
-                    Err(e) => log::warn!("handshake with {peer} failed: {e}"),
+                    Ok(Some(conn)) => conn.close(),
+                    Ok(None) => log::debug!("{peer} closed its connection without a handshake"),
+                    Err(e) => log::error!("handshake with {peer} failed: {e}"),
                 }
             },
         );
@@ -479,13 +453,39 @@ impl Drop for DecrementOnDrop {
     }
 }
 
-fn serve_handshake(core: &Arc<EngineCore>, mut stream: TcpStream, peer: SocketAddr) -> Result<Arc<Connection>> {
+/// The connector's side: control stream, Hello, channels. A failure after Hello is also told to
+/// the peer (a Refuse with the reason), so both ends log the same cause.
+fn connect_to(core: &Arc<EngineCore>, addr: SocketAddr, remote_gpu: &str) -> Result<Arc<Connection>> {
+    let deadline = Instant::now() + core.config.connect_timeout;
+    let mut stream =
+        TcpStream::connect_timeout(&addr, core.config.connect_timeout).map_err(|e| Error::io("TCP connect", e))?;
+    prepare_control(&stream, deadline, core.config.timeout)?;
+    let listened = core.gpu.before_comms(&*core.net).and_then(|()| handshake::Listens::first(&core.local()));
+    let mut listens = listened.map_err(|e| handshake::refuse(&mut stream, e))?;
+    let agreed = handshake::hello(&mut stream, &core.local(), remote_gpu, &mut listens)?;
+    let channels = handshake::establish_channels(&core.local(), &mut listens, &agreed, deadline, &mut stream)
+        .map_err(|e| handshake::refuse(&mut stream, e))?;
+    let peer = PeerInfo { addr, gpu_index: agreed.peer_gpu_index, gpu_id: agreed.peer_gpu_id };
+    Connection::start(core.clone(), stream, peer, channels, agreed.chunk_size)
+}
+
+/// The acceptor's side. `None` when the peer closed without sending a byte (a port probe, say),
+/// which is no failed handshake.
+fn serve_handshake(core: &Arc<EngineCore>, mut stream: TcpStream, peer: SocketAddr) -> Result<Option<Arc<Connection>>> {
     let deadline = Instant::now() + core.config.connect_timeout;
     prepare_control(&stream, deadline, core.config.timeout)?;
-    let mut listens = handshake::Listens::first(&core.local())?;
+    if stream.peek(&mut [0u8; 1]).map_err(|e| Error::io("handshake read", e))? == 0 {
+        return Ok(None);
+    }
+    let listened = core.gpu.before_comms(&*core.net).and_then(|()| handshake::Listens::first(&core.local()));
+    let mut listens = listened.map_err(|e| handshake::refuse(&mut stream, e))?;
     let agreed = handshake::welcome(&mut stream, &core.local(), &mut listens)?;
     crate::threads::point(ThreadKind::Handshake);
-    let channels = handshake::establish_channels(&core.local(), &mut listens, &agreed, deadline)?;
+    let channels = handshake::establish_channels(&core.local(), &mut listens, &agreed, deadline, &mut stream)
+        .map_err(|e| handshake::refuse(&mut stream, e))?;
     let info = PeerInfo { addr: peer, gpu_index: agreed.peer_gpu_index, gpu_id: agreed.peer_gpu_id };
-    Connection::start(core.clone(), stream, info, channels, agreed.chunk_size)
+    Connection::start(core.clone(), stream, info, channels, agreed.chunk_size).map(Some)
 }
+
+#[cfg(test)]
+mod tests;

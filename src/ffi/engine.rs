@@ -23,6 +23,9 @@ pub const UCCL_IP_ADDR_BUF_MIN: usize = 46;
 
 /// Creates an engine listening on `UCCL_TCPX_PORT` (any free port by default). `num_cpus` and
 /// `in_python` are accepted for compatibility; `num_cpus` must not be negative. Returns NULL on failure.
+///
+/// The engine serves one GPU: `UCCL_TCPX_GPU`, else the GPU whose CUDA context is current on the
+/// calling thread (after `cudaSetDevice(n)`, say), else the GPU of the first device registration.
 #[unsafe(no_mangle)]
 pub extern "C" fn uccl_engine_create(num_cpus: c_int, in_python: bool) -> *mut uccl_engine_t {
     crate::init_logging();
@@ -48,7 +51,10 @@ pub extern "C" fn uccl_engine_destroy(engine: *mut uccl_engine_t) {
     })
 }
 
-/// `*metadata_str` receives "ip:port?gpu", to be released with `uccl_engine_free_string`.
+/// `*metadata_str` receives "ip:port?gpu", to be released with `uccl_engine_free_string`. `gpu` is
+/// the PCI bus id of the engine's GPU when it is known at the first call, else "0". Every call
+/// returns the same string, so peers may keep it for the engine's life; the GPU part is advisory
+/// (a peer that connects naming another GPU is served by this engine's own).
 #[unsafe(no_mangle)]
 pub extern "C" fn uccl_engine_get_metadata(engine: *mut uccl_engine_t, metadata_str: *mut *mut c_char) -> c_int {
     ffi_fn!("uccl_engine_get_metadata", {
@@ -73,8 +79,10 @@ pub extern "C" fn uccl_engine_free_string(s: *mut c_char) {
     })
 }
 
-/// Connects to the engine at `ip_addr:remote_port` serving `remote_gpu` (the part after '?' in its
-/// metadata: an index or a PCI BDF). Blocks for the handshake (bounded by UCCL_TCPX_CONNECT_TIMEOUT_MS).
+/// Connects to the engine at `ip_addr:remote_port`. `remote_gpu` is the part after '?' in its
+/// metadata (an index or a PCI BDF); it is advisory, since the port names the engine, and a name
+/// that differs from the GPU the engine serves does not fail the connection. Blocks for the
+/// handshake (bounded by UCCL_TCPX_CONNECT_TIMEOUT_MS).
 /// `same_process` is accepted for compatibility; such connections use the network path too.
 #[unsafe(no_mangle)]
 pub extern "C" fn uccl_engine_connect(

@@ -78,6 +78,15 @@ pub trait Net: Send + Sync {
     fn max_registration(&self) -> usize {
         usize::MAX
     }
+    /// Whether the transport binds its comms to the GPU current when they are made (TCPX does, at
+    /// listen, connect, accept and regMr), so that the engine must know its GPU before the first
+    /// listen or connect.
+    fn binds_gpu(&self) -> bool {
+        false
+    }
+    /// The GPU the engine serves, told once it is known (before any comm is made when it can be);
+    /// transports that bind comms to a GPU make it current around those calls.
+    fn set_gpu(&self, _gpu: &std::sync::Arc<crate::cuda::Gpu>) {}
 }
 
 pub trait ListenComm: Send {

@@ -1,8 +1,11 @@
 //! Buffers on either side of the PCIe bus for the GPU tests, and their skip rule.
 
+use std::sync::Arc;
+
 use uccl_tcpx::cuda::{self, DeviceBuffer};
 use uccl_tcpx::engine::OneSided;
 use uccl_tcpx::transport::MemKind;
+use uccl_tcpx::{Connection, Engine};
 
 use super::engine::{Pair, wait};
 use testkit::{assert_same, pattern};
@@ -18,6 +21,42 @@ pub enum Side {
 /// (`UCCL_TCPX_REQUIRE_GPU=1` makes a missing driver a failure instead; see `testkit::gpu`).
 pub fn no_gpu() -> bool {
     testkit::skip_without_gpu(cuda::available())
+}
+
+/// Whether a test that needs `n` GPUs must return without running: fewer are visible (it says
+/// so). Single-GPU hosts run the GPU suite too, so this is a skip even where GPUs are required.
+pub fn fewer_gpus_than(n: i32) -> bool {
+    let count = cudarc::driver::result::device::get_count().expect("cuDeviceGetCount");
+    if count >= n {
+        return false;
+    }
+    println!("SKIPPED: needs {n} GPUs, {count} visible");
+    true
+}
+
+/// Makes GPU `ordinal`'s primary context current on the calling thread, as `cudaSetDevice` (and
+/// so PyTorch's `torch.cuda.set_device`) does, or leaves the thread with no current context.
+pub fn make_current(ordinal: Option<i32>) {
+    let ctx = match ordinal {
+        Some(n) => {
+            let dev = cudarc::driver::result::device::get(n).expect("cuDeviceGet");
+            // SAFETY: `dev` came from cuDeviceGet. The reference is kept for the life of the test
+            // process, as the library keeps its own.
+            unsafe { cudarc::driver::result::primary_ctx::retain(dev) }.expect("cuDevicePrimaryCtxRetain")
+        }
+        None => std::ptr::null_mut(),
+    };
+    // SAFETY: a retained primary context, or none.
+    unsafe { cudarc::driver::result::ctx::set_current(ctx) }.expect("cuCtxSetCurrent");
+}
+
+/// Connects `engine` to the engine whose metadata string ("ip:port?gpu") is `metadata`, exactly as
+/// NIXL does with what it cached: the GPU part goes to connect as it stands.
+pub fn connect_by_metadata(engine: &Engine, metadata: &str) -> Arc<Connection> {
+    let (addr, gpu) = metadata.rsplit_once('?').unwrap_or_else(|| panic!("metadata {metadata:?} has no '?'"));
+    let (ip, port) = addr.rsplit_once(':').unwrap_or_else(|| panic!("metadata {metadata:?} has no port"));
+    let port = port.parse().unwrap_or_else(|_| panic!("metadata {metadata:?}: bad port"));
+    engine.connect(ip, gpu, port).unwrap_or_else(|e| panic!("connect with cached metadata {metadata:?}: {e}"))
 }
 
 pub enum Mem {
@@ -38,6 +77,13 @@ impl Mem {
         }
     }
 
+    /// `len` zeroed bytes of device memory on GPU `ordinal`.
+    pub fn on_gpu(ordinal: i32, len: usize) -> Mem {
+        let mut buf = DeviceBuffer::new(ordinal, len).expect("allocate device memory");
+        buf.fill(0).expect("clear device memory");
+        Mem::Device(buf)
+    }
+
     pub fn side(&self) -> Side {
         match self {
             Mem::Host(_) => Side::Host,
@@ -48,7 +94,7 @@ impl Mem {
     pub fn kind(&self) -> MemKind {
         match self {
             Mem::Host(_) => MemKind::Host,
-            Mem::Device(_) => MemKind::Cuda { device: 0 },
+            Mem::Device(d) => MemKind::Cuda { device: d.gpu().ordinal() },
         }
     }
 

@@ -144,11 +144,12 @@ impl CommCore {
         let size_int = c_int::try_from(size).map_err(|_| {
             Error::invalid(format!("registration of {size} bytes exceeds the net plugin's 2 GiB (int) limit"))
         })?;
-        // TCPX maps CUDA registrations with the device current at regMr: the memory's own GPU (the
-        // engine's), else the engine's GPU when it has one. Without a driver no device memory
-        // exists (the mock plugin's tests pass made-up addresses), so there is nothing to bind.
+        // TCPX maps CUDA registrations with the device current at regMr: the memory's own GPU
+        // (the engine refuses memory of any GPU but its own), else the engine's GPU. Without a
+        // driver no device memory exists (the mock plugin's tests pass made-up addresses), so
+        // there is nothing to bind.
         let _current = match kind {
-            MemKind::Cuda { device } if crate::cuda::available() => Some(self.gpus.note_device(device)?.enter()?),
+            MemKind::Cuda { device } if crate::cuda::available() => Some(Gpu::open(device)?.enter()?),
             _ => self.gpus.enter()?,
         };
         let mut mhandle: *mut c_void = std::ptr::null_mut();

@@ -29,35 +29,20 @@ pub fn unpack_mode(value: Option<&str>) -> Result<UnpackMode> {
 
 #[derive(Default)]
 pub struct PluginGpus {
-    /// The GPU the engine serves: from the configuration, else the first device registration.
+    /// The GPU the engine serves, as the engine told it (`Net::set_gpu`).
     engine_gpu: OnceLock<Arc<Gpu>>,
     unpackers: Mutex<HashMap<i32, Arc<Mutex<Unpacker>>>>,
 }
 
 impl PluginGpus {
-    /// `configured` is the engine's GPU when the configuration names one. A GPU that cannot be
-    /// opened is left unset here: the engine reports that error itself.
-    pub fn new(configured: Option<i32>) -> PluginGpus {
-        let gpus = PluginGpus::default();
-        if let Some(ordinal) = configured
-            && let Ok(gpu) = Gpu::open(ordinal)
-        {
-            let _ = gpus.engine_gpu.set(gpu);
-        }
-        gpus
-    }
-
-    /// An engine serves one GPU: the first device memory registered names it when the
-    /// configuration did not. Later comms' control calls then run with it current.
-    pub fn note_device(&self, ordinal: i32) -> Result<Arc<Gpu>> {
-        let gpu = Gpu::open(ordinal)?;
+    /// The engine's GPU. The engine names it before its first listen or connect whenever the
+    /// plugin binds comms to a GPU, and never changes it; a second, different one is ignored.
+    pub fn set_engine_gpu(&self, gpu: &Arc<Gpu>) {
         let _ = self.engine_gpu.set(gpu.clone());
-        Ok(gpu)
     }
 
-    /// Makes the engine's GPU current until the guard drops, when one is known. With none known yet
-    /// the plugin sees the caller's context (TCPX then uses whatever device is current, device 0 on
-    /// a fresh thread).
+    /// Makes the engine's GPU current until the guard drops, when one is known. With none known
+    /// (no CUDA driver: the plugin then has no GPU to bind) the plugin sees the caller's context.
     pub(crate) fn enter(&self) -> Result<Option<ContextRestore>> {
         match self.engine_gpu.get() {
             Some(gpu) => gpu.enter().map(Some),

@@ -35,6 +35,7 @@ pub use self::loader::Plugin;
 use self::unpack::UnpackView;
 use super::{ListenComm, Net, NetHandle, Properties, RecvComm, SendComm};
 use crate::config::Config;
+use crate::cuda::Gpu;
 use crate::error::{Error, Result};
 
 /// Bytes 80..88 of TCPX's listen handle: where `connect` keeps its in-progress state.
@@ -72,9 +73,7 @@ impl PluginNet {
     /// Loads (once per process) and initialises the plugin the configuration names.
     pub fn open(config: &Config, gpu_pci_path: Option<&str>) -> Result<PluginNet> {
         let plugin = loader::load(config.plugin_path.as_deref(), config.nccl_net_plugin.as_deref())?;
-        let mut net = PluginNet::with_plugin(plugin, config.net_devices.as_deref(), gpu_pci_path)?;
-        net.gpus = Arc::new(PluginGpus::new(config.gpu));
-        Ok(net)
+        PluginNet::with_plugin(plugin, config.net_devices.as_deref(), gpu_pci_path)
     }
 
     pub fn with_plugin(
@@ -212,6 +211,17 @@ impl Net for PluginNet {
     /// ncclNet v7's `regMr` takes an `int` size (TCPX: `tcpxRegMr`).
     fn max_registration(&self) -> usize {
         comm::MAX_REGISTRATION
+    }
+
+    /// TCPX binds every comm to the device current when it is made; where no CUDA driver exists
+    /// there is no device to bind (the fake NIC in host mode, the mock plugin).
+    fn binds_gpu(&self) -> bool {
+        crate::cuda::available()
+            && self.channel_devices.iter().any(|&d| self.plugin.devices.get(d).is_some_and(|p| p.supports_cuda))
+    }
+
+    fn set_gpu(&self, gpu: &Arc<Gpu>) {
+        self.gpus.set_engine_gpu(gpu);
     }
 }
 

@@ -174,6 +174,14 @@ impl Net for StagedNet {
         self.inner.max_registration()
     }
 
+    fn binds_gpu(&self) -> bool {
+        self.inner.binds_gpu()
+    }
+
+    fn set_gpu(&self, gpu: &Arc<crate::cuda::Gpu>) {
+        self.inner.set_gpu(gpu)
+    }
+
     fn listen(&self, dev: usize) -> Result<(NetHandle, Box<dyn ListenComm>)> {
         let (handle, inner) = self.inner.listen(dev)?;
         Ok((handle, Box::new(StagedListen { inner, setup: self.setup.clone() })))

@@ -1,0 +1,159 @@
+//! Which GPU an engine serves. One engine serves one GPU, known from creation where possible:
+//! `UCCL_TCPX_GPU`, else the GPU whose context is current on the thread that creates the engine
+//! (how UCCL's endpoint and a `cudaSetDevice` caller say it), else the first device registration.
+//! A transport that binds comms to a GPU (TCPX) is never called without one: an engine that still
+//! has none at its first listen or connect takes the connecting thread's current GPU, else GPU 0,
+//! the device TCPX itself would have used.
+//!
+//! Once chosen, the GPU never changes, and the transport is told before it makes comms with it.
+
+use std::sync::{Arc, OnceLock};
+
+use crate::cuda::{self, Gpu};
+use crate::error::{Error, Result, UcclStatus};
+use crate::transport::Net;
+
+/// How a GPU came to be chosen, for the refusal of another GPU's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ChosenBy {
+    Configuration,
+    CurrentContext,
+    Registration,
+    FirstConnection,
+}
+
+impl ChosenBy {
+    fn describe(self) -> &'static str {
+        match self {
+            ChosenBy::Configuration => "named by UCCL_TCPX_GPU",
+            ChosenBy::CurrentContext => "current when the engine was created",
+            ChosenBy::Registration => "of its first device registration",
+            ChosenBy::FirstConnection => "taken at its first connection, before any GPU was known",
+        }
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct ServedGpu {
+    chosen: OnceLock<(Arc<Gpu>, ChosenBy)>,
+    /// An identity without a GPU behind it, so that tests on machines without CUDA can give an
+    /// engine the identity a GPU would (see `pretend`).
+    #[cfg(test)]
+    pretended: OnceLock<(i32, String)>,
+}
+
+impl ServedGpu {
+    /// The GPU known when the engine is created: the configured one (an error when it cannot be
+    /// opened), else the one current on the creating thread, else none yet.
+    pub fn at_creation(configured: Option<i32>) -> Result<ServedGpu> {
+        let served = ServedGpu::default();
+        let found = match configured {
+            Some(ordinal) => {
+                let gpu = Gpu::open(ordinal).map_err(|e| e.context(format!("UCCL_TCPX_GPU={ordinal}")))?;
+                Some((gpu, ChosenBy::Configuration))
+            }
+            None => match cuda::gpu::current_ordinal() {
+                Some(ordinal) => match Gpu::open(ordinal) {
+                    Ok(gpu) => Some((gpu, ChosenBy::CurrentContext)),
+                    // The engine can still learn its GPU from a registration.
+                    Err(e) => {
+                        log::warn!("GPU {ordinal} is current but cannot be served: {}", e.message());
+                        None
+                    }
+                },
+                None => None,
+            },
+        };
+        if let Some(found) = found {
+            let _ = served.chosen.set(found);
+        }
+        Ok(served)
+    }
+
+    pub fn get(&self) -> Option<&Arc<Gpu>> {
+        self.chosen.get().map(|(gpu, _)| gpu)
+    }
+
+    /// Ordinal and PCI bus id once a GPU is chosen; before that (and in host-only use) GPU "0", as
+    /// engines without GPUs have always called themselves.
+    pub fn identity(&self) -> (i32, &str) {
+        if let Some((gpu, _)) = self.chosen.get() {
+            return (gpu.ordinal(), gpu.bus_id());
+        }
+        #[cfg(test)]
+        if let Some((ordinal, bus_id)) = self.pretended.get() {
+            return (*ordinal, bus_id);
+        }
+        (0, "0")
+    }
+
+    /// Tells `net` the GPU, when one is chosen (at creation, before any comm exists).
+    pub fn tell(&self, net: &dyn Net) {
+        if let Some(gpu) = self.get() {
+            net.set_gpu(gpu);
+        }
+    }
+
+    /// The engine's GPU: GPU `ordinal` if none was chosen yet, else the one chosen before. `net`
+    /// learns it before any caller can use it.
+    fn choose(&self, ordinal: i32, by: ChosenBy, net: &dyn Net) -> Result<&(Arc<Gpu>, ChosenBy)> {
+        if self.chosen.get().is_none() {
+            let gpu = Gpu::open(ordinal)?;
+            if self.chosen.set((gpu, by)).is_ok() {
+                log::info!("engine serves GPU {ordinal} ({})", by.describe());
+            }
+        }
+        let chosen = self.chosen.get().ok_or_else(|| Error::new(UcclStatus::ErrInternal, "GPU choice lost"))?;
+        net.set_gpu(&chosen.0);
+        Ok(chosen)
+    }
+
+    /// Memory of GPU `ordinal` is being registered: the engine serves that GPU, choosing it now
+    /// if none is yet. Memory of another GPU needs an engine of its own.
+    pub fn serve(&self, ordinal: i32, net: &dyn Net) -> Result<()> {
+        let (gpu, by) = self.choose(ordinal, ChosenBy::Registration, net)?;
+        if gpu.ordinal() == ordinal {
+            return Ok(());
+        }
+        Err(Error::new(
+            UcclStatus::ErrNotSupported,
+            format!(
+                "this engine serves GPU {} ({}, {}); memory of GPU {ordinal} needs an engine of its own, \
+                 created with UCCL_TCPX_GPU={ordinal} or with GPU {ordinal} current",
+                gpu.ordinal(),
+                gpu.bus_id(),
+                by.describe()
+            ),
+        ))
+    }
+
+    /// Called before every connection's first listen or connect: a transport that binds comms to
+    /// a GPU gets one now if the engine has none yet (the calling thread's current GPU, else GPU
+    /// 0), so no comm is ever bound to a GPU the engine does not serve.
+    pub fn before_comms(&self, net: &dyn Net) -> Result<()> {
+        if self.chosen.get().is_some() || !net.binds_gpu() {
+            return Ok(());
+        }
+        let ordinal = cuda::gpu::current_ordinal().unwrap_or(0);
+        let (gpu, by) = self.choose(ordinal, ChosenBy::FirstConnection, net)?;
+        if *by != ChosenBy::FirstConnection {
+            return Ok(());
+        }
+        log::warn!(
+            "the {} transport binds comms to a GPU and this engine had none yet: it serves GPU {} ({}) from now \
+             on; set UCCL_TCPX_GPU or make the GPU current when creating the engine to choose another",
+            net.name(),
+            gpu.ordinal(),
+            gpu.bus_id()
+        );
+        Ok(())
+    }
+
+    /// Gives an engine without a GPU the identity of one (ordinal and bus id in the handshake and,
+    /// had none been handed out yet, in its metadata), without CUDA.
+    #[cfg(test)]
+    pub fn pretend(&self, ordinal: i32, bus_id: &str) {
+        assert!(self.chosen.get().is_none(), "a real GPU was chosen already");
+        self.pretended.set((ordinal, bus_id.to_owned())).expect("one pretended identity per engine");
+    }
+}

@@ -1,0 +1,70 @@
+//! Engine behaviour that needs the engine's insides: a GPU identity given without CUDA.
+
+use std::time::{Duration, Instant};
+
+use super::{Connection, Engine, OneSided};
+use crate::config::Config;
+
+fn config() -> Config {
+    Config { ip: Some("127.0.0.1".parse().unwrap()), num_channels: 2, chunk_size: 64 << 10, ..Config::default() }
+}
+
+fn wait(conn: &Connection, id: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(n) = conn.poll(id).unwrap() {
+            return n;
+        }
+        assert!(Instant::now() < deadline, "transfer {id} still in progress");
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+fn bytes(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+/// NIXL reads an engine's metadata once, right after creating it and before registering memory,
+/// and connects with it later, after the engine learned its GPU from a registration: the peer
+/// then names GPU "0" to an engine that serves another. The engine serves the connection, and the
+/// metadata it handed out stays what it was.
+#[test]
+fn a_peer_holding_metadata_from_before_the_gpu_was_known_connects() {
+    let a = Engine::new(config()).unwrap();
+    let b = Engine::new(config()).unwrap();
+    assert!(b.gpu().is_none(), "a test thread has no current GPU");
+    let cached = b.metadata();
+    let (addr, named_gpu) = cached.rsplit_once('?').unwrap();
+    assert_eq!(named_gpu, "0", "{cached}");
+    let port: u16 = addr.rsplit_once(':').unwrap().1.parse().unwrap();
+
+    // What registering memory of its GPU 1 (bus 0000:00:07.0) does to b's identity.
+    b.core.gpu.pretend(1, "0000:00:07.0");
+    assert_eq!(b.metadata(), cached, "metadata changed after it was handed out");
+
+    let ab = a.connect("127.0.0.1", named_gpu, port).expect("a stale GPU name refused the connection");
+    let ba = b.accept().unwrap();
+    assert_eq!((ab.peer.gpu_index, ab.peer.gpu_id.as_str()), (1, "0000:00:07.0"), "the handshake names b's GPU");
+    assert_eq!((ba.peer.gpu_index, ba.peer.gpu_id.as_str()), (0, "0"));
+
+    // Any other name is served too: one port reaches one engine.
+    let by_other_name = a.connect("127.0.0.1", "0000:ff:1f.7", port).expect("another GPU name refused");
+    let _accepted = b.accept().unwrap();
+
+    // And data moves both ways over the first connection: a write into b, then a read back.
+    let len = (1 << 20) + 5;
+    let src = bytes(len, 3);
+    let mut dst = vec![0u8; len];
+    let mut back = vec![0u8; len];
+    let smr = a.register(src.as_ptr() as usize, len).unwrap();
+    let bmr = a.register(back.as_mut_ptr() as usize, len).unwrap();
+    let dmr = b.register(dst.as_mut_ptr() as usize, len).unwrap();
+    let remote = b.prepare_fifo(dmr, dst.as_ptr() as usize, len).unwrap();
+    let w = ab.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len, remote }]).unwrap();
+    assert_eq!(wait(&ab, w), len as u64);
+    let r = ab.read(&[OneSided { mr: bmr, addr: back.as_mut_ptr() as usize, len, remote }]).unwrap();
+    assert_eq!(wait(&ab, r), len as u64);
+    assert!(dst == src, "write landed wrong");
+    assert!(back == src, "read returned wrong bytes");
+    drop(by_other_name);
+}
