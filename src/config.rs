@@ -70,6 +70,58 @@ pub struct Config {
     /// message. Default 20 us when this process may run on 2 or more CPUs, else 0.
     /// `UCCL_TCPX_CONTROL_SPIN_US`.
     pub control_spin: Duration,
+    /// Addresses the engine may dial for a peer's channels besides the address its control connection
+    /// came from (multi-homed peers whose data interface differs). `UCCL_TCPX_ALLOW_DIAL`, a
+    /// comma-separated list of CIDR blocks or single addresses; empty by default.
+    pub allow_dial: Vec<Cidr>,
+}
+
+/// An address block such as `10.0.0.0/8` or `fd00::/8`; a bare address is a block of one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // An IPv4 peer reached through a dual-stack socket shows up as ::ffff:a.b.c.d.
+        match (self.net, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => prefix_matches(&net.octets(), &ip.octets(), self.prefix),
+            (IpAddr::V6(net), IpAddr::V6(ip)) => prefix_matches(&net.octets(), &ip.octets(), self.prefix),
+            _ => false,
+        }
+    }
+}
+
+fn prefix_matches(net: &[u8], ip: &[u8], prefix: u8) -> bool {
+    let (whole, bits) = (prefix as usize / 8, prefix % 8);
+    if net[..whole] != ip[..whole] {
+        return false;
+    }
+    bits == 0 || (net[whole] ^ ip[whole]) >> (8 - bits) == 0
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = ();
+
+    fn from_str(s: &str) -> std::result::Result<Cidr, ()> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (s, None),
+        };
+        let net: IpAddr = addr.trim().parse().map_err(drop)?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.trim().parse::<u8>().ok().filter(|p| *p <= max).ok_or(())?,
+            None => max,
+        };
+        // An IPv4-mapped block (::ffff:10.0.0.0/104) is the IPv4 block it maps.
+        match (net, net.to_canonical()) {
+            (IpAddr::V6(_), v4 @ IpAddr::V4(_)) => Ok(Cidr { net: v4, prefix: prefix.checked_sub(96).ok_or(())? }),
+            _ => Ok(Cidr { net, prefix }),
+        }
+    }
 }
 
 /// How the staged GPU path learns that a copy finished.
@@ -235,6 +287,7 @@ impl Default for Config {
             net_devices: None,
             staging: StagingConfig::default(),
             control_spin: default_control_spin(),
+            allow_dial: Vec::new(),
         }
     }
 }
@@ -266,6 +319,7 @@ impl Config {
             socket: SocketConfig::from_lookup(&get)?,
             staging: StagingConfig::from_lookup(&get)?,
             control_spin: parse_micros(&get, "UCCL_TCPX_CONTROL_SPIN_US", d.control_spin, 1_000_000)?,
+            allow_dial: parse_cidrs(&get, "UCCL_TCPX_ALLOW_DIAL")?,
         })
     }
 }
@@ -320,6 +374,20 @@ fn parse_devices(get: &impl Fn(&str) -> Option<String>, name: &str) -> Result<Op
         raw.split(',').map(|d| d.trim().parse::<usize>().ok().filter(|d| *d < MAX_NET_DEVICES)).collect();
     match list {
         Some(list) if !list.is_empty() && list.len() <= MAX_NET_DEVICES => Ok(Some(list)),
+        _ => Err(bad(name, &raw, &expected)),
+    }
+}
+
+/// At most this many blocks in a list knob: a longer list is a mistake, and every dial checks them all.
+const MAX_CIDRS: usize = 256;
+
+fn parse_cidrs(get: &impl Fn(&str) -> Option<String>, name: &str) -> Result<Vec<Cidr>> {
+    let Some(raw) = get(name) else { return Ok(Vec::new()) };
+    let expected =
+        format!("a comma-separated list of up to {MAX_CIDRS} addresses or CIDR blocks (10.0.0.0/8, fd00::/8)");
+    let list: std::result::Result<Vec<Cidr>, ()> = raw.split(',').map(str::parse).collect();
+    match list {
+        Ok(list) if list.len() <= MAX_CIDRS => Ok(list),
         _ => Err(bad(name, &raw, &expected)),
     }
 }
@@ -404,8 +472,17 @@ mod tests {
             ("NCCL_NET_PLUGIN", "tcpx"),
             ("UCCL_TCPX_NET_DEVICES", "1, 3,1"),
             ("UCCL_TCPX_CONTROL_SPIN_US", "75"),
+            ("UCCL_TCPX_ALLOW_DIAL", "10.0.0.0/8, 192.168.1.7,fd00::/8"),
         ])
         .unwrap();
+        let ips = |list: &[&str]| list.iter().map(|a| a.parse::<IpAddr>().unwrap()).collect::<Vec<_>>();
+        let allowed = |ip: IpAddr| c.allow_dial.iter().any(|b| b.contains(ip));
+        for ip in ips(&["10.0.0.1", "10.255.255.255", "192.168.1.7", "fd12::1", "::ffff:10.1.2.3"]) {
+            assert!(allowed(ip), "{ip} should be allowed");
+        }
+        for ip in ips(&["11.0.0.1", "9.255.255.255", "192.168.1.8", "fe80::1", "::1", "127.0.0.1"]) {
+            assert!(!allowed(ip), "{ip} should not be allowed");
+        }
         assert_eq!(c.transport, TransportChoice::Tcpx);
         assert_eq!(c.plugin_path.as_deref(), Some(std::path::Path::new("/opt/tcpx/libnccl-net.so")));
         assert_eq!(c.nccl_net_plugin.as_deref(), Some("tcpx"));
@@ -512,10 +589,29 @@ mod tests {
             ("UCCL_TCPX_NET_DEVICES", "-1"),
             ("UCCL_TCPX_NET_DEVICES", "64"),
             ("UCCL_TCPX_NET_DEVICES", "eth1"),
+            ("UCCL_TCPX_ALLOW_DIAL", "10.0.0.0/33"),
+            ("UCCL_TCPX_ALLOW_DIAL", "10.0.0.0/8,,"),
+            ("UCCL_TCPX_ALLOW_DIAL", "host.example"),
+            ("UCCL_TCPX_ALLOW_DIAL", "fd00::/129"),
         ] {
             let err = cfg(&[(k, v)]).unwrap_err();
             assert_eq!(err.status(), crate::error::UcclStatus::ErrInvalidParam);
             assert!(err.message().contains(k), "{k}={v}: {}", err.message());
         }
+    }
+
+    #[test]
+    fn cidr_prefixes_cut_at_any_bit() {
+        let block = |s: &str| s.parse::<Cidr>().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(block("10.1.2.0/23").contains(ip("10.1.3.255")));
+        assert!(!block("10.1.2.0/23").contains(ip("10.1.4.0")));
+        assert!(block("0.0.0.0/0").contains(ip("203.0.113.9")));
+        assert!(!block("0.0.0.0/0").contains(ip("2001:db8::1")));
+        assert!(block("127.0.0.2").contains(ip("127.0.0.2")));
+        assert!(!block("127.0.0.2").contains(ip("127.0.0.1")));
+        assert!(block("2001:db8::/33").contains(ip("2001:db8:7fff::1")));
+        assert!(!block("2001:db8::/33").contains(ip("2001:db8:8000::1")));
+        assert!(block("::ffff:10.0.0.0/104").contains(ip("10.9.9.9")), "an IPv4-mapped block is an IPv4 block");
     }
 }

@@ -936,31 +936,56 @@ fn silent_data_port_connection_does_not_block_setup() {
     fake.expect_closed();
 }
 
-/// The engine dials whatever address a Hello's channel handle names (here our own listener) and
-/// sends it a data socket hello and a ChannelHello; it gives up by the connect timeout when nothing answers on the control
-/// stream, and says so there. Documented in docs/RELIABILITY.md: an unauthenticated peer can make it open connections.
-#[test]
-fn hello_handle_makes_the_engine_dial_the_named_address_then_give_up() {
-    let _serial = serial();
-    let p = pair();
-    let baseline = threads();
-    let decoy = TcpListener::bind("127.0.0.1:0").unwrap();
-    decoy.set_nonblocking(true).unwrap();
-    let h = Hello { net_handle: socket_handle(decoy.local_addr().unwrap(), 7), ..hello() };
+/// A listener on 127.0.0.2 and one on 127.0.0.1 with the same port: a handle naming the first tells
+/// from which of the two takes a connection whether the engine dialed the named address or its peer's.
+fn decoy_and_peer_listeners() -> (TcpListener, TcpListener) {
+    for _ in 0..50 {
+        let decoy = TcpListener::bind("127.0.0.2:0").unwrap();
+        let port = decoy.local_addr().unwrap().port();
+        if let Ok(own) = TcpListener::bind(("127.0.0.1", port)) {
+            for l in [&decoy, &own] {
+                l.set_nonblocking(true).unwrap();
+            }
+            return (decoy, own);
+        }
+    }
+    panic!("no port free on both 127.0.0.2 and 127.0.0.1");
+}
+
+fn accepted(listener: &TcpListener) -> Option<TcpStream> {
+    match listener.accept() {
+        Ok((s, _)) => Some(s),
+        Err(e) if e.kind() == ErrorKind::WouldBlock => None,
+        Err(e) => panic!("accepting: {e}"),
+    }
+}
+
+/// Sends a Hello whose channel handle names `named` (nonce 7) from 127.0.0.1, and returns the
+/// connection the engine then opens on `expected` with the bytes it sent there before giving up.
+fn dial_for_hello_naming(p: &Pair, named: &TcpListener, expected: &TcpListener) -> (Reply, TcpStream) {
+    let h = Hello { net_handle: socket_handle(named.local_addr().unwrap(), 7), ..hello() };
     let mut control = TcpStream::connect(p.b.address()).unwrap();
     control.write_all(&encode(&Handshake::Hello(h))).unwrap();
     let mut dialed =
-        common::eventually("the engine dials the handle's address", SETUP_TIMEOUT + SLACK, || match decoy.accept() {
-            Ok((s, _)) => Some(s),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => None,
-            Err(e) => panic!("accepting on the decoy: {e}"),
-        });
+        common::eventually("the engine dials for its channel", SETUP_TIMEOUT + SLACK, || accepted(expected));
     dialed.set_nonblocking(false).unwrap();
     let got = read_reply(&mut dialed, SETUP_TIMEOUT + SLACK);
     assert!(got.closed, "the engine kept the dialed connection open");
     let comm_id = u64::from_le_bytes(got.bytes[16..24].try_into().unwrap());
     assert_eq!(&got.bytes[..HELLO_LEN], &stream_hello(7, comm_id)[..]);
-    assert_eq!(got.bytes.len(), HELLO_LEN + PIECE_HEADER_LEN + 16, "unexpected bytes sent to the dialed address");
+    (got, control)
+}
+
+/// A Hello whose channel handle names another host is not obeyed: the engine dials the address the
+/// control connection came from (the handle's port there) and never the named one, so a stranger
+/// cannot make it connect anywhere. It gives up by the connect timeout when nobody completes setup.
+#[test]
+fn hello_handle_naming_another_address_makes_the_engine_dial_its_peer_instead() {
+    let _serial = serial();
+    let p = pair();
+    let baseline = threads();
+    let (decoy, own) = decoy_and_peer_listeners();
+    let (_, mut control) = dial_for_hello_naming(&p, &decoy, &own);
     let reply = read_reply(&mut control, SETUP_TIMEOUT + SLACK);
     assert!(reply.closed);
     match handshakes_in(&reply.bytes).as_slice() {
@@ -970,9 +995,45 @@ fn hello_handle_makes_the_engine_dial_the_named_address_then_give_up() {
         }
         other => panic!("expected a Welcome, then a Refuse saying why, got {other:?}"),
     }
+    assert!(accepted(&decoy).is_none(), "the engine dialed the address the Hello named");
     let _ = control.shutdown(Shutdown::Both);
     threads_settle(baseline, SLACK);
     assert_pair_works(&p, 15);
+}
+
+/// An operator may allow other addresses for multi-homed peers: those are dialed as named.
+#[test]
+fn allowed_dial_addresses_are_dialed_as_named() {
+    let _serial = serial();
+    let p = pair_with(Config { allow_dial: vec!["127.0.0.2/32".parse().unwrap()], ..config() });
+    let (decoy, own) = decoy_and_peer_listeners();
+    let (got, _control) = dial_for_hello_naming(&p, &decoy, &decoy);
+    assert_eq!(got.bytes.len(), HELLO_LEN + PIECE_HEADER_LEN + 16, "unexpected bytes sent to the dialed address");
+    assert!(accepted(&own).is_none(), "the engine dialed its peer's address although the named one is allowed");
+}
+
+/// The data listener of an engine told its address (`UCCL_TCPX_IP`) binds that address alone, like
+/// the control listener: on loopback, the same port on 127.0.0.2 refuses connections.
+#[test]
+fn data_listener_binds_the_configured_address_only() {
+    let _serial = serial();
+    let p = pair();
+    let ours = TcpListener::bind("127.0.0.1:0").unwrap();
+    let h = Hello { net_handle: socket_handle(ours.local_addr().unwrap(), 7), ..hello() };
+    let mut control = TcpStream::connect(p.b.address()).unwrap();
+    control.write_all(&encode(&Handshake::Hello(h))).unwrap();
+    let head: [u8; 8] = read_exact_within(&mut control, 8, SETUP_TIMEOUT).unwrap().try_into().unwrap();
+    let header = FrameHeader::parse(&head).unwrap();
+    let body = read_exact_within(&mut control, header.body_len as usize, SETUP_TIMEOUT).unwrap();
+    let Ok(Handshake::Welcome(w)) = Handshake::decode(&header, &body) else { panic!("no Welcome") };
+    let (data, _) = parse_socket_handle(&w.net_handle);
+    assert_eq!(data.ip(), Ipv4Addr::LOCALHOST);
+    let elsewhere = SocketAddr::from((Ipv4Addr::new(127, 0, 0, 2), data.port()));
+    match TcpStream::connect_timeout(&elsewhere, Duration::from_secs(5)) {
+        Ok(_) => panic!("the data listener accepts on {elsewhere}, an address the engine was not told to use"),
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}"),
+    }
+    TcpStream::connect_timeout(&data, Duration::from_secs(5)).expect("the data listener on the configured address");
 }
 
 /// Regression (found here, fixed in 8b66d84): `close` marks the control writer closing and waits up

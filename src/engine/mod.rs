@@ -4,6 +4,7 @@
 mod channel;
 mod conn;
 mod control_rx;
+mod dial;
 mod handshake;
 mod mapping;
 pub mod notify;
@@ -137,22 +138,21 @@ pub struct Engine {
 impl Engine {
     pub fn new(config: Config) -> Result<Engine> {
         let ip = crate::transport::socket::iface::pick_address(config.ip, config.ifname.as_deref())?;
-        // An operator who names the address or interface gets a listener on it alone; otherwise every
-        // interface is served, as UCCL's engine does.
+        // An operator who names the address or interface gets listeners on it alone, the control
+        // listener and every channel listener; otherwise every interface is served, as UCCL's engine does.
         let bind: IpAddr = match (config.ip, &config.ifname) {
             (None, None) if ip.is_ipv4() => [0u8; 4].into(),
             (None, None) => [0u16; 8].into(),
             _ => ip,
         };
-        let listener = TcpListener::bind((bind, config.port))
-            .map_err(|e| Error::io(format!("listen on port {}", config.port), e))?;
+        let listener = crate::transport::socket::control_listener(SocketAddr::new(bind, config.port))?;
         let port = listener.local_addr().map_err(|e| Error::io("listener address", e))?.port();
         // Before the transport: a plugin must never make a comm before it knows the GPU.
         let gpu = ServedGpu::at_creation(config.gpu)?;
         let waker = Arc::new(Waker::default());
         let wake_from_io = waker.clone();
         let wake: crate::transport::socket::Wake = Arc::new(move || wake_from_io.wake());
-        let selected = select_net(&config, ip, wake.clone())?;
+        let selected = select_net(&config, ip, bind, wake.clone())?;
         let net = StagedNet::wrap(selected, StagingParams::from_config(&config), wake)?;
         gpu.tell(&*net);
         let core = Arc::new(EngineCore {
@@ -336,11 +336,12 @@ impl Drop for Engine {
 
 /// The transport `UCCL_TCPX_TRANSPORT` asks for: auto falls back from the plugin to sockets with a
 /// warning saying why; tcpx makes a plugin failure an engine-creation error.
-fn select_net(config: &Config, ip: IpAddr, wake: crate::transport::socket::Wake) -> Result<Arc<dyn Net>> {
+fn select_net(config: &Config, ip: IpAddr, bind: IpAddr, wake: crate::transport::socket::Wake) -> Result<Arc<dyn Net>> {
     let socket = || -> Arc<dyn Net> {
         Arc::new(
             SocketNet::new(ip, config.connect_timeout, config.timeout, wake.clone())
-                .with_options(config.socket.clone()),
+                .with_options(config.socket.clone())
+                .with_bind(bind),
         )
     };
     // No GPU is bound to an engine yet, so devices keep the plugin's order.
@@ -462,7 +463,8 @@ fn connect_to(core: &Arc<EngineCore>, addr: SocketAddr, remote_gpu: &str) -> Res
     prepare_control(&stream, deadline, core.config.timeout)?;
     let listened = core.gpu.before_comms(&*core.net).and_then(|()| handshake::Listens::first(&core.local()));
     let mut listens = listened.map_err(|e| handshake::refuse(&mut stream, e))?;
-    let agreed = handshake::hello(&mut stream, &core.local(), remote_gpu, &mut listens)?;
+    let mut agreed = handshake::hello(&mut stream, &core.local(), remote_gpu, &mut listens)?;
+    dial::confine(&*core.net, &mut agreed.peer_handles, addr.ip(), &core.config.allow_dial)?;
     let channels = handshake::establish_channels(&core.local(), &mut listens, &agreed, deadline, &mut stream)
         .map_err(|e| handshake::refuse(&mut stream, e))?;
     let peer = PeerInfo { addr, gpu_index: agreed.peer_gpu_index, gpu_id: agreed.peer_gpu_id };
@@ -479,7 +481,8 @@ fn serve_handshake(core: &Arc<EngineCore>, mut stream: TcpStream, peer: SocketAd
     }
     let listened = core.gpu.before_comms(&*core.net).and_then(|()| handshake::Listens::first(&core.local()));
     let mut listens = listened.map_err(|e| handshake::refuse(&mut stream, e))?;
-    let agreed = handshake::welcome(&mut stream, &core.local(), &mut listens)?;
+    let mut agreed = handshake::welcome(&mut stream, &core.local(), &mut listens)?;
+    dial::confine(&*core.net, &mut agreed.peer_handles, peer.ip(), &core.config.allow_dial)?;
     crate::threads::point(ThreadKind::Handshake);
     let channels = handshake::establish_channels(&core.local(), &mut listens, &agreed, deadline, &mut stream)
         .map_err(|e| handshake::refuse(&mut stream, e))?;

@@ -15,6 +15,8 @@ pub mod plugin;
 pub mod socket;
 pub mod staged;
 
+use std::net::IpAddr;
+
 use crate::error::Result;
 
 /// Opaque bytes a listener hands to the connecting side out of band (NCCL's `NCCL_NET_HANDLE_MAXSIZE`).
@@ -87,6 +89,18 @@ pub trait Net: Send + Sync {
     /// The GPU the engine serves, told once it is known (before any comm is made when it can be);
     /// transports that bind comms to a GPU make it current around those calls.
     fn set_gpu(&self, _gpu: &std::sync::Arc<crate::cuda::Gpu>) {}
+    /// The address `connect` would dial for `handle`, when the transport can tell; `None` for handles
+    /// it cannot read (a net plugin's are opaque).
+    fn handle_address(&self, _handle: &NetHandle) -> Option<IpAddr> {
+        None
+    }
+    /// Makes `connect` dial `ip` for `handle` instead of the address it names (same port).
+    fn set_handle_address(&self, _handle: &mut NetHandle, ip: IpAddr) -> Result<()> {
+        Err(crate::error::Error::new(
+            crate::error::UcclStatus::ErrNotSupported,
+            format!("the {} transport's handles name no address to replace with {ip}", self.name()),
+        ))
+    }
 }
 
 pub trait ListenComm: Send {

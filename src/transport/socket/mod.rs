@@ -37,6 +37,8 @@ const HANDLE_MAGIC: u32 = 0x4B53_5455;
 
 pub struct SocketNet {
     ip: IpAddr,
+    /// Where channel listeners bind: the engine's configured address, else every interface.
+    bind: IpAddr,
     connect_timeout: Duration,
     /// Unacknowledged data older than this fails the stream (TCP_USER_TIMEOUT).
     io_timeout: Duration,
@@ -48,7 +50,15 @@ pub struct SocketNet {
 impl SocketNet {
     pub fn new(ip: IpAddr, connect_timeout: Duration, io_timeout: Duration, wake: Wake) -> SocketNet {
         let zerocopy = Arc::default();
-        SocketNet { ip, connect_timeout, io_timeout, wake, options: SocketConfig::default(), zerocopy }
+        let bind = if ip.is_ipv4() { [0u8; 4].into() } else { [0u16; 8].into() };
+        SocketNet { ip, bind, connect_timeout, io_timeout, wake, options: SocketConfig::default(), zerocopy }
+    }
+
+    /// Channel listeners accept on `bind` alone (by default every interface of `ip`'s family), so an
+    /// operator who names the engine's address or interface gets no data port anywhere else.
+    pub fn with_bind(mut self, bind: IpAddr) -> SocketNet {
+        self.bind = bind;
+        self
     }
 
     /// What the zero-copy path did so far, over every send comm this net connected.
@@ -160,6 +170,22 @@ pub fn tune_stream(stream: &TcpStream, io_timeout: Duration) -> Result<()> {
         .map_err(|e| Error::io("configure TCP stream", e))
 }
 
+/// Pending connections the control listener queues before the accept loop takes them: std's 128
+/// overflowed under bursts of 200 connecting peers (a legitimate connect once reset), while the
+/// engine serves up to 1024 handshakes at once. The kernel caps it at `net.core.somaxconn`.
+pub const CONTROL_BACKLOG: i32 = 4096;
+
+/// The engine's control listener on `addr`, with a backlog sized for bursts of connecting peers.
+pub fn control_listener(addr: SocketAddr) -> Result<TcpListener> {
+    let ctx = |e| Error::io(format!("listen on {addr}"), e);
+    let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).map_err(ctx)?;
+    // As std's bind does: a restarted engine can take its fixed port back while old connections linger.
+    sock.set_reuse_address(true).map_err(ctx)?;
+    sock.bind(&addr.into()).map_err(ctx)?;
+    sock.listen(CONTROL_BACKLOG).map_err(ctx)?;
+    Ok(TcpListener::from(sock))
+}
+
 pub fn random_u64() -> u64 {
     let mut v = [0u8; 8];
     // SAFETY: getrandom writes at most 8 bytes into `v`.
@@ -198,7 +224,7 @@ impl Net for SocketNet {
 
     fn listen(&self, dev: usize) -> Result<(NetHandle, Box<dyn ListenComm>)> {
         self.properties(dev)?;
-        let bind = SocketAddr::new(if self.ip.is_ipv4() { [0u8; 4].into() } else { [0u16; 8].into() }, 0);
+        let bind = SocketAddr::new(self.bind, 0);
         let sock = socket2::Socket::new(socket2::Domain::for_address(bind), socket2::Type::STREAM, None)
             .map_err(|e| Error::io("channel listener", e))?;
         // Accepted sockets inherit buffer sizes from the listener, in time for the handshake.
@@ -220,6 +246,17 @@ impl Net for SocketNet {
             groups: Vec::new(),
         };
         Ok((handle.encode(), Box::new(listen)))
+    }
+
+    fn handle_address(&self, handle: &NetHandle) -> Option<IpAddr> {
+        SocketHandle::decode(handle).ok().map(|h| h.addr.ip())
+    }
+
+    fn set_handle_address(&self, handle: &mut NetHandle, ip: IpAddr) -> Result<()> {
+        let mut h = SocketHandle::decode(handle)?;
+        h.addr.set_ip(ip);
+        *handle = h.encode();
+        Ok(())
     }
 
     fn connect(&self, dev: usize, handle: &mut NetHandle) -> Result<Option<Box<dyn SendComm>>> {

@@ -182,6 +182,14 @@ impl Net for StagedNet {
         self.inner.set_gpu(gpu)
     }
 
+    fn handle_address(&self, handle: &NetHandle) -> Option<std::net::IpAddr> {
+        self.inner.handle_address(handle)
+    }
+
+    fn set_handle_address(&self, handle: &mut NetHandle, ip: std::net::IpAddr) -> Result<()> {
+        self.inner.set_handle_address(handle, ip)
+    }
+
     fn listen(&self, dev: usize) -> Result<(NetHandle, Box<dyn ListenComm>)> {
         let (handle, inner) = self.inner.listen(dev)?;
         Ok((handle, Box::new(StagedListen { inner, setup: self.setup.clone() })))
