@@ -1,7 +1,8 @@
 //! GPU memory over the plugin transport: the whole engine against the fake devmem NIC in GPU mode
 //! (bounce pool and unpack handle in device memory, as TCPX has them), so every receive into GPU
-//! memory is gathered by the unpack kernel and every receive into host memory is copied out of the
-//! device pool. Every transfer kind (send/recv, write, read, vectors), GPU->GPU, GPU->host and
+//! memory is gathered by the unpack kernel, and every receive into host memory too, into a pinned
+//! landing slot copied out on the host (never a host receive in the plugin, which TCPX cannot
+//! serve). Every transfer kind (send/recv, write, read, vectors), GPU->GPU, GPU->host and
 //! host->GPU, sizes 1 B to 16 MiB at unaligned offsets, byte for byte; and, on two GPUs, comms
 //! bound to the GPU each engine knew at creation.
 //!
@@ -20,7 +21,9 @@ use uccl_tcpx::proto::FifoItem;
 use uccl_tcpx::{Config, Engine};
 
 mod common;
-use common::gpu::{Mem, Side, connect_by_metadata, every_kind_every_direction, fewer_gpus_than, make_current, no_gpu};
+use common::gpu::{
+    Kind, Mem, Side, connect_by_metadata, every_kind_every_direction, fewer_gpus_than, make_current, move_bytes, no_gpu,
+};
 use common::{ChildTest, assert_same, pair, pattern, plugin, wait};
 
 /// Runs the ignored test `name` in a child process with the fake in GPU mode and `fragments`
@@ -30,6 +33,8 @@ fn run_child(name: &str, fragments: &str) -> String {
         .ignored()
         .env("FAKE_TCPX_MODE", "gpu")
         .env("FAKE_TCPX_FRAGMENT", fragments)
+        // As TCPX: a receive comm's sockets are steered into GPU memory, so a host receive fails.
+        .env("FAKE_TCPX_HOST_RECV", "fail")
         .env("UCCL_TCPX_FAKE_PLUGIN", plugin::fake_plugin())
         .run()
 }
@@ -176,6 +181,39 @@ fn child_vectors_and_many_in_flight() {
 }
 
 #[test]
+fn host_destinations_on_more_comms_than_landing_slots() {
+    if no_gpu() {
+        return;
+    }
+    let out = run_child("child_host_destinations_on_many_comms", "random");
+    assert!(out.contains("child checked"), "{out}");
+}
+
+#[test]
+#[ignore = "run by its parent with FAKE_TCPX_MODE=gpu"]
+fn child_host_destinations_on_many_comms() {
+    assert_gpu_mode();
+    // 24 receive comms, each with a receive into host memory at once, share the GPU's 16 landing
+    // slots: the rest wait for a slot instead of failing, and every byte lands.
+    let p = pair(plugin_config(24, 256 << 10));
+    for (from, len) in [(Side::Gpu, (24 << 20) + 5), (Side::Host, (6 << 20) + 1)] {
+        let mut src = Mem::new(from, len + 8);
+        let mut dst = Mem::new(Side::Host, len + 8);
+        let data = pattern(len, 900 + len as u64);
+        src.write(3, &data);
+        let smr = p.a.register(src.addr(), src.len()).unwrap();
+        let dmr = p.b.register(dst.addr(), dst.len()).unwrap();
+        for kind in [Kind::Write, Kind::SendRecv] {
+            dst.clear();
+            move_bytes(&p, kind, (&src, smr, 3), (&dst, dmr, 5), len);
+            assert_same(&dst.read(5, len), &data, &format!("{kind:?} {from:?}->Host {len} bytes"));
+        }
+        println!("{from:?}->Host over 24 comms: checked");
+    }
+    println!("child checked");
+}
+
+#[test]
 fn transfers_anywhere_in_six_gib_device_regions() {
     if no_gpu() {
         return;
@@ -305,12 +343,13 @@ fn throughput_against_the_staged_socket_path() {
     assert!(out.contains("child checked"), "{out}");
 }
 
-/// GB/s of `iters` 64 MiB GPU->GPU writes, one at a time, after one warm-up, data checked once.
-fn write_rate(config: Config, iters: usize) -> f64 {
+/// GB/s of `iters` 64 MiB writes from GPU memory into `to`, one at a time, after one warm-up, data
+/// checked once.
+fn write_rate(config: Config, iters: usize, to: Side) -> f64 {
     const LEN: usize = 64 << 20;
     let p = pair(config);
     let mut src = Mem::new(Side::Gpu, LEN);
-    let dst = Mem::new(Side::Gpu, LEN);
+    let dst = Mem::new(to, LEN);
     let data = pattern(LEN, 77);
     src.write(0, &data);
     let smr = p.a.register(src.addr(), LEN).unwrap();
@@ -332,14 +371,21 @@ fn child_throughput() {
     assert_gpu_mode();
     let iters = 8;
     for (channels, chunk) in [(2u16, 4u32 << 20), (4, 1 << 20)] {
-        let plugin = write_rate(plugin_config(channels, chunk), iters);
+        let plugin = write_rate(plugin_config(channels, chunk), iters, Side::Gpu);
+        let to_host = write_rate(plugin_config(channels, chunk), iters, Side::Host);
         let staged = write_rate(
             Config { transport: TransportChoice::Socket, plugin_path: None, ..plugin_config(channels, chunk) },
             iters,
+            Side::Gpu,
         );
         println!(
             "64 MiB GPU->GPU writes, {channels} channels, {} KiB chunks: plugin (fake GPU mode, unpack kernel) {plugin:.2} GB/s, socket staged {staged:.2} GB/s",
             chunk >> 10
+        );
+        println!(
+            "64 MiB GPU->host writes, {channels} channels, {} KiB chunks: plugin (landing slots) {to_host:.2} GB/s, {:.0}% of GPU->GPU",
+            chunk >> 10,
+            100.0 * to_host / plugin
         );
     }
     println!("child checked");

@@ -1,6 +1,7 @@
 //! Owned CUDA memory: [`DeviceBuffer`] (device memory with blocking copies, for tests and
-//! benchmarks that need GPU buffers without a framework) and [`PinnedBuffer`] (page-locked host
-//! memory, the staging slots). Both free themselves on drop.
+//! benchmarks that need GPU buffers without a framework), [`PinnedBuffer`] (page-locked host
+//! memory, the staging slots) and [`MappedBuffer`] (page-locked host memory kernels write in
+//! place). All free themselves on drop.
 
 use std::sync::Arc;
 
@@ -164,6 +165,58 @@ impl Drop for PinnedBuffer {
             // copy or I/O still uses it.
             let _ = unsafe { sys::cuMemFreeHost(self.ptr.cast()) };
         }
+    }
+}
+
+/// Page-locked host memory mapped into every context's address space (`DEVICEMAP | PORTABLE`): a
+/// kernel writes it at [`MappedBuffer::device_ptr`] and the CPU reads the same bytes at
+/// [`MappedBuffer::as_ptr`], cached.
+pub struct MappedBuffer {
+    pinned: PinnedBuffer,
+    device: sys::CUdeviceptr,
+}
+
+// SAFETY: as for PinnedBuffer.
+unsafe impl Send for MappedBuffer {}
+// SAFETY: shared references hand out addresses only; who touches which bytes is up to the owner.
+unsafe impl Sync for MappedBuffer {}
+
+impl MappedBuffer {
+    pub fn new(gpu: &Arc<Gpu>, len: usize) -> Result<MappedBuffer> {
+        if len == 0 {
+            return Err(Error::invalid("a mapped buffer of 0 bytes"));
+        }
+        let _ctx = gpu.enter()?;
+        let mut ptr: *mut std::ffi::c_void = std::ptr::null_mut();
+        let flags = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
+        // SAFETY: the driver writes one host pointer into `ptr`.
+        check(unsafe { sys::cuMemHostAlloc(&mut ptr, len, flags) }, &format!("cuMemHostAlloc of {len} bytes"))?;
+        if ptr.is_null() {
+            return Err(Error::backend("cuMemHostAlloc returned NULL"));
+        }
+        // Owned from here: an error below frees it.
+        let pinned = PinnedBuffer { gpu: gpu.clone(), ptr: ptr.cast(), len };
+        let mut device: sys::CUdeviceptr = 0;
+        // SAFETY: `ptr` was allocated with DEVICEMAP, with this GPU's context current.
+        check(unsafe { sys::cuMemHostGetDevicePointer_v2(&mut device, ptr, 0) }, "cuMemHostGetDevicePointer")?;
+        Ok(MappedBuffer { pinned, device })
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.pinned.as_ptr()
+    }
+
+    /// The address kernels of the buffer's GPU use.
+    pub fn device_ptr(&self) -> u64 {
+        self.device
+    }
+
+    pub fn len(&self) -> usize {
+        self.pinned.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pinned.is_empty()
     }
 }
 

@@ -16,6 +16,7 @@ use super::abi::{
 };
 use super::gather::{self, Run};
 use super::gpu::PluginGpus;
+use super::landing::{HostLanding, Slot};
 use super::loader::{Plugin, rc_text};
 use super::logger::{mark, warning_suffix};
 use super::unpack::{DevicePool, UnpackView};
@@ -393,6 +394,10 @@ struct RecvReq {
     len: usize,
     mr: usize,
     kind: MemKind,
+    /// A host destination posted against the anchor: it lands through a slot (`landing.rs`).
+    lands: bool,
+    /// The landing slot its fragments are gathered into, from submission to the copy out.
+    slot: Option<Slot>,
     state: RecvState,
 }
 
@@ -421,6 +426,9 @@ pub struct PluginRecvComm {
     next_id: u64,
     unpack: Option<UnpackView>,
     device: Option<DeviceUnpack>,
+    /// The pool's GPU's landing slots and this comm's registration of their anchor, made by the
+    /// first receive into host memory.
+    anchor: Option<(Arc<HostLanding>, usize)>,
     metas: Vec<LoadMeta>,
     runs: Vec<Run>,
 }
@@ -433,6 +441,7 @@ impl PluginRecvComm {
             next_id: 0,
             unpack: None,
             device: None,
+            anchor: None,
             metas: Vec::new(),
             runs: Vec::new(),
         }
@@ -454,9 +463,10 @@ impl PluginRecvComm {
         let slot = (r.id % UNPACK_QUEUE_DEPTH as u64) as usize;
         let count = gather::check_count(view.fragment_count(slot))?;
         if count == 0 {
-            // Nothing went through the pool: a zero-byte message, or (TCPX host receives) bytes
-            // that landed in the buffer directly, whose size the plugin does not report.
-            return Ok(Landing::Landed(if matches!(r.kind, MemKind::Host) { r.len } else { 0 }));
+            // Nothing went through the pool: a zero-byte message, or (a plugin's host receive)
+            // bytes that landed in the buffer directly, whose size the plugin does not report.
+            let direct = matches!(r.kind, MemKind::Host) && !r.lands;
+            return Ok(Landing::Landed(if direct { r.len } else { 0 }));
         }
         view.copy_fragments(slot, count, &mut self.metas);
         let device_pool = view.device_pool();
@@ -479,13 +489,12 @@ impl PluginRecvComm {
                 UcclStatus::ErrNotSupported,
                 "a receive into GPU memory from a host bounce pool is not supported (the net plugin keeps its pool in host memory)",
             )),
-            (MemKind::Host, Some(pool)) => {
-                let gpu = Gpu::open(pool.ordinal)?;
-                // SAFETY: `plan` bounded every run by the pool's allocation and the posted buffer,
-                // which the irecv contract gives us exclusively until the request is reported done.
-                unsafe { gather::copy_runs_from_device(&gpu, pool.addr, r.data as *mut u8, &self.runs)? };
-                Ok(Landing::Landed(total))
-            }
+            // Posted against the anchor by `irecv`: the kernel gathers it into a landing slot.
+            (MemKind::Host, Some(_)) if r.lands => Ok(Landing::Unpack { total }),
+            (MemKind::Host, Some(_)) => Err(Error::new(
+                UcclStatus::ErrInternal,
+                "a receive into host memory from a GPU bounce pool was not posted against the landing anchor",
+            )),
             (MemKind::Host, None) => {
                 let pool = view.host_pool()?;
                 // SAFETY: as above, for a host pool.
@@ -493,6 +502,22 @@ impl PluginRecvComm {
                 Ok(Landing::Landed(total))
             }
         }
+    }
+
+    /// The anchor's address and this comm's registration of it, made on first use.
+    fn anchor(&mut self) -> Result<(usize, *mut c_void)> {
+        if self.anchor.is_none() {
+            let pool = self.unpack.as_ref().and_then(UnpackView::device_pool).ok_or_else(|| {
+                Error::new(UcclStatus::ErrInternal, "landing a host receive on a comm without a device pool")
+            })?;
+            let landing = self.core.gpus.landing(pool.ordinal)?;
+            let (addr, len) = landing.anchor();
+            let key = self.core.register(addr, len, MemKind::Cuda { device: pool.ordinal }, false)?;
+            self.anchor = Some((landing, key));
+        }
+        let (landing, key) = self.anchor.as_ref().expect("set above");
+        let mhandle = self.core.regs.get(key).expect("the anchor stays registered until close").mhandle;
+        Ok((landing.anchor().0, mhandle))
     }
 
     /// This comm's pool, GPU and (shared) unpacker, set up on first use.
@@ -515,14 +540,29 @@ impl PluginRecvComm {
     /// Launching only while no earlier launch runs batches receives of all comms that complete
     /// meanwhile into one kernel, and adds no latency when the GPU is idle.
     fn unpack_step(&mut self, idx: usize) -> Result<Option<usize>> {
-        let r = &self.queue[idx];
-        let (dst, dst_len, state) = (r.data as u64, r.len as u64, r.state);
         let (gpu, pool, unpacker) = {
             let d = self.device_unpack()?;
             (d.gpu.clone(), d.pool, d.unpacker.clone())
         };
         let _current = gpu.enter()?;
         let mut unpacker = unpacker.lock();
+        let r = &mut self.queue[idx];
+        let state = r.state;
+        if r.lands && r.slot.is_none() {
+            let landing = &self.anchor.as_ref().expect("set by the irecv that posted it").0;
+            match landing.take() {
+                Some(slot) => r.slot = Some(slot),
+                None => {
+                    // Every slot of this GPU is busy: keep the unpacker moving, try again later.
+                    unpacker.poll()?;
+                    return Ok(None);
+                }
+            }
+        }
+        let (dst, dst_len) = match &r.slot {
+            Some(slot) => (slot.device_ptr(), r.len as u64),
+            None => (r.data as u64, r.len as u64),
+        };
         let (ticket, total) = match state {
             RecvState::Unsubmitted { total } => {
                 let layout = ReceiveLayout { pool: pool.addr, pool_len: pool.len, dst, dst_len };
@@ -548,7 +588,13 @@ impl PluginRecvComm {
         };
         self.queue[idx].state = RecvState::Unpacking { ticket, total };
         if ticket < unpacker.poll()? {
-            self.queue[idx].state = RecvState::Done;
+            let r = &mut self.queue[idx];
+            if let Some(slot) = r.slot.take() {
+                // SAFETY: the kernel that gathered `total` ≤ posted bytes into the slot finished
+                // (its ticket is below the watermark); the destination is ours by the irecv contract.
+                unsafe { slot.copy_out(r.data as *mut u8, total) };
+            }
+            r.state = RecvState::Done;
             return Ok(Some(total));
         }
         let launched_below = unpacker.submitted() - unpacker.pending_receives() as u64;
@@ -594,6 +640,18 @@ impl RecvComm for PluginRecvComm {
         }
         let (key, mut mhandle, kind) = self.core.acquire(data as usize, len, mr)?;
         let (mut ptr, mut tag): (*mut c_void, c_int) = (data.cast(), 0);
+        // A host destination with a GPU pool never reaches the plugin as a host receive (which
+        // TCPX's steered sockets cannot serve): it is posted against the anchor instead.
+        let lands = matches!(kind, MemKind::Host) && self.unpack.as_ref().and_then(UnpackView::device_pool).is_some();
+        if lands {
+            match self.anchor() {
+                Ok((addr, anchor_mhandle)) => (ptr, mhandle) = (addr as *mut c_void, anchor_mhandle),
+                Err(e) => {
+                    self.core.release(key);
+                    return Err(self.core.fail(e));
+                }
+            }
+        }
         let mut request: *mut c_void = std::ptr::null_mut();
         let comm = self.core.comm;
         let (rc, since) = self.core.plugin.call(|t| {
@@ -618,6 +676,8 @@ impl RecvComm for PluginRecvComm {
             len,
             mr: key,
             kind,
+            lands,
+            slot: None,
             state: RecvState::Posted,
         });
         self.core.count(1);
@@ -695,6 +755,14 @@ impl Drop for PluginRecvComm {
             if let Err(e) = device.unpacker.lock().finish() {
                 log::warn!("closing a net plugin receive comm: the GPU unpack failed: {e}");
                 unpacked = false;
+            }
+        }
+        if !unpacked {
+            // A kernel may still write these slots: they are never handed out again.
+            for r in self.queue.iter_mut() {
+                if let Some(slot) = r.slot.take() {
+                    slot.retire();
+                }
             }
         }
         // Completed receives go back first, so the plugin does not close over unreturned pages.

@@ -101,29 +101,6 @@ pub unsafe fn copy_runs(pool: *const u8, dst: *mut u8, runs: &[Run]) {
     }
 }
 
-/// The same copies out of a bounce pool in device memory into host memory: one synchronous
-/// `cuMemcpyDtoH` per merged run, with the pool's GPU current. Host destinations of a devmem plugin
-/// are the engine's small control messages (and host buffers of a peer that sends to them), so a
-/// copy per run is simpler than a kernel writing mapped host memory and fast enough for them.
-///
-/// # Safety
-/// As for [`copy_runs`], with `pool` device memory of `gpu` valid for `pool_len` bytes.
-pub unsafe fn copy_runs_from_device(gpu: &crate::cuda::Gpu, pool: u64, dst: *mut u8, runs: &[Run]) -> Result<()> {
-    let _current = gpu.enter()?;
-    for r in runs {
-        // SAFETY: bounds checked by `plan`, validity by the caller; the copy is synchronous.
-        let rc = unsafe {
-            cudarc::driver::sys::cuMemcpyDtoH_v2(
-                dst.add(r.dst as usize).cast(),
-                (pool + r.src) as cudarc::driver::sys::CUdeviceptr,
-                r.len as usize,
-            )
-        };
-        crate::cuda::check(rc, "cuMemcpyDtoH from the bounce pool")?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

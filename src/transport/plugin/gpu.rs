@@ -2,13 +2,14 @@
 //! around the plugin's control calls (TCPX binds a comm to the device current at listen, connect,
 //! accept and regMr, as NCCL's proxy thread would have it), and one [`Unpacker`] per GPU, shared by
 //! every receive comm whose bounce pool lives there so that receives of all channels batch into
-//! the same launches.
+//! the same launches, and one set of landing slots per GPU for receives into host memory.
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 
+use super::landing::HostLanding;
 use crate::cuda::Gpu;
 use crate::cuda::gpu::ContextRestore;
 use crate::cuda::unpack::{UnpackMode, Unpacker, UnpackerConfig};
@@ -32,6 +33,8 @@ pub struct PluginGpus {
     /// The GPU the engine serves, as the engine told it (`Net::set_gpu`).
     engine_gpu: OnceLock<Arc<Gpu>>,
     unpackers: Mutex<HashMap<i32, Arc<Mutex<Unpacker>>>>,
+    /// Per GPU, where receives into host memory land (`landing.rs`), made on first use.
+    landings: Mutex<HashMap<i32, Arc<HostLanding>>>,
 }
 
 impl PluginGpus {
@@ -48,6 +51,20 @@ impl PluginGpus {
             Some(gpu) => gpu.enter().map(Some),
             None => Ok(None),
         }
+    }
+
+    /// The landing slots of GPU `ordinal`, created on first use.
+    pub fn landing(&self, ordinal: i32) -> Result<Arc<HostLanding>> {
+        let mut landings = self.landings.lock();
+        if let Some(l) = landings.get(&ordinal) {
+            return Ok(l.clone());
+        }
+        let gpu = Gpu::open(ordinal)?;
+        let landing = Arc::new(
+            HostLanding::new(&gpu).map_err(|e| e.context(format!("landing host-memory receives on GPU {ordinal}")))?,
+        );
+        landings.insert(ordinal, landing.clone());
+        Ok(landing)
     }
 
     /// The unpacker of GPU `ordinal`, created on first use.

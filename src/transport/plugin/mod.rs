@@ -12,6 +12,7 @@ pub mod devices;
 pub mod env;
 pub mod gather;
 mod gpu;
+mod landing;
 pub mod loader;
 pub mod logger;
 pub mod unpack;
