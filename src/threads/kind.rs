@@ -18,6 +18,8 @@ pub enum ThreadKind {
     SocketSender,
     /// A socket-transport helper receiving a comm's pieces.
     SocketReceiver,
+    /// Copies a GPU's landed host-memory receives out of their slots (plugin transport).
+    LandingCopier,
 }
 
 impl ThreadKind {
@@ -30,6 +32,7 @@ impl ThreadKind {
             ThreadKind::ControlWriter => "control writer thread",
             ThreadKind::SocketSender => "socket sender thread",
             ThreadKind::SocketReceiver => "socket receiver thread",
+            ThreadKind::LandingCopier => "landing copier thread",
         }
     }
 

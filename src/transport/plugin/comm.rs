@@ -16,7 +16,7 @@ use super::abi::{
 };
 use super::gather::{self, Run};
 use super::gpu::PluginGpus;
-use super::landing::{HostLanding, Slot};
+use super::landing::{CopyOut, HostLanding, Slot};
 use super::loader::{Plugin, rc_text};
 use super::logger::{mark, warning_suffix};
 use super::unpack::{DevicePool, UnpackView};
@@ -383,6 +383,10 @@ enum RecvState {
         ticket: u64,
         total: usize,
     },
+    /// Unpacked into its landing slot, which the copier thread copies into the destination.
+    CopyingOut {
+        total: usize,
+    },
     /// Reported done to the caller; waits for `irecv_consumed`.
     Done,
 }
@@ -398,6 +402,8 @@ struct RecvReq {
     lands: bool,
     /// The landing slot its fragments are gathered into, from submission to the copy out.
     slot: Option<Slot>,
+    /// The copy out of `slot`, once started.
+    copy: Option<CopyOut>,
     state: RecvState,
 }
 
@@ -589,10 +595,14 @@ impl PluginRecvComm {
         self.queue[idx].state = RecvState::Unpacking { ticket, total };
         if ticket < unpacker.poll()? {
             let r = &mut self.queue[idx];
-            if let Some(slot) = r.slot.take() {
+            if let Some(slot) = &r.slot {
                 // SAFETY: the kernel that gathered `total` ≤ posted bytes into the slot finished
-                // (its ticket is below the watermark); the destination is ours by the irecv contract.
-                unsafe { slot.copy_out(r.data as *mut u8, total) };
+                // (its ticket is below the watermark); the destination is ours by the irecv
+                // contract, and the slot stays with the receive until the copy finished.
+                r.copy = Some(unsafe { slot.copy_out(r.data as *mut u8, total) });
+                r.state = RecvState::CopyingOut { total };
+                drop(unpacker);
+                return self.copy_step(idx);
             }
             r.state = RecvState::Done;
             return Ok(Some(total));
@@ -602,6 +612,20 @@ impl PluginRecvComm {
             unpacker.launch()?;
         }
         Ok(None)
+    }
+
+    /// A landed receive whose copy out is running: done once the bytes are in place.
+    fn copy_step(&mut self, idx: usize) -> Result<Option<usize>> {
+        let r = &mut self.queue[idx];
+        let RecvState::CopyingOut { total } = r.state else {
+            return Err(Error::new(UcclStatus::ErrInternal, format!("copy step of a receive in state {:?}", r.state)));
+        };
+        if !r.copy.as_ref().expect("set with the state").finished()? {
+            return Ok(None);
+        }
+        (r.copy, r.slot) = (None, None);
+        r.state = RecvState::Done;
+        Ok(Some(total))
     }
 
     /// Hands the oldest receive back to the plugin, which then reuses its slot and pages.
@@ -678,6 +702,7 @@ impl RecvComm for PluginRecvComm {
             kind,
             lands,
             slot: None,
+            copy: None,
             state: RecvState::Posted,
         });
         self.core.count(1);
@@ -690,9 +715,12 @@ impl RecvComm for PluginRecvComm {
         let Some(idx) = idx.filter(|i| self.queue[*i].id == req.0) else {
             return Err(out_of_order(req, idx.map(|i| self.queue[i].id), "test"));
         };
-        if self.queue[idx].state != RecvState::Posted {
+        match self.queue[idx].state {
+            RecvState::Posted => {}
+            // The plugin finished it; the copy out of its landing slot has not.
+            RecvState::CopyingOut { .. } => return self.copy_step(idx).map_err(|e| self.core.fail(e)),
             // The plugin finished it; the unpack has not.
-            return self.unpack_step(idx).map_err(|e| self.core.fail(e));
+            _ => return self.unpack_step(idx).map_err(|e| self.core.fail(e)),
         }
         let (mut done, mut size): (c_int, c_int) = (0, -1);
         let request = self.queue[idx].request;
@@ -757,6 +785,12 @@ impl Drop for PluginRecvComm {
                 unpacked = false;
             }
         }
+        // The copier writes destinations the caller gets back once this returns.
+        for r in self.queue.iter() {
+            if let Some(copy) = &r.copy {
+                copy.wait();
+            }
+        }
         if !unpacked {
             // A kernel may still write these slots: they are never handed out again.
             for r in self.queue.iter_mut() {
@@ -770,7 +804,7 @@ impl Drop for PluginRecvComm {
             && self.queue.front().is_some_and(|r| match r.state {
                 RecvState::Posted => false,
                 RecvState::Unpacking { .. } => unpacked,
-                RecvState::Unsubmitted { .. } | RecvState::Done => true,
+                RecvState::Unsubmitted { .. } | RecvState::CopyingOut { .. } | RecvState::Done => true,
             })
         {
             if self.consume_head().is_err() {

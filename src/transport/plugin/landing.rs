@@ -5,18 +5,25 @@
 //! posted as a CUDA receive against the anchor, a small device buffer registered on the comm (TCPX
 //! never writes a CUDA receive's buffer: the bytes stay in its pool and `loadMeta.dst_off` is
 //! relative to the request), the GPU unpack gathers its fragments into a slot of pinned host memory
-//! mapped into the device, batched with the GPU receives of every comm, and the CPU copies the
-//! slot into the destination. Slots belong to the GPU and are shared by all its receive comms: one
-//! is taken when the plugin completed a receive and comes back once its bytes were copied out.
+//! mapped into the device, batched with the GPU receives of every comm, and the GPU's copier thread
+//! copies the slot into the destination, so the progress thread never spends a copy's time (a 4 MiB
+//! copy costs about as long as the next 4 MiB take to arrive). Slots belong to the GPU and are
+//! shared by all its receive comms: one is taken when the plugin completed a receive and comes back
+//! once its bytes were copied out.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
 use super::comm::MAX_MESSAGE;
 use crate::cuda::Gpu;
 use crate::cuda::memory::{DeviceBuffer, MappedBuffer};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::threads::{ThreadKind, spawn_contained};
 
 /// Host-destination receives of one GPU between the plugin's completion and the copy out. A comm
 /// has at most one receive there (only its oldest is tested), so this many comms land in parallel
@@ -29,13 +36,15 @@ pub struct HostLanding {
     anchor: DeviceBuffer,
     slots: MappedBuffer,
     free: Mutex<Vec<usize>>,
+    copier: Copier,
 }
 
 impl HostLanding {
     pub fn new(gpu: &Arc<Gpu>) -> Result<HostLanding> {
         let anchor = DeviceBuffer::new(gpu.ordinal(), MAX_MESSAGE)?;
         let slots = MappedBuffer::new(gpu, SLOTS * MAX_MESSAGE)?;
-        Ok(HostLanding { anchor, slots, free: Mutex::new((0..SLOTS).rev().collect()) })
+        let copier = Copier::start(gpu.ordinal())?;
+        Ok(HostLanding { anchor, slots, free: Mutex::new((0..SLOTS).rev().collect()), copier })
     }
 
     /// The anchor's device address and length.
@@ -66,15 +75,17 @@ impl Slot {
         self.landing.slots.device_ptr() + self.offset() as u64
     }
 
-    /// Copies the slot's first `len` bytes to `dst`.
+    /// Starts copying the slot's first `len` bytes to `dst` on the GPU's copier thread.
     ///
     /// # Safety
     /// `len` ≤ [`MAX_MESSAGE`]; the kernel that filled the slot finished; `[dst, dst + len)` is
-    /// writable host memory nobody else touches meanwhile.
-    pub unsafe fn copy_out(&self, dst: *mut u8, len: usize) {
+    /// writable host memory nobody else touches until the copy finished, and the slot is kept
+    /// until then.
+    pub unsafe fn copy_out(&self, dst: *mut u8, len: usize) -> CopyOut {
         debug_assert!(len <= MAX_MESSAGE);
-        // SAFETY: the slot lies inside the mapped buffer; the rest is the caller's promise.
-        unsafe { std::ptr::copy_nonoverlapping(self.landing.slots.as_ptr().add(self.offset()), dst, len) };
+        // SAFETY: the slot lies inside the mapped buffer.
+        let src = unsafe { self.landing.slots.as_ptr().add(self.offset()) };
+        self.landing.copier.submit(Job { src, dst, len, done: Arc::default() })
     }
 
     /// The GPU's unpack failed with this slot's kernel in an unknown state: the slot is never
@@ -87,5 +98,105 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.landing.free.lock().push(self.index);
+    }
+}
+
+/// One copy out of a slot.
+struct Job {
+    src: *const u8,
+    dst: *mut u8,
+    len: usize,
+    done: Arc<AtomicBool>,
+}
+
+// SAFETY: the addresses are handed to the copier thread, which alone touches them until `done`;
+// `Slot::copy_out`'s caller keeps both ranges valid that long.
+unsafe impl Send for Job {}
+
+impl Job {
+    fn run(&self) {
+        // SAFETY: per `Slot::copy_out`'s contract.
+        unsafe { std::ptr::copy_nonoverlapping(self.src, self.dst, self.len) };
+        self.done.store(true, Ordering::Release);
+    }
+}
+
+/// A copy handed to the copier thread.
+pub struct CopyOut {
+    done: Arc<AtomicBool>,
+    alive: Arc<AtomicBool>,
+}
+
+impl CopyOut {
+    /// Whether the bytes are in place; an error once the copier died with the copy unfinished.
+    pub fn finished(&self) -> Result<bool> {
+        if self.done.load(Ordering::Acquire) {
+            return Ok(true);
+        }
+        if !self.alive.load(Ordering::Acquire) {
+            return Err(Error::internal("the landing copier thread stopped before copying a receive out"));
+        }
+        Ok(false)
+    }
+
+    /// Waits until the copier no longer touches the destination: the copy finished or the copier
+    /// is gone.
+    pub fn wait(&self) {
+        while !self.done.load(Ordering::Acquire) && self.alive.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_micros(20));
+        }
+    }
+}
+
+/// A GPU's copier thread and the queue feeding it.
+struct Copier {
+    jobs: Option<mpsc::Sender<Job>>,
+    alive: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Copier {
+    fn start(ordinal: i32) -> Result<Copier> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let alive = Arc::new(AtomicBool::new(true));
+        let (ends, dies) = (alive.clone(), alive.clone());
+        let builder = std::thread::Builder::new().name(format!("uccl-landing{ordinal}"));
+        let thread = spawn_contained(
+            builder,
+            ThreadKind::LandingCopier,
+            move |_| dies.store(false, Ordering::Release),
+            move || {
+                while let Ok(job) = rx.recv() {
+                    crate::threads::point(ThreadKind::LandingCopier);
+                    job.run();
+                }
+                ends.store(false, Ordering::Release);
+            },
+        )
+        .map_err(|e| Error::io("spawn the landing copier thread", e))?;
+        Ok(Copier { jobs: Some(tx), alive, thread: Some(thread) })
+    }
+
+    /// Queues `job`; with the copier gone, copies on the calling thread.
+    fn submit(&self, job: Job) -> CopyOut {
+        let out = CopyOut { done: job.done.clone(), alive: self.alive.clone() };
+        let sent = match &self.jobs {
+            Some(jobs) if self.alive.load(Ordering::Acquire) => jobs.send(job),
+            _ => Err(mpsc::SendError(job)),
+        };
+        if let Err(mpsc::SendError(job)) = sent {
+            job.run();
+        }
+        out
+    }
+}
+
+impl Drop for Copier {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread once it copied what was queued.
+        self.jobs.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
