@@ -119,7 +119,9 @@ int uccl_engine_start_listener(uccl_conn_t *conn);
 void uccl_engine_conn_destroy(uccl_conn_t *conn);
 
 /**
- * Whether the peer runs on this host with an IPC path; no IPC path exists yet, so always false.
+ * Whether the peer engine runs on this host (same boot and network namespace, as both engines
+ * announced in the handshake); false for an invalid handle, and for every connection of an engine
+ * created with UCCL_TCPX_DISABLE_IPC=1 or whose peer was.
  */
 bool uccl_engine_conn_is_local(uccl_conn_t *conn);
 
@@ -255,7 +257,8 @@ int uccl_engine_read(uccl_conn_t *conn, uccl_mr_t mr, const void *data, size_t s
 
 /**
  * `num_iovs` one-sided writes under one transfer id; `dst_v[i]` are the local sources.
- * `ipc_bufs` may be NULL (no IPC path is used).
+ * `ipc_bufs` may be NULL and is not read: between engines of one process host memory is copied
+ * directly, after the target authorized the item as it would a network peer's.
  */
 int uccl_engine_write_vector(uccl_conn_t *conn, const uccl_mr_t *mr_ids, void *const *dst_v, const size_t *size_v, const struct FifoItem *fifo_items, int num_iovs, uint64_t *transfer_id, char *const *ipc_bufs);
 

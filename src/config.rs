@@ -74,6 +74,10 @@ pub struct Config {
     /// came from (multi-homed peers whose data interface differs). `UCCL_TCPX_ALLOW_DIAL`, a
     /// comma-separated list of CIDR blocks or single addresses; empty by default.
     pub allow_dial: Vec<Cidr>,
+    /// Same-host peers move data over the network path like remote ones (UCCL's
+    /// `UCCL_P2P_DISABLE_IPC`): the engine announces no host identity, so neither end of a
+    /// connection takes it for local. `UCCL_TCPX_DISABLE_IPC` (0 or 1).
+    pub disable_ipc: bool,
 }
 
 /// An address block such as `10.0.0.0/8` or `fd00::/8`; a bare address is a block of one.
@@ -288,6 +292,7 @@ impl Default for Config {
             staging: StagingConfig::default(),
             control_spin: default_control_spin(),
             allow_dial: Vec::new(),
+            disable_ipc: false,
         }
     }
 }
@@ -320,6 +325,7 @@ impl Config {
             staging: StagingConfig::from_lookup(&get)?,
             control_spin: parse_micros(&get, "UCCL_TCPX_CONTROL_SPIN_US", d.control_spin, 1_000_000)?,
             allow_dial: parse_cidrs(&get, "UCCL_TCPX_ALLOW_DIAL")?,
+            disable_ipc: parse_in(&get, "UCCL_TCPX_DISABLE_IPC", 0u8, 0, 1)? == 1,
         })
     }
 }
@@ -473,6 +479,7 @@ mod tests {
             ("UCCL_TCPX_NET_DEVICES", "1, 3,1"),
             ("UCCL_TCPX_CONTROL_SPIN_US", "75"),
             ("UCCL_TCPX_ALLOW_DIAL", "10.0.0.0/8, 192.168.1.7,fd00::/8"),
+            ("UCCL_TCPX_DISABLE_IPC", "1"),
         ])
         .unwrap();
         let ips = |list: &[&str]| list.iter().map(|a| a.parse::<IpAddr>().unwrap()).collect::<Vec<_>>();
@@ -499,6 +506,8 @@ mod tests {
         assert_eq!(c.timeout, Duration::from_millis(1500));
         assert_eq!(c.gpu, Some(3));
         assert_eq!(c.control_spin, Duration::from_micros(75));
+        assert!(c.disable_ipc);
+        assert!(!cfg(&[]).unwrap().disable_ipc);
         assert_eq!(cfg(&[("UCCL_TCPX_CONTROL_SPIN_US", "0")]).unwrap().control_spin, Duration::ZERO);
         assert_eq!(cfg(&[("UCCL_TCPX_CHUNK_SIZE", "4M")]).unwrap().chunk_size, 4 << 20);
     }
@@ -579,6 +588,8 @@ mod tests {
             ("UCCL_TCPX_CONTROL_SPIN_US", "-1"),
             ("UCCL_TCPX_CONTROL_SPIN_US", "2000000"),
             ("UCCL_TCPX_SOCKET_BLOCKING", "2"),
+            ("UCCL_TCPX_DISABLE_IPC", "2"),
+            ("UCCL_TCPX_DISABLE_IPC", "yes"),
             ("UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD", "8M"),
             ("UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD", "lots"),
             ("UCCL_TCPX_GPU", "-1"),

@@ -25,12 +25,14 @@ use proptest::sample::{Index, select};
 use proptest::test_runner::{Config as RunnerConfig, FileFailurePersistence, TestRunner};
 use uccl_tcpx::proto::control::decode_frame;
 use uccl_tcpx::proto::frame::{is_handshake_kind, max_body_len};
-use uccl_tcpx::proto::{Capability, ChannelHello, Control, FifoItem, FrameHeader, Handshake, Hello, Refuse, Welcome};
+use uccl_tcpx::proto::{
+    Capability, ChannelHello, Control, FifoItem, FrameHeader, Handshake, Hello, HostIdentity, Refuse, Welcome,
+};
 
 /// `proto::FRAME_HEADER_LEN` is crate-private; `FrameHeader::to_bytes` pins the same number.
 const HEADER_LEN: usize = 8;
-/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 5.
-const VERSION: u16 = 5;
+/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 6.
+const VERSION: u16 = 6;
 const CHANNEL_HELLO_LEN: usize = 16;
 const FIFO_LEN: usize = 64;
 /// Protocol limits (crate-private in `proto`); `limits_match_the_codec` checks each against the codec.
@@ -251,6 +253,7 @@ fn sample_hello() -> Hello {
         requested_gpu: "0".into(),
         transport: "socket".into(),
         net_handle: net_handle(1),
+        host: HostIdentity { boot_id: [0x5b; 16], netns: 4_026_531_840, pid: 1234 },
     }
 }
 
@@ -264,6 +267,7 @@ fn sample_handshakes() -> Vec<(&'static str, Handshake)> {
         gpu_id: "0000:8a:00.0".into(),
         transport: "socket".into(),
         net_handle: net_handle(2),
+        host: HostIdentity::default(),
     };
     let long_hello = Hello {
         num_channels: 1,
@@ -645,6 +649,7 @@ fn handshake() -> impl Strategy<Value = Handshake> {
                     requested_gpu,
                     transport,
                     net_handle: net_handle(h),
+                    host: HostIdentity { boot_id: [h; 16], netns: u64::from(h), pid: u32::from(h) },
                 })
             }
         ),
@@ -659,6 +664,7 @@ fn handshake() -> impl Strategy<Value = Handshake> {
                     gpu_id,
                     transport,
                     net_handle: net_handle(h),
+                    host: HostIdentity { boot_id: [h; 16], netns: u64::from(h), pid: u32::from(h) },
                 })
             }
         ),

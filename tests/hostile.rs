@@ -144,7 +144,7 @@ fn encode(msg: &Handshake) -> Vec<u8> {
 }
 
 /// The crate's protocol version (crate-private there); a wrong one fails every handshake below.
-const PROTOCOL_VERSION: u16 = 5;
+const PROTOCOL_VERSION: u16 = 6;
 
 fn hello() -> Hello {
     Hello {
@@ -158,6 +158,7 @@ fn hello() -> Hello {
         requested_gpu: "0".into(),
         transport: "socket".into(),
         net_handle: [0u8; 128],
+        host: Default::default(),
     }
 }
 
@@ -199,6 +200,7 @@ fn garbage_on_the_control_port_is_dropped() {
                 gpu_id: h.gpu_id,
                 transport: h.transport,
                 net_handle: h.net_handle,
+                host: h.host,
             }))
         }),
         ("Refuse instead of Hello".into(), encode(&Handshake::Refuse(Refuse { status: -3, reason: "no".into() }))),
@@ -269,7 +271,7 @@ fn garbage_on_the_control_port_is_dropped() {
 fn other_protocol_versions_are_refused_with_a_reason() {
     let _serial = serial();
     let p = pair();
-    for version in [0u16, 1, 2, 3, 4, 6, 0x100, u16::MAX] {
+    for version in [0u16, 1, 2, 3, 4, 5, 7, 0x100, u16::MAX] {
         // A full Hello of another version, and only magic + version as a future peer might send.
         let full = encode(&Handshake::Hello(Hello { version, ..hello() }));
         let mut short = FrameHeader { kind: 1, body_len: 6 }.to_bytes().to_vec();

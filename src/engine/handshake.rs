@@ -20,10 +20,11 @@ use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use super::channel::{Channel, Windows};
+use super::local::{self, LocalLink, PendingHello};
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{
-    ChannelHello, FRAME_HEADER_LEN, FrameHeader, Handshake, Hello, MAX_REASON_LEN, NET_HANDLE_SIZE, ProtoError, Refuse,
-    Welcome,
+    ChannelHello, FRAME_HEADER_LEN, FrameHeader, Handshake, Hello, HostIdentity, MAX_REASON_LEN, NET_HANDLE_SIZE,
+    ProtoError, Refuse, Welcome,
 };
 use crate::transport::{ListenComm, MrHandle, Net, NetHandle, RecvComm, RequestId, SendComm};
 
@@ -36,6 +37,8 @@ pub struct Agreement {
     pub peer_gpu_id: String,
     /// The peer's listen handle for each channel (all the same when one listen serves every channel).
     pub peer_handles: Vec<NetHandle>,
+    /// Whether the peer shares this host or process, and the key its connection is found by.
+    pub link: LocalLink,
 }
 
 /// This side's listen comms: one for every channel, or one per channel (`Net::listen_per_channel`).
@@ -77,6 +80,8 @@ pub struct Local<'a> {
     pub window: usize,
     /// The region table's removal counter, watched by each channel's registration cache.
     pub removals: Arc<AtomicU64>,
+    /// Announced in Hello / Welcome; all zero when same-host paths are disabled.
+    pub host: HostIdentity,
 }
 
 pub fn send_frame(stream: &mut TcpStream, msg: &Handshake) -> Result<()> {
@@ -94,6 +99,7 @@ pub fn read_frame(stream: &mut TcpStream) -> Result<Handshake> {
 /// Connector side: Hello out, Welcome (or Refuse) back.
 pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, listens: &mut Listens) -> Result<Agreement> {
     let nonce = crate::transport::socket::random_u64();
+    let pending = PendingHello::register(nonce);
     let hello = |net_handle| Hello {
         version: crate::proto::PROTOCOL_VERSION,
         capabilities: 0,
@@ -105,6 +111,7 @@ pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, listens
         requested_gpu: requested_gpu.to_owned(),
         transport: local.net.name().to_owned(),
         net_handle,
+        host: local.host,
     };
     send_frame(stream, &Handshake::Hello(hello(listens.first_handle())))?;
     match read_frame(stream)? {
@@ -135,6 +142,7 @@ pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, listens
                 peer_gpu_index: w.gpu_index,
                 peer_gpu_id: w.gpu_id,
                 peer_handles: vec![w.net_handle],
+                link: LocalLink { locality: pending.locality(&local.host, &w.host), nonce, connector: true },
             };
             let handles = listens.open_rest(local, n).map_err(|e| refuse(stream, e))?.to_vec();
             for handle in handles {
@@ -229,6 +237,11 @@ pub fn welcome(stream: &mut TcpStream, local: &Local, listens: &mut Listens) -> 
         peer_gpu_index: h.gpu_index,
         peer_gpu_id: h.gpu_id,
         peer_handles: vec![h.net_handle],
+        link: LocalLink {
+            locality: local::accepted_locality(&local.host, &h.host, h.nonce),
+            nonce: h.nonce,
+            connector: false,
+        },
     };
     let welcome = |net_handle| Welcome {
         version: crate::proto::PROTOCOL_VERSION,
@@ -239,6 +252,7 @@ pub fn welcome(stream: &mut TcpStream, local: &Local, listens: &mut Listens) -> 
         gpu_id: local.gpu_id.to_owned(),
         transport: local.net.name().to_owned(),
         net_handle,
+        host: local.host,
     };
     send_frame(stream, &Handshake::Welcome(welcome(listens.first_handle())))?;
     let n = agreed.num_channels as usize;
@@ -500,6 +514,7 @@ mod tests {
             gpu_id: "0",
             window: 16,
             removals: removals.clone(),
+            host: HostIdentity::default(),
         }
     }
 
@@ -524,6 +539,7 @@ mod tests {
             nonce: 7,
             peer_gpu_index: 0,
             peer_gpu_id: "0".into(),
+            link: LocalLink::remote(),
             peer_handles: handles[peer].clone(),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -631,6 +647,7 @@ mod tests {
             gpu_id: "0",
             window: 4,
             removals: Default::default(),
+            host: HostIdentity::default(),
         };
         let mut listens = super::Listens::first(&local).unwrap();
         let (mut near, mut far) = stream_pair();

@@ -6,6 +6,7 @@ mod conn;
 mod control_rx;
 mod dial;
 mod handshake;
+pub mod local;
 mod mapping;
 pub mod notify;
 mod progress;
@@ -69,6 +70,7 @@ impl EngineCore {
             gpu_id,
             window: self.config.window,
             removals: self.regions.removals(),
+            host: local::own_identity(self.config.disable_ipc),
         }
     }
 
@@ -467,8 +469,9 @@ fn connect_to(core: &Arc<EngineCore>, addr: SocketAddr, remote_gpu: &str) -> Res
     dial::confine(&*core.net, &mut agreed.peer_handles, addr.ip(), &core.config.allow_dial)?;
     let channels = handshake::establish_channels(&core.local(), &mut listens, &agreed, deadline, &mut stream)
         .map_err(|e| handshake::refuse(&mut stream, e))?;
-    let peer = PeerInfo { addr, gpu_index: agreed.peer_gpu_index, gpu_id: agreed.peer_gpu_id };
-    Connection::start(core.clone(), stream, peer, channels, agreed.chunk_size)
+    let peer =
+        PeerInfo { addr, gpu_index: agreed.peer_gpu_index, gpu_id: agreed.peer_gpu_id, locality: agreed.link.locality };
+    Connection::start(core.clone(), stream, peer, channels, agreed.chunk_size, agreed.link)
 }
 
 /// The acceptor's side. `None` when the peer closed without sending a byte (a port probe, say),
@@ -486,8 +489,13 @@ fn serve_handshake(core: &Arc<EngineCore>, mut stream: TcpStream, peer: SocketAd
     crate::threads::point(ThreadKind::Handshake);
     let channels = handshake::establish_channels(&core.local(), &mut listens, &agreed, deadline, &mut stream)
         .map_err(|e| handshake::refuse(&mut stream, e))?;
-    let info = PeerInfo { addr: peer, gpu_index: agreed.peer_gpu_index, gpu_id: agreed.peer_gpu_id };
-    Connection::start(core.clone(), stream, info, channels, agreed.chunk_size).map(Some)
+    let info = PeerInfo {
+        addr: peer,
+        gpu_index: agreed.peer_gpu_index,
+        gpu_id: agreed.peer_gpu_id,
+        locality: agreed.link.locality,
+    };
+    Connection::start(core.clone(), stream, info, channels, agreed.chunk_size, agreed.link).map(Some)
 }
 
 #[cfg(test)]

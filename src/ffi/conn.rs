@@ -52,11 +52,10 @@ pub extern "C" fn uccl_engine_conn_destroy(conn: *mut uccl_conn_t) {
     })
 }
 
-/// Whether the peer runs on this host with an IPC path; no IPC path exists yet, so always false.
+/// Whether the peer engine runs on this host (same boot and network namespace, as both engines
+/// announced in the handshake); false for an invalid handle, and for every connection of an engine
+/// created with UCCL_TCPX_DISABLE_IPC=1 or whose peer was.
 #[unsafe(no_mangle)]
 pub extern "C" fn uccl_engine_conn_is_local(conn: *mut uccl_conn_t) -> bool {
-    ffi_fn!("uccl_engine_conn_is_local", {
-        conn_ref(conn)?;
-        Ok(false)
-    })
+    ffi_fn!("uccl_engine_conn_is_local", { Ok(conn_ref(conn)?.peer.locality.is_local()) })
 }

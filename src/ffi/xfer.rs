@@ -90,7 +90,8 @@ pub extern "C" fn uccl_engine_read(
 }
 
 /// `num_iovs` one-sided writes under one transfer id; `dst_v[i]` are the local sources.
-/// `ipc_bufs` may be NULL (no IPC path is used).
+/// `ipc_bufs` may be NULL and is not read: between engines of one process host memory is copied
+/// directly, after the target authorized the item as it would a network peer's.
 #[unsafe(no_mangle)]
 pub extern "C" fn uccl_engine_write_vector(
     conn: *mut uccl_conn_t,

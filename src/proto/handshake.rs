@@ -15,6 +15,40 @@ use super::{
 pub(crate) const CHANNEL_MAGIC: u32 = 0x4C48_4355;
 pub(crate) const CHANNEL_HELLO_LEN: usize = 16;
 
+/// Which host, network namespace and process an engine runs in, so that two engines can tell that
+/// they share a host (and which path their data may take) without comparing addresses. All zero
+/// means "not saying": such a peer is always treated as remote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostIdentity {
+    /// The kernel's boot id (or the machine id where there is none): equal only on one host.
+    pub boot_id: [u8; 16],
+    /// Inode of the network namespace: containers on one host with namespaces of their own do not
+    /// see each other's loopback, nor (usually) each other's processes.
+    pub netns: u64,
+    pub pid: u32,
+}
+
+impl HostIdentity {
+    pub fn is_unknown(&self) -> bool {
+        *self == HostIdentity::default()
+    }
+
+    /// Both identities known and naming one host and network namespace.
+    pub fn same_host(&self, other: &HostIdentity) -> bool {
+        !self.is_unknown() && self.boot_id == other.boot_id && self.netns == other.netns
+    }
+
+    fn write(&self, w: &mut Writer<'_>) {
+        w.bytes(&self.boot_id);
+        w.u64(self.netns);
+        w.u32(self.pid);
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Self, ProtoError> {
+        Ok(Self { boot_id: r.array()?, netns: r.u64()?, pid: r.u32()? })
+    }
+}
+
 /// Sent by the connecting side.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
@@ -29,6 +63,7 @@ pub struct Hello {
     pub requested_gpu: String,
     pub transport: String,
     pub net_handle: [u8; NET_HANDLE_SIZE],
+    pub host: HostIdentity,
 }
 
 /// The accepting side's answer when it takes the connection.
@@ -42,6 +77,7 @@ pub struct Welcome {
     pub gpu_id: String,
     pub transport: String,
     pub net_handle: [u8; NET_HANDLE_SIZE],
+    pub host: HostIdentity,
 }
 
 /// The accepting side's answer when it turns the connection down.
@@ -112,6 +148,7 @@ impl Hello {
         w.string16(&self.requested_gpu);
         w.string16(&self.transport);
         w.bytes(&self.net_handle);
+        self.host.write(w);
     }
 
     fn read(r: &mut Reader<'_>) -> Result<Self, ProtoError> {
@@ -126,6 +163,7 @@ impl Hello {
             requested_gpu: r.string16(MAX_ID_LEN, "requested_gpu")?,
             transport: r.string16(MAX_TRANSPORT_NAME_LEN, "transport name")?,
             net_handle: r.array()?,
+            host: HostIdentity::read(r)?,
         })
     }
 
@@ -148,6 +186,7 @@ impl Welcome {
         w.string16(&self.gpu_id);
         w.string16(&self.transport);
         w.bytes(&self.net_handle);
+        self.host.write(w);
     }
 
     fn read(r: &mut Reader<'_>) -> Result<Self, ProtoError> {
@@ -160,6 +199,7 @@ impl Welcome {
             gpu_id: r.string16(MAX_ID_LEN, "gpu_id")?,
             transport: r.string16(MAX_TRANSPORT_NAME_LEN, "transport name")?,
             net_handle: r.array()?,
+            host: HostIdentity::read(r)?,
         })
     }
 
@@ -297,6 +337,7 @@ mod tests {
             requested_gpu: "ünïcödé".into(),
             transport: "tcp".into(),
             net_handle: handle(7),
+            host: HostIdentity { boot_id: [0xb0; 16], netns: 0x4000_0001, pid: 4242 },
         }
     }
 
@@ -310,6 +351,7 @@ mod tests {
             gpu_id: String::new(),
             transport: "t".repeat(MAX_TRANSPORT_NAME_LEN),
             net_handle: handle(200),
+            host: HostIdentity::default(),
         }
     }
 
@@ -369,6 +411,9 @@ mod tests {
             expected.extend(s.as_bytes());
         }
         expected.extend(h.net_handle);
+        expected.extend(h.host.boot_id);
+        expected.extend(h.host.netns.to_le_bytes());
+        expected.extend(h.host.pid.to_le_bytes());
         assert_eq!(body, expected);
     }
 
@@ -381,7 +426,7 @@ mod tests {
             out,
             [
                 0x43, 0x54, 3, 0, 14, 0, 0, 0, // header
-                0x55, 0x43, 0x54, 0x58, 5, 0, // magic, version
+                0x55, 0x43, 0x54, 0x58, 6, 0, // magic, version
                 0xfe, 0xff, 0xff, 0xff, 2, 0, b'n', b'o', // status, reason
             ]
         );
@@ -431,14 +476,14 @@ mod tests {
     fn version_is_checked_before_the_rest_of_the_body() {
         for msg in samples() {
             let (_, body) = encode(&msg);
-            // Keep only magic and a foreign version: a version-6 peer may send anything after it.
+            // Keep only magic and a foreign version: a version-7 peer may send anything after it.
             let mut short = body[..6].to_vec();
-            short[4..6].copy_from_slice(&6u16.to_le_bytes());
+            short[4..6].copy_from_slice(&7u16.to_le_bytes());
             let header = FrameHeader { kind: msg.kind(), body_len: 6 };
-            assert_eq!(Handshake::decode(&header, &short), Err(ProtoError::VersionMismatch { ours: 5, theirs: 6 }));
+            assert_eq!(Handshake::decode(&header, &short), Err(ProtoError::VersionMismatch { ours: 6, theirs: 7 }));
         }
         let err = decode_hello(Hello { version: 0, ..hello() });
-        assert_eq!(err, Err(ProtoError::VersionMismatch { ours: 5, theirs: 0 }));
+        assert_eq!(err, Err(ProtoError::VersionMismatch { ours: 6, theirs: 0 }));
     }
 
     #[test]
@@ -495,6 +540,16 @@ mod tests {
         assert_eq!(Handshake::decode(&bogus, &body), Err(ProtoError::UnknownKind(9)));
         let huge = FrameHeader { kind: kind::HELLO, body_len: 4097 };
         assert!(matches!(Handshake::decode(&huge, &[0; 4097]), Err(ProtoError::TooLong { max: 4096, .. })));
+    }
+
+    #[test]
+    fn host_identity_compares_host_and_namespace_never_unknown() {
+        let a = HostIdentity { boot_id: [1; 16], netns: 7, pid: 10 };
+        assert!(a.same_host(&HostIdentity { pid: 11, ..a }));
+        assert!(!a.same_host(&HostIdentity { netns: 8, ..a }));
+        assert!(!a.same_host(&HostIdentity { boot_id: [2; 16], ..a }));
+        assert!(!a.same_host(&HostIdentity::default()));
+        assert!(!HostIdentity::default().same_host(&HostIdentity::default()));
     }
 
     #[test]

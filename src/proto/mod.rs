@@ -15,11 +15,11 @@ pub use control::{Control, decode_frame};
 pub use fifo::{Capability, FifoItem};
 pub(crate) use frame::FRAME_HEADER_LEN;
 pub use frame::FrameHeader;
-pub use handshake::{ChannelHello, Handshake, Hello, Refuse, Welcome};
+pub use handshake::{ChannelHello, Handshake, Hello, HostIdentity, Refuse, Welcome};
 
 /// Protocol magic, the first field of Hello, Welcome and Refuse bodies.
 pub(crate) const MAGIC: u32 = 0x5854_4355;
-pub(crate) const PROTOCOL_VERSION: u16 = 5;
+pub(crate) const PROTOCOL_VERSION: u16 = 6;
 pub(crate) const NET_HANDLE_SIZE: usize = 128;
 /// Notification name bytes, NUL terminator excluded.
 pub(crate) const MAX_NAME_LEN: usize = 255;

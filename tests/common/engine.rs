@@ -8,9 +8,15 @@ use uccl_tcpx::{Config, Connection, Engine};
 
 use testkit::PATIENCE;
 
-/// The defaults on loopback.
+/// The defaults on loopback, with the same-host path off: two engines of one test process would
+/// otherwise copy one-sided host transfers directly, and these tests are about the network path.
 pub fn loopback() -> Config {
-    Config { ip: Some("127.0.0.1".parse().unwrap()), ..Config::default() }
+    Config { ip: Some("127.0.0.1".parse().unwrap()), disable_ipc: true, ..Config::default() }
+}
+
+/// Loopback with the same-host path on.
+pub fn same_host() -> Config {
+    Config { disable_ipc: false, ..loopback() }
 }
 
 /// Engine `a` connected to engine `b`: `ab` is a's end, `ba` the connection b accepted.

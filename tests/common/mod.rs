@@ -12,7 +12,7 @@ pub mod socket;
 
 use std::time::Duration;
 
-pub use engine::{Pair, TRANSFER_LIMIT, accept, loopback, pair, wait, wait_done};
+pub use engine::{Pair, TRANSFER_LIMIT, accept, loopback, pair, same_host, wait, wait_done};
 pub use testkit::child::{ChildTest, is_child};
 pub use testkit::{PATIENCE, Rng, assert_same, drive, eventually, fill, pattern, wait_until, within};
 

@@ -62,6 +62,9 @@ impl Connection {
                 payload: None,
             });
         }
+        if let Some(done) = self.try_local_one_sided(&items, write) {
+            return done;
+        }
         // Inline payloads are read before the state lock: a device copy must not stall the reader
         // and progress threads.
         if write {

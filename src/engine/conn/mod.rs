@@ -6,6 +6,7 @@
 //! writer, chunks to the channels, finished parts to their transfers.
 
 mod api;
+mod local_copy;
 mod memory;
 mod reader;
 mod state;
@@ -21,6 +22,7 @@ use parking_lot::Mutex;
 use super::EngineCore;
 use super::channel::{self, Channel, Chunk};
 use super::control_rx::{ControlRx, Drained, RxBuffer};
+use super::local::{self, LocalLink, Locality};
 use super::notify;
 use super::writer::ControlWriter;
 use crate::error::{Error, Result, UcclStatus};
@@ -37,6 +39,8 @@ pub struct PeerInfo {
     pub addr: SocketAddr,
     pub gpu_index: i32,
     pub gpu_id: String,
+    /// Whether the peer runs on this host (in this process), as the handshake proved it.
+    pub locality: Locality,
 }
 
 /// One local buffer of a one-sided call and the remote capability it targets.
@@ -66,6 +70,8 @@ pub struct Connection {
     closed: AtomicBool,
     listener_started: AtomicBool,
     reader: Mutex<Option<JoinHandle<()>>>,
+    /// How an in-process peer's connection is found (see `engine::local`).
+    link: LocalLink,
 }
 
 impl Connection {
@@ -75,6 +81,7 @@ impl Connection {
         peer: PeerInfo,
         channels: Vec<Channel>,
         chunk_size: u32,
+        link: LocalLink,
     ) -> Result<Arc<Connection>> {
         let io = |e| Error::io("control stream", e);
         control.set_read_timeout(None).map_err(io)?;
@@ -96,7 +103,9 @@ impl Connection {
             closed: AtomicBool::new(false),
             listener_started: AtomicBool::new(false),
             reader: Mutex::new(None),
+            link,
         });
+        local::register_connection(&link, &conn);
         let weak = Arc::downgrade(&conn);
         let failing = weak.clone();
         let thread = spawn_contained(

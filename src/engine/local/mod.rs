@@ -1,0 +1,53 @@
+//! Same-host peers: who this engine is (host, network namespace, process), how a connection learns
+//! that its peer shares the host or the process, and where an in-process peer's connection is found.
+//!
+//! The host identity travels in Hello and Welcome. A peer's claim to share our process is never
+//! taken on its word: the connector records its Hello nonce in this process before sending it, and
+//! an acceptor counts as in-process only when it finds that nonce here and marks it; the connector
+//! in turn counts the acceptor as in-process only when its mark is there. A process elsewhere
+//! cannot write into these tables, so a peer that lies about its process id stays remote.
+
+mod identity;
+mod registry;
+
+pub use identity::own_identity;
+pub(crate) use registry::{PendingHello, accepted_locality, peer_connection, register_connection};
+
+use crate::proto::HostIdentity;
+
+/// Where a connection's peer runs, as far as the engine can prove it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Locality {
+    /// Another host or network namespace, or a peer (or this engine) that announces no identity.
+    #[default]
+    Remote,
+    /// Another process of this host and network namespace.
+    SameHost,
+    /// An engine of this process.
+    SameProcess,
+}
+
+impl Locality {
+    pub fn is_local(self) -> bool {
+        self != Locality::Remote
+    }
+
+    /// What the identities alone say, before the in-process proof.
+    fn from_identities(ours: &HostIdentity, theirs: &HostIdentity) -> Locality {
+        if ours.same_host(theirs) { Locality::SameHost } else { Locality::Remote }
+    }
+}
+
+/// A connection's key in the in-process table: the Hello nonce both ends share, and which end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalLink {
+    pub locality: Locality,
+    pub nonce: u64,
+    pub connector: bool,
+}
+
+impl LocalLink {
+    pub fn remote() -> LocalLink {
+        LocalLink { locality: Locality::Remote, nonce: 0, connector: false }
+    }
+}
