@@ -294,8 +294,10 @@ int main() {
     CHECK(std::strcmp(got[0].name, "p2p-abi") == 0);
     CHECK(std::memcmp(got[0].msg, n.msg, sizeof n.msg) == 0);
 
-    notify_msg_v_t v{"p2p-abi-v", std::string(200, 'x')};
-    v.msg[7] = 'y';
+    // Far beyond the fixed form's 256 bytes, with zero bytes: it arrives whole.
+    notify_msg_v_t v{"p2p-abi-v", std::string(1 << 20, 'x')};
+    for (size_t i = 0; i < v.msg.size(); i += 1000) v.msg[i] = static_cast<char>(pattern(i, 41));
+    v.msg.back() = '\0';
     CHECK(uccl_engine_send_notif_v(ba, &v) == 0);  // the other direction
     std::vector<notify_msg_v_t> gv =
         collect<notify_msg_v_t>(1, [] { return uccl_engine_get_notifs_v(); });

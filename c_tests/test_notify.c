@@ -1,5 +1,5 @@
-/* Notifications: exact binary payloads, truncation to MSG_SIZE, name_len honoured, ordering,
- * and draining one at a time. */
+/* Notifications: exact binary payloads, truncation to MSG_SIZE in the fixed form and whole messages
+ * in the variable one, name_len honoured, ordering, and draining one at a time. */
 #include "harness.h"
 
 #define NUM_BURST 20
@@ -48,6 +48,102 @@ static void check_notif(const notify_msg_t *got, const expect_t *want, const cha
       break;
     }
   CHECKF(check_bytes((const uint8_t *)got->msg, want->msg, MSG_SIZE, what), "%s: msg differs", what);
+}
+
+/* Collects `want` entries through uccl_engine_get_notifs_v, one per call: capacity 1 must never
+ * write past out[0]. */
+static size_t get_whole(uccl_notif_v_t *out, size_t want, unsigned timeout_ms) {
+  size_t have = 0;
+  double deadline = now_ms() + timeout_ms;
+  while (have < want && now_ms() < deadline) {
+    uccl_notif_v_t buf[2];
+    memset(buf, 0x77, sizeof buf);
+    size_t n = uccl_engine_get_notifs_v(buf, 1);
+    uint8_t guard[sizeof buf[1]];
+    memset(guard, 0x77, sizeof guard);
+    CHECKF(memcmp(&buf[1], guard, sizeof guard) == 0, "get_notifs_v wrote past its capacity");
+    CHECKF(n <= 1, "get_notifs_v(capacity 1) returned %zu", n);
+    if (n == 1)
+      out[have++] = buf[0];
+    else
+      sleep_ms(1);
+  }
+  return have;
+}
+
+/* The variable-length form: messages of any size come back whole, zero bytes included, from the
+ * same queue the fixed form drains. */
+static void test_whole_messages(void) {
+  const size_t big_len = 3 * 1024 * 1024 + 7;
+  uint8_t *big = xalloc(big_len);
+  notify_msg_t fixed;
+  uccl_notif_v_t got[3];
+  char err[256];
+  int seen = 0;
+
+  fill_pattern(big, big_len, 60);
+  big[0] = 0;
+  big[big_len - 1] = 0;
+  CHECK_EQ(uccl_engine_send_notif_v(P.conn_a, "whole-big-and-ignored", 9, big, big_len),
+           UCCL_STATUS_OK);
+  CHECK_EQ(uccl_engine_send_notif_v(P.conn_b, "whole-empty", 11, NULL, 0), UCCL_STATUS_OK);
+  memset(&fixed, 0, sizeof fixed);
+  strcpy(fixed.name, "whole-fixed");
+  fill_pattern((uint8_t *)fixed.msg, MSG_SIZE, 61);
+  CHECK_EQ(uccl_engine_send_notif(P.conn_a, &fixed), UCCL_STATUS_OK);
+
+  /* Bad arguments: capacity 0 is a no-op, a NULL array with room is refused and drains nothing. */
+  CHECK_EQ(uccl_engine_get_notifs_v(NULL, 0), 0);
+  CHECK_EQ(uccl_engine_get_notifs_v(NULL, 4), 0);
+  last_error_text(err, sizeof err);
+  CHECKF(strstr(err, "out") != NULL, "last error \"%s\"", err);
+
+  REQUIRE(get_whole(got, 3, 10000) == 3);
+  for (int i = 0; i < 3; i++) {
+    const uccl_notif_v_t *n = &got[i];
+    REQUIRE(n->name != NULL && n->msg != NULL);
+    CHECKF(n->name[n->name_len] == '\0' && n->msg[n->msg_len] == '\0',
+           "entry %d is not NUL-terminated after its bytes", i);
+    CHECKF(strlen(n->name) == n->name_len, "entry %d: name_len %zu", i, n->name_len);
+    if (strcmp(n->name, "whole-big") == 0) {
+      seen |= 1;
+      CHECK_EQ(n->msg_len, big_len);
+      if (n->msg_len == big_len)
+        CHECK(check_bytes((const uint8_t *)n->msg, big, big_len, "the 3 MiB message"));
+    } else if (strcmp(n->name, "whole-empty") == 0) {
+      seen |= 2;
+      CHECK_EQ(n->msg_len, 0);
+    } else if (strcmp(n->name, "whole-fixed") == 0) {
+      seen |= 4;
+      /* The fixed form always sends all MSG_SIZE bytes. */
+      CHECK_EQ(n->msg_len, MSG_SIZE);
+      if (n->msg_len == MSG_SIZE)
+        CHECK(check_bytes((const uint8_t *)n->msg, (const uint8_t *)fixed.msg, MSG_SIZE,
+                          "the fixed message"));
+    } else {
+      fprintf(stderr, "  unexpected notification \"%s\"\n", n->name);
+      note_failure();
+    }
+  }
+  CHECK_EQ(seen, 7);
+
+  /* Freeing clears the entry, so a second free (and a NULL one) is a no-op. */
+  for (int i = 0; i < 3; i++) {
+    uccl_engine_free_notif_v(&got[i]);
+    CHECK(got[i].name == NULL && got[i].msg == NULL && got[i].name_len == 0 && got[i].msg_len == 0);
+    uccl_engine_free_notif_v(&got[i]);
+  }
+  uccl_engine_free_notif_v(NULL);
+
+  /* Both forms drain one queue: nothing is left for either. */
+  sleep_ms(100);
+  {
+    notify_msg_t rest;
+    uccl_notif_v_t rest_v;
+    CHECK_EQ(uccl_engine_get_notifs(&rest, 1), 0);
+    CHECK_EQ(uccl_engine_get_notifs_v(&rest_v, 1), 0);
+  }
+  free(big);
 }
 
 int main(void) {
@@ -133,6 +229,8 @@ int main(void) {
     notify_msg_t rest[4];
     CHECK_EQ(uccl_engine_get_notifs(rest, 4), 0);
   }
+
+  test_whole_messages();
 
   pair_close(&P);
   watchdog_disarm();

@@ -98,6 +98,20 @@ typedef struct notify_msg {
 typedef struct notify_msg notify_msg_t;
 
 /**
+ * A received notification, whole: `name` holds `name_len` bytes and `msg` holds `msg_len` bytes
+ * (any values, zeros included), each followed by a NUL that is not counted, so text reads as a C
+ * string. Both are allocated by this library: release them with `uccl_engine_free_notif_v`.
+ */
+typedef struct uccl_notif_v {
+  char *name;
+  size_t name_len;
+  char *msg;
+  size_t msg_len;
+} uccl_notif_v;
+
+typedef struct uccl_notif_v uccl_notif_v_t;
+
+/**
  * The status numbers the functions of this library return (as `int`).
  */
 typedef enum UcclStatus uccl_status_t;
@@ -224,15 +238,31 @@ int uccl_engine_send_notif(uccl_conn_t *conn, notify_msg_t *notify_msg);
 
 /**
  * Sends a name of `name_len` bytes (at most 255, no NUL) and a message of any length up to 64 MiB;
- * receivers keep the first 256 bytes of the message.
+ * receivers get it whole from `uccl_engine_get_notifs_v` (`uccl_engine_get_notifs` keeps 256 bytes).
  */
 int uccl_engine_send_notif_v(uccl_conn_t *conn, const char *name, size_t name_len, const void *msg, size_t msg_len);
 
 /**
  * Moves up to `capacity` received notifications (of every engine in the process) into `out`;
- * returns how many. `msg` is truncated to 256 bytes and zero padded.
+ * returns how many. `msg` is truncated to 256 bytes and zero padded (`uccl_engine_get_notifs_v`
+ * returns messages whole).
  */
 size_t uccl_engine_get_notifs(notify_msg_t *out, size_t capacity);
+
+/**
+ * Moves up to `capacity` received notifications (of every engine in the process, the same queue as
+ * `uccl_engine_get_notifs`) into `out`, messages whole (up to 64 MiB each); returns how many. Each
+ * entry filled must be released with `uccl_engine_free_notif_v`. Should memory run out, the
+ * notifications not handed out stay queued, in order, for the next call (0 and a last error if
+ * none could be).
+ */
+size_t uccl_engine_get_notifs_v(uccl_notif_v_t *out, size_t capacity);
+
+/**
+ * Frees what `uccl_engine_get_notifs_v` allocated for one entry and clears it, so a second call is
+ * a no-op. NULL is a no-op.
+ */
+void uccl_engine_free_notif_v(uccl_notif_v_t *notif);
 
 /**
  * A static description of a status number ("unrecognized status" for unknown numbers); never NULL.

@@ -90,10 +90,11 @@
 #undef uccl_engine_update_ipc_info
 #undef uccl_engine_stop_accept
 
+#include <uccl_tcpx/cxx_detail.hpp> /* notify_msg_v_t and the helpers engine_cxx.hpp uses too */
+
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <initializer_list>
 #include <new>
 #include <string>
 #include <vector>
@@ -105,39 +106,9 @@
 static_assert(sizeof(FifoItem) == FIFO_SIZE, "FifoItem is passed by value: 64 bytes, as in UCCL");
 static_assert(sizeof(notify_msg_t) == 2 * MSG_SIZE, "notify_msg_t is UCCL's 512-byte struct");
 
-/* UCCL's C++-only notification type; its name is part of send_notif_v's mangled name. */
-typedef struct notify_msg_v {
-  std::string name;
-  std::string msg;
-} notify_msg_v_t;
-
 #define UCCL_P2P_EXPORT __attribute__((visibility("default")))
 
-namespace {
-
-/* Vectors shorter than num_iovs would make the C function read past them. num_iovs <= 0 is the C
- * function's to reject (it sets the last error). */
-bool vectors_cover(int num_iovs, std::initializer_list<std::size_t> sizes) {
-  if (num_iovs <= 0) return true;
-  for (std::size_t s : sizes)
-    if (s < static_cast<std::size_t>(num_iovs)) return false;
-  return true;
-}
-
-std::vector<notify_msg_t> drain_fixed() {
-  constexpr std::size_t kBatch = 64;
-  std::vector<notify_msg_t> out;
-  for (;;) {
-    std::size_t have = out.size();
-    // Grown before draining: a failed allocation throws before any notification left the queue.
-    out.resize(have + kBatch);
-    std::size_t got = ::uccl_engine_get_notifs(out.data() + have, kBatch);
-    out.resize(have + got);
-    if (got < kBatch) return out;
-  }
-}
-
-}  // namespace
+using uccl_tcpx::detail::vectors_cover;
 
 /* ---- engine and connections -------------------------------------------------------------------- */
 
@@ -311,20 +282,11 @@ UCCL_P2P_EXPORT int uccl_engine_send_notif_v(uccl_conn_t *conn, notify_msg_v_t c
 
 /* Drains what every engine of the process received: `name` a C string, `msg` the first 256 bytes of
  * the message, zero padded. */
-UCCL_P2P_EXPORT std::vector<notify_msg_t> uccl_engine_get_notifs() { return drain_fixed(); }
+UCCL_P2P_EXPORT std::vector<notify_msg_t> uccl_engine_get_notifs() {
+  return uccl_tcpx::detail::drain_notifs();
+}
 
-/* The same queue as name/message strings. The library keeps 256 bytes of a message and not its
- * length, so `msg` is the first 256 bytes with trailing NUL bytes removed. */
+/* The same queue, every message whole. */
 UCCL_P2P_EXPORT std::vector<notify_msg_v_t> uccl_engine_get_notifs_v() {
-  std::vector<notify_msg_t> raw = drain_fixed();
-  std::vector<notify_msg_v_t> out;
-  out.reserve(raw.size());
-  for (notify_msg_t const &n : raw) {
-    std::size_t name_len = 0;
-    while (name_len < sizeof n.name && n.name[name_len] != '\0') name_len++;
-    std::size_t msg_len = sizeof n.msg;
-    while (msg_len > 0 && n.msg[msg_len - 1] == '\0') msg_len--;
-    out.push_back(notify_msg_v_t{std::string(n.name, name_len), std::string(n.msg, msg_len)});
-  }
-  return out;
+  return uccl_tcpx::detail::drain_notifs_v();
 }

@@ -228,9 +228,11 @@ fn stop_accept_unblocks_and_shutdown_fails_pending() {
 }
 
 #[test]
-fn notifications_arrive_in_order_truncated_to_256() {
+fn notifications_arrive_in_order_and_whole() {
     let p = pair();
-    let long = pattern(1000, 5);
+    // Larger than UCCL's fixed 256-byte form, with zero bytes at the end.
+    let mut long = pattern(3 << 20, 5);
+    long.extend_from_slice(&[0, 0, 0]);
     p.ab.notify(b"agent-a", &long).unwrap();
     p.ab.notify(b"agent-a", b"second").unwrap();
     let mut got = Vec::new();
@@ -239,7 +241,7 @@ fn notifications_arrive_in_order_truncated_to_256() {
         got.len() >= 2
     });
     assert_eq!(got.len(), 2);
-    assert_eq!(got[0].msg, &long[..256]);
+    assert!(got[0].msg == long, "the long message came back {} bytes, not whole", got[0].msg.len());
     assert_eq!(got[1].msg, b"second");
     assert!(p.ab.notify(&[b'n'; 256], b"").is_err(), "name too long");
     drop(p.b);

@@ -17,9 +17,6 @@
  *    uccl_engine_free_string are macros for the inline functions below, so both spellings of the
  *    release (delete[] and uccl_engine_free_string) are correct there. A string obtained in a C
  *    translation unit must be released with uccl_engine_free_string in a C translation unit.
- *  - uccl_engine_get_notifs_v cannot return messages longer than 256 bytes: the library keeps the
- *    first 256 bytes of every received message and zero-pads them, so the message comes back
- *    truncated to 256 bytes with trailing NUL bytes removed.
  *  - uccl_engine_send, uccl_engine_send_vector and uccl_engine_recv send and receive (UCCL's
  *    current engine returns -1 from them).
  *  - Failures are negative uccl_status_t values, not only -1; 0 is success everywhere, as there.
@@ -34,20 +31,14 @@
 #endif
 
 #include "../uccl_engine.h"
+#include "cxx_detail.hpp" /* notify_msg_v_t and the helpers shared with libuccl_p2p.so */
 
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <initializer_list>
 #include <new>
 #include <string>
 #include <vector>
-
-/* A notification with a name and a message of any length (UCCL: C++ only). */
-typedef struct notify_msg_v {
-  std::string name;
-  std::string msg;
-} notify_msg_v_t;
 
 /* Kept from UCCL's header, where it is vestigial; nothing here uses it. */
 typedef struct md {
@@ -118,21 +109,6 @@ inline void deserialize_fifo_item(char const *buf, FifoItem *item) {
 
 /* ---- vector transfers --------------------------------------------------------------------------- */
 
-namespace uccl_tcpx {
-namespace detail {
-
-/* num_iovs <= 0 is left to the C function, which reports it through last_error; here only vectors
- * too short for num_iovs are caught (the C function would read past them). */
-inline bool vectors_cover(int num_iovs, std::initializer_list<std::size_t> sizes) {
-  if (num_iovs <= 0) return true;
-  for (std::size_t s : sizes)
-    if (s < static_cast<std::size_t>(num_iovs)) return false;
-  return true;
-}
-
-}  // namespace detail
-}  // namespace uccl_tcpx
-
 /* `num_iovs` one-sided reads under one transfer id (poll it with uccl_engine_xfer_status or
  * uccl_engine_poll). `dst_v[i]` are the local destinations. `ipc_bufs` may be empty; no IPC path
  * exists, so its entries are not used, but a non-empty vector must hold `num_iovs` entries. */
@@ -179,43 +155,22 @@ inline int uccl_engine_send_vector(uccl_conn_t *conn, std::vector<uccl_mr_t> mr_
 /* Drains every notification received so far by any engine of the process (as UCCL's does). `name`
  * is a C string; `msg` holds the first 256 bytes of the message, zero padded. */
 inline std::vector<notify_msg_t> uccl_engine_get_notifs() {
-  constexpr std::size_t kBatch = 64;
-  std::vector<notify_msg_t> out;
-  for (;;) {
-    std::size_t have = out.size();
-    out.resize(have + kBatch);
-    std::size_t got = ::uccl_engine_get_notifs(out.data() + have, kBatch);
-    out.resize(have + got);
-    if (got < kBatch) break;
-  }
-  return out;
+  return uccl_tcpx::detail::drain_notifs();
 }
 
-/* Sends `name` (at most 255 bytes, no NUL) and `msg` (up to 64 MiB). Receivers of this library keep
- * the first 256 bytes of `msg` (see uccl_engine_get_notifs_v). A NULL `msg` returns
- * UCCL_STATUS_ERR_INVALID_PARAM and sets last_error. */
+/* Sends `name` (at most 255 bytes, no NUL) and `msg` (up to 64 MiB), which receivers get whole from
+ * uccl_engine_get_notifs_v. A NULL `msg` returns UCCL_STATUS_ERR_INVALID_PARAM and sets
+ * last_error. */
 inline int uccl_engine_send_notif_v(uccl_conn_t *conn, notify_msg_v_t const *msg) {
   if (msg == nullptr) return ::uccl_engine_send_notif(conn, nullptr);
   return ::uccl_engine_send_notif_v(conn, msg->name.data(), msg->name.size(), msg->msg.data(),
                                     msg->msg.size());
 }
 
-/* Drains the same queue as uccl_engine_get_notifs(), as name/message strings. Limitation: the
- * library stores at most 256 bytes of a message and not its length, so `msg` is the first 256
- * bytes with trailing NUL bytes removed. Text messages up to 256 bytes come back exactly; longer
- * ones are truncated, and binary ones lose trailing zero bytes. */
+/* Drains the same queue as uccl_engine_get_notifs(), as name/message strings, every message whole
+ * (zero bytes included). */
 inline std::vector<notify_msg_v_t> uccl_engine_get_notifs_v() {
-  std::vector<notify_msg_t> raw = uccl_engine_get_notifs();
-  std::vector<notify_msg_v_t> out;
-  out.reserve(raw.size());
-  for (notify_msg_t const &n : raw) {
-    std::size_t name_len = 0;
-    while (name_len < sizeof n.name && n.name[name_len] != '\0') name_len++;
-    std::size_t msg_len = sizeof n.msg;
-    while (msg_len > 0 && n.msg[msg_len - 1] == '\0') msg_len--;
-    out.push_back(notify_msg_v_t{std::string(n.name, name_len), std::string(n.msg, msg_len)});
-  }
-  return out;
+  return uccl_tcpx::detail::drain_notifs_v();
 }
 
 #endif /* UCCL_TCPX_ENGINE_CXX_HPP */

@@ -1,10 +1,11 @@
 //! Notifications: small messages on a connection's control stream, collected process-wide.
 
 use std::ffi::{c_char, c_int, c_void};
+use std::ptr;
 
 use super::conn::{conn_ref, uccl_conn_t};
 use super::{MSG_SIZE, ffi_fn, non_null};
-use crate::engine::notify;
+use crate::engine::{Notification, notify};
 use crate::error::Error;
 
 /// A received (or to be sent) notification: `name` is a C string, `msg` 256 binary bytes.
@@ -34,7 +35,7 @@ pub extern "C" fn uccl_engine_send_notif(conn: *mut uccl_conn_t, notify_msg: *mu
 }
 
 /// Sends a name of `name_len` bytes (at most 255, no NUL) and a message of any length up to 64 MiB;
-/// receivers keep the first 256 bytes of the message.
+/// receivers get it whole from `uccl_engine_get_notifs_v` (`uccl_engine_get_notifs` keeps 256 bytes).
 #[unsafe(no_mangle)]
 pub extern "C" fn uccl_engine_send_notif_v(
     conn: *mut uccl_conn_t,
@@ -63,7 +64,8 @@ pub extern "C" fn uccl_engine_send_notif_v(
 }
 
 /// Moves up to `capacity` received notifications (of every engine in the process) into `out`;
-/// returns how many. `msg` is truncated to 256 bytes and zero padded.
+/// returns how many. `msg` is truncated to 256 bytes and zero padded (`uccl_engine_get_notifs_v`
+/// returns messages whole).
 #[unsafe(no_mangle)]
 pub extern "C" fn uccl_engine_get_notifs(out: *mut notify_msg_t, capacity: libc::size_t) -> libc::size_t {
     ffi_fn!("uccl_engine_get_notifs", {
@@ -83,6 +85,97 @@ pub extern "C" fn uccl_engine_get_notifs(out: *mut notify_msg_t, capacity: libc:
         }
         Ok(drained.len())
     })
+}
+
+/// A received notification, whole: `name` holds `name_len` bytes and `msg` holds `msg_len` bytes
+/// (any values, zeros included), each followed by a NUL that is not counted, so text reads as a C
+/// string. Both are allocated by this library: release them with `uccl_engine_free_notif_v`.
+#[repr(C)]
+pub struct uccl_notif_v {
+    pub name: *mut c_char,
+    pub name_len: libc::size_t,
+    pub msg: *mut c_char,
+    pub msg_len: libc::size_t,
+}
+pub type uccl_notif_v_t = uccl_notif_v;
+
+/// Moves up to `capacity` received notifications (of every engine in the process, the same queue as
+/// `uccl_engine_get_notifs`) into `out`, messages whole (up to 64 MiB each); returns how many. Each
+/// entry filled must be released with `uccl_engine_free_notif_v`. Should memory run out, the
+/// notifications not handed out stay queued, in order, for the next call (0 and a last error if
+/// none could be).
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_engine_get_notifs_v(out: *mut uccl_notif_v_t, capacity: libc::size_t) -> libc::size_t {
+    ffi_fn!("uccl_engine_get_notifs_v", {
+        if capacity == 0 {
+            return Ok(0);
+        }
+        if out.is_null() {
+            return Err(Error::invalid("argument `out` is NULL while capacity > 0"));
+        }
+        let mut drained = notify::drain(capacity).into_iter();
+        let mut filled = 0;
+        while let Some(n) = drained.next() {
+            let Some(entry) = to_c(&n) else {
+                let size = n.msg.len();
+                notify::requeue_front(std::iter::once(n).chain(drained).collect());
+                if filled == 0 {
+                    return Err(Error::internal(format!("out of memory copying out a notification of {size} bytes")));
+                }
+                break;
+            };
+            // SAFETY: filled < capacity; the caller's array holds `capacity` entries.
+            unsafe { out.add(filled).write(entry) };
+            filled += 1;
+        }
+        Ok(filled)
+    })
+}
+
+/// Frees what `uccl_engine_get_notifs_v` allocated for one entry and clears it, so a second call is
+/// a no-op. NULL is a no-op.
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_engine_free_notif_v(notif: *mut uccl_notif_v_t) {
+    ffi_fn!("uccl_engine_free_notif_v", {
+        if notif.is_null() {
+            return Ok(());
+        }
+        // SAFETY: checked non-NULL; the entry was filled by uccl_engine_get_notifs_v (or cleared).
+        let n = unsafe { &mut *notif };
+        // SAFETY: both pointers are NULL or came from libc::malloc in copy_out.
+        unsafe {
+            libc::free(n.name.cast());
+            libc::free(n.msg.cast());
+        }
+        *n = uccl_notif_v { name: ptr::null_mut(), name_len: 0, msg: ptr::null_mut(), msg_len: 0 };
+        Ok(())
+    })
+}
+
+/// The C form of `n`, or None when memory ran out (nothing is then left allocated).
+fn to_c(n: &Notification) -> Option<uccl_notif_v> {
+    let name = copy_out(&n.name)?;
+    let Some(msg) = copy_out(&n.msg) else {
+        // SAFETY: `name` came from libc::malloc just above.
+        unsafe { libc::free(name.cast()) };
+        return None;
+    };
+    Some(uccl_notif_v { name, name_len: n.name.len(), msg, msg_len: n.msg.len() })
+}
+
+/// `bytes` and a NUL in memory from libc::malloc (so C can reason about it), or None.
+fn copy_out(bytes: &[u8]) -> Option<*mut c_char> {
+    // SAFETY: a plain allocation; checked for NULL below.
+    let p = unsafe { libc::malloc(bytes.len() + 1) }.cast::<u8>();
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: `p` holds bytes.len() + 1 bytes and does not overlap `bytes`.
+    unsafe {
+        ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len());
+        p.add(bytes.len()).write(0);
+    }
+    Some(p.cast())
 }
 
 fn bytes_of(field: &[c_char; MSG_SIZE]) -> &[u8] {
