@@ -442,3 +442,33 @@ fn transport_reports_the_fakes_devices() {
     let explicit = PluginNet::open(&Config { net_devices: Some(vec![1]), ..config(1, 1 << 20) }, None).unwrap();
     assert_eq!(explicit.channel_device(3), 1);
 }
+
+#[test]
+fn channels_pair_with_the_net_devices_next_to_the_gpu() {
+    // The fake's devices sit at /sys/devices/pci0000:00/0000:00:0N.0; a GPU behind the bridge of
+    // device 1 pairs with that device alone (NCCL's rule: the closest devices, under the GPU's root).
+    let behind_fake1 = "/sys/devices/pci0000:00/0000:00:01.0/0000:05:00.0";
+    let net = PluginNet::open(&config(1, 1 << 20), Some(behind_fake1)).unwrap();
+    assert_eq!((0..4).map(|c| net.channel_device(c)).collect::<Vec<_>>(), vec![1, 1, 1, 1]);
+    let (handle, _listen) = net.listen(net.channel_device(0)).unwrap();
+    assert_ne!(handle, [0u8; 128]);
+
+    // Both devices equally close (the GPU hangs off the root itself): channels spread over both.
+    let on_the_root = "/sys/devices/pci0000:00/0000:00:1f.0";
+    let net = PluginNet::open(&config(1, 1 << 20), Some(on_the_root)).unwrap();
+    assert_eq!((0..4).map(|c| net.channel_device(c)).collect::<Vec<_>>(), vec![0, 1, 0, 1]);
+
+    // A GPU under another root has no device it may use: every listen and connect says so.
+    let far = "/sys/devices/pci0000:80/0000:80:01.0/0000:81:00.0";
+    let net = PluginNet::open(&config(1, 1 << 20), Some(far)).unwrap();
+    let err = net.listen(0).err().expect("no device for this GPU");
+    assert_eq!(err.status(), UcclStatus::ErrNotFound, "{err}");
+    assert!(err.message().contains(far) && err.message().contains("UCCL_TCPX_NET_DEVICES"), "{err}");
+    let mut handle = [0u8; 128];
+    assert_eq!(net.connect(0, &mut handle).err().expect("no device for this GPU").status(), UcclStatus::ErrNotFound);
+
+    // Naming the devices overrides pairing.
+    let named = PluginNet::open(&Config { net_devices: Some(vec![0]), ..config(1, 1 << 20) }, Some(far)).unwrap();
+    assert_eq!(named.channel_device(1), 0);
+    assert!(named.listen(0).is_ok());
+}

@@ -49,7 +49,13 @@ fn assert_gpu_mode() {
 }
 
 fn plugin_config(channels: u16, chunk: u32) -> Config {
-    Config { gpu: Some(0), ..plugin::config(channels, chunk) }
+    Config { gpu: Some(0), ..gpu_host_config(channels, chunk) }
+}
+
+/// The fake's devices sit at made-up PCI paths no real GPU shares a root with, and an engine pairs
+/// its channels only with devices next to its GPU: these tests name the devices instead.
+fn gpu_host_config(channels: u16, chunk: u32) -> Config {
+    Config { net_devices: Some(vec![0, 1]), ..plugin::config(channels, chunk) }
 }
 
 #[test]
@@ -259,6 +265,43 @@ fn child_six_gib_device_regions() {
     println!("child checked");
 }
 
+#[test]
+fn channels_use_only_net_devices_next_to_the_engines_gpu() {
+    if no_gpu() {
+        return;
+    }
+    let out = run_child("child_channels_use_only_net_devices_next_to_the_gpu", "page");
+    assert!(out.contains("child checked"), "{out}");
+}
+
+#[test]
+#[ignore = "run by its parent with FAKE_TCPX_MODE=gpu"]
+fn child_channels_use_only_net_devices_next_to_the_gpu() {
+    assert_gpu_mode();
+    // No device list: the engine pairs its GPU with the fake's devices by PCI path. They sit under
+    // root pci0000:00; a GPU elsewhere has none it may use, and connecting says so.
+    let config = Config { gpu: Some(0), ..plugin::config(2, 1 << 20) };
+    let (a, b) = (Engine::new(config.clone()).unwrap(), Engine::new(config).unwrap());
+    let path = a.gpu().expect("configured GPU").sysfs_path();
+    let outcome = a.connect("127.0.0.1", "0", b.address().port());
+    match path.as_deref() {
+        // Without a sysfs path the GPU cannot be placed: every device, with a warning.
+        None => {
+            outcome.expect("a GPU of unknown place uses every device");
+        }
+        Some(p) if p.split('/').any(|c| c == "pci0000:00") => {
+            outcome.expect("a GPU under the fake's root pairs with its devices");
+        }
+        Some(_) => {
+            let Err(err) = outcome else { panic!("connected although no net device is next to this GPU") };
+            assert_eq!(err.status(), uccl_tcpx::UcclStatus::ErrNotFound, "{err}");
+            assert!(err.message().contains("UCCL_TCPX_NET_DEVICES"), "{err}");
+        }
+    }
+    println!("GPU at {path:?}: checked");
+    println!("child checked");
+}
+
 /// TCPX binds a comm and its bounce pool to the device current at listen, connect and accept, as
 /// the fake does in GPU mode. Engines whose GPU comes from the context current at creation (GPU 0
 /// and GPU 1, no UCCL_TCPX_GPU) make their first connection before registering any memory, so the
@@ -277,7 +320,7 @@ fn comms_bind_the_gpu_known_at_creation() {
 #[ignore = "run by its parent with FAKE_TCPX_MODE=gpu"]
 fn child_comms_bind_the_gpu_known_at_creation() {
     assert_gpu_mode();
-    let config = plugin::config(2, 1 << 20);
+    let config = gpu_host_config(2, 1 << 20);
     make_current(Some(0));
     let a = Arc::new(Engine::new(config.clone()).unwrap());
     let meta_a = a.metadata();

@@ -61,6 +61,13 @@ impl Gpu {
         &self.bus_id
     }
 
+    /// The device's sysfs path (`/sys/devices/pci0000:49/.../0000:4a:00.0`), which places it in
+    /// the PCI tree next to NICs; None where sysfs does not list it (some containers).
+    pub fn sysfs_path(&self) -> Option<String> {
+        let link = format!("/sys/bus/pci/devices/{}", self.bus_id);
+        std::fs::canonicalize(link).ok().map(|p| p.to_string_lossy().into_owned())
+    }
+
     /// The GPU's copier for small synchronous copies (inline transfers), made on first use.
     pub fn small_copier(&self) -> Result<Arc<SmallCopier>> {
         let mut slot = self.small_copier.lock().unwrap_or_else(|p| p.into_inner());

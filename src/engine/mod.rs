@@ -346,7 +346,7 @@ fn select_net(config: &Config, ip: IpAddr, bind: IpAddr, wake: crate::transport:
                 .with_bind(bind),
         )
     };
-    // No GPU is bound to an engine yet, so devices keep the plugin's order.
+    // Channels pair with the devices next to the GPU once the engine names it (`Net::set_gpu`).
     let gpu_pci_path = None;
     match config.transport {
         TransportChoice::Socket => Ok(socket()),

@@ -7,7 +7,7 @@ use super::abi::{
     NCCL_NET_DEVICE_HOST, NCCL_NET_DEVICE_UNPACK, NCCL_NET_DEVICE_UNPACK_VERSION, NCCL_PTR_CUDA, NCCL_PTR_HOST,
     NcclNetPropertiesV7, UNPACK_QUEUE_DEPTH,
 };
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, UcclStatus};
 use crate::transport::Properties;
 
 /// Converts what `getProperties` wrote for device `dev`, refusing what this transport cannot drive.
@@ -44,17 +44,43 @@ pub fn from_raw(dev: usize, raw: &NcclNetPropertiesV7) -> Result<Properties> {
     })
 }
 
-/// Device indices in order of PCI closeness to the GPU at `gpu_pci_path` (a sysfs path such as
-/// `/sys/devices/pci0000:01/0000:01:00.0/.../0000:04:00.0`): the longer the shared path prefix (in
-/// whole components), the closer. Ties keep the plugin's order; devices without a PCI path go last.
-/// Without a GPU path the plugin's order stands.
-pub fn order_by_pci_distance(pci_paths: &[Option<&str>], gpu_pci_path: Option<&str>) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..pci_paths.len()).collect();
-    if let Some(gpu) = gpu_pci_path {
-        let closeness = |dev: usize| pci_paths[dev].map_or(0, |nic| common_components(nic, gpu) + 1);
-        order.sort_by_key(|&dev| std::cmp::Reverse(closeness(dev)));
-    }
-    order
+/// The devices closest to the GPU at `gpu_pci_path` (its sysfs path, such as
+/// `/sys/devices/pci0000:01/0000:01:00.0/.../0000:04:00.0`), in the plugin's order: NCCL's rule.
+/// Only devices with CUDA pointer support count, and only those under the GPU's own PCI root (TCPX
+/// flow-steers a comm's receives to the GPU's memory through its NIC's queues, which RxDM binds to
+/// the GPUs behind that NIC, and a NIC across the host bridge never lands in that GPU's pool); of
+/// those, the ones sharing the longest path with the GPU (the same switch before the same root).
+pub fn closest_devices(props: &[Properties], gpu_pci_path: &str) -> Result<Vec<usize>> {
+    let gpu_root = pci_root(gpu_pci_path);
+    let closeness = |p: &Properties| -> Option<usize> {
+        let path = p.pci_path.as_deref()?;
+        (p.supports_cuda && gpu_root.is_some() && pci_root(path) == gpu_root)
+            .then(|| common_components(path, gpu_pci_path))
+    };
+    let best = props.iter().filter_map(closeness).max().ok_or_else(|| {
+        let seen: Vec<String> = props
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let cuda = if p.supports_cuda { "" } else { ", no CUDA pointers" };
+                format!("{i} {} at {}{cuda}", p.name, p.pci_path.as_deref().unwrap_or("no PCI path"))
+            })
+            .collect();
+        Error::new(
+            UcclStatus::ErrNotFound,
+            format!(
+                "no net device with CUDA pointer support sits under the PCI root of the GPU at {gpu_pci_path} \
+                 (devices: {}); set UCCL_TCPX_NET_DEVICES to choose devices anyway",
+                seen.join("; ")
+            ),
+        )
+    })?;
+    Ok((0..props.len()).filter(|&i| closeness(&props[i]) == Some(best)).collect())
+}
+
+/// The PCI root complex a sysfs device path lies under (`pci0000:01`), if it names one.
+fn pci_root(path: &str) -> Option<&str> {
+    path.split('/').find(|c| c.starts_with("pci"))
 }
 
 fn common_components(a: &str, b: &str) -> usize {
@@ -63,7 +89,8 @@ fn common_components(a: &str, b: &str) -> usize {
 }
 
 /// The device list channels rotate over: the explicit one (`UCCL_TCPX_NET_DEVICES`), checked against
-/// the plugin's device count, else every device ordered by closeness to the GPU.
+/// the plugin's device count, else the devices closest to the GPU when its PCI path is known, else
+/// every device.
 pub fn channel_devices(
     explicit: Option<&[usize]>,
     props: &[Properties],
@@ -81,8 +108,10 @@ pub fn channel_devices(
         }
         return Ok(list.to_vec());
     }
-    let paths: Vec<Option<&str>> = props.iter().map(|p| p.pci_path.as_deref()).collect();
-    Ok(order_by_pci_distance(&paths, gpu_pci_path))
+    match gpu_pci_path {
+        Some(gpu) => closest_devices(props, gpu),
+        None => Ok((0..props.len()).collect()),
+    }
 }
 
 #[cfg(test)]
@@ -128,19 +157,54 @@ mod tests {
         }
     }
 
+    fn nic(name: &str, path: Option<&str>, cuda: bool) -> Properties {
+        Properties {
+            name: name.into(),
+            pci_path: path.map(str::to_owned),
+            supports_host: true,
+            supports_cuda: cuda,
+            speed_mbps: 200_000,
+            device_unpack: true,
+            max_requests: 16,
+        }
+    }
+
     #[test]
-    fn closest_nic_first_by_whole_path_components() {
-        let paths = [
-            Some("/sys/devices/pci0000:07/0000:07:00.0/0000:0c:00.0"),
-            Some("/sys/devices/pci0000:01/0000:01:00.0/0000:06:00.0"),
-            None,
-            Some("/sys/devices/pci0000:0/0000:01:00.0"),
+    fn only_the_closest_cuda_capable_devices_under_the_gpus_root() {
+        // A3 High: two GPUs and one NIC per PCI root, eth0 (no devmem) elsewhere.
+        let props = [
+            nic("eth0", Some("/sys/devices/pci0000:00/0000:00:04.0"), true),
+            nic("eth1", Some("/sys/devices/pci0000:01/0000:01:00.0/0000:02:00.0/0000:06:00.0"), true),
+            nic("eth2", Some("/sys/devices/pci0000:07/0000:07:00.0/0000:08:00.0/0000:0c:00.0"), true),
+            nic("eth1b", Some("/sys/devices/pci0000:01/0000:01:00.0/0000:03:00.0/0000:09:00.0"), true),
+            nic("veth", None, true),
         ];
-        let gpu = "/sys/devices/pci0000:01/0000:01:00.0/0000:04:00.0";
-        assert_eq!(order_by_pci_distance(&paths, Some(gpu)), vec![1, 0, 3, 2]);
-        assert_eq!(order_by_pci_distance(&paths, None), vec![0, 1, 2, 3]);
-        // "pci0000:0" is a string prefix of "pci0000:01" but not the same component.
-        assert_eq!(common_components(paths[3].unwrap(), gpu), 2);
+        let gpu0 = "/sys/devices/pci0000:01/0000:01:00.0/0000:02:00.0/0000:04:00.0";
+        assert_eq!(closest_devices(&props, gpu0).unwrap(), vec![1], "the NIC behind the GPU's own switch");
+        let gpu2 = "/sys/devices/pci0000:07/0000:07:00.0/0000:08:00.0/0000:0a:00.0";
+        assert_eq!(closest_devices(&props, gpu2).unwrap(), vec![2]);
+        // Two equally close NICs: channels spread over both.
+        let gpu_between = "/sys/devices/pci0000:01/0000:01:00.0/0000:05:00.0/0000:0b:00.0";
+        assert_eq!(closest_devices(&props, gpu_between).unwrap(), vec![1, 3]);
+        assert_eq!(channel_devices(None, &props, Some(gpu_between)).unwrap(), vec![1, 3]);
+
+        // A GPU whose root holds no NIC, or only one without CUDA pointers: a clear error.
+        let lonely = "/sys/devices/pci0000:81/0000:81:00.0/0000:84:00.0";
+        let err = closest_devices(&props, lonely).unwrap_err();
+        assert_eq!(err.status(), UcclStatus::ErrNotFound);
+        assert!(err.message().contains(lonely) && err.message().contains("UCCL_TCPX_NET_DEVICES"), "{err}");
+        assert!(err.message().contains("1 eth1 at /sys/devices/pci0000:01"), "{err}");
+        let mut no_cuda = props.clone();
+        no_cuda[1].supports_cuda = false;
+        no_cuda[3].supports_cuda = false;
+        let err = closest_devices(&no_cuda, gpu0).unwrap_err().to_string();
+        assert!(err.contains("no CUDA pointers"), "{err}");
+
+        // "pci0000:0" is a string prefix of "pci0000:01" but not the same root.
+        let near_miss = [nic("x", Some("/sys/devices/pci0000:0/0000:01:00.0"), true)];
+        assert!(closest_devices(&near_miss, gpu0).is_err());
+        // Without a GPU path, every device in the plugin's order.
+        assert_eq!(channel_devices(None, &props, None).unwrap(), vec![0, 1, 2, 3, 4]);
     }
 
     #[test]

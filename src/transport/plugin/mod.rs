@@ -24,8 +24,8 @@ mod tests;
 
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 
@@ -60,8 +60,12 @@ unsafe impl Send for PendingConnect {}
 
 pub struct PluginNet {
     plugin: Arc<Plugin>,
-    /// Device of channel `i`: `channel_devices[i % len]`.
-    channel_devices: Vec<usize>,
+    /// `UCCL_TCPX_NET_DEVICES`, which overrides pairing with the GPU.
+    explicit: Option<Vec<usize>>,
+    /// What channels use until the GPU is known: the explicit list, else every device.
+    unpaired: Vec<usize>,
+    /// Device of channel `i` once the GPU is known: `paired[i % len]`, or why no device suits it.
+    paired: OnceLock<Result<Vec<usize>>>,
     busy: Arc<AtomicUsize>,
     /// Connect attempts in progress, by the address of the caller's handle buffer (the engine keeps
     /// one buffer per attempt for its whole duration). Entries of abandoned attempts stay: the
@@ -71,7 +75,9 @@ pub struct PluginNet {
 }
 
 impl PluginNet {
-    /// Loads (once per process) and initialises the plugin the configuration names.
+    /// Loads (once per process) and initialises the plugin the configuration names. With
+    /// `gpu_pci_path` (a GPU's sysfs path) channels pair with its devices at once; otherwise when
+    /// the engine names its GPU ([`Net::set_gpu`]).
     pub fn open(config: &Config, gpu_pci_path: Option<&str>) -> Result<PluginNet> {
         let plugin = loader::load(config.plugin_path.as_deref(), config.nccl_net_plugin.as_deref())?;
         PluginNet::with_plugin(plugin, config.net_devices.as_deref(), gpu_pci_path)
@@ -82,14 +88,58 @@ impl PluginNet {
         explicit: Option<&[usize]>,
         gpu_pci_path: Option<&str>,
     ) -> Result<PluginNet> {
-        let channel_devices = devices::channel_devices(explicit, &plugin.devices, gpu_pci_path)?;
-        Ok(PluginNet {
+        let unpaired = devices::channel_devices(explicit, &plugin.devices, None)?;
+        let net = PluginNet {
             plugin,
-            channel_devices,
+            explicit: explicit.map(<[usize]>::to_vec),
+            unpaired,
+            paired: OnceLock::new(),
             busy: Arc::default(),
             connects: Mutex::default(),
             gpus: Arc::default(),
-        })
+        };
+        if let Some(path) = gpu_pci_path {
+            net.pair("the given GPU", Some(path));
+        }
+        Ok(net)
+    }
+
+    /// Chooses, once, the devices channels use for the GPU at `gpu_pci_path`: NCCL's rule (the
+    /// CUDA-capable devices closest to it, under its own PCI root), unless the configuration lists
+    /// devices, and logs the choice. A GPU whose path is unknown keeps every device, with a warning;
+    /// a GPU with no suitable device makes every later listen and connect fail, saying why.
+    fn pair(&self, gpu: &str, gpu_pci_path: Option<&str>) {
+        self.paired.get_or_init(|| {
+            let names = |list: &[usize]| -> String {
+                list.iter().map(|&d| format!("{d} ({})", self.plugin.devices[d].name)).collect::<Vec<_>>().join(", ")
+            };
+            if let Some(list) = &self.explicit {
+                log::info!("{gpu}: channels use net devices {} (UCCL_TCPX_NET_DEVICES)", names(list));
+                return Ok(list.clone());
+            }
+            let Some(path) = gpu_pci_path else {
+                log::warn!(
+                    "{gpu}: its PCI path is unknown, so channels use every net device ({}); set \
+                     UCCL_TCPX_NET_DEVICES to the devices next to it",
+                    names(&self.unpaired)
+                );
+                return Ok(self.unpaired.clone());
+            };
+            let paired = devices::channel_devices(None, &self.plugin.devices, Some(path));
+            match &paired {
+                Ok(list) => log::info!("{gpu} at {path}: channels use net devices {}", names(list)),
+                Err(e) => log::error!("{gpu}: {}", e.message()),
+            }
+            paired
+        });
+    }
+
+    /// Why no device suits the engine's GPU, once that is known.
+    fn check_paired(&self) -> Result<()> {
+        match self.paired.get() {
+            Some(Err(e)) => Err(e.clone()),
+            _ => Ok(()),
+        }
     }
 
     pub fn plugin(&self) -> &Arc<Plugin> {
@@ -125,6 +175,7 @@ impl Net for PluginNet {
     }
 
     fn listen(&self, dev: usize) -> Result<(NetHandle, Box<dyn ListenComm>)> {
+        self.check_paired()?;
         let props = self.device(dev)?.clone();
         let mut handle = AlignedHandle([0; NCCL_NET_HANDLE_MAXSIZE]);
         let mut listen_comm: *mut c_void = std::ptr::null_mut();
@@ -158,6 +209,7 @@ impl Net for PluginNet {
     }
 
     fn connect(&self, dev: usize, handle: &mut NetHandle) -> Result<Option<Box<dyn SendComm>>> {
+        self.check_paired()?;
         let props = self.device(dev)?.clone();
         let key = handle.as_ptr() as usize;
         let previous = self.connects.lock().remove(&key);
@@ -202,7 +254,11 @@ impl Net for PluginNet {
     }
 
     fn channel_device(&self, channel: usize) -> usize {
-        self.channel_devices[channel % self.channel_devices.len()]
+        let list = match self.paired.get() {
+            Some(Ok(list)) => list,
+            _ => &self.unpaired,
+        };
+        list[channel % list.len()]
     }
 
     fn listen_per_channel(&self) -> bool {
@@ -218,11 +274,13 @@ impl Net for PluginNet {
     /// there is no device to bind (the fake NIC in host mode, the mock plugin).
     fn binds_gpu(&self) -> bool {
         crate::cuda::available()
-            && self.channel_devices.iter().any(|&d| self.plugin.devices.get(d).is_some_and(|p| p.supports_cuda))
+            && self.unpaired.iter().any(|&d| self.plugin.devices.get(d).is_some_and(|p| p.supports_cuda))
     }
 
     fn set_gpu(&self, gpu: &Arc<Gpu>) {
         self.gpus.set_engine_gpu(gpu);
+        let path = gpu.sysfs_path();
+        self.pair(&format!("GPU {} ({})", gpu.ordinal(), gpu.bus_id()), path.as_deref());
     }
 }
 
