@@ -45,6 +45,15 @@ pub enum Fault {
     Stall(u64),
 }
 
+/// What the fake does where TCPX calls `exit(1)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnFatal {
+    /// Exit the process with status 1 after the WARN, as TCPX does.
+    Exit,
+    /// Return rc 3 from the call and leave the comm failed, so one test can observe it.
+    Rc,
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub devices: usize,
@@ -58,6 +67,7 @@ pub struct Config {
     /// restarts at every chunk edge.
     pub chunk_bytes: usize,
     pub fault: Fault,
+    pub on_fatal: OnFatal,
 }
 
 impl Config {
@@ -96,6 +106,11 @@ impl Config {
             None => Fault::None,
             Some(v) => parse_fault(&v)?,
         };
+        let on_fatal = match get("FAKE_TCPX_ON_FATAL").as_deref() {
+            None | Some("exit") => OnFatal::Exit,
+            Some("rc") => OnFatal::Rc,
+            Some(v) => return Err(bad("FAKE_TCPX_ON_FATAL", v, "exit or rc")),
+        };
         Ok(Config {
             devices,
             ip,
@@ -106,6 +121,7 @@ impl Config {
             pool_bytes: pool_mb as usize * 1024 * 1024,
             chunk_bytes,
             fault,
+            on_fatal,
         })
     }
 }
@@ -157,6 +173,7 @@ mod tests {
         assert_eq!(c.fragmentation, Fragmentation::Page);
         assert_eq!(c.pool_bytes, 64 << 20);
         assert_eq!(c.fault, Fault::None);
+        assert_eq!(c.on_fatal, OnFatal::Exit);
     }
 
     #[test]
@@ -168,6 +185,7 @@ mod tests {
         assert_eq!(parse(&[("FAKE_TCPX_GPU_COPY", "each")]).unwrap().gpu_copy, GpuCopy::Each);
         assert_eq!(parse(&[("FAKE_TCPX_GPU_COPY", "batch")]).unwrap().gpu_copy, GpuCopy::Batch);
         assert_eq!(parse(&[("FAKE_TCPX_FAULT", "stall:0")]).unwrap().fault, Fault::Stall(0));
+        assert_eq!(parse(&[("FAKE_TCPX_ON_FATAL", "rc")]).unwrap().on_fatal, OnFatal::Rc);
         for (k, v) in [
             ("FAKE_TCPX_NDEV", "0"),
             ("FAKE_TCPX_NDEV", "17"),
@@ -178,6 +196,7 @@ mod tests {
             ("FAKE_TCPX_FAULT", "drop"),
             ("FAKE_TCPX_FAULT", "hang:1"),
             ("FAKE_TCPX_IP", "localhost"),
+            ("FAKE_TCPX_ON_FATAL", "abort"),
         ] {
             let err = parse(&[(k, v)]).unwrap_err();
             assert!(err.msg.contains(k), "{k}={v}: {}", err.msg);

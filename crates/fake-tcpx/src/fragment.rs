@@ -6,7 +6,8 @@
 use crate::config::Fragmentation;
 
 pub const PAGE: usize = 4096;
-/// `NET_UNPACK_MAX_SLICE_PAGES`: fragments one receive may have.
+/// `NET_UNPACK_MAX_SLICE_PAGES`: fragments one receive may have (TCPX's
+/// `TCPX_UNPACK_MAX_SLICE_PAGES`, `devcomm/unpack_defs1.h`).
 pub const MAX_FRAGMENTS: usize = 2048;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,18 +47,28 @@ impl Rng {
     }
 }
 
-/// The fragments of a `size`-byte message, or `None` when it would need more than
-/// [`MAX_FRAGMENTS`] (planning stops there, so a huge size costs nothing).
-pub fn plan(size: usize, chunk: usize, mode: Fragmentation, rng: &mut Rng) -> Option<Vec<Fragment>> {
+/// Why a receive cannot be described in one unpack slot; TCPX exits the process on either.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failstop {
+    /// One chunk (a TCPX task) filled the socket's scatter list: `sock/tcpx.h` `process_recv_cmsg`
+    /// stops at `cnt_cache >= 2048`.
+    Task,
+    /// The whole request needs this many fragments, more than 2048: `net_tcpx.cc` `tcpxTest`.
+    Request(usize),
+}
+
+/// The fragments of a `size`-byte message, or the failstop TCPX would hit receiving it (checked
+/// per chunk first, as the chunks arrive, then for the request when `test` completes it).
+pub fn plan(size: usize, chunk: usize, mode: Fragmentation, rng: &mut Rng) -> Result<Vec<Fragment>, Failstop> {
     let mut frags = Vec::new();
+    // Fragments beyond what a slot holds are counted, not kept, so a huge size costs no memory.
+    let mut beyond = 0usize;
     let mut chunk_start = 0;
     while chunk_start < size {
         let chunk_end = size.min(chunk_start.saturating_add(chunk));
+        let mut in_chunk = 0;
         let mut off = chunk_start;
         while off < chunk_end {
-            if frags.len() == MAX_FRAGMENTS {
-                return None;
-            }
             let left = chunk_end - off;
             let (len, page_off) = match mode {
                 Fragmentation::Page => (left.min(PAGE), 0),
@@ -69,12 +80,23 @@ pub fn plan(size: usize, chunk: usize, mode: Fragmentation, rng: &mut Rng) -> Op
                     (len, rng.below(PAGE - len + 1))
                 }
             };
-            frags.push(Fragment { dst_off: off as u64, len: len as u32, page_off: page_off as u32 });
+            in_chunk += 1;
+            if in_chunk >= MAX_FRAGMENTS {
+                return Err(Failstop::Task);
+            }
+            if frags.len() < MAX_FRAGMENTS {
+                frags.push(Fragment { dst_off: off as u64, len: len as u32, page_off: page_off as u32 });
+            } else {
+                beyond += 1;
+            }
             off += len;
         }
         chunk_start = chunk_end;
     }
-    Some(frags)
+    if beyond > 0 {
+        return Err(Failstop::Request(MAX_FRAGMENTS + beyond));
+    }
+    Ok(frags)
 }
 
 #[cfg(test)]
@@ -102,7 +124,12 @@ mod tests {
         assert_eq!(lens, vec![4096, 1904, 4000]);
         assert!(f.iter().all(|f| f.page_off == 0));
         assert_eq!(plan(8 << 20, 512 << 10, Fragmentation::Page, &mut rng).unwrap().len(), 2048);
-        assert!(plan((8 << 20) + 1, 512 << 10, Fragmentation::Page, &mut rng).is_none());
+        let over = plan((8 << 20) + 1, 512 << 10, Fragmentation::Page, &mut rng);
+        assert_eq!(over, Err(Failstop::Request(2049)));
+        assert_eq!(plan(12 << 20, 512 << 10, Fragmentation::Page, &mut rng), Err(Failstop::Request(3072)));
+        // One chunk of 2048 pages fills a task's scatter list even though the request holds 2048.
+        assert_eq!(plan(8 << 20, 8 << 20, Fragmentation::Page, &mut rng), Err(Failstop::Task));
+        assert_eq!(plan((8 << 20) - 4096, 8 << 20, Fragmentation::Page, &mut rng).unwrap().len(), 2047);
     }
 
     #[test]

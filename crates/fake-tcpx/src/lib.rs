@@ -10,6 +10,7 @@ mod config;
 mod connect;
 mod entry;
 mod fail;
+mod fatal;
 mod fragment;
 mod gpu;
 mod handle;

@@ -13,7 +13,7 @@ use uccl_tcpx::transport::socket::SocketNet;
 
 use crate::config::{Config, Mode};
 use crate::fail::{Fail, Result};
-use crate::log;
+use crate::{fatal, log};
 
 /// TCPX retries a refused connect for about 20 s.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -54,6 +54,7 @@ pub fn init(logger: NcclDebugLogger) -> Result<()> {
     if cfg.mode == Mode::Gpu {
         uccl_tcpx::cuda::driver().map_err(|e| Fail::internal(format!("FAKE_TCPX_MODE=gpu: {e}")))?;
     }
+    fatal::configure(cfg.on_fatal);
     let devices = (0..cfg.devices)
         .map(|i| DeviceStrings {
             name: CString::new(format!("fake{i}")).expect("no NUL"),
@@ -61,17 +62,7 @@ pub fn init(logger: NcclDebugLogger) -> Result<()> {
         })
         .collect();
     let net = SocketNet::new(cfg.ip, CONNECT_TIMEOUT, IO_TIMEOUT, Arc::new(|| {}));
-    log::info(&format!(
-        "init: {} devices on {}, {:?} mode, {:?} fragments, seed {:#x}, pool {} MiB, chunk {} B, fault {:?}",
-        cfg.devices,
-        cfg.ip,
-        cfg.mode,
-        cfg.fragmentation,
-        cfg.seed,
-        cfg.pool_bytes >> 20,
-        cfg.chunk_bytes,
-        cfg.fault
-    ));
+    log::info(&format!("init: {cfg:?}"));
     let _ = PLUGIN.set(Plugin { cfg, net, devices });
     Ok(())
 }

@@ -11,7 +11,8 @@ use uccl_tcpx::transport::{MrHandle, RecvComm, RequestId};
 
 use crate::config::{Config, Fragmentation};
 use crate::fail::{Fail, Result};
-use crate::fragment::{self, Fragment, MAX_FRAGMENTS, PAGE, Rng};
+use crate::fatal::fatal;
+use crate::fragment::{self, Failstop, Fragment, MAX_FRAGMENTS, PAGE, Rng};
 use crate::gpu::GpuContext;
 use crate::health::{AfterCompletion, Health, closed};
 use crate::log;
@@ -237,6 +238,7 @@ impl FakeRecv {
     fn announce(&mut self, seq: u64, len: usize) -> Result<Vec<Fragment>> {
         let i = seq as usize % MAX_REQUESTS;
         let meta = self.mem.meta();
+        let key = self.key;
         let entry = self.ring.entry(seq);
         entry.size = len as c_int;
         entry.unpack_active = true;
@@ -254,10 +256,20 @@ impl FakeRecv {
                  loadMeta describes all of them (TCPX does not check either)"
             ));
         }
-        let frags = fragment::plan(len, self.chunk, self.fragmentation, &mut self.rng).ok_or_else(|| {
-            Fail::internal(format!(
-                "request too many pages: {len} bytes need more than {MAX_FRAGMENTS} fragments, failstop \
-                 (TCPX exits the process here)"
+        let frags = fragment::plan(len, self.chunk, self.fragmentation, &mut self.rng).map_err(|stop| {
+            let what = match stop {
+                Failstop::Task => format!(
+                    "received {MAX_FRAGMENTS}/{MAX_FRAGMENTS} segs, failstop, recv comm {key:#x} (sock/tcpx.h \
+                     process_recv_cmsg): one {}-byte chunk of this {len}-byte receive",
+                    self.chunk
+                ),
+                Failstop::Request(n) => {
+                    format!("request too many pages {n}, failstop (net_tcpx.cc tcpxTest): this {len}-byte receive")
+                }
+            };
+            fatal(format!(
+                "{what} needs more fragments than an unpack slot holds ({MAX_FRAGMENTS}, about 8 MiB of whole \
+                 pages); keep each receive within 4 MiB"
             ))
         })?;
         if frags.len() > self.pool.total() {

@@ -281,7 +281,7 @@ isolated_test!(
 );
 
 isolated_test!(
-    fn too_many_fragments_fail() {
+    fn too_many_fragments_fail_with_rc_3_on_request() {
         let p = Plugin::init();
         let pair = p.pair(0);
         let len = (8 << 20) + 1;
@@ -301,7 +301,9 @@ isolated_test!(
             }
         };
         assert_eq!(rc, NCCL_INTERNAL_ERROR);
-        assert_warned("too many pages");
+        assert_warned("request too many pages 2049, failstop");
         assert_eq!(p.test(r), Err(NCCL_INTERNAL_ERROR), "the failure is sticky");
     }
+    // TCPX exits here (tests/fatal.rs); the knob returns rc 3 instead.
+    env: ["FAKE_TCPX_ON_FATAL" => "rc"]
 );

@@ -3,7 +3,7 @@
 //! plugin's init is once per process and its knobs are read there), with the environment it names.
 //! Waiting, child processes and test data come from `testkit`, shared with the engine's tests.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::ffi::{CStr, c_char, c_int, c_ulong, c_void};
 use std::path::PathBuf;
@@ -18,18 +18,32 @@ pub use testkit::pattern;
 /// How long a connect, accept or request of the fake may take on a loaded machine.
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// In the parent: runs test `name` in a child process with `env` as the only fake knobs, and fails
-/// if the child fails; returns true. In that child: returns false, and the test body runs.
-pub fn spawn_in_child(name: &str, env: &[(&str, &str)]) -> bool {
-    if is_child(name) {
-        return false;
-    }
+/// Test `name` in a child process whose fake knobs are only `env`.
+fn child(name: &str, env: &[(&str, &str)]) -> ChildTest {
     let mut child = ChildTest::new(name).env_cleared("FAKE_TCPX_");
     for (k, v) in env {
         child = child.env(k, v);
     }
-    child.run();
+    child
+}
+
+/// In the parent: runs test `name` in a child process with `env`, and fails if the child fails;
+/// returns true. In that child: returns false, and the test body runs.
+pub fn spawn_in_child(name: &str, env: &[(&str, &str)]) -> bool {
+    if is_child(name) {
+        return false;
+    }
+    child(name, env).run();
     true
+}
+
+/// In the parent: runs test `name` in a child process with `env` and returns how it ended and what
+/// it printed. In that child: returns `None`, and the test body runs.
+pub fn child_outcome(name: &str, env: &[(&str, &str)]) -> Option<(std::process::ExitStatus, String)> {
+    if is_child(name) {
+        return None;
+    }
+    Some(child(name, env).finish())
 }
 
 /// Whether a GPU-mode test must return without running (see `testkit::gpu`): checked in the
