@@ -68,6 +68,8 @@ pub struct Config {
     pub chunk_bytes: usize,
     pub fault: Fault,
     pub on_fatal: OnFatal,
+    /// GPU mode: whether a HOST-registered receive is accepted (TCPX: it cannot read a steered flow).
+    pub host_recv_allowed: bool,
 }
 
 impl Config {
@@ -111,6 +113,7 @@ impl Config {
             Some("rc") => OnFatal::Rc,
             Some(v) => return Err(bad("FAKE_TCPX_ON_FATAL", v, "exit or rc")),
         };
+        let host_recv_allowed = choice(&get, "FAKE_TCPX_HOST_RECV", ("fail", "allow"))?;
         Ok(Config {
             devices,
             ip,
@@ -122,7 +125,18 @@ impl Config {
             chunk_bytes,
             fault,
             on_fatal,
+            host_recv_allowed,
         })
+    }
+}
+
+/// A two-valued knob: `false` for the first (default) value, `true` for the second.
+fn choice(get: &impl Fn(&str) -> Option<String>, name: &str, (default, other): (&str, &str)) -> Result<bool> {
+    match get(name) {
+        None => Ok(false),
+        Some(v) if v == default => Ok(false),
+        Some(v) if v == other => Ok(true),
+        Some(v) => Err(bad(name, &v, &format!("{default} or {other}"))),
     }
 }
 
@@ -174,6 +188,7 @@ mod tests {
         assert_eq!(c.pool_bytes, 64 << 20);
         assert_eq!(c.fault, Fault::None);
         assert_eq!(c.on_fatal, OnFatal::Exit);
+        assert!(!c.host_recv_allowed);
     }
 
     #[test]
@@ -186,6 +201,7 @@ mod tests {
         assert_eq!(parse(&[("FAKE_TCPX_GPU_COPY", "batch")]).unwrap().gpu_copy, GpuCopy::Batch);
         assert_eq!(parse(&[("FAKE_TCPX_FAULT", "stall:0")]).unwrap().fault, Fault::Stall(0));
         assert_eq!(parse(&[("FAKE_TCPX_ON_FATAL", "rc")]).unwrap().on_fatal, OnFatal::Rc);
+        assert!(parse(&[("FAKE_TCPX_HOST_RECV", "allow")]).unwrap().host_recv_allowed);
         for (k, v) in [
             ("FAKE_TCPX_NDEV", "0"),
             ("FAKE_TCPX_NDEV", "17"),
@@ -197,6 +213,7 @@ mod tests {
             ("FAKE_TCPX_FAULT", "hang:1"),
             ("FAKE_TCPX_IP", "localhost"),
             ("FAKE_TCPX_ON_FATAL", "abort"),
+            ("FAKE_TCPX_HOST_RECV", "1"),
         ] {
             let err = parse(&[(k, v)]).unwrap_err();
             assert!(err.msg.contains(k), "{k}={v}: {}", err.msg);

@@ -6,7 +6,7 @@
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use uccl_tcpx::transport::plugin::abi::{LoadMeta, NetUnpackMeta};
+use uccl_tcpx::transport::plugin::abi::{LoadMeta, NCCL_PTR_HOST, NetUnpackMeta};
 use uccl_tcpx::transport::{MrHandle, RecvComm, RequestId};
 
 use crate::config::{Config, Fragmentation};
@@ -59,6 +59,7 @@ pub struct FakeRecv {
     key: usize,
     chunk: usize,
     fragmentation: Fragmentation,
+    host_recv_allowed: bool,
     ring: Ring,
     regs: Registrations,
     health: Health,
@@ -90,6 +91,7 @@ impl FakeRecv {
             key: 0,
             chunk: cfg.chunk_bytes,
             fragmentation: cfg.fragmentation,
+            host_recv_allowed: cfg.host_recv_allowed,
             ring: Ring::new(),
             regs: Registrations::default(),
             health,
@@ -126,6 +128,14 @@ impl FakeRecv {
     pub fn irecv(&mut self, data: *mut c_void, size: c_int, mhandle: *mut c_void) -> Result<*mut c_void> {
         let len = usize::try_from(size).map_err(|_| Fail::internal(format!("irecv size {size} is negative")))?;
         let kind = self.regs.covering(mhandle, data as usize, len)?.kind;
+        if kind == NCCL_PTR_HOST && self.gpu.is_some() && !self.host_recv_allowed {
+            return Err(self.health.fail(Fail::internal(
+                "requested receive on host mem buffer (net_tcpx.cc taskProgress): TCPX flow-steered every data \
+                 socket of this receive comm into GPU memory at accept, so a host recv() cannot read its payload \
+                 (it fails with EFAULT, TCPX's helper thread gives up and the request never completes); this comm \
+                 has failed. Receive into GPU memory (a CUDA registration) and copy out",
+            )));
+        }
         let (k, entry) = self.ring.post()?;
         entry.comm = self.key as *mut c_void;
         entry.data = data;

@@ -1,12 +1,53 @@
 //! GPU mode (FAKE_TCPX_MODE=gpu): pool and unpack handle in device memory, metadata in mapped pinned
-//! memory. Needs a CUDA driver and a GPU; without one the transfer test reports itself skipped and
-//! only the init failure is checked.
+//! memory, and every data socket steered into device memory, so a host receive fails its comm.
+//! Needs a CUDA driver and a GPU; without one the GPU tests report themselves skipped (a failure
+//! where UCCL_TCPX_REQUIRE_GPU=1 says the host has one) and only the init failure is checked.
 
 mod common;
 
 use common::{Plugin, assert_warned, pattern};
 use cudarc::driver::{result, sys};
 use uccl_tcpx::transport::plugin::abi::*;
+
+/// Whether GPU test `name` returns without running: the parent decides (see `common::no_gpu`), and
+/// its child then runs the test.
+fn skip_without_gpu(name: &str) -> bool {
+    !testkit::child::is_child(name) && common::no_gpu()
+}
+
+/// Makes device 0's primary context current, as a consumer does before it calls the plugin.
+fn use_gpu_0() {
+    uccl_tcpx::cuda::driver().expect("cuInit");
+    let dev = result::device::get(0).unwrap();
+    let ctx = unsafe { result::primary_ctx::retain(dev) }.unwrap();
+    unsafe { result::ctx::set_current(ctx) }.unwrap();
+}
+
+/// The unpack handle of a receive comm, read from device memory once, as a consumer reads it.
+fn unpack_handle(pair: &common::Pair) -> UnpackDeviceHandle {
+    let mut raw = [0u8; 24];
+    unsafe { result::memcpy_dtoh_sync(&mut raw, pair.dev_handle.handle as sys::CUdeviceptr) }.unwrap();
+    unsafe { std::ptr::read_unaligned(raw.as_ptr().cast()) }
+}
+
+/// The `size` bytes of the receive in `slot`, gathered from the device pool along its loadMeta list.
+fn gather(h: &UnpackDeviceHandle, slot: usize, size: usize, pool_bytes: usize) -> Vec<u8> {
+    let (meta, pool) = (h.meta, h.bounce_buf as sys::CUdeviceptr);
+    let cnt = unsafe { std::sync::atomic::AtomicU64::from_ptr(std::ptr::addr_of_mut!((*meta).cnt[slot])) }
+        .load(std::sync::atomic::Ordering::Acquire) as usize;
+    assert!(cnt <= 2048);
+    let mut got = vec![0u8; size];
+    let mut covered = 0usize;
+    for i in 0..cnt {
+        let m = unsafe { std::ptr::addr_of!((*meta).mem[slot][i]).read() };
+        let (so, len, dofs) = (m.src_off as usize, m.len as usize, m.dst_off as usize);
+        assert!(dofs + len <= size && so + len <= pool_bytes, "{m:?}");
+        unsafe { result::memcpy_dtoh_sync(&mut got[dofs..dofs + len], pool + so as u64) }.unwrap();
+        covered += len;
+    }
+    assert_eq!(covered, size);
+    got
+}
 
 #[test]
 fn gpu_mode_needs_a_driver() {
@@ -74,7 +115,7 @@ fn gpu_mode_transfer_copying_each_fragment() {
 }
 
 fn transfer_in_gpu_mode(name: &str, copy: &str) {
-    if !testkit::child::is_child(name) && common::no_gpu() {
+    if skip_without_gpu(name) {
         return;
     }
     let env = [
@@ -86,22 +127,15 @@ fn transfer_in_gpu_mode(name: &str, copy: &str) {
     if common::spawn_in_child(name, &env) {
         return;
     }
-    uccl_tcpx::cuda::driver().expect("cuInit");
-    let dev = result::device::get(0).unwrap();
-    let ctx = unsafe { result::primary_ctx::retain(dev) }.unwrap();
-    unsafe { result::ctx::set_current(ctx) }.unwrap();
-
+    use_gpu_0();
     let p = Plugin::init();
     let pair = p.pair(0);
     // The unpack handle lives in device memory: read it as a consumer would, once.
-    let mut raw = [0u8; 24];
-    unsafe { result::memcpy_dtoh_sync(&mut raw, pair.dev_handle.handle as sys::CUdeviceptr) }.unwrap();
-    let h: UnpackDeviceHandle = unsafe { std::ptr::read_unaligned(raw.as_ptr().cast()) };
+    let h = unpack_handle(&pair);
     assert_eq!(h.head, u64::MAX);
     assert!(!h.meta.is_null() && !h.bounce_buf.is_null());
     // meta is mapped pinned memory: with unified addressing its device pointer is the host pointer.
     let meta = h.meta;
-    let pool = h.bounce_buf as sys::CUdeviceptr;
 
     let cap = 4 << 20;
     let dst = DeviceBuf::new(cap, 0xEE);
@@ -123,19 +157,9 @@ fn transfer_in_gpu_mode(name: &str, copy: &str) {
         let s = p.isend(pair.send, sptr, size, smh).unwrap();
         p.wait_both(s, r).unwrap();
         let slot = k % 16;
+        let got = gather(&h, slot, size, 32 << 20);
         let cnt = unsafe { std::sync::atomic::AtomicU64::from_ptr(std::ptr::addr_of_mut!((*meta).cnt[slot])) }
             .load(std::sync::atomic::Ordering::Acquire) as usize;
-        assert!(cnt <= 2048);
-        let mut got = vec![0u8; size];
-        let mut covered = 0usize;
-        for i in 0..cnt {
-            let m = unsafe { std::ptr::addr_of!((*meta).mem[slot][i]).read() };
-            let (so, len, dofs) = (m.src_off as usize, m.len as usize, m.dst_off as usize);
-            assert!(dofs + len <= size && so + len <= 32 << 20, "{m:?}");
-            unsafe { result::memcpy_dtoh_sync(&mut got[dofs..dofs + len], pool + so as u64) }.unwrap();
-            covered += len;
-        }
-        assert_eq!(covered, size);
         // The metadata is device-mapped: what a kernel reads through `meta` is what the host sees.
         let mut via_device = [0u64; 1];
         let cnt_off = std::mem::offset_of!(NetUnpackMeta, cnt) + slot * 8;
@@ -165,4 +189,59 @@ fn transfer_in_gpu_mode(name: &str, copy: &str) {
     for (f, c) in [(p.t.close_send, pair.send), (p.t.close_recv, pair.recv), (p.t.close_listen, pair.listen)] {
         assert_eq!(unsafe { f.unwrap()(c) }, 0);
     }
+}
+
+/// Posts one receive into host memory registered as HOST on a GPU-mode receive comm and sends
+/// 100 000 bytes to it: the rc of the refused irecv, or the bytes gathered (and checked) from the
+/// device pool.
+fn host_receive_in_gpu_mode() -> Result<Vec<u8>, i32> {
+    use_gpu_0();
+    let p = Plugin::init();
+    let pair = p.pair(0);
+    let h = unpack_handle(&pair);
+    let data = pattern(100_000, 9);
+    let smh = p.reg(pair.send, data.as_ptr(), data.len(), NCCL_PTR_HOST).unwrap();
+    // Registering host memory on a receive comm is fine: TCPX records the pointer.
+    let mut host = vec![0u8; data.len()];
+    let hmh = p.reg(pair.recv, host.as_mut_ptr(), host.len(), NCCL_PTR_HOST).unwrap();
+    let s = p.isend(pair.send, data.as_ptr(), data.len(), smh).unwrap();
+    let r = match p.irecv(pair.recv, host.as_mut_ptr(), host.len(), hmh) {
+        Ok(r) => r,
+        Err(rc) => {
+            assert_warned("requested receive on host mem buffer");
+            // The comm has failed: a device receive posted after it never completes either.
+            let dst = DeviceBuf::new(data.len(), 0);
+            let dmh = p.reg(pair.recv, dst.host(), round_up(data.len()), NCCL_PTR_CUDA).unwrap();
+            let r = p.irecv(pair.recv, dst.host() as *mut u8, data.len(), dmh).unwrap();
+            assert_eq!(p.wait_both(s, r), Err(NCCL_INTERNAL_ERROR));
+            assert_warned("host mem buffer");
+            return Err(rc);
+        }
+    };
+    p.wait_both(s, r).unwrap();
+    let got = gather(&h, 0, data.len(), 64 << 20);
+    assert_eq!(p.consume(pair.recv, r), 0);
+    assert!(got == data, "bytes gathered from the device pool differ");
+    Ok(got)
+}
+
+#[test]
+fn gpu_mode_host_receive_fails_the_comm() {
+    let name = "gpu_mode_host_receive_fails_the_comm";
+    if skip_without_gpu(name) || common::spawn_in_child(name, &[("FAKE_TCPX_MODE", "gpu")]) {
+        return;
+    }
+    // TCPX steered every data socket into device memory at accept: a plain recv() cannot read it.
+    assert_eq!(host_receive_in_gpu_mode().err(), Some(NCCL_INTERNAL_ERROR));
+}
+
+#[test]
+fn gpu_mode_host_receive_allowed_by_knob() {
+    let env = [("FAKE_TCPX_MODE", "gpu"), ("FAKE_TCPX_HOST_RECV", "allow")];
+    let name = "gpu_mode_host_receive_allowed_by_knob";
+    if skip_without_gpu(name) || common::spawn_in_child(name, &env) {
+        return;
+    }
+    // Let through, the receive lands in the device pool like every other.
+    assert_eq!(host_receive_in_gpu_mode().map(|got| got.len()), Ok(100_000));
 }
