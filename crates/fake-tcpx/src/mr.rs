@@ -10,6 +10,10 @@ use crate::fail::{Fail, Result};
 
 const DEVMEM_PAGE: usize = 4096;
 
+/// Why a size wraps: `tcpxRegMr(void* comm, void* data, int size, ...)` (net_tcpx.cc).
+const INT_SIZE: &str = "regMr takes an int size, so a region of 2 GiB or more cannot be registered in one \
+                        call: register windows below 2 GiB";
+
 #[derive(Debug)]
 pub struct Mr {
     pub base: usize,
@@ -24,9 +28,17 @@ pub struct Registrations {
 
 impl Registrations {
     pub fn register(&mut self, data: *mut c_void, size: c_int, kind: c_int) -> Result<*mut c_void> {
-        let len = usize::try_from(size).map_err(|_| Fail::internal(format!("regMr size {size} is negative")))?;
+        let len =
+            usize::try_from(size).map_err(|_| Fail::internal(format!("regMr size {size} is negative: {INT_SIZE}")))?;
         match kind {
             NCCL_PTR_HOST => {}
+            // TCPX asks CUDA for a dma-buf of the range (gpu/cuda_wrapper.cu gpu_tx_reg_mr), which
+            // an empty range cannot have: this is where a 4 GiB region truncated to int lands.
+            NCCL_PTR_CUDA if len == 0 => {
+                return Err(Fail::internal(format!(
+                    "gpu_tx_reg_mr failed: CUDA regMr of 0 bytes at {data:p}; {INT_SIZE}"
+                )));
+            }
             NCCL_PTR_CUDA => {
                 // TCPX builds a dma-buf of whole pages for GPU memory.
                 if !(data as usize).is_multiple_of(DEVMEM_PAGE) || !len.is_multiple_of(DEVMEM_PAGE) {
@@ -89,6 +101,13 @@ mod tests {
         assert!(regs.register(p, 64, 4).is_err());
         assert!(regs.register(0x1001 as *mut c_void, 4096, NCCL_PTR_CUDA).unwrap_err().msg.contains("not aligned"));
         assert!(regs.register(0x1000 as *mut c_void, 100, NCCL_PTR_CUDA).unwrap_err().msg.contains("not aligned"));
+        // Sizes of 2 GiB and more, as a C caller's int holds them: negative or wrapped to 0.
+        for size in [(2u64 << 30) as c_int, (4u64 << 30) as c_int, (6u64 << 30) as c_int] {
+            let err = regs.register(0x1000 as *mut c_void, size, NCCL_PTR_CUDA).unwrap_err();
+            assert!(err.msg.contains("int size"), "{size}: {}", err.msg);
+        }
+        assert!(regs.register(0x1000 as *mut c_void, (2u64 << 30) as c_int, NCCL_PTR_HOST).is_err());
+        assert!(regs.register(0x1000 as *mut c_void, c_int::MAX - 4095, NCCL_PTR_CUDA).is_ok(), "2 GiB - 4 KiB fits");
         let h = regs.register(p, 64, NCCL_PTR_HOST).unwrap();
         let base = p as usize;
         assert!(regs.covering(h, base + 10, 54).is_ok());

@@ -229,6 +229,33 @@ isolated_test!(
 );
 
 isolated_test!(
+    fn registrations_of_2_gib_or_more_fail() {
+        // regMr takes an int: a C consumer's 2 GiB and more arrive negative, or wrapped to 0 (4 GiB)
+        // or to a small size (4 GiB + 8 KiB). Host mode never touches CUDA-registered memory until
+        // it is sent, so a large range can be named without allocating it.
+        let p = Plugin::init();
+        let pair = p.pair(0);
+        let buf = common::Aligned::new(16384);
+        let b = buf.ptr();
+        for comm in [pair.send, pair.recv] {
+            for gib in [2usize, 3, 4, 6] {
+                assert_eq!(p.reg(comm, b, gib << 30, NCCL_PTR_CUDA), Err(NCCL_INTERNAL_ERROR), "{gib} GiB");
+                assert_warned("int size");
+            }
+            assert_eq!(p.reg(comm, b, 2 << 30, NCCL_PTR_HOST), Err(NCCL_INTERNAL_ERROR), "2 GiB host");
+            assert_warned("int size");
+            let below = p.reg(comm, b, (2 << 30) - 4096, NCCL_PTR_CUDA).unwrap();
+            assert_eq!(unsafe { p.t.dereg_mr.unwrap()(comm, below) }, 0);
+        }
+        // 4 GiB + 8 KiB wraps to 8 KiB: registered, but it covers 8 KiB only.
+        let wrapped = p.reg(pair.send, b, (4 << 30) + 8192, NCCL_PTR_CUDA).unwrap();
+        assert!(p.isend(pair.send, b, 8192, wrapped).is_ok());
+        assert_eq!(p.isend(pair.send, unsafe { b.add(8192) }, 4096, wrapped), Err(NCCL_INTERNAL_ERROR));
+        assert_warned("outside its registration");
+    }
+);
+
+isolated_test!(
     fn request_window_test_and_consume_order() {
         let p = Plugin::init();
         let pair = p.pair(1);
