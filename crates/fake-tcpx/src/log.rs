@@ -2,18 +2,19 @@
 //! called with the format "%s" and one C string, so no caller text is ever interpreted as a format.
 
 use std::ffi::{CString, c_int, c_ulong};
-use std::sync::OnceLock;
+use std::sync::Mutex;
 
 use uccl_tcpx::transport::plugin::abi::{NCCL_LOG_INFO, NCCL_LOG_WARN, NcclDebugLogger};
 
 /// `NCCL_NET`, the subsystem flag of every message.
 const SUBSYSTEM_NET: c_ulong = 16;
 
-static LOGGER: OnceLock<NcclDebugLogger> = OnceLock::new();
+static LOGGER: Mutex<NcclDebugLogger> = Mutex::new(None);
 
-/// Installs the logger once; later calls keep the first (TCPX's init runs once per process).
+/// Makes `logger` the one every later message goes to. Every `init` call does this first, the
+/// failing second one included, as TCPX's does.
 pub fn install(logger: NcclDebugLogger) {
-    let _ = LOGGER.set(logger);
+    *LOGGER.lock().unwrap_or_else(|p| p.into_inner()) = logger;
 }
 
 pub fn warn(msg: &str) {
@@ -24,15 +25,10 @@ pub fn info(msg: &str) {
     emit(NCCL_LOG_INFO, msg);
 }
 
-/// Logs through an explicit logger, for the "init twice" warning whose logger may be the new one.
-pub fn warn_with(logger: NcclDebugLogger, msg: &str) {
-    call(logger, NCCL_LOG_WARN, msg);
-}
-
 fn emit(level: c_int, msg: &str) {
-    if let Some(logger) = LOGGER.get() {
-        call(*logger, level, msg);
-    }
+    // Copied out: the logger runs without the lock held, so it may call back into the plugin.
+    let logger = *LOGGER.lock().unwrap_or_else(|p| p.into_inner());
+    call(logger, level, msg);
 }
 
 fn call(logger: NcclDebugLogger, level: c_int, msg: &str) {

@@ -42,14 +42,20 @@ pub fn get() -> Result<&'static Plugin> {
 
 pub fn init(logger: NcclDebugLogger) -> Result<()> {
     if logger.is_none() {
+        // TCPX stores it and crashes at its first message; refusing leaves the image uninitialised.
         return Err(Fail::internal("init needs a logger, got NULL"));
     }
     let _serial = INIT.lock().unwrap_or_else(|p| p.into_inner());
-    if PLUGIN.get().is_some() {
-        log::warn_with(logger, "init: gpu lib init twice (init must be called once per process)");
-        return Err(Fail::internal("init called twice"));
-    }
+    // tcpxInit's first statement replaces the logger (net_tcpx.cc), so a second consumer's init
+    // takes over every later message of the first consumer's comms, although it then fails.
     log::install(logger);
+    if PLUGIN.get().is_some() {
+        return Err(Fail::internal(
+            "gpu lib init twice (gpu/cuda_wrapper.cu gpu_init): init runs once per loaded image of this library, \
+             whoever calls it, and another consumer in this process ran it first; the plugin now logs through \
+             this consumer's logger",
+        ));
+    }
     let cfg = Config::from_env()?;
     if cfg.mode == Mode::Gpu {
         uccl_tcpx::cuda::driver().map_err(|e| Fail::internal(format!("FAKE_TCPX_MODE=gpu: {e}")))?;

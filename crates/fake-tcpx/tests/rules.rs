@@ -43,6 +43,57 @@ isolated_test!(
     }
 );
 
+unsafe extern "C" {
+    /// tests/logger.c: a second consumer's logger; its messages start with "second: ".
+    fn fake_tcpx_test_logger_second(
+        level: c_int,
+        flags: std::ffi::c_ulong,
+        file: *const std::ffi::c_char,
+        line: c_int,
+        fmt: *const std::ffi::c_char,
+        ...
+    );
+}
+
+isolated_test!(
+    fn a_second_consumer_in_the_process_gets_init_twice() {
+        // Consumer A (say NCCL) loads and initialises the library first.
+        let a = Plugin::init();
+        let devices = |p: &Plugin| {
+            let mut n = 0;
+            assert_eq!(unsafe { p.t.devices.unwrap()(&mut n) }, 0);
+            n
+        };
+        assert_eq!(devices(&a), 2);
+        // Consumer B loads the same file, by the same path and through another name: one image.
+        let dir = std::env::temp_dir().join(format!("fake-tcpx-consumers-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let alias = dir.join("libnccl-net-alias.so");
+        std::os::unix::fs::symlink(common::library_path(), &alias).unwrap();
+        for b in [Plugin::load(), Plugin::load_from(&alias)] {
+            assert_eq!(unsafe { b.t.init.unwrap()(Some(fake_tcpx_test_logger_second)) }, NCCL_INTERNAL_ERROR);
+            let w = take_warnings();
+            assert!(w.iter().any(|m| m.starts_with("second: ") && m.contains("init twice")), "{w:?}");
+            // The image is A's as much as B's: B may use it, as A's init made it ready.
+            assert_eq!(devices(&b), 2);
+        }
+        // As TCPX's init replaces its logger first thing, A's messages now go to B's logger.
+        assert_eq!(unsafe { a.t.devices.unwrap()(null_mut()) }, NCCL_INTERNAL_ERROR);
+        let w = take_warnings();
+        assert!(!w.is_empty() && w.iter().all(|m| m.starts_with("second: ") && m.contains("ndev is NULL")), "{w:?}");
+        // A private copy of the file is another image, with an init of its own.
+        let copy = dir.join("libnccl-net-copy.so");
+        std::fs::copy(common::library_path(), &copy).unwrap();
+        let c = Plugin::load_from(&copy);
+        assert_eq!(unsafe { c.t.init.unwrap()(common::logger()) }, 0);
+        assert_eq!(devices(&c), 2);
+        // The copy stays mapped (its threads' exit handlers point into it), as a net plugin does.
+        std::mem::forget(c);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+);
+
 isolated_test!(
     fn bad_knob_fails_init() {
         let p = Plugin::load();

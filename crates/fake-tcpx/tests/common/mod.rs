@@ -130,8 +130,13 @@ pub struct Plugin {
 impl Plugin {
     /// Loads the plugin without calling init.
     pub fn load() -> Plugin {
+        Plugin::load_from(&library_path())
+    }
+
+    /// Loads the plugin from `path` (another name for it, or a copy) without calling init.
+    pub fn load_from(path: &std::path::Path) -> Plugin {
         // SAFETY: loading our own plugin, whose initialisers are Rust's (none that run on load).
-        let lib = unsafe { libloading::Library::new(library_path()) }.expect("dlopen libfake_tcpx.so");
+        let lib = unsafe { libloading::Library::new(path) }.expect("dlopen libfake_tcpx.so");
         // SAFETY: ncclNetPlugin_v7 is a data symbol holding an NcclNetV7.
         let t = unsafe { **lib.get::<*const NcclNetV7>(PLUGIN_SYMBOL_V7).expect("ncclNetPlugin_v7") };
         Plugin { _lib: lib, t }
