@@ -70,6 +70,8 @@ pub struct Config {
     pub on_fatal: OnFatal,
     /// GPU mode: whether a HOST-registered receive is accepted (TCPX: it cannot read a steered flow).
     pub host_recv_allowed: bool,
+    /// Whether overlapping calls from two threads are caught.
+    pub thread_check: bool,
 }
 
 impl Config {
@@ -114,6 +116,7 @@ impl Config {
             Some(v) => return Err(bad("FAKE_TCPX_ON_FATAL", v, "exit or rc")),
         };
         let host_recv_allowed = choice(&get, "FAKE_TCPX_HOST_RECV", ("fail", "allow"))?;
+        let thread_check = !choice(&get, "FAKE_TCPX_THREAD_CHECK", ("on", "off"))?;
         Ok(Config {
             devices,
             ip,
@@ -126,6 +129,7 @@ impl Config {
             fault,
             on_fatal,
             host_recv_allowed,
+            thread_check,
         })
     }
 }
@@ -189,6 +193,7 @@ mod tests {
         assert_eq!(c.fault, Fault::None);
         assert_eq!(c.on_fatal, OnFatal::Exit);
         assert!(!c.host_recv_allowed);
+        assert!(c.thread_check);
     }
 
     #[test]
@@ -202,6 +207,7 @@ mod tests {
         assert_eq!(parse(&[("FAKE_TCPX_FAULT", "stall:0")]).unwrap().fault, Fault::Stall(0));
         assert_eq!(parse(&[("FAKE_TCPX_ON_FATAL", "rc")]).unwrap().on_fatal, OnFatal::Rc);
         assert!(parse(&[("FAKE_TCPX_HOST_RECV", "allow")]).unwrap().host_recv_allowed);
+        assert!(!parse(&[("FAKE_TCPX_THREAD_CHECK", "off")]).unwrap().thread_check);
         for (k, v) in [
             ("FAKE_TCPX_NDEV", "0"),
             ("FAKE_TCPX_NDEV", "17"),
@@ -214,6 +220,7 @@ mod tests {
             ("FAKE_TCPX_IP", "localhost"),
             ("FAKE_TCPX_ON_FATAL", "abort"),
             ("FAKE_TCPX_HOST_RECV", "1"),
+            ("FAKE_TCPX_THREAD_CHECK", "no"),
         ] {
             let err = parse(&[(k, v)]).unwrap_err();
             assert!(err.msg.contains(k), "{k}={v}: {}", err.msg);

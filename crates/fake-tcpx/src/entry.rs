@@ -1,4 +1,4 @@
-//! The panic boundary and pointer checks shared by every exported entry point.
+//! The panic boundary, thread check and pointer checks shared by every exported entry point.
 
 use std::ffi::c_int;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -7,11 +7,17 @@ use uccl_tcpx::transport::plugin::abi::{NCCL_INTERNAL_ERROR, NCCL_SUCCESS};
 
 use crate::fail::{Fail, Result};
 use crate::log;
+use crate::threads::{self, Scope};
 
-/// Runs an entry point's body: a `Fail` becomes a WARN and its rc, a panic becomes rc 3 (a panic
-/// must never unwind into the C caller).
-pub fn guard(entry: &str, body: impl FnOnce() -> Result<()>) -> c_int {
-    match catch_unwind(AssertUnwindSafe(body)) {
+/// Runs an entry point's body with the calling thread recorded inside `entry` on `scope` (computed
+/// first): a `Fail` becomes a WARN and its rc, a panic becomes rc 3 (a panic must never unwind into
+/// the C caller).
+pub fn guard(entry: &'static str, scope: impl FnOnce() -> Scope, body: impl FnOnce() -> Result<()>) -> c_int {
+    let run = || {
+        let _inside = threads::enter(entry, scope())?;
+        body()
+    };
+    match catch_unwind(AssertUnwindSafe(run)) {
         Ok(Ok(())) => NCCL_SUCCESS,
         Ok(Err(fail)) => {
             log::warn(&format!("{entry}: {}", fail.msg));

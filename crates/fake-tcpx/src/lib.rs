@@ -25,6 +25,7 @@ mod recv;
 mod registry;
 mod request;
 mod send;
+mod threads;
 mod wire;
 
 use std::ffi::{c_int, c_void};
@@ -39,6 +40,7 @@ use uccl_tcpx::transport::plugin::abi::{
 use entry::{guard, non_null};
 use fail::{Fail, Result};
 use registry::Object;
+use threads::Scope;
 
 /// The plugin table, a data symbol as in TCPX.
 #[allow(non_upper_case_globals)]
@@ -66,26 +68,34 @@ pub static ncclNetPlugin_v7: NcclNetV7 = NcclNetV7 {
 };
 
 unsafe extern "C" fn fake_init(logger: NcclDebugLogger) -> c_int {
-    guard("init", || plugin::init(logger))
+    guard("init", || Scope::Control(0), || plugin::init(logger))
 }
 
 unsafe extern "C" fn fake_devices(ndev: *mut c_int) -> c_int {
-    guard("devices", || {
-        let p = plugin::get()?;
-        // SAFETY: checked non-NULL; the caller provides an int.
-        unsafe { non_null(ndev, "ndev")?.write(p.cfg.devices as c_int) };
-        Ok(())
-    })
+    guard(
+        "devices",
+        || Scope::Free,
+        || {
+            let p = plugin::get()?;
+            // SAFETY: checked non-NULL; the caller provides an int.
+            unsafe { non_null(ndev, "ndev")?.write(p.cfg.devices as c_int) };
+            Ok(())
+        },
+    )
 }
 
 unsafe extern "C" fn fake_get_properties(dev: c_int, props: *mut NcclNetPropertiesV7) -> c_int {
-    guard("getProperties", || {
-        let p = plugin::get()?;
-        let dev = p.check_dev(dev)?;
-        // SAFETY: checked non-NULL; the caller provides a 56-byte v7 properties struct.
-        unsafe { non_null(props, "props")?.write(p.properties(dev)) };
-        Ok(())
-    })
+    guard(
+        "getProperties",
+        || Scope::Free,
+        || {
+            let p = plugin::get()?;
+            let dev = p.check_dev(dev)?;
+            // SAFETY: checked non-NULL; the caller provides a 56-byte v7 properties struct.
+            unsafe { non_null(props, "props")?.write(p.properties(dev)) };
+            Ok(())
+        },
+    )
 }
 
 /// Per-listen seeds, so that comms of one process shuffle their pools differently.
@@ -95,23 +105,27 @@ fn next_comm_seed(base: u64) -> u64 {
 }
 
 unsafe extern "C" fn fake_listen(dev: c_int, handle: *mut c_void, listen_comm: *mut *mut c_void) -> c_int {
-    guard("listen", || {
-        let p = plugin::get()?;
-        let dev = p.check_dev(dev)?;
-        let handle = non_null(handle, "handle")?.cast::<u8>();
-        let listen_comm = non_null(listen_comm, "listenComm")?;
-        let (mut h, inner) = p.net.listen(0).map_err(|e| Fail::system(format!("listen: {e}")))?;
-        handle::mark(&mut h, dev);
-        let comm = Arc::new(Mutex::new(listen::FakeListen::new(inner, next_comm_seed(p.cfg.seed))));
-        let key = Arc::as_ptr(&comm) as usize;
-        registry::add(key, Object::Listen(comm), None);
-        // SAFETY: checked non-NULL; the caller provides NCCL_NET_HANDLE_MAXSIZE bytes and a pointer slot.
-        unsafe {
-            std::ptr::copy_nonoverlapping(h.as_ptr(), handle, h.len());
-            listen_comm.write(key as *mut c_void);
-        }
-        Ok(())
-    })
+    guard(
+        "listen",
+        || Scope::Control(0),
+        || {
+            let p = plugin::get()?;
+            let dev = p.check_dev(dev)?;
+            let handle = non_null(handle, "handle")?.cast::<u8>();
+            let listen_comm = non_null(listen_comm, "listenComm")?;
+            let (mut h, inner) = p.net.listen(0).map_err(|e| Fail::system(format!("listen: {e}")))?;
+            handle::mark(&mut h, dev);
+            let comm = Arc::new(Mutex::new(listen::FakeListen::new(inner, next_comm_seed(p.cfg.seed))));
+            let key = Arc::as_ptr(&comm) as usize;
+            registry::add(key, Object::Listen(comm), None);
+            // SAFETY: checked non-NULL; the caller provides NCCL_NET_HANDLE_MAXSIZE bytes and a pointer slot.
+            unsafe {
+                std::ptr::copy_nonoverlapping(h.as_ptr(), handle, h.len());
+                listen_comm.write(key as *mut c_void);
+            }
+            Ok(())
+        },
+    )
 }
 
 unsafe extern "C" fn fake_connect(
@@ -120,49 +134,53 @@ unsafe extern "C" fn fake_connect(
     send_comm: *mut *mut c_void,
     _send_dev_comm: *mut *mut NcclNetDeviceHandleV7,
 ) -> c_int {
-    guard("connect", || {
-        let p = plugin::get()?;
-        p.check_dev(dev)?;
-        let handle = non_null(handle, "handle")?.cast::<u8>();
-        let send_comm = non_null(send_comm, "sendComm")?;
-        // SAFETY: checked non-NULL; the caller passes its 128-byte handle buffer.
-        unsafe { send_comm.write(std::ptr::null_mut()) };
-        let h = unsafe { handle::read(handle) };
-        let state = handle::connect_state(&h);
-        if state == 0 {
-            let c = connect::Connecting::start(p, h)?;
-            let key = registry::add_connect(c);
-            // SAFETY: as above; bytes 80..88 of the caller's handle hold the state, as in TCPX.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    (key as u64).to_le_bytes().as_ptr(),
-                    handle.add(handle::CONNECT_STATE.start),
-                    8,
-                )
-            };
-            return Ok(());
-        }
-        let c = registry::get_connect(state).ok_or_else(|| {
-            Fail::internal(
-                "connect handle bytes 80..88 hold no connect in progress: start every connect from a fresh \
+    guard(
+        "connect",
+        || Scope::Control(0),
+        || {
+            let p = plugin::get()?;
+            p.check_dev(dev)?;
+            let handle = non_null(handle, "handle")?.cast::<u8>();
+            let send_comm = non_null(send_comm, "sendComm")?;
+            // SAFETY: checked non-NULL; the caller passes its 128-byte handle buffer.
+            unsafe { send_comm.write(std::ptr::null_mut()) };
+            let h = unsafe { handle::read(handle) };
+            let state = handle::connect_state(&h);
+            if state == 0 {
+                let c = connect::Connecting::start(p, h)?;
+                let key = registry::add_connect(c);
+                // SAFETY: as above; bytes 80..88 of the caller's handle hold the state, as in TCPX.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        (key as u64).to_le_bytes().as_ptr(),
+                        handle.add(handle::CONNECT_STATE.start),
+                        8,
+                    )
+                };
+                return Ok(());
+            }
+            let c = registry::get_connect(state).ok_or_else(|| {
+                Fail::internal(
+                    "connect handle bytes 80..88 hold no connect in progress: start every connect from a fresh \
                  copy of the listen handle (TCPX would read freed memory here)",
-            )
-        })?;
-        let Some(outcome) = c.poll() else { return Ok(()) };
-        registry::remove_connect(state);
-        let inner = outcome?;
-        let comm = Arc::new(Mutex::new(send::FakeSend::new(inner, &p.cfg)?));
-        let key = Arc::as_ptr(&comm) as usize;
-        let ring = {
-            let mut c = registry::lock(&comm)?;
-            c.set_key(key);
-            c.ring_base()
-        };
-        registry::add(key, Object::Send(comm), Some(ring));
-        // SAFETY: as above.
-        unsafe { send_comm.write(key as *mut c_void) };
-        Ok(())
-    })
+                )
+            })?;
+            let Some(outcome) = c.poll() else { return Ok(()) };
+            registry::remove_connect(state);
+            let inner = outcome?;
+            let comm = Arc::new(Mutex::new(send::FakeSend::new(inner, &p.cfg)?));
+            let key = Arc::as_ptr(&comm) as usize;
+            let ring = {
+                let mut c = registry::lock(&comm)?;
+                c.set_key(key);
+                c.ring_base()
+            };
+            registry::add(key, Object::Send(comm), Some(ring));
+            // SAFETY: as above.
+            unsafe { send_comm.write(key as *mut c_void) };
+            Ok(())
+        },
+    )
 }
 
 unsafe extern "C" fn fake_accept(
@@ -170,28 +188,32 @@ unsafe extern "C" fn fake_accept(
     recv_comm: *mut *mut c_void,
     recv_dev_comm: *mut *mut NcclNetDeviceHandleV7,
 ) -> c_int {
-    guard("accept", || {
-        let p = plugin::get()?;
-        let recv_comm = non_null(recv_comm, "recvComm")?;
-        // SAFETY: checked non-NULL.
-        unsafe { recv_comm.write(std::ptr::null_mut()) };
-        let recv_dev_comm = non_null(recv_dev_comm, "recvDevComm (TCPX needs it to build the unpack queue)")?;
-        // SAFETY: checked non-NULL; points at the caller's pointer slot.
-        let dev_handle = unsafe { recv_dev_comm.read() };
-        let dev_handle = non_null(
-            dev_handle,
-            "*recvDevComm: it must point at a caller-allocated ncclNetDeviceHandle_v7_t (TCPX segfaults)",
-        )?;
-        let Some(Object::Listen(l)) = registry::get(listen_comm as usize) else {
-            return Err(Fail::internal(format!("accept on {listen_comm:p}, which is not a listen comm")));
-        };
-        let accepted = registry::lock(&l)?.accept(p, dev_handle)?;
-        if let Some(comm) = accepted {
+    guard(
+        "accept",
+        || Scope::Control(listen_comm as usize),
+        || {
+            let p = plugin::get()?;
+            let recv_comm = non_null(recv_comm, "recvComm")?;
             // SAFETY: checked non-NULL.
-            unsafe { recv_comm.write(comm) };
-        }
-        Ok(())
-    })
+            unsafe { recv_comm.write(std::ptr::null_mut()) };
+            let recv_dev_comm = non_null(recv_dev_comm, "recvDevComm (TCPX needs it to build the unpack queue)")?;
+            // SAFETY: checked non-NULL; points at the caller's pointer slot.
+            let dev_handle = unsafe { recv_dev_comm.read() };
+            let dev_handle = non_null(
+                dev_handle,
+                "*recvDevComm: it must point at a caller-allocated ncclNetDeviceHandle_v7_t (TCPX segfaults)",
+            )?;
+            let Some(Object::Listen(l)) = registry::get(listen_comm as usize) else {
+                return Err(Fail::internal(format!("accept on {listen_comm:p}, which is not a listen comm")));
+            };
+            let accepted = registry::lock(&l)?.accept(p, dev_handle)?;
+            if let Some(comm) = accepted {
+                // SAFETY: checked non-NULL.
+                unsafe { recv_comm.write(comm) };
+            }
+            Ok(())
+        },
+    )
 }
 
 /// Runs `f` on the send or receive comm `comm` names.
@@ -215,36 +237,44 @@ unsafe extern "C" fn fake_reg_mr(
     ty: c_int,
     mhandle: *mut *mut c_void,
 ) -> c_int {
-    guard("regMr", || {
-        plugin::get()?;
-        let mhandle = non_null(mhandle, "mhandle")?;
-        // GPU mode reads CUDA registrations with CUDA copies: they must be device memory.
-        let check = |gpu: Option<&gpu::GpuContext>| match gpu {
-            Some(g) if ty == NCCL_PTR_CUDA && size > 0 => g.check_device_pointer(data as usize),
-            _ => Ok(()),
-        };
-        let h = with_comm(
-            comm,
-            "regMr",
-            |c| {
-                let h = c.regs().register(data, size, ty)?;
-                check(c.gpu()).inspect_err(|_| drop(c.regs().deregister(h)))?;
-                Ok(h)
-            },
-            |c| {
-                let h = c.regs().register(data, size, ty)?;
-                check(c.gpu()).inspect_err(|_| drop(c.regs().deregister(h)))?;
-                Ok(h)
-            },
-        )?;
-        // SAFETY: checked non-NULL.
-        unsafe { mhandle.write(h) };
-        Ok(())
-    })
+    guard(
+        "regMr",
+        || Scope::Control(comm as usize),
+        || {
+            plugin::get()?;
+            let mhandle = non_null(mhandle, "mhandle")?;
+            // GPU mode reads CUDA registrations with CUDA copies: they must be device memory.
+            let check = |gpu: Option<&gpu::GpuContext>| match gpu {
+                Some(g) if ty == NCCL_PTR_CUDA && size > 0 => g.check_device_pointer(data as usize),
+                _ => Ok(()),
+            };
+            let h = with_comm(
+                comm,
+                "regMr",
+                |c| {
+                    let h = c.regs().register(data, size, ty)?;
+                    check(c.gpu()).inspect_err(|_| drop(c.regs().deregister(h)))?;
+                    Ok(h)
+                },
+                |c| {
+                    let h = c.regs().register(data, size, ty)?;
+                    check(c.gpu()).inspect_err(|_| drop(c.regs().deregister(h)))?;
+                    Ok(h)
+                },
+            )?;
+            // SAFETY: checked non-NULL.
+            unsafe { mhandle.write(h) };
+            Ok(())
+        },
+    )
 }
 
 unsafe extern "C" fn fake_dereg_mr(comm: *mut c_void, mhandle: *mut c_void) -> c_int {
-    guard("deregMr", || with_comm(comm, "deregMr", |c| c.regs().deregister(mhandle), |c| c.regs().deregister(mhandle)))
+    guard(
+        "deregMr",
+        || Scope::Control(comm as usize),
+        || with_comm(comm, "deregMr", |c| c.regs().deregister(mhandle), |c| c.regs().deregister(mhandle)),
+    )
 }
 
 unsafe extern "C" fn fake_isend(
@@ -255,16 +285,20 @@ unsafe extern "C" fn fake_isend(
     mhandle: *mut c_void,
     request: *mut *mut c_void,
 ) -> c_int {
-    guard("isend", || {
-        let request = non_null(request, "request")?;
-        let Some(Object::Send(c)) = registry::get(send_comm as usize) else {
-            return Err(Fail::internal(format!("isend on {send_comm:p}, which is not a send comm")));
-        };
-        let req = registry::lock(&c)?.isend(data, size, mhandle)?;
-        // SAFETY: checked non-NULL.
-        unsafe { request.write(req) };
-        Ok(())
-    })
+    guard(
+        "isend",
+        || Scope::Comm(send_comm as usize),
+        || {
+            let request = non_null(request, "request")?;
+            let Some(Object::Send(c)) = registry::get(send_comm as usize) else {
+                return Err(Fail::internal(format!("isend on {send_comm:p}, which is not a send comm")));
+            };
+            let req = registry::lock(&c)?.isend(data, size, mhandle)?;
+            // SAFETY: checked non-NULL.
+            unsafe { request.write(req) };
+            Ok(())
+        },
+    )
 }
 
 unsafe extern "C" fn fake_irecv(
@@ -276,23 +310,27 @@ unsafe extern "C" fn fake_irecv(
     mhandles: *mut *mut c_void,
     request: *mut *mut c_void,
 ) -> c_int {
-    guard("irecv", || {
-        if n != 1 {
-            return Err(Fail::internal(format!("irecv with n = {n}: this plugin receives one buffer per request")));
-        }
-        let request = non_null(request, "request")?;
-        let (data, sizes, mhandles) =
-            (non_null(data, "data")?, non_null(sizes, "sizes")?, non_null(mhandles, "mhandles")?);
-        let Some(Object::Recv(c)) = registry::get(recv_comm as usize) else {
-            return Err(Fail::internal(format!("irecv on {recv_comm:p}, which is not a receive comm")));
-        };
-        // SAFETY: checked non-NULL; n == 1 so each array has one element.
-        let (data, size, mhandle) = unsafe { (data.read(), sizes.read(), mhandles.read()) };
-        let req = registry::lock(&c)?.irecv(data, size, mhandle)?;
-        // SAFETY: checked non-NULL.
-        unsafe { request.write(req) };
-        Ok(())
-    })
+    guard(
+        "irecv",
+        || Scope::Comm(recv_comm as usize),
+        || {
+            if n != 1 {
+                return Err(Fail::internal(format!("irecv with n = {n}: this plugin receives one buffer per request")));
+            }
+            let request = non_null(request, "request")?;
+            let (data, sizes, mhandles) =
+                (non_null(data, "data")?, non_null(sizes, "sizes")?, non_null(mhandles, "mhandles")?);
+            let Some(Object::Recv(c)) = registry::get(recv_comm as usize) else {
+                return Err(Fail::internal(format!("irecv on {recv_comm:p}, which is not a receive comm")));
+            };
+            // SAFETY: checked non-NULL; n == 1 so each array has one element.
+            let (data, size, mhandle) = unsafe { (data.read(), sizes.read(), mhandles.read()) };
+            let req = registry::lock(&c)?.irecv(data, size, mhandle)?;
+            // SAFETY: checked non-NULL.
+            unsafe { request.write(req) };
+            Ok(())
+        },
+    )
 }
 
 unsafe extern "C" fn fake_iflush(
@@ -303,86 +341,109 @@ unsafe extern "C" fn fake_iflush(
     _mhandles: *mut *mut c_void,
     _request: *mut *mut c_void,
 ) -> c_int {
-    guard("iflush", || {
-        Err(Fail::internal("iflush is not supported: TCPX's is broken and NCCL never calls it for this plugin"))
-    })
+    guard(
+        "iflush",
+        || Scope::Free,
+        || Err(Fail::internal("iflush is not supported: TCPX's is broken and NCCL never calls it for this plugin")),
+    )
+}
+
+/// A request is a call on its comm; one no comm owns fails the call anyway.
+fn request_scope(request: *mut c_void) -> Scope {
+    registry::request(request as usize).map_or(Scope::Free, |(key, _, _)| Scope::Comm(key))
 }
 
 unsafe extern "C" fn fake_test(request: *mut c_void, done: *mut c_int, _size: *mut c_int) -> c_int {
     // `*size` is never written, as in TCPX: the size is the sender's, found at offset 36 of the
     // request or as the sum of the loadMeta lengths.
-    guard("test", || {
-        let done = non_null(done, "done")?;
-        let Some((_, object, slot)) = registry::request(request as usize) else {
-            return Err(Fail::internal(format!("test called with invalid request {request:p}")));
-        };
-        let mut d = 0;
-        let r = match object {
-            Object::Send(c) => registry::lock(&c)?.test(slot, &mut d),
-            Object::Recv(c) => registry::lock(&c)?.test(slot, &mut d),
-            Object::Listen(_) => Err(Fail::internal("test called with invalid request")),
-        };
-        // SAFETY: checked non-NULL.
-        unsafe { done.write(d) };
-        r
-    })
+    guard(
+        "test",
+        || request_scope(request),
+        || {
+            let done = non_null(done, "done")?;
+            let Some((_, object, slot)) = registry::request(request as usize) else {
+                return Err(Fail::internal(format!("test called with invalid request {request:p}")));
+            };
+            let mut d = 0;
+            let r = match object {
+                Object::Send(c) => registry::lock(&c)?.test(slot, &mut d),
+                Object::Recv(c) => registry::lock(&c)?.test(slot, &mut d),
+                Object::Listen(_) => Err(Fail::internal("test called with invalid request")),
+            };
+            // SAFETY: checked non-NULL.
+            unsafe { done.write(d) };
+            r
+        },
+    )
 }
 
 unsafe extern "C" fn fake_irecv_consumed(recv_comm: *mut c_void, n: c_int, request: *mut c_void) -> c_int {
-    guard("irecvConsumed", || {
-        if n != 1 {
-            return Err(Fail::internal(format!("irecvConsumed with n = {n}: only n == 1 is supported")));
-        }
-        let Some((key, object, slot)) = registry::request(request as usize) else {
-            return Err(Fail::internal(format!("irecvConsumed called with invalid request {request:p}")));
-        };
-        match object {
-            Object::Send(_) => {
-                log::warn("irecvConsumed called with a send request; ignored");
-                Ok(())
+    guard(
+        "irecvConsumed",
+        || Scope::Comm(recv_comm as usize),
+        || {
+            if n != 1 {
+                return Err(Fail::internal(format!("irecvConsumed with n = {n}: only n == 1 is supported")));
             }
-            Object::Recv(c) if key == recv_comm as usize => registry::lock(&c)?.consumed(slot),
-            _ => Err(Fail::internal("irecvConsumed called with a request of another comm")),
-        }
-    })
+            let Some((key, object, slot)) = registry::request(request as usize) else {
+                return Err(Fail::internal(format!("irecvConsumed called with invalid request {request:p}")));
+            };
+            match object {
+                Object::Send(_) => {
+                    log::warn("irecvConsumed called with a send request; ignored");
+                    Ok(())
+                }
+                Object::Recv(c) if key == recv_comm as usize => registry::lock(&c)?.consumed(slot),
+                _ => Err(Fail::internal("irecvConsumed called with a request of another comm")),
+            }
+        },
+    )
 }
 
 unsafe extern "C" fn fake_close(comm: *mut c_void) -> c_int {
-    guard("close", || {
-        let is_comm = |o: &Object| matches!(o, Object::Send(_) | Object::Recv(_));
-        match registry::remove_if(comm as usize, is_comm) {
-            Some((Object::Send(c), true)) => {
-                if registry::lock(&c).map(|c| c.has_outstanding()).unwrap_or(false) {
-                    log::warn("close: send comm closed with requests in flight");
-                }
-                Ok(())
-            }
-            Some((Object::Recv(c), true)) => {
-                if let Ok(c) = registry::lock(&c) {
-                    if c.unconsumed() > 0 {
-                        log::warn(&format!(
-                            "close: {} completed receives were never consumed: some pages not yet freed?",
-                            c.unconsumed()
-                        ));
+    guard(
+        "close",
+        || Scope::Control(comm as usize),
+        || {
+            let is_comm = |o: &Object| matches!(o, Object::Send(_) | Object::Recv(_));
+            match registry::remove_if(comm as usize, is_comm) {
+                Some((Object::Send(c), true)) => {
+                    if registry::lock(&c).map(|c| c.has_outstanding()).unwrap_or(false) {
+                        log::warn("close: send comm closed with requests in flight");
                     }
-                    if c.has_outstanding() {
-                        log::warn("close: receive comm closed with requests in flight");
-                    }
+                    Ok(())
                 }
-                Ok(())
+                Some((Object::Recv(c), true)) => {
+                    if let Ok(c) = registry::lock(&c) {
+                        if c.unconsumed() > 0 {
+                            log::warn(&format!(
+                                "close: {} completed receives were never consumed: some pages not yet freed?",
+                                c.unconsumed()
+                            ));
+                        }
+                        if c.has_outstanding() {
+                            log::warn("close: receive comm closed with requests in flight");
+                        }
+                    }
+                    Ok(())
+                }
+                Some(_) => Err(Fail::internal("closeSend/closeRecv called on a listen comm")),
+                None => Err(Fail::internal(format!("close of {comm:p}, which is not an open comm"))),
             }
-            Some(_) => Err(Fail::internal("closeSend/closeRecv called on a listen comm")),
-            None => Err(Fail::internal(format!("close of {comm:p}, which is not an open comm"))),
-        }
-    })
+        },
+    )
 }
 
 unsafe extern "C" fn fake_close_listen(listen_comm: *mut c_void) -> c_int {
-    guard("closeListen", || match registry::remove_if(listen_comm as usize, |o| matches!(o, Object::Listen(_))) {
-        Some((_, true)) => Ok(()),
-        Some((_, false)) => Err(Fail::internal("closeListen called on a send or receive comm")),
-        None => Err(Fail::internal(format!("closeListen of {listen_comm:p}, which is not an open listen comm"))),
-    })
+    guard(
+        "closeListen",
+        || Scope::Control(listen_comm as usize),
+        || match registry::remove_if(listen_comm as usize, |o| matches!(o, Object::Listen(_))) {
+            Some((_, true)) => Ok(()),
+            Some((_, false)) => Err(Fail::internal("closeListen called on a send or receive comm")),
+            None => Err(Fail::internal(format!("closeListen of {listen_comm:p}, which is not an open listen comm"))),
+        },
+    )
 }
 
 unsafe extern "C" fn fake_get_device_mr(_comm: *mut c_void, _mhandle: *mut c_void, _dptr: *mut *mut c_void) -> c_int {

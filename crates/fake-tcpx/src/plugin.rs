@@ -13,7 +13,7 @@ use uccl_tcpx::transport::socket::SocketNet;
 
 use crate::config::{Config, Mode};
 use crate::fail::{Fail, Result};
-use crate::{fatal, log};
+use crate::{fatal, log, threads};
 
 /// TCPX retries a refused connect for about 20 s.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -61,6 +61,7 @@ pub fn init(logger: NcclDebugLogger) -> Result<()> {
         uccl_tcpx::cuda::driver().map_err(|e| Fail::internal(format!("FAKE_TCPX_MODE=gpu: {e}")))?;
     }
     fatal::configure(cfg.on_fatal);
+    threads::configure(cfg.thread_check);
     let devices = (0..cfg.devices)
         .map(|i| DeviceStrings {
             name: CString::new(format!("fake{i}")).expect("no NUL"),

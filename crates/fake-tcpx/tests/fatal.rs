@@ -1,10 +1,13 @@
 //! Where TCPX ends the process, the fake does too: more than 2048 fragments in one receive
-//! ("failstop"). Each case runs the consumer in a child process and checks that it exited with
-//! status 1 and TCPX's message.
+//! ("failstop"), and two threads inside the plugin where TCPX takes no lock. Each case runs the
+//! consumer in a child process and checks that it exited with status 1 and TCPX's message; the
+//! cases around them show what stays allowed.
 
 mod common;
 
-use std::ffi::c_int;
+use std::ffi::{c_char, c_int, c_ulong, c_void};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
 
 use common::{Aligned, Plugin, pattern};
 use uccl_tcpx::transport::plugin::abi::*;
@@ -23,6 +26,24 @@ macro_rules! exiting_test {
             panic!("the consumer survived where TCPX exits the process");
         }
     };
+}
+
+unsafe extern "C" {
+    fn fake_tcpx_test_slow_logger(
+        level: c_int,
+        flags: c_ulong,
+        file: *const c_char,
+        line: c_int,
+        fmt: *const c_char,
+        ...
+    );
+    static fake_tcpx_test_slow_logger_entered: c_int;
+}
+
+/// Messages the slow logger has started on so far.
+fn slow_logger_entered() -> i32 {
+    let p = std::ptr::addr_of!(fake_tcpx_test_slow_logger_entered);
+    unsafe { AtomicI32::from_ptr(p as *mut i32) }.load(Ordering::SeqCst)
 }
 
 /// Sends `len` bytes into a receive registered as `recv_type` and waits for both (or the exit).
@@ -54,4 +75,94 @@ exiting_test!(
     }
     env: ["FAKE_TCPX_CHUNK" => "8388608"]
     expect: ["received 2048/2048 segs, failstop"]
+);
+
+/// Initialises the plugin with the slow logger (its init message takes half a second).
+fn init_slow() -> Plugin {
+    let p = Plugin::load();
+    assert_eq!(unsafe { p.t.init.unwrap()(Some(fake_tcpx_test_slow_logger)) }, 0);
+    p
+}
+
+/// Runs `inside` on another thread, which stays inside that plugin call while the slow logger takes
+/// its message, and `meanwhile` on this thread once it is in there.
+fn overlap(inside: impl FnOnce() + Send + 'static, meanwhile: impl FnOnce()) {
+    let before = slow_logger_entered();
+    let t = std::thread::Builder::new().name("first".into()).spawn(inside).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while slow_logger_entered() == before {
+        assert!(Instant::now() < deadline, "the first thread never logged");
+        std::thread::yield_now();
+    }
+    meanwhile();
+    t.join().unwrap();
+}
+
+exiting_test!(
+    fn two_control_calls_at_once_exit_the_process() {
+        let p = Plugin::load();
+        let init = p.t.init.unwrap();
+        // init logs as it finishes, through the slow logger: listen comes in meanwhile.
+        overlap(
+            move || assert_eq!(unsafe { init(Some(fake_tcpx_test_slow_logger)) }, 0),
+            || {
+                p.listen(0);
+            },
+        );
+    }
+    env: []
+    expect: ["two threads inside the plugin at once: listen on thread", "while init on thread", "'first' was running", "per-GPU setup"]
+);
+
+/// A pair with a receive and a send posted: (send comm, receive comm, receive request, send request).
+fn posted(p: &Plugin) -> (usize, usize, usize, usize) {
+    let pair = p.pair(0);
+    let buf = Box::leak(vec![0u8; 64].into_boxed_slice());
+    let smh = p.reg(pair.send, buf.as_ptr(), 64, NCCL_PTR_HOST).unwrap();
+    let rmh = p.reg(pair.recv, buf.as_mut_ptr(), 64, NCCL_PTR_HOST).unwrap();
+    let r = p.irecv(pair.recv, buf.as_mut_ptr(), 64, rmh).unwrap();
+    let s = p.isend(pair.send, buf.as_ptr(), 64, smh).unwrap();
+    (pair.send as usize, pair.recv as usize, r as usize, s as usize)
+}
+
+/// irecvConsumed of a send request WARNs from inside the call: with the slow logger the calling
+/// thread stays inside a call on the receive comm for half a second.
+fn consume_slowly(p: &'static Plugin, recv: usize, send_req: usize) -> impl FnOnce() + Send + 'static {
+    move || assert_eq!(p.consume(recv as *mut c_void, send_req as *mut c_void), 0)
+}
+
+exiting_test!(
+    fn two_calls_on_one_comm_exit_the_process() {
+        let p: &'static Plugin = Box::leak(Box::new(init_slow()));
+        let (_, recv, r, s) = posted(p);
+        overlap(consume_slowly(p, recv, s), || {
+            let _ = p.test(r as *mut c_void);
+        });
+    }
+    env: []
+    expect: ["two threads inside the plugin at once: test", "while irecvConsumed", "take no lock"]
+);
+
+isolated_test!(
+    fn control_and_data_calls_on_two_threads_are_allowed() {
+        // NCCL's proxy threads: a control call on one, data calls of other comms on another.
+        let p: &'static Plugin = Box::leak(Box::new(init_slow()));
+        let (send, recv, _, s) = posted(p);
+        overlap(consume_slowly(p, recv, s), || {
+            p.listen(1);
+            let _ = p.test(s as *mut c_void);
+            assert_eq!(unsafe { p.t.close_send.unwrap()(send as *mut c_void) }, 0);
+        });
+    }
+);
+
+isolated_test!(
+    fn thread_check_off() {
+        let p: &'static Plugin = Box::leak(Box::new(init_slow()));
+        let (_, recv, r, s) = posted(p);
+        overlap(consume_slowly(p, recv, s), || {
+            assert_eq!(p.test(r as *mut c_void), Ok(false));
+        });
+    }
+    env: ["FAKE_TCPX_THREAD_CHECK" => "off"]
 );
