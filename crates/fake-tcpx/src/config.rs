@@ -1,7 +1,11 @@
 //! The fake's knobs, read once by `init` (as TCPX reads its environment once). A malformed value
-//! fails `init` with a message naming the variable.
+//! fails `init` with a message naming the variable. The few TCPX variables the fake honours
+//! (`NCCL_NSOCKS_PERTHREAD`, `NCCL_SOCKET_NTHREADS`,
+//! `NCCL_GPUDIRECTTCPX_PROGRAM_FLOW_STEERING_WAIT_MICROS`) are read as TCPX reads them: a value out
+//! of range falls back to the default instead of failing.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use crate::fail::{Fail, Result};
 
@@ -54,6 +58,25 @@ pub enum OnFatal {
     Rc,
 }
 
+/// How long connection setup takes, as TCPX's `connect.cc` spends it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SetupTiming {
+    /// Slept before each socket on both sides (TCPX: `usleep(100 * 1000)` per socket).
+    pub socket_delay: Duration,
+    /// Data sockets per comm: `NCCL_NSOCKS_PERTHREAD` x `NCCL_SOCKET_NTHREADS` of the listener, as
+    /// `tcpxGetNsockNthread` computes it; the ctrl socket comes on top.
+    pub data_sockets: u32,
+    /// Slept by accept after its last socket, so flow-steering rules are active before data flows.
+    pub steering_wait: Duration,
+}
+
+/// TCPX's `kNSocksPerThread` / `kNThreads` limits (`macro.h`: `MAX_SOCKETS`, `MAX_THREADS`).
+const TCPX_MAX_SOCKETS: u64 = 8;
+const TCPX_MAX_THREADS: u64 = 16;
+/// TCPX's steering wait when `NCCL_GPUDIRECTTCPX_PROGRAM_FLOW_STEERING_WAIT_MICROS` is unset or not
+/// positive.
+const TCPX_STEERING_WAIT: Duration = Duration::from_secs(5);
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub devices: usize,
@@ -72,6 +95,7 @@ pub struct Config {
     pub host_recv_allowed: bool,
     /// Whether overlapping calls from two threads are caught.
     pub thread_check: bool,
+    pub setup: SetupTiming,
 }
 
 impl Config {
@@ -117,6 +141,12 @@ impl Config {
         };
         let host_recv_allowed = choice(&get, "FAKE_TCPX_HOST_RECV", ("fail", "allow"))?;
         let thread_check = !choice(&get, "FAKE_TCPX_THREAD_CHECK", ("on", "off"))?;
+        let socket_delay = Duration::from_millis(number(&get, "FAKE_TCPX_SOCKET_DELAY_MS", 100, 0, 10_000)?);
+        let steering_wait = match get("FAKE_TCPX_STEERING_WAIT_MS") {
+            Some(_) => Duration::from_millis(number(&get, "FAKE_TCPX_STEERING_WAIT_MS", 0, 0, 600_000)?),
+            None => tcpx_steering_wait(get("NCCL_GPUDIRECTTCPX_PROGRAM_FLOW_STEERING_WAIT_MICROS")),
+        };
+        let data_sockets = tcpx_data_sockets(get("NCCL_NSOCKS_PERTHREAD"), get("NCCL_SOCKET_NTHREADS"));
         Ok(Config {
             devices,
             ip,
@@ -130,6 +160,7 @@ impl Config {
             on_fatal,
             host_recv_allowed,
             thread_check,
+            setup: SetupTiming { socket_delay, data_sockets, steering_wait },
         })
     }
 }
@@ -141,6 +172,32 @@ fn choice(get: &impl Fn(&str) -> Option<String>, name: &str, (default, other): (
         Some(v) if v == default => Ok(false),
         Some(v) if v == other => Ok(true),
         Some(v) => Err(bad(name, &v, &format!("{default} or {other}"))),
+    }
+}
+
+/// An integer TCPX parameter as `ncclLoadParam` reads it: anything unparsable is the default.
+fn tcpx_param(v: Option<String>, default: i64) -> i64 {
+    v.and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// `tcpxGetNsockNthread` (connect.cc) with `TCPX_GET_INT_FLAG`'s range checks (net_tcpx.cc
+/// `tcpxInit`): out-of-range values keep the defaults of flags.cc (1 and 1), and a product above
+/// `MAX_SOCKETS` lowers the sockets per thread.
+fn tcpx_data_sockets(per_thread: Option<String>, threads: Option<String>) -> u32 {
+    let in_range = |v: i64, hi: u64| if (1..=hi as i64).contains(&v) { v as u64 } else { 1 };
+    let mut per_thread = in_range(tcpx_param(per_thread, 1), TCPX_MAX_SOCKETS);
+    let threads = in_range(tcpx_param(threads, 1), TCPX_MAX_THREADS);
+    if per_thread * threads > TCPX_MAX_SOCKETS {
+        per_thread = TCPX_MAX_SOCKETS / threads;
+    }
+    (per_thread * threads) as u32
+}
+
+/// `tcpxAsyncAcceptV5_v5` (connect.cc): the parameter in microseconds when positive, else 5 s.
+fn tcpx_steering_wait(v: Option<String>) -> Duration {
+    match tcpx_param(v, -2) as i32 {
+        v if v > 0 => Duration::from_micros(v as u64),
+        _ => TCPX_STEERING_WAIT,
     }
 }
 
@@ -194,6 +251,34 @@ mod tests {
         assert_eq!(c.on_fatal, OnFatal::Exit);
         assert!(!c.host_recv_allowed);
         assert!(c.thread_check);
+        let tcpx = SetupTiming {
+            socket_delay: Duration::from_millis(100),
+            data_sockets: 1,
+            steering_wait: Duration::from_secs(5),
+        };
+        assert_eq!(c.setup, tcpx);
+    }
+
+    #[test]
+    fn setup_timing_follows_tcpx() {
+        let setup = |pairs: &[(&str, &str)]| parse(pairs).unwrap().setup;
+        assert_eq!(setup(&[("NCCL_NSOCKS_PERTHREAD", "4")]).data_sockets, 4);
+        assert_eq!(setup(&[("NCCL_NSOCKS_PERTHREAD", "4"), ("NCCL_SOCKET_NTHREADS", "2")]).data_sockets, 8);
+        // Above MAX_SOCKETS the sockets per thread drop to 8 / threads.
+        assert_eq!(setup(&[("NCCL_NSOCKS_PERTHREAD", "8"), ("NCCL_SOCKET_NTHREADS", "3")]).data_sockets, 6);
+        // Out of range or unparsable: the default, as TCPX_GET_INT_FLAG restores it.
+        assert_eq!(setup(&[("NCCL_NSOCKS_PERTHREAD", "9")]).data_sockets, 1);
+        assert_eq!(setup(&[("NCCL_NSOCKS_PERTHREAD", "x")]).data_sockets, 1);
+        let wait = |v: &str| setup(&[("NCCL_GPUDIRECTTCPX_PROGRAM_FLOW_STEERING_WAIT_MICROS", v)]).steering_wait;
+        assert_eq!(wait("500000"), Duration::from_millis(500));
+        assert_eq!(wait("0"), Duration::from_secs(5), "only a positive value replaces the 5 s");
+        assert_eq!(wait("-1"), Duration::from_secs(5));
+        let own = setup(&[
+            ("NCCL_GPUDIRECTTCPX_PROGRAM_FLOW_STEERING_WAIT_MICROS", "500000"),
+            ("FAKE_TCPX_STEERING_WAIT_MS", "0"),
+            ("FAKE_TCPX_SOCKET_DELAY_MS", "0"),
+        ]);
+        assert_eq!((own.steering_wait, own.socket_delay), (Duration::ZERO, Duration::ZERO));
     }
 
     #[test]
@@ -221,6 +306,8 @@ mod tests {
             ("FAKE_TCPX_ON_FATAL", "abort"),
             ("FAKE_TCPX_HOST_RECV", "1"),
             ("FAKE_TCPX_THREAD_CHECK", "no"),
+            ("FAKE_TCPX_SOCKET_DELAY_MS", "10001"),
+            ("FAKE_TCPX_STEERING_WAIT_MS", "-1"),
         ] {
             let err = parse(&[(k, v)]).unwrap_err();
             assert!(err.msg.contains(k), "{k}={v}: {}", err.msg);

@@ -1,7 +1,7 @@
 //! Asynchronous connect, TCPX style: the first call starts a connecting thread and stores its state
 //! in bytes 80..88 of the caller's handle; later calls with the same handle bytes poll it. A handle
 //! whose state is unknown (reused after a completed connect, or corrupted) is an error, where TCPX
-//! would read freed memory.
+//! would read freed memory. The thread first spends TCPX's per-socket setup time (`setup.rs`).
 
 use std::sync::{Arc, Mutex};
 
@@ -19,11 +19,13 @@ pub struct Connecting {
 impl Connecting {
     pub fn start(plugin: &'static Plugin, mut h: NetHandle) -> Result<Arc<Connecting>> {
         handle::check(&h)?;
+        let setup = plugin.cfg.setup.connect_time(handle::data_sockets(&h));
         let c = Arc::new(Connecting { outcome: Mutex::new(None) });
         let thread_c = c.clone();
         std::thread::Builder::new()
             .name("fake-tcpx-connect".into())
             .spawn(move || {
+                std::thread::sleep(setup);
                 // Every fake device runs on the one socket device.
                 let outcome = match plugin.net.connect(0, &mut h) {
                     Ok(Some(comm)) => Ok(comm),

@@ -25,6 +25,7 @@ mod recv;
 mod registry;
 mod request;
 mod send;
+mod setup;
 mod threads;
 mod wire;
 
@@ -114,7 +115,7 @@ unsafe extern "C" fn fake_listen(dev: c_int, handle: *mut c_void, listen_comm: *
             let handle = non_null(handle, "handle")?.cast::<u8>();
             let listen_comm = non_null(listen_comm, "listenComm")?;
             let (mut h, inner) = p.net.listen(0).map_err(|e| Fail::system(format!("listen: {e}")))?;
-            handle::mark(&mut h, dev);
+            handle::mark(&mut h, dev, p.cfg.setup.data_sockets);
             let comm = Arc::new(Mutex::new(listen::FakeListen::new(inner, next_comm_seed(p.cfg.seed))));
             let key = Arc::as_ptr(&comm) as usize;
             registry::add(key, Object::Listen(comm), None);

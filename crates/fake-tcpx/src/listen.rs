@@ -1,14 +1,15 @@
 //! Listen comms and accept. Like TCPX, accept is asynchronous (the first call only starts it and
-//! returns no comm) and allowed once per listen comm; the receive comm comes with its device handle
-//! written into the caller's `ncclNetDeviceHandle_v7_t`.
+//! returns no comm), takes TCPX's setup time (`setup.rs`) and is allowed once per listen comm; the
+//! receive comm comes with its device handle written into the caller's `ncclNetDeviceHandle_v7_t`.
 
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use uccl_tcpx::transport::ListenComm;
 use uccl_tcpx::transport::plugin::abi::{
     NCCL_NET_DEVICE_UNPACK, NCCL_NET_DEVICE_UNPACK_VERSION, NcclNetDeviceHandleV7,
 };
+use uccl_tcpx::transport::{ListenComm, RecvComm};
 
 use crate::config::Mode;
 use crate::fail::{Fail, Result};
@@ -21,7 +22,9 @@ use crate::registry::{self, Object};
 
 pub struct FakeListen {
     inner: Box<dyn ListenComm>,
-    started: bool,
+    started: Option<Instant>,
+    /// The peer's connection, held until the setup time has passed.
+    arrived: Option<(Box<dyn RecvComm>, Instant)>,
     accepted: bool,
     /// Distinguishes the pool shuffles of comms accepted in one process.
     seed: u64,
@@ -29,7 +32,7 @@ pub struct FakeListen {
 
 impl FakeListen {
     pub fn new(inner: Box<dyn ListenComm>, seed: u64) -> FakeListen {
-        FakeListen { inner, started: false, accepted: false, seed }
+        FakeListen { inner, started: None, arrived: None, accepted: false, seed }
     }
 
     /// `Some(comm pointer)` once a connection arrived; fills `*dev_handle` then.
@@ -37,11 +40,30 @@ impl FakeListen {
         if self.accepted {
             return Err(Fail::internal("accept called again: one accept per listen comm (TCPX reuses freed state)"));
         }
-        if !self.started {
-            self.started = true;
+        let now = Instant::now();
+        let Some(started) = self.started else {
+            self.started = Some(now);
             return Ok(None);
+        };
+        if self.arrived.is_none() {
+            let Some(inner) = self.inner.accept().map_err(closed)? else { return Ok(None) };
+            self.arrived = Some((inner, plugin.cfg.setup.accept_ready(started, now)));
         }
-        let Some(inner) = self.inner.accept().map_err(closed)? else { return Ok(None) };
+        match self.arrived.take() {
+            Some((inner, ready)) if now >= ready => self.finish(plugin, inner, dev_handle),
+            waiting => {
+                self.arrived = waiting;
+                Ok(None)
+            }
+        }
+    }
+
+    fn finish(
+        &mut self,
+        plugin: &Plugin,
+        inner: Box<dyn RecvComm>,
+        dev_handle: *mut NcclNetDeviceHandleV7,
+    ) -> Result<Option<*mut c_void>> {
         let (mem, gpu): (Box<dyn RxMemory>, _) = match plugin.cfg.mode {
             Mode::Host => (Box::new(HostRx::new(plugin.cfg.pool_bytes)?), None),
             Mode::Gpu => (gpu::rx_memory(plugin.cfg.pool_bytes, plugin.cfg.gpu_copy)?, Some(GpuContext::acquire()?)),

@@ -18,10 +18,18 @@ pub use testkit::pattern;
 /// How long a connect, accept or request of the fake may take on a loaded machine.
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// Test `name` in a child process whose fake knobs are only `env`.
+/// Knobs every test runs with unless it sets them itself: the tests of these rules do.
+const TEST_DEFAULTS: &[(&str, &str)] = &[
+    // Few tests want TCPX's seconds of setup per pair.
+    ("FAKE_TCPX_SOCKET_DELAY_MS", "0"),
+    ("FAKE_TCPX_STEERING_WAIT_MS", "0"),
+];
+
+/// Test `name` in a child process whose fake knobs, and TCPX variables the fake reads, are only the
+/// harness's defaults and `env`.
 fn child(name: &str, env: &[(&str, &str)]) -> ChildTest {
-    let mut child = ChildTest::new(name).env_cleared("FAKE_TCPX_");
-    for (k, v) in env {
+    let mut child = ChildTest::new(name).env_cleared("FAKE_TCPX_").env_cleared("NCCL_");
+    for (k, v) in TEST_DEFAULTS.iter().chain(env) {
         child = child.env(k, v);
     }
     child
