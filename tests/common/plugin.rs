@@ -40,3 +40,30 @@ pub fn config(channels: u16, chunk: u32) -> Config {
         ..super::loopback()
     }
 }
+
+/// The fake NIC's lenient knobs, for what the engine does not yet do as TCPX requires. Each stays
+/// until the engine honours the TCPX behaviour named above it; a value already in the environment
+/// wins, so `FAKE_TCPX_SAME_HOST=fatal cargo test ...` shows what the engine still breaks.
+const LENIENT_FAKE: &[(&str, &str)] = &[
+    // Both engines of a test run on one host, and the engine has no same-host path: TCPX exits at
+    // the first devmem receive of loopback traffic ("data landed on host memory", sock/tcpx.h), as
+    // the fake does for a receive into GPU memory (a CUDA registration).
+    ("FAKE_TCPX_SAME_HOST", "allow"),
+];
+
+extern "C" fn pin_lenient_fake() {
+    for (name, value) in LENIENT_FAKE {
+        if std::env::var_os(name).is_none() {
+            // SAFETY: runs from .init_array, before main, while the process has one thread.
+            unsafe { std::env::set_var(name, value) };
+        }
+    }
+}
+
+/// Before main: the fake reads its knobs once, in the `init` of the first engine of whichever test
+/// runs first, and setting the environment once test threads run would race their reads of it.
+/// Child processes the tests start inherit the values, or set them again where they are cleared.
+/// Every test binary that includes this harness sets them; only the fake reads them.
+#[used]
+#[unsafe(link_section = ".init_array")]
+static PIN_LENIENT_FAKE: extern "C" fn() = pin_lenient_fake;

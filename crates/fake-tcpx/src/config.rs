@@ -96,6 +96,9 @@ pub struct Config {
     /// Whether overlapping calls from two threads are caught.
     pub thread_check: bool,
     pub setup: SetupTiming,
+    /// Whether a connection whose two ends share a host may carry devmem receives (TCPX: never,
+    /// loopback traffic does not reach the NIC).
+    pub same_host_allowed: bool,
 }
 
 impl Config {
@@ -147,6 +150,7 @@ impl Config {
             None => tcpx_steering_wait(get("NCCL_GPUDIRECTTCPX_PROGRAM_FLOW_STEERING_WAIT_MICROS")),
         };
         let data_sockets = tcpx_data_sockets(get("NCCL_NSOCKS_PERTHREAD"), get("NCCL_SOCKET_NTHREADS"));
+        let same_host_allowed = choice(&get, "FAKE_TCPX_SAME_HOST", ("fatal", "allow"))?;
         Ok(Config {
             devices,
             ip,
@@ -161,6 +165,7 @@ impl Config {
             host_recv_allowed,
             thread_check,
             setup: SetupTiming { socket_delay, data_sockets, steering_wait },
+            same_host_allowed,
         })
     }
 }
@@ -251,6 +256,7 @@ mod tests {
         assert_eq!(c.on_fatal, OnFatal::Exit);
         assert!(!c.host_recv_allowed);
         assert!(c.thread_check);
+        assert!(!c.same_host_allowed);
         let tcpx = SetupTiming {
             socket_delay: Duration::from_millis(100),
             data_sockets: 1,
@@ -293,6 +299,7 @@ mod tests {
         assert_eq!(parse(&[("FAKE_TCPX_ON_FATAL", "rc")]).unwrap().on_fatal, OnFatal::Rc);
         assert!(parse(&[("FAKE_TCPX_HOST_RECV", "allow")]).unwrap().host_recv_allowed);
         assert!(!parse(&[("FAKE_TCPX_THREAD_CHECK", "off")]).unwrap().thread_check);
+        assert!(parse(&[("FAKE_TCPX_SAME_HOST", "allow")]).unwrap().same_host_allowed);
         for (k, v) in [
             ("FAKE_TCPX_NDEV", "0"),
             ("FAKE_TCPX_NDEV", "17"),
@@ -308,6 +315,7 @@ mod tests {
             ("FAKE_TCPX_THREAD_CHECK", "no"),
             ("FAKE_TCPX_SOCKET_DELAY_MS", "10001"),
             ("FAKE_TCPX_STEERING_WAIT_MS", "-1"),
+            ("FAKE_TCPX_SAME_HOST", "yes"),
         ] {
             let err = parse(&[(k, v)]).unwrap_err();
             assert!(err.msg.contains(k), "{k}={v}: {}", err.msg);

@@ -15,6 +15,7 @@ mod fragment;
 mod gpu;
 mod handle;
 mod health;
+mod host;
 mod listen;
 mod log;
 mod memory;

@@ -6,7 +6,7 @@
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use uccl_tcpx::transport::plugin::abi::{LoadMeta, NCCL_PTR_HOST, NetUnpackMeta};
+use uccl_tcpx::transport::plugin::abi::{LoadMeta, NCCL_PTR_CUDA, NCCL_PTR_HOST, NetUnpackMeta};
 use uccl_tcpx::transport::{MrHandle, RecvComm, RequestId};
 
 use crate::config::{Config, Fragmentation};
@@ -15,6 +15,7 @@ use crate::fatal::fatal;
 use crate::fragment::{self, Failstop, Fragment, MAX_FRAGMENTS, PAGE, Rng};
 use crate::gpu::GpuContext;
 use crate::health::{AfterCompletion, Health, closed};
+use crate::host::{self, Origin};
 use crate::log;
 use crate::memory::RxMemory;
 use crate::mr::Registrations;
@@ -59,6 +60,7 @@ pub struct FakeRecv {
     key: usize,
     chunk: usize,
     fragmentation: Fragmentation,
+    same_host_allowed: bool,
     host_recv_allowed: bool,
     ring: Ring,
     regs: Registrations,
@@ -91,6 +93,7 @@ impl FakeRecv {
             key: 0,
             chunk: cfg.chunk_bytes,
             fragmentation: cfg.fragmentation,
+            same_host_allowed: cfg.same_host_allowed,
             host_recv_allowed: cfg.host_recv_allowed,
             ring: Ring::new(),
             regs: Registrations::default(),
@@ -209,8 +212,8 @@ impl FakeRecv {
                     };
                     inner.irecv_consumed(id).map_err(closed)?;
                     let seq = self.next_header;
-                    let len = wire::decode(&self.header[..n.min(HEADER_LEN)], seq)?;
-                    let frags = self.announce(seq, len)?;
+                    let (len, origin) = wire::decode(&self.header[..n.min(HEADER_LEN)], seq)?;
+                    let frags = self.announce(seq, len, origin)?;
                     Rx::Pages { seq, len, frags }
                 }
                 Rx::Pages { seq, len, frags } => {
@@ -245,11 +248,25 @@ impl FakeRecv {
     }
 
     /// The sender's header arrived: the request takes the sender's size and its unpack slot.
-    fn announce(&mut self, seq: u64, len: usize) -> Result<Vec<Fragment>> {
+    fn announce(&mut self, seq: u64, len: usize, origin: Origin) -> Result<Vec<Fragment>> {
         let i = seq as usize % MAX_REQUESTS;
         let meta = self.mem.meta();
         let key = self.key;
         let entry = self.ring.entry(seq);
+        let devmem = entry.mem_type == NCCL_PTR_CUDA;
+        let me = host::local();
+        if devmem && len > 0 && origin.host == me.host && !self.same_host_allowed {
+            let ends = if origin.pid == me.pid {
+                format!("both ends of this connection are this process ({})", me.pid)
+            } else {
+                format!("the sender (process {}) runs on this host too", origin.pid)
+            };
+            return Err(fatal(format!(
+                "fatal, recv comm {key:#x} data landed on host memory 1 times (sock/tcpx.h process_recv_cmsg): \
+                 {ends}, and same-host traffic never reaches the NIC, so nothing steers it into device memory. \
+                 Reach a same-host peer without the plugin (FAKE_TCPX_SAME_HOST=allow permits it in tests)"
+            )));
+        }
         entry.size = len as c_int;
         entry.unpack_active = true;
         entry.unpack_idx = i as u64;

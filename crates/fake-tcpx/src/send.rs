@@ -12,6 +12,7 @@ use crate::config::{Config, Mode};
 use crate::fail::{Fail, Result};
 use crate::gpu::{GpuContext, SendStaging};
 use crate::health::{AfterCompletion, Health, closed};
+use crate::host;
 use crate::mr::Registrations;
 use crate::request::{MAX_REQUESTS, OP_SEND, Ring};
 use crate::wire::{self, HEADER_LEN};
@@ -169,7 +170,7 @@ impl FakeSend {
                 }
                 _ => s.data as *const u8,
             };
-            self.headers[i] = wire::encode(seq, s.len as u32);
+            self.headers[i] = wire::encode(seq, s.len as u32, host::local());
             // SAFETY: the header lives in this comm and the payload is caller memory that isend's
             // contract keeps valid until test reports done; dropping `inner` first joins its thread.
             let header_id =

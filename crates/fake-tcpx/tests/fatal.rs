@@ -1,7 +1,8 @@
 //! Where TCPX ends the process, the fake does too: more than 2048 fragments in one receive
-//! ("failstop"), and two threads inside the plugin where TCPX takes no lock. Each case runs the
-//! consumer in a child process and checks that it exited with status 1 and TCPX's message; the
-//! cases around them show what stays allowed.
+//! ("failstop"), payload that reached a devmem receive through host memory (a same-host
+//! connection: "data landed on host memory"), and two threads inside the plugin where TCPX takes no
+//! lock. Each case runs the consumer in a child process and checks that it exited with status 1 and
+//! TCPX's message; the cases around them show what stays allowed.
 
 mod common;
 
@@ -75,6 +76,32 @@ exiting_test!(
     }
     env: ["FAKE_TCPX_CHUNK" => "8388608"]
     expect: ["received 2048/2048 segs, failstop"]
+);
+
+exiting_test!(
+    fn same_host_devmem_receive_exits_the_process() {
+        transfer(&Plugin::init(), 100_000, NCCL_PTR_CUDA);
+    }
+    env: ["FAKE_TCPX_SAME_HOST" => "fatal"]
+    expect: ["data landed on host memory", "this process", "FAKE_TCPX_SAME_HOST=allow"]
+);
+
+isolated_test!(
+    fn same_host_without_devmem_payload_is_no_fatal() {
+        // A host receive is a plain recv(), which loopback bytes satisfy; an empty devmem receive
+        // carries no payload at all.
+        let p = Plugin::init();
+        transfer(&p, 100_000, NCCL_PTR_HOST);
+        transfer(&p, 0, NCCL_PTR_CUDA);
+    }
+    env: ["FAKE_TCPX_SAME_HOST" => "fatal"]
+);
+
+isolated_test!(
+    fn same_host_allowed_by_its_knob() {
+        transfer(&Plugin::init(), 100_000, NCCL_PTR_CUDA);
+    }
+    env: ["FAKE_TCPX_SAME_HOST" => "allow"]
 );
 
 /// Initialises the plugin with the slow logger (its init message takes half a second).

@@ -23,6 +23,9 @@ const TEST_DEFAULTS: &[(&str, &str)] = &[
     // Few tests want TCPX's seconds of setup per pair.
     ("FAKE_TCPX_SOCKET_DELAY_MS", "0"),
     ("FAKE_TCPX_STEERING_WAIT_MS", "0"),
+    // Every test pairs comms inside one process, where TCPX would exit at the first devmem receive
+    // (same-host traffic never reaches a NIC).
+    ("FAKE_TCPX_SAME_HOST", "allow"),
 ];
 
 /// Test `name` in a child process whose fake knobs, and TCPX variables the fake reads, are only the
