@@ -26,6 +26,25 @@ isolated_test!(
         let rc = unsafe { p.t.iflush.unwrap()(pair.recv, 1, null_mut(), null_mut(), null_mut(), &mut req) };
         assert_eq!(rc, NCCL_INTERNAL_ERROR);
         assert_warned("iflush");
+        // getDeviceMr succeeds and writes nothing, as TCPX's.
+        let mut dptr = std::ptr::dangling_mut::<std::ffi::c_void>();
+        assert_eq!(unsafe { p.t.get_device_mr.unwrap()(pair.send, null_mut(), &mut dptr) }, 0);
+        assert_eq!(dptr, std::ptr::dangling_mut());
+    }
+);
+
+isolated_test!(
+    fn close_warns_about_receives_never_consumed() {
+        let p = Plugin::init();
+        let pair = p.pair(0);
+        let mut buf = vec![1u8; 100];
+        let smh = p.reg(pair.send, buf.as_ptr(), 100, NCCL_PTR_HOST).unwrap();
+        let rmh = p.reg(pair.recv, buf.as_mut_ptr(), 100, NCCL_PTR_HOST).unwrap();
+        let r = p.irecv(pair.recv, buf.as_mut_ptr(), 100, rmh).unwrap();
+        let s = p.isend(pair.send, buf.as_ptr(), 100, smh).unwrap();
+        p.wait_both(s, r).unwrap();
+        assert_eq!(unsafe { p.t.close_recv.unwrap()(pair.recv) }, 0);
+        assert_warned("some pages not yet freed?");
     }
 );
 
