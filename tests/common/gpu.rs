@@ -26,6 +26,7 @@ pub fn no_gpu() -> bool {
 /// Whether a test that needs `n` GPUs must return without running: fewer are visible (it says
 /// so). Single-GPU hosts run the GPU suite too, so this is a skip even where GPUs are required.
 pub fn fewer_gpus_than(n: i32) -> bool {
+    cudarc::driver::result::init().expect("cuInit");
     let count = cudarc::driver::result::device::get_count().expect("cuDeviceGetCount");
     if count >= n {
         return false;
@@ -39,6 +40,8 @@ pub fn fewer_gpus_than(n: i32) -> bool {
 pub fn make_current(ordinal: Option<i32>) {
     let ctx = match ordinal {
         Some(n) => {
+            // A child test process may get here before anything initialised the driver.
+            cudarc::driver::result::init().expect("cuInit");
             let dev = cudarc::driver::result::device::get(n).expect("cuDeviceGet");
             // SAFETY: `dev` came from cuDeviceGet. The reference is kept for the life of the test
             // process, as the library keeps its own.
