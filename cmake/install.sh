@@ -8,7 +8,7 @@
 #
 # usage: cmake/install.sh PREFIX [BUILD_DIR]
 #   BUILD_DIR: where the packaging project is configured (default: <target>/cmake-build; wiped first)
-# Honours CARGO_TARGET_DIR. Needs cargo and cmake >= 3.16.
+# Honours CARGO_TARGET_DIR. Needs cargo, cmake >= 3.16 and C and C++17 compilers.
 set -euo pipefail
 
 if [[ $# -lt 1 || $# -gt 2 || "$1" == -* ]]; then
