@@ -6,7 +6,8 @@
  * deserialize_fifo_item from its common.h. This file declares exactly those signatures, so code
  * written against UCCL's uccl_engine.h + common.h (NIXL's UCCL backend, for one) compiles
  * unchanged against uccl-tcpx. Everything here is inline and forwards to the extern "C" functions
- * of uccl_engine.h; the shared library exports no C++ symbols.
+ * of uccl_engine.h, so libuccl_tcpx.so is all such code links. (libuccl_p2p.so exports the same
+ * functions under UCCL's mangled names, for binaries built against UCCL's own header.)
  *
  * uccl_engine.h includes this file at its end in every C++ translation unit unless
  * UCCL_TCPX_C_ONLY is defined; including it directly is equivalent.
