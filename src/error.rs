@@ -123,8 +123,25 @@ impl Error {
             K::TimedOut | K::WouldBlock => UcclStatus::ErrTimeout,
             _ => UcclStatus::ErrBackend,
         };
-        Error::new(status, format!("{what}: {err}"))
+        let hint = match err.raw_os_error() {
+            Some(libc::EMFILE) => match open_file_limit() {
+                Some((soft, hard)) => {
+                    format!(" (the process's open-file limit is reached: RLIMIT_NOFILE soft {soft}, hard {hard})")
+                }
+                None => " (the process's open-file limit is reached)".to_string(),
+            },
+            Some(libc::ENFILE) => " (the system's open-file table is full)".to_string(),
+            _ => String::new(),
+        };
+        Error::new(status, format!("{what}: {err}{hint}"))
     }
+}
+
+/// The process's `RLIMIT_NOFILE` as (soft, hard), or `None` where the kernel does not say.
+pub(crate) fn open_file_limit() -> Option<(libc::rlim_t, libc::rlim_t)> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `limit` is a writable rlimit that outlives the call.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0).then_some((limit.rlim_cur, limit.rlim_max))
 }
 
 impl fmt::Display for Error {

@@ -5,6 +5,7 @@ mod channel;
 mod conn;
 mod control_rx;
 mod dial;
+mod fd_limit;
 mod handshake;
 pub mod local;
 mod mapping;
@@ -139,6 +140,7 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(config: Config) -> Result<Engine> {
+        fd_limit::raise_once();
         let ip = crate::transport::socket::iface::pick_address(config.ip, config.ifname.as_deref())?;
         // An operator who names the address or interface gets listeners on it alone, the control
         // listener and every channel listener; otherwise every interface is served, as UCCL's engine does.
