@@ -1,5 +1,5 @@
-//! Every environment knob, parsed once per engine into a plain struct. A malformed value is an error
-//! that names the variable, never a silent default.
+//! Every environment knob, parsed once per engine into a plain struct (the log filter, once per
+//! process). A malformed value is an error that names the variable, never a silent default.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -361,6 +361,21 @@ impl SocketConfig {
     }
 }
 
+/// Sets up logging from `UCCL_TCPX_LOG` (else `RUST_LOG`); quiet (errors only) by default. Safe to
+/// call repeatedly and alongside another logger in the process.
+pub fn init_logging() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = log_filter(|name| std::env::var(name).ok());
+        let _ = env_logger::Builder::new().parse_filters(&filter).try_init();
+    });
+}
+
+/// Logging is set up once per process, not per engine, so this knob is not part of [`Config`].
+fn log_filter(lookup: impl Fn(&str) -> Option<String>) -> String {
+    lookup("UCCL_TCPX_LOG").or_else(|| lookup("RUST_LOG")).unwrap_or_else(|| "error".into())
+}
+
 fn parse_transport(get: &impl Fn(&str) -> Option<String>) -> Result<TransportChoice> {
     let name = "UCCL_TCPX_TRANSPORT";
     let Some(raw) = get(name) else { return Ok(TransportChoice::Auto) };
@@ -624,5 +639,13 @@ mod tests {
         assert!(block("2001:db8::/33").contains(ip("2001:db8:7fff::1")));
         assert!(!block("2001:db8::/33").contains(ip("2001:db8:8000::1")));
         assert!(block("::ffff:10.0.0.0/104").contains(ip("10.9.9.9")), "an IPv4-mapped block is an IPv4 block");
+    }
+
+    #[test]
+    fn log_filter_prefers_its_own_variable_then_rust_log_then_errors_only() {
+        let both = |n: &str| Some(if n == "UCCL_TCPX_LOG" { "debug" } else { "trace" }.to_owned());
+        assert_eq!(log_filter(both), "debug");
+        assert_eq!(log_filter(|n: &str| (n == "RUST_LOG").then(|| "info".to_owned())), "info");
+        assert_eq!(log_filter(|_: &str| None), "error");
     }
 }

@@ -12,7 +12,7 @@ use cudarc::driver::{CudaContext, result, sys};
 use uccl_tcpx::cuda::unpack::{
     BulkTiles, Completion, CompletionCounts, INLINE_SMALL, ReceiveLayout, Submit, UnpackMode, Unpacker, UnpackerConfig,
 };
-use uccl_tcpx::transport::plugin::abi::LoadMeta;
+use uccl_tcpx::ncclnet::LoadMeta;
 
 const GUARD: u8 = 0xA5;
 

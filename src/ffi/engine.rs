@@ -28,7 +28,7 @@ pub const UCCL_IP_ADDR_BUF_MIN: usize = 46;
 /// calling thread (after `cudaSetDevice(n)`, say), else the GPU of the first device registration.
 #[unsafe(no_mangle)]
 pub extern "C" fn uccl_engine_create(num_cpus: c_int, in_python: bool) -> *mut uccl_engine_t {
-    crate::init_logging();
+    crate::config::init_logging();
     ffi_fn!("uccl_engine_create", {
         if num_cpus < 0 {
             return Err(Error::invalid(format!("num_cpus is {num_cpus}, must not be negative")));

@@ -17,7 +17,7 @@ use std::ffi::c_void;
 
 use cudarc::driver::result;
 use cudarc::driver::sys::{self, CUcontext, CUdevice, CUdeviceptr, CUstream};
-use uccl_tcpx::transport::plugin::abi::{LoadMeta, NetUnpackMeta, UnpackDeviceHandle};
+use uccl_tcpx::ncclnet::{LoadMeta, NetUnpackMeta, UnpackDeviceHandle};
 
 use crate::config::GpuCopy;
 use crate::fail::{Fail, Result};

@@ -34,10 +34,8 @@ use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use uccl_tcpx::ncclnet::{NCCL_PTR_CUDA, NcclDebugLogger, NcclNetDeviceHandleV7, NcclNetPropertiesV7, NcclNetV7};
 use uccl_tcpx::transport::Net;
-use uccl_tcpx::transport::plugin::abi::{
-    NCCL_PTR_CUDA, NcclDebugLogger, NcclNetDeviceHandleV7, NcclNetPropertiesV7, NcclNetV7,
-};
 
 use entry::{guard, non_null};
 use fail::{Fail, Result};

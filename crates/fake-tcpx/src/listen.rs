@@ -6,9 +6,7 @@ use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use uccl_tcpx::transport::plugin::abi::{
-    NCCL_NET_DEVICE_UNPACK, NCCL_NET_DEVICE_UNPACK_VERSION, NcclNetDeviceHandleV7,
-};
+use uccl_tcpx::ncclnet::{NCCL_NET_DEVICE_UNPACK, NCCL_NET_DEVICE_UNPACK_VERSION, NcclNetDeviceHandleV7};
 use uccl_tcpx::transport::{ListenComm, RecvComm};
 
 use crate::config::Mode;
@@ -81,7 +79,7 @@ impl FakeListen {
                 net_device_type: NCCL_NET_DEVICE_UNPACK,
                 net_device_version: NCCL_NET_DEVICE_UNPACK_VERSION,
                 handle: unpack,
-                size: size_of::<uccl_tcpx::transport::plugin::abi::UnpackDeviceHandle>(),
+                size: size_of::<uccl_tcpx::ncclnet::UnpackDeviceHandle>(),
                 needs_proxy_progress: 1,
             })
         };

@@ -4,7 +4,7 @@
 use std::ffi::{CString, c_int, c_ulong};
 use std::sync::Mutex;
 
-use uccl_tcpx::transport::plugin::abi::{NCCL_LOG_INFO, NCCL_LOG_WARN, NcclDebugLogger};
+use uccl_tcpx::ncclnet::{NCCL_LOG_INFO, NCCL_LOG_WARN, NcclDebugLogger};
 
 /// `NCCL_NET`, the subsystem flag of every message.
 const SUBSYSTEM_NET: c_ulong = 16;

@@ -4,7 +4,7 @@
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::ffi::c_void;
 
-use uccl_tcpx::transport::plugin::abi::{LoadMeta, NetUnpackMeta, UnpackDeviceHandle};
+use uccl_tcpx::ncclnet::{LoadMeta, NetUnpackMeta, UnpackDeviceHandle};
 
 use crate::fail::{Fail, Result};
 use crate::fragment::PAGE;

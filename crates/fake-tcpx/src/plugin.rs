@@ -5,7 +5,7 @@ use std::ffi::{CString, c_char, c_int};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use uccl_tcpx::transport::plugin::abi::{
+use uccl_tcpx::ncclnet::{
     NCCL_NET_DEVICE_UNPACK, NCCL_NET_DEVICE_UNPACK_VERSION, NCCL_PTR_CUDA, NCCL_PTR_HOST, NcclDebugLogger,
     NcclNetPropertiesV7,
 };

@@ -6,7 +6,7 @@
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use uccl_tcpx::transport::plugin::abi::{LoadMeta, NCCL_PTR_CUDA, NCCL_PTR_HOST, NetUnpackMeta};
+use uccl_tcpx::ncclnet::{LoadMeta, NCCL_PTR_CUDA, NCCL_PTR_HOST, NetUnpackMeta};
 use uccl_tcpx::transport::{MrHandle, RecvComm, RequestId};
 
 use crate::config::{Config, Fragmentation};

@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::ffi::{c_int, c_void};
 
-use uccl_tcpx::transport::plugin::abi::NCCL_PTR_CUDA;
+use uccl_tcpx::ncclnet::NCCL_PTR_CUDA;
 use uccl_tcpx::transport::{MrHandle, RequestId, SendComm};
 
 use crate::config::{Config, Mode};

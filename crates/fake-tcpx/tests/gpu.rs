@@ -7,7 +7,7 @@ mod common;
 
 use common::{Plugin, assert_warned, pattern};
 use cudarc::driver::{result, sys};
-use uccl_tcpx::transport::plugin::abi::*;
+use uccl_tcpx::ncclnet::*;
 
 /// Whether GPU test `name` returns without running: the parent decides (see `common::no_gpu`), and
 /// its child then runs the test.

@@ -7,7 +7,7 @@ use std::ffi::c_void;
 use std::time::{Duration, Instant};
 
 use common::{Pair, Plugin, Unpack, assert_warned, pattern, take_warnings};
-use uccl_tcpx::transport::plugin::abi::*;
+use uccl_tcpx::ncclnet::*;
 
 const POOL_DEFAULT: usize = 64 << 20;
 

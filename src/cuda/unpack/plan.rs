@@ -8,7 +8,7 @@
 //! the unit one warp copies.
 
 use crate::error::{Error, Result};
-use crate::transport::plugin::abi::{LoadMeta, UNPACK_MAX_SLICE_PAGES};
+use crate::ncclnet::{LoadMeta, UNPACK_MAX_SLICE_PAGES};
 
 /// Most bytes one tile (one warp) copies. One 4 KiB page per warp: 32 lanes x 8 words x 16 bytes.
 pub const TILE_BYTES: u64 = 4096;

@@ -51,7 +51,7 @@ use super::memory::{DeviceBytes, DeviceTiles, Event, MappedWords, PinnedTiles, d
 use super::persistent::{MAX_TILES_PER_BATCH, Resident};
 use super::plan::{PlanError, PlanStats, ReceiveLayout, plan_receive};
 use crate::error::{Error, Result};
-use crate::transport::plugin::abi::LoadMeta;
+use crate::ncclnet::LoadMeta;
 
 /// Sizes of the unpacker's preallocated ring.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

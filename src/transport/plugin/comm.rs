@@ -11,9 +11,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
-use super::abi::{
-    LoadMeta, NCCL_PTR_CUDA, NCCL_PTR_HOST, NCCL_SUCCESS, NcclNetV7, UNPACK_MAX_SLICE_SIZE, UNPACK_QUEUE_DEPTH,
-};
 use super::gather::{self, Run};
 use super::gpu::PluginGpus;
 use super::landing::{CopyOut, HostLanding, Slot};
@@ -23,6 +20,9 @@ use super::unpack::{DevicePool, UnpackView};
 use crate::cuda::Gpu;
 use crate::cuda::unpack::{ReceiveLayout, Submit, Unpacker};
 use crate::error::{Error, Result, UcclStatus};
+use crate::ncclnet::{
+    LoadMeta, NCCL_PTR_CUDA, NCCL_PTR_HOST, NCCL_SUCCESS, NcclNetV7, UNPACK_MAX_SLICE_SIZE, UNPACK_QUEUE_DEPTH,
+};
 use crate::transport::{MemKind, MrHandle, Properties, RecvComm, RequestId, SendComm};
 
 /// Requests per comm, received-but-unconsumed included (TCPX's ring and unpack queue).
@@ -42,7 +42,7 @@ const BATCH_TILES: usize = 1024;
 /// when the logger's counter read `mark`. TCPX's rc 2 is its socket-error code (a peer that went away).
 pub(super) fn plugin_error(what: &str, rc: c_int, mark: u64) -> Error {
     let status =
-        if rc == super::abi::NCCL_SYSTEM_ERROR { UcclStatus::ErrRemoteDisconnect } else { UcclStatus::ErrBackend };
+        if rc == crate::ncclnet::NCCL_SYSTEM_ERROR { UcclStatus::ErrRemoteDisconnect } else { UcclStatus::ErrBackend };
     Error::new(status, format!("net plugin {what} failed with {}{}", rc_text(rc), warning_suffix(mark)))
 }
 

@@ -3,11 +3,11 @@
 
 use std::ffi::{CStr, c_char};
 
-use super::abi::{
+use crate::error::{Error, Result, UcclStatus};
+use crate::ncclnet::{
     NCCL_NET_DEVICE_HOST, NCCL_NET_DEVICE_UNPACK, NCCL_NET_DEVICE_UNPACK_VERSION, NCCL_PTR_CUDA, NCCL_PTR_HOST,
     NcclNetPropertiesV7, UNPACK_QUEUE_DEPTH,
 };
-use crate::error::{Error, Result, UcclStatus};
 use crate::transport::Properties;
 
 /// Converts what `getProperties` wrote for device `dev`, refusing what this transport cannot drive.

@@ -2,8 +2,8 @@
 //! buffer, merged into runs, and, for host memory on both sides, copied on the CPU. The plugin
 //! checks none of this (it trusts the sender's size), so nothing here trusts the plugin either.
 
-use super::abi::{LoadMeta, UNPACK_MAX_SLICE_PAGES};
 use crate::error::{Error, Result};
+use crate::ncclnet::{LoadMeta, UNPACK_MAX_SLICE_PAGES};
 
 /// `src_off` is a u32: no pool the plugin can describe is larger (RxDM's pools are exactly 4 GiB).
 pub const MAX_POOL_LEN: u64 = 1 << 32;

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use libloading::os::unix::Library;
 use parking_lot::{Mutex, const_mutex};
 
-use super::abi::{NCCL_SUCCESS, NcclNetPropertiesV7, NcclNetV7, PLUGIN_SYMBOL_V7};
 use super::{devices, env, logger};
 use crate::error::{Error, Result};
+use crate::ncclnet::{NCCL_SUCCESS, NcclNetPropertiesV7, NcclNetV7, PLUGIN_SYMBOL_V7};
 use crate::transport::Properties;
 
 /// More devices than this is a plugin bug, not a host.

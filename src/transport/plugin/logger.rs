@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
-use super::abi::{NCCL_LOG_ABORT, NCCL_LOG_INFO, NCCL_LOG_TRACE, NCCL_LOG_VERSION, NCCL_LOG_WARN, NcclDebugLogger};
+use crate::ncclnet::{NCCL_LOG_ABORT, NCCL_LOG_INFO, NCCL_LOG_TRACE, NCCL_LOG_VERSION, NCCL_LOG_WARN, NcclDebugLogger};
 
 type Sink = extern "C" fn(level: c_int, flags: c_ulong, file: *const c_char, line: c_int, msg: *const c_char);
 

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::abi::*;
 use super::loader::Plugin;
+use crate::ncclnet::*;
 
 const HANDLE_MAGIC: u64 = 0x4D4F_434B_4E45_5431;
 const CONNECT_MARK: u64 = 0xC0FF_EE00_C0FF_EE00;

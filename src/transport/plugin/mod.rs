@@ -4,9 +4,9 @@
 //! The plugin has no completion callback: it progresses only inside `test`, so the engine keeps
 //! polling while [`PluginNet::needs_polling`] says requests are outstanding. Connect and accept are
 //! asynchronous state machines polled by the handshake; connect keeps its state in the handle
-//! buffer, so each attempt gets its own aligned copy that stays put until the attempt ends.
+//! buffer, so each attempt gets its own aligned copy that stays put until the attempt ends. The
+//! plugin's C ABI itself is [`crate::ncclnet`].
 
-pub mod abi;
 mod comm;
 pub mod devices;
 pub mod env;
@@ -29,7 +29,6 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 
-use self::abi::{NCCL_NET_HANDLE_MAXSIZE, NCCL_SUCCESS, NcclNetDeviceHandleV7};
 use self::comm::{CommShared, PluginRecvComm, PluginSendComm, plugin_error};
 use self::gpu::PluginGpus;
 pub use self::loader::Plugin;
@@ -38,6 +37,7 @@ use super::{ListenComm, Net, NetHandle, Properties, RecvComm, SendComm};
 use crate::config::Config;
 use crate::cuda::Gpu;
 use crate::error::{Error, Result};
+use crate::ncclnet::{NCCL_NET_HANDLE_MAXSIZE, NCCL_SUCCESS, NcclNetDeviceHandleV7};
 
 /// Bytes 80..88 of TCPX's listen handle: where `connect` keeps its in-progress state.
 const CONNECT_STATE: std::ops::Range<usize> = 80..88;

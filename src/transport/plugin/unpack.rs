@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use cudarc::driver::sys;
 
-use super::abi::{
+use crate::error::{Error, Result};
+use crate::ncclnet::{
     LoadMeta, NCCL_NET_DEVICE_UNPACK, NCCL_NET_DEVICE_UNPACK_VERSION, NcclNetDeviceHandleV7, NetUnpackMeta,
     UNPACK_QUEUE_DEPTH, UnpackDeviceHandle,
 };
-use crate::error::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Residence {

@@ -21,7 +21,7 @@ use uccl_tcpx::cuda::unpack::{
     BulkTiles, Completion, CompletionSignal, InlineTiles, PlanError, ReceiveLayout, Submit, Tile, UnpackKernels,
     UnpackMode, Unpacker, UnpackerConfig, plan_receive,
 };
-use uccl_tcpx::transport::plugin::abi::LoadMeta;
+use uccl_tcpx::ncclnet::LoadMeta;
 
 /// GPU unpack kernel against a device memcpy and an NCCL-style unpack, then the latency a 512 KiB
 /// receive adds in launch and persistent mode.

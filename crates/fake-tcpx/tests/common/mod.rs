@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use testkit::child::{ChildTest, is_child};
-use uccl_tcpx::transport::plugin::abi::*;
+use uccl_tcpx::ncclnet::*;
 
 pub use testkit::pattern;
 

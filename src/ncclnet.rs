@@ -1,4 +1,6 @@
-//! `repr(C)` mirrors of NCCL's net-plugin v7 ABI and of the unpack structures a devmem plugin fills.
+//! The ncclNet v7 plugin ABI: `repr(C)` mirrors of NCCL's net-plugin v7 table and of the unpack
+//! structures a devmem plugin fills. Its own module below both the plugin transport that calls a
+//! plugin and the GPU unpack that reads what one wrote (and the fake NIC that implements one).
 //! Layouts are those of NCCL 2.19's `nccl_net.h` / `net_device.h` / `unpack_defs.h` on x86-64 LP64;
 //! the assertions below fail the build if a field moves.
 
