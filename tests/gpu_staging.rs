@@ -371,7 +371,7 @@ fn small_copies_from_concurrent_callers_stay_apart() {
         return;
     }
     let gpu = uccl_tcpx::cuda::Gpu::open(0).unwrap();
-    let copier = gpu.small_copier().unwrap();
+    let copier = uccl_tcpx::cuda::small_copy::SmallCopier::for_gpu(&gpu).unwrap();
     let threads = 6;
     let dev = Arc::new(uccl_tcpx::cuda::DeviceBuffer::new(0, threads * 8192).unwrap());
     let handles: Vec<_> = (0..threads)

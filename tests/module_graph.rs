@@ -26,6 +26,16 @@ fn imports_run_down_the_layers() {
     assert!(upward.is_empty(), "imports that run up the layers of docs/ARCHITECTURE.md:\n{}", upward.join("\n"));
 }
 
+#[test]
+fn no_files_import_each_other() {
+    let mut cycles = Vec::new();
+    for dir in ["src", "crates/fake-tcpx/src", "crates/bench/src"] {
+        let graph = Graph::of_crate(&root().join(dir));
+        cycles.extend(graph.cycles().into_iter().map(|c| format!("{dir}: {c}")));
+    }
+    assert!(cycles.is_empty(), "files that import each other:\n{}", cycles.join("\n"));
+}
+
 /// The scanner sees what it must: a cycle and an upward import planted in a small tree are found.
 #[test]
 fn the_scanner_finds_planted_cycles_and_follows_re_exports() {

@@ -7,15 +7,12 @@ use cudarc::driver::safe::CudaContext;
 use cudarc::driver::{result, sys};
 
 use super::check;
-use super::small_copy::{SmallCopier, SmallCopyMode};
 use crate::error::{Error, Result};
 
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     ordinal: i32,
     bus_id: String,
-    /// Made on first use and kept, like the GPU itself.
-    small_copier: Mutex<Option<Arc<SmallCopier>>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -47,7 +44,7 @@ impl Gpu {
             CudaContext::new(ordinal as usize).map_err(|e| super::driver_error(e.0, "retain primary context"))?
         };
         let bus_id = pci_bus_id(ctx.cu_device())?;
-        let gpu = Arc::new(Gpu { ctx, ordinal, bus_id, small_copier: Mutex::new(None) });
+        let gpu = Arc::new(Gpu { ctx, ordinal, bus_id });
         open.push(gpu.clone());
         Ok(gpu)
     }
@@ -66,19 +63,6 @@ impl Gpu {
     pub fn sysfs_path(&self) -> Option<String> {
         let link = format!("/sys/bus/pci/devices/{}", self.bus_id);
         std::fs::canonicalize(link).ok().map(|p| p.to_string_lossy().into_owned())
-    }
-
-    /// The GPU's copier for small synchronous copies (inline transfers), made on first use.
-    pub fn small_copier(&self) -> Result<Arc<SmallCopier>> {
-        let mut slot = self.small_copier.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(copier) = &*slot {
-            return Ok(copier.clone());
-        }
-        // The registry hands out the one Arc of this GPU, which the copier's stream and buffer hold.
-        let this = Gpu::open(self.ordinal)?;
-        let copier = Arc::new(SmallCopier::new(&this, SmallCopyMode::Dma)?);
-        *slot = Some(copier.clone());
-        Ok(copier)
     }
 
     /// Makes this GPU's context current on the calling thread and leaves it so: for threads this

@@ -101,7 +101,7 @@ impl DeviceBuffer {
     }
 }
 
-fn sync_legacy_stream() -> Result<()> {
+pub(super) fn sync_legacy_stream() -> Result<()> {
     // SAFETY: the null handle names the current context's legacy default stream.
     check(unsafe { sys::cuStreamSynchronize(std::ptr::null_mut()) }, "cuStreamSynchronize")
 }
@@ -218,43 +218,6 @@ impl MappedBuffer {
     pub fn is_empty(&self) -> bool {
         self.pinned.is_empty()
     }
-}
-
-/// Copies host bytes to device address `dst` of `gpu` and waits: for small transfers (inline writes)
-/// where a staged pass would cost more than the copy. Up to the inline limit (64 KiB) through the
-/// GPU's small copier.
-///
-/// # Safety
-/// `[dst, dst + src.len())` is device memory of `gpu` that nobody else writes meanwhile.
-pub(crate) unsafe fn copy_to_device_sync(gpu: &Gpu, dst: usize, src: &[u8]) -> Result<()> {
-    if src.is_empty() {
-        return Ok(());
-    }
-    if src.len() <= super::small_copy::MAX_SMALL_COPY {
-        // SAFETY: per the contract.
-        return unsafe { gpu.small_copier()?.to_device(dst, src) };
-    }
-    let _ctx = gpu.enter()?;
-    // SAFETY: the caller vouches for the device range; src is a live host slice.
-    check(unsafe { sys::cuMemcpyHtoD_v2(dst as sys::CUdeviceptr, src.as_ptr().cast(), src.len()) }, "cuMemcpyHtoD")?;
-    sync_legacy_stream()
-}
-
-/// Copies device bytes at `src` of `gpu` into `dst` and waits.
-///
-/// # Safety
-/// `[src, src + dst.len())` is device memory of `gpu`.
-pub(crate) unsafe fn copy_from_device_sync(gpu: &Gpu, dst: &mut [u8], src: usize) -> Result<()> {
-    if dst.is_empty() {
-        return Ok(());
-    }
-    if dst.len() <= super::small_copy::MAX_SMALL_COPY {
-        // SAFETY: per the contract.
-        return unsafe { gpu.small_copier()?.from_device(dst, src) };
-    }
-    let _ctx = gpu.enter()?;
-    // SAFETY: the caller vouches for the device range; dst is a live, writable host slice.
-    check(unsafe { sys::cuMemcpyDtoH_v2(dst.as_mut_ptr().cast(), src as sys::CUdeviceptr, dst.len()) }, "cuMemcpyDtoH")
 }
 
 #[cfg(test)]

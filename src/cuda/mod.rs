@@ -6,7 +6,7 @@
 //! - [`memory`]: [`DeviceBuffer`] (device memory for tests and benchmarks) and pinned host memory;
 //! - [`stream`]: streams and events, the asynchronous copies the staging path issues;
 //! - [`ring`]: a comm's ring of pinned staging slots;
-//! - [`small_copy`]: fast synchronous copies of at most 64 KiB (inline transfers).
+//! - [`small_copy`]: the synchronous copies of inline transfers, fast up to 64 KiB.
 
 pub mod gpu;
 pub mod memory;

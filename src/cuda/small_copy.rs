@@ -9,13 +9,16 @@
 //! the launch costs more than the copy engine). The copies never touch the legacy default stream,
 //! so they do not wait for unrelated work the user queued there. Every call makes the GPU's primary
 //! context current for its duration only and restores the caller's context.
+//!
+//! `copy_to_device_sync` and `copy_from_device_sync` are what the engine calls: through the
+//! GPU's copier up to [`MAX_SMALL_COPY`], plain synchronous copies beyond.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cudarc::driver::sys::{self, CUresult};
 
-use super::memory::PinnedBuffer;
+use super::memory::{PinnedBuffer, sync_legacy_stream};
 use super::stream::Stream;
 use super::{Gpu, check};
 use crate::error::{Error, Result};
@@ -55,6 +58,20 @@ impl std::fmt::Debug for SmallCopier {
 }
 
 impl SmallCopier {
+    /// The copier of `gpu` that the engine's inline transfers use, made on first use and kept for
+    /// the life of the process, like the GPU itself.
+    pub fn for_gpu(gpu: &Gpu) -> Result<Arc<SmallCopier>> {
+        static COPIERS: Mutex<Vec<Arc<SmallCopier>>> = Mutex::new(Vec::new());
+        let mut copiers = COPIERS.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(copier) = copiers.iter().find(|c| c.gpu.ordinal() == gpu.ordinal()) {
+            return Ok(copier.clone());
+        }
+        // The registry hands out the one Arc of this GPU, which the copier's stream and buffer hold.
+        let copier = Arc::new(SmallCopier::new(&Gpu::open(gpu.ordinal())?, SmallCopyMode::Dma)?);
+        copiers.push(copier.clone());
+        Ok(copier)
+    }
+
     pub fn new(gpu: &Arc<Gpu>, mode: SmallCopyMode) -> Result<SmallCopier> {
         let stream = Stream::new(gpu)?;
         let bounce = PinnedBuffer::new(gpu, MAX_SMALL_COPY)?;
@@ -88,8 +105,7 @@ impl SmallCopier {
             // SAFETY: per the contract; src is a live host slice.
             check(unsafe { sys::cuMemcpyHtoD_v2(dst, src.as_ptr().cast(), src.len()) }, "cuMemcpyHtoD")?;
             // From pageable memory the call may return before the DMA landed.
-            // SAFETY: the null handle names the current context's legacy stream.
-            return check(unsafe { sys::cuStreamSynchronize(std::ptr::null_mut()) }, "cuStreamSynchronize");
+            return sync_legacy_stream();
         }
         let st = self.lock();
         // SAFETY: the bounce buffer holds MAX_SMALL_COPY bytes (checked above) and no copy is in
@@ -132,6 +148,43 @@ impl SmallCopier {
         unsafe { std::ptr::copy_nonoverlapping(st.bounce.as_ptr(), dst.as_mut_ptr(), dst.len()) };
         Ok(())
     }
+}
+
+/// Copies host bytes to device address `dst` of `gpu` and waits: for small transfers (inline writes)
+/// where a staged pass would cost more than the copy. Up to the inline limit (64 KiB) through the
+/// GPU's small copier.
+///
+/// # Safety
+/// `[dst, dst + src.len())` is device memory of `gpu` that nobody else writes meanwhile.
+pub(crate) unsafe fn copy_to_device_sync(gpu: &Gpu, dst: usize, src: &[u8]) -> Result<()> {
+    if src.is_empty() {
+        return Ok(());
+    }
+    if src.len() <= MAX_SMALL_COPY {
+        // SAFETY: per the contract.
+        return unsafe { SmallCopier::for_gpu(gpu)?.to_device(dst, src) };
+    }
+    let _ctx = gpu.enter()?;
+    // SAFETY: the caller vouches for the device range; src is a live host slice.
+    check(unsafe { sys::cuMemcpyHtoD_v2(dst as sys::CUdeviceptr, src.as_ptr().cast(), src.len()) }, "cuMemcpyHtoD")?;
+    sync_legacy_stream()
+}
+
+/// Copies device bytes at `src` of `gpu` into `dst` and waits.
+///
+/// # Safety
+/// `[src, src + dst.len())` is device memory of `gpu`.
+pub(crate) unsafe fn copy_from_device_sync(gpu: &Gpu, dst: &mut [u8], src: usize) -> Result<()> {
+    if dst.is_empty() {
+        return Ok(());
+    }
+    if dst.len() <= MAX_SMALL_COPY {
+        // SAFETY: per the contract.
+        return unsafe { SmallCopier::for_gpu(gpu)?.from_device(dst, src) };
+    }
+    let _ctx = gpu.enter()?;
+    // SAFETY: the caller vouches for the device range; dst is a live, writable host slice.
+    check(unsafe { sys::cuMemcpyDtoH_v2(dst.as_mut_ptr().cast(), src as sys::CUdeviceptr, dst.len()) }, "cuMemcpyDtoH")
 }
 
 fn too_large(len: usize) -> Result<()> {

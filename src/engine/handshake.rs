@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use super::channel::{Channel, Windows};
 use super::local::{self, LocalLink, PendingHello};
+use super::shared::EngineCore;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{
     ChannelHello, FRAME_HEADER_LEN, FrameHeader, Handshake, Hello, HostIdentity, MAX_REASON_LEN, NET_HANDLE_SIZE,
@@ -82,6 +83,23 @@ pub struct Local<'a> {
     pub removals: Arc<AtomicU64>,
     /// Announced in Hello / Welcome; all zero when same-host paths are disabled.
     pub host: HostIdentity,
+}
+
+impl<'a> Local<'a> {
+    /// What the engine announces and offers, as of now (the GPU may be chosen later).
+    pub fn of(core: &'a EngineCore) -> Local<'a> {
+        let (gpu_index, gpu_id) = core.gpu.identity();
+        Local {
+            net: &*core.net,
+            num_channels: core.config.num_channels,
+            chunk_size: core.config.chunk_size,
+            gpu_index,
+            gpu_id,
+            window: core.config.window,
+            removals: core.regions.removals(),
+            host: local::own_identity(core.config.disable_ipc),
+        }
+    }
 }
 
 pub fn send_frame(stream: &mut TcpStream, msg: &Handshake) -> Result<()> {

@@ -13,6 +13,7 @@ pub mod notify;
 mod progress;
 pub mod region;
 mod served_gpu;
+mod shared;
 mod transfer;
 mod writer;
 
@@ -30,72 +31,19 @@ pub use conn::{Connection, OneSided, PeerInfo};
 pub use notify::Notification;
 
 use crate::config::{Config, TransportChoice};
-use crate::cuda::{self, Gpu, Location};
+use crate::cuda::Gpu;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::FifoItem;
 use crate::threads::{ThreadKind, spawn_contained};
+use crate::transport::Net;
 use crate::transport::plugin::PluginNet;
 use crate::transport::socket::SocketNet;
 use crate::transport::staged::{StagedNet, StagingParams};
-use crate::transport::{MemKind, Net};
-use handshake::Local;
-use progress::{ConnList, ProgressThread, Waker};
+use progress::{ConnList, ProgressThread};
 use region::RegionTable;
 use served_gpu::ServedGpu;
+use shared::{EngineCore, Waker};
 use transfer::TransferTable;
-
-/// What connections share with the engine (never the connection list itself, so no cycle).
-pub(crate) struct EngineCore {
-    config: Config,
-    net: Arc<dyn Net>,
-    regions: RegionTable,
-    transfers: TransferTable,
-    waker: Arc<Waker>,
-    next_conn: AtomicU64,
-    /// The GPU this engine serves (see `served_gpu` for how it is chosen).
-    gpu: ServedGpu,
-}
-
-impl EngineCore {
-    fn next_conn_id(&self) -> u64 {
-        self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
-    fn local(&self) -> Local<'_> {
-        let (gpu_index, gpu_id) = self.gpu.identity();
-        Local {
-            net: &*self.net,
-            num_channels: self.config.num_channels,
-            chunk_size: self.config.chunk_size,
-            gpu_index,
-            gpu_id,
-            window: self.config.window,
-            removals: self.regions.removals(),
-            host: local::own_identity(self.config.disable_ipc),
-        }
-    }
-
-    /// What `[addr, addr + len)` is, refusing memory this engine's transport cannot move.
-    fn memory_kind(&self, addr: usize, len: usize) -> Result<MemKind> {
-        region::check_range(addr, len)?;
-        match cuda::locate(addr, len)? {
-            Location::Host => {
-                mapping::check_host_range(addr, len)?;
-                Ok(MemKind::Host)
-            }
-            Location::Device { ordinal } => {
-                if !self.net.properties(0)?.supports_cuda {
-                    return Err(Error::new(
-                        UcclStatus::ErrNotSupported,
-                        format!("the {} transport cannot move GPU memory", self.net.name()),
-                    ));
-                }
-                self.gpu.serve(ordinal, &*self.net)?;
-                Ok(MemKind::Cuda { device: ordinal })
-            }
-        }
-    }
-}
 
 /// Handshakes' outcomes waiting for `accept`.
 #[derive(Default)]
@@ -155,7 +103,7 @@ impl Engine {
         let gpu = ServedGpu::at_creation(config.gpu)?;
         let waker = Arc::new(Waker::default());
         let wake_from_io = waker.clone();
-        let wake: crate::transport::socket::Wake = Arc::new(move || wake_from_io.wake());
+        let wake: crate::transport::Wake = Arc::new(move || wake_from_io.wake());
         let selected = select_net(&config, ip, bind, wake.clone())?;
         let net = StagedNet::wrap(selected, StagingParams::from_config(&config), wake)?;
         gpu.tell(&*net);
@@ -340,7 +288,7 @@ impl Drop for Engine {
 
 /// The transport `UCCL_TCPX_TRANSPORT` asks for: auto falls back from the plugin to sockets with a
 /// warning saying why; tcpx makes a plugin failure an engine-creation error.
-fn select_net(config: &Config, ip: IpAddr, bind: IpAddr, wake: crate::transport::socket::Wake) -> Result<Arc<dyn Net>> {
+fn select_net(config: &Config, ip: IpAddr, bind: IpAddr, wake: crate::transport::Wake) -> Result<Arc<dyn Net>> {
     let socket = || -> Arc<dyn Net> {
         Arc::new(
             SocketNet::new(ip, config.connect_timeout, config.timeout, wake.clone())
@@ -465,12 +413,14 @@ fn connect_to(core: &Arc<EngineCore>, addr: SocketAddr, remote_gpu: &str) -> Res
     let mut stream =
         TcpStream::connect_timeout(&addr, core.config.connect_timeout).map_err(|e| Error::io("TCP connect", e))?;
     prepare_control(&stream, deadline, core.config.timeout)?;
-    let listened = core.gpu.before_comms(&*core.net).and_then(|()| handshake::Listens::first(&core.local()));
+    let listened =
+        core.gpu.before_comms(&*core.net).and_then(|()| handshake::Listens::first(&handshake::Local::of(core)));
     let mut listens = listened.map_err(|e| handshake::refuse(&mut stream, e))?;
-    let mut agreed = handshake::hello(&mut stream, &core.local(), remote_gpu, &mut listens)?;
+    let mut agreed = handshake::hello(&mut stream, &handshake::Local::of(core), remote_gpu, &mut listens)?;
     dial::confine(&*core.net, &mut agreed.peer_handles, addr.ip(), &core.config.allow_dial)?;
-    let channels = handshake::establish_channels(&core.local(), &mut listens, &agreed, deadline, &mut stream)
-        .map_err(|e| handshake::refuse(&mut stream, e))?;
+    let channels =
+        handshake::establish_channels(&handshake::Local::of(core), &mut listens, &agreed, deadline, &mut stream)
+            .map_err(|e| handshake::refuse(&mut stream, e))?;
     let peer =
         PeerInfo { addr, gpu_index: agreed.peer_gpu_index, gpu_id: agreed.peer_gpu_id, locality: agreed.link.locality };
     Connection::start(core.clone(), stream, peer, channels, agreed.chunk_size, agreed.link)
@@ -484,13 +434,15 @@ fn serve_handshake(core: &Arc<EngineCore>, mut stream: TcpStream, peer: SocketAd
     if stream.peek(&mut [0u8; 1]).map_err(|e| Error::io("handshake read", e))? == 0 {
         return Ok(None);
     }
-    let listened = core.gpu.before_comms(&*core.net).and_then(|()| handshake::Listens::first(&core.local()));
+    let listened =
+        core.gpu.before_comms(&*core.net).and_then(|()| handshake::Listens::first(&handshake::Local::of(core)));
     let mut listens = listened.map_err(|e| handshake::refuse(&mut stream, e))?;
-    let mut agreed = handshake::welcome(&mut stream, &core.local(), &mut listens)?;
+    let mut agreed = handshake::welcome(&mut stream, &handshake::Local::of(core), &mut listens)?;
     dial::confine(&*core.net, &mut agreed.peer_handles, peer.ip(), &core.config.allow_dial)?;
     crate::threads::point(ThreadKind::Handshake);
-    let channels = handshake::establish_channels(&core.local(), &mut listens, &agreed, deadline, &mut stream)
-        .map_err(|e| handshake::refuse(&mut stream, e))?;
+    let channels =
+        handshake::establish_channels(&handshake::Local::of(core), &mut listens, &agreed, deadline, &mut stream)
+            .map_err(|e| handshake::refuse(&mut stream, e))?;
     let info = PeerInfo {
         addr: peer,
         gpu_index: agreed.peer_gpu_index,

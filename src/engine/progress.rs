@@ -5,14 +5,14 @@
 //! connection fails with an internal error and the engine refuses new ones.
 
 use std::sync::Arc;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::{JoinHandle, Thread};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 
 use super::conn::Connection;
+use super::shared::Waker;
 use crate::error::{Error, Result};
 use crate::threads::{ThreadKind, spawn_contained};
 use crate::transport::Net;
@@ -26,19 +26,6 @@ const PARK_TIMEOUT: Duration = Duration::from_millis(5);
 const POLL_NAP: Duration = Duration::from_micros(25);
 /// Timer slack of the progress thread, in nanoseconds.
 const POLL_NAP_SLACK_NS: libc::c_ulong = 1_000;
-
-#[derive(Default)]
-pub struct Waker {
-    thread: OnceLock<Thread>,
-}
-
-impl Waker {
-    pub fn wake(&self) {
-        if let Some(t) = self.thread.get() {
-            t.unpark();
-        }
-    }
-}
 
 /// The connections the progress thread drives; the generation lets it refresh its copy only when
 /// the set changed, so a pass allocates nothing.

@@ -22,6 +22,10 @@ use crate::error::Result;
 /// Opaque bytes a listener hands to the connecting side out of band (NCCL's `NCCL_NET_HANDLE_MAXSIZE`).
 pub type NetHandle = [u8; crate::proto::NET_HANDLE_SIZE];
 
+/// Wakes the engine's progress thread: a transport calls it from its own threads whenever a request
+/// completes or a comm fails, so the engine can park instead of polling.
+pub type Wake = std::sync::Arc<dyn Fn() + Send + Sync>;
+
 /// Identifies a posted request within its comm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RequestId(pub u64);

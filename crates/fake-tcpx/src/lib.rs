@@ -208,8 +208,15 @@ unsafe extern "C" fn fake_accept(
             };
             let accepted = registry::lock(&l)?.accept(p, dev_handle)?;
             if let Some(comm) = accepted {
+                let key = Arc::as_ptr(&comm) as usize;
+                let ring = {
+                    let mut c = registry::lock(&comm)?;
+                    c.set_key(key);
+                    c.ring_base()
+                };
+                registry::add(key, Object::Recv(comm), Some(ring));
                 // SAFETY: checked non-NULL.
-                unsafe { recv_comm.write(comm) };
+                unsafe { recv_comm.write(key as *mut c_void) };
             }
             Ok(())
         },

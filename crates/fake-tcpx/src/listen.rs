@@ -2,7 +2,6 @@
 //! returns no comm), takes TCPX's setup time (`setup.rs`) and is allowed once per listen comm; the
 //! receive comm comes with its device handle written into the caller's `ncclNetDeviceHandle_v7_t`.
 
-use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -16,7 +15,6 @@ use crate::health::closed;
 use crate::memory::{HostRx, RxMemory};
 use crate::plugin::Plugin;
 use crate::recv::FakeRecv;
-use crate::registry::{self, Object};
 
 pub struct FakeListen {
     inner: Box<dyn ListenComm>,
@@ -33,8 +31,13 @@ impl FakeListen {
         FakeListen { inner, started: None, arrived: None, accepted: false, seed }
     }
 
-    /// `Some(comm pointer)` once a connection arrived; fills `*dev_handle` then.
-    pub fn accept(&mut self, plugin: &Plugin, dev_handle: *mut NcclNetDeviceHandleV7) -> Result<Option<*mut c_void>> {
+    /// `Some(receive comm)` once a connection arrived, with `*dev_handle` filled; the caller
+    /// registers the comm.
+    pub fn accept(
+        &mut self,
+        plugin: &Plugin,
+        dev_handle: *mut NcclNetDeviceHandleV7,
+    ) -> Result<Option<Arc<Mutex<FakeRecv>>>> {
         if self.accepted {
             return Err(Fail::internal("accept called again: one accept per listen comm (TCPX reuses freed state)"));
         }
@@ -61,18 +64,14 @@ impl FakeListen {
         plugin: &Plugin,
         inner: Box<dyn RecvComm>,
         dev_handle: *mut NcclNetDeviceHandleV7,
-    ) -> Result<Option<*mut c_void>> {
+    ) -> Result<Option<Arc<Mutex<FakeRecv>>>> {
         let (mem, gpu): (Box<dyn RxMemory>, _) = match plugin.cfg.mode {
             Mode::Host => (Box::new(HostRx::new(plugin.cfg.pool_bytes)?), None),
             Mode::Gpu => (gpu::rx_memory(plugin.cfg.pool_bytes, plugin.cfg.gpu_copy)?, Some(GpuContext::acquire()?)),
         };
-        let comm = Arc::new(Mutex::new(FakeRecv::new(inner, mem, gpu, &plugin.cfg, self.seed)));
-        let key = Arc::as_ptr(&comm) as usize;
-        let (ring, unpack) = {
-            let mut c = registry::lock(&comm)?;
-            c.set_key(key);
-            (c.ring_base(), c.unpack_handle())
-        };
+        let comm = FakeRecv::new(inner, mem, gpu, &plugin.cfg, self.seed);
+        // The handle lives in the comm's pool memory, which stays put when the comm moves.
+        let unpack = comm.unpack_handle();
         // SAFETY: the caller checked dev_handle non-NULL; it points at caller-allocated storage.
         unsafe {
             dev_handle.write(NcclNetDeviceHandleV7 {
@@ -83,8 +82,7 @@ impl FakeListen {
                 needs_proxy_progress: 1,
             })
         };
-        registry::add(key, Object::Recv(comm), Some(ring));
         self.accepted = true;
-        Ok(Some(key as *mut c_void))
+        Ok(Some(Arc::new(Mutex::new(comm))))
     }
 }

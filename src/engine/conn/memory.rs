@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use super::state::Memory;
-use crate::engine::EngineCore;
 use crate::engine::region::Region;
+use crate::engine::shared::EngineCore;
 use crate::error::{Error, Result, UcclStatus};
 use crate::transport::MemKind;
 
@@ -41,7 +41,7 @@ impl Memory for EngineMemory<'_> {
             MemKind::Host => unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), addr as *mut u8, payload.len()) },
             // SAFETY: per the contract; registration proved the range is memory of the engine's GPU.
             MemKind::Cuda { .. } => unsafe {
-                crate::cuda::memory::copy_to_device_sync(self.region_gpu(region)?, addr, payload)?
+                crate::cuda::small_copy::copy_to_device_sync(self.region_gpu(region)?, addr, payload)?
             },
         }
         Ok(())
@@ -54,7 +54,7 @@ impl Memory for EngineMemory<'_> {
             MemKind::Cuda { .. } => {
                 let mut out = vec![0u8; len];
                 // SAFETY: per the contract.
-                unsafe { crate::cuda::memory::copy_from_device_sync(self.region_gpu(region)?, &mut out, addr)? };
+                unsafe { crate::cuda::small_copy::copy_from_device_sync(self.region_gpu(region)?, &mut out, addr)? };
                 Ok(out)
             }
         }

@@ -19,11 +19,11 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use super::EngineCore;
 use super::channel::{self, Channel, Chunk};
 use super::control_rx::{ControlRx, Drained, RxBuffer};
 use super::local::{self, LocalLink, Locality};
 use super::notify;
+use super::shared::EngineCore;
 use super::writer::ControlWriter;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, FifoItem};

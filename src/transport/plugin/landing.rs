@@ -19,10 +19,10 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::comm::MAX_MESSAGE;
 use crate::cuda::Gpu;
 use crate::cuda::memory::{DeviceBuffer, MappedBuffer};
 use crate::error::{Error, Result};
+use crate::ncclnet::UNPACK_MAX_SLICE_SIZE;
 use crate::threads::{ThreadKind, spawn_contained};
 
 /// Host-destination receives of one GPU between the plugin's completion and the copy out. A comm
@@ -41,8 +41,8 @@ pub struct HostLanding {
 
 impl HostLanding {
     pub fn new(gpu: &Arc<Gpu>) -> Result<HostLanding> {
-        let anchor = DeviceBuffer::new(gpu.ordinal(), MAX_MESSAGE)?;
-        let slots = MappedBuffer::new(gpu, SLOTS * MAX_MESSAGE)?;
+        let anchor = DeviceBuffer::new(gpu.ordinal(), UNPACK_MAX_SLICE_SIZE)?;
+        let slots = MappedBuffer::new(gpu, SLOTS * UNPACK_MAX_SLICE_SIZE)?;
         let copier = Copier::start(gpu.ordinal())?;
         Ok(HostLanding { anchor, slots, free: Mutex::new((0..SLOTS).rev().collect()), copier })
     }
@@ -59,7 +59,7 @@ impl HostLanding {
     }
 }
 
-/// One slot of [`MAX_MESSAGE`] bytes; goes back to its GPU's free list on drop.
+/// One slot of [`UNPACK_MAX_SLICE_SIZE`] bytes; goes back to its GPU's free list on drop.
 pub struct Slot {
     landing: Arc<HostLanding>,
     index: usize,
@@ -67,7 +67,7 @@ pub struct Slot {
 
 impl Slot {
     fn offset(&self) -> usize {
-        self.index * MAX_MESSAGE
+        self.index * UNPACK_MAX_SLICE_SIZE
     }
 
     /// Where the unpack kernel writes the slot.
@@ -78,11 +78,11 @@ impl Slot {
     /// Starts copying the slot's first `len` bytes to `dst` on the GPU's copier thread.
     ///
     /// # Safety
-    /// `len` ≤ [`MAX_MESSAGE`]; the kernel that filled the slot finished; `[dst, dst + len)` is
+    /// `len` ≤ [`UNPACK_MAX_SLICE_SIZE`]; the kernel that filled the slot finished; `[dst, dst + len)` is
     /// writable host memory nobody else touches until the copy finished, and the slot is kept
     /// until then.
     pub unsafe fn copy_out(&self, dst: *mut u8, len: usize) -> CopyOut {
-        debug_assert!(len <= MAX_MESSAGE);
+        debug_assert!(len <= UNPACK_MAX_SLICE_SIZE);
         // SAFETY: the slot lies inside the mapped buffer.
         let src = unsafe { self.landing.slots.as_ptr().add(self.offset()) };
         self.landing.copier.submit(Job { src, dst, len, done: Arc::default() })

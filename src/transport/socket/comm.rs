@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::Wake;
 use super::receiver::RecvThread;
 use super::sender::{INLINE_MAX, MAX_SLEEP, SendSockets, SendThread};
 use super::window::{MAX_REQUESTS, Window};
 use super::zerocopy::{self, Counters};
 use crate::error::{Error, Result};
 use crate::threads::{ThreadKind, spawn_contained};
+use crate::transport::Wake;
 use crate::transport::{MemKind, MrHandle, RecvComm, RequestId, SendComm};
 
 /// How a comm spreads its sockets over helper threads.

@@ -22,16 +22,13 @@ use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
 
-use super::{ListenComm, Net, NetHandle, Properties, RecvComm, SendComm};
+use super::{ListenComm, Net, NetHandle, Properties, RecvComm, SendComm, Wake};
 use crate::error::{Error, Result};
 
 use crate::config::{MAX_SOCKETS_PER_COMM, SocketConfig};
 use comm::Threading;
 use window::MAX_REQUESTS;
 use wire::{HELLO_LEN, SocketHello};
-
-/// Called by helper threads whenever a request completes or a comm fails.
-pub type Wake = Arc<dyn Fn() + Send + Sync>;
 
 const HANDLE_MAGIC: u32 = 0x4B53_5455;
 

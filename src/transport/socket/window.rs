@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
-use super::Wake;
 use super::park::Parking;
 use crate::error::{Error, Result};
+use crate::transport::Wake;
 
 /// Outstanding requests per comm, the same bound TCPX imposes.
 pub(crate) const MAX_REQUESTS: usize = 16;

@@ -16,107 +16,22 @@
 mod recv;
 mod regions;
 mod send;
+mod setup;
 mod trace;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use super::{ListenComm, Net, NetHandle, Properties, RecvComm, SendComm};
-use crate::config::{StagingConfig, StagingWake};
-use crate::cuda::ring::RingOptions;
 use crate::cuda::stream::Wake;
 use crate::error::{Error, Result};
 
 pub use recv::StagedRecvComm;
 pub use send::StagedSendComm;
+use setup::Setup;
+pub use setup::StagingParams;
 
 /// The ring every staged comm allocates on first use of device memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StagingParams {
-    /// Bytes per slot: the largest device chunk a comm can carry (the engine's chunk size).
-    pub slot_size: usize,
-    /// Slots per comm: device chunks in flight at once (the engine's window).
-    pub slots: usize,
-    /// Wake mode, streams, copy pacing and tracing.
-    pub tuning: StagingConfig,
-}
-
-impl StagingParams {
-    pub fn from_config(config: &crate::Config) -> StagingParams {
-        StagingParams { slot_size: config.chunk_size as usize, slots: config.window, tuning: config.staging }
-    }
-
-    /// `slots` slots of `slot_size` bytes with the default tuning.
-    pub fn new(slot_size: usize, slots: usize) -> StagingParams {
-        StagingParams { slot_size, slots, tuning: StagingConfig::default() }
-    }
-
-    fn ring_options(&self) -> RingOptions {
-        let host_wake = self.tuning.wake == StagingWake::Host;
-        RingOptions { streams: self.tuning.streams.max(1) as usize, host_wake, stamp_wakes: self.tuning.trace }
-    }
-
-    fn validate(&self) -> Result<()> {
-        let max_slot = crate::config::MAX_CHUNK_SIZE as usize;
-        if self.slot_size == 0 || self.slot_size > max_slot || self.slots == 0 || self.slots > crate::config::MAX_WINDOW
-        {
-            return Err(Error::invalid(format!(
-                "staging needs 1..={} slots of 1..={max_slot} bytes, not {} of {}",
-                crate::config::MAX_WINDOW,
-                self.slots,
-                self.slot_size
-            )));
-        }
-        Ok(())
-    }
-}
-
-/// The first error a staged comm hit past its argument checks. Such a failure leaves requests half
-/// done (a copy queued, a slot taken), so the comm stays failed and every later call reports it.
-#[derive(Default)]
-struct StickyFailure(Option<Error>);
-
-impl StickyFailure {
-    fn check(&self) -> Result<()> {
-        self.0.clone().map_or(Ok(()), Err)
-    }
-
-    fn keep<T>(&mut self, result: Result<T>) -> Result<T> {
-        if let Err(e) = &result {
-            self.0.get_or_insert_with(|| e.clone());
-        }
-        result
-    }
-}
-
-/// What every staged comm of one net shares.
-#[derive(Clone)]
-pub(crate) struct Setup {
-    params: StagingParams,
-    /// The inner comms' bound on outstanding requests, which the staged comms keep too.
-    max_requests: usize,
-    wake: Wake,
-    /// Copies queued and not yet seen finished, over every comm of this net (polling mode only).
-    copies_in_flight: Arc<AtomicUsize>,
-}
-
-impl Setup {
-    fn polls(&self) -> bool {
-        self.params.tuning.wake == StagingWake::Poll
-    }
-
-    /// A copy was queued (`+1`) or seen finished or abandoned (`-n`).
-    fn copies_changed(&self, queued: bool, n: usize) {
-        if self.polls() && n > 0 {
-            if queued {
-                self.copies_in_flight.fetch_add(n, Ordering::Relaxed);
-            } else {
-                self.copies_in_flight.fetch_sub(n, Ordering::Relaxed);
-            }
-        }
-    }
-}
-
 pub struct StagedNet {
     inner: Arc<dyn Net>,
     setup: Setup,

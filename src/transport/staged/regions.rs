@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::Setup;
+use super::setup::Setup;
 use crate::cuda::{self, Gpu, Location, StagingRing};
 use crate::error::{Error, Result, UcclStatus};
 use crate::transport::{MemKind, MrHandle};

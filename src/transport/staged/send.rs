@@ -11,8 +11,8 @@
 use std::collections::VecDeque;
 
 use super::regions::{Route, Staging};
+use super::setup::{Setup, StickyFailure};
 use super::trace::{ChunkTrace, CommTracer, Mark};
-use super::{Setup, StickyFailure};
 use crate::cuda::ring::clock_ns;
 use crate::error::{Error, Result};
 use crate::transport::{MemKind, MrHandle, RequestId, SendComm};
