@@ -78,6 +78,9 @@ pub struct Config {
     /// `UCCL_P2P_DISABLE_IPC`): the engine announces no host identity, so neither end of a
     /// connection takes it for local. `UCCL_TCPX_DISABLE_IPC` (0 or 1).
     pub disable_ipc: bool,
+    /// The plugin transport unpacks TCPX receives into GPU memory with one resident kernel per GPU
+    /// instead of a launch per batch. `UCCL_TCPX_UNPACK_PERSISTENT` = 0 | 1.
+    pub unpack_persistent: bool,
 }
 
 /// An address block such as `10.0.0.0/8` or `fd00::/8`; a bare address is a block of one.
@@ -293,6 +296,7 @@ impl Default for Config {
             control_spin: default_control_spin(),
             allow_dial: Vec::new(),
             disable_ipc: false,
+            unpack_persistent: false,
         }
     }
 }
@@ -326,6 +330,7 @@ impl Config {
             control_spin: parse_micros(&get, "UCCL_TCPX_CONTROL_SPIN_US", d.control_spin, 1_000_000)?,
             allow_dial: parse_cidrs(&get, "UCCL_TCPX_ALLOW_DIAL")?,
             disable_ipc: parse_in(&get, "UCCL_TCPX_DISABLE_IPC", 0u8, 0, 1)? == 1,
+            unpack_persistent: parse_in(&get, "UCCL_TCPX_UNPACK_PERSISTENT", 0u8, 0, 1)? == 1,
         })
     }
 }
@@ -444,20 +449,26 @@ where
     }
 }
 
-/// Accepts plain bytes or a K/M suffix (binary units), e.g. "512K", "1M", "1048576".
+/// A size knob: a byte count in `min..=max`, in [`parse_bytes`]'s notation.
 fn parse_size(get: &impl Fn(&str) -> Option<String>, name: &str, default: u32, min: u32, max: u32) -> Result<u32> {
     let Some(raw) = get(name) else { return Ok(default) };
-    let (digits, unit) = match raw.as_bytes().last() {
-        Some(b'k' | b'K') => (&raw[..raw.len() - 1], 1u64 << 10),
-        Some(b'm' | b'M') => (&raw[..raw.len() - 1], 1u64 << 20),
-        _ => (raw.as_str(), 1),
-    };
-    let expected = format!("a size in {min}..={max} bytes (K and M suffixes allowed)");
-    let value = digits.parse::<u64>().ok().and_then(|v| v.checked_mul(unit));
-    match value {
+    match parse_bytes(&raw) {
         Some(v) if (min as u64..=max as u64).contains(&v) => Ok(v as u32),
-        _ => Err(bad(name, &raw, &expected)),
+        _ => Err(bad(name, &raw, &format!("a size in {min}..={max} bytes (K, M and G suffixes allowed)"))),
     }
+}
+
+/// A byte count: digits, optionally with a K, M or G suffix (binary units, either case), e.g.
+/// "512K", "1M", "1048576". `None` for anything else and for counts beyond `u64`. The one size
+/// notation of the library's knobs and the benchmark's flags.
+pub fn parse_bytes(text: &str) -> Option<u64> {
+    let (digits, unit) = match text.as_bytes().last() {
+        Some(b'k' | b'K') => (&text[..text.len() - 1], 1u64 << 10),
+        Some(b'm' | b'M') => (&text[..text.len() - 1], 1 << 20),
+        Some(b'g' | b'G') => (&text[..text.len() - 1], 1 << 30),
+        _ => (text, 1),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(unit)
 }
 
 #[cfg(test)]
@@ -495,6 +506,7 @@ mod tests {
             ("UCCL_TCPX_CONTROL_SPIN_US", "75"),
             ("UCCL_TCPX_ALLOW_DIAL", "10.0.0.0/8, 192.168.1.7,fd00::/8"),
             ("UCCL_TCPX_DISABLE_IPC", "1"),
+            ("UCCL_TCPX_UNPACK_PERSISTENT", " 1 "),
         ])
         .unwrap();
         let ips = |list: &[&str]| list.iter().map(|a| a.parse::<IpAddr>().unwrap()).collect::<Vec<_>>();
@@ -505,6 +517,8 @@ mod tests {
         for ip in ips(&["11.0.0.1", "9.255.255.255", "192.168.1.8", "fe80::1", "::1", "127.0.0.1"]) {
             assert!(!allowed(ip), "{ip} should not be allowed");
         }
+        assert!(c.unpack_persistent);
+        assert!(!cfg(&[("UCCL_TCPX_UNPACK_PERSISTENT", "0")]).unwrap().unpack_persistent);
         assert_eq!(c.transport, TransportChoice::Tcpx);
         assert_eq!(c.plugin_path.as_deref(), Some(std::path::Path::new("/opt/tcpx/libnccl-net.so")));
         assert_eq!(c.nccl_net_plugin.as_deref(), Some("tcpx"));
@@ -619,6 +633,8 @@ mod tests {
             ("UCCL_TCPX_ALLOW_DIAL", "10.0.0.0/8,,"),
             ("UCCL_TCPX_ALLOW_DIAL", "host.example"),
             ("UCCL_TCPX_ALLOW_DIAL", "fd00::/129"),
+            ("UCCL_TCPX_UNPACK_PERSISTENT", "yes"),
+            ("UCCL_TCPX_UNPACK_PERSISTENT", "2"),
         ] {
             let err = cfg(&[(k, v)]).unwrap_err();
             assert_eq!(err.status(), crate::error::UcclStatus::ErrInvalidParam);
@@ -647,5 +663,48 @@ mod tests {
         assert_eq!(log_filter(both), "debug");
         assert_eq!(log_filter(|n: &str| (n == "RUST_LOG").then(|| "info".to_owned())), "info");
         assert_eq!(log_filter(|_: &str| None), "error");
+    }
+
+    #[test]
+    fn byte_counts_take_binary_suffixes_in_either_case() {
+        assert_eq!(parse_bytes("1048576"), Some(1 << 20));
+        assert_eq!(parse_bytes("512k"), Some(512 << 10));
+        assert_eq!(parse_bytes("4M"), Some(4 << 20));
+        assert_eq!(parse_bytes("2g"), Some(2 << 30));
+        assert_eq!(parse_bytes("0"), Some(0));
+        for bad in ["", "K", "1.5M", "-1", "1T", "1 M", "M1", "99999999999999999999", "17179869184G"] {
+            assert_eq!(parse_bytes(bad), None, "{bad:?}");
+        }
+        let err = cfg(&[("UCCL_TCPX_SOCKET_SNDBUF", "2G")]).unwrap_err();
+        assert!(err.message().contains("G suffixes"), "{err}");
+    }
+
+    /// Knobs read anywhere else would escape the checks and the error messages above. The plugin's
+    /// environment defaults are the exception: they must see the live environment right before the
+    /// plugin reads it.
+    #[test]
+    fn only_this_module_reads_the_environment() {
+        fn scan(dir: &std::path::Path, out: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    scan(&path, out);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    if ["env::var(", "env::var_os(", "env::vars(", "getenv("].iter().any(|call| text.contains(call)) {
+                        out.push(path.to_string_lossy().into_owned());
+                    }
+                }
+            }
+        }
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut readers = Vec::new();
+        scan(&src, &mut readers);
+        readers.sort();
+        let expected: Vec<String> = ["config.rs", "transport/plugin/env.rs"]
+            .iter()
+            .map(|f| src.join(f).to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(readers, expected);
     }
 }

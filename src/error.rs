@@ -1,6 +1,7 @@
 //! One error type for the whole crate: a status (the number a C caller sees) plus a message (the text
 //! `uccl_engine_last_error` returns).
 
+use std::ffi::CStr;
 use std::fmt;
 
 /// Status numbers follow NIXL's `nixl_status_t` so that a NIXL backend can pass them through unchanged.
@@ -48,24 +49,32 @@ impl UcclStatus {
         Self::ALL.into_iter().find(|s| *s as i32 == code)
     }
 
-    pub fn describe(self) -> &'static str {
+    /// The status as `uccl_engine_status_str` gives it to C: the header's name for it, then what it
+    /// means. The one table of status texts; [`describe`](Self::describe) is the meaning alone.
+    pub fn c_text(self) -> &'static CStr {
         match self {
-            UcclStatus::InProgress => "in progress",
-            UcclStatus::Ok => "success",
-            UcclStatus::ErrNotPosted => "not posted",
-            UcclStatus::ErrInvalidParam => "invalid parameter",
-            UcclStatus::ErrBackend => "transport error",
-            UcclStatus::ErrNotFound => "not found",
-            UcclStatus::ErrMismatch => "size mismatch",
-            UcclStatus::ErrNotAllowed => "not allowed",
-            UcclStatus::ErrRepostActive => "repost of an active request",
-            UcclStatus::ErrUnknown => "unknown error",
-            UcclStatus::ErrNotSupported => "not supported",
-            UcclStatus::ErrRemoteDisconnect => "remote disconnected",
-            UcclStatus::ErrCanceled => "canceled",
-            UcclStatus::ErrTimeout => "timed out",
-            UcclStatus::ErrInternal => "internal error",
+            UcclStatus::InProgress => c"UCCL_STATUS_IN_PROGRESS: in progress",
+            UcclStatus::Ok => c"UCCL_STATUS_OK: success",
+            UcclStatus::ErrNotPosted => c"UCCL_STATUS_ERR_NOT_POSTED: not posted",
+            UcclStatus::ErrInvalidParam => c"UCCL_STATUS_ERR_INVALID_PARAM: invalid parameter",
+            UcclStatus::ErrBackend => c"UCCL_STATUS_ERR_BACKEND: transport error",
+            UcclStatus::ErrNotFound => c"UCCL_STATUS_ERR_NOT_FOUND: not found",
+            UcclStatus::ErrMismatch => c"UCCL_STATUS_ERR_MISMATCH: size mismatch",
+            UcclStatus::ErrNotAllowed => c"UCCL_STATUS_ERR_NOT_ALLOWED: not allowed",
+            UcclStatus::ErrRepostActive => c"UCCL_STATUS_ERR_REPOST_ACTIVE: repost of an active request",
+            UcclStatus::ErrUnknown => c"UCCL_STATUS_ERR_UNKNOWN: unknown error",
+            UcclStatus::ErrNotSupported => c"UCCL_STATUS_ERR_NOT_SUPPORTED: not supported",
+            UcclStatus::ErrRemoteDisconnect => c"UCCL_STATUS_ERR_REMOTE_DISCONNECT: remote disconnected",
+            UcclStatus::ErrCanceled => c"UCCL_STATUS_ERR_CANCELED: canceled",
+            UcclStatus::ErrTimeout => c"UCCL_STATUS_ERR_TIMEOUT: timed out",
+            UcclStatus::ErrInternal => c"UCCL_STATUS_ERR_INTERNAL: internal error",
         }
+    }
+
+    /// What the status means ("timed out"), for messages.
+    pub fn describe(self) -> &'static str {
+        let text = self.c_text().to_str().unwrap_or_default();
+        text.split_once(": ").map_or(text, |(_, meaning)| meaning)
     }
 }
 
@@ -159,3 +168,34 @@ impl From<crate::proto::ProtoError> for Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::UcclStatus;
+
+    /// The statuses the checked-in header declares, as (C name, value).
+    fn header_statuses() -> Vec<(String, i32)> {
+        let header = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/include/uccl_engine.h")).unwrap();
+        let body = header.split("enum UcclStatus").nth(1).and_then(|rest| rest.split('}').next()).unwrap();
+        body.lines()
+            .filter_map(|line| {
+                let (name, value) = line.trim().trim_end_matches(',').split_once(" = ")?;
+                Some((name.to_owned(), value.parse().ok()?))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_status_has_one_text_that_starts_with_its_header_name() {
+        let declared = header_statuses();
+        assert_eq!(declared.len(), UcclStatus::ALL.len(), "{declared:?}");
+        let mut texts = std::collections::HashSet::new();
+        for (name, value) in &declared {
+            let status = UcclStatus::from_code(*value).unwrap_or_else(|| panic!("{name} = {value} is unknown"));
+            let text = status.c_text().to_str().unwrap();
+            assert_eq!(text.split_once(": ").map(|(n, _)| n), Some(name.as_str()), "{text}");
+            assert!(!status.describe().is_empty() && !status.describe().contains(':'), "{text}");
+            assert!(texts.insert(status.describe()), "two statuses read {:?}", status.describe());
+        }
+    }
+}

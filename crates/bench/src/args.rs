@@ -248,13 +248,7 @@ fn ordinal(s: &str) -> Result<i32, String> {
 }
 
 fn size(s: &str) -> Result<usize, String> {
-    let (digits, unit) = match s.as_bytes().last() {
-        Some(b'K' | b'k') => (&s[..s.len() - 1], 1 << 10),
-        Some(b'M' | b'm') => (&s[..s.len() - 1], 1 << 20),
-        Some(b'G' | b'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    match digits.parse::<usize>().ok().and_then(|n| n.checked_mul(unit)) {
+    match uccl_tcpx::config::parse_bytes(s).and_then(|n| usize::try_from(n).ok()) {
         Some(0) | None => Err("expected a positive size: bytes, or a number with K, M or G".into()),
         Some(n) => Ok(n),
     }

@@ -80,9 +80,10 @@ pub struct UnpackerConfig {
 }
 
 /// How batches reach the GPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum UnpackMode {
     /// One kernel launch and one event per batch (the default).
+    #[default]
     Launch,
     /// One resident kernel per unpacker on its own stream, polling a doorbell in mapped host
     /// memory and reporting completion there. Saves the launch and event costs per batch; while

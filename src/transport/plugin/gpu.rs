@@ -13,20 +13,7 @@ use super::landing::HostLanding;
 use crate::cuda::Gpu;
 use crate::cuda::gpu::ContextRestore;
 use crate::cuda::unpack::{UnpackMode, Unpacker, UnpackerConfig};
-use crate::error::{Error, Result};
-
-/// Opt-in resident unpack kernel (see `UnpackMode::Persistent`).
-pub const PERSISTENT_ENV: &str = "UCCL_TCPX_UNPACK_PERSISTENT";
-
-/// The unpack mode `UCCL_TCPX_UNPACK_PERSISTENT` asks for: unset, empty or `0` launch a kernel per
-/// batch, `1` runs the resident kernel.
-pub fn unpack_mode(value: Option<&str>) -> Result<UnpackMode> {
-    match value.map(str::trim) {
-        None | Some("") | Some("0") => Ok(UnpackMode::Launch),
-        Some("1") => Ok(UnpackMode::Persistent),
-        Some(other) => Err(Error::invalid(format!("{PERSISTENT_ENV}={other:?}: expected 0 or 1"))),
-    }
-}
+use crate::error::Result;
 
 #[derive(Default)]
 pub struct PluginGpus {
@@ -35,9 +22,16 @@ pub struct PluginGpus {
     unpackers: Mutex<HashMap<i32, Arc<Mutex<Unpacker>>>>,
     /// Per GPU, where receives into host memory land (`landing.rs`), made on first use.
     landings: Mutex<HashMap<i32, Arc<HostLanding>>>,
+    /// How the unpackers run (`Config::unpack_persistent`).
+    unpack_mode: UnpackMode,
 }
 
 impl PluginGpus {
+    /// Receives into GPU memory unpack in `unpack_mode` (`Config::unpack_persistent`).
+    pub fn with_unpack_mode(unpack_mode: UnpackMode) -> PluginGpus {
+        PluginGpus { unpack_mode, ..PluginGpus::default() }
+    }
+
     /// The engine's GPU. The engine names it before its first listen or connect whenever the
     /// plugin binds comms to a GPU, and never changes it; a second, different one is ignored.
     pub fn set_engine_gpu(&self, gpu: &Arc<Gpu>) {
@@ -76,29 +70,12 @@ impl PluginGpus {
         let gpu = Gpu::open(ordinal)?;
         // Creating the unpacker binds the context to the calling thread; the caller's stays its own.
         let _restore = gpu.enter()?;
-        let mode = unpack_mode(std::env::var(PERSISTENT_ENV).ok().as_deref())?;
+        let mode = self.unpack_mode;
         let unpacker = Unpacker::new(UnpackerConfig { ordinal: ordinal as usize, mode, ..UnpackerConfig::default() })
             .map_err(|e| e.context(format!("GPU unpack on GPU {ordinal}")))?;
         log::debug!("GPU unpack on GPU {ordinal}: {mode:?} mode");
         let unpacker = Arc::new(Mutex::new(unpacker));
         unpackers.insert(ordinal, unpacker.clone());
         Ok(unpacker)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn persistent_knob_accepts_only_0_and_1() {
-        assert_eq!(unpack_mode(None).unwrap(), UnpackMode::Launch);
-        assert_eq!(unpack_mode(Some("")).unwrap(), UnpackMode::Launch);
-        assert_eq!(unpack_mode(Some("0")).unwrap(), UnpackMode::Launch);
-        assert_eq!(unpack_mode(Some(" 1 ")).unwrap(), UnpackMode::Persistent);
-        for bad in ["yes", "2", "true"] {
-            let msg = unpack_mode(Some(bad)).unwrap_err().to_string();
-            assert!(msg.contains(PERSISTENT_ENV) && msg.contains(bad), "{msg}");
-        }
     }
 }
