@@ -34,8 +34,6 @@
  */
 #define UCCL_IP_ADDR_BUF_MIN 46
 
-
-
 /**
  * Status numbers follow NIXL's `nixl_status_t` so that a NIXL backend can pass them through unchanged.
  * -12 and -13 are left unused because some NIXL versions give them other meanings.

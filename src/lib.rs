@@ -5,14 +5,25 @@
 //! checks): [`ffi`] (the C ABI) -> [`engine`] -> [`transport`] (ncclNet-shaped comms) -> [`cuda`]
 //! -> [`ncclnet`] (the plugin ABI) -> [`threads`] -> [`config`] -> [`error`] -> [`proto`] (the wire).
 
+// The C header (include/uccl_engine.h) is cbindgen's reading of `ffi` and of the two types its
+// functions take from below: `error`'s status enum and `proto`'s FifoItem (whose other items are
+// crate-private). `cbindgen:ignore` keeps every other module out, so nothing public there
+// (constants, the plugin ABI's types, the C logger shim's entry points) leaks into C.
+
+/// cbindgen:ignore
 pub mod config;
+/// cbindgen:ignore
 pub mod cuda;
+/// cbindgen:ignore
 pub mod engine;
 pub mod error;
 pub mod ffi;
+/// cbindgen:ignore
 pub mod ncclnet;
 pub mod proto;
+/// cbindgen:ignore
 pub mod threads;
+/// cbindgen:ignore
 pub mod transport;
 
 pub use config::{Config, init_logging};
