@@ -78,9 +78,6 @@ pub struct Config {
     /// `UCCL_P2P_DISABLE_IPC`): the engine announces no host identity, so neither end of a
     /// connection takes it for local. `UCCL_TCPX_DISABLE_IPC` (0 or 1).
     pub disable_ipc: bool,
-    /// The plugin transport unpacks TCPX receives into GPU memory with one resident kernel per GPU
-    /// instead of a launch per batch. `UCCL_TCPX_UNPACK_PERSISTENT` = 0 | 1.
-    pub unpack_persistent: bool,
 }
 
 /// An address block such as `10.0.0.0/8` or `fd00::/8`; a bare address is a block of one.
@@ -296,7 +293,6 @@ impl Default for Config {
             control_spin: default_control_spin(),
             allow_dial: Vec::new(),
             disable_ipc: false,
-            unpack_persistent: false,
         }
     }
 }
@@ -330,7 +326,6 @@ impl Config {
             control_spin: parse_micros(&get, "UCCL_TCPX_CONTROL_SPIN_US", d.control_spin, 1_000_000)?,
             allow_dial: parse_cidrs(&get, "UCCL_TCPX_ALLOW_DIAL")?,
             disable_ipc: parse_in(&get, "UCCL_TCPX_DISABLE_IPC", 0u8, 0, 1)? == 1,
-            unpack_persistent: parse_in(&get, "UCCL_TCPX_UNPACK_PERSISTENT", 0u8, 0, 1)? == 1,
         })
     }
 }
@@ -506,7 +501,6 @@ mod tests {
             ("UCCL_TCPX_CONTROL_SPIN_US", "75"),
             ("UCCL_TCPX_ALLOW_DIAL", "10.0.0.0/8, 192.168.1.7,fd00::/8"),
             ("UCCL_TCPX_DISABLE_IPC", "1"),
-            ("UCCL_TCPX_UNPACK_PERSISTENT", " 1 "),
         ])
         .unwrap();
         let ips = |list: &[&str]| list.iter().map(|a| a.parse::<IpAddr>().unwrap()).collect::<Vec<_>>();
@@ -517,8 +511,6 @@ mod tests {
         for ip in ips(&["11.0.0.1", "9.255.255.255", "192.168.1.8", "fe80::1", "::1", "127.0.0.1"]) {
             assert!(!allowed(ip), "{ip} should not be allowed");
         }
-        assert!(c.unpack_persistent);
-        assert!(!cfg(&[("UCCL_TCPX_UNPACK_PERSISTENT", "0")]).unwrap().unpack_persistent);
         assert_eq!(c.transport, TransportChoice::Tcpx);
         assert_eq!(c.plugin_path.as_deref(), Some(std::path::Path::new("/opt/tcpx/libnccl-net.so")));
         assert_eq!(c.nccl_net_plugin.as_deref(), Some("tcpx"));
@@ -633,8 +625,6 @@ mod tests {
             ("UCCL_TCPX_ALLOW_DIAL", "10.0.0.0/8,,"),
             ("UCCL_TCPX_ALLOW_DIAL", "host.example"),
             ("UCCL_TCPX_ALLOW_DIAL", "fd00::/129"),
-            ("UCCL_TCPX_UNPACK_PERSISTENT", "yes"),
-            ("UCCL_TCPX_UNPACK_PERSISTENT", "2"),
         ] {
             let err = cfg(&[(k, v)]).unwrap_err();
             assert_eq!(err.status(), crate::error::UcclStatus::ErrInvalidParam);

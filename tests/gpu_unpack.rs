@@ -10,7 +10,7 @@ use std::sync::Arc;
 use common::Rng;
 use cudarc::driver::{CudaContext, result, sys};
 use uccl_tcpx::cuda::unpack::{
-    BulkTiles, Completion, CompletionCounts, INLINE_SMALL, ReceiveLayout, Submit, UnpackMode, Unpacker, UnpackerConfig,
+    BulkTiles, Completion, CompletionCounts, INLINE_SMALL, ReceiveLayout, Submit, Unpacker, UnpackerConfig,
 };
 use uccl_tcpx::ncclnet::LoadMeta;
 
@@ -78,25 +78,19 @@ fn cpu_gather(pool: &[u8], dst: &mut [u8], r: &Receive) {
     }
 }
 
-fn persistent() -> UnpackerConfig {
-    UnpackerConfig { mode: UnpackMode::Persistent, ..UnpackerConfig::default() }
-}
-
 fn with_events(config: UnpackerConfig) -> UnpackerConfig {
     UnpackerConfig { completion: Completion::Event, ..config }
 }
 
 /// Every way tiles reach the kernel: in the parameters (up to the largest variant), copied to
-/// device memory, read through the host mapping by one launch per batch, or by the resident
-/// kernel; launches report through completion words (the default) except in the last row, which
-/// uses events.
-fn tile_paths() -> [UnpackerConfig; 5] {
+/// device memory, or read through the host mapping; launches report through completion words (the
+/// default) except in the last row, which uses events.
+fn tile_paths() -> [UnpackerConfig; 4] {
     let base = UnpackerConfig::default();
     [
         UnpackerConfig { inline_tiles: usize::MAX, ..base },
         UnpackerConfig { inline_tiles: 0, bulk: BulkTiles::Copy, ..base },
         UnpackerConfig { inline_tiles: 0, bulk: BulkTiles::Mapped, ..base },
-        persistent(),
         with_events(UnpackerConfig { inline_tiles: 0, bulk: BulkTiles::Mapped, ..base }),
     ]
 }
@@ -277,7 +271,7 @@ fn destinations_at_the_very_end_of_a_region_leave_the_guard_untouched() {
             ],
         };
         cpu_gather(&pool.expected, &mut dst.expected, &receive);
-        for config in [UnpackerConfig::default(), with_events(UnpackerConfig::default()), persistent()] {
+        for config in [UnpackerConfig::default(), with_events(UnpackerConfig::default())] {
             let mut unpacker = Unpacker::new(config).expect("unpacker");
             run(&mut unpacker, &pool, &dst, std::slice::from_ref(&receive));
             assert_signalled(&unpacker, 1);
@@ -289,16 +283,12 @@ fn destinations_at_the_very_end_of_a_region_leave_the_guard_untouched() {
 #[test]
 fn small_rings_force_device_tile_launches_full_rings_and_in_order_completion() {
     let Some(_ctx) = gpu() else { return };
-    for (mode, completion) in [
-        (UnpackMode::Launch, Completion::Word),
-        (UnpackMode::Launch, Completion::Event),
-        (UnpackMode::Persistent, Completion::Word),
-    ] {
-        small_rings(mode, completion);
+    for completion in [Completion::Word, Completion::Event] {
+        small_rings(completion);
     }
 }
 
-fn small_rings(mode: UnpackMode, completion: Completion) {
+fn small_rings(completion: Completion) {
     let mut rng = Rng::new("small_rings");
     let pool = Region::new(rng.bytes(32 << 20));
     let mut dst = Region::guarded(48 * (512 << 10) + 64);
@@ -306,12 +296,11 @@ fn small_rings(mode: UnpackMode, completion: Completion) {
         tiles_per_launch: 3000,
         launches_in_flight: 2,
         inline_tiles: 0,
-        mode,
         completion,
         ..UnpackerConfig::default()
     })
     .expect("unpacker");
-    assert_eq!(unpacker.mode(), mode);
+    assert_eq!(unpacker.completion(), completion);
     assert!(unpacker.kernels().max_inline() >= INLINE_SMALL, "{:?}", unpacker.kernels());
     // 512 KiB receives of shuffled whole pages: 128 tiles each, copied to the device tile buffer.
     let mut receives = Vec::new();
@@ -368,13 +357,13 @@ fn small_rings(mode: UnpackMode, completion: Completion) {
     assert!(!unpacker.launch().expect("nothing pending"), "an empty batch launches nothing");
     // 48 receives in batches of 20, 20 and 8, each launched once.
     assert_signalled(&unpacker, 3);
-    dst.assert_matches(&format!("device tile batches, {mode:?}, {completion:?}"));
+    dst.assert_matches(&format!("device tile batches, {completion:?}"));
 }
 
 #[test]
 fn invalid_and_empty_receives() {
     let Some(_ctx) = gpu() else { return };
-    for config in [UnpackerConfig::default(), with_events(UnpackerConfig::default()), persistent()] {
+    for config in [UnpackerConfig::default(), with_events(UnpackerConfig::default())] {
         invalid_and_empty(config);
     }
 }
@@ -415,43 +404,7 @@ fn invalid_and_empty(config: UnpackerConfig) {
     assert_signalled(&unpacker, 3);
     dst.expected[4096..8192].copy_from_slice(&pool.expected[4096 * 7 + 3..4096 * 8 + 3]);
     dst.expected[8192..12288].copy_from_slice(&pool.expected[4096 * 9..4096 * 10]);
-    dst.assert_matches(&format!("after rejected and empty receives, {:?}", config.mode));
-}
-
-/// The resident kernel leaves when idle and the next batch starts it again where it stopped; it
-/// holds only part of the GPU, so launches on other streams run while it waits; dropping the
-/// unpacker stops it. Each step is checked byte for byte.
-#[test]
-fn persistent_kernel_restarts_after_idling_and_leaves_room_for_other_streams() {
-    let Some(_ctx) = gpu() else { return };
-    let mut rng = Rng::new("persistent_kernel_restarts_after_idling_and_leaves_room_for_other_streams");
-    let pool = Region::new(rng.bytes(8 << 20));
-    let rounds = 6;
-    let mut dst = Region::guarded(2 * rounds * (64 << 10) + 64);
-    let receives: Vec<Receive> =
-        (0..2 * rounds).map(|i| random_receive(&mut rng, pool.expected.len(), i * (64 << 10), 64 << 10)).collect();
-    for r in &receives {
-        cpu_gather(&pool.expected, &mut dst.expected, r);
-    }
-    // A resident kernel that idles out after 200 us, and one that stays for the whole test.
-    let mut short = Unpacker::new(UnpackerConfig { persistent_idle_us: 200, ..persistent() }).expect("unpacker");
-    let mut long = Unpacker::new(UnpackerConfig { persistent_idle_us: 60_000_000, ..persistent() }).expect("unpacker");
-    let mut launches = Unpacker::new(UnpackerConfig::default()).expect("unpacker");
-    for round in 0..rounds {
-        run(&mut short, &pool, &dst, &receives[2 * round..2 * round + 1]);
-        // Long enough for `short` to leave: the next round must start it again.
-        std::thread::sleep(std::time::Duration::from_millis(5));
-        // `long` stays resident from its first batch on; launch-mode kernels on another stream
-        // still run and finish meanwhile.
-        let other = if round % 2 == 0 { &mut long } else { &mut launches };
-        run(other, &pool, &dst, &receives[2 * round + 1..2 * round + 2]);
-    }
-    assert_eq!(short.persistent_starts(), rounds as u64, "the idle kernel left and was started again each round");
-    assert_eq!(long.persistent_starts(), 1, "the kernel with a long idle time stayed resident");
-    assert_eq!(short.completed(), rounds as u64);
-    dst.assert_matches("persistent kernels restarted after idling, next to launches");
-    drop(long);
-    drop(short);
+    dst.assert_matches(&format!("after rejected and empty receives, {:?}", config.completion));
 }
 
 #[test]

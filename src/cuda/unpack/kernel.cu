@@ -63,19 +63,11 @@ struct Word {
     u32 x, y, z, w;
 };
 
-// COHERENT loads (the resident kernel) go to L2 every time: the pool pages change under a kernel
-// that never ends, so neither the non-coherent path nor L1 may keep an old copy.
-template <bool COHERENT>
 __device__ __forceinline__ Word load_word(u64 addr) {
     Word v;
-    if (COHERENT)
-        asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                     : "l"(addr));
-    else
-        asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-            : "l"(addr));
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(addr));
     return v;
 }
 
@@ -84,13 +76,9 @@ __device__ __forceinline__ void store_word(u64 addr, const Word& v) {
                  : "memory");
 }
 
-template <bool COHERENT>
 __device__ __forceinline__ u32 load_byte(u64 addr) {
     u32 b;
-    if (COHERENT)
-        asm volatile("ld.global.cg.u8 %0, [%1];" : "=r"(b) : "l"(addr));
-    else
-        asm("ld.global.nc.u8 %0, [%1];" : "=r"(b) : "l"(addr));
+    asm("ld.global.nc.u8 %0, [%1];" : "=r"(b) : "l"(addr));
     return b;
 }
 
@@ -126,14 +114,13 @@ __device__ __forceinline__ Word shuffle_word(const Word& v, u32 from_lane) {
 }
 
 // Source and destination both 16-byte aligned: `words` 16-byte words.
-template <bool COHERENT>
 __device__ __forceinline__ void copy_aligned(u64 src, u64 dst, u32 words, u32 lane) {
     for (u32 base = 0; base < words; base += UNPACK_WARP * UNPACK_WORDS_PER_LANE) {
         Word v[UNPACK_WORDS_PER_LANE];
 #pragma unroll
         for (int k = 0; k < UNPACK_WORDS_PER_LANE; ++k) {
             const u32 i = base + k * UNPACK_WARP + lane;
-            if (i < words) v[k] = load_word<COHERENT>(src + 16ull * i);
+            if (i < words) v[k] = load_word(src + 16ull * i);
         }
 #pragma unroll
         for (int k = 0; k < UNPACK_WORDS_PER_LANE; ++k) {
@@ -146,7 +133,6 @@ __device__ __forceinline__ void copy_aligned(u64 src, u64 dst, u32 words, u32 la
 // Destination 16-byte aligned, source `shift` (1..15) bytes past the aligned address `src_aligned`.
 // Output word i is made of aligned source words i and i + 1; words 0..=words all contain fragment
 // bytes, so no load leaves the fragment's 16-byte blocks.
-template <bool COHERENT>
 __device__ __forceinline__ void copy_shifted(u64 src_aligned, u64 dst, u32 words, u32 shift, u32 lane) {
     const u32 next_lane = (lane + 1) & (UNPACK_WARP - 1);
     for (u32 base = 0; base < words; base += UNPACK_WARP * UNPACK_WORDS_PER_LANE) {
@@ -155,11 +141,11 @@ __device__ __forceinline__ void copy_shifted(u64 src_aligned, u64 dst, u32 words
 #pragma unroll
         for (int k = 0; k < UNPACK_WORDS_PER_LANE; ++k) {
             const u32 i = base + k * UNPACK_WARP + lane;
-            if (i <= words) v[k] = load_word<COHERENT>(src_aligned + 16ull * i);
+            if (i <= words) v[k] = load_word(src_aligned + 16ull * i);
         }
         // Lane 31's last output needs the first word of the following round.
         const u32 after_index = base + UNPACK_WARP * UNPACK_WORDS_PER_LANE;
-        if (lane == 0 && after_index <= words) after = load_word<COHERENT>(src_aligned + 16ull * after_index);
+        if (lane == 0 && after_index <= words) after = load_word(src_aligned + 16ull * after_index);
 #pragma unroll
         for (int k = 0; k < UNPACK_WORDS_PER_LANE; ++k) {
             // Every lane passes its word to the lane below; lane 0 instead passes the first word of
@@ -173,7 +159,6 @@ __device__ __forceinline__ void copy_shifted(u64 src_aligned, u64 dst, u32 words
     }
 }
 
-template <bool COHERENT>
 __device__ __forceinline__ void copy_tile(u64 src, u64 dst, u32 len, u32 lane) {
     u32 head = (16u - (u32)(dst & 15u)) & 15u;
     if (head > len) head = len;
@@ -186,14 +171,14 @@ __device__ __forceinline__ void copy_tile(u64 src, u64 dst, u32 len, u32 lane) {
     const bool has_head = lane < head;
     const bool has_tail = lane < tail;
     u32 head_byte = 0, tail_byte = 0;
-    if (has_head) head_byte = load_byte<COHERENT>(src + lane);
-    if (has_tail) tail_byte = load_byte<COHERENT>(body_src + tail_at);
+    if (has_head) head_byte = load_byte(src + lane);
+    if (has_tail) tail_byte = load_byte(body_src + tail_at);
     if (words != 0) {
         const u32 shift = (u32)(body_src & 15u);
         if (shift == 0)
-            copy_aligned<COHERENT>(body_src, body_dst, words, lane);
+            copy_aligned(body_src, body_dst, words, lane);
         else
-            copy_shifted<COHERENT>(body_src - shift, body_dst, words, shift, lane);
+            copy_shifted(body_src - shift, body_dst, words, shift, lane);
     }
     if (has_head) store_byte(dst + lane, head_byte);
     if (has_tail) store_byte(body_dst + tail_at, tail_byte);
@@ -226,7 +211,7 @@ __device__ __forceinline__ void unpack_block(const Tile* tiles, u32 count, const
         const Tile t = tiles[tile];
         const u64 src = t.src_and_len & ((1ull << UNPACK_ADDRESS_BITS) - 1);
         const u32 len = (u32)(t.src_and_len >> UNPACK_ADDRESS_BITS) + 1;
-        copy_tile<false>(src, t.dst, len, lane);
+        copy_tile(src, t.dst, len, lane);
     }
     signal_completion(signal);
 }
@@ -252,162 +237,3 @@ UNPACK_DEFINE_INLINE(unpack_inline_medium, UNPACK_INLINE_MEDIUM)
 #if UNPACK_INLINE_LARGE > 0
 UNPACK_DEFINE_INLINE(unpack_inline_large, UNPACK_INLINE_LARGE)
 #endif
-
-// ---- Resident (persistent) variant ----------------------------------------------------------------
-//
-// One launch that stays on the GPU and takes batches from a ring the host fills in mapped pinned
-// memory, so a batch costs no launch and no event. Protocol (resident.rs holds the host side):
-//
-// - The host plans batch `seq` into slot seq % slots (tiles in that slot's mapped buffer), then
-//   releases that slot's doorbell word = seq << 24 | count + 1 (one word, so one PCIe read tells
-//   the kernel both; 0 never matches).
-// - Block 0, thread 0 polls the doorbell of the next seq's slot (relaxed loads, one PCIe read
-//   each; one system-scope fence after a hit), then publishes the same word to the other blocks in
-//   device memory (go[slot]); they poll that, which stays on the GPU.
-// - Every block copies its share of the tiles (warp w of the grid: tiles w, w + W, ...) and counts
-//   itself in done[slot]; the last block of a batch resets that counter and, after a system-scope
-//   fence, writes seq to completed[slot] in host memory. Blocks may be batches apart, so each
-//   batch has its own counter and completion word; the host retires slots in order.
-// - Block 0 leaves when the host raises `stop` or nothing arrives for `idle_ns`: it records the
-//   seq it waited for and its epoch in host memory, then raises `leave`; the other blocks finish
-//   every batch published before that and leave too. The host starts a new launch (new epoch) at
-//   that seq when work arrives. Leaving when idle bounds how long device-wide synchronisations
-//   elsewhere in the process (cuMemFree, cuCtxSynchronize) can wait for this kernel.
-//
-// Host words (u64): [1] stop (host-written); [8] exit epoch, [9] exit seq; [16 + slot] doorbells
-// (host-written); [48 + slot] completed. Device words (u64, zeroed before each launch): [0] leave;
-// [8 + slot] go; [40 + slot] done.
-
-#define UNPACK_MAX_SLOTS 32
-#define UNPACK_HOST_STOP 1
-#define UNPACK_HOST_EXIT_EPOCH 8
-#define UNPACK_HOST_EXIT_SEQ 9
-#define UNPACK_HOST_DOORBELLS 16
-#define UNPACK_HOST_COMPLETED 48
-#define UNPACK_DEV_LEAVE 0
-#define UNPACK_DEV_GO 8
-#define UNPACK_DEV_DONE 40
-#define UNPACK_COUNT_BITS 24
-
-struct ResidentParams {
-    u64 host;  // device address of the mapped host words
-    u64 dev;   // device words
-    u64 start_seq;
-    u64 epoch;
-    u64 idle_ns;
-    u32 slots;
-    u32 reserved;
-    u64 slot_tiles[UNPACK_MAX_SLOTS];  // device addresses of each slot's mapped tile buffer
-};
-
-__device__ __forceinline__ u64 ld_acquire_gpu(u64 addr) {
-    u64 v;
-    asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(addr) : "memory");
-    return v;
-}
-
-__device__ __forceinline__ u64 ld_relaxed_sys(u64 addr) {
-    u64 v;
-    asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(addr) : "memory");
-    return v;
-}
-
-__device__ __forceinline__ void st_release_gpu(u64 addr, u64 v) {
-    asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(addr), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ void st_release_sys(u64 addr, u64 v) {
-    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(addr), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ void st_relaxed_sys(u64 addr, u64 v) {
-    asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(addr), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ u64 global_ns() {
-    u64 t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
-
-// A tile from the host's mapped buffer, which the host rewrites between batches: not cached.
-__device__ __forceinline__ Tile load_tile_volatile(u64 addr) {
-    Tile t;
-    asm volatile("ld.volatile.global.v2.u64 {%0, %1}, [%2];" : "=l"(t.src_and_len), "=l"(t.dst) : "l"(addr));
-    return t;
-}
-
-// Whether a doorbell or go word announces batch `seq`; its count then is (word & mask) - 1.
-__device__ __forceinline__ bool announces(u64 word, u64 seq) {
-    const u64 mask = (1ull << UNPACK_COUNT_BITS) - 1;
-    return (word & mask) != 0 && (word >> UNPACK_COUNT_BITS) == (seq & (~0ull >> UNPACK_COUNT_BITS));
-}
-
-// Block 0, thread 0: waits for batch `seq`; returns its count, or -1 to leave.
-__device__ long long resident_wait_host(const ResidentParams& p, u64 seq) {
-    const u32 slot = (u32)(seq % p.slots);
-    const u64 start = global_ns();
-    u64 word;
-    for (;;) {
-        word = ld_relaxed_sys(p.host + 8 * (UNPACK_HOST_DOORBELLS + slot));
-        if (announces(word, seq)) break;
-        if (ld_relaxed_sys(p.host + 8 * UNPACK_HOST_STOP) != 0 || global_ns() - start > p.idle_ns) {
-            st_relaxed_sys(p.host + 8 * UNPACK_HOST_EXIT_SEQ, seq);
-            st_release_sys(p.host + 8 * UNPACK_HOST_EXIT_EPOCH, p.epoch);
-            st_release_gpu(p.dev + 8 * UNPACK_DEV_LEAVE, 1);
-            return -1;
-        }
-    }
-    // Acquire: the host's tile stores, released by the doorbell, are seen by this block and,
-    // through the go word's release, by every other block.
-    __threadfence_system();
-    st_release_gpu(p.dev + 8 * (UNPACK_DEV_GO + slot), word);
-    return (long long)((word & ((1ull << UNPACK_COUNT_BITS) - 1)) - 1);
-}
-
-// Other blocks, thread 0: the same answer, from device memory.
-__device__ long long resident_wait_device(const ResidentParams& p, u64 seq) {
-    const u32 slot = (u32)(seq % p.slots);
-    for (;;) {
-        // `leave` first: once it is seen, every go word published before it is visible too.
-        const u64 leave = ld_acquire_gpu(p.dev + 8 * UNPACK_DEV_LEAVE);
-        const u64 go = ld_acquire_gpu(p.dev + 8 * (UNPACK_DEV_GO + slot));
-        if (announces(go, seq)) return (long long)((go & ((1ull << UNPACK_COUNT_BITS) - 1)) - 1);
-        if (leave != 0) return -1;
-        __nanosleep(64);
-    }
-}
-
-extern "C" __global__ void unpack_resident(const __grid_constant__ ResidentParams p) {
-    __shared__ long long batch_count;
-    const u32 lane = threadIdx.x & (UNPACK_WARP - 1);
-    const u32 warps = gridDim.x * (blockDim.x / UNPACK_WARP);
-    const u32 warp = blockIdx.x * (blockDim.x / UNPACK_WARP) + threadIdx.x / UNPACK_WARP;
-    for (u64 seq = p.start_seq;; ++seq) {
-        if (threadIdx.x == 0) batch_count = blockIdx.x == 0 ? resident_wait_host(p, seq) : resident_wait_device(p, seq);
-        __syncthreads();
-        const long long count = batch_count;
-        if (count < 0) return;
-        const u32 slot = (u32)(seq % p.slots);
-        const u64 tiles = p.slot_tiles[slot];
-        for (u32 i = warp; i < (u32)count; i += warps) {
-            const Tile t = load_tile_volatile(tiles + 16ull * i);
-            const u64 src = t.src_and_len & ((1ull << UNPACK_ADDRESS_BITS) - 1);
-            const u32 len = (u32)(t.src_and_len >> UNPACK_ADDRESS_BITS) + 1;
-            copy_tile<true>(src, t.dst, len, lane);
-        }
-        // Every thread's stores are issued before thread 0 counts the block done; its fence then
-        // makes them visible device-wide before the counter says so.
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            __threadfence();
-            unsigned long long* done = (unsigned long long*)(p.dev + 8 * (UNPACK_DEV_DONE + slot));
-            if (atomicAdd(done, 1ull) + 1 == gridDim.x) {
-                // The slot's next batch cannot be published before the host sees this one complete.
-                *done = 0;
-                __threadfence_system();
-                st_relaxed_sys(p.host + 8 * (UNPACK_HOST_COMPLETED + slot), seq);
-            }
-        }
-    }
-}

@@ -66,31 +66,6 @@ impl InlineTiles {
     }
 }
 
-/// Most ring slots the resident kernel addresses (its parameters list every slot's tile buffer).
-pub const RESIDENT_MAX_SLOTS: usize = 32;
-
-/// Parameters of `unpack_resident` (`struct ResidentParams` in kernel.cu).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ResidentParams {
-    /// Device address of the mapped host words.
-    pub host: u64,
-    /// Device words (zeroed before the launch).
-    pub dev: u64,
-    /// First batch sequence number this launch takes.
-    pub start_seq: u64,
-    /// Launch number, reported back when the kernel leaves.
-    pub epoch: u64,
-    /// The kernel leaves after this long without a batch.
-    pub idle_ns: u64,
-    pub slots: u32,
-    pub reserved: u32,
-    /// Device address of each slot's mapped tile buffer.
-    pub slot_tiles: [u64; RESIDENT_MAX_SLOTS],
-}
-
-const _: () = assert!(size_of::<ResidentParams>() == 48 + 8 * RESIDENT_MAX_SLOTS);
-
 const MAX_DEVICES: usize = 64;
 
 /// The compiled module of one device.
@@ -98,7 +73,6 @@ pub struct UnpackKernels {
     context: Arc<CudaContext>,
     target: String,
     device_tiles: CudaFunction,
-    resident: CudaFunction,
     inline: Vec<(usize, CudaFunction)>,
     _module: Arc<CudaModule>,
 }
@@ -192,28 +166,6 @@ impl UnpackKernels {
         unsafe { self.launch(function, stream, count, &mut args) }
     }
 
-    /// Starts the resident kernel: `blocks` blocks of `threads` threads that serve the ring
-    /// `params` describes until they leave (see kernel.cu).
-    ///
-    /// # Safety
-    /// `stream` as above and used for nothing else while the kernel runs; every address in
-    /// `params` stays valid until the launch finished, and every tile the host publishes names
-    /// valid device memory.
-    pub unsafe fn launch_resident(
-        &self,
-        stream: sys::CUstream,
-        params: &ResidentParams,
-        blocks: u32,
-        threads: u32,
-    ) -> Result<()> {
-        let mut args: [*mut c_void; 1] = [(params as *const ResidentParams).cast_mut().cast()];
-        // SAFETY: the parameter block matches `struct ResidentParams`; the rest is the caller's.
-        unsafe {
-            result::launch_kernel(self.resident.cu_function(), (blocks, 1, 1), (threads, 1, 1), 0, stream, &mut args)
-        }
-        .map_err(|e| driver_error("launch resident unpack kernel", e))
-    }
-
     unsafe fn launch(
         &self,
         function: &CudaFunction,
@@ -252,7 +204,6 @@ fn build(ordinal: usize) -> Result<UnpackKernels> {
     let module = context.load_module(image).map_err(|e| driver_error(&format!("load module ({target})"), e))?;
     let load = |name: &str| module.load_function(name).map_err(|e| driver_error(&format!("find {name}"), e));
     let device_tiles = load("unpack_tiles")?;
-    let resident = load("unpack_resident")?;
     let mut inline = Vec::new();
     let names = ["unpack_inline_tiny", "unpack_inline_small", "unpack_inline_medium", "unpack_inline_large"];
     for (cap, name) in inline_caps.iter().zip(names) {
@@ -260,7 +211,7 @@ fn build(ordinal: usize) -> Result<UnpackKernels> {
             inline.push((*cap, load(name)?));
         }
     }
-    Ok(UnpackKernels { context, target, device_tiles, resident, inline, _module: module })
+    Ok(UnpackKernels { context, target, device_tiles, inline, _module: module })
 }
 
 /// Compiles the kernel to a cubin for `sm_<cc>` when this NVRTC knows the architecture, else to PTX
@@ -372,7 +323,6 @@ mod tests {
         let ptx = image.to_src();
         assert!(ptx.contains(".entry unpack_tiles") && ptx.contains(".entry unpack_inline_small"));
         assert!(ptx.contains(".entry unpack_inline_tiny"));
-        assert!(ptx.contains(".entry unpack_resident"));
         assert!(!ptx.contains("unpack_inline_large"), "disabled variants are left out");
     }
 }

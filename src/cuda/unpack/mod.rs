@@ -6,18 +6,14 @@
 //! - [`UnpackKernels`]: the CUDA C kernel (kernel.cu), compiled by NVRTC per device on first use.
 //! - [`Unpacker`]: batching, preallocated launch ring, completion watermark fed by per-launch
 //!   completion words the kernel writes to mapped host memory (or by events, [`Completion::Event`]).
-//! - persistent.rs: the opt-in resident kernel ([`UnpackMode::Persistent`]) that takes batches
-//!   from the same ring through a doorbell in mapped host memory.
 
 mod kernels;
 mod memory;
-mod persistent;
 pub mod plan;
 mod unpacker;
 
 pub use kernels::{
     BLOCK_THREADS, CompletionSignal, INLINE_LARGE, INLINE_MEDIUM, INLINE_SMALL, INLINE_TINY, InlineTiles, UnpackKernels,
 };
-pub use persistent::{MAX_TILES_PER_BATCH, RESIDENT_THREADS};
 pub use plan::{MAX_FRAGMENTS, PlanError, PlanStats, ReceiveLayout, TILE_BYTES, Tile, plan_receive};
-pub use unpacker::{BulkTiles, Completion, CompletionCounts, Submit, UnpackMode, Unpacker, UnpackerConfig};
+pub use unpacker::{BulkTiles, Completion, CompletionCounts, Submit, Unpacker, UnpackerConfig};

@@ -29,11 +29,6 @@
 //! [`CompletionCounts::by_stream_check`], which stays 0 when the words work). A batch without
 //! tiles launches nothing; the host writes its word itself and it still completes in order.
 //!
-//! In [`UnpackMode::Persistent`] the same ring feeds one resident kernel instead (persistent.rs):
-//! a launch becomes a doorbell store to mapped host memory, and `poll` reads the per-slot
-//! completion words the kernel writes there instead of querying events. Tickets, batching and the
-//! in-order watermark are the same in both modes, so callers do not care which one runs.
-//!
 //! The defaults follow measurements on H200 (docs/PERFORMANCE.md): a parameter block costs GPU
 //! time roughly in proportion to its size (about +1 us for 128 tiles, +2 us for 1024, +3.6 us for
 //! the 32 KiB block), a mapped read costs about one PCIe round trip (+1 to +3 us) whatever the count, and a
@@ -48,7 +43,6 @@ use cudarc::driver::{result, sys};
 
 use super::kernels::{CompletionSignal, InlineTiles, UnpackKernels};
 use super::memory::{DeviceBytes, DeviceTiles, Event, MappedWords, PinnedTiles, driver_error};
-use super::persistent::{MAX_TILES_PER_BATCH, Resident};
 use super::plan::{PlanError, PlanStats, ReceiveLayout, plan_receive};
 use crate::error::{Error, Result};
 use crate::ncclnet::LoadMeta;
@@ -67,31 +61,11 @@ pub struct UnpackerConfig {
     pub inline_tiles: usize,
     /// How larger launches get their tiles. Default: mapped.
     pub bulk: BulkTiles,
-    /// One kernel launch per batch, or one resident kernel fed through mapped memory.
-    pub mode: UnpackMode,
-    /// How launch mode learns that a launch finished. Ignored in persistent mode.
+    /// How the unpacker learns that a launch finished.
     pub completion: Completion,
-    /// Blocks of 256 threads the persistent kernel occupies (one warp copies one tile per round).
-    pub persistent_blocks: u32,
-    /// The persistent kernel leaves after this many microseconds without work and is started
-    /// again by the next batch, so device-wide synchronisations (`cuMemFree`, `cuCtxSynchronize`)
-    /// elsewhere in the process wait at most about this long for it.
-    pub persistent_idle_us: u64,
 }
 
-/// How batches reach the GPU.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum UnpackMode {
-    /// One kernel launch and one event per batch (the default).
-    #[default]
-    Launch,
-    /// One resident kernel per unpacker on its own stream, polling a doorbell in mapped host
-    /// memory and reporting completion there. Saves the launch and event costs per batch; while
-    /// it runs it holds `persistent_blocks` blocks of the GPU.
-    Persistent,
-}
-
-/// How launch mode learns that a launch finished.
+/// How the unpacker learns that a launch finished.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Completion {
     /// The launch's last block writes its sequence number to the slot's word in mapped host
@@ -104,7 +78,7 @@ pub enum Completion {
 /// How the launches retired so far were seen to finish.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CompletionCounts {
-    /// By their own signal: completion word, persistent kernel's word, or event.
+    /// By their own signal: completion word or event.
     pub signalled: u64,
     /// By a stream check that found the stream idle while their word was still missing.
     pub by_stream_check: u64,
@@ -133,10 +107,7 @@ impl Default for UnpackerConfig {
             launches_in_flight: 8,
             inline_tiles: super::kernels::INLINE_SMALL,
             bulk: BulkTiles::Mapped,
-            mode: UnpackMode::Launch,
             completion: Completion::Word,
-            persistent_blocks: 16,
-            persistent_idle_us: 2000,
         }
     }
 }
@@ -156,7 +127,7 @@ struct Slot {
     device: Option<DeviceTiles>,
     /// [`Completion::Event`] only.
     event: Option<Event>,
-    /// The launch's (or persistent batch's) sequence number, which its completion word reports.
+    /// The launch's sequence number, which its completion word reports.
     seq: u64,
     /// Receives with tickets below this are finished once the slot's batch completed.
     finishes_below: u64,
@@ -194,14 +165,12 @@ impl CompletionWords {
 pub struct Unpacker {
     // Declared before `stream` and `kernels` so that they drop while the context is still alive.
     slots: Vec<Slot>,
-    /// [`Completion::Word`] in launch mode.
+    /// [`Completion::Word`] only.
     words: Option<CompletionWords>,
     params: Box<InlineTiles>,
     stream: Arc<CudaStream>,
     kernels: Arc<UnpackKernels>,
-    /// Persistent mode only. Its kernel is stopped in `drop`, before any buffer it reads is freed.
-    persistent: Option<Resident>,
-    /// Sequence number of the next launch or persistent batch.
+    /// Sequence number of the next launch.
     next_seq: u64,
     idle_polls: u32,
     counts: CompletionCounts,
@@ -238,12 +207,6 @@ impl Unpacker {
         if config.tiles_per_launch > u32::MAX as usize / 2 {
             return Err(Error::invalid(format!("unpack: tiles_per_launch {} is too large", config.tiles_per_launch)));
         }
-        if config.mode == UnpackMode::Persistent && config.tiles_per_launch > MAX_TILES_PER_BATCH {
-            return Err(Error::invalid(format!(
-                "unpack: tiles_per_launch {} is too large for the persistent kernel (at most {MAX_TILES_PER_BATCH})",
-                config.tiles_per_launch
-            )));
-        }
         let kernels = UnpackKernels::for_device(config.ordinal)?;
         let context = kernels.context().clone();
         context.bind_to_thread().map_err(|e| driver_error("bind context", e))?;
@@ -256,37 +219,22 @@ impl Unpacker {
                     BulkTiles::Copy => Some(DeviceTiles::new(config.tiles_per_launch)?),
                     BulkTiles::Mapped => None,
                 },
-                event: match (config.mode, config.completion) {
-                    (UnpackMode::Launch, Completion::Event) => Some(Event::new()?),
-                    _ => None,
+                event: match config.completion {
+                    Completion::Event => Some(Event::new()?),
+                    Completion::Word => None,
                 },
                 seq: 0,
                 finishes_below: 0,
             });
         }
-        let persistent = match config.mode {
-            UnpackMode::Launch => None,
-            UnpackMode::Persistent => {
-                let tiles: Vec<u64> = slots.iter().map(|s| s.host.device_ptr()).collect();
-                Some(Resident::new(
-                    kernels.clone(),
-                    stream.cu_stream(),
-                    &tiles,
-                    config.persistent_blocks,
-                    config.persistent_idle_us,
-                )?)
-            }
+        let words = match config.completion {
+            Completion::Word => Some(CompletionWords::new(slots.len())?),
+            Completion::Event => None,
         };
-        let words = match (config.mode, config.completion) {
-            (UnpackMode::Launch, Completion::Word) => Some(CompletionWords::new(slots.len())?),
-            _ => None,
-        };
-        // Completion words start at 0, so launch sequence numbers start at 1.
-        let next_seq = persistent.as_ref().map_or(1, Resident::first_seq);
         Ok(Unpacker {
-            persistent,
             words,
-            next_seq,
+            // Completion words start at 0, so launch sequence numbers start at 1.
+            next_seq: 1,
             idle_polls: 0,
             counts: CompletionCounts::default(),
             slots,
@@ -308,18 +256,9 @@ impl Unpacker {
         &self.kernels
     }
 
-    /// How often the persistent kernel was started (it leaves when idle); 0 in launch mode.
-    pub fn persistent_starts(&self) -> u64 {
-        self.persistent.as_ref().map_or(0, Resident::starts)
-    }
-
-    pub fn mode(&self) -> UnpackMode {
-        if self.persistent.is_some() { UnpackMode::Persistent } else { UnpackMode::Launch }
-    }
-
-    /// How completion is detected (persistent mode always reads its kernel's words).
+    /// How completion is detected.
     pub fn completion(&self) -> Completion {
-        if self.words.is_some() || self.persistent.is_some() { Completion::Word } else { Completion::Event }
+        if self.words.is_some() { Completion::Word } else { Completion::Event }
     }
 
     /// How the launches retired so far were seen to finish.
@@ -399,8 +338,7 @@ impl Unpacker {
     }
 
     /// Launches the open batch (one kernel, or none for a batch of empty receives; then one event
-    /// with [`Completion::Event`]; in persistent mode: publishes it to the resident kernel,
-    /// starting that if needed).
+    /// with [`Completion::Event`]).
     /// Returns false when nothing was pending. A failed launch leaves the unpacker failed: its
     /// receives' pages may be in any state and every later call returns the error.
     pub fn launch(&mut self) -> Result<bool> {
@@ -416,16 +354,6 @@ impl Unpacker {
     }
 
     fn launch_open(&mut self) -> Result<()> {
-        if let Some(persistent) = &mut self.persistent {
-            let slot = &mut self.slots[self.next];
-            let seq = self.next_seq;
-            // Plain stores to the slot's tiles are ordered before the doorbell by `post`.
-            persistent.post(seq, self.open_tiles)?;
-            slot.seq = seq;
-            self.next_seq += 1;
-            self.close_open();
-            return Ok(());
-        }
         self.kernels.context().bind_to_thread().map_err(|e| driver_error("bind context", e))?;
         let stream = self.stream.cu_stream();
         let seq = self.next_seq;
@@ -507,8 +435,6 @@ impl Unpacker {
             let slot = &self.slots[oldest];
             let done = if let Some(words) = &self.words {
                 words.reported(oldest, slot.seq)
-            } else if let Some(persistent) = &self.persistent {
-                persistent.is_complete(slot.seq)
             } else {
                 slot.event.as_ref().expect("launch mode without words has events").is_complete()?
             };
@@ -526,16 +452,10 @@ impl Unpacker {
         self.retire_signalled()?;
         if self.in_flight < before {
             self.idle_polls = 0;
-            if let Some(persistent) = &mut self.persistent {
-                persistent.progressed();
-            }
             return Ok(());
         }
         if self.in_flight == 0 {
             return Ok(());
-        }
-        if let Some(persistent) = &mut self.persistent {
-            return persistent.keep_alive();
         }
         if self.words.is_some() {
             self.idle_polls += 1;
@@ -584,7 +504,7 @@ impl Unpacker {
     /// for a progress loop.
     pub fn finish(&mut self) -> Result<u64> {
         self.launch()?;
-        if self.persistent.is_some() || self.words.is_some() {
+        if self.words.is_some() {
             while self.in_flight > 0 {
                 self.poll()?;
                 std::hint::spin_loop();
@@ -620,12 +540,6 @@ impl Drop for Unpacker {
     fn drop(&mut self) {
         // The GPU may still read the tile buffers and write destinations: wait before freeing.
         let _ = self.kernels.context().bind_to_thread();
-        if let Some(persistent) = &mut self.persistent {
-            // The kernel takes every published batch before it sees the stop flag.
-            if let Err(e) = persistent.stop() {
-                log::warn!("stopping the persistent unpack kernel: {e}");
-            }
-        }
         let _ = self.stream.synchronize();
     }
 }

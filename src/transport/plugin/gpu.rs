@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 use super::landing::HostLanding;
 use crate::cuda::Gpu;
 use crate::cuda::gpu::ContextRestore;
-use crate::cuda::unpack::{UnpackMode, Unpacker, UnpackerConfig};
+use crate::cuda::unpack::{Unpacker, UnpackerConfig};
 use crate::error::Result;
 
 #[derive(Default)]
@@ -22,16 +22,9 @@ pub struct PluginGpus {
     unpackers: Mutex<HashMap<i32, Arc<Mutex<Unpacker>>>>,
     /// Per GPU, where receives into host memory land (`landing.rs`), made on first use.
     landings: Mutex<HashMap<i32, Arc<HostLanding>>>,
-    /// How the unpackers run (`Config::unpack_persistent`).
-    unpack_mode: UnpackMode,
 }
 
 impl PluginGpus {
-    /// Receives into GPU memory unpack in `unpack_mode` (`Config::unpack_persistent`).
-    pub fn with_unpack_mode(unpack_mode: UnpackMode) -> PluginGpus {
-        PluginGpus { unpack_mode, ..PluginGpus::default() }
-    }
-
     /// The engine's GPU. The engine names it before its first listen or connect whenever the
     /// plugin binds comms to a GPU, and never changes it; a second, different one is ignored.
     pub fn set_engine_gpu(&self, gpu: &Arc<Gpu>) {
@@ -70,10 +63,8 @@ impl PluginGpus {
         let gpu = Gpu::open(ordinal)?;
         // Creating the unpacker binds the context to the calling thread; the caller's stays its own.
         let _restore = gpu.enter()?;
-        let mode = self.unpack_mode;
-        let unpacker = Unpacker::new(UnpackerConfig { ordinal: ordinal as usize, mode, ..UnpackerConfig::default() })
+        let unpacker = Unpacker::new(UnpackerConfig { ordinal: ordinal as usize, ..UnpackerConfig::default() })
             .map_err(|e| e.context(format!("GPU unpack on GPU {ordinal}")))?;
-        log::debug!("GPU unpack on GPU {ordinal}: {mode:?} mode");
         let unpacker = Arc::new(Mutex::new(unpacker));
         unpackers.insert(ordinal, unpacker.clone());
         Ok(unpacker)

@@ -36,7 +36,6 @@ use self::unpack::UnpackView;
 use super::{ListenComm, Net, NetHandle, Properties, RecvComm, SendComm};
 use crate::config::Config;
 use crate::cuda::Gpu;
-use crate::cuda::unpack::UnpackMode;
 use crate::error::{Error, Result};
 use crate::ncclnet::{NCCL_NET_HANDLE_MAXSIZE, NCCL_SUCCESS, NcclNetDeviceHandleV7};
 
@@ -81,10 +80,7 @@ impl PluginNet {
     /// the engine names its GPU ([`Net::set_gpu`]).
     pub fn open(config: &Config, gpu_pci_path: Option<&str>) -> Result<PluginNet> {
         let plugin = loader::load(config.plugin_path.as_deref(), config.nccl_net_plugin.as_deref())?;
-        let mut net = PluginNet::with_plugin(plugin, config.net_devices.as_deref(), gpu_pci_path)?;
-        let unpack_mode = if config.unpack_persistent { UnpackMode::Persistent } else { UnpackMode::Launch };
-        net.gpus = Arc::new(PluginGpus::with_unpack_mode(unpack_mode));
-        Ok(net)
+        PluginNet::with_plugin(plugin, config.net_devices.as_deref(), gpu_pci_path)
     }
 
     pub fn with_plugin(

@@ -5,10 +5,9 @@
 //! 16-byte elements when source and destination are aligned, else the largest common power of two,
 //! byte tail). Every kernel's output is checked against a CPU gather before it is timed. Then the
 //! latency a 512 KiB receive adds, from submit to the unpacker reporting it done, measured on the
-//! host, in launch mode (one kernel per receive, completion seen through the word its last block
-//! writes to mapped host memory, or through an event) and persistent mode (resident kernel,
-//! doorbell and completion word in mapped host memory) side by side, with anchors that split the
-//! launch-mode time into planning, launch and completion detection.
+//! host (one kernel per receive, completion seen through the word its last block writes to mapped
+//! host memory, or through an event), with anchors that split the time into planning, launch and
+//! completion detection.
 
 use std::ffi::{CString, c_void};
 use std::sync::Arc;
@@ -19,12 +18,12 @@ use cudarc::driver::{CudaContext, CudaFunction, result, sys};
 use cudarc::nvrtc;
 use uccl_tcpx::cuda::unpack::{
     BulkTiles, Completion, CompletionSignal, InlineTiles, PlanError, ReceiveLayout, Submit, Tile, UnpackKernels,
-    UnpackMode, Unpacker, UnpackerConfig, plan_receive,
+    Unpacker, UnpackerConfig, plan_receive,
 };
 use uccl_tcpx::ncclnet::LoadMeta;
 
 /// GPU unpack kernel against a device memcpy and an NCCL-style unpack, then the latency a 512 KiB
-/// receive adds in launch and persistent mode.
+/// receive adds.
 #[derive(Parser)]
 #[command(name = "unpack_bench")]
 struct Options {
@@ -295,7 +294,6 @@ struct Row {
     mapped: f64,
     reference: f64,
     unpacker: f64,
-    persistent: f64,
 }
 
 impl Bench {
@@ -375,7 +373,7 @@ impl Bench {
         });
     }
 
-    fn run(&mut self, s: &Scenario, unpacker: &mut Unpacker, persistent: &mut Unpacker) -> Row {
+    fn run(&mut self, s: &Scenario, unpacker: &mut Unpacker) -> Row {
         let reps = if s.bytes > (8 << 20) { self.reps / 4 } else { self.reps }.max(10);
         let tiles = self.plan(s);
         let n = tiles.len();
@@ -410,11 +408,6 @@ impl Bench {
         }
         check("finish", unpacker.finish());
         self.verify(s, "Unpacker");
-        for r in &s.receives {
-            submit(persistent, &self.layout(r.dst_at, CHUNK), &r.metas);
-        }
-        check("finish", persistent.finish());
-        self.verify(s, "Unpacker (persistent)");
 
         let stream = self.stream;
         let (dst, pool, bytes) = (self.dst.0, self.pool.0, s.bytes);
@@ -440,7 +433,6 @@ impl Bench {
             start.elapsed().as_secs_f64() * 1e6 / reps as f64
         };
         let unpacker_us = host_path(unpacker);
-        let persistent_us = host_path(persistent);
 
         Row {
             name: s.name,
@@ -454,7 +446,6 @@ impl Bench {
             mapped,
             reference,
             unpacker: unpacker_us,
-            persistent: persistent_us,
         }
     }
 }
@@ -575,10 +566,7 @@ fn main() {
         reps,
     };
     let mut unpacker = check("unpacker", Unpacker::new(UnpackerConfig::default()));
-    let persistent_config = UnpackerConfig { mode: UnpackMode::Persistent, ..UnpackerConfig::default() };
-    let mut persistent = check("unpacker", Unpacker::new(persistent_config));
     println!("Unpacker e2e uses {:?}", UnpackerConfig::default());
-    println!("persistent e2e uses {persistent_config:?}");
 
     let scenarios = [
         shuffled_pages("512 KiB, shuffled 4 KiB pages", 512 << 10, &mut rng),
@@ -587,20 +575,18 @@ fn main() {
         misaligned_fragments("4 MiB, misaligned 1-4 KiB fragments", 4 << 20, &mut rng),
         misaligned_fragments("32 MiB, misaligned 1-4 KiB fragments", 32 << 20, &mut rng),
     ];
-    let rows: Vec<Row> = scenarios.iter().map(|s| bench.run(s, &mut unpacker, &mut persistent)).collect();
-    // Its kernel leaves when idle; dropped here so that nothing of it stays resident below.
-    drop(persistent);
+    let rows: Vec<Row> = scenarios.iter().map(|s| bench.run(s, &mut unpacker)).collect();
     println!("every path verified byte for byte against a CPU gather before timing");
     println!();
     println!("GPU time per batch (CUDA events around back-to-back repetitions), and ratio memcpy time / our time:");
     println!(
-        "| case | frags | tiles | memcpy D2D | kernel, tiles resident | tiles in params | tiles copied H2D | tiles mapped | Unpacker e2e (host clock) | persistent e2e (host clock) | NCCL-style reference | resident vs reference |"
+        "| case | frags | tiles | memcpy D2D | kernel, tiles resident | tiles in params | tiles copied H2D | tiles mapped | Unpacker e2e (host clock) | NCCL-style reference | resident vs reference |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         let cell = |us: f64| format!("{us:.1} us ({:.2})", r.memcpy / us);
         println!(
-            "| {} | {} | {} | {:.1} us, {:.0} GB/s | {} | {} | {} | {} | {} | {} | {:.1} us, {:.0} GB/s | {:.1}x |",
+            "| {} | {} | {} | {:.1} us, {:.0} GB/s | {} | {} | {} | {} | {} | {:.1} us, {:.0} GB/s | {:.1}x |",
             r.name,
             r.fragments,
             r.tiles,
@@ -611,7 +597,6 @@ fn main() {
             cell(r.copied),
             cell(r.mapped),
             cell(r.unpacker),
-            cell(r.persistent),
             r.reference,
             gbps(r.bytes, r.reference),
             r.reference / r.resident,
@@ -740,14 +725,12 @@ fn main() {
     let configs = [
         ("default (tiles in params)", UnpackerConfig::default()),
         ("event completion", UnpackerConfig { completion: Completion::Event, ..UnpackerConfig::default() }),
-        ("persistent kernel", persistent_config),
-        ("persistent kernel, 64 blocks", UnpackerConfig { persistent_blocks: 64, ..persistent_config }),
         ("tiles copied", UnpackerConfig { inline_tiles: 0, bulk: BulkTiles::Copy, ..UnpackerConfig::default() }),
         ("tiles mapped", UnpackerConfig { inline_tiles: 0, bulk: BulkTiles::Mapped, ..UnpackerConfig::default() }),
     ];
     let mut medians = Vec::new();
-    // A receive without fragments: the completion round trip alone (an event with no kernel in
-    // launch mode; doorbell to completion word in persistent mode).
+    // A receive without fragments: the completion round trip alone (no kernel: the host writes the
+    // word, or records the event).
     let nothing: &Vec<LoadMeta> = &Vec::new();
     for (path, config) in configs {
         let mut unpacker = check("unpacker", Unpacker::new(config));
@@ -781,9 +764,9 @@ fn main() {
     }
     println!();
     println!(
-        "| 512 KiB receive, submit -> done (median / p90) | launch mode, completion word (default) | launch mode, event | tiles mapped, word | tiles copied, word | persistent mode | persistent, 64 blocks |"
+        "| 512 KiB receive, submit -> done (median / p90) | launch mode, completion word (default) | launch mode, event | tiles mapped, word | tiles copied, word |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|");
     for what in ["128 shuffled pages", "misaligned fragments", "no fragments"] {
         let cell = |path: &str| {
             medians
@@ -792,13 +775,11 @@ fn main() {
                 .map_or("-".to_owned(), |m| format!("{:.1} / {:.1} us", m.2, m.3))
         };
         println!(
-            "| {what} | {} | {} | {} | {} | {} | {} |",
+            "| {what} | {} | {} | {} | {} |",
             cell("default (tiles in params)"),
             cell("event completion"),
             cell("tiles mapped"),
-            cell("tiles copied"),
-            cell("persistent kernel"),
-            cell("persistent kernel, 64 blocks")
+            cell("tiles copied")
         );
     }
     unsafe {
