@@ -13,7 +13,7 @@
 # GPU_BENCH_STEP_TIMEOUT: seconds one step may take (default 150); GPU_BENCH_BUDGET: seconds for the
 # whole script (default 540), after which the remaining steps are skipped.
 # Optional: target/release/examples/gpu_staging_bw (or GPU_STAGING_BW_BIN) is run too when present.
-# The staging knobs (UCCL_TCPX_STAGING_WAKE, _AHEAD, _STREAMS) and UCCL_TCPX_TRACE_STAGING=1 (per-chunk
+# The staging knobs (UCCL_TCPX_STAGING_AHEAD, _STREAMS) and UCCL_TCPX_TRACE_STAGING=1 (per-chunk
 # stage times of the staged GPU path, printed by both bench processes at exit into each step's log)
 # pass through from the caller's environment to every bench run.
 set -uo pipefail # not -e: a failing step is reported and the next one still runs

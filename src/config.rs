@@ -128,26 +128,12 @@ impl std::str::FromStr for Cidr {
     }
 }
 
-/// How the staged GPU path learns that a copy finished.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum StagingWake {
-    /// A driver host function per copy unparks the progress thread. Under load the driver ran them
-    /// up to about 1.5 ms late, and the parked progress thread with them.
-    Host,
-    /// No host functions: the progress thread polls the copies' events (napping between passes)
-    /// while any are in flight.
-    #[default]
-    Poll,
-}
-
 /// Knobs of the staged GPU path (GPU memory over a transport that moves host memory only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StagingConfig {
     /// Record per-chunk timestamps of every staged comm and print a summary per burst of transfers
     /// to stderr at exit. `UCCL_TCPX_TRACE_STAGING` = 0 | 1.
     pub trace: bool,
-    /// `UCCL_TCPX_STAGING_WAKE` = host | poll.
-    pub wake: StagingWake,
     /// Copy streams per comm; slot `i` copies on stream `i % streams`. `UCCL_TCPX_STAGING_STREAMS`.
     pub streams: u8,
     /// Device-to-host copies one send comm keeps issued but unfinished; later chunks wait for one
@@ -159,24 +145,15 @@ pub struct StagingConfig {
 
 impl Default for StagingConfig {
     fn default() -> StagingConfig {
-        StagingConfig { trace: false, wake: StagingWake::Poll, streams: 1, ahead: 1 }
+        StagingConfig { trace: false, streams: 1, ahead: 1 }
     }
 }
 
 impl StagingConfig {
     fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<StagingConfig> {
         let d = StagingConfig::default();
-        let wake = match get("UCCL_TCPX_STAGING_WAKE") {
-            None => d.wake,
-            Some(raw) => match raw.to_ascii_lowercase().as_str() {
-                "host" => StagingWake::Host,
-                "poll" => StagingWake::Poll,
-                _ => return Err(bad("UCCL_TCPX_STAGING_WAKE", &raw, "host or poll")),
-            },
-        };
         Ok(StagingConfig {
             trace: parse_in(get, "UCCL_TCPX_TRACE_STAGING", 0u8, 0, 1)? == 1,
-            wake,
             streams: parse_in(get, "UCCL_TCPX_STAGING_STREAMS", d.streams, 1, 8)?,
             ahead: parse_in(get, "UCCL_TCPX_STAGING_AHEAD", d.ahead, 0, MAX_WINDOW as u8)?,
         })
@@ -537,18 +514,15 @@ mod tests {
     fn parses_staging_knobs() {
         let c = cfg(&[
             ("UCCL_TCPX_TRACE_STAGING", "1"),
-            ("UCCL_TCPX_STAGING_WAKE", "Poll"),
             ("UCCL_TCPX_STAGING_STREAMS", "2"),
             ("UCCL_TCPX_STAGING_AHEAD", "3"),
         ])
         .unwrap()
         .staging;
-        assert_eq!(c, StagingConfig { trace: true, wake: StagingWake::Poll, streams: 2, ahead: 3 });
-        let host = cfg(&[("UCCL_TCPX_STAGING_WAKE", "host"), ("UCCL_TCPX_STAGING_AHEAD", "0")]).unwrap().staging;
-        assert_eq!((host.wake, host.ahead), (StagingWake::Host, 0));
+        assert_eq!(c, StagingConfig { trace: true, streams: 2, ahead: 3 });
+        assert_eq!(cfg(&[("UCCL_TCPX_STAGING_AHEAD", "0")]).unwrap().staging.ahead, 0);
         for (name, value) in [
             ("UCCL_TCPX_TRACE_STAGING", "2"),
-            ("UCCL_TCPX_STAGING_WAKE", "spin"),
             ("UCCL_TCPX_STAGING_STREAMS", "0"),
             ("UCCL_TCPX_STAGING_STREAMS", "9"),
             ("UCCL_TCPX_STAGING_AHEAD", "17"),

@@ -5,29 +5,26 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use uccl_tcpx::UcclStatus;
 use uccl_tcpx::config::SocketConfig;
-use uccl_tcpx::config::{StagingConfig, StagingWake};
+use uccl_tcpx::config::StagingConfig;
 use uccl_tcpx::transport::staged::{StagedNet, StagingParams};
 use uccl_tcpx::transport::{ListenComm, MemKind, MrHandle, Net, RecvComm, SendComm};
 
 mod common;
 use common::gpu::{Mem, Side, no_gpu};
-use common::{PATIENCE, assert_same, pattern};
+use common::{assert_same, pattern};
 
 /// Requests a comm holds at once, as the engine's window allows at most.
 const WINDOW: usize = 16;
 
 struct Staged {
     net: Arc<dyn Net>,
-    tuning: StagingConfig,
     tx: Box<dyn SendComm>,
     rx: Box<dyn RecvComm>,
     _listen: Box<dyn ListenComm>,
-    wakes: Arc<AtomicUsize>,
     slot: usize,
 }
 
@@ -36,16 +33,11 @@ fn staged(slot: usize, slots: usize) -> Staged {
 }
 
 fn staged_with(params: StagingParams) -> Staged {
-    let (slot, tuning) = (params.slot_size, params.tuning);
+    let slot = params.slot_size;
     let socket = common::socket::socket_net(SocketConfig::default());
-    let wakes = Arc::new(AtomicUsize::new(0));
-    let counter = wakes.clone();
-    let wake = Arc::new(move || {
-        counter.fetch_add(1, Ordering::Relaxed);
-    });
-    let net = StagedNet::wrap(Arc::new(socket), params, wake).unwrap();
+    let net = StagedNet::wrap(Arc::new(socket), params).unwrap();
     let (tx, rx, listen) = common::comm::comm_pair(&*net, 0);
-    Staged { net, tuning, tx, rx, _listen: listen, wakes, slot }
+    Staged { net, tx, rx, _listen: listen, slot }
 }
 
 /// One side's view of a transfer: where the bytes are and the handle to post them with.
@@ -136,9 +128,6 @@ fn every_direction_and_size_byte_for_byte() {
             assert_same(&got[1..=len], &data, &format!("{from:?}->{to:?} {len} bytes"));
             assert_eq!((got[0], got[len + 1]), (0, 0), "{from:?}->{to:?} {len} bytes: neighbours untouched");
         }
-        if (from == Side::Gpu || to == Side::Gpu) && s.tuning.wake == StagingWake::Host {
-            assert!(s.wakes.load(Ordering::Relaxed) > 0, "finished copies wake the poller");
-        }
         assert!(!s.net.needs_polling(), "every copy was seen finished, nothing left to poll");
         s.tx.dereg_mr(smr);
         s.rx.dereg_mr(rmr);
@@ -150,15 +139,9 @@ fn every_staging_tuning_moves_the_same_bytes() {
     if no_gpu() {
         return;
     }
-    let tuning = |wake, streams, ahead, trace| StagingConfig { trace, wake, streams, ahead };
-    let tunings = [
-        StagingConfig::default(),
-        tuning(StagingWake::Host, 1, 0, false),
-        tuning(StagingWake::Poll, 1, 0, false),
-        tuning(StagingWake::Poll, 1, 2, false),
-        tuning(StagingWake::Host, 3, 1, false),
-        tuning(StagingWake::Host, 2, 3, true),
-    ];
+    let tuning = |streams, ahead, trace| StagingConfig { trace, streams, ahead };
+    let tunings =
+        [StagingConfig::default(), tuning(1, 0, false), tuning(1, 2, false), tuning(3, 1, false), tuning(2, 3, true)];
     let sizes = [1usize, (256 << 10) + 7, (3 << 20) + 5];
     let max = sizes.iter().max().unwrap() + 64;
     for tuning in tunings {
@@ -174,12 +157,6 @@ fn every_staging_tuning_moves_the_same_bytes() {
                 let (a, b) = (End { addr: src.addr() + k, mr: smr }, End { addr: dst.addr() + 2 * k, mr: rmr });
                 transfer(&mut s, a, b, len, |_, _| {});
                 assert_same(&dst.read(2 * k, len), &data, &format!("{tuning:?} {from:?}->{to:?} {len} bytes"));
-            }
-            let woken = s.wakes.load(Ordering::Relaxed);
-            if tuning.wake == StagingWake::Poll {
-                assert_eq!(woken, 0, "{tuning:?}: polling queues no host wakes");
-            } else {
-                assert!(woken > 0, "{tuning:?}: finished copies wake the poller");
             }
             assert!(!s.net.needs_polling(), "{tuning:?}: every copy was seen finished, nothing left to poll");
             s.tx.dereg_mr(smr);
@@ -395,29 +372,17 @@ fn small_copies_from_concurrent_callers_stay_apart() {
     }
 }
 
-/// Copies queued back to back on one ring each land and each wake the engine once, whatever the
-/// order the driver runs the notifications in; on several streams too, and without host wakes
-/// none runs.
+/// Copies queued back to back on one ring each land, in and out, on one stream or several.
 #[test]
-fn every_ring_copy_lands_and_wakes_once() {
-    use uccl_tcpx::cuda::ring::RingOptions;
+fn every_ring_copy_lands() {
     use uccl_tcpx::cuda::{DeviceBuffer, Gpu, StagingRing};
     if no_gpu() {
         return;
     }
     let gpu = Gpu::open(0).unwrap();
     let (slot_size, slots) = (64 << 10, 8usize);
-    for opts in [
-        RingOptions::default(),
-        RingOptions { streams: 3, host_wake: true, stamp_wakes: true },
-        RingOptions { streams: 2, host_wake: false, stamp_wakes: true },
-    ] {
-        let wakes = Arc::new(AtomicUsize::new(0));
-        let counter = wakes.clone();
-        let wake = Arc::new(move || {
-            counter.fetch_add(1, Ordering::Relaxed);
-        });
-        let mut ring = StagingRing::new(&gpu, slot_size, slots, wake, opts).unwrap();
+    for streams in [1, 3] {
+        let mut ring = StagingRing::new(&gpu, slot_size, slots, streams).unwrap();
         let want = pattern(slot_size * slots, 77);
         let mut src = DeviceBuffer::new(0, want.len()).unwrap();
         src.copy_from_host(0, &want).unwrap();
@@ -425,7 +390,7 @@ fn every_ring_copy_lands_and_wakes_once() {
         let wait_all = |ring: &StagingRing, taken: &[usize]| {
             let deadline = Instant::now() + Duration::from_secs(10);
             while !taken.iter().all(|&s| ring.copied(s).unwrap()) {
-                assert!(Instant::now() < deadline, "{opts:?}: staging copies did not finish");
+                assert!(Instant::now() < deadline, "{streams} streams: staging copies did not finish");
             }
         };
         let taken: Vec<usize> = (0..slots).map(|_| ring.take().unwrap()).collect();
@@ -443,13 +408,6 @@ fn every_ring_copy_lands_and_wakes_once() {
         }
         wait_all(&ring, &taken);
         assert_same(&dst.to_vec().unwrap(), &want, "device memory after copy_out");
-        let expected = if opts.host_wake { 2 * slots } else { 0 };
-        common::wait_until(&format!("{opts:?}: {expected} wakes for {expected} copies"), PATIENCE, || {
-            wakes.load(Ordering::Relaxed) >= expected
-        });
-        let stamped = taken.iter().filter(|&&s| ring.wake_ran_at(s).is_some()).count();
-        assert_eq!(stamped, if opts.host_wake && opts.stamp_wakes { slots } else { 0 }, "{opts:?}: wake stamps");
         drop(ring);
-        assert_eq!(wakes.load(Ordering::Relaxed), expected, "{opts:?}: one wake per copy");
     }
 }

@@ -3,19 +3,16 @@
 //! once when the comm first meets device memory. Slots are taken and given back in FIFO order,
 //! which is the order a comm's requests complete in.
 //!
-//! The optional wake that tells the engine a copy finished is a host function on a second stream
-//! that waits for the copy's event, not on the copy stream itself: there it would hold back the next
-//! copy until the driver's callback thread had run it (about 12 us on an idle H200). Under load the
-//! driver ran these up to about 1.5 ms late (measured with `stamp_wakes`), so the engine polls the
-//! events by default and queues no host functions (`RingOptions::host_wake` false).
+//! Nothing signals a finished copy: its owner polls the slot's event ([`StagingRing::copied`]). A
+//! driver host function per copy that woke the engine instead was measured: under load the driver
+//! ran those up to about 1.5 ms late, and the parked engine with them.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use cudarc::driver::sys;
 
 use super::memory::PinnedBuffer;
-use super::stream::{Event, Stream, Wake};
+use super::stream::{Event, Stream};
 use super::{Gpu, check};
 use crate::error::{Error, Result};
 
@@ -28,38 +25,12 @@ pub fn clock_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RingOptions {
-    /// Copy streams, 1 or more.
-    pub streams: usize,
-    /// Queue a host function per copy that calls the wake when the copy finished.
-    pub host_wake: bool,
-    /// Have those host functions note when they ran ([`StagingRing::wake_ran_at`]).
-    pub stamp_wakes: bool,
-}
-
-impl Default for RingOptions {
-    fn default() -> RingOptions {
-        RingOptions { streams: 1, host_wake: true, stamp_wakes: false }
-    }
-}
-
-/// What one slot's host function reads: its own, so it can note when it ran for that slot.
-struct SlotWake {
-    wake: Wake,
-    stamp: bool,
-    ran_at: AtomicU64,
-}
-
 pub struct StagingRing {
-    // Drop order matters: the streams synchronize first (every wake call has run, no copy still
-    // reads or writes a slot or user memory), then the events, the slots and the wake go.
-    notify: Stream,
+    // Drop order matters: the streams synchronize first (no copy still reads or writes a slot or
+    // user memory), then the events and the slots go.
     streams: Vec<Stream>,
     events: Vec<Event>,
     host: PinnedBuffer,
-    wakes: Box<[SlotWake]>,
-    host_wake: bool,
     slot_size: usize,
     /// Slots handed out and given back so far; slot `i` of the sequence is `i % slots`.
     taken: u64,
@@ -67,38 +38,24 @@ pub struct StagingRing {
 }
 
 impl StagingRing {
-    pub fn new(gpu: &Arc<Gpu>, slot_size: usize, slots: usize, wake: Wake, opts: RingOptions) -> Result<StagingRing> {
-        if slot_size == 0 || slots == 0 || opts.streams == 0 {
+    /// `slots` slots of `slot_size` bytes copying on `streams` streams (at most one per slot).
+    pub fn new(gpu: &Arc<Gpu>, slot_size: usize, slots: usize, streams: usize) -> Result<StagingRing> {
+        if slot_size == 0 || slots == 0 || streams == 0 {
             return Err(Error::invalid(format!(
-                "a staging ring of {slots} slots of {slot_size} bytes on {} streams",
-                opts.streams
+                "a staging ring of {slots} slots of {slot_size} bytes on {streams} streams"
             )));
         }
         let total = slot_size
             .checked_mul(slots)
             .ok_or_else(|| Error::invalid(format!("{slots} staging slots of {slot_size} bytes overflow")))?;
         let host = PinnedBuffer::new(gpu, total)?;
-        let streams = (0..opts.streams.min(slots)).map(|_| Stream::new(gpu)).collect::<Result<Vec<_>>>()?;
-        let notify = Stream::new(gpu)?;
+        let streams = (0..streams.min(slots)).map(|_| Stream::new(gpu)).collect::<Result<Vec<_>>>()?;
         let events = (0..slots).map(|_| Event::new(gpu)).collect::<Result<Vec<_>>>()?;
-        let wakes = (0..slots)
-            .map(|_| SlotWake { wake: wake.clone(), stamp: opts.stamp_wakes, ran_at: AtomicU64::new(0) })
-            .collect();
-        Ok(StagingRing {
-            notify,
-            streams,
-            events,
-            host,
-            wakes,
-            host_wake: opts.host_wake,
-            slot_size,
-            taken: 0,
-            returned: 0,
-        })
+        Ok(StagingRing { streams, events, host, slot_size, taken: 0, returned: 0 })
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {
-        self.notify.gpu()
+        self.streams[0].gpu()
     }
 
     fn stream(&self, slot: usize) -> &Stream {
@@ -203,22 +160,7 @@ impl StagingRing {
     }
 
     fn mark(&mut self, slot: usize) -> Result<()> {
-        self.events[slot].record(self.stream(slot))?;
-        if !self.host_wake {
-            return Ok(());
-        }
-        self.wakes[slot].ran_at.store(0, Ordering::Relaxed);
-        self.notify.wait_for(&self.events[slot])?;
-        let data = &self.wakes[slot] as *const SlotWake;
-        // SAFETY: the slot's wake lives as long as the ring, whose notify stream synchronizes on
-        // drop before the wakes go.
-        unsafe { self.notify.launch_host_fn(slot_copied, data.cast()) }
-    }
-
-    /// When the host function of `slot`'s last copy ran (`clock_ns`), if it has and the ring was
-    /// made with `stamp_wakes`.
-    pub fn wake_ran_at(&self, slot: usize) -> Option<u64> {
-        Some(self.wakes[slot].ran_at.load(Ordering::Relaxed)).filter(|&t| t != 0)
+        self.events[slot].record(self.stream(slot))
     }
 
     /// Whether the last copy queued for `slot` finished.
@@ -226,16 +168,4 @@ impl StagingRing {
         self.gpu().bind()?;
         self.events[slot].done()
     }
-}
-
-unsafe extern "C" fn slot_copied(data: *mut std::ffi::c_void) {
-    // A panic must not unwind into the driver's thread; a wake that cannot run is only a later poll.
-    let _ = std::panic::catch_unwind(|| {
-        // SAFETY: `mark` queued this with a pointer to a slot wake that outlives the notify stream's work.
-        let slot = unsafe { &*(data as *const SlotWake) };
-        if slot.stamp {
-            slot.ran_at.store(clock_ns(), Ordering::Relaxed);
-        }
-        (slot.wake)();
-    });
 }

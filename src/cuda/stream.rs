@@ -8,9 +8,6 @@ use cudarc::driver::sys::{self, CUresult};
 use super::{Gpu, check};
 use crate::error::Result;
 
-/// Called from a CUDA driver thread when queued work finished; must be quick and must not call CUDA.
-pub type Wake = Arc<dyn Fn() + Send + Sync>;
-
 pub struct Stream {
     gpu: Arc<Gpu>,
     raw: sys::CUstream,
@@ -44,27 +41,6 @@ impl Stream {
         let _ctx = self.gpu.enter()?;
         // SAFETY: a stream this object owns.
         check(unsafe { sys::cuStreamSynchronize(self.raw) }, "cuStreamSynchronize")
-    }
-
-    /// Makes work queued on this stream from now on wait for what `event` marked last. The
-    /// stream's context must be current.
-    pub fn wait_for(&self, event: &Event) -> Result<()> {
-        // SAFETY: both handles are owned and alive; flags must be 0.
-        check(unsafe { sys::cuStreamWaitEvent(self.raw, event.raw, 0) }, "cuStreamWaitEvent")
-    }
-
-    /// Queues a call of `f(data)` on a driver thread after the work queued so far.
-    ///
-    /// # Safety
-    /// `f` must not call CUDA and must not unwind; `data` must stay valid until the stream has run
-    /// the call (the owner synchronizes the stream before freeing it).
-    pub unsafe fn launch_host_fn(
-        &self,
-        f: unsafe extern "C" fn(*mut std::ffi::c_void),
-        data: *const std::ffi::c_void,
-    ) -> Result<()> {
-        // SAFETY: per the contract `data` outlives the call.
-        check(unsafe { sys::cuLaunchHostFunc(self.raw, Some(f), data as *mut _) }, "cuLaunchHostFunc")
     }
 }
 

@@ -104,8 +104,8 @@ impl Engine {
         let waker = Arc::new(Waker::default());
         let wake_from_io = waker.clone();
         let wake: crate::transport::Wake = Arc::new(move || wake_from_io.wake());
-        let selected = select_net(&config, ip, bind, wake.clone())?;
-        let net = StagedNet::wrap(selected, StagingParams::from_config(&config), wake)?;
+        let selected = select_net(&config, ip, bind, wake)?;
+        let net = StagedNet::wrap(selected, StagingParams::from_config(&config))?;
         gpu.tell(&*net);
         let core = Arc::new(EngineCore {
             config,

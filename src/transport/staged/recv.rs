@@ -146,9 +146,8 @@ impl StagedRecvComm {
         };
         let done = self.queue.pop_front().expect("front request");
         if let (Some(tracer), Some(mut trace)) = (&mut self.tracer, done.trace) {
-            if let Some(slot) = done.slot {
+            if done.slot.is_some() {
                 trace.mark(Mark::CopySeen);
-                trace.mark_at(Mark::GpuDone, self.staging.ring.as_ref().and_then(|r| r.wake_ran_at(slot)));
             }
             tracer.reported(trace);
         }

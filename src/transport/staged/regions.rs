@@ -160,8 +160,7 @@ impl Staging {
         } else {
             let gpu = Gpu::open(device)?;
             let params = self.setup.params;
-            let ring =
-                StagingRing::new(&gpu, params.slot_size, params.slots, self.setup.wake.clone(), params.ring_options())?;
+            let ring = StagingRing::new(&gpu, params.slot_size, params.slots, params.streams())?;
             let (base, len) = ring.host_range();
             self.ring_mr = inner.register(base, len, MemKind::Host)?;
             self.ring = Some(ring);

@@ -171,17 +171,12 @@ impl StagedSendComm {
         let Some(size) = self.inner.test(inner)? else { return Ok(None) };
         let done = self.queue.pop_front().expect("front request");
         self.unsent -= 1;
-        if let Some(slot) = slot {
-            let ring = self.staging.ring_mut()?;
-            if let (Some(tracer), Some(mut trace)) = (&mut self.tracer, done.trace) {
-                trace.mark_at(Mark::GpuDone, ring.wake_ran_at(slot));
-                trace.mark(Mark::InnerDone);
-                tracer.reported(trace);
-            }
-            ring.give_back();
-        } else if let (Some(tracer), Some(mut trace)) = (&mut self.tracer, done.trace) {
+        if let (Some(tracer), Some(mut trace)) = (&mut self.tracer, done.trace) {
             trace.mark(Mark::InnerDone);
             tracer.reported(trace);
+        }
+        if slot.is_some() {
+            self.staging.ring_mut()?.give_back();
         }
         Ok(Some(size))
     }

@@ -1,14 +1,11 @@
-//! What the comms of one staged net share: the staging parameters, the progress thread's wake, the
-//! count of copies in flight that `needs_polling` reports, and the failure a comm keeps once it
-//! failed. Apart from `mod.rs` so that the comms and the net that makes them do not import each
+//! What the comms of one staged net share: the staging parameters, the count of copies in flight
+//! that `needs_polling` reports, and the failure a comm keeps once it failed. Apart from `mod.rs` so that the comms and the net that makes them do not import each
 //! other.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::config::{StagingConfig, StagingWake};
-use crate::cuda::ring::RingOptions;
-use crate::cuda::stream::Wake;
+use crate::config::StagingConfig;
 use crate::error::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,7 +14,7 @@ pub struct StagingParams {
     pub slot_size: usize,
     /// Slots per comm: device chunks in flight at once (the engine's window).
     pub slots: usize,
-    /// Wake mode, streams, copy pacing and tracing.
+    /// Streams, copy pacing and tracing.
     pub tuning: StagingConfig,
 }
 
@@ -31,9 +28,9 @@ impl StagingParams {
         StagingParams { slot_size, slots, tuning: StagingConfig::default() }
     }
 
-    pub(super) fn ring_options(&self) -> RingOptions {
-        let host_wake = self.tuning.wake == StagingWake::Host;
-        RingOptions { streams: self.tuning.streams.max(1) as usize, host_wake, stamp_wakes: self.tuning.trace }
+    /// Copy streams per ring, at least one.
+    pub(super) fn streams(&self) -> usize {
+        self.tuning.streams.max(1) as usize
     }
 
     pub(super) fn validate(&self) -> Result<()> {
@@ -75,19 +72,15 @@ pub(crate) struct Setup {
     pub(super) params: StagingParams,
     /// The inner comms' bound on outstanding requests, which the staged comms keep too.
     pub(super) max_requests: usize,
-    pub(super) wake: Wake,
-    /// Copies queued and not yet seen finished, over every comm of this net (polling mode only).
+    /// Copies queued and not yet seen finished, over every comm of this net: nothing signals a
+    /// finished copy, so the progress thread polls while any is in flight.
     pub(super) copies_in_flight: Arc<AtomicUsize>,
 }
 
 impl Setup {
-    pub(super) fn polls(&self) -> bool {
-        self.params.tuning.wake == StagingWake::Poll
-    }
-
     /// A copy was queued (`+1`) or seen finished or abandoned (`-n`).
     pub(super) fn copies_changed(&self, queued: bool, n: usize) {
-        if self.polls() && n > 0 {
+        if n > 0 {
             if queued {
                 self.copies_in_flight.fetch_add(n, Ordering::Relaxed);
             } else {

@@ -12,7 +12,7 @@ use crate::transport::{MemKind, MrHandle, RequestId};
 fn staged() -> Arc<dyn Net> {
     let socket =
         SocketNet::new("127.0.0.1".parse().unwrap(), Duration::from_secs(5), Duration::from_secs(30), Arc::new(|| {}));
-    StagedNet::wrap(Arc::new(socket), StagingParams::new(64 << 10, 4), Arc::new(|| {})).unwrap()
+    StagedNet::wrap(Arc::new(socket), StagingParams::new(64 << 10, 4)).unwrap()
 }
 
 fn pair(net: &dyn Net) -> (Box<dyn SendComm>, Box<dyn RecvComm>) {
@@ -59,7 +59,7 @@ fn wrap_validates_its_ring() {
         StagingParams::new(4096, 0),
         StagingParams::new(4096, 17),
     ] {
-        let err = StagedNet::wrap(socket.clone(), params, Arc::new(|| {})).err().expect("refused");
+        let err = StagedNet::wrap(socket.clone(), params).err().expect("refused");
         assert_eq!(err.status(), UcclStatus::ErrInvalidParam, "{params:?}: {err}");
     }
 }

@@ -26,8 +26,6 @@ pub(super) enum Mark {
     Posted,
     /// The chunk's copy was queued (device-to-host for a send, host-to-device for a receive).
     CopyIssued,
-    /// The copy's driver host function ran (only with host wakes).
-    GpuDone,
     /// The progress thread saw the copy finished.
     CopySeen,
     /// Handed to the inner comm (a receive: the inner irecv was posted).
@@ -38,13 +36,13 @@ pub(super) enum Mark {
     Reported,
 }
 
-const MARKS: usize = 7;
-const NAMES: [&str; MARKS] = ["posted", "copy-issued", "gpu-done", "copy-seen", "handed", "inner-done", "reported"];
+const MARKS: usize = 6;
+const NAMES: [&str; MARKS] = ["posted", "copy-issued", "copy-seen", "handed", "inner-done", "reported"];
 /// The order a send's stages happen in, and a receive's.
 const SEND_ORDER: [Mark; MARKS] =
-    [Mark::Posted, Mark::CopyIssued, Mark::GpuDone, Mark::CopySeen, Mark::Handed, Mark::InnerDone, Mark::Reported];
+    [Mark::Posted, Mark::CopyIssued, Mark::CopySeen, Mark::Handed, Mark::InnerDone, Mark::Reported];
 const RECV_ORDER: [Mark; MARKS] =
-    [Mark::Posted, Mark::Handed, Mark::InnerDone, Mark::CopyIssued, Mark::GpuDone, Mark::CopySeen, Mark::Reported];
+    [Mark::Posted, Mark::Handed, Mark::InnerDone, Mark::CopyIssued, Mark::CopySeen, Mark::Reported];
 /// Bursts whose durations a group keeps; later ones only count.
 const MAX_DURATIONS: usize = 100_000;
 const MAX_GROUPS: usize = 256;
@@ -64,12 +62,6 @@ pub(super) struct ChunkTrace {
 impl ChunkTrace {
     pub(super) fn mark(&mut self, mark: Mark) {
         self.t[mark as usize] = clock_ns();
-    }
-
-    pub(super) fn mark_at(&mut self, mark: Mark, at: Option<u64>) {
-        if let Some(at) = at {
-            self.t[mark as usize] = at;
-        }
     }
 
     pub(super) fn set_staged(&mut self) {
@@ -371,7 +363,6 @@ fn short(mark: Mark) -> &'static str {
     match mark {
         Mark::Posted => "post",
         Mark::CopyIssued => "issue",
-        Mark::GpuDone => "gpu",
         Mark::CopySeen => "seen",
         Mark::Handed => "hand",
         Mark::InnerDone => "inner",
