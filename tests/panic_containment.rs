@@ -20,8 +20,9 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Generous for a loaded CI host (5 s was missed under a load average of 15 on 2 cores), and below the stall and connect timeouts below, so that an
-/// outcome within it came from the panic's handling and not from a timeout.
+/// Generous for a loaded CI host (5 s was missed under a load average of 15 on 2 cores), and far
+/// below the stall and connect timeouts below, so that an outcome within it came from the panic's
+/// handling and not from a timeout.
 const BOUND: Duration = Duration::from_secs(20);
 const LEN: usize = 8 << 20;
 
