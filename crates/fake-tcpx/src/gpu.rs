@@ -653,8 +653,7 @@ mod tests {
     #[test]
     fn scatter_kernel_compiles() {
         // SAFETY: only dlopens candidate library names.
-        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-            println!("SKIPPED: no NVRTC");
+        if testkit::skip_without("NVRTC", unsafe { cudarc::nvrtc::sys::is_culib_present() }) {
             return;
         }
         let ptx = super::scatter_ptx().unwrap();

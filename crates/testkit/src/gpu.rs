@@ -13,15 +13,21 @@ fn gpu_required() -> bool {
 /// True when the calling GPU test must return without running: no driver (`driver_available` is
 /// false) and none required. Fails the test when a driver is required and missing.
 pub fn skip_without_gpu(driver_available: bool) -> bool {
-    decide(driver_available, gpu_required())
+    skip_without("CUDA driver", driver_available)
 }
 
-fn decide(driver_available: bool, required: bool) -> bool {
-    if driver_available {
+/// The same rule for another piece of the GPU stack a test needs (`what`: "NVRTC", say): true when
+/// it is missing and not required; fails the test when `UCCL_TCPX_REQUIRE_GPU=1`.
+pub fn skip_without(what: &str, available: bool) -> bool {
+    decide(what, available, gpu_required())
+}
+
+fn decide(what: &str, available: bool, required: bool) -> bool {
+    if available {
         return false;
     }
-    assert!(!required, "no CUDA driver, and {REQUIRE_GPU_VAR}=1 says this host must run the GPU tests");
-    println!("SKIPPED: no CUDA driver");
+    assert!(!required, "no {what}, and {REQUIRE_GPU_VAR}=1 says this host must run the GPU tests");
+    println!("SKIPPED: no {what}");
     true
 }
 
@@ -31,10 +37,10 @@ mod tests {
 
     #[test]
     fn runs_with_a_driver_skips_without_one_unless_required() {
-        assert!(!decide(true, false));
-        assert!(!decide(true, true));
-        assert!(decide(false, false));
-        let err = std::panic::catch_unwind(|| decide(false, true)).unwrap_err();
+        assert!(!decide("CUDA driver", true, false));
+        assert!(!decide("CUDA driver", true, true));
+        assert!(decide("NVRTC", false, false));
+        let err = std::panic::catch_unwind(|| decide("NVRTC", false, true)).unwrap_err();
         let msg = err.downcast::<String>().unwrap();
         assert!(msg.contains("UCCL_TCPX_REQUIRE_GPU=1"), "{msg}");
     }

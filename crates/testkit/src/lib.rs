@@ -10,6 +10,6 @@ pub mod rng;
 pub mod threads;
 
 pub use data::{assert_same, fill, pattern};
-pub use gpu::skip_without_gpu;
+pub use gpu::{skip_without, skip_without_gpu};
 pub use poll::{PATIENCE, drive, eventually, wait_until, within};
 pub use rng::Rng;

@@ -306,8 +306,7 @@ mod tests {
     #[test]
     fn kernel_source_compiles_to_cubin_and_ptx() {
         // SAFETY: only dlopens candidate library names.
-        if !unsafe { nvrtc::sys::is_culib_present() } {
-            println!("SKIPPED: no NVRTC");
+        if testkit::skip_without("NVRTC", unsafe { nvrtc::sys::is_culib_present() }) {
             return;
         }
         let archs = supported_archs().unwrap();

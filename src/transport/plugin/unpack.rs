@@ -246,8 +246,7 @@ mod tests {
     /// CUDA device; without a driver there is no device memory to read and the case is skipped.
     #[test]
     fn a_device_resident_handle_is_copied_once_and_a_device_pool_is_measured() {
-        if !crate::cuda::available() {
-            eprintln!("skipped: no CUDA driver");
+        if testkit::skip_without_gpu(crate::cuda::available()) {
             return;
         }
         let ctx = cudarc::driver::CudaContext::new(0).expect("a CUDA device");
