@@ -180,6 +180,16 @@ uccl_conn_t *uccl_engine_connect(uccl_engine_t *engine, const char *ip_addr, con
 uccl_conn_t *uccl_engine_accept(uccl_engine_t *engine, char *ip_addr_buf, size_t ip_addr_buf_len, int *remote_gpu_idx);
 
 /**
+ * Requires every later connection of `engine`, made or accepted, to prove the `len`-byte `key`
+ * (16 to 4096 bytes, the same on every peer) in a mutual challenge-response before anything else,
+ * and binds region tokens to the connection that carries them. A peer without the key is refused
+ * and both sides log why. Connections made before keep what they had, so call this right after
+ * `uccl_engine_create`, before handing out the metadata. `UCCL_TCPX_AUTH_KEY_FILE` does the same
+ * at creation. Returns 0, or -2 for a NULL or wrongly sized key.
+ */
+int uccl_engine_set_auth_key(uccl_engine_t *engine, const uint8_t *key, size_t len);
+
+/**
  * Makes a blocked `uccl_engine_accept` (and every later one) return NULL promptly.
  */
 void uccl_engine_stop_accept(uccl_engine_t *engine);

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::proto::AuthKey;
 
 pub(crate) const MAX_CHANNELS: u16 = crate::proto::MAX_CHANNELS;
 /// TCPX receives are capped at 4 MiB; the socket transport keeps the same cap so one chunk plan fits both.
@@ -78,6 +79,11 @@ pub struct Config {
     /// `UCCL_P2P_DISABLE_IPC`): the engine announces no host identity, so neither end of a
     /// connection takes it for local. `UCCL_TCPX_DISABLE_IPC` (0 or 1).
     pub disable_ipc: bool,
+    /// The key peers must share: when set, every connection starts with a mutual challenge-response
+    /// and strangers are refused before anything is spent on them. Read from the file named by
+    /// `UCCL_TCPX_AUTH_KEY_FILE` (its bytes, less one trailing newline; 16 to 4096 bytes; not
+    /// readable or writable by other users).
+    pub auth_key: Option<AuthKey>,
 }
 
 /// An address block such as `10.0.0.0/8` or `fd00::/8`; a bare address is a block of one.
@@ -270,6 +276,7 @@ impl Default for Config {
             control_spin: default_control_spin(),
             allow_dial: Vec::new(),
             disable_ipc: false,
+            auth_key: None,
         }
     }
 }
@@ -303,6 +310,9 @@ impl Config {
             control_spin: parse_micros(&get, "UCCL_TCPX_CONTROL_SPIN_US", d.control_spin, 1_000_000)?,
             allow_dial: parse_cidrs(&get, "UCCL_TCPX_ALLOW_DIAL")?,
             disable_ipc: parse_in(&get, "UCCL_TCPX_DISABLE_IPC", 0u8, 0, 1)? == 1,
+            auth_key: get("UCCL_TCPX_AUTH_KEY_FILE")
+                .map(|path| read_key_file("UCCL_TCPX_AUTH_KEY_FILE", &path))
+                .transpose()?,
         })
     }
 }
@@ -374,6 +384,34 @@ fn parse_devices(get: &impl Fn(&str) -> Option<String>, name: &str) -> Result<Op
         Some(list) if !list.is_empty() && list.len() <= MAX_NET_DEVICES => Ok(Some(list)),
         _ => Err(bad(name, &raw, &expected)),
     }
+}
+
+/// A key file as `openssl rand -hex 32 > key` or `head -c 32 /dev/urandom > key` writes it. A file
+/// other users may read is refused, as ssh refuses such private keys: the key opens this engine's
+/// memory to whoever holds it.
+fn read_key_file(name: &str, path: &str) -> Result<AuthKey> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |why: String| Error::invalid(format!("environment variable {name}={path:?}: {why}"));
+    let file = std::fs::File::open(path).map_err(|e| fail(format!("cannot open the key file: {e}")))?;
+    let mode = file.metadata().map_err(|e| fail(format!("cannot stat the key file: {e}")))?.permissions().mode();
+    if mode & 0o007 != 0 {
+        return Err(fail(format!(
+            "the key file is accessible to other users (mode {:o}); chmod o-rwx it",
+            mode & 0o777
+        )));
+    }
+    let mut bytes = Vec::new();
+    // One byte past the largest key tells a too-long file from a key of exactly the limit.
+    let limit = crate::proto::auth::MAX_KEY_LEN as u64 + 2;
+    file.take(limit).read_to_end(&mut bytes).map_err(|e| fail(format!("cannot read the key file: {e}")))?;
+    if bytes.ends_with(b"\n") {
+        bytes.pop();
+        if bytes.ends_with(b"\r") {
+            bytes.pop();
+        }
+    }
+    AuthKey::new(&bytes).map_err(|why| fail(format!("the file holds {why}")))
 }
 
 /// At most this many blocks in a list knob: a longer list is a mistake, and every dial checks them all.
@@ -670,5 +708,37 @@ mod tests {
             .map(|f| src.join(f).to_string_lossy().into_owned())
             .collect();
         assert_eq!(readers, expected);
+    }
+
+    #[test]
+    fn auth_key_file_is_read_and_checked() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("uccl-tcpx-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, bytes: &[u8], mode: u32| {
+            let path = dir.join(name);
+            std::fs::write(&path, bytes).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            path.to_str().unwrap().to_owned()
+        };
+        let key = |path: &str| cfg(&[("UCCL_TCPX_AUTH_KEY_FILE", path)]);
+        let hex = "00112233445566778899aabbccddeeff";
+        let with_newline = key(&write("nl", format!("{hex}\n").as_bytes(), 0o600)).unwrap();
+        assert_eq!(with_newline.auth_key, Some(AuthKey::new(hex.as_bytes()).unwrap()));
+        let binary = key(&write("bin", &[0u8; 32], 0o640)).unwrap();
+        assert_eq!(binary.auth_key, Some(AuthKey::new(&[0u8; 32]).unwrap()));
+        assert!(format!("{binary:?}").contains("AuthKey(32 bytes)"), "the key stays out of Debug output");
+        for (path, needle) in [
+            (write("short", b"0123456789abcde", 0o600), "15 bytes"),
+            (write("long", &[b'k'; 4097], 0o600), "4097 bytes"),
+            (write("open", hex.as_bytes(), 0o604), "other users"),
+            (dir.join("missing").to_str().unwrap().to_owned(), "cannot open"),
+        ] {
+            let err = key(&path).unwrap_err();
+            assert_eq!(err.status(), crate::error::UcclStatus::ErrInvalidParam);
+            assert!(err.message().contains("UCCL_TCPX_AUTH_KEY_FILE") && err.message().contains(needle), "{err}");
+            assert!(!err.message().contains(hex), "{err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

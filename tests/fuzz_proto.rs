@@ -26,13 +26,14 @@ use proptest::test_runner::{Config as RunnerConfig, FileFailurePersistence, Test
 use uccl_tcpx::proto::control::decode_frame;
 use uccl_tcpx::proto::frame::{is_handshake_kind, max_body_len};
 use uccl_tcpx::proto::{
-    Capability, ChannelHello, Control, FifoItem, FrameHeader, Handshake, Hello, HostIdentity, Refuse, Welcome,
+    AuthChallenge, AuthHello, AuthProof, Capability, ChannelHello, Control, FifoItem, FrameHeader, Handshake, Hello,
+    HostIdentity, Refuse, Welcome,
 };
 
 /// `proto::FRAME_HEADER_LEN` is crate-private; `FrameHeader::to_bytes` pins the same number.
 const HEADER_LEN: usize = 8;
-/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 6.
-const VERSION: u16 = 6;
+/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 7.
+const VERSION: u16 = 7;
 const CHANNEL_HELLO_LEN: usize = 16;
 const FIFO_LEN: usize = 64;
 /// Protocol limits (crate-private in `proto`); `limits_match_the_codec` checks each against the codec.
@@ -282,6 +283,15 @@ fn sample_handshakes() -> Vec<(&'static str, Handshake)> {
         ("welcome", Handshake::Welcome(welcome)),
         ("refuse", Handshake::Refuse(Refuse { status: -9, reason: "peer uses transport \"tcpx\"".into() })),
         ("refuse_long", Handshake::Refuse(Refuse { status: -4, reason: "é".repeat(MAX_REASON_LEN / 2) })),
+        ("auth_hello", Handshake::AuthHello(AuthHello { challenge: std::array::from_fn(|i| i as u8) })),
+        (
+            "auth_challenge",
+            Handshake::AuthChallenge(AuthChallenge {
+                challenge: [0xa5; 32],
+                proof: std::array::from_fn(|i| !(i as u8)),
+            }),
+        ),
+        ("auth_proof", Handshake::AuthProof(AuthProof { proof: [0x5a; 32] })),
     ]
 }
 
@@ -670,6 +680,10 @@ fn handshake() -> impl Strategy<Value = Handshake> {
         ),
         (any::<i32>(), utf8_string(MAX_REASON_LEN + 8))
             .prop_map(|(status, reason)| Handshake::Refuse(Refuse { status, reason })),
+        any::<[u8; 32]>().prop_map(|challenge| Handshake::AuthHello(AuthHello { challenge })),
+        (any::<[u8; 32]>(), any::<[u8; 32]>())
+            .prop_map(|(challenge, proof)| Handshake::AuthChallenge(AuthChallenge { challenge, proof })),
+        any::<[u8; 32]>().prop_map(|proof| Handshake::AuthProof(AuthProof { proof })),
     ]
 }
 

@@ -1,4 +1,6 @@
-//! Connection setup: the versioned handshake on the control stream, then the channels. Both sides
+//! Connection setup: the versioned handshake on the control stream (the acceptor's accept loop has
+//! read and checked the Hello, and with a key run the challenge-response, before any of this runs:
+//! `admission`), then the channels. Both sides
 //! listen for their receive direction and connect their send direction at once, polling connect and
 //! accept together (plugin transports complete both asynchronously). Channels pair by handle order
 //! when each has its own listen, else by a ChannelHello that opens every data comm, so accept order
@@ -102,6 +104,14 @@ impl<'a> Local<'a> {
     }
 }
 
+/// Bounds the handshake: a peer that connects and goes silent cannot hold a thread forever.
+pub fn prepare_control(stream: &TcpStream, deadline: Instant, io_timeout: Duration) -> Result<()> {
+    crate::transport::socket::tune_stream(stream, io_timeout)?;
+    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    stream.set_read_timeout(Some(left)).map_err(|e| Error::io("control stream", e))?;
+    stream.set_write_timeout(Some(left)).map_err(|e| Error::io("control stream", e))
+}
+
 pub fn send_frame(stream: &mut TcpStream, msg: &Handshake) -> Result<()> {
     let mut buf = Vec::new();
     msg.encode(&mut buf);
@@ -183,14 +193,15 @@ pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, listens
             Ok(agreed)
         }
         Handshake::Refuse(r) => Err(refused(r)),
-        Handshake::Hello(_) => {
-            Err(refuse(stream, Error::backend("protocol violation: peer answered Hello with Hello")))
-        }
+        other => Err(refuse(
+            stream,
+            Error::backend(format!("protocol violation: peer answered Hello with frame kind {}", other.kind())),
+        )),
     }
 }
 
 /// The error a peer's Refuse stands for.
-fn refused(r: Refuse) -> Error {
+pub fn refused(r: Refuse) -> Error {
     let status = UcclStatus::from_code(r.status).filter(|s| (*s as i32) < 0).unwrap_or(UcclStatus::ErrUnknown);
     Error::new(status, format!("peer refused the connection: {}", r.reason))
 }
@@ -210,33 +221,26 @@ pub fn refuse(stream: &mut TcpStream, err: Error) -> Error {
     err
 }
 
-/// Acceptor side: reads the Hello, refuses what it cannot serve, answers Welcome.
-pub fn welcome(stream: &mut TcpStream, local: &Local, listens: &mut Listens) -> Result<Agreement> {
-    let mut body = Vec::new();
-    let header = read_raw_frame(stream, &mut body, "handshake read")?;
-    let h = match Handshake::decode(&header, &body) {
-        Ok(Handshake::Hello(h)) => h,
-        // The connector failed before its Hello (its own listen, say) and says why.
-        Ok(Handshake::Refuse(r)) => return Err(refused(r)),
-        Ok(_) => return Err(Error::backend("protocol violation: connection did not open with Hello")),
-        Err(e @ ProtoError::VersionMismatch { .. }) => {
-            // Refuse is magic + our version first, so a peer of any version can tell why it was turned away.
-            let reason = e.to_string();
-            let refuse = Refuse { status: UcclStatus::ErrNotSupported as i32, reason: reason.clone() };
-            let _ = send_frame(stream, &Handshake::Refuse(refuse));
-            return Err(Error::new(UcclStatus::ErrNotSupported, reason));
-        }
-        Err(e) => return Err(e.into()),
-    };
-    if h.transport != local.net.name() {
-        return Err(refuse(
-            stream,
-            Error::new(
-                UcclStatus::ErrNotSupported,
-                format!("peer uses transport {:?}, this engine {:?}", h.transport, local.net.name()),
-            ),
+/// Whether this engine can serve a peer's Hello: the transport must match. Checked when the Hello
+/// arrives (`admission`), before anything is spent on the peer.
+pub fn check_hello(h: &Hello, transport: &str) -> Result<()> {
+    if h.transport != transport {
+        return Err(Error::new(
+            UcclStatus::ErrNotSupported,
+            format!("peer uses transport {:?}, this engine {transport:?}", h.transport),
         ));
     }
+    Ok(())
+}
+
+/// The Refuse a peer speaking another protocol version gets: magic + our version first, so a peer
+/// of any version can tell why it was turned away.
+pub fn version_refusal(e: &ProtoError) -> Option<Error> {
+    matches!(e, ProtoError::VersionMismatch { .. }).then(|| Error::new(UcclStatus::ErrNotSupported, e.to_string()))
+}
+
+/// Acceptor side, once the Hello `h` was read and checked (`admission`): answers Welcome.
+pub fn welcome(stream: &mut TcpStream, local: &Local, listens: &mut Listens, h: Hello) -> Result<Agreement> {
     // The GPU a peer names comes from metadata it may have read before this engine knew its GPU
     // (NIXL reads it once, right after creating the engine), and one port reaches one engine
     // anyway: the name is advisory, and this engine serves its own GPU.
@@ -647,33 +651,6 @@ mod tests {
             }
         };
         assert_eq!(err.status(), UcclStatus::ErrRemoteDisconnect, "{err}");
-    }
-
-    #[test]
-    fn a_refusal_in_place_of_hello_is_reported_with_its_reason() {
-        let net = crate::transport::socket::SocketNet::new(
-            "127.0.0.1".parse().unwrap(),
-            std::time::Duration::from_secs(5),
-            std::time::Duration::from_secs(5),
-            std::sync::Arc::new(|| {}),
-        );
-        let local = super::Local {
-            net: &net,
-            num_channels: 1,
-            chunk_size: 64 << 10,
-            gpu_index: 0,
-            gpu_id: "0",
-            window: 4,
-            removals: Default::default(),
-            host: HostIdentity::default(),
-        };
-        let mut listens = super::Listens::first(&local).unwrap();
-        let (mut near, mut far) = stream_pair();
-        // The connector's own listen failed before it could say Hello.
-        let _ = refuse(&mut far, Error::backend("net plugin listen failed"));
-        let err = super::welcome(&mut near, &local, &mut listens).err().expect("a refusal is no Hello");
-        assert_eq!(err.status(), UcclStatus::ErrBackend, "{err}");
-        assert_eq!(err.message(), "peer refused the connection: net plugin listen failed");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The engine: owns the control listener, the accept loop, the memory-region and transfer tables
 //! and the progress thread; hands out connections.
 
+mod admission;
+mod auth;
 mod channel;
 mod conn;
 mod control_rx;
@@ -17,15 +19,13 @@ mod shared;
 mod transfer;
 mod writer;
 
-use std::collections::VecDeque;
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Mutex, RwLock};
 
 pub use conn::{Connection, OneSided, PeerInfo};
 pub use notify::Notification;
@@ -33,46 +33,18 @@ pub use notify::Notification;
 use crate::config::{Config, TransportChoice};
 use crate::cuda::Gpu;
 use crate::error::{Error, Result, UcclStatus};
-use crate::proto::FifoItem;
+use crate::proto::{AuthKey, FifoItem};
 use crate::threads::{ThreadKind, spawn_contained};
 use crate::transport::Net;
 use crate::transport::plugin::PluginNet;
 use crate::transport::socket::SocketNet;
 use crate::transport::staged::{StagedNet, StagingParams};
+use admission::AcceptQueue;
 use progress::{ConnList, ProgressThread};
 use region::RegionTable;
 use served_gpu::ServedGpu;
 use shared::{EngineCore, Waker};
 use transfer::TransferTable;
-
-/// Handshakes' outcomes waiting for `accept`.
-#[derive(Default)]
-struct AcceptQueue {
-    state: Mutex<Accepted>,
-    changed: Condvar,
-    stopped: AtomicBool,
-}
-
-#[derive(Default)]
-struct Accepted {
-    /// Finished handshakes, and handshake threads that panicked (an internal error for the
-    /// `accept` that would have returned their connection).
-    ready: VecDeque<Result<Arc<Connection>>>,
-    /// Once the accept loop or the progress thread died: every later `accept` fails with it.
-    broken: Option<Error>,
-}
-
-impl AcceptQueue {
-    fn push(&self, outcome: Result<Arc<Connection>>) {
-        self.state.lock().ready.push_back(outcome);
-        self.changed.notify_all();
-    }
-
-    fn break_with(&self, err: Error) {
-        self.state.lock().broken.get_or_insert(err);
-        self.changed.notify_all();
-    }
-}
 
 pub struct Engine {
     core: Arc<EngineCore>,
@@ -107,6 +79,7 @@ impl Engine {
         let selected = select_net(&config, ip, bind, wake)?;
         let net = StagedNet::wrap(selected, StagingParams::from_config(&config))?;
         gpu.tell(&*net);
+        let config_key = config.auth_key.clone().map(Arc::new);
         let core = Arc::new(EngineCore {
             config,
             net,
@@ -115,6 +88,7 @@ impl Engine {
             waker: waker.clone(),
             next_conn: AtomicU64::new(0),
             gpu,
+            auth: RwLock::new(config_key),
         });
         let conns = Arc::new(ConnList::default());
         let accepted = Arc::new(AcceptQueue::default());
@@ -133,7 +107,7 @@ impl Engine {
                 std::thread::Builder::new().name("uccl-accept".into()),
                 ThreadKind::Accept,
                 move |err| failing.break_with(err),
-                move || accept_loop(listener, core, conns, accepted, shutdown),
+                move || admission::accept_loop(listener, core, conns, accepted, shutdown),
             )
             .map_err(|e| Error::io("spawn accept thread", e))?
         };
@@ -225,6 +199,12 @@ impl Engine {
         }
     }
 
+    /// Requires every later handshake, in either direction, to prove `key` (and the peer to prove
+    /// it to us); connections made before keep what they had.
+    pub fn set_auth_key(&self, key: AuthKey) {
+        *self.core.auth.write() = Some(Arc::new(key));
+    }
+
     pub fn stop_accept(&self) {
         self.accepted.stopped.store(true, Ordering::Release);
         let _guard = self.accepted.state.lock();
@@ -314,142 +294,30 @@ fn select_net(config: &Config, ip: IpAddr, bind: IpAddr, wake: crate::transport:
     }
 }
 
-/// Bounds the handshake: a peer that connects and goes silent cannot hold a thread forever.
-fn prepare_control(stream: &TcpStream, deadline: Instant, io_timeout: std::time::Duration) -> Result<()> {
-    crate::transport::socket::tune_stream(stream, io_timeout)?;
-    let left = deadline.saturating_duration_since(Instant::now()).max(std::time::Duration::from_millis(1));
-    stream.set_read_timeout(Some(left)).map_err(|e| Error::io("control stream", e))?;
-    stream.set_write_timeout(Some(left)).map_err(|e| Error::io("control stream", e))
-}
-
-fn accept_loop(
-    listener: TcpListener,
-    core: Arc<EngineCore>,
-    conns: Arc<ConnList>,
-    accepted: Arc<AcceptQueue>,
-    shutdown: Arc<AtomicBool>,
-) {
-    let mut pfd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    let handshakes = Arc::new(AtomicUsize::new(0));
-    while !shutdown.load(Ordering::Acquire) {
-        // SAFETY: one pollfd for a descriptor the listener keeps open for the whole loop.
-        let ready = unsafe { libc::poll(&mut pfd, 1, 100) };
-        if ready <= 0 {
-            continue;
-        }
-        let (stream, peer) = match listener.accept() {
-            Ok(s) => s,
-            Err(e) => {
-                log::warn!("accept on the control listener failed: {e}");
-                continue;
-            }
-        };
-        crate::threads::point(ThreadKind::Accept);
-        if accepted.stopped.load(Ordering::Acquire) {
-            log::info!("refusing {peer}: accepting was stopped");
-            continue;
-        }
-        if handshakes.load(Ordering::Acquire) >= MAX_PENDING_HANDSHAKES {
-            log::warn!("refusing {peer}: {MAX_PENDING_HANDSHAKES} handshakes already in progress");
-            continue;
-        }
-        handshakes.fetch_add(1, Ordering::AcqRel);
-        let in_progress = handshakes.clone();
-        let (core, conns, accepted, shutdown) = (core.clone(), conns.clone(), accepted.clone(), shutdown.clone());
-        // The peer sees its connection drop as the thread unwinds; our `accept` learns of it here.
-        let failing = accepted.clone();
-        let spawned = spawn_contained(
-            std::thread::Builder::new().name("uccl-handshake".into()).stack_size(HANDSHAKE_STACK),
-            ThreadKind::Handshake,
-            move |err| failing.push(Err(err.context(format!("handshake with {peer}")))),
-            move || {
-                let _done = DecrementOnDrop(in_progress);
-                match serve_handshake(&core, stream, peer) {
-                    Ok(Some(conn))
-                        if !shutdown.load(Ordering::Acquire) && !accepted.stopped.load(Ordering::Acquire) =>
-                    {
-                        match conns.add(conn.clone()) {
-                            Ok(()) => {
-                                core.waker.wake();
-                                accepted.push(Ok(conn));
-                            }
-                            Err(e) => {
-                                conn.close();
-                                log::warn!("handshake with {peer} finished after the engine failed: {e}");
-                            }
-                        }
-                    }
-                    Ok(Some(conn)) => conn.close(),
-                    Ok(None) => log::debug!("{peer} closed its connection without a handshake"),
-                    Err(e) => log::error!("handshake with {peer} failed: {e}"),
-                }
-            },
-        );
-        if let Err(e) = spawned {
-            handshakes.fetch_sub(1, Ordering::AcqRel);
-            log::error!("cannot spawn a handshake thread for {peer}: {e}");
-        }
-    }
-}
-
-/// Handshakes served at once; each is bounded by UCCL_TCPX_CONNECT_TIMEOUT_MS, so a flood of idle
-/// connections costs at most this many (small-stack) threads, and real peers still get through
-/// unless the flood exceeds it.
-const MAX_PENDING_HANDSHAKES: usize = 1024;
-const HANDSHAKE_STACK: usize = 256 << 10;
-
-struct DecrementOnDrop(Arc<AtomicUsize>);
-
-impl Drop for DecrementOnDrop {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// The connector's side: control stream, Hello, channels. A failure after Hello is also told to
 /// the peer (a Refuse with the reason), so both ends log the same cause.
 fn connect_to(core: &Arc<EngineCore>, addr: SocketAddr, remote_gpu: &str) -> Result<Arc<Connection>> {
     let deadline = Instant::now() + core.config.connect_timeout;
     let mut stream =
         TcpStream::connect_timeout(&addr, core.config.connect_timeout).map_err(|e| Error::io("TCP connect", e))?;
-    prepare_control(&stream, deadline, core.config.timeout)?;
+    handshake::prepare_control(&stream, deadline, core.config.timeout)?;
+    // Before anything is opened for the peer: an acceptor that cannot prove the key gets no listener.
+    let session = core.auth_key().map(|key| auth::authenticate(&mut stream, &key)).transpose()?;
     let listened =
         core.gpu.before_comms(&*core.net).and_then(|()| handshake::Listens::first(&handshake::Local::of(core)));
     let mut listens = listened.map_err(|e| handshake::refuse(&mut stream, e))?;
     let mut agreed = handshake::hello(&mut stream, &handshake::Local::of(core), remote_gpu, &mut listens)?;
+    if let Some(s) = &session {
+        agreed.nonce = s.channel_nonce();
+    }
     dial::confine(&*core.net, &mut agreed.peer_handles, addr.ip(), &core.config.allow_dial)?;
     let channels =
         handshake::establish_channels(&handshake::Local::of(core), &mut listens, &agreed, deadline, &mut stream)
             .map_err(|e| handshake::refuse(&mut stream, e))?;
     let peer =
         PeerInfo { addr, gpu_index: agreed.peer_gpu_index, gpu_id: agreed.peer_gpu_id, locality: agreed.link.locality };
-    Connection::start(core.clone(), stream, peer, channels, agreed.chunk_size, agreed.link)
-}
-
-/// The acceptor's side. `None` when the peer closed without sending a byte (a port probe, say),
-/// which is no failed handshake.
-fn serve_handshake(core: &Arc<EngineCore>, mut stream: TcpStream, peer: SocketAddr) -> Result<Option<Arc<Connection>>> {
-    let deadline = Instant::now() + core.config.connect_timeout;
-    prepare_control(&stream, deadline, core.config.timeout)?;
-    if stream.peek(&mut [0u8; 1]).map_err(|e| Error::io("handshake read", e))? == 0 {
-        return Ok(None);
-    }
-    let listened =
-        core.gpu.before_comms(&*core.net).and_then(|()| handshake::Listens::first(&handshake::Local::of(core)));
-    let mut listens = listened.map_err(|e| handshake::refuse(&mut stream, e))?;
-    let mut agreed = handshake::welcome(&mut stream, &handshake::Local::of(core), &mut listens)?;
-    dial::confine(&*core.net, &mut agreed.peer_handles, peer.ip(), &core.config.allow_dial)?;
-    crate::threads::point(ThreadKind::Handshake);
-    let channels =
-        handshake::establish_channels(&handshake::Local::of(core), &mut listens, &agreed, deadline, &mut stream)
-            .map_err(|e| handshake::refuse(&mut stream, e))?;
-    let info = PeerInfo {
-        addr: peer,
-        gpu_index: agreed.peer_gpu_index,
-        gpu_id: agreed.peer_gpu_id,
-        locality: agreed.link.locality,
-    };
-    Connection::start(core.clone(), stream, info, channels, agreed.chunk_size, agreed.link).map(Some)
+    let binding = session.map(|s| s.token_binding());
+    Connection::start(core.clone(), stream, peer, channels, agreed.chunk_size, agreed.link, binding)
 }
 
 #[cfg(test)]

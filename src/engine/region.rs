@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use parking_lot::{Mutex, RwLock};
 
 use crate::error::{Error, Result};
-use crate::proto::{Capability, FifoItem};
+use crate::proto::{Capability, FifoItem, TokenBinding};
 use crate::transport::MemKind;
 
 /// Distinct windows a region may advertise; callers normally advertise once per registration.
@@ -142,8 +142,17 @@ impl RegionTable {
         Ok(FifoItem::with_capability(addr as u64, size, Capability { region: id, token: region.token }))
     }
 
-    /// Decides a peer's one-sided request. Every failure is NOT_ALLOWED and names no secret.
-    pub fn authorize(&self, region: u64, token: u64, addr: u64, len: u64) -> Result<Arc<Region>> {
+    /// Decides a peer's one-sided request. Every failure is NOT_ALLOWED and names no secret. On an
+    /// authenticated connection (`binding`) the request carries the region's token bound to that
+    /// connection, so a value seen on another connection's wire matches nothing here.
+    pub fn authorize(
+        &self,
+        region: u64,
+        token: u64,
+        addr: u64,
+        len: u64,
+        binding: Option<&TokenBinding>,
+    ) -> Result<Arc<Region>> {
         let deny = |why: &str| Error::not_allowed(format!("remote access to [{addr:#x}, +{len}) refused: {why}"));
         let (Ok(addr), Ok(len)) = (usize::try_from(addr), usize::try_from(len)) else {
             return Err(deny("address out of range"));
@@ -151,7 +160,11 @@ impl RegionTable {
         let Some(r) = self.regions.read().get(&region).cloned() else {
             return Err(deny("the region is not registered (or was deregistered)"));
         };
-        if r.token != token {
+        let expected = match binding {
+            Some(b) => b.bind(region, r.token),
+            None => r.token,
+        };
+        if expected != token {
             return Err(deny("the capability token does not match the region"));
         }
         if len == 0 || !r.windows.lock().iter().any(|&(base, wlen)| range_within(addr, len, base, wlen)) {
@@ -189,8 +202,8 @@ mod tests {
         let item = t.advertise(id, 0x10100, 0x100).unwrap();
         let cap = item.capability().unwrap();
         assert_eq!((cap.region, item.addr, item.size), (id, 0x10100, 0x100));
-        assert!(t.authorize(id, cap.token, 0x10100, 0x100).is_ok());
-        assert!(t.authorize(id, cap.token, 0x10180, 0x80).is_ok());
+        assert!(t.authorize(id, cap.token, 0x10100, 0x100, None).is_ok());
+        assert!(t.authorize(id, cap.token, 0x10180, 0x80, None).is_ok());
         for (region, token, addr, len) in [
             (id, cap.token ^ 1, 0x10100, 0x10),
             (id, cap.token, 0x10000, 0x10),
@@ -199,11 +212,27 @@ mod tests {
             (id, cap.token, u64::MAX, 2),
             (id + 1, cap.token, 0x10100, 0x10),
         ] {
-            let err = t.authorize(region, token, addr, len).unwrap_err();
+            let err = t.authorize(region, token, addr, len, None).unwrap_err();
             assert_eq!(err.status(), UcclStatus::ErrNotAllowed, "{err}");
         }
         t.remove(id).unwrap();
-        assert!(t.authorize(id, cap.token, 0x10100, 0x10).is_err());
+        assert!(t.authorize(id, cap.token, 0x10100, 0x10, None).is_err());
+    }
+
+    #[test]
+    fn bound_connections_take_only_their_own_binding_of_the_token() {
+        let t = RegionTable::default();
+        let id = t.register(0x10000, 0x1000, MemKind::Host).unwrap();
+        let cap = t.advertise(id, 0x10000, 0x1000).unwrap().capability().unwrap();
+        let key = crate::proto::AuthKey::new(&[9; 32]).unwrap();
+        let ours = key.session(&[1; 32], &[2; 32]).token_binding();
+        let theirs = key.session(&[1; 32], &[3; 32]).token_binding();
+        assert!(t.authorize(id, ours.bind(id, cap.token), 0x10000, 8, Some(&ours)).is_ok());
+        for (what, presented) in [("the raw token", cap.token), ("another connection's", theirs.bind(id, cap.token))] {
+            let err = t.authorize(id, presented, 0x10000, 8, Some(&ours)).unwrap_err();
+            assert_eq!(err.status(), UcclStatus::ErrNotAllowed, "{what}: {err}");
+        }
+        assert!(t.authorize(id, ours.bind(id, cap.token), 0x10000, 8, None).is_err(), "a bound value is no token");
     }
 
     #[test]

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::Thread;
 
+use parking_lot::RwLock;
+
 use super::mapping;
 use super::region::{self, RegionTable};
 use super::served_gpu::ServedGpu;
@@ -14,6 +16,7 @@ use super::transfer::TransferTable;
 use crate::config::Config;
 use crate::cuda::{self, Location};
 use crate::error::{Error, Result, UcclStatus};
+use crate::proto::AuthKey;
 use crate::transport::{MemKind, Net};
 
 pub(crate) struct EngineCore {
@@ -25,9 +28,15 @@ pub(crate) struct EngineCore {
     pub(super) next_conn: AtomicU64,
     /// The GPU this engine serves (see `served_gpu` for how it is chosen).
     pub(super) gpu: ServedGpu,
+    /// The key peers must prove, read by every handshake as it starts.
+    pub(super) auth: RwLock<Option<Arc<AuthKey>>>,
 }
 
 impl EngineCore {
+    pub(super) fn auth_key(&self) -> Option<Arc<AuthKey>> {
+        self.auth.read().clone()
+    }
+
     pub(super) fn next_conn_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
     }

@@ -9,6 +9,7 @@ use super::{c_str_arg, ffi_fn, non_null};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::error::Error;
+use crate::proto::AuthKey;
 
 /// An engine: one control listener, memory registrations and the connections it made or accepted.
 pub struct uccl_engine {
@@ -133,6 +134,30 @@ pub extern "C" fn uccl_engine_accept(
             *remote_gpu_idx = conn.peer.gpu_index;
         }
         Ok(CONNS.insert(Arc::new(ConnEntry { conn, engine: Arc::downgrade(&engine_ref) })))
+    })
+}
+
+/// Requires every later connection of `engine`, made or accepted, to prove the `len`-byte `key`
+/// (16 to 4096 bytes, the same on every peer) in a mutual challenge-response before anything else,
+/// and binds region tokens to the connection that carries them. A peer without the key is refused
+/// and both sides log why. Connections made before keep what they had, so call this right after
+/// `uccl_engine_create`, before handing out the metadata. `UCCL_TCPX_AUTH_KEY_FILE` does the same
+/// at creation. Returns 0, or -2 for a NULL or wrongly sized key.
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_engine_set_auth_key(engine: *mut uccl_engine_t, key: *const u8, len: libc::size_t) -> c_int {
+    ffi_fn!("uccl_engine_set_auth_key", {
+        non_null!(key);
+        let engine = ENGINES.get(engine)?;
+        if len > crate::proto::auth::MAX_KEY_LEN {
+            return Err(Error::invalid(format!(
+                "len is {len}; a key has at most {} bytes",
+                crate::proto::auth::MAX_KEY_LEN
+            )));
+        }
+        // SAFETY: checked non-NULL; the caller's buffer holds `len` bytes, at most MAX_KEY_LEN.
+        let bytes = unsafe { std::slice::from_raw_parts(key, len) };
+        engine.set_auth_key(AuthKey::new(bytes).map_err(|why| Error::invalid(format!("key: {why}")))?);
+        Ok(0)
     })
 }
 

@@ -16,6 +16,9 @@ pub mod kind {
     pub(crate) const HELLO: u8 = 1;
     pub(crate) const WELCOME: u8 = 2;
     pub(crate) const REFUSE: u8 = 3;
+    pub(crate) const AUTH_HELLO: u8 = 4;
+    pub(crate) const AUTH_CHALLENGE: u8 = 5;
+    pub(crate) const AUTH_PROOF: u8 = 6;
     pub(crate) const SEND_ANNOUNCE: u8 = 16;
     pub(crate) const WRITE_REQUEST: u8 = 17;
     pub(crate) const READ_REQUEST: u8 = 18;
@@ -44,6 +47,11 @@ fn body_spec(kind: u8) -> Option<(&'static str, BodySize)> {
         kind::HELLO => ("Hello body", UpTo(MAX_HANDSHAKE_BODY_LEN)),
         kind::WELCOME => ("Welcome body", UpTo(MAX_HANDSHAKE_BODY_LEN)),
         kind::REFUSE => ("Refuse body", UpTo(MAX_HANDSHAKE_BODY_LEN)),
+        // Bounded like Hello rather than exact, so that a peer of another version whose bodies differ
+        // still reaches the version check and hears why it was refused.
+        kind::AUTH_HELLO => ("AuthHello body", UpTo(MAX_HANDSHAKE_BODY_LEN)),
+        kind::AUTH_CHALLENGE => ("AuthChallenge body", UpTo(MAX_HANDSHAKE_BODY_LEN)),
+        kind::AUTH_PROOF => ("AuthProof body", UpTo(MAX_HANDSHAKE_BODY_LEN)),
         kind::SEND_ANNOUNCE => ("SendAnnounce body", Exactly(16)),
         kind::WRITE_REQUEST => ("WriteRequest body", Exactly(40)),
         kind::READ_REQUEST => ("ReadRequest body", Exactly(40)),
@@ -70,7 +78,10 @@ pub fn max_body_len(kind: u8) -> Option<usize> {
 }
 
 pub fn is_handshake_kind(kind: u8) -> bool {
-    matches!(kind, kind::HELLO | kind::WELCOME | kind::REFUSE)
+    matches!(
+        kind,
+        kind::HELLO | kind::WELCOME | kind::REFUSE | kind::AUTH_HELLO | kind::AUTH_CHALLENGE | kind::AUTH_PROOF
+    )
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,10 +175,13 @@ mod tests {
     use super::*;
     use crate::proto::testutil::XorShift;
 
-    const KNOWN: [u8; 16] = [
+    const KNOWN: [u8; 19] = [
         kind::HELLO,
         kind::WELCOME,
         kind::REFUSE,
+        kind::AUTH_HELLO,
+        kind::AUTH_CHALLENGE,
+        kind::AUTH_PROOF,
         kind::SEND_ANNOUNCE,
         kind::WRITE_REQUEST,
         kind::READ_REQUEST,
@@ -212,6 +226,9 @@ mod tests {
     fn maximum_body_sizes_match_the_spec() {
         assert_eq!(max_body_len(kind::HELLO), Some(4096));
         assert_eq!(max_body_len(kind::REFUSE), Some(4096));
+        assert_eq!(max_body_len(kind::AUTH_HELLO), Some(4096));
+        assert_eq!(max_body_len(kind::AUTH_CHALLENGE), Some(4096));
+        assert_eq!(max_body_len(kind::AUTH_PROOF), Some(4096));
         assert_eq!(max_body_len(kind::SEND_ANNOUNCE), Some(16));
         assert_eq!(max_body_len(kind::WRITE_REQUEST), Some(40));
         assert_eq!(max_body_len(kind::READ_REQUEST), Some(40));
@@ -285,9 +302,10 @@ mod tests {
     }
 
     #[test]
-    fn handshake_kinds_are_exactly_hello_welcome_refuse() {
+    fn handshake_kinds_are_exactly_hello_welcome_refuse_and_authentication() {
         let hs: Vec<u8> = (0..=u8::MAX).filter(|&k| is_handshake_kind(k)).collect();
-        assert_eq!(hs, vec![kind::HELLO, kind::WELCOME, kind::REFUSE]);
+        let auth = [kind::AUTH_HELLO, kind::AUTH_CHALLENGE, kind::AUTH_PROOF];
+        assert_eq!(hs, [[kind::HELLO, kind::WELCOME, kind::REFUSE].as_slice(), &auth].concat());
     }
 
     #[test]

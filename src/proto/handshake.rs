@@ -1,10 +1,12 @@
-//! Connection setup: Hello / Welcome / Refuse on the control connection, and the fixed
-//! 16-byte `ChannelHello` that opens every data connection.
+//! Connection setup: Hello / Welcome / Refuse on the control connection (after AuthHello /
+//! AuthChallenge / AuthProof when the connector has a key, see `auth`), and the fixed 16-byte
+//! `ChannelHello` that opens every data connection.
 //!
 //! Every handshake body starts with `u32 MAGIC, u16 version`. The version is checked right
 //! after the magic, before any other field is interpreted, because a peer on another
 //! version may lay out the remaining fields differently.
 
+use super::auth::{AuthChallenge, AuthHello, AuthProof};
 use super::frame::{FrameHeader, kind, write_frame};
 use super::wire::{Reader, Writer, check_len, put_at};
 use super::{
@@ -92,10 +94,14 @@ pub enum Handshake {
     Hello(Hello),
     Welcome(Welcome),
     Refuse(Refuse),
+    AuthHello(AuthHello),
+    AuthChallenge(AuthChallenge),
+    AuthProof(AuthProof),
 }
 
-const NOT_HANDSHAKE: ProtoError =
-    ProtoError::Invalid("expected a handshake message (Hello, Welcome or Refuse) but got a control frame");
+const NOT_HANDSHAKE: ProtoError = ProtoError::Invalid(
+    "expected a handshake message (Hello, Welcome, Refuse or an authentication message) but got a control frame",
+);
 
 // The text of the channel-count error below quotes this value.
 const _: () = assert!(MAX_CHANNELS == 64);
@@ -235,6 +241,9 @@ impl Handshake {
             Self::Hello(_) => kind::HELLO,
             Self::Welcome(_) => kind::WELCOME,
             Self::Refuse(_) => kind::REFUSE,
+            Self::AuthHello(_) => kind::AUTH_HELLO,
+            Self::AuthChallenge(_) => kind::AUTH_CHALLENGE,
+            Self::AuthProof(_) => kind::AUTH_PROOF,
         }
     }
 
@@ -245,6 +254,19 @@ impl Handshake {
             Self::Hello(m) => m.write(w),
             Self::Welcome(m) => m.write(w),
             Self::Refuse(m) => m.write(w),
+            // Like Refuse, the authentication messages always speak our version.
+            Self::AuthHello(m) => {
+                write_preamble(w, PROTOCOL_VERSION);
+                m.write(w);
+            }
+            Self::AuthChallenge(m) => {
+                write_preamble(w, PROTOCOL_VERSION);
+                m.write(w);
+            }
+            Self::AuthProof(m) => {
+                write_preamble(w, PROTOCOL_VERSION);
+                m.write(w);
+            }
         });
     }
 
@@ -256,6 +278,18 @@ impl Handshake {
             kind::HELLO => Self::Hello(Hello::read(&mut r)?),
             kind::WELCOME => Self::Welcome(Welcome::read(&mut r)?),
             kind::REFUSE => Self::Refuse(Refuse::read(&mut r)?),
+            kind::AUTH_HELLO => {
+                read_preamble(&mut r)?;
+                Self::AuthHello(AuthHello::read(&mut r)?)
+            }
+            kind::AUTH_CHALLENGE => {
+                read_preamble(&mut r)?;
+                Self::AuthChallenge(AuthChallenge::read(&mut r)?)
+            }
+            kind::AUTH_PROOF => {
+                read_preamble(&mut r)?;
+                Self::AuthProof(AuthProof::read(&mut r)?)
+            }
             _ => return Err(NOT_HANDSHAKE),
         };
         r.finish()?;
@@ -269,6 +303,7 @@ impl Handshake {
             Self::Hello(m) => m.validate(),
             Self::Welcome(m) => m.validate(),
             Self::Refuse(m) => m.validate(),
+            Self::AuthHello(_) | Self::AuthChallenge(_) | Self::AuthProof(_) => Ok(()),
         }
     }
 }
@@ -369,6 +404,12 @@ mod tests {
             Handshake::Welcome(welcome()),
             Handshake::Refuse(Refuse { status: -22, reason: "requested GPU does not exist".into() }),
             Handshake::Refuse(Refuse { status: i32::MIN, reason: "é".repeat(MAX_REASON_LEN / 2) }),
+            Handshake::AuthHello(AuthHello { challenge: core::array::from_fn(|i| i as u8) }),
+            Handshake::AuthChallenge(AuthChallenge {
+                challenge: [0xa5; 32],
+                proof: core::array::from_fn(|i| !(i as u8)),
+            }),
+            Handshake::AuthProof(AuthProof { proof: [0; 32] }),
         ]
     }
 
@@ -426,7 +467,7 @@ mod tests {
             out,
             [
                 0x43, 0x54, 3, 0, 14, 0, 0, 0, // header
-                0x55, 0x43, 0x54, 0x58, 6, 0, // magic, version
+                0x55, 0x43, 0x54, 0x58, 7, 0, // magic, version
                 0xfe, 0xff, 0xff, 0xff, 2, 0, b'n', b'o', // status, reason
             ]
         );
@@ -439,6 +480,9 @@ mod tests {
             let what = match msg.kind() {
                 kind::HELLO => "Hello body",
                 kind::WELCOME => "Welcome body",
+                kind::AUTH_HELLO => "AuthHello body",
+                kind::AUTH_CHALLENGE => "AuthChallenge body",
+                kind::AUTH_PROOF => "AuthProof body",
                 _ => "Refuse body",
             };
             for cut in 0..body.len() {
@@ -476,14 +520,14 @@ mod tests {
     fn version_is_checked_before_the_rest_of_the_body() {
         for msg in samples() {
             let (_, body) = encode(&msg);
-            // Keep only magic and a foreign version: a version-7 peer may send anything after it.
+            // Keep only magic and a foreign version: a version-8 peer may send anything after it.
             let mut short = body[..6].to_vec();
-            short[4..6].copy_from_slice(&7u16.to_le_bytes());
+            short[4..6].copy_from_slice(&8u16.to_le_bytes());
             let header = FrameHeader { kind: msg.kind(), body_len: 6 };
-            assert_eq!(Handshake::decode(&header, &short), Err(ProtoError::VersionMismatch { ours: 6, theirs: 7 }));
+            assert_eq!(Handshake::decode(&header, &short), Err(ProtoError::VersionMismatch { ours: 7, theirs: 8 }));
         }
         let err = decode_hello(Hello { version: 0, ..hello() });
-        assert_eq!(err, Err(ProtoError::VersionMismatch { ours: 6, theirs: 0 }));
+        assert_eq!(err, Err(ProtoError::VersionMismatch { ours: 7, theirs: 0 }));
     }
 
     #[test]

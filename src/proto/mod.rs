@@ -5,12 +5,14 @@
 //! Every decoder validates lengths against the limits below before looking at the bytes they
 //! describe, so a peer cannot make us allocate or wait for more than a bounded amount.
 
+pub mod auth;
 pub mod control;
 pub mod fifo;
 pub mod frame;
 pub mod handshake;
 mod wire;
 
+pub use auth::{AuthChallenge, AuthHello, AuthKey, AuthProof, Session, TokenBinding};
 pub use control::{Control, decode_frame};
 pub use fifo::{Capability, FifoItem};
 pub(crate) use frame::FRAME_HEADER_LEN;
@@ -19,7 +21,7 @@ pub use handshake::{ChannelHello, Handshake, Hello, HostIdentity, Refuse, Welcom
 
 /// Protocol magic, the first field of Hello, Welcome and Refuse bodies.
 pub(crate) const MAGIC: u32 = 0x5854_4355;
-pub(crate) const PROTOCOL_VERSION: u16 = 6;
+pub(crate) const PROTOCOL_VERSION: u16 = 7;
 pub(crate) const NET_HANDLE_SIZE: usize = 128;
 /// Notification name bytes, NUL terminator excluded.
 pub(crate) const MAX_NAME_LEN: usize = 255;

@@ -29,3 +29,26 @@ pub fn threads_settle(baseline: usize, limit: Duration) {
         panic!("{} threads, {baseline} expected after {limit:?}: threads leaked: {names:?}", threads());
     }
 }
+
+/// TCP sockets this process has listening (LISTEN state, IPv4 and IPv6): the inodes behind its
+/// descriptors looked up in the kernel's socket tables.
+pub fn listening_sockets() -> usize {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|target| {
+            let t = target.to_string_lossy().into_owned();
+            Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .flat_map(|text| text.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...; state 0A is LISTEN.
+            fields.len() > 9 && fields[3] == "0A" && inodes.contains(fields[9])
+        })
+        .count()
+}

@@ -57,7 +57,7 @@ impl Connection {
                 addr: op.addr,
                 len: op.len as u64,
                 remote_region: cap.region,
-                token: cap.token,
+                token: self.wire_token(cap.region, cap.token),
                 remote_addr: op.remote.addr,
                 payload: None,
             });

@@ -34,7 +34,10 @@ impl Connection {
         }
         let mut decided = Vec::with_capacity(items.len());
         for item in items {
-            match peer.core.regions.authorize(item.remote_region, item.token, item.remote_addr, item.len) {
+            // The token is what the network path would carry: bound to this connection when it is
+            // authenticated, which the peer's end of it checks with the same binding.
+            let binding = peer.binding.as_ref();
+            match peer.core.regions.authorize(item.remote_region, item.token, item.remote_addr, item.len, binding) {
                 Ok(region) if region.kind != MemKind::Host => return None,
                 decision => decided.push(decision),
             }

@@ -8,15 +8,18 @@ use super::state::Memory;
 use crate::engine::region::Region;
 use crate::engine::shared::EngineCore;
 use crate::error::{Error, Result, UcclStatus};
+use crate::proto::TokenBinding;
 use crate::transport::MemKind;
 
 pub(super) struct EngineMemory<'a> {
     core: &'a EngineCore,
+    /// The connection's token binding when it is authenticated: requests must carry bound tokens.
+    binding: Option<&'a TokenBinding>,
 }
 
 impl<'a> EngineMemory<'a> {
-    pub fn new(core: &'a EngineCore) -> EngineMemory<'a> {
-        EngineMemory { core }
+    pub fn new(core: &'a EngineCore, binding: Option<&'a TokenBinding>) -> EngineMemory<'a> {
+        EngineMemory { core, binding }
     }
 
     fn region_gpu(&self, region: &Region) -> Result<&crate::cuda::Gpu> {
@@ -32,7 +35,7 @@ impl<'a> EngineMemory<'a> {
 
 impl Memory for EngineMemory<'_> {
     fn authorize(&self, region: u64, token: u64, addr: u64, len: u64) -> Result<Arc<Region>> {
-        self.core.regions.authorize(region, token, addr, len)
+        self.core.regions.authorize(region, token, addr, len, self.binding)
     }
 
     unsafe fn store(&self, region: &Region, addr: usize, payload: &[u8]) -> Result<()> {

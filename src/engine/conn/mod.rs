@@ -26,7 +26,7 @@ use super::notify;
 use super::shared::EngineCore;
 use super::writer::ControlWriter;
 use crate::error::{Error, Result, UcclStatus};
-use crate::proto::{Control, FifoItem};
+use crate::proto::{Control, FifoItem, TokenBinding};
 use crate::threads::{ThreadKind, spawn_contained};
 use memory::EngineMemory;
 use state::{Action, ConnState, Direction, FlowPlan};
@@ -72,6 +72,8 @@ pub struct Connection {
     reader: Mutex<Option<JoinHandle<()>>>,
     /// How an in-process peer's connection is found (see `engine::local`).
     link: LocalLink,
+    /// On an authenticated connection, region tokens travel bound to it (see `proto::auth`).
+    binding: Option<TokenBinding>,
 }
 
 impl Connection {
@@ -82,6 +84,7 @@ impl Connection {
         channels: Vec<Channel>,
         chunk_size: u32,
         link: LocalLink,
+        binding: Option<TokenBinding>,
     ) -> Result<Arc<Connection>> {
         let io = |e| Error::io("control stream", e);
         control.set_read_timeout(None).map_err(io)?;
@@ -104,6 +107,7 @@ impl Connection {
             listener_started: AtomicBool::new(false),
             reader: Mutex::new(None),
             link,
+            binding,
         });
         local::register_connection(&link, &conn);
         let weak = Arc::downgrade(&conn);
@@ -124,7 +128,15 @@ impl Connection {
     }
 
     fn memory(&self) -> EngineMemory<'_> {
-        EngineMemory::new(&self.core)
+        EngineMemory::new(&self.core, self.binding.as_ref())
+    }
+
+    /// What stands for a region's token in this connection's requests.
+    fn wire_token(&self, region: u64, token: u64) -> u64 {
+        match &self.binding {
+            Some(b) => b.bind(region, token),
+            None => token,
+        }
     }
 
     /// Handles every whole message in `buf` after a read that `drained` describes, reading on while

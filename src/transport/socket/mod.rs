@@ -170,7 +170,7 @@ pub fn tune_stream(stream: &TcpStream, io_timeout: Duration) -> Result<()> {
 /// Pending connections the control listener queues before the accept loop takes them: std's 128
 /// overflowed under bursts of 200 connecting peers (a legitimate connect once reset), while the
 /// engine serves up to 1024 handshakes at once. The kernel caps it at `net.core.somaxconn`.
-pub const CONTROL_BACKLOG: i32 = 4096;
+pub(crate) const CONTROL_BACKLOG: i32 = 4096;
 
 /// The engine's control listener on `addr`, with a backlog sized for bursts of connecting peers.
 pub fn control_listener(addr: SocketAddr) -> Result<TcpListener> {

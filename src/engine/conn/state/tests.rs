@@ -22,7 +22,7 @@ struct HostMemory {
 
 impl Memory for HostMemory {
     fn authorize(&self, region: u64, token: u64, addr: u64, len: u64) -> Result<Arc<Region>> {
-        self.regions.authorize(region, token, addr, len)
+        self.regions.authorize(region, token, addr, len, None)
     }
 
     unsafe fn store(&self, region: &Region, addr: usize, payload: &[u8]) -> Result<()> {
