@@ -194,7 +194,7 @@ int main() {
   CHECK(std::strcmp(ip, "127.0.0.1") == 0);
   CHECK(uccl_engine_start_listener(ab) == 0);
   CHECK(uccl_engine_start_listener(ba) == 0);
-  CHECK(!uccl_engine_conn_is_local(ab));
+  CHECK(uccl_engine_conn_is_local(ab));  // one process, one host: the same-host path
 
   std::vector<uint8_t> abuf(N), abuf2(N), bbuf(N);
   uccl_mr_t amr = 0, amr2 = 0, bmr = 0;
