@@ -216,7 +216,11 @@ void uccl_engine_deserialize_fifo_item(const char *buf, struct FifoItem *item);
 int uccl_engine_reg(uccl_engine_t *engine, uintptr_t data, size_t size, uccl_mr_t *mr_id);
 
 /**
- * Deregisters a region. Capabilities minted for it stop working; an unknown id is reported through
+ * Deregisters a region. Capabilities minted for it stop working, and once this returns no engine
+ * thread reads or writes the region again: transfers using it are cut off and fail with
+ * `UCCL_STATUS_ERR_NOT_ALLOWED` (a peer's write or read into it included), so the memory may be
+ * freed at once. Waits up to `UCCL_TCPX_FENCE_TIMEOUT_MS` for requests already handed to the
+ * transport, then fails the connections still holding some. An unknown id is reported through
  * `uccl_engine_last_error`.
  */
 void uccl_engine_mr_destroy(uccl_engine_t *engine, uccl_mr_t mr);

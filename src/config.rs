@@ -50,6 +50,10 @@ pub struct Config {
     /// A connection with work outstanding that hears nothing from its peer for this long fails with
     /// TIMEOUT (a stalled or vanished peer); also the sockets' TCP_USER_TIMEOUT. `UCCL_TCPX_TIMEOUT_MS`.
     pub timeout: Duration,
+    /// How long deregistering a region waits for transport requests already posted on it (receives
+    /// the peer is still filling, sends still leaving) before it fails the connections holding them,
+    /// so that none can touch the memory after the call returns. `UCCL_TCPX_FENCE_TIMEOUT_MS`.
+    pub fence_timeout: Duration,
     /// Built-in TCP transport tuning (`UCCL_TCPX_SOCKET_*`, `UCCL_TCPX_NSOCKS_PERTHREAD`, ...).
     pub socket: SocketConfig,
     /// CUDA device ordinal the engine serves, chosen at creation. Unset: the GPU of the first
@@ -216,6 +220,11 @@ impl Default for SocketConfig {
 /// threads busy than there are cores; 4 x 2 MiB from 16 cores, which on a 32-core 2 x H200 host
 /// took 64 MiB GPU->GPU writes at 1 in flight from 15.4 to 20.8 GB/s and host-memory writes from
 /// 24.9 to 37.3 GB/s (docs/PERFORMANCE.md, "Default layout").
+/// A receive window's worth of posted chunks (16 per channel: 32 MiB with the small-host layout,
+/// 128 MiB with four channels of 2 MiB) drains in about 110 ms even at 10 Gb/s, so a peer that is
+/// sending at all finishes them within the bound.
+const DEFAULT_FENCE_TIMEOUT: Duration = Duration::from_millis(200);
+
 fn default_layout() -> (u16, u32) {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     if cores >= 16 { (4, 2 << 20) } else { (2, 1 << 20) }
@@ -266,6 +275,7 @@ impl Default for Config {
             ifname: None,
             connect_timeout: Duration::from_secs(10),
             timeout: Duration::from_secs(30),
+            fence_timeout: DEFAULT_FENCE_TIMEOUT,
             socket: SocketConfig::default(),
             gpu: None,
             transport: TransportChoice::Auto,
@@ -300,6 +310,7 @@ impl Config {
             ifname: get("UCCL_TCPX_IFNAME"),
             connect_timeout: parse_millis(&get, "UCCL_TCPX_CONNECT_TIMEOUT_MS", d.connect_timeout, 1, 3_600_000)?,
             timeout: parse_millis(&get, "UCCL_TCPX_TIMEOUT_MS", d.timeout, 100, 86_400_000)?,
+            fence_timeout: parse_millis(&get, "UCCL_TCPX_FENCE_TIMEOUT_MS", d.fence_timeout, 0, 60_000)?,
             transport: parse_transport(&get)?,
             plugin_path: get("UCCL_TCPX_PLUGIN").map(PathBuf::from),
             nccl_net_plugin: get("NCCL_NET_PLUGIN"),
@@ -508,6 +519,7 @@ mod tests {
             ("UCCL_TCPX_IFNAME", "lo"),
             ("UCCL_TCPX_CONNECT_TIMEOUT_MS", "250"),
             ("UCCL_TCPX_TIMEOUT_MS", "1500"),
+            ("UCCL_TCPX_FENCE_TIMEOUT_MS", "0"),
             ("UCCL_TCPX_GPU", "3"),
             ("UCCL_TCPX_TRANSPORT", "TCPX"),
             ("UCCL_TCPX_PLUGIN", "/opt/tcpx/libnccl-net.so"),
@@ -540,6 +552,7 @@ mod tests {
         assert_eq!(c.ifname.as_deref(), Some("lo"));
         assert_eq!(c.connect_timeout, Duration::from_millis(250));
         assert_eq!(c.timeout, Duration::from_millis(1500));
+        assert_eq!(c.fence_timeout, Duration::ZERO);
         assert_eq!(c.gpu, Some(3));
         assert_eq!(c.control_spin, Duration::from_micros(75));
         assert!(c.disable_ipc);
@@ -612,6 +625,7 @@ mod tests {
             ("UCCL_TCPX_IP", "not-an-ip"),
             ("UCCL_TCPX_CONNECT_TIMEOUT_MS", "0"),
             ("UCCL_TCPX_TIMEOUT_MS", "99"),
+            ("UCCL_TCPX_FENCE_TIMEOUT_MS", "60001"),
             ("UCCL_TCPX_SOCKET_NTHREADS", "17"),
             ("UCCL_TCPX_NSOCKS_PERTHREAD", "0"),
             ("UCCL_TCPX_SOCKET_SNDBUF", "2G"),

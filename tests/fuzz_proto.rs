@@ -32,8 +32,8 @@ use uccl_tcpx::proto::{
 
 /// `proto::FRAME_HEADER_LEN` is crate-private; `FrameHeader::to_bytes` pins the same number.
 const HEADER_LEN: usize = 8;
-/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 7.
-const VERSION: u16 = 7;
+/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 8.
+const VERSION: u16 = 8;
 const CHANNEL_HELLO_LEN: usize = 16;
 const FIFO_LEN: usize = 64;
 /// Protocol limits (crate-private in `proto`); `limits_match_the_codec` checks each against the codec.
@@ -239,6 +239,7 @@ fn sample_controls() -> Vec<(&'static str, Control)> {
         ("read_small", Control::ReadSmall { xfer: 17, region: 18, token: 19, addr: 0x2000, len: 64 }),
         ("read_data", Control::ReadData { xfer: 20, payload: vec![1, 2, 3] }),
         ("inline_send", Control::InlineSend { xfer: 21, payload: vec![4; 8192] }),
+        ("resume", Control::Resume { xfer: 22 }),
     ]
 }
 
@@ -628,6 +629,7 @@ fn control() -> impl Strategy<Value = Control> {
             len
         }),
         (any::<u64>(), payload()).prop_map(|(xfer, payload)| Control::ReadData { xfer, payload }),
+        interesting_u64().prop_map(|xfer| Control::Resume { xfer }),
         Just(Control::Close),
     ]
 }

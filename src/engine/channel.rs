@@ -7,6 +7,10 @@
 //! region was deregistered and no flow holds it any more, or when the channel closes. A region larger
 //! than one registration may cover (TCPX's `regMr` takes an `int` size) is registered in windows,
 //! each made when a chunk first falls into it.
+//!
+//! A chunk whose region was deregistered before it was posted is redirected to scratch memory: it is
+//! still sent (zeros) or received (into a buffer dropped on completion), so both ends keep the same
+//! chunk plan, but the region is never touched again.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,10 +21,13 @@ use crate::error::{Error, Result};
 use crate::threads::{self, ThreadKind};
 use crate::transport::{MrHandle, RecvComm, RequestId, SendComm};
 
+/// The region id of a chunk that moves through scratch memory instead of a region (ids start at 1).
+pub(super) const SCRATCH: u64 = 0;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Chunk {
     pub flow: u64,
-    /// The local region the chunk lies in.
+    /// The local region the chunk lies in, or SCRATCH.
     pub region: u64,
     pub addr: usize,
     pub len: usize,
@@ -107,7 +114,13 @@ impl Windows {
 /// here; the comm's own bound on outstanding requests still applies.
 const RECV_WINDOW_FACTOR: usize = 2;
 
+/// A chunk handed to a comm, with the scratch memory it moves through when it has no region (kept
+/// until the comm reports the request done; the comms are dropped before the queues).
+type Posted = (RequestId, Chunk, Option<Box<[u8]>>);
+
 pub struct Channel {
+    // Declared first so they drop first: dropping a comm ends its I/O, after which the scratch
+    // buffers of requests still posted may go.
     send: Box<dyn SendComm>,
     recv: Box<dyn RecvComm>,
     window: usize,
@@ -119,11 +132,14 @@ pub struct Channel {
     removals: Arc<AtomicU64>,
     /// A removed region is still held by a flow; sweep again on later passes.
     sweep_pending: bool,
-    /// Queued chunks with the registration they go out with.
+    /// Queued chunks with the registration they go out with (NONE for scratch).
     send_queue: VecDeque<(Chunk, MrHandle)>,
-    send_inflight: VecDeque<(RequestId, Chunk)>,
+    /// Flows whose send chunks wait (a served read cut off, until its reader took note); chunks
+    /// queued behind one wait with it, keeping the channel's order.
+    held: Vec<u64>,
+    send_inflight: VecDeque<Posted>,
     recv_queue: VecDeque<(Chunk, MrHandle)>,
-    recv_inflight: VecDeque<(RequestId, Chunk)>,
+    recv_inflight: VecDeque<Posted>,
 }
 
 impl Channel {
@@ -145,15 +161,21 @@ impl Channel {
             removals,
             sweep_pending: false,
             send_queue: VecDeque::new(),
+            held: Vec::new(),
             send_inflight: VecDeque::new(),
             recv_queue: VecDeque::new(),
             recv_inflight: VecDeque::new(),
         }
     }
 
-    /// Queues a chunk of `region`, registering its window with the send comm first if needed.
-    pub fn queue_send(&mut self, chunk: Chunk, region: &Arc<Region>) -> Result<()> {
-        debug_assert_eq!(chunk.region, region.id);
+    /// Queues a chunk of `region` (registering its window with the send comm first if needed), or
+    /// of scratch memory when `region` is None.
+    pub fn queue_send(&mut self, chunk: Chunk, region: Option<&Arc<Region>>) -> Result<()> {
+        debug_assert_eq!(chunk.region, region.map_or(SCRATCH, |r| r.id));
+        let Some(region) = region else {
+            self.send_queue.push_back((chunk, MrHandle::NONE));
+            return Ok(());
+        };
         let (index, start, len) = self.windows.locate(region.base, region.len, chunk.addr, chunk.len)?;
         let entry = Self::entry(&mut self.registrations, region);
         let mr = match entry.send.get(&index) {
@@ -168,9 +190,14 @@ impl Channel {
         Ok(())
     }
 
-    /// Queues a chunk of `region`, registering its window with the receive comm first if needed.
-    pub fn queue_recv(&mut self, chunk: Chunk, region: &Arc<Region>) -> Result<()> {
-        debug_assert_eq!(chunk.region, region.id);
+    /// Queues a chunk of `region` (registering its window with the receive comm first if needed),
+    /// or of scratch memory when `region` is None.
+    pub fn queue_recv(&mut self, chunk: Chunk, region: Option<&Arc<Region>>) -> Result<()> {
+        debug_assert_eq!(chunk.region, region.map_or(SCRATCH, |r| r.id));
+        let Some(region) = region else {
+            self.recv_queue.push_back((chunk, MrHandle::NONE));
+            return Ok(());
+        };
         let (index, start, len) = self.windows.locate(region.base, region.len, chunk.addr, chunk.len)?;
         let entry = Self::entry(&mut self.registrations, region);
         let mr = match entry.recv.get(&index) {
@@ -183,6 +210,31 @@ impl Channel {
         };
         self.recv_queue.push_back((chunk, mr));
         Ok(())
+    }
+
+    /// Sends zeros instead of, and receives into scratch memory instead of, every queued chunk of
+    /// `region` (without its registration: the transport registers scratch per request); chunks
+    /// already posted keep their memory until they complete (`posted_on`).
+    pub fn redirect(&mut self, region: u64) {
+        for (chunk, mr) in self.send_queue.iter_mut().chain(self.recv_queue.iter_mut()) {
+            if chunk.region == region {
+                *chunk = Chunk { region: SCRATCH, addr: 0, ..*chunk };
+                *mr = MrHandle::NONE;
+            }
+        }
+    }
+
+    pub fn hold(&mut self, flow: u64) {
+        self.held.push(flow);
+    }
+
+    pub fn release(&mut self, flow: u64) {
+        self.held.retain(|&f| f != flow);
+    }
+
+    /// Whether a request posted to a comm still uses memory of `region`.
+    pub fn posted_on(&self, region: u64) -> bool {
+        self.send_inflight.iter().chain(&self.recv_inflight).any(|(_, chunk, _)| chunk.region == region)
     }
 
     fn entry<'a>(registrations: &'a mut HashMap<u64, Registration>, region: &Arc<Region>) -> &'a mut Registration {
@@ -226,21 +278,30 @@ impl Channel {
     }
 
     /// Posts queued chunks while the window has room and reaps finished ones (oldest first, the
-    /// only order `test` allows). Finished chunks are appended to `done`; returns whether anything moved.
-    pub fn drive(&mut self, done: &mut Vec<Chunk>) -> Result<bool> {
+    /// only order `test` allows). The flow of each send handed to the comm is appended to `sent`,
+    /// finished chunks to `done`; returns whether anything moved.
+    pub fn drive(&mut self, sent: &mut Vec<u64>, done: &mut Vec<Chunk>) -> Result<bool> {
         self.sweep_registrations();
         let mut moved = false;
         while self.send_inflight.len() < self.window {
             let Some(&(chunk, mr)) = self.send_queue.front() else { break };
-            // SAFETY: chunks point into registered regions the flow keeps alive; the connection
-            // drops this channel (joining its I/O) before any flow is reported finished on failure.
-            let posted = unsafe { self.send.isend(chunk.addr as *const u8, chunk.len, mr)? };
+            if !self.held.is_empty() && self.held.contains(&chunk.flow) {
+                break;
+            }
+            let scratch = (chunk.region == SCRATCH).then(|| vec![0u8; chunk.len].into_boxed_slice());
+            let data = scratch.as_ref().map_or(chunk.addr as *const u8, |s| s.as_ptr());
+            // SAFETY: chunks point into registered regions the flow keeps alive, which a
+            // deregistration redirects before returning (waiting for posted ones), or into scratch
+            // kept with the request; the connection drops this channel (joining its I/O) before any
+            // flow is reported finished on failure.
+            let posted = unsafe { self.send.isend(data, chunk.len, mr)? };
             let Some(req) = posted else { break };
             self.send_queue.pop_front();
-            self.send_inflight.push_back((req, chunk));
+            self.send_inflight.push_back((req, chunk, scratch));
+            sent.push(chunk.flow);
             moved = true;
         }
-        while let Some(&(req, chunk)) = self.send_inflight.front() {
+        while let Some(&(req, chunk, _)) = self.send_inflight.front() {
             if self.send.test(req)?.is_none() {
                 break;
             }
@@ -250,14 +311,16 @@ impl Channel {
         }
         while self.recv_inflight.len() < self.recv_window {
             let Some(&(chunk, mr)) = self.recv_queue.front() else { break };
+            let mut scratch = (chunk.region == SCRATCH).then(|| vec![0u8; chunk.len].into_boxed_slice());
+            let data = scratch.as_mut().map_or(chunk.addr as *mut u8, |s| s.as_mut_ptr());
             // SAFETY: as above; the destination is exclusively ours until the flow finishes.
-            let posted = unsafe { self.recv.irecv(chunk.addr as *mut u8, chunk.len, mr)? };
+            let posted = unsafe { self.recv.irecv(data, chunk.len, mr)? };
             let Some(req) = posted else { break };
             self.recv_queue.pop_front();
-            self.recv_inflight.push_back((req, chunk));
+            self.recv_inflight.push_back((req, chunk, scratch));
             moved = true;
         }
-        while let Some(&(req, chunk)) = self.recv_inflight.front() {
+        while let Some(&(req, chunk, _)) = self.recv_inflight.front() {
             let Some(size) = self.recv.test(req)? else { break };
             if size != chunk.len {
                 return Err(Error::backend(format!(
@@ -350,11 +413,11 @@ mod tests {
         let region = table.get(id).unwrap();
         for (flow, off) in [(1, 0), (2, 0x800)] {
             let chunk = Chunk { flow, region: id, addr: 0x10000 + off, len: 0x800 };
-            ch.queue_send(chunk, &region).unwrap();
-            ch.queue_recv(chunk, &region).unwrap();
+            ch.queue_send(chunk, Some(&region)).unwrap();
+            ch.queue_recv(chunk, Some(&region)).unwrap();
         }
         let mut done = Vec::new();
-        assert!(ch.drive(&mut done).unwrap());
+        assert!(ch.drive(&mut Vec::new(), &mut done).unwrap());
         assert_eq!(done.len(), 4);
         assert_eq!(
             *log.lock(),
@@ -371,11 +434,11 @@ mod tests {
 
         // Removed while a flow still holds the region: kept until the last holder lets go.
         table.remove(id).unwrap();
-        ch.drive(&mut done).unwrap();
+        ch.drive(&mut Vec::new(), &mut done).unwrap();
         assert!(log.lock().is_empty(), "{:?}", log.lock());
         assert_eq!(ch.registered_regions(), 1);
         drop(region);
-        ch.drive(&mut done).unwrap();
+        ch.drive(&mut Vec::new(), &mut done).unwrap();
         assert_eq!(*log.lock(), ["dereg 101", "dereg 201"]);
         assert_eq!(ch.registered_regions(), 0);
     }
@@ -405,11 +468,11 @@ mod tests {
         let offsets = [0, GIB - 10, 3 * GIB + 5, 5 * GIB + (GIB - 100), 10];
         for (flow, off) in offsets.into_iter().enumerate() {
             let chunk = Chunk { flow: flow as u64, region: id, addr: base + off, len: 100 };
-            ch.queue_send(chunk, &region).unwrap();
-            ch.queue_recv(chunk, &region).unwrap();
+            ch.queue_send(chunk, Some(&region)).unwrap();
+            ch.queue_recv(chunk, Some(&region)).unwrap();
         }
         let mut done = Vec::new();
-        while ch.drive(&mut done).unwrap() {}
+        while ch.drive(&mut Vec::new(), &mut done).unwrap() {}
         assert_eq!(done.len(), 2 * offsets.len());
         let lines = log.lock().clone();
         let regs: Vec<&String> = lines.iter().filter(|l| l.starts_with("reg ")).collect();
@@ -431,7 +494,7 @@ mod tests {
         log.lock().clear();
         table.remove(id).unwrap();
         drop(region);
-        ch.drive(&mut done).unwrap();
+        ch.drive(&mut Vec::new(), &mut done).unwrap();
         let mut released = log.lock().clone();
         released.sort();
         assert_eq!(released, ["dereg 101", "dereg 102", "dereg 103", "dereg 201", "dereg 202", "dereg 203"]);
@@ -444,15 +507,78 @@ mod tests {
         let region = table.get(id).unwrap();
         for i in 0..10 {
             let chunk = Chunk { flow: 1, region: id, addr: 0x10000 + i * 0x100, len: 0x100 };
-            ch.queue_send(chunk, &region).unwrap();
-            ch.queue_recv(chunk, &region).unwrap();
+            ch.queue_send(chunk, Some(&region)).unwrap();
+            ch.queue_recv(chunk, Some(&region)).unwrap();
         }
         let mut done = Vec::new();
-        assert!(ch.drive(&mut done).unwrap());
+        assert!(ch.drive(&mut Vec::new(), &mut done).unwrap());
         assert!(done.is_empty());
         let count = |op: &str| log.lock().iter().filter(|l| l.starts_with(op)).count();
         assert_eq!((count("isend"), count("irecv")), (3, 6));
-        assert!(!ch.drive(&mut done).unwrap(), "nothing more fits either window");
+        assert!(!ch.drive(&mut Vec::new(), &mut done).unwrap(), "nothing more fits either window");
+    }
+
+    #[test]
+    fn redirected_chunks_move_through_scratch_and_posted_ones_are_reported() {
+        let (mut ch, log, table) = logging_channel(1, true);
+        let id = table.register(0x10000, 0x10000, MemKind::Host).unwrap();
+        let region = table.get(id).unwrap();
+        for i in 0..3 {
+            let chunk = Chunk { flow: 1, region: id, addr: 0x10000 + i * 0x100, len: 0x100 };
+            ch.queue_send(chunk, Some(&region)).unwrap();
+            ch.queue_recv(chunk, Some(&region)).unwrap();
+        }
+        let mut done = Vec::new();
+        ch.drive(&mut Vec::new(), &mut done).unwrap();
+        assert_eq!(done.len(), 3, "one send and two receives fit the windows");
+        ch.redirect(id);
+        log.lock().clear();
+        while done.len() < 6 {
+            ch.drive(&mut Vec::new(), &mut done).unwrap();
+        }
+        // The rest went out and came in through scratch memory, without the region's registration.
+        let posts: Vec<_> = log.lock().clone();
+        assert_eq!(posts.len(), 3, "{posts:?}");
+        for line in &posts {
+            let addr = usize::from_str_radix(
+                line.split(' ').nth(1).unwrap().split('+').next().unwrap().trim_start_matches("0x"),
+                16,
+            )
+            .unwrap();
+            assert!(!(0x10000..0x20000).contains(&addr), "{line}: the region was used after the redirect");
+            assert!(line.ends_with("mr 0"), "{line}");
+        }
+        assert!(done.iter().all(|c| c.flow == 1), "scratch chunks still finish their flow");
+
+        // Requests posted and not complete are reported for their region only.
+        let (mut ch, _log, table) = logging_channel(2, false);
+        let id = table.register(0x10000, 0x1000, MemKind::Host).unwrap();
+        let other = table.register(0x20000, 0x1000, MemKind::Host).unwrap();
+        let region = table.get(id).unwrap();
+        ch.queue_recv(Chunk { flow: 1, region: id, addr: 0x10000, len: 16 }, Some(&region)).unwrap();
+        assert!(!ch.posted_on(id), "queued is not posted");
+        ch.drive(&mut Vec::new(), &mut Vec::new()).unwrap();
+        assert!(ch.posted_on(id) && !ch.posted_on(other));
+        ch.redirect(id);
+        assert!(ch.posted_on(id), "a redirect cannot take back what the transport holds");
+    }
+
+    #[test]
+    fn a_held_flow_keeps_its_send_chunks_and_those_behind_them_until_released() {
+        let (mut ch, log, table) = logging_channel(4, true);
+        let id = table.register(0x10000, 0x1000, MemKind::Host).unwrap();
+        let region = table.get(id).unwrap();
+        for (flow, off) in [(7, 0), (8, 0x100), (7, 0x200)] {
+            ch.queue_send(Chunk { flow, region: id, addr: 0x10000 + off, len: 0x100 }, Some(&region)).unwrap();
+        }
+        ch.hold(7);
+        let (mut sent, mut done) = (Vec::new(), Vec::new());
+        assert!(!ch.drive(&mut sent, &mut done).unwrap(), "flow 8 waits behind held flow 7");
+        assert!(sent.is_empty() && !log.lock().iter().any(|l| l.starts_with("isend")));
+        ch.release(7);
+        ch.drive(&mut sent, &mut done).unwrap();
+        assert_eq!(sent, [7, 8, 7], "posted in queue order once released");
+        assert_eq!(done.len(), 3);
     }
 
     #[test]

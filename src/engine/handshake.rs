@@ -592,15 +592,15 @@ mod tests {
         let (sreg, dreg) = (table.get(smr).unwrap(), table.get(dmr).unwrap());
         for i in 0..n {
             let off = i * 1000;
-            a[i].queue_send(Chunk { flow: 1, region: smr, addr: src.as_ptr() as usize + off, len: 1000 }, &sreg)
+            a[i].queue_send(Chunk { flow: 1, region: smr, addr: src.as_ptr() as usize + off, len: 1000 }, Some(&sreg))
                 .unwrap();
             let chunk = Chunk { flow: 1, region: dmr, addr: dst.as_mut_ptr() as usize + off, len: 1000 };
-            b[i].queue_recv(chunk, &dreg).unwrap();
+            b[i].queue_recv(chunk, Some(&dreg)).unwrap();
         }
         let mut done = Vec::new();
         for _ in 0..1000 {
             for ch in a.iter_mut().chain(b.iter_mut()) {
-                ch.drive(&mut done).unwrap();
+                ch.drive(&mut Vec::new(), &mut done).unwrap();
             }
             if done.len() == 2 * n {
                 break;

@@ -43,7 +43,7 @@ use admission::AcceptQueue;
 use progress::{ConnList, ProgressThread};
 use region::RegionTable;
 use served_gpu::ServedGpu;
-use shared::{EngineCore, Waker};
+use shared::{EngineCore, LiveConns, Waker};
 use transfer::TransferTable;
 
 pub struct Engine {
@@ -89,6 +89,7 @@ impl Engine {
             next_conn: AtomicU64::new(0),
             gpu,
             auth: RwLock::new(config_key),
+            live: Mutex::new(LiveConns::default()),
         });
         let conns = Arc::new(ConnList::default());
         let accepted = Arc::new(AcceptQueue::default());
@@ -225,8 +226,17 @@ impl Engine {
         self.core.regions.register(addr, len, kind)
     }
 
+    /// Deregisters a region and returns only once no engine thread will read or write it again:
+    /// transfers using it are cut off (they fail with NOT_ALLOWED; a peer's write or read is
+    /// refused), chunks already handed to the transport are waited for, and a connection whose
+    /// transport still holds some after UCCL_TCPX_FENCE_TIMEOUT_MS is failed.
     pub fn deregister(&self, mr: u64) -> Result<()> {
-        self.core.regions.remove(mr)
+        self.core.regions.remove(mr)?;
+        let deadline = Instant::now() + self.core.config.fence_timeout;
+        for conn in self.core.live_conns() {
+            conn.fence(mr, deadline);
+        }
+        Ok(())
     }
 
     pub fn prepare_fifo(&self, mr: u64, addr: usize, len: usize) -> Result<FifoItem> {
@@ -254,6 +264,10 @@ impl Engine {
             conn.close();
         }
         for conn in self.conns.take_all() {
+            conn.close();
+        }
+        // Connections a handshake thread finished meanwhile, which no list holds yet.
+        for conn in self.core.close_live() {
             conn.close();
         }
         self.progress.lock().take();

@@ -82,13 +82,15 @@ impl RegionTable {
         Ok(id)
     }
 
+    /// Takes the region out of the table: from now on no request is authorized for it and no post
+    /// accepts it (a post that looked it up earlier finds it removed under its connection lock).
+    /// Cutting off what already uses it is the engine's part, after this returned.
     pub fn remove(&self, id: u64) -> Result<()> {
-        let region = self
-            .regions
-            .write()
-            .remove(&id)
-            .ok_or_else(|| Error::not_found(format!("memory region {id} is not registered")))?;
+        let mut regions = self.regions.write();
+        let region =
+            regions.remove(&id).ok_or_else(|| Error::not_found(format!("memory region {id} is not registered")))?;
         region.removed.store(true, Ordering::Release);
+        drop(regions);
         self.removals.fetch_add(1, Ordering::Release);
         Ok(())
     }

@@ -4,10 +4,11 @@
 //! other.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::thread::Thread;
+use std::time::Instant;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use super::mapping;
 use super::region::{self, RegionTable};
@@ -30,11 +31,51 @@ pub(crate) struct EngineCore {
     pub(super) gpu: ServedGpu,
     /// The key peers must prove, read by every handshake as it starts.
     pub(super) auth: RwLock<Option<Arc<AuthKey>>>,
+    pub(super) live: Mutex<LiveConns>,
+}
+
+/// What a deregistration and the engine's shutdown need from every connection the engine started.
+pub(crate) trait LiveConnection: Send + Sync {
+    /// Cuts the deregistered `region` off; returns once no request handed to the transport uses
+    /// it, or, at `deadline`, after failing the connection.
+    fn fence(&self, region: u64, deadline: Instant);
+
+    fn close(&self);
+}
+
+/// Every connection started and not yet dropped, held weakly, so that a deregistration reaches each
+/// one that could hold the region (handed out or not yet); closed when the engine shuts down.
+#[derive(Default)]
+pub(super) struct LiveConns {
+    conns: Vec<Weak<dyn LiveConnection>>,
+    closed: bool,
 }
 
 impl EngineCore {
     pub(super) fn auth_key(&self) -> Option<Arc<AuthKey>> {
         self.auth.read().clone()
+    }
+
+    /// Records a connection before it reads its first message; refused once the engine shut down.
+    pub(super) fn adopt(&self, conn: Weak<dyn LiveConnection>) -> Result<()> {
+        let mut live = self.live.lock();
+        if live.closed {
+            return Err(Error::new(UcclStatus::ErrCanceled, "the engine is shutting down"));
+        }
+        live.conns.retain(|c| c.strong_count() > 0);
+        live.conns.push(conn);
+        Ok(())
+    }
+
+    pub(super) fn live_conns(&self) -> Vec<Arc<dyn LiveConnection>> {
+        self.live.lock().conns.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// Stops adopting and returns every connection still alive.
+    pub(super) fn close_live(&self) -> Vec<Arc<dyn LiveConnection>> {
+        let mut live = self.live.lock();
+        live.closed = true;
+        live.conns.drain(..).filter_map(|c| c.upgrade()).collect()
     }
 
     pub(super) fn next_conn_id(&self) -> u64 {

@@ -31,7 +31,11 @@ pub extern "C" fn uccl_engine_reg(
     })
 }
 
-/// Deregisters a region. Capabilities minted for it stop working; an unknown id is reported through
+/// Deregisters a region. Capabilities minted for it stop working, and once this returns no engine
+/// thread reads or writes the region again: transfers using it are cut off and fail with
+/// `UCCL_STATUS_ERR_NOT_ALLOWED` (a peer's write or read into it included), so the memory may be
+/// freed at once. Waits up to `UCCL_TCPX_FENCE_TIMEOUT_MS` for requests already handed to the
+/// transport, then fails the connections still holding some. An unknown id is reported through
 /// `uccl_engine_last_error`.
 #[unsafe(no_mangle)]
 pub extern "C" fn uccl_engine_mr_destroy(engine: *mut uccl_engine_t, mr: uccl_mr_t) {

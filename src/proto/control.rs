@@ -78,6 +78,11 @@ pub enum Control {
         xfer: u64,
         payload: Vec<u8>,
     },
+    /// The reader of the running read `xfer` took note of its Deny (the region it reads was
+    /// deregistered): the server may send the rest of its chunks, which carry no data.
+    Resume {
+        xfer: u64,
+    },
 }
 
 const HANDSHAKE_AFTER_SETUP: ProtoError =
@@ -137,6 +142,7 @@ impl Control {
             Self::ReadSmall { .. } => kind::READ_SMALL,
             Self::ReadData { .. } => kind::READ_DATA,
             Self::InlineSend { .. } => kind::INLINE_SEND,
+            Self::Resume { .. } => kind::RESUME,
         }
     }
 
@@ -181,6 +187,7 @@ impl Control {
                 w.bytes32(name);
                 w.bytes32(msg);
             }
+            Self::Resume { xfer } => w.u64(*xfer),
             Self::Close => {}
         }
     }
@@ -235,6 +242,7 @@ impl Control {
             kind::INLINE_SEND => {
                 Self::InlineSend { xfer: r.u64()?, payload: r.bytes32(MAX_INLINE_LEN, "inline payload")?.to_vec() }
             }
+            kind::RESUME => Self::Resume { xfer: r.u64()? },
             other => return Err(ProtoError::UnknownKind(other)),
         };
         Ok(msg)
@@ -256,7 +264,7 @@ impl Control {
                 nonzero_len(payload.len() as u64)?;
                 check_len(payload.len(), MAX_INLINE_LEN, "inline payload")
             }
-            Self::Grant { .. } | Self::Close => Ok(()),
+            Self::Grant { .. } | Self::Resume { .. } | Self::Close => Ok(()),
         }
     }
 }
@@ -313,6 +321,7 @@ mod tests {
             Control::ReadSmall { xfer: 18, region: 19, token: 20, addr: 0x2000, len: MAX_INLINE_LEN as u64 },
             Control::ReadData { xfer: 21, payload: vec![1, 2, 3] },
             Control::InlineSend { xfer: 22, payload: vec![9; MAX_INLINE_LEN] },
+            Control::Resume { xfer: u64::MAX },
         ]
     }
 
@@ -439,6 +448,7 @@ mod tests {
             (kind::NOTIFY, 4 + MAX_NAME_LEN + 4 + MAX_NOTIFY_MSG_LEN),
             (kind::DENY, 16 + MAX_REASON_LEN),
             (kind::GRANT, 16),
+            (kind::RESUME, 8),
             (kind::CLOSE, 0),
         ] {
             let header = FrameHeader { kind, body_len: u32::try_from(max + 1).unwrap() };
@@ -449,6 +459,7 @@ mod tests {
                         kind::NOTIFY => "Notify body",
                         kind::DENY => "Deny body",
                         kind::GRANT => "Grant body",
+                        kind::RESUME => "Resume body",
                         _ => "Close body",
                     },
                     len: max + 1,
@@ -544,7 +555,7 @@ mod tests {
             assert_eq!(Control::decode(&header, &[]), Err(HANDSHAKE_AFTER_SETUP));
         }
         assert_eq!(decode_raw(0, &[]), Err(ProtoError::UnknownKind(0)));
-        assert_eq!(decode_raw(29, &[]), Err(ProtoError::UnknownKind(29)));
+        assert_eq!(decode_raw(30, &[]), Err(ProtoError::UnknownKind(30)));
     }
 
     #[test]

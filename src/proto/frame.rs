@@ -32,6 +32,7 @@ pub mod kind {
     pub(crate) const READ_SMALL: u8 = 26;
     pub(crate) const READ_DATA: u8 = 27;
     pub(crate) const INLINE_SEND: u8 = 28;
+    pub(crate) const RESUME: u8 = 29;
 }
 
 #[derive(Clone, Copy)]
@@ -65,6 +66,7 @@ fn body_spec(kind: u8) -> Option<(&'static str, BodySize)> {
         kind::READ_SMALL => ("ReadSmall body", Exactly(40)),
         kind::READ_DATA => ("ReadData body", UpTo(8 + 4 + MAX_INLINE_LEN)),
         kind::INLINE_SEND => ("InlineSend body", UpTo(8 + 4 + MAX_INLINE_LEN)),
+        kind::RESUME => ("Resume body", Exactly(8)),
         _ => return None,
     };
     Some(spec)
@@ -175,7 +177,7 @@ mod tests {
     use super::*;
     use crate::proto::testutil::XorShift;
 
-    const KNOWN: [u8; 19] = [
+    const KNOWN: [u8; 20] = [
         kind::HELLO,
         kind::WELCOME,
         kind::REFUSE,
@@ -195,6 +197,7 @@ mod tests {
         kind::READ_SMALL,
         kind::READ_DATA,
         kind::INLINE_SEND,
+        kind::RESUME,
     ];
 
     fn raw(magic: u16, kind: u8, flags: u8, body_len: u32) -> [u8; 8] {

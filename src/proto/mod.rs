@@ -21,7 +21,7 @@ pub use handshake::{ChannelHello, Handshake, Hello, HostIdentity, Refuse, Welcom
 
 /// Protocol magic, the first field of Hello, Welcome and Refuse bodies.
 pub(crate) const MAGIC: u32 = 0x5854_4355;
-pub(crate) const PROTOCOL_VERSION: u16 = 7;
+pub(crate) const PROTOCOL_VERSION: u16 = 8;
 pub(crate) const NET_HANDLE_SIZE: usize = 128;
 /// Notification name bytes, NUL terminator excluded.
 pub(crate) const MAX_NAME_LEN: usize = 255;

@@ -75,7 +75,8 @@ impl Connection {
             }
         }
         self.post(ops.len(), |st, transfer, out| {
-            out.extend(st.post_one_sided(transfer, write, items).into_iter().map(Action::Send));
+            out.extend(st.post_one_sided(transfer, write, items)?.into_iter().map(Action::Send));
+            Ok(())
         })
     }
 
@@ -94,7 +95,8 @@ impl Connection {
             items.push(SendItem { region, addr, len: len as u64, payload });
         }
         self.post(msgs.len(), |st, transfer, out| {
-            out.extend(st.post_send(transfer, items).into_iter().map(Action::Send));
+            out.extend(st.post_send(transfer, items)?.into_iter().map(Action::Send));
+            Ok(())
         })
     }
 
@@ -108,38 +110,51 @@ impl Connection {
     /// control messages after releasing it: the reply can come back before the send call returns,
     /// and the reader must not find the lock held by a thread still inside that call. A failure
     /// before anything reached the wire forgets the id again.
-    fn post(&self, parts: usize, post: impl FnOnce(&mut ConnState, &Arc<Transfer>, &mut Vec<Action>)) -> Result<u64> {
+    fn post(
+        &self,
+        parts: usize,
+        post: impl FnOnce(&mut ConnState, &Arc<Transfer>, &mut Vec<Action>) -> Result<()>,
+    ) -> Result<u64> {
         if parts == 0 {
             return Err(Error::invalid("nothing to transfer: zero items"));
         }
         let transfer = self.core.transfers.create(self.id, parts);
-        let mut msgs: Vec<Control> = Vec::new();
-        let posted = {
-            let mut inner = self.inner.lock();
-            let mut posted = inner.state.begin_post(Instant::now());
-            if posted.is_ok() {
-                let mut out = Vec::new();
-                post(&mut inner.state, &transfer, &mut out);
-                let (sends, rest): (Vec<_>, Vec<_>) = out.into_iter().partition(|a| matches!(a, Action::Send(_)));
-                msgs.extend(sends.into_iter().filter_map(|a| match a {
-                    Action::Send(msg) => Some(msg),
-                    _ => None,
-                }));
-                posted = self.apply(&mut inner, rest);
-                if let Err(e) = &posted {
-                    // Parts already registered are failed (and their ids forgotten) with the connection.
-                    self.fail(&mut inner, e.clone());
-                }
-            }
-            posted
-        };
-        let sent = posted.and_then(|()| self.writer.send_all(&msgs));
+        let sent = self
+            .register_parts(&transfer, post)
+            .and_then(|msgs| self.writer.send_all(&msgs).inspect_err(|e| self.fail(&mut self.inner.lock(), e.clone())));
         if let Err(e) = sent {
-            self.fail(&mut self.inner.lock(), e.clone());
             self.core.transfers.discard(transfer.id);
             return Err(e);
         }
         Ok(transfer.id)
+    }
+
+    /// `post`'s part under the lock: the state registers the parts (or refuses before registering
+    /// any), parts that finished at once (a receive matched an inline send) are finished, and the
+    /// control messages are returned for sending.
+    fn register_parts(
+        &self,
+        transfer: &Arc<Transfer>,
+        post: impl FnOnce(&mut ConnState, &Arc<Transfer>, &mut Vec<Action>) -> Result<()>,
+    ) -> Result<Vec<Control>> {
+        let mut inner = self.inner.lock();
+        inner.state.begin_post(Instant::now())?;
+        let mut out = Vec::new();
+        post(&mut inner.state, transfer, &mut out)?;
+        let mut msgs = Vec::new();
+        let mut rest = Vec::new();
+        for action in out {
+            match action {
+                Action::Send(msg) => msgs.push(msg),
+                other => rest.push(other),
+            }
+        }
+        if let Err(e) = self.apply(&mut inner, rest) {
+            // Parts already registered are failed (and their ids forgotten) with the connection.
+            self.fail(&mut inner, e.clone());
+            return Err(e);
+        }
+        Ok(msgs)
     }
 
     pub fn poll(&self, transfer: u64) -> Result<Option<u64>> {

@@ -12,8 +12,8 @@ mod reader;
 mod state;
 
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,7 @@ use super::channel::{self, Channel, Chunk};
 use super::control_rx::{ControlRx, Drained, RxBuffer};
 use super::local::{self, LocalLink, Locality};
 use super::notify;
-use super::shared::EngineCore;
+use super::shared::{EngineCore, LiveConnection};
 use super::writer::ControlWriter;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, FifoItem, TokenBinding};
@@ -33,6 +33,9 @@ use state::{Action, ConnState, Direction, FlowPlan};
 
 /// How long closing waits for queued control messages (the Close among them) to leave.
 const LINGER_ON_CLOSE: Duration = Duration::from_secs(1);
+/// How often a deregistration looks again at the requests it waits for: a chunk takes about this
+/// long at 10 GB/s, and the progress thread completes them meanwhile.
+const FENCE_POLL: Duration = Duration::from_micros(100);
 
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
@@ -57,6 +60,7 @@ struct Inner {
     channels: Vec<Channel>,
     /// Reused by each progress pass.
     finished_chunks: Vec<Chunk>,
+    sent_chunks: Vec<u64>,
 }
 
 pub struct Connection {
@@ -102,6 +106,7 @@ impl Connection {
                 state: ConnState::new(chunk_size as usize, Instant::now()),
                 channels,
                 finished_chunks: Vec::new(),
+                sent_chunks: Vec::new(),
             }),
             closed: AtomicBool::new(false),
             listener_started: AtomicBool::new(false),
@@ -109,6 +114,10 @@ impl Connection {
             link,
             binding,
         });
+        // Known to the engine before it reads a byte: a deregistration must reach every connection
+        // that could authorize a request for the region.
+        let live: Weak<Connection> = Arc::downgrade(&conn);
+        conn.core.adopt(live)?;
         local::register_connection(&link, &conn);
         let weak = Arc::downgrade(&conn);
         let failing = weak.clone();
@@ -206,6 +215,11 @@ impl Connection {
                     queued = true;
                 }
                 Action::Notify { name, msg } => notify::push(&name, &msg),
+                Action::Hold(flow) => inner.channels.iter_mut().for_each(|ch| ch.hold(flow)),
+                Action::Release(flow) => {
+                    inner.channels.iter_mut().for_each(|ch| ch.release(flow));
+                    queued = true;
+                }
             }
         }
         if result.is_ok() && !msgs.is_empty() {
@@ -215,6 +229,50 @@ impl Connection {
             self.core.waker.wake();
         }
         result
+    }
+
+    /// Cuts the deregistered `region` off this connection, returning once no transport request uses
+    /// it: queued chunks are redirected to scratch memory at once, and requests already posted are
+    /// waited for until `deadline`, after which the connection fails (dropping the channels joins
+    /// their I/O, so nothing touches the region afterwards either). The region must already be out
+    /// of the table, so that nothing on this connection can start using it after this took the lock.
+    pub(super) fn fence(&self, region: u64, deadline: Instant) {
+        {
+            let mut guard = self.inner.lock();
+            let inner = &mut *guard;
+            if inner.state.failure().is_some() {
+                return;
+            }
+            let err = Error::not_allowed(format!("memory region {region} was deregistered during the transfer"));
+            let mut out = Vec::new();
+            let cut = inner.state.cut(region, &err, &mut out);
+            for ch in &mut inner.channels {
+                ch.redirect(region);
+            }
+            if let Err(e) = cut.and(self.apply(inner, out)) {
+                self.fail(inner, e);
+                return;
+            }
+        }
+        self.core.waker.wake();
+        loop {
+            {
+                let mut inner = self.inner.lock();
+                if inner.state.failure().is_some() || !inner.channels.iter().any(|c| c.posted_on(region)) {
+                    return;
+                }
+                if Instant::now() >= deadline {
+                    let why = format!(
+                        "memory region {region} was deregistered while the transport still held requests on it \
+                         after UCCL_TCPX_FENCE_TIMEOUT_MS ({} ms); the connection fails so that none can touch it",
+                        self.core.config.fence_timeout.as_millis()
+                    );
+                    self.fail(&mut inner, Error::not_allowed(why));
+                    return;
+                }
+            }
+            std::thread::sleep(FENCE_POLL);
+        }
     }
 
     /// Tells the peer, stops all I/O on the caller's memory and fails what is still pending.
@@ -279,10 +337,11 @@ impl Connection {
             return false;
         }
         let mut finished = std::mem::take(&mut inner.finished_chunks);
+        let mut sent = std::mem::take(&mut inner.sent_chunks);
         let mut moved = false;
         let mut result = Ok(());
         for ch in inner.channels.iter_mut() {
-            match ch.drive(&mut finished) {
+            match ch.drive(&mut sent, &mut finished) {
                 Ok(m) => moved |= m,
                 Err(e) => {
                     result = Err(e);
@@ -291,6 +350,10 @@ impl Connection {
             }
         }
         let mut out = Vec::new();
+        for flow in sent.drain(..) {
+            inner.state.chunk_sent(flow);
+        }
+        inner.sent_chunks = sent;
         for chunk in finished.drain(..) {
             if result.is_ok() {
                 result = inner.state.chunk_finished(chunk.flow, &mut out);
@@ -321,13 +384,24 @@ fn queue(channels: &mut [Channel], chunk_size: usize, plan: &FlowPlan) -> Result
         return Err(Error::backend("internal: a flow was started on a connection without channels"));
     }
     let FlowPlan { dir, flow, ref region, addr, len, seq } = *plan;
-    for (c, chunk) in channel::plan(flow, region.id, addr, len as usize, chunk_size, seq, channels.len()) {
+    let (id, addr) = region.as_ref().map_or((channel::SCRATCH, 0), |r| (r.id, addr));
+    for (c, chunk) in channel::plan(flow, id, addr, len as usize, chunk_size, seq, channels.len()) {
         match dir {
-            Direction::Send => channels[c].queue_send(chunk, region)?,
-            Direction::Recv => channels[c].queue_recv(chunk, region)?,
+            Direction::Send => channels[c].queue_send(chunk, region.as_ref())?,
+            Direction::Recv => channels[c].queue_recv(chunk, region.as_ref())?,
         }
     }
     Ok(())
+}
+
+impl LiveConnection for Connection {
+    fn fence(&self, region: u64, deadline: Instant) {
+        Connection::fence(self, region, deadline);
+    }
+
+    fn close(&self) {
+        Connection::close(self);
+    }
 }
 
 impl reader::Served for Connection {

@@ -3,8 +3,14 @@
 //! messages to send, flows to queue on channels, transfer parts to finish); it never touches a
 //! socket, a thread or a channel, so every exchange is unit-tested as plain calls. `Connection`
 //! holds it under its lock and carries the actions out.
+//!
+//! A deregistered region is cut off here (`cut`): flows on it finish through scratch memory, so both
+//! ends keep their chunk plans, and end in failure: a local part with -6, a peer's write with a Deny
+//! instead of its Done. A read we serve has no answer at its end (the reader completes on the
+//! chunks), so a cut one is denied at once and its remaining chunks are held until the reader's
+//! Resume says it took note: it can then no longer complete on chunks that carry no data.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,12 +21,12 @@ use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, MAX_INLINE_LEN, MAX_INLINE_SEND_BACKLOG};
 
 /// Announced sends the peer may queue ahead of our receives before it is treated as hostile.
-pub(super) const MAX_UNMATCHED_ANNOUNCES: usize = 1 << 16;
+const MAX_UNMATCHED_ANNOUNCES: usize = 1 << 16;
 
 /// Inline write and small-read bytes a connection keeps unanswered; further small one-sided items
 /// take the request path. Bounds what either end's control writer can be asked to queue for the
 /// other (a vector of 8192 reads of 64 KiB would otherwise queue 512 MiB of ReadData at once).
-pub(super) const MAX_INLINE_ONE_SIDED: u64 = 8 << 20;
+const MAX_INLINE_ONE_SIDED: u64 = 8 << 20;
 
 /// What the state machine asks its connection to do, in order.
 #[derive(Debug)]
@@ -33,6 +39,10 @@ pub(super) enum Action {
     Finish(Arc<Transfer>, Result<u64>),
     /// Hand the peer's notification to the process-wide queue.
     Notify { name: Vec<u8>, msg: Vec<u8> },
+    /// Post no more send chunks of this flow (and so none queued behind them on its channels).
+    Hold(u64),
+    /// Post them again.
+    Release(u64),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,12 +52,13 @@ pub(super) enum Direction {
 }
 
 /// A flow to cut into chunks: `seq` is its number in its direction, which seeds its channel
-/// rotation identically on both ends.
+/// rotation identically on both ends. Without a region the chunks move through scratch memory (the
+/// flow's region was deregistered before it started).
 #[derive(Debug)]
 pub(super) struct FlowPlan {
     pub dir: Direction,
     pub flow: u64,
-    pub region: Arc<Region>,
+    pub region: Option<Arc<Region>>,
     pub addr: usize,
     pub len: u64,
     pub seq: u64,
@@ -97,30 +108,41 @@ pub(super) struct SendItem {
 enum OnDone {
     /// A part of the caller's transfer.
     Part(Arc<Transfer>),
-    /// Tell the peer its send or write landed.
+    /// Tell the peer its send or write landed (Done, or Deny after a cut).
     Ack(u64),
     /// A matched two-sided receive: both.
     PartAndAck(Arc<Transfer>, u64),
-    /// Serving a peer's read: nothing to report.
-    Nothing,
+    /// Serving the peer's read `op`: nothing to report at the end.
+    Served(u64),
 }
 
 impl OnDone {
     fn transfer(&self) -> Option<&Arc<Transfer>> {
         match self {
             OnDone::Part(t) | OnDone::PartAndAck(t, _) => Some(t),
-            OnDone::Ack(_) | OnDone::Nothing => None,
+            OnDone::Ack(_) | OnDone::Served(_) => None,
         }
     }
 }
 
 struct Flow {
-    /// Chunks still in flight, plus one while the peer's Done is outstanding.
+    /// Chunks still in flight, plus one while the peer's Done (or Deny) is outstanding.
     remaining: usize,
     len: u64,
     on_done: OnDone,
-    /// Keeps the registration (and so the caller's promise about the memory) alive while in flight.
-    _region: Arc<Region>,
+    /// Keeps the registration alive while in flight; None for a flow that moves through scratch.
+    region: Option<Arc<Region>>,
+    /// How the flow ends once its chunks are through, when not in success: its region was cut off,
+    /// or the peer refused it.
+    error: Option<Error>,
+    /// Our two-sided send: the receiver completes on our chunks alone, so a cut cannot be told to it.
+    uncuttable: bool,
+    /// Send chunks not yet handed to the transport. A chunk handed over is read from the region
+    /// before a deregistration returns (or the connection fails), so a read we serve cut after its
+    /// last chunk left still delivers the region's bytes, and needs no Deny.
+    unsent: usize,
+    /// A read we serve, cut: its chunks wait for the reader's Resume.
+    held: bool,
 }
 
 /// Memory a flow sends from.
@@ -135,6 +157,8 @@ struct Outbound {
     transfer: Arc<Transfer>,
     /// The peer's engine answers at once (a write); a send waits for the peer's user to post a receive.
     prompt: bool,
+    /// The source was deregistered before the Grant: the flow will send zeros and fail.
+    error: Option<Error>,
 }
 
 struct Inbound {
@@ -144,6 +168,8 @@ struct Inbound {
     on_done: OnDone,
     /// Bytes of `inline_one_sided` this small read holds until its ReadData (zero otherwise).
     inline: u64,
+    /// The destination was deregistered before the data came: it lands in scratch and fails.
+    error: Option<Error>,
 }
 
 /// A part waiting for the peer's Done or Deny of an inline write or send.
@@ -178,6 +204,9 @@ struct PostedRecv {
     max: u64,
     region: Arc<Region>,
     transfer: Arc<Transfer>,
+    /// The region was deregistered: the part failed then, and the send this receive matches is
+    /// refused with this error.
+    cut: Option<Error>,
 }
 
 pub(super) struct ConnState {
@@ -206,6 +235,10 @@ pub(super) struct ConnState {
     /// Payload bytes held in `announces`.
     announced_inline: u64,
     flows: HashMap<u64, Flow>,
+    /// Reads we serve, by the peer's op id: flow id.
+    serving: HashMap<u64, u64>,
+    /// Our reads whose data is coming (flow id = op id); the server may deny one until it ends.
+    reading: HashSet<u64>,
     failure: Option<Error>,
     /// Last time the peer showed life: a control message or a finished chunk.
     last_heard: Instant,
@@ -228,6 +261,8 @@ impl ConnState {
             announces: VecDeque::new(),
             announced_inline: 0,
             flows: HashMap::new(),
+            serving: HashMap::new(),
+            reading: HashSet::new(),
             failure: None,
             last_heard: now,
         }
@@ -282,7 +317,14 @@ impl ConnState {
     }
 
     /// Registers the items of one write or read call as parts of `transfer`; returns the requests.
-    pub fn post_one_sided(&mut self, transfer: &Arc<Transfer>, write: bool, items: Vec<OneSidedItem>) -> Vec<Control> {
+    /// Nothing is registered when a local region was deregistered since the caller looked it up.
+    pub fn post_one_sided(
+        &mut self,
+        transfer: &Arc<Transfer>,
+        write: bool,
+        items: Vec<OneSidedItem>,
+    ) -> Result<Vec<Control>> {
+        live(items.iter().map(|i| &i.region))?;
         let parts = items.len();
         let mut out = Vec::with_capacity(parts);
         let mut inline_parts = 0;
@@ -304,26 +346,29 @@ impl ConnState {
                 Control::InlineWrite { xfer: id, region: remote_region, token, addr, payload }
             } else if inline {
                 let on_done = OnDone::Part(transfer.clone());
-                self.inbound.insert(id, Inbound { addr: local, len, region, on_done, inline: len });
+                self.inbound.insert(id, Inbound { addr: local, len, region, on_done, inline: len, error: None });
                 Control::ReadSmall { xfer: id, region: remote_region, token, addr, len }
             } else if write {
                 let src = Source { addr: local, len, region };
-                self.awaiting_grant.insert(id, Outbound { src, transfer: transfer.clone(), prompt: true });
+                let pending = Outbound { src, transfer: transfer.clone(), prompt: true, error: None };
+                self.awaiting_grant.insert(id, pending);
                 Control::WriteRequest { xfer: id, region: remote_region, token, addr, len }
             } else {
                 let on_done = OnDone::Part(transfer.clone());
-                self.inbound.insert(id, Inbound { addr: local, len, region, on_done, inline: 0 });
+                self.inbound.insert(id, Inbound { addr: local, len, region, on_done, inline: 0, error: None });
                 Control::ReadRequest { xfer: id, region: remote_region, token, addr, len }
             });
         }
         if inline_parts == parts {
             transfer.set_completes_on_control();
         }
-        out
+        Ok(out)
     }
 
     /// Registers the messages of one send call as parts of `transfer`; returns the announcements.
-    pub fn post_send(&mut self, transfer: &Arc<Transfer>, items: Vec<SendItem>) -> Vec<Control> {
+    /// Nothing is registered when a local region was deregistered since the caller looked it up.
+    pub fn post_send(&mut self, transfer: &Arc<Transfer>, items: Vec<SendItem>) -> Result<Vec<Control>> {
+        live(items.iter().map(|i| &i.region))?;
         let parts = items.len();
         let mut out = Vec::with_capacity(parts);
         let mut inline_parts = 0;
@@ -342,7 +387,8 @@ impl ConnState {
                 }
                 _ => {
                     let src = Source { addr, len, region };
-                    self.awaiting_grant.insert(id, Outbound { src, transfer: transfer.clone(), prompt: false });
+                    let pending = Outbound { src, transfer: transfer.clone(), prompt: false, error: None };
+                    self.awaiting_grant.insert(id, pending);
                     out.push(Control::SendAnnounce { xfer: id, len });
                 }
             }
@@ -350,7 +396,7 @@ impl ConnState {
         if inline_parts == parts {
             transfer.set_completes_on_control();
         }
-        out
+        Ok(out)
     }
 
     /// Posts a receive of at most `max` bytes at `addr` and matches it against announced sends.
@@ -362,9 +408,52 @@ impl ConnState {
         max: u64,
         mem: &impl Memory,
         out: &mut Vec<Action>,
-    ) {
-        self.posted_recvs.push_back(PostedRecv { addr, max, region, transfer: transfer.clone() });
+    ) -> Result<()> {
+        live([&region])?;
+        self.posted_recvs.push_back(PostedRecv { addr, max, region, transfer: transfer.clone(), cut: None });
         self.match_recvs(mem, out);
+        Ok(())
+    }
+
+    /// Cuts `region` off: nothing this connection does touches it any more once the channels
+    /// redirected its queued chunks and its posted ones completed. Running and granted flows on it
+    /// finish through scratch memory and then fail (the peer's write or read with a Deny, a local
+    /// part with `err`); a posted receive fails now and refuses the send it will match. An error
+    /// means the connection must fail: one of our sends was reading the region, and its receiver
+    /// completes on our chunks alone, so it could not be told.
+    pub fn cut(&mut self, region: u64, err: &Error, out: &mut Vec<Action>) -> Result<()> {
+        let on = |r: &Arc<Region>| r.id == region;
+        let mut uncuttable = false;
+        for (&flow, f) in self.flows.iter_mut().filter(|(_, f)| f.region.as_ref().is_some_and(on)) {
+            f.error.get_or_insert_with(|| err.clone());
+            uncuttable |= f.uncuttable;
+            if let OnDone::Served(peer_op) = f.on_done
+                && f.unsent > 0
+                && !f.held
+            {
+                f.held = true;
+                out.push(Action::Hold(flow));
+                out.push(Action::Send(deny_msg(peer_op, err)));
+            }
+        }
+        for o in self.awaiting_grant.values_mut().filter(|o| on(&o.src.region)) {
+            o.error.get_or_insert_with(|| err.clone());
+            uncuttable |= !o.prompt;
+        }
+        for i in self.inbound.values_mut().filter(|i| on(&i.region)) {
+            i.error.get_or_insert_with(|| err.clone());
+        }
+        for r in self.posted_recvs.iter_mut().filter(|r| on(&r.region) && r.cut.is_none()) {
+            r.cut = Some(err.clone());
+            out.push(Action::Finish(r.transfer.clone(), Err(err.clone())));
+        }
+        if uncuttable {
+            return Err(Error::not_allowed(format!(
+                "memory region {region} was deregistered while a send from it was unfinished; its receiver \
+                 cannot be told, so the connection fails"
+            )));
+        }
+        Ok(())
     }
 
     /// Applies one control message from the peer. An error is a protocol violation (or the peer
@@ -389,10 +478,8 @@ impl ConnState {
                     Err(e) => deny(xfer, e, out),
                     Ok(region) => {
                         let flow = self.take_id();
-                        self.inbound.insert(
-                            flow,
-                            Inbound { addr: addr as usize, len, region, on_done: OnDone::Ack(xfer), inline: 0 },
-                        );
+                        let (addr, on_done) = (addr as usize, OnDone::Ack(xfer));
+                        self.inbound.insert(flow, Inbound { addr, len, region, on_done, inline: 0, error: None });
                         out.push(Action::Send(Control::Grant { xfer, flow }));
                     }
                 }
@@ -402,8 +489,14 @@ impl ConnState {
                 match mem.authorize(region, token, addr, len) {
                     Err(e) => deny(xfer, e, out),
                     Ok(region) => {
+                        if self.serving.contains_key(&xfer) {
+                            return Err(Error::backend(format!(
+                                "protocol violation: ReadRequest reuses op id {xfer} of a read still being served"
+                            )));
+                        }
                         let src = Source { addr: addr as usize, len, region };
-                        self.start_outbound(xfer, src, 0, OnDone::Nothing, out);
+                        let flow = self.start_outbound(xfer, src, 0, OnDone::Served(xfer), None, out);
+                        self.serving.insert(xfer, flow);
                     }
                 }
                 Ok(())
@@ -438,9 +531,12 @@ impl ConnState {
                 }
                 let dst = self.inbound.remove(&xfer).expect("checked above");
                 self.inline_one_sided -= dst.inline;
-                // SAFETY: the destination was checked against its registration when the read was
-                // posted and the region is kept alive by `dst`.
-                let stored = unsafe { mem.store(&dst.region, dst.addr, &payload) };
+                let stored = match dst.error {
+                    Some(e) => Err(e),
+                    // SAFETY: the destination was checked against its registration when the read
+                    // was posted, is not cut off, and the region is kept alive by `dst`.
+                    None => unsafe { mem.store(&dst.region, dst.addr, &payload) },
+                };
                 if let Some(t) = dst.on_done.transfer() {
                     // A failed local copy fails this read only; the connection is fine.
                     out.push(Action::Finish(t.clone(), stored.map(|()| dst.len)));
@@ -449,7 +545,11 @@ impl ConnState {
             }
             Control::Grant { xfer, flow } => {
                 let granted = self.awaiting_grant.remove(&xfer).ok_or_else(|| unknown_op("Grant", xfer))?;
-                let local = self.start_outbound(flow, granted.src, 1, OnDone::Part(granted.transfer), out);
+                let Outbound { src, transfer, prompt, error } = granted;
+                let local = self.start_outbound(flow, src, 1, OnDone::Part(transfer), error, out);
+                if let Some(f) = self.flows.get_mut(&local) {
+                    f.uncuttable = !prompt;
+                }
                 self.awaiting_done.insert(xfer, local);
                 Ok(())
             }
@@ -467,6 +567,17 @@ impl ConnState {
                     if let Some(t) = read.on_done.transfer() {
                         out.push(Action::Finish(t.clone(), Err(err)));
                     }
+                } else if let Some(flow) = self.awaiting_done.remove(&xfer) {
+                    // The peer cut the flow off (its region was deregistered): the chunks still
+                    // run their course, then the part fails.
+                    let running = self.flows.get_mut(&flow).ok_or_else(|| unknown_flow(flow))?;
+                    running.error.get_or_insert(err);
+                    self.chunk_finished(flow, out)?;
+                } else if self.reading.remove(&xfer) {
+                    // The server cut our read off and holds its remaining chunks (they carry no
+                    // data) until we have taken note, so the read cannot complete on them.
+                    self.flows.get_mut(&xfer).ok_or_else(|| unknown_flow(xfer))?.error.get_or_insert(err);
+                    out.push(Action::Send(Control::Resume { xfer }));
                 } else {
                     return Err(unknown_op("Deny", xfer));
                 }
@@ -480,15 +591,29 @@ impl ConnState {
                         "protocol violation: Data for flow {flow} carries {len} bytes, {granted} were granted"
                     )));
                 }
-                let dst = self.inbound.remove(&flow).expect("checked above");
+                let Inbound { addr, region, on_done, inline, error, .. } =
+                    self.inbound.remove(&flow).expect("checked above");
                 // A peer answering a small read with Data instead of ReadData still frees its share.
-                self.inline_one_sided -= dst.inline;
+                self.inline_one_sided -= inline;
                 let seq = self.in_seq;
                 self.in_seq += 1;
+                if matches!(on_done, OnDone::Part(_)) {
+                    self.reading.insert(flow);
+                }
                 let remaining = chunk_count(len, self.chunk_size);
-                let region = dst.region.clone();
-                self.flows.insert(flow, Flow { remaining, len, on_done: dst.on_done, _region: dst.region });
-                out.push(Action::Queue(FlowPlan { dir: Direction::Recv, flow, region, addr: dst.addr, len, seq }));
+                let region = if error.is_some() { None } else { Some(region) };
+                let f = Flow {
+                    remaining,
+                    len,
+                    on_done,
+                    region: region.clone(),
+                    error,
+                    uncuttable: false,
+                    unsent: 0,
+                    held: false,
+                };
+                self.flows.insert(flow, f);
+                out.push(Action::Queue(FlowPlan { dir: Direction::Recv, flow, region, addr, len, seq }));
                 Ok(())
             }
             Control::Done { xfer, len } => {
@@ -514,6 +639,18 @@ impl ConnState {
                 }
                 self.chunk_finished(flow, out)
             }
+            Control::Resume { xfer } => {
+                let flow = *self.serving.get(&xfer).ok_or_else(|| unknown_op("Resume", xfer))?;
+                let f = self.flows.get_mut(&flow).ok_or_else(|| unknown_flow(flow))?;
+                if !f.held {
+                    return Err(Error::backend(format!(
+                        "protocol violation: Resume for read {xfer}, which was not denied"
+                    )));
+                }
+                f.held = false;
+                out.push(Action::Release(flow));
+                Ok(())
+            }
             Control::Notify { name, msg } => {
                 out.push(Action::Notify { name, msg });
                 Ok(())
@@ -522,22 +659,38 @@ impl ConnState {
         }
     }
 
+    /// One send chunk of `flow` was handed to the transport (from the region, or from scratch
+    /// after a cut).
+    pub fn chunk_sent(&mut self, flow: u64) {
+        if let Some(f) = self.flows.get_mut(&flow) {
+            f.unsent = f.unsent.saturating_sub(1);
+        }
+    }
+
     /// One chunk of `flow` (or the peer's Done for it) finished.
     pub fn chunk_finished(&mut self, flow: u64, out: &mut Vec<Action>) -> Result<()> {
-        let Some(f) = self.flows.get_mut(&flow) else {
-            return Err(Error::backend(format!("internal: chunk of unknown flow {flow}")));
-        };
+        let f = self.flows.get_mut(&flow).ok_or_else(|| unknown_flow(flow))?;
         f.remaining -= 1;
         if f.remaining == 0 {
             let f = self.flows.remove(&flow).expect("looked up above");
+            let outcome = f.error.clone().map_or(Ok(f.len), Err);
+            let answer = |peer_op| match &f.error {
+                None => Control::Done { xfer: peer_op, len: f.len },
+                Some(e) => deny_msg(peer_op, e),
+            };
             match f.on_done {
-                OnDone::Part(t) => out.push(Action::Finish(t, Ok(f.len))),
-                OnDone::Ack(peer_op) => out.push(Action::Send(Control::Done { xfer: peer_op, len: f.len })),
-                OnDone::PartAndAck(t, peer_op) => {
-                    out.push(Action::Finish(t, Ok(f.len)));
-                    out.push(Action::Send(Control::Done { xfer: peer_op, len: f.len }));
+                OnDone::Part(t) => {
+                    self.reading.remove(&flow);
+                    out.push(Action::Finish(t, outcome));
                 }
-                OnDone::Nothing => {}
+                OnDone::Served(peer_op) => {
+                    self.serving.remove(&peer_op);
+                }
+                OnDone::Ack(peer_op) => out.push(Action::Send(answer(peer_op))),
+                OnDone::PartAndAck(ref t, peer_op) => {
+                    out.push(Action::Finish(t.clone(), outcome));
+                    out.push(Action::Send(answer(peer_op)));
+                }
             }
         }
         Ok(())
@@ -556,9 +709,12 @@ impl ConnState {
         self.inline_send_backlog = 0;
         self.inline_one_sided = 0;
         failed.extend(self.inbound.drain().filter_map(|(_, i)| i.on_done.transfer().cloned()));
-        failed.extend(self.posted_recvs.drain(..).map(|r| r.transfer));
+        // A cut receive failed when it was cut.
+        failed.extend(self.posted_recvs.drain(..).filter(|r| r.cut.is_none()).map(|r| r.transfer));
         failed.extend(self.flows.drain().filter_map(|(_, f)| f.on_done.transfer().cloned()));
         self.awaiting_done.clear();
+        self.serving.clear();
+        self.reading.clear();
         self.announces.clear();
         self.announced_inline = 0;
         failed
@@ -593,6 +749,10 @@ impl ConnState {
             if payload.is_some() {
                 self.announced_inline -= len;
             }
+            if let Some(e) = &recv.cut {
+                answers.push(deny_msg(peer_op, e));
+                continue;
+            }
             if len > recv.max {
                 let why = format!("a {len}-byte message does not fit the posted {}-byte receive", recv.max);
                 out.push(Action::Finish(recv.transfer, Err(Error::new(UcclStatus::ErrMismatch, why.clone()))));
@@ -605,29 +765,28 @@ impl ConnState {
                 let stored = unsafe { mem.store(&recv.region, recv.addr, &payload) };
                 answers.push(match &stored {
                     Ok(()) => Control::Done { xfer: peer_op, len },
-                    Err(e) => {
-                        Control::Deny { xfer: peer_op, status: e.status() as i32, reason: e.message().to_owned() }
-                    }
+                    Err(e) => deny_msg(peer_op, e),
                 });
                 out.push(Action::Finish(recv.transfer, stored.map(|()| len)));
                 continue;
             }
             let flow = self.take_id();
-            let on_done = OnDone::PartAndAck(recv.transfer, peer_op);
-            self.inbound.insert(flow, Inbound { addr: recv.addr, len, region: recv.region, on_done, inline: 0 });
+            let (addr, region, on_done) = (recv.addr, recv.region, OnDone::PartAndAck(recv.transfer, peer_op));
+            self.inbound.insert(flow, Inbound { addr, len, region, on_done, inline: 0, error: None });
             answers.push(Control::Grant { xfer: peer_op, flow });
         }
         out.extend(answers.into_iter().map(Action::Send));
     }
 
-    /// Starts sending `src` as the peer's flow `peer_flow`: the chunks, then the Data marker.
-    /// Returns the local flow id.
+    /// Starts sending `src` as the peer's flow `peer_flow`: the chunks, then the Data marker; from
+    /// scratch memory when the source was cut off (`error`). Returns the local flow id.
     fn start_outbound(
         &mut self,
         peer_flow: u64,
         src: Source,
         extra: usize,
         on_done: OnDone,
+        error: Option<Error>,
         out: &mut Vec<Action>,
     ) -> u64 {
         let flow = self.take_id();
@@ -635,8 +794,11 @@ impl ConnState {
         self.out_seq += 1;
         let remaining = chunk_count(src.len, self.chunk_size) + extra;
         let Source { addr, len, region } = src;
+        let region = if error.is_some() { None } else { Some(region) };
         // Recorded before anything fallible: a failing connection must still find (and fail) the part.
-        self.flows.insert(flow, Flow { remaining, len, on_done, _region: region.clone() });
+        let unsent = chunk_count(len, self.chunk_size);
+        let f = Flow { remaining, len, on_done, region: region.clone(), error, uncuttable: false, unsent, held: false };
+        self.flows.insert(flow, f);
         out.push(Action::Queue(FlowPlan { dir: Direction::Send, flow, region, addr, len, seq }));
         out.push(Action::Send(Control::Data { flow: peer_flow, len }));
         flow
@@ -645,7 +807,24 @@ impl ConnState {
 
 fn deny(xfer: u64, e: Error, out: &mut Vec<Action>) {
     log::debug!("refusing the peer's op {xfer}: {}", e.message());
-    out.push(Action::Send(Control::Deny { xfer, status: e.status() as i32, reason: e.message().to_owned() }));
+    out.push(Action::Send(deny_msg(xfer, &e)));
+}
+
+fn deny_msg(xfer: u64, e: &Error) -> Control {
+    Control::Deny { xfer, status: e.status() as i32, reason: e.message().to_owned() }
+}
+
+/// Refuses a post whose local region was deregistered after the caller looked it up (and so,
+/// possibly, after the deregistration cut this connection's flows off).
+fn live<'a>(regions: impl IntoIterator<Item = &'a Arc<Region>>) -> Result<()> {
+    match regions.into_iter().find(|r| r.is_removed()) {
+        Some(r) => Err(Error::not_found(format!("memory region {} was deregistered", r.id))),
+        None => Ok(()),
+    }
+}
+
+fn unknown_flow(flow: u64) -> Error {
+    Error::backend(format!("internal: chunk of unknown flow {flow}"))
 }
 
 fn unknown_op(what: &str, id: u64) -> Error {

@@ -62,6 +62,8 @@ struct End {
     /// Flows queued on the (simulated) channels, by direction sequence number.
     sending: BTreeMap<u64, FlowPlan>,
     receiving: BTreeMap<u64, FlowPlan>,
+    /// Flows whose send chunks the (simulated) channels hold.
+    held: Vec<u64>,
     notes: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
@@ -74,6 +76,7 @@ impl End {
             outbox: VecDeque::new(),
             sending: BTreeMap::new(),
             receiving: BTreeMap::new(),
+            held: Vec::new(),
             notes: Vec::new(),
         }
     }
@@ -98,6 +101,8 @@ impl End {
                 }
                 Action::Finish(t, outcome) => t.finish_part(outcome),
                 Action::Notify { name, msg } => self.notes.push((name, msg)),
+                Action::Hold(flow) => self.held.push(flow),
+                Action::Release(flow) => self.held.retain(|&f| f != flow),
             }
         }
     }
@@ -129,7 +134,7 @@ impl End {
             })
             .collect();
         self.st.begin_post(Instant::now()).unwrap();
-        let msgs = self.st.post_one_sided(&t, write, items);
+        let msgs = self.st.post_one_sided(&t, write, items).unwrap();
         self.outbox.extend(msgs);
         t
     }
@@ -146,7 +151,7 @@ impl End {
             })
             .collect();
         self.st.begin_post(Instant::now()).unwrap();
-        let msgs = self.st.post_send(&t, items);
+        let msgs = self.st.post_send(&t, items).unwrap();
         self.outbox.extend(msgs);
         t
     }
@@ -155,13 +160,30 @@ impl End {
         let t = self.transfer(1);
         let mut out = Vec::new();
         self.st.begin_post(Instant::now()).unwrap();
-        self.st.post_recv(&t, buf.region.clone(), buf.addr(), max as u64, &self.mem, &mut out);
+        self.st.post_recv(&t, buf.region.clone(), buf.addr(), max as u64, &self.mem, &mut out).unwrap();
         self.take(out);
         t
     }
 
     fn outcome(&self, t: &Transfer) -> Option<Result<u64>> {
         self.transfers.poll(CONN, t.id).transpose()
+    }
+
+    /// Deregisters `buf` as the engine does: out of the table, cut off here, and the (simulated)
+    /// channels' queued chunks redirected to scratch.
+    fn cut(&mut self, buf: &Buf) -> Result<()> {
+        let id = buf.region.id;
+        self.mem.regions.remove(id).unwrap();
+        let mut out = Vec::new();
+        let err = Error::not_allowed(format!("memory region {id} was deregistered during the transfer"));
+        let cut = self.st.cut(id, &err, &mut out);
+        self.take(out);
+        for plan in self.sending.values_mut().chain(self.receiving.values_mut()) {
+            if plan.region.as_ref().is_some_and(|r| r.id == id) {
+                plan.region = None;
+            }
+        }
+        cut
     }
 }
 
@@ -178,15 +200,25 @@ fn deliver(from: &mut End, to: &mut End) -> Result<bool> {
 /// receiving flow of the other) and reports every chunk finished on both ends.
 fn move_data(from: &mut End, to: &mut End) -> bool {
     let mut moved = false;
-    while let (Some((&s, _)), Some((&r, _))) = (from.sending.first_key_value(), to.receiving.first_key_value()) {
+    while let (Some((&s, plan)), Some((&r, _))) = (from.sending.first_key_value(), to.receiving.first_key_value()) {
         assert_eq!(s, r, "flows pair up in order");
+        if from.held.contains(&plan.flow) {
+            // Held, and everything behind it with it.
+            break;
+        }
         let src = from.sending.remove(&s).unwrap();
         let dst = to.receiving.remove(&r).unwrap();
         assert_eq!(src.len, dst.len, "both ends plan the same flow");
-        // SAFETY: both plans lie in live test buffers the state checked against their regions.
-        unsafe { std::ptr::copy_nonoverlapping(src.addr as *const u8, dst.addr as *mut u8, src.len as usize) };
+        // Scratch sends zeros; a scratch receive lands nowhere.
+        let zeros = vec![0u8; src.len as usize];
+        let from_addr = if src.region.is_some() { src.addr as *const u8 } else { zeros.as_ptr() };
+        if dst.region.is_some() {
+            // SAFETY: both plans lie in live test buffers the state checked against their regions.
+            unsafe { std::ptr::copy_nonoverlapping(from_addr, dst.addr as *mut u8, src.len as usize) };
+        }
         for _ in 0..chunk_count(src.len, CHUNK) {
             let (mut a, mut b) = (Vec::new(), Vec::new());
+            from.st.chunk_sent(src.flow);
             from.st.chunk_finished(src.flow, &mut a).unwrap();
             to.st.chunk_finished(dst.flow, &mut b).unwrap();
             from.take(a);
@@ -283,9 +315,36 @@ fn read_runs_request_then_data() {
     let dst = a.buffer(len, |_| 0);
     let src = b.buffer(len, pattern(3));
     let t = a.one_sided(false, &[(&dst, 0, &src, 0, len)]);
-    assert!(matches!(a.outbox.front(), Some(Control::ReadRequest { .. })));
-    pump(&mut a, &mut b);
+    let Some(&Control::ReadRequest { xfer, .. }) = a.outbox.front() else { panic!("{:?}", a.outbox) };
+    deliver(&mut a, &mut b).unwrap();
+    assert_eq!(b.outbox, [Control::Data { flow: xfer, len: len as u64 }]);
+    deliver(&mut b, &mut a).unwrap();
+    assert!(move_data(&mut b, &mut a));
+    // The read completes with its last chunk; the server has nothing more to say.
     assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
+    assert!(b.outbox.is_empty(), "{:?}", b.outbox);
+    assert_eq!(dst.bytes, src.bytes);
+    assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
+}
+
+#[test]
+fn a_read_whose_chunks_all_left_before_the_cut_still_succeeds() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let dst = a.buffer(2 * CHUNK, |_| 0);
+    let src = b.buffer(2 * CHUNK, pattern(31));
+    let t = a.one_sided(false, &[(&dst, 0, &src, 0, 2 * CHUNK)]);
+    pump_messages_only(&mut a, &mut b);
+    let served = b.sending.first_key_value().unwrap().1.flow;
+    for _ in 0..2 {
+        b.st.chunk_sent(served);
+    }
+    // Deregistered with both chunks with the transport (which the fence waits for): they carry the
+    // region's bytes, so the read stands: no Deny, nothing held.
+    let mut out = Vec::new();
+    b.st.cut(src.region.id, &Error::not_allowed("cut"), &mut out).unwrap();
+    assert!(out.is_empty(), "{out:?}");
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&t).unwrap().unwrap(), 2 * CHUNK as u64);
     assert_eq!(dst.bytes, src.bytes);
 }
 
@@ -450,6 +509,7 @@ fn unknown_ids_and_wrong_lengths_fail_the_connection() {
         Control::Data { flow: 7, len: 1 },
         Control::Done { xfer: 7, len: 1 },
         Control::ReadData { xfer: 7, payload: vec![1] },
+        Control::Resume { xfer: 7 },
     ] {
         let err = a.handle(msg.clone()).unwrap_err();
         assert!(err.message().contains("for unknown id 7"), "{msg:?}: {err}");
@@ -567,4 +627,229 @@ fn flows_rotate_identically_on_both_ends() {
     for t in ts {
         assert_eq!(a.outcome(&t).unwrap().unwrap(), CHUNK as u64 + 1);
     }
+}
+
+fn not_allowed(outcome: Option<Result<u64>>) -> String {
+    let err = outcome.expect("finished").expect_err("failed");
+    assert_eq!(err.status(), UcclStatus::ErrNotAllowed, "{err}");
+    err.message().to_owned()
+}
+
+#[test]
+fn a_write_cut_at_the_target_drains_into_scratch_and_is_denied() {
+    // Cut at three points: after the bytes started (Data came), after the Grant, before the request.
+    for stage in 0..3 {
+        let (mut a, mut b) = (End::new(), End::new());
+        let src = a.buffer(4 * CHUNK, pattern(20));
+        let dst = b.buffer(4 * CHUNK, |_| 0);
+        let t = a.one_sided(true, &[(&src, 0, &dst, 0, 4 * CHUNK)]);
+        if stage < 2 {
+            deliver(&mut a, &mut b).unwrap();
+            deliver(&mut b, &mut a).unwrap();
+        }
+        if stage == 0 {
+            deliver(&mut a, &mut b).unwrap();
+            assert_eq!(b.receiving.len(), 1);
+        }
+        b.cut(&dst).unwrap();
+        pump(&mut a, &mut b);
+        let why = not_allowed(a.outcome(&t));
+        assert!(why.contains("deregistered"), "stage {stage}: {why}");
+        assert!(dst.bytes.iter().all(|&x| x == 0), "stage {stage}: bytes landed after the cut");
+        assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer(), "stage {stage}: something is left");
+        assert!(a.st.check_open().is_ok() && b.st.check_open().is_ok());
+    }
+}
+
+#[test]
+fn a_read_cut_at_the_server_is_denied_before_its_remaining_chunks_go() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let dst = a.buffer(4 * CHUNK, |_| 0);
+    let src = b.buffer(4 * CHUNK, pattern(21));
+    let t = a.one_sided(false, &[(&dst, 0, &src, 0, 4 * CHUNK)]);
+    let Some(&Control::ReadRequest { xfer, .. }) = a.outbox.front() else { panic!("{:?}", a.outbox) };
+    pump_messages_only(&mut a, &mut b);
+    let served = b.sending.first_key_value().unwrap().1.flow;
+    // One chunk already went to the transport from the region; three have not.
+    b.st.chunk_sent(served);
+    b.cut(&src).unwrap();
+    assert_eq!(b.held, [served]);
+    assert!(matches!(b.outbox.front(), Some(Control::Deny { xfer: x, status: -6, .. }) if *x == xfer));
+    // Held: the chunks cannot reach the reader before it saw the Deny.
+    assert!(!move_data(&mut b, &mut a));
+    deliver(&mut b, &mut a).unwrap();
+    assert_eq!(a.outbox, [Control::Resume { xfer }]);
+    assert!(a.outcome(&t).is_none(), "the chunks are still to come");
+    deliver(&mut a, &mut b).unwrap();
+    assert!(b.held.is_empty());
+    pump(&mut a, &mut b);
+    not_allowed(a.outcome(&t));
+    assert!(dst.bytes.iter().all(|&x| x == 0), "bytes of the cut region were served");
+    assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
+    // A Resume for a read that is not held, or unknown, is a violation.
+    let err = b.handle(Control::Resume { xfer }).unwrap_err();
+    assert!(err.message().contains("unknown id"), "{err}");
+    // Cut before the request arrived: refused outright.
+    let src2 = b.buffer(4 * CHUNK, pattern(22));
+    let t2 = a.one_sided(false, &[(&dst, 0, &src2, 0, 4 * CHUNK)]);
+    b.cut(&src2).unwrap();
+    pump(&mut a, &mut b);
+    not_allowed(a.outcome(&t2));
+}
+
+#[test]
+fn a_peer_reusing_a_served_read_id_or_resuming_unasked_fails_the_connection() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let dst = a.buffer(4 * CHUNK, |_| 0);
+    let src = b.buffer(4 * CHUNK, pattern(23));
+    a.one_sided(false, &[(&dst, 0, &src, 0, 4 * CHUNK)]);
+    let Some(Control::ReadRequest { xfer, region, token, addr, len }) = a.outbox.front().cloned() else { panic!() };
+    deliver(&mut a, &mut b).unwrap();
+    let err = b.handle(Control::Resume { xfer }).unwrap_err();
+    assert!(err.message().contains("was not denied"), "{err}");
+    let err = b.handle(Control::ReadRequest { xfer, region, token, addr, len }).unwrap_err();
+    assert!(err.message().contains("reuses op id"), "{err}");
+}
+
+#[test]
+fn small_reads_and_writes_see_the_cut() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let local = a.buffer(100, pattern(22));
+    let remote = b.buffer(100, |_| 7);
+    let r = a.one_sided(false, &[(&local, 0, &remote, 0, 100)]);
+    deliver(&mut a, &mut b).unwrap();
+    assert!(matches!(b.outbox.front(), Some(Control::ReadData { .. })));
+    // The reply is on its way when the reader's own destination is cut: it is not stored.
+    a.cut(&local).unwrap();
+    deliver(&mut b, &mut a).unwrap();
+    not_allowed(a.outcome(&r));
+    assert!(local.bytes.iter().enumerate().all(|(i, &x)| x == pattern(22)(i)), "a cut destination was written");
+    // An inline write reaching a cut region is refused before anything is stored.
+    let src = a.buffer(100, pattern(23));
+    let w = a.one_sided(true, &[(&src, 0, &remote, 0, 100)]);
+    b.cut(&remote).unwrap();
+    pump(&mut a, &mut b);
+    not_allowed(a.outcome(&w));
+    assert!(remote.bytes.iter().all(|&x| x == 7));
+}
+
+#[test]
+fn a_cut_receive_fails_at_once_and_refuses_its_send() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let src = a.buffer(4 * CHUNK, pattern(24));
+    let cut = b.buffer(4 * CHUNK, |_| 0);
+    let next = b.buffer(4 * CHUNK, |_| 0);
+    let r1 = b.recv(&cut, 4 * CHUNK);
+    let r2 = b.recv(&next, 4 * CHUNK);
+    b.cut(&cut).unwrap();
+    assert!(b.outcome(&r1).is_some(), "a cut receive fails at once");
+    let s1 = a.send(&[(&src, 0, 4 * CHUNK)]);
+    let s2 = a.send(&[(&src, 0, 100)]);
+    pump(&mut a, &mut b);
+    not_allowed(a.outcome(&s1));
+    assert_eq!(a.outcome(&s2).unwrap().unwrap(), 100, "the next send matches the next receive");
+    assert_eq!(b.outcome(&r2).unwrap().unwrap(), 100);
+    assert!(cut.bytes.iter().all(|&x| x == 0));
+    // Failing the connection later does not finish the cut receive twice.
+    assert!(b.st.fail(Error::backend("later")).is_empty());
+}
+
+#[test]
+fn a_receive_cut_while_its_send_lands_fails_both() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let src = a.buffer(4 * CHUNK, pattern(25));
+    let dst = b.buffer(4 * CHUNK, |_| 0);
+    let r = b.recv(&dst, 4 * CHUNK);
+    let s = a.send(&[(&src, 0, 4 * CHUNK)]);
+    pump_messages_only(&mut a, &mut b);
+    assert_eq!(b.receiving.len(), 1);
+    b.cut(&dst).unwrap();
+    pump(&mut a, &mut b);
+    not_allowed(a.outcome(&s));
+    not_allowed(b.outcome(&r));
+    assert!(dst.bytes.iter().all(|&x| x == 0));
+}
+
+#[test]
+fn local_sources_and_destinations_cut_mid_transfer() {
+    // Our write's source: the rest goes out as zeros and the write fails.
+    let (mut a, mut b) = (End::new(), End::new());
+    let src = a.buffer(4 * CHUNK, pattern(26));
+    let dst = b.buffer(4 * CHUNK, |_| 0);
+    let w = a.one_sided(true, &[(&src, 0, &dst, 0, 4 * CHUNK)]);
+    pump_messages_only(&mut a, &mut b);
+    a.cut(&src).unwrap();
+    pump(&mut a, &mut b);
+    not_allowed(a.outcome(&w));
+    assert!(dst.bytes.iter().all(|&x| x == 0), "bytes of the cut source went out");
+    // Our read's destination: nothing lands, the read fails.
+    let rd = a.buffer(4 * CHUNK, |_| 0);
+    let rs = b.buffer(4 * CHUNK, pattern(27));
+    let r = a.one_sided(false, &[(&rd, 0, &rs, 0, 4 * CHUNK)]);
+    a.cut(&rd).unwrap();
+    pump(&mut a, &mut b);
+    not_allowed(a.outcome(&r));
+    assert!(rd.bytes.iter().all(|&x| x == 0));
+    // Our send's source, announced or running: its receiver could not be told, so the connection
+    // must fail.
+    for running in [false, true] {
+        let (mut a, mut b) = (End::new(), End::new());
+        let src = a.buffer(4 * CHUNK, pattern(28));
+        let dst = b.buffer(4 * CHUNK, |_| 0);
+        a.send(&[(&src, 0, 4 * CHUNK)]);
+        if running {
+            b.recv(&dst, 4 * CHUNK);
+        }
+        pump_messages_only(&mut a, &mut b);
+        assert_eq!(a.sending.len(), usize::from(running));
+        let err = a.cut(&src).unwrap_err();
+        assert!(err.message().contains("connection fails"), "{err}");
+    }
+}
+
+#[test]
+fn posts_naming_a_deregistered_region_register_nothing() {
+    let (mut a, b) = (End::new(), End::new());
+    let buf = a.buffer(4 * CHUNK, pattern(29));
+    let remote = b.buffer(4 * CHUNK, |_| 0);
+    a.mem.regions.remove(buf.region.id).unwrap();
+    let t = a.transfer(1);
+    let item = |payload| OneSidedItem {
+        region: buf.region.clone(),
+        addr: buf.addr(),
+        len: 10,
+        remote_region: remote.cap.region,
+        token: remote.cap.token,
+        remote_addr: remote.addr() as u64,
+        payload,
+    };
+    let err = a.st.post_one_sided(&t, true, vec![item(Some(vec![0; 10]))]).unwrap_err();
+    assert_eq!(err.status(), UcclStatus::ErrNotFound);
+    let send = SendItem { region: buf.region.clone(), addr: buf.addr(), len: 10, payload: None };
+    assert!(a.st.post_send(&t, vec![send]).is_err());
+    let mut out = Vec::new();
+    assert!(a.st.post_recv(&t, buf.region.clone(), buf.addr(), 10, &a.mem, &mut out).is_err());
+    assert!(out.is_empty() && !a.st.waits_on_peer() && a.st.fail(Error::backend("x")).is_empty());
+}
+
+#[test]
+fn a_peer_denying_a_running_write_fails_it_after_its_chunks() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let src = a.buffer(4 * CHUNK, pattern(30));
+    let dst = b.buffer(4 * CHUNK, |_| 0);
+    let t = a.one_sided(true, &[(&src, 0, &dst, 0, 4 * CHUNK)]);
+    let Some(&Control::WriteRequest { xfer, .. }) = a.outbox.front() else { panic!("{:?}", a.outbox) };
+    pump_messages_only(&mut a, &mut b);
+    a.handle(Control::Deny { xfer, status: -6, reason: "cut".into() }).unwrap();
+    assert!(a.outcome(&t).is_none(), "the local chunks are still in flight");
+    let plan = a.sending.pop_first().unwrap().1;
+    for _ in 0..4 {
+        let mut out = Vec::new();
+        a.st.chunk_finished(plan.flow, &mut out).unwrap();
+        a.take(out);
+    }
+    let why = not_allowed(a.outcome(&t));
+    assert!(why.contains("peer refused: cut"), "{why}");
+    // A second answer for the same op is a protocol violation.
+    assert!(a.handle(Control::Done { xfer, len: 4 * CHUNK as u64 }).is_err());
 }
