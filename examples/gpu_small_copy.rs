@@ -43,9 +43,12 @@ fn main() {
             let (mut put, mut get) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
             for i in 0..iters + 50 {
                 let t = Instant::now();
+                // SAFETY: offset + len is at most 8193, far inside dev's 64 MiB, and only this thread uses
+                // dev.
                 unsafe { copier.to_device(dev.addr() + offset, &payload).unwrap() };
                 let t_put = t.elapsed().as_secs_f64() * 1e6;
                 let t = Instant::now();
+                // SAFETY: offset + len is at most 8193, inside dev's 64 MiB.
                 unsafe { copier.from_device(&mut back, dev.addr() + offset).unwrap() };
                 let t_get = t.elapsed().as_secs_f64() * 1e6;
                 assert_eq!(back, payload, "{mode:?} {len} B at +{offset}");
@@ -69,10 +72,14 @@ fn main() {
     // The raw calls below need the GPU's primary context current on this thread.
     let mut device: sys::CUdevice = 0;
     let mut primary: sys::CUcontext = std::ptr::null_mut();
+    // SAFETY: device is a local the call writes; ordinal is the GPU that Gpu::open accepted above.
     ok(unsafe { sys::cuDeviceGet(&mut device, ordinal) }, "device");
+    // SAFETY: primary is a local the call writes; device came from cuDeviceGet just above.
     ok(unsafe { sys::cuDevicePrimaryCtxRetain(&mut primary, device) }, "primary context");
+    // SAFETY: primary was retained just above and stays retained (never released) for the rest of main.
     ok(unsafe { sys::cuCtxSetCurrent(primary) }, "set context");
     let mut ev: sys::CUevent = std::ptr::null_mut();
+    // SAFETY: ev is a local the call writes; the primary context is current (set above).
     ok(unsafe { sys::cuEventCreate(&mut ev, 2) }, "event");
     static CALLS: AtomicU64 = AtomicU64::new(0);
     unsafe extern "C" fn cb(_: *mut std::ffi::c_void) {
@@ -83,14 +90,18 @@ fn main() {
     for _ in 0..n {
         let t = Instant::now();
         ok(
+            // SAFETY: pinned holds 32 MiB and dev 64 MiB, so the 1 MiB copy fits both; stream is live, and
+            // both buffers outlive the stream.synchronize() below.
             unsafe { sys::cuMemcpyDtoHAsync_v2(pinned.as_ptr().cast(), dev.addr() as u64, 1 << 20, stream.raw()) },
             "d2h",
         );
         t_copy.push(t.elapsed().as_secs_f64() * 1e6);
         let t = Instant::now();
+        // SAFETY: ev was created above and stream is live, both in the current primary context.
         ok(unsafe { sys::cuEventRecord(ev, stream.raw()) }, "record");
         t_rec.push(t.elapsed().as_secs_f64() * 1e6);
         let t = Instant::now();
+        // SAFETY: cb only bumps an atomic and ignores its null argument; stream is live.
         ok(unsafe { sys::cuLaunchHostFunc(stream.raw(), Some(cb), std::ptr::null_mut()) }, "hostfunc");
         t_host.push(t.elapsed().as_secs_f64() * 1e6);
     }
@@ -106,6 +117,7 @@ fn main() {
     for _ in 0..n {
         let before = CALLS.load(Ordering::Acquire);
         let t = Instant::now();
+        // SAFETY: cb only bumps an atomic and ignores its null argument; stream is live.
         ok(unsafe { sys::cuLaunchHostFunc(stream.raw(), Some(cb), std::ptr::null_mut()) }, "hostfunc");
         while CALLS.load(Ordering::Acquire) == before {
             std::hint::spin_loop();
@@ -117,8 +129,12 @@ fn main() {
     let mut lat = Vec::new();
     for _ in 0..n {
         let t = Instant::now();
+        // SAFETY: the 8-byte copy fits pinned (32 MiB) and dev (64 MiB), both live until main ends; stream is
+        // live.
         ok(unsafe { sys::cuMemcpyDtoHAsync_v2(pinned.as_ptr().cast(), dev.addr() as u64, 8, stream.raw()) }, "d2h");
+        // SAFETY: ev was created above and stream is live, both in the current primary context.
         ok(unsafe { sys::cuEventRecord(ev, stream.raw()) }, "record");
+        // SAFETY: ev is live and was recorded just above.
         while unsafe { sys::cuEventQuery(ev) } != sys::CUresult::CUDA_SUCCESS {
             std::hint::spin_loop();
         }
@@ -133,6 +149,7 @@ fn main() {
     let events: Vec<sys::CUevent> = (0..8)
         .map(|_| {
             let mut e: sys::CUevent = std::ptr::null_mut();
+            // SAFETY: e is a local the call writes; the primary context is current.
             ok(unsafe { sys::cuEventCreate(&mut e, 2) }, "event");
             e
         })
@@ -146,18 +163,28 @@ fn main() {
                     let t = Instant::now();
                     for i in 0..8 {
                         let s = if parallel { streams[i].raw() } else { streams[0].raw() };
+                        // SAFETY: i < 8 and chunk <= 4 MiB, so i * chunk stays inside pinned's 32 MiB.
                         let host = unsafe { pinned.as_ptr().add(i * chunk) };
                         let d = dev.addr() as u64 + (i * chunk) as u64;
                         if h2d {
+                            // SAFETY: host and d name chunk bytes inside pinned (32 MiB) and dev (64 MiB),
+                            // live until main ends; each round waits for every event below before the buffers
+                            // are reused.
                             ok(unsafe { sys::cuMemcpyHtoDAsync_v2(d, host.cast(), chunk, s) }, "h2d");
                         } else {
+                            // SAFETY: host and d name chunk bytes inside pinned (32 MiB) and dev (64 MiB),
+                            // live until main ends; each round waits for every event below before the buffers
+                            // are reused.
                             ok(unsafe { sys::cuMemcpyDtoHAsync_v2(host.cast(), d, chunk, s) }, "d2h");
                         }
+                        // SAFETY: events[i] was created above and s is one of the live streams.
                         ok(unsafe { sys::cuEventRecord(events[i], s) }, "record");
                     }
                     let mut pending: Vec<usize> = (0..8).collect();
                     let mut first = None;
                     while !pending.is_empty() {
+                        // SAFETY: every event in events was created above and has been recorded on a live
+                        // stream.
                         pending.retain(|&i| unsafe { sys::cuEventQuery(events[i]) } != sys::CUresult::CUDA_SUCCESS);
                         if pending.len() < 8 && first.is_none() {
                             first = Some(t.elapsed().as_secs_f64() * 1e6);

@@ -225,6 +225,7 @@ pub struct NcclNetV7 {
 
 // SAFETY: the table is plain function pointers and a pointer to a static name string.
 unsafe impl Send for NcclNetV7 {}
+// SAFETY: a shared table is only read, and its function pointers and static name never change.
 unsafe impl Sync for NcclNetV7 {}
 
 /// The symbol a v7 plugin exports (a data symbol holding an `NcclNetV7`).

@@ -61,6 +61,8 @@ fn transfer(s: &mut Staged, src: End, dst: End, len: usize, mut on_chunk: impl F
     while sent < n || received < n {
         while next_recv < n && recvs.len() < WINDOW {
             let (off, l) = piece(next_recv);
+            // SAFETY: every caller's dst names a buffer of at least len bytes that outlives this call, and
+            // transfer returns only once every receive is reported done; [off, off + l) lies within len.
             match unsafe { s.rx.irecv((dst.addr + off) as *mut u8, l, dst.mr) }.unwrap() {
                 Some(r) => recvs.push_back((r, next_recv)),
                 None => break,
@@ -69,6 +71,8 @@ fn transfer(s: &mut Staged, src: End, dst: End, len: usize, mut on_chunk: impl F
         }
         while next_send < n && sends.len() < WINDOW {
             let (off, l) = piece(next_send);
+            // SAFETY: every caller's src names a buffer of at least len bytes that outlives this call, and
+            // transfer returns only once every send is reported done; [off, off + l) lies within len.
             match unsafe { s.tx.isend((src.addr + off) as *const u8, l, src.mr) }.unwrap() {
                 Some(r) => sends.push_back((r, next_send)),
                 None => break,
@@ -220,6 +224,8 @@ fn receive_is_in_place_when_reported_and_send_source_is_free_after_done() {
     let mut sends = Vec::new();
     for i in 0..len.div_ceil(chunk) {
         let (off, l) = (i * chunk, chunk.min(len - i * chunk));
+        // SAFETY: [off, off + l) lies inside src's len bytes, and every send is tested to completion below
+        // before src is rewritten.
         sends.push(unsafe { s.tx.isend((src.addr() + off) as *const u8, l, smr) }.unwrap().expect("slot free"));
         if sends.len() == 4 {
             // The ring has 4 slots: wait for them before posting more.
@@ -250,6 +256,8 @@ fn receive_is_in_place_when_reported_and_send_source_is_free_after_done() {
     while checked < n {
         while next < n && posted.len() < 4 {
             let (off, l) = (next * chunk, chunk.min(len - next * chunk));
+            // SAFETY: [off, off + l) lies inside dst's len bytes, and every receive is tested to completion
+            // in this loop before dst is dropped.
             match unsafe { s.rx.irecv((dst.addr() + off) as *mut u8, l, rmr) }.unwrap() {
                 Some(r) => posted.push_back((r, off, l)),
                 None => break,
@@ -285,8 +293,10 @@ fn misuse_is_refused_with_a_clear_error() {
     invalid(s.tx.reg_mr(dev.addr(), dev.len(), MemKind::Cuda { device: 1 }), "GPU memory of another ordinal");
 
     let smr = s.tx.reg_mr(dev.addr(), dev.len(), MemKind::Cuda { device: 0 }).unwrap();
+    // SAFETY: the chunk is refused for exceeding a slot before any byte is read.
     let err = unsafe { s.tx.isend(dev.addr() as *const u8, (64 << 10) + 1, smr) }.unwrap_err();
     assert!(err.message().contains("staging slot"), "a chunk larger than a slot: {err}");
+    // SAFETY: the range is refused as outside the registration before any byte is read.
     let err = unsafe { s.tx.isend((dev.addr() + dev.len() - 8) as *const u8, 16, smr) }.unwrap_err();
     assert!(err.message().contains("outside its GPU registration"), "{err}");
     // Refused posts leave the comm usable.
@@ -319,6 +329,8 @@ fn small_copies_every_mode_size_and_alignment() {
             for offset in [0usize, 1, 3, 5, 7, 8, MAX_SMALL_COPY + 13, total - len] {
                 dev.fill(0xee).unwrap();
                 let payload = pattern(len, (len * 31 + offset) as u64);
+                // SAFETY: offset + len <= total (the last offset is total - len), so the range lies inside
+                // dev, which only this thread uses.
                 unsafe { copier.to_device(dev.addr() + offset, &payload).unwrap() };
                 let all = dev.to_vec().unwrap();
                 assert_same(&all[offset..offset + len], &payload, "small copy to the device");
@@ -328,13 +340,18 @@ fn small_copies_every_mode_size_and_alignment() {
                     "{mode:?}: bytes after +{offset}+{len} changed"
                 );
                 let mut back = vec![0u8; len];
+                // SAFETY: offset + len <= total, so the len bytes read lie inside dev.
                 unsafe { copier.from_device(&mut back, dev.addr() + offset).unwrap() };
                 assert_same(&back, &payload, "small copy from the device");
             }
         }
         let mut big = vec![0u8; MAX_SMALL_COPY + 1];
+        // SAFETY: the copy is refused for exceeding MAX_SMALL_COPY before any byte moves; dev holds 3 *
+        // MAX_SMALL_COPY bytes anyway.
         let err = unsafe { copier.from_device(&mut big, dev.addr()) }.unwrap_err();
         assert!(err.message().contains("exceeds"), "{err}");
+        // SAFETY: the copy is refused for exceeding MAX_SMALL_COPY before any byte moves; dev holds 3 *
+        // MAX_SMALL_COPY bytes anyway.
         assert!(unsafe { copier.to_device(dev.addr(), &big) }.is_err());
     }
     assert_eq!(cudarc::driver::result::ctx::get_current().unwrap(), before, "the caller's context changed");
@@ -359,8 +376,11 @@ fn small_copies_from_concurrent_callers_stay_apart() {
                     let len = [8usize, 5, 1000, 8192][i % 4];
                     let at = dev.addr() + t * 8192 + (8192 - len);
                     let payload = pattern(len, (t * 1000 + i) as u64);
+                    // SAFETY: at + len = dev.addr() + (t + 1) * 8192, so the range lies in this thread's own
+                    // 8 KiB of dev, which no other thread touches.
                     unsafe { copier.to_device(at, &payload).unwrap() };
                     let mut back = vec![0u8; len];
+                    // SAFETY: the range lies in this thread's own 8 KiB of dev (see above).
                     unsafe { copier.from_device(&mut back, at).unwrap() };
                     assert_eq!(back, payload, "thread {t} iteration {i}");
                 }
@@ -396,14 +416,20 @@ fn every_ring_copy_lands() {
         let taken: Vec<usize> = (0..slots).map(|_| ring.take().unwrap()).collect();
         assert!(ring.take().is_none(), "a full ring hands out no slot");
         for (i, &slot) in taken.iter().enumerate() {
+            // SAFETY: src holds slots * slot_size bytes, so slot i's source lies inside it; src outlives the
+            // wait below, and each slot was taken above.
             unsafe { ring.copy_in(slot, src.addr() + i * slot_size, slot_size).unwrap() };
         }
         wait_all(&ring, &taken);
         for (i, &slot) in taken.iter().enumerate() {
+            // SAFETY: wait_all saw this slot's copy_in finish, so its slot_size bytes are final, and no copy
+            // runs on the slot while `got` lives.
             let got = unsafe { std::slice::from_raw_parts(ring.slot_ptr(slot), slot_size) };
             assert_same(got, &want[i * slot_size..(i + 1) * slot_size], "slot after copy_in");
         }
         for (i, &slot) in taken.iter().enumerate() {
+            // SAFETY: dst holds slots * slot_size bytes, so slot i's destination lies inside it; nothing else
+            // reads dst before wait_all below, and every slot's bytes are final (its copy_in finished).
             unsafe { ring.copy_out(slot, dst.addr() + i * slot_size, slot_size).unwrap() };
         }
         wait_all(&ring, &taken);

@@ -33,7 +33,10 @@ struct Region {
 
 impl Region {
     fn new(bytes: Vec<u8>) -> Region {
+        // SAFETY: cuMemAlloc only allocates; every test binds the device's primary context (gpu()) before
+        // making a Region.
         let ptr = unsafe { result::malloc_sync(bytes.len()) }.expect("cuMemAlloc");
+        // SAFETY: ptr was just allocated with bytes.len() bytes.
         unsafe { result::memcpy_htod_sync(ptr, &bytes) }.expect("upload");
         Region { ptr, expected: bytes }
     }
@@ -44,6 +47,7 @@ impl Region {
 
     fn assert_matches(&self, what: &str) {
         let mut actual = vec![0u8; self.expected.len()];
+        // SAFETY: actual has expected.len() bytes, the size ptr was allocated with.
         unsafe { result::memcpy_dtoh_sync(&mut actual, self.ptr) }.expect("download");
         if let Some(at) = actual.iter().zip(&self.expected).position(|(a, e)| a != e) {
             let end = (at + 16).min(actual.len());
@@ -59,6 +63,8 @@ impl Region {
 
 impl Drop for Region {
     fn drop(&mut self) {
+        // SAFETY: ptr came from cuMemAlloc in new() and is freed once, here; every test waits for its
+        // unpacker's launches on a Region (finish, or polling until none is in flight) before dropping it.
         let _ = unsafe { result::free_sync(self.ptr) };
     }
 }
@@ -332,6 +338,10 @@ fn small_rings(completion: Completion) {
                 dst_len: r.dst_len as u64,
             };
             loop {
+                // SAFETY: pool and dst are live device Regions declared before the unpacker (so they outlive
+                // it and its launches); cpu_gather placed this receive in dst.expected, which is as long as
+                // dst, so [dst_at, dst_at + dst_len) lies inside dst; nothing else writes dst until the final
+                // check.
                 match unsafe { unpacker.submit(&layout, &r.metas) }.expect("submit") {
                     Submit::Queued(t) => {
                         tickets.push(t);
@@ -381,22 +391,33 @@ fn invalid_and_empty(config: UnpackerConfig) {
     };
     // One byte past the destination: rejected, nothing queued, nothing written.
     let bad = [LoadMeta { src_off: 0, len: 4096, dst_off: 1 }];
+    // SAFETY: pool and dst are live Regions that outlive the unpacker; the meta reaching past the destination
+    // is refused before anything is queued.
     let err = unsafe { unpacker.submit(&layout(0, 4096), &bad) }.unwrap_err();
     assert!(err.to_string().contains("destination"), "{err}");
     let too_many = vec![LoadMeta { src_off: 0, len: 1, dst_off: 0 }; 2049];
+    // SAFETY: pool and dst are live Regions that outlive the unpacker; more than 2048 metas are refused
+    // before anything is queued.
     assert!(unsafe { unpacker.submit(&layout(0, 4096), &too_many) }.is_err());
     assert_eq!(unpacker.submitted(), 0);
     // Empty receives (zero-size requests) still get tickets and complete in order.
+    // SAFETY: an empty receive names no bytes of the live dst Region.
     assert_eq!(unsafe { unpacker.submit(&layout(0, 0), &[]) }.unwrap(), Submit::Queued(0));
     let good = [LoadMeta { src_off: 4096 * 7 + 3, len: 4096, dst_off: 0 }];
+    // SAFETY: [4096, 8192) lies inside dst's 3 * 4096 + 64 bytes and the meta's source page inside the 1 MiB
+    // pool; both Regions outlive the unpacker.
     assert_eq!(unsafe { unpacker.submit(&layout(4096, 4096), &good) }.unwrap(), Submit::Queued(1));
+    // SAFETY: an empty receive names no bytes of the live dst Region.
     assert_eq!(unsafe { unpacker.submit(&layout(0, 0), &[]) }.unwrap(), Submit::Queued(2));
     assert_eq!(unpacker.finish().unwrap(), 3);
     assert_signalled(&unpacker, 1);
     // A batch of empty receives alone launches no kernel, yet completes in order behind a real one.
     let one = [LoadMeta { src_off: 4096 * 9, len: 4096, dst_off: 0 }];
+    // SAFETY: [8192, 12288) lies inside dst's 3 * 4096 + 64 bytes and the meta's source page inside the 1 MiB
+    // pool; both Regions outlive the unpacker.
     assert_eq!(unsafe { unpacker.submit(&layout(8192, 4096), &one) }.unwrap(), Submit::Queued(3));
     assert!(unpacker.launch().unwrap());
+    // SAFETY: an empty receive names no bytes of the live dst Region.
     assert_eq!(unsafe { unpacker.submit(&layout(0, 0), &[]) }.unwrap(), Submit::Queued(4));
     assert!(unpacker.launch().unwrap());
     assert!(unpacker.poll().unwrap() <= 5);
@@ -471,6 +492,8 @@ fn many_launches_in_flight_complete_in_order_with_their_bytes_in_place() {
             while *checked < done as usize {
                 let r = &receives[*checked];
                 let mut actual = vec![0u8; r.dst_len];
+                // SAFETY: check_done reads only receives the watermark reports finished, and cpu_gather
+                // placed each inside dst.expected, which is as long as dst; actual has dst_len bytes.
                 unsafe { result::memcpy_dtoh_sync(&mut actual, dst.ptr + r.dst_at as u64) }.expect("download");
                 assert!(
                     actual == dst.expected[r.dst_at..r.dst_at + r.dst_len],
@@ -488,6 +511,9 @@ fn many_launches_in_flight_complete_in_order_with_their_bytes_in_place() {
                 dst_len: r.dst_len as u64,
             };
             loop {
+                // SAFETY: pool and dst are live device Regions declared before the unpacker (so they outlive
+                // it); cpu_gather placed this receive in dst.expected, which is as long as dst, so its range
+                // lies inside dst; nothing else writes dst meanwhile.
                 match unsafe { unpacker.submit(&layout, &r.metas) }.expect("submit") {
                     Submit::Queued(ticket) => {
                         assert_eq!(ticket, i as u64);

@@ -359,9 +359,13 @@ fn transport_zero_byte_and_four_mib_messages() {
     let src = pattern(4 << 20, 77);
     let mut big = vec![0u8; 4 << 20];
     let mut none = [0u8; 0];
+    // SAFETY: a zero-byte receive names no bytes; none lives to the end of the test anyway.
     let r0 = unsafe { l.recv.irecv(none.as_mut_ptr(), 0, NONE) }.unwrap().unwrap();
+    // SAFETY: big is a live 4 MiB Vec, read only after r1 is reported done below.
     let r1 = unsafe { l.recv.irecv(big.as_mut_ptr(), big.len(), NONE) }.unwrap().unwrap();
+    // SAFETY: a zero-byte send reads no bytes; src lives to the end of the test anyway.
     let s0 = unsafe { l.send.isend(src.as_ptr(), 0, NONE) }.unwrap().unwrap();
+    // SAFETY: src is a live 4 MiB Vec, and s1 is tested to completion below.
     let s1 = unsafe { l.send.isend(src.as_ptr(), src.len(), NONE) }.unwrap().unwrap();
     let mut sent = Vec::new();
     let mut got = Vec::new();
@@ -395,11 +399,18 @@ fn transport_window_of_sixteen_with_unconsumed_receives() {
     let mut dsts: Vec<Vec<u8>> = (0..17).map(|_| vec![0u8; 30_000]).collect();
     let recvs: Vec<RequestId> = dsts[..16]
         .iter_mut()
+        // SAFETY: each d is a live 30,000-byte Vec in dsts, read only after its receive is reported done
+        // below.
         .map(|d| unsafe { l.recv.irecv(d.as_mut_ptr(), d.len(), NONE) }.unwrap().unwrap())
         .collect();
+    // SAFETY: dsts[16] is a live Vec; the window is full, so the receive is refused and nothing keeps the
+    // pointer.
     assert_eq!(unsafe { l.recv.irecv(dsts[16].as_mut_ptr(), 100, NONE) }.unwrap(), None);
     let sends: Vec<RequestId> =
+        // SAFETY: each s is a live Vec in srcs, and every send is tested to completion below.
         srcs.iter().map(|s| unsafe { l.send.isend(s.as_ptr(), s.len(), NONE) }.unwrap().unwrap()).collect();
+    // SAFETY: srcs[0] is a live Vec; the window is full, so the send is refused and nothing keeps the
+    // pointer.
     assert_eq!(unsafe { l.send.isend(srcs[0].as_ptr(), 1, NONE) }.unwrap(), None);
     let (mut s_done, mut r_done) = (0, 0);
     drive("16 sends and receives complete", TRANSFER_LIMIT, || {
@@ -415,13 +426,16 @@ fn transport_window_of_sixteen_with_unconsumed_receives() {
         (s_done == 16 && r_done == 16).then_some(())
     });
     // All 16 completed but none consumed: the window is still full.
+    // SAFETY: dsts[16] is a live Vec; the window is still full, so the receive is refused.
     assert_eq!(unsafe { l.recv.irecv(dsts[16].as_mut_ptr(), 100, NONE) }.unwrap(), None);
     for (i, r) in recvs.iter().enumerate() {
         assert!(dsts[i][..srcs[i].len()] == srcs[i][..], "message {i}");
         l.recv.irecv_consumed(*r).unwrap();
     }
     let src = pattern(100, 5);
+    // SAFETY: dsts[16] is a live 30,000-byte Vec (100 posted), read only after r is reported done below.
     let r = unsafe { l.recv.irecv(dsts[16].as_mut_ptr(), 100, NONE) }.unwrap().expect("room again");
+    // SAFETY: src is a live 100-byte Vec, and s is tested to completion below.
     let s = unsafe { l.send.isend(src.as_ptr(), 100, NONE) }.unwrap().unwrap();
     assert_eq!(finish(|| l.send.test(s)), 100);
     assert_eq!(finish(|| l.recv.test(r)), 100);

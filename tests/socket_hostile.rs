@@ -87,6 +87,8 @@ fn expect_failure(receives: usize, posted: usize, bytes: &[u8], what: &str) {
     let (mut peer, mut comm) = hostile_comm();
     let mut bufs: Vec<Vec<u8>> = (0..receives).map(|_| vec![0u8; posted + 64]).collect();
     let ids: Vec<_> =
+        // SAFETY: each b is a live Vec of posted + 64 bytes (posted of them handed over), read only after the
+        // comm has failed below, and a failed comm writes no receive buffer.
         bufs.iter_mut().map(|b| unsafe { comm.irecv(b.as_mut_ptr(), posted, MrHandle(0)) }.unwrap().unwrap()).collect();
     peer.write_all(bytes).unwrap();
     let mut next = 0;
@@ -153,6 +155,8 @@ fn piece_of_a_completed_request_fails_the_comm() {
 fn peer_closing_mid_piece_is_a_disconnect() {
     let (mut peer, mut comm) = hostile_comm();
     let mut buf = vec![0u8; 8192];
+    // SAFETY: buf is a live 8192-byte Vec, read only after the receive has failed with the peer's disconnect
+    // below.
     let id = unsafe { comm.irecv(buf.as_mut_ptr(), buf.len(), MrHandle(0)) }.unwrap().unwrap();
     peer.write_all(&piece(PIECE_MAGIC, 0, 0, PIECE, 8192)[..1000]).unwrap();
     drop(peer);

@@ -133,6 +133,7 @@ fn late_receives_and_late_data(options: SocketConfig) {
     let (mut tx, mut rx, _listen) = comm_pair(&net, 0);
     let msgs: Vec<Vec<u8>> = (0..16).map(|i| pattern(10_000 + i * 999, i as u64)).collect();
     let ids: Vec<RequestId> =
+        // SAFETY: each m is a live Vec in msgs, and every send is tested to completion just below.
         msgs.iter().map(|m| unsafe { tx.isend(m.as_ptr(), m.len(), MrHandle(0)) }.unwrap().unwrap()).collect();
     // The messages fit the sockets' buffers, so every send completes with no receive posted: the
     // data is all on its way to the receiver before the first receive comes.
@@ -141,6 +142,7 @@ fn late_receives_and_late_data(options: SocketConfig) {
     }
     let mut bufs: Vec<Vec<u8>> = (0..16).map(|_| vec![0u8; 32 << 10]).collect();
     let rids: Vec<RequestId> =
+        // SAFETY: each b is a live 32 KiB Vec in bufs, read only after its receive is reported done below.
         bufs.iter_mut().map(|b| unsafe { rx.irecv(b.as_mut_ptr(), b.len(), MrHandle(0)) }.unwrap().unwrap()).collect();
     for (i, id) in rids.into_iter().enumerate() {
         let n = drive(&format!("receive {i} completes"), LIMIT, || rx.test(id).unwrap());

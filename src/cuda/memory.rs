@@ -134,8 +134,9 @@ impl PinnedBuffer {
         }
         let _ctx = gpu.enter()?;
         let mut ptr: *mut std::ffi::c_void = std::ptr::null_mut();
-        // SAFETY: the driver writes one host pointer into `ptr`.
         check(
+            // SAFETY: the driver writes one host pointer into `ptr`, a live local; the GPU's context
+            // is current (entered above).
             unsafe { sys::cuMemHostAlloc(&mut ptr, len, sys::CU_MEMHOSTALLOC_PORTABLE) },
             &format!("cuMemHostAlloc of {len} bytes"),
         )?;

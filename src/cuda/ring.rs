@@ -121,8 +121,9 @@ impl StagingRing {
     pub unsafe fn copy_in(&mut self, slot: usize, src: usize, len: usize) -> Result<()> {
         self.check_len(len)?;
         self.gpu().bind()?;
-        // SAFETY: per the contract for the source; the slot holds slot_size >= len bytes.
         check(
+            // SAFETY: the caller vouches for the device source and the taken slot; the slot holds
+            // slot_size >= len bytes (check_len above), and the GPU is bound on this thread.
             unsafe {
                 sys::cuMemcpyDtoHAsync_v2(
                     self.slot_ptr(slot).cast(),
@@ -144,8 +145,9 @@ impl StagingRing {
     pub unsafe fn copy_out(&mut self, slot: usize, dst: usize, len: usize) -> Result<()> {
         self.check_len(len)?;
         self.gpu().bind()?;
-        // SAFETY: per the contract for the destination; the slot holds slot_size >= len bytes.
         check(
+            // SAFETY: the caller vouches for the device destination and the slot's final bytes; the
+            // slot holds slot_size >= len bytes (check_len above), and the GPU is bound on this thread.
             unsafe {
                 sys::cuMemcpyHtoDAsync_v2(
                     dst as sys::CUdeviceptr,

@@ -21,8 +21,9 @@ impl Stream {
     pub fn new(gpu: &Arc<Gpu>) -> Result<Stream> {
         let _ctx = gpu.enter()?;
         let mut raw: sys::CUstream = std::ptr::null_mut();
-        // SAFETY: the driver writes one stream handle into `raw`.
         check(
+            // SAFETY: the driver writes one stream handle into `raw`, a live local; the GPU's
+            // context is current (entered above).
             unsafe { sys::cuStreamCreate(&mut raw, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32) },
             "cuStreamCreate",
         )?;
@@ -69,8 +70,9 @@ impl Event {
     pub fn new(gpu: &Arc<Gpu>) -> Result<Event> {
         let _ctx = gpu.enter()?;
         let mut raw: sys::CUevent = std::ptr::null_mut();
-        // SAFETY: the driver writes one event handle into `raw`.
         check(
+            // SAFETY: the driver writes one event handle into `raw`, a live local; the GPU's context
+            // is current (entered above).
             unsafe { sys::cuEventCreate(&mut raw, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32) },
             "cuEventCreate",
         )?;

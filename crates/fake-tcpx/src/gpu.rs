@@ -356,10 +356,10 @@ impl RxMemory for GpuRx {
         let (stream, device) = (self.stream, self.device);
         let (dsts, srcs, sizes, batch) = (&mut self.dsts, &mut self.srcs, &mut self.sizes, &mut self.batch);
         self.ctx.with(|| {
-            // SAFETY: every range was checked above; staging is pinned (host pointers are valid
-            // device addresses under unified addressing) and stays untouched until the synchronize
-            // below.
             let batched = match batch {
+                // SAFETY: every range was checked above; staging is pinned (host pointers are valid
+                // device addresses under unified addressing) and stays untouched until the
+                // synchronize below.
                 Some(b) => match unsafe { b.copy(dsts, srcs, sizes, device, stream) } {
                     Ok(()) => true,
                     Err(e) => {

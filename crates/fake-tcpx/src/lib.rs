@@ -144,6 +144,7 @@ unsafe extern "C" fn fake_connect(
             let send_comm = non_null(send_comm, "sendComm")?;
             // SAFETY: checked non-NULL; the caller passes its 128-byte handle buffer.
             unsafe { send_comm.write(std::ptr::null_mut()) };
+            // SAFETY: handle is non-NULL (checked above) and is the caller's 128-byte handle buffer.
             let h = unsafe { handle::read(handle) };
             let state = handle::connect_state(&h);
             if state == 0 {

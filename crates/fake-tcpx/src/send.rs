@@ -175,6 +175,8 @@ impl FakeSend {
             // contract keeps valid until test reports done; dropping `inner` first joins its thread.
             let header_id =
                 unsafe { inner.isend(self.headers[i].as_ptr(), HEADER_LEN, MrHandle(0)) }.map_err(closed)?;
+            // SAFETY: as for the header: the payload is caller memory (or this comm's staging copy)
+            // that isend's contract keeps valid until test reports done.
             let payload_id = unsafe { inner.isend(payload, s.len, MrHandle(0)) }.map_err(closed)?;
             let (Some(h), Some(p)) = (header_id, payload_id) else {
                 return Err(Fail::internal("socket transport refused a request inside its window"));

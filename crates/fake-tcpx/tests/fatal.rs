@@ -44,6 +44,8 @@ unsafe extern "C" {
 /// Messages the slow logger has started on so far.
 fn slow_logger_entered() -> i32 {
     let p = std::ptr::addr_of!(fake_tcpx_test_slow_logger_entered);
+    // SAFETY: p is the address of logger.c's int, a static that lives for the whole process; C touches it
+    // only with __atomic builtins, so an atomic view is sound.
     unsafe { AtomicI32::from_ptr(p as *mut i32) }.load(Ordering::SeqCst)
 }
 
@@ -107,6 +109,8 @@ isolated_test!(
 /// Initialises the plugin with the slow logger (its init message takes half a second).
 fn init_slow() -> Plugin {
     let p = Plugin::load();
+    // SAFETY: a freshly loaded plugin, initialised with logger.c's slow logger, which lives for the whole
+    // process.
     assert_eq!(unsafe { p.t.init.unwrap()(Some(fake_tcpx_test_slow_logger)) }, 0);
     p
 }
@@ -131,6 +135,8 @@ exiting_test!(
         let init = p.t.init.unwrap();
         // init logs as it finishes, through the slow logger: listen comes in meanwhile.
         overlap(
+            // SAFETY: init is the fresh plugin's entry point, which stays loaded (p lives to the end of the
+            // test); the logger is logger.c's, process-long.
             move || assert_eq!(unsafe { init(Some(fake_tcpx_test_slow_logger)) }, 0),
             || {
                 p.listen(0);
@@ -178,6 +184,7 @@ isolated_test!(
         overlap(consume_slowly(p, recv, s), || {
             p.listen(1);
             let _ = p.test(s as *mut c_void);
+            // SAFETY: send is the pair's live send comm (never closed before), closed once here.
             assert_eq!(unsafe { p.t.close_send.unwrap()(send as *mut c_void) }, 0);
         });
     }

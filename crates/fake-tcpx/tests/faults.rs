@@ -46,6 +46,7 @@ isolated_test!(
         let rmh = p.reg(pair.recv, dst.as_mut_ptr(), dst.len(), NCCL_PTR_HOST).unwrap();
         let s = p.isend(pair.send, src.as_ptr(), 100, smh).unwrap();
         p.wait(s).unwrap();
+        // SAFETY: pair.send is a live send comm, closed once.
         assert_eq!(unsafe { p.t.close_send.unwrap()(pair.send) }, 0);
         let r = p.irecv(pair.recv, dst.as_mut_ptr(), 100, rmh).unwrap();
         p.wait(r).unwrap();

@@ -19,29 +19,42 @@ fn skip_without_gpu(name: &str) -> bool {
 fn use_gpu_0() {
     uccl_tcpx::cuda::driver().expect("cuInit");
     let dev = result::device::get(0).unwrap();
+    // SAFETY: dev is device 0, which the driver just initialised (cuInit) reported.
     let ctx = unsafe { result::primary_ctx::retain(dev) }.unwrap();
+    // SAFETY: ctx was just retained and stays retained for the rest of the process.
     unsafe { result::ctx::set_current(ctx) }.unwrap();
 }
 
 /// The unpack handle of a receive comm, read from device memory once, as a consumer reads it.
 fn unpack_handle(pair: &common::Pair) -> UnpackDeviceHandle {
     let mut raw = [0u8; 24];
+    // SAFETY: the receive comm's device handle is a live 24-byte UnpackDeviceHandle in device memory, the
+    // size of raw; the primary context is current (use_gpu_0).
     unsafe { result::memcpy_dtoh_sync(&mut raw, pair.dev_handle.handle as sys::CUdeviceptr) }.unwrap();
+    // SAFETY: raw holds 24 bytes, the size of UnpackDeviceHandle, whose fields are plain integers and
+    // pointers (any bits are valid); read_unaligned as raw is a byte array.
     unsafe { std::ptr::read_unaligned(raw.as_ptr().cast()) }
 }
 
 /// The `size` bytes of the receive in `slot`, gathered from the device pool along its loadMeta list.
 fn gather(h: &UnpackDeviceHandle, slot: usize, size: usize, pool_bytes: usize) -> Vec<u8> {
     let (meta, pool) = (h.meta, h.bounce_buf as sys::CUdeviceptr);
+    // SAFETY: meta is the receive comm's mapped pinned NetUnpackMeta (with unified addressing its device
+    // pointer is the host pointer), live while the comm is; the fake updates cnt atomically, hence the atomic
+    // view; slot < 16.
     let cnt = unsafe { std::sync::atomic::AtomicU64::from_ptr(std::ptr::addr_of_mut!((*meta).cnt[slot])) }
         .load(std::sync::atomic::Ordering::Acquire) as usize;
     assert!(cnt <= 2048);
     let mut got = vec![0u8; size];
     let mut covered = 0usize;
     for i in 0..cnt {
+        // SAFETY: i < cnt <= 2048, the size of mem[slot], and meta is the comm's live mapped NetUnpackMeta;
+        // the fake finished writing these entries before publishing cnt with Release.
         let m = unsafe { std::ptr::addr_of!((*meta).mem[slot][i]).read() };
         let (so, len, dofs) = (m.src_off as usize, m.len as usize, m.dst_off as usize);
         assert!(dofs + len <= size && so + len <= pool_bytes, "{m:?}");
+        // SAFETY: dofs + len <= size and so + len <= pool_bytes (asserted above), so the copy stays inside
+        // got and the comm's device bounce pool.
         unsafe { result::memcpy_dtoh_sync(&mut got[dofs..dofs + len], pool + so as u64) }.unwrap();
         covered += len;
     }
@@ -59,6 +72,7 @@ fn gpu_mode_needs_a_driver() {
         return;
     }
     let p = Plugin::load();
+    // SAFETY: a fresh plugin with no init yet; the logger is this test's own.
     assert_eq!(unsafe { p.t.init.unwrap()(common::logger()) }, NCCL_INTERNAL_ERROR);
     assert_warned("CUDA unavailable");
 }
@@ -71,7 +85,9 @@ struct DeviceBuf {
 
 impl DeviceBuf {
     fn new(len: usize, fill: u8) -> DeviceBuf {
+        // SAFETY: cuMemAlloc only allocates; the tests make the primary context current (use_gpu_0) first.
         let raw = unsafe { result::malloc_sync(len + 8192) }.unwrap();
+        // SAFETY: raw was just allocated with len + 8192 bytes.
         unsafe { result::memset_d8_sync(raw, fill, len + 8192) }.unwrap();
         DeviceBuf { raw, ptr: (raw + 4095) & !4095 }
     }
@@ -81,6 +97,8 @@ impl DeviceBuf {
     fn read(&self, off: usize, len: usize) -> Vec<u8> {
         let mut out = vec![0u8; len];
         if len > 0 {
+            // SAFETY: len > 0 and every caller reads inside the usable len bytes after ptr, which leave the
+            // allocation's 8192 spare bytes as room for rounding ptr up.
             unsafe { result::memcpy_dtoh_sync(&mut out, self.ptr + off as u64) }.unwrap();
         }
         out
@@ -89,6 +107,8 @@ impl DeviceBuf {
 
 impl Drop for DeviceBuf {
     fn drop(&mut self) {
+        // SAFETY: raw came from cuMemAlloc in new() and is freed once, here, after the test's transfers into
+        // it completed.
         unsafe { result::free_sync(self.raw) }.unwrap();
     }
 }
@@ -147,6 +167,7 @@ fn transfer_in_gpu_mode(name: &str, copy: &str) {
         let src = DeviceBuf::new(round_up(size), 0);
         let (sptr, smh) = if k % 2 == 0 {
             if size > 0 {
+                // SAFETY: src was allocated with round_up(size) >= size bytes and data has size bytes.
                 unsafe { result::memcpy_htod_sync(src.ptr, &data) }.unwrap();
             }
             (src.host(), p.reg(pair.send, src.host(), round_up(size), NCCL_PTR_CUDA).unwrap())
@@ -158,17 +179,25 @@ fn transfer_in_gpu_mode(name: &str, copy: &str) {
         p.wait_both(s, r).unwrap();
         let slot = k % 16;
         let got = gather(&h, slot, size, 32 << 20);
+        // SAFETY: meta is the receive comm's live mapped NetUnpackMeta, updated atomically by the fake; slot
+        // < 16.
         let cnt = unsafe { std::sync::atomic::AtomicU64::from_ptr(std::ptr::addr_of_mut!((*meta).cnt[slot])) }
             .load(std::sync::atomic::Ordering::Acquire) as usize;
         // The metadata is device-mapped: what a kernel reads through `meta` is what the host sees.
         let mut via_device = [0u64; 1];
         let cnt_off = std::mem::offset_of!(NetUnpackMeta, cnt) + slot * 8;
+        // SAFETY: cnt[slot] is 8 bytes inside the comm's live mapped NetUnpackMeta (its device address equals
+        // its host one).
         unsafe { result::memcpy_dtoh_sync(&mut via_device, meta as sys::CUdeviceptr + cnt_off as u64) }.unwrap();
         assert_eq!(via_device[0] as usize, cnt);
         if cnt > 0 {
             let mut first = [0u8; 16];
             let mem_off = slot * 2048 * 16;
+            // SAFETY: mem[slot][0] is 16 bytes inside the comm's live mapped NetUnpackMeta (its device
+            // address equals its host one).
             unsafe { result::memcpy_dtoh_sync(&mut first, meta as sys::CUdeviceptr + mem_off as u64) }.unwrap();
+            // SAFETY: cnt > 0, so mem[slot][0] was written and published before the receive completed; meta
+            // is the comm's live mapped NetUnpackMeta.
             let host = unsafe { std::ptr::addr_of!((*meta).mem[slot][0]).read() };
             assert_eq!(u32::from_le_bytes(first[0..4].try_into().unwrap()), host.src_off);
             assert_eq!(u64::from_le_bytes(first[8..16].try_into().unwrap()), host.dst_off);
@@ -176,6 +205,8 @@ fn transfer_in_gpu_mode(name: &str, copy: &str) {
         assert!(got == data, "size {size}: bytes gathered from the device pool differ");
         assert!(dst.read(0, size.min(8192)).iter().all(|b| *b == 0xEE), "the posted buffer is never written");
         assert_eq!(p.consume(pair.recv, r), 0);
+        // SAFETY: pair.send is this plugin's live send comm and smh its live registration on it (the fake
+        // looks both up in its registry anyway).
         assert_eq!(unsafe { p.t.dereg_mr.unwrap()(pair.send, smh) }, 0);
     }
     // A batch copy the driver offers must have worked: a failed one falls back with a warning.
@@ -187,6 +218,7 @@ fn transfer_in_gpu_mode(name: &str, copy: &str) {
     assert_eq!(p.reg(pair.send, host.ptr(), 4096, NCCL_PTR_CUDA), Err(NCCL_INTERNAL_ERROR));
     assert_warned("not device memory");
     for (f, c) in [(p.t.close_send, pair.send), (p.t.close_recv, pair.recv), (p.t.close_listen, pair.listen)] {
+        // SAFETY: each comm of the pair is live and closed once, with the close of its own kind.
         assert_eq!(unsafe { f.unwrap()(c) }, 0);
     }
 }

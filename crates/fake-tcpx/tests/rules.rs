@@ -13,6 +13,8 @@ isolated_test!(
     fn table_shape_and_iflush() {
         let p = Plugin::load();
         let t = &p.t;
+        // SAFETY: the table's name is a static NUL-terminated string of the plugin, which stays loaded while
+        // p lives.
         assert_eq!(unsafe { CStr::from_ptr(t.name) }.to_str().unwrap(), "FakeDevmemTCPX_v7");
         assert!(t.init.is_some() && t.devices.is_some() && t.get_properties.is_some() && t.listen.is_some());
         assert!(t.connect.is_some() && t.accept.is_some() && t.reg_mr.is_some() && t.dereg_mr.is_some());
@@ -23,11 +25,15 @@ isolated_test!(
         let p = Plugin::init();
         let pair = p.pair(0);
         let mut req = null_mut();
+        // SAFETY: pair.recv is a live receive comm and req a writable local; the fake refuses iflush before
+        // reading any array (they are null).
         let rc = unsafe { p.t.iflush.unwrap()(pair.recv, 1, null_mut(), null_mut(), null_mut(), &mut req) };
         assert_eq!(rc, NCCL_INTERNAL_ERROR);
         assert_warned("iflush");
         // getDeviceMr succeeds and writes nothing, as TCPX's.
         let mut dptr = std::ptr::dangling_mut::<std::ffi::c_void>();
+        // SAFETY: pair.send is a live comm and dptr a writable local; the fake writes nothing (what this
+        // checks).
         assert_eq!(unsafe { p.t.get_device_mr.unwrap()(pair.send, null_mut(), &mut dptr) }, 0);
         assert_eq!(dptr, std::ptr::dangling_mut());
     }
@@ -43,6 +49,7 @@ isolated_test!(
         let r = p.irecv(pair.recv, buf.as_mut_ptr(), 100, rmh).unwrap();
         let s = p.isend(pair.send, buf.as_ptr(), 100, smh).unwrap();
         p.wait_both(s, r).unwrap();
+        // SAFETY: pair.recv is a live receive comm of this plugin, closed once.
         assert_eq!(unsafe { p.t.close_recv.unwrap()(pair.recv) }, 0);
         assert_warned("some pages not yet freed?");
     }
@@ -53,10 +60,14 @@ isolated_test!(
         let p = Plugin::load();
         let init = p.t.init.unwrap();
         let mut n = 0;
+        // SAFETY: n is a writable local; before init the call is refused.
         assert_eq!(unsafe { p.t.devices.unwrap()(&mut n) }, NCCL_INTERNAL_ERROR, "devices before init");
+        // SAFETY: a null logger is refused before anything is called through it.
         assert_eq!(unsafe { init(None) }, NCCL_INTERNAL_ERROR, "NULL logger");
+        // SAFETY: the logger is this harness's, which lives for the whole process.
         assert_eq!(unsafe { init(common::logger()) }, 0, "a rejected init does not count");
         take_warnings();
+        // SAFETY: the logger is this harness's; a second init is refused.
         assert_eq!(unsafe { init(common::logger()) }, NCCL_INTERNAL_ERROR);
         assert_warned("init twice");
     }
@@ -80,6 +91,7 @@ isolated_test!(
         let a = Plugin::init();
         let devices = |p: &Plugin| {
             let mut n = 0;
+            // SAFETY: n is a writable local.
             assert_eq!(unsafe { p.t.devices.unwrap()(&mut n) }, 0);
             n
         };
@@ -91,6 +103,8 @@ isolated_test!(
         let alias = dir.join("libnccl-net-alias.so");
         std::os::unix::fs::symlink(common::library_path(), &alias).unwrap();
         for b in [Plugin::load(), Plugin::load_from(&alias)] {
+            // SAFETY: fake_tcpx_test_logger_second is tests/logger.c's variadic logger, linked into this test
+            // for the whole process.
             assert_eq!(unsafe { b.t.init.unwrap()(Some(fake_tcpx_test_logger_second)) }, NCCL_INTERNAL_ERROR);
             let w = take_warnings();
             assert!(w.iter().any(|m| m.starts_with("second: ") && m.contains("init twice")), "{w:?}");
@@ -98,6 +112,7 @@ isolated_test!(
             assert_eq!(devices(&b), 2);
         }
         // As TCPX's init replaces its logger first thing, A's messages now go to B's logger.
+        // SAFETY: a null ndev is refused (logged and reported) before anything is written.
         assert_eq!(unsafe { a.t.devices.unwrap()(null_mut()) }, NCCL_INTERNAL_ERROR);
         let w = take_warnings();
         assert!(!w.is_empty() && w.iter().all(|m| m.starts_with("second: ") && m.contains("ndev is NULL")), "{w:?}");
@@ -105,6 +120,7 @@ isolated_test!(
         let copy = dir.join("libnccl-net-copy.so");
         std::fs::copy(common::library_path(), &copy).unwrap();
         let c = Plugin::load_from(&copy);
+        // SAFETY: a fresh image of the copy, initialised with this harness's process-long logger.
         assert_eq!(unsafe { c.t.init.unwrap()(common::logger()) }, 0);
         assert_eq!(devices(&c), 2);
         // The copy stays mapped (its threads' exit handlers point into it), as a net plugin does.
@@ -116,6 +132,7 @@ isolated_test!(
 isolated_test!(
     fn bad_knob_fails_init() {
         let p = Plugin::load();
+        // SAFETY: the logger is this harness's, which lives for the whole process.
         assert_eq!(unsafe { p.t.init.unwrap()(common::logger()) }, NCCL_INTERNAL_ERROR);
         assert_warned("FAKE_TCPX_FRAGMENT");
     }
@@ -124,15 +141,23 @@ isolated_test!(
 
 fn check_properties(p: &Plugin, ndev: c_int) {
     let mut n = 0;
+    // SAFETY: n is a writable local.
     assert_eq!(unsafe { p.t.devices.unwrap()(&mut n) }, 0);
     assert_eq!(n, ndev);
     let mut paths = Vec::new();
     for dev in 0..n {
         let mut props = NcclNetPropertiesV7::default();
         // Poison every byte, so that a field left unwritten shows.
+        // SAFETY: props is a live NcclNetPropertiesV7 of at least 56 bytes (its 11 fields), plain integers
+        // and pointers for which any bytes are valid.
         unsafe { std::ptr::write_bytes(&mut props as *mut NcclNetPropertiesV7 as *mut u8, 0xAB, 56) };
+        // SAFETY: props is a writable local; dev < n, a device the plugin reported.
         assert_eq!(unsafe { p.t.get_properties.unwrap()(dev, &mut props) }, 0);
+        // SAFETY: getProperties succeeded above, so name points at the plugin's static NUL-terminated device
+        // name.
         assert_eq!(unsafe { CStr::from_ptr(props.name) }.to_str().unwrap(), format!("fake{dev}"));
+        // SAFETY: getProperties succeeded above, so pci_path points at the plugin's static NUL-terminated PCI
+        // path.
         let path = unsafe { CStr::from_ptr(props.pci_path) }.to_str().unwrap().to_owned();
         assert!(path.starts_with("/sys/devices/pci"), "{path}");
         paths.push(path);
@@ -147,6 +172,7 @@ fn check_properties(p: &Plugin, ndev: c_int) {
         assert_eq!(props.net_device_version, NCCL_NET_DEVICE_UNPACK_VERSION);
         // Static storage: a second call returns the same strings.
         let mut again = NcclNetPropertiesV7::default();
+        // SAFETY: again is a writable local; dev < n.
         unsafe { p.t.get_properties.unwrap()(dev, &mut again) };
         assert_eq!(again.name, props.name);
         assert_eq!(again.pci_path, props.pci_path);
@@ -156,6 +182,7 @@ fn check_properties(p: &Plugin, ndev: c_int) {
     assert_eq!(paths.len(), n as usize, "PCI paths are distinct");
     let mut props = NcclNetPropertiesV7::default();
     for bad in [-1, n, 1000] {
+        // SAFETY: props is a writable local; an out-of-range device is refused before it is written.
         assert_eq!(unsafe { p.t.get_properties.unwrap()(bad, &mut props) }, NCCL_INVALID_ARGUMENT, "dev {bad}");
         assert_warned("does not exist");
     }
@@ -173,6 +200,8 @@ isolated_test!(
         check_properties(&p, 5);
         let mut handle = [0u8; 128];
         let mut lc = null_mut();
+        // SAFETY: handle is a 128-byte buffer and lc a writable local; device 5 does not exist and is
+        // refused.
         assert_eq!(unsafe { p.t.listen.unwrap()(5, handle.as_mut_ptr().cast(), &mut lc) }, NCCL_INVALID_ARGUMENT);
         let pair = p.pair(4);
         assert!(!pair.send.is_null());
@@ -187,29 +216,41 @@ isolated_test!(
         assert_eq!(&handle[80..88], &[0u8; 8], "listen leaves the connect state slot empty");
         let mut h = handle;
         let mut sc = std::ptr::dangling_mut::<std::ffi::c_void>();
+        // SAFETY: h is the 128-byte handle listen wrote and sc a writable local; the dev-comm slot is
+        // optional (null).
         assert_eq!(unsafe { p.t.connect.unwrap()(0, h.as_mut_ptr().cast(), &mut sc, null_mut()) }, 0);
         assert!(sc.is_null(), "the first connect call never completes");
         assert_ne!(&h[80..88], &[0u8; 8], "connect keeps its state in the handle");
 
         // accept insists on caller-allocated device handle storage, on every call.
         let mut rc = null_mut();
+        // SAFETY: lc came from listen; rc is a writable local and the missing device-handle storage is
+        // refused.
         assert_eq!(unsafe { p.t.accept.unwrap()(lc, &mut rc, null_mut()) }, NCCL_INTERNAL_ERROR);
         assert_warned("recvDevComm");
         let mut no_storage: *mut NcclNetDeviceHandleV7 = null_mut();
+        // SAFETY: lc came from listen; rc and no_storage are writable locals, and the null storage is
+        // refused.
         assert_eq!(unsafe { p.t.accept.unwrap()(lc, &mut rc, &mut no_storage) }, NCCL_INTERNAL_ERROR);
         assert_warned("caller-allocated");
 
         let mut dh = NcclNetDeviceHandleV7::default();
         let mut dhp: *mut NcclNetDeviceHandleV7 = &mut dh;
+        // SAFETY: lc came from listen; rc is a writable local and dhp points at dh, which lives to the end of
+        // the test.
         assert_eq!(unsafe { p.t.accept.unwrap()(lc, &mut rc, &mut dhp) }, 0);
         assert!(rc.is_null(), "the first accept call never completes");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while sc.is_null() || rc.is_null() {
             assert!(std::time::Instant::now() < deadline);
             if sc.is_null() {
+                // SAFETY: h is the 128-byte handle listen wrote, kept in place across polls, and sc a
+                // writable local.
                 assert_eq!(unsafe { p.t.connect.unwrap()(0, h.as_mut_ptr().cast(), &mut sc, null_mut()) }, 0);
             }
             if rc.is_null() {
+                // SAFETY: lc came from listen; rc is a writable local and dhp points at dh, which lives to
+                // the end of the test.
                 assert_eq!(unsafe { p.t.accept.unwrap()(lc, &mut rc, &mut dhp) }, 0);
             }
         }
@@ -217,6 +258,8 @@ isolated_test!(
         assert_eq!(dh.net_device_version, NCCL_NET_DEVICE_UNPACK_VERSION);
         assert_eq!(dh.size, 24);
         assert_eq!(dh.needs_proxy_progress, 1);
+        // SAFETY: accept completed, so dh.handle points at the receive comm's UnpackDeviceHandle in host
+        // memory (host mode), live while the comm is.
         let unpack = unsafe { dh.handle.cast::<UnpackDeviceHandle>().read() };
         assert_eq!(unpack.head, u64::MAX);
         assert!(!unpack.meta.is_null() && !unpack.bounce_buf.is_null());
@@ -224,25 +267,33 @@ isolated_test!(
         // A handle reused after its connect completed is refused, not dereferenced.
         let mut sc2 = null_mut();
         assert_eq!(
+            // SAFETY: h is a 128-byte handle buffer and sc2 a writable local; the reused handle is refused.
             unsafe { p.t.connect.unwrap()(0, h.as_mut_ptr().cast(), &mut sc2, null_mut()) },
             NCCL_INTERNAL_ERROR
         );
         assert_warned("fresh copy");
         // One accept per listen comm.
         let mut rc2 = null_mut();
+        // SAFETY: lc came from listen; rc2 is a writable local and dhp points at dh; the second accept is
+        // refused.
         assert_eq!(unsafe { p.t.accept.unwrap()(lc, &mut rc2, &mut dhp) }, NCCL_INTERNAL_ERROR);
         assert_warned("one accept per listen comm");
         // A handle not written by listen.
         let mut junk = [7u8; 128];
         junk[80..88].fill(0);
         assert_eq!(
+            // SAFETY: junk is a 128-byte buffer and sc2 a writable local; a handle listen never wrote is
+            // refused without being dereferenced.
             unsafe { p.t.connect.unwrap()(0, junk.as_mut_ptr().cast(), &mut sc2, null_mut()) },
             NCCL_INTERNAL_ERROR
         );
 
         for (f, c) in [(p.t.close_send, sc), (p.t.close_recv, rc), (p.t.close_listen, lc)] {
+            // SAFETY: each comm is live and closed once, with the close of its own kind.
             assert_eq!(unsafe { f.unwrap()(c) }, 0);
         }
+        // SAFETY: the fake looks sc up in its registry, so the already closed comm is an error, not a
+        // dereference.
         assert_eq!(unsafe { p.t.close_send.unwrap()(sc) }, NCCL_INTERNAL_ERROR, "double close");
     }
 );
@@ -256,14 +307,20 @@ isolated_test!(
         for comm in [pair.send, pair.recv] {
             assert_eq!(p.reg(comm, b, 4096, 4), Err(NCCL_INTERNAL_ERROR), "DMABUF type");
             assert_eq!(p.reg(comm, b, 4096, 0), Err(NCCL_INTERNAL_ERROR), "type 0");
+            // SAFETY: b is a 16 KiB allocation, so b + 8 lies inside it.
             assert_eq!(p.reg(comm, unsafe { b.add(8) }, 4096, NCCL_PTR_CUDA), Err(NCCL_INTERNAL_ERROR));
             assert_warned("data not aligned");
             assert_eq!(p.reg(comm, b, 4095, NCCL_PTR_CUDA), Err(NCCL_INTERNAL_ERROR));
             assert_warned("data not aligned");
             let cuda = p.reg(comm, b, 16384, NCCL_PTR_CUDA).unwrap();
+            // SAFETY: b is a 16 KiB allocation, so b + 3 lies inside it.
             let host = p.reg(comm, unsafe { b.add(3) }, 100, NCCL_PTR_HOST).unwrap();
+            // SAFETY: comm is live and cuda a registration on it.
             assert_eq!(unsafe { p.t.dereg_mr.unwrap()(comm, cuda) }, 0);
+            // SAFETY: the fake looks cuda up in its registry, so the freed registration is an error, not a
+            // dereference.
             assert_eq!(unsafe { p.t.dereg_mr.unwrap()(comm, cuda) }, NCCL_INTERNAL_ERROR, "double dereg");
+            // SAFETY: comm is live and host a registration on it.
             assert_eq!(unsafe { p.t.dereg_mr.unwrap()(comm, host) }, 0);
         }
         assert_eq!(p.reg(null_mut(), b, 4096, NCCL_PTR_HOST), Err(NCCL_INTERNAL_ERROR), "no comm");
@@ -271,11 +328,12 @@ isolated_test!(
         let mh = p.reg(pair.send, b, 4096, NCCL_PTR_HOST).unwrap();
         assert_eq!(p.irecv(pair.recv, b, 10, mh), Err(NCCL_INTERNAL_ERROR));
         // Buffers must lie inside the registration.
+        // SAFETY: b is a 16 KiB allocation, so b + 4000 lies inside it.
         assert_eq!(p.isend(pair.send, unsafe { b.add(4000) }, 97, mh), Err(NCCL_INTERNAL_ERROR));
         assert_warned("outside");
         assert_eq!(p.isend(pair.send, b, 10, null_mut()), Err(NCCL_INTERNAL_ERROR));
         let rmh = p.reg(pair.recv, b, 4096, NCCL_PTR_HOST).unwrap();
-        assert_eq!(p.irecv(pair.recv, unsafe { b.sub(1) }, 10, rmh), Err(NCCL_INTERNAL_ERROR));
+        assert_eq!(p.irecv(pair.recv, b.wrapping_sub(1), 10, rmh), Err(NCCL_INTERNAL_ERROR));
         // irecv: n must be 1, mhandles[0] non-NULL.
         let mut req = null_mut();
         let mut datas = [b.cast::<std::ffi::c_void>(); 2];
@@ -283,11 +341,15 @@ isolated_test!(
         let mut tags = [0, 0];
         let mut mhs = [rmh, rmh];
         let irecv = p.t.irecv.unwrap();
+        // SAFETY: each array has 2 entries (n = 2) and req is a writable local; n = 2 is refused before the
+        // arrays are used.
         let r = unsafe {
             irecv(pair.recv, 2, datas.as_mut_ptr(), sizes.as_mut_ptr(), tags.as_mut_ptr(), mhs.as_mut_ptr(), &mut req)
         };
         assert_eq!(r, NCCL_INTERNAL_ERROR);
         mhs[0] = null_mut();
+        // SAFETY: each array has at least 1 entry (n = 1) and req is a writable local; the null mhandle is
+        // refused.
         let r = unsafe {
             irecv(pair.recv, 1, datas.as_mut_ptr(), sizes.as_mut_ptr(), tags.as_mut_ptr(), mhs.as_mut_ptr(), &mut req)
         };
@@ -315,11 +377,13 @@ isolated_test!(
             assert_eq!(p.reg(comm, b, 2 << 30, NCCL_PTR_HOST), Err(NCCL_INTERNAL_ERROR), "2 GiB host");
             assert_warned("int size");
             let below = p.reg(comm, b, (2 << 30) - 4096, NCCL_PTR_CUDA).unwrap();
+            // SAFETY: comm is live and below a registration on it.
             assert_eq!(unsafe { p.t.dereg_mr.unwrap()(comm, below) }, 0);
         }
         // 4 GiB + 8 KiB wraps to 8 KiB: registered, but it covers 8 KiB only.
         let wrapped = p.reg(pair.send, b, (4 << 30) + 8192, NCCL_PTR_CUDA).unwrap();
         assert!(p.isend(pair.send, b, 8192, wrapped).is_ok());
+        // SAFETY: b is a 16 KiB allocation, so b + 8192 lies inside it.
         assert_eq!(p.isend(pair.send, unsafe { b.add(8192) }, 4096, wrapped), Err(NCCL_INTERNAL_ERROR));
         assert_warned("outside its registration");
     }
@@ -337,7 +401,9 @@ isolated_test!(
         let mut sends = Vec::new();
         let mut recvs = Vec::new();
         for i in 0..16 {
+            // SAFETY: src holds 64 * 100 bytes and i < 16, so src + i * 100 lies inside it.
             sends.push(p.isend(pair.send, unsafe { src.as_ptr().add(i * 100) }, 100, smh).unwrap());
+            // SAFETY: dst holds 64 * 100 bytes and i < 16, so dst + i * 100 lies inside it.
             recvs.push(p.irecv(pair.recv, unsafe { dst.as_mut_ptr().add(i * 100) }, 100, rmh).unwrap());
         }
         assert_eq!(p.isend(pair.send, src.as_ptr(), 100, smh), Err(NCCL_INTERNAL_ERROR), "17th send");
@@ -350,6 +416,8 @@ isolated_test!(
         assert_warned("test called with invalid request");
         assert_eq!(p.test(recvs[5]), Err(NCCL_INTERNAL_ERROR));
         assert_eq!(p.test(null_mut()), Err(NCCL_INTERNAL_ERROR));
+        // SAFETY: requests point into their comm's ring of request entries, larger than 8 bytes, so +8 stays
+        // inside it.
         assert_eq!(p.test(unsafe { sends[0].cast::<u8>().add(8).cast() }), Err(NCCL_INTERNAL_ERROR));
         // Consume before done.
         assert_eq!(p.consume(pair.recv, recvs[0]), NCCL_INTERNAL_ERROR);
@@ -371,6 +439,7 @@ isolated_test!(
         assert_warned("not the oldest unconsumed");
         assert_eq!(p.consume(pair.send, sends[0]), 0);
         assert_warned("send request");
+        // SAFETY: pair.recv is live; n = 2 is refused before the request is used.
         let r = unsafe { p.t.irecv_consumed.unwrap()(pair.recv, 2, recvs[0]) };
         assert_eq!(r, NCCL_INTERNAL_ERROR, "n must be 1");
         assert_warned("n = 2");
@@ -423,11 +492,18 @@ isolated_test!(
             t.join().unwrap();
         }
         // Closing while requests are in flight, then using the closed comm, is reported too.
+        // SAFETY: pair.send is a live send comm, closed once.
         assert_eq!(unsafe { p.t.close_send.unwrap()(pair.send) }, 0);
         assert_eq!(p.isend(pair.send, src.as_ptr(), 1, smh as *mut _), Err(NCCL_INTERNAL_ERROR));
+        // SAFETY: the fake checks the kind of comm in its registry, so a receive comm given to closeListen is
+        // an error.
         assert_eq!(unsafe { p.t.close_listen.unwrap()(pair.recv) }, NCCL_INTERNAL_ERROR, "wrong kind");
+        // SAFETY: the fake checks the kind of comm in its registry, so a listen comm given to closeRecv is an
+        // error.
         assert_eq!(unsafe { p.t.close_recv.unwrap()(pair.listen) }, NCCL_INTERNAL_ERROR, "wrong kind");
+        // SAFETY: pair.recv is a live receive comm, closed once.
         assert_eq!(unsafe { p.t.close_recv.unwrap()(pair.recv) }, 0);
+        // SAFETY: pair.listen is a live listen comm, closed once.
         assert_eq!(unsafe { p.t.close_listen.unwrap()(pair.listen) }, 0);
     }    // The per-comm locks under test here sit behind the thread check (tests/fatal.rs).
     env: ["FAKE_TCPX_THREAD_CHECK" => "off"]

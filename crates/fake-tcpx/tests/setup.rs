@@ -22,12 +22,16 @@ fn setup_times(p: &Plugin) -> (Duration, Duration) {
     while connected.is_none() || accepted.is_none() {
         assert!(started.elapsed() < Duration::from_secs(30), "setup never completed");
         if connected.is_none() {
+            // SAFETY: h is the 128-byte handle listen wrote, kept in place across polls, and sc a writable
+            // local.
             assert_eq!(unsafe { p.t.connect.unwrap()(0, h.as_mut_ptr().cast(), &mut sc, null_mut()) }, 0);
             if !sc.is_null() {
                 connected = Some(started.elapsed());
             }
         }
         if accepted.is_none() {
+            // SAFETY: lc came from listen; rc is a writable local and dhp points at dh, which lives to the
+            // end of the test.
             assert_eq!(unsafe { p.t.accept.unwrap()(lc, &mut rc, &mut dhp) }, 0);
             if !rc.is_null() {
                 accepted = Some(started.elapsed());

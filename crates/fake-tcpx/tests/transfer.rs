@@ -30,25 +30,37 @@ fn round_trips(sizes: &[usize], pool: usize, check: impl Fn(&[LoadMeta])) {
         assert_eq!(request_size(r), size as i32, "request offset 36 holds the sender's size");
         assert_eq!(request_slot(r), slot as u64, "unpack slot of the k-th receive");
         // The fields a TCPX-peeking consumer validates: comm at 0, &mem[slot][0] at 72, &cnt[slot] at 80.
+        // SAFETY: r is a live receive request of this plugin (done, not yet consumed), and off is 0, 72 or
+        // 80: each usize read lies inside its ring entry of at least 88 bytes (the layout TCPX consumers
+        // read).
         let field = |off: usize| unsafe { r.cast::<u8>().add(off).cast::<usize>().read() };
         assert_eq!(field(0), pair.recv as usize);
+        // SAFETY: only computes the address of mem[slot] inside the comm's live NetUnpackMeta (slot < 16);
+        // nothing is read.
         assert_eq!(field(72), unsafe { std::ptr::addr_of!((*unpack.meta).mem[slot]) } as usize);
+        // SAFETY: only computes the address of cnt[slot] inside the comm's live NetUnpackMeta (slot < 16);
+        // nothing is read.
         assert_eq!(field(80), unsafe { std::ptr::addr_of!((*unpack.meta).cnt[slot]) } as usize);
         let got = unpack.gather(slot, size, pool);
         assert!(got == src, "size {size}: reassembled bytes differ");
         check(&unpack.metas(slot));
         assert!(dst.iter().all(|b| *b == 0xEE), "the posted buffer is never written");
         assert_eq!(p.consume(pair.recv, r), 0);
+        // SAFETY: pair.send is live and smh its live registration on it.
         assert_eq!(unsafe { p.t.dereg_mr.unwrap()(pair.send, smh) }, 0);
     }
     assert!(take_warnings().is_empty());
 }
 
 fn request_size(req: *mut c_void) -> i32 {
+    // SAFETY: callers pass a live request of this plugin; offset 36 holds its i32 size inside a ring entry of
+    // at least 88 bytes.
     unsafe { req.cast::<u8>().add(36).cast::<i32>().read() }
 }
 
 fn request_slot(req: *mut c_void) -> u64 {
+    // SAFETY: callers pass a live request of this plugin; offset 64 holds its u64 slot inside a ring entry of
+    // at least 88 bytes.
     unsafe { req.cast::<u8>().add(64).cast::<u64>().read() }
 }
 
@@ -141,12 +153,16 @@ isolated_test!(
         for i in 0..5 {
             let mut req = std::ptr::null_mut();
             // Tags that would pair messages in reverse order if they were honoured.
+            // SAFETY: msgs[i] is a live Vec registered as smhs[i] and kept until every send is waited for
+            // below; req is a writable local.
             let rc = unsafe {
                 isend(pair.send, msgs[i].as_ptr() as *mut c_void, msgs[i].len() as i32, i as i32, smhs[i], &mut req)
             };
             assert_eq!(rc, 0);
             sends.push(req);
             let (mut data, mut size, mut tag, mut mh) = (dst.as_mut_ptr().cast::<c_void>(), 4096, 4 - i as i32, rmh);
+            // SAFETY: each pointer names one writable local (n = 1); data is dst, registered as rmh and alive
+            // until every receive is waited for below.
             let rc = unsafe { irecv(pair.recv, 1, &mut data, &mut size, &mut tag, &mut mh, &mut req) };
             assert_eq!(rc, 0);
             recvs.push(req);
@@ -207,6 +223,8 @@ isolated_test!(
         let stale: Vec<u8> = {
             let mut out = vec![0u8; a.len()];
             for m in &metas_a {
+                // SAFETY: gather checked A's metas above: each fragment lies inside the live bounce pool and
+                // inside [0, a.len()), the size of out.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
                         unpack.bounce.add(m.src_off as usize),

@@ -162,6 +162,7 @@ unsafe extern "C" fn init(logger: NcclDebugLogger) -> NcclResult {
 
 unsafe extern "C" fn devices(n: *mut c_int) -> NcclResult {
     let _inside = Inside::enter("devices");
+    // SAFETY: the ncclNet v7 contract gives devices a writable int; the plugin adapter passes a local.
     unsafe { *n = 1 };
     NCCL_SUCCESS
 }
@@ -171,6 +172,8 @@ unsafe extern "C" fn get_properties(dev: c_int, props: *mut NcclNetPropertiesV7)
     if dev != 0 {
         return NCCL_INVALID_ARGUMENT;
     }
+    // SAFETY: dev is 0 (checked above) and v7 gives getProperties a writable properties struct of the
+    // caller's.
     unsafe {
         *props = NcclNetPropertiesV7 {
             name: c"mock0".as_ptr().cast_mut(),
@@ -197,6 +200,8 @@ unsafe extern "C" fn listen(_dev: c_int, handle: *mut c_void, lc: *mut *mut c_vo
         s.listens.insert(listen, pair);
     });
     let h = handle.cast::<u8>();
+    // SAFETY: v7's listen gets a 128-byte (NCCL_NET_HANDLE_MAXSIZE) handle buffer and a writable listen-comm
+    // slot; every write here lies in the first 88 bytes.
     unsafe {
         std::ptr::write_bytes(h, 0, 128);
         std::ptr::copy_nonoverlapping(HANDLE_MAGIC.to_le_bytes().as_ptr(), h, 8);
@@ -216,6 +221,8 @@ unsafe extern "C" fn connect(
 ) -> NcclResult {
     let _inside = Inside::enter("connect");
     let h = handle.cast::<u8>();
+    // SAFETY: h is the caller's 128-byte connect handle and off is 0, 8 or 80, so each 8-byte read stays
+    // inside it; read_unaligned because alignment is only checked below.
     let read = |off: usize| unsafe { std::ptr::read_unaligned(h.add(off).cast::<u64>()) };
     let (magic, pair, state) = (read(0), read(8), read(80));
     with(|s| {
@@ -236,15 +243,19 @@ unsafe extern "C" fn connect(
             (_, _) => return violation(s, pair, "connect polled with a different handle buffer".into()),
         }
         p.connect_polls += 1;
+        // SAFETY: h is the caller's 128-byte handle, so bytes 80..88 lie inside it (alignment is not
+        // assumed).
         unsafe { std::ptr::write_unaligned(h.add(80).cast::<u64>(), CONNECT_MARK) };
         // Asynchronous, like TCPX: the first poll only starts the connection.
         if p.connect_polls < 2 {
+            // SAFETY: v7's connect gets a writable send-comm slot from its caller.
             unsafe { *sc = std::ptr::null_mut() };
             return NCCL_SUCCESS;
         }
         p.connected = true;
         let id = next_id();
         s.comms.insert(id, new_comm(pair));
+        // SAFETY: v7's connect gets a writable send-comm slot from its caller.
         unsafe { *sc = id as *mut c_void };
         NCCL_SUCCESS
     })
@@ -282,18 +293,23 @@ unsafe extern "C" fn accept(
     with(|s| {
         let pair = *s.listens.get(&(lc as u64)).expect("a listen comm this mock made");
         count(s, pair, "accept");
+        // SAFETY: dev_comm is non-null (checked first in this condition) and v7 passes it pointing at the
+        // caller's handle pointer.
         if dev_comm.is_null() || unsafe { (*dev_comm).is_null() } {
             return violation(s, pair, "accept without caller-allocated device handle storage".into());
         }
         let p = s.pairs.get_mut(&pair).unwrap();
         p.accept_polls += 1;
         if !p.connected || p.accept_polls < 2 {
+            // SAFETY: v7's accept gets a writable receive-comm slot from its caller.
             unsafe { *rc = std::ptr::null_mut() };
             return NCCL_SUCCESS;
         }
         p.accepted = true;
         let id = next_id();
         let mut comm = new_comm(pair);
+        // SAFETY: *dev_comm is non-null (checked above): the caller-allocated handle storage v7 requires; rc
+        // is the caller's writable receive-comm slot.
         unsafe {
             **dev_comm = NcclNetDeviceHandleV7 {
                 net_device_type: NCCL_NET_DEVICE_UNPACK,
@@ -335,6 +351,7 @@ unsafe extern "C" fn reg_mr(
             _ => return violation(s, pair, format!("regMr with type {ty}")),
         }
         s.pairs.get_mut(&pair).unwrap().live_mrs += 1;
+        // SAFETY: v7's regMr gets a writable mhandle slot from its caller.
         unsafe { *mh = Box::into_raw(Box::new(Mr { base, size: len })).cast() };
         NCCL_SUCCESS
     })
@@ -346,6 +363,8 @@ unsafe extern "C" fn dereg_mr(comm: *mut c_void, mh: *mut c_void) -> NcclResult 
         let pair = s.comms.get(&(comm as u64)).expect("known comm").pair;
         count(s, pair, "deregMr");
         s.pairs.get_mut(&pair).unwrap().live_mrs -= 1;
+        // SAFETY: the v7 caller deregisters only an mhandle this mock's reg_mr returned (a Box it leaked),
+        // once.
         drop(unsafe { Box::from_raw(mh.cast::<Mr>()) });
         NCCL_SUCCESS
     })
@@ -360,6 +379,7 @@ fn post(s: &mut State, comm: u64, recv: bool, request: *mut *mut c_void) -> Nccl
     let id = (comm << 20) | c.next_req;
     c.next_req += 1;
     c.requests.push_back(Req { id, recv, done: false, polls: 0 });
+    // SAFETY: request is the post caller's out-pointer, the writable request slot v7 gives isend and irecv.
     unsafe { *request = id as *mut c_void };
     NCCL_SUCCESS
 }
@@ -376,6 +396,8 @@ unsafe extern "C" fn isend(
     with(|s| {
         let pair = s.comms.get(&(comm as u64)).expect("known comm").pair;
         count(s, pair, "isend");
+        // SAFETY: mh is an mhandle this mock's reg_mr leaked from a Box and dereg_mr has not freed: the v7
+        // caller sends only with live registrations.
         let mr = unsafe { &*mh.cast::<Mr>() };
         let (start, len) = (data as usize, size as usize);
         if start < mr.base || start + len > mr.base + mr.size {
@@ -404,9 +426,11 @@ unsafe extern "C" fn irecv(
     with(|s| {
         let pair = s.comms.get(&(comm as u64)).expect("known comm").pair;
         count(s, pair, "irecv");
+        // SAFETY: v7 passes irecv arrays of n entries; the lazy || reads mhs[0] only if n == 1.
         if n != 1 || unsafe { (*mhs).is_null() } {
             return violation(s, pair, format!("irecv with n = {n} or a NULL mhandle"));
         }
+        // SAFETY: n == 1 (checked above), so sizes points at one int of the caller's.
         let _provisional = unsafe { *sizes };
         post(s, comm as u64, true, request)
     })
@@ -429,9 +453,11 @@ unsafe extern "C" fn test(request: *mut c_void, done: *mut c_int, _size: *mut c_
         let p = s.pairs.get_mut(&pair).unwrap();
         if !recv {
             if polls < p.send_polls_to_finish.max(1) {
+                // SAFETY: v7's test gets a writable done flag from its caller.
                 unsafe { *done = 0 };
             } else {
                 s.comms.get_mut(&comm_id).unwrap().requests.remove(idx);
+                // SAFETY: v7's test gets a writable done flag from its caller.
                 unsafe { *done = 1 };
             }
             return NCCL_SUCCESS;
@@ -441,6 +467,7 @@ unsafe extern "C" fn test(request: *mut c_void, done: *mut c_int, _size: *mut c_
             return rc;
         }
         let Some(msg) = p.wire.pop_front() else {
+            // SAFETY: v7's test gets a writable done flag from its caller.
             unsafe { *done = 0 };
             return NCCL_SUCCESS;
         };
@@ -460,6 +487,7 @@ unsafe extern "C" fn test(request: *mut c_void, done: *mut c_int, _size: *mut c_
         }
         c.meta.cnt[slot] = pieces.len() as u64;
         c.requests[idx].done = true;
+        // SAFETY: v7's test gets a writable done flag from its caller.
         unsafe { *done = 1 };
         NCCL_SUCCESS
     })

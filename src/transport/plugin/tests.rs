@@ -71,9 +71,13 @@ fn messages_arrive_in_order_gathered_from_shuffled_fragments() {
     let mut dsts: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0u8; n]).collect();
     let recvs: Vec<RequestId> = dsts
         .iter_mut()
+        // SAFETY: each d is a live Vec of d.len() bytes in dsts, which outlives every test of these receives
+        // (the comm gathers into a receive's buffer only inside test).
         .map(|d| unsafe { l.recv.irecv(d.as_mut_ptr(), d.len(), MrHandle::NONE) }.unwrap().unwrap())
         .collect();
     let sends: Vec<RequestId> =
+        // SAFETY: each s is a live Vec in srcs, which outlives the sends (the mock copies a send's bytes
+        // inside isend).
         srcs.iter().map(|s| unsafe { l.send.isend(s.as_ptr(), s.len(), MrHandle::NONE) }.unwrap().unwrap()).collect();
     assert!(net.needs_polling(), "requests outstanding");
     for (i, req) in sends.into_iter().enumerate() {
@@ -95,22 +99,30 @@ fn the_window_is_full_at_sixteen_before_the_plugin_is_called() {
     let mut l = link(&net);
     let mut bufs = [[0u8; 8]; 17];
     for (k, b) in bufs.iter_mut().enumerate().take(16) {
+        // SAFETY: b is one of bufs' 8-byte arrays, which outlive the link's every test call (gathers happen
+        // only inside test).
         let r = unsafe { l.recv.irecv(b.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap();
         assert_eq!(r, Some(RequestId(k as u64)));
     }
+    // SAFETY: bufs[16] is a live 8-byte array; the window is full, so nothing keeps the pointer.
     assert_eq!(unsafe { l.recv.irecv(bufs[16].as_mut_ptr(), 8, MrHandle::NONE) }.unwrap(), None);
     assert_eq!(calls(l.pair, "irecv"), 16);
 
     let src = [7u8; 8];
     let sends: Vec<RequestId> =
+        // SAFETY: src is a live 8-byte array that outlives the sends (the mock copies a send's bytes inside
+        // isend).
         (0..16).map(|_| unsafe { l.send.isend(src.as_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap()).collect();
+    // SAFETY: src is a live 8-byte array; the window is full, so nothing keeps the pointer.
     assert_eq!(unsafe { l.send.isend(src.as_ptr(), 8, MrHandle::NONE) }.unwrap(), None);
     assert_eq!(calls(l.pair, "isend"), 16);
 
     // A completed but unconsumed receive still holds its slot.
     assert_eq!(wait_recv(&mut l, RequestId(0)), 8);
+    // SAFETY: bufs[16] is a live 8-byte array; the window is still full, so nothing keeps the pointer.
     assert_eq!(unsafe { l.recv.irecv(bufs[16].as_mut_ptr(), 8, MrHandle::NONE) }.unwrap(), None);
     l.recv.irecv_consumed(RequestId(0)).unwrap();
+    // SAFETY: bufs[16] is a live 8-byte array of the test's that outlives every test call on this link.
     let r = unsafe { l.recv.irecv(bufs[16].as_mut_ptr(), 8, MrHandle::NONE) }.unwrap();
     assert_eq!(r, Some(RequestId(16)), "slot freed by consumption");
     for s in sends {
@@ -125,7 +137,10 @@ fn test_and_consume_only_in_order_and_never_twice() {
     let mut l = link(&net);
     mock::pair(l.pair, |p| p.send_polls_to_finish = 2);
     let src = pattern(64, 1);
+    // SAFETY: src holds 64 bytes and lives to the end of the test; the mock copies a send's bytes inside
+    // isend.
     let s0 = unsafe { l.send.isend(src.as_ptr(), 64, MrHandle::NONE) }.unwrap().unwrap();
+    // SAFETY: src holds 64 bytes (32 are sent) and lives to the end of the test.
     let s1 = unsafe { l.send.isend(src.as_ptr(), 32, MrHandle::NONE) }.unwrap().unwrap();
     let err = l.send.test(s1).unwrap_err().to_string();
     assert!(err.contains("oldest request in flight is 0"), "{err}");
@@ -137,7 +152,9 @@ fn test_and_consume_only_in_order_and_never_twice() {
 
     let mut a = [0u8; 64];
     let mut b = [0u8; 64];
+    // SAFETY: a is a live 64-byte array read only after r0 is reported done.
     let r0 = unsafe { l.recv.irecv(a.as_mut_ptr(), 64, MrHandle::NONE) }.unwrap().unwrap();
+    // SAFETY: b is a live 64-byte array read only after r1 is reported done.
     let r1 = unsafe { l.recv.irecv(b.as_mut_ptr(), 64, MrHandle::NONE) }.unwrap().unwrap();
     let tests_before = calls(l.pair, "test");
     assert!(l.recv.test(r1).is_err());
@@ -160,10 +177,14 @@ fn sizes_beyond_the_plugin_limits_are_refused() {
     let net = net();
     let mut l = link(&net);
     let mut big = vec![0u8; (4 << 20) + 1];
+    // SAFETY: big is a live Vec of big.len() bytes; the size is refused before the plugin is called.
     let e = unsafe { l.recv.irecv(big.as_mut_ptr(), big.len(), MrHandle::NONE) }.unwrap_err();
     assert!(e.to_string().contains("4194304-byte limit"), "{e}");
+    // SAFETY: big is a live Vec of big.len() bytes; the size is refused before the plugin is called.
     let e = unsafe { l.send.isend(big.as_ptr(), big.len(), MrHandle::NONE) }.unwrap_err();
     assert!(e.to_string().contains("4194304-byte limit"), "{e}");
+    // SAFETY: big is a live Vec of more than 4 MiB that lives to the end of the test; no message is sent, so
+    // nothing is gathered into it.
     let r = unsafe { l.recv.irecv(big.as_mut_ptr(), 4 << 20, MrHandle::NONE) }.unwrap();
     assert_eq!(r, Some(RequestId(0)), "exactly 4 MiB is allowed");
     let e = l.send.reg_mr(0x1000, 1 << 31, MemKind::Host).unwrap_err();
@@ -178,13 +199,18 @@ fn a_sender_larger_than_the_receive_fails_the_comm_without_touching_memory() {
     let mut l = link(&net);
     let mut dst = vec![0u8; 100];
     let src = pattern(200, 3);
+    // SAFETY: dst is a live 100-byte Vec that lives to the end of the test and is read only after the receive
+    // failed.
     let r = unsafe { l.recv.irecv(dst.as_mut_ptr(), 100, MrHandle::NONE) }.unwrap().unwrap();
+    // SAFETY: src is a live 200-byte Vec; the mock copies a send's bytes inside isend.
     let s = unsafe { l.send.isend(src.as_ptr(), 200, MrHandle::NONE) }.unwrap().unwrap();
     wait_send(&mut l, s);
     let e = (0..10).find_map(|_| l.recv.test(r).err()).expect("refused");
     assert!(e.to_string().contains("exceeds the posted 100-byte receive"), "{e}");
     assert!(dst.iter().all(|b| *b == 0), "nothing gathered");
     let irecvs = calls(l.pair, "irecv");
+    // SAFETY: dst is a live 100-byte Vec; the comm has failed, so the receive is refused before anything
+    // keeps the pointer.
     let again = unsafe { l.recv.irecv(dst.as_mut_ptr(), 100, MrHandle::NONE) }.unwrap_err();
     assert_eq!(again, e, "the comm stays failed");
     assert_eq!(calls(l.pair, "irecv"), irecvs, "no plugin call after the failure");
@@ -196,6 +222,7 @@ fn plugin_errors_carry_the_last_warning() {
     let net = net();
     let mut l = link(&net);
     let mut dst = [0u8; 8];
+    // SAFETY: dst is a live 8-byte array; the receive fails (injected) before anything is gathered into it.
     let r = unsafe { l.recv.irecv(dst.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
     mock::pair(l.pair, |p| p.fail_next_recv_test = Some(2));
     let e = l.recv.test(r).unwrap_err();
@@ -215,13 +242,18 @@ fn cuda_registrations_cover_whole_pages_and_gpu_receives_from_a_host_pool_are_re
     let mr = l.send.reg_mr(0x10010, 100, MemKind::Cuda { device: 0 }).unwrap();
     l.send.reg_mr(0x1F000, 0x2000, MemKind::Cuda { device: 0 }).unwrap();
     mock::pair(l.pair, |p| assert_eq!(p.cuda_regs, vec![(0x10000, 4096), (0x1F000, 0x2000)]));
+    // SAFETY: 0x10000 is outside mr's page-rounded registration at 0x10010, so the send is refused before any
+    // byte is read.
     let e = unsafe { l.send.isend(0x10000 as *const u8, 8, mr) }.unwrap_err();
     assert!(e.to_string().contains("not inside its registration"), "{e}");
     l.send.dereg_mr(mr);
 
     let gpu = l.recv.reg_mr(0x40000, 4096, MemKind::Cuda { device: 0 }).unwrap();
+    // SAFETY: 0x40000 is never dereferenced: the receive's gather refuses a CUDA destination from a host
+    // bounce pool (what this test checks) before writing.
     let r = unsafe { l.recv.irecv(0x40000 as *mut u8, 4096, gpu) }.unwrap().unwrap();
     let src = pattern(10, 9);
+    // SAFETY: src is a live 10-byte Vec; the mock copies a send's bytes inside isend.
     let s = unsafe { l.send.isend(src.as_ptr(), 10, MrHandle::NONE) }.unwrap().unwrap();
     wait_send(&mut l, s);
     let e = (0..10).find_map(|_| l.recv.test(r).err()).expect("refused");
@@ -236,6 +268,8 @@ fn deregistering_while_in_use_waits_for_completion() {
     let mut l = link(&net);
     let src = pattern(300, 4);
     let mr = l.send.reg_mr(src.as_ptr() as usize, src.len(), MemKind::Host).unwrap();
+    // SAFETY: src[100..] is 200 live bytes inside mr's registration of src, and src lives to the end of the
+    // test.
     let s = unsafe { l.send.isend(src[100..].as_ptr(), 200, mr) }.unwrap().unwrap();
     l.send.dereg_mr(mr);
     mock::pair(l.pair, |p| assert_eq!(p.live_mrs, 1, "still used by the send"));
@@ -314,7 +348,11 @@ fn no_two_threads_are_ever_inside_the_plugin_at_once() {
                     let mut l = link(&net);
                     let src = pattern(5000, t.wrapping_mul(16).wrapping_add(round));
                     let mut dst = vec![0u8; src.len()];
+                    // SAFETY: dst is a live Vec of dst.len() bytes, read only after the receive is reported
+                    // done.
                     let r = unsafe { l.recv.irecv(dst.as_mut_ptr(), dst.len(), MrHandle::NONE) }.unwrap().unwrap();
+                    // SAFETY: src is a live Vec of src.len() bytes; the mock copies a send's bytes inside
+                    // isend.
                     let s = unsafe { l.send.isend(src.as_ptr(), src.len(), MrHandle::NONE) }.unwrap().unwrap();
                     wait_send(&mut l, s);
                     assert_eq!(wait_recv(&mut l, r), src.len());

@@ -42,7 +42,8 @@ unsafe fn sockaddr_ip(sa: *const libc::sockaddr) -> Option<IpAddr> {
     if sa.is_null() {
         return None;
     }
-    // SAFETY (caller): sa points at a sockaddr_in or sockaddr_in6 as its family says.
+    // SAFETY: sa is non-null (checked above) and, by this function's contract, points at a sockaddr
+    // whose family field says whether it is a sockaddr_in or a sockaddr_in6.
     unsafe {
         match (*sa).sa_family as i32 {
             libc::AF_INET => {

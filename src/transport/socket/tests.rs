@@ -58,10 +58,15 @@ fn messages_complete_in_order_with_sender_sizes() {
     let mut sreqs = Vec::new();
     // 16 receives fit the window; the 17th must wait for a consume.
     for b in bufs.iter_mut().take(16) {
+        // SAFETY: each b is a live 32 KiB Vec in bufs, read only after its receive is reported done, and
+        // every one of these receives completes before the test ends.
         rreqs.push(unsafe { rx.irecv(b.as_mut_ptr(), b.len(), MrHandle::NONE) }.unwrap().unwrap());
     }
+    // SAFETY: bufs[16] is a live Vec; the window is full, so the receive is refused and nothing keeps the
+    // pointer.
     assert!(unsafe { rx.irecv(bufs[16].as_mut_ptr(), 1, MrHandle::NONE) }.unwrap().is_none(), "window of 16");
     for m in msgs.iter().take(16) {
+        // SAFETY: each m is a live Vec in msgs, and every send is tested to completion below.
         sreqs.push(unsafe { tx.isend(m.as_ptr(), m.len(), MrHandle::NONE) }.unwrap().unwrap());
     }
     for (i, r) in sreqs.into_iter().enumerate() {
@@ -81,10 +86,14 @@ fn test_and_consume_out_of_order_are_errors() {
     let data = [1u8; 8];
     let mut a = [0u8; 8];
     let mut b = [0u8; 8];
+    // SAFETY: data is a live 8-byte array and both sends are tested to completion below.
     let s0 = unsafe { tx.isend(data.as_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
+    // SAFETY: data is a live 8-byte array and both sends are tested to completion below.
     let s1 = unsafe { tx.isend(data.as_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
     assert!(tx.test(s1).is_err(), "only the oldest request may be tested");
+    // SAFETY: a is a live 8-byte array, read by nobody else until r0 is tested to completion below.
     let r0 = unsafe { rx.irecv(a.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
+    // SAFETY: b is a live 8-byte array, read by nobody else until r1 is tested to completion below.
     let r1 = unsafe { rx.irecv(b.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
     assert!(rx.irecv_consumed(r0).is_err(), "consume before completion");
     until(|| tx.test(s0)).unwrap();
@@ -105,7 +114,10 @@ fn oversized_message_fails_the_receive_without_overflow() {
     let (mut tx, mut rx) = pair(&net);
     let data = [7u8; 100];
     let mut buf = vec![0u8; 150];
+    // SAFETY: buf is a live 150-byte Vec (50 are posted), checked only after the receive has failed.
     let r = unsafe { rx.irecv(buf.as_mut_ptr(), 50, MrHandle::NONE) }.unwrap().unwrap();
+    // SAFETY: data is a live 100-byte array that stays in scope until the receive has read this message's
+    // header and failed on it.
     unsafe { tx.isend(data.as_ptr(), data.len(), MrHandle::NONE) }.unwrap().unwrap();
     let err = until(|| rx.test(r)).unwrap_err();
     assert!(err.message().contains("100-byte message into a 50-byte receive"), "{err}");
@@ -117,12 +129,15 @@ fn peer_drop_surfaces_as_error_and_drop_unblocks_pending_receive() {
     let net = net();
     let (tx, mut rx) = pair(&net);
     let mut buf = [0u8; 8];
+    // SAFETY: buf is a live 8-byte array; the receive ends (with the peer's disconnect) before buf is reused.
     let r = unsafe { rx.irecv(buf.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
     drop(tx);
     let err = until(|| rx.test(r)).unwrap_err();
     assert_eq!(err.status(), UcclStatus::ErrRemoteDisconnect, "{err}");
 
     let (_tx2, mut rx2) = pair(&net);
+    // SAFETY: buf is a live 8-byte array that outlives rx2, which is dropped below with the receive still
+    // posted.
     let r = unsafe { rx2.irecv(buf.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
     assert!(rx2.test(r).unwrap().is_none());
     let start = Instant::now();
@@ -165,10 +180,13 @@ fn move_and_check(net: &SocketNet, count: usize) {
     for batch in (0..count).collect::<Vec<_>>().chunks(MAX_REQUESTS) {
         let r: Vec<_> = batch
             .iter()
+            // SAFETY: bufs[i] is a live Vec of bufs[i].len() bytes, read only after its receive is reported
+            // done; each batch completes before the next.
             .map(|&i| unsafe { rx.irecv(bufs[i].as_mut_ptr(), bufs[i].len(), MrHandle::NONE) }.unwrap().unwrap())
             .collect();
         let s: Vec<_> = batch
             .iter()
+            // SAFETY: msgs[i] is a live Vec, and each send is tested to completion before the next batch.
             .map(|&i| unsafe { tx.isend(msgs[i].as_ptr(), msgs[i].len(), MrHandle::NONE) }.unwrap().unwrap())
             .collect();
         for (&i, id) in batch.iter().zip(s) {

@@ -93,10 +93,10 @@ pub(super) fn enable(fd: RawFd, counters: &Counters) -> bool {
     #[cfg(not(test))]
     let refused_by_test = false;
     let one: libc::c_int = 1;
-    // SAFETY: passes a pointer to a live c_int and its size.
     let rc = if refused_by_test {
         -1
     } else {
+        // SAFETY: passes a pointer to a live c_int and its size; fd is the caller's open socket.
         unsafe {
             libc::setsockopt(
                 fd,
@@ -196,6 +196,7 @@ impl ZcSocket {
                     (libc::SOL_IP, libc::IP_RECVERR) | (libc::SOL_IPV6, libc::IPV6_RECVERR)
                 );
                 let fits = c.cmsg_len as usize
+                    // SAFETY: CMSG_LEN only computes a length from its argument; it reads no memory.
                     >= unsafe { libc::CMSG_LEN(std::mem::size_of::<libc::sock_extended_err>() as u32) } as usize;
                 if is_err && fits {
                     // SAFETY: the length check above covers a sock_extended_err; it may be unaligned.

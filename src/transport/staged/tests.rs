@@ -82,6 +82,8 @@ fn host_memory_passes_through_registered_or_not() {
     while received < msgs.len() {
         while rreqs.len() < 16 && received + rreqs.len() < msgs.len() {
             let i = received + rreqs.len();
+            // SAFETY: bufs[i] is a live 48 KiB Vec, read only after its receive is reported done, and the
+            // loop ends only when every receive has completed.
             let r = unsafe { rx.irecv(bufs[i].as_mut_ptr(), bufs[i].len(), MrHandle::NONE) }.unwrap().unwrap();
             rreqs.push_back(r);
         }
@@ -91,10 +93,16 @@ fn host_memory_passes_through_registered_or_not() {
             let (ptr, len) = if mr == MrHandle::NONE {
                 (msgs[sent].as_ptr(), msgs[sent].len())
             } else {
+                // SAFETY: sent < 40 and region holds 40 slots of 40 KiB, so the slot's start lies inside
+                // region.
                 let dst = unsafe { region_ptr.add(sent * (40 << 10)) };
+                // SAFETY: each message is at most 1 + 39 * 997 bytes, under the 40 KiB slot at dst, and msgs
+                // and region do not overlap; no send reads this slot yet.
                 unsafe { std::ptr::copy_nonoverlapping(msgs[sent].as_ptr(), dst, msgs[sent].len()) };
                 (dst as *const u8, msgs[sent].len())
             };
+            // SAFETY: ptr is msgs[sent] or its copy in region (inside smr's registration); both live to the
+            // end of the test, which tests every send to completion.
             match unsafe { tx.isend(ptr, len, mr) }.unwrap() {
                 Some(r) => {
                     sreqs.push_back(r);
@@ -131,10 +139,14 @@ fn request_rules_hold_as_for_the_inner_comm() {
     let data = [5u8; 8];
     let mut a = [0u8; 8];
     let mut b = [0u8; 8];
+    // SAFETY: data is a live 8-byte array and both sends are tested to completion below.
     let s0 = unsafe { tx.isend(data.as_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
+    // SAFETY: data is a live 8-byte array and both sends are tested to completion below.
     let s1 = unsafe { tx.isend(data.as_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
     assert!(tx.test(s1).is_err(), "only the oldest request may be tested");
+    // SAFETY: a is a live 8-byte array, read only after r0 is tested to completion below.
     let r0 = unsafe { rx.irecv(a.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
+    // SAFETY: b is a live 8-byte array, read only after r1 is tested to completion below.
     let r1 = unsafe { rx.irecv(b.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
     assert!(rx.irecv_consumed(r0).is_err(), "consume before completion");
     until(|| tx.test(s0)).unwrap();
@@ -149,8 +161,12 @@ fn request_rules_hold_as_for_the_inner_comm() {
     // 16 receives outstanding (tested or not, until consumed) fill the comm.
     let mut bufs = [[0u8; 8]; 17];
     for b in bufs.iter_mut().take(16) {
+        // SAFETY: each b is a live 8-byte array in bufs; nothing is sent to these receives, so nothing ever
+        // writes them.
         assert!(unsafe { rx.irecv(b.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap().is_some());
     }
+    // SAFETY: bufs[16] is a live 8-byte array; the window is full, so the receive is refused and nothing
+    // keeps the pointer.
     assert!(unsafe { rx.irecv(bufs[16].as_mut_ptr(), 8, MrHandle::NONE) }.unwrap().is_none(), "window of 16");
 }
 
@@ -159,13 +175,17 @@ fn unknown_handles_and_out_of_region_posts_are_refused() {
     let net = staged();
     let (mut tx, mut rx) = pair(&*net);
     let data = [1u8; 64];
+    // SAFETY: data is a live 64-byte array; the unknown handle is refused before the pointer is used.
     let err = unsafe { tx.isend(data.as_ptr(), 8, MrHandle(4242)) }.unwrap_err();
     assert_eq!(err.status(), UcclStatus::ErrInvalidParam, "{err}");
     let mut buf = [0u8; 64];
+    // SAFETY: buf is a live 64-byte array; the unknown handle is refused before the pointer is used.
     let err = unsafe { rx.irecv(buf.as_mut_ptr(), 8, MrHandle(7)) }.unwrap_err();
     assert_eq!(err.status(), UcclStatus::ErrInvalidParam, "{err}");
     // A refused post does not poison the comm.
+    // SAFETY: data is a live 64-byte array (8 bytes sent), and the send is tested to completion below.
     let s = unsafe { tx.isend(data.as_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
+    // SAFETY: buf is a live 64-byte array, and the receive is tested to completion below.
     let r = unsafe { rx.irecv(buf.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
     until(|| tx.test(s)).unwrap();
     assert_eq!(until(|| rx.test(r)).unwrap(), 8);
@@ -191,10 +211,13 @@ fn peer_failure_surfaces_through_the_decorator() {
     let net = staged();
     let (tx, mut rx) = pair(&*net);
     let mut buf = [0u8; 8];
+    // SAFETY: buf is a live 8-byte array; the receive ends with the peer's disconnect below, and nothing was
+    // sent.
     let r = unsafe { rx.irecv(buf.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
     drop(tx);
     let err = until(|| rx.test(r)).unwrap_err();
     assert_eq!(err.status(), UcclStatus::ErrRemoteDisconnect, "{err}");
+    // SAFETY: buf is a live 8-byte array; the failed comm refuses the receive before keeping the pointer.
     let again = unsafe { rx.irecv(buf.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap_err();
     assert_eq!(again.status(), UcclStatus::ErrRemoteDisconnect, "a failed comm stays failed");
 }

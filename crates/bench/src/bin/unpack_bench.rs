@@ -68,11 +68,15 @@ impl Rng {
 struct DeviceBuffer(sys::CUdeviceptr);
 impl DeviceBuffer {
     fn new(len: usize) -> DeviceBuffer {
+        // SAFETY: cuMemAlloc only allocates; main made the device's primary context current before any buffer
+        // is made.
         DeviceBuffer(check("cuMemAlloc", unsafe { result::malloc_sync(len) }))
     }
 }
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
+        // SAFETY: self.0 came from cuMemAlloc in new() and is freed once, here; every launch using it is
+        // synchronized before the bench drops its buffers.
         let _ = unsafe { result::free_sync(self.0) };
     }
 }
@@ -218,15 +222,21 @@ fn compile_reference(ctx: &Arc<CudaContext>) -> (CudaFunction, CudaFunction) {
     let source = CString::new(REFERENCE_SOURCE).unwrap();
     let prog = check("nvrtc create", nvrtc::result::create_program(&source, Some(c"reference.cu")));
     let opts = [format!("--gpu-architecture=sm_{major}{minor}"), "-std=c++17".to_owned()];
+    // SAFETY: prog is the live program nvrtc created just above; opts are owned strings that outlive the
+    // call.
     if let Err(e) = unsafe { nvrtc::result::compile_program(prog, &opts) } {
+        // SAFETY: prog is still live (destroyed below) and its compile has just run, so it has a log.
         let log = unsafe { nvrtc::result::get_program_log(prog) }.unwrap_or_default();
         let log: String = log.iter().take_while(|c| **c != 0).map(|c| *c as u8 as char).collect();
         fail(&format!("reference kernel: {e:?}: {log}"));
     }
     let mut size = 0usize;
+    // SAFETY: prog compiled successfully above; size is a local the call writes.
     check("cubin size", unsafe { nvrtc::sys::nvrtcGetCUBINSize(prog, &mut size) }.result());
     let mut cubin = vec![0u8; size];
+    // SAFETY: cubin holds exactly the size nvrtcGetCUBINSize reported for this same compiled prog.
     check("cubin", unsafe { nvrtc::sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast()) }.result());
+    // SAFETY: prog is not used after this; the cubin was copied out into an owned Vec first.
     let _ = unsafe { nvrtc::result::destroy_program(prog) };
     let module = check("load reference module", ctx.load_module(nvrtc::Ptx::from_binary(cubin)));
     (
@@ -243,13 +253,19 @@ fn time_us(stream: sys::CUstream, reps: usize, mut op: impl FnMut()) -> f64 {
     }
     let start = check("event", result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT));
     let end = check("event", result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT));
+    // SAFETY: start is the event created above and stream is the bench's live stream of the current context.
     check("record", unsafe { result::event::record(start, stream) });
     for _ in 0..reps {
         op();
     }
+    // SAFETY: end is the event created above, on the same live stream.
     check("record", unsafe { result::event::record(end, stream) });
+    // SAFETY: end was created above and has just been recorded.
     check("sync", unsafe { result::event::synchronize(end) });
+    // SAFETY: both events were created above and recorded in order on the stream, and end has completed.
     let ms = check("elapsed", unsafe { result::event::elapsed(start, end) });
+    // SAFETY: both events were created in this function, are complete (end was synchronized) and are used no
+    // more.
     unsafe {
         let _ = result::event::destroy(start);
         let _ = result::event::destroy(end);
@@ -322,10 +338,12 @@ impl Bench {
     }
 
     fn clear_dst(&self) {
+        // SAFETY: self.dst is a live allocation of dst_len bytes (Bench is built with dst_len for it).
         check("memset", unsafe { result::memset_d8_sync(self.dst.0, 0, self.dst_len) });
     }
 
     fn verify(&self, s: &Scenario, who: &str) {
+        // SAFETY: self.stream is the bench's live stream, destroyed only at the end of main.
         check("sync", unsafe { result::stream::synchronize(self.stream) });
         let mut expected = vec![0u8; s.bytes];
         for r in &s.receives {
@@ -335,6 +353,8 @@ impl Bench {
             }
         }
         let mut actual = vec![0u8; s.bytes];
+        // SAFETY: actual has s.bytes bytes, and main's largest scenario (32 MiB) fits the dst_len
+        // (32 MiB) destination buffer.
         check("download", unsafe { result::memcpy_dtoh_sync(&mut actual, self.dst.0) });
         if let Some(at) = actual.iter().zip(&expected).position(|(a, e)| a != e) {
             fail(&format!("{who} produced wrong bytes for '{}' at offset {at}", s.name));
@@ -345,17 +365,26 @@ impl Bench {
     fn launch_inline(&mut self, tiles: &[Tile]) {
         self.params.count = tiles.len() as u32;
         self.params.tiles[..tiles.len()].copy_from_slice(tiles);
+        // SAFETY: params' tiles come from plan_receive against this bench's layouts, so they name ranges
+        // inside the live pool and dst buffers; self.stream is a live stream of the current primary context.
         check("launch", unsafe { self.kernels.launch_inline(self.stream, &self.params) });
     }
 
     fn launch_from(&self, tiles: sys::CUdeviceptr, count: usize) {
+        // SAFETY: the count tiles at `tiles` were written by run() from plan_receive against this bench's
+        // layouts (ranges inside the live pool and dst) and stay there until the launch is synchronized; the
+        // signal is unset.
         check("launch", unsafe {
             self.kernels.launch_device_tiles(self.stream, tiles, count as u32, CompletionSignal::default())
         });
     }
 
     fn launch_copied(&self, count: usize) {
+        // SAFETY: tiles_pinned is a pinned allocation of tiles_capacity tiles and run() wrote the first count
+        // (count <= tiles_capacity, checked there); nothing writes it while this slice lives.
         let pinned = unsafe { std::slice::from_raw_parts(self.tiles_pinned, count) };
+        // SAFETY: tiles_dev holds tiles_capacity tiles, pinned holds count <= that, and the pinned source is
+        // not rewritten until verify/time_us synchronize the stream.
         check("upload", unsafe { result::memcpy_htod_async(self.tiles_dev.0, pinned, self.stream) });
         self.launch_from(self.tiles_dev.0, count);
     }
@@ -368,6 +397,9 @@ impl Bench {
         let mut args: [*mut c_void; 4] =
             [(&raw mut metas).cast(), (&raw mut count).cast(), (&raw mut pool).cast(), (&raw mut dst).cast()];
         let grid = count.div_ceil(4);
+        // SAFETY: args points at the four locals above, matching the reference kernel's (metas, count, pool,
+        // dst) parameters; metas_host is mapped host memory holding the count metas run() copied in, whose
+        // ranges lie inside the pool and dst.
         check("launch reference", unsafe {
             result::launch_kernel(self.reference.cu_function(), (grid, 1, 1), (128, 1, 1), 0, self.stream, &mut args)
         });
@@ -380,12 +412,19 @@ impl Bench {
         if n > self.tiles_capacity {
             fail("too many tiles for the staging buffers");
         }
+        // SAFETY: run() checked n <= tiles_capacity just above, and tiles_pinned is a pinned allocation of
+        // tiles_capacity tiles that no launch is reading (every earlier launch was synchronized by verify or
+        // time_us).
         unsafe { std::ptr::copy_nonoverlapping(tiles.as_ptr(), self.tiles_pinned, n) };
+        // SAFETY: tiles_dev holds tiles_capacity tiles and tiles has n <= tiles_capacity of them (checked
+        // above).
         check("upload tiles", unsafe { result::memcpy_htod_sync(self.tiles_dev.0, &tiles) });
         let flat = s.flat_metas();
         if flat.len() > self.metas_capacity {
             fail("too many fragments for the mapped metadata buffer");
         }
+        // SAFETY: flat.len() <= metas_capacity was checked just above, and metas_host is a mapped allocation
+        // of metas_capacity metas that no launch is reading now.
         unsafe { std::ptr::copy_nonoverlapping(flat.as_ptr(), self.metas_host, flat.len()) };
 
         // Every way of running the batch must produce the CPU gather's bytes before it is timed.
@@ -412,6 +451,8 @@ impl Bench {
         let stream = self.stream;
         let (dst, pool, bytes) = (self.dst.0, self.pool.0, s.bytes);
         let memcpy = time_us(stream, reps, || {
+            // SAFETY: dst (32 MiB) and pool (256 MiB) are live device buffers at least as large as
+            // main's largest scenario (32 MiB), on the bench's live stream.
             check("memcpy", unsafe { result::memcpy_dtod_async(dst, pool, bytes, stream) });
         });
         let resident = time_us(stream, reps, || self.launch_from(self.tiles_dev.0, n));
@@ -501,6 +542,7 @@ fn one_at_a_time<S>(
 }
 
 fn event_done(event: sys::CUevent) -> bool {
+    // SAFETY: event is one of main's live events (created before any latency loop and destroyed after them).
     unsafe { result::event::query(event) }.is_ok()
 }
 
@@ -517,6 +559,7 @@ fn main() {
     let stream = check("stream", result::stream::create(result::stream::StreamKind::NonBlocking));
     let (major, minor) = check("cc", ctx.compute_capability());
     let mut driver = 0;
+    // SAFETY: driver is a local the call writes.
     unsafe { sys::cuDriverGetVersion(&mut driver) };
     println!(
         "device 0: {} (sm_{major}{minor}), driver {}.{}, kernel target {}, inline capacity {} tiles",
@@ -530,13 +573,16 @@ fn main() {
     let mut rng = Rng(0x0dd_ba11);
     let pool_host: Vec<u8> = (0..POOL_BYTES).map(|_| rng.next() as u8).collect();
     let pool = DeviceBuffer::new(POOL_BYTES);
+    // SAFETY: pool is a POOL_BYTES device buffer and pool_host has POOL_BYTES bytes.
     check("upload pool", unsafe { result::memcpy_htod_sync(pool.0, &pool_host) });
     let dst_len = 32 << 20;
     let metas_capacity = 32 << 10;
     let mapped_flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
     let metas_host =
+        // SAFETY: an allocation call with a size and flags only; main's context is current (bound above).
         check("mapped metas", unsafe { result::malloc_host(metas_capacity * 16, mapped_flags) }).cast::<LoadMeta>();
     let tiles_capacity = 64 << 10;
+    // SAFETY: an allocation call with a size and flags only; main's context is current (bound above).
     let tiles_pinned = check("pinned tiles", unsafe {
         result::malloc_host(tiles_capacity * std::mem::size_of::<Tile>(), mapped_flags)
     })
@@ -544,6 +590,8 @@ fn main() {
     let mut tiles_mapped = 0;
     check(
         "map tiles",
+        // SAFETY: tiles_pinned was just allocated with CU_MEMHOSTALLOC_DEVICEMAP, so it has a device mapping;
+        // tiles_mapped is a local the call writes.
         unsafe { sys::cuMemHostGetDevicePointer_v2(&mut tiles_mapped, tiles_pinned.cast(), 0) }.result(),
     );
     let (reference, empty) = compile_reference(&ctx);
@@ -614,7 +662,10 @@ fn main() {
         &mut (),
         |_| {
             let mut no_args: [*mut c_void; 0] = [];
+            // SAFETY: empty is a function of the module loaded above taking no parameters, so no_args is its
+            // full argument list; stream is the bench's live stream.
             check("launch", unsafe { result::launch_kernel(empty, (1, 1, 1), (32, 1, 1), 0, stream, &mut no_args) });
+            // SAFETY: done and stream are live (created above, destroyed at the end of main).
             check("record", unsafe { result::event::record(done, stream) });
             0
         },
@@ -625,7 +676,10 @@ fn main() {
         latency_iters,
         &mut (),
         |_| {
+            // SAFETY: dst and pool are live device buffers of at least CHUNK bytes, on the bench's live
+            // stream.
             check("memcpy", unsafe { result::memcpy_dtod_async(dst, pool, CHUNK, stream) });
+            // SAFETY: done and stream are live (created above, destroyed at the end of main).
             check("record", unsafe { result::event::record(done, stream) });
             0
         },
@@ -649,7 +703,10 @@ fn main() {
     params.tiles[..used].copy_from_slice(&preplanned[..used]);
     let kernels = bench.kernels.clone();
     let launch_preplanned = || {
+        // SAFETY: params' tiles were planned against this bench's layout (ranges inside the live pool and
+        // dst); stream is live and current.
         check("launch", unsafe { kernels.launch_inline(stream, &params) });
+        // SAFETY: done and stream are live (created above, destroyed at the end of main).
         check("record", unsafe { result::event::record(done, stream) });
         0
     };
@@ -660,6 +717,7 @@ fn main() {
         &mut (),
         |_| launch_preplanned(),
         |_, _| {
+            // SAFETY: done is live and was recorded by the launch just before.
             check("event sync", unsafe { result::event::synchronize(done) });
             true
         },
@@ -671,12 +729,19 @@ fn main() {
     // The same launches reporting through a completion word instead of an event, and a one-tile
     // (16-byte) launch the same way: the floor of launch + word.
     let word_host =
+        // SAFETY: an allocation call with a size and flags only; main's context is current.
         check("mapped word", unsafe { result::malloc_host(8, sys::CU_MEMHOSTALLOC_DEVICEMAP) }).cast::<u64>();
+    // SAFETY: word_host is the 8-byte mapped allocation just made, so it is valid and aligned for one u64.
     unsafe { word_host.write_volatile(0) };
     let mut word_dev = 0;
+    // SAFETY: word_host was allocated with CU_MEMHOSTALLOC_DEVICEMAP, so it has a device mapping; word_dev is
+    // a local the call writes.
     check("map word", unsafe { sys::cuMemHostGetDevicePointer_v2(&mut word_dev, word_host.cast(), 0) }.result());
     let counter = DeviceBuffer::new(4);
+    // SAFETY: counter is a live 4-byte device buffer.
     check("zero counter", unsafe { result::memset_d8_sync(counter.0, 0, 4) });
+    // SAFETY: word_host is a live, aligned 8-byte mapped allocation (freed only after the stream is
+    // synchronized below); the kernel writes it, hence the volatile read.
     let word_done = |seq: u64| unsafe { std::ptr::read_volatile(word_host) } >= seq;
     let mut seq = 0u64;
     let mut one_tile = InlineTiles::boxed();
@@ -688,6 +753,9 @@ fn main() {
     let launch_signalled = |p: &mut InlineTiles, seq: &mut u64| {
         *seq += 1;
         p.signal = CompletionSignal { seq: *seq, counter: counter.0, word: word_dev };
+        // SAFETY: p's tiles were planned against this bench's layout; its signal names the zeroed counter and
+        // the mapped word, which no other launch uses at the same time (each launch is waited for before the
+        // next).
         check("launch", unsafe { kernels.launch_inline(stream, p) });
         *seq
     };
@@ -695,11 +763,14 @@ fn main() {
         one_at_a_time(latency_iters, &mut seq, |seq| launch_signalled(&mut word_params, seq), |_, t| word_done(t));
     let (word_floor, floor_issue) =
         one_at_a_time(latency_iters, &mut seq, |seq| launch_signalled(&mut one_tile, seq), |_, t| word_done(t));
+    // SAFETY: stream is the bench's live stream.
     check("sync", unsafe { result::stream::synchronize(stream) });
     println!(
         "latency anchors: 128 pre-planned tiles in params + completion word: median {:.1} us (p90 {:.1}, host issue {word_issue:.1} us); one 16-byte tile + completion word median {:.1} us (p90 {:.1}, host issue {floor_issue:.1} us)",
         word_spin.p50, word_spin.p90, word_floor.p50, word_floor.p90
     );
+    // SAFETY: word_host came from malloc_host above and the stream that wrote it was synchronized, so nothing
+    // uses it any more.
     unsafe {
         let _ = result::free_host(word_host.cast());
     }
@@ -782,6 +853,8 @@ fn main() {
             cell("tiles copied")
         );
     }
+    // SAFETY: done, the stream and both host allocations were made in main, every launch on them has finished
+    // (the stream was synchronized), and none is used after this.
     unsafe {
         let _ = result::event::destroy(done);
         let _ = result::stream::destroy(bench.stream);

@@ -156,6 +156,8 @@ impl Plugin {
     /// Loads and initialises the plugin.
     pub fn init() -> Plugin {
         let p = Plugin::load();
+        // SAFETY: a freshly loaded plugin, initialised with this harness's logger, which lives for the whole
+        // process.
         assert_eq!(unsafe { p.t.init.unwrap()(logger()) }, 0, "init");
         take_warnings();
         p
@@ -164,6 +166,8 @@ impl Plugin {
     pub fn listen(&self, dev: c_int) -> ([u8; 128], *mut c_void) {
         let mut handle = [0u8; 128];
         let mut lc = std::ptr::null_mut();
+        // SAFETY: handle is a 128-byte buffer (NCCL_NET_HANDLE_MAXSIZE) and lc a local, both writable for the
+        // call; dev is checked by the fake.
         let rc = unsafe { self.t.listen.unwrap()(dev, handle.as_mut_ptr().cast(), &mut lc) };
         assert_eq!(rc, 0, "listen");
         assert!(!lc.is_null());
@@ -179,12 +183,16 @@ impl Plugin {
         let (mut sc, mut rc): (*mut c_void, *mut c_void) = (std::ptr::null_mut(), std::ptr::null_mut());
         testkit::drive("connect and accept", LIMIT, || {
             if sc.is_null() {
+                // SAFETY: connect_handle is the 128-byte handle listen wrote, kept in place across polls as
+                // TCPX requires; sc is a writable local.
                 let r = unsafe {
                     self.t.connect.unwrap()(dev, connect_handle.as_mut_ptr().cast(), &mut sc, std::ptr::null_mut())
                 };
                 assert_eq!(r, 0, "connect");
             }
             if rc.is_null() {
+                // SAFETY: lc came from listen above; rc and dev_handle_ptr are writable locals, the latter
+                // pointing at the boxed storage that Pair keeps alive.
                 let r = unsafe { self.t.accept.unwrap()(lc, &mut rc, &mut dev_handle_ptr) };
                 assert_eq!(r, 0, "accept");
             }
@@ -195,12 +203,16 @@ impl Plugin {
 
     pub fn reg(&self, comm: *mut c_void, data: *const u8, len: usize, ty: c_int) -> Result<*mut c_void, c_int> {
         let mut mh = std::ptr::null_mut();
+        // SAFETY: the fake looks comm up in its registry (a stale or made-up one is an error) and only
+        // records data and len; mh is a writable local.
         let rc = unsafe { self.t.reg_mr.unwrap()(comm, data as *mut c_void, len as c_int, ty, &mut mh) };
         if rc == 0 { Ok(mh) } else { Err(rc) }
     }
 
     pub fn isend(&self, sc: *mut c_void, data: *const u8, len: usize, mh: *mut c_void) -> Result<*mut c_void, c_int> {
         let mut req = std::ptr::null_mut();
+        // SAFETY: the fake looks sc and mh up in its registry and refuses a range outside the registration;
+        // callers register only buffers they keep alive until the send is done.
         let rc = unsafe { self.t.isend.unwrap()(sc, data as *mut c_void, len as c_int, 7, mh, &mut req) };
         if rc == 0 { Ok(req) } else { Err(rc) }
     }
@@ -211,6 +223,8 @@ impl Plugin {
         let mut size = len as c_int;
         let mut tag = 99;
         let mut mh = mh;
+        // SAFETY: each pointer names one writable local (n = 1); the fake looks rc and mh up in its registry
+        // and refuses a range outside the registration; callers keep data alive until the receive is done.
         let r = unsafe { self.t.irecv.unwrap()(rc, 1, &mut data, &mut size, &mut tag, &mut mh, &mut req) };
         if r == 0 { Ok(req) } else { Err(r) }
     }
@@ -219,6 +233,8 @@ impl Plugin {
     pub fn test(&self, req: *mut c_void) -> Result<bool, c_int> {
         let mut done = -1;
         let mut size = -12345;
+        // SAFETY: the fake maps req to its comm's request ring (anything else is an error) and writes only
+        // done; both are writable locals.
         let rc = unsafe { self.t.test.unwrap()(req, &mut done, &mut size) };
         assert_eq!(size, -12345, "test must never write *size");
         if rc == 0 {
@@ -257,6 +273,7 @@ impl Plugin {
     }
 
     pub fn consume(&self, rc: *mut c_void, req: *mut c_void) -> c_int {
+        // SAFETY: the fake maps rc and req through its registry; anything else is an error.
         unsafe { self.t.irecv_consumed.unwrap()(rc, 1, req) }
     }
 }
@@ -279,11 +296,15 @@ impl Unpack {
     /// Host mode: the device handle points at host memory.
     pub fn host(pair: &Pair) -> Unpack {
         let h = pair.dev_handle.handle.cast::<UnpackDeviceHandle>();
+        // SAFETY: in host mode the device handle points at the receive comm's 24-byte UnpackDeviceHandle in
+        // host memory, live while the pair is.
         let h = unsafe { h.read() };
         Unpack { meta: h.meta, bounce: h.bounce_buf.cast() }
     }
 
     pub fn cnt(&self, slot: usize) -> u64 {
+        // SAFETY: meta is the receive comm's live host NetUnpackMeta; the fake updates cnt atomically, hence
+        // the atomic view; slot < 16 is the caller's.
         unsafe { std::sync::atomic::AtomicU64::from_ptr(std::ptr::addr_of!((*self.meta).cnt[slot]) as *mut u64) }
             .load(std::sync::atomic::Ordering::Acquire)
     }
@@ -291,6 +312,8 @@ impl Unpack {
     pub fn metas(&self, slot: usize) -> Vec<LoadMeta> {
         let cnt = self.cnt(slot) as usize;
         assert!(cnt <= UNPACK_MAX_SLICE_PAGES, "cnt {cnt} over 2048");
+        // SAFETY: i < cnt, which metas checked to be at most 2048 (the size of mem[slot]), in the comm's live
+        // NetUnpackMeta.
         (0..cnt).map(|i| unsafe { std::ptr::addr_of!((*self.meta).mem[slot][i]).read() }).collect()
     }
 
@@ -310,6 +333,8 @@ impl Unpack {
                 assert!(!*c, "byte covered twice by {m:?}");
                 *c = true;
             }
+            // SAFETY: src + len <= pool_bytes, the bounce pool's size, and dst + len <= expected_len, the
+            // size of out (both asserted above).
             unsafe { std::ptr::copy_nonoverlapping(self.bounce.add(src), out.as_mut_ptr().add(dst), len) };
         }
         assert!(covered.iter().all(|c| *c), "fragments leave holes");
@@ -326,6 +351,7 @@ pub struct Aligned {
 impl Aligned {
     pub fn new(len: usize) -> Aligned {
         let layout = std::alloc::Layout::from_size_align(len.max(4096), 4096).unwrap();
+        // SAFETY: layout has a non-zero size (at least 4096).
         Aligned { ptr: unsafe { std::alloc::alloc_zeroed(layout) }, layout }
     }
     pub fn ptr(&self) -> *mut u8 {
@@ -335,6 +361,7 @@ impl Aligned {
 
 impl Drop for Aligned {
     fn drop(&mut self) {
+        // SAFETY: ptr came from alloc_zeroed with this same layout in new(), and is freed once.
         unsafe { std::alloc::dealloc(self.ptr, self.layout) }
     }
 }
