@@ -26,6 +26,33 @@ fn imports_run_down_the_layers() {
     assert!(upward.is_empty(), "imports that run up the layers of docs/ARCHITECTURE.md:\n{}", upward.join("\n"));
 }
 
+/// Knobs read anywhere but `config.rs` would escape its checks and error messages. The plugin's
+/// environment defaults are the exception: they must see the live environment right before the
+/// plugin reads it.
+#[test]
+fn only_this_module_reads_the_environment() {
+    fn scan(dir: &std::path::Path, out: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                scan(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                if ["env::var(", "env::var_os(", "env::vars(", "getenv("].iter().any(|call| text.contains(call)) {
+                    out.push(path.to_string_lossy().into_owned());
+                }
+            }
+        }
+    }
+    let src = root().join("src");
+    let mut readers = Vec::new();
+    scan(&src, &mut readers);
+    readers.sort();
+    let expected: Vec<String> =
+        ["config.rs", "transport/plugin/env.rs"].iter().map(|f| src.join(f).to_string_lossy().into_owned()).collect();
+    assert_eq!(readers, expected);
+}
+
 #[test]
 fn no_files_import_each_other() {
     let mut cycles = Vec::new();
