@@ -27,13 +27,13 @@ use uccl_tcpx::proto::control::decode_frame;
 use uccl_tcpx::proto::frame::{is_handshake_kind, max_body_len};
 use uccl_tcpx::proto::{
     AuthChallenge, AuthHello, AuthProof, Capability, ChannelHello, Control, FifoItem, FrameHeader, Handshake, Hello,
-    HostIdentity, Refuse, Welcome,
+    HostIdentity, Refuse, RemoteSeg, Welcome,
 };
 
 /// `proto::FRAME_HEADER_LEN` is crate-private; `FrameHeader::to_bytes` pins the same number.
 const HEADER_LEN: usize = 8;
-/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 8.
-const VERSION: u16 = 8;
+/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 9.
+const VERSION: u16 = 9;
 const CHANNEL_HELLO_LEN: usize = 16;
 const FIFO_LEN: usize = 64;
 /// Protocol limits (crate-private in `proto`); `limits_match_the_codec` checks each against the codec.
@@ -43,6 +43,9 @@ const MAX_REASON_LEN: usize = 1024;
 const MAX_INLINE: usize = 64 << 10;
 const MAX_ID_LEN: usize = 64;
 const MAX_TRANSPORT_NAME_LEN: usize = 32;
+/// `proto::MAX_VECTOR_SEGMENTS` and `MAX_VECTOR_BYTES`; `limits_match_the_codec` proves them.
+const MAX_VECTOR_SEGMENTS: usize = 1 << 16;
+const MAX_VECTOR_BYTES: u64 = 1 << 32;
 
 // ---------------------------------------------------------------------------------------------
 // Running properties.
@@ -240,6 +243,24 @@ fn sample_controls() -> Vec<(&'static str, Control)> {
         ("read_data", Control::ReadData { xfer: 20, payload: vec![1, 2, 3] }),
         ("inline_send", Control::InlineSend { xfer: 21, payload: vec![4; 8192] }),
         ("resume", Control::Resume { xfer: 22 }),
+        (
+            "write_vector",
+            Control::WriteVector {
+                xfer: 22,
+                region: 23,
+                token: 24,
+                segs: vec![RemoteSeg { addr: 0x1000, len: 4096 }, RemoteSeg { addr: 0x9000, len: 17 }],
+            },
+        ),
+        (
+            "read_vector",
+            Control::ReadVector {
+                xfer: 25,
+                region: 26,
+                token: 27,
+                segs: vec![RemoteSeg { addr: u64::MAX - 8, len: 8 }],
+            },
+        ),
     ]
 }
 
@@ -429,6 +450,33 @@ fn limits_match_the_codec() {
     let small = |len: u64| Control::ReadSmall { xfer: 1, region: 1, token: 1, addr: 64, len };
     assert!(small(MAX_INLINE as u64).validate().is_ok());
     assert!(small(MAX_INLINE as u64 + 1).validate().is_err());
+    let vector = |n: usize, len: u32| Control::WriteVector {
+        xfer: 1,
+        region: 1,
+        token: 1,
+        segs: (0..n as u64).map(|i| RemoteSeg { addr: i << 12, len }).collect(),
+    };
+    assert!(vector(MAX_VECTOR_SEGMENTS, 1).validate().is_ok());
+    assert!(vector(MAX_VECTOR_SEGMENTS + 1, 1).validate().is_err());
+    assert!(vector(0, 1).validate().is_err());
+    let per = u32::try_from(MAX_VECTOR_BYTES / 4).unwrap();
+    assert!(vector(4, per).validate().is_ok());
+    assert!(
+        Control::ReadVector {
+            xfer: 1,
+            region: 1,
+            token: 1,
+            segs: vec![
+                RemoteSeg { addr: 0, len: per },
+                RemoteSeg { addr: 0, len: per },
+                RemoteSeg { addr: 0, len: per },
+                RemoteSeg { addr: 0, len: per },
+                RemoteSeg { addr: 0, len: 1 }
+            ]
+        }
+        .validate()
+        .is_err()
+    );
     // Exactly the handshake kinds are handshake kinds, and every known kind has a size limit.
     let control_kinds: Vec<u8> = sample_controls().iter().map(|(_, m)| m.kind()).collect();
     let hs_kinds: Vec<u8> = sample_handshakes().iter().map(|(_, m)| m.kind()).collect();
@@ -630,8 +678,22 @@ fn control() -> impl Strategy<Value = Control> {
         }),
         (any::<u64>(), payload()).prop_map(|(xfer, payload)| Control::ReadData { xfer, payload }),
         interesting_u64().prop_map(|xfer| Control::Resume { xfer }),
+        (request(), segments(), any::<bool>()).prop_map(|((xfer, region, token, _), segs, write)| if write {
+            Control::WriteVector { xfer, region, token, segs }
+        } else {
+            Control::ReadVector { xfer, region, token, segs }
+        }),
         Just(Control::Close),
     ]
+}
+
+/// A vector request's segments: usually a few, now and then around the count limit; addresses and
+/// lengths from the boundary values (wrapping, zero, past the byte limit together).
+fn segments() -> impl Strategy<Value = Vec<RemoteSeg>> {
+    let seg = (interesting_u64(), prop_oneof![0u32..(1 << 20), interesting_u32()])
+        .prop_map(|(addr, len)| RemoteSeg { addr, len });
+    let count = prop_oneof![200 => 0usize..9, 1 => (MAX_VECTOR_SEGMENTS - 1)..=(MAX_VECTOR_SEGMENTS + 1)];
+    (count, vec(seg, 1..9)).prop_map(|(n, pool)| (0..n).map(|i| pool[i % pool.len()]).collect())
 }
 
 fn handshake() -> impl Strategy<Value = Handshake> {

@@ -94,6 +94,61 @@ fn vectors_mix_gpu_and_host_items() {
     }
 }
 
+/// Many scattered items between one region on each side, as KV-cache blocks move: one vector
+/// request and one flow whose chunks span items, gathered into and scattered out of the staging
+/// slots; every direction, every byte, nothing between the items.
+#[test]
+fn scattered_vectors_of_device_memory() {
+    if no_gpu() {
+        return;
+    }
+    let p = pair(Config { num_channels: 2, chunk_size: 256 << 10, ..config() });
+    let (count, slot) = (300usize, 24usize << 10);
+    let lens = [16usize << 10, 4097, 1, 20_000];
+    let spans: Vec<(usize, usize, usize)> =
+        (0..count).map(|i| (((i * 7) % count) * slot, ((i * 13) % count) * slot + 5, lens[i % lens.len()])).collect();
+    let total: usize = spans.iter().map(|s| s.2).sum();
+    let size = count * slot + 64;
+    for (from, to) in [(Side::Gpu, Side::Gpu), (Side::Gpu, Side::Host), (Side::Host, Side::Gpu)] {
+        let data = pattern(size, 77);
+        let mut src = Mem::new(from, size);
+        src.write(0, &data);
+        let mut dst = Mem::new(to, size);
+        dst.clear();
+        let smr = p.a.register(src.addr(), size).unwrap();
+        let dmr = p.b.register(dst.addr(), size).unwrap();
+        let fifo = p.b.prepare_fifo(dmr, dst.addr(), size).unwrap();
+        let items: Vec<OneSided> = spans
+            .iter()
+            .map(|&(lo, ro, len)| {
+                let mut remote = fifo;
+                remote.addr += ro as u64;
+                OneSided { mr: smr, addr: src.addr() + lo, len, remote }
+            })
+            .collect();
+        let w = p.ab.write(&items).unwrap();
+        assert_eq!(wait(&p.ab, w).unwrap(), total as u64, "{from:?}->{to:?}");
+        let landed = dst.read(0, size);
+        let mut want = vec![0u8; size];
+        for &(lo, ro, len) in &spans {
+            want[ro..ro + len].copy_from_slice(&data[lo..lo + len]);
+        }
+        assert_same(&landed, &want, &format!("vector write {from:?}->{to:?}"));
+        // Read them back into a cleared source.
+        src.clear();
+        let r = p.ab.read(&items).unwrap();
+        assert_eq!(wait(&p.ab, r).unwrap(), total as u64, "{from:?}<-{to:?}");
+        let back = src.read(0, size);
+        let mut want = vec![0u8; size];
+        for &(lo, _, len) in &spans {
+            want[lo..lo + len].copy_from_slice(&data[lo..lo + len]);
+        }
+        assert_same(&back, &want, &format!("vector read {from:?}<-{to:?}"));
+        p.a.deregister(smr).unwrap();
+        p.b.deregister(dmr).unwrap();
+    }
+}
+
 #[test]
 fn many_transfers_in_flight_at_once() {
     if no_gpu() {

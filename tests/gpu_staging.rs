@@ -11,7 +11,7 @@ use uccl_tcpx::UcclStatus;
 use uccl_tcpx::config::SocketConfig;
 use uccl_tcpx::config::StagingConfig;
 use uccl_tcpx::transport::staged::{StagedNet, StagingParams};
-use uccl_tcpx::transport::{ListenComm, MemKind, MrHandle, Net, RecvComm, SendComm};
+use uccl_tcpx::transport::{IoSeg, ListenComm, MemKind, MrHandle, Net, RecvComm, SendComm};
 
 mod common;
 use common::gpu::{Mem, Side, no_gpu};
@@ -133,6 +133,82 @@ fn every_direction_and_size_byte_for_byte() {
             assert_eq!((got[0], got[len + 1]), (0, 0), "{from:?}->{to:?} {len} bytes: neighbours untouched");
         }
         assert!(!s.net.needs_polling(), "every copy was seen finished, nothing left to poll");
+        s.tx.dereg_mr(smr);
+        s.rx.dereg_mr(rmr);
+    }
+}
+
+/// Segments of `lens` (cycled) making up `total` bytes, `gap` bytes apart from `base` on.
+fn segments(base: usize, total: usize, lens: &[usize], gap: usize) -> Vec<IoSeg> {
+    let (mut at, mut left, mut out) = (base, total, Vec::new());
+    for &len in lens.iter().cycle() {
+        if left == 0 {
+            break;
+        }
+        let len = len.min(left);
+        out.push(IoSeg { addr: at, len });
+        at += len + gap;
+        left -= len;
+    }
+    out
+}
+
+/// A vectored device request is gathered into its slot with a copy per segment and a vectored
+/// device receive scattered out of it the same way; host segments go to the socket transport as
+/// they are. Each side cuts the same bytes differently.
+#[test]
+fn vectored_requests_gather_and_scatter_through_the_slots() {
+    if no_gpu() {
+        return;
+    }
+    let (slot, total) = (256usize << 10, 250_000usize);
+    for (from, to) in
+        [(Side::Gpu, Side::Gpu), (Side::Gpu, Side::Host), (Side::Host, Side::Gpu), (Side::Host, Side::Host)]
+    {
+        let mut s = staged(slot, 4);
+        let mut src = Mem::new(from, 2 * total);
+        let mut dst = Mem::new(to, 2 * total);
+        let (smr, rmr) = register(&mut s, &src, &dst);
+        let data = pattern(2 * total, 7);
+        src.write(0, &data);
+        dst.clear();
+        let send = segments(src.addr() + 1, total, &[4096, 1, 30_001], 100);
+        let recv = segments(dst.addr() + 3, total, &[10_000, 4095], 64);
+        // SAFETY: both buffers outlive the requests, which are tested to completion below.
+        let r = unsafe { s.rx.irecvv(&recv, rmr) }.unwrap().unwrap();
+        // SAFETY: as above.
+        let t = unsafe { s.tx.isendv(&send, smr) }.unwrap().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (mut sent, mut got) = (None, None);
+        while sent.is_none() || got.is_none() {
+            if sent.is_none() {
+                sent = s.tx.test(t).unwrap();
+            }
+            if got.is_none() {
+                got = s.rx.test(r).unwrap();
+            }
+            assert!(Instant::now() < deadline, "{from:?}->{to:?} vectored request stuck");
+        }
+        assert_eq!((sent, got), (Some(total), Some(total)), "{from:?}->{to:?}");
+        s.rx.irecv_consumed(r).unwrap();
+        let gather = |m: &Mem, segs: &[IoSeg]| -> Vec<u8> {
+            segs.iter().flat_map(|g| m.read(g.addr - m.addr(), g.len)).collect()
+        };
+        assert_same(&gather(&dst, &recv), &gather(&src, &send), &format!("{from:?}->{to:?}"));
+        let end = recv.last().map(|g| g.addr + g.len - dst.addr()).unwrap();
+        let whole = dst.read(0, end + 1);
+        let mut covered = vec![false; whole.len()];
+        for g in &recv {
+            covered[g.addr - dst.addr()..g.addr - dst.addr() + g.len].fill(true);
+        }
+        assert!(whole.iter().zip(&covered).all(|(&b, &c)| c || b == 0), "{from:?}->{to:?}: gaps untouched");
+        // A device request over its slot's size is refused, not truncated.
+        if from == Side::Gpu {
+            let big = segments(src.addr(), slot + 1, &[slot / 2], 0);
+            // SAFETY: refused before anything is posted.
+            let refused = unsafe { s.tx.isendv(&big, smr) };
+            assert_eq!(refused.unwrap_err().status(), UcclStatus::ErrInvalidParam);
+        }
         s.tx.dereg_mr(smr);
         s.rx.dereg_mr(rmr);
     }

@@ -111,6 +111,43 @@ fn one_sided_writes_and_reads_with_vectors() {
     assert_eq!(wait(&p.ab, w).unwrap_err().status(), UcclStatus::ErrNotAllowed);
 }
 
+/// A vector of many scattered items is one request and one flow; a plugin takes one buffer per
+/// request, so the flow's chunks are cut within each item (items smaller and larger than a chunk).
+#[test]
+fn scattered_vectors_are_cut_per_item() {
+    let p = pair_with(config(2, 64 << 10));
+    let (count, slot) = (60usize, 160usize << 10);
+    let lens = [1usize, 4097, 65_536, 100_001, 777];
+    let spans: Vec<(usize, usize, usize)> =
+        (0..count).map(|i| (((i * 7) % count) * slot, ((i * 11) % count) * slot, lens[i % lens.len()])).collect();
+    let total: usize = spans.iter().map(|s| s.2).sum();
+    let src = pattern(count * slot, 22);
+    let mut target = vec![0u8; count * slot];
+    let tmr = p.b.register(target.as_mut_ptr() as usize, target.len()).unwrap();
+    let fifo = p.b.prepare_fifo(tmr, target.as_mut_ptr() as usize, target.len()).unwrap();
+    let smr = p.a.register(src.as_ptr() as usize, src.len()).unwrap();
+    let items = |base: usize, mr: u64| -> Vec<OneSided> {
+        spans
+            .iter()
+            .map(|&(lo, ro, len)| {
+                let mut remote = fifo;
+                remote.addr += ro as u64;
+                OneSided { mr, addr: base + lo, len, remote }
+            })
+            .collect()
+    };
+    let w = p.ab.write(&items(src.as_ptr() as usize, smr)).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap(), total as u64);
+    let mut back = vec![0u8; count * slot];
+    let bmr = p.a.register(back.as_mut_ptr() as usize, back.len()).unwrap();
+    let r = p.ab.read(&items(back.as_mut_ptr() as usize, bmr)).unwrap();
+    assert_eq!(wait(&p.ab, r).unwrap(), total as u64);
+    for &(lo, ro, len) in &spans {
+        assert!(target[ro..ro + len] == src[lo..lo + len], "written item at {ro}");
+        assert!(back[lo..lo + len] == src[lo..lo + len], "read item at {lo}");
+    }
+}
+
 #[test]
 fn vector_sends_and_notifications() {
     let p = pair();

@@ -119,21 +119,44 @@ impl StagingRing {
     /// `[src, src + len)` is device memory of this ring's GPU that stays valid until the copy is
     /// reported done or the ring is dropped; `slot` is taken and not otherwise in use.
     pub unsafe fn copy_in(&mut self, slot: usize, src: usize, len: usize) -> Result<()> {
+        // SAFETY: per the contract.
+        unsafe { self.gather(slot, len, [(src, len)]) }
+    }
+
+    /// Queues the copies of the device segments `(addr, len)` of `segs`, `len` bytes in all,
+    /// concatenated into `slot` (one copy per segment, one completion for all of them).
+    ///
+    /// # Safety
+    /// As `copy_in`, for every segment.
+    pub unsafe fn gather(
+        &mut self,
+        slot: usize,
+        len: usize,
+        segs: impl IntoIterator<Item = (usize, usize)>,
+    ) -> Result<()> {
         self.check_len(len)?;
         self.gpu().bind()?;
-        check(
-            // SAFETY: the caller vouches for the device source and the taken slot; the slot holds
-            // slot_size >= len bytes (check_len above), and the GPU is bound on this thread.
-            unsafe {
-                sys::cuMemcpyDtoHAsync_v2(
-                    self.slot_ptr(slot).cast(),
-                    src as sys::CUdeviceptr,
-                    len,
-                    self.stream(slot).raw(),
-                )
-            },
-            "cuMemcpyDtoHAsync into a staging slot",
-        )?;
+        let mut at = 0;
+        for (addr, seg_len) in segs {
+            if at + seg_len > len {
+                return Err(Error::invalid("staging segments exceed the length they were announced with"));
+            }
+            check(
+                // SAFETY: the caller vouches for each device source and the taken slot; the slot
+                // holds slot_size >= len >= at + seg_len bytes (check_len above), and the GPU is
+                // bound on this thread.
+                unsafe {
+                    sys::cuMemcpyDtoHAsync_v2(
+                        self.slot_ptr(slot).add(at).cast(),
+                        addr as sys::CUdeviceptr,
+                        seg_len,
+                        self.stream(slot).raw(),
+                    )
+                },
+                "cuMemcpyDtoHAsync into a staging slot",
+            )?;
+            at += seg_len;
+        }
         self.mark(slot)
     }
 
@@ -143,21 +166,45 @@ impl StagingRing {
     /// `[dst, dst + len)` is device memory of this ring's GPU that nobody else accesses until the
     /// copy is reported done or the ring is dropped; the slot's bytes are final.
     pub unsafe fn copy_out(&mut self, slot: usize, dst: usize, len: usize) -> Result<()> {
+        // SAFETY: per the contract.
+        unsafe { self.scatter(slot, len, [(dst, len)]) }
+    }
+
+    /// Queues the copies of the first `len` bytes of `slot` into the device segments `(addr,
+    /// len)` of `segs`, in order (one copy per segment reached, one completion for all of them).
+    ///
+    /// # Safety
+    /// As `copy_out`, for every segment; `len` is at most their total.
+    pub unsafe fn scatter(
+        &mut self,
+        slot: usize,
+        len: usize,
+        segs: impl IntoIterator<Item = (usize, usize)>,
+    ) -> Result<()> {
         self.check_len(len)?;
         self.gpu().bind()?;
-        check(
-            // SAFETY: the caller vouches for the device destination and the slot's final bytes; the
-            // slot holds slot_size >= len bytes (check_len above), and the GPU is bound on this thread.
-            unsafe {
-                sys::cuMemcpyHtoDAsync_v2(
-                    dst as sys::CUdeviceptr,
-                    self.slot_ptr(slot).cast(),
-                    len,
-                    self.stream(slot).raw(),
-                )
-            },
-            "cuMemcpyHtoDAsync from a staging slot",
-        )?;
+        let mut at = 0;
+        for (addr, seg_len) in segs {
+            let n = seg_len.min(len - at);
+            if n == 0 {
+                break;
+            }
+            check(
+                // SAFETY: the caller vouches for each device destination and the slot's final
+                // bytes; `at + n <= len <= slot_size` (check_len above), and the GPU is bound on
+                // this thread.
+                unsafe {
+                    sys::cuMemcpyHtoDAsync_v2(
+                        addr as sys::CUdeviceptr,
+                        self.slot_ptr(slot).add(at).cast(),
+                        n,
+                        self.stream(slot).raw(),
+                    )
+                },
+                "cuMemcpyHtoDAsync from a staging slot",
+            )?;
+            at += n;
+        }
         self.mark(slot)
     }
 

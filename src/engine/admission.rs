@@ -468,6 +468,7 @@ fn serve_admitted(
     let channels =
         handshake::establish_channels(&handshake::Local::of(core), &mut listens, &agreed, deadline, &mut stream)
             .map_err(|e| handshake::refuse(&mut stream, e))?;
+    let chunking = agreed.chunking();
     let info = PeerInfo {
         addr: peer,
         gpu_index: agreed.peer_gpu_index,
@@ -475,7 +476,7 @@ fn serve_admitted(
         locality: agreed.link.locality,
     };
     let binding = session.map(|s| s.token_binding());
-    Connection::start(core.clone(), stream, info, channels, agreed.chunk_size, agreed.link, binding)
+    Connection::start(core.clone(), stream, info, channels, chunking, agreed.link, binding)
 }
 
 #[cfg(test)]

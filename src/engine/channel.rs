@@ -16,45 +16,14 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
+use super::plan::{Chunk, ChunkMem};
 use super::region::Region;
 use crate::error::{Error, Result};
 use crate::threads::{self, ThreadKind};
-use crate::transport::{MrHandle, RecvComm, RequestId, SendComm};
+use crate::transport::{IoSeg, MrHandle, RecvComm, RequestId, SendComm};
 
 /// The region id of a chunk that moves through scratch memory instead of a region (ids start at 1).
 pub(super) const SCRATCH: u64 = 0;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Chunk {
-    pub flow: u64,
-    /// The local region the chunk lies in, or SCRATCH.
-    pub region: u64,
-    pub addr: usize,
-    pub len: usize,
-}
-
-/// Cuts `[addr, addr + len)` into chunks; chunk `i` of the flow with direction sequence number `seq`
-/// rides channel `(seq + i) % channels`, so small flows spread over channels too.
-pub fn plan(
-    flow: u64,
-    region: u64,
-    addr: usize,
-    len: usize,
-    chunk_size: usize,
-    seq: u64,
-    channels: usize,
-) -> impl Iterator<Item = (usize, Chunk)> {
-    let count = len.div_ceil(chunk_size);
-    (0..count).map(move |i| {
-        let off = i * chunk_size;
-        let chunk = Chunk { flow, region, addr: addr + off, len: chunk_size.min(len - off) };
-        (((seq % channels as u64) as usize + i) % channels, chunk)
-    })
-}
-
-pub fn chunk_count(len: u64, chunk_size: usize) -> usize {
-    len.div_ceil(chunk_size as u64) as usize
-}
 
 /// A region's registrations with this channel's two comms, by window, made on first use in each
 /// direction.
@@ -140,6 +109,8 @@ pub struct Channel {
     send_inflight: VecDeque<Posted>,
     recv_queue: VecDeque<(Chunk, MrHandle)>,
     recv_inflight: VecDeque<Posted>,
+    /// The segments of a chunk being posted; reused.
+    iov: Vec<IoSeg>,
 }
 
 impl Channel {
@@ -165,6 +136,7 @@ impl Channel {
             send_inflight: VecDeque::new(),
             recv_queue: VecDeque::new(),
             recv_inflight: VecDeque::new(),
+            iov: Vec::new(),
         }
     }
 
@@ -176,7 +148,8 @@ impl Channel {
             self.send_queue.push_back((chunk, MrHandle::NONE));
             return Ok(());
         };
-        let (index, start, len) = self.windows.locate(region.base, region.len, chunk.addr, chunk.len)?;
+        let (addr, reach) = chunk.hull();
+        let (index, start, len) = self.windows.locate(region.base, region.len, addr, reach)?;
         let entry = Self::entry(&mut self.registrations, region);
         let mr = match entry.send.get(&index) {
             Some(mr) => *mr,
@@ -198,7 +171,8 @@ impl Channel {
             self.recv_queue.push_back((chunk, MrHandle::NONE));
             return Ok(());
         };
-        let (index, start, len) = self.windows.locate(region.base, region.len, chunk.addr, chunk.len)?;
+        let (addr, reach) = chunk.hull();
+        let (index, start, len) = self.windows.locate(region.base, region.len, addr, reach)?;
         let entry = Self::entry(&mut self.registrations, region);
         let mr = match entry.recv.get(&index) {
             Some(mr) => *mr,
@@ -218,7 +192,8 @@ impl Channel {
     pub fn redirect(&mut self, region: u64) {
         for (chunk, mr) in self.send_queue.iter_mut().chain(self.recv_queue.iter_mut()) {
             if chunk.region == region {
-                *chunk = Chunk { region: SCRATCH, addr: 0, ..*chunk };
+                chunk.region = SCRATCH;
+                chunk.mem = ChunkMem::At(0);
                 *mr = MrHandle::NONE;
             }
         }
@@ -284,54 +259,72 @@ impl Channel {
         self.sweep_registrations();
         let mut moved = false;
         while self.send_inflight.len() < self.window {
-            let Some(&(chunk, mr)) = self.send_queue.front() else { break };
+            let Some((chunk, mr)) = self.send_queue.front() else { break };
             if !self.held.is_empty() && self.held.contains(&chunk.flow) {
                 break;
             }
             let scratch = (chunk.region == SCRATCH).then(|| vec![0u8; chunk.len].into_boxed_slice());
-            let data = scratch.as_ref().map_or(chunk.addr as *const u8, |s| s.as_ptr());
-            // SAFETY: chunks point into registered regions the flow keeps alive, which a
-            // deregistration redirects before returning (waiting for posted ones), or into scratch
-            // kept with the request; the connection drops this channel (joining its I/O) before any
-            // flow is reported finished on failure.
-            let posted = unsafe { self.send.isend(data, chunk.len, mr)? };
+            let posted = match (&scratch, &chunk.mem) {
+                // SAFETY: scratch memory is kept with the request until it completes.
+                (Some(s), _) => unsafe { self.send.isend(s.as_ptr(), chunk.len, *mr)? },
+                // SAFETY: chunks point into registered regions the flow keeps alive, which a
+                // deregistration redirects before returning (waiting for posted ones); the
+                // connection drops this channel (joining its I/O) before any flow is reported
+                // finished on failure.
+                (None, ChunkMem::At(addr)) => unsafe { self.send.isend(*addr as *const u8, chunk.len, *mr)? },
+                (None, ChunkMem::Spans { .. }) => {
+                    self.iov.clear();
+                    chunk.segments(&mut self.iov);
+                    // SAFETY: as for a contiguous chunk, for every segment.
+                    unsafe { self.send.isendv(&self.iov, *mr)? }
+                }
+            };
             let Some(req) = posted else { break };
-            self.send_queue.pop_front();
-            self.send_inflight.push_back((req, chunk, scratch));
+            let (chunk, _) = self.send_queue.pop_front().expect("looked at the front");
             sent.push(chunk.flow);
+            self.send_inflight.push_back((req, chunk, scratch));
             moved = true;
         }
-        while let Some(&(req, chunk, _)) = self.send_inflight.front() {
-            if self.send.test(req)?.is_none() {
+        while let Some((req, _, _)) = self.send_inflight.front() {
+            if self.send.test(*req)?.is_none() {
                 break;
             }
-            self.send_inflight.pop_front();
+            let (_, chunk, _) = self.send_inflight.pop_front().expect("looked at the front");
             done.push(chunk);
             moved = true;
         }
         while self.recv_inflight.len() < self.recv_window {
-            let Some(&(chunk, mr)) = self.recv_queue.front() else { break };
+            let Some((chunk, mr)) = self.recv_queue.front() else { break };
             let mut scratch = (chunk.region == SCRATCH).then(|| vec![0u8; chunk.len].into_boxed_slice());
-            let data = scratch.as_mut().map_or(chunk.addr as *mut u8, |s| s.as_mut_ptr());
-            // SAFETY: as above; the destination is exclusively ours until the flow finishes.
-            let posted = unsafe { self.recv.irecv(data, chunk.len, mr)? };
+            let posted = match (&mut scratch, &chunk.mem) {
+                // SAFETY: scratch memory is kept with the request until it completes.
+                (Some(s), _) => unsafe { self.recv.irecv(s.as_mut_ptr(), chunk.len, *mr)? },
+                // SAFETY: as for sends; the destination is exclusively ours until the flow finishes.
+                (None, ChunkMem::At(addr)) => unsafe { self.recv.irecv(*addr as *mut u8, chunk.len, *mr)? },
+                (None, ChunkMem::Spans { .. }) => {
+                    self.iov.clear();
+                    chunk.segments(&mut self.iov);
+                    // SAFETY: as for a contiguous destination, for every segment.
+                    unsafe { self.recv.irecvv(&self.iov, *mr)? }
+                }
+            };
             let Some(req) = posted else { break };
-            self.recv_queue.pop_front();
+            let (chunk, _) = self.recv_queue.pop_front().expect("looked at the front");
             self.recv_inflight.push_back((req, chunk, scratch));
             moved = true;
         }
-        while let Some(&(req, chunk, _)) = self.recv_inflight.front() {
+        while let Some((req, chunk, _)) = self.recv_inflight.front() {
+            let (req, len) = (*req, chunk.len);
             let Some(size) = self.recv.test(req)? else { break };
-            if size != chunk.len {
+            if size != len {
                 return Err(Error::backend(format!(
-                    "protocol violation: peer sent a {size}-byte chunk where the chunk plan expects {} bytes",
-                    chunk.len
+                    "protocol violation: peer sent a {size}-byte chunk where the chunk plan expects {len} bytes"
                 )));
             }
             threads::point(ThreadKind::Progress);
             // Host memory is final once the receive completes, so the slot goes back at once.
             self.recv.irecv_consumed(req)?;
-            self.recv_inflight.pop_front();
+            let (_, chunk, _) = self.recv_inflight.pop_front().expect("looked at the front");
             done.push(chunk);
             moved = true;
         }
@@ -373,6 +366,10 @@ mod tests {
             self.log.lock().push(format!("isend {:#x}+{len} mr {}", data as usize, mr.0));
             Ok(Some(RequestId(len as u64)))
         }
+        unsafe fn isendv(&mut self, iov: &[IoSeg], mr: MrHandle) -> Result<Option<RequestId>> {
+            self.log.lock().push(format!("isendv {} mr {}", segs(iov), mr.0));
+            Ok(Some(RequestId(iov.iter().map(|s| s.len as u64).sum())))
+        }
         fn test(&mut self, req: RequestId) -> Result<Option<usize>> {
             Ok(self.completes.then_some(req.0 as usize))
         }
@@ -389,12 +386,20 @@ mod tests {
             self.log.lock().push(format!("irecv {:#x}+{len} mr {}", data as usize, mr.0));
             Ok(Some(RequestId(len as u64)))
         }
+        unsafe fn irecvv(&mut self, iov: &[IoSeg], mr: MrHandle) -> Result<Option<RequestId>> {
+            self.log.lock().push(format!("irecvv {} mr {}", segs(iov), mr.0));
+            Ok(Some(RequestId(iov.iter().map(|s| s.len as u64).sum())))
+        }
         fn test(&mut self, req: RequestId) -> Result<Option<usize>> {
             Ok(self.completes.then_some(req.0 as usize))
         }
         fn irecv_consumed(&mut self, _req: RequestId) -> Result<()> {
             Ok(())
         }
+    }
+
+    fn segs(iov: &[IoSeg]) -> String {
+        iov.iter().map(|s| format!("{:#x}+{}", s.addr, s.len)).collect::<Vec<_>>().join(",")
     }
 
     /// A channel over two logging comms (send handles from 101, receive handles from 201).
@@ -412,8 +417,8 @@ mod tests {
         let id = table.register(0x10000, 0x1000, MemKind::Host).unwrap();
         let region = table.get(id).unwrap();
         for (flow, off) in [(1, 0), (2, 0x800)] {
-            let chunk = Chunk { flow, region: id, addr: 0x10000 + off, len: 0x800 };
-            ch.queue_send(chunk, Some(&region)).unwrap();
+            let chunk = Chunk { flow, region: id, mem: ChunkMem::At(0x10000 + off), len: 0x800 };
+            ch.queue_send(chunk.clone(), Some(&region)).unwrap();
             ch.queue_recv(chunk, Some(&region)).unwrap();
         }
         let mut done = Vec::new();
@@ -467,8 +472,8 @@ mod tests {
         let region = table.get(id).unwrap();
         let offsets = [0, GIB - 10, 3 * GIB + 5, 5 * GIB + (GIB - 100), 10];
         for (flow, off) in offsets.into_iter().enumerate() {
-            let chunk = Chunk { flow: flow as u64, region: id, addr: base + off, len: 100 };
-            ch.queue_send(chunk, Some(&region)).unwrap();
+            let chunk = Chunk { flow: flow as u64, region: id, mem: ChunkMem::At(base + off), len: 100 };
+            ch.queue_send(chunk.clone(), Some(&region)).unwrap();
             ch.queue_recv(chunk, Some(&region)).unwrap();
         }
         let mut done = Vec::new();
@@ -506,8 +511,8 @@ mod tests {
         let id = table.register(0x10000, 0x10000, MemKind::Host).unwrap();
         let region = table.get(id).unwrap();
         for i in 0..10 {
-            let chunk = Chunk { flow: 1, region: id, addr: 0x10000 + i * 0x100, len: 0x100 };
-            ch.queue_send(chunk, Some(&region)).unwrap();
+            let chunk = Chunk { flow: 1, region: id, mem: ChunkMem::At(0x10000 + i * 0x100), len: 0x100 };
+            ch.queue_send(chunk.clone(), Some(&region)).unwrap();
             ch.queue_recv(chunk, Some(&region)).unwrap();
         }
         let mut done = Vec::new();
@@ -524,8 +529,8 @@ mod tests {
         let id = table.register(0x10000, 0x10000, MemKind::Host).unwrap();
         let region = table.get(id).unwrap();
         for i in 0..3 {
-            let chunk = Chunk { flow: 1, region: id, addr: 0x10000 + i * 0x100, len: 0x100 };
-            ch.queue_send(chunk, Some(&region)).unwrap();
+            let chunk = Chunk { flow: 1, region: id, mem: ChunkMem::At(0x10000 + i * 0x100), len: 0x100 };
+            ch.queue_send(chunk.clone(), Some(&region)).unwrap();
             ch.queue_recv(chunk, Some(&region)).unwrap();
         }
         let mut done = Vec::new();
@@ -555,7 +560,7 @@ mod tests {
         let id = table.register(0x10000, 0x1000, MemKind::Host).unwrap();
         let other = table.register(0x20000, 0x1000, MemKind::Host).unwrap();
         let region = table.get(id).unwrap();
-        ch.queue_recv(Chunk { flow: 1, region: id, addr: 0x10000, len: 16 }, Some(&region)).unwrap();
+        ch.queue_recv(Chunk { flow: 1, region: id, mem: ChunkMem::At(0x10000), len: 16 }, Some(&region)).unwrap();
         assert!(!ch.posted_on(id), "queued is not posted");
         ch.drive(&mut Vec::new(), &mut Vec::new()).unwrap();
         assert!(ch.posted_on(id) && !ch.posted_on(other));
@@ -569,7 +574,8 @@ mod tests {
         let id = table.register(0x10000, 0x1000, MemKind::Host).unwrap();
         let region = table.get(id).unwrap();
         for (flow, off) in [(7, 0), (8, 0x100), (7, 0x200)] {
-            ch.queue_send(Chunk { flow, region: id, addr: 0x10000 + off, len: 0x100 }, Some(&region)).unwrap();
+            ch.queue_send(Chunk { flow, region: id, mem: ChunkMem::At(0x10000 + off), len: 0x100 }, Some(&region))
+                .unwrap();
         }
         ch.hold(7);
         let (mut sent, mut done) = (Vec::new(), Vec::new());
@@ -582,19 +588,32 @@ mod tests {
     }
 
     #[test]
-    fn plan_covers_every_byte_once_and_rotates() {
-        let chunks: Vec<_> = plan(9, 3, 1000, 10, 4, 1, 3).collect();
-        assert_eq!(
-            chunks,
-            vec![
-                (1, Chunk { flow: 9, region: 3, addr: 1000, len: 4 }),
-                (2, Chunk { flow: 9, region: 3, addr: 1004, len: 4 }),
-                (0, Chunk { flow: 9, region: 3, addr: 1008, len: 2 }),
-            ]
-        );
-        assert_eq!(chunk_count(10, 4), 3);
-        assert_eq!(chunk_count(8, 4), 2);
-        let one: Vec<_> = plan(1, 2, 0, 1, 4096, 5, 2).collect();
-        assert_eq!(one, vec![(1, Chunk { flow: 1, region: 2, addr: 0, len: 1 })]);
+    fn a_chunk_spanning_segments_is_one_vectored_request_and_scratch_after_a_redirect() {
+        let (mut ch, log, table) = logging_channel(4, true);
+        let id = table.register(0x10000, 0x10000, MemKind::Host).unwrap();
+        let region = table.get(id).unwrap();
+        let segs: Arc<[IoSeg]> = [
+            IoSeg { addr: 0x10000, len: 0x80 },
+            IoSeg { addr: 0x18000, len: 0x100 },
+            IoSeg { addr: 0x12000, len: 0x40 },
+        ]
+        .into();
+        let spanning = Chunk { flow: 1, region: id, mem: ChunkMem::Spans { segs, first: 0, offset: 0x40 }, len: 0x100 };
+        assert_eq!(spanning.hull(), (0x10040, 0x18000 + 0xc0 - 0x10040));
+        ch.queue_send(spanning.clone(), Some(&region)).unwrap();
+        ch.queue_recv(spanning.clone(), Some(&region)).unwrap();
+        let mut done = Vec::new();
+        ch.drive(&mut Vec::new(), &mut done).unwrap();
+        assert_eq!(done.len(), 2);
+        let lines = log.lock().clone();
+        assert!(lines.contains(&"isendv 0x10040+64,0x18000+192 mr 101".to_string()), "{lines:?}");
+        assert!(lines.contains(&"irecvv 0x10040+64,0x18000+192 mr 201".to_string()), "{lines:?}");
+        // Cut off before it was posted, it moves through scratch as one plain request of its length.
+        log.lock().clear();
+        ch.queue_send(spanning, Some(&region)).unwrap();
+        ch.redirect(id);
+        ch.drive(&mut Vec::new(), &mut done).unwrap();
+        let lines = log.lock().clone();
+        assert!(lines.len() == 1 && lines[0].starts_with("isend ") && lines[0].ends_with("+256 mr 0"), "{lines:?}");
     }
 }

@@ -23,11 +23,12 @@ use std::time::{Duration, Instant};
 
 use super::channel::{Channel, Windows};
 use super::local::{self, LocalLink, PendingHello};
+use super::plan::{Chunking, Cut};
 use super::shared::EngineCore;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{
-    ChannelHello, FRAME_HEADER_LEN, FrameHeader, Handshake, Hello, HostIdentity, MAX_REASON_LEN, NET_HANDLE_SIZE,
-    ProtoError, Refuse, Welcome,
+    CAP_SPANNING_CHUNKS, ChannelHello, FRAME_HEADER_LEN, FrameHeader, Handshake, Hello, HostIdentity, MAX_REASON_LEN,
+    NET_HANDLE_SIZE, ProtoError, Refuse, Welcome,
 };
 use crate::transport::{ListenComm, MrHandle, Net, NetHandle, RecvComm, RequestId, SendComm};
 
@@ -42,6 +43,25 @@ pub struct Agreement {
     pub peer_handles: Vec<NetHandle>,
     /// Whether the peer shares this host or process, and the key its connection is found by.
     pub link: LocalLink,
+    /// How scattered flows are cut: spanning segments only when both ends' transports take
+    /// vectored requests.
+    pub cut: Cut,
+}
+
+/// The capabilities this engine's transport gives it.
+fn capabilities(net: &dyn Net) -> u64 {
+    if net.vectored() { CAP_SPANNING_CHUNKS } else { 0 }
+}
+
+fn agreed_cut(net: &dyn Net, peer_capabilities: u64) -> Cut {
+    if capabilities(net) & peer_capabilities & CAP_SPANNING_CHUNKS != 0 { Cut::Spanning } else { Cut::PerSegment }
+}
+
+impl Agreement {
+    /// How this connection cuts flows into chunks.
+    pub fn chunking(&self) -> Chunking {
+        Chunking { size: self.chunk_size as usize, cut: self.cut }
+    }
 }
 
 /// This side's listen comms: one for every channel, or one per channel (`Net::listen_per_channel`).
@@ -130,7 +150,7 @@ pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, listens
     let pending = PendingHello::register(nonce);
     let hello = |net_handle| Hello {
         version: crate::proto::PROTOCOL_VERSION,
-        capabilities: 0,
+        capabilities: capabilities(local.net),
         nonce,
         num_channels: local.num_channels,
         chunk_size: local.chunk_size,
@@ -171,6 +191,7 @@ pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, listens
                 peer_gpu_id: w.gpu_id,
                 peer_handles: vec![w.net_handle],
                 link: LocalLink { locality: pending.locality(&local.host, &w.host), nonce, connector: true },
+                cut: agreed_cut(local.net, w.capabilities),
             };
             let handles = listens.open_rest(local, n).map_err(|e| refuse(stream, e))?.to_vec();
             for handle in handles {
@@ -264,10 +285,11 @@ pub fn welcome(stream: &mut TcpStream, local: &Local, listens: &mut Listens, h: 
             nonce: h.nonce,
             connector: false,
         },
+        cut: agreed_cut(local.net, h.capabilities),
     };
     let welcome = |net_handle| Welcome {
         version: crate::proto::PROTOCOL_VERSION,
-        capabilities: 0,
+        capabilities: capabilities(local.net),
         num_channels: agreed.num_channels,
         chunk_size: agreed.chunk_size,
         gpu_index: local.gpu_index,
@@ -514,7 +536,7 @@ mod tests {
     use std::net::TcpListener;
 
     use super::*;
-    use crate::engine::channel::Chunk;
+    use crate::engine::plan::{Chunk, ChunkMem};
     use crate::engine::region::RegionTable;
     use crate::proto::Control;
     use crate::transport::MemKind;
@@ -541,6 +563,23 @@ mod tests {
     }
 
     #[test]
+    fn chunks_span_segments_only_when_both_ends_take_vectored_requests() {
+        let socket = crate::transport::socket::SocketNet::new(
+            "127.0.0.1".parse().unwrap(),
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            Arc::new(|| {}),
+        );
+        assert_eq!(capabilities(&socket), CAP_SPANNING_CHUNKS);
+        assert_eq!(agreed_cut(&socket, CAP_SPANNING_CHUNKS), Cut::Spanning);
+        assert_eq!(agreed_cut(&socket, 0), Cut::PerSegment, "a peer without the bit");
+        assert_eq!(agreed_cut(&socket, !CAP_SPANNING_CHUNKS), Cut::PerSegment, "other bits do not count");
+        let plugin = PluginNet::with_plugin(mock::plugin(), None, None).unwrap();
+        assert_eq!(capabilities(&plugin), 0, "ncclNet v7 takes one buffer per request");
+        assert_eq!(agreed_cut(&plugin, CAP_SPANNING_CHUNKS), Cut::PerSegment);
+    }
+
+    #[test]
     fn plugin_channels_pair_by_handle_order_and_no_byte_moves_during_setup() {
         // TCPX flow-steers a receive comm's sockets into GPU memory at accept: a host receive of a
         // channel hello could never complete there. The mock counts every call per connection.
@@ -563,6 +602,7 @@ mod tests {
             peer_gpu_id: "0".into(),
             link: LocalLink::remote(),
             peer_handles: handles[peer].clone(),
+            cut: Cut::PerSegment,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         let (a_side, b_side) = sides.split_at_mut(1);
@@ -592,9 +632,9 @@ mod tests {
         let (sreg, dreg) = (table.get(smr).unwrap(), table.get(dmr).unwrap());
         for i in 0..n {
             let off = i * 1000;
-            a[i].queue_send(Chunk { flow: 1, region: smr, addr: src.as_ptr() as usize + off, len: 1000 }, Some(&sreg))
-                .unwrap();
-            let chunk = Chunk { flow: 1, region: dmr, addr: dst.as_mut_ptr() as usize + off, len: 1000 };
+            let at = ChunkMem::At(src.as_ptr() as usize + off);
+            a[i].queue_send(Chunk { flow: 1, region: smr, mem: at, len: 1000 }, Some(&sreg)).unwrap();
+            let chunk = Chunk { flow: 1, region: dmr, mem: ChunkMem::At(dst.as_mut_ptr() as usize + off), len: 1000 };
             b[i].queue_recv(chunk, Some(&dreg)).unwrap();
         }
         let mut done = Vec::new();

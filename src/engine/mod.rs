@@ -12,6 +12,7 @@ mod handshake;
 pub mod local;
 mod mapping;
 pub mod notify;
+mod plan;
 mod progress;
 pub mod region;
 mod served_gpu;
@@ -328,10 +329,11 @@ fn connect_to(core: &Arc<EngineCore>, addr: SocketAddr, remote_gpu: &str) -> Res
     let channels =
         handshake::establish_channels(&handshake::Local::of(core), &mut listens, &agreed, deadline, &mut stream)
             .map_err(|e| handshake::refuse(&mut stream, e))?;
+    let chunking = agreed.chunking();
     let peer =
         PeerInfo { addr, gpu_index: agreed.peer_gpu_index, gpu_id: agreed.peer_gpu_id, locality: agreed.link.locality };
     let binding = session.map(|s| s.token_binding());
-    Connection::start(core.clone(), stream, peer, channels, agreed.chunk_size, agreed.link, binding)
+    Connection::start(core.clone(), stream, peer, channels, chunking, agreed.link, binding)
 }
 
 #[cfg(test)]

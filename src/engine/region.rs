@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use parking_lot::{Mutex, RwLock};
 
 use crate::error::{Error, Result};
-use crate::proto::{Capability, FifoItem, TokenBinding};
+use crate::proto::{Capability, FifoItem, RemoteSeg, TokenBinding};
 use crate::transport::MemKind;
 
 /// Distinct windows a region may advertise; callers normally advertise once per registration.
@@ -174,6 +174,43 @@ impl RegionTable {
         }
         Ok(r)
     }
+
+    /// Decides a peer's vector request: every segment must lie inside a window advertised for the
+    /// region, or the whole request is refused (NOT_ALLOWED, naming the first bad segment). The
+    /// tables are locked once for all segments.
+    pub fn authorize_segments(
+        &self,
+        region: u64,
+        token: u64,
+        segs: &[RemoteSeg],
+        binding: Option<&TokenBinding>,
+    ) -> Result<Arc<Region>> {
+        let deny = |why: String| Error::not_allowed(format!("remote vector access refused: {why}"));
+        let Some(r) = self.regions.read().get(&region).cloned() else {
+            return Err(deny("the region is not registered (or was deregistered)".into()));
+        };
+        let expected = match binding {
+            Some(b) => b.bind(region, r.token),
+            None => r.token,
+        };
+        if expected != token {
+            return Err(deny("the capability token does not match the region".into()));
+        }
+        let windows = r.windows.lock();
+        for (i, seg) in segs.iter().enumerate() {
+            let inside = usize::try_from(seg.addr).is_ok_and(|addr| {
+                seg.len > 0 && windows.iter().any(|&(base, wlen)| range_within(addr, seg.len as usize, base, wlen))
+            });
+            if !inside {
+                return Err(deny(format!(
+                    "segment {i}, [{:#x}, +{}), is outside every window advertised for the region",
+                    seg.addr, seg.len
+                )));
+            }
+        }
+        drop(windows);
+        Ok(r)
+    }
 }
 
 #[cfg(test)]
@@ -235,6 +272,31 @@ mod tests {
             assert_eq!(err.status(), UcclStatus::ErrNotAllowed, "{what}: {err}");
         }
         assert!(t.authorize(id, ours.bind(id, cap.token), 0x10000, 8, None).is_err(), "a bound value is no token");
+    }
+
+    #[test]
+    fn a_vector_is_authorized_only_when_every_segment_is_inside_a_window() {
+        let t = RegionTable::default();
+        let id = t.register(0x10000, 0x10000, MemKind::Host).unwrap();
+        let cap = t.advertise(id, 0x10000, 0x1000).unwrap().capability().unwrap();
+        t.advertise(id, 0x18000, 0x1000).unwrap();
+        let seg = |addr, len| RemoteSeg { addr, len };
+        let good = [seg(0x10000, 0x1000), seg(0x18800, 0x800), seg(0x10010, 1)];
+        assert_eq!(t.authorize_segments(id, cap.token, &good, None).unwrap().id, id);
+        for (segs, bad) in [
+            (vec![seg(0x10000, 0x1000), seg(0x11000, 1)], "segment 1,"),
+            (vec![seg(0x17fff, 2)], "segment 0,"),
+            (vec![seg(0x10f00, 0x200)], "segment 0,"),
+            (vec![seg(0x10000, 0)], "segment 0,"),
+            (vec![seg(u64::MAX - 1, 1)], "segment 0,"),
+        ] {
+            let err = t.authorize_segments(id, cap.token, &segs, None).unwrap_err();
+            assert_eq!(err.status(), UcclStatus::ErrNotAllowed, "{err}");
+            assert!(err.message().contains(bad), "{err}");
+        }
+        assert!(t.authorize_segments(id, cap.token ^ 1, &good, None).unwrap_err().message().contains("token"));
+        t.remove(id).unwrap();
+        assert_eq!(t.authorize_segments(id, cap.token, &good, None).unwrap_err().status(), UcclStatus::ErrNotAllowed);
     }
 
     #[test]

@@ -20,6 +20,9 @@ use crate::threads::{self, ThreadKind, spawn_contained};
 /// (one that keeps asking for small reads, say) cannot grow our memory without bound.
 const MAX_QUEUED: usize = 2 * (MAX_NOTIFY_MSG_LEN + 4096);
 
+/// Control bytes the posting thread writes to the socket itself: an inline message and a little.
+const DIRECT_WRITE_MAX: usize = crate::proto::MAX_INLINE_LEN + 4096;
+
 struct Pending {
     bytes: Vec<u8>,
     writing: bool,
@@ -106,7 +109,10 @@ impl ControlWriter {
         for msg in msgs {
             msg.encode(&mut p.bytes);
         }
-        if idle {
+        // A large batch (a vector request's segment list) is the writer thread's: on loopback the
+        // kernel delivers what the caller writes on the caller's own time, a millisecond for a
+        // megabyte, and the thread costs one wake-up.
+        if idle && p.bytes.len() <= DIRECT_WRITE_MAX {
             // Nothing queued ahead of us: try the socket directly and save the writer thread's wake-up
             // (most of a small message's latency). Non-blocking, so a full send buffer (a peer not
             // reading) still never blocks the caller; the rest goes to the thread.

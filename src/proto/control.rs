@@ -1,11 +1,22 @@
 //! Control messages exchanged on the control connection once the handshake is done.
 //!
 //! Fixed-size messages are their fields in declaration order (`u64`/`i32`, little-endian);
-//! Deny and Notify carry `u32`-length-prefixed byte strings, and Close has an empty body.
+//! Deny and Notify carry `u32`-length-prefixed byte strings, and Close has an empty body. The
+//! vector requests carry a `u32` segment count, then per segment `u64 addr, u32 len`.
 
 use super::frame::{FRAME_HEADER_LEN, FrameHeader, is_handshake_kind, kind, write_frame};
 use super::wire::{Reader, Writer, check_len};
-use super::{MAX_INLINE_LEN, MAX_NAME_LEN, MAX_NOTIFY_MSG_LEN, MAX_REASON_LEN, ProtoError};
+use super::{
+    MAX_INLINE_LEN, MAX_NAME_LEN, MAX_NOTIFY_MSG_LEN, MAX_REASON_LEN, MAX_VECTOR_BYTES, MAX_VECTOR_SEGMENTS,
+    ProtoError, REMOTE_SEG_LEN,
+};
+
+/// One piece of a remote region that a vector request names: `len` bytes at `addr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteSeg {
+    pub addr: u64,
+    pub len: u32,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {
@@ -83,6 +94,22 @@ pub enum Control {
     Resume {
         xfer: u64,
     },
+    /// A write into several pieces of one region: one flow whose bytes fill `segs` in order;
+    /// answered with one Grant (every segment authorized) or one Deny, then Done.
+    WriteVector {
+        xfer: u64,
+        region: u64,
+        token: u64,
+        segs: Vec<RemoteSeg>,
+    },
+    /// A read of several pieces of one region as one flow, in segment order; answered with Data
+    /// (every segment authorized) or Deny.
+    ReadVector {
+        xfer: u64,
+        region: u64,
+        token: u64,
+        segs: Vec<RemoteSeg>,
+    },
 }
 
 const HANDSHAKE_AFTER_SETUP: ProtoError =
@@ -108,6 +135,23 @@ fn check_range(addr: u64, len: u64) -> Result<(), ProtoError> {
 fn check_inline(addr: u64, len: usize) -> Result<(), ProtoError> {
     check_len(len, MAX_INLINE_LEN, "inline payload")?;
     check_range(addr, len as u64)
+}
+
+/// At most `MAX_VECTOR_SEGMENTS` segments and `MAX_VECTOR_BYTES` in all, none empty or wrapping.
+fn check_vector(segs: &[RemoteSeg]) -> Result<(), ProtoError> {
+    if segs.is_empty() {
+        return Err(ProtoError::Invalid("a vector request must name at least one segment"));
+    }
+    check_len(segs.len(), MAX_VECTOR_SEGMENTS, "vector segment list")?;
+    let mut total = 0u64;
+    for seg in segs {
+        check_range(seg.addr, u64::from(seg.len))?;
+        total += u64::from(seg.len);
+    }
+    if total > MAX_VECTOR_BYTES {
+        return Err(ProtoError::Invalid("a vector request asks for more than MAX_VECTOR_BYTES in all"));
+    }
+    Ok(())
 }
 
 fn check_deny(status: i32, reason: &str) -> Result<(), ProtoError> {
@@ -143,6 +187,8 @@ impl Control {
             Self::ReadData { .. } => kind::READ_DATA,
             Self::InlineSend { .. } => kind::INLINE_SEND,
             Self::Resume { .. } => kind::RESUME,
+            Self::WriteVector { .. } => kind::WRITE_VECTOR,
+            Self::ReadVector { .. } => kind::READ_VECTOR,
         }
     }
 
@@ -189,6 +235,17 @@ impl Control {
             }
             Self::Resume { xfer } => w.u64(*xfer),
             Self::Close => {}
+            Self::WriteVector { xfer, region, token, segs } | Self::ReadVector { xfer, region, token, segs } => {
+                for v in [xfer, region, token] {
+                    w.u64(*v);
+                }
+                // Past u32::MAX the count is wrong and the peer rejects the frame.
+                w.u32(u32::try_from(segs.len()).unwrap_or(u32::MAX));
+                for seg in segs {
+                    w.u64(seg.addr);
+                    w.u32(seg.len);
+                }
+            }
         }
     }
 
@@ -243,6 +300,14 @@ impl Control {
                 Self::InlineSend { xfer: r.u64()?, payload: r.bytes32(MAX_INLINE_LEN, "inline payload")?.to_vec() }
             }
             kind::RESUME => Self::Resume { xfer: r.u64()? },
+            kind::WRITE_VECTOR => {
+                let (xfer, region, token) = (r.u64()?, r.u64()?, r.u64()?);
+                Self::WriteVector { xfer, region, token, segs: read_segments(r)? }
+            }
+            kind::READ_VECTOR => {
+                let (xfer, region, token) = (r.u64()?, r.u64()?, r.u64()?);
+                Self::ReadVector { xfer, region, token, segs: read_segments(r)? }
+            }
             other => return Err(ProtoError::UnknownKind(other)),
         };
         Ok(msg)
@@ -264,9 +329,28 @@ impl Control {
                 nonzero_len(payload.len() as u64)?;
                 check_len(payload.len(), MAX_INLINE_LEN, "inline payload")
             }
+            Self::WriteVector { segs, .. } | Self::ReadVector { segs, .. } => check_vector(segs),
             Self::Grant { .. } | Self::Resume { .. } | Self::Close => Ok(()),
         }
     }
+}
+
+/// A segment count, checked against its limit and against the bytes present before anything is
+/// allocated for it, then the segments.
+fn read_segments(r: &mut Reader<'_>) -> Result<Vec<RemoteSeg>, ProtoError> {
+    let count = usize::try_from(r.u32()?).unwrap_or(usize::MAX);
+    check_len(count, MAX_VECTOR_SEGMENTS, "vector segment list")?;
+    let raw = r.bytes(count * REMOTE_SEG_LEN)?;
+    Ok(raw
+        .chunks_exact(REMOTE_SEG_LEN)
+        .map(|b| {
+            let (addr, len) = b.split_at(8);
+            RemoteSeg {
+                addr: u64::from_le_bytes(addr.try_into().expect("8 bytes")),
+                len: u32::from_le_bytes(len.try_into().expect("4 bytes")),
+            }
+        })
+        .collect())
 }
 
 /// Decodes one control frame from the front of a stream buffer.
@@ -322,7 +406,23 @@ mod tests {
             Control::ReadData { xfer: 21, payload: vec![1, 2, 3] },
             Control::InlineSend { xfer: 22, payload: vec![9; MAX_INLINE_LEN] },
             Control::Resume { xfer: u64::MAX },
+            Control::WriteVector {
+                xfer: 23,
+                region: 24,
+                token: 25,
+                segs: vec![RemoteSeg { addr: 0x1000, len: 4096 }, RemoteSeg { addr: 0x9000, len: 1 }],
+            },
+            Control::ReadVector {
+                xfer: 26,
+                region: 27,
+                token: 28,
+                segs: vec![RemoteSeg { addr: u64::MAX - 1, len: 1 }],
+            },
         ]
+    }
+
+    fn vector(segs: Vec<RemoteSeg>) -> Control {
+        Control::WriteVector { xfer: 1, region: 2, token: 3, segs }
     }
 
     fn variable_size(msg: &Control) -> bool {
@@ -333,6 +433,8 @@ mod tests {
                 | Control::InlineWrite { .. }
                 | Control::ReadData { .. }
                 | Control::InlineSend { .. }
+                | Control::WriteVector { .. }
+                | Control::ReadVector { .. }
         )
     }
 
@@ -527,6 +629,69 @@ mod tests {
     }
 
     #[test]
+    fn vector_layout_is_ids_count_then_segments() {
+        let frame = encode(&vector(vec![RemoteSeg { addr: 0x0102, len: 0x0304 }]));
+        let mut body = Vec::new();
+        for v in [1u64, 2, 3] {
+            body.extend(v.to_le_bytes());
+        }
+        body.extend(1u32.to_le_bytes());
+        body.extend(0x0102u64.to_le_bytes());
+        body.extend(0x0304u32.to_le_bytes());
+        assert_eq!(&frame[FRAME_HEADER_LEN..], &body[..]);
+        assert_eq!(frame[2], kind::WRITE_VECTOR);
+    }
+
+    #[test]
+    fn largest_vector_round_trips_and_one_more_segment_does_not() {
+        let segs: Vec<RemoteSeg> =
+            (0..MAX_VECTOR_SEGMENTS as u64).map(|i| RemoteSeg { addr: i << 20, len: 4096 }).collect();
+        let msg = Control::ReadVector { xfer: 1, region: 2, token: 3, segs };
+        let frame = encode(&msg);
+        assert_eq!(frame.len(), FRAME_HEADER_LEN + max_body_len(kind::READ_VECTOR).unwrap());
+        assert_eq!(decode_frame(&frame), Ok(Some((msg.clone(), frame.len()))));
+        let Control::ReadVector { mut segs, .. } = msg else { unreachable!() };
+        segs.push(RemoteSeg { addr: 0, len: 1 });
+        let over = vector(segs);
+        assert!(matches!(over.validate(), Err(ProtoError::TooLong { what: "vector segment list", .. })));
+        assert!(matches!(decode_frame(&encode(&over)), Err(ProtoError::TooLong { .. })), "too long from the header");
+    }
+
+    #[test]
+    fn hostile_vectors_are_refused() {
+        let seg = |addr, len| RemoteSeg { addr, len };
+        for (segs, why) in [
+            (vec![], "empty"),
+            (vec![seg(0x1000, 8), seg(0x2000, 0)], "an empty segment"),
+            (vec![seg(u64::MAX, 1)], "a wrapping segment"),
+            (vec![seg(u64::MAX - 10, 20)], "a wrapping segment"),
+            (vec![seg(0x1000, u32::MAX), seg(0x1000, u32::MAX)], "more than MAX_VECTOR_BYTES in all"),
+        ] {
+            let msg = vector(segs);
+            assert!(msg.validate().is_err(), "{why}");
+            assert_eq!(decode_frame(&encode(&msg)).unwrap_err(), msg.validate().unwrap_err(), "{why}");
+        }
+        assert_eq!(vector(vec![seg(0x1000, u32::MAX), seg(0x1000, 1)]).validate(), Ok(()), "exactly the limit");
+        // A count that claims more segments than the body holds, or more than the limit.
+        let mut body = vec![0u8; 24];
+        body.extend(2u32.to_le_bytes());
+        body.extend(1u64.to_le_bytes());
+        body.extend(1u32.to_le_bytes());
+        assert!(matches!(decode_raw(kind::WRITE_VECTOR, &body), Err(ProtoError::Truncated { .. })));
+        let mut body = vec![0u8; 24];
+        body.extend(u32::MAX.to_le_bytes());
+        assert!(matches!(
+            decode_raw(kind::READ_VECTOR, &body),
+            Err(ProtoError::TooLong { what: "vector segment list", .. })
+        ));
+        // A count that claims fewer: the rest is trailing.
+        let mut body = vec![0u8; 24];
+        body.extend(0u32.to_le_bytes());
+        body.extend([0u8; 12]);
+        assert!(matches!(decode_raw(kind::WRITE_VECTOR, &body), Err(ProtoError::TrailingBytes { extra: 12, .. })));
+    }
+
+    #[test]
     fn deny_requires_negative_status_and_utf8_reason() {
         for status in [0, 1, i32::MAX] {
             let deny = Control::Deny { xfer: 1, status, reason: "r".into() };
@@ -555,7 +720,7 @@ mod tests {
             assert_eq!(Control::decode(&header, &[]), Err(HANDSHAKE_AFTER_SETUP));
         }
         assert_eq!(decode_raw(0, &[]), Err(ProtoError::UnknownKind(0)));
-        assert_eq!(decode_raw(30, &[]), Err(ProtoError::UnknownKind(30)));
+        assert_eq!(decode_raw(32, &[]), Err(ProtoError::UnknownKind(32)));
     }
 
     #[test]
@@ -585,7 +750,7 @@ mod tests {
                 0 => rng.bytes_below(64),
                 1 => {
                     // A plausible header so the body decoders see random input too.
-                    let kind = u8::try_from(16 + rng.below(10)).unwrap();
+                    let kind = u8::try_from(16 + rng.below(16)).unwrap();
                     raw_frame(kind, &rng.bytes_below(48))
                 }
                 _ => {

@@ -4,7 +4,9 @@
 //! never has to buffer (or wait for) a body the protocol would not accept anyway.
 
 use super::wire::{Reader, Writer, put_at};
-use super::{MAX_INLINE_LEN, MAX_NAME_LEN, MAX_NOTIFY_MSG_LEN, MAX_REASON_LEN, ProtoError};
+use super::{
+    MAX_INLINE_LEN, MAX_NAME_LEN, MAX_NOTIFY_MSG_LEN, MAX_REASON_LEN, MAX_VECTOR_SEGMENTS, ProtoError, REMOTE_SEG_LEN,
+};
 
 pub(crate) const FRAME_HEADER_LEN: usize = 8;
 pub(crate) const FRAME_MAGIC: u16 = 0x5443;
@@ -33,7 +35,12 @@ pub mod kind {
     pub(crate) const READ_DATA: u8 = 27;
     pub(crate) const INLINE_SEND: u8 = 28;
     pub(crate) const RESUME: u8 = 29;
+    pub(crate) const WRITE_VECTOR: u8 = 30;
+    pub(crate) const READ_VECTOR: u8 = 31;
 }
+
+/// Largest vector request body: three ids, the count, the segments.
+const MAX_VECTOR_BODY: usize = 24 + 4 + REMOTE_SEG_LEN * MAX_VECTOR_SEGMENTS;
 
 #[derive(Clone, Copy)]
 enum BodySize {
@@ -67,6 +74,8 @@ fn body_spec(kind: u8) -> Option<(&'static str, BodySize)> {
         kind::READ_DATA => ("ReadData body", UpTo(8 + 4 + MAX_INLINE_LEN)),
         kind::INLINE_SEND => ("InlineSend body", UpTo(8 + 4 + MAX_INLINE_LEN)),
         kind::RESUME => ("Resume body", Exactly(8)),
+        kind::WRITE_VECTOR => ("WriteVector body", UpTo(MAX_VECTOR_BODY)),
+        kind::READ_VECTOR => ("ReadVector body", UpTo(MAX_VECTOR_BODY)),
         _ => return None,
     };
     Some(spec)
@@ -177,7 +186,7 @@ mod tests {
     use super::*;
     use crate::proto::testutil::XorShift;
 
-    const KNOWN: [u8; 20] = [
+    const KNOWN: [u8; 22] = [
         kind::HELLO,
         kind::WELCOME,
         kind::REFUSE,
@@ -198,6 +207,8 @@ mod tests {
         kind::READ_DATA,
         kind::INLINE_SEND,
         kind::RESUME,
+        kind::WRITE_VECTOR,
+        kind::READ_VECTOR,
     ];
 
     fn raw(magic: u16, kind: u8, flags: u8, body_len: u32) -> [u8; 8] {
@@ -245,6 +256,8 @@ mod tests {
         assert_eq!(max_body_len(kind::READ_SMALL), Some(40));
         assert_eq!(max_body_len(kind::READ_DATA), Some(12 + 65536));
         assert_eq!(max_body_len(kind::INLINE_SEND), Some(12 + 65536));
+        assert_eq!(max_body_len(kind::WRITE_VECTOR), Some(28 + 12 * 65536));
+        assert_eq!(max_body_len(kind::READ_VECTOR), Some(28 + 12 * 65536));
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub mod handshake;
 mod wire;
 
 pub use auth::{AuthChallenge, AuthHello, AuthKey, AuthProof, Session, TokenBinding};
-pub use control::{Control, decode_frame};
+pub use control::{Control, RemoteSeg, decode_frame};
 pub use fifo::{Capability, FifoItem};
 pub(crate) use frame::FRAME_HEADER_LEN;
 pub use frame::FrameHeader;
@@ -21,7 +21,7 @@ pub use handshake::{ChannelHello, Handshake, Hello, HostIdentity, Refuse, Welcom
 
 /// Protocol magic, the first field of Hello, Welcome and Refuse bodies.
 pub(crate) const MAGIC: u32 = 0x5854_4355;
-pub(crate) const PROTOCOL_VERSION: u16 = 8;
+pub(crate) const PROTOCOL_VERSION: u16 = 9;
 pub(crate) const NET_HANDLE_SIZE: usize = 128;
 /// Notification name bytes, NUL terminator excluded.
 pub(crate) const MAX_NAME_LEN: usize = 255;
@@ -35,6 +35,18 @@ pub(crate) const MAX_INLINE_LEN: usize = 64 << 10;
 /// Inline-send payload bytes a sender may have unacknowledged; the receiver buffers at most this
 /// much for sends that arrive before their receives.
 pub(crate) const MAX_INLINE_SEND_BACKLOG: u64 = 4 << 20;
+/// Segments one vector request may name: a 768 KiB frame. A call with more items sends several
+/// requests.
+pub(crate) const MAX_VECTOR_SEGMENTS: usize = 1 << 16;
+/// Wire bytes per segment of a vector request: `u64 addr, u32 len`.
+pub(crate) const REMOTE_SEG_LEN: usize = 12;
+/// Bytes one vector request may move, as much as one advertised window can hold: bounds the chunks
+/// a peer can make us queue for one flow, whatever its segments repeat.
+pub(crate) const MAX_VECTOR_BYTES: u64 = 1 << 32;
+/// Handshake capability bit: the engine's transport takes vectored requests, so the chunks of a
+/// vector flow may span segments (one request per chunk). A connection uses spanning chunks only
+/// when both ends set it; otherwise no chunk crosses a segment.
+pub(crate) const CAP_SPANNING_CHUNKS: u64 = 1;
 /// Limit for the `gpu_id` and `requested_gpu` strings.
 pub(crate) const MAX_ID_LEN: usize = 64;
 pub(crate) const MAX_TRANSPORT_NAME_LEN: usize = 32;

@@ -9,7 +9,10 @@
 //! - a completed receive keeps its slot until `irecv_consumed`, called in posting order;
 //! - the size a completed receive reports is the sender's, which may be smaller than what was posted;
 //!   a sender larger than the posted buffer is an error, never a truncation;
-//! - closing is dropping.
+//! - closing is dropping;
+//! - a vectored request (`isendv` / `irecvv`, only on a net that reports `vectored`) is one message
+//!   whose bytes are its segments concatenated: it matches one request of the same total on the
+//!   other end, vectored or not, and its segments lie in the one registration `mr` names.
 
 pub mod plugin;
 pub mod socket;
@@ -36,6 +39,20 @@ pub struct MrHandle(pub usize);
 
 impl MrHandle {
     pub(crate) const NONE: MrHandle = MrHandle(0);
+}
+
+/// One segment of a vectored request: `len` bytes at `addr`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoSeg {
+    pub addr: usize,
+    pub len: usize,
+}
+
+fn unvectored<T>(what: &str) -> Result<T> {
+    Err(crate::error::Error::new(
+        crate::error::UcclStatus::ErrNotSupported,
+        format!("this transport takes one buffer per {what}, not a list of segments"),
+    ))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,6 +122,11 @@ pub trait Net: Send + Sync {
             format!("the {} transport's handles name no address to replace with {ip}", self.name()),
         ))
     }
+    /// Whether the comms take vectored requests (`isendv` / `irecvv`) of any memory they move, in
+    /// one registration of any size.
+    fn vectored(&self) -> bool {
+        false
+    }
 }
 
 pub trait ListenComm: Send {
@@ -118,6 +140,17 @@ pub trait SendComm: Send {
     /// `[data, data + len)` stays valid and unmodified until `test` reports the request done or the
     /// comm is dropped.
     unsafe fn isend(&mut self, data: *const u8, len: usize, mr: MrHandle) -> Result<Option<RequestId>>;
+    /// Sends the segments of `iov` as one message (see the module rules).
+    ///
+    /// # Safety
+    /// Every segment as `isend`'s buffer; `iov` itself need not outlive the call.
+    unsafe fn isendv(&mut self, iov: &[IoSeg], mr: MrHandle) -> Result<Option<RequestId>> {
+        match iov {
+            // SAFETY: per the contract.
+            [one] => unsafe { self.isend(one.addr as *const u8, one.len, mr) },
+            _ => unvectored("send"),
+        }
+    }
     /// `Some(bytes)` once the request finished.
     fn test(&mut self, req: RequestId) -> Result<Option<usize>>;
 }
@@ -129,6 +162,17 @@ pub trait RecvComm: Send {
     /// `[data, data + len)` stays valid and is not accessed by anyone else until `test` reports the
     /// request done or the comm is dropped.
     unsafe fn irecv(&mut self, data: *mut u8, len: usize, mr: MrHandle) -> Result<Option<RequestId>>;
+    /// Receives one message into the segments of `iov`, in order (see the module rules).
+    ///
+    /// # Safety
+    /// Every segment as `irecv`'s buffer; `iov` itself need not outlive the call.
+    unsafe fn irecvv(&mut self, iov: &[IoSeg], mr: MrHandle) -> Result<Option<RequestId>> {
+        match iov {
+            // SAFETY: per the contract.
+            [one] => unsafe { self.irecv(one.addr as *mut u8, one.len, mr) },
+            _ => unvectored("receive"),
+        }
+    }
     /// `Some(bytes)` (the sender's size) once the data is in place.
     fn test(&mut self, req: RequestId) -> Result<Option<usize>>;
     fn irecv_consumed(&mut self, req: RequestId) -> Result<()>;

@@ -7,7 +7,9 @@ use uccl_tcpx::config::SocketConfig;
 use uccl_tcpx::engine::OneSided;
 use uccl_tcpx::proto::auth::Session;
 use uccl_tcpx::proto::control::decode_frame;
-use uccl_tcpx::proto::{AuthHello, AuthKey, AuthProof, ChannelHello, Control, FrameHeader, Handshake, Hello, Refuse};
+use uccl_tcpx::proto::{
+    AuthHello, AuthKey, AuthProof, ChannelHello, Control, FrameHeader, Handshake, Hello, Refuse, RemoteSeg,
+};
 use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
 
 use super::AUTH_KEY;
@@ -142,7 +144,7 @@ fn encode(msg: &Handshake) -> Vec<u8> {
 }
 
 /// The crate's protocol version (crate-private there); a wrong one fails every handshake below.
-const PROTOCOL_VERSION: u16 = 8;
+const PROTOCOL_VERSION: u16 = 9;
 
 fn hello() -> Hello {
     Hello {
@@ -294,7 +296,7 @@ fn garbage_on_the_control_port_is_dropped() {
 fn other_protocol_versions_are_refused_with_a_reason() {
     let _serial = serial();
     let p = pair();
-    for version in [0u16, 1, 2, 3, 4, 5, 6, 7, 9, 0x100, u16::MAX] {
+    for version in [0u16, 1, 2, 3, 4, 5, 6, 7, 8, 10, 0x100, u16::MAX] {
         // A full Hello of another version, and only magic + version as a future peer might send.
         let full = encode(&Handshake::Hello(Hello { version, ..hello() }));
         let mut short = FrameHeader { kind: 1, body_len: 6 }.to_bytes().to_vec();
@@ -814,6 +816,61 @@ fn a_request_replayed_from_another_connection_is_refused_only_with_a_key() {
     assert_pair_works(&p, 17);
 }
 
+/// A peer's vector requests: one segment outside the advertised window refuses the whole request
+/// (nothing is written or read), a good one is answered as one flow, and with a peer that does not
+/// take spanning chunks (capability bit 0 clear, as here) that flow is cut within each segment.
+#[test]
+fn vector_requests_are_authorized_whole_and_cut_per_segment_for_a_peer_without_spanning() {
+    let _serial = serial();
+    let p = pair();
+    let (mut fake, conn) = fake_peer(&p);
+    let mut mem = pattern(64 << 10, 12);
+    let before = mem.clone();
+    let mr = p.b.register(mem.as_mut_ptr() as usize, mem.len()).unwrap();
+    let fifo = p.b.prepare_fifo(mr, mem.as_mut_ptr() as usize, 32 << 10).unwrap();
+    let cap = fifo.capability().unwrap();
+    let token = wire_token(&fake, cap.region, cap.token);
+    let base = fifo.addr;
+    let seg = |off: u64, len: u32| RemoteSeg { addr: base + off, len };
+    let outside = vec![seg(0, 100), seg(1000, 200), seg((32 << 10) - 50, 100)];
+    for (xfer, msg) in [
+        (10, Control::WriteVector { xfer: 10, region: cap.region, token, segs: outside.clone() }),
+        (11, Control::ReadVector { xfer: 11, region: cap.region, token, segs: outside.clone() }),
+        (12, Control::WriteVector { xfer: 12, region: cap.region, token: token ^ 1, segs: vec![seg(0, 8)] }),
+    ] {
+        fake.send(&msg);
+        match fake.recv() {
+            Some(Control::Deny { xfer: x, status, reason }) => {
+                assert_eq!((x, status), (xfer, UcclStatus::ErrNotAllowed as i32), "{reason}");
+            }
+            other => panic!("expected a Deny for {xfer}, got {other:?}"),
+        }
+    }
+    // A read of two segments, the second first in memory: one Data for the total, then one message
+    // per segment in request order.
+    fake.send(&Control::ReadVector { xfer: 13, region: cap.region, token, segs: vec![seg(5000, 300), seg(10, 100)] });
+    assert_eq!(fake.recv(), Some(Control::Data { flow: 13, len: 400 }));
+    let got = read_exact_within(&mut fake.rx, 2 * PIECE_HEADER_LEN + 400, Duration::from_secs(10)).unwrap();
+    let mut want = message(1, &mem[5000..5300]);
+    want.extend(message(2, &mem[10..110]));
+    assert_eq!(got, want);
+    // A write of two segments lands in both and nowhere else.
+    fake.send(&Control::WriteVector { xfer: 14, region: cap.region, token, segs: vec![seg(20_000, 64), seg(300, 36)] });
+    let Some(Control::Grant { xfer: 14, flow }) = fake.recv() else { panic!("no Grant") };
+    fake.send(&Control::Data { flow, len: 100 });
+    fake.data(&[0xa1; 64]).unwrap();
+    fake.data(&[0xb2; 36]).unwrap();
+    assert_eq!(fake.recv(), Some(Control::Done { xfer: 14, len: 100 }));
+    let mut expected = before;
+    expected[20_000..20_064].fill(0xa1);
+    expected[300..336].fill(0xb2);
+    assert!(mem == expected, "exactly the two segments were written");
+    fake.send(&Control::Close);
+    fake.expect_closed();
+    p.b.close_connection(&conn);
+    assert_pair_works(&p, 13);
+}
+
 /// Protocol violations after the handshake: each fails that one connection (a pending receive
 /// reports an error, the control stream is closed), never the process or other connections.
 #[test]
@@ -856,6 +913,21 @@ fn control_protocol_violations_fail_only_that_connection() {
             f
         }),
         ("Notify name with a NUL", frame(Control::Notify { name: b"a\0b".to_vec(), msg: vec![] })),
+        ("WriteVector naming no segment", frame(Control::WriteVector { xfer: 1, region: 1, token: 1, segs: vec![] })),
+        (
+            "ReadVector with an empty segment",
+            frame(Control::ReadVector { xfer: 1, region: 1, token: 1, segs: vec![RemoteSeg { addr: 64, len: 0 }] }),
+        ),
+        ("WriteVector announcing more segments than its body holds", {
+            let mut f = frame(Control::WriteVector {
+                xfer: 1,
+                region: 1,
+                token: 1,
+                segs: vec![RemoteSeg { addr: 64, len: 8 }],
+            });
+            f[32..36].copy_from_slice(&2u32.to_le_bytes());
+            f
+        }),
         ("Notify name over 255 bytes", {
             let mut f = frame(Control::Notify { name: vec![b'n'; 255], msg: vec![] });
             f[8..12].copy_from_slice(&256u32.to_le_bytes());

@@ -143,7 +143,13 @@ struct Run<'a> {
     seed: u64,
 }
 
-/// Per transfer at depth 1: the round trip and the time its post call took.
+/// One transfer's items.
+enum Items {
+    OneSided(Vec<OneSided>),
+    Send(Vec<(u64, usize, usize)>),
+}
+
+/// Per transfer at depth 1: the round trip (from the post call on) and the time the call took.
 struct Timed {
     samples: Vec<Duration>,
     posts: Vec<Duration>,
@@ -164,7 +170,7 @@ impl Run<'_> {
             Op::Read => self.mem.zero(&self.layout)?,
             _ => self.mem.fill(&self.layout, seed)?,
         }
-        let first = self.post(0)?;
+        let first = self.post(&self.items(0))?;
         wait(self.conn, first)?;
         match self.op {
             Op::Write => {
@@ -209,8 +215,9 @@ impl Run<'_> {
             if inflight.len() == depth {
                 wait(self.conn, inflight.pop_front().expect("non-empty"))?;
             }
+            let items = self.items(i % depth);
             let t = Instant::now();
-            inflight.push_back(self.post(i % depth)?);
+            inflight.push_back(self.post(&items)?);
             posts.push(t.elapsed());
             if depth == 1 {
                 wait(self.conn, inflight.pop_front().expect("just posted"))?;
@@ -226,14 +233,12 @@ impl Run<'_> {
         Ok(Timed { samples, posts })
     }
 
-    /// Posts the transfer of slot `slot`; the item list is built inside the timed post, as a caller
-    /// building its descriptors would.
-    fn post(&self, slot: usize) -> Io<u64> {
+    /// The item list of slot `slot`, as a caller builds its descriptors before it posts them.
+    fn items(&self, slot: usize) -> Items {
         let base = self.mem.addr();
-        let posted = match self.op {
-            Op::Write | Op::Read => {
-                let ops: Vec<OneSided> = self
-                    .layout
+        match self.op {
+            Op::Write | Op::Read => Items::OneSided(
+                self.layout
                     .pieces(slot)
                     .map(|r| {
                         let mut remote = self.fifo;
@@ -241,15 +246,19 @@ impl Run<'_> {
                         remote.size = r.len() as u32;
                         OneSided { mr: self.mr, addr: base + r.start, len: r.len(), remote }
                     })
-                    .collect();
-                if self.op == Op::Write { self.conn.write(&ops) } else { self.conn.read(&ops) }
-            }
-            Op::Send => {
-                let msgs: Vec<(u64, usize, usize)> =
-                    self.layout.pieces(slot).map(|r| (self.mr, base + r.start, r.len())).collect();
-                self.conn.send(&msgs)
-            }
+                    .collect(),
+            ),
+            Op::Send => Items::Send(self.layout.pieces(slot).map(|r| (self.mr, base + r.start, r.len())).collect()),
             Op::Transport => unreachable!("transport round trips do not use the engine"),
+        }
+    }
+
+    /// Posts `items`; the post call is what `post us` times.
+    fn post(&self, items: &Items) -> Io<u64> {
+        let posted = match items {
+            Items::OneSided(ops) if self.op == Op::Write => self.conn.write(ops),
+            Items::OneSided(ops) => self.conn.read(ops),
+            Items::Send(msgs) => self.conn.send(msgs),
         };
         posted.map_err(|e| std::io::Error::other(format!("{} post: {e}", self.op.name())))
     }

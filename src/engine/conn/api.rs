@@ -7,11 +7,15 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::reader;
-use super::state::{Action, ConnState, Memory, OneSidedItem, SendItem};
+use super::state::{Action, ConnState, Memory, OneSidedItem, OneSidedRequest, SendItem, VectorRequest};
+use super::vector::{Grouper, Push, Run, RunKey};
 use super::{Connection, OneSided};
+use crate::engine::plan::Extent;
+use crate::engine::region::{Region, check_range};
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
-use crate::proto::{Control, MAX_INLINE_LEN};
+use crate::proto::{Capability, Control, MAX_INLINE_LEN, RemoteSeg};
+use crate::transport::IoSeg;
 
 impl Connection {
     /// UCCL's start_listener: control messages are always served here; this only records the call so
@@ -32,14 +36,36 @@ impl Connection {
         self.one_sided(ops, false)
     }
 
+    /// Checks every item and groups them into requests as it goes (`vector`), in one pass over the
+    /// caller's list: a vector's segment lists are filled as its items are checked, and nothing is
+    /// kept per item beyond those lists. Between two engines of this process the requests are
+    /// copied at once (`local_copy`); otherwise the payloads of small single writes are read (before
+    /// the state lock: a device copy must not stall the reader and progress threads) and the
+    /// requests go to the peer.
     fn one_sided(&self, ops: &[OneSided], write: bool) -> Result<u64> {
         let verb = if write { "write" } else { "read" };
-        let mem = self.memory();
-        let mut items = Vec::with_capacity(ops.len());
+        let mut grouper = Grouper::default();
+        let mut open: Option<OpenRun> = None;
+        // Vectors name one region and one capability over and over: an item is checked against the
+        // run's region first (the region table is locked about once a run), and a capability is
+        // parsed again only when its bytes differ from the last one's.
+        let mut last_cap: Option<([std::ffi::c_char; 32], Capability)> = None;
+        let mut requests = Vec::new();
         for (i, op) in ops.iter().enumerate() {
             let ctx = |e: Error| e.context(format!("{verb} item {i}"));
-            let region = self.core.regions.local(op.mr, op.addr, op.len).map_err(ctx)?;
-            let cap = op.remote.capability().map_err(|e| ctx(Error::invalid(e.to_string())))?;
+            let in_run = open.as_ref().is_some_and(|run| {
+                run.region.id == op.mr && check_range(op.addr, op.len).is_ok() && run.region.contains(op.addr, op.len)
+            });
+            let looked_up =
+                if in_run { None } else { Some(self.core.regions.local(op.mr, op.addr, op.len).map_err(ctx)?) };
+            let cap = match last_cap {
+                Some((padding, cap)) if padding == op.remote.padding => cap,
+                _ => {
+                    let cap = op.remote.capability().map_err(|e| ctx(Error::invalid(e.to_string())))?;
+                    last_cap = Some((op.remote.padding, cap));
+                    cap
+                }
+            };
             if op.remote.addr.checked_add(op.len as u64).is_none() {
                 return Err(ctx(Error::invalid(format!(
                     "remote range {:#x} + {} bytes wraps around",
@@ -52,30 +78,43 @@ impl Connection {
                     op.len, op.remote.size
                 ))));
             }
-            items.push(OneSidedItem {
-                region,
-                addr: op.addr,
-                len: op.len as u64,
-                remote_region: cap.region,
-                token: self.wire_token(cap.region, cap.token),
-                remote_addr: op.remote.addr,
-                payload: None,
-            });
+            let region_id =
+                looked_up.as_ref().or(open.as_ref().map(|run| &run.region)).expect("an item has a region").id;
+            let key = RunKey { local_region: region_id, remote_region: cap.region, token: cap.token };
+            if let Push::Started(finished) = grouper.push(key, op.len as u64) {
+                let region = looked_up.or_else(|| open.as_ref().map(|run| run.region.clone())).expect("checked above");
+                let token = self.wire_token(cap.region, cap.token);
+                let started =
+                    OpenRun { region, remote_region: cap.region, token, local: Vec::new(), remote: Vec::new() };
+                if let (Some(before), Some(run)) = (open.replace(started), finished) {
+                    requests.extend(before.close(run, ops));
+                }
+            }
+            let run = open.as_mut().expect("a run is open");
+            run.local.push(IoSeg { addr: op.addr, len: op.len });
+            // The length was checked against the u32 size of its FifoItem.
+            run.remote.push(RemoteSeg { addr: op.remote.addr, len: op.len as u32 });
         }
-        if let Some(done) = self.try_local_one_sided(&items, write) {
+        if let (Some(before), Some(run)) = (open, grouper.finish()) {
+            requests.extend(before.close(run, ops));
+        }
+        if let Some(done) = self.try_local_one_sided(&requests, write) {
             return done;
         }
-        // Inline payloads are read before the state lock: a device copy must not stall the reader
-        // and progress threads.
         if write {
-            for item in items.iter_mut().filter(|item| item.len <= MAX_INLINE_LEN as u64) {
-                // SAFETY: `regions.local` checked that the range lies in a live registration.
-                let payload = unsafe { mem.load(&item.region, item.addr, item.len as usize) };
-                item.payload = Some(payload.map_err(|e| e.context(verb))?);
+            let mem = self.memory();
+            for request in requests.iter_mut() {
+                if let OneSidedRequest::Item(item) = request
+                    && item.len <= MAX_INLINE_LEN as u64
+                {
+                    // SAFETY: the range was checked to lie in this live registration.
+                    let payload = unsafe { mem.load(&item.region, item.addr, item.len as usize) };
+                    item.payload = Some(payload.map_err(|e| e.context(verb))?);
+                }
             }
         }
-        self.post(ops.len(), |st, transfer, out| {
-            out.extend(st.post_one_sided(transfer, write, items)?.into_iter().map(Action::Send));
+        self.post(requests.len(), |st, transfer, out| {
+            out.extend(st.post_one_sided(transfer, write, requests)?.into_iter().map(Action::Send));
             Ok(())
         })
     }
@@ -185,5 +224,41 @@ impl Connection {
         }
         self.inner.lock().state.check_open()?;
         self.writer.send(&Control::Notify { name: name.to_vec(), msg: msg.to_vec() })
+    }
+}
+
+/// The run of a one-sided call being read: what its items share, and their segments so far.
+struct OpenRun {
+    region: Arc<Region>,
+    remote_region: u64,
+    /// The capability's token as this connection's requests carry it.
+    token: u64,
+    local: Vec<IoSeg>,
+    remote: Vec<RemoteSeg>,
+}
+
+impl OpenRun {
+    /// The requests of the finished run `run` (whose items are these): one vector, or one request
+    /// per item.
+    fn close(self, run: Run, ops: &[OneSided]) -> Vec<OneSidedRequest> {
+        let OpenRun { region, remote_region, token, local, remote } = self;
+        if run.vector {
+            let local = Extent::scattered(local);
+            return vec![OneSidedRequest::Vector(VectorRequest { region, local, remote_region, token, segs: remote })];
+        }
+        ops[run.items]
+            .iter()
+            .map(|op| {
+                OneSidedRequest::Item(OneSidedItem {
+                    region: region.clone(),
+                    addr: op.addr,
+                    len: op.len as u64,
+                    remote_region,
+                    token,
+                    remote_addr: op.remote.addr,
+                    payload: None,
+                })
+            })
+            .collect()
     }
 }

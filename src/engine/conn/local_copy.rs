@@ -1,20 +1,27 @@
 //! One-sided transfers between two engines of this process: the initiator copies with the CPU,
-//! after the target's region table decided every item exactly as it decides a network peer's
-//! request (registered region, its token, inside an advertised window), and while both ends'
-//! connection locks are held. A deregistration removes the region first and then takes every
-//! connection's lock, so it either waits for a copy under way or makes the copy refused.
+//! after the target's region table decided every request exactly as it decides a network peer's
+//! (registered region, its token, inside an advertised window; a vector's every segment or none of
+//! them), and while both ends' connection locks are held. A deregistration removes the region first
+//! and then takes every connection's lock, so it either waits for a copy under way or makes the copy
+//! refused.
 
 use super::Connection;
-use super::state::OneSidedItem;
+use super::state::OneSidedRequest;
 use crate::engine::local::{self, Locality};
+use crate::engine::plan::Extent;
 use crate::error::{Error, Result};
 use crate::transport::MemKind;
 
 impl Connection {
     /// `None` when the transfer takes the network path instead: the peer is not in this process,
     /// its connection is gone or failed, or memory at either end is not host memory.
-    pub(super) fn try_local_one_sided(&self, items: &[OneSidedItem], write: bool) -> Option<Result<u64>> {
-        if self.link.locality != Locality::SameProcess || items.iter().any(|i| i.region.kind != MemKind::Host) {
+    pub(super) fn try_local_one_sided(&self, requests: &[OneSidedRequest], write: bool) -> Option<Result<u64>> {
+        let local_region = |r: &OneSidedRequest| match r {
+            OneSidedRequest::Item(item) => item.region.clone(),
+            OneSidedRequest::Vector(vector) => vector.region.clone(),
+        };
+        if self.link.locality != Locality::SameProcess || requests.iter().any(|r| local_region(r).kind != MemKind::Host)
+        {
             return None;
         }
         let peer = local::peer_connection(&self.link)?;
@@ -32,30 +39,48 @@ impl Connection {
         if theirs.state.failure().is_some() {
             return None;
         }
-        let mut decided = Vec::with_capacity(items.len());
-        for item in items {
+        let mut decided = Vec::with_capacity(requests.len());
+        for request in requests {
             // The token is what the network path would carry: bound to this connection when it is
             // authenticated, which the peer's end of it checks with the same binding.
             let binding = peer.binding.as_ref();
-            match peer.core.regions.authorize(item.remote_region, item.token, item.remote_addr, item.len, binding) {
+            let regions = &peer.core.regions;
+            let decision = match request {
+                OneSidedRequest::Item(i) => regions.authorize(i.remote_region, i.token, i.remote_addr, i.len, binding),
+                OneSidedRequest::Vector(v) => regions.authorize_segments(v.remote_region, v.token, &v.segs, binding),
+            };
+            match decision {
                 Ok(region) if region.kind != MemKind::Host => return None,
                 decision => decided.push(decision),
             }
         }
-        let transfer = self.core.transfers.create(self.id, items.len());
-        for (item, decision) in items.iter().zip(decided) {
+        let transfer = self.core.transfers.create(self.id, requests.len());
+        for (request, decision) in requests.iter().zip(decided) {
             let outcome = decision.and_then(|target| {
-                if item.region.is_removed() || target.is_removed() {
+                if local_region(request).is_removed() || target.is_removed() {
                     return Err(Error::not_allowed("the memory region was deregistered during the transfer"));
                 }
-                let (src, dst) =
-                    if write { (item.addr, item.remote_addr as usize) } else { (item.remote_addr as usize, item.addr) };
-                // SAFETY: the local range lies in a live registration of this engine (checked at
-                // post), the remote one inside a window the peer advertised of a live registration,
-                // and neither can be deregistered while both locks are held. One process may name
-                // overlapping ranges, hence a move rather than a copy.
-                unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, item.len as usize) };
-                Ok(item.len)
+                // Each pair is (local, remote, len).
+                let pairs: Vec<(usize, usize, usize)> = match request {
+                    OneSidedRequest::Item(i) => vec![(i.addr, i.remote_addr as usize, i.len as usize)],
+                    OneSidedRequest::Vector(v) => match &v.local {
+                        Extent::Scattered { segs, .. } => {
+                            segs.iter().zip(&v.segs).map(|(l, r)| (l.addr, r.addr as usize, r.len as usize)).collect()
+                        }
+                        Extent::Contiguous { addr, len } => vec![(*addr, v.segs[0].addr as usize, *len as usize)],
+                    },
+                };
+                let mut moved = 0;
+                for (local, remote, len) in pairs {
+                    let (src, dst) = if write { (local, remote) } else { (remote, local) };
+                    // SAFETY: the local range lies in a live registration of this engine (checked
+                    // at post), the remote one inside a window the peer advertised of a live
+                    // registration, and neither can be deregistered while both locks are held. One
+                    // process may name overlapping ranges, hence a move rather than a copy.
+                    unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, len) };
+                    moved += len as u64;
+                }
+                Ok(moved)
             });
             transfer.finish_part(outcome);
         }

@@ -8,7 +8,7 @@ use super::state::Memory;
 use crate::engine::region::Region;
 use crate::engine::shared::EngineCore;
 use crate::error::{Error, Result, UcclStatus};
-use crate::proto::TokenBinding;
+use crate::proto::{RemoteSeg, TokenBinding};
 use crate::transport::MemKind;
 
 pub(super) struct EngineMemory<'a> {
@@ -36,6 +36,10 @@ impl<'a> EngineMemory<'a> {
 impl Memory for EngineMemory<'_> {
     fn authorize(&self, region: u64, token: u64, addr: u64, len: u64) -> Result<Arc<Region>> {
         self.core.regions.authorize(region, token, addr, len, self.binding)
+    }
+
+    fn authorize_segments(&self, region: u64, token: u64, segs: &[RemoteSeg]) -> Result<Arc<Region>> {
+        self.core.regions.authorize_segments(region, token, segs, self.binding)
     }
 
     unsafe fn store(&self, region: &Region, addr: usize, payload: &[u8]) -> Result<()> {

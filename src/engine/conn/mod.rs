@@ -10,6 +10,7 @@ mod local_copy;
 mod memory;
 mod reader;
 mod state;
+mod vector;
 
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,10 +20,11 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use super::channel::{self, Channel, Chunk};
+use super::channel::{self, Channel};
 use super::control_rx::{ControlRx, Drained, RxBuffer};
 use super::local::{self, LocalLink, Locality};
 use super::notify;
+use super::plan::{self, Chunk, ChunkMem, Chunking};
 use super::shared::{EngineCore, LiveConnection};
 use super::writer::ControlWriter;
 use crate::error::{Error, Result, UcclStatus};
@@ -86,7 +88,7 @@ impl Connection {
         control: TcpStream,
         peer: PeerInfo,
         channels: Vec<Channel>,
-        chunk_size: u32,
+        chunking: Chunking,
         link: LocalLink,
         binding: Option<TokenBinding>,
     ) -> Result<Arc<Connection>> {
@@ -103,7 +105,7 @@ impl Connection {
             rx: rx.clone(),
             control,
             inner: Mutex::new(Inner {
-                state: ConnState::new(chunk_size as usize, Instant::now()),
+                state: ConnState::new(chunking, Instant::now()),
                 channels,
                 finished_chunks: Vec::new(),
                 sent_chunks: Vec::new(),
@@ -211,7 +213,7 @@ impl Connection {
                 _ if result.is_err() => {}
                 Action::Send(msg) => msgs.push(msg),
                 Action::Queue(plan) => {
-                    result = queue(&mut inner.channels, inner.state.chunk_size(), &plan);
+                    result = queue(&mut inner.channels, inner.state.chunking(), &plan);
                     queued = true;
                 }
                 Action::Notify { name, msg } => notify::push(&name, &msg),
@@ -379,13 +381,15 @@ impl Connection {
 }
 
 /// Cuts a flow into chunks and queues each on its channel (registering its region there first).
-fn queue(channels: &mut [Channel], chunk_size: usize, plan: &FlowPlan) -> Result<()> {
+fn queue(channels: &mut [Channel], chunking: Chunking, flow_plan: &FlowPlan) -> Result<()> {
     if channels.is_empty() {
         return Err(Error::backend("internal: a flow was started on a connection without channels"));
     }
-    let FlowPlan { dir, flow, ref region, addr, len, seq } = *plan;
-    let (id, addr) = region.as_ref().map_or((channel::SCRATCH, 0), |r| (r.id, addr));
-    for (c, chunk) in channel::plan(flow, id, addr, len as usize, chunk_size, seq, channels.len()) {
+    let FlowPlan { dir, flow, ref region, ref extent, seq } = *flow_plan;
+    let id = region.as_ref().map_or(channel::SCRATCH, |r| r.id);
+    for (c, chunk) in plan::plan(flow, id, extent, chunking, seq, channels.len()) {
+        // A flow whose region is gone moves through scratch memory with the same chunk lengths.
+        let chunk = if region.is_some() { chunk } else { Chunk { mem: ChunkMem::At(0), ..chunk } };
         match dir {
             Direction::Send => channels[c].queue_send(chunk, region.as_ref())?,
             Direction::Recv => channels[c].queue_recv(chunk, region.as_ref())?,

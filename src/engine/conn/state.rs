@@ -14,11 +14,12 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::engine::channel::chunk_count;
+use crate::engine::plan::{Chunking, Extent, chunk_count};
 use crate::engine::region::Region;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
-use crate::proto::{Control, MAX_INLINE_LEN, MAX_INLINE_SEND_BACKLOG};
+use crate::proto::{Control, MAX_INLINE_LEN, MAX_INLINE_SEND_BACKLOG, RemoteSeg};
+use crate::transport::IoSeg;
 
 /// Announced sends the peer may queue ahead of our receives before it is treated as hostile.
 const MAX_UNMATCHED_ANNOUNCES: usize = 1 << 16;
@@ -59,8 +60,7 @@ pub(super) struct FlowPlan {
     pub dir: Direction,
     pub flow: u64,
     pub region: Option<Arc<Region>>,
-    pub addr: usize,
-    pub len: u64,
+    pub extent: Extent,
     pub seq: u64,
 }
 
@@ -69,6 +69,9 @@ pub(super) struct FlowPlan {
 pub(super) trait Memory {
     /// Decides a peer's request for `[addr, addr + len)` of region `region` presenting `token`.
     fn authorize(&self, region: u64, token: u64, addr: u64, len: u64) -> Result<Arc<Region>>;
+
+    /// Decides a peer's vector request: every segment, or none.
+    fn authorize_segments(&self, region: u64, token: u64, segs: &[RemoteSeg]) -> Result<Arc<Region>>;
 
     /// Puts `payload` at `addr`.
     ///
@@ -93,6 +96,22 @@ pub(super) struct OneSidedItem {
     pub remote_addr: u64,
     /// The bytes of a small write, read before the state lock.
     pub payload: Option<Vec<u8>>,
+}
+
+/// Items of a caller's write or read that share both regions, as one request: this end's segments
+/// (the flow's extent here) and the peer's, in the same order with the same lengths.
+pub(super) struct VectorRequest {
+    pub region: Arc<Region>,
+    pub local: Extent,
+    pub remote_region: u64,
+    pub token: u64,
+    pub segs: Vec<RemoteSeg>,
+}
+
+/// One request of a caller's write or read.
+pub(super) enum OneSidedRequest {
+    Item(OneSidedItem),
+    Vector(VectorRequest),
 }
 
 /// One message of a caller's send.
@@ -147,8 +166,7 @@ struct Flow {
 
 /// Memory a flow sends from.
 struct Source {
-    addr: usize,
-    len: u64,
+    extent: Extent,
     region: Arc<Region>,
 }
 
@@ -162,8 +180,7 @@ struct Outbound {
 }
 
 struct Inbound {
-    addr: usize,
-    len: u64,
+    extent: Extent,
     region: Arc<Region>,
     on_done: OnDone,
     /// Bytes of `inline_one_sided` this small read holds until its ReadData (zero otherwise).
@@ -210,7 +227,8 @@ struct PostedRecv {
 }
 
 pub(super) struct ConnState {
-    chunk_size: usize,
+    /// The chunk size and how scattered flows are cut, agreed with the peer at the handshake.
+    chunking: Chunking,
     next_id: u64,
     /// Flows started in each direction; seeds each flow's channel rotation identically on both ends.
     out_seq: u64,
@@ -245,9 +263,9 @@ pub(super) struct ConnState {
 }
 
 impl ConnState {
-    pub fn new(chunk_size: usize, now: Instant) -> ConnState {
+    pub fn new(chunking: Chunking, now: Instant) -> ConnState {
         ConnState {
-            chunk_size,
+            chunking,
             next_id: 0,
             out_seq: 0,
             in_seq: 0,
@@ -268,8 +286,8 @@ impl ConnState {
         }
     }
 
-    pub fn chunk_size(&self) -> usize {
-        self.chunk_size
+    pub fn chunking(&self) -> Chunking {
+        self.chunking
     }
 
     /// The error that ended the connection, once it failed.
@@ -316,53 +334,86 @@ impl ConnState {
         self.next_id
     }
 
-    /// Registers the items of one write or read call as parts of `transfer`; returns the requests.
-    /// Nothing is registered when a local region was deregistered since the caller looked it up.
+    /// Registers the requests of one write or read call as parts of `transfer`, one part each;
+    /// returns the messages to send. Nothing is registered when a local region was deregistered
+    /// since the caller looked it up.
     pub fn post_one_sided(
         &mut self,
         transfer: &Arc<Transfer>,
         write: bool,
-        items: Vec<OneSidedItem>,
+        requests: Vec<OneSidedRequest>,
     ) -> Result<Vec<Control>> {
-        live(items.iter().map(|i| &i.region))?;
-        let parts = items.len();
+        live(requests.iter().map(|r| match r {
+            OneSidedRequest::Item(item) => &item.region,
+            OneSidedRequest::Vector(vector) => &vector.region,
+        }))?;
+        let parts = requests.len();
         let mut out = Vec::with_capacity(parts);
         let mut inline_parts = 0;
-        for item in items {
-            let id = self.take_id();
-            let OneSidedItem { region, addr: local, len, remote_region, token, remote_addr: addr, payload } = item;
-            // Small transfers ride the control stream: one round trip instead of a request, a grant
-            // and a channel hop (for device memory also instead of two staged copies), while the
-            // inline bytes in flight stay bounded.
-            let inline = len <= MAX_INLINE_LEN as u64 && self.inline_one_sided + len <= MAX_INLINE_ONE_SIDED;
-            if inline {
-                self.inline_one_sided += len;
-                inline_parts += 1;
+        for request in requests {
+            match request {
+                OneSidedRequest::Item(item) => {
+                    let (msg, inline) = self.post_item(transfer, write, item);
+                    inline_parts += usize::from(inline);
+                    out.push(msg);
+                }
+                OneSidedRequest::Vector(vector) => out.push(self.post_vector(transfer, write, vector)),
             }
-            out.push(if let (Some(payload), true) = (payload, inline) {
-                let kind = InlineKind::Write;
-                self.inline_ops
-                    .insert(id, InlineOp { transfer: transfer.clone(), len, backlog: len, kind, prompt: true });
-                Control::InlineWrite { xfer: id, region: remote_region, token, addr, payload }
-            } else if inline {
-                let on_done = OnDone::Part(transfer.clone());
-                self.inbound.insert(id, Inbound { addr: local, len, region, on_done, inline: len, error: None });
-                Control::ReadSmall { xfer: id, region: remote_region, token, addr, len }
-            } else if write {
-                let src = Source { addr: local, len, region };
-                let pending = Outbound { src, transfer: transfer.clone(), prompt: true, error: None };
-                self.awaiting_grant.insert(id, pending);
-                Control::WriteRequest { xfer: id, region: remote_region, token, addr, len }
-            } else {
-                let on_done = OnDone::Part(transfer.clone());
-                self.inbound.insert(id, Inbound { addr: local, len, region, on_done, inline: 0, error: None });
-                Control::ReadRequest { xfer: id, region: remote_region, token, addr, len }
-            });
         }
         if inline_parts == parts {
             transfer.set_completes_on_control();
         }
         Ok(out)
+    }
+
+    /// One item as its own request; also says whether it went inline.
+    fn post_item(&mut self, transfer: &Arc<Transfer>, write: bool, item: OneSidedItem) -> (Control, bool) {
+        let id = self.take_id();
+        let OneSidedItem { region, addr: local, len, remote_region, token, remote_addr: addr, payload } = item;
+        // Small transfers ride the control stream: one round trip instead of a request, a grant
+        // and a channel hop (for device memory also instead of two staged copies), while the
+        // inline bytes in flight stay bounded.
+        let inline = len <= MAX_INLINE_LEN as u64 && self.inline_one_sided + len <= MAX_INLINE_ONE_SIDED;
+        if inline {
+            self.inline_one_sided += len;
+        }
+        let extent = Extent::Contiguous { addr: local, len };
+        let msg = if let (Some(payload), true) = (payload, inline) {
+            let kind = InlineKind::Write;
+            self.inline_ops.insert(id, InlineOp { transfer: transfer.clone(), len, backlog: len, kind, prompt: true });
+            Control::InlineWrite { xfer: id, region: remote_region, token, addr, payload }
+        } else if inline {
+            let on_done = OnDone::Part(transfer.clone());
+            self.inbound.insert(id, Inbound { extent, region, on_done, inline: len, error: None });
+            Control::ReadSmall { xfer: id, region: remote_region, token, addr, len }
+        } else if write {
+            let src = Source { extent, region };
+            let pending = Outbound { src, transfer: transfer.clone(), prompt: true, error: None };
+            self.awaiting_grant.insert(id, pending);
+            Control::WriteRequest { xfer: id, region: remote_region, token, addr, len }
+        } else {
+            let on_done = OnDone::Part(transfer.clone());
+            self.inbound.insert(id, Inbound { extent, region, on_done, inline: 0, error: None });
+            Control::ReadRequest { xfer: id, region: remote_region, token, addr, len }
+        };
+        (msg, inline)
+    }
+
+    /// Items sharing both regions as one vector request: the local segments are the flow's extent
+    /// on this end, the remote ones travel in the request.
+    fn post_vector(&mut self, transfer: &Arc<Transfer>, write: bool, vector: VectorRequest) -> Control {
+        let id = self.take_id();
+        let VectorRequest { region, local: extent, remote_region, token, segs } = vector;
+        if write {
+            let src = Source { extent, region };
+            let pending = Outbound { src, transfer: transfer.clone(), prompt: true, error: None };
+            self.awaiting_grant.insert(id, pending);
+            Control::WriteVector { xfer: id, region: remote_region, token, segs }
+        } else {
+            let on_done = OnDone::Part(transfer.clone());
+            self.inbound.insert(id, Inbound { extent, region, on_done, inline: 0, error: None });
+            Control::ReadVector { xfer: id, region: remote_region, token, segs }
+        }
     }
 
     /// Registers the messages of one send call as parts of `transfer`; returns the announcements.
@@ -386,7 +437,7 @@ impl ConnState {
                     out.push(Control::InlineSend { xfer: id, payload });
                 }
                 _ => {
-                    let src = Source { addr, len, region };
+                    let src = Source { extent: Extent::Contiguous { addr, len }, region };
                     let pending = Outbound { src, transfer: transfer.clone(), prompt: false, error: None };
                     self.awaiting_grant.insert(id, pending);
                     out.push(Control::SendAnnounce { xfer: id, len });
@@ -476,28 +527,32 @@ impl ConnState {
             Control::WriteRequest { xfer, region, token, addr, len } => {
                 match mem.authorize(region, token, addr, len) {
                     Err(e) => deny(xfer, e, out),
-                    Ok(region) => {
-                        let flow = self.take_id();
-                        let (addr, on_done) = (addr as usize, OnDone::Ack(xfer));
-                        self.inbound.insert(flow, Inbound { addr, len, region, on_done, inline: 0, error: None });
-                        out.push(Action::Send(Control::Grant { xfer, flow }));
-                    }
+                    Ok(region) => self.grant(xfer, Extent::Contiguous { addr: addr as usize, len }, region, out),
+                }
+                Ok(())
+            }
+            Control::WriteVector { xfer, region, token, segs } => {
+                match mem.authorize_segments(region, token, &segs) {
+                    Err(e) => deny(xfer, e, out),
+                    Ok(region) => self.grant(xfer, local_segments(&segs), region, out),
+                }
+                Ok(())
+            }
+            Control::ReadVector { xfer, region, token, segs } => {
+                match mem.authorize_segments(region, token, &segs) {
+                    Err(e) => deny(xfer, e, out),
+                    Ok(region) => self.serve(xfer, Source { extent: local_segments(&segs), region }, out)?,
                 }
                 Ok(())
             }
             Control::ReadRequest { xfer, region, token, addr, len } => {
                 match mem.authorize(region, token, addr, len) {
                     Err(e) => deny(xfer, e, out),
-                    Ok(region) => {
-                        if self.serving.contains_key(&xfer) {
-                            return Err(Error::backend(format!(
-                                "protocol violation: ReadRequest reuses op id {xfer} of a read still being served"
-                            )));
-                        }
-                        let src = Source { addr: addr as usize, len, region };
-                        let flow = self.start_outbound(xfer, src, 0, OnDone::Served(xfer), None, out);
-                        self.serving.insert(xfer, flow);
-                    }
+                    Ok(region) => self.serve(
+                        xfer,
+                        Source { extent: Extent::Contiguous { addr: addr as usize, len }, region },
+                        out,
+                    )?,
                 }
                 Ok(())
             }
@@ -522,24 +577,27 @@ impl ConnState {
             }
             Control::ReadData { xfer, payload } => {
                 let dst = self.inbound.get(&xfer).ok_or_else(|| unknown_op("ReadData", xfer))?;
-                if payload.len() as u64 != dst.len {
-                    return Err(Error::backend(format!(
-                        "protocol violation: ReadData for op {xfer} carries {} bytes, {} were asked for",
-                        payload.len(),
-                        dst.len
-                    )));
-                }
+                let addr = match dst.extent {
+                    Extent::Contiguous { addr, len } if payload.len() as u64 == len => addr,
+                    _ => {
+                        return Err(Error::backend(format!(
+                            "protocol violation: ReadData for op {xfer} carries {} bytes, {} were asked for",
+                            payload.len(),
+                            dst.extent.len()
+                        )));
+                    }
+                };
                 let dst = self.inbound.remove(&xfer).expect("checked above");
                 self.inline_one_sided -= dst.inline;
                 let stored = match dst.error {
                     Some(e) => Err(e),
                     // SAFETY: the destination was checked against its registration when the read
                     // was posted, is not cut off, and the region is kept alive by `dst`.
-                    None => unsafe { mem.store(&dst.region, dst.addr, &payload) },
+                    None => unsafe { mem.store(&dst.region, addr, &payload) },
                 };
                 if let Some(t) = dst.on_done.transfer() {
                     // A failed local copy fails this read only; the connection is fine.
-                    out.push(Action::Finish(t.clone(), stored.map(|()| dst.len)));
+                    out.push(Action::Finish(t.clone(), stored.map(|()| payload.len() as u64)));
                 }
                 Ok(())
             }
@@ -584,14 +642,14 @@ impl ConnState {
                 Ok(())
             }
             Control::Data { flow, len } => {
-                let granted = self.inbound.get(&flow).ok_or_else(|| unknown_op("Data", flow))?.len;
+                let granted = self.inbound.get(&flow).ok_or_else(|| unknown_op("Data", flow))?.extent.len();
                 if len != granted {
                     // Left in `inbound`, so failing the connection fails the part too.
                     return Err(Error::backend(format!(
                         "protocol violation: Data for flow {flow} carries {len} bytes, {granted} were granted"
                     )));
                 }
-                let Inbound { addr, region, on_done, inline, error, .. } =
+                let Inbound { extent, region, on_done, inline, error } =
                     self.inbound.remove(&flow).expect("checked above");
                 // A peer answering a small read with Data instead of ReadData still frees its share.
                 self.inline_one_sided -= inline;
@@ -600,7 +658,7 @@ impl ConnState {
                 if matches!(on_done, OnDone::Part(_)) {
                     self.reading.insert(flow);
                 }
-                let remaining = chunk_count(len, self.chunk_size);
+                let remaining = chunk_count(&extent, self.chunking);
                 let region = if error.is_some() { None } else { Some(region) };
                 let f = Flow {
                     remaining,
@@ -613,7 +671,7 @@ impl ConnState {
                     held: false,
                 };
                 self.flows.insert(flow, f);
-                out.push(Action::Queue(FlowPlan { dir: Direction::Recv, flow, region, addr, len, seq }));
+                out.push(Action::Queue(FlowPlan { dir: Direction::Recv, flow, region, extent, seq }));
                 Ok(())
             }
             Control::Done { xfer, len } => {
@@ -771,8 +829,9 @@ impl ConnState {
                 continue;
             }
             let flow = self.take_id();
-            let (addr, region, on_done) = (recv.addr, recv.region, OnDone::PartAndAck(recv.transfer, peer_op));
-            self.inbound.insert(flow, Inbound { addr, len, region, on_done, inline: 0, error: None });
+            let (extent, region) = (Extent::Contiguous { addr: recv.addr, len }, recv.region);
+            let on_done = OnDone::PartAndAck(recv.transfer, peer_op);
+            self.inbound.insert(flow, Inbound { extent, region, on_done, inline: 0, error: None });
             answers.push(Control::Grant { xfer: peer_op, flow });
         }
         out.extend(answers.into_iter().map(Action::Send));
@@ -792,17 +851,41 @@ impl ConnState {
         let flow = self.take_id();
         let seq = self.out_seq;
         self.out_seq += 1;
-        let remaining = chunk_count(src.len, self.chunk_size) + extra;
-        let Source { addr, len, region } = src;
+        let Source { extent, region } = src;
+        let (unsent, len) = (chunk_count(&extent, self.chunking), extent.len());
         let region = if error.is_some() { None } else { Some(region) };
         // Recorded before anything fallible: a failing connection must still find (and fail) the part.
-        let unsent = chunk_count(len, self.chunk_size);
+        let remaining = unsent + extra;
         let f = Flow { remaining, len, on_done, region: region.clone(), error, uncuttable: false, unsent, held: false };
         self.flows.insert(flow, f);
-        out.push(Action::Queue(FlowPlan { dir: Direction::Send, flow, region, addr, len, seq }));
+        out.push(Action::Queue(FlowPlan { dir: Direction::Send, flow, region, extent, seq }));
         out.push(Action::Send(Control::Data { flow: peer_flow, len }));
         flow
     }
+
+    /// Grants the peer's authorized write into `extent`: the flow it will send as.
+    fn grant(&mut self, xfer: u64, extent: Extent, region: Arc<Region>, out: &mut Vec<Action>) {
+        let flow = self.take_id();
+        self.inbound.insert(flow, Inbound { extent, region, on_done: OnDone::Ack(xfer), inline: 0, error: None });
+        out.push(Action::Send(Control::Grant { xfer, flow }));
+    }
+
+    /// Serves the peer's authorized read `xfer` from `src`.
+    fn serve(&mut self, xfer: u64, src: Source, out: &mut Vec<Action>) -> Result<()> {
+        if self.serving.contains_key(&xfer) {
+            return Err(Error::backend(format!(
+                "protocol violation: a read request reuses op id {xfer} of a read still being served"
+            )));
+        }
+        let flow = self.start_outbound(xfer, src, 0, OnDone::Served(xfer), None, out);
+        self.serving.insert(xfer, flow);
+        Ok(())
+    }
+}
+
+/// A vector request's segments as this end's memory (authorized, so they are addresses here).
+fn local_segments(segs: &[RemoteSeg]) -> Extent {
+    Extent::scattered(segs.iter().map(|s| IoSeg { addr: s.addr as usize, len: s.len as usize }))
 }
 
 fn deny(xfer: u64, e: Error, out: &mut Vec<Action>) {

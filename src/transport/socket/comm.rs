@@ -14,7 +14,7 @@ use super::zerocopy::{self, Counters};
 use crate::error::{Error, Result};
 use crate::threads::{ThreadKind, spawn_contained};
 use crate::transport::Wake;
-use crate::transport::{MemKind, MrHandle, RecvComm, RequestId, SendComm};
+use crate::transport::{IoSeg, MemKind, MrHandle, RecvComm, RequestId, SendComm};
 
 /// How a comm spreads its sockets over helper threads.
 #[derive(Clone, Copy, Debug)]
@@ -126,14 +126,18 @@ impl CommCore {
         Ok(core)
     }
 
-    fn post(&mut self, addr: usize, len: usize) -> Result<Option<RequestId>> {
+    fn post(&mut self, iov: &[IoSeg]) -> Result<Option<RequestId>> {
         self.window.check()?;
+        if iov.is_empty() {
+            return Err(Error::invalid("a vectored request needs at least one segment"));
+        }
         if self.posted - self.released >= MAX_REQUESTS as u64 {
             return Ok(None);
         }
         let id = self.posted;
+        let len = iov.iter().map(|s| s.len).sum::<usize>();
         let inline = self.send_sockets.as_ref().filter(|_| len <= self.inline_max);
-        if self.window.post(id, addr, len, inline.is_some()) {
+        if self.window.post(id, iov, inline.is_some()) {
             let sent = inline.is_some_and(|s| s.send_inline(&self.window));
             if !sent {
                 self.window.wake_helpers();
@@ -189,7 +193,11 @@ impl SendComm for SocketSendComm {
     fn dereg_mr(&mut self, _mr: MrHandle) {}
 
     unsafe fn isend(&mut self, data: *const u8, len: usize, _mr: MrHandle) -> Result<Option<RequestId>> {
-        self.0.post(data as usize, len)
+        self.0.post(&[IoSeg { addr: data as usize, len }])
+    }
+
+    unsafe fn isendv(&mut self, iov: &[IoSeg], _mr: MrHandle) -> Result<Option<RequestId>> {
+        self.0.post(iov)
     }
 
     fn test(&mut self, req: RequestId) -> Result<Option<usize>> {
@@ -216,7 +224,11 @@ impl RecvComm for SocketRecvComm {
     fn dereg_mr(&mut self, _mr: MrHandle) {}
 
     unsafe fn irecv(&mut self, data: *mut u8, len: usize, _mr: MrHandle) -> Result<Option<RequestId>> {
-        self.0.post(data as usize, len)
+        self.0.post(&[IoSeg { addr: data as usize, len }])
+    }
+
+    unsafe fn irecvv(&mut self, iov: &[IoSeg], _mr: MrHandle) -> Result<Option<RequestId>> {
+        self.0.post(iov)
     }
 
     fn test(&mut self, req: RequestId) -> Result<Option<usize>> {

@@ -6,6 +6,7 @@
 
 mod comm;
 pub mod iface;
+mod iov;
 mod park;
 mod receiver;
 mod sender;
@@ -202,6 +203,11 @@ impl Net for SocketNet {
 
     fn devices(&self) -> usize {
         1
+    }
+
+    /// Pieces go out with `sendmsg` and land with `recvmsg`, so a request may as well be a list.
+    fn vectored(&self) -> bool {
+        true
     }
 
     fn properties(&self, dev: usize) -> Result<Properties> {

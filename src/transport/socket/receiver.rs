@@ -8,9 +8,10 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::iov::{self, MAX_IOV};
 use super::park;
 use super::sender::MAX_SLEEP;
-use super::window::{Admission, Piece, Window};
+use super::window::{Admission, Piece, PieceMem, Window};
 use super::wire::{PIECE_HEADER_LEN, PieceHeader};
 use crate::error::{Error, Result};
 use crate::threads::{self, ThreadKind};
@@ -25,6 +26,7 @@ enum Phase {
     Held(PieceHeader),
     Payload {
         piece: Piece,
+        mem: PieceMem,
         landed: usize,
     },
 }
@@ -40,7 +42,7 @@ impl Incoming {
     /// Payload bytes of the current piece still to arrive.
     fn awaited(&self) -> usize {
         match &self.phase {
-            Phase::Payload { piece, landed } => piece.len - landed,
+            Phase::Payload { piece, landed, .. } => piece.len - landed,
             _ => 0,
         }
     }
@@ -191,28 +193,19 @@ impl RecvThread {
                         None => return Ok(if moved { Step::Moved } else { Step::Stalled }),
                     }
                 }
-                Phase::Payload { piece, landed } => {
+                Phase::Payload { piece, mem, landed } => {
                     let staged = inc.end - inc.start;
                     if staged > 0 {
                         let n = staged.min(piece.len - *landed);
-                        // SAFETY: the window admitted [addr, addr + len) inside a posted receive that
-                        // only this piece writes; `landed + n <= len`.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                inc.stage[inc.start..].as_ptr(),
-                                (piece.addr + *landed) as *mut u8,
-                                n,
-                            )
-                        };
+                        // SAFETY: the window admitted this piece's memory inside a posted receive
+                        // that only this piece writes; `landed + n <= len`.
+                        unsafe { iov::scatter(&inc.stage[inc.start..inc.start + n], mem.segs(), *landed) };
                         inc.start += n;
                         *landed += n;
                     }
                     while *landed < piece.len {
-                        // SAFETY: as above, the rest of the admitted range.
-                        let dst = unsafe {
-                            std::slice::from_raw_parts_mut((piece.addr + *landed) as *mut u8, piece.len - *landed)
-                        };
-                        match recv(fd, dst, payload_flags)? {
+                        // SAFETY: as above, the rest of the admitted memory.
+                        match unsafe { recv_into(fd, mem, *landed, payload_flags)? } {
                             Some(n) => {
                                 *landed += n;
                                 moved = true;
@@ -231,7 +224,7 @@ impl RecvThread {
 
     fn admit(&self, inc: &mut Incoming, h: PieceHeader) -> Result<()> {
         inc.phase = match self.window.admit(h.seq, h.total, h.offset, h.len as u64)? {
-            Admission::Land(piece) => Phase::Payload { piece, landed: 0 },
+            Admission::Land(piece, mem) => Phase::Payload { piece, mem, landed: 0 },
             Admission::NotPosted => Phase::Held(h),
         };
         if matches!(inc.phase, Phase::Payload { .. }) {
@@ -241,23 +234,56 @@ impl RecvThread {
     }
 }
 
+/// Reads into `mem` from byte `landed` of it on: one `recv` into a single range, one `recvmsg`
+/// over the segments of a piece that spans several.
+///
+/// # Safety
+/// `mem` is writable memory nobody else accesses meanwhile.
+unsafe fn recv_into(fd: i32, mem: &PieceMem, landed: usize, flags: i32) -> Result<Option<usize>> {
+    if let PieceMem::One(seg) = mem {
+        // SAFETY: per the contract.
+        let dst = unsafe { std::slice::from_raw_parts_mut((seg.addr + landed) as *mut u8, seg.len - landed) };
+        return recv(fd, dst, flags);
+    }
+    let mut iovs = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOV];
+    let n_iov = iov::fill(mem.segs(), landed, &mut iovs);
+    loop {
+        // SAFETY: an all-zero msghdr is valid; we point it at our iovecs only.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iovs.as_mut_ptr();
+        msg.msg_iovlen = n_iov;
+        // SAFETY: the iovecs cover writable memory per the contract.
+        let n = unsafe { libc::recvmsg(fd, &mut msg, flags) };
+        if let Some(done) = received(n)? {
+            return Ok(done);
+        }
+    }
+}
+
+/// What a `recv`-like call's result means: `Some(answer)`, or `None` to retry (interrupted).
+fn received(n: isize) -> Result<Option<Option<usize>>> {
+    if n > 0 {
+        return Ok(Some(Some(n as usize)));
+    }
+    if n == 0 {
+        return Err(Error::disconnected("channel receive: the peer closed the data socket"));
+    }
+    let e = std::io::Error::last_os_error();
+    match e.kind() {
+        std::io::ErrorKind::Interrupted => Ok(None),
+        std::io::ErrorKind::WouldBlock => Ok(Some(None)),
+        _ => Err(Error::io("channel receive", e)),
+    }
+}
+
 /// `Some(n)` bytes read, `None` when nothing is there yet (or came before a blocking socket's
 /// timeout); end of stream is an error.
 fn recv(fd: i32, buf: &mut [u8], flags: i32) -> Result<Option<usize>> {
     loop {
         // SAFETY: `buf` is writable for its length.
         let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), flags) };
-        if n > 0 {
-            return Ok(Some(n as usize));
-        }
-        if n == 0 {
-            return Err(Error::disconnected("channel receive: the peer closed the data socket"));
-        }
-        let e = std::io::Error::last_os_error();
-        match e.kind() {
-            std::io::ErrorKind::Interrupted => continue,
-            std::io::ErrorKind::WouldBlock => return Ok(None),
-            _ => return Err(Error::io("channel receive", e)),
+        if let Some(done) = received(n)? {
+            return Ok(done);
         }
     }
 }

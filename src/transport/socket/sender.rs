@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use super::iov::{self, MAX_IOV};
 use super::park;
-use super::window::{Piece, Window};
+use super::window::{Piece, PieceMem, Window};
 use super::wire::{PIECE_HEADER_LEN, PieceHeader};
 use super::zerocopy::{Counters, ZcSocket};
 use crate::error::Error;
@@ -28,6 +29,7 @@ pub(super) const INLINE_MAX: usize = 16 << 10;
 
 struct Outgoing {
     piece: Piece,
+    mem: PieceMem,
     header: [u8; PIECE_HEADER_LEN],
     /// Header and payload bytes already accepted by the kernel.
     written: usize,
@@ -38,10 +40,10 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    fn new(piece: Piece, zerocopy: bool) -> Outgoing {
+    fn new((piece, mem): (Piece, PieceMem), zerocopy: bool) -> Outgoing {
         let header =
             PieceHeader { seq: piece.seq, total: piece.total, offset: piece.offset, len: piece.len as u32 }.encode();
-        Outgoing { piece, header, written: 0, zerocopy, zc_sends: 0 }
+        Outgoing { piece, mem, header, written: 0, zerocopy, zc_sends: 0 }
     }
 }
 
@@ -93,13 +95,13 @@ impl SendSockets {
             if !self.claim(k) {
                 continue;
             }
-            let Some(piece) = window.cut() else {
+            let Some(cut) = window.cut() else {
                 // A running helper took it already.
                 self.release(k);
                 return true;
             };
             // Inline pieces are at most 16 KiB: too small for zero-copy to pay for its notification.
-            let mut o = Outgoing::new(piece, false);
+            let mut o = Outgoing::new(cut, false);
             match write(&self.streams[k], &mut o, None, false) {
                 Ok(Step::Finished) => {
                     self.release(k);
@@ -175,9 +177,10 @@ impl SendThread {
                     *slot = self.shared.take_handoff(sock);
                 }
                 if slot.is_none() && self.shared.claim(sock) {
-                    *slot = self.window.cut().map(|p| {
-                        let zerocopy = zc[k].enabled && self.zerocopy_threshold > 0 && p.len >= self.zerocopy_threshold;
-                        Outgoing::new(p, zerocopy)
+                    *slot = self.window.cut().map(|cut| {
+                        let zerocopy =
+                            zc[k].enabled && self.zerocopy_threshold > 0 && cut.0.len >= self.zerocopy_threshold;
+                        Outgoing::new(cut, zerocopy)
                     });
                     if slot.is_none() {
                         self.shared.release(sock);
@@ -333,7 +336,7 @@ fn write(
     let start = o.written;
     while o.written < total {
         let zerocopy_payload = o.zerocopy && zc.is_some() && o.written >= PIECE_HEADER_LEN;
-        let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 2];
+        let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOV];
         let mut n_iov = 0;
         let mut flags = libc::MSG_NOSIGNAL | if wait { 0 } else { libc::MSG_DONTWAIT };
         if o.written < PIECE_HEADER_LEN {
@@ -349,11 +352,7 @@ fn write(
                 flags |= libc::MSG_MORE;
             }
         } else if payload_done < o.piece.len {
-            iov[n_iov] = libc::iovec {
-                iov_base: (o.piece.addr + payload_done) as *mut libc::c_void,
-                iov_len: o.piece.len - payload_done,
-            };
-            n_iov += 1;
+            n_iov += iov::fill(o.mem.segs(), payload_done, &mut iov[n_iov..]);
         }
         if zerocopy_payload {
             flags |= libc::MSG_ZEROCOPY;
@@ -363,9 +362,9 @@ fn write(
         msg.msg_iov = iov.as_mut_ptr();
         msg.msg_iovlen = n_iov;
         let injected = zerocopy_payload && zc.as_ref().is_some_and(|(_, c)| c.inject_enobufs());
-        // SAFETY: the iovecs cover our header array and the caller's payload, which isend's contract
-        // keeps valid until the request completes (or the comm's drop, which joins this thread); a
-        // zero-copy payload's request completes only after the kernel reported the pages released.
+        // SAFETY: the iovecs cover our header array and the caller's payload segments, which the
+        // request's contract keeps valid until it completes (or the comm's drop, which joins this
+        // thread); a zero-copy payload's request completes only after the kernel reported the pages released.
         // MSG_NOSIGNAL: a closed peer must be an error, not SIGPIPE in the host process.
         let n = if injected { -1 } else { unsafe { libc::sendmsg(fd, &msg, flags) } };
         if n < 0 {

@@ -3,7 +3,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::error::UcclStatus;
-use crate::transport::{MemKind, MrHandle, RequestId};
+use crate::transport::{IoSeg, MemKind, MrHandle, RequestId};
 
 fn net() -> SocketNet {
     SocketNet::new("127.0.0.1".parse().unwrap(), Duration::from_secs(5), Duration::from_secs(30), Arc::new(|| {}))
@@ -239,4 +239,104 @@ fn control_listener_queues_a_burst_of_six_hundred_connects() {
         .collect();
     eprintln!("{} connects queued in {:?}", streams.len(), started.elapsed());
     drop(listener);
+}
+
+/// Cuts `total` bytes into segments of the given sizes (cycled), each `gap` bytes after the last
+/// within `buf`; returns the segments.
+fn segments(buf: &mut [u8], total: usize, sizes: &[usize], gap: usize) -> Vec<IoSeg> {
+    let mut segs = Vec::new();
+    let (mut at, mut left) = (0, total);
+    for &size in sizes.iter().cycle() {
+        if left == 0 {
+            break;
+        }
+        let len = size.min(left);
+        assert!(at + len <= buf.len(), "test buffer too small");
+        segs.push(IoSeg { addr: buf.as_mut_ptr() as usize + at, len });
+        at += len + gap;
+        left -= len;
+    }
+    segs
+}
+
+fn gather(segs: &[IoSeg]) -> Vec<u8> {
+    // SAFETY: test segments lie in live buffers.
+    segs.iter().flat_map(|s| unsafe { std::slice::from_raw_parts(s.addr as *const u8, s.len) }.to_vec()).collect()
+}
+
+/// One message of `total` bytes from `send_sizes` segments into `recv_sizes` segments (empty: a
+/// plain contiguous request on that side), checked byte for byte, gaps untouched.
+fn move_vectored(net: &SocketNet, total: usize, send_sizes: &[usize], recv_sizes: &[usize]) {
+    let (mut tx, mut rx) = pair(net);
+    let mut src = vec![0u8; 2 * total + (8 << 10)];
+    for (i, b) in src.iter_mut().enumerate() {
+        *b = (i * 131 % 251) as u8;
+    }
+    let mut dst = vec![0xeeu8; 3 * total + (8 << 10)];
+    let send_segs = if send_sizes.is_empty() {
+        vec![IoSeg { addr: src.as_ptr() as usize, len: total }]
+    } else {
+        segments(&mut src, total, send_sizes, 3)
+    };
+    let recv_segs = if recv_sizes.is_empty() {
+        vec![IoSeg { addr: dst.as_mut_ptr() as usize, len: total }]
+    } else {
+        segments(&mut dst, total, recv_sizes, 5)
+    };
+    // SAFETY: both segment lists lie in buffers that outlive the requests (tested to completion below).
+    let r = unsafe { rx.irecvv(&recv_segs, MrHandle::NONE) }.unwrap().unwrap();
+    // SAFETY: as above.
+    let s = unsafe { tx.isendv(&send_segs, MrHandle::NONE) }.unwrap().unwrap();
+    assert_eq!(until(|| tx.test(s)).unwrap(), total);
+    assert_eq!(until(|| rx.test(r)).unwrap(), total);
+    rx.irecv_consumed(r).unwrap();
+    assert!(gather(&recv_segs) == gather(&send_segs), "{total} bytes {send_sizes:?} -> {recv_sizes:?} arrived intact");
+    let landed: usize = recv_segs.iter().map(|s| s.len).sum();
+    let untouched = dst.iter().filter(|&&b| b == 0xee).count();
+    assert!(untouched >= dst.len() - landed, "nothing outside the segments was written");
+}
+
+fn small_pieces_net(threads: u8, socks: u8) -> SocketNet {
+    net().with_options(crate::config::SocketConfig {
+        nthreads: threads,
+        nsocks_per_thread: socks,
+        subchunk: 16 << 10,
+        ..Default::default()
+    })
+}
+
+#[test]
+fn vectored_requests_gather_and_scatter_across_piece_boundaries() {
+    for net in [small_pieces_net(1, 1), small_pieces_net(2, 2)] {
+        // Segment sizes that are not page multiples and cross the 16 KiB pieces at odd offsets.
+        move_vectored(&net, 100_000, &[4096, 1, 12_345, 16 << 10, 777], &[10_000, 3, 16_385]);
+        move_vectored(&net, 100_000, &[7000], &[]);
+        move_vectored(&net, 100_000, &[], &[5000, 1]);
+        move_vectored(&net, 64 << 10, &[16 << 10], &[16 << 10]);
+        // More segments in one piece than one sendmsg / recvmsg takes.
+        move_vectored(&net, 40_000, &[7], &[13]);
+        // Small enough for the posting thread to send it itself.
+        move_vectored(&net, 3000, &[100, 900], &[1500]);
+    }
+    move_vectored(&zerocopy_net(2, 1), 200_000, &[20_000, 4096], &[9999]);
+}
+
+#[test]
+fn vectored_receive_takes_a_shorter_message_and_refuses_nothing_empty() {
+    let net = small_pieces_net(1, 1);
+    let (mut tx, mut rx) = pair(&net);
+    let msg: Vec<u8> = (0..30_000).map(|i| i as u8).collect();
+    let mut dst = vec![0u8; 60_000];
+    let recv_segs = segments(&mut dst, 50_000, &[20_000], 100);
+    // SAFETY: the segments and the message outlive the requests (tested to completion below).
+    let r = unsafe { rx.irecvv(&recv_segs, MrHandle::NONE) }.unwrap().unwrap();
+    // SAFETY: as above.
+    let s = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
+    assert_eq!(until(|| tx.test(s)).unwrap(), 30_000);
+    assert_eq!(until(|| rx.test(r)).unwrap(), 30_000, "the sender's size");
+    assert_eq!(&dst[..20_000], &msg[..20_000]);
+    assert_eq!(&dst[20_100..30_100], &msg[20_000..]);
+    // SAFETY: no segment, nothing to keep valid.
+    let err = unsafe { tx.isendv(&[], MrHandle::NONE) }.unwrap_err();
+    assert_eq!(err.status(), UcclStatus::ErrInvalidParam, "{err}");
 }

@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 
 use super::park::Parking;
 use crate::error::{Error, Result};
-use crate::transport::Wake;
+use crate::transport::{IoSeg, Wake};
 
 /// Outstanding requests per comm, the same bound TCPX imposes.
 pub(crate) const MAX_REQUESTS: usize = 16;
@@ -19,7 +19,6 @@ const UNKNOWN: u64 = u64::MAX;
 #[derive(Clone, Copy)]
 struct Request {
     seq: u64,
-    addr: usize,
     /// Send: the message size. Receive: the posted capacity.
     len: usize,
     /// Receive: the sender's size, once a piece told it.
@@ -35,6 +34,9 @@ struct Book {
     /// would fit (it would leave another piece's range unwritten). Kept between requests: no
     /// allocation once grown.
     seen: [Vec<u64>; MAX_REQUESTS],
+    /// Each request's memory: its segments with the request offset each starts at (one segment
+    /// for a contiguous request). Kept between requests like `seen`.
+    mem: [Vec<(u64, IoSeg)>; MAX_REQUESTS],
     /// Send: the next piece to cut.
     cut_seq: u64,
     cut_offset: u64,
@@ -49,19 +51,58 @@ struct Progress {
     size: AtomicU64,
 }
 
-/// A piece a thread moves: `len` bytes at `addr`, which is `offset` into request `seq`.
+/// A piece a thread moves: `len` bytes at `offset` into request `seq`; where they lie in memory is
+/// its [`PieceMem`].
 #[derive(Clone, Copy, Debug)]
 pub struct Piece {
     pub seq: u64,
     pub total: u64,
     pub offset: u64,
-    pub addr: usize,
     pub len: usize,
 }
 
+/// The memory of one piece: one range (every piece of a contiguous request, and most of a vectored
+/// one), or the segments a piece of a vectored request spans, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PieceMem {
+    One(IoSeg),
+    Many(Vec<IoSeg>),
+}
+
+impl PieceMem {
+    pub fn segs(&self) -> &[IoSeg] {
+        match self {
+            PieceMem::One(seg) => std::slice::from_ref(seg),
+            PieceMem::Many(segs) => segs,
+        }
+    }
+}
+
+/// Where bytes `[offset, offset + len)` of a request whose memory is `mem` lie. The caller keeps
+/// the range inside the request.
+fn locate(mem: &[(u64, IoSeg)], offset: u64, len: usize) -> PieceMem {
+    let mut i = mem.partition_point(|&(start, _)| start <= offset).saturating_sub(1);
+    let (start, seg) = mem[i];
+    let mut within = (offset - start) as usize;
+    if within + len <= seg.len {
+        return PieceMem::One(IoSeg { addr: seg.addr + within, len });
+    }
+    let mut segs = Vec::new();
+    let mut left = len;
+    while left > 0 {
+        let seg = mem[i].1;
+        let n = (seg.len - within).min(left);
+        segs.push(IoSeg { addr: seg.addr + within, len: n });
+        left -= n;
+        within = 0;
+        i += 1;
+    }
+    PieceMem::Many(segs)
+}
+
 pub enum Admission {
-    /// Read the payload into the piece's `addr`.
-    Land(Piece),
+    /// Read the payload into the piece's memory.
+    Land(Piece, PieceMem),
     /// The request is not posted yet: hold the header and ask again after the next post.
     NotPosted,
 }
@@ -81,12 +122,13 @@ pub struct Window {
 
 impl Window {
     pub fn new(subchunk: usize, threads: usize, wake: Wake) -> Result<Window> {
-        let empty = Request { seq: UNKNOWN, addr: 0, len: 0, total: UNKNOWN, admitted: 0 };
+        let empty = Request { seq: UNKNOWN, len: 0, total: UNKNOWN, admitted: 0 };
         Ok(Window {
             book: Mutex::new(Book {
                 posted: 0,
                 reqs: [empty; MAX_REQUESTS],
                 seen: Default::default(),
+                mem: Default::default(),
                 cut_seq: 0,
                 cut_offset: 0,
             }),
@@ -101,16 +143,27 @@ impl Window {
         })
     }
 
-    /// Publishes request `seq` (the caller checked the window has room, so its slot is free) and
-    /// wakes sleeping helpers, unless `inline` and nothing older is left to cut: then returns true and
-    /// the caller sends it itself.
-    pub fn post(&self, seq: u64, addr: usize, len: usize, inline: bool) -> bool {
+    /// Publishes request `seq` over the memory of `iov` (at least one segment; the caller checked
+    /// the window has room, so its slot is free) and wakes sleeping helpers, unless `inline` and
+    /// nothing older is left to cut: then returns true and the caller sends it itself.
+    pub fn post(&self, seq: u64, iov: &[IoSeg], inline: bool) -> bool {
         let slot = seq as usize % MAX_REQUESTS;
         self.progress[slot].bytes.store(0, Ordering::Relaxed);
         let alone = {
             let mut book = self.book.lock();
             debug_assert_eq!(book.posted, seq);
-            book.reqs[slot] = Request { seq, addr, len, total: UNKNOWN, admitted: 0 };
+            let mem = &mut book.mem[slot];
+            mem.clear();
+            let mut len = 0;
+            for seg in iov.iter().filter(|s| s.len > 0 || iov.len() == 1) {
+                mem.push((len as u64, *seg));
+                len += seg.len;
+            }
+            if mem.is_empty() {
+                // Empty segments only: an empty message, which still needs somewhere to point.
+                mem.push((0, iov[0]));
+            }
+            book.reqs[slot] = Request { seq, len, total: UNKNOWN, admitted: 0 };
             book.posted = seq + 1;
             book.cut_seq == seq
         };
@@ -132,20 +185,22 @@ impl Window {
 
     /// Sender: the next piece to put on a free socket, if any request still has uncut bytes. Pieces
     /// are cut in request order, so the oldest request finishes first.
-    pub fn cut(&self) -> Option<Piece> {
+    pub fn cut(&self) -> Option<(Piece, PieceMem)> {
         let mut book = self.book.lock();
         if book.cut_seq >= book.posted {
             return None;
         }
-        let req = book.reqs[book.cut_seq as usize % MAX_REQUESTS];
+        let slot = book.cut_seq as usize % MAX_REQUESTS;
+        let req = book.reqs[slot];
         let offset = book.cut_offset;
-        let len = (req.len as u64 - offset).min(self.subchunk);
+        let len = (req.len as u64 - offset).min(self.subchunk) as usize;
         book.cut_offset += self.subchunk;
         if book.cut_offset >= req.len as u64 {
             book.cut_seq += 1;
             book.cut_offset = 0;
         }
-        Some(Piece { seq: req.seq, total: req.len as u64, offset, addr: req.addr + offset as usize, len: len as usize })
+        let mem = locate(&book.mem[slot], offset, len);
+        Some((Piece { seq: req.seq, total: req.len as u64, offset, len }, mem))
     }
 
     /// Sender: whether `cut` would find a piece (checked once more before sleeping).
@@ -163,7 +218,7 @@ impl Window {
             return Ok(Admission::NotPosted);
         }
         let slot = seq as usize % MAX_REQUESTS;
-        let Book { reqs, seen, .. } = &mut *book;
+        let Book { reqs, seen, mem, .. } = &mut *book;
         let req = &mut reqs[slot];
         let seen = &mut seen[slot];
         if req.seq != seq || self.progress[slot].done.load(Ordering::Acquire) == seq + 1 {
@@ -192,12 +247,14 @@ impl Window {
         }
         seen[index / 64] |= bit;
         req.admitted += len;
-        let piece = Piece { seq, total, offset, addr: req.addr + offset as usize, len: len as usize };
+        let piece = Piece { seq, total, offset, len: len as usize };
+        // Inside the posted memory: offset + len <= total <= the posted capacity.
+        let piece_mem = locate(&mem[slot], offset, len as usize);
         if total == 0 {
             // Completing under the lock makes a repeated empty piece see `done` and fail.
             self.complete(slot, seq, 0);
         }
-        Ok(Admission::Land(piece))
+        Ok(Admission::Land(piece, piece_mem))
     }
 
     /// Counts a moved piece; the thread that moves a request's last byte completes it.

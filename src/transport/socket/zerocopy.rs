@@ -296,7 +296,7 @@ mod tests {
 
     #[test]
     fn pieces_are_released_only_after_their_last_id() {
-        let piece = |seq| Piece { seq, total: 1, offset: 0, addr: 0, len: 1 };
+        let piece = |seq| Piece { seq, total: 1, offset: 0, len: 1 };
         let counters = Counters::default();
         let mut s = ZcSocket::new(true);
         s.sent(&counters);

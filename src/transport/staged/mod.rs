@@ -83,6 +83,11 @@ impl Net for StagedNet {
         self.inner.listen_per_channel()
     }
 
+    /// A vectored device request is gathered into (or scattered from) its one slot.
+    fn vectored(&self) -> bool {
+        self.inner.vectored()
+    }
+
     fn max_registration(&self) -> usize {
         self.inner.max_registration()
     }

@@ -10,7 +10,7 @@ use super::setup::{Setup, StickyFailure};
 use super::trace::{ChunkTrace, CommTracer, Mark};
 use crate::cuda::ring::clock_ns;
 use crate::error::{Error, Result};
-use crate::transport::{MemKind, MrHandle, RecvComm, RequestId};
+use crate::transport::{IoSeg, MemKind, MrHandle, RecvComm, RequestId};
 
 #[derive(Clone, Copy, Debug)]
 enum Stage {
@@ -25,6 +25,8 @@ enum Stage {
 struct Request {
     addr: usize,
     len: usize,
+    /// A staged vectored receive's segments, filled from the slot in order; `None` for one buffer.
+    segs: Option<Vec<IoSeg>>,
     slot: Option<usize>,
     stage: Stage,
     trace: Option<ChunkTrace>,
@@ -60,7 +62,8 @@ impl StagedRecvComm {
         }
     }
 
-    fn post(&mut self, route: Route, addr: usize, len: usize) -> Result<Option<RequestId>> {
+    fn post(&mut self, route: Route, iov: &[IoSeg]) -> Result<Option<RequestId>> {
+        let (addr, len) = (iov[0].addr, iov.iter().map(|s| s.len).sum());
         let (target, mr, slot) = match route {
             Route::Direct(mr) => (addr, mr, None),
             Route::Staged => {
@@ -69,9 +72,15 @@ impl StagedRecvComm {
                 (ring.slot_ptr(slot) as usize, self.staging.ring_mr, Some(slot))
             }
         };
-        // SAFETY: a host destination is the caller's until this request is done (irecv's
-        // contract); a slot is ours until the copy out of it finished.
-        let Some(inner) = (unsafe { self.inner.irecv(target as *mut u8, len, mr)? }) else { return Ok(None) };
+        let posted = match slot {
+            // SAFETY: host segments are the caller's until this request is done (irecvv's contract).
+            None if iov.len() > 1 => unsafe { self.inner.irecvv(iov, mr)? },
+            // SAFETY: a host destination is the caller's until this request is done (irecv's
+            // contract); a slot is ours until the copy out of it finished.
+            _ => unsafe { self.inner.irecv(target as *mut u8, len, mr)? },
+        };
+        let Some(inner) = posted else { return Ok(None) };
+        let segs = (slot.is_some() && iov.len() > 1).then(|| iov.to_vec());
         if slot.is_some() {
             self.staging.ring_mut()?.take();
         }
@@ -83,7 +92,7 @@ impl StagedRecvComm {
             }
             trace
         });
-        self.queue.push_back(Request { addr, len, slot, stage: Stage::Receiving { inner }, trace });
+        self.queue.push_back(Request { addr, len, segs, slot, stage: Stage::Receiving { inner }, trace });
         let id = RequestId(self.posted);
         self.posted += 1;
         Ok(Some(id))
@@ -105,9 +114,13 @@ impl StagedRecvComm {
                 Some(slot) if size > 0 => {
                     let started = req.trace.as_ref().map(|_| clock_ns());
                     let ring = self.staging.ring.as_mut().ok_or_else(|| Error::backend("staging ring missing"))?;
-                    // SAFETY: the destination is exclusively ours until this request is reported
-                    // done or the comm dropped, and the drop waits for the copy.
-                    unsafe { ring.copy_out(slot, req.addr, size)? };
+                    match &req.segs {
+                        // SAFETY: the destination is exclusively ours until this request is
+                        // reported done or the comm dropped, and the drop waits for the copy.
+                        None => unsafe { ring.copy_out(slot, req.addr, size)? },
+                        // SAFETY: as above, for every segment; `size` is at most their total.
+                        Some(segs) => unsafe { ring.scatter(slot, size, segs.iter().map(|s| (s.addr, s.len)))? },
+                    }
                     self.copying += 1;
                     self.staging.setup.copies_changed(true, 1);
                     if let (Some(trace), Some(started)) = (&mut req.trace, started) {
@@ -169,13 +182,20 @@ impl RecvComm for StagedRecvComm {
     }
 
     unsafe fn irecv(&mut self, data: *mut u8, len: usize, mr: MrHandle) -> Result<Option<RequestId>> {
+        // SAFETY: per the contract.
+        unsafe { self.irecvv(&[IoSeg { addr: data as usize, len }], mr) }
+    }
+
+    /// A device request lands in its slot and is scattered with one copy per segment; a host one
+    /// goes to the inner comm as it is.
+    unsafe fn irecvv(&mut self, iov: &[IoSeg], mr: MrHandle) -> Result<Option<RequestId>> {
         self.failure.check()?;
         if (self.posted - self.consumed) as usize >= self.staging.setup.max_requests {
             return Ok(None);
         }
+        let route = self.staging.route_segments(&mut self.inner, mr, iov)?;
         let entered = self.tracer.as_mut().map(|t| t.enter(false));
-        let route = self.staging.route(&mut self.inner, mr, data as usize, len)?;
-        let posted = self.post(route, data as usize, len);
+        let posted = self.post(route, iov);
         self.exit(entered);
         self.failure.keep(posted)
     }

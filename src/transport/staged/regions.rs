@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use super::setup::Setup;
 use crate::cuda::{self, Gpu, Location, StagingRing};
 use crate::error::{Error, Result, UcclStatus};
-use crate::transport::{MemKind, MrHandle};
+use crate::transport::{IoSeg, MemKind, MrHandle};
 
 /// Registration calls of the wrapped comm, whichever direction it moves.
 pub(super) trait InnerRegistry {
@@ -143,6 +143,37 @@ impl Staging {
             )));
         }
         Ok(Route::Staged)
+    }
+
+    /// How the segments of a vectored request posted with `mr` travel: all of them the same way
+    /// (one registration holds them), in one slot when staged.
+    pub(super) fn route_segments(
+        &mut self,
+        inner: &mut dyn InnerRegistry,
+        mr: MrHandle,
+        iov: &[IoSeg],
+    ) -> Result<Route> {
+        let Some((first, rest)) = iov.split_first() else {
+            return Err(Error::invalid("a vectored request needs at least one segment"));
+        };
+        let route = self.route(inner, mr, first.addr, first.len)?;
+        if matches!(route, Route::Direct(_)) && mr != MrHandle::NONE {
+            // A host registration: the inner comm checks nothing per segment either.
+            return Ok(route);
+        }
+        for seg in rest {
+            if self.route(inner, mr, seg.addr, seg.len)? != route {
+                return Err(Error::invalid("the segments of one request lie in host and in GPU memory"));
+            }
+        }
+        let total = iov.iter().map(|s| s.len).sum::<usize>();
+        if route == Route::Staged && total > self.ring_mut()?.slot_size() {
+            return Err(Error::invalid(format!(
+                "a {total}-byte GPU chunk exceeds the {}-byte staging slot (UCCL_TCPX_CHUNK_SIZE)",
+                self.ring_mut()?.slot_size()
+            )));
+        }
+        Ok(route)
     }
 
     /// The ring, made on first use. A comm stages for one GPU: the engine serves one.

@@ -15,7 +15,7 @@ use super::setup::{Setup, StickyFailure};
 use super::trace::{ChunkTrace, CommTracer, Mark};
 use crate::cuda::ring::clock_ns;
 use crate::error::{Error, Result};
-use crate::transport::{MemKind, MrHandle, RequestId, SendComm};
+use crate::transport::{IoSeg, MemKind, MrHandle, RequestId, SendComm};
 
 #[derive(Clone, Copy, Debug)]
 enum Stage {
@@ -34,6 +34,8 @@ enum Stage {
 struct Request {
     len: usize,
     stage: Stage,
+    /// A vectored request's segments (its stage's address is the first one's); `None` for one buffer.
+    segs: Option<Vec<IoSeg>>,
     trace: Option<ChunkTrace>,
 }
 
@@ -79,10 +81,14 @@ impl StagedSendComm {
             let Stage::Pending { slot, src } = self.queue[i].stage else { continue };
             let len = self.queue[i].len;
             let started = self.tracer.as_ref().map(|_| clock_ns());
-            let ring = self.staging.ring_mut()?;
-            // SAFETY: the device source stays valid until the request is reported done or the
-            // comm dropped (isend's contract), and the drop waits for the copy.
-            unsafe { ring.copy_in(slot, src, len)? };
+            let ring = self.staging.ring.as_mut().ok_or_else(|| Error::backend("staging ring missing"))?;
+            match &self.queue[i].segs {
+                // SAFETY: the device source stays valid until the request is reported done or the
+                // comm dropped (isend's contract), and the drop waits for the copy.
+                None => unsafe { ring.copy_in(slot, src, len)? },
+                // SAFETY: as above, for every segment.
+                Some(segs) => unsafe { ring.gather(slot, len, segs.iter().map(|s| (s.addr, s.len)))? },
+            }
             self.copying += 1;
             self.staging.setup.copies_changed(true, 1);
             let req = &mut self.queue[i];
@@ -128,9 +134,15 @@ impl StagedSendComm {
                 }
             };
             let len = req.len;
-            // SAFETY: host data stays valid until this request is reported done (the caller's
-            // isend contract); a slot stays ours until then too.
-            let Some(inner) = (unsafe { self.inner.isend(addr as *const u8, len, mr)? }) else { break };
+            let posted = match (&req.segs, slot) {
+                // SAFETY: host segments stay valid until this request is reported done (isendv's
+                // contract).
+                (Some(segs), None) => unsafe { self.inner.isendv(segs, mr)? },
+                // SAFETY: host data stays valid until this request is reported done (the caller's
+                // isend contract); a slot stays ours until then too.
+                _ => unsafe { self.inner.isend(addr as *const u8, len, mr)? },
+            };
+            let Some(inner) = posted else { break };
             let req = &mut self.queue[self.unsent];
             req.stage = Stage::Sent { inner, slot };
             if let Some(trace) = &mut req.trace {
@@ -141,7 +153,9 @@ impl StagedSendComm {
         Ok(())
     }
 
-    fn post(&mut self, route: Route, addr: usize, len: usize) -> Result<Option<RequestId>> {
+    fn post(&mut self, route: Route, iov: &[IoSeg]) -> Result<Option<RequestId>> {
+        let (addr, len) = (iov[0].addr, iov.iter().map(|s| s.len).sum());
+        let segs = (iov.len() > 1).then(|| iov.to_vec());
         let stage = match route {
             Route::Direct(mr) => Stage::Waiting { addr, mr },
             Route::Staged => {
@@ -157,7 +171,7 @@ impl StagedSendComm {
             }
             trace
         });
-        self.queue.push_back(Request { len, stage, trace });
+        self.queue.push_back(Request { len, stage, segs, trace });
         let id = RequestId(self.posted);
         self.posted += 1;
         self.advance()?;
@@ -202,16 +216,23 @@ impl SendComm for StagedSendComm {
     }
 
     unsafe fn isend(&mut self, data: *const u8, len: usize, mr: MrHandle) -> Result<Option<RequestId>> {
+        // SAFETY: per the contract.
+        unsafe { self.isendv(&[IoSeg { addr: data as usize, len }], mr) }
+    }
+
+    /// A device request is gathered into its slot with one copy per segment; a host one goes to
+    /// the inner comm as it is.
+    unsafe fn isendv(&mut self, iov: &[IoSeg], mr: MrHandle) -> Result<Option<RequestId>> {
         self.failure.check()?;
         if self.queue.len() >= self.staging.setup.max_requests {
             return Ok(None);
         }
-        let entered = self.enter(false);
-        let route = self.staging.route(&mut self.inner, mr, data as usize, len)?;
+        let route = self.staging.route_segments(&mut self.inner, mr, iov)?;
         if route == Route::Staged && self.staging.ring_mut()?.peek().is_none() {
             return Ok(None);
         }
-        let posted = self.post(route, data as usize, len);
+        let entered = self.enter(false);
+        let posted = self.post(route, iov);
         self.exit(entered);
         self.failure.keep(posted)
     }

@@ -221,3 +221,35 @@ fn peer_failure_surfaces_through_the_decorator() {
     let again = unsafe { rx.irecv(buf.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap_err();
     assert_eq!(again.status(), UcclStatus::ErrRemoteDisconnect, "a failed comm stays failed");
 }
+
+#[test]
+fn vectored_host_requests_pass_through_to_the_inner_comm() {
+    let net = staged();
+    assert!(net.vectored(), "the socket transport's vectored requests survive staging");
+    let (mut tx, mut rx) = pair(net.as_ref());
+    let src: Vec<u8> = (0..50_000).map(|i| (i % 251) as u8).collect();
+    let mut dst = vec![0u8; 60_000];
+    let smr = tx.reg_mr(src.as_ptr() as usize, src.len(), MemKind::Host).unwrap();
+    let rmr = rx.reg_mr(dst.as_mut_ptr() as usize, dst.len(), MemKind::Host).unwrap();
+    let base = src.as_ptr() as usize;
+    let send = [
+        crate::transport::IoSeg { addr: base + 40_000, len: 10_000 },
+        crate::transport::IoSeg { addr: base, len: 30_000 },
+    ];
+    let dbase = dst.as_mut_ptr() as usize;
+    let recv = [
+        crate::transport::IoSeg { addr: dbase + 100, len: 20_000 },
+        crate::transport::IoSeg { addr: dbase + 30_000, len: 20_000 },
+    ];
+    // SAFETY: both buffers outlive the requests (tested to completion below).
+    let r = unsafe { rx.irecvv(&recv, rmr) }.unwrap().unwrap();
+    // SAFETY: as above.
+    let s = unsafe { tx.isendv(&send, smr) }.unwrap().unwrap();
+    assert_eq!(until(|| tx.test(s)).unwrap(), 40_000);
+    assert_eq!(until(|| rx.test(r)).unwrap(), 40_000);
+    rx.irecv_consumed(r).unwrap();
+    let sent: Vec<u8> = [&src[40_000..50_000], &src[..30_000]].concat();
+    let got: Vec<u8> = [&dst[100..20_100], &dst[30_000..50_000]].concat();
+    assert!(got == sent);
+    assert!(dst[..100].iter().chain(&dst[20_100..30_000]).all(|&b| b == 0), "gaps untouched");
+}

@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::super::vector::{Grouper, Push, REQUEST_SEGMENTS, RunKey};
 use super::*;
+use crate::engine::plan::{self, Cut};
 use crate::engine::region::RegionTable;
 use crate::engine::transfer::TransferTable;
 use crate::proto::Capability;
@@ -23,6 +25,10 @@ struct HostMemory {
 impl Memory for HostMemory {
     fn authorize(&self, region: u64, token: u64, addr: u64, len: u64) -> Result<Arc<Region>> {
         self.regions.authorize(region, token, addr, len, None)
+    }
+
+    fn authorize_segments(&self, region: u64, token: u64, segs: &[RemoteSeg]) -> Result<Arc<Region>> {
+        self.regions.authorize_segments(region, token, segs, None)
     }
 
     unsafe fn store(&self, region: &Region, addr: usize, payload: &[u8]) -> Result<()> {
@@ -69,8 +75,12 @@ struct End {
 
 impl End {
     fn new() -> End {
+        End::with_cut(Cut::Spanning)
+    }
+
+    fn with_cut(cut: Cut) -> End {
         End {
-            st: ConnState::new(CHUNK, Instant::now()),
+            st: ConnState::new(Chunking { size: CHUNK, cut }, Instant::now()),
             mem: HostMemory::default(),
             transfers: TransferTable::default(),
             outbox: VecDeque::new(),
@@ -118,12 +128,21 @@ impl End {
         self.transfers.create(CONN, parts)
     }
 
-    /// A write (or read) of `len` bytes between `local` at `off` and `remote` at `roff`.
+    /// A write (or read) of `len` bytes between `local` at `off` and `remote` at `roff`, per item;
+    /// items are grouped into requests as the connection groups them.
     fn one_sided(&mut self, write: bool, items: &[(&Buf, usize, &Buf, usize, usize)]) -> Arc<Transfer> {
-        let t = self.transfer(items.len());
-        let items = items
-            .iter()
-            .map(|&(local, off, remote, roff, len)| OneSidedItem {
+        let mut grouper = Grouper::default();
+        let mut runs = Vec::new();
+        for &(local, _, remote, _, len) in items {
+            let key =
+                RunKey { local_region: local.region.id, remote_region: remote.cap.region, token: remote.cap.token };
+            if let Push::Started(Some(run)) = grouper.push(key, len as u64) {
+                runs.push(run);
+            }
+        }
+        runs.extend(grouper.finish());
+        let item = |(local, off, remote, roff, len): (&Buf, usize, &Buf, usize, usize)| {
+            OneSidedRequest::Item(OneSidedItem {
                 region: local.region.clone(),
                 addr: local.addr() + off,
                 len: len as u64,
@@ -132,9 +151,29 @@ impl End {
                 remote_addr: (remote.addr() + roff) as u64,
                 payload: (write && len <= MAX_INLINE_LEN).then(|| local.bytes[off..off + len].to_vec()),
             })
-            .collect();
+        };
+        let mut parts = Vec::new();
+        for run in runs {
+            let run_items = &items[run.items];
+            let (local, _, remote, _, _) = run_items[0];
+            if !run.vector {
+                parts.extend(run_items.iter().copied().map(item));
+                continue;
+            }
+            parts.push(OneSidedRequest::Vector(VectorRequest {
+                region: local.region.clone(),
+                local: Extent::scattered(run_items.iter().map(|&(l, o, _, _, n)| IoSeg { addr: l.addr() + o, len: n })),
+                remote_region: remote.cap.region,
+                token: remote.cap.token,
+                segs: run_items
+                    .iter()
+                    .map(|&(_, _, r, ro, n)| RemoteSeg { addr: (r.addr() + ro) as u64, len: n as u32 })
+                    .collect(),
+            }));
+        }
+        let t = self.transfer(parts.len());
         self.st.begin_post(Instant::now()).unwrap();
-        let msgs = self.st.post_one_sided(&t, write, items).unwrap();
+        let msgs = self.st.post_one_sided(&t, write, parts).unwrap();
         self.outbox.extend(msgs);
         t
     }
@@ -208,15 +247,25 @@ fn move_data(from: &mut End, to: &mut End) -> bool {
         }
         let src = from.sending.remove(&s).unwrap();
         let dst = to.receiving.remove(&r).unwrap();
-        assert_eq!(src.len, dst.len, "both ends plan the same flow");
+        assert_eq!(src.extent.len(), dst.extent.len(), "both ends plan the same flow");
+        // Both ends cut the flow into the same chunks on the same channels, whatever their memory.
+        let shape = |p: &FlowPlan, chunking| {
+            plan::plan(p.flow, 1, &p.extent, chunking, p.seq, 3).map(|(ch, c)| (ch, c.len)).collect::<Vec<_>>()
+        };
+        let chunks = shape(&src, from.st.chunking());
+        assert_eq!(chunks, shape(&dst, to.st.chunking()), "both ends cut the flow alike");
+        assert_eq!(chunks.len(), chunk_count(&src.extent, from.st.chunking()));
         // Scratch sends zeros; a scratch receive lands nowhere.
-        let zeros = vec![0u8; src.len as usize];
-        let from_addr = if src.region.is_some() { src.addr as *const u8 } else { zeros.as_ptr() };
+        let bytes = match src.region {
+            // SAFETY: the plan lies in a live test buffer the state checked against its region.
+            Some(_) => unsafe { gather(&src.extent) },
+            None => vec![0; src.extent.len() as usize],
+        };
         if dst.region.is_some() {
-            // SAFETY: both plans lie in live test buffers the state checked against their regions.
-            unsafe { std::ptr::copy_nonoverlapping(from_addr, dst.addr as *mut u8, src.len as usize) };
+            // SAFETY: as above, for the destination.
+            unsafe { scatter(&dst.extent, &bytes) };
         }
-        for _ in 0..chunk_count(src.len, CHUNK) {
+        for _ in 0..chunks.len() {
             let (mut a, mut b) = (Vec::new(), Vec::new());
             from.st.chunk_sent(src.flow);
             from.st.chunk_finished(src.flow, &mut a).unwrap();
@@ -227,6 +276,37 @@ fn move_data(from: &mut End, to: &mut End) -> bool {
         moved = true;
     }
     moved
+}
+
+/// The bytes of `extent`, in flow order.
+///
+/// # Safety
+/// The extent lies in live memory.
+unsafe fn gather(extent: &Extent) -> Vec<u8> {
+    let segs = match extent {
+        Extent::Contiguous { addr, len } => vec![IoSeg { addr: *addr, len: *len as usize }],
+        Extent::Scattered { segs, .. } => segs.to_vec(),
+    };
+    // SAFETY: per the contract.
+    segs.iter().flat_map(|s| unsafe { std::slice::from_raw_parts(s.addr as *const u8, s.len) }.to_vec()).collect()
+}
+
+/// Writes `bytes` over `extent`, in flow order.
+///
+/// # Safety
+/// The extent lies in live memory nobody else uses, and holds `bytes.len()` bytes.
+unsafe fn scatter(extent: &Extent, bytes: &[u8]) {
+    let segs = match extent {
+        Extent::Contiguous { addr, len } => vec![IoSeg { addr: *addr, len: *len as usize }],
+        Extent::Scattered { segs, .. } => segs.to_vec(),
+    };
+    let mut at = 0;
+    for s in segs {
+        // SAFETY: per the contract.
+        unsafe { std::ptr::copy_nonoverlapping(bytes[at..].as_ptr(), s.addr as *mut u8, s.len) };
+        at += s.len;
+    }
+    assert_eq!(at, bytes.len());
 }
 
 /// Runs both ends until nothing moves.
@@ -445,9 +525,10 @@ fn unanswered_inline_one_sided_bytes_are_bounded() {
     let (mut a, mut b) = (End::new(), End::new());
     let n = (MAX_INLINE_ONE_SIDED / MAX_INLINE_LEN as u64) as usize;
     let local = a.buffer(MAX_INLINE_LEN, pattern(9));
-    let remote = b.buffer(MAX_INLINE_LEN, |_| 0);
-    // A vector of writes and reads: the first `n` fill the bound, the rest take the request path.
-    let items: Vec<_> = (0..n + 2).map(|_| (&local, 0, &remote, 0, MAX_INLINE_LEN)).collect();
+    let remotes = [b.buffer(MAX_INLINE_LEN, |_| 0), b.buffer(MAX_INLINE_LEN, |_| 0)];
+    // A call of writes and reads, item by item (alternate remote regions: no two items form a
+    // vector): the first `n` fill the bound, the rest take the request path.
+    let items: Vec<_> = (0..n + 2).map(|i| (&local, 0, &remotes[i % 2], 0, MAX_INLINE_LEN)).collect();
     let w = a.one_sided(true, &items[..n - 1]);
     let r = a.one_sided(false, &items[..3]);
     let kinds: Vec<_> = a.outbox.iter().map(std::mem::discriminant).collect();
@@ -620,7 +701,7 @@ fn flows_rotate_identically_on_both_ends() {
     let dst = b.buffer(4 * CHUNK, |_| 0);
     let ts: Vec<_> = (0..3).map(|i| a.one_sided(true, &[(&src, i * CHUNK, &dst, i * CHUNK, CHUNK + 1)])).collect();
     pump_messages_only(&mut a, &mut b);
-    let seqs = |m: &BTreeMap<u64, FlowPlan>| m.values().map(|p| (p.seq, p.len)).collect::<Vec<_>>();
+    let seqs = |m: &BTreeMap<u64, FlowPlan>| m.values().map(|p| (p.seq, p.extent.len())).collect::<Vec<_>>();
     assert_eq!(seqs(&a.sending), seqs(&b.receiving));
     assert_eq!(seqs(&a.sending).iter().map(|s| s.0).collect::<Vec<_>>(), [0, 1, 2]);
     pump(&mut a, &mut b);
@@ -823,7 +904,7 @@ fn posts_naming_a_deregistered_region_register_nothing() {
         remote_addr: remote.addr() as u64,
         payload,
     };
-    let err = a.st.post_one_sided(&t, true, vec![item(Some(vec![0; 10]))]).unwrap_err();
+    let err = a.st.post_one_sided(&t, true, vec![OneSidedRequest::Item(item(Some(vec![0; 10])))]).unwrap_err();
     assert_eq!(err.status(), UcclStatus::ErrNotFound);
     let send = SendItem { region: buf.region.clone(), addr: buf.addr(), len: 10, payload: None };
     assert!(a.st.post_send(&t, vec![send]).is_err());
@@ -852,4 +933,168 @@ fn a_peer_denying_a_running_write_fails_it_after_its_chunks() {
     assert!(why.contains("peer refused: cut"), "{why}");
     // A second answer for the same op is a protocol violation.
     assert!(a.handle(Control::Done { xfer, len: 4 * CHUNK as u64 }).is_err());
+}
+
+/// Items of the given lengths, scattered: the local ones `lgap` bytes apart, the remote ones
+/// `rgap` apart, in buffers big enough.
+fn scattered_items<'a>(
+    local: &'a Buf,
+    remote: &'a Buf,
+    lens: &[usize],
+    lgap: usize,
+    rgap: usize,
+) -> Vec<(&'a Buf, usize, &'a Buf, usize, usize)> {
+    let (mut lo, mut ro) = (0, 0);
+    lens.iter()
+        .map(|&len| {
+            let item = (local, lo, remote, ro, len);
+            lo += len + lgap;
+            ro += len + rgap;
+            assert!(lo <= local.bytes.len() + lgap && ro <= remote.bytes.len() + rgap, "test buffers too small");
+            item
+        })
+        .collect()
+}
+
+/// Whether every item's remote bytes equal its local bytes (`write`) or the other way round.
+fn items_match(items: &[(&Buf, usize, &Buf, usize, usize)]) -> bool {
+    items.iter().all(|&(l, lo, r, ro, len)| l.bytes[lo..lo + len] == r.bytes[ro..ro + len])
+}
+
+/// Odd sizes: below and above a page, not page multiples, a chunk and a bit, crossing chunk
+/// boundaries of the flow at odd offsets.
+const ODD_LENS: [usize; 9] = [1, 4095, 4097, 16 << 10, CHUNK + 3, 777, 3 * CHUNK - 1, 64 << 10, 12_345];
+
+#[test]
+fn a_vector_write_is_one_request_one_grant_and_one_flow_into_every_segment() {
+    for cut in [Cut::Spanning, Cut::PerSegment] {
+        let (mut a, mut b) = (End::with_cut(cut), End::with_cut(cut));
+        let total: usize = ODD_LENS.iter().sum();
+        let local = a.buffer(total + ODD_LENS.len() * 100, pattern(21));
+        let remote = b.buffer(total + ODD_LENS.len() * 4099, |_| 0);
+        let items = scattered_items(&local, &remote, &ODD_LENS, 100, 4099);
+        let t = a.one_sided(true, &items);
+        let [Control::WriteVector { segs, region, token, .. }] = a.outbox.make_contiguous() else {
+            panic!("one request for the whole vector: {:?}", a.outbox.len())
+        };
+        assert_eq!((*region, *token, segs.len()), (remote.cap.region, remote.cap.token, ODD_LENS.len()));
+        assert_eq!(segs[1], RemoteSeg { addr: (remote.addr() + 1 + 4099) as u64, len: 4095 });
+        deliver(&mut a, &mut b).unwrap();
+        assert!(matches!(b.outbox.make_contiguous(), [Control::Grant { .. }]), "{:?}", b.outbox);
+        deliver(&mut b, &mut a).unwrap();
+        assert!(matches!(a.outbox.make_contiguous(), [Control::Data { len, .. }] if *len == total as u64));
+        assert_eq!(a.sending.len(), 1, "one flow");
+        pump(&mut a, &mut b);
+        assert_eq!(a.outcome(&t).unwrap().unwrap(), total as u64, "{cut:?}");
+        assert!(items_match(&items), "{cut:?}");
+        // Only the segments were written.
+        let mut covered = vec![false; remote.bytes.len()];
+        for &(_, _, _, ro, len) in &items {
+            covered[ro..ro + len].fill(true);
+        }
+        assert!(remote.bytes.iter().zip(&covered).all(|(&x, &c)| c || x == 0), "{cut:?}");
+        assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
+    }
+}
+
+#[test]
+fn a_vector_read_is_one_request_and_one_flow_back() {
+    for cut in [Cut::Spanning, Cut::PerSegment] {
+        let (mut a, mut b) = (End::with_cut(cut), End::with_cut(cut));
+        let total: usize = ODD_LENS.iter().sum();
+        let local = a.buffer(total + ODD_LENS.len() * 33, |_| 0);
+        let remote = b.buffer(total + ODD_LENS.len() * 5000, pattern(22));
+        let items = scattered_items(&local, &remote, &ODD_LENS, 33, 5000);
+        let t = a.one_sided(false, &items);
+        assert!(
+            matches!(a.outbox.make_contiguous(), [Control::ReadVector { segs, .. }] if segs.len() == ODD_LENS.len())
+        );
+        deliver(&mut a, &mut b).unwrap();
+        assert!(matches!(b.outbox.make_contiguous(), [Control::Data { len, .. }] if *len == total as u64));
+        assert_eq!(b.sending.len(), 1, "one flow");
+        pump(&mut a, &mut b);
+        assert_eq!(a.outcome(&t).unwrap().unwrap(), total as u64, "{cut:?}");
+        assert!(items_match(&items), "{cut:?}");
+    }
+}
+
+#[test]
+fn a_vector_with_one_segment_outside_the_window_fails_whole_and_touches_nothing() {
+    for write in [true, false] {
+        let (mut a, mut b) = (End::new(), End::new());
+        let local = a.buffer(64 << 10, pattern(23));
+        let remote = b.buffer(64 << 10, |_| 0);
+        let before = local.bytes.clone();
+        let mut items = scattered_items(&local, &remote, &[1024; 20], 0, 1024);
+        // The last segment runs past the advertised window (the whole buffer).
+        items.push((&local, 40 << 10, &remote, (64 << 10) - 100, 4096));
+        let t = a.one_sided(write, &items);
+        assert_eq!(a.outbox.len(), 1);
+        pump(&mut a, &mut b);
+        assert_eq!(status(a.outcome(&t)), UcclStatus::ErrNotAllowed, "write {write}");
+        assert!(remote.bytes.iter().all(|&x| x == 0), "the target is untouched");
+        assert_eq!(local.bytes, before, "nothing was read into the local buffer either");
+        assert!(b.receiving.is_empty() && b.sending.is_empty(), "no flow was started");
+        assert!(a.st.check_open().is_ok() && b.st.check_open().is_ok(), "a refusal is not a protocol error");
+        assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
+    }
+}
+
+#[test]
+fn a_call_over_two_remote_regions_is_two_vectors_of_one_transfer() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let local = a.buffer(256 << 10, pattern(24));
+    let (r1, r2) = (b.buffer(256 << 10, |_| 0), b.buffer(256 << 10, |_| 0));
+    let mut items = scattered_items(&local, &r1, &[20_000; 4], 100, 7);
+    items.extend(
+        scattered_items(&local, &r2, &[30_000; 3], 200, 9)
+            .into_iter()
+            .map(|(l, lo, r, ro, n)| (l, lo + 100_000, r, ro, n)),
+    );
+    let t = a.one_sided(true, &items);
+    assert_eq!(a.outbox.len(), 2, "one request per remote region");
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&t).unwrap().unwrap(), 170_000);
+    assert!(items_match(&items));
+}
+
+#[test]
+fn a_hundred_thousand_items_post_a_few_requests_and_no_entry_per_item() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let n = 100_000;
+    let local = a.buffer(n * 8, pattern(25));
+    let remote = b.buffer(n * 16, |_| 0);
+    let items = scattered_items(&local, &remote, &vec![8; n], 0, 8);
+    let t = a.one_sided(true, &items);
+    let counts: Vec<usize> = a
+        .outbox
+        .iter()
+        .map(|m| match m {
+            Control::WriteVector { segs, .. } => segs.len(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let requests = n.div_ceil(REQUEST_SEGMENTS);
+    assert_eq!(counts.len(), requests);
+    assert!(counts.iter().all(|&c| c <= REQUEST_SEGMENTS) && counts.iter().sum::<usize>() == n);
+    assert_eq!((a.st.awaiting_grant.len(), a.st.inline_ops.len(), a.st.inbound.len()), (requests, 0, 0));
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&t).unwrap().unwrap(), (n * 8) as u64);
+    assert!(items_match(&items));
+}
+
+#[test]
+fn data_for_a_vector_flow_must_carry_its_total() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let local = a.buffer(1 << 20, pattern(26));
+    let remote = b.buffer(1 << 20, |_| 0);
+    let items = scattered_items(&local, &remote, &[100_000; 3], 10, 10);
+    let t = a.one_sided(true, &items);
+    deliver(&mut a, &mut b).unwrap();
+    let Some(&Control::Grant { flow, .. }) = b.outbox.front() else { panic!("{:?}", b.outbox) };
+    let err = b.handle(Control::Data { flow, len: 100_000 }).unwrap_err();
+    assert!(err.message().contains("300000 were granted"), "{err}");
+    let failed = b.st.fail(err);
+    assert!(failed.is_empty(), "the target holds no part of the caller's transfer");
+    assert!(a.outcome(&t).is_none());
 }

@@ -1,0 +1,321 @@
+//! The chunk plan: how a flow's bytes are cut into chunks and which channel each chunk rides. Both
+//! ends derive it from numbers they share (the flow's length, its segments' lengths, the chunk size,
+//! the cut and the flow's sequence number in its direction), never from addresses, so per-channel
+//! FIFO order is the only matching rule the transport needs.
+//!
+//! A flow is contiguous memory or a list of segments (a vector: one end's pieces of the same bytes
+//! in the same order, each end its own addresses). Chunk `i` covers bytes `[i * chunk, (i + 1) *
+//! chunk)` of the flow; with `Cut::Spanning` such a chunk may run over several segments and travels
+//! as one vectored request, with `Cut::PerSegment` chunks are cut within each segment instead (for
+//! transports that take one buffer per request).
+
+use std::sync::Arc;
+
+use crate::transport::IoSeg;
+
+/// The memory a flow moves, on one end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Extent {
+    /// `len` bytes at `addr`.
+    Contiguous { addr: usize, len: u64 },
+    /// The concatenation of `segs`, in order; `len` is their total. No segment is empty.
+    Scattered { segs: Arc<[IoSeg]>, len: u64 },
+}
+
+impl Extent {
+    /// The segments as one extent. Built straight into its shared allocation (an exact-size
+    /// iterator is collected without a growing copy); empty segments, which the protocol and the
+    /// API refuse anyway, hold no bytes and get no chunk.
+    pub fn scattered(segs: impl IntoIterator<Item = IoSeg>) -> Extent {
+        let segs: Arc<[IoSeg]> = segs.into_iter().collect();
+        let len = segs.iter().map(|s| s.len as u64).sum();
+        Extent::Scattered { segs, len }
+    }
+
+    pub fn len(&self) -> u64 {
+        match self {
+            Extent::Contiguous { len, .. } | Extent::Scattered { len, .. } => *len,
+        }
+    }
+}
+
+/// How the chunks of a scattered flow are cut; both ends of a connection use the same.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cut {
+    /// Chunks of the full chunk size run over segment boundaries (vectored requests).
+    Spanning,
+    /// No chunk crosses a segment boundary.
+    PerSegment,
+}
+
+/// How a connection cuts its flows: the chunk size and the cut both ends agreed on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chunking {
+    pub size: usize,
+    pub cut: Cut,
+}
+
+/// Where a chunk's bytes lie.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChunkMem {
+    /// Contiguous, at this address.
+    At(usize),
+    /// From `offset` bytes into segment `first` of `segs` on, through as many segments as the
+    /// chunk's length reaches.
+    Spans { segs: Arc<[IoSeg]>, first: usize, offset: usize },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    pub flow: u64,
+    /// The local region the chunk lies in.
+    pub region: u64,
+    pub mem: ChunkMem,
+    pub len: usize,
+}
+
+impl Chunk {
+    /// Appends the chunk's memory to `out`, as the segments it covers.
+    pub fn segments(&self, out: &mut Vec<IoSeg>) {
+        match &self.mem {
+            ChunkMem::At(addr) => out.push(IoSeg { addr: *addr, len: self.len }),
+            ChunkMem::Spans { segs, first, offset } => {
+                let (mut left, mut offset) = (self.len, *offset);
+                for seg in &segs[*first..] {
+                    if left == 0 {
+                        break;
+                    }
+                    let n = (seg.len - offset).min(left);
+                    if n > 0 {
+                        out.push(IoSeg { addr: seg.addr + offset, len: n });
+                    }
+                    left -= n;
+                    offset = 0;
+                }
+            }
+        }
+    }
+
+    /// The lowest address the chunk touches and the distance to the end of its highest byte.
+    pub fn hull(&self) -> (usize, usize) {
+        match &self.mem {
+            ChunkMem::At(addr) => (*addr, self.len),
+            ChunkMem::Spans { .. } => {
+                let mut segs = Vec::new();
+                self.segments(&mut segs);
+                let start = segs.iter().map(|s| s.addr).min().unwrap_or(0);
+                let end = segs.iter().map(|s| s.addr + s.len).max().unwrap_or(start);
+                (start, end - start)
+            }
+        }
+    }
+}
+
+/// How many chunks the flow over `extent` is cut into.
+pub fn chunk_count(extent: &Extent, chunking: Chunking) -> usize {
+    let size = chunking.size;
+    match (extent, chunking.cut) {
+        (Extent::Scattered { segs, .. }, Cut::PerSegment) => segs.iter().map(|s| s.len.div_ceil(size)).sum(),
+        _ => extent.len().div_ceil(size as u64) as usize,
+    }
+}
+
+/// Cuts the flow over `extent` into chunks; chunk `i` of the flow with direction sequence number
+/// `seq` rides channel `(seq + i) % channels`, so small flows spread over channels too.
+pub fn plan(
+    flow: u64,
+    region: u64,
+    extent: &Extent,
+    chunking: Chunking,
+    seq: u64,
+    channels: usize,
+) -> impl Iterator<Item = (usize, Chunk)> {
+    let first_channel = (seq % channels as u64) as usize;
+    let mut cursor = Cursor { extent: extent.clone(), seg: 0, offset: 0, left: extent.len() };
+    (0..chunk_count(extent, chunking)).map(move |i| {
+        let (mem, len) = cursor.next(chunking.size, chunking.cut);
+        ((first_channel + i) % channels, Chunk { flow, region, mem, len })
+    })
+}
+
+/// Where the next chunk of a flow starts.
+struct Cursor {
+    extent: Extent,
+    /// Scattered: the segment and the offset in it.
+    seg: usize,
+    offset: usize,
+    /// Bytes of the flow not yet in a chunk.
+    left: u64,
+}
+
+impl Cursor {
+    fn next(&mut self, chunk_size: usize, cut: Cut) -> (ChunkMem, usize) {
+        match &self.extent {
+            Extent::Contiguous { addr, len } => {
+                let done = (*len - self.left) as usize;
+                let n = (self.left as usize).min(chunk_size);
+                self.left -= n as u64;
+                (ChunkMem::At(addr + done), n)
+            }
+            Extent::Scattered { segs, .. } => {
+                let segs = segs.clone();
+                while segs[self.seg].len == 0 {
+                    self.seg += 1;
+                }
+                let here = segs[self.seg];
+                let in_seg = here.len - self.offset;
+                let n = match cut {
+                    Cut::Spanning => (self.left.min(chunk_size as u64)) as usize,
+                    Cut::PerSegment => in_seg.min(chunk_size),
+                };
+                let mem = if n <= in_seg {
+                    ChunkMem::At(here.addr + self.offset)
+                } else {
+                    ChunkMem::Spans { segs: segs.clone(), first: self.seg, offset: self.offset }
+                };
+                self.left -= n as u64;
+                let mut step = n;
+                while step > 0 {
+                    let room = segs[self.seg].len - self.offset;
+                    if step < room {
+                        self.offset += step;
+                        break;
+                    }
+                    step -= room;
+                    self.seg += 1;
+                    self.offset = 0;
+                }
+                (mem, n)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(addr: usize, len: usize) -> IoSeg {
+        IoSeg { addr, len }
+    }
+
+    fn memory(chunks: &[(usize, Chunk)]) -> Vec<IoSeg> {
+        let mut out = Vec::new();
+        for (_, c) in chunks {
+            let before = out.len();
+            c.segments(&mut out);
+            assert_eq!(out[before..].iter().map(|s| s.len).sum::<usize>(), c.len, "{c:?}");
+        }
+        out
+    }
+
+    /// Merges touching segments, so two covers of the same bytes compare equal.
+    fn merged(segs: Vec<IoSeg>) -> Vec<IoSeg> {
+        let mut out: Vec<IoSeg> = Vec::new();
+        for s in segs {
+            match out.last_mut() {
+                Some(last) if last.addr + last.len == s.addr => last.len += s.len,
+                _ => out.push(s),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn contiguous_plan_covers_every_byte_once_and_rotates() {
+        let ext = Extent::Contiguous { addr: 1000, len: 10 };
+        let chunks: Vec<_> = plan(9, 3, &ext, Chunking { size: 4, cut: Cut::Spanning }, 1, 3).collect();
+        let at = |addr, len| Chunk { flow: 9, region: 3, mem: ChunkMem::At(addr), len };
+        assert_eq!(chunks, vec![(1, at(1000, 4)), (2, at(1004, 4)), (0, at(1008, 2))]);
+        assert_eq!(chunk_count(&ext, Chunking { size: 4, cut: Cut::PerSegment }), 3);
+        assert_eq!(chunk_count(&Extent::Contiguous { addr: 0, len: 8 }, Chunking { size: 4, cut: Cut::Spanning }), 2);
+        let one: Vec<_> =
+            plan(1, 2, &Extent::Contiguous { addr: 0, len: 1 }, Chunking { size: 4096, cut: Cut::Spanning }, 5, 2)
+                .collect();
+        assert_eq!(one, vec![(1, Chunk { flow: 1, region: 2, mem: ChunkMem::At(0), len: 1 })]);
+    }
+
+    #[test]
+    fn spanning_chunks_are_full_size_and_cross_segments() {
+        let segs = vec![seg(100, 3), seg(200, 10), seg(400, 1), seg(500, 6)];
+        let ext = Extent::scattered(segs.clone());
+        assert_eq!(ext.len(), 20);
+        let chunks: Vec<_> = plan(1, 1, &ext, Chunking { size: 8, cut: Cut::Spanning }, 0, 2).collect();
+        assert_eq!(chunks.iter().map(|(_, c)| c.len).collect::<Vec<_>>(), [8, 8, 4]);
+        assert_eq!(chunks.iter().map(|(ch, _)| *ch).collect::<Vec<_>>(), [0, 1, 0]);
+        assert_eq!(chunk_count(&ext, Chunking { size: 8, cut: Cut::Spanning }), 3);
+        let mut c0 = Vec::new();
+        chunks[0].1.segments(&mut c0);
+        assert_eq!(c0, [seg(100, 3), seg(200, 5)]);
+        let mut c1 = Vec::new();
+        chunks[1].1.segments(&mut c1);
+        assert_eq!(c1, [seg(205, 5), seg(400, 1), seg(500, 2)]);
+        assert_eq!(chunks[1].1.hull(), (205, 297));
+        // A chunk inside one segment is plain memory.
+        assert_eq!(chunks[2].1.mem, ChunkMem::At(502));
+        assert_eq!(merged(memory(&chunks)), segs);
+    }
+
+    #[test]
+    fn empty_segments_get_no_chunk() {
+        let segs = vec![seg(100, 0), seg(200, 10), seg(300, 0), seg(400, 0), seg(500, 6), seg(600, 0)];
+        for cut in [Cut::Spanning, Cut::PerSegment] {
+            let ext = Extent::scattered(segs.clone());
+            let chunks: Vec<_> = plan(1, 1, &ext, Chunking { size: 4, cut }, 0, 2).collect();
+            assert_eq!(chunks.len(), chunk_count(&ext, Chunking { size: 4, cut }), "{cut:?}");
+            assert!(chunks.iter().all(|(_, c)| c.len > 0), "{cut:?}");
+            assert_eq!(merged(memory(&chunks)), [seg(200, 10), seg(500, 6)], "{cut:?}");
+        }
+    }
+
+    #[test]
+    fn per_segment_chunks_never_cross_a_boundary() {
+        let segs = vec![seg(100, 3), seg(200, 10), seg(400, 1), seg(500, 6)];
+        let ext = Extent::scattered(segs.clone());
+        let chunks: Vec<_> = plan(1, 1, &ext, Chunking { size: 4, cut: Cut::PerSegment }, 3, 4).collect();
+        assert_eq!(chunks.iter().map(|(_, c)| c.len).collect::<Vec<_>>(), [3, 4, 4, 2, 1, 4, 2]);
+        assert!(chunks.iter().all(|(_, c)| matches!(c.mem, ChunkMem::At(_))));
+        assert_eq!(chunk_count(&ext, Chunking { size: 4, cut: Cut::PerSegment }), chunks.len());
+        assert_eq!(chunks.iter().map(|(ch, _)| *ch).collect::<Vec<_>>(), [3, 0, 1, 2, 3, 0, 1]);
+        assert_eq!(merged(memory(&chunks)), segs);
+    }
+
+    /// Both ends cut the same lengths whatever their own segment addresses, for many shapes.
+    #[test]
+    fn both_ends_derive_the_same_lengths_and_every_byte_is_covered_once() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |bound: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % bound as u64) as usize
+        };
+        for _ in 0..300 {
+            let n = 1 + next(40);
+            let lens: Vec<usize> = (0..n).map(|_| 1 + next(5000)).collect();
+            let chunk = 1 + next(9000);
+            let layout = |gap: usize| -> Vec<IoSeg> {
+                let mut at = 0x10000;
+                lens.iter()
+                    .map(|&len| {
+                        let s = seg(at, len);
+                        at += len + gap;
+                        s
+                    })
+                    .collect()
+            };
+            for cut in [Cut::Spanning, Cut::PerSegment] {
+                let (a, b) = (layout(7), layout(4096));
+                let pa: Vec<_> =
+                    plan(1, 1, &Extent::scattered(a.clone()), Chunking { size: chunk, cut }, 2, 3).collect();
+                let pb: Vec<_> =
+                    plan(1, 1, &Extent::scattered(b.clone()), Chunking { size: chunk, cut }, 2, 3).collect();
+                let shape = |p: &[(usize, Chunk)]| p.iter().map(|(ch, c)| (*ch, c.len)).collect::<Vec<_>>();
+                assert_eq!(shape(&pa), shape(&pb), "{lens:?} in chunks of {chunk}");
+                assert!(pa.iter().all(|(_, c)| c.len <= chunk && c.len > 0));
+                assert_eq!(merged(memory(&pa)), merged(a));
+                assert_eq!(merged(memory(&pb)), merged(b));
+            }
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! Vector writes and reads end to end over loopback: items scattered on both ends travel as one
+//! request per remote region and one flow, whose chunks span items. Every byte lands in its item,
+//! nothing lands between items, and a vector with one item outside the advertised window fails
+//! whole without touching the target.
+
+use uccl_tcpx::engine::OneSided;
+use uccl_tcpx::proto::FifoItem;
+use uccl_tcpx::{Config, Engine, UcclStatus};
+
+mod common;
+use common::{Pair, Rng, pattern, wait};
+
+/// Small chunks, so a vector's flow has many chunks and items cross chunk boundaries.
+fn config() -> Config {
+    Config { num_channels: 3, chunk_size: 64 << 10, ..common::loopback() }
+}
+
+fn pair() -> Pair {
+    common::pair(config())
+}
+
+/// A buffer registered with `engine`, advertised whole: the FifoItem a peer targets it with.
+struct Region {
+    bytes: Vec<u8>,
+    mr: u64,
+    fifo: FifoItem,
+}
+
+impl Region {
+    fn new(engine: &Engine, mut bytes: Vec<u8>) -> Region {
+        let (addr, len) = (bytes.as_mut_ptr() as usize, bytes.len());
+        let mr = engine.register(addr, len).unwrap();
+        let fifo = engine.prepare_fifo(mr, addr, len).unwrap();
+        Region { bytes, mr, fifo }
+    }
+
+    fn addr(&self) -> usize {
+        self.bytes.as_ptr() as usize
+    }
+}
+
+/// `(local offset, remote offset, len)` per item: lengths from `lens` (cycled) until `count`
+/// items, each side's items in its own shuffled order of slots `slot` bytes apart, so neither side
+/// has two items next to each other or in address order.
+fn scatter(lens: &[usize], count: usize, slot: usize, stream: &str) -> Vec<(usize, usize, usize)> {
+    let mut rng = Rng::new(stream);
+    let mut shuffled = |n: usize| {
+        let mut v: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            v.swap(i, rng.below(i + 1));
+        }
+        v
+    };
+    let (l, r) = (shuffled(count), shuffled(count));
+    (0..count).map(|i| (l[i] * slot, r[i] * slot, lens[i % lens.len()])).collect()
+}
+
+fn items(local: &Region, remote: &Region, spans: &[(usize, usize, usize)]) -> Vec<OneSided> {
+    spans
+        .iter()
+        .map(|&(lo, ro, len)| {
+            let mut fifo = remote.fifo;
+            fifo.addr += ro as u64;
+            fifo.size = len as u32;
+            OneSided { mr: local.mr, addr: local.addr() + lo, len, remote: fifo }
+        })
+        .collect()
+}
+
+/// `to` holds `from`'s item bytes at its item offsets and its own `fill` everywhere else.
+fn landed(from: &[u8], to: &[u8], spans: &[(usize, usize, usize)], fill: u8, written_is_remote: bool) -> bool {
+    let mut expected = vec![fill; to.len()];
+    for &(lo, ro, len) in spans {
+        let (src, dst) = if written_is_remote { (lo, ro) } else { (ro, lo) };
+        expected[dst..dst + len].copy_from_slice(&from[src..src + len]);
+    }
+    expected == to
+}
+
+#[test]
+fn scattered_vectors_of_many_sizes_write_and_read_every_item_and_nothing_else() {
+    let p = pair();
+    // Odd sizes: a byte, around a page, around a chunk (64 KiB here), several chunks.
+    let lens = [1usize, 4095, 4096, 4097, 16 << 10, 65_535, 65_536, 65_537, 100_003, 777];
+    let slot = 200 << 10;
+    let count = 40;
+    let spans = scatter(&lens, count, slot, "vectors-sizes");
+    let total: u64 = spans.iter().map(|s| s.2 as u64).sum();
+    let src = Region::new(&p.a, pattern(count * slot, 1));
+    let mut dst = Region::new(&p.b, vec![0xEE; count * slot]);
+    let w = p.ab.write(&items(&src, &dst, &spans)).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap(), total);
+    assert!(landed(&src.bytes, &dst.bytes, &spans, 0xEE, true), "written items and untouched gaps");
+
+    dst.bytes.copy_from_slice(&pattern(count * slot, 2));
+    let mut back = Region::new(&p.a, vec![0xAA; count * slot]);
+    let r = p.ab.read(&items(&back, &dst, &spans)).unwrap();
+    assert_eq!(wait(&p.ab, r).unwrap(), total);
+    assert!(landed(&dst.bytes, &back.bytes, &spans, 0xAA, false), "read items and untouched gaps");
+    back.bytes.fill(0);
+}
+
+#[test]
+fn a_vector_with_one_item_outside_the_window_fails_whole_and_leaves_the_target_untouched() {
+    let p = pair();
+    let src = Region::new(&p.a, pattern(1 << 20, 3));
+    let mut target = vec![0u8; 1 << 20];
+    let tmr = p.b.register(target.as_mut_ptr() as usize, target.len()).unwrap();
+    // Only the first half is advertised.
+    let half = p.b.prepare_fifo(tmr, target.as_mut_ptr() as usize, 512 << 10).unwrap();
+    let dst = Region { bytes: Vec::new(), mr: tmr, fifo: half };
+    let mut spans = scatter(&[10_000], 40, 12 << 10, "vectors-refusal");
+    // The last item starts inside the window and runs past it.
+    spans.push((900 << 10, (512 << 10) - 100, 4096));
+    let mut local = Region::new(&p.a, vec![0x55; 1 << 20]);
+    for write in [true, false] {
+        let from = if write { &src } else { &local };
+        let id = if write { p.ab.write(&items(from, &dst, &spans)) } else { p.ab.read(&items(from, &dst, &spans)) };
+        let err = wait(&p.ab, id.unwrap()).unwrap_err();
+        assert_eq!(err.status(), UcclStatus::ErrNotAllowed, "write {write}: {err}");
+        assert_eq!(err.status() as i32, -6);
+    }
+    assert!(target.iter().all(|&x| x == 0), "the target is untouched");
+    assert!(local.bytes.iter().all(|&x| x == 0x55), "nothing was read either");
+    // The connection still works: the same vector without the bad item.
+    spans.pop();
+    let w = p.ab.write(&items(&src, &dst, &spans)).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap(), 400_000);
+    let r = p.ab.read(&items(&local, &dst, &spans)).unwrap();
+    assert_eq!(wait(&p.ab, r).unwrap(), 400_000);
+    for &(lo, ro, len) in &spans {
+        assert!(target[ro..ro + len] == src.bytes[lo..lo + len], "written item at {ro}");
+        assert!(local.bytes[lo..lo + len] == src.bytes[lo..lo + len], "read item at {lo}");
+    }
+    local.bytes.fill(0);
+}
+
+#[test]
+fn a_hundred_thousand_items_move_as_a_few_requests() {
+    let p = pair();
+    let (count, len, slot) = (100_000usize, 64usize, 96usize);
+    let spans = scatter(&[len], count, slot, "vectors-many");
+    let src = Region::new(&p.a, pattern(count * slot, 6));
+    let dst = Region::new(&p.b, vec![0; count * slot]);
+    let w = p.ab.write(&items(&src, &dst, &spans)).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap(), (count * len) as u64);
+    assert!(landed(&src.bytes, &dst.bytes, &spans, 0, true));
+    let mut back = Region::new(&p.a, vec![0; count * slot]);
+    let r = p.ab.read(&items(&back, &dst, &spans)).unwrap();
+    assert_eq!(wait(&p.ab, r).unwrap(), (count * len) as u64);
+    assert!(landed(&dst.bytes, &back.bytes, &spans, 0, false));
+    back.bytes.fill(0);
+}
+
+#[test]
+fn items_over_several_local_and_remote_regions_in_one_call() {
+    let p = pair();
+    let srcs = [Region::new(&p.a, pattern(2 << 20, 8)), Region::new(&p.a, pattern(2 << 20, 9))];
+    let dsts = [Region::new(&p.b, vec![0; 2 << 20]), Region::new(&p.b, vec![0; 2 << 20])];
+    // Runs of items alternate between regions on each side, so the call is several vectors.
+    let spans = scatter(&[30_000, 5_000, 70_001], 24, 80 << 10, "vectors-regions");
+    let mut calls = Vec::new();
+    for (i, chunk) in spans.chunks(6).enumerate() {
+        calls.extend(items(&srcs[i % 2], &dsts[(i / 2) % 2], chunk));
+    }
+    let w = p.ab.write(&calls).unwrap();
+    let total: u64 = spans.iter().map(|s| s.2 as u64).sum();
+    assert_eq!(wait(&p.ab, w).unwrap(), total);
+    for (i, chunk) in spans.chunks(6).enumerate() {
+        for &(lo, ro, len) in chunk {
+            assert!(dsts[(i / 2) % 2].bytes[ro..ro + len] == srcs[i % 2].bytes[lo..lo + len], "item at {ro}");
+        }
+    }
+}
+
+/// Between engines of one process the same vectors are copied directly (`local_copy`), under the
+/// same authorization: every segment lands, and one outside the window fails the whole request.
+#[test]
+fn scattered_vectors_between_engines_of_one_process_are_copied_directly() {
+    let p = common::pair(Config { num_channels: 3, chunk_size: 64 << 10, ..common::same_host() });
+    assert_eq!(p.ab.peer.locality, uccl_tcpx::engine::local::Locality::SameProcess);
+    let lens = [1usize, 4095, 4097, 65_537, 777];
+    let (count, slot) = (30, 80 << 10);
+    let spans = scatter(&lens, count, slot, "vectors-local");
+    let total: u64 = spans.iter().map(|s| s.2 as u64).sum();
+    let src = Region::new(&p.a, pattern(count * slot, 11));
+    let mut dst = Region::new(&p.b, vec![0xEE; count * slot]);
+    let w = p.ab.write(&items(&src, &dst, &spans)).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap(), total);
+    assert!(landed(&src.bytes, &dst.bytes, &spans, 0xEE, true));
+    dst.bytes.copy_from_slice(&pattern(count * slot, 12));
+    let mut back = Region::new(&p.a, vec![0xAA; count * slot]);
+    let r = p.ab.read(&items(&back, &dst, &spans)).unwrap();
+    assert_eq!(wait(&p.ab, r).unwrap(), total);
+    assert!(landed(&dst.bytes, &back.bytes, &spans, 0xAA, false));
+    // One segment past the advertised window: the whole vector is refused, nothing copied.
+    let mut bad = items(&src, &dst, &spans);
+    bad.last_mut().unwrap().remote.addr = (dst.addr() + dst.bytes.len() - 10) as u64;
+    let before = dst.bytes.clone();
+    let w = p.ab.write(&bad).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap_err().status(), UcclStatus::ErrNotAllowed);
+    assert!(dst.bytes == before, "a refused vector copied nothing");
+    back.bytes.fill(0);
+}
