@@ -23,9 +23,11 @@ const SENTINEL: u8 = 0xEE;
 const LIMIT: Duration = Duration::from_secs(60);
 
 /// The network path (the harness's loopback config keeps two engines of one process off their
-/// direct copy), 2 channels of 256 KiB chunks.
+/// direct copy), 2 channels of 256 KiB chunks. The fence waits up to 10 s for posted requests
+/// instead of 200 ms: these tests are about the cut, and a loaded 2-core host can take longer than
+/// 200 ms to drain a window, which fails the connection instead (the timeout has a test of its own).
 fn config() -> Config {
-    Config { num_channels: 2, chunk_size: 256 << 10, ..common::loopback() }
+    Config { num_channels: 2, chunk_size: 256 << 10, fence_timeout: Duration::from_secs(10), ..common::loopback() }
 }
 
 /// Memory the engine reads and writes behind the test's back, so the test touches it only through
