@@ -19,6 +19,19 @@ const MAX_GPU_ORDINAL: i32 = 1023;
 /// More plugin devices than any host has NICs; bounds what `UCCL_TCPX_NET_DEVICES` may list.
 pub(crate) const MAX_NET_DEVICES: usize = 64;
 
+/// Where a net-plugin engine moves the channels of a peer on its own host. `UCCL_TCPX_LOCAL_PEERS`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LocalPeers {
+    /// The built-in socket transport: TCPX never sees traffic between two ends of one host (loopback
+    /// does not reach the NIC, so nothing steers it into GPU memory) and exits the process at its
+    /// first receive.
+    #[default]
+    Socket,
+    /// The net plugin, like remote peers. For tests and benchmarks of the plugin path on one host
+    /// against the fake NIC only (with its `FAKE_TCPX_SAME_HOST=allow`): real TCPX cannot carry it.
+    Plugin,
+}
+
 /// Which transport an engine moves data with. `UCCL_TCPX_TRANSPORT`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum TransportChoice {
@@ -61,6 +74,11 @@ pub struct Config {
     pub gpu: Option<i32>,
     /// `UCCL_TCPX_TRANSPORT` = auto | socket | tcpx.
     pub transport: TransportChoice,
+    /// Where a plugin engine's channels to a peer on its own host go (socket | plugin; socket by
+    /// default, plugin only for tests on one host). Both ends must choose alike: a connection
+    /// between an engine that keeps such peers on the plugin and one that does not is refused.
+    /// `UCCL_TCPX_LOCAL_PEERS`.
+    pub local_peers: LocalPeers,
     /// The net plugin to load. `UCCL_TCPX_PLUGIN`; when unset, the names NCCL tries.
     pub plugin_path: Option<PathBuf>,
     /// NCCL's `NCCL_NET_PLUGIN`: try `libnccl-net-<name>.so` before `libnccl-net.so`.
@@ -279,6 +297,7 @@ impl Default for Config {
             socket: SocketConfig::default(),
             gpu: None,
             transport: TransportChoice::Auto,
+            local_peers: LocalPeers::Socket,
             plugin_path: None,
             nccl_net_plugin: None,
             net_devices: None,
@@ -312,6 +331,7 @@ impl Config {
             timeout: parse_millis(&get, "UCCL_TCPX_TIMEOUT_MS", d.timeout, 100, 86_400_000)?,
             fence_timeout: parse_millis(&get, "UCCL_TCPX_FENCE_TIMEOUT_MS", d.fence_timeout, 0, 60_000)?,
             transport: parse_transport(&get)?,
+            local_peers: parse_local_peers(&get)?,
             plugin_path: get("UCCL_TCPX_PLUGIN").map(PathBuf::from),
             nccl_net_plugin: get("NCCL_NET_PLUGIN"),
             net_devices: parse_devices(&get, "UCCL_TCPX_NET_DEVICES")?,
@@ -382,6 +402,16 @@ fn parse_transport(get: &impl Fn(&str) -> Option<String>) -> Result<TransportCho
         "socket" => Ok(TransportChoice::Socket),
         "tcpx" => Ok(TransportChoice::Tcpx),
         _ => Err(bad(name, &raw, "auto, socket or tcpx")),
+    }
+}
+
+fn parse_local_peers(get: &impl Fn(&str) -> Option<String>) -> Result<LocalPeers> {
+    let name = "UCCL_TCPX_LOCAL_PEERS";
+    let Some(raw) = get(name) else { return Ok(LocalPeers::Socket) };
+    match raw.to_ascii_lowercase().as_str() {
+        "socket" => Ok(LocalPeers::Socket),
+        "plugin" => Ok(LocalPeers::Plugin),
+        _ => Err(bad(name, &raw, "socket or plugin (plugin only for tests on one host)")),
     }
 }
 
@@ -528,6 +558,7 @@ mod tests {
             ("UCCL_TCPX_CONTROL_SPIN_US", "75"),
             ("UCCL_TCPX_ALLOW_DIAL", "10.0.0.0/8, 192.168.1.7,fd00::/8"),
             ("UCCL_TCPX_DISABLE_IPC", "1"),
+            ("UCCL_TCPX_LOCAL_PEERS", "Plugin"),
         ])
         .unwrap();
         let ips = |list: &[&str]| list.iter().map(|a| a.parse::<IpAddr>().unwrap()).collect::<Vec<_>>();
@@ -557,6 +588,9 @@ mod tests {
         assert_eq!(c.control_spin, Duration::from_micros(75));
         assert!(c.disable_ipc);
         assert!(!cfg(&[]).unwrap().disable_ipc);
+        assert_eq!(c.local_peers, LocalPeers::Plugin);
+        assert_eq!(cfg(&[]).unwrap().local_peers, LocalPeers::Socket);
+        assert_eq!(cfg(&[("UCCL_TCPX_LOCAL_PEERS", "socket")]).unwrap().local_peers, LocalPeers::Socket);
         assert_eq!(cfg(&[("UCCL_TCPX_CONTROL_SPIN_US", "0")]).unwrap().control_spin, Duration::ZERO);
         assert_eq!(cfg(&[("UCCL_TCPX_CHUNK_SIZE", "4M")]).unwrap().chunk_size, 4 << 20);
     }
@@ -643,6 +677,7 @@ mod tests {
             ("UCCL_TCPX_GPU", "gpu0"),
             ("UCCL_TCPX_GPU", "0000:4a:00.0"),
             ("UCCL_TCPX_TRANSPORT", "rdma"),
+            ("UCCL_TCPX_LOCAL_PEERS", "loopback"),
             ("UCCL_TCPX_NET_DEVICES", "0,,1"),
             ("UCCL_TCPX_NET_DEVICES", "-1"),
             ("UCCL_TCPX_NET_DEVICES", "64"),

@@ -4,7 +4,9 @@
 //! landing slot copied out on the host (never a host receive in the plugin, which TCPX cannot
 //! serve). Every transfer kind (send/recv, write, read, vectors), GPU->GPU, GPU->host and
 //! host->GPU, sizes 1 B to 16 MiB at unaligned offsets, byte for byte; and, on two GPUs, comms
-//! bound to the GPU each engine knew at creation.
+//! bound to the GPU each engine knew at creation. Same-host peers (engines of one process, another
+//! process of the host) move GPU memory over the staged socket transport with the fake at its strict
+//! same-host default, where any devmem receive of their traffic would end the process.
 //!
 //! The fake reads its knobs once per process, in `init`, so each case re-runs this binary as a child
 //! with `FAKE_TCPX_MODE=gpu` set; the children are `#[ignore]`d so a normal run only starts them
@@ -15,7 +17,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use uccl_tcpx::config::TransportChoice;
+use uccl_tcpx::config::{LocalPeers, TransportChoice};
 use uccl_tcpx::engine::OneSided;
 use uccl_tcpx::proto::FifoItem;
 use uccl_tcpx::{Config, Engine};
@@ -216,6 +218,95 @@ fn child_host_destinations_on_many_comms() {
         }
         println!("{from:?}->Host over 24 comms: checked");
     }
+    println!("child checked");
+}
+
+/// A child with the fake in GPU mode at its strict same-host default: a devmem receive of traffic
+/// between two ends of this host ends the process, as in TCPX.
+fn run_same_host_child(name: &str) -> String {
+    ChildTest::new(name)
+        .ignored()
+        .env("FAKE_TCPX_MODE", "gpu")
+        .env("FAKE_TCPX_HOST_RECV", "fail")
+        .env("FAKE_TCPX_SAME_HOST", "fatal")
+        .env("UCCL_TCPX_LOCAL_PEERS", "socket")
+        .env("UCCL_TCPX_FAKE_PLUGIN", plugin::fake_plugin())
+        .run()
+}
+
+/// Same-host peers as a deployment runs them: identities announced, channels over sockets.
+fn same_host_gpu_config() -> Config {
+    Config { disable_ipc: false, local_peers: LocalPeers::Socket, ..plugin_config(2, 1 << 20) }
+}
+
+#[test]
+fn engines_of_one_process_move_gpu_memory_without_the_plugin() {
+    if no_gpu() {
+        return;
+    }
+    let out = run_same_host_child("child_engines_of_one_process_gpu");
+    assert!(out.contains("child checked"), "{out}");
+}
+
+#[test]
+#[ignore = "run by its parent with FAKE_TCPX_MODE=gpu"]
+fn child_engines_of_one_process_gpu() {
+    assert_gpu_mode();
+    let p = pair(same_host_gpu_config());
+    assert_eq!(p.a.transport(), "FakeDevmemTCPX_v7");
+    assert_eq!((p.ab.peer.channels, p.ba.peer.channels), ("socket", "socket"), "staged sockets, not the plugin");
+    every_kind_every_direction(&p, &[1, 4097, (1 << 20) - 3, (4 << 20) + 17]);
+    println!("child checked");
+}
+
+#[test]
+fn a_process_of_this_host_moves_gpu_memory_without_the_plugin() {
+    if no_gpu() {
+        return;
+    }
+    let out = run_same_host_child("child_same_host_gpu_driver");
+    assert!(out.contains("child checked"), "{out}");
+}
+
+const SAME_HOST_LEN: usize = (8 << 20) + 5;
+
+#[test]
+#[ignore = "runs as the peer process of child_same_host_gpu_driver"]
+fn child_same_host_gpu_peer() {
+    assert_gpu_mode();
+    let engine = Arc::new(Engine::new(same_host_gpu_config()).unwrap());
+    let target = Mem::new(Side::Gpu, SAME_HOST_LEN);
+    let mr = engine.register(target.addr(), target.len()).unwrap();
+    let item = engine.prepare_fifo(mr, target.addr(), target.len()).unwrap();
+    println!("PEER {} {}", engine.address().port(), common::engine::fifo_to_hex(&item));
+    let conn = common::accept(&engine).unwrap();
+    assert_eq!(conn.peer.channels, "socket");
+    testkit::child::park_until_killed()
+}
+
+#[test]
+#[ignore = "run by its parent with FAKE_TCPX_MODE=gpu"]
+fn child_same_host_gpu_driver() {
+    assert_gpu_mode();
+    let mut peer = ChildTest::new("child_same_host_gpu_peer").ignored().spawn();
+    let line = peer.announcement("PEER ", std::time::Duration::from_secs(120));
+    let (port, hex) = line.trim().split_once(' ').unwrap();
+    let remote = common::engine::fifo_from_hex(hex);
+    let engine = Engine::new(same_host_gpu_config()).unwrap();
+    let conn = engine.connect("127.0.0.1", "0", port.parse().unwrap()).unwrap();
+    assert_eq!(conn.peer.channels, "socket");
+    let data = pattern(SAME_HOST_LEN, 77);
+    let mut src = Mem::new(Side::Gpu, SAME_HOST_LEN);
+    src.write(0, &data);
+    let back = Mem::new(Side::Gpu, SAME_HOST_LEN);
+    let (smr, bmr) =
+        (engine.register(src.addr(), src.len()).unwrap(), engine.register(back.addr(), back.len()).unwrap());
+    // Into the peer's GPU memory, which the plugin would receive as devmem, and back.
+    let w = conn.write(&[OneSided { mr: smr, addr: src.addr(), len: SAME_HOST_LEN, remote }]).unwrap();
+    assert_eq!(wait(&conn, w).unwrap(), SAME_HOST_LEN as u64);
+    let r = conn.read(&[OneSided { mr: bmr, addr: back.addr(), len: SAME_HOST_LEN, remote }]).unwrap();
+    assert_eq!(wait(&conn, r).unwrap(), SAME_HOST_LEN as u64);
+    assert_same(&back.read(0, SAME_HOST_LEN), &data, "written to the peer's GPU and read back");
     println!("child checked");
 }
 

@@ -456,24 +456,29 @@ fn serve_admitted(
     prepare_control(&stream, deadline, core.config.timeout)?;
     // Whatever of an answer the socket had not taken yet (it always has, in practice: a few dozen bytes).
     stream.write_all(&out).map_err(|e| Error::io("handshake write", e))?;
-    let listened =
-        core.gpu.before_comms(&*core.net).and_then(|()| handshake::Listens::first(&handshake::Local::of(core)));
-    let mut listens = listened.map_err(|e| handshake::refuse(&mut stream, e))?;
-    let mut agreed = handshake::welcome(&mut stream, &handshake::Local::of(core), &mut listens, hello)?;
+    let local = handshake::Local::of(core);
+    // The Hello says where the peer runs, so the first listen is already on its route's transport.
+    let listened = handshake::accepted_routing(&local, &hello).and_then(|routing| {
+        core.gpu.before_comms(&*routing.net)?;
+        Ok((handshake::Listens::first(&*routing.net)?, routing))
+    });
+    let (mut listens, routing) = listened.map_err(|e| handshake::refuse(&mut stream, e))?;
+    let mut agreed = handshake::welcome(&mut stream, &local, &mut listens, hello, routing)?;
     if let Some(s) = &session {
         agreed.nonce = s.channel_nonce();
     }
-    dial::confine(&*core.net, &mut agreed.peer_handles, peer.ip(), &core.config.allow_dial)?;
+    core.routes.log_choice(peer, agreed.route, agreed.link.locality);
+    dial::confine(&*agreed.net, &mut agreed.peer_handles, peer.ip(), &core.config.allow_dial)?;
     crate::threads::point(ThreadKind::Handshake);
-    let channels =
-        handshake::establish_channels(&handshake::Local::of(core), &mut listens, &agreed, deadline, &mut stream)
-            .map_err(|e| handshake::refuse(&mut stream, e))?;
+    let channels = handshake::establish_channels(&local, &mut listens, &agreed, deadline, &mut stream)
+        .map_err(|e| handshake::refuse(&mut stream, e))?;
     let chunking = agreed.chunking();
     let info = PeerInfo {
         addr: peer,
         gpu_index: agreed.peer_gpu_index,
         gpu_id: agreed.peer_gpu_id,
         locality: agreed.link.locality,
+        channels: agreed.net.name(),
     };
     let binding = session.map(|s| s.token_binding());
     Connection::start(core.clone(), stream, info, channels, chunking, agreed.link, binding)

@@ -11,6 +11,11 @@
 //! and each side then sends one more Hello (connector) or Welcome (acceptor) per further channel,
 //! identical but for the handle.
 //!
+//! Which transport the channels use is decided once both ends' host identities and capabilities are
+//! known (`route`): a plugin engine moves a same-host peer's channels over the socket transport. The
+//! acceptor knows it from the Hello and listens there for its Welcome; the connector's Hello carried a
+//! handle of its own transport, so it sends one more Hello with a handle of the socket transport.
+//!
 //! A side that gives up after Hello tells the other why with a Refuse, and each side watches for
 //! one while it waits, so both ends report the same cause instead of one of them seeing only a
 //! closed stream or a timeout.
@@ -24,6 +29,7 @@ use std::time::{Duration, Instant};
 use super::channel::{Channel, Windows};
 use super::local::{self, LocalLink, PendingHello};
 use super::plan::{Chunking, Cut};
+use super::route::{Route, Routes};
 use super::shared::EngineCore;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{
@@ -46,6 +52,9 @@ pub struct Agreement {
     /// How scattered flows are cut: spanning segments only when both ends' transports take
     /// vectored requests.
     pub cut: Cut,
+    /// Which transport the channels use, and that transport.
+    pub route: Route,
+    pub net: Arc<dyn Net>,
 }
 
 /// The capabilities this engine's transport gives it.
@@ -55,6 +64,35 @@ fn capabilities(net: &dyn Net) -> u64 {
 
 fn agreed_cut(net: &dyn Net, peer_capabilities: u64) -> Cut {
     if capabilities(net) & peer_capabilities & CAP_SPANNING_CHUNKS != 0 { Cut::Spanning } else { Cut::PerSegment }
+}
+
+/// The cut of a connection on `route`. Capabilities describe each end's own transport; on the
+/// same-host route both ends use the socket transport, which takes vectored requests (what the
+/// route's capability bit promises).
+fn route_cut(route: Route, net: &dyn Net, peer_capabilities: u64) -> Cut {
+    match route {
+        Route::Transport => agreed_cut(net, peer_capabilities),
+        Route::LocalSockets => agreed_cut(net, CAP_SPANNING_CHUNKS),
+    }
+}
+
+/// The link and route the acceptor takes for a Hello, before it listens (its Welcome carries a
+/// handle of the route's transport).
+pub struct Routing {
+    pub link: LocalLink,
+    pub route: Route,
+    pub net: Arc<dyn Net>,
+}
+
+/// The acceptor's routing of Hello `h`: where the peer runs, and so where its channels go.
+pub fn accepted_routing(local: &Local, h: &Hello) -> Result<Routing> {
+    let link = LocalLink {
+        locality: local::accepted_locality(&local.host, &h.host, h.nonce),
+        nonce: h.nonce,
+        connector: false,
+    };
+    let route = local.routes.decide(link.locality, h.capabilities)?;
+    Ok(Routing { link, route, net: local.routes.net(route)? })
 }
 
 impl Agreement {
@@ -71,9 +109,9 @@ pub struct Listens {
 }
 
 impl Listens {
-    /// Channel 0's listen, whose handle goes into Hello / Welcome.
-    pub fn first(local: &Local) -> Result<Listens> {
-        let (handle, comm) = local.net.listen(local.net.channel_device(0))?;
+    /// Channel 0's listen on `net`, whose handle goes into Hello / Welcome.
+    pub fn first(net: &dyn Net) -> Result<Listens> {
+        let (handle, comm) = net.listen(net.channel_device(0))?;
         Ok(Listens { handles: vec![handle], comms: vec![comm] })
     }
 
@@ -81,11 +119,11 @@ impl Listens {
         self.handles[0]
     }
 
-    /// Listens for channels 1..n when each channel needs its own; returns their handles.
-    fn open_rest(&mut self, local: &Local, n: usize) -> Result<&[NetHandle]> {
-        if local.net.listen_per_channel() {
+    /// Listens on `net` for channels 1..n when each channel needs its own; returns their handles.
+    fn open_rest(&mut self, net: &dyn Net, n: usize) -> Result<&[NetHandle]> {
+        if net.listen_per_channel() {
             for ch in self.comms.len()..n {
-                let (handle, comm) = local.net.listen(local.net.channel_device(ch))?;
+                let (handle, comm) = net.listen(net.channel_device(ch))?;
                 self.handles.push(handle);
                 self.comms.push(comm);
             }
@@ -95,7 +133,10 @@ impl Listens {
 }
 
 pub struct Local<'a> {
+    /// The engine's transport: the connector's first listen is on it, before the peer is known.
     pub net: &'a dyn Net,
+    /// Where a connection's channels go once the peer is known.
+    pub routes: &'a Routes,
     pub num_channels: u16,
     pub chunk_size: u32,
     pub gpu_index: i32,
@@ -113,6 +154,7 @@ impl<'a> Local<'a> {
         let (gpu_index, gpu_id) = core.gpu.identity();
         Local {
             net: &*core.net,
+            routes: &core.routes,
             num_channels: core.config.num_channels,
             chunk_size: core.config.chunk_size,
             gpu_index,
@@ -144,13 +186,20 @@ pub fn read_frame(stream: &mut TcpStream) -> Result<Handshake> {
     Ok(Handshake::decode(&header, &body)?)
 }
 
-/// Connector side: Hello out, Welcome (or Refuse) back.
+/// The capabilities this engine announces.
+fn announced(local: &Local) -> u64 {
+    capabilities(local.net) | local.routes.capabilities()
+}
+
+/// Connector side: Hello out, Welcome (or Refuse) back. `listens` holds the first listen on the
+/// engine's transport; when the peer turns out to share the host and the channels leave that
+/// transport, it is replaced by a listen on theirs, whose handle follows in one more Hello.
 pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, listens: &mut Listens) -> Result<Agreement> {
     let nonce = crate::transport::socket::random_u64();
     let pending = PendingHello::register(nonce);
     let hello = |net_handle| Hello {
         version: crate::proto::PROTOCOL_VERSION,
-        capabilities: capabilities(local.net),
+        capabilities: announced(local),
         nonce,
         num_channels: local.num_channels,
         chunk_size: local.chunk_size,
@@ -183,6 +232,9 @@ pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, listens
                 ));
             }
             let n = w.num_channels as usize;
+            let link = LocalLink { locality: pending.locality(&local.host, &w.host), nonce, connector: true };
+            let route = local.routes.decide(link.locality, w.capabilities).map_err(|e| refuse(stream, e))?;
+            let net = local.routes.net(route).map_err(|e| refuse(stream, e))?;
             let mut agreed = Agreement {
                 num_channels: w.num_channels,
                 chunk_size: w.chunk_size,
@@ -190,14 +242,22 @@ pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, listens
                 peer_gpu_index: w.gpu_index,
                 peer_gpu_id: w.gpu_id,
                 peer_handles: vec![w.net_handle],
-                link: LocalLink { locality: pending.locality(&local.host, &w.host), nonce, connector: true },
-                cut: agreed_cut(local.net, w.capabilities),
+                link,
+                cut: route_cut(route, &*net, w.capabilities),
+                route,
+                net,
             };
-            let handles = listens.open_rest(local, n).map_err(|e| refuse(stream, e))?.to_vec();
+            let net = agreed.net.clone();
+            let net = &*net;
+            if route == Route::LocalSockets {
+                *listens = Listens::first(net).map_err(|e| refuse(stream, e))?;
+                send_frame(stream, &Handshake::Hello(hello(listens.first_handle())))?;
+            }
+            let handles = listens.open_rest(net, n).map_err(|e| refuse(stream, e))?.to_vec();
             for handle in handles {
                 send_frame(stream, &Handshake::Hello(hello(handle)))?;
             }
-            for _ in 0..extra_handles(local, n) {
+            for _ in 0..extra_handles(net, n) {
                 let extra = match read_frame(stream)? {
                     Handshake::Welcome(extra) if extra.num_channels == w.num_channels => extra,
                     Handshake::Refuse(r) => return Err(refused(r)),
@@ -260,8 +320,15 @@ pub fn version_refusal(e: &ProtoError) -> Option<Error> {
     matches!(e, ProtoError::VersionMismatch { .. }).then(|| Error::new(UcclStatus::ErrNotSupported, e.to_string()))
 }
 
-/// Acceptor side, once the Hello `h` was read and checked (`admission`): answers Welcome.
-pub fn welcome(stream: &mut TcpStream, local: &Local, listens: &mut Listens, h: Hello) -> Result<Agreement> {
+/// Acceptor side, once the Hello `h` was read and checked (`admission`) and routed
+/// (`accepted_routing`, whose transport `listens` is on): answers Welcome.
+pub fn welcome(
+    stream: &mut TcpStream,
+    local: &Local,
+    listens: &mut Listens,
+    h: Hello,
+    routing: Routing,
+) -> Result<Agreement> {
     // The GPU a peer names comes from metadata it may have read before this engine knew its GPU
     // (NIXL reads it once, right after creating the engine), and one port reaches one engine
     // anyway: the name is advisory, and this engine serves its own GPU.
@@ -280,16 +347,14 @@ pub fn welcome(stream: &mut TcpStream, local: &Local, listens: &mut Listens, h: 
         peer_gpu_index: h.gpu_index,
         peer_gpu_id: h.gpu_id,
         peer_handles: vec![h.net_handle],
-        link: LocalLink {
-            locality: local::accepted_locality(&local.host, &h.host, h.nonce),
-            nonce: h.nonce,
-            connector: false,
-        },
-        cut: agreed_cut(local.net, h.capabilities),
+        link: routing.link,
+        cut: route_cut(routing.route, &*routing.net, h.capabilities),
+        route: routing.route,
+        net: routing.net,
     };
     let welcome = |net_handle| Welcome {
         version: crate::proto::PROTOCOL_VERSION,
-        capabilities: capabilities(local.net),
+        capabilities: announced(local),
         num_channels: agreed.num_channels,
         chunk_size: agreed.chunk_size,
         gpu_index: local.gpu_index,
@@ -300,11 +365,19 @@ pub fn welcome(stream: &mut TcpStream, local: &Local, listens: &mut Listens, h: 
     };
     send_frame(stream, &Handshake::Welcome(welcome(listens.first_handle())))?;
     let n = agreed.num_channels as usize;
-    let handles = listens.open_rest(local, n).map_err(|e| refuse(stream, e))?.to_vec();
+    let net = agreed.net.clone();
+    let net = &*net;
+    let handles = listens.open_rest(net, n).map_err(|e| refuse(stream, e))?.to_vec();
     for handle in handles {
         send_frame(stream, &Handshake::Welcome(welcome(handle)))?;
     }
-    for _ in 0..extra_handles(local, n) {
+    // The Hello's handle is of the connector's own transport; on the same-host route the connector
+    // sends its first handle on the socket transport again.
+    let replaced = agreed.route == Route::LocalSockets;
+    if replaced {
+        agreed.peer_handles.clear();
+    }
+    for _ in 0..extra_handles(net, n) + usize::from(replaced) {
         let extra = match read_frame(stream)? {
             Handshake::Hello(extra) if extra.nonce == agreed.nonce => extra,
             Handshake::Refuse(r) => return Err(refused(r)),
@@ -322,9 +395,9 @@ pub fn welcome(stream: &mut TcpStream, local: &Local, listens: &mut Listens, h: 
 }
 
 /// Handles each side sends after Hello / Welcome: one per channel beyond the first, when each
-/// channel has its own listen.
-fn extra_handles(local: &Local, n: usize) -> usize {
-    if local.net.listen_per_channel() { n.saturating_sub(1) } else { 0 }
+/// channel has its own listen on `net`.
+fn extra_handles(net: &dyn Net, n: usize) -> usize {
+    if net.listen_per_channel() { n.saturating_sub(1) } else { 0 }
 }
 
 impl Agreement {
@@ -365,7 +438,7 @@ pub fn establish_channels(
     control: &mut TcpStream,
 ) -> Result<Vec<Channel>> {
     let n = agreed.num_channels as usize;
-    let net = local.net;
+    let net = &*agreed.net;
     // One buffer per connect attempt, kept in place while it is polled (plugins keep state in it).
     let mut handles: Vec<NetHandle> = agreed.peer_handles.clone();
     if handles.len() != n {
@@ -549,9 +622,10 @@ mod tests {
         (near, far)
     }
 
-    fn local<'a>(net: &'a dyn Net, removals: &Arc<AtomicU64>) -> Local<'a> {
+    fn local<'a>(net: &'a dyn Net, routes: &'a Routes, removals: &Arc<AtomicU64>) -> Local<'a> {
         Local {
             net,
+            routes,
             num_channels: 3,
             chunk_size: 1 << 20,
             gpu_index: 0,
@@ -583,13 +657,14 @@ mod tests {
     fn plugin_channels_pair_by_handle_order_and_no_byte_moves_during_setup() {
         // TCPX flow-steers a receive comm's sockets into GPU memory at accept: a host receive of a
         // channel hello could never complete there. The mock counts every call per connection.
-        let net = PluginNet::with_plugin(mock::plugin(), None, None).unwrap();
+        let net: Arc<dyn Net> = Arc::new(PluginNet::with_plugin(mock::plugin(), None, None).unwrap());
+        let routes = Routes::new(net.clone(), crate::config::LocalPeers::Socket, Box::new(|| unreachable!()));
         let (n, table) = (3usize, RegionTable::default());
         let removals = table.removals();
         let mut sides: Vec<Listens> = (0..2)
             .map(|_| {
-                let mut l = Listens::first(&local(&net, &removals)).unwrap();
-                l.open_rest(&local(&net, &removals), n).unwrap();
+                let mut l = Listens::first(&*net).unwrap();
+                l.open_rest(&*net, n).unwrap();
                 l
             })
             .collect();
@@ -603,16 +678,30 @@ mod tests {
             link: LocalLink::remote(),
             peer_handles: handles[peer].clone(),
             cut: Cut::PerSegment,
+            route: Route::Transport,
+            net: net.clone(),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         let (a_side, b_side) = sides.split_at_mut(1);
         let (mut a_control, mut b_control) = stream_pair();
         let (mut a, mut b) = std::thread::scope(|s| {
             let a = s.spawn(|| {
-                establish_channels(&local(&net, &removals), &mut a_side[0], &agreement(1), deadline, &mut a_control)
+                establish_channels(
+                    &local(&*net, &routes, &removals),
+                    &mut a_side[0],
+                    &agreement(1),
+                    deadline,
+                    &mut a_control,
+                )
             });
             let b = s.spawn(|| {
-                establish_channels(&local(&net, &removals), &mut b_side[0], &agreement(0), deadline, &mut b_control)
+                establish_channels(
+                    &local(&*net, &routes, &removals),
+                    &mut b_side[0],
+                    &agreement(0),
+                    deadline,
+                    &mut b_control,
+                )
             });
             (a.join().unwrap().unwrap(), b.join().unwrap().unwrap())
         });

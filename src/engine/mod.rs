@@ -15,6 +15,7 @@ pub mod notify;
 mod plan;
 mod progress;
 pub mod region;
+mod route;
 mod served_gpu;
 mod shared;
 mod transfer;
@@ -43,6 +44,7 @@ use crate::transport::staged::{StagedNet, StagingParams};
 use admission::AcceptQueue;
 use progress::{ConnList, ProgressThread};
 use region::RegionTable;
+use route::Routes;
 use served_gpu::ServedGpu;
 use shared::{EngineCore, LiveConns, Waker};
 use transfer::TransferTable;
@@ -77,13 +79,22 @@ impl Engine {
         let waker = Arc::new(Waker::default());
         let wake_from_io = waker.clone();
         let wake: crate::transport::Wake = Arc::new(move || wake_from_io.wake());
-        let selected = select_net(&config, ip, bind, wake)?;
+        let selected = select_net(&config, ip, bind, wake.clone())?;
         let net = StagedNet::wrap(selected, StagingParams::from_config(&config))?;
         gpu.tell(&*net);
+        let routes = {
+            let config = config.clone();
+            let local_peers = config.local_peers;
+            let make_local: route::MakeNet = Box::new(move || {
+                StagedNet::wrap(socket_net(&config, ip, bind, wake.clone()), StagingParams::from_config(&config))
+            });
+            Arc::new(Routes::new(net.clone(), local_peers, make_local))
+        };
         let config_key = config.auth_key.clone().map(Arc::new);
         let core = Arc::new(EngineCore {
             config,
             net,
+            routes: routes.clone(),
             regions: RegionTable::default(),
             transfers: TransferTable::default(),
             waker: waker.clone(),
@@ -96,8 +107,13 @@ impl Engine {
         let accepted = Arc::new(AcceptQueue::default());
         let progress = {
             let accepted = accepted.clone();
-            ProgressThread::start(conns.clone(), waker, core.net.clone(), move |err| accepted.break_with(err))
-                .map_err(|e| Error::io("spawn progress thread", e))?
+            ProgressThread::start(
+                conns.clone(),
+                waker,
+                move || routes.needs_polling(),
+                move |err| accepted.break_with(err),
+            )
+            .map_err(|e| Error::io("spawn progress thread", e))?
         };
         let shutdown = Arc::new(AtomicBool::new(false));
         let accept_thread = {
@@ -284,13 +300,7 @@ impl Drop for Engine {
 /// The transport `UCCL_TCPX_TRANSPORT` asks for: auto falls back from the plugin to sockets with a
 /// warning saying why; tcpx makes a plugin failure an engine-creation error.
 fn select_net(config: &Config, ip: IpAddr, bind: IpAddr, wake: crate::transport::Wake) -> Result<Arc<dyn Net>> {
-    let socket = || -> Arc<dyn Net> {
-        Arc::new(
-            SocketNet::new(ip, config.connect_timeout, config.timeout, wake.clone())
-                .with_options(config.socket.clone())
-                .with_bind(bind),
-        )
-    };
+    let socket = || socket_net(config, ip, bind, wake.clone());
     // Channels pair with the devices next to the GPU once the engine names it (`Net::set_gpu`).
     let gpu_pci_path = None;
     match config.transport {
@@ -309,6 +319,16 @@ fn select_net(config: &Config, ip: IpAddr, bind: IpAddr, wake: crate::transport:
     }
 }
 
+/// The built-in socket transport with the engine's parameters: the engine's transport, or a plugin
+/// engine's for peers on its own host.
+fn socket_net(config: &Config, ip: IpAddr, bind: IpAddr, wake: crate::transport::Wake) -> Arc<dyn Net> {
+    Arc::new(
+        SocketNet::new(ip, config.connect_timeout, config.timeout, wake)
+            .with_options(config.socket.clone())
+            .with_bind(bind),
+    )
+}
+
 /// The connector's side: control stream, Hello, channels. A failure after Hello is also told to
 /// the peer (a Refuse with the reason), so both ends log the same cause.
 fn connect_to(core: &Arc<EngineCore>, addr: SocketAddr, remote_gpu: &str) -> Result<Arc<Connection>> {
@@ -318,20 +338,27 @@ fn connect_to(core: &Arc<EngineCore>, addr: SocketAddr, remote_gpu: &str) -> Res
     handshake::prepare_control(&stream, deadline, core.config.timeout)?;
     // Before anything is opened for the peer: an acceptor that cannot prove the key gets no listener.
     let session = core.auth_key().map(|key| auth::authenticate(&mut stream, &key)).transpose()?;
-    let listened =
-        core.gpu.before_comms(&*core.net).and_then(|()| handshake::Listens::first(&handshake::Local::of(core)));
+    let local = handshake::Local::of(core);
+    // The peer is not known yet: the first listen is on the engine's transport (replaced by one on
+    // the socket transport if the peer turns out to share the host).
+    let listened = core.gpu.before_comms(&*core.net).and_then(|()| handshake::Listens::first(&*core.net));
     let mut listens = listened.map_err(|e| handshake::refuse(&mut stream, e))?;
-    let mut agreed = handshake::hello(&mut stream, &handshake::Local::of(core), remote_gpu, &mut listens)?;
+    let mut agreed = handshake::hello(&mut stream, &local, remote_gpu, &mut listens)?;
     if let Some(s) = &session {
         agreed.nonce = s.channel_nonce();
     }
-    dial::confine(&*core.net, &mut agreed.peer_handles, addr.ip(), &core.config.allow_dial)?;
-    let channels =
-        handshake::establish_channels(&handshake::Local::of(core), &mut listens, &agreed, deadline, &mut stream)
-            .map_err(|e| handshake::refuse(&mut stream, e))?;
+    core.routes.log_choice(addr, agreed.route, agreed.link.locality);
+    dial::confine(&*agreed.net, &mut agreed.peer_handles, addr.ip(), &core.config.allow_dial)?;
+    let channels = handshake::establish_channels(&local, &mut listens, &agreed, deadline, &mut stream)
+        .map_err(|e| handshake::refuse(&mut stream, e))?;
     let chunking = agreed.chunking();
-    let peer =
-        PeerInfo { addr, gpu_index: agreed.peer_gpu_index, gpu_id: agreed.peer_gpu_id, locality: agreed.link.locality };
+    let peer = PeerInfo {
+        addr,
+        gpu_index: agreed.peer_gpu_index,
+        gpu_id: agreed.peer_gpu_id,
+        locality: agreed.link.locality,
+        channels: agreed.net.name(),
+    };
     let binding = session.map(|s| s.token_binding());
     Connection::start(core.clone(), stream, peer, channels, chunking, agreed.link, binding)
 }

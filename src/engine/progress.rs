@@ -15,7 +15,6 @@ use super::conn::Connection;
 use super::shared::Waker;
 use crate::error::{Error, Result};
 use crate::threads::{ThreadKind, spawn_contained};
-use crate::transport::Net;
 
 /// Idle passes before parking; a completion usually arrives within a few of them under load.
 const IDLE_SPINS: u32 = 64;
@@ -111,7 +110,7 @@ impl ProgressThread {
     pub fn start(
         conns: Arc<ConnList>,
         waker: Arc<Waker>,
-        net: Arc<dyn Net>,
+        needs_polling: impl Fn() -> bool + Send + 'static,
         on_panic: impl FnOnce(Error) + Send + 'static,
     ) -> std::io::Result<ProgressThread> {
         let stop = Arc::new(AtomicBool::new(false));
@@ -124,7 +123,7 @@ impl ProgressThread {
                 on_panic(err.clone());
                 failing.fail_all(err);
             },
-            move || run(&conns, &thread_stop, &*net),
+            move || run(&conns, &thread_stop, &needs_polling),
         )?;
         let _ = waker.thread.set(thread.thread().clone());
         Ok(ProgressThread { stop, waker, thread: Some(thread) })
@@ -141,7 +140,8 @@ impl Drop for ProgressThread {
     }
 }
 
-fn run(list: &ConnList, stop: &AtomicBool, net: &dyn Net) {
+/// `needs_polling`: whether a transport in use progresses only while polled and has work.
+fn run(list: &ConnList, stop: &AtomicBool, needs_polling: &dyn Fn() -> bool) {
     // A sleeping thread's wake-up may come this much late (50 us unless set), which would turn every
     // POLL_NAP into about 75 us; the nap is what a staged copy or a plugin request waits on.
     // SAFETY: plain prctl on the calling thread; a failure leaves the default slack.
@@ -160,7 +160,7 @@ fn run(list: &ConnList, stop: &AtomicBool, net: &dyn Net) {
         } else if idle < IDLE_SPINS {
             idle += 1;
             std::thread::yield_now();
-        } else if net.needs_polling() {
+        } else if needs_polling() {
             std::thread::sleep(POLL_NAP);
         } else {
             std::thread::park_timeout(PARK_TIMEOUT);

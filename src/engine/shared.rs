@@ -12,6 +12,7 @@ use parking_lot::{Mutex, RwLock};
 
 use super::mapping;
 use super::region::{self, RegionTable};
+use super::route::Routes;
 use super::served_gpu::ServedGpu;
 use super::transfer::TransferTable;
 use crate::config::Config;
@@ -23,6 +24,9 @@ use crate::transport::{MemKind, Net};
 pub(crate) struct EngineCore {
     pub(super) config: Config,
     pub(super) net: Arc<dyn Net>,
+    /// Where each connection's channels go: `net`, or for same-host peers of a transport that
+    /// cannot reach its own host, the socket transport.
+    pub(super) routes: Arc<Routes>,
     pub(super) regions: RegionTable,
     pub(super) transfers: TransferTable,
     pub(super) waker: Arc<Waker>,

@@ -47,6 +47,10 @@ pub(crate) const MAX_VECTOR_BYTES: u64 = 1 << 32;
 /// vector flow may span segments (one request per chunk). A connection uses spanning chunks only
 /// when both ends set it; otherwise no chunk crosses a segment.
 pub(crate) const CAP_SPANNING_CHUNKS: u64 = 1;
+/// Handshake capability bit: when this engine's transport cannot reach its own host (a net plugin),
+/// it moves a same-host peer's channels over the built-in socket transport instead (which takes
+/// vectored requests). Both ends of a same-host plugin connection must set it, or both not.
+pub(crate) const CAP_LOCAL_PEERS_ON_SOCKETS: u64 = 2;
 /// Limit for the `gpu_id` and `requested_gpu` strings.
 pub(crate) const MAX_ID_LEN: usize = 64;
 pub(crate) const MAX_TRANSPORT_NAME_LEN: usize = 32;

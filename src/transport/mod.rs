@@ -122,6 +122,12 @@ pub trait Net: Send + Sync {
             format!("the {} transport's handles name no address to replace with {ip}", self.name()),
         ))
     }
+    /// Whether two ends on one host can connect over it. TCPX cannot: traffic between them never
+    /// reaches the NIC, so nothing steers it into GPU memory, and its first receive ends the
+    /// process ("data landed on host memory").
+    fn reaches_own_host(&self) -> bool {
+        true
+    }
     /// Whether the comms take vectored requests (`isendv` / `irecvv`) of any memory they move, in
     /// one registration of any size.
     fn vectored(&self) -> bool {

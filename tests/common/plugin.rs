@@ -28,8 +28,13 @@ pub fn fake_plugin() -> PathBuf {
 }
 
 /// Engines on the plugin transport over the fake NIC, with `channels` channels of `chunk`-byte
-/// chunks, 16 in flight (TCPX's window).
+/// chunks, 16 in flight (TCPX's window). Same-host peers stay on the plugin as the pinned
+/// `UCCL_TCPX_LOCAL_PEERS` says (below).
 pub fn config(channels: u16, chunk: u32) -> Config {
+    let local_peers =
+        Config::from_lookup(|name| (name == "UCCL_TCPX_LOCAL_PEERS").then(|| std::env::var(name).ok()).flatten())
+            .expect("UCCL_TCPX_LOCAL_PEERS")
+            .local_peers;
     Config {
         transport: TransportChoice::Tcpx,
         plugin_path: Some(fake_plugin()),
@@ -37,22 +42,26 @@ pub fn config(channels: u16, chunk: u32) -> Config {
         chunk_size: chunk,
         window: 16,
         connect_timeout: Duration::from_secs(30),
+        local_peers,
         ..super::loopback()
     }
 }
 
-/// The fake NIC's lenient knobs, for what the engine does not yet do as TCPX requires. Each stays
-/// until the engine honours the TCPX behaviour named above it; a value already in the environment
-/// wins, so `FAKE_TCPX_SAME_HOST=fatal cargo test ...` shows what the engine still breaks.
-const LENIENT_FAKE: &[(&str, &str)] = &[
-    // Both engines of a test run on one host, and the engine has no same-host path: TCPX exits at
-    // the first devmem receive of loopback traffic ("data landed on host memory", sock/tcpx.h), as
-    // the fake does for a receive into GPU memory (a CUDA registration).
+/// What lets the plugin tests run both ends of a plugin connection on one host, which real TCPX
+/// cannot carry; a value already in the environment wins.
+const ONE_HOST_PLUGIN: &[(&str, &str)] = &[
+    // The plugin tests are about the plugin path, and both engines of each run on one host, where
+    // an engine sends a peer it knows to share the host over the socket transport instead (TCPX
+    // exits at the first devmem receive of loopback traffic: "data landed on host memory",
+    // sock/tcpx.h). Test-only: it keeps such peers on the plugin.
+    ("UCCL_TCPX_LOCAL_PEERS", "plugin"),
+    // ... and the fake then carries them instead of ending the process as TCPX would, for a receive
+    // into GPU memory (a CUDA registration). `tests/plugin_local.rs` sets both back to their defaults.
     ("FAKE_TCPX_SAME_HOST", "allow"),
 ];
 
-extern "C" fn pin_lenient_fake() {
-    for (name, value) in LENIENT_FAKE {
+extern "C" fn pin_one_host_plugin() {
+    for (name, value) in ONE_HOST_PLUGIN {
         if std::env::var_os(name).is_none() {
             // SAFETY: runs from .init_array, before main, while the process has one thread.
             unsafe { std::env::set_var(name, value) };
@@ -63,7 +72,8 @@ extern "C" fn pin_lenient_fake() {
 /// Before main: the fake reads its knobs once, in the `init` of the first engine of whichever test
 /// runs first, and setting the environment once test threads run would race their reads of it.
 /// Child processes the tests start inherit the values, or set them again where they are cleared.
-/// Every test binary that includes this harness sets them; only the fake reads them.
+/// Every test binary that includes this harness sets them; the fake reads its own, and `config`
+/// the engine's.
 #[used]
 #[unsafe(link_section = ".init_array")]
-static PIN_LENIENT_FAKE: extern "C" fn() = pin_lenient_fake;
+static PIN_ONE_HOST_PLUGIN: extern "C" fn() = pin_one_host_plugin;

@@ -49,6 +49,15 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
     // A GPU server names its GPU (`gpuN@<bus id>`); host-memory engines answer to "0".
     let remote_gpu = server_memory.split_once('@').map_or("0", |(_, bus)| bus);
     let conn = engine.connect(&server.to_string(), remote_gpu, engine_port).map_err(std::io::Error::other)?;
+    if conn.peer.channels != engine.transport() {
+        // A plugin engine sends a peer on its own host over sockets: the figures are not the plugin's.
+        eprintln!(
+            "uccl-tcpx-bench: the server shares this host, so the data moves over the {} transport, not {}; \
+             UCCL_TCPX_LOCAL_PEERS=plugin (with FAKE_TCPX_SAME_HOST=allow for the fake NIC) benches the plugin here",
+            conn.peer.channels,
+            engine.transport()
+        );
+    }
     let streams = config.num_channels as usize * config.socket.sockets_per_comm();
     let info = RunInfo {
         channels: config.num_channels,

@@ -46,6 +46,9 @@ pub struct PeerInfo {
     pub gpu_id: String,
     /// Whether the peer runs on this host (in this process), as the handshake proved it.
     pub locality: Locality,
+    /// The transport carrying the channels: the engine's, or "socket" for a same-host peer of a
+    /// net-plugin engine (a plugin cannot reach its own host).
+    pub channels: &'static str,
 }
 
 /// One local buffer of a one-sided call and the remote capability it targets.

@@ -174,6 +174,11 @@ impl Net for PluginNet {
         self.device(dev).cloned()
     }
 
+    /// Loopback traffic never reaches the NIC; TCPX exits at its first devmem receive.
+    fn reaches_own_host(&self) -> bool {
+        false
+    }
+
     fn listen(&self, dev: usize) -> Result<(NetHandle, Box<dyn ListenComm>)> {
         self.check_paired()?;
         let props = self.device(dev)?.clone();

@@ -96,6 +96,10 @@ impl Net for StagedNet {
         self.inner.binds_gpu()
     }
 
+    fn reaches_own_host(&self) -> bool {
+        self.inner.reaches_own_host()
+    }
+
     fn set_gpu(&self, gpu: &Arc<crate::cuda::Gpu>) {
         self.inner.set_gpu(gpu)
     }
