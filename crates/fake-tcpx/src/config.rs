@@ -9,6 +9,13 @@ use std::time::Duration;
 
 use crate::fail::{Fail, Result};
 
+/// The pool of a GPU by default, MiB. TCPX's is 4 GiB per GPU (RxDM's `RX_POOL_SIZE`); this is
+/// smaller, so a consumer that hoards pages meets the wait sooner, and still several times what
+/// the engine keeps posted by default: 16 receives of 2 MiB on each of 4 channels is 128 MiB per
+/// connection and direction, 171 MiB of pages with FAKE_TCPX_FRAGMENT=random, and a loopback pair
+/// receives in both directions on one GPU.
+const DEFAULT_POOL_MIB: u64 = 1024;
+
 /// Devices the fake reports at most: enough for any test, and it keeps the fake PCI paths unique.
 pub const MAX_DEVICES: usize = 16;
 
@@ -85,6 +92,7 @@ pub struct Config {
     pub gpu_copy: GpuCopy,
     pub fragmentation: Fragmentation,
     pub seed: u64,
+    /// The bounce pool of each GPU (host mode: the one pool), shared by its receive comms.
     pub pool_bytes: usize,
     /// Sends are cut into chunks of this size, like TCPX's `NCCL_DYNAMIC_CHUNK_SIZE`; fragmentation
     /// restarts at every chunk edge.
@@ -131,7 +139,14 @@ impl Config {
         };
         let seed = number(&get, "FAKE_TCPX_SEED", 0x7c9f_0d5e, 0, u64::MAX)?;
         // src_off is 32-bit, so the pool cannot exceed 4 GiB (TCPX's pool is exactly that).
-        let pool_mb = number(&get, "FAKE_TCPX_POOL_MB", 64, 1, 4096)?;
+        let pool_mib = number(&get, "FAKE_TCPX_POOL_MIB", DEFAULT_POOL_MIB, 1, 4096)?;
+        if get("FAKE_TCPX_POOL_MB").is_some() {
+            // A per-comm size read as a per-GPU one would starve comms that used to have their own.
+            return Err(Fail::internal(
+                "FAKE_TCPX_POOL_MB (a pool per receive comm) was replaced by FAKE_TCPX_POOL_MIB (one pool per GPU, \
+                 shared by its receive comms, as TCPX's)",
+            ));
+        }
         let chunk_bytes = number(&get, "FAKE_TCPX_CHUNK", 512 * 1024, 1, i32::MAX as u64)? as usize;
         let fault = match get("FAKE_TCPX_FAULT") {
             None => Fault::None,
@@ -158,7 +173,7 @@ impl Config {
             gpu_copy,
             fragmentation,
             seed,
-            pool_bytes: pool_mb as usize * 1024 * 1024,
+            pool_bytes: pool_mib as usize * 1024 * 1024,
             chunk_bytes,
             fault,
             on_fatal,
@@ -251,7 +266,7 @@ mod tests {
         assert_eq!(c.mode, Mode::Host);
         assert_eq!(c.gpu_copy, GpuCopy::Kernel);
         assert_eq!(c.fragmentation, Fragmentation::Page);
-        assert_eq!(c.pool_bytes, 64 << 20);
+        assert_eq!(c.pool_bytes, 1 << 30);
         assert_eq!(c.fault, Fault::None);
         assert_eq!(c.on_fatal, OnFatal::Exit);
         assert!(!c.host_recv_allowed);
@@ -306,7 +321,9 @@ mod tests {
             ("FAKE_TCPX_MODE", "cpu"),
             ("FAKE_TCPX_FRAGMENT", "pages"),
             ("FAKE_TCPX_GPU_COPY", "kernels"),
-            ("FAKE_TCPX_POOL_MB", "4097"),
+            ("FAKE_TCPX_POOL_MIB", "4097"),
+            ("FAKE_TCPX_POOL_MIB", "0"),
+            ("FAKE_TCPX_POOL_MB", "64"),
             ("FAKE_TCPX_FAULT", "drop"),
             ("FAKE_TCPX_FAULT", "hang:1"),
             ("FAKE_TCPX_IP", "localhost"),

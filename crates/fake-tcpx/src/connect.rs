@@ -8,19 +8,22 @@ use std::sync::{Arc, Mutex};
 use uccl_tcpx::transport::{Net, NetHandle, SendComm};
 
 use crate::fail::{Fail, Result};
+use crate::gpu::GpuContext;
 use crate::handle;
 use crate::health::closed;
 use crate::plugin::Plugin;
 
 pub struct Connecting {
     outcome: Mutex<Option<Result<Box<dyn SendComm>>>>,
+    /// GPU mode: the GPU current at the first connect call, which the send comm is bound to.
+    gpu: Mutex<Option<GpuContext>>,
 }
 
 impl Connecting {
-    pub fn start(plugin: &'static Plugin, mut h: NetHandle) -> Result<Arc<Connecting>> {
+    pub fn start(plugin: &'static Plugin, mut h: NetHandle, gpu: Option<GpuContext>) -> Result<Arc<Connecting>> {
         handle::check(&h)?;
         let setup = plugin.cfg.setup.connect_time(handle::data_sockets(&h));
-        let c = Arc::new(Connecting { outcome: Mutex::new(None) });
+        let c = Arc::new(Connecting { outcome: Mutex::new(None), gpu: Mutex::new(gpu) });
         let thread_c = c.clone();
         std::thread::Builder::new()
             .name("fake-tcpx-connect".into())
@@ -41,5 +44,10 @@ impl Connecting {
     /// The connect's outcome once it finished.
     pub fn poll(&self) -> Option<Result<Box<dyn SendComm>>> {
         self.outcome.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// The GPU the send comm is bound to (GPU mode), once.
+    pub fn take_gpu(&self) -> Option<GpuContext> {
+        self.gpu.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }

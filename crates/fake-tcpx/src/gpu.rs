@@ -13,7 +13,9 @@
 //! Every CUDA call runs with the comm's context pushed on the calling thread and popped after, so
 //! the caller's current context is left as it was.
 
+use std::any::Any;
 use std::ffi::c_void;
+use std::sync::Arc;
 
 use cudarc::driver::result;
 use cudarc::driver::sys::{self, CUcontext, CUdevice, CUdeviceptr, CUstream};
@@ -23,32 +25,61 @@ use crate::config::GpuCopy;
 use crate::fail::{Fail, Result};
 use crate::fragment::{MAX_FRAGMENTS, PAGE};
 use crate::memory::RxMemory;
+use crate::pool::SharedPool;
 
 fn cuda(what: &str, r: sys::CUresult) -> Result<()> {
     r.result().map_err(|e| Fail::internal(format!("{what}: {e:?}")))
 }
 
-/// The context a comm's memory belongs to: the caller's current one (TCPX binds to the device
-/// current at listen/accept/connect), else device 0's primary context, retained while in use.
+/// The GPU a comm is bound to, in its primary context (retained while this value lives): TCPX
+/// works in each GPU's primary context (`NCCL_GPUDIRECTTCPX_CUDA_USE_PRIMARY_CTX`, default 1).
 pub struct GpuContext {
     ctx: CUcontext,
-    retained: Option<CUdevice>,
+    device: CUdevice,
 }
 
 // SAFETY: CUDA contexts may be used from any thread; this value only pushes/pops it.
 unsafe impl Send for GpuContext {}
+// SAFETY: as above; shared references only push and pop the context.
+unsafe impl Sync for GpuContext {}
 
 impl GpuContext {
-    pub fn acquire() -> Result<GpuContext> {
+    /// The GPU current on the calling thread, which TCPX binds a comm to at `call`
+    /// (`gpu/cuda_wrapper.cu` `gpu_current_dev`: `cudaGetDevice`). With no context current,
+    /// `cudaGetDevice` answers device 0 whatever GPU the process works on, and TCPX binds the comm
+    /// (its bounce pool, its flow-steering target) there silently; the fake refuses instead.
+    pub fn current(call: &str) -> Result<GpuContext> {
         uccl_tcpx::cuda::driver().map_err(|e| Fail::internal(e.to_string()))?;
-        if let Some(ctx) = result::ctx::get_current().map_err(|e| Fail::internal(format!("cuCtxGetCurrent: {e:?}")))? {
-            return Ok(GpuContext { ctx, retained: None });
+        let current = result::ctx::get_current().map_err(|e| Fail::internal(format!("cuCtxGetCurrent: {e:?}")))?;
+        if current.is_none() {
+            return Err(Fail::internal(format!(
+                "{call} with no CUDA context current on the calling thread: TCPX binds the comm to \
+                 cudaGetDevice() (gpu/cuda_wrapper.cu gpu_current_dev), which then answers device 0 whatever GPU \
+                 this process works on. Make the GPU's context current (cudaSetDevice, cuCtxSetCurrent) around \
+                 listen, connect, accept and CUDA regMr"
+            )));
         }
-        let dev = result::device::get(0).map_err(|e| Fail::internal(format!("cuDeviceGet(0): {e:?}")))?;
-        // SAFETY: `dev` came from cuDeviceGet.
-        let ctx = unsafe { result::primary_ctx::retain(dev) }
-            .map_err(|e| Fail::internal(format!("cuDevicePrimaryCtxRetain: {e:?}")))?;
-        Ok(GpuContext { ctx, retained: Some(dev) })
+        let mut device: CUdevice = 0;
+        // SAFETY: a context is current; cuCtxGetDevice writes its device.
+        cuda("cuCtxGetDevice", unsafe { sys::cuCtxGetDevice(&mut device) })?;
+        GpuContext::of_device(device)
+    }
+
+    /// GPU `device`'s primary context, retained.
+    pub fn of_device(device: CUdevice) -> Result<GpuContext> {
+        // SAFETY: retaining a primary context of a device the driver reported (a bad ordinal fails).
+        let ctx = unsafe { result::primary_ctx::retain(device) }
+            .map_err(|e| Fail::internal(format!("cuDevicePrimaryCtxRetain({device}): {e:?}")))?;
+        Ok(GpuContext { ctx, device })
+    }
+
+    /// Another reference to the same GPU.
+    pub fn retain(&self) -> Result<GpuContext> {
+        GpuContext::of_device(self.device)
+    }
+
+    pub fn ordinal(&self) -> i32 {
+        self.device
     }
 
     /// Runs `f` with this context current on the calling thread.
@@ -61,25 +92,63 @@ impl GpuContext {
         let _ = unsafe { sys::cuCtxPopCurrent_v2(&mut popped) };
         out
     }
+}
 
-    /// A CUDA registration must name device memory in GPU mode (it is read with cuMemcpyDtoH).
-    pub fn check_device_pointer(&self, ptr: usize) -> Result<()> {
-        let mut kind: u32 = 0;
-        self.with(|| {
-            // SAFETY: MEMORY_TYPE writes one unsigned int.
-            cuda("cuPointerGetAttribute(MEMORY_TYPE)", unsafe {
-                sys::cuPointerGetAttribute(
-                    (&mut kind as *mut u32).cast(),
-                    sys::CUpointer_attribute_enum::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
-                    ptr as CUdeviceptr,
-                )
-            })
-        })
-        .map_err(|e| Fail::internal(format!("CUDA regMr of {ptr:#x}, which is not device memory ({})", e.msg)))?;
-        if kind != sys::CUmemorytype_enum::CU_MEMORYTYPE_DEVICE as u32 {
-            return Err(Fail::internal(format!("CUDA regMr of {ptr:#x}, which is not device memory (type {kind})")));
+impl Drop for GpuContext {
+    fn drop(&mut self) {
+        // SAFETY: releases the reference retained when this value was made.
+        let _ = unsafe { result::primary_ctx::release(self.device) };
+    }
+}
+
+/// The GPU whose device memory `ptr` is: a CUDA registration must name device memory in GPU mode
+/// (it is read with CUDA copies), and the fake checks receives against the comm's GPU with it.
+pub fn device_of_pointer(ptr: usize) -> Result<i32> {
+    let attribute = |attr: sys::CUpointer_attribute, what: &str| -> Result<u32> {
+        let mut value: u32 = 0;
+        // SAFETY: MEMORY_TYPE and DEVICE_ORDINAL each write one 32-bit integer.
+        cuda(what, unsafe { sys::cuPointerGetAttribute((&mut value as *mut u32).cast(), attr, ptr as CUdeviceptr) })
+            .map_err(|e| Fail::internal(format!("CUDA regMr of {ptr:#x}, which is not device memory ({})", e.msg)))?;
+        Ok(value)
+    };
+    let kind = attribute(sys::CUpointer_attribute_enum::CU_POINTER_ATTRIBUTE_MEMORY_TYPE, "cuPointerGetAttribute")?;
+    if kind != sys::CUmemorytype_enum::CU_MEMORYTYPE_DEVICE as u32 {
+        return Err(Fail::internal(format!("CUDA regMr of {ptr:#x}, which is not device memory (type {kind})")));
+    }
+    let ordinal =
+        attribute(sys::CUpointer_attribute_enum::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, "cuPointerGetAttribute")?;
+    Ok(ordinal as i32)
+}
+
+/// GPU mode's pool memory: `bytes` zeroed bytes of device memory in the GPU's primary context, and
+/// the value owning them (with a reference to the context).
+pub fn device_pool(gpu: &GpuContext, bytes: usize) -> Result<(usize, Box<dyn Any + Send + Sync>)> {
+    let mut owner = DevicePool { ctx: gpu.retain()?, ptr: 0 };
+    let ptr = &mut owner.ptr;
+    // On failure `owner` is dropped, freeing what was allocated.
+    owner.ctx.with(|| {
+        // SAFETY: an out-pointer to a field; the memset covers exactly the allocation.
+        unsafe {
+            cuda("cuMemAlloc(bounce pool)", sys::cuMemAlloc_v2(ptr, bytes))?;
+            cuda("cuMemsetD8(bounce pool)", sys::cuMemsetD8_v2(*ptr, 0, bytes))
         }
-        Ok(())
+    })?;
+    Ok((owner.ptr as usize, Box::new(owner)))
+}
+
+/// Device memory of a pool, freed with its context current.
+struct DevicePool {
+    ctx: GpuContext,
+    ptr: CUdeviceptr,
+}
+
+impl Drop for DevicePool {
+    fn drop(&mut self) {
+        if self.ptr != 0 {
+            let ptr = self.ptr;
+            // SAFETY: frees what device_pool allocated, in its context.
+            let _ = self.ctx.with(|| cuda("cuMemFree", unsafe { sys::cuMemFree_v2(ptr) }));
+        }
     }
 }
 
@@ -118,10 +187,6 @@ impl SendStaging {
             Ok(())
         })?;
         Ok(staging)
-    }
-
-    pub fn ctx(&self) -> &GpuContext {
-        &self.ctx
     }
 
     /// Starts copying `len` bytes of device memory at `src` into slot `slot`'s buffer; its bytes
@@ -197,15 +262,6 @@ impl Drop for SendStaging {
     }
 }
 
-impl Drop for GpuContext {
-    fn drop(&mut self) {
-        if let Some(dev) = self.retained {
-            // SAFETY: releases the reference retained in acquire.
-            let _ = unsafe { result::primary_ctx::release(dev) };
-        }
-    }
-}
-
 /// Staging holds the largest receive that passes the fragment limit (2048 fragments of ≤ 4 KiB).
 const STAGING_BYTES: usize = MAX_FRAGMENTS * PAGE;
 
@@ -213,8 +269,8 @@ pub struct GpuRx {
     ctx: GpuContext,
     stream: CUstream,
     meta_host: *mut c_void,
-    pool: CUdeviceptr,
-    pool_bytes: usize,
+    /// The GPU's bounce pool, shared with the other receive comms bound to it.
+    pool: Arc<SharedPool>,
     handle: CUdeviceptr,
     staging: *mut c_void,
     batch: Option<BatchCopy>,
@@ -229,14 +285,13 @@ pub struct GpuRx {
 // SAFETY: owned CUDA allocations, used under the comm's lock.
 unsafe impl Send for GpuRx {}
 
-pub fn rx_memory(pool_bytes: usize, copy: GpuCopy) -> Result<Box<dyn RxMemory>> {
-    let ctx = GpuContext::acquire()?;
+/// A receive comm's memory on GPU `gpu`, whose bounce pool is `pool`.
+pub fn rx_memory(gpu: GpuContext, pool: Arc<SharedPool>, copy: GpuCopy) -> Result<Box<dyn RxMemory>> {
     let mut rx = GpuRx {
-        ctx,
+        ctx: gpu,
         stream: std::ptr::null_mut(),
         meta_host: std::ptr::null_mut(),
-        pool: 0,
-        pool_bytes,
+        pool,
         handle: 0,
         staging: std::ptr::null_mut(),
         scatter: None,
@@ -267,12 +322,10 @@ pub fn rx_memory(pool_bytes: usize, copy: GpuCopy) -> Result<Box<dyn RxMemory>> 
             std::ptr::write_bytes(rx.meta_host.cast::<u8>(), 0, meta_bytes);
             let mut meta_dev: CUdeviceptr = 0;
             cuda("cuMemHostGetDevicePointer", sys::cuMemHostGetDevicePointer_v2(&mut meta_dev, rx.meta_host, 0))?;
-            cuda("cuMemAlloc(bounce pool)", sys::cuMemAlloc_v2(&mut rx.pool, pool_bytes))?;
-            cuda("cuMemsetD8(bounce pool)", sys::cuMemsetD8_v2(rx.pool, 0, pool_bytes))?;
             cuda("cuMemAlloc(unpack handle)", sys::cuMemAlloc_v2(&mut rx.handle, size_of::<UnpackDeviceHandle>()))?;
             let h = UnpackDeviceHandle {
                 meta: meta_dev as *mut NetUnpackMeta,
-                bounce_buf: rx.pool as *mut c_void,
+                bounce_buf: rx.pool.base() as *mut c_void,
                 head: u64::MAX,
             };
             cuda(
@@ -316,13 +369,13 @@ impl RxMemory for GpuRx {
     }
 
     fn scatter(&mut self, frags: &[LoadMeta]) -> Result<()> {
-        let (staging, pool) = (self.staging as CUdeviceptr, self.pool);
+        let (staging, pool) = (self.staging as CUdeviceptr, self.pool.base() as CUdeviceptr);
         self.dsts.clear();
         self.srcs.clear();
         self.sizes.clear();
         for f in frags {
             let (src, dst, len) = (f.dst_off as usize, f.src_off as usize, f.len as usize);
-            if src + len > STAGING_BYTES || dst + len > self.pool_bytes {
+            if src + len > STAGING_BYTES || dst + len > self.pool.bytes() {
                 return Err(Fail::internal(format!("fragment {f:?} outside staging or pool")));
             }
             if len == 0 {
@@ -395,9 +448,6 @@ impl Drop for GpuRx {
                     let _ = sys::cuStreamDestroy_v2(self.stream);
                 }
                 drop(self.scatter.take());
-                if self.pool != 0 {
-                    let _ = sys::cuMemFree_v2(self.pool);
-                }
                 if self.handle != 0 {
                     let _ = sys::cuMemFree_v2(self.handle);
                 }

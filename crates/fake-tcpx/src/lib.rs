@@ -34,9 +34,10 @@ use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use uccl_tcpx::ncclnet::{NCCL_PTR_CUDA, NcclDebugLogger, NcclNetDeviceHandleV7, NcclNetPropertiesV7, NcclNetV7};
+use uccl_tcpx::ncclnet::{NcclDebugLogger, NcclNetDeviceHandleV7, NcclNetPropertiesV7, NcclNetV7};
 use uccl_tcpx::transport::Net;
 
+use config::Mode;
 use entry::{guard, non_null};
 use fail::{Fail, Result};
 use registry::Object;
@@ -113,9 +114,11 @@ unsafe extern "C" fn fake_listen(dev: c_int, handle: *mut c_void, listen_comm: *
             let dev = p.check_dev(dev)?;
             let handle = non_null(handle, "handle")?.cast::<u8>();
             let listen_comm = non_null(listen_comm, "listenComm")?;
+            // TCPX binds the listen comm to the current GPU, whose pool its flows are steered into.
+            let gpu = p.bind_gpu("listen")?;
             let (mut h, inner) = p.net.listen(0).map_err(|e| Fail::system(format!("listen: {e}")))?;
             handle::mark(&mut h, dev, p.cfg.setup.data_sockets);
-            let comm = Arc::new(Mutex::new(listen::FakeListen::new(inner, next_comm_seed(p.cfg.seed))));
+            let comm = Arc::new(Mutex::new(listen::FakeListen::new(inner, next_comm_seed(p.cfg.seed), gpu)));
             let key = Arc::as_ptr(&comm) as usize;
             registry::add(key, Object::Listen(comm), None);
             // SAFETY: checked non-NULL; the caller provides NCCL_NET_HANDLE_MAXSIZE bytes and a pointer slot.
@@ -148,7 +151,7 @@ unsafe extern "C" fn fake_connect(
             let h = unsafe { handle::read(handle) };
             let state = handle::connect_state(&h);
             if state == 0 {
-                let c = connect::Connecting::start(p, h)?;
+                let c = connect::Connecting::start(p, h, p.bind_gpu("connect")?)?;
                 let key = registry::add_connect(c);
                 // SAFETY: as above; bytes 80..88 of the caller's handle hold the state, as in TCPX.
                 unsafe {
@@ -169,7 +172,7 @@ unsafe extern "C" fn fake_connect(
             let Some(outcome) = c.poll() else { return Ok(()) };
             registry::remove_connect(state);
             let inner = outcome?;
-            let comm = Arc::new(Mutex::new(send::FakeSend::new(inner, &p.cfg)?));
+            let comm = Arc::new(Mutex::new(send::FakeSend::new(inner, &p.cfg, c.take_gpu())?));
             let key = Arc::as_ptr(&comm) as usize;
             let ring = {
                 let mut c = registry::lock(&comm)?;
@@ -249,26 +252,22 @@ unsafe extern "C" fn fake_reg_mr(
         "regMr",
         || Scope::Control(comm as usize),
         || {
-            plugin::get()?;
+            let p = plugin::get()?;
             let mhandle = non_null(mhandle, "mhandle")?;
-            // GPU mode reads CUDA registrations with CUDA copies: they must be device memory.
-            let check = |gpu: Option<&gpu::GpuContext>| match gpu {
-                Some(g) if ty == NCCL_PTR_CUDA && size > 0 => g.check_device_pointer(data as usize),
-                _ => Ok(()),
+            // GPU mode: TCPX makes the dma-buf in the current GPU's context, and the fake reads CUDA
+            // registrations with CUDA copies, so they must be device memory; it records whose.
+            let locate = || match p.cfg.mode {
+                Mode::Gpu => {
+                    p.bind_gpu("CUDA regMr")?;
+                    gpu::device_of_pointer(data as usize).map(Some)
+                }
+                Mode::Host => Ok(None),
             };
             let h = with_comm(
                 comm,
                 "regMr",
-                |c| {
-                    let h = c.regs().register(data, size, ty)?;
-                    check(c.gpu()).inspect_err(|_| drop(c.regs().deregister(h)))?;
-                    Ok(h)
-                },
-                |c| {
-                    let h = c.regs().register(data, size, ty)?;
-                    check(c.gpu()).inspect_err(|_| drop(c.regs().deregister(h)))?;
-                    Ok(h)
-                },
+                |c| c.regs().register(data, size, ty, locate),
+                |c| c.regs().register(data, size, ty, locate),
             )?;
             // SAFETY: checked non-NULL.
             unsafe { mhandle.write(h) };

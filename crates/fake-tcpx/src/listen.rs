@@ -1,6 +1,13 @@
 //! Listen comms and accept. Like TCPX, accept is asynchronous (the first call only starts it and
 //! returns no comm), takes TCPX's setup time (`setup.rs`) and is allowed once per listen comm; the
 //! receive comm comes with its device handle written into the caller's `ncclNetDeviceHandle_v7_t`.
+//!
+//! GPU mode: TCPX binds the listen comm to the GPU current at listen and steers the accepted flows
+//! into that GPU's pool (`connect.cc`: the accept thread's `args->gpu = lComm->gpu`), but makes the
+//! receive comm at the first accept call, bound to the GPU current then (`common.cc`
+//! `tcpxCommNew`), whose pool the device handle hands out (`devcomm/nccl/unpack1.cu`
+//! `gpu_get_rxmem`). Two different GPUs there would give every receive the other GPU's pages; the
+//! fake refuses the accept instead.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -8,12 +15,12 @@ use std::time::Instant;
 use uccl_tcpx::ncclnet::{NCCL_NET_DEVICE_UNPACK, NCCL_NET_DEVICE_UNPACK_VERSION, NcclNetDeviceHandleV7};
 use uccl_tcpx::transport::{ListenComm, RecvComm};
 
-use crate::config::Mode;
 use crate::fail::{Fail, Result};
 use crate::gpu::{self, GpuContext};
 use crate::health::closed;
-use crate::memory::{HostRx, RxMemory};
+use crate::memory::{self, HostRx, RxMemory};
 use crate::plugin::Plugin;
+use crate::pool::{self, PoolKey};
 use crate::recv::FakeRecv;
 
 pub struct FakeListen {
@@ -22,13 +29,15 @@ pub struct FakeListen {
     /// The peer's connection, held until the setup time has passed.
     arrived: Option<(Box<dyn RecvComm>, Instant)>,
     accepted: bool,
-    /// Distinguishes the pool shuffles of comms accepted in one process.
+    /// Distinguishes the page shuffles of comms accepted in one process.
     seed: u64,
+    /// GPU mode: the GPU current at listen, where the accepted flows are steered.
+    gpu: Option<GpuContext>,
 }
 
 impl FakeListen {
-    pub fn new(inner: Box<dyn ListenComm>, seed: u64) -> FakeListen {
-        FakeListen { inner, started: None, arrived: None, accepted: false, seed }
+    pub fn new(inner: Box<dyn ListenComm>, seed: u64, gpu: Option<GpuContext>) -> FakeListen {
+        FakeListen { inner, started: None, arrived: None, accepted: false, seed, gpu }
     }
 
     /// `Some(receive comm)` once a connection arrived, with `*dev_handle` filled; the caller
@@ -43,6 +52,7 @@ impl FakeListen {
         }
         let now = Instant::now();
         let Some(started) = self.started else {
+            self.check_accept_gpu(plugin)?;
             self.started = Some(now);
             return Ok(None);
         };
@@ -59,17 +69,42 @@ impl FakeListen {
         }
     }
 
+    /// The first accept call binds the receive comm to the current GPU, which must be the one its
+    /// flows are steered to.
+    fn check_accept_gpu(&self, plugin: &Plugin) -> Result<()> {
+        let (Some(listen), Some(now)) = (&self.gpu, plugin.bind_gpu("accept")?) else { return Ok(()) };
+        if listen.ordinal() == now.ordinal() {
+            return Ok(());
+        }
+        let (l, a) = (listen.ordinal(), now.ordinal());
+        Err(Fail::internal(format!(
+            "accept with GPU {a} current on a listen comm made with GPU {l} current: TCPX steers the accepted \
+             flows into GPU {l}'s bounce pool (connect.cc, the listen comm's GPU) but binds the receive comm to \
+             GPU {a} (common.cc tcpxCommNew) and hands out GPU {a}'s pool in its device handle \
+             (devcomm/nccl/unpack1.cu gpu_get_rxmem), so every receive would describe pages of the wrong GPU. \
+             Keep the same GPU current from listen through accept"
+        )))
+    }
+
     fn finish(
         &mut self,
         plugin: &Plugin,
         inner: Box<dyn RecvComm>,
         dev_handle: *mut NcclNetDeviceHandleV7,
     ) -> Result<Option<Arc<Mutex<FakeRecv>>>> {
-        let (mem, gpu): (Box<dyn RxMemory>, _) = match plugin.cfg.mode {
-            Mode::Host => (Box::new(HostRx::new(plugin.cfg.pool_bytes)?), None),
-            Mode::Gpu => (gpu::rx_memory(plugin.cfg.pool_bytes, plugin.cfg.gpu_copy)?, Some(GpuContext::acquire()?)),
+        let cfg = &plugin.cfg;
+        let (bytes, seed) = (cfg.pool_bytes, cfg.seed);
+        let (mem, gpu, pool): (Box<dyn RxMemory>, _, _) = match &self.gpu {
+            None => {
+                let pool = pool::of(PoolKey::Host, bytes, seed, || memory::host_pool(bytes))?;
+                (Box::new(HostRx::new(pool.clone())?), None, pool)
+            }
+            Some(g) => {
+                let pool = pool::of(PoolKey::Gpu(g.ordinal()), bytes, seed, || gpu::device_pool(g, bytes))?;
+                (gpu::rx_memory(g.retain()?, pool.clone(), cfg.gpu_copy)?, Some(g.retain()?), pool)
+            }
         };
-        let comm = FakeRecv::new(inner, mem, gpu, &plugin.cfg, self.seed);
+        let comm = FakeRecv::new(inner, mem, gpu, pool, cfg, self.seed);
         // The handle lives in the comm's pool memory, which stays put when the comm moves.
         let unpack = comm.unpack_handle();
         // SAFETY: the caller checked dev_handle non-NULL; it points at caller-allocated storage.

@@ -1,13 +1,17 @@
 //! Where a receive comm's received bytes and metadata live: host memory (runs anywhere) or, in GPU
-//! mode, device memory and mapped pinned memory as on TCPX (see `gpu.rs`).
+//! mode, device memory and mapped pinned memory as on TCPX (see `gpu.rs`). The bounce pool itself
+//! is its GPU's, shared with the other comms bound there (`pool.rs`).
 
 use std::alloc::{Layout, alloc_zeroed, dealloc};
+use std::any::Any;
 use std::ffi::c_void;
+use std::sync::Arc;
 
 use uccl_tcpx::ncclnet::{LoadMeta, NetUnpackMeta, UnpackDeviceHandle};
 
 use crate::fail::{Fail, Result};
 use crate::fragment::PAGE;
+use crate::pool::SharedPool;
 
 pub trait RxMemory: Send {
     /// Host address of the comm's `netUnpackMeta` (the fake writes it, the consumer reads it).
@@ -30,6 +34,9 @@ pub struct HostBlock {
 
 // SAFETY: an owned allocation; access is governed by its owner.
 unsafe impl Send for HostBlock {}
+// SAFETY: a shared HostBlock only hands out its address; who writes through it is governed by the
+// owner (pool pages belong to one receive at a time).
+unsafe impl Sync for HostBlock {}
 
 impl HostBlock {
     pub fn zeroed(bytes: usize, align: usize, what: &str) -> Result<HostBlock> {
@@ -47,10 +54,6 @@ impl HostBlock {
     pub fn ptr(&self) -> *mut u8 {
         self.ptr
     }
-
-    pub fn len(&self) -> usize {
-        self.layout.size()
-    }
 }
 
 impl Drop for HostBlock {
@@ -60,24 +63,33 @@ impl Drop for HostBlock {
     }
 }
 
+/// Host mode's pool memory: `bytes` zeroed bytes of host memory, and the value owning them.
+pub fn host_pool(bytes: usize) -> Result<(usize, Box<dyn Any + Send + Sync>)> {
+    let block = HostBlock::zeroed(bytes, PAGE, "bounce pool")?;
+    Ok((block.ptr() as usize, Box::new(block)))
+}
+
 /// Host mode: pool, metadata and unpack handle are plain host memory.
 pub struct HostRx {
     meta: HostBlock,
-    pool: HostBlock,
+    pool: Arc<SharedPool>,
     handle: Box<UnpackDeviceHandle>,
     staging: Vec<u8>,
 }
 
-// SAFETY: the raw pointers in `handle` point into blocks this value owns.
+// SAFETY: the raw pointers in `handle` point into the metadata block this value owns and the pool
+// it holds a reference to.
 unsafe impl Send for HostRx {}
 
 impl HostRx {
-    pub fn new(pool_bytes: usize) -> Result<HostRx> {
+    pub fn new(pool: Arc<SharedPool>) -> Result<HostRx> {
         let meta =
             HostBlock::zeroed(size_of::<NetUnpackMeta>(), align_of::<NetUnpackMeta>().max(64), "unpack metadata")?;
-        let pool = HostBlock::zeroed(pool_bytes, PAGE, "bounce pool")?;
-        let handle =
-            Box::new(UnpackDeviceHandle { meta: meta.ptr().cast(), bounce_buf: pool.ptr().cast(), head: u64::MAX });
+        let handle = Box::new(UnpackDeviceHandle {
+            meta: meta.ptr().cast(),
+            bounce_buf: pool.base() as *mut c_void,
+            head: u64::MAX,
+        });
         Ok(HostRx { meta, pool, handle, staging: Vec::new() })
     }
 }
@@ -101,11 +113,13 @@ impl RxMemory for HostRx {
     fn scatter(&mut self, frags: &[LoadMeta]) -> Result<()> {
         for f in frags {
             let (src, dst, len) = (f.dst_off as usize, f.src_off as usize, f.len as usize);
-            if src + len > self.staging.len() || dst + len > self.pool.len() {
+            if src + len > self.staging.len() || dst + len > self.pool.bytes() {
                 return Err(Fail::internal(format!("fragment {f:?} outside staging or pool")));
             }
-            // SAFETY: both ranges were just checked; staging and pool are distinct allocations.
-            unsafe { std::ptr::copy_nonoverlapping(self.staging.as_ptr().add(src), self.pool.ptr().add(dst), len) };
+            let pool = self.pool.base() as *mut u8;
+            // SAFETY: both ranges were just checked; staging and pool are distinct allocations, and
+            // the pages written belong to the receive being landed, which holds them.
+            unsafe { std::ptr::copy_nonoverlapping(self.staging.as_ptr().add(src), pool.add(dst), len) };
         }
         Ok(())
     }

@@ -19,6 +19,8 @@ pub struct Mr {
     pub base: usize,
     pub len: usize,
     pub kind: c_int,
+    /// GPU mode, CUDA registrations: the GPU whose memory it is.
+    pub device: Option<i32>,
 }
 
 #[derive(Default)]
@@ -27,7 +29,15 @@ pub struct Registrations {
 }
 
 impl Registrations {
-    pub fn register(&mut self, data: *mut c_void, size: c_int, kind: c_int) -> Result<*mut c_void> {
+    /// Records a registration; `locate` names the GPU of a CUDA registration that passed TCPX's
+    /// checks (GPU mode), or refuses it.
+    pub fn register(
+        &mut self,
+        data: *mut c_void,
+        size: c_int,
+        kind: c_int,
+        locate: impl FnOnce() -> Result<Option<i32>>,
+    ) -> Result<*mut c_void> {
         let len =
             usize::try_from(size).map_err(|_| Fail::internal(format!("regMr size {size} is negative: {INT_SIZE}")))?;
         match kind {
@@ -55,7 +65,8 @@ impl Registrations {
         if data.is_null() && len > 0 {
             return Err(Fail::internal("regMr of a NULL address"));
         }
-        let mr = Box::new(Mr { base: data as usize, len, kind });
+        let device = if kind == NCCL_PTR_CUDA { locate()? } else { None };
+        let mr = Box::new(Mr { base: data as usize, len, kind, device });
         let handle = &*mr as *const Mr as usize;
         self.by_handle.insert(handle, mr);
         Ok(handle as *mut c_void)
@@ -94,21 +105,29 @@ mod tests {
 
     #[test]
     fn registration_rules() {
+        let none = || Ok(None);
         let mut regs = Registrations::default();
         let mut buf = vec![0u8; 64];
         let p = buf.as_mut_ptr().cast::<c_void>();
-        assert!(regs.register(p, -1, NCCL_PTR_HOST).is_err());
-        assert!(regs.register(p, 64, 4).is_err());
-        assert!(regs.register(0x1001 as *mut c_void, 4096, NCCL_PTR_CUDA).unwrap_err().msg.contains("not aligned"));
-        assert!(regs.register(0x1000 as *mut c_void, 100, NCCL_PTR_CUDA).unwrap_err().msg.contains("not aligned"));
+        assert!(regs.register(p, -1, NCCL_PTR_HOST, none).is_err());
+        assert!(regs.register(p, 64, 4, none).is_err());
+        assert!(
+            regs.register(0x1001 as *mut c_void, 4096, NCCL_PTR_CUDA, none).unwrap_err().msg.contains("not aligned")
+        );
+        assert!(
+            regs.register(0x1000 as *mut c_void, 100, NCCL_PTR_CUDA, none).unwrap_err().msg.contains("not aligned")
+        );
         // Sizes of 2 GiB and more, as a C caller's int holds them: negative or wrapped to 0.
         for size in [(2u64 << 30) as c_int, (4u64 << 30) as c_int, (6u64 << 30) as c_int] {
-            let err = regs.register(0x1000 as *mut c_void, size, NCCL_PTR_CUDA).unwrap_err();
+            let err = regs.register(0x1000 as *mut c_void, size, NCCL_PTR_CUDA, none).unwrap_err();
             assert!(err.msg.contains("int size"), "{size}: {}", err.msg);
         }
-        assert!(regs.register(0x1000 as *mut c_void, (2u64 << 30) as c_int, NCCL_PTR_HOST).is_err());
-        assert!(regs.register(0x1000 as *mut c_void, c_int::MAX - 4095, NCCL_PTR_CUDA).is_ok(), "2 GiB - 4 KiB fits");
-        let h = regs.register(p, 64, NCCL_PTR_HOST).unwrap();
+        assert!(regs.register(0x1000 as *mut c_void, (2u64 << 30) as c_int, NCCL_PTR_HOST, none).is_err());
+        assert!(
+            regs.register(0x1000 as *mut c_void, c_int::MAX - 4095, NCCL_PTR_CUDA, none).is_ok(),
+            "2 GiB - 4 KiB fits"
+        );
+        let h = regs.register(p, 64, NCCL_PTR_HOST, none).unwrap();
         let base = p as usize;
         assert!(regs.covering(h, base + 10, 54).is_ok());
         assert!(regs.covering(h, base + 10, 55).is_err());
@@ -117,5 +136,20 @@ mod tests {
         regs.deregister(h).unwrap();
         assert!(regs.covering(h, base, 1).is_err());
         assert!(regs.deregister(h).is_err());
+    }
+
+    #[test]
+    fn cuda_registrations_are_located_after_tcpx_checks() {
+        let mut regs = Registrations::default();
+        let page = 0x10000 as *mut c_void;
+        let h = regs.register(page, 4096, NCCL_PTR_CUDA, || Ok(Some(1))).unwrap();
+        assert_eq!(regs.covering(h, 0x10000, 4096).unwrap().device, Some(1));
+        let refused = regs.register(page, 4096, NCCL_PTR_CUDA, || Err(Fail::internal("no GPU current")));
+        assert_eq!(refused.unwrap_err().msg, "no GPU current");
+        assert_eq!(regs.by_handle.len(), 1, "a refused registration records nothing");
+        let host = regs.register(page, 64, NCCL_PTR_HOST, || panic!("HOST memory is never located")).unwrap();
+        assert_eq!(regs.covering(host, 0x10000, 64).unwrap().device, None);
+        let unaligned = regs.register(0x10001 as *mut c_void, 4096, NCCL_PTR_CUDA, || panic!("checked first"));
+        assert!(unaligned.unwrap_err().msg.contains("not aligned"));
     }
 }

@@ -13,6 +13,7 @@ use uccl_tcpx::transport::socket::SocketNet;
 
 use crate::config::{Config, Mode};
 use crate::fail::{Fail, Result};
+use crate::gpu::GpuContext;
 use crate::{fatal, log, threads};
 
 /// TCPX retries a refused connect for about 20 s.
@@ -75,6 +76,14 @@ pub fn init(logger: NcclDebugLogger) -> Result<()> {
 }
 
 impl Plugin {
+    /// GPU mode: the GPU current on the calling thread, which TCPX binds what `call` makes to.
+    pub fn bind_gpu(&self, call: &str) -> Result<Option<GpuContext>> {
+        match self.cfg.mode {
+            Mode::Gpu => GpuContext::current(call).map(Some),
+            Mode::Host => Ok(None),
+        }
+    }
+
     pub fn check_dev(&self, dev: c_int) -> Result<usize> {
         usize::try_from(dev)
             .ok()

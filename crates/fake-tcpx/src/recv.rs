@@ -1,9 +1,11 @@
-//! A receive comm: every received byte lands in the comm's bounce pool, cut into fragments at
-//! shuffled pool pages, and is described by `loadMeta` entries in the unpack slot of its request
-//! (slot of the k-th receive = k % 16), published when `test` reports the request done. Pool pages
-//! and the request entry stay owned by the receive until `irecvConsumed`.
+//! A receive comm: every received byte lands in the bounce pool of the comm's GPU (shared with the
+//! GPU's other receive comms), cut into fragments at shuffled pool pages, and is described by
+//! `loadMeta` entries in the unpack slot of its request (slot of the k-th receive = k % 16),
+//! published when `test` reports the request done. Pool pages and the request entry stay owned by
+//! the receive until `irecvConsumed`, or until the comm closes.
 
 use std::ffi::{c_int, c_void};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use uccl_tcpx::ncclnet::{LoadMeta, NCCL_PTR_CUDA, NCCL_PTR_HOST, NetUnpackMeta};
@@ -19,7 +21,7 @@ use crate::host::{self, Origin};
 use crate::log;
 use crate::memory::RxMemory;
 use crate::mr::Registrations;
-use crate::pool::PagePool;
+use crate::pool::SharedPool;
 use crate::request::{MAX_REQUESTS, OP_RECV, Ring};
 use crate::wire::{self, HEADER_LEN};
 
@@ -55,7 +57,7 @@ pub struct FakeRecv {
     /// First field: dropped (closing the stream, joining its helper thread) before the buffers below.
     inner: Option<Box<dyn RecvComm>>,
     mem: Box<dyn RxMemory>,
-    /// GPU mode: the context CUDA registrations are checked in.
+    /// GPU mode: the GPU the comm was bound to at accept, where its pool lives.
     gpu: Option<GpuContext>,
     key: usize,
     chunk: usize,
@@ -69,7 +71,7 @@ pub struct FakeRecv {
     rx: Rx,
     /// Sequence number of the receive whose header comes next.
     next_header: u64,
-    pool: PagePool,
+    pool: Arc<SharedPool>,
     rng: Rng,
     header: Box<[u8; HEADER_LEN]>,
 }
@@ -79,13 +81,13 @@ impl FakeRecv {
         inner: Box<dyn RecvComm>,
         mem: Box<dyn RxMemory>,
         gpu: Option<GpuContext>,
+        pool: Arc<SharedPool>,
         cfg: &Config,
         seed: u64,
     ) -> FakeRecv {
         let health = Health::new(cfg.fault);
         let inner = (!health.drops_at_start()).then_some(inner);
-        let mut rng = Rng::new(seed);
-        let pool = PagePool::new(cfg.pool_bytes, &mut rng);
+        let rng = Rng::new(seed);
         FakeRecv {
             inner,
             mem,
@@ -120,17 +122,25 @@ impl FakeRecv {
         self.key = key;
     }
 
-    pub fn gpu(&self) -> Option<&GpuContext> {
-        self.gpu.as_ref()
-    }
-
     pub fn regs(&mut self) -> &mut Registrations {
         &mut self.regs
     }
 
     pub fn irecv(&mut self, data: *mut c_void, size: c_int, mhandle: *mut c_void) -> Result<*mut c_void> {
         let len = usize::try_from(size).map_err(|_| Fail::internal(format!("irecv size {size} is negative")))?;
-        let kind = self.regs.covering(mhandle, data as usize, len)?.kind;
+        let mr = self.regs.covering(mhandle, data as usize, len)?;
+        let kind = mr.kind;
+        if let (Some(gpu), Some(device)) = (&self.gpu, mr.device)
+            && device != gpu.ordinal()
+        {
+            let g = gpu.ordinal();
+            return Err(Fail::internal(format!(
+                "receive into memory of GPU {device} on a receive comm bound to GPU {g} (the device current at \
+                 accept): its bytes land in GPU {g}'s bounce pool, which TCPX maps for GPU {g} alone (gpu/common.cu \
+                 CuIpcMemfdHandle, cuMemSetAccess), so an unpack running on GPU {device} faults. Receive GPU \
+                 {device}'s data on a comm accepted with GPU {device} current"
+            )));
+        }
         if kind == NCCL_PTR_HOST && self.gpu.is_some() && !self.host_recv_allowed {
             return Err(self.health.fail(Fail::internal(
                 "requested receive on host mem buffer (net_tcpx.cc taskProgress): TCPX flow-steered every data \
@@ -301,7 +311,7 @@ impl FakeRecv {
         })?;
         if frags.len() > self.pool.total() {
             return Err(Fail::internal(format!(
-                "a {len}-byte receive needs {} pool pages, the bounce pool has {} (FAKE_TCPX_POOL_MB)",
+                "a {len}-byte receive needs {} pool pages, the bounce pool of its GPU has {} (FAKE_TCPX_POOL_MIB)",
                 frags.len(),
                 self.pool.total()
             )));
@@ -328,6 +338,19 @@ impl FakeRecv {
         s.arrived = Some(metas.len() as u64);
         s.pages = pages;
         Ok(())
+    }
+}
+
+impl Drop for FakeRecv {
+    /// Closing a comm closes its sockets, and the kernel frees the devmem pages they still hold:
+    /// the pages of receives never consumed go back to the GPU's pool.
+    fn drop(&mut self) {
+        for s in &mut self.slots {
+            self.pool.give_back(std::mem::take(&mut s.pages));
+        }
+        if let Rx::Payload { pages, .. } = std::mem::replace(&mut self.rx, Rx::Idle) {
+            self.pool.give_back(pages);
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::ffi::{c_int, c_void};
 use uccl_tcpx::ncclnet::NCCL_PTR_CUDA;
 use uccl_tcpx::transport::{MrHandle, RequestId, SendComm};
 
-use crate::config::{Config, Mode};
+use crate::config::Config;
 use crate::fail::{Fail, Result};
 use crate::gpu::{GpuContext, SendStaging};
 use crate::health::{AfterCompletion, Health, closed};
@@ -57,13 +57,11 @@ pub struct FakeSend {
 }
 
 impl FakeSend {
-    pub fn new(inner: Box<dyn SendComm>, cfg: &Config) -> Result<FakeSend> {
+    /// A send comm over `inner`, bound to `gpu` in GPU mode.
+    pub fn new(inner: Box<dyn SendComm>, cfg: &Config, gpu: Option<GpuContext>) -> Result<FakeSend> {
         let health = Health::new(cfg.fault);
         let inner = (!health.drops_at_start()).then_some(inner);
-        let gpu = match cfg.mode {
-            Mode::Gpu => Some(SendStaging::new(GpuContext::acquire()?, MAX_REQUESTS)?),
-            Mode::Host => None,
-        };
+        let gpu = gpu.map(|g| SendStaging::new(g, MAX_REQUESTS)).transpose()?;
         Ok(FakeSend {
             inner,
             key: 0,
@@ -82,10 +80,6 @@ impl FakeSend {
     /// The address the caller knows this comm by, recorded in its request entries.
     pub fn set_key(&mut self, key: usize) {
         self.key = key;
-    }
-
-    pub fn gpu(&self) -> Option<&GpuContext> {
-        self.gpu.as_ref().map(SendStaging::ctx)
     }
 
     pub fn ring_base(&self) -> usize {

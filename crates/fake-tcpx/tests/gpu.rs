@@ -17,12 +17,50 @@ fn skip_without_gpu(name: &str) -> bool {
 
 /// Makes device 0's primary context current, as a consumer does before it calls the plugin.
 fn use_gpu_0() {
+    use_gpu(0);
+}
+
+/// Makes device `n`'s primary context current on the calling thread.
+fn use_gpu(n: i32) {
     uccl_tcpx::cuda::driver().expect("cuInit");
-    let dev = result::device::get(0).unwrap();
-    // SAFETY: dev is device 0, which the driver just initialised (cuInit) reported.
+    let dev = result::device::get(n).unwrap();
+    // SAFETY: dev is a device the driver (initialised by cuInit) reported.
     let ctx = unsafe { result::primary_ctx::retain(dev) }.unwrap();
     // SAFETY: ctx was just retained and stays retained for the rest of the process.
     unsafe { result::ctx::set_current(ctx) }.unwrap();
+}
+
+/// Leaves the calling thread with no current context, as a thread that never touched CUDA has.
+fn use_no_gpu() {
+    // SAFETY: cuCtxSetCurrent(NULL) unbinds the calling thread's context; nothing is freed.
+    let rc = unsafe { sys::cuCtxSetCurrent(std::ptr::null_mut()) };
+    assert_eq!(rc, sys::CUresult::CUDA_SUCCESS);
+}
+
+/// Whether a test needing `n` GPUs must stand down: fewer are visible (it says so). Single-GPU
+/// hosts run the GPU suite too, so this is a skip even where GPUs are required.
+fn fewer_gpus_than(n: usize) -> bool {
+    uccl_tcpx::cuda::driver().expect("cuInit");
+    let count = result::device::get_count().unwrap() as usize;
+    if count < n {
+        println!("SKIPPED: needs {n} GPUs, {count} visible");
+    }
+    count < n
+}
+
+/// The GPU whose device memory `ptr` is.
+fn gpu_of(ptr: u64) -> i32 {
+    let mut ordinal: i32 = -1;
+    // SAFETY: DEVICE_ORDINAL writes one int; ptr is device memory of a live allocation.
+    let rc = unsafe {
+        sys::cuPointerGetAttribute(
+            (&mut ordinal as *mut i32).cast(),
+            sys::CUpointer_attribute_enum::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+            ptr,
+        )
+    };
+    assert_eq!(rc, sys::CUresult::CUDA_SUCCESS);
+    ordinal
 }
 
 /// The unpack handle of a receive comm, read from device memory once, as a consumer reads it.
@@ -77,19 +115,22 @@ fn gpu_mode_needs_a_driver() {
     assert_warned("CUDA unavailable");
 }
 
-/// A device buffer whose usable part starts on a 4 KiB boundary (CUDA regMr requires it).
+/// A device buffer whose usable part starts on a 4 KiB boundary (CUDA regMr requires it), on the
+/// GPU current when it was made.
 struct DeviceBuf {
     raw: sys::CUdeviceptr,
     ptr: sys::CUdeviceptr,
+    ctx: sys::CUcontext,
 }
 
 impl DeviceBuf {
     fn new(len: usize, fill: u8) -> DeviceBuf {
-        // SAFETY: cuMemAlloc only allocates; the tests make the primary context current (use_gpu_0) first.
+        let ctx = result::ctx::get_current().unwrap().expect("a GPU is current");
+        // SAFETY: cuMemAlloc only allocates; the tests make a primary context current (use_gpu) first.
         let raw = unsafe { result::malloc_sync(len + 8192) }.unwrap();
         // SAFETY: raw was just allocated with len + 8192 bytes.
         unsafe { result::memset_d8_sync(raw, fill, len + 8192) }.unwrap();
-        DeviceBuf { raw, ptr: (raw + 4095) & !4095 }
+        DeviceBuf { raw, ptr: (raw + 4095) & !4095, ctx }
     }
     fn host(&self) -> *const u8 {
         self.ptr as *const u8
@@ -107,9 +148,15 @@ impl DeviceBuf {
 
 impl Drop for DeviceBuf {
     fn drop(&mut self) {
-        // SAFETY: raw came from cuMemAlloc in new() and is freed once, here, after the test's transfers into
-        // it completed.
+        // SAFETY: ctx is the primary context raw was allocated in, retained for the whole process; it is
+        // popped again below.
+        assert_eq!(unsafe { sys::cuCtxPushCurrent_v2(self.ctx) }, sys::CUresult::CUDA_SUCCESS);
+        // SAFETY: raw came from cuMemAlloc in new() and is freed once, here, in its own context, after the
+        // test's transfers into it completed.
         unsafe { result::free_sync(self.raw) }.unwrap();
+        let mut popped = std::ptr::null_mut();
+        // SAFETY: pops the context pushed above.
+        unsafe { sys::cuCtxPopCurrent_v2(&mut popped) };
     }
 }
 
@@ -141,7 +188,7 @@ fn transfer_in_gpu_mode(name: &str, copy: &str) {
     let env = [
         ("FAKE_TCPX_MODE", "gpu"),
         ("FAKE_TCPX_FRAGMENT", "random"),
-        ("FAKE_TCPX_POOL_MB", "32"),
+        ("FAKE_TCPX_POOL_MIB", "32"),
         ("FAKE_TCPX_GPU_COPY", copy),
     ];
     if common::spawn_in_child(name, &env) {
@@ -251,7 +298,7 @@ fn host_receive_in_gpu_mode() -> Result<Vec<u8>, i32> {
         }
     };
     p.wait_both(s, r).unwrap();
-    let got = gather(&h, 0, data.len(), 64 << 20);
+    let got = gather(&h, 0, data.len(), 1 << 30);
     assert_eq!(p.consume(pair.recv, r), 0);
     assert!(got == data, "bytes gathered from the device pool differ");
     Ok(got)
@@ -276,4 +323,184 @@ fn gpu_mode_host_receive_allowed_by_knob() {
     }
     // Let through, the receive lands in the device pool like every other.
     assert_eq!(host_receive_in_gpu_mode().map(|got| got.len()), Ok(100_000));
+}
+
+/// Sends `data` from host memory over `pair` into a receive registered as CUDA memory at `dst`,
+/// without consuming it: the receive request.
+fn receive_held(p: &Plugin, pair: &common::Pair, data: &[u8], dst: &DeviceBuf, cap: usize) -> *mut std::ffi::c_void {
+    let smh = p.reg(pair.send, data.as_ptr(), data.len(), NCCL_PTR_HOST).unwrap();
+    let rmh = p.reg(pair.recv, dst.host(), cap, NCCL_PTR_CUDA).unwrap();
+    let r = p.irecv(pair.recv, dst.host() as *mut u8, data.len(), rmh).unwrap();
+    let s = p.isend(pair.send, data.as_ptr(), data.len(), smh).unwrap();
+    p.wait_both(s, r).unwrap();
+    r
+}
+
+#[test]
+fn gpu_mode_one_pool_per_gpu_shared_by_its_comms() {
+    let name = "gpu_mode_one_pool_per_gpu_shared_by_its_comms";
+    // 1 MiB = 256 pages per GPU.
+    let env = [("FAKE_TCPX_MODE", "gpu"), ("FAKE_TCPX_POOL_MIB", "1")];
+    if skip_without_gpu(name) || common::spawn_in_child(name, &env) {
+        return;
+    }
+    use_gpu_0();
+    let p = Plugin::init();
+    let (x, y) = (p.pair(0), p.pair(1));
+    let (hx, hy) = (unpack_handle(&x), unpack_handle(&y));
+    assert_eq!(hx.bounce_buf, hy.bounce_buf, "both receive comms of GPU 0 hand out its one pool");
+    assert_eq!(gpu_of(hx.bounce_buf as u64), 0, "the pool is GPU 0's memory");
+    let cap = 256 * 4096;
+    let (dx, dy) = (DeviceBuf::new(cap, 0), DeviceBuf::new(cap, 0));
+    let a = pattern(192 * 4096, 1);
+    let b = pattern(128 * 4096, 2);
+
+    // X holds 192 pages and does not consume: Y's 128-page receive waits, without error.
+    let ra = receive_held(&p, &x, &a, &dx, cap);
+    let smh = p.reg(y.send, b.as_ptr(), b.len(), NCCL_PTR_HOST).unwrap();
+    let rmh = p.reg(y.recv, dy.host(), cap, NCCL_PTR_CUDA).unwrap();
+    let rb = p.irecv(y.recv, dy.host() as *mut u8, b.len(), rmh).unwrap();
+    let sb = p.isend(y.send, b.as_ptr(), b.len(), smh).unwrap();
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(300);
+    let mut sent = false;
+    while std::time::Instant::now() < until {
+        assert_eq!(p.test(rb), Ok(false), "Y waits while X holds the pages it needs");
+        if !sent {
+            sent = p.test(sb).unwrap();
+        }
+    }
+    assert!(common::take_warnings().is_empty(), "waiting for pages is not an error");
+    assert!(gather(&hx, 0, a.len(), cap) == a, "X's pages are intact while it holds them");
+    assert_eq!(p.consume(x.recv, ra), 0);
+    if sent {
+        p.wait(rb).unwrap();
+    } else {
+        p.wait_both(sb, rb).unwrap();
+    }
+    assert!(gather(&hy, 0, b.len(), cap) == b);
+    assert_eq!(p.consume(y.recv, rb), 0);
+
+    if fewer_gpus_than(2) {
+        return;
+    }
+    // Another GPU has a pool of its own, which GPU 0's hoarder does not drain.
+    let held = receive_held(&p, &x, &a, &dx, cap);
+    use_gpu(1);
+    let z = p.pair(0);
+    let hz = unpack_handle(&z);
+    assert_ne!(hz.bounce_buf, hx.bounce_buf);
+    assert_eq!(gpu_of(hz.bounce_buf as u64), 1, "a comm accepted with GPU 1 current gets GPU 1's pool");
+    let dz = DeviceBuf::new(cap, 0);
+    let c = pattern(200 * 4096, 3);
+    let rc = receive_held(&p, &z, &c, &dz, cap);
+    assert!(gather(&hz, 0, c.len(), cap) == c);
+    assert_eq!(p.consume(z.recv, rc), 0);
+    use_gpu_0();
+    assert_eq!(p.consume(x.recv, held), 0);
+}
+
+#[test]
+fn gpu_mode_comms_need_a_current_gpu() {
+    let name = "gpu_mode_comms_need_a_current_gpu";
+    if skip_without_gpu(name) || common::spawn_in_child(name, &[("FAKE_TCPX_MODE", "gpu")]) {
+        return;
+    }
+    // A thread that never made a GPU current: TCPX's cudaGetDevice() would answer 0 for it.
+    let p = Plugin::init();
+    let mut handle = [0u8; 128];
+    let mut lc = std::ptr::null_mut();
+    // SAFETY: handle is a 128-byte buffer and lc a writable local.
+    let rc = unsafe { p.t.listen.unwrap()(0, handle.as_mut_ptr().cast(), &mut lc) };
+    assert_eq!(rc, NCCL_INTERNAL_ERROR);
+    assert_warned("listen with no CUDA context current");
+
+    use_gpu_0();
+    let (handle, lc) = p.listen(0);
+    let dev = DeviceBuf::new(4096, 0);
+    use_no_gpu();
+    let mut h = handle;
+    let mut sc = std::ptr::null_mut();
+    // SAFETY: h is the handle listen wrote, sc a writable local.
+    let rc = unsafe { p.t.connect.unwrap()(0, h.as_mut_ptr().cast(), &mut sc, std::ptr::null_mut()) };
+    assert_eq!(rc, NCCL_INTERNAL_ERROR);
+    assert_warned("connect with no CUDA context current");
+    let mut dh = NcclNetDeviceHandleV7::default();
+    let mut dhp: *mut NcclNetDeviceHandleV7 = &mut dh;
+    let mut rcomm = std::ptr::null_mut();
+    // SAFETY: lc came from listen; rcomm is a writable local and dhp points at dh.
+    assert_eq!(unsafe { p.t.accept.unwrap()(lc, &mut rcomm, &mut dhp) }, NCCL_INTERNAL_ERROR);
+    assert_warned("accept with no CUDA context current");
+    // SAFETY: lc came from listen and no accept is running; closed once.
+    assert_eq!(unsafe { p.t.close_listen.unwrap()(lc) }, 0);
+
+    // Nothing was started: with the GPU current everything works, and a CUDA regMr still needs it.
+    use_gpu_0();
+    let pair = p.pair(0);
+    use_no_gpu();
+    assert_eq!(p.reg(pair.send, dev.host(), 4096, NCCL_PTR_CUDA), Err(NCCL_INTERNAL_ERROR));
+    assert_warned("CUDA regMr with no CUDA context current");
+    let host = [0u8; 64];
+    assert!(p.reg(pair.send, host.as_ptr(), 64, NCCL_PTR_HOST).is_ok(), "a HOST regMr binds no GPU");
+    use_gpu_0();
+    assert!(p.reg(pair.send, dev.host(), 4096, NCCL_PTR_CUDA).is_ok());
+}
+
+#[test]
+fn gpu_mode_comms_bind_to_the_gpu_current_when_made() {
+    let name = "gpu_mode_comms_bind_to_the_gpu_current_when_made";
+    if skip_without_gpu(name) || common::spawn_in_child(name, &[("FAKE_TCPX_MODE", "gpu")]) {
+        return;
+    }
+    if fewer_gpus_than(2) {
+        return;
+    }
+    let p = Plugin::init();
+    // Listen on GPU 0, accept on GPU 1: TCPX would steer into GPU 0's pool and hand out GPU 1's.
+    use_gpu_0();
+    let (_, lc) = p.listen(0);
+    use_gpu(1);
+    let mut dh = NcclNetDeviceHandleV7::default();
+    let mut dhp: *mut NcclNetDeviceHandleV7 = &mut dh;
+    let mut rcomm = std::ptr::null_mut();
+    // SAFETY: lc came from listen; rcomm is a writable local and dhp points at dh.
+    assert_eq!(unsafe { p.t.accept.unwrap()(lc, &mut rcomm, &mut dhp) }, NCCL_INTERNAL_ERROR);
+    let warnings = common::take_warnings();
+    assert!(
+        warnings.iter().any(|w| w.contains("accept with GPU 1 current on a listen comm made with GPU 0 current")),
+        "{warnings:?}"
+    );
+    // SAFETY: lc came from listen and no accept is running; closed once.
+    assert_eq!(unsafe { p.t.close_listen.unwrap()(lc) }, 0);
+
+    // A pair made with GPU 1 current: its pool is GPU 1's, and receives into GPU 1 memory work.
+    let pair = p.pair(0);
+    let h = unpack_handle(&pair);
+    assert_eq!(gpu_of(h.bounce_buf as u64), 1);
+    let cap = 64 * 4096;
+    let on_1 = DeviceBuf::new(cap, 0);
+    let data = pattern(100_000, 4);
+    let r = receive_held(&p, &pair, &data, &on_1, cap);
+    assert!(gather(&h, 0, data.len(), 1 << 30) == data);
+    assert_eq!(p.consume(pair.recv, r), 0);
+
+    // GPU 0's memory registers on that receive comm, as in TCPX, but a receive into it fails: the
+    // pool is mapped for GPU 1 alone, so GPU 0 could not unpack it.
+    use_gpu_0();
+    let on_0 = DeviceBuf::new(cap, 0);
+    let mh = p.reg(pair.recv, on_0.host(), cap, NCCL_PTR_CUDA).expect("TCPX registers any GPU's memory");
+    assert_eq!(p.irecv(pair.recv, on_0.host() as *mut u8, cap, mh), Err(NCCL_INTERNAL_ERROR));
+    assert_warned("receive into memory of GPU 0 on a receive comm bound to GPU 1");
+
+    // A send from GPU 0's memory over a send comm bound to GPU 1 works (TCPX makes the dma-buf
+    // for the memory's own GPU).
+    // SAFETY: on_0 holds cap >= data.len() bytes.
+    unsafe { result::memcpy_htod_sync(on_0.ptr, &data) }.unwrap();
+    let smh = p.reg(pair.send, on_0.host(), cap, NCCL_PTR_CUDA).unwrap();
+    use_gpu(1);
+    let rmh = p.reg(pair.recv, on_1.host(), cap, NCCL_PTR_CUDA).unwrap();
+    let r = p.irecv(pair.recv, on_1.host() as *mut u8, data.len(), rmh).unwrap();
+    let s = p.isend(pair.send, on_0.host(), data.len(), smh).unwrap();
+    p.wait_both(s, r).unwrap();
+    assert!(gather(&h, 1, data.len(), 1 << 30) == data);
+    assert_eq!(p.consume(pair.recv, r), 0);
 }

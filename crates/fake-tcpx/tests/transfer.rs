@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::{Pair, Plugin, Unpack, assert_warned, pattern, take_warnings};
 use uccl_tcpx::ncclnet::*;
 
-const POOL_DEFAULT: usize = 64 << 20;
+const POOL_DEFAULT: usize = 1 << 30;
 
 /// Sends each size over one comm pair and checks the reassembly from loadMeta, the unpack slot
 /// (k % 16), the size at request offset 36 and that the posted buffer is never written.
@@ -293,9 +293,82 @@ isolated_test!(
             }
         };
         assert_eq!(rc, NCCL_INTERNAL_ERROR);
-        assert_warned("FAKE_TCPX_POOL_MB");
+        assert_warned("FAKE_TCPX_POOL_MIB");
     }
-    env: ["FAKE_TCPX_POOL_MB" => "1"]
+    env: ["FAKE_TCPX_POOL_MIB" => "1"]
+);
+
+/// Tests `r` (and the send `s` until it is done) for `ms` milliseconds, asserting that the receive
+/// neither completes nor fails meanwhile; returns whether the send finished.
+fn stays_waiting(p: &Plugin, r: *mut c_void, s: *mut c_void, ms: u64, why: &str) -> bool {
+    let until = Instant::now() + Duration::from_millis(ms);
+    let mut sent = false;
+    while Instant::now() < until {
+        assert_eq!(p.test(r), Ok(false), "{why}");
+        if !sent {
+            sent = p.test(s).unwrap();
+        }
+    }
+    sent
+}
+
+isolated_test!(
+    fn one_pool_shared_by_every_receive_comm() {
+        // 1 MiB = 256 pages for the whole process (host mode stands in for one GPU), not per comm.
+        let p = Plugin::init();
+        let (x, y) = (p.pair(0), p.pair(1));
+        let (ux, uy) = (Unpack::host(&x), Unpack::host(&y));
+        assert_eq!(ux.bounce, uy.bounce, "both receive comms hand out the same bounce pool");
+        let a = pattern(192 * 4096, 1);
+        let b = pattern(128 * 4096, 2);
+        let mut dst = vec![0u8; a.len()];
+        let reg = |pair: &Pair, data: &[u8]| p.reg(pair.send, data.as_ptr(), data.len(), NCCL_PTR_HOST).unwrap();
+        let (smh_a, smh_b) = (reg(&x, &a), reg(&y, &b));
+        let rmh_x = p.reg(x.recv, dst.as_mut_ptr(), dst.len(), NCCL_PTR_HOST).unwrap();
+        let rmh_y = p.reg(y.recv, dst.as_mut_ptr(), dst.len(), NCCL_PTR_HOST).unwrap();
+
+        // X holds 192 pages and does not consume: Y's 128-page receive waits, without error.
+        let ra = transfer(&p, &x, &a, smh_a, dst.as_mut_ptr(), rmh_x);
+        let rb = p.irecv(y.recv, dst.as_mut_ptr(), b.len(), rmh_y).unwrap();
+        let sb = p.isend(y.send, b.as_ptr(), b.len(), smh_b).unwrap();
+        let sent = stays_waiting(&p, rb, sb, 300, "Y waits while X holds the pages it needs");
+        assert!(take_warnings().is_empty(), "waiting for pages is not an error");
+        assert_eq!(ux.gather(0, a.len(), 1 << 20), a, "X's pages are intact while it holds them");
+
+        // X's consume frees Y.
+        assert_eq!(p.consume(x.recv, ra), 0);
+        if !sent {
+            p.wait_both(sb, rb).unwrap();
+        } else {
+            p.wait(rb).unwrap();
+        }
+        assert_eq!(uy.gather(0, b.len(), 1 << 20), b);
+        assert_eq!(p.consume(y.recv, rb), 0);
+
+        // Closing a comm returns the pages of receives it never consumed, as closing TCPX's sockets
+        // does: X holds 192 pages again, is closed, and Y gets 200.
+        transfer(&p, &x, &a, smh_a, dst.as_mut_ptr(), rmh_x);
+        let c = pattern(200 * 4096, 3);
+        let smh_c = reg(&y, &c);
+        let mut big = vec![0u8; c.len()];
+        let rmh_big = p.reg(y.recv, big.as_mut_ptr(), big.len(), NCCL_PTR_HOST).unwrap();
+        let rc = p.irecv(y.recv, big.as_mut_ptr(), c.len(), rmh_big).unwrap();
+        let sc = p.isend(y.send, c.as_ptr(), c.len(), smh_c).unwrap();
+        let sent = stays_waiting(&p, rc, sc, 200, "Y waits while X holds 192 of 256 pages");
+        for (close, comm) in [(p.t.close_send, x.send), (p.t.close_recv, x.recv), (p.t.close_listen, x.listen)] {
+            // SAFETY: each comm of pair X is live and closed once, with the close of its own kind.
+            assert_eq!(unsafe { close.unwrap()(comm) }, 0);
+        }
+        assert_warned("never consumed");
+        if !sent {
+            p.wait_both(sc, rc).unwrap();
+        } else {
+            p.wait(rc).unwrap();
+        }
+        assert_eq!(uy.gather(1, c.len(), 1 << 20), c);
+        assert_eq!(p.consume(y.recv, rc), 0);
+    }
+    env: ["FAKE_TCPX_POOL_MIB" => "1"]
 );
 
 isolated_test!(
