@@ -13,6 +13,10 @@
 # GPU_BENCH_STEP_TIMEOUT: seconds one step may take (default 150); GPU_BENCH_BUDGET: seconds for the
 # whole script (default 540), after which the remaining steps are skipped.
 # Optional: target/release/examples/gpu_staging_bw (or GPU_STAGING_BW_BIN) is run too when present.
+# The net-plugin transport over the fake devmem NIC in GPU mode runs first when libfake_tcpx.so lies
+# next to the bench binary (or GPU_BENCH_FAKE_PLUGIN names it): GPU->GPU and GPU->host writes and
+# sends (GPU_BENCH_FAKE_SIZES), with UCCL_TCPX_PLUGIN_TEST_AHEAD=1 (the default) and 0 (the plugin
+# tested only for a comm's oldest receive, as before); GPU_BENCH_FAKE=0 skips it.
 # The staging knobs (UCCL_TCPX_STAGING_AHEAD, _STREAMS) and UCCL_TCPX_TRACE_STAGING=1 (per-chunk
 # stage times of the staged GPU path, printed by both bench processes at exit into each step's log)
 # pass through from the caller's environment to every bench run.
@@ -75,6 +79,35 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,pci.bus_id --format=csv,
 nvidia-smi topo -m 2>/dev/null | head -n 12
 echo "bench binary: $BIN"
 
+RUNS_JSON=()
+FAKE_PLUGIN="${GPU_BENCH_FAKE_PLUGIN:-$(dirname "$BIN")/libfake_tcpx.so}"
+FAKE_SIZES="${GPU_BENCH_FAKE_SIZES:-64K,1M,4M,64M}"
+FAKE_RUNS=()
+if [[ "${GPU_BENCH_FAKE:-1}" == 0 ]]; then
+  echo "gpu_bench: the fake NIC runs are off (GPU_BENCH_FAKE=0)"
+elif [[ ! -f "$FAKE_PLUGIN" || $GPUS -lt 1 ]]; then
+  echo "gpu_bench: fake NIC runs skipped: needs a GPU and $FAKE_PLUGIN"
+else
+  # Both ends on this host (allowed for the fake only), no flow-steering wait, two fake devices;
+  # host receives in the plugin fail as on TCPX, so a host destination must take the landing path.
+  FAKE_ENV=(UCCL_TCPX_TRANSPORT=tcpx "UCCL_TCPX_PLUGIN=$FAKE_PLUGIN" FAKE_TCPX_MODE=gpu FAKE_TCPX_SAME_HOST=allow
+    FAKE_TCPX_STEERING_WAIT_MS=0 FAKE_TCPX_HOST_RECV=fail UCCL_TCPX_NET_DEVICES=0,1)
+  for ahead in 1 0; do
+    for dest in gpu cpu; do
+      name="fake-gpu-to-$dest-ahead$ahead"
+      section "$name: UCCL_TCPX_PLUGIN_TEST_AHEAD=$ahead uccl-tcpx-bench --device gpu --peer-device $dest"
+      rm -f "$OUTDIR/$name.json"
+      step "$name" env "${FAKE_ENV[@]}" UCCL_TCPX_PLUGIN_TEST_AHEAD=$ahead "$BIN" --device gpu --peer-device "$dest" \
+        --ops write,send --sizes "$FAKE_SIZES" --no-baseline --json-file "$OUTDIR/$name.json"
+      rc=$?
+      result=null
+      [[ -s "$OUTDIR/$name.json" ]] && result=$(cat "$OUTDIR/$name.json")
+      RUNS_JSON+=("{\"name\":\"$name\",\"device\":\"gpu\",\"env\":$(json_string "${FAKE_ENV[*]} UCCL_TCPX_PLUGIN_TEST_AHEAD=$ahead"),\"flags\":$(json_string "--peer-device $dest"),\"status\":$rc,\"result\":$result}")
+      FAKE_RUNS+=("$name")
+    done
+  done
+fi
+
 # Two socket layouts with 16 data sockets per direction each (16-32 core host): 4 channels x 4
 # helper threads with 1 MiB chunks, and 8 channels x 2 threads with 4 MiB chunks and a deeper
 # window (the staged GPU path's best setting in the in-process staging example); the latter again
@@ -90,7 +123,6 @@ LAYOUTS=(
   "ch4-2m-depth4|--channels 4 --depth 4|UCCL_TCPX_SOCKET_NTHREADS=4 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=2M UCCL_TCPX_WINDOW=16"
   "ch8-1m|--channels 8|UCCL_TCPX_SOCKET_NTHREADS=2 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=1M UCCL_TCPX_WINDOW=16"
 )
-RUNS_JSON=()
 for device in ${GPU_BENCH_DEVICES:-gpu cpu}; do
   for layout in "${LAYOUTS[@]}"; do
     IFS='|' read -r tag flags knobs <<<"$layout"
@@ -187,6 +219,22 @@ for tag in ("ch4", "ch8", "ch8-depth4", "ch4-2m", "ch4-2m-depth4", "ch8-1m"):
         print(f"{p['op']:<6}{p['size']:>11}{p['gb_per_s']:>10.2f}{f(h and h['gb_per_s'], '>10.2f'):>10}"
               f"{f(ratio, '>9.2f'):>9}{f(p['raw_gb_per_s'], '>9.2f'):>9}{f(p['bw_ratio'], '>8.2f'):>8}"
               f"{p['p50_us']:>11.1f}{f(h and h['p50_us'], '>9.1f'):>9}")
+
+fake = {n.removeprefix("fake-gpu-to-"): r for n, r in runs.items() if n.startswith("fake-gpu-to-")}
+if fake:
+    print("\nplugin transport over the fake NIC in GPU mode: GB/s, GPU->host against GPU->GPU, and the plugin")
+    print("tested ahead (default) against only for the oldest receive (UCCL_TCPX_PLUGIN_TEST_AHEAD=0)")
+    print(f"{'op':<6}{'size':>11}{'to GPU':>8}{'to host':>8}{'host/GPU':>9}{'GPU old':>8}{'host old':>9}"
+          f"{'host/GPU old':>13}{'gain GPU':>9}{'gain host':>10}")
+    point = lambda tag, op, size: next((p["gb_per_s"] for p in fake.get(tag, {}).get("results", [])
+                                        if p["op"] == op and p["size"] == size), None)
+    sizes = sorted({(p["op"], p["size"]) for r in fake.values() for p in r["results"]})
+    for op, size in sizes:
+        g, h, go, ho = (point(t, op, size) for t in ("gpu-ahead1", "cpu-ahead1", "gpu-ahead0", "cpu-ahead0"))
+        f = lambda v, w: format(v, f">{w}.2f") if v is not None else "-".rjust(w)
+        div = lambda a, b: a / b if a is not None and b else None
+        print(f"{op:<6}{size:>11}{f(g, 8)}{f(h, 8)}{f(div(h, g), 9)}{f(go, 8)}{f(ho, 9)}{f(div(ho, go), 13)}"
+              f"{f(div(g, go), 9)}{f(div(h, ho), 10)}")
 
 # NCCL lines: "nccl-socket TAG size=N GB/s=X lat_us=Y"
 nccl = {}

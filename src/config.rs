@@ -88,6 +88,10 @@ pub struct Config {
     pub net_devices: Option<Vec<usize>>,
     /// How GPU memory is staged through host memory (`UCCL_TCPX_STAGING_*`, `UCCL_TCPX_TRACE_STAGING`).
     pub staging: StagingConfig,
+    /// A net plugin's receive comm tests the plugin's next receives while earlier ones are still
+    /// unpacked or copied out, so the plugin keeps progressing; false tests only the oldest receive
+    /// (the behaviour before, for comparison). `UCCL_TCPX_PLUGIN_TEST_AHEAD` (0 or 1, default 1).
+    pub plugin_test_ahead: bool,
     /// How long a thread that expects control-stream bytes polls the socket before it sleeps: a
     /// caller waiting for an inline transfer's reply, and a serving connection's reader after each
     /// message. Default 20 us when this process may run on 2 or more CPUs, else 0.
@@ -302,6 +306,7 @@ impl Default for Config {
             nccl_net_plugin: None,
             net_devices: None,
             staging: StagingConfig::default(),
+            plugin_test_ahead: true,
             control_spin: default_control_spin(),
             allow_dial: Vec::new(),
             disable_ipc: false,
@@ -338,6 +343,7 @@ impl Config {
             gpu: get("UCCL_TCPX_GPU").map(|_| parse_in(&get, "UCCL_TCPX_GPU", 0, 0, MAX_GPU_ORDINAL)).transpose()?,
             socket: SocketConfig::from_lookup(&get)?,
             staging: StagingConfig::from_lookup(&get)?,
+            plugin_test_ahead: parse_in(&get, "UCCL_TCPX_PLUGIN_TEST_AHEAD", 1u8, 0, 1)? == 1,
             control_spin: parse_micros(&get, "UCCL_TCPX_CONTROL_SPIN_US", d.control_spin, 1_000_000)?,
             allow_dial: parse_cidrs(&get, "UCCL_TCPX_ALLOW_DIAL")?,
             disable_ipc: parse_in(&get, "UCCL_TCPX_DISABLE_IPC", 0u8, 0, 1)? == 1,
@@ -559,6 +565,7 @@ mod tests {
             ("UCCL_TCPX_ALLOW_DIAL", "10.0.0.0/8, 192.168.1.7,fd00::/8"),
             ("UCCL_TCPX_DISABLE_IPC", "1"),
             ("UCCL_TCPX_LOCAL_PEERS", "Plugin"),
+            ("UCCL_TCPX_PLUGIN_TEST_AHEAD", "0"),
         ])
         .unwrap();
         let ips = |list: &[&str]| list.iter().map(|a| a.parse::<IpAddr>().unwrap()).collect::<Vec<_>>();
@@ -591,6 +598,8 @@ mod tests {
         assert_eq!(c.local_peers, LocalPeers::Plugin);
         assert_eq!(cfg(&[]).unwrap().local_peers, LocalPeers::Socket);
         assert_eq!(cfg(&[("UCCL_TCPX_LOCAL_PEERS", "socket")]).unwrap().local_peers, LocalPeers::Socket);
+        assert!(!c.plugin_test_ahead);
+        assert!(cfg(&[]).unwrap().plugin_test_ahead);
         assert_eq!(cfg(&[("UCCL_TCPX_CONTROL_SPIN_US", "0")]).unwrap().control_spin, Duration::ZERO);
         assert_eq!(cfg(&[("UCCL_TCPX_CHUNK_SIZE", "4M")]).unwrap().chunk_size, 4 << 20);
     }
@@ -671,6 +680,7 @@ mod tests {
             ("UCCL_TCPX_SOCKET_BLOCKING", "2"),
             ("UCCL_TCPX_DISABLE_IPC", "2"),
             ("UCCL_TCPX_DISABLE_IPC", "yes"),
+            ("UCCL_TCPX_PLUGIN_TEST_AHEAD", "2"),
             ("UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD", "8M"),
             ("UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD", "lots"),
             ("UCCL_TCPX_GPU", "-1"),

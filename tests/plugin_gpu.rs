@@ -12,7 +12,10 @@
 //! with `FAKE_TCPX_MODE=gpu` set; the children are `#[ignore]`d so a normal run only starts them
 //! through their parent. Without a CUDA driver the parents print "SKIPPED: no CUDA driver".
 //! `throughput_against_the_staged_socket_path` (ignored) prints GB/s of 64 MiB GPU->GPU writes over
-//! the fake next to the built-in socket transport's staged path, in the same process.
+//! the fake next to the built-in socket transport's staged path, in the same process;
+//! `host_destinations_keep_up_with_gpu_destinations` holds 64 MiB GPU->host writes to at least 80%
+//! of the GPU->GPU rate and prints both next to the rates with the plugin tested only for the
+//! oldest receive (`UCCL_TCPX_PLUGIN_TEST_AHEAD=0`, the behaviour before).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -464,6 +467,41 @@ fn child_comms_bind_the_gpu_known_at_creation() {
     let on1 = Mem::on_gpu(1, 4096);
     let err = c.register(on1.addr(), on1.len()).unwrap_err();
     assert!(err.message().contains("UCCL_TCPX_GPU=1"), "{err}");
+    println!("child checked");
+}
+
+#[test]
+fn host_destinations_keep_up_with_gpu_destinations() {
+    if no_gpu() {
+        return;
+    }
+    let out = run_child("child_host_destinations_keep_up", "page");
+    assert!(out.contains("child checked"), "{out}");
+}
+
+#[test]
+#[ignore = "run by its parent with FAKE_TCPX_MODE=gpu"]
+fn child_host_destinations_keep_up() {
+    assert_gpu_mode();
+    // 4 MiB chunks: every receive is as large as a plugin receive gets, so a host destination's
+    // kernel into its landing slot and its copy out take longest against the next chunk's arrival.
+    let (channels, chunk) = (2u16, 4u32 << 20);
+    let config = |ahead: bool| Config { plugin_test_ahead: ahead, ..plugin_config(channels, chunk) };
+    // Best of two runs of 6 writes each: a slow outlier of a shared host says nothing of the path.
+    let rate = |ahead: bool, to: Side| (0..2).map(|_| write_rate(config(ahead), 6, to)).fold(0.0, f64::max);
+    let (gpu, host) = (rate(true, Side::Gpu), rate(true, Side::Host));
+    let (gpu_oldest, host_oldest) = (rate(false, Side::Gpu), rate(false, Side::Host));
+    println!(
+        "64 MiB writes, {channels} channels, {} MiB chunks, fake GPU mode: GPU->GPU {gpu:.2} GB/s, GPU->host {host:.2} GB/s \
+         ({:.0}% of GPU->GPU); testing only the oldest receive: GPU->GPU {gpu_oldest:.2} GB/s, GPU->host \
+         {host_oldest:.2} GB/s ({:.0}%); gain {:.2}x to GPU, {:.2}x to host",
+        chunk >> 20,
+        100.0 * host / gpu,
+        100.0 * host_oldest / gpu_oldest,
+        gpu / gpu_oldest,
+        host / host_oldest,
+    );
+    assert!(host >= 0.8 * gpu, "GPU->host {host:.2} GB/s is below 80% of GPU->GPU {gpu:.2} GB/s");
     println!("child checked");
 }
 

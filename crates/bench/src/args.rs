@@ -122,9 +122,18 @@ pub struct Args {
     /// The loopback server's GPU with --device gpu [default: the next GPU if there are 2+, else the same]
     #[arg(long, value_name = "N", value_parser = ordinal, allow_negative_numbers = true)]
     pub peer_gpu: Option<i32>,
+    /// Where the loopback server's buffers live [default: as --device]; `--device gpu --peer-device
+    /// cpu` lands writes and sends from a GPU in host memory (the server's engine still serves
+    /// --peer-gpu's GPU, as a host-memory engine on a GPU host does)
+    #[arg(long, value_enum)]
+    pub peer_device: Option<Device>,
     /// Server started by a loopback parent: print the chosen port on stdout.
     #[arg(long, hide = true)]
     pub announce: bool,
+    /// Server started by a loopback parent with host buffers: the GPU its engine serves, unless
+    /// UCCL_TCPX_GPU names one.
+    #[arg(long, hide = true, value_name = "N", value_parser = ordinal)]
+    pub serve_gpu: Option<i32>,
     /// Run this process on these CPUs only (taskset's form: 0-7,12)
     // The full path keeps clap from reading the list as a flag given once per CPU.
     #[arg(long, value_name = "LIST", value_parser = crate::cpus::parse)]
@@ -167,7 +176,13 @@ impl Args {
                 "--split-cores applies to --loopback only (two hosts have their own cores)",
             ));
         }
-        if self.peer_gpu.is_some() && (self.role != Role::Loopback || self.device != Device::Gpu) {
+        if self.peer_device.is_some() && self.role != Role::Loopback {
+            return Err((
+                ErrorKind::ArgumentConflict,
+                "--peer-device applies to --loopback only (a separate server takes --device itself)",
+            ));
+        }
+        if self.peer_gpu.is_some() && (self.role != Role::Loopback || !self.uses_gpu()) {
             return Err((
                 ErrorKind::ArgumentConflict,
                 "--peer-gpu applies to --loopback --device gpu only (a separate server takes --device gpu --gpu N \
@@ -215,15 +230,23 @@ impl Args {
         self.iters.unwrap_or_else(|| ((512usize << 20) / size).clamp(8, 2000))
     }
 
+    /// Whether either end of the run uses GPU buffers.
+    pub fn uses_gpu(&self) -> bool {
+        self.device == Device::Gpu || self.peer_device == Some(Device::Gpu)
+    }
+
     /// The options a loopback parent hands to its server child.
     pub fn server_child_args(&self) -> Vec<String> {
         let mut v = vec!["--role".into(), "server".into(), "--port".into(), "0".into(), "--announce".into()];
         if let Some(c) = self.channels {
             v.extend(["--channels".into(), c.to_string()]);
         }
-        if self.device == Device::Gpu {
-            let gpu = self.peer_gpu.unwrap_or(self.gpu);
-            v.extend(["--device".into(), "gpu".into(), "--gpu".into(), gpu.to_string()]);
+        if self.uses_gpu() {
+            let gpu = self.peer_gpu.unwrap_or(self.gpu).to_string();
+            match self.peer_device.unwrap_or(self.device) {
+                Device::Gpu => v.extend(["--device".into(), "gpu".into(), "--gpu".into(), gpu]),
+                Device::Cpu => v.extend(["--serve-gpu".into(), gpu]),
+            }
         }
         v
     }
@@ -399,13 +422,14 @@ mod tests {
             "--device",
             "--gpu",
             "--peer-gpu",
+            "--peer-device",
             "--cpus",
             "--split-cores",
             "--help",
         ] {
             assert!(help.split_whitespace().any(|w| w == flag), "{flag} in {help}");
         }
-        assert!(!help.contains("--announce"), "{help}");
+        assert!(!help.contains("--announce") && !help.contains("--serve-gpu"), "{help}");
         assert!(help.contains("[default: 19971]") && help.contains("UCCL_TCPX_SOCKET_NTHREADS"), "{help}");
     }
 
@@ -433,6 +457,8 @@ mod tests {
             // docs/PERFORMANCE.md
             "--ops write,read,send,transport --sizes 8,4K --iters 5000",
             "--loopback --ops write --device gpu --sizes 512K,4M,64M --no-baseline",
+            "--device gpu --ops write,read,send --sizes 4K,64K,1M,4M,64M --no-baseline",
+            "--device gpu --peer-device cpu --ops write,send --sizes 4K,64K,1M,4M,64M --no-baseline",
             "--sizes 128K,256K,512K,1M,4M,64M --ops write,read",
             "--ops write,read --sizes 64M --depth 4 --iters 16 --channels 8",
         ] {
@@ -457,6 +483,23 @@ mod tests {
         assert!(same.ends_with("--device gpu --gpu 2"), "unresolved peer: same GPU ({same})");
         let server = parse("--role server --device gpu --gpu 1").unwrap();
         assert_eq!((server.role, server.device, server.gpu), (Role::Server, Device::Gpu, 1));
+    }
+
+    #[test]
+    fn a_host_memory_server_behind_a_gpu_client() {
+        let a = parse("--device gpu --peer-device cpu --peer-gpu 1 --channels 2").unwrap();
+        let child = a.server_child_args().join(" ");
+        assert!(child.ends_with("--channels 2 --serve-gpu 1"), "{child}");
+        let argv = std::iter::once("uccl-tcpx-bench".to_string()).chain(a.server_child_args());
+        let server = Args::try_from_args(argv).unwrap();
+        assert_eq!((server.device, server.serve_gpu), (Device::Cpu, Some(1)));
+        let b = parse("--peer-device gpu --peer-gpu 1").unwrap();
+        assert!(b.uses_gpu());
+        assert!(b.server_child_args().join(" ").ends_with("--device gpu --gpu 1"));
+        let plain = parse("--peer-device cpu").unwrap();
+        assert!(!plain.uses_gpu() && !plain.server_child_args().iter().any(|w| w.contains("gpu")));
+        let e = parse("--role server --peer-device cpu").unwrap_err().to_string();
+        assert!(e.contains("--peer-device applies to --loopback only"), "{e}");
     }
 
     #[test]

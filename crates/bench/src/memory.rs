@@ -148,7 +148,7 @@ fn prefaulted(len: usize) -> Vec<u8> {
 /// Returns the server end's GPU for a loopback run: `--peer-gpu`, else the next GPU when there are
 /// two or more (so each process has its own), else the same one.
 pub fn resolve_gpus(args: &Args) -> Result<Option<i32>, String> {
-    if args.device != Device::Gpu {
+    if !args.uses_gpu() {
         return Ok(None);
     }
     cuda::driver().map_err(|e| format!("--device gpu needs a CUDA driver: {e}"))?;

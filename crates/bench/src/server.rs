@@ -30,10 +30,15 @@ pub fn run(args: &Args) -> Io<()> {
     let mut ctl = Ctl::new(stream)?;
     let setup = ctl.expect("SETUP")?;
     let (bytes, channels): (usize, u16) = (field(&setup, 1)?, field(&setup, 2)?);
-    let config = Config {
+    let mut config = Config {
         num_channels: args.channels.unwrap_or(channels),
         ..Config::from_env().map_err(std::io::Error::other)?
     };
+    // Host buffers on a GPU host: the engine still serves a GPU (a net plugin lands host
+    // destinations through it), the one the loopback parent assigned this end.
+    if config.gpu.is_none() {
+        config.gpu = args.serve_gpu;
+    }
     let engine = Engine::new(config).map_err(std::io::Error::other)?;
     let mut mem = BenchMemory::for_args(args, bytes)?;
     let mr = engine.register(mem.addr(), bytes).map_err(std::io::Error::other)?;

@@ -3,6 +3,9 @@
 //! accept and regMr, as NCCL's proxy thread would have it), and one [`Unpacker`] per GPU, shared by
 //! every receive comm whose bounce pool lives there so that receives of all channels batch into
 //! the same launches, and one set of landing slots per GPU for receives into host memory.
+//!
+//! Receive comms see the unpacker through [`BatchUnpack`], so that unit tests without a GPU can
+//! stand a host-memory gather in for it (`mock::HeldUnpack`) and drive the device path's ordering.
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -12,16 +15,65 @@ use parking_lot::Mutex;
 use super::landing::HostLanding;
 use crate::cuda::Gpu;
 use crate::cuda::gpu::ContextRestore;
-use crate::cuda::unpack::{Unpacker, UnpackerConfig};
+use crate::cuda::unpack::{ReceiveLayout, Submit, Unpacker, UnpackerConfig};
 use crate::error::Result;
+use crate::ncclnet::LoadMeta;
+
+/// What a receive comm asks of its GPU's unpacker (see [`Unpacker`], whose methods these are).
+pub trait BatchUnpack: Send {
+    /// # Safety
+    /// As [`Unpacker::submit`].
+    unsafe fn submit(&mut self, layout: &ReceiveLayout, metas: &[LoadMeta]) -> Result<Submit>;
+    fn launch(&mut self) -> Result<bool>;
+    fn poll(&mut self) -> Result<u64>;
+    fn finish(&mut self) -> Result<u64>;
+    fn submitted(&self) -> u64;
+    fn pending_receives(&self) -> usize;
+    fn pending_tiles(&self) -> usize;
+    fn launches_in_flight(&self) -> usize;
+}
+
+impl BatchUnpack for Unpacker {
+    unsafe fn submit(&mut self, layout: &ReceiveLayout, metas: &[LoadMeta]) -> Result<Submit> {
+        // SAFETY: the caller keeps `Unpacker::submit`'s contract.
+        unsafe { Unpacker::submit(self, layout, metas) }
+    }
+    fn launch(&mut self) -> Result<bool> {
+        Unpacker::launch(self)
+    }
+    fn poll(&mut self) -> Result<u64> {
+        Unpacker::poll(self)
+    }
+    fn finish(&mut self) -> Result<u64> {
+        Unpacker::finish(self)
+    }
+    fn submitted(&self) -> u64 {
+        Unpacker::submitted(self)
+    }
+    fn pending_receives(&self) -> usize {
+        Unpacker::pending_receives(self)
+    }
+    fn pending_tiles(&self) -> usize {
+        Unpacker::pending_tiles(self)
+    }
+    fn launches_in_flight(&self) -> usize {
+        Unpacker::launches_in_flight(self)
+    }
+}
+
+/// One GPU's unpacker, shared by the receive comms whose pools live there.
+pub type SharedUnpack = Arc<Mutex<dyn BatchUnpack>>;
 
 #[derive(Default)]
 pub struct PluginGpus {
     /// The GPU the engine serves, as the engine told it (`Net::set_gpu`).
     engine_gpu: OnceLock<Arc<Gpu>>,
-    unpackers: Mutex<HashMap<i32, Arc<Mutex<Unpacker>>>>,
+    unpackers: Mutex<HashMap<i32, SharedUnpack>>,
     /// Per GPU, where receives into host memory land (`landing.rs`), made on first use.
     landings: Mutex<HashMap<i32, Arc<HostLanding>>>,
+    /// Unit tests: host pools of this many bytes pass for device pools, gathered by this stand-in.
+    #[cfg(test)]
+    stand_in: OnceLock<(SharedUnpack, u64)>,
 }
 
 impl PluginGpus {
@@ -54,8 +106,30 @@ impl PluginGpus {
         Ok(landing)
     }
 
+    /// The GPU `ordinal` and its unpacker, created on first use; no GPU for a unit test's stand-in.
+    pub fn unpack_device(&self, ordinal: i32) -> Result<(Option<Arc<Gpu>>, SharedUnpack)> {
+        #[cfg(test)]
+        if let Some((unpack, _)) = self.stand_in.get() {
+            return Ok((None, unpack.clone()));
+        }
+        Ok((Some(Gpu::open(ordinal)?), self.unpacker(ordinal)?))
+    }
+
+    /// Unit tests: every receive comm made from now on takes its host pool of `pool_len` bytes for
+    /// a device pool on GPU 0, unpacked by `unpack`.
+    #[cfg(test)]
+    pub fn stand_in(&self, unpack: SharedUnpack, pool_len: u64) {
+        assert!(self.stand_in.set((unpack, pool_len)).is_ok(), "one stand-in per net");
+    }
+
+    /// The length of the host pools a unit test's stand-in takes for device pools.
+    #[cfg(test)]
+    pub fn stand_in_pool_len(&self) -> Option<u64> {
+        self.stand_in.get().map(|(_, len)| *len)
+    }
+
     /// The unpacker of GPU `ordinal`, created on first use.
-    pub fn unpacker(&self, ordinal: i32) -> Result<Arc<Mutex<Unpacker>>> {
+    fn unpacker(&self, ordinal: i32) -> Result<SharedUnpack> {
         let mut unpackers = self.unpackers.lock();
         if let Some(u) = unpackers.get(&ordinal) {
             return Ok(u.clone());
@@ -65,7 +139,7 @@ impl PluginGpus {
         let _restore = gpu.enter()?;
         let unpacker = Unpacker::new(UnpackerConfig { ordinal: ordinal as usize, ..UnpackerConfig::default() })
             .map_err(|e| e.context(format!("GPU unpack on GPU {ordinal}")))?;
-        let unpacker = Arc::new(Mutex::new(unpacker));
+        let unpacker: SharedUnpack = Arc::new(Mutex::new(unpacker));
         unpackers.insert(ordinal, unpacker.clone());
         Ok(unpacker)
     }

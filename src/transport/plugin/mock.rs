@@ -15,7 +15,10 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use super::gather::{self, Run};
+use super::gpu::BatchUnpack;
 use super::loader::Plugin;
+use crate::cuda::unpack::{ReceiveLayout, Submit};
 use crate::ncclnet::*;
 
 const HANDLE_MAGIC: u64 = 0x4D4F_434B_4E45_5431;
@@ -554,6 +557,71 @@ pub fn table() -> NcclNetV7 {
         close_listen: Some(close_listen),
         get_device_mr: None,
         irecv_consumed: Some(irecv_consumed),
+    }
+}
+
+/// A stand-in for a GPU's unpacker (`PluginGpus::stand_in`): it gathers on the CPU, but finishes
+/// receives only as far as the test lets it, so a test can keep a receive "in the kernel" for as
+/// long as it likes.
+#[derive(Default)]
+pub struct HeldUnpack {
+    /// Per submitted receive: destination, pool and the runs to copy.
+    receives: Vec<(u64, u64, Vec<Run>)>,
+    launched: u64,
+    completed: u64,
+    /// Receives with tickets below this may finish.
+    pub release_below: u64,
+    pub launches: usize,
+}
+
+impl BatchUnpack for HeldUnpack {
+    unsafe fn submit(&mut self, layout: &ReceiveLayout, metas: &[LoadMeta]) -> crate::error::Result<Submit> {
+        let mut runs = Vec::new();
+        gather::plan(metas, layout.dst_len as usize, layout.pool_len, &mut runs)?;
+        self.receives.push((layout.dst, layout.pool, runs));
+        Ok(Submit::Queued(self.receives.len() as u64 - 1))
+    }
+
+    fn launch(&mut self) -> crate::error::Result<bool> {
+        if self.launched == self.submitted() {
+            return Ok(false);
+        }
+        self.launched = self.submitted();
+        self.launches += 1;
+        Ok(true)
+    }
+
+    fn poll(&mut self) -> crate::error::Result<u64> {
+        while self.completed < self.launched.min(self.release_below) {
+            let (dst, pool, runs) = &self.receives[self.completed as usize];
+            // SAFETY: `plan` checked the runs against the pool and the destination, which the
+            // submit contract keeps valid until the receive is finished.
+            unsafe { gather::copy_runs(*pool as *const u8, *dst as *mut u8, runs) };
+            self.completed += 1;
+        }
+        Ok(self.completed)
+    }
+
+    fn finish(&mut self) -> crate::error::Result<u64> {
+        self.launch()?;
+        self.release_below = u64::MAX;
+        self.poll()
+    }
+
+    fn submitted(&self) -> u64 {
+        self.receives.len() as u64
+    }
+
+    fn pending_receives(&self) -> usize {
+        (self.submitted() - self.launched) as usize
+    }
+
+    fn pending_tiles(&self) -> usize {
+        0
+    }
+
+    fn launches_in_flight(&self) -> usize {
+        usize::from(self.launched > self.completed)
     }
 }
 

@@ -8,6 +8,7 @@
 //! plugin's C ABI itself is [`crate::ncclnet`].
 
 mod comm;
+mod copier;
 pub mod devices;
 pub mod env;
 pub mod gather;
@@ -15,6 +16,7 @@ mod gpu;
 mod landing;
 pub mod loader;
 pub mod logger;
+mod recv;
 pub mod unpack;
 
 #[cfg(test)]
@@ -29,9 +31,10 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 
-use self::comm::{CommShared, PluginRecvComm, PluginSendComm, plugin_error};
+use self::comm::{CommShared, PluginSendComm, plugin_error};
 use self::gpu::PluginGpus;
 pub use self::loader::Plugin;
+use self::recv::PluginRecvComm;
 use self::unpack::UnpackView;
 use super::{ListenComm, Net, NetHandle, Properties, RecvComm, SendComm};
 use crate::config::Config;
@@ -72,6 +75,9 @@ pub struct PluginNet {
     /// plugin may still hold their state.
     connects: Mutex<HashMap<usize, Box<PendingConnect>>>,
     gpus: Arc<PluginGpus>,
+    /// Receive comms test the plugin's next receive while earlier ones unpack
+    /// (`UCCL_TCPX_PLUGIN_TEST_AHEAD`).
+    test_ahead: bool,
 }
 
 impl PluginNet {
@@ -80,7 +86,15 @@ impl PluginNet {
     /// the engine names its GPU ([`Net::set_gpu`]).
     pub fn open(config: &Config, gpu_pci_path: Option<&str>) -> Result<PluginNet> {
         let plugin = loader::load(config.plugin_path.as_deref(), config.nccl_net_plugin.as_deref())?;
-        PluginNet::with_plugin(plugin, config.net_devices.as_deref(), gpu_pci_path)
+        let net = PluginNet::with_plugin(plugin, config.net_devices.as_deref(), gpu_pci_path)?;
+        Ok(net.with_test_ahead(config.plugin_test_ahead))
+    }
+
+    /// Whether receive comms keep testing the plugin's next receives while earlier ones unpack (the
+    /// default), or test only their oldest receive (the behaviour before, kept for comparison).
+    pub fn with_test_ahead(mut self, on: bool) -> PluginNet {
+        self.test_ahead = on;
+        self
     }
 
     pub fn with_plugin(
@@ -97,6 +111,7 @@ impl PluginNet {
             busy: Arc::default(),
             connects: Mutex::default(),
             gpus: Arc::default(),
+            test_ahead: true,
         };
         if let Some(path) = gpu_pci_path {
             net.pair("the given GPU", Some(path));
@@ -147,7 +162,7 @@ impl PluginNet {
     }
 
     fn shared(&self, props: Properties) -> CommShared {
-        CommShared { props, busy: self.busy.clone(), gpus: self.gpus.clone() }
+        CommShared { props, busy: self.busy.clone(), gpus: self.gpus.clone(), test_ahead: self.test_ahead }
     }
 
     fn device(&self, dev: usize) -> Result<&Properties> {
@@ -345,6 +360,7 @@ impl ListenComm for PluginListen {
             props: self.shared.props.clone(),
             busy: self.shared.busy.clone(),
             gpus: self.shared.gpus.clone(),
+            test_ahead: self.shared.test_ahead,
         };
         let mut comm = PluginRecvComm::new(self.plugin.clone(), recv_comm, shared);
         // Dropping `comm` on an error below closes it: nothing is in flight yet.

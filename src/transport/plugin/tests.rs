@@ -1,6 +1,7 @@
 //! The plugin transport against the mock table: data moves and lands gathered, and every TCPX rule
 //! the engine could break is refused here before the plugin sees it (the mock records violations).
 
+use super::gpu::BatchUnpack;
 use super::mock;
 use super::*;
 use crate::error::UcclStatus;
@@ -368,4 +369,92 @@ fn no_two_threads_are_ever_inside_the_plugin_at_once() {
     }
     let overlaps = mock::overlaps();
     assert!(overlaps.is_empty(), "{} overlapping plugin calls, first: {:?}", overlaps.len(), overlaps.first());
+}
+
+/// A net whose receive comms take the mock's host pools for device pools, unpacked by a stand-in
+/// that finishes receives only when the test lets it.
+fn held_net(test_ahead: bool) -> (PluginNet, Arc<Mutex<mock::HeldUnpack>>) {
+    let net = net().with_test_ahead(test_ahead);
+    let held = Arc::new(Mutex::new(mock::HeldUnpack::default()));
+    net.gpus.stand_in(held.clone(), (mock::SLOT_POOL * crate::ncclnet::UNPACK_QUEUE_DEPTH) as u64);
+    (net, held)
+}
+
+/// Three receives "into GPU memory" (host memory registered as CUDA memory, which only the
+/// stand-in unpacker writes) and their three sends; the first test of the oldest receive hands it
+/// to the unpacker, which holds it, and the oldest is tested three times more meanwhile. Returns
+/// how many receives reached the unpacker while the oldest was held, after checking that every
+/// byte lands once it is let go, in order, and that the plugin saw no rule broken.
+fn receives_reaching_the_unpacker_while_the_oldest_unpacks(test_ahead: bool) -> u64 {
+    const LEN: usize = 3000;
+    const STRIDE: usize = 4096;
+    let (net, held) = held_net(test_ahead);
+    let mut l = link(&net);
+    let mut dst = vec![0u8; 3 * STRIDE];
+    let mr = l.recv.reg_mr(dst.as_ptr() as usize, dst.len(), MemKind::Cuda { device: 0 }).unwrap();
+    let recvs: Vec<RequestId> = (0..3)
+        // SAFETY: each receive gets its own 3000 bytes of dst, which outlives the link; only the
+        // stand-in writes them, inside test.
+        .map(|k| unsafe { l.recv.irecv(dst.as_mut_ptr().add(k * STRIDE), LEN, mr) }.unwrap().unwrap())
+        .collect();
+    let srcs: Vec<Vec<u8>> = (0..3).map(|k| pattern(LEN, 10 + k)).collect();
+    for s in &srcs {
+        // SAFETY: s lives to the end of the test; the mock copies a send's bytes inside isend.
+        let req = unsafe { l.send.isend(s.as_ptr(), LEN, MrHandle::NONE) }.unwrap().unwrap();
+        assert_eq!(wait_send(&mut l, req), LEN);
+    }
+    for _ in 0..4 {
+        assert_eq!(l.recv.test(recvs[0]).unwrap(), None, "held in the unpacker");
+    }
+    let reached = held.lock().submitted();
+    assert!(l.recv.test(recvs[1]).is_err(), "reported in order: the oldest first");
+    held.lock().release_below = u64::MAX;
+    for (k, &req) in recvs.iter().enumerate() {
+        assert_eq!(wait_recv(&mut l, req), LEN, "receive {k}");
+        l.recv.irecv_consumed(req).unwrap();
+        assert_eq!(&dst[k * STRIDE..k * STRIDE + LEN], &srcs[k][..], "receive {k}");
+    }
+    no_violations(l.pair);
+    reached
+}
+
+#[test]
+fn the_plugin_keeps_progressing_while_earlier_receives_unpack() {
+    // TCPX moves a comm only inside `test`, which may name only the oldest request it has not
+    // reported done: while the oldest receive unpacks, its successors are that request.
+    assert_eq!(receives_reaching_the_unpacker_while_the_oldest_unpacks(true), 3, "the plugin was tested for r1 and r2");
+    // UCCL_TCPX_PLUGIN_TEST_AHEAD=0, the behaviour before: the plugin waits for the unpack.
+    assert_eq!(receives_reaching_the_unpacker_while_the_oldest_unpacks(false), 1, "only the oldest receive moved");
+}
+
+#[test]
+fn receives_the_plugin_finished_are_reported_without_testing_it_again() {
+    let (net, held) = held_net(true);
+    let mut l = link(&net);
+    let mut dst = vec![0u8; 2 * 4096];
+    let mr = l.recv.reg_mr(dst.as_ptr() as usize, dst.len(), MemKind::Cuda { device: 0 }).unwrap();
+    // SAFETY: two disjoint 100-byte parts of dst, which outlives the link.
+    let r0 = unsafe { l.recv.irecv(dst.as_mut_ptr(), 100, mr) }.unwrap().unwrap();
+    // SAFETY: as above.
+    let r1 = unsafe { l.recv.irecv(dst.as_mut_ptr().add(4096), 100, mr) }.unwrap().unwrap();
+    let src = pattern(100, 5);
+    for _ in 0..2 {
+        // SAFETY: src lives to the end of the test; the mock copies a send's bytes inside isend.
+        let s = unsafe { l.send.isend(src.as_ptr(), 100, MrHandle::NONE) }.unwrap().unwrap();
+        wait_send(&mut l, s);
+    }
+    assert_eq!(l.recv.test(r0).unwrap(), None);
+    assert_eq!(held.lock().submitted(), 2);
+    assert_eq!(held.lock().launches, 1, "both receives went into one launch");
+    held.lock().release_below = 1;
+    let tests = calls(l.pair, "test");
+    assert_eq!(l.recv.test(r0).unwrap(), Some(100));
+    l.recv.irecv_consumed(r0).unwrap();
+    assert_eq!(l.recv.test(r1).unwrap(), None, "still in the kernel");
+    held.lock().release_below = 2;
+    assert_eq!(l.recv.test(r1).unwrap(), Some(100));
+    assert_eq!(calls(l.pair, "test"), tests, "nothing left in the plugin to test");
+    l.recv.irecv_consumed(r1).unwrap();
+    assert_eq!((&dst[..100], &dst[4096..4196]), (&src[..], &src[..]));
+    no_violations(l.pair);
 }

@@ -180,6 +180,13 @@ impl UnpackView {
         self.device_pool
     }
 
+    /// Unit tests: the host pool passes for a device pool of `len` bytes on GPU 0, which a stand-in
+    /// unpacker gathers on the CPU.
+    #[cfg(test)]
+    pub fn pretend_device_pool(&mut self, len: u64) {
+        self.device_pool = Some(DevicePool { addr: self.pool as u64, len, ordinal: 0 });
+    }
+
     /// The bounce pool when the CPU can read it.
     pub fn host_pool(&self) -> Result<*const u8> {
         match (self.pool.is_null(), self.pool_residence) {

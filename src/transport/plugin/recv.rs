@@ -1,0 +1,547 @@
+//! The plugin's receive comm: posts receives, keeps the plugin progressing, brings what it received
+//! to the destination (gathered on the CPU from a host pool, by the GPU unpacker from a device
+//! pool, through a landing slot for a host destination of a device pool) and reports receives done
+//! and hands them back to the plugin strictly in posting order.
+//!
+//! TCPX progresses a comm only inside `test` (`tcpxTest` → `tcpxCommProgress`), and `test` may only
+//! name the oldest request the plugin has not reported done. A receive the plugin finished but
+//! whose bytes are still being unpacked is not that request any more: every `test` of the oldest
+//! receive therefore also tests the plugin's oldest unfinished one, so the next chunks keep arriving
+//! while earlier ones unpack, and each receive the plugin finishes goes to the unpacker (or its
+//! landing slot) at once, in posting order, without waiting for the receives before it to be
+//! reported. `UCCL_TCPX_PLUGIN_TEST_AHEAD=0` restores testing only the oldest receive, for comparison.
+
+use std::collections::VecDeque;
+use std::ffi::{c_int, c_void};
+use std::sync::Arc;
+
+use super::comm::{CommCore, CommShared, check_size, out_of_order, plugin_error};
+use super::copier::CopyOut;
+use super::gather::{self, Run};
+use super::gpu::SharedUnpack;
+use super::landing::{HostLanding, PER_COMM, Slot};
+use super::loader::Plugin;
+use super::logger::mark;
+use super::unpack::{DevicePool, UnpackView};
+use crate::cuda::Gpu;
+use crate::cuda::unpack::{ReceiveLayout, Submit};
+use crate::error::{Error, Result, UcclStatus};
+use crate::ncclnet::{LoadMeta, NCCL_SUCCESS, UNPACK_QUEUE_DEPTH};
+use crate::transport::{MemKind, MrHandle, RecvComm, RequestId};
+
+use super::comm::MAX_REQUESTS;
+
+/// Tiles (4 KiB each at most) at which a waiting batch launches even while an earlier launch runs:
+/// one 4 MiB receive of whole pages.
+const BATCH_TILES: usize = 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RecvState {
+    /// The plugin has not reported it done.
+    Posted,
+    /// The plugin reported it done; its fragments are read when its turn to be unpacked comes
+    /// (room in the unpacker, a landing slot, every earlier receive of the comm handed over).
+    Completed,
+    /// In the unpacker: finished once `ticket` is below its watermark, not before, so the pages the
+    /// kernel reads are never handed back to the plugin under it.
+    Unpacking { ticket: u64, total: usize },
+    /// Unpacked into its landing slot, which the copier threads copy into the destination.
+    CopyingOut { total: usize },
+    /// The bytes are in place; reported when it is the oldest receive tested.
+    Ready { total: usize },
+    /// Reported done to the caller; waits for `irecv_consumed`.
+    Done,
+}
+
+struct RecvReq {
+    id: u64,
+    request: *mut c_void,
+    data: usize,
+    len: usize,
+    mr: usize,
+    kind: MemKind,
+    /// A host destination posted against the anchor: it lands through a slot (`landing.rs`).
+    lands: bool,
+    /// The landing slot its fragments are gathered into, until the copy out takes it.
+    slot: Option<Slot>,
+    /// The copy out of its slot, once started.
+    copy: Option<CopyOut>,
+    state: RecvState,
+}
+
+// SAFETY: a request pointer is an opaque token handed back to the plugin by the comm's one user;
+// `data` is the caller's buffer, only written under the irecv contract.
+unsafe impl Send for RecvReq {}
+
+impl RecvReq {
+    /// Whether it holds a landing slot (with its copy out: until the copier gives it back).
+    fn holds_slot(&self) -> bool {
+        self.slot.is_some() || matches!(self.state, RecvState::CopyingOut { .. })
+    }
+}
+
+/// How a receive the plugin reported done reaches its buffer.
+enum Landing {
+    /// The bytes are in place: a message of this size.
+    Landed(usize),
+    /// The fragments go through the GPU unpacker.
+    Unpack { total: usize },
+}
+
+/// The GPU side of a receive comm whose pool is device memory, set up on its first GPU receive.
+struct DeviceUnpack {
+    /// None for a unit test's stand-in unpacker, which needs no GPU.
+    gpu: Option<Arc<Gpu>>,
+    pool: DevicePool,
+    unpacker: SharedUnpack,
+}
+
+pub struct PluginRecvComm {
+    core: CommCore,
+    /// Posted and done-but-unconsumed receives, oldest first.
+    queue: VecDeque<RecvReq>,
+    next_id: u64,
+    unpack: Option<UnpackView>,
+    device: Option<DeviceUnpack>,
+    /// The pool's GPU's landing slots and this comm's registration of their anchor, made by the
+    /// first receive into host memory.
+    anchor: Option<(Arc<HostLanding>, usize)>,
+    metas: Vec<LoadMeta>,
+    runs: Vec<Run>,
+    /// Test the plugin's oldest unfinished receive whenever the oldest receive is tested, and move
+    /// every finished one on at once (the default); off, only the oldest receive moves.
+    ahead: bool,
+}
+
+impl PluginRecvComm {
+    pub(super) fn new(plugin: Arc<Plugin>, comm: *mut c_void, shared: CommShared) -> PluginRecvComm {
+        let ahead = shared.test_ahead;
+        PluginRecvComm {
+            core: CommCore::new(plugin, comm, shared, "receive"),
+            queue: VecDeque::new(),
+            next_id: 0,
+            unpack: None,
+            device: None,
+            anchor: None,
+            metas: Vec::new(),
+            runs: Vec::new(),
+            ahead,
+        }
+    }
+
+    pub(super) fn set_unpack(&mut self, view: UnpackView) {
+        #[cfg(test)]
+        let view = {
+            let mut view = view;
+            if let Some(len) = self.core.gpus.stand_in_pool_len() {
+                view.pretend_device_pool(len);
+            }
+            view
+        };
+        self.unpack = Some(view);
+    }
+
+    fn device_pool(&self) -> Option<DevicePool> {
+        self.unpack.as_ref().and_then(UnpackView::device_pool)
+    }
+
+    /// Tests the plugin's oldest unfinished receive, and while it reports one done, the next: each
+    /// `test` progresses the whole comm. `head` is the oldest receive not reported to the caller.
+    fn test_plugin(&mut self, head: usize) -> Result<()> {
+        let Some(mut idx) = self.queue.iter().position(|r| r.state == RecvState::Posted) else { return Ok(()) };
+        if !self.ahead && idx != head {
+            return Ok(());
+        }
+        while idx < self.queue.len() {
+            let (mut done, mut size): (c_int, c_int) = (0, -1);
+            let request = self.queue[idx].request;
+            let (rc, since) = self.core.plugin.call(|t| {
+                let test = t.test.expect("checked at load");
+                let since = mark();
+                // SAFETY: the oldest receive of this live comm the plugin has not reported done.
+                (unsafe { test(request, &mut done, &mut size) }, since)
+            });
+            if rc != NCCL_SUCCESS {
+                return Err(plugin_error("test of a receive", rc, since));
+            }
+            if done == 0 {
+                return Ok(());
+            }
+            self.queue[idx].state = RecvState::Completed;
+            if !self.ahead {
+                return Ok(());
+            }
+            idx += 1;
+        }
+        Ok(())
+    }
+
+    /// Reads and checks the fragments of the receive at `idx`, which the plugin reported done, and
+    /// gathers them on the CPU when both pool and destination are host memory.
+    fn land(&mut self, idx: usize) -> Result<Landing> {
+        let Some(view) = &self.unpack else {
+            // A host-type plugin received straight into the buffer and does not say how much.
+            return Ok(Landing::Landed(self.queue[idx].len));
+        };
+        let r = &self.queue[idx];
+        // Slots are taken in posting order, one per receive, and freed in order by consumption.
+        let slot = (r.id % UNPACK_QUEUE_DEPTH as u64) as usize;
+        let count = gather::check_count(view.fragment_count(slot))?;
+        if count == 0 {
+            // Nothing went through the pool: a zero-byte message, or (a plugin's host receive)
+            // bytes that landed in the buffer directly, whose size the plugin does not report.
+            let direct = matches!(r.kind, MemKind::Host) && !r.lands;
+            return Ok(Landing::Landed(if direct { r.len } else { 0 }));
+        }
+        view.copy_fragments(slot, count, &mut self.metas);
+        let device_pool = view.device_pool();
+        let pool_len = device_pool.map_or(gather::MAX_POOL_LEN, |p| p.len);
+        let total = gather::plan(&self.metas, r.len, pool_len, &mut self.runs)?;
+        match (r.kind, device_pool) {
+            (MemKind::Cuda { device }, Some(pool)) => {
+                if device != pool.ordinal {
+                    return Err(Error::new(
+                        UcclStatus::ErrNotSupported,
+                        format!(
+                            "a receive into GPU {device} from a bounce pool on GPU {}: the net device must be bound to the destination's GPU",
+                            pool.ordinal
+                        ),
+                    ));
+                }
+                Ok(Landing::Unpack { total })
+            }
+            (MemKind::Cuda { .. }, None) => Err(Error::new(
+                UcclStatus::ErrNotSupported,
+                "a receive into GPU memory from a host bounce pool is not supported (the net plugin keeps its pool in host memory)",
+            )),
+            // Posted against the anchor by `irecv`: the kernel gathers it into a landing slot.
+            (MemKind::Host, Some(_)) if r.lands => Ok(Landing::Unpack { total }),
+            (MemKind::Host, Some(_)) => Err(Error::new(
+                UcclStatus::ErrInternal,
+                "a receive into host memory from a GPU bounce pool was not posted against the landing anchor",
+            )),
+            (MemKind::Host, None) => {
+                let pool = view.host_pool()?;
+                // SAFETY: `plan` checked every run against the pool and the posted length; the
+                // pool is the plugin's, whose pages stay this receive's until `irecv_consumed`,
+                // and the destination is ours by the irecv contract.
+                unsafe { gather::copy_runs(pool, r.data as *mut u8, &self.runs) };
+                Ok(Landing::Landed(total))
+            }
+        }
+    }
+
+    /// The anchor's address and this comm's registration of it, made on first use.
+    fn anchor(&mut self) -> Result<(usize, *mut c_void)> {
+        if self.anchor.is_none() {
+            let pool = self.device_pool().ok_or_else(|| {
+                Error::new(UcclStatus::ErrInternal, "landing a host receive on a comm without a device pool")
+            })?;
+            let landing = self.core.gpus.landing(pool.ordinal)?;
+            let (addr, len) = landing.anchor();
+            let key = self.core.register(addr, len, MemKind::Cuda { device: pool.ordinal }, false)?;
+            self.anchor = Some((landing, key));
+        }
+        let (landing, key) = self.anchor.as_ref().expect("set above");
+        let mhandle = self.core.mhandle(*key).expect("the anchor stays registered until close");
+        Ok((landing.anchor().0, mhandle))
+    }
+
+    /// This comm's pool, GPU and (shared) unpacker, set up on first use.
+    fn device_unpack(&mut self) -> Result<&DeviceUnpack> {
+        if self.device.is_none() {
+            let pool = self.device_pool().ok_or_else(|| {
+                Error::new(UcclStatus::ErrInternal, "GPU unpack of a receive comm without a device pool")
+            })?;
+            let (gpu, unpacker) = self.core.gpus.unpack_device(pool.ordinal)?;
+            self.device = Some(DeviceUnpack { gpu, pool, unpacker });
+        }
+        Ok(self.device.as_ref().expect("set above"))
+    }
+
+    /// Moves every receive from `head` on (only `head` without `ahead`) that the plugin finished
+    /// towards its destination: gathered on the CPU from a host pool; from a device pool, submitted
+    /// to the unpacker in posting order, launched when the GPU has nothing else to do or the batch
+    /// is large, copied out of its landing slot once unpacked, and ready once its bytes are in place.
+    ///
+    /// Launching only while no earlier launch runs batches receives of all comms that complete
+    /// meanwhile into one kernel, and adds no latency when the GPU is idle.
+    fn settle(&mut self, head: usize) -> Result<()> {
+        let end = if self.ahead { self.queue.len() } else { head + 1 };
+        if self.device_pool().is_none() {
+            for idx in head..end {
+                if self.queue[idx].state != RecvState::Completed {
+                    continue;
+                }
+                match self.land(idx)? {
+                    Landing::Landed(total) => self.queue[idx].state = RecvState::Ready { total },
+                    Landing::Unpack { .. } => {
+                        return Err(Error::internal("a receive from a host pool asked for the GPU unpack"));
+                    }
+                }
+            }
+            return Ok(());
+        }
+        if !self.queue.range(head..end).any(|r| {
+            matches!(r.state, RecvState::Completed | RecvState::Unpacking { .. } | RecvState::CopyingOut { .. })
+        }) {
+            return Ok(());
+        }
+        let (gpu, pool, unpacker) = {
+            let d = self.device_unpack()?;
+            (d.gpu.clone(), d.pool, d.unpacker.clone())
+        };
+        let _current = gpu.as_ref().map(|g| g.enter()).transpose()?;
+        let mut unpacker = unpacker.lock();
+        let watermark = unpacker.poll()?;
+        // Receives are handed to the unpacker in posting order: the first that has to wait holds
+        // back the ones after it.
+        let mut held_back = false;
+        for idx in head..end {
+            match self.queue[idx].state {
+                RecvState::Completed if !held_back => {
+                    held_back = !self.submit(idx, head, pool, &mut *unpacker)?;
+                }
+                RecvState::Unpacking { ticket, total } if ticket < watermark => {
+                    let r = &mut self.queue[idx];
+                    r.state = match r.slot.take() {
+                        Some(slot) => {
+                            // SAFETY: the kernel that gathered `total` ≤ posted bytes into the slot
+                            // finished (its ticket is below the watermark); the destination is
+                            // ours by the irecv contract until the copy finished.
+                            r.copy = Some(unsafe { slot.copy_out(r.data as *mut u8, total) });
+                            RecvState::CopyingOut { total }
+                        }
+                        None => RecvState::Ready { total },
+                    };
+                }
+                _ => {}
+            }
+            let r = &mut self.queue[idx];
+            if let RecvState::CopyingOut { total } = r.state
+                && r.copy.as_ref().expect("set with the state").finished()?
+            {
+                r.copy = None;
+                r.state = RecvState::Ready { total };
+            }
+        }
+        let launched_below = unpacker.submitted() - unpacker.pending_receives() as u64;
+        let waiting = self
+            .queue
+            .range(head..end)
+            .any(|r| matches!(r.state, RecvState::Unpacking { ticket, .. } if ticket >= launched_below));
+        if waiting && (unpacker.launches_in_flight() == 0 || unpacker.pending_tiles() >= BATCH_TILES) {
+            unpacker.launch()?;
+        }
+        Ok(())
+    }
+
+    /// Hands the receive at `idx`, which the plugin finished, to the unpacker; false when it has to
+    /// wait (no landing slot, or no room in the unpacker).
+    fn submit(
+        &mut self,
+        idx: usize,
+        head: usize,
+        pool: DevicePool,
+        unpacker: &mut dyn super::gpu::BatchUnpack,
+    ) -> Result<bool> {
+        let total = match self.land(idx)? {
+            Landing::Landed(total) => {
+                self.queue[idx].state = RecvState::Ready { total };
+                return Ok(true);
+            }
+            Landing::Unpack { total } => total,
+        };
+        if self.queue[idx].lands && self.queue[idx].slot.is_none() {
+            // The oldest receive always may take a slot; later ones only a few, so that other
+            // comms' oldest receives find one.
+            let held = self.queue.range(head..idx).filter(|r| r.holds_slot()).count();
+            if idx != head && held >= PER_COMM {
+                return Ok(false);
+            }
+            let landing = &self.anchor.as_ref().expect("set by the irecv that posted it").0;
+            match landing.take() {
+                Some(slot) => self.queue[idx].slot = Some(slot),
+                None => return Ok(false),
+            }
+        }
+        let r = &self.queue[idx];
+        let (dst, dst_len) = match &r.slot {
+            Some(slot) => (slot.device_ptr(), r.len as u64),
+            None => (r.data as u64, r.len as u64),
+        };
+        let layout = ReceiveLayout { pool: pool.addr, pool_len: pool.len, dst, dst_len };
+        // SAFETY: the pool is the plugin's device memory on this GPU, valid until the comm closes
+        // (which waits for the unpacker first), and its pages stay the receive's until
+        // `irecv_consumed`, which the caller may only call after it was reported done; the
+        // destination is device memory of the same GPU that the irecv contract gives us, or the
+        // receive's landing slot.
+        match unsafe { unpacker.submit(&layout, &self.metas)? } {
+            Submit::Queued(ticket) => {
+                self.queue[idx].state = RecvState::Unpacking { ticket, total };
+                Ok(true)
+            }
+            Submit::Full => Ok(false),
+        }
+    }
+
+    /// Hands the oldest receive back to the plugin, which then reuses its slot and pages.
+    fn consume_head(&mut self) -> Result<()> {
+        let head = self.queue.pop_front().expect("checked by the caller");
+        let comm = self.core.comm;
+        let (rc, since) = self.core.plugin.call(|t| {
+            let consumed = t.irecv_consumed.expect("checked at load");
+            let since = mark();
+            // SAFETY: the oldest completed, unconsumed receive of this live comm.
+            (unsafe { consumed(comm, 1, head.request) }, since)
+        });
+        self.core.release(head.mr);
+        self.core.count(-1);
+        if rc != NCCL_SUCCESS {
+            return Err(self.core.fail(plugin_error("irecvConsumed", rc, since)));
+        }
+        Ok(())
+    }
+}
+
+impl RecvComm for PluginRecvComm {
+    fn reg_mr(&mut self, addr: usize, len: usize, kind: MemKind) -> Result<MrHandle> {
+        self.core.register(addr, len, kind, false).map(MrHandle)
+    }
+
+    fn dereg_mr(&mut self, mr: MrHandle) {
+        self.core.deregister(mr);
+    }
+
+    unsafe fn irecv(&mut self, data: *mut u8, len: usize, mr: MrHandle) -> Result<Option<RequestId>> {
+        self.core.check()?;
+        let mut size = check_size(len, "receive")?;
+        if self.queue.len() >= MAX_REQUESTS {
+            return Ok(None);
+        }
+        let (key, mut mhandle, kind) = self.core.acquire(data as usize, len, mr)?;
+        let (mut ptr, mut tag): (*mut c_void, c_int) = (data.cast(), 0);
+        // A host destination with a GPU pool never reaches the plugin as a host receive (which
+        // TCPX's steered sockets cannot serve): it is posted against the anchor instead.
+        let lands = matches!(kind, MemKind::Host) && self.device_pool().is_some();
+        if lands {
+            match self.anchor() {
+                Ok((addr, anchor_mhandle)) => (ptr, mhandle) = (addr as *mut c_void, anchor_mhandle),
+                Err(e) => {
+                    self.core.release(key);
+                    return Err(self.core.fail(e));
+                }
+            }
+        }
+        let mut request: *mut c_void = std::ptr::null_mut();
+        let comm = self.core.comm;
+        let (rc, since) = self.core.plugin.call(|t| {
+            let irecv = t.irecv.expect("checked at load");
+            let since = mark();
+            // SAFETY: one receive (n = 1) on a live comm with a free slot; the caller keeps the buffer ours.
+            (unsafe { irecv(comm, 1, &mut ptr, &mut size, &mut tag, &mut mhandle, &mut request) }, since)
+        });
+        if rc != NCCL_SUCCESS || request.is_null() {
+            self.core.release(key);
+            if rc != NCCL_SUCCESS {
+                return Err(self.core.fail(plugin_error("irecv", rc, since)));
+            }
+            return Ok(None);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.queue.push_back(RecvReq {
+            id,
+            request,
+            data: data as usize,
+            len,
+            mr: key,
+            kind,
+            lands,
+            slot: None,
+            copy: None,
+            state: RecvState::Posted,
+        });
+        self.core.count(1);
+        Ok(Some(RequestId(id)))
+    }
+
+    fn test(&mut self, req: RequestId) -> Result<Option<usize>> {
+        self.core.check()?;
+        let head = self.queue.iter().position(|r| r.state != RecvState::Done);
+        let Some(head) = head.filter(|i| self.queue[*i].id == req.0) else {
+            return Err(out_of_order(req, head.map(|i| self.queue[i].id), "test"));
+        };
+        if let Err(e) = self.test_plugin(head).and_then(|()| self.settle(head)) {
+            return Err(self.core.fail(e));
+        }
+        match self.queue[head].state {
+            RecvState::Ready { total } => {
+                self.queue[head].state = RecvState::Done;
+                Ok(Some(total))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn irecv_consumed(&mut self, req: RequestId) -> Result<()> {
+        self.core.check()?;
+        match self.queue.front() {
+            Some(head) if head.id == req.0 && head.state == RecvState::Done => {}
+            head => {
+                return Err(Error::backend(format!(
+                    "irecv_consumed of request {} out of order: the oldest unconsumed receive is {}",
+                    req.0,
+                    head.map_or_else(
+                        || "none".to_owned(),
+                        |h| format!("{} ({})", h.id, if h.state == RecvState::Done { "done" } else { "in flight" })
+                    )
+                )));
+            }
+        }
+        self.consume_head()
+    }
+}
+
+impl Drop for PluginRecvComm {
+    fn drop(&mut self) {
+        // The kernel may still read this comm's pages (and write the destinations): it finishes
+        // before any page goes back or the pool is closed.
+        let unpacking = self.queue.iter().any(|r| matches!(r.state, RecvState::Unpacking { .. }));
+        let mut unpacked = true;
+        if unpacking && let Some(device) = &self.device {
+            let _current = device.gpu.as_ref().map(|g| g.enter());
+            if let Err(e) = device.unpacker.lock().finish() {
+                log::warn!("closing a net plugin receive comm: the GPU unpack failed: {e}");
+                unpacked = false;
+            }
+        }
+        // The copiers write destinations the caller gets back once this returns.
+        for r in self.queue.iter() {
+            if let Some(copy) = &r.copy {
+                copy.wait();
+            }
+        }
+        if !unpacked {
+            // A kernel may still write these slots: they are never handed out again.
+            for r in self.queue.iter_mut() {
+                if let Some(slot) = r.slot.take() {
+                    slot.retire();
+                }
+            }
+        }
+        // Completed receives go back first, so the plugin does not close over unreturned pages.
+        while self.core.failure.is_none()
+            && self.queue.front().is_some_and(|r| match r.state {
+                RecvState::Posted => false,
+                RecvState::Unpacking { .. } => unpacked,
+                RecvState::Completed | RecvState::CopyingOut { .. } | RecvState::Ready { .. } | RecvState::Done => true,
+            })
+        {
+            if self.consume_head().is_err() {
+                break;
+            }
+        }
+        self.core.close(self.queue.len(), |t| t.close_recv.expect("checked at load"));
+    }
+}
