@@ -107,6 +107,8 @@ pub struct Config {
     /// Whether a connection whose two ends share a host may carry devmem receives (TCPX: never,
     /// loopback traffic does not reach the NIC).
     pub same_host_allowed: bool,
+    /// Whether every request and its unpack slot are traced on stderr (`log::trace`).
+    pub trace: bool,
 }
 
 impl Config {
@@ -166,6 +168,7 @@ impl Config {
         };
         let data_sockets = tcpx_data_sockets(get("NCCL_NSOCKS_PERTHREAD"), get("NCCL_SOCKET_NTHREADS"));
         let same_host_allowed = choice(&get, "FAKE_TCPX_SAME_HOST", ("fatal", "allow"))?;
+        let trace = choice(&get, "FAKE_TCPX_DEBUG", ("0", "1"))?;
         Ok(Config {
             devices,
             ip,
@@ -181,6 +184,7 @@ impl Config {
             thread_check,
             setup: SetupTiming { socket_delay, data_sockets, steering_wait },
             same_host_allowed,
+            trace,
         })
     }
 }
@@ -272,6 +276,7 @@ mod tests {
         assert!(!c.host_recv_allowed);
         assert!(c.thread_check);
         assert!(!c.same_host_allowed);
+        assert!(!c.trace);
         let tcpx = SetupTiming {
             socket_delay: Duration::from_millis(100),
             data_sockets: 1,
@@ -315,6 +320,7 @@ mod tests {
         assert!(parse(&[("FAKE_TCPX_HOST_RECV", "allow")]).unwrap().host_recv_allowed);
         assert!(!parse(&[("FAKE_TCPX_THREAD_CHECK", "off")]).unwrap().thread_check);
         assert!(parse(&[("FAKE_TCPX_SAME_HOST", "allow")]).unwrap().same_host_allowed);
+        assert!(parse(&[("FAKE_TCPX_DEBUG", "1")]).unwrap().trace);
         for (k, v) in [
             ("FAKE_TCPX_NDEV", "0"),
             ("FAKE_TCPX_NDEV", "17"),
@@ -333,6 +339,7 @@ mod tests {
             ("FAKE_TCPX_SOCKET_DELAY_MS", "10001"),
             ("FAKE_TCPX_STEERING_WAIT_MS", "-1"),
             ("FAKE_TCPX_SAME_HOST", "yes"),
+            ("FAKE_TCPX_DEBUG", "yes"),
         ] {
             let err = parse(&[(k, v)]).unwrap_err();
             assert!(err.msg.contains(k), "{k}={v}: {}", err.msg);

@@ -5,10 +5,7 @@
 //! report the receive done. By default the whole message goes to device scratch memory in one copy
 //! and a small kernel scatters it into the pages: one copy-engine operation per 4 KiB page (even
 //! batched with `cuMemcpyBatchAsync`) made GPU mode 8-10x slower than the staged path. Then one
-//! stream synchronisation. Sends from CUDA registrations are copied to the host first, into a
-//! pinned buffer per request slot with an asynchronous copy and an event ([`SendStaging`]), so a
-//! request's copy overlaps the socket writes of the ones before it and the calling thread never
-//! blocks on it.
+//! stream synchronisation. Sends from CUDA registrations are staged by `staging.rs`.
 //!
 //! Every CUDA call runs with the comm's context pushed on the calling thread and popped after, so
 //! the caller's current context is left as it was.
@@ -27,7 +24,7 @@ use crate::fragment::{MAX_FRAGMENTS, PAGE};
 use crate::memory::RxMemory;
 use crate::pool::SharedPool;
 
-fn cuda(what: &str, r: sys::CUresult) -> Result<()> {
+pub fn cuda(what: &str, r: sys::CUresult) -> Result<()> {
     r.result().map_err(|e| Fail::internal(format!("{what}: {e:?}")))
 }
 
@@ -149,116 +146,6 @@ impl Drop for DevicePool {
             // SAFETY: frees what device_pool allocated, in its context.
             let _ = self.ctx.with(|| cuda("cuMemFree", unsafe { sys::cuMemFree_v2(ptr) }));
         }
-    }
-}
-
-/// One pinned host buffer per send request slot, filled from device memory by an asynchronous
-/// copy on the staging's own stream; the slot's event says when its bytes may go on the wire.
-pub struct SendStaging {
-    ctx: GpuContext,
-    stream: CUstream,
-    slots: Vec<StagingSlot>,
-}
-
-struct StagingSlot {
-    buf: *mut c_void,
-    cap: usize,
-    event: sys::CUevent,
-}
-
-// SAFETY: owned CUDA objects, used under the comm's lock.
-unsafe impl Send for SendStaging {}
-
-impl SendStaging {
-    pub fn new(ctx: GpuContext, slots: usize) -> Result<SendStaging> {
-        let mut staging = SendStaging { ctx, stream: std::ptr::null_mut(), slots: Vec::with_capacity(slots) };
-        let (stream, list) = (&mut staging.stream, &mut staging.slots);
-        // On failure `staging` is dropped, freeing whatever was created so far.
-        staging.ctx.with(|| {
-            // SAFETY: out-pointers to fields/locals.
-            unsafe {
-                cuda("cuStreamCreate", sys::cuStreamCreate(stream, 1 /* non-blocking */))?;
-                for _ in 0..slots {
-                    let mut event = std::ptr::null_mut();
-                    cuda("cuEventCreate", sys::cuEventCreate(&mut event, 2 /* disable timing */))?;
-                    list.push(StagingSlot { buf: std::ptr::null_mut(), cap: 0, event });
-                }
-            }
-            Ok(())
-        })?;
-        Ok(staging)
-    }
-
-    /// Starts copying `len` bytes of device memory at `src` into slot `slot`'s buffer; its bytes
-    /// are valid once [`ready`](Self::ready) says so. The slot's previous
-    /// copy must have been seen ready (its bytes sent).
-    pub fn start(&mut self, slot: usize, src: usize, len: usize) -> Result<()> {
-        let stream = self.stream;
-        let s = &mut self.slots[slot];
-        self.ctx.with(|| {
-            // At least one byte, so even an empty send names a real buffer.
-            let need = len.max(1);
-            if s.cap < need {
-                // SAFETY: the old buffer's copy completed and its bytes were sent (caller's
-                // contract); a fresh allocation of `len` bytes replaces it.
-                unsafe {
-                    if !s.buf.is_null() {
-                        cuda("cuMemFreeHost", sys::cuMemFreeHost(s.buf))?;
-                        s.buf = std::ptr::null_mut();
-                        s.cap = 0;
-                    }
-                    cuda("cuMemHostAlloc(send staging)", sys::cuMemHostAlloc(&mut s.buf, need, 0))?;
-                }
-                s.cap = need;
-            }
-            // SAFETY: `buf` holds at least `len` bytes; `src` is inside a CUDA registration the
-            // caller keeps valid until the send completes; the event is recorded right after.
-            unsafe {
-                if len > 0 {
-                    cuda("cuMemcpyDtoHAsync", sys::cuMemcpyDtoHAsync_v2(s.buf, src as CUdeviceptr, len, stream))?;
-                }
-                cuda("cuEventRecord", sys::cuEventRecord(s.event, stream))
-            }
-        })
-    }
-
-    /// Slot `slot`'s buffer, holding its copied bytes once [`ready`](Self::ready).
-    pub fn buffer(&self, slot: usize) -> *const u8 {
-        self.slots[slot].buf.cast_const().cast()
-    }
-
-    /// Whether slot `slot`'s copy finished; a failed copy is an error.
-    pub fn ready(&self, slot: usize) -> Result<bool> {
-        let event = self.slots[slot].event;
-        self.ctx.with(|| {
-            // SAFETY: a live event of this context.
-            match unsafe { sys::cuEventQuery(event) } {
-                sys::CUresult::CUDA_SUCCESS => Ok(true),
-                sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
-                rc => cuda("copying a CUDA send to the host", rc).map(|()| false),
-            }
-        })
-    }
-}
-
-impl Drop for SendStaging {
-    fn drop(&mut self) {
-        let _ = self.ctx.with(|| {
-            // SAFETY: frees only what this value created, after its copies finished.
-            unsafe {
-                if !self.stream.is_null() {
-                    let _ = sys::cuStreamSynchronize(self.stream);
-                    let _ = sys::cuStreamDestroy_v2(self.stream);
-                }
-                for s in &self.slots {
-                    if !s.buf.is_null() {
-                        let _ = sys::cuMemFreeHost(s.buf);
-                    }
-                    let _ = sys::cuEventDestroy_v2(s.event);
-                }
-            }
-            Ok(())
-        });
     }
 }
 

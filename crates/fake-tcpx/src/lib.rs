@@ -27,6 +27,7 @@ mod registry;
 mod request;
 mod send;
 mod setup;
+mod staging;
 mod threads;
 mod wire;
 
@@ -180,6 +181,7 @@ unsafe extern "C" fn fake_connect(
                 c.ring_base()
             };
             registry::add(key, Object::Send(comm), Some(ring));
+            log::trace(|| format!("connect: send comm {key:#x} on device {dev}"));
             // SAFETY: as above.
             unsafe { send_comm.write(key as *mut c_void) };
             Ok(())
@@ -219,6 +221,11 @@ unsafe extern "C" fn fake_accept(
                     c.ring_base()
                 };
                 registry::add(key, Object::Recv(comm), Some(ring));
+                log::trace(|| {
+                    // SAFETY: accept wrote the caller's device handle just above; a plain read.
+                    let h = unsafe { dev_handle.read() };
+                    format!("accept: recv comm {key:#x}, unpack handle {:p} (in device memory in GPU mode)", h.handle)
+                });
                 // SAFETY: checked non-NULL.
                 unsafe { recv_comm.write(key as *mut c_void) };
             }

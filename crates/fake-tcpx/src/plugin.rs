@@ -63,6 +63,7 @@ pub fn init(logger: NcclDebugLogger) -> Result<()> {
     }
     fatal::configure(cfg.on_fatal);
     threads::configure(cfg.thread_check);
+    log::set_trace(cfg.trace);
     let devices = (0..cfg.devices)
         .map(|i| DeviceStrings {
             name: CString::new(format!("fake{i}")).expect("no NUL"),

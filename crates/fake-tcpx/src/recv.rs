@@ -156,6 +156,18 @@ impl FakeRecv {
         entry.mem_type = kind;
         entry.size = size;
         self.slots[k as usize % MAX_REQUESTS] = RecvSlot { posted_len: len, arrived: None, pages: Vec::new() };
+        let (key, r) = (self.key, &self.ring);
+        log::trace(|| {
+            let mem = if kind == NCCL_PTR_CUDA { "CUDA" } else { "HOST" };
+            format!(
+                "recv {key:#x} irecv k={k} slot={} size={len} into {data:p} ({mem} registration; posted {}, done {}, \
+                 consumed {})",
+                k % MAX_REQUESTS as u64,
+                r.posted,
+                r.tested,
+                r.released
+            )
+        });
         Ok(self.ring.pointer(k))
     }
 
@@ -176,6 +188,8 @@ impl FakeRecv {
         self.ring.entry(k).unpack_cnt_cache = cnt;
         self.ring.tested += 1;
         *done = 1;
+        let key = self.key;
+        log::trace(|| format!("recv {key:#x} test k={k} slot={i} done: cnt[{i}]={cnt} published"));
         if self.health.completed() == AfterCompletion::Drop {
             self.inner = None;
         }
@@ -189,6 +203,13 @@ impl FakeRecv {
         self.pool.give_back(s.pages);
         self.ring.entry(k).unpack_active = false;
         self.ring.released += 1;
+        let (key, r) = (self.key, &self.ring);
+        log::trace(|| {
+            format!(
+                "recv {key:#x} irecvConsumed k={k} slot={i} (posted {}, done {}, consumed {})",
+                r.posted, r.tested, r.released
+            )
+        });
         Ok(())
     }
 
@@ -224,6 +245,11 @@ impl FakeRecv {
                     let seq = self.next_header;
                     let (len, origin) = wire::decode(&self.header[..n.min(HEADER_LEN)], seq)?;
                     let frags = self.announce(seq, len, origin)?;
+                    let (key, n) = (self.key, frags.len());
+                    log::trace(|| {
+                        let slot = seq % MAX_REQUESTS as u64;
+                        format!("recv {key:#x} k={seq} slot={slot}: the sender's {len} B arrive as {n} fragments")
+                    });
                     Rx::Pages { seq, len, frags }
                 }
                 Rx::Pages { seq, len, frags } => {

@@ -10,11 +10,13 @@ use uccl_tcpx::transport::{MrHandle, RequestId, SendComm};
 
 use crate::config::Config;
 use crate::fail::{Fail, Result};
-use crate::gpu::{GpuContext, SendStaging};
+use crate::gpu::GpuContext;
 use crate::health::{AfterCompletion, Health, closed};
 use crate::host;
+use crate::log;
 use crate::mr::Registrations;
 use crate::request::{MAX_REQUESTS, OP_SEND, Ring};
+use crate::staging::SendStaging;
 use crate::wire::{self, HEADER_LEN};
 
 /// The socket transport's own request window.
@@ -54,6 +56,8 @@ pub struct FakeSend {
     /// Requests handed to the socket transport so far.
     submitted: u64,
     inner_queue: VecDeque<InnerRequest>,
+    /// The request whose staging copy waits for ring space, once traced.
+    staging_wait_traced: Option<u64>,
 }
 
 impl FakeSend {
@@ -74,6 +78,7 @@ impl FakeSend {
             slots: Default::default(),
             submitted: 0,
             inner_queue: VecDeque::new(),
+            staging_wait_traced: None,
         })
     }
 
@@ -94,6 +99,16 @@ impl FakeSend {
         let len = usize::try_from(size).map_err(|_| Fail::internal(format!("isend size {size} is negative")))?;
         let mr = self.regs.covering(mhandle, data as usize, len)?;
         let (kind, base) = (mr.kind, mr.base);
+        let device = kind == NCCL_PTR_CUDA && self.gpu.is_some();
+        if let (true, Some(gpu)) = (device, &self.gpu)
+            && len > gpu.capacity()
+        {
+            return Err(Fail::internal(format!(
+                "a {len}-byte send from GPU memory exceeds the fake's {}-byte send staging; no receive can take \
+                 it anyway (TCPX's receiver exits past 2048 fragments of 4 KiB, sock/tcpx.h process_recv_cmsg)",
+                gpu.capacity()
+            )));
+        }
         let (k, entry) = self.ring.post()?;
         entry.comm = self.key as *mut c_void;
         entry.data = data;
@@ -101,13 +116,16 @@ impl FakeSend {
         entry.mem_type = kind;
         entry.size = size;
         entry.gpu_mem_off = (data as usize - base) as u64;
-        self.slots[k as usize % MAX_REQUESTS] = SendSlot {
-            data: data as usize,
-            len,
-            device: self.gpu.is_some() && kind == NCCL_PTR_CUDA,
-            copying: false,
-            sent: false,
-        };
+        self.slots[k as usize % MAX_REQUESTS] =
+            SendSlot { data: data as usize, len, device, copying: false, sent: false };
+        let key = self.key;
+        log::trace(|| {
+            let mem = if kind == NCCL_PTR_CUDA { "CUDA" } else { "HOST" };
+            format!(
+                "send {key:#x} isend k={k} slot={} size={len} from {data:p} ({mem} registration)",
+                k % MAX_REQUESTS as u64
+            )
+        });
         Ok(self.ring.pointer(k))
     }
 
@@ -128,6 +146,8 @@ impl FakeSend {
         self.ring.tested += 1;
         self.ring.released += 1;
         *done = 1;
+        let key = self.key;
+        log::trace(|| format!("send {key:#x} test k={k} slot={slot} done"));
         if self.health.completed() == AfterCompletion::Drop {
             self.inner = None;
         }
@@ -140,18 +160,33 @@ impl FakeSend {
 
     fn progress(&mut self) -> Result<()> {
         let inner = self.inner.as_mut().ok_or_else(|| Fail::system("Connection closed by remote peer"))?;
-        // Start the staging copies of every posted device send at once, so they run while the
-        // requests before them are written to the socket.
+        // Start the staging copies of every posted device send that has ring space, so they run
+        // while the requests before them are written to the socket.
         while self.staged < self.ring.posted {
-            let i = self.staged as usize % MAX_REQUESTS;
+            let k = self.staged;
+            let i = k as usize % MAX_REQUESTS;
             let s = &mut self.slots[i];
             if let (true, Some(gpu)) = (s.device, &mut self.gpu) {
-                gpu.start(i, s.data, s.len)?;
+                let Some(off) = gpu.start(i, s.data, s.len)? else {
+                    // Not an error: sends on the wire give their space back.
+                    if self.staging_wait_traced != Some(k) {
+                        self.staging_wait_traced = Some(k);
+                        let (key, len, held) = (self.key, s.len, gpu.in_ring());
+                        log::trace(|| {
+                            format!("send {key:#x} k={k} ({len} B) waits for staging room ({held} sends hold it)")
+                        });
+                    }
+                    break;
+                };
                 s.copying = true;
+                let (key, len) = (self.key, s.len);
+                log::trace(|| format!("send {key:#x} k={k} slot={i} copies {len} B to staging offset {off}"));
             }
             self.staged += 1;
         }
-        while self.submitted < self.ring.posted && self.inner_queue.len() + 2 <= INNER_WINDOW {
+        // Only staged requests: a device send whose copy has no ring space yet waits, and so do the
+        // requests after it, which must reach the wire after it.
+        while self.submitted < self.staged && self.inner_queue.len() + 2 <= INNER_WINDOW {
             let seq = self.submitted;
             let i = seq as usize % MAX_REQUESTS;
             let s = &mut self.slots[i];
@@ -184,7 +219,12 @@ impl FakeSend {
                 break;
             }
             if front.payload {
-                self.slots[front.seq as usize % MAX_REQUESTS].sent = true;
+                let s = &mut self.slots[front.seq as usize % MAX_REQUESTS];
+                s.sent = true;
+                if let (true, Some(gpu)) = (s.copying, &mut self.gpu) {
+                    // Requests reach the wire in posting order, the order their copies took space.
+                    gpu.give_back();
+                }
             }
             self.inner_queue.pop_front();
         }
