@@ -5,6 +5,7 @@
 #   scripts/gpu_bundle.sh OUT_DIR
 #
 # Then, on the GPU host: scripts/gpu_tests.sh OUT_DIR (and scripts/gpu_bench.sh OUT_DIR/uccl-tcpx-bench).
+# The folder also carries the NCCL-over-the-fake test (nccl_over_fake.sh and its Python driver).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${1:?usage: scripts/gpu_bundle.sh OUT_DIR}"
@@ -15,6 +16,8 @@ cargo build --release --locked -p uccl-tcpx-bench --bins
 cargo build --release --locked --example gpu_staging_bw
 cp target/release/libfake_tcpx.so target/release/uccl-tcpx-bench target/release/unpack_bench \
   target/release/examples/gpu_staging_bw "$out/"
+# NCCL over the fake (scripts/gpu_tests.sh runs it from the bundle on a 2-GPU host with PyTorch).
+cp scripts/nccl_over_fake.sh scripts/nccl_over_fake.py "$out/"
 
 # Test binaries: every GPU test, the fake NIC's GPU test, and the library's unit tests (which hold
 # the CUDA and staging unit tests); cargo prints each executable in its JSON messages.
@@ -28,12 +31,13 @@ for line in sys.stdin:
 }
 {
   bundle_tests -p uccl-tcpx --lib --test gpu_staging --test gpu_engine --test gpu_unpack --test plugin_gpu
-  bundle_tests -p fake-tcpx --test gpu
+  bundle_tests -p fake-tcpx --test gpu --test gpu_busy
 } | while read -r name exe; do
   dest="$out/test-$name"
   [[ "$name" == uccl_tcpx ]] && dest="$out/test-lib"
   [[ "$name" == gpu ]] && dest="$out/test-fake-gpu"
+  [[ "$name" == gpu_busy ]] && dest="$out/test-fake-gpu-busy"
   cp "$exe" "$dest"
 done
-strip "$out"/* 2>/dev/null || true
+strip "$out"/test-* "$out"/*.so "$out"/uccl-tcpx-bench "$out"/unpack_bench "$out"/gpu_staging_bw 2>/dev/null || true
 ls -la "$out"

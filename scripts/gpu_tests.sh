@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Runs the GPU test suite from a folder made by scripts/gpu_bundle.sh, on a host with a CUDA driver.
-# Every binary runs even if an earlier one failed; the exit status says whether all passed.
+# Runs the GPU test suite from a folder made by scripts/gpu_bundle.sh, on a host with a CUDA driver:
+# every test binary, then NCCL over the fake NIC (nccl_over_fake.sh: two GPUs and PyTorch; on a
+# host with fewer GPUs it reports itself skipped). Everything runs even if an earlier step failed;
+# the exit status says whether all passed.
 #
 #   scripts/gpu_tests.sh BUNDLE_DIR
 set -uo pipefail
@@ -17,6 +19,17 @@ for t in "$bundle"/test-*; do
     failed+=("$name")
   fi
 done
+skipped=()
+echo "======== nccl-over-fake"
+nccl_test="$bundle/nccl_over_fake.sh"
+[[ -f "$nccl_test" ]] || nccl_test="$(dirname "${BASH_SOURCE[0]}")/nccl_over_fake.sh"
+bash "$nccl_test" "$bundle"
+case $? in
+  0) ;;
+  77) skipped+=(nccl-over-fake) ;;
+  *) failed+=(nccl-over-fake) ;;
+esac
+((${#skipped[@]})) && echo "GPU suite: skipped on this host: ${skipped[*]}"
 if ((${#failed[@]})); then
   echo "GPU suite: FAILED: ${failed[*]}"
   exit 1
