@@ -314,6 +314,45 @@ fn child_same_host_gpu_driver() {
 }
 
 #[test]
+fn beside_nccl_a_private_image_moves_gpu_memory_or_is_refused_at_creation() {
+    if no_gpu() {
+        return;
+    }
+    let out = run_child("child_private_image_gpu", "page");
+    assert!(out.contains("child checked"), "{out}");
+}
+
+#[test]
+#[ignore = "run by its parent with FAKE_TCPX_MODE=gpu"]
+fn child_private_image_gpu() {
+    assert_gpu_mode();
+    // NCCL loaded and initialised the plugin first, so the engines load a private image, which has
+    // a CUDA driver of its own: it must either move GPU memory exactly or be refused when the engine
+    // is created, saying why; never fail later or corrupt a byte.
+    let nccl = plugin::Nccl::load(&plugin::fake_plugin());
+    let config = plugin_config(2, 1 << 20);
+    let a = match Engine::new(config.clone()) {
+        Ok(a) => Arc::new(a),
+        Err(e) => {
+            assert!(e.to_string().contains("private image"), "{e}");
+            println!("the private image was refused: {e}");
+            println!("child checked");
+            return;
+        }
+    };
+    let b = Arc::new(Engine::new(config).unwrap());
+    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+    let ba = common::accept(&b).unwrap();
+    let p = common::Pair { a, b, ab, ba };
+    every_kind_every_direction(&p, &[1, 4097, (4 << 20) + 17]);
+    // NCCL calls its plugin with its GPU current, as TCPX binds comms to it.
+    make_current(Some(0));
+    assert!(nccl.listen_works(), "NCCL's image still serves NCCL");
+    println!("the private image moved GPU memory");
+    println!("child checked");
+}
+
+#[test]
 fn transfers_anywhere_in_six_gib_device_regions() {
     if no_gpu() {
         return;

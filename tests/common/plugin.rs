@@ -1,10 +1,13 @@
 //! The fake devmem NIC plugin for the plugin tests: where it is, and engines configured to use it.
 
-use std::path::PathBuf;
+use std::ffi::c_void;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use libloading::os::unix::Library;
 use uccl_tcpx::Config;
 use uccl_tcpx::config::TransportChoice;
+use uccl_tcpx::ncclnet::{NCCL_NET_HANDLE_MAXSIZE, NcclNetV7, PLUGIN_SYMBOL_V7};
 
 /// `$UCCL_TCPX_FAKE_PLUGIN`, else `libfake_tcpx.so` in the target directory and profile this test
 /// was built into (so CARGO_TARGET_DIR and --release are respected). Fails the test, saying how to
@@ -25,6 +28,55 @@ pub fn fake_plugin() -> PathBuf {
         so.display()
     );
     so
+}
+
+/// Another consumer of the plugin in this process, loading and initialising it as NCCL does
+/// (`dlopen` RTLD_LOCAL, `init` with a logger).
+pub struct Nccl {
+    table: NcclNetV7,
+    _library: Library,
+}
+
+impl Nccl {
+    pub fn load(path: &Path) -> Nccl {
+        // SAFETY: loads the fake NIC, which the test built; NCCL opens plugins this way.
+        let library = unsafe { Library::open(Some(path), libc::RTLD_NOW | libc::RTLD_LOCAL) }.expect("load the fake");
+        // SAFETY: the fake exports its table as this data symbol.
+        let table = unsafe { **library.get::<*const NcclNetV7>(PLUGIN_SYMBOL_V7).expect("the plugin table") };
+        let nccl = Nccl { table, _library: library };
+        assert_eq!(nccl.init(), 0, "the first consumer's init succeeds");
+        nccl
+    }
+
+    pub fn init(&self) -> i32 {
+        // SAFETY: the fake's init with a C logger that lives as long as the process.
+        unsafe { (self.table.init.unwrap())(uccl_tcpx::transport::plugin::logger::logger()) }
+    }
+
+    /// A listen on device 0 and its close: the image serves its consumer.
+    pub fn listen_works(&self) -> bool {
+        let mut handle = [0u8; NCCL_NET_HANDLE_MAXSIZE];
+        let mut comm: *mut c_void = std::ptr::null_mut();
+        // SAFETY: a 128-byte handle buffer and an out-pointer, as the ABI asks.
+        let rc = unsafe { (self.table.listen.unwrap())(0, handle.as_mut_ptr().cast(), &mut comm) };
+        if rc != 0 || comm.is_null() {
+            return false;
+        }
+        // SAFETY: a listen comm of this image with no accept running.
+        unsafe { (self.table.close_listen.unwrap())(comm) == 0 }
+    }
+}
+
+/// How many images of `path` this process has mapped (each maps the file from offset 0 once).
+pub fn images_of(path: &Path) -> usize {
+    let path = std::fs::canonicalize(path).unwrap();
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines()
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() >= 6 && fields[2] == "00000000" && Path::new(fields[5]) == path
+        })
+        .count()
 }
 
 /// Engines on the plugin transport over the fake NIC, with `channels` channels of `chunk`-byte

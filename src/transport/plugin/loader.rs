@@ -1,5 +1,7 @@
 //! Finding, loading and initialising a net plugin, once per process: plugins such as TCPX refuse a
 //! second `init` ("gpu lib init twice"), so every engine of the process shares one [`Plugin`].
+//! When another consumer of the process (NCCL) loaded the same library first, its image's `init` is
+//! spent: the transport then loads a private image of it (`image.rs`), or fails saying why.
 //!
 //! Every call into a loaded plugin goes through [`Plugin::call`], which holds the plugin's one lock:
 //! TCPX's lazy per-GPU setup and its comms' request rings take no lock of their own (NCCL drives it
@@ -14,6 +16,7 @@ use std::sync::Arc;
 use libloading::os::unix::Library;
 use parking_lot::{Mutex, const_mutex};
 
+use super::image::{self, PrivateImage};
 use super::{devices, env, logger};
 use crate::error::{Error, Result};
 use crate::ncclnet::{NCCL_SUCCESS, NcclNetPropertiesV7, NcclNetV7, PLUGIN_SYMBOL_V7};
@@ -34,7 +37,18 @@ pub struct Plugin {
     pub origin: String,
     pub devices: Vec<Properties>,
     /// Keeps the code mapped; RTLD_NODELETE keeps it mapped even past this.
-    _library: Option<Library>,
+    _image: Image,
+}
+
+/// Where a plugin's code was loaded.
+enum Image {
+    /// The process's image of the library (the default namespace).
+    Shared { _library: Library },
+    /// A private image, because another consumer holds the shared one.
+    Private { _image: PrivateImage },
+    /// A table of this process (the mock in tests).
+    #[cfg(test)]
+    None,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -44,14 +58,8 @@ impl std::fmt::Debug for Plugin {
 }
 
 impl Plugin {
-    fn new(
-        table: NcclNetV7,
-        name: &'static str,
-        origin: String,
-        devices: Vec<Properties>,
-        library: Option<Library>,
-    ) -> Plugin {
-        Plugin { table, calls: const_mutex(()), name, origin, devices, _library: library }
+    fn new(table: NcclNetV7, name: &'static str, origin: String, devices: Vec<Properties>, image: Image) -> Plugin {
+        Plugin { table, calls: const_mutex(()), name, origin, devices, _image: image }
     }
 
     /// Runs `f`, which makes one call into the plugin through the table it is given, with no other
@@ -76,9 +84,16 @@ pub fn candidates(explicit: Option<&Path>, nccl_net_plugin: Option<&str>) -> Vec
     names
 }
 
-/// Initialised plugins by the address of their table symbol (the same library reached through two
-/// paths is one entry), or the error their `init` gave: it must not be called a second time.
-static LOADED: Mutex<Vec<(usize, Result<Arc<Plugin>>)>> = Mutex::new(Vec::new());
+/// A plugin this process initialised, or the error its `init` gave: it must not be called a second
+/// time.
+struct Loaded {
+    /// The address of the table symbol in the process's shared image of the library (the same
+    /// library reached through two paths is one entry), whichever image the engines use.
+    table: usize,
+    outcome: Result<Arc<Plugin>>,
+}
+
+static LOADED: Mutex<Vec<Loaded>> = Mutex::new(Vec::new());
 
 /// Loads the first candidate that works; the error lists why each failed.
 pub fn load(explicit: Option<&Path>, nccl_net_plugin: Option<&str>) -> Result<Arc<Plugin>> {
@@ -96,6 +111,15 @@ pub fn load(explicit: Option<&Path>, nccl_net_plugin: Option<&str>) -> Result<Ar
 fn load_one(candidate: &OsString) -> Result<Arc<Plugin>> {
     let origin = candidate.to_string_lossy().into_owned();
     let mut loaded = LOADED.lock();
+    if let Some(shared) = image::already_loaded(candidate) {
+        if let Some(ours) = loaded.iter().find(|l| l.table == shared) {
+            return ours.outcome.clone();
+        }
+        // Loaded, and not by us: another consumer (NCCL) took its init.
+        let outcome = load_private(candidate, &origin);
+        loaded.push(Loaded { table: shared, outcome: outcome.clone() });
+        return outcome;
+    }
     // SAFETY: loading runs the library's initialisers; loading a net plugin is what the caller
     // asked for. NODELETE: a plugin's helper threads may outlive any handle we hold.
     let library = unsafe { Library::open(Some(candidate), libc::RTLD_NOW | libc::RTLD_LOCAL | libc::RTLD_NODELETE) }
@@ -108,22 +132,51 @@ fn load_one(candidate: &OsString) -> Result<Arc<Plugin>> {
     if table_ptr.is_null() {
         return Err(Error::backend(format!("net plugin {origin} exports a NULL ncclNetPlugin_v7")));
     }
-    if let Some((_, cached)) = loaded.iter().find(|(addr, _)| *addr == table_ptr as usize) {
-        return cached.clone();
+    if let Some(cached) = loaded.iter().find(|l| l.table == table_ptr as usize) {
+        return cached.outcome.clone();
     }
+    // From here on `init` may have been called, so the outcome, success or not, is final.
+    let outcome = initialise(table_ptr, &origin, Image::Shared { _library: library });
+    loaded.push(Loaded { table: table_ptr as usize, outcome: outcome.clone() });
+    outcome
+}
+
+/// A private image of `candidate`, whose shared image another consumer of the process initialised.
+fn load_private(candidate: &OsString, origin: &str) -> Result<Arc<Plugin>> {
+    log::warn!(
+        "net plugin {origin} is already loaded in this process by another consumer (NCCL, say), whose init \
+         it shares: loading a private image of it (dlmopen into a new namespace)"
+    );
+    let private = format!("{origin} (private image)");
+    // Before loading: the image's C library takes its environment from the process as it is then.
+    env::apply_defaults();
+    let outcome = image::open_private(candidate, origin)
+        .and_then(|(image, table)| initialise(table, &private, Image::Private { _image: image }));
+    outcome.map_err(|e| {
+        Error::new(
+            e.status(),
+            format!(
+                "net plugin {origin} is already loaded and initialised by another consumer of this process (NCCL \
+                 loads it as its net plugin), and a plugin's init works once per loaded image; its private image \
+                 cannot be used: {}. Give this process's NCCL another net plugin, or point UCCL_TCPX_PLUGIN at a \
+                 copy of the library file (another image)",
+                e.message()
+            ),
+        )
+    })
+}
+
+/// Reads, checks and initialises the table at `table_ptr` of a loaded `image`.
+fn initialise(table_ptr: *const NcclNetV7, origin: &str, image: Image) -> Result<Arc<Plugin>> {
     // SAFETY: the symbol is a valid, aligned table for the library's lifetime (kept by NODELETE);
     // volatile because plugins declare it `volatile`.
     let table = unsafe { std::ptr::read_volatile(table_ptr) };
-    let name = table_name(&table, &origin)?;
-    check_entries(&table, &origin, name)?;
-    // From here on `init` has been called, so the outcome, success or not, is final for the process.
-    let outcome = init_and_describe(table, name, &origin)
-        .map(|devices| Arc::new(Plugin::new(table, name, origin.clone(), devices, Some(library))));
-    loaded.push((table_ptr as usize, outcome.clone()));
-    if let Ok(p) = &outcome {
-        log::info!("loaded net plugin {} from {} with {} devices", p.name, p.origin, p.devices.len());
-    }
-    outcome
+    let name = table_name(&table, origin)?;
+    check_entries(&table, origin, name)?;
+    let devices = init_and_describe(table, name, origin)?;
+    let plugin = Plugin::new(table, name, origin.to_owned(), devices, image);
+    log::info!("loaded net plugin {} from {} with {} devices", plugin.name, plugin.origin, plugin.devices.len());
+    Ok(Arc::new(plugin))
 }
 
 /// libloading's Display says only "dlopen failed"; the dlerror text is its source.
@@ -235,7 +288,7 @@ impl Plugin {
         let name = table_name(&table, "test table")?;
         check_entries(&table, "test table", name)?;
         let devices = init_and_describe(table, name, "test table")?;
-        Ok(Arc::new(Plugin::new(table, name, "test table".into(), devices, None)))
+        Ok(Arc::new(Plugin::new(table, name, "test table".into(), devices, Image::None)))
     }
 }
 

@@ -13,6 +13,7 @@ pub mod devices;
 pub mod env;
 pub mod gather;
 mod gpu;
+mod image;
 mod landing;
 pub mod loader;
 pub mod logger;
