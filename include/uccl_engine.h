@@ -232,14 +232,21 @@ void uccl_engine_mr_destroy(uccl_engine_t *engine, uccl_mr_t mr);
 int uccl_engine_prepare_fifo(uccl_engine_t *engine, uccl_mr_t mr, const void *data, size_t size, char *fifo_buf);
 
 /**
- * For a registered address: fills `ipc_buf` (128 bytes) and sets `*has_ipc`. No IPC transport exists
- * yet, so `*has_ipc` is false and the buffer is zeroed.
+ * For a registered address: fills `ipc_buf` (128 bytes, UCCL's layout: the CUDA IPC handle of the
+ * allocation holding `addr`, the offset of `addr` in it, the bytes from `addr` to the end of its
+ * registration, the GPU index) and sets `*has_ipc`. False, with the buffer zeroed, for host
+ * memory, for GPU memory without a legacy IPC handle (the CUDA virtual memory API's, such as
+ * PyTorch's expandable segments: those travel over the network path), and under
+ * UCCL_TCPX_DISABLE_IPC=1. The handle opens the whole allocation to any process of this host
+ * that holds it; this engine's own peers do not need it (they ask the owner, which authorizes
+ * every access), so hand it only to processes that may reach that whole allocation.
  */
 int uccl_engine_get_ipc_info(uccl_engine_t *engine, uintptr_t addr, char *ipc_buf, bool *has_ipc);
 
 /**
- * Re-targets IPC info at `addr` inside the allocation starting at `base_addr`: offset += addr - base,
- * size = `size`.
+ * Re-targets IPC info at `addr` inside the range that starts at `base_addr`: offset += addr -
+ * base, size = `size`. Info that describes a range can only be narrowed (the new range must lie
+ * inside it); zeroed info (no IPC path) is rewritten as UCCL rewrites it.
  */
 int uccl_engine_update_ipc_info(char *ipc_buf, uintptr_t addr, uintptr_t base_addr, size_t size);
 
@@ -299,8 +306,10 @@ int uccl_engine_read(uccl_conn_t *conn, uccl_mr_t mr, const void *data, size_t s
 
 /**
  * `num_iovs` one-sided writes under one transfer id; `dst_v[i]` are the local sources.
- * `ipc_bufs` may be NULL and is not read: between engines of one process host memory is copied
- * directly, after the target authorized the item as it would a network peer's.
+ * `ipc_bufs` may be NULL and is not read: on a local connection the engine copies directly (host
+ * memory between engines of one process, GPU memory between engines of one host through the
+ * owner's CUDA IPC handle), after the target authorized the items as it would a network peer's,
+ * and it learns the handle from the owner itself.
  */
 int uccl_engine_write_vector(uccl_conn_t *conn, const uccl_mr_t *mr_ids, void *const *dst_v, const size_t *size_v, const struct FifoItem *fifo_items, int num_iovs, uint64_t *transfer_id, char *const *ipc_bufs);
 

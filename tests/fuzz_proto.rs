@@ -32,8 +32,8 @@ use uccl_tcpx::proto::{
 
 /// `proto::FRAME_HEADER_LEN` is crate-private; `FrameHeader::to_bytes` pins the same number.
 const HEADER_LEN: usize = 8;
-/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 9.
-const VERSION: u16 = 9;
+/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 10.
+const VERSION: u16 = 10;
 const CHANNEL_HELLO_LEN: usize = 16;
 const FIFO_LEN: usize = 64;
 /// Protocol limits (crate-private in `proto`); `limits_match_the_codec` checks each against the codec.
@@ -261,6 +261,28 @@ fn sample_controls() -> Vec<(&'static str, Control)> {
                 segs: vec![RemoteSeg { addr: u64::MAX - 8, len: 8 }],
             },
         ),
+        (
+            "ipc_request",
+            Control::IpcRequest {
+                xfer: (1 << 63) | 1,
+                region: 28,
+                token: 29,
+                segs: vec![RemoteSeg { addr: 0x7f00_0000_1000, len: 8 }],
+            },
+        ),
+        (
+            "ipc_grant",
+            Control::IpcGrant {
+                xfer: (1 << 63) | 1,
+                region: 28,
+                handle: [0x5a; 64],
+                alloc_base: 0x7f00_0000_0000,
+                alloc_len: 2 << 20,
+                windows: vec![RemoteSeg { addr: 0x7f00_0000_1000, len: 4096 }],
+            },
+        ),
+        ("ipc_revoke", Control::IpcRevoke { region: 30 }),
+        ("ipc_revoked", Control::IpcRevoked { region: 30 }),
     ]
 }
 

@@ -58,6 +58,11 @@ impl Gpu {
         &self.bus_id
     }
 
+    /// The primary context's handle, for calls that name a context (peer copies).
+    pub(crate) fn raw_context(&self) -> sys::CUcontext {
+        self.ctx.cu_ctx()
+    }
+
     /// The device's sysfs path (`/sys/devices/pci0000:49/.../0000:4a:00.0`), which places it in
     /// the PCI tree next to NICs; None where sysfs does not list it (some containers).
     pub fn sysfs_path(&self) -> Option<String> {

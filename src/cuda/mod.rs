@@ -6,9 +6,13 @@
 //! - [`memory`]: [`DeviceBuffer`] (device memory for tests and benchmarks) and pinned host memory;
 //! - [`stream`]: streams and events, the asynchronous copies the staging path issues;
 //! - [`ring`]: a comm's ring of pinned staging slots;
-//! - [`small_copy`]: the synchronous copies of inline transfers, fast up to 64 KiB.
+//! - [`small_copy`]: the synchronous copies of inline transfers, fast up to 64 KiB;
+//! - [`ipc`]: CUDA IPC handles of registered allocations and mappings of peers' ones;
+//! - [`device_copy`]: the asynchronous copies of the same-host path, completion through events.
 
+pub mod device_copy;
 pub mod gpu;
+pub mod ipc;
 pub mod memory;
 pub mod pointer;
 pub mod ring;

@@ -98,6 +98,15 @@ impl Event {
     }
 }
 
+impl Event {
+    /// Blocks until the work before the last `record` finished; for paths that must not return
+    /// while a copy may still touch memory (a failing connection). Errors are the copies' own.
+    pub fn synchronize(&self) -> Result<()> {
+        // SAFETY: an owned event handle; waiting needs no current context.
+        check(unsafe { sys::cuEventSynchronize(self.raw) }, "cuEventSynchronize")
+    }
+}
+
 impl Drop for Event {
     fn drop(&mut self) {
         if let Ok(_ctx) = self.gpu.enter() {

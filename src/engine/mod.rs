@@ -35,12 +35,12 @@ pub use notify::Notification;
 use crate::config::{Config, TransportChoice};
 use crate::cuda::Gpu;
 use crate::error::{Error, Result, UcclStatus};
-use crate::proto::{AuthKey, FifoItem};
+use crate::proto::{AuthKey, FifoItem, IpcInfo};
 use crate::threads::{ThreadKind, spawn_contained};
-use crate::transport::Net;
 use crate::transport::plugin::PluginNet;
 use crate::transport::socket::SocketNet;
 use crate::transport::staged::{StagedNet, StagingParams};
+use crate::transport::{MemKind, Net};
 use admission::AcceptQueue;
 use progress::{ConnList, ProgressThread};
 use region::RegionTable;
@@ -248,11 +248,12 @@ impl Engine {
     /// refused), chunks already handed to the transport are waited for, and a connection whose
     /// transport still holds some after UCCL_TCPX_FENCE_TIMEOUT_MS is failed.
     pub fn deregister(&self, mr: u64) -> Result<()> {
-        self.core.regions.remove(mr)?;
+        let region = self.core.regions.remove(mr)?;
         let deadline = Instant::now() + self.core.config.fence_timeout;
         for conn in self.core.live_conns() {
             conn.fence(mr, deadline);
         }
+        wait_for_device_copies(&region, deadline);
         Ok(())
     }
 
@@ -260,12 +261,30 @@ impl Engine {
         self.core.regions.advertise(mr, addr, len)
     }
 
-    /// Whether `addr` has an IPC path: it must be registered; no IPC transport exists yet, so never.
-    pub fn ipc_available(&self, addr: usize) -> Result<bool> {
-        match self.core.regions.find_containing(addr) {
-            Some(_) => Ok(false),
-            None => Err(Error::not_found(format!("address {addr:#x} is not inside a registered region"))),
+    /// UCCL's IPC information for registered `addr`: the CUDA IPC handle of the allocation holding
+    /// it, the offset of `addr` in that allocation, the bytes from `addr` to the region's end, the
+    /// GPU. `None` for host memory, for GPU memory without a legacy IPC handle (the CUDA virtual
+    /// memory API's), and when same-host paths are disabled (UCCL_TCPX_DISABLE_IPC=1); an address
+    /// outside every registered region is an error. Peers of this engine never need it (a local
+    /// connection asks the owner for the handle, which authorizes the request first); it exists
+    /// for callers that ship it as UCCL's do.
+    pub fn ipc_info(&self, addr: usize) -> Result<Option<IpcInfo>> {
+        let region = self
+            .core
+            .regions
+            .find_containing(addr)
+            .ok_or_else(|| Error::not_found(format!("address {addr:#x} is not inside a registered region")))?;
+        if self.core.config.disable_ipc {
+            return Ok(None);
         }
+        let (MemKind::Cuda { device }, Some(export)) = (region.kind, region.ipc_export()) else {
+            return Ok(None);
+        };
+        let offset = (addr as u64).checked_sub(export.base).filter(|&o| o < export.len).ok_or_else(|| {
+            Error::backend(format!("internal: address {addr:#x} lies outside its allocation's IPC range"))
+        })?;
+        let size = (region.base + region.len - addr) as u64;
+        Ok(Some(IpcInfo { handle: export.handle, offset, size, gpu: device }))
     }
 
     /// Stops accepting, closes every connection (failing what is pending) and stops the threads.
@@ -294,6 +313,21 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// Waits until no device copy of the same-host path (this engine's or another engine's of this
+/// process) reads or writes `region`. The fences made every later copy refuse it; the ones already
+/// queued finish on their own (a GPU copy cannot be called back), and the progress threads count
+/// them off, so this waits past `deadline` too, saying so once.
+fn wait_for_device_copies(region: &region::Region, deadline: Instant) {
+    let mut warned = false;
+    while region.copies_in_flight() > 0 {
+        if !warned && Instant::now() >= deadline {
+            log::warn!("deregistering memory region {}: device copies on it are still running", region.id);
+            warned = true;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(50));
     }
 }
 

@@ -1,8 +1,9 @@
 //! The engine's one progress thread: drives every connection's channels, spins briefly when idle,
 //! then parks until a transport completion or a new post wakes it. A transport that progresses
 //! only while polled (a net plugin) never wakes it, so while such a transport has requests
-//! outstanding the thread naps briefly instead of parking. Should the thread panic, every
-//! connection fails with an internal error and the engine refuses new ones.
+//! outstanding (or device copies of the same-host path are in flight) the thread naps briefly
+//! instead of parking. Should the thread panic, every connection fails with an internal error and
+//! the engine refuses new ones.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -123,7 +124,11 @@ impl ProgressThread {
                 on_panic(err.clone());
                 failing.fail_all(err);
             },
-            move || run(&conns, &thread_stop, &needs_polling),
+            {
+                // Device copies of the same-host path complete only when polled, too.
+                let waker = waker.clone();
+                move || run(&conns, &thread_stop, &|| needs_polling() || waker.has_polled_work())
+            },
         )?;
         let _ = waker.thread.set(thread.thread().clone());
         Ok(ProgressThread { stop, waker, thread: Some(thread) })

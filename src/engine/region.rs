@@ -3,17 +3,18 @@
 //! window that `prepare_fifo` advertised.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock};
 
+use crate::cuda::ipc::Export;
 use crate::error::{Error, Result};
 use crate::proto::{Capability, FifoItem, RemoteSeg, TokenBinding};
 use crate::transport::MemKind;
 
 /// Distinct windows a region may advertise; callers normally advertise once per registration.
-const MAX_WINDOWS_PER_REGION: usize = 4096;
+const MAX_WINDOWS_PER_REGION: usize = crate::proto::MAX_IPC_WINDOWS;
 
 #[derive(Debug)]
 pub struct Region {
@@ -25,6 +26,11 @@ pub struct Region {
     windows: Mutex<Vec<(usize, usize)>>,
     /// Set by `mr_destroy`; transport registrations are released once no flow holds the region.
     removed: AtomicBool,
+    /// Device copies of the same-host path in flight on it, from any engine of this process; a
+    /// deregistration returns only once none is left.
+    device_copies: AtomicUsize,
+    /// The CUDA IPC handle of the allocation holding a device region, asked for once.
+    ipc: OnceLock<Option<Export>>,
 }
 
 impl Region {
@@ -34,6 +40,47 @@ impl Region {
 
     pub fn is_removed(&self) -> bool {
         self.removed.load(Ordering::Acquire)
+    }
+
+    /// Counts a device copy that reads or writes the region until `copy_ended`. Callers hold a
+    /// lock that the region's deregistration takes after removing it (a connection's), and check
+    /// `is_removed` under it first, so a deregistration that returns has seen every such copy.
+    pub fn copy_started(&self) {
+        self.device_copies.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn copy_ended(&self) {
+        self.device_copies.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    pub fn copies_in_flight(&self) -> usize {
+        self.device_copies.load(Ordering::Acquire)
+    }
+
+    /// The windows advertised for the region so far.
+    pub fn windows(&self) -> Vec<(usize, usize)> {
+        self.windows.lock().clone()
+    }
+
+    /// The CUDA IPC handle of the allocation holding this device region, made on first use; `None`
+    /// for host memory, for allocations without one (see `cuda::ipc::export`) and for a region
+    /// that runs past its allocation.
+    pub fn ipc_export(&self) -> Option<Export> {
+        *self.ipc.get_or_init(|| {
+            let MemKind::Cuda { device } = self.kind else { return None };
+            let exported = crate::cuda::Gpu::open(device).and_then(|gpu| crate::cuda::ipc::export(&gpu, self.base));
+            let export = exported.unwrap_or_else(|e| {
+                log::warn!("no CUDA IPC handle for memory region {}: {e}", self.id);
+                None
+            })?;
+            // A registration running on into a neighbouring allocation cannot be reached through
+            // one handle.
+            let inside = (self.base as u64 + self.len as u64) <= export.base + export.len;
+            if !inside {
+                log::info!("memory region {} spans more than one CUDA allocation: no IPC handle", self.id);
+            }
+            inside.then_some(export)
+        })
     }
 }
 
@@ -77,6 +124,8 @@ impl RegionTable {
             token: crate::transport::socket::random_u64(),
             windows: Mutex::new(Vec::new()),
             removed: AtomicBool::new(false),
+            device_copies: AtomicUsize::new(0),
+            ipc: OnceLock::new(),
         };
         self.regions.write().insert(id, Arc::new(region));
         Ok(id)
@@ -85,14 +134,14 @@ impl RegionTable {
     /// Takes the region out of the table: from now on no request is authorized for it and no post
     /// accepts it (a post that looked it up earlier finds it removed under its connection lock).
     /// Cutting off what already uses it is the engine's part, after this returned.
-    pub fn remove(&self, id: u64) -> Result<()> {
+    pub fn remove(&self, id: u64) -> Result<Arc<Region>> {
         let mut regions = self.regions.write();
         let region =
             regions.remove(&id).ok_or_else(|| Error::not_found(format!("memory region {id} is not registered")))?;
         region.removed.store(true, Ordering::Release);
         drop(regions);
         self.removals.fetch_add(1, Ordering::Release);
-        Ok(())
+        Ok(region)
     }
 
     pub fn removals(&self) -> Arc<AtomicU64> {

@@ -3,7 +3,7 @@
 //! so that the engine, its connections and the progress thread that drives them do not import each
 //! other.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::thread::Thread;
 use std::time::Instant;
@@ -112,6 +112,9 @@ impl EngineCore {
 #[derive(Default)]
 pub struct Waker {
     pub(super) thread: OnceLock<Thread>,
+    /// Work in flight that completes only when polled (device copies of the same-host path): while
+    /// any is, the progress thread naps instead of parking.
+    polled: AtomicUsize,
 }
 
 impl Waker {
@@ -119,5 +122,18 @@ impl Waker {
         if let Some(t) = self.thread.get() {
             t.unpark();
         }
+    }
+
+    pub fn polled_work(&self, n: usize) {
+        self.polled.fetch_add(n, Ordering::AcqRel);
+        self.wake();
+    }
+
+    pub fn polled_work_done(&self, n: usize) {
+        self.polled.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    pub fn has_polled_work(&self) -> bool {
+        self.polled.load(Ordering::Acquire) > 0
     }
 }

@@ -5,14 +5,14 @@ use std::ffi::{c_char, c_void};
 use super::engine::{ENGINES, uccl_engine_t};
 use super::{FIFO_SIZE, IPC_INFO_SIZE, ffi_fn, non_null};
 use crate::error::Error;
+use crate::proto::IpcInfo;
 use std::ffi::c_int;
 
 /// A registered memory region's id.
 pub type uccl_mr_t = u64;
 
-/// Byte offsets inside the IPC info buffer (UCCL's layout: handle, offset, size, GPU index).
-const IPC_OFFSET_AT: usize = 64;
-const IPC_SIZE_AT: usize = 72;
+/// Bytes of the IPC info that hold its fields (handle, offset, size, GPU index); the rest is padding.
+const IPC_INFO_FIELDS_LEN: usize = 84;
 
 /// Registers `[data, data + size)` for transfers and writes its id to `*mr_id`.
 #[unsafe(no_mangle)]
@@ -61,8 +61,14 @@ pub extern "C" fn uccl_engine_prepare_fifo(
     })
 }
 
-/// For a registered address: fills `ipc_buf` (128 bytes) and sets `*has_ipc`. No IPC transport exists
-/// yet, so `*has_ipc` is false and the buffer is zeroed.
+/// For a registered address: fills `ipc_buf` (128 bytes, UCCL's layout: the CUDA IPC handle of the
+/// allocation holding `addr`, the offset of `addr` in it, the bytes from `addr` to the end of its
+/// registration, the GPU index) and sets `*has_ipc`. False, with the buffer zeroed, for host
+/// memory, for GPU memory without a legacy IPC handle (the CUDA virtual memory API's, such as
+/// PyTorch's expandable segments: those travel over the network path), and under
+/// UCCL_TCPX_DISABLE_IPC=1. The handle opens the whole allocation to any process of this host
+/// that holds it; this engine's own peers do not need it (they ask the owner, which authorizes
+/// every access), so hand it only to processes that may reach that whole allocation.
 #[unsafe(no_mangle)]
 pub extern "C" fn uccl_engine_get_ipc_info(
     engine: *mut uccl_engine_t,
@@ -73,18 +79,20 @@ pub extern "C" fn uccl_engine_get_ipc_info(
     ffi_fn!("uccl_engine_get_ipc_info", {
         non_null!(ipc_buf);
         non_null!(has_ipc);
-        let available = ENGINES.get(engine)?.ipc_available(addr)?;
+        let info = ENGINES.get(engine)?.ipc_info(addr)?;
+        let bytes = info.map_or([0u8; IPC_INFO_SIZE], |i| i.to_bytes());
         // SAFETY: the caller provides IPC_INFO_SIZE writable bytes and a writable bool.
         unsafe {
-            std::ptr::write_bytes(ipc_buf, 0, IPC_INFO_SIZE);
-            *has_ipc = available;
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), ipc_buf.cast::<u8>(), IPC_INFO_SIZE);
+            *has_ipc = info.is_some();
         }
         Ok(0)
     })
 }
 
-/// Re-targets IPC info at `addr` inside the allocation starting at `base_addr`: offset += addr - base,
-/// size = `size`.
+/// Re-targets IPC info at `addr` inside the range that starts at `base_addr`: offset += addr -
+/// base, size = `size`. Info that describes a range can only be narrowed (the new range must lie
+/// inside it); zeroed info (no IPC path) is rewritten as UCCL rewrites it.
 #[unsafe(no_mangle)]
 pub extern "C" fn uccl_engine_update_ipc_info(
     ipc_buf: *mut c_char,
@@ -94,20 +102,17 @@ pub extern "C" fn uccl_engine_update_ipc_info(
 ) -> c_int {
     ffi_fn!("uccl_engine_update_ipc_info", {
         non_null!(ipc_buf);
-        let delta = addr
-            .checked_sub(base_addr)
-            .ok_or_else(|| Error::invalid(format!("addr {addr:#x} lies below base_addr {base_addr:#x}")))?;
-        let buf = ipc_buf.cast::<u8>();
-        // SAFETY: the caller provides IPC_INFO_SIZE bytes; unaligned accesses inside them.
-        unsafe {
-            let offset_ptr = buf.add(IPC_OFFSET_AT).cast::<u64>();
-            let offset = offset_ptr
-                .read_unaligned()
-                .checked_add(delta as u64)
-                .ok_or_else(|| Error::invalid("IPC offset overflows"))?;
-            offset_ptr.write_unaligned(offset);
-            buf.add(IPC_SIZE_AT).cast::<u64>().write_unaligned(size as u64);
-        }
+        let mut bytes = [0u8; IPC_INFO_SIZE];
+        // SAFETY: the caller provides IPC_INFO_SIZE readable and writable bytes at ipc_buf.
+        unsafe { std::ptr::copy_nonoverlapping(ipc_buf.cast::<u8>(), bytes.as_mut_ptr(), IPC_INFO_SIZE) };
+        let mut info = IpcInfo::from_bytes(&bytes);
+        info.retarget(addr as u64, base_addr as u64, size as u64).map_err(|e| Error::invalid(e.to_string()))?;
+        // Only the fields are rewritten, so whatever the caller keeps past them stays.
+        let fields = &info.to_bytes()[..IPC_INFO_FIELDS_LEN];
+        // SAFETY: as above.
+        unsafe { std::ptr::copy_nonoverlapping(fields.as_ptr(), ipc_buf.cast::<u8>(), IPC_INFO_FIELDS_LEN) };
         Ok(0)
     })
 }
+
+const _: () = assert!(IPC_INFO_SIZE == crate::proto::IPC_INFO_SIZE);

@@ -2,13 +2,15 @@
 //!
 //! Fixed-size messages are their fields in declaration order (`u64`/`i32`, little-endian);
 //! Deny and Notify carry `u32`-length-prefixed byte strings, and Close has an empty body. The
-//! vector requests carry a `u32` segment count, then per segment `u64 addr, u32 len`.
+//! vector requests carry a `u32` segment count, then per segment `u64 addr, u32 len`; IpcRequest
+//! is laid out like them, and IpcGrant lists the region's windows the same way after the handle
+//! (64 bytes) and the allocation's `u64 base, u64 len`.
 
 use super::frame::{FRAME_HEADER_LEN, FrameHeader, is_handshake_kind, kind, write_frame};
 use super::wire::{Reader, Writer, check_len};
 use super::{
-    MAX_INLINE_LEN, MAX_NAME_LEN, MAX_NOTIFY_MSG_LEN, MAX_REASON_LEN, MAX_VECTOR_BYTES, MAX_VECTOR_SEGMENTS,
-    ProtoError, REMOTE_SEG_LEN,
+    IPC_HANDLE_LEN, MAX_INLINE_LEN, MAX_IPC_WINDOWS, MAX_NAME_LEN, MAX_NOTIFY_MSG_LEN, MAX_REASON_LEN,
+    MAX_VECTOR_BYTES, MAX_VECTOR_SEGMENTS, ProtoError, REMOTE_SEG_LEN,
 };
 
 /// One piece of a remote region that a vector request names: `len` bytes at `addr`.
@@ -110,6 +112,35 @@ pub enum Control {
         token: u64,
         segs: Vec<RemoteSeg>,
     },
+    /// Between processes of one host: asks for the CUDA IPC handle of a GPU region, presenting its
+    /// token and the segments about to be copied (every one authorized as a vector request's);
+    /// answered with IpcGrant, or Deny (NOT_SUPPORTED when the region has no IPC handle: the
+    /// network path carries it instead).
+    IpcRequest {
+        xfer: u64,
+        region: u64,
+        token: u64,
+        segs: Vec<RemoteSeg>,
+    },
+    /// The handle of the allocation holding the region, that allocation's range in the owner's
+    /// address space, and the windows advertised for the region: the requester may copy into and
+    /// out of those windows until the owner revokes the grant.
+    IpcGrant {
+        xfer: u64,
+        region: u64,
+        handle: [u8; IPC_HANDLE_LEN],
+        alloc_base: u64,
+        alloc_len: u64,
+        windows: Vec<RemoteSeg>,
+    },
+    /// The owner deregistered `region`: copy no more into or out of it, and answer IpcRevoked
+    /// once no copy that uses it is in flight.
+    IpcRevoke {
+        region: u64,
+    },
+    IpcRevoked {
+        region: u64,
+    },
 }
 
 const HANDSHAKE_AFTER_SETUP: ProtoError =
@@ -135,6 +166,23 @@ fn check_range(addr: u64, len: u64) -> Result<(), ProtoError> {
 fn check_inline(addr: u64, len: usize) -> Result<(), ProtoError> {
     check_len(len, MAX_INLINE_LEN, "inline payload")?;
     check_range(addr, len as u64)
+}
+
+/// A non-empty list of at most `MAX_IPC_WINDOWS` windows, each non-empty and inside the allocation.
+fn check_grant(alloc_base: u64, alloc_len: u64, windows: &[RemoteSeg]) -> Result<(), ProtoError> {
+    if windows.is_empty() {
+        return Err(ProtoError::Invalid("an IPC grant must list at least one window"));
+    }
+    check_len(windows.len(), MAX_IPC_WINDOWS, "IPC grant window list")?;
+    check_range(alloc_base, alloc_len)?;
+    let alloc_end = alloc_base + alloc_len;
+    for w in windows {
+        check_range(w.addr, u64::from(w.len))?;
+        if w.addr < alloc_base || w.addr + u64::from(w.len) > alloc_end {
+            return Err(ProtoError::Invalid("an IPC grant lists a window outside the granted allocation"));
+        }
+    }
+    Ok(())
 }
 
 /// At most `MAX_VECTOR_SEGMENTS` segments and `MAX_VECTOR_BYTES` in all, none empty or wrapping.
@@ -189,6 +237,10 @@ impl Control {
             Self::Resume { .. } => kind::RESUME,
             Self::WriteVector { .. } => kind::WRITE_VECTOR,
             Self::ReadVector { .. } => kind::READ_VECTOR,
+            Self::IpcRequest { .. } => kind::IPC_REQUEST,
+            Self::IpcGrant { .. } => kind::IPC_GRANT,
+            Self::IpcRevoke { .. } => kind::IPC_REVOKE,
+            Self::IpcRevoked { .. } => kind::IPC_REVOKED,
         }
     }
 
@@ -234,17 +286,23 @@ impl Control {
                 w.bytes32(msg);
             }
             Self::Resume { xfer } => w.u64(*xfer),
+            Self::IpcRevoke { region } | Self::IpcRevoked { region } => w.u64(*region),
             Self::Close => {}
-            Self::WriteVector { xfer, region, token, segs } | Self::ReadVector { xfer, region, token, segs } => {
+            Self::WriteVector { xfer, region, token, segs }
+            | Self::ReadVector { xfer, region, token, segs }
+            | Self::IpcRequest { xfer, region, token, segs } => {
                 for v in [xfer, region, token] {
                     w.u64(*v);
                 }
-                // Past u32::MAX the count is wrong and the peer rejects the frame.
-                w.u32(u32::try_from(segs.len()).unwrap_or(u32::MAX));
-                for seg in segs {
-                    w.u64(seg.addr);
-                    w.u32(seg.len);
-                }
+                write_segments(w, segs);
+            }
+            Self::IpcGrant { xfer, region, handle, alloc_base, alloc_len, windows } => {
+                w.u64(*xfer);
+                w.u64(*region);
+                w.bytes(handle);
+                w.u64(*alloc_base);
+                w.u64(*alloc_len);
+                write_segments(w, windows);
             }
         }
     }
@@ -308,6 +366,18 @@ impl Control {
                 let (xfer, region, token) = (r.u64()?, r.u64()?, r.u64()?);
                 Self::ReadVector { xfer, region, token, segs: read_segments(r)? }
             }
+            kind::IPC_REQUEST => {
+                let (xfer, region, token) = (r.u64()?, r.u64()?, r.u64()?);
+                Self::IpcRequest { xfer, region, token, segs: read_segments(r)? }
+            }
+            kind::IPC_GRANT => {
+                let (xfer, region) = (r.u64()?, r.u64()?);
+                let handle: [u8; IPC_HANDLE_LEN] = r.array()?;
+                let (alloc_base, alloc_len) = (r.u64()?, r.u64()?);
+                Self::IpcGrant { xfer, region, handle, alloc_base, alloc_len, windows: read_segments(r)? }
+            }
+            kind::IPC_REVOKE => Self::IpcRevoke { region: r.u64()? },
+            kind::IPC_REVOKED => Self::IpcRevoked { region: r.u64()? },
             other => return Err(ProtoError::UnknownKind(other)),
         };
         Ok(msg)
@@ -329,9 +399,25 @@ impl Control {
                 nonzero_len(payload.len() as u64)?;
                 check_len(payload.len(), MAX_INLINE_LEN, "inline payload")
             }
-            Self::WriteVector { segs, .. } | Self::ReadVector { segs, .. } => check_vector(segs),
-            Self::Grant { .. } | Self::Resume { .. } | Self::Close => Ok(()),
+            Self::WriteVector { segs, .. } | Self::ReadVector { segs, .. } | Self::IpcRequest { segs, .. } => {
+                check_vector(segs)
+            }
+            Self::IpcGrant { alloc_base, alloc_len, windows, .. } => check_grant(*alloc_base, *alloc_len, windows),
+            Self::Grant { .. }
+            | Self::Resume { .. }
+            | Self::IpcRevoke { .. }
+            | Self::IpcRevoked { .. }
+            | Self::Close => Ok(()),
         }
+    }
+}
+
+/// The count, then each segment. Past u32::MAX the count is wrong and the peer rejects the frame.
+fn write_segments(w: &mut Writer<'_>, segs: &[RemoteSeg]) {
+    w.u32(u32::try_from(segs.len()).unwrap_or(u32::MAX));
+    for seg in segs {
+        w.u64(seg.addr);
+        w.u32(seg.len);
     }
 }
 
@@ -418,6 +504,25 @@ mod tests {
                 token: 28,
                 segs: vec![RemoteSeg { addr: u64::MAX - 1, len: 1 }],
             },
+            Control::IpcRequest {
+                xfer: 1 << 63,
+                region: 29,
+                token: 30,
+                segs: vec![RemoteSeg { addr: 0x7000, len: 8 }],
+            },
+            Control::IpcGrant {
+                xfer: (1 << 63) + 1,
+                region: 31,
+                handle: core::array::from_fn(|i| i as u8),
+                alloc_base: 0x7f00_0000_0000,
+                alloc_len: 1 << 30,
+                windows: vec![
+                    RemoteSeg { addr: 0x7f00_0000_0000, len: 4096 },
+                    RemoteSeg { addr: 0x7f00_0000_0000 + (1 << 30) - 1, len: 1 },
+                ],
+            },
+            Control::IpcRevoke { region: 32 },
+            Control::IpcRevoked { region: u64::MAX },
         ]
     }
 
@@ -435,6 +540,8 @@ mod tests {
                 | Control::InlineSend { .. }
                 | Control::WriteVector { .. }
                 | Control::ReadVector { .. }
+                | Control::IpcRequest { .. }
+                | Control::IpcGrant { .. }
         )
     }
 
@@ -691,6 +798,60 @@ mod tests {
         assert!(matches!(decode_raw(kind::WRITE_VECTOR, &body), Err(ProtoError::TrailingBytes { extra: 12, .. })));
     }
 
+    fn grant(alloc_base: u64, alloc_len: u64, windows: Vec<RemoteSeg>) -> Control {
+        Control::IpcGrant { xfer: 1, region: 2, handle: [7; IPC_HANDLE_LEN], alloc_base, alloc_len, windows }
+    }
+
+    #[test]
+    fn ipc_grant_layout_is_ids_handle_allocation_then_windows() {
+        let frame = encode(&grant(0x1000, 0x2000, vec![RemoteSeg { addr: 0x1800, len: 0x10 }]));
+        let mut body = Vec::new();
+        body.extend(1u64.to_le_bytes());
+        body.extend(2u64.to_le_bytes());
+        body.extend([7u8; 64]);
+        body.extend(0x1000u64.to_le_bytes());
+        body.extend(0x2000u64.to_le_bytes());
+        body.extend(1u32.to_le_bytes());
+        body.extend(0x1800u64.to_le_bytes());
+        body.extend(0x10u32.to_le_bytes());
+        assert_eq!(&frame[FRAME_HEADER_LEN..], &body[..]);
+        assert_eq!(frame[2], kind::IPC_GRANT);
+        assert_eq!(encode(&Control::IpcRevoked { region: 5 })[FRAME_HEADER_LEN..], 5u64.to_le_bytes());
+    }
+
+    #[test]
+    fn ipc_grants_list_only_windows_inside_the_allocation() {
+        let w = |addr, len| RemoteSeg { addr, len };
+        let full = (0..MAX_IPC_WINDOWS as u64).map(|i| w(0x1000 + i, 1)).collect::<Vec<_>>();
+        assert_eq!(grant(0x1000, 0x2000, full.clone()).validate(), Ok(()));
+        let msg = grant(0x1000, 0x2000, full.clone());
+        assert_eq!(decode_frame(&encode(&msg)), Ok(Some((msg, FRAME_HEADER_LEN + 100 + 12 * MAX_IPC_WINDOWS))));
+        let mut over = full;
+        over.push(w(0x1000, 1));
+        for (msg, why) in [
+            (grant(0x1000, 0x2000, vec![]), "no window"),
+            (grant(0x1000, 0x2000, over), "too many windows"),
+            (grant(0x1000, 0, vec![w(0x1000, 1)]), "an empty allocation"),
+            (grant(u64::MAX - 4, 8, vec![w(u64::MAX - 4, 1)]), "a wrapping allocation"),
+            (grant(0x1000, 0x2000, vec![w(0xfff, 2)]), "a window starting before the allocation"),
+            (grant(0x1000, 0x2000, vec![w(0x2fff, 2)]), "a window ending after it"),
+            (grant(0x1000, 0x2000, vec![w(0x1000, 0)]), "an empty window"),
+        ] {
+            assert!(msg.validate().is_err(), "{why}");
+            if why != "too many windows" {
+                assert_eq!(decode_frame(&encode(&msg)).unwrap_err(), msg.validate().unwrap_err(), "{why}");
+            }
+        }
+        assert!(
+            matches!(decode_frame(&encode(&grant(0x1000, 0x2000, over_max()))), Err(ProtoError::TooLong { .. })),
+            "one window too many is too long from the header"
+        );
+    }
+
+    fn over_max() -> Vec<RemoteSeg> {
+        (0..=MAX_IPC_WINDOWS as u64).map(|i| RemoteSeg { addr: 0x1000 + i, len: 1 }).collect()
+    }
+
     #[test]
     fn deny_requires_negative_status_and_utf8_reason() {
         for status in [0, 1, i32::MAX] {
@@ -720,7 +881,7 @@ mod tests {
             assert_eq!(Control::decode(&header, &[]), Err(HANDSHAKE_AFTER_SETUP));
         }
         assert_eq!(decode_raw(0, &[]), Err(ProtoError::UnknownKind(0)));
-        assert_eq!(decode_raw(32, &[]), Err(ProtoError::UnknownKind(32)));
+        assert_eq!(decode_raw(36, &[]), Err(ProtoError::UnknownKind(36)));
     }
 
     #[test]

@@ -5,7 +5,8 @@
 
 use super::wire::{Reader, Writer, put_at};
 use super::{
-    MAX_INLINE_LEN, MAX_NAME_LEN, MAX_NOTIFY_MSG_LEN, MAX_REASON_LEN, MAX_VECTOR_SEGMENTS, ProtoError, REMOTE_SEG_LEN,
+    IPC_HANDLE_LEN, MAX_INLINE_LEN, MAX_IPC_WINDOWS, MAX_NAME_LEN, MAX_NOTIFY_MSG_LEN, MAX_REASON_LEN,
+    MAX_VECTOR_SEGMENTS, ProtoError, REMOTE_SEG_LEN,
 };
 
 pub(crate) const FRAME_HEADER_LEN: usize = 8;
@@ -37,10 +38,16 @@ pub mod kind {
     pub(crate) const RESUME: u8 = 29;
     pub(crate) const WRITE_VECTOR: u8 = 30;
     pub(crate) const READ_VECTOR: u8 = 31;
+    pub(crate) const IPC_REQUEST: u8 = 32;
+    pub(crate) const IPC_GRANT: u8 = 33;
+    pub(crate) const IPC_REVOKE: u8 = 34;
+    pub(crate) const IPC_REVOKED: u8 = 35;
 }
 
 /// Largest vector request body: three ids, the count, the segments.
 const MAX_VECTOR_BODY: usize = 24 + 4 + REMOTE_SEG_LEN * MAX_VECTOR_SEGMENTS;
+/// Largest IPC grant body: two ids, the handle, the allocation's range, the count, the windows.
+const MAX_IPC_GRANT_BODY: usize = 16 + IPC_HANDLE_LEN + 16 + 4 + REMOTE_SEG_LEN * MAX_IPC_WINDOWS;
 
 #[derive(Clone, Copy)]
 enum BodySize {
@@ -76,6 +83,10 @@ fn body_spec(kind: u8) -> Option<(&'static str, BodySize)> {
         kind::RESUME => ("Resume body", Exactly(8)),
         kind::WRITE_VECTOR => ("WriteVector body", UpTo(MAX_VECTOR_BODY)),
         kind::READ_VECTOR => ("ReadVector body", UpTo(MAX_VECTOR_BODY)),
+        kind::IPC_REQUEST => ("IpcRequest body", UpTo(MAX_VECTOR_BODY)),
+        kind::IPC_GRANT => ("IpcGrant body", UpTo(MAX_IPC_GRANT_BODY)),
+        kind::IPC_REVOKE => ("IpcRevoke body", Exactly(8)),
+        kind::IPC_REVOKED => ("IpcRevoked body", Exactly(8)),
         _ => return None,
     };
     Some(spec)
@@ -186,7 +197,7 @@ mod tests {
     use super::*;
     use crate::proto::testutil::XorShift;
 
-    const KNOWN: [u8; 22] = [
+    const KNOWN: [u8; 26] = [
         kind::HELLO,
         kind::WELCOME,
         kind::REFUSE,
@@ -209,6 +220,10 @@ mod tests {
         kind::RESUME,
         kind::WRITE_VECTOR,
         kind::READ_VECTOR,
+        kind::IPC_REQUEST,
+        kind::IPC_GRANT,
+        kind::IPC_REVOKE,
+        kind::IPC_REVOKED,
     ];
 
     fn raw(magic: u16, kind: u8, flags: u8, body_len: u32) -> [u8; 8] {
@@ -258,6 +273,10 @@ mod tests {
         assert_eq!(max_body_len(kind::INLINE_SEND), Some(12 + 65536));
         assert_eq!(max_body_len(kind::WRITE_VECTOR), Some(28 + 12 * 65536));
         assert_eq!(max_body_len(kind::READ_VECTOR), Some(28 + 12 * 65536));
+        assert_eq!(max_body_len(kind::IPC_REQUEST), Some(28 + 12 * 65536));
+        assert_eq!(max_body_len(kind::IPC_GRANT), Some(100 + 12 * 4096));
+        assert_eq!(max_body_len(kind::IPC_REVOKE), Some(8));
+        assert_eq!(max_body_len(kind::IPC_REVOKED), Some(8));
     }
 
     #[test]
@@ -278,7 +297,16 @@ mod tests {
 
     #[test]
     fn fixed_size_kinds_reject_short_bodies() {
-        for k in [kind::SEND_ANNOUNCE, kind::WRITE_REQUEST, kind::READ_REQUEST, kind::GRANT, kind::DATA, kind::DONE] {
+        for k in [
+            kind::SEND_ANNOUNCE,
+            kind::WRITE_REQUEST,
+            kind::READ_REQUEST,
+            kind::GRANT,
+            kind::DATA,
+            kind::DONE,
+            kind::IPC_REVOKE,
+            kind::IPC_REVOKED,
+        ] {
             let max = u32::try_from(max_body_len(k).unwrap()).unwrap();
             for len in 0..max {
                 assert!(matches!(FrameHeader::parse(&raw(FRAME_MAGIC, k, 0, len)), Err(ProtoError::Truncated { .. })));

@@ -467,7 +467,7 @@ mod tests {
             out,
             [
                 0x43, 0x54, 3, 0, 14, 0, 0, 0, // header
-                0x55, 0x43, 0x54, 0x58, 9, 0, // magic, version
+                0x55, 0x43, 0x54, 0x58, 10, 0, // magic, version
                 0xfe, 0xff, 0xff, 0xff, 2, 0, b'n', b'o', // status, reason
             ]
         );
@@ -520,14 +520,14 @@ mod tests {
     fn version_is_checked_before_the_rest_of_the_body() {
         for msg in samples() {
             let (_, body) = encode(&msg);
-            // Keep only magic and a foreign version: a version-10 peer may send anything after it.
+            // Keep only magic and a foreign version: a version-11 peer may send anything after it.
             let mut short = body[..6].to_vec();
-            short[4..6].copy_from_slice(&10u16.to_le_bytes());
+            short[4..6].copy_from_slice(&11u16.to_le_bytes());
             let header = FrameHeader { kind: msg.kind(), body_len: 6 };
-            assert_eq!(Handshake::decode(&header, &short), Err(ProtoError::VersionMismatch { ours: 9, theirs: 10 }));
+            assert_eq!(Handshake::decode(&header, &short), Err(ProtoError::VersionMismatch { ours: 10, theirs: 11 }));
         }
         let err = decode_hello(Hello { version: 0, ..hello() });
-        assert_eq!(err, Err(ProtoError::VersionMismatch { ours: 9, theirs: 0 }));
+        assert_eq!(err, Err(ProtoError::VersionMismatch { ours: 10, theirs: 0 }));
     }
 
     #[test]

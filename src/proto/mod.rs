@@ -10,6 +10,8 @@ pub mod control;
 pub mod fifo;
 pub mod frame;
 pub mod handshake;
+/// cbindgen:ignore
+pub mod ipc;
 mod wire;
 
 pub use auth::{AuthChallenge, AuthHello, AuthKey, AuthProof, Session, TokenBinding};
@@ -18,10 +20,11 @@ pub use fifo::{Capability, FifoItem};
 pub(crate) use frame::FRAME_HEADER_LEN;
 pub use frame::FrameHeader;
 pub use handshake::{ChannelHello, Handshake, Hello, HostIdentity, Refuse, Welcome};
+pub use ipc::{IPC_HANDLE_LEN, IPC_INFO_SIZE, IpcInfo};
 
 /// Protocol magic, the first field of Hello, Welcome and Refuse bodies.
 pub(crate) const MAGIC: u32 = 0x5854_4355;
-pub(crate) const PROTOCOL_VERSION: u16 = 9;
+pub(crate) const PROTOCOL_VERSION: u16 = 10;
 pub(crate) const NET_HANDLE_SIZE: usize = 128;
 /// Notification name bytes, NUL terminator excluded.
 pub(crate) const MAX_NAME_LEN: usize = 255;
@@ -43,6 +46,8 @@ pub(crate) const REMOTE_SEG_LEN: usize = 12;
 /// Bytes one vector request may move, as much as one advertised window can hold: bounds the chunks
 /// a peer can make us queue for one flow, whatever its segments repeat.
 pub(crate) const MAX_VECTOR_BYTES: u64 = 1 << 32;
+/// Windows one IPC grant may list: as many as a region may advertise.
+pub(crate) const MAX_IPC_WINDOWS: usize = 4096;
 /// Handshake capability bit: the engine's transport takes vectored requests, so the chunks of a
 /// vector flow may span segments (one request per chunk). A connection uses spanning chunks only
 /// when both ends set it; otherwise no chunk crosses a segment.

@@ -8,7 +8,8 @@ use uccl_tcpx::engine::OneSided;
 use uccl_tcpx::proto::auth::Session;
 use uccl_tcpx::proto::control::decode_frame;
 use uccl_tcpx::proto::{
-    AuthHello, AuthKey, AuthProof, ChannelHello, Control, FrameHeader, Handshake, Hello, Refuse, RemoteSeg,
+    AuthHello, AuthKey, AuthProof, ChannelHello, Control, FrameHeader, Handshake, Hello, HostIdentity, Refuse,
+    RemoteSeg,
 };
 use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
 
@@ -144,7 +145,7 @@ fn encode(msg: &Handshake) -> Vec<u8> {
 }
 
 /// The crate's protocol version (crate-private there); a wrong one fails every handshake below.
-const PROTOCOL_VERSION: u16 = 9;
+const PROTOCOL_VERSION: u16 = 10;
 
 fn hello() -> Hello {
     Hello {
@@ -296,7 +297,7 @@ fn garbage_on_the_control_port_is_dropped() {
 fn other_protocol_versions_are_refused_with_a_reason() {
     let _serial = serial();
     let p = pair();
-    for version in [0u16, 1, 2, 3, 4, 5, 6, 7, 8, 10, 0x100, u16::MAX] {
+    for version in [0u16, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 0x100, u16::MAX] {
         // A full Hello of another version, and only magic + version as a future peer might send.
         let full = encode(&Handshake::Hello(Hello { version, ..hello() }));
         let mut short = FrameHeader { kind: 1, body_len: 6 }.to_bytes().to_vec();
@@ -606,6 +607,11 @@ struct FakePeer {
 impl FakePeer {
     /// Runs the connector's side of the handshake with one channel against `target`.
     fn connect(target: SocketAddr, stray: Stray) -> std::io::Result<FakePeer> {
+        FakePeer::connect_as(target, stray, HostIdentity::default())
+    }
+
+    /// The same, announcing `host` as its host identity (another host's, or none, by default).
+    fn connect_as(target: SocketAddr, stray: Stray, host: HostIdentity) -> std::io::Result<FakePeer> {
         let limit = SETUP_TIMEOUT + SLACK;
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let our_handle_nonce = 0x5eed_0000_0000_0001;
@@ -616,6 +622,7 @@ impl FakePeer {
         let h = Hello {
             nonce: session_nonce,
             net_handle: socket_handle(listener.local_addr()?, our_handle_nonce),
+            host,
             ..hello()
         };
         control.write_all(&encode(&Handshake::Hello(h)))?;
@@ -869,6 +876,74 @@ fn vector_requests_are_authorized_whole_and_cut_per_segment_for_a_peer_without_s
     fake.expect_closed();
     p.b.close_connection(&conn);
     assert_pair_works(&p, 13);
+}
+
+/// The same-host GPU path's messages from peers that may not use it: a peer on another host asks
+/// for a region's CUDA IPC handle and is refused whatever it presents; a peer of this host gets no
+/// handle for host memory (NOT_SUPPORTED: the network path serves it) nor for a request the
+/// region's token and windows do not authorize. Revocations are answered, answers to asks nobody
+/// made are dropped, and an IpcRevoked for nothing revoked is a protocol violation that fails only
+/// that connection.
+#[test]
+fn ipc_requests_are_answered_only_for_local_peers_and_never_with_a_handle_for_host_memory() {
+    let _serial = serial();
+    let ask = |xfer: u64, region, token, addr, len| Control::IpcRequest {
+        xfer: (1 << 63) | xfer,
+        region,
+        token,
+        segs: vec![RemoteSeg { addr, len }],
+    };
+    let expect_deny = |fake: &mut FakePeer, xfer: u64, status: UcclStatus, what: &str| match fake.recv() {
+        Some(Control::Deny { xfer: x, status: s, reason }) => {
+            assert_eq!((x, s), ((1 << 63) | xfer, status as i32), "{what}: {reason}");
+            reason
+        }
+        other => panic!("{what}: expected a Deny, got {other:?}"),
+    };
+    for local in [false, true] {
+        let p = pair_with(Config { disable_ipc: !local, ..config() });
+        let mut host = uccl_tcpx::engine::local::own_identity(false);
+        host.pid += 1;
+        let fake = FakePeer::connect_as(p.b.address(), Stray::None, if local { host } else { HostIdentity::default() });
+        let (mut fake, _conn) = (fake.unwrap(), accept(&p.b).unwrap());
+        let mem = pattern(64 << 10, 31);
+        let mr = p.b.register(mem.as_ptr() as usize, mem.len()).unwrap();
+        let item = p.b.prepare_fifo(mr, mem.as_ptr() as usize + 4096, 8192).unwrap();
+        let cap = item.capability().unwrap();
+        let token = wire_token(&fake, cap.region, cap.token);
+        fake.send(&ask(1, cap.region, token, item.addr, 64));
+        if local {
+            let reason = expect_deny(&mut fake, 1, UcclStatus::ErrNotSupported, "host memory");
+            assert!(reason.contains("no CUDA IPC handle"), "{reason}");
+            fake.send(&ask(2, cap.region, token ^ 1, item.addr, 64));
+            expect_deny(&mut fake, 2, UcclStatus::ErrNotAllowed, "a wrong token");
+            fake.send(&ask(3, cap.region, token, item.addr - 1, 64));
+            expect_deny(&mut fake, 3, UcclStatus::ErrNotAllowed, "outside the window");
+        } else {
+            let reason = expect_deny(&mut fake, 1, UcclStatus::ErrNotAllowed, "a remote peer");
+            assert!(reason.contains("only to peers on this host"), "{reason}");
+        }
+        fake.send(&Control::IpcRevoke { region: 0x4242 });
+        assert_eq!(fake.recv(), Some(Control::IpcRevoked { region: 0x4242 }), "a revocation is answered");
+        let stray_grant = Control::IpcGrant {
+            xfer: (1 << 63) | 99,
+            region: cap.region,
+            handle: [7; 64],
+            alloc_base: 0x1000,
+            alloc_len: 0x1000,
+            windows: vec![RemoteSeg { addr: 0x1000, len: 8 }],
+        };
+        fake.send(&stray_grant);
+        fake.send(&Control::Deny { xfer: (1 << 63) | 98, status: -6, reason: "an ask nobody made".into() });
+        // Both were dropped: the connection still answers.
+        fake.send(&Control::IpcRevoke { region: 7 });
+        assert_eq!(fake.recv(), Some(Control::IpcRevoked { region: 7 }));
+        fake.send(&Control::IpcRevoked { region: 7 });
+        fake.expect_closed();
+        assert!(mem == pattern(64 << 10, 31), "nothing was written");
+        p.b.deregister(mr).unwrap();
+        assert_pair_works(&p, 19);
+    }
 }
 
 /// Protocol violations after the handshake: each fails that one connection (a pending receive

@@ -101,6 +101,9 @@ impl Connection {
         if let Some(done) = self.try_local_one_sided(&requests, write) {
             return done;
         }
+        if let Some(done) = self.try_device_one_sided(&requests, write) {
+            return done;
+        }
         if write {
             let mem = self.memory();
             for request in requests.iter_mut() {
@@ -196,8 +199,22 @@ impl Connection {
         Ok(msgs)
     }
 
+    /// Also finishes device copies of the same-host path whose event fired, so that a caller
+    /// polling for one learns of it without waiting for the progress thread's next pass.
     pub fn poll(&self, transfer: u64) -> Result<Option<u64>> {
+        if self.device_batches.load(Ordering::Acquire) > 0 {
+            let mut inner = self.inner.lock();
+            if let Err(e) = self.drive_device_copies(&mut inner) {
+                self.fail(&mut inner, e);
+            }
+        }
         self.core.transfers.poll(self.id, transfer)
+    }
+
+    /// How many batches of device copies this connection issued on the same-host GPU path (one per
+    /// call that took it): tells tests and benchmarks which path their transfers took.
+    pub fn device_copy_batches(&self) -> u64 {
+        self.inner.lock().ipc.issued()
     }
 
     pub fn wait(&self, transfer: u64) -> Result<u64> {

@@ -6,6 +6,8 @@
 //! writer, chunks to the channels, finished parts to their transfers.
 
 mod api;
+mod device_copy;
+mod ipc;
 mod local_copy;
 mod memory;
 mod reader;
@@ -13,12 +15,12 @@ mod state;
 mod vector;
 
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use super::channel::{self, Channel};
 use super::control_rx::{ControlRx, Drained, RxBuffer};
@@ -30,6 +32,7 @@ use super::writer::ControlWriter;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, FifoItem, TokenBinding};
 use crate::threads::{ThreadKind, spawn_contained};
+use ipc::IpcState;
 use memory::EngineMemory;
 use state::{Action, ConnState, Direction, FlowPlan};
 
@@ -66,6 +69,8 @@ struct Inner {
     /// Reused by each progress pass.
     finished_chunks: Vec<Chunk>,
     sent_chunks: Vec<u64>,
+    /// The same-host GPU path: grants, asks, device copies in flight (`ipc.rs`).
+    ipc: IpcState,
 }
 
 pub struct Connection {
@@ -83,6 +88,10 @@ pub struct Connection {
     link: LocalLink,
     /// On an authenticated connection, region tokens travel bound to it (see `proto::auth`).
     binding: Option<TokenBinding>,
+    /// Signalled (under the lock) when an owner answers an IPC ask, or the connection fails.
+    ipc_answered: Condvar,
+    /// Device-copy batches in flight (`ipc.rs` keeps it): a caller's poll drives them only then.
+    device_batches: Arc<AtomicUsize>,
 }
 
 impl Connection {
@@ -100,6 +109,8 @@ impl Connection {
         control.set_write_timeout(None).map_err(io)?;
         let writer = ControlWriter::start(control.try_clone().map_err(io)?)?;
         let rx = Arc::new(ControlRx::new(control.try_clone().map_err(io)?, core.config.control_spin)?);
+        let ipc = IpcState::default();
+        let device_batches = ipc.in_flight();
         let conn = Arc::new(Connection {
             id: core.next_conn_id(),
             peer,
@@ -112,12 +123,15 @@ impl Connection {
                 channels,
                 finished_chunks: Vec::new(),
                 sent_chunks: Vec::new(),
+                ipc,
             }),
             closed: AtomicBool::new(false),
             listener_started: AtomicBool::new(false),
             reader: Mutex::new(None),
             link,
             binding,
+            ipc_answered: Condvar::new(),
+            device_batches,
         });
         // Known to the engine before it reads a byte: a deregistration must reach every connection
         // that could authorize a request for the region.
@@ -192,8 +206,10 @@ impl Connection {
         }
     }
 
-    /// Feeds one message of the peer to the state machine and carries out its answer.
+    /// Feeds one message of the peer to the same-host GPU path or the state machine, and carries
+    /// out the latter's answer.
     fn handle(&self, inner: &mut Inner, msg: Control) -> Result<()> {
+        let Some(msg) = self.handle_ipc(inner, msg)? else { return Ok(()) };
         let mut out = Vec::new();
         let handled = inner.state.handle(msg, &self.memory(), &mut out);
         let applied = self.apply(inner, out);
@@ -251,6 +267,10 @@ impl Connection {
             let err = Error::not_allowed(format!("memory region {region} was deregistered during the transfer"));
             let mut out = Vec::new();
             let cut = inner.state.cut(region, &err, &mut out);
+            // A peer process granted the region maps it: it must stop and say so.
+            if inner.ipc.start_revoke(region) {
+                out.push(Action::Send(Control::IpcRevoke { region }));
+            }
             for ch in &mut inner.channels {
                 ch.redirect(region);
             }
@@ -263,13 +283,15 @@ impl Connection {
         loop {
             {
                 let mut inner = self.inner.lock();
-                if inner.state.failure().is_some() || !inner.channels.iter().any(|c| c.posted_on(region)) {
+                let busy = inner.channels.iter().any(|c| c.posted_on(region)) || inner.ipc.revoke_pending(region);
+                if inner.state.failure().is_some() || !busy {
                     return;
                 }
                 if Instant::now() >= deadline {
                     let why = format!(
-                        "memory region {region} was deregistered while the transport still held requests on it \
-                         after UCCL_TCPX_FENCE_TIMEOUT_MS ({} ms); the connection fails so that none can touch it",
+                        "memory region {region} was deregistered while the transport still held requests on it, or \
+                         a peer process still had it mapped, after UCCL_TCPX_FENCE_TIMEOUT_MS ({} ms); the \
+                         connection fails so that no request of it can touch the region",
                         self.core.config.fence_timeout.as_millis()
                     );
                     self.fail(&mut inner, Error::not_allowed(why));
@@ -328,6 +350,8 @@ impl Connection {
         }
         let failed = inner.state.fail(err.clone());
         inner.channels.clear();
+        inner.ipc.fail(&err, &self.core.waker);
+        self.ipc_answered.notify_all();
         let _ = self.control.shutdown(Shutdown::Both);
         for t in failed {
             t.finish_part(Err(err.clone()));
@@ -343,14 +367,18 @@ impl Connection {
         }
         let mut finished = std::mem::take(&mut inner.finished_chunks);
         let mut sent = std::mem::take(&mut inner.sent_chunks);
-        let mut moved = false;
-        let mut result = Ok(());
-        for ch in inner.channels.iter_mut() {
-            match ch.drive(&mut sent, &mut finished) {
-                Ok(m) => moved |= m,
-                Err(e) => {
-                    result = Err(e);
-                    break;
+        let (mut moved, mut result) = match self.drive_device_copies(inner) {
+            Ok(moved) => (moved, Ok(())),
+            Err(e) => (false, Err(e)),
+        };
+        if result.is_ok() {
+            for ch in inner.channels.iter_mut() {
+                match ch.drive(&mut sent, &mut finished) {
+                    Ok(m) => moved |= m,
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
                 }
             }
         }

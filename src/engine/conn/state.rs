@@ -714,6 +714,12 @@ impl ConnState {
                 Ok(())
             }
             Control::Close => Err(Error::disconnected("the peer closed the connection")),
+            Control::IpcRequest { .. }
+            | Control::IpcGrant { .. }
+            | Control::IpcRevoke { .. }
+            | Control::IpcRevoked { .. } => {
+                Err(Error::backend("internal: an IPC message reached the transfer state machine"))
+            }
         }
     }
 

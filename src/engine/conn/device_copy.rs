@@ -1,0 +1,500 @@
+//! One-sided transfers that touch GPU memory between engines of one host, with no byte on a socket:
+//! the initiator copies with `cuMemcpyAsync` / `cuMemcpyPeerAsync` on a stream of its own, all
+//! copies of a call back to back and one event behind them, and the parts finish when the event
+//! fired (the progress thread, or a caller's poll, looks).
+//!
+//! - Between engines of this process (`Locality::SameProcess`) nothing needs mapping: the target's
+//!   region table authorizes every request under both connections' locks, as `local_copy` does for
+//!   host memory, and the copy names the target's addresses directly.
+//! - Between processes (`Locality::SameHost`) the initiator asks the owner once per region and
+//!   token (IpcRequest). The owner authorizes it like a vector request and answers with the CUDA
+//!   IPC handle of the region's allocation and the windows advertised for it (IpcGrant), or with
+//!   NOT_SUPPORTED when there is no handle (host memory, the virtual memory API), after which that
+//!   region's requests take the network path. The initiator maps the allocation once per GPU and
+//!   handle (`cuda::ipc::Mapping`) and copies every later request inside those windows without a
+//!   round trip; a request outside them asks again.
+//!
+//! Deregistration is a fence across both: the owner revokes its grants on every connection that
+//! holds one (IpcRevoke) and waits for the answer (IpcRevoked), which the initiator sends once none
+//! of its copies into or out of the region is in flight; copies that touch a region of this process
+//! are counted on the region, and the deregistration waits for the count to fall to zero.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::ipc::{ASK_BIT, Answer, Batch, Coverage, GrantKey};
+use super::state::OneSidedRequest;
+use super::{Connection, Inner};
+use crate::cuda::Gpu;
+use crate::cuda::device_copy::DeviceCopy;
+use crate::cuda::ipc::Mapping;
+use crate::engine::local::{self, Locality};
+use crate::engine::plan::Extent;
+use crate::engine::region::Region;
+use crate::engine::transfer::Transfer;
+use crate::error::{Error, Result, UcclStatus};
+use crate::proto::{Control, IPC_HANDLE_LEN, RemoteSeg};
+use crate::transport::MemKind;
+
+/// Asks for one request before it is refused: a grant revoked between its answer and the copy
+/// (the owner deregistered the region meanwhile) makes the caller ask again, and the owner refuses
+/// a region it no longer has.
+const MAX_ASKS: usize = 3;
+
+/// How an ask ended.
+enum Asked {
+    /// Granted and mapped: look the grant up again.
+    Granted,
+    /// No IPC path for the region: the network path carries the call.
+    Unavailable,
+    /// The owner refused the request (not authorized): its part fails with this.
+    Refused(Error),
+}
+
+/// The copies of one call that go to one GPU's queue, and what they finish.
+struct Plan {
+    gpu: Arc<Gpu>,
+    copies: Vec<DeviceCopy>,
+    parts: Vec<u64>,
+    regions: Vec<Arc<Region>>,
+    remote_regions: Vec<u64>,
+    mappings: Vec<Mapping>,
+}
+
+impl Plan {
+    fn new(gpu: Arc<Gpu>) -> Plan {
+        Plan {
+            gpu,
+            copies: Vec::new(),
+            parts: Vec::new(),
+            regions: Vec::new(),
+            remote_regions: Vec::new(),
+            mappings: Vec::new(),
+        }
+    }
+
+    /// Counts `region` once for this batch.
+    fn touch(&mut self, region: &Arc<Region>) {
+        if !self.regions.iter().any(|r| Arc::ptr_eq(r, region)) {
+            self.regions.push(region.clone());
+        }
+    }
+}
+
+fn local_region(request: &OneSidedRequest) -> &Arc<Region> {
+    match request {
+        OneSidedRequest::Item(item) => &item.region,
+        OneSidedRequest::Vector(vector) => &vector.region,
+    }
+}
+
+fn grant_key(request: &OneSidedRequest) -> GrantKey {
+    match request {
+        OneSidedRequest::Item(item) => (item.remote_region, item.token),
+        OneSidedRequest::Vector(vector) => (vector.remote_region, vector.token),
+    }
+}
+
+fn remote_segs(request: &OneSidedRequest) -> Vec<RemoteSeg> {
+    match request {
+        // The length was checked against the u32 size of its FifoItem.
+        OneSidedRequest::Item(item) => vec![RemoteSeg { addr: item.remote_addr, len: item.len as u32 }],
+        OneSidedRequest::Vector(vector) => vector.segs.clone(),
+    }
+}
+
+/// `(local address, remote address, len)` for every piece of the request, in order.
+fn pieces(request: &OneSidedRequest) -> Vec<(usize, u64, usize)> {
+    match request {
+        OneSidedRequest::Item(i) => vec![(i.addr, i.remote_addr, i.len as usize)],
+        OneSidedRequest::Vector(v) => match &v.local {
+            Extent::Scattered { segs, .. } => {
+                segs.iter().zip(&v.segs).map(|(l, r)| (l.addr, r.addr, r.len as usize)).collect()
+            }
+            Extent::Contiguous { addr, len } => vec![(*addr, v.segs[0].addr, *len as usize)],
+        },
+    }
+}
+
+fn device_of(region: &Region) -> Option<i32> {
+    match region.kind {
+        MemKind::Cuda { device } => Some(device),
+        MemKind::Host => None,
+    }
+}
+
+fn deregistered(region: u64) -> Error {
+    Error::not_allowed(format!("memory region {region} was deregistered during the transfer"))
+}
+
+fn deny_msg(xfer: u64, e: &Error) -> Control {
+    Control::Deny { xfer, status: e.status() as i32, reason: e.message().to_owned() }
+}
+
+impl Connection {
+    /// `None` when the call takes another path: the peer is remote, no GPU memory is involved, or
+    /// the owner's region has no IPC path (then the network carries the whole call).
+    pub(super) fn try_device_one_sided(&self, requests: &[OneSidedRequest], write: bool) -> Option<Result<u64>> {
+        match self.link.locality {
+            Locality::Remote => None,
+            Locality::SameProcess => self.same_process_device(requests, write),
+            Locality::SameHost => self.cross_process_device(requests, write),
+        }
+    }
+
+    fn same_process_device(&self, requests: &[OneSidedRequest], write: bool) -> Option<Result<u64>> {
+        let peer = local::peer_connection(&self.link)?;
+        // Both ends take the two locks in one order, the connector's first (as `local_copy`).
+        let (mut ours, theirs) = if self.link.connector {
+            let ours = self.inner.lock();
+            (ours, peer.inner.lock())
+        } else {
+            let theirs = peer.inner.lock();
+            (self.inner.lock(), theirs)
+        };
+        if let Err(e) = ours.state.check_open() {
+            return Some(Err(e));
+        }
+        if theirs.state.failure().is_some() {
+            return None;
+        }
+        let binding = peer.binding.as_ref();
+        let decided: Vec<Result<Arc<Region>>> = requests
+            .iter()
+            .map(|request| match request {
+                OneSidedRequest::Item(i) => {
+                    peer.core.regions.authorize(i.remote_region, i.token, i.remote_addr, i.len, binding)
+                }
+                OneSidedRequest::Vector(v) => {
+                    peer.core.regions.authorize_segments(v.remote_region, v.token, &v.segs, binding)
+                }
+            })
+            .collect();
+        let all_host = requests.iter().zip(&decided).all(|(request, decision)| {
+            local_region(request).kind == MemKind::Host && decision.as_ref().is_ok_and(|t| t.kind == MemKind::Host)
+        });
+        if all_host {
+            return None;
+        }
+        let transfer = self.core.transfers.create(self.id, requests.len());
+        let mut plans: Vec<Plan> = Vec::new();
+        for (request, decision) in requests.iter().zip(decided) {
+            let local = local_region(request);
+            let target = match decision {
+                Ok(target) if local.is_removed() || target.is_removed() => {
+                    transfer.finish_part(Err(deregistered(if local.is_removed() { local.id } else { target.id })));
+                    continue;
+                }
+                Ok(target) => target,
+                Err(e) => {
+                    transfer.finish_part(Err(e));
+                    continue;
+                }
+            };
+            let (local_gpu, target_gpu) = (device_of(local), device_of(&target));
+            let Some(issuer) = local_gpu.or(target_gpu) else {
+                // Host memory at both ends: a CPU copy, as `local_copy` makes them.
+                let mut moved = 0u64;
+                for (l, r, len) in pieces(request) {
+                    let (src, dst) = if write { (l, r as usize) } else { (r as usize, l) };
+                    // SAFETY: both ranges lie in live registrations (the local one checked at post,
+                    // the remote one authorized above), neither removable while both locks are held;
+                    // one process may name overlapping ranges, hence a move.
+                    unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, len) };
+                    moved += len as u64;
+                }
+                transfer.finish_part(Ok(moved));
+                continue;
+            };
+            let gpu = match Gpu::open(issuer) {
+                Ok(gpu) => gpu,
+                Err(e) => {
+                    transfer.finish_part(Err(e));
+                    continue;
+                }
+            };
+            let at = match plans.iter().position(|p| p.gpu.ordinal() == issuer) {
+                Some(at) => at,
+                None => {
+                    plans.push(Plan::new(gpu));
+                    plans.len() - 1
+                }
+            };
+            let plan = &mut plans[at];
+            let mut bytes = 0u64;
+            for (l, r, len) in pieces(request) {
+                let (l, r) = (l as u64, r);
+                plan.copies.push(if write {
+                    DeviceCopy { dst: r, dst_gpu: target_gpu, src: l, src_gpu: local_gpu, len }
+                } else {
+                    DeviceCopy { dst: l, dst_gpu: local_gpu, src: r, src_gpu: target_gpu, len }
+                });
+                bytes += len as u64;
+            }
+            plan.parts.push(bytes);
+            plan.touch(local);
+            plan.touch(&target);
+        }
+        for plan in plans {
+            self.issue(&mut ours, &transfer, plan);
+        }
+        drop((ours, theirs));
+        Some(Ok(transfer.id))
+    }
+
+    fn cross_process_device(&self, requests: &[OneSidedRequest], write: bool) -> Option<Result<u64>> {
+        if requests.iter().any(|r| device_of(local_region(r)).is_none()) {
+            return None;
+        }
+        let gpu = self.core.gpu.get()?.clone();
+        let mut refused: Vec<Option<Error>> = Vec::with_capacity(requests.len());
+        for request in requests {
+            let (key, segs) = (grant_key(request), remote_segs(request));
+            let mut outcome = None;
+            for _ in 0..MAX_ASKS {
+                match self.inner.lock().ipc.coverage(key, &segs) {
+                    Coverage::Covered => break,
+                    Coverage::Unavailable => return None,
+                    Coverage::Missing => {}
+                }
+                match self.ask(key, &segs, &gpu) {
+                    Ok(Asked::Granted) => continue,
+                    Ok(Asked::Unavailable) => return None,
+                    Ok(Asked::Refused(e)) => {
+                        outcome = Some(e);
+                        break;
+                    }
+                    Err(e) => return Some(Err(e)),
+                }
+            }
+            refused.push(outcome);
+        }
+        let mut guard = self.inner.lock();
+        let inner = &mut *guard;
+        if let Err(e) = inner.state.check_open() {
+            return Some(Err(e));
+        }
+        let transfer = self.core.transfers.create(self.id, requests.len());
+        let mut plan = Plan::new(gpu);
+        for (request, refusal) in requests.iter().zip(refused) {
+            let local = local_region(request);
+            let key = grant_key(request);
+            if let Some(e) = refusal {
+                transfer.finish_part(Err(e));
+                continue;
+            }
+            if local.is_removed() {
+                transfer.finish_part(Err(deregistered(local.id)));
+                continue;
+            }
+            let mut copies = Vec::new();
+            let mut mapping = None;
+            for (l, r, len) in pieces(request) {
+                // A grant revoked since it was looked up above (the owner deregistered the
+                // region) leaves the piece unmapped.
+                let Some((mapped, m)) = inner.ipc.translate(key, r, len as u32) else {
+                    mapping = None;
+                    copies.clear();
+                    break;
+                };
+                mapping.get_or_insert_with(|| m.clone());
+                let l = l as u64;
+                // The mapped address belongs to the issuing GPU's context: a unified-address copy.
+                copies.push(if write {
+                    DeviceCopy { dst: mapped, dst_gpu: None, src: l, src_gpu: None, len }
+                } else {
+                    DeviceCopy { dst: l, dst_gpu: None, src: mapped, src_gpu: None, len }
+                });
+            }
+            let Some(mapping) = mapping else {
+                transfer.finish_part(Err(deregistered(key.0)));
+                continue;
+            };
+            plan.parts.push(copies.iter().map(|c| c.len as u64).sum());
+            plan.copies.extend(copies);
+            plan.touch(local);
+            if !plan.remote_regions.contains(&key.0) {
+                plan.remote_regions.push(key.0);
+            }
+            if !plan.mappings.iter().any(|m| m.ptr() == mapping.ptr()) {
+                plan.mappings.push(mapping);
+            }
+        }
+        self.issue(inner, &transfer, plan);
+        Some(Ok(transfer.id))
+    }
+
+    /// Queues a plan's copies behind one event and records the batch; a failure to queue fails its
+    /// parts (after the copies queued before it finished).
+    fn issue(&self, inner: &mut Inner, transfer: &Arc<Transfer>, plan: Plan) {
+        if plan.parts.is_empty() {
+            return;
+        }
+        let Plan { gpu, copies, parts, regions, remote_regions, mappings } = plan;
+        let fail = |e: Error| {
+            for _ in &parts {
+                transfer.finish_part(Err(e.clone()));
+            }
+        };
+        let (queue, q) = match inner.ipc.queue(&gpu) {
+            Ok(q) => q,
+            Err(e) => return fail(e),
+        };
+        // Counted before the first copy: a deregistration that removed one of them now waits.
+        for r in &regions {
+            r.copy_started();
+        }
+        // SAFETY: every local range lies in a live registration of this engine (checked at post and
+        // not removed, under this connection's lock); every remote one either lies in a window the
+        // owner in this process authorized (its region not removed, under the owner's connection
+        // lock) or in a mapped window of an owner's grant. The regions stay counted, and the
+        // mappings held, until the batch's event fired.
+        match unsafe { q.issue(&copies) } {
+            Ok(event) => {
+                let batch =
+                    Batch { event, queue, transfer: transfer.clone(), parts, regions, remote_regions, mappings };
+                inner.ipc.push(batch, &self.core.waker);
+            }
+            Err(e) => {
+                for r in &regions {
+                    r.copy_ended();
+                }
+                fail(e);
+            }
+        }
+    }
+
+    /// Asks the owner for a grant covering `segs` of `key` and maps what it grants. Blocks for
+    /// the owner's answer (one round trip, once per region and token), at most the stall timeout.
+    fn ask(&self, key: GrantKey, segs: &[RemoteSeg], gpu: &Arc<Gpu>) -> Result<Asked> {
+        let id = {
+            let mut inner = self.inner.lock();
+            inner.state.check_open()?;
+            let id = inner.ipc.new_ask(key);
+            let request = Control::IpcRequest { xfer: id, region: key.0, token: key.1, segs: segs.to_vec() };
+            if let Err(e) = self.writer.send(&request) {
+                inner.ipc.forget_ask(id);
+                return Err(e);
+            }
+            id
+        };
+        let deadline = Instant::now() + self.core.config.timeout;
+        let mut inner = self.inner.lock();
+        let answer = loop {
+            if let Some(answer) = inner.ipc.take_answer(id) {
+                break answer;
+            }
+            if let Some(e) = inner.state.failure() {
+                return Err(e.clone());
+            }
+            if self.ipc_answered.wait_until(&mut inner, deadline).timed_out() {
+                inner.ipc.forget_ask(id);
+                return Err(Error::timeout(format!(
+                    "the owner of memory region {} did not answer an IPC request within {} ms (UCCL_TCPX_TIMEOUT_MS)",
+                    key.0,
+                    self.core.config.timeout.as_millis()
+                )));
+            }
+        };
+        let (handle, alloc_base, alloc_len) = match answer {
+            Answer::Refused(e) if e.status() == UcclStatus::ErrNotSupported => {
+                log::debug!("memory region {} of the peer has no IPC path: {}", key.0, e.message());
+                inner.ipc.mark_unavailable(key);
+                return Ok(Asked::Unavailable);
+            }
+            Answer::Refused(e) => return Ok(Asked::Refused(e)),
+            Answer::Granted { handle, alloc_base, alloc_len } => (handle, alloc_base, alloc_len),
+        };
+        drop(inner);
+        // Mapping takes the driver a while: outside the lock.
+        let mapped = Mapping::open(gpu, &handle);
+        let mut inner = self.inner.lock();
+        let attached = mapped.and_then(|m| inner.ipc.attach(key, id, m));
+        if let Err(e) = attached {
+            log::warn!(
+                "cannot map the peer's GPU allocation of region {} at {alloc_base:#x} (+{alloc_len}) into GPU {}: \
+                 {e}; its transfers take the network path",
+                key.0,
+                gpu.ordinal()
+            );
+            inner.ipc.mark_unavailable(key);
+            return Ok(Asked::Unavailable);
+        }
+        Ok(Asked::Granted)
+    }
+
+    /// Takes the peer's IPC messages (and the Deny of an ask); every other message comes back for
+    /// the state machine.
+    pub(super) fn handle_ipc(&self, inner: &mut Inner, msg: Control) -> Result<Option<Control>> {
+        match msg {
+            Control::IpcRequest { xfer, region, token, segs } => {
+                let reply = self.answer_ipc_request(inner, xfer, region, token, &segs);
+                self.writer.send(&reply)?;
+            }
+            Control::IpcGrant { xfer, region, handle, alloc_base, alloc_len, windows } => {
+                if inner.ipc.granted(xfer, region, handle, alloc_base, alloc_len, &windows)? {
+                    self.ipc_answered.notify_all();
+                } else {
+                    log::debug!("dropping an IPC grant for region {region}: its ask was given up");
+                }
+            }
+            Control::Deny { xfer, status, reason } if xfer & ASK_BIT != 0 => {
+                let status =
+                    UcclStatus::from_code(status).filter(|s| (*s as i32) < 0).unwrap_or(UcclStatus::ErrUnknown);
+                if inner.ipc.refused(xfer, Error::new(status, format!("peer refused: {reason}"))) {
+                    self.ipc_answered.notify_all();
+                }
+            }
+            Control::IpcRevoke { region } => {
+                if inner.ipc.revoke(region) {
+                    self.writer.send(&Control::IpcRevoked { region })?;
+                }
+            }
+            Control::IpcRevoked { region } => inner.ipc.revoke_answered(region)?,
+            other => return Ok(Some(other)),
+        }
+        Ok(None)
+    }
+
+    /// The owner's side of an ask: authorized like a vector request, then the handle of the
+    /// region's allocation and its windows, or why not.
+    fn answer_ipc_request(&self, inner: &mut Inner, xfer: u64, region: u64, token: u64, segs: &[RemoteSeg]) -> Control {
+        if !self.link.locality.is_local() {
+            let e = Error::not_allowed("CUDA IPC handles are handed only to peers on this host");
+            return deny_msg(xfer, &e);
+        }
+        let r = match self.core.regions.authorize_segments(region, token, segs, self.binding.as_ref()) {
+            Ok(r) => r,
+            Err(e) => return deny_msg(xfer, &e),
+        };
+        let Some(export) = r.ipc_export() else {
+            let e = Error::new(
+                UcclStatus::ErrNotSupported,
+                format!(
+                    "memory region {region} has no CUDA IPC handle (host memory, or GPU memory of the \
+                     virtual memory API)"
+                ),
+            );
+            return deny_msg(xfer, &e);
+        };
+        // Every window lies inside the region (advertise checks), and the region inside the
+        // allocation (`ipc_export` checks); a window's length fits the u32 of its FifoItem.
+        let windows =
+            r.windows().into_iter().map(|(addr, len)| RemoteSeg { addr: addr as u64, len: len as u32 }).collect();
+        inner.ipc.record_grant(region);
+        let handle: [u8; IPC_HANDLE_LEN] = export.handle;
+        Control::IpcGrant { xfer, region, handle, alloc_base: export.base, alloc_len: export.len, windows }
+    }
+
+    /// Finishes the batches whose copies completed and answers revocations they held up.
+    pub(super) fn drive_device_copies(&self, inner: &mut Inner) -> Result<bool> {
+        if !inner.ipc.has_pending() {
+            return Ok(false);
+        }
+        let (moved, revoked) = inner.ipc.poll(&self.core.waker);
+        for region in revoked {
+            self.writer.send(&Control::IpcRevoked { region })?;
+        }
+        Ok(moved)
+    }
+}

@@ -1,0 +1,429 @@
+//! What a connection keeps for the same-host GPU path, under its lock (see `device_copy.rs` for
+//! the path itself).
+//!
+//! As the initiator: the owner's grants, by the region and token the requests present (each with
+//! the windows the owner advertised and this process's mapping of its allocation), the asks in
+//! flight, and the batches of copies in flight (one event each). As the owner: the regions this
+//! connection granted, and the revocations sent for deregistered ones and not answered yet.
+//!
+//! The owner's deregistration revokes a grant and waits for the answer; the initiator answers once
+//! no copy of its own into or out of the region is in flight. Copies that touch a region of this
+//! process are also counted on the region itself (`Region::copy_started`), which is what a
+//! deregistration in this process waits for.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::cuda::Gpu;
+use crate::cuda::device_copy::CopyQueue;
+use crate::cuda::ipc::Mapping;
+use crate::cuda::stream::Event;
+use crate::engine::region::Region;
+use crate::engine::shared::Waker;
+use crate::engine::transfer::Transfer;
+use crate::error::{Error, Result};
+use crate::proto::{IPC_HANDLE_LEN, RemoteSeg};
+
+/// Ask ids carry this bit, so that their Deny cannot be taken for one of the state machine's ops
+/// (whose ids count up from 1).
+pub(super) const ASK_BIT: u64 = 1 << 63;
+
+/// A grant's key: the owner's region and the token as this connection's requests present it.
+pub(super) type GrantKey = (u64, u64);
+
+/// What the owner said about a region.
+pub(super) enum Grant {
+    /// It has no IPC handle, or its allocation cannot be mapped here: requests for it take the
+    /// network path.
+    Unavailable,
+    Granted {
+        /// The windows advertised for the region when it was granted, `(addr, len)`.
+        windows: Vec<(u64, u64)>,
+        alloc_base: u64,
+        alloc_len: u64,
+        /// None until the asking caller mapped the allocation (outside the lock).
+        mapping: Option<Mapping>,
+        /// The ask that brought it, so a mapping made for a grant revoked meanwhile is not attached.
+        ask: u64,
+    },
+}
+
+/// The owner's answer to an ask.
+pub(super) enum Answer {
+    Granted { handle: [u8; IPC_HANDLE_LEN], alloc_base: u64, alloc_len: u64 },
+    Refused(Error),
+}
+
+struct Ask {
+    key: GrantKey,
+    answer: Option<Answer>,
+}
+
+/// Copies issued together for one call, marked by one event.
+pub(super) struct Batch {
+    pub event: Event,
+    /// Which of `queues` issued it.
+    pub queue: usize,
+    pub transfer: Arc<Transfer>,
+    /// Bytes of each part the batch finishes.
+    pub parts: Vec<u64>,
+    /// Regions of this process it touches, each counted once by `copy_started`.
+    pub regions: Vec<Arc<Region>>,
+    /// The owner's regions it touches, on another process.
+    pub remote_regions: Vec<u64>,
+    /// Keeps the peers' allocations mapped until the copies finished.
+    pub mappings: Vec<Mapping>,
+}
+
+#[derive(Default)]
+pub(super) struct IpcState {
+    grants: HashMap<GrantKey, Grant>,
+    asks: HashMap<u64, Ask>,
+    next_ask: u64,
+    batches: Vec<Batch>,
+    queues: Vec<CopyQueue>,
+    /// Owner's regions revoked while batches used them: answered once those finished.
+    revoking: HashSet<u64>,
+    /// As the owner: regions granted on this connection.
+    granted: HashSet<u64>,
+    /// As the owner: revocations sent and not yet answered.
+    revokes: HashSet<u64>,
+    /// Batches in flight, readable without the connection lock (a caller's poll looks first).
+    in_flight: Arc<AtomicUsize>,
+    /// Batches issued since the connection started.
+    issued: u64,
+}
+
+/// Whether `segs` all lie inside one of `windows`.
+fn covers(windows: &[(u64, u64)], segs: &[RemoteSeg]) -> bool {
+    segs.iter().all(|s| {
+        windows.iter().any(|&(base, len)| s.addr >= base && s.addr.saturating_add(u64::from(s.len)) <= base + len)
+    })
+}
+
+/// What a request's segments find in the grant table.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Coverage {
+    /// Granted, mapped, and inside the windows.
+    Covered,
+    /// The region has no IPC path.
+    Unavailable,
+    /// Nothing (or nothing that covers them) yet: ask.
+    Missing,
+}
+
+impl IpcState {
+    pub fn coverage(&self, key: GrantKey, segs: &[RemoteSeg]) -> Coverage {
+        match self.grants.get(&key) {
+            Some(Grant::Unavailable) => Coverage::Unavailable,
+            Some(Grant::Granted { windows, mapping: Some(_), .. }) if covers(windows, segs) => Coverage::Covered,
+            _ => Coverage::Missing,
+        }
+    }
+
+    /// Where the owner's `addr` is mapped here, with the mapping to keep while copying; `None`
+    /// unless a mapped grant covers `[addr, addr + len)`.
+    pub fn translate(&self, key: GrantKey, addr: u64, len: u32) -> Option<(u64, &Mapping)> {
+        match self.grants.get(&key) {
+            Some(Grant::Granted { windows, alloc_base, mapping: Some(m), .. })
+                if covers(windows, &[RemoteSeg { addr, len }]) =>
+            {
+                Some((m.ptr() + (addr - alloc_base), m))
+            }
+            _ => None,
+        }
+    }
+
+    pub fn mark_unavailable(&mut self, key: GrantKey) {
+        self.grants.insert(key, Grant::Unavailable);
+    }
+
+    /// Starts an ask for `key`; the caller sends the IpcRequest with this id.
+    pub fn new_ask(&mut self, key: GrantKey) -> u64 {
+        self.next_ask += 1;
+        let id = ASK_BIT | self.next_ask;
+        self.asks.insert(id, Ask { key, answer: None });
+        id
+    }
+
+    /// The answer to ask `id` once it arrived (the ask is then over).
+    pub fn take_answer(&mut self, id: u64) -> Option<Answer> {
+        self.asks.get(&id)?.answer.as_ref()?;
+        self.asks.remove(&id).and_then(|a| a.answer)
+    }
+
+    /// Gives up on ask `id` (its caller stopped waiting).
+    pub fn forget_ask(&mut self, id: u64) {
+        self.asks.remove(&id);
+    }
+
+    /// The owner's IpcGrant for ask `id`: recorded as a grant without a mapping yet. False for an
+    /// ask nobody waits for any more (it is dropped).
+    pub fn granted(
+        &mut self,
+        id: u64,
+        region: u64,
+        handle: [u8; IPC_HANDLE_LEN],
+        alloc_base: u64,
+        alloc_len: u64,
+        windows: &[RemoteSeg],
+    ) -> Result<bool> {
+        let Some(ask) = self.asks.get_mut(&id) else { return Ok(false) };
+        if ask.key.0 != region {
+            return Err(Error::backend(format!(
+                "protocol violation: IpcGrant for ask {id} names region {region}, region {} was asked for",
+                ask.key.0
+            )));
+        }
+        ask.answer = Some(Answer::Granted { handle, alloc_base, alloc_len });
+        let windows = windows.iter().map(|w| (w.addr, u64::from(w.len))).collect();
+        self.grants.insert(ask.key, Grant::Granted { windows, alloc_base, alloc_len, mapping: None, ask: id });
+        Ok(true)
+    }
+
+    /// The owner's Deny for ask `id`; false for an ask nobody waits for any more.
+    pub fn refused(&mut self, id: u64, err: Error) -> bool {
+        match self.asks.get_mut(&id) {
+            Some(ask) => {
+                ask.answer = Some(Answer::Refused(err));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Attaches the mapping made for ask `id`, unless its grant was revoked or replaced meanwhile.
+    /// A mapping smaller than the grant's allocation is refused (the owner would have us copy past it).
+    pub fn attach(&mut self, key: GrantKey, id: u64, mapping: Mapping) -> Result<()> {
+        let Some(Grant::Granted { ask, alloc_len, mapping: slot, .. }) = self.grants.get_mut(&key) else {
+            return Ok(());
+        };
+        if *ask != id {
+            return Ok(());
+        }
+        if mapping.mapped_len().is_some_and(|len| (len as u64) < *alloc_len) {
+            let err = Error::backend(format!(
+                "the owner of region {} granted a {alloc_len}-byte allocation whose handle maps {:?} bytes",
+                key.0,
+                mapping.mapped_len()
+            ));
+            self.grants.insert(key, Grant::Unavailable);
+            return Err(err);
+        }
+        *slot = Some(mapping);
+        Ok(())
+    }
+
+    /// The copy queue of `gpu`, made on first use.
+    pub fn queue(&mut self, gpu: &Arc<Gpu>) -> Result<(usize, &mut CopyQueue)> {
+        let at = match self.queues.iter().position(|q| q.gpu().ordinal() == gpu.ordinal()) {
+            Some(at) => at,
+            None => {
+                self.queues.push(CopyQueue::new(gpu)?);
+                self.queues.len() - 1
+            }
+        };
+        Ok((at, &mut self.queues[at]))
+    }
+
+    /// Records a batch in flight; the caller counted its regions.
+    pub fn push(&mut self, batch: Batch, waker: &Waker) {
+        waker.polled_work(1);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.issued += 1;
+        self.batches.push(batch);
+    }
+
+    pub fn issued(&self) -> u64 {
+        self.issued
+    }
+
+    /// The count of batches in flight, shared with the connection.
+    pub fn in_flight(&self) -> Arc<AtomicUsize> {
+        self.in_flight.clone()
+    }
+
+    /// Whether batches are in flight or revocations wait for them.
+    pub fn has_pending(&self) -> bool {
+        !self.batches.is_empty() || !self.revoking.is_empty()
+    }
+
+    /// Finishes every batch whose event fired (a failed copy fails its parts); returns whether
+    /// one did, and the owner's regions whose revocation can now be answered.
+    pub fn poll(&mut self, waker: &Waker) -> (bool, Vec<u64>) {
+        let mut moved = false;
+        let mut at = 0;
+        while at < self.batches.len() {
+            let outcome = match self.batches[at].event.done() {
+                Ok(false) => {
+                    at += 1;
+                    continue;
+                }
+                Ok(true) => Ok(()),
+                Err(e) => Err(e),
+            };
+            let batch = self.batches.swap_remove(at);
+            self.finish(batch, outcome, waker);
+            moved = true;
+        }
+        (moved, self.answerable_revokes())
+    }
+
+    fn finish(&mut self, batch: Batch, outcome: Result<()>, waker: &Waker) {
+        let Batch { event, queue, transfer, parts, regions, mappings, .. } = batch;
+        // The copies are over: a mapping whose grant is gone may close now.
+        drop(mappings);
+        // The parts first: a deregistration that waited for the regions' count returns knowing
+        // the transfer is reported.
+        for bytes in parts {
+            transfer.finish_part(outcome.clone().map(|()| bytes));
+        }
+        for r in &regions {
+            r.copy_ended();
+        }
+        waker.polled_work_done(1);
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if outcome.is_ok()
+            && let Some(q) = self.queues.get_mut(queue)
+        {
+            q.recycle(event);
+        }
+    }
+
+    /// Revocations whose region no batch in flight touches any more.
+    fn answerable_revokes(&mut self) -> Vec<u64> {
+        let busy = |r: &u64| self.batches.iter().any(|b| b.remote_regions.contains(r));
+        let ready: Vec<u64> = self.revoking.iter().copied().filter(|r| !busy(r)).collect();
+        for r in &ready {
+            self.revoking.remove(r);
+        }
+        ready
+    }
+
+    /// The owner revoked `region`: no new copy may use it. True when the answer can go at once,
+    /// false when it waits for batches in flight (`poll` returns it then).
+    pub fn revoke(&mut self, region: u64) -> bool {
+        self.grants.retain(|&(r, _), _| r != region);
+        if self.batches.iter().any(|b| b.remote_regions.contains(&region)) {
+            self.revoking.insert(region);
+            return false;
+        }
+        true
+    }
+
+    /// As the owner: `region` was granted on this connection.
+    pub fn record_grant(&mut self, region: u64) {
+        self.granted.insert(region);
+    }
+
+    /// As the owner, on deregistering `region`: true when this connection granted it, which now
+    /// waits for the peer's IpcRevoked (the caller sends the IpcRevoke).
+    pub fn start_revoke(&mut self, region: u64) -> bool {
+        if self.granted.remove(&region) {
+            self.revokes.insert(region);
+            return true;
+        }
+        false
+    }
+
+    pub fn revoke_pending(&self, region: u64) -> bool {
+        self.revokes.contains(&region)
+    }
+
+    /// As the owner: the peer's IpcRevoked. An answer to nothing we asked is a protocol violation.
+    pub fn revoke_answered(&mut self, region: u64) -> Result<()> {
+        if self.revokes.remove(&region) {
+            return Ok(());
+        }
+        Err(Error::backend(format!("protocol violation: IpcRevoked for region {region}, which was not revoked")))
+    }
+
+    /// The connection failed: waits for every batch in flight (no copy may touch memory once the
+    /// failure is reported) and fails its parts, drops the grants (unmapping what nothing else
+    /// holds) and forgets asks and revocations.
+    pub fn fail(&mut self, err: &Error, waker: &Waker) {
+        for batch in std::mem::take(&mut self.batches) {
+            let _ = batch.event.synchronize();
+            self.finish(batch, Err(err.clone()), waker);
+        }
+        self.grants.clear();
+        self.asks.clear();
+        self.revoking.clear();
+        self.granted.clear();
+        self.revokes.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::UcclStatus;
+
+    fn seg(addr: u64, len: u32) -> RemoteSeg {
+        RemoteSeg { addr, len }
+    }
+
+    #[test]
+    fn windows_cover_only_what_lies_inside_one_of_them() {
+        let windows = [(0x1000, 0x1000), (0x8000, 0x10)];
+        assert!(covers(&windows, &[seg(0x1000, 0x1000), seg(0x8008, 8)]));
+        assert!(!covers(&windows, &[seg(0x1000, 0x1001)]));
+        assert!(!covers(&windows, &[seg(0x1fff, 2)]), "spanning two windows' gap");
+        assert!(!covers(&windows, &[seg(0x1000, 8), seg(0x7fff, 1)]), "one segment outside refuses all");
+        assert!(!covers(&windows, &[seg(u64::MAX, 1)]));
+    }
+
+    #[test]
+    fn asks_are_answered_once_and_unknown_answers_are_dropped() {
+        let mut st = IpcState::default();
+        let key = (7, 0xabc);
+        let id = st.new_ask(key);
+        assert_ne!(id & ASK_BIT, 0);
+        assert!(st.take_answer(id).is_none(), "no answer yet");
+        assert_eq!(st.coverage(key, &[seg(0x1000, 8)]), Coverage::Missing);
+        let windows = [seg(0x1000, 0x100)];
+        assert!(st.granted(id, 7, [1; 64], 0x1000, 0x1000, &windows).unwrap());
+        // Granted, but not mapped yet: not usable.
+        assert_eq!(st.coverage(key, &[seg(0x1000, 8)]), Coverage::Missing);
+        assert!(matches!(st.take_answer(id), Some(Answer::Granted { alloc_base: 0x1000, .. })));
+        assert!(st.take_answer(id).is_none(), "taken once");
+        assert!(!st.granted(id, 7, [1; 64], 0x1000, 0x1000, &windows).unwrap(), "a late answer is dropped");
+        let other = st.new_ask(key);
+        assert!(st.granted(other, 8, [1; 64], 0x1000, 0x1000, &windows).is_err(), "the wrong region");
+        let refused = st.new_ask((9, 1));
+        assert!(st.refused(refused, Error::not_allowed("no")));
+        assert!(matches!(st.take_answer(refused), Some(Answer::Refused(e)) if e.status() == UcclStatus::ErrNotAllowed));
+        let forgotten = st.new_ask(key);
+        st.forget_ask(forgotten);
+        assert!(!st.refused(forgotten, Error::not_allowed("late")));
+        st.mark_unavailable((9, 1));
+        assert_eq!(st.coverage((9, 1), &[seg(1, 1)]), Coverage::Unavailable);
+    }
+
+    #[test]
+    fn revocations_wait_for_nothing_when_nothing_is_in_flight() {
+        let mut st = IpcState::default();
+        let id = st.new_ask((3, 1));
+        st.granted(id, 3, [2; 64], 0x1000, 0x1000, &[seg(0x1000, 0x10)]).unwrap();
+        assert!(st.revoke(3), "no batch uses it: answered at once");
+        assert!(st.grants.is_empty(), "the grant is gone");
+        assert_eq!(st.poll(&Waker::default()), (false, vec![]));
+    }
+
+    #[test]
+    fn the_owner_waits_for_the_revocations_it_sent() {
+        let mut st = IpcState::default();
+        assert!(!st.start_revoke(5), "never granted: nothing to revoke");
+        st.record_grant(5);
+        assert!(st.start_revoke(5));
+        assert!(st.revoke_pending(5));
+        assert!(!st.start_revoke(5), "revoked once");
+        st.revoke_answered(5).unwrap();
+        assert!(!st.revoke_pending(5));
+        assert!(st.revoke_answered(5).is_err(), "a second answer is a protocol violation");
+        st.record_grant(6);
+        st.fail(&Error::disconnected("gone"), &Waker::default());
+        assert!(!st.start_revoke(6), "a failed connection revokes nothing");
+    }
+}

@@ -1,0 +1,587 @@
+//! The same-host GPU path: one-sided GPU->GPU transfers between engines of one host move with
+//! device copies, no byte on a socket. Between engines of one process the target's addresses are
+//! copied to directly; between processes the owner hands its region's CUDA IPC handle to the
+//! initiator, which maps the allocation once and copies into and out of it. Covered here: both, on
+//! one GPU and across two, single items and vectors, writes and reads at odd offsets checked byte
+//! for byte, requests the owner did not authorize (refused, the target untouched), the IPC info of
+//! `uccl_engine_get_ipc_info` opened by another process at a sub-range, memory of the CUDA virtual
+//! memory API (no handle: the network path), deregistration as a fence on both sides, and a peer
+//! process that exits while its buffer is mapped here.
+//!
+//! Every test checks that its transfers took the path under test (`device_copy_batches`). Without
+//! a CUDA driver each prints "SKIPPED: no CUDA driver" (and fails under UCCL_TCPX_REQUIRE_GPU=1);
+//! tests needing two GPUs say so on hosts with one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cudarc::driver::sys;
+use uccl_tcpx::engine::OneSided;
+use uccl_tcpx::engine::local::Locality;
+use uccl_tcpx::proto::{FifoItem, IpcInfo};
+use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
+
+mod common;
+use common::gpu::{Mem, fewer_gpus_than, no_gpu};
+use common::{ChildTest, PATIENCE, assert_same, pattern, same_host, wait};
+
+const LEN: usize = (16 << 20) + 4096;
+const SEED: u64 = 91;
+
+fn item(engine: &Engine, mr: u64, mem: &Mem) -> FifoItem {
+    engine.prepare_fifo(mr, mem.addr(), mem.len()).unwrap()
+}
+
+fn at(item: FifoItem, offset: usize) -> FifoItem {
+    FifoItem { addr: item.addr + offset as u64, ..item }
+}
+
+/// Writes and reads between `conn`'s local GPU buffer and the remote region `remote` holds,
+/// whose bytes start as `pattern(remote_len, SEED)`: a read of almost all of it at odd offsets on
+/// both ends, a write into its middle read back, a vector of three pieces each way.
+fn exercise(conn: &Connection, local: &mut Mem, mr: u64, remote: FifoItem, remote_len: usize) {
+    let expected = pattern(remote_len, SEED);
+    let batches = conn.device_copy_batches();
+    let len = remote_len - 64;
+    let r = conn.read(&[OneSided { mr, addr: local.addr() + 3, len, remote: at(remote, 5) }]).unwrap();
+    assert_eq!(wait(conn, r).unwrap(), len as u64);
+    assert_same(&local.read(3, len), &expected[5..5 + len], "read");
+
+    let wlen = (3 << 20) + 7;
+    let fresh = pattern(wlen, 5);
+    local.write(1, &fresh);
+    let w =
+        conn.write(&[OneSided { mr, addr: local.addr() + 1, len: wlen, remote: at(remote, (1 << 20) + 1) }]).unwrap();
+    assert_eq!(wait(conn, w).unwrap(), wlen as u64);
+    local.clear();
+    let r = conn.read(&[OneSided { mr, addr: local.addr(), len: wlen + 2, remote: at(remote, 1 << 20) }]).unwrap();
+    assert_eq!(wait(conn, r).unwrap(), (wlen + 2) as u64);
+    let got = local.read(0, wlen + 2);
+    assert_same(&got[1..=wlen], &fresh, "write read back");
+    assert_eq!(got[0], expected[1 << 20], "the byte before the write is untouched");
+    assert_eq!(got[wlen + 1], expected[(1 << 20) + 1 + wlen], "the byte after it too");
+
+    // A vector: three pieces of different sizes, scattered on both ends, one transfer id.
+    let pieces = [(7usize, 8 << 20, 1usize), (70_000, 9 << 20, 4096), ((1 << 20) + 3, 12 << 20, 8)];
+    let vdata: Vec<Vec<u8>> = pieces.iter().enumerate().map(|(i, &(n, _, _))| pattern(n, 60 + i as u64)).collect();
+    let mut loff = 0;
+    let mut items = Vec::new();
+    for (&(n, roff, gap), d) in pieces.iter().zip(&vdata) {
+        local.write(loff, d);
+        items.push(OneSided { mr, addr: local.addr() + loff, len: n, remote: at(remote, roff) });
+        loff += n + gap;
+    }
+    let w = conn.write(&items).unwrap();
+    assert_eq!(wait(conn, w).unwrap(), pieces.iter().map(|p| p.0 as u64).sum::<u64>());
+    local.clear();
+    let back: Vec<OneSided> = items.iter().map(|i| OneSided { addr: i.addr + 1, ..*i }).collect();
+    let r = conn.read(&back).unwrap();
+    assert_eq!(wait(conn, r).unwrap(), pieces.iter().map(|p| p.0 as u64).sum::<u64>());
+    for ((item, d), i) in back.iter().zip(&vdata).zip(0..) {
+        assert_same(&local.read(item.addr - local.addr(), d.len()), d, &format!("vector piece {i}"));
+    }
+    assert_eq!(conn.device_copy_batches(), batches + 5, "every call took the device path, one batch each");
+}
+
+/// Engine `a` on GPU `ga` connected to engine `b` on GPU `gb`, both in this process.
+fn same_process(ga: i32, gb: i32) {
+    let a = Arc::new(Engine::new(Config { gpu: Some(ga), ..same_host() }).unwrap());
+    let b = Arc::new(Engine::new(Config { gpu: Some(gb), ..same_host() }).unwrap());
+    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+    let _ba = common::accept(&b).unwrap();
+    assert_eq!(ab.peer.locality, Locality::SameProcess);
+    let mut target = Mem::on_gpu(gb, LEN);
+    target.write(0, &pattern(LEN, SEED));
+    let tmr = b.register(target.addr(), LEN).unwrap();
+    let mut local = Mem::on_gpu(ga, LEN);
+    let lmr = a.register(local.addr(), LEN).unwrap();
+    exercise(&ab, &mut local, lmr, item(&b, tmr, &target), LEN);
+}
+
+#[test]
+fn same_process_one_gpu() {
+    if no_gpu() {
+        return;
+    }
+    same_process(0, 0);
+}
+
+#[test]
+fn same_process_two_gpus() {
+    if no_gpu() || fewer_gpus_than(2) {
+        return;
+    }
+    same_process(0, 1);
+    same_process(1, 0);
+}
+
+#[test]
+fn same_process_host_and_gpu_ends() {
+    if no_gpu() {
+        return;
+    }
+    let p = common::pair(same_host());
+    let mut host = Mem::new(common::gpu::Side::Host, 1 << 20);
+    host.write(0, &pattern(1 << 20, 3));
+    let hmr = p.a.register(host.addr(), host.len()).unwrap();
+    let gpu = Mem::on_gpu(0, 1 << 20);
+    let gmr = p.b.register(gpu.addr(), gpu.len()).unwrap();
+    let w =
+        p.ab.write(&[OneSided { mr: hmr, addr: host.addr(), len: 1 << 20, remote: item(&p.b, gmr, &gpu) }]).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap(), 1 << 20);
+    assert_same(&gpu.read(0, 1 << 20), &pattern(1 << 20, 3), "host -> GPU of the other engine");
+    assert_eq!(p.ab.device_copy_batches(), 1);
+}
+
+/// Requests the target did not advertise are refused on the device path as on the network path,
+/// and leave the target as it was.
+#[test]
+fn same_process_refuses_what_was_not_advertised() {
+    if no_gpu() {
+        return;
+    }
+    let p = common::pair(same_host());
+    let target = Mem::on_gpu(0, 1 << 20);
+    let tmr = p.b.register(target.addr(), target.len()).unwrap();
+    let window = p.b.prepare_fifo(tmr, target.addr() + 4096, 4096).unwrap();
+    let mut src = Mem::on_gpu(0, 1 << 20);
+    src.write(0, &[0xee; 1 << 20]);
+    let smr = p.a.register(src.addr(), src.len()).unwrap();
+    assert_refusals(&p.ab, smr, &src, window);
+    assert!(target.read(0, 1 << 20).iter().all(|&b| b == 0), "the target is untouched");
+}
+
+/// Before the window, past it, and a forged token: each fails with NOT_ALLOWED.
+fn assert_refusals(conn: &Connection, mr: u64, src: &Mem, window: FifoItem) {
+    let mut forged = window.to_bytes();
+    forged[40] ^= 1;
+    for (what, remote, len) in [
+        ("before the window", FifoItem { addr: window.addr - 1, ..window }, 16),
+        ("past the window", at(window, 4090), 16),
+        ("a forged token", FifoItem::from_bytes(&forged), 16),
+    ] {
+        for write in [true, false] {
+            let op = OneSided { mr, addr: src.addr(), len, remote };
+            let posted = if write { conn.write(&[op]) } else { conn.read(&[op]) };
+            let err = posted.and_then(|id| wait(conn, id)).unwrap_err();
+            assert_eq!(err.status(), UcclStatus::ErrNotAllowed, "{what} (write {write}): {err}");
+        }
+    }
+}
+
+/// Deregistering the target, or the source, while a large device copy between them runs returns
+/// only once the copy landed: the bytes do not change afterwards, and all of them are there.
+#[test]
+fn same_process_deregistration_waits_for_the_copy() {
+    if no_gpu() {
+        return;
+    }
+    let p = common::pair(same_host());
+    let len = 256 << 20;
+    let target = Mem::on_gpu(0, len);
+    let mut src = Mem::on_gpu(0, len);
+    src.write(0, &pattern(len, 8));
+    for deregister_target in [true, false] {
+        let tmr = p.b.register(target.addr(), len).unwrap();
+        let smr = p.a.register(src.addr(), len).unwrap();
+        let remote = p.b.prepare_fifo(tmr, target.addr(), len).unwrap();
+        let w = p.ab.write(&[OneSided { mr: smr, addr: src.addr(), len, remote }]).unwrap();
+        let (engine, mr, other, other_mr) =
+            if deregister_target { (&p.b, tmr, &p.a, smr) } else { (&p.a, smr, &p.b, tmr) };
+        engine.deregister(mr).unwrap();
+        let first = target.read(0, len);
+        std::thread::sleep(Duration::from_millis(50));
+        let what = if deregister_target { "target" } else { "source" };
+        assert!(first == target.read(0, len), "the target changed after the {what}'s deregistration returned");
+        assert_same(&first, &pattern(len, 8), &format!("all of it landed before the {what}'s deregistration returned"));
+        assert_eq!(wait(&p.ab, w).unwrap(), len as u64, "the copy was under way and completed");
+        other.deregister(other_mr).unwrap();
+    }
+    assert_eq!(p.ab.device_copy_batches(), 2);
+}
+
+// ---- another process of this host --------------------------------------------------------------
+
+/// The owner: an engine with a GPU region of `LEN` bytes holding `pattern(LEN, SEED)` on the GPU
+/// UCCL_TCPX_TEST_PEER_GPU names (from the virtual memory API when UCCL_TCPX_TEST_PEER_VMM=1),
+/// advertised whole. Prints its port and FifoItem, serves its one connection, and on the
+/// notification "deregister" deregisters the region, checks that its bytes no longer change and
+/// prints "DEREGISTERED <unchanged>"; parks until killed.
+#[test]
+#[ignore = "started by the cross-process tests as their peer process"]
+fn gpu_ipc_owner_process() {
+    assert!(common::is_child("gpu_ipc_owner_process"), "runs as the peer process of the cross-process tests");
+    let gpu: i32 = std::env::var("UCCL_TCPX_TEST_PEER_GPU").unwrap().parse().unwrap();
+    let engine = Arc::new(Engine::new(Config { gpu: Some(gpu), ..same_host() }).unwrap());
+    let region = if std::env::var("UCCL_TCPX_TEST_PEER_VMM").as_deref() == Ok("1") {
+        let vmm = VmmBuffer::new(LEN);
+        vmm.write(&pattern(LEN, SEED));
+        OwnerRegion::Vmm(vmm)
+    } else {
+        let mut mem = Mem::on_gpu(gpu, LEN);
+        mem.write(0, &pattern(LEN, SEED));
+        OwnerRegion::Mem(mem)
+    };
+    let addr = region.addr();
+    let mr = engine.register(addr, LEN).unwrap();
+    let item = engine.prepare_fifo(mr, addr, LEN).unwrap();
+    println!("OWNER {} {}", engine.address().port(), common::engine::fifo_to_hex(&item));
+    let conn = common::accept(&engine).unwrap();
+    assert_eq!(conn.peer.locality, Locality::SameHost);
+    let cmd = common::eventually("the deregister command", Duration::from_secs(600), || {
+        uccl_tcpx::engine::notify::drain(usize::MAX).into_iter().find(|n| n.name == b"gpu-ipc-test")
+    });
+    assert_eq!(cmd.msg, b"deregister");
+    engine.deregister(mr).unwrap();
+    let first = region.read();
+    std::thread::sleep(Duration::from_millis(100));
+    println!("DEREGISTERED {}", first == region.read());
+    testkit::child::park_until_killed()
+}
+
+/// The owner's GPU region: `cuMemAlloc` memory or the virtual memory API's.
+enum OwnerRegion {
+    Mem(Mem),
+    Vmm(VmmBuffer),
+}
+
+impl OwnerRegion {
+    fn addr(&self) -> usize {
+        match self {
+            OwnerRegion::Mem(m) => m.addr(),
+            OwnerRegion::Vmm(v) => v.ptr as usize,
+        }
+    }
+
+    fn read(&self) -> Vec<u8> {
+        match self {
+            OwnerRegion::Mem(m) => m.read(0, LEN),
+            OwnerRegion::Vmm(v) => v.read(LEN),
+        }
+    }
+}
+
+struct Owner {
+    process: testkit::child::Peer,
+    port: u16,
+    item: FifoItem,
+}
+
+impl Owner {
+    fn spawn(gpu: i32) -> Owner {
+        Owner::spawn_with(gpu, false)
+    }
+
+    fn spawn_with(gpu: i32, vmm: bool) -> Owner {
+        let mut process = ChildTest::new("gpu_ipc_owner_process")
+            .ignored()
+            .env("UCCL_TCPX_TEST_PEER_GPU", gpu.to_string())
+            .env("UCCL_TCPX_TEST_PEER_VMM", if vmm { "1" } else { "0" })
+            .spawn();
+        let line = process.announcement("OWNER ", Duration::from_secs(120));
+        let (port, hex) = line.trim().split_once(' ').expect("port and FifoItem");
+        Owner { process, port: port.parse().unwrap(), item: common::engine::fifo_from_hex(hex) }
+    }
+}
+
+/// This process on GPU `ours`, the owner on GPU `theirs`.
+fn cross_process(ours: i32, theirs: i32) {
+    let owner = Owner::spawn(theirs);
+    let engine = Engine::new(Config { gpu: Some(ours), ..same_host() }).unwrap();
+    let mut local = Mem::on_gpu(ours, LEN);
+    let mr = engine.register(local.addr(), LEN).unwrap();
+    let conn = engine.connect("127.0.0.1", "0", owner.port).unwrap();
+    assert_eq!(conn.peer.locality, Locality::SameHost);
+    exercise(&conn, &mut local, mr, owner.item, LEN);
+}
+
+#[test]
+fn cross_process_one_gpu() {
+    if no_gpu() {
+        return;
+    }
+    cross_process(0, 0);
+}
+
+#[test]
+fn cross_process_two_gpus() {
+    if no_gpu() || fewer_gpus_than(2) {
+        return;
+    }
+    cross_process(0, 1);
+}
+
+#[test]
+fn cross_process_refuses_what_was_not_advertised() {
+    if no_gpu() {
+        return;
+    }
+    let owner = Owner::spawn(0);
+    let engine = Engine::new(same_host()).unwrap();
+    let mut local = Mem::on_gpu(0, LEN);
+    local.write(0, &[0xee; LEN]);
+    let mr = engine.register(local.addr(), LEN).unwrap();
+    let conn = engine.connect("127.0.0.1", "0", owner.port).unwrap();
+    // Granted first (so the refusals below are the initiator's own checks against the grant as
+    // well as the owner's), then refused outside the window and with a forged token.
+    let mut small = owner.item;
+    small.size = 4096;
+    let r = conn.read(&[OneSided { mr, addr: local.addr(), len: 4096, remote: small }]).unwrap();
+    assert_eq!(wait(&conn, r).unwrap(), 4096);
+    let beyond = at(owner.item, LEN - 8);
+    for write in [true, false] {
+        let op = OneSided { mr, addr: local.addr(), len: 16, remote: FifoItem { size: 16, ..beyond } };
+        let posted = if write { conn.write(&[op]) } else { conn.read(&[op]) };
+        let err = posted.and_then(|id| wait(&conn, id)).unwrap_err();
+        assert_eq!(err.status(), UcclStatus::ErrNotAllowed, "past the region (write {write}): {err}");
+    }
+    let mut forged = owner.item.to_bytes();
+    forged[40] ^= 1;
+    let op = OneSided { mr, addr: local.addr(), len: 16, remote: FifoItem::from_bytes(&forged) };
+    let err = conn.write(&[op]).and_then(|id| wait(&conn, id)).unwrap_err();
+    assert_eq!(err.status(), UcclStatus::ErrNotAllowed, "a forged token: {err}");
+    // The owner's bytes are as they were.
+    local.clear();
+    let r = conn.read(&[OneSided { mr, addr: local.addr(), len: LEN, remote: owner.item }]).unwrap();
+    assert_eq!(wait(&conn, r).unwrap(), LEN as u64);
+    assert_same(&local.read(0, LEN), &pattern(LEN, SEED), "the owner's region after the refusals");
+}
+
+/// The owner deregisters its region while a large write into it runs: its deregistration returns
+/// only after our copy finished (its bytes do not change afterwards), and our next request for
+/// the region is refused. Our own deregistration of a source under a running copy waits for it too.
+#[test]
+fn cross_process_deregistration_is_a_fence_on_both_sides() {
+    if no_gpu() {
+        return;
+    }
+    let mut owner = Owner::spawn(0);
+    let engine = Engine::new(same_host()).unwrap();
+    let mut local = Mem::on_gpu(0, LEN);
+    local.write(0, &pattern(LEN, 4));
+    let mr = engine.register(local.addr(), LEN).unwrap();
+    let conn = engine.connect("127.0.0.1", "0", owner.port).unwrap();
+    // Our side: the source deregistered under a running copy.
+    let w = conn.write(&[OneSided { mr, addr: local.addr(), len: LEN, remote: owner.item }]).unwrap();
+    engine.deregister(mr).unwrap();
+    assert_eq!(conn.poll(w).unwrap(), Some(LEN as u64), "the copy finished before deregistration returned");
+    let mr = engine.register(local.addr(), LEN).unwrap();
+    // The owner's side.
+    let w = conn.write(&[OneSided { mr, addr: local.addr(), len: LEN, remote: owner.item }]).unwrap();
+    conn.notify(b"gpu-ipc-test", b"deregister").unwrap();
+    let stable = owner.process.announcement("DEREGISTERED ", Duration::from_secs(60));
+    assert_eq!(stable.trim(), "true", "the owner's region changed after its deregistration returned");
+    assert_eq!(wait(&conn, w).unwrap(), LEN as u64);
+    let err = conn
+        .write(&[OneSided { mr, addr: local.addr(), len: 64, remote: owner.item }])
+        .and_then(|id| wait(&conn, id))
+        .unwrap_err();
+    assert_eq!(err.status(), UcclStatus::ErrNotAllowed, "after the owner deregistered: {err}");
+}
+
+/// The owner process dies while its allocation is mapped here: our transfers fail (once the
+/// connection notices), nothing crashes, and the GPU serves a fresh owner afterwards.
+#[test]
+fn an_owner_that_exits_while_mapped_does_not_hurt_us() {
+    if no_gpu() {
+        return;
+    }
+    let engine = Engine::new(same_host()).unwrap();
+    let mut local = Mem::on_gpu(0, LEN);
+    let mr = engine.register(local.addr(), LEN).unwrap();
+    let owner = Owner::spawn(0);
+    let remote = owner.item;
+    let conn = engine.connect("127.0.0.1", "0", owner.port).unwrap();
+    let r = conn.read(&[OneSided { mr, addr: local.addr(), len: LEN, remote }]).unwrap();
+    assert_eq!(wait(&conn, r).unwrap(), LEN as u64);
+    assert_eq!(conn.device_copy_batches(), 1, "mapped");
+    let w = conn.write(&[OneSided { mr, addr: local.addr(), len: LEN, remote }]).unwrap();
+    drop(owner);
+    // Whatever became of the write in flight, it ends, and the connection fails within the bound.
+    let _ = common::wait_done(&conn, w, PATIENCE);
+    common::eventually("the connection notices the owner is gone", PATIENCE, || {
+        let op = OneSided { mr, addr: local.addr(), len: 4096, remote };
+        conn.write(&[op]).and_then(|id| wait(&conn, id)).err()
+    });
+    engine.close_connection(&conn);
+    drop(conn);
+    // The GPU and the engine serve a fresh owner.
+    local.clear();
+    let owner = Owner::spawn(0);
+    let conn = engine.connect("127.0.0.1", "0", owner.port).unwrap();
+    let r = conn.read(&[OneSided { mr, addr: local.addr(), len: LEN, remote: owner.item }]).unwrap();
+    assert_eq!(wait(&conn, r).unwrap(), LEN as u64);
+    assert_same(&local.read(0, LEN), &pattern(LEN, SEED), "a fresh owner after the first one died");
+    assert_eq!(conn.device_copy_batches(), 1);
+}
+
+// ---- IPC info ------------------------------------------------------------------------------------
+
+/// Opens the IPC info in UCCL_TCPX_TEST_IPC_INFO (hex) and checks that the range it describes
+/// holds `pattern(size, offset)`-style bytes: the ones the parent wrote there.
+#[test]
+#[ignore = "started by ipc_info_opens_in_another_process"]
+fn ipc_info_reader_process() {
+    assert!(common::is_child("ipc_info_reader_process"));
+    let hex = std::env::var("UCCL_TCPX_TEST_IPC_INFO").unwrap();
+    let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+    let info = IpcInfo::from_bytes(&bytes.try_into().unwrap());
+    let gpu = uccl_tcpx::cuda::Gpu::open(0).unwrap();
+    let mapping = uccl_tcpx::cuda::ipc::Mapping::open(&gpu, &info.handle).unwrap();
+    let mut got = vec![0u8; info.size as usize];
+    common::gpu::make_current(Some(0));
+    // SAFETY: the mapping holds the parent's allocation, `offset + size` inside it.
+    let status = unsafe { sys::cuMemcpyDtoH_v2(got.as_mut_ptr().cast(), mapping.ptr() + info.offset, got.len()) };
+    assert_eq!(status, sys::CUresult::CUDA_SUCCESS);
+    let want: Vec<u8> =
+        std::env::var("UCCL_TCPX_TEST_IPC_WANT").unwrap().split(',').map(|s| s.parse().unwrap()).collect();
+    assert_eq!(want.len(), 3);
+    let expected = &pattern(want[0] as usize, 71)[want[1] as usize..want[1] as usize + want[2] as usize];
+    assert_same(&got, expected, "the range the IPC info describes");
+}
+
+#[test]
+fn ipc_info_opens_in_another_process() {
+    if no_gpu() {
+        return;
+    }
+    let engine = Engine::new(same_host()).unwrap();
+    let len = 4 << 20;
+    let mut mem = Mem::on_gpu(0, len);
+    mem.write(0, &pattern(len, 71));
+    // Registered from 8 KiB in: the info's offset counts from the allocation, its size to the
+    // region's end.
+    let reg = mem.addr() + 8192;
+    engine.register(reg, len - 8192).unwrap();
+    let mut info = engine.ipc_info(reg + 100).unwrap().expect("cuMemAlloc memory has IPC info");
+    assert_eq!((info.offset, info.size, info.gpu), (8192 + 100, (len - 8192 - 100) as u64, 0));
+    assert_ne!(info.handle, [0; 64]);
+    // A sub-range of it, as NIXL's prepXfer makes one.
+    info.retarget((reg + 100 + 4096) as u64, (reg + 100) as u64, 65_536).unwrap();
+    assert_eq!((info.offset, info.size), (8192 + 100 + 4096, 65_536));
+    assert!(info.retarget((reg + 100) as u64, (reg + 100) as u64, 65_537).is_err(), "only narrower");
+    let hex: String = info.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    ChildTest::new("ipc_info_reader_process")
+        .ignored()
+        .env("UCCL_TCPX_TEST_IPC_INFO", hex)
+        .env("UCCL_TCPX_TEST_IPC_WANT", format!("{len},{},{}", 8192 + 100 + 4096, 65_536))
+        .run();
+    // Host memory and an unregistered address.
+    let host = vec![0u8; 4096];
+    engine.register(host.as_ptr() as usize, host.len()).unwrap();
+    assert_eq!(engine.ipc_info(host.as_ptr() as usize).unwrap(), None);
+    assert_eq!(engine.ipc_info(mem.addr()).unwrap_err().status(), UcclStatus::ErrNotFound, "below the region");
+}
+
+// ---- memory of the CUDA virtual memory API -----------------------------------------------------
+
+/// `len` bytes (rounded up to the granularity) of GPU 0 from cuMemCreate + cuMemMap, as PyTorch's
+/// expandable segments allocate; unmapped and released on drop.
+struct VmmBuffer {
+    ptr: sys::CUdeviceptr,
+    size: usize,
+    handle: sys::CUmemGenericAllocationHandle,
+}
+
+impl VmmBuffer {
+    fn new(len: usize) -> VmmBuffer {
+        common::gpu::make_current(Some(0));
+        // SAFETY: plain structs of integers and a null pointer; zero is a valid pattern for them.
+        let mut prop: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
+        prop.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+        prop.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+        prop.location.id = 0;
+        let mut gran = 0usize;
+        let ok = |status: sys::CUresult, what: &str| assert_eq!(status, sys::CUresult::CUDA_SUCCESS, "{what}");
+        // SAFETY: each call writes one out-parameter of the stated type; the sizes are granular.
+        unsafe {
+            ok(
+                sys::cuMemGetAllocationGranularity(
+                    &mut gran,
+                    &prop,
+                    sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
+                ),
+                "granularity",
+            );
+            let size = len.div_ceil(gran) * gran;
+            let mut handle = 0;
+            ok(sys::cuMemCreate(&mut handle, size, &prop, 0), "cuMemCreate");
+            let mut ptr = 0;
+            ok(sys::cuMemAddressReserve(&mut ptr, size, 0, 0, 0), "cuMemAddressReserve");
+            ok(sys::cuMemMap(ptr, size, 0, handle, 0), "cuMemMap");
+            let access = sys::CUmemAccessDesc {
+                location: prop.location,
+                flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+            };
+            ok(sys::cuMemSetAccess(ptr, size, &access, 1), "cuMemSetAccess");
+            VmmBuffer { ptr, size, handle }
+        }
+    }
+}
+
+impl VmmBuffer {
+    fn write(&self, data: &[u8]) {
+        common::gpu::make_current(Some(0));
+        // SAFETY: at most `size` bytes into the mapped range, from a live host slice.
+        let status = unsafe { sys::cuMemcpyHtoD_v2(self.ptr, data.as_ptr().cast(), data.len().min(self.size)) };
+        assert_eq!(status, sys::CUresult::CUDA_SUCCESS);
+    }
+
+    fn read(&self, len: usize) -> Vec<u8> {
+        common::gpu::make_current(Some(0));
+        let mut out = vec![0u8; len.min(self.size)];
+        // SAFETY: out.len() bytes of the mapped range into a live host vector.
+        let status = unsafe { sys::cuMemcpyDtoH_v2(out.as_mut_ptr().cast(), self.ptr, out.len()) };
+        assert_eq!(status, sys::CUresult::CUDA_SUCCESS);
+        out
+    }
+}
+
+impl Drop for VmmBuffer {
+    fn drop(&mut self) {
+        // SAFETY: mapped and reserved by `new`, released once; no copy uses it any more.
+        unsafe {
+            sys::cuMemUnmap(self.ptr, self.size);
+            sys::cuMemAddressFree(self.ptr, self.size);
+            sys::cuMemRelease(self.handle);
+        }
+    }
+}
+
+/// Memory of the virtual memory API has no legacy IPC handle: no IPC info for it, and a peer
+/// process's transfers into and out of such a region go over the network path, correctly. As the
+/// local end of a transfer it is fine: only the owner's allocation is mapped.
+#[test]
+fn vmm_memory_has_no_ipc_info_and_takes_the_network_path() {
+    if no_gpu() {
+        return;
+    }
+    let engine = Engine::new(same_host()).unwrap();
+    let vmm = VmmBuffer::new(LEN);
+    let mr = engine.register(vmm.ptr as usize, LEN).unwrap();
+    assert_eq!(engine.ipc_info(vmm.ptr as usize).unwrap(), None, "no IPC info for VMM memory");
+    assert_eq!(engine.ipc_info(vmm.ptr as usize + 4096).unwrap(), None);
+
+    // The owner's region is VMM memory: the network path carries both directions.
+    let owner = Owner::spawn_with(0, true);
+    let conn = engine.connect("127.0.0.1", "0", owner.port).unwrap();
+    let r = conn.read(&[OneSided { mr, addr: vmm.ptr as usize, len: LEN, remote: owner.item }]).unwrap();
+    assert_eq!(wait(&conn, r).unwrap(), LEN as u64);
+    assert_same(&vmm.read(LEN), &pattern(LEN, SEED), "read from the owner's VMM region");
+    vmm.write(&pattern(LEN, 12));
+    let w = conn.write(&[OneSided { mr, addr: vmm.ptr as usize, len: LEN, remote: owner.item }]).unwrap();
+    assert_eq!(wait(&conn, w).unwrap(), LEN as u64);
+    vmm.write(&vec![0; LEN]);
+    let r = conn.read(&[OneSided { mr, addr: vmm.ptr as usize, len: LEN, remote: owner.item }]).unwrap();
+    assert_eq!(wait(&conn, r).unwrap(), LEN as u64);
+    assert_same(&vmm.read(LEN), &pattern(LEN, 12), "written into the owner's VMM region and read back");
+    assert_eq!(conn.device_copy_batches(), 0, "the network path, not the device path");
+
+    // Our VMM memory against an owner with cuMemAlloc memory: the device path.
+    let owner = Owner::spawn(0);
+    let conn = engine.connect("127.0.0.1", "0", owner.port).unwrap();
+    let r = conn.read(&[OneSided { mr, addr: vmm.ptr as usize, len: LEN, remote: owner.item }]).unwrap();
+    assert_eq!(wait(&conn, r).unwrap(), LEN as u64);
+    assert_same(&vmm.read(LEN), &pattern(LEN, SEED), "read into our VMM memory");
+    assert_eq!(conn.device_copy_batches(), 1);
+}
