@@ -81,7 +81,7 @@ echo "bench binary: $BIN"
 
 RUNS_JSON=()
 FAKE_PLUGIN="${GPU_BENCH_FAKE_PLUGIN:-$(dirname "$BIN")/libfake_tcpx.so}"
-FAKE_SIZES="${GPU_BENCH_FAKE_SIZES:-64K,1M,4M,64M}"
+FAKE_SIZES="${GPU_BENCH_FAKE_SIZES:-4K,64K,1M,4M,64M,256M}"
 FAKE_RUNS=()
 if [[ "${GPU_BENCH_FAKE:-1}" == 0 ]]; then
   echo "gpu_bench: the fake NIC runs are off (GPU_BENCH_FAKE=0)"
