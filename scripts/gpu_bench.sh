@@ -89,10 +89,11 @@ elif [[ ! -f "$FAKE_PLUGIN" || $GPUS -lt 1 ]]; then
   echo "gpu_bench: fake NIC runs skipped: needs a GPU and $FAKE_PLUGIN"
 else
   # Both ends on this host stay on the plugin (UCCL_TCPX_LOCAL_PEERS=plugin; the fake carries such
-  # traffic only with FAKE_TCPX_SAME_HOST=allow), no flow-steering wait, two fake devices; host
-  # receives in the plugin fail as on TCPX, so a host destination must take the landing path.
+  # traffic only with FAKE_TCPX_SAME_HOST=allow), no flow-steering wait; the engine pairs its GPU
+  # with the fake NICs next to it (eth0, without devmem, sits elsewhere); host receives in the
+  # plugin fail as on TCPX, so a host destination must take the landing path.
   FAKE_ENV=(UCCL_TCPX_TRANSPORT=tcpx "UCCL_TCPX_PLUGIN=$FAKE_PLUGIN" UCCL_TCPX_LOCAL_PEERS=plugin FAKE_TCPX_MODE=gpu
-    FAKE_TCPX_SAME_HOST=allow FAKE_TCPX_STEERING_WAIT_MS=0 FAKE_TCPX_HOST_RECV=fail UCCL_TCPX_NET_DEVICES=0,1)
+    FAKE_TCPX_SAME_HOST=allow FAKE_TCPX_STEERING_WAIT_MS=0 FAKE_TCPX_HOST_RECV=fail)
   for ahead in 1 0; do
     for dest in gpu cpu; do
       name="fake-gpu-to-$dest-ahead$ahead"

@@ -54,8 +54,11 @@ common=(
   NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_NET_GDR_LEVEL=SYS NCCL_NVLS_ENABLE=0 NCCL_PROTO=Simple
   NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,NET
   # The fake: GPU mode; both ranks are on this host, so same-host devmem traffic must be allowed;
-  # no flow-steering wait (each of NCCL's connections would wait 5 s).
+  # no flow-steering wait (each of NCCL's connections would wait 5 s). NCCL places a NIC by reading
+  # sysfs under its PCI path, where the fake's NICs do not exist, so it cannot pair GPUs with NICs
+  # as it does on A3: two devices under the host bridge whose queues serve every GPU.
   FAKE_TCPX_MODE=gpu FAKE_TCPX_SAME_HOST=allow FAKE_TCPX_STEERING_WAIT_MS=0
+  "FAKE_TCPX_TOPOLOGY=fake0 /sys/devices/pci0000:00/0000:00:00.0 *; fake1 /sys/devices/pci0000:00/0000:00:01.0 *"
   NCCL_OVER_FAKE_SIZES="$sizes"
 )
 configs=(
@@ -96,6 +99,7 @@ if [[ -x "$dir/uccl-tcpx-bench" ]]; then
   timeout -k 10 "$limit" env UCCL_TCPX_TRANSPORT=tcpx UCCL_TCPX_PLUGIN="$dir/libfake_tcpx.so" \
     UCCL_TCPX_LOCAL_PEERS=plugin UCCL_TCPX_NET_DEVICES=0,1 FAKE_TCPX_MODE=gpu FAKE_TCPX_SAME_HOST=allow \
     FAKE_TCPX_STEERING_WAIT_MS=0 \
+    "FAKE_TCPX_TOPOLOGY=fake0 /sys/devices/pci0000:00/0000:00:00.0 *; fake1 /sys/devices/pci0000:00/0000:00:01.0 *" \
     "$dir/uccl-tcpx-bench" --loopback --device gpu --ops send,write --sizes "$sizes" --no-baseline \
     --json-file "$bench_json" 2>&1 | tee "$out/bench-over-fake.log"
   rc=${PIPESTATUS[0]}

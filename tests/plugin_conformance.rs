@@ -27,7 +27,7 @@ fn pair_with(config: Config) -> Pair {
 }
 
 fn pair() -> Pair {
-    // Three channels over the fake's two devices: channels use devices 0, 1, 0.
+    // Three channels over the fake's three devices (no GPU in host mode to pair them with).
     pair_with(config(3, 256 << 10))
 }
 
@@ -481,45 +481,84 @@ fn transport_window_of_sixteen_with_unconsumed_receives() {
 
 #[test]
 fn transport_reports_the_fakes_devices() {
+    // A3's shape: eth0 without devmem first (TCPX sorts interfaces by name), then the GPU NICs. TCPX
+    // reports CUDA pointer support for every interface, eth0 included.
     let net = transport();
-    assert_eq!(net.devices(), 2);
-    for dev in 0..2 {
+    assert_eq!(net.devices(), 3);
+    for dev in 0..3 {
         let p = net.properties(dev).unwrap();
-        assert_eq!(p.name, format!("fake{dev}"));
+        assert_eq!(p.name, format!("eth{dev}"));
         assert!(p.device_unpack && p.supports_host && p.supports_cuda);
         assert!(p.pci_path.is_some());
     }
-    assert_eq!((0..4).map(|c| net.channel_device(c)).collect::<Vec<_>>(), vec![0, 1, 0, 1]);
+    // Without a GPU (host mode) channels rotate over every device.
+    assert_eq!((0..4).map(|c| net.channel_device(c)).collect::<Vec<_>>(), vec![0, 1, 2, 0]);
     let explicit = PluginNet::open(&Config { net_devices: Some(vec![1]), ..config(1, 1 << 20) }, None).unwrap();
     assert_eq!(explicit.channel_device(3), 1);
 }
 
+/// An A3-like host with the fake's topology knob: eth0 without devmem alone under the root of
+/// the host bridge, eth1 and eth2 both behind the switch of GPUs 04 and 05, eth3 behind GPU 84's,
+/// and nothing behind GPU 8a's.
+const TOPOLOGY: &str = "eth0 /sys/devices/pci0000:00/0000:00:04.0; \
+    eth1 /sys/devices/pci0000:01/0000:01:00.0/0000:02:00.0/0000:06:00.0 0000:04:00.0,0000:05:00.0; \
+    eth2 /sys/devices/pci0000:01/0000:01:00.0/0000:02:00.0/0000:07:00.0 0000:04:00.0,0000:05:00.0; \
+    eth3 /sys/devices/pci0000:81/0000:81:00.0/0000:82:00.0/0000:86:00.0 0000:84:00.0";
+
 #[test]
 fn channels_pair_with_the_net_devices_next_to_the_gpu() {
-    // The fake's devices sit at /sys/devices/pci0000:00/0000:00:0N.0; a GPU behind the bridge of
-    // device 1 pairs with that device alone (NCCL's rule: the closest devices, under the GPU's root).
-    let behind_fake1 = "/sys/devices/pci0000:00/0000:00:01.0/0000:05:00.0";
-    let net = PluginNet::open(&config(1, 1 << 20), Some(behind_fake1)).unwrap();
-    assert_eq!((0..4).map(|c| net.channel_device(c)).collect::<Vec<_>>(), vec![1, 1, 1, 1]);
-    let (handle, _listen) = net.listen(net.channel_device(0)).unwrap();
-    assert_ne!(handle, [0u8; 128]);
+    // The fake reads its topology once per process, in init.
+    let out = common::ChildTest::new("child_channels_pair_with_the_net_devices_next_to_the_gpu")
+        .ignored()
+        .env("FAKE_TCPX_TOPOLOGY", TOPOLOGY)
+        .env("NCCL_GPUDIRECTTCPX_SOCKET_IFNAME", "")
+        .env("UCCL_TCPX_FAKE_PLUGIN", common::plugin::fake_plugin())
+        .run();
+    assert!(out.contains("child checked"), "{out}");
+}
 
-    // Both devices equally close (the GPU hangs off the root itself): channels spread over both.
-    let on_the_root = "/sys/devices/pci0000:00/0000:00:1f.0";
-    let net = PluginNet::open(&config(1, 1 << 20), Some(on_the_root)).unwrap();
-    assert_eq!((0..4).map(|c| net.channel_device(c)).collect::<Vec<_>>(), vec![0, 1, 0, 1]);
+#[test]
+#[ignore = "run by its parent with FAKE_TCPX_TOPOLOGY set"]
+fn child_channels_pair_with_the_net_devices_next_to_the_gpu() {
+    let channels = |net: &PluginNet| (0..4).map(|c| net.channel_device(c)).collect::<Vec<_>>();
+    let open = |gpu: &str| PluginNet::open(&config(1, 1 << 20), Some(gpu)).unwrap();
+    let names: Vec<String> = (0..4).map(|d| transport().properties(d).unwrap().name).collect();
+    assert_eq!(names, ["eth0", "eth1", "eth2", "eth3"]);
+    assert!(transport().properties(0).unwrap().supports_cuda, "eth0 looks like every TCPX device");
 
-    // A GPU under another root has no device it may use: every listen and connect says so.
-    let far = "/sys/devices/pci0000:80/0000:80:01.0/0000:81:00.0";
-    let net = PluginNet::open(&config(1, 1 << 20), Some(far)).unwrap();
+    // A GPU with two close NICs: channels spread over both, and data moves over each.
+    let net = open("/sys/devices/pci0000:01/0000:01:00.0/0000:02:00.0/0000:04:00.0");
+    assert_eq!(channels(&net), vec![1, 2, 1, 2]);
+    for c in 0..2 {
+        let mut l = link(&net, net.channel_device(c));
+        let src = pattern(300_000, c as u64);
+        let mut dst = vec![0u8; src.len()];
+        // SAFETY: dst is a live Vec of src.len() bytes, read only after r is reported done below.
+        let r = unsafe { l.recv.irecv(dst.as_mut_ptr(), dst.len(), NONE) }.unwrap().unwrap();
+        // SAFETY: src is a live Vec, and s is tested to completion below.
+        let s = unsafe { l.send.isend(src.as_ptr(), src.len(), NONE) }.unwrap().unwrap();
+        assert_eq!(finish(|| l.send.test(s)), src.len());
+        assert_eq!(finish(|| l.recv.test(r)), src.len());
+        l.recv.irecv_consumed(r).unwrap();
+        assert!(dst == src, "channel {c}");
+    }
+    // The GPU behind eth3 alone.
+    assert_eq!(channels(&open("/sys/devices/pci0000:81/0000:81:00.0/0000:82:00.0/0000:84:00.0")), vec![3; 4]);
+
+    // A GPU with no NIC under its root may use none: every listen and connect says so, and eth0,
+    // which reports CUDA pointers as every TCPX interface does, is never taken for it.
+    let far = "/sys/devices/pci0000:87/0000:87:00.0/0000:88:00.0/0000:8a:00.0";
+    let net = open(far);
     let err = net.listen(0).err().expect("no device for this GPU");
     assert_eq!(err.status(), UcclStatus::ErrNotFound, "{err}");
     assert!(err.message().contains(far) && err.message().contains("UCCL_TCPX_NET_DEVICES"), "{err}");
+    assert!(err.message().contains("0 eth0 at /sys/devices/pci0000:00/0000:00:04.0"), "{err}");
     let mut handle = [0u8; 128];
     assert_eq!(net.connect(0, &mut handle).err().expect("no device for this GPU").status(), UcclStatus::ErrNotFound);
 
     // Naming the devices overrides pairing.
-    let named = PluginNet::open(&Config { net_devices: Some(vec![0]), ..config(1, 1 << 20) }, Some(far)).unwrap();
-    assert_eq!(named.channel_device(1), 0);
-    assert!(named.listen(0).is_ok());
+    let named = PluginNet::open(&Config { net_devices: Some(vec![3]), ..config(1, 1 << 20) }, Some(far)).unwrap();
+    assert_eq!(named.channel_device(1), 3);
+    assert!(named.listen(3).is_ok());
+    println!("child checked");
 }

@@ -23,6 +23,7 @@ use std::time::Instant;
 use uccl_tcpx::config::{LocalPeers, TransportChoice};
 use uccl_tcpx::engine::OneSided;
 use uccl_tcpx::proto::FifoItem;
+use uccl_tcpx::transport::Net;
 use uccl_tcpx::{Config, Engine};
 
 mod common;
@@ -57,10 +58,11 @@ fn plugin_config(channels: u16, chunk: u32) -> Config {
     Config { gpu: Some(0), ..gpu_host_config(channels, chunk) }
 }
 
-/// The fake's devices sit at made-up PCI paths no real GPU shares a root with, and an engine pairs
-/// its channels only with devices next to its GPU: these tests name the devices instead.
+/// In GPU mode the fake puts a NIC next to each PCI switch of the host's GPUs (and eth0, without
+/// devmem, under a root of its own), and the engine pairs its channels with the NICs next to its
+/// GPU, as it would on A3: no device list.
 fn gpu_host_config(channels: u16, chunk: u32) -> Config {
-    Config { net_devices: Some(vec![0, 1]), ..plugin::config(channels, chunk) }
+    plugin::config(channels, chunk)
 }
 
 #[test]
@@ -411,27 +413,36 @@ fn channels_use_only_net_devices_next_to_the_engines_gpu() {
 #[ignore = "run by its parent with FAKE_TCPX_MODE=gpu"]
 fn child_channels_use_only_net_devices_next_to_the_gpu() {
     assert_gpu_mode();
-    // No device list: the engine pairs its GPU with the fake's devices by PCI path. They sit under
-    // root pci0000:00; a GPU elsewhere has none it may use, and connecting says so.
-    let config = Config { gpu: Some(0), ..plugin::config(2, 1 << 20) };
-    let (a, b) = (Engine::new(config.clone()).unwrap(), Engine::new(config).unwrap());
-    let path = a.gpu().expect("configured GPU").sysfs_path();
-    let outcome = a.connect("127.0.0.1", "0", b.address().port());
-    match path.as_deref() {
-        // Without a sysfs path the GPU cannot be placed: every device, with a warning.
-        None => {
-            outcome.expect("a GPU of unknown place uses every device");
-        }
-        Some(p) if p.split('/').any(|c| c == "pci0000:00") => {
-            outcome.expect("a GPU under the fake's root pairs with its devices");
-        }
-        Some(_) => {
-            let Err(err) = outcome else { panic!("connected although no net device is next to this GPU") };
-            assert_eq!(err.status(), uccl_tcpx::UcclStatus::ErrNotFound, "{err}");
-            assert!(err.message().contains("UCCL_TCPX_NET_DEVICES"), "{err}");
-        }
+    // No device list: the engine pairs GPU 0 with the fake's devices by PCI path. The fake puts a
+    // NIC next to the GPU's switch and eth0, which has no devmem (its flows land in host memory and
+    // TCPX exits at the first receive into GPU memory), under a root no GPU shares.
+    let gpu = uccl_tcpx::cuda::Gpu::open(0).unwrap();
+    let Some(path) = gpu.sysfs_path() else {
+        // Without a sysfs path the GPU cannot be placed and the engine would use every device,
+        // eth0 included: nothing to check here.
+        println!("SKIPPED: GPU 0 ({}) has no sysfs path", gpu.bus_id());
+        println!("child checked");
+        return;
+    };
+    let net = uccl_tcpx::transport::plugin::PluginNet::open(&plugin::config(2, 1 << 20), Some(&path)).unwrap();
+    let chosen: Vec<usize> = (0..4).map(|c| net.channel_device(c)).collect();
+    let parent = path.rsplit_once('/').expect("a sysfs path").0;
+    for &d in &chosen {
+        let props = net.properties(d).unwrap();
+        assert_ne!(props.name, "eth0", "channels {chosen:?} for GPU 0 at {path}");
+        assert!(props.pci_path.as_deref().is_some_and(|p| p.starts_with(parent)), "{props:?} next to {path}");
     }
-    println!("GPU at {path:?}: checked");
+    // And data moves between two engines on GPU 0 over those devices.
+    let config = Config { gpu: Some(0), ..plugin::config(2, 1 << 20) };
+    let p = pair(config);
+    let len = 3 << 20;
+    let (mut src, dst) = (Mem::new(Side::Gpu, len), Mem::new(Side::Gpu, len));
+    let data = pattern(len, 31);
+    src.write(0, &data);
+    let (smr, dmr) = (p.a.register(src.addr(), len).unwrap(), p.b.register(dst.addr(), len).unwrap());
+    move_bytes(&p, Kind::SendRecv, (&src, smr, 0), (&dst, dmr, 0), len);
+    assert_same(&dst.read(0, len), &data, "GPU 0 -> GPU 0 over the NICs next to it");
+    println!("GPU 0 at {path}: channels use {chosen:?}");
     println!("child checked");
 }
 

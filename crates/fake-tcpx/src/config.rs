@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::fail::{Fail, Result};
+use crate::topology::{self, NicSpec};
 
 /// The pool of a GPU by default, MiB. TCPX's is 4 GiB per GPU (RxDM's `RX_POOL_SIZE`); this is
 /// smaller, so a consumer that hoards pages meets the wait sooner, and still several times what
@@ -16,8 +17,8 @@ use crate::fail::{Fail, Result};
 /// receives in both directions on one GPU.
 const DEFAULT_POOL_MIB: u64 = 1024;
 
-/// Devices the fake reports at most: enough for any test, and it keeps the fake PCI paths unique.
-pub const MAX_DEVICES: usize = 16;
+/// Devices with devmem `FAKE_TCPX_NDEV` may ask for: with eth0, TCPX's `MAX_IFS`.
+const MAX_DEVMEM_DEVICES: u64 = topology::MAX_DEVICES as u64 - 1;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -86,7 +87,12 @@ const TCPX_STEERING_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub devices: usize,
+    /// `FAKE_TCPX_NDEV`: devices with devmem in the default topology (its own default when unset).
+    pub devices: Option<usize>,
+    /// `FAKE_TCPX_TOPOLOGY`, which replaces the default topology.
+    pub topology: Option<Vec<NicSpec>>,
+    /// `NCCL_GPUDIRECTTCPX_SOCKET_IFNAME`, TCPX's interface list.
+    pub ifname: Option<String>,
     pub ip: IpAddr,
     pub mode: Mode,
     pub gpu_copy: GpuCopy,
@@ -118,7 +124,21 @@ impl Config {
 
     pub fn parse(var: impl Fn(&str) -> Option<String>) -> Result<Config> {
         let get = |name: &str| var(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
-        let devices = number(&get, "FAKE_TCPX_NDEV", 2, 1, MAX_DEVICES as u64)? as usize;
+        let devices = match get("FAKE_TCPX_NDEV") {
+            Some(_) => Some(number(&get, "FAKE_TCPX_NDEV", 0, 1, MAX_DEVMEM_DEVICES)? as usize),
+            None => None,
+        };
+        let topology = match get("FAKE_TCPX_TOPOLOGY") {
+            Some(_) if devices.is_some() => {
+                return Err(Fail::internal(
+                    "FAKE_TCPX_NDEV and FAKE_TCPX_TOPOLOGY are both set: the topology lists every device",
+                ));
+            }
+            Some(v) => Some(topology::parse(&v).map_err(|why| Fail::internal(format!("FAKE_TCPX_TOPOLOGY: {why}")))?),
+            None => None,
+        };
+        // As TCPX reads it (misc/socket_utils.cc): a value of one character counts as unset.
+        let ifname = get("NCCL_GPUDIRECTTCPX_SOCKET_IFNAME").filter(|v| v.len() > 1);
         let ip = match get("FAKE_TCPX_IP") {
             None => IpAddr::from([127, 0, 0, 1]),
             Some(v) => v.parse().map_err(|_| bad("FAKE_TCPX_IP", &v, "an IPv4 or IPv6 address"))?,
@@ -171,6 +191,8 @@ impl Config {
         let trace = choice(&get, "FAKE_TCPX_DEBUG", ("0", "1"))?;
         Ok(Config {
             devices,
+            topology,
+            ifname,
             ip,
             mode,
             gpu_copy,
@@ -266,7 +288,7 @@ mod tests {
     #[test]
     fn defaults() {
         let c = parse(&[]).unwrap();
-        assert_eq!(c.devices, 2);
+        assert_eq!((c.devices, &c.topology, &c.ifname), (None, &None, &None));
         assert_eq!(c.mode, Mode::Host);
         assert_eq!(c.gpu_copy, GpuCopy::Kernel);
         assert_eq!(c.fragmentation, Fragmentation::Page);
@@ -311,7 +333,11 @@ mod tests {
     fn values_and_errors() {
         let c = parse(&[("FAKE_TCPX_FAULT", "drop:3"), ("FAKE_TCPX_NDEV", "4"), ("FAKE_TCPX_SEED", "0x10")]).unwrap();
         assert_eq!(c.fault, Fault::Drop(3));
-        assert_eq!(c.devices, 4);
+        assert_eq!(c.devices, Some(4));
+        let t = parse(&[("FAKE_TCPX_TOPOLOGY", "eth9 /sys/devices/pci0000:01/0000:01:00.0 *")]).unwrap();
+        assert_eq!(t.topology.unwrap()[0].name, "eth9");
+        assert_eq!(parse(&[("NCCL_GPUDIRECTTCPX_SOCKET_IFNAME", "eth1")]).unwrap().ifname.as_deref(), Some("eth1"));
+        assert_eq!(parse(&[("NCCL_GPUDIRECTTCPX_SOCKET_IFNAME", "e")]).unwrap().ifname, None, "too short for TCPX");
         assert_eq!(c.seed, 16);
         assert_eq!(parse(&[("FAKE_TCPX_GPU_COPY", "each")]).unwrap().gpu_copy, GpuCopy::Each);
         assert_eq!(parse(&[("FAKE_TCPX_GPU_COPY", "batch")]).unwrap().gpu_copy, GpuCopy::Batch);
@@ -321,9 +347,13 @@ mod tests {
         assert!(!parse(&[("FAKE_TCPX_THREAD_CHECK", "off")]).unwrap().thread_check);
         assert!(parse(&[("FAKE_TCPX_SAME_HOST", "allow")]).unwrap().same_host_allowed);
         assert!(parse(&[("FAKE_TCPX_DEBUG", "1")]).unwrap().trace);
+        let both =
+            parse(&[("FAKE_TCPX_NDEV", "2"), ("FAKE_TCPX_TOPOLOGY", "eth1 /sys/devices/pci0000:01/0000:01:00.0")]);
+        assert!(both.unwrap_err().msg.contains("both set"));
         for (k, v) in [
             ("FAKE_TCPX_NDEV", "0"),
-            ("FAKE_TCPX_NDEV", "17"),
+            ("FAKE_TCPX_NDEV", "16"),
+            ("FAKE_TCPX_TOPOLOGY", "eth1"),
             ("FAKE_TCPX_MODE", "cpu"),
             ("FAKE_TCPX_FRAGMENT", "pages"),
             ("FAKE_TCPX_GPU_COPY", "kernels"),

@@ -20,7 +20,13 @@ pub struct Connecting {
 }
 
 impl Connecting {
-    pub fn start(plugin: &'static Plugin, mut h: NetHandle, gpu: Option<GpuContext>) -> Result<Arc<Connecting>> {
+    /// Starts connecting from device `dev` to the listener of handle `h`.
+    pub fn start(
+        plugin: &'static Plugin,
+        dev: usize,
+        mut h: NetHandle,
+        gpu: Option<GpuContext>,
+    ) -> Result<Arc<Connecting>> {
         handle::check(&h)?;
         let setup = plugin.cfg.setup.connect_time(handle::data_sockets(&h));
         let c = Arc::new(Connecting { outcome: Mutex::new(None), gpu: Mutex::new(gpu) });
@@ -29,8 +35,8 @@ impl Connecting {
             .name("fake-tcpx-connect".into())
             .spawn(move || {
                 std::thread::sleep(setup);
-                // Every fake device runs on the one socket device.
-                let outcome = match plugin.net.connect(0, &mut h) {
+                // Each fake device has one socket transport, whose only device is 0.
+                let outcome = match plugin.net(dev).connect(0, &mut h) {
                     Ok(Some(comm)) => Ok(comm),
                     Ok(None) => Err(Fail::internal("socket transport connect did not complete")),
                     Err(e) => Err(closed(e)),

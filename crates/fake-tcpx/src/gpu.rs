@@ -23,6 +23,7 @@ use crate::fail::{Fail, Result};
 use crate::fragment::{MAX_FRAGMENTS, PAGE};
 use crate::memory::RxMemory;
 use crate::pool::SharedPool;
+use crate::topology::GpuPlace;
 
 pub fn cuda(what: &str, r: sys::CUresult) -> Result<()> {
     r.result().map_err(|e| Fail::internal(format!("{what}: {e:?}")))
@@ -79,6 +80,11 @@ impl GpuContext {
         self.device
     }
 
+    /// The GPU's PCI bus id as sysfs spells it.
+    pub fn bus_id(&self) -> Result<String> {
+        bus_id(self.device)
+    }
+
     /// Runs `f` with this context current on the calling thread.
     pub fn with<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
         // SAFETY: a valid context; popped below whatever `f` returns.
@@ -96,6 +102,41 @@ impl Drop for GpuContext {
         // SAFETY: releases the reference retained when this value was made.
         let _ = unsafe { result::primary_ctx::release(self.device) };
     }
+}
+
+/// GPU `device`'s PCI bus id as sysfs spells it (`0000:04:00.0`): the driver writes upper-case hex
+/// and a domain of varying width.
+pub fn bus_id(device: CUdevice) -> Result<String> {
+    let mut buf = [0 as std::ffi::c_char; 64];
+    // SAFETY: the driver writes a NUL-terminated string of at most `len` bytes into buf.
+    cuda("cuDeviceGetPCIBusId", unsafe { sys::cuDeviceGetPCIBusId(buf.as_mut_ptr(), buf.len() as i32, device) })?;
+    buf[buf.len() - 1] = 0;
+    // SAFETY: NUL-terminated above at the latest.
+    let raw = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned();
+    let parsed = (|| {
+        let (domain, rest) = raw.trim().split_once(':')?;
+        let (bus, rest) = rest.split_once(':')?;
+        let (dev, function) = rest.split_once('.')?;
+        let hex = |s: &str| u32::from_str_radix(s, 16).ok();
+        Some(format!("{:04x}:{:02x}:{:02x}.{:x}", hex(domain)?, hex(bus)?, hex(dev)?, hex(function)?))
+    })();
+    parsed.ok_or_else(|| Fail::internal(format!("cuDeviceGetPCIBusId({device}) gave {raw:?}")))
+}
+
+/// Every GPU of the host and where sysfs places it, in ordinal order.
+pub fn places() -> Result<Vec<GpuPlace>> {
+    let mut count = 0;
+    // SAFETY: writes one int; the driver was initialised by init.
+    cuda("cuDeviceGetCount", unsafe { sys::cuDeviceGetCount(&mut count) })?;
+    (0..count)
+        .map(|d| {
+            let bus_id = bus_id(d)?;
+            let sysfs = std::fs::canonicalize(format!("/sys/bus/pci/devices/{bus_id}"))
+                .ok()
+                .map(|p| p.to_string_lossy().into_owned());
+            Ok(GpuPlace { bus_id, sysfs })
+        })
+        .collect()
 }
 
 /// The GPU whose device memory `ptr` is: a CUDA registration must name device memory in GPU mode

@@ -29,6 +29,7 @@ mod send;
 mod setup;
 mod staging;
 mod threads;
+mod topology;
 mod wire;
 
 use std::ffi::{c_int, c_void};
@@ -80,7 +81,7 @@ unsafe extern "C" fn fake_devices(ndev: *mut c_int) -> c_int {
         || {
             let p = plugin::get()?;
             // SAFETY: checked non-NULL; the caller provides an int.
-            unsafe { non_null(ndev, "ndev")?.write(p.cfg.devices as c_int) };
+            unsafe { non_null(ndev, "ndev")?.write(p.devices() as c_int) };
             Ok(())
         },
     )
@@ -117,9 +118,9 @@ unsafe extern "C" fn fake_listen(dev: c_int, handle: *mut c_void, listen_comm: *
             let listen_comm = non_null(listen_comm, "listenComm")?;
             // TCPX binds the listen comm to the current GPU, whose pool its flows are steered into.
             let gpu = p.bind_gpu("listen")?;
-            let (mut h, inner) = p.net.listen(0).map_err(|e| Fail::system(format!("listen: {e}")))?;
+            let (mut h, inner) = p.net(dev).listen(0).map_err(|e| Fail::system(format!("listen: {e}")))?;
             handle::mark(&mut h, dev, p.cfg.setup.data_sockets);
-            let comm = Arc::new(Mutex::new(listen::FakeListen::new(inner, next_comm_seed(p.cfg.seed), gpu)));
+            let comm = Arc::new(Mutex::new(listen::FakeListen::new(inner, dev, next_comm_seed(p.cfg.seed), gpu)));
             let key = Arc::as_ptr(&comm) as usize;
             registry::add(key, Object::Listen(comm), None);
             // SAFETY: checked non-NULL; the caller provides NCCL_NET_HANDLE_MAXSIZE bytes and a pointer slot.
@@ -143,7 +144,7 @@ unsafe extern "C" fn fake_connect(
         || Scope::Control(0),
         || {
             let p = plugin::get()?;
-            p.check_dev(dev)?;
+            let dev = p.check_dev(dev)?;
             let handle = non_null(handle, "handle")?.cast::<u8>();
             let send_comm = non_null(send_comm, "sendComm")?;
             // SAFETY: checked non-NULL; the caller passes its 128-byte handle buffer.
@@ -152,7 +153,7 @@ unsafe extern "C" fn fake_connect(
             let h = unsafe { handle::read(handle) };
             let state = handle::connect_state(&h);
             if state == 0 {
-                let c = connect::Connecting::start(p, h, p.bind_gpu("connect")?)?;
+                let c = connect::Connecting::start(p, dev, h, p.bind_gpu("connect")?)?;
                 let key = registry::add_connect(c);
                 // SAFETY: as above; bytes 80..88 of the caller's handle hold the state, as in TCPX.
                 unsafe {

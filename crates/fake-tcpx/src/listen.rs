@@ -22,6 +22,7 @@ use crate::memory::{self, HostRx, RxMemory};
 use crate::plugin::Plugin;
 use crate::pool::{self, PoolKey};
 use crate::recv::FakeRecv;
+use crate::topology::Devmem;
 
 pub struct FakeListen {
     inner: Box<dyn ListenComm>,
@@ -29,6 +30,8 @@ pub struct FakeListen {
     /// The peer's connection, held until the setup time has passed.
     arrived: Option<(Box<dyn RecvComm>, Instant)>,
     accepted: bool,
+    /// The device listened on, whose devmem queues the accepted flows arrive through.
+    dev: usize,
     /// Distinguishes the page shuffles of comms accepted in one process.
     seed: u64,
     /// GPU mode: the GPU current at listen, where the accepted flows are steered.
@@ -36,8 +39,8 @@ pub struct FakeListen {
 }
 
 impl FakeListen {
-    pub fn new(inner: Box<dyn ListenComm>, seed: u64, gpu: Option<GpuContext>) -> FakeListen {
-        FakeListen { inner, started: None, arrived: None, accepted: false, seed, gpu }
+    pub fn new(inner: Box<dyn ListenComm>, dev: usize, seed: u64, gpu: Option<GpuContext>) -> FakeListen {
+        FakeListen { inner, started: None, arrived: None, accepted: false, dev, seed, gpu }
     }
 
     /// `Some(receive comm)` once a connection arrived, with `*dev_handle` filled; the caller
@@ -86,6 +89,32 @@ impl FakeListen {
         )))
     }
 
+    /// Why the accepted flows never reach GPU memory, if they do not: RxDM installs a flow's rule on
+    /// the NIC of the comm's GPU (`tcpgpudmarxd` `src/rx_rule_manager.cc` `ConfigFlowSteering`), so
+    /// flows that arrive over a device without devmem queues, or over one whose queues serve other
+    /// GPUs, land in host memory.
+    fn unsteered(&self, plugin: &Plugin) -> Result<Option<String>> {
+        let nic = plugin.nic(self.dev);
+        let bus_id = self.gpu.as_ref().map(GpuContext::bus_id).transpose()?;
+        if nic.devmem.serves(bus_id.as_deref()) {
+            return Ok(None);
+        }
+        let (name, dev) = (&nic.name, self.dev);
+        Ok(Some(match &nic.devmem {
+            Devmem::Gpus(served) => format!(
+                "device {dev} ({name}) has its devmem rx queues bound to the pools of GPUs {served:?}, not to GPU \
+                 {} at {}, and RxDM steers a GPU's flows on that GPU's own NIC (tcpgpudmarxd rx_rule_manager.cc \
+                 ConfigFlowSteering); use a NIC next to the GPU",
+                self.gpu.as_ref().map_or(-1, GpuContext::ordinal),
+                bus_id.as_deref().unwrap_or("?")
+            ),
+            _ => format!(
+                "device {dev} ({name}) has no devmem rx queues, so nothing steers its flows into GPU memory \
+                 (like A3's eth0, which TCPX lists when NCCL_GPUDIRECTTCPX_SOCKET_IFNAME is unset)"
+            ),
+        }))
+    }
+
     fn finish(
         &mut self,
         plugin: &Plugin,
@@ -104,7 +133,8 @@ impl FakeListen {
                 (gpu::rx_memory(g.retain()?, pool.clone(), cfg.gpu_copy)?, Some(g.retain()?), pool)
             }
         };
-        let comm = FakeRecv::new(inner, mem, gpu, pool, cfg, self.seed);
+        let unsteered = self.unsteered(plugin)?;
+        let comm = FakeRecv::new(inner, mem, gpu, pool, unsteered, cfg, self.seed);
         // The handle lives in the comm's pool memory, which stays put when the comm moves.
         let unpack = comm.unpack_handle();
         // SAFETY: the caller checked dev_handle non-NULL; it points at caller-allocated storage.

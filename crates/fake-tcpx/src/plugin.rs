@@ -1,5 +1,6 @@
-//! Process-wide state created by `init`: the knobs, the socket transport the comms run on and the
-//! devices' property strings (static storage, as TCPX's are).
+//! Process-wide state created by `init`: the knobs, the devices (`topology.rs`) with their property
+//! strings (static storage, as TCPX's are) and the socket transport each one's comms run on, bound
+//! to its address.
 
 use std::ffi::{CString, c_char, c_int};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -13,7 +14,8 @@ use uccl_tcpx::transport::socket::SocketNet;
 
 use crate::config::{Config, Mode};
 use crate::fail::{Fail, Result};
-use crate::gpu::GpuContext;
+use crate::gpu::{self, GpuContext};
+use crate::topology::{self, Nic};
 use crate::{fatal, log, threads};
 
 /// TCPX retries a refused connect for about 20 s.
@@ -25,13 +27,15 @@ const MAX_COMMS: c_int = 65536;
 
 pub struct Plugin {
     pub cfg: Config,
-    pub net: SocketNet,
-    devices: Vec<DeviceStrings>,
+    devices: Vec<Device>,
 }
 
-struct DeviceStrings {
+struct Device {
+    nic: Nic,
     name: CString,
     pci_path: CString,
+    /// Listens bind to the device's address and put it into their handles.
+    net: SocketNet,
 }
 
 static PLUGIN: OnceLock<Plugin> = OnceLock::new();
@@ -64,15 +68,26 @@ pub fn init(logger: NcclDebugLogger) -> Result<()> {
     fatal::configure(cfg.on_fatal);
     threads::configure(cfg.thread_check);
     log::set_trace(cfg.trace);
-    let devices = (0..cfg.devices)
-        .map(|i| DeviceStrings {
-            name: CString::new(format!("fake{i}")).expect("no NUL"),
-            pci_path: CString::new(format!("/sys/devices/pci0000:00/0000:00:{i:02x}.0")).expect("no NUL"),
+    let specs = match (&cfg.topology, cfg.mode) {
+        (Some(listed), _) => listed.clone(),
+        (None, Mode::Host) => topology::host_default(cfg.devices.unwrap_or(2)),
+        (None, Mode::Gpu) => topology::gpu_default(cfg.devices, &gpu::places()?),
+    };
+    let nics = topology::finish(specs, cfg.ip, cfg.ifname.as_deref()).map_err(Fail::internal)?;
+    let devices = nics
+        .into_iter()
+        .map(|nic| Device {
+            name: CString::new(nic.name.clone()).expect("parsed names have no NUL"),
+            pci_path: CString::new(nic.pci_path.clone()).expect("parsed paths have no NUL"),
+            net: SocketNet::new(nic.addr, CONNECT_TIMEOUT, IO_TIMEOUT, Arc::new(|| {})).with_bind(nic.addr),
+            nic,
         })
-        .collect();
-    let net = SocketNet::new(cfg.ip, CONNECT_TIMEOUT, IO_TIMEOUT, Arc::new(|| {}));
+        .collect::<Vec<_>>();
     log::info(&format!("init: {cfg:?}"));
-    let _ = PLUGIN.set(Plugin { cfg, net, devices });
+    for (i, d) in devices.iter().enumerate() {
+        log::info(&format!("device {i}: {:?}", d.nic));
+    }
+    let _ = PLUGIN.set(Plugin { cfg, devices });
     Ok(())
 }
 
@@ -92,6 +107,23 @@ impl Plugin {
             .ok_or_else(|| Fail::argument(format!("device {dev} does not exist ({} devices)", self.devices.len())))
     }
 
+    pub fn devices(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Device `dev` (checked by `check_dev`).
+    pub fn nic(&self, dev: usize) -> &Nic {
+        &self.devices[dev].nic
+    }
+
+    /// The socket transport of device `dev`'s comms.
+    pub fn net(&self, dev: usize) -> &SocketNet {
+        &self.devices[dev].net
+    }
+
+    /// TCPX reports every interface alike, whatever its devmem queues: `ptrSupport` is HOST|CUDA
+    /// unless the plugin was built `HOST_PTR_ONLY` (`net_tcpx.cc` `tcpxGetProperties`; `macro.h`
+    /// does not define it), so only its PCI path tells a device without devmem apart.
     pub fn properties(&self, dev: usize) -> NcclNetPropertiesV7 {
         let d = &self.devices[dev];
         NcclNetPropertiesV7 {

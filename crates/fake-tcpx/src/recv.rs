@@ -64,6 +64,8 @@ pub struct FakeRecv {
     fragmentation: Fragmentation,
     same_host_allowed: bool,
     host_recv_allowed: bool,
+    /// Why this comm's flows are never steered into GPU memory, if they are not (`listen.rs`).
+    unsteered: Option<String>,
     ring: Ring,
     regs: Registrations,
     health: Health,
@@ -82,6 +84,7 @@ impl FakeRecv {
         mem: Box<dyn RxMemory>,
         gpu: Option<GpuContext>,
         pool: Arc<SharedPool>,
+        unsteered: Option<String>,
         cfg: &Config,
         seed: u64,
     ) -> FakeRecv {
@@ -97,6 +100,7 @@ impl FakeRecv {
             fragmentation: cfg.fragmentation,
             same_host_allowed: cfg.same_host_allowed,
             host_recv_allowed: cfg.host_recv_allowed,
+            unsteered,
             ring: Ring::new(),
             regs: Registrations::default(),
             health,
@@ -141,7 +145,8 @@ impl FakeRecv {
                  {device}'s data on a comm accepted with GPU {device} current"
             )));
         }
-        if kind == NCCL_PTR_HOST && self.gpu.is_some() && !self.host_recv_allowed {
+        // A flow nothing steers arrives in host memory, where a plain recv() reads it.
+        if kind == NCCL_PTR_HOST && self.gpu.is_some() && self.unsteered.is_none() && !self.host_recv_allowed {
             return Err(self.health.fail(Fail::internal(
                 "requested receive on host mem buffer (net_tcpx.cc taskProgress): TCPX flow-steered every data \
                  socket of this receive comm into GPU memory at accept, so a host recv() cannot read its payload \
@@ -301,6 +306,11 @@ impl FakeRecv {
                 "fatal, recv comm {key:#x} data landed on host memory 1 times (sock/tcpx.h process_recv_cmsg): \
                  {ends}, and same-host traffic never reaches the NIC, so nothing steers it into device memory. \
                  Reach a same-host peer without the plugin (FAKE_TCPX_SAME_HOST=allow permits it in tests)"
+            )));
+        }
+        if let Some(why) = self.unsteered.as_deref().filter(|_| devmem && len > 0) {
+            return Err(fatal(format!(
+                "fatal, recv comm {key:#x} data landed on host memory 1 times (sock/tcpx.h process_recv_cmsg): {why}"
             )));
         }
         entry.size = len as c_int;

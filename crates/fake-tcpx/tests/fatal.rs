@@ -51,7 +51,12 @@ fn slow_logger_entered() -> i32 {
 
 /// Sends `len` bytes into a receive registered as `recv_type` and waits for both (or the exit).
 fn transfer(p: &Plugin, len: usize, recv_type: c_int) {
-    let pair = p.pair(0);
+    transfer_on(p, 0, len, recv_type);
+}
+
+/// The same over device `dev`.
+fn transfer_on(p: &Plugin, dev: c_int, len: usize, recv_type: c_int) {
+    let pair = p.pair(dev);
     let src = pattern(len, 3);
     let dst = Aligned::new(len);
     let smh = p.reg(pair.send, src.as_ptr(), len, NCCL_PTR_HOST).unwrap();
@@ -97,6 +102,21 @@ isolated_test!(
         transfer(&p, 0, NCCL_PTR_CUDA);
     }
     env: ["FAKE_TCPX_SAME_HOST" => "fatal"]
+);
+
+exiting_test!(
+    fn devmem_receive_over_a_device_without_devmem_exits_the_process() {
+        let p = Plugin::init();
+        // Device 0 is eth0 (TCPX lists it when NCCL_GPUDIRECTTCPX_SOCKET_IFNAME is unset): a host
+        // receive is a plain recv(), an empty devmem receive carries no payload, the NICs with devmem
+        // steer theirs.
+        transfer_on(&p, 0, 100_000, NCCL_PTR_HOST);
+        transfer_on(&p, 0, 0, NCCL_PTR_CUDA);
+        transfer_on(&p, 1, 100_000, NCCL_PTR_CUDA);
+        transfer_on(&p, 0, 100_000, NCCL_PTR_CUDA);
+    }
+    env: ["NCCL_GPUDIRECTTCPX_SOCKET_IFNAME" => ""]
+    expect: ["data landed on host memory", "device 0 (eth0) has no devmem rx queues", "exiting the process"]
 );
 
 isolated_test!(

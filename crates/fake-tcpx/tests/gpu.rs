@@ -48,6 +48,28 @@ fn fewer_gpus_than(n: usize) -> bool {
     count < n
 }
 
+/// In the parent: runs test `name` in a child with `env` and a topology of one NIC per GPU, device
+/// `n` (`nicNN`) serving GPU `n` alone, so that a test moving data with several GPUs knows which
+/// device each may use; returns true. In that child: returns false.
+fn spawn_with_a_nic_per_gpu(name: &str, env: &[(&str, &str)]) -> bool {
+    if testkit::child::is_child(name) {
+        return false;
+    }
+    uccl_tcpx::cuda::driver().expect("cuInit");
+    let count = result::device::get_count().unwrap();
+    let nics: Vec<String> = (0..count)
+        .map(|n| {
+            let bus_id = uccl_tcpx::cuda::Gpu::open(n).unwrap().bus_id().to_owned();
+            let root = 0xe0 + n;
+            format!("nic{n:02} /sys/devices/pci0000:{root:02x}/0000:{root:02x}:00.0 {bus_id}")
+        })
+        .collect();
+    let topology = nics.join("; ");
+    let mut all = env.to_vec();
+    all.push(("FAKE_TCPX_TOPOLOGY", &topology));
+    common::spawn_in_child(name, &all)
+}
+
 /// The GPU whose device memory `ptr` is.
 fn gpu_of(ptr: u64) -> i32 {
     let mut ordinal: i32 = -1;
@@ -341,12 +363,12 @@ fn gpu_mode_one_pool_per_gpu_shared_by_its_comms() {
     let name = "gpu_mode_one_pool_per_gpu_shared_by_its_comms";
     // 1 MiB = 256 pages per GPU.
     let env = [("FAKE_TCPX_MODE", "gpu"), ("FAKE_TCPX_POOL_MIB", "1")];
-    if skip_without_gpu(name) || common::spawn_in_child(name, &env) {
+    if skip_without_gpu(name) || spawn_with_a_nic_per_gpu(name, &env) {
         return;
     }
     use_gpu_0();
     let p = Plugin::init();
-    let (x, y) = (p.pair(0), p.pair(1));
+    let (x, y) = (p.pair(0), p.pair(0));
     let (hx, hy) = (unpack_handle(&x), unpack_handle(&y));
     assert_eq!(hx.bounce_buf, hy.bounce_buf, "both receive comms of GPU 0 hand out its one pool");
     assert_eq!(gpu_of(hx.bounce_buf as u64), 0, "the pool is GPU 0's memory");
@@ -386,7 +408,7 @@ fn gpu_mode_one_pool_per_gpu_shared_by_its_comms() {
     // Another GPU has a pool of its own, which GPU 0's hoarder does not drain.
     let held = receive_held(&p, &x, &a, &dx, cap);
     use_gpu(1);
-    let z = p.pair(0);
+    let z = p.pair(1);
     let hz = unpack_handle(&z);
     assert_ne!(hz.bounce_buf, hx.bounce_buf);
     assert_eq!(gpu_of(hz.bounce_buf as u64), 1, "a comm accepted with GPU 1 current gets GPU 1's pool");
@@ -448,7 +470,7 @@ fn gpu_mode_comms_need_a_current_gpu() {
 #[test]
 fn gpu_mode_comms_bind_to_the_gpu_current_when_made() {
     let name = "gpu_mode_comms_bind_to_the_gpu_current_when_made";
-    if skip_without_gpu(name) || common::spawn_in_child(name, &[("FAKE_TCPX_MODE", "gpu")]) {
+    if skip_without_gpu(name) || spawn_with_a_nic_per_gpu(name, &[("FAKE_TCPX_MODE", "gpu")]) {
         return;
     }
     if fewer_gpus_than(2) {
@@ -457,7 +479,7 @@ fn gpu_mode_comms_bind_to_the_gpu_current_when_made() {
     let p = Plugin::init();
     // Listen on GPU 0, accept on GPU 1: TCPX would steer into GPU 0's pool and hand out GPU 1's.
     use_gpu_0();
-    let (_, lc) = p.listen(0);
+    let (_, lc) = p.listen(1);
     use_gpu(1);
     let mut dh = NcclNetDeviceHandleV7::default();
     let mut dhp: *mut NcclNetDeviceHandleV7 = &mut dh;
@@ -472,8 +494,9 @@ fn gpu_mode_comms_bind_to_the_gpu_current_when_made() {
     // SAFETY: lc came from listen and no accept is running; closed once.
     assert_eq!(unsafe { p.t.close_listen.unwrap()(lc) }, 0);
 
-    // A pair made with GPU 1 current: its pool is GPU 1's, and receives into GPU 1 memory work.
-    let pair = p.pair(0);
+    // A pair made with GPU 1 current over its NIC: its pool is GPU 1's, and receives into GPU 1
+    // memory work.
+    let pair = p.pair(1);
     let h = unpack_handle(&pair);
     assert_eq!(gpu_of(h.bounce_buf as u64), 1);
     let cap = 64 * 4096;
@@ -503,4 +526,91 @@ fn gpu_mode_comms_bind_to_the_gpu_current_when_made() {
     p.wait_both(s, r).unwrap();
     assert!(gather(&h, 1, data.len(), 1 << 30) == data);
     assert_eq!(p.consume(pair.recv, r), 0);
+}
+
+#[test]
+fn gpu_mode_devices_sit_next_to_their_gpus() {
+    let name = "gpu_mode_devices_sit_next_to_their_gpus";
+    // The default topology, eth0 included.
+    let env = [("FAKE_TCPX_MODE", "gpu"), ("NCCL_GPUDIRECTTCPX_SOCKET_IFNAME", "")];
+    if skip_without_gpu(name) || common::spawn_in_child(name, &env) {
+        return;
+    }
+    let p = Plugin::init();
+    let devices: Vec<(String, String)> = {
+        let mut n = 0;
+        // SAFETY: n is a writable local.
+        assert_eq!(unsafe { p.t.devices.unwrap()(&mut n) }, 0);
+        (0..n)
+            .map(|d| {
+                let mut props = NcclNetPropertiesV7::default();
+                // SAFETY: props is a writable local; d < n.
+                assert_eq!(unsafe { p.t.get_properties.unwrap()(d, &mut props) }, 0);
+                // SAFETY: getProperties wrote pointers to its static NUL-terminated strings.
+                let text =
+                    |s: *mut std::ffi::c_char| unsafe { std::ffi::CStr::from_ptr(s) }.to_string_lossy().into_owned();
+                (text(props.name), text(props.pci_path))
+            })
+            .collect()
+    };
+    println!("devices: {devices:?}");
+    assert_eq!(devices[0].0, "eth0");
+    let root = |path: &str| path.split('/').find(|c| c.starts_with("pci")).unwrap_or_default().to_owned();
+    let count = result::device::get_count().unwrap();
+    for n in 0..count {
+        let gpu = uccl_tcpx::cuda::Gpu::open(n).unwrap();
+        let Some(path) = gpu.sysfs_path() else {
+            println!("GPU {n} ({}) has no sysfs path: its NIC sits under a root of its bus", gpu.bus_id());
+            continue;
+        };
+        assert_ne!(root(&devices[0].1), root(&path), "eth0 shares no PCI root with GPU {n}");
+        let parent = path.rsplit_once('/').unwrap().0;
+        let next: Vec<usize> =
+            (1..devices.len()).filter(|&d| devices[d].1.rsplit_once('/').unwrap().0 == parent).collect();
+        assert!(!next.is_empty(), "no NIC next to GPU {n} at {path}: {devices:?}");
+
+        // A receive into GPU n's memory over its own NIC works.
+        use_gpu(n);
+        let pair = p.pair(next[0] as i32);
+        let h = unpack_handle(&pair);
+        let cap = 64 * 4096;
+        let dst = DeviceBuf::new(cap, 0);
+        let data = pattern(100_000, n as u64);
+        let r = receive_held(&p, &pair, &data, &dst, cap);
+        assert!(gather(&h, 0, data.len(), 1 << 30) == data, "GPU {n} over device {}", next[0]);
+        assert_eq!(p.consume(pair.recv, r), 0);
+    }
+}
+
+/// Receives 100 000 bytes into GPU 0's memory over device `dev`, which must not steer them there:
+/// the process exits as TCPX does, with `needle` in its output.
+fn unsteered_receive_exits(name: &str, env: &[(&str, &str)], dev: i32, needle: &str) {
+    if skip_without_gpu(name) {
+        return;
+    }
+    if let Some((status, text)) = common::child_outcome(name, env) {
+        assert_eq!(status.code(), Some(1), "the child should have exited with status 1:\n{text}");
+        assert!(text.contains("data landed on host memory") && text.contains(needle), "{text}");
+        return;
+    }
+    use_gpu_0();
+    let p = Plugin::init();
+    let pair = p.pair(dev);
+    let dst = DeviceBuf::new(64 * 4096, 0);
+    let r = receive_held(&p, &pair, &pattern(100_000, 1), &dst, 64 * 4096);
+    panic!("a receive over device {dev} completed ({r:p}) where TCPX exits the process");
+}
+
+#[test]
+fn gpu_mode_receive_over_eth0_exits() {
+    let env = [("FAKE_TCPX_MODE", "gpu"), ("NCCL_GPUDIRECTTCPX_SOCKET_IFNAME", "")];
+    unsteered_receive_exits("gpu_mode_receive_over_eth0_exits", &env, 0, "(eth0) has no devmem rx queues");
+}
+
+#[test]
+fn gpu_mode_receive_over_another_gpus_nic_exits() {
+    // A NIC whose queues serve a GPU this host does not have, never GPU 0.
+    let env =
+        [("FAKE_TCPX_MODE", "gpu"), ("FAKE_TCPX_TOPOLOGY", "nic /sys/devices/pci0000:e0/0000:e0:00.0 ffff:ff:1f.7")];
+    unsteered_receive_exits("gpu_mode_receive_over_another_gpus_nic_exits", &env, 0, "bound to the pools of GPUs");
 }

@@ -139,11 +139,12 @@ isolated_test!(
     env: ["FAKE_TCPX_FRAGMENT" => "pages"]
 );
 
-fn check_properties(p: &Plugin, ndev: c_int) {
+/// Checks the properties of the `names` devices, in order, and returns their PCI paths.
+fn check_properties(p: &Plugin, names: &[&str]) -> Vec<String> {
     let mut n = 0;
     // SAFETY: n is a writable local.
     assert_eq!(unsafe { p.t.devices.unwrap()(&mut n) }, 0);
-    assert_eq!(n, ndev);
+    assert_eq!(n, names.len() as c_int);
     let mut paths = Vec::new();
     for dev in 0..n {
         let mut props = NcclNetPropertiesV7::default();
@@ -155,12 +156,13 @@ fn check_properties(p: &Plugin, ndev: c_int) {
         assert_eq!(unsafe { p.t.get_properties.unwrap()(dev, &mut props) }, 0);
         // SAFETY: getProperties succeeded above, so name points at the plugin's static NUL-terminated device
         // name.
-        assert_eq!(unsafe { CStr::from_ptr(props.name) }.to_str().unwrap(), format!("fake{dev}"));
+        assert_eq!(unsafe { CStr::from_ptr(props.name) }.to_str().unwrap(), names[dev as usize]);
         // SAFETY: getProperties succeeded above, so pci_path points at the plugin's static NUL-terminated PCI
         // path.
         let path = unsafe { CStr::from_ptr(props.pci_path) }.to_str().unwrap().to_owned();
         assert!(path.starts_with("/sys/devices/pci"), "{path}");
         paths.push(path);
+        // TCPX reports every interface alike, the one without devmem included.
         assert_eq!(props.guid, dev as u64);
         assert_eq!(props.ptr_support, NCCL_PTR_HOST | NCCL_PTR_CUDA);
         assert!(props.speed > 0);
@@ -177,27 +179,77 @@ fn check_properties(p: &Plugin, ndev: c_int) {
         assert_eq!(again.name, props.name);
         assert_eq!(again.pci_path, props.pci_path);
     }
-    paths.sort();
-    paths.dedup();
-    assert_eq!(paths.len(), n as usize, "PCI paths are distinct");
+    let mut distinct = paths.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), n as usize, "PCI paths are distinct");
     let mut props = NcclNetPropertiesV7::default();
     for bad in [-1, n, 1000] {
         // SAFETY: props is a writable local; an out-of-range device is refused before it is written.
         assert_eq!(unsafe { p.t.get_properties.unwrap()(bad, &mut props) }, NCCL_INVALID_ARGUMENT, "dev {bad}");
         assert_warned("does not exist");
     }
+    paths
+}
+
+/// The IPv4 address in a listen handle of device `dev` (the socket handle's bytes 8..12).
+fn listen_address(p: &Plugin, dev: c_int) -> std::net::Ipv4Addr {
+    let (handle, lc) = p.listen(dev);
+    // SAFETY: lc came from listen, no accept runs; closed once.
+    assert_eq!(unsafe { p.t.close_listen.unwrap()(lc) }, 0);
+    assert_eq!(handle[4], 4, "an IPv4 handle");
+    std::net::Ipv4Addr::new(handle[8], handle[9], handle[10], handle[11])
 }
 
 isolated_test!(
     fn devices_and_properties_default() {
-        check_properties(&Plugin::init(), 2);
+        // A3's shape: eth0 without devmem first (TCPX sorts interfaces by name), then the GPU NICs,
+        // each with its own address and under a PCI root of its own, as A3 High's eth1 and eth2.
+        let p = Plugin::init();
+        let paths = check_properties(&p, &["eth0", "eth1", "eth2"]);
+        assert_eq!(paths[0], "/sys/devices/pci0000:00/0000:00:04.0");
+        assert_eq!(paths[1], "/sys/devices/pci0000:01/0000:01:00.0/0000:02:00.0/0000:06:00.0");
+        assert_eq!(paths[2], "/sys/devices/pci0000:07/0000:07:00.0/0000:08:00.0/0000:0c:00.0");
+        let addrs: Vec<String> = (0..3).map(|d| listen_address(&p, d).to_string()).collect();
+        assert_eq!(addrs, ["127.0.0.1", "127.0.0.2", "127.0.0.3"]);
+        // Every device carries data; the one without devmem only into host memory (tests/fatal.rs).
+        for dev in 0..3 {
+            let pair = p.pair(dev);
+            let data = common::pattern(10_000, dev as u64);
+            let smh = p.reg(pair.send, data.as_ptr(), data.len(), NCCL_PTR_HOST).unwrap();
+            let mut dst = vec![0u8; data.len()];
+            let rmh = p.reg(pair.recv, dst.as_mut_ptr(), dst.len(), NCCL_PTR_HOST).unwrap();
+            let r = p.irecv(pair.recv, dst.as_mut_ptr(), dst.len(), rmh).unwrap();
+            let s = p.isend(pair.send, data.as_ptr(), data.len(), smh).unwrap();
+            p.wait_both(s, r).unwrap();
+            assert_eq!(common::Unpack::host(&pair).gather(0, data.len(), 1 << 30), data);
+            assert_eq!(p.consume(pair.recv, r), 0);
+        }
     }
+    env: ["NCCL_GPUDIRECTTCPX_SOCKET_IFNAME" => ""]
+);
+
+isolated_test!(
+    fn devices_follow_the_topology_knob_and_tcpx_interface_list() {
+        let p = Plugin::init();
+        // Sorted by name, filtered by NCCL_GPUDIRECTTCPX_SOCKET_IFNAME as TCPX does.
+        let paths = check_properties(&p, &["eth1", "eth7"]);
+        assert_eq!(paths, ["/sys/devices/pci0000:81/0000:81:00.0/0000:86:00.0", "/sys/devices/pci0000:07/0000:0c:00.0"]);
+        assert_eq!(listen_address(&p, 0).to_string(), "127.0.0.9", "a listed address");
+        assert_eq!(listen_address(&p, 1).to_string(), "127.0.0.3", "its place in the sorted list, eth0 included");
+    }
+    env: [
+        "FAKE_TCPX_TOPOLOGY" => "eth7 /sys/devices/pci0000:07/0000:0c:00.0 0000:0a:00.0; \
+            eth0 /sys/devices/pci0000:00/0000:00:04.0; \
+            eth1@127.0.0.9 /sys/devices/pci0000:81/0000:81:00.0/0000:86:00.0 *",
+        "NCCL_GPUDIRECTTCPX_SOCKET_IFNAME" => "eth1,eth7",
+    ]
 );
 
 isolated_test!(
     fn devices_and_properties_ndev() {
         let p = Plugin::init();
-        check_properties(&p, 5);
+        check_properties(&p, &["eth1", "eth2", "eth3", "eth4", "eth5"]);
         let mut handle = [0u8; 128];
         let mut lc = null_mut();
         // SAFETY: handle is a 128-byte buffer and lc a writable local; device 5 does not exist and is

@@ -26,6 +26,9 @@ const TEST_DEFAULTS: &[(&str, &str)] = &[
     // Every test pairs comms inside one process, where TCPX would exit at the first devmem receive
     // (same-host traffic never reaches a NIC).
     ("FAKE_TCPX_SAME_HOST", "allow"),
+    // The devmem NICs alone, as deployments list them: eth0, whose flows are never steered into GPU
+    // memory, is the subject of the tests that set this back ("" is unset).
+    ("NCCL_GPUDIRECTTCPX_SOCKET_IFNAME", "^eth0"),
 ];
 
 /// Test `name` in a child process whose fake knobs, and TCPX variables the fake reads, are only the
