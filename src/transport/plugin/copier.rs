@@ -230,6 +230,7 @@ mod tests {
         assert_eq!(dropped.load(Ordering::SeqCst), lens.len(), "every copy let go of what it held");
         assert_eq!(dsts, srcs);
 
+        drop(copier);
         // A thread that dies takes its piece with it: that copy fails, and so does every copy
         // still unfinished; later copies run on the caller's thread.
         let copier = Copier::start("test-copier-dies", 1).unwrap();
