@@ -110,20 +110,47 @@ else
   done
 fi
 
+# The same-host path: GPU buffers in both bench processes, one-sided writes and reads as device
+# copies (CUDA IPC between the two processes), against device copies of the same bytes between the
+# same GPUs measured in the same run (the anchors: cuMemcpyPeerAsync across GPUs, cuMemcpyDtoDAsync
+# on one; goals: 64 MiB writes and reads at >= 0.90 of them, an 8 B write's round trip within 1.5x
+# one copy's launch and wait; the bench prints both verdicts). On one GPU and, with two, across.
+if [[ "${GPU_BENCH_SAME_HOST:-1}" == 0 || $GPUS -lt 1 ]]; then
+  echo "gpu_bench: same-host runs skipped (GPU_BENCH_SAME_HOST=0, or no GPU)"
+else
+  SAME_HOST_RUNS=("one-gpu|--peer-gpu 0")
+  ((GPUS >= 2)) && SAME_HOST_RUNS+=("two-gpus|--peer-gpu 1")
+  for run in "${SAME_HOST_RUNS[@]}"; do
+    IFS='|' read -r tag flags <<<"$run"
+    name="same-host-gpu-$tag"
+    section "$name: uccl-tcpx-bench --device gpu $flags (same-host path, device-copy anchors)"
+    rm -f "$OUTDIR/$name.json"
+    # shellcheck disable=SC2086 # flags is a word list
+    step "$name" env -u UCCL_TCPX_DISABLE_IPC "$BIN" --device gpu --gpu 0 $flags --ops write,read \
+      --sizes "$SIZES" --no-baseline --json-file "$OUTDIR/$name.json"
+    rc=$?
+    result=null
+    [[ -s "$OUTDIR/$name.json" ]] && result=$(cat "$OUTDIR/$name.json")
+    RUNS_JSON+=("{\"name\":\"$name\",\"device\":\"gpu\",\"env\":\"\",\"flags\":$(json_string "$flags"),\"status\":$rc,\"result\":$result}")
+  done
+fi
+
 # Two socket layouts with 16 data sockets per direction each (16-32 core host): 4 channels x 4
 # helper threads with 1 MiB chunks, and 8 channels x 2 threads with 4 MiB chunks and a deeper
 # window (the staged GPU path's best setting in the in-process staging example); the latter again
 # with 4 transfers in flight, where copies of one transfer overlap the socket I/O of another.
 # Smaller chunks would shorten a depth-1 GPU transfer's pipeline fill and drain (every channel's
 # first chunk is copied before the network starts, its last after it ends); ch4-2m (4 x 2 MiB in
-# the pipe) and ch8-1m measure whether that beats the per-chunk cost.
+# the pipe) and ch8-1m measure whether that beats the per-chunk cost. UCCL_TCPX_DISABLE_IPC=1 keeps
+# the two bench processes of this host on the network path these layouts are about (they would
+# otherwise copy one-sided GPU transfers on the same-host path, measured above).
 LAYOUTS=(
-  "ch4|--channels 4|UCCL_TCPX_SOCKET_NTHREADS=4 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=1M UCCL_TCPX_WINDOW=8"
-  "ch8|--channels 8|UCCL_TCPX_SOCKET_NTHREADS=2 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=4M UCCL_TCPX_WINDOW=16"
-  "ch8-depth4|--channels 8 --depth 4|UCCL_TCPX_SOCKET_NTHREADS=2 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=4M UCCL_TCPX_WINDOW=16"
-  "ch4-2m|--channels 4|UCCL_TCPX_SOCKET_NTHREADS=4 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=2M UCCL_TCPX_WINDOW=16"
-  "ch4-2m-depth4|--channels 4 --depth 4|UCCL_TCPX_SOCKET_NTHREADS=4 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=2M UCCL_TCPX_WINDOW=16"
-  "ch8-1m|--channels 8|UCCL_TCPX_SOCKET_NTHREADS=2 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=1M UCCL_TCPX_WINDOW=16"
+  "ch4|--channels 4|UCCL_TCPX_DISABLE_IPC=1 UCCL_TCPX_SOCKET_NTHREADS=4 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=1M UCCL_TCPX_WINDOW=8"
+  "ch8|--channels 8|UCCL_TCPX_DISABLE_IPC=1 UCCL_TCPX_SOCKET_NTHREADS=2 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=4M UCCL_TCPX_WINDOW=16"
+  "ch8-depth4|--channels 8 --depth 4|UCCL_TCPX_DISABLE_IPC=1 UCCL_TCPX_SOCKET_NTHREADS=2 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=4M UCCL_TCPX_WINDOW=16"
+  "ch4-2m|--channels 4|UCCL_TCPX_DISABLE_IPC=1 UCCL_TCPX_SOCKET_NTHREADS=4 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=2M UCCL_TCPX_WINDOW=16"
+  "ch4-2m-depth4|--channels 4 --depth 4|UCCL_TCPX_DISABLE_IPC=1 UCCL_TCPX_SOCKET_NTHREADS=4 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=2M UCCL_TCPX_WINDOW=16"
+  "ch8-1m|--channels 8|UCCL_TCPX_DISABLE_IPC=1 UCCL_TCPX_SOCKET_NTHREADS=2 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=1M UCCL_TCPX_WINDOW=16"
 )
 for device in ${GPU_BENCH_DEVICES:-gpu cpu}; do
   for layout in "${LAYOUTS[@]}"; do
@@ -221,6 +248,17 @@ for tag in ("ch4", "ch8", "ch8-depth4", "ch4-2m", "ch4-2m-depth4", "ch8-1m"):
         print(f"{p['op']:<6}{p['size']:>11}{p['gb_per_s']:>10.2f}{f(h and h['gb_per_s'], '>10.2f'):>10}"
               f"{f(ratio, '>9.2f'):>9}{f(p['raw_gb_per_s'], '>9.2f'):>9}{f(p['bw_ratio'], '>8.2f'):>8}"
               f"{p['p50_us']:>11.1f}{f(h and h['p50_us'], '>9.1f'):>9}")
+
+same_host = {n.removeprefix("same-host-gpu-"): r for n, r in runs.items() if n.startswith("same-host-gpu-")}
+for tag, r in same_host.items():
+    print(f"\nsame-host path, {tag}: client {r['client_memory']}, server {r['server_memory']}: ours against "
+          "device copies of the same bytes (anchor)")
+    print(f"{'op':<6}{'size':>11}{'GB/s':>9}{'anchor':>9}{'ratio':>7}{'p50 us':>9}{'anchor us':>10}{'ratio':>7}")
+    for p in r["results"]:
+        f = lambda v, spec: format(v, spec) if v is not None else "-"
+        print(f"{p['op']:<6}{p['size']:>11}{p['gb_per_s']:>9.2f}{f(p['anchor_gb_per_s'], '>9.2f'):>9}"
+              f"{f(p['anchor_ratio'], '>7.2f'):>7}{p['p50_us']:>9.1f}{f(p['anchor_p50_us'], '>10.1f'):>10}"
+              f"{f(p['anchor_lat_ratio'], '>7.2f'):>7}")
 
 fake = {n.removeprefix("fake-gpu-to-"): r for n, r in runs.items() if n.startswith("fake-gpu-to-")}
 if fake:

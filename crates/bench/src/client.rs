@@ -10,6 +10,7 @@ use uccl_tcpx::engine::OneSided;
 use uccl_tcpx::proto::FifoItem;
 use uccl_tcpx::{Config, Connection, Engine};
 
+use crate::anchor::Anchor;
 use crate::args::{Args, Op};
 use crate::ctl::{self, Ctl, field};
 use crate::layout::Layout;
@@ -59,7 +60,15 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
         );
     }
     let streams = config.num_channels as usize * config.socket.sockets_per_comm();
+    // Two GPU ends of one host: one-sided transfers take the same-host path (device copies), and
+    // the device-copy anchors are measured next to them.
+    let peer_gpu = crate::anchor::server_gpu(&server_memory);
+    let same_host_gpus = match (conn.peer.locality.is_local(), mem.gpu(), peer_gpu) {
+        (true, Some(ours), Some(theirs)) => Some((ours, theirs)),
+        _ => None,
+    };
     let info = RunInfo {
+        same_host: same_host_gpus.is_some(),
         channels: config.num_channels,
         sockets_per_comm: config.socket.sockets_per_comm(),
         threads_per_comm: config.socket.threads_per_comm(),
@@ -72,9 +81,11 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
     };
     let vectors = args.num_iovs > 1;
     let steps = args.ops.len() * args.sizes.len() * if vectors { 2 } else { 1 }
-        + if args.baseline { args.sizes.len() } else { 0 };
+        + if args.baseline { args.sizes.len() } else { 0 }
+        + if same_host_gpus.is_some() { 2 * args.sizes.len() } else { 0 };
     let mut progress = Progress::new(steps);
     let mut baselines: HashMap<usize, Baseline> = HashMap::new();
+    let mut anchors: HashMap<(bool, usize), Anchor> = HashMap::new();
     let mut points = Vec::new();
     let mut seed = 1u64;
     for &op in &args.ops {
@@ -121,7 +132,26 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
                 baselines.insert(size, measured);
                 Some(measured)
             };
+            let anchor = match (op, same_host_gpus) {
+                // Only where the transfers did take the device path (a region without an IPC
+                // handle moves over the network, against which this anchor says nothing).
+                (Op::Write | Op::Read, Some((ours, theirs))) if conn.device_copy_batches() > 0 => {
+                    let write = op == Op::Write;
+                    let (src, dst) = if write { (ours, theirs) } else { (theirs, ours) };
+                    match anchors.get(&(write, size)) {
+                        Some(&known) => Some(known),
+                        None => {
+                            progress.step(&format!("anchor {}", crate::report::human(size)));
+                            let measured = crate::anchor::device_copy(src, dst, size, iters)?;
+                            anchors.insert((write, size), measured);
+                            Some(measured)
+                        }
+                    }
+                }
+                _ => None,
+            };
             let mut point = Point::new(op, size, iters, &timed.samples, baseline);
+            point.anchor = anchor;
             point.contiguous_gbs = contiguous;
             point.post_p50 = (!timed.posts.is_empty()).then(|| median(timed.posts));
             on_point(&info, &point, &mut progress);

@@ -2,6 +2,7 @@
 //! (`--device gpu`), between two processes (`--loopback`, the default, starts the server end as a child of itself) or two hosts
 //! (`--role server` / `--role client`), with raw TCP baselines measured in the same run.
 
+mod anchor;
 mod args;
 mod client;
 mod cpus;

@@ -54,6 +54,14 @@ impl BenchMemory {
         }
     }
 
+    /// The GPU the buffer is on; `None` for host memory.
+    pub fn gpu(&self) -> Option<i32> {
+        match self {
+            BenchMemory::Host(_) => None,
+            BenchMemory::Gpu { dev, .. } => Some(dev.gpu().ordinal()),
+        }
+    }
+
     /// One word for the control protocol and reports: `host`, or `gpu<ordinal>@<PCI bus id>`.
     pub fn describe(&self) -> String {
         match self {

@@ -4,11 +4,15 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::anchor::Anchor;
 use crate::args::Op;
 
 /// The run's setup; its field names are the JSON report's (scripts/gpu_bench.sh reads them).
 #[derive(Serialize)]
 pub struct RunInfo {
+    /// Both ends are GPU buffers of one host: one-sided transfers take the same-host path (device
+    /// copies), and the points carry device-copy anchors.
+    pub same_host: bool,
     /// Each end's memory as [`crate::memory::BenchMemory::describe`] names it.
     pub client_memory: String,
     pub server_memory: String,
@@ -40,6 +44,8 @@ pub struct Point {
     pub contiguous_gbs: Option<f64>,
     /// Median time the post call took (one-sided and send ops).
     pub post_p50: Option<Duration>,
+    /// The same bytes copied between the same GPUs, one copy and one wait each (same-host runs).
+    pub anchor: Option<Anchor>,
 }
 
 /// Raw TCP between the same two processes, for one size.
@@ -70,6 +76,7 @@ impl Point {
             baseline,
             contiguous_gbs: None,
             post_p50: None,
+            anchor: None,
         }
     }
 
@@ -90,6 +97,20 @@ impl Point {
         self.contiguous_gbs.map(|c| self.gbs() / c)
     }
 
+    pub fn anchor_gbs(&self) -> Option<f64> {
+        self.anchor.map(|a| a.gbs(self.size))
+    }
+
+    /// Ours over the device copies' bandwidth.
+    pub fn anchor_ratio(&self) -> Option<f64> {
+        self.anchor_gbs().map(|a| self.gbs() / a)
+    }
+
+    /// Our median round trip over one device copy's launch and wait.
+    pub fn anchor_lat_ratio(&self) -> Option<f64> {
+        self.anchor.map(|a| self.p50.as_secs_f64() / a.p50.as_secs_f64().max(1e-12))
+    }
+
     pub fn lat_ratio(&self) -> Option<f64> {
         self.baseline.map(|b| self.p50.as_secs_f64() / b.pingpong.as_secs_f64().max(1e-12))
     }
@@ -105,7 +126,13 @@ pub fn human(n: usize) -> String {
 }
 
 pub fn header(info: &RunInfo, mode: &str) -> String {
-    let memory = if info.on_gpu() {
+    let memory = if info.same_host {
+        format!(
+            "GPU memory (client {}, server {}), one-sided transfers over the same-host path (device copies; CUDA \
+             IPC between the two processes), sends staged through pinned host memory",
+            info.client_memory, info.server_memory
+        )
+    } else if info.on_gpu() {
         format!(
             "GPU memory (client {}, server {}) staged through pinned host memory",
             info.client_memory, info.server_memory
@@ -128,17 +155,73 @@ pub fn header(info: &RunInfo, mode: &str) -> String {
     )
 }
 
-/// `[Client] size : Gbps | GB/s | us`, UCCL's per-size line.
+/// `[Client] size : Gbps | GB/s | us`, UCCL's per-size line; same-host runs add the anchor.
 pub fn line(p: &Point) -> String {
     let gbs = p.gbs();
-    format!(
+    let mut out = format!(
         "[Client] {:>8} : {:6.2} Gbps | {:6.2} GB/s | {:8.2} us   ({})",
         human(p.size),
         gbs * 8.0,
         gbs,
         p.avg.as_secs_f64() * 1e6,
         p.op.name()
-    )
+    );
+    if let (Some(a), Some(ratio)) = (p.anchor_gbs(), p.anchor_ratio()) {
+        out += &format!("   anchor {a:.2} GB/s ({ratio:.2})");
+    }
+    out
+}
+
+/// 64 MiB one-sided transfers reach this share of the device copies' bandwidth.
+const GOAL_BANDWIDTH_SHARE: f64 = 0.90;
+/// An 8-byte write's round trip stays within this many times one device copy's launch and wait.
+const GOAL_LATENCY_RATIO: f64 = 1.5;
+
+/// The same-host table: ours against the device copies, and the goals.
+fn anchor_summary(points: &[Point]) -> String {
+    let mut s = String::from(
+        "\n# Same-host path against device copies of the same bytes between the same GPUs (cuMemcpyPeerAsync \
+         across GPUs, cuMemcpyDtoDAsync on one), one copy and one cuStreamSynchronize each\n",
+    );
+    s += &format!(
+        "{:<9} {:>9} {:>10} {:>12} {:>7} {:>10} {:>14} {:>7}\n",
+        "op", "size", "GB/s", "anchor GB/s", "ratio", "p50 us", "anchor p50 us", "ratio"
+    );
+    let fmt = |v: Option<f64>, digits: usize| v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "-".into());
+    let mut goals = String::new();
+    for p in points.iter().filter(|p| p.anchor.is_some()) {
+        s += &format!(
+            "{:<9} {:>9} {:>10.2} {:>12} {:>7} {:>10.1} {:>14} {:>7}\n",
+            p.op.name(),
+            human(p.size),
+            p.gbs(),
+            fmt(p.anchor_gbs(), 2),
+            fmt(p.anchor_ratio(), 2),
+            p.p50.as_secs_f64() * 1e6,
+            fmt(p.anchor.map(|a| a.p50.as_secs_f64() * 1e6), 1),
+            fmt(p.anchor_lat_ratio(), 2),
+        );
+        let met = |ok: bool| if ok { "met" } else { "MISSED" };
+        if p.size == 64 << 20
+            && let Some(r) = p.anchor_ratio()
+        {
+            goals += &format!(
+                "# goal: 64 MiB {} at >= {GOAL_BANDWIDTH_SHARE:.2} of the anchor's GB/s: {r:.2}, {}\n",
+                p.op.name(),
+                met(r >= GOAL_BANDWIDTH_SHARE)
+            );
+        }
+        if p.size == 8
+            && p.op == Op::Write
+            && let Some(r) = p.anchor_lat_ratio()
+        {
+            goals += &format!(
+                "# goal: 8 B write round trip <= {GOAL_LATENCY_RATIO:.1}x the anchor's launch+sync: {r:.2}x, {}\n",
+                met(r <= GOAL_LATENCY_RATIO)
+            );
+        }
+    }
+    s + &goals
 }
 
 pub fn summary(points: &[Point]) -> String {
@@ -178,6 +261,9 @@ pub fn summary(points: &[Point]) -> String {
         }
         s.push('\n');
     }
+    if points.iter().any(|p| p.anchor.is_some()) {
+        s += &anchor_summary(points);
+    }
     s
 }
 
@@ -212,6 +298,10 @@ struct JsonPoint {
     contiguous_gb_per_s: Option<f64>,
     vector_ratio: Option<f64>,
     post_p50_us: Option<f64>,
+    anchor_gb_per_s: Option<f64>,
+    anchor_ratio: Option<f64>,
+    anchor_p50_us: Option<f64>,
+    anchor_lat_ratio: Option<f64>,
 }
 
 impl JsonPoint {
@@ -235,6 +325,10 @@ impl JsonPoint {
             contiguous_gb_per_s: p.contiguous_gbs,
             vector_ratio: p.vector_ratio(),
             post_p50_us: p.post_p50.map(us),
+            anchor_gb_per_s: p.anchor_gbs(),
+            anchor_ratio: p.anchor_ratio(),
+            anchor_p50_us: p.anchor.map(|a| us(a.p50)),
+            anchor_lat_ratio: p.anchor_lat_ratio(),
         }
     }
 }
@@ -255,6 +349,7 @@ mod tests {
 
     fn info(client: &str, server: &str) -> RunInfo {
         RunInfo {
+            same_host: false,
             channels: 4,
             sockets_per_comm: 2,
             threads_per_comm: 2,
@@ -341,6 +436,7 @@ mod tests {
                 "num_iovs",
                 "raw_streams",
                 "results",
+                "same_host",
                 "server_memory",
                 "sockets_per_comm",
                 "threads_per_comm"
@@ -357,6 +453,10 @@ mod tests {
         assert_eq!(
             names(p),
             [
+                "anchor_gb_per_s",
+                "anchor_lat_ratio",
+                "anchor_p50_us",
+                "anchor_ratio",
                 "avg_us",
                 "bw_ratio",
                 "contiguous_gb_per_s",
@@ -409,9 +509,35 @@ mod tests {
             "contiguous_gb_per_s",
             "vector_ratio",
             "post_p50_us",
+            "anchor_gb_per_s",
+            "anchor_ratio",
+            "anchor_p50_us",
+            "anchor_lat_ratio",
         ] {
             assert!(q[key].is_null(), "no baseline ran: {key} in {q}");
         }
+    }
+
+    #[test]
+    fn same_host_points_report_the_anchor_and_the_goals() {
+        let us = |n: u64| vec![Duration::from_micros(n); 10];
+        let mut big = Point::new(Op::Write, 64 << 20, 10, &us(200), None);
+        big.anchor = Some(Anchor { avg: Duration::from_micros(190), p50: Duration::from_micros(190) });
+        let mut slow = Point::new(Op::Read, 64 << 20, 10, &us(400), None);
+        slow.anchor = Some(Anchor { avg: Duration::from_micros(190), p50: Duration::from_micros(190) });
+        let mut small = Point::new(Op::Write, 8, 10, &us(12), None);
+        small.anchor = Some(Anchor { avg: Duration::from_micros(10), p50: Duration::from_micros(10) });
+        let plain = Point::new(Op::Send, 8, 10, &us(30), None);
+        assert!((big.anchor_ratio().unwrap() - 0.95).abs() < 1e-9);
+        assert!((small.anchor_lat_ratio().unwrap() - 1.2).abs() < 1e-9);
+        assert!(line(&big).ends_with("anchor 353.20 GB/s (0.95)"), "{}", line(&big));
+        assert!(!line(&plain).contains("anchor"));
+        let table = summary(&[big, slow, small, plain]);
+        assert!(table.contains("# goal: 64 MiB write at >= 0.90 of the anchor's GB/s: 0.95, met"), "{table}");
+        assert!(table.contains("# goal: 64 MiB read at >= 0.90 of the anchor's GB/s: 0.48, MISSED"), "{table}");
+        assert!(table.contains("# goal: 8 B write round trip <= 1.5x the anchor's launch+sync: 1.20x, met"), "{table}");
+        assert_eq!(table.matches("# goal").count(), 3, "{table}");
+        assert!(!summary(&[Point::new(Op::Send, 8, 10, &us(30), None)]).contains("anchor"));
     }
 
     #[test]

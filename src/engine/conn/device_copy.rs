@@ -25,6 +25,7 @@ use std::time::Instant;
 use super::ipc::{ASK_BIT, Answer, Batch, Coverage, GrantKey};
 use super::state::OneSidedRequest;
 use super::{Connection, Inner};
+use crate::config::LocalPeers;
 use crate::cuda::Gpu;
 use crate::cuda::device_copy::DeviceCopy;
 use crate::cuda::ipc::Mapping;
@@ -132,9 +133,13 @@ fn deny_msg(xfer: u64, e: &Error) -> Control {
 }
 
 impl Connection {
-    /// `None` when the call takes another path: the peer is remote, no GPU memory is involved, or
-    /// the owner's region has no IPC path (then the network carries the whole call).
+    /// `None` when the call takes another path: the peer is remote, no GPU memory is involved, the
+    /// owner's region has no IPC path (then the network carries the whole call), or
+    /// UCCL_TCPX_LOCAL_PEERS=plugin keeps same-host peers on the net plugin (for tests of that path).
     pub(super) fn try_device_one_sided(&self, requests: &[OneSidedRequest], write: bool) -> Option<Result<u64>> {
+        if self.core.config.local_peers == LocalPeers::Plugin {
+            return None;
+        }
         match self.link.locality {
             Locality::Remote => None,
             Locality::SameProcess => self.same_process_device(requests, write),
