@@ -112,7 +112,18 @@ fn pieces(request: &OneSidedRequest) -> Vec<(usize, u64, usize)> {
             Extent::Scattered { segs, .. } => {
                 segs.iter().zip(&v.segs).map(|(l, r)| (l.addr, r.addr, r.len as usize)).collect()
             }
-            Extent::Contiguous { addr, len } => vec![(*addr, v.segs[0].addr, *len as usize)],
+            // One local run against the remote segments in order.
+            Extent::Contiguous { addr, .. } => {
+                let mut at = *addr;
+                v.segs
+                    .iter()
+                    .map(|r| {
+                        let piece = (at, r.addr, r.len as usize);
+                        at += r.len as usize;
+                        piece
+                    })
+                    .collect()
+            }
         },
     }
 }
@@ -414,7 +425,7 @@ impl Connection {
         // Mapping takes the driver a while: outside the lock.
         let mapped = Mapping::open(gpu, &handle);
         let mut inner = self.inner.lock();
-        let attached = mapped.and_then(|m| inner.ipc.attach(key, id, m));
+        let attached = mapped.and_then(|m| inner.ipc.attach(key, &handle, m));
         if let Err(e) = attached {
             log::warn!(
                 "cannot map the peer's GPU allocation of region {} at {alloc_base:#x} (+{alloc_len}) into GPU {}: \

@@ -38,14 +38,13 @@ pub(super) enum Grant {
     /// network path.
     Unavailable,
     Granted {
+        handle: [u8; IPC_HANDLE_LEN],
         /// The windows advertised for the region when it was granted, `(addr, len)`.
         windows: Vec<(u64, u64)>,
         alloc_base: u64,
         alloc_len: u64,
-        /// None until the asking caller mapped the allocation (outside the lock).
+        /// None until an asking caller mapped the allocation (outside the lock).
         mapping: Option<Mapping>,
-        /// The ask that brought it, so a mapping made for a grant revoked meanwhile is not attached.
-        ask: u64,
     },
 }
 
@@ -177,8 +176,18 @@ impl IpcState {
             )));
         }
         ask.answer = Some(Answer::Granted { handle, alloc_base, alloc_len });
-        let windows = windows.iter().map(|w| (w.addr, u64::from(w.len))).collect();
-        self.grants.insert(ask.key, Grant::Granted { windows, alloc_base, alloc_len, mapping: None, ask: id });
+        let key = ask.key;
+        let windows: Vec<(u64, u64)> = windows.iter().map(|w| (w.addr, u64::from(w.len))).collect();
+        // The same allocation granted again (an ask for a window advertised since, or two callers
+        // asking at once): the mapping stays, the windows are the owner's latest.
+        if let Some(Grant::Granted { handle: h, alloc_base: b, alloc_len: l, windows: w, .. }) =
+            self.grants.get_mut(&key)
+            && (*h, *b, *l) == (handle, alloc_base, alloc_len)
+        {
+            *w = windows;
+            return Ok(true);
+        }
+        self.grants.insert(key, Grant::Granted { handle, windows, alloc_base, alloc_len, mapping: None });
         Ok(true)
     }
 
@@ -193,13 +202,14 @@ impl IpcState {
         }
     }
 
-    /// Attaches the mapping made for ask `id`, unless its grant was revoked or replaced meanwhile.
-    /// A mapping smaller than the grant's allocation is refused (the owner would have us copy past it).
-    pub fn attach(&mut self, key: GrantKey, id: u64, mapping: Mapping) -> Result<()> {
-        let Some(Grant::Granted { ask, alloc_len, mapping: slot, .. }) = self.grants.get_mut(&key) else {
+    /// Attaches the mapping of `handle` to the grant of `key`, unless the grant was revoked, or
+    /// replaced by another allocation's, meanwhile, or another caller attached one already. A
+    /// mapping smaller than the grant's allocation is refused (the owner would have us copy past it).
+    pub fn attach(&mut self, key: GrantKey, handle: &[u8; IPC_HANDLE_LEN], mapping: Mapping) -> Result<()> {
+        let Some(Grant::Granted { handle: granted, alloc_len, mapping: slot, .. }) = self.grants.get_mut(&key) else {
             return Ok(());
         };
-        if *ask != id {
+        if granted != handle || slot.is_some() {
             return Ok(());
         }
         if mapping.mapped_len().is_some_and(|len| (len as u64) < *alloc_len) {
@@ -399,6 +409,23 @@ mod tests {
         assert!(!st.refused(forgotten, Error::not_allowed("late")));
         st.mark_unavailable((9, 1));
         assert_eq!(st.coverage((9, 1), &[seg(1, 1)]), Coverage::Unavailable);
+    }
+
+    #[test]
+    fn a_second_grant_of_the_same_allocation_refreshes_the_windows_only() {
+        let mut st = IpcState::default();
+        let key = (4, 9);
+        let first = st.new_ask(key);
+        let second = st.new_ask(key);
+        assert!(st.granted(first, 4, [3; 64], 0x1000, 0x4000, &[seg(0x1000, 0x100)]).unwrap());
+        assert!(st.granted(second, 4, [3; 64], 0x1000, 0x4000, &[seg(0x1000, 0x100), seg(0x3000, 0x10)]).unwrap());
+        let Some(Grant::Granted { windows, alloc_base, .. }) = st.grants.get(&key) else { panic!("no grant") };
+        assert_eq!((windows.len(), *alloc_base), (2, 0x1000), "the entry stays, with the latest windows");
+        // Another allocation under the same key replaces it.
+        let third = st.new_ask(key);
+        st.granted(third, 4, [5; 64], 0x9000, 0x1000, &[seg(0x9000, 0x10)]).unwrap();
+        let Some(Grant::Granted { handle, alloc_base, .. }) = st.grants.get(&key) else { panic!("no grant") };
+        assert_eq!((*handle, *alloc_base), ([5; 64], 0x9000));
     }
 
     #[test]
