@@ -90,7 +90,7 @@ def main():
     dist.barrier(device_ids=[rank])
     for n, size in enumerate(sizes):
         # Correctness: each direction, then both at once.
-        for it, (src, dst) in enumerate([(0, 1), (1, 0), None]):
+        for it, (src, dst) in enumerate([(0, 1), (1, 0), (None, None)]):
             dog.enter(f"size {size}: " + (f"{src} -> {dst}" if src is not None else "exchange"))
             seed = n * 16 + it
             want = pattern(size, seed * 2 + peer, device)
