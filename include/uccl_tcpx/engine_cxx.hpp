@@ -111,8 +111,9 @@ inline void deserialize_fifo_item(char const *buf, FifoItem *item) {
 /* ---- vector transfers --------------------------------------------------------------------------- */
 
 /* `num_iovs` one-sided reads under one transfer id (poll it with uccl_engine_xfer_status or
- * uccl_engine_poll). `dst_v[i]` are the local destinations. `ipc_bufs` may be empty; no IPC path
- * exists, so its entries are not used, but a non-empty vector must hold `num_iovs` entries. */
+ * uccl_engine_poll). `dst_v[i]` are the local destinations. `ipc_bufs` may be empty; the engine does
+ * not read its entries (on a local connection it gets the owner's IPC handle from the owner, after
+ * the owner authorized the request), but a non-empty vector must hold `num_iovs` entries. */
 inline int uccl_engine_read_vector(uccl_conn_t *conn, std::vector<uccl_mr_t> mr_ids,
                                    std::vector<void *> dst_v, std::vector<size_t> size_v,
                                    std::vector<FifoItem> fifo_items, int num_iovs,

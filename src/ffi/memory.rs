@@ -116,3 +116,31 @@ pub extern "C" fn uccl_engine_update_ipc_info(
 }
 
 const _: () = assert!(IPC_INFO_SIZE == crate::proto::IPC_INFO_SIZE);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::UcclStatus;
+
+    fn call(buf: &mut [u8; IPC_INFO_SIZE], addr: usize, base: usize, size: usize) -> c_int {
+        uccl_engine_update_ipc_info(buf.as_mut_ptr().cast(), addr, base, size)
+    }
+
+    #[test]
+    fn update_ipc_info_narrows_keeps_the_padding_and_refuses_to_widen() {
+        let info = IpcInfo { handle: [9; 64], offset: 4096, size: 1 << 20, gpu: 1 };
+        let mut buf = info.to_bytes();
+        buf[100] = 0x77;
+        assert_eq!(call(&mut buf, 0x10_0100, 0x10_0000, 512), 0);
+        let got = IpcInfo::from_bytes(&buf);
+        assert_eq!((got.handle, got.offset, got.size, got.gpu), ([9; 64], 4096 + 0x100, 512, 1));
+        assert_eq!(buf[100], 0x77, "bytes past the fields are the caller's");
+        let before = buf;
+        assert_eq!(call(&mut buf, 0x10_0100, 0x10_0100, 513), UcclStatus::ErrInvalidParam as c_int);
+        assert!(crate::ffi::last_error().contains("runs past"), "{}", crate::ffi::last_error());
+        assert_eq!(call(&mut buf, 0x0f_ffff, 0x10_0000, 1), UcclStatus::ErrInvalidParam as c_int);
+        assert!(crate::ffi::last_error().contains("below base_addr"), "{}", crate::ffi::last_error());
+        assert_eq!(buf, before, "a refused update leaves the buffer as it was");
+        assert_eq!(uccl_engine_update_ipc_info(std::ptr::null_mut(), 1, 0, 1), UcclStatus::ErrInvalidParam as c_int);
+    }
+}
