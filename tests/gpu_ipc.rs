@@ -433,10 +433,10 @@ fn ipc_info_reader_process() {
     // SAFETY: the mapping holds the parent's allocation, `offset + size` inside it.
     let status = unsafe { sys::cuMemcpyDtoH_v2(got.as_mut_ptr().cast(), mapping.ptr() + info.offset, got.len()) };
     assert_eq!(status, sys::CUresult::CUDA_SUCCESS);
-    let want: Vec<u8> =
+    let want: Vec<usize> =
         std::env::var("UCCL_TCPX_TEST_IPC_WANT").unwrap().split(',').map(|s| s.parse().unwrap()).collect();
     assert_eq!(want.len(), 3);
-    let expected = &pattern(want[0] as usize, 71)[want[1] as usize..want[1] as usize + want[2] as usize];
+    let expected = &pattern(want[0], 71)[want[1]..want[1] + want[2]];
     assert_same(&got, expected, "the range the IPC info describes");
 }
 
