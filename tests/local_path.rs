@@ -171,3 +171,204 @@ fn a_process_of_this_host_is_local_and_moves_host_memory() {
     assert_eq!(wait(&conn, r).unwrap(), 8);
     assert_eq!(&back.bytes[..8], &[0x99; 8]);
 }
+
+// ---- Between processes: host memory copied with process_vm_readv ----------------------------------
+
+/// The target region of a direct-path peer: a guard page the writer is not given, then the window.
+const GUARD: usize = 4096;
+/// Three pieces and a bit (`local::PIECE_BYTES` is 4 MiB), so copies take several calls.
+const WINDOW: usize = (12 << 20) + 333;
+const WINDOW_SEED: u64 = 77;
+
+/// Which end of the same-host check the peer process makes fail, as a kernel refusing ptrace
+/// access would (`UCCL_TCPX_TEST_REFUSE=parent`: the peer cannot read its parent).
+const REFUSE_VAR: &str = "UCCL_TCPX_TEST_REFUSE";
+
+#[test]
+#[ignore = "runs as the peer process of another process on this host"]
+fn direct_peer_process() {
+    assert!(common::is_child("direct_peer_process"), "runs as the peer process of the direct-path tests");
+    if std::env::var(REFUSE_VAR).as_deref() == Ok("parent") {
+        uccl_tcpx::engine::local::refuse_process_access(std::os::unix::process::parent_id());
+    }
+    let engine = std::sync::Arc::new(Engine::new(same_host()).unwrap());
+    let mut region = vec![SENTINEL; GUARD + WINDOW];
+    region[GUARD..].copy_from_slice(&common::pattern(WINDOW, WINDOW_SEED));
+    let mr = engine.register(region.as_mut_ptr() as usize, region.len()).unwrap();
+    let window = engine.prepare_fifo(mr, region.as_ptr() as usize + GUARD, WINDOW).unwrap();
+    // Read-only use by the test: it checks the guard through this capability.
+    let guard = engine.prepare_fifo(mr, region.as_ptr() as usize, GUARD).unwrap();
+    let hex = common::engine::fifo_to_hex;
+    println!("PEER {} {} {}", engine.address().port(), hex(&window), hex(&guard));
+    // Serve every connection the test opens.
+    loop {
+        let conn = common::accept(&engine).unwrap();
+        std::mem::forget(conn);
+    }
+}
+
+/// The peer process, its engine's port, the window's and the guard's capabilities.
+fn direct_peer(
+    refuse: Option<&str>,
+) -> (testkit::child::Peer, u16, uccl_tcpx::proto::FifoItem, uccl_tcpx::proto::FifoItem) {
+    let mut child = ChildTest::new("direct_peer_process").ignored();
+    if let Some(who) = refuse {
+        child = child.env(REFUSE_VAR, who);
+    }
+    let mut process = child.spawn();
+    let line = process.announcement("PEER ", Duration::from_secs(120));
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let [port, window, guard] = fields[..] else { panic!("PEER line {line:?}") };
+    let (window, guard) = (common::engine::fifo_from_hex(window), common::engine::fifo_from_hex(guard));
+    (process, port.parse().unwrap(), window, guard)
+}
+
+/// Connects to the peer and waits until both ends checked each other's process.
+fn checked_connection(engine: &Engine, port: u16) -> std::sync::Arc<uccl_tcpx::Connection> {
+    let conn = engine.connect("127.0.0.1", "0", port).unwrap();
+    assert_eq!(conn.peer.locality, Locality::SameHost);
+    common::wait_until("both ends checked each other's process", common::PATIENCE, || conn.host_path().checked);
+    conn
+}
+
+fn one(mr: u64, addr: usize, len: usize, remote: uccl_tcpx::proto::FifoItem) -> OneSided {
+    OneSided { mr, addr, len, remote }
+}
+
+/// Reads the peer's guard page and checks nobody wrote it.
+fn assert_guard_untouched(engine: &Engine, conn: &uccl_tcpx::Connection, guard: uccl_tcpx::proto::FifoItem) {
+    let mut back = vec![0u8; GUARD];
+    let mr = engine.register(back.as_mut_ptr() as usize, GUARD).unwrap();
+    let r = conn.read(&[one(mr, back.as_ptr() as usize, GUARD, guard)]).unwrap();
+    assert_eq!(wait(conn, r).unwrap(), GUARD as u64);
+    assert!(back.iter().all(|&b| b == SENTINEL), "the guard page was written");
+    engine.deregister(mr).unwrap();
+}
+
+#[test]
+fn another_process_of_this_host_copies_host_memory_directly_under_the_targets_authorization() {
+    let (_process, port, window, guard) = direct_peer(None);
+    let engine = Engine::new(same_host()).unwrap();
+    let conn = checked_connection(&engine, port);
+    let path = conn.host_path();
+    assert!(path.reads_peer && path.peer_reads_us, "{path:?}");
+
+    // A read of the whole window, copied out of the peer in pieces.
+    let mut buf = vec![0u8; WINDOW];
+    let mr = engine.register(buf.as_mut_ptr() as usize, WINDOW).unwrap();
+    let r = conn.read(&[one(mr, buf.as_ptr() as usize, WINDOW, window)]).unwrap();
+    assert_eq!(wait(&conn, r).unwrap(), WINDOW as u64);
+    common::assert_same(&buf, &common::pattern(WINDOW, WINDOW_SEED), "read from the peer process");
+
+    // A write of the whole window, copied in by the peer, read back.
+    let data = common::pattern(WINDOW, 78);
+    buf.copy_from_slice(&data);
+    let w = conn.write(&[one(mr, buf.as_ptr() as usize, WINDOW, window)]).unwrap();
+    assert_eq!(wait(&conn, w).unwrap(), WINDOW as u64);
+    buf.fill(0);
+    let r = conn.read(&[one(mr, buf.as_ptr() as usize, WINDOW, window)]).unwrap();
+    assert_eq!(wait(&conn, r).unwrap(), WINDOW as u64);
+    common::assert_same(&buf, &data, "written to the peer process and read back");
+
+    // A vector of scattered items each way: one request, one copy.
+    let items: Vec<OneSided> = [(0usize, 100usize, 200_000usize), (300_000, 5 << 20, 1 << 20), (2 << 20, 9 << 20, 77)]
+        .iter()
+        .map(|&(l, r, len)| {
+            let mut remote = window;
+            remote.addr += r as u64;
+            one(mr, buf.as_ptr() as usize + l, len, remote)
+        })
+        .collect();
+    let fresh = common::pattern(WINDOW, 79);
+    buf.copy_from_slice(&fresh);
+    let w = conn.write(&items).unwrap();
+    assert_eq!(wait(&conn, w).unwrap(), 200_000 + (1 << 20) + 77);
+    buf.fill(0);
+    let r = conn.read(&items).unwrap();
+    assert_eq!(wait(&conn, r).unwrap(), 200_000 + (1 << 20) + 77);
+    for item in &items {
+        let at = item.addr - buf.as_ptr() as usize;
+        common::assert_same(&buf[at..at + item.len], &fresh[at..at + item.len], "vector item read back");
+    }
+    assert_eq!(conn.host_path().direct_ops, 5, "every large request took the direct path");
+
+    // What the target did not advertise is refused on this path too, and nothing lands.
+    let mut before = window;
+    before.addr -= 16;
+    let mut forged = window;
+    let mut raw = forged.to_bytes();
+    raw[40] ^= 1;
+    forged = uccl_tcpx::proto::FifoItem::from_bytes(&raw);
+    for (what, remote) in [("16 bytes before the window", before), ("a forged token", forged)] {
+        for write in [true, false] {
+            let item = [one(mr, buf.as_ptr() as usize, 1 << 20, remote)];
+            let posted = if write { conn.write(&item) } else { conn.read(&item) };
+            let err = posted.and_then(|id| wait(&conn, id)).unwrap_err();
+            assert_eq!(err.status(), UcclStatus::ErrNotAllowed, "{what}, write {write}: {err}");
+        }
+    }
+    assert_guard_untouched(&engine, &conn, guard);
+    assert_eq!(conn.host_path().direct_ops, 5, "refusals are not counted, nor the small guard read");
+
+    // Small transfers keep riding the control stream.
+    let w = conn.write(&[one(mr, buf.as_ptr() as usize, 64, window)]).unwrap();
+    assert_eq!(wait(&conn, w).unwrap(), 64);
+    assert_eq!(conn.host_path().direct_ops, 5);
+}
+
+#[test]
+fn with_the_same_host_path_off_or_refused_host_memory_takes_the_network() {
+    // This process may not read the peer: reads go over the network, writes are still copied in by
+    // the peer. Then the peer may not read us either: everything goes over the network.
+    for refuse_parent in [false, true] {
+        let (process, port, window, guard) = direct_peer(refuse_parent.then_some("parent"));
+        uccl_tcpx::engine::local::refuse_process_access(process.pid());
+        let engine = Engine::new(same_host()).unwrap();
+        let conn = checked_connection(&engine, port);
+        uccl_tcpx::engine::local::refuse_process_access(0);
+        let path = conn.host_path();
+        assert_eq!((path.reads_peer, path.peer_reads_us), (false, !refuse_parent), "{path:?}");
+        let mut buf = common::pattern(WINDOW, 80);
+        let mr = engine.register(buf.as_mut_ptr() as usize, WINDOW).unwrap();
+        let w = conn.write(&[one(mr, buf.as_ptr() as usize, WINDOW, window)]).unwrap();
+        assert_eq!(wait(&conn, w).unwrap(), WINDOW as u64);
+        buf.fill(0);
+        let r = conn.read(&[one(mr, buf.as_ptr() as usize, WINDOW, window)]).unwrap();
+        assert_eq!(wait(&conn, r).unwrap(), WINDOW as u64);
+        common::assert_same(&buf, &common::pattern(WINDOW, 80), "moved with the kernel refusing");
+        assert_eq!(conn.host_path().direct_ops, u64::from(!refuse_parent), "only the write, when the peer reads us");
+        assert_guard_untouched(&engine, &conn, guard);
+
+        // UCCL_TCPX_DISABLE_IPC=1 on this end: the peer is remote, nothing is checked.
+        let off = Engine::new(Config { disable_ipc: true, ..same_host() }).unwrap();
+        let remote = off.connect("127.0.0.1", "0", port).unwrap();
+        assert_eq!(remote.peer.locality, Locality::Remote);
+        let mr = off.register(buf.as_mut_ptr() as usize, WINDOW).unwrap();
+        let r = remote.read(&[one(mr, buf.as_ptr() as usize, WINDOW, window)]).unwrap();
+        assert_eq!(wait(&remote, r).unwrap(), WINDOW as u64);
+        assert_eq!(remote.host_path(), uccl_tcpx::engine::HostPath::default());
+        drop(process);
+    }
+}
+
+/// A panic in the host copy thread fails its connection with an internal error naming the thread,
+/// as every library thread's does, instead of taking the process down or leaving the read pending.
+#[test]
+fn a_panicking_host_copy_thread_fails_its_connection() {
+    use uccl_tcpx::threads::{ThreadKind, inject_panic};
+    let (_process, port, window, _guard) = direct_peer(None);
+    let engine = Engine::new(same_host()).unwrap();
+    let conn = checked_connection(&engine, port);
+    let mut buf = vec![0u8; WINDOW];
+    let mr = engine.register(buf.as_mut_ptr() as usize, WINDOW).unwrap();
+    inject_panic(ThreadKind::HostCopier);
+    let r = conn.read(&[one(mr, buf.as_ptr() as usize, WINDOW, window)]).unwrap();
+    let err = wait(&conn, r).unwrap_err();
+    assert_eq!(err.status(), UcclStatus::ErrInternal, "{err}");
+    assert!(err.message().contains("host copy thread panicked"), "{err}");
+    assert!(conn.read(&[one(mr, buf.as_ptr() as usize, WINDOW, window)]).is_err(), "the connection failed");
+    // Another connection to the same peer still works.
+    let again = checked_connection(&engine, port);
+    let r = again.read(&[one(mr, buf.as_ptr() as usize, WINDOW, window)]).unwrap();
+    assert_eq!(wait(&again, r).unwrap(), WINDOW as u64);
+}

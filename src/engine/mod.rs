@@ -29,7 +29,7 @@ use std::time::Instant;
 
 use parking_lot::{Mutex, RwLock};
 
-pub use conn::{Connection, OneSided, PeerInfo};
+pub use conn::{Connection, HostPath, OneSided, PeerInfo};
 pub use notify::Notification;
 
 use crate::config::{Config, TransportChoice};

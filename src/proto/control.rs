@@ -4,7 +4,8 @@
 //! Deny and Notify carry `u32`-length-prefixed byte strings, and Close has an empty body. The
 //! vector requests carry a `u32` segment count, then per segment `u64 addr, u32 len`; IpcRequest
 //! is laid out like them, and IpcGrant lists the region's windows the same way after the handle
-//! (64 bytes) and the allocation's `u64 base, u64 len`.
+//! (64 bytes) and the allocation's `u64 base, u64 len`. A DirectWrite follows its segments with
+//! one `u64` source address per segment.
 
 use super::frame::{FRAME_HEADER_LEN, FrameHeader, is_handshake_kind, kind, write_frame};
 use super::wire::{Reader, Writer, check_len};
@@ -141,6 +142,46 @@ pub enum Control {
     IpcRevoked {
         region: u64,
     },
+    /// Same-host peers: the sender's process id and the number of its end of this control
+    /// connection's socket in that process, for the receiver to check (`engine::local::proof`).
+    ProcessHello {
+        pid: u32,
+        fd: u32,
+    },
+    /// The answer to a ProcessHello: whether the sender proved the claim and the kernel lets it
+    /// read the peer's memory, so the peer's writes may ask to be copied in directly.
+    ProcessAck {
+        readable: bool,
+    },
+    /// A write of host memory the target may copy in itself from the sender's process: `segs` in the
+    /// target's region (authorized like a WriteVector) and, per segment, where the same bytes lie in
+    /// the sender. Answered with Done once copied, with Grant when the target takes the network path
+    /// instead, or with Deny.
+    DirectWrite {
+        xfer: u64,
+        region: u64,
+        token: u64,
+        segs: Vec<RemoteSeg>,
+        src: Vec<u64>,
+    },
+    /// A read of host memory the sender may copy out of the target's process itself: answered with
+    /// DirectGrant (authorized like a ReadVector), with Data when the target serves it over the
+    /// network, or with Deny.
+    DirectRead {
+        xfer: u64,
+        region: u64,
+        token: u64,
+        segs: Vec<RemoteSeg>,
+    },
+    /// The target authorized the direct read `xfer`: the reader may copy the segments now.
+    DirectGrant {
+        xfer: u64,
+    },
+    /// The reader finished copying the direct read `xfer`; the target answers Done, or Deny when
+    /// the region was deregistered meanwhile (what was copied cannot be vouched for).
+    DirectDone {
+        xfer: u64,
+    },
 }
 
 const HANDSHAKE_AFTER_SETUP: ProtoError =
@@ -202,6 +243,17 @@ fn check_vector(segs: &[RemoteSeg]) -> Result<(), ProtoError> {
     Ok(())
 }
 
+/// A DirectWrite names one source address per segment, and every source range is addressable.
+fn check_sources(segs: &[RemoteSeg], src: &[u64]) -> Result<(), ProtoError> {
+    if segs.len() != src.len() {
+        return Err(ProtoError::Invalid("a DirectWrite must name one source address per segment"));
+    }
+    for (seg, &addr) in segs.iter().zip(src) {
+        check_range(addr, u64::from(seg.len))?;
+    }
+    Ok(())
+}
+
 fn check_deny(status: i32, reason: &str) -> Result<(), ProtoError> {
     if status >= 0 {
         return Err(ProtoError::Invalid("a Deny message must carry a negative error status"));
@@ -241,6 +293,12 @@ impl Control {
             Self::IpcGrant { .. } => kind::IPC_GRANT,
             Self::IpcRevoke { .. } => kind::IPC_REVOKE,
             Self::IpcRevoked { .. } => kind::IPC_REVOKED,
+            Self::ProcessHello { .. } => kind::PROCESS_HELLO,
+            Self::ProcessAck { .. } => kind::PROCESS_ACK,
+            Self::DirectWrite { .. } => kind::DIRECT_WRITE,
+            Self::DirectRead { .. } => kind::DIRECT_READ,
+            Self::DirectGrant { .. } => kind::DIRECT_GRANT,
+            Self::DirectDone { .. } => kind::DIRECT_DONE,
         }
     }
 
@@ -285,17 +343,32 @@ impl Control {
                 w.bytes32(name);
                 w.bytes32(msg);
             }
-            Self::Resume { xfer } => w.u64(*xfer),
+            Self::Resume { xfer } | Self::DirectGrant { xfer } | Self::DirectDone { xfer } => w.u64(*xfer),
             Self::IpcRevoke { region } | Self::IpcRevoked { region } => w.u64(*region),
             Self::Close => {}
             Self::WriteVector { xfer, region, token, segs }
             | Self::ReadVector { xfer, region, token, segs }
-            | Self::IpcRequest { xfer, region, token, segs } => {
+            | Self::IpcRequest { xfer, region, token, segs }
+            | Self::DirectRead { xfer, region, token, segs } => {
                 for v in [xfer, region, token] {
                     w.u64(*v);
                 }
                 write_segments(w, segs);
             }
+            Self::DirectWrite { xfer, region, token, segs, src } => {
+                for v in [xfer, region, token] {
+                    w.u64(*v);
+                }
+                write_segments(w, segs);
+                for addr in src {
+                    w.u64(*addr);
+                }
+            }
+            Self::ProcessHello { pid, fd } => {
+                w.u32(*pid);
+                w.u32(*fd);
+            }
+            Self::ProcessAck { readable } => w.u32(u32::from(*readable)),
             Self::IpcGrant { xfer, region, handle, alloc_base, alloc_len, windows } => {
                 w.u64(*xfer);
                 w.u64(*region);
@@ -378,6 +451,29 @@ impl Control {
             }
             kind::IPC_REVOKE => Self::IpcRevoke { region: r.u64()? },
             kind::IPC_REVOKED => Self::IpcRevoked { region: r.u64()? },
+            kind::PROCESS_HELLO => Self::ProcessHello { pid: r.u32()?, fd: r.u32()? },
+            kind::PROCESS_ACK => Self::ProcessAck {
+                readable: match r.u32()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(ProtoError::Invalid("a ProcessAck must say 0 or 1")),
+                },
+            },
+            kind::DIRECT_WRITE => {
+                let (xfer, region, token) = (r.u64()?, r.u64()?, r.u64()?);
+                let segs = read_segments(r)?;
+                // The count was bounded by read_segments; the bytes must be present before the
+                // list is allocated.
+                let raw = r.bytes(segs.len() * 8)?;
+                let src = raw.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
+                Self::DirectWrite { xfer, region, token, segs, src }
+            }
+            kind::DIRECT_READ => {
+                let (xfer, region, token) = (r.u64()?, r.u64()?, r.u64()?);
+                Self::DirectRead { xfer, region, token, segs: read_segments(r)? }
+            }
+            kind::DIRECT_GRANT => Self::DirectGrant { xfer: r.u64()? },
+            kind::DIRECT_DONE => Self::DirectDone { xfer: r.u64()? },
             other => return Err(ProtoError::UnknownKind(other)),
         };
         Ok(msg)
@@ -399,14 +495,20 @@ impl Control {
                 nonzero_len(payload.len() as u64)?;
                 check_len(payload.len(), MAX_INLINE_LEN, "inline payload")
             }
-            Self::WriteVector { segs, .. } | Self::ReadVector { segs, .. } | Self::IpcRequest { segs, .. } => {
-                check_vector(segs)
-            }
+            Self::WriteVector { segs, .. }
+            | Self::ReadVector { segs, .. }
+            | Self::IpcRequest { segs, .. }
+            | Self::DirectRead { segs, .. } => check_vector(segs),
+            Self::DirectWrite { segs, src, .. } => check_vector(segs).and_then(|()| check_sources(segs, src)),
             Self::IpcGrant { alloc_base, alloc_len, windows, .. } => check_grant(*alloc_base, *alloc_len, windows),
             Self::Grant { .. }
             | Self::Resume { .. }
             | Self::IpcRevoke { .. }
             | Self::IpcRevoked { .. }
+            | Self::ProcessHello { .. }
+            | Self::ProcessAck { .. }
+            | Self::DirectGrant { .. }
+            | Self::DirectDone { .. }
             | Self::Close => Ok(()),
         }
     }
@@ -523,6 +625,24 @@ mod tests {
             },
             Control::IpcRevoke { region: 32 },
             Control::IpcRevoked { region: u64::MAX },
+            Control::ProcessHello { pid: 4242, fd: 17 },
+            Control::ProcessAck { readable: true },
+            Control::ProcessAck { readable: false },
+            Control::DirectWrite {
+                xfer: 29,
+                region: 30,
+                token: 31,
+                segs: vec![RemoteSeg { addr: 0x1000, len: 4096 }, RemoteSeg { addr: 0x8000, len: 7 }],
+                src: vec![0x7f00_0000_0000, 0x10],
+            },
+            Control::DirectRead {
+                xfer: 32,
+                region: 33,
+                token: 34,
+                segs: vec![RemoteSeg { addr: 0x3000, len: 1 << 20 }],
+            },
+            Control::DirectGrant { xfer: 35 },
+            Control::DirectDone { xfer: u64::MAX },
         ]
     }
 
@@ -542,6 +662,8 @@ mod tests {
                 | Control::ReadVector { .. }
                 | Control::IpcRequest { .. }
                 | Control::IpcGrant { .. }
+                | Control::DirectWrite { .. }
+                | Control::DirectRead { .. }
         )
     }
 
@@ -853,6 +975,29 @@ mod tests {
     }
 
     #[test]
+    fn direct_writes_name_one_valid_source_per_segment() {
+        let seg = RemoteSeg { addr: 0x1000, len: 16 };
+        let write = |src: Vec<u64>| Control::DirectWrite { xfer: 1, region: 2, token: 3, segs: vec![seg, seg], src };
+        assert_eq!(write(vec![0x10, 0x20]).validate(), Ok(()));
+        for (src, why) in
+            [(vec![0x10], "too few"), (vec![0x10, 0x20, 0x30], "too many"), (vec![0x10, u64::MAX], "wraps")]
+        {
+            let msg = write(src);
+            assert!(matches!(msg.validate(), Err(ProtoError::Invalid(_))), "{why}");
+            // Too many sources are trailing bytes to the decoder, the others fail its checks.
+            assert!(decode_frame(&encode(&msg)).is_err(), "{why}");
+        }
+        // The layout: a vector request's, then the sources.
+        let frame = encode(&Control::DirectWrite { xfer: 1, region: 2, token: 3, segs: vec![seg], src: vec![0x0a0b] });
+        let mut body =
+            encode(&Control::ReadVector { xfer: 1, region: 2, token: 3, segs: vec![seg] })[FRAME_HEADER_LEN..].to_vec();
+        body.extend(0x0a0bu64.to_le_bytes());
+        assert_eq!(&frame[FRAME_HEADER_LEN..], &body[..]);
+        // A ProcessAck says 0 or 1, nothing else.
+        assert!(matches!(decode_raw(kind::PROCESS_ACK, &2u32.to_le_bytes()), Err(ProtoError::Invalid(_))));
+    }
+
+    #[test]
     fn deny_requires_negative_status_and_utf8_reason() {
         for status in [0, 1, i32::MAX] {
             let deny = Control::Deny { xfer: 1, status, reason: "r".into() };
@@ -882,6 +1027,7 @@ mod tests {
         }
         assert_eq!(decode_raw(0, &[]), Err(ProtoError::UnknownKind(0)));
         assert_eq!(decode_raw(36, &[]), Err(ProtoError::UnknownKind(36)));
+        assert_eq!(decode_raw(46, &[]), Err(ProtoError::UnknownKind(46)));
     }
 
     #[test]
@@ -911,7 +1057,7 @@ mod tests {
                 0 => rng.bytes_below(64),
                 1 => {
                     // A plausible header so the body decoders see random input too.
-                    let kind = u8::try_from(16 + rng.below(16)).unwrap();
+                    let kind = u8::try_from(16 + rng.below(32)).unwrap();
                     raw_frame(kind, &rng.bytes_below(48))
                 }
                 _ => {

@@ -42,12 +42,20 @@ pub mod kind {
     pub(crate) const IPC_GRANT: u8 = 33;
     pub(crate) const IPC_REVOKE: u8 = 34;
     pub(crate) const IPC_REVOKED: u8 = 35;
+    pub(crate) const PROCESS_HELLO: u8 = 40;
+    pub(crate) const PROCESS_ACK: u8 = 41;
+    pub(crate) const DIRECT_WRITE: u8 = 42;
+    pub(crate) const DIRECT_READ: u8 = 43;
+    pub(crate) const DIRECT_GRANT: u8 = 44;
+    pub(crate) const DIRECT_DONE: u8 = 45;
 }
 
 /// Largest vector request body: three ids, the count, the segments.
 const MAX_VECTOR_BODY: usize = 24 + 4 + REMOTE_SEG_LEN * MAX_VECTOR_SEGMENTS;
 /// Largest IPC grant body: two ids, the handle, the allocation's range, the count, the windows.
 const MAX_IPC_GRANT_BODY: usize = 16 + IPC_HANDLE_LEN + 16 + 4 + REMOTE_SEG_LEN * MAX_IPC_WINDOWS;
+/// Largest DirectWrite body: a vector request plus one source address per segment.
+const MAX_DIRECT_WRITE_BODY: usize = MAX_VECTOR_BODY + 8 * MAX_VECTOR_SEGMENTS;
 
 #[derive(Clone, Copy)]
 enum BodySize {
@@ -87,6 +95,12 @@ fn body_spec(kind: u8) -> Option<(&'static str, BodySize)> {
         kind::IPC_GRANT => ("IpcGrant body", UpTo(MAX_IPC_GRANT_BODY)),
         kind::IPC_REVOKE => ("IpcRevoke body", Exactly(8)),
         kind::IPC_REVOKED => ("IpcRevoked body", Exactly(8)),
+        kind::PROCESS_HELLO => ("ProcessHello body", Exactly(8)),
+        kind::PROCESS_ACK => ("ProcessAck body", Exactly(4)),
+        kind::DIRECT_WRITE => ("DirectWrite body", UpTo(MAX_DIRECT_WRITE_BODY)),
+        kind::DIRECT_READ => ("DirectRead body", UpTo(MAX_VECTOR_BODY)),
+        kind::DIRECT_GRANT => ("DirectGrant body", Exactly(8)),
+        kind::DIRECT_DONE => ("DirectDone body", Exactly(8)),
         _ => return None,
     };
     Some(spec)
@@ -197,7 +211,7 @@ mod tests {
     use super::*;
     use crate::proto::testutil::XorShift;
 
-    const KNOWN: [u8; 26] = [
+    const KNOWN: [u8; 32] = [
         kind::HELLO,
         kind::WELCOME,
         kind::REFUSE,
@@ -224,6 +238,12 @@ mod tests {
         kind::IPC_GRANT,
         kind::IPC_REVOKE,
         kind::IPC_REVOKED,
+        kind::PROCESS_HELLO,
+        kind::PROCESS_ACK,
+        kind::DIRECT_WRITE,
+        kind::DIRECT_READ,
+        kind::DIRECT_GRANT,
+        kind::DIRECT_DONE,
     ];
 
     fn raw(magic: u16, kind: u8, flags: u8, body_len: u32) -> [u8; 8] {
@@ -273,6 +293,12 @@ mod tests {
         assert_eq!(max_body_len(kind::INLINE_SEND), Some(12 + 65536));
         assert_eq!(max_body_len(kind::WRITE_VECTOR), Some(28 + 12 * 65536));
         assert_eq!(max_body_len(kind::READ_VECTOR), Some(28 + 12 * 65536));
+        assert_eq!(max_body_len(kind::PROCESS_HELLO), Some(8));
+        assert_eq!(max_body_len(kind::PROCESS_ACK), Some(4));
+        assert_eq!(max_body_len(kind::DIRECT_WRITE), Some(28 + 20 * 65536));
+        assert_eq!(max_body_len(kind::DIRECT_READ), Some(28 + 12 * 65536));
+        assert_eq!(max_body_len(kind::DIRECT_GRANT), Some(8));
+        assert_eq!(max_body_len(kind::DIRECT_DONE), Some(8));
         assert_eq!(max_body_len(kind::IPC_REQUEST), Some(28 + 12 * 65536));
         assert_eq!(max_body_len(kind::IPC_GRANT), Some(100 + 12 * 4096));
         assert_eq!(max_body_len(kind::IPC_REVOKE), Some(8));
@@ -306,6 +332,10 @@ mod tests {
             kind::DONE,
             kind::IPC_REVOKE,
             kind::IPC_REVOKED,
+            kind::PROCESS_HELLO,
+            kind::PROCESS_ACK,
+            kind::DIRECT_GRANT,
+            kind::DIRECT_DONE,
         ] {
             let max = u32::try_from(max_body_len(k).unwrap()).unwrap();
             for len in 0..max {

@@ -466,9 +466,28 @@ mod tests {
         assert_eq!(
             out,
             [
-                0x43, 0x54, 3, 0, 14, 0, 0, 0, // header
-                0x55, 0x43, 0x54, 0x58, 10, 0, // magic, version
-                0xfe, 0xff, 0xff, 0xff, 2, 0, b'n', b'o', // status, reason
+                0x43,
+                0x54,
+                3,
+                0,
+                14,
+                0,
+                0,
+                0, // header
+                0x55,
+                0x43,
+                0x54,
+                0x58,
+                PROTOCOL_VERSION as u8,
+                0, // magic, version
+                0xfe,
+                0xff,
+                0xff,
+                0xff,
+                2,
+                0,
+                b'n',
+                b'o', // status, reason
             ]
         );
     }
@@ -520,14 +539,15 @@ mod tests {
     fn version_is_checked_before_the_rest_of_the_body() {
         for msg in samples() {
             let (_, body) = encode(&msg);
-            // Keep only magic and a foreign version: a version-11 peer may send anything after it.
+            // Keep only magic and a foreign version: a later version's peer may send anything after it.
+            let (ours, theirs) = (PROTOCOL_VERSION, PROTOCOL_VERSION + 1);
             let mut short = body[..6].to_vec();
-            short[4..6].copy_from_slice(&11u16.to_le_bytes());
+            short[4..6].copy_from_slice(&theirs.to_le_bytes());
             let header = FrameHeader { kind: msg.kind(), body_len: 6 };
-            assert_eq!(Handshake::decode(&header, &short), Err(ProtoError::VersionMismatch { ours: 10, theirs: 11 }));
+            assert_eq!(Handshake::decode(&header, &short), Err(ProtoError::VersionMismatch { ours, theirs }));
         }
         let err = decode_hello(Hello { version: 0, ..hello() });
-        assert_eq!(err, Err(ProtoError::VersionMismatch { ours: 10, theirs: 0 }));
+        assert_eq!(err, Err(ProtoError::VersionMismatch { ours: PROTOCOL_VERSION, theirs: 0 }));
     }
 
     #[test]

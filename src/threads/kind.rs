@@ -20,6 +20,8 @@ pub enum ThreadKind {
     SocketReceiver,
     /// Copies a GPU's landed host-memory receives out of their slots (plugin transport).
     LandingCopier,
+    /// A same-host connection's worker: proves the peer's process, copies host memory out of it.
+    HostCopier,
 }
 
 impl ThreadKind {
@@ -33,6 +35,7 @@ impl ThreadKind {
             ThreadKind::SocketSender => "socket sender thread",
             ThreadKind::SocketReceiver => "socket receiver thread",
             ThreadKind::LandingCopier => "landing copier thread",
+            ThreadKind::HostCopier => "host copy thread",
         }
     }
 

@@ -145,7 +145,7 @@ fn encode(msg: &Handshake) -> Vec<u8> {
 }
 
 /// The crate's protocol version (crate-private there); a wrong one fails every handshake below.
-const PROTOCOL_VERSION: u16 = 10;
+const PROTOCOL_VERSION: u16 = 11;
 
 fn hello() -> Hello {
     Hello {
@@ -297,7 +297,7 @@ fn garbage_on_the_control_port_is_dropped() {
 fn other_protocol_versions_are_refused_with_a_reason() {
     let _serial = serial();
     let p = pair();
-    for version in [0u16, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 0x100, u16::MAX] {
+    for version in [0u16, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 0x100, u16::MAX] {
         // A full Hello of another version, and only magic + version as a future peer might send.
         let full = encode(&Handshake::Hello(Hello { version, ..hello() }));
         let mut short = FrameHeader { kind: 1, body_len: 6 }.to_bytes().to_vec();
@@ -906,6 +906,10 @@ fn ipc_requests_are_answered_only_for_local_peers_and_never_with_a_handle_for_ho
         host.pid += 1;
         let fake = FakePeer::connect_as(p.b.address(), Stray::None, if local { host } else { HostIdentity::default() });
         let (mut fake, _conn) = (fake.unwrap(), accept(&p.b).unwrap());
+        if local {
+            // A same-host peer first hears which process the engine is (the host-memory path).
+            assert!(matches!(fake.recv(), Some(Control::ProcessHello { .. })));
+        }
         let mem = pattern(64 << 10, 31);
         let mr = p.b.register(mem.as_ptr() as usize, mem.len()).unwrap();
         let item = p.b.prepare_fifo(mr, mem.as_ptr() as usize + 4096, 8192).unwrap();
@@ -1395,4 +1399,121 @@ fn close_with_a_blocked_control_writer_fails_pending_writes() {
     eprintln!("close with a blocked writer returned after {:?}", start.elapsed());
     assert_canceled(&conn, w);
     assert_pair_works(&p, 16);
+}
+
+/// A fake peer that shares the engine's host identity: same host and network namespace, another
+/// process (the one it names).
+fn same_host_fake(p: &Pair, pid: u32) -> (FakePeer, Arc<Connection>) {
+    let host = HostIdentity { pid, ..uccl_tcpx::engine::local::own_identity(false) };
+    let mut fake = FakePeer::connect_as(p.b.address(), Stray::None, host).unwrap();
+    let conn = accept(&p.b).unwrap();
+    assert_eq!(conn.peer.locality, uccl_tcpx::engine::local::Locality::SameHost);
+    // The engine names its own process and its end of the control connection first.
+    let Some(Control::ProcessHello { pid: theirs, .. }) = fake.recv() else { panic!("no ProcessHello") };
+    assert_eq!(theirs, std::process::id());
+    (fake, conn)
+}
+
+/// A same-host peer gets the direct copy only for the process it proves to be: one naming another
+/// process of ours (which the engine could read) is told no and gets the network path, even when
+/// it asks for a direct write anyway; one naming itself (this test process holds its socket) has its
+/// write copied in, inside the window alone.
+#[test]
+fn a_same_host_peer_is_copied_from_only_when_it_proves_its_process() {
+    use std::os::fd::AsRawFd;
+    let _serial = serial();
+    let p = pair_with(Config { disable_ipc: false, ..config() });
+    let mut target = vec![0u8; 1 << 20];
+    let mr = p.b.register(target.as_mut_ptr() as usize, target.len()).unwrap();
+    let window = p.b.prepare_fifo(mr, target.as_ptr() as usize + 4096, 512 << 10).unwrap();
+    let cap = window.capability().unwrap();
+    let src = pattern(256 << 10, 31);
+    let write = |fake: &FakePeer, xfer| Control::DirectWrite {
+        xfer,
+        region: cap.region,
+        token: wire_token(fake, cap.region, cap.token),
+        segs: vec![RemoteSeg { addr: window.addr, len: src.len() as u32 }],
+        src: vec![src.as_ptr() as u64],
+    };
+
+    let mut other = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+    let (mut liar, liar_conn) = same_host_fake(&p, other.id());
+    let fd = u32::try_from(liar.control.as_raw_fd()).unwrap();
+    liar.send(&Control::ProcessHello { pid: other.id(), fd });
+    assert_eq!(liar.recv(), Some(Control::ProcessAck { readable: false }), "the claim does not check out");
+    assert!(!liar_conn.host_path().reads_peer);
+    liar.send(&write(&liar, 1));
+    assert!(matches!(liar.recv(), Some(Control::Grant { xfer: 1, .. })), "the network path instead");
+    assert!(target.iter().all(|&b| b == 0), "nothing was copied");
+    liar.send(&Control::Close);
+    liar.expect_closed();
+    other.kill().unwrap();
+    other.wait().unwrap();
+
+    let (mut honest, conn) = same_host_fake(&p, std::process::id());
+    let fd = u32::try_from(honest.control.as_raw_fd()).unwrap();
+    honest.send(&Control::ProcessHello { pid: std::process::id(), fd });
+    assert_eq!(honest.recv(), Some(Control::ProcessAck { readable: true }));
+    honest.send(&write(&honest, 2));
+    assert_eq!(honest.recv(), Some(Control::Done { xfer: 2, len: src.len() as u64 }));
+    assert_eq!(&target[4096..4096 + src.len()], &src[..]);
+    // The window still bounds it: a segment past its end refuses the whole request.
+    let mut past = write(&honest, 3);
+    if let Control::DirectWrite { segs, .. } = &mut past {
+        segs.push(RemoteSeg { addr: window.addr + (512 << 10) - 8, len: 16 });
+        if let Control::DirectWrite { src: from, .. } = &mut past {
+            from.push(src.as_ptr() as u64);
+        }
+    }
+    honest.send(&past);
+    assert!(matches!(honest.recv(), Some(Control::Deny { xfer: 3, status: -6, .. })));
+    assert!(conn.host_path().reads_peer);
+    honest.send(&Control::Close);
+    honest.expect_closed();
+    p.b.deregister(mr).unwrap();
+    assert_pair_works(&p, 32);
+}
+
+/// Deregistration stays a fence when a same-host peer's write is copied in: once `deregister`
+/// returns nothing lands in the region, however far the copy got (not started, mid-way, done).
+#[test]
+fn deregistering_during_a_same_host_copy_in_is_a_fence() {
+    use std::os::fd::AsRawFd;
+    let _serial = serial();
+    let p = pair_with(Config { disable_ipc: false, ..config() });
+    let (mut fake, _conn) = same_host_fake(&p, std::process::id());
+    let fd = u32::try_from(fake.control.as_raw_fd()).unwrap();
+    fake.send(&Control::ProcessHello { pid: std::process::id(), fd });
+    assert_eq!(fake.recv(), Some(Control::ProcessAck { readable: true }));
+    let len = 64usize << 20;
+    let src = vec![0xabu8; len];
+    let mut outcomes = Vec::new();
+    for round in 0..6u64 {
+        let mut target = vec![0u8; len];
+        let mr = p.b.register(target.as_mut_ptr() as usize, len).unwrap();
+        let window = p.b.prepare_fifo(mr, target.as_ptr() as usize, len).unwrap();
+        let cap = window.capability().unwrap();
+        fake.send(&Control::DirectWrite {
+            xfer: round + 1,
+            region: cap.region,
+            token: wire_token(&fake, cap.region, cap.token),
+            segs: vec![RemoteSeg { addr: window.addr, len: len as u32 }],
+            src: vec![src.as_ptr() as u64],
+        });
+        // Later rounds let the copy get further before the cut.
+        std::thread::sleep(Duration::from_millis(round * 2));
+        p.b.deregister(mr).unwrap();
+        target.fill(0x11);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(target.iter().all(|&b| b == 0x11), "round {round}: bytes landed after deregister returned");
+        match fake.recv() {
+            Some(Control::Done { xfer, .. }) if xfer == round + 1 => outcomes.push("done"),
+            Some(Control::Deny { xfer, status: -6, .. }) if xfer == round + 1 => outcomes.push("denied"),
+            other => panic!("round {round}: {other:?}"),
+        }
+    }
+    assert!(outcomes.contains(&"denied"), "no round cut the copy off: {outcomes:?}");
+    fake.send(&Control::Close);
+    fake.expect_closed();
+    assert_pair_works(&p, 33);
 }

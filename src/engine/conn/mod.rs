@@ -7,6 +7,8 @@
 
 mod api;
 mod device_copy;
+mod host_copy;
+mod host_worker;
 mod ipc;
 mod local_copy;
 mod memory;
@@ -15,6 +17,7 @@ mod state;
 mod vector;
 
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
@@ -32,8 +35,10 @@ use super::writer::ControlWriter;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, FifoItem, TokenBinding};
 use crate::threads::{ThreadKind, spawn_contained};
+use host_worker::HostCopy;
 use ipc::IpcState;
 use memory::EngineMemory;
+pub use state::HostPath;
 use state::{Action, ConnState, Direction, FlowPlan};
 
 /// How long closing waits for queued control messages (the Close among them) to leave.
@@ -92,6 +97,9 @@ pub struct Connection {
     ipc_answered: Condvar,
     /// Device-copy batches in flight (`ipc.rs` keeps it): a caller's poll drives them only then.
     device_batches: Arc<AtomicUsize>,
+    /// The same-host host-memory path's worker (proof and copies), for a peer in another process of
+    /// this host.
+    host: HostCopy,
 }
 
 impl Connection {
@@ -111,20 +119,19 @@ impl Connection {
         let rx = Arc::new(ControlRx::new(control.try_clone().map_err(io)?, core.config.control_spin)?);
         let ipc = IpcState::default();
         let device_batches = ipc.in_flight();
-        let conn = Arc::new(Connection {
+        let mut state = ConnState::new(chunking, Instant::now());
+        let same_host = link.locality == Locality::SameHost;
+        if same_host {
+            state.set_same_host();
+        }
+        let conn = Arc::new_cyclic(|weak| Connection {
             id: core.next_conn_id(),
             peer,
             core,
             writer,
             rx: rx.clone(),
             control,
-            inner: Mutex::new(Inner {
-                state: ConnState::new(chunking, Instant::now()),
-                channels,
-                finished_chunks: Vec::new(),
-                sent_chunks: Vec::new(),
-                ipc,
-            }),
+            inner: Mutex::new(Inner { state, channels, finished_chunks: Vec::new(), sent_chunks: Vec::new(), ipc }),
             closed: AtomicBool::new(false),
             listener_started: AtomicBool::new(false),
             reader: Mutex::new(None),
@@ -132,6 +139,7 @@ impl Connection {
             binding,
             ipc_answered: Condvar::new(),
             device_batches,
+            host: HostCopy::new(weak.clone() as Weak<dyn host_worker::HostServed>),
         });
         // Known to the engine before it reads a byte: a deregistration must reach every connection
         // that could authorize a request for the region.
@@ -152,7 +160,18 @@ impl Connection {
         )
         .map_err(|e| Error::io("spawn control reader", e))?;
         *conn.reader.lock() = Some(thread);
+        if same_host {
+            // The peer checks that this process holds the other end of the control connection
+            // (`local::prove`) before it copies anything out of our memory.
+            let fd = u32::try_from(conn.control.as_raw_fd()).map_err(|_| Error::internal("negative descriptor"))?;
+            conn.writer.send(&Control::ProcessHello { pid: std::process::id(), fd })?;
+        }
         Ok(conn)
+    }
+
+    /// How far the same-host host-memory path got on this connection.
+    pub fn host_path(&self) -> HostPath {
+        self.inner.lock().state.host_path()
     }
 
     fn memory(&self) -> EngineMemory<'_> {
@@ -241,6 +260,7 @@ impl Connection {
                     inner.channels.iter_mut().for_each(|ch| ch.release(flow));
                     queued = true;
                 }
+                Action::HostWork => result = self.host.wake(),
             }
         }
         if result.is_ok() && !msgs.is_empty() {
@@ -280,6 +300,8 @@ impl Connection {
             }
         }
         self.core.waker.wake();
+        // A same-host copy into the region ends within one piece, and none starts after this.
+        self.host.wait_clear(region);
         loop {
             {
                 let mut inner = self.inner.lock();
@@ -320,6 +342,7 @@ impl Connection {
                 let _ = t.join();
             }
         }
+        self.host.join();
     }
 
     fn is_closed(&self) -> bool {
@@ -350,6 +373,8 @@ impl Connection {
         }
         let failed = inner.state.fail(err.clone());
         inner.channels.clear();
+        // No same-host copy lands in our memory after this returns either.
+        self.host.stop();
         inner.ipc.fail(&err, &self.core.waker);
         self.ipc_answered.notify_all();
         let _ = self.control.shutdown(Shutdown::Both);

@@ -14,12 +14,18 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod direct;
+mod direct_table;
+
+pub use direct_table::HostPath;
+pub(super) use direct_table::{CopyJob, HostTask};
+
 use crate::engine::plan::{Chunking, Extent, chunk_count};
 use crate::engine::region::Region;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, MAX_INLINE_LEN, MAX_INLINE_SEND_BACKLOG, RemoteSeg};
-use crate::transport::IoSeg;
+use crate::transport::{IoSeg, MemKind};
 
 /// Announced sends the peer may queue ahead of our receives before it is treated as hostile.
 const MAX_UNMATCHED_ANNOUNCES: usize = 1 << 16;
@@ -44,6 +50,8 @@ pub(super) enum Action {
     Hold(u64),
     /// Post them again.
     Release(u64),
+    /// Wake the connection's host worker: a same-host proof or copy is queued (`direct.rs`).
+    HostWork,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -260,6 +268,8 @@ pub(super) struct ConnState {
     failure: Option<Error>,
     /// Last time the peer showed life: a control message or a finished chunk.
     last_heard: Instant,
+    /// The same-host path's requests, copies and leases.
+    direct: direct_table::Direct,
 }
 
 impl ConnState {
@@ -283,6 +293,7 @@ impl ConnState {
             reading: HashSet::new(),
             failure: None,
             last_heard: now,
+            direct: direct_table::Direct::default(),
         }
     }
 
@@ -327,6 +338,7 @@ impl ConnState {
             || self.inline_ops.values().any(|o| o.prompt)
             || !self.inbound.is_empty()
             || self.awaiting_grant.values().any(|o| o.prompt)
+            || self.direct_waits_on_peer()
     }
 
     fn take_id(&mut self) -> u64 {
@@ -348,16 +360,21 @@ impl ConnState {
             OneSidedRequest::Vector(vector) => &vector.region,
         }))?;
         let parts = requests.len();
+        // Processes of one host copy host memory directly (`direct.rs`); the target still decides.
+        let direct = requests.iter().all(|r| match r {
+            OneSidedRequest::Item(item) => item.region.kind == MemKind::Host,
+            OneSidedRequest::Vector(vector) => vector.region.kind == MemKind::Host,
+        });
         let mut out = Vec::with_capacity(parts);
         let mut inline_parts = 0;
         for request in requests {
             match request {
                 OneSidedRequest::Item(item) => {
-                    let (msg, inline) = self.post_item(transfer, write, item);
+                    let (msg, inline) = self.post_item(transfer, write, item, direct);
                     inline_parts += usize::from(inline);
                     out.push(msg);
                 }
-                OneSidedRequest::Vector(vector) => out.push(self.post_vector(transfer, write, vector)),
+                OneSidedRequest::Vector(vector) => out.push(self.post_vector(transfer, write, vector, direct)),
             }
         }
         if inline_parts == parts {
@@ -366,8 +383,15 @@ impl ConnState {
         Ok(out)
     }
 
-    /// One item as its own request; also says whether it went inline.
-    fn post_item(&mut self, transfer: &Arc<Transfer>, write: bool, item: OneSidedItem) -> (Control, bool) {
+    /// One item as its own request; also says whether it went inline. `direct`: it may ask for the
+    /// same-host copy.
+    fn post_item(
+        &mut self,
+        transfer: &Arc<Transfer>,
+        write: bool,
+        item: OneSidedItem,
+        direct: bool,
+    ) -> (Control, bool) {
         let id = self.take_id();
         let OneSidedItem { region, addr: local, len, remote_region, token, remote_addr: addr, payload } = item;
         // Small transfers ride the control stream: one round trip instead of a request, a grant
@@ -378,6 +402,13 @@ impl ConnState {
             self.inline_one_sided += len;
         }
         let extent = Extent::Contiguous { addr: local, len };
+        let direct = match u32::try_from(len) {
+            Ok(seg_len) if direct && !inline => {
+                let seg = RemoteSeg { addr, len: seg_len };
+                self.direct_request(id, write, &extent, remote_region, token, vec![seg])
+            }
+            _ => None,
+        };
         let msg = if let (Some(payload), true) = (payload, inline) {
             let kind = InlineKind::Write;
             self.inline_ops.insert(id, InlineOp { transfer: transfer.clone(), len, backlog: len, kind, prompt: true });
@@ -390,29 +421,31 @@ impl ConnState {
             let src = Source { extent, region };
             let pending = Outbound { src, transfer: transfer.clone(), prompt: true, error: None };
             self.awaiting_grant.insert(id, pending);
-            Control::WriteRequest { xfer: id, region: remote_region, token, addr, len }
+            direct.unwrap_or(Control::WriteRequest { xfer: id, region: remote_region, token, addr, len })
         } else {
             let on_done = OnDone::Part(transfer.clone());
             self.inbound.insert(id, Inbound { extent, region, on_done, inline: 0, error: None });
-            Control::ReadRequest { xfer: id, region: remote_region, token, addr, len }
+            direct.unwrap_or(Control::ReadRequest { xfer: id, region: remote_region, token, addr, len })
         };
         (msg, inline)
     }
 
     /// Items sharing both regions as one vector request: the local segments are the flow's extent
     /// on this end, the remote ones travel in the request.
-    fn post_vector(&mut self, transfer: &Arc<Transfer>, write: bool, vector: VectorRequest) -> Control {
+    fn post_vector(&mut self, transfer: &Arc<Transfer>, write: bool, vector: VectorRequest, direct: bool) -> Control {
         let id = self.take_id();
         let VectorRequest { region, local: extent, remote_region, token, segs } = vector;
+        let direct =
+            if direct { self.direct_request(id, write, &extent, remote_region, token, segs.clone()) } else { None };
         if write {
             let src = Source { extent, region };
             let pending = Outbound { src, transfer: transfer.clone(), prompt: true, error: None };
             self.awaiting_grant.insert(id, pending);
-            Control::WriteVector { xfer: id, region: remote_region, token, segs }
+            direct.unwrap_or(Control::WriteVector { xfer: id, region: remote_region, token, segs })
         } else {
             let on_done = OnDone::Part(transfer.clone());
             self.inbound.insert(id, Inbound { extent, region, on_done, inline: 0, error: None });
-            Control::ReadVector { xfer: id, region: remote_region, token, segs }
+            direct.unwrap_or(Control::ReadVector { xfer: id, region: remote_region, token, segs })
         }
     }
 
@@ -498,6 +531,7 @@ impl ConnState {
             r.cut = Some(err.clone());
             out.push(Action::Finish(r.transfer.clone(), Err(err.clone())));
         }
+        self.cut_direct(region, err);
         if uncuttable {
             return Err(Error::not_allowed(format!(
                 "memory region {region} was deregistered while a send from it was unfinished; its receiver \
@@ -602,6 +636,7 @@ impl ConnState {
                 Ok(())
             }
             Control::Grant { xfer, flow } => {
+                self.direct_answered(xfer);
                 let granted = self.awaiting_grant.remove(&xfer).ok_or_else(|| unknown_op("Grant", xfer))?;
                 let Outbound { src, transfer, prompt, error } = granted;
                 let local = self.start_outbound(flow, src, 1, OnDone::Part(transfer), error, out);
@@ -615,6 +650,7 @@ impl ConnState {
                 let status =
                     UcclStatus::from_code(status).filter(|s| (*s as i32) < 0).unwrap_or(UcclStatus::ErrUnknown);
                 let err = Error::new(status, format!("peer refused: {reason}"));
+                self.direct_answered(xfer);
                 if let Some(refused) = self.awaiting_grant.remove(&xfer) {
                     out.push(Action::Finish(refused.transfer, Err(err)));
                 } else if let Some(op) = self.inline_ops.remove(&xfer) {
@@ -636,12 +672,13 @@ impl ConnState {
                     // data) until we have taken note, so the read cannot complete on them.
                     self.flows.get_mut(&xfer).ok_or_else(|| unknown_flow(xfer))?.error.get_or_insert(err);
                     out.push(Action::Send(Control::Resume { xfer }));
-                } else {
+                } else if self.direct_denied(xfer, err, out).is_none() {
                     return Err(unknown_op("Deny", xfer));
                 }
                 Ok(())
             }
             Control::Data { flow, len } => {
+                self.direct_answered(flow);
                 let granted = self.inbound.get(&flow).ok_or_else(|| unknown_op("Data", flow))?.extent.len();
                 if len != granted {
                     // Left in `inbound`, so failing the connection fails the part too.
@@ -688,6 +725,9 @@ impl ConnState {
                     out.push(Action::Finish(op.transfer, Ok(len)));
                     return Ok(());
                 }
+                if let Some(answered) = self.direct_done(xfer, len, out) {
+                    return answered;
+                }
                 let flow = self.awaiting_done.remove(&xfer).ok_or_else(|| unknown_op("Done", xfer))?;
                 let expected = self.flows.get(&flow).map(|f| f.len);
                 if expected != Some(len) {
@@ -714,6 +754,16 @@ impl ConnState {
                 Ok(())
             }
             Control::Close => Err(Error::disconnected("the peer closed the connection")),
+            Control::ProcessHello { pid, fd } => self.on_process_hello(pid, fd, out),
+            Control::ProcessAck { readable } => self.on_process_ack(readable),
+            Control::DirectWrite { xfer, region, token, segs, src } => {
+                self.on_direct_write(xfer, (region, token), segs, src, mem, out)
+            }
+            Control::DirectRead { xfer, region, token, segs } => {
+                self.on_direct_read(xfer, (region, token), segs, mem, out)
+            }
+            Control::DirectGrant { xfer } => self.on_direct_grant(xfer, out),
+            Control::DirectDone { xfer } => self.on_direct_done(xfer, out),
             Control::IpcRequest { .. }
             | Control::IpcGrant { .. }
             | Control::IpcRevoke { .. }
@@ -776,6 +826,7 @@ impl ConnState {
         // A cut receive failed when it was cut.
         failed.extend(self.posted_recvs.drain(..).filter(|r| r.cut.is_none()).map(|r| r.transfer));
         failed.extend(self.flows.drain().filter_map(|(_, f)| f.on_done.transfer().cloned()));
+        failed.extend(self.fail_direct());
         self.awaiting_done.clear();
         self.serving.clear();
         self.reading.clear();

@@ -6,11 +6,21 @@
 //! an acceptor counts as in-process only when it finds that nonce here and marks it; the connector
 //! in turn counts the acceptor as in-process only when its mark is there. A process elsewhere
 //! cannot write into these tables, so a peer that lies about its process id stays remote.
+//!
+//! Between processes of the host, host memory moves with `process_vm_readv` once the peer proved
+//! which process it is (`proof.rs`); an engine only ever reads another process's memory
+//! (`process.rs`), and the kernel's ptrace rules decide whether it may.
 
 mod identity;
+mod process;
+mod proof;
 mod registry;
 
 pub use identity::own_identity;
+#[doc(hidden)]
+pub use process::refuse_process_access;
+pub(crate) use process::{PIECE_BYTES, PeerProcess, pieces};
+pub(crate) use proof::{Refusal, prove};
 pub(crate) use registry::{PendingHello, accepted_locality, peer_connection, register_connection};
 
 use crate::proto::HostIdentity;

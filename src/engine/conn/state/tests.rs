@@ -71,6 +71,8 @@ struct End {
     /// Flows whose send chunks the (simulated) channels hold.
     held: Vec<u64>,
     notes: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Same-host work was queued for the host worker (`direct` tests run it by hand).
+    host_work: bool,
 }
 
 impl End {
@@ -88,6 +90,7 @@ impl End {
             receiving: BTreeMap::new(),
             held: Vec::new(),
             notes: Vec::new(),
+            host_work: false,
         }
     }
 
@@ -113,6 +116,7 @@ impl End {
                 Action::Notify { name, msg } => self.notes.push((name, msg)),
                 Action::Hold(flow) => self.held.push(flow),
                 Action::Release(flow) => self.held.retain(|&f| f != flow),
+                Action::HostWork => self.host_work = true,
             }
         }
     }
@@ -316,11 +320,46 @@ fn pump(a: &mut End, b: &mut End) {
         moved |= deliver(b, a).unwrap();
         moved |= move_data(a, b);
         moved |= move_data(b, a);
+        moved |= run_host_work(a);
+        moved |= run_host_work(b);
         if !moved {
             return;
         }
     }
 }
+
+/// Runs every queued host task of `end` as the worker would: a proof that holds, copies that copy
+/// unless cut. Returns whether there was any.
+fn run_host_work(end: &mut End) -> bool {
+    end.host_work = false;
+    let mut ran = false;
+    while let Some(task) = end.st.next_host_task() {
+        ran = true;
+        let mut out = Vec::new();
+        match task {
+            HostTask::Prove { .. } => end.st.proved(true, &mut out),
+            HostTask::Copy(job) => {
+                let copied = if job.error.is_some() {
+                    Ok(())
+                } else if job.region.is_removed() {
+                    Err(Error::not_allowed("the memory region was deregistered during the transfer"))
+                } else {
+                    let src = Extent::scattered(job.remote.iter().copied());
+                    let dst = Extent::scattered(job.local.iter().copied());
+                    // SAFETY: both lists lie in live test buffers: the peer's authorized by its
+                    // region table, ours checked at post or authorized by ours.
+                    unsafe { scatter(&dst, &gather(&src)) };
+                    Ok(())
+                };
+                end.st.copy_finished(job, copied, &mut out);
+            }
+        }
+        end.take(out);
+    }
+    ran
+}
+
+mod direct;
 
 fn pattern(seed: u8) -> impl Fn(usize) -> u8 {
     move |i| (i as u8).wrapping_mul(31).wrapping_add(seed)

@@ -1,0 +1,165 @@
+//! The handle of a connection's host worker (`host_copy.rs` is the work): the thread, started with
+//! the first same-host work, the signal that wakes it, and the gate through which every piece of a
+//! copy into our memory passes.
+//!
+//! Deregistration marks the region removed and then waits until the gate holds no piece for it; the
+//! worker checks the mark after announcing its piece. Both sides store, fence (SeqCst), then load,
+//! so at least one sees the other: either the piece does not start, or the fence waits for it.
+//! Failing the connection closes the gate the same way, so nothing lands after that either.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::engine::local::PeerProcess;
+use crate::engine::region::Region;
+use crate::error::{Error, Result};
+use crate::threads::{ThreadKind, spawn_contained};
+
+/// What the worker serves: a connection, through this trait so that this file names none.
+pub(super) trait HostServed: Send + Sync {
+    /// Runs the queued host work until none is left or the connection failed.
+    fn serve_host_work(&self, process: &mut Option<PeerProcess>);
+    /// The worker's thread panicked.
+    fn fail_with(&self, err: Error);
+    fn host(&self) -> &HostCopy;
+}
+
+/// How often a deregistration or a failing connection looks again at a piece under way.
+const GATE_POLL: Duration = Duration::from_micros(50);
+
+/// The piece under way, as deregistration and failure see it.
+#[derive(Default)]
+pub(super) struct Gate {
+    /// Id of the region a piece is being copied into; 0 for none (region ids start at 1).
+    busy: AtomicU64,
+    closed: AtomicBool,
+}
+
+impl Gate {
+    /// Announces a piece into `region`; false (and nothing announced) when the region was
+    /// deregistered or the connection failed.
+    pub fn enter(&self, region: &Region) -> bool {
+        self.busy.store(region.id, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        if self.closed.load(Ordering::SeqCst) || region.is_removed() {
+            self.leave();
+            return false;
+        }
+        true
+    }
+
+    pub fn leave(&self) {
+        self.busy.store(0, Ordering::SeqCst);
+    }
+
+    /// Returns once no piece into `region` is under way; the caller marked it removed before.
+    fn wait_clear(&self, region: u64) {
+        fence(Ordering::SeqCst);
+        while self.busy.load(Ordering::SeqCst) == region {
+            std::thread::sleep(GATE_POLL);
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Lets no piece start any more and returns once none is under way.
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        while self.busy.load(Ordering::SeqCst) != 0 {
+            std::thread::sleep(GATE_POLL);
+        }
+    }
+}
+
+/// Wakes the worker: set when work was queued, cleared when it looked.
+#[derive(Default)]
+struct Signal {
+    pending: Mutex<bool>,
+    cond: Condvar,
+}
+
+pub(super) struct HostCopy {
+    conn: Weak<dyn HostServed>,
+    pub gate: Arc<Gate>,
+    signal: Arc<Signal>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl HostCopy {
+    pub fn new(conn: Weak<dyn HostServed>) -> HostCopy {
+        HostCopy { conn, gate: Arc::default(), signal: Arc::default(), worker: Mutex::new(None) }
+    }
+
+    /// Work was queued: wakes the worker, starting it the first time.
+    pub fn wake(&self) -> Result<()> {
+        let mut worker = self.worker.lock();
+        if self.gate.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if worker.is_none() {
+            let (conn, signal, failing) = (self.conn.clone(), self.signal.clone(), self.conn.clone());
+            let thread = spawn_contained(
+                std::thread::Builder::new().name("uccl-host-copy".into()),
+                ThreadKind::HostCopier,
+                move |err| {
+                    if let Some(conn) = failing.upgrade() {
+                        conn.fail_with(err);
+                    }
+                },
+                move || run(&conn, &signal),
+            )
+            .map_err(|e| Error::io("spawn host copy thread", e))?;
+            *worker = Some(thread);
+        }
+        *self.signal.pending.lock() = true;
+        self.signal.cond.notify_one();
+        Ok(())
+    }
+
+    /// Returns once no copy into `region` (marked removed already) is under way.
+    pub fn wait_clear(&self, region: u64) {
+        self.gate.wait_clear(region);
+    }
+
+    /// Stops all copying: returns once no piece is under way, and none starts afterwards.
+    pub fn stop(&self) {
+        self.gate.close();
+        *self.signal.pending.lock() = true;
+        self.signal.cond.notify_one();
+    }
+
+    /// Joins the worker (after `stop`), unless this is the worker itself letting go of the connection.
+    pub fn join(&self) {
+        if let Some(t) = self.worker.lock().take()
+            && t.thread().id() != std::thread::current().id()
+        {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The worker: waits for work, then serves it while the connection lives.
+fn run(conn: &Weak<dyn HostServed>, signal: &Signal) {
+    let mut process = None;
+    loop {
+        {
+            let mut pending = signal.pending.lock();
+            while !*pending {
+                signal.cond.wait(&mut pending);
+            }
+            *pending = false;
+        }
+        let Some(conn) = conn.upgrade() else { return };
+        if conn.host().gate.is_closed() {
+            return;
+        }
+        conn.serve_host_work(&mut process);
+    }
+}

@@ -1,0 +1,328 @@
+//! The state machine's part of the same-host path: one-sided host transfers between processes of
+//! one host copied with `process_vm_readv` instead of sent over the channels.
+//!
+//! Who copies: the end whose memory is written. A write is copied in by its target, out of the
+//! initiator's process; a read by its initiator, out of the target's. So an engine only ever writes
+//! its own memory, from its own thread, and a deregistration here stays a fence by local means: it
+//! waits for the copy under way (at most one piece, `local::PIECE_BYTES`) and no further piece starts
+//! (`conn/host_copy.rs`). Another process only ever reads our memory, which cannot corrupt it.
+//!
+//! Who decides: the target, exactly as on the network path. A DirectWrite or DirectRead is
+//! authorized by the region table like a WriteVector or ReadVector (token, advertised window, every
+//! segment or none), and refused with Deny. The target may also answer with the network path's own
+//! reply (Grant for a write, Data for a read): for device memory, which `process_vm_readv` cannot
+//! reach, or when it cannot read the initiator; the initiator then sends the chunks as for a
+//! WriteRequest or takes them as for a ReadRequest.
+//!
+//! - write: A `DirectWrite{op, region, token, segs, src}` → B authorizes, copies from A, `Done`
+//!   (or `Deny`; or `Grant` and the network path).
+//! - read: A `DirectRead{op, region, token, segs}` → B authorizes, `DirectGrant` (or `Deny`; or
+//!   `Data` and the network path) → A copies from B, `DirectDone` → B `Done`, or `Deny` when the
+//!   region was deregistered meanwhile: the bytes A copied may then be anything.
+//!
+//! Before any of it each end proves the other's process (ProcessHello, answered by ProcessAck
+//! saying whether the proof held and the kernel lets it read the peer): an end asks for direct
+//! writes only once the peer said it can read us, for direct reads only once it can read the peer.
+
+use std::sync::Arc;
+
+use super::direct_table::{Copied, CopyJob, HostPath, HostTask, Lease, MAX_DIRECT_PENDING};
+use super::{Action, ConnState, Extent, Memory, Source, deny, deny_msg, unknown_op};
+use crate::engine::transfer::Transfer;
+use crate::error::{Error, Result};
+use crate::proto::{Control, RemoteSeg};
+use crate::transport::{IoSeg, MemKind};
+
+fn segs_of(extent: &Extent) -> Vec<IoSeg> {
+    match extent {
+        Extent::Contiguous { addr, len } => vec![IoSeg { addr: *addr, len: *len as usize }],
+        Extent::Scattered { segs, .. } => segs.to_vec(),
+    }
+}
+
+fn remote_segs(segs: &[RemoteSeg]) -> Vec<IoSeg> {
+    segs.iter().map(|s| IoSeg { addr: s.addr as usize, len: s.len as usize }).collect()
+}
+
+/// The target's view of a request's segments as a flow's extent: a single segment is contiguous,
+/// as the initiator's single item is, so both ends cut the network fallback alike.
+fn extent_of(segs: &[RemoteSeg]) -> Extent {
+    match segs {
+        [one] => Extent::Contiguous { addr: one.addr as usize, len: u64::from(one.len) },
+        _ => super::local_segments(segs),
+    }
+}
+
+fn violation(what: &str) -> Error {
+    Error::backend(format!("protocol violation: {what}"))
+}
+
+impl ConnState {
+    /// The peer shares this host (another process): its ProcessHello will be checked.
+    pub fn set_same_host(&mut self) {
+        self.direct.same_host = true;
+    }
+
+    pub fn host_path(&self) -> HostPath {
+        HostPath { checked: self.direct.proved && self.direct.ack_seen, ..self.direct.path }
+    }
+
+    /// Next work for the host worker.
+    pub fn next_host_task(&mut self) -> Option<HostTask> {
+        let task = self.direct.work.pop_front();
+        if let Some(HostTask::Copy(job)) = &task {
+            self.direct.running = job.transfer.clone();
+        }
+        task
+    }
+
+    /// The peer's ProcessHello was checked: tell it whether we can read it.
+    pub fn proved(&mut self, reads_peer: bool, out: &mut Vec<Action>) {
+        self.direct.proved = true;
+        self.direct.path.reads_peer = reads_peer;
+        out.push(Action::Send(Control::ProcessAck { readable: reads_peer }));
+    }
+
+    /// The kernel refused a copy after the proof: no more direct copies out of the peer.
+    pub fn lost_peer_access(&mut self) {
+        self.direct.path.reads_peer = false;
+    }
+
+    /// The request message for a one-sided item or vector that may take the direct path, or `None`
+    /// (the network request then). `local` is this end's memory, `segs` the peer's.
+    pub(super) fn direct_request(
+        &mut self,
+        id: u64,
+        write: bool,
+        local: &Extent,
+        remote_region: u64,
+        token: u64,
+        segs: Vec<RemoteSeg>,
+    ) -> Option<Control> {
+        if !self.direct.usable(write) {
+            return None;
+        }
+        if write {
+            let src: Vec<u64> = segs_of(local).iter().map(|s| s.addr as u64).collect();
+            // Local and remote segments pair up one to one (each item is one of each).
+            if src.len() != segs.len() {
+                return None;
+            }
+            self.direct.writes.insert(id);
+            Some(Control::DirectWrite { xfer: id, region: remote_region, token, segs, src })
+        } else {
+            self.direct.reads.insert(id, segs.clone());
+            Some(Control::DirectRead { xfer: id, region: remote_region, token, segs })
+        }
+    }
+
+    pub(super) fn on_process_hello(&mut self, pid: u32, fd: u32, out: &mut Vec<Action>) -> Result<()> {
+        if std::mem::replace(&mut self.direct.hello_seen, true) {
+            return Err(violation("a second ProcessHello"));
+        }
+        if self.direct.same_host {
+            self.direct.work.push_back(HostTask::Prove { pid, fd });
+            out.push(Action::HostWork);
+        } else {
+            out.push(Action::Send(Control::ProcessAck { readable: false }));
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_process_ack(&mut self, readable: bool) -> Result<()> {
+        if std::mem::replace(&mut self.direct.ack_seen, true) {
+            return Err(violation("a second ProcessAck"));
+        }
+        self.direct.path.peer_reads_us = readable && self.direct.same_host;
+        Ok(())
+    }
+
+    /// The peer's DirectWrite: authorized like a WriteVector, then copied in here when we can read
+    /// the peer and the memory is ours to copy with the CPU, else granted as a network write.
+    pub(super) fn on_direct_write(
+        &mut self,
+        xfer: u64,
+        (region, token): (u64, u64),
+        segs: Vec<RemoteSeg>,
+        src: Vec<u64>,
+        mem: &impl Memory,
+        out: &mut Vec<Action>,
+    ) -> Result<()> {
+        let region = match mem.authorize_segments(region, token, &segs) {
+            Err(e) => {
+                deny(xfer, e, out);
+                return Ok(());
+            }
+            Ok(r) => r,
+        };
+        if region.kind != MemKind::Host || !self.direct.path.reads_peer {
+            self.grant(xfer, extent_of(&segs), region, out);
+            return Ok(());
+        }
+        if self.direct.pending() >= MAX_DIRECT_PENDING {
+            return Err(violation(&format!("more than {MAX_DIRECT_PENDING} direct requests pending")));
+        }
+        let remote = segs.iter().zip(&src).map(|(s, &a)| IoSeg { addr: a as usize, len: s.len as usize }).collect();
+        let len = segs.iter().map(|s| u64::from(s.len)).sum();
+        let job = CopyJob { op: xfer, transfer: None, region, local: remote_segs(&segs), remote, len, error: None };
+        self.direct.work.push_back(HostTask::Copy(job));
+        out.push(Action::HostWork);
+        Ok(())
+    }
+
+    /// The peer's DirectRead: authorized like a ReadVector, then granted for the peer to copy out
+    /// of host memory, else served over the network.
+    pub(super) fn on_direct_read(
+        &mut self,
+        xfer: u64,
+        (region, token): (u64, u64),
+        segs: Vec<RemoteSeg>,
+        mem: &impl Memory,
+        out: &mut Vec<Action>,
+    ) -> Result<()> {
+        let region = match mem.authorize_segments(region, token, &segs) {
+            Err(e) => {
+                deny(xfer, e, out);
+                return Ok(());
+            }
+            Ok(r) => r,
+        };
+        if region.kind != MemKind::Host {
+            return self.serve(xfer, Source { extent: extent_of(&segs), region }, out);
+        }
+        if self.direct.pending() >= MAX_DIRECT_PENDING {
+            return Err(violation(&format!("more than {MAX_DIRECT_PENDING} direct requests pending")));
+        }
+        if self.direct.leases.contains_key(&xfer) || self.serving.contains_key(&xfer) {
+            return Err(violation(&format!("a read request reuses op id {xfer} of a read still being served")));
+        }
+        let len = segs.iter().map(|s| u64::from(s.len)).sum();
+        self.direct.leases.insert(xfer, Lease { region, len });
+        out.push(Action::Send(Control::DirectGrant { xfer }));
+        Ok(())
+    }
+
+    /// The target granted our direct read: copy it.
+    pub(super) fn on_direct_grant(&mut self, xfer: u64, out: &mut Vec<Action>) -> Result<()> {
+        let segs = self.direct.reads.remove(&xfer).ok_or_else(|| unknown_op("DirectGrant", xfer))?;
+        let dst = self.inbound.remove(&xfer).ok_or_else(|| unknown_op("DirectGrant", xfer))?;
+        let transfer = dst.on_done.transfer().cloned();
+        let job = CopyJob {
+            op: xfer,
+            transfer,
+            local: segs_of(&dst.extent),
+            remote: remote_segs(&segs),
+            len: dst.extent.len(),
+            region: dst.region,
+            error: dst.error,
+        };
+        self.direct.work.push_back(HostTask::Copy(job));
+        out.push(Action::HostWork);
+        Ok(())
+    }
+
+    /// The peer finished copying our region for its read `xfer`: vouch for the bytes unless the
+    /// region was deregistered meanwhile.
+    pub(super) fn on_direct_done(&mut self, xfer: u64, out: &mut Vec<Action>) -> Result<()> {
+        let lease = self.direct.leases.remove(&xfer).ok_or_else(|| unknown_op("DirectDone", xfer))?;
+        out.push(Action::Send(if lease.region.is_removed() {
+            deny_msg(xfer, &Error::not_allowed("the memory region was deregistered during the transfer"))
+        } else {
+            Control::Done { xfer, len: lease.len }
+        }));
+        Ok(())
+    }
+
+    /// A Done that answers a direct op of ours (a copied write, or a read we copied); `None` when
+    /// the op is not one.
+    pub(super) fn direct_done(&mut self, xfer: u64, len: u64, out: &mut Vec<Action>) -> Option<Result<()>> {
+        let (transfer, expected, error) = if self.direct.writes.remove(&xfer) {
+            let o = self.awaiting_grant.remove(&xfer)?;
+            (o.transfer, o.src.extent.len(), o.error)
+        } else {
+            let c = self.direct.copied.remove(&xfer)?;
+            (c.transfer, c.len, c.error)
+        };
+        if len != expected {
+            out.push(Action::Finish(transfer, Err(violation("a direct transfer's Done reports another length"))));
+            return Some(Err(violation(&format!("Done for op {xfer} reports {len} bytes, expected {expected}"))));
+        }
+        if error.is_none() {
+            self.direct.path.direct_ops += 1;
+        }
+        out.push(Action::Finish(transfer, error.map_or(Ok(len), Err)));
+        Some(Ok(()))
+    }
+
+    /// Forgets that op `xfer` asked for the direct path: the target answered the network way
+    /// (Grant, Data) or refused it.
+    pub(super) fn direct_answered(&mut self, xfer: u64) {
+        self.direct.writes.remove(&xfer);
+        self.direct.reads.remove(&xfer);
+    }
+
+    /// A Deny for a read we copied; `None` when `xfer` is not one.
+    pub(super) fn direct_denied(&mut self, xfer: u64, err: Error, out: &mut Vec<Action>) -> Option<()> {
+        let c = self.direct.copied.remove(&xfer)?;
+        out.push(Action::Finish(c.transfer, Err(err)));
+        Some(())
+    }
+
+    /// The host worker finished `job` (`copied` is what the copy itself said).
+    pub fn copy_finished(&mut self, job: CopyJob, copied: Result<()>, out: &mut Vec<Action>) {
+        self.direct.running = None;
+        if self.failure.is_some() {
+            return;
+        }
+        let gone = || Error::not_allowed("the memory region was deregistered during the transfer");
+        let error = job.error.or_else(|| copied.err()).or_else(|| job.region.is_removed().then(gone));
+        match job.transfer {
+            None => out.push(Action::Send(match &error {
+                None => Control::Done { xfer: job.op, len: job.len },
+                Some(e) => deny_msg(job.op, e),
+            })),
+            Some(transfer) => {
+                let c = Copied { transfer, len: job.len, region: job.region.id, error };
+                self.direct.copied.insert(job.op, c);
+                out.push(Action::Send(Control::DirectDone { xfer: job.op }));
+            }
+        }
+    }
+
+    /// Cuts `region` off the direct path: queued copies into it will not run, and a read of ours
+    /// that already landed there fails when the target answers.
+    pub(super) fn cut_direct(&mut self, region: u64, err: &Error) {
+        for task in &mut self.direct.work {
+            if let HostTask::Copy(job) = task
+                && job.region.id == region
+            {
+                job.error.get_or_insert_with(|| err.clone());
+            }
+        }
+        for c in self.direct.copied.values_mut().filter(|c| c.region == region) {
+            c.error.get_or_insert_with(|| err.clone());
+        }
+    }
+
+    /// Whether the peer's engine owes us an answer on the direct path.
+    pub(super) fn direct_waits_on_peer(&self) -> bool {
+        !self.direct.copied.is_empty() || !self.direct.leases.is_empty()
+    }
+
+    /// Every pending part of the direct path, for `fail`.
+    pub(super) fn fail_direct(&mut self) -> Vec<Arc<Transfer>> {
+        let d = &mut self.direct;
+        let mut failed: Vec<Arc<Transfer>> = d.copied.drain().map(|(_, c)| c.transfer).collect();
+        failed.extend(d.running.take());
+        failed.extend(d.work.drain(..).filter_map(|t| match t {
+            HostTask::Copy(job) => job.transfer,
+            HostTask::Prove { .. } => None,
+        }));
+        d.writes.clear();
+        d.reads.clear();
+        d.leases.clear();
+        d.path.reads_peer = false;
+        d.path.peer_reads_us = false;
+        failed
+    }
+}

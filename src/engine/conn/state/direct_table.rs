@@ -1,0 +1,101 @@
+//! What the same-host path keeps per connection (`direct.rs` is what it does with it): the
+//! initiator's requests waiting for their answer, the host worker's queue, copies waiting for the
+//! target's word, and the target's leases on its memory.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use crate::engine::region::Region;
+use crate::engine::transfer::Transfer;
+use crate::error::Error;
+use crate::proto::RemoteSeg;
+use crate::transport::IoSeg;
+
+/// Work a peer may queue here (copies of its writes, leases of its reads) before it is treated as
+/// hostile.
+pub(super) const MAX_DIRECT_PENDING: usize = 1 << 16;
+
+/// What the connection's host worker does next, outside the connection lock.
+pub(crate) enum HostTask {
+    /// Check the peer's ProcessHello and probe the kernel (`local::prove`).
+    Prove {
+        pid: u32,
+        fd: u32,
+    },
+    Copy(CopyJob),
+}
+
+/// One copy out of the peer's process into memory of ours.
+pub(crate) struct CopyJob {
+    /// The peer's write op (answered with Done when copied) or our read op (followed by DirectDone).
+    pub op: u64,
+    /// Our read's part; `None` for the peer's write.
+    pub transfer: Option<Arc<Transfer>>,
+    /// The region the bytes land in, ours.
+    pub region: Arc<Region>,
+    pub local: Vec<IoSeg>,
+    /// Where the same bytes lie in the peer.
+    pub remote: Vec<IoSeg>,
+    pub len: u64,
+    /// Set when the region was cut off before the copy ran: nothing is copied, the op fails.
+    pub error: Option<Error>,
+}
+
+/// Our read, copied, waiting for the target's Done.
+pub(super) struct Copied {
+    pub(super) transfer: Arc<Transfer>,
+    pub(super) len: u64,
+    pub(super) region: u64,
+    pub(super) error: Option<Error>,
+}
+
+/// The peer's read we authorized, until its DirectDone.
+pub(super) struct Lease {
+    pub(super) region: Arc<Region>,
+    pub(super) len: u64,
+}
+
+/// How far the same-host path got on this connection, for the caller's inspection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostPath {
+    /// Both checks are through: ours of the peer's process, and the peer's of ours (its answer
+    /// arrived). Until then requests take the network path.
+    pub checked: bool,
+    /// We proved the peer's process and the kernel lets us read it: our reads copy directly, and
+    /// so do the peer's writes into us.
+    pub reads_peer: bool,
+    /// The peer said the same of us: our writes ask to be copied in directly.
+    pub peer_reads_us: bool,
+    /// One-sided requests this end started that completed through the direct copy.
+    pub direct_ops: u64,
+}
+
+#[derive(Default)]
+pub(super) struct Direct {
+    /// The handshake found the peer on this host (another process).
+    pub(super) same_host: bool,
+    pub(super) hello_seen: bool,
+    pub(super) ack_seen: bool,
+    pub(super) proved: bool,
+    pub(super) path: HostPath,
+    /// Our direct writes waiting in `awaiting_grant`: a Done may answer them without a Grant.
+    pub(super) writes: HashSet<u64>,
+    /// Our direct reads waiting in `inbound` for DirectGrant: the peer's segments.
+    pub(super) reads: HashMap<u64, Vec<RemoteSeg>>,
+    pub(super) work: VecDeque<HostTask>,
+    /// The part of our read the worker is copying now: failing the connection fails it too.
+    pub(super) running: Option<Arc<Transfer>>,
+    pub(super) copied: HashMap<u64, Copied>,
+    pub(super) leases: HashMap<u64, Lease>,
+}
+
+impl Direct {
+    /// Whether a request of ours in that direction may ask for the direct path.
+    pub(super) fn usable(&self, write: bool) -> bool {
+        if write { self.path.peer_reads_us } else { self.path.reads_peer }
+    }
+
+    pub(super) fn pending(&self) -> usize {
+        self.work.len() + self.leases.len()
+    }
+}

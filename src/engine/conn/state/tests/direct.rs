@@ -1,0 +1,257 @@
+//! The same-host path without threads or processes: the host worker's tasks are run by hand, a
+//! copy being a plain copy between the test's buffers (both "processes" are this one).
+
+use super::*;
+
+/// Two ends of one host; each proved the other (or not) and told it so.
+fn host_pair(a_reads_b: bool, b_reads_a: bool) -> (End, End) {
+    let (mut a, mut b) = (End::new(), End::new());
+    for (end, reads) in [(&mut a, a_reads_b), (&mut b, b_reads_a)] {
+        end.st.set_same_host();
+        end.handle(Control::ProcessHello { pid: 7, fd: 3 }).unwrap();
+        assert!(end.host_work, "the proof is the worker's");
+        let Some(HostTask::Prove { pid: 7, fd: 3 }) = end.st.next_host_task() else { panic!("a proof task") };
+        let mut out = Vec::new();
+        end.st.proved(reads, &mut out);
+        end.take(out);
+        assert_eq!(end.outbox, [Control::ProcessAck { readable: reads }]);
+        end.host_work = false;
+    }
+    pump(&mut a, &mut b);
+    let want = HostPath { checked: true, reads_peer: a_reads_b, peer_reads_us: b_reads_a, direct_ops: 0 };
+    assert_eq!(a.st.host_path(), want);
+    (a, b)
+}
+
+#[test]
+fn writes_are_copied_in_by_the_target_and_reads_out_by_the_reader() {
+    let (mut a, mut b) = host_pair(true, true);
+    let len = 3 * CHUNK + 5;
+    let src = a.buffer(len, pattern(40));
+    let dst = b.buffer(len + 100, |_| 0);
+    let t = a.one_sided(true, &[(&src, 0, &dst, 100, len)]);
+    let Some(Control::DirectWrite { xfer, segs, src: from, .. }) = a.outbox.front().cloned() else {
+        panic!("{:?}", a.outbox)
+    };
+    assert_eq!(segs, [RemoteSeg { addr: dst.addr() as u64 + 100, len: len as u32 }]);
+    assert_eq!(from, [src.addr() as u64]);
+    deliver(&mut a, &mut b).unwrap();
+    assert!(b.host_work && b.outbox.is_empty(), "the target copies before it answers");
+    assert!(run_host_work(&mut b));
+    assert_eq!(b.outbox, [Control::Done { xfer, len: len as u64 }]);
+    deliver(&mut b, &mut a).unwrap();
+    assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
+    assert_eq!(&dst.bytes[100..], &src.bytes[..]);
+    assert!(a.sending.is_empty() && b.receiving.is_empty(), "no channel carried anything");
+
+    let back = a.buffer(len, |_| 0);
+    let t = a.one_sided(false, &[(&back, 0, &dst, 100, len)]);
+    let Some(&Control::DirectRead { xfer, .. }) = a.outbox.front() else { panic!("{:?}", a.outbox) };
+    deliver(&mut a, &mut b).unwrap();
+    assert_eq!(b.outbox, [Control::DirectGrant { xfer }]);
+    assert!(b.st.waits_on_peer(), "the reader owes its DirectDone");
+    deliver(&mut b, &mut a).unwrap();
+    assert!(run_host_work(&mut a));
+    assert_eq!(a.outbox, [Control::DirectDone { xfer }]);
+    assert!(a.outcome(&t).is_none(), "copied, but the target still has to vouch for the bytes");
+    assert!(a.st.waits_on_peer());
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
+    assert_eq!(back.bytes, src.bytes);
+    assert_eq!(a.st.host_path().direct_ops, 2);
+    assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
+
+    // Vectors too: one request, one copy, whatever the segments; small items stay inline.
+    let remote = b.buffer(1 << 20, |_| 0);
+    let items = scattered_items(&src, &remote, &[30_000, 70_000, 50_000], 10, 20);
+    let t = a.one_sided(true, &items);
+    assert!(
+        matches!(a.outbox.front(), Some(Control::DirectWrite { segs, src, .. }) if segs.len() == 3 && src.len() == 3)
+    );
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&t).unwrap().unwrap(), 150_000);
+    assert!(items_match(&items));
+    let t = a.one_sided(true, &[(&src, 0, &remote, 0, 100)]);
+    assert!(matches!(a.outbox.front(), Some(Control::InlineWrite { .. })), "{:?}", a.outbox);
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&t).unwrap().unwrap(), 100);
+}
+
+#[test]
+fn without_a_proof_either_way_requests_take_the_network_path() {
+    for (a_reads_b, b_reads_a) in [(false, false), (true, false), (false, true)] {
+        let (mut a, mut b) = host_pair(a_reads_b, b_reads_a);
+        let len = 2 * CHUNK;
+        let src = a.buffer(len, pattern(41));
+        let dst = b.buffer(len, |_| 0);
+        let w = a.one_sided(true, &[(&src, 0, &dst, 0, len)]);
+        let direct_write = matches!(a.outbox.front(), Some(Control::DirectWrite { .. }));
+        assert_eq!(direct_write, b_reads_a, "a writes directly only when b can read it");
+        pump(&mut a, &mut b);
+        assert_eq!(a.outcome(&w).unwrap().unwrap(), len as u64);
+        let back = a.buffer(len, |_| 0);
+        let r = a.one_sided(false, &[(&back, 0, &dst, 0, len)]);
+        let direct_read = matches!(a.outbox.front(), Some(Control::DirectRead { .. }));
+        assert_eq!(direct_read, a_reads_b, "a reads directly only when it can read b");
+        pump(&mut a, &mut b);
+        assert_eq!(a.outcome(&r).unwrap().unwrap(), len as u64);
+        assert_eq!(back.bytes, src.bytes);
+        assert_eq!(a.st.host_path().direct_ops, u64::from(a_reads_b) + u64::from(b_reads_a));
+    }
+    // A peer that is not on this host gets no proof, whatever it says.
+    let mut remote = End::new();
+    remote.handle(Control::ProcessHello { pid: 1, fd: 1 }).unwrap();
+    assert!(!remote.host_work);
+    assert_eq!(remote.outbox, [Control::ProcessAck { readable: false }]);
+    remote.handle(Control::ProcessAck { readable: true }).unwrap();
+    assert!(!remote.st.host_path().peer_reads_us, "a remote peer's claim to read us means nothing");
+}
+
+#[test]
+fn a_target_that_cannot_copy_answers_the_network_way() {
+    // The initiator was told the target reads it, but the target did not prove it (or the kernel
+    // took the access away): it grants the write and serves the read over the channels.
+    let (mut a, mut b) = (End::new(), End::new());
+    a.st.set_same_host();
+    b.st.set_same_host();
+    a.handle(Control::ProcessAck { readable: true }).unwrap();
+    let len = 2 * CHUNK + 3;
+    let src = a.buffer(len, pattern(42));
+    let dst = b.buffer(len, |_| 0);
+    let t = a.one_sided(true, &[(&src, 0, &dst, 0, len)]);
+    assert!(matches!(a.outbox.front(), Some(Control::DirectWrite { .. })));
+    deliver(&mut a, &mut b).unwrap();
+    assert!(matches!(b.outbox.front(), Some(Control::Grant { .. })), "{:?}", b.outbox);
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
+    assert_eq!(dst.bytes, src.bytes);
+    assert_eq!(a.st.host_path().direct_ops, 0);
+
+    // Device memory at the target: neither direction can be copied with the CPU.
+    let (mut a, mut b) = host_pair(true, true);
+    let src = a.buffer(len, pattern(43));
+    let bytes: Box<[u8]> = vec![0u8; len].into_boxed_slice();
+    let id = b.mem.regions.register(bytes.as_ptr() as usize, len, MemKind::Cuda { device: 0 }).unwrap();
+    let item = b.mem.regions.advertise(id, bytes.as_ptr() as usize, len).unwrap();
+    let dev = Buf { bytes, region: b.mem.regions.get(id).unwrap(), cap: item.capability().unwrap() };
+    let t = a.one_sided(true, &[(&src, 0, &dev, 0, len)]);
+    deliver(&mut a, &mut b).unwrap();
+    assert!(matches!(b.outbox.front(), Some(Control::Grant { .. })), "{:?}", b.outbox);
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
+    let back = a.buffer(len, |_| 0);
+    let t = a.one_sided(false, &[(&back, 0, &dev, 0, len)]);
+    deliver(&mut a, &mut b).unwrap();
+    assert!(matches!(b.outbox.front(), Some(Control::Data { .. })), "{:?}", b.outbox);
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
+    assert_eq!(back.bytes, src.bytes);
+    assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
+}
+
+#[test]
+fn the_target_refuses_what_it_did_not_advertise_and_copies_nothing() {
+    let (mut a, mut b) = host_pair(true, true);
+    let local = a.buffer(4 * CHUNK, pattern(44));
+    let target = b.buffer(4 * CHUNK, |_| 0);
+    let mut forged = b.buffer(16, |_| 0);
+    forged.cap = Capability { region: target.cap.region, token: target.cap.token ^ 1 };
+    let window = b.buffer(8 * CHUNK, |_| 0);
+    for write in [true, false] {
+        let t = a.one_sided(write, &[(&local, 0, &forged, 0, 4 * CHUNK)]);
+        deliver(&mut a, &mut b).unwrap();
+        assert!(!b.host_work, "nothing is queued for a refused request");
+        pump(&mut a, &mut b);
+        assert_eq!(status(a.outcome(&t)), UcclStatus::ErrNotAllowed, "write {write}");
+        // One segment past the window's end: the whole vector is refused.
+        let items = [(&local, 0, &window, 0, CHUNK), (&local, CHUNK, &window, 8 * CHUNK - CHUNK / 2, CHUNK)];
+        let t = a.one_sided(write, &items);
+        pump(&mut a, &mut b);
+        assert_eq!(status(a.outcome(&t)), UcclStatus::ErrNotAllowed, "vector, write {write}");
+    }
+    assert!(target.bytes.iter().chain(window.bytes.iter()).all(|&x| x == 0));
+    assert!(a.st.check_open().is_ok() && b.st.check_open().is_ok());
+    assert_eq!(a.st.host_path().direct_ops, 0);
+}
+
+#[test]
+fn a_cut_region_is_neither_copied_into_nor_vouched_for() {
+    // The target's region cut while the peer's write waits for the worker.
+    let (mut a, mut b) = host_pair(true, true);
+    let src = a.buffer(4 * CHUNK, pattern(45));
+    let dst = b.buffer(4 * CHUNK, |_| 0);
+    let t = a.one_sided(true, &[(&src, 0, &dst, 0, 4 * CHUNK)]);
+    deliver(&mut a, &mut b).unwrap();
+    b.cut(&dst).unwrap();
+    pump(&mut a, &mut b);
+    assert!(not_allowed(a.outcome(&t)).contains("deregistered"));
+    assert!(dst.bytes.iter().all(|&x| x == 0), "nothing landed after the cut");
+
+    // Our read's destination cut before the copy ran.
+    let back = a.buffer(4 * CHUNK, |_| 0);
+    let remote = b.buffer(4 * CHUNK, pattern(46));
+    let t = a.one_sided(false, &[(&back, 0, &remote, 0, 4 * CHUNK)]);
+    deliver(&mut a, &mut b).unwrap();
+    deliver(&mut b, &mut a).unwrap();
+    assert!(a.host_work);
+    a.cut(&back).unwrap();
+    pump(&mut a, &mut b);
+    assert!(not_allowed(a.outcome(&t)).contains("deregistered"));
+    assert!(back.bytes.iter().all(|&x| x == 0));
+
+    // The target's region cut after the reader copied, before its DirectDone arrived: the bytes are
+    // not vouched for.
+    let back = a.buffer(4 * CHUNK, |_| 0);
+    let t = a.one_sided(false, &[(&back, 0, &remote, 0, 4 * CHUNK)]);
+    deliver(&mut a, &mut b).unwrap();
+    deliver(&mut b, &mut a).unwrap();
+    run_host_work(&mut a);
+    b.cut(&remote).unwrap();
+    pump(&mut a, &mut b);
+    assert!(not_allowed(a.outcome(&t)).contains("deregistered"));
+
+    // Our write's source cut while the target copies it: the write fails whatever the target says.
+    let fresh = b.buffer(4 * CHUNK, |_| 0);
+    let t = a.one_sided(true, &[(&src, 0, &fresh, 0, 4 * CHUNK)]);
+    deliver(&mut a, &mut b).unwrap();
+    a.cut(&src).unwrap();
+    pump(&mut a, &mut b);
+    assert!(not_allowed(a.outcome(&t)).contains("deregistered"));
+    assert!(a.st.check_open().is_ok() && b.st.check_open().is_ok());
+    assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
+}
+
+#[test]
+fn a_peer_breaking_the_direct_exchange_fails_the_connection() {
+    let (mut a, _b) = host_pair(true, true);
+    for msg in [
+        Control::ProcessHello { pid: 7, fd: 3 },
+        Control::ProcessAck { readable: true },
+        Control::DirectGrant { xfer: 99 },
+        Control::DirectDone { xfer: 99 },
+    ] {
+        let err = a.handle(msg.clone()).unwrap_err();
+        assert!(err.message().contains("protocol violation"), "{msg:?}: {err}");
+    }
+    // A Done reporting another length than the direct write asked for.
+    let (mut a, b) = host_pair(true, true);
+    let src = a.buffer(2 * CHUNK, pattern(47));
+    let dst = b.buffer(2 * CHUNK, |_| 0);
+    let t = a.one_sided(true, &[(&src, 0, &dst, 0, 2 * CHUNK)]);
+    let Some(&Control::DirectWrite { xfer, .. }) = a.outbox.front() else { panic!("{:?}", a.outbox) };
+    assert!(a.handle(Control::Done { xfer, len: 1 }).is_err());
+    assert!(a.outcome(&t).unwrap().is_err(), "the part is failed, not left behind");
+    // A reader that copied and waits for the answer fails with the connection.
+    let (mut a, mut b) = host_pair(true, true);
+    let back = a.buffer(2 * CHUNK, |_| 0);
+    let remote = b.buffer(2 * CHUNK, pattern(48));
+    let t = a.one_sided(false, &[(&back, 0, &remote, 0, 2 * CHUNK)]);
+    deliver(&mut a, &mut b).unwrap();
+    deliver(&mut b, &mut a).unwrap();
+    run_host_work(&mut a);
+    let failed = a.st.fail(Error::disconnected("gone"));
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].id, t.id);
+    let path = a.st.host_path();
+    assert_eq!((path.reads_peer, path.peer_reads_us, path.direct_ops), (false, false, 0));
+}
