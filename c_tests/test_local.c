@@ -1,13 +1,17 @@
 /* Same-host peers: conn_is_local for engines of one process and of two processes of this host,
  * direct same-process DRAM writes and reads through the vector calls with NULL and with zeroed
  * ipc_bufs, refusal of what the target did not advertise on that path (-6, target untouched),
- * and UCCL_TCPX_DISABLE_IPC=1 forcing the network path. */
+ * UCCL_TCPX_DISABLE_IPC=1 forcing the network path, and host memory between two processes (copied
+ * with process_vm_readv where the kernel allows it, else over loopback TCP): a read and a write
+ * larger than the inline limit, and a write past the region's end refused with nothing landing. */
 #include "harness.h"
 
 #include <sys/wait.h>
 
 #define LEN ((size_t)256 * 1024)
 #define SENTINEL 0x5A
+/* Larger than the 64 KiB that ride the control stream inline. */
+#define WRITTEN ((size_t)200 * 1024)
 
 /* The peer process: an engine of its own, a region with a pattern, advertised over a pipe; then it
  * waits for the parent's go and checks what the parent wrote. Exit status 0 means all held. */
@@ -19,6 +23,7 @@ static int child_main(int announce_fd, int go_fd) {
   metadata_t md;
   char ip[64], go = 0;
   int gpu = 0, ok;
+  size_t i;
   uccl_conn_t *conn;
   if (!e || !engine_metadata(e, &md)) return 2;
   fill_pattern(buf, LEN, 0xC41D);
@@ -29,9 +34,15 @@ static int child_main(int announce_fd, int go_fd) {
   conn = uccl_engine_accept(e, ip, sizeof ip, &gpu);
   if (!conn || !uccl_engine_conn_is_local(conn)) return 4;
   if (read(go_fd, &go, 1) != 1) return 5;
-  /* The parent wrote 4 KiB of 0x77 at offset 100. */
-  ok = check_fill(buf + 100, 4096, 0x77, "child region after the parent's write") &&
+  /* The parent wrote WRITTEN bytes of 0x77 at offset 100; its write past the end was refused. */
+  ok = check_fill(buf + 100, WRITTEN, 0x77, "child region after the parent's write") &&
        check_pattern(buf, 100, 0xC41D, "child region before the written range");
+  for (i = 100 + WRITTEN; ok && i < LEN; i++) {
+    if (buf[i] != pattern_byte(i, 0xC41D)) {
+      fprintf(stderr, "  child region after the written range: byte %zu changed\n", i);
+      ok = 0;
+    }
+  }
   uccl_engine_conn_destroy(conn);
   uccl_engine_destroy(e);
   return ok ? 0 : 6;
@@ -58,9 +69,15 @@ static void test_cross_process(pid_t child, int announce_fd, int go_fd) {
   rc = uccl_engine_read(conn, mr, buf, LEN, item, &id);
   CHECK_EQ(post_then_wait(rc, conn, id, DEFAULT_WAIT_MS), UCCL_STATUS_OK);
   CHECK(check_pattern(buf, LEN, 0xC41D, "read from the other process"));
-  memset(buf, 0x77, 4096);
+  memset(buf, 0x77, WRITTEN);
+  {
+    FifoItem past = item;
+    past.addr += LEN - 32;
+    rc = uccl_engine_write(conn, mr, buf, WRITTEN, past, &id);
+    CHECK_EQ(post_then_wait(rc, conn, id, DEFAULT_WAIT_MS), UCCL_STATUS_ERR_NOT_ALLOWED);
+  }
   item.addr += 100;
-  rc = uccl_engine_write(conn, mr, buf, 4096, item, &id);
+  rc = uccl_engine_write(conn, mr, buf, WRITTEN, item, &id);
   CHECK_EQ(post_then_wait(rc, conn, id, DEFAULT_WAIT_MS), UCCL_STATUS_OK);
   REQUIRE(write(go_fd, &gobyte, 1) == 1);
   REQUIRE(waitpid(child, &status, 0) == child);

@@ -143,6 +143,11 @@ pub struct Args {
     /// of all)
     #[arg(long)]
     pub split_cores: bool,
+    /// Loopback, host memory: measure next to each write and read, in the same run, the same
+    /// transfers over loopback TCP (a second engine with UCCL_TCPX_DISABLE_IPC=1) and memcpy of the
+    /// same size; the loopback connection itself takes the same-host path unless that variable is set
+    #[arg(long)]
+    pub same_host: bool,
 }
 
 impl Args {
@@ -174,6 +179,19 @@ impl Args {
             return Err((
                 ErrorKind::ArgumentConflict,
                 "--split-cores applies to --loopback only (two hosts have their own cores)",
+            ));
+        }
+        if self.same_host && self.role != Role::Loopback {
+            return Err((
+                ErrorKind::ArgumentConflict,
+                "--same-host applies to --loopback only (two hosts have no same-host path)",
+            ));
+        }
+        let one_sided_host = !self.uses_gpu() && self.ops.iter().all(|&o| o == Op::Write || o == Op::Read);
+        if self.same_host && !one_sided_host {
+            return Err((
+                ErrorKind::ArgumentConflict,
+                "--same-host measures one-sided host memory: --ops write,read and --device cpu",
             ));
         }
         if self.peer_device.is_some() && self.role != Role::Loopback {
@@ -372,6 +390,10 @@ mod tests {
             "--peer-gpu 1",
             "--device gpu --peer-gpu 1 --role server",
             "--device gpu --ops write,transport",
+            "--same-host --role client --remote-ip 10.0.0.2",
+            "--same-host --role server",
+            "--same-host --ops write,send",
+            "--same-host --device gpu",
             "stray",
         ] {
             let e = parse(bad).err().unwrap_or_else(|| panic!("{bad} was accepted"));
@@ -425,6 +447,7 @@ mod tests {
             "--peer-device",
             "--cpus",
             "--split-cores",
+            "--same-host",
             "--help",
         ] {
             assert!(help.split_whitespace().any(|w| w == flag), "{flag} in {help}");
@@ -461,6 +484,7 @@ mod tests {
             "--device gpu --peer-device cpu --ops write,send --sizes 4K,64K,1M,4M,64M --no-baseline",
             "--sizes 128K,256K,512K,1M,4M,64M --ops write,read",
             "--ops write,read --sizes 64M --depth 4 --iters 16 --channels 8",
+            "--same-host --ops write,read --sizes 64K,1M,16M,64M",
         ] {
             if let Err(e) = parse(line) {
                 panic!("{line}: {e}");

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use uccl_tcpx::engine::OneSided;
+use uccl_tcpx::engine::local::Locality;
 use uccl_tcpx::proto::FifoItem;
 use uccl_tcpx::{Config, Connection, Engine};
 
@@ -17,7 +18,7 @@ use crate::layout::Layout;
 use crate::memory::BenchMemory;
 use crate::progress::Progress;
 use crate::raw;
-use crate::report::{Baseline, Point, RunInfo};
+use crate::report::{Baseline, HostAnchors, Point, RunInfo};
 use crate::server::wait;
 use crate::transport_ping;
 
@@ -36,7 +37,9 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
         config.ip = Some(server);
     }
     let bytes = args.buffer_bytes();
-    ctl.send(&format!("SETUP {bytes} {}", config.num_channels))?;
+    // --same-host connects a second time, over loopback TCP.
+    let connections = if args.same_host { 2 } else { 1 };
+    ctl.send(&format!("SETUP {bytes} {} {connections}", config.num_channels))?;
     let ready = ctl.expect("READY")?;
     let engine_port: u16 = field(&ready, 1)?;
     let fifo_bytes = ready.get(2).and_then(|h| ctl::unhex(h)).filter(|b| b.len() == 64);
@@ -59,6 +62,18 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
             engine.transport()
         );
     }
+    // --same-host: the anchor connection over loopback TCP, from an engine with the path off.
+    let mut tcp_anchor = if args.same_host {
+        let network = Engine::new(Config { disable_ipc: true, ..config.clone() }).map_err(std::io::Error::other)?;
+        let mr = network.register(mem.addr(), bytes).map_err(std::io::Error::other)?;
+        let conn = network.connect(&server.to_string(), remote_gpu, engine_port).map_err(std::io::Error::other)?;
+        Some(TcpAnchor { engine: network, conn, mr, copy: (vec![1u8; bytes], vec![0u8; bytes]) })
+    } else {
+        None
+    };
+    // Host memory of another process of this host: say which path it takes.
+    let host_path = (conn.peer.locality == Locality::SameHost && mem.gpu().is_none())
+        .then(|| crate::same_host::describe_path(&conn));
     let streams = config.num_channels as usize * config.socket.sockets_per_comm();
     // Two GPU ends of one host: one-sided transfers take the same-host path (device copies), and
     // the device-copy anchors are measured next to them.
@@ -78,9 +93,10 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
         chunk_size: config.chunk_size,
         client_memory: mem.describe(),
         server_memory,
+        host_path,
     };
     let vectors = args.num_iovs > 1;
-    let steps = args.ops.len() * args.sizes.len() * if vectors { 2 } else { 1 }
+    let steps = args.ops.len() * args.sizes.len() * (1 + usize::from(vectors) + usize::from(args.same_host))
         + if args.baseline { args.sizes.len() } else { 0 }
         + if same_host_gpus.is_some() { 2 * args.sizes.len() } else { 0 };
     let mut progress = Progress::new(steps);
@@ -150,8 +166,21 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
                 }
                 _ => None,
             };
+            let host_anchors = match &mut tcp_anchor {
+                Some(a) => {
+                    progress.step(&format!("{} {} over loopback TCP", op.name(), crate::report::human(size)));
+                    seed += 1;
+                    let (conn, mr) = (&a.conn, a.mr);
+                    let mut run = Run { args, ctl: &mut ctl, conn, mr, mem: &mut mem, fifo, op, layout, seed };
+                    let tcp_gbs = Point::new(op, size, iters, &run.measure(iters)?.samples, None).gbs();
+                    let memcpy_gbs = crate::same_host::memcpy_gbs(&a.copy.0, &mut a.copy.1, size, iters);
+                    Some(HostAnchors { tcp_gbs, memcpy_gbs })
+                }
+                None => None,
+            };
             let mut point = Point::new(op, size, iters, &timed.samples, baseline);
             point.anchor = anchor;
+            point.host_anchors = host_anchors;
             point.contiguous_gbs = contiguous;
             point.post_p50 = (!timed.posts.is_empty()).then(|| median(timed.posts));
             on_point(&info, &point, &mut progress);
@@ -161,8 +190,20 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
     progress.finish();
     ctl.send("QUIT")?;
     drop(conn);
+    if let Some(a) = tcp_anchor {
+        drop(a.conn);
+        a.engine.shutdown();
+    }
     engine.shutdown();
     Ok((info, points))
+}
+
+/// `--same-host`: the loopback TCP connection and the memcpy buffers measured next to ours.
+struct TcpAnchor {
+    engine: Engine,
+    conn: Arc<Connection>,
+    mr: u64,
+    copy: (Vec<u8>, Vec<u8>),
 }
 
 pub fn median(mut v: Vec<Duration>) -> Duration {

@@ -13,6 +13,7 @@ mod plot;
 mod progress;
 mod raw;
 mod report;
+mod same_host;
 mod server;
 mod transport_ping;
 
@@ -68,6 +69,9 @@ fn loopback(args: &Args, split: Option<cpus::Split>) {
     let exe = std::env::current_exe().unwrap_or_else(|e| fail(&format!("cannot find this executable: {e}")));
     let mut child_args = args.server_child_args();
     let mut mode = "loopback, 2 processes".to_string();
+    if args.same_host {
+        mode += ", same-host connection";
+    }
     if let Some(cpus::Split { server, client }) = &split {
         child_args.extend(["--cpus".into(), cpus::format(server)]);
         mode = format!("{mode}, server on CPUs {}, client on {}", cpus::format(server), cpus::format(client));

@@ -23,6 +23,10 @@ pub struct RunInfo {
     pub depth: usize,
     pub num_iovs: usize,
     pub chunk_size: u32,
+    /// Host memory between two processes of one host: which directions the same-host path copies
+    /// directly (null for other runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<String>,
 }
 
 impl RunInfo {
@@ -46,6 +50,17 @@ pub struct Point {
     pub post_p50: Option<Duration>,
     /// The same bytes copied between the same GPUs, one copy and one wait each (same-host runs).
     pub anchor: Option<Anchor>,
+    /// `--same-host` (host memory): the loopback TCP path and memcpy of the same size, same run.
+    pub host_anchors: Option<HostAnchors>,
+}
+
+/// What a same-host host-memory point is measured against, for one size.
+#[derive(Clone, Copy, Debug)]
+pub struct HostAnchors {
+    /// GB/s of the same transfers over loopback TCP (an engine with UCCL_TCPX_DISABLE_IPC=1).
+    pub tcp_gbs: f64,
+    /// GB/s of memcpy of the same size within one process.
+    pub memcpy_gbs: f64,
 }
 
 /// Raw TCP between the same two processes, for one size.
@@ -77,6 +92,7 @@ impl Point {
             contiguous_gbs: None,
             post_p50: None,
             anchor: None,
+            host_anchors: None,
         }
     }
 
@@ -111,6 +127,11 @@ impl Point {
         self.anchor.map(|a| self.p50.as_secs_f64() / a.p50.as_secs_f64().max(1e-12))
     }
 
+    /// Ours over the same transfers over loopback TCP.
+    pub fn tcp_ratio(&self) -> Option<f64> {
+        self.host_anchors.map(|a| self.gbs() / a.tcp_gbs)
+    }
+
     pub fn lat_ratio(&self) -> Option<f64> {
         self.baseline.map(|b| self.p50.as_secs_f64() / b.pingpong.as_secs_f64().max(1e-12))
     }
@@ -126,6 +147,14 @@ pub fn human(n: usize) -> String {
 }
 
 pub fn header(info: &RunInfo, mode: &str) -> String {
+    let mut head = header_lines(info, mode);
+    if let Some(path) = &info.host_path {
+        head += &format!("\n# host memory between the two processes: {path}");
+    }
+    head
+}
+
+fn header_lines(info: &RunInfo, mode: &str) -> String {
     let memory = if info.same_host {
         format!(
             "GPU memory (client {}, server {}), one-sided transfers over the same-host path (device copies; CUDA \
@@ -239,6 +268,11 @@ pub fn summary(points: &[Point]) -> String {
         s.pop();
         s += &format!(" {:>12} {:>10} {:>10}\n", "1-piece GB/s", "vec ratio", "post us");
     }
+    let host = points.iter().any(|p| p.host_anchors.is_some());
+    if host {
+        s.pop();
+        s += &format!(" {:>10} {:>9} {:>11}\n", "TCP GB/s", "x TCP", "memcpy GB/s");
+    }
     let fmt = |v: Option<f64>, digits: usize| v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "-".into());
     for p in points {
         let b = p.baseline;
@@ -258,6 +292,11 @@ pub fn summary(points: &[Point]) -> String {
         if vectors {
             let post = p.post_p50.map(|d| d.as_secs_f64() * 1e6);
             s += &format!(" {:>12} {:>10} {:>10}", fmt(p.contiguous_gbs, 2), fmt(p.vector_ratio(), 2), fmt(post, 1));
+        }
+        if host {
+            let a = p.host_anchors;
+            let (tcp, memcpy) = (a.map(|a| a.tcp_gbs), a.map(|a| a.memcpy_gbs));
+            s += &format!(" {:>10} {:>9} {:>11}", fmt(tcp, 2), fmt(p.tcp_ratio(), 2), fmt(memcpy, 2));
         }
         s.push('\n');
     }
@@ -302,6 +341,13 @@ struct JsonPoint {
     anchor_ratio: Option<f64>,
     anchor_p50_us: Option<f64>,
     anchor_lat_ratio: Option<f64>,
+    /// `--same-host` (host memory) only: the anchors of the same run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tcp_gb_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tcp_ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memcpy_gb_per_s: Option<f64>,
 }
 
 impl JsonPoint {
@@ -329,6 +375,9 @@ impl JsonPoint {
             anchor_ratio: p.anchor_ratio(),
             anchor_p50_us: p.anchor.map(|a| us(a.p50)),
             anchor_lat_ratio: p.anchor_lat_ratio(),
+            tcp_gb_per_s: p.host_anchors.map(|a| a.tcp_gbs),
+            tcp_ratio: p.tcp_ratio(),
+            memcpy_gb_per_s: p.host_anchors.map(|a| a.memcpy_gbs),
         }
     }
 }
@@ -359,6 +408,7 @@ mod tests {
             chunk_size: 1 << 20,
             client_memory: client.into(),
             server_memory: server.into(),
+            host_path: None,
         }
     }
 
@@ -516,6 +566,30 @@ mod tests {
         ] {
             assert!(q[key].is_null(), "no baseline ran: {key} in {q}");
         }
+    }
+
+    #[test]
+    fn same_host_host_memory_points_report_their_anchors() {
+        let samples: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
+        let mut p = Point::new(Op::Write, 1 << 20, 100, &samples, None);
+        p.host_anchors = Some(HostAnchors { tcp_gbs: p.gbs() / 4.0, memcpy_gbs: 30.0 });
+        let table = summary(std::slice::from_ref(&p));
+        assert!(table.lines().nth(2).unwrap().ends_with("TCP GB/s     x TCP memcpy GB/s"), "{table}");
+        let row: Vec<&str> = table.lines().last().unwrap().split_whitespace().collect();
+        assert_eq!(&row[row.len() - 2..], ["4.00", "30.00"], "{table}");
+        let mut run = info("host", "host");
+        run.host_path = Some("reads copied directly, writes copied directly".into());
+        assert!(
+            header(&run, "loopback")
+                .ends_with("host memory between the two processes: reads copied directly, writes copied directly")
+        );
+        let v = parsed(&run, "loopback", std::slice::from_ref(&p));
+        assert_eq!(v["host_path"].as_str(), run.host_path.as_deref());
+        let q = &v["results"][0];
+        assert!((q["tcp_ratio"].as_f64().unwrap() - 4.0).abs() < 1e-9, "{q}");
+        assert_eq!(q["memcpy_gb_per_s"].as_f64(), Some(30.0));
+        let plain = parsed(&info("host", "host"), "loopback", &[Point::new(Op::Write, 8, 1, &samples[..1], None)]);
+        assert!(plain["host_path"].is_null() && plain["results"][0]["tcp_gb_per_s"].is_null(), "{plain}");
     }
 
     #[test]

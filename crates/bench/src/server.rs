@@ -30,6 +30,8 @@ pub fn run(args: &Args) -> Io<()> {
     let mut ctl = Ctl::new(stream)?;
     let setup = ctl.expect("SETUP")?;
     let (bytes, channels): (usize, u16) = (field(&setup, 1)?, field(&setup, 2)?);
+    // A same-host run connects twice: over the same-host path and over loopback TCP.
+    let connections: usize = if setup.len() > 3 { field(&setup, 3)? } else { 1 };
     let mut config = Config {
         num_channels: args.channels.unwrap_or(channels),
         ..Config::from_env().map_err(std::io::Error::other)?
@@ -45,11 +47,12 @@ pub fn run(args: &Args) -> Io<()> {
     let fifo = engine.prepare_fifo(mr, mem.addr(), bytes).map_err(std::io::Error::other)?;
     let port = engine.address().port();
     ctl.send(&format!("READY {port} {} {}", ctl::hex(&fifo.to_bytes()), mem.describe()))?;
-    let conn = engine.accept().map_err(std::io::Error::other)?;
+    let conns: Vec<Arc<Connection>> =
+        (0..connections.max(1)).map(|_| engine.accept().map_err(std::io::Error::other)).collect::<Io<_>>()?;
     log_line(args, &format!("client {peer} connected"));
-    let mut target = Target { engine: &engine, conn: &conn, mr, mem: &mut mem };
+    let mut target = Target { engine: &engine, conn: &conns[0], mr, mem: &mut mem };
     let served = target.serve(&mut ctl);
-    drop(conn);
+    drop(conns);
     engine.shutdown();
     served
 }

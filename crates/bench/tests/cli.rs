@@ -74,6 +74,42 @@ fn vector_run_reports_the_one_piece_figure_of_the_same_run() {
 }
 
 #[test]
+fn same_host_run_measures_its_anchors_in_the_same_run() {
+    let out = bench(&["--same-host", "--sizes", "64K,4M", "--iters", "4", "--ops", "write,read", "--json"]);
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    let report: Value =
+        serde_json::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap_or_else(|e| panic!("{e}: {all}"));
+    let path = report["host_path"].as_str().unwrap_or_else(|| panic!("the path is named: {all}"));
+    // Whether the kernel lets the two processes read each other is the host's policy; either way
+    // the run names what it measured.
+    assert!(path.starts_with("reads ") || path.starts_with("loopback TCP"), "{path}");
+    assert!(report["mode"].as_str().is_some_and(|m| m.contains("same-host")), "{all}");
+    let results = report["results"].as_array().expect("a results list");
+    assert_eq!(results.len(), 4, "{all}");
+    for p in results {
+        let f = |key: &str| p[key].as_f64().unwrap_or_else(|| panic!("{key} in {p}"));
+        assert!(f("gb_per_s") > 0.0 && f("tcp_gb_per_s") > 0.0 && f("memcpy_gb_per_s") > 0.0, "{p}");
+        assert!((f("tcp_ratio") - f("gb_per_s") / f("tcp_gb_per_s")).abs() < 1e-9, "{p}");
+    }
+    // Without the flag no anchors run; with the path off the report names no host path either.
+    let plain = |env: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uccl-tcpx-bench"));
+        cmd.args(["--sizes", "64K", "--iters", "2", "--ops", "write", "--no-baseline", "--json"]);
+        if let Some(v) = env {
+            cmd.env("UCCL_TCPX_DISABLE_IPC", v);
+        }
+        let out = cmd.output().expect("the bench binary starts");
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_str::<Value>(&String::from_utf8_lossy(&out.stdout)).unwrap()
+    };
+    let local = plain(Some("0"));
+    assert!(local["host_path"].is_string() && local["results"][0]["tcp_gb_per_s"].is_null(), "{local}");
+    let off = plain(Some("1"));
+    assert!(off["host_path"].is_null() && off["results"][0]["tcp_gb_per_s"].is_null(), "{off}");
+}
+
+#[test]
 fn gpu_runs_or_says_it_needs_a_driver() {
     let out = bench(&["--device", "gpu", "--sizes", "4K,1M", "--iters", "4", "--json"]);
     let all = text(&out);
