@@ -1,7 +1,8 @@
 //! The net plugin already loaded and initialised by another consumer of the process, as NCCL does
 //! when vLLM and NIXL share one: TCPX's `init` works once per loaded image, so the engine loads a
-//! private image of the library (a new link-map namespace) and initialises that; when it cannot,
-//! `tcpx` fails naming the cause and `auto` falls back to sockets.
+//! private image of the library (a copy of the file in an anonymous file, an image of its own in the
+//! process's one namespace) and initialises that; when it cannot, `tcpx` fails naming the cause and
+//! `auto` falls back to sockets.
 //!
 //! The fake NIC reproduces "init twice" per image. `init` is once per process image, so every case
 //! runs in a child process, which first loads the fake as NCCL does (`dlopen` RTLD_LOCAL, `init`
@@ -13,7 +14,7 @@ use uccl_tcpx::config::TransportChoice;
 use uccl_tcpx::{Config, Engine, UcclStatus};
 
 mod common;
-use common::plugin::{Nccl, images_of};
+use common::plugin::{Nccl, images_of, private_copies_of};
 use common::{ChildTest, Pair, pair, pattern, plugin, wait};
 
 const FAKE: &str = "FakeDevmemTCPX_v7";
@@ -49,12 +50,13 @@ fn child_engines_beside_nccl() {
     assert_ne!(nccl.init(), 0, "NCCL's image is initialised: a second init there fails (init twice)");
     let p = pair(plugin::config(2, 256 << 10));
     assert_eq!((p.a.transport(), p.b.transport()), (FAKE, FAKE));
-    assert_eq!(images_of(&path), 2, "NCCL's image and the engines' private one");
+    assert_eq!(images_of(&path), 1, "NCCL's image, of the file itself");
+    assert_eq!(private_copies_of(&path), 1, "the engines' private copy");
     moves_data(&p);
     // A third engine shares the engines' private image rather than loading another.
     let c = Engine::new(plugin::config(2, 256 << 10)).unwrap();
     assert_eq!(c.transport(), FAKE);
-    assert_eq!(images_of(&path), 2);
+    assert_eq!((images_of(&path), private_copies_of(&path)), (1, 1));
     assert!(nccl.listen_works(), "NCCL's image still serves NCCL");
     println!("child checked");
 }
@@ -106,9 +108,35 @@ fn child_copy_of_the_library() {
     std::fs::copy(&original, &copy).unwrap();
     let p = pair(Config { plugin_path: Some(copy.clone()), ..plugin::config(2, 256 << 10) });
     assert_eq!(images_of(&copy), 1);
-    assert_eq!(images_of(&original), 1, "no private image of the original was needed");
+    assert_eq!(images_of(&original), 1, "NCCL's image");
+    assert_eq!(private_copies_of(&original), 0, "no private copy of the original was needed");
     moves_data(&p);
     drop(p);
     let _ = std::fs::remove_dir_all(&dir);
+    println!("child checked");
+}
+
+#[test]
+fn a_shared_image_in_the_global_scope_is_not_copied_and_tcpx_says_why() {
+    let out = child("child_shared_image_global");
+    assert!(out.contains("child checked"), "{out}");
+}
+
+#[test]
+#[ignore = "run by its parent: the plugin is initialised once per process image"]
+fn child_shared_image_global() {
+    let path = plugin::fake_plugin();
+    // A consumer that loads the plugin into the global scope: a copy's references to its own
+    // globals would resolve to this image, so the engines refuse to make one.
+    let nccl = Nccl::load_with(&path, libc::RTLD_NOW | libc::RTLD_GLOBAL);
+    let err = Engine::new(plugin::config(2, 256 << 10)).err().expect("tcpx fails");
+    let msg = err.to_string();
+    for needle in ["already loaded", "private image", "RTLD_GLOBAL"] {
+        assert!(msg.contains(needle), "{needle:?} missing: {msg}");
+    }
+    assert_eq!(private_copies_of(&path), 0, "no copy was loaded");
+    let auto = Engine::new(Config { transport: TransportChoice::Auto, ..plugin::config(2, 256 << 10) }).unwrap();
+    assert_eq!(auto.transport(), "socket");
+    assert!(nccl.listen_works(), "NCCL's image still serves NCCL");
     println!("child checked");
 }

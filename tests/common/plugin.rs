@@ -39,8 +39,13 @@ pub struct Nccl {
 
 impl Nccl {
     pub fn load(path: &Path) -> Nccl {
-        // SAFETY: loads the fake NIC, which the test built; NCCL opens plugins this way.
-        let library = unsafe { Library::open(Some(path), libc::RTLD_NOW | libc::RTLD_LOCAL) }.expect("load the fake");
+        Nccl::load_with(path, libc::RTLD_NOW | libc::RTLD_LOCAL)
+    }
+
+    /// Loaded with `flags` instead of NCCL's.
+    pub fn load_with(path: &Path, flags: i32) -> Nccl {
+        // SAFETY: loads the fake NIC, which the test built, as a net plugin consumer would.
+        let library = unsafe { Library::open(Some(path), flags) }.expect("load the fake");
         // SAFETY: the fake exports its table as this data symbol.
         let table = unsafe { **library.get::<*const NcclNetV7>(PLUGIN_SYMBOL_V7).expect("the plugin table") };
         let nccl = Nccl { table, _library: library };
@@ -70,11 +75,22 @@ impl Nccl {
 /// How many images of `path` this process has mapped (each maps the file from offset 0 once).
 pub fn images_of(path: &Path) -> usize {
     let path = std::fs::canonicalize(path).unwrap();
+    mapped_at_zero(|file| Path::new(file) == path)
+}
+
+/// How many private copies of `path` the engines loaded: anonymous files the maps call
+/// `/memfd:uccl-tcpx-private:<file name>`.
+pub fn private_copies_of(path: &Path) -> usize {
+    let name = format!("/memfd:uccl-tcpx-private:{}", path.file_name().unwrap().to_string_lossy());
+    mapped_at_zero(|file| file == name)
+}
+
+fn mapped_at_zero(is_it: impl Fn(&str) -> bool) -> usize {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
     maps.lines()
         .filter(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            fields.len() >= 6 && fields[2] == "00000000" && Path::new(fields[5]) == path
+            fields.len() >= 6 && fields[2] == "00000000" && is_it(fields[5])
         })
         .count()
 }

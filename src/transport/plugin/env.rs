@@ -44,7 +44,7 @@ pub fn missing_defaults(
 }
 
 /// Sets the missing defaults in the process environment. Called under the loader's lock before a
-/// plugin's `init` (and before a private image is loaded, which takes a copy of the environment).
+/// plugin's `init`.
 pub fn apply_defaults() {
     let rxdm = std::path::Path::new(RXDM_DIR).is_dir();
     let set = |n: &str| std::env::var_os(n).map(|v| v.to_string_lossy().into_owned());
@@ -57,20 +57,6 @@ pub fn apply_defaults() {
         // our own threads do not read these variables.
         unsafe { std::env::set_var(name, value) };
     }
-}
-
-/// The process environment as `NAME=value` C strings, for a private image of the plugin, whose own
-/// C library keeps the environment it was loaded with (see `image.rs`).
-pub fn snapshot() -> Vec<std::ffi::CString> {
-    use std::os::unix::ffi::OsStrExt;
-    std::env::vars_os()
-        .filter_map(|(name, value)| {
-            let mut entry = name.as_bytes().to_vec();
-            entry.push(b'=');
-            entry.extend_from_slice(value.as_bytes());
-            std::ffi::CString::new(entry).ok()
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -2,24 +2,39 @@
 //! (`gpu_init`: "gpu lib init twice"), and another consumer in the process may have loaded and
 //! initialised the same library already: NCCL loads `libnccl-net.so` as its net plugin when vLLM
 //! and NIXL share a process. `dlopen` of the same file returns that image, whose `init` is spent.
-//! A private image, the library loaded again into a new link-map namespace (`dlmopen`), has globals
-//! of its own, so its `init` runs; it also has its own copies of the library's dependencies: its own
-//! C library (whose environment is the array it was handed when loaded: the process's `setenv` may
-//! free that array later, so the image gets a copy that stays valid) and, for TCPX, its own CUDA
-//! driver and runtime.
+//!
+//! A private image is a copy of the library's bytes in an anonymous file (`memfd_create`, else an
+//! unlinked file in `$TMPDIR`) loaded through `/proc/self/fd/N`. The dynamic loader tells objects
+//! apart by device and inode, so the copy is an image of its own, with globals of its own (its
+//! `init` runs), while it lives in the process's one namespace and shares the objects it depends on
+//! with everyone else: the C library, the CUDA driver and runtime. A second link-map namespace
+//! (`dlmopen`) would bring second copies of those, and CUDA in two namespaces of one process
+//! crashes it.
+//!
+//! The copy's references to its own exported globals resolve to itself only while the shared image
+//! is out of the global scope, as NCCL loads it (RTLD_LOCAL); a shared image loaded RTLD_GLOBAL
+//! would capture them, so then no copy is made and the caller is told why.
 
 use std::ffi::{CStr, CString, OsStr, c_void};
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 
-use super::env;
 use crate::error::{Error, Result};
 use crate::ncclnet::{NcclNetV7, PLUGIN_SYMBOL_V7};
 
-/// A library loaded into a namespace of its own, never unloaded (its helper threads may outlive
-/// any handle, as with RTLD_NODELETE in the default namespace).
+/// What an anonymous copy is called in `/proc/self/maps` (`/memfd:` and this, then the file name).
+const COPY_NAME_PREFIX: &str = "uccl-tcpx-private:";
+
+/// A private copy of a library, loaded and never unloaded (its helper threads may outlive any
+/// handle, as with RTLD_NODELETE in the default namespace).
 pub struct PrivateImage {
     _handle: NonNull<c_void>,
+    /// The anonymous file, never closed: the loader knows the image by the name `/proc/self/fd/N`,
+    /// and a later `dlopen` of that name, were `N` reused for another file, would return this image.
+    _fd: RawFd,
 }
 
 // SAFETY: a dl handle names a loaded object of the process; any thread may use it, and this one is
@@ -28,9 +43,9 @@ unsafe impl Send for PrivateImage {}
 // SAFETY: as above; nothing is reached through a shared reference.
 unsafe impl Sync for PrivateImage {}
 
-/// The address of `ncclNetPlugin_v7` in the image of `path` the process's default namespace holds
-/// already, loaded by anyone (by this name or another path to the same file); `None` when no such
-/// image is loaded. Loads nothing (RTLD_NOLOAD).
+/// The address of `ncclNetPlugin_v7` in the image of `path` the process holds already, loaded by
+/// anyone (by this name or another path to the same file); `None` when no such image is loaded.
+/// Loads nothing (RTLD_NOLOAD).
 pub fn already_loaded(path: &OsStr) -> Option<usize> {
     let path = CString::new(path.as_bytes()).ok()?;
     // SAFETY: RTLD_NOLOAD runs nothing and maps nothing: it returns a handle to an object already
@@ -49,59 +64,117 @@ pub fn already_loaded(path: &OsStr) -> Option<usize> {
     (!table.is_null()).then_some(table as usize)
 }
 
-/// Loads `path` into a new link-map namespace and returns the image and its plugin table.
-pub fn open_private(path: &OsStr, origin: &str) -> Result<(PrivateImage, *const NcclNetV7)> {
-    let c_path = CString::new(path.as_bytes())
-        .map_err(|_| Error::invalid(format!("net plugin path {origin:?} contains a NUL byte")))?;
-    let handle = open_in_new_namespace(&c_path)?;
-    let image = PrivateImage { _handle: handle };
+/// Loads a private copy of the library whose shared image holds the plugin table at `shared_table`,
+/// and returns the copy and its own table.
+pub fn open_private(shared_table: usize) -> Result<(PrivateImage, *const NcclNetV7)> {
+    refuse_global(shared_table)?;
+    let file = file_of(shared_table)?;
+    let image = load_copy(&file)?;
     let symbol = symbol_name();
     // SAFETY: a live handle and a NUL-terminated name; the caller reads the table only as a
     // plain-data `NcclNetV7`.
-    let table = unsafe { libc::dlsym(handle.as_ptr(), symbol.as_ptr()) };
+    let table = unsafe { libc::dlsym(image._handle.as_ptr(), symbol.as_ptr()) };
     if table.is_null() {
-        return Err(Error::backend(format!("its private image does not export ncclNetPlugin_v7: {}", take_dl_error())));
+        return Err(Error::backend(format!("its private copy does not export ncclNetPlugin_v7: {}", take_dl_error())));
+    }
+    if table as usize == shared_table {
+        return Err(Error::backend("its private copy resolved to the shared image (the same table)"));
     }
     Ok((image, table.cast()))
 }
 
-/// `dlmopen(LM_ID_NEWLM)` of `path`, its C library given an environment that stays valid.
-fn open_in_new_namespace(path: &CStr) -> Result<NonNull<c_void>> {
+/// A shared image in the global scope would capture the copy's references to its own globals.
+fn refuse_global(shared_table: usize) -> Result<()> {
+    let symbol = symbol_name();
+    // SAFETY: a NUL-terminated name looked up in the global scope; only the address is compared.
+    let global = unsafe { libc::dlsym(libc::RTLD_DEFAULT, symbol.as_ptr()) };
     take_dl_error();
-    // SAFETY: loading runs the library's initialisers, in a namespace of their own; loading the
-    // net plugin is what the caller asked for. RTLD_GLOBAL is not allowed with dlmopen.
-    let handle = unsafe {
-        libc::dlmopen(libc::LM_ID_NEWLM, path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL | libc::RTLD_NODELETE)
-    };
-    let Some(handle) = NonNull::new(handle) else {
-        return Err(Error::backend(format!("dlmopen into a new namespace failed: {}", take_dl_error())));
-    };
-    pin_environment(handle);
-    Ok(handle)
+    if global as usize == shared_table {
+        return Err(Error::backend(
+            "the shared image was loaded RTLD_GLOBAL, so a private copy's references to its own globals would \
+             resolve to that image; no copy was made",
+        ));
+    }
+    Ok(())
 }
 
-/// Points the private image's C library at a copy of the process environment that is never freed.
-/// Its `environ` is the process's array as of loading, which the process's next `setenv` of a new
-/// variable reallocates and frees (a plugin reading the environment then reads freed memory);
-/// variables set later do not reach the image either way.
-fn pin_environment(handle: NonNull<c_void>) {
-    // SAFETY: a live handle and NUL-terminated names; only addresses are read.
-    let (private, shared) = unsafe {
-        (libc::dlsym(handle.as_ptr(), c"environ".as_ptr()), libc::dlsym(libc::RTLD_DEFAULT, c"environ".as_ptr()))
-    };
-    take_dl_error();
-    if private.is_null() || private == shared {
-        log::debug!("the net plugin's private image has no C library of its own to give an environment");
-        return;
+/// The file the process's image holding `address` was loaded from.
+fn file_of(address: usize) -> Result<PathBuf> {
+    let mut info = std::mem::MaybeUninit::<libc::Dl_info>::zeroed();
+    // SAFETY: `info` is a valid out-pointer; dladdr only reads the loader's tables.
+    let found = unsafe { libc::dladdr(address as *const c_void, info.as_mut_ptr()) };
+    // SAFETY: zero-initialised, and filled in when dladdr succeeded.
+    let info = unsafe { info.assume_init() };
+    if found == 0 || info.dli_fname.is_null() {
+        return Err(Error::backend("the file of its shared image cannot be found (dladdr)"));
     }
-    let strings: &'static [CString] = Box::leak(env::snapshot().into_boxed_slice());
-    let mut pointers: Vec<*const libc::c_char> = strings.iter().map(|s| s.as_ptr()).collect();
-    pointers.push(std::ptr::null());
-    let array: &'static [*const libc::c_char] = Box::leak(pointers.into_boxed_slice());
-    // SAFETY: `private` is the image's own `environ` (a `char **`), which nothing in the image reads
-    // concurrently: it was just loaded and its `init` has not run. The array and its strings are
-    // leaked, so they outlive every reader.
-    unsafe { *private.cast::<*const *const libc::c_char>() = array.as_ptr() };
+    // SAFETY: non-NULL, a NUL-terminated name the loader keeps while the object is loaded.
+    let name = unsafe { CStr::from_ptr(info.dli_fname) };
+    if name.is_empty() {
+        return Err(Error::backend("the file of its shared image has no name (dladdr)"));
+    }
+    Ok(PathBuf::from(OsStr::from_bytes(name.to_bytes())))
+}
+
+/// Copies `file` into an anonymous file and loads that.
+fn load_copy(file: &Path) -> Result<PrivateImage> {
+    let fail = |what: &str, e: std::io::Error| Error::backend(format!("{what} {}: {e}", file.display()));
+    let mut source = File::open(file).map_err(|e| fail("cannot open", e))?;
+    let name = file.file_name().unwrap_or(file.as_os_str());
+    let mut copy = anonymous_file(name).map_err(|e| fail("cannot make an anonymous file for a copy of", e))?;
+    std::io::copy(&mut source, &mut copy).map_err(|e| fail("cannot copy", e))?;
+    let handle = dlopen_fd(copy.as_raw_fd())?;
+    Ok(PrivateImage { _handle: handle, _fd: copy.into_raw_fd() })
+}
+
+/// `dlopen` of the open file `fd`, by its `/proc/self/fd` name.
+fn dlopen_fd(fd: RawFd) -> Result<NonNull<c_void>> {
+    let path = CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL in a number");
+    take_dl_error();
+    // SAFETY: loading runs the copy's initialisers, as loading the net plugin the caller asked for
+    // would. NODELETE: a plugin's helper threads may outlive any handle we hold.
+    let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL | libc::RTLD_NODELETE) };
+    NonNull::new(handle)
+        .ok_or_else(|| Error::backend(format!("dlopen of its private copy failed: {}", take_dl_error())))
+}
+
+/// A file of no name, closed on exec: a memfd where the kernel offers one, else a file in
+/// `$TMPDIR` that has no name (O_TMPFILE) or loses it at once.
+fn anonymous_file(name: &OsStr) -> std::io::Result<File> {
+    memfd(name).or_else(|memfd_error| {
+        log::debug!("memfd_create failed ({memfd_error}); the plugin's private copy goes to $TMPDIR");
+        unlinked_temp_file()
+    })
+}
+
+fn memfd(name: &OsStr) -> std::io::Result<File> {
+    // The kernel takes at most 249 bytes of a name; it only labels the mapping.
+    let mut label = COPY_NAME_PREFIX.as_bytes().to_vec();
+    label.extend(name.as_bytes().iter().filter(|b| **b != 0).take(249 - COPY_NAME_PREFIX.len()));
+    let label = CString::new(label).expect("NUL bytes were left out");
+    // SAFETY: a NUL-terminated name; the returned descriptor, if any, is owned by the File alone.
+    let fd = unsafe { libc::memfd_create(label.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+fn unlinked_temp_file() -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = std::env::temp_dir();
+    let nameless =
+        std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_TMPFILE).mode(0o700).open(&dir);
+    if let Ok(file) = nameless {
+        return Ok(file);
+    }
+    // Filesystems without O_TMPFILE: a fresh name, removed as soon as the file is open.
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let path = dir.join(format!(".uccl-tcpx-plugin-{}-{nanos}", std::process::id()));
+    let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).mode(0o700).open(&path)?;
+    std::fs::remove_file(&path)?;
+    Ok(file)
 }
 
 fn symbol_name() -> &'static CStr {
@@ -122,6 +195,9 @@ fn take_dl_error() -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::MetadataExt;
+
     use super::*;
 
     #[test]
@@ -132,47 +208,48 @@ mod tests {
         assert_eq!(already_loaded(OsStr::new("libc.so.6")), None);
     }
 
-    const ENVIRONMENT_CHILD: &str = "transport::plugin::image::tests::child_private_environment";
-
-    #[test]
-    fn a_private_c_library_keeps_its_environment_when_the_process_grows_its_own() {
-        testkit::child::ChildTest::new(ENVIRONMENT_CHILD).ignored().run();
+    fn written(mut file: File, bytes: &[u8]) -> File {
+        file.write_all(bytes).unwrap();
+        file.rewind().unwrap();
+        file
     }
 
     #[test]
-    #[ignore = "run by its parent, in a process of its own: it changes the environment"]
-    fn child_private_environment() {
-        assert!(testkit::child::is_child(ENVIRONMENT_CHILD), "run through its parent test");
-        // A process that has set a variable before (an engine's plugin defaults, say) keeps its
-        // environment in an array of the heap, which the next new variable may move and free.
-        // SAFETY: this child runs one test on one thread; nothing reads the environment meanwhile.
-        unsafe { std::env::set_var("UCCL_TCPX_TEST_FIRST", "x") };
-        let handle = open_in_new_namespace(c"libc.so.6").unwrap();
-        // SAFETY: the private C library's own lookup function, of the C signature below.
-        let lookup = unsafe { libc::dlsym(handle.as_ptr(), c"getenv".as_ptr()) };
-        assert!(!lookup.is_null());
-        // SAFETY: `lookup` is the C library's variable lookup, `char *(const char *name)`.
-        let lookup: extern "C" fn(*const libc::c_char) -> *const libc::c_char = unsafe { std::mem::transmute(lookup) };
-        let read = |name: &CStr| {
-            let value = lookup(name.as_ptr());
-            // SAFETY: NULL or a NUL-terminated string of the private library's environment.
-            (!value.is_null()).then(|| unsafe { CStr::from_ptr(value) }.to_string_lossy().into_owned())
-        };
-        let before = env::snapshot();
-        let path = before.iter().find_map(|e| e.to_str().ok()?.strip_prefix("PATH=").map(str::to_owned));
-        // Enough new variables that the process moves its array, freeing the one the private
-        // library was handed when loaded.
-        for i in 0..512 {
-            // SAFETY: this child runs one test on one thread; nothing reads the environment meanwhile.
-            unsafe { std::env::set_var(format!("UCCL_TCPX_TEST_GROWN_{i}"), "x".repeat(64)) };
+    fn both_kinds_of_anonymous_file_are_distinct_files_without_a_name() {
+        for (kind, file) in [("memfd", memfd(OsStr::new("libx.so"))), ("temp", unlinked_temp_file())] {
+            let mut file = written(file.unwrap(), b"bytes of a library");
+            let mut back = String::new();
+            file.read_to_string(&mut back).unwrap();
+            assert_eq!(back, "bytes of a library", "{kind}");
+            assert_eq!(file.metadata().unwrap().nlink(), 0, "{kind}: no name in any directory");
+            let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).unwrap();
+            if kind == "memfd" {
+                assert!(link.to_string_lossy().starts_with("/memfd:uccl-tcpx-private:libx.so"), "{link:?}");
+            }
         }
-        assert_eq!(read(c"PATH"), path, "the private library reads the environment it was loaded with");
-        assert_eq!(read(c"UCCL_TCPX_TEST_GROWN_0"), None, "variables set later do not reach it");
+        let (a, b) = (memfd(OsStr::new("a")).unwrap(), memfd(OsStr::new("a")).unwrap());
+        assert_ne!(a.metadata().unwrap().ino(), b.metadata().unwrap().ino(), "each copy is a file of its own");
     }
 
     #[test]
-    fn a_private_image_that_cannot_load_says_why() {
-        let err = open_private(OsStr::new("/nonexistent/uccl-tcpx/libx.so"), "x").err().unwrap();
-        assert!(err.message().contains("dlmopen") && err.message().contains("libx.so"), "{err}");
+    fn a_copy_that_is_no_library_says_why() {
+        let dir = std::env::temp_dir().join(format!("uccl-tcpx-image-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("libnot-elf.so");
+        std::fs::write(&path, b"not an ELF file").unwrap();
+        let err = load_copy(&path).err().expect("no library");
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(err.message().contains("dlopen of its private copy failed"), "{err}");
+        let missing = load_copy(Path::new("/nonexistent/uccl-tcpx/libx.so")).err().expect("no file");
+        assert!(missing.message().contains("cannot open /nonexistent/uccl-tcpx/libx.so"), "{missing}");
+    }
+
+    #[test]
+    fn the_file_of_a_loaded_object_is_found_and_an_unmapped_address_is_refused() {
+        // SAFETY: a NUL-terminated name looked up in the global scope; only the address is used.
+        let getpid = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"getpid".as_ptr()) };
+        let file = file_of(getpid as usize).unwrap();
+        assert!(file.to_string_lossy().contains("libc"), "{file:?}");
+        assert!(file_of(8).expect_err("nothing is mapped there").message().contains("dladdr"));
     }
 }

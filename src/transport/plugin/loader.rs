@@ -116,7 +116,7 @@ fn load_one(candidate: &OsString) -> Result<Arc<Plugin>> {
             return ours.outcome.clone();
         }
         // Loaded, and not by us: another consumer (NCCL) took its init.
-        let outcome = load_private(candidate, &origin);
+        let outcome = load_private(shared, &origin);
         loaded.push(Loaded { table: shared, outcome: outcome.clone() });
         return outcome;
     }
@@ -141,16 +141,15 @@ fn load_one(candidate: &OsString) -> Result<Arc<Plugin>> {
     outcome
 }
 
-/// A private image of `candidate`, whose shared image another consumer of the process initialised.
-fn load_private(candidate: &OsString, origin: &str) -> Result<Arc<Plugin>> {
+/// A private image of the plugin `origin`, whose shared image (its table at `shared`) another consumer of
+/// the process initialised.
+fn load_private(shared: usize, origin: &str) -> Result<Arc<Plugin>> {
     log::warn!(
         "net plugin {origin} is already loaded in this process by another consumer (NCCL, say), whose init \
-         it shares: loading a private image of it (dlmopen into a new namespace)"
+         it shares: loading a private image of it (a copy of the file, loaded as an image of its own)"
     );
     let private = format!("{origin} (private image)");
-    // Before loading: the image's C library takes its environment from the process as it is then.
-    env::apply_defaults();
-    let outcome = image::open_private(candidate, origin)
+    let outcome = image::open_private(shared)
         .and_then(|(image, table)| initialise(table, &private, Image::Private { _image: image }));
     outcome.map_err(|e| {
         Error::new(
@@ -158,8 +157,7 @@ fn load_private(candidate: &OsString, origin: &str) -> Result<Arc<Plugin>> {
             format!(
                 "net plugin {origin} is already loaded and initialised by another consumer of this process (NCCL \
                  loads it as its net plugin), and a plugin's init works once per loaded image; its private image \
-                 cannot be used: {}. Give this process's NCCL another net plugin, or point UCCL_TCPX_PLUGIN at a \
-                 copy of the library file (another image)",
+                 cannot be used: {}. Give this process's NCCL another net plugin",
                 e.message()
             ),
         )
