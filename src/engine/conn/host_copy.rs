@@ -4,12 +4,24 @@
 //! ours in pieces of at most `local::PIECE_BYTES`, each entered through the worker's gate, which
 //! keeps deregistration and failure fences; the worker copies nothing else into our memory.
 
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use super::host_worker::{HostCopy, HostServed};
 use super::state::{CopyJob, HostTask};
 use super::{Connection, Inner};
 use crate::engine::local::{self, PIECE_BYTES, PeerProcess};
 use crate::error::{Error, UcclStatus};
 use crate::threads::{self, ThreadKind};
+
+/// Jobs from this size on are copied by two threads.
+const PARALLEL_BYTES: u64 = 8 << 20;
+
+/// Whether this process may run on two CPUs or more (read once: it reads cgroup files).
+fn two_cpus() -> bool {
+    static TWO: OnceLock<bool> = OnceLock::new();
+    *TWO.get_or_init(|| std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2))
+}
 
 impl HostServed for Connection {
     fn serve_host_work(&self, process: &mut Option<PeerProcess>) {
@@ -99,22 +111,47 @@ impl Connection {
             (err, refused)
         };
         process.alive().map_err(lost)?;
-        for (local, remote) in local::pieces(&job.local, &job.remote, PIECE_BYTES) {
-            if !self.host.gate.enter(&job.region) {
-                let why = if self.host.gate.is_closed() {
-                    Error::new(UcclStatus::ErrCanceled, "the connection failed during the transfer")
-                } else {
-                    Error::not_allowed("the memory region was deregistered during the transfer")
-                };
-                return Err((why, None));
+        let pieces = local::pieces(&job.local, &job.remote, PIECE_BYTES);
+        let next = AtomicUsize::new(0);
+        let gate = &self.host.gate;
+        gate.begin(&job.region);
+        // Takes pieces in order until none is left or one failed: one copying thread, or two for
+        // a large job when the process may use two CPUs (one thread leaves DRAM bandwidth unused).
+        let copier = || -> std::result::Result<(), (Error, Option<std::io::Error>)> {
+            while let Some((local, remote)) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) {
+                if !gate.enter(&job.region) {
+                    next.store(pieces.len(), Ordering::Relaxed);
+                    let why = if gate.is_closed() {
+                        Error::new(UcclStatus::ErrCanceled, "the connection failed during the transfer")
+                    } else {
+                        Error::not_allowed("the memory region was deregistered during the transfer")
+                    };
+                    return Err((why, None));
+                }
+                // SAFETY: `local` lies in `job.region`, a live registration of this engine (the
+                // target's window authorized by the region table, or the caller's buffer checked at
+                // post), and the gate keeps its deregistration from returning until the piece is
+                // done. The kernel writes it; segments a peer names twice get either copy's bytes,
+                // as overlapping chunks of the network path would.
+                let read = unsafe { process.read_piece(local, remote) };
+                gate.leave();
+                if let Err(e) = read {
+                    next.store(pieces.len(), Ordering::Relaxed);
+                    return Err(lost(e));
+                }
             }
-            // SAFETY: `local` lies in `job.region`, a live registration of this engine (the target's
-            // window authorized by the region table, or the caller's buffer checked at post), and the
-            // gate keeps its deregistration from returning until the piece is done.
-            let read = unsafe { process.read_piece(&local, &remote) };
-            self.host.gate.leave();
-            read.map_err(lost)?;
+            Ok(())
+        };
+        if job.len < PARALLEL_BYTES || pieces.len() < 2 || !two_cpus() {
+            return copier();
         }
-        Ok(())
+        // A panic in the helper reaches this thread at the scope's end, and this thread's own
+        // containment fails the connection.
+        std::thread::scope(|scope| {
+            let helper = scope.spawn(copier);
+            let ours = copier();
+            let theirs = helper.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            ours.and(theirs)
+        })
     }
 }

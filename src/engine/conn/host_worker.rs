@@ -7,7 +7,7 @@
 //! so at least one sees the other: either the piece does not start, or the fence waits for it.
 //! Failing the connection closes the gate the same way, so nothing lands after that either.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -31,19 +31,28 @@ pub(super) trait HostServed: Send + Sync {
 /// How often a deregistration or a failing connection looks again at a piece under way.
 const GATE_POLL: Duration = Duration::from_micros(50);
 
-/// The piece under way, as deregistration and failure see it.
+/// The pieces under way, as deregistration and failure see them. The worker copies one job at a
+/// time, so every piece under way lands in one region (a job's pieces may run on two threads).
 #[derive(Default)]
 pub(super) struct Gate {
-    /// Id of the region a piece is being copied into; 0 for none (region ids start at 1).
-    busy: AtomicU64,
+    /// Id of the region the current job copies into (region ids start at 1); set while no piece
+    /// is under way.
+    region: AtomicU64,
+    /// Pieces under way.
+    active: AtomicUsize,
     closed: AtomicBool,
 }
 
 impl Gate {
-    /// Announces a piece into `region`; false (and nothing announced) when the region was
+    /// Starts a job into `region`: no piece of an earlier job is under way any more.
+    pub fn begin(&self, region: &Region) {
+        self.region.store(region.id, Ordering::SeqCst);
+    }
+
+    /// Announces a piece into the job's `region`; false (and nothing announced) when the region was
     /// deregistered or the connection failed.
     pub fn enter(&self, region: &Region) -> bool {
-        self.busy.store(region.id, Ordering::SeqCst);
+        self.active.fetch_add(1, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         if self.closed.load(Ordering::SeqCst) || region.is_removed() {
             self.leave();
@@ -53,13 +62,13 @@ impl Gate {
     }
 
     pub fn leave(&self) {
-        self.busy.store(0, Ordering::SeqCst);
+        self.active.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Returns once no piece into `region` is under way; the caller marked it removed before.
     fn wait_clear(&self, region: u64) {
         fence(Ordering::SeqCst);
-        while self.busy.load(Ordering::SeqCst) == region {
+        while self.active.load(Ordering::SeqCst) > 0 && self.region.load(Ordering::SeqCst) == region {
             std::thread::sleep(GATE_POLL);
         }
     }
@@ -72,7 +81,7 @@ impl Gate {
     fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        while self.busy.load(Ordering::SeqCst) != 0 {
+        while self.active.load(Ordering::SeqCst) != 0 {
             std::thread::sleep(GATE_POLL);
         }
     }
