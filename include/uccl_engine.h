@@ -307,9 +307,10 @@ int uccl_engine_read(uccl_conn_t *conn, uccl_mr_t mr, const void *data, size_t s
 /**
  * `num_iovs` one-sided writes under one transfer id; `dst_v[i]` are the local sources.
  * `ipc_bufs` may be NULL and is not read: on a local connection the engine copies directly (host
- * memory between engines of one process, GPU memory between engines of one host through the
- * owner's CUDA IPC handle), after the target authorized the items as it would a network peer's,
- * and it learns the handle from the owner itself.
+ * memory between engines of one process, and between processes of one host with
+ * `process_vm_readv` where the kernel allows it; GPU memory between engines of one host through
+ * the owner's CUDA IPC handle), after the target authorized the items as it would a network
+ * peer's, and it learns the handle from the owner itself.
  */
 int uccl_engine_write_vector(uccl_conn_t *conn, const uccl_mr_t *mr_ids, void *const *dst_v, const size_t *size_v, const struct FifoItem *fifo_items, int num_iovs, uint64_t *transfer_id, char *const *ipc_bufs);
 

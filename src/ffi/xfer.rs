@@ -91,9 +91,10 @@ pub extern "C" fn uccl_engine_read(
 
 /// `num_iovs` one-sided writes under one transfer id; `dst_v[i]` are the local sources.
 /// `ipc_bufs` may be NULL and is not read: on a local connection the engine copies directly (host
-/// memory between engines of one process, GPU memory between engines of one host through the
-/// owner's CUDA IPC handle), after the target authorized the items as it would a network peer's,
-/// and it learns the handle from the owner itself.
+/// memory between engines of one process, and between processes of one host with
+/// `process_vm_readv` where the kernel allows it; GPU memory between engines of one host through
+/// the owner's CUDA IPC handle), after the target authorized the items as it would a network
+/// peer's, and it learns the handle from the owner itself.
 #[unsafe(no_mangle)]
 pub extern "C" fn uccl_engine_write_vector(
     conn: *mut uccl_conn_t,
