@@ -307,8 +307,11 @@ int main() {
     CHECK(uccl_engine_get_notifs().empty());
   }
 
-  // stop_listener is exported (UCCL's library has it): 0 for a connection, -1 for NULL.
+  // stop_listener is exported (UCCL's library has it): 0 for a connection, -1 for NULL, and a
+  // later start_listener succeeds again (a restart), where a second one without it fails.
+  CHECK(uccl_engine_start_listener(ab) < 0);
   CHECK(uccl_engine_stop_listener(ab) == 0);
+  CHECK(uccl_engine_start_listener(ab) == 0);
   CHECK(uccl_engine_stop_listener(nullptr) == -1);
 
   // stop_accept makes accept return NULL at once.

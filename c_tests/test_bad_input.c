@@ -276,6 +276,12 @@ static bool row_start_listener(int arg, long long *got, char *why, size_t why_le
   return neg(uccl_engine_start_listener(arg == 0 ? NULL : stale), got);
 }
 
+static bool row_stop_listener(int arg, long long *got, char *why, size_t why_len) {
+  (void)why;
+  (void)why_len;
+  return neg(uccl_engine_stop_listener(arg == 0 ? NULL : stale), got);
+}
+
 static bool row_reg(int arg, long long *got, char *why, size_t why_len) {
   uccl_mr_t mr = 0;
   int rc = 0;
@@ -770,6 +776,8 @@ int main(void) {
   ROW(row_void, 0, "stop_accept: NULL engine");
   ROW(row_start_listener, 0, "start_listener: NULL conn");
   ROW(row_start_listener, 1, "start_listener: destroyed conn");
+  ROW(row_stop_listener, 0, "stop_listener: NULL conn");
+  ROW(row_stop_listener, 1, "stop_listener: destroyed conn");
   ROW(row_reg, 0, "reg: NULL engine");
   ROW(row_reg, 1, "reg: NULL data");
   ROW(row_reg, 2, "reg: size 0");

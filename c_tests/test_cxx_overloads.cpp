@@ -21,6 +21,7 @@
   (void)PIN(uccl_engine_connect,
             uccl_conn_t *(*)(uccl_engine_t *, char const *, char const *, int, bool));
   (void)PIN(uccl_engine_start_listener, int (*)(uccl_conn_t *));
+  (void)PIN(uccl_engine_stop_listener, int (*)(uccl_conn_t *));
   (void)PIN(uccl_engine_accept, uccl_conn_t *(*)(uccl_engine_t *, char *, size_t, int *));
   (void)PIN(uccl_engine_reg, int (*)(uccl_engine_t *, uintptr_t, size_t, uccl_mr_t &));
   (void)PIN(uccl_engine_read,

@@ -120,9 +120,16 @@ extern "C" {
 
 /**
  * Control messages are always served by the engine; this exists for UCCL compatibility and fails
- * when called twice on the same connection.
+ * (`-7`) when called twice on the same connection without `uccl_engine_stop_listener` between.
  */
 int uccl_engine_start_listener(uccl_conn_t *conn);
+
+/**
+ * Lets a later `uccl_engine_start_listener` on this connection succeed again (UCCL allows that
+ * restart). The connection keeps moving data and notifications meanwhile, and the engine keeps
+ * accepting at the address of its metadata. 0 also when the listener was not started.
+ */
+int uccl_engine_stop_listener(uccl_conn_t *conn);
 
 /**
  * Closes the connection: pending transfers fail, the peer is told. NULL is a no-op; the handle is

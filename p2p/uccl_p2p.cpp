@@ -35,6 +35,7 @@
 #pragma redefine_extname uccl_tcpx_c_destroy uccl_engine_destroy
 #pragma redefine_extname uccl_tcpx_c_connect uccl_engine_connect
 #pragma redefine_extname uccl_tcpx_c_start_listener uccl_engine_start_listener
+#pragma redefine_extname uccl_tcpx_c_stop_listener uccl_engine_stop_listener
 #pragma redefine_extname uccl_tcpx_c_accept uccl_engine_accept
 #pragma redefine_extname uccl_tcpx_c_read uccl_engine_read
 #pragma redefine_extname uccl_tcpx_c_write uccl_engine_write
@@ -54,6 +55,7 @@
 #define uccl_engine_destroy uccl_tcpx_c_destroy
 #define uccl_engine_connect uccl_tcpx_c_connect
 #define uccl_engine_start_listener uccl_tcpx_c_start_listener
+#define uccl_engine_stop_listener uccl_tcpx_c_stop_listener
 #define uccl_engine_accept uccl_tcpx_c_accept
 #define uccl_engine_read uccl_tcpx_c_read
 #define uccl_engine_write uccl_tcpx_c_write
@@ -74,6 +76,7 @@
 #undef uccl_engine_destroy
 #undef uccl_engine_connect
 #undef uccl_engine_start_listener
+#undef uccl_engine_stop_listener
 #undef uccl_engine_accept
 #undef uccl_engine_read
 #undef uccl_engine_write
@@ -137,10 +140,11 @@ UCCL_P2P_EXPORT int uccl_engine_start_listener(uccl_conn_t *conn) {
   return uccl_tcpx_c_start_listener(conn);
 }
 
-/* Exported by UCCL's library though its header does not declare it. The engine serves every
- * connection's control messages for the connection's whole life, so there is nothing to stop:
- * -1 for NULL, as in UCCL, else 0. */
-UCCL_P2P_EXPORT int uccl_engine_stop_listener(uccl_conn_t *conn) { return conn ? 0 : -1; }
+/* Exported by UCCL's library though its header does not declare it. As in UCCL, a later
+ * start_listener succeeds again, and NULL gives -1. */
+UCCL_P2P_EXPORT int uccl_engine_stop_listener(uccl_conn_t *conn) {
+  return conn ? uccl_tcpx_c_stop_listener(conn) : -1;
+}
 
 UCCL_P2P_EXPORT void uccl_engine_conn_destroy(uccl_conn_t *conn) { uccl_tcpx_c_conn_destroy(conn); }
 

@@ -1,6 +1,7 @@
 //! Tearing things down while transfers run: `close_connection` (C: `uccl_engine_conn_destroy`) and
 //! `deregister` (`uccl_engine_mr_destroy`) with 64 MiB transfers in flight, engine shutdown with
-//! connections and transfers open, `stop_accept` racing handshakes. Nothing may crash or hang (every
+//! connections and transfers open, `stop_accept` racing handshakes, a connection's listener stopped
+//! and restarted. Nothing may crash or hang (every
 //! wait is bounded), every transfer id must end in success or an error (never stay in progress), and
 //! once a close returns no transport may touch the caller's memory again (`tests/fence.rs` checks
 //! the same for `deregister` byte by byte).
@@ -13,7 +14,7 @@ use uccl_tcpx::proto::FifoItem;
 use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
 
 mod common;
-use common::{Pair, wait_done as outcome, within};
+use common::{PATIENCE, Pair, pattern, wait, wait_done as outcome, within};
 
 const BIG: usize = 64 << 20;
 /// Bound on any single transfer id reaching a final state after a teardown.
@@ -487,4 +488,54 @@ fn connect_after_stop_accept_is_refused() {
     let port = b.address().port();
     let result = a.connect("127.0.0.1", "0", port);
     assert!(result.is_err(), "a connect after stop_accept succeeded");
+}
+
+/// UCCL lets a connection's listener be stopped and started again. The restart must succeed, the
+/// connection must move data and notifications before, during and after it, and the engine must
+/// keep its metadata and accept loop, so a peer holding the metadata from before still connects.
+#[test]
+fn listener_restarts_and_the_engine_stays_reachable_at_its_metadata() {
+    let p = pair();
+    let held = p.b.metadata();
+    let len = 256 << 10;
+    let mut remote = vec![0u8; len];
+    let rmr = p.b.register(remote.as_mut_ptr() as usize, len).unwrap();
+    let fifo = p.b.prepare_fifo(rmr, remote.as_ptr() as usize, len).unwrap();
+
+    p.ab.stop_listener(); // never started: nothing to stop, no error
+    p.ba.start_listener().unwrap();
+    assert_eq!(p.ba.start_listener().unwrap_err().status(), UcclStatus::ErrRepostActive);
+    assert!(write_and_notify(&p.a, &p.ab, fifo, 1) == remote, "bytes before the restart");
+    for round in 0..2u64 {
+        p.ba.stop_listener();
+        assert!(write_and_notify(&p.a, &p.ab, fifo, 10 + round) == remote, "bytes while stopped");
+        p.ba.stop_listener();
+        p.ba.start_listener().unwrap_or_else(|e| panic!("restart {round}: {e}"));
+        assert_eq!(p.ba.start_listener().unwrap_err().status(), UcclStatus::ErrRepostActive);
+        assert!(write_and_notify(&p.a, &p.ab, fifo, 20 + round) == remote, "bytes after the restart");
+    }
+
+    assert_eq!(p.b.metadata(), held, "the metadata changed across the restart");
+    let port = held.split('?').next().and_then(|addr| addr.rsplit(':').next()).unwrap();
+    let c = Engine::new(config()).unwrap();
+    let cb = c.connect("127.0.0.1", "0", port.parse().unwrap()).expect("a peer holding the old metadata connects");
+    common::accept(&p.b).unwrap().start_listener().unwrap();
+    assert!(write_and_notify(&c, &cb, fifo, 30) == remote, "bytes from the late peer");
+}
+
+/// Writes a pattern of `fifo.size` bytes from `engine` through `conn` into `fifo`, then notifies,
+/// and waits for the write's outcome and the notification; returns what was written.
+fn write_and_notify(engine: &Engine, conn: &Connection, fifo: FifoItem, round: u64) -> Vec<u8> {
+    let len = fifo.size as usize;
+    let src = pattern(len, round);
+    let smr = engine.register(src.as_ptr() as usize, len).unwrap();
+    let id = conn.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len, remote: fifo }]).unwrap();
+    assert_eq!(wait(conn, id).unwrap(), len as u64, "round {round}: write");
+    let name = format!("listener-restart-{round}").into_bytes();
+    conn.notify(&name, b"m").unwrap();
+    common::wait_until("the round's notification arrives", PATIENCE, || {
+        uccl_tcpx::engine::notify::drain(16).into_iter().any(|n| n.name == name)
+    });
+    engine.deregister(smr).unwrap();
+    src
 }

@@ -26,11 +26,22 @@ pub(crate) fn conn_ref(conn: *const uccl_conn_t) -> Result<Arc<Connection>> {
 }
 
 /// Control messages are always served by the engine; this exists for UCCL compatibility and fails
-/// when called twice on the same connection.
+/// (`-7`) when called twice on the same connection without `uccl_engine_stop_listener` between.
 #[unsafe(no_mangle)]
 pub extern "C" fn uccl_engine_start_listener(conn: *mut uccl_conn_t) -> c_int {
     ffi_fn!("uccl_engine_start_listener", {
         conn_ref(conn)?.start_listener()?;
+        Ok(0)
+    })
+}
+
+/// Lets a later `uccl_engine_start_listener` on this connection succeed again (UCCL allows that
+/// restart). The connection keeps moving data and notifications meanwhile, and the engine keeps
+/// accepting at the address of its metadata. 0 also when the listener was not started.
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_engine_stop_listener(conn: *mut uccl_conn_t) -> c_int {
+    ffi_fn!("uccl_engine_stop_listener", {
+        conn_ref(conn)?.stop_listener();
         Ok(0)
     })
 }

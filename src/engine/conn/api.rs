@@ -19,13 +19,25 @@ use crate::transport::IoSeg;
 
 impl Connection {
     /// UCCL's start_listener: control messages are always served here; this only records the call so
-    /// that a second call is reported like UCCL does.
+    /// that a second call without a `stop_listener` between is reported like UCCL does.
     pub fn start_listener(&self) -> Result<()> {
         self.inner.lock().state.check_open()?;
         if self.listener_started.swap(true, Ordering::AcqRel) {
-            return Err(Error::new(UcclStatus::ErrRepostActive, "the listener of this connection is already started"));
+            return Err(Error::new(
+                UcclStatus::ErrRepostActive,
+                "the listener of this connection is already started (stop_listener first to restart it)",
+            ));
         }
         Ok(())
+    }
+
+    /// UCCL's stop_listener, which lets a later start_listener succeed again. It stops nothing that
+    /// moves data: the connection keeps serving its peer's control messages, transfers and
+    /// notifications (UCCL's own engine also keeps those going, on its other channels), and the
+    /// engine's listener and accept loop are untouched, so its metadata still reaches it. Stopping a
+    /// listener that is not started, or on a closed connection, is not an error, as in UCCL.
+    pub fn stop_listener(&self) {
+        self.listener_started.store(false, Ordering::Release);
     }
 
     pub fn write(&self, ops: &[OneSided]) -> Result<u64> {
