@@ -1,12 +1,18 @@
 #!/usr/bin/env python3
-"""NIXL end to end over uccl-tcpx, driven by scripts/nixl_e2e.sh.
+"""NIXL end to end over uccl-tcpx, driven by scripts/nixl_e2e.sh (host memory) and
+scripts/nixl_gpu_run.sh (GPU memory).
 
 Two processes, each a NIXL agent (NIXL's Python package) with only the UCCL backend, which NIXL
 loads from $NIXL_PLUGIN_DIR: there, NIXL's own src/plugins/uccl built against uccl-tcpx. The
-agents register host memory, exchange metadata as NIXL users do, and the initiator WRITEs to and
-READs from the target: 4 KiB, 1 MiB and 64 MiB, as one descriptor and as many, each transfer with
-a notification that the target must receive, every byte checked. Then the initiator transfers to
+agents register memory, exchange metadata as NIXL users do, and the initiator WRITEs to and READs
+from the target: 4 KiB, 1 MiB and 64 MiB, as one descriptor and as many, each transfer with a
+notification that the target must receive, every byte checked. Then the initiator transfers to
 itself, and finally the target exits and a transfer to it must fail with NIXL's error (not hang).
+
+--device cpu registers host memory (DRAM, numpy). --device gpu registers torch tensors (VRAM):
+the initiator's on cuda:0 and the target's on cuda:1, each allocated and registered only after the
+process created its agent, as NIXL users do; the engine therefore learns its GPU from the first
+registration, after NIXL already read its metadata.
 
 Prints one line per check and a table of NIXL's transfer rates (timed through NIXL's API); with
 --bench-json, next to those of uccl-tcpx-bench for the same sizes. Exit status 0 only when every
@@ -45,11 +51,92 @@ def import_nixl():
     return nixl_agent, nixl_agent_config
 
 
-def pattern(np, size, seed):
-    """Position-dependent bytes, different per seed, so a misplaced or stale block shows."""
-    i = np.arange(size, dtype=np.uint64)
-    x = (i * np.uint64(2654435761) + np.uint64(seed) * np.uint64(0x9E3779B9)) >> np.uint64(7)
-    return (x & np.uint64(0xFF)).astype(np.uint8)
+class HostMemory:
+    """Host buffers (numpy), registered as DRAM."""
+
+    kind = "DRAM"
+
+    def __init__(self, gpu):
+        import numpy
+
+        self.np = numpy
+        self.dev_id = 0
+        self.where = "host memory"
+
+    def zeros(self, size):
+        buf = self.np.zeros(size, dtype=self.np.uint8)
+        return buf, buf.ctypes.data
+
+    def pattern(self, size, seed):
+        """Position-dependent bytes, different per seed, so a misplaced or stale block shows."""
+        np = self.np
+        i = np.arange(size, dtype=np.uint64)
+        x = (i * np.uint64(2654435761) + np.uint64(seed) * np.uint64(0x9E3779B9)) >> np.uint64(7)
+        return (x & np.uint64(0xFF)).astype(np.uint8)
+
+    def fill(self, view, seed):
+        view[:] = self.pattern(len(view), seed)
+
+    def zero(self, view):
+        view[:] = 0
+
+    def holds(self, view, seed):
+        return bool(self.np.array_equal(view, self.pattern(len(view), seed)))
+
+    def same(self, a, b):
+        return bool(self.np.array_equal(a, b))
+
+
+class GpuMemory:
+    """torch tensors on one GPU, registered as VRAM. Every fill and check synchronizes the device,
+    so the engine never reads a buffer that a kernel is still writing, nor the check a stale one."""
+
+    kind = "VRAM"
+
+    def __init__(self, gpu):
+        import torch
+
+        if torch.cuda.device_count() <= gpu:
+            raise RuntimeError(f"cuda:{gpu} is needed, torch sees {torch.cuda.device_count()} GPU(s)")
+        self.torch = torch
+        self.dev = torch.device(f"cuda:{gpu}")
+        self.dev_id = gpu
+        self.where = f"cuda:{gpu} ({torch.cuda.get_device_name(gpu)})"
+
+    def zeros(self, size):
+        buf = self.torch.zeros(size, dtype=self.torch.uint8, device=self.dev)
+        self.torch.cuda.synchronize(self.dev)
+        return buf, buf.data_ptr()
+
+    def pattern(self, size, seed):
+        # The host pattern's formula; its values stay below 2**63, so int64 gives the same bytes.
+        i = self.torch.arange(size, dtype=self.torch.int64, device=self.dev)
+        x = (i * 2654435761 + seed * 0x9E3779B9) >> 7
+        return (x & 0xFF).to(self.torch.uint8)
+
+    def fill(self, view, seed):
+        view.copy_(self.pattern(view.numel(), seed))
+        self.torch.cuda.synchronize(self.dev)
+
+    def zero(self, view):
+        view.zero_()
+        self.torch.cuda.synchronize(self.dev)
+
+    def holds(self, view, seed):
+        self.torch.cuda.synchronize(self.dev)
+        return bool(self.torch.equal(view, self.pattern(view.numel(), seed)))
+
+    def same(self, a, b):
+        self.torch.cuda.synchronize(self.dev)
+        return bool(self.torch.equal(a, b))
+
+
+def memory_name(device):
+    return "VRAM" if device == "gpu" else "DRAM"
+
+
+def memory(device, gpu):
+    return GpuMemory(gpu) if device == "gpu" else HostMemory(gpu)
 
 
 def pieces(size):
@@ -69,12 +156,15 @@ def make_agent(name):
     return agent
 
 
-def register(agent, np, size):
-    buf = np.zeros(size, dtype=np.uint8)
-    addr = buf.ctypes.data
-    descs = agent.get_reg_descs([(addr, size, 0, "")], "DRAM")
+def register(agent, mem, size):
+    buf, addr = mem.zeros(size)
+    descs = agent.get_reg_descs([(addr, size, mem.dev_id, "")], mem.kind)
     agent.register_memory(descs)
     return buf, addr, descs
+
+
+def xfer_descs(agent, mem, ranges):
+    return agent.get_xfer_descs([(addr, n, mem.dev_id) for addr, n in ranges], mem.kind)
 
 
 def wait_notif(agent, sender, msg, deadline):
@@ -113,11 +203,12 @@ def run_xfer(agent, op, local, remote, peer, notif):
 # ---- the target --------------------------------------------------------------------------------
 
 
-def target_main(pipe):
-    import numpy as np
-
+def target_main(pipe, device, gpu):
+    # The agent first, the memory after: the order NIXL users follow, and the one that must work.
     agent = make_agent("target")
-    bufs = {s: register(agent, np, s) for s in SIZES}
+    mem = memory(device, gpu)
+    bufs = {s: register(agent, mem, s) for s in SIZES}
+    pipe.send(mem.where)
     pipe.send(agent.get_agent_metadata())
     agent.add_remote_agent(pipe.recv())
     pipe.send({s: addr for s, (_, addr, _) in bufs.items()})
@@ -126,14 +217,14 @@ def target_main(pipe):
         kind = cmd[0]
         if kind == "fill":  # ("fill", size, seed): for the initiator's READ
             _, size, seed = cmd
-            bufs[size][0][:] = pattern(np, size, seed)
+            mem.fill(bufs[size][0], seed)
             pipe.send("filled")
         elif kind == "expect":  # ("expect", size, seed, notif, check_bytes)
             _, size, seed, notif, check = cmd
             got = wait_notif(agent, "initiator", notif, time.monotonic() + TIMEOUT_S)
             ok = True
             if got and check:
-                ok = bool(np.array_equal(bufs[size][0], pattern(np, size, seed)))
+                ok = mem.holds(bufs[size][0], seed)
             pipe.send((got, ok))
         elif kind == "exit":
             for _, _, descs in bufs.values():
@@ -160,13 +251,14 @@ class Results:
         return ok
 
 
-def initiator_main(pipe, out):
-    import numpy as np
-
+def initiator_main(pipe, out, device, gpu):
     res = Results()
     rates = {}  # (op, size, layout) -> GB/s
     agent = make_agent("initiator")
-    bufs = {s: register(agent, np, s) for s in SIZES}
+    mem = memory(device, gpu)
+    bufs = {s: register(agent, mem, s) for s in SIZES}
+    target_where = pipe.recv()
+    print(f"  initiator on {mem.where}, target on {target_where}", flush=True)
     remote_md = pipe.recv()
     pipe.send(agent.get_agent_metadata())
     peer = agent.add_remote_agent(remote_md)
@@ -179,10 +271,8 @@ def initiator_main(pipe, out):
         buf, addr, _ = bufs[size]
         for layout in ("1 descriptor", f"{len(pieces(size))} descriptors"):
             parts = [(0, size)] if layout == "1 descriptor" else pieces(size)
-            local = agent.get_xfer_descs([(addr + o, n, 0) for o, n in parts], "DRAM")
-            remote = agent.get_xfer_descs(
-                [(remote_addrs[size] + o, n, 0) for o, n in parts], "DRAM"
-            )
+            local = xfer_descs(agent, mem, [(addr + o, n) for o, n in parts])
+            remote = xfer_descs(agent, mem, [(remote_addrs[size] + o, n) for o, n in parts])
             for op in ("WRITE", "READ"):
                 what = f"{op:5} {pretty(size):>7}, {layout}"
                 times = []
@@ -192,11 +282,11 @@ def initiator_main(pipe, out):
                     notif = f"{op}-{size}-{len(parts)}-{it}".encode()
                     if op == "WRITE":
                         if checked:
-                            buf[:] = pattern(np, size, seed)
+                            mem.fill(buf, seed)
                     elif checked:
                         pipe.send(("fill", size, seed))
                         pipe.recv()
-                        buf[:] = 0
+                        mem.zero(buf)
                     state, secs = run_xfer(agent, op, local, remote, peer, notif)
                     if state != "DONE":
                         res.check(False, f"{what}: transfer ended {state}")
@@ -210,7 +300,7 @@ def initiator_main(pipe, out):
                         break
                     if checked:
                         if op == "READ":
-                            ok = bool(np.array_equal(buf, pattern(np, size, seed)))
+                            ok = mem.holds(buf, seed)
                         if not res.check(ok, f"{what}: bytes and notification"):
                             break
                     else:
@@ -225,21 +315,21 @@ def initiator_main(pipe, out):
     # An agent's transfer to itself: WRITE from the 1 MiB buffer into the 64 MiB one, then READ back.
     src_buf, src_addr, _ = bufs[1 << 20]
     dst_buf, dst_addr, _ = bufs[64 << 20]
-    src_buf[:] = pattern(np, 1 << 20, 999)
-    dst_buf[:] = 0
-    local = agent.get_xfer_descs([(src_addr, 1 << 20, 0)], "DRAM")
-    remote = agent.get_xfer_descs([(dst_addr + 4096, 1 << 20, 0)], "DRAM")
+    mem.fill(src_buf, 999)
+    mem.zero(dst_buf)
+    local = xfer_descs(agent, mem, [(src_addr, 1 << 20)])
+    remote = xfer_descs(agent, mem, [(dst_addr + 4096, 1 << 20)])
     state, _ = run_xfer(agent, "WRITE", local, remote, "initiator", b"self-write")
     res.check(
         state == "DONE"
-        and bool(np.array_equal(dst_buf[4096 : 4096 + (1 << 20)], src_buf))
+        and mem.same(dst_buf[4096 : 4096 + (1 << 20)], src_buf)
         and wait_notif(agent, "initiator", b"self-write", time.monotonic() + TIMEOUT_S),
         f"self WRITE 1 MiB: {state}, bytes and notification",
     )
-    src_buf[:] = 0
+    mem.zero(src_buf)
     state, _ = run_xfer(agent, "READ", local, remote, "initiator", b"self-read")
     res.check(
-        state == "DONE" and bool(np.array_equal(src_buf, pattern(np, 1 << 20, 999))),
+        state == "DONE" and mem.holds(src_buf, 999),
         f"self READ 1 MiB: {state}, bytes",
     )
 
@@ -248,8 +338,8 @@ def initiator_main(pipe, out):
     res.check(pipe.recv() == "exited", "target agent destroyed")
     time.sleep(0.5)
     buf, addr, _ = bufs[1 << 20]
-    local = agent.get_xfer_descs([(addr, 1 << 20, 0)], "DRAM")
-    remote = agent.get_xfer_descs([(remote_addrs[1 << 20], 1 << 20, 0)], "DRAM")
+    local = xfer_descs(agent, mem, [(addr, 1 << 20)])
+    remote = xfer_descs(agent, mem, [(remote_addrs[1 << 20], 1 << 20)])
     start = time.monotonic()
     try:
         state, _ = run_xfer(agent, "WRITE", local, remote, peer, b"after-exit")
@@ -291,6 +381,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variant", default="", help="label printed with the results")
     ap.add_argument("--bench-json", default="", help="uccl-tcpx-bench --json-file output")
+    ap.add_argument(
+        "--device",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="host memory, or torch tensors with the initiator on cuda:0 and the target on cuda:1",
+    )
     args = ap.parse_args()
     if not os.environ.get("NIXL_PLUGIN_DIR"):
         sys.exit("NIXL_PLUGIN_DIR must name the directory holding libplugin_UCCL.so")
@@ -298,9 +394,12 @@ def main():
     ctx = mp.get_context("spawn")
     a, b = ctx.Pipe()
     out = ctx.Queue()
-    target = ctx.Process(target=target_main, args=(a,), name="target")
-    initiator = ctx.Process(target=initiator_main, args=(b, out), name="initiator")
-    print(f"== NIXL over uccl-tcpx: {args.variant} (NIXL_PLUGIN_DIR={os.environ['NIXL_PLUGIN_DIR']})")
+    target = ctx.Process(target=target_main, args=(a, args.device, 1), name="target")
+    initiator = ctx.Process(target=initiator_main, args=(b, out, args.device, 0), name="initiator")
+    print(
+        f"== NIXL over uccl-tcpx: {args.variant}, {memory_name(args.device)}"
+        f" (NIXL_PLUGIN_DIR={os.environ['NIXL_PLUGIN_DIR']})"
+    )
     target.start()
     initiator.start()
     # Only the children hold pipe ends now, so one dying ends the other's wait with EOFError.
