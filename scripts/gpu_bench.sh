@@ -123,10 +123,10 @@ else
   for run in "${SAME_HOST_RUNS[@]}"; do
     IFS='|' read -r tag flags <<<"$run"
     name="same-host-gpu-$tag"
-    section "$name: uccl-tcpx-bench --device gpu $flags (same-host path, device-copy anchors)"
+    section "$name: uccl-tcpx-bench --same-host --device gpu $flags (same-host path, device-copy anchors)"
     rm -f "$OUTDIR/$name.json"
     # shellcheck disable=SC2086 # flags is a word list
-    step "$name" env -u UCCL_TCPX_DISABLE_IPC "$BIN" --device gpu --gpu 0 $flags --ops write,read \
+    step "$name" env -u UCCL_TCPX_DISABLE_IPC "$BIN" --same-host --device gpu --gpu 0 $flags --ops write,read \
       --sizes "$SIZES" --no-baseline --json-file "$OUTDIR/$name.json"
     rc=$?
     result=null
@@ -141,16 +141,15 @@ fi
 # with 4 transfers in flight, where copies of one transfer overlap the socket I/O of another.
 # Smaller chunks would shorten a depth-1 GPU transfer's pipeline fill and drain (every channel's
 # first chunk is copied before the network starts, its last after it ends); ch4-2m (4 x 2 MiB in
-# the pipe) and ch8-1m measure whether that beats the per-chunk cost. UCCL_TCPX_DISABLE_IPC=1 keeps
-# the two bench processes of this host on the network path these layouts are about (they would
-# otherwise copy one-sided GPU transfers on the same-host path, measured above).
+# the pipe) and ch8-1m measure whether that beats the per-chunk cost. Without --same-host the bench
+# keeps its two processes on the network path these layouts are about.
 LAYOUTS=(
-  "ch4|--channels 4|UCCL_TCPX_DISABLE_IPC=1 UCCL_TCPX_SOCKET_NTHREADS=4 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=1M UCCL_TCPX_WINDOW=8"
-  "ch8|--channels 8|UCCL_TCPX_DISABLE_IPC=1 UCCL_TCPX_SOCKET_NTHREADS=2 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=4M UCCL_TCPX_WINDOW=16"
-  "ch8-depth4|--channels 8 --depth 4|UCCL_TCPX_DISABLE_IPC=1 UCCL_TCPX_SOCKET_NTHREADS=2 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=4M UCCL_TCPX_WINDOW=16"
-  "ch4-2m|--channels 4|UCCL_TCPX_DISABLE_IPC=1 UCCL_TCPX_SOCKET_NTHREADS=4 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=2M UCCL_TCPX_WINDOW=16"
-  "ch4-2m-depth4|--channels 4 --depth 4|UCCL_TCPX_DISABLE_IPC=1 UCCL_TCPX_SOCKET_NTHREADS=4 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=2M UCCL_TCPX_WINDOW=16"
-  "ch8-1m|--channels 8|UCCL_TCPX_DISABLE_IPC=1 UCCL_TCPX_SOCKET_NTHREADS=2 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=1M UCCL_TCPX_WINDOW=16"
+  "ch4|--channels 4|UCCL_TCPX_SOCKET_NTHREADS=4 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=1M UCCL_TCPX_WINDOW=8"
+  "ch8|--channels 8|UCCL_TCPX_SOCKET_NTHREADS=2 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=4M UCCL_TCPX_WINDOW=16"
+  "ch8-depth4|--channels 8 --depth 4|UCCL_TCPX_SOCKET_NTHREADS=2 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=4M UCCL_TCPX_WINDOW=16"
+  "ch4-2m|--channels 4|UCCL_TCPX_SOCKET_NTHREADS=4 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=2M UCCL_TCPX_WINDOW=16"
+  "ch4-2m-depth4|--channels 4 --depth 4|UCCL_TCPX_SOCKET_NTHREADS=4 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=2M UCCL_TCPX_WINDOW=16"
+  "ch8-1m|--channels 8|UCCL_TCPX_SOCKET_NTHREADS=2 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=1M UCCL_TCPX_WINDOW=16"
 )
 for device in ${GPU_BENCH_DEVICES:-gpu cpu}; do
   for layout in "${LAYOUTS[@]}"; do

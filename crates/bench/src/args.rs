@@ -143,9 +143,10 @@ pub struct Args {
     /// of all)
     #[arg(long)]
     pub split_cores: bool,
-    /// Loopback, host memory: measure next to each write and read, in the same run, the same
-    /// transfers over loopback TCP (a second engine with UCCL_TCPX_DISABLE_IPC=1) and memcpy of the
-    /// same size; the loopback connection itself takes the same-host path unless that variable is set
+    /// Loopback: the connection takes the same-host path (without this flag the bench sets
+    /// UCCL_TCPX_DISABLE_IPC=1 unless it is set, and measures the network path). Host memory is
+    /// measured next to the same transfers over loopback TCP and memcpy of the same size, GPU
+    /// memory next to device copies between the same GPUs
     #[arg(long)]
     pub same_host: bool,
 }
@@ -187,12 +188,9 @@ impl Args {
                 "--same-host applies to --loopback only (two hosts have no same-host path)",
             ));
         }
-        let one_sided_host = !self.uses_gpu() && self.ops.iter().all(|&o| o == Op::Write || o == Op::Read);
-        if self.same_host && !one_sided_host {
-            return Err((
-                ErrorKind::ArgumentConflict,
-                "--same-host measures one-sided host memory: --ops write,read and --device cpu",
-            ));
+        let one_sided = self.ops.iter().all(|&o| o == Op::Write || o == Op::Read);
+        if self.same_host && !one_sided {
+            return Err((ErrorKind::ArgumentConflict, "--same-host measures one-sided transfers: --ops write,read"));
         }
         if self.peer_device.is_some() && self.role != Role::Loopback {
             return Err((
@@ -485,6 +483,7 @@ mod tests {
             "--sizes 128K,256K,512K,1M,4M,64M --ops write,read",
             "--ops write,read --sizes 64M --depth 4 --iters 16 --channels 8",
             "--same-host --ops write,read --sizes 64K,1M,16M,64M",
+            "--same-host --device gpu --peer-gpu 1 --ops write,read --sizes 8,64M --no-baseline",
         ] {
             if let Err(e) = parse(line) {
                 panic!("{line}: {e}");

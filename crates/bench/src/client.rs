@@ -30,6 +30,12 @@ pub type OnPoint<'a> = &'a mut dyn FnMut(&RunInfo, &Point, &mut Progress);
 pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(RunInfo, Vec<Point>)> {
     let mut ctl = Ctl::new(TcpStream::connect(SocketAddr::new(server, port))?)?;
     let mut config = Config::from_env().map_err(std::io::Error::other)?;
+    // Without --same-host the bench measures the network path, whose anchors are raw TCP and NCCL:
+    // a server on this host would otherwise be reached by the same-host path. An explicit
+    // UCCL_TCPX_DISABLE_IPC is the operator's to set either way.
+    if !args.same_host && std::env::var_os("UCCL_TCPX_DISABLE_IPC").is_none() {
+        config.disable_ipc = true;
+    }
     if let Some(c) = args.channels {
         config.num_channels = c;
     }
@@ -62,8 +68,9 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
             engine.transport()
         );
     }
-    // --same-host: the anchor connection over loopback TCP, from an engine with the path off.
-    let mut tcp_anchor = if args.same_host {
+    // --same-host, host memory: the anchor connection over loopback TCP, from an engine with the
+    // path off (GPU buffers have device-copy anchors instead).
+    let mut tcp_anchor = if args.same_host && !args.uses_gpu() {
         let network = Engine::new(Config { disable_ipc: true, ..config.clone() }).map_err(std::io::Error::other)?;
         let mr = network.register(mem.addr(), bytes).map_err(std::io::Error::other)?;
         let conn = network.connect(&server.to_string(), remote_gpu, engine_port).map_err(std::io::Error::other)?;

@@ -103,6 +103,9 @@ fn same_host_run_measures_its_anchors_in_the_same_run() {
         assert!(out.status.success(), "{}", text(&out));
         serde_json::from_str::<Value>(&String::from_utf8_lossy(&out.stdout)).unwrap()
     };
+    // Unset, the bench measures the network path; an explicit 0 lets the plain run go local.
+    let default = plain(None);
+    assert!(default["host_path"].is_null(), "{default}");
     let local = plain(Some("0"));
     assert!(local["host_path"].is_string() && local["results"][0]["tcp_gb_per_s"].is_null(), "{local}");
     let off = plain(Some("1"));
