@@ -32,7 +32,7 @@ pub(super) trait HostServed: Send + Sync {
 const GATE_POLL: Duration = Duration::from_micros(50);
 
 /// The pieces under way, as deregistration and failure see them. The worker copies one job at a
-/// time, so every piece under way lands in one region (a job's pieces may run on two threads).
+/// time, so every piece under way lands in one region (a job's pieces may run on several threads).
 #[derive(Default)]
 pub(super) struct Gate {
     /// Id of the region the current job copies into (region ids start at 1); set while no piece
