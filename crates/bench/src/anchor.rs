@@ -1,6 +1,6 @@
 //! Same-host anchors: what the GPUs themselves do with the bytes a same-host transfer moves,
 //! measured in the client process in the same run. Between two GPUs `cuMemcpyPeerAsync` (naming
-//! both primary contexts), on one GPU `cuMemcpyDtoDAsync`, each copy followed by
+//! both primary contexts, with peer access enabled where the GPUs allow it), on one GPU `cuMemcpyDtoDAsync`, each copy followed by
 //! `cuStreamSynchronize`: one copy and one wait per transfer, as a transfer at depth 1 waits for
 //! each. At 8 bytes that is the launch+sync time a same-host round trip is held against.
 
@@ -49,6 +49,18 @@ pub fn device_copy(src_gpu: i32, dst_gpu: i32, size: usize, iters: usize) -> Io<
     let (src_ctx, dst_ctx) = (primary_context(src_gpu)?, primary_context(dst_gpu)?);
     // SAFETY: a retained primary context; this thread is the bench's own.
     unsafe { result::ctx::set_current(src_ctx) }.map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+    if src_gpu != dst_gpu {
+        // The anchor is what the GPUs' own link gives: without peer access the driver stages a
+        // peer copy through host memory, while the same-host path's IPC mappings go over the link.
+        // SAFETY: two retained primary contexts, the source's current on this thread.
+        let status = unsafe { sys::cuCtxEnablePeerAccess(dst_ctx, 0) };
+        match status {
+            sys::CUresult::CUDA_SUCCESS | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => {}
+            other => {
+                eprintln!("anchor: no peer access from GPU {src_gpu} to GPU {dst_gpu} ({other:?}): copies are staged")
+            }
+        }
+    }
     let mut stream: sys::CUstream = std::ptr::null_mut();
     let flags = sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32;
     // SAFETY: one writable stream handle; the source GPU's context is current.
