@@ -195,15 +195,23 @@ impl StagingConfig {
 /// Most data sockets one comm may open (NCCL's MAX_SOCKETS); also what an accepting side allows.
 pub(crate) const MAX_SOCKETS_PER_COMM: usize = 64;
 pub(crate) const MAX_SOCKET_THREADS: u8 = 16;
+/// Bound on `UCCL_TCPX_SOCKET_HELPERS`.
+pub(crate) const MAX_SOCKET_HELPERS: u8 = 64;
 
-/// Knobs of the built-in TCP transport, with NCCL's meaning so that operators can map them: each
-/// comm opens `nthreads x nsocks_per_thread` data sockets served by `nthreads` helper threads.
+/// Knobs of the built-in TCP transport. The socket layout keeps NCCL's names so that operators can
+/// map them: each comm opens `nthreads x nsocks_per_thread` data sockets. The threads moving them
+/// are an engine's shared helpers, `helpers` senders and as many receivers whatever the number of
+/// connections.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SocketConfig {
-    /// Helper threads per comm; 0 = pick from the core count. `UCCL_TCPX_SOCKET_NTHREADS`.
+    /// NCCL's thread count of a comm, which with `nsocks_per_thread` gives its data sockets; 0 =
+    /// pick from the core count. `UCCL_TCPX_SOCKET_NTHREADS`.
     pub nthreads: u8,
-    /// Data sockets each helper thread serves. `UCCL_TCPX_NSOCKS_PERTHREAD`.
+    /// Data sockets per NCCL thread. `UCCL_TCPX_NSOCKS_PERTHREAD`.
     pub nsocks_per_thread: u8,
+    /// Helper threads an engine moves data sockets with, per direction (senders, receivers), each
+    /// serving many sockets; 0 = one per core, at most 16. `UCCL_TCPX_SOCKET_HELPERS`.
+    pub helpers: u8,
     /// SO_SNDBUF / SO_RCVBUF of data sockets in bytes; 0 leaves the kernel's autotuning on (setting
     /// a size turns autotuning off). `UCCL_TCPX_SOCKET_SNDBUF`, `UCCL_TCPX_SOCKET_RCVBUF`.
     pub sndbuf: u32,
@@ -211,16 +219,12 @@ pub struct SocketConfig {
     /// A request is cut into pieces of this many bytes; free sockets pull the next piece, so a slow
     /// flow takes fewer of them. `UCCL_TCPX_SOCKET_SUBCHUNK`.
     pub subchunk: u32,
-    /// How long an idle helper thread polls before it sleeps; default 20 us on 8 or more cores, else
-    /// 0. `UCCL_TCPX_SOCKET_SPIN_US`.
+    /// How long a helper that just did some work polls for more before it sleeps; default 20 us on
+    /// 8 or more cores, else 0. `UCCL_TCPX_SOCKET_SPIN_US`.
     pub spin: Duration,
     /// Pieces of at least this many bytes are sent with MSG_ZEROCOPY; 0 = never (the default).
     /// `UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD`.
     pub zerocopy_threshold: u32,
-    /// A helper thread that serves one socket (and no zero-copy sends) waits inside blocking
-    /// `recv`/`sendmsg` calls instead of `poll` + non-blocking calls; default on.
-    /// `UCCL_TCPX_SOCKET_BLOCKING`.
-    pub blocking: bool,
 }
 
 impl Default for SocketConfig {
@@ -228,12 +232,12 @@ impl Default for SocketConfig {
         SocketConfig {
             nthreads: 0,
             nsocks_per_thread: 1,
+            helpers: 0,
             sndbuf: 0,
             rcvbuf: 0,
             subchunk: 256 << 10,
             spin: default_spin(),
             zerocopy_threshold: 0,
-            blocking: true,
         }
     }
 }
@@ -248,40 +252,51 @@ impl Default for SocketConfig {
 const DEFAULT_FENCE_TIMEOUT: Duration = Duration::from_millis(200);
 
 fn default_layout() -> (u16, u32) {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = available_cores();
     if cores >= 16 { (4, 2 << 20) } else { (2, 1 << 20) }
+}
+
+fn available_cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 /// A reply that comes back while its reader polls costs no sleep and no wake-up on either side,
 /// which is most of a small round trip (2-core VM, unpinned: 8-byte write 9.4 -> 3.1 us). With a
 /// single CPU the poller would hold the core its peer needs (43.7 us on one core), so none there.
 fn default_control_spin() -> Duration {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    if cpus >= 2 { Duration::from_micros(20) } else { Duration::ZERO }
+    if available_cores() >= 2 { Duration::from_micros(20) } else { Duration::ZERO }
 }
 
 /// Spinning pays only with cores to spare: on a small host a spinning helper takes the core that
 /// the thread it waits for needs (on 2 cores, 20 us of spin made an 8-byte round trip 5x slower).
 fn default_spin() -> Duration {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    if cores >= 8 { Duration::from_micros(20) } else { Duration::ZERO }
+    if available_cores() >= 8 { Duration::from_micros(20) } else { Duration::ZERO }
 }
 
 impl SocketConfig {
-    /// Helper threads per comm: the knob, else a quarter of the cores, 1 to 4. A transfer in one
-    /// direction keeps a sending and a receiving thread busy per socket on each host of a loopback
-    /// pair, so more threads than cores only adds context switches (2 cores: 1 thread per comm).
+    /// NCCL's thread count of a comm: the knob, else a quarter of the cores, 1 to 4. A transfer in
+    /// one direction keeps a sending and a receiving helper busy per socket on each host of a
+    /// loopback pair, so more sockets than cores only adds context switches (2 cores: 1 per comm).
     pub fn threads_per_comm(&self) -> usize {
         if self.nthreads != 0 {
             return self.nthreads as usize;
         }
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        (cores / 4).clamp(1, 4)
+        (available_cores() / 4).clamp(1, 4)
     }
 
     /// Data sockets per comm, capped like NCCL at 64.
     pub fn sockets_per_comm(&self) -> usize {
         (self.threads_per_comm() * self.nsocks_per_thread as usize).min(MAX_SOCKETS_PER_COMM)
+    }
+
+    /// Helper threads per direction: the knob, else one per core up to 16. One connection's
+    /// default layout (channels x sockets per comm: 2 on 2 cores, 16 from 16 cores) then still has
+    /// a helper per socket, as it had when every comm started its own.
+    pub fn helpers_per_direction(&self) -> usize {
+        if self.helpers != 0 {
+            return self.helpers as usize;
+        }
+        available_cores().clamp(1, 16)
     }
 }
 
@@ -369,6 +384,7 @@ impl SocketConfig {
         Ok(SocketConfig {
             nthreads,
             nsocks_per_thread,
+            helpers: parse_in(get, "UCCL_TCPX_SOCKET_HELPERS", d.helpers, 0, MAX_SOCKET_HELPERS)?,
             sndbuf: buf("UCCL_TCPX_SOCKET_SNDBUF")?,
             rcvbuf: buf("UCCL_TCPX_SOCKET_RCVBUF")?,
             subchunk: parse_size(get, "UCCL_TCPX_SOCKET_SUBCHUNK", d.subchunk, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)?,
@@ -380,7 +396,6 @@ impl SocketConfig {
                 0,
                 MAX_CHUNK_SIZE,
             )?,
-            blocking: parse_in(get, "UCCL_TCPX_SOCKET_BLOCKING", d.blocking as u8, 0, 1)? == 1,
         })
     }
 }
@@ -636,11 +651,11 @@ mod tests {
             ("UCCL_TCPX_SOCKET_SUBCHUNK", "128K"),
             ("UCCL_TCPX_SOCKET_SPIN_US", "0"),
             ("UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD", "64K"),
-            ("UCCL_TCPX_SOCKET_BLOCKING", "0"),
+            ("UCCL_TCPX_SOCKET_HELPERS", "3"),
         ])
         .unwrap()
         .socket;
-        assert!(!c.blocking);
+        assert_eq!((c.helpers, c.helpers_per_direction()), (3, 3));
         assert_eq!((c.nthreads, c.nsocks_per_thread), (4, 2));
         assert_eq!((c.threads_per_comm(), c.sockets_per_comm()), (4, 8));
         assert_eq!((c.sndbuf, c.rcvbuf), (4 << 20, 8 << 20));
@@ -649,7 +664,7 @@ mod tests {
         let auto = SocketConfig::default();
         assert!((1..=4).contains(&auto.threads_per_comm()), "auto picks 1 to 4 threads");
         assert_eq!(auto.sockets_per_comm(), auto.threads_per_comm());
-        assert!(auto.blocking);
+        assert!((1..=16).contains(&auto.helpers_per_direction()), "auto picks 1 to 16 helpers");
         let err = cfg(&[("UCCL_TCPX_SOCKET_NTHREADS", "16"), ("UCCL_TCPX_NSOCKS_PERTHREAD", "8")]).unwrap_err();
         assert!(err.message().contains("64 sockets"), "{}", err.message());
     }
@@ -677,7 +692,7 @@ mod tests {
             ("UCCL_TCPX_SOCKET_SPIN_US", "-1"),
             ("UCCL_TCPX_CONTROL_SPIN_US", "-1"),
             ("UCCL_TCPX_CONTROL_SPIN_US", "2000000"),
-            ("UCCL_TCPX_SOCKET_BLOCKING", "2"),
+            ("UCCL_TCPX_SOCKET_HELPERS", "65"),
             ("UCCL_TCPX_DISABLE_IPC", "2"),
             ("UCCL_TCPX_DISABLE_IPC", "yes"),
             ("UCCL_TCPX_PLUGIN_TEST_AHEAD", "2"),

@@ -49,18 +49,13 @@ fn random_sizes_over_one_socket_per_comm() {
     concurrent_comms(options, 3, 120);
 }
 
-/// The same over helper threads that wait in `poll` and non-blocking calls, the path threads with
-/// several sockets always take.
+/// Many comms with several sockets each, all on one sending and one receiving helper thread: the
+/// helpers take turns between sockets and never let one comm's busy socket starve another's.
 #[test]
-fn random_sizes_over_one_socket_per_comm_without_blocking_calls() {
-    let options = SocketConfig {
-        nthreads: 1,
-        nsocks_per_thread: 1,
-        subchunk: 64 << 10,
-        blocking: false,
-        ..SocketConfig::default()
-    };
-    concurrent_comms(options, 3, 120);
+fn random_sizes_over_many_comms_sharing_one_helper_each_way() {
+    let options =
+        SocketConfig { nthreads: 2, nsocks_per_thread: 2, helpers: 1, subchunk: 16 << 10, ..SocketConfig::default() };
+    concurrent_comms(options, 6, 60);
 }
 
 #[test]
@@ -86,8 +81,8 @@ fn socket_buffer_sizes_and_zero_spin_are_accepted() {
         subchunk: 32 << 10,
         spin: Duration::ZERO,
         zerocopy_threshold: 0,
-        // Small buffers keep the blocking sends waiting for room.
-        blocking: true,
+        // Small buffers keep the sends waiting for room, each socket on its own helper.
+        helpers: 2,
     };
     concurrent_comms(options, 1, 40);
 }
@@ -116,13 +111,14 @@ fn data_waits_for_late_receives_and_receives_wait_for_late_data() {
     });
 }
 
-/// The same with a socket per thread: the helpers wait in blocking calls, and a receiving one
-/// holding a header for a request not posted yet must still see the post.
+/// The same with both sockets on one helper each way: a receiving socket holding a header for a
+/// request not posted yet must still see the post while its helper sleeps.
 #[test]
-fn late_receives_and_late_data_with_blocking_helpers() {
+fn late_receives_and_late_data_on_one_helper() {
     late_receives_and_late_data(SocketConfig {
         nthreads: 2,
         nsocks_per_thread: 1,
+        helpers: 1,
         subchunk: 4 << 10,
         ..SocketConfig::default()
     });

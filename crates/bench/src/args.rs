@@ -149,6 +149,18 @@ pub struct Args {
     /// memory next to device copies between the same GPUs
     #[arg(long)]
     pub same_host: bool,
+    /// Instead of the transfer table, what connections cost: the client's engine connects to the
+    /// server's until it holds each count of the list (ascending, e.g. 1,64,256,1024); per count the
+    /// connect time, each end's threads, descriptors, resident memory and CPU while idle, and GB/s
+    /// with every connection writing the first of --sizes [default 1 MiB] at once
+    #[arg(long, value_name = "LIST", value_delimiter = ',', action = clap::ArgAction::Set, value_parser = positive)]
+    pub scale: Vec<usize>,
+    /// With --scale: seconds over which the idle CPU is measured
+    #[arg(long, value_name = "SECS", default_value_t = 3.0, value_parser = seconds)]
+    pub idle_secs: f64,
+    /// --sizes was given (not its default).
+    #[arg(skip)]
+    sizes_given: bool,
 }
 
 impl Args {
@@ -165,11 +177,22 @@ impl Args {
         if a.role == Role::Loopback && matches.value_source("port") == Some(ValueSource::DefaultValue) {
             a.port = 0;
         }
+        a.sizes_given = matches.value_source("sizes") != Some(ValueSource::DefaultValue);
         a.check().map_err(|(kind, msg)| command.error(kind, msg))?;
         Ok(a)
     }
 
     fn check(&self) -> Result<(), (ErrorKind, &'static str)> {
+        if !self.scale.is_empty() && (self.role == Role::Server || self.uses_gpu() || self.same_host) {
+            return Err((
+                ErrorKind::ArgumentConflict,
+                "--scale is the client's (a server follows it) and moves host memory over the network path: leave \
+                 out --role server, --device gpu and --same-host",
+            ));
+        }
+        if self.scale.windows(2).any(|w| w[0] >= w[1]) {
+            return Err((ErrorKind::ValueValidation, "--scale counts must be ascending"));
+        }
         if self.device == Device::Gpu && self.ops.contains(&Op::Transport) {
             return Err((
                 ErrorKind::ArgumentConflict,
@@ -241,6 +264,11 @@ impl Args {
         spans.fold(max * self.depth, usize::max)
     }
 
+    /// What every connection writes at once in the busy phase of --scale.
+    pub fn scale_size(&self) -> usize {
+        if self.sizes_given { self.sizes[0] } else { 1 << 20 }
+    }
+
     /// Transfers for one size: the flag, else about 512 MiB worth, 8 to 2000.
     pub fn iters_for(&self, size: usize) -> usize {
         self.iters.unwrap_or_else(|| ((512usize << 20) / size).clamp(8, 2000))
@@ -279,6 +307,13 @@ fn positive(s: &str) -> Result<usize, String> {
     match s.parse() {
         Ok(0) | Err(_) => Err("expected a whole number of at least 1".into()),
         Ok(n) => Ok(n),
+    }
+}
+
+fn seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 3600.0 => Ok(v),
+        _ => Err("expected seconds, more than 0 and at most 3600".into()),
     }
 }
 
@@ -392,6 +427,12 @@ mod tests {
             "--same-host --role server",
             "--same-host --ops write,send",
             "--same-host --device gpu",
+            "--scale 64,1",
+            "--scale 0",
+            "--scale 4 --role server",
+            "--scale 4 --device gpu",
+            "--scale 4 --idle-secs 0",
+            "--scale 4 --same-host",
             "stray",
         ] {
             let e = parse(bad).err().unwrap_or_else(|| panic!("{bad} was accepted"));
@@ -416,6 +457,7 @@ mod tests {
         says("--sizes 16M --num-iovs 1024 --scatter 8M", "--scatter is too small");
         says("--device gpu --ops transport", "leave it out with --device gpu");
         says("--bogus", "unexpected argument '--bogus'");
+        says("--scale 64,1", "--scale counts must be ascending");
     }
 
     #[test]
@@ -446,6 +488,8 @@ mod tests {
             "--cpus",
             "--split-cores",
             "--same-host",
+            "--scale",
+            "--idle-secs",
             "--help",
         ] {
             assert!(help.split_whitespace().any(|w| w == flag), "{flag} in {help}");
@@ -484,11 +528,23 @@ mod tests {
             "--ops write,read --sizes 64M --depth 4 --iters 16 --channels 8",
             "--same-host --ops write,read --sizes 64K,1M,16M,64M",
             "--same-host --device gpu --peer-gpu 1 --ops write,read --sizes 8,64M --no-baseline",
+            "--scale 1,64,256,1024",
+            "--scale 1,64 --sizes 64K --idle-secs 2",
         ] {
             if let Err(e) = parse(line) {
                 panic!("{line}: {e}");
             }
         }
+    }
+
+    #[test]
+    fn scale_flags() {
+        let d = parse("").unwrap();
+        assert!(d.scale.is_empty());
+        let s = parse("--scale 1,64,256,1024").unwrap();
+        assert_eq!((&s.scale[..], s.idle_secs, s.scale_size()), (&[1, 64, 256, 1024][..], 3.0, 1 << 20));
+        let t = parse("--scale 2 --sizes 64K,1M --idle-secs 0.5").unwrap();
+        assert_eq!((t.scale_size(), t.idle_secs), (64 << 10, 0.5));
     }
 
     #[test]

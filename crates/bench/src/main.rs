@@ -14,6 +14,7 @@ mod progress;
 mod raw;
 mod report;
 mod same_host;
+mod scale;
 mod server;
 mod transport_ping;
 
@@ -99,6 +100,10 @@ fn loopback(args: &Args, split: Option<cpus::Split>) {
 }
 
 fn client_and_report(args: &Args, ip: IpAddr, port: u16, mode: &str) {
+    if !args.scale.is_empty() {
+        scale::run(args, ip, port).unwrap_or_else(|e| fail(&format!("scale: {e}")));
+        return;
+    }
     let mut printed_header = false;
     let (info, points) = client::run(args, ip, port, &mut |info, p, progress| {
         if args.json {

@@ -28,7 +28,14 @@ pub fn run(args: &Args) -> Io<()> {
     }
     let (stream, peer) = listener.accept()?;
     let mut ctl = Ctl::new(stream)?;
-    let setup = ctl.expect("SETUP")?;
+    let setup = ctl.recv()?;
+    if setup.first().map(String::as_str) == Some("SCALE") {
+        log_line(args, &format!("client {peer}: scale run"));
+        return crate::scale::serve(args, &mut ctl, &setup);
+    }
+    if setup.first().map(String::as_str) != Some("SETUP") {
+        return Err(std::io::Error::other(format!("bench peer said {:?}, expected SETUP", setup.join(" "))));
+    }
     let (bytes, channels): (usize, u16) = (field(&setup, 1)?, field(&setup, 2)?);
     // A same-host run connects twice: over the same-host path and over loopback TCP.
     let connections: usize = if setup.len() > 3 { field(&setup, 3)? } else { 1 };

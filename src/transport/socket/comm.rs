@@ -1,131 +1,72 @@
-//! Socket comms: a request window shared with helper threads, each serving some of the comm's data
-//! sockets. Requests are numbered in posting order; `test` reads a completion flag without locking.
+//! Socket comms: a request window and the comm's data sockets, each socket served by one of the
+//! net's shared helper threads. Requests are numbered in posting order; `test` reads a completion
+//! flag without locking.
 
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::receiver::RecvThread;
-use super::sender::{INLINE_MAX, MAX_SLEEP, SendSockets, SendThread};
+use super::reactor::{Placement, Pool};
+use super::receiver::{RecvSockets, RecvTask};
+use super::sender::{INLINE_MAX, Inline, SendSockets, SendTask};
 use super::window::{MAX_REQUESTS, Window};
 use super::zerocopy::{self, Counters};
 use crate::error::{Error, Result};
-use crate::threads::{ThreadKind, spawn_contained};
+use crate::threads::ThreadKind;
 use crate::transport::Wake;
 use crate::transport::{IoSeg, MemKind, MrHandle, RecvComm, RequestId, SendComm};
 
-/// How a comm spreads its sockets over helper threads.
+/// How a comm moves its pieces.
 #[derive(Clone, Copy, Debug)]
 pub struct Threading {
-    pub threads: usize,
     pub subchunk: usize,
-    pub spin: Duration,
     /// Send comms: pieces of at least this many bytes go out with MSG_ZEROCOPY; 0 = never.
     pub zerocopy_threshold: usize,
-    /// Threads serving a single socket wait in blocking calls on it (see `blocking_mode`).
-    pub blocking: bool,
 }
 
-/// What both comm kinds share: the threads, their window, and the caller's view of the requests.
+/// The helper threads of one net: senders and receivers, each pool at most `helpers` threads.
+/// Every comm holds them, so they outlive the last comm even if the net goes first.
+pub struct Helpers {
+    send: Pool<SendTask>,
+    recv: Pool<RecvTask>,
+}
+
+impl Helpers {
+    pub fn new(helpers: usize, spin: Duration) -> Helpers {
+        Helpers {
+            send: Pool::new(ThreadKind::SocketSender, "uccl-sock-tx", helpers, spin),
+            recv: Pool::new(ThreadKind::SocketReceiver, "uccl-sock-rx", helpers, spin),
+        }
+    }
+
+    /// Helper threads running now, senders and receivers.
+    #[cfg(test)]
+    pub fn threads(&self) -> usize {
+        self.send.threads() + self.recv.threads()
+    }
+}
+
+enum Side {
+    Send(Arc<SendSockets>, Vec<Placement<SendTask>>),
+    Recv(Arc<RecvSockets>, Vec<Placement<RecvTask>>),
+}
+
+/// What both comm kinds share: the window, the sockets' placements, and the caller's view of the
+/// requests.
 struct CommCore {
-    streams: Arc<[TcpStream]>,
     window: Arc<Window>,
-    /// Send comms: socket claims shared with the helpers, for inline sends.
-    send_sockets: Option<Arc<SendSockets>>,
+    side: Side,
+    subchunk: usize,
     inline_max: usize,
-    threads: Vec<JoinHandle<()>>,
+    helpers: Arc<Helpers>,
     posted: u64,
     /// Requests whose slot was given back (send: tested done; receive: consumed).
     released: u64,
     tested: u64,
 }
 
-enum Role {
-    Send(Arc<Counters>),
-    Recv,
-}
-
 impl CommCore {
-    fn start(streams: Vec<TcpStream>, wake: Wake, how: Threading, role: Role) -> Result<CommCore> {
-        let threads = how.threads.clamp(1, streams.len().max(1));
-        let zerocopy: Vec<bool> = match &role {
-            Role::Send(counters) if how.zerocopy_threshold > 0 => {
-                streams.iter().map(|s| zerocopy::enable(s.as_raw_fd(), counters)).collect()
-            }
-            _ => vec![false; streams.len()],
-        };
-        // Socket k goes to thread k % threads, NCCL's layout of nsocks_per_thread per thread.
-        let layout: Vec<Vec<usize>> = (0..threads).map(|t| (t..streams.len()).step_by(threads).collect()).collect();
-        let blocking: Vec<bool> = layout.iter().map(|s| how.blocking && s.len() == 1 && !zerocopy[s[0]]).collect();
-        for (t, sockets) in layout.iter().enumerate() {
-            for &k in sockets {
-                blocking_mode(&streams[k], blocking[t]).map_err(|e| Error::io("configure data socket", e))?;
-            }
-        }
-        let streams: Arc<[TcpStream]> = streams.into();
-        let window = Arc::new(Window::new(how.subchunk, threads, wake)?);
-        let send_sockets = matches!(role, Role::Send(_)).then(|| Arc::new(SendSockets::new(streams.clone(), threads)));
-        let mut core = CommCore {
-            streams: streams.clone(),
-            window: window.clone(),
-            send_sockets: send_sockets.clone(),
-            inline_max: INLINE_MAX.min(how.subchunk),
-            threads: Vec::new(),
-            posted: 0,
-            released: 0,
-            tested: 0,
-        };
-        for (t, sockets) in layout.into_iter().enumerate() {
-            let blocking = blocking[t];
-            let (streams, window, send_sockets) = (streams.clone(), window.clone(), send_sockets.clone());
-            // A dead helper fails its comm, which the progress thread sees at its next `test` and
-            // the comm's other helpers within their sleep.
-            let failing = window.clone();
-            let spawned = match (send_sockets, &role) {
-                (Some(shared), Role::Send(counters)) => {
-                    // The kernel may still hold pages of caller buffers for zero-copy pieces this
-                    // thread sent: reset those sockets when they close, as a failing helper does.
-                    let zerocopy_sockets: Vec<usize> = sockets.iter().copied().filter(|&k| zerocopy[k]).collect();
-                    let all = streams.clone();
-                    let on_panic = move |err| {
-                        for k in zerocopy_sockets {
-                            let _ = socket2::SockRef::from(&all[k]).set_linger(Some(Duration::ZERO));
-                        }
-                        failing.fail(err);
-                    };
-                    let sender = SendThread {
-                        index: t,
-                        zerocopy: sockets.iter().map(|&k| zerocopy[k]).collect(),
-                        sockets,
-                        shared,
-                        window,
-                        spin: how.spin,
-                        zerocopy_threshold: how.zerocopy_threshold,
-                        counters: counters.clone(),
-                        blocking,
-                    };
-                    spawn_contained(
-                        std::thread::Builder::new().name(format!("uccl-sock-tx{t}")),
-                        ThreadKind::SocketSender,
-                        on_panic,
-                        move || sender.run(),
-                    )
-                }
-                _ => spawn_contained(
-                    std::thread::Builder::new().name(format!("uccl-sock-rx{t}")),
-                    ThreadKind::SocketReceiver,
-                    move |err| failing.fail(err),
-                    move || RecvThread { index: t, sockets, streams, window, spin: how.spin, blocking }.run(),
-                ),
-            };
-            // On error the partly built core's drop stops the threads already started.
-            core.threads.push(spawned.map_err(|e| Error::io("spawn channel thread", e))?);
-        }
-        Ok(core)
-    }
-
     fn post(&mut self, iov: &[IoSeg]) -> Result<Option<RequestId>> {
         self.window.check()?;
         if iov.is_empty() {
@@ -136,11 +77,37 @@ impl CommCore {
         }
         let id = self.posted;
         let len = iov.iter().map(|s| s.len).sum::<usize>();
-        let inline = self.send_sockets.as_ref().filter(|_| len <= self.inline_max);
-        if self.window.post(id, iov, inline.is_some()) {
-            let sent = inline.is_some_and(|s| s.send_inline(&self.window));
-            if !sent {
-                self.window.wake_helpers();
+        let alone = self.window.post(id, iov);
+        match &self.side {
+            Side::Send(shared, placements) => {
+                let inline = if alone && len <= self.inline_max { shared.send_inline() } else { Inline::NoSocket };
+                match inline {
+                    Inline::Done => {}
+                    Inline::HandedOver(k) => placements[k].kick(),
+                    Inline::NoSocket => {
+                        // As many idle sockets as the request has pieces; busy ones pull the rest
+                        // when they finish their piece.
+                        let mut pieces = len.div_ceil(self.subchunk).max(1);
+                        for (k, p) in placements.iter().enumerate() {
+                            if pieces == 0 {
+                                break;
+                            }
+                            if shared.idle(k) {
+                                p.kick();
+                                pieces -= 1;
+                            }
+                        }
+                    }
+                }
+            }
+            Side::Recv(shared, placements) => {
+                // Only a socket holding a header for this request waits for the post; the others
+                // run when data comes.
+                for (k, p) in placements.iter().enumerate() {
+                    if shared.waits_for_post(k) {
+                        p.kick();
+                    }
+                }
             }
         }
         self.posted += 1;
@@ -166,14 +133,18 @@ impl CommCore {
 impl Drop for CommCore {
     fn drop(&mut self) {
         self.window.close();
-        // Unblocks nothing (sockets are non-blocking) but tells the peer at once, and makes a thread
-        // that is mid-poll see an event.
-        for s in self.streams.iter() {
+        // Tells the peer at once; the descriptors close once the helpers let go of them below.
+        let streams = match &self.side {
+            Side::Send(s, _) => &s.streams,
+            Side::Recv(s, _) => &s.streams,
+        };
+        for s in streams {
             let _ = s.shutdown(Shutdown::Both);
         }
-        // Joining first guarantees no helper touches caller memory after the drop returns.
-        for t in self.threads.drain(..) {
-            let _ = t.join();
+        // Waiting for the helpers guarantees none touches caller memory after the drop returns.
+        match &self.side {
+            Side::Send(_, placements) => self.helpers.send.detach(placements),
+            Side::Recv(_, placements) => self.helpers.recv.detach(placements),
         }
     }
 }
@@ -181,8 +152,33 @@ impl Drop for CommCore {
 pub struct SocketSendComm(CommCore);
 
 impl SocketSendComm {
-    pub fn new(streams: Vec<TcpStream>, wake: Wake, how: Threading, counters: Arc<Counters>) -> Result<SocketSendComm> {
-        Ok(SocketSendComm(CommCore::start(streams, wake, how, Role::Send(counters))?))
+    pub fn new(
+        streams: Vec<TcpStream>,
+        wake: Wake,
+        how: Threading,
+        helpers: Arc<Helpers>,
+        counters: Arc<Counters>,
+    ) -> Result<SocketSendComm> {
+        let zerocopy: Vec<bool> = if how.zerocopy_threshold > 0 {
+            streams.iter().map(|s| zerocopy::enable(s.as_raw_fd(), &counters)).collect()
+        } else {
+            vec![false; streams.len()]
+        };
+        nonblocking(&streams)?;
+        let window = Arc::new(Window::new(how.subchunk, wake));
+        let n = streams.len();
+        let shared = Arc::new(SendSockets::new(streams, window.clone(), zerocopy, how.zerocopy_threshold, counters));
+        let placements = helpers.send.attach((0..n).map(|k| SendTask::new(shared.clone(), k)).collect())?;
+        Ok(SocketSendComm(CommCore {
+            window,
+            side: Side::Send(shared, placements),
+            subchunk: how.subchunk,
+            inline_max: INLINE_MAX.min(how.subchunk),
+            helpers,
+            posted: 0,
+            released: 0,
+            tested: 0,
+        }))
     }
 }
 
@@ -212,8 +208,22 @@ impl SendComm for SocketSendComm {
 pub struct SocketRecvComm(CommCore);
 
 impl SocketRecvComm {
-    pub fn new(streams: Vec<TcpStream>, wake: Wake, how: Threading) -> Result<SocketRecvComm> {
-        Ok(SocketRecvComm(CommCore::start(streams, wake, how, Role::Recv)?))
+    pub fn new(streams: Vec<TcpStream>, wake: Wake, how: Threading, helpers: Arc<Helpers>) -> Result<SocketRecvComm> {
+        nonblocking(&streams)?;
+        let window = Arc::new(Window::new(how.subchunk, wake));
+        let n = streams.len();
+        let shared = Arc::new(RecvSockets::new(streams, window.clone()));
+        let placements = helpers.recv.attach((0..n).map(|k| RecvTask::new(shared.clone(), k)).collect())?;
+        Ok(SocketRecvComm(CommCore {
+            window,
+            side: Side::Recv(shared, placements),
+            subchunk: how.subchunk,
+            inline_max: 0,
+            helpers,
+            posted: 0,
+            released: 0,
+            tested: 0,
+        }))
     }
 }
 
@@ -247,17 +257,10 @@ impl RecvComm for SocketRecvComm {
     }
 }
 
-/// A thread with one socket waits best inside the kernel: a blocking `recv` with `MSG_WAITALL`
-/// returns once per piece instead of once per arriving segment, and a blocking `sendmsg` sleeps in
-/// the socket's own memory wait, where `poll` + non-blocking calls cost two extra syscalls and a
-/// wake-up per segment. The timeouts bound how long such a call can miss the comm closing (the
-/// comm's drop shuts the sockets down, which ends the call at once). Every other call on a data
-/// socket (inline sends, readiness checks, zero-copy completions) passes `MSG_DONTWAIT`.
-fn blocking_mode(stream: &TcpStream, blocking: bool) -> std::io::Result<()> {
-    stream.set_nonblocking(!blocking)?;
-    if blocking {
-        stream.set_read_timeout(Some(MAX_SLEEP))?;
-        stream.set_write_timeout(Some(MAX_SLEEP))?;
+/// Helpers wait in epoll for many sockets at once, so no call on a data socket may block.
+fn nonblocking(streams: &[TcpStream]) -> Result<()> {
+    for s in streams {
+        s.set_nonblocking(true).map_err(|e| Error::io("configure data socket", e))?;
     }
     Ok(())
 }

@@ -1,13 +1,15 @@
 //! Built-in TCP transport in the shape of NCCL's socket transport: each comm opens several data
-//! sockets served by a few helper threads. A request is cut into pieces that free sockets pull in
-//! order (dynamic load balancing, as Google's Fast Socket does), each piece carries a header with its
-//! request number and offset, and the receiver lands it straight in the posted buffer. Completions
-//! are flags the engine polls, plus a wake callback so an idle progress thread can sleep.
+//! sockets, served by helper threads the net shares among all of its comms. A request is cut into
+//! pieces that free sockets pull in order (dynamic load balancing, as Google's Fast Socket does),
+//! each piece carries a header with its request number and offset, and the receiver lands it
+//! straight in the posted buffer. Completions are flags the engine polls, plus a wake callback so
+//! an idle progress thread can sleep.
 
 mod comm;
+mod epoll;
 pub mod iface;
 mod iov;
-mod park;
+mod reactor;
 mod receiver;
 mod sender;
 mod window;
@@ -27,7 +29,7 @@ use super::{ListenComm, Net, NetHandle, Properties, RecvComm, SendComm, Wake};
 use crate::error::{Error, Result};
 
 use crate::config::{MAX_SOCKETS_PER_COMM, SocketConfig};
-use comm::Threading;
+use comm::{Helpers, Threading};
 use window::MAX_REQUESTS;
 use wire::{HELLO_LEN, SocketHello};
 
@@ -43,13 +45,17 @@ pub struct SocketNet {
     wake: Wake,
     options: SocketConfig,
     zerocopy: Arc<zerocopy::Counters>,
+    /// Sender and receiver threads every comm of this net shares.
+    helpers: Arc<Helpers>,
 }
 
 impl SocketNet {
     pub fn new(ip: IpAddr, connect_timeout: Duration, io_timeout: Duration, wake: Wake) -> SocketNet {
         let zerocopy = Arc::default();
         let bind = if ip.is_ipv4() { [0u8; 4].into() } else { [0u16; 8].into() };
-        SocketNet { ip, bind, connect_timeout, io_timeout, wake, options: SocketConfig::default(), zerocopy }
+        let options = SocketConfig::default();
+        let helpers = Arc::new(Helpers::new(options.helpers_per_direction(), options.spin));
+        SocketNet { ip, bind, connect_timeout, io_timeout, wake, options, zerocopy, helpers }
     }
 
     /// Channel listeners accept on `bind` alone (by default every interface of `ip`'s family), so an
@@ -71,17 +77,22 @@ impl SocketNet {
 
     /// Socket counts, buffer sizes and thread tuning (`Config::socket`).
     pub fn with_options(mut self, options: SocketConfig) -> SocketNet {
+        // No comm exists yet, so no helper runs: the new pools take their place.
+        self.helpers = Arc::new(Helpers::new(options.helpers_per_direction(), options.spin));
         self.options = options;
         self
     }
 
+    /// Helper threads running now, senders and receivers.
+    #[cfg(test)]
+    fn helper_threads(&self) -> usize {
+        self.helpers.threads()
+    }
+
     fn threading(&self) -> Threading {
         Threading {
-            threads: self.options.threads_per_comm(),
             subchunk: self.options.subchunk as usize,
-            spin: self.options.spin,
             zerocopy_threshold: self.options.zerocopy_threshold as usize,
-            blocking: self.options.blocking,
         }
     }
 
@@ -245,6 +256,7 @@ impl Net for SocketNet {
             io_timeout: self.io_timeout,
             wake: self.wake.clone(),
             threading: self.threading(),
+            helpers: self.helpers.clone(),
             pending: Vec::new(),
             groups: Vec::new(),
         };
@@ -278,7 +290,13 @@ impl Net for SocketNet {
             };
             streams.push(self.connect_one(&h, &hello)?);
         }
-        let send = comm::SocketSendComm::new(streams, self.wake.clone(), self.threading(), self.zerocopy.clone())?;
+        let send = comm::SocketSendComm::new(
+            streams,
+            self.wake.clone(),
+            self.threading(),
+            self.helpers.clone(),
+            self.zerocopy.clone(),
+        )?;
         Ok(Some(Box::new(send)))
     }
 }
@@ -290,6 +308,7 @@ struct SocketListen {
     io_timeout: Duration,
     wake: Wake,
     threading: Threading,
+    helpers: Arc<Helpers>,
     /// Accepted streams whose hello has not fully arrived; read without blocking so that a silent
     /// stranger cannot hold up the real connections queued behind it.
     pending: Vec<PendingStream>,
@@ -427,7 +446,9 @@ impl ListenComm for SocketListen {
                         debug_assert!(group.streams.len() <= MAX_SOCKETS_PER_COMM);
                         let streams: Vec<TcpStream> = group.streams.into_iter().flatten().collect();
                         let threading = Threading { subchunk: group.subchunk as usize, ..self.threading };
-                        return Ok(Some(Box::new(comm::SocketRecvComm::new(streams, self.wake.clone(), threading)?)));
+                        let recv =
+                            comm::SocketRecvComm::new(streams, self.wake.clone(), threading, self.helpers.clone())?;
+                        return Ok(Some(Box::new(recv)));
                     }
                 }
             }

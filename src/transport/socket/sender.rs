@@ -1,32 +1,29 @@
-//! A send helper thread: each of its sockets that has nothing in flight cuts the next piece from the
-//! comm's window, so whichever socket drains first takes more (a slow flow never gates a request).
-//! Header and payload leave in one `sendmsg` straight from the caller's buffer; with zero-copy on,
-//! a large enough payload leaves in its own MSG_ZEROCOPY `sendmsg` and its piece only finishes once
-//! the socket's error queue reports the kernel done with the pages.
+//! Sending sockets: each socket that has nothing in flight cuts the next piece from the comm's
+//! window, so whichever socket drains first takes more (a slow flow never gates a request). Header
+//! and payload leave in one `sendmsg` straight from the caller's buffer; with zero-copy on, a large
+//! enough payload leaves in its own MSG_ZEROCOPY `sendmsg` and its piece only finishes once the
+//! socket's error queue reports the kernel done with the pages. A socket's work runs on the shared
+//! helper that owns it (`reactor`), or on the posting thread for a small request.
 
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
 use super::iov::{self, MAX_IOV};
-use super::park;
+use super::reactor::{Next, Task};
 use super::window::{Piece, PieceMem, Window};
 use super::wire::{PIECE_HEADER_LEN, PieceHeader};
 use super::zerocopy::{Counters, ZcSocket};
 use crate::error::Error;
 use crate::threads::{self, ThreadKind};
 
-/// Upper bound on one sleep, so a lost wake-up (there should be none) costs latency, never a hang.
-pub(super) const MAX_SLEEP: Duration = Duration::from_millis(100);
-
 /// Requests at most this large (and a single piece) are written by the posting thread itself when
 /// nothing older is waiting, saving the wake-up of a helper thread on the latency path.
 pub(super) const INLINE_MAX: usize = 16 << 10;
-
 struct Outgoing {
     piece: Piece,
     mem: PieceMem,
@@ -48,36 +45,65 @@ impl Outgoing {
 }
 
 /// A send comm's sockets and who is writing on each: a piece is written by whoever claimed the
-/// socket (its helper thread, or the posting thread for an inline send), so bytes never interleave.
+/// socket (its helper, or the posting thread for an inline send), so bytes never interleave.
 pub(super) struct SendSockets {
-    pub streams: Arc<[TcpStream]>,
+    pub streams: Vec<TcpStream>,
+    pub window: Arc<Window>,
+    /// Per socket: SO_ZEROCOPY is on.
+    zerocopy: Vec<bool>,
+    /// Pieces of at least this many bytes go out zero-copy on sockets that accepted it; 0 = never.
+    zerocopy_threshold: usize,
+    counters: Arc<Counters>,
     claimed: Vec<AtomicBool>,
-    /// A partly written inline piece left for the socket's helper thread to finish (the claim moves
-    /// with it).
+    /// A partly written inline piece left for the socket's helper to finish (the claim moves with it).
     handoff: Vec<Mutex<Option<Outgoing>>>,
     handed: Vec<AtomicBool>,
-    threads: usize,
+}
+
+/// What an inline send did.
+pub(super) enum Inline {
+    /// Every socket was busy: their helpers cut the request next (kick the idle ones).
+    NoSocket,
+    /// Written, or taken meanwhile by a helper that was running anyway.
+    Done,
+    /// Partly written on this socket: kick its helper to finish it.
+    HandedOver(usize),
 }
 
 impl SendSockets {
-    pub fn new(streams: Arc<[TcpStream]>, threads: usize) -> SendSockets {
+    pub fn new(
+        streams: Vec<TcpStream>,
+        window: Arc<Window>,
+        zerocopy: Vec<bool>,
+        zerocopy_threshold: usize,
+        counters: Arc<Counters>,
+    ) -> SendSockets {
         let n = streams.len();
         SendSockets {
             streams,
+            window,
+            zerocopy,
+            zerocopy_threshold,
+            counters,
             claimed: (0..n).map(|_| AtomicBool::new(false)).collect(),
             handoff: (0..n).map(|_| Mutex::new(None)).collect(),
             handed: (0..n).map(|_| AtomicBool::new(false)).collect(),
-            threads,
         }
     }
 
+    /// SeqCst: pairs with the poster's look at `idle` after publishing a request.
     fn claim(&self, k: usize) -> bool {
         !self.claimed[k].load(Ordering::Relaxed)
-            && self.claimed[k].compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok()
+            && self.claimed[k].compare_exchange(false, true, Ordering::SeqCst, Ordering::Relaxed).is_ok()
     }
 
     fn release(&self, k: usize) {
-        self.claimed[k].store(false, Ordering::Release);
+        self.claimed[k].store(false, Ordering::SeqCst);
+    }
+
+    /// Whether socket `k` waits for work (nobody writes on it): a post must kick its helper.
+    pub fn idle(&self, k: usize) -> bool {
+        !self.claimed[k].load(Ordering::SeqCst)
     }
 
     fn take_handoff(&self, k: usize) -> Option<Outgoing> {
@@ -88,54 +114,172 @@ impl SendSockets {
         self.handoff[k].lock().take()
     }
 
-    /// The posting thread writes the next piece on a free socket. Returns false if no socket was free
-    /// (the helpers, busy on them, cut it next) so the caller wakes them.
-    pub fn send_inline(&self, window: &Window) -> bool {
+    /// The posting thread writes the next piece on a free socket.
+    pub fn send_inline(&self) -> Inline {
         for k in 0..self.streams.len() {
             if !self.claim(k) {
                 continue;
             }
-            let Some(cut) = window.cut() else {
+            let Some(cut) = self.window.cut() else {
                 // A running helper took it already.
                 self.release(k);
-                return true;
+                return Inline::Done;
             };
             // Inline pieces are at most 16 KiB: too small for zero-copy to pay for its notification.
             let mut o = Outgoing::new(cut, false);
-            match write(&self.streams[k], &mut o, None, false) {
+            match write(&self.streams[k], &mut o, None) {
                 Ok(Step::Finished) => {
                     self.release(k);
-                    window.finish(&o.piece);
+                    self.window.finish(&o.piece);
                 }
                 Ok(Step::Partial | Step::Blocked) => {
                     *self.handoff[k].lock() = Some(o);
                     self.handed[k].store(true, Ordering::Release);
-                    window.parking.wake(k % self.threads);
+                    return Inline::HandedOver(k);
                 }
                 Err(e) => {
                     self.release(k);
-                    window.fail(Error::io("channel send", e));
+                    self.window.fail(Error::io("channel send", e));
                 }
             }
-            return true;
+            return Inline::Done;
         }
-        false
+        Inline::NoSocket
     }
 }
 
-pub(super) struct SendThread {
-    pub index: usize,
-    pub sockets: Vec<usize>,
+/// One sending socket, run by its helper.
+pub(super) struct SendTask {
     pub shared: Arc<SendSockets>,
-    pub window: Arc<Window>,
-    pub spin: Duration,
-    /// Pieces of at least this many bytes go out zero-copy on sockets that accepted SO_ZEROCOPY; 0 = never.
-    pub zerocopy_threshold: usize,
-    /// Per socket of `sockets`: whether SO_ZEROCOPY is on.
-    pub zerocopy: Vec<bool>,
-    pub counters: Arc<Counters>,
-    /// The thread's one socket is in blocking mode: `sendmsg` waits for buffer space itself.
-    pub blocking: bool,
+    pub k: usize,
+    out: Option<Outgoing>,
+    zc: ZcSocket,
+}
+
+impl SendTask {
+    pub fn new(shared: Arc<SendSockets>, k: usize) -> SendTask {
+        let zc = ZcSocket::new(shared.zerocopy[k]);
+        SendTask { shared, k, out: None, zc }
+    }
+
+    /// The next piece for this socket: one handed over by the posting thread, else a fresh cut if
+    /// nobody else writes on it.
+    fn next_piece(&mut self) -> Option<Outgoing> {
+        let s = &*self.shared;
+        if let Some(o) = s.take_handoff(self.k) {
+            return Some(o);
+        }
+        loop {
+            let seen = s.window.posted();
+            if !s.claim(self.k) {
+                return None;
+            }
+            if let Some(cut) = s.window.cut() {
+                threads::point(ThreadKind::SocketSender);
+                let zerocopy = self.zc.enabled && s.zerocopy_threshold > 0 && cut.0.len >= s.zerocopy_threshold;
+                return Some(Outgoing::new(cut, zerocopy));
+            }
+            s.release(self.k);
+            // A request posted after the cut looked, whose poster saw this socket claimed and so
+            // kicked nobody: look once more.
+            if s.window.posted() == seen {
+                return None;
+            }
+        }
+    }
+
+    /// Collects the socket's zero-copy completions and finishes the pieces they release.
+    fn reap(&mut self) -> Result<(), Error> {
+        let fd = self.fd();
+        self.zc.reap(fd, &self.shared.counters).map_err(|e| Error::io("read zero-copy completions", e))?;
+        for piece in self.zc.released(&self.shared.counters) {
+            self.shared.window.finish(&piece);
+        }
+        Ok(())
+    }
+
+    fn step(&mut self) -> Result<Next, Error> {
+        if self.out.is_none() {
+            self.out = self.next_piece();
+        }
+        let Some(o) = self.out.as_mut() else {
+            // An idle socket may still owe completions (the kernel reports them as EPOLLERR).
+            if self.zc.has_pending() {
+                self.reap()?;
+            }
+            return Ok(Next::Idle);
+        };
+        let s = &*self.shared;
+        match write(&s.streams[self.k], o, Some((&mut self.zc, &s.counters)))
+            .map_err(|e| Error::io("channel send", e))?
+        {
+            Step::Finished => {
+                let o = self.out.take().expect("a piece in flight");
+                let used_zerocopy = o.zc_sends > 0;
+                if used_zerocopy {
+                    self.zc.hold(o.piece, &s.counters);
+                } else {
+                    s.window.finish(&o.piece);
+                }
+                s.release(self.k);
+                if self.zc.has_pending() {
+                    self.reap()?;
+                }
+                // Let the helper's other sockets run before this one takes another piece.
+                Ok(Next::Again)
+            }
+            Step::Partial | Step::Blocked => {
+                // The socket is full: EPOLLOUT comes when it drains. Completions pending meanwhile
+                // are collected now, so their requests finish while the peer's window stays shut.
+                if self.zc.has_pending() {
+                    self.reap()?;
+                }
+                Ok(Next::Idle)
+            }
+        }
+    }
+}
+
+impl Task for SendTask {
+    fn fd(&self) -> RawFd {
+        self.shared.streams[self.k].as_raw_fd()
+    }
+
+    fn interest(&self) -> u32 {
+        libc::EPOLLOUT as u32
+    }
+
+    fn window(&self) -> &Arc<Window> {
+        &self.shared.window
+    }
+
+    fn run(&mut self) -> Next {
+        if self.shared.window.closing() {
+            return Next::Stop;
+        }
+        match self.step() {
+            Ok(next) => next,
+            Err(e) => {
+                // Pieces held for zero-copy completions stay readable by the kernel until the comm is
+                // dropped (its sockets are reset then, in `drop`): a failed request's buffer is only
+                // free once the comm is gone, which is the order the engine keeps (channels first,
+                // then failing the transfers).
+                self.shared.window.fail(e);
+                Next::Stop
+            }
+        }
+    }
+}
+
+impl Drop for SendTask {
+    fn drop(&mut self) {
+        if self.zc.has_pending() {
+            self.zc.abandon(&self.shared.counters);
+            // The kernel still holds pages of caller buffers that the comm's owner gets back once
+            // the comm is gone: reset instead of letting an orphaned socket send from them.
+            let _ = socket2::SockRef::from(&self.shared.streams[self.k]).set_linger(Some(Duration::ZERO));
+        }
+    }
 }
 
 enum Step {
@@ -144,193 +288,11 @@ enum Step {
     Blocked,
 }
 
-impl SendThread {
-    pub fn run(self) {
-        let mut zc: Vec<ZcSocket> = self.zerocopy.iter().map(|&on| ZcSocket::new(on)).collect();
-        if let Err(e) = self.serve(&mut zc) {
-            // Pieces held for zero-copy completions stay readable by the kernel until the comm is
-            // dropped (its sockets are reset then, below): a failed request's buffer is only free
-            // once the comm is gone, which is the order the engine keeps (channels first, then
-            // failing the transfers).
-            self.window.fail(e);
-        }
-        for (k, z) in zc.iter_mut().enumerate() {
-            if z.has_pending() {
-                z.abandon(&self.counters);
-                // The kernel still holds pages of caller buffers that the comm's owner gets back
-                // once the comm is gone: reset instead of letting an orphaned socket send from them.
-                let _ = socket2::SockRef::from(&self.shared.streams[self.sockets[k]]).set_linger(Some(Duration::ZERO));
-            }
-        }
-    }
-
-    fn serve(&self, zc: &mut [ZcSocket]) -> Result<(), Error> {
-        let mut out: Vec<Option<Outgoing>> = self.sockets.iter().map(|_| None).collect();
-        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(self.sockets.len() + 1);
-        let mut idle_since: Option<Instant> = None;
-        while !self.window.closing() {
-            let mut moved = false;
-            let mut blocked = false;
-            for (k, slot) in out.iter_mut().enumerate() {
-                let sock = self.sockets[k];
-                if slot.is_none() {
-                    *slot = self.shared.take_handoff(sock);
-                }
-                if slot.is_none() && self.shared.claim(sock) {
-                    *slot = self.window.cut().map(|cut| {
-                        let zerocopy =
-                            zc[k].enabled && self.zerocopy_threshold > 0 && cut.0.len >= self.zerocopy_threshold;
-                        Outgoing::new(cut, zerocopy)
-                    });
-                    if slot.is_none() {
-                        self.shared.release(sock);
-                    }
-                    if slot.is_some() {
-                        threads::point(ThreadKind::SocketSender);
-                    }
-                }
-                let Some(o) = slot else {
-                    // An idle socket still owes completions: collect them (one syscall) so its
-                    // requests finish while the thread's other sockets are busy.
-                    if zc[k].has_pending() {
-                        moved |= self.reap(sock, &mut zc[k])?;
-                    }
-                    continue;
-                };
-                let stream = &self.shared.streams[sock];
-                match write(stream, o, Some((&mut zc[k], &self.counters)), self.blocking)
-                    .map_err(|e| Error::io("channel send", e))?
-                {
-                    Step::Finished => {
-                        let used_zerocopy = o.zc_sends > 0;
-                        if used_zerocopy {
-                            zc[k].hold(o.piece, &self.counters);
-                        } else {
-                            self.window.finish(&o.piece);
-                        }
-                        *slot = None;
-                        self.shared.release(sock);
-                        if used_zerocopy || zc[k].has_pending() {
-                            self.reap(sock, &mut zc[k])?;
-                        }
-                        moved = true;
-                    }
-                    Step::Partial => moved = true,
-                    Step::Blocked => {
-                        // Completions keep the socket's error queue non-empty, and poll reports
-                        // POLLERR for that whatever was asked: reap them, or the park below
-                        // returns at once for as long as the peer's window stays shut.
-                        if zc[k].has_pending() {
-                            moved |= self.reap(sock, &mut zc[k])?;
-                        }
-                        blocked = true;
-                    }
-                }
-            }
-            if moved {
-                idle_since = None;
-                continue;
-            }
-            if blocked && self.blocking {
-                // The blocking `sendmsg` already waited its timeout for room: look at the window
-                // (closing, failure) and go again, without a second wait in `poll`.
-                continue;
-            }
-            if blocked {
-                // Waiting on the peer to drain: sleep on the sockets, no spinning.
-                fds.clear();
-                fds.push(pollin(self.window.parking.event_fd(self.index)));
-                self.push_socket_fds(&out, zc, &mut fds);
-                park::wait(&mut fds, MAX_SLEEP).map_err(|e| Error::io("wait for channel sockets", e))?;
-                if fds[0].revents != 0 {
-                    self.window.parking.drain(self.index);
-                }
-                continue;
-            }
-            // No work at all: spin a little (a new post is usually close behind), then sleep.
-            let since = *idle_since.get_or_insert_with(Instant::now);
-            if since.elapsed() < self.spin {
-                self.spin_until_posted(since, zc);
-                continue;
-            }
-            self.sleep_until_posted(&out, zc, &mut fds)?;
-        }
-        Ok(())
-    }
-
-    /// Spins on atomics only until something is posted or handed over (re-scanning would take the
-    /// window's lock, which the posting thread needs). Sockets owing completions end the spin at
-    /// once: the loop collects them.
-    fn spin_until_posted(&self, since: Instant, zc: &[ZcSocket]) {
-        if zc.iter().any(ZcSocket::has_pending) {
-            return;
-        }
-        let seen = self.window.posted();
-        while since.elapsed() < self.spin && self.window.posted() == seen && !self.window.closing() {
-            if self.sockets.iter().any(|&k| self.shared.handed[k].load(Ordering::Acquire)) {
-                return;
-            }
-            std::hint::spin_loop();
-        }
-    }
-
-    /// Collects the socket's zero-copy completions and finishes the pieces they release.
-    fn reap(&self, sock: usize, zc: &mut ZcSocket) -> Result<bool, Error> {
-        let fd = self.shared.streams[sock].as_raw_fd();
-        let any = zc.reap(fd, &self.counters).map_err(|e| Error::io("read zero-copy completions", e))?;
-        for piece in zc.released(&self.counters) {
-            self.window.finish(&piece);
-        }
-        Ok(any)
-    }
-
-    /// Sockets to wake up for: writable for a piece in progress, and (POLLERR, always reported) a
-    /// completion for one that owes some.
-    fn push_socket_fds(&self, out: &[Option<Outgoing>], zc: &[ZcSocket], fds: &mut Vec<libc::pollfd>) {
-        for (k, o) in out.iter().enumerate() {
-            let events = if o.is_some() { libc::POLLOUT } else { 0 };
-            if o.is_some() || zc[k].has_pending() {
-                let fd = self.shared.streams[self.sockets[k]].as_raw_fd();
-                fds.push(libc::pollfd { fd, events, revents: 0 });
-            }
-        }
-    }
-
-    fn sleep_until_posted(
-        &self,
-        out: &[Option<Outgoing>],
-        zc: &[ZcSocket],
-        fds: &mut Vec<libc::pollfd>,
-    ) -> Result<(), Error> {
-        let seen = self.window.posted();
-        self.window.parking.announce_sleep(self.index);
-        let handed = self.sockets.iter().any(|&k| self.shared.handed[k].load(Ordering::Acquire));
-        if self.window.posted() != seen || self.window.closing() || self.window.has_uncut() || handed {
-            self.window.parking.cancel_sleep(self.index);
-            return Ok(());
-        }
-        fds.clear();
-        fds.push(pollin(self.window.parking.event_fd(self.index)));
-        self.push_socket_fds(out, zc, fds);
-        let waited = park::wait(fds, MAX_SLEEP);
-        self.window.parking.cancel_sleep(self.index);
-        waited.map_err(|e| Error::io("wait for channel work", e))?;
-        self.window.parking.drain(self.index);
-        Ok(())
-    }
-}
-
 /// Writes what the socket takes of `o`. With `zc` and `o.zerocopy`, the header goes first as a copy
 /// (MSG_MORE holds it for the payload) and the payload with MSG_ZEROCOPY, each accepted call taking
 /// the socket's next notification id; ENOBUFS (notifications exhausted the socket's option memory)
-/// sends the rest of the piece as a copy. `wait`: the call may block (on a socket in blocking mode,
-/// up to its send timeout).
-fn write(
-    stream: &TcpStream,
-    o: &mut Outgoing,
-    mut zc: Option<(&mut ZcSocket, &Counters)>,
-    wait: bool,
-) -> std::io::Result<Step> {
+/// sends the rest of the piece as a copy. The socket is non-blocking; every call also says so.
+fn write(stream: &TcpStream, o: &mut Outgoing, mut zc: Option<(&mut ZcSocket, &Counters)>) -> std::io::Result<Step> {
     let fd = stream.as_raw_fd();
     let total = PIECE_HEADER_LEN + o.piece.len;
     let start = o.written;
@@ -338,7 +300,7 @@ fn write(
         let zerocopy_payload = o.zerocopy && zc.is_some() && o.written >= PIECE_HEADER_LEN;
         let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOV];
         let mut n_iov = 0;
-        let mut flags = libc::MSG_NOSIGNAL | if wait { 0 } else { libc::MSG_DONTWAIT };
+        let mut flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
         if o.written < PIECE_HEADER_LEN {
             iov[0] = libc::iovec {
                 iov_base: o.header[o.written..].as_ptr() as *mut libc::c_void,
@@ -398,8 +360,4 @@ fn write(
         o.written += n as usize;
     }
     Ok(Step::Finished)
-}
-
-fn pollin(fd: i32) -> libc::pollfd {
-    libc::pollfd { fd, events: libc::POLLIN, revents: 0 }
 }

@@ -340,3 +340,40 @@ fn vectored_receive_takes_a_shorter_message_and_refuses_nothing_empty() {
     let err = unsafe { tx.isendv(&[], MrHandle::NONE) }.unwrap_err();
     assert_eq!(err.status(), UcclStatus::ErrInvalidParam, "{err}");
 }
+
+/// Every comm of a net shares its helpers: 32 comm pairs of 2 sockets each (64 sockets each way)
+/// run on the 3 senders and 3 receivers the options allow, and the helpers end with the last
+/// socket they serve.
+#[test]
+fn helpers_are_shared_bounded_and_end_with_their_last_socket() {
+    let net = net().with_options(crate::config::SocketConfig {
+        nthreads: 2,
+        nsocks_per_thread: 1,
+        helpers: 3,
+        subchunk: 16 << 10,
+        ..Default::default()
+    });
+    assert_eq!(net.helper_threads(), 0, "no comm, no helper");
+    let mut pairs: Vec<_> = (0..32).map(|_| pair(&net)).collect();
+    assert_eq!(net.helper_threads(), 6, "3 senders and 3 receivers serve every socket");
+    // Two pieces each, so both sockets of every comm carry one.
+    let msg: Vec<u8> = (0..32 << 10).map(|i| (i % 251) as u8).collect();
+    let mut bufs = vec![vec![0u8; msg.len()]; pairs.len()];
+    let mut reqs = Vec::new();
+    for ((tx, rx), buf) in pairs.iter_mut().zip(bufs.iter_mut()) {
+        // SAFETY: buf and msg outlive the requests, which are tested to completion below.
+        let r = unsafe { rx.irecv(buf.as_mut_ptr(), buf.len(), MrHandle::NONE) }.unwrap().unwrap();
+        // SAFETY: as above.
+        let s = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
+        reqs.push((s, r));
+    }
+    for ((tx, rx), (s, r)) in pairs.iter_mut().zip(reqs) {
+        assert_eq!(until(|| tx.test(s)).unwrap(), msg.len());
+        assert_eq!(until(|| rx.test(r)).unwrap(), msg.len());
+    }
+    assert!(bufs.iter().all(|b| *b == msg), "every comm's message arrived intact");
+    pairs.truncate(1);
+    assert_eq!(net.helper_threads(), 4, "helpers still serving the last comm's two sockets each way stay");
+    drop(pairs);
+    assert_eq!(net.helper_threads(), 0, "the last comm's drop ended the helpers");
+}

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
-use super::park::Parking;
 use crate::error::{Error, Result};
 use crate::transport::{IoSeg, Wake};
 
@@ -113,7 +112,6 @@ pub struct Window {
     posted: AtomicU64,
     progress: [Progress; MAX_REQUESTS],
     pub subchunk: u64,
-    pub parking: Parking,
     closing: AtomicBool,
     failed: AtomicBool,
     failure: Mutex<Option<Error>>,
@@ -121,9 +119,9 @@ pub struct Window {
 }
 
 impl Window {
-    pub fn new(subchunk: usize, threads: usize, wake: Wake) -> Result<Window> {
+    pub fn new(subchunk: usize, wake: Wake) -> Window {
         let empty = Request { seq: UNKNOWN, len: 0, total: UNKNOWN, admitted: 0 };
-        Ok(Window {
+        Window {
             book: Mutex::new(Book {
                 posted: 0,
                 reqs: [empty; MAX_REQUESTS],
@@ -135,18 +133,17 @@ impl Window {
             posted: AtomicU64::new(0),
             progress: Default::default(),
             subchunk: subchunk as u64,
-            parking: Parking::new(threads)?,
             closing: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
             wake,
-        })
+        }
     }
 
     /// Publishes request `seq` over the memory of `iov` (at least one segment; the caller checked
-    /// the window has room, so its slot is free) and wakes sleeping helpers, unless `inline` and
-    /// nothing older is left to cut: then returns true and the caller sends it itself.
-    pub fn post(&self, seq: u64, iov: &[IoSeg], inline: bool) -> bool {
+    /// the window has room, so its slot is free). Returns whether nothing older is left to cut (the
+    /// request is next on the wire). The caller then kicks the helpers.
+    pub fn post(&self, seq: u64, iov: &[IoSeg]) -> bool {
         let slot = seq as usize % MAX_REQUESTS;
         self.progress[slot].bytes.store(0, Ordering::Relaxed);
         let alone = {
@@ -168,19 +165,13 @@ impl Window {
             book.cut_seq == seq
         };
         self.posted.store(seq + 1, Ordering::SeqCst);
-        if inline && alone {
-            return true;
-        }
-        self.parking.wake_sleepers();
-        false
+        alone
     }
 
-    pub fn wake_helpers(&self) {
-        self.parking.wake_sleepers();
-    }
-
+    /// Requests posted so far. SeqCst: a helper that stops looking for work checks it after
+    /// saying so, and a poster checks what the helper said after publishing (neither misses both).
     pub fn posted(&self) -> u64 {
-        self.posted.load(Ordering::Acquire)
+        self.posted.load(Ordering::SeqCst)
     }
 
     /// Sender: the next piece to put on a free socket, if any request still has uncut bytes. Pieces
@@ -201,12 +192,6 @@ impl Window {
         }
         let mem = locate(&book.mem[slot], offset, len);
         Some((Piece { seq: req.seq, total: req.len as u64, offset, len }, mem))
-    }
-
-    /// Sender: whether `cut` would find a piece (checked once more before sleeping).
-    pub fn has_uncut(&self) -> bool {
-        let book = self.book.lock();
-        book.cut_seq < book.posted
     }
 
     /// Receiver: checks a piece header against the posted requests and reserves its bytes. Errors are
@@ -290,7 +275,6 @@ impl Window {
         self.failure.lock().get_or_insert(err);
         self.failed.store(true, Ordering::Release);
         self.closing.store(true, Ordering::Release);
-        self.parking.wake_all();
         (self.wake)();
     }
 
@@ -306,7 +290,6 @@ impl Window {
 
     pub fn close(&self) {
         self.closing.store(true, Ordering::Release);
-        self.parking.wake_all();
     }
 
     pub fn closing(&self) -> bool {

@@ -1,0 +1,75 @@
+//! What connections cost the socket transport: two nets (two engines' worth) joined by many comm
+//! pairs in both directions run a fixed number of helper threads whatever the number of comms, and
+//! idle comms cost no CPU (their helpers sleep in `epoll_wait`, with no timer). One test in this
+//! binary, so that the process's threads and CPU time are the transport's alone.
+
+use std::time::Duration;
+
+use uccl_tcpx::config::SocketConfig;
+use uccl_tcpx::transport::{ListenComm, MrHandle, RecvComm, SendComm};
+
+mod common;
+use common::comm::comm_pair;
+use common::socket::socket_net;
+use common::{TRANSFER_LIMIT, drive};
+
+type Pair = (Box<dyn SendComm>, Box<dyn RecvComm>, Box<dyn ListenComm>);
+
+/// Moves one message of two pieces over every pair, so each socket has worked before it idles.
+fn exercise(pairs: &mut [Pair]) {
+    let msg: Vec<u8> = (0..32 << 10).map(|i| (i % 253) as u8).collect();
+    for (tx, rx, _) in pairs.iter_mut() {
+        let mut buf = vec![0u8; msg.len()];
+        // SAFETY: buf and msg outlive both requests, which are tested to completion just below.
+        let r = unsafe { rx.irecv(buf.as_mut_ptr(), buf.len(), MrHandle(0)) }.unwrap().unwrap();
+        // SAFETY: as above.
+        let s = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle(0)) }.unwrap().unwrap();
+        drive("a send completes", TRANSFER_LIMIT, || tx.test(s).unwrap());
+        drive("a receive completes", TRANSFER_LIMIT, || rx.test(r).unwrap());
+        assert!(buf == msg, "the message arrived intact");
+        rx.irecv_consumed(r).unwrap();
+    }
+}
+
+/// CPU time this process used (every thread), and its voluntary context switches.
+fn usage() -> (Duration, i64) {
+    // SAFETY: an all-zero rusage is valid, and getrusage writes only into it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is writable for the call.
+    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) }, 0);
+    let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
+    (tv(ru.ru_utime) + tv(ru.ru_stime), ru.ru_nvcsw)
+}
+
+#[test]
+fn helper_threads_stay_bounded_and_idle_comms_cost_no_cpu() {
+    let options = SocketConfig { nthreads: 2, nsocks_per_thread: 1, helpers: 4, ..SocketConfig::default() };
+    let (a, b) = (socket_net(options.clone()), socket_net(options));
+    let mut pairs: Vec<Pair> = Vec::new();
+    let mut threads_at = Vec::new();
+    for n in [8, 32] {
+        while pairs.len() < 2 * n {
+            pairs.push(comm_pair(&a, 0));
+            pairs.push(comm_pair(&b, 0));
+        }
+        exercise(&mut pairs);
+        threads_at.push(common::threads());
+    }
+    // 2 nets x (4 senders + 4 receivers), reached by 8 pairs (32 sockets each way per net).
+    assert_eq!(threads_at, [16, 16], "library threads with 8 and with 32 comm pairs each way");
+
+    std::thread::sleep(Duration::from_millis(300));
+    let (cpu0, switches0) = usage();
+    let idle = Duration::from_secs(2);
+    std::thread::sleep(idle);
+    let (cpu1, switches1) = usage();
+    let (cpu, switches) = (cpu1 - cpu0, switches1 - switches0);
+    eprintln!("{} idle comm pairs for {idle:?}: {cpu:?} of CPU, {switches} voluntary context switches", pairs.len());
+    // Goal: under 0.1 % of a CPU per idle connection; 64 comm pairs at that rate would be 128 ms
+    // here. Nothing should run at all: a helper that woke on a timer would switch 10+ times a
+    // second, each of the 16.
+    assert!(cpu < Duration::from_millis(100), "{cpu:?} of CPU over {idle:?} idle");
+    assert!(switches < 100, "{switches} voluntary context switches over {idle:?} idle");
+    drop(pairs);
+    assert_eq!(common::threads(), 0, "the helpers ended with the last comm");
+}
