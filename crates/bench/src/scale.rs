@@ -65,7 +65,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16) -> Io<()> {
         human(size)
     );
     println!(
-        "{:>6} {:>11} {:>8} {:>11} {:>13} {:>13} {:>13} {:>13} {:>15} {:>9}",
+        "{:>6} {:>11} {:>8} {:>11} {:>13} {:>13} {:>13} {:>13} {:>15} {:>9} {:>13}",
         "conns",
         "connect ms",
         "ms/conn",
@@ -75,7 +75,8 @@ pub fn run(args: &Args, server: IpAddr, port: u16) -> Io<()> {
         "idle CPU% c/s",
         "%/conn c/s",
         "wakeups/s c/s",
-        "busy GB/s"
+        "busy GB/s",
+        "CPU s/GB c/s"
     );
     let mut conns: Vec<Arc<Connection>> = Vec::new();
     let host = server.to_string();
@@ -131,8 +132,13 @@ fn step(
     let (c0, s0) = (Stats::now(), server_stats(ctl)?);
     std::thread::sleep(idle);
     let (c1, s1) = (Stats::now(), server_stats(ctl)?);
-    let busy_gbs = busy(conns, op)?;
-    Ok(Row { conns: n, connect, added, idle, client: (c0, c1), server: (s0, s1), busy_gbs })
+    let (busy_gbs, bytes) = busy(conns, op)?;
+    let (c2, s2) = (Stats::now(), server_stats(ctl)?);
+    // CPU per byte holds on a shared host where GB/s does not: there a process with more threads
+    // simply gets more of the cores.
+    let per_gb = |a: &Stats, b: &Stats| (b.cpu_us - a.cpu_us) as f64 / 1e6 / (bytes as f64 / 1e9);
+    let busy_cpu = (per_gb(&c1, &c2), per_gb(&s1, &s2));
+    Ok(Row { conns: n, connect, added, idle, client: (c0, c1), server: (s0, s1), busy_gbs, busy_cpu })
 }
 
 fn server_stats(ctl: &mut Ctl) -> Io<Stats> {
@@ -149,6 +155,8 @@ struct Row {
     client: (Stats, Stats),
     server: (Stats, Stats),
     busy_gbs: f64,
+    /// CPU seconds per GB written while busy, each process.
+    busy_cpu: (f64, f64),
 }
 
 impl Row {
@@ -161,7 +169,7 @@ impl Row {
         let pair = |a: String, b: String| format!("{a}/{b}");
         let (c, s) = (&self.client.1, &self.server.1);
         println!(
-            "{:>6} {:>11.1} {:>8.2} {:>11} {:>13} {:>13} {:>13} {:>13} {:>15} {:>9.2}",
+            "{:>6} {:>11.1} {:>8.2} {:>11} {:>13} {:>13} {:>13} {:>13} {:>15} {:>9.2} {:>13}",
             self.conns,
             self.connect.as_secs_f64() * 1e3,
             per_conn_ms,
@@ -171,7 +179,8 @@ impl Row {
             pair(format!("{cc:.2}"), format!("{sc:.2}")),
             pair(format!("{:.4}", cc / self.conns as f64), format!("{:.4}", sc / self.conns as f64)),
             pair(format!("{:.0}", wakeups(&self.client)), format!("{:.0}", wakeups(&self.server))),
-            self.busy_gbs
+            self.busy_gbs,
+            pair(format!("{:.2}", self.busy_cpu.0), format!("{:.2}", self.busy_cpu.1))
         );
     }
 }
@@ -190,8 +199,8 @@ fn write_all(conns: &[Arc<Connection>], op: &OneSided) -> Io<()> {
 }
 
 /// GB/s with every connection writing at once, rounds repeated for at least a second after one
-/// untimed round.
-fn busy(conns: &[Arc<Connection>], op: &OneSided) -> Io<f64> {
+/// untimed round; and the bytes written in all.
+fn busy(conns: &[Arc<Connection>], op: &OneSided) -> Io<(f64, usize)> {
     write_all(conns, op)?;
     let start = Instant::now();
     let mut rounds = 0usize;
@@ -199,7 +208,8 @@ fn busy(conns: &[Arc<Connection>], op: &OneSided) -> Io<f64> {
         write_all(conns, op)?;
         rounds += 1;
     }
-    Ok((rounds * conns.len() * op.len) as f64 / start.elapsed().as_secs_f64() / 1e9)
+    let bytes = (rounds + 1) * conns.len() * op.len;
+    Ok(((rounds * conns.len() * op.len) as f64 / start.elapsed().as_secs_f64() / 1e9, bytes))
 }
 
 /// The server: `SCALE size channels` came; accepts every connection the client opens, answers

@@ -42,6 +42,8 @@ pub(super) enum Next {
 /// The eventfd's token in the epoll set; sockets use their slot numbers.
 const WAKE_TOKEN: u64 = u64::MAX;
 const EVENTS_PER_WAIT: usize = 64;
+/// Rounds over queued sockets between two looks at epoll while some stay queued.
+const ROUNDS_PER_LOOK: u32 = 8;
 
 /// Where a socket lives: its helper and its slot there.
 pub(super) struct Placement<T: Task> {
@@ -172,6 +174,7 @@ impl<T: Task> Helper<T> {
         let mut inbox = Inbox::default();
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT];
         let mut last_work = Instant::now();
+        let mut rounds = 0;
         loop {
             if self.pending.load(Ordering::Acquire) && !self.take_inbox(&mut inbox, &mut slab, &mut queue) {
                 return;
@@ -199,6 +202,15 @@ impl<T: Task> Helper<T> {
             if ran {
                 last_work = Instant::now();
             }
+            // With sockets still queued, look at the kernel's reports only every few rounds: a busy
+            // socket takes a round per piece, and its turns need no syscall in between.
+            if !queue.is_empty() {
+                rounds += 1;
+                if rounds < ROUNDS_PER_LOOK {
+                    continue;
+                }
+            }
+            rounds = 0;
             // More queued work, or a spin after the last bit of work (a new post is usually close
             // behind): only collect what is ready. Otherwise sleep until the kernel or a kick says.
             let timeout =
