@@ -156,3 +156,34 @@ fn help_goes_to_stdout_and_succeeds() {
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("Usage: uccl-tcpx-bench [OPTIONS]") && help.contains("--split-cores"), "{help}");
 }
+
+/// `--scale`: a row per connection count, each with both processes' figures and a busy rate, and
+/// the same transport threads at 1 and at 3 connections (the helpers are shared; one per direction
+/// here, so that the first connection already starts all of them on any host).
+#[test]
+fn scale_run_prints_a_row_per_connection_count() {
+    let out = Command::new(env!("CARGO_BIN_EXE_uccl-tcpx-bench"))
+        .args(["--scale", "1,3", "--idle-secs", "0.2", "--sizes", "64K"])
+        .env("UCCL_TCPX_SOCKET_HELPERS", "1")
+        .output()
+        .expect("the bench binary starts");
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim_start().starts_with("conns"))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.iter().map(|r| r[0]).collect::<Vec<_>>(), ["1", "3"], "{stdout}");
+    for r in &rows {
+        assert_eq!(r.len(), 11, "{r:?}");
+        let threads: Vec<usize> = r[3].split('/').map(|t| t.parse().unwrap()).collect();
+        let fds: Vec<usize> = r[4].split('/').map(|t| t.parse().unwrap()).collect();
+        assert!(threads.iter().all(|&t| t > 1) && fds.iter().all(|&f| f > 3), "{r:?}");
+        assert!(r[9].parse::<f64>().unwrap() > 0.0, "busy GB/s in {r:?}");
+    }
+    let threads = |r: &Vec<&str>| r[3].split('/').map(|t| t.parse::<usize>().unwrap()).collect::<Vec<_>>();
+    // Each more connection adds its control reader and writer on each end, and no socket helper.
+    let (one, three) = (threads(&rows[0]), threads(&rows[1]));
+    assert_eq!(three, [one[0] + 4, one[1] + 4], "{stdout}");
+}
