@@ -93,7 +93,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
         same_host: same_host_gpus.is_some(),
         channels: config.num_channels,
         sockets_per_comm: config.socket.sockets_per_comm(),
-        threads_per_comm: config.socket.threads_per_comm(),
+        helpers_per_direction: config.socket.helpers_per_direction(),
         raw_streams: streams,
         depth: args.depth,
         num_iovs: args.num_iovs,

@@ -18,7 +18,7 @@ pub struct RunInfo {
     pub server_memory: String,
     pub channels: u16,
     pub sockets_per_comm: usize,
-    pub threads_per_comm: usize,
+    pub helpers_per_direction: usize,
     pub raw_streams: usize,
     pub depth: usize,
     pub num_iovs: usize,
@@ -171,12 +171,12 @@ fn header_lines(info: &RunInfo, mode: &str) -> String {
     };
     let baseline_memory = if info.on_gpu() { "host-memory buffers of the same size" } else { "same buffers" };
     format!(
-        "# uccl-tcpx-bench: socket transport, {memory}, {mode}\n# {} channels x {} sockets ({} helper threads \
-         per comm), chunk {}, {} in flight, {} iov(s); baseline: raw TCP, {} streams with a thread each, {baseline_memory}\
+        "# uccl-tcpx-bench: socket transport, {memory}, {mode}\n# {} channels x {} sockets ({} shared helper threads \
+         per direction), chunk {}, {} in flight, {} iov(s); baseline: raw TCP, {} streams with a thread each, {baseline_memory}\
          ; msg = the same streams (at most one per 64 KiB of message), each message acknowledged, as many in flight",
         info.channels,
         info.sockets_per_comm,
-        info.threads_per_comm,
+        info.helpers_per_direction,
         human(info.chunk_size as usize),
         info.depth,
         info.num_iovs,
@@ -401,7 +401,7 @@ mod tests {
             same_host: false,
             channels: 4,
             sockets_per_comm: 2,
-            threads_per_comm: 2,
+            helpers_per_direction: 2,
             raw_streams: 8,
             depth: 1,
             num_iovs: 1,
@@ -482,14 +482,14 @@ mod tests {
                 "client_memory",
                 "depth",
                 "device",
+                "helpers_per_direction",
                 "mode",
                 "num_iovs",
                 "raw_streams",
                 "results",
                 "same_host",
                 "server_memory",
-                "sockets_per_comm",
-                "threads_per_comm"
+                "sockets_per_comm"
             ]
         );
         assert_eq!((v["mode"].as_str(), v["device"].as_str()), (Some("loopback, 2 processes"), Some("gpu")));
