@@ -43,8 +43,9 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
         config.ip = Some(server);
     }
     let bytes = args.buffer_bytes();
-    // --same-host connects a second time, over loopback TCP.
-    let connections = if args.same_host { 2 } else { 1 };
+    // --same-host with host memory connects a second time, over loopback TCP (its anchor).
+    let tcp_anchored = args.same_host && !args.uses_gpu();
+    let connections = if tcp_anchored { 2 } else { 1 };
     ctl.send(&format!("SETUP {bytes} {} {connections}", config.num_channels))?;
     let ready = ctl.expect("READY")?;
     let engine_port: u16 = field(&ready, 1)?;
@@ -70,7 +71,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
     }
     // --same-host, host memory: the anchor connection over loopback TCP, from an engine with the
     // path off (GPU buffers have device-copy anchors instead).
-    let mut tcp_anchor = if args.same_host && !args.uses_gpu() {
+    let mut tcp_anchor = if tcp_anchored {
         let network = Engine::new(Config { disable_ipc: true, ..config.clone() }).map_err(std::io::Error::other)?;
         let mr = network.register(mem.addr(), bytes).map_err(std::io::Error::other)?;
         let conn = network.connect(&server.to_string(), remote_gpu, engine_port).map_err(std::io::Error::other)?;
@@ -103,7 +104,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
         host_path,
     };
     let vectors = args.num_iovs > 1;
-    let steps = args.ops.len() * args.sizes.len() * (1 + usize::from(vectors) + usize::from(args.same_host))
+    let steps = args.ops.len() * args.sizes.len() * (1 + usize::from(vectors) + usize::from(tcp_anchored))
         + if args.baseline { args.sizes.len() } else { 0 }
         + if same_host_gpus.is_some() { 2 * args.sizes.len() } else { 0 };
     let mut progress = Progress::new(steps);
