@@ -163,8 +163,12 @@ def register(agent, mem, size):
     return buf, addr, descs
 
 
-def xfer_descs(agent, mem, ranges):
-    return agent.get_xfer_descs([(addr, n, mem.dev_id) for addr, n in ranges], mem.kind)
+def xfer_descs(agent, mem, ranges, dev_id=None):
+    """Descriptors of `ranges` in memory of `mem`'s kind on GPU `dev_id` (default: `mem`'s own).
+    NIXL finds a remote descriptor's registration by address, length and device, so a range of the
+    peer's memory names the peer's GPU."""
+    dev = mem.dev_id if dev_id is None else dev_id
+    return agent.get_xfer_descs([(addr, n, dev) for addr, n in ranges], mem.kind)
 
 
 def wait_notif(agent, sender, msg, deadline):
@@ -211,7 +215,7 @@ def target_main(pipe, device, gpu):
     pipe.send(mem.where)
     pipe.send(agent.get_agent_metadata())
     agent.add_remote_agent(pipe.recv())
-    pipe.send({s: addr for s, (_, addr, _) in bufs.items()})
+    pipe.send((mem.dev_id, {s: addr for s, (_, addr, _) in bufs.items()}))
     while True:
         cmd = pipe.recv()
         kind = cmd[0]
@@ -264,7 +268,7 @@ def initiator_main(pipe, out, device, gpu):
     peer = agent.add_remote_agent(remote_md)
     peer = peer.decode() if isinstance(peer, bytes) else peer
     res.check(peer == "target", f"metadata exchanged, remote agent {peer!r}")
-    remote_addrs = pipe.recv()
+    remote_dev, remote_addrs = pipe.recv()
     seed = 1
 
     for size in SIZES:
@@ -272,7 +276,7 @@ def initiator_main(pipe, out, device, gpu):
         for layout in ("1 descriptor", f"{len(pieces(size))} descriptors"):
             parts = [(0, size)] if layout == "1 descriptor" else pieces(size)
             local = xfer_descs(agent, mem, [(addr + o, n) for o, n in parts])
-            remote = xfer_descs(agent, mem, [(remote_addrs[size] + o, n) for o, n in parts])
+            remote = xfer_descs(agent, mem, [(remote_addrs[size] + o, n) for o, n in parts], remote_dev)
             for op in ("WRITE", "READ"):
                 what = f"{op:5} {pretty(size):>7}, {layout}"
                 times = []
@@ -339,7 +343,7 @@ def initiator_main(pipe, out, device, gpu):
     time.sleep(0.5)
     buf, addr, _ = bufs[1 << 20]
     local = xfer_descs(agent, mem, [(addr, 1 << 20)])
-    remote = xfer_descs(agent, mem, [(remote_addrs[1 << 20], 1 << 20)])
+    remote = xfer_descs(agent, mem, [(remote_addrs[1 << 20], 1 << 20)], remote_dev)
     start = time.monotonic()
     try:
         state, _ = run_xfer(agent, "WRITE", local, remote, peer, b"after-exit")
