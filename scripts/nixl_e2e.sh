@@ -189,8 +189,9 @@ echo "NIXL $nixl_version from the nixl-cu$cuda wheel: $nixl_libs"
 build_plugins "$work/plugins" "$nixl_libs" -Wl,-rpath,"$nixl_libs"
 
 # ---- our bench, same sizes, for comparison ---------------------------------------------------------
+# NIXL's two agents share this host and move memory over the same-host path: --same-host measures it.
 echo "uccl-tcpx-bench (write and read, 4K 1M 64M, no NIXL) ..."
-"$bench" --ops write,read --sizes 4K,1M,64M --no-baseline --json-file "$work/bench.json" \
+"$bench" --same-host --ops write,read --sizes 4K,1M,64M --no-baseline --json-file "$work/bench.json" \
   >"$work/bench.log" 2>&1 || die "the bench failed; see $work/bench.log"
 
 # ---- the runs ----------------------------------------------------------------------------------------

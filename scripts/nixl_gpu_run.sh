@@ -87,8 +87,9 @@ sys.exit(0 if n >= 2 else 1)' || die "two GPUs visible to torch are needed"
 
 failed=()
 if [[ "$steps" == *,bench,* ]]; then
-  echo "======== uccl-tcpx-bench --device gpu (cuda:0 -> cuda:1)"
-  "$bundle/uccl-tcpx-bench" --ops write,read --sizes 4K,1M,64M --no-baseline --device gpu --gpu 0 \
+  # The same-host path, which NIXL's two agents on this host take as well.
+  echo "======== uccl-tcpx-bench --same-host --device gpu (cuda:0 -> cuda:1)"
+  "$bundle/uccl-tcpx-bench" --same-host --ops write,read --sizes 4K,1M,64M --no-baseline --device gpu --gpu 0 \
     --peer-gpu 1 --json-file "$work/bench.json" >"$work/logs/bench.log" 2>&1 || failed+=(uccl-tcpx-bench)
   cat "$work/logs/bench.log"
 fi

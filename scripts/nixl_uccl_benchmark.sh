@@ -45,11 +45,11 @@ sizes=18
 if [[ "$device" == gpu ]]; then
   server_gpu=(--local-gpu-idx 1)
   client_gpu=(--local-gpu-idx 0)
-  bench_gpu=(--device gpu --gpu 0 --peer-gpu 1)
+  bench_gpu=(--same-host --device gpu --gpu 0 --peer-gpu 1)
 else
   server_gpu=()
   client_gpu=()
-  bench_gpu=()
+  bench_gpu=(--same-host)
 fi
 
 status=0
