@@ -82,13 +82,6 @@ impl Plan {
     }
 }
 
-fn local_region(request: &OneSidedRequest) -> &Arc<Region> {
-    match request {
-        OneSidedRequest::Item(item) => &item.region,
-        OneSidedRequest::Vector(vector) => &vector.region,
-    }
-}
-
 fn grant_key(request: &OneSidedRequest) -> GrantKey {
     match request {
         OneSidedRequest::Item(item) => (item.remote_region, item.token),
@@ -160,14 +153,7 @@ impl Connection {
 
     fn same_process_device(&self, requests: &[OneSidedRequest], write: bool) -> Option<Result<u64>> {
         let peer = local::peer_connection(&self.link)?;
-        // Both ends take the two locks in one order, the connector's first (as `local_copy`).
-        let (mut ours, theirs) = if self.link.connector {
-            let ours = self.inner.lock();
-            (ours, peer.inner.lock())
-        } else {
-            let theirs = peer.inner.lock();
-            (self.inner.lock(), theirs)
-        };
+        let (mut ours, theirs) = self.lock_with_peer(&peer);
         if let Err(e) = ours.state.check_open() {
             return Some(Err(e));
         }
@@ -187,7 +173,7 @@ impl Connection {
             })
             .collect();
         let all_host = requests.iter().zip(&decided).all(|(request, decision)| {
-            local_region(request).kind == MemKind::Host && decision.as_ref().is_ok_and(|t| t.kind == MemKind::Host)
+            request.local_region().kind == MemKind::Host && decision.as_ref().is_ok_and(|t| t.kind == MemKind::Host)
         });
         if all_host {
             return None;
@@ -195,7 +181,7 @@ impl Connection {
         let transfer = self.core.transfers.create(self.id, requests.len());
         let mut plans: Vec<Plan> = Vec::new();
         for (request, decision) in requests.iter().zip(decided) {
-            let local = local_region(request);
+            let local = request.local_region();
             let target = match decision {
                 Ok(target) if local.is_removed() || target.is_removed() => {
                     transfer.finish_part(Err(deregistered(if local.is_removed() { local.id } else { target.id })));
@@ -259,7 +245,7 @@ impl Connection {
     }
 
     fn cross_process_device(&self, requests: &[OneSidedRequest], write: bool) -> Option<Result<u64>> {
-        if requests.iter().any(|r| device_of(local_region(r)).is_none()) {
+        if requests.iter().any(|r| device_of(r.local_region()).is_none()) {
             return None;
         }
         let gpu = self.core.gpu.get()?.clone();
@@ -293,7 +279,7 @@ impl Connection {
         let transfer = self.core.transfers.create(self.id, requests.len());
         let mut plan = Plan::new(gpu);
         for (request, refusal) in requests.iter().zip(refused) {
-            let local = local_region(request);
+            let local = request.local_region();
             let key = grant_key(request);
             if let Some(e) = refusal {
                 transfer.finish_part(Err(e));

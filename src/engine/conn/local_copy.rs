@@ -16,23 +16,13 @@ impl Connection {
     /// `None` when the transfer takes the network path instead: the peer is not in this process,
     /// its connection is gone or failed, or memory at either end is not host memory.
     pub(super) fn try_local_one_sided(&self, requests: &[OneSidedRequest], write: bool) -> Option<Result<u64>> {
-        let local_region = |r: &OneSidedRequest| match r {
-            OneSidedRequest::Item(item) => item.region.clone(),
-            OneSidedRequest::Vector(vector) => vector.region.clone(),
-        };
-        if self.link.locality != Locality::SameProcess || requests.iter().any(|r| local_region(r).kind != MemKind::Host)
+        if self.link.locality != Locality::SameProcess
+            || requests.iter().any(|r| r.local_region().kind != MemKind::Host)
         {
             return None;
         }
         let peer = local::peer_connection(&self.link)?;
-        // Both ends take the two locks in one order, the connector's first.
-        let (ours, theirs) = if self.link.connector {
-            let ours = self.inner.lock();
-            (ours, peer.inner.lock())
-        } else {
-            let theirs = peer.inner.lock();
-            (self.inner.lock(), theirs)
-        };
+        let (ours, theirs) = self.lock_with_peer(&peer);
         if let Err(e) = ours.state.check_open() {
             return Some(Err(e));
         }
@@ -57,7 +47,7 @@ impl Connection {
         let transfer = self.core.transfers.create(self.id, requests.len());
         for (request, decision) in requests.iter().zip(decided) {
             let outcome = decision.and_then(|target| {
-                if local_region(request).is_removed() || target.is_removed() {
+                if request.local_region().is_removed() || target.is_removed() {
                     return Err(Error::not_allowed("the memory region was deregistered during the transfer"));
                 }
                 // Each pair is (local, remote, len).

@@ -23,7 +23,7 @@ use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use super::channel::{self, Channel};
 use super::control_rx::{ControlRx, Drained, RxBuffer};
@@ -103,6 +103,18 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// This connection's lock and its in-process peer's, taken in one order by both ends (the
+    /// connector's first), so two engines copying toward each other at once cannot deadlock.
+    fn lock_with_peer<'a>(&'a self, peer: &'a Connection) -> (MutexGuard<'a, Inner>, MutexGuard<'a, Inner>) {
+        if self.link.connector {
+            let ours = self.inner.lock();
+            (ours, peer.inner.lock())
+        } else {
+            let theirs = peer.inner.lock();
+            (self.inner.lock(), theirs)
+        }
+    }
+
     pub(super) fn start(
         core: Arc<EngineCore>,
         control: TcpStream,

@@ -122,6 +122,16 @@ pub(super) enum OneSidedRequest {
     Vector(VectorRequest),
 }
 
+impl OneSidedRequest {
+    /// The caller's registration the request reads from or writes into.
+    pub fn local_region(&self) -> &Arc<Region> {
+        match self {
+            OneSidedRequest::Item(item) => &item.region,
+            OneSidedRequest::Vector(vector) => &vector.region,
+        }
+    }
+}
+
 /// One message of a caller's send.
 pub(super) struct SendItem {
     pub region: Arc<Region>,

@@ -28,6 +28,7 @@ use std::sync::Arc;
 
 use super::direct_table::{Copied, CopyJob, HostPath, HostTask, Lease, MAX_DIRECT_PENDING};
 use super::{Action, ConnState, Extent, Memory, Source, deny, deny_msg, unknown_op};
+use crate::engine::region::Region;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result};
 use crate::proto::{Control, RemoteSeg};
@@ -148,12 +149,8 @@ impl ConnState {
         mem: &impl Memory,
         out: &mut Vec<Action>,
     ) -> Result<()> {
-        let region = match mem.authorize_segments(region, token, &segs) {
-            Err(e) => {
-                deny(xfer, e, out);
-                return Ok(());
-            }
-            Ok(r) => r,
+        let Some(region) = authorized(xfer, (region, token), &segs, mem, out) else {
+            return Ok(());
         };
         if region.kind != MemKind::Host || !self.direct.path.reads_peer {
             self.grant(xfer, extent_of(&segs), region, out);
@@ -180,12 +177,8 @@ impl ConnState {
         mem: &impl Memory,
         out: &mut Vec<Action>,
     ) -> Result<()> {
-        let region = match mem.authorize_segments(region, token, &segs) {
-            Err(e) => {
-                deny(xfer, e, out);
-                return Ok(());
-            }
-            Ok(r) => r,
+        let Some(region) = authorized(xfer, (region, token), &segs, mem, out) else {
+            return Ok(());
         };
         if region.kind != MemKind::Host {
             return self.serve(xfer, Source { extent: extent_of(&segs), region }, out);
@@ -325,4 +318,16 @@ impl ConnState {
         d.path.peer_reads_us = false;
         failed
     }
+}
+
+/// The region a peer's direct request names, authorized as the vector request it stands for; a
+/// refusal is answered with a Deny and gives `None`.
+fn authorized(
+    xfer: u64,
+    (region, token): (u64, u64),
+    segs: &[RemoteSeg],
+    mem: &impl Memory,
+    out: &mut Vec<Action>,
+) -> Option<Arc<Region>> {
+    mem.authorize_segments(region, token, segs).map_err(|e| deny(xfer, e, out)).ok()
 }
