@@ -184,12 +184,22 @@ const WINDOW_SEED: u64 = 77;
 /// access would (`UCCL_TCPX_TEST_REFUSE=parent`: the peer cannot read its parent).
 const REFUSE_VAR: &str = "UCCL_TCPX_TEST_REFUSE";
 
+/// Set: the peer process makes itself not dumpable (`prctl(PR_SET_DUMPABLE, 0)`), so that a
+/// process without `CAP_SYS_PTRACE` may read neither its memory nor its descriptors, whatever its
+/// user: the kernel itself refuses.
+const NOT_DUMPABLE_VAR: &str = "UCCL_TCPX_TEST_NOT_DUMPABLE";
+
 #[test]
 #[ignore = "runs as the peer process of another process on this host"]
 fn direct_peer_process() {
     assert!(common::is_child("direct_peer_process"), "runs as the peer process of the direct-path tests");
     if std::env::var(REFUSE_VAR).as_deref() == Ok("parent") {
         uccl_tcpx::engine::local::refuse_process_access(std::os::unix::process::parent_id());
+    }
+    if std::env::var_os(NOT_DUMPABLE_VAR).is_some() {
+        // SAFETY: PR_SET_DUMPABLE takes one integer argument and touches no memory of ours.
+        let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0) };
+        assert_eq!(rc, 0, "prctl(PR_SET_DUMPABLE, 0): {}", std::io::Error::last_os_error());
     }
     let engine = std::sync::Arc::new(Engine::new(same_host()).unwrap());
     let mut region = vec![SENTINEL; GUARD + WINDOW];
@@ -207,20 +217,27 @@ fn direct_peer_process() {
     }
 }
 
-/// The peer process, its engine's port, the window's and the guard's capabilities.
+/// The peer process (started with the variables `env`), its engine's port, the window's and the
+/// guard's capabilities.
 fn direct_peer(
-    refuse: Option<&str>,
+    env: &[(&str, &str)],
 ) -> (testkit::child::Peer, u16, uccl_tcpx::proto::FifoItem, uccl_tcpx::proto::FifoItem) {
-    let mut child = ChildTest::new("direct_peer_process").ignored();
-    if let Some(who) = refuse {
-        child = child.env(REFUSE_VAR, who);
-    }
-    let mut process = child.spawn();
-    let line = process.announcement("PEER ", Duration::from_secs(120));
+    let (process, line) = direct_peer_line(env);
     let fields: Vec<&str> = line.split_whitespace().collect();
     let [port, window, guard] = fields[..] else { panic!("PEER line {line:?}") };
     let (window, guard) = (common::engine::fifo_from_hex(window), common::engine::fifo_from_hex(guard));
     (process, port.parse().unwrap(), window, guard)
+}
+
+/// The peer process and its announcement: port, window and guard.
+fn direct_peer_line(env: &[(&str, &str)]) -> (testkit::child::Peer, String) {
+    let mut child = ChildTest::new("direct_peer_process").ignored();
+    for (key, value) in env {
+        child = child.env(key, value);
+    }
+    let mut process = child.spawn();
+    let line = process.announcement("PEER ", Duration::from_secs(120));
+    (process, line)
 }
 
 /// Connects to the peer and waits until both ends checked each other's process.
@@ -247,7 +264,7 @@ fn assert_guard_untouched(engine: &Engine, conn: &uccl_tcpx::Connection, guard: 
 
 #[test]
 fn another_process_of_this_host_copies_host_memory_directly_under_the_targets_authorization() {
-    let (_process, port, window, guard) = direct_peer(None);
+    let (_process, port, window, guard) = direct_peer(&[]);
     let engine = Engine::new(same_host()).unwrap();
     let conn = checked_connection(&engine, port);
     let path = conn.host_path();
@@ -321,7 +338,8 @@ fn with_the_same_host_path_off_or_refused_host_memory_takes_the_network() {
     // This process may not read the peer: reads go over the network, writes are still copied in by
     // the peer. Then the peer may not read us either: everything goes over the network.
     for refuse_parent in [false, true] {
-        let (process, port, window, guard) = direct_peer(refuse_parent.then_some("parent"));
+        let refuse: &[(&str, &str)] = if refuse_parent { &[(REFUSE_VAR, "parent")] } else { &[] };
+        let (process, port, window, guard) = direct_peer(refuse);
         uccl_tcpx::engine::local::refuse_process_access(process.pid());
         let engine = Engine::new(same_host()).unwrap();
         let conn = checked_connection(&engine, port);
@@ -351,12 +369,130 @@ fn with_the_same_host_path_off_or_refused_host_memory_takes_the_network() {
     }
 }
 
+/// The peer process as `refused_reader_process` finds it: pid, then its announcement.
+const REFUSED_PEER_VAR: &str = "UCCL_TCPX_TEST_REFUSED_PEER";
+
+/// What the kernel logs, once per process and reason, when it will not let us read a peer.
+const KERNEL_REFUSAL: &str = "the kernel refuses to let this process read the peer's memory";
+
+/// Takes `CAP_SYS_PTRACE` out of this thread's effective set, so that the kernel's ptrace rules
+/// hold for this process as for an unprivileged one (the engine's threads, started afterwards by
+/// this thread, inherit the set). Fails the test where it cannot: it would pass without the kernel
+/// refusing anything.
+fn drop_ptrace_capability() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    const CAP_SYS_PTRACE: u32 = 19;
+    let get = || {
+        let mut header = Header { version: VERSION_3, pid: 0 };
+        let mut data = [Data::default(); 2];
+        // SAFETY: a version 3 header and the two data words that version reads and writes.
+        let rc = unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) };
+        assert_eq!(rc, 0, "capget: {}", std::io::Error::last_os_error());
+        data
+    };
+    let mut data = get();
+    data[0].effective &= !(1 << CAP_SYS_PTRACE);
+    let mut header = Header { version: VERSION_3, pid: 0 };
+    // SAFETY: as for capget; the kernel only reads the data words.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) };
+    assert_eq!(
+        rc,
+        0,
+        "cannot drop CAP_SYS_PTRACE from the effective set ({}): this test needs a process the kernel refuses",
+        std::io::Error::last_os_error()
+    );
+    assert_eq!(get()[0].effective & (1 << CAP_SYS_PTRACE), 0, "CAP_SYS_PTRACE is still effective");
+}
+
+/// The error `process_vm_readv` of one byte of process `pid` gives, `None` when the kernel let
+/// the call look at the memory (an unmapped address 0 then fails with EFAULT).
+fn kernel_refusal(pid: u32) -> Option<i32> {
+    let mut byte = 0u8;
+    let local = libc::iovec { iov_base: (&raw mut byte).cast(), iov_len: 1 };
+    let remote = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 1 };
+    // SAFETY: one valid local byte; the remote address is only looked up in the peer.
+    let n = unsafe { libc::process_vm_readv(pid.cast_signed(), &local, 1, &remote, 1, 0) };
+    let err = std::io::Error::last_os_error().raw_os_error();
+    (n < 0 && err != Some(libc::EFAULT)).then_some(err.unwrap_or(0))
+}
+
+/// A process that the kernel does not let read its peer (the peer is not dumpable, this process
+/// drops `CAP_SYS_PTRACE`): every same-host connection to the peer moves reads over the network,
+/// while the peer still copies our writes in directly.
+#[test]
+#[ignore = "runs as a process of this host that may not read its peer"]
+fn refused_reader_process() {
+    assert!(common::is_child("refused_reader_process"), "runs as the reader of the kernel-refusal test");
+    let peer = std::env::var(REFUSED_PEER_VAR).expect("the peer's pid and announcement");
+    let fields: Vec<&str> = peer.split_whitespace().collect();
+    let [pid, port, window, guard] = fields[..] else { panic!("{REFUSED_PEER_VAR}={peer:?}") };
+    let (pid, port): (u32, u16) = (pid.parse().unwrap(), port.parse().unwrap());
+    let (window, guard) = (common::engine::fifo_from_hex(window), common::engine::fifo_from_hex(guard));
+    drop_ptrace_capability();
+    // The parent reads the refusal's log line (UCCL_TCPX_LOG=warn).
+    uccl_tcpx::init_logging();
+    assert_eq!(
+        kernel_refusal(pid),
+        Some(libc::EPERM),
+        "the kernel must refuse this process a read of the non-dumpable peer"
+    );
+
+    let engine = Engine::new(same_host()).unwrap();
+    // Two connections: the refusal holds for both, and is logged once.
+    for round in 0..2u64 {
+        let conn = checked_connection(&engine, port);
+        let path = conn.host_path();
+        assert_eq!((path.reads_peer, path.peer_reads_us), (false, true), "round {round}: {path:?}");
+        let data = common::pattern(WINDOW, 90 + round);
+        let mut buf = data.clone();
+        let mr = engine.register(buf.as_mut_ptr() as usize, WINDOW).unwrap();
+        let w = conn.write(&[one(mr, buf.as_ptr() as usize, WINDOW, window)]).unwrap();
+        assert_eq!(wait(&conn, w).unwrap(), WINDOW as u64);
+        buf.fill(0);
+        let r = conn.read(&[one(mr, buf.as_ptr() as usize, WINDOW, window)]).unwrap();
+        assert_eq!(wait(&conn, r).unwrap(), WINDOW as u64);
+        common::assert_same(&buf, &data, "written and read back with the kernel refusing our reads");
+        assert_eq!(conn.host_path().direct_ops, 1, "round {round}: only the write, which the peer copies in");
+        assert_guard_untouched(&engine, &conn, guard);
+        engine.deregister(mr).unwrap();
+    }
+}
+
+#[test]
+fn a_kernel_refusing_to_let_us_read_the_peer_sends_host_memory_over_the_network() {
+    let (process, line) = direct_peer_line(&[(NOT_DUMPABLE_VAR, "1")]);
+    let out = ChildTest::new("refused_reader_process")
+        .ignored()
+        .env(REFUSED_PEER_VAR, format!("{} {line}", process.pid()))
+        .env("UCCL_TCPX_LOG", "warn")
+        .run_within(Duration::from_secs(300));
+    assert_eq!(out.matches(KERNEL_REFUSAL).count(), 1, "the refusal is logged once per process and reason:\n{out}");
+    assert!(
+        out.lines().any(|l| l.contains(KERNEL_REFUSAL) && l.contains("Operation not permitted")),
+        "the log names the kernel's answer (EPERM):\n{out}"
+    );
+    assert!(!out.contains("did not check out"), "a kernel refusal is not a failed claim:\n{out}");
+    drop(process);
+}
+
 /// A panic in the host copy thread fails its connection with an internal error naming the thread,
 /// as every library thread's does, instead of taking the process down or leaving the read pending.
 #[test]
 fn a_panicking_host_copy_thread_fails_its_connection() {
     use uccl_tcpx::threads::{ThreadKind, inject_panic};
-    let (_process, port, window, _guard) = direct_peer(None);
+    let (_process, port, window, _guard) = direct_peer(&[]);
     let engine = Engine::new(same_host()).unwrap();
     let conn = checked_connection(&engine, port);
     let mut buf = vec![0u8; WINDOW];

@@ -81,6 +81,47 @@ impl ChildTest {
         (out.status, text)
     }
 
+    /// [`run`](Self::run), bounded: a child still running after `limit` is killed and fails the
+    /// test with what it printed so far.
+    pub fn run_within(mut self, limit: Duration) -> String {
+        let name = self.name.clone();
+        self.cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = self.cmd.spawn().expect("spawn the test binary");
+        let (tx, chunks) = std::sync::mpsc::channel();
+        let drain = |mut pipe: Box<dyn std::io::Read + Send>, tx: std::sync::mpsc::Sender<String>| {
+            std::thread::spawn(move || {
+                let mut text = Vec::new();
+                let _ = pipe.read_to_end(&mut text);
+                let _ = tx.send(String::from_utf8_lossy(&text).into_owned());
+            })
+        };
+        let readers = [
+            drain(Box::new(child.stdout.take().expect("piped stdout")), tx.clone()),
+            drain(Box::new(child.stderr.take().expect("piped stderr")), tx),
+        ];
+        let deadline = std::time::Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait for the child") {
+                break Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        for reader in readers {
+            let _ = reader.join();
+        }
+        let text: String = chunks.try_iter().collect::<Vec<_>>().join("");
+        print!("{text}");
+        let Some(status) = status else { panic!("child {name} did not finish within {limit:?}:\n{text}") };
+        assert!(status.success(), "child {name} failed ({status}):\n{text}");
+        assert!(text.contains("1 passed"), "child {name} did not run its test:\n{text}");
+        text
+    }
+
     /// Starts the child and leaves it running; see [`Peer`].
     pub fn spawn(mut self) -> Peer {
         self.cmd.stdout(Stdio::piped());

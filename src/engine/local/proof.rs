@@ -11,7 +11,8 @@
 //!   address is our peer's address and whose remote address is ours: on one host and network
 //!   namespace that 4-tuple is one connection, so its inode is the peer's end of ours;
 //! - `/proc/<pid>/fd/<fd>` must link to `socket:[<inode>]` (reading it needs the same ptrace
-//!   permission as copying, in its read mode);
+//!   permission as copying, in its read mode: where the kernel refuses that link, the probe says
+//!   whether it refuses the copy too, and the refusal is the kernel's, not a failed claim);
 //! - the process is pinned with a pidfd before that check and found alive after it, so the pid
 //!   named the same process throughout and cannot be swapped for a reused one later.
 //!
@@ -91,7 +92,17 @@ pub fn prove(pid: u32, fd: u32, control: &TcpStream) -> Result<PeerProcess, Refu
         _ => io(&format!("process {pid}"), e),
     })?;
     let inode = peer_socket_inode(theirs, ours)?;
-    let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).map_err(|e| io(&format!("fd {fd} of {pid}"), e))?;
+    let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).map_err(|e| {
+        // The link needs ptrace access in read mode, so a process the kernel will not let us read
+        // (not dumpable, another user) fails here before the probe: that is the kernel's refusal,
+        // a host policy, not a claim that failed.
+        if matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM))
+            && let Err(refused) = process.probe()
+        {
+            return Refusal::Kernel(refused);
+        }
+        io(&format!("fd {fd} of {pid}"), e)
+    })?;
     let want = format!("socket:[{inode}]");
     if link.as_os_str() != want.as_str() {
         return Err(Refusal::Unproven(format!(
