@@ -23,7 +23,7 @@ use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
 
 mod common;
 use common::gpu::{Mem, fewer_gpus_than, no_gpu};
-use common::{ChildTest, PATIENCE, assert_same, pattern, same_host, wait};
+use common::{ChildTest, PATIENCE, TRANSFER_LIMIT, assert_same, pattern, same_host, wait, within};
 
 const LEN: usize = (16 << 20) + 4096;
 const SEED: u64 = 91;
@@ -36,10 +36,18 @@ fn at(item: FifoItem, offset: usize) -> FifoItem {
     FifoItem { addr: item.addr + offset as u64, ..item }
 }
 
+/// `conn.wait(id)`, which on this path blocks on the copies' event itself, bounded by
+/// [`TRANSFER_LIMIT`] (a hang fails the test).
+fn waited(conn: &Arc<Connection>, id: u64) -> uccl_tcpx::Result<u64> {
+    let conn = conn.clone();
+    within(TRANSFER_LIMIT, "Connection::wait on the device path", move || conn.wait(id))
+}
+
 /// Writes and reads between `conn`'s local GPU buffer and the remote region `remote` holds,
 /// whose bytes start as `pattern(remote_len, SEED)`: a read of almost all of it at odd offsets on
-/// both ends, a write into its middle read back, a vector of three pieces each way.
-fn exercise(conn: &Connection, local: &mut Mem, mr: u64, remote: FifoItem, remote_len: usize) {
+/// both ends, a write into its middle read back, a vector of three pieces each way. The vectors
+/// are waited for with `Connection::wait`, the rest polled for.
+fn exercise(conn: &Arc<Connection>, local: &mut Mem, mr: u64, remote: FifoItem, remote_len: usize) {
     let expected = pattern(remote_len, SEED);
     let batches = conn.device_copy_batches();
     let len = remote_len - 64;
@@ -72,11 +80,11 @@ fn exercise(conn: &Connection, local: &mut Mem, mr: u64, remote: FifoItem, remot
         loff += n + gap;
     }
     let w = conn.write(&items).unwrap();
-    assert_eq!(wait(conn, w).unwrap(), pieces.iter().map(|p| p.0 as u64).sum::<u64>());
+    assert_eq!(waited(conn, w).unwrap(), pieces.iter().map(|p| p.0 as u64).sum::<u64>());
     local.clear();
     let back: Vec<OneSided> = items.iter().map(|i| OneSided { addr: i.addr + 1, ..*i }).collect();
     let r = conn.read(&back).unwrap();
-    assert_eq!(wait(conn, r).unwrap(), pieces.iter().map(|p| p.0 as u64).sum::<u64>());
+    assert_eq!(waited(conn, r).unwrap(), pieces.iter().map(|p| p.0 as u64).sum::<u64>());
     for ((item, d), i) in back.iter().zip(&vdata).zip(0..) {
         assert_same(&local.read(item.addr - local.addr(), d.len()), d, &format!("vector piece {i}"));
     }
@@ -131,6 +139,44 @@ fn same_process_host_and_gpu_ends() {
     assert_eq!(wait(&p.ab, w).unwrap(), 1 << 20);
     assert_same(&gpu.read(0, 1 << 20), &pattern(1 << 20, 3), "host -> GPU of the other engine");
     assert_eq!(p.ab.device_copy_batches(), 1);
+}
+
+/// One call whose copies go to two GPUs' queues (a GPU source of this engine's GPU, a host source
+/// copied by the target's GPU) is two batches under one transfer id: `Connection::wait` returns
+/// once both landed, and a wait for a refused call (no batch at all) still reports the refusal.
+#[test]
+fn same_process_wait_covers_a_call_on_two_gpus() {
+    if no_gpu() || fewer_gpus_than(2) {
+        return;
+    }
+    let a = Arc::new(Engine::new(Config { gpu: Some(0), ..same_host() }).unwrap());
+    let b = Arc::new(Engine::new(Config { gpu: Some(1), ..same_host() }).unwrap());
+    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+    let _ba = common::accept(&b).unwrap();
+    assert_eq!(ab.peer.locality, Locality::SameProcess);
+    let target = Mem::on_gpu(1, 2 * LEN);
+    let tmr = b.register(target.addr(), target.len()).unwrap();
+    let remote = item(&b, tmr, &target);
+    let mut gpu_src = Mem::on_gpu(0, LEN);
+    gpu_src.write(0, &pattern(LEN, 21));
+    let gmr = a.register(gpu_src.addr(), LEN).unwrap();
+    let mut host_src = Mem::new(common::gpu::Side::Host, LEN);
+    host_src.write(0, &pattern(LEN, 22));
+    let hmr = a.register(host_src.addr(), LEN).unwrap();
+    let batches = ab.device_copy_batches();
+    let w = ab
+        .write(&[
+            OneSided { mr: gmr, addr: gpu_src.addr(), len: LEN, remote },
+            OneSided { mr: hmr, addr: host_src.addr(), len: LEN, remote: at(remote, LEN) },
+        ])
+        .unwrap();
+    assert_eq!(waited(&ab, w).unwrap(), 2 * LEN as u64);
+    assert_eq!(ab.device_copy_batches(), batches + 2, "one batch per issuing GPU");
+    assert_same(&target.read(0, LEN), &pattern(LEN, 21), "from GPU 0");
+    assert_same(&target.read(LEN, LEN), &pattern(LEN, 22), "from host memory, copied by GPU 1");
+    let outside = FifoItem { addr: remote.addr + 2 * LEN as u64 - 8, size: 16, ..remote };
+    let refused = ab.write(&[OneSided { mr: gmr, addr: gpu_src.addr(), len: 16, remote: outside }]).unwrap();
+    assert_eq!(waited(&ab, refused).unwrap_err().status(), UcclStatus::ErrNotAllowed);
 }
 
 /// Requests the target did not advertise are refused on the device path as on the network path,

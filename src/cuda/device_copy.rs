@@ -1,6 +1,6 @@
 //! Asynchronous copies of the same-host path: the copies of one call go back to back on a stream of
-//! the issuing GPU and one event marks their end, which the engine polls (no thread waits on a
-//! copy). Between GPUs of this process a copy names both primary contexts (`cuMemcpyPeerAsync`);
+//! the issuing GPU and one event marks their end, which the engine polls (no library thread waits
+//! on a copy; a caller waiting for its own transfer blocks on the event). Between GPUs of this process a copy names both primary contexts (`cuMemcpyPeerAsync`);
 //! everything else (one GPU, host memory, a peer's allocation mapped here) is a unified-address
 //! `cuMemcpyAsync`. Peer access is never enabled on the user's contexts: peer copies use the
 //! GPUs' direct link without it.
@@ -70,6 +70,12 @@ impl CopyQueue {
         if self.spare.len() < SPARE_EVENTS {
             self.spare.push(event);
         }
+    }
+
+    /// Events kept for later batches.
+    #[cfg(test)]
+    pub(crate) fn spare_events(&self) -> usize {
+        self.spare.len()
     }
 
     /// Waits for every copy queued so far.

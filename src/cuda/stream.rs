@@ -65,6 +65,9 @@ pub struct Event {
 
 // SAFETY: a CUevent may be recorded and queried from any thread once its context is current there.
 unsafe impl Send for Event {}
+// SAFETY: every method takes `&self` and makes one driver call, and the driver's calls on an event
+// are thread-safe: a caller may wait on an event while another thread queries it.
+unsafe impl Sync for Event {}
 
 impl Event {
     pub fn new(gpu: &Arc<Gpu>) -> Result<Event> {

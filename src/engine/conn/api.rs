@@ -229,10 +229,15 @@ impl Connection {
         self.inner.lock().ipc.issued()
     }
 
+    /// A transfer that completes on the control stream is read for by the caller itself, one of
+    /// the same-host GPU path waits on its copies' events itself: either way the caller learns of
+    /// it without a hop through another thread.
     pub fn wait(&self, transfer: u64) -> Result<u64> {
         let t = self.core.transfers.get(self.id, transfer)?;
         if t.completes_on_control() {
             reader::read_until_finished(self, &t);
+        } else if self.device_batches.load(Ordering::Acquire) > 0 {
+            self.wait_device_copies(transfer);
         }
         self.core.transfers.wait(self.id, transfer)
     }

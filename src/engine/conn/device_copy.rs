@@ -1,7 +1,7 @@
 //! One-sided transfers that touch GPU memory between engines of one host, with no byte on a socket:
 //! the initiator copies with `cuMemcpyAsync` / `cuMemcpyPeerAsync` on a stream of its own, all
 //! copies of a call back to back and one event behind them, and the parts finish when the event
-//! fired (the progress thread, or a caller's poll, looks).
+//! fired (the progress thread or a caller's poll looks, a caller's wait blocks on it).
 //!
 //! - Between engines of this process (`Locality::SameProcess`) nothing needs mapping: the target's
 //!   region table authorizes every request under both connections' locks, as `local_copy` does for
@@ -353,6 +353,7 @@ impl Connection {
         // mappings held, until the batch's event fired.
         match unsafe { q.issue(&copies) } {
             Ok(event) => {
+                let event = Arc::new(event);
                 let batch =
                     Batch { event, queue, transfer: transfer.clone(), parts, regions, remote_regions, mappings };
                 inner.ipc.push(batch, &self.core.waker);
@@ -486,6 +487,29 @@ impl Connection {
         inner.ipc.record_grant(region);
         let handle: [u8; IPC_HANDLE_LEN] = export.handle;
         Control::IpcGrant { xfer, region, handle, alloc_base: export.base, alloc_len: export.len, windows }
+    }
+
+    /// A caller's wait for `transfer`: blocks on the events of its batches itself, outside the
+    /// lock, and finishes them as soon as they fired, instead of sleeping until the progress
+    /// thread looks again (it naps between looks while copies are in flight, so each transfer
+    /// would pay up to a nap and two thread wake-ups). Returns once no batch of `transfer` is in
+    /// flight, or a wait failed (the batch is then left to the progress thread's queries); the
+    /// transfer's own wait reports the outcome.
+    pub(super) fn wait_device_copies(&self, transfer: u64) {
+        loop {
+            let Some(event) = self.inner.lock().ipc.event_of(transfer) else { return };
+            let synced = event.synchronize();
+            {
+                // A failed copy shows in the event's query here, which fails its parts.
+                let mut inner = self.inner.lock();
+                if let Err(e) = self.drive_device_copies(&mut inner) {
+                    self.fail(&mut inner, e);
+                }
+            }
+            if synced.is_err() {
+                return;
+            }
+        }
     }
 
     /// Finishes the batches whose copies completed and answers revocations they held up.

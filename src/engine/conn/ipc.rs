@@ -61,7 +61,8 @@ struct Ask {
 
 /// Copies issued together for one call, marked by one event.
 pub(super) struct Batch {
-    pub event: Event,
+    /// Shared with a caller waiting for the batch's transfer, who blocks on it outside the lock.
+    pub event: Arc<Event>,
     /// Which of `queues` issued it.
     pub queue: usize,
     pub transfer: Arc<Transfer>,
@@ -254,6 +255,12 @@ impl IpcState {
         self.in_flight.clone()
     }
 
+    /// The event of a batch in flight for `transfer`, for its caller to wait on outside the lock;
+    /// `None` once none is (or the transfer has none: it took another path).
+    pub fn event_of(&self, transfer: u64) -> Option<Arc<Event>> {
+        self.batches.iter().find(|b| b.transfer.id == transfer).map(|b| b.event.clone())
+    }
+
     /// Whether batches are in flight or revocations wait for them.
     pub fn has_pending(&self) -> bool {
         !self.batches.is_empty() || !self.revoking.is_empty()
@@ -294,8 +301,11 @@ impl IpcState {
         }
         waker.polled_work_done(1);
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        // An event a waiting caller still holds is not recorded again under it: it goes with the
+        // caller's reference instead.
         if outcome.is_ok()
             && let Some(q) = self.queues.get_mut(queue)
+            && let Ok(event) = Arc::try_unwrap(event)
         {
             q.recycle(event);
         }
@@ -436,6 +446,57 @@ mod tests {
         assert!(st.revoke(3), "no batch uses it: answered at once");
         assert!(st.grants.is_empty(), "the grant is gone");
         assert_eq!(st.poll(&Waker::default()), (false, vec![]));
+    }
+
+    /// A caller waiting for its transfer gets that transfer's event, not another's, and holds it
+    /// while the batch finishes: a held event is not recycled (a later batch would record it again
+    /// under the waiter), an unheld one is.
+    #[test]
+    fn a_waiter_gets_its_own_batchs_event_and_keeps_it() {
+        use crate::cuda::DeviceBuffer;
+        use crate::cuda::device_copy::DeviceCopy;
+        use crate::engine::transfer::TransferTable;
+
+        if testkit::skip_without_gpu(crate::cuda::available()) {
+            return;
+        }
+        let gpu = Gpu::open(0).unwrap();
+        let (src, dst) = (DeviceBuffer::new(0, 8 << 20).unwrap(), DeviceBuffer::new(0, 8 << 20).unwrap());
+        let (waker, transfers) = (Waker::default(), TransferTable::default());
+        let mut st = IpcState::default();
+        let issue = |st: &mut IpcState, len: usize| {
+            let transfer = transfers.create(1, 1);
+            let (queue, q) = st.queue(&gpu).unwrap();
+            let copy =
+                DeviceCopy { dst: dst.addr() as u64, dst_gpu: Some(0), src: src.addr() as u64, src_gpu: Some(0), len };
+            // SAFETY: both buffers live until the end of the test, after every batch was waited for.
+            let event = Arc::new(unsafe { q.issue(&[copy]) }.unwrap());
+            let batch = Batch {
+                event,
+                queue,
+                transfer: transfer.clone(),
+                parts: vec![len as u64],
+                regions: Vec::new(),
+                remote_regions: Vec::new(),
+                mappings: Vec::new(),
+            };
+            st.push(batch, &waker);
+            transfer
+        };
+        let (first, second) = (issue(&mut st, 8 << 20), issue(&mut st, 4096));
+        let held = st.event_of(first.id).expect("the first transfer's batch is in flight");
+        assert!(st.event_of(first.id + second.id + 1).is_none(), "no batch of an unknown transfer");
+        let theirs = st.event_of(second.id).unwrap();
+        assert!(!Arc::ptr_eq(&held, &theirs), "each transfer waits on its own batch");
+        drop(theirs);
+        // Queued behind the first on the same stream: both are done once the second is.
+        st.event_of(second.id).unwrap().synchronize().unwrap();
+        assert!(held.done().unwrap());
+        assert_eq!(st.poll(&waker), (true, vec![]));
+        assert!(st.event_of(first.id).is_none() && st.event_of(second.id).is_none());
+        assert!(first.is_finished() && second.is_finished());
+        assert!(!waker.has_polled_work());
+        assert_eq!(st.queues[0].spare_events(), 1, "only the unheld event went back to the queue");
     }
 
     #[test]
