@@ -173,11 +173,28 @@ pub struct StagingConfig {
     /// limit (0) the last channel's first chunk lands only after every other channel's whole share;
     /// with 1 the channels' copies alternate. `UCCL_TCPX_STAGING_AHEAD`.
     pub ahead: u8,
+    /// How a chunk of many device segments gets into and out of its slot. `UCCL_TCPX_STAGING_GATHER`.
+    pub gather: StagingGather,
+}
+
+/// How the staged path moves a chunk made of several device segments between them and its pinned
+/// slot. `UCCL_TCPX_STAGING_GATHER` = auto | kernel | copies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StagingGather {
+    /// The kernel for chunks of small segments, one copy per segment otherwise (and wherever the
+    /// kernel cannot be built).
+    #[default]
+    Auto,
+    /// The kernel for every chunk of two or more segments, whatever their size: to measure where
+    /// it stops paying.
+    Kernel,
+    /// One copy per segment always, as where the kernel cannot be built: to compare against.
+    Copies,
 }
 
 impl Default for StagingConfig {
     fn default() -> StagingConfig {
-        StagingConfig { trace: false, streams: 1, ahead: 1 }
+        StagingConfig { trace: false, streams: 1, ahead: 1, gather: StagingGather::Auto }
     }
 }
 
@@ -188,7 +205,19 @@ impl StagingConfig {
             trace: parse_in(get, "UCCL_TCPX_TRACE_STAGING", 0u8, 0, 1)? == 1,
             streams: parse_in(get, "UCCL_TCPX_STAGING_STREAMS", d.streams, 1, 8)?,
             ahead: parse_in(get, "UCCL_TCPX_STAGING_AHEAD", d.ahead, 0, MAX_WINDOW as u8)?,
+            gather: parse_gather(get)?,
         })
+    }
+}
+
+fn parse_gather(get: &impl Fn(&str) -> Option<String>) -> Result<StagingGather> {
+    let name = "UCCL_TCPX_STAGING_GATHER";
+    let Some(raw) = get(name) else { return Ok(StagingGather::Auto) };
+    match raw.to_ascii_lowercase().as_str() {
+        "auto" => Ok(StagingGather::Auto),
+        "kernel" => Ok(StagingGather::Kernel),
+        "copies" => Ok(StagingGather::Copies),
+        _ => Err(bad(name, &raw, "auto, kernel or copies")),
     }
 }
 
@@ -628,13 +657,19 @@ mod tests {
         ])
         .unwrap()
         .staging;
-        assert_eq!(c, StagingConfig { trace: true, streams: 2, ahead: 3 });
+        assert_eq!(c, StagingConfig { trace: true, streams: 2, ahead: 3, gather: StagingGather::Auto });
         assert_eq!(cfg(&[("UCCL_TCPX_STAGING_AHEAD", "0")]).unwrap().staging.ahead, 0);
+        for (value, gather) in
+            [("auto", StagingGather::Auto), ("Kernel", StagingGather::Kernel), ("copies", StagingGather::Copies)]
+        {
+            assert_eq!(cfg(&[("UCCL_TCPX_STAGING_GATHER", value)]).unwrap().staging.gather, gather);
+        }
         for (name, value) in [
             ("UCCL_TCPX_TRACE_STAGING", "2"),
             ("UCCL_TCPX_STAGING_STREAMS", "0"),
             ("UCCL_TCPX_STAGING_STREAMS", "9"),
             ("UCCL_TCPX_STAGING_AHEAD", "17"),
+            ("UCCL_TCPX_STAGING_GATHER", "each"),
         ] {
             let err = cfg(&[(name, value)]).unwrap_err();
             assert!(err.message().contains(name), "{err}");

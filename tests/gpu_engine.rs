@@ -19,7 +19,10 @@ use uccl_tcpx::proto::FifoItem;
 use uccl_tcpx::{Config, Engine, UcclStatus, cuda};
 
 mod common;
-use common::gpu::{Mem, Side, connect_by_metadata, every_kind_every_direction, fewer_gpus_than, make_current, no_gpu};
+use common::gpu::{
+    Mem, Side, blocks, connect_by_metadata, every_kind_every_direction, fewer_gpus_than, landed, make_current, no_gpu,
+    odd_pieces, span,
+};
 use common::{ChildTest, PATIENCE, assert_same, loopback as config, pair, pattern, wait};
 
 #[test]
@@ -146,6 +149,95 @@ fn scattered_vectors_of_device_memory() {
         assert_same(&back, &want, &format!("vector read {from:?}<-{to:?}"));
         p.a.deregister(smr).unwrap();
         p.b.deregister(dmr).unwrap();
+    }
+}
+
+/// `write_vector` / `read_vector` of device pieces many and small (1024 KV-cache blocks of 16 KiB,
+/// 1000 pieces of 1-5000 bytes at odd offsets) in both gather modes: `auto`, where the segment
+/// kernel gathers each chunk into its staging slot and scatters it out, and `copies`, one copy per
+/// piece as where the kernel cannot be built. GPU->GPU, GPU->host and host->GPU, every byte of both
+/// buffers (nothing between the pieces written), and the staged chunks counted on the mode's path.
+#[test]
+fn device_vectors_of_many_small_pieces_in_both_gather_modes() {
+    use uccl_tcpx::config::{StagingConfig, StagingGather};
+    use uccl_tcpx::cuda::ring::segment_copy_counts;
+    if no_gpu() || common::gpu::no_nvrtc() {
+        return;
+    }
+    let mut rng = common::Rng::new("device_vectors_of_many_small_pieces_in_both_gather_modes");
+    let odd = odd_pieces(&mut rng, 1000, 5000);
+    // The same lengths at other odd offsets on the remote side.
+    let mut at = 3;
+    let odd_remote: Vec<(usize, usize)> = odd
+        .iter()
+        .map(|&(_, len)| {
+            let piece = (at, len);
+            at += len + 1 + 2 * rng.below(40);
+            piece
+        })
+        .collect();
+    let shapes = [
+        ("1024 x 16 KiB", blocks(1024, 16 << 10, 20 << 10, 0), blocks(1024, 16 << 10, 24 << 10, 4096)),
+        ("1000 odd pieces", odd, odd_remote),
+    ];
+    for mode in [StagingGather::Auto, StagingGather::Copies] {
+        let config = Config { staging: StagingConfig { gather: mode, ..StagingConfig::default() }, ..config() };
+        let chunk = config.chunk_size as usize;
+        let p = pair(config);
+        for (name, local, remote) in &shapes {
+            let total: usize = local.iter().map(|l| l.1).sum();
+            let (local_len, remote_len) = (span(local) + 8, span(remote) + 8);
+            for (from, to) in [(Side::Gpu, Side::Gpu), (Side::Gpu, Side::Host), (Side::Host, Side::Gpu)] {
+                let what = format!("{mode:?}, {name}, {from:?}->{to:?}");
+                let data = pattern(local_len, 91);
+                let mut src = Mem::new(from, local_len);
+                src.write(0, &data);
+                let mut dst = Mem::new(to, remote_len);
+                let smr = p.a.register(src.addr(), local_len).unwrap();
+                let dmr = p.b.register(dst.addr(), remote_len).unwrap();
+                let fifo = p.b.prepare_fifo(dmr, dst.addr(), remote_len).unwrap();
+                let items: Vec<OneSided> = local
+                    .iter()
+                    .zip(remote)
+                    .map(|(&(lo, len), &(ro, _))| {
+                        let mut item = fifo;
+                        item.addr += ro as u64;
+                        OneSided { mr: smr, addr: src.addr() + lo, len, remote: item }
+                    })
+                    .collect();
+                // Every full chunk holds several pieces; each is gathered where its source is a GPU
+                // and scattered where its destination is.
+                let staged = (total / chunk) as u64 * (u64::from(from == Side::Gpu) + u64::from(to == Side::Gpu));
+                let moved = |before: uccl_tcpx::cuda::ring::SegmentCopyCounts| {
+                    let after = segment_copy_counts();
+                    match mode {
+                        StagingGather::Copies => after.by_copies - before.by_copies,
+                        _ => after.by_kernel - before.by_kernel,
+                    }
+                };
+
+                let before = segment_copy_counts();
+                let w = p.ab.write(&items).unwrap();
+                assert_eq!(wait(&p.ab, w).unwrap(), total as u64, "{what}");
+                let expect = landed(&data, local, remote, remote_len);
+                assert_same(&dst.read(0, remote_len), &expect, &format!("write_vector {what}"));
+                let n = moved(before);
+                assert!(n >= staged, "write_vector {what}: {n} of {staged} staged chunks on the mode's path");
+
+                // Read them back into a cleared source.
+                src.clear();
+                let before = segment_copy_counts();
+                let r = p.ab.read(&items).unwrap();
+                assert_eq!(wait(&p.ab, r).unwrap(), total as u64, "{what}");
+                let expect = landed(&expect, remote, local, local_len);
+                assert_same(&src.read(0, local_len), &expect, &format!("read_vector {what}"));
+                let n = moved(before);
+                assert!(n >= staged, "read_vector {what}: {n} of {staged} staged chunks on the mode's path");
+                p.a.deregister(smr).unwrap();
+                p.b.deregister(dmr).unwrap();
+                dst.clear();
+            }
+        }
     }
 }
 

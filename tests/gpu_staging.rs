@@ -14,7 +14,7 @@ use uccl_tcpx::transport::staged::{StagedNet, StagingParams};
 use uccl_tcpx::transport::{IoSeg, ListenComm, MemKind, MrHandle, Net, RecvComm, SendComm};
 
 mod common;
-use common::gpu::{Mem, Side, no_gpu};
+use common::gpu::{Mem, Side, blocks, landed, no_gpu, odd_pieces, span};
 use common::{assert_same, pattern};
 
 /// Requests a comm holds at once, as the engine's window allows at most.
@@ -153,64 +153,81 @@ fn segments(base: usize, total: usize, lens: &[usize], gap: usize) -> Vec<IoSeg>
     out
 }
 
-/// A vectored device request is gathered into its slot with a copy per segment and a vectored
-/// device receive scattered out of it the same way; host segments go to the socket transport as
+/// A vectored device request is gathered into its slot and a vectored device receive scattered out
+/// of it, by the segment kernel (`auto`: these segments are small) or with a copy per segment
+/// (`copies`, as where the kernel cannot be built); host segments go to the socket transport as
 /// they are. Each side cuts the same bytes differently.
 #[test]
 fn vectored_requests_gather_and_scatter_through_the_slots() {
-    if no_gpu() {
+    use uccl_tcpx::config::StagingGather;
+    use uccl_tcpx::cuda::ring::segment_copy_counts;
+    if no_gpu() || common::gpu::no_nvrtc() {
         return;
     }
     let (slot, total) = (256usize << 10, 250_000usize);
-    for (from, to) in
-        [(Side::Gpu, Side::Gpu), (Side::Gpu, Side::Host), (Side::Host, Side::Gpu), (Side::Host, Side::Host)]
-    {
-        let mut s = staged(slot, 4);
-        let mut src = Mem::new(from, 2 * total);
-        let mut dst = Mem::new(to, 2 * total);
-        let (smr, rmr) = register(&mut s, &src, &dst);
-        let data = pattern(2 * total, 7);
-        src.write(0, &data);
-        dst.clear();
-        let send = segments(src.addr() + 1, total, &[4096, 1, 30_001], 100);
-        let recv = segments(dst.addr() + 3, total, &[10_000, 4095], 64);
-        // SAFETY: both buffers outlive the requests, which are tested to completion below.
-        let r = unsafe { s.rx.irecvv(&recv, rmr) }.unwrap().unwrap();
-        // SAFETY: as above.
-        let t = unsafe { s.tx.isendv(&send, smr) }.unwrap().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let (mut sent, mut got) = (None, None);
-        while sent.is_none() || got.is_none() {
-            if sent.is_none() {
-                sent = s.tx.test(t).unwrap();
+    for mode in [StagingGather::Auto, StagingGather::Copies] {
+        for (from, to) in
+            [(Side::Gpu, Side::Gpu), (Side::Gpu, Side::Host), (Side::Host, Side::Gpu), (Side::Host, Side::Host)]
+        {
+            let what = format!("{mode:?} {from:?}->{to:?}");
+            let tuning = StagingConfig { gather: mode, ..StagingConfig::default() };
+            let mut s = staged_with(StagingParams { tuning, ..StagingParams::new(slot, 4) });
+            let mut src = Mem::new(from, 2 * total);
+            let mut dst = Mem::new(to, 2 * total);
+            let (smr, rmr) = register(&mut s, &src, &dst);
+            let data = pattern(2 * total, 7);
+            src.write(0, &data);
+            dst.clear();
+            let send = segments(src.addr() + 1, total, &[4096, 1, 30_001], 100);
+            let recv = segments(dst.addr() + 3, total, &[10_000, 4095], 64);
+            let before = segment_copy_counts();
+            // SAFETY: both buffers outlive the requests, which are tested to completion below.
+            let r = unsafe { s.rx.irecvv(&recv, rmr) }.unwrap().unwrap();
+            // SAFETY: as above.
+            let t = unsafe { s.tx.isendv(&send, smr) }.unwrap().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let (mut sent, mut got) = (None, None);
+            while sent.is_none() || got.is_none() {
+                if sent.is_none() {
+                    sent = s.tx.test(t).unwrap();
+                }
+                if got.is_none() {
+                    got = s.rx.test(r).unwrap();
+                }
+                assert!(Instant::now() < deadline, "{what}: vectored request stuck");
             }
-            if got.is_none() {
-                got = s.rx.test(r).unwrap();
+            assert_eq!((sent, got), (Some(total), Some(total)), "{what}");
+            s.rx.irecv_consumed(r).unwrap();
+            // One gather at a GPU source, one scatter at a GPU destination, each on the path the
+            // mode names (at least: other tests of this binary may move vectors meanwhile).
+            let staged = u64::from(from == Side::Gpu) + u64::from(to == Side::Gpu);
+            let after = segment_copy_counts();
+            let (moved, path) = match mode {
+                StagingGather::Copies => (after.by_copies - before.by_copies, "one copy per segment"),
+                _ => (after.by_kernel - before.by_kernel, "the segment kernel"),
+            };
+            assert!(moved >= staged, "{what}: {moved} of {staged} staged chunks went through {path}");
+            let gather = |m: &Mem, segs: &[IoSeg]| -> Vec<u8> {
+                segs.iter().flat_map(|g| m.read(g.addr - m.addr(), g.len)).collect()
+            };
+            assert_same(&gather(&dst, &recv), &gather(&src, &send), &what);
+            let end = recv.last().map(|g| g.addr + g.len - dst.addr()).unwrap();
+            let whole = dst.read(0, end + 1);
+            let mut covered = vec![false; whole.len()];
+            for g in &recv {
+                covered[g.addr - dst.addr()..g.addr - dst.addr() + g.len].fill(true);
             }
-            assert!(Instant::now() < deadline, "{from:?}->{to:?} vectored request stuck");
+            assert!(whole.iter().zip(&covered).all(|(&b, &c)| c || b == 0), "{what}: gaps untouched");
+            // A device request over its slot's size is refused, not truncated.
+            if from == Side::Gpu {
+                let big = segments(src.addr(), slot + 1, &[slot / 2], 0);
+                // SAFETY: refused before anything is posted.
+                let refused = unsafe { s.tx.isendv(&big, smr) };
+                assert_eq!(refused.unwrap_err().status(), UcclStatus::ErrInvalidParam);
+            }
+            s.tx.dereg_mr(smr);
+            s.rx.dereg_mr(rmr);
         }
-        assert_eq!((sent, got), (Some(total), Some(total)), "{from:?}->{to:?}");
-        s.rx.irecv_consumed(r).unwrap();
-        let gather = |m: &Mem, segs: &[IoSeg]| -> Vec<u8> {
-            segs.iter().flat_map(|g| m.read(g.addr - m.addr(), g.len)).collect()
-        };
-        assert_same(&gather(&dst, &recv), &gather(&src, &send), &format!("{from:?}->{to:?}"));
-        let end = recv.last().map(|g| g.addr + g.len - dst.addr()).unwrap();
-        let whole = dst.read(0, end + 1);
-        let mut covered = vec![false; whole.len()];
-        for g in &recv {
-            covered[g.addr - dst.addr()..g.addr - dst.addr() + g.len].fill(true);
-        }
-        assert!(whole.iter().zip(&covered).all(|(&b, &c)| c || b == 0), "{from:?}->{to:?}: gaps untouched");
-        // A device request over its slot's size is refused, not truncated.
-        if from == Side::Gpu {
-            let big = segments(src.addr(), slot + 1, &[slot / 2], 0);
-            // SAFETY: refused before anything is posted.
-            let refused = unsafe { s.tx.isendv(&big, smr) };
-            assert_eq!(refused.unwrap_err().status(), UcclStatus::ErrInvalidParam);
-        }
-        s.tx.dereg_mr(smr);
-        s.rx.dereg_mr(rmr);
     }
 }
 
@@ -219,7 +236,7 @@ fn every_staging_tuning_moves_the_same_bytes() {
     if no_gpu() {
         return;
     }
-    let tuning = |streams, ahead, trace| StagingConfig { trace, streams, ahead };
+    let tuning = |streams, ahead, trace| StagingConfig { trace, streams, ahead, ..StagingConfig::default() };
     let tunings =
         [StagingConfig::default(), tuning(1, 0, false), tuning(1, 2, false), tuning(3, 1, false), tuning(2, 3, true)];
     let sizes = [1usize, (256 << 10) + 7, (3 << 20) + 5];
@@ -511,5 +528,119 @@ fn every_ring_copy_lands() {
         wait_all(&ring, &taken);
         assert_same(&dst.to_vec().unwrap(), &want, "device memory after copy_out");
         drop(ring);
+    }
+}
+
+/// Chunks of at most `slot` bytes made of consecutive pieces (none split), as `(first, end)` indices.
+fn chunks_of(pieces: &[(usize, usize)], slot: usize) -> Vec<(usize, usize)> {
+    let (mut out, mut first, mut bytes) = (Vec::new(), 0, 0);
+    for (i, &(_, len)) in pieces.iter().enumerate() {
+        assert!(len <= slot, "a piece larger than a slot");
+        if bytes + len > slot {
+            out.push((first, i));
+            (first, bytes) = (i, 0);
+        }
+        bytes += len;
+    }
+    out.push((first, pieces.len()));
+    out
+}
+
+/// One ring gathers chunks of device pieces into its slots and scatters them back out into pieces
+/// elsewhere, in every gather mode: every slot byte for byte, every destination byte (gaps and
+/// the bytes a short scatter does not reach stay zero), and the path each chunk took counted
+/// exactly. Shapes: KV-cache blocks (1024 x 16 KiB, 4 KiB apart), 1000 pieces of 1-5000 bytes at
+/// odd offsets, 3000 pieces of 1-3 bytes (more tiles than one launch carries), and 4 x 512 KiB,
+/// which `auto` leaves to copies.
+#[test]
+fn ring_gathers_and_scatters_many_pieces_in_every_mode() {
+    use uccl_tcpx::config::StagingGather;
+    use uccl_tcpx::cuda::ring::{KERNEL_BELOW_MEAN_SEGMENT, SegmentCopyCounts};
+    use uccl_tcpx::cuda::{DeviceBuffer, Gpu, StagingRing};
+    if no_gpu() || common::gpu::no_nvrtc() {
+        return;
+    }
+    let gpu = Gpu::open(0).unwrap();
+    let slot = 2 << 20;
+    let mut rng = common::Rng::new("ring_gathers_and_scatters_many_pieces_in_every_mode");
+    let shapes = [
+        ("1024 x 16 KiB", blocks(1024, 16 << 10, 20 << 10, 0), blocks(1024, 16 << 10, 24 << 10, 4096)),
+        ("1000 odd pieces", odd_pieces(&mut rng, 1000, 5000), odd_pieces(&mut rng, 1000, 5000)),
+        ("3000 pieces of 1-3 bytes", odd_pieces(&mut rng, 3000, 3), odd_pieces(&mut rng, 3000, 3)),
+        ("4 x 512 KiB", blocks(4, 512 << 10, (512 << 10) + 3, 1), blocks(4, 512 << 10, 600 << 10, 5)),
+    ];
+    for mode in [StagingGather::Auto, StagingGather::Kernel, StagingGather::Copies] {
+        for streams in [1, 2] {
+            let mut ring = StagingRing::new(&gpu, slot, 4, streams).unwrap();
+            ring.set_gather(mode);
+            let mut want = SegmentCopyCounts::default();
+            for (name, from, to_lens) in &shapes {
+                let what = format!("{mode:?}, {streams} streams, {name}");
+                let src_len = span(from);
+                let data = pattern(src_len, 3);
+                let mut src = DeviceBuffer::new(0, src_len).unwrap();
+                src.copy_from_host(0, &data).unwrap();
+                for (first, end) in chunks_of(from, slot) {
+                    let pieces = &from[first..end];
+                    let len: usize = pieces.iter().map(|p| p.1).sum();
+                    // The destination cuts the same bytes its own way (the first piece's offset
+                    // and the pieces' lengths from to_lens, cycled), and a scatter shorter by 7
+                    // bytes leaves the tail of the last reached piece alone.
+                    let mut to = Vec::new();
+                    let (mut at, mut left) = (to_lens[0].0, len);
+                    for &(_, l) in to_lens.iter().cycle() {
+                        if left == 0 {
+                            break;
+                        }
+                        let l = l.min(left);
+                        to.push((at, l));
+                        (at, left) = (at + l + 3, left - l);
+                    }
+                    let s = ring.take().unwrap();
+                    let segs: Vec<(usize, usize)> = pieces.iter().map(|&(o, l)| (src.addr() + o, l)).collect();
+                    // SAFETY: every piece lies inside src, which outlives the wait below; the slot is taken.
+                    unsafe { ring.gather(s, len, segs.iter().copied()) }.unwrap();
+                    wait_copied(&ring, s, &what);
+                    // SAFETY: the gather into the slot finished (waited above) and nothing else writes it.
+                    let got = unsafe { std::slice::from_raw_parts(ring.slot_ptr(s), len) };
+                    let stream: Vec<u8> = pieces.iter().flat_map(|&(o, l)| data[o..o + l].iter().copied()).collect();
+                    assert_same(got, &stream, &format!("{what}: slot after gathering pieces {first}..{end}"));
+                    let short = len.saturating_sub(7).max(1);
+                    let dst_len = span(&to) + 16;
+                    let dst = DeviceBuffer::new(0, dst_len).unwrap();
+                    let mut dst = common::gpu::Mem::Device(dst);
+                    dst.clear();
+                    let dsegs: Vec<(usize, usize)> = to.iter().map(|&(o, l)| (dst.addr() + o, l)).collect();
+                    // SAFETY: every piece lies inside dst, which nothing else touches until the wait below;
+                    // the slot's bytes are final.
+                    unsafe { ring.scatter(s, short, dsegs.iter().copied()) }.unwrap();
+                    wait_copied(&ring, s, &what);
+                    let expect = landed(&stream[..short], &[(0, short)], &to, dst_len);
+                    assert_same(&dst.read(0, dst_len), &expect, &format!("{what}: scattered pieces {first}..{end}"));
+                    ring.give_back();
+                    // Chunks of one piece count on neither path.
+                    for (count, bytes) in [(pieces.len(), len), (to.len(), short)] {
+                        let kernel = match mode {
+                            StagingGather::Copies => false,
+                            StagingGather::Kernel => true,
+                            StagingGather::Auto => bytes / count < KERNEL_BELOW_MEAN_SEGMENT,
+                        };
+                        if count >= 2 && kernel {
+                            want.by_kernel += 1;
+                        } else if count >= 2 {
+                            want.by_copies += 1;
+                        }
+                    }
+                }
+                assert_eq!(ring.segment_copies(), want, "{what}: the path each chunk took");
+            }
+        }
+    }
+}
+
+fn wait_copied(ring: &uccl_tcpx::cuda::StagingRing, slot: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ring.copied(slot).unwrap() {
+        assert!(Instant::now() < deadline, "{what}: slot {slot}'s copies did not finish");
     }
 }

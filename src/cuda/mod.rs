@@ -6,6 +6,8 @@
 //! - [`memory`]: [`DeviceBuffer`] (device memory for tests and benchmarks) and pinned host memory;
 //! - [`stream`]: streams and events, the asynchronous copies the staging path issues;
 //! - [`ring`]: a comm's ring of pinned staging slots;
+//! - [`segments`]: chunks of many device segments gathered into and scattered out of a slot by the
+//!   unpack kernel and one copy;
 //! - [`small_copy`]: the synchronous copies of inline transfers, fast up to 64 KiB;
 //! - [`ipc`]: CUDA IPC handles of registered allocations and mappings of peers' ones;
 //! - [`device_copy`]: the asynchronous copies of the same-host path, completion through events.
@@ -16,6 +18,7 @@ pub mod ipc;
 pub mod memory;
 pub mod pointer;
 pub mod ring;
+pub mod segments;
 pub mod small_copy;
 pub mod stream;
 

@@ -3,18 +3,85 @@
 //! once when the comm first meets device memory. Slots are taken and given back in FIFO order,
 //! which is the order a comm's requests complete in.
 //!
+//! A chunk of several device segments is gathered into its slot (or scattered out of it) with one
+//! copy per segment, or, when its segments are small, by the segment kernel ([`super::segments`]):
+//! a kernel and one copy, at about the cost of a contiguous chunk. The kernel is built on the first
+//! chunk that wants it; where it cannot be (no NVRTC, say) the ring says so once in the log and
+//! copies segment by segment.
+//!
 //! Nothing signals a finished copy: its owner polls the slot's event ([`StagingRing::copied`]). A
 //! driver host function per copy that woke the engine instead was measured: under load the driver
 //! ran those up to about 1.5 ms late, and the parked engine with them.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Once};
 
 use cudarc::driver::sys;
 
 use super::memory::PinnedBuffer;
+use super::segments::SegmentKernel;
 use super::stream::{Event, Stream};
+use super::unpack::addressable;
 use super::{Gpu, check};
+use crate::config::StagingGather;
 use crate::error::{Error, Result};
+
+/// Chunks of two or more device segments that average less than this many bytes go through the
+/// segment kernel; chunks of larger segments keep one copy per segment. Each copy costs the one
+/// thread that issues them a few microseconds (1024 x 16 KiB took about 5 ms per 16 MiB that way on
+/// the 2 x H200 host, about 5 us a segment), about what the staged path moves of a contiguous chunk
+/// in that time (about 60 KiB at its 12 GB/s): below that the issuing thread sets the pace. At 256
+/// KiB the copies hide behind their DMA (64 x 256 KiB measured 0.83-0.98 of one buffer), so from
+/// there on nothing is left to gain against the kernel's own cost per chunk (a launch and a pass
+/// through device memory). Between the two the kernel's fixed cost is the smaller;
+/// `UCCL_TCPX_STAGING_GATHER=kernel` and `=copies` measure either side.
+pub const KERNEL_BELOW_MEAN_SEGMENT: usize = 256 << 10;
+
+/// Whether a chunk of `count` segments and `len` bytes is one for the kernel under `mode`.
+fn wants_kernel(mode: StagingGather, count: usize, len: usize) -> bool {
+    match mode {
+        StagingGather::Copies => false,
+        StagingGather::Kernel => count >= 2 && len > 0,
+        StagingGather::Auto => count >= 2 && len > 0 && len / count < KERNEL_BELOW_MEAN_SEGMENT,
+    }
+}
+
+/// Chunks of two or more segments moved by each path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SegmentCopyCounts {
+    /// By the segment kernel: one launch or a few and one copy.
+    pub by_kernel: u64,
+    /// By one copy per segment.
+    pub by_copies: u64,
+}
+
+static BY_KERNEL: AtomicU64 = AtomicU64::new(0);
+static BY_COPIES: AtomicU64 = AtomicU64::new(0);
+
+/// Chunks of two or more segments every ring of this process moved, by path: for tests and the
+/// benchmark, which have no other view of the path a vector took.
+pub fn segment_copy_counts() -> SegmentCopyCounts {
+    SegmentCopyCounts { by_kernel: BY_KERNEL.load(Ordering::Relaxed), by_copies: BY_COPIES.load(Ordering::Relaxed) }
+}
+
+enum KernelState {
+    /// Not needed yet.
+    Unresolved,
+    Ready(SegmentKernel),
+    /// Could not be built; the ring copies segment by segment.
+    Unavailable,
+}
+
+/// The one log line of a process whose rings could not build the segment kernel.
+fn kernel_unavailable(why: &Error) {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        log::warn!(
+            "staging: GPU chunks of many segments are copied one segment at a time (slower): the segment kernel is \
+             unavailable: {why}"
+        )
+    });
+}
 
 /// CLOCK_MONOTONIC in nanoseconds: one clock for every process on the host, so traces of the two
 /// ends of a loopback transfer line up.
@@ -26,15 +93,18 @@ pub fn clock_ns() -> u64 {
 }
 
 pub struct StagingRing {
-    // Drop order matters: the streams synchronize first (no copy still reads or writes a slot or
-    // user memory), then the events and the slots go.
+    // Drop order matters: the streams synchronize first (no copy or kernel still reads or writes a
+    // slot, a bounce buffer or user memory), then the kernel's buffers, the events and the slots go.
     streams: Vec<Stream>,
+    kernel: KernelState,
     events: Vec<Event>,
     host: PinnedBuffer,
     slot_size: usize,
     /// Slots handed out and given back so far; slot `i` of the sequence is `i % slots`.
     taken: u64,
     returned: u64,
+    gather: StagingGather,
+    counts: SegmentCopyCounts,
 }
 
 impl StagingRing {
@@ -51,7 +121,27 @@ impl StagingRing {
         let host = PinnedBuffer::new(gpu, total)?;
         let streams = (0..streams.min(slots)).map(|_| Stream::new(gpu)).collect::<Result<Vec<_>>>()?;
         let events = (0..slots).map(|_| Event::new(gpu)).collect::<Result<Vec<_>>>()?;
-        Ok(StagingRing { streams, events, host, slot_size, taken: 0, returned: 0 })
+        Ok(StagingRing {
+            streams,
+            kernel: KernelState::Unresolved,
+            events,
+            host,
+            slot_size,
+            taken: 0,
+            returned: 0,
+            gather: StagingGather::Auto,
+            counts: SegmentCopyCounts::default(),
+        })
+    }
+
+    /// How chunks of several segments are gathered and scattered from now on.
+    pub fn set_gather(&mut self, mode: StagingGather) {
+        self.gather = mode;
+    }
+
+    /// Chunks of two or more segments this ring moved, by path.
+    pub fn segment_copies(&self) -> SegmentCopyCounts {
+        self.counts
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {
@@ -123,39 +213,58 @@ impl StagingRing {
         unsafe { self.gather(slot, len, [(src, len)]) }
     }
 
-    /// Queues the copies of the device segments `(addr, len)` of `segs`, `len` bytes in all,
-    /// concatenated into `slot` (one copy per segment, one completion for all of them).
+    /// Queues the gather of the device segments `(addr, len)` of `segs`, `len` bytes in all,
+    /// concatenated into `slot`: by the segment kernel when they are many and small, else one copy
+    /// per segment; one completion for all of them either way.
     ///
     /// # Safety
     /// As `copy_in`, for every segment.
-    pub unsafe fn gather(
-        &mut self,
-        slot: usize,
-        len: usize,
-        segs: impl IntoIterator<Item = (usize, usize)>,
-    ) -> Result<()> {
+    pub unsafe fn gather<I>(&mut self, slot: usize, len: usize, segs: I) -> Result<()>
+    where
+        I: IntoIterator<Item = (usize, usize)>,
+        I::IntoIter: ExactSizeIterator + Clone,
+    {
         self.check_len(len)?;
+        let segs = segs.into_iter();
+        let total = segs.clone().try_fold(0usize, |sum, (_, n)| sum.checked_add(n));
+        if total != Some(len) {
+            return Err(Error::invalid(format!(
+                "staging segments add up to {total:?} bytes, not the {len} they were announced with"
+            )));
+        }
         self.gpu().bind()?;
+        let (index, host) = (slot % self.streams.len(), self.slot_ptr(slot));
+        let many = segs.len() >= 2;
+        if self.use_kernel(segs.clone(), len)
+            && let KernelState::Ready(kernel) = &mut self.kernel
+        {
+            // SAFETY: the caller vouches for the segments and the taken slot, which holds
+            // slot_size >= len bytes; the segments add up to len (checked above) and are
+            // addressable (use_kernel); the GPU is bound on this thread.
+            unsafe { kernel.gather(index, &self.streams[index], host, len, segs)? };
+            self.count(true);
+            return self.mark(slot);
+        }
         let mut at = 0;
         for (addr, seg_len) in segs {
-            if at + seg_len > len {
-                return Err(Error::invalid("staging segments exceed the length they were announced with"));
-            }
             check(
                 // SAFETY: the caller vouches for each device source and the taken slot; the slot
-                // holds slot_size >= len >= at + seg_len bytes (check_len above), and the GPU is
-                // bound on this thread.
+                // holds slot_size >= len >= at + seg_len bytes (the segments add up to len), and
+                // the GPU is bound on this thread.
                 unsafe {
                     sys::cuMemcpyDtoHAsync_v2(
-                        self.slot_ptr(slot).add(at).cast(),
+                        host.add(at).cast(),
                         addr as sys::CUdeviceptr,
                         seg_len,
-                        self.stream(slot).raw(),
+                        self.streams[index].raw(),
                     )
                 },
                 "cuMemcpyDtoHAsync into a staging slot",
             )?;
             at += seg_len;
+        }
+        if many {
+            self.count(false);
         }
         self.mark(slot)
     }
@@ -170,19 +279,38 @@ impl StagingRing {
         unsafe { self.scatter(slot, len, [(dst, len)]) }
     }
 
-    /// Queues the copies of the first `len` bytes of `slot` into the device segments `(addr,
-    /// len)` of `segs`, in order (one copy per segment reached, one completion for all of them).
+    /// Queues the scatter of the first `len` bytes of `slot` into the device segments `(addr,
+    /// len)` of `segs`, in order, as far as `len` reaches: by the segment kernel when they are
+    /// many and small, else one copy per segment reached; one completion for all of them.
     ///
     /// # Safety
     /// As `copy_out`, for every segment; `len` is at most their total.
-    pub unsafe fn scatter(
-        &mut self,
-        slot: usize,
-        len: usize,
-        segs: impl IntoIterator<Item = (usize, usize)>,
-    ) -> Result<()> {
+    pub unsafe fn scatter<I>(&mut self, slot: usize, len: usize, segs: I) -> Result<()>
+    where
+        I: IntoIterator<Item = (usize, usize)>,
+        I::IntoIter: ExactSizeIterator + Clone,
+    {
         self.check_len(len)?;
+        let segs = segs.into_iter();
+        let total = segs.clone().try_fold(0usize, |sum, (_, n)| sum.checked_add(n));
+        if total.is_some_and(|t| t < len) {
+            return Err(Error::invalid(format!(
+                "{len} staged bytes cannot be scattered into segments of {total:?} bytes"
+            )));
+        }
         self.gpu().bind()?;
+        let (index, host) = (slot % self.streams.len(), self.slot_ptr(slot));
+        let many = segs.len() >= 2;
+        if self.use_kernel(segs.clone(), len)
+            && let KernelState::Ready(kernel) = &mut self.kernel
+        {
+            // SAFETY: the caller vouches for the segments and the slot's final bytes; `len` is at
+            // most a slot (check_len) and at most the segments' total (checked above), which are
+            // addressable (use_kernel); the GPU is bound on this thread.
+            unsafe { kernel.scatter(index, &self.streams[index], host, len, segs)? };
+            self.count(true);
+            return self.mark(slot);
+        }
         let mut at = 0;
         for (addr, seg_len) in segs {
             let n = seg_len.min(len - at);
@@ -196,16 +324,48 @@ impl StagingRing {
                 unsafe {
                     sys::cuMemcpyHtoDAsync_v2(
                         addr as sys::CUdeviceptr,
-                        self.slot_ptr(slot).add(at).cast(),
+                        host.add(at).cast(),
                         n,
-                        self.stream(slot).raw(),
+                        self.streams[index].raw(),
                     )
                 },
                 "cuMemcpyHtoDAsync from a staging slot",
             )?;
             at += n;
         }
+        if many {
+            self.count(false);
+        }
         self.mark(slot)
+    }
+
+    /// Whether the segments `segs` of a `len`-byte chunk go through the kernel: the mode wants it
+    /// for them, a tile can name every one, and the kernel is there (built now if needed).
+    fn use_kernel(&mut self, mut segs: impl ExactSizeIterator<Item = (usize, usize)>, len: usize) -> bool {
+        if !wants_kernel(self.gather, segs.len(), len) || !segs.all(|(a, n)| addressable(a as u64, n as u64)) {
+            return false;
+        }
+        if matches!(self.kernel, KernelState::Unresolved) {
+            let gpu = self.gpu().clone();
+            self.kernel = match SegmentKernel::new(&gpu, self.slot_size, self.streams.len()) {
+                Ok(kernel) => KernelState::Ready(kernel),
+                Err(why) => {
+                    kernel_unavailable(&why);
+                    KernelState::Unavailable
+                }
+            };
+        }
+        matches!(self.kernel, KernelState::Ready(_))
+    }
+
+    fn count(&mut self, by_kernel: bool) {
+        if by_kernel {
+            self.counts.by_kernel += 1;
+            BY_KERNEL.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.counts.by_copies += 1;
+            BY_COPIES.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn mark(&mut self, slot: usize) -> Result<()> {
@@ -216,5 +376,29 @@ impl StagingRing {
     pub fn copied(&self, slot: usize) -> Result<bool> {
         self.gpu().bind()?;
         self.events[slot].done()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kernel_takes_chunks_of_many_small_segments_unless_told_otherwise() {
+        let small = KERNEL_BELOW_MEAN_SEGMENT - 1;
+        // 1024 x 16 KiB in 2 MiB chunks: 128 segments a chunk.
+        assert!(wants_kernel(StagingGather::Auto, 128, 128 * (16 << 10)));
+        assert!(wants_kernel(StagingGather::Auto, 2, 2 * small));
+        // 64 x 256 KiB: the copies already keep up.
+        assert!(!wants_kernel(StagingGather::Auto, 8, 8 * KERNEL_BELOW_MEAN_SEGMENT));
+        // One segment is one copy whatever the mode.
+        for mode in [StagingGather::Auto, StagingGather::Kernel, StagingGather::Copies] {
+            assert!(!wants_kernel(mode, 1, 100), "{mode:?}");
+            assert!(!wants_kernel(mode, 0, 0), "{mode:?}");
+        }
+        assert!(wants_kernel(StagingGather::Kernel, 2, 8 << 20));
+        // Nothing to move: no launch.
+        assert!(!wants_kernel(StagingGather::Auto, 4, 0));
+        assert!(!wants_kernel(StagingGather::Copies, 1000, 1000));
     }
 }

@@ -8,7 +8,7 @@ use uccl_tcpx::transport::MemKind;
 use uccl_tcpx::{Connection, Engine};
 
 use super::engine::{Pair, wait};
-use testkit::{assert_same, pattern};
+use testkit::{Rng, assert_same, pattern};
 
 /// Where a test buffer lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,6 +21,13 @@ pub enum Side {
 /// (`UCCL_TCPX_REQUIRE_GPU=1` makes a missing driver a failure instead; see `testkit::gpu`).
 pub fn no_gpu() -> bool {
     testkit::skip_without_gpu(cuda::available())
+}
+
+/// Whether a test of the kernels must return without running: no NVRTC to build them with here,
+/// and no GPU required (a GPU host without NVRTC fails the test instead).
+pub fn no_nvrtc() -> bool {
+    // SAFETY: only dlopens candidate library names.
+    testkit::skip_without("NVRTC", unsafe { cudarc::nvrtc::sys::is_culib_present() })
 }
 
 /// Whether a test that needs `n` GPUs must return without running: fewer are visible (it says
@@ -210,4 +217,44 @@ pub fn every_kind_every_direction(p: &Pair, sizes: &[usize]) {
             println!("{kind:?} {from:?}->{to:?}: {} sizes checked", sizes.len());
         }
     }
+}
+
+/// `count` pieces of `len` bytes, `stride` bytes apart from `start` on: KV-cache blocks, as
+/// `(offset, len)` in their buffer.
+pub fn blocks(count: usize, len: usize, stride: usize, start: usize) -> Vec<(usize, usize)> {
+    (0..count).map(|i| (start + i * stride, len)).collect()
+}
+
+/// `count` pieces of 1 to `max_len` bytes at odd offsets, each a few bytes after the one before (one
+/// in eight right after it, so that neighbours continue each other), from offset 1 on.
+pub fn odd_pieces(rng: &mut Rng, count: usize, max_len: usize) -> Vec<(usize, usize)> {
+    let mut at = 1;
+    (0..count)
+        .map(|_| {
+            let len = 1 + rng.below(max_len);
+            let piece = (at, len);
+            at += len + if rng.chance(8) { 0 } else { 1 + 2 * rng.below(32) };
+            piece
+        })
+        .collect()
+}
+
+/// Bytes a buffer needs to hold `pieces`.
+pub fn span(pieces: &[(usize, usize)]) -> usize {
+    pieces.iter().map(|&(at, len)| at + len).max().unwrap_or(0)
+}
+
+/// What a buffer holds after `pieces` of `src` (its whole contents) landed at `dst_pieces` of a
+/// zeroed buffer of `len` bytes, in order, as one stream of bytes (the two lists may cut it
+/// differently).
+pub fn landed(src: &[u8], pieces: &[(usize, usize)], dst_pieces: &[(usize, usize)], len: usize) -> Vec<u8> {
+    let stream: Vec<u8> = pieces.iter().flat_map(|&(at, n)| src[at..at + n].iter().copied()).collect();
+    let mut out = vec![0u8; len];
+    let mut from = 0;
+    for &(at, n) in dst_pieces {
+        let n = n.min(stream.len() - from);
+        out[at..at + n].copy_from_slice(&stream[from..from + n]);
+        from += n;
+    }
+    out
 }

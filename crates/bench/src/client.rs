@@ -196,6 +196,16 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
         }
     }
     progress.finish();
+    if vectors && mem.gpu().is_some() && same_host_gpus.is_none() {
+        // Which way this process's staged GPU chunks of several pieces went (a write's gathers, a
+        // read's scatters): the figures above say how fast, this says which path they measured.
+        let counts = uccl_tcpx::cuda::ring::segment_copy_counts();
+        eprintln!(
+            "uccl-tcpx-bench: staged GPU chunks of several pieces in this process (UCCL_TCPX_STAGING_GATHER={:?}): \
+             {} by the segment kernel, {} by one copy per piece",
+            config.staging.gather, counts.by_kernel, counts.by_copies
+        );
+    }
     ctl.send("QUIT")?;
     drop(conn);
     if let Some(a) = tcp_anchor {

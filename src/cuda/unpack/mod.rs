@@ -15,5 +15,7 @@ mod unpacker;
 pub use kernels::{
     BLOCK_THREADS, CompletionSignal, INLINE_LARGE, INLINE_MEDIUM, INLINE_SMALL, INLINE_TINY, InlineTiles, UnpackKernels,
 };
-pub use plan::{MAX_FRAGMENTS, PlanError, PlanStats, ReceiveLayout, TILE_BYTES, Tile, plan_receive};
+pub use plan::{
+    MAX_FRAGMENTS, PlanError, PlanStats, ReceiveLayout, TILE_BYTES, Tile, addressable, plan_receive, run_tiles,
+};
 pub use unpacker::{BulkTiles, Completion, CompletionCounts, Submit, Unpacker, UnpackerConfig};

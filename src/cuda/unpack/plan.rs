@@ -197,6 +197,33 @@ fn fragment_error(layout: &ReceiveLayout, index: usize, meta: &LoadMeta) -> Erro
     }
 }
 
+/// The first tile of a run ends on a 16-byte boundary of the destination, so that every later tile
+/// starts aligned and only the run's two ends need byte copies.
+fn first_tile_len(dst: u64, len: u64) -> u64 {
+    (TILE_BYTES - (dst & 15)).min(len)
+}
+
+/// Whether `[addr, addr + len)` lies below 2^[`ADDRESS_BITS`], where a tile can name it.
+pub fn addressable(addr: u64, len: u64) -> bool {
+    addr.checked_add(len).is_some_and(|end| end <= 1 << ADDRESS_BITS)
+}
+
+/// The tiles of one copy of `len` bytes from `src` to `dst`, cut as [`plan_receive`] cuts a run.
+/// Both ranges must be [`addressable`] (the caller checks); a zero-length copy has no tiles.
+pub fn run_tiles(src: u64, dst: u64, len: u64) -> impl Iterator<Item = Tile> {
+    debug_assert!(addressable(src, len) && addressable(dst, len));
+    let mut done = 0;
+    std::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let n = if done == 0 { first_tile_len(dst, len) } else { TILE_BYTES.min(len - done) };
+        let tile = Tile::new(src + done, dst + done, n as u32);
+        done += n;
+        Some(tile)
+    })
+}
+
 struct TileWriter<'a> {
     tiles: &'a mut [Tile],
     used: usize,
@@ -210,7 +237,7 @@ impl TileWriter<'_> {
     fn push_run(&mut self, layout: &ReceiveLayout, run: &Run) -> std::result::Result<(), usize> {
         let src = layout.pool + run.src_off;
         let dst = layout.dst + run.dst_off;
-        let first = (TILE_BYTES - (dst & 15)).min(run.len);
+        let first = first_tile_len(dst, run.len);
         if first == run.len {
             // One tile: the common case of a page or less.
             let Some(tile) = self.tiles.get_mut(self.used) else { return Err(1) };
@@ -335,6 +362,25 @@ mod tests {
             assert!(u64::from(t.bytes()) <= TILE_BYTES);
         }
         assert_eq!(tiles.len(), 5);
+    }
+
+    #[test]
+    fn run_tiles_cut_a_copy_as_the_planner_cuts_a_run() {
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        for _ in 0..500 {
+            let len = 1 + rng.below(20_000);
+            let (src, dst) = (POOL + rng.below(64), DST + rng.below(64));
+            let tiles: Vec<Tile> = run_tiles(src, dst, len).collect();
+            let mut l = layout(len + 64);
+            l.dst = dst;
+            let planned = plan(&l, &[meta((src - POOL) as u32, len as u32, 0)], 64).unwrap();
+            assert_eq!(tiles, planned, "{len} bytes from {src:#x} to {dst:#x}");
+            assert_eq!(tiles.iter().map(|t| u64::from(t.bytes())).sum::<u64>(), len);
+        }
+        assert_eq!(run_tiles(POOL, DST, 0).count(), 0);
+        assert!(addressable((1 << ADDRESS_BITS) - 16, 16));
+        assert!(!addressable((1 << ADDRESS_BITS) - 16, 17));
+        assert!(!addressable(u64::MAX, 2));
     }
 
     #[test]

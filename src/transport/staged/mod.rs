@@ -6,7 +6,9 @@
 //! channel logic sees the same comms and rules as without staging.
 //!
 //! Each comm owns its ring of `window` slots of `chunk size` bytes, its copy stream(s) and one event
-//! per slot, made when the comm first meets device memory and reused for every chunk. Several slots
+//! per slot, made when the comm first meets device memory and reused for every chunk (a chunk of
+//! many small device segments is gathered or scattered by a kernel through a device bounce buffer,
+//! `cuda::segments`, made on the first such chunk). Several slots
 //! are in flight at once, so copies overlap the network. A send comm keeps only `ahead` copies
 //! queued (default 1): the copy engine drains one stream before the next, so without the limit the
 //! last channel waited for every other channel's whole share before its first chunk landed. Nothing

@@ -186,8 +186,9 @@ impl RecvComm for StagedRecvComm {
         unsafe { self.irecvv(&[IoSeg { addr: data as usize, len }], mr) }
     }
 
-    /// A device request lands in its slot and is scattered with one copy per segment; a host one
-    /// goes to the inner comm as it is.
+    /// A device request lands in its slot and is scattered out of it (by the segment kernel when
+    /// its segments are many and small, else with one copy per segment); a host one goes to the
+    /// inner comm as it is.
     unsafe fn irecvv(&mut self, iov: &[IoSeg], mr: MrHandle) -> Result<Option<RequestId>> {
         self.failure.check()?;
         if (self.posted - self.consumed) as usize >= self.staging.setup.max_requests {

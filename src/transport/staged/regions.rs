@@ -191,7 +191,8 @@ impl Staging {
         } else {
             let gpu = Gpu::open(device)?;
             let params = self.setup.params;
-            let ring = StagingRing::new(&gpu, params.slot_size, params.slots, params.streams())?;
+            let mut ring = StagingRing::new(&gpu, params.slot_size, params.slots, params.streams())?;
+            ring.set_gather(params.tuning.gather);
             let (base, len) = ring.host_range();
             self.ring_mr = inner.register(base, len, MemKind::Host)?;
             self.ring = Some(ring);

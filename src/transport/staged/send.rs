@@ -220,8 +220,8 @@ impl SendComm for StagedSendComm {
         unsafe { self.isendv(&[IoSeg { addr: data as usize, len }], mr) }
     }
 
-    /// A device request is gathered into its slot with one copy per segment; a host one goes to
-    /// the inner comm as it is.
+    /// A device request is gathered into its slot (by the segment kernel when its segments are
+    /// many and small, else with one copy per segment); a host one goes to the inner comm as it is.
     unsafe fn isendv(&mut self, iov: &[IoSeg], mr: MrHandle) -> Result<Option<RequestId>> {
         self.failure.check()?;
         if self.queue.len() >= self.staging.setup.max_requests {
