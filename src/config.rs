@@ -101,6 +101,11 @@ pub struct Config {
     /// came from (multi-homed peers whose data interface differs). `UCCL_TCPX_ALLOW_DIAL`, a
     /// comma-separated list of CIDR blocks or single addresses; empty by default.
     pub allow_dial: Vec<Cidr>,
+    /// Record the stage times of every transfer of the same-host GPU path (post, asks, copies
+    /// queued, event seen fired and by whom, outcome handed to the caller) and print a summary per
+    /// direction and size to stderr at exit; 2 also lists every transfer. A diagnostic, off (0) by
+    /// default. `UCCL_TCPX_TRACE_DEVICE_COPY` = 0 | 1 | 2.
+    pub trace_device_copy: u8,
     /// Same-host peers move data over the network path like remote ones (UCCL's
     /// `UCCL_P2P_DISABLE_IPC`): the engine announces no host identity, so neither end of a
     /// connection takes it for local. `UCCL_TCPX_DISABLE_IPC` (0 or 1).
@@ -353,6 +358,7 @@ impl Default for Config {
             plugin_test_ahead: true,
             control_spin: default_control_spin(),
             allow_dial: Vec::new(),
+            trace_device_copy: 0,
             disable_ipc: false,
             auth_key: None,
         }
@@ -390,6 +396,7 @@ impl Config {
             plugin_test_ahead: parse_in(&get, "UCCL_TCPX_PLUGIN_TEST_AHEAD", 1u8, 0, 1)? == 1,
             control_spin: parse_micros(&get, "UCCL_TCPX_CONTROL_SPIN_US", d.control_spin, 1_000_000)?,
             allow_dial: parse_cidrs(&get, "UCCL_TCPX_ALLOW_DIAL")?,
+            trace_device_copy: parse_in(&get, "UCCL_TCPX_TRACE_DEVICE_COPY", 0u8, 0, 2)?,
             disable_ipc: parse_in(&get, "UCCL_TCPX_DISABLE_IPC", 0u8, 0, 1)? == 1,
             auth_key: get("UCCL_TCPX_AUTH_KEY_FILE")
                 .map(|path| read_key_file("UCCL_TCPX_AUTH_KEY_FILE", &path))
@@ -664,8 +671,11 @@ mod tests {
         {
             assert_eq!(cfg(&[("UCCL_TCPX_STAGING_GATHER", value)]).unwrap().staging.gather, gather);
         }
+        assert_eq!(cfg(&[]).unwrap().trace_device_copy, 0);
+        assert_eq!(cfg(&[("UCCL_TCPX_TRACE_DEVICE_COPY", "2")]).unwrap().trace_device_copy, 2);
         for (name, value) in [
             ("UCCL_TCPX_TRACE_STAGING", "2"),
+            ("UCCL_TCPX_TRACE_DEVICE_COPY", "3"),
             ("UCCL_TCPX_STAGING_STREAMS", "0"),
             ("UCCL_TCPX_STAGING_STREAMS", "9"),
             ("UCCL_TCPX_STAGING_AHEAD", "17"),

@@ -425,6 +425,53 @@ fn cross_process_deregistration_is_a_fence_on_both_sides() {
     assert_eq!(err.status(), UcclStatus::ErrNotAllowed, "after the owner deregistered: {err}");
 }
 
+/// Under UCCL_TCPX_TRACE_DEVICE_COPY a process prints at exit, per direction and size, where its
+/// transfers on this path spent their time: every transfer counted, every step timed, no event
+/// left to a failure, and the owner asked once for its region (by the first write), not again.
+#[test]
+fn the_trace_times_every_stage_of_the_path() {
+    if no_gpu() {
+        return;
+    }
+    let out = ChildTest::new("traced_transfers_process").ignored().run_within(TRANSFER_LIMIT);
+    let group = |verb: &str| {
+        let head = format!("{verb} 1048576 B: 6 transfers;");
+        let line = out.lines().find(|l| l.starts_with("device-copy-trace[") && l.contains(&head));
+        line.unwrap_or_else(|| panic!("no trace of six {verb}s of 1 MiB:\n{out}")).to_owned()
+    };
+    let (writes, reads) = (group("write"), group("read"));
+    assert!(writes.contains(" failure 0; 1 asks ("), "{writes}");
+    assert!(reads.contains(" failure 0; 0 asks ("), "{reads}");
+    for step in ["post>issued", "issued>seen", "seen>reported", "total"] {
+        assert!(writes.contains(step) && reads.contains(step), "{step} missing:\n{writes}\n{reads}");
+    }
+    assert_eq!(out.matches("device-copy-trace[").count(), 4, "two groups, each with its typical transfer:\n{out}");
+    assert!(out.contains("typical: posted"), "{out}");
+}
+
+#[test]
+#[ignore = "started by the_trace_times_every_stage_of_the_path"]
+fn traced_transfers_process() {
+    assert!(common::is_child("traced_transfers_process"));
+    let owner = Owner::spawn(0);
+    let engine = Engine::new(Config { trace_device_copy: 1, ..same_host() }).unwrap();
+    let local = Mem::on_gpu(0, LEN);
+    let mr = engine.register(local.addr(), LEN).unwrap();
+    let conn = engine.connect("127.0.0.1", "0", owner.port).unwrap();
+    let mib = 1 << 20;
+    for i in 0..6 {
+        let op = OneSided { mr, addr: local.addr() + i * mib, len: mib, remote: at(owner.item, i * mib) };
+        let w = conn.write(&[op]).unwrap();
+        assert_eq!(waited(&conn, w).unwrap(), mib as u64);
+    }
+    for i in 0..6 {
+        let op = OneSided { mr, addr: local.addr() + i * mib, len: mib, remote: at(owner.item, (i + 6) * mib) };
+        let r = conn.read(&[op]).unwrap();
+        assert_eq!(wait(&conn, r).unwrap(), mib as u64);
+    }
+    assert_eq!(conn.device_copy_batches(), 12);
+}
+
 /// The owner process dies while its allocation is mapped here: our transfers fail (once the
 /// connection notices), nothing crashes, and the GPU serves a fresh owner afterwards.
 #[test]

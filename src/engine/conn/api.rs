@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use super::copy_trace::{self, Seer};
 use super::reader;
 use super::state::{Action, ConnState, Memory, OneSidedItem, OneSidedRequest, SendItem, VectorRequest};
 use super::vector::{Grouper, Push, Run, RunKey};
@@ -63,6 +64,7 @@ impl Connection {
         // parsed again only when its bytes differ from the last one's.
         let mut last_cap: Option<([std::ffi::c_char; 32], Capability)> = None;
         let mut requests = Vec::new();
+        let posted = self.copy_tracer.as_ref().map(|_| copy_trace::clock_ns());
         for (i, op) in ops.iter().enumerate() {
             let ctx = |e: Error| e.context(format!("{verb} item {i}"));
             let in_run = open.as_ref().is_some_and(|run| {
@@ -113,7 +115,7 @@ impl Connection {
         if let Some(done) = self.try_local_one_sided(&requests, write) {
             return done;
         }
-        if let Some(done) = self.try_device_one_sided(&requests, write) {
+        if let Some(done) = self.try_device_one_sided(&requests, write, posted) {
             return done;
         }
         if write {
@@ -216,11 +218,17 @@ impl Connection {
     pub fn poll(&self, transfer: u64) -> Result<Option<u64>> {
         if self.device_batches.load(Ordering::Acquire) > 0 {
             let mut inner = self.inner.lock();
-            if let Err(e) = self.drive_device_copies(&mut inner) {
+            if let Err(e) = self.drive_device_copies(&mut inner, Seer::Poll) {
                 self.fail(&mut inner, e);
             }
         }
-        self.core.transfers.poll(self.id, transfer)
+        let polled = self.core.transfers.poll(self.id, transfer);
+        if let Some(tracer) = &self.copy_tracer
+            && !matches!(polled, Ok(None))
+        {
+            tracer.reported(transfer);
+        }
+        polled
     }
 
     /// How many batches of device copies this connection issued on the same-host GPU path (one per
@@ -239,7 +247,11 @@ impl Connection {
         } else if self.device_batches.load(Ordering::Acquire) > 0 {
             self.wait_device_copies(transfer);
         }
-        self.core.transfers.wait(self.id, transfer)
+        let waited = self.core.transfers.wait(self.id, transfer);
+        if let Some(tracer) = &self.copy_tracer {
+            tracer.reported(transfer);
+        }
+        waited
     }
 
     pub fn notify(&self, name: &[u8], msg: &[u8]) -> Result<()> {

@@ -22,6 +22,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::copy_trace::{self, Post, Seer};
 use super::ipc::{ASK_BIT, Answer, Batch, Coverage, GrantKey};
 use super::state::OneSidedRequest;
 use super::{Connection, Inner};
@@ -140,18 +141,30 @@ impl Connection {
     /// `None` when the call takes another path: the peer is remote, no GPU memory is involved, the
     /// owner's region has no IPC path (then the network carries the whole call), or
     /// UCCL_TCPX_LOCAL_PEERS=plugin keeps same-host peers on the net plugin (for tests of that path).
-    pub(super) fn try_device_one_sided(&self, requests: &[OneSidedRequest], write: bool) -> Option<Result<u64>> {
+    /// `posted`: when the call began, while its stages are traced.
+    pub(super) fn try_device_one_sided(
+        &self,
+        requests: &[OneSidedRequest],
+        write: bool,
+        posted: Option<u64>,
+    ) -> Option<Result<u64>> {
         if self.core.config.local_peers == LocalPeers::Plugin {
             return None;
         }
+        let post = posted.map(|at| Post { at, ..Post::default() });
         match self.link.locality {
             Locality::Remote => None,
-            Locality::SameProcess => self.same_process_device(requests, write),
-            Locality::SameHost => self.cross_process_device(requests, write),
+            Locality::SameProcess => self.same_process_device(requests, write, post),
+            Locality::SameHost => self.cross_process_device(requests, write, post),
         }
     }
 
-    fn same_process_device(&self, requests: &[OneSidedRequest], write: bool) -> Option<Result<u64>> {
+    fn same_process_device(
+        &self,
+        requests: &[OneSidedRequest],
+        write: bool,
+        post: Option<Post>,
+    ) -> Option<Result<u64>> {
         let peer = local::peer_connection(&self.link)?;
         let (mut ours, theirs) = self.lock_with_peer(&peer);
         if let Err(e) = ours.state.check_open() {
@@ -237,14 +250,26 @@ impl Connection {
             plan.touch(local);
             plan.touch(&target);
         }
+        let (mut batches, mut bytes) = (0, 0);
         for plan in plans {
-            self.issue(&mut ours, &transfer, plan);
+            let planned = plan.parts.iter().sum::<u64>();
+            if self.issue(&mut ours, &transfer, plan) {
+                (batches, bytes) = (batches + 1, bytes + planned);
+            }
+        }
+        if let (Some(tracer), Some(post)) = (&self.copy_tracer, post) {
+            tracer.issued(transfer.id, write, bytes, batches, post);
         }
         drop((ours, theirs));
         Some(Ok(transfer.id))
     }
 
-    fn cross_process_device(&self, requests: &[OneSidedRequest], write: bool) -> Option<Result<u64>> {
+    fn cross_process_device(
+        &self,
+        requests: &[OneSidedRequest],
+        write: bool,
+        mut post: Option<Post>,
+    ) -> Option<Result<u64>> {
         if requests.iter().any(|r| device_of(r.local_region()).is_none()) {
             return None;
         }
@@ -259,7 +284,13 @@ impl Connection {
                     Coverage::Unavailable => return None,
                     Coverage::Missing => {}
                 }
-                match self.ask(key, &segs, &gpu) {
+                let asked_at = post.map(|_| copy_trace::clock_ns());
+                let asked = self.ask(key, &segs, &gpu);
+                if let (Some(post), Some(at)) = (post.as_mut(), asked_at) {
+                    post.asks += 1;
+                    post.ask_ns += copy_trace::clock_ns().saturating_sub(at);
+                }
+                match asked {
                     Ok(Asked::Granted) => continue,
                     Ok(Asked::Unavailable) => return None,
                     Ok(Asked::Refused(e)) => {
@@ -322,15 +353,19 @@ impl Connection {
                 plan.mappings.push(mapping);
             }
         }
-        self.issue(inner, &transfer, plan);
+        let bytes = plan.parts.iter().sum::<u64>();
+        let issued = self.issue(inner, &transfer, plan);
+        if let (Some(tracer), Some(post)) = (&self.copy_tracer, post) {
+            tracer.issued(transfer.id, write, bytes, u32::from(issued), post);
+        }
         Some(Ok(transfer.id))
     }
 
     /// Queues a plan's copies behind one event and records the batch; a failure to queue fails its
-    /// parts (after the copies queued before it finished).
-    fn issue(&self, inner: &mut Inner, transfer: &Arc<Transfer>, plan: Plan) {
+    /// parts (after the copies queued before it finished). Whether a batch is now in flight.
+    fn issue(&self, inner: &mut Inner, transfer: &Arc<Transfer>, plan: Plan) -> bool {
         if plan.parts.is_empty() {
-            return;
+            return false;
         }
         let Plan { gpu, copies, parts, regions, remote_regions, mappings } = plan;
         let fail = |e: Error| {
@@ -340,7 +375,10 @@ impl Connection {
         };
         let (queue, q) = match inner.ipc.queue(&gpu) {
             Ok(q) => q,
-            Err(e) => return fail(e),
+            Err(e) => {
+                fail(e);
+                return false;
+            }
         };
         // Counted before the first copy: a deregistration that removed one of them now waits.
         for r in &regions {
@@ -357,12 +395,14 @@ impl Connection {
                 let batch =
                     Batch { event, queue, transfer: transfer.clone(), parts, regions, remote_regions, mappings };
                 inner.ipc.push(batch, &self.core.waker);
+                true
             }
             Err(e) => {
                 for r in &regions {
                     r.copy_ended();
                 }
                 fail(e);
+                false
             }
         }
     }
@@ -502,7 +542,7 @@ impl Connection {
             {
                 // A failed copy shows in the event's query here, which fails its parts.
                 let mut inner = self.inner.lock();
-                if let Err(e) = self.drive_device_copies(&mut inner) {
+                if let Err(e) = self.drive_device_copies(&mut inner, Seer::Wait) {
                     self.fail(&mut inner, e);
                 }
             }
@@ -512,12 +552,13 @@ impl Connection {
         }
     }
 
-    /// Finishes the batches whose copies completed and answers revocations they held up.
-    pub(super) fn drive_device_copies(&self, inner: &mut Inner) -> Result<bool> {
+    /// Finishes the batches whose copies completed and answers revocations they held up; `by`:
+    /// who looks (for the trace).
+    pub(super) fn drive_device_copies(&self, inner: &mut Inner, by: Seer) -> Result<bool> {
         if !inner.ipc.has_pending() {
             return Ok(false);
         }
-        let (moved, revoked) = inner.ipc.poll(&self.core.waker);
+        let (moved, revoked) = inner.ipc.poll(&self.core.waker, by);
         for region in revoked {
             self.writer.send(&Control::IpcRevoked { region })?;
         }

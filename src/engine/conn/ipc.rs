@@ -15,6 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use super::copy_trace::{CopyTracer, Seer};
 use crate::cuda::Gpu;
 use crate::cuda::device_copy::CopyQueue;
 use crate::cuda::ipc::Mapping;
@@ -93,6 +94,8 @@ pub(super) struct IpcState {
     in_flight: Arc<AtomicUsize>,
     /// Batches issued since the connection started.
     issued: u64,
+    /// Told when a batch is seen finished, under UCCL_TCPX_TRACE_DEVICE_COPY.
+    tracer: Option<Arc<CopyTracer>>,
 }
 
 /// Whether `segs` all lie inside one of `windows`.
@@ -114,6 +117,10 @@ pub(super) enum Coverage {
 }
 
 impl IpcState {
+    pub fn new(tracer: Option<Arc<CopyTracer>>) -> IpcState {
+        IpcState { tracer, ..IpcState::default() }
+    }
+
     pub fn coverage(&self, key: GrantKey, segs: &[RemoteSeg]) -> Coverage {
         match self.grants.get(&key) {
             Some(Grant::Unavailable) => Coverage::Unavailable,
@@ -267,8 +274,8 @@ impl IpcState {
     }
 
     /// Finishes every batch whose event fired (a failed copy fails its parts); returns whether
-    /// one did, and the owner's regions whose revocation can now be answered.
-    pub fn poll(&mut self, waker: &Waker) -> (bool, Vec<u64>) {
+    /// one did, and the owner's regions whose revocation can now be answered. `by`: who looks.
+    pub fn poll(&mut self, waker: &Waker, by: Seer) -> (bool, Vec<u64>) {
         let mut moved = false;
         let mut at = 0;
         while at < self.batches.len() {
@@ -281,14 +288,17 @@ impl IpcState {
                 Err(e) => Err(e),
             };
             let batch = self.batches.swap_remove(at);
-            self.finish(batch, outcome, waker);
+            self.finish(batch, outcome, waker, by);
             moved = true;
         }
         (moved, self.answerable_revokes())
     }
 
-    fn finish(&mut self, batch: Batch, outcome: Result<()>, waker: &Waker) {
+    fn finish(&mut self, batch: Batch, outcome: Result<()>, waker: &Waker, by: Seer) {
         let Batch { event, queue, transfer, parts, regions, mappings, .. } = batch;
+        if let Some(tracer) = &self.tracer {
+            tracer.seen(transfer.id, by);
+        }
         // The copies are over: a mapping whose grant is gone may close now.
         drop(mappings);
         // The parts first: a deregistration that waited for the regions' count returns knowing
@@ -365,7 +375,7 @@ impl IpcState {
     pub fn fail(&mut self, err: &Error, waker: &Waker) {
         for batch in std::mem::take(&mut self.batches) {
             let _ = batch.event.synchronize();
-            self.finish(batch, Err(err.clone()), waker);
+            self.finish(batch, Err(err.clone()), waker, Seer::Failure);
         }
         self.grants.clear();
         self.asks.clear();
@@ -445,7 +455,7 @@ mod tests {
         st.granted(id, 3, [2; 64], 0x1000, 0x1000, &[seg(0x1000, 0x10)]).unwrap();
         assert!(st.revoke(3), "no batch uses it: answered at once");
         assert!(st.grants.is_empty(), "the grant is gone");
-        assert_eq!(st.poll(&Waker::default()), (false, vec![]));
+        assert_eq!(st.poll(&Waker::default(), Seer::Progress), (false, vec![]));
     }
 
     /// A caller waiting for its transfer gets that transfer's event, not another's, and holds it
@@ -492,7 +502,7 @@ mod tests {
         // Queued behind the first on the same stream: both are done once the second is.
         st.event_of(second.id).unwrap().synchronize().unwrap();
         assert!(held.done().unwrap());
-        assert_eq!(st.poll(&waker), (true, vec![]));
+        assert_eq!(st.poll(&waker, Seer::Wait), (true, vec![]));
         assert!(st.event_of(first.id).is_none() && st.event_of(second.id).is_none());
         assert!(first.is_finished() && second.is_finished());
         assert!(!waker.has_polled_work());

@@ -6,6 +6,7 @@
 //! writer, chunks to the channels, finished parts to their transfers.
 
 mod api;
+mod copy_trace;
 mod device_copy;
 mod host_copy;
 mod host_worker;
@@ -35,6 +36,7 @@ use super::writer::ControlWriter;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, FifoItem, TokenBinding};
 use crate::threads::{ThreadKind, spawn_contained};
+use copy_trace::{CopyTracer, Seer};
 use host_worker::HostCopy;
 use ipc::IpcState;
 use memory::EngineMemory;
@@ -97,6 +99,8 @@ pub struct Connection {
     ipc_answered: Condvar,
     /// Device-copy batches in flight (`ipc.rs` keeps it): a caller's poll drives them only then.
     device_batches: Arc<AtomicUsize>,
+    /// The same-host GPU path's stage times, under UCCL_TCPX_TRACE_DEVICE_COPY only.
+    copy_tracer: Option<Arc<CopyTracer>>,
     /// The same-host host-memory path's worker (proof and copies), for a peer in another process of
     /// this host.
     host: HostCopy,
@@ -129,7 +133,9 @@ impl Connection {
         control.set_write_timeout(None).map_err(io)?;
         let writer = ControlWriter::start(control.try_clone().map_err(io)?)?;
         let rx = Arc::new(ControlRx::new(control.try_clone().map_err(io)?, core.config.control_spin)?);
-        let ipc = IpcState::default();
+        let copy_tracer =
+            (core.config.trace_device_copy > 0).then(|| Arc::new(CopyTracer::new(core.config.trace_device_copy > 1)));
+        let ipc = IpcState::new(copy_tracer.clone());
         let device_batches = ipc.in_flight();
         let mut state = ConnState::new(chunking, Instant::now());
         let same_host = link.locality == Locality::SameHost;
@@ -151,6 +157,7 @@ impl Connection {
             binding,
             ipc_answered: Condvar::new(),
             device_batches,
+            copy_tracer,
             host: HostCopy::new(weak.clone() as Weak<dyn host_worker::HostServed>),
         });
         // Known to the engine before it reads a byte: a deregistration must reach every connection
@@ -404,7 +411,7 @@ impl Connection {
         }
         let mut finished = std::mem::take(&mut inner.finished_chunks);
         let mut sent = std::mem::take(&mut inner.sent_chunks);
-        let (mut moved, mut result) = match self.drive_device_copies(inner) {
+        let (mut moved, mut result) = match self.drive_device_copies(inner, Seer::Progress) {
             Ok(moved) => (moved, Ok(())),
             Err(e) => (false, Err(e)),
         };
