@@ -24,20 +24,22 @@ fn one_sided_items(
     num_iovs: c_int,
 ) -> Result<Vec<OneSided>> {
     let n = iov_count(num_iovs)?;
-    non_null!(mr_ids);
-    non_null!(bufs);
-    non_null!(size_v);
-    non_null!(fifo_items);
-    // SAFETY: each array holds `num_iovs` elements per the contract; checked non-NULL.
-    let (mrs, ptrs, sizes, items) = unsafe {
-        (
-            std::slice::from_raw_parts(mr_ids, n),
-            std::slice::from_raw_parts(bufs, n),
-            std::slice::from_raw_parts(size_v, n),
-            std::slice::from_raw_parts(fifo_items, n),
-        )
-    };
+    let (mrs, ptrs, sizes, items) = (
+        iov_array(mr_ids, n, "mr_ids")?,
+        iov_array(bufs, n, "bufs")?,
+        iov_array(size_v, n, "size_v")?,
+        iov_array(fifo_items, n, "fifo_items")?,
+    );
     Ok((0..n).map(|i| OneSided { mr: mrs[i], addr: ptrs[i] as usize, len: sizes[i], remote: items[i] }).collect())
+}
+
+/// Borrows the `n` elements of one C vector argument, rejecting NULL with a message naming it.
+fn iov_array<'a, T>(ptr: *const T, n: usize, name: &str) -> Result<&'a [T]> {
+    if ptr.is_null() {
+        return Err(Error::invalid(format!("argument `{name}` is NULL")));
+    }
+    // SAFETY: each vector argument holds `num_iovs` elements per the contract; checked non-NULL.
+    Ok(unsafe { std::slice::from_raw_parts(ptr, n) })
 }
 
 /// Shared tail of the four one-sided calls; argument errors surface in the same order for all.
@@ -170,18 +172,9 @@ pub extern "C" fn uccl_engine_send_vector(
     ffi_fn!("uccl_engine_send_vector", {
         non_null!(transfer_id);
         let n = iov_count(num_iovs)?;
-        non_null!(mr_ids);
-        non_null!(src_v);
-        non_null!(size_v);
-        // SAFETY: each array holds `num_iovs` elements per the contract; checked non-NULL.
-        let msgs: Vec<(u64, usize, usize)> = unsafe {
-            let (mrs, ptrs, sizes) = (
-                std::slice::from_raw_parts(mr_ids, n),
-                std::slice::from_raw_parts(src_v, n),
-                std::slice::from_raw_parts(size_v, n),
-            );
-            (0..n).map(|i| (mrs[i], ptrs[i] as usize, sizes[i])).collect()
-        };
+        let (mrs, ptrs, sizes) =
+            (iov_array(mr_ids, n, "mr_ids")?, iov_array(src_v, n, "src_v")?, iov_array(size_v, n, "size_v")?);
+        let msgs: Vec<(u64, usize, usize)> = (0..n).map(|i| (mrs[i], ptrs[i] as usize, sizes[i])).collect();
         Ok(store_id(transfer_id, conn_ref(conn)?.send(&msgs)?))
     })
 }
@@ -244,4 +237,62 @@ pub extern "C" fn uccl_engine_poll(conn: *mut uccl_conn_t, transfer_id: u64, byt
 #[unsafe(no_mangle)]
 pub extern "C" fn uccl_engine_xfer_status(conn: *mut uccl_conn_t, transfer_id: u64) -> bool {
     ffi_fn!("uccl_engine_xfer_status", { Ok(conn_ref(conn)?.poll(transfer_id)?.is_some()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ptr::{null, null_mut};
+
+    use super::super::last_error;
+    use super::*;
+    use crate::error::UcclStatus;
+
+    /// The status and last error one call left.
+    fn outcome(rc: c_int) -> (c_int, String) {
+        (rc, last_error())
+    }
+
+    fn refused(name: &str, why: &str) -> (c_int, String) {
+        (UcclStatus::ErrInvalidParam as c_int, format!("{name}: {why}"))
+    }
+
+    /// The one-sided vector calls check their arguments before the connection, in one order: the
+    /// id, the count, then each array. In every case all is valid but what the case names.
+    #[test]
+    fn one_sided_vector_calls_name_the_first_bad_argument() {
+        let (mrs, bufs, sizes, items) = ([0 as uccl_mr_t], [null_mut::<c_void>()], [0usize], [FifoItem::default()]);
+        let (mrs, bufs, sizes, items) = (mrs.as_ptr(), bufs.as_ptr(), sizes.as_ptr(), items.as_ptr());
+        let mut id = 0u64;
+        let id = &raw mut id;
+        for (name, write) in [("uccl_engine_write_vector", true), ("uccl_engine_read_vector", false)] {
+            let call = |mrs, bufs, sizes, items, num, id| {
+                outcome(if write {
+                    uccl_engine_write_vector(null_mut(), mrs, bufs, sizes, items, num, id, null())
+                } else {
+                    uccl_engine_read_vector(null_mut(), mrs, bufs, sizes, items, num, id, null())
+                })
+            };
+            assert_eq!(call(mrs, bufs, sizes, items, 1, null_mut()), refused(name, "argument `transfer_id` is NULL"));
+            assert_eq!(call(null(), null(), sizes, items, 0, id), refused(name, "num_iovs is 0, must be positive"));
+            assert_eq!(call(null(), null(), sizes, items, 1, id), refused(name, "argument `mr_ids` is NULL"));
+            assert_eq!(call(mrs, null(), null(), items, 1, id), refused(name, "argument `bufs` is NULL"));
+            assert_eq!(call(mrs, bufs, null(), null(), 1, id), refused(name, "argument `size_v` is NULL"));
+            assert_eq!(call(mrs, bufs, sizes, null(), 1, id), refused(name, "argument `fifo_items` is NULL"));
+        }
+    }
+
+    #[test]
+    fn send_vector_names_the_first_bad_argument() {
+        let (mrs, srcs, sizes) = ([0 as uccl_mr_t], [null::<c_void>()], [0usize]);
+        let (mrs, srcs, sizes) = (mrs.as_ptr(), srcs.as_ptr(), sizes.as_ptr());
+        let mut id = 0u64;
+        let id = &raw mut id;
+        let call = |mrs, srcs, sizes, num, id| outcome(uccl_engine_send_vector(null_mut(), mrs, srcs, sizes, num, id));
+        let name = "uccl_engine_send_vector";
+        assert_eq!(call(mrs, srcs, sizes, 1, null_mut()), refused(name, "argument `transfer_id` is NULL"));
+        assert_eq!(call(null(), null(), sizes, -1, id), refused(name, "num_iovs is -1, must be positive"));
+        assert_eq!(call(null(), null(), sizes, 1, id), refused(name, "argument `mr_ids` is NULL"));
+        assert_eq!(call(mrs, null(), null(), 1, id), refused(name, "argument `src_v` is NULL"));
+        assert_eq!(call(mrs, srcs, null(), 1, id), refused(name, "argument `size_v` is NULL"));
+    }
 }
