@@ -97,6 +97,10 @@ pub struct Config {
     /// message. Default 20 us when this process may run on 2 or more CPUs, else 0.
     /// `UCCL_TCPX_CONTROL_SPIN_US`.
     pub control_spin: Duration,
+    /// Threads an engine reads and writes its connections' control streams with (its control
+    /// reactor), started as connections arrive and ended with the last one; 0 = one per core, at
+    /// most 4. `UCCL_TCPX_CONTROL_THREADS` (0 to 64).
+    pub control_threads: u8,
     /// Addresses the engine may dial for a peer's channels besides the address its control connection
     /// came from (multi-homed peers whose data interface differs). `UCCL_TCPX_ALLOW_DIAL`, a
     /// comma-separated list of CIDR blocks or single addresses; empty by default.
@@ -231,6 +235,8 @@ pub(crate) const MAX_SOCKETS_PER_COMM: usize = 64;
 pub(crate) const MAX_SOCKET_THREADS: u8 = 16;
 /// Bound on `UCCL_TCPX_SOCKET_HELPERS`.
 pub(crate) const MAX_SOCKET_HELPERS: u8 = 64;
+/// Bound on `UCCL_TCPX_CONTROL_THREADS`.
+const MAX_CONTROL_THREADS: u8 = 64;
 
 /// Knobs of the built-in TCP transport. The socket layout keeps NCCL's names so that operators can
 /// map them: each comm opens `nthreads x nsocks_per_thread` data sockets. The threads moving them
@@ -357,6 +363,7 @@ impl Default for Config {
             staging: StagingConfig::default(),
             plugin_test_ahead: true,
             control_spin: default_control_spin(),
+            control_threads: 0,
             allow_dial: Vec::new(),
             trace_device_copy: 0,
             disable_ipc: false,
@@ -366,6 +373,11 @@ impl Default for Config {
 }
 
 impl Config {
+    /// How many control reactor threads an engine may run (`control_threads`, resolved).
+    pub fn control_threads_per_engine(&self) -> usize {
+        if self.control_threads != 0 { self.control_threads as usize } else { available_cores().min(4) }
+    }
+
     pub fn from_env() -> Result<Config> {
         Config::from_lookup(|name| std::env::var(name).ok())
     }
@@ -395,6 +407,7 @@ impl Config {
             staging: StagingConfig::from_lookup(&get)?,
             plugin_test_ahead: parse_in(&get, "UCCL_TCPX_PLUGIN_TEST_AHEAD", 1u8, 0, 1)? == 1,
             control_spin: parse_micros(&get, "UCCL_TCPX_CONTROL_SPIN_US", d.control_spin, 1_000_000)?,
+            control_threads: parse_in(&get, "UCCL_TCPX_CONTROL_THREADS", d.control_threads, 0, MAX_CONTROL_THREADS)?,
             allow_dial: parse_cidrs(&get, "UCCL_TCPX_ALLOW_DIAL")?,
             trace_device_copy: parse_in(&get, "UCCL_TCPX_TRACE_DEVICE_COPY", 0u8, 0, 2)?,
             disable_ipc: parse_in(&get, "UCCL_TCPX_DISABLE_IPC", 0u8, 0, 1)? == 1,
@@ -652,6 +665,9 @@ mod tests {
         assert!(!c.plugin_test_ahead);
         assert!(cfg(&[]).unwrap().plugin_test_ahead);
         assert_eq!(cfg(&[("UCCL_TCPX_CONTROL_SPIN_US", "0")]).unwrap().control_spin, Duration::ZERO);
+        assert_eq!(cfg(&[("UCCL_TCPX_CONTROL_THREADS", "3")]).unwrap().control_threads_per_engine(), 3);
+        assert_eq!(cfg(&[]).unwrap().control_threads_per_engine(), available_cores().min(4));
+        assert!(cfg(&[("UCCL_TCPX_CONTROL_THREADS", "65")]).is_err());
         assert_eq!(cfg(&[("UCCL_TCPX_CHUNK_SIZE", "4M")]).unwrap().chunk_size, 4 << 20);
     }
 

@@ -198,6 +198,33 @@ fn control_writer_panic_fails_its_connection_only() {
     control_thread_panic(ThreadKind::ControlWriter);
 }
 
+/// A control reactor thread serves several connections of its engine: when it dies outside any one
+/// connection's work, every connection it served fails with the internal error, while the engine's
+/// other reactor thread goes on serving its own and a new connection gets a fresh thread.
+#[test]
+fn control_reactor_panic_fails_the_connections_it_served_only() {
+    let _serial = serial();
+    let p = common::pair(Config { control_threads: 2, ..config() });
+    // a's second connection goes to a's second reactor thread.
+    let (ab2, ba2) = connect(&p.a, &p.b);
+    let mut at_a = Buf::new(&p.a, vec![0; 4096]);
+    let mut at_b = Buf::new(&p.b, vec![0; 4096]);
+    let ra = at_a.recv(&p.ab);
+    let rb = at_b.recv(&p.ba);
+    inject_panic(ThreadKind::ControlReactor);
+    // Larger than a caller writes itself: the reactor thread serving ab is handed it, and dies as it
+    // wakes, before any byte reaches b.
+    p.ab.notify(b"panic", &[1; 100 << 10]).unwrap();
+    assert_internal(outcome(&p.ab, ra), ThreadKind::ControlReactor);
+    assert!(outcome(&p.ba, rb).is_err(), "the peer's end fails as the connection goes");
+    moves_data(&ab2, &p.a, &ba2, &p.b);
+    moves_data(&ba2, &p.b, &ab2, &p.a);
+    new_connection_works(&p.a, &p.b);
+    drop((p.ab, p.ba, ab2, ba2));
+    destroy(p.a);
+    destroy(p.b);
+}
+
 /// A notification from a to b: the reader kind panics in b as it reads it, the writer kind in a as
 /// it writes it (an armed writer panic takes every message through the writer thread).
 fn control_thread_panic(kind: ThreadKind) {

@@ -5,6 +5,7 @@ mod admission;
 mod auth;
 mod channel;
 mod conn;
+mod control_reactor;
 mod control_rx;
 mod dial;
 mod fd_limit;
@@ -42,6 +43,7 @@ use crate::transport::socket::SocketNet;
 use crate::transport::staged::{StagedNet, StagingParams};
 use crate::transport::{MemKind, Net};
 use admission::AcceptQueue;
+use control_reactor::ControlReactor;
 use progress::{ConnList, ProgressThread};
 use region::RegionTable;
 use route::Routes;
@@ -91,6 +93,7 @@ impl Engine {
             Arc::new(Routes::new(net.clone(), local_peers, make_local))
         };
         let config_key = config.auth_key.clone().map(Arc::new);
+        let control = ControlReactor::new(config.control_threads_per_engine(), config.control_spin);
         let core = Arc::new(EngineCore {
             config,
             net,
@@ -102,6 +105,7 @@ impl Engine {
             gpu,
             auth: RwLock::new(config_key),
             live: Mutex::new(LiveConns::default()),
+            control,
         });
         let conns = Arc::new(ConnList::default());
         let accepted = Arc::new(AcceptQueue::default());

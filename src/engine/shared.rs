@@ -1,5 +1,5 @@
 //! What connections share with the engine: configuration, transport, the region and transfer
-//! tables, the progress thread's waker, the GPU the engine serves. Never the connection list itself,
+//! tables, the progress thread's waker, the GPU the engine serves, the control reactor. Never the connection list itself,
 //! so that the engine, its connections and the progress thread that drives them do not import each
 //! other.
 
@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use parking_lot::{Mutex, RwLock};
 
+use super::control_reactor::ControlReactor;
 use super::mapping;
 use super::region::{self, RegionTable};
 use super::route::Routes;
@@ -36,6 +37,8 @@ pub(crate) struct EngineCore {
     /// The key peers must prove, read by every handshake as it starts.
     pub(super) auth: RwLock<Option<Arc<AuthKey>>>,
     pub(super) live: Mutex<LiveConns>,
+    /// The threads that read and write every connection's control stream.
+    pub(super) control: ControlReactor,
 }
 
 /// What a deregistration and the engine's shutdown need from every connection the engine started.

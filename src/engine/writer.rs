@@ -1,19 +1,21 @@
-//! The sending half of a control stream. Messages are encoded into a buffer and written by a
-//! dedicated thread, so neither callers nor the reader thread ever block on the network (two readers
-//! blocked writing to each other would deadlock the connection).
+//! The sending half of a control stream. Messages are encoded into a queue; the posting thread
+//! writes a small batch to the socket itself when nothing is queued ahead of it, and hands the rest
+//! (a large batch, what the socket did not take) to the connection's control reactor thread, which
+//! writes it without blocking as the socket takes it. So neither callers nor the thread reading the
+//! stream ever block on the network (two readers blocked writing to each other would deadlock the
+//! connection), and no thread waits on one connection's writes.
 
-use std::io::Write;
-use std::net::{Shutdown, TcpStream};
+use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
+use super::control_reactor::{Next, Registration};
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, MAX_NOTIFY_MSG_LEN};
-use crate::threads::{self, ThreadKind, spawn_contained};
+use crate::threads::{self, ThreadKind};
 
 /// Control bytes that may wait for a peer that does not read: twice the largest message (a maximal
 /// Notify), so only a peer that stopped reading its control stream reaches it, and such a peer
@@ -21,64 +23,48 @@ use crate::threads::{self, ThreadKind, spawn_contained};
 const MAX_QUEUED: usize = 2 * (MAX_NOTIFY_MSG_LEN + 4096);
 
 /// Control bytes the posting thread writes to the socket itself: an inline message and a little.
+/// A larger batch (a vector request's segment list) is the reactor's: on loopback the kernel
+/// delivers what the caller writes on the caller's own time, a millisecond for a megabyte.
 const DIRECT_WRITE_MAX: usize = crate::proto::MAX_INLINE_LEN + 4096;
 
-struct Pending {
+/// Bytes the reactor writes for one connection before its other connections get a turn.
+const WRITE_TURN: usize = 256 << 10;
+
+struct Queue {
     bytes: Vec<u8>,
-    writing: bool,
+    /// The reactor holds the queue's head: posters append and leave the writing to it.
+    handed: bool,
+    /// Bytes the reactor took from the queue and has not written yet.
+    in_flight: usize,
     closing: bool,
     error: Option<Error>,
-    /// `error` is the writer thread's panic.
-    panicked: bool,
 }
 
-struct Shared {
-    pending: Mutex<Pending>,
-    changed: Condvar,
+/// What the reactor took from the queue, and how much of it left.
+#[derive(Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    sent: usize,
 }
 
 pub struct ControlWriter {
-    shared: Arc<Shared>,
-    stream: TcpStream,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    stream: Arc<TcpStream>,
+    reactor: Arc<Registration>,
+    queue: Mutex<Queue>,
+    /// Signalled when the reactor let go of the queue (written or failed).
+    drained: Condvar,
+    batch: Mutex<Batch>,
 }
 
 impl ControlWriter {
-    pub fn start(stream: TcpStream) -> Result<ControlWriter> {
-        let shared = Arc::new(Shared {
-            pending: Mutex::new(Pending {
-                bytes: Vec::new(),
-                writing: false,
-                closing: false,
-                error: None,
-                panicked: false,
-            }),
-            changed: Condvar::new(),
-        });
-        let clone = || stream.try_clone().map_err(|e| Error::io("clone control stream", e));
-        let (io, to_shut) = (clone()?, clone()?);
-        let thread_shared = shared.clone();
-        let failing = shared.clone();
-        let thread = spawn_contained(
-            std::thread::Builder::new().name("uccl-ctrl-tx".into()),
-            ThreadKind::ControlWriter,
-            move |err| {
-                // What was queued never leaves, and the stream may hold half a frame: later sends
-                // fail, `finish` stops waiting, and the shutdown ends the connection's reads.
-                {
-                    let mut p = failing.pending.lock();
-                    p.bytes.clear();
-                    p.writing = false;
-                    p.error = Some(err);
-                    p.panicked = true;
-                }
-                failing.changed.notify_all();
-                let _ = to_shut.shutdown(Shutdown::Both);
-            },
-            move || run(io, thread_shared),
-        )
-        .map_err(|e| Error::io("spawn control writer", e))?;
-        Ok(ControlWriter { shared, stream, thread: Mutex::new(Some(thread)) })
+    pub fn new(stream: Arc<TcpStream>, reactor: Arc<Registration>) -> ControlWriter {
+        ControlWriter {
+            stream,
+            reactor,
+            queue: Mutex::new(Queue { bytes: Vec::new(), handed: false, in_flight: 0, closing: false, error: None }),
+            drained: Condvar::new(),
+            batch: Mutex::default(),
+        }
     }
 
     pub fn send(&self, msg: &Control) -> Result<()> {
@@ -87,73 +73,140 @@ impl ControlWriter {
 
     /// Queues `msgs` in order, back to back (one socket write when nothing is queued ahead).
     pub fn send_all(&self, msgs: &[Control]) -> Result<()> {
-        let mut p = self.shared.pending.lock();
-        if let Some(e) = &p.error {
+        let mut q = self.queue.lock();
+        if let Some(e) = &q.error {
             return Err(e.clone());
         }
-        if p.closing {
+        if q.closing {
             return Err(Error::new(UcclStatus::ErrCanceled, "the connection is closing"));
         }
-        if p.bytes.len() > MAX_QUEUED {
+        let waiting = q.bytes.len() + q.in_flight;
+        if waiting > MAX_QUEUED {
             return Err(Error::new(
                 UcclStatus::ErrBackend,
                 format!(
-                    "the peer has not read {} bytes of control messages queued for it: it stopped reading its control stream",
-                    p.bytes.len()
+                    "the peer has not read {waiting} bytes of control messages queued for it: it stopped reading its control stream"
                 ),
             ));
         }
-        // An injected writer panic (tests) takes every message through the thread, so that the panic
-        // happens with one in flight.
-        let idle = p.bytes.is_empty() && !p.writing && !threads::armed(ThreadKind::ControlWriter);
+        // An injected writer panic (tests) takes every message through the reactor, so that the
+        // panic happens with one in flight.
+        let idle = q.bytes.is_empty() && !q.handed && !threads::armed(ThreadKind::ControlWriter);
         for msg in msgs {
-            msg.encode(&mut p.bytes);
+            msg.encode(&mut q.bytes);
         }
-        // A large batch (a vector request's segment list) is the writer thread's: on loopback the
-        // kernel delivers what the caller writes on the caller's own time, a millisecond for a
-        // megabyte, and the thread costs one wake-up.
-        if idle && p.bytes.len() <= DIRECT_WRITE_MAX {
-            // Nothing queued ahead of us: try the socket directly and save the writer thread's wake-up
-            // (most of a small message's latency). Non-blocking, so a full send buffer (a peer not
-            // reading) still never blocks the caller; the rest goes to the thread.
-            let sent = send_nonblocking(&self.stream, &p.bytes);
-            p.bytes.drain(..sent);
-            if p.bytes.is_empty() {
+        if idle && q.bytes.len() <= DIRECT_WRITE_MAX {
+            // Nothing queued ahead of us: try the socket directly and save the reactor's wake-up (most
+            // of a small message's latency). Non-blocking, so a full send buffer (a peer not
+            // reading) still never blocks the caller; the rest goes to the reactor.
+            let sent = send_nonblocking(&self.stream, &q.bytes);
+            q.bytes.drain(..sent);
+            if q.bytes.is_empty() {
                 return Ok(());
             }
         }
-        self.shared.changed.notify_all();
+        if !q.handed {
+            q.handed = true;
+            drop(q);
+            self.reactor.kick_write();
+        }
         Ok(())
     }
 
-    /// The writer thread's panic, once it died of one.
-    pub fn panicked(&self) -> Option<Error> {
-        let p = self.shared.pending.lock();
-        if p.panicked { p.error.clone() } else { None }
-    }
-
-    /// Writes what is queued (waiting at most `linger`), then closes the stream and joins the thread.
-    pub fn finish(&self, linger: Duration) {
-        let deadline = Instant::now() + linger;
-        {
-            let mut p = self.shared.pending.lock();
-            p.closing = true;
-            self.shared.changed.notify_all();
-            while (p.writing || !p.bytes.is_empty()) && p.error.is_none() {
-                if self.shared.changed.wait_until(&mut p, deadline).timed_out() {
-                    break;
-                }
+    /// The reactor's turn: writes what the socket takes of the queue, at most `WRITE_TURN` bytes.
+    pub fn write_some(&self) -> Next {
+        let mut batch = self.batch.lock();
+        if batch.sent == batch.bytes.len() {
+            batch.bytes.clear();
+            batch.sent = 0;
+            let mut q = self.queue.lock();
+            if q.bytes.is_empty() || q.error.is_some() {
+                q.handed = false;
+                q.in_flight = 0;
+                drop(q);
+                self.drained.notify_all();
+                self.reactor.wait_writable(false);
+                return Next::Idle;
+            }
+            std::mem::swap(&mut batch.bytes, &mut q.bytes);
+            q.in_flight = batch.bytes.len();
+        }
+        threads::point(ThreadKind::ControlWriter);
+        let end = batch.bytes.len().min(batch.sent + WRITE_TURN);
+        let (sent, outcome) = {
+            let Batch { bytes, sent } = &mut *batch;
+            let (n, outcome) = write_nonblocking(&self.stream, &bytes[*sent..end]);
+            *sent += n;
+            (*sent, outcome)
+        };
+        let left = batch.bytes.len() - sent;
+        let mut q = self.queue.lock();
+        q.in_flight = left;
+        match outcome {
+            Written::All => Next::Again,
+            Written::Full => {
+                drop(q);
+                // The socket reports when it takes more.
+                self.reactor.wait_writable(true);
+                Next::Idle
+            }
+            Written::Failed(e) => {
+                q.error.get_or_insert_with(|| Error::io("control stream write", e));
+                q.bytes.clear();
+                q.handed = false;
+                q.in_flight = 0;
+                drop(q);
+                batch.bytes.clear();
+                batch.sent = 0;
+                self.drained.notify_all();
+                Next::Idle
             }
         }
-        let _ = self.stream.shutdown(Shutdown::Both);
-        if let Some(t) = self.thread.lock().take() {
-            let _ = t.join();
+    }
+
+    /// The connection failed: nothing queued will leave, later sends fail with `err`, and `finish`
+    /// stops waiting.
+    pub fn stop(&self, err: Error) {
+        {
+            let mut q = self.queue.lock();
+            q.error.get_or_insert(err);
+            q.bytes.clear();
+        }
+        self.drained.notify_all();
+    }
+
+    /// Refuses further messages and waits (at most `linger`) until what is queued left. On the
+    /// connection's own reactor thread, which would be waiting for itself, it only writes what the
+    /// socket takes at once.
+    pub fn finish(&self, linger: Duration) {
+        let deadline = Instant::now() + linger;
+        self.queue.lock().closing = true;
+        if self.reactor.on_reactor_thread() {
+            while self.write_some() == Next::Again {}
+            return;
+        }
+        let mut q = self.queue.lock();
+        while (q.handed || !q.bytes.is_empty()) && q.error.is_none() {
+            if self.drained.wait_until(&mut q, deadline).timed_out() {
+                break;
+            }
         }
     }
 }
 
-/// Writes what the socket takes without blocking; errors are left for the writer thread to report.
-fn send_nonblocking(stream: &TcpStream, mut bytes: &[u8]) -> usize {
+/// Writes what the socket takes without blocking; errors are left for the reactor to report.
+fn send_nonblocking(stream: &TcpStream, bytes: &[u8]) -> usize {
+    write_nonblocking(stream, bytes).0
+}
+
+enum Written {
+    All,
+    /// The socket's send buffer is full.
+    Full,
+    Failed(std::io::Error),
+}
+
+fn write_nonblocking(stream: &TcpStream, mut bytes: &[u8]) -> (usize, Written) {
     let mut sent = 0;
     while !bytes.is_empty() {
         // SAFETY: a valid socket and a valid buffer; MSG_NOSIGNAL keeps a closed peer from raising
@@ -161,57 +214,60 @@ fn send_nonblocking(stream: &TcpStream, mut bytes: &[u8]) -> usize {
         let n = unsafe {
             libc::send(stream.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
         };
-        if n <= 0 {
-            break;
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                std::io::ErrorKind::Interrupted => continue,
+                std::io::ErrorKind::WouldBlock => return (sent, Written::Full),
+                _ => return (sent, Written::Failed(e)),
+            }
         }
         sent += n as usize;
         bytes = &bytes[n as usize..];
     }
-    sent
-}
-
-fn run(mut stream: TcpStream, shared: Arc<Shared>) {
-    let mut batch = Vec::new();
-    loop {
-        {
-            let mut p = shared.pending.lock();
-            p.writing = false;
-            shared.changed.notify_all();
-            while p.bytes.is_empty() && !p.closing {
-                shared.changed.wait(&mut p);
-            }
-            if p.bytes.is_empty() {
-                return;
-            }
-            std::mem::swap(&mut batch, &mut p.bytes);
-            p.writing = true;
-        }
-        threads::point(ThreadKind::ControlWriter);
-        let written = stream.write_all(&batch);
-        batch.clear();
-        if let Err(e) = written {
-            let mut p = shared.pending.lock();
-            p.error = Some(Error::io("control stream write", e));
-            p.writing = false;
-            shared.changed.notify_all();
-            return;
-        }
-    }
+    (sent, Written::All)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::control_reactor::{ControlEndpoint, ControlReactor};
+    use std::io::Read;
     use std::net::TcpListener;
+    use std::sync::Weak;
+
+    struct Endpoint(ControlWriter);
+
+    impl ControlEndpoint for Endpoint {
+        fn readable(&self) -> Next {
+            Next::Idle
+        }
+        fn writable(&self) -> Next {
+            self.0.write_some()
+        }
+        fn fail_with(&self, err: Error) {
+            self.0.stop(err);
+        }
+    }
+
+    fn writer() -> (ControlReactor, Arc<Endpoint>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = Arc::new(TcpStream::connect(listener.local_addr().unwrap()).unwrap());
+        let (peer, _) = listener.accept().unwrap();
+        let reactor = ControlReactor::new(1, Duration::ZERO);
+        let registration = reactor.attach(ours.as_raw_fd()).unwrap();
+        let endpoint = Arc::new(Endpoint(ControlWriter::new(ours, registration.clone())));
+        let weak: Weak<dyn ControlEndpoint> = Arc::downgrade(&endpoint) as Weak<dyn ControlEndpoint>;
+        registration.start(weak).unwrap();
+        (reactor, endpoint, peer)
+    }
 
     /// A peer that never reads gets the connection failed once the queue passes its bound, instead
     /// of our memory growing with every answer we owe it.
     #[test]
     fn a_peer_that_never_reads_is_cut_off_at_the_bound() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (_silent, _) = listener.accept().unwrap();
-        let writer = ControlWriter::start(ours).unwrap();
+        let (_reactor, endpoint, _silent) = writer();
+        let writer = &endpoint.0;
         let msg = Control::Notify { name: b"n".to_vec(), msg: vec![7; 16 << 20] };
         let mut sent = 0usize;
         let err = loop {
@@ -225,5 +281,39 @@ mod tests {
         assert_eq!(err.status(), UcclStatus::ErrBackend);
         assert!(err.message().contains("stopped reading"), "{}", err.message());
         writer.finish(Duration::from_millis(10));
+    }
+
+    /// Batches larger than the socket takes at once leave whole and in order through the reactor,
+    /// which waits for room instead of blocking, and `finish` returns once they left.
+    #[test]
+    fn large_batches_leave_in_order_through_the_reactor() {
+        let (reactor, endpoint, mut peer) = writer();
+        assert_eq!(reactor.threads(), 1);
+        let reading = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            peer.read_to_end(&mut all).unwrap();
+            all
+        });
+        let mut expected = Vec::new();
+        for i in 0..24u8 {
+            // Small ones the caller writes itself, large ones (and whatever follows while they
+            // wait) the reactor.
+            let len = if i % 3 == 0 { 3 << 20 } else { 100 + i as usize };
+            let msg = Control::Notify { name: vec![b'a' + i], msg: vec![i; len] };
+            msg.encode(&mut expected);
+            endpoint.0.send(&msg).unwrap();
+        }
+        endpoint.0.finish(Duration::from_secs(20));
+        assert!(
+            endpoint.0.queue.lock().bytes.is_empty() && !endpoint.0.queue.lock().handed,
+            "finish waited for the queue"
+        );
+        endpoint.0.stream.shutdown(std::net::Shutdown::Both).unwrap();
+        let got = reading.join().unwrap();
+        assert!(got == expected, "{} bytes arrived, {} sent", got.len(), expected.len());
+        assert!(endpoint.0.send(&Control::Close).is_err(), "a finished writer takes nothing more");
+        // Its registration goes with it, and with the last one the reactor's thread.
+        drop(endpoint);
+        assert_eq!(reactor.threads(), 0);
     }
 }

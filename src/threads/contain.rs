@@ -36,6 +36,22 @@ where
     })
 }
 
+/// Runs `work` on the calling library thread as `kind`'s work, for a thread that serves many
+/// connections and must fail only the one whose work panicked: `kind`'s fault point fires inside
+/// `work` (and no other kind's), and a panic comes back as an internal error naming `kind`, logged
+/// once. The thread's own kind is restored afterwards either way.
+pub(crate) fn run_contained<R>(kind: ThreadKind, work: impl FnOnce() -> R) -> Result<R, Error> {
+    let outer = fault::swap_kind(Some(kind));
+    // Unwind safety: the caller fails what `work` served and uses none of its state again.
+    let result = catch_unwind(AssertUnwindSafe(work));
+    fault::swap_kind(outer);
+    result.map_err(|panic| {
+        let err = Error::internal(format!("{kind} panicked: {}", panic_text(&*panic)));
+        log::error!("{}", err.message());
+        err
+    })
+}
+
 /// The message of a panic payload (`panic!` with a literal or a format string).
 pub fn panic_text(panic: &(dyn Any + Send)) -> String {
     panic
@@ -63,7 +79,48 @@ mod tests {
         assert!(t.join().is_ok(), "the panic stays inside the thread");
         let err = rx.recv().unwrap();
         assert_eq!(err.status(), crate::error::UcclStatus::ErrInternal);
-        assert_eq!(err.message(), "control writer thread panicked: boom 7");
+        assert_eq!(err.message(), "control writer panicked: boom 7");
+    }
+
+    #[test]
+    fn contained_work_fires_its_own_fault_point_and_fails_alone() {
+        // No unit test starts a host copy thread (its connections are in-process), so arming that
+        // kind here cannot hit another test.
+        let kind = ThreadKind::HostCopier;
+        let (tx, rx) = mpsc::channel();
+        let failed = tx.clone();
+        let t = spawn_contained(
+            Builder::new(),
+            ThreadKind::ControlReactor,
+            move |e| failed.send(format!("thread: {}", e.message())).unwrap(),
+            move || {
+                fault::inject_panic(kind);
+                // The thread's own kind does not fire the work's point.
+                fault::point(kind);
+                let err = run_contained(kind, || {
+                    fault::point(kind);
+                    7
+                })
+                .expect_err("the point fired inside the work");
+                tx.send(err.message().to_owned()).unwrap();
+                // The thread is its own kind again: a point armed now passes it.
+                fault::inject_panic(kind);
+                fault::point(kind);
+                tx.send(format!("pending after: {}", fault::panic_pending(kind))).unwrap();
+                // Work that does not panic returns its value (and fires the armed point of its kind).
+                tx.send(format!("{:?}", run_contained(ThreadKind::ControlReader, || 7))).unwrap();
+                assert!(run_contained(kind, || fault::point(kind)).is_err());
+            },
+        )
+        .unwrap();
+        t.join().unwrap();
+        let got: Vec<String> = rx.try_iter().collect();
+        assert_eq!(
+            got,
+            ["host copy thread panicked: injected panic in the host copy thread", "pending after: true", "Ok(7)",],
+            "the thread itself never panicked"
+        );
+        assert!(!fault::panic_pending(kind));
     }
 
     #[test]

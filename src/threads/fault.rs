@@ -40,6 +40,11 @@ pub(super) fn enter(kind: ThreadKind) {
     KIND.with(|k| k.set(Some(kind)));
 }
 
+/// Makes the calling thread `kind` until it says otherwise; returns what it was.
+pub(super) fn swap_kind(kind: Option<ThreadKind>) -> Option<ThreadKind> {
+    KIND.with(|k| k.replace(kind))
+}
+
 /// A fault point of `kind`'s threads: panics here if a panic was injected for `kind` and this is
 /// such a thread.
 #[inline]

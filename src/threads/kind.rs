@@ -1,4 +1,5 @@
-//! The kinds of thread the library starts, as errors and the fault hook name them.
+//! The kinds of thread the library starts, and of work a shared thread runs for one connection at
+//! a time (`run_contained`), as errors and the fault hook name them.
 
 use std::fmt;
 
@@ -10,9 +11,9 @@ pub enum ThreadKind {
     Accept,
     /// One incoming peer's handshake.
     Handshake,
-    /// A connection's control-stream reader.
+    /// Reading one connection's control stream, on a control reactor thread.
     ControlReader,
-    /// A connection's control-stream writer.
+    /// Writing one connection's queued control messages, on a control reactor thread.
     ControlWriter,
     /// A socket-transport helper sending a comm's pieces.
     SocketSender,
@@ -22,6 +23,9 @@ pub enum ThreadKind {
     LandingCopier,
     /// A same-host connection's worker: proves the peer's process, copies host memory out of it.
     HostCopier,
+    /// One of the engine's control reactor threads, which read and write the control streams of
+    /// many connections (outside any one connection's work).
+    ControlReactor,
 }
 
 impl ThreadKind {
@@ -30,12 +34,13 @@ impl ThreadKind {
             ThreadKind::Progress => "progress thread",
             ThreadKind::Accept => "accept thread",
             ThreadKind::Handshake => "handshake thread",
-            ThreadKind::ControlReader => "control reader thread",
-            ThreadKind::ControlWriter => "control writer thread",
+            ThreadKind::ControlReader => "control reader",
+            ThreadKind::ControlWriter => "control writer",
             ThreadKind::SocketSender => "socket sender thread",
             ThreadKind::SocketReceiver => "socket receiver thread",
             ThreadKind::LandingCopier => "landing copier thread",
             ThreadKind::HostCopier => "host copy thread",
+            ThreadKind::ControlReactor => "control reactor thread",
         }
     }
 

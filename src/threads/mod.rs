@@ -11,7 +11,7 @@ mod contain;
 mod fault;
 mod kind;
 
-pub(crate) use contain::{panic_text, spawn_contained};
+pub(crate) use contain::{panic_text, run_contained, spawn_contained};
 pub(crate) use fault::{armed, point};
 #[doc(hidden)]
 pub use fault::{inject_panic, panic_pending};

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use super::channel::{self, Channel};
+use super::control_reactor::{ControlEndpoint, Next, Registration};
 use super::control_rx::{ControlRx, Drained, RxBuffer};
 use super::local::{self, LocalLink, Locality};
 use super::notify;
@@ -86,7 +87,9 @@ pub struct Connection {
     core: Arc<EngineCore>,
     writer: ControlWriter,
     rx: Arc<ControlRx>,
-    control: TcpStream,
+    control: Arc<TcpStream>,
+    /// The connection's place on the engine's control reactor, which writes what callers leave.
+    reactor: Arc<Registration>,
     inner: Mutex<Inner>,
     closed: AtomicBool,
     listener_started: AtomicBool,
@@ -131,8 +134,10 @@ impl Connection {
         let io = |e| Error::io("control stream", e);
         control.set_read_timeout(None).map_err(io)?;
         control.set_write_timeout(None).map_err(io)?;
-        let writer = ControlWriter::start(control.try_clone().map_err(io)?)?;
         let rx = Arc::new(ControlRx::new(control.try_clone().map_err(io)?, core.config.control_spin)?);
+        let control = Arc::new(control);
+        let reactor = core.control.attach(control.as_raw_fd())?;
+        let writer = ControlWriter::new(control.clone(), reactor.clone());
         let copy_tracer =
             (core.config.trace_device_copy > 0).then(|| Arc::new(CopyTracer::new(core.config.trace_device_copy > 1)));
         let ipc = IpcState::new(copy_tracer.clone());
@@ -149,6 +154,7 @@ impl Connection {
             writer,
             rx: rx.clone(),
             control,
+            reactor,
             inner: Mutex::new(Inner { state, channels, finished_chunks: Vec::new(), sent_chunks: Vec::new(), ipc }),
             closed: AtomicBool::new(false),
             listener_started: AtomicBool::new(false),
@@ -165,6 +171,7 @@ impl Connection {
         let live: Weak<Connection> = Arc::downgrade(&conn);
         conn.core.adopt(live)?;
         local::register_connection(&link, &conn);
+        conn.reactor.start(Arc::downgrade(&conn) as Weak<dyn ControlEndpoint>)?;
         let weak = Arc::downgrade(&conn);
         let failing = weak.clone();
         let thread = spawn_contained(
@@ -361,6 +368,7 @@ impl Connection {
                 let _ = t.join();
             }
         }
+        self.reactor.detach();
         self.host.join();
     }
 
@@ -380,12 +388,11 @@ impl Connection {
             return;
         }
         // Once the user closed the connection, whatever breaks while it winds down (the peer hanging
-        // up in answer to our Close, say) is the cancellation they asked for. A writer that panicked
-        // shut the stream down, so the end of stream the reader sees next is the panic's doing.
+        // up in answer to our Close, say) is the cancellation they asked for.
         let err = if self.is_closed() {
             Error::new(UcclStatus::ErrCanceled, "the connection was closed locally")
         } else {
-            self.writer.panicked().unwrap_or(err)
+            err
         };
         if err.status() != UcclStatus::ErrCanceled {
             log::warn!("connection to {} failed: {err}", self.peer.addr);
@@ -397,6 +404,7 @@ impl Connection {
         inner.ipc.fail(&err, &self.core.waker);
         self.ipc_answered.notify_all();
         let _ = self.control.shutdown(Shutdown::Both);
+        self.writer.stop(err.clone());
         for t in failed {
             t.finish_part(Err(err.clone()));
         }
@@ -480,6 +488,21 @@ impl LiveConnection for Connection {
 
     fn close(&self) {
         Connection::close(self);
+    }
+}
+
+impl ControlEndpoint for Connection {
+    fn readable(&self) -> Next {
+        // The connection's reader thread reads the stream; a failed connection is done with.
+        if self.inner.lock().state.failure().is_some() { Next::Stop } else { Next::Idle }
+    }
+
+    fn writable(&self) -> Next {
+        self.writer.write_some()
+    }
+
+    fn fail_with(&self, err: Error) {
+        Connection::fail_with(self, err);
     }
 }
 

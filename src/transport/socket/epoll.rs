@@ -1,6 +1,7 @@
 //! The two kernel objects a helper thread sleeps on: an epoll set holding its sockets (edge
 //! triggered, so a socket reports again only once something new happened on it) and an eventfd that
-//! posting threads write to wake it.
+//! posting threads write to wake it. The socket transport's helpers and the engine's control
+//! reactor use them alike.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
@@ -14,7 +15,7 @@ impl Epoll {
         // SAFETY: epoll_create1 takes no pointers; a non-negative result is a fresh descriptor we own.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
-            return Err(Error::io("create an epoll set for a socket helper thread", std::io::Error::last_os_error()));
+            return Err(Error::io("create an epoll set for a helper thread", std::io::Error::last_os_error()));
         }
         // SAFETY: fd is valid and owned by nobody else.
         Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
@@ -24,6 +25,14 @@ impl Epoll {
         let mut ev = libc::epoll_event { events, u64: token };
         // SAFETY: `ev` is a valid epoll_event for the call; both descriptors are open.
         let rc = unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
+        if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+    }
+
+    /// Changes what `fd` waits for; the kernel reports at once what is ready already.
+    pub fn modify(&self, fd: RawFd, events: u32, token: u64) -> std::io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: token };
+        // SAFETY: `ev` is a valid epoll_event for the call; both descriptors are open.
+        let rc = unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_MOD, fd, &mut ev) };
         if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
     }
 
@@ -55,7 +64,7 @@ impl EventFd {
         // SAFETY: eventfd takes no pointers; a non-negative result is a fresh descriptor we own.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
-            return Err(Error::io("create an eventfd for a socket helper thread", std::io::Error::last_os_error()));
+            return Err(Error::io("create an eventfd for a helper thread", std::io::Error::last_os_error()));
         }
         // SAFETY: fd is valid and owned by nobody else.
         Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))

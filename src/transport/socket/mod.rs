@@ -6,7 +6,7 @@
 //! an idle progress thread can sleep.
 
 mod comm;
-mod epoll;
+pub(crate) mod epoll;
 pub mod iface;
 mod iov;
 mod reactor;

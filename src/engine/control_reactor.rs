@@ -1,0 +1,690 @@
+//! The engine's control reactor: a few threads, shared by all of its connections, that serve their
+//! control streams. Each thread waits in one epoll set (edge triggered) over the control sockets of
+//! the connections it serves and an eventfd, and runs a connection's reading when its socket
+//! reports bytes (an end, an error) and its writing when queued control bytes may leave (a poster
+//! handed them over, or the socket took more after `EAGAIN`). After work it polls for the spin time
+//! before it sleeps. Nothing runs on a timer: an idle connection costs no CPU and no thread of its
+//! own, and an engine runs at most `max` of these threads (`UCCL_TCPX_CONTROL_THREADS`), started
+//! as connections arrive and ended when the last connection they serve goes.
+//!
+//! A panic in one connection's work is caught there and fails that connection only (the thread goes
+//! on serving the others); a thread that dies outside such work fails every connection it serves and
+//! is replaced at the next attach.
+
+use std::collections::VecDeque;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::thread::{JoinHandle, ThreadId};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+use crate::threads::{self, ThreadKind, run_contained, spawn_contained};
+use crate::transport::socket::epoll::{Epoll, EventFd};
+
+/// What a reactor thread serves: one connection's control stream, through this trait so that this
+/// file names no connection type.
+pub(super) trait ControlEndpoint: Send + Sync {
+    /// The socket reported bytes, an end or an error: read and handle some.
+    fn readable(&self) -> Next;
+    /// Queued control bytes may leave: write some.
+    fn writable(&self) -> Next;
+    /// Work of this connection panicked on a reactor thread, or the thread serving it died.
+    fn fail_with(&self, err: Error);
+}
+
+/// What a connection's turn left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Next {
+    /// More to do at once: it stopped to let the thread's other connections run.
+    Again,
+    /// Waits for the kernel or a kick.
+    Idle,
+    /// The connection failed: nothing is to run for it any more.
+    Stop,
+}
+
+/// The eventfd's token in a thread's epoll set; connections use their slot numbers.
+const WAKE_TOKEN: u64 = u64::MAX;
+const EVENTS_PER_WAIT: usize = 64;
+const READ_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+const WRITE_EVENTS: u32 = libc::EPOLLOUT as u32;
+/// Reported whatever the mask: a broken socket is news to both halves.
+const BROKEN: u32 = (libc::EPOLLHUP | libc::EPOLLERR) as u32;
+
+/// Threads of one engine, started as connections arrive, at most `max`.
+pub(super) struct ControlReactor {
+    pool: Arc<Pool>,
+}
+
+struct Pool {
+    max: usize,
+    spin: Duration,
+    slots: Mutex<Slots>,
+}
+
+#[derive(Default)]
+struct Slots {
+    live: Vec<Slot>,
+    /// Threads told to end by themselves (their last connection went on their own thread), joined
+    /// by the next trim on another thread or when the reactor goes.
+    retired: Vec<JoinHandle<()>>,
+}
+
+struct Slot {
+    worker: Arc<Worker>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ControlReactor {
+    /// `max` threads at most (at least one); each polls `spin` after work before it sleeps.
+    pub fn new(max: usize, spin: Duration) -> ControlReactor {
+        ControlReactor { pool: Arc::new(Pool { max: max.max(1), spin, slots: Mutex::default() }) }
+    }
+
+    /// Threads started and alive.
+    #[cfg(test)]
+    pub fn threads(&self) -> usize {
+        self.pool.slots.lock().live.iter().filter(|s| !s.worker.is_dead()).count()
+    }
+
+    /// Places a control socket on a thread: a new one while fewer than `max` run and each serves a
+    /// connection, else the one serving the fewest. Nothing runs for it before `start`.
+    pub fn attach(&self, fd: RawFd) -> Result<Arc<Registration>> {
+        let mut slots = self.pool.slots.lock();
+        let mut dead = Vec::new();
+        // A dead thread's place goes to a fresh one.
+        while let Some(i) = slots.live.iter().position(|s| s.worker.is_dead()) {
+            dead.push(slots.live.swap_remove(i));
+        }
+        let spare = slots.live.len() < self.pool.max && slots.live.iter().all(|s| s.worker.load() > 0);
+        if spare || slots.live.is_empty() {
+            slots.live.push(self.pool.start()?);
+        }
+        let slot = slots.live.iter().min_by_key(|s| s.worker.load()).expect("at least one thread");
+        let worker = slot.worker.clone();
+        // Under the lock, so that a trim never ends a thread just chosen.
+        let token = worker.reserve();
+        drop(slots);
+        for mut slot in dead {
+            slot.stop();
+        }
+        Ok(Arc::new(Registration {
+            pool: self.pool.clone(),
+            worker,
+            token,
+            fd,
+            interest: Mutex::new(Interest::default()),
+        }))
+    }
+}
+
+impl Drop for ControlReactor {
+    fn drop(&mut self) {
+        let (live, retired) = {
+            let mut slots = self.pool.slots.lock();
+            (std::mem::take(&mut slots.live), std::mem::take(&mut slots.retired))
+        };
+        for mut slot in live {
+            slot.stop();
+        }
+        for t in retired {
+            join_unless_current(t);
+        }
+    }
+}
+
+impl Pool {
+    fn start(&self) -> Result<Slot> {
+        let worker = Arc::new(Worker::new(self.spin)?);
+        let (body, failing) = (worker.clone(), worker.clone());
+        let thread = spawn_contained(
+            std::thread::Builder::new().name("uccl-ctrl".into()),
+            ThreadKind::ControlReactor,
+            move |err| failing.died(err),
+            move || body.serve(),
+        )
+        .map_err(|e| Error::io(format!("start a {}", ThreadKind::ControlReactor), e))?;
+        let _ = worker.thread.set(thread.thread().id());
+        Ok(Slot { worker, thread: Some(thread) })
+    }
+
+    /// Ends the threads that serve no connection any more, and forgets dead ones. A thread's load
+    /// changes only under this lock or by a detach, which trims afterwards.
+    fn trim(&self) {
+        let (ending, retired) = {
+            let mut slots = self.slots.lock();
+            let mut ending = Vec::new();
+            let mut i = 0;
+            while i < slots.live.len() {
+                let w = &slots.live[i].worker;
+                if w.load() > 0 && !w.is_dead() {
+                    i += 1;
+                    continue;
+                }
+                ending.push(slots.live.swap_remove(i));
+            }
+            (ending, std::mem::take(&mut slots.retired))
+        };
+        let mut kept = Vec::new();
+        for mut slot in ending {
+            slot.worker.exit();
+            if let Some(t) = slot.thread.take() {
+                // A thread cannot join itself: it ends once back in its loop, and someone else joins it.
+                if t.thread().id() == std::thread::current().id() {
+                    kept.push(t);
+                } else {
+                    let _ = t.join();
+                }
+            }
+        }
+        for t in retired {
+            if t.thread().id() == std::thread::current().id() {
+                kept.push(t);
+            } else {
+                let _ = t.join();
+            }
+        }
+        if !kept.is_empty() {
+            self.slots.lock().retired.extend(kept);
+        }
+    }
+}
+
+impl Slot {
+    fn stop(&mut self) {
+        self.worker.exit();
+        if let Some(t) = self.thread.take() {
+            join_unless_current(t);
+        }
+    }
+}
+
+fn join_unless_current(t: JoinHandle<()>) {
+    if t.thread().id() != std::thread::current().id() {
+        let _ = t.join();
+    }
+}
+
+/// One connection's place on a reactor thread. The registration in the thread's epoll set follows
+/// `Interest`: reading while armed, writing while queued bytes wait for room.
+pub(super) struct Registration {
+    pool: Arc<Pool>,
+    worker: Arc<Worker>,
+    token: usize,
+    fd: RawFd,
+    interest: Mutex<Interest>,
+}
+
+#[derive(Default)]
+struct Interest {
+    write: bool,
+    /// In the epoll set (after `start`, until `detach`).
+    registered: bool,
+    detached: bool,
+}
+
+impl Interest {
+    fn events(&self) -> u32 {
+        let mut events = libc::EPOLLET as u32;
+        if self.write {
+            events |= WRITE_EVENTS;
+        }
+        events
+    }
+}
+
+impl Registration {
+    /// Starts serving `endpoint`: the thread runs its reading and writing once at once (something
+    /// may have come before), then as the socket reports or a kick asks.
+    pub fn start(&self, endpoint: Weak<dyn ControlEndpoint>) -> Result<()> {
+        let mut interest = self.interest.lock();
+        if interest.detached {
+            return Ok(());
+        }
+        self.worker.add(self.token, endpoint);
+        self.worker
+            .epoll
+            .add(self.fd, interest.events(), self.token as u64)
+            .map_err(|e| Error::io("add a control stream to its reactor's epoll set", e))?;
+        interest.registered = true;
+        Ok(())
+    }
+
+    /// Has the thread write the connection's queued control bytes soon.
+    pub fn kick_write(&self) {
+        self.worker.kick_write(self.token);
+    }
+
+    /// Whether the thread waits for the socket to take more (after `EAGAIN`), or not (the queue
+    /// emptied). Called by the writing turn, on the connection's thread.
+    pub fn wait_writable(&self, wait: bool) {
+        let mut interest = self.interest.lock();
+        if interest.write != wait {
+            interest.write = wait;
+            self.update(&interest);
+        }
+    }
+
+    fn update(&self, interest: &Interest) {
+        if interest.registered
+            && !interest.detached
+            && let Err(e) = self.worker.epoll.modify(self.fd, interest.events(), self.token as u64)
+        {
+            log::error!("control stream epoll_ctl: {e}");
+        }
+    }
+
+    /// Whether the calling thread is the one serving this connection (which must not wait for
+    /// itself).
+    pub fn on_reactor_thread(&self) -> bool {
+        self.worker.thread.get() == Some(&std::thread::current().id())
+    }
+
+    /// Takes the connection off its thread: no event of it is reported from now on, and a thread
+    /// left without a connection ends. The thread may still be running a turn of it, which finds
+    /// it failed or gone. Idempotent.
+    pub fn detach(&self) {
+        {
+            let mut interest = self.interest.lock();
+            if interest.detached {
+                return;
+            }
+            interest.detached = true;
+            if interest.registered {
+                self.worker.epoll.remove(self.fd);
+            }
+        }
+        self.worker.remove(self.token);
+        self.pool.trim();
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.detach();
+    }
+}
+
+/// A connection's state on its thread.
+struct Entry {
+    endpoint: Weak<dyn ControlEndpoint>,
+    read: bool,
+    write: bool,
+    /// In the run queue already.
+    queued: bool,
+    /// Failed: events and kicks are ignored until it is detached.
+    stopped: bool,
+}
+
+#[derive(Default)]
+struct Inbox {
+    adds: Vec<(usize, Weak<dyn ControlEndpoint>)>,
+    writes: Vec<usize>,
+    removes: Vec<usize>,
+    exit: bool,
+}
+
+/// Tokens (slot numbers) handed out by attaching threads and given back by the thread itself once
+/// it dropped the slot, so that no event it already collected names a reused slot.
+#[derive(Default)]
+struct Tokens {
+    free: Vec<usize>,
+    next: usize,
+}
+
+struct Worker {
+    epoll: Epoll,
+    wake: EventFd,
+    /// The thread is about to wait or waits: a kick must write the eventfd. SeqCst with `pending`.
+    sleeping: AtomicBool,
+    /// The inbox holds something.
+    pending: AtomicBool,
+    inbox: Mutex<Inbox>,
+    tokens: Mutex<Tokens>,
+    /// Connections attached and not detached.
+    load: AtomicUsize,
+    /// The thread ended outside a connection's work: every connection it served failed.
+    dead: AtomicBool,
+    /// The connections it serves, by token, for failing them all should the thread die.
+    served: Mutex<Vec<Option<Weak<dyn ControlEndpoint>>>>,
+    spin: Duration,
+    thread: OnceLock<ThreadId>,
+}
+
+impl Worker {
+    fn new(spin: Duration) -> Result<Worker> {
+        let epoll = Epoll::new()?;
+        let wake = EventFd::new()?;
+        epoll
+            .add(wake.fd(), (libc::EPOLLIN | libc::EPOLLET) as u32, WAKE_TOKEN)
+            .map_err(|e| Error::io("add an eventfd to a control reactor's epoll set", e))?;
+        Ok(Worker {
+            epoll,
+            wake,
+            sleeping: AtomicBool::new(false),
+            pending: AtomicBool::new(false),
+            inbox: Mutex::default(),
+            tokens: Mutex::default(),
+            load: AtomicUsize::new(0),
+            dead: AtomicBool::new(false),
+            served: Mutex::new(Vec::new()),
+            spin,
+            thread: OnceLock::new(),
+        })
+    }
+
+    fn load(&self) -> usize {
+        self.load.load(Ordering::Acquire)
+    }
+
+    fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+
+    fn reserve(&self) -> usize {
+        self.load.fetch_add(1, Ordering::AcqRel);
+        let mut t = self.tokens.lock();
+        t.free.pop().unwrap_or_else(|| {
+            t.next += 1;
+            t.next - 1
+        })
+    }
+
+    fn add(&self, token: usize, endpoint: Weak<dyn ControlEndpoint>) {
+        {
+            let mut served = self.served.lock();
+            if served.len() <= token {
+                served.resize(token + 1, None);
+            }
+            served[token] = Some(endpoint.clone());
+        }
+        self.inbox.lock().adds.push((token, endpoint));
+        self.notify();
+    }
+
+    fn kick_write(&self, token: usize) {
+        self.inbox.lock().writes.push(token);
+        self.notify();
+    }
+
+    fn remove(&self, token: usize) {
+        self.load.fetch_sub(1, Ordering::AcqRel);
+        self.inbox.lock().removes.push(token);
+        self.notify();
+    }
+
+    fn exit(&self) {
+        self.inbox.lock().exit = true;
+        self.notify();
+        self.wake.signal();
+    }
+
+    /// After filling the inbox: wakes the thread if it sleeps (or is about to).
+    fn notify(&self) {
+        self.pending.store(true, Ordering::SeqCst);
+        if self.sleeping.load(Ordering::SeqCst) && self.sleeping.swap(false, Ordering::SeqCst) {
+            self.wake.signal();
+        }
+    }
+
+    /// The thread's body.
+    fn serve(&self) {
+        let mut slab: Vec<Option<Entry>> = Vec::new();
+        let mut queue: VecDeque<usize> = VecDeque::new();
+        // Swapped with the shared inbox, so that neither allocates once grown.
+        let mut inbox = Inbox::default();
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT];
+        let mut last_work: Option<Instant> = None;
+        loop {
+            if self.pending.load(Ordering::Acquire) && !self.take_inbox(&mut inbox, &mut slab, &mut queue) {
+                return;
+            }
+            if !queue.is_empty() {
+                last_work = Some(Instant::now());
+            }
+            for _ in 0..queue.len() {
+                let Some(token) = queue.pop_front() else { break };
+                let Some(Some(entry)) = slab.get_mut(token) else { continue };
+                entry.queued = false;
+                if entry.stopped {
+                    continue;
+                }
+                // A connection being dropped is detached right after; nothing to do for it.
+                let Some(endpoint) = entry.endpoint.upgrade() else { continue };
+                turn(entry, &*endpoint);
+                if (entry.read || entry.write) && !entry.stopped {
+                    entry.queued = true;
+                    queue.push_back(token);
+                }
+                // Possibly the last reference: the connection then closes on this thread.
+                drop(endpoint);
+            }
+            // More queued, or a poll after work (the next message often follows at once: the reply
+            // to a polling caller's next request): only collect what is ready, yielding the CPU in
+            // between so that on a small host the thread that must act next still runs. Otherwise
+            // sleep until the kernel or a kick says.
+            let timeout = if !queue.is_empty() {
+                Some(Duration::ZERO)
+            } else if last_work.is_some_and(|t| t.elapsed() < self.spin) {
+                std::thread::yield_now();
+                Some(Duration::ZERO)
+            } else {
+                self.sleeping.store(true, Ordering::SeqCst);
+                if self.pending.load(Ordering::SeqCst) {
+                    self.sleeping.store(false, Ordering::Relaxed);
+                    continue;
+                }
+                None
+            };
+            let n = match self.epoll.wait(&mut events, timeout) {
+                Ok(n) => n,
+                Err(e) => {
+                    // Only a programming error makes epoll_wait fail: fail what this thread serves.
+                    self.died(Error::io("wait on control streams", e));
+                    return;
+                }
+            };
+            self.sleeping.store(false, Ordering::Relaxed);
+            if n > 0 {
+                threads::point(ThreadKind::ControlReactor);
+            }
+            for ev in &events[..n] {
+                if ev.u64 == WAKE_TOKEN {
+                    self.wake.drain();
+                    continue;
+                }
+                let token = ev.u64 as usize;
+                let Some(Some(entry)) = slab.get_mut(token) else { continue };
+                if entry.stopped {
+                    continue;
+                }
+                entry.read |= ev.events & (READ_EVENTS | BROKEN) != 0;
+                entry.write |= ev.events & (WRITE_EVENTS | BROKEN) != 0;
+                if !entry.queued && (entry.read || entry.write) {
+                    entry.queued = true;
+                    queue.push_back(token);
+                }
+            }
+        }
+    }
+
+    /// Applies the inbox; false when the pool asked the thread to end.
+    fn take_inbox(&self, inbox: &mut Inbox, slab: &mut Vec<Option<Entry>>, queue: &mut VecDeque<usize>) -> bool {
+        self.pending.store(false, Ordering::SeqCst);
+        std::mem::swap(&mut *self.inbox.lock(), inbox);
+        if inbox.exit {
+            return false;
+        }
+        for (token, endpoint) in inbox.adds.drain(..) {
+            if slab.len() <= token {
+                slab.resize_with(token + 1, || None);
+            }
+            slab[token] = Some(Entry { endpoint, read: true, write: true, queued: true, stopped: false });
+            queue.push_back(token);
+        }
+        for token in inbox.removes.drain(..) {
+            if let Some(entry) = slab.get_mut(token) {
+                *entry = None;
+            }
+            if let Some(s) = self.served.lock().get_mut(token) {
+                *s = None;
+            }
+            self.tokens.lock().free.push(token);
+        }
+        for token in inbox.writes.drain(..) {
+            if let Some(Some(entry)) = slab.get_mut(token)
+                && !entry.stopped
+            {
+                entry.write = true;
+                if !entry.queued {
+                    entry.queued = true;
+                    queue.push_back(token);
+                }
+            }
+        }
+        true
+    }
+
+    /// The thread died outside a connection's work: every connection it served fails (their
+    /// state here went with its stack), and an attach replaces it.
+    fn died(&self, err: Error) {
+        self.dead.store(true, Ordering::Release);
+        let served: Vec<_> = self.served.lock().iter().flatten().filter_map(Weak::upgrade).collect();
+        for endpoint in served {
+            endpoint.fail_with(err.clone());
+        }
+    }
+}
+
+/// Runs a connection's reading, then its writing, each contained: a panic fails that connection
+/// alone.
+fn turn(entry: &mut Entry, endpoint: &dyn ControlEndpoint) {
+    if entry.read {
+        entry.read = run(ThreadKind::ControlReader, entry, || endpoint.readable(), endpoint);
+    }
+    if entry.write && !entry.stopped {
+        entry.write = run(ThreadKind::ControlWriter, entry, || endpoint.writable(), endpoint);
+    }
+}
+
+/// One half's work; whether it wants to run again at once.
+fn run(kind: ThreadKind, entry: &mut Entry, work: impl FnOnce() -> Next, endpoint: &dyn ControlEndpoint) -> bool {
+    match run_contained(kind, work) {
+        Ok(Next::Again) => true,
+        Ok(Next::Idle) => false,
+        Ok(Next::Stop) => {
+            entry.stopped = true;
+            false
+        }
+        Err(err) => {
+            entry.stopped = true;
+            endpoint.fail_with(err);
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+
+    /// Counts its writing turns; panics in them if told to.
+    #[derive(Default)]
+    struct Probe {
+        writes: AtomicUsize,
+        panics: bool,
+        failed: Mutex<Option<Error>>,
+    }
+
+    impl ControlEndpoint for Probe {
+        fn readable(&self) -> Next {
+            Next::Idle
+        }
+        fn writable(&self) -> Next {
+            self.writes.fetch_add(1, Ordering::SeqCst);
+            assert!(!self.panics, "boom");
+            Next::Idle
+        }
+        fn fail_with(&self, err: Error) {
+            *self.failed.lock() = Some(err);
+        }
+    }
+
+    fn socket() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        (ours, listener.accept().unwrap().0)
+    }
+
+    fn until(what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !cond() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn threads_are_bounded_shared_and_end_with_the_last_connection() {
+        let reactor = ControlReactor::new(2, Duration::ZERO);
+        assert_eq!(reactor.threads(), 0, "no connection, no thread");
+        let sockets: Vec<_> = (0..5).map(|_| socket()).collect();
+        let mut regs: Vec<_> = sockets.iter().map(|(s, _)| reactor.attach(s.as_raw_fd()).unwrap()).collect();
+        assert_eq!(reactor.threads(), 2);
+        let on_first = regs.iter().filter(|r| Arc::ptr_eq(&r.worker, &regs[0].worker)).count();
+        assert_eq!(on_first, 3, "the connections are spread over both threads");
+        let probes: Vec<_> = regs
+            .iter()
+            .map(|r| {
+                let probe = Arc::new(Probe::default());
+                r.start(Arc::downgrade(&probe) as Weak<dyn ControlEndpoint>).unwrap();
+                probe
+            })
+            .collect();
+        until("every connection's first turn", || probes.iter().all(|p| p.writes.load(Ordering::SeqCst) == 1));
+        regs[4].kick_write();
+        until("the kicked connection's turn", || probes[4].writes.load(Ordering::SeqCst) == 2);
+        assert!(probes[..4].iter().all(|p| p.writes.load(Ordering::SeqCst) == 1), "only the kicked one ran");
+        while regs.len() > 1 {
+            regs.pop().unwrap().detach();
+            assert!(reactor.threads() >= 1);
+        }
+        // Dropping the last registration detaches it, and its thread ends with it.
+        drop(regs);
+        assert_eq!(reactor.threads(), 0);
+        let again = reactor.attach(sockets[0].0.as_raw_fd()).unwrap();
+        assert_eq!(reactor.threads(), 1, "a later connection starts one again");
+        drop(again);
+        assert_eq!(reactor.threads(), 0);
+    }
+
+    #[test]
+    fn a_panic_in_one_connections_work_fails_that_connection_alone() {
+        let reactor = ControlReactor::new(1, Duration::ZERO);
+        let (a, _pa) = socket();
+        let (b, _pb) = socket();
+        let (bad, good) = (Arc::new(Probe { panics: true, ..Probe::default() }), Arc::new(Probe::default()));
+        let bad_reg = reactor.attach(a.as_raw_fd()).unwrap();
+        let good_reg = reactor.attach(b.as_raw_fd()).unwrap();
+        assert!(Arc::ptr_eq(&bad_reg.worker, &good_reg.worker), "one thread serves both");
+        bad_reg.start(Arc::downgrade(&bad) as Weak<dyn ControlEndpoint>).unwrap();
+        good_reg.start(Arc::downgrade(&good) as Weak<dyn ControlEndpoint>).unwrap();
+        until("the panicking connection failed", || bad.failed.lock().is_some());
+        let err = bad.failed.lock().clone().unwrap();
+        assert_eq!(err.status(), crate::error::UcclStatus::ErrInternal);
+        assert_eq!(err.message(), "control writer panicked: boom");
+        // The thread lives on: the other connection is served, the failed one no more.
+        until("the good connection's first turn", || good.writes.load(Ordering::SeqCst) == 1);
+        bad_reg.kick_write();
+        good_reg.kick_write();
+        until("the good connection's kicked turn", || good.writes.load(Ordering::SeqCst) == 2);
+        assert_eq!(bad.writes.load(Ordering::SeqCst), 1, "a failed connection's work does not run again");
+        assert!(good.failed.lock().is_none());
+        assert_eq!(reactor.threads(), 1);
+    }
+}
