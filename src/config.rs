@@ -48,7 +48,8 @@ pub enum TransportChoice {
 pub struct Config {
     /// Data channels per connection (each a pair of one-way comms). `UCCL_TCPX_NUM_CHANNELS`.
     pub num_channels: u16,
-    /// Payload is cut into chunks of this many bytes, spread round-robin over channels. `UCCL_TCPX_CHUNK_SIZE`.
+    /// Payload is cut into chunks of at most this many bytes (a flow smaller than a chunk per
+    /// channel into a share per channel), spread round-robin over channels. `UCCL_TCPX_CHUNK_SIZE`.
     pub chunk_size: u32,
     /// Requests in flight per comm. `UCCL_TCPX_WINDOW`.
     pub window: usize,
@@ -256,8 +257,9 @@ pub struct SocketConfig {
     /// a size turns autotuning off). `UCCL_TCPX_SOCKET_SNDBUF`, `UCCL_TCPX_SOCKET_RCVBUF`.
     pub sndbuf: u32,
     pub rcvbuf: u32,
-    /// A request is cut into pieces of this many bytes; free sockets pull the next piece, so a slow
-    /// flow takes fewer of them. `UCCL_TCPX_SOCKET_SUBCHUNK`.
+    /// A request is cut into pieces of at most this many bytes (smaller requests into a share per
+    /// socket of at least 64 KiB); free sockets pull the next piece, so a slow flow takes fewer of
+    /// them. `UCCL_TCPX_SOCKET_SUBCHUNK`.
     pub subchunk: u32,
     /// How long a helper that just did some work polls for more before it sleeps; default 20 us on
     /// 8 or more cores, else 0. `UCCL_TCPX_SOCKET_SPIN_US`.

@@ -116,8 +116,18 @@ fn one_sided_writes_and_reads_with_vectors() {
 #[test]
 fn scattered_vectors_are_cut_per_item() {
     let p = pair_with(config(2, 64 << 10));
-    let (count, slot) = (60usize, 160usize << 10);
-    let lens = [1usize, 4097, 65_536, 100_001, 777];
+    vector_cut_per_item(&p, 60, 160 << 10, &[1, 4097, 65_536, 100_001, 777]);
+}
+
+/// The same below a full chunk per channel: 4.4 MB over 3 channels of 4 MiB chunks is cut in
+/// shares of 1.4 MiB, within each item (the 1.5 MB items take two chunks).
+#[test]
+fn spread_vectors_are_cut_per_item() {
+    let p = pair_with(config(3, 4 << 20));
+    vector_cut_per_item(&p, 8, 2 << 20, &[1, 1_500_001, 4097, 700_000]);
+}
+
+fn vector_cut_per_item(p: &Pair, count: usize, slot: usize, lens: &[usize]) {
     let spans: Vec<(usize, usize, usize)> =
         (0..count).map(|i| (((i * 7) % count) * slot, ((i * 11) % count) * slot, lens[i % lens.len()])).collect();
     let total: usize = spans.iter().map(|s| s.2).sum();

@@ -69,8 +69,12 @@ fn traffic(a: &Engine, b: &Engine, ab: &Arc<Connection>, ba: &Arc<Connection>, s
 }
 
 fn many_connections(socket: SocketConfig) {
-    let a = Engine::new(config(socket.clone())).unwrap();
-    let b = Arc::new(Engine::new(config(socket)).unwrap());
+    many_connections_with(config(socket));
+}
+
+fn many_connections_with(config: Config) {
+    let a = Engine::new(config.clone()).unwrap();
+    let b = Arc::new(Engine::new(config).unwrap());
     let conns: Vec<(Arc<Connection>, Arc<Connection>)> = (0..3)
         .map(|_| {
             let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
@@ -98,6 +102,16 @@ fn concurrent_transfers_with_many_sockets_per_comm() {
     // 3 channels x 2 comm directions x 6 sockets per comm, 16 KiB pieces: every chunk is reassembled
     // from pieces that travelled on different sockets.
     many_connections(SocketConfig { nthreads: 3, nsocks_per_thread: 2, subchunk: 16 << 10, ..SocketConfig::default() });
+}
+
+#[test]
+fn concurrent_transfers_spread_over_channels_and_sockets() {
+    // The many-core layout: 4 channels x 2 MiB chunks, 4 sockets per comm, 256 KiB pieces. Every
+    // transfer here (up to 3 MiB) is below a full chunk per channel, so it is cut in shares per
+    // channel, and each chunk in shares per socket.
+    let socket = SocketConfig { nthreads: 4, nsocks_per_thread: 1, ..SocketConfig::default() };
+    assert_eq!(socket.subchunk, 256 << 10);
+    many_connections_with(Config { num_channels: 4, chunk_size: 2 << 20, ..config(socket) });
 }
 
 #[test]

@@ -49,6 +49,15 @@ fn random_sizes_over_one_socket_per_comm() {
     concurrent_comms(options, 3, 120);
 }
 
+/// The default piece size over four sockets: requests below 1 MiB are shared over the sockets in
+/// pieces of 64 KiB and up, larger ones cut in 256 KiB pieces, and both ends agree on every cut.
+#[test]
+fn random_sizes_shared_over_four_sockets_at_the_default_piece_size() {
+    let options = SocketConfig { nthreads: 4, nsocks_per_thread: 1, ..SocketConfig::default() };
+    assert_eq!(options.subchunk, 256 << 10);
+    concurrent_comms(options, 2, 80);
+}
+
 /// Many comms with several sockets each, all on one sending and one receiving helper thread: the
 /// helpers take turns between sockets and never let one comm's busy socket starve another's.
 #[test]

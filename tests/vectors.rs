@@ -100,6 +100,30 @@ fn scattered_vectors_of_many_sizes_write_and_read_every_item_and_nothing_else() 
     back.bytes.fill(0);
 }
 
+/// Vectors below a full chunk per channel are spread over every channel in smaller chunks that
+/// still span items: the many-core layout, 4 channels x 2 MiB.
+#[test]
+fn mid_size_vectors_spread_over_the_channels_write_and_read_every_item() {
+    let p = common::pair(Config { num_channels: 4, chunk_size: 2 << 20, ..common::loopback() });
+    for (count, lens) in [(64usize, &[16usize << 10][..]), (12, &[100_003, 1, 300_001, 4096][..]), (3, &[2 << 20][..])]
+    {
+        let slot = lens.iter().max().unwrap().next_multiple_of(4096) + 4096;
+        let spans = scatter(lens, count, slot, &format!("spread {count}"));
+        let total: u64 = spans.iter().map(|s| s.2 as u64).sum();
+        assert!(total < 8 << 20, "below a full chunk per channel");
+        let src = Region::new(&p.a, pattern(count * slot, 3));
+        let mut dst = Region::new(&p.b, vec![0xEE; count * slot]);
+        let w = p.ab.write(&items(&src, &dst, &spans)).unwrap();
+        assert_eq!(wait(&p.ab, w).unwrap(), total);
+        assert!(landed(&src.bytes, &dst.bytes, &spans, 0xEE, true), "{count} items: written items and gaps");
+        dst.bytes.copy_from_slice(&pattern(count * slot, 4));
+        let back = Region::new(&p.a, vec![0xAA; count * slot]);
+        let r = p.ab.read(&items(&back, &dst, &spans)).unwrap();
+        assert_eq!(wait(&p.ab, r).unwrap(), total);
+        assert!(landed(&dst.bytes, &back.bytes, &spans, 0xAA, false), "{count} items: read items and gaps");
+    }
+}
+
 #[test]
 fn a_vector_with_one_item_outside_the_window_fails_whole_and_leaves_the_target_untouched() {
     let p = pair();

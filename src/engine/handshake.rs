@@ -98,7 +98,7 @@ pub fn accepted_routing(local: &Local, h: &Hello) -> Result<Routing> {
 impl Agreement {
     /// How this connection cuts flows into chunks.
     pub fn chunking(&self) -> Chunking {
-        Chunking { size: self.chunk_size as usize, cut: self.cut }
+        Chunking { size: self.chunk_size as usize, channels: self.num_channels as usize, cut: self.cut }
     }
 }
 

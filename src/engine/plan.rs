@@ -1,10 +1,12 @@
 //! The chunk plan: how a flow's bytes are cut into chunks and which channel each chunk rides. Both
 //! ends derive it from numbers they share (the flow's length, its segments' lengths, the chunk size,
-//! the cut and the flow's sequence number in its direction), never from addresses, so per-channel
-//! FIFO order is the only matching rule the transport needs.
+//! the channel count, the cut and the flow's sequence number in its direction), never from
+//! addresses, so per-channel FIFO order is the only matching rule the transport needs.
 //!
 //! A flow is contiguous memory or a list of segments (a vector: one end's pieces of the same bytes
-//! in the same order, each end its own addresses). Chunk `i` covers bytes `[i * chunk, (i + 1) *
+//! in the same order, each end its own addresses). Its chunk size is [`flow_chunk`]: the agreed
+//! chunk size, or for a flow smaller than a chunk per channel a share of it per channel, so a
+//! mid-size flow rides every channel instead of one. Chunk `i` covers bytes `[i * chunk, (i + 1) *
 //! chunk)` of the flow; with `Cut::Spanning` such a chunk may run over several segments and travels
 //! as one vectored request, with `Cut::PerSegment` chunks are cut within each segment instead (for
 //! transports that take one buffer per request).
@@ -48,11 +50,35 @@ pub enum Cut {
     PerSegment,
 }
 
-/// How a connection cuts its flows: the chunk size and the cut both ends agreed on.
+/// How a connection cuts its flows: the chunk size, channel count and cut both ends agreed on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Chunking {
+    /// The largest chunk.
     pub size: usize,
+    /// The connection's channels: chunks rotate over them, and small flows are spread over them.
+    pub channels: usize,
     pub cut: Cut,
+}
+
+/// The smallest chunk a flow is cut into to spread it over the channels (protocol version 12 on):
+/// below it a chunk's fixed cost (a request on each end, a completion) outweighs moving its bytes
+/// beside the others'.
+pub const MIN_SPREAD_CHUNK: u64 = 128 << 10;
+/// Spread chunks are whole pages, so every chunk but a flow's last starts page-aligned when the
+/// flow does.
+const PAGE: u64 = 4 << 10;
+
+/// The chunk size of a flow of `len` bytes: a page-rounded share per channel, at least
+/// [`MIN_SPREAD_CHUNK`], at most the agreed size. A flow of `channels x size` bytes or more takes
+/// full chunks; a 1 MiB flow over 4 channels of 2 MiB chunks takes four 256 KiB chunks, one per
+/// channel, where one chunk would leave three channels idle.
+pub fn flow_chunk(len: u64, chunking: Chunking) -> usize {
+    let size = chunking.size as u64;
+    let share = len.div_ceil(chunking.channels.max(1) as u64);
+    if share >= size {
+        return chunking.size;
+    }
+    share.max(MIN_SPREAD_CHUNK).next_multiple_of(PAGE).min(size) as usize
 }
 
 /// Where a chunk's bytes lie.
@@ -113,7 +139,7 @@ impl Chunk {
 
 /// How many chunks the flow over `extent` is cut into.
 pub fn chunk_count(extent: &Extent, chunking: Chunking) -> usize {
-    let size = chunking.size;
+    let size = flow_chunk(extent.len(), chunking);
     match (extent, chunking.cut) {
         (Extent::Scattered { segs, .. }, Cut::PerSegment) => segs.iter().map(|s| s.len.div_ceil(size)).sum(),
         _ => extent.len().div_ceil(size as u64) as usize,
@@ -121,19 +147,20 @@ pub fn chunk_count(extent: &Extent, chunking: Chunking) -> usize {
 }
 
 /// Cuts the flow over `extent` into chunks; chunk `i` of the flow with direction sequence number
-/// `seq` rides channel `(seq + i) % channels`, so small flows spread over channels too.
+/// `seq` rides channel `(seq + i) % channels`, so flows of one chunk spread over channels too.
 pub fn plan(
     flow: u64,
     region: u64,
     extent: &Extent,
     chunking: Chunking,
     seq: u64,
-    channels: usize,
 ) -> impl Iterator<Item = (usize, Chunk)> {
+    let channels = chunking.channels.max(1);
     let first_channel = (seq % channels as u64) as usize;
+    let size = flow_chunk(extent.len(), chunking);
     let mut cursor = Cursor { extent: extent.clone(), seg: 0, offset: 0, left: extent.len() };
     (0..chunk_count(extent, chunking)).map(move |i| {
-        let (mem, len) = cursor.next(chunking.size, chunking.cut);
+        let (mem, len) = cursor.next(size, chunking.cut);
         ((first_channel + i) % channels, Chunk { flow, region, mem, len })
     })
 }
@@ -224,14 +251,22 @@ mod tests {
     #[test]
     fn contiguous_plan_covers_every_byte_once_and_rotates() {
         let ext = Extent::Contiguous { addr: 1000, len: 10 };
-        let chunks: Vec<_> = plan(9, 3, &ext, Chunking { size: 4, cut: Cut::Spanning }, 1, 3).collect();
+        let chunks: Vec<_> = plan(9, 3, &ext, Chunking { size: 4, channels: 3, cut: Cut::Spanning }, 1).collect();
         let at = |addr, len| Chunk { flow: 9, region: 3, mem: ChunkMem::At(addr), len };
         assert_eq!(chunks, vec![(1, at(1000, 4)), (2, at(1004, 4)), (0, at(1008, 2))]);
-        assert_eq!(chunk_count(&ext, Chunking { size: 4, cut: Cut::PerSegment }), 3);
-        assert_eq!(chunk_count(&Extent::Contiguous { addr: 0, len: 8 }, Chunking { size: 4, cut: Cut::Spanning }), 2);
-        let one: Vec<_> =
-            plan(1, 2, &Extent::Contiguous { addr: 0, len: 1 }, Chunking { size: 4096, cut: Cut::Spanning }, 5, 2)
-                .collect();
+        assert_eq!(chunk_count(&ext, Chunking { size: 4, channels: 3, cut: Cut::PerSegment }), 3);
+        assert_eq!(
+            chunk_count(&Extent::Contiguous { addr: 0, len: 8 }, Chunking { size: 4, channels: 3, cut: Cut::Spanning }),
+            2
+        );
+        let one: Vec<_> = plan(
+            1,
+            2,
+            &Extent::Contiguous { addr: 0, len: 1 },
+            Chunking { size: 4096, channels: 2, cut: Cut::Spanning },
+            5,
+        )
+        .collect();
         assert_eq!(one, vec![(1, Chunk { flow: 1, region: 2, mem: ChunkMem::At(0), len: 1 })]);
     }
 
@@ -240,10 +275,10 @@ mod tests {
         let segs = vec![seg(100, 3), seg(200, 10), seg(400, 1), seg(500, 6)];
         let ext = Extent::scattered(segs.clone());
         assert_eq!(ext.len(), 20);
-        let chunks: Vec<_> = plan(1, 1, &ext, Chunking { size: 8, cut: Cut::Spanning }, 0, 2).collect();
+        let chunks: Vec<_> = plan(1, 1, &ext, Chunking { size: 8, channels: 2, cut: Cut::Spanning }, 0).collect();
         assert_eq!(chunks.iter().map(|(_, c)| c.len).collect::<Vec<_>>(), [8, 8, 4]);
         assert_eq!(chunks.iter().map(|(ch, _)| *ch).collect::<Vec<_>>(), [0, 1, 0]);
-        assert_eq!(chunk_count(&ext, Chunking { size: 8, cut: Cut::Spanning }), 3);
+        assert_eq!(chunk_count(&ext, Chunking { size: 8, channels: 2, cut: Cut::Spanning }), 3);
         let mut c0 = Vec::new();
         chunks[0].1.segments(&mut c0);
         assert_eq!(c0, [seg(100, 3), seg(200, 5)]);
@@ -261,8 +296,8 @@ mod tests {
         let segs = vec![seg(100, 0), seg(200, 10), seg(300, 0), seg(400, 0), seg(500, 6), seg(600, 0)];
         for cut in [Cut::Spanning, Cut::PerSegment] {
             let ext = Extent::scattered(segs.clone());
-            let chunks: Vec<_> = plan(1, 1, &ext, Chunking { size: 4, cut }, 0, 2).collect();
-            assert_eq!(chunks.len(), chunk_count(&ext, Chunking { size: 4, cut }), "{cut:?}");
+            let chunks: Vec<_> = plan(1, 1, &ext, Chunking { size: 4, channels: 2, cut }, 0).collect();
+            assert_eq!(chunks.len(), chunk_count(&ext, Chunking { size: 4, channels: 2, cut }), "{cut:?}");
             assert!(chunks.iter().all(|(_, c)| c.len > 0), "{cut:?}");
             assert_eq!(merged(memory(&chunks)), [seg(200, 10), seg(500, 6)], "{cut:?}");
         }
@@ -272,10 +307,10 @@ mod tests {
     fn per_segment_chunks_never_cross_a_boundary() {
         let segs = vec![seg(100, 3), seg(200, 10), seg(400, 1), seg(500, 6)];
         let ext = Extent::scattered(segs.clone());
-        let chunks: Vec<_> = plan(1, 1, &ext, Chunking { size: 4, cut: Cut::PerSegment }, 3, 4).collect();
+        let chunks: Vec<_> = plan(1, 1, &ext, Chunking { size: 4, channels: 4, cut: Cut::PerSegment }, 3).collect();
         assert_eq!(chunks.iter().map(|(_, c)| c.len).collect::<Vec<_>>(), [3, 4, 4, 2, 1, 4, 2]);
         assert!(chunks.iter().all(|(_, c)| matches!(c.mem, ChunkMem::At(_))));
-        assert_eq!(chunk_count(&ext, Chunking { size: 4, cut: Cut::PerSegment }), chunks.len());
+        assert_eq!(chunk_count(&ext, Chunking { size: 4, channels: 4, cut: Cut::PerSegment }), chunks.len());
         assert_eq!(chunks.iter().map(|(ch, _)| *ch).collect::<Vec<_>>(), [3, 0, 1, 2, 3, 0, 1]);
         assert_eq!(merged(memory(&chunks)), segs);
     }
@@ -307,14 +342,140 @@ mod tests {
             for cut in [Cut::Spanning, Cut::PerSegment] {
                 let (a, b) = (layout(7), layout(4096));
                 let pa: Vec<_> =
-                    plan(1, 1, &Extent::scattered(a.clone()), Chunking { size: chunk, cut }, 2, 3).collect();
+                    plan(1, 1, &Extent::scattered(a.clone()), Chunking { size: chunk, channels: 3, cut }, 2).collect();
                 let pb: Vec<_> =
-                    plan(1, 1, &Extent::scattered(b.clone()), Chunking { size: chunk, cut }, 2, 3).collect();
+                    plan(1, 1, &Extent::scattered(b.clone()), Chunking { size: chunk, channels: 3, cut }, 2).collect();
                 let shape = |p: &[(usize, Chunk)]| p.iter().map(|(ch, c)| (*ch, c.len)).collect::<Vec<_>>();
                 assert_eq!(shape(&pa), shape(&pb), "{lens:?} in chunks of {chunk}");
                 assert!(pa.iter().all(|(_, c)| c.len <= chunk && c.len > 0));
                 assert_eq!(merged(memory(&pa)), merged(a));
                 assert_eq!(merged(memory(&pb)), merged(b));
+            }
+        }
+    }
+
+    const K: u64 = 1 << 10;
+    const M: u64 = 1 << 20;
+
+    fn spread(size: u64, channels: usize, cut: Cut) -> Chunking {
+        Chunking { size: size as usize, channels, cut }
+    }
+
+    /// The shape both ends agree on: each chunk's channel and length.
+    fn shape(extent: &Extent, chunking: Chunking, seq: u64) -> Vec<(usize, usize)> {
+        plan(1, 1, extent, chunking, seq).map(|(ch, c)| (ch, c.len)).collect()
+    }
+
+    #[test]
+    fn mid_size_flows_ride_every_channel() {
+        let wide = spread(2 * M, 4, Cut::Spanning);
+        let flow = |len| Extent::Contiguous { addr: 1 << 30, len };
+        let quarter = (256 * K) as usize;
+        // One chunk per channel, starting at the flow's own channel.
+        assert_eq!(shape(&flow(M), wide, 1), [(1, quarter), (2, quarter), (3, quarter), (0, quarter)]);
+        assert_eq!(shape(&flow(4 * M), wide, 0).iter().map(|&(ch, _)| ch).collect::<Vec<_>>(), [0, 1, 2, 3]);
+        assert_eq!(flow_chunk(4 * M, wide), M as usize);
+        // Shares are whole pages, at least the minimum; the last chunk takes the rest.
+        assert_eq!(flow_chunk(M + 1, wide), (260 * K) as usize);
+        assert_eq!(shape(&flow(M + 1), wide, 0).last(), Some(&(3, (M + 1 - 3 * 260 * K) as usize)));
+        assert_eq!(flow_chunk(256 * K, wide), MIN_SPREAD_CHUNK as usize);
+        assert_eq!(shape(&flow(64 * K + 1), wide, 2), [(2, (64 * K + 1) as usize)]);
+        // From a full chunk per channel on, flows keep the agreed size.
+        assert_eq!(flow_chunk(8 * M, wide), (2 * M) as usize);
+        assert_eq!(flow_chunk(64 * M, wide), (2 * M) as usize);
+        assert_eq!(flow_chunk(8 * M - 1, wide), (2 * M) as usize);
+        // Two channels of 1 MiB (the small hosts' layout) and a single channel.
+        assert_eq!(shape(&flow(M), spread(M, 2, Cut::Spanning), 0), [(0, 512 << 10), (1, 512 << 10)]);
+        assert_eq!(shape(&flow(M), spread(2 * M, 1, Cut::Spanning), 0), [(0, M as usize)]);
+        // A chunk size below the minimum is never exceeded.
+        assert_eq!(flow_chunk(M, spread(64 * K, 4, Cut::Spanning)), (64 * K) as usize);
+        assert_eq!(flow_chunk(M, spread(5000, 4, Cut::Spanning)), 5000);
+    }
+
+    #[test]
+    fn vectors_spread_like_contiguous_flows() {
+        let wide = |cut| spread(2 * M, 4, cut);
+        // 1 MiB of 16 KiB segments: spanning chunks cross segments and match a contiguous flow's,
+        // per-segment chunks stay inside one segment each and so are no larger than it.
+        let segs: Vec<IoSeg> = (0..64).map(|i| seg(0x10_0000 + i * 0x8000, 16 << 10)).collect();
+        let ext = Extent::scattered(segs.clone());
+        let span: Vec<_> = plan(1, 1, &ext, wide(Cut::Spanning), 0).collect();
+        let contiguous = shape(&Extent::Contiguous { addr: 0, len: M }, wide(Cut::Spanning), 0);
+        assert_eq!(span.iter().map(|(ch, c)| (*ch, c.len)).collect::<Vec<_>>(), contiguous);
+        assert_eq!(merged(memory(&span)), segs);
+        let per: Vec<_> = plan(1, 1, &ext, wide(Cut::PerSegment), 0).collect();
+        assert_eq!(per.len(), 64);
+        assert_eq!(per.iter().map(|(ch, _)| *ch).take(5).collect::<Vec<_>>(), [0, 1, 2, 3, 0]);
+        assert_eq!(merged(memory(&per)), segs);
+        // 2 MiB in four 512 KiB segments: the flow's chunk is 512 KiB, one per segment and channel.
+        let big: Vec<IoSeg> = (0..4).map(|i| seg(0x1000_0000 + i * 0x10_0000, 512 << 10)).collect();
+        let ext = Extent::scattered(big.clone());
+        assert_eq!(flow_chunk(2 * M, wide(Cut::PerSegment)), 512 << 10);
+        let per: Vec<_> = plan(1, 1, &ext, wide(Cut::PerSegment), 3).collect();
+        let expected = [(3, 512 << 10), (0, 512 << 10), (1, 512 << 10), (2, 512 << 10)];
+        assert_eq!(per.iter().map(|(ch, c)| (*ch, c.len)).collect::<Vec<_>>(), expected);
+        assert_eq!(merged(memory(&per)), big);
+    }
+
+    use proptest::prelude::*;
+
+    fn runner() -> ProptestConfig {
+        ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() }
+    }
+
+    proptest! {
+        #![proptest_config(runner())]
+
+        /// The flow's chunk size is a function of its length and the layout alone, never larger
+        /// than agreed, whole pages unless it is the agreed size, full size once every channel
+        /// gets a full chunk, and otherwise never more chunks than channels.
+        #[test]
+        fn flow_chunk_bounds(len in 1u64..=256 * M, channels in 1usize..=8, size in 4 * K..=4 * M) {
+            let chunking = spread(size, channels, Cut::Spanning);
+            let c = flow_chunk(len, chunking) as u64;
+            prop_assert!(c > 0 && c <= size);
+            prop_assert!(c == size || c.is_multiple_of(PAGE));
+            prop_assert!(c >= MIN_SPREAD_CHUNK.min(size));
+            if len >= channels as u64 * size {
+                prop_assert_eq!(c, size);
+            }
+            if c < size {
+                prop_assert!(len.div_ceil(c) <= channels as u64);
+            }
+            prop_assert_eq!(chunk_count(&Extent::Contiguous { addr: 0, len }, chunking) as u64, len.div_ceil(c));
+        }
+
+        /// Two ends with different segment layouts of the same lengths cut the same chunks on the
+        /// same channels, and each covers its own memory exactly once, at sizes where spreading
+        /// applies.
+        #[test]
+        fn both_ends_agree_on_spread_vectors(
+            lens in proptest::collection::vec(1usize..=(512 << 10), 1..24),
+            channels in 1usize..=8,
+            size in prop_oneof![Just(M), Just(2 * M), Just(4 * M), 4 * K..=4 * M],
+            seq in 0u64..16,
+        ) {
+            let layout = |gap: usize| -> Vec<IoSeg> {
+                let mut at = 0x10000;
+                lens.iter().map(|&len| { let s = seg(at, len); at += len + gap; s }).collect()
+            };
+            let total: u64 = lens.iter().map(|&l| l as u64).sum();
+            for cut in [Cut::Spanning, Cut::PerSegment] {
+                let chunking = spread(size, channels, cut);
+                let (a, b) = (Extent::scattered(layout(3)), Extent::scattered(layout(1 << 20)));
+                let pa: Vec<_> = plan(1, 1, &a, chunking, seq).collect();
+                let pb: Vec<_> = plan(1, 1, &b, chunking, seq).collect();
+                let sa: Vec<_> = pa.iter().map(|(ch, c)| (*ch, c.len)).collect();
+                prop_assert_eq!(&sa, &pb.iter().map(|(ch, c)| (*ch, c.len)).collect::<Vec<_>>());
+                prop_assert_eq!(pa.len(), chunk_count(&a, chunking));
+                let c = flow_chunk(total, chunking);
+                prop_assert!(pa.iter().all(|(ch, k)| k.len > 0 && k.len <= c && *ch < channels));
+                prop_assert!(pa.iter().enumerate().all(|(i, (ch, _))| *ch == (seq as usize + i) % channels));
+                prop_assert_eq!(merged(memory(&pa)), merged(layout(3)));
+                prop_assert_eq!(merged(memory(&pb)), merged(layout(1 << 20)));
+                if cut == Cut::PerSegment {
+                    prop_assert!(pa.iter().all(|(_, k)| matches!(k.mem, ChunkMem::At(_))));
+                }
             }
         }
     }

@@ -465,12 +465,16 @@ impl Connection {
 
 /// Cuts a flow into chunks and queues each on its channel (registering its region there first).
 fn queue(channels: &mut [Channel], chunking: Chunking, flow_plan: &FlowPlan) -> Result<()> {
-    if channels.is_empty() {
-        return Err(Error::backend("internal: a flow was started on a connection without channels"));
+    if channels.is_empty() || channels.len() != chunking.channels {
+        return Err(Error::backend(format!(
+            "internal: a flow planned for {} channels was started on a connection with {}",
+            chunking.channels,
+            channels.len()
+        )));
     }
     let FlowPlan { dir, flow, ref region, ref extent, seq } = *flow_plan;
     let id = region.as_ref().map_or(channel::SCRATCH, |r| r.id);
-    for (c, chunk) in plan::plan(flow, id, extent, chunking, seq, channels.len()) {
+    for (c, chunk) in plan::plan(flow, id, extent, chunking, seq) {
         // A flow whose region is gone moves through scratch memory with the same chunk lengths.
         let chunk = if region.is_some() { chunk } else { Chunk { mem: ChunkMem::At(0), ..chunk } };
         match dir {

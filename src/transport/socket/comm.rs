@@ -11,6 +11,7 @@ use super::reactor::{Placement, Pool};
 use super::receiver::{RecvSockets, RecvTask};
 use super::sender::{INLINE_MAX, Inline, SendSockets, SendTask};
 use super::window::{MAX_REQUESTS, Window};
+use super::wire::PieceCut;
 use super::zerocopy::{self, Counters};
 use crate::error::{Error, Result};
 use crate::threads::ThreadKind;
@@ -57,7 +58,6 @@ enum Side {
 struct CommCore {
     window: Arc<Window>,
     side: Side,
-    subchunk: usize,
     inline_max: usize,
     helpers: Arc<Helpers>,
     posted: u64,
@@ -87,7 +87,7 @@ impl CommCore {
                     Inline::NoSocket => {
                         // As many idle sockets as the request has pieces; busy ones pull the rest
                         // when they finish their piece.
-                        let mut pieces = len.div_ceil(self.subchunk).max(1);
+                        let mut pieces = self.window.cut.pieces(len as u64);
                         for (k, p) in placements.iter().enumerate() {
                             if pieces == 0 {
                                 break;
@@ -165,14 +165,13 @@ impl SocketSendComm {
             vec![false; streams.len()]
         };
         nonblocking(&streams)?;
-        let window = Arc::new(Window::new(how.subchunk, wake));
         let n = streams.len();
+        let window = Arc::new(Window::new(PieceCut::new(how.subchunk, n), wake));
         let shared = Arc::new(SendSockets::new(streams, window.clone(), zerocopy, how.zerocopy_threshold, counters));
         let placements = helpers.send.attach((0..n).map(|k| SendTask::new(shared.clone(), k)).collect())?;
         Ok(SocketSendComm(CommCore {
             window,
             side: Side::Send(shared, placements),
-            subchunk: how.subchunk,
             inline_max: INLINE_MAX.min(how.subchunk),
             helpers,
             posted: 0,
@@ -210,14 +209,13 @@ pub struct SocketRecvComm(CommCore);
 impl SocketRecvComm {
     pub fn new(streams: Vec<TcpStream>, wake: Wake, how: Threading, helpers: Arc<Helpers>) -> Result<SocketRecvComm> {
         nonblocking(&streams)?;
-        let window = Arc::new(Window::new(how.subchunk, wake));
         let n = streams.len();
+        let window = Arc::new(Window::new(PieceCut::new(how.subchunk, n), wake));
         let shared = Arc::new(RecvSockets::new(streams, window.clone()));
         let placements = helpers.recv.attach((0..n).map(|k| RecvTask::new(shared.clone(), k)).collect())?;
         Ok(SocketRecvComm(CommCore {
             window,
             side: Side::Recv(shared, placements),
-            subchunk: how.subchunk,
             inline_max: 0,
             helpers,
             posted: 0,

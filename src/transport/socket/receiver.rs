@@ -130,7 +130,7 @@ fn drive(s: &RecvSockets, socket: usize, inc: &mut Incoming) -> Result<Step> {
             }
             Phase::Header => {
                 if inc.end - inc.start >= PIECE_HEADER_LEN {
-                    let h = PieceHeader::decode(&inc.stage[inc.start..inc.end], s.window.subchunk as u32)?;
+                    let h = PieceHeader::decode(&inc.stage[inc.start..inc.end], s.window.cut)?;
                     inc.start += PIECE_HEADER_LEN;
                     admit(&s.window, inc, h)?;
                     continue;

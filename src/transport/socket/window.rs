@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
+use super::wire::PieceCut;
 use crate::error::{Error, Result};
 use crate::transport::{IoSeg, Wake};
 
@@ -111,7 +112,8 @@ pub struct Window {
     /// Mirror of `book.posted` that threads watch without the lock.
     posted: AtomicU64,
     progress: [Progress; MAX_REQUESTS],
-    pub subchunk: u64,
+    /// How both ends cut requests into pieces.
+    pub cut: PieceCut,
     closing: AtomicBool,
     failed: AtomicBool,
     failure: Mutex<Option<Error>>,
@@ -119,7 +121,7 @@ pub struct Window {
 }
 
 impl Window {
-    pub fn new(subchunk: usize, wake: Wake) -> Window {
+    pub fn new(cut: PieceCut, wake: Wake) -> Window {
         let empty = Request { seq: UNKNOWN, len: 0, total: UNKNOWN, admitted: 0 };
         Window {
             book: Mutex::new(Book {
@@ -132,7 +134,7 @@ impl Window {
             }),
             posted: AtomicU64::new(0),
             progress: Default::default(),
-            subchunk: subchunk as u64,
+            cut,
             closing: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
@@ -184,8 +186,9 @@ impl Window {
         let slot = book.cut_seq as usize % MAX_REQUESTS;
         let req = book.reqs[slot];
         let offset = book.cut_offset;
-        let len = (req.len as u64 - offset).min(self.subchunk) as usize;
-        book.cut_offset += self.subchunk;
+        let piece = self.cut.piece_len(req.len as u64);
+        let len = (req.len as u64 - offset).min(piece) as usize;
+        book.cut_offset += piece;
         if book.cut_offset >= req.len as u64 {
             book.cut_seq += 1;
             book.cut_offset = 0;
@@ -214,10 +217,11 @@ impl Window {
         if total > req.len as u64 {
             return Err(Error::backend(format!("peer sent a {total}-byte message into a {}-byte receive", req.len)));
         }
+        let piece = self.cut.piece_len(total);
         if req.total == UNKNOWN {
             req.total = total;
             seen.clear();
-            seen.resize(total.div_ceil(self.subchunk).div_ceil(64).max(1) as usize, 0);
+            seen.resize(total.div_ceil(piece).div_ceil(64).max(1) as usize, 0);
         } else if req.total != total {
             return Err(Error::backend(format!(
                 "protocol violation: pieces of request {seq} disagree on its size ({} and {total} bytes)",
@@ -225,7 +229,7 @@ impl Window {
             )));
         }
         // The header decoder checked that offset is a multiple of the piece size below total.
-        let index = (offset / self.subchunk) as usize;
+        let index = (offset / piece) as usize;
         let bit = 1u64 << (index % 64);
         if seen[index / 64] & bit != 0 || req.admitted + len > total {
             return Err(Error::backend(format!("protocol violation: request {seq} received a piece twice")));

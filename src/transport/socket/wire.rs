@@ -7,7 +7,8 @@ use crate::error::{Error, Result};
 
 const HELLO_MAGIC: u32 = 0x5353_5455;
 const PIECE_MAGIC: u32 = 0x4350_5455;
-const VERSION: u16 = 2;
+/// 3: pieces follow [`PieceCut`] (a request shared over the sockets) instead of fixed sizes.
+const VERSION: u16 = 3;
 
 pub const HELLO_LEN: usize = 32;
 pub const PIECE_HEADER_LEN: usize = 32;
@@ -21,7 +22,7 @@ pub struct SocketHello {
     pub comm_id: u64,
     pub index: u8,
     pub count: u8,
-    /// Bytes per piece the sender cuts requests into; the receiver checks piece boundaries with it.
+    /// The largest piece the sender cuts; with `count` it gives the receiver the sender's cut.
     pub subchunk: u32,
 }
 
@@ -66,6 +67,43 @@ impl SocketHello {
     }
 }
 
+/// The smallest piece a request is cut into to share it over the comm's sockets: below it a piece's
+/// fixed cost (a header, a `sendmsg`, a helper's turn) outweighs moving it beside the others.
+pub const MIN_SHARED_PIECE: u64 = 64 << 10;
+/// Shared pieces are whole pages, so a page-aligned request's pieces stay page-aligned.
+const PIECE_ALIGN: u64 = 4 << 10;
+
+/// How a comm cuts requests into pieces, known to both ends from the sockets' hellos: a request of
+/// `total` bytes takes pieces of its page-rounded share per socket, at least [`MIN_SHARED_PIECE`],
+/// at most `subchunk`. A 256 KiB request on four sockets so rides all four, while large requests
+/// keep `subchunk` pieces (smaller pieces for every size cost large transfers bandwidth).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PieceCut {
+    subchunk: u64,
+    sockets: u64,
+}
+
+impl PieceCut {
+    pub fn new(subchunk: usize, sockets: usize) -> PieceCut {
+        PieceCut { subchunk: subchunk.max(1) as u64, sockets: sockets.max(1) as u64 }
+    }
+
+    /// Bytes per piece of a request of `total` bytes (the last piece may be shorter). Any `total`
+    /// a header may claim is fine: the result never exceeds `subchunk`.
+    pub fn piece_len(&self, total: u64) -> u64 {
+        let share = total.div_ceil(self.sockets);
+        if share >= self.subchunk {
+            return self.subchunk;
+        }
+        share.max(MIN_SHARED_PIECE).next_multiple_of(PIECE_ALIGN).min(self.subchunk)
+    }
+
+    /// Pieces of a request of `total` bytes; an empty request still sends one (empty) piece.
+    pub fn pieces(&self, total: u64) -> u64 {
+        total.div_ceil(self.piece_len(total)).max(1)
+    }
+}
+
 /// One piece of a request: `len` bytes at `offset` of request `seq`, whose total size is `total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PieceHeader {
@@ -87,8 +125,8 @@ impl PieceHeader {
     }
 
     /// Checks what a header must satisfy on its own: the magic, and that it is exactly the piece the
-    /// sender's cut (`subchunk`) produces at its offset, so pieces of one request can never overlap.
-    pub fn decode(b: &[u8], subchunk: u32) -> Result<PieceHeader> {
+    /// sender's cut produces at its offset for its total, so pieces of one request can never overlap.
+    pub fn decode(b: &[u8], cut: PieceCut) -> Result<PieceHeader> {
         let h = PieceHeader {
             len: le32(&b[4..8]),
             seq: le64(&b[8..16]),
@@ -98,12 +136,13 @@ impl PieceHeader {
         if le32(&b[0..4]) != PIECE_MAGIC {
             return Err(Error::backend("protocol violation: data socket piece header has a bad magic"));
         }
-        let expected_len = h.total.saturating_sub(h.offset).min(subchunk as u64);
+        let piece = cut.piece_len(h.total);
+        let expected_len = h.total.saturating_sub(h.offset).min(piece);
         let in_range = h.offset < h.total || (h.offset == 0 && h.total == 0);
-        if !in_range || !h.offset.is_multiple_of(subchunk as u64) || h.len as u64 != expected_len {
+        if !in_range || !h.offset.is_multiple_of(piece) || h.len as u64 != expected_len {
             return Err(Error::backend(format!(
-                "protocol violation: piece of request {} claims {} bytes at offset {} of {} (pieces are {} bytes)",
-                h.seq, h.len, h.offset, h.total, subchunk
+                "protocol violation: piece of request {} claims {} bytes at offset {} of {} (its pieces are {} bytes)",
+                h.seq, h.len, h.offset, h.total, piece
             )));
         }
         Ok(h)
@@ -143,7 +182,8 @@ mod tests {
 
     #[test]
     fn piece_header_must_match_the_cut() {
-        let sub = 4096;
+        // Pieces below the shared minimum: every request is cut in 4 KiB pieces, whatever its size.
+        let sub = PieceCut::new(4096, 4);
         let ok = [
             PieceHeader { seq: 1, total: 10_000, offset: 0, len: 4096 },
             PieceHeader { seq: 1, total: 10_000, offset: 8192, len: 1808 },
@@ -167,5 +207,88 @@ mod tests {
         let mut magic = ok[0].encode();
         magic[0] ^= 0xff;
         assert!(PieceHeader::decode(&magic, sub).unwrap_err().message().contains("magic"));
+    }
+
+    const K: u64 = 1 << 10;
+
+    #[test]
+    fn requests_are_shared_over_the_sockets_down_to_the_minimum() {
+        let four = PieceCut::new(256 << 10, 4);
+        for (total, piece) in [
+            (256 * K, 64 * K),
+            (1 << 20, 256 * K),
+            (2 << 20, 256 * K),
+            (100 * K, 64 * K),
+            // 75 KiB a socket, rounded up to pages.
+            (300 * K, 76 * K),
+            (0, 64 * K),
+            (1, 64 * K),
+            (u64::MAX, 256 * K),
+        ] {
+            assert_eq!(four.piece_len(total), piece, "{total} bytes");
+        }
+        assert_eq!(four.pieces(256 * K), 4);
+        assert_eq!(four.pieces(300 * K), 4);
+        assert_eq!(four.pieces(0), 1);
+        assert_eq!(four.pieces(2 << 20), 8);
+        let one = PieceCut::new(256 << 10, 1);
+        assert_eq!(one.piece_len(100 * K), 100 * K);
+        assert_eq!(one.piece_len(100 * K + 1), 104 * K);
+        assert_eq!(one.piece_len(1 << 20), 256 * K);
+        // A piece size below the minimum is never exceeded.
+        assert_eq!(PieceCut::new(16 << 10, 8).piece_len(1 << 20), 16 * K);
+        // Headers of the adaptive cut decode; the fixed cut's do not where they differ.
+        let h = PieceHeader { seq: 0, total: 256 * K, offset: 192 * K, len: 64 << 10 };
+        assert_eq!(PieceHeader::decode(&h.encode(), four).unwrap(), h);
+        assert!(PieceHeader::decode(&PieceHeader { len: 256 << 10, offset: 0, ..h }.encode(), four).is_err());
+        assert!(PieceHeader::decode(&h.encode(), one).is_err(), "one socket cuts 256 KiB in one piece");
+    }
+
+    use proptest::prelude::*;
+
+    fn runner() -> ProptestConfig {
+        ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() }
+    }
+
+    proptest! {
+        #![proptest_config(runner())]
+
+        /// Every piece the cut makes decodes as exactly that piece; the pieces tile the request;
+        /// any other offset or length at the same total is refused; a shared request never takes
+        /// more pieces than sockets.
+        #[test]
+        fn the_cut_is_what_the_receiver_accepts(
+            total in prop_oneof![0u64..=(8 << 20), Just(256 << 10), Just(1 << 20), Just(2 << 20)],
+            subchunk in prop_oneof![Just(256usize << 10), (4usize << 10)..=(4 << 20)],
+            sockets in 1usize..=64,
+            shift in 1u64..4096,
+        ) {
+            let cut = PieceCut::new(subchunk, sockets);
+            let piece = cut.piece_len(total);
+            prop_assert!(piece <= subchunk as u64 && piece >= MIN_SHARED_PIECE.min(subchunk as u64));
+            prop_assert!(piece == subchunk as u64 || piece.is_multiple_of(PIECE_ALIGN));
+            if piece < subchunk as u64 && total > 0 {
+                prop_assert!(cut.pieces(total) <= sockets as u64);
+            }
+            let mut covered = 0;
+            for i in 0..cut.pieces(total) {
+                let offset = i * piece;
+                let len = (total - offset).min(piece);
+                let h = PieceHeader { seq: 7, total, offset, len: len as u32 };
+                prop_assert_eq!(PieceHeader::decode(&h.encode(), cut).unwrap(), h);
+                let moved = PieceHeader { offset: offset + shift.min(piece - 1).max(1), ..h };
+                prop_assert!(piece == 1 || PieceHeader::decode(&moved.encode(), cut).is_err());
+                for bad in [len + 1, len.wrapping_sub(1)] {
+                    if bad != len && bad <= u32::MAX as u64 {
+                        let wrong = PieceHeader { len: bad as u32, ..h };
+                        prop_assert!(PieceHeader::decode(&wrong.encode(), cut).is_err());
+                    }
+                }
+                covered += len;
+            }
+            prop_assert_eq!(covered, total);
+            let past = PieceHeader { seq: 7, total, offset: cut.pieces(total) * piece, len: 0 };
+            prop_assert!(PieceHeader::decode(&past.encode(), cut).is_err());
+        }
     }
 }

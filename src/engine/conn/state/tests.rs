@@ -82,7 +82,7 @@ impl End {
 
     fn with_cut(cut: Cut) -> End {
         End {
-            st: ConnState::new(Chunking { size: CHUNK, cut }, Instant::now()),
+            st: ConnState::new(Chunking { size: CHUNK, channels: 3, cut }, Instant::now()),
             mem: HostMemory::default(),
             transfers: TransferTable::default(),
             outbox: VecDeque::new(),
@@ -254,7 +254,7 @@ fn move_data(from: &mut End, to: &mut End) -> bool {
         assert_eq!(src.extent.len(), dst.extent.len(), "both ends plan the same flow");
         // Both ends cut the flow into the same chunks on the same channels, whatever their memory.
         let shape = |p: &FlowPlan, chunking| {
-            plan::plan(p.flow, 1, &p.extent, chunking, p.seq, 3).map(|(ch, c)| (ch, c.len)).collect::<Vec<_>>()
+            plan::plan(p.flow, 1, &p.extent, chunking, p.seq).map(|(ch, c)| (ch, c.len)).collect::<Vec<_>>()
         };
         let chunks = shape(&src, from.st.chunking());
         assert_eq!(chunks, shape(&dst, to.st.chunking()), "both ends cut the flow alike");
