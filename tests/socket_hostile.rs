@@ -29,12 +29,16 @@ fn target(handle: &NetHandle) -> (SocketAddr, u64) {
 }
 
 fn hello(nonce: u64, comm_id: u64, index: u8, count: u8) -> Vec<u8> {
+    hello_with(nonce, comm_id, index, count, PIECE)
+}
+
+fn hello_with(nonce: u64, comm_id: u64, index: u8, count: u8, piece_size: u32) -> Vec<u8> {
     let mut b = HELLO_MAGIC.to_le_bytes().to_vec();
-    b.extend_from_slice(&2u16.to_le_bytes());
+    b.extend_from_slice(&3u16.to_le_bytes());
     b.extend_from_slice(&[index, count]);
     b.extend_from_slice(&nonce.to_le_bytes());
     b.extend_from_slice(&comm_id.to_le_bytes());
-    b.extend_from_slice(&PIECE.to_le_bytes());
+    b.extend_from_slice(&piece_size.to_le_bytes());
     b.extend_from_slice(&[0; 4]);
     b
 }
@@ -72,19 +76,41 @@ fn refuse_until(listen: &mut dyn ListenComm, what: &str, mut done: impl FnMut() 
 
 /// A one-socket comm whose sending side is ours to script.
 fn hostile_comm() -> (TcpStream, Box<dyn RecvComm>) {
+    let (mut sockets, comm) = hostile_comm_of(1, PIECE);
+    (sockets.remove(0), comm)
+}
+
+/// A comm of `count` sockets announcing pieces of up to `piece_size` bytes, all its sockets ours.
+fn hostile_comm_of(count: u8, piece_size: u32) -> (Vec<TcpStream>, Box<dyn RecvComm>) {
     let net = net();
     let (handle, mut listen) = net.listen(0).unwrap();
     let (addr, nonce) = target(&handle);
-    let mut peer = TcpStream::connect(addr).unwrap();
-    peer.write_all(&hello(nonce, 42, 0, 1)).unwrap();
+    let sockets = (0..count)
+        .map(|i| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(&hello_with(nonce, 42, i, count, piece_size)).unwrap();
+            s
+        })
+        .collect();
     let comm = common::comm::accept(&mut *listen);
-    (peer, comm)
+    (sockets, comm)
 }
 
 /// Posts receives of `posted` bytes (into buffers of `posted + 64`), sends `bytes`, and expects the
 /// comm to fail with ErrBackend naming `what`, with nothing written past the posted length.
 fn expect_failure(receives: usize, posted: usize, bytes: &[u8], what: &str) {
-    let (mut peer, mut comm) = hostile_comm();
+    let (peer, comm) = hostile_comm();
+    expect_failure_on(peer, comm, receives, posted, bytes, what);
+}
+
+fn expect_failure_on(
+    mut peer: TcpStream,
+    mut comm: Box<dyn RecvComm>,
+    receives: usize,
+    posted: usize,
+    bytes: &[u8],
+    what: &str,
+) {
     let mut bufs: Vec<Vec<u8>> = (0..receives).map(|_| vec![0u8; posted + 64]).collect();
     let ids: Vec<_> =
         // SAFETY: each b is a live Vec of posted + 64 bytes (posted of them handed over), read only after the
@@ -119,6 +145,37 @@ fn piece_off_the_senders_cut_fails_the_comm() {
     expect_failure(1, 10_000, &piece(PIECE_MAGIC, 0, 100, PIECE, 10_000), "pieces are 4096 bytes");
     expect_failure(1, 10_000, &piece(PIECE_MAGIC, 0, 0, 100, 10_000), "pieces are 4096 bytes");
     expect_failure(1, 10_000, &piece(PIECE_MAGIC, 0, 12_288, 0, 10_000), "pieces are 4096 bytes");
+}
+
+/// A comm of four sockets and 256 KiB pieces shares a 256 KiB request in four 64 KiB pieces: the
+/// receiver takes exactly that cut, on any of the sockets, and refuses the fixed 256 KiB one and
+/// any piece off the shared boundaries.
+#[test]
+fn shared_pieces_follow_the_senders_cut() {
+    const K: u32 = 1024;
+    let total = 256 * K;
+    let (mut sockets, mut comm) = hostile_comm_of(4, total);
+    let mut buf = vec![0u8; total as usize + 64];
+    // SAFETY: buf is a live Vec of total + 64 bytes, read once the receive completed.
+    let id = unsafe { comm.irecv(buf.as_mut_ptr(), total as usize, MrHandle(0)) }.unwrap().unwrap();
+    for i in 0..4u64 {
+        let at = i * 64 * K as u64;
+        sockets[0].write_all(&piece(PIECE_MAGIC, 0, at, 64 * K, total as u64)).unwrap();
+    }
+    let n = common::eventually("the shared pieces complete the receive", PATIENCE, || comm.test(id).unwrap());
+    assert_eq!(n, total as usize);
+    assert!(buf[..total as usize].iter().all(|&x| x == 0xab) && buf[total as usize..].iter().all(|&x| x == 0));
+    drop(sockets);
+
+    let whole = piece(PIECE_MAGIC, 0, 0, total, total as u64);
+    let (sockets, comm) = hostile_comm_of(4, total);
+    let first = sockets.into_iter().next().unwrap();
+    expect_failure_on(first, comm, 1, total as usize, &whole, "its pieces are 65536 bytes");
+    // 300 KiB shares as 76 KiB pieces; a 64 KiB one is off the cut.
+    let off = piece(PIECE_MAGIC, 0, 64 * K as u64, 64 * K, 300 * K as u64);
+    let (sockets, comm) = hostile_comm_of(4, total);
+    let first = sockets.into_iter().next().unwrap();
+    expect_failure_on(first, comm, 1, 300 * K as usize, &off, "its pieces are 77824 bytes");
 }
 
 #[test]

@@ -553,7 +553,8 @@ fn parse_socket_handle(h: &[u8; 128]) -> (SocketAddr, u64) {
 /// The hello of socket 0 of a one-socket comm; the comm id is what the engine's side picks at random.
 fn stream_hello(nonce: u64, comm_id: u64) -> Vec<u8> {
     let mut b = STREAM_HELLO_MAGIC.to_le_bytes().to_vec();
-    b.extend_from_slice(&2u16.to_le_bytes());
+    // The data socket wire's version (`VERSION` in wire.rs).
+    b.extend_from_slice(&3u16.to_le_bytes());
     b.extend_from_slice(&[0, 1]);
     b.extend_from_slice(&nonce.to_le_bytes());
     b.extend_from_slice(&comm_id.to_le_bytes());
@@ -562,7 +563,7 @@ fn stream_hello(nonce: u64, comm_id: u64) -> Vec<u8> {
     b
 }
 
-/// Message `seq` of a comm as one piece (payloads here are below the 256 KiB piece size).
+/// Message `seq` of a comm as one piece (on one socket, a message of up to 256 KiB is one piece).
 fn message(seq: u64, payload: &[u8]) -> Vec<u8> {
     let mut b = PIECE_MAGIC.to_le_bytes().to_vec();
     b.extend_from_slice(&(payload.len() as u32).to_le_bytes());
