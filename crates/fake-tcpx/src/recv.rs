@@ -154,12 +154,7 @@ impl FakeRecv {
                  has failed. Receive into GPU memory (a CUDA registration) and copy out",
             )));
         }
-        let (k, entry) = self.ring.post()?;
-        entry.comm = self.key as *mut c_void;
-        entry.data = data;
-        entry.op = OP_RECV;
-        entry.mem_type = kind;
-        entry.size = size;
+        let (k, _) = self.ring.post(self.key, OP_RECV, data, kind, size)?;
         self.slots[k as usize % MAX_REQUESTS] = RecvSlot { posted_len: len, arrived: None, pages: Vec::new() };
         let (key, r) = (self.key, &self.ring);
         log::trace(|| {

@@ -103,8 +103,16 @@ impl Ring {
         MAX_REQUESTS * size_of::<RequestEntry>()
     }
 
-    /// Takes the next entry; its sequence number is `posted` before the call.
-    pub fn post(&mut self) -> Result<(u64, &mut RequestEntry)> {
+    /// Takes the next entry for an `op` request of the comm the caller knows as `comm`; its sequence
+    /// number is `posted` before the call.
+    pub fn post(
+        &mut self,
+        comm: usize,
+        op: c_int,
+        data: *mut c_void,
+        mem_type: c_int,
+        size: c_int,
+    ) -> Result<(u64, &mut RequestEntry)> {
         if self.posted - self.released >= MAX_REQUESTS as u64 {
             return Err(Fail::internal(format!(
                 "unable to allocate requests: {MAX_REQUESTS} requests are outstanding on this comm \
@@ -115,7 +123,7 @@ impl Ring {
         let k = self.posted;
         self.posted += 1;
         let e = &mut self.entries[k as usize % MAX_REQUESTS];
-        *e = RequestEntry::empty();
+        *e = RequestEntry { comm: comm as *mut c_void, data, op, mem_type, size, ..RequestEntry::empty() };
         Ok((k, e))
     }
 
@@ -178,10 +186,11 @@ mod tests {
     #[test]
     fn ring_rules() {
         let mut r = Ring::new();
+        let post = |r: &mut Ring| r.post(0x40, OP_SEND, std::ptr::null_mut(), 0, 1).map(|(k, _)| k);
         for _ in 0..MAX_REQUESTS {
-            r.post().unwrap();
+            post(&mut r).unwrap();
         }
-        assert!(r.post().unwrap_err().msg.contains("unable to allocate requests"));
+        assert!(post(&mut r).unwrap_err().msg.contains("unable to allocate requests"));
         assert!(r.check_test(1).is_err());
         assert_eq!(r.check_test(0).unwrap(), 0);
         assert!(r.check_consume(0).is_err(), "not yet done");
@@ -190,9 +199,28 @@ mod tests {
         assert!(r.check_consume(1).is_err(), "not the oldest");
         assert_eq!(r.check_consume(0).unwrap(), 0);
         r.released = 1;
-        let (k, _) = r.post().unwrap();
-        assert_eq!(k, 16);
+        assert_eq!(post(&mut r).unwrap(), 16);
         assert_eq!(r.live(0), Some(16));
         assert_eq!(r.pointer(16), r.pointer(0));
+    }
+
+    /// A posted entry holds what the post names and nothing of the request that used it before.
+    #[test]
+    fn post_fills_a_fresh_entry() {
+        let mut r = Ring::new();
+        let mut data = [0u8; 8];
+        let (_, used) = r.post(0x40, OP_SEND, data.as_mut_ptr().cast(), 2, 8).unwrap();
+        used.gpu_mem_off = 4096;
+        used.unpack_active = true;
+        used.unpack_cnt_cache = 7;
+        for _ in 1..MAX_REQUESTS {
+            r.post(0x40, OP_SEND, std::ptr::null_mut(), 0, 0).unwrap();
+        }
+        r.tested = MAX_REQUESTS as u64;
+        r.released = MAX_REQUESTS as u64;
+        let (k, e) = r.post(0x80, OP_RECV, std::ptr::null_mut(), 1, 512).unwrap();
+        assert_eq!(k, MAX_REQUESTS as u64);
+        assert_eq!((e.comm as usize, e.data, e.op, e.mem_type, e.size), (0x80, std::ptr::null_mut(), OP_RECV, 1, 512));
+        assert_eq!((e.gpu_mem_off, e.unpack_active, e.unpack_cnt_cache, e.gpu_mem_fd), (0, false, 0, -1));
     }
 }

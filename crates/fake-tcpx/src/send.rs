@@ -109,12 +109,7 @@ impl FakeSend {
                 gpu.capacity()
             )));
         }
-        let (k, entry) = self.ring.post()?;
-        entry.comm = self.key as *mut c_void;
-        entry.data = data;
-        entry.op = OP_SEND;
-        entry.mem_type = kind;
-        entry.size = size;
+        let (k, entry) = self.ring.post(self.key, OP_SEND, data, kind, size)?;
         entry.gpu_mem_off = (data as usize - base) as u64;
         self.slots[k as usize % MAX_REQUESTS] =
             SendSlot { data: data as usize, len, device, copying: false, sent: false };
