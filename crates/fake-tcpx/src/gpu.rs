@@ -366,15 +366,26 @@ impl RxMemory for GpuRx {
     }
 }
 
+/// Waits for the copies queued on `stream` and destroys it; NULL (never created) is a no-op.
+///
+/// # Safety
+/// `stream` is NULL or a stream of the current context that nothing uses afterwards.
+pub unsafe fn destroy_stream(stream: CUstream) {
+    if !stream.is_null() {
+        // SAFETY: per the contract; errors are moot in teardown.
+        unsafe {
+            let _ = sys::cuStreamSynchronize(stream);
+            let _ = sys::cuStreamDestroy_v2(stream);
+        }
+    }
+}
+
 impl Drop for GpuRx {
     fn drop(&mut self) {
         let _ = self.ctx.with(|| {
             // SAFETY: frees only what this value allocated (zero/NULL fields were never allocated).
             unsafe {
-                if !self.stream.is_null() {
-                    let _ = sys::cuStreamSynchronize(self.stream);
-                    let _ = sys::cuStreamDestroy_v2(self.stream);
-                }
+                destroy_stream(self.stream);
                 drop(self.scatter.take());
                 if self.handle != 0 {
                     let _ = sys::cuMemFree_v2(self.handle);

@@ -19,7 +19,7 @@ use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
 
 use crate::fail::Result;
 use crate::fragment::{MAX_FRAGMENTS, PAGE};
-use crate::gpu::{GpuContext, cuda};
+use crate::gpu::{GpuContext, cuda, destroy_stream};
 
 /// Room for two of the largest messages the fake can receive (2048 fragments of a page each, past
 /// which TCPX's receiver exits), so one can be copied while the other is written to the socket.
@@ -185,10 +185,7 @@ impl Drop for SendStaging {
         let _ = self.ctx.with(|| {
             // SAFETY: frees only what this value created, after its copies finished.
             unsafe {
-                if !self.stream.is_null() {
-                    let _ = sys::cuStreamSynchronize(self.stream);
-                    let _ = sys::cuStreamDestroy_v2(self.stream);
-                }
+                destroy_stream(self.stream);
                 if !self.ring.is_null() {
                     let _ = sys::cuMemFreeHost(self.ring);
                 }
