@@ -84,6 +84,25 @@ fn cpu_gather(pool: &[u8], dst: &mut [u8], r: &Receive) {
     }
 }
 
+/// A guarded destination of `len` bytes whose mirror holds what `receives` should leave in it.
+fn gathered(pool: &Region, len: usize, receives: &[Receive]) -> Region {
+    let mut dst = Region::guarded(len);
+    for r in receives {
+        cpu_gather(&pool.expected, &mut dst.expected, r);
+    }
+    dst
+}
+
+/// A receive into `[dst_at, dst_at + dst_len)` of `dst`, its fragments read from `pool`.
+fn receive_layout(pool: &Region, dst: &Region, dst_at: usize, dst_len: usize) -> ReceiveLayout {
+    ReceiveLayout {
+        pool: pool.ptr,
+        pool_len: pool.expected.len() as u64,
+        dst: dst.ptr + dst_at as u64,
+        dst_len: dst_len as u64,
+    }
+}
+
 fn with_events(config: UnpackerConfig) -> UnpackerConfig {
     UnpackerConfig { completion: Completion::Event, ..config }
 }
@@ -116,12 +135,7 @@ fn assert_signalled(unpacker: &Unpacker, launches: u64) {
 fn run(unpacker: &mut Unpacker, pool: &Region, dst: &Region, receives: &[Receive]) {
     let first = unpacker.submitted();
     for (i, r) in receives.iter().enumerate() {
-        let layout = ReceiveLayout {
-            pool: pool.ptr,
-            pool_len: pool.expected.len() as u64,
-            dst: dst.ptr + r.dst_at as u64,
-            dst_len: r.dst_len as u64,
-        };
+        let layout = receive_layout(pool, dst, r.dst_at, r.dst_len);
         loop {
             // SAFETY: both regions outlive the unpacker's work (finish below).
             match unsafe { unpacker.submit(&layout, &r.metas) }.expect("submit") {
@@ -145,6 +159,17 @@ fn run(unpacker: &mut Unpacker, pool: &Region, dst: &Region, receives: &[Receive
     assert_eq!(unpacker.launches_in_flight(), 0);
     assert_eq!(unpacker.completion_counts().by_stream_check, 0, "a launch's completion word never arrived");
     assert!(unpacker.completion_counts().signalled > 0);
+}
+
+/// Runs `receives` on every tile path, each time into a fresh guarded destination of `dst_len`
+/// bytes, and compares the whole destination with a CPU gather.
+fn matches_cpu_gather_on_every_tile_path(pool: &Region, receives: &[Receive], dst_len: usize, what: &str) {
+    for config in tile_paths() {
+        let dst = gathered(pool, dst_len, receives);
+        let mut unpacker = Unpacker::new(config).expect("unpacker");
+        run(&mut unpacker, pool, &dst, receives);
+        dst.assert_matches(&format!("{what}, {config:?}"));
+    }
 }
 
 /// Fragments covering `dst_len` bytes in order, each from a random place in the pool, with a kind
@@ -177,9 +202,7 @@ fn random_receive(rng: &mut Rng, pool_len: usize, dst_at: usize, dst_len: usize)
         at += len;
     }
     if rng.below(2) == 0 {
-        for i in (1..metas.len()).rev() {
-            metas.swap(i, rng.below(i + 1));
-        }
+        rng.shuffle(&mut metas);
     }
     Receive { dst_at, dst_len, metas }
 }
@@ -202,15 +225,7 @@ fn random_fragment_patterns_match_a_cpu_gather() {
         receives.push(random_receive(&mut rng, pool.expected.len(), at, dst_len));
         at += dst_len;
     }
-    for config in tile_paths() {
-        let mut dst = Region::guarded(at + 4096);
-        for r in &receives {
-            cpu_gather(&pool.expected, &mut dst.expected, r);
-        }
-        let mut unpacker = Unpacker::new(config).expect("unpacker");
-        run(&mut unpacker, &pool, &dst, &receives);
-        dst.assert_matches(&format!("random receives, {config:?}"));
-    }
+    matches_cpu_gather_on_every_tile_path(&pool, &receives, at + 4096, "random receives");
 }
 
 #[test]
@@ -242,15 +257,7 @@ fn every_source_and_destination_alignment() {
             }
         }
     }
-    for config in tile_paths() {
-        let mut dst = Region::guarded(at + 64);
-        for r in &receives {
-            cpu_gather(&pool.expected, &mut dst.expected, r);
-        }
-        let mut unpacker = Unpacker::new(config).expect("unpacker");
-        run(&mut unpacker, &pool, &dst, &receives);
-        dst.assert_matches(&format!("alignment sweep, {config:?}"));
-    }
+    matches_cpu_gather_on_every_tile_path(&pool, &receives, at + 64, "alignment sweep");
 }
 
 #[test]
@@ -259,8 +266,6 @@ fn destinations_at_the_very_end_of_a_region_leave_the_guard_untouched() {
     let mut rng = Rng::new("destinations_at_the_very_end_of_a_region_leave_the_guard_untouched");
     let pool = Region::new(rng.bytes(1 << 20));
     for (len, guard) in [(1usize, 1usize), (17, 1), (4096, 1), (4099, 13), (65_536 + 7, 1), (100_003, 64)] {
-        let region_len = len + 5 + guard;
-        let mut dst = Region::guarded(region_len);
         // The destination ends `guard` bytes before the end of the allocation; its last fragment
         // writes its last byte; the source of that fragment ends at the pool's last byte.
         let last = len.min(3000);
@@ -276,7 +281,7 @@ fn destinations_at_the_very_end_of_a_region_leave_the_guard_untouched() {
                 },
             ],
         };
-        cpu_gather(&pool.expected, &mut dst.expected, &receive);
+        let dst = gathered(&pool, len + 5 + guard, std::slice::from_ref(&receive));
         for config in [UnpackerConfig::default(), with_events(UnpackerConfig::default())] {
             let mut unpacker = Unpacker::new(config).expect("unpacker");
             run(&mut unpacker, &pool, &dst, std::slice::from_ref(&receive));
@@ -297,17 +302,6 @@ fn small_rings_force_device_tile_launches_full_rings_and_in_order_completion() {
 fn small_rings(completion: Completion) {
     let mut rng = Rng::new("small_rings");
     let pool = Region::new(rng.bytes(32 << 20));
-    let mut dst = Region::guarded(48 * (512 << 10) + 64);
-    let mut unpacker = Unpacker::new(UnpackerConfig {
-        tiles_per_launch: 3000,
-        launches_in_flight: 2,
-        inline_tiles: 0,
-        completion,
-        ..UnpackerConfig::default()
-    })
-    .expect("unpacker");
-    assert_eq!(unpacker.completion(), completion);
-    assert!(unpacker.kernels().max_inline() >= INLINE_SMALL, "{:?}", unpacker.kernels());
     // 512 KiB receives of shuffled whole pages: 128 tiles each, copied to the device tile buffer.
     let mut receives = Vec::new();
     for i in 0..48 {
@@ -318,25 +312,26 @@ fn small_rings(completion: Completion) {
                 dst_off: k * 4096,
             })
             .collect();
-        for k in (1..metas.len()).rev() {
-            metas.swap(k, rng.below(k + 1));
-        }
+        rng.shuffle(&mut metas);
         receives.push(Receive { dst_at: i * (512 << 10), dst_len: 512 << 10, metas });
     }
-    for r in &receives {
-        cpu_gather(&pool.expected, &mut dst.expected, r);
-    }
+    let dst = gathered(&pool, 48 * (512 << 10) + 64, &receives);
+    let mut unpacker = Unpacker::new(UnpackerConfig {
+        tiles_per_launch: 3000,
+        launches_in_flight: 2,
+        inline_tiles: 0,
+        completion,
+        ..UnpackerConfig::default()
+    })
+    .expect("unpacker");
+    assert_eq!(unpacker.completion(), completion);
+    assert!(unpacker.kernels().max_inline() >= INLINE_SMALL, "{:?}", unpacker.kernels());
     // Batches of 20 receives (2560 tiles); with two slots a batch may have to wait for one
     // (Submit::Full).
     let mut tickets = Vec::new();
     for chunk in receives.chunks(20) {
         for r in chunk {
-            let layout = ReceiveLayout {
-                pool: pool.ptr,
-                pool_len: pool.expected.len() as u64,
-                dst: dst.ptr + r.dst_at as u64,
-                dst_len: r.dst_len as u64,
-            };
+            let layout = receive_layout(&pool, &dst, r.dst_at, r.dst_len);
             loop {
                 // SAFETY: pool and dst are live device Regions declared before the unpacker (so they outlive
                 // it and its launches); cpu_gather placed this receive in dst.expected, which is as long as
@@ -383,12 +378,7 @@ fn invalid_and_empty(config: UnpackerConfig) {
     let pool = Region::new(rng.bytes(1 << 20));
     let mut dst = Region::guarded(3 * 4096 + 64);
     let mut unpacker = Unpacker::new(config).expect("unpacker");
-    let layout = |at: usize, len: usize| ReceiveLayout {
-        pool: pool.ptr,
-        pool_len: pool.expected.len() as u64,
-        dst: dst.ptr + at as u64,
-        dst_len: len as u64,
-    };
+    let layout = |at: usize, len: usize| receive_layout(&pool, &dst, at, len);
     // One byte past the destination: rejected, nothing queued, nothing written.
     let bad = [LoadMeta { src_off: 0, len: 4096, dst_off: 1 }];
     // SAFETY: pool and dst are live Regions that outlive the unpacker; the meta reaching past the destination
@@ -446,13 +436,10 @@ fn every_parameter_block_size_carries_its_tiles() {
                 dst_off: (k * 4096) as u64,
             })
             .collect();
-        for k in (1..metas.len()).rev() {
-            metas.swap(k, rng.below(k + 1));
-        }
+        rng.shuffle(&mut metas);
         // A 16-byte-aligned destination: one tile per page (sources are misaligned instead).
         let receive = Receive { dst_at: 0, dst_len: pages * 4096, metas };
-        let mut dst = Region::guarded(pages * 4096 + 64);
-        cpu_gather(&pool.expected, &mut dst.expected, &receive);
+        let dst = gathered(&pool, pages * 4096 + 64, std::slice::from_ref(&receive));
         run(&mut unpacker, &pool, &dst, std::slice::from_ref(&receive));
         dst.assert_matches(&format!("{pages} tiles"));
     }
@@ -480,10 +467,7 @@ fn many_launches_in_flight_complete_in_order_with_their_bytes_in_place() {
     }
     for completion in [Completion::Word, Completion::Event] {
         let config = UnpackerConfig { launches_in_flight: 32, completion, ..UnpackerConfig::default() };
-        let mut dst = Region::guarded(at + 64);
-        for r in &receives {
-            cpu_gather(&pool.expected, &mut dst.expected, r);
-        }
+        let dst = gathered(&pool, at + 64, &receives);
         let mut unpacker = Unpacker::new(config).expect("unpacker");
         let mut checked = 0usize;
         let mut max_in_flight = 0;
@@ -504,12 +488,7 @@ fn many_launches_in_flight_complete_in_order_with_their_bytes_in_place() {
             }
         };
         for (i, r) in receives.iter().enumerate() {
-            let layout = ReceiveLayout {
-                pool: pool.ptr,
-                pool_len: pool.expected.len() as u64,
-                dst: dst.ptr + r.dst_at as u64,
-                dst_len: r.dst_len as u64,
-            };
+            let layout = receive_layout(&pool, &dst, r.dst_at, r.dst_len);
             loop {
                 // SAFETY: pool and dst are live device Regions declared before the unpacker (so they outlive
                 // it); cpu_gather placed this receive in dst.expected, which is as long as dst, so its range
