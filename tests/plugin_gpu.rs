@@ -22,13 +22,13 @@ use std::time::Instant;
 
 use uccl_tcpx::config::{LocalPeers, TransportChoice};
 use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::proto::FifoItem;
 use uccl_tcpx::transport::Net;
 use uccl_tcpx::{Config, Engine};
 
 mod common;
 use common::gpu::{
-    Kind, Mem, Side, connect_by_metadata, every_kind_every_direction, fewer_gpus_than, make_current, move_bytes, no_gpu,
+    Kind, Mem, Side, connect_by_metadata, every_kind_every_direction, fewer_gpus_than, make_current, move_bytes,
+    no_gpu, three_items_every_vector_way,
 };
 use common::{ChildTest, assert_same, pair, pattern, plugin, wait};
 
@@ -112,53 +112,7 @@ fn child_vectors_and_many_in_flight() {
     // Small chunks over three channels (devices 0, 1, 0): many receives of several comms complete
     // together and share unpack launches.
     let p = pair(plugin_config(3, 256 << 10));
-    let lens = [(1 << 20) + 3, 5, (3 << 20) + 11];
-    let mut srcs: Vec<Mem> = lens.iter().map(|&l| Mem::new(Side::Gpu, l + 16)).collect();
-    let mut dsts: Vec<Mem> =
-        [Side::Gpu, Side::Host, Side::Gpu].iter().zip(lens).map(|(&s, l)| Mem::new(s, l + 16)).collect();
-    let data: Vec<Vec<u8>> = lens.iter().enumerate().map(|(i, &l)| pattern(l, 40 + i as u64)).collect();
-    for (m, d) in srcs.iter_mut().zip(&data) {
-        m.write(3, d);
-    }
-    let smrs: Vec<u64> = srcs.iter().map(|m| p.a.register(m.addr(), m.len()).unwrap()).collect();
-    let dmrs: Vec<u64> = dsts.iter().map(|m| p.b.register(m.addr(), m.len()).unwrap()).collect();
-
-    let recvs: Vec<u64> =
-        dsts.iter().zip(&dmrs).map(|(m, &mr)| p.ba.recv(mr, m.addr() + 1, m.len() - 1).unwrap()).collect();
-    let msgs: Vec<(u64, usize, usize)> =
-        srcs.iter().zip(&smrs).zip(lens).map(|((m, &mr), l)| (mr, m.addr() + 3, l)).collect();
-    let s = p.ab.send(&msgs).unwrap();
-    assert_eq!(wait(&p.ab, s).unwrap(), lens.iter().sum::<usize>() as u64);
-    for (i, r) in recvs.into_iter().enumerate() {
-        assert_eq!(wait(&p.ba, r).unwrap(), lens[i] as u64);
-        assert_same(&dsts[i].read(1, lens[i]), &data[i], &format!("vector send item {i}"));
-    }
-
-    for d in dsts.iter_mut() {
-        d.clear();
-    }
-    let items = |local: &[Mem], local_mrs: &[u64], local_off: usize, remote: &[Mem], remote_mrs: &[u64]| {
-        (0..3)
-            .map(|i| {
-                let mut item: FifoItem = p.b.prepare_fifo(remote_mrs[i], remote[i].addr(), remote[i].len()).unwrap();
-                item.addr = (remote[i].addr() + 9) as u64;
-                OneSided { mr: local_mrs[i], addr: local[i].addr() + local_off, len: lens[i], remote: item }
-            })
-            .collect::<Vec<_>>()
-    };
-    let w = p.ab.write(&items(&srcs, &smrs, 3, &dsts, &dmrs)).unwrap();
-    assert_eq!(wait(&p.ab, w).unwrap(), lens.iter().sum::<usize>() as u64);
-    for i in 0..3 {
-        assert_same(&dsts[i].read(9, lens[i]), &data[i], &format!("vector write item {i}"));
-    }
-    for s in srcs.iter_mut() {
-        s.clear();
-    }
-    let r = p.ab.read(&items(&srcs, &smrs, 2, &dsts, &dmrs)).unwrap();
-    assert_eq!(wait(&p.ab, r).unwrap(), lens.iter().sum::<usize>() as u64);
-    for i in 0..3 {
-        assert_same(&srcs[i].read(2, lens[i]), &data[i], &format!("vector read item {i}"));
-    }
+    three_items_every_vector_way(&p, [Side::Gpu; 3], [Side::Gpu, Side::Host, Side::Gpu]);
 
     // Twelve writes in flight at once into one GPU target, each at its own unaligned offset.
     let count = 12;

@@ -219,6 +219,61 @@ pub fn every_kind_every_direction(p: &Pair, sizes: &[usize]) {
     }
 }
 
+/// Three items (1 MiB + 3, 5 and 3 MiB + 11 bytes) from memory on `src_sides` (engine a) to memory
+/// on `dst_sides` (engine b), each at an unaligned offset, moved every vector way: one send of the
+/// three as messages into three receives, a vector write of the three, then a vector read of them
+/// back into the cleared sources; byte for byte.
+pub fn three_items_every_vector_way(p: &Pair, src_sides: [Side; 3], dst_sides: [Side; 3]) {
+    let lens = [(1 << 20) + 3, 5, (3 << 20) + 11];
+    let mut srcs: Vec<Mem> = src_sides.iter().zip(lens).map(|(&s, l)| Mem::new(s, l + 16)).collect();
+    let mut dsts: Vec<Mem> = dst_sides.iter().zip(lens).map(|(&s, l)| Mem::new(s, l + 16)).collect();
+    let data: Vec<Vec<u8>> = lens.iter().enumerate().map(|(i, &l)| pattern(l, 40 + i as u64)).collect();
+    for (m, d) in srcs.iter_mut().zip(&data) {
+        m.write(3, d);
+    }
+    let smrs: Vec<u64> = srcs.iter().map(|m| p.a.register(m.addr(), m.len()).unwrap()).collect();
+    let dmrs: Vec<u64> = dsts.iter().map(|m| p.b.register(m.addr(), m.len()).unwrap()).collect();
+
+    // Two-sided: one send of three messages, three receives.
+    let recvs: Vec<u64> =
+        dsts.iter().zip(&dmrs).map(|(m, &mr)| p.ba.recv(mr, m.addr() + 1, m.len() - 1).unwrap()).collect();
+    let msgs: Vec<(u64, usize, usize)> =
+        srcs.iter().zip(&smrs).zip(lens).map(|((m, &mr), l)| (mr, m.addr() + 3, l)).collect();
+    let s = p.ab.send(&msgs).unwrap();
+    assert_eq!(wait(&p.ab, s).unwrap(), lens.iter().sum::<usize>() as u64);
+    for (i, r) in recvs.into_iter().enumerate() {
+        assert_eq!(wait(&p.ba, r).unwrap(), lens[i] as u64);
+        assert_same(&dsts[i].read(1, lens[i]), &data[i], &format!("vector send item {i}"));
+    }
+
+    // One-sided: a vector write of the three items, then a vector read back into cleared sources.
+    for d in dsts.iter_mut() {
+        d.clear();
+    }
+    let items = |local: &[Mem], local_mrs: &[u64], local_off: usize, remote: &[Mem], remote_mrs: &[u64]| {
+        (0..3)
+            .map(|i| {
+                let mut item = p.b.prepare_fifo(remote_mrs[i], remote[i].addr(), remote[i].len()).unwrap();
+                item.addr = (remote[i].addr() + 9) as u64;
+                OneSided { mr: local_mrs[i], addr: local[i].addr() + local_off, len: lens[i], remote: item }
+            })
+            .collect::<Vec<_>>()
+    };
+    let w = p.ab.write(&items(&srcs, &smrs, 3, &dsts, &dmrs)).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap(), lens.iter().sum::<usize>() as u64);
+    for i in 0..3 {
+        assert_same(&dsts[i].read(9, lens[i]), &data[i], &format!("vector write item {i}"));
+    }
+    for s in srcs.iter_mut() {
+        s.clear();
+    }
+    let r = p.ab.read(&items(&srcs, &smrs, 2, &dsts, &dmrs)).unwrap();
+    assert_eq!(wait(&p.ab, r).unwrap(), lens.iter().sum::<usize>() as u64);
+    for i in 0..3 {
+        assert_same(&srcs[i].read(2, lens[i]), &data[i], &format!("vector read item {i}"));
+    }
+}
+
 /// `count` pieces of `len` bytes, `stride` bytes apart from `start` on: KV-cache blocks, as
 /// `(offset, len)` in their buffer.
 pub fn blocks(count: usize, len: usize, stride: usize, start: usize) -> Vec<(usize, usize)> {
