@@ -17,6 +17,8 @@
 pub mod plugin;
 pub mod socket;
 pub mod staged;
+#[cfg(test)]
+pub(crate) mod testutil;
 
 use std::net::IpAddr;
 

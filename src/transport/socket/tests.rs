@@ -1,37 +1,9 @@
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::*;
 use crate::error::UcclStatus;
+use crate::transport::testutil::{loopback_socket_net, pair, until};
 use crate::transport::{IoSeg, MemKind, MrHandle, RequestId};
-
-fn net() -> SocketNet {
-    SocketNet::new("127.0.0.1".parse().unwrap(), Duration::from_secs(5), Duration::from_secs(30), Arc::new(|| {}))
-}
-
-fn pair(net: &SocketNet) -> (Box<dyn SendComm>, Box<dyn RecvComm>) {
-    let (mut handle, mut listen) = net.listen(0).unwrap();
-    let send = net.connect(0, &mut handle).unwrap().expect("socket connect completes at once");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Some(recv) = listen.accept().unwrap() {
-            return (send, recv);
-        }
-        assert!(Instant::now() < deadline, "accept timed out");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-fn until<T>(mut f: impl FnMut() -> crate::Result<Option<T>>) -> crate::Result<T> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(v) = f()? {
-            return Ok(v);
-        }
-        assert!(Instant::now() < deadline, "request did not finish");
-        std::thread::yield_now();
-    }
-}
 
 #[test]
 fn handle_round_trip_and_rejects_garbage() {
@@ -50,7 +22,7 @@ fn handle_round_trip_and_rejects_garbage() {
 
 #[test]
 fn messages_complete_in_order_with_sender_sizes() {
-    let net = net();
+    let net = loopback_socket_net();
     let (mut tx, mut rx) = pair(&net);
     let msgs: Vec<Vec<u8>> = (0..20).map(|i| vec![i as u8; 1 + i * 1000]).collect();
     let mut bufs: Vec<Vec<u8>> = (0..20).map(|_| vec![0u8; 32 << 10]).collect();
@@ -81,7 +53,7 @@ fn messages_complete_in_order_with_sender_sizes() {
 
 #[test]
 fn test_and_consume_out_of_order_are_errors() {
-    let net = net();
+    let net = loopback_socket_net();
     let (mut tx, mut rx) = pair(&net);
     let data = [1u8; 8];
     let mut a = [0u8; 8];
@@ -110,7 +82,7 @@ fn test_and_consume_out_of_order_are_errors() {
 
 #[test]
 fn oversized_message_fails_the_receive_without_overflow() {
-    let net = net();
+    let net = loopback_socket_net();
     let (mut tx, mut rx) = pair(&net);
     let data = [7u8; 100];
     let mut buf = vec![0u8; 150];
@@ -126,7 +98,7 @@ fn oversized_message_fails_the_receive_without_overflow() {
 
 #[test]
 fn peer_drop_surfaces_as_error_and_drop_unblocks_pending_receive() {
-    let net = net();
+    let net = loopback_socket_net();
     let (tx, mut rx) = pair(&net);
     let mut buf = [0u8; 8];
     // SAFETY: buf is a live 8-byte array; the receive ends (with the peer's disconnect) before buf is reused.
@@ -147,7 +119,7 @@ fn peer_drop_surfaces_as_error_and_drop_unblocks_pending_receive() {
 
 #[test]
 fn stray_connection_without_nonce_is_ignored() {
-    let net = net();
+    let net = loopback_socket_net();
     let (handle, mut listen) = net.listen(0).unwrap();
     let h = SocketHandle::decode(&handle).unwrap();
     let mut stray = std::net::TcpStream::connect(h.addr).unwrap();
@@ -161,7 +133,7 @@ fn stray_connection_without_nonce_is_ignored() {
 
 /// A net whose send comms put pieces of 16 KiB and more on the wire with MSG_ZEROCOPY.
 fn zerocopy_net(threads: u8, socks: u8) -> SocketNet {
-    net().with_options(crate::config::SocketConfig {
+    loopback_socket_net().with_options(crate::config::SocketConfig {
         nthreads: threads,
         nsocks_per_thread: socks,
         subchunk: 16 << 10,
@@ -297,7 +269,7 @@ fn move_vectored(net: &SocketNet, total: usize, send_sizes: &[usize], recv_sizes
 }
 
 fn small_pieces_net(threads: u8, socks: u8) -> SocketNet {
-    net().with_options(crate::config::SocketConfig {
+    loopback_socket_net().with_options(crate::config::SocketConfig {
         nthreads: threads,
         nsocks_per_thread: socks,
         subchunk: 16 << 10,
@@ -346,7 +318,7 @@ fn vectored_receive_takes_a_shorter_message_and_refuses_nothing_empty() {
 /// socket they serve.
 #[test]
 fn helpers_are_shared_bounded_and_end_with_their_last_socket() {
-    let net = net().with_options(crate::config::SocketConfig {
+    let net = loopback_socket_net().with_options(crate::config::SocketConfig {
         nthreads: 2,
         nsocks_per_thread: 1,
         helpers: 3,

@@ -2,41 +2,14 @@
 //! exercised by tests/gpu_staging.rs on machines with a GPU.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use super::*;
 use crate::error::UcclStatus;
-use crate::transport::socket::SocketNet;
+use crate::transport::testutil::{loopback_socket_net, pair, until};
 use crate::transport::{MemKind, MrHandle, RequestId};
 
 fn staged() -> Arc<dyn Net> {
-    let socket =
-        SocketNet::new("127.0.0.1".parse().unwrap(), Duration::from_secs(5), Duration::from_secs(30), Arc::new(|| {}));
-    StagedNet::wrap(Arc::new(socket), StagingParams::new(64 << 10, 4)).unwrap()
-}
-
-fn pair(net: &dyn Net) -> (Box<dyn SendComm>, Box<dyn RecvComm>) {
-    let (mut handle, mut listen) = net.listen(0).unwrap();
-    let send = net.connect(0, &mut handle).unwrap().expect("socket connect completes at once");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Some(recv) = listen.accept().unwrap() {
-            return (send, recv);
-        }
-        assert!(Instant::now() < deadline, "accept timed out");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-fn until<T>(mut f: impl FnMut() -> crate::Result<Option<T>>) -> crate::Result<T> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(v) = f()? {
-            return Ok(v);
-        }
-        assert!(Instant::now() < deadline, "request did not finish");
-        std::thread::yield_now();
-    }
+    StagedNet::wrap(Arc::new(loopback_socket_net()), StagingParams::new(64 << 10, 4)).unwrap()
 }
 
 #[test]
@@ -50,9 +23,7 @@ fn properties_claim_cuda_and_keep_the_inner_name() {
 
 #[test]
 fn wrap_validates_its_ring() {
-    let socket =
-        SocketNet::new("127.0.0.1".parse().unwrap(), Duration::from_secs(5), Duration::from_secs(30), Arc::new(|| {}));
-    let socket: Arc<dyn Net> = Arc::new(socket);
+    let socket: Arc<dyn Net> = Arc::new(loopback_socket_net());
     for params in [
         StagingParams::new(0, 4),
         StagingParams::new((4 << 20) + 1, 4),

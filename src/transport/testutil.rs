@@ -1,0 +1,39 @@
+//! What the transports' unit tests share: a socket net on loopback, a connected pair of comms, and
+//! a bounded wait for a request.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::socket::SocketNet;
+use super::{Net, RecvComm, SendComm};
+
+/// The socket transport on 127.0.0.1, with the engine's usual timeouts and no wake-up to deliver.
+pub(crate) fn loopback_socket_net() -> SocketNet {
+    SocketNet::new("127.0.0.1".parse().unwrap(), Duration::from_secs(5), Duration::from_secs(30), Arc::new(|| {}))
+}
+
+/// A send comm and the receive comm it connected to, both of `net`.
+pub(crate) fn pair(net: &dyn Net) -> (Box<dyn SendComm>, Box<dyn RecvComm>) {
+    let (mut handle, mut listen) = net.listen(0).unwrap();
+    let send = net.connect(0, &mut handle).unwrap().expect("socket connect completes at once");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(recv) = listen.accept().unwrap() {
+            return (send, recv);
+        }
+        assert!(Instant::now() < deadline, "accept timed out");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Polls `f` (a request's `test`) until it reports done, failing the test after 10 s.
+pub(crate) fn until<T>(mut f: impl FnMut() -> crate::Result<Option<T>>) -> crate::Result<T> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = f()? {
+            return Ok(v);
+        }
+        assert!(Instant::now() < deadline, "request did not finish");
+        std::thread::yield_now();
+    }
+}
