@@ -411,4 +411,15 @@ static inline FifoItem fifo_for(uccl_engine_t *engine, uccl_mr_t mr, const void 
   return item;
 }
 
+/* `item` pointed at [addr, addr+size). update_fifo may or may not validate the new window
+ * locally; when it refuses, the item is forged by hand, because a hostile initiator can always do
+ * that. */
+static inline FifoItem fifo_retarget(FifoItem item, uint64_t addr, uint32_t size) {
+  if (uccl_engine_update_fifo(&item, addr, size) != UCCL_STATUS_OK) {
+    item.addr = addr;
+    item.size = size;
+  }
+  return item;
+}
+
 #endif

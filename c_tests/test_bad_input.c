@@ -113,14 +113,7 @@ static void run_row(const row_t *row) {
 
 /* ---- helpers ------------------------------------------------------------------------------- */
 
-static FifoItem retarget(uint64_t addr, uint32_t size) {
-  FifoItem item = base;
-  if (uccl_engine_update_fifo(&item, addr, size) != UCCL_STATUS_OK) {
-    item.addr = addr;
-    item.size = size;
-  }
-  return item;
-}
+static FifoItem retarget(uint64_t addr, uint32_t size) { return fifo_retarget(base, addr, size); }
 
 static bool neg(int rc, long long *got) {
   *got = rc;
