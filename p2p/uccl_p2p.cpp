@@ -97,8 +97,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
-#include <new>
 #include <string>
 #include <vector>
 
@@ -110,8 +108,6 @@ static_assert(sizeof(FifoItem) == FIFO_SIZE, "FifoItem is passed by value: 64 by
 static_assert(sizeof(notify_msg_t) == 2 * MSG_SIZE, "notify_msg_t is UCCL's 512-byte struct");
 
 #define UCCL_P2P_EXPORT __attribute__((visibility("default")))
-
-using uccl_tcpx::detail::vectors_cover;
 
 /* ---- engine and connections -------------------------------------------------------------------- */
 
@@ -154,20 +150,7 @@ UCCL_P2P_EXPORT bool uccl_engine_conn_is_local(uccl_conn_t *conn) {
 
 /* UCCL's callers release the string with delete[], so it is copied into new[] storage. */
 UCCL_P2P_EXPORT int uccl_engine_get_metadata(uccl_engine_t *engine, char **metadata_str) {
-  if (metadata_str == nullptr) return uccl_tcpx_c_get_metadata(engine, metadata_str);
-  char *owned = nullptr;
-  int rc = uccl_tcpx_c_get_metadata(engine, &owned);
-  if (rc != UCCL_STATUS_OK) return rc;
-  std::size_t n = std::strlen(owned) + 1;
-  char *copy = new (std::nothrow) char[n];
-  if (copy == nullptr) {
-    ::uccl_engine_free_string(owned);
-    return UCCL_STATUS_ERR_INTERNAL;
-  }
-  std::memcpy(copy, owned, n);
-  ::uccl_engine_free_string(owned);
-  *metadata_str = copy;
-  return UCCL_STATUS_OK;
+  return uccl_tcpx::detail::get_metadata_new(uccl_tcpx_c_get_metadata, engine, metadata_str);
 }
 
 /* ---- memory ------------------------------------------------------------------------------------ */
@@ -227,12 +210,8 @@ UCCL_P2P_EXPORT int uccl_engine_read_vector(uccl_conn_t *conn, std::vector<uccl_
                                             std::vector<void *> dst_v, std::vector<size_t> size_v,
                                             std::vector<FifoItem> fifo_items, int num_iovs,
                                             uint64_t *transfer_id, std::vector<char *> ipc_bufs) {
-  if (!vectors_cover(num_iovs, {mr_ids.size(), dst_v.size(), size_v.size(), fifo_items.size()}) ||
-      (!ipc_bufs.empty() && !vectors_cover(num_iovs, {ipc_bufs.size()})))
-    return UCCL_STATUS_ERR_INVALID_PARAM;
-  return ::uccl_engine_read_vector(conn, mr_ids.data(), dst_v.data(), size_v.data(),
-                                   fifo_items.data(), num_iovs, transfer_id,
-                                   ipc_bufs.empty() ? nullptr : ipc_bufs.data());
+  return uccl_tcpx::detail::one_sided_vector(::uccl_engine_read_vector, conn, mr_ids, dst_v, size_v,
+                                             fifo_items, num_iovs, transfer_id, ipc_bufs);
 }
 
 /* As read_vector; `dst_v[i]` are the local sources (the parameter name is UCCL's). */
@@ -240,12 +219,8 @@ UCCL_P2P_EXPORT int uccl_engine_write_vector(uccl_conn_t *conn, std::vector<uccl
                                              std::vector<void *> dst_v, std::vector<size_t> size_v,
                                              std::vector<FifoItem> fifo_items, int num_iovs,
                                              uint64_t *transfer_id, std::vector<char *> ipc_bufs) {
-  if (!vectors_cover(num_iovs, {mr_ids.size(), dst_v.size(), size_v.size(), fifo_items.size()}) ||
-      (!ipc_bufs.empty() && !vectors_cover(num_iovs, {ipc_bufs.size()})))
-    return UCCL_STATUS_ERR_INVALID_PARAM;
-  return ::uccl_engine_write_vector(conn, mr_ids.data(), dst_v.data(), size_v.data(),
-                                    fifo_items.data(), num_iovs, transfer_id,
-                                    ipc_bufs.empty() ? nullptr : ipc_bufs.data());
+  return uccl_tcpx::detail::one_sided_vector(::uccl_engine_write_vector, conn, mr_ids, dst_v,
+                                             size_v, fifo_items, num_iovs, transfer_id, ipc_bufs);
 }
 
 UCCL_P2P_EXPORT int uccl_engine_send(uccl_conn_t *conn, uccl_mr_t mr, void const *data, size_t size,
@@ -257,10 +232,7 @@ UCCL_P2P_EXPORT int uccl_engine_send_vector(uccl_conn_t *conn, std::vector<uccl_
                                             std::vector<void const *> src_v,
                                             std::vector<size_t> size_v, int num_iovs,
                                             uint64_t *transfer_id) {
-  if (!vectors_cover(num_iovs, {mr_ids.size(), src_v.size(), size_v.size()}))
-    return UCCL_STATUS_ERR_INVALID_PARAM;
-  return ::uccl_engine_send_vector(conn, mr_ids.data(), src_v.data(), size_v.data(), num_iovs,
-                                   transfer_id);
+  return uccl_tcpx::detail::send_vector(conn, mr_ids, src_v, size_v, num_iovs, transfer_id);
 }
 
 UCCL_P2P_EXPORT int uccl_engine_recv(uccl_conn_t *conn, uccl_mr_t mr, void *data, size_t max_size) {

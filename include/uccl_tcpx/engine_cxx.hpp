@@ -36,8 +36,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
-#include <new>
 #include <string>
 #include <vector>
 
@@ -61,20 +59,7 @@ uccl_conn_t *uccl_engine_connect(uccl_engine_t *engine, const char *ip_addr,
  * is returned, `*metadata_str` is left alone). A failed allocation returns
  * UCCL_STATUS_ERR_INTERNAL. */
 inline int uccl_tcpx_cxx_get_metadata(uccl_engine_t *engine, char **metadata_str) {
-  if (metadata_str == nullptr) return ::uccl_engine_get_metadata(engine, metadata_str);
-  char *owned = nullptr;
-  int rc = ::uccl_engine_get_metadata(engine, &owned);
-  if (rc != UCCL_STATUS_OK) return rc;
-  std::size_t n = std::strlen(owned) + 1;
-  char *copy = new (std::nothrow) char[n];
-  if (copy == nullptr) {
-    ::uccl_engine_free_string(owned);
-    return UCCL_STATUS_ERR_INTERNAL;
-  }
-  std::memcpy(copy, owned, n);
-  ::uccl_engine_free_string(owned);
-  *metadata_str = copy;
-  return UCCL_STATUS_OK;
+  return uccl_tcpx::detail::get_metadata_new(::uccl_engine_get_metadata, engine, metadata_str);
 }
 
 /* uccl_engine_free_string for C++ callers: releases what uccl_tcpx_cxx_get_metadata returned.
@@ -118,13 +103,8 @@ inline int uccl_engine_read_vector(uccl_conn_t *conn, std::vector<uccl_mr_t> mr_
                                    std::vector<void *> dst_v, std::vector<size_t> size_v,
                                    std::vector<FifoItem> fifo_items, int num_iovs,
                                    uint64_t *transfer_id, std::vector<char *> ipc_bufs = {}) {
-  if (!uccl_tcpx::detail::vectors_cover(
-          num_iovs, {mr_ids.size(), dst_v.size(), size_v.size(), fifo_items.size()}) ||
-      (!ipc_bufs.empty() && !uccl_tcpx::detail::vectors_cover(num_iovs, {ipc_bufs.size()})))
-    return UCCL_STATUS_ERR_INVALID_PARAM;
-  return ::uccl_engine_read_vector(conn, mr_ids.data(), dst_v.data(), size_v.data(),
-                                   fifo_items.data(), num_iovs, transfer_id,
-                                   ipc_bufs.empty() ? nullptr : ipc_bufs.data());
+  return uccl_tcpx::detail::one_sided_vector(::uccl_engine_read_vector, conn, mr_ids, dst_v, size_v,
+                                             fifo_items, num_iovs, transfer_id, ipc_bufs);
 }
 
 /* As uccl_engine_read_vector; `dst_v[i]` are the local sources (the name is UCCL's). */
@@ -132,13 +112,8 @@ inline int uccl_engine_write_vector(uccl_conn_t *conn, std::vector<uccl_mr_t> mr
                                     std::vector<void *> dst_v, std::vector<size_t> size_v,
                                     std::vector<FifoItem> fifo_items, int num_iovs,
                                     uint64_t *transfer_id, std::vector<char *> ipc_bufs = {}) {
-  if (!uccl_tcpx::detail::vectors_cover(
-          num_iovs, {mr_ids.size(), dst_v.size(), size_v.size(), fifo_items.size()}) ||
-      (!ipc_bufs.empty() && !uccl_tcpx::detail::vectors_cover(num_iovs, {ipc_bufs.size()})))
-    return UCCL_STATUS_ERR_INVALID_PARAM;
-  return ::uccl_engine_write_vector(conn, mr_ids.data(), dst_v.data(), size_v.data(),
-                                    fifo_items.data(), num_iovs, transfer_id,
-                                    ipc_bufs.empty() ? nullptr : ipc_bufs.data());
+  return uccl_tcpx::detail::one_sided_vector(::uccl_engine_write_vector, conn, mr_ids, dst_v,
+                                             size_v, fifo_items, num_iovs, transfer_id, ipc_bufs);
 }
 
 /* `num_iovs` messages, each matched by one receive on the peer, under one transfer id. (UCCL's
@@ -146,10 +121,7 @@ inline int uccl_engine_write_vector(uccl_conn_t *conn, std::vector<uccl_mr_t> mr
 inline int uccl_engine_send_vector(uccl_conn_t *conn, std::vector<uccl_mr_t> mr_ids,
                                    std::vector<void const *> src_v, std::vector<size_t> size_v,
                                    int num_iovs, uint64_t *transfer_id) {
-  if (!uccl_tcpx::detail::vectors_cover(num_iovs, {mr_ids.size(), src_v.size(), size_v.size()}))
-    return UCCL_STATUS_ERR_INVALID_PARAM;
-  return ::uccl_engine_send_vector(conn, mr_ids.data(), src_v.data(), size_v.data(), num_iovs,
-                                   transfer_id);
+  return uccl_tcpx::detail::send_vector(conn, mr_ids, src_v, size_v, num_iovs, transfer_id);
 }
 
 /* ---- notifications ------------------------------------------------------------------------------ */
