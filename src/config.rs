@@ -93,9 +93,9 @@ pub struct Config {
     /// unpacked or copied out, so the plugin keeps progressing; false tests only the oldest receive
     /// (the behaviour before, for comparison). `UCCL_TCPX_PLUGIN_TEST_AHEAD` (0 or 1, default 1).
     pub plugin_test_ahead: bool,
-    /// How long a thread that expects control-stream bytes polls the socket before it sleeps: a
-    /// caller waiting for an inline transfer's reply, and a serving connection's reader after each
-    /// message. Default 20 us when this process may run on 2 or more CPUs, else 0.
+    /// How long a thread that expects control-stream bytes polls before it sleeps: a caller
+    /// waiting for an inline transfer's reply, and a control reactor thread after a turn that did
+    /// work. Default 20 us when this process may run on 2 or more CPUs, else 0.
     /// `UCCL_TCPX_CONTROL_SPIN_US`.
     pub control_spin: Duration,
     /// Threads an engine reads and writes its connections' control streams with (its control

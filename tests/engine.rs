@@ -256,7 +256,7 @@ fn blocking_waits_from_many_threads_share_the_control_stream() {
 }
 
 /// The same with no polling at all, and with polls long enough that every reader polls through most
-/// of the run (a caller's reply then usually arrives while the reader thread holds the stream).
+/// of the run (a caller's reply then usually arrives while the reactor holds the stream).
 #[test]
 fn blocking_waits_share_the_control_stream_without_and_with_long_polls() {
     for spin in [Duration::ZERO, Duration::from_millis(2)] {
@@ -400,12 +400,12 @@ fn an_inline_send_waiting_for_its_receive_is_not_a_stall() {
     assert_eq!(dst, src);
 }
 
-/// A connection that only serves (its peer's inline writes) stops sharing its control stream and
-/// reads it in `recv`; when its own callers then wait for inline replies, the first of them is
-/// answered through the reader thread and the stream is shared again. Every transfer completes,
-/// with the right bytes, in both phases and after the roles swap back.
+/// A connection that only serves (its peer's inline writes) has its control stream read by the
+/// engine's control reactor; when its own callers then wait for inline replies, they take the
+/// stream from the reactor and hand it back. Every transfer completes, with the right bytes, in
+/// both phases and after the roles swap back, and none waits for a missed hand-back.
 #[test]
-fn inline_waits_are_served_after_the_serving_side_stopped_sharing_its_stream() {
+fn inline_waits_take_the_stream_from_the_reactor_and_hand_it_back() {
     let p = pair();
     let mut at_b = vec![0u8; 8192];
     let mut at_a = vec![0u8; 8192];
@@ -429,7 +429,7 @@ fn inline_waits_are_served_after_the_serving_side_stopped_sharing_its_stream() {
     // A hand-back that missed its wake-up shows as a wait of a whole read timeout (100 ms).
     let mut slow = 0;
     for round in 0..3 {
-        // A serves B's memory: more than enough writes for B's reader to stop sharing the stream.
+        // A serves B's memory: B's stream is read by B's control reactor alone.
         for i in 0..(3 * 32) {
             let len = 1 + (i * 61) % 8192;
             write(&p.ab, smr_a, fifo_b, len, (round * 1000 + i) as u64, &mut src);

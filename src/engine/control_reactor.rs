@@ -116,7 +116,7 @@ impl ControlReactor {
             worker,
             token,
             fd,
-            interest: Mutex::new(Interest::default()),
+            interest: Mutex::new(Interest { read: true, write: false, registered: false, detached: false }),
         }))
     }
 }
@@ -209,7 +209,8 @@ fn join_unless_current(t: JoinHandle<()>) {
 }
 
 /// One connection's place on a reactor thread. The registration in the thread's epoll set follows
-/// `Interest`: reading while armed, writing while queued bytes wait for room.
+/// `Interest`: reading while no caller reads the stream itself, writing while queued bytes wait for
+/// room.
 pub(super) struct Registration {
     pool: Arc<Pool>,
     worker: Arc<Worker>,
@@ -218,8 +219,9 @@ pub(super) struct Registration {
     interest: Mutex<Interest>,
 }
 
-#[derive(Default)]
 struct Interest {
+    /// No caller reads the stream itself.
+    read: bool,
     write: bool,
     /// In the epoll set (after `start`, until `detach`).
     registered: bool,
@@ -229,6 +231,9 @@ struct Interest {
 impl Interest {
     fn events(&self) -> u32 {
         let mut events = libc::EPOLLET as u32;
+        if self.read {
+            events |= READ_EVENTS;
+        }
         if self.write {
             events |= WRITE_EVENTS;
         }
@@ -251,6 +256,16 @@ impl Registration {
             .map_err(|e| Error::io("add a control stream to its reactor's epoll set", e))?;
         interest.registered = true;
         Ok(())
+    }
+
+    /// Whether the thread reads the stream when it reports bytes: not while a caller reads it
+    /// itself. Arming reports at once what is queued already.
+    pub fn arm_read(&self, armed: bool) {
+        let mut interest = self.interest.lock();
+        if interest.read != armed {
+            interest.read = armed;
+            self.update(&interest);
+        }
     }
 
     /// Has the thread write the connection's queued control bytes soon.

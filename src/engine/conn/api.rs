@@ -53,7 +53,7 @@ impl Connection {
     /// caller's list: a vector's segment lists are filled as its items are checked, and nothing is
     /// kept per item beyond those lists. Between two engines of this process the requests are
     /// copied at once (`local_copy`); otherwise the payloads of small single writes are read (before
-    /// the state lock: a device copy must not stall the reader and progress threads) and the
+    /// the state lock: a device copy must not stall the control reactor and progress threads) and the
     /// requests go to the peer.
     fn one_sided(&self, ops: &[OneSided], write: bool) -> Result<u64> {
         let verb = if write { "write" } else { "read" };

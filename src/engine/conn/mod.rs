@@ -1,9 +1,9 @@
 //! A connection: one control stream plus N channels around the per-connection state machine
-//! (`state.rs`). The caller threads post (`api.rs`), the reader thread or a caller waiting for an
-//! inline reply reads the control stream (`reader.rs`) and feeds the peer's messages to the state,
-//! the engine's progress thread moves chunks; all meet under one lock, held only for non-blocking
-//! work. The state answers with actions, which this module carries out: control messages to the
-//! writer, chunks to the channels, finished parts to their transfers.
+//! (`state.rs`). The caller threads post (`api.rs`), the engine's control reactor or a caller
+//! waiting for an inline reply reads the control stream (`reader.rs`) and feeds the peer's messages
+//! to the state, the engine's progress thread moves chunks; all meet under one lock, held only for
+//! non-blocking work. The state answers with actions, which this module carries out: control
+//! messages to the writer, chunks to the channels, finished parts to their transfers.
 
 mod api;
 mod copy_trace;
@@ -21,7 +21,6 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
@@ -36,7 +35,6 @@ use super::shared::{EngineCore, LiveConnection};
 use super::writer::ControlWriter;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, FifoItem, TokenBinding};
-use crate::threads::{ThreadKind, spawn_contained};
 use copy_trace::{CopyTracer, Seer};
 use host_worker::HostCopy;
 use ipc::IpcState;
@@ -86,14 +84,15 @@ pub struct Connection {
     pub peer: PeerInfo,
     core: Arc<EngineCore>,
     writer: ControlWriter,
-    rx: Arc<ControlRx>,
+    rx: ControlRx,
+    /// The control stream: the one descriptor of the connection's control path.
     control: Arc<TcpStream>,
-    /// The connection's place on the engine's control reactor, which writes what callers leave.
+    /// The connection's place on the engine's control reactor, which reads the stream and writes
+    /// what callers leave.
     reactor: Arc<Registration>,
     inner: Mutex<Inner>,
     closed: AtomicBool,
     listener_started: AtomicBool,
-    reader: Mutex<Option<JoinHandle<()>>>,
     /// How an in-process peer's connection is found (see `engine::local`).
     link: LocalLink,
     /// On an authenticated connection, region tokens travel bound to it (see `proto::auth`).
@@ -134,10 +133,10 @@ impl Connection {
         let io = |e| Error::io("control stream", e);
         control.set_read_timeout(None).map_err(io)?;
         control.set_write_timeout(None).map_err(io)?;
-        let rx = Arc::new(ControlRx::new(control.try_clone().map_err(io)?, core.config.control_spin)?);
         let control = Arc::new(control);
         let reactor = core.control.attach(control.as_raw_fd())?;
         let writer = ControlWriter::new(control.clone(), reactor.clone());
+        let rx = ControlRx::new(control.clone(), reactor.clone(), core.config.control_spin)?;
         let copy_tracer =
             (core.config.trace_device_copy > 0).then(|| Arc::new(CopyTracer::new(core.config.trace_device_copy > 1)));
         let ipc = IpcState::new(copy_tracer.clone());
@@ -152,13 +151,12 @@ impl Connection {
             peer,
             core,
             writer,
-            rx: rx.clone(),
+            rx,
             control,
             reactor,
             inner: Mutex::new(Inner { state, channels, finished_chunks: Vec::new(), sent_chunks: Vec::new(), ipc }),
             closed: AtomicBool::new(false),
             listener_started: AtomicBool::new(false),
-            reader: Mutex::new(None),
             link,
             binding,
             ipc_answered: Condvar::new(),
@@ -171,21 +169,8 @@ impl Connection {
         let live: Weak<Connection> = Arc::downgrade(&conn);
         conn.core.adopt(live)?;
         local::register_connection(&link, &conn);
+        // From here on the reactor reads the stream.
         conn.reactor.start(Arc::downgrade(&conn) as Weak<dyn ControlEndpoint>)?;
-        let weak = Arc::downgrade(&conn);
-        let failing = weak.clone();
-        let thread = spawn_contained(
-            std::thread::Builder::new().name("uccl-ctrl-rx".into()),
-            ThreadKind::ControlReader,
-            move |err| {
-                if let Some(conn) = failing.upgrade() {
-                    conn.fail_with(err);
-                }
-            },
-            move || reader::read_control(&rx, weak),
-        )
-        .map_err(|e| Error::io("spawn control reader", e))?;
-        *conn.reader.lock() = Some(thread);
         if same_host {
             // The peer checks that this process holds the other end of the control connection
             // (`local::prove`) before it copies anything out of our memory.
@@ -212,43 +197,35 @@ impl Connection {
         }
     }
 
-    /// Handles every whole message in `buf` after a read that `drained` describes, reading on while
-    /// the socket has more (unless `wait`: a waiting caller returns after one buffer's worth, so
-    /// that a busy stream does not keep it past its own reply); false once the connection failed
-    /// (nothing more will be read).
-    fn handle_read(&self, buf: &mut RxBuffer, mut drained: Drained, wait: bool) -> bool {
-        loop {
-            let mut inner = self.inner.lock();
-            if inner.state.failure().is_some() {
-                // The channels are gone; nothing the peer says can be acted on any more.
-                return false;
-            }
-            let mut handled = Ok(());
-            while handled.is_ok() {
-                match buf.next_frame() {
-                    Ok(Some(msg)) => {
-                        inner.state.heard(Instant::now());
-                        handled = self.handle(&mut inner, msg);
-                    }
-                    Ok(None) => break,
-                    Err(e) => handled = Err(e),
-                }
-            }
-            let outcome = match (handled, drained) {
-                (Err(e), _) | (Ok(()), Drained::Closed(e)) => e,
-                (Ok(()), Drained::Empty | Drained::Open) => return true,
-                (Ok(()), Drained::More) if wait => return true,
-                (Ok(()), Drained::More) => {
-                    drop(inner);
-                    drained = self.rx.drain(buf, false);
-                    continue;
-                }
-            };
-            if !self.is_closed() {
-                self.fail(&mut inner, outcome);
-            }
+    /// Handles every whole message in `buf` after a read that `drained` describes (at most a
+    /// buffer's worth: whoever reads comes back for more, so that a busy stream keeps neither a
+    /// waiting caller past its own reply nor a reactor thread from its other connections); false
+    /// once the connection failed (nothing more will be read).
+    fn handle_read(&self, buf: &mut RxBuffer, drained: Drained) -> bool {
+        let mut inner = self.inner.lock();
+        if inner.state.failure().is_some() {
+            // The channels are gone; nothing the peer says can be acted on any more.
             return false;
         }
+        let mut handled = Ok(());
+        while handled.is_ok() {
+            match buf.next_frame() {
+                Ok(Some(msg)) => {
+                    inner.state.heard(Instant::now());
+                    handled = self.handle(&mut inner, msg);
+                }
+                Ok(None) => break,
+                Err(e) => handled = Err(e),
+            }
+        }
+        let outcome = match (handled, drained) {
+            (Err(e), _) | (Ok(()), Drained::Closed(e)) => e,
+            (Ok(()), Drained::Empty | Drained::Open | Drained::More) => return true,
+        };
+        if !self.is_closed() {
+            self.fail(&mut inner, outcome);
+        }
+        false
     }
 
     /// Feeds one message of the peer to the same-host GPU path or the state machine, and carries
@@ -361,12 +338,6 @@ impl Connection {
         {
             let mut inner = self.inner.lock();
             self.fail(&mut inner, Error::new(UcclStatus::ErrCanceled, "the connection was closed locally"));
-        }
-        if let Some(t) = self.reader.lock().take() {
-            // The reader may hold the last reference and be the one dropping us.
-            if t.thread().id() != std::thread::current().id() {
-                let _ = t.join();
-            }
         }
         self.reactor.detach();
         self.host.join();
@@ -497,8 +468,7 @@ impl LiveConnection for Connection {
 
 impl ControlEndpoint for Connection {
     fn readable(&self) -> Next {
-        // The connection's reader thread reads the stream; a failed connection is done with.
-        if self.inner.lock().state.failure().is_some() { Next::Stop } else { Next::Idle }
+        reader::serve_readable(self)
     }
 
     fn writable(&self) -> Next {
@@ -515,12 +485,8 @@ impl reader::Served for Connection {
         &self.rx
     }
 
-    fn handle_read(&self, buf: &mut RxBuffer, drained: Drained, wait: bool) -> bool {
-        Connection::handle_read(self, buf, drained, wait)
-    }
-
-    fn has_failed(&self) -> bool {
-        self.inner.lock().state.failure().is_some()
+    fn handle_read(&self, buf: &mut RxBuffer, drained: Drained) -> bool {
+        Connection::handle_read(self, buf, drained)
     }
 }
 
