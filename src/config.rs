@@ -16,6 +16,8 @@ pub(crate) const MIN_CHUNK_SIZE: u32 = 4 << 10;
 pub(crate) const MAX_WINDOW: usize = 16;
 /// Bound on UCCL_TCPX_GPU; the device count is checked when the engine opens the GPU.
 const MAX_GPU_ORDINAL: i32 = 1023;
+/// Bound on UCCL_TCPX_HOST_COPY_THREADS: the process's copy helpers are at most one fewer.
+pub(crate) const MAX_HOST_COPY_THREADS: usize = 64;
 /// More plugin devices than any host has NICs; bounds what `UCCL_TCPX_NET_DEVICES` may list.
 pub(crate) const MAX_NET_DEVICES: usize = 64;
 
@@ -115,6 +117,10 @@ pub struct Config {
     /// `UCCL_P2P_DISABLE_IPC`): the engine announces no host identity, so neither end of a
     /// connection takes it for local. `UCCL_TCPX_DISABLE_IPC` (0 or 1).
     pub disable_ipc: bool,
+    /// Threads that copy one same-host host-memory job of 512 KiB or more: the connection's worker
+    /// and the process's copy helpers. Default half the CPUs the process may use, 1 to 16.
+    /// `UCCL_TCPX_HOST_COPY_THREADS` (1 to 64).
+    pub host_copy_threads: usize,
     /// The key peers must share: when set, every connection starts with a mutual challenge-response
     /// and strangers are refused before anything is spent on them. Read from the file named by
     /// `UCCL_TCPX_AUTH_KEY_FILE` (its bytes, less one trailing newline; 16 to 4096 bytes; not
@@ -309,6 +315,16 @@ fn default_control_spin() -> Duration {
     if available_cores() >= 2 { Duration::from_micros(20) } else { Duration::ZERO }
 }
 
+/// One thread reading another process with `process_vm_readv` moves a few GB/s, bound by its own
+/// core (the kernel pins every source page and copies page by page), so a large copy takes many:
+/// on a 32-core host one moved 4-6 GB/s and eight 27, where loopback TCP moved 36 with 32 threads.
+/// Half the CPUs leaves the other half to the peer process and the network. On the 2-CPU VM a
+/// second thread moved no more bytes at any size (its vCPUs share one core's throughput) and made
+/// 1 MiB copies 20 % slower by its wake-up, so one thread copies there.
+fn default_host_copy_threads() -> usize {
+    (available_cores() / 2).clamp(1, 16)
+}
+
 /// Spinning pays only with cores to spare: on a small host a spinning helper takes the core that
 /// the thread it waits for needs (on 2 cores, 20 us of spin made an 8-byte round trip 5x slower).
 fn default_spin() -> Duration {
@@ -369,6 +385,7 @@ impl Default for Config {
             allow_dial: Vec::new(),
             trace_device_copy: 0,
             disable_ipc: false,
+            host_copy_threads: default_host_copy_threads(),
             auth_key: None,
         }
     }
@@ -413,6 +430,13 @@ impl Config {
             allow_dial: parse_cidrs(&get, "UCCL_TCPX_ALLOW_DIAL")?,
             trace_device_copy: parse_in(&get, "UCCL_TCPX_TRACE_DEVICE_COPY", 0u8, 0, 2)?,
             disable_ipc: parse_in(&get, "UCCL_TCPX_DISABLE_IPC", 0u8, 0, 1)? == 1,
+            host_copy_threads: parse_in(
+                &get,
+                "UCCL_TCPX_HOST_COPY_THREADS",
+                d.host_copy_threads,
+                1,
+                MAX_HOST_COPY_THREADS,
+            )?,
             auth_key: get("UCCL_TCPX_AUTH_KEY_FILE")
                 .map(|path| read_key_file("UCCL_TCPX_AUTH_KEY_FILE", &path))
                 .transpose()?,
@@ -632,6 +656,7 @@ mod tests {
             ("UCCL_TCPX_DISABLE_IPC", "1"),
             ("UCCL_TCPX_LOCAL_PEERS", "Plugin"),
             ("UCCL_TCPX_PLUGIN_TEST_AHEAD", "0"),
+            ("UCCL_TCPX_HOST_COPY_THREADS", "24"),
         ])
         .unwrap();
         let ips = |list: &[&str]| list.iter().map(|a| a.parse::<IpAddr>().unwrap()).collect::<Vec<_>>();
@@ -665,6 +690,10 @@ mod tests {
         assert_eq!(cfg(&[]).unwrap().local_peers, LocalPeers::Socket);
         assert_eq!(cfg(&[("UCCL_TCPX_LOCAL_PEERS", "socket")]).unwrap().local_peers, LocalPeers::Socket);
         assert!(!c.plugin_test_ahead);
+        assert_eq!(c.host_copy_threads, 24);
+        let cores = available_cores();
+        let default = cfg(&[]).unwrap().host_copy_threads;
+        assert_eq!(default, (cores / 2).clamp(1, 16), "half of {cores} cores, 1 to 16");
         assert!(cfg(&[]).unwrap().plugin_test_ahead);
         assert_eq!(cfg(&[("UCCL_TCPX_CONTROL_SPIN_US", "0")]).unwrap().control_spin, Duration::ZERO);
         assert_eq!(cfg(&[("UCCL_TCPX_CONTROL_THREADS", "3")]).unwrap().control_threads_per_engine(), 3);
@@ -759,6 +788,8 @@ mod tests {
             ("UCCL_TCPX_DISABLE_IPC", "2"),
             ("UCCL_TCPX_DISABLE_IPC", "yes"),
             ("UCCL_TCPX_PLUGIN_TEST_AHEAD", "2"),
+            ("UCCL_TCPX_HOST_COPY_THREADS", "0"),
+            ("UCCL_TCPX_HOST_COPY_THREADS", "65"),
             ("UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD", "8M"),
             ("UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD", "lots"),
             ("UCCL_TCPX_GPU", "-1"),

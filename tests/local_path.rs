@@ -265,7 +265,8 @@ fn assert_guard_untouched(engine: &Engine, conn: &uccl_tcpx::Connection, guard: 
 #[test]
 fn another_process_of_this_host_copies_host_memory_directly_under_the_targets_authorization() {
     let (_process, port, window, guard) = direct_peer(&[]);
-    let engine = Engine::new(same_host()).unwrap();
+    // Our reads are cut into pieces for four threads, whatever the host.
+    let engine = Engine::new(Config { host_copy_threads: 4, ..same_host() }).unwrap();
     let conn = checked_connection(&engine, port);
     let path = conn.host_path();
     assert!(path.reads_peer && path.peer_reads_us, "{path:?}");
@@ -507,4 +508,73 @@ fn a_panicking_host_copy_thread_fails_its_connection() {
     let again = checked_connection(&engine, port);
     let r = again.read(&[one(mr, buf.as_ptr() as usize, WINDOW, window)]).unwrap();
     assert_eq!(wait(&again, r).unwrap(), WINDOW as u64);
+}
+
+/// Large copies are shared with the process's copy helpers, as many as `host_copy_threads` asks
+/// for (none with 1), and a panic in a helper fails the connection whose copy it hit, as a panic of
+/// its worker does; the helpers go on serving others. In a process of its own: the helper count is
+/// the process's, and the injected panic must not hit another test's copy.
+#[test]
+fn copy_helpers_follow_the_knob_and_a_panicking_one_fails_only_its_connection() {
+    ChildTest::new("copy_helpers_process").ignored().run_within(Duration::from_secs(300));
+}
+
+#[test]
+#[ignore = "runs in a process of its own for copy_helpers_follow_the_knob_and_a_panicking_one_fails_only_its_connection"]
+fn copy_helpers_process() {
+    use uccl_tcpx::threads::{ThreadKind, inject_panic, panic_pending};
+    assert!(common::is_child("copy_helpers_process"), "runs as a child of the copy-helper test");
+    let helpers = || testkit::threads::count_named("uccl-copy-help");
+    let (_process, port, window, _guard) = direct_peer(&[]);
+    let mut buf = vec![0u8; WINDOW];
+    let addr = buf.as_ptr() as usize;
+
+    // One thread per copy: the worker copies alone.
+    let single = Engine::new(Config { host_copy_threads: 1, ..same_host() }).unwrap();
+    let conn = checked_connection(&single, port);
+    let mr = single.register(addr, WINDOW).unwrap();
+    let r = conn.read(&[one(mr, addr, WINDOW, window)]).unwrap();
+    assert_eq!(wait(&conn, r).unwrap(), WINDOW as u64);
+    common::assert_same(&buf, &common::pattern(WINDOW, WINDOW_SEED), "read by one thread");
+    assert_eq!(helpers(), 0, "host_copy_threads = 1 starts no helper");
+    drop(conn);
+    drop(single);
+    buf.fill(0);
+
+    let engine = Engine::new(Config { host_copy_threads: 4, ..same_host() }).unwrap();
+    let conn = checked_connection(&engine, port);
+    let mr = engine.register(addr, WINDOW).unwrap();
+    let read = |conn: &uccl_tcpx::Connection| conn.read(&[one(mr, addr, WINDOW, window)]).and_then(|id| wait(conn, id));
+    let started = std::time::Instant::now();
+    assert_eq!(read(&conn).unwrap(), WINDOW as u64);
+    let running = helpers();
+    // Helpers end after a second without work, which a loaded host may let pass before we look.
+    assert!(
+        (1..=3).contains(&running) || running == 0 && started.elapsed() >= Duration::from_secs(1),
+        "{running} helpers for host_copy_threads = 4"
+    );
+    common::assert_same(&buf, &common::pattern(WINDOW, WINDOW_SEED), "read by several threads");
+
+    inject_panic(ThreadKind::HostCopyHelper);
+    // A helper joins a copy once it is awake, which on a loaded host may take a few copies.
+    let mut failed = None;
+    for _ in 0..200 {
+        match read(&conn) {
+            Ok(n) => assert_eq!(n, WINDOW as u64),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    let err = failed.expect("no copy was shared with a helper in 200 reads of 12 MiB");
+    assert!(!panic_pending(ThreadKind::HostCopyHelper));
+    assert_eq!(err.status(), UcclStatus::ErrInternal, "{err}");
+    assert!(err.message().contains("host copy helper thread panicked"), "{err}");
+    assert!(read(&conn).is_err(), "the connection failed");
+    // Another connection to the same peer still copies, helpers included, byte for byte.
+    let again = checked_connection(&engine, port);
+    buf.fill(0);
+    assert_eq!(read(&again).unwrap(), WINDOW as u64);
+    common::assert_same(&buf, &common::pattern(WINDOW, WINDOW_SEED), "read after the panic");
 }

@@ -26,6 +26,8 @@ pub enum ThreadKind {
     /// One of the engine's control reactor threads, which read and write the control streams of
     /// many connections (outside any one connection's work).
     ControlReactor,
+    /// One of the process's helpers that take pieces of large same-host copies.
+    HostCopyHelper,
 }
 
 impl ThreadKind {
@@ -41,6 +43,7 @@ impl ThreadKind {
             ThreadKind::LandingCopier => "landing copier thread",
             ThreadKind::HostCopier => "host copy thread",
             ThreadKind::ControlReactor => "control reactor thread",
+            ThreadKind::HostCopyHelper => "host copy helper thread",
         }
     }
 

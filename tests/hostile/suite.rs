@@ -1477,11 +1477,12 @@ fn a_same_host_peer_is_copied_from_only_when_it_proves_its_process() {
 
 /// Deregistration stays a fence when a same-host peer's write is copied in: once `deregister`
 /// returns nothing lands in the region, however far the copy got (not started, mid-way, done).
+/// Four threads copy it (the worker and three of the process's helpers), whatever the host.
 #[test]
 fn deregistering_during_a_same_host_copy_in_is_a_fence() {
     use std::os::fd::AsRawFd;
     let _serial = serial();
-    let p = pair_with(Config { disable_ipc: false, ..config() });
+    let p = pair_with(Config { disable_ipc: false, host_copy_threads: 4, ..config() });
     let (mut fake, _conn) = same_host_fake(&p, std::process::id());
     let fd = u32::try_from(fake.control.as_raw_fd()).unwrap();
     fake.send(&Control::ProcessHello { pid: std::process::id(), fd });

@@ -2,35 +2,26 @@
 //! and runs the copies of the same-host path (`state/direct.rs`) outside the connection lock, so a
 //! copy of gigabytes stalls neither the progress thread nor the reader. A copy lands in a region of
 //! ours in pieces of at most `local::PIECE_BYTES`, each entered through the worker's gate, which
-//! keeps deregistration and failure fences; the worker copies nothing else into our memory.
+//! keeps deregistration and failure fences (`host_job.rs`: a large job's pieces are shared with the
+//! process's copy helpers); nothing else copies into our memory.
 
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
+use super::host_job::{self, Failure, SharedJob};
 use super::host_worker::{HostCopy, HostServed};
 use super::state::{CopyJob, HostTask};
 use super::{Connection, Inner};
-use crate::engine::local::{self, PIECE_BYTES, PeerProcess};
-use crate::error::{Error, UcclStatus};
+use crate::engine::local::{self, PeerProcess};
+use crate::error::Error;
 use crate::threads::{self, ThreadKind};
 
-/// Jobs from this size on are copied by several threads (`copy_threads`).
-const PARALLEL_BYTES: u64 = 8 << 20;
-
-/// Threads that copy one large job: a quarter of the CPUs the process may use, at least two where
-/// there are two and at most eight. One thread reading another process leaves most of the memory
-/// bandwidth unused (on a 32-core host one thread moved 4-6 GB/s where loopback TCP over 16
-/// sockets moved 36), while every CPU copying at once would starve the peer and the network.
-fn copy_threads() -> usize {
-    static THREADS: OnceLock<usize> = OnceLock::new();
-    *THREADS.get_or_init(|| {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if cpus < 2 { 1 } else { (cpus / 4).clamp(2, 8) }
-    })
-}
+/// Jobs from this size on are shared with the process's copy helpers (`local::copiers`, up to
+/// `Config::host_copy_threads` threads), in pieces of at least 256 KiB: below it one thread copies
+/// in about 100 us, of which a helper's wake-up would be a large part.
+const PARALLEL_BYTES: u64 = 512 << 10;
 
 impl HostServed for Connection {
-    fn serve_host_work(&self, process: &mut Option<PeerProcess>) {
+    fn serve_host_work(&self, process: &mut Option<Arc<PeerProcess>>) {
         Connection::serve_host_work(self, process);
     }
 
@@ -45,7 +36,7 @@ impl HostServed for Connection {
 
 impl Connection {
     /// Runs the queued host work in order until none is left or the connection failed.
-    fn serve_host_work(&self, process: &mut Option<PeerProcess>) {
+    fn serve_host_work(&self, process: &mut Option<Arc<PeerProcess>>) {
         loop {
             let task = {
                 let mut inner = self.inner.lock();
@@ -65,7 +56,7 @@ impl Connection {
                         log::debug!("same-host peer {} is process {pid}: host memory moves directly", self.peer.addr);
                     }
                     let reads_peer = proven.is_ok();
-                    *process = proven.ok();
+                    *process = proven.ok().map(Arc::new);
                     let mut inner = self.inner.lock();
                     inner.state.proved(reads_peer, &mut out);
                     self.finish_host_work(&mut inner, out);
@@ -74,13 +65,20 @@ impl Connection {
                     threads::point(ThreadKind::HostCopier);
                     let copied = self.copy_in(process.as_ref(), &job);
                     let mut inner = self.inner.lock();
-                    let copied = copied.map_err(|(e, refused)| {
-                        if let Some(refused) = refused {
+                    let copied = match copied {
+                        Ok(()) => Ok(()),
+                        Err(Failure::Copy(e)) => Err(e),
+                        Err(Failure::Refused(e, refused)) => {
                             local::Refusal::Kernel(refused).log(self.peer.addr);
                             inner.state.lost_peer_access();
+                            Err(e)
                         }
-                        e
-                    });
+                        Err(Failure::Panicked(e)) => {
+                            // As for a panic of this thread itself: what the copy left is unknown.
+                            self.fail(&mut inner, e);
+                            return;
+                        }
+                    };
                     inner.state.copy_finished(job, copied, &mut out);
                     self.finish_host_work(&mut inner, out);
                 }
@@ -94,74 +92,22 @@ impl Connection {
         }
     }
 
-    /// Copies `job` out of the peer's process, piece by piece through the gate. An error carries the
-    /// kernel's refusal when it took our access away (the path is then off for this connection).
-    fn copy_in(
-        &self,
-        process: Option<&PeerProcess>,
-        job: &CopyJob,
-    ) -> std::result::Result<(), (Error, Option<std::io::Error>)> {
+    /// Copies `job` out of the peer's process, piece by piece through the gate, on this thread and
+    /// for a large job with the process's copy helpers.
+    fn copy_in(&self, process: Option<&Arc<PeerProcess>>, job: &CopyJob) -> Result<(), Failure> {
         if job.error.is_some() {
             // Cut off before it ran: `copy_finished` reports the cut.
             return Ok(());
         }
         let Some(process) = process else {
-            return Err((Error::internal("a direct copy without a proven peer process"), None));
+            return Err(Failure::Copy(Error::internal("a direct copy without a proven peer process")));
         };
-        let lost = |e: std::io::Error| {
-            let err = Error::new(
-                UcclStatus::ErrBackend,
-                format!("copying {} bytes from peer process {}: {e}", job.len, process.pid()),
-            );
-            let refused = matches!(e.raw_os_error(), Some(libc::EPERM | libc::ESRCH | libc::ENOSYS)).then_some(e);
-            (err, refused)
-        };
-        process.alive().map_err(lost)?;
-        let pieces = local::pieces(&job.local, &job.remote, PIECE_BYTES);
-        let next = AtomicUsize::new(0);
-        let gate = &self.host.gate;
+        process.alive().map_err(|e| host_job::lost(process, job.len, e))?;
+        let threads = if job.len < PARALLEL_BYTES { 1 } else { self.core.config.host_copy_threads };
+        let gate = self.host.gate.clone();
         gate.begin(&job.region);
-        // Takes pieces in order until none is left or one failed: one copying thread, or
-        // `copy_threads()` of them for a large job.
-        let copier = || -> std::result::Result<(), (Error, Option<std::io::Error>)> {
-            while let Some((local, remote)) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) {
-                if !gate.enter(&job.region) {
-                    next.store(pieces.len(), Ordering::Relaxed);
-                    let why = if gate.is_closed() {
-                        Error::new(UcclStatus::ErrCanceled, "the connection failed during the transfer")
-                    } else {
-                        Error::not_allowed("the memory region was deregistered during the transfer")
-                    };
-                    return Err((why, None));
-                }
-                // SAFETY: `local` lies in `job.region`, a live registration of this engine (the
-                // target's window authorized by the region table, or the caller's buffer checked at
-                // post), and the gate keeps its deregistration from returning until the piece is
-                // done. The kernel writes it; segments a peer names twice get either copy's bytes,
-                // as overlapping chunks of the network path would.
-                let read = unsafe { process.read_piece(local, remote) };
-                gate.leave();
-                if let Err(e) = read {
-                    next.store(pieces.len(), Ordering::Relaxed);
-                    return Err(lost(e));
-                }
-            }
-            Ok(())
-        };
-        let threads = copy_threads().min(pieces.len());
-        if job.len < PARALLEL_BYTES || threads < 2 {
-            return copier();
-        }
-        // A panic in a helper reaches this thread at the scope's end, and this thread's own
-        // containment fails the connection.
-        std::thread::scope(|scope| {
-            let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(copier)).collect();
-            let mut outcome = copier();
-            for helper in helpers {
-                let theirs = helper.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-                outcome = outcome.and(theirs);
-            }
-            outcome
-        })
+        let shared =
+            SharedJob::new(&job.local, &job.remote, job.len, threads, gate, job.region.clone(), process.clone());
+        Arc::new(shared).run(threads)
     }
 }

@@ -22,7 +22,7 @@ use crate::threads::{ThreadKind, spawn_contained};
 /// What the worker serves: a connection, through this trait so that this file names none.
 pub(super) trait HostServed: Send + Sync {
     /// Runs the queued host work until none is left or the connection failed.
-    fn serve_host_work(&self, process: &mut Option<PeerProcess>);
+    fn serve_host_work(&self, process: &mut Option<Arc<PeerProcess>>);
     /// The worker's thread panicked.
     fn fail_with(&self, err: Error);
     fn host(&self) -> &HostCopy;
@@ -32,7 +32,9 @@ pub(super) trait HostServed: Send + Sync {
 const GATE_POLL: Duration = Duration::from_micros(50);
 
 /// The pieces under way, as deregistration and failure see them. The worker copies one job at a
-/// time, so every piece under way lands in one region (a job's pieces may run on several threads).
+/// time, so every piece under way lands in one region (a job's pieces may run on several threads:
+/// the worker's and the process's copy helpers, which take a job's pieces only until the worker
+/// returns from it).
 #[derive(Default)]
 pub(super) struct Gate {
     /// Id of the region the current job copies into (region ids start at 1); set while no piece
@@ -49,20 +51,17 @@ impl Gate {
         self.region.store(region.id, Ordering::SeqCst);
     }
 
-    /// Announces a piece into the job's `region`; false (and nothing announced) when the region was
-    /// deregistered or the connection failed.
-    pub fn enter(&self, region: &Region) -> bool {
+    /// Announces a piece into the job's `region`, under way until the returned guard drops (a
+    /// panic in the piece unwinds through it too); `None` (and nothing announced) when the region
+    /// was deregistered or the connection failed.
+    pub fn enter(&self, region: &Region) -> Option<Inside<'_>> {
         self.active.fetch_add(1, Ordering::SeqCst);
+        let inside = Inside(self);
         fence(Ordering::SeqCst);
         if self.closed.load(Ordering::SeqCst) || region.is_removed() {
-            self.leave();
-            return false;
+            return None;
         }
-        true
-    }
-
-    pub fn leave(&self) {
-        self.active.fetch_sub(1, Ordering::SeqCst);
+        Some(inside)
     }
 
     /// Returns once no piece into `region` is under way; the caller marked it removed before.
@@ -84,6 +83,15 @@ impl Gate {
         while self.active.load(Ordering::SeqCst) != 0 {
             std::thread::sleep(GATE_POLL);
         }
+    }
+}
+
+/// A piece under way (see [`Gate::enter`]).
+pub(super) struct Inside<'a>(&'a Gate);
+
+impl Drop for Inside<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

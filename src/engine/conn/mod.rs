@@ -9,6 +9,7 @@ mod api;
 mod copy_trace;
 mod device_copy;
 mod host_copy;
+mod host_job;
 mod host_worker;
 mod ipc;
 mod local_copy;

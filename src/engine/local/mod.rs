@@ -11,6 +11,7 @@
 //! which process it is (`proof.rs`); an engine only ever reads another process's memory
 //! (`process.rs`), and the kernel's ptrace rules decide whether it may.
 
+pub(crate) mod copiers;
 mod identity;
 mod process;
 mod proof;
