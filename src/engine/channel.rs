@@ -9,8 +9,14 @@
 //! each made when a chunk first falls into it.
 //!
 //! A chunk whose region was deregistered before it was posted is redirected to scratch memory: it is
-//! still sent (zeros) or received (into a buffer dropped on completion), so both ends keep the same
-//! chunk plan, but the region is never touched again.
+//! still sent (zeros) or received (into a scratch buffer), so both ends keep the same chunk plan, but
+//! the region is never touched again. The chunks of a peer's write we refused arrive the same way.
+//! A scratch receive takes a chunk-sized buffer, at most one per receive posted, and a few are kept
+//! for the next ones, so a peer streaming refused writes costs a window of buffers, reused.
+//!
+//! A comm may decline a post (`None`: try again later). When it declines with nothing of ours in
+//! flight on it, no completion will wake the progress thread for it, so the channel says so
+//! (`needs_retry`) and the thread keeps polling instead of parking.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -83,6 +89,9 @@ impl Windows {
 /// here; the comm's own bound on outstanding requests still applies.
 const RECV_WINDOW_FACTOR: usize = 2;
 
+/// Scratch receive buffers kept for reuse once their receive completed.
+const SPARE_SCRATCH: usize = 4;
+
 /// A chunk handed to a comm, with the scratch memory it moves through when it has no region (kept
 /// until the comm reports the request done; the comms are dropped before the queues).
 type Posted = (RequestId, Chunk, Option<Box<[u8]>>);
@@ -111,6 +120,10 @@ pub struct Channel {
     recv_inflight: VecDeque<Posted>,
     /// The segments of a chunk being posted; reused.
     iov: Vec<IoSeg>,
+    /// Scratch receive buffers whose receive completed, for the next scratch receives.
+    spare: Vec<Box<[u8]>>,
+    /// A comm declined a post on the last pass with nothing of ours in flight on it.
+    declined: bool,
 }
 
 impl Channel {
@@ -137,6 +150,28 @@ impl Channel {
             recv_queue: VecDeque::new(),
             recv_inflight: VecDeque::new(),
             iov: Vec::new(),
+            spare: Vec::new(),
+            declined: false,
+        }
+    }
+
+    /// Whether a comm declined a post on the last pass while nothing of ours was in flight on it:
+    /// only polling again gets the chunk posted.
+    pub fn needs_retry(&self) -> bool {
+        self.declined
+    }
+
+    /// A scratch buffer of at least `len` bytes for a receive.
+    fn take_scratch(&mut self, len: usize) -> Box<[u8]> {
+        match self.spare.iter().position(|b| b.len() >= len) {
+            Some(i) => self.spare.swap_remove(i),
+            None => vec![0u8; len].into_boxed_slice(),
+        }
+    }
+
+    fn keep_scratch(&mut self, buf: Box<[u8]>) {
+        if self.spare.len() < SPARE_SCRATCH {
+            self.spare.push(buf);
         }
     }
 
@@ -257,6 +292,7 @@ impl Channel {
     /// finished chunks to `done`; returns whether anything moved.
     pub fn drive(&mut self, sent: &mut Vec<u64>, done: &mut Vec<Chunk>) -> Result<bool> {
         self.sweep_registrations();
+        self.declined = false;
         let mut moved = false;
         while self.send_inflight.len() < self.window {
             let Some((chunk, mr)) = self.send_queue.front() else { break };
@@ -279,7 +315,10 @@ impl Channel {
                     unsafe { self.send.isendv(&self.iov, *mr)? }
                 }
             };
-            let Some(req) = posted else { break };
+            let Some(req) = posted else {
+                self.declined |= self.send_inflight.is_empty();
+                break;
+            };
             let (chunk, _) = self.send_queue.pop_front().expect("looked at the front");
             sent.push(chunk.flow);
             self.send_inflight.push_back((req, chunk, scratch));
@@ -294,8 +333,10 @@ impl Channel {
             moved = true;
         }
         while self.recv_inflight.len() < self.recv_window {
-            let Some((chunk, mr)) = self.recv_queue.front() else { break };
-            let mut scratch = (chunk.region == SCRATCH).then(|| vec![0u8; chunk.len].into_boxed_slice());
+            let Some((chunk, _)) = self.recv_queue.front() else { break };
+            let scratch_len = (chunk.region == SCRATCH).then_some(chunk.len);
+            let mut scratch = scratch_len.map(|len| self.take_scratch(len));
+            let (chunk, mr) = self.recv_queue.front().expect("looked at the front");
             let posted = match (&mut scratch, &chunk.mem) {
                 // SAFETY: scratch memory is kept with the request until it completes.
                 (Some(s), _) => unsafe { self.recv.irecv(s.as_mut_ptr(), chunk.len, *mr)? },
@@ -308,7 +349,13 @@ impl Channel {
                     unsafe { self.recv.irecvv(&self.iov, *mr)? }
                 }
             };
-            let Some(req) = posted else { break };
+            let Some(req) = posted else {
+                self.declined |= self.recv_inflight.is_empty();
+                if let Some(buf) = scratch {
+                    self.keep_scratch(buf);
+                }
+                break;
+            };
             let (chunk, _) = self.recv_queue.pop_front().expect("looked at the front");
             self.recv_inflight.push_back((req, chunk, scratch));
             moved = true;
@@ -324,7 +371,10 @@ impl Channel {
             threads::point(ThreadKind::Progress);
             // Host memory is final once the receive completes, so the slot goes back at once.
             self.recv.irecv_consumed(req)?;
-            let (_, chunk, _) = self.recv_inflight.pop_front().expect("looked at the front");
+            let (_, chunk, scratch) = self.recv_inflight.pop_front().expect("looked at the front");
+            if let Some(buf) = scratch {
+                self.keep_scratch(buf);
+            }
             done.push(chunk);
             moved = true;
         }
@@ -615,5 +665,150 @@ mod tests {
         ch.drive(&mut Vec::new(), &mut done).unwrap();
         let lines = log.lock().clone();
         assert!(lines.len() == 1 && lines[0].starts_with("isend ") && lines[0].ends_with("+256 mr 0"), "{lines:?}");
+    }
+
+    /// A comm whose posts and completions the test switches by hand, recording where posts point.
+    #[derive(Clone, Default)]
+    struct Switched(Arc<Mutex<SwitchedState>>);
+
+    #[derive(Default)]
+    struct SwitchedState {
+        /// Posts are declined (`None`) while set.
+        declines: bool,
+        /// `test` reports requests done while set.
+        completes: bool,
+        /// Addresses of the requests posted, in order.
+        posted: Vec<usize>,
+    }
+
+    impl Switched {
+        fn post(&self, addr: usize, len: usize) -> Option<RequestId> {
+            let mut st = self.0.lock();
+            if st.declines {
+                return None;
+            }
+            st.posted.push(addr);
+            Some(RequestId(len as u64))
+        }
+        fn set(&self, declines: bool, completes: bool) {
+            let mut st = self.0.lock();
+            (st.declines, st.completes) = (declines, completes);
+        }
+        fn done(&self, req: RequestId) -> Option<usize> {
+            self.0.lock().completes.then_some(req.0 as usize)
+        }
+    }
+
+    impl SendComm for Switched {
+        fn reg_mr(&mut self, _: usize, _: usize, _: MemKind) -> Result<MrHandle> {
+            Ok(MrHandle(1))
+        }
+        fn dereg_mr(&mut self, _: MrHandle) {}
+        unsafe fn isend(&mut self, data: *const u8, len: usize, _: MrHandle) -> Result<Option<RequestId>> {
+            Ok(self.post(data as usize, len))
+        }
+        fn test(&mut self, req: RequestId) -> Result<Option<usize>> {
+            Ok(self.done(req))
+        }
+    }
+
+    impl RecvComm for Switched {
+        fn reg_mr(&mut self, _: usize, _: usize, _: MemKind) -> Result<MrHandle> {
+            Ok(MrHandle(1))
+        }
+        fn dereg_mr(&mut self, _: MrHandle) {}
+        unsafe fn irecv(&mut self, data: *mut u8, len: usize, _: MrHandle) -> Result<Option<RequestId>> {
+            Ok(self.post(data as usize, len))
+        }
+        fn test(&mut self, req: RequestId) -> Result<Option<usize>> {
+            Ok(self.done(req))
+        }
+        fn irecv_consumed(&mut self, _req: RequestId) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn switched_channel(window: usize) -> (Channel, Switched, Switched) {
+        let (send, recv) = (Switched::default(), Switched::default());
+        let table = RegionTable::default();
+        let ch = Channel::new(
+            Box::new(send.clone()),
+            Box::new(recv.clone()),
+            window,
+            Windows::new(usize::MAX),
+            table.removals(),
+        );
+        (ch, send, recv)
+    }
+
+    fn scratch_chunk(flow: u64, len: usize) -> Chunk {
+        Chunk { flow, region: SCRATCH, mem: ChunkMem::At(0), len }
+    }
+
+    #[test]
+    fn scratch_receives_reuse_a_few_buffers_instead_of_allocating_one_per_chunk() {
+        let (mut ch, _send, recv) = switched_channel(3);
+        recv.set(false, false);
+        for _ in 0..2 * 3 * RECV_WINDOW_FACTOR {
+            ch.queue_recv(scratch_chunk(1, 0x1000), None).unwrap();
+        }
+        let mut done = Vec::new();
+        ch.drive(&mut Vec::new(), &mut done).unwrap();
+        let first: Vec<usize> = recv.0.lock().posted.clone();
+        assert_eq!(first.len(), 3 * RECV_WINDOW_FACTOR, "a window of scratch receives, each its own buffer");
+        let mut distinct = first.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), first.len());
+        // They complete: a few buffers are kept, the rest freed; the next receives take the kept ones.
+        recv.set(false, true);
+        ch.drive(&mut Vec::new(), &mut done).unwrap();
+        assert_eq!(done.len(), 3 * RECV_WINDOW_FACTOR);
+        assert_eq!(ch.spare.len(), SPARE_SCRATCH);
+        recv.set(false, false);
+        ch.drive(&mut Vec::new(), &mut done).unwrap();
+        let second: Vec<usize> = recv.0.lock().posted[first.len()..].to_vec();
+        assert_eq!(second.len(), 3 * RECV_WINDOW_FACTOR);
+        let reused = second.iter().filter(|a| first.contains(a)).count();
+        assert!(reused >= SPARE_SCRATCH, "kept buffers are reused: {reused} of {second:?} in {first:?}");
+        assert!(ch.spare.is_empty(), "every kept buffer is in use again");
+        recv.set(false, true);
+        ch.drive(&mut Vec::new(), &mut done).unwrap();
+        assert_eq!(done.len(), 2 * 3 * RECV_WINDOW_FACTOR);
+        assert_eq!(ch.spare.len(), SPARE_SCRATCH, "at most a few buffers stay");
+    }
+
+    #[test]
+    fn a_post_declined_with_nothing_in_flight_asks_to_be_retried() {
+        let (mut ch, send, recv) = switched_channel(2);
+        for flow in 1..=3 {
+            ch.queue_send(scratch_chunk(flow, 64), None).unwrap();
+            ch.queue_recv(scratch_chunk(flow, 64), None).unwrap();
+        }
+        send.set(true, false);
+        recv.set(true, false);
+        let (mut sent, mut done) = (Vec::new(), Vec::new());
+        assert!(!ch.drive(&mut sent, &mut done).unwrap());
+        assert!(ch.needs_retry(), "nothing in flight would wake the progress thread");
+        // The receive side takes its posts; the send side still declines: still a retry.
+        recv.set(false, false);
+        assert!(ch.drive(&mut sent, &mut done).unwrap());
+        assert!(ch.needs_retry());
+        send.set(false, false);
+        ch.drive(&mut sent, &mut done).unwrap();
+        assert_eq!(sent, [1, 2], "posted in order once accepted");
+        assert!(!ch.needs_retry());
+        // Declined behind a request in flight: its completion wakes the thread, no retry needed.
+        send.set(true, false);
+        ch.drive(&mut sent, &mut done).unwrap();
+        assert!(!ch.needs_retry());
+        send.set(false, true);
+        recv.set(false, true);
+        for _ in 0..10 {
+            ch.drive(&mut sent, &mut done).unwrap();
+        }
+        assert_eq!(done.len(), 6, "three sends and three receives");
+        assert_eq!(sent, [1, 2, 3]);
+        assert!(!ch.needs_retry());
     }
 }

@@ -27,6 +27,10 @@ pub enum Control {
         xfer: u64,
         len: u64,
     },
+    /// A write whose chunks follow at once on the channels, as the sender's next flow: the target
+    /// receives them into the range when it authorizes it and into scratch memory when it refuses
+    /// it, then answers Done or Deny. At most `MAX_VECTOR_BYTES`, which bounds what a refusal
+    /// makes the target receive.
     WriteRequest {
         xfer: u64,
         region: u64,
@@ -97,8 +101,9 @@ pub enum Control {
     Resume {
         xfer: u64,
     },
-    /// A write into several pieces of one region: one flow whose bytes fill `segs` in order;
-    /// answered with one Grant (every segment authorized) or one Deny, then Done.
+    /// A write into several pieces of one region: one flow whose bytes fill `segs` in order,
+    /// following at once like a WriteRequest's; answered with one Done (every segment authorized)
+    /// or one Deny.
     WriteVector {
         xfer: u64,
         region: u64,
@@ -202,6 +207,15 @@ fn check_range(addr: u64, len: u64) -> Result<(), ProtoError> {
         Some(_) => Ok(()),
         None => Err(ProtoError::Invalid("the requested memory range runs past the end of the address space")),
     }
+}
+
+/// A write's chunks follow its request whether or not the target accepts it, so its length bounds
+/// what a peer can make the target receive into scratch memory: one advertised window's worth.
+fn check_write_len(len: u64) -> Result<(), ProtoError> {
+    if len > MAX_VECTOR_BYTES {
+        return Err(ProtoError::Invalid("a WriteRequest asks for more than MAX_VECTOR_BYTES"));
+    }
+    Ok(())
 }
 
 fn check_inline(addr: u64, len: usize) -> Result<(), ProtoError> {
@@ -483,7 +497,8 @@ impl Control {
     pub fn validate(&self) -> Result<(), ProtoError> {
         match self {
             Self::SendAnnounce { len, .. } | Self::Data { len, .. } | Self::Done { len, .. } => nonzero_len(*len),
-            Self::WriteRequest { addr, len, .. } | Self::ReadRequest { addr, len, .. } => check_range(*addr, *len),
+            Self::WriteRequest { addr, len, .. } => check_range(*addr, *len).and_then(|()| check_write_len(*len)),
+            Self::ReadRequest { addr, len, .. } => check_range(*addr, *len),
             Self::Deny { status, reason, .. } => check_deny(*status, reason),
             Self::Notify { name, msg } => check_notify(name, msg),
             Self::InlineWrite { addr, payload, .. } => check_inline(*addr, payload.len()),
@@ -843,6 +858,21 @@ mod tests {
             assert!(matches!(msg.validate(), Err(ProtoError::Invalid(_))));
             assert_eq!(decode_frame(&encode(&msg)), Err(msg.validate().unwrap_err()));
         }
+    }
+
+    #[test]
+    fn a_write_request_moves_at_most_one_windows_worth_and_a_read_request_is_not_bounded_so() {
+        let write = |len| Control::WriteRequest { xfer: 1, region: 2, token: 3, addr: 0x1000, len };
+        assert_eq!(
+            decode_frame(&encode(&write(MAX_VECTOR_BYTES))).map(|m| m.map(|(m, _)| m)),
+            Ok(Some(write(MAX_VECTOR_BYTES)))
+        );
+        let over = write(MAX_VECTOR_BYTES + 1);
+        assert!(matches!(over.validate(), Err(ProtoError::Invalid(why)) if why.contains("MAX_VECTOR_BYTES")));
+        assert_eq!(decode_frame(&encode(&over)), Err(over.validate().unwrap_err()));
+        // A read queues nothing before the target authorized it.
+        let read = Control::ReadRequest { xfer: 1, region: 2, token: 3, addr: 0x1000, len: MAX_VECTOR_BYTES + 1 };
+        assert_eq!(read.validate(), Ok(()));
     }
 
     #[test]

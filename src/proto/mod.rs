@@ -24,7 +24,7 @@ pub use ipc::{IPC_HANDLE_LEN, IPC_INFO_SIZE, IpcInfo};
 
 /// Protocol magic, the first field of Hello, Welcome and Refuse bodies.
 pub(crate) const MAGIC: u32 = 0x5854_4355;
-pub(crate) const PROTOCOL_VERSION: u16 = 12;
+pub(crate) const PROTOCOL_VERSION: u16 = 13;
 pub(crate) const NET_HANDLE_SIZE: usize = 128;
 /// Notification name bytes, NUL terminator excluded.
 pub(crate) const MAX_NAME_LEN: usize = 255;
@@ -43,8 +43,9 @@ pub(crate) const MAX_INLINE_SEND_BACKLOG: u64 = 4 << 20;
 pub(crate) const MAX_VECTOR_SEGMENTS: usize = 1 << 16;
 /// Wire bytes per segment of a vector request: `u64 addr, u32 len`.
 pub(crate) const REMOTE_SEG_LEN: usize = 12;
-/// Bytes one vector request may move, as much as one advertised window can hold: bounds the chunks
-/// a peer can make us queue for one flow, whatever its segments repeat.
+/// Bytes one vector request, or one WriteRequest, may move, as much as one advertised window can
+/// hold: bounds the chunks a peer can make us queue for one flow, whatever its segments repeat (a
+/// write's chunks are received even when it is refused).
 pub(crate) const MAX_VECTOR_BYTES: u64 = 1 << 32;
 /// Windows one IPC grant may list: as many as a region may advertise.
 pub(crate) const MAX_IPC_WINDOWS: usize = 4096;

@@ -145,7 +145,7 @@ fn encode(msg: &Handshake) -> Vec<u8> {
 }
 
 /// The crate's protocol version (crate-private there); a wrong one fails every handshake below.
-const PROTOCOL_VERSION: u16 = 12;
+const PROTOCOL_VERSION: u16 = 13;
 
 fn hello() -> Hello {
     Hello {
@@ -297,7 +297,7 @@ fn garbage_on_the_control_port_is_dropped() {
 fn other_protocol_versions_are_refused_with_a_reason() {
     let _serial = serial();
     let p = pair();
-    for version in [0u16, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 0x100, u16::MAX] {
+    for version in [0u16, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 0x100, u16::MAX] {
         // A full Hello of another version, and only magic + version as a future peer might send.
         let full = encode(&Handshake::Hello(Hello { version, ..hello() }));
         let mut short = FrameHeader { kind: 1, body_len: 6 }.to_bytes().to_vec();
@@ -761,13 +761,17 @@ fn fake_peer_happy_path_moves_data_both_ways() {
     assert_eq!(got, message(1, &src));
     fake.send(&Control::Done { xfer, len: 100_000 });
     assert_eq!(wait(&conn, sid).unwrap(), 100_000);
-    // A guessed one-sided request is denied, and the connection stays up.
+    // A guessed one-sided request is denied, and the connection stays up. A write's bytes follow
+    // its request unasked: they are taken into scratch memory, and the Deny comes after them.
     let guess = dst.as_ptr() as u64;
+    let before = dst.clone();
     fake.send(&Control::WriteRequest { xfer: 2, region: dmr, token: 0, addr: guess, len: 8 });
+    fake.data(&[0xee; 8]).unwrap();
     match fake.recv() {
         Some(Control::Deny { xfer: 2, status, .. }) => assert_eq!(status, UcclStatus::ErrNotAllowed as i32),
         other => panic!("expected a Deny, got {other:?}"),
     }
+    assert!(dst == before, "a refused write's bytes landed");
     fake.send(&Control::ReadRequest { xfer: 3, region: dmr, token: 1, addr: guess, len: 8 });
     assert!(matches!(fake.recv(), Some(Control::Deny { xfer: 3, status: -6, .. })));
     fake.send(&Control::Notify { name: b"fake-peer".to_vec(), msg: b"still here".to_vec() });
@@ -847,6 +851,12 @@ fn vector_requests_are_authorized_whole_and_cut_per_segment_for_a_peer_without_s
         (12, Control::WriteVector { xfer: 12, region: cap.region, token: token ^ 1, segs: vec![seg(0, 8)] }),
     ] {
         fake.send(&msg);
+        // A write's bytes follow it whether or not it is refused, one message per segment.
+        if let Control::WriteVector { segs, .. } = &msg {
+            for s in segs {
+                fake.data(&vec![0xcc; s.len as usize]).unwrap();
+            }
+        }
         match fake.recv() {
             Some(Control::Deny { xfer: x, status, reason }) => {
                 assert_eq!((x, status), (xfer, UcclStatus::ErrNotAllowed as i32), "{reason}");
@@ -862,10 +872,9 @@ fn vector_requests_are_authorized_whole_and_cut_per_segment_for_a_peer_without_s
     let mut want = message(1, &mem[5000..5300]);
     want.extend(message(2, &mem[10..110]));
     assert_eq!(got, want);
-    // A write of two segments lands in both and nowhere else.
+    assert!(mem == before, "refused requests wrote nothing");
+    // A write of two segments lands in both and nowhere else; its bytes follow at once.
     fake.send(&Control::WriteVector { xfer: 14, region: cap.region, token, segs: vec![seg(20_000, 64), seg(300, 36)] });
-    let Some(Control::Grant { xfer: 14, flow }) = fake.recv() else { panic!("no Grant") };
-    fake.send(&Control::Data { flow, len: 100 });
     fake.data(&[0xa1; 64]).unwrap();
     fake.data(&[0xb2; 36]).unwrap();
     assert_eq!(fake.recv(), Some(Control::Done { xfer: 14, len: 100 }));
@@ -1334,17 +1343,18 @@ fn data_listener_binds_the_configured_address_only() {
 }
 
 /// Regression (found here, fixed in 8b66d84): `close` marks the control writer closing and waits up
-/// to a second for it to drain before failing what is pending. A Grant for one of our writes handled
-/// in that window was taken out of `awaiting_grant`, `start_outbound` then failed to queue the Data
-/// message before recording the flow, and the transfer was in no table when `fail` ran: it stayed in
-/// progress forever. A peer that stops reading its control stream makes the window last the full
-/// second (the race also showed up with two real engines under CPU load).
+/// to a second for it to drain before failing what is pending. A Grant for one of our writes (sends
+/// since writes need none) handled in that window was taken out of `awaiting_grant`,
+/// `start_outbound` then failed to queue the Data message before recording the flow, and the
+/// transfer was in no table when `fail` ran: it stayed in progress forever. A peer that stops
+/// reading its control stream makes the window last the full second (the race also showed up with
+/// two real engines under CPU load).
 #[test]
-fn grant_arriving_during_close_does_not_strand_the_write() {
+fn grant_arriving_during_close_does_not_strand_the_send() {
     let _serial = serial();
     let p = pair();
     let (mut fake, conn) = fake_peer(&p);
-    let (w, xfer, _src) = write_behind_a_blocked_writer(&p, &mut fake, &conn);
+    let (w, xfer, _src) = transfer_behind_a_blocked_writer(&p, &mut fake, &conn, false);
     let (b, c) = (p.b.clone(), conn.clone());
     let closer = std::thread::spawn(move || b.close_connection(&c));
     // The writer refuses new messages from the moment the close starts waiting for it to drain:
@@ -1358,10 +1368,16 @@ fn grant_arriving_during_close_does_not_strand_the_write() {
     assert_canceled(&conn, w);
 }
 
-/// A write of `p.b`'s on `conn` waiting for its Grant (it is larger than the inline limit), behind
-/// 64 MiB of notification that the fake never reads, so the engine's control writer is blocked.
-/// Returns the write's id, the xfer the fake saw and the write's source.
-fn write_behind_a_blocked_writer(p: &Pair, fake: &mut FakePeer, conn: &Connection) -> (u64, u64, Vec<u8>) {
+/// A write of `p.b`'s on `conn` waiting for its Done (its bytes already went to the fake, which
+/// does not read them), or with `send` a send waiting for its Grant (both larger than the inline
+/// limit), behind 64 MiB of notification that the fake never reads, so the engine's control writer
+/// is blocked. Returns the transfer's id, the xfer the fake saw and the source.
+fn transfer_behind_a_blocked_writer(
+    p: &Pair,
+    fake: &mut FakePeer,
+    conn: &Connection,
+    write: bool,
+) -> (u64, u64, Vec<u8>) {
     let src = pattern(128 << 10, 5);
     let smr = p.b.register(src.as_ptr() as usize, src.len()).unwrap();
     let remote = uccl_tcpx::proto::FifoItem::with_capability(
@@ -1369,29 +1385,37 @@ fn write_behind_a_blocked_writer(p: &Pair, fake: &mut FakePeer, conn: &Connectio
         128 << 10,
         uccl_tcpx::proto::Capability { region: 1, token: 2 },
     );
-    let w = conn.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len: src.len(), remote }]).unwrap();
-    let Some(Control::WriteRequest { xfer, .. }) = fake.recv() else { panic!("no WriteRequest") };
+    let (w, xfer) = if write {
+        let w = conn.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len: src.len(), remote }]).unwrap();
+        let Some(Control::WriteRequest { xfer, .. }) = fake.recv() else { panic!("no WriteRequest") };
+        (w, xfer)
+    } else {
+        let s = conn.send(&[(smr, src.as_ptr() as usize, src.len())]).unwrap();
+        let Some(Control::SendAnnounce { xfer, .. }) = fake.recv() else { panic!("no SendAnnounce") };
+        (s, xfer)
+    };
     // Stop reading: 64 MiB of notification fill the socket buffers and the engine's writer blocks.
     conn.notify(b"filler", &vec![0u8; 64 << 20]).unwrap();
     (w, xfer, src)
 }
 
-/// Write `w` of the closed connection `conn` ends, canceled.
+/// Transfer `w` of the closed connection `conn` ends, canceled.
 fn assert_canceled(conn: &Connection, w: u64) {
-    let what = "the write ends after close_connection returned";
+    let what = "the transfer ends after close_connection returned";
     match common::eventually(what, PATIENCE, || conn.poll(w).transpose()) {
-        Ok(n) => panic!("the write succeeded with {n} bytes on a closed connection"),
+        Ok(n) => panic!("the transfer succeeded with {n} bytes on a closed connection"),
         Err(e) => assert_eq!(e.status(), UcclStatus::ErrCanceled, "{e}"),
     }
 }
 
-/// The same close with the writer blocked, but no Grant crossing it: the pending write is failed.
+/// The same close with the writer blocked, a write's bytes gone and no answer crossing it: the
+/// pending write is failed.
 #[test]
 fn close_with_a_blocked_control_writer_fails_pending_writes() {
     let _serial = serial();
     let p = pair();
     let (mut fake, conn) = fake_peer(&p);
-    let (w, _xfer, _src) = write_behind_a_blocked_writer(&p, &mut fake, &conn);
+    let (w, _xfer, _src) = transfer_behind_a_blocked_writer(&p, &mut fake, &conn, true);
     let start = Instant::now();
     let (b, c) = (p.b.clone(), conn.clone());
     let closer = std::thread::spawn(move || b.close_connection(&c));

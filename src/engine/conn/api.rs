@@ -130,10 +130,7 @@ impl Connection {
                 }
             }
         }
-        self.post(requests.len(), |st, transfer, out| {
-            out.extend(st.post_one_sided(transfer, write, requests)?.into_iter().map(Action::Send));
-            Ok(())
-        })
+        self.post(requests.len(), |st, transfer, out| st.post_one_sided(transfer, write, requests, out))
     }
 
     /// Each `(mr, addr, len)` is one message, matched by one receive the peer posts.
@@ -164,8 +161,11 @@ impl Connection {
 
     /// Creates the transfer and registers its parts under the state lock, then sends the resulting
     /// control messages after releasing it: the reply can come back before the send call returns,
-    /// and the reader must not find the lock held by a thread still inside that call. A failure
-    /// before anything reached the wire forgets the id again.
+    /// and the reader must not find the lock held by a thread still inside that call. A post that
+    /// started flows (writes, whose chunks follow their requests at once) sends under the lock
+    /// instead, since the peer numbers flows in their messages' order; their replies come only
+    /// after the chunks, which move once the lock is released. A failure before anything reached
+    /// the wire forgets the id again.
     fn post(
         &self,
         parts: usize,
@@ -175,9 +175,12 @@ impl Connection {
             return Err(Error::invalid("nothing to transfer: zero items"));
         }
         let transfer = self.core.transfers.create(self.id, parts);
-        let sent = self
-            .register_parts(&transfer, post)
-            .and_then(|msgs| self.writer.send_all(&msgs).inspect_err(|e| self.fail(&mut self.inner.lock(), e.clone())));
+        let sent = self.register_parts(&transfer, post).and_then(|msgs| {
+            if msgs.is_empty() {
+                return Ok(());
+            }
+            self.writer.send_all(&msgs).inspect_err(|e| self.fail(&mut self.inner.lock(), e.clone()))
+        });
         if let Err(e) = sent {
             self.core.transfers.discard(transfer.id);
             return Err(e);
@@ -187,7 +190,8 @@ impl Connection {
 
     /// `post`'s part under the lock: the state registers the parts (or refuses before registering
     /// any), parts that finished at once (a receive matched an inline send) are finished, and the
-    /// control messages are returned for sending.
+    /// control messages are returned for sending, unless flows were started: then everything is
+    /// carried out here, in order.
     fn register_parts(
         &self,
         transfer: &Arc<Transfer>,
@@ -197,6 +201,13 @@ impl Connection {
         inner.state.begin_post(Instant::now())?;
         let mut out = Vec::new();
         post(&mut inner.state, transfer, &mut out)?;
+        if out.iter().any(|a| matches!(a, Action::Queue(_))) {
+            if let Err(e) = self.apply(&mut inner, out) {
+                self.fail(&mut inner, e.clone());
+                return Err(e);
+            }
+            return Ok(Vec::new());
+        }
         let mut msgs = Vec::new();
         let mut rest = Vec::new();
         for action in out {

@@ -78,6 +78,9 @@ struct Inner {
     sent_chunks: Vec<u64>,
     /// The same-host GPU path: grants, asks, device copies in flight (`ipc.rs`).
     ipc: IpcState,
+    /// A channel's comm declined a post with nothing in flight to wake us: counted as polled work,
+    /// so the progress thread polls instead of parking until the post went through.
+    retrying: bool,
 }
 
 pub struct Connection {
@@ -155,7 +158,14 @@ impl Connection {
             rx,
             control,
             reactor,
-            inner: Mutex::new(Inner { state, channels, finished_chunks: Vec::new(), sent_chunks: Vec::new(), ipc }),
+            inner: Mutex::new(Inner {
+                state,
+                channels,
+                finished_chunks: Vec::new(),
+                sent_chunks: Vec::new(),
+                ipc,
+                retrying: false,
+            }),
             closed: AtomicBool::new(false),
             listener_started: AtomicBool::new(false),
             link,
@@ -371,6 +381,7 @@ impl Connection {
         }
         let failed = inner.state.fail(err.clone());
         inner.channels.clear();
+        self.set_retrying(inner, false);
         // No same-host copy lands in our memory after this returns either.
         self.host.stop();
         inner.ipc.fail(&err, &self.core.waker);
@@ -406,6 +417,8 @@ impl Connection {
                 }
             }
         }
+        let retry = result.is_ok() && inner.channels.iter().any(Channel::needs_retry);
+        self.set_retrying(inner, retry);
         let mut out = Vec::new();
         for flow in sent.drain(..) {
             inner.state.chunk_sent(flow);
@@ -432,6 +445,18 @@ impl Connection {
             return true;
         }
         moved
+    }
+
+    /// Keeps the progress thread polling while a comm declined a post with nothing in flight to
+    /// wake it (a plugin may decline a send until its peer posted the receive).
+    fn set_retrying(&self, inner: &mut Inner, retry: bool) {
+        if std::mem::replace(&mut inner.retrying, retry) != retry {
+            if retry {
+                self.core.waker.polled_work(1);
+            } else {
+                self.core.waker.polled_work_done(1);
+            }
+        }
     }
 }
 

@@ -4,9 +4,15 @@
 //! socket, a thread or a channel, so every exchange is unit-tested as plain calls. `Connection`
 //! holds it under its lock and carries the actions out.
 //!
+//! Flows are numbered per direction, and both ends queue them on the channels in that order (the
+//! number seeds the chunk plan's channel rotation). The sending end numbers a flow when it puts the
+//! message that starts it on the control stream, under the connection lock, and the receiving end
+//! when it reads that message: a write's own request (its chunks follow at once, without a grant),
+//! the Data marker of a granted send or a served read. So the stream's order is the flows' order.
+//!
 //! A deregistered region is cut off here (`cut`): flows on it finish through scratch memory, so both
 //! ends keep their chunk plans, and end in failure: a local part with -6, a peer's write with a Deny
-//! instead of its Done. A read we serve has no answer at its end (the reader completes on the
+//! instead of its Done. A peer's write we refuse is received through scratch memory the same way. A read we serve has no answer at its end (the reader completes on the
 //! chunks), so a cut one is denied at once and its remaining chunks are held until the reader's
 //! Resume says it took note: it can then no longer complete on chunks that carry no data.
 
@@ -29,6 +35,12 @@ use crate::transport::{IoSeg, MemKind};
 
 /// Announced sends the peer may queue ahead of our receives before it is treated as hostile.
 const MAX_UNMATCHED_ANNOUNCES: usize = 1 << 16;
+
+/// Chunks of the peer's refused writes we may be receiving into scratch memory at once. A write's
+/// chunks follow its request unasked, so a peer holding no capability could otherwise make us queue
+/// chunks without end; this is room for two maximal requests at the smallest chunk size (a queued
+/// chunk costs about 64 bytes), far beyond what a deregistration racing a peer's writes leaves.
+const MAX_REFUSED_CHUNKS: usize = 2 << 20;
 
 /// Inline write and small-read bytes a connection keeps unanswered; further small one-sided items
 /// take the request path. Bounds what either end's control writer can be asked to queue for the
@@ -180,6 +192,8 @@ struct Flow {
     unsent: usize,
     /// A read we serve, cut: its chunks wait for the reader's Resume.
     held: bool,
+    /// The peer's write we refused: chunks it holds of `refused_chunks`.
+    refused: usize,
 }
 
 /// Memory a flow sends from.
@@ -251,6 +265,9 @@ pub(super) struct ConnState {
     /// Flows started in each direction; seeds each flow's channel rotation identically on both ends.
     out_seq: u64,
     in_seq: u64,
+    /// Chunks of the peer's refused writes still to be received into scratch memory (bounded by
+    /// MAX_REFUSED_CHUNKS).
+    refused_chunks: usize,
     /// Our sends and writes waiting for the peer's Grant or Deny, by op id.
     awaiting_grant: HashMap<u64, Outbound>,
     /// Our running sends and writes waiting for the peer's Done: op id -> flow id.
@@ -289,6 +306,7 @@ impl ConnState {
             next_id: 0,
             out_seq: 0,
             in_seq: 0,
+            refused_chunks: 0,
             awaiting_grant: HashMap::new(),
             awaiting_done: HashMap::new(),
             inline_ops: HashMap::new(),
@@ -356,15 +374,18 @@ impl ConnState {
         self.next_id
     }
 
-    /// Registers the requests of one write or read call as parts of `transfer`, one part each;
-    /// returns the messages to send. Nothing is registered when a local region was deregistered
-    /// since the caller looked it up.
+    /// Registers the requests of one write or read call as parts of `transfer`, one part each, and
+    /// pushes the messages to send, then the writes' flows to queue (their chunks follow the
+    /// requests at once). Nothing is registered when a local region was deregistered since the
+    /// caller looked it up. When flows were queued, the messages must reach the wire before the
+    /// connection lock is released: the peer numbers the flows in their requests' order.
     pub fn post_one_sided(
         &mut self,
         transfer: &Arc<Transfer>,
         write: bool,
         requests: Vec<OneSidedRequest>,
-    ) -> Result<Vec<Control>> {
+        out: &mut Vec<Action>,
+    ) -> Result<()> {
         live(requests.iter().map(|r| match r {
             OneSidedRequest::Item(item) => &item.region,
             OneSidedRequest::Vector(vector) => &vector.region,
@@ -375,32 +396,37 @@ impl ConnState {
             OneSidedRequest::Item(item) => item.region.kind == MemKind::Host,
             OneSidedRequest::Vector(vector) => vector.region.kind == MemKind::Host,
         });
-        let mut out = Vec::with_capacity(parts);
+        // The requests go out together, ahead of the flows: the peer can start on them while
+        // this end cuts the chunks.
+        let mut flows = Vec::new();
         let mut inline_parts = 0;
         for request in requests {
-            match request {
+            let msg = match request {
                 OneSidedRequest::Item(item) => {
-                    let (msg, inline) = self.post_item(transfer, write, item, direct);
+                    let (msg, inline) = self.post_item(transfer, write, item, direct, &mut flows);
                     inline_parts += usize::from(inline);
-                    out.push(msg);
+                    msg
                 }
-                OneSidedRequest::Vector(vector) => out.push(self.post_vector(transfer, write, vector, direct)),
-            }
+                OneSidedRequest::Vector(vector) => self.post_vector(transfer, write, vector, direct, &mut flows),
+            };
+            out.push(Action::Send(msg));
         }
+        out.append(&mut flows);
         if inline_parts == parts {
             transfer.set_completes_on_control();
         }
-        Ok(out)
+        Ok(())
     }
 
     /// One item as its own request; also says whether it went inline. `direct`: it may ask for the
-    /// same-host copy.
+    /// same-host copy. A write's flow is pushed to `flows`.
     fn post_item(
         &mut self,
         transfer: &Arc<Transfer>,
         write: bool,
         item: OneSidedItem,
         direct: bool,
+        flows: &mut Vec<Action>,
     ) -> (Control, bool) {
         let id = self.take_id();
         let OneSidedItem { region, addr: local, len, remote_region, token, remote_addr: addr, payload } = item;
@@ -429,9 +455,17 @@ impl ConnState {
             Control::ReadSmall { xfer: id, region: remote_region, token, addr, len }
         } else if write {
             let src = Source { extent, region };
-            let pending = Outbound { src, transfer: transfer.clone(), prompt: true, error: None };
-            self.awaiting_grant.insert(id, pending);
-            direct.unwrap_or(Control::WriteRequest { xfer: id, region: remote_region, token, addr, len })
+            match direct {
+                Some(msg) => {
+                    let pending = Outbound { src, transfer: transfer.clone(), prompt: true, error: None };
+                    self.awaiting_grant.insert(id, pending);
+                    msg
+                }
+                None => {
+                    self.start_write(id, src, transfer, flows);
+                    Control::WriteRequest { xfer: id, region: remote_region, token, addr, len }
+                }
+            }
         } else {
             let on_done = OnDone::Part(transfer.clone());
             self.inbound.insert(id, Inbound { extent, region, on_done, inline: 0, error: None });
@@ -441,17 +475,32 @@ impl ConnState {
     }
 
     /// Items sharing both regions as one vector request: the local segments are the flow's extent
-    /// on this end, the remote ones travel in the request.
-    fn post_vector(&mut self, transfer: &Arc<Transfer>, write: bool, vector: VectorRequest, direct: bool) -> Control {
+    /// on this end, the remote ones travel in the request. A write's flow is pushed to `flows`.
+    fn post_vector(
+        &mut self,
+        transfer: &Arc<Transfer>,
+        write: bool,
+        vector: VectorRequest,
+        direct: bool,
+        flows: &mut Vec<Action>,
+    ) -> Control {
         let id = self.take_id();
         let VectorRequest { region, local: extent, remote_region, token, segs } = vector;
         let direct =
             if direct { self.direct_request(id, write, &extent, remote_region, token, segs.clone()) } else { None };
         if write {
             let src = Source { extent, region };
-            let pending = Outbound { src, transfer: transfer.clone(), prompt: true, error: None };
-            self.awaiting_grant.insert(id, pending);
-            direct.unwrap_or(Control::WriteVector { xfer: id, region: remote_region, token, segs })
+            match direct {
+                Some(msg) => {
+                    let pending = Outbound { src, transfer: transfer.clone(), prompt: true, error: None };
+                    self.awaiting_grant.insert(id, pending);
+                    msg
+                }
+                None => {
+                    self.start_write(id, src, transfer, flows);
+                    Control::WriteVector { xfer: id, region: remote_region, token, segs }
+                }
+            }
         } else {
             let on_done = OnDone::Part(transfer.clone());
             self.inbound.insert(id, Inbound { extent, region, on_done, inline: 0, error: None });
@@ -569,18 +618,12 @@ impl ConnState {
                 self.announced(Announced { peer_op: xfer, len, payload: Some(payload) }, mem, out)
             }
             Control::WriteRequest { xfer, region, token, addr, len } => {
-                match mem.authorize(region, token, addr, len) {
-                    Err(e) => deny(xfer, e, out),
-                    Ok(region) => self.grant(xfer, Extent::Contiguous { addr: addr as usize, len }, region, out),
-                }
-                Ok(())
+                let authorized = mem.authorize(region, token, addr, len);
+                self.receive_write(xfer, Extent::Contiguous { addr: addr as usize, len }, authorized, out)
             }
             Control::WriteVector { xfer, region, token, segs } => {
-                match mem.authorize_segments(region, token, &segs) {
-                    Err(e) => deny(xfer, e, out),
-                    Ok(region) => self.grant(xfer, local_segments(&segs), region, out),
-                }
-                Ok(())
+                let authorized = mem.authorize_segments(region, token, &segs);
+                self.receive_write(xfer, local_segments(&segs), authorized, out)
             }
             Control::ReadVector { xfer, region, token, segs } => {
                 match mem.authorize_segments(region, token, &segs) {
@@ -716,6 +759,7 @@ impl ConnState {
                     uncuttable: false,
                     unsent: 0,
                     held: false,
+                    refused: 0,
                 };
                 self.flows.insert(flow, f);
                 out.push(Action::Queue(FlowPlan { dir: Direction::Recv, flow, region, extent, seq }));
@@ -797,6 +841,7 @@ impl ConnState {
         f.remaining -= 1;
         if f.remaining == 0 {
             let f = self.flows.remove(&flow).expect("looked up above");
+            self.refused_chunks -= f.refused;
             let outcome = f.error.clone().map_or(Ok(f.len), Err);
             let answer = |peer_op| match &f.error {
                 None => Control::Done { xfer: peer_op, len: f.len },
@@ -832,6 +877,7 @@ impl ConnState {
         failed.extend(self.inline_ops.drain().map(|(_, op)| op.transfer));
         self.inline_send_backlog = 0;
         self.inline_one_sided = 0;
+        self.refused_chunks = 0;
         failed.extend(self.inbound.drain().filter_map(|(_, i)| i.on_done.transfer().cloned()));
         // A cut receive failed when it was cut.
         failed.extend(self.posted_recvs.drain(..).filter(|r| r.cut.is_none()).map(|r| r.transfer));
@@ -915,6 +961,22 @@ impl ConnState {
         error: Option<Error>,
         out: &mut Vec<Action>,
     ) -> u64 {
+        let len = src.extent.len();
+        let flow = self.start_sending(src, extra, on_done, error, out);
+        out.push(Action::Send(Control::Data { flow: peer_flow, len }));
+        flow
+    }
+
+    /// Numbers a flow of ours and queues its chunks: whatever starts it must reach the wire before
+    /// the next flow is numbered. Returns the local flow id.
+    fn start_sending(
+        &mut self,
+        src: Source,
+        extra: usize,
+        on_done: OnDone,
+        error: Option<Error>,
+        out: &mut Vec<Action>,
+    ) -> u64 {
         let flow = self.take_id();
         let seq = self.out_seq;
         self.out_seq += 1;
@@ -923,14 +985,76 @@ impl ConnState {
         let region = if error.is_some() { None } else { Some(region) };
         // Recorded before anything fallible: a failing connection must still find (and fail) the part.
         let remaining = unsent + extra;
-        let f = Flow { remaining, len, on_done, region: region.clone(), error, uncuttable: false, unsent, held: false };
+        let f = Flow {
+            remaining,
+            len,
+            on_done,
+            region: region.clone(),
+            error,
+            uncuttable: false,
+            unsent,
+            held: false,
+            refused: 0,
+        };
         self.flows.insert(flow, f);
         out.push(Action::Queue(FlowPlan { dir: Direction::Send, flow, region, extent, seq }));
-        out.push(Action::Send(Control::Data { flow: peer_flow, len }));
         flow
     }
 
-    /// Grants the peer's authorized write into `extent`: the flow it will send as.
+    /// Starts our write `id` of `src`: its chunks go at once, and it ends with the peer's Done (or
+    /// Deny), which counts as one more chunk.
+    fn start_write(&mut self, id: u64, src: Source, transfer: &Arc<Transfer>, out: &mut Vec<Action>) {
+        let flow = self.start_sending(src, 1, OnDone::Part(transfer.clone()), None, out);
+        self.awaiting_done.insert(id, flow);
+    }
+
+    /// Receives the peer's write `xfer`, whose chunks are on their way: into `extent` when
+    /// authorized, else into scratch memory, answered with a Deny once through. An error means the
+    /// connection must fail (the peer's refused writes passed their bound).
+    fn receive_write(
+        &mut self,
+        xfer: u64,
+        extent: Extent,
+        authorized: Result<Arc<Region>>,
+        out: &mut Vec<Action>,
+    ) -> Result<()> {
+        let (region, extent, error) = match authorized {
+            Ok(region) => (Some(region), extent, None),
+            Err(e) => {
+                log::debug!("refusing the peer's write {xfer}, receiving it into scratch memory: {}", e.message());
+                (None, scratch(&extent), Some(e))
+            }
+        };
+        let chunks = chunk_count(&extent, self.chunking);
+        let refused = if region.is_some() { 0 } else { chunks };
+        if self.refused_chunks + refused > MAX_REFUSED_CHUNKS {
+            return Err(Error::backend(format!(
+                "protocol violation: the peer's refused writes would have more than {MAX_REFUSED_CHUNKS} chunks \
+                 received into scratch memory at once"
+            )));
+        }
+        self.refused_chunks += refused;
+        let flow = self.take_id();
+        let seq = self.in_seq;
+        self.in_seq += 1;
+        let f = Flow {
+            remaining: chunks,
+            len: extent.len(),
+            on_done: OnDone::Ack(xfer),
+            region: region.clone(),
+            error,
+            uncuttable: false,
+            unsent: 0,
+            held: false,
+            refused,
+        };
+        self.flows.insert(flow, f);
+        out.push(Action::Queue(FlowPlan { dir: Direction::Recv, flow, region, extent, seq }));
+        Ok(())
+    }
+
+    /// Grants the peer's authorized direct write into `extent` as a network write (`direct.rs`): the
+    /// flow it will send as, after its Data marker.
     fn grant(&mut self, xfer: u64, extent: Extent, region: Arc<Region>, out: &mut Vec<Action>) {
         let flow = self.take_id();
         self.inbound.insert(flow, Inbound { extent, region, on_done: OnDone::Ack(xfer), inline: 0, error: None });
@@ -953,6 +1077,15 @@ impl ConnState {
 /// A vector request's segments as this end's memory (authorized, so they are addresses here).
 fn local_segments(segs: &[RemoteSeg]) -> Extent {
     Extent::scattered(segs.iter().map(|s| IoSeg { addr: s.addr as usize, len: s.len as usize }))
+}
+
+/// The same lengths with no address in them: what a refused write is received as. The chunk plan
+/// needs only the lengths, and the channels give each scratch chunk memory of its own.
+fn scratch(extent: &Extent) -> Extent {
+    match extent {
+        Extent::Contiguous { len, .. } => Extent::Contiguous { addr: 0, len: *len },
+        Extent::Scattered { segs, .. } => Extent::scattered(segs.iter().map(|s| IoSeg { addr: 0, len: s.len })),
+    }
 }
 
 fn deny(xfer: u64, e: Error, out: &mut Vec<Action>) {

@@ -177,8 +177,9 @@ impl End {
         }
         let t = self.transfer(parts.len());
         self.st.begin_post(Instant::now()).unwrap();
-        let msgs = self.st.post_one_sided(&t, write, parts).unwrap();
-        self.outbox.extend(msgs);
+        let mut out = Vec::new();
+        self.st.post_one_sided(&t, write, parts, &mut out).unwrap();
+        self.take(out);
         t
     }
 
@@ -370,26 +371,26 @@ fn status(outcome: Option<Result<u64>>) -> UcclStatus {
 }
 
 #[test]
-fn write_runs_request_grant_data_then_done() {
+fn a_write_sends_its_chunks_with_its_request_then_done() {
     let (mut a, mut b) = (End::new(), End::new());
     let len = 3 * CHUNK + 5;
     let src = a.buffer(len, pattern(1));
     let dst = b.buffer(len + 100, |_| 0);
     let t = a.one_sided(true, &[(&src, 0, &dst, 100, len)]);
-    let xfer = match a.outbox.front() {
-        Some(&Control::WriteRequest { xfer, region, token, addr, len: l }) => {
-            assert_eq!((region, token, addr, l), (dst.cap.region, dst.cap.token, dst.addr() as u64 + 100, len as u64));
-            xfer
+    let xfer = match a.outbox.make_contiguous() {
+        [Control::WriteRequest { xfer, region, token, addr, len: l }] => {
+            assert_eq!(
+                (*region, *token, *addr, *l),
+                (dst.cap.region, dst.cap.token, dst.addr() as u64 + 100, len as u64)
+            );
+            *xfer
         }
-        other => panic!("expected a WriteRequest, got {other:?}"),
+        other => panic!("expected one WriteRequest, got {other:?}"),
     };
+    assert_eq!(a.sending.len(), 1, "the chunks are queued with the request, no grant awaited");
     deliver(&mut a, &mut b).unwrap();
-    let Some(&Control::Grant { xfer: granted, flow }) = b.outbox.front() else { panic!("{:?}", b.outbox) };
-    assert_eq!(granted, xfer);
-    deliver(&mut b, &mut a).unwrap();
-    assert_eq!(a.outbox, [Control::Data { flow, len: len as u64 }]);
-    assert_eq!(a.sending.len(), 1, "the chunks are queued with the Data marker");
-    deliver(&mut a, &mut b).unwrap();
+    assert!(b.outbox.is_empty(), "nothing to answer before the bytes landed: {:?}", b.outbox);
+    assert_eq!(b.receiving.len(), 1, "the target receives the flow the request announced");
     assert!(move_data(&mut a, &mut b));
     // Every local chunk went out, but the write completes only with the peer's Done.
     assert!(a.outcome(&t).is_none());
@@ -407,8 +408,6 @@ fn done_before_the_last_local_chunk_waits_for_it() {
     let src = a.buffer(2 * CHUNK, pattern(2));
     let dst = b.buffer(2 * CHUNK, |_| 0);
     let t = a.one_sided(true, &[(&src, 0, &dst, 0, 2 * CHUNK)]);
-    deliver(&mut a, &mut b).unwrap();
-    deliver(&mut b, &mut a).unwrap();
     deliver(&mut a, &mut b).unwrap();
     let plan = a.sending.pop_first().unwrap().1;
     let peer = b.receiving.pop_first().unwrap().1;
@@ -680,10 +679,10 @@ fn close_fails_the_connection_and_every_pending_part_once() {
     let (mut a, mut b) = (End::new(), End::new());
     let local = a.buffer(8 * CHUNK, pattern(11));
     let remote = b.buffer(8 * CHUNK, |_| 0);
-    let granted_write = a.one_sided(true, &[(&local, 0, &remote, 0, 4 * CHUNK)]);
+    let delivered_write = a.one_sided(true, &[(&local, 0, &remote, 0, 4 * CHUNK)]);
     pump_messages_only(&mut a, &mut b);
-    assert_eq!(a.sending.len(), 1, "the write runs");
-    let waiting_write = a.one_sided(true, &[(&local, 0, &remote, 0, 4 * CHUNK)]);
+    assert_eq!(b.receiving.len(), 1, "the write runs");
+    let posted_write = a.one_sided(true, &[(&local, 0, &remote, 0, 4 * CHUNK)]);
     let inline = a.one_sided(true, &[(&local, 0, &remote, 0, 10)]);
     let read = a.one_sided(false, &[(&local, 0, &remote, 0, 4 * CHUNK)]);
     let send = a.send(&[(&local, 0, 10)]);
@@ -693,7 +692,7 @@ fn close_fails_the_connection_and_every_pending_part_once() {
     let failed = a.st.fail(err.clone());
     let mut ids: Vec<_> = failed.iter().map(|t| t.id).collect();
     ids.sort();
-    let mut expected = vec![granted_write.id, waiting_write.id, inline.id, read.id, send.id, recv.id];
+    let mut expected = vec![delivered_write.id, posted_write.id, inline.id, read.id, send.id, recv.id];
     expected.sort();
     assert_eq!(ids, expected);
     assert_eq!(a.st.failure(), Some(&err));
@@ -757,16 +756,12 @@ fn not_allowed(outcome: Option<Result<u64>>) -> String {
 
 #[test]
 fn a_write_cut_at_the_target_drains_into_scratch_and_is_denied() {
-    // Cut at three points: after the bytes started (Data came), after the Grant, before the request.
-    for stage in 0..3 {
+    // Cut at two points: after the request arrived (its chunks are coming), and before.
+    for stage in 0..2 {
         let (mut a, mut b) = (End::new(), End::new());
         let src = a.buffer(4 * CHUNK, pattern(20));
         let dst = b.buffer(4 * CHUNK, |_| 0);
         let t = a.one_sided(true, &[(&src, 0, &dst, 0, 4 * CHUNK)]);
-        if stage < 2 {
-            deliver(&mut a, &mut b).unwrap();
-            deliver(&mut b, &mut a).unwrap();
-        }
         if stage == 0 {
             deliver(&mut a, &mut b).unwrap();
             assert_eq!(b.receiving.len(), 1);
@@ -943,11 +938,12 @@ fn posts_naming_a_deregistered_region_register_nothing() {
         remote_addr: remote.addr() as u64,
         payload,
     };
-    let err = a.st.post_one_sided(&t, true, vec![OneSidedRequest::Item(item(Some(vec![0; 10])))]).unwrap_err();
+    let mut out = Vec::new();
+    let err =
+        a.st.post_one_sided(&t, true, vec![OneSidedRequest::Item(item(Some(vec![0; 10])))], &mut out).unwrap_err();
     assert_eq!(err.status(), UcclStatus::ErrNotFound);
     let send = SendItem { region: buf.region.clone(), addr: buf.addr(), len: 10, payload: None };
     assert!(a.st.post_send(&t, vec![send]).is_err());
-    let mut out = Vec::new();
     assert!(a.st.post_recv(&t, buf.region.clone(), buf.addr(), 10, &a.mem, &mut out).is_err());
     assert!(out.is_empty() && !a.st.waits_on_peer() && a.st.fail(Error::backend("x")).is_empty());
 }
@@ -1005,7 +1001,7 @@ fn items_match(items: &[(&Buf, usize, &Buf, usize, usize)]) -> bool {
 const ODD_LENS: [usize; 9] = [1, 4095, 4097, 16 << 10, CHUNK + 3, 777, 3 * CHUNK - 1, 64 << 10, 12_345];
 
 #[test]
-fn a_vector_write_is_one_request_one_grant_and_one_flow_into_every_segment() {
+fn a_vector_write_is_one_request_and_one_flow_into_every_segment() {
     for cut in [Cut::Spanning, Cut::PerSegment] {
         let (mut a, mut b) = (End::with_cut(cut), End::with_cut(cut));
         let total: usize = ODD_LENS.iter().sum();
@@ -1018,11 +1014,10 @@ fn a_vector_write_is_one_request_one_grant_and_one_flow_into_every_segment() {
         };
         assert_eq!((*region, *token, segs.len()), (remote.cap.region, remote.cap.token, ODD_LENS.len()));
         assert_eq!(segs[1], RemoteSeg { addr: (remote.addr() + 1 + 4099) as u64, len: 4095 });
+        assert_eq!(a.sending.len(), 1, "one flow, queued with the request");
         deliver(&mut a, &mut b).unwrap();
-        assert!(matches!(b.outbox.make_contiguous(), [Control::Grant { .. }]), "{:?}", b.outbox);
-        deliver(&mut b, &mut a).unwrap();
-        assert!(matches!(a.outbox.make_contiguous(), [Control::Data { len, .. }] if *len == total as u64));
-        assert_eq!(a.sending.len(), 1, "one flow");
+        assert!(b.outbox.is_empty(), "{:?}", b.outbox);
+        assert_eq!(b.receiving.values().map(|p| p.extent.len()).collect::<Vec<_>>(), [total as u64]);
         pump(&mut a, &mut b);
         assert_eq!(a.outcome(&t).unwrap().unwrap(), total as u64, "{cut:?}");
         assert!(items_match(&items), "{cut:?}");
@@ -1069,11 +1064,22 @@ fn a_vector_with_one_segment_outside_the_window_fails_whole_and_touches_nothing(
         items.push((&local, 40 << 10, &remote, (64 << 10) - 100, 4096));
         let t = a.one_sided(write, &items);
         assert_eq!(a.outbox.len(), 1);
+        deliver(&mut a, &mut b).unwrap();
+        if write {
+            // The chunks are on their way: received into scratch memory, nowhere in the region.
+            let [(_, plan)] = b.receiving.iter().collect::<Vec<_>>()[..] else { panic!("{:?}", b.receiving) };
+            assert!(plan.region.is_none(), "a refused write lands in scratch memory");
+            let Extent::Scattered { segs, len } = &plan.extent else { panic!("{:?}", plan.extent) };
+            assert!(segs.iter().all(|s| s.addr == 0) && *len == (20 * 1024 + 4096) as u64, "{segs:?}");
+            assert!(b.outbox.is_empty(), "the Deny waits for the chunks");
+        } else {
+            assert!(b.receiving.is_empty() && b.sending.is_empty(), "no flow was started");
+        }
         pump(&mut a, &mut b);
         assert_eq!(status(a.outcome(&t)), UcclStatus::ErrNotAllowed, "write {write}");
         assert!(remote.bytes.iter().all(|&x| x == 0), "the target is untouched");
         assert_eq!(local.bytes, before, "nothing was read into the local buffer either");
-        assert!(b.receiving.is_empty() && b.sending.is_empty(), "no flow was started");
+        assert_eq!(b.st.refused_chunks, 0, "the scratch flow is through");
         assert!(a.st.check_open().is_ok() && b.st.check_open().is_ok(), "a refusal is not a protocol error");
         assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
     }
@@ -1116,7 +1122,8 @@ fn a_hundred_thousand_items_post_a_few_requests_and_no_entry_per_item() {
     let requests = n.div_ceil(REQUEST_SEGMENTS);
     assert_eq!(counts.len(), requests);
     assert!(counts.iter().all(|&c| c <= REQUEST_SEGMENTS) && counts.iter().sum::<usize>() == n);
-    assert_eq!((a.st.awaiting_grant.len(), a.st.inline_ops.len(), a.st.inbound.len()), (requests, 0, 0));
+    assert_eq!((a.st.awaiting_done.len(), a.st.inline_ops.len(), a.st.inbound.len()), (requests, 0, 0));
+    assert_eq!(a.sending.len(), requests, "one flow per request, started with it");
     pump(&mut a, &mut b);
     assert_eq!(a.outcome(&t).unwrap().unwrap(), (n * 8) as u64);
     assert!(items_match(&items));
@@ -1124,16 +1131,180 @@ fn a_hundred_thousand_items_post_a_few_requests_and_no_entry_per_item() {
 
 #[test]
 fn data_for_a_vector_flow_must_carry_its_total() {
-    let (mut a, mut b) = (End::new(), End::new());
-    let local = a.buffer(1 << 20, pattern(26));
-    let remote = b.buffer(1 << 20, |_| 0);
+    let (mut a, b) = (End::new(), End::new());
+    let local = a.buffer(1 << 20, |_| 0);
+    let remote = b.buffer(1 << 20, pattern(26));
     let items = scattered_items(&local, &remote, &[100_000; 3], 10, 10);
-    let t = a.one_sided(true, &items);
-    deliver(&mut a, &mut b).unwrap();
-    let Some(&Control::Grant { flow, .. }) = b.outbox.front() else { panic!("{:?}", b.outbox) };
-    let err = b.handle(Control::Data { flow, len: 100_000 }).unwrap_err();
+    let t = a.one_sided(false, &items);
+    let Some(&Control::ReadVector { xfer, .. }) = a.outbox.front() else { panic!("{:?}", a.outbox) };
+    let err = a.handle(Control::Data { flow: xfer, len: 100_000 }).unwrap_err();
     assert!(err.message().contains("300000 were granted"), "{err}");
-    let failed = b.st.fail(err);
-    assert!(failed.is_empty(), "the target holds no part of the caller's transfer");
-    assert!(a.outcome(&t).is_none());
+    let failed = a.st.fail(err);
+    assert_eq!(failed.iter().map(|f| f.id).collect::<Vec<_>>(), [t.id], "failing the connection fails the read");
+    assert!(a.receiving.is_empty(), "nothing was queued for the wrong length");
+}
+
+/// What one end does in an interleaving script.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    /// A writes to B (a flow A -> B, numbered when A posts it).
+    AWrites,
+    /// A writes a vector of two items to B (one flow A -> B).
+    AWritesVector,
+    /// A writes 100 bytes inline (no flow).
+    AWritesInline,
+    /// B reads from A (a flow A -> B, numbered when A serves the request).
+    BReads,
+    /// B posts a receive and A a send (a flow A -> B, numbered when A handles B's Grant).
+    ASends,
+    /// B writes to A (a flow B -> A).
+    BWrites,
+    /// The messages one end has queued reach the other.
+    DeliverAtoB,
+    DeliverBtoA,
+}
+
+/// Runs `script` between two fresh ends, then lets everything finish, and checks that every flow
+/// paired with its own counterpart (lengths differ per kind, bytes per pattern) and every
+/// transfer delivered its bytes.
+fn run_interleaving(script: &[Step]) {
+    use Step::*;
+    let (mut a, mut b) = (End::new(), End::new());
+    let a_src = a.buffer(16 * CHUNK, pattern(50));
+    let a_dst = a.buffer(16 * CHUNK, |_| 0);
+    let b_src = b.buffer(16 * CHUNK, pattern(51));
+    let b_dst = b.buffer(16 * CHUNK, |_| 0);
+    let b_back = b.buffer(16 * CHUNK, |_| 0);
+    let b_recv = b.buffer(16 * CHUNK, |_| 0);
+    let mut done: Vec<Expected> = Vec::new();
+    for &step in script {
+        match step {
+            AWrites => {
+                let len = 3 * CHUNK + 1;
+                let t = a.one_sided(true, &[(&a_src, 0, &b_dst, 0, len)]);
+                done.push(Expected::new(true, t, [(a_src.addr(), b_dst.addr(), len)]));
+            }
+            AWritesVector => {
+                let items =
+                    [(&a_src, CHUNK, &b_dst, 5 * CHUNK, CHUNK + 7), (&a_src, 9, &b_dst, 8 * CHUNK, 2 * CHUNK + 3)];
+                let t = a.one_sided(true, &items);
+                assert!(matches!(a.outbox.back(), Some(Control::WriteVector { .. })), "{:?}", a.outbox);
+                let (s, d) = (a_src.addr(), b_dst.addr());
+                let ranges = [(s + CHUNK, d + 5 * CHUNK, CHUNK + 7), (s + 9, d + 8 * CHUNK, 2 * CHUNK + 3)];
+                done.push(Expected::new(true, t, ranges));
+            }
+            AWritesInline => {
+                let t = a.one_sided(true, &[(&a_src, 77, &b_dst, 12 * CHUNK, 100)]);
+                done.push(Expected::new(true, t, [(a_src.addr() + 77, b_dst.addr() + 12 * CHUNK, 100)]));
+            }
+            BReads => {
+                let len = 2 * CHUNK + 5;
+                let t = b.one_sided(false, &[(&b_back, 0, &a_src, 3, len)]);
+                done.push(Expected::new(false, t, [(a_src.addr() + 3, b_back.addr(), len)]));
+            }
+            ASends => {
+                let len = 4 * CHUNK + 9;
+                b.recv(&b_recv, 8 * CHUNK);
+                let t = a.send(&[(&a_src, 11, len)]);
+                done.push(Expected::new(true, t, [(a_src.addr() + 11, b_recv.addr(), len)]));
+            }
+            BWrites => {
+                let len = 5 * CHUNK + 2;
+                let t = b.one_sided(true, &[(&b_src, 0, &a_dst, 0, len)]);
+                done.push(Expected::new(false, t, [(b_src.addr(), a_dst.addr(), len)]));
+            }
+            DeliverAtoB => {
+                deliver(&mut a, &mut b).unwrap();
+            }
+            DeliverBtoA => {
+                deliver(&mut b, &mut a).unwrap();
+            }
+        }
+    }
+    pump_messages_only(&mut a, &mut b);
+    // Both ends numbered the same flows alike, in each direction.
+    let shape = |m: &BTreeMap<u64, FlowPlan>| m.values().map(|p| (p.seq, p.extent.len())).collect::<Vec<_>>();
+    assert_eq!(shape(&a.sending), shape(&b.receiving), "{script:?}");
+    assert_eq!(shape(&b.sending), shape(&a.receiving), "{script:?}");
+    pump(&mut a, &mut b);
+    for e in &done {
+        let end = if e.on_a { &a } else { &b };
+        let len: usize = e.ranges.iter().map(|r| r.2).sum();
+        assert_eq!(end.outcome(&e.transfer).expect("finished").expect("succeeded"), len as u64, "{script:?}");
+        for &(src, dst, n) in &e.ranges {
+            assert!(same(src, dst, n), "{script:?}: transfer {} moved the wrong bytes", e.transfer.id);
+        }
+    }
+    assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer(), "{script:?}");
+}
+
+/// A transfer of an interleaving script: which end posted it, and the byte ranges it was to move,
+/// `(source, destination, length)`.
+struct Expected {
+    on_a: bool,
+    transfer: Arc<Transfer>,
+    ranges: Vec<(usize, usize, usize)>,
+}
+
+impl Expected {
+    fn new<const N: usize>(on_a: bool, transfer: Arc<Transfer>, ranges: [(usize, usize, usize); N]) -> Expected {
+        Expected { on_a, transfer, ranges: ranges.to_vec() }
+    }
+}
+
+/// Whether `len` bytes at `a` and at `b` (in live test buffers) are equal.
+fn same(a: usize, b: usize, len: usize) -> bool {
+    // SAFETY: both ranges lie in test buffers that outlive the check.
+    unsafe { std::slice::from_raw_parts(a as *const u8, len) == std::slice::from_raw_parts(b as *const u8, len) }
+}
+
+#[test]
+fn flows_of_every_kind_pair_up_whichever_order_their_messages_cross() {
+    use Step::*;
+    let scripts: &[&[Step]] = &[
+        // A's write numbered before the read it serves and the send B grants, and after them.
+        &[AWrites, BReads, ASends, DeliverBtoA, DeliverAtoB, DeliverBtoA, AWritesVector],
+        &[BReads, ASends, DeliverBtoA, DeliverAtoB, DeliverBtoA, AWrites, AWritesVector],
+        // The Grant and the ReadRequest reach A between two of its writes; B writes meanwhile.
+        &[ASends, DeliverAtoB, BReads, BWrites, AWrites, DeliverBtoA, AWritesVector, AWritesInline, DeliverAtoB],
+        &[ASends, DeliverAtoB, AWritesVector, BWrites, BReads, AWritesInline, DeliverBtoA, AWrites],
+        // Writes crossing in both directions, each end's requests arriving after its peer posted.
+        &[AWrites, BWrites, BReads, DeliverAtoB, AWritesVector, DeliverBtoA, ASends, DeliverBtoA],
+        &[BWrites, BReads, AWrites, DeliverBtoA, DeliverAtoB, AWritesInline, ASends, AWritesVector],
+    ];
+    for script in scripts {
+        run_interleaving(script);
+    }
+}
+
+#[test]
+fn a_peer_whose_refused_writes_pass_their_bound_is_cut_off() {
+    let mut b = End::new();
+    let target = b.buffer(4096, |_| 0);
+    let (region, token) = (target.cap.region, target.cap.token ^ 1);
+    let per_request = crate::proto::MAX_VECTOR_BYTES.div_ceil(CHUNK as u64) as usize;
+    let fits = MAX_REFUSED_CHUNKS / per_request;
+    for xfer in 0..fits as u64 {
+        let write = Control::WriteRequest { xfer, region, token, addr: 1 << 40, len: crate::proto::MAX_VECTOR_BYTES };
+        b.handle(write).unwrap();
+    }
+    assert_eq!(b.st.refused_chunks, fits * per_request);
+    assert!(b.receiving.values().all(|p| p.region.is_none()), "every chunk goes to scratch memory");
+    assert!(b.outbox.is_empty(), "each Deny waits for its chunks");
+    let err =
+        b.handle(Control::WriteRequest { xfer: 999, region, token, addr: 1 << 40, len: CHUNK as u64 }).unwrap_err();
+    assert!(err.message().contains("refused writes"), "{err}");
+    // Draining a refused write gives its room back and answers it with a Deny.
+    let (mut b, mut a) = (End::new(), End::new());
+    let target = b.buffer(4096, |_| 0);
+    let src = a.buffer(2 * CHUNK, pattern(52));
+    let mut forged = b.buffer(16, |_| 0);
+    forged.cap = Capability { region: target.cap.region, token: target.cap.token ^ 1 };
+    let t = a.one_sided(true, &[(&src, 0, &forged, 0, 2 * CHUNK)]);
+    deliver(&mut a, &mut b).unwrap();
+    assert_eq!(b.st.refused_chunks, 2);
+    pump(&mut a, &mut b);
+    assert_eq!(b.st.refused_chunks, 0);
+    assert_eq!(status(a.outcome(&t)), UcclStatus::ErrNotAllowed);
+    assert!(target.bytes.iter().all(|&x| x == 0) && forged.bytes.iter().all(|&x| x == 0));
 }
