@@ -100,11 +100,13 @@ fn hostile_comm_of(count: u8, piece_size: u32) -> (Vec<TcpStream>, Box<dyn RecvC
 /// comm to fail with ErrBackend naming `what`, with nothing written past the posted length.
 fn expect_failure(receives: usize, posted: usize, bytes: &[u8], what: &str) {
     let (peer, comm) = hostile_comm();
-    expect_failure_on(peer, comm, receives, posted, bytes, what);
+    expect_failure_on(vec![peer], comm, receives, posted, bytes, what);
 }
 
+/// The same on a comm of `peers`, `bytes` sent on the first; the others stay open meanwhile, so
+/// the comm fails for what it read, not for a closed socket.
 fn expect_failure_on(
-    mut peer: TcpStream,
+    mut peers: Vec<TcpStream>,
     mut comm: Box<dyn RecvComm>,
     receives: usize,
     posted: usize,
@@ -116,7 +118,7 @@ fn expect_failure_on(
         // SAFETY: each b is a live Vec of posted + 64 bytes (posted of them handed over), read only after the
         // comm has failed below, and a failed comm writes no receive buffer.
         bufs.iter_mut().map(|b| unsafe { comm.irecv(b.as_mut_ptr(), posted, MrHandle(0)) }.unwrap().unwrap()).collect();
-    peer.write_all(bytes).unwrap();
+    peers[0].write_all(bytes).unwrap();
     let mut next = 0;
     let err = common::eventually(&format!("{what}: the comm fails"), PATIENCE, || match comm.test(ids[next]) {
         Ok(Some(_)) if next + 1 < ids.len() => {
@@ -169,13 +171,11 @@ fn shared_pieces_follow_the_senders_cut() {
 
     let whole = piece(PIECE_MAGIC, 0, 0, total, total as u64);
     let (sockets, comm) = hostile_comm_of(4, total);
-    let first = sockets.into_iter().next().unwrap();
-    expect_failure_on(first, comm, 1, total as usize, &whole, "its pieces are 65536 bytes");
+    expect_failure_on(sockets, comm, 1, total as usize, &whole, "its pieces are 65536 bytes");
     // 300 KiB shares as 76 KiB pieces; a 64 KiB one is off the cut.
     let off = piece(PIECE_MAGIC, 0, 64 * K as u64, 64 * K, 300 * K as u64);
     let (sockets, comm) = hostile_comm_of(4, total);
-    let first = sockets.into_iter().next().unwrap();
-    expect_failure_on(first, comm, 1, 300 * K as usize, &off, "its pieces are 77824 bytes");
+    expect_failure_on(sockets, comm, 1, 300 * K as usize, &off, "its pieces are 77824 bytes");
 }
 
 #[test]
