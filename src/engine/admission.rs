@@ -13,7 +13,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
 
@@ -27,13 +27,16 @@ use crate::proto::auth::{Challenge, Session};
 use crate::proto::frame::{FRAME_HEADER_LEN, is_handshake_kind};
 use crate::proto::{AuthChallenge, AuthKey, FrameHeader, Handshake, Hello, ProtoError, Refuse};
 use crate::threads::{ThreadKind, spawn_contained};
+use crate::transport::socket::epoll::EventFd;
 
 /// Handshakes' outcomes waiting for `accept`.
-#[derive(Default)]
 pub(super) struct AcceptQueue {
     pub(super) state: Mutex<Accepted>,
     pub(super) changed: Condvar,
     pub(super) stopped: AtomicBool,
+    /// Wakes the accept loop, which otherwise sleeps until a peer arrives or an admission's
+    /// deadline passes: for `stop_accept` and shutdown.
+    wake: EventFd,
 }
 
 #[derive(Default)]
@@ -46,6 +49,20 @@ pub(super) struct Accepted {
 }
 
 impl AcceptQueue {
+    pub(super) fn new() -> Result<AcceptQueue> {
+        Ok(AcceptQueue {
+            state: Mutex::default(),
+            changed: Condvar::new(),
+            stopped: AtomicBool::new(false),
+            wake: EventFd::new()?,
+        })
+    }
+
+    /// Has the accept loop look at `stopped` and the engine's shutdown at once.
+    pub(super) fn wake_loop(&self) {
+        self.wake.signal();
+    }
+
     pub(super) fn push(&self, outcome: Result<Arc<Connection>>) {
         self.state.lock().ready.push_back(outcome);
         self.changed.notify_all();
@@ -321,16 +338,21 @@ pub(super) fn accept_loop(
             let events = if p.out.is_empty() { libc::POLLIN } else { libc::POLLIN | libc::POLLOUT };
             fds.push(libc::pollfd { fd: p.stream.as_raw_fd(), events, revents: 0 });
         }
+        // Last, so that the indices of the others stay as they were.
+        fds.push(libc::pollfd { fd: accepted.wake.fd(), events: libc::POLLIN, revents: 0 });
         let now = Instant::now();
         let next_deadline = pending.iter().map(|p| p.deadline.saturating_duration_since(now)).min();
-        let wait = next_deadline.unwrap_or(Duration::MAX).min(Duration::from_millis(100));
-        // Rounded up, so a deadline a fraction of a millisecond away is not polled for in a spin.
-        let wait_ms = wait.as_micros().div_ceil(1000) as libc::c_int;
+        // No timer without an admission under way: a stop or shutdown writes the eventfd. Rounded
+        // up, so a deadline a fraction of a millisecond away is not polled for in a spin.
+        let wait_ms = next_deadline.map_or(-1, |w| w.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int);
         // SAFETY: `fds` holds `fds.len()` pollfds for descriptors owned by `listener` and `pending`,
         // all open for the duration of the call.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms) };
         if ready < 0 {
             continue;
+        }
+        if fds.last().is_some_and(|w| w.revents != 0) {
+            accepted.wake.drain();
         }
         // Pending connections first (newly accepted ones are polled next pass), from the back so
         // that removing one leaves the indices of those still to visit alone.

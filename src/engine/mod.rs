@@ -108,12 +108,13 @@ impl Engine {
             control,
         });
         let conns = Arc::new(ConnList::default());
-        let accepted = Arc::new(AcceptQueue::default());
+        let accepted = Arc::new(AcceptQueue::new()?);
         let progress = {
             let accepted = accepted.clone();
             ProgressThread::start(
                 conns.clone(),
                 waker,
+                core.config.timeout,
                 move || routes.needs_polling(),
                 move |err| accepted.break_with(err),
             )
@@ -229,6 +230,7 @@ impl Engine {
 
     pub fn stop_accept(&self) {
         self.accepted.stopped.store(true, Ordering::Release);
+        self.accepted.wake_loop();
         let _guard = self.accepted.state.lock();
         self.accepted.changed.notify_all();
     }

@@ -1,9 +1,13 @@
 //! The engine's one progress thread: drives every connection's channels, spins briefly when idle,
-//! then parks until a transport completion or a new post wakes it. A transport that progresses
-//! only while polled (a net plugin) never wakes it, so while such a transport has requests
-//! outstanding (or device copies of the same-host path are in flight) the thread naps briefly
-//! instead of parking. Should the thread panic, every connection fails with an internal error and
-//! the engine refuses new ones.
+//! then parks until a transport completion or a new post wakes it. Parked, it wakes on no timer
+//! unless a connection waits on its peer's engine (a Grant, Data or Done owed): then it looks again
+//! a sixteenth of the stall timeout later, so that a peer gone silent is failed in time, and an
+//! engine whose connections owe each other nothing sleeps until something happens. Work that may
+//! start such a wait while it parks untimed wakes it (`Waker::activity`). A transport that
+//! progresses only while polled (a net plugin) never wakes it, so while such a transport has
+//! requests outstanding (or device copies of the same-host path are in flight) the thread naps
+//! briefly instead of parking. Should the thread panic, every connection fails with an internal
+//! error and the engine refuses new ones.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,8 +23,6 @@ use crate::threads::{ThreadKind, spawn_contained};
 
 /// Idle passes before parking; a completion usually arrives within a few of them under load.
 const IDLE_SPINS: u32 = 64;
-/// Parked threads re-check this often even without a wake (a lost wake costs at most this).
-const PARK_TIMEOUT: Duration = Duration::from_millis(5);
 /// Idle nap while a polled transport has work: short against a 512 KiB chunk's ~40 us at 12.5 GB/s,
 /// long enough to leave the core to the plugin's helper threads.
 const POLL_NAP: Duration = Duration::from_micros(25);
@@ -111,6 +113,7 @@ impl ProgressThread {
     pub fn start(
         conns: Arc<ConnList>,
         waker: Arc<Waker>,
+        stall_timeout: Duration,
         needs_polling: impl Fn() -> bool + Send + 'static,
         on_panic: impl FnOnce(Error) + Send + 'static,
     ) -> std::io::Result<ProgressThread> {
@@ -127,7 +130,8 @@ impl ProgressThread {
             {
                 // Device copies of the same-host path complete only when polled, too.
                 let waker = waker.clone();
-                move || run(&conns, &thread_stop, &|| needs_polling() || waker.has_polled_work())
+                let watch = stall_watch(stall_timeout);
+                move || run(&conns, &thread_stop, &waker, watch, &|| needs_polling() || waker.has_polled_work())
             },
         )?;
         let _ = waker.thread.set(thread.thread().clone());
@@ -145,8 +149,14 @@ impl Drop for ProgressThread {
     }
 }
 
+/// How often a parked thread looks at connections that wait on their peer's engine: a sixteenth of
+/// the stall timeout (at least 1 ms), so a stall fails within that much past its timeout.
+fn stall_watch(timeout: Duration) -> Duration {
+    (timeout / 16).max(Duration::from_millis(1))
+}
+
 /// `needs_polling`: whether a transport in use progresses only while polled and has work.
-fn run(list: &ConnList, stop: &AtomicBool, needs_polling: &dyn Fn() -> bool) {
+fn run(list: &ConnList, stop: &AtomicBool, waker: &Waker, watch: Duration, needs_polling: &dyn Fn() -> bool) {
     // A sleeping thread's wake-up may come this much late (50 us unless set), which would turn every
     // POLL_NAP into about 75 us; the nap is what a staged copy or a plugin request waits on.
     // SAFETY: plain prctl on the calling thread; a failure leaves the default slack.
@@ -168,7 +178,22 @@ fn run(list: &ConnList, stop: &AtomicBool, needs_polling: &dyn Fn() -> bool) {
         } else if needs_polling() {
             std::thread::sleep(POLL_NAP);
         } else {
-            std::thread::park_timeout(PARK_TIMEOUT);
+            park(&local, waker, watch);
         }
+    }
+}
+
+/// Parks until woken: for at most `watch` while a connection waits on its peer's engine, else for
+/// good. The waker hears of an untimed park before the connections are asked, so work that starts
+/// such a wait meanwhile (under the connection's lock, which the asking takes too) either is seen
+/// here or wakes the thread.
+fn park(conns: &[Arc<Connection>], waker: &Waker, watch: Duration) {
+    waker.parking_untimed(true);
+    if conns.iter().any(|c| c.waits_on_peer()) {
+        waker.parking_untimed(false);
+        std::thread::park_timeout(watch);
+    } else {
+        std::thread::park();
+        waker.parking_untimed(false);
     }
 }

@@ -3,7 +3,7 @@
 //! so that the engine, its connections and the progress thread that drives them do not import each
 //! other.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::thread::Thread;
 use std::time::Instant;
@@ -115,6 +115,9 @@ impl EngineCore {
 #[derive(Default)]
 pub struct Waker {
     pub(super) thread: OnceLock<Thread>,
+    /// The progress thread parks with no timer: work that may start a wait on a peer must wake it,
+    /// or nothing would watch that wait's stall timeout. SeqCst with the connection locks' order.
+    untimed: AtomicBool,
     /// Work in flight that completes only when polled (device copies of the same-host path): while
     /// any is, the progress thread naps instead of parking.
     polled: AtomicUsize,
@@ -125,6 +128,19 @@ impl Waker {
         if let Some(t) = self.thread.get() {
             t.unpark();
         }
+    }
+
+    /// A connection's state changed (a post, a peer's message, finished work): wakes the progress
+    /// thread if it parked with no timer, since the change may have started a wait on the peer.
+    /// One load otherwise.
+    pub fn activity(&self) {
+        if self.untimed.load(Ordering::SeqCst) && self.untimed.swap(false, Ordering::SeqCst) {
+            self.wake();
+        }
+    }
+
+    pub(super) fn parking_untimed(&self, untimed: bool) {
+        self.untimed.store(untimed, Ordering::SeqCst);
     }
 
     pub fn polled_work(&self, n: usize) {

@@ -780,6 +780,33 @@ fn fake_peer_happy_path_moves_data_both_ways() {
     assert_pair_works(&p, 8);
 }
 
+/// A peer that announces a write and then sends none of its chunks, with nothing else going on: the
+/// engine's progress thread, parked without a timer while nothing was owed, starts watching when the
+/// request makes the connection wait on the peer, and fails it at the stall timeout (the control
+/// stream closes) while the engine keeps serving its other connection.
+#[test]
+fn a_peer_silent_after_a_write_request_is_cut_off_at_the_stall_timeout() {
+    let _serial = serial();
+    let timeout = Duration::from_secs(1);
+    let p = pair_with(Config { timeout, ..config() });
+    let (mut fake, _conn) = fake_peer(&p);
+    let mut mem = vec![0u8; 1 << 20];
+    let mr = p.b.register(mem.as_mut_ptr() as usize, mem.len()).unwrap();
+    let item = p.b.prepare_fifo(mr, mem.as_mut_ptr() as usize, mem.len()).unwrap();
+    let cap = item.capability().unwrap();
+    let token = wire_token(&fake, cap.region, cap.token);
+    // Long enough for the engine to park with nothing owed.
+    std::thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    fake.send(&Control::WriteRequest { xfer: 1, region: cap.region, token, addr: item.addr, len: 1 << 20 });
+    fake.expect_closed();
+    let took = start.elapsed();
+    assert!(took >= timeout, "cut off after {took:?}, before the stall timeout");
+    // The watch looks every sixteenth of the timeout; the rest is a loaded host's slack.
+    assert!(took < timeout + Duration::from_secs(5), "cut off only after {took:?}");
+    assert_pair_works(&p, 16);
+}
+
 /// What a one-sided request carries for a region's token on `fake`'s connection: the token itself
 /// without a key, its binding to this connection with one.
 fn wire_token(fake: &FakePeer, region: u64, token: u64) -> u64 {

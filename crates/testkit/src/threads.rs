@@ -4,8 +4,22 @@
 
 use std::time::Duration;
 
-/// Names of this process's threads.
+/// Names of this process's threads. A listing of /proc/self/task that meets a thread exiting can
+/// skip the thread after it (the kernel resumes the listing by position), so the directory is read
+/// until two listings in a row agree.
 pub fn names() -> Vec<String> {
+    let mut last = listing();
+    for _ in 0..20 {
+        let next = listing();
+        if next == last {
+            break;
+        }
+        last = next;
+    }
+    last
+}
+
+fn listing() -> Vec<String> {
     let mut names = Vec::new();
     for task in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
         if let Ok(name) = std::fs::read_to_string(task.path().join("comm")) {

@@ -282,8 +282,23 @@ impl Connection {
         }
         if queued {
             self.core.waker.wake();
+        } else {
+            // Every change of the state is carried out here, so this is where a wait on the peer
+            // starts that the parked progress thread must watch.
+            self.core.waker.activity();
         }
         result
+    }
+
+    /// Whether the peer's engine owes this connection something, so that the stall timeout must be
+    /// watched (asked by the progress thread before it parks).
+    pub(super) fn waits_on_peer(&self) -> bool {
+        let inner = self.inner.lock();
+        let timeout = self.core.config.timeout;
+        // A clock a timeout and a tick past now has outlasted every silence so far: `stalled` then
+        // says only whether something is owed.
+        let past = Instant::now() + timeout + Duration::from_nanos(1);
+        inner.state.failure().is_none() && inner.state.stalled(past, timeout)
     }
 
     /// Cuts the deregistered `region` off this connection, returning once no transport request uses

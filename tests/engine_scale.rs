@@ -1,0 +1,87 @@
+//! What connections cost an engine: two engines joined by many connections run a fixed number of
+//! threads whatever the number of connections, each connection end holds one descriptor for its
+//! control stream besides its data sockets, and idle connections cost no CPU (the control reactor
+//! and the socket helpers sleep in `epoll_wait`, the progress thread parks, the accept loop sleeps
+//! in `poll`, none on a timer). One test in this binary, so that the process's threads,
+//! descriptors and CPU time are the engines'.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use uccl_tcpx::config::SocketConfig;
+use uccl_tcpx::engine::OneSided;
+use uccl_tcpx::{Config, Connection, Engine};
+
+mod common;
+use common::{accept, wait};
+
+/// CPU time this process used (every thread), and its voluntary context switches.
+fn usage() -> (Duration, i64) {
+    // SAFETY: an all-zero rusage is valid, and getrusage writes only into it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is writable for the call.
+    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) }, 0);
+    let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
+    (tv(ru.ru_utime) + tv(ru.ru_stime), ru.ru_nvcsw)
+}
+
+fn descriptors() -> usize {
+    std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd").count()
+}
+
+#[test]
+fn connections_cost_no_thread_one_control_descriptor_and_no_idle_cpu() {
+    // Two channels of one socket each way, two socket helpers a direction and two control threads
+    // per engine: every thread an engine may run is started by its first two connections.
+    let socket = SocketConfig { nthreads: 1, nsocks_per_thread: 1, helpers: 2, ..SocketConfig::default() };
+    let config = Config { num_channels: 2, control_threads: 2, socket, ..common::loopback() };
+    let a = Arc::new(Engine::new(config.clone()).unwrap());
+    let b = Arc::new(Engine::new(config).unwrap());
+    let mut target = vec![0u8; 4096];
+    let tmr = b.register(target.as_mut_ptr() as usize, target.len()).unwrap();
+    let item = b.prepare_fifo(tmr, target.as_mut_ptr() as usize, target.len()).unwrap();
+    let src = vec![7u8; 4096];
+    let smr = a.register(src.as_ptr() as usize, src.len()).unwrap();
+    let mut conns: Vec<(Arc<Connection>, Arc<Connection>)> = Vec::new();
+    let (mut threads_at, mut fds_at) = (Vec::new(), Vec::new());
+    for n in [4, 20] {
+        while conns.len() < n {
+            let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+            let ba = accept(&b).unwrap();
+            // Each connection moves bytes once (inline, and over its channels) before it idles.
+            for len in [8, 4096] {
+                let w = ab.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len, remote: item }]).unwrap();
+                assert_eq!(wait(&ab, w).unwrap(), len as u64);
+            }
+            conns.push((ab, ba));
+        }
+        threads_at.push(common::threads());
+        fds_at.push(descriptors());
+    }
+    // Per engine: progress, accept loop, 2 control reactor threads, 2 sending and 2 receiving helpers.
+    assert_eq!(threads_at, [16, 16], "library threads with 4 and with 20 connections");
+    // Each more connection has two ends here, each with 2 data sockets a direction and its control
+    // socket.
+    let per_connection = (fds_at[1] - fds_at[0]) as f64 / 16.0;
+    assert_eq!(per_connection, 2.0 * (4.0 + 1.0), "descriptors per connection: {fds_at:?}");
+
+    std::thread::sleep(Duration::from_millis(300));
+    let (cpu0, switches0) = usage();
+    let idle = Duration::from_secs(2);
+    std::thread::sleep(idle);
+    let (cpu1, switches1) = usage();
+    let (cpu, switches) = (cpu1 - cpu0, switches1 - switches0);
+    eprintln!("{} idle connections for {idle:?}: {cpu:?} of CPU, {switches} voluntary context switches", conns.len());
+    // Nothing should run at all (this thread's sleep is one switch): a thread per connection waking
+    // on a timer would switch 10+ times a second, each of the 40 ends, and a progress thread or an
+    // accept loop on a timer tens to hundreds of times.
+    assert!(cpu < Duration::from_millis(60), "{cpu:?} of CPU over {idle:?} idle");
+    assert!(switches < 10, "{switches} voluntary context switches over {idle:?} idle");
+
+    for (ab, ba) in conns.drain(..) {
+        a.close_connection(&ab);
+        b.close_connection(&ba);
+    }
+    // The connections' threads ended with them: each engine keeps its progress thread and accept loop.
+    common::threads_settle(4, Duration::from_secs(10));
+}
