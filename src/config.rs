@@ -273,6 +273,11 @@ pub struct SocketConfig {
     /// Pieces of at least this many bytes are sent with MSG_ZEROCOPY; 0 = never (the default).
     /// `UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD`.
     pub zerocopy_threshold: u32,
+    /// A send comm connects one data socket and opens the others when a request would use them
+    /// (cut in more than one piece, or queued behind busy sockets), so an idle or lightly used
+    /// connection holds one socket per comm; false opens all of them right after the first.
+    /// `UCCL_TCPX_SOCKET_LAZY` (0 or 1, default 1).
+    pub lazy: bool,
 }
 
 impl Default for SocketConfig {
@@ -286,6 +291,7 @@ impl Default for SocketConfig {
             subchunk: 256 << 10,
             spin: default_spin(),
             zerocopy_threshold: 0,
+            lazy: true,
         }
     }
 }
@@ -471,6 +477,7 @@ impl SocketConfig {
                 0,
                 MAX_CHUNK_SIZE,
             )?,
+            lazy: parse_in(get, "UCCL_TCPX_SOCKET_LAZY", d.lazy as u8, 0, 1)? == 1,
         })
     }
 }
@@ -744,9 +751,12 @@ mod tests {
             ("UCCL_TCPX_SOCKET_SPIN_US", "0"),
             ("UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD", "64K"),
             ("UCCL_TCPX_SOCKET_HELPERS", "3"),
+            ("UCCL_TCPX_SOCKET_LAZY", "0"),
         ])
         .unwrap()
         .socket;
+        assert!(!c.lazy);
+        assert!(SocketConfig::default().lazy, "sockets open as traffic needs them by default");
         assert_eq!((c.helpers, c.helpers_per_direction()), (3, 3));
         assert_eq!((c.nthreads, c.nsocks_per_thread), (4, 2));
         assert_eq!((c.threads_per_comm(), c.sockets_per_comm()), (4, 8));
@@ -780,6 +790,7 @@ mod tests {
             ("UCCL_TCPX_NSOCKS_PERTHREAD", "0"),
             ("UCCL_TCPX_SOCKET_SNDBUF", "2G"),
             ("UCCL_TCPX_SOCKET_SUBCHUNK", "1K"),
+            ("UCCL_TCPX_SOCKET_LAZY", "2"),
             ("UCCL_TCPX_SOCKET_SUBCHUNK", "x"),
             ("UCCL_TCPX_SOCKET_SPIN_US", "-1"),
             ("UCCL_TCPX_CONTROL_SPIN_US", "-1"),

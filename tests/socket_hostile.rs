@@ -1,6 +1,7 @@
-//! A hostile peer on the socket transport's data sockets: bad hellos are ignored, and a bad piece
-//! header fails the receiving comm cleanly (an error from `test`, nothing written outside the posted
-//! buffer, a prompt drop). The peer speaks the wire format of src/transport/socket/wire.rs by hand.
+//! A hostile peer on the socket transport's data sockets: bad hellos are ignored, late sockets that
+//! do not belong to a live comm are refused, and a bad piece header fails the receiving comm cleanly
+//! (an error from `test`, nothing written outside the posted buffer, a prompt drop). The peer speaks
+//! the wire format of src/transport/socket/wire.rs by hand.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -16,6 +17,9 @@ use common::PATIENCE;
 
 const HELLO_MAGIC: u32 = 0x5353_5455;
 const PIECE_MAGIC: u32 = 0x4350_5455;
+const ACK_MAGIC: u32 = 0x4B41_5455;
+/// The data socket wire's version (`VERSION` in wire.rs).
+const VERSION: u16 = 4;
 const PIECE: u32 = 4096;
 
 fn net() -> SocketNet {
@@ -34,12 +38,20 @@ fn hello(nonce: u64, comm_id: u64, index: u8, count: u8) -> Vec<u8> {
 
 fn hello_with(nonce: u64, comm_id: u64, index: u8, count: u8, piece_size: u32) -> Vec<u8> {
     let mut b = HELLO_MAGIC.to_le_bytes().to_vec();
-    b.extend_from_slice(&3u16.to_le_bytes());
+    b.extend_from_slice(&VERSION.to_le_bytes());
     b.extend_from_slice(&[index, count]);
     b.extend_from_slice(&nonce.to_le_bytes());
     b.extend_from_slice(&comm_id.to_le_bytes());
     b.extend_from_slice(&piece_size.to_le_bytes());
     b.extend_from_slice(&[0; 4]);
+    b
+}
+
+/// What the listener writes on a socket it added to a live comm.
+fn ack(index: u8) -> Vec<u8> {
+    let mut b = ACK_MAGIC.to_le_bytes().to_vec();
+    b.extend_from_slice(&VERSION.to_le_bytes());
+    b.extend_from_slice(&[index, 0]);
     b
 }
 
@@ -251,17 +263,91 @@ fn bad_hellos_never_make_a_comm() {
         }
         dropped.iter().all(|d| *d)
     });
-    // One socket of a comm that announced two: incomplete, never handed out. Another socket claiming
-    // the same index of comm 7 is dropped (whichever of the two the listener reads second).
-    let mut first = connect(&hello(nonce, 7, 0, 2));
-    let mut dup = connect(&hello(nonce, 7, 0, 2));
+    // Socket 1 of a comm of two, before its first: held, no comm. Another socket claiming the same
+    // index of comm 7 is dropped (whichever of the two the listener reads second).
+    let mut early = connect(&hello(nonce, 7, 1, 2));
+    let mut dup = connect(&hello(nonce, 7, 1, 2));
     refuse_until(&mut *listen, "the listener drops one of two sockets claiming one index", || {
-        closed_by_peer(&mut first) || closed_by_peer(&mut dup)
+        closed_by_peer(&mut early) || closed_by_peer(&mut dup)
     });
+    let mut held = if closed_by_peer(&mut early) { dup } else { early };
     // The listener still serves good comms.
     let _good = connect(&hello(nonce, 8, 0, 1));
     let _comm = common::comm::accept(&mut *listen);
-    // The second half of comm 7 completes it.
-    let _second = connect(&hello(nonce, 7, 1, 2));
+    // The first socket of comm 7 makes it, with the socket that came early, which is acknowledged.
+    let _first = connect(&hello(nonce, 7, 0, 2));
     let _comm7 = common::comm::accept(&mut *listen);
+    held.set_nonblocking(false).unwrap();
+    held.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut got = [0u8; 8];
+    held.read_exact(&mut got).unwrap();
+    assert_eq!(got.to_vec(), ack(1));
+}
+
+/// A comm of four sockets whose first is ours, handed out, its listen comm gone: the net's acceptor
+/// serves its listener. Late sockets join only when they name this comm, fit it and are new; every
+/// other is closed and counted, and the comm keeps taking pieces on its sockets throughout.
+#[test]
+fn late_hellos_that_do_not_fit_a_live_comm_are_refused() {
+    let net = net();
+    let (handle, mut listen) = net.listen(0).unwrap();
+    let (addr, nonce) = target(&handle);
+    let connect = |h: &[u8]| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(h).unwrap();
+        s
+    };
+    let mut first = connect(&hello(nonce, 42, 0, 4));
+    let mut comm = common::comm::accept(&mut *listen);
+    drop(listen);
+    assert_eq!(net.data_socket_stats().receiving, 1);
+
+    // A proper late socket is acknowledged and carries pieces.
+    let mut second = connect(&hello(nonce, 42, 2, 4));
+    second.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut got = [0u8; 8];
+    second.read_exact(&mut got).unwrap();
+    assert_eq!(got.to_vec(), ack(2));
+    assert_eq!(net.data_socket_stats().receiving, 2);
+
+    let mut bogus = vec![
+        ("another comm", hello(nonce ^ 1, 42, 1, 4)),
+        ("an unknown comm", hello(nonce, 43, 1, 4)),
+        ("a second first socket", hello(nonce, 42, 0, 4)),
+        ("a duplicate", hello(nonce, 42, 2, 4)),
+        ("another count", hello(nonce, 42, 1, 8)),
+        ("another piece size", hello_with(nonce, 42, 1, 4, 2 * PIECE)),
+        ("an index past the count", hello(nonce, 42, 4, 4)),
+    ];
+    let mut old = hello(nonce, 42, 1, 4);
+    old[4] = 3;
+    bogus.push(("the version before sockets were added late", old));
+    for (what, h) in &bogus {
+        let mut s = connect(h);
+        common::wait_until(&format!("{what} is closed"), PATIENCE, || closed_by_peer(&mut s));
+    }
+    // Only those that named this listener's comm count as refused; the others never got that far.
+    common::wait_until("the refusals are counted", PATIENCE, || net.data_socket_stats().refused == 5);
+
+    // The comm still takes pieces on both its sockets.
+    let mut buf = vec![0u8; 2 * PIECE as usize];
+    // SAFETY: buf is a live Vec, read once the receive completed.
+    let id = unsafe { comm.irecv(buf.as_mut_ptr(), buf.len(), MrHandle(0)) }.unwrap().unwrap();
+    first.write_all(&piece(PIECE_MAGIC, 0, PIECE as u64, PIECE, 2 * PIECE as u64)).unwrap();
+    second.write_all(&piece(PIECE_MAGIC, 0, 0, PIECE, 2 * PIECE as u64)).unwrap();
+    let n = common::eventually("the pieces complete the receive", PATIENCE, || comm.test(id).unwrap());
+    assert_eq!(n, buf.len());
+    assert!(buf.iter().all(|&b| b == 0xab));
+    assert_eq!(net.data_socket_stats().receiving, 2, "no refused socket was added");
+
+    // Once the comm is gone, so is its listener: a late socket finds nobody.
+    drop(comm);
+    common::wait_until("the listener closes with its comm", PATIENCE, || match TcpStream::connect(addr) {
+        Err(_) => true,
+        Ok(mut s) => {
+            let _ = s.write_all(&hello(nonce, 42, 3, 4));
+            common::wait_until("a socket for a closed comm is closed", PATIENCE, || closed_by_peer(&mut s));
+            false
+        }
+    });
 }

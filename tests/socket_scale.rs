@@ -6,18 +6,20 @@
 use std::time::Duration;
 
 use uccl_tcpx::config::SocketConfig;
+use uccl_tcpx::transport::socket::DataSocketStats;
 use uccl_tcpx::transport::{ListenComm, MrHandle, RecvComm, SendComm};
 
 mod common;
 use common::comm::comm_pair;
 use common::socket::socket_net;
-use common::{TRANSFER_LIMIT, drive};
+use common::{PATIENCE, TRANSFER_LIMIT, drive};
 
 type Pair = (Box<dyn SendComm>, Box<dyn RecvComm>, Box<dyn ListenComm>);
 
-/// Moves one message of two pieces over every pair, so each socket has worked before it idles.
+/// Moves one message of two pieces over every pair, so each comm opened its second socket and each
+/// socket has worked before it idles.
 fn exercise(pairs: &mut [Pair]) {
-    let msg: Vec<u8> = (0..32 << 10).map(|i| (i % 253) as u8).collect();
+    let msg: Vec<u8> = (0..128 << 10).map(|i| (i % 253) as u8).collect();
     for (tx, rx, _) in pairs.iter_mut() {
         let mut buf = vec![0u8; msg.len()];
         // SAFETY: buf and msg outlive both requests, which are tested to completion just below.
@@ -53,9 +55,15 @@ fn helper_threads_stay_bounded_and_idle_comms_cost_no_cpu() {
             pairs.push(comm_pair(&b, 0));
         }
         exercise(&mut pairs);
+        for net in [&a, &b] {
+            let all = |s: DataSocketStats| (s.sending == 2 * n as u64 && s.receiving == 2 * n as u64).then_some(());
+            common::eventually("every comm has both its sockets", PATIENCE, || all(net.data_socket_stats()));
+        }
+        // The acceptor that read the added sockets ends once no comm can take another.
+        common::wait_until("the acceptors end", PATIENCE, || common::threads() <= 16);
         threads_at.push(common::threads());
     }
-    // 2 nets x (4 senders + 4 receivers), reached by 8 pairs (32 sockets each way per net).
+    // 2 nets x (4 senders + 4 receivers), reached by 8 pairs (16 sockets each way per net).
     assert_eq!(threads_at, [16, 16], "library threads with 8 and with 32 comm pairs each way");
 
     std::thread::sleep(Duration::from_millis(300));

@@ -92,6 +92,7 @@ fn socket_buffer_sizes_and_zero_spin_are_accepted() {
         zerocopy_threshold: 0,
         // Small buffers keep the sends waiting for room, each socket on its own helper.
         helpers: 2,
+        lazy: true,
     };
     concurrent_comms(options, 1, 40);
 }
@@ -154,4 +155,66 @@ fn late_receives_and_late_data(options: SocketConfig) {
         assert_eq!(&bufs[i][..n], &msgs[i][..]);
         rx.irecv_consumed(id).unwrap();
     }
+}
+
+/// Sends `msg` and receives it into a fresh buffer, one request each way; returns what arrived.
+fn one_message(tx: &mut dyn SendComm, rx: &mut dyn RecvComm, msg: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0u8; msg.len()];
+    // SAFETY: buf and msg outlive both requests, which are tested to completion below.
+    let r = unsafe { rx.irecv(buf.as_mut_ptr(), buf.len(), MrHandle(0)) }.unwrap().unwrap();
+    // SAFETY: as above.
+    let s = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle(0)) }.unwrap().unwrap();
+    assert_eq!(drive("the send completes", LIMIT, || tx.test(s).unwrap()), msg.len());
+    assert_eq!(drive("the receive completes", LIMIT, || rx.test(r).unwrap()), msg.len());
+    rx.irecv_consumed(r).unwrap();
+    buf
+}
+
+/// A comm of four sockets connects one; one small request after another (each a single piece)
+/// never needs another, and the first large one brings in the other three on both ends while its
+/// bytes arrive intact, the ones after it riding all four.
+#[test]
+fn a_comm_starts_with_one_socket_and_grows_to_its_count_under_a_large_transfer() {
+    let net = socket_net(SocketConfig { nthreads: 4, nsocks_per_thread: 1, ..SocketConfig::default() });
+    let (mut tx, mut rx, _listen) = comm_pair(&net, 0);
+    let stats = net.data_socket_stats();
+    assert_eq!((stats.sending, stats.receiving, stats.added), (1, 1, 0), "{stats:?}");
+    let mut rng = Rng::new("small requests");
+    for i in 0..200 {
+        // Up to the smallest piece a request is shared in: one piece each.
+        let msg = pattern(rng.below(64 << 10) + 1, i);
+        assert!(one_message(&mut *tx, &mut *rx, &msg) == msg, "small message {i} arrived intact");
+    }
+    let stats = net.data_socket_stats();
+    assert_eq!((stats.sending, stats.receiving, stats.added), (1, 1, 0), "small requests: {stats:?}");
+
+    let large = pattern(16 << 20, 7);
+    assert!(one_message(&mut *tx, &mut *rx, &large) == large, "the 16 MiB message arrived intact");
+    let grown = |s: uccl_tcpx::transport::socket::DataSocketStats| (s.sending == 4 && s.receiving == 4).then_some(s);
+    let stats = common::eventually("the comm grows to four sockets", LIMIT, || grown(net.data_socket_stats()));
+    assert_eq!((stats.added, stats.given_up, stats.refused), (3, 0, 0), "{stats:?}");
+    let msgs: Vec<Vec<u8>> = (0..32).map(|i| pattern((1 << 20) + i * 4099, 100 + i as u64)).collect();
+    common::comm::stream(&mut *tx, &mut *rx, &msgs, 8);
+    assert_eq!(net.data_socket_stats(), stats, "nothing more to add or refuse");
+    drop((tx, rx));
+    let stats = net.data_socket_stats();
+    assert_eq!((stats.sending, stats.receiving), (0, 0), "{stats:?}");
+}
+
+/// Comms on a net whose peer listens with sockets opened eagerly still talk to lazy ones: how many
+/// sockets a comm opens when is the sender's affair alone.
+#[test]
+fn lazy_and_eager_senders_meet_the_same_listener() {
+    let lazy = socket_net(lazy_options());
+    let eager = socket_net(SocketConfig { lazy: false, ..lazy_options() });
+    for sender in [&lazy, &eager] {
+        let (mut handle, mut listen) = lazy.listen(0).unwrap();
+        let mut tx = sender.connect(0, &mut handle).unwrap().unwrap();
+        let mut rx = common::comm::accept(&mut *listen);
+        stream_messages(&mut *tx, &mut *rx, 9, 40, 16 << 10);
+    }
+}
+
+fn lazy_options() -> SocketConfig {
+    SocketConfig { nthreads: 2, nsocks_per_thread: 2, subchunk: 16 << 10, ..SocketConfig::default() }
 }

@@ -19,6 +19,8 @@ pub enum ThreadKind {
     SocketSender,
     /// A socket-transport helper receiving a comm's pieces.
     SocketReceiver,
+    /// The socket transport's thread that takes the data sockets comms add after connect.
+    SocketAcceptor,
     /// Copies a GPU's landed host-memory receives out of their slots (plugin transport).
     LandingCopier,
     /// A same-host connection's worker: proves the peer's process, copies host memory out of it.
@@ -40,6 +42,7 @@ impl ThreadKind {
             ThreadKind::ControlWriter => "control writer",
             ThreadKind::SocketSender => "socket sender thread",
             ThreadKind::SocketReceiver => "socket receiver thread",
+            ThreadKind::SocketAcceptor => "socket acceptor thread",
             ThreadKind::LandingCopier => "landing copier thread",
             ThreadKind::HostCopier => "host copy thread",
             ThreadKind::ControlReactor => "control reactor thread",

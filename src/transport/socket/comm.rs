@@ -1,17 +1,24 @@
 //! Socket comms: a request window and the comm's data sockets, each socket served by one of the
-//! net's shared helper threads. Requests are numbered in posting order; `test` reads a completion
-//! flag without locking.
+//! net's shared helper threads. A comm starts with one socket; a send comm opens the others as its
+//! requests ask for them, and a receive comm takes them as they arrive. Requests are numbered in
+//! posting order; `test` reads a completion flag without locking.
 
+use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use parking_lot::Mutex;
+
+use super::counts::Counts;
+use super::epoll::EventFd;
+use super::grow::Dialer;
 use super::reactor::{Placement, Pool};
 use super::receiver::{RecvSockets, RecvTask};
 use super::sender::{INLINE_MAX, Inline, SendSockets, SendTask};
 use super::window::{MAX_REQUESTS, Window};
-use super::wire::PieceCut;
+use super::wire::{PieceCut, attach_ack};
 use super::zerocopy::{self, Counters};
 use crate::error::{Error, Result};
 use crate::threads::ThreadKind;
@@ -49,8 +56,133 @@ impl Helpers {
 }
 
 enum Side {
-    Send(Arc<SendSockets>, Vec<Placement<SendTask>>),
-    Recv(Arc<RecvSockets>, Vec<Placement<RecvTask>>),
+    Send(Box<SendSide>),
+    Recv(Arc<RecvJoin>),
+}
+
+/// A send comm's sockets, their placements (socket `k` is `placements[k]`), and what opens the
+/// sockets it has not opened yet.
+struct SendSide {
+    shared: Arc<SendSockets>,
+    placements: Vec<Placement<SendTask>>,
+    /// `None` once every socket was tried, or adding one failed before its connect started.
+    dialer: Option<Dialer>,
+    zerocopy: Arc<Counters>,
+    zerocopy_threshold: usize,
+    sockets: Arc<Counts>,
+}
+
+impl SendSide {
+    /// Sockets the comm wants for a request of `pieces` pieces: as many as it has pieces, and one
+    /// more than it has when older pieces still wait and no open socket is free to take them.
+    fn wanted(&self, pieces: u64, alone: bool) -> usize {
+        let placed = self.placements.len();
+        let queued = !alone && (0..placed).all(|k| !self.shared.idle(k));
+        let want = (pieces.min(usize::MAX as u64) as usize).max(if queued { placed + 1 } else { 0 });
+        want.min(self.shared.streams.len())
+    }
+
+    /// Starts opening sockets until `want` were tried. Their connects finish on their helpers, and
+    /// each pulls pieces once the peer acknowledged it; a socket that cannot even start connecting
+    /// ends the growth of this comm, which goes on with the sockets it has.
+    fn grow_to(&mut self, want: usize, helpers: &Helpers) {
+        while self.placements.len() < want {
+            let Some(dialer) = &self.dialer else { return };
+            let k = self.placements.len();
+            let started = dialer.start(k as u8).and_then(|(stream, joining)| {
+                let zerocopy = self.zerocopy_threshold > 0 && zerocopy::enable(stream.as_raw_fd(), &self.zerocopy);
+                self.shared.place(k, stream);
+                let task = SendTask::new(self.shared.clone(), k, zerocopy, Some(joining));
+                helpers.send.attach(vec![task], &self.placements)
+            });
+            match started {
+                Ok(mut placed) => {
+                    self.placements.push(placed.pop().expect("one task, one placement"));
+                    self.sockets.added();
+                }
+                Err(e) => {
+                    log::warn!("a send comm goes on with {k} data sockets: adding one failed: {e}");
+                    self.sockets.gave_up();
+                    self.dialer = None;
+                }
+            }
+        }
+        if self.placements.len() == self.shared.streams.len() {
+            self.dialer = None;
+        }
+    }
+}
+
+/// A receive comm's sockets and their placements, which sockets arriving after the comm was handed
+/// out join: a listener (or the acceptor holding it since) attaches them here, any time until the
+/// comm closes.
+pub(super) struct RecvJoin {
+    sockets: Arc<RecvSockets>,
+    helpers: Arc<Helpers>,
+    placements: Vec<OnceLock<Placement<RecvTask>>>,
+    /// Set by the comm's drop; attaching checks it under the same lock, so no socket joins a comm
+    /// that has begun to close.
+    closed: Mutex<bool>,
+    counts: Arc<Counts>,
+    /// Signaled when the comm closes, so that whoever keeps its listener open for it looks again.
+    on_close: Option<Arc<EventFd>>,
+}
+
+impl RecvJoin {
+    /// Sockets the sender may open.
+    pub fn count(&self) -> usize {
+        self.sockets.streams.len()
+    }
+
+    pub fn has(&self, k: usize) -> bool {
+        self.sockets.streams.get(k).is_some_and(|s| s.get().is_some())
+    }
+
+    /// Every socket arrived: nothing more can join.
+    pub fn full(&self) -> bool {
+        (0..self.count()).all(|k| self.has(k))
+    }
+
+    pub fn closed(&self) -> bool {
+        *self.closed.lock()
+    }
+
+    /// Adds socket `k` (non-blocking, tuned) to the comm and acknowledges it to the sender, which
+    /// puts pieces on it only then. Refused, with the reason, when the comm is closing, `k` is out
+    /// of range or taken; the stream is closed then.
+    pub fn attach(&self, k: usize, stream: TcpStream) -> std::result::Result<(), &'static str> {
+        let closed = self.closed.lock();
+        if *closed {
+            return Err("its comm is closed");
+        }
+        if k >= self.count() {
+            return Err("its index is past its comm's sockets");
+        }
+        if !self.sockets.place(k, stream) {
+            return Err("its comm has that socket already");
+        }
+        let task = RecvTask::new(self.sockets.clone(), k);
+        match self.helpers.recv.attach(vec![task], self.placements.iter().filter_map(OnceLock::get)) {
+            Ok(mut placed) => {
+                let _ = self.placements[k].set(placed.pop().expect("one task, one placement"));
+            }
+            Err(e) => {
+                log::warn!("a receive comm goes without data socket {k}: {e}");
+                // Nobody reads it: the sender sees the end of the stream instead of an acknowledgement.
+                let _ = self.sockets.stream(k).shutdown(Shutdown::Both);
+                return Err("no helper could take it");
+            }
+        }
+        self.counts.opened_receiving(1);
+        drop(closed);
+        // Eight bytes into a fresh socket's empty buffer; should the kernel take fewer, the sender
+        // just never uses the socket (it waits for the whole acknowledgement).
+        let ack = attach_ack(k as u8);
+        if !matches!(self.sockets.stream(k).write(&ack), Ok(n) if n == ack.len()) {
+            log::warn!("could not acknowledge data socket {k} of a receive comm; the sender will not use it");
+        }
+        Ok(())
+    }
 }
 
 /// What both comm kinds share: the window, the sockets' placements, and the caller's view of the
@@ -78,33 +210,41 @@ impl CommCore {
         let id = self.posted;
         let len = iov.iter().map(|s| s.len).sum::<usize>();
         let alone = self.window.post(id, iov);
-        match &self.side {
-            Side::Send(shared, placements) => {
+        match &mut self.side {
+            Side::Send(send) => {
+                let pieces = self.window.cut.pieces(len as u64);
+                let shared = &send.shared;
                 let inline = if alone && len <= self.inline_max { shared.send_inline() } else { Inline::NoSocket };
                 match inline {
                     Inline::Done => {}
-                    Inline::HandedOver(k) => placements[k].kick(),
+                    Inline::HandedOver(k) => send.placements[k].kick(),
                     Inline::NoSocket => {
                         // As many idle sockets as the request has pieces; busy ones pull the rest
                         // when they finish their piece.
-                        let mut pieces = self.window.cut.pieces(len as u64);
-                        for (k, p) in placements.iter().enumerate() {
-                            if pieces == 0 {
+                        let mut left = pieces;
+                        for (k, p) in send.placements.iter().enumerate() {
+                            if left == 0 {
                                 break;
                             }
                             if shared.idle(k) {
                                 p.kick();
-                                pieces -= 1;
+                                left -= 1;
                             }
                         }
                     }
                 }
+                let want = send.wanted(pieces, alone);
+                if want > send.placements.len() {
+                    send.grow_to(want, &self.helpers);
+                }
             }
-            Side::Recv(shared, placements) => {
+            Side::Recv(join) => {
                 // Only a socket holding a header for this request waits for the post; the others
                 // run when data comes.
-                for (k, p) in placements.iter().enumerate() {
-                    if shared.waits_for_post(k) {
+                for (k, p) in join.placements.iter().enumerate() {
+                    if let Some(p) = p.get()
+                        && join.sockets.waits_for_post(k)
+                    {
                         p.kick();
                     }
                 }
@@ -133,45 +273,86 @@ impl CommCore {
 impl Drop for CommCore {
     fn drop(&mut self) {
         self.window.close();
-        // Tells the peer at once; the descriptors close once the helpers let go of them below.
-        let streams = match &self.side {
-            Side::Send(s, _) => &s.streams,
-            Side::Recv(s, _) => &s.streams,
-        };
-        for s in streams {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-        // Waiting for the helpers guarantees none touches caller memory after the drop returns.
+        // Shutting the sockets down tells the peer at once; the descriptors close once the helpers
+        // let go of them. Waiting for the helpers guarantees none touches caller memory after the
+        // drop returns.
         match &self.side {
-            Side::Send(_, placements) => self.helpers.send.detach(placements),
-            Side::Recv(_, placements) => self.helpers.recv.detach(placements),
+            Side::Send(send) => {
+                shut_down(&send.shared.streams);
+                self.helpers.send.detach(&send.placements);
+                send.sockets.closed_sending(send.shared.open_count() as u64);
+            }
+            Side::Recv(join) => {
+                // No socket joins from here on; those that did are all placed.
+                *join.closed.lock() = true;
+                shut_down(&join.sockets.streams);
+                self.helpers.recv.detach(join.placements.iter().filter_map(OnceLock::get));
+                let placed = join.placements.iter().filter(|p| p.get().is_some()).count();
+                join.counts.closed_receiving(placed as u64);
+                if let Some(wake) = &join.on_close {
+                    wake.signal();
+                }
+            }
         }
     }
+}
+
+fn shut_down(streams: &[OnceLock<TcpStream>]) {
+    for s in streams.iter().filter_map(OnceLock::get) {
+        let _ = s.shutdown(Shutdown::Both);
+    }
+}
+
+/// How a send comm adds sockets after its first.
+pub struct Growth {
+    pub dialer: Dialer,
+    /// Open them as traffic asks (else all of them at once, right after the first).
+    pub lazy: bool,
 }
 
 pub struct SocketSendComm(CommCore);
 
 impl SocketSendComm {
+    /// A comm of `count` sockets whose first, `first`, is connected and introduced; `growth` opens
+    /// the others.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        streams: Vec<TcpStream>,
+        first: TcpStream,
+        count: usize,
+        growth: Growth,
         wake: Wake,
         how: Threading,
         helpers: Arc<Helpers>,
         counters: Arc<Counters>,
+        sockets: Arc<Counts>,
     ) -> Result<SocketSendComm> {
-        let zerocopy: Vec<bool> = if how.zerocopy_threshold > 0 {
-            streams.iter().map(|s| zerocopy::enable(s.as_raw_fd(), &counters)).collect()
-        } else {
-            vec![false; streams.len()]
+        let zerocopy = how.zerocopy_threshold > 0 && zerocopy::enable(first.as_raw_fd(), &counters);
+        first.set_nonblocking(true).map_err(|e| Error::io("configure data socket", e))?;
+        let window = Arc::new(Window::new(PieceCut::new(how.subchunk, count), wake));
+        let shared = Arc::new(SendSockets::new(
+            count,
+            window.clone(),
+            how.zerocopy_threshold,
+            counters.clone(),
+            sockets.clone(),
+        ));
+        shared.place(0, first);
+        let placements = helpers.send.attach(vec![SendTask::new(shared.clone(), 0, zerocopy, None)], [])?;
+        shared.opened(0);
+        let mut send = SendSide {
+            shared,
+            placements,
+            dialer: (count > 1).then_some(growth.dialer),
+            zerocopy: counters,
+            zerocopy_threshold: how.zerocopy_threshold,
+            sockets,
         };
-        nonblocking(&streams)?;
-        let n = streams.len();
-        let window = Arc::new(Window::new(PieceCut::new(how.subchunk, n), wake));
-        let shared = Arc::new(SendSockets::new(streams, window.clone(), zerocopy, how.zerocopy_threshold, counters));
-        let placements = helpers.send.attach((0..n).map(|k| SendTask::new(shared.clone(), k)).collect())?;
+        if !growth.lazy {
+            send.grow_to(count, &helpers);
+        }
         Ok(SocketSendComm(CommCore {
             window,
-            side: Side::Send(shared, placements),
+            side: Side::Send(Box::new(send)),
             inline_max: INLINE_MAX.min(how.subchunk),
             helpers,
             posted: 0,
@@ -207,21 +388,51 @@ impl SendComm for SocketSendComm {
 pub struct SocketRecvComm(CommCore);
 
 impl SocketRecvComm {
-    pub fn new(streams: Vec<TcpStream>, wake: Wake, how: Threading, helpers: Arc<Helpers>) -> Result<SocketRecvComm> {
-        nonblocking(&streams)?;
-        let n = streams.len();
-        let window = Arc::new(Window::new(PieceCut::new(how.subchunk, n), wake));
-        let shared = Arc::new(RecvSockets::new(streams, window.clone()));
-        let placements = helpers.recv.attach((0..n).map(|k| RecvTask::new(shared.clone(), k)).collect())?;
+    /// A comm whose sender may open `count` sockets, of which `first` (socket 0, non-blocking and
+    /// tuned) arrived; the others join through [`SocketRecvComm::join`]. `on_close` is signaled
+    /// when the comm goes.
+    pub fn new(
+        first: TcpStream,
+        count: usize,
+        wake: Wake,
+        how: Threading,
+        helpers: Arc<Helpers>,
+        counts: Arc<Counts>,
+        on_close: Option<Arc<EventFd>>,
+    ) -> Result<SocketRecvComm> {
+        first.set_nonblocking(true).map_err(|e| Error::io("configure data socket", e))?;
+        let window = Arc::new(Window::new(PieceCut::new(how.subchunk, count), wake));
+        let sockets = Arc::new(RecvSockets::new(count, window.clone()));
+        sockets.place(0, first);
+        let placed = helpers.recv.attach(vec![RecvTask::new(sockets.clone(), 0)], [])?;
+        let placements: Vec<OnceLock<Placement<RecvTask>>> = (0..count).map(|_| OnceLock::new()).collect();
+        let _ = placements[0].set(placed.into_iter().next().expect("one task, one placement"));
+        counts.opened_receiving(1);
+        let join = Arc::new(RecvJoin {
+            sockets,
+            helpers: helpers.clone(),
+            placements,
+            closed: Mutex::new(false),
+            counts,
+            on_close,
+        });
         Ok(SocketRecvComm(CommCore {
             window,
-            side: Side::Recv(shared, placements),
+            side: Side::Recv(join),
             inline_max: 0,
             helpers,
             posted: 0,
             released: 0,
             tested: 0,
         }))
+    }
+
+    /// Where the comm's later sockets attach.
+    pub fn join(&self) -> Arc<RecvJoin> {
+        match &self.0.side {
+            Side::Recv(join) => join.clone(),
+            Side::Send(_) => unreachable!("a receive comm has a receiving side"),
+        }
     }
 }
 
@@ -253,14 +464,6 @@ impl RecvComm for SocketRecvComm {
         self.0.released += 1;
         Ok(())
     }
-}
-
-/// Helpers wait in epoll for many sockets at once, so no call on a data socket may block.
-fn nonblocking(streams: &[TcpStream]) -> Result<()> {
-    for s in streams {
-        s.set_nonblocking(true).map_err(|e| Error::io("configure data socket", e))?;
-    }
-    Ok(())
 }
 
 fn host_only(kind: MemKind) -> Result<MrHandle> {

@@ -1,37 +1,50 @@
-//! Built-in TCP transport in the shape of NCCL's socket transport: each comm opens several data
-//! sockets, served by helper threads the net shares among all of its comms. A request is cut into
+//! Built-in TCP transport in the shape of NCCL's socket transport: each comm has several data
+//! sockets, served by helper threads the net shares among all of its comms; a comm starts with one
+//! and its sender opens the others when its requests would use them (`grow`, `door`). A request is cut into
 //! pieces that free sockets pull in order (dynamic load balancing, as Google's Fast Socket does),
 //! each piece carries a header with its request number and offset, and the receiver lands it
 //! straight in the posted buffer. Completions are flags the engine polls, plus a wake callback so
 //! an idle progress thread can sleep.
 
+mod acceptor;
 mod comm;
+mod counts;
+mod door;
 pub(crate) mod epoll;
+mod grow;
 pub mod iface;
 mod iov;
 mod reactor;
 mod receiver;
 mod sender;
+mod tune;
 mod window;
 mod wire;
 mod zerocopy;
 
+pub use counts::DataSocketStats;
+pub use tune::tune_stream;
 pub use zerocopy::ZeroCopyStats;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use socket2::{SockRef, TcpKeepalive};
+use socket2::SockRef;
 
 use super::{ListenComm, Net, NetHandle, Properties, RecvComm, SendComm, Wake};
 use crate::error::{Error, Result};
 
-use crate::config::{MAX_SOCKETS_PER_COMM, SocketConfig};
-use comm::{Helpers, Threading};
+use crate::config::SocketConfig;
+use acceptor::Acceptor;
+use comm::{Growth, Helpers, Threading};
+use counts::Counts;
+use door::{Doorway, MAX_PENDING_STREAMS};
+use grow::Dialer;
+use tune::set_buffers;
 use window::MAX_REQUESTS;
-use wire::{HELLO_LEN, SocketHello};
+use wire::SocketHello;
 
 const HANDLE_MAGIC: u32 = 0x4B53_5455;
 
@@ -47,6 +60,9 @@ pub struct SocketNet {
     zerocopy: Arc<zerocopy::Counters>,
     /// Sender and receiver threads every comm of this net shares.
     helpers: Arc<Helpers>,
+    /// Keeps listeners open for comms that may still take sockets once their listen comm is gone.
+    acceptor: Arc<Acceptor>,
+    sockets: Arc<Counts>,
 }
 
 impl SocketNet {
@@ -55,7 +71,8 @@ impl SocketNet {
         let bind = if ip.is_ipv4() { [0u8; 4].into() } else { [0u16; 8].into() };
         let options = SocketConfig::default();
         let helpers = Arc::new(Helpers::new(options.helpers_per_direction(), options.spin));
-        SocketNet { ip, bind, connect_timeout, io_timeout, wake, options, zerocopy, helpers }
+        let (acceptor, sockets) = (Arc::default(), Arc::default());
+        SocketNet { ip, bind, connect_timeout, io_timeout, wake, options, zerocopy, helpers, acceptor, sockets }
     }
 
     /// Channel listeners accept on `bind` alone (by default every interface of `ip`'s family), so an
@@ -68,6 +85,11 @@ impl SocketNet {
     /// What the zero-copy path did so far, over every send comm this net connected.
     pub fn zerocopy_stats(&self) -> ZeroCopyStats {
         self.zerocopy.snapshot()
+    }
+
+    /// The data sockets this net's comms hold now, and what became of those they added later.
+    pub fn data_socket_stats(&self) -> DataSocketStats {
+        self.sockets.snapshot()
     }
 
     #[cfg(test)]
@@ -89,6 +111,12 @@ impl SocketNet {
         self.helpers.threads()
     }
 
+    /// Acceptor threads running now (0 or 1).
+    #[cfg(test)]
+    fn acceptor_threads(&self) -> usize {
+        self.acceptor.threads()
+    }
+
     fn threading(&self) -> Threading {
         Threading {
             subchunk: self.options.subchunk as usize,
@@ -97,14 +125,7 @@ impl SocketNet {
     }
 
     fn set_buffers(&self, sock: SockRef<'_>) -> Result<()> {
-        let io = |e| Error::io("set data socket buffer size", e);
-        if self.options.sndbuf > 0 {
-            sock.set_send_buffer_size(self.options.sndbuf as usize).map_err(io)?;
-        }
-        if self.options.rcvbuf > 0 {
-            sock.set_recv_buffer_size(self.options.rcvbuf as usize).map_err(io)?;
-        }
-        Ok(())
+        set_buffers(sock, self.options.sndbuf, self.options.rcvbuf)
     }
 
     fn connect_one(&self, h: &SocketHandle, hello: &SocketHello) -> Result<TcpStream> {
@@ -165,18 +186,6 @@ impl SocketHandle {
         let nonce = u64::from_le_bytes(h[24..32].try_into().expect("8 bytes"));
         Ok(SocketHandle { addr: SocketAddr::new(ip, port), nonce })
     }
-}
-
-/// Settings shared by control and data streams: no Nagle delay on small frames; keepalive and a user
-/// timeout so that a vanished host (no RST ever arrives) turns into an error instead of a hang.
-pub fn tune_stream(stream: &TcpStream, io_timeout: Duration) -> Result<()> {
-    let sock = SockRef::from(stream);
-    let probe = (io_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(10));
-    let ka = TcpKeepalive::new().with_time(probe).with_interval(probe).with_retries(3);
-    sock.set_tcp_nodelay(true)
-        .and_then(|_| sock.set_tcp_keepalive(&ka))
-        .and_then(|_| sock.set_tcp_user_timeout(Some(io_timeout)))
-        .map_err(|e| Error::io("configure TCP stream", e))
 }
 
 /// Pending connections the control listener queues before the accept loop takes them: std's 128
@@ -249,16 +258,14 @@ impl Net for SocketNet {
         listener.set_nonblocking(true).map_err(|e| Error::io("channel listener", e))?;
         let port = listener.local_addr().map_err(|e| Error::io("channel listener", e))?.port();
         let handle = SocketHandle { addr: SocketAddr::new(self.ip, port), nonce: random_u64() };
+        let door = Doorway::new(listener, handle.nonce, self.connect_timeout, self.io_timeout, self.sockets.clone());
         let listen = SocketListen {
-            listener,
-            nonce: handle.nonce,
-            timeout: self.connect_timeout,
-            io_timeout: self.io_timeout,
+            door: Arc::new(parking_lot::Mutex::new(door)),
             wake: self.wake.clone(),
             threading: self.threading(),
             helpers: self.helpers.clone(),
-            pending: Vec::new(),
-            groups: Vec::new(),
+            acceptor: self.acceptor.clone(),
+            sockets: self.sockets.clone(),
         };
         Ok((handle.encode(), Box::new(listen)))
     }
@@ -278,182 +285,90 @@ impl Net for SocketNet {
         self.properties(dev)?;
         let h = SocketHandle::decode(handle)?;
         let count = self.options.sockets_per_comm();
-        let comm_id = random_u64();
-        let mut streams = Vec::with_capacity(count);
-        for index in 0..count {
-            let hello = SocketHello {
-                listen_nonce: h.nonce,
-                comm_id,
-                index: index as u8,
-                count: count as u8,
-                subchunk: self.options.subchunk,
-            };
-            streams.push(self.connect_one(&h, &hello)?);
-        }
+        let hello = SocketHello {
+            listen_nonce: h.nonce,
+            comm_id: random_u64(),
+            index: 0,
+            count: count as u8,
+            subchunk: self.options.subchunk,
+        };
+        let first = self.connect_one(&h, &hello)?;
+        let dialer = Dialer {
+            addr: h.addr,
+            hello,
+            sndbuf: self.options.sndbuf,
+            rcvbuf: self.options.rcvbuf,
+            io_timeout: self.io_timeout,
+        };
         let send = comm::SocketSendComm::new(
-            streams,
+            first,
+            count,
+            Growth { dialer, lazy: self.options.lazy },
             self.wake.clone(),
             self.threading(),
             self.helpers.clone(),
             self.zerocopy.clone(),
+            self.sockets.clone(),
         )?;
         Ok(Some(Box::new(send)))
     }
 }
 
 struct SocketListen {
-    listener: TcpListener,
-    nonce: u64,
-    timeout: Duration,
-    io_timeout: Duration,
+    /// The listener and its hellos, shared with the acceptor while a comm of it may grow.
+    door: acceptor::Door,
     wake: Wake,
     threading: Threading,
     helpers: Arc<Helpers>,
-    /// Accepted streams whose hello has not fully arrived; read without blocking so that a silent
-    /// stranger cannot hold up the real connections queued behind it.
-    pending: Vec<PendingStream>,
-    /// Comms some of whose sockets arrived, waiting for the rest.
-    groups: Vec<SocketGroup>,
-}
-
-struct PendingStream {
-    stream: TcpStream,
-    peer: SocketAddr,
-    hello: [u8; HELLO_LEN],
-    got: usize,
-    since: std::time::Instant,
-}
-
-struct SocketGroup {
-    comm_id: u64,
-    subchunk: u32,
-    streams: Vec<Option<TcpStream>>,
-    arrived: usize,
-    since: std::time::Instant,
-}
-
-/// Streams held at once (waiting for a hello, or for the rest of their comm); more wait in the
-/// kernel's backlog until some finish or time out.
-const MAX_PENDING_STREAMS: usize = 256;
-
-impl SocketListen {
-    fn held_streams(&self) -> usize {
-        self.pending.len() + self.groups.iter().map(|g| g.arrived).sum::<usize>()
-    }
-
-    fn take_new_streams(&mut self) -> Result<()> {
-        while self.held_streams() < MAX_PENDING_STREAMS {
-            let (stream, peer) = match self.listener.accept() {
-                Ok(s) => s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) => return Err(Error::io("accept channel", e)),
-            };
-            stream.set_nonblocking(true).map_err(|e| Error::io(format!("accept channel from {peer}"), e))?;
-            self.pending.push(PendingStream {
-                stream,
-                peer,
-                hello: [0; HELLO_LEN],
-                got: 0,
-                since: std::time::Instant::now(),
-            });
-        }
-        Ok(())
-    }
-
-    /// Reads what has arrived of a pending hello: Some(true) complete, Some(false) to drop.
-    fn poll_hello(p: &mut PendingStream, timeout: Duration) -> Option<bool> {
-        loop {
-            match p.stream.read(&mut p.hello[p.got..]) {
-                Ok(0) => return Some(false),
-                Ok(n) => {
-                    p.got += n;
-                    if p.got == p.hello.len() {
-                        return Some(true);
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    return (p.since.elapsed() > timeout).then_some(false);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => return Some(false),
-            }
-        }
-    }
-}
-
-impl SocketListen {
-    /// Files a socket under its comm; returns the comm's sockets once all of them arrived.
-    fn file(&mut self, hello: SocketHello, stream: TcpStream, peer: SocketAddr) -> Option<SocketGroup> {
-        let pos = match self.groups.iter().position(|g| g.comm_id == hello.comm_id) {
-            Some(pos) => pos,
-            None => {
-                self.groups.push(SocketGroup {
-                    comm_id: hello.comm_id,
-                    subchunk: hello.subchunk,
-                    streams: (0..hello.count).map(|_| None).collect(),
-                    arrived: 0,
-                    since: std::time::Instant::now(),
-                });
-                self.groups.len() - 1
-            }
-        };
-        let g = &mut self.groups[pos];
-        let fits = g.streams.len() == hello.count as usize && g.subchunk == hello.subchunk;
-        if !fits || g.streams[hello.index as usize].is_some() {
-            log::warn!("dropping a data socket from {peer} that contradicts the other sockets of its comm");
-            return None;
-        }
-        g.streams[hello.index as usize] = Some(stream);
-        g.arrived += 1;
-        (g.arrived == g.streams.len()).then(|| self.groups.swap_remove(pos))
-    }
+    acceptor: Arc<Acceptor>,
+    sockets: Arc<Counts>,
 }
 
 impl ListenComm for SocketListen {
     fn accept(&mut self) -> Result<Option<Box<dyn RecvComm>>> {
-        self.take_new_streams()?;
-        let timeout = self.timeout;
-        self.groups.retain(|g| {
-            let alive = g.since.elapsed() <= timeout;
-            if !alive {
-                log::warn!(
-                    "dropping a channel whose {} of {} data sockets arrived in time",
-                    g.arrived,
-                    g.streams.len()
-                );
-            }
-            alive
-        });
-        let mut i = 0;
-        while i < self.pending.len() {
-            match Self::poll_hello(&mut self.pending[i], timeout) {
-                None => i += 1,
-                Some(false) => {
-                    let p = self.pending.swap_remove(i);
-                    log::warn!("ignoring a connection from {} that sent no hello", p.peer);
-                }
-                Some(true) => {
-                    let p = self.pending.swap_remove(i);
-                    let hello = match SocketHello::decode(&p.hello, self.nonce) {
-                        Ok(h) => h,
-                        Err(e) => {
-                            log::warn!("ignoring a connection from {}: {e}", p.peer);
-                            continue;
-                        }
-                    };
-                    tune_stream(&p.stream, self.io_timeout)?;
-                    if let Some(group) = self.file(hello, p.stream, p.peer) {
-                        debug_assert!(group.streams.len() <= MAX_SOCKETS_PER_COMM);
-                        let streams: Vec<TcpStream> = group.streams.into_iter().flatten().collect();
-                        let threading = Threading { subchunk: group.subchunk as usize, ..self.threading };
-                        let recv =
-                            comm::SocketRecvComm::new(streams, self.wake.clone(), threading, self.helpers.clone())?;
-                        return Ok(Some(Box::new(recv)));
-                    }
-                }
+        let mut door = self.door.lock();
+        let Some(new) = door.next()? else { return Ok(None) };
+        let threading = Threading { subchunk: new.subchunk as usize, ..self.threading };
+        let on_close = if new.count > 1 { self.acceptor.waker() } else { None };
+        let recv = comm::SocketRecvComm::new(
+            new.first,
+            new.count,
+            self.wake.clone(),
+            threading,
+            self.helpers.clone(),
+            self.sockets.clone(),
+            on_close,
+        )?;
+        let join = recv.join();
+        for (k, stream) in new.early {
+            if let Err(why) = join.attach(k, stream) {
+                self.sockets.refused();
+                log::warn!("refusing data socket {k} of a new receive comm: {why}");
             }
         }
-        Ok(None)
+        door.register(new.comm_id, new.peer, new.subchunk, &join);
+        // Its later sockets are read whether or not this listen comm is polled again.
+        let grows = door.prune() && !door.watched();
+        drop(door);
+        if grows {
+            self.acceptor.watch(&self.door);
+        }
+        Ok(Some(Box::new(recv)))
+    }
+}
+
+impl Drop for SocketListen {
+    fn drop(&mut self) {
+        let mut door = self.door.lock();
+        door.stop_listening();
+        let orphaned = door.prune() && !door.watched();
+        drop(door);
+        if orphaned {
+            self.acceptor.watch(&self.door);
+        } else {
+            // The acceptor lets the door go (and with it the listener) if no comm of it can grow.
+            self.acceptor.nudge();
+        }
     }
 }
 

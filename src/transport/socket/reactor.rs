@@ -380,24 +380,37 @@ impl<T: Task> Pool<T> {
         self.slots.lock().iter().filter(|s| !s.helper.is_dead()).count()
     }
 
-    /// Hands each task to a helper: a new one while fewer than `max` run and each has a socket,
-    /// else the one with the fewest sockets. A comm's sockets so land on different helpers.
-    pub fn attach(&self, tasks: Vec<T>) -> Result<Vec<Placement<T>>> {
+    /// Hands each task to a helper: a new one while fewer than `max` run and each has a socket or
+    /// serves this comm already (`beside`: the comm's sockets placed before), else the one with
+    /// the fewest sockets, preferring helpers that serve none of the comm's. A comm's sockets so
+    /// land on different helpers, also those it adds later.
+    pub fn attach<'a>(
+        &self,
+        tasks: Vec<T>,
+        beside: impl IntoIterator<Item = &'a Placement<T>>,
+    ) -> Result<Vec<Placement<T>>> {
         let mut slots = self.slots.lock();
         let mut placed = Vec::with_capacity(tasks.len());
+        let mut serving: Vec<Arc<Helper<T>>> = beside.into_iter().map(|p| p.helper.clone()).collect();
         for task in tasks {
             // A dead helper's slot is taken over by a fresh one.
             if let Some(i) = slots.iter().position(|s| s.helper.is_dead()) {
                 let mut old = std::mem::replace(&mut slots[i], self.start()?);
                 old.stop();
             }
-            let spare = slots.len() < self.max && slots.iter().all(|s| s.helper.load.load(Ordering::Relaxed) > 0);
+            let ours = |h: &Arc<Helper<T>>| serving.iter().any(|s| Arc::ptr_eq(s, h));
+            let spare = slots.len() < self.max
+                && slots.iter().all(|s| s.helper.load.load(Ordering::Relaxed) > 0 || ours(&s.helper));
             if spare {
                 slots.push(self.start()?);
             }
-            let slot = slots.iter().min_by_key(|s| s.helper.load.load(Ordering::Relaxed)).expect("at least one helper");
+            let slot = slots
+                .iter()
+                .min_by_key(|s| (ours(&s.helper), s.helper.load.load(Ordering::Relaxed)))
+                .expect("at least one helper");
             let helper = slot.helper.clone();
             let token = helper.attach(task);
+            serving.push(helper.clone());
             placed.push(Placement { helper, token });
         }
         Ok(placed)
@@ -406,7 +419,7 @@ impl<T: Task> Pool<T> {
     /// Takes every socket of a comm off its helpers and returns once none of them runs its work any
     /// more, so that no helper touches the comm's buffers after the comm is gone. Helpers left
     /// without a socket end: an engine with no connection runs none.
-    pub fn detach(&self, placements: &[Placement<T>]) {
+    pub fn detach<'a>(&self, placements: impl IntoIterator<Item = &'a Placement<T>>) {
         let mut by_helper: Vec<(Arc<Helper<T>>, Vec<usize>)> = Vec::new();
         for p in placements {
             match by_helper.iter_mut().find(|(h, _)| Arc::ptr_eq(h, &p.helper)) {

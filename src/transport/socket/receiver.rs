@@ -2,12 +2,13 @@
 //! straight into the posted buffer. A header small enough arrives with its payload in one `recv`
 //! into a 4 KiB staging area, so a small message costs one syscall; large payloads are read in
 //! place and only their first few KiB pass through staging. A socket's work runs on the shared
-//! helper that owns it (`reactor`), whenever the kernel reports data or a post kicks it.
+//! helper that owns it (`reactor`), whenever the kernel reports data or a post kicks it. Pieces of
+//! any request may come on any socket of the comm, including sockets added after it was handed out.
 
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use super::iov::{self, MAX_IOV};
 use super::reactor::{Next, Task};
@@ -47,16 +48,30 @@ enum Step {
 
 /// A receive comm's sockets, shared by their tasks and the posting thread.
 pub(super) struct RecvSockets {
-    pub streams: Vec<TcpStream>,
+    /// One slot per socket the sender may open, filled as they arrive.
+    pub streams: Vec<OnceLock<TcpStream>>,
     pub window: Arc<Window>,
     /// Per socket: it holds a header for a request not posted yet, so a post must kick it.
     held: Vec<AtomicBool>,
 }
 
 impl RecvSockets {
-    pub fn new(streams: Vec<TcpStream>, window: Arc<Window>) -> RecvSockets {
-        let held = streams.iter().map(|_| AtomicBool::new(false)).collect();
-        RecvSockets { streams, window, held }
+    /// Room for `n` sockets, none placed yet.
+    pub fn new(n: usize, window: Arc<Window>) -> RecvSockets {
+        RecvSockets {
+            streams: (0..n).map(|_| OnceLock::new()).collect(),
+            window,
+            held: (0..n).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+
+    /// Puts socket `k` in its slot; false if it is taken.
+    pub fn place(&self, k: usize, stream: TcpStream) -> bool {
+        self.streams[k].set(stream).is_ok()
+    }
+
+    pub fn stream(&self, k: usize) -> &TcpStream {
+        self.streams[k].get().expect("a task exists only for a placed socket")
     }
 
     /// SeqCst: pairs with the task's look at `posted` after it said it waits.
@@ -81,7 +96,7 @@ impl RecvTask {
 
 impl Task for RecvTask {
     fn fd(&self) -> RawFd {
-        self.shared.streams[self.k].as_raw_fd()
+        self.shared.stream(self.k).as_raw_fd()
     }
 
     fn interest(&self) -> u32 {
@@ -118,7 +133,7 @@ impl Task for RecvTask {
 /// socket does not starve the helper's others).
 fn drive(s: &RecvSockets, socket: usize, inc: &mut Incoming) -> Result<Step> {
     let flags = libc::MSG_DONTWAIT;
-    let fd = s.streams[socket].as_raw_fd();
+    let fd = s.stream(socket).as_raw_fd();
     loop {
         match &mut inc.phase {
             Phase::Held(h) => {

@@ -3,16 +3,19 @@
 //! and payload leave in one `sendmsg` straight from the caller's buffer; with zero-copy on, a large
 //! enough payload leaves in its own MSG_ZEROCOPY `sendmsg` and its piece only finishes once the
 //! socket's error queue reports the kernel done with the pages. A socket's work runs on the shared
-//! helper that owns it (`reactor`), or on the posting thread for a small request.
+//! helper that owns it (`reactor`), or on the posting thread for a small request. A socket the comm
+//! added after connect pulls nothing until it joined (`grow`).
 
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use super::counts::Counts;
+use super::grow::Joining;
 use super::iov::{self, MAX_IOV};
 use super::reactor::{Next, Task};
 use super::window::{Piece, PieceMem, Window};
@@ -47,10 +50,11 @@ impl Outgoing {
 /// A send comm's sockets and who is writing on each: a piece is written by whoever claimed the
 /// socket (its helper, or the posting thread for an inline send), so bytes never interleave.
 pub(super) struct SendSockets {
-    pub streams: Vec<TcpStream>,
+    /// One slot per socket the comm may open, filled as it opens them.
+    pub streams: Vec<OnceLock<TcpStream>>,
+    /// Per socket: it may carry pieces (connected, and acknowledged if added after connect).
+    open: Vec<AtomicBool>,
     pub window: Arc<Window>,
-    /// Per socket: SO_ZEROCOPY is on.
-    zerocopy: Vec<bool>,
     /// Pieces of at least this many bytes go out zero-copy on sockets that accepted it; 0 = never.
     zerocopy_threshold: usize,
     counters: Arc<Counters>,
@@ -58,6 +62,9 @@ pub(super) struct SendSockets {
     /// A partly written inline piece left for the socket's helper to finish (the claim moves with it).
     handoff: Vec<Mutex<Option<Outgoing>>>,
     handed: Vec<AtomicBool>,
+    sockets: Arc<Counts>,
+    /// An added socket was given up already: later ones are logged quietly.
+    gave_up: AtomicBool,
 }
 
 /// What an inline send did.
@@ -71,23 +78,59 @@ pub(super) enum Inline {
 }
 
 impl SendSockets {
+    /// Room for `n` sockets, none placed yet.
     pub fn new(
-        streams: Vec<TcpStream>,
+        n: usize,
         window: Arc<Window>,
-        zerocopy: Vec<bool>,
         zerocopy_threshold: usize,
         counters: Arc<Counters>,
+        sockets: Arc<Counts>,
     ) -> SendSockets {
-        let n = streams.len();
         SendSockets {
-            streams,
+            streams: (0..n).map(|_| OnceLock::new()).collect(),
+            open: (0..n).map(|_| AtomicBool::new(false)).collect(),
             window,
-            zerocopy,
             zerocopy_threshold,
             counters,
             claimed: (0..n).map(|_| AtomicBool::new(false)).collect(),
             handoff: (0..n).map(|_| Mutex::new(None)).collect(),
             handed: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            sockets,
+            gave_up: AtomicBool::new(false),
+        }
+    }
+
+    /// Puts socket `k`'s stream in its slot, before any task for it exists.
+    pub fn place(&self, k: usize, stream: TcpStream) {
+        if self.streams[k].set(stream).is_err() {
+            unreachable!("socket {k} placed twice");
+        }
+    }
+
+    pub fn stream(&self, k: usize) -> &TcpStream {
+        self.streams[k].get().expect("a task exists only for a placed socket")
+    }
+
+    /// Socket `k` may carry pieces from now on. SeqCst: a poster that published a request after
+    /// this sees the socket open (and kicks it), or the socket sees the request when it looks.
+    pub fn opened(&self, k: usize) {
+        self.open[k].store(true, Ordering::SeqCst);
+        self.sockets.opened_sending(1);
+    }
+
+    /// Sockets that carry pieces now.
+    pub fn open_count(&self) -> usize {
+        self.open.iter().filter(|o| o.load(Ordering::Relaxed)).count()
+    }
+
+    /// An added socket that will never carry a piece: the comm goes on with the others.
+    fn give_up(&self, k: usize, e: &std::io::Error) {
+        self.sockets.gave_up();
+        let _ = self.stream(k).shutdown(std::net::Shutdown::Both);
+        if self.gave_up.swap(true, Ordering::Relaxed) {
+            log::debug!("data socket {k} of a send comm was not added: {e}");
+        } else {
+            log::warn!("a send comm goes on with fewer data sockets: socket {k} was not added: {e}");
         }
     }
 
@@ -101,9 +144,10 @@ impl SendSockets {
         self.claimed[k].store(false, Ordering::SeqCst);
     }
 
-    /// Whether socket `k` waits for work (nobody writes on it): a post must kick its helper.
+    /// Whether socket `k` waits for work (open, and nobody writes on it): a post must kick its
+    /// helper.
     pub fn idle(&self, k: usize) -> bool {
-        !self.claimed[k].load(Ordering::SeqCst)
+        self.open[k].load(Ordering::SeqCst) && !self.claimed[k].load(Ordering::SeqCst)
     }
 
     fn take_handoff(&self, k: usize) -> Option<Outgoing> {
@@ -117,7 +161,7 @@ impl SendSockets {
     /// The posting thread writes the next piece on a free socket.
     pub fn send_inline(&self) -> Inline {
         for k in 0..self.streams.len() {
-            if !self.claim(k) {
+            if !self.open[k].load(Ordering::Acquire) || !self.claim(k) {
                 continue;
             }
             let Some(cut) = self.window.cut() else {
@@ -127,7 +171,7 @@ impl SendSockets {
             };
             // Inline pieces are at most 16 KiB: too small for zero-copy to pay for its notification.
             let mut o = Outgoing::new(cut, false);
-            match write(&self.streams[k], &mut o, None) {
+            match write(self.stream(k), &mut o, None) {
                 Ok(Step::Finished) => {
                     self.release(k);
                     self.window.finish(&o.piece);
@@ -154,12 +198,31 @@ pub(super) struct SendTask {
     pub k: usize,
     out: Option<Outgoing>,
     zc: ZcSocket,
+    /// An added socket on its way in; `None` once it may carry pieces.
+    joining: Option<Box<Joining>>,
 }
 
 impl SendTask {
-    pub fn new(shared: Arc<SendSockets>, k: usize) -> SendTask {
-        let zc = ZcSocket::new(shared.zerocopy[k]);
-        SendTask { shared, k, out: None, zc }
+    /// The task of placed socket `k`: open already, or `joining`.
+    pub fn new(shared: Arc<SendSockets>, k: usize, zerocopy: bool, joining: Option<Joining>) -> SendTask {
+        SendTask { shared, k, out: None, zc: ZcSocket::new(zerocopy), joining: joining.map(Box::new) }
+    }
+
+    /// Moves an added socket on until it joined: `Some(next)` while it may not pull pieces yet.
+    fn join(&mut self) -> Option<Next> {
+        let joining = self.joining.as_mut()?;
+        match joining.advance(self.shared.stream(self.k)) {
+            Ok(false) => Some(Next::Idle),
+            Ok(true) => {
+                self.joining = None;
+                self.shared.opened(self.k);
+                None
+            }
+            Err(e) => {
+                self.shared.give_up(self.k, &e);
+                Some(Next::Stop)
+            }
+        }
     }
 
     /// The next piece for this socket: one handed over by the posting thread, else a fresh cut if
@@ -210,9 +273,7 @@ impl SendTask {
             return Ok(Next::Idle);
         };
         let s = &*self.shared;
-        match write(&s.streams[self.k], o, Some((&mut self.zc, &s.counters)))
-            .map_err(|e| Error::io("channel send", e))?
-        {
+        match write(s.stream(self.k), o, Some((&mut self.zc, &s.counters))).map_err(|e| Error::io("channel send", e))? {
             Step::Finished => {
                 let o = self.out.take().expect("a piece in flight");
                 let used_zerocopy = o.zc_sends > 0;
@@ -242,11 +303,12 @@ impl SendTask {
 
 impl Task for SendTask {
     fn fd(&self) -> RawFd {
-        self.shared.streams[self.k].as_raw_fd()
+        self.shared.stream(self.k).as_raw_fd()
     }
 
+    /// A joining socket also waits for the peer's acknowledgement.
     fn interest(&self) -> u32 {
-        libc::EPOLLOUT as u32
+        if self.joining.is_some() { (libc::EPOLLOUT | libc::EPOLLIN) as u32 } else { libc::EPOLLOUT as u32 }
     }
 
     fn window(&self) -> &Arc<Window> {
@@ -256,6 +318,9 @@ impl Task for SendTask {
     fn run(&mut self) -> Next {
         if self.shared.window.closing() {
             return Next::Stop;
+        }
+        if let Some(next) = self.join() {
+            return next;
         }
         match self.step() {
             Ok(next) => next,
@@ -277,7 +342,7 @@ impl Drop for SendTask {
             self.zc.abandon(&self.shared.counters);
             // The kernel still holds pages of caller buffers that the comm's owner gets back once
             // the comm is gone: reset instead of letting an orphaned socket send from them.
-            let _ = socket2::SockRef::from(&self.shared.streams[self.k]).set_linger(Some(Duration::ZERO));
+            let _ = socket2::SockRef::from(self.shared.stream(self.k)).set_linger(Some(Duration::ZERO));
         }
     }
 }

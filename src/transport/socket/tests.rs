@@ -1,3 +1,4 @@
+use std::io::Read;
 use std::time::{Duration, Instant};
 
 use super::*;
@@ -344,8 +345,138 @@ fn helpers_are_shared_bounded_and_end_with_their_last_socket() {
         assert_eq!(until(|| rx.test(r)).unwrap(), msg.len());
     }
     assert!(bufs.iter().all(|b| *b == msg), "every comm's message arrived intact");
+    // Each two-piece message made its comm add its second socket.
+    let grown = |s: DataSocketStats| (s.sending == 64 && s.receiving == 64).then_some(());
+    until(|| Ok(grown(net.data_socket_stats()))).unwrap();
+    // Every comm has all its sockets: their listeners closed, and the thread that kept them ended.
+    until(|| Ok((net.acceptor_threads() == 0).then_some(()))).unwrap();
     pairs.truncate(1);
     assert_eq!(net.helper_threads(), 4, "helpers still serving the last comm's two sockets each way stay");
     drop(pairs);
     assert_eq!(net.helper_threads(), 0, "the last comm's drop ended the helpers");
+    assert_eq!(net.data_socket_stats(), DataSocketStats { added: 32, ..Default::default() });
+}
+
+/// A listener outlives its listen comm while a comm of it may still take sockets, on the net's
+/// acceptor thread, and closes with the last such comm.
+#[test]
+fn listeners_stay_open_for_comms_that_may_grow() {
+    let net = four_socket_net();
+    let (mut handle, mut listen) = net.listen(0).unwrap();
+    let port = SocketHandle::decode(&handle).unwrap().addr.port();
+    let tx = net.connect(0, &mut handle).unwrap().unwrap();
+    let rx = until(|| listen.accept()).unwrap();
+    assert_eq!(net.acceptor_threads(), 1, "later sockets are read whether or not the listen comm is polled");
+    drop(listen);
+    assert_eq!(net.acceptor_threads(), 1);
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(), "the listener is open");
+    drop(rx);
+    until(|| Ok((net.acceptor_threads() == 0).then_some(()))).unwrap();
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "the listener closed with its comm");
+    drop(tx);
+}
+
+/// Sockets this process holds a descriptor of that are connected to `port` (other tests of this
+/// binary open and close descriptors meanwhile, so a plain count would not tell).
+fn sockets_to(port: u16) -> usize {
+    let ours: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|t| Some(t.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned()))
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = f[2].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            remote_port == Some(port) && ours.contains(f[9])
+        })
+        .count()
+}
+
+/// A peer's listener whose handle our net connects to, with the test reading what arrives.
+fn raw_peer() -> (TcpListener, NetHandle, u64) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let nonce = 0x1234_5678;
+    let handle = SocketHandle { addr: listener.local_addr().unwrap(), nonce }.encode();
+    (listener, handle, nonce)
+}
+
+fn four_socket_net() -> SocketNet {
+    loopback_socket_net().with_options(crate::config::SocketConfig { nthreads: 4, nsocks_per_thread: 1, ..Default::default() })
+}
+
+/// A comm whose added sockets are all refused (the listener went away after the first) moves a
+/// multi-piece request over its first socket alone, byte for byte, and says so once.
+#[test]
+fn a_send_comm_whose_added_sockets_fail_goes_on_with_its_first() {
+    let net = four_socket_net();
+    let (listener, mut handle, nonce) = raw_peer();
+    let mut tx = net.connect(0, &mut handle).unwrap().unwrap();
+    let (mut first, _) = listener.accept().unwrap();
+    drop(listener);
+    let mut hello = [0u8; wire::HELLO_LEN];
+    first.read_exact(&mut hello).unwrap();
+    let hello = SocketHello::decode(&hello, nonce).unwrap();
+    assert_eq!((hello.index, hello.count), (0, 4));
+    let msg: Vec<u8> = (0..1 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    // SAFETY: msg outlives the send, which is tested to completion below.
+    let s = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
+    let mut got = vec![0u8; msg.len()];
+    let cut = wire::PieceCut::new(hello.subchunk as usize, 4);
+    for _ in 0..cut.pieces(msg.len() as u64) {
+        let mut header = [0u8; wire::PIECE_HEADER_LEN];
+        first.read_exact(&mut header).unwrap();
+        let h = wire::PieceHeader::decode(&header, cut).unwrap();
+        first.read_exact(&mut got[h.offset as usize..][..h.len as usize]).unwrap();
+    }
+    assert_eq!(until(|| tx.test(s)).unwrap(), msg.len());
+    assert!(got == msg, "every piece came over the first socket intact");
+    // Their helpers see the refusals when they next run.
+    let stats = until(|| Ok(Some(net.data_socket_stats()).filter(|s| s.given_up == 3))).unwrap();
+    assert_eq!((stats.sending, stats.added), (1, 3), "{stats:?}");
+    drop(tx);
+    assert_eq!(net.helper_threads(), 0);
+}
+
+/// Dropping a send comm whose added sockets wait for an acknowledgement that never comes returns
+/// at once and leaves no thread or descriptor behind.
+#[test]
+fn dropping_a_comm_with_sockets_still_joining_leaves_nothing() {
+    let net = four_socket_net();
+    let (listener, mut handle, _) = raw_peer();
+    let port = listener.local_addr().unwrap().port();
+    let mut tx = net.connect(0, &mut handle).unwrap().unwrap();
+    let msg = vec![5u8; 1 << 20];
+    // SAFETY: msg outlives the comm, which is dropped below with the send still in flight.
+    unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
+    // The added sockets connect (the kernel completes them into the backlog) and wait.
+    assert_eq!(net.data_socket_stats().added, 3);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(net.data_socket_stats().sending, 1, "no acknowledgement, no added socket in use");
+    assert_eq!(sockets_to(port), 4);
+    let start = Instant::now();
+    drop(tx);
+    assert!(start.elapsed() < Duration::from_secs(1), "the drop returned promptly");
+    assert_eq!(net.helper_threads(), 0);
+    assert_eq!(sockets_to(port), 0, "every socket of the comm was closed");
+    assert_eq!(net.data_socket_stats().sending, 0);
+    drop(listener);
+}
+
+/// Without lazy sockets a comm opens all of its sockets right after connect, traffic or not.
+#[test]
+fn eager_comms_open_every_socket_at_once() {
+    let net = loopback_socket_net().with_options(crate::config::SocketConfig {
+        nthreads: 4,
+        nsocks_per_thread: 1,
+        lazy: false,
+        ..Default::default()
+    });
+    let (_tx, _rx) = pair(&net);
+    let all = |s: DataSocketStats| (s.sending == 4 && s.receiving == 4).then_some(s);
+    let stats = until(|| Ok(all(net.data_socket_stats()))).unwrap();
+    assert_eq!((stats.added, stats.given_up, stats.refused), (3, 0, 0));
 }

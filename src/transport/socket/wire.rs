@@ -1,17 +1,33 @@
 //! What the socket transport puts on its data sockets: a hello per socket that ties it to a comm, then
-//! a stream of pieces, each a 32-byte header and its payload. Decoders check everything the peer
-//! controls; the receiver checks the rest against its posted requests.
+//! a stream of pieces, each a 32-byte header and its payload. A socket a comm adds after its first
+//! waits for the accepting side's [`attach_ack`] before it carries a piece. Decoders check everything
+//! the peer controls; the receiver checks the rest against its posted requests.
 
 use crate::config::{MAX_CHUNK_SIZE, MAX_SOCKETS_PER_COMM, MIN_CHUNK_SIZE};
 use crate::error::{Error, Result};
 
 const HELLO_MAGIC: u32 = 0x5353_5455;
 const PIECE_MAGIC: u32 = 0x4350_5455;
+const ACK_MAGIC: u32 = 0x4B41_5455;
 /// 3: pieces follow [`PieceCut`] (a request shared over the sockets) instead of fixed sizes.
-const VERSION: u16 = 3;
+/// 4: a comm is handed out with its first socket and takes the others whenever they come, each
+/// acknowledged, so a sender opens them as its traffic needs them.
+const VERSION: u16 = 4;
 
 pub const HELLO_LEN: usize = 32;
 pub const PIECE_HEADER_LEN: usize = 32;
+pub const ACK_LEN: usize = 8;
+
+/// What the accepting side writes on a socket it added to a live comm (the only bytes a receiver
+/// ever writes): the sender puts no piece on that socket before it read them, so a socket the
+/// receiver refused or never took loses nothing.
+pub fn attach_ack(index: u8) -> [u8; ACK_LEN] {
+    let mut b = [0u8; ACK_LEN];
+    b[0..4].copy_from_slice(&ACK_MAGIC.to_le_bytes());
+    b[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    b[6] = index;
+    b
+}
 
 /// First bytes on every data socket of a comm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,8 +192,15 @@ mod tests {
             assert!(SocketHello::decode(&bad.encode(), 5).is_err(), "{bad:?}");
         }
         let mut version = h.encode();
-        version[4] = 9;
-        assert!(SocketHello::decode(&version, 5).unwrap_err().message().contains("version"));
+        version[4] = 3;
+        assert!(SocketHello::decode(&version, 5).unwrap_err().message().contains("version 3"));
+    }
+
+    #[test]
+    fn acks_name_their_socket() {
+        assert_ne!(attach_ack(1), attach_ack(2));
+        assert_eq!(&attach_ack(3)[..4], &ACK_MAGIC.to_le_bytes());
+        assert_eq!(attach_ack(3)[6], 3);
     }
 
     #[test]

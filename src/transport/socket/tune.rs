@@ -1,0 +1,37 @@
+//! Socket options both kinds of stream take: the settings of every TCP stream of an engine (control
+//! and data), and a data socket's buffer sizes, which must be set before it connects.
+
+use std::net::TcpStream;
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
+
+use crate::error::{Error, Result};
+
+/// Settings shared by control and data streams: no Nagle delay on small frames; keepalive and a user
+/// timeout so that a vanished host (no RST ever arrives) turns into an error instead of a hang.
+pub fn tune_stream(stream: &TcpStream, io_timeout: Duration) -> Result<()> {
+    tune(SockRef::from(stream), io_timeout)
+}
+
+pub(super) fn tune(sock: SockRef<'_>, io_timeout: Duration) -> Result<()> {
+    let probe = (io_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(10));
+    let ka = TcpKeepalive::new().with_time(probe).with_interval(probe).with_retries(3);
+    sock.set_tcp_nodelay(true)
+        .and_then(|_| sock.set_tcp_keepalive(&ka))
+        .and_then(|_| sock.set_tcp_user_timeout(Some(io_timeout)))
+        .map_err(|e| Error::io("configure TCP stream", e))
+}
+
+/// SO_SNDBUF / SO_RCVBUF of a data socket or listener; 0 leaves the kernel's autotuning. Before
+/// connecting, for the window scale to account for them.
+pub(super) fn set_buffers(sock: SockRef<'_>, sndbuf: u32, rcvbuf: u32) -> Result<()> {
+    let io = |e| Error::io("set data socket buffer size", e);
+    if sndbuf > 0 {
+        sock.set_send_buffer_size(sndbuf as usize).map_err(io)?;
+    }
+    if rcvbuf > 0 {
+        sock.set_recv_buffer_size(rcvbuf as usize).map_err(io)?;
+    }
+    Ok(())
+}
