@@ -120,7 +120,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
             let layout = args.layout(size, args.num_iovs).map_err(std::io::Error::other)?;
             let mut contiguous = None;
             let timed = if op == Op::Transport {
-                Timed { samples: transport_ping::round_trips(size, iters, &config)?, posts: Vec::new() }
+                Timed { samples: transport_ping::round_trips(size, iters, &config)?, posts: Vec::new(), first: None }
             } else {
                 if vectors {
                     // The same bytes in one piece, same run: what the vector is compared with.
@@ -191,6 +191,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
             point.host_anchors = host_anchors;
             point.contiguous_gbs = contiguous;
             point.post_p50 = (!timed.posts.is_empty()).then(|| median(timed.posts));
+            point.first = timed.first;
             on_point(&info, &point, &mut progress);
             points.push(point);
         }
@@ -251,6 +252,9 @@ enum Items {
 struct Timed {
     samples: Vec<Duration>,
     posts: Vec<Duration>,
+    /// The first, checked transfer of the size, alone: on a fresh connection it pays what opens on
+    /// demand (the data sockets a large transfer asks for).
+    first: Option<Duration>,
 }
 
 impl Run<'_> {
@@ -268,8 +272,10 @@ impl Run<'_> {
             Op::Read => self.mem.zero(&self.layout)?,
             _ => self.mem.fill(&self.layout, seed)?,
         }
+        let started = Instant::now();
         let first = self.post(&self.items(0))?;
         wait(self.conn, first)?;
+        let first = started.elapsed();
         match self.op {
             Op::Write => {
                 self.ctl.send("CHECK")?;
@@ -279,7 +285,7 @@ impl Run<'_> {
             _ => {}
         }
         self.pipeline(warmup)?;
-        let timed = self.pipeline(iters)?;
+        let timed = Timed { first: Some(first), ..self.pipeline(iters)? };
         match self.op {
             Op::Read => {
                 self.ctl.send("END")?;
@@ -328,7 +334,7 @@ impl Run<'_> {
         if depth > 1 {
             samples = vec![start.elapsed() / iters.max(1) as u32; iters];
         }
-        Ok(Timed { samples, posts })
+        Ok(Timed { samples, posts, first: None })
     }
 
     /// The item list of slot `slot`, as a caller builds its descriptors before it posts them.

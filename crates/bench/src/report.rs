@@ -48,6 +48,8 @@ pub struct Point {
     pub contiguous_gbs: Option<f64>,
     /// Median time the post call took (one-sided and send ops).
     pub post_p50: Option<Duration>,
+    /// The first transfer of the size, checked and untimed otherwise (one-sided and send ops).
+    pub first: Option<Duration>,
     /// The same bytes copied between the same GPUs, one copy and one wait each (same-host runs).
     pub anchor: Option<Anchor>,
     /// `--same-host` (host memory): the loopback TCP path and memcpy of the same size, same run.
@@ -91,6 +93,7 @@ impl Point {
             baseline,
             contiguous_gbs: None,
             post_p50: None,
+            first: None,
             anchor: None,
             host_anchors: None,
         }
@@ -337,6 +340,8 @@ struct JsonPoint {
     contiguous_gb_per_s: Option<f64>,
     vector_ratio: Option<f64>,
     post_p50_us: Option<f64>,
+    /// The first transfer of the size alone: on a fresh connection, with what opens on demand.
+    first_us: Option<f64>,
     anchor_gb_per_s: Option<f64>,
     anchor_ratio: Option<f64>,
     anchor_p50_us: Option<f64>,
@@ -371,6 +376,7 @@ impl JsonPoint {
             contiguous_gb_per_s: p.contiguous_gbs,
             vector_ratio: p.vector_ratio(),
             post_p50_us: p.post_p50.map(us),
+            first_us: p.first.map(us),
             anchor_gb_per_s: p.anchor_gbs(),
             anchor_ratio: p.anchor_ratio(),
             anchor_p50_us: p.anchor.map(|a| us(a.p50)),
@@ -469,6 +475,7 @@ mod tests {
         let mut measured = Point::new(Op::Write, 1000, 100, &samples, Some(baseline));
         measured.contiguous_gbs = Some(0.04);
         measured.post_p50 = Some(Duration::from_micros(3));
+        measured.first = Some(Duration::from_micros(700));
         let bare = Point::new(Op::Transport, 8, 3, &samples[..3], None);
         let mut run = info("gpu0@0000:4a:00.0", "gpu1@0000:5b:00.0");
         run.channels = 2;
@@ -510,6 +517,7 @@ mod tests {
                 "avg_us",
                 "bw_ratio",
                 "contiguous_gb_per_s",
+                "first_us",
                 "gb_per_s",
                 "gbps",
                 "iters",
@@ -544,6 +552,7 @@ mod tests {
             ("contiguous_gb_per_s", 0.04),
             ("vector_ratio", gbs / 0.04),
             ("post_p50_us", 3.0),
+            ("first_us", 700.0),
         ] {
             assert!((f(key) - want).abs() < 1e-9, "{key}: {} against {want}", f(key));
         }
@@ -559,6 +568,7 @@ mod tests {
             "contiguous_gb_per_s",
             "vector_ratio",
             "post_p50_us",
+            "first_us",
             "anchor_gb_per_s",
             "anchor_ratio",
             "anchor_p50_us",

@@ -245,6 +245,17 @@ impl Doorway {
             self.refuse(peer, "it names no comm this listener serves");
             return None;
         }
+        if let Some(new) = self.ready.iter_mut().find(|n| n.comm_id == hello.comm_id) {
+            // Read by the acceptor and not handed out yet: it joins with the comm.
+            let index = hello.index as usize;
+            let fits = new.peer == from && new.count == hello.count as usize && new.subchunk == hello.subchunk;
+            if fits && index != 0 && new.early.iter().all(|(k, _)| *k != index) {
+                new.early.push((index, stream));
+            } else {
+                self.refuse(peer, "it contradicts its comm's other sockets");
+            }
+            return None;
+        }
         let pos = match self.groups.iter().position(|g| g.comm_id == hello.comm_id) {
             Some(pos) => pos,
             None => {

@@ -405,7 +405,11 @@ fn raw_peer() -> (TcpListener, NetHandle, u64) {
 }
 
 fn four_socket_net() -> SocketNet {
-    loopback_socket_net().with_options(crate::config::SocketConfig { nthreads: 4, nsocks_per_thread: 1, ..Default::default() })
+    loopback_socket_net().with_options(crate::config::SocketConfig {
+        nthreads: 4,
+        nsocks_per_thread: 1,
+        ..Default::default()
+    })
 }
 
 /// A comm whose added sockets are all refused (the listener went away after the first) moves a
@@ -479,4 +483,27 @@ fn eager_comms_open_every_socket_at_once() {
     let all = |s: DataSocketStats| (s.sending == 4 && s.receiving == 4).then_some(s);
     let stats = until(|| Ok(all(net.data_socket_stats()))).unwrap();
     assert_eq!((stats.added, stats.given_up, stats.refused), (3, 0, 0));
+}
+
+/// Comms whose sockets all arrive before the listen comm is polled again, read by the acceptor
+/// (which watches the listener for a comm handed out earlier): each is handed out with every
+/// socket, including those that came after its first while it waited to be handed out.
+#[test]
+fn comms_read_by_the_acceptor_are_handed_out_with_all_their_sockets() {
+    let net = loopback_socket_net().with_options(crate::config::SocketConfig {
+        nthreads: 4,
+        nsocks_per_thread: 1,
+        lazy: false,
+        ..Default::default()
+    });
+    let (mut handle, mut listen) = net.listen(0).unwrap();
+    let first = net.connect(0, &mut handle).unwrap().unwrap();
+    let first_rx = until(|| listen.accept()).unwrap();
+    let later: Vec<_> = (0..3).map(|_| net.connect(0, &mut handle).unwrap().unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let later_rx: Vec<_> = (0..3).map(|_| until(|| listen.accept()).unwrap()).collect();
+    let all = |s: DataSocketStats| (s.sending == 16 && s.receiving == 16).then_some(s);
+    let stats = until(|| Ok(all(net.data_socket_stats()))).unwrap();
+    assert_eq!((stats.added, stats.given_up, stats.refused), (12, 0, 0), "{stats:?}");
+    drop((first, first_rx, later, later_rx, listen));
 }
