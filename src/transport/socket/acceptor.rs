@@ -178,9 +178,7 @@ fn serve(shared: &Shared) {
                 st.running = false;
                 return;
             }
-            doors.clear();
-            doors.extend(st.doors.iter().enumerate().filter_map(|(t, d)| Some((t as u64, d.clone()?))));
-            doors.iter().filter_map(|(_, d)| d.lock().deadline()).min()
+            st.doors.iter().flatten().filter_map(|d| d.lock().deadline()).min()
         };
         let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let n = match shared.epoll.wait(&mut events, timeout) {
@@ -204,6 +202,9 @@ fn serve(shared: &Shared) {
                 ready.push(token);
             }
         }
+        // The doors as they are now: one watched while this thread waited has events already.
+        doors.clear();
+        doors.extend(shared.state.lock().doors.iter().enumerate().filter_map(|(t, d)| Some((t as u64, d.clone()?))));
         let now = Instant::now();
         for (token, door) in &doors {
             let mut d = door.lock();

@@ -379,6 +379,11 @@ fn listeners_stay_open_for_comms_that_may_grow() {
 /// Sockets this process holds a descriptor of that are connected to `port` (other tests of this
 /// binary open and close descriptors meanwhile, so a plain count would not tell).
 fn sockets_to(port: u16) -> usize {
+    sockets_to_in(port, None)
+}
+
+/// The same, only those in TCP state `state` (the kernel's hex code: 02 is SYN_SENT).
+fn sockets_to_in(port: u16, state: Option<&str>) -> usize {
     let ours: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
         .unwrap()
         .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
@@ -391,7 +396,7 @@ fn sockets_to(port: u16) -> usize {
         .filter(|line| {
             let f: Vec<&str> = line.split_whitespace().collect();
             let remote_port = f[2].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
-            remote_port == Some(port) && ours.contains(f[9])
+            remote_port == Some(port) && ours.contains(f[9]) && state.is_none_or(|st| f[3] == st)
         })
         .count()
 }
@@ -506,4 +511,32 @@ fn comms_read_by_the_acceptor_are_handed_out_with_all_their_sockets() {
     let stats = until(|| Ok(all(net.data_socket_stats()))).unwrap();
     assert_eq!((stats.added, stats.given_up, stats.refused), (12, 0, 0), "{stats:?}");
     drop((first, first_rx, later, later_rx, listen));
+}
+
+/// The same while the added sockets' connects cannot even complete: the peer's accept queue is
+/// full (its first socket fills it), so the kernel drops their SYNs and they stay connecting.
+#[test]
+fn dropping_a_comm_with_sockets_still_connecting_leaves_nothing() {
+    let net = four_socket_net();
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    sock.listen(0).unwrap();
+    let listener = TcpListener::from(sock);
+    let addr = listener.local_addr().unwrap();
+    let mut handle = SocketHandle { addr, nonce: 1 }.encode();
+    let mut tx = net.connect(0, &mut handle).unwrap().unwrap();
+    let msg = vec![5u8; 1 << 20];
+    // SAFETY: msg outlives the comm, which is dropped below with the send still in flight.
+    unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
+    assert_eq!(net.data_socket_stats().added, 3);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(sockets_to(addr.port()), 4, "the first socket and three more");
+    assert_eq!(sockets_to_in(addr.port(), Some("02")), 3, "the three added ones still connecting");
+    let start = Instant::now();
+    drop(tx);
+    assert!(start.elapsed() < Duration::from_secs(1), "the drop returned promptly");
+    assert_eq!(net.helper_threads(), 0);
+    assert_eq!(sockets_to(addr.port()), 0, "every socket of the comm was closed");
+    assert_eq!(net.data_socket_stats().sending, 0);
+    drop(listener);
 }
