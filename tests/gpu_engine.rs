@@ -37,6 +37,32 @@ fn every_kind_every_direction_every_size() {
     assert_eq!(gpu.ordinal(), 0);
 }
 
+/// A write's first chunks are posted by the caller's own thread, and a staged device chunk's copy
+/// binds the engine's GPU there: the caller's current context (none here, as on a thread that never
+/// touched CUDA) is what it was once the write returns, and again after its wait.
+#[test]
+fn posting_a_device_write_leaves_the_callers_context_alone() {
+    if no_gpu() {
+        return;
+    }
+    let p = pair(config());
+    let len = (4 << 20) + 17;
+    let mut src = Mem::new(Side::Gpu, len);
+    src.write(0, &pattern(len, 41));
+    let dst = Mem::new(Side::Host, len);
+    let smr = p.a.register(src.addr(), len).unwrap();
+    let dmr = p.b.register(dst.addr(), len).unwrap();
+    let remote = p.b.prepare_fifo(dmr, dst.addr(), len).unwrap();
+    for round in 0..3 {
+        make_current(None);
+        let w = p.ab.write(&[OneSided { mr: smr, addr: src.addr(), len, remote }]).unwrap();
+        assert_eq!(cuda::gpu::current_ordinal(), None, "round {round}: the write left a context current");
+        assert_eq!(wait(&p.ab, w).unwrap(), len as u64);
+        assert_eq!(cuda::gpu::current_ordinal(), None, "round {round}: the wait left a context current");
+    }
+    assert_same(&dst.read(0, len), &pattern(len, 41), "the write's bytes");
+}
+
 #[test]
 fn vectors_mix_gpu_and_host_items() {
     if no_gpu() {

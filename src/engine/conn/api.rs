@@ -206,6 +206,7 @@ impl Connection {
                 self.fail(&mut inner, e.clone());
                 return Err(e);
             }
+            self.pass_if_queued(&mut inner);
             return Ok(Vec::new());
         }
         let mut msgs = Vec::new();

@@ -81,6 +81,8 @@ struct Inner {
     /// A channel's comm declined a post with nothing in flight to wake us: counted as polled work,
     /// so the progress thread polls instead of parking until the post went through.
     retrying: bool,
+    /// Chunks were queued (or released) since the last pass over the channels.
+    queued: bool,
 }
 
 pub struct Connection {
@@ -165,6 +167,7 @@ impl Connection {
                 sent_chunks: Vec::new(),
                 ipc,
                 retrying: false,
+                queued: false,
             }),
             closed: AtomicBool::new(false),
             listener_started: AtomicBool::new(false),
@@ -229,6 +232,9 @@ impl Connection {
                 Err(e) => handled = Err(e),
             }
         }
+        if handled.is_ok() {
+            self.pass_if_queued(&mut inner);
+        }
         let outcome = match (handled, drained) {
             (Err(e), _) | (Ok(()), Drained::Closed(e)) => e,
             (Ok(()), Drained::Empty | Drained::Open | Drained::More) => return true,
@@ -281,6 +287,7 @@ impl Connection {
             result = self.writer.send_all(&msgs);
         }
         if queued {
+            inner.queued = true;
             self.core.waker.wake();
         } else {
             // Every change of the state is carried out here, so this is where a wait on the peer
@@ -410,11 +417,38 @@ impl Connection {
 
     /// One pass of the progress engine over this connection; returns whether anything moved.
     pub(super) fn progress(&self) -> bool {
-        let mut guard = self.inner.lock();
-        let inner = &mut *guard;
+        self.pass(&mut self.inner.lock())
+    }
+
+    /// Runs a pass now if chunks were queued since the last one: the thread that queued them (a
+    /// poster, or the one handling the message that started their flow) posts the first ones
+    /// itself instead of waiting for the progress thread to wake, a wake-up off every transfer's
+    /// start at each end.
+    fn pass_if_queued(&self, inner: &mut Inner) {
+        if !inner.queued {
+            return;
+        }
+        // This may be the user's thread, whose current CUDA context is theirs, while a staged
+        // chunk's copy binds the engine's GPU: it is put back afterwards. Should that fail, the
+        // progress thread (woken when the chunks were queued) posts them instead.
+        let _restore = match self.core.gpu.get().map(|gpu| gpu.enter()) {
+            None => None,
+            Some(Ok(restore)) => Some(restore),
+            Some(Err(e)) => {
+                log::debug!("leaving queued chunks to the progress thread: {}", e.message());
+                return;
+            }
+        };
+        self.pass(inner);
+    }
+
+    /// Posts, tests and finishes chunks on every channel (and the device copies of the same-host
+    /// path); returns whether anything moved.
+    fn pass(&self, inner: &mut Inner) -> bool {
         if inner.state.failure().is_some() {
             return false;
         }
+        inner.queued = false;
         let mut finished = std::mem::take(&mut inner.finished_chunks);
         let mut sent = std::mem::take(&mut inner.sent_chunks);
         let (mut moved, mut result) = match self.drive_device_copies(inner, Seer::Progress) {
