@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use uccl_tcpx::config::TransportChoice;
+use uccl_tcpx::config::{SocketConfig, TransportChoice};
 use uccl_tcpx::threads::{ThreadKind, inject_panic, panic_pending};
 use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
 
@@ -146,6 +146,25 @@ fn socket_sender_panic_fails_the_send_and_other_connections_work() {
 #[test]
 fn socket_receiver_panic_fails_the_receive_and_other_connections_work() {
     panic_during_transfer(ThreadKind::SocketReceiver, true);
+}
+
+/// The socket acceptor moves no data: a panic there costs at most the sockets it was adding (their
+/// senders give them up and go on with the sockets they have); transfers on either connection
+/// complete intact, and the next connection's comms grow on a fresh acceptor.
+#[test]
+fn socket_acceptor_panic_costs_only_the_sockets_it_was_adding() {
+    let _serial = serial();
+    let socket = SocketConfig { nthreads: 4, nsocks_per_thread: 1, ..SocketConfig::default() };
+    let p = common::pair(Config { socket, ..config() });
+    inject_panic(ThreadKind::SocketAcceptor);
+    // Each chunk has four pieces, so every comm that sends asks for its other three sockets.
+    moves_data(&p.ab, &p.a, &p.ba, &p.b);
+    moves_data(&p.ba, &p.b, &p.ab, &p.a);
+    assert!(!panic_pending(ThreadKind::SocketAcceptor), "the injected panic fired");
+    new_connection_works(&p.a, &p.b);
+    drop((p.ab, p.ba));
+    destroy(p.a);
+    destroy(p.b);
 }
 
 /// The progress thread serves every connection of its engine: all of them fail, and every later

@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use super::door::Doorway;
 use super::epoll::{Epoll, EventFd};
 use crate::error::Result;
-use crate::threads::{ThreadKind, spawn_contained};
+use crate::threads::{self, ThreadKind, spawn_contained};
 
 const WAKE_TOKEN: u64 = u64::MAX;
 const EVENTS_PER_WAIT: usize = 64;
@@ -212,6 +212,7 @@ fn serve(shared: &Shared) {
             if !(ready.contains(token) || due) || !d.watched() {
                 continue;
             }
+            threads::point(ThreadKind::SocketAcceptor);
             if let Err(e) = d.pump() {
                 log::warn!("a data listener could not take a socket: {e}");
             }
