@@ -40,8 +40,12 @@ pub(super) trait ControlEndpoint: Send + Sync {
 pub(super) enum Next {
     /// More to do at once: it stopped to let the thread's other connections run.
     Again,
-    /// Waits for the kernel or a kick.
+    /// Did some work, and waits for the kernel or a kick.
     Idle,
+    /// Found nothing to do (the kernel's report was about bytes someone else read).
+    Empty,
+    /// A caller reads the stream itself: the thread has nothing to poll it for meanwhile.
+    Taken,
     /// The connection failed: nothing is to run for it any more.
     Stop,
 }
@@ -53,6 +57,9 @@ const READ_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
 const WRITE_EVENTS: u32 = libc::EPOLLOUT as u32;
 /// Reported whatever the mask: a broken socket is news to both halves.
 const BROKEN: u32 = (libc::EPOLLHUP | libc::EPOLLERR) as u32;
+/// While polling the connection that read last, one look at the epoll set (the thread's other
+/// connections, kicks) per this many polls of its socket.
+const POLLS_PER_LOOK: u32 = 4;
 
 /// Threads of one engine, started as connections arrive, at most `max`.
 pub(super) struct ControlReactor {
@@ -452,13 +459,14 @@ impl Worker {
         // Swapped with the shared inbox, so that neither allocates once grown.
         let mut inbox = Inbox::default();
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT];
-        let mut last_work: Option<Instant> = None;
+        // The connection whose reading last found bytes, polled until `spin` after that: the next
+        // message often follows at once (the reply to a polling caller's next request), and a poll
+        // of its socket catches it without a wake-up or a look at epoll first.
+        let mut hot: Option<(usize, Instant)> = None;
+        let mut polls = 0u32;
         loop {
             if self.pending.load(Ordering::Acquire) && !self.take_inbox(&mut inbox, &mut slab, &mut queue) {
                 return;
-            }
-            if !queue.is_empty() {
-                last_work = Some(Instant::now());
             }
             for _ in 0..queue.len() {
                 let Some(token) = queue.pop_front() else { break };
@@ -469,7 +477,8 @@ impl Worker {
                 }
                 // A connection being dropped is detached right after; nothing to do for it.
                 let Some(endpoint) = entry.endpoint.upgrade() else { continue };
-                turn(entry, &*endpoint);
+                let read = turn(entry, &*endpoint);
+                note_read(&mut hot, token, read);
                 if (entry.read || entry.write) && !entry.stopped {
                     entry.queued = true;
                     queue.push_back(token);
@@ -477,16 +486,39 @@ impl Worker {
                 // Possibly the last reference: the connection then closes on this thread.
                 drop(endpoint);
             }
-            // More queued, or a poll after work (the next message often follows at once: the reply
-            // to a polling caller's next request): only collect what is ready, yielding the CPU in
-            // between so that on a small host the thread that must act next still runs. Otherwise
-            // sleep until the kernel or a kick says.
-            let timeout = if !queue.is_empty() {
-                Some(Duration::ZERO)
-            } else if last_work.is_some_and(|t| t.elapsed() < self.spin) {
+            let spinning = hot.filter(|&(_, since)| since.elapsed() < self.spin);
+            if queue.is_empty()
+                && let Some((token, _)) = spinning
+            {
+                // Yield the CPU between polls, so that on a small host the thread that must act
+                // next still runs.
                 std::thread::yield_now();
+                polls += 1;
+                if !polls.is_multiple_of(POLLS_PER_LOOK) {
+                    if let Some(Some(entry)) = slab.get_mut(token)
+                        && !entry.stopped
+                        && let Some(endpoint) = entry.endpoint.upgrade()
+                    {
+                        entry.read = true;
+                        let read = turn(entry, &*endpoint);
+                        note_read(&mut hot, token, read);
+                        if entry.read && !entry.stopped && !entry.queued {
+                            entry.queued = true;
+                            queue.push_back(token);
+                        }
+                        drop(endpoint);
+                    } else {
+                        hot = None;
+                    }
+                    continue;
+                }
+            }
+            // More queued or still polling: only collect what is ready. Otherwise sleep until the
+            // kernel or a kick says.
+            let timeout = if !queue.is_empty() || spinning.is_some() {
                 Some(Duration::ZERO)
             } else {
+                hot = None;
                 self.sleeping.store(true, Ordering::SeqCst);
                 if self.pending.load(Ordering::SeqCst) {
                     self.sleeping.store(false, Ordering::Relaxed);
@@ -574,30 +606,43 @@ impl Worker {
     }
 }
 
-/// Runs a connection's reading, then its writing, each contained: a panic fails that connection
-/// alone.
-fn turn(entry: &mut Entry, endpoint: &dyn ControlEndpoint) {
-    if entry.read {
-        entry.read = run(ThreadKind::ControlReader, entry, || endpoint.readable(), endpoint);
-    }
-    if entry.write && !entry.stopped {
-        entry.write = run(ThreadKind::ControlWriter, entry, || endpoint.writable(), endpoint);
+/// After a turn: the connection becomes the one polled if its reading found bytes, and stops being
+/// it once a caller reads its stream (its bytes no longer come here).
+fn note_read(hot: &mut Option<(usize, Instant)>, token: usize, read: Option<Next>) {
+    match read {
+        Some(Next::Again | Next::Idle) => *hot = Some((token, Instant::now())),
+        Some(Next::Taken | Next::Stop) if hot.is_some_and(|(t, _)| t == token) => *hot = None,
+        _ => {}
     }
 }
 
-/// One half's work; whether it wants to run again at once.
-fn run(kind: ThreadKind, entry: &mut Entry, work: impl FnOnce() -> Next, endpoint: &dyn ControlEndpoint) -> bool {
+/// Runs a connection's reading, then its writing, each contained: a panic fails that connection
+/// alone. Returns what the reading found, if it ran.
+fn turn(entry: &mut Entry, endpoint: &dyn ControlEndpoint) -> Option<Next> {
+    let mut read = None;
+    if entry.read {
+        let next = run(ThreadKind::ControlReader, entry, || endpoint.readable(), endpoint);
+        entry.read = next == Next::Again;
+        read = Some(next);
+    }
+    if entry.write && !entry.stopped {
+        entry.write = run(ThreadKind::ControlWriter, entry, || endpoint.writable(), endpoint) == Next::Again;
+    }
+    read
+}
+
+/// One half's work, contained.
+fn run(kind: ThreadKind, entry: &mut Entry, work: impl FnOnce() -> Next, endpoint: &dyn ControlEndpoint) -> Next {
     match run_contained(kind, work) {
-        Ok(Next::Again) => true,
-        Ok(Next::Idle) => false,
         Ok(Next::Stop) => {
             entry.stopped = true;
-            false
+            Next::Stop
         }
+        Ok(next) => next,
         Err(err) => {
             entry.stopped = true;
             endpoint.fail_with(err);
-            false
+            Next::Stop
         }
     }
 }

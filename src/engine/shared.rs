@@ -130,9 +130,13 @@ impl Waker {
         }
     }
 
-    /// A connection's state changed (a post, a peer's message, finished work): wakes the progress
-    /// thread if it parked with no timer, since the change may have started a wait on the peer.
-    /// One load otherwise.
+    /// Whether the progress thread parks (or is about to) with no timer.
+    pub fn parked_untimed(&self) -> bool {
+        self.untimed.load(Ordering::SeqCst)
+    }
+
+    /// A connection's state changed so that it waits on its peer's engine: wakes the progress
+    /// thread if it parked with no timer, so that it watches the stall timeout.
     pub fn activity(&self) {
         if self.untimed.load(Ordering::SeqCst) && self.untimed.swap(false, Ordering::SeqCst) {
             self.wake();

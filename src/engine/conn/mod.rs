@@ -289,9 +289,10 @@ impl Connection {
         if queued {
             inner.queued = true;
             self.core.waker.wake();
-        } else {
+        } else if self.core.waker.parked_untimed() && self.owes_us(&inner.state) {
             // Every change of the state is carried out here, so this is where a wait on the peer
-            // starts that the parked progress thread must watch.
+            // starts that a progress thread parked without a timer must watch. Only then: waking it
+            // for every message would cost each small round trip a thread wake-up and its spins.
             self.core.waker.activity();
         }
         result
@@ -300,12 +301,15 @@ impl Connection {
     /// Whether the peer's engine owes this connection something, so that the stall timeout must be
     /// watched (asked by the progress thread before it parks).
     pub(super) fn waits_on_peer(&self) -> bool {
-        let inner = self.inner.lock();
+        self.owes_us(&self.inner.lock().state)
+    }
+
+    fn owes_us(&self, state: &ConnState) -> bool {
         let timeout = self.core.config.timeout;
         // A clock a timeout and a tick past now has outlasted every silence so far: `stalled` then
         // says only whether something is owed.
         let past = Instant::now() + timeout + Duration::from_nanos(1);
-        inner.state.failure().is_none() && inner.state.stalled(past, timeout)
+        state.failure().is_none() && state.stalled(past, timeout)
     }
 
     /// Cuts the deregistered `region` off this connection, returning once no transport request uses

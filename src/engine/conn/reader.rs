@@ -18,20 +18,19 @@ pub(super) trait Served {
 }
 
 /// The reactor's turn: reads a buffer's worth and handles it. `Again` when more may be queued (the
-/// reactor comes back after its other connections had a turn), `Stop` once the connection failed.
-/// A caller reading the stream meanwhile keeps it: it re-arms the reactor when it leaves.
+/// reactor comes back after its other connections had a turn), `Empty` when nothing was there,
+/// `Stop` once the connection failed. A caller reading the stream meanwhile keeps it (`Taken`): it
+/// re-arms the reactor when it leaves.
 pub(super) fn serve_readable(conn: &impl Served) -> Next {
     let rx = conn.rx();
-    let Some(mut buf) = rx.try_lock() else { return Next::Idle };
+    let Some(mut buf) = rx.try_lock() else { return Next::Taken };
     let drained = rx.drain(&mut buf, false);
-    let more = matches!(drained, Drained::More);
-    if !conn.handle_read(&mut buf, drained) {
-        Next::Stop
-    } else if more {
-        Next::Again
-    } else {
-        Next::Idle
-    }
+    let next = match drained {
+        Drained::More => Next::Again,
+        Drained::Empty => Next::Empty,
+        Drained::Open | Drained::Closed(_) => Next::Idle,
+    };
+    if next != Next::Empty && !conn.handle_read(&mut buf, drained) { Next::Stop } else { next }
 }
 
 /// Reads what the control stream holds and handles every whole message; false once the connection
