@@ -682,11 +682,7 @@ mod tests {
     }
 
     fn until(what: &str, cond: impl Fn() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !cond() {
-            assert!(Instant::now() < deadline, "{what}");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        testkit::wait_until(what, testkit::PATIENCE, cond);
     }
 
     #[test]

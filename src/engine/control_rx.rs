@@ -197,7 +197,6 @@ mod tests {
     use std::net::TcpListener;
     use std::sync::Weak;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::Instant;
 
     /// Reads as the reactor does, keeping what it read.
     struct Reader {
@@ -239,11 +238,7 @@ mod tests {
     }
 
     fn until(what: &str, cond: impl Fn() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !cond() {
-            assert!(Instant::now() < deadline, "{what}");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        testkit::wait_until(what, testkit::PATIENCE, cond);
     }
 
     /// The reactor reads what arrives; a caller that takes the stream reads it instead and wakes no
