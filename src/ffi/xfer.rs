@@ -18,7 +18,7 @@ fn store_id(transfer_id: *mut u64, id: u64) -> c_int {
 /// Turns the C vector arguments into one-sided items after checking every pointer and the count.
 fn one_sided_items(
     mr_ids: *const uccl_mr_t,
-    bufs: *const *mut c_void,
+    dst_v: *const *mut c_void,
     size_v: *const libc::size_t,
     fifo_items: *const FifoItem,
     num_iovs: c_int,
@@ -26,7 +26,7 @@ fn one_sided_items(
     let n = iov_count(num_iovs)?;
     let (mrs, ptrs, sizes, items) = (
         iov_array(mr_ids, n, "mr_ids")?,
-        iov_array(bufs, n, "bufs")?,
+        iov_array(dst_v, n, "dst_v")?,
         iov_array(size_v, n, "size_v")?,
         iov_array(fifo_items, n, "fifo_items")?,
     );
@@ -260,24 +260,24 @@ mod tests {
     /// id, the count, then each array. In every case all is valid but what the case names.
     #[test]
     fn one_sided_vector_calls_name_the_first_bad_argument() {
-        let (mrs, bufs, sizes, items) = ([0 as uccl_mr_t], [null_mut::<c_void>()], [0usize], [FifoItem::default()]);
-        let (mrs, bufs, sizes, items) = (mrs.as_ptr(), bufs.as_ptr(), sizes.as_ptr(), items.as_ptr());
+        let (mrs, dsts, sizes, items) = ([0 as uccl_mr_t], [null_mut::<c_void>()], [0usize], [FifoItem::default()]);
+        let (mrs, dsts, sizes, items) = (mrs.as_ptr(), dsts.as_ptr(), sizes.as_ptr(), items.as_ptr());
         let mut id = 0u64;
         let id = &raw mut id;
         for (name, write) in [("uccl_engine_write_vector", true), ("uccl_engine_read_vector", false)] {
-            let call = |mrs, bufs, sizes, items, num, id| {
+            let call = |mrs, dsts, sizes, items, num, id| {
                 outcome(if write {
-                    uccl_engine_write_vector(null_mut(), mrs, bufs, sizes, items, num, id, null())
+                    uccl_engine_write_vector(null_mut(), mrs, dsts, sizes, items, num, id, null())
                 } else {
-                    uccl_engine_read_vector(null_mut(), mrs, bufs, sizes, items, num, id, null())
+                    uccl_engine_read_vector(null_mut(), mrs, dsts, sizes, items, num, id, null())
                 })
             };
-            assert_eq!(call(mrs, bufs, sizes, items, 1, null_mut()), refused(name, "argument `transfer_id` is NULL"));
+            assert_eq!(call(mrs, dsts, sizes, items, 1, null_mut()), refused(name, "argument `transfer_id` is NULL"));
             assert_eq!(call(null(), null(), sizes, items, 0, id), refused(name, "num_iovs is 0, must be positive"));
             assert_eq!(call(null(), null(), sizes, items, 1, id), refused(name, "argument `mr_ids` is NULL"));
-            assert_eq!(call(mrs, null(), null(), items, 1, id), refused(name, "argument `bufs` is NULL"));
-            assert_eq!(call(mrs, bufs, null(), null(), 1, id), refused(name, "argument `size_v` is NULL"));
-            assert_eq!(call(mrs, bufs, sizes, null(), 1, id), refused(name, "argument `fifo_items` is NULL"));
+            assert_eq!(call(mrs, null(), null(), items, 1, id), refused(name, "argument `dst_v` is NULL"));
+            assert_eq!(call(mrs, dsts, null(), null(), 1, id), refused(name, "argument `size_v` is NULL"));
+            assert_eq!(call(mrs, dsts, sizes, null(), 1, id), refused(name, "argument `fifo_items` is NULL"));
         }
     }
 
