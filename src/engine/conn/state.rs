@@ -454,22 +454,11 @@ impl ConnState {
             self.inbound.insert(id, Inbound { extent, region, on_done, inline: len, error: None });
             Control::ReadSmall { xfer: id, region: remote_region, token, addr, len }
         } else if write {
-            let src = Source { extent, region };
-            match direct {
-                Some(msg) => {
-                    let pending = Outbound { src, transfer: transfer.clone(), prompt: true, error: None };
-                    self.awaiting_grant.insert(id, pending);
-                    msg
-                }
-                None => {
-                    self.start_write(id, src, transfer, flows);
-                    Control::WriteRequest { xfer: id, region: remote_region, token, addr, len }
-                }
-            }
+            let request = Control::WriteRequest { xfer: id, region: remote_region, token, addr, len };
+            self.post_write(id, Source { extent, region }, transfer, direct, request, flows)
         } else {
-            let on_done = OnDone::Part(transfer.clone());
-            self.inbound.insert(id, Inbound { extent, region, on_done, inline: 0, error: None });
-            direct.unwrap_or(Control::ReadRequest { xfer: id, region: remote_region, token, addr, len })
+            let request = Control::ReadRequest { xfer: id, region: remote_region, token, addr, len };
+            self.post_read(id, extent, region, transfer, direct, request)
         };
         (msg, inline)
     }
@@ -489,23 +478,52 @@ impl ConnState {
         let direct =
             if direct { self.direct_request(id, write, &extent, remote_region, token, segs.clone()) } else { None };
         if write {
-            let src = Source { extent, region };
-            match direct {
-                Some(msg) => {
-                    let pending = Outbound { src, transfer: transfer.clone(), prompt: true, error: None };
-                    self.awaiting_grant.insert(id, pending);
-                    msg
-                }
-                None => {
-                    self.start_write(id, src, transfer, flows);
-                    Control::WriteVector { xfer: id, region: remote_region, token, segs }
-                }
-            }
+            let request = Control::WriteVector { xfer: id, region: remote_region, token, segs };
+            self.post_write(id, Source { extent, region }, transfer, direct, request, flows)
         } else {
-            let on_done = OnDone::Part(transfer.clone());
-            self.inbound.insert(id, Inbound { extent, region, on_done, inline: 0, error: None });
-            direct.unwrap_or(Control::ReadVector { xfer: id, region: remote_region, token, segs })
+            let request = Control::ReadVector { xfer: id, region: remote_region, token, segs };
+            self.post_read(id, extent, region, transfer, direct, request)
         }
+    }
+
+    /// Our write `id` of `src` over the channels or, when it asked for the same-host copy
+    /// (`direct`), held until the peer grants or refuses that; returns the message to send.
+    fn post_write(
+        &mut self,
+        id: u64,
+        src: Source,
+        transfer: &Arc<Transfer>,
+        direct: Option<Control>,
+        request: Control,
+        flows: &mut Vec<Action>,
+    ) -> Control {
+        match direct {
+            Some(msg) => {
+                let pending = Outbound { src, transfer: transfer.clone(), prompt: true, error: None };
+                self.awaiting_grant.insert(id, pending);
+                msg
+            }
+            None => {
+                self.start_write(id, src, transfer, flows);
+                request
+            }
+        }
+    }
+
+    /// Our read `id` into `extent`, by the same-host copy when it asked for one (`direct`), else by
+    /// the peer's flow; returns the message to send.
+    fn post_read(
+        &mut self,
+        id: u64,
+        extent: Extent,
+        region: Arc<Region>,
+        transfer: &Arc<Transfer>,
+        direct: Option<Control>,
+        request: Control,
+    ) -> Control {
+        let on_done = OnDone::Part(transfer.clone());
+        self.inbound.insert(id, Inbound { extent, region, on_done, inline: 0, error: None });
+        direct.unwrap_or(request)
     }
 
     /// Registers the messages of one send call as parts of `transfer`; returns the announcements.

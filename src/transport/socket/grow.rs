@@ -65,42 +65,45 @@ impl Joining {
         while self.written < HELLO_LEN {
             let rest = &self.hello[self.written..];
             // SAFETY: `rest` is readable for its length. MSG_NOSIGNAL: a reset is an error, not SIGPIPE.
-            let n =
-                unsafe { libc::send(fd, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                match e.kind() {
-                    std::io::ErrorKind::Interrupted => continue,
-                    std::io::ErrorKind::WouldBlock => return Ok(false),
-                    _ => return Err(e),
-                }
-            }
-            self.written += n as usize;
+            let send =
+                || unsafe { libc::send(fd, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+            let Some(n) = nonblocking(send)? else { return Ok(false) };
+            self.written += n;
         }
         while self.got < ACK_LEN {
             let rest = &mut self.ack[self.got..];
             // SAFETY: `rest` is writable for its length.
-            let n = unsafe { libc::recv(fd, rest.as_mut_ptr().cast(), rest.len(), libc::MSG_DONTWAIT) };
+            let recv = || unsafe { libc::recv(fd, rest.as_mut_ptr().cast(), rest.len(), libc::MSG_DONTWAIT) };
+            let Some(n) = nonblocking(recv)? else { return Ok(false) };
             if n == 0 {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::ConnectionRefused,
                     "the peer closed the socket instead of acknowledging it",
                 ));
             }
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                match e.kind() {
-                    std::io::ErrorKind::Interrupted => continue,
-                    std::io::ErrorKind::WouldBlock => return Ok(false),
-                    _ => return Err(e),
-                }
-            }
-            self.got += n as usize;
+            self.got += n;
         }
         if self.ack != attach_ack(self.index) {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "the peer acknowledged with wrong bytes"));
         }
         Ok(true)
+    }
+}
+
+/// Runs one non-blocking `send` or `recv` (`call`, retried when interrupted): the bytes it moved,
+/// `None` when the socket has no room or no bytes yet, an error otherwise.
+fn nonblocking(mut call: impl FnMut() -> isize) -> std::io::Result<Option<usize>> {
+    loop {
+        let n = call();
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            std::io::ErrorKind::Interrupted => {}
+            std::io::ErrorKind::WouldBlock => return Ok(None),
+            _ => return Err(e),
+        }
     }
 }
 
