@@ -103,6 +103,34 @@ isolated_test!(
 );
 
 isolated_test!(
+    fn sends_are_taken_before_the_receiver_posts() {
+        // TCPX's isend hands out a request whenever the comm is up and an entry is free: it does not
+        // wait for the receiver (no rendezvous), so a sender may run a full window ahead of the
+        // receives that take its bytes, in order, later.
+        let p = Plugin::init();
+        let pair = p.pair(0);
+        let unpack = Unpack::host(&pair);
+        let src = pattern(16 * 4096, 7);
+        let mut dst = vec![0u8; 4096];
+        let smh = p.reg(pair.send, src.as_ptr(), src.len(), NCCL_PTR_HOST).unwrap();
+        let rmh = p.reg(pair.recv, dst.as_mut_ptr(), dst.len(), NCCL_PTR_HOST).unwrap();
+        let sends: Vec<_> = (0..16)
+            // SAFETY: src holds 16 * 4096 bytes and i < 16.
+            .map(|i| p.isend(pair.send, unsafe { src.as_ptr().add(i * 4096) }, 4096, smh).unwrap())
+            .collect();
+        assert!(sends.iter().all(|r| !r.is_null()), "every send got a request with no receive posted");
+        for (slot, s) in sends.iter().enumerate() {
+            let r = p.irecv(pair.recv, dst.as_mut_ptr(), 4096, rmh).unwrap();
+            p.wait_both(*s, r).unwrap();
+            let want = &src[slot * 4096..(slot + 1) * 4096];
+            assert_eq!(unpack.gather(slot, 4096, POOL_DEFAULT), want, "receive {slot} took send {slot}'s bytes");
+            assert_eq!(p.consume(pair.recv, r), 0);
+        }
+        assert!(take_warnings().is_empty());
+    }
+);
+
+isolated_test!(
     fn sender_size_overrides_receiver_size() {
         let p = Plugin::init();
         let pair = p.pair(0);
