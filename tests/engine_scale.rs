@@ -15,20 +15,6 @@ use uccl_tcpx::{Config, Connection, Engine};
 mod common;
 use common::{accept, wait};
 
-/// CPU time this process used (every thread), and its voluntary context switches.
-fn usage() -> (Duration, i64) {
-    // SAFETY: an all-zero rusage is valid, and getrusage writes only into it.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `ru` is writable for the call.
-    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) }, 0);
-    let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
-    (tv(ru.ru_utime) + tv(ru.ru_stime), ru.ru_nvcsw)
-}
-
-fn descriptors() -> usize {
-    std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd").count()
-}
-
 #[test]
 fn connections_cost_no_thread_one_control_descriptor_and_no_idle_cpu() {
     // Two channels of one socket each way, two socket helpers a direction and two control threads
@@ -56,7 +42,7 @@ fn connections_cost_no_thread_one_control_descriptor_and_no_idle_cpu() {
             conns.push((ab, ba));
         }
         threads_at.push(common::threads());
-        fds_at.push(descriptors());
+        fds_at.push(testkit::cost::descriptors());
     }
     // Per engine: progress, accept loop, 2 control reactor threads, 2 sending and 2 receiving helpers.
     assert_eq!(threads_at, [16, 16], "library threads with 4 and with 20 connections");
@@ -65,12 +51,8 @@ fn connections_cost_no_thread_one_control_descriptor_and_no_idle_cpu() {
     let per_connection = (fds_at[1] - fds_at[0]) as f64 / 16.0;
     assert_eq!(per_connection, 2.0 * (4.0 + 1.0), "descriptors per connection: {fds_at:?}");
 
-    std::thread::sleep(Duration::from_millis(300));
-    let (cpu0, switches0) = usage();
     let idle = Duration::from_secs(2);
-    std::thread::sleep(idle);
-    let (cpu1, switches1) = usage();
-    let (cpu, switches) = (cpu1 - cpu0, switches1 - switches0);
+    let testkit::cost::Usage { cpu, switches } = testkit::cost::idle(Duration::from_millis(300), idle);
     eprintln!("{} idle connections for {idle:?}: {cpu:?} of CPU, {switches} voluntary context switches", conns.len());
     // Nothing should run at all (this thread's sleep is one switch): a thread per connection waking
     // on a timer would switch 10+ times a second, each of the 40 ends, and a progress thread or an

@@ -33,16 +33,6 @@ fn exercise(pairs: &mut [Pair]) {
     }
 }
 
-/// CPU time this process used (every thread), and its voluntary context switches.
-fn usage() -> (Duration, i64) {
-    // SAFETY: an all-zero rusage is valid, and getrusage writes only into it.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `ru` is writable for the call.
-    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) }, 0);
-    let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
-    (tv(ru.ru_utime) + tv(ru.ru_stime), ru.ru_nvcsw)
-}
-
 #[test]
 fn helper_threads_stay_bounded_and_idle_comms_cost_no_cpu() {
     let options = SocketConfig { nthreads: 2, nsocks_per_thread: 1, helpers: 4, ..SocketConfig::default() };
@@ -66,12 +56,8 @@ fn helper_threads_stay_bounded_and_idle_comms_cost_no_cpu() {
     // 2 nets x (4 senders + 4 receivers), reached by 8 pairs (16 sockets each way per net).
     assert_eq!(threads_at, [16, 16], "library threads with 8 and with 32 comm pairs each way");
 
-    std::thread::sleep(Duration::from_millis(300));
-    let (cpu0, switches0) = usage();
     let idle = Duration::from_secs(2);
-    std::thread::sleep(idle);
-    let (cpu1, switches1) = usage();
-    let (cpu, switches) = (cpu1 - cpu0, switches1 - switches0);
+    let testkit::cost::Usage { cpu, switches } = testkit::cost::idle(Duration::from_millis(300), idle);
     eprintln!("{} idle comm pairs for {idle:?}: {cpu:?} of CPU, {switches} voluntary context switches", pairs.len());
     // Goal: under 0.1 % of a CPU per idle connection; 64 comm pairs at that rate would be 128 ms
     // here. Nothing should run at all: a helper that woke on a timer would switch 10+ times a
