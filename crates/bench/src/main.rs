@@ -10,6 +10,7 @@ mod ctl;
 mod layout;
 mod memory;
 mod plot;
+mod probe;
 mod progress;
 mod raw;
 mod report;

@@ -9,13 +9,14 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use state::{Accepted, Stats};
+use state::Accepted;
 use uccl_tcpx::engine::OneSided;
 use uccl_tcpx::proto::FifoItem;
 use uccl_tcpx::{Config, Connection, Engine};
 
 use crate::args::Args;
 use crate::ctl::{self, Ctl, field};
+use crate::probe::{self, Probe, Reading, Stats};
 use crate::report::human;
 
 type Io<T> = std::io::Result<T>;
@@ -35,6 +36,7 @@ fn config(args: &Args, channels: Option<u16>) -> Io<Config> {
 
 /// The client: connects, measures, prints the table.
 pub fn run(args: &Args, server: IpAddr, port: u16) -> Io<()> {
+    let probe = open_probe()?;
     let mut ctl = Ctl::new(TcpStream::connect(SocketAddr::new(server, port))?)?;
     let mut config = config(args, None)?;
     if server.is_loopback() {
@@ -82,8 +84,8 @@ pub fn run(args: &Args, server: IpAddr, port: u16) -> Io<()> {
     let host = server.to_string();
     let mut result = Ok(());
     for &n in &args.scale {
-        match step(&mut ctl, &engine, &host, engine_port, &mut conns, n, &op, idle) {
-            Ok(row) => row.print(),
+        match step(&mut ctl, &probe, &engine, &host, engine_port, &mut conns, n, &op, idle) {
+            Ok(row) => println!("{}", row.line()),
             Err(e) => {
                 result = Err(other(format!("at {n} connections: {e}")));
                 break;
@@ -104,6 +106,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16) -> Io<()> {
 #[allow(clippy::too_many_arguments)]
 fn step(
     ctl: &mut Ctl,
+    probe: &Probe,
     engine: &Engine,
     host: &str,
     port: u16,
@@ -129,21 +132,36 @@ fn step(
     // Every connection moves data once before it idles, as a connection in use would.
     write_all(conns, op)?;
     std::thread::sleep(Duration::from_millis(300));
-    let (c0, s0) = (Stats::now(), server_stats(ctl)?);
+    let (c0, s0) = (probe.read(), server_stats(ctl)?);
     std::thread::sleep(idle);
-    let (c1, s1) = (Stats::now(), server_stats(ctl)?);
+    let (c1, s1) = (probe.read(), server_stats(ctl)?);
     let (busy_gbs, bytes) = busy(conns, op)?;
-    let (c2, s2) = (Stats::now(), server_stats(ctl)?);
+    let (c2, s2) = (probe.read(), server_stats(ctl)?);
     // CPU per byte holds on a shared host where GB/s does not: there a process with more threads
     // simply gets more of the cores.
-    let per_gb = |a: &Stats, b: &Stats| (b.cpu_us - a.cpu_us) as f64 / 1e6 / (bytes as f64 / 1e9);
+    let per_gb = |a: &Reading, b: &Reading| {
+        Some((b.as_ref().ok()?.cpu_us - a.as_ref().ok()?.cpu_us) as f64 / 1e6 / (bytes as f64 / 1e9))
+    };
     let busy_cpu = (per_gb(&c1, &c2), per_gb(&s1, &s2));
+    for (end, reading) in
+        [("client", &c0), ("server", &s0), ("client", &c1), ("server", &s1), ("client", &c2), ("server", &s2)]
+    {
+        if let Err(why) = reading {
+            println!("# {end}'s figures at {n} connections: {why}");
+        }
+    }
     Ok(Row { conns: n, connect, added, idle, client: (c0, c1), server: (s0, s1), busy_gbs, busy_cpu })
 }
 
-fn server_stats(ctl: &mut Ctl) -> Io<Stats> {
+fn server_stats(ctl: &mut Ctl) -> Io<Reading> {
     ctl.send("STATS")?;
-    Stats::from_words(&ctl.expect("STATS")?)
+    probe::from_words(&ctl.expect("STATS")?)
+}
+
+/// Opened before the engine exists, so that the figures can be read however many descriptors the
+/// connections take later.
+fn open_probe() -> Io<Probe> {
+    Probe::open().map_err(|e| other(format!("opening this process's /proc files: {e}")))
 }
 
 struct Row {
@@ -152,37 +170,47 @@ struct Row {
     added: usize,
     idle: Duration,
     /// Each process's figures at the start and the end of the idle interval.
-    client: (Stats, Stats),
-    server: (Stats, Stats),
+    client: (Reading, Reading),
+    server: (Reading, Reading),
     busy_gbs: f64,
-    /// CPU seconds per GB written while busy, each process.
-    busy_cpu: (f64, f64),
+    /// CPU seconds per GB written while busy, each process, where its figures could be read.
+    busy_cpu: (Option<f64>, Option<f64>),
 }
 
 impl Row {
-    fn print(&self) {
+    /// The table's row; a figure that could not be read shows as `n/a` (why is printed above the row).
+    fn line(&self) -> String {
         let secs = self.idle.as_secs_f64();
-        let cpu = |(a, b): &(Stats, Stats)| (b.cpu_us - a.cpu_us) as f64 / 1e6 / secs * 100.0;
-        let wakeups = |(a, b): &(Stats, Stats)| (b.switches - a.switches) as f64 / secs;
+        let cpu = |ends| both(ends).map(|(a, b)| (b.cpu_us - a.cpu_us) as f64 / 1e6 / secs * 100.0);
+        let wakeups = |ends| both(ends).map(|(a, b)| (b.switches - a.switches) as f64 / secs);
         let (cc, sc) = (cpu(&self.client), cpu(&self.server));
         let per_conn_ms = if self.added > 0 { self.connect.as_secs_f64() * 1e3 / self.added as f64 } else { 0.0 };
-        let pair = |a: String, b: String| format!("{a}/{b}");
-        let (c, s) = (&self.client.1, &self.server.1);
-        println!(
+        let shown = |v: Option<String>| v.unwrap_or_else(|| "n/a".into());
+        let pair = |a: Option<String>, b: Option<String>| format!("{}/{}", shown(a), shown(b));
+        let (c, s) = (self.client.1.as_ref().ok(), self.server.1.as_ref().ok());
+        let each = |f: &dyn Fn(&Stats) -> String| pair(c.map(f), s.map(f));
+        let num = |v: Option<f64>, digits: usize| v.map(|v| format!("{v:.digits$}"));
+        let per_conn = |v: Option<f64>| num(v.map(|v| v / self.conns as f64), 4);
+        format!(
             "{:>6} {:>11.1} {:>8.2} {:>11} {:>13} {:>13} {:>13} {:>13} {:>15} {:>9.2} {:>13}",
             self.conns,
             self.connect.as_secs_f64() * 1e3,
             per_conn_ms,
-            pair(c.threads.to_string(), s.threads.to_string()),
-            pair(c.fds.to_string(), s.fds.to_string()),
-            pair(format!("{:.1}", c.rss_kib as f64 / 1024.0), format!("{:.1}", s.rss_kib as f64 / 1024.0)),
-            pair(format!("{cc:.2}"), format!("{sc:.2}")),
-            pair(format!("{:.4}", cc / self.conns as f64), format!("{:.4}", sc / self.conns as f64)),
-            pair(format!("{:.0}", wakeups(&self.client)), format!("{:.0}", wakeups(&self.server))),
+            each(&|s| s.threads.to_string()),
+            each(&|s| s.fds.to_string()),
+            each(&|s| format!("{:.1}", s.rss_kib as f64 / 1024.0)),
+            pair(num(cc, 2), num(sc, 2)),
+            pair(per_conn(cc), per_conn(sc)),
+            pair(num(wakeups(&self.client), 0), num(wakeups(&self.server), 0)),
             self.busy_gbs,
-            pair(format!("{:.2}", self.busy_cpu.0), format!("{:.2}", self.busy_cpu.1))
-        );
+            pair(num(self.busy_cpu.0, 2), num(self.busy_cpu.1, 2))
+        )
     }
+}
+
+/// A process's figures at both ends of an interval, if both could be read.
+fn both((a, b): &(Reading, Reading)) -> Option<(&Stats, &Stats)> {
+    Some((a.as_ref().ok()?, b.as_ref().ok()?))
 }
 
 /// One write on every connection at once, all waited for.
@@ -216,6 +244,7 @@ fn busy(conns: &[Arc<Connection>], op: &OneSided) -> Io<(f64, usize)> {
 /// `ACCEPTED n` once it holds n (or with why not) and `STATS` with its own figures, until `QUIT`.
 pub fn serve(args: &Args, ctl: &mut Ctl, setup: &[String]) -> Io<()> {
     let (size, channels): (usize, u16) = (field(setup, 1)?, field(setup, 2)?);
+    let probe = open_probe()?;
     let config = config(args, Some(channels))?;
     let timeout = config.connect_timeout;
     let engine = Arc::new(Engine::new(config).map_err(other)?);
@@ -241,7 +270,7 @@ pub fn serve(args: &Args, ctl: &mut Ctl, setup: &[String]) -> Io<()> {
                 },
                 Err(e) => Err(e),
             },
-            Some("STATS") => ctl.send(&Stats::now().to_line()),
+            Some("STATS") => ctl.send(&probe::to_line(&probe.read())),
             Some("QUIT") => break Ok(()),
             _ => break Err(other(format!("unknown bench message {:?}", words.join(" ")))),
         };
@@ -257,14 +286,12 @@ pub fn serve(args: &Args, ctl: &mut Ctl, setup: &[String]) -> Io<()> {
     served
 }
 
-/// The server's accepted connections, and a process's figures as both ends take them.
+/// The server's accepted connections.
 mod state {
     use std::sync::{Arc, Condvar, Mutex, MutexGuard};
     use std::time::{Duration, Instant};
 
     use uccl_tcpx::{Connection, Engine};
-
-    use crate::ctl::field;
 
     #[derive(Default)]
     pub struct Accepted {
@@ -319,52 +346,33 @@ mod state {
             self.lock().0.clear();
         }
     }
+}
 
-    /// A process's threads, descriptors, resident memory, CPU time and voluntary context switches.
-    pub struct Stats {
-        pub threads: usize,
-        pub fds: usize,
-        pub rss_kib: u64,
-        pub cpu_us: u64,
-        pub switches: i64,
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    impl Stats {
-        pub fn now() -> Stats {
-            // SAFETY: an all-zero rusage is valid, and getrusage writes only into it.
-            let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-            // SAFETY: `ru` is writable for the call; RUSAGE_SELF cannot fail.
-            unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-            let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
-            let count = |dir: &str| std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
-            let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-            let rss_kib = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                .unwrap_or(0);
-            Stats {
-                threads: count("/proc/self/task"),
-                // Less the descriptor that reads the directory.
-                fds: count("/proc/self/fd").saturating_sub(1),
-                rss_kib,
-                cpu_us: us(ru.ru_utime) + us(ru.ru_stime),
-                switches: ru.ru_nvcsw,
-            }
-        }
-
-        pub fn to_line(&self) -> String {
-            format!("STATS {} {} {} {} {}", self.threads, self.fds, self.rss_kib, self.cpu_us, self.switches)
-        }
-
-        pub fn from_words(w: &[String]) -> std::io::Result<Stats> {
-            Ok(Stats {
-                threads: field(w, 1)?,
-                fds: field(w, 2)?,
-                rss_kib: field(w, 3)?,
-                cpu_us: field(w, 4)?,
-                switches: field(w, 5)?,
-            })
-        }
+    #[test]
+    fn a_figure_that_could_not_be_read_shows_as_not_available() {
+        let stats = |threads, fds, cpu_us| Ok(Stats { threads, fds, rss_kib: 2048, cpu_us, switches: 4 });
+        let mut row = Row {
+            conns: 2,
+            connect: Duration::from_millis(10),
+            added: 2,
+            idle: Duration::from_secs(1),
+            client: (stats(9, 30, 0), stats(9, 31, 10_000)),
+            server: (stats(10, 40, 0), stats(10, 41, 20_000)),
+            busy_gbs: 1.5,
+            busy_cpu: (Some(0.5), Some(0.25)),
+        };
+        let words = |row: &Row| row.line().split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(
+            words(&row)[3..],
+            ["9/10", "31/41", "2.0/2.0", "1.00/2.00", "0.5000/1.0000", "0/0", "1.50", "0.50/0.25"]
+        );
+        row.client.1 = Err("listing /proc/self/fd: Too many open files".into());
+        row.busy_cpu.0 = None;
+        let failed = words(&row);
+        assert_eq!(failed[3..], ["n/a/10", "n/a/41", "n/a/2.0", "n/a/2.00", "n/a/1.0000", "n/a/0", "1.50", "n/a/0.25"]);
     }
 }
