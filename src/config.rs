@@ -113,6 +113,12 @@ pub struct Config {
     /// direction and size to stderr at exit; 2 also lists every transfer. A diagnostic, off (0) by
     /// default. `UCCL_TCPX_TRACE_DEVICE_COPY` = 0 | 1 | 2.
     pub trace_device_copy: u8,
+    /// Record the steps of every copy of the same-host host-memory path (post, job queued, picked
+    /// up, offered to the copy helpers, helpers joining, each piece's time and bytes, last piece,
+    /// reply handed on, outcome handed to the caller) and print a summary per role and size to
+    /// stderr at exit; 2 also lists every job. A diagnostic, off (0) by default.
+    /// `UCCL_TCPX_TRACE_HOST_COPY` = 0 | 1 | 2.
+    pub trace_host_copy: u8,
     /// Same-host peers move data over the network path like remote ones (UCCL's
     /// `UCCL_P2P_DISABLE_IPC`): the engine announces no host identity, so neither end of a
     /// connection takes it for local. `UCCL_TCPX_DISABLE_IPC` (0 or 1).
@@ -390,6 +396,7 @@ impl Default for Config {
             control_threads: 0,
             allow_dial: Vec::new(),
             trace_device_copy: 0,
+            trace_host_copy: 0,
             disable_ipc: false,
             host_copy_threads: default_host_copy_threads(),
             auth_key: None,
@@ -435,6 +442,7 @@ impl Config {
             control_threads: parse_in(&get, "UCCL_TCPX_CONTROL_THREADS", d.control_threads, 0, MAX_CONTROL_THREADS)?,
             allow_dial: parse_cidrs(&get, "UCCL_TCPX_ALLOW_DIAL")?,
             trace_device_copy: parse_in(&get, "UCCL_TCPX_TRACE_DEVICE_COPY", 0u8, 0, 2)?,
+            trace_host_copy: parse_in(&get, "UCCL_TCPX_TRACE_HOST_COPY", 0u8, 0, 2)?,
             disable_ipc: parse_in(&get, "UCCL_TCPX_DISABLE_IPC", 0u8, 0, 1)? == 1,
             host_copy_threads: parse_in(
                 &get,
@@ -727,9 +735,12 @@ mod tests {
         }
         assert_eq!(cfg(&[]).unwrap().trace_device_copy, 0);
         assert_eq!(cfg(&[("UCCL_TCPX_TRACE_DEVICE_COPY", "2")]).unwrap().trace_device_copy, 2);
+        assert_eq!(cfg(&[]).unwrap().trace_host_copy, 0);
+        assert_eq!(cfg(&[("UCCL_TCPX_TRACE_HOST_COPY", "1")]).unwrap().trace_host_copy, 1);
         for (name, value) in [
             ("UCCL_TCPX_TRACE_STAGING", "2"),
             ("UCCL_TCPX_TRACE_DEVICE_COPY", "3"),
+            ("UCCL_TCPX_TRACE_HOST_COPY", "3"),
             ("UCCL_TCPX_STAGING_STREAMS", "0"),
             ("UCCL_TCPX_STAGING_STREAMS", "9"),
             ("UCCL_TCPX_STAGING_AHEAD", "17"),

@@ -3,7 +3,8 @@
 //!
 //! Layers, each importing only from those below it (docs/ARCHITECTURE.md; `tests/module_graph.rs`
 //! checks): [`ffi`] (the C ABI) -> [`engine`] -> [`transport`] (ncclNet-shaped comms) -> [`cuda`]
-//! -> [`ncclnet`] (the plugin ABI) -> [`threads`] -> [`config`] -> [`error`] -> [`proto`] (the wire).
+//! -> [`ncclnet`] (the plugin ABI) -> [`trace`] (what the opt-in traces share) -> [`threads`] ->
+//! [`config`] -> [`error`] -> [`proto`] (the wire).
 
 // The C header (include/uccl_engine.h) is cbindgen's reading of `ffi` and of the two types its
 // functions take from below: `error`'s status enum and `proto`'s FifoItem (whose other items are
@@ -23,6 +24,8 @@ pub mod ncclnet;
 pub mod proto;
 /// cbindgen:ignore
 pub mod threads;
+/// cbindgen:ignore
+pub mod trace;
 /// cbindgen:ignore
 pub mod transport;
 

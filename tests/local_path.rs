@@ -594,3 +594,45 @@ fn copy_helpers_process() {
     assert_eq!(read(&again).unwrap(), WINDOW as u64);
     common::assert_same(&buf, &common::pattern(WINDOW, WINDOW_SEED), "read after the panic");
 }
+
+/// Under UCCL_TCPX_TRACE_HOST_COPY a process prints at exit where its same-host copies spent their
+/// time: its reads copied here (every step from post to outcome, the pieces, the threads that took
+/// them) and its writes posted here (copied in by the peer, so only post to outcome).
+#[test]
+fn the_host_copy_trace_times_every_step_of_a_copy() {
+    let out = ChildTest::new("traced_host_copies_process").ignored().run_within(Duration::from_secs(300));
+    let line = |head: &str| {
+        let found = out.lines().find(|l| l.starts_with("host-copy-trace[") && l.contains(head));
+        found.unwrap_or_else(|| panic!("no line with {head:?}:\n{out}")).to_owned()
+    };
+    let reads = line("read copied here 4194304 B: 5 jobs;");
+    // Helpers joining is left out: on a loaded host none may wake before the job is done.
+    for step in ["post>queued", "queued>picked", "picked>offered", "picked>last-piece"] {
+        assert!(reads.contains(step), "{step} missing: {reads}");
+    }
+    assert!(reads.contains("last-piece>finished") && reads.contains("finished>reported") && reads.contains("total"));
+    let pieces = line("pieces per job 8 (8-8)");
+    assert!(pieces.contains("piece KiB 512 (512-512)") && pieces.contains("GB/s per thread copying"), "{pieces}");
+    let writes = line("write posted here 4194304 B: 5 jobs;");
+    assert!(writes.contains(" total ") && !writes.contains("picked"), "{writes}");
+    assert!(out.contains("typical: at "), "{out}");
+}
+
+#[test]
+#[ignore = "runs in a process of its own for the_host_copy_trace_times_every_step_of_a_copy"]
+fn traced_host_copies_process() {
+    assert!(common::is_child("traced_host_copies_process"), "runs as a child of the trace test");
+    let (_process, port, window, _guard) = direct_peer(&[]);
+    let engine = Engine::new(Config { host_copy_threads: 4, trace_host_copy: 1, ..same_host() }).unwrap();
+    let conn = checked_connection(&engine, port);
+    let len = 4 << 20;
+    let mut buf = vec![0u8; len];
+    let mr = engine.register(buf.as_mut_ptr() as usize, len).unwrap();
+    for _ in 0..5 {
+        let r = conn.read(&[one(mr, buf.as_ptr() as usize, len, window)]).unwrap();
+        assert_eq!(wait(&conn, r).unwrap(), len as u64);
+        let w = conn.write(&[one(mr, buf.as_ptr() as usize, len, window)]).unwrap();
+        assert_eq!(wait(&conn, w).unwrap(), len as u64);
+    }
+    assert_eq!(conn.host_path().direct_ops, 10);
+}

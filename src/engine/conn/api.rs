@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::copy_trace::{self, Seer};
+use super::host_trace::HostTracer;
 use super::reader;
 use super::state::{Action, ConnState, Memory, OneSidedItem, OneSidedRequest, SendItem, VectorRequest};
 use super::vector::{Grouper, Push, Run, RunKey};
@@ -174,10 +175,14 @@ impl Connection {
         if parts == 0 {
             return Err(Error::invalid("nothing to transfer: zero items"));
         }
+        let posted = self.host_tracer.as_ref().map(|_| copy_trace::clock_ns());
         let transfer = self.core.transfers.create(self.id, parts);
         let sent = self.register_parts(&transfer, post).and_then(|msgs| {
             if msgs.is_empty() {
                 return Ok(());
+            }
+            if let (Some(tracer), Some(at)) = (&self.host_tracer, posted) {
+                trace_direct(tracer, transfer.id, &msgs, at);
             }
             self.writer.send_all(&msgs).inspect_err(|e| self.fail(&mut self.inner.lock(), e.clone()))
         });
@@ -235,10 +240,13 @@ impl Connection {
             }
         }
         let polled = self.core.transfers.poll(self.id, transfer);
-        if let Some(tracer) = &self.copy_tracer
-            && !matches!(polled, Ok(None))
-        {
-            tracer.reported(transfer);
+        if !matches!(polled, Ok(None)) {
+            if let Some(tracer) = &self.copy_tracer {
+                tracer.reported(transfer);
+            }
+            if let Some(tracer) = &self.host_tracer {
+                tracer.reported(transfer);
+            }
         }
         polled
     }
@@ -261,6 +269,9 @@ impl Connection {
         }
         let waited = self.core.transfers.wait(self.id, transfer);
         if let Some(tracer) = &self.copy_tracer {
+            tracer.reported(transfer);
+        }
+        if let Some(tracer) = &self.host_tracer {
             tracer.reported(transfer);
         }
         waited
@@ -318,5 +329,21 @@ impl OpenRun {
                 })
             })
             .collect()
+    }
+}
+
+/// Records the direct requests among a post's messages (`UCCL_TCPX_TRACE_HOST_COPY`): the post
+/// asked for the same-host copy, of that many bytes.
+fn trace_direct(tracer: &HostTracer, transfer: u64, msgs: &[Control], at: u64) {
+    let (mut write, mut bytes, mut direct) = (false, 0u64, false);
+    for msg in msgs {
+        if let Control::DirectWrite { segs, .. } | Control::DirectRead { segs, .. } = msg {
+            write = matches!(msg, Control::DirectWrite { .. });
+            bytes += segs.iter().map(|s| u64::from(s.len)).sum::<u64>();
+            direct = true;
+        }
+    }
+    if direct {
+        tracer.posted(transfer, write, bytes, at);
     }
 }

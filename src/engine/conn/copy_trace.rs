@@ -11,12 +11,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::sync::Once;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 
 pub(super) use crate::cuda::ring::clock_ns;
+use crate::trace::{Spread, report_at_exit};
 
 /// Who noticed that a batch's event fired.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,15 +85,11 @@ pub(super) struct CopyTracer {
 }
 
 static COLLECTOR: Mutex<Collector> = Mutex::new(Collector::new());
-static AT_EXIT: Once = Once::new();
 
 impl CopyTracer {
     /// `every`: the report lists every transfer kept, not only the typical one.
     pub(super) fn new(every: bool) -> CopyTracer {
-        AT_EXIT.call_once(|| {
-            // SAFETY: registers a plain function; it runs once at process exit.
-            unsafe { libc::atexit(print_at_exit) };
-        });
+        report_at_exit(report);
         if every {
             COLLECTOR.lock().every = true;
         }
@@ -197,9 +193,9 @@ impl Collector {
                 us(g.ask_ns)
             );
             for (i, name) in STEPS.iter().enumerate() {
-                let mut v: Vec<u64> = g.kept.iter().map(|s| s.steps()[i]).collect();
-                v.sort_unstable();
-                let _ = write!(line, " {name} {:.1} ({:.1}-{:.1})", us(v[v.len() / 2]), us(v[0]), us(v[v.len() - 1]));
+                if let Some(spread) = Spread::of(g.kept.iter().map(|s| s.steps()[i])) {
+                    let _ = write!(line, " {name} {spread}");
+                }
             }
             let _ = writeln!(out, "{line}");
             let mut by_total: Vec<&Stamps> = g.kept.iter().collect();
@@ -231,13 +227,10 @@ fn render(s: &Stamps) -> String {
     )
 }
 
-extern "C" fn print_at_exit() {
-    let _ = std::panic::catch_unwind(|| {
-        // A connection may still hold the lock at exit; a report is not worth a hang.
-        if let Some(collector) = COLLECTOR.try_lock_for(Duration::from_millis(200)) {
-            eprint!("{}", collector.report());
-        }
-    });
+/// The report printed at exit.
+fn report() -> String {
+    // A connection may still hold the lock at exit; a report is not worth a hang.
+    COLLECTOR.try_lock_for(Duration::from_millis(200)).map(|c| c.report()).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use super::host_job::{self, Failure, SharedJob};
+use super::host_trace::{JobMarks, JobTimes, clock_ns};
 use super::host_worker::{HostCopy, HostServed};
 use super::state::{CopyJob, HostTask};
 use super::{Connection, Inner};
@@ -62,8 +63,9 @@ impl Connection {
                     self.finish_host_work(&mut inner, out);
                 }
                 Some(HostTask::Copy(job)) => {
+                    let traced = self.host_tracer.as_ref().map(|_| (clock_ns(), Arc::new(JobMarks::default())));
                     threads::point(ThreadKind::HostCopier);
-                    let copied = self.copy_in(process.as_ref(), &job);
+                    let copied = self.copy_in(process.as_ref(), &job, traced.as_ref().map(|t| t.1.clone()));
                     let mut inner = self.inner.lock();
                     let copied = match copied {
                         Ok(()) => Ok(()),
@@ -79,8 +81,14 @@ impl Connection {
                             return;
                         }
                     };
+                    let (transfer, len, queued) = (job.transfer.as_ref().map(|t| t.id), job.len, job.queued);
                     inner.state.copy_finished(job, copied, &mut out);
                     self.finish_host_work(&mut inner, out);
+                    if let (Some(tracer), Some((picked, marks))) = (&self.host_tracer, traced) {
+                        // Under the lock, which the reply's handling takes: the record is in place
+                        // before the caller can be handed the outcome.
+                        tracer.copied(transfer, len, JobTimes { queued, picked, finished: clock_ns() }, &marks);
+                    }
                 }
             }
         }
@@ -94,7 +102,12 @@ impl Connection {
 
     /// Copies `job` out of the peer's process, piece by piece through the gate, on this thread and
     /// for a large job with the process's copy helpers.
-    fn copy_in(&self, process: Option<&Arc<PeerProcess>>, job: &CopyJob) -> Result<(), Failure> {
+    fn copy_in(
+        &self,
+        process: Option<&Arc<PeerProcess>>,
+        job: &CopyJob,
+        marks: Option<Arc<JobMarks>>,
+    ) -> Result<(), Failure> {
         if job.error.is_some() {
             // Cut off before it ran: `copy_finished` reports the cut.
             return Ok(());
@@ -107,7 +120,8 @@ impl Connection {
         let gate = self.host.gate.clone();
         gate.begin(&job.region);
         let shared =
-            SharedJob::new(&job.local, &job.remote, job.len, threads, gate, job.region.clone(), process.clone());
+            SharedJob::new(&job.local, &job.remote, job.len, threads, gate, job.region.clone(), process.clone())
+                .traced(marks);
         Arc::new(shared).run(threads)
     }
 }

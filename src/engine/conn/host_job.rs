@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use super::host_trace::{JobMarks, clock_ns};
 use super::host_worker::Gate;
 use crate::engine::local::{PIECE_BYTES, PeerProcess, copiers, pieces};
 use crate::engine::region::Region;
@@ -52,6 +53,8 @@ pub(super) struct SharedJob {
     len: u64,
     /// The worker, woken when the last piece is done.
     worker: Thread,
+    /// Where its threads mark their steps, while traced (`host_trace.rs`).
+    marks: Option<Arc<JobMarks>>,
 }
 
 impl SharedJob {
@@ -77,7 +80,13 @@ impl SharedJob {
             process,
             len,
             worker: std::thread::current(),
+            marks: None,
         }
+    }
+
+    /// Marks the job's steps in `marks` (none: untraced).
+    pub fn traced(self, marks: Option<Arc<JobMarks>>) -> SharedJob {
+        SharedJob { marks, ..self }
     }
 
     /// Copies the job on this thread, the worker's, with up to `threads - 1` helpers; returns once
@@ -85,6 +94,9 @@ impl SharedJob {
     pub fn run(self: Arc<Self>, threads: usize) -> Result<(), Failure> {
         let helpers = threads.saturating_sub(1).min(self.pieces.len().saturating_sub(1));
         let offer = (helpers > 0).then(|| copiers::offer(self.clone(), helpers));
+        if let (Some(marks), Some(_)) = (&self.marks, &offer) {
+            marks.offered();
+        }
         self.take_pieces();
         drop(offer);
         // What is left are pieces that helpers copy now: at most one each, and the last one done
@@ -126,6 +138,7 @@ impl SharedJob {
 
     /// Copies piece `k` through the gate.
     fn piece(&self, k: usize) -> Result<(), Failure> {
+        let start = self.marks.as_ref().map(|_| clock_ns());
         let (local, remote) = &self.pieces[k];
         let Some(_inside) = self.gate.enter(&self.region) else {
             let why = if self.gate.is_closed() {
@@ -141,7 +154,11 @@ impl SharedJob {
         // gate keeps its deregistration from returning until the piece is done. The kernel writes
         // it; segments a peer names twice get either copy's bytes, as overlapping chunks of the
         // network path would.
-        unsafe { self.process.read_piece(local, remote) }.map_err(|e| self.lost(e))
+        let copied = unsafe { self.process.read_piece(local, remote) }.map_err(|e| self.lost(e));
+        if let (Some(marks), Some(start)) = (&self.marks, start) {
+            marks.piece(start, local.iter().map(|s| s.len as u64).sum());
+        }
+        copied
     }
 
     /// The first failure is the job's, except that a panic outranks any other.
@@ -172,6 +189,9 @@ pub(super) fn lost(process: &PeerProcess, len: u64, e: io::Error) -> Failure {
 
 impl copiers::Shared for SharedJob {
     fn help(&self) {
+        if let Some(marks) = &self.marks {
+            marks.joined();
+        }
         self.take_pieces();
     }
 

@@ -10,6 +10,7 @@ mod copy_trace;
 mod device_copy;
 mod host_copy;
 mod host_job;
+mod host_trace;
 mod host_worker;
 mod ipc;
 mod local_copy;
@@ -37,6 +38,7 @@ use super::writer::ControlWriter;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, FifoItem, TokenBinding};
 use copy_trace::{CopyTracer, Seer};
+use host_trace::HostTracer;
 use host_worker::HostCopy;
 use ipc::IpcState;
 use memory::EngineMemory;
@@ -109,6 +111,8 @@ pub struct Connection {
     device_batches: Arc<AtomicUsize>,
     /// The same-host GPU path's stage times, under UCCL_TCPX_TRACE_DEVICE_COPY only.
     copy_tracer: Option<Arc<CopyTracer>>,
+    /// The same-host host-memory path's steps, under UCCL_TCPX_TRACE_HOST_COPY only.
+    host_tracer: Option<HostTracer>,
     /// The same-host host-memory path's worker (proof and copies), for a peer in another process of
     /// this host.
     host: HostCopy,
@@ -146,6 +150,7 @@ impl Connection {
         let copy_tracer =
             (core.config.trace_device_copy > 0).then(|| Arc::new(CopyTracer::new(core.config.trace_device_copy > 1)));
         let ipc = IpcState::new(copy_tracer.clone());
+        let host_tracer = (core.config.trace_host_copy > 0).then(|| HostTracer::new(core.config.trace_host_copy > 1));
         let device_batches = ipc.in_flight();
         let mut state = ConnState::new(chunking, Instant::now());
         let same_host = link.locality == Locality::SameHost;
@@ -176,6 +181,7 @@ impl Connection {
             ipc_answered: Condvar::new(),
             device_batches,
             copy_tracer,
+            host_tracer,
             host: HostCopy::new(weak.clone() as Weak<dyn host_worker::HostServed>),
         });
         // Known to the engine before it reads a byte: a deregistration must reach every connection

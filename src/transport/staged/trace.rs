@@ -12,13 +12,13 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Once;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 
 use crate::cuda::ring::clock_ns;
+use crate::trace::{Spread, report_at_exit};
 
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Mark {
@@ -95,14 +95,10 @@ pub(super) struct CommTracer {
 static NEXT_COMM: AtomicU32 = AtomicU32::new(0);
 static BURST: AtomicU64 = AtomicU64::new(0);
 static COLLECTOR: Mutex<Collector> = Mutex::new(Collector::new());
-static AT_EXIT: Once = Once::new();
 
 impl CommTracer {
     pub(super) fn new(send: bool) -> CommTracer {
-        AT_EXIT.call_once(|| {
-            // SAFETY: registers a plain function; it runs once at process exit.
-            unsafe { libc::atexit(print_at_exit) };
-        });
+        report_at_exit(report);
         CommTracer {
             id: NEXT_COMM.fetch_add(1, Ordering::Relaxed),
             send,
@@ -266,18 +262,13 @@ impl Collector {
         let pid = std::process::id();
         let mut out = String::new();
         for (i, group) in self.groups.iter().enumerate() {
-            let mut d = group.durations.clone();
-            d.sort_unstable();
-            let us = |ns: u64| ns as f64 / 1000.0;
+            let Some(d) = Spread::of(group.durations.iter().copied()) else { continue };
             let (bytes, sends, recvs, staged) = group.shape;
             let _ = writeln!(
                 out,
                 "staging-trace[{pid}] group {i}: {} bursts of {bytes} B ({sends} send + {recvs} recv chunks, \
-                 {staged} staged); us p50 {:.1} min {:.1} max {:.1}",
+                 {staged} staged); us p50 (min-max) {d}",
                 group.bursts,
-                us(d[d.len() / 2]),
-                us(d[0]),
-                us(d[d.len() - 1]),
             );
             render_burst(&mut out, pid, &group.last);
         }
@@ -370,13 +361,10 @@ fn short(mark: Mark) -> &'static str {
     }
 }
 
-extern "C" fn print_at_exit() {
-    let _ = std::panic::catch_unwind(|| {
-        // The progress thread may still hold the lock at exit; a report is not worth a hang.
-        if let Some(collector) = COLLECTOR.try_lock_for(Duration::from_millis(200)) {
-            eprint!("{}", collector.report());
-        }
-    });
+/// The report printed at exit.
+fn report() -> String {
+    // The progress thread may still hold the lock at exit; a report is not worth a hang.
+    COLLECTOR.try_lock_for(Duration::from_millis(200)).map(|c| c.report()).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ use std::sync::Arc;
 
 use super::direct_table::{Copied, CopyJob, HostPath, HostTask, Lease, MAX_DIRECT_PENDING};
 use super::{Action, ConnState, Extent, Memory, Source, deny, deny_msg, unknown_op};
+use crate::cuda::ring::clock_ns;
 use crate::engine::region::Region;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result};
@@ -162,7 +163,16 @@ impl ConnState {
         }
         let remote = segs.iter().zip(&src).map(|(s, &a)| IoSeg { addr: a as usize, len: s.len as usize }).collect();
         let len = segs.iter().map(|s| u64::from(s.len)).sum();
-        let job = CopyJob { op: xfer, transfer: None, region, local: remote_segs(&segs), remote, len, error: None };
+        let job = CopyJob {
+            op: xfer,
+            transfer: None,
+            region,
+            local: remote_segs(&segs),
+            remote,
+            len,
+            error: None,
+            queued: clock_ns(),
+        };
         self.direct.work.push_back(HostTask::Copy(job));
         out.push(Action::HostWork);
         Ok(())
@@ -209,6 +219,7 @@ impl ConnState {
             len: dst.extent.len(),
             region: dst.region,
             error: dst.error,
+            queued: clock_ns(),
         };
         self.direct.work.push_back(HostTask::Copy(job));
         out.push(Action::HostWork);

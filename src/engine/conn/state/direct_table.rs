@@ -39,6 +39,8 @@ pub(crate) struct CopyJob {
     pub len: u64,
     /// Set when the region was cut off before the copy ran: nothing is copied, the op fails.
     pub error: Option<Error>,
+    /// When it was queued, in CLOCK_MONOTONIC ns (for `UCCL_TCPX_TRACE_HOST_COPY`).
+    pub queued: u64,
 }
 
 /// Our read, copied, waiting for the target's Done.
