@@ -3,7 +3,8 @@
 //! the connections it serves and an eventfd, and runs a connection's reading when its socket
 //! reports bytes (an end, an error) and its writing when queued control bytes may leave (a poster
 //! handed them over, or the socket took more after `EAGAIN`). After work it polls for the spin time
-//! before it sleeps. Nothing runs on a timer: an idle connection costs no CPU and no thread of its
+//! before it sleeps. The epoll set, the inbox, the kicks and the sleep protocol are the socket
+//! transport's [`Worker`], which the socket helpers run too; what a turn is, is this file's. Nothing runs on a timer: an idle connection costs no CPU and no thread of its
 //! own, and an engine runs at most `max` of these threads (`UCCL_TCPX_CONTROL_THREADS`), started
 //! as connections arrive and ended when the last connection they serve goes.
 //!
@@ -13,16 +14,15 @@
 
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
-use std::thread::{JoinHandle, ThreadId};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
-use crate::threads::{self, ThreadKind, run_contained, spawn_contained};
-use crate::transport::socket::epoll::{Epoll, EventFd};
+use crate::threads::{self, ThreadKind, run_contained};
+use crate::transport::socket::worker::{Inbox, Serves, Thread, Worker};
 
 /// What a reactor thread serves: one connection's control stream, through this trait so that this
 /// file names no connection type.
@@ -50,8 +50,6 @@ pub(super) enum Next {
     Stop,
 }
 
-/// The eventfd's token in a thread's epoll set; connections use their slot numbers.
-const WAKE_TOKEN: u64 = u64::MAX;
 const EVENTS_PER_WAIT: usize = 64;
 const READ_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
 const WRITE_EVENTS: u32 = libc::EPOLLOUT as u32;
@@ -60,6 +58,23 @@ const BROKEN: u32 = (libc::EPOLLHUP | libc::EPOLLERR) as u32;
 /// While polling the connection that read last, one look at the epoll set (the thread's other
 /// connections, kicks) per this many polls of its socket.
 const POLLS_PER_LOOK: u32 = 4;
+
+/// What a reactor thread serves: connections' control streams, each failed should the thread die.
+struct Connections;
+
+impl Serves for Connections {
+    type Add = Weak<dyn ControlEndpoint>;
+    /// A slot whose connection was detached.
+    type Remove = usize;
+    type Owner = Weak<dyn ControlEndpoint>;
+    fn fail(owner: &Weak<dyn ControlEndpoint>, err: Error) {
+        if let Some(endpoint) = owner.upgrade() {
+            endpoint.fail_with(err);
+        }
+    }
+}
+
+type Reactor = Worker<Connections>;
 
 /// Threads of one engine, started as connections arrive, at most `max`.
 pub(super) struct ControlReactor {
@@ -74,15 +89,10 @@ struct Pool {
 
 #[derive(Default)]
 struct Slots {
-    live: Vec<Slot>,
+    live: Vec<Thread<Connections>>,
     /// Threads told to end by themselves (their last connection went on their own thread), joined
     /// by the next trim on another thread or when the reactor goes.
     retired: Vec<JoinHandle<()>>,
-}
-
-struct Slot {
-    worker: Arc<Worker>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl ControlReactor {
@@ -116,7 +126,7 @@ impl ControlReactor {
         let token = worker.reserve();
         drop(slots);
         for mut slot in dead {
-            slot.stop();
+            let _ = slot.stop();
         }
         Ok(Arc::new(Registration {
             pool: self.pool.clone(),
@@ -135,7 +145,7 @@ impl Drop for ControlReactor {
             (std::mem::take(&mut slots.live), std::mem::take(&mut slots.retired))
         };
         for mut slot in live {
-            slot.stop();
+            let _ = slot.stop();
         }
         for t in retired {
             join_unless_current(t);
@@ -144,24 +154,15 @@ impl Drop for ControlReactor {
 }
 
 impl Pool {
-    fn start(&self) -> Result<Slot> {
-        let worker = Arc::new(Worker::new(self.spin)?);
-        let (body, failing) = (worker.clone(), worker.clone());
-        let thread = spawn_contained(
-            std::thread::Builder::new().name("uccl-ctrl".into()),
-            ThreadKind::ControlReactor,
-            move |err| failing.died(err),
-            move || body.serve(),
-        )
-        .map_err(|e| Error::io(format!("start a {}", ThreadKind::ControlReactor), e))?;
-        let _ = worker.thread.set(thread.thread().id());
-        Ok(Slot { worker, thread: Some(thread) })
+    fn start(&self) -> Result<Thread<Connections>> {
+        let worker = Worker::new(ThreadKind::ControlReactor, self.spin)?;
+        Thread::start(worker, "uccl-ctrl", serve, |worker, err| drop(worker.died(err)))
     }
 
     /// Ends the threads that serve no connection any more, and forgets dead ones. A thread's load
     /// changes only under this lock or by a detach, which trims afterwards.
     fn trim(&self) {
-        let (ending, retired) = {
+        let (mut ending, retired) = {
             let mut slots = self.slots.lock();
             let mut ending = Vec::new();
             let mut i = 0;
@@ -175,18 +176,8 @@ impl Pool {
             }
             (ending, std::mem::take(&mut slots.retired))
         };
-        let mut kept = Vec::new();
-        for mut slot in ending {
-            slot.worker.exit();
-            if let Some(t) = slot.thread.take() {
-                // A thread cannot join itself: it ends once back in its loop, and someone else joins it.
-                if t.thread().id() == std::thread::current().id() {
-                    kept.push(t);
-                } else {
-                    let _ = t.join();
-                }
-            }
-        }
+        // A thread cannot join itself: it ends once back in its loop, and someone else joins it.
+        let mut kept: Vec<_> = ending.iter_mut().filter_map(Thread::stop).collect();
         for t in retired {
             if t.thread().id() == std::thread::current().id() {
                 kept.push(t);
@@ -196,15 +187,6 @@ impl Pool {
         }
         if !kept.is_empty() {
             self.slots.lock().retired.extend(kept);
-        }
-    }
-}
-
-impl Slot {
-    fn stop(&mut self) {
-        self.worker.exit();
-        if let Some(t) = self.thread.take() {
-            join_unless_current(t);
         }
     }
 }
@@ -220,7 +202,7 @@ fn join_unless_current(t: JoinHandle<()>) {
 /// room.
 pub(super) struct Registration {
     pool: Arc<Pool>,
-    worker: Arc<Worker>,
+    worker: Arc<Reactor>,
     token: usize,
     fd: RawFd,
     interest: Mutex<Interest>,
@@ -256,10 +238,9 @@ impl Registration {
         if interest.detached {
             return Ok(());
         }
-        self.worker.add(self.token, endpoint);
+        self.worker.add(self.token, endpoint.clone(), endpoint);
         self.worker
-            .epoll
-            .add(self.fd, interest.events(), self.token as u64)
+            .watch(self.fd, interest.events(), self.token)
             .map_err(|e| Error::io("add a control stream to its reactor's epoll set", e))?;
         interest.registered = true;
         Ok(())
@@ -277,7 +258,7 @@ impl Registration {
 
     /// Has the thread write the connection's queued control bytes soon.
     pub fn kick_write(&self) {
-        self.worker.kick_write(self.token);
+        self.worker.kick(self.token);
     }
 
     /// Whether the thread waits for the socket to take more (after `EAGAIN`), or not (the queue
@@ -293,7 +274,7 @@ impl Registration {
     fn update(&self, interest: &Interest) {
         if interest.registered
             && !interest.detached
-            && let Err(e) = self.worker.epoll.modify(self.fd, interest.events(), self.token as u64)
+            && let Err(e) = self.worker.rewatch(self.fd, interest.events(), self.token)
         {
             log::error!("control stream epoll_ctl: {e}");
         }
@@ -302,7 +283,7 @@ impl Registration {
     /// Whether the calling thread is the one serving this connection (which must not wait for
     /// itself).
     pub fn on_reactor_thread(&self) -> bool {
-        self.worker.thread.get() == Some(&std::thread::current().id())
+        self.worker.on_thread()
     }
 
     /// Takes the connection off its thread: no event of it is reported from now on, and a thread
@@ -316,9 +297,12 @@ impl Registration {
             }
             interest.detached = true;
             if interest.registered {
-                self.worker.epoll.remove(self.fd);
+                self.worker.unwatch(self.fd);
             }
         }
+        // Off the load at once (a trim may end the thread), while the thread drops the slot at its
+        // next look at its inbox.
+        self.worker.release();
         self.worker.remove(self.token);
         self.pool.trim();
     }
@@ -341,267 +325,128 @@ struct Entry {
     stopped: bool,
 }
 
-#[derive(Default)]
-struct Inbox {
-    adds: Vec<(usize, Weak<dyn ControlEndpoint>)>,
-    writes: Vec<usize>,
-    removes: Vec<usize>,
-    exit: bool,
-}
-
-/// Tokens (slot numbers) handed out by attaching threads and given back by the thread itself once
-/// it dropped the slot, so that no event it already collected names a reused slot.
-#[derive(Default)]
-struct Tokens {
-    free: Vec<usize>,
-    next: usize,
-}
-
-struct Worker {
-    epoll: Epoll,
-    wake: EventFd,
-    /// The thread is about to wait or waits: a kick must write the eventfd. SeqCst with `pending`.
-    sleeping: AtomicBool,
-    /// The inbox holds something.
-    pending: AtomicBool,
-    inbox: Mutex<Inbox>,
-    tokens: Mutex<Tokens>,
-    /// Connections attached and not detached.
-    load: AtomicUsize,
-    /// The thread ended outside a connection's work: every connection it served failed.
-    dead: AtomicBool,
-    /// The connections it serves, by token, for failing them all should the thread die.
-    served: Mutex<Vec<Option<Weak<dyn ControlEndpoint>>>>,
-    spin: Duration,
-    thread: OnceLock<ThreadId>,
-}
-
-impl Worker {
-    fn new(spin: Duration) -> Result<Worker> {
-        let epoll = Epoll::new()?;
-        let wake = EventFd::new()?;
-        epoll
-            .add(wake.fd(), (libc::EPOLLIN | libc::EPOLLET) as u32, WAKE_TOKEN)
-            .map_err(|e| Error::io("add an eventfd to a control reactor's epoll set", e))?;
-        Ok(Worker {
-            epoll,
-            wake,
-            sleeping: AtomicBool::new(false),
-            pending: AtomicBool::new(false),
-            inbox: Mutex::default(),
-            tokens: Mutex::default(),
-            load: AtomicUsize::new(0),
-            dead: AtomicBool::new(false),
-            served: Mutex::new(Vec::new()),
-            spin,
-            thread: OnceLock::new(),
-        })
-    }
-
-    fn load(&self) -> usize {
-        self.load.load(Ordering::Acquire)
-    }
-
-    fn is_dead(&self) -> bool {
-        self.dead.load(Ordering::Acquire)
-    }
-
-    fn reserve(&self) -> usize {
-        self.load.fetch_add(1, Ordering::AcqRel);
-        let mut t = self.tokens.lock();
-        t.free.pop().unwrap_or_else(|| {
-            t.next += 1;
-            t.next - 1
-        })
-    }
-
-    fn add(&self, token: usize, endpoint: Weak<dyn ControlEndpoint>) {
-        {
-            let mut served = self.served.lock();
-            if served.len() <= token {
-                served.resize(token + 1, None);
-            }
-            served[token] = Some(endpoint.clone());
-        }
-        self.inbox.lock().adds.push((token, endpoint));
-        self.notify();
-    }
-
-    fn kick_write(&self, token: usize) {
-        self.inbox.lock().writes.push(token);
-        self.notify();
-    }
-
-    fn remove(&self, token: usize) {
-        self.load.fetch_sub(1, Ordering::AcqRel);
-        self.inbox.lock().removes.push(token);
-        self.notify();
-    }
-
-    fn exit(&self) {
-        self.inbox.lock().exit = true;
-        self.notify();
-        self.wake.signal();
-    }
-
-    /// After filling the inbox: wakes the thread if it sleeps (or is about to).
-    fn notify(&self) {
-        self.pending.store(true, Ordering::SeqCst);
-        if self.sleeping.load(Ordering::SeqCst) && self.sleeping.swap(false, Ordering::SeqCst) {
-            self.wake.signal();
-        }
-    }
-
-    /// The thread's body.
-    fn serve(&self) {
-        let mut slab: Vec<Option<Entry>> = Vec::new();
-        let mut queue: VecDeque<usize> = VecDeque::new();
-        // Swapped with the shared inbox, so that neither allocates once grown.
-        let mut inbox = Inbox::default();
-        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT];
-        // The connection whose reading last found bytes, polled until `spin` after that: the next
-        // message often follows at once (the reply to a polling caller's next request), and a poll
-        // of its socket catches it without a wake-up or a look at epoll first.
-        let mut hot: Option<(usize, Instant)> = None;
-        let mut polls = 0u32;
-        loop {
-            if self.pending.load(Ordering::Acquire) && !self.take_inbox(&mut inbox, &mut slab, &mut queue) {
+/// A reactor thread's body.
+fn serve(worker: &Reactor) {
+    let mut slab: Vec<Option<Entry>> = Vec::new();
+    let mut queue: VecDeque<usize> = VecDeque::new();
+    let mut inbox = Inbox::default();
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT];
+    // The connection whose reading last found bytes, polled until `spin` after that: the next
+    // message often follows at once (the reply to a polling caller's next request), and a poll
+    // of its socket catches it without a wake-up or a look at epoll first.
+    let mut hot: Option<(usize, Instant)> = None;
+    let mut polls = 0u32;
+    loop {
+        if worker.posted() {
+            if !worker.take_inbox(&mut inbox) {
                 return;
             }
-            for _ in 0..queue.len() {
-                let Some(token) = queue.pop_front() else { break };
-                let Some(Some(entry)) = slab.get_mut(token) else { continue };
-                entry.queued = false;
-                if entry.stopped {
-                    continue;
-                }
-                // A connection being dropped is detached right after; nothing to do for it.
-                let Some(endpoint) = entry.endpoint.upgrade() else { continue };
-                let read = turn(entry, &*endpoint);
-                note_read(&mut hot, token, read);
-                if (entry.read || entry.write) && !entry.stopped {
-                    entry.queued = true;
-                    queue.push_back(token);
-                }
-                // Possibly the last reference: the connection then closes on this thread.
-                drop(endpoint);
+            apply(worker, &mut inbox, &mut slab, &mut queue);
+        }
+        for _ in 0..queue.len() {
+            let Some(token) = queue.pop_front() else { break };
+            let Some(Some(entry)) = slab.get_mut(token) else { continue };
+            entry.queued = false;
+            if entry.stopped {
+                continue;
             }
-            let spinning = hot.filter(|&(_, since)| since.elapsed() < self.spin);
-            if queue.is_empty()
-                && let Some((token, _)) = spinning
-            {
-                // Yield the CPU between polls, so that on a small host the thread that must act
-                // next still runs.
-                std::thread::yield_now();
-                polls += 1;
-                if !polls.is_multiple_of(POLLS_PER_LOOK) {
-                    if let Some(Some(entry)) = slab.get_mut(token)
-                        && !entry.stopped
-                        && let Some(endpoint) = entry.endpoint.upgrade()
-                    {
-                        entry.read = true;
-                        let read = turn(entry, &*endpoint);
-                        note_read(&mut hot, token, read);
-                        if entry.read && !entry.stopped && !entry.queued {
-                            entry.queued = true;
-                            queue.push_back(token);
-                        }
-                        drop(endpoint);
-                    } else {
-                        hot = None;
+            // A connection being dropped is detached right after; nothing to do for it.
+            let Some(endpoint) = entry.endpoint.upgrade() else { continue };
+            let read = turn(entry, &*endpoint);
+            note_read(&mut hot, token, read);
+            if (entry.read || entry.write) && !entry.stopped {
+                entry.queued = true;
+                queue.push_back(token);
+            }
+            // Possibly the last reference: the connection then closes on this thread.
+            drop(endpoint);
+        }
+        let spinning = hot.filter(|&(_, since)| since.elapsed() < worker.spin());
+        if queue.is_empty()
+            && let Some((token, _)) = spinning
+        {
+            // Yield the CPU between polls, so that on a small host the thread that must act
+            // next still runs.
+            std::thread::yield_now();
+            polls += 1;
+            if !polls.is_multiple_of(POLLS_PER_LOOK) {
+                if let Some(Some(entry)) = slab.get_mut(token)
+                    && !entry.stopped
+                    && let Some(endpoint) = entry.endpoint.upgrade()
+                {
+                    entry.read = true;
+                    let read = turn(entry, &*endpoint);
+                    note_read(&mut hot, token, read);
+                    if entry.read && !entry.stopped && !entry.queued {
+                        entry.queued = true;
+                        queue.push_back(token);
                     }
-                    continue;
+                    drop(endpoint);
+                } else {
+                    hot = None;
                 }
+                continue;
             }
-            // More queued or still polling: only collect what is ready. Otherwise sleep until the
-            // kernel or a kick says.
-            let timeout = if !queue.is_empty() || spinning.is_some() {
-                Some(Duration::ZERO)
-            } else {
-                hot = None;
-                self.sleeping.store(true, Ordering::SeqCst);
-                if self.pending.load(Ordering::SeqCst) {
-                    self.sleeping.store(false, Ordering::Relaxed);
-                    continue;
-                }
-                None
-            };
-            let n = match self.epoll.wait(&mut events, timeout) {
-                Ok(n) => n,
-                Err(e) => {
-                    // Only a programming error makes epoll_wait fail: fail what this thread serves.
-                    self.died(Error::io("wait on control streams", e));
-                    return;
-                }
-            };
-            self.sleeping.store(false, Ordering::Relaxed);
-            if n > 0 {
-                threads::point(ThreadKind::ControlReactor);
+        }
+        // More queued or still polling: only collect what is ready. Otherwise sleep until the
+        // kernel or a kick says.
+        let poll = !queue.is_empty() || spinning.is_some();
+        if !poll {
+            hot = None;
+        }
+        let woken = match worker.wait(&mut events, poll) {
+            Ok(Some(woken)) => woken,
+            Ok(None) => continue,
+            Err(e) => {
+                // Only a programming error makes epoll_wait fail: fail what this thread serves.
+                drop(worker.died(Error::io("wait on control streams", e)));
+                return;
             }
-            for ev in &events[..n] {
-                if ev.u64 == WAKE_TOKEN {
-                    self.wake.drain();
-                    continue;
-                }
-                let token = ev.u64 as usize;
-                let Some(Some(entry)) = slab.get_mut(token) else { continue };
-                if entry.stopped {
-                    continue;
-                }
-                entry.read |= ev.events & (READ_EVENTS | BROKEN) != 0;
-                entry.write |= ev.events & (WRITE_EVENTS | BROKEN) != 0;
-                if !entry.queued && (entry.read || entry.write) {
-                    entry.queued = true;
-                    queue.push_back(token);
-                }
+        };
+        if woken.reports > 0 || woken.posted {
+            threads::point(ThreadKind::ControlReactor);
+        }
+        for ev in &events[..woken.reports] {
+            let token = ev.u64 as usize;
+            let Some(Some(entry)) = slab.get_mut(token) else { continue };
+            if entry.stopped {
+                continue;
+            }
+            entry.read |= ev.events & (READ_EVENTS | BROKEN) != 0;
+            entry.write |= ev.events & (WRITE_EVENTS | BROKEN) != 0;
+            if !entry.queued && (entry.read || entry.write) {
+                entry.queued = true;
+                queue.push_back(token);
             }
         }
     }
+}
 
-    /// Applies the inbox; false when the pool asked the thread to end.
-    fn take_inbox(&self, inbox: &mut Inbox, slab: &mut Vec<Option<Entry>>, queue: &mut VecDeque<usize>) -> bool {
-        self.pending.store(false, Ordering::SeqCst);
-        std::mem::swap(&mut *self.inbox.lock(), inbox);
-        if inbox.exit {
-            return false;
+/// Applies what was posted: new connections run once at once (bytes may have come before they
+/// were in the set), detached ones are dropped, kicked ones write.
+fn apply(worker: &Reactor, inbox: &mut Inbox<Connections>, slab: &mut Vec<Option<Entry>>, queue: &mut VecDeque<usize>) {
+    for (token, endpoint) in inbox.adds.drain(..) {
+        if slab.len() <= token {
+            slab.resize_with(token + 1, || None);
         }
-        for (token, endpoint) in inbox.adds.drain(..) {
-            if slab.len() <= token {
-                slab.resize_with(token + 1, || None);
-            }
-            slab[token] = Some(Entry { endpoint, read: true, write: true, queued: true, stopped: false });
-            queue.push_back(token);
-        }
-        for token in inbox.removes.drain(..) {
-            if let Some(entry) = slab.get_mut(token) {
-                *entry = None;
-            }
-            if let Some(s) = self.served.lock().get_mut(token) {
-                *s = None;
-            }
-            self.tokens.lock().free.push(token);
-        }
-        for token in inbox.writes.drain(..) {
-            if let Some(Some(entry)) = slab.get_mut(token)
-                && !entry.stopped
-            {
-                entry.write = true;
-                if !entry.queued {
-                    entry.queued = true;
-                    queue.push_back(token);
-                }
-            }
-        }
-        true
+        slab[token] = Some(Entry { endpoint, read: true, write: true, queued: true, stopped: false });
+        queue.push_back(token);
     }
-
-    /// The thread died outside a connection's work: every connection it served fails (their
-    /// state here went with its stack), and an attach replaces it.
-    fn died(&self, err: Error) {
-        self.dead.store(true, Ordering::Release);
-        let served: Vec<_> = self.served.lock().iter().flatten().filter_map(Weak::upgrade).collect();
-        for endpoint in served {
-            endpoint.fail_with(err.clone());
+    for token in inbox.removes.drain(..) {
+        if let Some(entry) = slab.get_mut(token) {
+            *entry = None;
+        }
+        worker.forget(token);
+    }
+    for token in inbox.kicks.drain(..) {
+        if let Some(Some(entry)) = slab.get_mut(token)
+            && !entry.stopped
+        {
+            entry.write = true;
+            if !entry.queued {
+                entry.queued = true;
+                queue.push_back(token);
+            }
         }
     }
 }
@@ -652,6 +497,7 @@ mod tests {
     use super::*;
     use std::net::{TcpListener, TcpStream};
     use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// Counts its writing turns; panics in them if told to.
     #[derive(Default)]

@@ -1,7 +1,7 @@
 //! The two kernel objects a helper thread sleeps on: an epoll set holding its sockets (edge
 //! triggered, so a socket reports again only once something new happened on it) and an eventfd that
-//! posting threads write to wake it. The socket transport's helpers and the engine's control
-//! reactor use them alike.
+//! posting threads write to wake it (`worker.rs`, for the socket helpers and the engine's control
+//! reactor alike), and the epoll sets of the acceptor and the listeners' doors.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;

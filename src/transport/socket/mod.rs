@@ -20,6 +20,7 @@ mod sender;
 mod tune;
 mod window;
 mod wire;
+pub(crate) mod worker;
 mod zerocopy;
 
 pub use counts::DataSocketStats;
