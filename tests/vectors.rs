@@ -176,6 +176,49 @@ fn a_hundred_thousand_items_move_as_a_few_requests() {
     back.bytes.fill(0);
 }
 
+/// A call of several vector requests posts them one by one, but only once every item was checked:
+/// a bad item at the very end fails the call at once, with no request of it sent (the same call
+/// without it, to another target, then completes, and the first target and the read buffer were
+/// never touched).
+#[test]
+fn a_call_of_several_requests_with_a_bad_last_item_fails_whole_and_sends_nothing() {
+    let p = pair();
+    let (count, len, slot) = (20_000usize, 64usize, 96usize);
+    assert!(count > 2 * 8192, "several requests of at most 8192 segments");
+    let spans = scatter(&[len], count, slot, "vectors-checked-first");
+    let src = Region::new(&p.a, pattern(count * slot, 11));
+    let mut dst = Region::new(&p.b, vec![0; count * slot]);
+    let mut back = Region::new(&p.a, vec![0x33; count * slot]);
+    let other = Region::new(&p.b, vec![0; count * slot]);
+    let last = count - 1;
+    // The last item asks for more than its FifoItem grants, or reaches past its local region.
+    for (what, write) in [("too long", true), ("outside", true), ("too long", false)] {
+        let mut call = items(if write { &src } else { &back }, &dst, &spans);
+        if what == "too long" {
+            call[last].remote.size -= 1;
+        } else {
+            call[last].addr = src.addr() + src.bytes.len() - len + 1;
+        }
+        let err = if write { p.ab.write(&call) } else { p.ab.read(&call) }.unwrap_err();
+        assert_eq!(err.status(), UcclStatus::ErrInvalidParam, "{what}, write {write}: {err}");
+        assert!(err.message().contains(&format!("item {last}")), "{what}: {err}");
+    }
+    let w = p.ab.write(&items(&src, &other, &spans)).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap(), (count * len) as u64);
+    assert!(landed(&src.bytes, &other.bytes, &spans, 0, true));
+    assert!(dst.bytes.iter().all(|&x| x == 0), "no request of a refused call reached the target");
+    assert!(back.bytes.iter().all(|&x| x == 0x33), "nor read into the local buffer");
+    // The connection is fine: the calls without the bad item move.
+    let w = p.ab.write(&items(&src, &dst, &spans)).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap(), (count * len) as u64);
+    assert!(landed(&src.bytes, &dst.bytes, &spans, 0, true));
+    let r = p.ab.read(&items(&back, &dst, &spans)).unwrap();
+    assert_eq!(wait(&p.ab, r).unwrap(), (count * len) as u64);
+    assert!(landed(&dst.bytes, &back.bytes, &spans, 0x33, false));
+    dst.bytes.fill(0);
+    back.bytes.fill(0);
+}
+
 #[test]
 fn items_over_several_local_and_remote_regions_in_one_call() {
     let p = pair();
