@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
@@ -16,9 +16,30 @@ pub struct Transfer {
     conn: u64,
     state: Mutex<Progress>,
     finished: Condvar,
-    /// Every part completes with a message on the control stream (inline transfers), so a waiting
-    /// caller may read that stream itself.
-    on_control: AtomicBool,
+    /// The call's parts; when every one ends with the peer's message on the control stream, a
+    /// waiting caller may read that stream itself (`answers`).
+    parts: usize,
+    /// Parts registered as ending with the peer's answer (a call posted in turns registers its
+    /// parts in several goes), and whether some of them are answered only after their chunks.
+    answered_parts: AtomicUsize,
+    after_data: AtomicBool,
+    /// Registered parts whose answer was not handled yet.
+    unanswered: AtomicUsize,
+}
+
+/// How the parts of a transfer end, as far as a waiting caller is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answers {
+    /// Some part ends without a message from the peer (a read's chunks, a receive): the caller
+    /// waits to be told.
+    Elsewhere,
+    /// Every part is answered on the control stream promptly (inline transfers): the caller polls
+    /// the stream for the spin time before it blocks on it.
+    Inline,
+    /// Every part is answered on the control stream, some only after their chunks landed (writes
+    /// over the channels): the caller blocks on the stream at once, and the peer's answer wakes it
+    /// where a reactor thread's read and a hand-over to the caller would cost two wake-ups.
+    AfterData,
 }
 
 struct Progress {
@@ -43,12 +64,40 @@ impl Transfer {
         }
     }
 
-    pub fn set_completes_on_control(&self) {
-        self.on_control.store(true, Ordering::Relaxed);
+    /// `n` parts being posted end with the peer's answer on the control stream, some only after
+    /// their chunks landed when `after_data`. Called under the connection lock before their
+    /// requests leave, so no answer is handled before it is expected.
+    pub fn expect_answers(&self, n: usize, after_data: bool) {
+        if after_data {
+            self.after_data.store(true, Ordering::Release);
+        }
+        self.unanswered.fetch_add(n, Ordering::AcqRel);
+        self.answered_parts.fetch_add(n, Ordering::AcqRel);
     }
 
     pub fn completes_on_control(&self) -> bool {
-        self.on_control.load(Ordering::Relaxed)
+        self.answers() != Answers::Elsewhere
+    }
+
+    pub fn answers(&self) -> Answers {
+        if self.answered_parts.load(Ordering::Acquire) != self.parts {
+            Answers::Elsewhere
+        } else if self.after_data.load(Ordering::Acquire) {
+            Answers::AfterData
+        } else {
+            Answers::Inline
+        }
+    }
+
+    /// The peer's answer for one part was handled (the part may still wait for its own chunks).
+    pub fn answered(&self) {
+        let _ = self.unanswered.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// Whether a part still waits for an answer on the control stream: only then does reading the
+    /// stream bring the transfer closer to its end.
+    pub fn awaits_answer(&self) -> bool {
+        self.completes_on_control() && self.unanswered.load(Ordering::Acquire) > 0
     }
 
     pub fn is_finished(&self) -> bool {
@@ -90,7 +139,10 @@ impl TransferTable {
             conn,
             state: Mutex::new(Progress { remaining: parts, bytes: 0, error: None }),
             finished: Condvar::new(),
-            on_control: AtomicBool::new(false),
+            parts,
+            answered_parts: AtomicUsize::new(0),
+            after_data: AtomicBool::new(false),
+            unanswered: AtomicUsize::new(0),
         });
         self.live.lock().insert(id, t.clone());
         t

@@ -309,9 +309,10 @@ impl Connection {
         self.inner.lock().ipc.issued()
     }
 
-    /// A transfer that completes on the control stream is read for by the caller itself, one of
-    /// the same-host GPU path waits on its copies' events itself: either way the caller learns of
-    /// it without a hop through another thread.
+    /// A transfer that completes on the control stream (inline items, and writes over the channels,
+    /// which end with the peer's Done) is read for by the caller itself, one of the same-host GPU
+    /// path waits on its copies' events itself: either way the caller learns of it without a hop
+    /// through another thread.
     pub fn wait(&self, transfer: u64) -> Result<u64> {
         let t = self.core.transfers.get(self.id, transfer)?;
         if t.completes_on_control() {

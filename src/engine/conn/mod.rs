@@ -1,8 +1,8 @@
 //! A connection: one control stream plus N channels around the per-connection state machine
 //! (`state.rs`). The caller threads post (`api.rs`), the engine's control reactor or a caller
-//! waiting for an inline reply reads the control stream (`reader.rs`) and feeds the peer's messages
-//! to the state, the engine's progress thread moves chunks; all meet under one lock, held only for
-//! non-blocking work. The state answers with actions, which this module carries out: control
+//! waiting for its reply (inline items, a write's Done) reads the control stream (`reader.rs`) and
+//! feeds the peer's messages to the state, the engine's progress thread moves chunks; all meet under
+//! one lock, held only for non-blocking work. The state answers with actions, which this module carries out: control
 //! messages to the writer, chunks to the channels, finished parts to their transfers.
 
 mod api;

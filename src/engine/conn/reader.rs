@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use crate::engine::control_reactor::Next;
 use crate::engine::control_rx::{ControlRx, Drained, RxBuffer};
-use crate::engine::transfer::Transfer;
+use crate::engine::transfer::{Answers, Transfer};
 
 /// What the reading paths need from the connection they serve.
 pub(super) trait Served {
@@ -40,31 +40,34 @@ fn pump(conn: &impl Served, buf: &mut RxBuffer, wait: bool) -> bool {
     conn.handle_read(buf, drained)
 }
 
-/// Reads the control stream in the caller's thread until `t` finished (polling for the spin time,
-/// then in bounded blocking reads), unless another thread is reading it: then that thread delivers
-/// the reply, which the caller watches for during the spin time and afterwards sleeps on.
+/// Reads the control stream in the caller's thread while `t` waits for the peer's answer to one of
+/// its parts (for inline transfers polling for the spin time first, then in bounded blocking
+/// reads), unless another thread is reading it: then that thread delivers the reply, which the
+/// caller watches for during the spin time and afterwards sleeps on. A part answered while its own
+/// chunks are still being tested is finished by the progress thread: the caller sleeps on that.
 pub(super) fn read_until_finished(conn: &impl Served, t: &Transfer) {
     let rx = conn.rx();
+    let spin = if t.answers() == Answers::Inline { rx.spin() } else { std::time::Duration::ZERO };
     let Some(mut buf) = rx.take() else {
         // Another thread reads the stream and delivers the reply: watch for it before sleeping.
-        let until = Instant::now() + rx.spin();
+        let until = Instant::now() + spin;
         while !t.is_finished() && Instant::now() < until {
             std::thread::yield_now();
         }
         return;
     };
-    if spin_until_finished(conn, &mut buf, t) {
+    if spin_until_finished(conn, &mut buf, t, spin) {
         // Each blocking read is bounded, so a reply delivered some other way (a failure) is noticed.
-        while !t.is_finished() && pump(conn, &mut buf, true) {}
+        while !t.is_finished() && t.awaits_answer() && pump(conn, &mut buf, true) {}
     }
 }
 
-/// Polls the stream without blocking, for at most the spin time, while `t` is unfinished; false
+/// Polls the stream without blocking, for at most `spin`, while `t` waits for an answer; false
 /// once the connection failed. Frames are handled only when bytes came, so polling takes no lock.
-fn spin_until_finished(conn: &impl Served, buf: &mut RxBuffer, t: &Transfer) -> bool {
+fn spin_until_finished(conn: &impl Served, buf: &mut RxBuffer, t: &Transfer, spin: std::time::Duration) -> bool {
     let rx = conn.rx();
-    let until = Instant::now() + rx.spin();
-    while !t.is_finished() && Instant::now() < until {
+    let until = Instant::now() + spin;
+    while !t.is_finished() && t.awaits_answer() && Instant::now() < until {
         let drained = rx.drain(buf, false);
         if !matches!(drained, Drained::Empty) && !conn.handle_read(buf, drained) {
             return false;

@@ -390,7 +390,6 @@ impl ConnState {
             OneSidedRequest::Item(item) => &item.region,
             OneSidedRequest::Vector(vector) => &vector.region,
         }))?;
-        let parts = requests.len();
         // Processes of one host copy host memory directly (`direct.rs`); the target still decides.
         let direct = requests.iter().all(|r| match r {
             OneSidedRequest::Item(item) => item.region.kind == MemKind::Host,
@@ -399,8 +398,9 @@ impl ConnState {
         // The requests go out together, ahead of the flows: the peer can start on them while
         // this end cuts the chunks.
         let mut flows = Vec::new();
-        let mut inline_parts = 0;
+        let (mut inline_parts, mut answered_parts) = (0, 0);
         for request in requests {
+            let before = flows.len();
             let msg = match request {
                 OneSidedRequest::Item(item) => {
                     let (msg, inline) = self.post_item(transfer, write, item, direct, &mut flows);
@@ -409,12 +409,12 @@ impl ConnState {
                 }
                 OneSidedRequest::Vector(vector) => self.post_vector(transfer, write, vector, direct, &mut flows),
             };
+            // A write over the channels ends with the peer's Done (or Deny), after its chunks.
+            answered_parts += usize::from(flows.len() > before);
             out.push(Action::Send(msg));
         }
         out.append(&mut flows);
-        if inline_parts == parts {
-            transfer.set_completes_on_control();
-        }
+        transfer.expect_answers(inline_parts + answered_parts, answered_parts > 0);
         Ok(())
     }
 
@@ -554,8 +554,9 @@ impl ConnState {
                 }
             }
         }
+        // An announced send ends with a Done too, but only once the peer's user posted a receive.
         if inline_parts == parts {
-            transfer.set_completes_on_control();
+            transfer.expect_answers(parts, false);
         }
         Ok(out)
     }
@@ -694,6 +695,9 @@ impl ConnState {
                 };
                 let dst = self.inbound.remove(&xfer).expect("checked above");
                 self.inline_one_sided -= dst.inline;
+                if let Some(t) = dst.on_done.transfer() {
+                    t.answered();
+                }
                 let stored = match dst.error {
                     Some(e) => Err(e),
                     // SAFETY: the destination was checked against its registration when the read
@@ -723,13 +727,16 @@ impl ConnState {
                 let err = Error::new(status, format!("peer refused: {reason}"));
                 self.direct_answered(xfer);
                 if let Some(refused) = self.awaiting_grant.remove(&xfer) {
+                    refused.transfer.answered();
                     out.push(Action::Finish(refused.transfer, Err(err)));
                 } else if let Some(op) = self.inline_ops.remove(&xfer) {
                     self.release_inline(&op);
+                    op.transfer.answered();
                     out.push(Action::Finish(op.transfer, Err(err)));
                 } else if let Some(read) = self.inbound.remove(&xfer) {
                     self.inline_one_sided -= read.inline;
                     if let Some(t) = read.on_done.transfer() {
+                        t.answered();
                         out.push(Action::Finish(t.clone(), Err(err)));
                     }
                 } else if let Some(flow) = self.awaiting_done.remove(&xfer) {
@@ -737,6 +744,9 @@ impl ConnState {
                     // run their course, then the part fails.
                     let running = self.flows.get_mut(&flow).ok_or_else(|| unknown_flow(flow))?;
                     running.error.get_or_insert(err);
+                    if let Some(t) = running.on_done.transfer() {
+                        t.answered();
+                    }
                     self.chunk_finished(flow, out)?;
                 } else if self.reading.remove(&xfer) {
                     // The server cut our read off and holds its remaining chunks (they carry no
@@ -794,6 +804,7 @@ impl ConnState {
                     }
                     let op = self.inline_ops.remove(&xfer).expect("checked above");
                     self.release_inline(&op);
+                    op.transfer.answered();
                     out.push(Action::Finish(op.transfer, Ok(len)));
                     return Ok(());
                 }
@@ -801,11 +812,15 @@ impl ConnState {
                     return answered;
                 }
                 let flow = self.awaiting_done.remove(&xfer).ok_or_else(|| unknown_op("Done", xfer))?;
-                let expected = self.flows.get(&flow).map(|f| f.len);
+                let f = self.flows.get(&flow);
+                let expected = f.map(|f| f.len);
                 if expected != Some(len) {
                     return Err(Error::backend(format!(
                         "protocol violation: Done for op {xfer} reports {len} bytes, expected {expected:?}"
                     )));
+                }
+                if let Some(t) = f.and_then(|f| f.on_done.transfer()) {
+                    t.answered();
                 }
                 self.chunk_finished(flow, out)
             }

@@ -9,7 +9,7 @@ use super::super::vector::{Grouper, Push, REQUEST_SEGMENTS, RunKey};
 use super::*;
 use crate::engine::plan::{self, Cut};
 use crate::engine::region::RegionTable;
-use crate::engine::transfer::TransferTable;
+use crate::engine::transfer::{Answers, TransferTable};
 use crate::proto::Capability;
 use crate::transport::MemKind;
 
@@ -377,6 +377,7 @@ fn a_write_sends_its_chunks_with_its_request_then_done() {
     let src = a.buffer(len, pattern(1));
     let dst = b.buffer(len + 100, |_| 0);
     let t = a.one_sided(true, &[(&src, 0, &dst, 100, len)]);
+    assert_eq!(t.answers(), Answers::AfterData, "a waiting caller reads the Done itself");
     let xfer = match a.outbox.make_contiguous() {
         [Control::WriteRequest { xfer, region, token, addr, len: l }] => {
             assert_eq!(
@@ -394,11 +395,12 @@ fn a_write_sends_its_chunks_with_its_request_then_done() {
     assert!(move_data(&mut a, &mut b));
     // Every local chunk went out, but the write completes only with the peer's Done.
     assert!(a.outcome(&t).is_none());
+    assert!(t.awaits_answer());
     assert_eq!(b.outbox, [Control::Done { xfer, len: len as u64 }]);
     deliver(&mut b, &mut a).unwrap();
+    assert!(!t.awaits_answer());
     assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
     assert_eq!(&dst.bytes[100..], &src.bytes[..]);
-    assert!(!t.completes_on_control());
     assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
 }
 
@@ -416,14 +418,121 @@ fn done_before_the_last_local_chunk_waits_for_it() {
         b.st.chunk_finished(peer.flow, &mut out).unwrap();
     }
     b.take(out);
+    assert!(t.awaits_answer());
     deliver(&mut b, &mut a).unwrap();
     assert!(a.outcome(&t).is_none(), "a local chunk send is still in flight");
+    // Nothing more comes on the control stream for it: a caller reading the stream stops there and
+    // sleeps until the progress thread finishes the chunks.
+    assert!(!t.awaits_answer());
     for _ in 0..2 {
         let mut out = Vec::new();
         a.st.chunk_finished(plan.flow, &mut out).unwrap();
         a.take(out);
     }
     assert_eq!(a.outcome(&t).unwrap().unwrap(), 2 * CHUNK as u64);
+}
+
+/// Runs one transfer to its end and names every control message either end sent for it, in the
+/// order they were handled.
+fn messages_of(write: bool, len: usize) -> Vec<String> {
+    let (mut a, mut b) = (End::new(), End::new());
+    let local = a.buffer(len, pattern(4));
+    let remote = b.buffer(len, pattern(5));
+    let t = a.one_sided(write, &[(&local, 0, &remote, 0, len)]);
+    let mut names = Vec::new();
+    let mut deliver_named = |from: &mut End, to: &mut End| {
+        let moved = !from.outbox.is_empty();
+        while let Some(msg) = from.outbox.pop_front() {
+            names.push(format!("{msg:?}").split([' ', '{']).next().unwrap_or_default().to_owned());
+            to.handle(msg).unwrap();
+        }
+        moved
+    };
+    loop {
+        let mut moved = deliver_named(&mut a, &mut b);
+        moved |= deliver_named(&mut b, &mut a);
+        moved |= move_data(&mut a, &mut b) | move_data(&mut b, &mut a);
+        if !moved {
+            break;
+        }
+    }
+    assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
+    assert_eq!(local.bytes, remote.bytes);
+    names
+}
+
+/// A read over the channels costs the same control messages as a write: one request, and one
+/// message back (a write's Done after its bytes landed, a read's Data marker ahead of its bytes),
+/// with no Grant on either; a read's bytes move right after its request, a write's with it.
+#[test]
+fn a_read_moves_with_as_many_control_messages_as_a_write() {
+    for len in [MAX_INLINE_LEN + 1, 4 * CHUNK, 4 * CHUNK + 3, 40 * CHUNK] {
+        let (write, read) = (messages_of(true, len), messages_of(false, len));
+        assert_eq!(write, ["WriteRequest", "Done"], "{len} bytes");
+        assert_eq!(read, ["ReadRequest", "Data"], "{len} bytes");
+    }
+}
+
+/// How a waiting caller learns of the end: on the control stream when every part is answered
+/// there (inline items, writes over the channels), else from whoever finishes the last part.
+#[test]
+fn a_caller_reads_the_control_stream_only_for_answered_parts() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let local = a.buffer(8 * CHUNK, pattern(6));
+    let remotes = [b.buffer(8 * CHUNK, |_| 0), b.buffer(8 * CHUNK, |_| 0)];
+    let big = 2 * CHUNK;
+    // Alternate remote regions, so that the items stay separate requests.
+    let write_and_inline =
+        a.one_sided(true, &[(&local, 0, &remotes[0], 0, big), (&local, big, &remotes[1], big, MAX_INLINE_LEN)]);
+    assert_eq!(write_and_inline.answers(), Answers::AfterData);
+    let read = a.one_sided(false, &[(&local, 0, &remotes[0], 0, big)]);
+    assert_eq!(read.answers(), Answers::Elsewhere, "a read ends on its chunks");
+    assert!(!read.awaits_answer());
+    let small_read = a.one_sided(false, &[(&local, 0, &remotes[0], 0, 10)]);
+    assert_eq!(small_read.answers(), Answers::Inline);
+    let send = a.send(&[(&local, 0, big)]);
+    assert_eq!(send.answers(), Answers::Elsewhere, "a send waits for the peer's user");
+    assert!(write_and_inline.awaits_answer() && small_read.awaits_answer());
+    // Answers are counted per part: the write's parts are through once both were answered.
+    pump_messages_only(&mut a, &mut b);
+    assert!(write_and_inline.awaits_answer(), "the big write's Done comes after its bytes");
+    assert!(!small_read.awaits_answer() && a.outcome(&small_read).is_some());
+    pump(&mut a, &mut b);
+    assert!(!write_and_inline.awaits_answer());
+    assert_eq!(a.outcome(&write_and_inline).unwrap().unwrap(), (big + MAX_INLINE_LEN) as u64);
+    assert_eq!(a.outcome(&read).unwrap().unwrap(), big as u64);
+    let item = |cap: Capability, at: usize| {
+        vec![OneSidedRequest::Item(OneSidedItem {
+            region: local.region.clone(),
+            addr: local.addr() + at,
+            len: big as u64,
+            remote_region: cap.region,
+            token: cap.token,
+            remote_addr: (remotes[0].addr() + at) as u64,
+            payload: None,
+        })]
+    };
+    // A call posted in turns (a request at a time) reads the stream once every part is in.
+    let turns = a.transfer(2);
+    let mut out = Vec::new();
+    a.st.post_one_sided(&turns, true, item(remotes[0].cap, 0), &mut out).unwrap();
+    assert_eq!(turns.answers(), Answers::Elsewhere, "one part of two is posted");
+    a.st.post_one_sided(&turns, true, item(remotes[0].cap, big), &mut out).unwrap();
+    a.take(out);
+    assert_eq!(turns.answers(), Answers::AfterData);
+    pump(&mut a, &mut b);
+    assert!(!turns.awaits_answer());
+    assert_eq!(a.outcome(&turns).unwrap().unwrap(), 2 * big as u64);
+    // A write the peer refuses is answered too (its bytes still land in the peer's scratch memory).
+    let stale = Capability { token: remotes[0].cap.token ^ 1, ..remotes[0].cap };
+    let w = a.transfer(1);
+    let mut out = Vec::new();
+    a.st.post_one_sided(&w, true, item(stale, 0), &mut out).unwrap();
+    a.take(out);
+    assert!(w.awaits_answer());
+    pump(&mut a, &mut b);
+    assert!(!w.awaits_answer());
+    assert_eq!(status(a.outcome(&w)), UcclStatus::ErrNotAllowed);
 }
 
 #[test]
@@ -553,7 +662,7 @@ fn small_writes_and_reads_ride_the_control_stream() {
     // One byte more than the inline limit takes the request path.
     let big = a.one_sided(true, &[(&local, 0, &remote, 0, MAX_INLINE_LEN + 1)]);
     assert!(matches!(a.outbox.front(), Some(Control::WriteRequest { .. })));
-    assert!(!big.completes_on_control());
+    assert_eq!((w.answers(), r.answers(), big.answers()), (Answers::Inline, Answers::Inline, Answers::AfterData));
     pump(&mut a, &mut b);
     assert_eq!(a.outcome(&big).unwrap().unwrap(), MAX_INLINE_LEN as u64 + 1);
 }
