@@ -611,7 +611,14 @@ fn the_host_copy_trace_times_every_step_of_a_copy() {
         assert!(reads.contains(step), "{step} missing: {reads}");
     }
     assert!(reads.contains("last-piece>finished") && reads.contains("finished>reported") && reads.contains("total"));
-    let pieces = line("pieces per job 8 (8-8)");
+    // Reads' callers wait on them and copy what the worker did not take up first.
+    let pieces = line("; pieces per job 8 (8-8)");
+    let by = |who: &str| -> usize {
+        let at = pieces.find(who).unwrap_or_else(|| panic!("{who} missing: {pieces}")) + who.len();
+        pieces[at..].split([' ', ';']).next().unwrap().parse().unwrap()
+    };
+    assert_eq!(by("run by caller ") + by(" worker "), 5, "{pieces}");
+    assert!(by("run by caller ") >= 1, "no read was copied by its waiting caller: {pieces}");
     assert!(pieces.contains("piece KiB 512 (512-512)") && pieces.contains("GB/s per thread copying"), "{pieces}");
     let writes = line("write posted here 4194304 B: 5 jobs;");
     assert!(writes.contains(" total ") && !writes.contains("picked"), "{writes}");
@@ -630,9 +637,58 @@ fn traced_host_copies_process() {
     let mr = engine.register(buf.as_mut_ptr() as usize, len).unwrap();
     for _ in 0..5 {
         let r = conn.read(&[one(mr, buf.as_ptr() as usize, len, window)]).unwrap();
-        assert_eq!(wait(&conn, r).unwrap(), len as u64);
+        assert_eq!(conn.wait(r).unwrap(), len as u64);
         let w = conn.write(&[one(mr, buf.as_ptr() as usize, len, window)]).unwrap();
         assert_eq!(wait(&conn, w).unwrap(), len as u64);
     }
     assert_eq!(conn.host_path().direct_ops, 10);
+}
+
+/// A read that its caller copies on its own thread (the caller waits on it) is fenced by the
+/// deregistration of its destination as the worker's copies are: once `deregister` returned nothing
+/// lands there any more, and the read fails unless it was done before. Rounds deregister at spread
+/// moments until one fell in the middle of a copy.
+#[test]
+fn a_read_copied_on_its_callers_thread_stops_at_deregistration() {
+    let (_process, port, window, _guard) = direct_peer(&[]);
+    let engine = Engine::new(Config { host_copy_threads: 1, ..same_host() }).unwrap();
+    let conn = checked_connection(&engine, port);
+    let pattern = common::pattern(WINDOW, WINDOW_SEED);
+    let (mut mid, mut failed) = (0, 0);
+    for round in 0..300u64 {
+        let buf = vec![SENTINEL; WINDOW];
+        let addr = buf.as_ptr() as usize;
+        let mr = engine.register(addr, WINDOW).unwrap();
+        let r = conn.read(&[one(mr, addr, WINDOW, window)]).unwrap();
+        let (outcome, snapshot) = std::thread::scope(|s| {
+            let deregistered = s.spawn(|| {
+                std::thread::sleep(Duration::from_micros(150 * (round % 20)));
+                engine.deregister(mr).unwrap();
+                // SAFETY: nothing writes the buffer any more (the fence under test); reading it
+                // through its address leaves `buf` itself untouched.
+                unsafe { std::slice::from_raw_parts(addr as *const u8, WINDOW) }.to_vec()
+            });
+            (wait(&conn, r), deregistered.join().unwrap())
+        });
+        assert!(buf == snapshot, "round {round}: bytes landed after the deregistration returned");
+        match outcome {
+            Ok(n) => assert_eq!(n, WINDOW as u64),
+            Err(e) => {
+                assert_eq!(e.status(), UcclStatus::ErrNotAllowed, "round {round}: {e}");
+                failed += 1;
+            }
+        }
+        let head = snapshot[..4096] == pattern[..4096];
+        let tail = snapshot[WINDOW - 4096..] == pattern[WINDOW - 4096..];
+        if head && !tail {
+            mid += 1;
+        }
+        if mid > 0 && failed > 0 {
+            break;
+        }
+    }
+    assert!(
+        mid > 0 && failed > 0,
+        "no deregistration fell in the middle of a copy ({mid}) or failed a read ({failed})"
+    );
 }

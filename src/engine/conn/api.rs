@@ -284,7 +284,11 @@ impl Connection {
 
     /// Also finishes device copies of the same-host path whose event fired, so that a caller
     /// polling for one learns of it without waiting for the progress thread's next pass.
+    /// And runs the copy of a read of ours that the target granted, if the connection's worker has
+    /// not taken it up yet: a caller polling for its read copies it rather than waiting for the
+    /// worker's wake-up (the poll then returns after the copy).
     pub fn poll(&self, transfer: u64) -> Result<Option<u64>> {
+        self.host.run_waiting();
         if self.device_batches.load(Ordering::Acquire) > 0 {
             let mut inner = self.inner.lock();
             if let Err(e) = self.drive_device_copies(&mut inner, Seer::Poll) {
@@ -316,6 +320,7 @@ impl Connection {
     pub fn wait(&self, transfer: u64) -> Result<u64> {
         let t = self.core.transfers.get(self.id, transfer)?;
         if t.completes_on_control() {
+            let _copies_here = self.host.caller_waits();
             reader::read_until_finished(self, &t);
         } else if self.device_batches.load(Ordering::Acquire) > 0 {
             self.wait_device_copies(transfer);

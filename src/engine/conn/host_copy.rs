@@ -26,6 +26,11 @@ impl HostServed for Connection {
         Connection::serve_host_work(self, process);
     }
 
+    fn has_host_work(&self) -> bool {
+        let inner = self.inner.lock();
+        inner.state.failure().is_none() && inner.state.has_host_task()
+    }
+
     fn fail_with(&self, err: Error) {
         Connection::fail_with(self, err);
     }
@@ -87,7 +92,9 @@ impl Connection {
                     if let (Some(tracer), Some((picked, marks))) = (&self.host_tracer, traced) {
                         // Under the lock, which the reply's handling takes: the record is in place
                         // before the caller can be handed the outcome.
-                        tracer.copied(transfer, len, JobTimes { queued, picked, finished: clock_ns() }, &marks);
+                        let by_caller = self.host.on_caller();
+                        let times = JobTimes { queued, picked, finished: clock_ns(), by_caller };
+                        tracer.copied(transfer, len, times, &marks);
                     }
                 }
             }
@@ -122,6 +129,6 @@ impl Connection {
         let shared =
             SharedJob::new(&job.local, &job.remote, job.len, threads, gate, job.region.clone(), process.clone())
                 .traced(marks);
-        Arc::new(shared).run(threads)
+        Arc::new(shared).run(threads, self.core.config.host_copy_spin)
     }
 }

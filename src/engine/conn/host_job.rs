@@ -1,8 +1,9 @@
-//! One copy job of a connection's host worker (`host_copy.rs`), shared among threads: the job is
-//! cut into pieces that the worker and the process's copy helpers (`local::copiers`) take in turn,
-//! each piece entering the worker's gate, so deregistration and failure stay fences however many
-//! threads copy. The worker returns from a job only once every piece is done, and a helper takes a
-//! piece only before that, so no piece of a job runs after the worker moved on.
+//! One copy job of a connection (`host_copy.rs`), shared among threads: the job is cut into pieces
+//! that the thread running it (the connection's worker, or a caller: `host_worker.rs`) and the
+//! process's copy helpers (`local::copiers`) take in turn, each piece entering the connection's
+//! gate, so deregistration and failure stay fences however many threads copy. The running thread
+//! returns from a job only once every piece is done, and a helper takes a piece only before that,
+//! so no piece of a job runs after the connection moved on.
 
 use std::io;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -51,7 +52,7 @@ pub(super) struct SharedJob {
     region: Arc<Region>,
     process: Arc<PeerProcess>,
     len: u64,
-    /// The worker, woken when the last piece is done.
+    /// The thread running the job (the worker or a caller), woken when the last piece is done.
     worker: Thread,
     /// Where its threads mark their steps, while traced (`host_trace.rs`).
     marks: Option<Arc<JobMarks>>,
@@ -59,7 +60,7 @@ pub(super) struct SharedJob {
 
 impl SharedJob {
     /// Cuts `len` bytes, `local` (ours, in `region`) from `remote` (the peer's), into pieces for up
-    /// to `threads` threads. Called on the worker's thread.
+    /// to `threads` threads. Called on the thread that runs it.
     pub fn new(
         local: &[IoSeg],
         remote: &[IoSeg],
@@ -89,14 +90,14 @@ impl SharedJob {
         SharedJob { marks, ..self }
     }
 
-    /// Copies the job on this thread, the worker's, with up to `threads - 1` helpers; returns once
-    /// every piece is done.
-    pub fn run(self: Arc<Self>, threads: usize) -> Result<(), Failure> {
+    /// Copies the job on this thread with up to `threads - 1` helpers, which look for the next job
+    /// for `spin` afterwards; returns once every piece is done.
+    pub fn run(self: Arc<Self>, threads: usize, spin: Duration) -> Result<(), Failure> {
         let helpers = threads.saturating_sub(1).min(self.pieces.len().saturating_sub(1));
-        let offer = (helpers > 0).then(|| copiers::offer(self.clone(), helpers));
-        if let (Some(marks), Some(_)) = (&self.marks, &offer) {
+        if let (Some(marks), true) = (&self.marks, helpers > 0) {
             marks.offered();
         }
+        let offer = (helpers > 0).then(|| copiers::offer(self.clone(), helpers, spin));
         self.take_pieces();
         drop(offer);
         // What is left are pieces that helpers copy now: at most one each, and the last one done

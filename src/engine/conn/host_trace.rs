@@ -93,6 +93,8 @@ struct Record {
     last_piece: u64,
     finished: u64,
     reported: u64,
+    /// Run by a waiting caller rather than the worker.
+    by_caller: bool,
     /// Helpers that joined, and threads that took pieces (the worker's included).
     joined: u32,
     threads: u32,
@@ -114,6 +116,7 @@ impl Record {
             last_piece: 0,
             finished: 0,
             reported: 0,
+            by_caller: false,
             joined: 0,
             threads: 0,
             pieces: Vec::new(),
@@ -231,6 +234,7 @@ impl HostTracer {
             last_join: joins.iter().copied().max().unwrap_or(0),
             last_piece: pieces.iter().map(|p| p.end).max().unwrap_or(0),
             finished: times.finished,
+            by_caller: times.by_caller,
             joined: joins.len() as u32,
             threads: threads.len() as u32,
             pieces: pieces.iter().map(|p| (p.end.saturating_sub(p.start), p.bytes)).collect(),
@@ -276,6 +280,8 @@ pub(super) struct JobTimes {
     pub queued: u64,
     pub picked: u64,
     pub finished: u64,
+    /// Run by a caller waiting on the connection, not by its worker.
+    pub by_caller: bool,
 }
 
 struct Group {
@@ -342,8 +348,10 @@ fn pieces_line(kept: &[Record]) -> String {
     let count = |v: &dyn Fn(&Record) -> u64| {
         Spread::of(kept.iter().map(v)).map_or("-".into(), |s| format!("{} ({}-{})", s.median, s.min, s.max))
     };
+    let callers = kept.iter().filter(|r| r.by_caller).count();
     let mut line = format!(
-        "pieces per job {}, helpers joined {}, threads took pieces {}",
+        "run by caller {callers} worker {}; pieces per job {}, helpers joined {}, threads took pieces {}",
+        kept.len() - callers,
         count(&|r| r.pieces.len() as u64),
         count(&|r| u64::from(r.joined)),
         count(&|r| u64::from(r.threads))
@@ -421,10 +429,11 @@ mod tests {
         let start = clock_ns();
         std::thread::sleep(Duration::from_millis(1));
         marks.piece(start, 2 << 20);
-        t.copied(Some(5), 3 << 20, JobTimes { queued, picked, finished: clock_ns() }, &marks);
+        t.copied(Some(5), 3 << 20, JobTimes { queued, picked, finished: clock_ns(), by_caller: true }, &marks);
         assert!(t.posted.lock().is_empty(), "the post joined the job's record");
         let r = t.copied.lock()[&5].clone();
         assert_eq!((r.role, r.posted, r.queued, r.picked), (Role::CopiedRead, posted, queued, picked));
+        assert!(r.by_caller);
         assert_eq!((r.joined, r.threads), (1, 2), "one helper joined; it and this thread took pieces");
         assert_ne!(helper, std::thread::current().id());
         assert_eq!(r.pieces.iter().map(|p| p.1).sum::<u64>(), 3 << 20);
@@ -446,6 +455,7 @@ mod tests {
             last_piece: base + total - 2_000,
             finished: base + total - 1_000,
             reported: if role == Role::CopiedRead { base + total } else { 0 },
+            by_caller: role == Role::CopiedRead,
             joined: 2,
             threads: 3,
             pieces: vec![(10_000, 256 << 10), (20_000, 256 << 10), (30_000, 512 << 10)],
@@ -468,7 +478,9 @@ mod tests {
         assert!(report.contains("finished>reported 1.0 (1.0-1.0) total 60.0 (50.0-70.0)"), "{report}");
         assert!(!report.contains("write copied here 1048576 B: 1 jobs; us p50 (min-max): post>queued"), "{report}");
         assert!(report.contains("write posted here 1048576 B: 1 jobs; us p50 (min-max): total 20.0 (20.0-20.0)"));
-        assert!(report.contains("pieces per job 3 (3-3), helpers joined 2 (2-2), threads took pieces 3 (3-3)"));
+        assert!(report.contains("run by caller 3 worker 0; pieces per job 3 (3-3), helpers joined 2 (2-2)"));
+        assert!(report.contains("run by caller 0 worker 1; pieces per job 3 (3-3)"), "{report}");
+        assert!(report.contains("threads took pieces 3 (3-3)"), "{report}");
         assert!(report.contains("piece KiB 256 (256-512), piece us 20.0 (10.0-30.0), 17.48 GB/s per thread"));
         assert!(report.contains("typical: at 1000.0 us: posted +0.0 queued +1.0"), "{report}");
         assert!(report.contains("reported +60.0; 3 pieces on 3 threads"), "{report}");

@@ -1,12 +1,21 @@
 //! The handle of a connection's host worker (`host_copy.rs` is the work): the thread, started with
-//! the first same-host work, the signal that wakes it, and the gate through which every piece of a
-//! copy into our memory passes.
+//! the first same-host work, the signal that wakes it, the runner token that lets one thread at a
+//! time run the queued work, and the gate through which every piece of a copy into our memory
+//! passes.
+//!
+//! The copy of a read of ours need not wait for the worker: a caller waiting on the connection,
+//! reading its control stream, runs it on its own thread when it finds the target's grant
+//! (`caller_waits`), which saves the worker's wake-up on the read's critical path and leaves the
+//! caller's core copying rather than waiting. Whoever holds the runner token runs the queue; the
+//! other finds it taken and leaves, and the holder looks at the queue again after letting go, so
+//! no work is left behind.
 //!
 //! Deregistration marks the region removed and then waits until the gate holds no piece for it; the
 //! worker checks the mark after announcing its piece. Both sides store, fence (SeqCst), then load,
 //! so at least one sees the other: either the piece does not start, or the fence waits for it.
 //! Failing the connection closes the gate the same way, so nothing lands after that either.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
@@ -17,15 +26,23 @@ use parking_lot::{Condvar, Mutex};
 use crate::engine::local::PeerProcess;
 use crate::engine::region::Region;
 use crate::error::{Error, Result};
-use crate::threads::{ThreadKind, spawn_contained};
+use crate::threads::{ThreadKind, run_contained, spawn_contained};
 
 /// What the worker serves: a connection, through this trait so that this file names none.
 pub(super) trait HostServed: Send + Sync {
     /// Runs the queued host work until none is left or the connection failed.
     fn serve_host_work(&self, process: &mut Option<Arc<PeerProcess>>);
-    /// The worker's thread panicked.
+    /// Whether host work is queued (and the connection has not failed).
+    fn has_host_work(&self) -> bool;
+    /// A thread running host work panicked.
     fn fail_with(&self, err: Error);
     fn host(&self) -> &HostCopy;
+}
+
+thread_local! {
+    /// The host copy (by address) whose own reads' copies this thread, a caller waiting on its
+    /// connection, runs itself; and whether such a copy was queued for it and not run yet.
+    static CALLER: Cell<(usize, bool)> = const { Cell::new((0, false)) };
 }
 
 /// How often a deregistration or a failing connection looks again at a piece under way.
@@ -107,15 +124,106 @@ pub(super) struct HostCopy {
     pub gate: Arc<Gate>,
     signal: Arc<Signal>,
     worker: Mutex<Option<JoinHandle<()>>>,
+    /// Held by the thread running the queued work (the worker or a waiting caller): one job at a
+    /// time, as the gate requires. Holds the peer's process once proven.
+    runner: Mutex<Option<Arc<PeerProcess>>>,
+    /// The copy of a read of ours was queued for the worker since the queue was last taken up: a
+    /// caller polling or waiting on the connection may run it before the worker wakes.
+    ours_queued: AtomicBool,
+}
+
+/// While alive, the thread that made it runs the copies of its connection's reads that it finds
+/// granted itself ([`HostCopy::caller_waits`]).
+pub(super) struct CallerWaits<'a> {
+    host: &'a HostCopy,
+    before: (usize, bool),
+}
+
+impl Drop for CallerWaits<'_> {
+    fn drop(&mut self) {
+        // A copy left to this thread and not run (its wait ended first) runs now.
+        if CALLER.get() == (self.host.id(), true) {
+            self.host.run_waiting();
+        }
+        CALLER.set(self.before);
+    }
 }
 
 impl HostCopy {
     pub fn new(conn: Weak<dyn HostServed>) -> HostCopy {
-        HostCopy { conn, gate: Arc::default(), signal: Arc::default(), worker: Mutex::new(None) }
+        HostCopy {
+            conn,
+            gate: Arc::default(),
+            signal: Arc::default(),
+            worker: Mutex::new(None),
+            runner: Mutex::new(None),
+            ours_queued: AtomicBool::new(false),
+        }
     }
 
-    /// Work was queued: wakes the worker, starting it the first time.
-    pub fn wake(&self) -> Result<()> {
+    fn id(&self) -> usize {
+        std::ptr::from_ref(self) as usize
+    }
+
+    /// This thread waits on the connection and reads its control stream: the copies of our reads
+    /// that it finds granted are left to it (`ours` in [`HostCopy::wake`]) until the guard drops.
+    pub fn caller_waits(&self) -> CallerWaits<'_> {
+        CallerWaits { host: self, before: CALLER.replace((self.id(), false)) }
+    }
+
+    /// Whether this thread is a caller of the connection (not its worker).
+    pub fn on_caller(&self) -> bool {
+        self.worker.lock().as_ref().is_none_or(|t| t.thread().id() != std::thread::current().id())
+    }
+
+    /// Whether the copy of a read of ours waits for a thread: left to this one, or queued for the
+    /// worker, which a caller polling or waiting may beat to it.
+    pub fn work_waiting(&self) -> bool {
+        CALLER.get() == (self.id(), true) || self.ours_queued.load(Ordering::Relaxed)
+    }
+
+    /// Runs the queued work on this caller's thread if a copy of a read of ours waits for a thread
+    /// (`work_waiting`) and no other thread runs the queue; call it holding no lock of the
+    /// connection.
+    pub fn run_waiting(&self) {
+        if !self.work_waiting() {
+            return;
+        }
+        if CALLER.get().0 == self.id() {
+            CALLER.set((self.id(), false));
+        }
+        let Some(conn) = self.conn.upgrade() else { return };
+        // As on the worker: a panic fails the connection (and its transfers, so the caller's wait
+        // ends), not the caller's thread.
+        if let Err(e) = run_contained(ThreadKind::HostCopier, || self.run_queued(&*conn)) {
+            conn.fail_with(e);
+        }
+    }
+
+    /// Runs the queued work on this thread unless another thread runs it already; that one looks
+    /// at the queue again once it lets go of the runner token, so nothing queued meanwhile waits.
+    fn run_queued(&self, conn: &dyn HostServed) {
+        loop {
+            let Some(mut process) = self.runner.try_lock() else { return };
+            self.ours_queued.store(false, Ordering::Relaxed);
+            conn.serve_host_work(&mut process);
+            drop(process);
+            if !conn.has_host_work() {
+                return;
+            }
+        }
+    }
+
+    /// Work was queued: wakes the worker, starting it the first time; or leaves the copy of a read
+    /// of ours (`ours`) to the caller waiting on this thread (`caller_waits`).
+    pub fn wake(&self, ours: bool) -> Result<()> {
+        if ours && CALLER.get().0 == self.id() {
+            CALLER.set((self.id(), true));
+            return Ok(());
+        }
+        if ours {
+            self.ours_queued.store(true, Ordering::Relaxed);
+        }
         let mut worker = self.worker.lock();
         if self.gate.closed.load(Ordering::Acquire) {
             return Ok(());
@@ -164,7 +272,6 @@ impl HostCopy {
 
 /// The worker: waits for work, then serves it while the connection lives.
 fn run(conn: &Weak<dyn HostServed>, signal: &Signal) {
-    let mut process = None;
     loop {
         {
             let mut pending = signal.pending.lock();
@@ -177,6 +284,6 @@ fn run(conn: &Weak<dyn HostServed>, signal: &Signal) {
         if conn.host().gate.is_closed() {
             return;
         }
-        conn.serve_host_work(&mut process);
+        conn.host().run_queued(&*conn);
     }
 }

@@ -286,7 +286,7 @@ impl Connection {
                     inner.channels.iter_mut().for_each(|ch| ch.release(flow));
                     queued = true;
                 }
-                Action::HostWork => result = self.host.wake(),
+                Action::HostWork { ours } => result = self.host.wake(ours),
             }
         }
         if result.is_ok() && !msgs.is_empty() {
@@ -572,6 +572,14 @@ impl reader::Served for Connection {
 
     fn handle_read(&self, buf: &mut RxBuffer, drained: Drained) -> bool {
         Connection::handle_read(self, buf, drained)
+    }
+
+    fn work_waiting(&self) -> bool {
+        self.host.work_waiting()
+    }
+
+    fn run_waiting(&self) {
+        self.host.run_waiting();
     }
 }
 

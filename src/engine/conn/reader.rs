@@ -15,6 +15,12 @@ pub(super) trait Served {
     /// Handles the whole messages a read that `drained` describes brought into `buf`; false once
     /// the connection failed (nothing more will be read).
     fn handle_read(&self, buf: &mut RxBuffer, drained: Drained) -> bool;
+
+    /// Whether work waits that a waiting caller may run (the copy of a read of ours).
+    fn work_waiting(&self) -> bool;
+
+    /// Runs that work on the caller's thread.
+    fn run_waiting(&self);
 }
 
 /// The reactor's turn: reads a buffer's worth and handles it. `Again` when more may be queued (the
@@ -41,33 +47,50 @@ fn pump(conn: &impl Served, buf: &mut RxBuffer, wait: bool) -> bool {
 }
 
 /// Reads the control stream in the caller's thread while `t` waits for the peer's answer to one of
-/// its parts (for inline transfers polling for the spin time first, then in bounded blocking
-/// reads), unless another thread is reading it: then that thread delivers the reply, which the
-/// caller watches for during the spin time and afterwards sleeps on. A part answered while its own
-/// chunks are still being tested is finished by the progress thread: the caller sleeps on that.
+/// its parts (for inline transfers and same-host reads polling for the spin time first, then in
+/// bounded blocking reads), unless another thread is reading it: then that thread delivers the
+/// reply, which the caller watches for during the spin time and afterwards sleeps on. A part
+/// answered while its own chunks are still being tested is finished by the progress thread: the
+/// caller sleeps on that. Work left to the caller by what it or another thread read (a copy of ours
+/// the target granted) runs with the stream given back, so the connection's other messages are
+/// read meanwhile; then the caller reads again.
 pub(super) fn read_until_finished(conn: &impl Served, t: &Transfer) {
     let rx = conn.rx();
     let spin = if t.answers() == Answers::Inline { rx.spin() } else { std::time::Duration::ZERO };
-    let Some(mut buf) = rx.take() else {
-        // Another thread reads the stream and delivers the reply: watch for it before sleeping.
+    loop {
+        // The stream may be held for a moment by a control reactor's poll: try again during the
+        // spin time, watching for the reply (or work left to us) meanwhile.
         let until = Instant::now() + spin;
-        while !t.is_finished() && Instant::now() < until {
+        let taken = loop {
+            if let Some(buf) = rx.take() {
+                break Some(buf);
+            }
+            if t.is_finished() || conn.work_waiting() || Instant::now() >= until {
+                break None;
+            }
             std::thread::yield_now();
+        };
+        if let Some(mut buf) = taken
+            && spin_until_finished(conn, &mut buf, t, spin)
+        {
+            // Each blocking read is bounded, so a reply delivered some other way (a failure) is
+            // noticed.
+            while !t.is_finished() && t.awaits_answer() && !conn.work_waiting() && pump(conn, &mut buf, true) {}
         }
-        return;
-    };
-    if spin_until_finished(conn, &mut buf, t, spin) {
-        // Each blocking read is bounded, so a reply delivered some other way (a failure) is noticed.
-        while !t.is_finished() && t.awaits_answer() && pump(conn, &mut buf, true) {}
+        if t.is_finished() || !conn.work_waiting() {
+            return;
+        }
+        conn.run_waiting();
     }
 }
 
-/// Polls the stream without blocking, for at most `spin`, while `t` waits for an answer; false
-/// once the connection failed. Frames are handled only when bytes came, so polling takes no lock.
+/// Polls the stream without blocking, for at most `spin`, while `t` waits for an answer and no
+/// work was left to the caller; false once the connection failed. Frames are handled only when
+/// bytes came, so polling takes no lock.
 fn spin_until_finished(conn: &impl Served, buf: &mut RxBuffer, t: &Transfer, spin: std::time::Duration) -> bool {
     let rx = conn.rx();
     let until = Instant::now() + spin;
-    while !t.is_finished() && t.awaits_answer() && Instant::now() < until {
+    while !t.is_finished() && t.awaits_answer() && !conn.work_waiting() && Instant::now() < until {
         let drained = rx.drain(buf, false);
         if !matches!(drained, Drained::Empty) && !conn.handle_read(buf, drained) {
             return false;

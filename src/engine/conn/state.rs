@@ -63,7 +63,9 @@ pub(super) enum Action {
     /// Post them again.
     Release(u64),
     /// Wake the connection's host worker: a same-host proof or copy is queued (`direct.rs`).
-    HostWork,
+    /// `ours`: the copy of a read of ours, which a caller waiting on the connection may run on its
+    /// own thread instead.
+    HostWork { ours: bool },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -398,28 +400,33 @@ impl ConnState {
         // The requests go out together, ahead of the flows: the peer can start on them while
         // this end cuts the chunks.
         let mut flows = Vec::new();
-        let (mut inline_parts, mut answered_parts) = (0, 0);
+        // Parts the peer answers on the control stream: inline ones and same-host reads promptly
+        // (a read's DirectGrant, then our copy, then the target's Done); writes over the channels
+        // after their chunks, same-host writes after the target's copy (Done, or Deny).
+        let (mut prompt_parts, mut later_parts) = (0, 0);
         for request in requests {
             let before = flows.len();
-            let msg = match request {
-                OneSidedRequest::Item(item) => {
-                    let (msg, inline) = self.post_item(transfer, write, item, direct, &mut flows);
-                    inline_parts += usize::from(inline);
-                    msg
+            let (msg, inline, direct) = match request {
+                OneSidedRequest::Item(item) => self.post_item(transfer, write, item, direct, &mut flows),
+                OneSidedRequest::Vector(vector) => {
+                    let (msg, direct) = self.post_vector(transfer, write, vector, direct, &mut flows);
+                    (msg, false, direct)
                 }
-                OneSidedRequest::Vector(vector) => self.post_vector(transfer, write, vector, direct, &mut flows),
             };
-            // A write over the channels ends with the peer's Done (or Deny), after its chunks.
-            answered_parts += usize::from(flows.len() > before);
+            if inline || direct && !write {
+                prompt_parts += 1;
+            } else if direct || flows.len() > before {
+                later_parts += 1;
+            }
             out.push(Action::Send(msg));
         }
         out.append(&mut flows);
-        transfer.expect_answers(inline_parts + answered_parts, answered_parts > 0);
+        transfer.expect_answers(prompt_parts + later_parts, later_parts > 0);
         Ok(())
     }
 
-    /// One item as its own request; also says whether it went inline. `direct`: it may ask for the
-    /// same-host copy. A write's flow is pushed to `flows`.
+    /// One item as its own request; also says whether it went inline and whether it asked for the
+    /// same-host copy. `direct`: it may ask for that. A write's flow is pushed to `flows`.
     fn post_item(
         &mut self,
         transfer: &Arc<Transfer>,
@@ -427,7 +434,7 @@ impl ConnState {
         item: OneSidedItem,
         direct: bool,
         flows: &mut Vec<Action>,
-    ) -> (Control, bool) {
+    ) -> (Control, bool, bool) {
         let id = self.take_id();
         let OneSidedItem { region, addr: local, len, remote_region, token, remote_addr: addr, payload } = item;
         // Small transfers ride the control stream: one round trip instead of a request, a grant
@@ -445,6 +452,7 @@ impl ConnState {
             }
             _ => None,
         };
+        let asked = direct.is_some();
         let msg = if let (Some(payload), true) = (payload, inline) {
             let kind = InlineKind::Write;
             self.inline_ops.insert(id, InlineOp { transfer: transfer.clone(), len, backlog: len, kind, prompt: true });
@@ -460,7 +468,7 @@ impl ConnState {
             let request = Control::ReadRequest { xfer: id, region: remote_region, token, addr, len };
             self.post_read(id, extent, region, transfer, direct, request)
         };
-        (msg, inline)
+        (msg, inline, asked)
     }
 
     /// Items sharing both regions as one vector request: the local segments are the flow's extent
@@ -472,18 +480,20 @@ impl ConnState {
         vector: VectorRequest,
         direct: bool,
         flows: &mut Vec<Action>,
-    ) -> Control {
+    ) -> (Control, bool) {
         let id = self.take_id();
         let VectorRequest { region, local: extent, remote_region, token, segs } = vector;
         let direct =
             if direct { self.direct_request(id, write, &extent, remote_region, token, segs.clone()) } else { None };
-        if write {
+        let asked = direct.is_some();
+        let msg = if write {
             let request = Control::WriteVector { xfer: id, region: remote_region, token, segs };
             self.post_write(id, Source { extent, region }, transfer, direct, request, flows)
         } else {
             let request = Control::ReadVector { xfer: id, region: remote_region, token, segs };
             self.post_read(id, extent, region, transfer, direct, request)
-        }
+        };
+        (msg, asked)
     }
 
     /// Our write `id` of `src` over the channels or, when it asked for the same-host copy

@@ -1,5 +1,5 @@
 //! The process's copy helpers: threads that take pieces of large same-host copies alongside the
-//! connection workers that run them (`conn/host_job.rs` is such a job).
+//! threads that run them, connection workers or callers (`conn/host_job.rs` is such a job).
 //!
 //! Why threads of the process and not of each job: one thread reading another process moves a few
 //! GB/s (it pins every source page and copies it at one core's memory bandwidth), so a large copy
@@ -10,19 +10,30 @@
 //! runs only as many helpers as its largest job asked for. A helper that found no job for
 //! `IDLE_EXIT` ends, so an idle process holds none.
 //!
+//! Why a job is handed to waiting helpers and they are woken in a cascade: woken through one
+//! condition variable and one lock, they came out of the lock one after another, each paying the
+//! scheduling delay of the one before (fifteen in a row for sixteen threads); woken by one thread,
+//! that thread would pay fifteen system calls before it copies.
+//!
 //! A job never waits for a helper: its own thread takes pieces too, so a job offered while every
 //! helper is busy elsewhere still finishes, on its own thread alone.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 
 use crate::config::MAX_HOST_COPY_THREADS;
 use crate::threads::{ThreadKind, spawn_contained};
 
 /// How long a helper waits for a job before it ends.
 const IDLE_EXIT: Duration = Duration::from_secs(1);
+/// Helpers each woken helper wakes in turn (and the offering thread first): a wake-up costs the
+/// waker a system call and the woken thread its scheduling delay, so a fan-out of a few wakes
+/// sixteen helpers in two rounds, while the offering thread pays for four calls only.
+const FANOUT: usize = 4;
 
 /// Work that helpers may share.
 pub(crate) trait Shared: Send + Sync {
@@ -32,21 +43,43 @@ pub(crate) trait Shared: Send + Sync {
     fn open(&self) -> bool;
 }
 
-#[derive(Default)]
+/// One helper's place: the job handed to it while it waited, and its thread to wake.
+struct Slot {
+    thread: Thread,
+    handed: Mutex<Option<Arc<Offered>>>,
+}
+
+/// A job handed to waiting helpers, and who of them is woken yet.
+struct Offered {
+    job: Arc<dyn Shared>,
+    /// How long a helper looks for the next job after this one before it sleeps.
+    spin: Duration,
+    woken: Vec<Arc<Slot>>,
+    next: AtomicUsize,
+}
+
+impl Offered {
+    /// Wakes up to `FANOUT` of the helpers not woken yet.
+    fn wake_some(&self) {
+        for _ in 0..FANOUT {
+            let k = self.next.fetch_add(1, Ordering::Relaxed);
+            let Some(slot) = self.woken.get(k) else { return };
+            slot.thread.unpark();
+        }
+    }
+}
+
 struct State {
-    /// Jobs offered and not withdrawn, oldest first.
+    /// Jobs offered and not withdrawn, oldest first: a helper that comes back from one job finds
+    /// the next here.
     jobs: Vec<Arc<dyn Shared>>,
-    /// Helpers running, and how many of them wait for a job.
+    /// Helpers running.
     threads: usize,
-    idle: usize,
+    /// Helpers waiting for a job, the last to finish one last.
+    idle: Vec<Arc<Slot>>,
 }
 
-struct Pool {
-    state: Mutex<State>,
-    work: Condvar,
-}
-
-static POOL: Pool = Pool { state: Mutex::new(State { jobs: Vec::new(), threads: 0, idle: 0 }), work: Condvar::new() };
+static POOL: Mutex<State> = Mutex::new(State { jobs: Vec::new(), threads: 0, idle: Vec::new() });
 
 /// A job offered to the helpers; withdrawn when dropped (a helper inside it finishes its piece).
 pub(crate) struct Offer {
@@ -55,74 +88,122 @@ pub(crate) struct Offer {
 
 impl Drop for Offer {
     fn drop(&mut self) {
-        POOL.state.lock().jobs.retain(|j| !Arc::ptr_eq(j, &self.job));
+        POOL.lock().jobs.retain(|j| !Arc::ptr_eq(j, &self.job));
     }
 }
 
 /// Offers `job` to `helpers` helpers, starting those missing: the process runs as many helpers as
 /// its largest job asked for (`Config::host_copy_threads` less the job's own thread), at most
-/// `MAX_HOST_COPY_THREADS - 1`. A helper that cannot be started is logged and the job runs with
-/// fewer.
-pub(crate) fn offer(job: Arc<dyn Shared>, helpers: usize) -> Offer {
+/// `MAX_HOST_COPY_THREADS - 1`. Waiting helpers are handed the job and woken in a cascade, none of
+/// them taking the pool's lock to find it; helpers that come back from other work find it in the
+/// pool. After a job a helper looks for the next for `spin` before it sleeps. A helper that cannot
+/// be started is logged and the job runs with fewer.
+pub(crate) fn offer(job: Arc<dyn Shared>, helpers: usize, spin: Duration) -> Offer {
     let helpers = helpers.min(MAX_HOST_COPY_THREADS - 1);
-    let start = {
-        let mut state = POOL.state.lock();
+    let (offered, start) = {
+        let mut state = POOL.lock();
         state.jobs.push(job.clone());
-        let wake = helpers.min(state.idle);
-        for _ in 0..wake {
-            POOL.work.notify_one();
+        let wake = helpers.min(state.idle.len());
+        let at = state.idle.len() - wake;
+        let woken = state.idle.split_off(at);
+        let offered = Arc::new(Offered { job: job.clone(), spin, woken, next: AtomicUsize::new(0) });
+        for slot in &offered.woken {
+            *slot.handed.lock() = Some(offered.clone());
         }
         let start = helpers.saturating_sub(state.threads);
         state.threads += start;
-        start
+        (offered, start)
     };
-    start_helpers(start);
+    offered.wake_some();
+    start_helpers(start, spin);
     Offer { job }
 }
 
 /// Starts `n` helpers, one after another: each starts the next before it serves, so the job's
 /// own thread pays for one thread start, not for `n`.
-fn start_helpers(n: usize) {
+fn start_helpers(n: usize, spin: Duration) {
     if n == 0 {
         return;
     }
     let thread = std::thread::Builder::new().name("uccl-copy-helper".into());
     // `help` contains its own panics (they fail the job they hit); one here is the pool's own and
     // only takes this helper away.
-    let on_panic = |_| POOL.state.lock().threads -= 1;
+    let on_panic = |_| POOL.lock().threads -= 1;
     let started = spawn_contained(thread, ThreadKind::HostCopyHelper, on_panic, move || {
-        start_helpers(n - 1);
-        serve();
+        start_helpers(n - 1, spin);
+        serve(spin);
     });
     if let Err(e) = started {
-        POOL.state.lock().threads -= n;
+        POOL.lock().threads -= n;
         log::warn!("cannot start a host copy helper thread ({e}); large copies use fewer threads");
     }
 }
 
-/// A helper: serves the oldest open job, then the next, and ends after `IDLE_EXIT` without one.
-fn serve() {
-    let mut state = POOL.state.lock();
+/// A helper: serves the job handed to it or the oldest open one in the pool, looks for the next
+/// for the spin time, then waits to be handed one, and ends after `IDLE_EXIT` without one.
+fn serve(mut spin: Duration) {
+    let slot = Arc::new(Slot { thread: std::thread::current(), handed: Mutex::new(None) });
+    let mut idle_since = Instant::now();
     loop {
-        state.jobs.retain(|j| j.open());
-        if let Some(job) = state.jobs.first().cloned() {
-            parking_lot::MutexGuard::unlocked(&mut state, || job.help());
+        if let Some(offered) = slot.handed.lock().take() {
+            offered.wake_some();
+            spin = offered.spin;
+            offered.job.help();
+            idle_since = Instant::now();
             continue;
         }
-        state.idle += 1;
-        let timed_out = POOL.work.wait_for(&mut state, IDLE_EXIT).timed_out();
-        state.idle -= 1;
-        if timed_out && state.jobs.is_empty() {
-            state.threads -= 1;
-            return;
+        let pooled = {
+            let mut state = POOL.lock();
+            state.jobs.retain(|j| j.open());
+            let job = state.jobs.first().cloned();
+            if job.is_none() {
+                // Not listed here otherwise: a helper leaves the list when a job is handed to it.
+                state.idle.push(slot.clone());
+            }
+            job
+        };
+        if let Some(job) = pooled {
+            job.help();
+            idle_since = Instant::now();
+            continue;
         }
+        if !wait_handed(&slot, idle_since, spin) {
+            let mut state = POOL.lock();
+            // Handed a job meanwhile: serve it; else end.
+            if slot.handed.lock().is_none() {
+                state.idle.retain(|s| !Arc::ptr_eq(s, &slot));
+                state.threads -= 1;
+                return;
+            }
+        }
+    }
+}
+
+/// Waits until a job is handed to `slot`, first looking for the spin time after `since` (yielding
+/// between looks), then parked; false once `IDLE_EXIT` passed since `since` without one.
+fn wait_handed(slot: &Slot, since: Instant, spin: Duration) -> bool {
+    while since.elapsed() < spin {
+        if slot.handed.lock().is_some() {
+            return true;
+        }
+        std::thread::yield_now();
+    }
+    loop {
+        if slot.handed.lock().is_some() {
+            return true;
+        }
+        let waited = since.elapsed();
+        if waited >= IDLE_EXIT {
+            return false;
+        }
+        std::thread::park_timeout(IDLE_EXIT - waited);
     }
 }
 
 /// Helpers running now (tests).
 #[cfg(test)]
 pub(crate) fn helpers_running() -> usize {
-    POOL.state.lock().threads
+    POOL.lock().threads
 }
 
 #[cfg(test)]
@@ -158,7 +239,7 @@ mod tests {
         let n = 200;
         let job =
             Arc::new(Count { n, next: AtomicUsize::new(0), done: AtomicUsize::new(0), threads: Mutex::default() });
-        let offer = offer(job.clone(), 3);
+        let offer = offer(job.clone(), 3, Duration::ZERO);
         let me = std::thread::current().id();
         testkit::wait_until("a helper took a piece", testkit::PATIENCE, || job.threads.lock().iter().any(|t| *t != me));
         job.help();
@@ -174,6 +255,24 @@ mod tests {
             threads.len()
         );
         assert!(helpers_running() <= 3, "no more helpers than asked for");
+
+        // Helpers waiting for a job are handed the next and woken one by another: every one of
+        // them takes part without this thread copying at all.
+        testkit::wait_until("the helpers wait", testkit::PATIENCE, || {
+            let state = POOL.lock();
+            state.threads == 3 && state.idle.len() == 3
+        });
+        let job =
+            Arc::new(Count { n, next: AtomicUsize::new(0), done: AtomicUsize::new(0), threads: Mutex::default() });
+        let offer = super::offer(job.clone(), 3, Duration::from_millis(5));
+        assert!(POOL.lock().idle.is_empty(), "each waiting helper was handed the job");
+        testkit::wait_until("every piece done", testkit::PATIENCE, || job.done.load(Ordering::Acquire) == n);
+        drop(offer);
+        let mut threads = job.threads.lock().clone();
+        threads.sort_unstable_by_key(|t| format!("{t:?}"));
+        threads.dedup();
+        assert_eq!(threads.len(), 3, "the three helpers took the pieces");
+        assert!(!threads.contains(&me));
         // Nothing is offered any more: the helpers end on their own.
         testkit::wait_until("idle helpers end", testkit::PATIENCE, || helpers_running() == 0);
     }

@@ -70,6 +70,11 @@ impl ConnState {
         HostPath { checked: self.direct.proved && self.direct.ack_seen, ..self.direct.path }
     }
 
+    /// Whether work for the host worker is queued.
+    pub fn has_host_task(&self) -> bool {
+        !self.direct.work.is_empty()
+    }
+
     /// Next work for the host worker.
     pub fn next_host_task(&mut self) -> Option<HostTask> {
         let task = self.direct.work.pop_front();
@@ -125,7 +130,7 @@ impl ConnState {
         }
         if self.direct.same_host {
             self.direct.work.push_back(HostTask::Prove { pid, fd });
-            out.push(Action::HostWork);
+            out.push(Action::HostWork { ours: false });
         } else {
             out.push(Action::Send(Control::ProcessAck { readable: false }));
         }
@@ -174,7 +179,7 @@ impl ConnState {
             queued: clock_ns(),
         };
         self.direct.work.push_back(HostTask::Copy(job));
-        out.push(Action::HostWork);
+        out.push(Action::HostWork { ours: false });
         Ok(())
     }
 
@@ -222,7 +227,7 @@ impl ConnState {
             queued: clock_ns(),
         };
         self.direct.work.push_back(HostTask::Copy(job));
-        out.push(Action::HostWork);
+        out.push(Action::HostWork { ours: true });
         Ok(())
     }
 
@@ -255,20 +260,28 @@ impl ConnState {
         if error.is_none() {
             self.direct.path.direct_ops += 1;
         }
+        transfer.answered();
         out.push(Action::Finish(transfer, error.map_or(Ok(len), Err)));
         Some(Ok(()))
     }
 
     /// Forgets that op `xfer` asked for the direct path: the target answered the network way
-    /// (Grant, Data) or refused it.
+    /// (Grant, Data) or refused it. A read served with Data now completes through the channels, so
+    /// its answer came (a caller waiting on it stops reading the control stream for it); a granted
+    /// write still ends with the target's Done, after its chunks.
     pub(super) fn direct_answered(&mut self, xfer: u64) {
         self.direct.writes.remove(&xfer);
-        self.direct.reads.remove(&xfer);
+        if self.direct.reads.remove(&xfer).is_some()
+            && let Some(t) = self.inbound.get(&xfer).and_then(|i| i.on_done.transfer())
+        {
+            t.answered();
+        }
     }
 
     /// A Deny for a read we copied; `None` when `xfer` is not one.
     pub(super) fn direct_denied(&mut self, xfer: u64, err: Error, out: &mut Vec<Action>) -> Option<()> {
         let c = self.direct.copied.remove(&xfer)?;
+        c.transfer.answered();
         out.push(Action::Finish(c.transfer, Err(err)));
         Some(())
     }

@@ -116,7 +116,7 @@ impl End {
                 Action::Notify { name, msg } => self.notes.push((name, msg)),
                 Action::Hold(flow) => self.held.push(flow),
                 Action::Release(flow) => self.held.retain(|&f| f != flow),
-                Action::HostWork => self.host_work = true,
+                Action::HostWork { .. } => self.host_work = true,
             }
         }
     }

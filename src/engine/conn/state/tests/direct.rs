@@ -35,6 +35,7 @@ fn writes_are_copied_in_by_the_target_and_reads_out_by_the_reader() {
     };
     assert_eq!(segs, [RemoteSeg { addr: dst.addr() as u64 + 100, len: len as u32 }]);
     assert_eq!(from, [src.addr() as u64]);
+    assert_eq!(t.answers(), Answers::AfterData, "a waiting caller blocks on the stream for the Done");
     deliver(&mut a, &mut b).unwrap();
     assert!(b.host_work && b.outbox.is_empty(), "the target copies before it answers");
     assert!(run_host_work(&mut b));
@@ -47,6 +48,7 @@ fn writes_are_copied_in_by_the_target_and_reads_out_by_the_reader() {
     let back = a.buffer(len, |_| 0);
     let t = a.one_sided(false, &[(&back, 0, &dst, 100, len)]);
     let Some(&Control::DirectRead { xfer, .. }) = a.outbox.front() else { panic!("{:?}", a.outbox) };
+    assert_eq!(t.answers(), Answers::Inline, "a waiting caller reads the prompt grant and copies");
     deliver(&mut a, &mut b).unwrap();
     assert_eq!(b.outbox, [Control::DirectGrant { xfer }]);
     assert!(b.st.waits_on_peer(), "the reader owes its DirectDone");
@@ -120,8 +122,11 @@ fn a_target_that_cannot_copy_answers_the_network_way() {
     let dst = b.buffer(len, |_| 0);
     let t = a.one_sided(true, &[(&src, 0, &dst, 0, len)]);
     assert!(matches!(a.outbox.front(), Some(Control::DirectWrite { .. })));
+    assert!(t.awaits_answer());
     deliver(&mut a, &mut b).unwrap();
     assert!(matches!(b.outbox.front(), Some(Control::Grant { .. })), "{:?}", b.outbox);
+    deliver(&mut b, &mut a).unwrap();
+    assert!(t.awaits_answer(), "granted: the target's Done still ends it, after the chunks");
     pump(&mut a, &mut b);
     assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
     assert_eq!(dst.bytes, src.bytes);
@@ -141,8 +146,11 @@ fn a_target_that_cannot_copy_answers_the_network_way() {
     assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
     let back = a.buffer(len, |_| 0);
     let t = a.one_sided(false, &[(&back, 0, &dev, 0, len)]);
+    assert!(t.awaits_answer());
     deliver(&mut a, &mut b).unwrap();
     assert!(matches!(b.outbox.front(), Some(Control::Data { .. })), "{:?}", b.outbox);
+    deliver(&mut b, &mut a).unwrap();
+    assert!(!t.awaits_answer(), "served over the channels: no further answer comes");
     pump(&mut a, &mut b);
     assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
     assert_eq!(back.bytes, src.bytes);
