@@ -246,9 +246,16 @@ impl RegionTable {
             return Err(deny("the capability token does not match the region".into()));
         }
         let windows = r.windows.lock();
+        // Neighbouring segments (a layer's blocks) mostly share a window: the one the previous
+        // segment fell in is tried first, so a region advertised in many windows costs one check a
+        // segment, not one per window.
+        let mut last = 0;
         for (i, seg) in segs.iter().enumerate() {
             let inside = usize::try_from(seg.addr).is_ok_and(|addr| {
-                seg.len > 0 && windows.iter().any(|&(base, wlen)| range_within(addr, seg.len as usize, base, wlen))
+                let within = |&(base, wlen): &(usize, usize)| range_within(addr, seg.len as usize, base, wlen);
+                seg.len > 0
+                    && (windows.get(last).is_some_and(within)
+                        || windows.iter().position(within).inspect(|&k| last = k).is_some())
             });
             if !inside {
                 return Err(deny(format!(
@@ -344,6 +351,22 @@ mod tests {
             assert!(err.message().contains(bad), "{err}");
         }
         assert!(t.authorize_segments(id, cap.token ^ 1, &good, None).unwrap_err().message().contains("token"));
+        // Runs of segments in one window, then in another, then back, then one outside every
+        // window after a run inside one.
+        for k in 1..8 {
+            t.advertise(id, 0x10000 + k * 0x2000, 0x1000).unwrap();
+        }
+        let mut runs: Vec<RemoteSeg> =
+            (0..8u64).flat_map(|k| (0..4).map(move |j| seg(0x10000 + k * 0x2000 + j * 0x400, 0x400))).collect();
+        runs.extend((0..4).map(|j| seg(0x14000 + j * 0x400, 0x400)));
+        assert!(runs.iter().all(|s| !(0x11000..0x12000).contains(&s.addr)));
+        assert_eq!(t.authorize_segments(id, cap.token, &runs, None).unwrap().id, id);
+        runs.push(seg(0x14c00, 0x401));
+        let err = t.authorize_segments(id, cap.token, &runs, None).unwrap_err();
+        assert!(err.message().contains(&format!("segment {},", runs.len() - 1)), "{err}");
+        runs.pop();
+        runs.push(seg(0x11000, 1));
+        assert!(t.authorize_segments(id, cap.token, &runs, None).is_err(), "between two windows");
         t.remove(id).unwrap();
         assert_eq!(t.authorize_segments(id, cap.token, &good, None).unwrap_err().status(), UcclStatus::ErrNotAllowed);
     }
