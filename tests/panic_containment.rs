@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use uccl_tcpx::config::{SocketConfig, TransportChoice};
+use uccl_tcpx::engine::OneSided;
 use uccl_tcpx::threads::{ThreadKind, inject_panic, panic_pending};
 use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
 
@@ -240,6 +241,36 @@ fn control_reactor_panic_fails_the_connections_it_served_only() {
     moves_data(&ba2, &p.b, &ab2, &p.a);
     new_connection_works(&p.a, &p.b);
     drop((p.ab, p.ba, ab2, ba2));
+    destroy(p.a);
+    destroy(p.b);
+}
+
+/// A vector call of several requests posts them one by one: a control reactor thread that dies as
+/// the first request's frame (larger than a caller writes itself) reaches it fails the connection
+/// while the call's later requests are being posted or its chunks move, and the call still ends
+/// with the internal error (from the post or its transfer), none of its parts left waiting.
+#[test]
+fn a_vector_call_whose_connection_fails_while_it_posts_ends_with_the_error() {
+    let _serial = serial();
+    let p = pair();
+    // 60,000 items: eight requests of at most 8192 segments, the first a 96 KiB frame.
+    let (count, len, slot) = (60_000usize, 64usize, 128usize);
+    let src = Buf::new(&p.a, pattern(count * slot, 4));
+    let dst = Buf::new(&p.b, vec![0; count * slot]);
+    let fifo = p.b.prepare_fifo(dst.mr, dst.data.as_ptr() as usize, dst.data.len()).unwrap();
+    let items: Vec<OneSided> = (0..count)
+        .map(|i| {
+            let mut remote = fifo;
+            remote.addr += (i * slot) as u64;
+            remote.size = len as u32;
+            OneSided { mr: src.mr, addr: src.data.as_ptr() as usize + i * slot, len, remote }
+        })
+        .collect();
+    inject_panic(ThreadKind::ControlReactor);
+    let ab = p.ab.clone();
+    let result = within("vector write", move || ab.write(&items).and_then(|id| outcome(&ab, id)));
+    assert_internal(result, ThreadKind::ControlReactor);
+    drop((p.ab, p.ba));
     destroy(p.a);
     destroy(p.b);
 }
