@@ -100,6 +100,11 @@ pub struct Config {
     /// work. Default 20 us when this process may run on 2 or more CPUs, else 0.
     /// `UCCL_TCPX_CONTROL_SPIN_US`.
     pub control_spin: Duration,
+    /// Whether a caller waiting on a read over the channels is woken by the transport's
+    /// completions in the progress thread's place and finishes the read itself (one thread
+    /// wake-up between the last byte and the caller instead of two). Default on when this process
+    /// may run on 8 or more CPUs, else off. `UCCL_TCPX_CALLER_COMPLETES` (0 or 1).
+    pub caller_completes: bool,
     /// Threads an engine reads and writes its connections' control streams with (its control
     /// reactor), started as connections arrive and ended with the last one; 0 = one per core, at
     /// most 4. `UCCL_TCPX_CONTROL_THREADS` (0 to 64).
@@ -332,6 +337,13 @@ fn default_control_spin() -> Duration {
     if available_cores() >= 2 { Duration::from_micros(20) } else { Duration::ZERO }
 }
 
+/// A wake-up saved pays where a thread waking costs tens of microseconds on an idle core; on the
+/// 2-core VM, where the woken caller and the progress thread compete with the helpers for two
+/// cores, 256 KiB reads got 5-10 % slower instead (p50 over alternated rounds), so off there.
+fn default_caller_completes() -> bool {
+    available_cores() >= 8
+}
+
 /// One thread reading another process with `process_vm_readv` moves a few GB/s, bound by its own
 /// core (the kernel pins every source page and copies page by page), so a large copy takes many:
 /// on a 32-core host one moved 4-6 GB/s and eight 27, where loopback TCP moved 36 with 32 threads.
@@ -398,6 +410,7 @@ impl Default for Config {
             staging: StagingConfig::default(),
             plugin_test_ahead: true,
             control_spin: default_control_spin(),
+            caller_completes: default_caller_completes(),
             control_threads: 0,
             allow_dial: Vec::new(),
             trace_device_copy: 0,
@@ -445,6 +458,7 @@ impl Config {
             staging: StagingConfig::from_lookup(&get)?,
             plugin_test_ahead: parse_in(&get, "UCCL_TCPX_PLUGIN_TEST_AHEAD", 1u8, 0, 1)? == 1,
             control_spin: parse_micros(&get, "UCCL_TCPX_CONTROL_SPIN_US", d.control_spin, 1_000_000)?,
+            caller_completes: parse_in(&get, "UCCL_TCPX_CALLER_COMPLETES", d.caller_completes as u8, 0, 1)? == 1,
             control_threads: parse_in(&get, "UCCL_TCPX_CONTROL_THREADS", d.control_threads, 0, MAX_CONTROL_THREADS)?,
             allow_dial: parse_cidrs(&get, "UCCL_TCPX_ALLOW_DIAL")?,
             trace_device_copy: parse_in(&get, "UCCL_TCPX_TRACE_DEVICE_COPY", 0u8, 0, 2)?,
@@ -718,6 +732,9 @@ mod tests {
         assert_eq!(default, (cores / 2).clamp(1, 16), "half of {cores} cores, 1 to 16");
         assert!(cfg(&[]).unwrap().plugin_test_ahead);
         assert_eq!(cfg(&[("UCCL_TCPX_CONTROL_SPIN_US", "0")]).unwrap().control_spin, Duration::ZERO);
+        assert_eq!(cfg(&[]).unwrap().caller_completes, cores >= 8, "{cores} cores");
+        assert!(cfg(&[("UCCL_TCPX_CALLER_COMPLETES", "1")]).unwrap().caller_completes);
+        assert!(!cfg(&[("UCCL_TCPX_CALLER_COMPLETES", "0")]).unwrap().caller_completes);
         assert_eq!(cfg(&[("UCCL_TCPX_CONTROL_THREADS", "3")]).unwrap().control_threads_per_engine(), 3);
         assert_eq!(cfg(&[]).unwrap().control_threads_per_engine(), available_cores().min(4));
         assert!(cfg(&[("UCCL_TCPX_CONTROL_THREADS", "65")]).is_err());
@@ -815,6 +832,7 @@ mod tests {
             ("UCCL_TCPX_SOCKET_SPIN_US", "-1"),
             ("UCCL_TCPX_CONTROL_SPIN_US", "-1"),
             ("UCCL_TCPX_CONTROL_SPIN_US", "2000000"),
+            ("UCCL_TCPX_CALLER_COMPLETES", "2"),
             ("UCCL_TCPX_SOCKET_HELPERS", "65"),
             ("UCCL_TCPX_DISABLE_IPC", "2"),
             ("UCCL_TCPX_DISABLE_IPC", "yes"),

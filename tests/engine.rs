@@ -481,3 +481,62 @@ fn a_vector_of_many_small_items_keeps_inline_bytes_bounded() {
     assert_eq!(wait(&p.ab, w).unwrap(), total as u64);
     assert!(target == local, "every item written");
 }
+
+/// Callers blocked in `Connection::wait` on transfers over the channels: writes (the caller reads
+/// its Done on the control stream) and reads (with `caller_completes`, woken by the transport in
+/// the progress thread's place), from several threads of one connection at once, with chunks of
+/// other transfers completing meanwhile, and a refused read. Every wait returns with the right
+/// bytes, none by a timeout's slice.
+#[test]
+fn callers_waiting_on_channel_transfers_finish_them() {
+    for caller_completes in [false, true] {
+        let p = common::pair(Config { caller_completes, ..config() });
+        let size = 3 << 20;
+        let mut remote = pattern(2 * size, 9);
+        let rmr = p.b.register(remote.as_mut_ptr() as usize, remote.len()).unwrap();
+        let fifo = p.b.prepare_fifo(rmr, remote.as_ptr() as usize, remote.len()).unwrap();
+        let mut slow = 0;
+        std::thread::scope(|sc| {
+            let threads: Vec<_> = (0..3u64)
+                .map(|t| {
+                    let p = &p;
+                    sc.spawn(move || {
+                        let mut src = pattern(size / 4, t);
+                        let mut back = vec![0u8; size / 4];
+                        let smr = p.a.register(src.as_mut_ptr() as usize, src.len()).unwrap();
+                        let bmr = p.a.register(back.as_mut_ptr() as usize, back.len()).unwrap();
+                        // Each thread reads and writes its own quarter of the remote buffer.
+                        let mut at = fifo;
+                        at.addr += t * (size / 4) as u64;
+                        let mut slow = 0;
+                        for r in 0..24u64 {
+                            let len = (64 << 10) + 1 + ((r * 7919 + t * 131) as usize * 4099) % (size / 4 - (64 << 10));
+                            src[..len].copy_from_slice(&pattern(len, t * 100 + r));
+                            let started = Instant::now();
+                            let op = OneSided { mr: smr, addr: src.as_ptr() as usize, len, remote: at };
+                            let w = p.ab.write(&[op]).unwrap();
+                            assert_eq!(p.ab.wait(w).unwrap(), len as u64, "thread {t} write {r}");
+                            back[..len].fill(0);
+                            let op = OneSided { mr: bmr, addr: back.as_mut_ptr() as usize, len, remote: at };
+                            let rd = p.ab.read(&[op]).unwrap();
+                            assert_eq!(p.ab.wait(rd).unwrap(), len as u64, "thread {t} read {r}");
+                            assert!(back[..len] == src[..len], "thread {t} round {r}: read back");
+                            slow += usize::from(started.elapsed() >= Duration::from_millis(90));
+                        }
+                        slow
+                    })
+                })
+                .collect();
+            slow = threads.into_iter().map(|h| h.join().unwrap()).sum::<usize>();
+        });
+        assert!(slow <= 4, "caller_completes {caller_completes}: {slow} of 72 rounds took a wait slice or more");
+        // A read the peer refuses ends with its Deny.
+        let mut back = vec![0u8; 1 << 20];
+        let bmr = p.a.register(back.as_mut_ptr() as usize, back.len()).unwrap();
+        let mut stale = fifo;
+        stale.addr += remote.len() as u64;
+        let op = OneSided { mr: bmr, addr: back.as_mut_ptr() as usize, len: 1 << 20, remote: stale };
+        let rd = p.ab.read(&[op]).unwrap();
+        assert!(p.ab.wait(rd).is_err(), "a read outside the advertised window is refused");
+    }
+}

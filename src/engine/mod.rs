@@ -80,7 +80,7 @@ impl Engine {
         let gpu = ServedGpu::at_creation(config.gpu)?;
         let waker = Arc::new(Waker::default());
         let wake_from_io = waker.clone();
-        let wake: crate::transport::Wake = Arc::new(move || wake_from_io.wake());
+        let wake: crate::transport::Wake = Arc::new(move || wake_from_io.io_done());
         let selected = select_net(&config, ip, bind, wake.clone())?;
         let net = StagedNet::wrap(selected, StagingParams::from_config(&config))?;
         gpu.tell(&*net);

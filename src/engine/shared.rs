@@ -111,7 +111,31 @@ impl EngineCore {
     }
 }
 
-/// Unparks the progress thread: for posts, and for transports' completions (their `Wake`).
+/// A caller counted by `Waker::waiting_caller`.
+pub struct WaitingCaller<'a> {
+    waker: &'a Waker,
+    id: u64,
+}
+
+impl WaitingCaller<'_> {
+    /// The caller tested its own connection: the progress thread takes whatever else completed.
+    pub fn looked(&self) {
+        self.waker.wake();
+    }
+}
+
+impl Drop for WaitingCaller<'_> {
+    /// Wakes the progress thread once the caller is off the list: a completion that woke this
+    /// caller after its last look would otherwise reach nobody.
+    fn drop(&mut self) {
+        self.waker.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.waker.waiters.lock().retain(|(id, _)| *id != self.id);
+        self.waker.wake();
+    }
+}
+
+/// Unparks the progress thread: for posts, and for transports' completions (their `Wake`), which
+/// also reach callers waiting on their transfers' chunks.
 #[derive(Default)]
 pub struct Waker {
     pub(super) thread: OnceLock<Thread>,
@@ -121,6 +145,11 @@ pub struct Waker {
     /// Work in flight that completes only when polled (device copies of the same-host path): while
     /// any is, the progress thread naps instead of parking.
     polled: AtomicUsize,
+    /// Callers blocked in `wait` on a transfer that ends on its own chunks (a read), by a number
+    /// of their own; `waiting` counts them, so a completion with none costs one load.
+    waiters: Mutex<Vec<(u64, Thread)>>,
+    waiting: AtomicUsize,
+    next_waiter: AtomicU64,
 }
 
 impl Waker {
@@ -128,6 +157,31 @@ impl Waker {
         if let Some(t) = self.thread.get() {
             t.unpark();
         }
+    }
+
+    /// A transport's request completed (its `Wake`). While callers wait on their chunks, they
+    /// hear of it instead of the progress thread: the one whose chunk it was tests its connection
+    /// and finishes its transfer itself, rather than the progress thread waking to finish it and
+    /// then waking the caller; each caller wakes the progress thread once it tested its own
+    /// connection (`WaitingCaller::looked`), for completions of any other.
+    pub fn io_done(&self) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            let waiters = self.waiters.lock();
+            if !waiters.is_empty() {
+                waiters.iter().for_each(|(_, t)| t.unpark());
+                return;
+            }
+        }
+        self.wake();
+    }
+
+    /// Counts the calling thread among the waiting callers until the guard drops. Registered
+    /// before the caller looks at its connection: a completion after that look unparks it.
+    pub fn waiting_caller(&self) -> WaitingCaller<'_> {
+        let id = self.next_waiter.fetch_add(1, Ordering::Relaxed);
+        self.waiters.lock().push((id, std::thread::current()));
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        WaitingCaller { waker: self, id }
     }
 
     /// Whether the progress thread parks (or is about to) with no timer.
@@ -158,5 +212,47 @@ impl Waker {
 
     pub fn has_polled_work(&self) -> bool {
         self.polled.load(Ordering::Acquire) > 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::Waker;
+
+    /// A transport's completion reaches a counted caller (parked, it is unparked), and stops
+    /// reaching it once its guard dropped.
+    #[test]
+    fn completions_wake_the_callers_counted_while_they_wait() {
+        let waker = Waker::default();
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            let counted = waker.waiting_caller();
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(30));
+                waker.io_done();
+            });
+            std::thread::park_timeout(Duration::from_secs(20));
+            drop(counted);
+        });
+        assert!(start.elapsed() < Duration::from_secs(10), "woken by the completion, not the limit");
+        assert_eq!(waker.waiting.load(std::sync::atomic::Ordering::SeqCst), 0);
+        // With nobody counted, a completion goes to the progress thread (here, this thread).
+        let _ = waker.thread.set(std::thread::current());
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(30));
+                waker.io_done();
+            });
+            std::thread::park_timeout(Duration::from_secs(20));
+        });
+        assert!(start.elapsed() < Duration::from_secs(10), "the progress thread hears of completions");
+        assert!(waker.waiters.lock().is_empty());
+        let (a, b) = (waker.waiting_caller(), waker.waiting_caller());
+        assert_ne!(a.id, b.id);
+        drop(a);
+        assert_eq!(waker.waiters.lock().iter().map(|(id, _)| *id).collect::<Vec<_>>(), [b.id]);
     }
 }

@@ -25,6 +25,11 @@ pub struct Transfer {
     after_data: AtomicBool,
     /// Registered parts whose answer was not handled yet.
     unanswered: AtomicUsize,
+    /// Parts registered as ending on their own chunks with no message from the peer (reads over
+    /// the channels).
+    chunk_parts: AtomicUsize,
+    /// A caller parked until the transfer finished (`park_until_finished`).
+    parked: Mutex<Option<std::thread::Thread>>,
 }
 
 /// How the parts of a transfer end, as far as a waiting caller is concerned.
@@ -61,6 +66,9 @@ impl Transfer {
         p.remaining = p.remaining.saturating_sub(1);
         if p.remaining == 0 {
             self.finished.notify_all();
+            if let Some(t) = self.parked.lock().take() {
+                t.unpark();
+            }
         }
     }
 
@@ -73,6 +81,17 @@ impl Transfer {
         }
         self.unanswered.fetch_add(n, Ordering::AcqRel);
         self.answered_parts.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// `n` parts being posted end on their own chunks, with no message from the peer at their end.
+    pub fn expect_chunk_ends(&self, n: usize) {
+        self.chunk_parts.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// Every part ends on its own chunks (a read over the channels): a waiting caller may test its
+    /// connection itself.
+    pub fn ends_on_chunks(&self) -> bool {
+        self.chunk_parts.load(Ordering::Acquire) == self.parts
     }
 
     pub fn completes_on_control(&self) -> bool {
@@ -98,6 +117,16 @@ impl Transfer {
     /// stream bring the transfer closer to its end.
     pub fn awaits_answer(&self) -> bool {
         self.completes_on_control() && self.unanswered.load(Ordering::Acquire) > 0
+    }
+
+    /// Parks the calling thread for at most `limit`, or until the transfer finished (whoever
+    /// finishes it unparks the thread) or anything else unparks it.
+    pub fn park_until_finished(&self, limit: Duration) {
+        *self.parked.lock() = Some(std::thread::current());
+        if !self.is_finished() {
+            std::thread::park_timeout(limit);
+        }
+        self.parked.lock().take();
     }
 
     pub fn is_finished(&self) -> bool {
@@ -143,6 +172,8 @@ impl TransferTable {
             answered_parts: AtomicUsize::new(0),
             after_data: AtomicBool::new(false),
             unanswered: AtomicUsize::new(0),
+            chunk_parts: AtomicUsize::new(0),
+            parked: Mutex::new(None),
         });
         self.live.lock().insert(id, t.clone());
         t
@@ -230,5 +261,56 @@ mod tests {
         });
         assert_eq!(t.wait(1, id).unwrap(), 3);
         h.join().unwrap();
+    }
+
+    /// A caller parked on a transfer is unparked by whoever finishes its last part, long before its
+    /// limit; once finished, it does not park at all.
+    #[test]
+    fn a_parked_caller_wakes_when_the_last_part_finishes() {
+        let t = TransferTable::default();
+        let x = t.create(1, 2);
+        x.finish_part(Ok(1));
+        let start = std::time::Instant::now();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(30));
+                x.finish_part(Ok(2));
+            });
+            while !x.is_finished() {
+                x.park_until_finished(Duration::from_secs(20));
+            }
+        });
+        assert!(start.elapsed() < Duration::from_secs(10), "woken by the finish, not the limit");
+        let start = std::time::Instant::now();
+        x.park_until_finished(Duration::from_secs(20));
+        assert!(start.elapsed() < Duration::from_secs(10), "a finished transfer parks nobody");
+        assert_eq!(t.poll(1, x.id).unwrap(), Some(3));
+    }
+
+    /// Which parts end how is counted as they are posted, possibly in several goes.
+    #[test]
+    fn answers_and_chunk_ends_are_counted_per_part() {
+        let t = TransferTable::default();
+        let x = t.create(1, 3);
+        x.expect_answers(2, false);
+        assert_eq!(x.answers(), Answers::Elsewhere, "two parts of three");
+        x.expect_answers(1, true);
+        assert_eq!(x.answers(), Answers::AfterData);
+        assert!(!x.ends_on_chunks());
+        x.answered();
+        x.answered();
+        assert!(x.awaits_answer());
+        x.answered();
+        assert!(!x.awaits_answer());
+        x.answered();
+        assert!(!x.awaits_answer(), "an answer too many does not wrap around");
+        let r = t.create(1, 2);
+        r.expect_chunk_ends(1);
+        assert!(!r.ends_on_chunks());
+        r.expect_chunk_ends(1);
+        assert!(r.ends_on_chunks() && !r.completes_on_control() && !r.awaits_answer());
+        let inline = t.create(1, 1);
+        inline.expect_answers(1, false);
+        assert_eq!(inline.answers(), Answers::Inline);
     }
 }

@@ -815,6 +815,32 @@ fn a_peer_silent_after_a_write_request_is_cut_off_at_the_stall_timeout() {
     assert_pair_works(&p, 16);
 }
 
+/// A caller blocked on a read the peer never serves (woken by the transport in the progress
+/// thread's place, or not) is released with a failure when the peer hangs up, and the engine
+/// goes on serving its other connection.
+#[test]
+fn a_caller_waiting_on_an_unserved_read_is_released_when_the_peer_hangs_up() {
+    let _serial = serial();
+    for caller_completes in [false, true] {
+        let p = pair_with(Config { caller_completes, ..config() });
+        let (mut fake, conn) = fake_peer(&p);
+        let mut dst = vec![0u8; 1 << 20];
+        let mr = p.b.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();
+        // Any capability does: the fake takes the request and never answers it.
+        let remote = p.b.prepare_fifo(mr, dst.as_mut_ptr() as usize, dst.len()).unwrap();
+        let id = conn.read(&[OneSided { mr, addr: dst.as_mut_ptr() as usize, len: dst.len(), remote }]).unwrap();
+        assert!(matches!(fake.recv(), Some(Control::ReadRequest { .. })));
+        let waiter = testkit::threads::spawn_blocked("Connection::wait", move || (conn.wait(id), Instant::now()));
+        let hung_up = Instant::now();
+        drop(fake);
+        let (outcome, returned) = waiter.join().unwrap();
+        assert!(outcome.is_err(), "caller_completes {caller_completes}: the read cannot have succeeded");
+        let waited = returned.saturating_duration_since(hung_up);
+        assert!(waited < Duration::from_secs(3), "caller_completes {caller_completes}: released after {waited:?}");
+        assert_pair_works(&p, 17);
+    }
+}
+
 /// What a one-sided request carries for a region's token on `fake`'s connection: the token itself
 /// without a key, its binding to this connection with one.
 fn wire_token(fake: &FakePeer, region: u64, token: u64) -> u64 {

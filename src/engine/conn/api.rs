@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::copy_trace::{self, Seer};
 use super::host_trace::HostTracer;
@@ -20,6 +20,10 @@ use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Capability, Control, MAX_INLINE_LEN, RemoteSeg};
 use crate::transport::IoSeg;
+
+/// How long a caller waiting on its chunks parks before it looks again unwoken (a safety net: a
+/// completion or the transfer's end unparks it).
+const WAIT_SLICE: Duration = Duration::from_millis(100);
 
 impl Connection {
     /// UCCL's start_listener: control messages are always served here; this only records the call so
@@ -324,6 +328,8 @@ impl Connection {
             reader::read_until_finished(self, &t);
         } else if self.device_batches.load(Ordering::Acquire) > 0 {
             self.wait_device_copies(transfer);
+        } else if self.core.config.caller_completes && t.ends_on_chunks() {
+            self.wait_on_chunks(&t);
         }
         let waited = self.core.transfers.wait(self.id, transfer);
         if let Some(tracer) = &self.copy_tracer {
@@ -333,6 +339,24 @@ impl Connection {
             tracer.reported(transfer);
         }
         waited
+    }
+
+    /// A transfer that ends on its own chunks (reads over the channels) is finished by whoever
+    /// tests its last one: the caller, woken by the transport's completion in the progress
+    /// thread's place (`Waker::io_done`), tests its connection itself, so that completion wakes it
+    /// once where the progress thread's wake-up and then its hand-over to the caller cost two.
+    /// Should the progress thread get there first, finishing the transfer unparks the caller.
+    fn wait_on_chunks(&self, t: &Transfer) {
+        let counted = self.core.waker.waiting_caller();
+        while !t.is_finished() {
+            self.pass_here(&mut self.inner.lock());
+            if t.is_finished() {
+                break;
+            }
+            counted.looked();
+            t.park_until_finished(WAIT_SLICE);
+        }
+        // Dropping `counted` wakes the progress thread for whatever else completed.
     }
 
     pub fn notify(&self, name: &[u8], msg: &[u8]) -> Result<()> {

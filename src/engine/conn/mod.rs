@@ -435,17 +435,21 @@ impl Connection {
     /// itself instead of waiting for the progress thread to wake, a wake-up off every transfer's
     /// start at each end.
     fn pass_if_queued(&self, inner: &mut Inner) {
-        if !inner.queued {
-            return;
+        if inner.queued {
+            self.pass_here(inner);
         }
-        // This may be the user's thread, whose current CUDA context is theirs, while a staged
-        // chunk's copy binds the engine's GPU: it is put back afterwards. Should that fail, the
-        // progress thread (woken when the chunks were queued) posts them instead.
+    }
+
+    /// A pass on a thread other than the progress thread (a caller posting or waiting, the control
+    /// reactor). This may be the user's thread, whose current CUDA context is theirs, while a
+    /// staged chunk's copy binds the engine's GPU: it is put back afterwards. Should that fail, the
+    /// pass is left to the progress thread (woken when chunks were queued or completed).
+    fn pass_here(&self, inner: &mut Inner) {
         let _restore = match self.core.gpu.get().map(|gpu| gpu.enter()) {
             None => None,
             Some(Ok(restore)) => Some(restore),
             Some(Err(e)) => {
-                log::debug!("leaving queued chunks to the progress thread: {}", e.message());
+                log::debug!("leaving the chunks to the progress thread: {}", e.message());
                 return;
             }
         };

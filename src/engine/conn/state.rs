@@ -403,7 +403,7 @@ impl ConnState {
         // Parts the peer answers on the control stream: inline ones and same-host reads promptly
         // (a read's DirectGrant, then our copy, then the target's Done); writes over the channels
         // after their chunks, same-host writes after the target's copy (Done, or Deny).
-        let (mut prompt_parts, mut later_parts) = (0, 0);
+        let (mut prompt_parts, mut later_parts, mut read_parts) = (0, 0, 0);
         for request in requests {
             let before = flows.len();
             let (msg, inline, direct) = match request {
@@ -418,10 +418,13 @@ impl ConnState {
             } else if direct || flows.len() > before {
                 later_parts += 1;
             }
+            // A read over the channels ends on its own chunks, with no answer.
+            read_parts += usize::from(matches!(msg, Control::ReadRequest { .. } | Control::ReadVector { .. }));
             out.push(Action::Send(msg));
         }
         out.append(&mut flows);
         transfer.expect_answers(prompt_parts + later_parts, later_parts > 0);
+        transfer.expect_chunk_ends(read_parts);
         Ok(())
     }
 

@@ -485,13 +485,19 @@ fn a_caller_reads_the_control_stream_only_for_answered_parts() {
     let write_and_inline =
         a.one_sided(true, &[(&local, 0, &remotes[0], 0, big), (&local, big, &remotes[1], big, MAX_INLINE_LEN)]);
     assert_eq!(write_and_inline.answers(), Answers::AfterData);
+    assert!(!write_and_inline.ends_on_chunks());
     let read = a.one_sided(false, &[(&local, 0, &remotes[0], 0, big)]);
     assert_eq!(read.answers(), Answers::Elsewhere, "a read ends on its chunks");
     assert!(!read.awaits_answer());
+    assert!(read.ends_on_chunks(), "its caller tests the connection itself");
     let small_read = a.one_sided(false, &[(&local, 0, &remotes[0], 0, 10)]);
     assert_eq!(small_read.answers(), Answers::Inline);
+    assert!(!small_read.ends_on_chunks());
+    let mixed = a.one_sided(false, &[(&local, 0, &remotes[0], 0, big), (&local, big, &remotes[1], big, 10)]);
+    assert!(!mixed.ends_on_chunks() && !mixed.completes_on_control(), "a big read and a small one");
     let send = a.send(&[(&local, 0, big)]);
     assert_eq!(send.answers(), Answers::Elsewhere, "a send waits for the peer's user");
+    assert!(!send.ends_on_chunks());
     assert!(write_and_inline.awaits_answer() && small_read.awaits_answer());
     // Answers are counted per part: the write's parts are through once both were answered.
     pump_messages_only(&mut a, &mut b);
@@ -501,6 +507,7 @@ fn a_caller_reads_the_control_stream_only_for_answered_parts() {
     assert!(!write_and_inline.awaits_answer());
     assert_eq!(a.outcome(&write_and_inline).unwrap().unwrap(), (big + MAX_INLINE_LEN) as u64);
     assert_eq!(a.outcome(&read).unwrap().unwrap(), big as u64);
+    assert_eq!(a.outcome(&mixed).unwrap().unwrap(), big as u64 + 10);
     let item = |cap: Capability, at: usize| {
         vec![OneSidedRequest::Item(OneSidedItem {
             region: local.region.clone(),
