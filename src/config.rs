@@ -132,10 +132,11 @@ pub struct Config {
     /// and the process's copy helpers. Default half the CPUs the process may use, 1 to 16.
     /// `UCCL_TCPX_HOST_COPY_THREADS` (1 to 64).
     pub host_copy_threads: usize,
-    /// How long a copy helper looks for the next job after one before it sleeps, so that copies
-    /// following each other closely find the helpers awake (a sleeping helper's wake-up is on the
-    /// copy's critical path); helpers yield between looks. Default 0 (not measured yet where
-    /// helpers run: 2-core hosts copy on one thread). `UCCL_TCPX_HOST_COPY_SPIN_US`.
+    /// How long a connection's host worker and the copy helpers look for the next same-host copy
+    /// after one before they sleep, so that copies following each other closely find them awake
+    /// (a sleeping thread's wake-up is on the copy's critical path); they yield between looks.
+    /// Default 0 (not measured yet where helpers run: 2-core hosts copy on one thread).
+    /// `UCCL_TCPX_HOST_COPY_SPIN_US`.
     pub host_copy_spin: Duration,
     /// The key peers must share: when set, every connection starts with a mutual challenge-response
     /// and strangers are refused before anything is spent on them. Read from the file named by

@@ -265,8 +265,10 @@ fn assert_guard_untouched(engine: &Engine, conn: &uccl_tcpx::Connection, guard: 
 #[test]
 fn another_process_of_this_host_copies_host_memory_directly_under_the_targets_authorization() {
     let (_process, port, window, guard) = direct_peer(&[]);
-    // Our reads are cut into pieces for four threads, whatever the host.
-    let engine = Engine::new(Config { host_copy_threads: 4, ..same_host() }).unwrap();
+    // Our reads are cut into pieces for four threads, whatever the host; the worker and the
+    // helpers look for the next copy a while after each.
+    let spin = Duration::from_micros(200);
+    let engine = Engine::new(Config { host_copy_threads: 4, host_copy_spin: spin, ..same_host() }).unwrap();
     let conn = checked_connection(&engine, port);
     let path = conn.host_path();
     assert!(path.reads_peer && path.peer_reads_us, "{path:?}");

@@ -38,6 +38,10 @@ impl HostServed for Connection {
     fn host(&self) -> &HostCopy {
         &self.host
     }
+
+    fn spin(&self) -> std::time::Duration {
+        self.core.config.host_copy_spin
+    }
 }
 
 impl Connection {

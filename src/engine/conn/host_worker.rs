@@ -19,7 +19,7 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
@@ -36,6 +36,8 @@ pub(super) trait HostServed: Send + Sync {
     fn has_host_work(&self) -> bool;
     /// A thread running host work panicked.
     fn fail_with(&self, err: Error);
+    /// How long the worker looks for more work after some before it sleeps.
+    fn spin(&self) -> Duration;
     fn host(&self) -> &HostCopy;
 }
 
@@ -270,20 +272,31 @@ impl HostCopy {
     }
 }
 
-/// The worker: waits for work, then serves it while the connection lives.
+/// The worker: waits for work, then serves it while the connection lives. After work it looks for
+/// more for the connection's spin time (`Config::host_copy_spin`) before it sleeps, so that a copy
+/// following closely does not wait for its wake-up.
 fn run(conn: &Weak<dyn HostServed>, signal: &Signal) {
+    let mut spin = Duration::ZERO;
     loop {
-        {
+        let until = Instant::now() + spin;
+        loop {
             let mut pending = signal.pending.lock();
+            if !*pending && Instant::now() < until {
+                drop(pending);
+                std::thread::yield_now();
+                continue;
+            }
             while !*pending {
                 signal.cond.wait(&mut pending);
             }
             *pending = false;
+            break;
         }
         let Some(conn) = conn.upgrade() else { return };
         if conn.host().gate.is_closed() {
             return;
         }
         conn.host().run_queued(&*conn);
+        spin = conn.spin();
     }
 }
