@@ -194,6 +194,10 @@ impl HostCopy {
         if CALLER.get().0 == self.id() {
             CALLER.set((self.id(), false));
         }
+        // Cleared before trying the token: should another thread hold it, that one runs what is
+        // queued (it looks again once it lets go), and this caller goes back to waiting instead of
+        // trying again and again.
+        self.ours_queued.store(false, Ordering::Relaxed);
         let Some(conn) = self.conn.upgrade() else { return };
         // As on the worker: a panic fails the connection (and its transfers, so the caller's wait
         // ends), not the caller's thread.
@@ -298,5 +302,101 @@ fn run(conn: &Weak<dyn HostServed>, signal: &Signal) {
         }
         conn.host().run_queued(&*conn);
         spin = conn.spin();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::mpsc;
+
+    use super::*;
+
+    /// A connection whose host work is a queue of jobs, each recording the thread that ran it and
+    /// the first one waiting for the test's word before it ends.
+    struct Fake {
+        host: HostCopy,
+        queue: Mutex<VecDeque<u32>>,
+        ran: Mutex<Vec<(u32, std::thread::ThreadId)>>,
+        hold: Mutex<Option<mpsc::Receiver<()>>>,
+    }
+
+    impl HostServed for Fake {
+        fn serve_host_work(&self, _process: &mut Option<Arc<PeerProcess>>) {
+            loop {
+                let Some(job) = self.queue.lock().pop_front() else { return };
+                if let Some(hold) = self.hold.lock().take() {
+                    hold.recv().unwrap();
+                }
+                self.ran.lock().push((job, std::thread::current().id()));
+            }
+        }
+
+        fn has_host_work(&self) -> bool {
+            !self.queue.lock().is_empty()
+        }
+
+        fn fail_with(&self, err: Error) {
+            panic!("{err}");
+        }
+
+        fn host(&self) -> &HostCopy {
+            &self.host
+        }
+
+        fn spin(&self) -> Duration {
+            Duration::ZERO
+        }
+    }
+
+    /// A caller that finds a granted read while another thread runs the queue leaves it to that
+    /// thread, which runs it once done with its own job, and goes back to waiting: it neither runs
+    /// a second job at once nor keeps finding work waiting.
+    #[test]
+    fn a_caller_leaves_queued_work_to_the_thread_running_the_queue() {
+        let (release, hold) = mpsc::channel();
+        let fake = Arc::new_cyclic(|weak: &Weak<Fake>| Fake {
+            host: HostCopy::new(weak.clone() as Weak<dyn HostServed>),
+            queue: Mutex::new(VecDeque::from([1])),
+            ran: Mutex::default(),
+            hold: Mutex::new(Some(hold)),
+        });
+        let runner = {
+            let fake = fake.clone();
+            std::thread::spawn(move || {
+                fake.host.run_queued(&*fake);
+                std::thread::current().id()
+            })
+        };
+        testkit::wait_until("the runner holds the token", testkit::PATIENCE, || fake.host.runner.is_locked());
+        // Our read, granted meanwhile; this thread polls.
+        fake.queue.lock().push_back(2);
+        fake.host.wake(true).unwrap();
+        assert!(fake.host.work_waiting());
+        fake.host.run_waiting();
+        assert!(!fake.host.work_waiting(), "the caller does not find the same work again");
+        assert!(fake.ran.lock().is_empty(), "nothing ran on the caller's thread");
+        release.send(()).unwrap();
+        let runner = runner.join().unwrap();
+        testkit::wait_until("both jobs ran", testkit::PATIENCE, || fake.ran.lock().len() == 2);
+        let ran = fake.ran.lock().clone();
+        assert_eq!(ran.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2]);
+        assert!(ran.iter().all(|r| r.1 != std::thread::current().id()), "{ran:?}");
+        assert_eq!(ran[0].1, runner);
+
+        // With the token free, a caller that waits on the connection runs the read it finds itself,
+        // and no worker is woken for it.
+        let before = fake.ran.lock().len();
+        let waits = fake.host.caller_waits();
+        fake.queue.lock().push_back(3);
+        fake.host.wake(true).unwrap();
+        assert!(fake.host.work_waiting());
+        fake.host.run_waiting();
+        drop(waits);
+        let ran = fake.ran.lock().clone();
+        assert_eq!(ran.len(), before + 1);
+        assert_eq!(ran[before], (3, std::thread::current().id()));
+        fake.host.stop();
+        fake.host.join();
     }
 }
