@@ -138,6 +138,10 @@ pub struct Config {
     /// Default 0 (not measured yet where helpers run: 2-core hosts copy on one thread).
     /// `UCCL_TCPX_HOST_COPY_SPIN_US`.
     pub host_copy_spin: Duration,
+    /// The smallest piece a shared same-host copy is cut into (two pieces per copying thread,
+    /// within this and 4 MiB, in 64 KiB steps). Default 256 KiB, where a call's own cost is a few
+    /// per cent of its copy. `UCCL_TCPX_HOST_COPY_MIN_PIECE` (64K to 4M, K/M suffixes).
+    pub host_copy_min_piece: u32,
     /// The key peers must share: when set, every connection starts with a mutual challenge-response
     /// and strangers are refused before anything is spent on them. Read from the file named by
     /// `UCCL_TCPX_AUTH_KEY_FILE` (its bytes, less one trailing newline; 16 to 4096 bytes; not
@@ -419,6 +423,7 @@ impl Default for Config {
             disable_ipc: false,
             host_copy_threads: default_host_copy_threads(),
             host_copy_spin: Duration::ZERO,
+            host_copy_min_piece: 256 << 10,
             auth_key: None,
         }
     }
@@ -473,6 +478,13 @@ impl Config {
                 MAX_HOST_COPY_THREADS,
             )?,
             host_copy_spin: parse_micros(&get, "UCCL_TCPX_HOST_COPY_SPIN_US", d.host_copy_spin, 1_000_000)?,
+            host_copy_min_piece: parse_size(
+                &get,
+                "UCCL_TCPX_HOST_COPY_MIN_PIECE",
+                d.host_copy_min_piece,
+                64 << 10,
+                4 << 20,
+            )?,
             auth_key: get("UCCL_TCPX_AUTH_KEY_FILE")
                 .map(|path| read_key_file("UCCL_TCPX_AUTH_KEY_FILE", &path))
                 .transpose()?,
@@ -764,6 +776,12 @@ mod tests {
         assert_eq!(cfg(&[("UCCL_TCPX_TRACE_HOST_COPY", "1")]).unwrap().trace_host_copy, 1);
         assert_eq!(cfg(&[("UCCL_TCPX_HOST_COPY_SPIN_US", "0")]).unwrap().host_copy_spin, Duration::ZERO);
         assert_eq!(cfg(&[("UCCL_TCPX_HOST_COPY_SPIN_US", "75")]).unwrap().host_copy_spin, Duration::from_micros(75));
+        assert_eq!(cfg(&[]).unwrap().host_copy_min_piece, 256 << 10);
+        assert_eq!(cfg(&[("UCCL_TCPX_HOST_COPY_MIN_PIECE", "2M")]).unwrap().host_copy_min_piece, 2 << 20);
+        for bad in ["32K", "8M", "x"] {
+            let err = cfg(&[("UCCL_TCPX_HOST_COPY_MIN_PIECE", bad)]).unwrap_err();
+            assert!(err.message().contains("UCCL_TCPX_HOST_COPY_MIN_PIECE"), "{err}");
+        }
         for (name, value) in [
             ("UCCL_TCPX_TRACE_STAGING", "2"),
             ("UCCL_TCPX_TRACE_DEVICE_COPY", "3"),

@@ -130,9 +130,18 @@ impl Connection {
         let threads = if job.len < PARALLEL_BYTES { 1 } else { self.core.config.host_copy_threads };
         let gate = self.host.gate.clone();
         gate.begin(&job.region);
-        let shared =
-            SharedJob::new(&job.local, &job.remote, job.len, threads, gate, job.region.clone(), process.clone())
-                .traced(marks);
+        let min_piece = u64::from(self.core.config.host_copy_min_piece);
+        let shared = SharedJob::new(
+            &job.local,
+            &job.remote,
+            job.len,
+            threads,
+            min_piece,
+            gate,
+            job.region.clone(),
+            process.clone(),
+        )
+        .traced(marks);
         Arc::new(shared).run(threads, self.core.config.host_copy_spin)
     }
 }

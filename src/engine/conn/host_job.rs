@@ -22,9 +22,11 @@ use crate::error::{Error, UcclStatus};
 use crate::threads::{self, ThreadKind, panic_text};
 use crate::transport::IoSeg;
 
-/// The smallest piece a job is cut into for sharing: a `process_vm_readv` call costs about 1.5 us
-/// besides its copy, 2-7 % of a 256 KiB piece (measured in cache, where the copy is fastest), and
-/// pieces of 256 KiB to 16 MiB moved the same GB/s per thread out of memory.
+/// The default smallest piece a job is cut into for sharing (`Config::host_copy_min_piece`): a
+/// `process_vm_readv` call costs about 1.5 us besides its copy, 2-7 % of a 256 KiB piece (measured
+/// in cache, where the copy is fastest), and pieces of 256 KiB to 16 MiB moved the same GB/s per
+/// thread out of memory on one thread.
+#[cfg(test)]
 const MIN_PIECE: u64 = 256 << 10;
 /// Pieces per copying thread, so that threads that finish early take up the slack of slow ones.
 const PIECES_PER_THREAD: u64 = 2;
@@ -60,18 +62,20 @@ pub(super) struct SharedJob {
 
 impl SharedJob {
     /// Cuts `len` bytes, `local` (ours, in `region`) from `remote` (the peer's), into pieces for up
-    /// to `threads` threads. Called on the thread that runs it.
+    /// to `threads` threads, of at least `min_piece` bytes. Called on the thread that runs it.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         local: &[IoSeg],
         remote: &[IoSeg],
         len: u64,
         threads: usize,
+        min_piece: u64,
         gate: Arc<Gate>,
         region: Arc<Region>,
         process: Arc<PeerProcess>,
     ) -> SharedJob {
         SharedJob {
-            pieces: pieces(local, remote, piece_bytes(len, threads)),
+            pieces: pieces(local, remote, piece_bytes(len, threads, min_piece)),
             next: AtomicUsize::new(0),
             done: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
@@ -202,11 +206,11 @@ impl copiers::Shared for SharedJob {
 }
 
 /// Bytes per piece of a `len`-byte job copied by up to `threads` threads: `PIECES_PER_THREAD`
-/// pieces for each, in 64 KiB steps, at least `MIN_PIECE` and at most `PIECE_BYTES` (which bounds
+/// pieces for each, in 64 KiB steps, at least `min_piece` and at most `PIECE_BYTES` (which bounds
 /// how long a deregistration waits for a piece under way).
-fn piece_bytes(len: u64, threads: usize) -> u64 {
+fn piece_bytes(len: u64, threads: usize, min_piece: u64) -> u64 {
     let even = len.div_ceil(threads.max(1) as u64 * PIECES_PER_THREAD);
-    even.next_multiple_of(64 << 10).clamp(MIN_PIECE, PIECE_BYTES)
+    even.next_multiple_of(64 << 10).clamp(min_piece.min(PIECE_BYTES), PIECE_BYTES)
 }
 
 #[cfg(test)]
@@ -217,13 +221,15 @@ mod tests {
     fn pieces_grow_with_the_job_within_their_bounds() {
         const K: u64 = 1 << 10;
         const M: u64 = 1 << 20;
-        assert_eq!(piece_bytes(M, 16), 256 * K, "1 MiB on 16 threads: four pieces of the minimum");
-        assert_eq!(piece_bytes(16 * M, 16), 512 * K, "two pieces per thread");
-        assert_eq!(piece_bytes(64 * M, 16), 2 * M);
-        assert_eq!(piece_bytes(256 * M, 16), PIECE_BYTES, "never above the deregistration bound");
-        assert_eq!(piece_bytes(64 * M, 1), PIECE_BYTES);
-        assert_eq!(piece_bytes(100 * K, 2), MIN_PIECE);
-        assert_eq!(piece_bytes(3 * M + 1, 2), 832 * K, "rounded up to 64 KiB steps");
-        assert_eq!(piece_bytes(0, 0), MIN_PIECE);
+        assert_eq!(piece_bytes(M, 16, MIN_PIECE), 256 * K, "1 MiB on 16 threads: four pieces of the minimum");
+        assert_eq!(piece_bytes(16 * M, 16, MIN_PIECE), 512 * K, "two pieces per thread");
+        assert_eq!(piece_bytes(64 * M, 16, MIN_PIECE), 2 * M);
+        assert_eq!(piece_bytes(256 * M, 16, MIN_PIECE), PIECE_BYTES, "never above the deregistration bound");
+        assert_eq!(piece_bytes(64 * M, 1, MIN_PIECE), PIECE_BYTES);
+        assert_eq!(piece_bytes(100 * K, 2, MIN_PIECE), MIN_PIECE);
+        assert_eq!(piece_bytes(3 * M + 1, 2, MIN_PIECE), 832 * K, "rounded up to 64 KiB steps");
+        assert_eq!(piece_bytes(0, 0, MIN_PIECE), MIN_PIECE);
+        assert_eq!(piece_bytes(16 * M, 16, 2 * M), 2 * M, "a larger minimum: eight pieces of 2 MiB");
+        assert_eq!(piece_bytes(16 * M, 16, 64 * M), PIECE_BYTES, "the bound holds whatever the minimum");
     }
 }
