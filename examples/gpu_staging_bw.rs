@@ -90,7 +90,7 @@ fn main() {
     for (channels, chunk, window) in settings {
         let config = Config {
             ip: Some("127.0.0.1".parse().unwrap()),
-            num_channels: channels,
+            num_channels: Some(channels),
             chunk_size: chunk,
             window,
             ..Config::default()

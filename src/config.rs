@@ -48,8 +48,9 @@ pub enum TransportChoice {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
-    /// Data channels per connection (each a pair of one-way comms). `UCCL_TCPX_NUM_CHANNELS`.
-    pub num_channels: u16,
+    /// Data channels per connection (each a pair of one-way comms). `UCCL_TCPX_NUM_CHANNELS`; unset,
+    /// the default of the transport the engine ends up with ([`Config::channels_for`]).
+    pub num_channels: Option<u16>,
     /// Payload is cut into chunks of at most this many bytes (a flow smaller than a chunk per
     /// channel into a share per channel), spread round-robin over channels. `UCCL_TCPX_CHUNK_SIZE`.
     pub chunk_size: u32,
@@ -317,19 +318,53 @@ impl Default for SocketConfig {
     }
 }
 
-/// Channels and chunk size: 2 x 1 MiB below 16 cores, where 2 channels already keep more helper
-/// threads busy than there are cores; 4 x 2 MiB from 16 cores, which on a 32-core 2 x H200 host
-/// took 64 MiB GPU->GPU writes at 1 in flight from 15.4 to 20.8 GB/s and host-memory writes from
-/// 24.9 to 37.3 GB/s (docs/PERFORMANCE.md, "Default layout").
+/// The kind of transport a connection's channels run on, where their defaults differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChannelTransport {
+    /// The built-in socket transport (staged or not).
+    Socket,
+    /// A net plugin (TCPX): a channel is one plugin comm pair, spread over the NICs.
+    Plugin,
+}
+
+/// From this many cores a host gets the large layout (more sockets, larger chunks).
+const LARGE_HOST_CORES: usize = 16;
+
+/// Channels per connection when `UCCL_TCPX_NUM_CHANNELS` is unset. Below 16 cores 2, where they
+/// already keep more helper threads busy than there are cores. From 16 cores the socket transport
+/// takes 2 channels of 8 sockets: flows rotate over channels, so with 4 channels each channel's
+/// helpers had slept through three transfers when the next came, and on a 32-core 2 x H200 host
+/// 2 x 8 took 256 KiB host writes from 96-110 to 58-72 us p50 and 1 MiB GPU transfers at 4 in
+/// flight up 15-25 % against 4 x 4, the same 16 sockets. A plugin keeps 4, which was measured only
+/// on the socket transport (docs/PERFORMANCE.md, "Defaults").
+fn default_channels(transport: ChannelTransport, cores: usize) -> u16 {
+    match transport {
+        _ if cores < LARGE_HOST_CORES => 2,
+        ChannelTransport::Socket => 2,
+        ChannelTransport::Plugin => 4,
+    }
+}
+
+/// Chunk size: 1 MiB below 16 cores; 2 MiB from 16, which with the larger layout took 64 MiB
+/// GPU->GPU writes at 1 in flight on a 32-core host from 15.4 to 20.8 GB/s and host-memory writes
+/// from 24.9 to 37.3 GB/s (docs/PERFORMANCE.md, "Default layout").
+fn default_chunk_size(cores: usize) -> u32 {
+    if cores >= LARGE_HOST_CORES { 2 << 20 } else { 1 << 20 }
+}
+
+/// NCCL's thread count of a socket comm when `UCCL_TCPX_SOCKET_NTHREADS` is unset (one socket each
+/// by default). A transfer in one direction keeps a sending and a receiving helper busy per socket
+/// on each host of a loopback pair, so below 16 cores a quarter of them (2 cores: 1 per comm); from
+/// 16 cores 8, so that the 2 channels still carry 16 sockets per direction, which raw TCP needs there
+/// (21-27 GB/s at 8 streams against 31-41 at 16).
+fn default_socket_threads(cores: usize) -> usize {
+    if cores >= LARGE_HOST_CORES { 8 } else { (cores / 4).max(1) }
+}
+
 /// A receive window's worth of posted chunks (16 per channel: 32 MiB with the small-host layout,
 /// 128 MiB with four channels of 2 MiB) drains in about 110 ms even at 10 Gb/s, so a peer that is
 /// sending at all finishes them within the bound.
 const DEFAULT_FENCE_TIMEOUT: Duration = Duration::from_millis(200);
-
-fn default_layout() -> (u16, u32) {
-    let cores = available_cores();
-    if cores >= 16 { (4, 2 << 20) } else { (2, 1 << 20) }
-}
 
 fn available_cores() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
@@ -366,14 +401,13 @@ fn default_spin() -> Duration {
 }
 
 impl SocketConfig {
-    /// NCCL's thread count of a comm: the knob, else a quarter of the cores, 1 to 4. A transfer in
-    /// one direction keeps a sending and a receiving helper busy per socket on each host of a
-    /// loopback pair, so more sockets than cores only adds context switches (2 cores: 1 per comm).
+    /// NCCL's thread count of a comm: the knob, else a quarter of the cores below 16 cores and 8
+    /// from 16 ([`default_socket_threads`]).
     pub fn threads_per_comm(&self) -> usize {
         if self.nthreads != 0 {
             return self.nthreads as usize;
         }
-        (available_cores() / 4).clamp(1, 4)
+        default_socket_threads(available_cores())
     }
 
     /// Data sockets per comm, capped like NCCL at 64.
@@ -394,10 +428,9 @@ impl SocketConfig {
 
 impl Default for Config {
     fn default() -> Config {
-        let (num_channels, chunk_size) = default_layout();
         Config {
-            num_channels,
-            chunk_size,
+            num_channels: None,
+            chunk_size: default_chunk_size(available_cores()),
             window: 8,
             port: 0,
             ip: None,
@@ -430,6 +463,12 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The channels a connection of an engine whose channels run on `transport` offers: the knob,
+    /// else that transport's default for this host.
+    pub fn channels_for(&self, transport: ChannelTransport) -> u16 {
+        self.num_channels.unwrap_or_else(|| default_channels(transport, available_cores()))
+    }
+
     /// How many control reactor threads an engine may run (`control_threads`, resolved).
     pub fn control_threads_per_engine(&self) -> usize {
         if self.control_threads != 0 { self.control_threads as usize } else { available_cores().min(4) }
@@ -443,7 +482,9 @@ impl Config {
         let d = Config::default();
         let get = |name: &str| lookup(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
         Ok(Config {
-            num_channels: parse_in(&get, "UCCL_TCPX_NUM_CHANNELS", d.num_channels, 1, MAX_CHANNELS)?,
+            num_channels: get("UCCL_TCPX_NUM_CHANNELS")
+                .map(|_| parse_in(&get, "UCCL_TCPX_NUM_CHANNELS", 1, 1, MAX_CHANNELS))
+                .transpose()?,
             chunk_size: parse_size(&get, "UCCL_TCPX_CHUNK_SIZE", d.chunk_size, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)?,
             window: parse_in(&get, "UCCL_TCPX_WINDOW", d.window, 1, MAX_WINDOW)?,
             port: parse_in(&get, "UCCL_TCPX_PORT", d.port, 0, u16::MAX)?,
@@ -722,7 +763,7 @@ mod tests {
         assert_eq!(c.net_devices, Some(vec![1, 3, 1]));
         assert_eq!(cfg(&[("UCCL_TCPX_TRANSPORT", "socket")]).unwrap().transport, TransportChoice::Socket);
         assert_eq!(cfg(&[("UCCL_TCPX_TRANSPORT", "auto")]).unwrap().transport, TransportChoice::Auto);
-        assert_eq!(c.num_channels, 4);
+        assert_eq!(c.num_channels, Some(4));
         assert_eq!(c.chunk_size, 512 << 10);
         assert_eq!(c.window, 16);
         assert_eq!(c.port, 6000);
@@ -820,11 +861,46 @@ mod tests {
         assert_eq!((c.subchunk, c.spin), (128 << 10, Duration::ZERO));
         assert_eq!(c.zerocopy_threshold, 64 << 10);
         let auto = SocketConfig::default();
-        assert!((1..=4).contains(&auto.threads_per_comm()), "auto picks 1 to 4 threads");
+        assert_eq!(auto.threads_per_comm(), default_socket_threads(available_cores()));
         assert_eq!(auto.sockets_per_comm(), auto.threads_per_comm());
         assert!((1..=16).contains(&auto.helpers_per_direction()), "auto picks 1 to 16 helpers");
         let err = cfg(&[("UCCL_TCPX_SOCKET_NTHREADS", "16"), ("UCCL_TCPX_NSOCKS_PERTHREAD", "8")]).unwrap_err();
         assert!(err.message().contains("64 sockets"), "{}", err.message());
+    }
+
+    /// The layout each host size gets with the knobs unset, per transport. From 16 cores the socket
+    /// transport keeps 16 sockets per direction in 2 channels of 8; a plugin keeps 4 channels.
+    #[test]
+    fn layout_defaults_by_core_count_and_transport() {
+        use ChannelTransport::{Plugin, Socket};
+        // (cores, socket channels, plugin channels, chunk, socket threads per comm)
+        for (cores, socket, plugin, chunk, threads) in [
+            (1, 2, 2, 1 << 20, 1),
+            (2, 2, 2, 1 << 20, 1),
+            (4, 2, 2, 1 << 20, 1),
+            (8, 2, 2, 1 << 20, 2),
+            (15, 2, 2, 1 << 20, 3),
+            (16, 2, 4, 2 << 20, 8),
+            (32, 2, 4, 2 << 20, 8),
+            (192, 2, 4, 2 << 20, 8),
+        ] {
+            assert_eq!(default_channels(Socket, cores), socket, "{cores} cores, socket transport");
+            assert_eq!(default_channels(Plugin, cores), plugin, "{cores} cores, plugin");
+            assert_eq!(default_chunk_size(cores), chunk, "{cores} cores");
+            assert_eq!(default_socket_threads(cores), threads, "{cores} cores");
+        }
+        // Unset until the transport is known; then the transport's default, on this host too.
+        let unset = cfg(&[]).unwrap();
+        assert_eq!(unset.num_channels, None);
+        assert_eq!(unset.chunk_size, default_chunk_size(available_cores()));
+        for kind in [Socket, Plugin] {
+            assert_eq!(unset.channels_for(kind), default_channels(kind, available_cores()));
+            // The knob wins over either transport's default, also where it equals neither.
+            for n in ["1", "3", "4", "64"] {
+                let set = cfg(&[("UCCL_TCPX_NUM_CHANNELS", n)]).unwrap();
+                assert_eq!(set.channels_for(kind).to_string(), n, "{kind:?}");
+            }
+        }
     }
 
     #[test]

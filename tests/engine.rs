@@ -10,7 +10,7 @@ mod common;
 use common::{PATIENCE, Pair, pattern, wait};
 
 fn config() -> Config {
-    Config { num_channels: 3, chunk_size: 64 << 10, ..common::loopback() }
+    Config { num_channels: Some(3), chunk_size: 64 << 10, ..common::loopback() }
 }
 
 fn pair() -> Pair {

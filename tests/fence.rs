@@ -27,7 +27,12 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// instead of 200 ms: these tests are about the cut, and a loaded 2-core host can take longer than
 /// 200 ms to drain a window, which fails the connection instead (the timeout has a test of its own).
 fn config() -> Config {
-    Config { num_channels: 2, chunk_size: 256 << 10, fence_timeout: Duration::from_secs(10), ..common::loopback() }
+    Config {
+        num_channels: Some(2),
+        chunk_size: 256 << 10,
+        fence_timeout: Duration::from_secs(10),
+        ..common::loopback()
+    }
 }
 
 /// Memory the engine reads and writes behind the test's back, so the test touches it only through
@@ -274,7 +279,7 @@ fn small_writes_stop_at_deregistration() {
 /// refused.
 #[test]
 fn same_process_copies_stop_at_deregistration() {
-    let p = pair_with(Config { num_channels: 2, ..common::same_host() });
+    let p = pair_with(Config { num_channels: Some(2), ..common::same_host() });
     assert_eq!(p.ab.peer.locality, Locality::SameProcess, "the engines did not take the direct path");
     writes_streamed_while_the_target_goes(p, 256 << 10);
 }

@@ -68,7 +68,7 @@ fn vectors_mix_gpu_and_host_items() {
     if no_gpu() {
         return;
     }
-    let p = pair(Config { num_channels: 3, chunk_size: 256 << 10, ..config() });
+    let p = pair(Config { num_channels: Some(3), chunk_size: 256 << 10, ..config() });
     three_items_every_vector_way(&p, [Side::Gpu, Side::Host, Side::Gpu], [Side::Host, Side::Gpu, Side::Gpu]);
 }
 
@@ -80,7 +80,7 @@ fn scattered_vectors_of_device_memory() {
     if no_gpu() {
         return;
     }
-    let p = pair(Config { num_channels: 2, chunk_size: 256 << 10, ..config() });
+    let p = pair(Config { num_channels: Some(2), chunk_size: 256 << 10, ..config() });
     let (count, slot) = (300usize, 24usize << 10);
     let lens = [16usize << 10, 4097, 1, 20_000];
     let spans: Vec<(usize, usize, usize)> =
@@ -221,7 +221,7 @@ fn many_transfers_in_flight_at_once() {
     if no_gpu() {
         return;
     }
-    let p = pair(Config { num_channels: 4, chunk_size: 512 << 10, window: 16, ..config() });
+    let p = pair(Config { num_channels: Some(4), chunk_size: 512 << 10, window: 16, ..config() });
     let count = 12;
     let lens: Vec<usize> = (0..count).map(|i| (i * 777_777) % (6 << 20) + 1 + i).collect();
     let mut srcs: Vec<Mem> =

@@ -21,7 +21,12 @@ const BIG: usize = 64 << 20;
 const SETTLE: Duration = Duration::from_secs(20);
 
 fn config() -> Config {
-    Config { num_channels: 2, chunk_size: 256 << 10, connect_timeout: Duration::from_secs(5), ..common::loopback() }
+    Config {
+        num_channels: Some(2),
+        chunk_size: 256 << 10,
+        connect_timeout: Duration::from_secs(5),
+        ..common::loopback()
+    }
 }
 
 fn accept(engine: &Arc<Engine>) -> Arc<Connection> {

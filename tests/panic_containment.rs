@@ -30,7 +30,7 @@ const LEN: usize = 8 << 20;
 fn config() -> Config {
     Config {
         transport: TransportChoice::Socket,
-        num_channels: 2,
+        num_channels: Some(2),
         chunk_size: 256 << 10,
         timeout: Duration::from_secs(120),
         connect_timeout: Duration::from_secs(60),

@@ -15,7 +15,12 @@ mod common;
 use common::wait;
 
 fn config() -> Config {
-    Config { num_channels: 2, chunk_size: 64 << 10, connect_timeout: Duration::from_secs(5), ..common::loopback() }
+    Config {
+        num_channels: Some(2),
+        chunk_size: 64 << 10,
+        connect_timeout: Duration::from_secs(5),
+        ..common::loopback()
+    }
 }
 
 const REGION: usize = 1 << 20;

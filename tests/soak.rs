@@ -335,7 +335,7 @@ struct Report {
 }
 
 fn run(p: &Params) -> Report {
-    let config = Config { num_channels: 3, chunk_size: 512 << 10, ..common::loopback() };
+    let config = Config { num_channels: Some(3), chunk_size: 512 << 10, ..common::loopback() };
     let chunk = config.chunk_size as usize;
     let a = Arc::new(Engine::new(config.clone()).unwrap());
     let b = Arc::new(Engine::new(config).unwrap());

@@ -12,7 +12,7 @@ mod common;
 use common::{Rng, pattern};
 
 fn config(socket: SocketConfig) -> Config {
-    Config { num_channels: 3, chunk_size: 64 << 10, socket, ..common::loopback() }
+    Config { num_channels: Some(3), chunk_size: 64 << 10, socket, ..common::loopback() }
 }
 
 fn wait(conn: &Connection, id: u64) -> u64 {
@@ -106,12 +106,12 @@ fn concurrent_transfers_with_many_sockets_per_comm() {
 
 #[test]
 fn concurrent_transfers_spread_over_channels_and_sockets() {
-    // The many-core layout: 4 channels x 2 MiB chunks, 4 sockets per comm, 256 KiB pieces. Every
+    // 4 channels x 2 MiB chunks (a plugin engine's from 16 cores), 4 sockets per comm, 256 KiB pieces. Every
     // transfer here (up to 3 MiB) is below a full chunk per channel, so it is cut in shares per
     // channel, and each chunk in shares per socket.
     let socket = SocketConfig { nthreads: 4, nsocks_per_thread: 1, ..SocketConfig::default() };
     assert_eq!(socket.subchunk, 256 << 10);
-    many_connections_with(Config { num_channels: 4, chunk_size: 2 << 20, ..config(socket) });
+    many_connections_with(Config { num_channels: Some(4), chunk_size: 2 << 20, ..config(socket) });
 }
 
 #[test]

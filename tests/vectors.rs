@@ -12,7 +12,7 @@ use common::{Pair, Rng, pattern, wait};
 
 /// Small chunks, so a vector's flow has many chunks and items cross chunk boundaries.
 fn config() -> Config {
-    Config { num_channels: 3, chunk_size: 64 << 10, ..common::loopback() }
+    Config { num_channels: Some(3), chunk_size: 64 << 10, ..common::loopback() }
 }
 
 fn pair() -> Pair {
@@ -101,10 +101,10 @@ fn scattered_vectors_of_many_sizes_write_and_read_every_item_and_nothing_else() 
 }
 
 /// Vectors below a full chunk per channel are spread over every channel in smaller chunks that
-/// still span items: the many-core layout, 4 channels x 2 MiB.
+/// still span items: 4 channels x 2 MiB, a plugin engine's layout from 16 cores.
 #[test]
 fn mid_size_vectors_spread_over_the_channels_write_and_read_every_item() {
-    let p = common::pair(Config { num_channels: 4, chunk_size: 2 << 20, ..common::loopback() });
+    let p = common::pair(Config { num_channels: Some(4), chunk_size: 2 << 20, ..common::loopback() });
     for (count, lens) in [(64usize, &[16usize << 10][..]), (12, &[100_003, 1, 300_001, 4096][..]), (3, &[2 << 20][..])]
     {
         let slot = lens.iter().max().unwrap().next_multiple_of(4096) + 4096;
@@ -244,7 +244,7 @@ fn items_over_several_local_and_remote_regions_in_one_call() {
 /// same authorization: every segment lands, and one outside the window fails the whole request.
 #[test]
 fn scattered_vectors_between_engines_of_one_process_are_copied_directly() {
-    let p = common::pair(Config { num_channels: 3, chunk_size: 64 << 10, ..common::same_host() });
+    let p = common::pair(Config { num_channels: Some(3), chunk_size: 64 << 10, ..common::same_host() });
     assert_eq!(p.ab.peer.locality, uccl_tcpx::engine::local::Locality::SameProcess);
     let lens = [1usize, 4095, 4097, 65_537, 777];
     let (count, slot) = (30, 80 << 10);

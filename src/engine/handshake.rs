@@ -155,7 +155,7 @@ impl<'a> Local<'a> {
         Local {
             net: &*core.net,
             routes: &core.routes,
-            num_channels: core.config.num_channels,
+            num_channels: core.num_channels,
             chunk_size: core.config.chunk_size,
             gpu_index,
             gpu_id,

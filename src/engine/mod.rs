@@ -33,7 +33,7 @@ use parking_lot::{Mutex, RwLock};
 pub use conn::{Connection, HostPath, OneSided, PeerInfo};
 pub use notify::Notification;
 
-use crate::config::{Config, TransportChoice};
+use crate::config::{ChannelTransport, Config, TransportChoice};
 use crate::cuda::Gpu;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{AuthKey, FifoItem, IpcInfo};
@@ -81,7 +81,8 @@ impl Engine {
         let waker = Arc::new(Waker::default());
         let wake_from_io = waker.clone();
         let wake: crate::transport::Wake = Arc::new(move || wake_from_io.io_done());
-        let selected = select_net(&config, ip, bind, wake.clone())?;
+        let (selected, kind) = select_net(&config, ip, bind, wake.clone())?;
+        let num_channels = config.channels_for(kind);
         let net = StagedNet::wrap(selected, StagingParams::from_config(&config))?;
         gpu.tell(&*net);
         let routes = {
@@ -96,6 +97,7 @@ impl Engine {
         let control = ControlReactor::new(config.control_threads_per_engine(), config.control_spin);
         let core = Arc::new(EngineCore {
             config,
+            num_channels,
             net,
             routes: routes.clone(),
             regions: RegionTable::default(),
@@ -150,6 +152,12 @@ impl Engine {
     /// The transport moving this engine's data: "socket" or the net plugin's name.
     pub fn transport(&self) -> &'static str {
         self.core.net.name()
+    }
+
+    /// The data channels this engine offers a connection (`UCCL_TCPX_NUM_CHANNELS`, else its
+    /// transport's default); a connection takes the smaller of both ends' offers.
+    pub fn num_channels(&self) -> u16 {
+        self.core.num_channels
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -337,20 +345,27 @@ fn wait_for_device_copies(region: &region::Region, deadline: Instant) {
     }
 }
 
-/// The transport `UCCL_TCPX_TRANSPORT` asks for: auto falls back from the plugin to sockets with a
-/// warning saying why; tcpx makes a plugin failure an engine-creation error.
-fn select_net(config: &Config, ip: IpAddr, bind: IpAddr, wake: crate::transport::Wake) -> Result<Arc<dyn Net>> {
-    let socket = || socket_net(config, ip, bind, wake.clone());
+/// The transport `UCCL_TCPX_TRANSPORT` asks for, and its kind (whose defaults the engine's
+/// channels take): auto falls back from the plugin to sockets with a warning saying why; tcpx
+/// makes a plugin failure an engine-creation error.
+fn select_net(
+    config: &Config,
+    ip: IpAddr,
+    bind: IpAddr,
+    wake: crate::transport::Wake,
+) -> Result<(Arc<dyn Net>, ChannelTransport)> {
+    let socket = || (socket_net(config, ip, bind, wake.clone()), ChannelTransport::Socket);
+    let plugin = |net: PluginNet| (Arc::new(net) as Arc<dyn Net>, ChannelTransport::Plugin);
     // Channels pair with the devices next to the GPU once the engine names it (`Net::set_gpu`).
     let gpu_pci_path = None;
     match config.transport {
         TransportChoice::Socket => Ok(socket()),
         TransportChoice::Tcpx => match PluginNet::open(config, gpu_pci_path) {
-            Ok(net) => Ok(Arc::new(net)),
+            Ok(net) => Ok(plugin(net)),
             Err(e) => Err(e.context("UCCL_TCPX_TRANSPORT=tcpx")),
         },
         TransportChoice::Auto => match PluginNet::open(config, gpu_pci_path) {
-            Ok(net) => Ok(Arc::new(net)),
+            Ok(net) => Ok(plugin(net)),
             Err(e) => {
                 log::warn!("using the built-in socket transport: {}", e.message());
                 Ok(socket())

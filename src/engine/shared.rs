@@ -24,6 +24,9 @@ use crate::transport::{MemKind, Net};
 
 pub(crate) struct EngineCore {
     pub(super) config: Config,
+    /// The channels a connection offers: the configured count, else the default of the transport
+    /// `net` runs on (known only once the transport is chosen).
+    pub(super) num_channels: u16,
     pub(super) net: Arc<dyn Net>,
     /// Where each connection's channels go: `net`, or for same-host peers of a transport that
     /// cannot reach its own host, the socket transport.

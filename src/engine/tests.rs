@@ -3,10 +3,10 @@
 use std::time::{Duration, Instant};
 
 use super::{Connection, Engine, OneSided};
-use crate::config::Config;
+use crate::config::{ChannelTransport, Config, TransportChoice};
 
 fn config() -> Config {
-    Config { ip: Some("127.0.0.1".parse().unwrap()), num_channels: 2, chunk_size: 64 << 10, ..Config::default() }
+    Config { ip: Some("127.0.0.1".parse().unwrap()), num_channels: Some(2), chunk_size: 64 << 10, ..Config::default() }
 }
 
 fn wait(conn: &Connection, id: u64) -> u64 {
@@ -67,4 +67,48 @@ fn a_peer_holding_metadata_from_before_the_gpu_was_known_connects() {
     assert!(dst == src, "write landed wrong");
     assert!(back == src, "read returned wrong bytes");
     drop(by_other_name);
+}
+
+/// An engine left without UCCL_TCPX_NUM_CHANNELS offers its transport's default, so two such
+/// engines agree on it; a connection between different counts takes the smaller at both ends,
+/// whichever end connects, and moves data over it.
+#[test]
+fn channels_default_to_the_transport_and_peers_take_the_smaller_count() {
+    let engine = |num_channels| {
+        // Same-process peers would copy directly; the channels are what is under test.
+        Engine::new(Config { num_channels, transport: TransportChoice::Socket, disable_ipc: true, ..config() }).unwrap()
+    };
+    let pair = |a: &Engine, b: &Engine| {
+        let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+        (ab, b.accept().unwrap())
+    };
+    let (a, b) = (engine(None), engine(None));
+    let socket_default = Config::default().channels_for(ChannelTransport::Socket);
+    assert_eq!((a.num_channels(), b.num_channels()), (socket_default, socket_default));
+    let (ab, ba) = pair(&a, &b);
+    assert_eq!((ab.num_channels(), ba.num_channels()), (socket_default as usize, socket_default as usize));
+
+    let (three, five) = (engine(Some(3)), engine(Some(5)));
+    assert_eq!((three.num_channels(), five.num_channels()), (3, 5));
+    for (from, to) in [(&three, &five), (&five, &three)] {
+        let (out, back) = pair(from, to);
+        assert_eq!(
+            (out.num_channels(), back.num_channels()),
+            (3, 3),
+            "{} -> {}",
+            from.num_channels(),
+            to.num_channels()
+        );
+    }
+    let (out, _back) = pair(&five, &three);
+    // Large enough to be cut into chunks on every one of the agreed channels.
+    let len = (1 << 20) + 5;
+    let src = bytes(len, 9);
+    let mut dst = vec![0u8; len];
+    let smr = five.register(src.as_ptr() as usize, len).unwrap();
+    let dmr = three.register(dst.as_mut_ptr() as usize, len).unwrap();
+    let remote = three.prepare_fifo(dmr, dst.as_ptr() as usize, len).unwrap();
+    let w = out.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len, remote }]).unwrap();
+    assert_eq!(wait(&out, w), len as u64);
+    assert!(dst == src, "write over 3 agreed channels landed wrong");
 }

@@ -106,7 +106,7 @@ pub fn config(channels: u16, chunk: u32) -> Config {
     Config {
         transport: TransportChoice::Tcpx,
         plugin_path: Some(fake_plugin()),
-        num_channels: channels,
+        num_channels: Some(channels),
         chunk_size: chunk,
         window: 16,
         connect_timeout: Duration::from_secs(30),

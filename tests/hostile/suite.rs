@@ -35,7 +35,7 @@ fn key() -> Option<AuthKey> {
 fn config() -> Config {
     Config {
         auth_key: key(),
-        num_channels: 2,
+        num_channels: Some(2),
         chunk_size: 128 << 10,
         connect_timeout: SETUP_TIMEOUT,
         socket: SocketConfig { nthreads: 1, nsocks_per_thread: 1, ..SocketConfig::default() },

@@ -90,7 +90,7 @@ pub struct Args {
     /// Transfers in flight (1: the latency column is a round trip)
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = positive)]
     pub depth: usize,
-    /// Data channels per connection [default: UCCL_TCPX_NUM_CHANNELS, else 2; 4 from 16 cores]
+    /// Data channels per connection [default: UCCL_TCPX_NUM_CHANNELS, else 2; a net plugin 4 from 16 cores]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub channels: Option<u16>,
     /// Pieces each transfer is split into (one-sided: iovecs; send: messages)

@@ -37,7 +37,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
         config.disable_ipc = true;
     }
     if let Some(c) = args.channels {
-        config.num_channels = c;
+        config.num_channels = Some(c);
     }
     if server.is_loopback() {
         config.ip = Some(server);
@@ -46,7 +46,8 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
     // --same-host with host memory connects a second time, over loopback TCP (its anchor).
     let tcp_anchored = args.same_host && !args.uses_gpu();
     let connections = if tcp_anchored { 2 } else { 1 };
-    ctl.send(&format!("SETUP {bytes} {} {connections}", config.num_channels))?;
+    // 0: unset, the server's engine takes its transport's default as this one does.
+    ctl.send(&format!("SETUP {bytes} {} {connections}", config.num_channels.unwrap_or(0)))?;
     let ready = ctl.expect("READY")?;
     let engine_port: u16 = field(&ready, 1)?;
     let fifo_bytes = ready.get(2).and_then(|h| ctl::unhex(h)).filter(|b| b.len() == 64);
@@ -82,7 +83,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
     // Host memory of another process of this host: say which path it takes.
     let host_path = (conn.peer.locality == Locality::SameHost && mem.gpu().is_none())
         .then(|| crate::same_host::describe_path(&conn));
-    let streams = config.num_channels as usize * config.socket.sockets_per_comm();
+    let streams = engine.num_channels() as usize * config.socket.sockets_per_comm();
     // Two GPU ends of one host: one-sided transfers take the same-host path (device copies), and
     // the device-copy anchors are measured next to them.
     let peer_gpu = crate::anchor::server_gpu(&server_memory);
@@ -92,7 +93,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
     };
     let info = RunInfo {
         same_host: same_host_gpus.is_some(),
-        channels: config.num_channels,
+        channels: engine.num_channels(),
         sockets_per_comm: config.socket.sockets_per_comm(),
         helpers_per_direction: config.socket.helpers_per_direction(),
         raw_streams: streams,

@@ -28,7 +28,7 @@ fn other(e: impl std::fmt::Display) -> std::io::Error {
 fn config(args: &Args, channels: Option<u16>) -> Io<Config> {
     let mut config = Config::from_env().map_err(other)?;
     if let Some(c) = args.channels.or(channels) {
-        config.num_channels = c;
+        config.num_channels = Some(c);
     }
     config.disable_ipc = true;
     Ok(config)
@@ -43,7 +43,8 @@ pub fn run(args: &Args, server: IpAddr, port: u16) -> Io<()> {
         config.ip = Some(server);
     }
     let size = args.scale_size();
-    ctl.send(&format!("SCALE {size} {}", config.num_channels))?;
+    // 0: unset, the server's engine takes its transport's default as this one does.
+    ctl.send(&format!("SCALE {size} {}", config.num_channels.unwrap_or(0)))?;
     let ready = ctl.expect("READY")?;
     let engine_port: u16 = field(&ready, 1)?;
     let fifo = ready
@@ -61,7 +62,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16) -> Io<()> {
         "# uccl-tcpx-bench --scale: one engine per process (c: the connecting client, s: the accepting server), \
          {} channels x {} sockets per comm, {} helper threads per direction and engine; idle CPU over {idle:?}; \
          busy: every connection writes {} at once, repeated for at least 1 s",
-        config.num_channels,
+        engine.num_channels(),
         config.socket.sockets_per_comm(),
         config.socket.helpers_per_direction(),
         human(size)
@@ -245,7 +246,7 @@ fn busy(conns: &[Arc<Connection>], op: &OneSided) -> Io<(f64, usize)> {
 pub fn serve(args: &Args, ctl: &mut Ctl, setup: &[String]) -> Io<()> {
     let (size, channels): (usize, u16) = (field(setup, 1)?, field(setup, 2)?);
     let probe = open_probe()?;
-    let config = config(args, Some(channels))?;
+    let config = config(args, (channels != 0).then_some(channels))?;
     let timeout = config.connect_timeout;
     let engine = Arc::new(Engine::new(config).map_err(other)?);
     let mut dst = vec![0u8; size];

@@ -40,7 +40,7 @@ pub fn run(args: &Args) -> Io<()> {
     // A same-host run connects twice: over the same-host path and over loopback TCP.
     let connections: usize = if setup.len() > 3 { field(&setup, 3)? } else { 1 };
     let mut config = Config {
-        num_channels: args.channels.unwrap_or(channels),
+        num_channels: args.channels.or((channels != 0).then_some(channels)),
         ..Config::from_env().map_err(std::io::Error::other)?
     };
     // Host buffers on a GPU host: the engine still serves a GPU (a net plugin lands host

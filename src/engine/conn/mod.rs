@@ -200,6 +200,11 @@ impl Connection {
         Ok(conn)
     }
 
+    /// The data channels both ends agreed on in the handshake (the smaller of their offers).
+    pub fn num_channels(&self) -> usize {
+        self.inner.lock().state.chunking().channels
+    }
+
     /// How far the same-host host-memory path got on this connection.
     pub fn host_path(&self) -> HostPath {
         self.inner.lock().state.host_path()
