@@ -45,6 +45,10 @@ thread_local! {
     /// The host copy (by address) whose own reads' copies this thread, a caller waiting on its
     /// connection, runs itself; and whether such a copy was queued for it and not run yet.
     static CALLER: Cell<(usize, bool)> = const { Cell::new((0, false)) };
+    /// The host copy (by address) whose worker this thread is; 0 on every other thread. Kept here
+    /// rather than read from the worker's handle, whose lock `join` may hold while the worker
+    /// finishes its last copy.
+    static WORKER_OF: Cell<usize> = const { Cell::new(0) };
 }
 
 /// How often a deregistration or a failing connection looks again at a piece under way.
@@ -175,7 +179,7 @@ impl HostCopy {
 
     /// Whether this thread is a caller of the connection (not its worker).
     pub fn on_caller(&self) -> bool {
-        self.worker.lock().as_ref().is_none_or(|t| t.thread().id() != std::thread::current().id())
+        WORKER_OF.get() != self.id()
     }
 
     /// Whether the copy of a read of ours waits for a thread: left to this one, or queued for the
@@ -268,7 +272,10 @@ impl HostCopy {
 
     /// Joins the worker (after `stop`), unless this is the worker itself letting go of the connection.
     pub fn join(&self) {
-        if let Some(t) = self.worker.lock().take()
+        // Taken in a statement of its own, so the handle's lock is let go before the join: the
+        // worker, finishing a copy cut short, may queue work on its way out (`wake` takes it).
+        let worker = self.worker.lock().take();
+        if let Some(t) = worker
             && t.thread().id() != std::thread::current().id()
         {
             let _ = t.join();
@@ -300,6 +307,7 @@ fn run(conn: &Weak<dyn HostServed>, signal: &Signal) {
         if conn.host().gate.is_closed() {
             return;
         }
+        WORKER_OF.set(conn.host().id());
         conn.host().run_queued(&*conn);
         spin = conn.spin();
     }
@@ -319,6 +327,18 @@ mod tests {
         queue: Mutex<VecDeque<u32>>,
         ran: Mutex<Vec<(u32, std::thread::ThreadId)>>,
         hold: Mutex<Option<mpsc::Receiver<()>>>,
+        /// What `on_caller` said on the thread of each job, once it ran.
+        callers: Mutex<Vec<bool>>,
+    }
+
+    fn fake(queue: &[u32], hold: mpsc::Receiver<()>) -> Arc<Fake> {
+        Arc::new_cyclic(|weak: &Weak<Fake>| Fake {
+            host: HostCopy::new(weak.clone() as Weak<dyn HostServed>),
+            queue: Mutex::new(queue.iter().copied().collect()),
+            ran: Mutex::default(),
+            hold: Mutex::new(Some(hold)),
+            callers: Mutex::default(),
+        })
     }
 
     impl HostServed for Fake {
@@ -329,6 +349,7 @@ mod tests {
                     hold.recv().unwrap();
                 }
                 self.ran.lock().push((job, std::thread::current().id()));
+                self.callers.lock().push(self.host.on_caller());
             }
         }
 
@@ -355,12 +376,7 @@ mod tests {
     #[test]
     fn a_caller_leaves_queued_work_to_the_thread_running_the_queue() {
         let (release, hold) = mpsc::channel();
-        let fake = Arc::new_cyclic(|weak: &Weak<Fake>| Fake {
-            host: HostCopy::new(weak.clone() as Weak<dyn HostServed>),
-            queue: Mutex::new(VecDeque::from([1])),
-            ran: Mutex::default(),
-            hold: Mutex::new(Some(hold)),
-        });
+        let fake = fake(&[1], hold);
         let runner = {
             let fake = fake.clone();
             std::thread::spawn(move || {
@@ -398,5 +414,29 @@ mod tests {
         assert_eq!(ran[before], (3, std::thread::current().id()));
         fake.host.stop();
         fake.host.join();
+    }
+
+    /// Closing joins the worker while it finishes a job cut short: the worker, asking whether it
+    /// is a caller as a traced copy does, must not wait for the handle the closing thread joins.
+    #[test]
+    fn closing_joins_a_worker_finishing_its_job() {
+        let (release, hold) = mpsc::channel();
+        let fake = fake(&[1], hold);
+        fake.host.wake(false).unwrap();
+        testkit::wait_until("the worker runs the job", testkit::PATIENCE, || fake.host.runner.is_locked());
+        let closer = {
+            let fake = fake.clone();
+            std::thread::spawn(move || {
+                fake.host.stop();
+                fake.host.join();
+            })
+        };
+        // Let the closer reach the join before the job ends.
+        std::thread::sleep(Duration::from_millis(50));
+        release.send(()).unwrap();
+        testkit::wait_until("the worker was joined", testkit::PATIENCE, || closer.is_finished());
+        closer.join().unwrap();
+        assert_eq!(*fake.callers.lock(), [false], "the job ran on the worker");
+        assert!(fake.host.on_caller(), "the test's thread is a caller");
     }
 }
