@@ -140,8 +140,9 @@ pub struct Config {
     /// `UCCL_TCPX_HOST_COPY_SPIN_US`.
     pub host_copy_spin: Duration,
     /// The smallest piece a shared same-host copy is cut into (two pieces per copying thread,
-    /// within this and 4 MiB, in 64 KiB steps). Default 256 KiB, where a call's own cost is a few
-    /// per cent of its copy. `UCCL_TCPX_HOST_COPY_MIN_PIECE` (64K to 4M, K/M suffixes).
+    /// within this and 4 MiB). Default 1 MiB: on a 32-core host 16 MiB copies moved 30-50 % more
+    /// than with 256 KiB pieces, where sixteen threads pinning 512 KiB pieces share the peer's page
+    /// tables. `UCCL_TCPX_HOST_COPY_MIN_PIECE` (64K to 4M, K/M suffixes).
     pub host_copy_min_piece: u32,
     /// The key peers must share: when set, every connection starts with a mutual challenge-response
     /// and strangers are refused before anything is spent on them. Read from the file named by
@@ -456,7 +457,7 @@ impl Default for Config {
             disable_ipc: false,
             host_copy_threads: default_host_copy_threads(),
             host_copy_spin: Duration::ZERO,
-            host_copy_min_piece: 256 << 10,
+            host_copy_min_piece: 1 << 20,
             auth_key: None,
         }
     }
@@ -817,7 +818,7 @@ mod tests {
         assert_eq!(cfg(&[("UCCL_TCPX_TRACE_HOST_COPY", "1")]).unwrap().trace_host_copy, 1);
         assert_eq!(cfg(&[("UCCL_TCPX_HOST_COPY_SPIN_US", "0")]).unwrap().host_copy_spin, Duration::ZERO);
         assert_eq!(cfg(&[("UCCL_TCPX_HOST_COPY_SPIN_US", "75")]).unwrap().host_copy_spin, Duration::from_micros(75));
-        assert_eq!(cfg(&[]).unwrap().host_copy_min_piece, 256 << 10);
+        assert_eq!(cfg(&[]).unwrap().host_copy_min_piece, 1 << 20);
         assert_eq!(cfg(&[("UCCL_TCPX_HOST_COPY_MIN_PIECE", "2M")]).unwrap().host_copy_min_piece, 2 << 20);
         for bad in ["32K", "8M", "x"] {
             let err = cfg(&[("UCCL_TCPX_HOST_COPY_MIN_PIECE", bad)]).unwrap_err();

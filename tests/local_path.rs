@@ -614,14 +614,15 @@ fn the_host_copy_trace_times_every_step_of_a_copy() {
     }
     assert!(reads.contains("last-piece>finished") && reads.contains("finished>reported") && reads.contains("total"));
     // Reads' callers wait on them and copy what the worker did not take up first.
-    let pieces = line("; pieces per job 8 (8-8)");
+    // 4 MiB on four threads: two pieces a thread would be 512 KiB, under the 1 MiB minimum.
+    let pieces = line("; pieces per job 4 (4-4)");
     let by = |who: &str| -> usize {
         let at = pieces.find(who).unwrap_or_else(|| panic!("{who} missing: {pieces}")) + who.len();
         pieces[at..].split([' ', ';']).next().unwrap().parse().unwrap()
     };
     assert_eq!(by("run by caller ") + by(" worker "), 5, "{pieces}");
     assert!(by("run by caller ") >= 1, "no read was copied by its waiting caller: {pieces}");
-    assert!(pieces.contains("piece KiB 512 (512-512)") && pieces.contains("GB/s per thread copying"), "{pieces}");
+    assert!(pieces.contains("piece KiB 1024 (1024-1024)") && pieces.contains("GB/s per thread copying"), "{pieces}");
     let writes = line("write posted here 4194304 B: 5 jobs;");
     assert!(writes.contains(" total ") && !writes.contains("picked"), "{writes}");
     assert!(out.contains("typical: at "), "{out}");

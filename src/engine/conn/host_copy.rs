@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::threads::{self, ThreadKind};
 
 /// Jobs from this size on are shared with the process's copy helpers (`local::copiers`, up to
-/// `Config::host_copy_threads` threads), in pieces of at least 256 KiB: below it one thread copies
+/// `Config::host_copy_threads` threads), in pieces of at least `Config::host_copy_min_piece`: below it one thread copies
 /// in about 100 us, of which a helper's wake-up would be a large part.
 const PARALLEL_BYTES: u64 = 512 << 10;
 

@@ -22,10 +22,9 @@ use crate::error::{Error, UcclStatus};
 use crate::threads::{self, ThreadKind, panic_text};
 use crate::transport::IoSeg;
 
-/// The default smallest piece a job is cut into for sharing (`Config::host_copy_min_piece`): a
-/// `process_vm_readv` call costs about 1.5 us besides its copy, 2-7 % of a 256 KiB piece (measured
-/// in cache, where the copy is fastest), and pieces of 256 KiB to 16 MiB moved the same GB/s per
-/// thread out of memory on one thread.
+/// A smallest piece for the tests of the cut (the configured one is `Config::host_copy_min_piece`):
+/// a `process_vm_readv` call costs about 1.5 us besides its copy, 2-7 % of a 256 KiB piece
+/// (measured in cache, where the copy is fastest), so no piece is smaller.
 #[cfg(test)]
 const MIN_PIECE: u64 = 256 << 10;
 /// Pieces per copying thread, so that threads that finish early take up the slack of slow ones.
