@@ -354,9 +354,9 @@ int uccl_engine_recv(uccl_conn_t *conn, uccl_mr_t mr, void *data, size_t max_siz
 /**
  * 1 while in progress, 0 once done (then `*bytes` holds the byte count; `bytes` may be NULL), or a
  * negative status. A finished transfer is reported once; its id is unknown afterwards. On a
- * connection to another process of this host, a poll first copies a read of this connection
- * whose target granted it and which no thread copies yet (the copy the caller waits for anyway),
- * so it may return only after that copy.
+ * connection to another process of this host, a poll first copies the reads of this transfer
+ * whose target granted them and which no thread copies yet (copies the caller waits for anyway),
+ * so it may return only after those copies; it runs no other transfer's work.
  */
 int uccl_engine_poll(uccl_conn_t *conn, uint64_t transfer_id, size_t *bytes);
 

@@ -216,9 +216,9 @@ pub extern "C" fn uccl_engine_recv(
 
 /// 1 while in progress, 0 once done (then `*bytes` holds the byte count; `bytes` may be NULL), or a
 /// negative status. A finished transfer is reported once; its id is unknown afterwards. On a
-/// connection to another process of this host, a poll first copies a read of this connection
-/// whose target granted it and which no thread copies yet (the copy the caller waits for anyway),
-/// so it may return only after that copy.
+/// connection to another process of this host, a poll first copies the reads of this transfer
+/// whose target granted them and which no thread copies yet (copies the caller waits for anyway),
+/// so it may return only after those copies; it runs no other transfer's work.
 #[unsafe(no_mangle)]
 pub extern "C" fn uccl_engine_poll(conn: *mut uccl_conn_t, transfer_id: u64, bytes: *mut libc::size_t) -> c_int {
     ffi_fn!("uccl_engine_poll", {

@@ -292,7 +292,7 @@ impl Connection {
     /// not taken it up yet: a caller polling for its read copies it rather than waiting for the
     /// worker's wake-up (the poll then returns after the copy).
     pub fn poll(&self, transfer: u64) -> Result<Option<u64>> {
-        self.host.run_waiting();
+        self.host.run_waiting(transfer);
         if self.device_batches.load(Ordering::Acquire) > 0 {
             let mut inner = self.inner.lock();
             if let Err(e) = self.drive_device_copies(&mut inner, Seer::Poll) {

@@ -22,8 +22,8 @@ use crate::threads::{self, ThreadKind};
 const PARALLEL_BYTES: u64 = 512 << 10;
 
 impl HostServed for Connection {
-    fn serve_host_work(&self, process: &mut Option<Arc<PeerProcess>>) {
-        Connection::serve_host_work(self, process);
+    fn serve_host_work(&self, process: &mut Option<Arc<PeerProcess>>, only: Option<u64>) {
+        Connection::serve_host_work(self, process, only);
     }
 
     fn has_host_work(&self) -> bool {
@@ -45,15 +45,20 @@ impl HostServed for Connection {
 }
 
 impl Connection {
-    /// Runs the queued host work in order until none is left or the connection failed.
-    fn serve_host_work(&self, process: &mut Option<Arc<PeerProcess>>) {
+    /// Runs the queued host work in order until none is left or the connection failed; with
+    /// `only`, just the copies of that transfer's reads, and none before the peer is proven.
+    fn serve_host_work(&self, process: &mut Option<Arc<PeerProcess>>, only: Option<u64>) {
         loop {
             let task = {
                 let mut inner = self.inner.lock();
                 if inner.state.failure().is_some() {
                     return;
                 }
-                inner.state.next_host_task()
+                match only {
+                    None => inner.state.next_host_task(),
+                    Some(_) if process.is_none() => None,
+                    Some(transfer) => inner.state.next_host_copy_of(transfer),
+                }
             };
             let mut out = Vec::new();
             match task {

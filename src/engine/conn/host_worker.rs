@@ -6,9 +6,12 @@
 //! The copy of a read of ours need not wait for the worker: a caller waiting on the connection,
 //! reading its control stream, runs it on its own thread when it finds the target's grant
 //! (`caller_waits`), which saves the worker's wake-up on the read's critical path and leaves the
-//! caller's core copying rather than waiting. Whoever holds the runner token runs the queue; the
-//! other finds it taken and leaves, and the holder looks at the queue again after letting go, so
-//! no work is left behind.
+//! caller's core copying rather than waiting. A caller runs only the copies of the transfer it
+//! waits for, so its wait or poll is bounded by its own transfer; the rest of the queue (the
+//! proof, the peer's writes, other transfers' reads) is the worker's, which the caller wakes for
+//! whatever it leaves queued. One thread at a time holds the runner token; the worker, finding it
+//! taken, leaves, and the caller holding it wakes the worker again after letting go, so no work is
+//! left behind.
 //!
 //! Deregistration marks the region removed and then waits until the gate holds no piece for it; the
 //! worker checks the mark after announcing its piece. Both sides store, fence (SeqCst), then load,
@@ -30,8 +33,9 @@ use crate::threads::{ThreadKind, run_contained, spawn_contained};
 
 /// What the worker serves: a connection, through this trait so that this file names none.
 pub(super) trait HostServed: Send + Sync {
-    /// Runs the queued host work until none is left or the connection failed.
-    fn serve_host_work(&self, process: &mut Option<Arc<PeerProcess>>);
+    /// Runs the queued host work until none is left or the connection failed; with `only`, just
+    /// the copies of that transfer's reads (a caller's own), once the peer's process is proven.
+    fn serve_host_work(&self, process: &mut Option<Arc<PeerProcess>>, only: Option<u64>);
     /// Whether host work is queued (and the connection has not failed).
     fn has_host_work(&self) -> bool;
     /// A thread running host work panicked.
@@ -147,9 +151,10 @@ pub(super) struct CallerWaits<'a> {
 
 impl Drop for CallerWaits<'_> {
     fn drop(&mut self) {
-        // A copy left to this thread and not run (its wait ended first) runs now.
+        // A copy left to this thread and not run (its wait ended first) is another transfer's: the
+        // worker runs it.
         if CALLER.get() == (self.host.id(), true) {
-            self.host.run_waiting();
+            self.host.wake_worker();
         }
         CALLER.set(self.before);
     }
@@ -188,35 +193,53 @@ impl HostCopy {
         CALLER.get() == (self.id(), true) || self.ours_queued.load(Ordering::Relaxed)
     }
 
-    /// Runs the queued work on this caller's thread if a copy of a read of ours waits for a thread
-    /// (`work_waiting`) and no other thread runs the queue; call it holding no lock of the
-    /// connection.
-    pub fn run_waiting(&self) {
+    /// Runs the queued copies of `transfer`'s reads on this caller's thread if a copy of a read of
+    /// ours waits for a thread (`work_waiting`) and no other thread runs the queue, and wakes the
+    /// worker for anything else queued; call it holding no lock of the connection.
+    pub fn run_waiting(&self, transfer: u64) {
         if !self.work_waiting() {
             return;
         }
         if CALLER.get().0 == self.id() {
             CALLER.set((self.id(), false));
         }
-        // Cleared before trying the token: should another thread hold it, that one runs what is
-        // queued (it looks again once it lets go), and this caller goes back to waiting instead of
-        // trying again and again.
+        // Cleared before trying the token: should another thread hold it, the copy is left to the
+        // worker (woken by whoever lets go of the token with work queued), and this caller goes
+        // back to waiting instead of trying again and again.
         self.ours_queued.store(false, Ordering::Relaxed);
         let Some(conn) = self.conn.upgrade() else { return };
-        // As on the worker: a panic fails the connection (and its transfers, so the caller's wait
-        // ends), not the caller's thread.
-        if let Err(e) = run_contained(ThreadKind::HostCopier, || self.run_queued(&*conn)) {
+        if let Some(mut process) = self.runner.try_lock() {
+            // As on the worker: a panic fails the connection (and its transfers, so the caller's
+            // wait ends), not the caller's thread.
+            let served = run_contained(ThreadKind::HostCopier, || conn.serve_host_work(&mut process, Some(transfer)));
+            drop(process);
+            if let Err(e) = served {
+                conn.fail_with(e);
+                return;
+            }
+        }
+        if conn.has_host_work() {
+            self.wake_worker();
+        }
+    }
+
+    /// Wakes the worker for work a caller left queued.
+    fn wake_worker(&self) {
+        if let Err(e) = self.wake(false)
+            && let Some(conn) = self.conn.upgrade()
+        {
             conn.fail_with(e);
         }
     }
 
-    /// Runs the queued work on this thread unless another thread runs it already; that one looks
-    /// at the queue again once it lets go of the runner token, so nothing queued meanwhile waits.
+    /// Runs the queued work on the worker unless another thread holds the runner token: a worker
+    /// looks at the queue again once it lets go, a caller wakes the worker if work is left, so
+    /// nothing queued meanwhile waits.
     fn run_queued(&self, conn: &dyn HostServed) {
         loop {
             let Some(mut process) = self.runner.try_lock() else { return };
             self.ours_queued.store(false, Ordering::Relaxed);
-            conn.serve_host_work(&mut process);
+            conn.serve_host_work(&mut process, None);
             drop(process);
             if !conn.has_host_work() {
                 return;
@@ -342,9 +365,16 @@ mod tests {
     }
 
     impl HostServed for Fake {
-        fn serve_host_work(&self, _process: &mut Option<Arc<PeerProcess>>) {
+        fn serve_host_work(&self, _process: &mut Option<Arc<PeerProcess>>, only: Option<u64>) {
             loop {
-                let Some(job) = self.queue.lock().pop_front() else { return };
+                let job = {
+                    let mut queue = self.queue.lock();
+                    match only {
+                        None => queue.pop_front(),
+                        Some(id) => queue.iter().position(|&j| u64::from(j) == id).and_then(|at| queue.remove(at)),
+                    }
+                };
+                let Some(job) = job else { return };
                 if let Some(hold) = self.hold.lock().take() {
                     hold.recv().unwrap();
                 }
@@ -389,7 +419,7 @@ mod tests {
         fake.queue.lock().push_back(2);
         fake.host.wake(true).unwrap();
         assert!(fake.host.work_waiting());
-        fake.host.run_waiting();
+        fake.host.run_waiting(2);
         assert!(!fake.host.work_waiting(), "the caller does not find the same work again");
         assert!(fake.ran.lock().is_empty(), "nothing ran on the caller's thread");
         release.send(()).unwrap();
@@ -407,11 +437,41 @@ mod tests {
         fake.queue.lock().push_back(3);
         fake.host.wake(true).unwrap();
         assert!(fake.host.work_waiting());
-        fake.host.run_waiting();
+        fake.host.run_waiting(3);
         drop(waits);
         let ran = fake.ran.lock().clone();
         assert_eq!(ran.len(), before + 1);
         assert_eq!(ran[before], (3, std::thread::current().id()));
+        fake.host.stop();
+        fake.host.join();
+    }
+
+    /// A caller runs the copies of its own transfer only: another transfer's, queued ahead of it
+    /// or left to the caller when its wait ends, go to the worker, so a wait or poll is bounded by
+    /// the caller's own transfer.
+    #[test]
+    fn a_caller_runs_only_its_own_transfers_copies() {
+        let (release, hold) = mpsc::channel();
+        release.send(()).unwrap();
+        let fake = fake(&[5, 7], hold);
+        let waits = fake.host.caller_waits();
+        fake.host.wake(true).unwrap();
+        fake.host.run_waiting(7);
+        let me = std::thread::current().id();
+        assert_eq!(fake.ran.lock()[0], (7, me), "the caller's own copy ran first, on its thread");
+        testkit::wait_until("the worker ran the other copy", testkit::PATIENCE, || fake.ran.lock().len() == 2);
+        let other = fake.ran.lock()[1];
+        assert!(other.0 == 5 && other.1 != me, "{other:?}");
+        assert!(!fake.host.work_waiting());
+
+        // Left to this thread by a read it handled, then its wait ended: the worker runs it.
+        fake.queue.lock().push_back(9);
+        fake.host.wake(true).unwrap();
+        assert!(fake.host.work_waiting());
+        drop(waits);
+        testkit::wait_until("the worker ran the copy left behind", testkit::PATIENCE, || fake.ran.lock().len() == 3);
+        let left = fake.ran.lock()[2];
+        assert!(left.0 == 9 && left.1 != me, "{left:?}");
         fake.host.stop();
         fake.host.join();
     }

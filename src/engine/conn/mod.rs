@@ -587,8 +587,8 @@ impl reader::Served for Connection {
         self.host.work_waiting()
     }
 
-    fn run_waiting(&self) {
-        self.host.run_waiting();
+    fn run_waiting(&self, transfer: u64) {
+        self.host.run_waiting(transfer);
     }
 }
 

@@ -19,8 +19,9 @@ pub(super) trait Served {
     /// Whether work waits that a waiting caller may run (the copy of a read of ours).
     fn work_waiting(&self) -> bool;
 
-    /// Runs that work on the caller's thread.
-    fn run_waiting(&self);
+    /// Runs that work on the caller's thread if it is `transfer`'s, and hands the rest to the
+    /// worker.
+    fn run_waiting(&self, transfer: u64);
 }
 
 /// The reactor's turn: reads a buffer's worth and handles it. `Again` when more may be queued (the
@@ -80,7 +81,7 @@ pub(super) fn read_until_finished(conn: &impl Served, t: &Transfer) {
         if t.is_finished() || !conn.work_waiting() {
             return;
         }
-        conn.run_waiting();
+        conn.run_waiting(t.id);
     }
 }
 

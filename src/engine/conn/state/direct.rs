@@ -84,6 +84,19 @@ impl ConnState {
         task
     }
 
+    /// The first queued copy of a read of `transfer`, taken out of turn by the caller waiting for
+    /// it; the rest of the queue keeps its order.
+    pub fn next_host_copy_of(&mut self, transfer: u64) -> Option<HostTask> {
+        let at = self.direct.work.iter().position(
+            |task| matches!(task, HostTask::Copy(job) if job.transfer.as_ref().is_some_and(|t| t.id == transfer)),
+        )?;
+        let task = self.direct.work.remove(at);
+        if let Some(HostTask::Copy(job)) = &task {
+            self.direct.running = job.transfer.clone();
+        }
+        task
+    }
+
     /// The peer's ProcessHello was checked: tell it whether we can read it.
     pub fn proved(&mut self, reads_peer: bool, out: &mut Vec<Action>) {
         self.direct.proved = true;
