@@ -221,6 +221,21 @@ struct Inbound {
     inline: u64,
     /// The destination was deregistered before the data came: it lands in scratch and fails.
     error: Option<Error>,
+    /// The peer's answer on the control stream is still counted in the transfer's unanswered
+    /// parts (a small read's ReadData, a direct read's DirectGrant or Data, either's Deny): a read
+    /// over the channels expects none, and a direct read served over them had its answer already.
+    awaits_answer: bool,
+}
+
+impl Inbound {
+    /// The peer answered this read on the control stream: counted once, whichever message it was.
+    fn answer_once(&mut self) {
+        if std::mem::take(&mut self.awaits_answer)
+            && let Some(t) = self.on_done.transfer()
+        {
+            t.answered();
+        }
+    }
 }
 
 /// A part waiting for the peer's Done or Deny of an inline write or send.
@@ -462,7 +477,7 @@ impl ConnState {
             Control::InlineWrite { xfer: id, region: remote_region, token, addr, payload }
         } else if inline {
             let on_done = OnDone::Part(transfer.clone());
-            self.inbound.insert(id, Inbound { extent, region, on_done, inline: len, error: None });
+            self.inbound.insert(id, Inbound { extent, region, on_done, inline: len, error: None, awaits_answer: true });
             Control::ReadSmall { xfer: id, region: remote_region, token, addr, len }
         } else if write {
             let request = Control::WriteRequest { xfer: id, region: remote_region, token, addr, len };
@@ -535,7 +550,8 @@ impl ConnState {
         request: Control,
     ) -> Control {
         let on_done = OnDone::Part(transfer.clone());
-        self.inbound.insert(id, Inbound { extent, region, on_done, inline: 0, error: None });
+        let awaits_answer = direct.is_some();
+        self.inbound.insert(id, Inbound { extent, region, on_done, inline: 0, error: None, awaits_answer });
         direct.unwrap_or(request)
     }
 
@@ -706,11 +722,9 @@ impl ConnState {
                         )));
                     }
                 };
-                let dst = self.inbound.remove(&xfer).expect("checked above");
+                let mut dst = self.inbound.remove(&xfer).expect("checked above");
                 self.inline_one_sided -= dst.inline;
-                if let Some(t) = dst.on_done.transfer() {
-                    t.answered();
-                }
+                dst.answer_once();
                 let stored = match dst.error {
                     Some(e) => Err(e),
                     // SAFETY: the destination was checked against its registration when the read
@@ -746,10 +760,10 @@ impl ConnState {
                     self.release_inline(&op);
                     op.transfer.answered();
                     out.push(Action::Finish(op.transfer, Err(err)));
-                } else if let Some(read) = self.inbound.remove(&xfer) {
+                } else if let Some(mut read) = self.inbound.remove(&xfer) {
                     self.inline_one_sided -= read.inline;
+                    read.answer_once();
                     if let Some(t) = read.on_done.transfer() {
-                        t.answered();
                         out.push(Action::Finish(t.clone(), Err(err)));
                     }
                 } else if let Some(flow) = self.awaiting_done.remove(&xfer) {
@@ -780,9 +794,11 @@ impl ConnState {
                         "protocol violation: Data for flow {flow} carries {len} bytes, {granted} were granted"
                     )));
                 }
-                let Inbound { extent, region, on_done, inline, error } =
-                    self.inbound.remove(&flow).expect("checked above");
-                // A peer answering a small read with Data instead of ReadData still frees its share.
+                let mut read = self.inbound.remove(&flow).expect("checked above");
+                // A peer answering a small read with Data instead of ReadData answered it too, and
+                // still frees its share.
+                read.answer_once();
+                let Inbound { extent, region, on_done, inline, error, .. } = read;
                 self.inline_one_sided -= inline;
                 let seq = self.in_seq;
                 self.in_seq += 1;
@@ -990,7 +1006,8 @@ impl ConnState {
             let flow = self.take_id();
             let (extent, region) = (Extent::Contiguous { addr: recv.addr, len }, recv.region);
             let on_done = OnDone::PartAndAck(recv.transfer, peer_op);
-            self.inbound.insert(flow, Inbound { extent, region, on_done, inline: 0, error: None });
+            self.inbound
+                .insert(flow, Inbound { extent, region, on_done, inline: 0, error: None, awaits_answer: false });
             answers.push(Control::Grant { xfer: peer_op, flow });
         }
         out.extend(answers.into_iter().map(Action::Send));
@@ -1103,7 +1120,8 @@ impl ConnState {
     /// flow it will send as, after its Data marker.
     fn grant(&mut self, xfer: u64, extent: Extent, region: Arc<Region>, out: &mut Vec<Action>) {
         let flow = self.take_id();
-        self.inbound.insert(flow, Inbound { extent, region, on_done: OnDone::Ack(xfer), inline: 0, error: None });
+        let on_done = OnDone::Ack(xfer);
+        self.inbound.insert(flow, Inbound { extent, region, on_done, inline: 0, error: None, awaits_answer: false });
         out.push(Action::Send(Control::Grant { xfer, flow }));
     }
 

@@ -285,9 +285,9 @@ impl ConnState {
     pub(super) fn direct_answered(&mut self, xfer: u64) {
         self.direct.writes.remove(&xfer);
         if self.direct.reads.remove(&xfer).is_some()
-            && let Some(t) = self.inbound.get(&xfer).and_then(|i| i.on_done.transfer())
+            && let Some(read) = self.inbound.get_mut(&xfer)
         {
-            t.answered();
+            read.answer_once();
         }
     }
 

@@ -229,6 +229,29 @@ fn a_cut_region_is_neither_copied_into_nor_vouched_for() {
     assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
 }
 
+/// A refused direct read counts as one answer of its transfer (the refusal ends both the request
+/// for the copy and the read): another part still waiting for its answer keeps the caller reading
+/// for it.
+#[test]
+fn a_refused_direct_read_is_answered_once() {
+    let (mut a, mut b) = host_pair(true, true);
+    let local = a.buffer(4 * CHUNK, pattern(45));
+    let target = b.buffer(4 * CHUNK, |_| 0);
+    let mut forged = b.buffer(16, |_| 0);
+    forged.cap = Capability { region: target.cap.region, token: target.cap.token ^ 1 };
+    let small = b.buffer(16, pattern(46));
+    let t = a.one_sided(false, &[(&local, 0, &forged, 0, 4 * CHUNK), (&local, 0, &small, 0, 16)]);
+    assert!(matches!(a.outbox.front(), Some(Control::DirectRead { .. })), "{:?}", a.outbox);
+    deliver(&mut a, &mut b).unwrap();
+    let at = b.outbox.iter().position(|m| matches!(m, Control::Deny { .. })).expect("a Deny");
+    let deny = b.outbox.remove(at).unwrap();
+    a.handle(deny).unwrap();
+    assert!(t.awaits_answer(), "the small read's answer is still to come");
+    pump(&mut a, &mut b);
+    assert!(!t.awaits_answer());
+    assert_eq!(status(a.outcome(&t)), UcclStatus::ErrNotAllowed);
+}
+
 #[test]
 fn a_peer_breaking_the_direct_exchange_fails_the_connection() {
     let (mut a, _b) = host_pair(true, true);
