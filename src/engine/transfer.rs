@@ -28,8 +28,9 @@ pub struct Transfer {
     /// Parts registered as ending on their own chunks with no message from the peer (reads over
     /// the channels).
     chunk_parts: AtomicUsize,
-    /// A caller parked until the transfer finished (`park_until_finished`).
-    parked: Mutex<Option<std::thread::Thread>>,
+    /// The callers parked until the transfer finished (`park_until_finished`): every one, so that
+    /// two threads waiting on one transfer both wake at its end.
+    parked: Mutex<Vec<std::thread::Thread>>,
 }
 
 /// How the parts of a transfer end, as far as a waiting caller is concerned.
@@ -66,7 +67,7 @@ impl Transfer {
         p.remaining = p.remaining.saturating_sub(1);
         if p.remaining == 0 {
             self.finished.notify_all();
-            if let Some(t) = self.parked.lock().take() {
+            for t in std::mem::take(&mut *self.parked.lock()) {
                 t.unpark();
             }
         }
@@ -122,11 +123,13 @@ impl Transfer {
     /// Parks the calling thread for at most `limit`, or until the transfer finished (whoever
     /// finishes it unparks the thread) or anything else unparks it.
     pub fn park_until_finished(&self, limit: Duration) {
-        *self.parked.lock() = Some(std::thread::current());
+        let me = std::thread::current();
+        let id = me.id();
+        self.parked.lock().push(me);
         if !self.is_finished() {
             std::thread::park_timeout(limit);
         }
-        self.parked.lock().take();
+        self.parked.lock().retain(|t| t.id() != id);
     }
 
     pub fn is_finished(&self) -> bool {
@@ -173,7 +176,7 @@ impl TransferTable {
             after_data: AtomicBool::new(false),
             unanswered: AtomicUsize::new(0),
             chunk_parts: AtomicUsize::new(0),
-            parked: Mutex::new(None),
+            parked: Mutex::default(),
         });
         self.live.lock().insert(id, t.clone());
         t
@@ -285,6 +288,34 @@ mod tests {
         x.park_until_finished(Duration::from_secs(20));
         assert!(start.elapsed() < Duration::from_secs(10), "a finished transfer parks nobody");
         assert_eq!(t.poll(1, x.id).unwrap(), Some(3));
+    }
+
+    /// Two callers parked on one transfer both wake when it finishes, long before their limit.
+    #[test]
+    fn every_caller_parked_on_a_transfer_wakes_at_its_end() {
+        let t = TransferTable::default();
+        let x = t.create(1, 1);
+        let parking = std::sync::atomic::AtomicUsize::new(0);
+        let waited = std::thread::scope(|s| {
+            let waiters: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        let start = std::time::Instant::now();
+                        parking.fetch_add(1, Ordering::SeqCst);
+                        while !x.is_finished() {
+                            x.park_until_finished(Duration::from_secs(20));
+                        }
+                        start.elapsed()
+                    })
+                })
+                .collect();
+            testkit::wait_until("both callers park", testkit::PATIENCE, || parking.load(Ordering::SeqCst) == 2);
+            // Both are parked by now unless the machine is very slow; a late one finds it finished.
+            std::thread::sleep(Duration::from_millis(30));
+            x.finish_part(Ok(1));
+            waiters.into_iter().map(|w| w.join().unwrap()).collect::<Vec<_>>()
+        });
+        assert!(waited.iter().all(|w| *w < Duration::from_secs(10)), "woken by the finish, not the limit: {waited:?}");
     }
 
     /// Which parts end how is counted as they are posted, possibly in several goes.
