@@ -135,8 +135,12 @@ fn serve<T: Task>(helper: &Helper<T>) {
             Ok(Some(woken)) => woken,
             Ok(None) => continue,
             Err(e) => {
-                // Only a programming error makes epoll_wait fail: fail what this helper serves.
-                fail_all(&slab, Error::io("wait on data sockets", e));
+                // Only a programming error makes epoll_wait fail: fail what this helper serves, and
+                // mark it dead as a panic would, so that a comm detaching from it stops waiting and
+                // its slot is taken over.
+                let err = Error::io("wait on data sockets", e);
+                fail_all(&slab, err.clone());
+                died(helper, err);
                 return;
             }
         };
