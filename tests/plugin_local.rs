@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use uccl_tcpx::config::LocalPeers;
+use uccl_tcpx::config::{ChannelTransport, LocalPeers};
 use uccl_tcpx::engine::OneSided;
 use uccl_tcpx::engine::local::Locality;
 use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
@@ -127,6 +127,16 @@ fn child_engines_of_one_process() {
     let ba = common::accept(&p.a).unwrap();
     assert_eq!((ab.peer.channels, ba.peer.channels), ("socket", "socket"));
     send_recv(&ab, &p.a, &ba, &p.a, &pattern(SIZES[2], 9));
+    // Their channels run on the socket transport, so an acceptor left at its default takes that
+    // transport's channel count, not the plugin's, whatever the connector offers.
+    let offering = Arc::new(Engine::new(Config { num_channels: Some(4), ..local_config() }).unwrap());
+    let default = Arc::new(Engine::new(Config { num_channels: None, ..local_config() }).unwrap());
+    let socket_channels = Config::default().channels_for(ChannelTransport::Socket).min(4) as usize;
+    let out = offering.connect("127.0.0.1", "0", default.address().port()).unwrap();
+    let back = common::accept(&default).unwrap();
+    assert_eq!((out.peer.channels, back.peer.channels), ("socket", "socket"));
+    assert_eq!((out.num_channels(), back.num_channels()), (socket_channels, socket_channels));
+    send_recv(&out, &offering, &back, &default, &pattern(SIZES[2], 10));
     println!("child checked");
 }
 

@@ -31,6 +31,7 @@ use super::local::{self, LocalLink, PendingHello};
 use super::plan::{Chunking, Cut};
 use super::route::{Route, Routes};
 use super::shared::EngineCore;
+use crate::config::ChannelTransport;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{
     CAP_SPANNING_CHUNKS, ChannelHello, FRAME_HEADER_LEN, FrameHeader, Handshake, Hello, HostIdentity, MAX_REASON_LEN,
@@ -137,7 +138,11 @@ pub struct Local<'a> {
     pub net: &'a dyn Net,
     /// Where a connection's channels go once the peer is known.
     pub routes: &'a Routes,
+    /// The channels offered in Hello / Welcome: those of the engine's transport.
     pub num_channels: u16,
+    /// The channels taken for a same-host peer whose channels leave a plugin for the socket
+    /// transport: that transport's (its sockets per comm are the socket transport's too).
+    pub socket_channels: u16,
     pub chunk_size: u32,
     pub gpu_index: i32,
     pub gpu_id: &'a str,
@@ -149,6 +154,16 @@ pub struct Local<'a> {
 }
 
 impl<'a> Local<'a> {
+    /// The most channels this end takes on `route`. Only the acceptor knows the route before it
+    /// agrees (the connector's Hello went out first), so it applies it; the connector takes any
+    /// count up to its offer.
+    fn channels_on(&self, route: Route) -> u16 {
+        match route {
+            Route::Transport => self.num_channels,
+            Route::LocalSockets => self.socket_channels,
+        }
+    }
+
     /// What the engine announces and offers, as of now (the GPU may be chosen later).
     pub fn of(core: &'a EngineCore) -> Local<'a> {
         let (gpu_index, gpu_id) = core.gpu.identity();
@@ -156,6 +171,7 @@ impl<'a> Local<'a> {
             net: &*core.net,
             routes: &core.routes,
             num_channels: core.num_channels,
+            socket_channels: core.config.channels_for(ChannelTransport::Socket),
             chunk_size: core.config.chunk_size,
             gpu_index,
             gpu_id,
@@ -341,7 +357,7 @@ pub fn welcome(
         );
     }
     let mut agreed = Agreement {
-        num_channels: h.num_channels.min(local.num_channels),
+        num_channels: h.num_channels.min(local.channels_on(routing.route)),
         chunk_size: h.chunk_size.min(local.chunk_size),
         nonce: h.nonce,
         peer_gpu_index: h.gpu_index,
@@ -627,6 +643,7 @@ mod tests {
             net,
             routes,
             num_channels: 3,
+            socket_channels: 2,
             chunk_size: 1 << 20,
             gpu_index: 0,
             gpu_id: "0",
@@ -634,6 +651,19 @@ mod tests {
             removals: removals.clone(),
             host: HostIdentity::default(),
         }
+    }
+
+    /// A plugin engine's same-host peer gets the socket transport's channel count, which its
+    /// channels run on; every other connection the engine's own.
+    #[test]
+    fn the_acceptor_takes_the_channels_of_the_routes_transport() {
+        let net: Arc<dyn Net> = Arc::new(PluginNet::with_plugin(mock::plugin(), None, None).unwrap());
+        let routes = Routes::new(net.clone(), crate::config::LocalPeers::Socket, Box::new(|| unreachable!()));
+        let removals = Arc::new(AtomicU64::new(0));
+        let local = local(&*net, &routes, &removals);
+        assert_eq!((local.num_channels, local.socket_channels), (3, 2));
+        assert_eq!(local.channels_on(Route::Transport), 3);
+        assert_eq!(local.channels_on(Route::LocalSockets), 2);
     }
 
     #[test]
