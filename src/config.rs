@@ -334,10 +334,11 @@ const LARGE_HOST_CORES: usize = 16;
 /// Channels per connection when `UCCL_TCPX_NUM_CHANNELS` is unset. Below 16 cores 2, where they
 /// already keep more helper threads busy than there are cores. From 16 cores the socket transport
 /// takes 2 channels of 8 sockets: flows rotate over channels, so with 4 channels each channel's
-/// helpers had slept through three transfers when the next came, and on a 32-core 2 x H200 host
-/// 2 x 8 took 256 KiB host writes from 96-110 to 58-72 us p50 and 1 MiB GPU transfers at 4 in
-/// flight up 15-25 % against 4 x 4, the same 16 sockets. A plugin keeps 4, which was measured only
-/// on the socket transport (docs/PERFORMANCE.md, "Defaults").
+/// helpers had slept through three transfers when the next came. On a 32-core 2 x H200 host 2 x 8
+/// against 4 x 4 (the same 16 sockets) took 256 KiB host transfers from 96-110 to 58-72 us p50 and
+/// 1 MiB GPU0->GPU1 transfers at 4 in flight from 8.22-9.23 to 9.65-11.41 GB/s, for 256 MiB host
+/// writes at 31.6-34.1 GB/s instead of 35.3-37.6. A plugin keeps 4: that measurement covered the
+/// socket transport only (docs/PERFORMANCE.md, "Defaults and the measurements that chose them").
 fn default_channels(transport: ChannelTransport, cores: usize) -> u16 {
     match transport {
         _ if cores < LARGE_HOST_CORES => 2,
@@ -363,7 +364,7 @@ fn default_socket_threads(cores: usize) -> usize {
 }
 
 /// A receive window's worth of posted chunks (16 per channel: 32 MiB with the small-host layout,
-/// 128 MiB with four channels of 2 MiB) drains in about 110 ms even at 10 Gb/s, so a peer that is
+/// 128 MiB with a plugin's four channels of 2 MiB) drains in about 110 ms even at 10 Gb/s, so a peer that is
 /// sending at all finishes them within the bound.
 const DEFAULT_FENCE_TIMEOUT: Duration = Duration::from_millis(200);
 
