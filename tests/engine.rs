@@ -529,7 +529,10 @@ fn callers_waiting_on_channel_transfers_finish_them() {
                 .collect();
             slow = threads.into_iter().map(|h| h.join().unwrap()).sum::<usize>();
         });
-        assert!(slow <= 4, "caller_completes {caller_completes}: {slow} of 72 rounds took a wait slice or more");
+        // A wake-up lost on either path (the write's Done, the read's last chunk) leaves every
+        // round to its wait slice; a loaded machine makes some rounds slow without one, so this
+        // allows a third of them.
+        assert!(slow <= 24, "caller_completes {caller_completes}: {slow} of 72 rounds took a wait slice or more");
         // A read the peer refuses ends with its Deny.
         let mut back = vec![0u8; 1 << 20];
         let bmr = p.a.register(back.as_mut_ptr() as usize, back.len()).unwrap();

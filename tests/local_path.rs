@@ -620,8 +620,10 @@ fn the_host_copy_trace_times_every_step_of_a_copy() {
         let at = pieces.find(who).unwrap_or_else(|| panic!("{who} missing: {pieces}")) + who.len();
         pieces[at..].split([' ', ';']).next().unwrap().parse().unwrap()
     };
+    // Which thread copies a read depends on who read the target's grant first (the caller or the
+    // control reactor), so only the sum is fixed here; that a waiting caller copies its own read
+    // is held by the host worker's unit tests.
     assert_eq!(by("run by caller ") + by(" worker "), 5, "{pieces}");
-    assert!(by("run by caller ") >= 1, "no read was copied by its waiting caller: {pieces}");
     assert!(pieces.contains("piece KiB 1024 (1024-1024)") && pieces.contains("GB/s per thread copying"), "{pieces}");
     let writes = line("write posted here 4194304 B: 5 jobs;");
     assert!(writes.contains(" total ") && !writes.contains("picked"), "{writes}");

@@ -212,12 +212,34 @@ mod tests {
 
     use super::*;
 
-    /// A job of `n` unit pieces that records which threads took them.
+    /// A job of `n` unit pieces that records which threads took them. With `gather`, each piece
+    /// waits (for a bounded time) until that many threads took one, so that no thread finishes the
+    /// job before the others had the CPU to join it.
     struct Count {
         n: usize,
+        gather: usize,
         next: AtomicUsize,
         done: AtomicUsize,
         threads: Mutex<Vec<std::thread::ThreadId>>,
+    }
+
+    impl Count {
+        fn new(n: usize, gather: usize) -> Arc<Count> {
+            Arc::new(Count {
+                n,
+                gather,
+                next: AtomicUsize::new(0),
+                done: AtomicUsize::new(0),
+                threads: Mutex::default(),
+            })
+        }
+
+        fn distinct(&self) -> usize {
+            let mut threads = self.threads.lock().clone();
+            threads.sort_unstable_by_key(|t| format!("{t:?}"));
+            threads.dedup();
+            threads.len()
+        }
     }
 
     impl Shared for Count {
@@ -225,6 +247,10 @@ mod tests {
             while self.next.fetch_add(1, Ordering::Relaxed) < self.n {
                 self.threads.lock().push(std::thread::current().id());
                 std::thread::sleep(Duration::from_millis(1));
+                let until = std::time::Instant::now() + testkit::PATIENCE;
+                while self.distinct() < self.gather && std::time::Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 self.done.fetch_add(1, Ordering::Release);
             }
         }
@@ -237,8 +263,7 @@ mod tests {
     #[test]
     fn helpers_share_a_job_and_end_when_idle() {
         let n = 200;
-        let job =
-            Arc::new(Count { n, next: AtomicUsize::new(0), done: AtomicUsize::new(0), threads: Mutex::default() });
+        let job = Count::new(n, 0);
         let offer = offer(job.clone(), 3, Duration::ZERO);
         let me = std::thread::current().id();
         testkit::wait_until("a helper took a piece", testkit::PATIENCE, || job.threads.lock().iter().any(|t| *t != me));
@@ -262,11 +287,12 @@ mod tests {
             let state = POOL.lock();
             state.threads == 3 && state.idle.len() == 3
         });
-        let job =
-            Arc::new(Count { n, next: AtomicUsize::new(0), done: AtomicUsize::new(0), threads: Mutex::default() });
+        // One piece each, held until all three joined: a helper left asleep shows as a job done by
+        // two threads, however slowly the others get the CPU.
+        let job = Count::new(3, 3);
         let offer = super::offer(job.clone(), 3, Duration::from_millis(5));
         assert!(POOL.lock().idle.is_empty(), "each waiting helper was handed the job");
-        testkit::wait_until("every piece done", testkit::PATIENCE, || job.done.load(Ordering::Acquire) == n);
+        testkit::wait_until("every piece done", 2 * testkit::PATIENCE, || job.done.load(Ordering::Acquire) == 3);
         drop(offer);
         let mut threads = job.threads.lock().clone();
         threads.sort_unstable_by_key(|t| format!("{t:?}"));
