@@ -10,9 +10,10 @@ use super::copy_trace::{self, Seer};
 use super::host_trace::HostTracer;
 use super::reader;
 use super::state::{Action, ConnState, Memory, OneSidedItem, OneSidedRequest, SendItem, VectorRequest};
+use super::turn::{Batch, InTurn, Take};
 use super::vector::{Grouper, Push, Run, RunKey};
 
-use super::{Connection, OneSided};
+use super::{Connection, Inner, OneSided};
 use crate::engine::local::Locality;
 use crate::engine::plan::Extent;
 use crate::engine::region::{Region, check_range};
@@ -153,30 +154,47 @@ impl Connection {
     /// Posts a call of several vector requests over the network one request at a time, each as
     /// soon as its segment lists are built, so the first request's bytes move while this thread
     /// builds the next (posting 100,000 items as one batch held the first byte back for the whole
-    /// pass, milliseconds on a transfer of a few more). Every item was checked before, so bad
-    /// input still fails the call with nothing sent. A failure once a request is out (the
-    /// connection failing, a local region deregistered meanwhile) fails the transfer instead, whose
-    /// id the caller gets: its earlier requests may still be moving the caller's bytes.
+    /// pass, milliseconds on a transfer of a few more). Only the first request's chunks are posted
+    /// by this thread, and a later request that finds the connection busy goes with a later one
+    /// (`turn`). Every item was checked before, so bad input still fails the call with nothing
+    /// sent. A failure once a request is out (the connection failing, a local region deregistered
+    /// meanwhile) fails the transfer instead, whose id the caller gets: its earlier requests may
+    /// still be moving the caller's bytes.
     fn post_in_turn(&self, ops: &[OneSided], runs: &[CheckedRun], write: bool) -> Result<u64> {
-        let transfer = self.core.transfers.create(self.id, runs.len());
+        // Every run here is a vector: one request, one part.
+        let parts = runs.len();
+        let transfer = self.core.transfers.create(self.id, parts);
+        let mut turn = InTurn::new();
         for (i, run) in runs.iter().enumerate() {
-            let requests = run.requests(ops);
+            let mut inner = match turn.built(run.vector(ops), i + 1 == parts) {
+                Take::Wait => self.inner.lock(),
+                Take::Try => match self.inner.try_lock() {
+                    Some(inner) => inner,
+                    None => continue,
+                },
+            };
+            let Batch { requests: batch, first_part, post_chunks_here } = turn.take();
+            let sent = first_part + batch.len();
             let mut registered = false;
             let posted = self
-                .register_parts(&transfer, |st, transfer, out| {
-                    st.post_one_sided(transfer, write, requests, out)?;
+                .register_locked(&mut inner, &transfer, post_chunks_here, |st, transfer, out| {
+                    st.post_one_sided(transfer, write, batch, out)?;
                     registered = true;
                     Ok(())
                 })
-                .and_then(|msgs| self.send_posted(&msgs));
+                .and_then(|msgs| {
+                    drop(inner);
+                    self.send_posted(&msgs)
+                });
             if let Err(e) = posted {
-                if i == 0 {
+                if first_part == 0 {
                     self.core.transfers.discard(transfer.id);
                     return Err(e);
                 }
-                // A request that was registered is failed with the connection; the ones never
+                // Requests that were registered are failed with the connection; the ones never
                 // posted are failed here.
-                for _ in i + usize::from(registered)..runs.len() {
+                let unposted = if registered { sent } else { first_part };
+                for _ in unposted..parts {
                     transfer.finish_part(Err(e.clone()));
                 }
                 return Ok(transfer.id);
@@ -252,22 +270,36 @@ impl Connection {
     /// `post`'s part under the lock: the state registers the parts (or refuses before registering
     /// any), parts that finished at once (a receive matched an inline send) are finished, and the
     /// control messages are returned for sending, unless flows were started: then everything is
-    /// carried out here, in order.
+    /// carried out here, in order, and this thread posts their first chunks.
     fn register_parts(
         &self,
         transfer: &Arc<Transfer>,
         post: impl FnOnce(&mut ConnState, &Arc<Transfer>, &mut Vec<Action>) -> Result<()>,
     ) -> Result<Vec<Control>> {
-        let mut inner = self.inner.lock();
+        self.register_locked(&mut self.inner.lock(), transfer, true, post)
+    }
+
+    /// `register_parts` under a lock the caller holds; `post_chunks`: whether this thread posts the
+    /// first chunks of the flows it starts, or leaves them to the progress thread (which their
+    /// queueing wakes).
+    fn register_locked(
+        &self,
+        inner: &mut Inner,
+        transfer: &Arc<Transfer>,
+        post_chunks: bool,
+        post: impl FnOnce(&mut ConnState, &Arc<Transfer>, &mut Vec<Action>) -> Result<()>,
+    ) -> Result<Vec<Control>> {
         inner.state.begin_post(Instant::now())?;
         let mut out = Vec::new();
         post(&mut inner.state, transfer, &mut out)?;
         if out.iter().any(|a| matches!(a, Action::Queue(_))) {
-            if let Err(e) = self.apply(&mut inner, out) {
-                self.fail(&mut inner, e.clone());
+            if let Err(e) = self.apply(inner, out) {
+                self.fail(inner, e.clone());
                 return Err(e);
             }
-            self.pass_if_queued(&mut inner);
+            if post_chunks {
+                self.pass_if_queued(inner);
+            }
             return Ok(Vec::new());
         }
         let mut msgs = Vec::new();
@@ -278,9 +310,9 @@ impl Connection {
                 other => rest.push(other),
             }
         }
-        if let Err(e) = self.apply(&mut inner, rest) {
+        if let Err(e) = self.apply(inner, rest) {
             // Parts already registered are failed (and their ids forgotten) with the connection.
-            self.fail(&mut inner, e.clone());
+            self.fail(inner, e.clone());
             return Err(e);
         }
         Ok(msgs)
@@ -393,20 +425,14 @@ struct CheckedRun {
 }
 
 impl CheckedRun {
-    /// The run's requests: one vector, or one request per item. A vector's segment lists are
-    /// collected from exact-size iterators, each into one allocation of its final size.
+    /// The run's requests: one vector, or one request per item.
     fn requests(&self, ops: &[OneSided]) -> Vec<OneSidedRequest> {
         let RunHead { region, remote_region, token } = &self.head;
         let (remote_region, token) = (*remote_region, *token);
-        let items = &ops[self.run.items.clone()];
         if self.run.vector {
-            let local = Extent::scattered(items.iter().map(|op| IoSeg { addr: op.addr, len: op.len }));
-            // The length was checked against the u32 size of its FifoItem.
-            let segs = items.iter().map(|op| RemoteSeg { addr: op.remote.addr, len: op.len as u32 }).collect();
-            let region = region.clone();
-            return vec![OneSidedRequest::Vector(VectorRequest { region, local, remote_region, token, segs })];
+            return vec![self.vector(ops)];
         }
-        items
+        ops[self.run.items.clone()]
             .iter()
             .map(|op| {
                 OneSidedRequest::Item(OneSidedItem {
@@ -420,6 +446,18 @@ impl CheckedRun {
                 })
             })
             .collect()
+    }
+
+    /// The run as one vector request, its segment lists collected from exact-size iterators, each
+    /// into one allocation of its final size.
+    fn vector(&self, ops: &[OneSided]) -> OneSidedRequest {
+        let RunHead { region, remote_region, token } = &self.head;
+        let items = &ops[self.run.items.clone()];
+        let local = Extent::scattered(items.iter().map(|op| IoSeg { addr: op.addr, len: op.len }));
+        // The length was checked against the u32 size of its FifoItem.
+        let segs = items.iter().map(|op| RemoteSeg { addr: op.remote.addr, len: op.len as u32 }).collect();
+        let (region, remote_region, token) = (region.clone(), *remote_region, *token);
+        OneSidedRequest::Vector(VectorRequest { region, local, remote_region, token, segs })
     }
 }
 

@@ -17,6 +17,7 @@ mod local_copy;
 mod memory;
 mod reader;
 mod state;
+mod turn;
 mod vector;
 
 use std::net::{Shutdown, SocketAddr, TcpStream};
