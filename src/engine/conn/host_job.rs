@@ -134,7 +134,8 @@ impl SharedJob {
                     self.fail(failure);
                 }
             }
-            if self.done.fetch_add(1, Ordering::AcqRel) + 1 == n {
+            // The job's own thread, which may be a user's, gets no token from its own last piece.
+            if self.done.fetch_add(1, Ordering::AcqRel) + 1 == n && std::thread::current().id() != self.worker.id() {
                 self.worker.unpark();
             }
         }
