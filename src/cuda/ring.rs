@@ -83,15 +83,6 @@ fn kernel_unavailable(why: &Error) {
     });
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: one clock for every process on the host, so traces of the two
-/// ends of a loopback transfer line up.
-pub fn clock_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: writes one timespec; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 pub struct StagingRing {
     // Drop order matters: the streams synchronize first (no copy or kernel still reads or writes a
     // slot, a bounce buffer or user memory), then the kernel's buffers, the events and the slots go.

@@ -8,8 +8,8 @@ use std::collections::VecDeque;
 use super::regions::{Route, Staging};
 use super::setup::{Setup, StickyFailure};
 use super::trace::{ChunkTrace, CommTracer, Mark};
-use crate::cuda::ring::clock_ns;
 use crate::error::{Error, Result};
+use crate::trace::clock_ns;
 use crate::transport::{IoSeg, MemKind, MrHandle, RecvComm, RequestId};
 
 #[derive(Clone, Copy, Debug)]

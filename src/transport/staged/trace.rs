@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::cuda::ring::clock_ns;
+use crate::trace::clock_ns;
 use crate::trace::{Spread, report_at_exit};
 
 #[derive(Clone, Copy, Debug)]

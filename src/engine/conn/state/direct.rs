@@ -29,11 +29,11 @@ use std::sync::Arc;
 
 use super::direct_table::{Copied, CopyJob, HostPath, HostTask, Lease, MAX_DIRECT_PENDING};
 use super::{Action, ConnState, Extent, Memory, Source, deny, deny_msg, unknown_op};
-use crate::cuda::ring::clock_ns;
 use crate::engine::region::Region;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result};
 use crate::proto::{Control, RemoteSeg};
+use crate::trace::clock_ns;
 use crate::transport::{IoSeg, MemKind};
 
 fn segs_of(extent: &Extent) -> Vec<IoSeg> {
