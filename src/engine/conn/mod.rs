@@ -158,6 +158,9 @@ impl Connection {
         if same_host {
             state.set_same_host();
         }
+        if host_tracer.is_some() {
+            state.set_timed_copies();
+        }
         let conn = Arc::new_cyclic(|weak| Connection {
             id: core.next_conn_id(),
             peer,

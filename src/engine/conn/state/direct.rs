@@ -66,6 +66,17 @@ impl ConnState {
         self.direct.same_host = true;
     }
 
+    /// Copy jobs carry the time they were queued (`UCCL_TCPX_TRACE_HOST_COPY`); untraced they
+    /// skip the clock read.
+    pub fn set_timed_copies(&mut self) {
+        self.direct.timed = true;
+    }
+
+    /// Now in CLOCK_MONOTONIC ns when copies are timed, else 0 (a mark the trace counts as unseen).
+    fn queued_at(&self) -> u64 {
+        if self.direct.timed { clock_ns() } else { 0 }
+    }
+
     pub fn host_path(&self) -> HostPath {
         HostPath { checked: self.direct.proved && self.direct.ack_seen, ..self.direct.path }
     }
@@ -181,16 +192,9 @@ impl ConnState {
         }
         let remote = segs.iter().zip(&src).map(|(s, &a)| IoSeg { addr: a as usize, len: s.len as usize }).collect();
         let len = segs.iter().map(|s| u64::from(s.len)).sum();
-        let job = CopyJob {
-            op: xfer,
-            transfer: None,
-            region,
-            local: remote_segs(&segs),
-            remote,
-            len,
-            error: None,
-            queued: clock_ns(),
-        };
+        let queued = self.queued_at();
+        let job =
+            CopyJob { op: xfer, transfer: None, region, local: remote_segs(&segs), remote, len, error: None, queued };
         self.direct.work.push_back(HostTask::Copy(job));
         out.push(Action::HostWork { ours: false });
         Ok(())
@@ -229,6 +233,7 @@ impl ConnState {
         let segs = self.direct.reads.remove(&xfer).ok_or_else(|| unknown_op("DirectGrant", xfer))?;
         let dst = self.inbound.remove(&xfer).ok_or_else(|| unknown_op("DirectGrant", xfer))?;
         let transfer = dst.on_done.transfer().cloned();
+        let queued = self.queued_at();
         let job = CopyJob {
             op: xfer,
             transfer,
@@ -237,7 +242,7 @@ impl ConnState {
             len: dst.extent.len(),
             region: dst.region,
             error: dst.error,
-            queued: clock_ns(),
+            queued,
         };
         self.direct.work.push_back(HostTask::Copy(job));
         out.push(Action::HostWork { ours: true });

@@ -39,7 +39,7 @@ pub(crate) struct CopyJob {
     pub len: u64,
     /// Set when the region was cut off before the copy ran: nothing is copied, the op fails.
     pub error: Option<Error>,
-    /// When it was queued, in CLOCK_MONOTONIC ns (for `UCCL_TCPX_TRACE_HOST_COPY`).
+    /// When it was queued, in CLOCK_MONOTONIC ns (for `UCCL_TCPX_TRACE_HOST_COPY`; 0 when it is off).
     pub queued: u64,
 }
 
@@ -89,6 +89,8 @@ pub(super) struct Direct {
     pub(super) running: Option<Arc<Transfer>>,
     pub(super) copied: HashMap<u64, Copied>,
     pub(super) leases: HashMap<u64, Lease>,
+    /// Host-copy tracing is on: jobs record when they were queued.
+    pub(super) timed: bool,
 }
 
 impl Direct {

@@ -286,3 +286,20 @@ fn a_peer_breaking_the_direct_exchange_fails_the_connection() {
     let path = a.st.host_path();
     assert_eq!((path.reads_peer, path.peer_reads_us, path.direct_ops), (false, false, 0));
 }
+
+/// A copy job reads the clock for its queued mark only when the host-copy trace asked for it.
+#[test]
+fn copy_jobs_are_timed_only_when_asked() {
+    for timed in [false, true] {
+        let (mut a, mut b) = host_pair(true, true);
+        if timed {
+            b.st.set_timed_copies();
+        }
+        let src = a.buffer(3 * CHUNK, pattern(41));
+        let dst = b.buffer(3 * CHUNK, |_| 0);
+        a.one_sided(true, &[(&src, 0, &dst, 0, 3 * CHUNK)]);
+        deliver(&mut a, &mut b).unwrap();
+        let Some(HostTask::Copy(job)) = b.st.next_host_task() else { panic!("a copy task") };
+        assert_eq!(job.queued != 0, timed, "queued at {}", job.queued);
+    }
+}
