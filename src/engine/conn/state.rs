@@ -198,6 +198,14 @@ struct Flow {
     refused: usize,
 }
 
+impl Flow {
+    /// A flow of `len` bytes in `remaining` chunks (plus any answer it waits for), cuttable, none
+    /// of them held back or refused: callers override what differs.
+    fn new(remaining: usize, len: u64, on_done: OnDone, region: Option<Arc<Region>>, error: Option<Error>) -> Flow {
+        Flow { remaining, len, on_done, region, error, uncuttable: false, unsent: 0, held: false, refused: 0 }
+    }
+}
+
 /// Memory a flow sends from.
 struct Source {
     extent: Extent,
@@ -807,19 +815,8 @@ impl ConnState {
                 }
                 let remaining = chunk_count(&extent, self.chunking);
                 let region = if error.is_some() { None } else { Some(region) };
-                let f = Flow {
-                    remaining,
-                    len,
-                    on_done,
-                    region: region.clone(),
-                    error,
-                    uncuttable: false,
-                    unsent: 0,
-                    held: false,
-                    refused: 0,
-                };
-                self.flows.insert(flow, f);
-                out.push(Action::Queue(FlowPlan { dir: Direction::Recv, flow, region, extent, seq }));
+                let f = Flow::new(remaining, len, on_done, region, error);
+                self.queue_flow(Direction::Recv, (flow, seq), extent, f, out);
                 Ok(())
             }
             Control::Done { xfer, len } => {
@@ -1030,6 +1027,14 @@ impl ConnState {
         flow
     }
 
+    /// Records flow `flow` (the `seq`th in its direction) and queues its chunks over `extent`; they
+    /// keep the flow's region alive.
+    fn queue_flow(&mut self, dir: Direction, (flow, seq): (u64, u64), extent: Extent, f: Flow, out: &mut Vec<Action>) {
+        let region = f.region.clone();
+        self.flows.insert(flow, f);
+        out.push(Action::Queue(FlowPlan { dir, flow, region, extent, seq }));
+    }
+
     /// Numbers a flow of ours and queues its chunks: whatever starts it must reach the wire before
     /// the next flow is numbered. Returns the local flow id.
     fn start_sending(
@@ -1048,19 +1053,8 @@ impl ConnState {
         let region = if error.is_some() { None } else { Some(region) };
         // Recorded before anything fallible: a failing connection must still find (and fail) the part.
         let remaining = unsent + extra;
-        let f = Flow {
-            remaining,
-            len,
-            on_done,
-            region: region.clone(),
-            error,
-            uncuttable: false,
-            unsent,
-            held: false,
-            refused: 0,
-        };
-        self.flows.insert(flow, f);
-        out.push(Action::Queue(FlowPlan { dir: Direction::Send, flow, region, extent, seq }));
+        let f = Flow { unsent, ..Flow::new(remaining, len, on_done, region, error) };
+        self.queue_flow(Direction::Send, (flow, seq), extent, f, out);
         flow
     }
 
@@ -1100,19 +1094,8 @@ impl ConnState {
         let flow = self.take_id();
         let seq = self.in_seq;
         self.in_seq += 1;
-        let f = Flow {
-            remaining: chunks,
-            len: extent.len(),
-            on_done: OnDone::Ack(xfer),
-            region: region.clone(),
-            error,
-            uncuttable: false,
-            unsent: 0,
-            held: false,
-            refused,
-        };
-        self.flows.insert(flow, f);
-        out.push(Action::Queue(FlowPlan { dir: Direction::Recv, flow, region, extent, seq }));
+        let f = Flow { refused, ..Flow::new(chunks, extent.len(), OnDone::Ack(xfer), region, error) };
+        self.queue_flow(Direction::Recv, (flow, seq), extent, f, out);
         Ok(())
     }
 
