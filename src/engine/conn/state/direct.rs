@@ -104,6 +104,7 @@ impl ConnState {
         let task = self.direct.work.remove(at);
         if let Some(HostTask::Copy(job)) = &task {
             self.direct.running = job.transfer.clone();
+            self.direct.path.caller_copies += 1;
         }
         task
     }

@@ -70,6 +70,9 @@ pub struct HostPath {
     pub peer_reads_us: bool,
     /// One-sided requests this end started that completed through the direct copy.
     pub direct_ops: u64,
+    /// Copies of our reads that the caller waiting or polling on them took up on its own thread
+    /// rather than leaving them to the connection's host worker.
+    pub caller_copies: u64,
 }
 
 #[derive(Default)]

@@ -18,7 +18,8 @@ fn host_pair(a_reads_b: bool, b_reads_a: bool) -> (End, End) {
         end.host_work = false;
     }
     pump(&mut a, &mut b);
-    let want = HostPath { checked: true, reads_peer: a_reads_b, peer_reads_us: b_reads_a, direct_ops: 0 };
+    let want =
+        HostPath { checked: true, reads_peer: a_reads_b, peer_reads_us: b_reads_a, direct_ops: 0, caller_copies: 0 };
     assert_eq!(a.st.host_path(), want);
     (a, b)
 }
@@ -302,4 +303,23 @@ fn copy_jobs_are_timed_only_when_asked() {
         let Some(HostTask::Copy(job)) = b.st.next_host_task() else { panic!("a copy task") };
         assert_eq!(job.queued != 0, timed, "queued at {}", job.queued);
     }
+}
+
+/// A copy the waiting caller takes out of turn counts as the caller's; the worker's do not.
+#[test]
+fn copies_taken_up_by_their_caller_are_counted() {
+    let (mut a, mut b) = host_pair(true, true);
+    let src = b.buffer(3 * CHUNK, pattern(42));
+    let (one, two) = (a.buffer(3 * CHUNK, |_| 0), a.buffer(3 * CHUNK, |_| 0));
+    let first = a.one_sided(false, &[(&one, 0, &src, 0, 3 * CHUNK)]);
+    let second = a.one_sided(false, &[(&two, 0, &src, 0, 3 * CHUNK)]);
+    deliver(&mut a, &mut b).unwrap();
+    deliver(&mut b, &mut a).unwrap();
+    let Some(HostTask::Copy(job)) = a.st.next_host_copy_of(second.id) else { panic!("the second read's copy") };
+    assert_eq!(job.transfer.as_ref().map(|t| t.id), Some(second.id), "taken out of turn");
+    assert_eq!(a.st.host_path().caller_copies, 1);
+    assert!(a.st.next_host_copy_of(second.id).is_none(), "it had one copy");
+    let Some(HostTask::Copy(job)) = a.st.next_host_task() else { panic!("the first read's copy") };
+    assert_eq!(job.transfer.as_ref().map(|t| t.id), Some(first.id));
+    assert_eq!(a.st.host_path().caller_copies, 1, "the worker's copy is not the caller's");
 }
