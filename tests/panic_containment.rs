@@ -1,14 +1,14 @@
 //! A panic in a library thread fails what that thread served with an internal error (-15) naming
 //! the thread, wakes whoever waits on it, and leaves the engine destroyable; what another thread
 //! serves goes on working where that is sound. Each test injects one panic through the fault hook
-//! with a call or a transfer in flight.
+//! with a call or a transfer in flight. A socket helper whose epoll wait fails dies the same way.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use uccl_tcpx::config::{SocketConfig, TransportChoice};
 use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::threads::{ThreadKind, inject_panic, panic_pending};
+use uccl_tcpx::threads::{ThreadKind, inject_panic, inject_wait_failure, panic_pending, wait_failure_pending};
 use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
 
 mod common;
@@ -147,6 +147,30 @@ fn socket_sender_panic_fails_the_send_and_other_connections_work() {
 #[test]
 fn socket_receiver_panic_fails_the_receive_and_other_connections_work() {
     panic_during_transfer(ThreadKind::SocketReceiver, true);
+}
+
+/// A socket helper whose epoll wait fails (nothing but a programming error makes it) fails the comms
+/// it served instead of leaving their transfers to hang, marks itself dead so that closing them
+/// returns, and a new connection's comms get a fresh helper in its place.
+#[test]
+fn socket_helper_whose_wait_fails_fails_its_comms_and_is_replaced() {
+    let _serial = serial();
+    let p = pair();
+    let src = Buf::new(&p.a, pattern(LEN, 3));
+    let mut dst = Buf::new(&p.b, vec![0; LEN]);
+    let r = dst.recv(&p.ba);
+    // The receiving helpers sleep until data comes: the first to wait again afterwards is b's.
+    inject_wait_failure(ThreadKind::SocketReceiver);
+    let s = src.send(&p.ab);
+    let err = outcome(&p.ba, r).expect_err("the receive of a dead helper's comm fails");
+    assert!(err.message().contains("wait on data sockets"), "{err}");
+    assert!(!wait_failure_pending(ThreadKind::SocketReceiver), "the injected failure fired");
+    let theirs = outcome(&p.ab, s).expect_err("the peer's end of a failed connection fails too");
+    assert_ne!(theirs.status(), UcclStatus::ErrTimeout, "{theirs}");
+    within("closing the connections of the dead helper", move || drop((p.ab, p.ba)));
+    new_connection_works(&p.a, &p.b);
+    destroy(p.a);
+    destroy(p.b);
 }
 
 /// The socket acceptor moves no data: a panic there costs at most the sockets it was adding (their

@@ -1,4 +1,6 @@
-//! Test-only fault hook: makes the next thread of a chosen kind panic at that kind's fault point.
+//! Test-only fault hook: makes the next thread of a chosen kind panic at that kind's fault point,
+//! or fail its next epoll wait (the epoll threads' failure path, which only a programming error
+//! takes otherwise).
 //!
 //! A runtime switch rather than a cargo feature: integration tests link the library as it is built
 //! for users, and a feature enabled for them would reach every build that unifies features with
@@ -13,6 +15,8 @@ use super::kind::ThreadKind;
 
 /// One bit per `ThreadKind` armed and not yet fired.
 static ARMED: AtomicU32 = AtomicU32::new(0);
+/// One bit per `ThreadKind` whose next epoll wait is to fail, not yet fired.
+static WAIT_FAILS: AtomicU32 = AtomicU32::new(0);
 
 thread_local! {
     /// The kind of library thread this is (`None` in callers' threads), so that a point shared
@@ -29,6 +33,24 @@ pub fn inject_panic(kind: ThreadKind) {
 /// Whether a panic injected for `kind` has not fired yet.
 pub fn panic_pending(kind: ThreadKind) -> bool {
     armed(kind)
+}
+
+/// Makes the next epoll wait of a `kind` thread (a socket helper or control reactor thread, of any
+/// engine in the process) fail with EBADF, once. Test support; never needed in use.
+pub fn inject_wait_failure(kind: ThreadKind) {
+    WAIT_FAILS.fetch_or(kind.bit(), Ordering::AcqRel);
+}
+
+/// Whether a wait failure injected for `kind` has not fired yet.
+pub fn wait_failure_pending(kind: ThreadKind) -> bool {
+    WAIT_FAILS.load(Ordering::Relaxed) & kind.bit() != 0
+}
+
+/// A wait fault point of `kind`'s threads: whether this wait is to fail, once a failure was
+/// injected for `kind` and this is such a thread.
+#[inline]
+pub(crate) fn wait_fails(kind: ThreadKind) -> bool {
+    WAIT_FAILS.load(Ordering::Relaxed) != 0 && take(&WAIT_FAILS, kind)
 }
 
 pub(crate) fn armed(kind: ThreadKind) -> bool {
@@ -57,10 +79,14 @@ pub(crate) fn point(kind: ThreadKind) {
 #[cold]
 #[inline(never)]
 fn fire(kind: ThreadKind) {
-    if KIND.with(Cell::get) != Some(kind) {
-        return;
-    }
-    if ARMED.fetch_and(!kind.bit(), Ordering::AcqRel) & kind.bit() != 0 {
+    if take(&ARMED, kind) {
         panic!("injected panic in the {kind}");
     }
+}
+
+/// Disarms `kind` in `armed` if this is a `kind` thread; whether it was armed.
+#[cold]
+#[inline(never)]
+fn take(armed: &AtomicU32, kind: ThreadKind) -> bool {
+    KIND.with(Cell::get) == Some(kind) && armed.fetch_and(!kind.bit(), Ordering::AcqRel) & kind.bit() != 0
 }

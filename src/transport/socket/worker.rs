@@ -226,6 +226,9 @@ impl<S: Serves> Worker<S> {
     /// was about to sleep, so it did not (the caller looks at its inbox first). The eventfd's own
     /// reports are taken out.
     pub fn wait(&self, events: &mut [libc::epoll_event], poll: bool) -> std::io::Result<Option<Woken>> {
+        if crate::threads::wait_fails(self.kind) {
+            return Err(std::io::Error::from_raw_os_error(libc::EBADF));
+        }
         let timeout = if poll {
             Some(Duration::ZERO)
         } else {
