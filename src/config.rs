@@ -125,6 +125,12 @@ pub struct Config {
     /// stderr at exit; 2 also lists every job. A diagnostic, off (0) by default.
     /// `UCCL_TCPX_TRACE_HOST_COPY` = 0 | 1 | 2.
     pub trace_host_copy: u8,
+    /// Every engine marks each step of its writes and reads over the channels (post, request
+    /// written and read, chunks queued and posted, last chunk, reply written and read, complete) in
+    /// CLOCK_MONOTONIC time and writes the last few thousand to `<prefix>.<pid>.tsv` at exit, for
+    /// `scripts/diag/flow_timeline.py` to join across the two ends. A diagnostic, off (unset or
+    /// empty) by default. `UCCL_TCPX_TRACE_FLOW` = path prefix.
+    pub trace_flow: Option<String>,
     /// Same-host peers move data over the network path like remote ones (UCCL's
     /// `UCCL_P2P_DISABLE_IPC`): the engine announces no host identity, so neither end of a
     /// connection takes it for local. `UCCL_TCPX_DISABLE_IPC` (0 or 1).
@@ -455,6 +461,7 @@ impl Default for Config {
             allow_dial: Vec::new(),
             trace_device_copy: 0,
             trace_host_copy: 0,
+            trace_flow: None,
             disable_ipc: false,
             host_copy_threads: default_host_copy_threads(),
             host_copy_spin: Duration::ZERO,
@@ -512,6 +519,7 @@ impl Config {
             allow_dial: parse_cidrs(&get, "UCCL_TCPX_ALLOW_DIAL")?,
             trace_device_copy: parse_in(&get, "UCCL_TCPX_TRACE_DEVICE_COPY", 0u8, 0, 2)?,
             trace_host_copy: parse_in(&get, "UCCL_TCPX_TRACE_HOST_COPY", 0u8, 0, 2)?,
+            trace_flow: get("UCCL_TCPX_TRACE_FLOW").filter(|p| !p.is_empty()),
             disable_ipc: parse_in(&get, "UCCL_TCPX_DISABLE_IPC", 0u8, 0, 1)? == 1,
             host_copy_threads: parse_in(
                 &get,
@@ -817,6 +825,9 @@ mod tests {
         assert_eq!(cfg(&[("UCCL_TCPX_TRACE_DEVICE_COPY", "2")]).unwrap().trace_device_copy, 2);
         assert_eq!(cfg(&[]).unwrap().trace_host_copy, 0);
         assert_eq!(cfg(&[("UCCL_TCPX_TRACE_HOST_COPY", "1")]).unwrap().trace_host_copy, 1);
+        assert_eq!(cfg(&[]).unwrap().trace_flow, None);
+        assert_eq!(cfg(&[("UCCL_TCPX_TRACE_FLOW", "")]).unwrap().trace_flow, None);
+        assert_eq!(cfg(&[("UCCL_TCPX_TRACE_FLOW", "/tmp/f")]).unwrap().trace_flow.as_deref(), Some("/tmp/f"));
         assert_eq!(cfg(&[("UCCL_TCPX_HOST_COPY_SPIN_US", "0")]).unwrap().host_copy_spin, Duration::ZERO);
         assert_eq!(cfg(&[("UCCL_TCPX_HOST_COPY_SPIN_US", "75")]).unwrap().host_copy_spin, Duration::from_micros(75));
         assert_eq!(cfg(&[]).unwrap().host_copy_min_piece, 1 << 20);

@@ -1,4 +1,4 @@
-//! What the opt-in traces share (`UCCL_TCPX_TRACE_STAGING`, `_DEVICE_COPY`, `_HOST_COPY`): one
+//! What the opt-in traces share (`UCCL_TCPX_TRACE_STAGING`, `_DEVICE_COPY`, `_HOST_COPY`, `_FLOW`): one
 //! way to summarize a step's times (median, min and max), and one exit hook that prints every
 //! trace's report to stderr.
 

@@ -543,3 +543,112 @@ fn callers_waiting_on_channel_transfers_finish_them() {
         assert!(p.ab.wait(rd).is_err(), "a read outside the advertised window is refused");
     }
 }
+
+/// Under UCCL_TCPX_TRACE_FLOW each process writes, at exit, a timeline of every write and read over
+/// the channels seen from each end, and the diag script joins the two ends of each transfer.
+#[test]
+fn the_flow_trace_times_both_ends_of_every_channel_transfer() {
+    let dir = std::env::temp_dir().join(format!("uccl-flow-trace-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let prefix = dir.join("flow");
+    let out = common::ChildTest::new("traced_flows_process")
+        .ignored()
+        .env("UCCL_TCPX_TRACE_FLOW", &prefix)
+        .run_within(common::TRANSFER_LIMIT);
+    let files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "one file for the one process: {files:?}");
+    let name = files[0].file_name().unwrap().to_str().unwrap().to_owned();
+    assert!(name.starts_with("flow.") && name.ends_with(".tsv"), "{name}");
+    let line = out.lines().find(|l| l.starts_with("flow-trace[")).unwrap_or_else(|| panic!("no summary:\n{out}"));
+    assert!(line.contains("write 262144 B end-to-end us") && line.contains("read 262144 B end-to-end us"), "{line}");
+
+    let text = std::fs::read_to_string(&files[0]).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split('\t').collect();
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split('\t').collect()).collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap_or_else(|| panic!("no column {name}"));
+    let at = |row: &[&str], step: &str| -> u64 { row[col(step)].parse().unwrap() };
+    // The inline write of 4 KiB takes no channel and leaves no record.
+    assert!(rows.iter().all(|r| r[col("bytes")] == "262144"), "{text}");
+    let mut joined = std::collections::HashMap::new();
+    for r in &rows {
+        assert_ne!(r[col("seq")], "-", "every kept record has its flow number: {r:?}");
+        let key = (r[col("nonce")], r[col("op")], r[col("seq")]);
+        let slot = joined.entry(key).or_insert((None, None));
+        match r[col("end")] {
+            "initiator" => slot.0 = Some(r.clone()),
+            "target" => slot.1 = Some(r.clone()),
+            other => panic!("end {other}"),
+        }
+    }
+    let mut pairs = [0, 0];
+    for ((_, op, _), ends) in &joined {
+        let (Some(i), Some(t)) = ends else { panic!("{op} without both ends: {ends:?}") };
+        let write = *op == "write";
+        pairs[usize::from(write)] += 1;
+        let ordered = |row: &[&str], steps: &[&str]| {
+            let times: Vec<u64> = steps.iter().map(|s| at(row, s)).collect();
+            assert!(times.iter().all(|&t| t > 0), "{op}: a step of {steps:?} is missing: {row:?}");
+            assert!(times.windows(2).all(|w| w[0] <= w[1]), "{op}: {steps:?} out of order: {times:?}");
+        };
+        if write {
+            ordered(i, &["post", "request_sent", "complete"]);
+            ordered(i, &["post", "queued", "first_posted", "last_chunk", "complete"]);
+            ordered(i, &["reply_read", "complete"]);
+            ordered(t, &["request_read", "queued", "first_posted", "last_chunk", "reply_sent"]);
+        } else {
+            ordered(i, &["post", "request_sent", "complete"]);
+            ordered(i, &["reply_read", "queued", "first_posted", "last_chunk", "complete"]);
+            ordered(t, &["request_read", "queued", "first_posted", "last_chunk"]);
+            ordered(t, &["queued", "reply_sent"]);
+        }
+        // Across the ends, on the one clock: the request is read after it was posted, the
+        // reply after the request was read.
+        assert!(at(i, "post") <= at(t, "request_read") && at(t, "request_read") <= at(i, "reply_read"), "{i:?} {t:?}");
+    }
+    assert_eq!(pairs, [ROUNDS, ROUNDS], "reads and writes joined");
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/diag/flow_timeline.py");
+    let run = std::process::Command::new("python3").arg(script).arg(&prefix).output().expect("python3 runs");
+    let report = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{report}{}", String::from_utf8_lossy(&run.stderr));
+    print!("{report}");
+    for expected in [
+        "write 262144 B: 8 joined (0 unmatched); end-to-end p50",
+        "read 262144 B: 8 joined (0 unmatched); end-to-end p50",
+        "i.post > i.request_sent",
+        "t.request_read",
+        "t.reply_sent",
+        "i.complete",
+    ] {
+        assert!(report.contains(expected), "{expected:?} missing:\n{report}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+const ROUNDS: usize = 8;
+
+#[test]
+#[ignore = "runs in a process of its own for the_flow_trace_times_both_ends_of_every_channel_transfer"]
+fn traced_flows_process() {
+    assert!(common::is_child("traced_flows_process"), "runs as a child of the flow trace test");
+    let prefix = std::env::var("UCCL_TCPX_TRACE_FLOW").unwrap();
+    let p = common::pair(Config { trace_flow: Some(prefix), ..config() });
+    let len = 256 << 10;
+    let mut local = pattern(len, 3);
+    let mut remote = vec![0u8; len];
+    let lmr = p.a.register(local.as_mut_ptr() as usize, len).unwrap();
+    let rmr = p.b.register(remote.as_mut_ptr() as usize, len).unwrap();
+    let fifo = p.b.prepare_fifo(rmr, remote.as_ptr() as usize, len).unwrap();
+    let item = |n: usize| OneSided { mr: lmr, addr: local.as_ptr() as usize, len: n, remote: fifo };
+    for _ in 0..ROUNDS {
+        let w = p.ab.write(&[item(len)]).unwrap();
+        assert_eq!(wait(&p.ab, w).unwrap(), len as u64);
+        let r = p.ab.read(&[item(len)]).unwrap();
+        assert_eq!(p.ab.wait(r).unwrap(), len as u64);
+    }
+    let small = p.ab.write(&[item(4096)]).unwrap();
+    assert_eq!(p.ab.wait(small).unwrap(), 4096);
+    assert_eq!(remote, pattern(len, 3));
+}

@@ -66,10 +66,10 @@ impl Connection {
     /// one (`post_in_turn`), anything else together.
     fn one_sided(&self, ops: &[OneSided], write: bool) -> Result<u64> {
         let verb = if write { "write" } else { "read" };
-        let posted = self.copy_tracer.as_ref().map(|_| copy_trace::clock_ns());
+        let posted = (self.copy_tracer.is_some() || self.flow_tracer.is_some()).then(copy_trace::clock_ns);
         let runs = self.check_items(ops, verb)?;
         if self.link.locality == Locality::Remote && runs.len() > 1 && runs.iter().all(|r| r.run.vector) {
-            return self.post_in_turn(ops, &runs, write);
+            return self.post_in_turn(ops, &runs, write, posted);
         }
         let mut requests = Vec::new();
         for run in &runs {
@@ -93,7 +93,7 @@ impl Connection {
                 }
             }
         }
-        self.post(requests.len(), |st, transfer, out| st.post_one_sided(transfer, write, requests, out))
+        self.post(requests.len(), posted, |st, transfer, out| st.post_one_sided(transfer, write, requests, out))
     }
 
     /// The checks of every item (its local range in a live registration, its capability, its
@@ -160,10 +160,13 @@ impl Connection {
     /// sent. A failure once a request is out (the connection failing, a local region deregistered
     /// meanwhile) fails the transfer instead, whose id the caller gets: its earlier requests may
     /// still be moving the caller's bytes.
-    fn post_in_turn(&self, ops: &[OneSided], runs: &[CheckedRun], write: bool) -> Result<u64> {
+    fn post_in_turn(&self, ops: &[OneSided], runs: &[CheckedRun], write: bool, entered: Option<u64>) -> Result<u64> {
         // Every run here is a vector: one request, one part.
         let parts = runs.len();
         let transfer = self.core.transfers.create(self.id, parts);
+        if let (Some(tracer), Some(at)) = (&self.flow_tracer, entered) {
+            tracer.posted(transfer.id, at);
+        }
         let mut turn = InTurn::new();
         for (i, run) in runs.iter().enumerate() {
             let mut inner = match turn.built(run.vector(ops), i + 1 == parts) {
@@ -217,7 +220,7 @@ impl Connection {
             };
             items.push(SendItem { region, addr, len: len as u64, payload });
         }
-        self.post(msgs.len(), |st, transfer, out| {
+        self.post(msgs.len(), None, |st, transfer, out| {
             out.extend(st.post_send(transfer, items)?.into_iter().map(Action::Send));
             Ok(())
         })
@@ -226,7 +229,7 @@ impl Connection {
     pub fn recv(&self, mr: u64, addr: usize, max: usize) -> Result<u64> {
         let region = self.core.regions.local(mr, addr, max)?;
         let mem = self.memory();
-        self.post(1, |st, transfer, out| st.post_recv(transfer, region, addr, max as u64, &mem, out))
+        self.post(1, None, |st, transfer, out| st.post_recv(transfer, region, addr, max as u64, &mem, out))
     }
 
     /// Creates the transfer and registers its parts under the state lock, then sends the resulting
@@ -235,10 +238,11 @@ impl Connection {
     /// started flows (writes, whose chunks follow their requests at once) sends under the lock
     /// instead, since the peer numbers flows in their messages' order; their replies come only
     /// after the chunks, which move once the lock is released. A failure before anything reached
-    /// the wire forgets the id again.
+    /// the wire forgets the id again. `entered`: when the caller's call began, if a trace wants it.
     fn post(
         &self,
         parts: usize,
+        entered: Option<u64>,
         post: impl FnOnce(&mut ConnState, &Arc<Transfer>, &mut Vec<Action>) -> Result<()>,
     ) -> Result<u64> {
         if parts == 0 {
@@ -246,6 +250,9 @@ impl Connection {
         }
         let posted = self.host_tracer.as_ref().map(|_| copy_trace::clock_ns());
         let transfer = self.core.transfers.create(self.id, parts);
+        if let Some(tracer) = &self.flow_tracer {
+            tracer.posted(transfer.id, entered.unwrap_or_else(copy_trace::clock_ns));
+        }
         let sent = self.register_parts(&transfer, post).and_then(|msgs| {
             if let (Some(tracer), Some(at)) = (&self.host_tracer, posted) {
                 trace_direct(tracer, transfer.id, &msgs, at);
@@ -264,7 +271,11 @@ impl Connection {
         if msgs.is_empty() {
             return Ok(());
         }
-        self.writer.send_all(msgs).inspect_err(|e| self.fail(&mut self.inner.lock(), e.clone()))
+        let sent = self.writer.send_all(msgs);
+        if let Some(tracer) = &self.flow_tracer {
+            tracer.sent(msgs);
+        }
+        sent.inspect_err(|e| self.fail(&mut self.inner.lock(), e.clone()))
     }
 
     /// `post`'s part under the lock: the state registers the parts (or refuses before registering
@@ -292,6 +303,9 @@ impl Connection {
         inner.state.begin_post(Instant::now())?;
         let mut out = Vec::new();
         post(&mut inner.state, transfer, &mut out)?;
+        if let Some(tracer) = &self.flow_tracer {
+            tracer.requests(transfer.id, &out, inner.state.chunking());
+        }
         if out.iter().any(|a| matches!(a, Action::Queue(_))) {
             if let Err(e) = self.apply(inner, out) {
                 self.fail(inner, e.clone());
@@ -339,6 +353,9 @@ impl Connection {
             if let Some(tracer) = &self.host_tracer {
                 tracer.reported(transfer);
             }
+            if let Some(tracer) = &self.flow_tracer {
+                tracer.completed(transfer);
+            }
         }
         polled
     }
@@ -369,6 +386,9 @@ impl Connection {
         }
         if let Some(tracer) = &self.host_tracer {
             tracer.reported(transfer);
+        }
+        if let Some(tracer) = &self.flow_tracer {
+            tracer.completed(transfer);
         }
         waited
     }

@@ -8,6 +8,7 @@
 mod api;
 mod copy_trace;
 mod device_copy;
+mod flow_trace;
 mod host_copy;
 mod host_job;
 mod host_trace;
@@ -38,7 +39,9 @@ use super::shared::{EngineCore, LiveConnection};
 use super::writer::ControlWriter;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, FifoItem, TokenBinding};
+use crate::trace;
 use copy_trace::{CopyTracer, Seer};
+use flow_trace::FlowTracer;
 use host_trace::HostTracer;
 use host_worker::HostCopy;
 use ipc::IpcState;
@@ -114,6 +117,8 @@ pub struct Connection {
     copy_tracer: Option<Arc<CopyTracer>>,
     /// The same-host host-memory path's steps, under UCCL_TCPX_TRACE_HOST_COPY only.
     host_tracer: Option<HostTracer>,
+    /// Every step of the writes and reads over the channels, under UCCL_TCPX_TRACE_FLOW only.
+    flow_tracer: Option<FlowTracer>,
     /// The same-host host-memory path's worker (proof and copies), for a peer in another process of
     /// this host.
     host: HostCopy,
@@ -152,6 +157,7 @@ impl Connection {
             (core.config.trace_device_copy > 0).then(|| Arc::new(CopyTracer::new(core.config.trace_device_copy > 1)));
         let ipc = IpcState::new(copy_tracer.clone());
         let host_tracer = (core.config.trace_host_copy > 0).then(|| HostTracer::new(core.config.trace_host_copy > 1));
+        let flow_tracer = core.config.trace_flow.as_deref().map(|prefix| FlowTracer::new(prefix, link.nonce));
         let device_batches = ipc.in_flight();
         let mut state = ConnState::new(chunking, Instant::now());
         let same_host = link.locality == Locality::SameHost;
@@ -186,6 +192,7 @@ impl Connection {
             device_batches,
             copy_tracer,
             host_tracer,
+            flow_tracer,
             host: HostCopy::new(weak.clone() as Weak<dyn host_worker::HostServed>),
         });
         // Known to the engine before it reads a byte: a deregistration must reach every connection
@@ -264,8 +271,12 @@ impl Connection {
     /// out the latter's answer.
     fn handle(&self, inner: &mut Inner, msg: Control) -> Result<()> {
         let Some(msg) = self.handle_ipc(inner, msg)? else { return Ok(()) };
+        let seen = self.flow_tracer.as_ref().and_then(|_| Some((FlowTracer::seen(&msg)?, trace::clock_ns())));
         let mut out = Vec::new();
         let handled = inner.state.handle(msg, &self.memory(), &mut out);
+        if let (Some(tracer), Some((seen, at))) = (&self.flow_tracer, seen) {
+            tracer.heard(seen, at, &out, inner.state.chunking());
+        }
         let applied = self.apply(inner, out);
         handled.and(applied)
     }
@@ -279,13 +290,16 @@ impl Connection {
         let mut result = Ok(());
         for action in actions {
             if result.is_ok() && !matches!(action, Action::Send(_)) && !msgs.is_empty() {
-                result = self.writer.send_all(&std::mem::take(&mut msgs));
+                result = self.send_all(&std::mem::take(&mut msgs));
             }
             match action {
                 Action::Finish(t, outcome) => t.finish_part(outcome),
                 _ if result.is_err() => {}
                 Action::Send(msg) => msgs.push(msg),
                 Action::Queue(plan) => {
+                    if let Some(tracer) = &self.flow_tracer {
+                        tracer.queued(plan.flow);
+                    }
                     result = queue(&mut inner.channels, inner.state.chunking(), &plan);
                     queued = true;
                 }
@@ -299,7 +313,7 @@ impl Connection {
             }
         }
         if result.is_ok() && !msgs.is_empty() {
-            result = self.writer.send_all(&msgs);
+            result = self.send_all(&msgs);
         }
         if queued {
             inner.queued = true;
@@ -311,6 +325,15 @@ impl Connection {
             self.core.waker.activity();
         }
         result
+    }
+
+    /// Hands `msgs` to the control stream's writer (marking them for the flow trace).
+    fn send_all(&self, msgs: &[Control]) -> Result<()> {
+        let sent = self.writer.send_all(msgs);
+        if let Some(tracer) = &self.flow_tracer {
+            tracer.sent(msgs);
+        }
+        sent
     }
 
     /// Whether the peer's engine owes this connection something, so that the stall timeout must be
@@ -491,12 +514,18 @@ impl Connection {
         }
         let retry = result.is_ok() && inner.channels.iter().any(Channel::needs_retry);
         self.set_retrying(inner, retry);
+        if let Some(tracer) = &self.flow_tracer {
+            tracer.passed(&sent);
+        }
         let mut out = Vec::new();
         for flow in sent.drain(..) {
             inner.state.chunk_sent(flow);
         }
         inner.sent_chunks = sent;
         for chunk in finished.drain(..) {
+            if let Some(tracer) = &self.flow_tracer {
+                tracer.chunk_done(chunk.flow);
+            }
             if result.is_ok() {
                 result = inner.state.chunk_finished(chunk.flow, &mut out);
                 let applied = self.apply(inner, out.drain(..));
