@@ -44,7 +44,7 @@ use crate::transport::staged::{StagedNet, StagingParams};
 use crate::transport::{MemKind, Net};
 use admission::AcceptQueue;
 use control_reactor::ControlReactor;
-use progress::{ConnList, ProgressThread};
+use progress::{ConnList, IdleWait, ProgressThread};
 use region::RegionTable;
 use route::Routes;
 use served_gpu::ServedGpu;
@@ -113,14 +113,12 @@ impl Engine {
         let accepted = Arc::new(AcceptQueue::new()?);
         let progress = {
             let accepted = accepted.clone();
-            ProgressThread::start(
-                conns.clone(),
-                waker,
-                core.config.timeout,
-                move || routes.needs_polling(),
-                move |err| accepted.break_with(err),
-            )
-            .map_err(|e| Error::io("spawn progress thread", e))?
+            let idle = {
+                let (waker, spin) = (waker.clone(), core.config.copy_poll_spin);
+                move || idle_wait(&routes, &waker, spin)
+            };
+            ProgressThread::start(conns.clone(), waker, core.config.timeout, idle, move |err| accepted.break_with(err))
+                .map_err(|e| Error::io("spawn progress thread", e))?
         };
         let shutdown = Arc::new(AtomicBool::new(false));
         let accept_thread = {
@@ -416,6 +414,20 @@ fn connect_to(core: &Arc<EngineCore>, addr: SocketAddr, remote_gpu: &str) -> Res
     };
     let binding = session.map(|s| s.token_binding());
     Connection::start(core.clone(), stream, peer, channels, chunking, agreed.link, binding)
+}
+
+/// What the idle progress thread does: polls while device copies are in flight (staged chunks; the
+/// same-host GPU path's copies, counted by the waker), when `spin` allows; naps while a transport
+/// progresses only when polled; parks otherwise.
+fn idle_wait(routes: &Routes, waker: &Waker, spin: bool) -> IdleWait {
+    let copies = routes.polls_device_copies() || waker.has_polled_work();
+    if copies && spin {
+        IdleWait::Poll
+    } else if copies || routes.needs_polling() {
+        IdleWait::Nap
+    } else {
+        IdleWait::Park
+    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,10 @@
 //! start such a wait while it parks untimed wakes it (`Waker::activity`). A transport that
 //! progresses only while polled (a net plugin) never wakes it, so while such a transport has
 //! requests outstanding (or device copies of the same-host path are in flight) the thread naps
-//! briefly instead of parking. Should the thread panic, every connection fails with an internal
+//! briefly instead of parking; while the outstanding work is device copies (staged chunks, the
+//! same-host GPU path), which no thread of ours moves, it keeps polling instead (`IdleWait::Poll`,
+//! from 4 CPUs): a nap's wake-up came tens of microseconds after the copy ended, on every chunk.
+//! Should the thread panic, every connection fails with an internal
 //! error and the engine refuses new ones.
 
 use std::sync::Arc;
@@ -28,6 +31,18 @@ const IDLE_SPINS: u32 = 64;
 const POLL_NAP: Duration = Duration::from_micros(25);
 /// Timer slack of the progress thread, in nanoseconds.
 const POLL_NAP_SLACK_NS: libc::c_ulong = 1_000;
+
+/// What the progress thread does once idle passes found nothing to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdleWait {
+    /// Park until woken (or a connection's stall watch).
+    Park,
+    /// Sleep `POLL_NAP` and look again: a transport progresses only while polled, and its own
+    /// threads need the core.
+    Nap,
+    /// Look again at once, yielding the core between passes: device copies are in flight.
+    Poll,
+}
 
 /// The connections the progress thread drives; the generation lets it refresh its copy only when
 /// the set changed, so a pass allocates nothing.
@@ -114,7 +129,7 @@ impl ProgressThread {
         conns: Arc<ConnList>,
         waker: Arc<Waker>,
         stall_timeout: Duration,
-        needs_polling: impl Fn() -> bool + Send + 'static,
+        idle_wait: impl Fn() -> IdleWait + Send + 'static,
         on_panic: impl FnOnce(Error) + Send + 'static,
     ) -> std::io::Result<ProgressThread> {
         let stop = Arc::new(AtomicBool::new(false));
@@ -128,10 +143,9 @@ impl ProgressThread {
                 failing.fail_all(err);
             },
             {
-                // Device copies of the same-host path complete only when polled, too.
                 let waker = waker.clone();
                 let watch = stall_watch(stall_timeout);
-                move || run(&conns, &thread_stop, &waker, watch, &|| needs_polling() || waker.has_polled_work())
+                move || run(&conns, &thread_stop, &waker, watch, &idle_wait)
             },
         )?;
         let _ = waker.thread.set(thread.thread().clone());
@@ -155,8 +169,7 @@ fn stall_watch(timeout: Duration) -> Duration {
     (timeout / 16).max(Duration::from_millis(1))
 }
 
-/// `needs_polling`: whether a transport in use progresses only while polled and has work.
-fn run(list: &ConnList, stop: &AtomicBool, waker: &Waker, watch: Duration, needs_polling: &dyn Fn() -> bool) {
+fn run(list: &ConnList, stop: &AtomicBool, waker: &Waker, watch: Duration, idle_wait: &dyn Fn() -> IdleWait) {
     // A sleeping thread's wake-up may come this much late (50 us unless set), which would turn every
     // POLL_NAP into about 75 us; the nap is what a staged copy or a plugin request waits on.
     // SAFETY: plain prctl on the calling thread; a failure leaves the default slack.
@@ -175,10 +188,12 @@ fn run(list: &ConnList, stop: &AtomicBool, waker: &Waker, watch: Duration, needs
         } else if idle < IDLE_SPINS {
             idle += 1;
             std::thread::yield_now();
-        } else if needs_polling() {
-            std::thread::sleep(POLL_NAP);
         } else {
-            park(&local, waker, watch);
+            match idle_wait() {
+                IdleWait::Poll => std::thread::yield_now(),
+                IdleWait::Nap => std::thread::sleep(POLL_NAP),
+                IdleWait::Park => park(&local, waker, watch),
+            }
         }
     }
 }
@@ -195,5 +210,54 @@ fn park(conns: &[Arc<Connection>], waker: &Waker, watch: Duration) {
     } else {
         std::thread::park();
         waker.parking_untimed(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    use super::{ConnList, IdleWait, ProgressThread};
+    use crate::engine::shared::Waker;
+
+    /// Starts an idle progress thread whose idle wait is `wait`, and counts how often it asks for
+    /// it within `window`.
+    fn asks_within(wait: IdleWait, window: Duration) -> usize {
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counter = asked.clone();
+        let thread = ProgressThread::start(
+            Arc::new(ConnList::default()),
+            Arc::new(Waker::default()),
+            Duration::from_secs(30),
+            move || {
+                counter.fetch_add(1, Ordering::Relaxed);
+                wait
+            },
+            |_| {},
+        )
+        .expect("progress thread");
+        let start = Instant::now();
+        while start.elapsed() < window {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let n = asked.load(Ordering::Relaxed);
+        drop(thread);
+        n
+    }
+
+    /// An idle thread with device copies in flight looks again at once; with only a polled
+    /// transport it naps between looks; with neither it parks and asks no more.
+    #[test]
+    fn the_idle_wait_decides_how_often_an_idle_thread_looks() {
+        let window = Duration::from_millis(100);
+        let parked = asks_within(IdleWait::Park, window);
+        let napping = asks_within(IdleWait::Nap, window);
+        let polling = asks_within(IdleWait::Poll, window);
+        assert!(parked <= 2, "a parked thread asked {parked} times");
+        // A 25 us nap allows at most 4000 looks in 100 ms; timer slack and a loaded host make it fewer.
+        assert!((3..=4000).contains(&napping), "a napping thread asked {napping} times");
+        assert!(polling > napping, "polling asked {polling} times, napping {napping}");
     }
 }

@@ -87,6 +87,11 @@ impl Routes {
         self.main.needs_polling() || self.local.get().is_some_and(|net| net.needs_polling())
     }
 
+    /// Whether any transport in use has device copies in flight that only polling finds done.
+    pub fn polls_device_copies(&self) -> bool {
+        self.main.polls_device_copies() || self.local.get().is_some_and(|net| net.polls_device_copies())
+    }
+
     /// Says once per connection which transport its channels use.
     pub fn log_choice(&self, peer: SocketAddr, route: Route, locality: Locality) {
         let name = self.main.name();

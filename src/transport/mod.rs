@@ -90,6 +90,12 @@ pub trait Net: Send + Sync {
     fn needs_polling(&self) -> bool {
         false
     }
+    /// Whether what needs polling includes device copies (a staged chunk's copy): their end is
+    /// reported to no thread, and the GPU, not a thread of the process, moves them, so the
+    /// progress thread may poll them without leaving its core to anyone.
+    fn polls_device_copies(&self) -> bool {
+        false
+    }
     /// The device channel `channel` of a connection listens and connects on.
     fn channel_device(&self, _channel: usize) -> usize {
         0

@@ -74,7 +74,11 @@ impl Net for StagedNet {
 
     /// Nothing tells the progress thread a copy finished: it polls while any is in flight.
     fn needs_polling(&self) -> bool {
-        self.inner.needs_polling() || self.setup.copies_in_flight.load(Ordering::Relaxed) > 0
+        self.inner.needs_polling() || self.polls_device_copies()
+    }
+
+    fn polls_device_copies(&self) -> bool {
+        self.setup.copies_in_flight.load(Ordering::Relaxed) > 0
     }
 
     fn channel_device(&self, channel: usize) -> usize {
