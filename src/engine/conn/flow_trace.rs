@@ -116,6 +116,8 @@ struct Book {
     posts: HashMap<u64, u64>,
     open: HashMap<Key, Record>,
     flows: HashMap<u64, Key>,
+    /// Receiving flows queued since the last pass, whose first receives that pass posts.
+    unposted: Vec<Key>,
 }
 
 /// One connection's marks (`Connection::flow_tracer`).
@@ -250,6 +252,9 @@ impl FlowTracer {
         let mut book = self.book.lock();
         if let Some(&key) = book.flows.get(&flow) {
             book.mark(key, Step::Queued, at);
+            if book.open.get(&key).is_some_and(|r| matches!(r.flow, Some((_, true)))) {
+                book.unposted.push(key);
+            }
         }
     }
 
@@ -263,10 +268,8 @@ impl FlowTracer {
                 book.mark(key, Step::FirstPosted, at);
             }
         }
-        for r in book.open.values_mut() {
-            if matches!(r.flow, Some((_, true))) && r.has(Step::Queued) {
-                r.mark(Step::FirstPosted, at);
-            }
+        for key in std::mem::take(&mut book.unposted) {
+            book.mark(key, Step::FirstPosted, at);
         }
     }
 
@@ -318,6 +321,7 @@ impl Book {
             // Records that never ended (a refused request, a failed connection) are let go.
             self.open.clear();
             self.flows.clear();
+            self.unposted.clear();
         }
         self.open.insert(key, r);
     }
