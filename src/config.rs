@@ -305,6 +305,10 @@ pub struct SocketConfig {
     /// How long a helper that just did some work polls for more before it sleeps; default 20 us on
     /// 8 or more cores, else 0. `UCCL_TCPX_SOCKET_SPIN_US`.
     pub spin: Duration,
+    /// Socket helpers of the process that may poll at once after work (the rest sleep at once):
+    /// every polling helper holds a core. Default a quarter of the CPUs, at least 1.
+    /// `UCCL_TCPX_SOCKET_SPINNERS` (1 to 1024).
+    pub spinners: u16,
     /// Pieces of at least this many bytes are sent with MSG_ZEROCOPY; 0 = never (the default).
     /// `UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD`.
     pub zerocopy_threshold: u32,
@@ -325,6 +329,7 @@ impl Default for SocketConfig {
             rcvbuf: 0,
             subchunk: 256 << 10,
             spin: default_spin(),
+            spinners: default_spinners(),
             zerocopy_threshold: 0,
             lazy: true,
         }
@@ -410,6 +415,11 @@ fn default_host_copy_threads() -> usize {
     (available_cores() * 3 / 4).clamp(1, 24)
 }
 
+/// A quarter of the CPUs: two engines of one host (a loopback run) then poll on half of them.
+fn default_spinners() -> u16 {
+    (available_cores() / 4).clamp(1, 1024) as u16
+}
+
 /// Spinning pays only with cores to spare: on a small host a spinning helper takes the core that
 /// the thread it waits for needs (on 2 cores, 20 us of spin made an 8-byte round trip 5x slower).
 fn default_spin() -> Duration {
@@ -424,6 +434,10 @@ impl SocketConfig {
             return self.nthreads as usize;
         }
         default_socket_threads(available_cores())
+    }
+
+    pub fn spinners(&self) -> usize {
+        self.spinners as usize
     }
 
     /// Data sockets per comm, capped like NCCL at 64.
@@ -573,6 +587,7 @@ impl SocketConfig {
             rcvbuf: buf("UCCL_TCPX_SOCKET_RCVBUF")?,
             subchunk: parse_size(get, "UCCL_TCPX_SOCKET_SUBCHUNK", d.subchunk, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)?,
             spin: parse_micros(get, "UCCL_TCPX_SOCKET_SPIN_US", d.spin, 1_000_000)?,
+            spinners: parse_in(get, "UCCL_TCPX_SOCKET_SPINNERS", d.spinners, 1, 1024)?,
             zerocopy_threshold: parse_size(
                 get,
                 "UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD",
@@ -810,6 +825,8 @@ mod tests {
         assert!(cfg(&[("UCCL_TCPX_CALLER_COMPLETES", "1")]).unwrap().caller_completes);
         assert!(!cfg(&[("UCCL_TCPX_CALLER_COMPLETES", "0")]).unwrap().caller_completes);
         assert_eq!(cfg(&[]).unwrap().copy_poll_spin, cores >= 4, "{cores} cores");
+        assert_eq!(cfg(&[]).unwrap().socket.spinners(), (cores / 4).max(1), "{cores} cores");
+        assert_eq!(cfg(&[("UCCL_TCPX_SOCKET_SPINNERS", "3")]).unwrap().socket.spinners(), 3);
         assert!(cfg(&[("UCCL_TCPX_COPY_POLL_SPIN", "1")]).unwrap().copy_poll_spin);
         assert!(!cfg(&[("UCCL_TCPX_COPY_POLL_SPIN", "0")]).unwrap().copy_poll_spin);
         assert_eq!(cfg(&[("UCCL_TCPX_CONTROL_THREADS", "3")]).unwrap().control_threads_per_engine(), 3);
@@ -955,6 +972,8 @@ mod tests {
             ("UCCL_TCPX_CONTROL_SPIN_US", "2000000"),
             ("UCCL_TCPX_CALLER_COMPLETES", "2"),
             ("UCCL_TCPX_COPY_POLL_SPIN", "2"),
+            ("UCCL_TCPX_SOCKET_SPINNERS", "0"),
+            ("UCCL_TCPX_SOCKET_SPINNERS", "1025"),
             ("UCCL_TCPX_SOCKET_HELPERS", "65"),
             ("UCCL_TCPX_DISABLE_IPC", "2"),
             ("UCCL_TCPX_DISABLE_IPC", "yes"),

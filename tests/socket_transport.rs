@@ -89,6 +89,7 @@ fn socket_buffer_sizes_and_zero_spin_are_accepted() {
         rcvbuf: 256 << 10,
         subchunk: 32 << 10,
         spin: Duration::ZERO,
+        spinners: 1,
         zerocopy_threshold: 0,
         // Small buffers keep the sends waiting for room, each socket on its own helper.
         helpers: 2,

@@ -41,10 +41,11 @@ pub struct Helpers {
 }
 
 impl Helpers {
-    pub fn new(helpers: usize, spin: Duration) -> Helpers {
+    /// `spinners`: helpers of the process that may poll at once after work (`spin::SpinTurn`).
+    pub fn new(helpers: usize, spin: Duration, spinners: usize) -> Helpers {
         Helpers {
-            send: Pool::new(ThreadKind::SocketSender, "uccl-sock-tx", helpers, spin),
-            recv: Pool::new(ThreadKind::SocketReceiver, "uccl-sock-rx", helpers, spin),
+            send: Pool::new(ThreadKind::SocketSender, "uccl-sock-tx", helpers, spin, spinners),
+            recv: Pool::new(ThreadKind::SocketReceiver, "uccl-sock-rx", helpers, spin, spinners),
         }
     }
 

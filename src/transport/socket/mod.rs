@@ -17,6 +17,7 @@ mod iov;
 mod reactor;
 mod receiver;
 mod sender;
+mod spin;
 mod tune;
 mod window;
 mod wire;
@@ -71,7 +72,7 @@ impl SocketNet {
         let zerocopy = Arc::default();
         let bind = if ip.is_ipv4() { [0u8; 4].into() } else { [0u16; 8].into() };
         let options = SocketConfig::default();
-        let helpers = Arc::new(Helpers::new(options.helpers_per_direction(), options.spin));
+        let helpers = Arc::new(Helpers::new(options.helpers_per_direction(), options.spin, options.spinners()));
         let (acceptor, sockets) = (Arc::default(), Arc::default());
         SocketNet { ip, bind, connect_timeout, io_timeout, wake, options, zerocopy, helpers, acceptor, sockets }
     }
@@ -101,7 +102,7 @@ impl SocketNet {
     /// Socket counts, buffer sizes and thread tuning (`Config::socket`).
     pub fn with_options(mut self, options: SocketConfig) -> SocketNet {
         // No comm exists yet, so no helper runs: the new pools take their place.
-        self.helpers = Arc::new(Helpers::new(options.helpers_per_direction(), options.spin));
+        self.helpers = Arc::new(Helpers::new(options.helpers_per_direction(), options.spin, options.spinners()));
         self.options = options;
         self
     }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
+use super::spin::SpinTurn;
 use super::window::Window;
 use super::worker::{Inbox, Serves, Thread, Worker};
 use crate::error::{Error, Result};
@@ -81,8 +82,9 @@ struct Entry<T> {
     stopped: bool,
 }
 
-/// A helper thread's body.
-fn serve<T: Task>(helper: &Helper<T>) {
+/// A helper thread's body; `spinners`: helpers of the process that may poll at once after work.
+fn serve<T: Task>(helper: &Helper<T>, spinners: usize) {
+    let mut turn = SpinTurn::default();
     let mut slab: Vec<Option<Entry<T>>> = Vec::new();
     let mut queue: VecDeque<usize> = VecDeque::new();
     let mut inbox = Inbox::default();
@@ -130,7 +132,11 @@ fn serve<T: Task>(helper: &Helper<T>) {
         rounds = 0;
         // More queued work, or a spin after the last bit of work (a new post is usually close
         // behind): only collect what is ready. Otherwise sleep until the kernel or a kick says.
-        let poll = !queue.is_empty() || last_work.elapsed() < helper.spin();
+        let spinning = queue.is_empty() && last_work.elapsed() < helper.spin() && turn.take(spinners);
+        if !spinning {
+            turn.release();
+        }
+        let poll = !queue.is_empty() || spinning;
         let woken = match helper.wait(&mut events, poll) {
             Ok(Some(woken)) => woken,
             Ok(None) => continue,
@@ -250,12 +256,13 @@ pub(super) struct Pool<T: Task> {
     name: &'static str,
     max: usize,
     spin: Duration,
+    spinners: usize,
     slots: Mutex<Vec<Thread<Sockets<T>>>>,
 }
 
 impl<T: Task> Pool<T> {
-    pub fn new(kind: ThreadKind, name: &'static str, max: usize, spin: Duration) -> Pool<T> {
-        Pool { kind, name, max: max.max(1), spin, slots: Mutex::new(Vec::new()) }
+    pub fn new(kind: ThreadKind, name: &'static str, max: usize, spin: Duration, spinners: usize) -> Pool<T> {
+        Pool { kind, name, max: max.max(1), spin, spinners, slots: Mutex::new(Vec::new()) }
     }
 
     /// Threads started and alive.
@@ -344,7 +351,8 @@ impl<T: Task> Pool<T> {
     }
 
     fn start(&self) -> Result<Thread<Sockets<T>>> {
-        Thread::start(Worker::new(self.kind, self.spin)?, self.name, serve, died)
+        let spinners = self.spinners;
+        Thread::start(Worker::new(self.kind, self.spin)?, self.name, move |helper| serve(helper, spinners), died)
     }
 }
 
