@@ -109,6 +109,12 @@ pub struct Args {
     /// Also write the JSON results to FILE, next to the tables
     #[arg(long, value_name = "FILE")]
     pub json_file: Option<PathBuf>,
+    /// Measure each point and its anchors (raw TCP, or with --same-host loopback TCP and memcpy, or
+    /// device copies) alternately N times, ours first, and report medians: each ratio the median of
+    /// the rounds' own ratios (1 to 100; with more than 1 the raw TCP baselines are measured again
+    /// for every op)
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = crate::rounds::parse)]
+    pub rounds: usize,
     /// Skip the raw TCP baselines
     #[arg(long = "no-baseline", action = clap::ArgAction::SetFalse)]
     pub baseline: bool,
@@ -188,6 +194,13 @@ impl Args {
                 ErrorKind::ArgumentConflict,
                 "--scale is the client's (a server follows it) and moves host memory over the network path: leave \
                  out --role server, --device gpu and --same-host",
+            ));
+        }
+        if self.rounds > 1 && (self.role == Role::Server || !self.scale.is_empty()) {
+            return Err((
+                ErrorKind::ArgumentConflict,
+                "--rounds applies to the client's transfer table (a server follows the client's rounds): leave out \
+                 --role server and --scale",
             ));
         }
         if self.scale.windows(2).any(|w| w[0] >= w[1]) {
@@ -370,6 +383,8 @@ mod tests {
         assert_eq!(d.iters_for(8), 2000);
         assert_eq!(d.iters_for(256 << 20), 8);
         assert_eq!((d.cpus.as_deref(), d.split_cores), (None, false));
+        assert_eq!((d.rounds, parse("--rounds 100").unwrap().rounds), (1, 100));
+        assert_eq!(parse("--rounds 1 --role server").unwrap().rounds, 1, "one round is no rounds");
         let p = parse("--cpus 0-2,5 --split-cores").unwrap();
         assert_eq!((p.cpus.as_deref(), p.split_cores), (Some(&[0usize, 1, 2, 5][..]), true));
         assert_eq!(parse("--port 5000").unwrap().port, 5000, "a loopback run keeps a port it was given");
@@ -433,6 +448,12 @@ mod tests {
             "--scale 4 --device gpu",
             "--scale 4 --idle-secs 0",
             "--scale 4 --same-host",
+            "--rounds 0",
+            "--rounds 101",
+            "--rounds x",
+            "--rounds",
+            "--rounds 3 --role server",
+            "--rounds 3 --scale 4",
             "stray",
         ] {
             let e = parse(bad).err().unwrap_or_else(|| panic!("{bad} was accepted"));
@@ -458,6 +479,8 @@ mod tests {
         says("--device gpu --ops transport", "leave it out with --device gpu");
         says("--bogus", "unexpected argument '--bogus'");
         says("--scale 64,1", "--scale counts must be ascending");
+        says("--rounds 101", "expected a whole number of rounds from 1 to 100");
+        says("--rounds 2 --role server", "--rounds applies to the client's transfer table");
     }
 
     #[test]
@@ -490,6 +513,7 @@ mod tests {
             "--same-host",
             "--scale",
             "--idle-secs",
+            "--rounds",
             "--help",
         ] {
             assert!(help.split_whitespace().any(|w| w == flag), "{flag} in {help}");
@@ -530,6 +554,7 @@ mod tests {
             "--same-host --device gpu --peer-gpu 1 --ops write,read --sizes 8,64M --no-baseline",
             "--scale 1,64,256,1024",
             "--scale 1,64 --sizes 64K --idle-secs 2",
+            "--same-host --ops write,read --sizes 16M --rounds 5",
         ] {
             if let Err(e) = parse(line) {
                 panic!("{line}: {e}");

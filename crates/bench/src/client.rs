@@ -100,14 +100,22 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
         depth: args.depth,
         num_iovs: args.num_iovs,
         chunk_size: config.chunk_size,
+        rounds: args.rounds,
         client_memory: mem.describe(),
         server_memory,
         host_path,
     };
     let vectors = args.num_iovs > 1;
-    let steps = args.ops.len() * args.sizes.len() * (1 + usize::from(vectors) + usize::from(tcp_anchored))
-        + if args.baseline { args.sizes.len() } else { 0 }
-        + if same_host_gpus.is_some() { 2 * args.sizes.len() } else { 0 };
+    let rounds = args.rounds;
+    // One round measures each point's baselines and device-copy anchors once per size and shares
+    // them between the ops; alternated rounds measure them next to every round of every op.
+    let shared_anchors = rounds == 1;
+    let measured_points = rounds * args.ops.len() * args.sizes.len();
+    let (baseline_steps, device_copy_steps) =
+        if shared_anchors { (args.sizes.len(), 2 * args.sizes.len()) } else { (measured_points, measured_points) };
+    let steps = measured_points * (1 + usize::from(vectors) + usize::from(tcp_anchored))
+        + if args.baseline { baseline_steps } else { 0 }
+        + if same_host_gpus.is_some() { device_copy_steps } else { 0 };
     let mut progress = Progress::new(steps);
     let mut baselines: HashMap<usize, Baseline> = HashMap::new();
     let mut anchors: HashMap<(bool, usize), Anchor> = HashMap::new();
@@ -115,84 +123,94 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
     let mut seed = 1u64;
     for &op in &args.ops {
         for &size in &args.sizes {
-            progress.step(&format!("{} {}", op.name(), crate::report::human(size)));
-            seed += 1;
-            let iters = args.iters_for(size);
-            let layout = args.layout(size, args.num_iovs).map_err(std::io::Error::other)?;
-            let mut contiguous = None;
-            let timed = if op == Op::Transport {
-                Timed { samples: transport_ping::round_trips(size, iters, &config)?, posts: Vec::new(), first: None }
-            } else {
-                if vectors {
-                    // The same bytes in one piece, same run: what the vector is compared with.
-                    let whole = args.layout(size, 1).map_err(std::io::Error::other)?;
-                    let mut run =
-                        Run { args, ctl: &mut ctl, conn: &conn, mr, mem: &mut mem, fifo, op, layout: whole, seed };
-                    let one = run.measure(iters)?;
-                    contiguous = Some(Point::new(op, size, iters, &one.samples, None).gbs());
-                    progress.step(&format!("{} {} in {} pieces", op.name(), crate::report::human(size), args.num_iovs));
-                    seed += 1;
-                }
-                let mut run = Run { args, ctl: &mut ctl, conn: &conn, mr, mem: &mut mem, fifo, op, layout, seed };
-                run.measure(iters)?
-            };
-            let baseline = if !args.baseline {
-                None
-            } else if let Some(&known) = baselines.get(&size) {
-                Some(known)
-            } else {
-                progress.step(&format!("raw TCP {}", crate::report::human(size)));
-                let host = &mut mem.host()[..size];
-                let stream_gbs = raw::streams_client(&mut ctl, server, host, streams, iters)?;
-                let message_gbs = raw::messages_client(
-                    &mut ctl,
-                    server,
-                    host,
-                    raw::message_streams(size, streams),
-                    iters,
-                    args.depth,
-                )?;
-                let ping = raw::pingpong_client(&mut ctl, server, host, iters.min(1000))?;
-                let measured = Baseline { stream_gbs, message_gbs, pingpong: median(ping) };
-                baselines.insert(size, measured);
-                Some(measured)
-            };
-            let anchor = match (op, same_host_gpus) {
-                // Only where the transfers did take the device path (a region without an IPC
-                // handle moves over the network, against which this anchor says nothing).
-                (Op::Write | Op::Read, Some((ours, theirs))) if conn.device_copy_batches() > 0 => {
-                    let write = op == Op::Write;
-                    let (src, dst) = if write { (ours, theirs) } else { (theirs, ours) };
-                    match anchors.get(&(write, size)) {
-                        Some(&known) => Some(known),
-                        None => {
-                            progress.step(&format!("anchor {}", crate::report::human(size)));
-                            let measured = crate::anchor::device_copy(src, dst, size, iters)?;
-                            anchors.insert((write, size), measured);
-                            Some(measured)
+            let mut each = Vec::with_capacity(rounds);
+            for round in 1..=rounds {
+                let what = |what: String| if rounds == 1 { what } else { format!("{what}, round {round}/{rounds}") };
+                progress.step(&what(format!("{} {}", op.name(), crate::report::human(size))));
+                seed += 1;
+                let iters = args.iters_for(size);
+                let layout = args.layout(size, args.num_iovs).map_err(std::io::Error::other)?;
+                let mut contiguous = None;
+                let timed = if op == Op::Transport {
+                    let samples = transport_ping::round_trips(size, iters, &config)?;
+                    Timed { samples, posts: Vec::new(), first: None }
+                } else {
+                    if vectors {
+                        // The same bytes in one piece, same run: what the vector is compared with.
+                        let whole = args.layout(size, 1).map_err(std::io::Error::other)?;
+                        let mut run =
+                            Run { args, ctl: &mut ctl, conn: &conn, mr, mem: &mut mem, fifo, op, layout: whole, seed };
+                        let one = run.measure(iters)?;
+                        contiguous = Some(Point::new(op, size, iters, &one.samples, None).gbs());
+                        let pieces =
+                            format!("{} {} in {} pieces", op.name(), crate::report::human(size), args.num_iovs);
+                        progress.step(&what(pieces));
+                        seed += 1;
+                    }
+                    let mut run = Run { args, ctl: &mut ctl, conn: &conn, mr, mem: &mut mem, fifo, op, layout, seed };
+                    run.measure(iters)?
+                };
+                let baseline = match baselines.get(&size) {
+                    _ if !args.baseline => None,
+                    Some(&known) if shared_anchors => Some(known),
+                    _ => {
+                        progress.step(&what(format!("raw TCP {}", crate::report::human(size))));
+                        let host = &mut mem.host()[..size];
+                        let stream_gbs = raw::streams_client(&mut ctl, server, host, streams, iters)?;
+                        let message_gbs = raw::messages_client(
+                            &mut ctl,
+                            server,
+                            host,
+                            raw::message_streams(size, streams),
+                            iters,
+                            args.depth,
+                        )?;
+                        let ping = raw::pingpong_client(&mut ctl, server, host, iters.min(1000))?;
+                        let measured = Baseline { stream_gbs, message_gbs, pingpong: median(ping) };
+                        baselines.insert(size, measured);
+                        Some(measured)
+                    }
+                };
+                let anchor = match (op, same_host_gpus) {
+                    // Only where the transfers did take the device path (a region without an IPC
+                    // handle moves over the network, against which this anchor says nothing).
+                    (Op::Write | Op::Read, Some((ours, theirs))) if conn.device_copy_batches() > 0 => {
+                        let write = op == Op::Write;
+                        let (src, dst) = if write { (ours, theirs) } else { (theirs, ours) };
+                        match anchors.get(&(write, size)) {
+                            Some(&known) if shared_anchors => Some(known),
+                            _ => {
+                                progress.step(&what(format!("anchor {}", crate::report::human(size))));
+                                let measured = crate::anchor::device_copy(src, dst, size, iters)?;
+                                anchors.insert((write, size), measured);
+                                Some(measured)
+                            }
                         }
                     }
-                }
-                _ => None,
-            };
-            let host_anchors = match &mut tcp_anchor {
-                Some(a) => {
-                    progress.step(&format!("{} {} over loopback TCP", op.name(), crate::report::human(size)));
-                    seed += 1;
-                    let (conn, mr) = (&a.conn, a.mr);
-                    let mut run = Run { args, ctl: &mut ctl, conn, mr, mem: &mut mem, fifo, op, layout, seed };
-                    let tcp_gbs = Point::new(op, size, iters, &run.measure(iters)?.samples, None).gbs();
-                    let memcpy_gbs = crate::same_host::memcpy_gbs(&a.copy.0, &mut a.copy.1, size, iters);
-                    Some(HostAnchors { tcp_gbs, memcpy_gbs })
-                }
-                None => None,
-            };
-            let mut point = Point::new(op, size, iters, &timed.samples, baseline);
-            point.anchor = anchor;
-            point.host_anchors = host_anchors;
-            point.contiguous_gbs = contiguous;
-            point.post_p50 = (!timed.posts.is_empty()).then(|| median(timed.posts));
-            point.first = timed.first;
+                    _ => None,
+                };
+                let host_anchors = match &mut tcp_anchor {
+                    Some(a) => {
+                        let label = format!("{} {} over loopback TCP", op.name(), crate::report::human(size));
+                        progress.step(&what(label));
+                        seed += 1;
+                        let (conn, mr) = (&a.conn, a.mr);
+                        let mut run = Run { args, ctl: &mut ctl, conn, mr, mem: &mut mem, fifo, op, layout, seed };
+                        let tcp_gbs = Point::new(op, size, iters, &run.measure(iters)?.samples, None).gbs();
+                        let memcpy_gbs = crate::same_host::memcpy_gbs(&a.copy.0, &mut a.copy.1, size, iters);
+                        Some(HostAnchors { tcp_gbs, memcpy_gbs })
+                    }
+                    None => None,
+                };
+                let mut point = Point::new(op, size, iters, &timed.samples, baseline);
+                point.anchor = anchor;
+                point.host_anchors = host_anchors;
+                point.contiguous_gbs = contiguous;
+                point.post_p50 = (!timed.posts.is_empty()).then(|| median(timed.posts));
+                point.first = timed.first;
+                each.push(point);
+            }
+            let point = Point::from_rounds(each).ok_or_else(|| std::io::Error::other("no round was measured"))?;
             on_point(&info, &point, &mut progress);
             points.push(point);
         }

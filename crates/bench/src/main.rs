@@ -14,6 +14,7 @@ mod probe;
 mod progress;
 mod raw;
 mod report;
+mod rounds;
 mod same_host;
 mod scale;
 mod server;
@@ -116,6 +117,9 @@ fn client_and_report(args: &Args, ip: IpAddr, port: u16, mode: &str) {
             printed_header = true;
         }
         println!("{}", report::line(p));
+        if let Some(rounds) = report::rounds_line(p) {
+            println!("{rounds}");
+        }
         progress.redraw();
     })
     .unwrap_or_else(|e| fail(&format!("client: {e}")));

@@ -1,11 +1,13 @@
 //! Result lines in UCCL's benchmark format, the summary against the baselines, and JSON.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::anchor::Anchor;
 use crate::args::Op;
+use crate::rounds::{Spread, median_duration};
 
 /// The run's setup; its field names are the JSON report's (scripts/gpu_bench.sh reads them).
 #[derive(Serialize)]
@@ -23,10 +25,18 @@ pub struct RunInfo {
     pub depth: usize,
     pub num_iovs: usize,
     pub chunk_size: u32,
+    /// `--rounds`: how many times each point and its anchors were measured, alternately (left out
+    /// at 1, the report of one measurement each).
+    #[serde(skip_serializing_if = "is_one")]
+    pub rounds: usize,
     /// Host memory between two processes of one host: which directions the same-host path copies
     /// directly (null for other runs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host_path: Option<String>,
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 impl RunInfo {
@@ -54,7 +64,40 @@ pub struct Point {
     pub anchor: Option<Anchor>,
     /// `--same-host` (host memory): the loopback TCP path and memcpy of the same size, same run.
     pub host_anchors: Option<HostAnchors>,
+    /// `--rounds` above 1: the rounds this point's medians are taken over.
+    pub rounds: Option<Rounds>,
 }
+
+/// The rounds of one point, each measured with its own anchors right after it.
+pub struct Rounds {
+    /// The rounds' own points, in the order measured.
+    pub each: Vec<Point>,
+    /// Median of the rounds' GB/s (not bytes over a median time, which differs for an even count).
+    gbs: f64,
+    /// Each ratio every round has, by its JSON name: the spread of the rounds' own ratios.
+    ratios: BTreeMap<&'static str, Spread>,
+}
+
+impl Rounds {
+    /// A ratio's median and range over the rounds, by its JSON name.
+    pub fn ratio(&self, name: &str) -> Option<Spread> {
+        self.ratios.get(name).copied()
+    }
+}
+
+type RatioOf = fn(&Point) -> Option<f64>;
+
+/// Every ratio a point may carry: its JSON name, its label on the per-round line, and how a single
+/// measurement computes it.
+const RATIOS: [(&str, &str, RatioOf); 7] = [
+    ("bw_ratio", "/raw", Point::bw_ratio),
+    ("msg_ratio", "/msg", Point::msg_ratio),
+    ("lat_ratio", "p50/ping-pong", Point::lat_ratio),
+    ("vector_ratio", "/1-piece", Point::vector_ratio),
+    ("tcp_ratio", "/TCP", Point::tcp_ratio),
+    ("anchor_ratio", "/anchor", Point::anchor_ratio),
+    ("anchor_lat_ratio", "p50/anchor p50", Point::anchor_lat_ratio),
+];
 
 /// What a same-host host-memory point is measured against, for one size.
 #[derive(Clone, Copy, Debug)]
@@ -96,24 +139,81 @@ impl Point {
             first: None,
             anchor: None,
             host_anchors: None,
+            rounds: None,
         }
     }
 
+    /// One point from the rounds measured of it (`None` for none): every figure the median of the
+    /// rounds' (a figure only some rounds have is left out), every ratio the median of the ratios
+    /// each round had, ours against the anchors measured next to it. One round is that round.
+    pub fn from_rounds(mut each: Vec<Point>) -> Option<Point> {
+        if each.len() <= 1 {
+            return each.pop();
+        }
+        let f = |get: fn(&Point) -> Option<f64>| Spread::of_each(each.iter().map(get)).map(|s| s.median);
+        let d = |get: fn(&Point) -> Option<Duration>| {
+            let all: Option<Vec<Duration>> = each.iter().map(get).collect();
+            median_duration(all?)
+        };
+        let baseline = match (f(|p| p.baseline.map(|b| b.stream_gbs)), f(|p| p.baseline.map(|b| b.message_gbs))) {
+            (Some(stream_gbs), Some(message_gbs)) => {
+                d(|p| p.baseline.map(|b| b.pingpong)).map(|pingpong| Baseline { stream_gbs, message_gbs, pingpong })
+            }
+            _ => None,
+        };
+        let anchor = d(|p| p.anchor.map(|a| a.avg)).zip(d(|p| p.anchor.map(|a| a.p50)));
+        let host_anchors = f(|p| p.host_anchors.map(|a| a.tcp_gbs))
+            .zip(f(|p| p.host_anchors.map(|a| a.memcpy_gbs)))
+            .map(|(tcp_gbs, memcpy_gbs)| HostAnchors { tcp_gbs, memcpy_gbs });
+        let ratios = RATIOS
+            .iter()
+            .filter_map(|&(name, _, get)| Spread::of_each(each.iter().map(get)).map(|s| (name, s)))
+            .collect();
+        let gbs = f(|p| Some(p.gbs())).unwrap_or_default();
+        Some(Point {
+            op: each[0].op,
+            size: each[0].size,
+            iters: each[0].iters,
+            avg: d(|p| Some(p.avg)).unwrap_or_default(),
+            p50: d(|p| Some(p.p50)).unwrap_or_default(),
+            p99: d(|p| Some(p.p99)).unwrap_or_default(),
+            baseline,
+            contiguous_gbs: f(|p| p.contiguous_gbs),
+            post_p50: d(|p| p.post_p50),
+            first: d(|p| p.first),
+            anchor: anchor.map(|(avg, p50)| Anchor { avg, p50 }),
+            host_anchors,
+            rounds: Some(Rounds { each, gbs, ratios }),
+        })
+    }
+
     pub fn gbs(&self) -> f64 {
-        self.size as f64 / self.avg.as_secs_f64().max(1e-12) / 1e9
+        match &self.rounds {
+            Some(r) => r.gbs,
+            None => self.size as f64 / self.avg.as_secs_f64().max(1e-12) / 1e9,
+        }
+    }
+
+    /// A ratio by its JSON name: the median of the rounds' own where there were rounds (never the
+    /// ratio of two medians), else `own` of this measurement.
+    fn ratio(&self, name: &str, own: impl FnOnce() -> Option<f64>) -> Option<f64> {
+        match &self.rounds {
+            Some(r) => r.ratio(name).map(|s| s.median),
+            None => own(),
+        }
     }
 
     pub fn bw_ratio(&self) -> Option<f64> {
-        self.baseline.map(|b| self.gbs() / b.stream_gbs)
+        self.ratio("bw_ratio", || self.baseline.map(|b| self.gbs() / b.stream_gbs))
     }
 
     pub fn msg_ratio(&self) -> Option<f64> {
-        self.baseline.map(|b| self.gbs() / b.message_gbs)
+        self.ratio("msg_ratio", || self.baseline.map(|b| self.gbs() / b.message_gbs))
     }
 
     /// Ours over the same bytes in one piece.
     pub fn vector_ratio(&self) -> Option<f64> {
-        self.contiguous_gbs.map(|c| self.gbs() / c)
+        self.ratio("vector_ratio", || self.contiguous_gbs.map(|c| self.gbs() / c))
     }
 
     pub fn anchor_gbs(&self) -> Option<f64> {
@@ -122,22 +222,50 @@ impl Point {
 
     /// Ours over the device copies' bandwidth.
     pub fn anchor_ratio(&self) -> Option<f64> {
-        self.anchor_gbs().map(|a| self.gbs() / a)
+        self.ratio("anchor_ratio", || self.anchor_gbs().map(|a| self.gbs() / a))
     }
 
     /// Our median round trip over one device copy's launch and wait.
     pub fn anchor_lat_ratio(&self) -> Option<f64> {
-        self.anchor.map(|a| self.p50.as_secs_f64() / a.p50.as_secs_f64().max(1e-12))
+        self.ratio("anchor_lat_ratio", || self.anchor.map(|a| self.p50.as_secs_f64() / a.p50.as_secs_f64().max(1e-12)))
     }
 
     /// Ours over the same transfers over loopback TCP.
     pub fn tcp_ratio(&self) -> Option<f64> {
-        self.host_anchors.map(|a| self.gbs() / a.tcp_gbs)
+        self.ratio("tcp_ratio", || self.host_anchors.map(|a| self.gbs() / a.tcp_gbs))
     }
 
     pub fn lat_ratio(&self) -> Option<f64> {
-        self.baseline.map(|b| self.p50.as_secs_f64() / b.pingpong.as_secs_f64().max(1e-12))
+        self.ratio("lat_ratio", || self.baseline.map(|b| self.p50.as_secs_f64() / b.pingpong.as_secs_f64().max(1e-12)))
     }
+}
+
+/// How many rounds the points' figures are medians of (1: single measurements).
+fn rounds_of(points: &[Point]) -> usize {
+    points.iter().find_map(|p| p.rounds.as_ref().map(|r| r.each.len())).unwrap_or(1)
+}
+
+/// The summary headers' note on rounds: empty for single measurements.
+fn medians_note(points: &[Point]) -> String {
+    match rounds_of(points) {
+        1 => String::new(),
+        n => format!(", medians of {n} alternated rounds"),
+    }
+}
+
+/// With rounds, the line under a point's that shows their spread: ours per round, then each ratio
+/// per round with its median and range.
+pub fn rounds_line(p: &Point) -> Option<String> {
+    let r = p.rounds.as_ref()?;
+    let list = |v: &mut dyn Iterator<Item = f64>| v.map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(" ");
+    let mut out = format!("#   {} rounds: GB/s {}", r.each.len(), list(&mut r.each.iter().map(Point::gbs)));
+    for (name, label, get) in RATIOS {
+        if let Some(s) = r.ratio(name) {
+            let each = list(&mut r.each.iter().filter_map(get));
+            out += &format!(" | {label} {each} (median {:.2}, {:.2}-{:.2})", s.median, s.min, s.max);
+        }
+    }
+    Some(out)
 }
 
 pub fn human(n: usize) -> String {
@@ -211,9 +339,10 @@ const GOAL_LATENCY_RATIO: f64 = 1.5;
 
 /// The same-host table: ours against the device copies, and the goals.
 fn anchor_summary(points: &[Point]) -> String {
-    let mut s = String::from(
+    let mut s = format!(
         "\n# Same-host path against device copies of the same bytes between the same GPUs (cuMemcpyPeerAsync \
-         across GPUs, cuMemcpyDtoDAsync on one), one copy and one cuStreamSynchronize each\n",
+         across GPUs, cuMemcpyDtoDAsync on one), one copy and one cuStreamSynchronize each{}\n",
+        medians_note(points)
     );
     s += &format!(
         "{:<9} {:>9} {:>10} {:>12} {:>7} {:>10} {:>14} {:>7}\n",
@@ -257,10 +386,11 @@ fn anchor_summary(points: &[Point]) -> String {
 }
 
 pub fn summary(points: &[Point]) -> String {
-    let mut s = String::from(
-        "\n# Summary (ratio = ours / raw TCP with the same streams: streaming without message ends, and \
+    let mut s = format!(
+        "\n# Summary{} (ratio = ours / raw TCP with the same streams: streaming without message ends, and \
          acknowledged messages of the size with the same depth; latency: median round trip, ours vs a raw \
          ping-pong of the same size)\n",
+        medians_note(points)
     );
     s += &format!(
         "{:<9} {:>9} {:>10} {:>10} {:>7} {:>10} {:>7} {:>12} {:>12} {:>7}\n",
@@ -353,6 +483,13 @@ struct JsonPoint {
     tcp_ratio: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     memcpy_gb_per_s: Option<f64>,
+    /// `--rounds` above 1 only: each round's own figures, in the order measured (the fields above
+    /// are their medians, ratios the medians of the rounds' ratios).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rounds: Option<Vec<JsonPoint>>,
+    /// `--rounds` above 1 only: each ratio's [min, max] over the rounds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ratio_ranges: Option<BTreeMap<&'static str, [f64; 2]>>,
 }
 
 impl JsonPoint {
@@ -384,6 +521,8 @@ impl JsonPoint {
             tcp_gb_per_s: p.host_anchors.map(|a| a.tcp_gbs),
             tcp_ratio: p.tcp_ratio(),
             memcpy_gb_per_s: p.host_anchors.map(|a| a.memcpy_gbs),
+            rounds: p.rounds.as_ref().map(|r| r.each.iter().map(JsonPoint::new).collect()),
+            ratio_ranges: p.rounds.as_ref().map(|r| r.ratios.iter().map(|(&k, s)| (k, [s.min, s.max])).collect()),
         }
     }
 }
@@ -412,6 +551,7 @@ mod tests {
             depth: 1,
             num_iovs: 1,
             chunk_size: 1 << 20,
+            rounds: 1,
             client_memory: client.into(),
             server_memory: server.into(),
             host_path: None,
@@ -622,6 +762,66 @@ mod tests {
         assert!(table.contains("# goal: 8 B write round trip <= 1.5x the anchor's launch+sync: 1.20x, met"), "{table}");
         assert_eq!(table.matches("# goal").count(), 3, "{table}");
         assert!(!summary(&[Point::new(Op::Send, 8, 10, &us(30), None)]).contains("anchor"));
+    }
+
+    /// A round of 1000-byte writes at `us` per transfer (1000 / us / 1000 GB/s) against a baseline
+    /// streaming `raw` GB/s.
+    fn round(us: u64, raw: f64) -> Point {
+        let baseline = Baseline { stream_gbs: raw, message_gbs: raw / 2.0, pingpong: Duration::from_micros(us) };
+        Point::new(Op::Write, 1000, 4, &[Duration::from_micros(us); 4], Some(baseline))
+    }
+
+    #[test]
+    fn rounds_report_medians_and_ratios_taken_within_each_round() {
+        // Ours 1, 0.5, 0.25 GB/s against raw 1, 0.25, 1: ratios 1, 2, 0.25, whose median (1) is
+        // not the ratio of the medians (0.5 / 1).
+        let odd = Point::from_rounds(vec![round(1, 1.0), round(2, 0.25), round(4, 1.0)]).unwrap();
+        assert!((odd.gbs() - 0.5).abs() < 1e-12, "{}", odd.gbs());
+        assert_eq!(odd.baseline.map(|b| b.stream_gbs), Some(1.0));
+        assert_eq!(odd.baseline.map(|b| b.pingpong), Some(Duration::from_micros(2)));
+        assert_eq!((odd.p50, odd.avg), (Duration::from_micros(2), Duration::from_micros(2)));
+        assert!((odd.bw_ratio().unwrap() - 1.0).abs() < 1e-12, "{:?}", odd.bw_ratio());
+        assert!((odd.msg_ratio().unwrap() - 2.0).abs() < 1e-12, "{:?}", odd.msg_ratio());
+        let r = odd.rounds.as_ref().unwrap();
+        assert_eq!(r.each.len(), 3);
+        let bw = r.ratio("bw_ratio").unwrap();
+        assert!((bw.min - 0.25).abs() < 1e-12 && (bw.max - 2.0).abs() < 1e-12, "{bw:?}");
+        assert_eq!((r.ratio("tcp_ratio"), r.ratio("anchor_ratio")), (None, None), "no round had them");
+        // A fourth round of 0.125 GB/s against 0.0625: ratios 0.25, 1, 2, 2 (median 1.5); ours
+        // 0.375 and raw 0.625 as medians of an even count, whose ratio would be 0.6.
+        let even = Point::from_rounds(vec![round(1, 1.0), round(2, 0.25), round(4, 1.0), round(8, 0.0625)]).unwrap();
+        assert!((even.gbs() - 0.375).abs() < 1e-12, "{}", even.gbs());
+        assert!((even.baseline.unwrap().stream_gbs - 0.625).abs() < 1e-12);
+        assert!((even.bw_ratio().unwrap() - 1.5).abs() < 1e-12, "{:?}", even.bw_ratio());
+        assert_eq!(even.p50, Duration::from_micros(3));
+        // The table holds the medians and says so; the line under the point shows each round.
+        let table = summary(std::slice::from_ref(&odd));
+        assert!(table.contains("# Summary, medians of 3 alternated rounds (ratio = "), "{table}");
+        let row: Vec<&str> = table.lines().last().unwrap().split_whitespace().collect();
+        assert_eq!(&row[3..8], ["0.50", "1.00", "1.00", "0.50", "2.00"], "{table}");
+        let line = rounds_line(&odd).unwrap();
+        assert!(
+            line.starts_with("#   3 rounds: GB/s 1.00 0.50 0.25 | /raw 1.00 2.00 0.25 (median 1.00, 0.25-2.00)"),
+            "{line}"
+        );
+        // The JSON carries every round and each ratio's range; one round stays as it was.
+        let mut run = info("host", "host");
+        run.rounds = 3;
+        let v = parsed(&run, "loopback", std::slice::from_ref(&odd));
+        assert_eq!(v["rounds"].as_u64(), Some(3));
+        let q = &v["results"][0];
+        let each = q["rounds"].as_array().unwrap();
+        assert_eq!(each.iter().map(|e| e["gb_per_s"].as_f64().unwrap()).collect::<Vec<_>>(), [1.0, 0.5, 0.25]);
+        assert!(each.iter().all(|e| e.get("rounds").is_none()), "{q}");
+        assert_eq!(q["ratio_ranges"]["bw_ratio"].as_array().map(Vec::len), Some(2), "{q}");
+        assert!((q["bw_ratio"].as_f64().unwrap() - 1.0).abs() < 1e-12, "{q}");
+        let one = Point::from_rounds(vec![round(2, 0.25)]).unwrap();
+        assert!(one.rounds.is_none() && rounds_line(&one).is_none());
+        assert!((one.bw_ratio().unwrap() - 2.0).abs() < 1e-12);
+        let plain = parsed(&info("host", "host"), "loopback", &[one]);
+        assert!(plain.get("rounds").is_none() && plain["results"][0].get("ratio_ranges").is_none(), "{plain}");
+        assert!(!summary(&[round(2, 0.25)]).contains("medians"));
+        assert!(Point::from_rounds(Vec::new()).is_none());
     }
 
     #[test]

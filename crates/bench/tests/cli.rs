@@ -190,3 +190,57 @@ fn scale_run_prints_a_row_per_connection_count() {
     let (one, three) = (threads(&rows[0]), threads(&rows[1]));
     assert_eq!(three, one, "{stdout}");
 }
+
+/// Every point of a `--rounds 3` run: three rounds, each with the figures of its own anchors, and
+/// every median (figures and ratios) within what the rounds measured.
+fn check_rounds(report: &Value, figures: &[&str], ratios: &[&str]) {
+    assert_eq!(report["rounds"].as_u64(), Some(3), "{report}");
+    for p in report["results"].as_array().expect("a results list") {
+        let each = p["rounds"].as_array().unwrap_or_else(|| panic!("rounds in {p}"));
+        assert_eq!(each.len(), 3, "{p}");
+        let within = |key: &str, median: f64| {
+            let v: Vec<f64> = each.iter().map(|r| r[key].as_f64().unwrap_or_else(|| panic!("{key} in {r}"))).collect();
+            let (min, max) = v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+            assert!(min <= median && median <= max, "{key}: median {median} outside {v:?}");
+            (min, max)
+        };
+        for key in figures {
+            within(key, p[key].as_f64().unwrap_or_else(|| panic!("{key} in {p}")));
+        }
+        for key in ratios {
+            let median = p[key].as_f64().unwrap_or_else(|| panic!("{key} in {p}"));
+            let (min, max) = within(key, median);
+            assert_eq!(p["ratio_ranges"][key], serde_json::json!([min, max]), "{p}");
+        }
+    }
+}
+
+#[test]
+fn rounds_alternate_ours_and_the_raw_baselines() {
+    let out = bench(&["--sizes", "64K", "--iters", "3", "--ops", "write,send", "--rounds", "3", "--json"]);
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    let report: Value =
+        serde_json::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap_or_else(|e| panic!("{e}: {all}"));
+    assert_eq!(report["results"].as_array().map(Vec::len), Some(2), "{all}");
+    let figures = ["gb_per_s", "p50_us", "raw_gb_per_s", "raw_msg_gb_per_s", "raw_pingpong_p50_us"];
+    check_rounds(&report, &figures, &["bw_ratio", "msg_ratio", "lat_ratio"]);
+    // The tables: a line per point showing its rounds, and the summary saying it holds medians.
+    let out = bench(&["--sizes", "8", "--iters", "3", "--ops", "write", "--rounds", "2"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(stdout.contains("#   2 rounds: GB/s "), "{stdout}");
+    assert!(stdout.contains("# Summary, medians of 2 alternated rounds"), "{stdout}");
+}
+
+#[test]
+fn same_host_rounds_alternate_ours_and_loopback_tcp() {
+    let args = ["--same-host", "--sizes", "64K", "--iters", "3", "--ops", "write,read", "--rounds", "3", "--json"];
+    let out = bench(&args);
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    let report: Value =
+        serde_json::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap_or_else(|e| panic!("{e}: {all}"));
+    assert_eq!(report["results"].as_array().map(Vec::len), Some(2), "{all}");
+    check_rounds(&report, &["gb_per_s", "tcp_gb_per_s", "memcpy_gb_per_s"], &["tcp_ratio", "bw_ratio", "msg_ratio"]);
+}
