@@ -642,13 +642,20 @@ fn traced_flows_process() {
     let rmr = p.b.register(remote.as_mut_ptr() as usize, len).unwrap();
     let fifo = p.b.prepare_fifo(rmr, remote.as_ptr() as usize, len).unwrap();
     let item = |n: usize| OneSided { mr: lmr, addr: local.as_ptr() as usize, len: n, remote: fifo };
+    let mut back = vec![0u8; len];
+    let bmr = p.a.register(back.as_mut_ptr() as usize, len).unwrap();
+    let read_back = OneSided { mr: bmr, addr: back.as_mut_ptr() as usize, len, remote: fifo };
+    // Each round ends with a write: a read's last send is reaped by the target's progress thread,
+    // which may still be on its way when the reader completes, but always before that thread
+    // answers the next write, so no record is left open when the engines close.
     for _ in 0..ROUNDS {
+        let r = p.ab.read(std::slice::from_ref(&read_back)).unwrap();
+        assert_eq!(p.ab.wait(r).unwrap(), len as u64);
         let w = p.ab.write(&[item(len)]).unwrap();
         assert_eq!(wait(&p.ab, w).unwrap(), len as u64);
-        let r = p.ab.read(&[item(len)]).unwrap();
-        assert_eq!(p.ab.wait(r).unwrap(), len as u64);
     }
     let small = p.ab.write(&[item(4096)]).unwrap();
     assert_eq!(p.ab.wait(small).unwrap(), 4096);
     assert_eq!(remote, pattern(len, 3));
+    assert_eq!(back, pattern(len, 3), "the last read brought the written bytes back");
 }
