@@ -98,7 +98,7 @@ pub struct Config {
     pub plugin_test_ahead: bool,
     /// How long a thread that expects control-stream bytes polls before it sleeps: a caller
     /// waiting for an inline transfer's reply, and a control reactor thread after a turn that did
-    /// work. Default 200 us when this process may run on 8 or more CPUs, 20 us on 2 to 7, else 0.
+    /// work. Default 20 us when this process may run on 2 or more CPUs, else 0.
     /// `UCCL_TCPX_CONTROL_SPIN_US`.
     pub control_spin: Duration,
     /// Whether a caller waiting on a read over the channels is woken by the transport's
@@ -303,7 +303,7 @@ pub struct SocketConfig {
     /// them. `UCCL_TCPX_SOCKET_SUBCHUNK`.
     pub subchunk: u32,
     /// How long a helper that just did some work polls for more before it sleeps, if it gets a
-    /// polling turn (`spinners`); default 400 us on 8 or more cores, else 0.
+    /// polling turn (`spinners`) past its first 20 us; default 20 us on 8 or more cores, else 0.
     /// `UCCL_TCPX_SOCKET_SPIN_US`.
     pub spin: Duration,
     /// Socket helpers of the process that may poll at once after work (the rest sleep at once):
@@ -393,15 +393,11 @@ fn available_cores() -> usize {
 /// A reply that comes back while its reader polls costs no sleep and no wake-up on either side,
 /// which is most of a small round trip (2-core VM, unpinned: 8-byte write 9.4 -> 3.1 us). With a
 /// single CPU the poller would hold the core its peer needs (43.7 us on one core), so none there.
-/// From 8 cores 200 us: on the 32-core host, three alternated rounds against 20 us, 64 KiB round
-/// trips at one in flight took 35.8-36.6 us against 41.2-49.1 and 256 KiB ones 41.0-50.9 against
-/// 56.8-61.9 (writes; reads 37.9-39.9 / 41.1-53.3 against 35.5-46.0 / 45.6-58.3).
+/// Longer polls trade large transfers for small ones: on the 32-core host (both engines on it) 200
+/// us made 64-256 KiB round trips 10-25 % shorter and 16-64 MiB transfers 8-15 % slower, so the
+/// default stays 20 us (set 200 for traffic of small requests and replies).
 fn default_control_spin() -> Duration {
-    match available_cores() {
-        8.. => Duration::from_micros(200),
-        2.. => Duration::from_micros(20),
-        _ => Duration::ZERO,
-    }
+    if available_cores() >= 2 { Duration::from_micros(20) } else { Duration::ZERO }
 }
 
 /// A wake-up saved pays where a thread waking costs tens of microseconds on an idle core; on the
@@ -430,13 +426,12 @@ fn default_spinners() -> u16 {
 
 /// Spinning pays only with cores to spare: on a small host a spinning helper takes the core that
 /// the thread it waits for needs (on 2 cores, 20 us of spin made an 8-byte round trip 5x slower).
-/// From 8 cores a helper polls 400 us after its last piece (within the process's polling turns):
-/// on the 32-core host, three alternated rounds against 20 us, 256 KiB-4 MiB round trips at one in
-/// flight took 60-169 us against 73-230 (reads 60-157 against 78-209), GPU 256 KiB at four in
-/// flight 6.2-6.4 GB/s against 4.8-5.1. A helper with nothing to do polls no longer than that, so
-/// an idle engine still costs nothing.
+/// From 8 cores 20 us. Longer trades large transfers for mid-size ones: on the 32-core host with
+/// both engines on it, 400 us (within the polling turns) made 256 KiB-4 MiB round trips 15-30 %
+/// shorter and GPU 256 KiB at four in flight 25 % faster, but 16-64 MiB transfers 15-35 % slower,
+/// the polling helpers holding cores the busy ones needed.
 fn default_spin() -> Duration {
-    if available_cores() >= 8 { Duration::from_micros(400) } else { Duration::ZERO }
+    if available_cores() >= 8 { Duration::from_micros(20) } else { Duration::ZERO }
 }
 
 impl SocketConfig {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use super::spin::SpinTurn;
+use super::spin::{SHORT_SPIN, SpinTurn};
 use super::window::Window;
 use super::worker::{Inbox, Serves, Thread, Worker};
 use crate::error::{Error, Result};
@@ -132,7 +132,9 @@ fn serve<T: Task>(helper: &Helper<T>, spinners: usize) {
         rounds = 0;
         // More queued work, or a spin after the last bit of work (a new post is usually close
         // behind): only collect what is ready. Otherwise sleep until the kernel or a kick says.
-        let spinning = queue.is_empty() && last_work.elapsed() < helper.spin() && turn.take(spinners);
+        // Past `SHORT_SPIN` a helper polls only with one of the process's turns.
+        let quiet = last_work.elapsed();
+        let spinning = queue.is_empty() && quiet < helper.spin() && (quiet < SHORT_SPIN || turn.take(spinners));
         if !spinning {
             turn.release();
         }

@@ -6,9 +6,14 @@
 //! helper's side. But every polling helper holds a core: two engines of 16 + 16 helpers polling for
 //! 400 us on a 32-core host made a 1 MiB round trip five times slower (the threads with work waited
 //! for cores), while 256 KiB ones got faster. So polling is a turn the process hands out: at most
-//! `limit` helpers poll at once, the rest sleep at once.
+//! `limit` helpers poll at once, the rest sleep at once. The first `SHORT_SPIN` of a poll needs no
+//! turn: every helper polled that long before turns existed, which large transfers run best with.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// The poll any helper may do after work without a turn.
+pub(super) const SHORT_SPIN: Duration = Duration::from_micros(20);
 
 /// Helpers of the process polling now, whatever their net.
 static POLLING: AtomicUsize = AtomicUsize::new(0);
