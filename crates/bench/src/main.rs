@@ -31,6 +31,31 @@ fn fail(msg: &str) -> ! {
     std::process::exit(1)
 }
 
+/// Set once stdout's reader went away (`| head`): the run goes on to its end, printing nothing more.
+static STDOUT_GONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Writes the report's text to stdout. `println!` would panic once the reader closed the pipe; the
+/// run instead finishes (its server child and connections close as usual) without printing more.
+pub(crate) fn say(text: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    if STDOUT_GONE.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    match out.write_fmt(text).and_then(|()| out.flush()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => STDOUT_GONE.store(true, Ordering::Relaxed),
+        Err(e) => fail(&format!("cannot write to stdout: {e}")),
+    }
+}
+
+/// `println!` through [`say`].
+macro_rules! sayln {
+    ($($arg:tt)*) => { $crate::say(format_args!("{}\n", format_args!($($arg)*))) };
+}
+pub(crate) use sayln;
+
 fn main() {
     // Usage errors print as clap's and exit with 2; failures of the run itself exit with 1.
     let mut args = Args::try_from_args(std::env::args_os()).unwrap_or_else(|e| e.exit());
@@ -113,12 +138,12 @@ fn client_and_report(args: &Args, ip: IpAddr, port: u16, mode: &str) {
         }
         progress.clear();
         if !printed_header {
-            println!("{}", report::header(info, mode));
+            sayln!("{}", report::header(info, mode));
             printed_header = true;
         }
-        println!("{}", report::line(p));
+        sayln!("{}", report::line(p));
         if let Some(rounds) = report::rounds_line(p) {
-            println!("{rounds}");
+            sayln!("{rounds}");
         }
         progress.redraw();
     })
@@ -130,15 +155,15 @@ fn client_and_report(args: &Args, ip: IpAddr, port: u16, mode: &str) {
             .unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", path.display())));
     }
     if args.json {
-        println!("{json}");
+        sayln!("{json}");
     } else {
-        print!("{}", report::summary(&points));
+        say(format_args!("{}", report::summary(&points)));
     }
     if let Some(path) = &args.plot {
         let title = format!("uccl-tcpx socket transport, {mode}: GB/s by message size");
         plot::draw(path, &title, &points).unwrap_or_else(|e| fail(&e));
         if !args.json {
-            println!("# chart written to {}", path.display());
+            sayln!("# chart written to {}", path.display());
         }
     }
 }

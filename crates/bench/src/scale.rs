@@ -58,7 +58,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16) -> Io<()> {
     let mr = engine.register(src.as_ptr() as usize, size).map_err(other)?;
     let op = OneSided { mr, addr: src.as_ptr() as usize, len: size, remote: fifo };
     let idle = Duration::from_secs_f64(args.idle_secs);
-    println!(
+    crate::sayln!(
         "# uccl-tcpx-bench --scale: one engine per process (c: the connecting client, s: the accepting server), \
          {} channels x {} sockets per comm, {} helper threads per direction and engine; idle CPU over {idle:?}; \
          busy: every connection writes {} at once, repeated for at least 1 s",
@@ -67,7 +67,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16) -> Io<()> {
         config.socket.helpers_per_direction(),
         human(size)
     );
-    println!(
+    crate::sayln!(
         "{:>6} {:>11} {:>8} {:>11} {:>13} {:>13} {:>13} {:>13} {:>15} {:>9} {:>13}",
         "conns",
         "connect ms",
@@ -86,7 +86,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16) -> Io<()> {
     let mut result = Ok(());
     for &n in &args.scale {
         match step(&mut ctl, &probe, &engine, &host, engine_port, &mut conns, n, &op, idle) {
-            Ok(row) => println!("{}", row.line()),
+            Ok(row) => crate::sayln!("{}", row.line()),
             Err(e) => {
                 result = Err(other(format!("at {n} connections: {e}")));
                 break;
@@ -94,7 +94,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16) -> Io<()> {
         }
     }
     if let Err(e) = &result {
-        println!("# stopped {e}");
+        crate::sayln!("# stopped {e}");
     }
     drop(conns);
     engine.shutdown();
@@ -148,7 +148,7 @@ fn step(
         [("client", &c0), ("server", &s0), ("client", &c1), ("server", &s1), ("client", &c2), ("server", &s2)]
     {
         if let Err(why) = reading {
-            println!("# {end}'s figures at {n} connections: {why}");
+            crate::sayln!("# {end}'s figures at {n} connections: {why}");
         }
     }
     Ok(Row { conns: n, connect, added, idle, client: (c0, c1), server: (s0, s1), busy_gbs, busy_cpu })

@@ -244,3 +244,26 @@ fn same_host_rounds_alternate_ours_and_loopback_tcp() {
     assert_eq!(report["results"].as_array().map(Vec::len), Some(2), "{all}");
     check_rounds(&report, &["gb_per_s", "tcp_gb_per_s", "memcpy_gb_per_s"], &["tcp_ratio", "bw_ratio", "msg_ratio"]);
 }
+
+/// A reader that stops early (`| head -1`) ends neither the run in a panic nor its exit status in a
+/// failure: the bench finishes, printing nothing more.
+#[test]
+fn a_reader_that_goes_away_early_does_not_fail_the_run() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_uccl-tcpx-bench"))
+        .args(["--sizes", "8,4K,64K", "--iters", "5", "--ops", "write,read", "--no-baseline"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the bench binary starts");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    assert!(first.starts_with('#'), "the header comes first: {first:?}");
+    // The reader is dropped here: every later write of the bench meets a closed pipe.
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let status = child.wait().unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(status.success(), "{status:?}: {err}");
+}
