@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use uccl_tcpx::config::{SocketConfig, TransportChoice};
 use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::threads::{ThreadKind, inject_panic, inject_wait_failure, panic_pending, wait_failure_pending};
+use uccl_tcpx::threads::{
+    ThreadKind, clear_panic, clear_wait_failure, inject_panic, inject_wait_failure, panic_pending, wait_failure_pending,
+};
 use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
 
 mod common;
@@ -19,6 +21,31 @@ use testkit::poll::background;
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A fault armed for the test that holds it, withdrawn when that test ends, failed ones included:
+/// a fault that did not fire would otherwise hit a thread of the next test in this process.
+struct Armed {
+    kind: ThreadKind,
+    clear: fn(ThreadKind),
+}
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        (self.clear)(self.kind);
+    }
+}
+
+/// Makes the next `kind` thread panic at its fault point while the guard is held.
+fn arm_panic(kind: ThreadKind) -> Armed {
+    inject_panic(kind);
+    Armed { kind, clear: clear_panic }
+}
+
+/// Makes the next epoll wait of a `kind` thread fail while the guard is held.
+fn arm_wait_failure(kind: ThreadKind) -> Armed {
+    inject_wait_failure(kind);
+    Armed { kind, clear: clear_wait_failure }
 }
 
 /// Generous for a loaded CI host (5 s was missed under a load average of 15 on 2 cores), and far
@@ -123,7 +150,7 @@ fn panic_during_transfer(kind: ThreadKind, failing_is_receiver: bool) {
     let src = Buf::new(&p.a, pattern(LEN, 1));
     let mut dst = Buf::new(&p.b, vec![0; LEN]);
     let r = dst.recv(&p.ba);
-    inject_panic(kind);
+    let _armed = arm_panic(kind);
     let s = src.send(&p.ab);
     let (ours, theirs) = if failing_is_receiver {
         (outcome(&p.ba, r), outcome(&p.ab, s))
@@ -160,7 +187,7 @@ fn socket_helper_whose_wait_fails_fails_its_comms_and_is_replaced() {
     let mut dst = Buf::new(&p.b, vec![0; LEN]);
     let r = dst.recv(&p.ba);
     // The receiving helpers sleep until data comes: the first to wait again afterwards is b's.
-    inject_wait_failure(ThreadKind::SocketReceiver);
+    let _armed = arm_wait_failure(ThreadKind::SocketReceiver);
     let s = src.send(&p.ab);
     let err = outcome(&p.ba, r).expect_err("the receive of a dead helper's comm fails");
     assert!(err.message().contains("wait on data sockets"), "{err}");
@@ -173,6 +200,22 @@ fn socket_helper_whose_wait_fails_fails_its_comms_and_is_replaced() {
     destroy(p.b);
 }
 
+/// A test that ends before its fault fired leaves nothing armed: the guard withdraws the fault, and
+/// the socket helpers of a later transfer neither panic nor fail their wait.
+#[test]
+fn a_fault_withdrawn_before_it_fired_hits_no_later_thread() {
+    let _serial = serial();
+    let p = pair();
+    drop((arm_panic(ThreadKind::SocketSender), arm_wait_failure(ThreadKind::SocketReceiver)));
+    assert!(!panic_pending(ThreadKind::SocketSender), "the panic was withdrawn");
+    assert!(!wait_failure_pending(ThreadKind::SocketReceiver), "the wait failure was withdrawn");
+    moves_data(&p.ab, &p.a, &p.ba, &p.b);
+    moves_data(&p.ba, &p.b, &p.ab, &p.a);
+    drop((p.ab, p.ba));
+    destroy(p.a);
+    destroy(p.b);
+}
+
 /// The socket acceptor moves no data: a panic there costs at most the sockets it was adding (their
 /// senders give them up and go on with the sockets they have); transfers on either connection
 /// complete intact, and the next connection's comms grow on a fresh acceptor.
@@ -181,7 +224,7 @@ fn socket_acceptor_panic_costs_only_the_sockets_it_was_adding() {
     let _serial = serial();
     let socket = SocketConfig { nthreads: 4, nsocks_per_thread: 1, ..SocketConfig::default() };
     let p = common::pair(Config { socket, ..config() });
-    inject_panic(ThreadKind::SocketAcceptor);
+    let _armed = arm_panic(ThreadKind::SocketAcceptor);
     // Each chunk has four pieces, so every comm that sends asks for its other three sockets.
     moves_data(&p.ab, &p.a, &p.ba, &p.b);
     moves_data(&p.ba, &p.b, &p.ab, &p.a);
@@ -208,7 +251,7 @@ fn progress_panic_fails_every_connection_and_later_calls_fail_fast() {
     let src = Buf::new(&p.a, pattern(LEN, 2));
     let mut dst = Buf::new(&p.b, vec![0; LEN]);
     let r = dst.recv(&p.ba);
-    inject_panic(ThreadKind::Progress);
+    let _armed = arm_panic(ThreadKind::Progress);
     let s = src.send(&p.ab);
     assert_internal(outcome(&p.ba, r), ThreadKind::Progress);
     assert_internal(outcome(&bc, pending), ThreadKind::Progress);
@@ -255,7 +298,7 @@ fn control_reactor_panic_fails_the_connections_it_served_only() {
     let mut at_b = Buf::new(&p.b, vec![0; 4096]);
     let ra = at_a.recv(&p.ab);
     let rb = at_b.recv(&p.ba);
-    inject_panic(ThreadKind::ControlReactor);
+    let _armed = arm_panic(ThreadKind::ControlReactor);
     // Larger than a caller writes itself: the reactor thread serving ab is handed it, and dies as it
     // wakes, before any byte reaches b.
     p.ab.notify(b"panic", &[1; 100 << 10]).unwrap();
@@ -290,7 +333,7 @@ fn a_vector_call_whose_connection_fails_while_it_posts_ends_with_the_error() {
             OneSided { mr: src.mr, addr: src.data.as_ptr() as usize + i * slot, len, remote }
         })
         .collect();
-    inject_panic(ThreadKind::ControlReactor);
+    let _armed = arm_panic(ThreadKind::ControlReactor);
     let ab = p.ab.clone();
     let result = within("vector write", move || ab.write(&items).and_then(|id| outcome(&ab, id)));
     assert_internal(result, ThreadKind::ControlReactor);
@@ -308,7 +351,7 @@ fn control_thread_panic(kind: ThreadKind) {
     let mut at_b = Buf::new(&p.b, vec![0; 4096]);
     let ra = at_a.recv(&p.ab);
     let rb = at_b.recv(&p.ba);
-    inject_panic(kind);
+    let _armed = arm_panic(kind);
     p.ab.notify(b"panic", b"in flight").unwrap();
     let (ours, theirs) = match kind {
         ThreadKind::ControlReader => (outcome(&p.ba, rb), outcome(&p.ab, ra)),
@@ -332,7 +375,7 @@ fn accept_loop_panic_fails_accept_and_spares_established_connections() {
         let b = p.b.clone();
         move || b.accept()
     });
-    inject_panic(ThreadKind::Accept);
+    let _armed = arm_panic(ThreadKind::Accept);
     let (a, port) = (p.a.clone(), p.b.address().port());
     let refused = within("connect to an engine whose accept loop died", move || a.connect("127.0.0.1", "0", port));
     assert!(refused.is_err(), "the listener went with the accept loop");
@@ -356,7 +399,7 @@ fn handshake_panic_fails_that_handshake_only() {
         let b = b.clone();
         move || b.accept()
     });
-    inject_panic(ThreadKind::Handshake);
+    let _armed = arm_panic(ThreadKind::Handshake);
     let (a2, port) = (a.clone(), b.address().port());
     let refused = within("connect through a handshake that panicked", move || a2.connect("127.0.0.1", "0", port));
     assert!(refused.is_err(), "the peer's handshake went with the thread");

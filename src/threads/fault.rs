@@ -30,6 +30,12 @@ pub fn inject_panic(kind: ThreadKind) {
     ARMED.fetch_or(kind.bit(), Ordering::AcqRel);
 }
 
+/// Withdraws a panic injected for `kind` that has not fired yet, so that a test which ended
+/// before its panic fired leaves no armed fault point to the next test of the process.
+pub fn clear_panic(kind: ThreadKind) {
+    ARMED.fetch_and(!kind.bit(), Ordering::AcqRel);
+}
+
 /// Whether a panic injected for `kind` has not fired yet.
 pub fn panic_pending(kind: ThreadKind) -> bool {
     armed(kind)
@@ -39,6 +45,12 @@ pub fn panic_pending(kind: ThreadKind) -> bool {
 /// engine in the process) fail with EBADF, once. Test support; never needed in use.
 pub fn inject_wait_failure(kind: ThreadKind) {
     WAIT_FAILS.fetch_or(kind.bit(), Ordering::AcqRel);
+}
+
+/// Withdraws a wait failure injected for `kind` that has not fired yet, as `clear_panic` does for
+/// a panic.
+pub fn clear_wait_failure(kind: ThreadKind) {
+    WAIT_FAILS.fetch_and(!kind.bit(), Ordering::AcqRel);
 }
 
 /// Whether a wait failure injected for `kind` has not fired yet.

@@ -14,5 +14,7 @@ mod kind;
 pub(crate) use contain::{panic_text, run_contained, spawn_contained};
 pub(crate) use fault::{armed, point, wait_fails};
 #[doc(hidden)]
-pub use fault::{inject_panic, inject_wait_failure, panic_pending, wait_failure_pending};
+pub use fault::{
+    clear_panic, clear_wait_failure, inject_panic, inject_wait_failure, panic_pending, wait_failure_pending,
+};
 pub use kind::ThreadKind;
