@@ -416,14 +416,20 @@ fn connect_to(core: &Arc<EngineCore>, addr: SocketAddr, remote_gpu: &str) -> Res
     Connection::start(core.clone(), stream, peer, channels, chunking, agreed.link, binding)
 }
 
-/// What the idle progress thread does: polls while device copies are in flight (staged chunks; the
-/// same-host GPU path's copies, counted by the waker), when `spin` allows; naps while a transport
-/// progresses only when polled; parks otherwise.
+/// What the idle progress thread does (`idle_choice`): device copies in flight are staged chunks and
+/// the same-host GPU path's copies; polled work is a transport that progresses only when polled (a
+/// plugin's requests) or a comm that declined a post with nothing in flight, which the waker counts.
 fn idle_wait(routes: &Routes, waker: &Waker, spin: bool) -> IdleWait {
-    let copies = routes.polls_device_copies() || waker.has_polled_work();
-    if copies && spin {
+    let copies = routes.polls_device_copies() || waker.has_device_copies();
+    idle_choice(copies, routes.needs_polling() || waker.has_polled_work(), spin)
+}
+
+/// Polls without pause while device copies are in flight, when `spin` allows (no thread of ours
+/// moves them); naps while anything else needs polling (its threads need the core); parks otherwise.
+fn idle_choice(device_copies: bool, polled: bool, spin: bool) -> IdleWait {
+    if device_copies && spin {
         IdleWait::Poll
-    } else if copies || routes.needs_polling() {
+    } else if device_copies || polled {
         IdleWait::Nap
     } else {
         IdleWait::Park

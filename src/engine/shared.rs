@@ -145,9 +145,12 @@ pub struct Waker {
     /// The progress thread parks with no timer: work that may start a wait on a peer must wake it,
     /// or nothing would watch that wait's stall timeout. SeqCst with the connection locks' order.
     untimed: AtomicBool,
-    /// Work in flight that completes only when polled (device copies of the same-host path): while
-    /// any is, the progress thread naps instead of parking.
+    /// Work in flight that completes only when polled (a comm that declined a post with nothing of
+    /// ours in flight): while any is, the progress thread naps instead of parking.
     polled: AtomicUsize,
+    /// Device copies of the same-host path in flight: they complete only when polled, and no thread
+    /// of ours moves them, so the progress thread may poll them without pause.
+    device_copies: AtomicUsize,
     /// Callers blocked in `wait` on a transfer that ends on its own chunks (a read), by a number
     /// of their own; `waiting` counts them, so a completion with none costs one load.
     waiters: Mutex<Vec<(u64, Thread)>>,
@@ -215,6 +218,19 @@ impl Waker {
 
     pub fn has_polled_work(&self) -> bool {
         self.polled.load(Ordering::Acquire) > 0
+    }
+
+    pub fn device_copies_started(&self) {
+        self.device_copies.fetch_add(1, Ordering::AcqRel);
+        self.wake();
+    }
+
+    pub fn device_copies_done(&self) {
+        self.device_copies.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    pub fn has_device_copies(&self) -> bool {
+        self.device_copies.load(Ordering::Acquire) > 0
     }
 }
 

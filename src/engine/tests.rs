@@ -112,3 +112,16 @@ fn channels_default_to_the_transport_and_peers_take_the_smaller_count() {
     assert_eq!(wait(&out, w), len as u64);
     assert!(dst == src, "write over 3 agreed channels landed wrong");
 }
+
+/// The progress thread polls without pause only for device copies: a plugin's requests or a comm
+/// retrying a declined post get naps (their threads need the core), nothing at all a park.
+#[test]
+fn only_device_copies_keep_the_idle_progress_thread_polling() {
+    use super::idle_choice;
+    use super::progress::IdleWait;
+    assert_eq!(idle_choice(true, false, true), IdleWait::Poll);
+    assert_eq!(idle_choice(true, true, true), IdleWait::Poll);
+    assert_eq!(idle_choice(true, false, false), IdleWait::Nap, "copies with polling off");
+    assert_eq!(idle_choice(false, true, true), IdleWait::Nap, "a retrying comm or a plugin's requests");
+    assert_eq!(idle_choice(false, false, true), IdleWait::Park);
+}

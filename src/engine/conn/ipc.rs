@@ -247,7 +247,7 @@ impl IpcState {
 
     /// Records a batch in flight; the caller counted its regions.
     pub fn push(&mut self, batch: Batch, waker: &Waker) {
-        waker.polled_work(1);
+        waker.device_copies_started();
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.issued += 1;
         self.batches.push(batch);
@@ -309,7 +309,7 @@ impl IpcState {
         for r in &regions {
             r.copy_ended();
         }
-        waker.polled_work_done(1);
+        waker.device_copies_done();
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
         // An event a waiting caller still holds is not recorded again under it: it goes with the
         // caller's reference instead.
@@ -505,7 +505,7 @@ mod tests {
         assert_eq!(st.poll(&waker, Seer::Wait), (true, vec![]));
         assert!(st.event_of(first.id).is_none() && st.event_of(second.id).is_none());
         assert!(first.is_finished() && second.is_finished());
-        assert!(!waker.has_polled_work());
+        assert!(!waker.has_device_copies());
         assert_eq!(st.queues[0].spare_events(), 1, "only the unheld event went back to the queue");
     }
 
