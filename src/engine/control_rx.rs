@@ -290,9 +290,16 @@ mod tests {
         }
         assert!(matches!(drained, Drained::Open));
         assert_eq!(&buf.bytes[buf.start..], b"hello");
+        // Nothing more comes: blocking reads come back empty, having waited (a loaded host may end
+        // one early, as above, so a few may add up to the wait).
         let t = std::time::Instant::now();
-        assert!(matches!(rx.drain(&mut buf, true), Drained::Empty));
-        assert!(t.elapsed() >= WAIT_SLICE / 2, "the second read waited for more");
+        for _ in 0..3 {
+            assert!(matches!(rx.drain(&mut buf, true), Drained::Empty));
+            if t.elapsed() >= WAIT_SLICE / 2 {
+                break;
+            }
+        }
+        assert!(t.elapsed() >= WAIT_SLICE / 2, "blocking reads waited for more");
         drop(peer);
         assert!(matches!(rx.drain(&mut buf, true), Drained::Closed(_)));
         assert!(matches!(rx.drain(&mut buf, false), Drained::Closed(_)));
