@@ -18,6 +18,7 @@ mod rounds;
 mod same_host;
 mod scale;
 mod server;
+mod stdout;
 mod transport_ping;
 
 use std::io::{BufRead, BufReader};
@@ -25,36 +26,12 @@ use std::net::IpAddr;
 use std::process::{Command, Stdio};
 
 use args::{Args, Role};
+use stdout::{say, sayln};
 
 fn fail(msg: &str) -> ! {
     eprintln!("uccl-tcpx-bench: {msg}");
     std::process::exit(1)
 }
-
-/// Set once stdout's reader went away (`| head`): the run goes on to its end, printing nothing more.
-static STDOUT_GONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Writes the report's text to stdout. `println!` would panic once the reader closed the pipe; the
-/// run instead finishes (its server child and connections close as usual) without printing more.
-pub(crate) fn say(text: std::fmt::Arguments<'_>) {
-    use std::io::Write;
-    use std::sync::atomic::Ordering;
-    if STDOUT_GONE.load(Ordering::Relaxed) {
-        return;
-    }
-    let mut out = std::io::stdout().lock();
-    match out.write_fmt(text).and_then(|()| out.flush()) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => STDOUT_GONE.store(true, Ordering::Relaxed),
-        Err(e) => fail(&format!("cannot write to stdout: {e}")),
-    }
-}
-
-/// `println!` through [`say`].
-macro_rules! sayln {
-    ($($arg:tt)*) => { $crate::say(format_args!("{}\n", format_args!($($arg)*))) };
-}
-pub(crate) use sayln;
 
 fn main() {
     // Usage errors print as clap's and exit with 2; failures of the run itself exit with 1.

@@ -18,6 +18,7 @@ use crate::args::Args;
 use crate::ctl::{self, Ctl, field};
 use crate::probe::{self, Probe, Reading, Stats};
 use crate::report::human;
+use crate::stdout::sayln;
 
 type Io<T> = std::io::Result<T>;
 
@@ -58,7 +59,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16) -> Io<()> {
     let mr = engine.register(src.as_ptr() as usize, size).map_err(other)?;
     let op = OneSided { mr, addr: src.as_ptr() as usize, len: size, remote: fifo };
     let idle = Duration::from_secs_f64(args.idle_secs);
-    crate::sayln!(
+    sayln!(
         "# uccl-tcpx-bench --scale: one engine per process (c: the connecting client, s: the accepting server), \
          {} channels x {} sockets per comm, {} helper threads per direction and engine; idle CPU over {idle:?}; \
          busy: every connection writes {} at once, repeated for at least 1 s",
@@ -67,7 +68,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16) -> Io<()> {
         config.socket.helpers_per_direction(),
         human(size)
     );
-    crate::sayln!(
+    sayln!(
         "{:>6} {:>11} {:>8} {:>11} {:>13} {:>13} {:>13} {:>13} {:>15} {:>9} {:>13}",
         "conns",
         "connect ms",
@@ -86,7 +87,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16) -> Io<()> {
     let mut result = Ok(());
     for &n in &args.scale {
         match step(&mut ctl, &probe, &engine, &host, engine_port, &mut conns, n, &op, idle) {
-            Ok(row) => crate::sayln!("{}", row.line()),
+            Ok(row) => sayln!("{}", row.line()),
             Err(e) => {
                 result = Err(other(format!("at {n} connections: {e}")));
                 break;
@@ -94,7 +95,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16) -> Io<()> {
         }
     }
     if let Err(e) = &result {
-        crate::sayln!("# stopped {e}");
+        sayln!("# stopped {e}");
     }
     drop(conns);
     engine.shutdown();
@@ -148,7 +149,7 @@ fn step(
         [("client", &c0), ("server", &s0), ("client", &c1), ("server", &s1), ("client", &c2), ("server", &s2)]
     {
         if let Err(why) = reading {
-            crate::sayln!("# {end}'s figures at {n} connections: {why}");
+            sayln!("# {end}'s figures at {n} connections: {why}");
         }
     }
     Ok(Row { conns: n, connect, added, idle, client: (c0, c1), server: (s0, s1), busy_gbs, busy_cpu })
