@@ -545,7 +545,9 @@ fn callers_waiting_on_channel_transfers_finish_them() {
 }
 
 /// Under UCCL_TCPX_TRACE_FLOW each process writes, at exit, a timeline of every write and read over
-/// the channels seen from each end, and the diag script joins the two ends of each transfer.
+/// the channels seen from each end, and the diag script joins the two ends of each transfer. Both
+/// ends initiate both kinds on the one connection, so each end's flow numbers repeat the other's:
+/// only the initiating end in the key keeps the pairs apart.
 #[test]
 fn the_flow_trace_times_both_ends_of_every_channel_transfer() {
     let dir = std::env::temp_dir().join(format!("uccl-flow-trace-{}", std::process::id()));
@@ -574,7 +576,7 @@ fn the_flow_trace_times_both_ends_of_every_channel_transfer() {
     let mut joined = std::collections::HashMap::new();
     for r in &rows {
         assert_ne!(r[col("seq")], "-", "every kept record has its flow number: {r:?}");
-        let key = (r[col("nonce")], r[col("op")], r[col("seq")]);
+        let key = (r[col("nonce")], r[col("op")], r[col("from")], r[col("seq")]);
         let slot = joined.entry(key).or_insert((None, None));
         match r[col("end")] {
             "initiator" => slot.0 = Some(r.clone()),
@@ -582,11 +584,19 @@ fn the_flow_trace_times_both_ends_of_every_channel_transfer() {
             other => panic!("end {other}"),
         }
     }
-    let mut pairs = [0, 0];
-    for ((_, op, _), ends) in &joined {
+    assert_eq!(rows.len(), 2 * joined.len(), "no two records of one end share a key:\n{text}");
+    let shared = |op: &str| {
+        let seqs = |from: &str| -> std::collections::HashSet<&str> {
+            joined.keys().filter(|k| k.1 == op && k.2 == from).map(|k| k.3).collect()
+        };
+        seqs("connector").intersection(&seqs("acceptor")).count()
+    };
+    assert!(shared("write") > 0 && shared("read") > 0, "both ends' transfers share flow numbers, as meant:\n{text}");
+    let mut pairs = std::collections::HashMap::new();
+    for ((_, op, from, _), ends) in &joined {
         let (Some(i), Some(t)) = ends else { panic!("{op} without both ends: {ends:?}") };
         let write = *op == "write";
-        pairs[usize::from(write)] += 1;
+        *pairs.entry((*op, *from)).or_insert(0) += 1;
         let ordered = |row: &[&str], steps: &[&str]| {
             let times: Vec<u64> = steps.iter().map(|s| at(row, s)).collect();
             assert!(times.iter().all(|&t| t > 0), "{op}: a step of {steps:?} is missing: {row:?}");
@@ -607,21 +617,22 @@ fn the_flow_trace_times_both_ends_of_every_channel_transfer() {
         // reply after the request was read.
         assert!(at(i, "post") <= at(t, "request_read") && at(t, "request_read") <= at(i, "reply_read"), "{i:?} {t:?}");
     }
-    assert_eq!(pairs, [ROUNDS, ROUNDS], "reads and writes joined");
+    for op in ["write", "read"] {
+        for from in ["connector", "acceptor"] {
+            assert_eq!(pairs.get(&(op, from)), Some(&ROUNDS), "{op}s from the {from} joined: {pairs:?}");
+        }
+    }
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/diag/flow_timeline.py");
     let run = std::process::Command::new("python3").arg(script).arg(&prefix).output().expect("python3 runs");
     let report = String::from_utf8_lossy(&run.stdout);
     assert!(run.status.success(), "{report}{}", String::from_utf8_lossy(&run.stderr));
     print!("{report}");
-    for expected in [
-        "write 262144 B: 8 joined (0 unmatched); end-to-end p50",
-        "read 262144 B: 8 joined (0 unmatched); end-to-end p50",
-        "i.post > i.request_sent",
-        "t.request_read",
-        "t.reply_sent",
-        "i.complete",
-    ] {
+    let writes = format!("write 262144 B: {} joined (0 unmatched); end-to-end p50", 2 * ROUNDS);
+    let reads = format!("read 262144 B: {} joined (0 unmatched); end-to-end p50", 2 * ROUNDS);
+    for expected in
+        [writes.as_str(), reads.as_str(), "i.post > i.request_sent", "t.request_read", "t.reply_sent", "i.complete"]
+    {
         assert!(report.contains(expected), "{expected:?} missing:\n{report}");
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -636,26 +647,37 @@ fn traced_flows_process() {
     let prefix = std::env::var("UCCL_TCPX_TRACE_FLOW").unwrap();
     let p = common::pair(Config { trace_flow: Some(prefix), ..config() });
     let len = 256 << 10;
-    let mut local = pattern(len, 3);
-    let mut remote = vec![0u8; len];
-    let lmr = p.a.register(local.as_mut_ptr() as usize, len).unwrap();
-    let rmr = p.b.register(remote.as_mut_ptr() as usize, len).unwrap();
-    let fifo = p.b.prepare_fifo(rmr, remote.as_ptr() as usize, len).unwrap();
-    let item = |n: usize| OneSided { mr: lmr, addr: local.as_ptr() as usize, len: n, remote: fifo };
-    let mut back = vec![0u8; len];
-    let bmr = p.a.register(back.as_mut_ptr() as usize, len).unwrap();
-    let read_back = OneSided { mr: bmr, addr: back.as_mut_ptr() as usize, len, remote: fifo };
-    // Each round ends with a write: a read's last send is reaped by the target's progress thread,
-    // which may still be on its way when the reader completes, but always before that thread
-    // answers the next write, so no record is left open when the engines close.
+    // Each engine writes its source into the other's target and reads that target back.
+    let mut a_src = pattern(len, 3);
+    let mut b_src = pattern(len, 5);
+    let (mut a_dst, mut b_dst) = (vec![0u8; len], vec![0u8; len]);
+    let (mut a_back, mut b_back) = (vec![0u8; len], vec![0u8; len]);
+    let reg = |e: &Engine, buf: &mut Vec<u8>| e.register(buf.as_mut_ptr() as usize, len).unwrap();
+    let (a_src_mr, a_dst_mr, a_back_mr) = (reg(&p.a, &mut a_src), reg(&p.a, &mut a_dst), reg(&p.a, &mut a_back));
+    let (b_src_mr, b_dst_mr, b_back_mr) = (reg(&p.b, &mut b_src), reg(&p.b, &mut b_dst), reg(&p.b, &mut b_back));
+    let to_b = p.b.prepare_fifo(b_dst_mr, b_dst.as_ptr() as usize, len).unwrap();
+    let to_a = p.a.prepare_fifo(a_dst_mr, a_dst.as_ptr() as usize, len).unwrap();
+    let a_write = |n: usize| OneSided { mr: a_src_mr, addr: a_src.as_ptr() as usize, len: n, remote: to_b };
+    let b_write = OneSided { mr: b_src_mr, addr: b_src.as_ptr() as usize, len, remote: to_a };
+    let a_read = OneSided { mr: a_back_mr, addr: a_back.as_mut_ptr() as usize, len, remote: to_b };
+    let b_read = OneSided { mr: b_back_mr, addr: b_back.as_mut_ptr() as usize, len, remote: to_a };
+    // Each end's reads are followed by a write to it: a read's last send is reaped by the target's
+    // progress thread, which may still be on its way when the reader completes, but always before
+    // that thread answers the next write, so no record is left open when the engines close.
     for _ in 0..ROUNDS {
-        let r = p.ab.read(std::slice::from_ref(&read_back)).unwrap();
+        let r = p.ab.read(std::slice::from_ref(&a_read)).unwrap();
         assert_eq!(p.ab.wait(r).unwrap(), len as u64);
-        let w = p.ab.write(&[item(len)]).unwrap();
+        let r = p.ba.read(std::slice::from_ref(&b_read)).unwrap();
+        assert_eq!(p.ba.wait(r).unwrap(), len as u64);
+        let w = p.ab.write(&[a_write(len)]).unwrap();
         assert_eq!(wait(&p.ab, w).unwrap(), len as u64);
+        let w = p.ba.write(std::slice::from_ref(&b_write)).unwrap();
+        assert_eq!(wait(&p.ba, w).unwrap(), len as u64);
     }
-    let small = p.ab.write(&[item(4096)]).unwrap();
+    let small = p.ab.write(&[a_write(4096)]).unwrap();
     assert_eq!(p.ab.wait(small).unwrap(), 4096);
-    assert_eq!(remote, pattern(len, 3));
-    assert_eq!(back, pattern(len, 3), "the last read brought the written bytes back");
+    assert_eq!(b_dst, pattern(len, 3));
+    assert_eq!(a_dst, pattern(len, 5));
+    assert_eq!(a_back, pattern(len, 3), "the last read brought the written bytes back");
+    assert_eq!(b_back, pattern(len, 5), "the last read brought the written bytes back");
 }

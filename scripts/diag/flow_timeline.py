@@ -37,16 +37,18 @@ def main():
     rows, header = load(prefix)
     if not rows:
         sys.exit(f'no records in {prefix}.*.tsv')
-    steps = header[5:]
+    steps = header[header.index('bytes') + 1:]
     ends = {}
     for r in rows:
         if r['seq'] == '-':
             continue
-        key = (r['nonce'], r['op'], r['seq'])
+        # Each end numbers its own flows from 0: a write each way on one connection shares a
+        # seq, and only which end initiated (connector or acceptor) tells them apart.
+        key = (r['nonce'], r['op'], r['from'], r['seq'])
         ends.setdefault(key, {})[r['end']] = r
     groups = collections.defaultdict(list)
     unjoined = collections.Counter()
-    for (nonce, op, seq), pair in ends.items():
+    for (nonce, op, _, seq), pair in ends.items():
         if 'initiator' not in pair or 'target' not in pair:
             unjoined[op] += 1
             continue

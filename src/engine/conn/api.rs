@@ -191,7 +191,7 @@ impl Connection {
                 });
             if let Err(e) = posted {
                 if first_part == 0 {
-                    self.core.transfers.discard(transfer.id);
+                    self.discard(transfer.id);
                     return Err(e);
                 }
                 // Requests that were registered are failed with the connection; the ones never
@@ -260,10 +260,18 @@ impl Connection {
             self.send_posted(&msgs)
         });
         if let Err(e) = sent {
-            self.core.transfers.discard(transfer.id);
+            self.discard(transfer.id);
             return Err(e);
         }
         Ok(transfer.id)
+    }
+
+    /// Forgets `transfer`, whose post failed before anything of it reached the wire.
+    fn discard(&self, transfer: u64) {
+        self.core.transfers.discard(transfer);
+        if let Some(tracer) = &self.flow_tracer {
+            tracer.discarded(transfer);
+        }
     }
 
     /// Sends the messages `register_parts` returned; failing to queue them fails the connection.

@@ -6,15 +6,20 @@
 //! transport, the last chunk seen complete, the reply read (Done for a write, the Data marker for a
 //! read) and the transfer seen complete by its caller; the target the request read, the chunks
 //! queued, the first posted, the last complete and its reply written. A record is keyed by the
-//! handshake nonce (both ends of a connection know it), the kind and the flow's number in its
-//! direction (both ends number flows alike), so the two ends' files join. The process keeps the
-//! last `KEPT` records and writes them at exit to `<prefix>.<pid>.tsv`, printing one line to stderr;
-//! `scripts/diag/flow_timeline.py` joins the files and says which leg is large.
+//! handshake nonce (both ends of a connection know it), the kind, which end of the connection
+//! initiated (its connector or its acceptor: each end numbers its own flows from 0, so a write each
+//! way can share a number) and the flow's number in its direction (both ends number a direction's
+//! flows alike), so the two ends' files join. Records that never end (a refused request, a failed
+//! connection) and post marks of calls that never complete make way for newer ones, oldest first.
+//! The process keeps the last `KEPT` records and writes them at exit to `<prefix>.<pid>.tsv`,
+//! printing one line to stderr; `scripts/diag/flow_timeline.py` joins the files and says which leg
+//! is large.
 //!
 //! Off, connections hold no tracer and each step pays one branch.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
+use std::hash::Hash;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -67,6 +72,8 @@ struct Record {
     nonce: u64,
     write: bool,
     initiator: bool,
+    /// Whether the initiating end is the connection's connector (else its acceptor).
+    from_connector: bool,
     /// The flow's number in its direction, once its chunks were queued.
     seq: Option<u64>,
     bytes: u64,
@@ -110,11 +117,64 @@ pub(super) enum Seen {
     Data(u64),
 }
 
-#[derive(Default)]
+/// A map that holds at most `bound` entries, letting the oldest inserted go to make room.
+struct Bounded<K, V> {
+    bound: usize,
+    entries: HashMap<K, (u64, V)>,
+    /// Keys by when they were inserted.
+    order: BTreeMap<u64, K>,
+    next: u64,
+}
+
+impl<K: Copy + Eq + Hash, V> Bounded<K, V> {
+    fn new(bound: usize) -> Self {
+        Bounded { bound, entries: HashMap::new(), order: BTreeMap::new(), next: 0 }
+    }
+
+    /// Inserts (or replaces) `key`'s entry; returns the entries let go to make room.
+    fn insert(&mut self, key: K, value: V) -> Vec<(K, V)> {
+        self.remove(&key);
+        let mut evicted = Vec::new();
+        while self.entries.len() >= self.bound {
+            let Some((_, old)) = self.order.pop_first() else { break };
+            if let Some((_, v)) = self.entries.remove(&old) {
+                evicted.push((old, v));
+            }
+        }
+        self.order.insert(self.next, key);
+        self.entries.insert(key, (self.next, value));
+        self.next += 1;
+        evicted
+    }
+
+    fn remove(&mut self, key: &K) -> Option<V> {
+        let (at, v) = self.entries.remove(key)?;
+        self.order.remove(&at);
+        Some(v)
+    }
+
+    fn get(&self, key: &K) -> Option<&V> {
+        self.entries.get(key).map(|(_, v)| v)
+    }
+
+    fn get_mut(&mut self, key: &K) -> Option<&mut V> {
+        self.entries.get_mut(key).map(|(_, v)| v)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.entries.iter().map(|(k, (_, v))| (k, v))
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
 struct Book {
     /// When each traced call was entered, by transfer id.
-    posts: HashMap<u64, u64>,
-    open: HashMap<Key, Record>,
+    posts: Bounded<u64, u64>,
+    open: Bounded<Key, Record>,
     flows: HashMap<u64, Key>,
     /// Receiving flows queued since the last pass, whose first receives that pass posts.
     unposted: Vec<Key>,
@@ -123,6 +183,8 @@ struct Book {
 /// One connection's marks (`Connection::flow_tracer`).
 pub(super) struct FlowTracer {
     nonce: u64,
+    /// Whether this end dialed the connection (else it accepted it).
+    connector: bool,
     book: Mutex<Book>,
 }
 
@@ -130,20 +192,33 @@ static PREFIX: OnceLock<String> = OnceLock::new();
 static FINISHED: Mutex<VecDeque<Record>> = Mutex::new(VecDeque::new());
 
 impl FlowTracer {
-    /// `nonce`: the connection's handshake nonce, which its peer knows too.
-    pub(super) fn new(prefix: &str, nonce: u64) -> FlowTracer {
+    /// `nonce`: the connection's handshake nonce, which its peer knows too; `connector`: whether
+    /// this end dialed it.
+    pub(super) fn new(prefix: &str, nonce: u64, connector: bool) -> FlowTracer {
         PREFIX.get_or_init(|| prefix.to_owned());
         report_at_exit(report);
-        FlowTracer { nonce, book: Mutex::new(Book::default()) }
+        FlowTracer::unreported(nonce, connector)
+    }
+
+    fn unreported(nonce: u64, connector: bool) -> FlowTracer {
+        FlowTracer { nonce, connector, book: Mutex::new(Book::new()) }
     }
 
     /// A caller entered a post of `transfer` at `at`.
     pub(super) fn posted(&self, transfer: u64, at: u64) {
+        self.book.lock().posts.insert(transfer, at);
+    }
+
+    /// The post of `transfer` failed before anything of it reached the wire and its id was
+    /// forgotten: no caller will see it complete.
+    pub(super) fn discarded(&self, transfer: u64) {
         let mut book = self.book.lock();
-        if book.posts.len() >= OPEN {
-            book.posts.clear();
+        book.posts.remove(&transfer);
+        let keys: Vec<Key> =
+            book.open.iter().filter(|(_, r)| r.initiator && r.transfer == transfer).map(|(k, _)| *k).collect();
+        for key in keys {
+            book.drop_open(key);
         }
-        book.posts.insert(transfer, at);
     }
 
     /// The actions of a post of `transfer`: its requests, then its writes' flows in the same order.
@@ -304,6 +379,8 @@ impl FlowTracer {
             nonce: self.nonce,
             write,
             initiator,
+            // The initiator is this end, or the target's peer.
+            from_connector: initiator == self.connector,
             seq: None,
             bytes: 0,
             transfer: 0,
@@ -316,14 +393,33 @@ impl FlowTracer {
 }
 
 impl Book {
+    fn new() -> Book {
+        Book { posts: Bounded::new(OPEN), open: Bounded::new(OPEN), flows: HashMap::new(), unposted: Vec::new() }
+    }
+
     fn open(&mut self, key: Key, r: Record) {
-        if self.open.len() >= OPEN {
-            // Records that never ended (a refused request, a failed connection) are let go.
-            self.open.clear();
-            self.flows.clear();
-            self.unposted.clear();
+        // Records that never ended (a refused request, a failed connection) are let go, oldest
+        // first, so that the ones in flight keep their marks.
+        self.drop_open(key);
+        for (old, r) in self.open.insert(key, r) {
+            self.forget(old, &r);
         }
-        self.open.insert(key, r);
+    }
+
+    fn drop_open(&mut self, key: Key) {
+        if let Some(r) = self.open.remove(&key) {
+            self.forget(key, &r);
+        }
+    }
+
+    /// Lets go of what points at `r`, which left `open` without ending.
+    fn forget(&mut self, key: Key, r: &Record) {
+        if let Some((flow, _)) = r.flow
+            && self.flows.get(&flow) == Some(&key)
+        {
+            self.flows.remove(&flow);
+        }
+        self.unposted.retain(|k| *k != key);
     }
 
     fn bind(&mut self, key: Key, plan: &FlowPlan, chunking: Chunking) {
@@ -360,16 +456,17 @@ impl Book {
 
 /// The file's header and one line per record.
 fn table(records: &VecDeque<Record>) -> String {
-    let mut s = String::from("nonce\top\tend\tseq\tbytes");
+    let mut s = String::from("nonce\top\tfrom\tend\tseq\tbytes");
     for step in STEPS {
         let _ = write!(s, "\t{step}");
     }
     s.push('\n');
     for r in records {
         let op = if r.write { "write" } else { "read" };
+        let from = if r.from_connector { "connector" } else { "acceptor" };
         let end = if r.initiator { "initiator" } else { "target" };
         let seq = r.seq.map_or_else(|| "-".to_owned(), |s| s.to_string());
-        let _ = write!(s, "{:016x}\t{op}\t{end}\t{seq}\t{}", r.nonce, r.bytes);
+        let _ = write!(s, "{:016x}\t{op}\t{from}\t{end}\t{seq}\t{}", r.nonce, r.bytes);
         for m in r.marks {
             let _ = write!(s, "\t{m}");
         }
@@ -412,7 +509,7 @@ mod tests {
 
     #[test]
     fn a_record_ends_at_its_last_step() {
-        let t = FlowTracer { nonce: 7, book: Mutex::new(Book::default()) };
+        let t = FlowTracer::unreported(7, true);
         let mut r = t.record(false, false);
         r.mark(Step::ReplySent, 5);
         r.chunks = 2;
@@ -429,7 +526,73 @@ mod tests {
         assert_eq!(w.marks[Step::Complete as usize], 4, "a step keeps its first mark");
         let lines = table(&VecDeque::from([w]));
         let row = lines.lines().nth(1).unwrap();
-        assert!(row.starts_with("0000000000000007\twrite\tinitiator\t-\t0\t0\t"), "{row}");
+        assert!(row.starts_with("0000000000000007\twrite\tconnector\tinitiator\t-\t0\t0\t"), "{row}");
         assert_eq!(lines.lines().next().unwrap().split('\t').count(), row.split('\t').count());
+    }
+
+    #[test]
+    fn the_initiating_end_is_named_alike_at_both_ends() {
+        let dialer = FlowTracer::unreported(7, true);
+        let acceptor = FlowTracer::unreported(7, false);
+        assert!(dialer.record(true, true).from_connector, "the connector's own write");
+        assert!(acceptor.record(false, true).from_connector, "the connector's write, served");
+        assert!(!acceptor.record(true, false).from_connector, "the acceptor's own read");
+        assert!(!dialer.record(false, false).from_connector, "the acceptor's read, served");
+    }
+
+    #[test]
+    fn past_the_bound_the_oldest_go_and_a_transfer_in_flight_keeps_its_marks() {
+        let t = FlowTracer::unreported(7, false);
+        // A transfer in flight: its post, its request out; older records and posts that never
+        // end (refused, failed) come before it.
+        let stale = OPEN - 1;
+        for i in 0..stale as u64 {
+            t.posted(1_000_000 + i, 1);
+            t.book.lock().open(Key::Ours(1_000_000 + i), t.record(true, true));
+        }
+        t.posted(5, 10);
+        let mut r = t.record(true, true);
+        r.transfer = 5;
+        r.mark(Step::Post, 10);
+        t.book.lock().open(Key::Ours(5), r);
+        let extra = 100u64;
+        for i in 0..extra {
+            t.posted(2_000_000 + i, 1);
+            t.book.lock().open(Key::Peers(2_000_000 + i), t.record(false, true));
+        }
+        {
+            let book = t.book.lock();
+            assert_eq!((book.posts.len(), book.open.len()), (OPEN, OPEN), "each map stays at its bound");
+            for i in 0..extra {
+                assert!(book.posts.get(&(2_000_000 + i)).is_some(), "newest post {i} kept");
+                assert!(book.open.get(&Key::Peers(2_000_000 + i)).is_some(), "newest record {i} kept");
+            }
+            for i in 0..extra {
+                assert!(book.posts.get(&(1_000_000 + i)).is_none(), "oldest post {i} let go");
+                assert!(book.open.get(&Key::Ours(1_000_000 + i)).is_none(), "oldest record {i} let go");
+            }
+            assert_eq!(book.posts.get(&5), Some(&10), "the transfer in flight keeps its post");
+            let r = book.open.get(&Key::Ours(5)).expect("the record in flight is kept");
+            assert_eq!(r.marks[Step::Post as usize], 10, "and keeps its marks");
+        }
+        // Its caller sees it complete: the kept post lets the record end.
+        t.completed(5);
+        let book = t.book.lock();
+        assert!(book.open.get(&Key::Ours(5)).is_none(), "the record ended");
+        assert!(book.posts.get(&5).is_none());
+    }
+
+    #[test]
+    fn a_discarded_post_leaves_nothing_behind() {
+        let t = FlowTracer::unreported(7, true);
+        t.posted(3, 1);
+        let mut r = t.record(true, false);
+        r.transfer = 3;
+        t.book.lock().open(Key::Ours(30), r);
+        t.posted(4, 2);
+        t.discarded(3);
+        let book = t.book.lock();
+        assert!(book.posts.get(&3).is_none() && book.open.get(&Key::Ours(30)).is_none());
+        assert_eq!(book.posts.get(&4), Some(&2), "another call's post is untouched");
     }
 }

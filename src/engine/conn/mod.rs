@@ -157,7 +157,8 @@ impl Connection {
             (core.config.trace_device_copy > 0).then(|| Arc::new(CopyTracer::new(core.config.trace_device_copy > 1)));
         let ipc = IpcState::new(copy_tracer.clone());
         let host_tracer = (core.config.trace_host_copy > 0).then(|| HostTracer::new(core.config.trace_host_copy > 1));
-        let flow_tracer = core.config.trace_flow.as_deref().map(|prefix| FlowTracer::new(prefix, link.nonce));
+        let flow_tracer =
+            core.config.trace_flow.as_deref().map(|prefix| FlowTracer::new(prefix, link.nonce, link.connector));
         let device_batches = ipc.in_flight();
         let mut state = ConnState::new(chunking, Instant::now());
         let same_host = link.locality == Locality::SameHost;
