@@ -108,9 +108,9 @@ pub struct Config {
     pub caller_completes: bool,
     /// While device copies are in flight (staged GPU chunks, the same-host GPU path), whose end no
     /// thread is told of, the progress thread polls them without pause, yielding its core between
-    /// passes, instead of napping 25 us between looks: a nap's wake-up came up to 100 us after the
-    /// copy ended on a 32-core VM. Default on when this process may run on 4 or more CPUs, else
-    /// off. `UCCL_TCPX_COPY_POLL_SPIN` (0 or 1).
+    /// passes, instead of napping 25 us between looks: napping, a staging copy was seen done 90-110
+    /// us after it was issued on a 32-core VM, where one takes about 30. Default on when this
+    /// process may run on 4 or more CPUs, else off. `UCCL_TCPX_COPY_POLL_SPIN` (0 or 1).
     pub copy_poll_spin: bool,
     /// Threads an engine reads and writes its connections' control streams with (its control
     /// reactor), started as connections arrive and ended with the last one; 0 = one per core, at
