@@ -88,6 +88,13 @@ fn destroy(engine: Arc<Engine>) {
     within("destroying the engine", move || drop(Arc::into_inner(engine).expect("the test holds the last reference")));
 }
 
+/// Closes the pair's connections, then destroys both engines (each within the bound).
+fn close(p: Pair) {
+    drop((p.ab, p.ba));
+    destroy(p.a);
+    destroy(p.b);
+}
+
 /// The transfer's outcome, which must come within the bound.
 fn outcome(conn: &Connection, id: u64) -> uccl_tcpx::Result<u64> {
     common::wait_done(conn, id, BOUND)
@@ -161,9 +168,7 @@ fn panic_during_transfer(kind: ThreadKind, failing_is_receiver: bool) {
     let theirs = theirs.expect_err("the peer's end of a failed connection fails too");
     assert_ne!(theirs.status(), UcclStatus::ErrTimeout, "{theirs}");
     new_connection_works(&p.a, &p.b);
-    drop((p.ab, p.ba));
-    destroy(p.a);
-    destroy(p.b);
+    close(p);
 }
 
 #[test]
@@ -211,9 +216,7 @@ fn a_fault_withdrawn_before_it_fired_hits_no_later_thread() {
     assert!(!wait_failure_pending(ThreadKind::SocketReceiver), "the wait failure was withdrawn");
     moves_data(&p.ab, &p.a, &p.ba, &p.b);
     moves_data(&p.ba, &p.b, &p.ab, &p.a);
-    drop((p.ab, p.ba));
-    destroy(p.a);
-    destroy(p.b);
+    close(p);
 }
 
 /// The socket acceptor moves no data: a panic there costs at most the sockets it was adding (their
@@ -230,9 +233,7 @@ fn socket_acceptor_panic_costs_only_the_sockets_it_was_adding() {
     moves_data(&p.ba, &p.b, &p.ab, &p.a);
     assert!(!panic_pending(ThreadKind::SocketAcceptor), "the injected panic fired");
     new_connection_works(&p.a, &p.b);
-    drop((p.ab, p.ba));
-    destroy(p.a);
-    destroy(p.b);
+    close(p);
 }
 
 /// The progress thread serves every connection of its engine: all of them fail, and every later
@@ -337,9 +338,7 @@ fn a_vector_call_whose_connection_fails_while_it_posts_ends_with_the_error() {
     let ab = p.ab.clone();
     let result = within("vector write", move || ab.write(&items).and_then(|id| outcome(&ab, id)));
     assert_internal(result, ThreadKind::ControlReactor);
-    drop((p.ab, p.ba));
-    destroy(p.a);
-    destroy(p.b);
+    close(p);
 }
 
 /// A notification from a to b: the reader kind panics in b as it reads it, the writer kind in a as
@@ -360,9 +359,7 @@ fn control_thread_panic(kind: ThreadKind) {
     assert_internal(ours, kind);
     assert!(theirs.is_err(), "the peer's end fails as the connection goes");
     new_connection_works(&p.a, &p.b);
-    drop((p.ab, p.ba));
-    destroy(p.a);
-    destroy(p.b);
+    close(p);
 }
 
 /// The accept loop's death closes the listener: a blocked accept and every later one fail with
@@ -383,9 +380,7 @@ fn accept_loop_panic_fails_accept_and_spares_established_connections() {
     let b = p.b.clone();
     assert_internal(within("a later accept", move || b.accept()), ThreadKind::Accept);
     moves_data(&p.ab, &p.a, &p.ba, &p.b);
-    drop((p.ab, p.ba));
-    destroy(p.a);
-    destroy(p.b);
+    close(p);
 }
 
 /// A handshake serves one incoming peer: that peer's connect fails, one accept reports the

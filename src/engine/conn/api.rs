@@ -279,11 +279,7 @@ impl Connection {
         if msgs.is_empty() {
             return Ok(());
         }
-        let sent = self.writer.send_all(msgs);
-        if let Some(tracer) = &self.flow_tracer {
-            tracer.sent(msgs);
-        }
-        sent.inspect_err(|e| self.fail(&mut self.inner.lock(), e.clone()))
+        self.send_all(msgs).inspect_err(|e| self.fail(&mut self.inner.lock(), e.clone()))
     }
 
     /// `post`'s part under the lock: the state registers the parts (or refuses before registering

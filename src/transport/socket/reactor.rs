@@ -133,8 +133,10 @@ fn serve<T: Task>(helper: &Helper<T>, spinners: usize) {
         // More queued work, or a spin after the last bit of work (a new post is usually close
         // behind): only collect what is ready. Otherwise sleep until the kernel or a kick says.
         // Past `SHORT_SPIN` a helper polls only with one of the process's turns.
-        let quiet = last_work.elapsed();
-        let spinning = queue.is_empty() && quiet < helper.spin() && (quiet < SHORT_SPIN || turn.take(spinners));
+        let spinning = queue.is_empty() && {
+            let quiet = last_work.elapsed();
+            quiet < helper.spin() && (quiet < SHORT_SPIN || turn.take(spinners))
+        };
         if !spinning {
             turn.release();
         }
