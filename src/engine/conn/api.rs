@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::copy_trace::{self, Seer};
+use super::copy_trace::Seer;
 use super::host_trace::HostTracer;
 use super::reader;
 use super::state::{Action, ConnState, Memory, OneSidedItem, OneSidedRequest, SendItem, VectorRequest};
@@ -20,6 +20,7 @@ use crate::engine::region::{Region, check_range};
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Capability, Control, MAX_INLINE_LEN, RemoteSeg};
+use crate::trace::clock_ns;
 use crate::transport::IoSeg;
 
 /// How long a caller waiting on its chunks parks before it looks again unwoken (a safety net: a
@@ -66,7 +67,7 @@ impl Connection {
     /// one (`post_in_turn`), anything else together.
     fn one_sided(&self, ops: &[OneSided], write: bool) -> Result<u64> {
         let verb = if write { "write" } else { "read" };
-        let posted = (self.copy_tracer.is_some() || self.flow_tracer.is_some()).then(copy_trace::clock_ns);
+        let posted = (self.copy_tracer.is_some() || self.flow_tracer.is_some()).then(clock_ns);
         let runs = self.check_items(ops, verb)?;
         if self.link.locality == Locality::Remote && runs.len() > 1 && runs.iter().all(|r| r.run.vector) {
             return self.post_in_turn(ops, &runs, write, posted);
@@ -176,7 +177,9 @@ impl Connection {
                     None => continue,
                 },
             };
-            let Batch { requests: batch, first_part, post_chunks_here } = turn.take();
+            let taken = turn.take();
+            let post_chunks_here = taken.post_chunks_here();
+            let Batch { requests: batch, first_part } = taken;
             let sent = first_part + batch.len();
             let mut registered = false;
             let posted = self
@@ -248,10 +251,10 @@ impl Connection {
         if parts == 0 {
             return Err(Error::invalid("nothing to transfer: zero items"));
         }
-        let posted = self.host_tracer.as_ref().map(|_| copy_trace::clock_ns());
+        let posted = self.host_tracer.as_ref().map(|_| clock_ns());
         let transfer = self.core.transfers.create(self.id, parts);
         if let Some(tracer) = &self.flow_tracer {
-            tracer.posted(transfer.id, entered.unwrap_or_else(copy_trace::clock_ns));
+            tracer.posted(transfer.id, entered.unwrap_or_else(clock_ns));
         }
         let sent = self.register_parts(&transfer, post).and_then(|msgs| {
             if let (Some(tracer), Some(at)) = (&self.host_tracer, posted) {

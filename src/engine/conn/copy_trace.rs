@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-pub(super) use crate::trace::clock_ns;
+use crate::trace::clock_ns;
 use crate::trace::{Spread, report_at_exit};
 
 /// Who noticed that a batch's event fired.

@@ -22,7 +22,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::copy_trace::{self, Post, Seer};
+use super::copy_trace::{Post, Seer};
 use super::ipc::{ASK_BIT, Answer, Batch, Coverage, GrantKey};
 use super::state::OneSidedRequest;
 use super::{Connection, Inner};
@@ -36,6 +36,7 @@ use crate::engine::region::Region;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, IPC_HANDLE_LEN, RemoteSeg};
+use crate::trace::clock_ns;
 use crate::transport::MemKind;
 
 /// Asks for one request before it is refused: a grant revoked between its answer and the copy
@@ -284,11 +285,11 @@ impl Connection {
                     Coverage::Unavailable => return None,
                     Coverage::Missing => {}
                 }
-                let asked_at = post.map(|_| copy_trace::clock_ns());
+                let asked_at = post.map(|_| clock_ns());
                 let asked = self.ask(key, &segs, &gpu);
                 if let (Some(post), Some(at)) = (post.as_mut(), asked_at) {
                     post.asks += 1;
-                    post.ask_ns += copy_trace::clock_ns().saturating_sub(at);
+                    post.ask_ns += clock_ns().saturating_sub(at);
                 }
                 match asked {
                     Ok(Asked::Granted) => continue,

@@ -8,13 +8,14 @@
 use std::sync::Arc;
 
 use super::host_job::{self, Failure, SharedJob};
-use super::host_trace::{JobMarks, JobTimes, clock_ns};
+use super::host_trace::{JobMarks, JobTimes};
 use super::host_worker::{HostCopy, HostServed};
 use super::state::{CopyJob, HostTask};
 use super::{Connection, Inner};
 use crate::engine::local::{self, PeerProcess};
 use crate::error::Error;
 use crate::threads::{self, ThreadKind};
+use crate::trace::clock_ns;
 
 /// Jobs from this size on are shared with the process's copy helpers (`local::copiers`, up to
 /// `Config::host_copy_threads` threads), in pieces of at least `Config::host_copy_min_piece`: below it one thread copies

@@ -14,12 +14,13 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::host_trace::{JobMarks, clock_ns};
+use super::host_trace::JobMarks;
 use super::host_worker::Gate;
 use crate::engine::local::{PIECE_BYTES, PeerProcess, copiers, pieces};
 use crate::engine::region::Region;
 use crate::error::{Error, UcclStatus};
 use crate::threads::{self, ThreadKind, panic_text};
+use crate::trace::clock_ns;
 use crate::transport::IoSeg;
 
 /// A smallest piece for the tests of the cut (the configured one is `Config::host_copy_min_piece`):

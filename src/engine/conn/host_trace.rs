@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-pub(super) use crate::trace::clock_ns;
+use crate::trace::clock_ns;
 use crate::trace::{Spread, report_at_exit};
 
 /// Which end of a transfer a record comes from.

@@ -25,9 +25,15 @@ pub(super) struct Batch<R> {
     pub requests: Vec<R>,
     /// The call's part the first of them is (parts count from 0 in the call's order).
     pub first_part: usize,
+}
+
+impl<R> Batch<R> {
     /// Whether the caller posts the first chunks of their flows itself, before it lets go of the
-    /// lock; otherwise the progress thread, woken by their queueing, does.
-    pub post_chunks_here: bool,
+    /// lock (the call's first request only); otherwise the progress thread, woken by their
+    /// queueing, does.
+    pub fn post_chunks_here(&self) -> bool {
+        self.first_part == 0
+    }
 }
 
 /// The requests of one call built so far and not yet handed to the connection.
@@ -54,7 +60,7 @@ impl<R> InTurn<R> {
         let requests = std::mem::take(&mut self.waiting);
         let first_part = self.handed;
         self.handed += requests.len();
-        Batch { requests, first_part, post_chunks_here: first_part == 0 }
+        Batch { requests, first_part }
     }
 }
 
@@ -76,8 +82,12 @@ mod tests {
         out
     }
 
+    /// The batch of `requests`, whose chunks the caller posts (`here`) or leaves to the progress
+    /// thread.
     fn batch(requests: std::ops::Range<usize>, here: bool) -> Batch<usize> {
-        Batch { first_part: requests.start, requests: requests.collect(), post_chunks_here: here }
+        let batch = Batch { first_part: requests.start, requests: requests.collect() };
+        assert_eq!(batch.post_chunks_here(), here, "{batch:?}");
+        batch
     }
 
     #[test]

@@ -270,15 +270,9 @@ mod tests {
         job.help();
         drop(offer);
         testkit::wait_until("every piece done", testkit::PATIENCE, || job.done.load(Ordering::Acquire) == n);
-        let mut threads = job.threads.lock().clone();
-        assert_eq!(threads.len(), n, "every piece taken exactly once");
-        threads.sort_unstable_by_key(|t| format!("{t:?}"));
-        threads.dedup();
-        assert!(
-            (2..=4).contains(&threads.len()),
-            "{} threads took pieces: this one and up to 3 helpers",
-            threads.len()
-        );
+        assert_eq!(job.threads.lock().len(), n, "every piece taken exactly once");
+        let distinct = job.distinct();
+        assert!((2..=4).contains(&distinct), "{distinct} threads took pieces: this one and up to 3 helpers");
         assert!(helpers_running() <= 3, "no more helpers than asked for");
 
         // Helpers waiting for a job are handed the next and woken one by another: every one of
@@ -307,11 +301,8 @@ mod tests {
         assert!(POOL.lock().idle.is_empty(), "each waiting helper was handed the job");
         testkit::wait_until("every piece done", 2 * testkit::PATIENCE, || job.done.load(Ordering::Acquire) == 3);
         drop(offer);
-        let mut threads = job.threads.lock().clone();
-        threads.sort_unstable_by_key(|t| format!("{t:?}"));
-        threads.dedup();
-        assert_eq!(threads.len(), 3, "the three helpers took the pieces");
-        assert!(!threads.contains(&me));
+        assert_eq!(job.distinct(), 3, "the three helpers took the pieces");
+        assert!(!job.threads.lock().contains(&me));
         // Nothing is offered any more: the helpers end on their own.
         testkit::wait_until("idle helpers end", testkit::PATIENCE, || helpers_running() == 0);
     }

@@ -101,6 +101,14 @@ impl End {
         Buf { bytes, region: self.mem.regions.get(id).unwrap(), cap: item.capability().unwrap() }
     }
 
+    /// A buffer of this end whose capability names `target`'s region with a wrong token: what a
+    /// peer forging access to memory it was not given would send.
+    fn forged(&self, target: &Buf) -> Buf {
+        let mut forged = self.buffer(16, |_| 0);
+        forged.cap = Capability { region: target.cap.region, token: target.cap.token ^ 1 };
+        forged
+    }
+
     fn take(&mut self, out: Vec<Action>) {
         for action in out {
             match action {
@@ -636,8 +644,7 @@ fn refused_requests_of_every_kind_are_denied_not_allowed() {
     let (mut a, mut b) = (End::new(), End::new());
     let local = a.buffer(4 * CHUNK, pattern(6));
     let target = b.buffer(4 * CHUNK, |_| 0);
-    let mut forged = b.buffer(16, |_| 0);
-    forged.cap = Capability { region: target.cap.region, token: target.cap.token ^ 1 };
+    let forged = b.forged(&target);
     for write in [true, false] {
         for len in [100, 4 * CHUNK] {
             let t = a.one_sided(write, &[(&local, 0, &forged, 0, len)]);
@@ -1414,8 +1421,7 @@ fn a_peer_whose_refused_writes_pass_their_bound_is_cut_off() {
     let (mut b, mut a) = (End::new(), End::new());
     let target = b.buffer(4096, |_| 0);
     let src = a.buffer(2 * CHUNK, pattern(52));
-    let mut forged = b.buffer(16, |_| 0);
-    forged.cap = Capability { region: target.cap.region, token: target.cap.token ^ 1 };
+    let forged = b.forged(&target);
     let t = a.one_sided(true, &[(&src, 0, &forged, 0, 2 * CHUNK)]);
     deliver(&mut a, &mut b).unwrap();
     assert_eq!(b.st.refused_chunks, 2);

@@ -163,8 +163,7 @@ fn the_target_refuses_what_it_did_not_advertise_and_copies_nothing() {
     let (mut a, mut b) = host_pair(true, true);
     let local = a.buffer(4 * CHUNK, pattern(44));
     let target = b.buffer(4 * CHUNK, |_| 0);
-    let mut forged = b.buffer(16, |_| 0);
-    forged.cap = Capability { region: target.cap.region, token: target.cap.token ^ 1 };
+    let forged = b.forged(&target);
     let window = b.buffer(8 * CHUNK, |_| 0);
     for write in [true, false] {
         let t = a.one_sided(write, &[(&local, 0, &forged, 0, 4 * CHUNK)]);
@@ -238,8 +237,7 @@ fn a_refused_direct_read_is_answered_once() {
     let (mut a, mut b) = host_pair(true, true);
     let local = a.buffer(4 * CHUNK, pattern(45));
     let target = b.buffer(4 * CHUNK, |_| 0);
-    let mut forged = b.buffer(16, |_| 0);
-    forged.cap = Capability { region: target.cap.region, token: target.cap.token ^ 1 };
+    let forged = b.forged(&target);
     let small = b.buffer(16, pattern(46));
     let t = a.one_sided(false, &[(&local, 0, &forged, 0, 4 * CHUNK), (&local, 0, &small, 0, 16)]);
     assert!(matches!(a.outbox.front(), Some(Control::DirectRead { .. })), "{:?}", a.outbox);
