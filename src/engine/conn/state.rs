@@ -236,6 +236,11 @@ struct Inbound {
 }
 
 impl Inbound {
+    /// A destination that ends on its own data: no inline bytes held, no answer awaited.
+    fn new(extent: Extent, region: Arc<Region>, on_done: OnDone) -> Inbound {
+        Inbound { extent, region, on_done, inline: 0, error: None, awaits_answer: false }
+    }
+
     /// The peer answered this read on the control stream: counted once, whichever message it was.
     fn answer_once(&mut self) {
         if std::mem::take(&mut self.awaits_answer)
@@ -485,7 +490,8 @@ impl ConnState {
             Control::InlineWrite { xfer: id, region: remote_region, token, addr, payload }
         } else if inline {
             let on_done = OnDone::Part(transfer.clone());
-            self.inbound.insert(id, Inbound { extent, region, on_done, inline: len, error: None, awaits_answer: true });
+            self.inbound
+                .insert(id, Inbound { inline: len, awaits_answer: true, ..Inbound::new(extent, region, on_done) });
             Control::ReadSmall { xfer: id, region: remote_region, token, addr, len }
         } else if write {
             let request = Control::WriteRequest { xfer: id, region: remote_region, token, addr, len };
@@ -559,7 +565,7 @@ impl ConnState {
     ) -> Control {
         let on_done = OnDone::Part(transfer.clone());
         let awaits_answer = direct.is_some();
-        self.inbound.insert(id, Inbound { extent, region, on_done, inline: 0, error: None, awaits_answer });
+        self.inbound.insert(id, Inbound { awaits_answer, ..Inbound::new(extent, region, on_done) });
         direct.unwrap_or(request)
     }
 
@@ -1003,8 +1009,7 @@ impl ConnState {
             let flow = self.take_id();
             let (extent, region) = (Extent::Contiguous { addr: recv.addr, len }, recv.region);
             let on_done = OnDone::PartAndAck(recv.transfer, peer_op);
-            self.inbound
-                .insert(flow, Inbound { extent, region, on_done, inline: 0, error: None, awaits_answer: false });
+            self.inbound.insert(flow, Inbound::new(extent, region, on_done));
             answers.push(Control::Grant { xfer: peer_op, flow });
         }
         out.extend(answers.into_iter().map(Action::Send));
@@ -1104,7 +1109,7 @@ impl ConnState {
     fn grant(&mut self, xfer: u64, extent: Extent, region: Arc<Region>, out: &mut Vec<Action>) {
         let flow = self.take_id();
         let on_done = OnDone::Ack(xfer);
-        self.inbound.insert(flow, Inbound { extent, region, on_done, inline: 0, error: None, awaits_answer: false });
+        self.inbound.insert(flow, Inbound::new(extent, region, on_done));
         out.push(Action::Send(Control::Grant { xfer, flow }));
     }
 
