@@ -607,11 +607,14 @@ fn the_flow_trace_times_both_ends_of_every_channel_transfer() {
             ordered(i, &["post", "queued", "first_posted", "last_chunk", "complete"]);
             ordered(i, &["reply_read", "complete"]);
             ordered(t, &["request_read", "queued", "first_posted", "last_chunk", "reply_sent"]);
+            // The posting thread hands the chunks to the channels before it writes the request.
+            ordered(i, &["queued", "first_posted", "request_sent"]);
         } else {
             ordered(i, &["post", "request_sent", "complete"]);
             ordered(i, &["reply_read", "queued", "first_posted", "last_chunk", "complete"]);
             ordered(t, &["request_read", "queued", "first_posted", "last_chunk"]);
-            ordered(t, &["queued", "reply_sent"]);
+            // The target hands its chunks over before it writes the Data that announces them.
+            ordered(t, &["queued", "first_posted", "reply_sent"]);
         }
         // Across the ends, on the one clock: the request is read after it was posted, the
         // reply after the request was read.

@@ -13,7 +13,7 @@ use super::state::{Action, ConnState, Memory, OneSidedItem, OneSidedRequest, Sen
 use super::turn::{Batch, InTurn, Take};
 use super::vector::{Grouper, Push, Run, RunKey};
 
-use super::{Connection, Inner, OneSided};
+use super::{Connection, Held, Inner, OneSided};
 use crate::engine::local::Locality;
 use crate::engine::plan::Extent;
 use crate::engine::region::{Region, check_range};
@@ -314,12 +314,22 @@ impl Connection {
             tracer.requests(transfer.id, &out, inner.state.chunking());
         }
         if out.iter().any(|a| matches!(a, Action::Queue(_))) {
-            if let Err(e) = self.apply(inner, out) {
+            // The chunks go to the channels before the requests that announce them are written.
+            let mut held = Held::default();
+            if let Err(e) = self.apply_held(inner, out, &mut held) {
                 self.fail(inner, e.clone());
                 return Err(e);
             }
             if post_chunks {
                 self.pass_if_queued(inner);
+            }
+            if inner.state.failure().is_some() {
+                // The pass failed the connection, and with it the parts registered here.
+                return Ok(Vec::new());
+            }
+            if let Err(e) = self.release(inner, held) {
+                self.fail(inner, e.clone());
+                return Err(e);
             }
             return Ok(Vec::new());
         }

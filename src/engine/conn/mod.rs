@@ -91,6 +91,14 @@ struct Inner {
     queued: bool,
 }
 
+/// Control messages of actions carried out and not sent yet, and whether those actions queued
+/// chunks (`Connection::apply_held`).
+#[derive(Default)]
+struct Held {
+    msgs: Vec<Control>,
+    queued: bool,
+}
+
 pub struct Connection {
     pub id: u64,
     pub peer: PeerInfo,
@@ -245,18 +253,21 @@ impl Connection {
             return false;
         }
         let mut handled = Ok(());
+        let mut held = Held::default();
         while handled.is_ok() {
             match buf.next_frame() {
                 Ok(Some(msg)) => {
                     inner.state.heard(Instant::now());
-                    handled = self.handle(&mut inner, msg);
+                    handled = self.handle(&mut inner, msg, &mut held);
                 }
                 Ok(None) => break,
                 Err(e) => handled = Err(e),
             }
         }
         if handled.is_ok() {
+            // The chunks first: a read's bytes leave before the Data message that announces them.
             self.pass_if_queued(&mut inner);
+            handled = self.release(&inner, held);
         }
         let outcome = match (handled, drained) {
             (Err(e), _) | (Ok(()), Drained::Closed(e)) => e,
@@ -270,7 +281,12 @@ impl Connection {
 
     /// Feeds one message of the peer to the same-host GPU path or the state machine, and carries
     /// out the latter's answer.
-    fn handle(&self, inner: &mut Inner, msg: Control) -> Result<()> {
+    /// The answers stay in `held`, but for the IPC path's, which go at once: messages held before
+    /// are sent ahead of them, so the peer reads every answer in the order of what it answers.
+    fn handle(&self, inner: &mut Inner, msg: Control, held: &mut Held) -> Result<()> {
+        if matches!(msg, Control::IpcRequest { .. } | Control::IpcRevoke { .. }) && !held.msgs.is_empty() {
+            self.send_all(&std::mem::take(&mut held.msgs))?;
+        }
         let Some(msg) = self.handle_ipc(inner, msg)? else { return Ok(()) };
         let seen = self.flow_tracer.as_ref().and_then(|_| Some((FlowTracer::seen(&msg)?, trace::clock_ns())));
         let mut out = Vec::new();
@@ -278,46 +294,60 @@ impl Connection {
         if let (Some(tracer), Some((seen, at))) = (&self.flow_tracer, seen) {
             tracer.heard(seen, at, &out, inner.state.chunking());
         }
-        let applied = self.apply(inner, out);
+        let applied = self.apply_held(inner, out, held);
         handled.and(applied)
     }
 
-    /// Carries out the state machine's actions in order; consecutive control messages leave in one
-    /// write. After a failure only the parts are still finished: they are no longer the state's,
-    /// so failing the connection would not reach them.
+    /// Carries out the state machine's actions in order; the control messages leave together, in
+    /// one write, once everything else was done.
     fn apply(&self, inner: &mut Inner, actions: impl IntoIterator<Item = Action>) -> Result<()> {
-        let mut msgs = Vec::new();
-        let mut queued = false;
+        let mut held = Held::default();
+        let applied = self.apply_held(inner, actions, &mut held);
+        applied.and_then(|()| self.release(inner, held))
+    }
+
+    /// Carries out the actions but the control messages, which it adds to `held` for [`release`]:
+    /// a caller that is about to post chunks posts them first, so that the bytes do not wait for
+    /// the write of the message that announces them (the peer keeps a piece that comes before its
+    /// announcement until it posts the receive). Messages keep their order among themselves, and
+    /// flows their queueing order, which is all the peer matches on. After a failure only the
+    /// parts are still finished: they are no longer the state's, so failing the connection would
+    /// not reach them.
+    ///
+    /// [`release`]: Self::release
+    fn apply_held(&self, inner: &mut Inner, actions: impl IntoIterator<Item = Action>, held: &mut Held) -> Result<()> {
         let mut result = Ok(());
         for action in actions {
-            if result.is_ok() && !matches!(action, Action::Send(_)) && !msgs.is_empty() {
-                result = self.send_all(&std::mem::take(&mut msgs));
-            }
             match action {
                 Action::Finish(t, outcome) => t.finish_part(outcome),
                 _ if result.is_err() => {}
-                Action::Send(msg) => msgs.push(msg),
+                Action::Send(msg) => held.msgs.push(msg),
                 Action::Queue(plan) => {
                     if let Some(tracer) = &self.flow_tracer {
                         tracer.queued(plan.flow);
                     }
                     result = queue(&mut inner.channels, inner.state.chunking(), &plan);
-                    queued = true;
+                    inner.queued = true;
+                    held.queued = true;
                 }
                 Action::Notify { name, msg } => notify::push(&name, &msg),
                 Action::Hold(flow) => inner.channels.iter_mut().for_each(|ch| ch.hold(flow)),
                 Action::Release(flow) => {
                     inner.channels.iter_mut().for_each(|ch| ch.release(flow));
-                    queued = true;
+                    inner.queued = true;
+                    held.queued = true;
                 }
                 Action::HostWork { ours } => result = self.host.wake(ours),
             }
         }
-        if result.is_ok() && !msgs.is_empty() {
-            result = self.send_all(&msgs);
-        }
-        if queued {
-            inner.queued = true;
+        result
+    }
+
+    /// Sends what [`apply_held`](Self::apply_held) held back and wakes the progress thread for the
+    /// chunks it queued.
+    fn release(&self, inner: &Inner, held: Held) -> Result<()> {
+        let sent = if held.msgs.is_empty() { Ok(()) } else { self.send_all(&held.msgs) };
+        if held.queued {
             self.core.waker.wake();
         } else if self.core.waker.parked_untimed() && self.owes_us(&inner.state) {
             // Every change of the state is carried out here, so this is where a wait on the peer
@@ -325,7 +355,7 @@ impl Connection {
             // for every message would cost each small round trip a thread wake-up and its spins.
             self.core.waker.activity();
         }
-        result
+        sent
     }
 
     /// Hands `msgs` to the control stream's writer (marking them for the flow trace).
@@ -523,15 +553,20 @@ impl Connection {
             inner.state.chunk_sent(flow);
         }
         inner.sent_chunks = sent;
+        // The answers of every flow that finished leave in one write.
+        let mut held = Held::default();
         for chunk in finished.drain(..) {
             if let Some(tracer) = &self.flow_tracer {
                 tracer.chunk_done(chunk.flow);
             }
             if result.is_ok() {
                 result = inner.state.chunk_finished(chunk.flow, &mut out);
-                let applied = self.apply(inner, out.drain(..));
+                let applied = self.apply_held(inner, out.drain(..), &mut held);
                 result = result.and(applied);
             }
+        }
+        if result.is_ok() {
+            result = self.release(inner, held);
         }
         inner.finished_chunks = finished;
         if moved {
