@@ -112,6 +112,15 @@ pub struct Config {
     /// us after it was issued on a 32-core VM, where one takes about 30. Default on when this
     /// process may run on 4 or more CPUs, else off. `UCCL_TCPX_COPY_POLL_SPIN` (0 or 1).
     pub copy_poll_spin: bool,
+    /// While any connection of the engine has network chunks posted to its channels' transport and
+    /// not complete, the idle progress thread keeps polling, yielding its core between passes, for
+    /// up to this long since it last moved something or woke, then parks as before: the last
+    /// chunk's completion then finds it awake instead of waking it (a futex wake-up and the thread's
+    /// scheduling, several us on a VM, on every transfer's path at the end that finishes it). The
+    /// price is one core per engine busy while transfers move, which on a small host is a core the
+    /// transport's own threads need. 0 (the default for now) parks at once, as before.
+    /// `UCCL_TCPX_PROGRESS_POLL_US` (0 to 1,000,000).
+    pub progress_poll: Duration,
     /// Threads an engine reads and writes its connections' control streams with (its control
     /// reactor), started as connections arrive and ended with the last one; 0 = one per core, at
     /// most 4. `UCCL_TCPX_CONTROL_THREADS` (0 to 64).
@@ -419,6 +428,17 @@ fn default_host_copy_threads() -> usize {
     (available_cores() * 3 / 4).clamp(1, 24)
 }
 
+/// What the progress thread polls for while network chunks are in flight on a host with cores to
+/// spare; not measured yet, so nothing.
+const PROGRESS_POLL_MANY_CORES: Duration = Duration::ZERO;
+
+/// Polling for chunks pays only where the polling thread takes no core the transfer needs: below 8
+/// CPUs the socket helpers moving the chunks (and the peer's, on a loopback pair) compete with it,
+/// as they did with the socket helpers' own spin there, so nothing.
+fn default_progress_poll(cores: usize) -> Duration {
+    if cores >= 8 { PROGRESS_POLL_MANY_CORES } else { Duration::ZERO }
+}
+
 /// A quarter of the CPUs: two engines of one host (a loopback run) then poll on half of them.
 fn default_spinners() -> u16 {
     (available_cores() / 4).clamp(1, 1024) as u16
@@ -488,6 +508,7 @@ impl Default for Config {
             control_spin: default_control_spin(),
             caller_completes: default_caller_completes(),
             copy_poll_spin: available_cores() >= 4,
+            progress_poll: default_progress_poll(available_cores()),
             control_threads: 0,
             allow_dial: Vec::new(),
             trace_device_copy: 0,
@@ -547,6 +568,7 @@ impl Config {
             control_spin: parse_micros(&get, "UCCL_TCPX_CONTROL_SPIN_US", d.control_spin, 1_000_000)?,
             caller_completes: parse_in(&get, "UCCL_TCPX_CALLER_COMPLETES", d.caller_completes as u8, 0, 1)? == 1,
             copy_poll_spin: parse_in(&get, "UCCL_TCPX_COPY_POLL_SPIN", d.copy_poll_spin as u8, 0, 1)? == 1,
+            progress_poll: parse_micros(&get, "UCCL_TCPX_PROGRESS_POLL_US", d.progress_poll, 1_000_000)?,
             control_threads: parse_in(&get, "UCCL_TCPX_CONTROL_THREADS", d.control_threads, 0, MAX_CONTROL_THREADS)?,
             allow_dial: parse_cidrs(&get, "UCCL_TCPX_ALLOW_DIAL")?,
             trace_device_copy: parse_in(&get, "UCCL_TCPX_TRACE_DEVICE_COPY", 0u8, 0, 2)?,
@@ -837,6 +859,11 @@ mod tests {
         assert_eq!(cfg(&[("UCCL_TCPX_SOCKET_SPINNERS", "3")]).unwrap().socket.spinners(), 3);
         assert!(cfg(&[("UCCL_TCPX_COPY_POLL_SPIN", "1")]).unwrap().copy_poll_spin);
         assert!(!cfg(&[("UCCL_TCPX_COPY_POLL_SPIN", "0")]).unwrap().copy_poll_spin);
+        assert_eq!(cfg(&[]).unwrap().progress_poll, default_progress_poll(cores));
+        assert_eq!(default_progress_poll(7), Duration::ZERO, "no polling for chunks below 8 CPUs");
+        let poll = cfg(&[("UCCL_TCPX_PROGRESS_POLL_US", "300")]).unwrap().progress_poll;
+        assert_eq!(poll, Duration::from_micros(300));
+        assert_eq!(cfg(&[("UCCL_TCPX_PROGRESS_POLL_US", "0")]).unwrap().progress_poll, Duration::ZERO);
         assert_eq!(cfg(&[("UCCL_TCPX_CONTROL_THREADS", "3")]).unwrap().control_threads_per_engine(), 3);
         assert_eq!(cfg(&[]).unwrap().control_threads_per_engine(), available_cores().min(4));
         assert!(cfg(&[("UCCL_TCPX_CONTROL_THREADS", "65")]).is_err());
@@ -980,6 +1007,8 @@ mod tests {
             ("UCCL_TCPX_CONTROL_SPIN_US", "2000000"),
             ("UCCL_TCPX_CALLER_COMPLETES", "2"),
             ("UCCL_TCPX_COPY_POLL_SPIN", "2"),
+            ("UCCL_TCPX_PROGRESS_POLL_US", "1000001"),
+            ("UCCL_TCPX_PROGRESS_POLL_US", "-5"),
             ("UCCL_TCPX_SOCKET_SPINNERS", "0"),
             ("UCCL_TCPX_SOCKET_SPINNERS", "1025"),
             ("UCCL_TCPX_SOCKET_HELPERS", "65"),

@@ -20,7 +20,9 @@ fn connections_cost_no_thread_one_control_descriptor_and_no_idle_cpu() {
     // Two channels of one socket each way, two socket helpers a direction and two control threads
     // per engine: every thread an engine may run is started by its first two connections.
     let socket = SocketConfig { nthreads: 1, nsocks_per_thread: 1, helpers: 2, ..SocketConfig::default() };
-    let config = Config { num_channels: Some(2), control_threads: 2, socket, ..common::loopback() };
+    // Polling for chunks in flight on: it must end with the transfers, so idle engines still park.
+    let progress_poll = Duration::from_micros(300);
+    let config = Config { num_channels: Some(2), control_threads: 2, socket, progress_poll, ..common::loopback() };
     let a = Arc::new(Engine::new(config.clone()).unwrap());
     let b = Arc::new(Engine::new(config).unwrap());
     let mut target = vec![0u8; 4096];

@@ -161,6 +161,11 @@ impl Channel {
         self.declined
     }
 
+    /// Whether a chunk was handed to a comm and is not complete yet.
+    pub fn has_posted(&self) -> bool {
+        !self.send_inflight.is_empty() || !self.recv_inflight.is_empty()
+    }
+
     /// A scratch buffer of at least `len` bytes for a receive.
     fn take_scratch(&mut self, len: usize) -> Box<[u8]> {
         match self.spare.iter().position(|b| b.len() >= len) {

@@ -26,7 +26,7 @@ use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 
@@ -114,8 +114,8 @@ impl Engine {
         let progress = {
             let accepted = accepted.clone();
             let idle = {
-                let (waker, spin) = (waker.clone(), core.config.copy_poll_spin);
-                move || idle_wait(&routes, &waker, spin)
+                let (waker, spin, poll) = (waker.clone(), core.config.copy_poll_spin, core.config.progress_poll);
+                move |idle_since| idle_wait(&routes, &waker, spin, poll, idle_since)
             };
             ProgressThread::start(conns.clone(), waker, core.config.timeout, idle, move |err| accepted.break_with(err))
                 .map_err(|e| Error::io("spawn progress thread", e))?
@@ -418,16 +418,27 @@ fn connect_to(core: &Arc<EngineCore>, addr: SocketAddr, remote_gpu: &str) -> Res
 
 /// What the idle progress thread does (`idle_choice`): device copies in flight are staged chunks and
 /// the same-host GPU path's copies; polled work is a transport that progresses only when polled (a
-/// plugin's requests) or a comm that declined a post with nothing in flight, which the waker counts.
-fn idle_wait(routes: &Routes, waker: &Waker, spin: bool) -> IdleWait {
+/// plugin's requests) or a comm that declined a post with nothing in flight, which the waker counts,
+/// as it counts connections with network chunks in flight. The clock is read only when polling for
+/// those chunks is on and some are in flight.
+fn idle_wait(routes: &Routes, waker: &Waker, spin: bool, chunk_poll: Duration, idle_since: Instant) -> IdleWait {
     let copies = routes.polls_device_copies() || waker.has_device_copies();
-    idle_choice(copies, routes.needs_polling() || waker.has_polled_work(), spin)
+    let chunks_idle = (!chunk_poll.is_zero() && waker.has_chunks_out()).then(|| idle_since.elapsed());
+    idle_choice(copies, routes.needs_polling() || waker.has_polled_work(), spin, chunks_idle, chunk_poll)
 }
 
 /// Polls without pause while device copies are in flight, when `spin` allows (no thread of ours
-/// moves them); naps while anything else needs polling (its threads need the core); parks otherwise.
-fn idle_choice(device_copies: bool, polled: bool, spin: bool) -> IdleWait {
-    if device_copies && spin {
+/// moves them), and while network chunks are in flight (`chunks_idle`: for how long the thread has
+/// found nothing to move) for up to `chunk_poll`, after which their completion wakes it as before;
+/// naps while anything else needs polling (its threads need the core); parks otherwise.
+fn idle_choice(
+    device_copies: bool,
+    polled: bool,
+    spin: bool,
+    chunks_idle: Option<Duration>,
+    chunk_poll: Duration,
+) -> IdleWait {
+    if (device_copies && spin) || chunks_idle.is_some_and(|idle| idle < chunk_poll) {
         IdleWait::Poll
     } else if device_copies || polled {
         IdleWait::Nap

@@ -9,13 +9,16 @@
 //! briefly instead of parking; while the outstanding work is device copies (staged chunks, the
 //! same-host GPU path), which no thread of ours moves, it keeps polling instead (`IdleWait::Poll`,
 //! from 4 CPUs): a nap's wake-up came tens of microseconds after the copy ended, on every chunk.
+//! While network chunks are in flight it may keep polling too, for a bounded time since it last
+//! moved something or woke (`UCCL_TCPX_PROGRESS_POLL_US`), so that the last chunk's completion finds
+//! it awake; a chunk that never completes (a peer gone) costs that bound per wake-up, not a core.
 //! Should the thread panic, every connection fails with an internal
 //! error and the engine refuses new ones.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -40,7 +43,8 @@ pub enum IdleWait {
     /// Sleep `POLL_NAP` and look again: a transport progresses only while polled, and its own
     /// threads need the core.
     Nap,
-    /// Look again at once, yielding the core between passes: device copies are in flight.
+    /// Look again at once, yielding the core between passes: device copies are in flight, or
+    /// network chunks whose completion the thread is asked to catch awake.
     Poll,
 }
 
@@ -124,12 +128,14 @@ pub struct ProgressThread {
 impl ProgressThread {
     /// Starts the thread. Should it panic, every connection of `conns` fails with the internal
     /// error (nothing drives their transfers or watches them for stalls any more), later ones are
-    /// refused, and `on_panic` gets the error to stop the rest of the engine the same way.
+    /// refused, and `on_panic` gets the error to stop the rest of the engine the same way. Once idle
+    /// passes found nothing, `idle_wait` is asked what to do, given when the thread last moved
+    /// something or woke from a park.
     pub fn start(
         conns: Arc<ConnList>,
         waker: Arc<Waker>,
         stall_timeout: Duration,
-        idle_wait: impl Fn() -> IdleWait + Send + 'static,
+        idle_wait: impl Fn(Instant) -> IdleWait + Send + 'static,
         on_panic: impl FnOnce(Error) + Send + 'static,
     ) -> std::io::Result<ProgressThread> {
         let stop = Arc::new(AtomicBool::new(false));
@@ -169,7 +175,7 @@ fn stall_watch(timeout: Duration) -> Duration {
     (timeout / 16).max(Duration::from_millis(1))
 }
 
-fn run(list: &ConnList, stop: &AtomicBool, waker: &Waker, watch: Duration, idle_wait: &dyn Fn() -> IdleWait) {
+fn run(list: &ConnList, stop: &AtomicBool, waker: &Waker, watch: Duration, idle_wait: &dyn Fn(Instant) -> IdleWait) {
     // A sleeping thread's wake-up may come this much late (50 us unless set), which would turn every
     // POLL_NAP into about 75 us; the nap is what a staged copy or a plugin request waits on.
     // SAFETY: plain prctl on the calling thread; a failure leaves the default slack.
@@ -177,6 +183,10 @@ fn run(list: &ConnList, stop: &AtomicBool, waker: &Waker, watch: Duration, idle_
     let mut local = Vec::new();
     let mut seen = u64::MAX;
     let mut idle = 0u32;
+    // Since when the thread found nothing to move: read on the first idle pass, not on every pass
+    // that moved something. A wake-up restarts it, so that a thread woken by a post or a completion
+    // may poll for the chunks still out; chunks that never complete cost one bound per wake-up.
+    let mut idle_since = Instant::now();
     while !stop.load(Ordering::Acquire) {
         list.refresh(&mut seen, &mut local);
         let mut moved = false;
@@ -186,13 +196,19 @@ fn run(list: &ConnList, stop: &AtomicBool, waker: &Waker, watch: Duration, idle_
         if moved {
             idle = 0;
         } else if idle < IDLE_SPINS {
+            if idle == 0 {
+                idle_since = Instant::now();
+            }
             idle += 1;
             std::thread::yield_now();
         } else {
-            match idle_wait() {
+            match idle_wait(idle_since) {
                 IdleWait::Poll => std::thread::yield_now(),
                 IdleWait::Nap => std::thread::sleep(POLL_NAP),
-                IdleWait::Park => park(&local, waker, watch),
+                IdleWait::Park => {
+                    park(&local, waker, watch);
+                    idle_since = Instant::now();
+                }
             }
         }
     }
@@ -231,7 +247,7 @@ mod tests {
             Arc::new(ConnList::default()),
             Arc::new(Waker::default()),
             Duration::from_secs(30),
-            move || {
+            move |_| {
                 counter.fetch_add(1, Ordering::Relaxed);
                 wait
             },
@@ -259,5 +275,49 @@ mod tests {
         // A 25 us nap allows at most 4000 looks in 100 ms; timer slack and a loaded host make it fewer.
         assert!((3..=4000).contains(&napping), "a napping thread asked {napping} times");
         assert!(polling > napping, "polling asked {polling} times, napping {napping}");
+    }
+
+    /// The thread tells its idle wait since when it found nothing to move, so that a wait which
+    /// polls for a bounded time (for chunks that may never complete) ends in a park; a wake-up
+    /// starts another bounded poll, which ends the same way.
+    #[test]
+    fn a_poll_bounded_from_when_the_thread_went_idle_ends_in_a_park() {
+        let bound = Duration::from_millis(100);
+        let (polls, parks) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let waker = Arc::new(Waker::default());
+        let thread = {
+            let (polls, parks) = (polls.clone(), parks.clone());
+            ProgressThread::start(
+                Arc::new(ConnList::default()),
+                waker.clone(),
+                Duration::from_secs(30),
+                move |idle_since: Instant| {
+                    if idle_since.elapsed() < bound {
+                        polls.fetch_add(1, Ordering::Relaxed);
+                        IdleWait::Poll
+                    } else {
+                        parks.fetch_add(1, Ordering::Relaxed);
+                        IdleWait::Park
+                    }
+                },
+                |_| {},
+            )
+            .expect("progress thread")
+        };
+        let settled = || {
+            std::thread::sleep(4 * bound);
+            let seen = (polls.load(Ordering::Relaxed), parks.load(Ordering::Relaxed));
+            std::thread::sleep(2 * bound);
+            assert_eq!((polls.load(Ordering::Relaxed), parks.load(Ordering::Relaxed)), seen, "still asking");
+            seen
+        };
+        let (polled, parked) = settled();
+        assert!(polled >= 2, "polled {polled} times before parking");
+        assert_eq!(parked, 1, "one park, for good");
+        waker.wake();
+        let (polled_again, parked_again) = settled();
+        assert!(polled_again >= polled + 2, "a wake-up polls again: {polled} then {polled_again} polls");
+        assert_eq!(parked_again, 2, "and parks again");
+        drop(thread);
     }
 }

@@ -151,6 +151,10 @@ pub struct Waker {
     /// Device copies of the same-host path in flight: they complete only when polled, and no thread
     /// of ours moves them, so the progress thread may poll them without pause.
     device_copies: AtomicUsize,
+    /// Connections with network chunks posted to their channels' transport and not complete (each
+    /// counted once, however many chunks): a thread of the transport ends them and wakes the
+    /// progress thread, which `UCCL_TCPX_PROGRESS_POLL_US` may keep awake instead.
+    chunks_out: AtomicUsize,
     /// Callers blocked in `wait` on a transfer that ends on its own chunks (a read), by a number
     /// of their own; `waiting` counts them, so a completion with none costs one load.
     waiters: Mutex<Vec<(u64, Thread)>>,
@@ -231,6 +235,20 @@ impl Waker {
 
     pub fn has_device_copies(&self) -> bool {
         self.device_copies.load(Ordering::Acquire) > 0
+    }
+
+    /// A connection now has network chunks in flight (it had none).
+    pub fn chunks_out(&self) {
+        self.chunks_out.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A connection's network chunks are all complete, or its channels are gone.
+    pub fn chunks_in(&self) {
+        self.chunks_out.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    pub fn has_chunks_out(&self) -> bool {
+        self.chunks_out.load(Ordering::Acquire) > 0
     }
 }
 

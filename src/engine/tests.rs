@@ -113,15 +113,84 @@ fn channels_default_to_the_transport_and_peers_take_the_smaller_count() {
     assert!(dst == src, "write over 3 agreed channels landed wrong");
 }
 
-/// The progress thread polls without pause only for device copies: a plugin's requests or a comm
-/// retrying a declined post get naps (their threads need the core), nothing at all a park.
+/// The progress thread polls without pause for device copies, and for network chunks within their
+/// bound: a plugin's requests or a comm retrying a declined post get naps (their threads need the
+/// core), nothing at all a park.
 #[test]
-fn only_device_copies_keep_the_idle_progress_thread_polling() {
+fn only_device_copies_and_chunks_within_their_bound_keep_the_idle_progress_thread_polling() {
     use super::idle_choice;
     use super::progress::IdleWait;
-    assert_eq!(idle_choice(true, false, true), IdleWait::Poll);
-    assert_eq!(idle_choice(true, true, true), IdleWait::Poll);
-    assert_eq!(idle_choice(true, false, false), IdleWait::Nap, "copies with polling off");
-    assert_eq!(idle_choice(false, true, true), IdleWait::Nap, "a retrying comm or a plugin's requests");
-    assert_eq!(idle_choice(false, false, true), IdleWait::Park);
+    let (off, bound) = (Duration::ZERO, Duration::from_micros(100));
+    assert_eq!(idle_choice(true, false, true, None, off), IdleWait::Poll);
+    assert_eq!(idle_choice(true, true, true, None, off), IdleWait::Poll);
+    assert_eq!(idle_choice(true, false, false, None, off), IdleWait::Nap, "copies with polling off");
+    assert_eq!(idle_choice(false, true, true, None, off), IdleWait::Nap, "a retrying comm or a plugin's requests");
+    assert_eq!(idle_choice(false, false, true, None, off), IdleWait::Park);
+    // Chunks in flight, idle for `Some(..)`: polled within the bound, then left to their wake-up.
+    let us = Duration::from_micros;
+    assert_eq!(idle_choice(false, false, false, Some(us(0)), bound), IdleWait::Poll);
+    assert_eq!(idle_choice(false, false, false, Some(us(99)), bound), IdleWait::Poll);
+    assert_eq!(idle_choice(false, false, false, Some(us(100)), bound), IdleWait::Park, "at the bound");
+    assert_eq!(idle_choice(false, false, false, Some(us(5000)), bound), IdleWait::Park, "a peer gone");
+    assert_eq!(idle_choice(false, false, false, Some(us(0)), off), IdleWait::Park, "polling for chunks off");
+    assert_eq!(idle_choice(false, false, false, None, bound), IdleWait::Park, "no chunks in flight");
+    assert_eq!(idle_choice(false, true, false, Some(us(50)), bound), IdleWait::Poll, "within the bound");
+    assert_eq!(idle_choice(false, true, false, Some(us(500)), bound), IdleWait::Nap, "past it, polled work naps");
+    assert_eq!(idle_choice(true, false, false, Some(us(500)), bound), IdleWait::Nap, "and so do copies");
+    assert_eq!(idle_choice(true, false, false, Some(us(50)), bound), IdleWait::Poll);
+}
+
+/// With UCCL_TCPX_PROGRESS_POLL_US set, an engine's idle progress thread polls while a connection
+/// counts network chunks in flight and its bound has not passed, and parks otherwise: both ends of
+/// real writes and reads count their chunks off again once they completed, so an idle engine
+/// parks, and a count left up (chunks that never complete) parks once the bound passed.
+#[test]
+fn network_chunks_in_flight_keep_the_idle_progress_thread_polling_within_its_bound() {
+    use super::idle_wait;
+    use super::progress::IdleWait;
+    let bound = Duration::from_millis(50);
+    let engine = || {
+        let config = Config { progress_poll: bound, transport: TransportChoice::Socket, disable_ipc: true, ..config() };
+        Engine::new(config).unwrap()
+    };
+    let (a, b) = (engine(), engine());
+    let choice = |e: &Engine, idle_since: Instant| {
+        idle_wait(&e.core.routes, &e.core.waker, false, e.core.config.progress_poll, idle_since)
+    };
+    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+    let _ba = b.accept().unwrap();
+    let len = (4 << 20) + 5;
+    let src = bytes(len, 5);
+    let mut dst = vec![0u8; len];
+    let mut back = vec![0u8; len];
+    let smr = a.register(src.as_ptr() as usize, len).unwrap();
+    let bmr = a.register(back.as_mut_ptr() as usize, len).unwrap();
+    let dmr = b.register(dst.as_mut_ptr() as usize, len).unwrap();
+    let remote = b.prepare_fifo(dmr, dst.as_ptr() as usize, len).unwrap();
+    for _ in 0..3 {
+        let w = ab.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len, remote }]).unwrap();
+        assert_eq!(wait(&ab, w), len as u64);
+        let r = ab.read(&[OneSided { mr: bmr, addr: back.as_mut_ptr() as usize, len, remote }]).unwrap();
+        assert_eq!(wait(&ab, r), len as u64);
+    }
+    assert!(dst == src && back == src, "the transfers moved the wrong bytes");
+    for (end, e) in [("initiator", &a), ("target", &b)] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while e.core.waker.has_chunks_out() {
+            assert!(Instant::now() < deadline, "the {end} still counts chunks in flight after every transfer ended");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(choice(e, Instant::now()), IdleWait::Park, "the idle {end} polls with nothing in flight");
+    }
+    // What a connection does when its first chunk goes out, and when its last completes.
+    b.core.waker.chunks_out();
+    assert_eq!(choice(&b, Instant::now()), IdleWait::Poll);
+    let long_idle = Instant::now().checked_sub(2 * bound).expect("a clock older than the bound");
+    assert_eq!(choice(&b, long_idle), IdleWait::Park, "chunks that never complete are not polled past the bound");
+    b.core.waker.chunks_in();
+    assert_eq!(choice(&b, Instant::now()), IdleWait::Park);
+    // The knob at 0 never polls for chunks.
+    b.core.waker.chunks_out();
+    assert_eq!(idle_wait(&b.core.routes, &b.core.waker, false, Duration::ZERO, Instant::now()), IdleWait::Park);
+    b.core.waker.chunks_in();
 }

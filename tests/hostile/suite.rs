@@ -816,6 +816,37 @@ fn a_peer_silent_after_a_write_request_is_cut_off_at_the_stall_timeout() {
     assert_pair_works(&p, 16);
 }
 
+/// A peer that announces a write and then sends none of its chunks leaves the engine's receives
+/// posted for good: with UCCL_TCPX_PROGRESS_POLL_US set, the progress thread polls for them (taking
+/// CPU time) only until the bound has passed since it last woke, then parks (taking none) while the
+/// stall timeout is still far.
+#[test]
+fn chunks_that_never_complete_are_polled_for_only_up_to_the_bound() {
+    let _serial = serial();
+    let bound = Duration::from_millis(400);
+    let p = pair_with(Config { timeout: Duration::from_secs(60), progress_poll: bound, ..config() });
+    let (mut fake, _conn) = fake_peer(&p);
+    let mut mem = vec![0u8; 1 << 20];
+    let mr = p.b.register(mem.as_mut_ptr() as usize, mem.len()).unwrap();
+    let item = p.b.prepare_fifo(mr, mem.as_mut_ptr() as usize, mem.len()).unwrap();
+    let cap = item.capability().unwrap();
+    let token = wire_token(&fake, cap.region, cap.token);
+    std::thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    fake.send(&Control::WriteRequest { xfer: 1, region: cap.region, token, addr: item.addr, len: 1 << 20 });
+    let polling = testkit::cost::idle(Duration::from_millis(20), Duration::from_millis(200)).cpu;
+    std::thread::sleep((start + bound + Duration::from_millis(200)).saturating_duration_since(Instant::now()));
+    let parked = testkit::cost::idle(Duration::ZERO, Duration::from_secs(1)).cpu;
+    eprintln!("receives outstanding: {polling:?} of CPU in 200 ms within the bound, {parked:?} in 1 s past it");
+    // A yielding thread gets a share of a core even on a loaded host; parked it takes nothing (a
+    // thread that polled on would take most of the second).
+    assert!(polling >= Duration::from_millis(10), "{polling:?} of CPU while the thread should poll");
+    assert!(parked < Duration::from_millis(60), "{parked:?} of CPU after the bound");
+    fake.send(&Control::Close);
+    fake.expect_closed();
+    assert_pair_works(&p, 18);
+}
+
 /// A caller blocked on a read the peer never serves (woken by the transport in the progress
 /// thread's place, or not) is released with a failure when the peer hangs up, and the engine
 /// goes on serving its other connection.

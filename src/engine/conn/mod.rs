@@ -87,6 +87,9 @@ struct Inner {
     /// A channel's comm declined a post with nothing in flight to wake us: counted as polled work,
     /// so the progress thread polls instead of parking until the post went through.
     retrying: bool,
+    /// Some channel has chunks posted to the transport and not complete: counted by the waker, so
+    /// that the idle progress thread may poll for their completion (`UCCL_TCPX_PROGRESS_POLL_US`).
+    chunks_out: bool,
     /// Chunks were queued (or released) since the last pass over the channels.
     queued: bool,
 }
@@ -191,6 +194,7 @@ impl Connection {
                 sent_chunks: Vec::new(),
                 ipc,
                 retrying: false,
+                chunks_out: false,
                 queued: false,
             }),
             closed: AtomicBool::new(false),
@@ -477,6 +481,7 @@ impl Connection {
         let failed = inner.state.fail(err.clone());
         inner.channels.clear();
         self.set_retrying(inner, false);
+        self.set_chunks_out(inner, false);
         // No same-host copy lands in our memory after this returns either.
         self.host.stop();
         inner.ipc.fail(&err, &self.core.waker);
@@ -545,6 +550,8 @@ impl Connection {
         }
         let retry = result.is_ok() && inner.channels.iter().any(Channel::needs_retry);
         self.set_retrying(inner, retry);
+        let out = inner.channels.iter().any(Channel::has_posted);
+        self.set_chunks_out(inner, out);
         if let Some(tracer) = &self.flow_tracer {
             tracer.passed(&sent);
         }
@@ -592,6 +599,18 @@ impl Connection {
                 self.core.waker.polled_work(1);
             } else {
                 self.core.waker.polled_work_done(1);
+            }
+        }
+    }
+
+    /// Keeps the waker's count of connections with network chunks in flight; changes only when the
+    /// first chunk is posted or the last completes, not per chunk.
+    fn set_chunks_out(&self, inner: &mut Inner, out: bool) {
+        if std::mem::replace(&mut inner.chunks_out, out) != out {
+            if out {
+                self.core.waker.chunks_out();
+            } else {
+                self.core.waker.chunks_in();
             }
         }
     }
