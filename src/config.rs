@@ -315,6 +315,11 @@ pub struct SocketConfig {
     /// polling turn (`spinners`) past its first 20 us; default 20 us on 8 or more cores, else 0.
     /// `UCCL_TCPX_SOCKET_SPIN_US`.
     pub spin: Duration,
+    /// How long a helper polls while one of its sockets holds a piece whose receive is not posted
+    /// yet (the peer's bytes came before the request that announces them was read), if it gets a
+    /// polling turn past its first 20 us; default 0 (sleep and be kicked by the post).
+    /// `UCCL_TCPX_SOCKET_HELD_SPIN_US`.
+    pub held_spin: Duration,
     /// Socket helpers of the process that may poll at once after work (the rest sleep at once):
     /// every polling helper holds a core. Default a quarter of the CPUs, at least 1.
     /// `UCCL_TCPX_SOCKET_SPINNERS` (1 to 1024).
@@ -339,6 +344,7 @@ impl Default for SocketConfig {
             rcvbuf: 0,
             subchunk: 256 << 10,
             spin: default_spin(),
+            held_spin: Duration::ZERO,
             spinners: default_spinners(),
             zerocopy_threshold: 0,
             lazy: true,
@@ -617,6 +623,7 @@ impl SocketConfig {
             rcvbuf: buf("UCCL_TCPX_SOCKET_RCVBUF")?,
             subchunk: parse_size(get, "UCCL_TCPX_SOCKET_SUBCHUNK", d.subchunk, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)?,
             spin: parse_micros(get, "UCCL_TCPX_SOCKET_SPIN_US", d.spin, 1_000_000)?,
+            held_spin: parse_micros(get, "UCCL_TCPX_SOCKET_HELD_SPIN_US", d.held_spin, 1_000_000)?,
             spinners: parse_in(get, "UCCL_TCPX_SOCKET_SPINNERS", d.spinners, 1, 1024)?,
             zerocopy_threshold: parse_size(
                 get,

@@ -7,7 +7,6 @@ use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use parking_lot::Mutex;
 
@@ -17,6 +16,7 @@ use super::grow::Dialer;
 use super::reactor::{Placement, Pool};
 use super::receiver::{RecvSockets, RecvTask};
 use super::sender::{INLINE_MAX, Inline, SendSockets, SendTask};
+use super::spin::Polls;
 use super::window::{MAX_REQUESTS, Window};
 use super::wire::{PieceCut, attach_ack};
 use super::zerocopy::{self, Counters};
@@ -41,11 +41,10 @@ pub struct Helpers {
 }
 
 impl Helpers {
-    /// `spinners`: helpers of the process that may poll at once after work (`spin::SpinTurn`).
-    pub fn new(helpers: usize, spin: Duration, spinners: usize) -> Helpers {
+    pub fn new(helpers: usize, polls: Polls) -> Helpers {
         Helpers {
-            send: Pool::new(ThreadKind::SocketSender, "uccl-sock-tx", helpers, spin, spinners),
-            recv: Pool::new(ThreadKind::SocketReceiver, "uccl-sock-rx", helpers, spin, spinners),
+            send: Pool::new(ThreadKind::SocketSender, "uccl-sock-tx", helpers, polls),
+            recv: Pool::new(ThreadKind::SocketReceiver, "uccl-sock-rx", helpers, polls),
         }
     }
 

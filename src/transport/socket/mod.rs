@@ -44,6 +44,7 @@ use comm::{Growth, Helpers, Threading};
 use counts::Counts;
 use door::{Doorway, MAX_PENDING_STREAMS};
 use grow::Dialer;
+use spin::Polls;
 use tune::set_buffers;
 use window::MAX_REQUESTS;
 use wire::SocketHello;
@@ -72,7 +73,7 @@ impl SocketNet {
         let zerocopy = Arc::default();
         let bind = if ip.is_ipv4() { [0u8; 4].into() } else { [0u16; 8].into() };
         let options = SocketConfig::default();
-        let helpers = Arc::new(Helpers::new(options.helpers_per_direction(), options.spin, options.spinners()));
+        let helpers = Arc::new(Helpers::new(options.helpers_per_direction(), polls(&options)));
         let (acceptor, sockets) = (Arc::default(), Arc::default());
         SocketNet { ip, bind, connect_timeout, io_timeout, wake, options, zerocopy, helpers, acceptor, sockets }
     }
@@ -102,7 +103,7 @@ impl SocketNet {
     /// Socket counts, buffer sizes and thread tuning (`Config::socket`).
     pub fn with_options(mut self, options: SocketConfig) -> SocketNet {
         // No comm exists yet, so no helper runs: the new pools take their place.
-        self.helpers = Arc::new(Helpers::new(options.helpers_per_direction(), options.spin, options.spinners()));
+        self.helpers = Arc::new(Helpers::new(options.helpers_per_direction(), polls(&options)));
         self.options = options;
         self
     }
@@ -372,6 +373,11 @@ impl Drop for SocketListen {
             self.acceptor.nudge();
         }
     }
+}
+
+/// The helpers' polls that `options` ask for.
+fn polls(options: &SocketConfig) -> Polls {
+    Polls { after_work: options.spin, held: options.held_spin, spinners: options.spinners() }
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use super::spin::{SHORT_SPIN, SpinTurn};
+use super::spin::{Polls, SHORT_SPIN, SpinTurn};
 use super::window::Window;
 use super::worker::{Inbox, Serves, Thread, Worker};
 use crate::error::{Error, Result};
@@ -31,6 +31,11 @@ pub(super) trait Task: Send + 'static {
     /// `Stop`: its comm failed or closes, and the socket is not to run again.
     fn run(&mut self) -> Next;
     fn window(&self) -> &Arc<Window>;
+    /// After an `Idle` run: the socket holds a piece whose receive is not posted yet, so a kick is
+    /// close behind.
+    fn holds_unposted(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,10 +85,42 @@ struct Entry<T> {
     queued: bool,
     /// Out of the epoll set after `Stop` or a panic; kicks are ignored.
     stopped: bool,
+    /// Counted in the helper's `Holding`.
+    holds: bool,
 }
 
-/// A helper thread's body; `spinners`: helpers of the process that may poll at once after work.
-fn serve<T: Task>(helper: &Helper<T>, spinners: usize) {
+/// A helper's sockets that hold a piece whose receive is not posted, and since when some do.
+struct Holding {
+    count: usize,
+    since: Instant,
+}
+
+impl Holding {
+    /// Counts whether `entry` holds such a piece now.
+    fn update<T>(&mut self, entry: &mut Entry<T>, holds: bool) {
+        if entry.holds == holds {
+            return;
+        }
+        entry.holds = holds;
+        if holds {
+            if self.count == 0 {
+                self.since = Instant::now();
+            }
+            self.count += 1;
+        } else {
+            self.count -= 1;
+        }
+    }
+
+    /// Whether the helper polls for the posts its sockets wait on: for at most `limit` since the
+    /// first of them waited.
+    fn awaits_post(&self, limit: Duration) -> bool {
+        self.count > 0 && self.since.elapsed() < limit
+    }
+}
+
+/// A helper thread's body.
+fn serve<T: Task>(helper: &Helper<T>, polls: Polls) {
     let mut turn = SpinTurn::default();
     let mut slab: Vec<Option<Entry<T>>> = Vec::new();
     let mut queue: VecDeque<usize> = VecDeque::new();
@@ -91,12 +128,13 @@ fn serve<T: Task>(helper: &Helper<T>, spinners: usize) {
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT];
     let mut last_work = Instant::now();
     let mut rounds = 0;
+    let mut holding = Holding { count: 0, since: last_work };
     loop {
         if helper.posted() {
             if !helper.take_inbox(&mut inbox) {
                 return;
             }
-            apply(helper, &mut inbox, &mut slab, &mut queue);
+            apply(helper, &mut inbox, &mut slab, &mut queue, &mut holding);
         }
         let ran = !queue.is_empty();
         for _ in 0..queue.len() {
@@ -106,7 +144,9 @@ fn serve<T: Task>(helper: &Helper<T>, spinners: usize) {
             if entry.stopped {
                 continue;
             }
-            match run_one(helper, entry) {
+            let next = run_one(helper, entry);
+            holding.update(entry, next == Next::Idle && entry.task.holds_unposted());
+            match next {
                 Next::Again => {
                     entry.queued = true;
                     queue.push_back(token);
@@ -135,7 +175,8 @@ fn serve<T: Task>(helper: &Helper<T>, spinners: usize) {
         // Past `SHORT_SPIN` a helper polls only with one of the process's turns.
         let spinning = queue.is_empty() && {
             let quiet = last_work.elapsed();
-            quiet < helper.spin() && (quiet < SHORT_SPIN || turn.take(spinners))
+            (quiet < polls.after_work || holding.awaits_post(polls.held))
+                && (quiet < SHORT_SPIN || turn.take(polls.spinners))
         };
         if !spinning {
             turn.release();
@@ -186,6 +227,7 @@ fn apply<T: Task>(
     inbox: &mut Inbox<Sockets<T>>,
     slab: &mut Vec<Option<Entry<T>>>,
     queue: &mut VecDeque<usize>,
+    holding: &mut Holding,
 ) {
     for (token, task) in inbox.adds.drain(..) {
         if slab.len() <= token {
@@ -193,7 +235,7 @@ fn apply<T: Task>(
         }
         let fd = task.fd();
         let events = task.interest() | libc::EPOLLET as u32;
-        let mut entry = Entry { task, queued: true, stopped: false };
+        let mut entry = Entry { task, queued: true, stopped: false, holds: false };
         if let Err(e) = helper.watch(fd, events, token) {
             entry.task.window().fail(Error::io("add a data socket to its helper's epoll set", e));
             entry.stopped = true;
@@ -204,7 +246,8 @@ fn apply<T: Task>(
     }
     for (tokens, detach) in inbox.removes.drain(..) {
         for token in tokens {
-            if let Some(entry) = slab.get_mut(token).and_then(Option::take) {
+            if let Some(mut entry) = slab.get_mut(token).and_then(Option::take) {
+                holding.update(&mut entry, false);
                 if !entry.stopped {
                     helper.unwatch(entry.task.fd());
                 }
@@ -259,14 +302,13 @@ pub(super) struct Pool<T: Task> {
     kind: ThreadKind,
     name: &'static str,
     max: usize,
-    spin: Duration,
-    spinners: usize,
+    polls: Polls,
     slots: Mutex<Vec<Thread<Sockets<T>>>>,
 }
 
 impl<T: Task> Pool<T> {
-    pub fn new(kind: ThreadKind, name: &'static str, max: usize, spin: Duration, spinners: usize) -> Pool<T> {
-        Pool { kind, name, max: max.max(1), spin, spinners, slots: Mutex::new(Vec::new()) }
+    pub fn new(kind: ThreadKind, name: &'static str, max: usize, polls: Polls) -> Pool<T> {
+        Pool { kind, name, max: max.max(1), polls, slots: Mutex::new(Vec::new()) }
     }
 
     /// Threads started and alive.
@@ -355,8 +397,8 @@ impl<T: Task> Pool<T> {
     }
 
     fn start(&self) -> Result<Thread<Sockets<T>>> {
-        let spinners = self.spinners;
-        Thread::start(Worker::new(self.kind, self.spin)?, self.name, move |helper| serve(helper, spinners), died)
+        let polls = self.polls;
+        Thread::start(Worker::new(self.kind, polls.after_work)?, self.name, move |helper| serve(helper, polls), died)
     }
 }
 

@@ -107,6 +107,10 @@ impl Task for RecvTask {
         &self.shared.window
     }
 
+    fn holds_unposted(&self) -> bool {
+        self.shared.held[self.k].load(Ordering::Relaxed)
+    }
+
     fn run(&mut self) -> Next {
         let s = &*self.shared;
         if s.window.closing() {

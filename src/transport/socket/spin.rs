@@ -12,6 +12,19 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+/// How a net's socket helpers poll before they sleep.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Polls {
+    /// After their last work (`UCCL_TCPX_SOCKET_SPIN_US`).
+    pub after_work: Duration,
+    /// While one of their sockets holds a piece whose receive is not posted yet
+    /// (`UCCL_TCPX_SOCKET_HELD_SPIN_US`): its post is close behind, and a kick to a sleeping helper
+    /// costs the poster a system call and the piece a wake-up.
+    pub held: Duration,
+    /// Helpers of the process that may poll at once past `SHORT_SPIN` (`SpinTurn`).
+    pub spinners: usize,
+}
+
 /// The poll any helper may do after work without a turn.
 pub(super) const SHORT_SPIN: Duration = Duration::from_micros(20);
 
