@@ -74,6 +74,20 @@ fn random_sizes_over_many_sockets_and_threads_per_comm() {
     concurrent_comms(options, 3, 120);
 }
 
+/// Sleeping helpers woken in a cascade: the poster wakes one and owes the other kicks, which each
+/// running socket passes on one at a time; every message still arrives intact.
+#[test]
+fn random_sizes_with_sleeping_helpers_woken_one_by_another() {
+    let options = SocketConfig {
+        nthreads: 8,
+        nsocks_per_thread: 1,
+        subchunk: 8 << 10,
+        kick_fanout: 1,
+        ..SocketConfig::default()
+    };
+    concurrent_comms(options, 2, 80);
+}
+
 #[test]
 fn many_sockets_on_one_thread() {
     let options = SocketConfig { nthreads: 1, nsocks_per_thread: 6, subchunk: 8 << 10, ..SocketConfig::default() };
@@ -91,6 +105,7 @@ fn socket_buffer_sizes_and_zero_spin_are_accepted() {
         spin: Duration::ZERO,
         held_spin: Duration::ZERO,
         spinners: 1,
+        kick_fanout: 0,
         zerocopy_threshold: 0,
         // Small buffers keep the sends waiting for room, each socket on its own helper.
         helpers: 2,

@@ -12,6 +12,7 @@ use parking_lot::Mutex;
 
 use super::counts::Counts;
 use super::epoll::EventFd;
+use super::fanout::{self, Idle};
 use super::grow::Dialer;
 use super::reactor::{Placement, Pool};
 use super::receiver::{RecvSockets, RecvTask};
@@ -31,6 +32,8 @@ pub struct Threading {
     pub subchunk: usize,
     /// Send comms: pieces of at least this many bytes go out with MSG_ZEROCOPY; 0 = never.
     pub zerocopy_threshold: usize,
+    /// Send comms: sleeping helpers a post wakes itself, the rest woken by those (`fanout`); 0 = all.
+    pub kick_fanout: usize,
 }
 
 /// The helper threads of one net: senders and receivers, each pool at most `helpers` threads.
@@ -97,7 +100,9 @@ impl SendSide {
             });
             match started {
                 Ok(mut placed) => {
-                    self.placements.push(placed.pop().expect("one task, one placement"));
+                    let placement = placed.pop().expect("one task, one placement");
+                    self.shared.relay.place(k, &placement);
+                    self.placements.push(placement);
                     self.sockets.added();
                 }
                 Err(e) => {
@@ -220,16 +225,22 @@ impl CommCore {
                     Inline::HandedOver(k) => send.placements[k].kick(),
                     Inline::NoSocket => {
                         // As many idle sockets as the request has pieces; busy ones pull the rest
-                        // when they finish their piece.
-                        let mut left = pieces;
-                        for (k, p) in send.placements.iter().enumerate() {
-                            if left == 0 {
-                                break;
-                            }
-                            if shared.idle(k) {
-                                p.kick();
-                                left -= 1;
-                            }
+                        // when they finish their piece. Kicks of sleeping helpers past the fan-out
+                        // are owed to the comm's running sockets, which pass them on; owed before
+                        // any kick goes out, so that the sockets it runs find them.
+                        let fan = shared.relay.fanout();
+                        let idle = send.placements.iter().enumerate().filter(|&(k, _)| shared.idle(k));
+                        let idle = idle.take(pieces.min(usize::MAX as u64) as usize).map(|(k, p)| Idle {
+                            k,
+                            helper: p.helper_id(),
+                            sleeps: fan > 0 && p.sleeps(),
+                        });
+                        let (now, owed) = fanout::split(idle, fan);
+                        if owed != 0 {
+                            shared.relay.owe(owed);
+                        }
+                        for k in fanout::sockets(now) {
+                            send.placements[k].kick();
                         }
                     }
                 }
@@ -333,11 +344,13 @@ impl SocketSendComm {
             count,
             window.clone(),
             how.zerocopy_threshold,
+            how.kick_fanout,
             counters.clone(),
             sockets.clone(),
         ));
         shared.place(0, first);
         let placements = helpers.send.attach(vec![SendTask::new(shared.clone(), 0, zerocopy, None)], [])?;
+        shared.relay.place(0, &placements[0]);
         shared.opened(0);
         let mut send = SendSide {
             shared,
@@ -359,6 +372,17 @@ impl SocketSendComm {
             released: 0,
             tested: 0,
         }))
+    }
+}
+
+#[cfg(test)]
+impl SocketSendComm {
+    /// The kicks the comm's posts owe.
+    pub fn relay(&self) -> &super::fanout::Relay<SendTask> {
+        match &self.0.side {
+            Side::Send(send) => &send.shared.relay,
+            Side::Recv(_) => unreachable!("a send comm has a sending side"),
+        }
     }
 }
 

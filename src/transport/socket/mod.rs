@@ -11,6 +11,7 @@ mod comm;
 mod counts;
 mod door;
 pub(crate) mod epoll;
+mod fanout;
 mod grow;
 pub mod iface;
 mod iov;
@@ -124,6 +125,7 @@ impl SocketNet {
         Threading {
             subchunk: self.options.subchunk as usize,
             zerocopy_threshold: self.options.zerocopy_threshold as usize,
+            kick_fanout: self.options.kick_fanout(),
         }
     }
 
@@ -285,6 +287,13 @@ impl Net for SocketNet {
     }
 
     fn connect(&self, dev: usize, handle: &mut NetHandle) -> Result<Option<Box<dyn SendComm>>> {
+        Ok(Some(Box::new(self.connect_comm(dev, handle)?)))
+    }
+}
+
+impl SocketNet {
+    /// A send comm to the listener of `handle`, its first socket connected and introduced.
+    fn connect_comm(&self, dev: usize, handle: &NetHandle) -> Result<comm::SocketSendComm> {
         self.properties(dev)?;
         let h = SocketHandle::decode(handle)?;
         let count = self.options.sockets_per_comm();
@@ -303,7 +312,7 @@ impl Net for SocketNet {
             rcvbuf: self.options.rcvbuf,
             io_timeout: self.io_timeout,
         };
-        let send = comm::SocketSendComm::new(
+        comm::SocketSendComm::new(
             first,
             count,
             Growth { dialer, lazy: self.options.lazy },
@@ -312,8 +321,7 @@ impl Net for SocketNet {
             self.helpers.clone(),
             self.zerocopy.clone(),
             self.sockets.clone(),
-        )?;
-        Ok(Some(Box::new(send)))
+        )
     }
 }
 

@@ -77,6 +77,20 @@ impl<T: Task> Placement<T> {
     pub fn kick(&self) {
         self.helper.kick(self.token);
     }
+
+    /// The helper sleeps in `epoll_wait`: a kick costs an eventfd write and its wake-up.
+    pub fn sleeps(&self) -> bool {
+        self.helper.sleeps()
+    }
+
+    /// Tells the socket's helper apart from others (a comm's sockets may share one).
+    pub fn helper_id(&self) -> usize {
+        Arc::as_ptr(&self.helper) as usize
+    }
+
+    pub fn weak(&self) -> Weak<Helper<T>> {
+        Arc::downgrade(&self.helper)
+    }
 }
 
 struct Entry<T> {

@@ -15,6 +15,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use super::counts::Counts;
+use super::fanout::Relay;
 use super::grow::Joining;
 use super::iov::{self, MAX_IOV};
 use super::reactor::{Next, Task};
@@ -65,6 +66,8 @@ pub(super) struct SendSockets {
     sockets: Arc<Counts>,
     /// An added socket was given up already: later ones are logged quietly.
     gave_up: AtomicBool,
+    /// Kicks a post left for the comm's running sockets to pass on.
+    pub relay: Relay<SendTask>,
 }
 
 /// What an inline send did.
@@ -78,11 +81,13 @@ pub(super) enum Inline {
 }
 
 impl SendSockets {
-    /// Room for `n` sockets, none placed yet.
+    /// Room for `n` sockets, none placed yet; each running socket passes up to `kick_fanout` owed
+    /// kicks on.
     pub fn new(
         n: usize,
         window: Arc<Window>,
         zerocopy_threshold: usize,
+        kick_fanout: usize,
         counters: Arc<Counters>,
         sockets: Arc<Counts>,
     ) -> SendSockets {
@@ -97,6 +102,7 @@ impl SendSockets {
             handed: (0..n).map(|_| AtomicBool::new(false)).collect(),
             sockets,
             gave_up: AtomicBool::new(false),
+            relay: Relay::new(n, kick_fanout),
         }
     }
 
@@ -317,8 +323,12 @@ impl Task for SendTask {
 
     fn run(&mut self) -> Next {
         if self.shared.window.closing() {
+            self.shared.relay.forgive();
             return Next::Stop;
         }
+        // Before its own piece: the sockets it wakes start while it sends. Also when it finds no
+        // piece, so that no owed kick waits for a socket that has one.
+        self.shared.relay.pass_on(self.k);
         if let Some(next) = self.join() {
             return next;
         }
@@ -330,6 +340,7 @@ impl Task for SendTask {
                 // free once the comm is gone, which is the order the engine keeps (channels first,
                 // then failing the transfers).
                 self.shared.window.fail(e);
+                self.shared.relay.forgive();
                 Next::Stop
             }
         }

@@ -1,4 +1,5 @@
 use std::io::Read;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::*;
@@ -539,4 +540,88 @@ fn dropping_a_comm_with_sockets_still_connecting_leaves_nothing() {
     assert_eq!(sockets_to(addr.port()), 0, "every socket of the comm was closed");
     assert_eq!(net.data_socket_stats().sending, 0);
     drop(listener);
+}
+
+/// A net whose send comms open 16 sockets at once, each on a sending helper of its own, cut 16 KiB
+/// pieces, and have sleeping helpers woken `fanout` at a time.
+fn sixteen_socket_net(fanout: u8) -> SocketNet {
+    loopback_socket_net().with_options(crate::config::SocketConfig {
+        nthreads: 16,
+        nsocks_per_thread: 1,
+        helpers: 16,
+        subchunk: 16 << 10,
+        lazy: false,
+        kick_fanout: fanout,
+        ..Default::default()
+    })
+}
+
+/// A send comm of `net` (the only one of the net) and its receive comm, every socket open both ways.
+fn sixteen_socket_pair(net: &SocketNet) -> (comm::SocketSendComm, Box<dyn RecvComm>) {
+    let (handle, mut listen) = net.listen(0).unwrap();
+    let tx = net.connect_comm(0, &handle).unwrap();
+    let rx = until(|| listen.accept()).unwrap();
+    let all = |s: DataSocketStats| (s.sending == 16 && s.receiving == 16).then_some(());
+    until(|| Ok(all(net.data_socket_stats()))).unwrap();
+    (tx, rx)
+}
+
+/// Requests of 16 pieces posted while every sending helper sleeps: with a fan-out of 2 the poster
+/// wakes two and owes the other kicks, which the running sockets pass on until none is left; every
+/// request arrives intact. Without fan-out nothing is ever owed.
+#[test]
+fn kicks_owed_by_a_post_all_go_out_and_its_request_arrives_intact() {
+    for fanout in [2u8, 0] {
+        let net = sixteen_socket_net(fanout);
+        let (mut tx, mut rx) = sixteen_socket_pair(&net);
+        let msg: Vec<u8> = (0..256 << 10).map(|i| (i * 13 % 251) as u8).collect();
+        assert_eq!(wire::PieceCut::new(16 << 10, 16).pieces(msg.len() as u64), 16);
+        for round in 0..6 {
+            // Past any helper's polling after its last piece: they all sleep in epoll_wait.
+            std::thread::sleep(Duration::from_millis(20));
+            let mut got = vec![0u8; msg.len()];
+            // SAFETY: got and msg outlive both requests, which are tested to completion below.
+            let r = unsafe { rx.irecv(got.as_mut_ptr(), got.len(), MrHandle::NONE) }.unwrap().unwrap();
+            // SAFETY: as above.
+            let s = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
+            assert_eq!(until(|| tx.test(s)).unwrap(), msg.len());
+            assert_eq!(until(|| rx.test(r)).unwrap(), msg.len());
+            rx.irecv_consumed(r).unwrap();
+            assert!(got == msg, "round {round} with a fan-out of {fanout} arrived intact");
+            // No owed kick is left behind: each was passed on (or its socket ran anyway).
+            let relay = tx.relay();
+            let counted = || (relay.counted.0.load(Ordering::Relaxed), relay.counted.1.load(Ordering::Relaxed));
+            until(|| Ok((relay.owed() == 0 && counted().0 == counted().1).then_some(()))).unwrap();
+        }
+        let owed = tx.relay().counted.0.load(Ordering::Relaxed);
+        if fanout == 0 {
+            assert_eq!(owed, 0, "without fan-out the poster kicks every socket itself");
+        } else {
+            assert!(owed > 0, "sleeping helpers past the fan-out had their kicks owed");
+        }
+    }
+}
+
+/// A send comm dropped with kicks owed (some by its post, all of them by hand on odd rounds, with
+/// nobody running to pass them on) returns at once and leaves no helper behind.
+#[test]
+fn dropping_a_comm_with_kicks_owed_returns_and_leaves_no_helper() {
+    let net = sixteen_socket_net(2);
+    for round in 0..4 {
+        let msg = vec![9u8; 1 << 20];
+        let (mut tx, rx) = sixteen_socket_pair(&net);
+        std::thread::sleep(Duration::from_millis(20));
+        // SAFETY: msg outlives the comm, which is dropped below with the send in flight (no receive
+        // is posted for it).
+        unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
+        if round % 2 == 1 {
+            tx.relay().owe(u64::from(u16::MAX));
+        }
+        let start = Instant::now();
+        drop(tx);
+        assert!(start.elapsed() < Duration::from_secs(1), "round {round}: the drop returned promptly");
+        drop(rx);
+        assert_eq!(net.helper_threads(), 0, "round {round}");
+        assert_eq!(net.data_socket_stats().sending, 0);
+    }
 }

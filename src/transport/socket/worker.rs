@@ -191,6 +191,12 @@ impl<S: Serves> Worker<S> {
         self.wake.signal();
     }
 
+    /// Whether a post would write the eventfd now (the thread sleeps or is about to): a moment's
+    /// view, for a poster weighing what its kicks cost.
+    pub fn sleeps(&self) -> bool {
+        self.sleeping.load(Ordering::SeqCst)
+    }
+
     /// Fills the inbox, then wakes the thread if it sleeps (or is about to).
     fn post(&self, fill: impl FnOnce(&mut Inbox<S>)) {
         fill(&mut self.inbox.lock());
