@@ -187,6 +187,8 @@ fn run(list: &ConnList, stop: &AtomicBool, waker: &Waker, watch: Duration, idle_
     // that moved something. A wake-up restarts it, so that a thread woken by a post or a completion
     // may poll for the chunks still out; chunks that never complete cost one bound per wake-up.
     let mut idle_since = Instant::now();
+    // The last idle wait was a poll: wake-ups meanwhile left the thread's park token set.
+    let mut polled = false;
     while !stop.load(Ordering::Acquire) {
         list.refresh(&mut seen, &mut local);
         let mut moved = false;
@@ -203,8 +205,18 @@ fn run(list: &ConnList, stop: &AtomicBool, waker: &Waker, watch: Duration, idle_
             std::thread::yield_now();
         } else {
             match idle_wait(idle_since) {
-                IdleWait::Poll => std::thread::yield_now(),
+                IdleWait::Poll => {
+                    polled = true;
+                    std::thread::yield_now();
+                }
                 IdleWait::Nap => std::thread::sleep(POLL_NAP),
+                // A token left by a wake-up while polling would end the park at once and start
+                // another bound, though the passes since saw what it announced: it is taken here,
+                // and one more pass covers a wake-up that came after the last one.
+                IdleWait::Park if polled => {
+                    polled = false;
+                    std::thread::park_timeout(Duration::ZERO);
+                }
                 IdleWait::Park => {
                     park(&local, waker, watch);
                     idle_since = Instant::now();
@@ -278,15 +290,18 @@ mod tests {
     }
 
     /// The thread tells its idle wait since when it found nothing to move, so that a wait which
-    /// polls for a bounded time (for chunks that may never complete) ends in a park; a wake-up
-    /// starts another bounded poll, which ends the same way.
+    /// polls for a bounded time (for chunks that may never complete) ends in a park, which wake-ups
+    /// that came while it polled do not cut short; a wake-up of the parked thread starts another
+    /// bounded poll, which ends the same way.
     #[test]
     fn a_poll_bounded_from_when_the_thread_went_idle_ends_in_a_park() {
-        let bound = Duration::from_millis(100);
+        let bound = Duration::from_millis(150);
         let (polls, parks) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        // The polls counted when the first park was asked for.
+        let polls_then = Arc::new(AtomicUsize::new(usize::MAX));
         let waker = Arc::new(Waker::default());
         let thread = {
-            let (polls, parks) = (polls.clone(), parks.clone());
+            let (polls, parks, polls_then) = (polls.clone(), parks.clone(), polls_then.clone());
             ProgressThread::start(
                 Arc::new(ConnList::default()),
                 waker.clone(),
@@ -296,7 +311,9 @@ mod tests {
                         polls.fetch_add(1, Ordering::Relaxed);
                         IdleWait::Poll
                     } else {
-                        parks.fetch_add(1, Ordering::Relaxed);
+                        if parks.fetch_add(1, Ordering::Relaxed) == 0 {
+                            polls_then.store(polls.load(Ordering::Relaxed), Ordering::Relaxed);
+                        }
                         IdleWait::Park
                     }
                 },
@@ -311,13 +328,19 @@ mod tests {
             assert_eq!((polls.load(Ordering::Relaxed), parks.load(Ordering::Relaxed)), seen, "still asking");
             seen
         };
+        // Wake-ups while it polls start no second bound once the first ended.
+        for _ in 0..3 {
+            waker.wake();
+        }
         let (polled, parked) = settled();
         assert!(polled >= 2, "polled {polled} times before parking");
-        assert_eq!(parked, 1, "one park, for good");
+        assert_eq!(polls_then.load(Ordering::Relaxed), polled, "polled on after the bound");
+        assert_eq!(parked, 2, "the park that takes the wake-ups' token, then one for good");
+        // A wake-up of the parked thread starts another bound, which ends the same way.
         waker.wake();
         let (polled_again, parked_again) = settled();
         assert!(polled_again >= polled + 2, "a wake-up polls again: {polled} then {polled_again} polls");
-        assert_eq!(parked_again, 2, "and parks again");
+        assert_eq!(parked_again, 4, "and parks again the same way");
         drop(thread);
     }
 }

@@ -550,8 +550,8 @@ impl Connection {
         }
         let retry = result.is_ok() && inner.channels.iter().any(Channel::needs_retry);
         self.set_retrying(inner, retry);
-        let out = inner.channels.iter().any(Channel::has_posted);
-        self.set_chunks_out(inner, out);
+        let chunks_out = inner.channels.iter().any(Channel::has_posted);
+        self.set_chunks_out(inner, chunks_out);
         if let Some(tracer) = &self.flow_tracer {
             tracer.passed(&sent);
         }
