@@ -247,6 +247,13 @@ impl Channel {
         self.held.retain(|&f| f != flow);
     }
 
+    /// Whether queued sends could go to the send comm now: its window has room and the first of
+    /// them is not held back.
+    pub fn sends_waiting(&self) -> bool {
+        self.send_inflight.len() < self.window
+            && self.send_queue.front().is_some_and(|(chunk, _)| !self.held.contains(&chunk.flow))
+    }
+
     /// Whether a request posted to a comm still uses memory of `region`.
     pub fn posted_on(&self, region: u64) -> bool {
         self.send_inflight.iter().chain(&self.recv_inflight).any(|(_, chunk, _)| chunk.region == region)
@@ -295,11 +302,21 @@ impl Channel {
     /// Posts queued chunks while the window has room and reaps finished ones (oldest first, the
     /// only order `test` allows). The flow of each send handed to the comm is appended to `sent`,
     /// finished chunks to `done`; returns whether anything moved.
+    #[cfg(test)]
     pub fn drive(&mut self, sent: &mut Vec<u64>, done: &mut Vec<Chunk>) -> Result<bool> {
+        self.drive_limited(sent, done, usize::MAX)
+    }
+
+    /// `drive`, handing the send comm no more sends once this call posted `send_bytes` bytes of
+    /// them (a send that starts below the bound goes whole); receives are all posted, since a
+    /// peer's piece of a chunk not posted here stalls its socket. `sends_waiting` then says
+    /// whether sends were left for a later drive.
+    pub fn drive_limited(&mut self, sent: &mut Vec<u64>, done: &mut Vec<Chunk>, send_bytes: usize) -> Result<bool> {
         self.sweep_registrations();
         self.declined = false;
         let mut moved = false;
-        while self.send_inflight.len() < self.window {
+        let mut posted_bytes = 0usize;
+        while self.send_inflight.len() < self.window && posted_bytes < send_bytes {
             let Some((chunk, mr)) = self.send_queue.front() else { break };
             if !self.held.is_empty() && self.held.contains(&chunk.flow) {
                 break;
@@ -325,6 +342,7 @@ impl Channel {
                 break;
             };
             let (chunk, _) = self.send_queue.pop_front().expect("looked at the front");
+            posted_bytes = posted_bytes.saturating_add(chunk.len);
             sent.push(chunk.flow);
             self.send_inflight.push_back((req, chunk, scratch));
             moved = true;
@@ -576,6 +594,48 @@ mod tests {
         let count = |op: &str| log.lock().iter().filter(|l| l.starts_with(op)).count();
         assert_eq!((count("isend"), count("irecv")), (3, 6));
         assert!(!ch.drive(&mut Vec::new(), &mut done).unwrap(), "nothing more fits either window");
+    }
+
+    #[test]
+    fn a_limited_drive_posts_sends_up_to_its_bytes_and_every_receive() {
+        let (mut ch, log, table) = logging_channel(8, false);
+        let id = table.register(0x10000, 0x10000, MemKind::Host).unwrap();
+        let region = table.get(id).unwrap();
+        for i in 0..5 {
+            let chunk = Chunk { flow: 1, region: id, mem: ChunkMem::At(0x10000 + i * 0x800), len: 0x800 };
+            ch.queue_send(chunk.clone(), Some(&region)).unwrap();
+            ch.queue_recv(chunk, Some(&region)).unwrap();
+        }
+        let count = |op: &str| log.lock().iter().filter(|l| l.starts_with(op)).count();
+        let (mut sent, mut done) = (Vec::new(), Vec::new());
+        assert!(ch.sends_waiting(), "queued, window empty");
+        // Two sends reach 0x1000 bytes; the third is left although the window has room.
+        assert!(ch.drive_limited(&mut sent, &mut done, 0x1000).unwrap());
+        assert_eq!((count("isend"), count("irecv"), sent.len()), (2, 5, 2));
+        assert!(ch.sends_waiting());
+        // A send that starts below the bound goes whole.
+        ch.drive_limited(&mut sent, &mut done, 1).unwrap();
+        assert_eq!(count("isend"), 3);
+        assert!(!ch.drive_limited(&mut sent, &mut done, 0).unwrap(), "no bytes: no send");
+        assert_eq!(count("isend"), 3);
+        ch.drive(&mut sent, &mut done).unwrap();
+        assert_eq!((count("isend"), sent.len()), (5, 5));
+        assert!(!ch.sends_waiting(), "nothing queued");
+
+        // A full window, or a held flow at the head, leaves nothing a drive could post.
+        let (mut ch, _log, table) = logging_channel(1, false);
+        let id = table.register(0x10000, 0x1000, MemKind::Host).unwrap();
+        let region = table.get(id).unwrap();
+        for off in [0, 0x100] {
+            ch.queue_send(Chunk { flow: 3, region: id, mem: ChunkMem::At(0x10000 + off), len: 0x100 }, Some(&region))
+                .unwrap();
+        }
+        ch.hold(3);
+        assert!(!ch.sends_waiting(), "held");
+        ch.release(3);
+        assert!(ch.sends_waiting());
+        ch.drive_limited(&mut Vec::new(), &mut Vec::new(), usize::MAX).unwrap();
+        assert!(!ch.sends_waiting(), "the window of one is full");
     }
 
     #[test]

@@ -107,36 +107,43 @@ impl Chunk {
     pub fn segments(&self, out: &mut Vec<IoSeg>) {
         match &self.mem {
             ChunkMem::At(addr) => out.push(IoSeg { addr: *addr, len: self.len }),
-            ChunkMem::Spans { segs, first, offset } => {
-                let (mut left, mut offset) = (self.len, *offset);
-                for seg in &segs[*first..] {
-                    if left == 0 {
-                        break;
-                    }
-                    let n = (seg.len - offset).min(left);
-                    if n > 0 {
-                        out.push(IoSeg { addr: seg.addr + offset, len: n });
-                    }
-                    left -= n;
-                    offset = 0;
-                }
-            }
+            ChunkMem::Spans { segs, first, offset } => out.extend(spanned(segs, *first, *offset, self.len)),
         }
     }
 
     /// The lowest address the chunk touches and the distance to the end of its highest byte.
+    /// Walks the segments without collecting them: every chunk of a vector is queued through
+    /// here, and a list per chunk cost a 1024-piece write's post a few microseconds.
     pub fn hull(&self) -> (usize, usize) {
         match &self.mem {
             ChunkMem::At(addr) => (*addr, self.len),
-            ChunkMem::Spans { .. } => {
-                let mut segs = Vec::new();
-                self.segments(&mut segs);
-                let start = segs.iter().map(|s| s.addr).min().unwrap_or(0);
-                let end = segs.iter().map(|s| s.addr + s.len).max().unwrap_or(start);
-                (start, end - start)
+            ChunkMem::Spans { segs, first, offset } => {
+                let bounds = spanned(segs, *first, *offset, self.len).fold(None, |b: Option<(usize, usize)>, s| {
+                    let (lo, hi) = b.unwrap_or((s.addr, s.addr + s.len));
+                    Some((lo.min(s.addr), hi.max(s.addr + s.len)))
+                });
+                bounds.map_or((0, 0), |(lo, hi)| (lo, hi - lo))
             }
         }
     }
+}
+
+/// The non-empty segments `len` bytes cover from `offset` bytes into `segs[first]` on.
+fn spanned(segs: &[IoSeg], first: usize, offset: usize, len: usize) -> impl Iterator<Item = IoSeg> + '_ {
+    let (mut left, mut offset) = (len, offset);
+    segs[first..]
+        .iter()
+        .map_while(move |seg| {
+            if left == 0 {
+                return None;
+            }
+            let n = (seg.len - offset).min(left);
+            let at = IoSeg { addr: seg.addr + offset, len: n };
+            left -= n;
+            offset = 0;
+            Some(at)
+        })
+        .filter(|s| s.len > 0)
 }
 
 /// How many chunks the flow over `extent` is cut into.
@@ -291,6 +298,36 @@ mod tests {
         // A chunk inside one segment is plain memory.
         assert_eq!(chunks[2].1.mem, ChunkMem::At(502));
         assert_eq!(merged(memory(&chunks)), segs);
+    }
+
+    #[test]
+    fn a_spanning_chunk_hull_covers_its_segments_in_any_address_order() {
+        // Segments out of address order, with empty ones between, the chunk starting mid-segment
+        // and ending mid-segment.
+        let segs: Arc<[IoSeg]> =
+            [seg(5000, 100), seg(0, 0), seg(9000, 50), seg(1000, 30), seg(0, 0), seg(7000, 40)].into();
+        let chunk = |first, offset, len| Chunk {
+            flow: 1,
+            region: 1,
+            mem: ChunkMem::Spans { segs: segs.clone(), first, offset },
+            len,
+        };
+        let from_segments = |c: &Chunk| {
+            let mut out = Vec::new();
+            c.segments(&mut out);
+            assert_eq!(out.iter().map(|s| s.len).sum::<usize>(), c.len);
+            assert!(out.iter().all(|s| s.len > 0), "{out:?}");
+            let lo = out.iter().map(|s| s.addr).min().unwrap();
+            (lo, out.iter().map(|s| s.addr + s.len).max().unwrap() - lo)
+        };
+        for (first, offset, len) in
+            [(0, 10, 90), (0, 10, 91), (0, 60, 100), (0, 0, 180), (2, 49, 31), (3, 0, 70), (2, 0, 120)]
+        {
+            let c = chunk(first, offset, len);
+            assert_eq!(c.hull(), from_segments(&c), "first {first} offset {offset} len {len}");
+        }
+        assert_eq!(chunk(0, 60, 100).hull(), (1000, 9050 - 1000), "5060+40, 9000+50, 1000+10");
+        assert_eq!(chunk(3, 0, 70).hull(), (1000, 7040 - 1000));
     }
 
     #[test]

@@ -418,7 +418,7 @@ impl Connection {
     fn wait_on_chunks(&self, t: &Transfer) {
         let counted = self.core.waker.waiting_caller();
         while !t.is_finished() {
-            self.pass_here(&mut self.inner.lock());
+            self.pass_here(&mut self.inner.lock(), usize::MAX);
             if t.is_finished() {
                 break;
             }

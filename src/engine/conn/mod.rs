@@ -495,16 +495,23 @@ impl Connection {
 
     /// One pass of the progress engine over this connection; returns whether anything moved.
     pub(super) fn progress(&self) -> bool {
-        self.pass(&mut self.inner.lock())
+        self.pass(&mut self.inner.lock(), usize::MAX)
     }
 
     /// Runs a pass now if chunks were queued since the last one: the thread that queued them (a
     /// poster, or the one handling the message that started their flow) posts the first ones
     /// itself instead of waiting for the progress thread to wake, a wake-up off every transfer's
     /// start at each end.
+    ///
+    /// Of the sends it posts about one full chunk's bytes per channel, what sets every socket of
+    /// the channel's comm moving, and wakes the progress thread for the rest: each further send
+    /// cost this thread (a caller, before its post returned) the transport's post of a segment list
+    /// and kicks of socket helpers not running yet, while its bytes would wait behind the first
+    /// chunk's anyway.
     fn pass_if_queued(&self, inner: &mut Inner) {
         if inner.queued {
-            self.pass_here(inner);
+            let first_sends = inner.state.chunking().size;
+            self.pass_here(inner, first_sends);
         }
     }
 
@@ -512,7 +519,8 @@ impl Connection {
     /// reactor). This may be the user's thread, whose current CUDA context is theirs, while a
     /// staged chunk's copy binds the engine's GPU: it is put back afterwards. Should that fail, the
     /// pass is left to the progress thread (woken when chunks were queued or completed).
-    fn pass_here(&self, inner: &mut Inner) {
+    /// `send_bytes`: the sends it posts per channel (see `pass`).
+    fn pass_here(&self, inner: &mut Inner, send_bytes: usize) {
         let _restore = match self.core.gpu.get().map(|gpu| gpu.enter()) {
             None => None,
             Some(Ok(restore)) => Some(restore),
@@ -521,12 +529,14 @@ impl Connection {
                 return;
             }
         };
-        self.pass(inner);
+        self.pass(inner, send_bytes);
     }
 
     /// Posts, tests and finishes chunks on every channel (and the device copies of the same-host
-    /// path); returns whether anything moved.
-    fn pass(&self, inner: &mut Inner) -> bool {
+    /// path); returns whether anything moved. Each channel gets sends until `send_bytes` of them
+    /// went (`Channel::drive_limited`); sends left waiting are the progress thread's, woken for
+    /// them.
+    fn pass(&self, inner: &mut Inner, send_bytes: usize) -> bool {
         if inner.state.failure().is_some() {
             return false;
         }
@@ -539,7 +549,7 @@ impl Connection {
         };
         if result.is_ok() {
             for ch in inner.channels.iter_mut() {
-                match ch.drive(&mut sent, &mut finished) {
+                match ch.drive_limited(&mut sent, &mut finished, send_bytes) {
                     Ok(m) => moved |= m,
                     Err(e) => {
                         result = Err(e);
@@ -552,6 +562,10 @@ impl Connection {
         self.set_retrying(inner, retry);
         let chunks_out = inner.channels.iter().any(Channel::has_posted);
         self.set_chunks_out(inner, chunks_out);
+        if send_bytes != usize::MAX && result.is_ok() && inner.channels.iter().any(Channel::sends_waiting) {
+            inner.queued = true;
+            self.core.waker.wake();
+        }
         if let Some(tracer) = &self.flow_tracer {
             tracer.passed(&sent);
         }
