@@ -62,6 +62,17 @@ impl Windows {
         Windows { max: max_registration, span }
     }
 
+    /// The window of the region `[base, base + len)` that holds `chunk`. Where the chunk lies is
+    /// looked at only for a region of several windows: a spanning chunk's bounds take a walk over
+    /// its segments, which every chunk of a vector would pay for nothing.
+    fn of_chunk(&self, base: usize, len: usize, chunk: &Chunk) -> Result<(usize, usize, usize)> {
+        if len.saturating_add(PAGE_SLACK) <= self.max {
+            return Ok((0, base, len));
+        }
+        let (addr, reach) = chunk.hull();
+        self.locate(base, len, addr, reach)
+    }
+
     /// The window of the region `[base, base + len)` that holds `[addr, addr + chunk)`: its index,
     /// start and length. A region that fits one registration is one window.
     fn locate(&self, base: usize, len: usize, addr: usize, chunk: usize) -> Result<(usize, usize, usize)> {
@@ -188,8 +199,7 @@ impl Channel {
             self.send_queue.push_back((chunk, MrHandle::NONE));
             return Ok(());
         };
-        let (addr, reach) = chunk.hull();
-        let (index, start, len) = self.windows.locate(region.base, region.len, addr, reach)?;
+        let (index, start, len) = self.windows.of_chunk(region.base, region.len, &chunk)?;
         let entry = Self::entry(&mut self.registrations, region);
         let mr = match entry.send.get(&index) {
             Some(mr) => *mr,
@@ -211,8 +221,7 @@ impl Channel {
             self.recv_queue.push_back((chunk, MrHandle::NONE));
             return Ok(());
         };
-        let (addr, reach) = chunk.hull();
-        let (index, start, len) = self.windows.locate(region.base, region.len, addr, reach)?;
+        let (index, start, len) = self.windows.of_chunk(region.base, region.len, &chunk)?;
         let entry = Self::entry(&mut self.registrations, region);
         let mr = match entry.recv.get(&index) {
             Some(mr) => *mr,
@@ -569,6 +578,18 @@ mod tests {
         for (off, mr) in [(0, 101), (GIB - 10, 101), (3 * GIB + 5, 102), (5 * GIB + (GIB - 100), 103), (10, 101)] {
             assert!(lines.contains(&format!("isend {:#x}+100 mr {mr}", base + off)), "{lines:?}");
         }
+        // A spanning chunk goes with the window of its lowest byte, wherever its first segment lies.
+        let segs: Arc<[IoSeg]> =
+            [IoSeg { addr: base + 3 * GIB + 0x2000, len: 50 }, IoSeg { addr: base + 3 * GIB + 0x1000, len: 50 }].into();
+        let spanning = Chunk { flow: 9, region: id, mem: ChunkMem::Spans { segs, first: 0, offset: 0 }, len: 100 };
+        ch.queue_send(spanning, Some(&region)).unwrap();
+        while ch.drive(&mut Vec::new(), &mut done).unwrap() {}
+        let expected = format!("isendv {:#x}+50,{:#x}+50 mr 102", base + 3 * GIB + 0x2000, base + 3 * GIB + 0x1000);
+        assert_eq!(log.lock().last(), Some(&expected));
+        // One whose segments lie further apart than any window reaches is refused.
+        let segs: Arc<[IoSeg]> = [IoSeg { addr: base, len: 50 }, IoSeg { addr: base + 2 * GIB, len: 50 }].into();
+        let wide = Chunk { flow: 10, region: id, mem: ChunkMem::Spans { segs, first: 0, offset: 0 }, len: 100 };
+        assert!(ch.queue_send(wide, Some(&region)).is_err());
         log.lock().clear();
         table.remove(id).unwrap();
         drop(region);
