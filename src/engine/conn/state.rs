@@ -479,7 +479,7 @@ impl ConnState {
         let direct = match u32::try_from(len) {
             Ok(seg_len) if direct && !inline => {
                 let seg = RemoteSeg { addr, len: seg_len };
-                self.direct_request(id, write, &extent, remote_region, token, vec![seg])
+                self.direct_request(id, write, &extent, remote_region, token, &[seg])
             }
             _ => None,
         };
@@ -515,8 +515,7 @@ impl ConnState {
     ) -> (Control, bool) {
         let id = self.take_id();
         let VectorRequest { region, local: extent, remote_region, token, segs } = vector;
-        let direct =
-            if direct { self.direct_request(id, write, &extent, remote_region, token, segs.clone()) } else { None };
+        let direct = if direct { self.direct_request(id, write, &extent, remote_region, token, &segs) } else { None };
         let asked = direct.is_some();
         let msg = if write {
             let request = Control::WriteVector { xfer: id, region: remote_region, token, segs };

@@ -130,11 +130,13 @@ impl ConnState {
         local: &Extent,
         remote_region: u64,
         token: u64,
-        segs: Vec<RemoteSeg>,
+        segs: &[RemoteSeg],
     ) -> Option<Control> {
         if !self.direct.usable(write) {
             return None;
         }
+        // Copied only once the copy is possible: between hosts a vector's list stays where it is.
+        let segs = segs.to_vec();
         if write {
             let src: Vec<u64> = segs_of(local).iter().map(|s| s.addr as u64).collect();
             // Local and remote segments pair up one to one (each item is one of each).
