@@ -194,3 +194,29 @@ fn network_chunks_in_flight_keep_the_idle_progress_thread_polling_within_its_bou
     assert_eq!(idle_wait(&b.core.routes, &b.core.waker, false, Duration::ZERO, Instant::now()), IdleWait::Park);
     b.core.waker.chunks_in();
 }
+
+/// A caller's write posts about one chunk's bytes of sends per channel and leaves the rest queued:
+/// once its call returned, whatever its channels would still take is marked for a pass (which
+/// wakes the progress thread) or already posted, never left until a completion happens to come.
+/// Every write still lands whole.
+#[test]
+fn sends_a_write_leaves_queued_are_marked_for_the_progress_thread() {
+    let engine = || Engine::new(Config { transport: TransportChoice::Socket, disable_ipc: true, ..config() }).unwrap();
+    let (a, b) = (engine(), engine());
+    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+    let _ba = b.accept().unwrap();
+    // 16 chunks of 64 KiB over 2 channels: the caller posts one a channel, seven stay queued.
+    let len = 1 << 20;
+    let mut dst = vec![0u8; len];
+    let dmr = b.register(dst.as_mut_ptr() as usize, len).unwrap();
+    let remote = b.prepare_fifo(dmr, dst.as_ptr() as usize, len).unwrap();
+    for seed in 0..20u8 {
+        let src = bytes(len, seed);
+        let smr = a.register(src.as_ptr() as usize, len).unwrap();
+        let w = ab.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len, remote }]).unwrap();
+        assert!(!ab.sends_stranded(), "write {seed} left sends nothing will post");
+        assert_eq!(wait(&ab, w), len as u64);
+        assert!(dst == src, "write {seed} landed wrong");
+        a.deregister(smr).unwrap();
+    }
+}

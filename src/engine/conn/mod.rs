@@ -348,10 +348,10 @@ impl Connection {
     }
 
     /// Sends what [`apply_held`](Self::apply_held) held back and wakes the progress thread for the
-    /// chunks it queued.
+    /// chunks it queued, or that a pass left queued (`pass_if_queued`).
     fn release(&self, inner: &Inner, held: Held) -> Result<()> {
         let sent = if held.msgs.is_empty() { Ok(()) } else { self.send_all(&held.msgs) };
-        if held.queued {
+        if held.queued || inner.queued {
             self.core.waker.wake();
         } else if self.core.waker.parked_untimed() && self.owes_us(&inner.state) {
             // Every change of the state is carried out here, so this is where a wait on the peer
@@ -493,6 +493,15 @@ impl Connection {
         }
     }
 
+    /// Whether a channel holds sends its comm would take now with nothing set to post them: no
+    /// pass due (the connection not marked queued, so no release wakes the progress thread for
+    /// it) and no comm that declined one. Outside a pass this must never hold.
+    #[cfg(test)]
+    pub(in crate::engine) fn sends_stranded(&self) -> bool {
+        let inner = self.inner.lock();
+        !inner.queued && !inner.retrying && inner.channels.iter().any(Channel::sends_waiting)
+    }
+
     /// One pass of the progress engine over this connection; returns whether anything moved.
     pub(super) fn progress(&self) -> bool {
         self.pass(&mut self.inner.lock(), usize::MAX)
@@ -504,10 +513,10 @@ impl Connection {
     /// start at each end.
     ///
     /// Of the sends it posts about one full chunk's bytes per channel, what sets every socket of
-    /// the channel's comm moving, and wakes the progress thread for the rest: each further send
-    /// cost this thread (a caller, before its post returned) the transport's post of a segment list
-    /// and kicks of socket helpers not running yet, while its bytes would wait behind the first
-    /// chunk's anyway.
+    /// the channel's comm moving, and leaves the rest queued for the progress thread, which the
+    /// `release` that follows wakes: each further send cost this thread (a caller, before its post
+    /// returned) the transport's post of a segment list and kicks of socket helpers not running
+    /// yet, while its bytes would wait behind the first chunk's anyway.
     fn pass_if_queued(&self, inner: &mut Inner) {
         if inner.queued {
             let first_sends = inner.state.chunking().size;
@@ -534,8 +543,7 @@ impl Connection {
 
     /// Posts, tests and finishes chunks on every channel (and the device copies of the same-host
     /// path); returns whether anything moved. Each channel gets sends until `send_bytes` of them
-    /// went (`Channel::drive_limited`); sends left waiting are the progress thread's, woken for
-    /// them.
+    /// went (`Channel::drive_limited`); sends left waiting keep the connection marked queued.
     fn pass(&self, inner: &mut Inner, send_bytes: usize) -> bool {
         if inner.state.failure().is_some() {
             return false;
@@ -562,10 +570,7 @@ impl Connection {
         self.set_retrying(inner, retry);
         let chunks_out = inner.channels.iter().any(Channel::has_posted);
         self.set_chunks_out(inner, chunks_out);
-        if send_bytes != usize::MAX && result.is_ok() && inner.channels.iter().any(Channel::sends_waiting) {
-            inner.queued = true;
-            self.core.waker.wake();
-        }
+        let sends_left = send_bytes != usize::MAX && inner.channels.iter().any(Channel::sends_waiting);
         if let Some(tracer) = &self.flow_tracer {
             tracer.passed(&sent);
         }
@@ -602,6 +607,9 @@ impl Connection {
             self.fail(inner, e);
             return true;
         }
+        // Set past this pass's own release, so that the wake-up waits for the caller's (after its
+        // request's write), not to find the lock still held.
+        inner.queued |= sends_left;
         moved
     }
 
