@@ -497,7 +497,7 @@ impl Connection {
     /// pass due (the connection not marked queued, so no release wakes the progress thread for
     /// it) and no comm that declined one. Outside a pass this must never hold.
     #[cfg(test)]
-    pub(in crate::engine) fn sends_stranded(&self) -> bool {
+    pub(super) fn sends_stranded(&self) -> bool {
         let inner = self.inner.lock();
         !inner.queued && !inner.retrying && inner.channels.iter().any(Channel::sends_waiting)
     }
