@@ -177,6 +177,11 @@ impl Channel {
         !self.send_inflight.is_empty() || !self.recv_inflight.is_empty()
     }
 
+    /// Bytes of the chunks handed to the comms and not complete yet.
+    pub fn posted_bytes(&self) -> usize {
+        self.send_inflight.iter().chain(&self.recv_inflight).map(|(_, chunk, _)| chunk.len).sum()
+    }
+
     /// A scratch buffer of at least `len` bytes for a receive.
     fn take_scratch(&mut self, len: usize) -> Box<[u8]> {
         match self.spare.iter().position(|b| b.len() >= len) {

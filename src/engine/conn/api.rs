@@ -314,9 +314,10 @@ impl Connection {
             tracer.requests(transfer.id, &out, inner.state.chunking());
         }
         if out.iter().any(|a| matches!(a, Action::Queue(_))) {
-            // The chunks go to the channels before the requests that announce them are written.
+            // A short write's chunks go to the channels before the requests that announce them
+            // are written.
             let mut held = Held::default();
-            if let Err(e) = self.apply_held(inner, out, &mut held) {
+            if let Err(e) = self.apply_held(inner, out, &mut held).and_then(|()| held.send_unless_chunks_first(self)) {
                 self.fail(inner, e.clone());
                 return Err(e);
             }
