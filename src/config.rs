@@ -98,7 +98,7 @@ pub struct Config {
     pub plugin_test_ahead: bool,
     /// How long a thread that expects control-stream bytes polls before it sleeps: a caller
     /// waiting for an inline transfer's reply, and a control reactor thread after a turn that did
-    /// work. Default 20 us when this process may run on 2 or more CPUs, else 0.
+    /// work. Default 200 us when this process may run on 8 or more CPUs, 20 us on 2 to 7, else 0.
     /// `UCCL_TCPX_CONTROL_SPIN_US`.
     pub control_spin: Duration,
     /// Whether a caller waiting on a read over the channels is woken by the transport's
@@ -112,14 +112,15 @@ pub struct Config {
     /// us after it was issued on a 32-core VM, where one takes about 30. Default on when this
     /// process may run on 4 or more CPUs, else off. `UCCL_TCPX_COPY_POLL_SPIN` (0 or 1).
     pub copy_poll_spin: bool,
-    /// While any connection of the engine has network chunks posted to its channels' transport and
-    /// not complete, the idle progress thread keeps polling, yielding its core between passes, for
+    /// While a connection of the engine has network chunks posted to its channels' transport and
+    /// not complete, at most 1 MiB of them (a wake-up saved matters only to a short transfer), the
+    /// idle progress thread keeps polling, yielding its core between passes, for
     /// up to this long since it last moved something or woke, then parks as before: the last
     /// chunk's completion then finds it awake instead of waking it (a futex wake-up and the thread's
     /// scheduling, several us on a VM, on every transfer's path at the end that finishes it). The
     /// price is one core per engine busy while transfers move, which on a small host is a core the
-    /// transport's own threads need. 0 (the default for now) parks at once, as before.
-    /// `UCCL_TCPX_PROGRESS_POLL_US` (0 to 1,000,000).
+    /// transport's own threads need. Default 200 us when this process may run on 8 or more CPUs,
+    /// else 0 (parks at once). `UCCL_TCPX_PROGRESS_POLL_US` (0 to 1,000,000).
     pub progress_poll: Duration,
     /// Threads an engine reads and writes its connections' control streams with (its control
     /// reactor), started as connections arrive and ended with the last one; 0 = one per core, at

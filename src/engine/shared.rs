@@ -151,8 +151,8 @@ pub struct Waker {
     /// Device copies of the same-host path in flight: they complete only when polled, and no thread
     /// of ours moves them, so the progress thread may poll them without pause.
     device_copies: AtomicUsize,
-    /// Connections with network chunks posted to their channels' transport and not complete (each
-    /// counted once, however many chunks): a thread of the transport ends them and wakes the
+    /// Connections with network chunks posted to their channels' transport and not complete, at
+    /// most 1 MiB of them (each counted once, however many chunks): a thread of the transport ends them and wakes the
     /// progress thread, which `UCCL_TCPX_PROGRESS_POLL_US` may keep awake instead.
     chunks_out: AtomicUsize,
     /// Callers blocked in `wait` on a transfer that ends on its own chunks (a read), by a number

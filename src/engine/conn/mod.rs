@@ -87,8 +87,9 @@ struct Inner {
     /// A channel's comm declined a post with nothing in flight to wake us: counted as polled work,
     /// so the progress thread polls instead of parking until the post went through.
     retrying: bool,
-    /// Some channel has chunks posted to the transport and not complete: counted by the waker, so
-    /// that the idle progress thread may poll for their completion (`UCCL_TCPX_PROGRESS_POLL_US`).
+    /// Some channel has chunks posted to the transport and not complete, at most `POLLED_BYTES` of
+    /// them: counted by the waker, so that the idle progress thread may poll for their completion
+    /// (`UCCL_TCPX_PROGRESS_POLL_US`).
     chunks_out: bool,
     /// Chunks were queued (or released) since the last pass over the channels.
     queued: bool,
@@ -472,7 +473,13 @@ impl Connection {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        let _ = self.writer.send(&Control::Close);
+        {
+            // Answers held back for a pass (`apply_held`) are written under the connection lock:
+            // taking it first puts the Close behind them, so a part the user saw finish is not
+            // reported cancelled to the peer.
+            let _inner = self.inner.lock();
+            let _ = self.writer.send(&Control::Close);
+        }
         self.writer.finish(LINGER_ON_CLOSE);
         let _ = self.control.shutdown(Shutdown::Both);
         {

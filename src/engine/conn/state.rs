@@ -7,7 +7,9 @@
 //! Flows are numbered per direction, and both ends queue them on the channels in that order (the
 //! number seeds the chunk plan's channel rotation). The sending end numbers a flow when it puts the
 //! message that starts it on the control stream, under the connection lock, and the receiving end
-//! when it reads that message: a write's own request (its chunks follow at once, without a grant),
+//! when it reads that message: a write's own request (its chunks follow at once, without a grant, or
+//! are posted just before it when short: the stream's order of messages and of queued flows is the
+//! same either way),
 //! the Data marker of a granted send or a served read. So the stream's order is the flows' order.
 //!
 //! A deregistered region is cut off here (`cut`): flows on it finish through scratch memory, so both
@@ -406,7 +408,7 @@ impl ConnState {
 
     /// Registers the requests of one write or read call as parts of `transfer`, one part each, and
     /// pushes the messages to send, then the writes' flows to queue (their chunks follow the
-    /// requests at once). Nothing is registered when a local region was deregistered since the
+    /// requests at once, or are posted just before them when short). Nothing is registered when a local region was deregistered since the
     /// caller looked it up. When flows were queued, the messages must reach the wire before the
     /// connection lock is released: the peer numbers the flows in their requests' order.
     pub fn post_one_sided(

@@ -103,7 +103,7 @@ struct Entry<T> {
     holds: bool,
 }
 
-/// A helper's sockets that hold a piece whose receive is not posted, and since when some do.
+/// A helper's sockets that hold a piece whose receive is not posted, and since the newest of them began to.
 struct Holding {
     count: usize,
     since: Instant,
@@ -117,9 +117,8 @@ impl Holding {
         }
         entry.holds = holds;
         if holds {
-            if self.count == 0 {
-                self.since = Instant::now();
-            }
+            // From the newest hold: a socket whose post never comes stops nobody else's poll.
+            self.since = Instant::now();
             self.count += 1;
         } else {
             self.count -= 1;
@@ -127,7 +126,7 @@ impl Holding {
     }
 
     /// Whether the helper polls for the posts its sockets wait on: for at most `limit` since the
-    /// first of them waited.
+    /// newest of them began to wait.
     fn awaits_post(&self, limit: Duration) -> bool {
         self.count > 0 && self.since.elapsed() < limit
     }
