@@ -619,6 +619,8 @@ mod tests {
         assert!(done.is_empty());
         let count = |op: &str| log.lock().iter().filter(|l| l.starts_with(op)).count();
         assert_eq!((count("isend"), count("irecv")), (3, 6));
+        assert!(ch.has_posted());
+        assert_eq!(ch.posted_bytes(), 9 * 0x100, "the bytes of the three sends and six receives posted");
         assert!(!ch.drive(&mut Vec::new(), &mut done).unwrap(), "nothing more fits either window");
     }
 

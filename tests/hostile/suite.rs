@@ -799,15 +799,7 @@ fn a_peer_silent_after_a_write_request_is_cut_off_at_the_stall_timeout() {
     let timeout = Duration::from_secs(1);
     let p = pair_with(Config { timeout, ..config() });
     let (mut fake, _conn) = fake_peer(&p);
-    let mut mem = vec![0u8; 1 << 20];
-    let mr = p.b.register(mem.as_mut_ptr() as usize, mem.len()).unwrap();
-    let item = p.b.prepare_fifo(mr, mem.as_mut_ptr() as usize, mem.len()).unwrap();
-    let cap = item.capability().unwrap();
-    let token = wire_token(&fake, cap.region, cap.token);
-    // Long enough for the engine to park with nothing owed.
-    std::thread::sleep(Duration::from_millis(300));
-    let start = Instant::now();
-    fake.send(&Control::WriteRequest { xfer: 1, region: cap.region, token, addr: item.addr, len: 1 << 20 });
+    let (_mem, start) = announce_unsent_write(&p, &mut fake);
     fake.expect_closed();
     let took = start.elapsed();
     assert!(took >= timeout, "cut off after {took:?}, before the stall timeout");
@@ -826,14 +818,7 @@ fn chunks_that_never_complete_are_polled_for_only_up_to_the_bound() {
     let bound = Duration::from_millis(400);
     let p = pair_with(Config { timeout: Duration::from_secs(60), progress_poll: bound, ..config() });
     let (mut fake, _conn) = fake_peer(&p);
-    let mut mem = vec![0u8; 1 << 20];
-    let mr = p.b.register(mem.as_mut_ptr() as usize, mem.len()).unwrap();
-    let item = p.b.prepare_fifo(mr, mem.as_mut_ptr() as usize, mem.len()).unwrap();
-    let cap = item.capability().unwrap();
-    let token = wire_token(&fake, cap.region, cap.token);
-    std::thread::sleep(Duration::from_millis(300));
-    let start = Instant::now();
-    fake.send(&Control::WriteRequest { xfer: 1, region: cap.region, token, addr: item.addr, len: 1 << 20 });
+    let (_mem, start) = announce_unsent_write(&p, &mut fake);
     let polling = testkit::cost::idle(Duration::from_millis(20), Duration::from_millis(200)).cpu;
     std::thread::sleep((start + bound + Duration::from_millis(200)).saturating_duration_since(Instant::now()));
     let parked = testkit::cost::idle(Duration::ZERO, Duration::from_secs(1)).cpu;
@@ -875,6 +860,21 @@ fn a_caller_waiting_on_an_unserved_read_is_released_when_the_peer_hangs_up() {
 
 /// What a one-sided request carries for a region's token on `fake`'s connection: the token itself
 /// without a key, its binding to this connection with one.
+/// Registers 1 MiB at b, lets its engine park with nothing owed, then has `fake` announce a write of
+/// all of it and send none of its chunks; returns the memory (registered while it lives) and when
+/// the announcement went.
+fn announce_unsent_write(p: &Pair, fake: &mut FakePeer) -> (Vec<u8>, Instant) {
+    let mut mem = vec![0u8; 1 << 20];
+    let mr = p.b.register(mem.as_mut_ptr() as usize, mem.len()).unwrap();
+    let item = p.b.prepare_fifo(mr, mem.as_mut_ptr() as usize, mem.len()).unwrap();
+    let cap = item.capability().unwrap();
+    let token = wire_token(fake, cap.region, cap.token);
+    std::thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    fake.send(&Control::WriteRequest { xfer: 1, region: cap.region, token, addr: item.addr, len: 1 << 20 });
+    (mem, start)
+}
+
 fn wire_token(fake: &FakePeer, region: u64, token: u64) -> u64 {
     fake.session.as_ref().map_or(token, |s| s.token_binding().bind(region, token))
 }
