@@ -166,6 +166,13 @@ pub struct Config {
     /// than with 256 KiB pieces, where sixteen threads pinning 512 KiB pieces share the peer's page
     /// tables. `UCCL_TCPX_HOST_COPY_MIN_PIECE` (64K to 4M, K/M suffixes).
     pub host_copy_min_piece: u32,
+    /// One-sided host transfers to a peer process of this host longer than the first bound and
+    /// shorter than the second take the channels (loopback TCP) instead of the direct copy, which
+    /// is slower there on a many-core host: every copying thread pins the peer's pages, and a few
+    /// MiB span too few of its page tables for many threads to help, while the channels' helpers
+    /// copy in parallel in both processes. Default 1 MiB to 12 MiB from 16 CPUs, none below.
+    /// `UCCL_TCPX_HOST_COPY_NETWORK_BAND` (`LO-HI` with K/M/G suffixes, or 0 for none).
+    pub host_copy_network_band: Option<(u64, u64)>,
     /// The key peers must share: when set, every connection starts with a mutual challenge-response
     /// and strangers are refused before anything is spent on them. Read from the file named by
     /// `UCCL_TCPX_AUTH_KEY_FILE` (its bytes, less one trailing newline; 16 to 4096 bytes; not
@@ -470,6 +477,15 @@ fn default_progress_poll(cores: usize) -> Duration {
     if cores >= 8 { PROGRESS_POLL_MANY_CORES } else { Duration::ZERO }
 }
 
+/// On the 32-core host (three alternated rounds, `uccl-tcpx-bench --same-host`), the direct copy
+/// against our loopback TCP path, write / read: 1 MiB 1.66 / 0.83, 2 MiB 0.74 / 0.82, 3 MiB 0.55 /
+/// 0.65, 4 MiB 0.64 / 0.67, 6 MiB 0.65 / 0.74, 8 MiB 0.78 / 0.79, 12 MiB 1.02 / 1.01, 16 MiB 1.22 /
+/// 1.23, 64 MiB 2.0. On the 2-CPU VM the direct copy was 1.7-2.6x loopback TCP from 1 to 64 MiB
+/// (the channels' helpers have no cores to spread over), so no band below 16 CPUs.
+fn default_host_copy_network_band(cores: usize) -> Option<(u64, u64)> {
+    (cores >= 16).then_some((1 << 20, 12 << 20))
+}
+
 /// A quarter of the CPUs: two engines of one host (a loopback run) then poll on half of them.
 fn default_spinners() -> u16 {
     (available_cores() / 4).clamp(1, 1024) as u16
@@ -553,6 +569,7 @@ impl Default for Config {
             host_copy_threads: default_host_copy_threads(),
             host_copy_spin: Duration::ZERO,
             host_copy_min_piece: 1 << 20,
+            host_copy_network_band: default_host_copy_network_band(available_cores()),
             auth_key: None,
         }
     }
@@ -625,6 +642,7 @@ impl Config {
                 64 << 10,
                 4 << 20,
             )?,
+            host_copy_network_band: parse_band(&get, "UCCL_TCPX_HOST_COPY_NETWORK_BAND", d.host_copy_network_band)?,
             auth_key: get("UCCL_TCPX_AUTH_KEY_FILE")
                 .map(|path| read_key_file("UCCL_TCPX_AUTH_KEY_FILE", &path))
                 .transpose()?,
@@ -789,6 +807,23 @@ where
 }
 
 /// A size knob: a byte count in `min..=max`, in [`parse_bytes`]'s notation.
+/// `LO-HI` (sizes, LO below HI) or `0` for none.
+fn parse_band(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &str,
+    default: Option<(u64, u64)>,
+) -> Result<Option<(u64, u64)>> {
+    let Some(raw) = get(name) else { return Ok(default) };
+    if raw.trim() == "0" {
+        return Ok(None);
+    }
+    let band = raw.split_once('-').and_then(|(lo, hi)| Some((parse_bytes(lo.trim())?, parse_bytes(hi.trim())?)));
+    match band {
+        Some((lo, hi)) if lo < hi => Ok(Some((lo, hi))),
+        _ => Err(bad(name, &raw, "LO-HI with LO below HI (K, M and G suffixes allowed), or 0")),
+    }
+}
+
 fn parse_size(get: &impl Fn(&str) -> Option<String>, name: &str, default: u32, min: u32, max: u32) -> Result<u32> {
     let Some(raw) = get(name) else { return Ok(default) };
     match parse_bytes(&raw) {
@@ -936,6 +971,17 @@ mod tests {
         assert_eq!(cfg(&[("UCCL_TCPX_HOST_COPY_SPIN_US", "0")]).unwrap().host_copy_spin, Duration::ZERO);
         assert_eq!(cfg(&[("UCCL_TCPX_HOST_COPY_SPIN_US", "75")]).unwrap().host_copy_spin, Duration::from_micros(75));
         assert_eq!(cfg(&[]).unwrap().host_copy_min_piece, 1 << 20);
+        assert_eq!(cfg(&[]).unwrap().host_copy_network_band, default_host_copy_network_band(available_cores()));
+        assert_eq!(default_host_copy_network_band(2), None, "the direct copy wins everywhere on 2 CPUs");
+        assert_eq!(default_host_copy_network_band(32), Some((1 << 20, 12 << 20)));
+        let band = |v: &str| cfg(&[("UCCL_TCPX_HOST_COPY_NETWORK_BAND", v)]).map(|c| c.host_copy_network_band);
+        assert_eq!(band("2M-8M").unwrap(), Some((2 << 20, 8 << 20)));
+        assert_eq!(band(" 512K - 1G ").unwrap(), Some((512 << 10, 1 << 30)));
+        assert_eq!(band("0").unwrap(), None);
+        for wrong in ["8M-2M", "4M-4M", "4M", "-4M", "1M-", "x-2M"] {
+            let err = band(wrong).unwrap_err();
+            assert!(err.message().contains("UCCL_TCPX_HOST_COPY_NETWORK_BAND"), "{wrong:?}: {err}");
+        }
         assert_eq!(cfg(&[("UCCL_TCPX_HOST_COPY_MIN_PIECE", "2M")]).unwrap().host_copy_min_piece, 2 << 20);
         for bad in ["32K", "8M", "x"] {
             let err = cfg(&[("UCCL_TCPX_HOST_COPY_MIN_PIECE", bad)]).unwrap_err();

@@ -61,9 +61,11 @@ fn violation(what: &str) -> Error {
 }
 
 impl ConnState {
-    /// The peer shares this host (another process): its ProcessHello will be checked.
-    pub fn set_same_host(&mut self) {
+    /// The peer shares this host (another process): its ProcessHello will be checked. One-sided
+    /// transfers longer than the band's first bound and shorter than its second keep to the network.
+    pub fn set_same_host(&mut self, network_band: Option<(u64, u64)>) {
         self.direct.same_host = true;
+        self.direct.network_band = network_band;
     }
 
     /// Copy jobs carry the time they were queued (`UCCL_TCPX_TRACE_HOST_COPY`); untraced they
@@ -133,6 +135,10 @@ impl ConnState {
         segs: &[RemoteSeg],
     ) -> Option<Control> {
         if !self.direct.usable(write) {
+            return None;
+        }
+        let len = local.len();
+        if self.direct.network_band.is_some_and(|(lo, hi)| lo < len && len < hi) {
             return None;
         }
         // Copied only once the copy is possible: between hosts a vector's list stays where it is.

@@ -79,6 +79,9 @@ pub struct HostPath {
 pub(super) struct Direct {
     /// The handshake found the peer on this host (another process).
     pub(super) same_host: bool,
+    /// Transfers longer than the first bound and shorter than the second take the network path
+    /// (`Config::host_copy_network_band`).
+    pub(super) network_band: Option<(u64, u64)>,
     pub(super) hello_seen: bool,
     pub(super) ack_seen: bool,
     pub(super) proved: bool,

@@ -5,9 +5,13 @@ use super::*;
 
 /// Two ends of one host; each proved the other (or not) and told it so.
 fn host_pair(a_reads_b: bool, b_reads_a: bool) -> (End, End) {
+    host_pair_with_band(a_reads_b, b_reads_a, None)
+}
+
+fn host_pair_with_band(a_reads_b: bool, b_reads_a: bool, band: Option<(u64, u64)>) -> (End, End) {
     let (mut a, mut b) = (End::new(), End::new());
     for (end, reads) in [(&mut a, a_reads_b), (&mut b, b_reads_a)] {
-        end.st.set_same_host();
+        end.st.set_same_host(band);
         end.handle(Control::ProcessHello { pid: 7, fd: 3 }).unwrap();
         assert!(end.host_work, "the proof is the worker's");
         let Some(HostTask::Prove { pid: 7, fd: 3 }) = end.st.next_host_task() else { panic!("a proof task") };
@@ -22,6 +26,32 @@ fn host_pair(a_reads_b: bool, b_reads_a: bool) -> (End, End) {
         HostPath { checked: true, reads_peer: a_reads_b, peer_reads_us: b_reads_a, direct_ops: 0, caller_copies: 0 };
     assert_eq!(a.st.host_path(), want);
     (a, b)
+}
+
+/// Inside the network band (bounds excluded) writes and reads ask for the channels, at and outside
+/// it for the direct copy, whatever their shape.
+#[test]
+fn transfers_inside_the_network_band_take_the_channels() {
+    let band = (2 * CHUNK as u64, 4 * CHUNK as u64);
+    let (mut a, _b) = host_pair_with_band(true, true, Some(band));
+    let len = 4 * CHUNK + 100;
+    let src = a.buffer(len, pattern(41));
+    let dst = a.buffer(len, |_| 0);
+    for (n, network) in
+        [(2 * CHUNK, false), (2 * CHUNK + 1, true), (4 * CHUNK - 1, true), (4 * CHUNK, false), (4 * CHUNK + 100, false)]
+    {
+        for write in [true, false] {
+            a.outbox.clear();
+            a.one_sided(write, &[(&src, 0, &dst, 0, n)]);
+            let direct = matches!(a.outbox.front(), Some(Control::DirectWrite { .. } | Control::DirectRead { .. }));
+            assert_eq!(!direct, network, "{n} bytes, write {write}");
+        }
+    }
+    // A vector counts its bytes in total.
+    a.outbox.clear();
+    let half = 3 * CHUNK / 2;
+    a.one_sided(true, &[(&src, 0, &dst, 0, half), (&src, half, &dst, half + 64, half)]);
+    assert!(!matches!(a.outbox.front(), Some(Control::DirectWrite { .. })), "a vector inside the band went direct");
 }
 
 #[test]
@@ -115,8 +145,8 @@ fn a_target_that_cannot_copy_answers_the_network_way() {
     // The initiator was told the target reads it, but the target did not prove it (or the kernel
     // took the access away): it grants the write and serves the read over the channels.
     let (mut a, mut b) = (End::new(), End::new());
-    a.st.set_same_host();
-    b.st.set_same_host();
+    a.st.set_same_host(None);
+    b.st.set_same_host(None);
     a.handle(Control::ProcessAck { readable: true }).unwrap();
     let len = 2 * CHUNK + 3;
     let src = a.buffer(len, pattern(42));
