@@ -422,9 +422,9 @@ fn connect_to(core: &Arc<EngineCore>, addr: SocketAddr, remote_gpu: &str) -> Res
 /// as it counts connections with network chunks in flight. The clock is read only when polling for
 /// those chunks is on and some are in flight.
 fn idle_wait(routes: &Routes, waker: &Waker, spin: bool, chunk_poll: Duration, idle_since: Instant) -> IdleWait {
-    let copies = routes.polls_device_copies() || waker.has_device_copies();
-    let chunks_idle = (!chunk_poll.is_zero() && waker.has_chunks_out()).then(|| idle_since.elapsed());
-    idle_choice(copies, routes.needs_polling() || waker.has_polled_work(), spin, chunks_idle, chunk_poll)
+    let copies = routes.polls_device_copies() || waker.device_copies.any();
+    let chunks_idle = (!chunk_poll.is_zero() && waker.chunks_out.any()).then(|| idle_since.elapsed());
+    idle_choice(copies, routes.needs_polling() || waker.polled.any(), spin, chunks_idle, chunk_poll)
 }
 
 /// Polls without pause while device copies are in flight, when `spin` allows (no thread of ours

@@ -137,6 +137,37 @@ impl Drop for WaitingCaller<'_> {
     }
 }
 
+/// How many of one kind of work are in flight, for the idle progress thread to ask whether any is.
+#[derive(Default)]
+pub struct Tally(AtomicUsize);
+
+impl Tally {
+    pub fn add(&self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn remove(&self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    pub fn any(&self) -> bool {
+        self.0.load(Ordering::Acquire) > 0
+    }
+
+    /// Counts a member in or out as its own flag changes to `now`; true when it was counted in.
+    pub fn set(&self, flag: &mut bool, now: bool) -> bool {
+        if std::mem::replace(flag, now) == now {
+            return false;
+        }
+        if now {
+            self.add()
+        } else {
+            self.remove()
+        }
+        now
+    }
+}
+
 /// Unparks the progress thread: for posts, and for transports' completions (their `Wake`), which
 /// also reach callers waiting on their transfers' chunks.
 #[derive(Default)]
@@ -147,14 +178,14 @@ pub struct Waker {
     untimed: AtomicBool,
     /// Work in flight that completes only when polled (a comm that declined a post with nothing of
     /// ours in flight): while any is, the progress thread naps instead of parking.
-    polled: AtomicUsize,
+    pub polled: Tally,
     /// Device copies of the same-host path in flight: they complete only when polled, and no thread
     /// of ours moves them, so the progress thread may poll them without pause.
-    device_copies: AtomicUsize,
+    pub device_copies: Tally,
     /// Connections with network chunks posted to their channels' transport and not complete, at
-    /// most 1 MiB of them (each counted once, however many chunks): a thread of the transport ends them and wakes the
-    /// progress thread, which `UCCL_TCPX_PROGRESS_POLL_US` may keep awake instead.
-    chunks_out: AtomicUsize,
+    /// most 1 MiB of them (each counted once, however many chunks): a thread of the transport ends
+    /// them and wakes the progress thread, which `UCCL_TCPX_PROGRESS_POLL_US` may keep awake.
+    pub chunks_out: Tally,
     /// Callers blocked in `wait` on a transfer that ends on its own chunks (a read), by a number
     /// of their own; `waiting` counts them, so a completion with none costs one load.
     waiters: Mutex<Vec<(u64, Thread)>>,
@@ -209,46 +240,6 @@ impl Waker {
 
     pub(super) fn parking_untimed(&self, untimed: bool) {
         self.untimed.store(untimed, Ordering::SeqCst);
-    }
-
-    pub fn polled_work(&self, n: usize) {
-        self.polled.fetch_add(n, Ordering::AcqRel);
-        self.wake();
-    }
-
-    pub fn polled_work_done(&self, n: usize) {
-        self.polled.fetch_sub(n, Ordering::AcqRel);
-    }
-
-    pub fn has_polled_work(&self) -> bool {
-        self.polled.load(Ordering::Acquire) > 0
-    }
-
-    pub fn device_copies_started(&self) {
-        self.device_copies.fetch_add(1, Ordering::AcqRel);
-        self.wake();
-    }
-
-    pub fn device_copies_done(&self) {
-        self.device_copies.fetch_sub(1, Ordering::AcqRel);
-    }
-
-    pub fn has_device_copies(&self) -> bool {
-        self.device_copies.load(Ordering::Acquire) > 0
-    }
-
-    /// A connection now has network chunks in flight (it had none).
-    pub fn chunks_out(&self) {
-        self.chunks_out.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// A connection's network chunks are all complete, or its channels are gone.
-    pub fn chunks_in(&self) {
-        self.chunks_out.fetch_sub(1, Ordering::AcqRel);
-    }
-
-    pub fn has_chunks_out(&self) -> bool {
-        self.chunks_out.load(Ordering::Acquire) > 0
     }
 }
 

@@ -20,6 +20,26 @@ fn wait(conn: &Connection, id: u64) -> u64 {
     }
 }
 
+/// Writes `len` bytes from `a` into `b` over `ab` and reads them back, `rounds` times, each
+/// checked by its count; then checks the bytes at both ends.
+fn write_and_read_back(a: &Engine, b: &Engine, ab: &Connection, len: usize, rounds: usize) {
+    let src = bytes(len, 3);
+    let mut dst = vec![0u8; len];
+    let mut back = vec![0u8; len];
+    let smr = a.register(src.as_ptr() as usize, len).unwrap();
+    let bmr = a.register(back.as_mut_ptr() as usize, len).unwrap();
+    let dmr = b.register(dst.as_mut_ptr() as usize, len).unwrap();
+    let remote = b.prepare_fifo(dmr, dst.as_ptr() as usize, len).unwrap();
+    for _ in 0..rounds {
+        let w = ab.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len, remote }]).unwrap();
+        assert_eq!(wait(ab, w), len as u64);
+        let r = ab.read(&[OneSided { mr: bmr, addr: back.as_mut_ptr() as usize, len, remote }]).unwrap();
+        assert_eq!(wait(ab, r), len as u64);
+    }
+    assert!(dst == src, "write landed wrong");
+    assert!(back == src, "read returned wrong bytes");
+}
+
 fn bytes(len: usize, seed: u8) -> Vec<u8> {
     (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
 }
@@ -52,20 +72,7 @@ fn a_peer_holding_metadata_from_before_the_gpu_was_known_connects() {
     let _accepted = b.accept().unwrap();
 
     // And data moves both ways over the first connection: a write into b, then a read back.
-    let len = (1 << 20) + 5;
-    let src = bytes(len, 3);
-    let mut dst = vec![0u8; len];
-    let mut back = vec![0u8; len];
-    let smr = a.register(src.as_ptr() as usize, len).unwrap();
-    let bmr = a.register(back.as_mut_ptr() as usize, len).unwrap();
-    let dmr = b.register(dst.as_mut_ptr() as usize, len).unwrap();
-    let remote = b.prepare_fifo(dmr, dst.as_ptr() as usize, len).unwrap();
-    let w = ab.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len, remote }]).unwrap();
-    assert_eq!(wait(&ab, w), len as u64);
-    let r = ab.read(&[OneSided { mr: bmr, addr: back.as_mut_ptr() as usize, len, remote }]).unwrap();
-    assert_eq!(wait(&ab, r), len as u64);
-    assert!(dst == src, "write landed wrong");
-    assert!(back == src, "read returned wrong bytes");
+    write_and_read_back(&a, &b, &ab, (1 << 20) + 5, 1);
     drop(by_other_name);
 }
 
@@ -159,40 +166,26 @@ fn network_chunks_in_flight_keep_the_idle_progress_thread_polling_within_its_bou
     };
     let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
     let _ba = b.accept().unwrap();
-    let len = (4 << 20) + 5;
-    let src = bytes(len, 5);
-    let mut dst = vec![0u8; len];
-    let mut back = vec![0u8; len];
-    let smr = a.register(src.as_ptr() as usize, len).unwrap();
-    let bmr = a.register(back.as_mut_ptr() as usize, len).unwrap();
-    let dmr = b.register(dst.as_mut_ptr() as usize, len).unwrap();
-    let remote = b.prepare_fifo(dmr, dst.as_ptr() as usize, len).unwrap();
-    for _ in 0..3 {
-        let w = ab.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len, remote }]).unwrap();
-        assert_eq!(wait(&ab, w), len as u64);
-        let r = ab.read(&[OneSided { mr: bmr, addr: back.as_mut_ptr() as usize, len, remote }]).unwrap();
-        assert_eq!(wait(&ab, r), len as u64);
-    }
-    assert!(dst == src && back == src, "the transfers moved the wrong bytes");
+    write_and_read_back(&a, &b, &ab, (4 << 20) + 5, 3);
     for (end, e) in [("initiator", &a), ("target", &b)] {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while e.core.waker.has_chunks_out() {
+        while e.core.waker.chunks_out.any() {
             assert!(Instant::now() < deadline, "the {end} still counts chunks in flight after every transfer ended");
             std::thread::sleep(Duration::from_millis(1));
         }
         assert_eq!(choice(e, Instant::now()), IdleWait::Park, "the idle {end} polls with nothing in flight");
     }
     // What a connection does when its first chunk goes out, and when its last completes.
-    b.core.waker.chunks_out();
+    b.core.waker.chunks_out.add();
     assert_eq!(choice(&b, Instant::now()), IdleWait::Poll);
     let long_idle = Instant::now().checked_sub(2 * bound).expect("a clock older than the bound");
     assert_eq!(choice(&b, long_idle), IdleWait::Park, "chunks that never complete are not polled past the bound");
-    b.core.waker.chunks_in();
+    b.core.waker.chunks_out.remove();
     assert_eq!(choice(&b, Instant::now()), IdleWait::Park);
     // The knob at 0 never polls for chunks.
-    b.core.waker.chunks_out();
+    b.core.waker.chunks_out.add();
     assert_eq!(idle_wait(&b.core.routes, &b.core.waker, false, Duration::ZERO, Instant::now()), IdleWait::Park);
-    b.core.waker.chunks_in();
+    b.core.waker.chunks_out.remove();
 }
 
 /// A caller's write posts about one chunk's bytes of sends per channel and leaves the rest queued:

@@ -467,13 +467,18 @@ impl Connection {
         Ok(Asked::Granted)
     }
 
-    /// Takes the peer's IPC messages (and the Deny of an ask); every other message comes back for
-    /// the state machine.
-    pub(super) fn handle_ipc(&self, inner: &mut Inner, msg: Control) -> Result<Option<Control>> {
+    /// Takes the peer's IPC messages (and the Deny of an ask), adding the answers to `replies`,
+    /// which leave with the state machine's in the order of what they answer; every other message
+    /// comes back for the state machine.
+    pub(super) fn handle_ipc(
+        &self,
+        inner: &mut Inner,
+        msg: Control,
+        replies: &mut Vec<Control>,
+    ) -> Result<Option<Control>> {
         match msg {
             Control::IpcRequest { xfer, region, token, segs } => {
-                let reply = self.answer_ipc_request(inner, xfer, region, token, &segs);
-                self.writer.send(&reply)?;
+                replies.push(self.answer_ipc_request(inner, xfer, region, token, &segs));
             }
             Control::IpcGrant { xfer, region, handle, alloc_base, alloc_len, windows } => {
                 if inner.ipc.granted(xfer, region, handle, alloc_base, alloc_len, &windows)? {
@@ -491,7 +496,7 @@ impl Connection {
             }
             Control::IpcRevoke { region } => {
                 if inner.ipc.revoke(region) {
-                    self.writer.send(&Control::IpcRevoked { region })?;
+                    replies.push(Control::IpcRevoked { region });
                 }
             }
             Control::IpcRevoked { region } => inner.ipc.revoke_answered(region)?,

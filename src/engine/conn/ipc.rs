@@ -247,7 +247,8 @@ impl IpcState {
 
     /// Records a batch in flight; the caller counted its regions.
     pub fn push(&mut self, batch: Batch, waker: &Waker) {
-        waker.device_copies_started();
+        waker.device_copies.add();
+        waker.wake();
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.issued += 1;
         self.batches.push(batch);
@@ -309,7 +310,7 @@ impl IpcState {
         for r in &regions {
             r.copy_ended();
         }
-        waker.device_copies_done();
+        waker.device_copies.remove();
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
         // An event a waiting caller still holds is not recorded again under it: it goes with the
         // caller's reference instead.
@@ -505,7 +506,7 @@ mod tests {
         assert_eq!(st.poll(&waker, Seer::Wait), (true, vec![]));
         assert!(st.event_of(first.id).is_none() && st.event_of(second.id).is_none());
         assert!(first.is_finished() && second.is_finished());
-        assert!(!waker.has_device_copies());
+        assert!(!waker.device_copies.any());
         assert_eq!(st.queues[0].spare_events(), 1, "only the unheld event went back to the queue");
     }
 

@@ -315,13 +315,9 @@ impl Connection {
 
     /// Feeds one message of the peer to the same-host GPU path or the state machine, and carries
     /// out the latter's answer.
-    /// The answers stay in `held`, but for the IPC path's, which go at once: messages held before
-    /// are sent ahead of them, so the peer reads every answer in the order of what it answers.
+    /// Every answer, the IPC path's too, stays in `held`, in the order of what it answers.
     fn handle(&self, inner: &mut Inner, msg: Control, held: &mut Held) -> Result<()> {
-        if matches!(msg, Control::IpcRequest { .. } | Control::IpcRevoke { .. }) && !held.msgs.is_empty() {
-            self.send_all(&std::mem::take(&mut held.msgs))?;
-        }
-        let Some(msg) = self.handle_ipc(inner, msg)? else { return Ok(()) };
+        let Some(msg) = self.handle_ipc(inner, msg, &mut held.msgs)? else { return Ok(()) };
         let seen = self.flow_tracer.as_ref().and_then(|_| Some((FlowTracer::seen(&msg)?, trace::clock_ns())));
         let mut out = Vec::new();
         let handled = inner.state.handle(msg, &self.memory(), &mut out);
@@ -518,7 +514,7 @@ impl Connection {
         let failed = inner.state.fail(err.clone());
         inner.channels.clear();
         self.set_retrying(inner, false);
-        self.set_chunks_out(inner, false);
+        self.core.waker.chunks_out.set(&mut inner.chunks_out, false);
         // No same-host copy lands in our memory after this returns either.
         self.host.stop();
         inner.ipc.fail(&err, &self.core.waker);
@@ -611,9 +607,12 @@ impl Connection {
         }
         let retry = result.is_ok() && inner.channels.iter().any(Channel::needs_retry);
         self.set_retrying(inner, retry);
-        let chunks_out = inner.channels.iter().any(Channel::has_posted)
-            && inner.channels.iter().map(Channel::posted_bytes).sum::<usize>() <= POLLED_BYTES;
-        self.set_chunks_out(inner, chunks_out);
+        // Counted in the waker only when first or last, and looked at only when the poll is on.
+        if !self.core.config.progress_poll.is_zero() {
+            let chunks_out = inner.channels.iter().any(Channel::has_posted)
+                && inner.channels.iter().map(Channel::posted_bytes).sum::<usize>() <= POLLED_BYTES;
+            self.core.waker.chunks_out.set(&mut inner.chunks_out, chunks_out);
+        }
         let sends_left = send_bytes != usize::MAX && inner.channels.iter().any(Channel::sends_waiting);
         if let Some(tracer) = &self.flow_tracer {
             tracer.passed(&sent);
@@ -660,24 +659,8 @@ impl Connection {
     /// Keeps the progress thread polling while a comm declined a post with nothing in flight to
     /// wake it (a plugin may decline a send until its peer posted the receive).
     fn set_retrying(&self, inner: &mut Inner, retry: bool) {
-        if std::mem::replace(&mut inner.retrying, retry) != retry {
-            if retry {
-                self.core.waker.polled_work(1);
-            } else {
-                self.core.waker.polled_work_done(1);
-            }
-        }
-    }
-
-    /// Keeps the waker's count of connections with network chunks in flight; changes only when the
-    /// first chunk is posted or the last completes, not per chunk.
-    fn set_chunks_out(&self, inner: &mut Inner, out: bool) {
-        if std::mem::replace(&mut inner.chunks_out, out) != out {
-            if out {
-                self.core.waker.chunks_out();
-            } else {
-                self.core.waker.chunks_in();
-            }
+        if self.core.waker.polled.set(&mut inner.retrying, retry) {
+            self.core.waker.wake();
         }
     }
 }

@@ -408,8 +408,8 @@ impl ConnState {
 
     /// Registers the requests of one write or read call as parts of `transfer`, one part each, and
     /// pushes the messages to send, then the writes' flows to queue (their chunks follow the
-    /// requests at once, or are posted just before them when short). Nothing is registered when a local region was deregistered since the
-    /// caller looked it up. When flows were queued, the messages must reach the wire before the
+    /// requests at once, or are posted just before them when short). Nothing is registered when a
+    /// local region was deregistered since the caller looked it up. When flows were queued, the messages must reach the wire before the
     /// connection lock is released: the peer numbers the flows in their requests' order.
     pub fn post_one_sided(
         &mut self,

@@ -103,7 +103,8 @@ struct Entry<T> {
     holds: bool,
 }
 
-/// A helper's sockets that hold a piece whose receive is not posted, and since the newest of them began to.
+/// A helper's sockets that hold a piece whose receive is not posted, and since the newest of them
+/// began to.
 struct Holding {
     count: usize,
     since: Instant,
