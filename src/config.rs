@@ -122,6 +122,14 @@ pub struct Config {
     /// transport's own threads need. Default 200 us when this process may run on 8 or more CPUs,
     /// else 0 (parks at once). `UCCL_TCPX_PROGRESS_POLL_US` (0 to 1,000,000).
     pub progress_poll: Duration,
+    /// The most bytes of chunks in flight (all of a connection's channels) for which the idle
+    /// progress thread polls (`progress_poll`). Default 1 MiB. `UCCL_TCPX_PROGRESS_POLL_BYTES`
+    /// (0 to 1 GiB).
+    pub progress_poll_bytes: u32,
+    /// The most bytes a thread queues and posts to the channels before it writes the control
+    /// messages that announce them (a write's request, a read's Data); above, the message goes
+    /// first. Default 1 MiB. `UCCL_TCPX_EARLY_CHUNK_BYTES` (0 to 1 GiB; 0 = messages always first).
+    pub early_chunk_bytes: u32,
     /// Threads an engine reads and writes its connections' control streams with (its control
     /// reactor), started as connections arrive and ended with the last one; 0 = one per core, at
     /// most 4. `UCCL_TCPX_CONTROL_THREADS` (0 to 64).
@@ -560,6 +568,8 @@ impl Default for Config {
             caller_completes: default_caller_completes(),
             copy_poll_spin: available_cores() >= 4,
             progress_poll: default_progress_poll(available_cores()),
+            progress_poll_bytes: 1 << 20,
+            early_chunk_bytes: 1 << 20,
             control_threads: 0,
             allow_dial: Vec::new(),
             trace_device_copy: 0,
@@ -621,6 +631,8 @@ impl Config {
             caller_completes: parse_in(&get, "UCCL_TCPX_CALLER_COMPLETES", d.caller_completes as u8, 0, 1)? == 1,
             copy_poll_spin: parse_in(&get, "UCCL_TCPX_COPY_POLL_SPIN", d.copy_poll_spin as u8, 0, 1)? == 1,
             progress_poll: parse_micros(&get, "UCCL_TCPX_PROGRESS_POLL_US", d.progress_poll, 1_000_000)?,
+            progress_poll_bytes: parse_size(&get, "UCCL_TCPX_PROGRESS_POLL_BYTES", d.progress_poll_bytes, 0, 1 << 30)?,
+            early_chunk_bytes: parse_size(&get, "UCCL_TCPX_EARLY_CHUNK_BYTES", d.early_chunk_bytes, 0, 1 << 30)?,
             control_threads: parse_in(&get, "UCCL_TCPX_CONTROL_THREADS", d.control_threads, 0, MAX_CONTROL_THREADS)?,
             allow_dial: parse_cidrs(&get, "UCCL_TCPX_ALLOW_DIAL")?,
             trace_device_copy: parse_in(&get, "UCCL_TCPX_TRACE_DEVICE_COPY", 0u8, 0, 2)?,
@@ -939,6 +951,14 @@ mod tests {
         let poll = cfg(&[("UCCL_TCPX_PROGRESS_POLL_US", "300")]).unwrap().progress_poll;
         assert_eq!(poll, Duration::from_micros(300));
         assert_eq!(cfg(&[("UCCL_TCPX_PROGRESS_POLL_US", "0")]).unwrap().progress_poll, Duration::ZERO);
+        assert_eq!((cfg(&[]).unwrap().progress_poll_bytes, cfg(&[]).unwrap().early_chunk_bytes), (1 << 20, 1 << 20));
+        assert_eq!(cfg(&[("UCCL_TCPX_PROGRESS_POLL_BYTES", "4M")]).unwrap().progress_poll_bytes, 4 << 20);
+        assert_eq!(cfg(&[("UCCL_TCPX_EARLY_CHUNK_BYTES", "0")]).unwrap().early_chunk_bytes, 0);
+        assert_eq!(cfg(&[("UCCL_TCPX_EARLY_CHUNK_BYTES", "256K")]).unwrap().early_chunk_bytes, 256 << 10);
+        for bad in ["2G", "lots", "-1"] {
+            assert!(cfg(&[("UCCL_TCPX_EARLY_CHUNK_BYTES", bad)]).is_err(), "{bad}");
+            assert!(cfg(&[("UCCL_TCPX_PROGRESS_POLL_BYTES", bad)]).is_err(), "{bad}");
+        }
         assert_eq!(cfg(&[("UCCL_TCPX_CONTROL_THREADS", "3")]).unwrap().control_threads_per_engine(), 3);
         assert_eq!(cfg(&[]).unwrap().control_threads_per_engine(), available_cores().min(4));
         assert!(cfg(&[("UCCL_TCPX_CONTROL_THREADS", "65")]).is_err());

@@ -239,7 +239,7 @@ impl Connection {
     /// control messages after releasing it: the reply can come back before the send call returns,
     /// and the reader must not find the lock held by a thread still inside that call. A post that
     /// started flows (writes, whose chunks follow their requests at once, or go first up to
-    /// `EARLY_CHUNK_BYTES`) sends under the lock
+    /// `Config::early_chunk_bytes`) sends under the lock
     /// instead, since the peer numbers flows in their messages' order; their replies come only
     /// after the chunks, which move once the lock is released. A failure before anything reached
     /// the wire forgets the id again. `entered`: when the caller's call began, if a trace wants it.

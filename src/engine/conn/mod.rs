@@ -87,28 +87,17 @@ struct Inner {
     /// A channel's comm declined a post with nothing in flight to wake us: counted as polled work,
     /// so the progress thread polls instead of parking until the post went through.
     retrying: bool,
-    /// Some channel has chunks posted to the transport and not complete, at most `POLLED_BYTES` of
-    /// them: counted by the waker, so that the idle progress thread may poll for their completion
-    /// (`UCCL_TCPX_PROGRESS_POLL_US`).
+    /// Some channel has chunks posted to the transport and not complete, at most
+    /// `Config::progress_poll_bytes` of them: counted by the waker, so that the idle progress thread
+    /// may poll for their completion (`UCCL_TCPX_PROGRESS_POLL_US`). A wake-up saved is worth a core
+    /// only against a short transfer: on the 32-core host, polling through 16-64 MiB transfers made
+    /// them 5-15 % slower (the thread took a core and the connection's lock from the ones moving the
+    /// bytes), while 64 KiB-1 MiB round trips got 5-15 % shorter. A large transfer's tail still
+    /// polls once its last chunks are all that is in flight.
     chunks_out: bool,
     /// Chunks were queued (or released) since the last pass over the channels.
     queued: bool,
 }
-
-/// The most bytes of chunks in flight for which the idle progress thread polls for their end
-/// (`UCCL_TCPX_PROGRESS_POLL_US`): a wake-up saved is worth a core only against a short transfer.
-/// On the 32-core host, polling through 16-64 MiB transfers made them 5-15 % slower (the thread
-/// took a core and the connection's lock from the ones moving the bytes), while 64 KiB-1 MiB
-/// round trips got 5-15 % shorter. A large transfer's tail still polls once its last chunks are
-/// all that is in flight.
-const POLLED_BYTES: usize = 1 << 20;
-
-/// The most bytes a thread queues and posts before it writes the messages that announce them.
-/// Below, the bytes leave first and the message's write (and the peer's reading it) overlaps
-/// them: on the 32-core host 256 KiB round trips got 10-15 % shorter. Above, the message goes
-/// first: the peer posts its receives only once it read it, and the kicks of a large post's
-/// sockets held it back by tens of microseconds (16 MiB transfers 8-15 % slower).
-const EARLY_CHUNK_BYTES: u64 = 1 << 20;
 
 /// Control messages of actions carried out and not sent yet, and whether (and how many bytes)
 /// those actions queued chunks (`Connection::apply_held`).
@@ -120,9 +109,14 @@ struct Held {
 }
 
 impl Held {
-    /// Sends the held messages now unless the chunks queued are few enough to go first.
+    /// Sends the held messages now unless the chunks queued are few enough to go first
+    /// (`Config::early_chunk_bytes`). Below the bound the bytes leave first and the message's write
+    /// (and the peer's reading it) overlaps them: on the 32-core host 256 KiB round trips got 10-15 %
+    /// shorter. Above, the message goes first: the peer posts its receives only once it read it,
+    /// and the kicks of a large post's sockets held it back by tens of microseconds (16 MiB
+    /// transfers 8-15 % slower).
     fn send_unless_chunks_first(&mut self, conn: &Connection) -> Result<()> {
-        if self.queued_bytes <= EARLY_CHUNK_BYTES || self.msgs.is_empty() {
+        if self.queued_bytes <= conn.core.config.early_chunk_bytes as u64 || self.msgs.is_empty() {
             return Ok(());
         }
         conn.send_all(&std::mem::take(&mut self.msgs))
@@ -610,7 +604,8 @@ impl Connection {
         // Counted in the waker only when first or last, and looked at only when the poll is on.
         if !self.core.config.progress_poll.is_zero() {
             let chunks_out = inner.channels.iter().any(Channel::has_posted)
-                && inner.channels.iter().map(Channel::posted_bytes).sum::<usize>() <= POLLED_BYTES;
+                && inner.channels.iter().map(Channel::posted_bytes).sum::<usize>()
+                    <= self.core.config.progress_poll_bytes as usize;
             self.core.waker.chunks_out.set(&mut inner.chunks_out, chunks_out);
         }
         let sends_left = send_bytes != usize::MAX && inner.channels.iter().any(Channel::sends_waiting);
