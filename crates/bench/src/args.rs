@@ -155,6 +155,12 @@ pub struct Args {
     /// memory next to device copies between the same GPUs
     #[arg(long)]
     pub same_host: bool,
+    /// Host buffers (ours and the anchors', both ends) ask for transparent huge pages
+    /// (`madvise(MADV_HUGEPAGE)` before their pages are touched), as an allocator that does so
+    /// gives them (PyTorch's with THP_MEM_ALLOC_ENABLE=1); the kernel grants them when its THP mode
+    /// is `madvise` or `always`. The report says which mode the kernel is in
+    #[arg(long)]
+    pub huge_pages: bool,
     /// Instead of the transfer table, what connections cost: the client's engine connects to the
     /// server's until it holds each count of the list (ascending, e.g. 1,64,256,1024); per count the
     /// connect time, each end's threads, descriptors, resident memory and CPU while idle, and GB/s
@@ -297,6 +303,9 @@ impl Args {
         let mut v = vec!["--role".into(), "server".into(), "--port".into(), "0".into(), "--announce".into()];
         if let Some(c) = self.channels {
             v.extend(["--channels".into(), c.to_string()]);
+        }
+        if self.huge_pages {
+            v.push("--huge-pages".into());
         }
         if self.uses_gpu() {
             let gpu = self.peer_gpu.unwrap_or(self.gpu).to_string();
@@ -511,6 +520,7 @@ mod tests {
             "--cpus",
             "--split-cores",
             "--same-host",
+            "--huge-pages",
             "--scale",
             "--idle-secs",
             "--rounds",
@@ -613,5 +623,9 @@ mod tests {
         let child = Args::try_from_args(argv).unwrap();
         assert_eq!((child.role, child.port, child.announce), (Role::Server, 0, true));
         assert_eq!((child.device, child.gpu, child.channels), (Device::Gpu, 0, Some(3)));
+        assert!(!child.huge_pages);
+        let parent = parse("--same-host --ops write,read --huge-pages").unwrap();
+        let argv = std::iter::once("uccl-tcpx-bench".to_string()).chain(parent.server_child_args());
+        assert!(Args::try_from_args(argv).unwrap().huge_pages, "both ends' buffers ask for huge pages");
     }
 }

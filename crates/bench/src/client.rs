@@ -76,7 +76,10 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
         let network = Engine::new(Config { disable_ipc: true, ..config.clone() }).map_err(std::io::Error::other)?;
         let mr = network.register(mem.addr(), bytes).map_err(std::io::Error::other)?;
         let conn = network.connect(&server.to_string(), remote_gpu, engine_port).map_err(std::io::Error::other)?;
-        Some(TcpAnchor { engine: network, conn, mr, copy: (vec![1u8; bytes], vec![0u8; bytes]) })
+        let mut src = crate::memory::prefaulted(bytes, args.huge_pages);
+        src.fill(1);
+        let copy = (src, crate::memory::prefaulted(bytes, args.huge_pages));
+        Some(TcpAnchor { engine: network, conn, mr, copy })
     } else {
         None
     };

@@ -77,6 +77,10 @@ fn loopback(args: &Args, split: Option<cpus::Split>) {
     if args.same_host {
         mode += ", same-host connection";
     }
+    if args.huge_pages {
+        let thp = memory::thp_mode().unwrap_or_else(|| "unknown".into());
+        mode += &format!(", host buffers on transparent huge pages (kernel THP mode: {thp})");
+    }
     if let Some(cpus::Split { server, client }) = &split {
         child_args.extend(["--cpus".into(), cpus::format(server)]);
         mode = format!("{mode}, server on CPUs {}, client on {}", cpus::format(server), cpus::format(client));

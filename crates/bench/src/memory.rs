@@ -23,20 +23,21 @@ pub enum BenchMemory {
 }
 
 impl BenchMemory {
-    /// `len` bytes of host memory, or of GPU `ordinal`'s memory.
-    pub fn new(gpu: Option<i32>, len: usize) -> Io<BenchMemory> {
+    /// `len` bytes of host memory, or of GPU `ordinal`'s memory; `huge`: the host memory asks for
+    /// transparent huge pages.
+    pub fn new(gpu: Option<i32>, len: usize, huge: bool) -> Io<BenchMemory> {
         match gpu {
-            None => Ok(BenchMemory::Host(prefaulted(len))),
+            None => Ok(BenchMemory::Host(prefaulted(len, huge))),
             Some(ordinal) => {
                 let dev = DeviceBuffer::new(ordinal, len).map_err(io)?;
-                Ok(BenchMemory::Gpu { dev, mirror: prefaulted(len) })
+                Ok(BenchMemory::Gpu { dev, mirror: prefaulted(len, huge) })
             }
         }
     }
 
     /// The transfer end's memory as chosen on its command line.
     pub fn for_args(args: &Args, len: usize) -> Io<BenchMemory> {
-        BenchMemory::new((args.device == Device::Gpu).then_some(args.gpu), len)
+        BenchMemory::new((args.device == Device::Gpu).then_some(args.gpu), len, args.huge_pages)
     }
 
     /// The address the engine registers and transfers use.
@@ -142,14 +143,40 @@ fn fill_pieces(v: &mut [u8], layout: &Layout, seed: u64) {
 /// transfer into each page would pay a page fault and a page clear inside the timed loop (only slot
 /// 0 is touched before timing). With 4 in flight, 64 MiB writes measured first ran at 0.61 of raw TCP
 /// and the same writes after sends had mapped the pages at 0.98.
-fn prefaulted(len: usize) -> Vec<u8> {
+pub fn prefaulted(len: usize, huge: bool) -> Vec<u8> {
     let mut v = vec![0u8; len];
+    if huge {
+        ask_huge_pages(&v);
+    }
     for page in v.chunks_mut(4096) {
         // Volatile: a plain store of zero into calloc'd memory may be optimized away.
         // SAFETY: `page` is a valid, non-empty, exclusively borrowed slice.
         unsafe { std::ptr::write_volatile(page.as_mut_ptr(), 0) };
     }
     v
+}
+
+/// Asks for transparent huge pages over the whole 2 MiB extents inside `v` (its edges stay small
+/// pages), before any of them is touched: the kernel backs a fault there with a huge page when its
+/// THP mode allows. Advice only: a kernel that refuses leaves small pages, which the report's THP
+/// mode line explains.
+fn ask_huge_pages(v: &[u8]) {
+    const HUGE: usize = 2 << 20;
+    let start = (v.as_ptr() as usize).next_multiple_of(HUGE);
+    let end = (v.as_ptr() as usize + v.len()) / HUGE * HUGE;
+    if end > start {
+        // SAFETY: advice over whole pages of this allocation; it changes no content.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+    }
+}
+
+/// The kernel's transparent huge page mode (the bracketed word of
+/// /sys/kernel/mm/transparent_hugepage/enabled), if it says.
+pub fn thp_mode() -> Option<String> {
+    let text = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").ok()?;
+    let start = text.find('[')? + 1;
+    let end = start + text[start..].find(']')?;
+    Some(text[start..end].to_string())
 }
 
 /// GPUs a `--device gpu` run may use: probes the driver, counts the devices and checks the ordinals.
@@ -198,7 +225,7 @@ mod tests {
 
     #[test]
     fn host_memory_fills_zeroes_and_checks() {
-        let mut m = BenchMemory::new(None, 100).unwrap();
+        let mut m = BenchMemory::new(None, 100, false).unwrap();
         assert_eq!(m.describe(), "host");
         let whole = Layout::new(64, 1, None, 1).unwrap();
         m.fill(&whole, 7).unwrap();
@@ -218,10 +245,24 @@ mod tests {
         assert!(!m.check(&spread, 3).unwrap(), "a flipped byte of the last piece is seen");
     }
 
+    /// Huge-page advice changes no content: the buffer is zeroed and whole, whatever the kernel
+    /// granted; the THP mode, where the kernel says, is one of its three words.
+    #[test]
+    fn huge_page_buffers_are_plain_zeroed_memory() {
+        for len in [100, 3 << 20, (4 << 20) + 123] {
+            let v = prefaulted(len, true);
+            assert_eq!(v.len(), len);
+            assert!(v.iter().all(|&b| b == 0), "{len} bytes");
+        }
+        if let Some(mode) = thp_mode() {
+            assert!(["always", "madvise", "never"].contains(&mode.as_str()), "{mode}");
+        }
+    }
+
     /// Without a driver a GPU buffer is a clear error; with one, the pattern goes through the device.
     #[test]
     fn gpu_memory_or_a_clear_error() {
-        match BenchMemory::new(Some(0), 4096) {
+        match BenchMemory::new(Some(0), 4096, false) {
             Err(e) => {
                 assert!(!cuda::available());
                 assert!(e.to_string().contains("CUDA unavailable"), "{e}");
