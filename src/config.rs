@@ -251,6 +251,12 @@ pub struct StagingConfig {
     pub ahead: u8,
     /// How a chunk of many device segments gets into and out of its slot. `UCCL_TCPX_STAGING_GATHER`.
     pub gather: StagingGather,
+    /// Sub-copy size of pipelined staging, in bytes; 0 (the default) copies every chunk whole. A
+    /// contiguous device chunk longer than this is copied into (or out of) its slot in copies of
+    /// this size, and its bytes move over the network as each copy lands instead of after the
+    /// whole chunk: the copies overlap the socket sends (and the receives). 0, or 4 KiB to 4 MiB.
+    /// `UCCL_TCPX_STAGING_PIPELINE`.
+    pub pipeline: u32,
 }
 
 /// How the staged path moves a chunk made of several device segments between them and its pinned
@@ -270,7 +276,7 @@ pub enum StagingGather {
 
 impl Default for StagingConfig {
     fn default() -> StagingConfig {
-        StagingConfig { trace: false, streams: 1, ahead: 1, gather: StagingGather::Auto }
+        StagingConfig { trace: false, streams: 1, ahead: 1, gather: StagingGather::Auto, pipeline: 0 }
     }
 }
 
@@ -282,7 +288,34 @@ impl StagingConfig {
             streams: parse_in(get, "UCCL_TCPX_STAGING_STREAMS", d.streams, 1, 8)?,
             ahead: parse_in(get, "UCCL_TCPX_STAGING_AHEAD", d.ahead, 0, MAX_WINDOW as u8)?,
             gather: parse_gather(get)?,
+            pipeline: parse_pipeline(get)?,
         })
+    }
+}
+
+/// Bounds of `UCCL_TCPX_STAGING_PIPELINE` when on: a sub-copy of less than a page costs its
+/// issue more than it overlaps, and one of a whole chunk is no pipelining.
+pub(crate) const STAGING_PIPELINE_RANGE: std::ops::RangeInclusive<u32> = MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE;
+
+/// Whether `bytes` is a valid sub-copy size: 0 (off) or a size in [`STAGING_PIPELINE_RANGE`].
+pub(crate) fn valid_staging_pipeline(bytes: u32) -> bool {
+    bytes == 0 || STAGING_PIPELINE_RANGE.contains(&bytes)
+}
+
+fn parse_pipeline(get: &impl Fn(&str) -> Option<String>) -> Result<u32> {
+    let name = "UCCL_TCPX_STAGING_PIPELINE";
+    let Some(raw) = get(name) else { return Ok(0) };
+    match parse_bytes(&raw).and_then(|v| u32::try_from(v).ok()) {
+        Some(v) if valid_staging_pipeline(v) => Ok(v),
+        _ => Err(bad(
+            name,
+            &raw,
+            &format!(
+                "0 (whole-chunk copies) or a sub-copy size in {}..={} bytes (K, M and G suffixes allowed)",
+                STAGING_PIPELINE_RANGE.start(),
+                STAGING_PIPELINE_RANGE.end()
+            ),
+        )),
     }
 }
 
@@ -974,7 +1007,19 @@ mod tests {
         ])
         .unwrap()
         .staging;
-        assert_eq!(c, StagingConfig { trace: true, streams: 2, ahead: 3, gather: StagingGather::Auto });
+        assert_eq!(c, StagingConfig { trace: true, streams: 2, ahead: 3, gather: StagingGather::Auto, pipeline: 0 });
+        let pipeline = |v: &str| cfg(&[("UCCL_TCPX_STAGING_PIPELINE", v)]).map(|c| c.staging.pipeline);
+        assert_eq!(pipeline("128K").unwrap(), 128 << 10);
+        assert_eq!(pipeline("4096").unwrap(), 4096);
+        assert_eq!(pipeline("4M").unwrap(), 4 << 20);
+        assert_eq!(pipeline("100001").unwrap(), 100_001, "any size in range, not only powers of two");
+        assert_eq!(pipeline("0").unwrap(), 0, "0 is off");
+        assert_eq!(pipeline(" ").unwrap(), 0, "empty is unset");
+        for wrong in ["1K", "4095", "5M", "4G", "-1", "128KB", "x", "99999999999999999999"] {
+            let err = pipeline(wrong).unwrap_err();
+            assert!(err.message().contains("UCCL_TCPX_STAGING_PIPELINE"), "{wrong:?}: {err}");
+            assert!(err.message().contains("sub-copy size"), "{wrong:?}: {err}");
+        }
         assert_eq!(cfg(&[("UCCL_TCPX_STAGING_AHEAD", "0")]).unwrap().staging.ahead, 0);
         for (value, gather) in
             [("auto", StagingGather::Auto), ("Kernel", StagingGather::Kernel), ("copies", StagingGather::Copies)]

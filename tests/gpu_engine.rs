@@ -37,6 +37,24 @@ fn every_kind_every_direction_every_size() {
     assert_eq!(gpu.ordinal(), 0);
 }
 
+/// Pipelined staging (`UCCL_TCPX_STAGING_PIPELINE`) through the engine: chunks copied in parts
+/// and sent as the parts land, every transfer kind and direction, sizes below a part to several
+/// chunks, on the default chunk layout and on one of small chunks (a part of 100,001 bytes cuts a
+/// 256 KiB chunk into two parts and a short third).
+#[test]
+fn pipelined_staging_every_kind_every_direction() {
+    use uccl_tcpx::config::StagingConfig;
+    if no_gpu() {
+        return;
+    }
+    for (pipeline, chunk) in [(128u32 << 10, None), (100_001, Some(256u32 << 10))] {
+        let staging = StagingConfig { pipeline, ..StagingConfig::default() };
+        let base = Config { staging, ..config() };
+        let p = pair(Config { chunk_size: chunk.unwrap_or(base.chunk_size), ..base });
+        every_kind_every_direction(&p, &[1, 65_537, 300_001, (1 << 20) - 3, (4 << 20) + 17]);
+    }
+}
+
 /// A write's first chunks are posted by the caller's own thread, and a staged device chunk's copy
 /// binds the engine's GPU there: the caller's current context (none here, as on a thread that never
 /// touched CUDA) is what it was once the write returns, and again after its wait.

@@ -50,7 +50,12 @@ struct End {
 /// Moves `len` bytes from `src` to `dst` in slot-sized chunks, up to the window in flight on each
 /// side, testing only the oldest request and consuming receives in order. `on_chunk` sees each
 /// receive as soon as it is reported done.
-fn transfer(s: &mut Staged, src: End, dst: End, len: usize, mut on_chunk: impl FnMut(usize, usize)) {
+fn transfer(s: &mut Staged, src: End, dst: End, len: usize, on_chunk: impl FnMut(usize, usize)) {
+    transfer_in(s, WINDOW, src, dst, len, on_chunk)
+}
+
+/// As `transfer`, with at most `window` requests in flight on each side.
+fn transfer_in(s: &mut Staged, window: usize, src: End, dst: End, len: usize, mut on_chunk: impl FnMut(usize, usize)) {
     let chunk = s.slot;
     let n = len.div_ceil(chunk);
     let piece = |i: usize| (i * chunk, chunk.min(len - i * chunk));
@@ -59,7 +64,7 @@ fn transfer(s: &mut Staged, src: End, dst: End, len: usize, mut on_chunk: impl F
     let mut recvs = VecDeque::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while sent < n || received < n {
-        while next_recv < n && recvs.len() < WINDOW {
+        while next_recv < n && recvs.len() < window {
             let (off, l) = piece(next_recv);
             // SAFETY: every caller's dst names a buffer of at least len bytes that outlives this call, and
             // transfer returns only once every receive is reported done; [off, off + l) lies within len.
@@ -69,7 +74,7 @@ fn transfer(s: &mut Staged, src: End, dst: End, len: usize, mut on_chunk: impl F
             }
             next_recv += 1;
         }
-        while next_send < n && sends.len() < WINDOW {
+        while next_send < n && sends.len() < window {
             let (off, l) = piece(next_send);
             // SAFETY: every caller's src names a buffer of at least len bytes that outlives this call, and
             // transfer returns only once every send is reported done; [off, off + l) lies within len.
@@ -165,12 +170,13 @@ fn vectored_requests_gather_and_scatter_through_the_slots() {
         return;
     }
     let (slot, total) = (256usize << 10, 250_000usize);
-    for mode in [StagingGather::Auto, StagingGather::Copies] {
+    // Pipelined staging (64 KiB parts) leaves vectored chunks to whole gathers and scatters.
+    for (mode, pipeline) in [(StagingGather::Auto, 0), (StagingGather::Copies, 0), (StagingGather::Auto, 64 << 10)] {
         for (from, to) in
             [(Side::Gpu, Side::Gpu), (Side::Gpu, Side::Host), (Side::Host, Side::Gpu), (Side::Host, Side::Host)]
         {
-            let what = format!("{mode:?} {from:?}->{to:?}");
-            let tuning = StagingConfig { gather: mode, ..StagingConfig::default() };
+            let what = format!("{mode:?} pipeline {pipeline} {from:?}->{to:?}");
+            let tuning = StagingConfig { gather: mode, pipeline, ..StagingConfig::default() };
             let mut s = staged_with(StagingParams { tuning, ..StagingParams::new(slot, 4) });
             let mut src = Mem::new(from, 2 * total);
             let mut dst = Mem::new(to, 2 * total);
@@ -237,8 +243,18 @@ fn every_staging_tuning_moves_the_same_bytes() {
         return;
     }
     let tuning = |streams, ahead, trace| StagingConfig { trace, streams, ahead, ..StagingConfig::default() };
-    let tunings =
-        [StagingConfig::default(), tuning(1, 0, false), tuning(1, 2, false), tuning(3, 1, false), tuning(2, 3, true)];
+    let pipelined = |pipeline, base: StagingConfig| StagingConfig { pipeline, ..base };
+    let tunings = [
+        StagingConfig::default(),
+        tuning(1, 0, false),
+        tuning(1, 2, false),
+        tuning(3, 1, false),
+        tuning(2, 3, true),
+        // Chunks copied in parts: with no copy limit (every chunk's parts queued at once), on
+        // several streams, traced.
+        pipelined(16 << 10, tuning(1, 0, false)),
+        pipelined(20_000, tuning(2, 3, true)),
+    ];
     let sizes = [1usize, (256 << 10) + 7, (3 << 20) + 5];
     let max = sizes.iter().max().unwrap() + 64;
     for tuning in tunings {
@@ -259,6 +275,62 @@ fn every_staging_tuning_moves_the_same_bytes() {
             s.tx.dereg_mr(smr);
             s.rx.dereg_mr(rmr);
         }
+    }
+}
+
+/// Pipelined staging (`UCCL_TCPX_STAGING_PIPELINE`): chunks longer than a part that go out alone
+/// are copied in parts and sent as the parts land. Sizes below one part, at one part, a part and a
+/// byte, not a multiple of the part, a whole slot, and several slots with a short last chunk, at
+/// odd offsets on both ends; parts of a power of two, of a page, and of an odd size. Each size
+/// moves with a window of chunks in flight (the first chunk in parts, the others whole) and one
+/// chunk at a time (every chunk in parts).
+#[test]
+fn pipelined_staging_moves_every_size_byte_for_byte() {
+    if no_gpu() {
+        return;
+    }
+    let slot = 512usize << 10;
+    for part in [64usize << 10, 4096, 100_001] {
+        let sizes = [1, 4095, part, part + 1, 3 * part + 17, 200_003, slot - 1, slot, (3 << 20) + 7];
+        let max = sizes.iter().max().unwrap() + 64;
+        for (from, to) in [(Side::Gpu, Side::Gpu), (Side::Gpu, Side::Host), (Side::Host, Side::Gpu)] {
+            let tuning = StagingConfig { pipeline: part as u32, ..StagingConfig::default() };
+            let mut s = staged_with(StagingParams { tuning, ..StagingParams::new(slot, 8) });
+            let mut src = Mem::new(from, max);
+            let mut dst = Mem::new(to, max);
+            let (smr, rmr) = register(&mut s, &src, &dst);
+            for (k, &len) in sizes.iter().enumerate() {
+                for window in [WINDOW, 1] {
+                    let what = format!("parts of {part} B, {from:?}->{to:?}, {len} B, window {window}");
+                    let (soff, doff) = (1 + k % 5, 2 + (k * 3) % 7);
+                    let data = pattern(len, (part + k + window) as u64);
+                    src.write(soff, &data);
+                    dst.clear();
+                    let (a, b) = (End { addr: src.addr() + soff, mr: smr }, End { addr: dst.addr() + doff, mr: rmr });
+                    transfer_in(&mut s, window, a, b, len, |_, _| {});
+                    let got = dst.read(doff - 1, len + 2);
+                    assert_same(&got[1..=len], &data, &what);
+                    assert_eq!((got[0], got[len + 1]), (0, 0), "{what}: neighbours untouched");
+                }
+            }
+            assert!(!s.net.needs_polling(), "parts of {part} B: every copy was seen finished");
+            s.tx.dereg_mr(smr);
+            s.rx.dereg_mr(rmr);
+        }
+    }
+}
+
+/// The invalid sub-copy sizes are refused when the net is made, naming the knob.
+#[test]
+fn pipelined_staging_refuses_a_part_size_out_of_range() {
+    let socket: Arc<dyn Net> = Arc::new(common::socket::socket_net(SocketConfig::default()));
+    for pipeline in [1u32, 4095, (4 << 20) + 1] {
+        let tuning = StagingConfig { pipeline, ..StagingConfig::default() };
+        let err = StagedNet::wrap(socket.clone(), StagingParams { tuning, ..StagingParams::new(1 << 20, 4) })
+            .err()
+            .expect("refused");
+        assert_eq!(err.status(), UcclStatus::ErrInvalidParam, "{pipeline}: {err}");
+        assert!(err.message().contains("UCCL_TCPX_STAGING_PIPELINE"), "{err}");
     }
 }
 
@@ -528,6 +600,84 @@ fn every_ring_copy_lands() {
         wait_all(&ring, &taken);
         assert_same(&dst.to_vec().unwrap(), &want, "device memory after copy_out");
         drop(ring);
+    }
+}
+
+/// A slot copied in parts reports a prefix that only grows, on part boundaries, up to the whole
+/// chunk, by when its own event fired too; ranges of a slot copied out land where they are sent.
+#[test]
+fn ring_copies_in_parts_report_their_prefix_and_ranges_land() {
+    use uccl_tcpx::cuda::{DeviceBuffer, Gpu, StagingRing};
+    if no_gpu() {
+        return;
+    }
+    let gpu = Gpu::open(0).unwrap();
+    let (slot_size, slots) = (1usize << 20, 4usize);
+    let want = pattern(slot_size * slots, 78);
+    let mut src = DeviceBuffer::new(0, want.len()).unwrap();
+    src.copy_from_host(0, &want).unwrap();
+    for streams in [1, 2] {
+        let mut ring = StagingRing::new(&gpu, slot_size, slots, streams).unwrap();
+        for (round, (len, part)) in
+            [(slot_size, 64usize << 10), ((1 << 20) - 3, 100_000), (8192, 4096)].into_iter().enumerate()
+        {
+            let taken: Vec<usize> = (0..slots).map(|_| ring.take().unwrap()).collect();
+            for (i, &slot) in taken.iter().enumerate() {
+                // SAFETY: slot i's source lies inside src, which outlives the waits below; the slot is taken.
+                unsafe { ring.copy_in_parts(slot, src.addr() + i * slot_size, len, part).unwrap() };
+            }
+            for &slot in &taken {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let mut seen = 0;
+                loop {
+                    let prefix = ring.copied_prefix(slot).unwrap();
+                    assert!(prefix >= seen, "round {round}: the prefix went back from {seen} to {prefix}");
+                    assert!(
+                        prefix == len || prefix.is_multiple_of(part),
+                        "round {round}: {prefix} is not a part boundary"
+                    );
+                    seen = prefix;
+                    if prefix == len {
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "round {round}: parts stuck at {prefix} of {len}");
+                }
+                assert!(ring.copied(slot).unwrap(), "round {round}: the slot's own event fired with its last part");
+            }
+            for (i, &slot) in taken.iter().enumerate() {
+                // SAFETY: every part of the slot landed (seen above), and nothing writes it meanwhile.
+                let got = unsafe { std::slice::from_raw_parts(ring.slot_ptr(slot), len) };
+                assert_same(got, &want[i * slot_size..i * slot_size + len], &format!("round {round}: slot {i}"));
+            }
+            // Out again in ranges of odd sizes, queued back to back; the slot's event covers them all.
+            let dst = DeviceBuffer::new(0, slot_size * slots).unwrap();
+            for (i, &slot) in taken.iter().enumerate() {
+                let mut at = 0;
+                while at < len {
+                    let n = (part / 3 + 1).min(len - at);
+                    // SAFETY: the range lies inside the slot and slot i's destination inside dst, which
+                    // nothing else touches until the wait below; the slot's bytes are final.
+                    unsafe { ring.copy_out_range(slot, at, dst.addr() + i * slot_size + at, n).unwrap() };
+                    at += n;
+                }
+            }
+            for &slot in &taken {
+                wait_copied(&ring, slot, &format!("round {round}"));
+            }
+            let back = dst.to_vec().unwrap();
+            for i in 0..slots {
+                let range = i * slot_size..i * slot_size + len;
+                assert_same(&back[range.clone()], &want[range], &format!("round {round}: ranges out of slot {i}"));
+            }
+            for _ in &taken {
+                ring.give_back();
+            }
+        }
+        // A range past the slot's end is refused before anything is queued.
+        let slot = ring.take().unwrap();
+        // SAFETY: refused before any copy is queued.
+        assert!(unsafe { ring.copy_out_range(slot, slot_size - 4, 0x1000, 8) }.is_err());
+        ring.give_back();
     }
 }
 

@@ -9,6 +9,10 @@
 //! chunk that wants it; where it cannot be (no NVRTC, say) the ring says so once in the log and
 //! copies segment by segment.
 //!
+//! A contiguous chunk may be copied into its slot in parts, each followed by an event of its own
+//! (`super::parts`), so that its owner learns how far the copy got ([`StagingRing::copied_prefix`]);
+//! and copied out of it in ranges as its bytes arrive ([`StagingRing::copy_out_range`]).
+//!
 //! Nothing signals a finished copy: its owner polls the slot's event ([`StagingRing::copied`]). A
 //! driver host function per copy that woke the engine instead was measured: under load the driver
 //! ran those up to about 1.5 ms late, and the parked engine with them.
@@ -19,6 +23,7 @@ use std::sync::{Arc, Once};
 use cudarc::driver::sys;
 
 use super::memory::PinnedBuffer;
+use super::parts::PartMarks;
 use super::segments::SegmentKernel;
 use super::stream::{Event, Stream};
 use super::unpack::addressable;
@@ -89,6 +94,7 @@ pub struct StagingRing {
     streams: Vec<Stream>,
     kernel: KernelState,
     events: Vec<Event>,
+    parts: PartMarks,
     host: PinnedBuffer,
     slot_size: usize,
     /// Slots handed out and given back so far; slot `i` of the sequence is `i % slots`.
@@ -115,6 +121,7 @@ impl StagingRing {
         Ok(StagingRing {
             streams,
             kernel: KernelState::Unresolved,
+            parts: PartMarks::new(events.len()),
             events,
             host,
             slot_size,
@@ -257,6 +264,85 @@ impl StagingRing {
         if many {
             self.count(false);
         }
+        self.mark(slot)
+    }
+
+    /// Queues the copy of `len` device bytes at `src` into `slot` in parts of `part` bytes (the
+    /// last one shorter), each followed by a mark of its own: [`copied_prefix`] tells how many
+    /// leading bytes landed, and [`copied`] when all did.
+    ///
+    /// [`copied_prefix`]: StagingRing::copied_prefix
+    /// [`copied`]: StagingRing::copied
+    ///
+    /// # Safety
+    /// As `copy_in`.
+    pub unsafe fn copy_in_parts(&mut self, slot: usize, src: usize, len: usize, part: usize) -> Result<()> {
+        self.check_len(len)?;
+        if part == 0 {
+            return Err(Error::invalid("staging copies in parts of 0 bytes"));
+        }
+        self.gpu().bind()?;
+        self.parts.start(slot);
+        let (index, host) = (slot % self.streams.len(), self.slot_ptr(slot));
+        let mut at = 0;
+        while at < len {
+            let n = part.min(len - at);
+            check(
+                // SAFETY: the caller vouches for the device source and the taken slot, which holds
+                // slot_size >= len >= at + n bytes (check_len); the GPU is bound on this thread.
+                unsafe {
+                    sys::cuMemcpyDtoHAsync_v2(
+                        host.add(at).cast(),
+                        (src + at) as sys::CUdeviceptr,
+                        n,
+                        self.streams[index].raw(),
+                    )
+                },
+                "cuMemcpyDtoHAsync of a part into a staging slot",
+            )?;
+            at += n;
+            let gpu = self.streams[index].gpu().clone();
+            self.parts.record(&gpu, slot, &self.streams[index], at)?;
+        }
+        self.mark(slot)
+    }
+
+    /// Leading bytes of `slot` that the parts of its last [`copy_in_parts`] landed so far.
+    ///
+    /// [`copy_in_parts`]: StagingRing::copy_in_parts
+    pub fn copied_prefix(&mut self, slot: usize) -> Result<usize> {
+        self.gpu().bind()?;
+        self.parts.seen(slot)
+    }
+
+    /// Queues the copy of `len` bytes at offset `at` of `slot` to device memory at `dst`; the
+    /// slot's mark follows it, so [`copied`](StagingRing::copied) tells when it and every copy
+    /// queued on the slot before it finished.
+    ///
+    /// # Safety
+    /// As `copy_out`, for the range's bytes of the slot.
+    pub unsafe fn copy_out_range(&mut self, slot: usize, at: usize, dst: usize, len: usize) -> Result<()> {
+        if at.checked_add(len).is_none_or(|end| end > self.slot_size) {
+            return Err(Error::invalid(format!(
+                "bytes {at}..+{len} lie outside a {}-byte staging slot",
+                self.slot_size
+            )));
+        }
+        self.gpu().bind()?;
+        let index = slot % self.streams.len();
+        check(
+            // SAFETY: the caller vouches for the device destination and the range's final bytes;
+            // the range lies inside the slot (checked above), and the GPU is bound on this thread.
+            unsafe {
+                sys::cuMemcpyHtoDAsync_v2(
+                    dst as sys::CUdeviceptr,
+                    self.slot_ptr(slot).add(at).cast(),
+                    len,
+                    self.streams[index].raw(),
+                )
+            },
+            "cuMemcpyHtoDAsync of a range of a staging slot",
+        )?;
         self.mark(slot)
     }
 

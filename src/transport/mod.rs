@@ -50,6 +50,13 @@ pub struct IoSeg {
     pub len: usize,
 }
 
+fn unsupported<T>(what: &str) -> Result<T> {
+    Err(crate::error::Error::new(
+        crate::error::UcclStatus::ErrNotSupported,
+        format!("this transport's comms do not {what}"),
+    ))
+}
+
 fn unvectored<T>(what: &str) -> Result<T> {
     Err(crate::error::Error::new(
         crate::error::UcclStatus::ErrNotSupported,
@@ -167,6 +174,37 @@ pub trait SendComm: Send {
     }
     /// `Some(bytes)` once the request finished.
     fn test(&mut self, req: RequestId) -> Result<Option<usize>>;
+    /// Whether the comm takes sends whose bytes become ready over time ([`SendComm::isend_ready`]
+    /// and [`SendComm::raise_ready`]): the staged path then hands a device chunk over as soon as
+    /// the first part of its copy is in host memory. Off by default: such a comm only gets whole
+    /// sends.
+    fn takes_ready_watermark(&self) -> bool {
+        false
+    }
+    /// As `isend`, but only the first `ready` bytes (the request's ready watermark) may be read
+    /// yet: the comm sends nothing at or past the watermark until [`SendComm::raise_ready`] raises
+    /// it, and the request completes only once all `len` bytes left. The bytes on the wire are
+    /// those of a plain `isend` of the same buffer. Only on a comm that
+    /// [`takes_ready_watermark`](SendComm::takes_ready_watermark).
+    ///
+    /// # Safety
+    /// As `isend`, except that the bytes past the watermark may still be being written (by a copy)
+    /// until a raise covers them; from then on they stay unmodified as `isend` requires.
+    unsafe fn isend_ready(
+        &mut self,
+        _data: *const u8,
+        _len: usize,
+        _mr: MrHandle,
+        _ready: usize,
+    ) -> Result<Option<RequestId>> {
+        unsupported("send before all their bytes are ready")
+    }
+    /// Raises the ready watermark of `req`, a request of this comm posted with `isend_ready` and not
+    /// yet reported done, to `ready` bytes; a watermark never goes down, and one past the request's
+    /// length is its length.
+    fn raise_ready(&mut self, _req: RequestId, _ready: usize) -> Result<()> {
+        unsupported("send before all their bytes are ready")
+    }
 }
 
 pub trait RecvComm: Send {

@@ -1,7 +1,8 @@
 //! Socket comms: a request window and the comm's data sockets, each socket served by one of the
 //! net's shared helper threads. A comm starts with one socket; a send comm opens the others as its
 //! requests ask for them, and a receive comm takes them as they arrive. Requests are numbered in
-//! posting order; `test` reads a completion flag without locking.
+//! posting order; `test` reads a completion flag without locking. A send may go out before all of
+//! its bytes are ready, up to a watermark its poster raises (`partial`).
 
 use std::io::Write;
 use std::net::{Shutdown, TcpStream};
@@ -14,6 +15,7 @@ use super::counts::Counts;
 use super::epoll::EventFd;
 use super::fanout::{self, Idle};
 use super::grow::Dialer;
+use super::partial;
 use super::reactor::{Placement, Pool};
 use super::receiver::{RecvSockets, RecvTask};
 use super::sender::{INLINE_MAX, Inline, SendSockets, SendTask};
@@ -76,6 +78,28 @@ struct SendSide {
 }
 
 impl SendSide {
+    /// Kicks idle sockets for `pieces` pieces that may be cut now; busy ones pull the rest when
+    /// they finish their piece. Kicks of sleeping helpers past the fan-out are owed to the comm's
+    /// running sockets, which pass them on; owed before any kick goes out, so that the sockets it
+    /// runs find them.
+    fn kick_idle(&self, pieces: u64) {
+        let shared = &self.shared;
+        let fan = shared.relay.fanout();
+        let idle = self.placements.iter().enumerate().filter(|&(k, _)| shared.idle(k));
+        let idle = idle.take(pieces.min(usize::MAX as u64) as usize).map(|(k, p)| Idle {
+            k,
+            helper: p.helper_id(),
+            sleeps: fan > 0 && p.sleeps(),
+        });
+        let (now, owed) = fanout::split(idle, fan);
+        if owed != 0 {
+            shared.relay.owe(owed);
+        }
+        for k in fanout::sockets(now) {
+            self.placements[k].kick();
+        }
+    }
+
     /// Sockets the comm wants for a request of `pieces` pieces: as many as it has pieces, and one
     /// more than it has when older pieces still wait and no open socket is free to take them.
     fn wanted(&self, pieces: u64, alone: bool) -> usize {
@@ -204,7 +228,9 @@ struct CommCore {
 }
 
 impl CommCore {
-    fn post(&mut self, iov: &[IoSeg]) -> Result<Option<RequestId>> {
+    /// Posts a request over `iov`; a send may put its first `ready` bytes on the wire now
+    /// (`usize::MAX`: all of them).
+    fn post(&mut self, iov: &[IoSeg], ready: usize) -> Result<Option<RequestId>> {
         self.window.check()?;
         if iov.is_empty() {
             return Err(Error::invalid("a vectored request needs at least one segment"));
@@ -214,35 +240,19 @@ impl CommCore {
         }
         let id = self.posted;
         let len = iov.iter().map(|s| s.len).sum::<usize>();
-        let alone = self.window.post(id, iov);
+        let alone = self.window.post(id, iov, ready);
         match &mut self.side {
             Side::Send(send) => {
                 let pieces = self.window.cut.pieces(len as u64);
-                let shared = &send.shared;
-                let inline = if alone && len <= self.inline_max { shared.send_inline() } else { Inline::NoSocket };
+                let whole = ready >= len;
+                let inline =
+                    if alone && whole && len <= self.inline_max { send.shared.send_inline() } else { Inline::NoSocket };
                 match inline {
                     Inline::Done => {}
                     Inline::HandedOver(k) => send.placements[k].kick(),
-                    Inline::NoSocket => {
-                        // As many idle sockets as the request has pieces; busy ones pull the rest
-                        // when they finish their piece. Kicks of sleeping helpers past the fan-out
-                        // are owed to the comm's running sockets, which pass them on; owed before
-                        // any kick goes out, so that the sockets it runs find them.
-                        let fan = shared.relay.fanout();
-                        let idle = send.placements.iter().enumerate().filter(|&(k, _)| shared.idle(k));
-                        let idle = idle.take(pieces.min(usize::MAX as u64) as usize).map(|(k, p)| Idle {
-                            k,
-                            helper: p.helper_id(),
-                            sleeps: fan > 0 && p.sleeps(),
-                        });
-                        let (now, owed) = fanout::split(idle, fan);
-                        if owed != 0 {
-                            shared.relay.owe(owed);
-                        }
-                        for k in fanout::sockets(now) {
-                            send.placements[k].kick();
-                        }
-                    }
+                    // As many idle sockets as the request has pieces ready; a raise of its
+                    // watermark kicks for the others.
+                    Inline::NoSocket => send.kick_idle(partial::cuttable(self.window.cut, len as u64, ready as u64)),
                 }
                 let want = send.wanted(pieces, alone);
                 if want > send.placements.len() {
@@ -263,6 +273,17 @@ impl CommCore {
         }
         self.posted += 1;
         Ok(Some(RequestId(id)))
+    }
+
+    /// Whether `req` was posted and not yet reported done.
+    fn untested(&self, req: RequestId) -> Result<()> {
+        if req.0 < self.tested || req.0 >= self.posted {
+            return Err(Error::backend(format!(
+                "request {} is not outstanding: {} were posted, {} reported done",
+                req.0, self.posted, self.tested
+            )));
+        }
+        Ok(())
     }
 
     fn test(&mut self, req: RequestId) -> Result<Option<usize>> {
@@ -384,6 +405,19 @@ impl SocketSendComm {
             Side::Recv(_) => unreachable!("a send comm has a sending side"),
         }
     }
+
+    /// Bytes of `req` handed to the kernel so far.
+    pub fn sent(&self, req: RequestId) -> u64 {
+        self.0.window.moved(req.0)
+    }
+
+    /// Whether every helper of the comm's sockets sleeps in `epoll_wait` (a kick must wake it).
+    pub fn helpers_sleep(&self) -> bool {
+        match &self.0.side {
+            Side::Send(send) => send.placements.iter().all(|p| p.sleeps()),
+            Side::Recv(_) => unreachable!("a send comm has a sending side"),
+        }
+    }
 }
 
 impl SendComm for SocketSendComm {
@@ -393,11 +427,11 @@ impl SendComm for SocketSendComm {
     fn dereg_mr(&mut self, _mr: MrHandle) {}
 
     unsafe fn isend(&mut self, data: *const u8, len: usize, _mr: MrHandle) -> Result<Option<RequestId>> {
-        self.0.post(&[IoSeg { addr: data as usize, len }])
+        self.0.post(&[IoSeg { addr: data as usize, len }], usize::MAX)
     }
 
     unsafe fn isendv(&mut self, iov: &[IoSeg], _mr: MrHandle) -> Result<Option<RequestId>> {
-        self.0.post(iov)
+        self.0.post(iov, usize::MAX)
     }
 
     fn test(&mut self, req: RequestId) -> Result<Option<usize>> {
@@ -406,6 +440,35 @@ impl SendComm for SocketSendComm {
             self.0.released += 1;
         }
         Ok(done)
+    }
+
+    /// A piece is cut only once all of its bytes lie below the watermark (`partial`).
+    fn takes_ready_watermark(&self) -> bool {
+        true
+    }
+
+    unsafe fn isend_ready(
+        &mut self,
+        data: *const u8,
+        len: usize,
+        _mr: MrHandle,
+        ready: usize,
+    ) -> Result<Option<RequestId>> {
+        self.0.post(&[IoSeg { addr: data as usize, len }], ready)
+    }
+
+    /// A raise that makes pieces cuttable kicks as many idle sockets (a sleeping helper is woken,
+    /// the fan-out applying as for a post); busy ones pull them when they finish their piece.
+    fn raise_ready(&mut self, req: RequestId, ready: usize) -> Result<()> {
+        self.0.window.check()?;
+        self.0.untested(req)?;
+        let newly = self.0.window.raise(req.0, ready);
+        if newly > 0
+            && let Side::Send(send) = &self.0.side
+        {
+            send.kick_idle(newly);
+        }
+        Ok(())
     }
 }
 
@@ -467,11 +530,11 @@ impl RecvComm for SocketRecvComm {
     fn dereg_mr(&mut self, _mr: MrHandle) {}
 
     unsafe fn irecv(&mut self, data: *mut u8, len: usize, _mr: MrHandle) -> Result<Option<RequestId>> {
-        self.0.post(&[IoSeg { addr: data as usize, len }])
+        self.0.post(&[IoSeg { addr: data as usize, len }], usize::MAX)
     }
 
     unsafe fn irecvv(&mut self, iov: &[IoSeg], _mr: MrHandle) -> Result<Option<RequestId>> {
-        self.0.post(iov)
+        self.0.post(iov, usize::MAX)
     }
 
     fn test(&mut self, req: RequestId) -> Result<Option<usize>> {

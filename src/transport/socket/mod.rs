@@ -15,6 +15,7 @@ mod fanout;
 mod grow;
 pub mod iface;
 mod iov;
+mod partial;
 mod reactor;
 mod receiver;
 mod sender;
@@ -388,5 +389,7 @@ fn polls(options: &SocketConfig) -> Polls {
     Polls { after_work: options.spin, held: options.held_spin, spinners: options.spinners() }
 }
 
+#[cfg(test)]
+mod partial_tests;
 #[cfg(test)]
 mod tests;

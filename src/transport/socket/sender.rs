@@ -239,7 +239,7 @@ impl SendTask {
             return Some(o);
         }
         loop {
-            let seen = s.window.posted();
+            let seen = s.window.send_work();
             if !s.claim(self.k) {
                 return None;
             }
@@ -249,9 +249,9 @@ impl SendTask {
                 return Some(Outgoing::new(cut, zerocopy));
             }
             s.release(self.k);
-            // A request posted after the cut looked, whose poster saw this socket claimed and so
-            // kicked nobody: look once more.
-            if s.window.posted() == seen {
+            // A request posted (or a watermark raised) after the cut looked, whose poster saw this
+            // socket claimed and so kicked nobody: look once more.
+            if s.window.send_work() == seen {
                 return None;
             }
         }

@@ -1,12 +1,14 @@
 //! The request window a comm shares with its helper threads: 16 slots, request `seq` in slot
 //! `seq % 16`. Request descriptions and the decisions that must be atomic across threads (which piece
 //! a sender cuts next, which piece a receiver admits) sit behind one short lock per piece; byte counts
-//! and completion are atomics, so `test` never locks.
+//! and completion are atomics, so `test` never locks. A send may be posted with only a prefix of
+//! its bytes ready (`partial`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
+use super::partial;
 use super::wire::PieceCut;
 use crate::error::{Error, Result};
 use crate::transport::{IoSeg, Wake};
@@ -25,6 +27,8 @@ struct Request {
     total: u64,
     /// Receive: bytes admitted so far; never exceeds `total`, so nothing lands after completion.
     admitted: u64,
+    /// Send: the ready watermark, leading bytes the sockets may send (`len` for a whole request).
+    ready: u64,
 }
 
 struct Book {
@@ -111,6 +115,8 @@ pub struct Window {
     book: Mutex<Book>,
     /// Mirror of `book.posted` that threads watch without the lock.
     posted: AtomicU64,
+    /// Send: watermark raises that made pieces cuttable, so far.
+    raised: AtomicU64,
     progress: [Progress; MAX_REQUESTS],
     /// How both ends cut requests into pieces.
     pub cut: PieceCut,
@@ -122,7 +128,7 @@ pub struct Window {
 
 impl Window {
     pub fn new(cut: PieceCut, wake: Wake) -> Window {
-        let empty = Request { seq: UNKNOWN, len: 0, total: UNKNOWN, admitted: 0 };
+        let empty = Request { seq: UNKNOWN, len: 0, total: UNKNOWN, admitted: 0, ready: 0 };
         Window {
             book: Mutex::new(Book {
                 posted: 0,
@@ -133,6 +139,7 @@ impl Window {
                 cut_offset: 0,
             }),
             posted: AtomicU64::new(0),
+            raised: AtomicU64::new(0),
             progress: Default::default(),
             cut,
             closing: AtomicBool::new(false),
@@ -143,9 +150,10 @@ impl Window {
     }
 
     /// Publishes request `seq` over the memory of `iov` (at least one segment; the caller checked
-    /// the window has room, so its slot is free). Returns whether nothing older is left to cut (the
-    /// request is next on the wire). The caller then kicks the helpers.
-    pub fn post(&self, seq: u64, iov: &[IoSeg]) -> bool {
+    /// the window has room, so its slot is free), of which a send may put the first `ready` bytes
+    /// on the wire (`usize::MAX`: all). Returns whether nothing older is left to cut (the request
+    /// is next on the wire). The caller then kicks the helpers.
+    pub fn post(&self, seq: u64, iov: &[IoSeg], ready: usize) -> bool {
         let slot = seq as usize % MAX_REQUESTS;
         self.progress[slot].bytes.store(0, Ordering::Relaxed);
         let alone = {
@@ -162,7 +170,8 @@ impl Window {
                 // Empty segments only: an empty message, which still needs somewhere to point.
                 mem.push((0, iov[0]));
             }
-            book.reqs[slot] = Request { seq, len, total: UNKNOWN, admitted: 0 };
+            let ready = (ready as u64).min(len as u64);
+            book.reqs[slot] = Request { seq, len, total: UNKNOWN, admitted: 0, ready };
             book.posted = seq + 1;
             book.cut_seq == seq
         };
@@ -176,8 +185,37 @@ impl Window {
         self.posted.load(Ordering::SeqCst)
     }
 
-    /// Sender: the next piece to put on a free socket, if any request still has uncut bytes. Pieces
-    /// are cut in request order, so the oldest request finishes first.
+    /// Sender: what a socket that found nothing to cut compares before and after it said it is
+    /// free: posts and watermark raises so far (each only grows, so the sum changes with either).
+    /// SeqCst, as `posted`: a raiser bumps it and then looks at the sockets.
+    pub fn send_work(&self) -> u64 {
+        self.posted.load(Ordering::SeqCst) + self.raised.load(Ordering::SeqCst)
+    }
+
+    /// Sender: raises the ready watermark of request `seq` (posted, not complete) to `ready`
+    /// bytes; returns how many of its pieces became cuttable, which the caller kicks sockets for.
+    pub fn raise(&self, seq: u64, ready: usize) -> u64 {
+        let newly = {
+            let mut book = self.book.lock();
+            let req = &mut book.reqs[seq as usize % MAX_REQUESTS];
+            if req.seq != seq {
+                return 0;
+            }
+            let (len, before) = (req.len as u64, req.ready);
+            req.ready = (ready as u64).min(len).max(before);
+            partial::cuttable(self.cut, len, req.ready) - partial::cuttable(self.cut, len, before)
+        };
+        if newly > 0 {
+            // After the watermark moved (a socket that looks again sees it), before the caller
+            // looks at the sockets.
+            self.raised.fetch_add(1, Ordering::SeqCst);
+        }
+        newly
+    }
+
+    /// Sender: the next piece to put on a free socket, if any request still has uncut bytes below
+    /// its ready watermark. Pieces are cut in request order, so the oldest request finishes first
+    /// (and one waiting for its bytes holds the later ones back).
     pub fn cut(&self) -> Option<(Piece, PieceMem)> {
         let mut book = self.book.lock();
         if book.cut_seq >= book.posted {
@@ -188,6 +226,9 @@ impl Window {
         let offset = book.cut_offset;
         let piece = self.cut.piece_len(req.len as u64);
         let len = (req.len as u64 - offset).min(piece) as usize;
+        if offset + len as u64 > req.ready {
+            return None;
+        }
         book.cut_offset += piece;
         if book.cut_offset >= req.len as u64 {
             book.cut_seq += 1;
@@ -267,6 +308,12 @@ impl Window {
         self.progress[slot].size.store(size, Ordering::Relaxed);
         self.progress[slot].done.store(seq + 1, Ordering::Release);
         (self.wake)();
+    }
+
+    /// Bytes of request `seq` moved so far (sent: handed to the kernel, or released by it).
+    #[cfg(test)]
+    pub fn moved(&self, seq: u64) -> u64 {
+        self.progress[seq as usize % MAX_REQUESTS].bytes.load(Ordering::Acquire)
     }
 
     /// `Some(size)` once request `seq` is complete.

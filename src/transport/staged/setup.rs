@@ -33,7 +33,21 @@ impl StagingParams {
         self.tuning.streams.max(1) as usize
     }
 
+    /// Sub-copy size of pipelined staging; 0 copies chunks whole.
+    pub(super) fn pipeline(&self) -> usize {
+        self.tuning.pipeline as usize
+    }
+
     pub(super) fn validate(&self) -> Result<()> {
+        if !crate::config::valid_staging_pipeline(self.tuning.pipeline) {
+            let range = crate::config::STAGING_PIPELINE_RANGE;
+            return Err(Error::invalid(format!(
+                "staging sub-copies (UCCL_TCPX_STAGING_PIPELINE) are 0 (whole-chunk copies) or {}..={} bytes, not {}",
+                range.start(),
+                range.end(),
+                self.tuning.pipeline
+            )));
+        }
         let max_slot = crate::config::MAX_CHUNK_SIZE as usize;
         if self.slot_size == 0 || self.slot_size > max_slot || self.slots == 0 || self.slots > crate::config::MAX_WINDOW
         {

@@ -6,7 +6,9 @@
 //! the burst durations and one typical burst's (the one nearest the median duration) per-comm
 //! first..last time of every stage (relative to
 //! the burst's start, whose CLOCK_MONOTONIC time is printed so the two ends of a loopback pair line
-//! up) plus the mean time between consecutive stages.
+//! up) plus the mean time between consecutive stages. A chunk copied in parts
+//! (`UCCL_TCPX_STAGING_PIPELINE`) also marks when its first part was seen landed (it is handed
+//! over then, before its copy finished), and the comm's line says how many parts its chunks took.
 //!
 //! Off, the comms hold no tracer and pay one branch per call.
 
@@ -28,6 +30,8 @@ pub(super) enum Mark {
     CopyIssued,
     /// The progress thread saw the copy finished.
     CopySeen,
+    /// A send copied in parts: the progress thread saw the first part landed.
+    FirstPartSeen,
     /// Handed to the inner comm (a receive: the inner irecv was posted).
     Handed,
     /// The inner comm reported the request done.
@@ -36,13 +40,23 @@ pub(super) enum Mark {
     Reported,
 }
 
-const MARKS: usize = 6;
-const NAMES: [&str; MARKS] = ["posted", "copy-issued", "copy-seen", "handed", "inner-done", "reported"];
-/// The order a send's stages happen in, and a receive's.
-const SEND_ORDER: [Mark; MARKS] =
-    [Mark::Posted, Mark::CopyIssued, Mark::CopySeen, Mark::Handed, Mark::InnerDone, Mark::Reported];
-const RECV_ORDER: [Mark; MARKS] =
-    [Mark::Posted, Mark::Handed, Mark::InnerDone, Mark::CopyIssued, Mark::CopySeen, Mark::Reported];
+const MARKS: usize = 7;
+const NAMES: [&str; MARKS] =
+    ["posted", "copy-issued", "copy-seen", "first-part-seen", "handed", "inner-done", "reported"];
+/// The order a send's stages happen in, a send's copied in parts, and a receive's.
+const SEND_ORDER: &[Mark] =
+    &[Mark::Posted, Mark::CopyIssued, Mark::CopySeen, Mark::Handed, Mark::InnerDone, Mark::Reported];
+const SEND_PARTS_ORDER: &[Mark] = &[
+    Mark::Posted,
+    Mark::CopyIssued,
+    Mark::FirstPartSeen,
+    Mark::Handed,
+    Mark::CopySeen,
+    Mark::InnerDone,
+    Mark::Reported,
+];
+const RECV_ORDER: &[Mark] =
+    &[Mark::Posted, Mark::Handed, Mark::InnerDone, Mark::CopyIssued, Mark::CopySeen, Mark::Reported];
 /// Bursts whose durations a group keeps; later ones only count.
 const MAX_DURATIONS: usize = 100_000;
 const MAX_GROUPS: usize = 256;
@@ -57,6 +71,8 @@ pub(super) struct ChunkTrace {
     staged: bool,
     /// Time spent queueing the copy (the CUDA calls), in ns.
     issue_ns: u64,
+    /// Copies the chunk's bytes took into (or out of) its slot: parts, or 1 for a whole copy.
+    parts: u32,
 }
 
 impl ChunkTrace {
@@ -70,6 +86,11 @@ impl ChunkTrace {
 
     pub(super) fn add_issue(&mut self, since: u64) {
         self.issue_ns += clock_ns().saturating_sub(since);
+    }
+
+    /// The chunk's copy was queued as `parts` copies.
+    pub(super) fn add_parts(&mut self, parts: usize) {
+        self.parts = self.parts.saturating_add(parts.min(u32::MAX as usize) as u32);
     }
 }
 
@@ -301,14 +322,19 @@ fn render_burst(out: &mut String, pid: u32, burst: &Burst) {
         issue as f64 / 1000.0,
     );
     for (id, comm) in &burst.comms {
-        let order = if comm.send { SEND_ORDER } else { RECV_ORDER };
+        let in_parts = comm.chunks.iter().any(|c| c.t[Mark::FirstPartSeen as usize] != 0);
+        let order = match (comm.send, in_parts) {
+            (true, true) => SEND_PARTS_ORDER,
+            (true, false) => SEND_ORDER,
+            (false, _) => RECV_ORDER,
+        };
         let mut line = format!(
             "staging-trace[{pid}]   comm {id} {} {} x {} KiB:",
             if comm.send { "send" } else { "recv" },
             comm.chunks.len(),
             comm.chunks.first().map_or(0, |c| c.len >> 10)
         );
-        for mark in order {
+        for &mark in order {
             let times: Vec<u64> = comm.chunks.iter().map(|c| c.t[mark as usize]).filter(|&t| t != 0).collect();
             if let (Some(first), Some(last)) = (times.iter().min(), times.iter().max()) {
                 let _ = write!(line, " {} {:.0}-{:.0}", NAMES[mark as usize], rel(*first), rel(*last));
@@ -336,6 +362,11 @@ fn render_burst(out: &mut String, pid: u32, burst: &Burst) {
                 *issue.iter().max().unwrap_or(&0) as f64 / 1000.0
             );
         }
+        let parts: Vec<u32> = comm.chunks.iter().filter(|c| c.parts > 1).map(|c| c.parts).collect();
+        if !parts.is_empty() {
+            let mean = parts.iter().map(|&p| p as f64).sum::<f64>() / parts.len() as f64;
+            let _ = write!(line, " | {} chunks copied in parts, {mean:.1} parts each", parts.len());
+        }
         let s = &comm.stats;
         let _ = write!(
             line,
@@ -355,6 +386,7 @@ fn short(mark: Mark) -> &'static str {
         Mark::Posted => "post",
         Mark::CopyIssued => "issue",
         Mark::CopySeen => "seen",
+        Mark::FirstPartSeen => "first",
         Mark::Handed => "hand",
         Mark::InnerDone => "inner",
         Mark::Reported => "done",
@@ -405,5 +437,23 @@ mod tests {
         );
         assert_eq!(c.groups.len(), 1);
         assert!(c.report().contains("unfinished burst (1 chunks in flight)"));
+    }
+
+    #[test]
+    fn a_chunk_copied_in_parts_reports_its_first_part_and_its_parts() {
+        let mut c = Collector::new();
+        c.begin_chunk(1_000);
+        let mut chunk = ChunkTrace { len: 1 << 20, staged: true, parts: 8, ..ChunkTrace::default() };
+        for (i, mark) in SEND_PARTS_ORDER.iter().enumerate() {
+            chunk.t[*mark as usize] = 1_000 + 1000 * i as u64;
+        }
+        c.end_chunk(3, true, chunk, CallStats::default());
+        let report = c.report();
+        assert!(
+            report.contains("copy-issued 1-1 first-part-seen 2-2 handed 3-3 copy-seen 4-4 inner-done 5-5"),
+            "stages in the order they happen: {report}"
+        );
+        assert!(report.contains("issue>first 1.0 first>hand 1.0 hand>seen 1.0 seen>inner 1.0"), "{report}");
+        assert!(report.contains("1 chunks copied in parts, 8.0 parts each"), "{report}");
     }
 }

@@ -1,0 +1,206 @@
+//! Sends posted before all their bytes are ready (`partial`): exactly the ready pieces leave, a
+//! raise lets more go and wakes the helpers that sleep, and a comm dropped with such a send closes
+//! as any other.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::comm::SocketSendComm;
+use super::wire::PieceCut;
+use super::*;
+use crate::error::UcclStatus;
+use crate::transport::testutil::{loopback_socket_net, until};
+use crate::transport::{MrHandle, RequestId};
+
+/// Pieces of 16 KiB on 4 sockets, each on a sending helper of its own that sleeps as soon as it
+/// has nothing to do, all opened at connect; `fanout` sleeping helpers woken per post or raise.
+fn four_socket_net(fanout: u8) -> SocketNet {
+    loopback_socket_net().with_options(crate::config::SocketConfig {
+        nthreads: 4,
+        nsocks_per_thread: 1,
+        helpers: 4,
+        subchunk: 16 << 10,
+        lazy: false,
+        spin: Duration::ZERO,
+        kick_fanout: fanout,
+        ..Default::default()
+    })
+}
+
+const PIECE: usize = 16 << 10;
+
+fn four_socket_pair(net: &SocketNet) -> (SocketSendComm, Box<dyn RecvComm>) {
+    let (handle, mut listen) = net.listen(0).unwrap();
+    let tx = net.connect_comm(0, &handle).unwrap();
+    let rx = until(|| listen.accept()).unwrap();
+    let all = |s: DataSocketStats| (s.sending == 4 && s.receiving == 4).then_some(());
+    until(|| Ok(all(net.data_socket_stats()))).unwrap();
+    (tx, rx)
+}
+
+fn message(len: usize, seed: usize) -> Vec<u8> {
+    (0..len).map(|i| ((i * 7 + seed * 13) % 251) as u8).collect()
+}
+
+/// Waits until `tx` handed `want` bytes of `req` to the kernel, then checks that nothing more
+/// leaves for a while (the sockets are idle, not slow).
+fn sends_exactly(tx: &SocketSendComm, req: RequestId, want: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tx.sent(req) < want {
+        assert!(Instant::now() < deadline, "{what}: {} of {want} bytes sent", tx.sent(req));
+        std::thread::yield_now();
+    }
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(tx.sent(req), want, "{what}: no byte past the watermark leaves");
+}
+
+#[test]
+fn the_window_cuts_only_below_the_watermark() {
+    let window = super::window::Window::new(PieceCut::new(PIECE, 4), Arc::new(|| {}));
+    let buf = vec![0u8; 10 * PIECE + 5];
+    let iov = [crate::transport::IoSeg { addr: buf.as_ptr() as usize, len: buf.len() }];
+    window.post(0, &iov, 2 * PIECE + 3);
+    let offsets = |w: &super::window::Window| std::iter::from_fn(|| w.cut().map(|(p, _)| p.offset)).collect::<Vec<_>>();
+    assert_eq!(offsets(&window), [0, PIECE as u64], "two whole pieces are ready");
+    let work = window.send_work();
+    assert_eq!(window.raise(0, 2 * PIECE + 100), 0, "nothing more cuttable");
+    assert_eq!(window.send_work(), work, "a raise that frees no piece wakes nobody");
+    assert_eq!(window.raise(0, PIECE), 0, "a watermark never goes down");
+    assert_eq!(window.raise(0, 7 * PIECE), 5);
+    assert!(window.send_work() > work);
+    assert_eq!(offsets(&window).len(), 5);
+    // A later request, whole, waits behind the one that is not ready.
+    window.post(1, &iov[..], usize::MAX);
+    assert!(window.cut().is_none(), "request 1 waits for request 0");
+    assert_eq!(window.raise(0, usize::MAX), 4, "the three whole pieces left and the short last one");
+    let rest: Vec<(u64, u64, usize)> =
+        std::iter::from_fn(|| window.cut().map(|(p, _)| (p.seq, p.offset, p.len))).collect();
+    assert_eq!(rest.len(), 4 + 11);
+    assert_eq!(rest[3], (0, 10 * PIECE as u64, 5));
+    assert_eq!(rest[4], (1, 0, PIECE));
+    assert_eq!(window.raise(7, 100), 0, "a request the slot does not hold is left alone");
+}
+
+/// A request posted with a partial watermark sends the pieces below it and nothing more until
+/// raised, raise after raise, and completes after the last; the receiver gets the message intact.
+/// A watermark not on a piece boundary holds the piece it cuts back.
+#[test]
+fn a_partial_send_moves_exactly_its_ready_bytes_until_raised() {
+    let net = four_socket_net(4);
+    let (mut tx, mut rx) = four_socket_pair(&net);
+    assert!(tx.takes_ready_watermark());
+    let len = 16 * PIECE + 1000;
+    let msg = message(len, 1);
+    let mut got = vec![0u8; len + 10];
+    // SAFETY: got and msg outlive both requests, which are tested to completion below; msg is not
+    // modified.
+    let r = unsafe { rx.irecv(got.as_mut_ptr(), got.len(), MrHandle::NONE) }.unwrap().unwrap();
+    // SAFETY: as above.
+    let s = unsafe { tx.isend_ready(msg.as_ptr(), len, MrHandle::NONE, 5 * PIECE + 100) }.unwrap().unwrap();
+    sends_exactly(&tx, s, 5 * PIECE as u64, "first watermark");
+    assert!(tx.test(s).unwrap().is_none() && rx.test(r).unwrap().is_none(), "nothing completes");
+    tx.raise_ready(s, 12 * PIECE).unwrap();
+    sends_exactly(&tx, s, 12 * PIECE as u64, "second watermark");
+    tx.raise_ready(s, 3 * PIECE).unwrap();
+    sends_exactly(&tx, s, 12 * PIECE as u64, "a lower watermark changes nothing");
+    tx.raise_ready(s, len - 1).unwrap();
+    sends_exactly(&tx, s, 16 * PIECE as u64, "one byte short: the short last piece waits");
+    assert!(tx.test(s).unwrap().is_none());
+    tx.raise_ready(s, len).unwrap();
+    assert_eq!(until(|| tx.test(s)).unwrap(), len);
+    assert_eq!(until(|| rx.test(r)).unwrap(), len);
+    rx.irecv_consumed(r).unwrap();
+    assert!(got[..len] == msg[..], "the message arrived intact");
+    // A tested request takes no raise any more.
+    assert_eq!(tx.raise_ready(s, len).unwrap_err().status(), UcclStatus::ErrBackend);
+    assert!(tx.raise_ready(RequestId(5), 1).is_err(), "nor one never posted");
+}
+
+/// Several requests in flight, partial and whole, leave in posting order: a whole request behind a
+/// partial one waits for it, and every message arrives intact. A watermark at or past the length
+/// from the start is a plain send (the small one goes inline).
+#[test]
+fn partial_and_whole_sends_keep_their_order() {
+    let net = four_socket_net(1);
+    let (mut tx, mut rx) = four_socket_pair(&net);
+    let lens = [9 * PIECE + 7, 3 * PIECE, 100, 20 * PIECE, 1];
+    let msgs: Vec<Vec<u8>> = lens.iter().enumerate().map(|(i, &l)| message(l, i)).collect();
+    let mut bufs: Vec<Vec<u8>> = lens.iter().map(|&l| vec![0u8; l]).collect();
+    let recvs: Vec<RequestId> = bufs
+        .iter_mut()
+        // SAFETY: every buffer outlives its receive, tested to completion below.
+        .map(|b| unsafe { rx.irecv(b.as_mut_ptr(), b.len(), MrHandle::NONE) }.unwrap().unwrap())
+        .collect();
+    let ready = [PIECE, usize::MAX, 100, 0, 1];
+    let sends: Vec<RequestId> = msgs
+        .iter()
+        .zip(ready)
+        // SAFETY: every message outlives its send, tested to completion below.
+        .map(|(m, ready)| unsafe { tx.isend_ready(m.as_ptr(), m.len(), MrHandle::NONE, ready) }.unwrap().unwrap())
+        .collect();
+    sends_exactly(&tx, sends[0], PIECE as u64, "the first request's first piece");
+    assert_eq!(tx.sent(sends[1]), 0, "the whole request behind it waits");
+    tx.raise_ready(sends[0], usize::MAX).unwrap();
+    sends_exactly(&tx, sends[3], 0, "the third partial request holds the line");
+    assert_eq!(tx.sent(sends[1]) + tx.sent(sends[2]), (3 * PIECE + 100) as u64);
+    for step in 1..=20 {
+        tx.raise_ready(sends[3], step * PIECE).unwrap();
+    }
+    for (i, (&s, &r)) in sends.iter().zip(&recvs).enumerate() {
+        assert_eq!(until(|| tx.test(s)).unwrap(), lens[i]);
+        assert_eq!(until(|| rx.test(r)).unwrap(), lens[i]);
+        rx.irecv_consumed(r).unwrap();
+        assert!(bufs[i] == msgs[i], "message {i} arrived intact");
+    }
+}
+
+/// A raise wakes the comm's helpers from `epoll_wait`, where nothing else would: every step of
+/// the watermark is posted only once they all sleep again, with a fan-out of 1 (the raise wakes
+/// one, which wakes the others) and of 0 (the raise wakes them all).
+#[test]
+fn a_raise_wakes_sleeping_helpers() {
+    for fanout in [1u8, 0] {
+        let net = four_socket_net(fanout);
+        let (mut tx, mut rx) = four_socket_pair(&net);
+        let len = 12 * PIECE;
+        let msg = message(len, 3);
+        let mut got = vec![0u8; len];
+        // SAFETY: got and msg outlive both requests, tested to completion below.
+        let r = unsafe { rx.irecv(got.as_mut_ptr(), len, MrHandle::NONE) }.unwrap().unwrap();
+        // SAFETY: as above.
+        let s = unsafe { tx.isend_ready(msg.as_ptr(), len, MrHandle::NONE, 0) }.unwrap().unwrap();
+        for step in [1, 2, 6, 12] {
+            testkit::wait_until("the sending helpers sleep", testkit::PATIENCE, || tx.helpers_sleep());
+            tx.raise_ready(s, step * PIECE).unwrap();
+            sends_exactly(&tx, s, (step * PIECE) as u64, &format!("fan-out {fanout}, watermark {step} pieces"));
+        }
+        assert_eq!(until(|| tx.test(s)).unwrap(), len);
+        assert_eq!(until(|| rx.test(r)).unwrap(), len);
+        assert!(got == msg, "fan-out {fanout}: the message arrived intact");
+    }
+}
+
+/// A send comm dropped with a request stuck at its watermark returns at once and leaves no
+/// helper or socket behind; its peer's receive fails with the disconnect.
+#[test]
+fn dropping_a_comm_with_a_partial_send_closes_cleanly() {
+    let net = four_socket_net(2);
+    for ready in [0, 3 * PIECE] {
+        let msg = message(8 * PIECE, 4);
+        let mut got = vec![0u8; msg.len()];
+        let (mut tx, mut rx) = four_socket_pair(&net);
+        // SAFETY: got outlives rx, dropped below with the receive still posted.
+        let r = unsafe { rx.irecv(got.as_mut_ptr(), got.len(), MrHandle::NONE) }.unwrap().unwrap();
+        // SAFETY: msg outlives tx, dropped below with the send in flight.
+        let s = unsafe { tx.isend_ready(msg.as_ptr(), msg.len(), MrHandle::NONE, ready) }.unwrap().unwrap();
+        sends_exactly(&tx, s, ready as u64, "before the drop");
+        let start = Instant::now();
+        drop(tx);
+        assert!(start.elapsed() < Duration::from_secs(1), "the drop returned promptly");
+        let err = until(|| rx.test(r)).unwrap_err();
+        assert_eq!(err.status(), UcclStatus::ErrRemoteDisconnect, "{err}");
+        drop(rx);
+        assert_eq!(net.helper_threads(), 0, "no helper is left");
+        assert_eq!(net.data_socket_stats().sending, 0);
+    }
+}
