@@ -252,9 +252,11 @@ pub struct StagingConfig {
     /// How a chunk of many device segments gets into and out of its slot. `UCCL_TCPX_STAGING_GATHER`.
     pub gather: StagingGather,
     /// Sub-copy size of pipelined staging, in bytes; 0 (the default) copies every chunk whole. A
-    /// contiguous device chunk longer than this is copied into (or out of) its slot in copies of
-    /// this size, and its bytes move over the network as each copy lands instead of after the
-    /// whole chunk: the copies overlap the socket sends (and the receives). 0, or 4 KiB to 4 MiB.
+    /// contiguous device chunk longer than this that its channel moves alone (nothing of the
+    /// channel ahead of a send, nothing else posted with a receive) is copied into (or out of) its
+    /// slot in copies of this size, and its bytes move on as each copy lands instead of after the
+    /// whole chunk: the copies overlap the socket sends (and the receives). Later chunks of a
+    /// transfer keep whole copies, which overlap the chunks ahead already. 0, or 4 KiB to 4 MiB.
     /// `UCCL_TCPX_STAGING_PIPELINE`.
     pub pipeline: u32,
 }

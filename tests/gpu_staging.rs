@@ -320,6 +320,67 @@ fn pipelined_staging_moves_every_size_byte_for_byte() {
     }
 }
 
+/// A device receive copied out in parts is watched (the net asks to be polled) from its post until
+/// its bytes are all in, while nothing needs polling without the knob; a receive posted behind it
+/// is copied out whole and watched by nobody. Both land byte for byte.
+#[test]
+fn a_receive_copied_out_in_parts_is_watched_until_its_bytes_are_in() {
+    if no_gpu() {
+        return;
+    }
+    let (slot, part) = (1usize << 20, 64usize << 10);
+    for pipeline in [0, part] {
+        let tuning = StagingConfig { pipeline: pipeline as u32, ..StagingConfig::default() };
+        let mut s = staged_with(StagingParams { tuning, ..StagingParams::new(slot, 4) });
+        let mut src = Mem::new(Side::Gpu, 2 * slot);
+        let mut dst = Mem::new(Side::Gpu, 2 * slot);
+        let (smr, rmr) = register(&mut s, &src, &dst);
+        let data = pattern(2 * slot, 17);
+        src.write(0, &data);
+        dst.clear();
+        // SAFETY: dst outlives both receives, tested to completion below.
+        let r0 = unsafe { s.rx.irecv(dst.addr() as *mut u8, slot, rmr) }.unwrap().unwrap();
+        assert_eq!(
+            s.net.needs_polling(),
+            pipeline > 0,
+            "pipeline {pipeline}: a receive copied out in parts is watched"
+        );
+        // SAFETY: as above.
+        let r1 = unsafe { s.rx.irecv((dst.addr() + slot) as *mut u8, slot - 3, rmr) }.unwrap().unwrap();
+        let (mut sends, mut done) = (Vec::new(), 0);
+        for (k, len) in [slot, slot - 3].into_iter().enumerate() {
+            // SAFETY: src outlives both sends, tested to completion below.
+            sends.push(unsafe { s.tx.isend((src.addr() + k * slot) as *const u8, len, smr) }.unwrap().unwrap());
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for (k, r) in [r0, r1].into_iter().enumerate() {
+            loop {
+                while done < sends.len() && s.tx.test(sends[done]).unwrap().is_some() {
+                    done += 1;
+                }
+                if let Some(size) = s.rx.test(r).unwrap() {
+                    assert_eq!(size, slot - 3 * k);
+                    s.rx.irecv_consumed(r).unwrap();
+                    break;
+                }
+                assert!(Instant::now() < deadline, "pipeline {pipeline}: receive {k} stuck");
+            }
+        }
+        while done < sends.len() {
+            if s.tx.test(sends[done]).unwrap().is_some() {
+                done += 1;
+            }
+            assert!(Instant::now() < deadline, "pipeline {pipeline}: sends stuck");
+        }
+        assert!(!s.net.needs_polling(), "pipeline {pipeline}: nothing watched or copying once all is in");
+        let got = dst.read(0, 2 * slot);
+        assert_same(&got[..2 * slot - 3], &data[..2 * slot - 3], &format!("pipeline {pipeline}"));
+        assert_eq!(&got[2 * slot - 3..], &[0, 0, 0], "pipeline {pipeline}: past the short message untouched");
+        s.tx.dereg_mr(smr);
+        s.rx.dereg_mr(rmr);
+    }
+}
+
 /// The invalid sub-copy sizes are refused when the net is made, naming the knob.
 #[test]
 fn pipelined_staging_refuses_a_part_size_out_of_range() {

@@ -2,7 +2,8 @@
 //! net's shared helper threads. A comm starts with one socket; a send comm opens the others as its
 //! requests ask for them, and a receive comm takes them as they arrive. Requests are numbered in
 //! posting order; `test` reads a completion flag without locking. A send may go out before all of
-//! its bytes are ready, up to a watermark its poster raises (`partial`).
+//! its bytes are ready, up to a watermark its poster raises, and a receive reports the prefix that
+//! landed (`partial`).
 
 use std::io::Write;
 use std::net::{Shutdown, TcpStream};
@@ -535,6 +536,21 @@ impl RecvComm for SocketRecvComm {
 
     unsafe fn irecvv(&mut self, iov: &[IoSeg], _mr: MrHandle) -> Result<Option<RequestId>> {
         self.0.post(iov, usize::MAX)
+    }
+
+    /// Each landed piece sets its bit; the prefix is the run of them from the first (`partial`).
+    fn reports_landed(&self) -> bool {
+        true
+    }
+
+    fn landed(&mut self, req: RequestId) -> Result<usize> {
+        if req.0 < self.0.released || req.0 >= self.0.posted {
+            return Err(Error::backend(format!(
+                "landed bytes of request {}: {} were posted, {} consumed",
+                req.0, self.0.posted, self.0.released
+            )));
+        }
+        Ok(self.0.window.landed(req.0))
     }
 
     fn test(&mut self, req: RequestId) -> Result<Option<usize>> {

@@ -1,6 +1,7 @@
-//! Sends posted before all their bytes are ready (`partial`): exactly the ready pieces leave, a
-//! raise lets more go and wakes the helpers that sleep, and a comm dropped with such a send closes
-//! as any other.
+//! Requests that are only partly there (`partial`). Sends posted before all their bytes are
+//! ready: exactly the ready pieces leave, a raise lets more go and wakes the helpers that sleep,
+//! and a comm dropped with such a send closes as any other. Receives report the prefix that landed,
+//! whatever order their pieces land in.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -52,6 +53,83 @@ fn sends_exactly(tx: &SocketSendComm, req: RequestId, want: u64, what: &str) {
     }
     std::thread::sleep(Duration::from_millis(30));
     assert_eq!(tx.sent(req), want, "{what}: no byte past the watermark leaves");
+}
+
+/// A receive window lands pieces in any order; its prefix counts only those from the first on
+/// without a gap, and is the sender's size once the request completed.
+#[test]
+fn the_landed_prefix_grows_only_over_pieces_without_a_gap() {
+    use super::window::Admission;
+    let window = super::window::Window::new(PieceCut::new(PIECE, 1), Arc::new(|| {}));
+    let mut buf = vec![0u8; 8 * PIECE];
+    let iov = [crate::transport::IoSeg { addr: buf.as_mut_ptr() as usize, len: buf.len() }];
+    window.post(0, &iov, usize::MAX);
+    assert_eq!(window.landed(0), 0, "nothing arrived");
+    // The sender's message is shorter than the receive: 4 full pieces and a short fifth.
+    let total = (4 * PIECE + 100) as u64;
+    let pieces: Vec<super::window::Piece> = (0..5u64)
+        .map(|i| {
+            let len = (total - i * PIECE as u64).min(PIECE as u64);
+            match window.admit(0, total, i * PIECE as u64, len).unwrap() {
+                Admission::Land(piece, _) => piece,
+                Admission::NotPosted => unreachable!("request 0 is posted"),
+            }
+        })
+        .collect();
+    assert_eq!(window.landed(0), 0, "admitted is not landed");
+    for (landing, expect) in [(2, 0), (0, PIECE), (3, PIECE), (1, 4 * PIECE)] {
+        window.landed_piece(&pieces[landing]);
+        assert_eq!(window.landed(0), expect, "after piece {landing} landed");
+    }
+    assert_eq!(window.done(0), None, "the short last piece lands last");
+    window.landed_piece(&pieces[4]);
+    assert_eq!(window.done(0), Some(total as usize));
+    assert_eq!(window.landed(0), total as usize, "complete: the sender's size");
+    // The slot's next request starts from nothing.
+    for seq in 1..=16 {
+        window.post(seq, &iov, usize::MAX);
+    }
+    assert_eq!(window.landed(16), 0, "request 16 in request 0's slot");
+    drop(buf);
+}
+
+/// What a receive comm reports while a partial send's pieces arrive: exactly the pieces below
+/// the watermark, then more after each raise, the whole message once complete; a receive not
+/// posted, or consumed, is refused.
+#[test]
+fn a_receive_reports_the_pieces_a_partial_send_let_go() {
+    let net = four_socket_net(4);
+    let (mut tx, mut rx) = four_socket_pair(&net);
+    assert!(rx.reports_landed());
+    let len = 16 * PIECE + 5000;
+    let msg = message(len, 6);
+    let mut got = vec![0u8; len + 100];
+    // SAFETY: got and msg outlive both requests, tested to completion below.
+    let r = unsafe { rx.irecv(got.as_mut_ptr(), got.len(), MrHandle::NONE) }.unwrap().unwrap();
+    let landed_at = |rx: &mut Box<dyn RecvComm>, want: usize, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rx.landed(r).unwrap() < want {
+            assert!(Instant::now() < deadline, "{what}: {} of {want} bytes landed", rx.landed(r).unwrap());
+            std::thread::yield_now();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(rx.landed(r).unwrap(), want, "{what}");
+    };
+    // SAFETY: as above.
+    let s = unsafe { tx.isend_ready(msg.as_ptr(), len, MrHandle::NONE, 3 * PIECE + 1) }.unwrap().unwrap();
+    landed_at(&mut rx, 3 * PIECE, "three pieces");
+    assert!(got[..3 * PIECE] == msg[..3 * PIECE], "the landed prefix is final");
+    tx.raise_ready(s, 11 * PIECE).unwrap();
+    landed_at(&mut rx, 11 * PIECE, "eleven pieces");
+    assert!(got[..11 * PIECE] == msg[..11 * PIECE]);
+    tx.raise_ready(s, len).unwrap();
+    assert_eq!(until(|| rx.test(r)).unwrap(), len);
+    assert_eq!(rx.landed(r).unwrap(), len, "complete: the sender's size, not the posted one");
+    assert_eq!(until(|| tx.test(s)).unwrap(), len);
+    assert!(got[..len] == msg[..], "the message arrived intact");
+    rx.irecv_consumed(r).unwrap();
+    assert_eq!(rx.landed(r).unwrap_err().status(), UcclStatus::ErrBackend, "a consumed receive is gone");
+    assert!(rx.landed(RequestId(1)).is_err(), "a receive never posted");
 }
 
 #[test]

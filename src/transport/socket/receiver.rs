@@ -184,7 +184,7 @@ fn drive(s: &RecvSockets, socket: usize, inc: &mut Incoming) -> Result<Step> {
                 }
                 let piece = *piece;
                 inc.phase = Phase::Header;
-                s.window.finish(&piece);
+                s.window.landed_piece(&piece);
                 return Ok(Step::Finished);
             }
         }

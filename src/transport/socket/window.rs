@@ -2,13 +2,13 @@
 //! `seq % 16`. Request descriptions and the decisions that must be atomic across threads (which piece
 //! a sender cuts next, which piece a receiver admits) sit behind one short lock per piece; byte counts
 //! and completion are atomics, so `test` never locks. A send may be posted with only a prefix of
-//! its bytes ready (`partial`).
+//! its bytes ready, and a receive reports its landed prefix (`partial`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
-use super::partial;
+use super::partial::{self, Landed};
 use super::wire::PieceCut;
 use crate::error::{Error, Result};
 use crate::transport::{IoSeg, Wake};
@@ -53,6 +53,10 @@ struct Progress {
     /// `seq + 1` once the request is complete.
     done: AtomicU64,
     size: AtomicU64,
+    /// Receive: the sender's size once a piece told it, else `UNKNOWN`; read by `landed`.
+    total: AtomicU64,
+    /// Receive: the pieces that landed.
+    landed: Landed,
 }
 
 /// A piece a thread moves: `len` bytes at `offset` into request `seq`; where they lie in memory is
@@ -155,7 +159,10 @@ impl Window {
     /// is next on the wire). The caller then kicks the helpers.
     pub fn post(&self, seq: u64, iov: &[IoSeg], ready: usize) -> bool {
         let slot = seq as usize % MAX_REQUESTS;
-        self.progress[slot].bytes.store(0, Ordering::Relaxed);
+        let progress = &self.progress[slot];
+        progress.bytes.store(0, Ordering::Relaxed);
+        progress.total.store(UNKNOWN, Ordering::Relaxed);
+        progress.landed.clear();
         let alone = {
             let mut book = self.book.lock();
             debug_assert_eq!(book.posted, seq);
@@ -261,6 +268,7 @@ impl Window {
         let piece = self.cut.piece_len(total);
         if req.total == UNKNOWN {
             req.total = total;
+            self.progress[slot].total.store(total, Ordering::Release);
             seen.clear();
             seen.resize(total.div_ceil(piece).div_ceil(64).max(1) as usize, 0);
         } else if req.total != total {
@@ -302,6 +310,31 @@ impl Window {
         if before + piece.len as u64 == piece.total {
             self.complete(slot, piece.seq, piece.total);
         }
+    }
+
+    /// Receiver: a piece landed in its memory. Marks it for [`Window::landed`], then counts it.
+    pub fn landed_piece(&self, piece: &Piece) {
+        if piece.len > 0 {
+            let index = piece.offset / self.cut.piece_len(piece.total);
+            self.progress[piece.seq as usize % MAX_REQUESTS].landed.mark(index);
+        }
+        self.finish(piece);
+    }
+
+    /// Receiver: leading bytes of request `seq` (posted, not consumed) in place so far; the
+    /// sender's size once it is complete.
+    pub fn landed(&self, seq: u64) -> usize {
+        if let Some(size) = self.done(seq) {
+            return size;
+        }
+        let p = &self.progress[seq as usize % MAX_REQUESTS];
+        // The bits first: a set bit's piece was admitted, and so the total stored, before it.
+        let pieces = p.landed.prefix();
+        let total = p.total.load(Ordering::Acquire);
+        if pieces == 0 || total == UNKNOWN {
+            return 0;
+        }
+        partial::prefix_bytes(self.cut, total, pieces) as usize
     }
 
     fn complete(&self, slot: usize, seq: u64, size: u64) {

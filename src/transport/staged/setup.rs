@@ -89,9 +89,23 @@ pub(crate) struct Setup {
     /// Copies queued and not yet seen finished, over every comm of this net: nothing signals a
     /// finished copy, so the progress thread polls while any is in flight.
     pub(super) copies_in_flight: Arc<AtomicUsize>,
+    /// Receives copied out in parts whose inner receive has not completed, over every comm of this
+    /// net: nothing signals that more of one landed, so the progress thread looks now and then.
+    pub(super) receives_watched: Arc<AtomicUsize>,
 }
 
 impl Setup {
+    /// A receive copied out in parts began (`+1`) or stopped (`-n`) waiting for its bytes.
+    pub(super) fn watched_changed(&self, began: bool, n: usize) {
+        if n > 0 {
+            if began {
+                self.receives_watched.fetch_add(n, Ordering::Relaxed);
+            } else {
+                self.receives_watched.fetch_sub(n, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// A copy was queued (`+1`) or seen finished or abandoned (`-n`).
     pub(super) fn copies_changed(&self, queued: bool, n: usize) {
         if n > 0 {

@@ -6,9 +6,10 @@
 //! the burst durations and one typical burst's (the one nearest the median duration) per-comm
 //! first..last time of every stage (relative to
 //! the burst's start, whose CLOCK_MONOTONIC time is printed so the two ends of a loopback pair line
-//! up) plus the mean time between consecutive stages. A chunk copied in parts
+//! up) plus the mean time between consecutive stages. A send chunk copied in parts
 //! (`UCCL_TCPX_STAGING_PIPELINE`) also marks when its first part was seen landed (it is handed
-//! over then, before its copy finished), and the comm's line says how many parts its chunks took.
+//! over then, before its copy finished), a receive copied out in parts has its copy issued before
+//! its inner receive ends, and the comm's line says how many parts its chunks took.
 //!
 //! Off, the comms hold no tracer and pay one branch per call.
 
@@ -55,6 +56,9 @@ const SEND_PARTS_ORDER: &[Mark] = &[
     Mark::InnerDone,
     Mark::Reported,
 ];
+/// A receive copied out in parts: its first part's copy is queued before the inner receive ends.
+const RECV_PARTS_ORDER: &[Mark] =
+    &[Mark::Posted, Mark::Handed, Mark::CopyIssued, Mark::InnerDone, Mark::CopySeen, Mark::Reported];
 const RECV_ORDER: &[Mark] =
     &[Mark::Posted, Mark::Handed, Mark::InnerDone, Mark::CopyIssued, Mark::CopySeen, Mark::Reported];
 /// Bursts whose durations a group keeps; later ones only count.
@@ -322,11 +326,15 @@ fn render_burst(out: &mut String, pid: u32, burst: &Burst) {
         issue as f64 / 1000.0,
     );
     for (id, comm) in &burst.comms {
-        let in_parts = comm.chunks.iter().any(|c| c.t[Mark::FirstPartSeen as usize] != 0);
+        let in_parts = match comm.send {
+            true => comm.chunks.iter().any(|c| c.t[Mark::FirstPartSeen as usize] != 0),
+            false => comm.chunks.iter().any(|c| c.parts > 1),
+        };
         let order = match (comm.send, in_parts) {
             (true, true) => SEND_PARTS_ORDER,
             (true, false) => SEND_ORDER,
-            (false, _) => RECV_ORDER,
+            (false, true) => RECV_PARTS_ORDER,
+            (false, false) => RECV_ORDER,
         };
         let mut line = format!(
             "staging-trace[{pid}]   comm {id} {} {} x {} KiB:",
@@ -455,5 +463,18 @@ mod tests {
         );
         assert!(report.contains("issue>first 1.0 first>hand 1.0 hand>seen 1.0 seen>inner 1.0"), "{report}");
         assert!(report.contains("1 chunks copied in parts, 8.0 parts each"), "{report}");
+
+        c.begin_chunk(5_000);
+        let mut chunk = ChunkTrace { len: 1 << 20, staged: true, parts: 3, ..ChunkTrace::default() };
+        for (i, mark) in RECV_PARTS_ORDER.iter().enumerate() {
+            chunk.t[*mark as usize] = 5_000 + 1000 * i as u64;
+        }
+        c.end_chunk(4, false, chunk, CallStats::default());
+        let report = c.report();
+        assert!(
+            report.contains("handed 1-1 copy-issued 2-2 inner-done 3-3 copy-seen 4-4"),
+            "a receive's first copy before its inner receive ends: {report}"
+        );
+        assert!(report.contains("1 chunks copied in parts, 3.0 parts each"), "{report}");
     }
 }
