@@ -74,7 +74,7 @@ impl StagedRecvComm {
             part,
             watched: 0,
             tracer: setup.params.tuning.trace.then(|| CommTracer::new(false)),
-            staging: Staging::new(setup),
+            staging: Staging::new(setup, true),
             queue: VecDeque::new(),
             posted: 0,
             tested: 0,
