@@ -259,12 +259,6 @@ pub struct StagingConfig {
     /// transfer keep whole copies, which overlap the chunks ahead already. 0, or 4 KiB to 4 MiB.
     /// `UCCL_TCPX_STAGING_PIPELINE`.
     pub pipeline: u32,
-    /// Receive slots are write-combined host memory (`CU_MEMHOSTALLOC_WRITECOMBINED`): the socket
-    /// receive's stores bypass the CPU caches, so the copy up to the GPU reads memory instead of
-    /// lines the CPU just dirtied (a 2 MiB copy up of a buffer the CPU had just written took 83 us
-    /// against 46 from a clean one, on an H200). Send slots stay cached: the sockets read them,
-    /// and reads of write-combined memory are slow. `UCCL_TCPX_STAGING_WRITE_COMBINED` = 0 | 1.
-    pub write_combined: bool,
 }
 
 /// How the staged path moves a chunk made of several device segments between them and its pinned
@@ -284,14 +278,7 @@ pub enum StagingGather {
 
 impl Default for StagingConfig {
     fn default() -> StagingConfig {
-        StagingConfig {
-            trace: false,
-            streams: 1,
-            ahead: 1,
-            gather: StagingGather::Auto,
-            pipeline: 0,
-            write_combined: false,
-        }
+        StagingConfig { trace: false, streams: 1, ahead: 1, gather: StagingGather::Auto, pipeline: 0 }
     }
 }
 
@@ -304,7 +291,6 @@ impl StagingConfig {
             ahead: parse_in(get, "UCCL_TCPX_STAGING_AHEAD", d.ahead, 0, MAX_WINDOW as u8)?,
             gather: parse_gather(get)?,
             pipeline: parse_pipeline(get)?,
-            write_combined: parse_in(get, "UCCL_TCPX_STAGING_WRITE_COMBINED", 0u8, 0, 1)? == 1,
         })
     }
 }
@@ -1023,20 +1009,7 @@ mod tests {
         ])
         .unwrap()
         .staging;
-        assert_eq!(
-            c,
-            StagingConfig {
-                trace: true,
-                streams: 2,
-                ahead: 3,
-                gather: StagingGather::Auto,
-                pipeline: 0,
-                write_combined: false
-            }
-        );
-        assert!(!cfg(&[]).unwrap().staging.write_combined);
-        assert!(cfg(&[("UCCL_TCPX_STAGING_WRITE_COMBINED", "1")]).unwrap().staging.write_combined);
-        assert!(cfg(&[("UCCL_TCPX_STAGING_WRITE_COMBINED", "2")]).is_err());
+        assert_eq!(c, StagingConfig { trace: true, streams: 2, ahead: 3, gather: StagingGather::Auto, pipeline: 0 });
         let pipeline = |v: &str| cfg(&[("UCCL_TCPX_STAGING_PIPELINE", v)]).map(|c| c.staging.pipeline);
         assert_eq!(pipeline("128K").unwrap(), 128 << 10);
         assert_eq!(pipeline("4096").unwrap(), 4096);

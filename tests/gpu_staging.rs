@@ -254,9 +254,6 @@ fn every_staging_tuning_moves_the_same_bytes() {
         // several streams, traced.
         pipelined(16 << 10, tuning(1, 0, false)),
         pipelined(20_000, tuning(2, 3, true)),
-        // Write-combined receive slots, whole and in parts.
-        StagingConfig { write_combined: true, ..StagingConfig::default() },
-        StagingConfig { write_combined: true, ..pipelined(16 << 10, tuning(1, 0, false)) },
     ];
     let sizes = [1usize, (256 << 10) + 7, (3 << 20) + 5];
     let max = sizes.iter().max().unwrap() + 64;

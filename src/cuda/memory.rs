@@ -129,27 +129,15 @@ unsafe impl Send for PinnedBuffer {}
 
 impl PinnedBuffer {
     pub fn new(gpu: &Arc<Gpu>, len: usize) -> Result<PinnedBuffer> {
-        PinnedBuffer::allocate(gpu, len, false)
-    }
-
-    /// Pinned memory the CPU writes through write-combining buffers instead of its caches: fast
-    /// for the CPU to write and for a device to read, very slow for the CPU to read.
-    pub fn write_combined(gpu: &Arc<Gpu>, len: usize) -> Result<PinnedBuffer> {
-        PinnedBuffer::allocate(gpu, len, true)
-    }
-
-    fn allocate(gpu: &Arc<Gpu>, len: usize, write_combined: bool) -> Result<PinnedBuffer> {
         if len == 0 {
             return Err(Error::invalid("a pinned buffer of 0 bytes"));
         }
         let _ctx = gpu.enter()?;
         let mut ptr: *mut std::ffi::c_void = std::ptr::null_mut();
-        let wc = if write_combined { sys::CU_MEMHOSTALLOC_WRITECOMBINED } else { 0 };
-        let flags = sys::CU_MEMHOSTALLOC_PORTABLE | wc;
         check(
             // SAFETY: the driver writes one host pointer into `ptr`, a live local; the GPU's context
             // is current (entered above).
-            unsafe { sys::cuMemHostAlloc(&mut ptr, len, flags) },
+            unsafe { sys::cuMemHostAlloc(&mut ptr, len, sys::CU_MEMHOSTALLOC_PORTABLE) },
             &format!("cuMemHostAlloc of {len} bytes"),
         )?;
         if ptr.is_null() {

@@ -107,18 +107,6 @@ pub struct StagingRing {
 impl StagingRing {
     /// `slots` slots of `slot_size` bytes copying on `streams` streams (at most one per slot).
     pub fn new(gpu: &Arc<Gpu>, slot_size: usize, slots: usize, streams: usize) -> Result<StagingRing> {
-        StagingRing::with_slots(gpu, slot_size, slots, streams, false)
-    }
-
-    /// As `new`, with write-combined slots when `write_combined` (for a ring only the device reads
-    /// out of: a receive's).
-    pub fn with_slots(
-        gpu: &Arc<Gpu>,
-        slot_size: usize,
-        slots: usize,
-        streams: usize,
-        write_combined: bool,
-    ) -> Result<StagingRing> {
         if slot_size == 0 || slots == 0 || streams == 0 {
             return Err(Error::invalid(format!(
                 "a staging ring of {slots} slots of {slot_size} bytes on {streams} streams"
@@ -127,8 +115,7 @@ impl StagingRing {
         let total = slot_size
             .checked_mul(slots)
             .ok_or_else(|| Error::invalid(format!("{slots} staging slots of {slot_size} bytes overflow")))?;
-        let host =
-            if write_combined { PinnedBuffer::write_combined(gpu, total)? } else { PinnedBuffer::new(gpu, total)? };
+        let host = PinnedBuffer::new(gpu, total)?;
         let streams = (0..streams.min(slots)).map(|_| Stream::new(gpu)).collect::<Result<Vec<_>>>()?;
         let events = (0..slots).map(|_| Event::new(gpu)).collect::<Result<Vec<_>>>()?;
         Ok(StagingRing {

@@ -74,7 +74,7 @@ impl StagedRecvComm {
             part,
             watched: 0,
             tracer: setup.params.tuning.trace.then(|| CommTracer::new(false)),
-            staging: Staging::new(setup, true),
+            staging: Staging::new(setup),
             queue: VecDeque::new(),
             posted: 0,
             tested: 0,

@@ -53,9 +53,6 @@ pub(super) enum Route {
 
 pub(super) struct Staging {
     pub(super) setup: Setup,
-    /// A receive comm's: its slots are only written by the sockets and read by the device, so they
-    /// may be write-combined (`StagingConfig::write_combined`).
-    receives: bool,
     registered: HashMap<usize, Registered>,
     next_handle: usize,
     /// Made on first use of device memory; `ring_mr` is its registration with the inner comm.
@@ -64,8 +61,8 @@ pub(super) struct Staging {
 }
 
 impl Staging {
-    pub(super) fn new(setup: Setup, receives: bool) -> Staging {
-        Staging { setup, receives, registered: HashMap::new(), next_handle: 1, ring: None, ring_mr: MrHandle::NONE }
+    pub(super) fn new(setup: Setup) -> Staging {
+        Staging { setup, registered: HashMap::new(), next_handle: 1, ring: None, ring_mr: MrHandle::NONE }
     }
 
     pub(super) fn register(
@@ -194,9 +191,7 @@ impl Staging {
         } else {
             let gpu = Gpu::open(device)?;
             let params = self.setup.params;
-            let write_combined = self.receives && params.tuning.write_combined;
-            let mut ring =
-                StagingRing::with_slots(&gpu, params.slot_size, params.slots, params.streams(), write_combined)?;
+            let mut ring = StagingRing::new(&gpu, params.slot_size, params.slots, params.streams())?;
             ring.set_gather(params.tuning.gather);
             let (base, len) = ring.host_range();
             self.ring_mr = inner.register(base, len, MemKind::Host)?;

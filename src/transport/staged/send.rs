@@ -92,7 +92,7 @@ impl StagedSendComm {
             part,
             copy_limit: if tuning.ahead == 0 { usize::MAX } else { tuning.ahead as usize },
             tracer: tuning.trace.then(|| CommTracer::new(true)),
-            staging: Staging::new(setup, false),
+            staging: Staging::new(setup),
             queue: VecDeque::new(),
             posted: 0,
             unsent: 0,
