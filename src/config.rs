@@ -181,6 +181,16 @@ pub struct Config {
     /// copy in parallel in both processes. Default 1 MiB to 12 MiB from 16 CPUs, none below.
     /// `UCCL_TCPX_HOST_COPY_NETWORK_BAND` (`LO-HI` with K/M/G suffixes, or 0 for none).
     pub host_copy_network_band: Option<(u64, u64)>,
+    /// Whether the same-host host path looks at the page size of a transfer's source memory
+    /// (`/proc/<pid>/smaps`, once per region): a source mostly on transparent huge pages skips
+    /// `host_copy_network_band` and, up to 8 MiB, is cut into pieces of `host_copy_huge_min_piece`,
+    /// since on huge pages the kernel pins a source in few steps and threads copying neighbouring
+    /// megabytes no longer contend. Default off. `UCCL_TCPX_HOST_COPY_HUGE_PAGES` (0 or 1).
+    pub host_copy_huge_pages: bool,
+    /// The smallest piece of a same-host copy of at most 8 MiB whose source lies on huge pages,
+    /// with `host_copy_huge_pages`. Default 256 KiB: 1-8 MiB copies on huge pages moved 1.4-3x
+    /// loopback TCP with it on a 32-core host. `UCCL_TCPX_HOST_COPY_HUGE_MIN_PIECE` (64K to 4M).
+    pub host_copy_huge_min_piece: u32,
     /// The key peers must share: when set, every connection starts with a mutual challenge-response
     /// and strangers are refused before anything is spent on them. Read from the file named by
     /// `UCCL_TCPX_AUTH_KEY_FILE` (its bytes, less one trailing newline; 16 to 4096 bytes; not
@@ -615,6 +625,8 @@ impl Default for Config {
             host_copy_spin: Duration::ZERO,
             host_copy_min_piece: 1 << 20,
             host_copy_network_band: default_host_copy_network_band(available_cores()),
+            host_copy_huge_pages: false,
+            host_copy_huge_min_piece: 256 << 10,
             auth_key: None,
         }
     }
@@ -690,6 +702,15 @@ impl Config {
                 4 << 20,
             )?,
             host_copy_network_band: parse_band(&get, "UCCL_TCPX_HOST_COPY_NETWORK_BAND", d.host_copy_network_band)?,
+            host_copy_huge_pages: parse_in(&get, "UCCL_TCPX_HOST_COPY_HUGE_PAGES", d.host_copy_huge_pages as u8, 0, 1)?
+                == 1,
+            host_copy_huge_min_piece: parse_size(
+                &get,
+                "UCCL_TCPX_HOST_COPY_HUGE_MIN_PIECE",
+                d.host_copy_huge_min_piece,
+                64 << 10,
+                4 << 20,
+            )?,
             auth_key: get("UCCL_TCPX_AUTH_KEY_FILE")
                 .map(|path| read_key_file("UCCL_TCPX_AUTH_KEY_FILE", &path))
                 .transpose()?,
@@ -1053,6 +1074,19 @@ mod tests {
         for bad in ["32K", "8M", "x"] {
             let err = cfg(&[("UCCL_TCPX_HOST_COPY_MIN_PIECE", bad)]).unwrap_err();
             assert!(err.message().contains("UCCL_TCPX_HOST_COPY_MIN_PIECE"), "{err}");
+        }
+        assert!(!cfg(&[]).unwrap().host_copy_huge_pages, "off by default");
+        assert!(cfg(&[("UCCL_TCPX_HOST_COPY_HUGE_PAGES", "1")]).unwrap().host_copy_huge_pages);
+        assert!(!cfg(&[("UCCL_TCPX_HOST_COPY_HUGE_PAGES", "0")]).unwrap().host_copy_huge_pages);
+        for bad in ["2", "yes", "-1"] {
+            let err = cfg(&[("UCCL_TCPX_HOST_COPY_HUGE_PAGES", bad)]).unwrap_err();
+            assert!(err.message().contains("UCCL_TCPX_HOST_COPY_HUGE_PAGES"), "{bad:?}: {err}");
+        }
+        assert_eq!(cfg(&[]).unwrap().host_copy_huge_min_piece, 256 << 10);
+        assert_eq!(cfg(&[("UCCL_TCPX_HOST_COPY_HUGE_MIN_PIECE", "512K")]).unwrap().host_copy_huge_min_piece, 512 << 10);
+        for bad in ["32K", "8M", "x"] {
+            let err = cfg(&[("UCCL_TCPX_HOST_COPY_HUGE_MIN_PIECE", bad)]).unwrap_err();
+            assert!(err.message().contains("UCCL_TCPX_HOST_COPY_HUGE_MIN_PIECE"), "{bad:?}: {err}");
         }
         for (name, value) in [
             ("UCCL_TCPX_TRACE_STAGING", "2"),

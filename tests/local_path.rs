@@ -201,8 +201,17 @@ fn direct_peer_process() {
         let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0) };
         assert_eq!(rc, 0, "prctl(PR_SET_DUMPABLE, 0): {}", std::io::Error::last_os_error());
     }
-    let engine = std::sync::Arc::new(Engine::new(same_host()).unwrap());
-    let mut region = vec![SENTINEL; GUARD + WINDOW];
+    let huge = std::env::var_os(HUGE_VAR).is_some();
+    let engine = std::sync::Arc::new(Engine::new(Config { host_copy_huge_pages: huge, ..same_host() }).unwrap());
+    let (mut plain, mut on_huge);
+    let region: &mut [u8] = if huge {
+        on_huge = HugeMem::new(GUARD + WINDOW);
+        &mut on_huge
+    } else {
+        plain = vec![0; GUARD + WINDOW];
+        &mut plain
+    };
+    region.fill(SENTINEL);
     region[GUARD..].copy_from_slice(&common::pattern(WINDOW, WINDOW_SEED));
     let mr = engine.register(region.as_mut_ptr() as usize, region.len()).unwrap();
     let window = engine.prepare_fifo(mr, region.as_ptr() as usize + GUARD, WINDOW).unwrap();
@@ -215,6 +224,91 @@ fn direct_peer_process() {
         let conn = common::accept(&engine).unwrap();
         std::mem::forget(conn);
     }
+}
+
+/// Set: the peer process backs its region with memory that asks for transparent huge pages and
+/// looks at the page size of its copies' sources (`UCCL_TCPX_HOST_COPY_HUGE_PAGES`).
+const HUGE_VAR: &str = "UCCL_TCPX_TEST_HUGE";
+
+/// Anonymous memory at a 2 MiB boundary that asks for transparent huge pages before it is
+/// touched, as an allocator doing so would; whether the kernel grants them is its own affair.
+struct HugeMem {
+    raw: *mut libc::c_void,
+    raw_len: usize,
+    at: *mut u8,
+    len: usize,
+}
+
+impl HugeMem {
+    fn new(len: usize) -> HugeMem {
+        const HUGE: usize = 2 << 20;
+        let raw_len = len.next_multiple_of(HUGE) + HUGE;
+        // SAFETY: a fresh private anonymous mapping; no memory of ours is touched.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                raw_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(raw, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        // SAFETY: advice over the mapping made above. A kernel without THP refuses it: the memory
+        // then stays on small pages, which the tests accept.
+        unsafe { libc::madvise(raw, raw_len, libc::MADV_HUGEPAGE) };
+        let at = (raw as usize).next_multiple_of(HUGE) as *mut u8;
+        // SAFETY: `[at, at + len)` lies inside the mapping; touching it faults its pages in.
+        unsafe { std::ptr::write_bytes(at, 0, len) };
+        HugeMem { raw, raw_len, at, len }
+    }
+}
+
+impl std::ops::Deref for HugeMem {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `len` initialized bytes of our mapping, borrowed with `self`.
+        unsafe { std::slice::from_raw_parts(self.at, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for HugeMem {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `deref`, exclusively.
+        unsafe { std::slice::from_raw_parts_mut(self.at, self.len) }
+    }
+}
+
+impl Drop for HugeMem {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.raw, self.raw_len) };
+    }
+}
+
+/// Whether at least 90 % of the resident bytes of the mappings of process `pid` overlapping
+/// `[addr, addr + len)` lie on transparent huge pages, as its smaps say now.
+fn smaps_say_huge(pid: u32, addr: usize, len: usize) -> bool {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut overlaps, mut rss, mut huge) = (false, 0u64, 0u64);
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or("");
+        if let Some((start, end)) = first.split_once('-')
+            && let (Ok(start), Ok(end)) = (usize::from_str_radix(start, 16), usize::from_str_radix(end, 16))
+        {
+            overlaps = start < addr + len && addr < end;
+        } else if overlaps {
+            let kib = fields.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            match first {
+                "Rss:" => rss += kib,
+                "AnonHugePages:" => huge += kib,
+                _ => {}
+            }
+        }
+    }
+    rss > 0 && huge * 10 >= rss * 9
 }
 
 /// The peer process (started with the variables `env`), its engine's port, the window's and the
@@ -334,6 +428,50 @@ fn another_process_of_this_host_copies_host_memory_directly_under_the_targets_au
     let w = conn.write(&[one(mr, buf.as_ptr() as usize, 64, window)]).unwrap();
     assert_eq!(wait(&conn, w).unwrap(), 64);
     assert_eq!(conn.host_path().direct_ops, 5);
+}
+
+/// With `UCCL_TCPX_HOST_COPY_HUGE_PAGES` on both ends, host memory asking for huge pages moves
+/// byte for byte both ways, inside the network band and above it; a transfer inside the band goes
+/// direct exactly when its source lies on huge pages, which only the kernel decides.
+#[test]
+fn host_memory_on_huge_pages_moves_byte_exact_with_the_knob_on() {
+    let (process, port, window, _guard) = direct_peer(&[(HUGE_VAR, "1")]);
+    let band = Some((1 << 20, 12 << 20));
+    let config =
+        Config { host_copy_huge_pages: true, host_copy_network_band: band, host_copy_threads: 4, ..same_host() };
+    let engine = Engine::new(config).unwrap();
+    let conn = checked_connection(&engine, port);
+    let mut buf = HugeMem::new(WINDOW);
+    let addr = buf.as_ptr() as usize;
+    let mr = engine.register(addr, WINDOW).unwrap();
+    let ours = || smaps_say_huge(std::process::id(), addr, WINDOW);
+    let theirs = || smaps_say_huge(process.pid(), window.addr as usize, WINDOW);
+    // Each end looks once, at its first transfer: where the kernel changed its mind around it
+    // (khugepaged collapsing pages meanwhile), which path a transfer took is not asserted.
+    let (ours_before, theirs_before) = (ours(), theirs());
+    for (n, len) in [(4 << 20, 4usize << 20), (8 << 20, (8 << 20) + 5), (0, WINDOW)] {
+        let mut remote = window;
+        remote.addr += (WINDOW - len) as u64 / 2;
+        let data = common::pattern(len, len as u64);
+        buf[n / 8..n / 8 + len].copy_from_slice(&data);
+        let item = [one(mr, addr + n / 8, len, remote)];
+        let before = conn.host_path().direct_ops;
+        assert_eq!(wait(&conn, conn.write(&item).unwrap()).unwrap(), len as u64);
+        let wrote_direct = conn.host_path().direct_ops - before;
+        buf.fill(0);
+        assert_eq!(wait(&conn, conn.read(&item).unwrap()).unwrap(), len as u64);
+        let read_direct = conn.host_path().direct_ops - before - wrote_direct;
+        common::assert_same(&buf[n / 8..n / 8 + len], &data, &format!("{len} bytes written and read back"));
+        let inside = len < 12 << 20;
+        let want = |huge: bool| u64::from(huge || !inside);
+        if !inside {
+            assert_eq!((wrote_direct, read_direct), (1, 1), "{len} bytes lie above the band: the direct copy");
+        }
+        if (ours(), theirs()) == (ours_before, theirs_before) {
+            assert_eq!(wrote_direct, want(ours_before), "write of {len}: our buffer on huge pages: {ours_before}");
+            assert_eq!(read_direct, want(theirs_before), "read of {len}: the peer's on huge pages: {theirs_before}");
+        }
+    }
 }
 
 #[test]

@@ -31,6 +31,8 @@ pub struct Region {
     device_copies: AtomicUsize,
     /// The CUDA IPC handle of the allocation holding a device region, asked for once.
     ipc: OnceLock<Option<Export>>,
+    /// Whether host memory of the region lies on huge pages, looked up once (`huge_pages.rs`).
+    huge: OnceLock<bool>,
 }
 
 impl Region {
@@ -60,6 +62,14 @@ impl Region {
     /// The windows advertised for the region so far.
     pub fn windows(&self) -> Vec<(usize, usize)> {
         self.windows.lock().clone()
+    }
+
+    /// Whether the region's host memory lies mostly on huge pages, as `/proc/self/smaps` said on
+    /// the first call; device memory never does here.
+    pub fn on_huge_pages(&self) -> bool {
+        *self.huge.get_or_init(|| {
+            self.kind == MemKind::Host && super::huge_pages::range_on_huge_pages(None, self.base, self.len).huge
+        })
     }
 
     /// The CUDA IPC handle of the allocation holding this device region, made on first use; `None`
@@ -126,6 +136,7 @@ impl RegionTable {
             removed: AtomicBool::new(false),
             device_copies: AtomicUsize::new(0),
             ipc: OnceLock::new(),
+            huge: OnceLock::new(),
         };
         self.regions.write().insert(id, Arc::new(region));
         Ok(id)

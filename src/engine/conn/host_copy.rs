@@ -73,6 +73,9 @@ impl Connection {
                     }
                     let reads_peer = proven.is_ok();
                     *process = proven.ok().map(Arc::new);
+                    if let Some(proven) = process {
+                        self.host.proven(proven);
+                    }
                     let mut inner = self.inner.lock();
                     inner.state.proved(reads_peer, &mut out);
                     self.finish_host_work(&mut inner, out);
@@ -136,7 +139,12 @@ impl Connection {
         let threads = if job.len < PARALLEL_BYTES { 1 } else { self.core.config.host_copy_threads };
         let gate = self.host.gate.clone();
         gate.begin(&job.region);
-        let min_piece = u64::from(self.core.config.host_copy_min_piece);
+        let config = &self.core.config;
+        // One thread copies a small job whole: its source's pages do not matter then.
+        let huge_min = (config.host_copy_huge_pages && threads > 1).then_some(config.host_copy_huge_min_piece);
+        let min_piece = host_job::smallest_piece(job.len, config.host_copy_min_piece, huge_min, || {
+            process.on_huge_pages(&job.remote)
+        });
         let shared = SharedJob::new(
             &job.local,
             &job.remote,

@@ -30,6 +30,10 @@ use crate::transport::IoSeg;
 const MIN_PIECE: u64 = 256 << 10;
 /// Pieces per copying thread, so that threads that finish early take up the slack of slow ones.
 const PIECES_PER_THREAD: u64 = 2;
+/// Jobs up to this size whose source lies on huge pages take the smaller pieces of
+/// `Config::host_copy_huge_min_piece`: with the source pinned in few steps more threads help
+/// without contending; from 16 MiB on the larger pieces stay faster (measured on 32 cores).
+const HUGE_PIECES_UP_TO: u64 = 8 << 20;
 
 /// Why a job failed.
 pub(super) enum Failure {
@@ -214,9 +218,49 @@ fn piece_bytes(len: u64, threads: usize, min_piece: u64) -> u64 {
     even.next_multiple_of(64 << 10).clamp(min_piece.min(PIECE_BYTES), PIECE_BYTES)
 }
 
+/// The smallest piece of a `len`-byte job: `huge_min` (set with `Config::host_copy_huge_pages`)
+/// for a job of at most `HUGE_PIECES_UP_TO` whose source `on_huge_pages` says lies on huge pages,
+/// else `min_piece`. The source is asked about only when its answer could matter: a peer's first
+/// answer reads its smaps.
+pub(super) fn smallest_piece(
+    len: u64,
+    min_piece: u32,
+    huge_min: Option<u32>,
+    on_huge_pages: impl FnOnce() -> bool,
+) -> u64 {
+    match huge_min {
+        Some(huge_min) if len <= HUGE_PIECES_UP_TO && on_huge_pages() => u64::from(huge_min),
+        _ => u64::from(min_piece),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn small_jobs_on_huge_pages_take_the_huge_pages_piece() {
+        const K: u32 = 1 << 10;
+        const M: u64 = 1 << 20;
+        let asked = std::cell::Cell::new(0);
+        let source = |huge: bool| {
+            let asked = &asked;
+            move || {
+                asked.set(asked.get() + 1);
+                huge
+            }
+        };
+        assert_eq!(smallest_piece(4 * M, 1024 * K, Some(256 * K), source(true)), 256 << 10);
+        assert_eq!(smallest_piece(8 * M, 1024 * K, Some(128 * K), source(true)), 128 << 10, "8 MiB included");
+        assert_eq!(smallest_piece(4 * M, 1024 * K, Some(256 * K), source(false)), 1 << 20, "small pages");
+        assert_eq!(asked.get(), 3);
+        assert_eq!(smallest_piece(8 * M + 1, 1024 * K, Some(256 * K), source(true)), 1 << 20, "above 8 MiB");
+        assert_eq!(smallest_piece(4 * M, 512 * K, None, source(true)), 512 << 10, "the knob off");
+        assert_eq!(asked.get(), 3, "the source is not asked about where its answer cannot matter");
+        // What the cut makes of it: 4 MiB on 16 threads in 256 KiB pieces rather than four of 1 MiB.
+        assert_eq!(piece_bytes(4 * M, 16, smallest_piece(4 * M, 1024 * K, Some(256 * K), || true)), 256 << 10);
+        assert_eq!(piece_bytes(4 * M, 16, smallest_piece(4 * M, 1024 * K, None, || true)), M);
+    }
 
     #[test]
     fn pieces_grow_with_the_job_within_their_bounds() {

@@ -20,7 +20,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -137,6 +137,9 @@ pub(super) struct HostCopy {
     /// Held by the thread running the queued work (the worker or a waiting caller): one job at a
     /// time, as the gate requires. Holds the peer's process once proven.
     runner: Mutex<Option<Arc<PeerProcess>>>,
+    /// The peer's process once proven, for a poster asking about its memory without the runner
+    /// token (whether a read's source lies on huge pages).
+    peer: OnceLock<Arc<PeerProcess>>,
     /// The copy of a read of ours was queued for the worker since the queue was last taken up: a
     /// caller polling or waiting on the connection may run it before the worker wakes.
     ours_queued: AtomicBool,
@@ -168,8 +171,19 @@ impl HostCopy {
             signal: Arc::default(),
             worker: Mutex::new(None),
             runner: Mutex::new(None),
+            peer: OnceLock::new(),
             ours_queued: AtomicBool::new(false),
         }
+    }
+
+    /// The peer's process was proven (once per connection).
+    pub fn proven(&self, process: &Arc<PeerProcess>) {
+        let _ = self.peer.set(process.clone());
+    }
+
+    /// The peer's process, once proven.
+    pub fn peer(&self) -> Option<&Arc<PeerProcess>> {
+        self.peer.get()
     }
 
     fn id(&self) -> usize {

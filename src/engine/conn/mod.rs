@@ -195,7 +195,7 @@ impl Connection {
         let mut state = ConnState::new(chunking, Instant::now());
         let same_host = link.locality == Locality::SameHost;
         if same_host {
-            state.set_same_host(core.config.host_copy_network_band);
+            state.set_same_host(core.config.host_copy_network_band, core.config.host_copy_huge_pages);
         }
         if host_tracer.is_some() {
             state.set_timed_copies();

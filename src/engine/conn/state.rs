@@ -120,6 +120,9 @@ pub(super) struct OneSidedItem {
     pub remote_addr: u64,
     /// The bytes of a small write, read before the state lock.
     pub payload: Option<Vec<u8>>,
+    /// The source (ours for a write, the peer's for a read) lies on huge pages, as looked up
+    /// before the state lock; only asked with `Config::host_copy_huge_pages`.
+    pub huge_source: bool,
 }
 
 /// Items of a caller's write or read that share both regions, as one request: this end's segments
@@ -130,6 +133,8 @@ pub(super) struct VectorRequest {
     pub remote_region: u64,
     pub token: u64,
     pub segs: Vec<RemoteSeg>,
+    /// As for [`OneSidedItem::huge_source`].
+    pub huge_source: bool,
 }
 
 /// One request of a caller's write or read.
@@ -469,7 +474,8 @@ impl ConnState {
         flows: &mut Vec<Action>,
     ) -> (Control, bool, bool) {
         let id = self.take_id();
-        let OneSidedItem { region, addr: local, len, remote_region, token, remote_addr: addr, payload } = item;
+        let OneSidedItem { region, addr: local, len, remote_region, token, remote_addr: addr, payload, huge_source } =
+            item;
         // Small transfers ride the control stream: one round trip instead of a request, a grant
         // and a channel hop (for device memory also instead of two staged copies), while the
         // inline bytes in flight stay bounded.
@@ -481,7 +487,7 @@ impl ConnState {
         let direct = match u32::try_from(len) {
             Ok(seg_len) if direct && !inline => {
                 let seg = RemoteSeg { addr, len: seg_len };
-                self.direct_request(id, write, &extent, remote_region, token, &[seg])
+                self.direct_request(id, write, (&extent, huge_source), remote_region, token, &[seg])
             }
             _ => None,
         };
@@ -516,8 +522,12 @@ impl ConnState {
         flows: &mut Vec<Action>,
     ) -> (Control, bool) {
         let id = self.take_id();
-        let VectorRequest { region, local: extent, remote_region, token, segs } = vector;
-        let direct = if direct { self.direct_request(id, write, &extent, remote_region, token, &segs) } else { None };
+        let VectorRequest { region, local: extent, remote_region, token, segs, huge_source } = vector;
+        let direct = if direct {
+            self.direct_request(id, write, (&extent, huge_source), remote_region, token, &segs)
+        } else {
+            None
+        };
         let asked = direct.is_some();
         let msg = if write {
             let request = Control::WriteVector { xfer: id, region: remote_region, token, segs };

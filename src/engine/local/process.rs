@@ -6,6 +6,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::engine::huge_pages::{KnownSpans, range_on_huge_pages};
 use crate::transport::IoSeg;
 
 /// Bytes one `process_vm_readv` call moves at most: the longest a deregistration waits for a copy
@@ -31,6 +32,8 @@ pub fn refuse_process_access(pid: u32) {
 pub struct PeerProcess {
     pid: libc::pid_t,
     pidfd: OwnedFd,
+    /// Which spans of its memory lie on huge pages, each read once from its smaps.
+    huge: KnownSpans,
 }
 
 impl PeerProcess {
@@ -47,11 +50,21 @@ impl PeerProcess {
         }
         let fd = i32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
         // SAFETY: the kernel just handed us this descriptor; nothing else owns it.
-        Ok(PeerProcess { pid, pidfd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        Ok(PeerProcess { pid, pidfd: unsafe { OwnedFd::from_raw_fd(fd) }, huge: KnownSpans::default() })
     }
 
     pub fn pid(&self) -> u32 {
         self.pid.unsigned_abs()
+    }
+
+    /// Whether the peer's memory under `segs` lies mostly on huge pages: its smaps are read the
+    /// first time a span of its mappings is asked about (milliseconds), later asks inside that span
+    /// are answered from memory. Only a hint for how to copy: a stale answer costs speed.
+    pub fn on_huge_pages(&self, segs: &[IoSeg]) -> bool {
+        let lo = segs.iter().map(|s| s.addr).min();
+        let hi = segs.iter().map(|s| s.addr.saturating_add(s.len)).max();
+        let (Some(lo), Some(hi)) = (lo, hi) else { return false };
+        self.huge.on_huge_pages(lo, hi - lo, || range_on_huge_pages(Some(self.pid()), lo, hi - lo))
     }
 
     /// Whether the pinned process still runs (so its pid still names it).

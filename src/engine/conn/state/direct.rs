@@ -62,10 +62,12 @@ fn violation(what: &str) -> Error {
 
 impl ConnState {
     /// The peer shares this host (another process): its ProcessHello will be checked. One-sided
-    /// transfers longer than the band's first bound and shorter than its second keep to the network.
-    pub fn set_same_host(&mut self, network_band: Option<(u64, u64)>) {
+    /// transfers longer than the band's first bound and shorter than its second keep to the
+    /// network, but with `huge_pages` those whose source lies on huge pages.
+    pub fn set_same_host(&mut self, network_band: Option<(u64, u64)>, huge_pages: bool) {
         self.direct.same_host = true;
         self.direct.network_band = network_band;
+        self.direct.huge_pages = huge_pages;
     }
 
     /// Copy jobs carry the time they were queued (`UCCL_TCPX_TRACE_HOST_COPY`); untraced they
@@ -124,12 +126,13 @@ impl ConnState {
     }
 
     /// The request message for a one-sided item or vector that may take the direct path, or `None`
-    /// (the network request then). `local` is this end's memory, `segs` the peer's.
+    /// (the network request then). `local` is this end's memory and whether the transfer's source
+    /// lies on huge pages, `segs` the peer's memory.
     pub(super) fn direct_request(
         &mut self,
         id: u64,
         write: bool,
-        local: &Extent,
+        (local, huge_source): (&Extent, bool),
         remote_region: u64,
         token: u64,
         segs: &[RemoteSeg],
@@ -138,7 +141,10 @@ impl ConnState {
             return None;
         }
         let len = local.len();
-        if self.direct.network_band.is_some_and(|(lo, hi)| lo < len && len < hi) {
+        // On huge pages the copy no longer loses to the channels there: the kernel pins the
+        // source in a few steps, so its copying threads do not contend.
+        let huge = self.direct.huge_pages && huge_source;
+        if !huge && self.direct.network_band.is_some_and(|(lo, hi)| lo < len && len < hi) {
             return None;
         }
         // Copied only once the copy is possible: between hosts a vector's list stays where it is.

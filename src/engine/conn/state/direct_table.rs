@@ -82,6 +82,8 @@ pub(super) struct Direct {
     /// Transfers longer than the first bound and shorter than the second take the network path
     /// (`Config::host_copy_network_band`).
     pub(super) network_band: Option<(u64, u64)>,
+    /// Transfers whose source lies on huge pages skip the band (`Config::host_copy_huge_pages`).
+    pub(super) huge_pages: bool,
     pub(super) hello_seen: bool,
     pub(super) ack_seen: bool,
     pub(super) proved: bool,

@@ -73,6 +73,8 @@ struct End {
     notes: Vec<(Vec<u8>, Vec<u8>)>,
     /// Same-host work was queued for the host worker (`direct` tests run it by hand).
     host_work: bool,
+    /// The sources of its one-sided posts lie on huge pages, as the connection would have found.
+    huge_source: bool,
 }
 
 impl End {
@@ -91,6 +93,7 @@ impl End {
             held: Vec::new(),
             notes: Vec::new(),
             host_work: false,
+            huge_source: false,
         }
     }
 
@@ -153,6 +156,7 @@ impl End {
             }
         }
         runs.extend(grouper.finish());
+        let huge_source = self.huge_source;
         let item = |(local, off, remote, roff, len): (&Buf, usize, &Buf, usize, usize)| {
             OneSidedRequest::Item(OneSidedItem {
                 region: local.region.clone(),
@@ -162,6 +166,7 @@ impl End {
                 token: remote.cap.token,
                 remote_addr: (remote.addr() + roff) as u64,
                 payload: (write && len <= MAX_INLINE_LEN).then(|| local.bytes[off..off + len].to_vec()),
+                huge_source,
             })
         };
         let mut parts = Vec::new();
@@ -181,6 +186,7 @@ impl End {
                     .iter()
                     .map(|&(_, _, r, ro, n)| RemoteSeg { addr: (r.addr() + ro) as u64, len: n as u32 })
                     .collect(),
+                huge_source,
             }));
         }
         let t = self.transfer(parts.len());
@@ -525,6 +531,7 @@ fn a_caller_reads_the_control_stream_only_for_answered_parts() {
             token: cap.token,
             remote_addr: (remotes[0].addr() + at) as u64,
             payload: None,
+            huge_source: false,
         })]
     };
     // A call posted in turns (a request at a time) reads the stream once every part is in.
@@ -1060,6 +1067,7 @@ fn posts_naming_a_deregistered_region_register_nothing() {
         token: remote.cap.token,
         remote_addr: remote.addr() as u64,
         payload,
+        huge_source: false,
     };
     let mut out = Vec::new();
     let err =

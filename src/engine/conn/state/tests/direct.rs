@@ -5,13 +5,14 @@ use super::*;
 
 /// Two ends of one host; each proved the other (or not) and told it so.
 fn host_pair(a_reads_b: bool, b_reads_a: bool) -> (End, End) {
-    host_pair_with_band(a_reads_b, b_reads_a, None)
+    host_pair_with_band(a_reads_b, b_reads_a, None, false)
 }
 
-fn host_pair_with_band(a_reads_b: bool, b_reads_a: bool, band: Option<(u64, u64)>) -> (End, End) {
+/// As `host_pair`, with the network band and `Config::host_copy_huge_pages` as given.
+fn host_pair_with_band(a_reads_b: bool, b_reads_a: bool, band: Option<(u64, u64)>, huge_pages: bool) -> (End, End) {
     let (mut a, mut b) = (End::new(), End::new());
     for (end, reads) in [(&mut a, a_reads_b), (&mut b, b_reads_a)] {
-        end.st.set_same_host(band);
+        end.st.set_same_host(band, huge_pages);
         end.handle(Control::ProcessHello { pid: 7, fd: 3 }).unwrap();
         assert!(end.host_work, "the proof is the worker's");
         let Some(HostTask::Prove { pid: 7, fd: 3 }) = end.st.next_host_task() else { panic!("a proof task") };
@@ -33,7 +34,7 @@ fn host_pair_with_band(a_reads_b: bool, b_reads_a: bool, band: Option<(u64, u64)
 #[test]
 fn transfers_inside_the_network_band_take_the_channels() {
     let band = (2 * CHUNK as u64, 4 * CHUNK as u64);
-    let (mut a, _b) = host_pair_with_band(true, true, Some(band));
+    let (mut a, _b) = host_pair_with_band(true, true, Some(band), false);
     let len = 4 * CHUNK + 100;
     let src = a.buffer(len, pattern(41));
     let dst = a.buffer(len, |_| 0);
@@ -52,6 +53,32 @@ fn transfers_inside_the_network_band_take_the_channels() {
     let half = 3 * CHUNK / 2;
     a.one_sided(true, &[(&src, 0, &dst, 0, half), (&src, half, &dst, half + 64, half)]);
     assert!(!matches!(a.outbox.front(), Some(Control::DirectWrite { .. })), "a vector inside the band went direct");
+}
+
+/// A source on huge pages skips the band when the knob is on, and only then; a source on small
+/// pages keeps to it either way.
+#[test]
+fn sources_on_huge_pages_skip_the_network_band_with_the_knob_on() {
+    let band = (2 * CHUNK as u64, 4 * CHUNK as u64);
+    let n = 3 * CHUNK;
+    for (knob, huge_source) in [(false, false), (false, true), (true, false), (true, true)] {
+        let (mut a, _b) = host_pair_with_band(true, true, Some(band), knob);
+        a.huge_source = huge_source;
+        let src = a.buffer(4 * CHUNK, pattern(42));
+        let dst = a.buffer(4 * CHUNK, |_| 0);
+        for write in [true, false] {
+            a.outbox.clear();
+            a.one_sided(write, &[(&src, 0, &dst, 0, n)]);
+            let direct = matches!(a.outbox.front(), Some(Control::DirectWrite { .. } | Control::DirectRead { .. }));
+            assert_eq!(direct, knob && huge_source, "knob {knob}, huge source {huge_source}, write {write}");
+            // A vector is one request with one source: the same rule.
+            a.outbox.clear();
+            let half = n / 2;
+            a.one_sided(write, &[(&src, 0, &dst, 0, half), (&src, half, &dst, half + 64, half)]);
+            let direct = matches!(a.outbox.front(), Some(Control::DirectWrite { .. } | Control::DirectRead { .. }));
+            assert_eq!(direct, knob && huge_source, "vector: knob {knob}, huge source {huge_source}, write {write}");
+        }
+    }
 }
 
 #[test]
@@ -145,8 +172,8 @@ fn a_target_that_cannot_copy_answers_the_network_way() {
     // The initiator was told the target reads it, but the target did not prove it (or the kernel
     // took the access away): it grants the write and serves the read over the channels.
     let (mut a, mut b) = (End::new(), End::new());
-    a.st.set_same_host(None);
-    b.st.set_same_host(None);
+    a.st.set_same_host(None, false);
+    b.st.set_same_host(None, false);
     a.handle(Control::ProcessAck { readable: true }).unwrap();
     let len = 2 * CHUNK + 3;
     let src = a.buffer(len, pattern(42));
