@@ -123,15 +123,20 @@ int main(int argc, char **argv) {
         return 2;
     }
     mode = !strcmp(argv[1], "pvr") ? PVR : !strcmp(argv[1], "shm") ? SHM : !strcmp(argv[1], "memcpy") ? MEMCPY : -1;
-    size = (size_t)(atof(argv[2]) * (1 << 20));
+    double mib = atof(argv[2]);
+    int piece_kib = atoi(argv[4]);
     threads = atoi(argv[3]);
-    piece = (size_t)atoi(argv[4]) << 10;
     int iters = atoi(argv[5]), thp = atoi(argv[6]);
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-    if (mode < 0 || size == 0 || piece == 0 || threads < 1 || threads > MAX_THREADS || iters < 1 || iters > 100000) {
-        fprintf(stderr, "bad arguments\n");
+    // A piece is at most the 64 MiB ring, so a ring always has a slot.
+    if (mode < 0 || !(mib > 0 && mib <= 65536) || piece_kib < 1 || piece_kib > 65536 || threads < 1 ||
+        threads > MAX_THREADS || iters < 1 || iters > 100000) {
+        fprintf(stderr, "bad arguments: SIZE_MIB in (0, 65536], PIECE_KIB 1-65536, THREADS 1-%d, ITERS 1-100000\n",
+                MAX_THREADS);
         return 2;
     }
+    size = (size_t)(mib * (1 << 20));
+    piece = (size_t)piece_kib << 10;
     if (mode == SHM && 2 * threads + 1 > cpus) {
         fprintf(stderr, "shm with %d threads per side spins on more than the %ld CPUs\n", threads, cpus);
         return 2;

@@ -10,7 +10,7 @@ mod control_rx;
 mod dial;
 mod fd_limit;
 mod handshake;
-mod huge_pages;
+pub mod huge_pages;
 pub mod local;
 mod mapping;
 pub mod notify;

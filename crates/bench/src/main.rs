@@ -79,7 +79,7 @@ fn loopback(args: &Args, split: Option<cpus::Split>) {
     }
     if args.huge_pages {
         let thp = memory::thp_mode().unwrap_or_else(|| "unknown".into());
-        mode += &format!(", host buffers on transparent huge pages (kernel THP mode: {thp})");
+        mode += &format!(", host buffers asked for transparent huge pages (kernel THP mode: {thp})");
     }
     if let Some(cpus::Split { server, client }) = &split {
         child_args.extend(["--cpus".into(), cpus::format(server)]);

@@ -153,15 +153,27 @@ pub fn prefaulted(len: usize, huge: bool) -> Vec<u8> {
         // SAFETY: `page` is a valid, non-empty, exclusively borrowed slice.
         unsafe { std::ptr::write_volatile(page.as_mut_ptr(), 0) };
     }
+    if huge && len >= HUGE {
+        // Advice only: memory the allocator had touched before, or a kernel that declines, leaves
+        // small pages, and a run must not be read as one on huge pages then.
+        let granted = uccl_tcpx::engine::huge_pages::range_on_huge_pages(None, v.as_ptr() as usize, len).huge;
+        if !granted {
+            eprintln!(
+                "uccl-tcpx-bench: a {len}-byte host buffer asked for huge pages lies mostly on small pages (its 2 MiB-aligned interior alone can be huge; kernel THP mode: {})",
+                thp_mode().unwrap_or_else(|| "unknown".into())
+            );
+        }
+    }
     v
 }
+
+const HUGE: usize = 2 << 20;
 
 /// Asks for transparent huge pages over the whole 2 MiB extents inside `v` (its edges stay small
 /// pages), before any of them is touched: the kernel backs a fault there with a huge page when its
 /// THP mode allows. Advice only: a kernel that refuses leaves small pages, which the report's THP
 /// mode line explains.
 fn ask_huge_pages(v: &[u8]) {
-    const HUGE: usize = 2 << 20;
     let start = (v.as_ptr() as usize).next_multiple_of(HUGE);
     let end = (v.as_ptr() as usize + v.len()) / HUGE * HUGE;
     if end > start {
