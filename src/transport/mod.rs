@@ -228,16 +228,19 @@ pub trait RecvComm: Send {
     /// `Some(bytes)` (the sender's size) once the data is in place.
     fn test(&mut self, req: RequestId) -> Result<Option<usize>>;
     fn irecv_consumed(&mut self, req: RequestId) -> Result<()>;
-    /// Whether [`RecvComm::landed`] reports how far a receive got before it completes. Off by
-    /// default: the staged path then copies a receive out of its slot only once it completed.
-    fn reports_landed(&self) -> bool {
+    /// Asks the comm to report how far its receives got before they complete
+    /// ([`RecvComm::landed`]), for every receive posted from now on; returns whether it does. Off
+    /// unless asked, since tracking costs every received piece: the staged path asks only where it
+    /// copies receives out of their slots in parts. Ask before the first receive: a comm may refuse
+    /// once it has posted one (and the default comm always does).
+    fn track_landed(&mut self) -> bool {
         false
     }
     /// How many leading bytes of `req` (posted and not yet consumed) are in place in its buffer,
     /// final and written by nobody any more: a prefix that only grows, the sender's whole message
     /// once `test` reported the request done. It may lag behind the bytes that arrived (pieces
-    /// past a gap count only once the gap is filled). Only on a comm that
-    /// [`reports_landed`](RecvComm::reports_landed).
+    /// past a gap count only once the gap is filled). Only on a comm that agreed to
+    /// [`track_landed`](RecvComm::track_landed); others refuse it as not supported.
     fn landed(&mut self, _req: RequestId) -> Result<usize> {
         unsupported("report the bytes a receive landed so far")
     }

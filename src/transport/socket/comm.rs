@@ -539,8 +539,8 @@ impl RecvComm for SocketRecvComm {
     }
 
     /// Each landed piece sets its bit; the prefix is the run of them from the first (`partial`).
-    fn reports_landed(&self) -> bool {
-        true
+    fn track_landed(&mut self) -> bool {
+        self.0.window.track_landed()
     }
 
     fn landed(&mut self, req: RequestId) -> Result<usize> {
@@ -550,7 +550,12 @@ impl RecvComm for SocketRecvComm {
                 req.0, self.0.posted, self.0.released
             )));
         }
-        Ok(self.0.window.landed(req.0))
+        self.0.window.landed(req.0).ok_or_else(|| {
+            Error::new(
+                crate::error::UcclStatus::ErrNotSupported,
+                "this receive comm does not track landed bytes: ask with track_landed before the first receive",
+            )
+        })
     }
 
     fn test(&mut self, req: RequestId) -> Result<Option<usize>> {

@@ -1,7 +1,7 @@
 //! Requests that are only partly there (`partial`). Sends posted before all their bytes are
 //! ready: exactly the ready pieces leave, a raise lets more go and wakes the helpers that sleep,
 //! and a comm dropped with such a send closes as any other. Receives report the prefix that landed,
-//! whatever order their pieces land in.
+//! whatever order their pieces land in, on a comm asked to track it; others refuse to report.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,8 +63,9 @@ fn the_landed_prefix_grows_only_over_pieces_without_a_gap() {
     let window = super::window::Window::new(PieceCut::new(PIECE, 1), Arc::new(|| {}));
     let mut buf = vec![0u8; 8 * PIECE];
     let iov = [crate::transport::IoSeg { addr: buf.as_mut_ptr() as usize, len: buf.len() }];
+    assert!(window.track_landed());
     window.post(0, &iov, usize::MAX);
-    assert_eq!(window.landed(0), 0, "nothing arrived");
+    assert_eq!(window.landed(0), Some(0), "nothing arrived");
     // The sender's message is shorter than the receive: 4 full pieces and a short fifth.
     let total = (4 * PIECE + 100) as u64;
     let pieces: Vec<super::window::Piece> = (0..5u64)
@@ -76,21 +77,121 @@ fn the_landed_prefix_grows_only_over_pieces_without_a_gap() {
             }
         })
         .collect();
-    assert_eq!(window.landed(0), 0, "admitted is not landed");
+    assert_eq!(window.landed(0), Some(0), "admitted is not landed");
     for (landing, expect) in [(2, 0), (0, PIECE), (3, PIECE), (1, 4 * PIECE)] {
         window.landed_piece(&pieces[landing]);
-        assert_eq!(window.landed(0), expect, "after piece {landing} landed");
+        assert_eq!(window.landed(0), Some(expect), "after piece {landing} landed");
     }
     assert_eq!(window.done(0), None, "the short last piece lands last");
     window.landed_piece(&pieces[4]);
     assert_eq!(window.done(0), Some(total as usize));
-    assert_eq!(window.landed(0), total as usize, "complete: the sender's size");
+    assert_eq!(window.landed(0), Some(total as usize), "complete: the sender's size");
     // The slot's next request starts from nothing.
     for seq in 1..=16 {
         window.post(seq, &iov, usize::MAX);
     }
-    assert_eq!(window.landed(16), 0, "request 16 in request 0's slot");
+    assert_eq!(window.landed(16), Some(0), "request 16 in request 0's slot");
     drop(buf);
+}
+
+/// Admits every piece of request `seq`, a `total`-byte message, in order, and returns them.
+fn admit_all(window: &super::window::Window, seq: u64, total: u64) -> Vec<super::window::Piece> {
+    use super::window::Admission;
+    let piece = window.cut.piece_len(total);
+    (0..window.cut.pieces(total))
+        .map(|i| match window.admit(seq, total, i * piece, (total - i * piece).min(piece)).unwrap() {
+            Admission::Land(piece, _) => piece,
+            Admission::NotPosted => unreachable!("request {seq} is posted"),
+        })
+        .collect()
+}
+
+/// Slots are reused every 16 requests: each request's prefix counts its own pieces only, whatever
+/// the slot's last request left, also after one of more pieces (more bitmap words) than its own.
+/// Pieces land out of order.
+#[test]
+fn a_reused_slot_reports_only_its_new_requests_pieces() {
+    let window = super::window::Window::new(PieceCut::new(PIECE, 1), Arc::new(|| {}));
+    let mut buf = vec![0u8; 200 * PIECE];
+    let iov = [crate::transport::IoSeg { addr: buf.as_mut_ptr() as usize, len: buf.len() }];
+    assert!(window.track_landed());
+    // Slot 0 holds, in turn, 130 pieces (three words), 70 pieces and a short last one, 3 pieces
+    // (one word), then 200 pieces; the requests between fill the other slots with one piece each.
+    let sizes = [130 * PIECE as u64, 69 * PIECE as u64 + 9, 3 * PIECE as u64, 200 * PIECE as u64];
+    for (round, &total) in sizes.iter().enumerate() {
+        let seq = 16 * round as u64;
+        window.post(seq, &iov, usize::MAX);
+        let pieces = admit_all(&window, seq, total);
+        let n = pieces.len();
+        assert_eq!(window.landed(seq), Some(0), "round {round}: nothing of the new request landed");
+        // The last piece first, then the others but the first and the one before the last,
+        // backwards: no prefix until the first lands, then up to the gap, in the request's last
+        // bitmap word (where a bit the last request left would close it).
+        let gap = n - 2;
+        window.landed_piece(&pieces[n - 1]);
+        for p in pieces[1..gap].iter().rev() {
+            window.landed_piece(p);
+        }
+        assert_eq!(window.landed(seq), Some(0), "round {round}: piece 0 missing");
+        window.landed_piece(&pieces[0]);
+        assert_eq!(window.landed(seq), Some(gap * PIECE), "round {round}: piece {gap} missing");
+        window.landed_piece(&pieces[gap]);
+        assert_eq!(window.done(seq), Some(total as usize), "round {round}: complete");
+        assert_eq!(window.landed(seq), Some(total as usize), "round {round}: the sender's size");
+        // The other slots' requests, so that the next round's post reuses slot 0.
+        for other in seq + 1..seq + 16 {
+            window.post(other, &iov, usize::MAX);
+            let pieces = admit_all(&window, other, 10);
+            window.landed_piece(&pieces[0]);
+            assert_eq!(window.landed(other), Some(10));
+        }
+    }
+    drop(buf);
+}
+
+/// A window not asked to track landed pieces reports none (rather than a prefix of nothing), and
+/// cannot be asked once a request was posted: that request's pieces would go unmarked.
+#[test]
+fn an_untracked_window_reports_no_landed_prefix() {
+    let window = super::window::Window::new(PieceCut::new(PIECE, 1), Arc::new(|| {}));
+    let mut buf = vec![0u8; 4 * PIECE];
+    let iov = [crate::transport::IoSeg { addr: buf.as_mut_ptr() as usize, len: buf.len() }];
+    window.post(0, &iov, usize::MAX);
+    let pieces = admit_all(&window, 0, 4 * PIECE as u64);
+    window.landed_piece(&pieces[0]);
+    assert_eq!(window.landed(0), None, "not tracked");
+    assert!(!window.track_landed(), "too late: request 0 is posted");
+    for p in &pieces[1..] {
+        window.landed_piece(p);
+    }
+    assert_eq!(window.done(0), Some(4 * PIECE), "an untracked request completes as any other");
+    assert_eq!(window.landed(0), None, "still not tracked");
+    drop(buf);
+}
+
+/// A receive comm that was not asked to track landed bytes refuses to report them as not
+/// supported, before and after its receive completed, and still receives; asked after its first
+/// receive, it declines.
+#[test]
+fn a_receive_comm_reports_landed_bytes_only_when_asked() {
+    let net = four_socket_net(4);
+    let (mut tx, mut rx) = four_socket_pair(&net);
+    let len = 8 * PIECE + 3;
+    let msg = message(len, 9);
+    let mut got = vec![0u8; len];
+    // SAFETY: got and msg outlive both requests, tested to completion below.
+    let r = unsafe { rx.irecv(got.as_mut_ptr(), len, MrHandle::NONE) }.unwrap().unwrap();
+    assert!(!rx.track_landed(), "asked after the first receive");
+    // SAFETY: as above.
+    let s = unsafe { tx.isend_ready(msg.as_ptr(), len, MrHandle::NONE, 2 * PIECE) }.unwrap().unwrap();
+    sends_exactly(&tx, s, 2 * PIECE as u64, "two pieces");
+    assert_eq!(rx.landed(r).unwrap_err().status(), UcclStatus::ErrNotSupported, "in flight");
+    tx.raise_ready(s, len).unwrap();
+    assert_eq!(until(|| rx.test(r)).unwrap(), len);
+    assert_eq!(rx.landed(r).unwrap_err().status(), UcclStatus::ErrNotSupported, "complete");
+    assert_eq!(until(|| tx.test(s)).unwrap(), len);
+    rx.irecv_consumed(r).unwrap();
+    assert!(got == msg, "the message arrived intact");
 }
 
 /// What a receive comm reports while a partial send's pieces arrive: exactly the pieces below
@@ -100,7 +201,8 @@ fn the_landed_prefix_grows_only_over_pieces_without_a_gap() {
 fn a_receive_reports_the_pieces_a_partial_send_let_go() {
     let net = four_socket_net(4);
     let (mut tx, mut rx) = four_socket_pair(&net);
-    assert!(rx.reports_landed());
+    assert!(rx.track_landed());
+    assert!(rx.track_landed(), "asking twice before a receive is no harm");
     let len = 16 * PIECE + 5000;
     let msg = message(len, 6);
     let mut got = vec![0u8; len + 100];

@@ -2,8 +2,9 @@
 //! `seq % 16`. Request descriptions and the decisions that must be atomic across threads (which piece
 //! a sender cuts next, which piece a receiver admits) sit behind one short lock per piece; byte counts
 //! and completion are atomics, so `test` never locks. A send may be posted with only a prefix of
-//! its bytes ready, and a receive reports its landed prefix (`partial`).
+//! its bytes ready, and a receive window asked to track them reports its landed prefix (`partial`).
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
@@ -53,10 +54,6 @@ struct Progress {
     /// `seq + 1` once the request is complete.
     done: AtomicU64,
     size: AtomicU64,
-    /// Receive: the sender's size once a piece told it, else `UNKNOWN`; read by `landed`.
-    total: AtomicU64,
-    /// Receive: the pieces that landed.
-    landed: Landed,
 }
 
 /// A piece a thread moves: `len` bytes at `offset` into request `seq`; where they lie in memory is
@@ -122,6 +119,10 @@ pub struct Window {
     /// Send: watermark raises that made pieces cuttable, so far.
     raised: AtomicU64,
     progress: [Progress; MAX_REQUESTS],
+    /// Receive: each slot's landed pieces, once the window was asked to track them. Apart from
+    /// `progress`, whose counters every piece updates, and only where asked: marking costs every
+    /// piece a shared atomic write, and only a staged receive copied out in parts reads it.
+    landed: OnceLock<Box<[Landed; MAX_REQUESTS]>>,
     /// How both ends cut requests into pieces.
     pub cut: PieceCut,
     closing: AtomicBool,
@@ -145,6 +146,7 @@ impl Window {
             posted: AtomicU64::new(0),
             raised: AtomicU64::new(0),
             progress: Default::default(),
+            landed: OnceLock::new(),
             cut,
             closing: AtomicBool::new(false),
             failed: AtomicBool::new(false),
@@ -159,10 +161,10 @@ impl Window {
     /// is next on the wire). The caller then kicks the helpers.
     pub fn post(&self, seq: u64, iov: &[IoSeg], ready: usize) -> bool {
         let slot = seq as usize % MAX_REQUESTS;
-        let progress = &self.progress[slot];
-        progress.bytes.store(0, Ordering::Relaxed);
-        progress.total.store(UNKNOWN, Ordering::Relaxed);
-        progress.landed.clear();
+        self.progress[slot].bytes.store(0, Ordering::Relaxed);
+        if let Some(landed) = self.landed.get() {
+            landed[slot].begin(self.cut);
+        }
         let alone = {
             let mut book = self.book.lock();
             debug_assert_eq!(book.posted, seq);
@@ -184,6 +186,18 @@ impl Window {
         };
         self.posted.store(seq + 1, Ordering::SeqCst);
         alone
+    }
+
+    /// Receiver: tracks the pieces of every request posted from now on, for [`Window::landed`].
+    /// Only before the first post (an earlier request's pieces would be missing); returns whether
+    /// the window tracks them.
+    pub fn track_landed(&self) -> bool {
+        if self.posted() == 0 {
+            // Before any post: a helper admits a piece only after it saw a post under the book's
+            // lock, so it sees this too.
+            let _ = self.landed.get_or_init(|| Box::new(std::array::from_fn(|_| Landed::default())));
+        }
+        self.landed.get().is_some()
     }
 
     /// Requests posted so far. SeqCst: a helper that stops looking for work checks it after
@@ -268,7 +282,9 @@ impl Window {
         let piece = self.cut.piece_len(total);
         if req.total == UNKNOWN {
             req.total = total;
-            self.progress[slot].total.store(total, Ordering::Release);
+            if let Some(landed) = self.landed.get() {
+                landed[slot].sized(total);
+            }
             seen.clear();
             seen.resize(total.div_ceil(piece).div_ceil(64).max(1) as usize, 0);
         } else if req.total != total {
@@ -312,29 +328,26 @@ impl Window {
         }
     }
 
-    /// Receiver: a piece landed in its memory. Marks it for [`Window::landed`], then counts it.
+    /// Receiver: a piece landed in its memory. Marks it for [`Window::landed`] where tracked, then
+    /// counts it.
     pub fn landed_piece(&self, piece: &Piece) {
-        if piece.len > 0 {
+        if let Some(landed) = self.landed.get()
+            && piece.len > 0
+        {
             let index = piece.offset / self.cut.piece_len(piece.total);
-            self.progress[piece.seq as usize % MAX_REQUESTS].landed.mark(index);
+            landed[piece.seq as usize % MAX_REQUESTS].mark(index);
         }
         self.finish(piece);
     }
 
     /// Receiver: leading bytes of request `seq` (posted, not consumed) in place so far; the
-    /// sender's size once it is complete.
-    pub fn landed(&self, seq: u64) -> usize {
+    /// sender's size once it is complete. `None` where the window tracks no landed pieces.
+    pub fn landed(&self, seq: u64) -> Option<usize> {
+        let landed = self.landed.get()?;
         if let Some(size) = self.done(seq) {
-            return size;
+            return Some(size);
         }
-        let p = &self.progress[seq as usize % MAX_REQUESTS];
-        // The bits first: a set bit's piece was admitted, and so the total stored, before it.
-        let pieces = p.landed.prefix();
-        let total = p.total.load(Ordering::Acquire);
-        if pieces == 0 || total == UNKNOWN {
-            return 0;
-        }
-        partial::prefix_bytes(self.cut, total, pieces) as usize
+        Some(landed[seq as usize % MAX_REQUESTS].bytes(self.cut) as usize)
     }
 
     fn complete(&self, slot: usize, seq: u64, size: u64) {

@@ -3,7 +3,8 @@
 //! as it completes (its data is in the slot, or in the caller's host buffer); the slot itself stays
 //! busy until the copy is done.
 //!
-//! Pipelined (`UCCL_TCPX_STAGING_PIPELINE`, over an inner comm that `reports_landed`), a contiguous
+//! Pipelined (`UCCL_TCPX_STAGING_PIPELINE`, over an inner comm that agrees to `track_landed`, which
+//! the comm asks only with the knob on: tracking costs the inner comm every piece), a contiguous
 //! device receive longer than a part that is posted while the comm has no other request is copied
 //! out in parts as its landed prefix grows: `advance` queues a copy for every whole part below the
 //! prefix, and the rest once the inner receive completed; the request is done when that last copy
@@ -67,8 +68,9 @@ pub struct StagedRecvComm {
 }
 
 impl StagedRecvComm {
-    pub(crate) fn new(inner: Box<dyn RecvComm>, setup: Setup) -> StagedRecvComm {
-        let part = if inner.reports_landed() { setup.params.pipeline() } else { 0 };
+    pub(crate) fn new(mut inner: Box<dyn RecvComm>, setup: Setup) -> StagedRecvComm {
+        let part = setup.params.pipeline();
+        let part = if part > 0 && inner.track_landed() { part } else { 0 };
         StagedRecvComm {
             inner,
             part,
