@@ -283,9 +283,11 @@ fn every_staging_tuning_moves_the_same_bytes() {
 /// byte, not a multiple of the part, a whole slot, and several slots with a short last chunk, at
 /// odd offsets on both ends; parts of a power of two, of a page, and of an odd size. Each size
 /// moves with a window of chunks in flight (the first chunk in parts, the others whole) and one
-/// chunk at a time (every chunk in parts).
+/// chunk at a time (every chunk in parts): the count of chunks sent in parts grows by at least
+/// those (other tests of this binary may add theirs meanwhile).
 #[test]
 fn pipelined_staging_moves_every_size_byte_for_byte() {
+    use uccl_tcpx::transport::staged::part_counts;
     if no_gpu() {
         return;
     }
@@ -307,10 +309,19 @@ fn pipelined_staging_moves_every_size_byte_for_byte() {
                     src.write(soff, &data);
                     dst.clear();
                     let (a, b) = (End { addr: src.addr() + soff, mr: smr }, End { addr: dst.addr() + doff, mr: rmr });
+                    let before = part_counts();
                     transfer_in(&mut s, window, a, b, len, |_, _| {});
+                    let split = (part_counts().sent - before.sent) as usize;
                     let got = dst.read(doff - 1, len + 2);
                     assert_same(&got[1..=len], &data, &what);
                     assert_eq!((got[0], got[len + 1]), (0, 0), "{what}: neighbours untouched");
+                    let longer = chunks_longer_than(len, slot, part);
+                    let must = match (from, window) {
+                        (Side::Host, _) => 0,
+                        (Side::Gpu, 1) => longer,
+                        (Side::Gpu, _) => longer.min(usize::from(len.min(slot) > part)),
+                    };
+                    assert!(split >= must, "{what}: {split} chunks sent in parts, {must} at least");
                 }
             }
             assert!(!s.net.needs_polling(), "parts of {part} B: every copy was seen finished");
@@ -318,6 +329,143 @@ fn pipelined_staging_moves_every_size_byte_for_byte() {
             s.rx.dereg_mr(rmr);
         }
     }
+}
+
+/// Chunks of a `len`-byte transfer in `slot`-byte chunks that are longer than `part` bytes.
+fn chunks_longer_than(len: usize, slot: usize, part: usize) -> usize {
+    (0..len.div_ceil(slot)).filter(|i| slot.min(len - i * slot) > part).count()
+}
+
+/// Chunks go in parts with the knob on and never without it: sent, each chunk longer than a part
+/// that goes alone, counted exactly; received, a device receive whose sender holds the rest of
+/// the message back has its landed parts copied out to the GPU before it completes. In a process
+/// of its own, so that no other test's chunks add to the counts.
+#[test]
+fn chunks_go_in_parts_with_the_knob_and_only_then() {
+    if no_gpu() {
+        return;
+    }
+    common::ChildTest::new("chunks_in_parts_process").ignored().run_within(Duration::from_secs(300));
+}
+
+#[test]
+#[ignore = "runs as the child process of chunks_go_in_parts_with_the_knob_and_only_then"]
+fn chunks_in_parts_process() {
+    use uccl_tcpx::transport::staged::part_counts;
+    assert!(
+        common::is_child("chunks_in_parts_process"),
+        "runs as the child of chunks_go_in_parts_with_the_knob_and_only_then"
+    );
+    let (slot, part) = (512usize << 10, 64usize << 10);
+    let sizes = [part + 1, 3 * part + 17, slot, (3 << 20) + 7];
+    for pipeline in [0, part] {
+        let tuning = StagingConfig { pipeline: pipeline as u32, ..StagingConfig::default() };
+        let mut s = staged_with(StagingParams { tuning, ..StagingParams::new(slot, 8) });
+        let max = sizes.iter().max().unwrap();
+        let mut src = Mem::new(Side::Gpu, *max);
+        let mut dst = Mem::new(Side::Gpu, *max);
+        let (smr, rmr) = register(&mut s, &src, &dst);
+        for &len in &sizes {
+            for window in [WINDOW, 1] {
+                let what = format!("pipeline {pipeline}, {len} B, window {window}");
+                let data = pattern(len, (len + window) as u64);
+                src.write(0, &data);
+                dst.clear();
+                let before = part_counts();
+                transfer_in(
+                    &mut s,
+                    window,
+                    End { addr: src.addr(), mr: smr },
+                    End { addr: dst.addr(), mr: rmr },
+                    len,
+                    |_, _| {},
+                );
+                let after = part_counts();
+                assert_same(&dst.read(0, len), &data, &what);
+                let (sent, received) =
+                    ((after.sent - before.sent) as usize, (after.received - before.received) as usize);
+                let chunks = len.div_ceil(slot);
+                if pipeline == 0 {
+                    assert_eq!((sent, received), (0, 0), "{what}: nothing goes in parts without the knob");
+                } else if window == 1 {
+                    // Every chunk goes alone.
+                    assert_eq!(sent, chunks_longer_than(len, slot, part), "{what}: chunks sent in parts");
+                    assert!(received <= chunks, "{what}: {received} of {chunks} chunks received in parts");
+                } else {
+                    // The first chunk alone, the others behind it.
+                    assert!(sent >= 1 && received <= chunks, "{what}: {sent} sent, {received} received in parts");
+                }
+            }
+        }
+        s.tx.dereg_mr(smr);
+        s.rx.dereg_mr(rmr);
+        receive_held_back_by_its_sender(slot, pipeline);
+    }
+}
+
+/// A staged device receive fed by a plain socket send whose ready watermark holds the second half
+/// of the message back: with the knob on, the landed first half is copied out to the GPU in parts
+/// while the receive waits (one chunk counted received in parts); without it nothing reaches the
+/// GPU before the receive completed. Either way the message lands whole once the rest is let go.
+fn receive_held_back_by_its_sender(slot: usize, pipeline: usize) {
+    use uccl_tcpx::transport::staged::part_counts;
+    let what = format!("pipeline {pipeline}, held back");
+    let socket: Arc<dyn Net> = Arc::new(common::socket::socket_net(SocketConfig::default()));
+    let tuning = StagingConfig { pipeline: pipeline as u32, ..StagingConfig::default() };
+    let net = StagedNet::wrap(socket.clone(), StagingParams { tuning, ..StagingParams::new(slot, 4) }).unwrap();
+    let (mut handle, mut listen) = net.listen(0).unwrap();
+    let (mut tx, mut rx) = (None, None);
+    let (mut tx, mut rx) = testkit::drive("connect and accept", Duration::from_secs(30), || {
+        if tx.is_none() {
+            tx = socket.connect(0, &mut handle).unwrap();
+        }
+        if rx.is_none() {
+            rx = listen.accept().unwrap();
+        }
+        (tx.is_some() && rx.is_some()).then(|| (tx.take().unwrap(), rx.take().unwrap()))
+    });
+    assert!(tx.takes_ready_watermark());
+    let dst = Mem::new(Side::Gpu, slot);
+    let rmr = rx.reg_mr(dst.addr(), dst.len(), dst.kind()).unwrap();
+    let msg = pattern(slot, 23);
+    let smr = tx.reg_mr(msg.as_ptr() as usize, msg.len(), MemKind::Host).unwrap();
+    let before = part_counts();
+    // SAFETY: dst and msg outlive both requests, tested to completion below; msg is not modified.
+    let r = unsafe { rx.irecv(dst.addr() as *mut u8, slot, rmr) }.unwrap().unwrap();
+    // SAFETY: as above.
+    let t = unsafe { tx.isend_ready(msg.as_ptr(), slot, smr, slot / 2) }.unwrap().unwrap();
+    // Half the message is let go, at least a part of it in whole pieces.
+    let first = &msg[..4096];
+    let deadline = Instant::now() + Duration::from_secs(if pipeline > 0 { 30 } else { 1 });
+    let mut seen = false;
+    while Instant::now() < deadline && !seen {
+        assert_eq!(rx.test(r).unwrap(), None, "{what}: the receive waits for the half held back");
+        seen = dst.read(0, first.len()) == first;
+    }
+    if pipeline > 0 {
+        assert!(seen, "{what}: the landed first part never reached the GPU");
+        assert_eq!(part_counts().received - before.received, 1, "{what}: one receive copied out in parts");
+    } else {
+        assert!(!seen, "{what}: bytes reached the GPU before the receive completed");
+        assert_eq!(part_counts(), before, "{what}: nothing in parts");
+    }
+    tx.raise_ready(t, slot).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut sent, mut got) = (None, None);
+    while sent.is_none() || got.is_none() {
+        if sent.is_none() {
+            sent = tx.test(t).unwrap();
+        }
+        if got.is_none() {
+            got = rx.test(r).unwrap();
+        }
+        assert!(Instant::now() < deadline, "{what}: stuck after the raise");
+    }
+    assert_eq!((sent, got), (Some(slot), Some(slot)), "{what}");
+    rx.irecv_consumed(r).unwrap();
+    assert_same(&dst.read(0, slot), &msg, &what);
+    tx.dereg_mr(smr);
+    rx.dereg_mr(rmr);
 }
 
 /// A device receive copied out in parts is watched (the net asks to be polled) from its post until

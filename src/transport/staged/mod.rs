@@ -20,8 +20,9 @@
 //! comm has no other request) is copied in parts: a send is handed to the inner comm as soon as its
 //! first part is in the slot and sent up to what landed there (`send`), a receive is copied out as
 //! its landed prefix grows (`recv`). Only over an inner comm that offers it (the socket transport);
-//! chunks of several segments keep whole copies.
+//! chunks of several segments keep whole copies. [`part_counts`] says how many chunks went in parts.
 
+mod counts;
 mod recv;
 mod regions;
 mod send;
@@ -34,6 +35,7 @@ use std::sync::atomic::Ordering;
 use super::{ListenComm, Net, NetHandle, Properties, RecvComm, SendComm};
 use crate::error::{Error, Result};
 
+pub use counts::{PartCounts, part_counts};
 pub use recv::StagedRecvComm;
 pub use send::StagedSendComm;
 use setup::Setup;

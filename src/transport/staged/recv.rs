@@ -15,6 +15,7 @@
 
 use std::collections::VecDeque;
 
+use super::counts;
 use super::regions::{Route, Staging};
 use super::setup::{Setup, StickyFailure};
 use super::trace::{ChunkTrace, CommTracer, Mark};
@@ -195,6 +196,9 @@ impl StagedRecvComm {
     /// Queues the copies out of every whole part of request `i` below `landed` bytes.
     fn copy_out_parts(&mut self, i: usize, landed: usize) -> Result<()> {
         let (part, len) = (self.queue[i].part, self.queue[i].len);
+        if self.queue[i].issued == 0 && part <= landed.min(len) {
+            counts::received_in_parts();
+        }
         while self.queue[i].issued + part <= landed.min(len) {
             self.copy_out(i, part, false)?;
         }

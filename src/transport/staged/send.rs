@@ -24,6 +24,7 @@
 
 use std::collections::VecDeque;
 
+use super::counts;
 use super::regions::{Route, Staging};
 use super::setup::{Setup, StickyFailure};
 use super::trace::{ChunkTrace, CommTracer, Mark};
@@ -114,10 +115,13 @@ impl StagedSendComm {
             // The oldest request: nothing of this comm is on the network ahead of it.
             let part = if i == 0 && self.queue[i].splittable { self.part } else { 0 };
             match &self.queue[i].segs {
-                // SAFETY: the device source stays valid until the request is reported done or the
-                // comm dropped (isend's contract), and the drop waits for the copy.
-                None if part > 0 => unsafe { ring.copy_in_parts(slot, src, len, part)? },
-                // SAFETY: as above.
+                None if part > 0 => {
+                    // SAFETY: the device source stays valid until the request is reported done or
+                    // the comm dropped (isend's contract), and the drop waits for the copy.
+                    unsafe { ring.copy_in_parts(slot, src, len, part)? };
+                    counts::sent_in_parts();
+                }
+                // SAFETY: as for the parts.
                 None => unsafe { ring.copy_in(slot, src, len)? },
                 // SAFETY: as above, for every segment.
                 Some(segs) => unsafe { ring.gather(slot, len, segs.iter().map(|s| (s.addr, s.len)))? },
