@@ -11,6 +11,7 @@ use uccl_tcpx::{Config, Engine, UcclStatus};
 
 mod common;
 use common::{ChildTest, pair, same_host, wait};
+use testkit::mapping::AlignedMapping;
 
 const LEN: usize = 256 << 10;
 const SENTINEL: u8 = 0x5a;
@@ -205,7 +206,7 @@ fn direct_peer_process() {
     let engine = std::sync::Arc::new(Engine::new(Config { host_copy_huge_pages: huge, ..same_host() }).unwrap());
     let (mut plain, mut on_huge);
     let region: &mut [u8] = if huge {
-        on_huge = HugeMem::new(GUARD + WINDOW);
+        on_huge = AlignedMapping::new(GUARD + WINDOW, libc::MADV_HUGEPAGE, 0);
         &mut on_huge
     } else {
         plain = vec![0; GUARD + WINDOW];
@@ -229,63 +230,6 @@ fn direct_peer_process() {
 /// Set: the peer process backs its region with memory that asks for transparent huge pages and
 /// looks at the page size of its copies' sources (`UCCL_TCPX_HOST_COPY_HUGE_PAGES`).
 const HUGE_VAR: &str = "UCCL_TCPX_TEST_HUGE";
-
-/// Anonymous memory at a 2 MiB boundary that asks for transparent huge pages before it is
-/// touched, as an allocator doing so would; whether the kernel grants them is its own affair.
-struct HugeMem {
-    raw: *mut libc::c_void,
-    raw_len: usize,
-    at: *mut u8,
-    len: usize,
-}
-
-impl HugeMem {
-    fn new(len: usize) -> HugeMem {
-        const HUGE: usize = 2 << 20;
-        let raw_len = len.next_multiple_of(HUGE) + HUGE;
-        // SAFETY: a fresh private anonymous mapping; no memory of ours is touched.
-        let raw = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                raw_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(raw, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
-        // SAFETY: advice over the mapping made above. A kernel without THP refuses it: the memory
-        // then stays on small pages, which the tests accept.
-        unsafe { libc::madvise(raw, raw_len, libc::MADV_HUGEPAGE) };
-        let at = (raw as usize).next_multiple_of(HUGE) as *mut u8;
-        // SAFETY: `[at, at + len)` lies inside the mapping; touching it faults its pages in.
-        unsafe { std::ptr::write_bytes(at, 0, len) };
-        HugeMem { raw, raw_len, at, len }
-    }
-}
-
-impl std::ops::Deref for HugeMem {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        // SAFETY: `len` initialized bytes of our mapping, borrowed with `self`.
-        unsafe { std::slice::from_raw_parts(self.at, self.len) }
-    }
-}
-
-impl std::ops::DerefMut for HugeMem {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as for `deref`, exclusively.
-        unsafe { std::slice::from_raw_parts_mut(self.at, self.len) }
-    }
-}
-
-impl Drop for HugeMem {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, unmapped once.
-        unsafe { libc::munmap(self.raw, self.raw_len) };
-    }
-}
 
 /// Whether at least 90 % of the resident bytes of the mappings of process `pid` overlapping
 /// `[addr, addr + len)` lie on transparent huge pages, as its smaps say now.
@@ -441,7 +385,7 @@ fn host_memory_on_huge_pages_moves_byte_exact_with_the_knob_on() {
         Config { host_copy_huge_pages: true, host_copy_network_band: band, host_copy_threads: 4, ..same_host() };
     let engine = Engine::new(config).unwrap();
     let conn = checked_connection(&engine, port);
-    let mut buf = HugeMem::new(WINDOW);
+    let mut buf = AlignedMapping::new(WINDOW, libc::MADV_HUGEPAGE, 0);
     let addr = buf.as_ptr() as usize;
     let mr = engine.register(addr, WINDOW).unwrap();
     let ours = || smaps_say_huge(std::process::id(), addr, WINDOW);

@@ -161,6 +161,7 @@ impl KnownSpans {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use testkit::mapping::AlignedMapping;
 
     const SMAPS: &str = "\
 00400000-00452000 r-xp 00000000 08:02 173521      /usr/bin/dbus-daemon
@@ -270,54 +271,15 @@ Private_Hugetlb:       0 kB
         assert_eq!(known.spans.lock().len(), MAX_SPANS, "the cache stays bounded");
     }
 
-    /// An anonymous mapping of `len` bytes at a 2 MiB boundary, advised with `advice` and touched.
-    struct Mapped {
-        raw: *mut libc::c_void,
-        raw_len: usize,
-        addr: usize,
-    }
-
-    impl Mapped {
-        fn new(len: usize, advice: libc::c_int) -> Mapped {
-            let raw_len = len + 2 * M;
-            // SAFETY: a fresh private anonymous mapping; no memory of ours is touched.
-            let raw = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    raw_len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(raw, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
-            let addr = (raw as usize).next_multiple_of(2 * M);
-            // SAFETY: `[addr, addr + len)` lies inside the mapping made above.
-            unsafe {
-                assert_eq!(libc::madvise(addr as *mut libc::c_void, len, advice), 0);
-                std::ptr::write_bytes(addr as *mut u8, 0x5a, len);
-            }
-            Mapped { raw, raw_len, addr }
-        }
-    }
-
-    impl Drop for Mapped {
-        fn drop(&mut self) {
-            // SAFETY: the mapping made in `new`, unmapped once.
-            unsafe { libc::munmap(self.raw, self.raw_len) };
-        }
-    }
-
     #[test]
     fn a_buffer_of_this_process_reads_as_what_the_kernel_gave_it() {
-        let small = Mapped::new(4 * M, libc::MADV_NOHUGEPAGE);
-        assert!(!range_on_huge_pages(None, small.addr, 4 * M).huge, "a mapping refusing huge pages");
+        let small = AlignedMapping::new(4 * M, libc::MADV_NOHUGEPAGE, 0x5a);
+        assert!(!range_on_huge_pages(None, small.addr(), 4 * M).huge, "a mapping refusing huge pages");
         let pid = Some(std::process::id());
-        assert!(!range_on_huge_pages(pid, small.addr, 4 * M).huge, "the same through our pid");
-        let asked = Mapped::new(4 * M, libc::MADV_HUGEPAGE);
-        let answer = range_on_huge_pages(None, asked.addr, 4 * M);
-        assert!(answer.span.0 <= asked.addr && asked.addr + 4 * M <= answer.span.1, "{answer:?}");
+        assert!(!range_on_huge_pages(pid, small.addr(), 4 * M).huge, "the same through our pid");
+        let asked = AlignedMapping::new(4 * M, libc::MADV_HUGEPAGE, 0x5a);
+        let answer = range_on_huge_pages(None, asked.addr(), 4 * M);
+        assert!(answer.span.0 <= asked.addr() && asked.addr() + 4 * M <= answer.span.1, "{answer:?}");
         let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
         if mode.contains("[never]") || mode.is_empty() {
             assert!(!answer.huge, "THP is off ({mode:?}), yet the buffer reads as on huge pages");
