@@ -565,6 +565,7 @@ mod tests {
             "--scale 1,64,256,1024",
             "--scale 1,64 --sizes 64K --idle-secs 2",
             "--same-host --ops write,read --sizes 16M --rounds 5",
+            "--same-host --huge-pages --ops write,read --sizes 1M,2M,4M,8M,16M,64M --iters 40 --no-baseline",
         ] {
             if let Err(e) = parse(line) {
                 panic!("{line}: {e}");
