@@ -295,10 +295,10 @@ mod tests {
             threads == 3 && idle == 3
         });
         // One piece each, held until all three joined: a helper left asleep shows as a job done by
-        // two threads, however slowly the others get the CPU.
+        // two threads, however slowly the others get the CPU. (The waiting list is not looked at
+        // right after the offer: on a loaded two-core host that look once found a helper listed.)
         let job = Count::new(3, 3);
         let offer = super::offer(job.clone(), 3, Duration::from_millis(5));
-        assert!(POOL.lock().idle.is_empty(), "each waiting helper was handed the job");
         testkit::wait_until("every piece done", 2 * testkit::PATIENCE, || job.done.load(Ordering::Acquire) == 3);
         drop(offer);
         assert_eq!(job.distinct(), 3, "the three helpers took the pieces");
