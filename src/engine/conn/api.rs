@@ -118,13 +118,12 @@ impl Connection {
             let huge = if write {
                 region.on_huge_pages()
             } else {
-                let remote = match &*request {
-                    OneSidedRequest::Item(i) => vec![IoSeg { addr: i.remote_addr as usize, len: i.len as usize }],
+                peer.is_some_and(|peer| match &*request {
+                    OneSidedRequest::Item(i) => peer.on_huge_pages([(i.remote_addr as usize, i.len as usize)]),
                     OneSidedRequest::Vector(v) => {
-                        v.segs.iter().map(|s| IoSeg { addr: s.addr as usize, len: s.len as usize }).collect()
+                        peer.on_huge_pages(v.segs.iter().map(|s| (s.addr as usize, s.len as usize)))
                     }
-                };
-                peer.is_some_and(|peer| peer.on_huge_pages(&remote))
+                })
             };
             match request {
                 OneSidedRequest::Item(i) => i.huge_source = huge,

@@ -143,7 +143,7 @@ impl Connection {
         // One thread copies a small job whole: its source's pages do not matter then.
         let huge_min = (config.host_copy_huge_pages && threads > 1).then_some(config.host_copy_huge_min_piece);
         let min_piece = host_job::smallest_piece(job.len, config.host_copy_min_piece, huge_min, || {
-            process.on_huge_pages(&job.remote)
+            process.on_huge_pages(job.remote.iter().map(|s| (s.addr, s.len)))
         });
         let shared = SharedJob::new(
             &job.local,

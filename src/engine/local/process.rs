@@ -57,13 +57,17 @@ impl PeerProcess {
         self.pid.unsigned_abs()
     }
 
-    /// Whether the peer's memory under `segs` lies mostly on huge pages: its smaps are read the
-    /// first time a span of its mappings is asked about (milliseconds), later asks inside that span
-    /// are answered from memory. Only a hint for how to copy: a stale answer costs speed.
-    pub fn on_huge_pages(&self, segs: &[IoSeg]) -> bool {
-        let lo = segs.iter().map(|s| s.addr).min();
-        let hi = segs.iter().map(|s| s.addr.saturating_add(s.len)).max();
-        let (Some(lo), Some(hi)) = (lo, hi) else { return false };
+    /// Whether the peer's memory under `segs` (address and length each) lies mostly on huge pages:
+    /// its smaps are read the first time a span of its mappings is asked about (milliseconds), later
+    /// asks inside that span are answered from memory. Only a hint for how to copy: a stale answer
+    /// costs speed. The segments are walked once, never collected: a vector may list thousands.
+    pub fn on_huge_pages(&self, segs: impl IntoIterator<Item = (usize, usize)>) -> bool {
+        let (lo, hi) = segs
+            .into_iter()
+            .fold((usize::MAX, 0), |(lo, hi), (addr, len)| (lo.min(addr), hi.max(addr.saturating_add(len))));
+        if lo >= hi {
+            return false;
+        }
         self.huge.on_huge_pages(lo, hi - lo, || range_on_huge_pages(Some(self.pid()), lo, hi - lo))
     }
 

@@ -7,36 +7,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::comm::SocketSendComm;
+use super::tests::{eager_net, eager_pair};
 use super::wire::PieceCut;
 use super::*;
 use crate::error::UcclStatus;
-use crate::transport::testutil::{loopback_socket_net, until};
+use crate::transport::testutil::until;
 use crate::transport::{MrHandle, RequestId};
-
-/// Pieces of 16 KiB on 4 sockets, each on a sending helper of its own that sleeps as soon as it
-/// has nothing to do, all opened at connect; `fanout` sleeping helpers woken per post or raise.
-fn four_socket_net(fanout: u8) -> SocketNet {
-    loopback_socket_net().with_options(crate::config::SocketConfig {
-        nthreads: 4,
-        nsocks_per_thread: 1,
-        helpers: 4,
-        subchunk: 16 << 10,
-        lazy: false,
-        spin: Duration::ZERO,
-        kick_fanout: fanout,
-        ..Default::default()
-    })
-}
 
 const PIECE: usize = 16 << 10;
 
-fn four_socket_pair(net: &SocketNet) -> (SocketSendComm, Box<dyn RecvComm>) {
-    let (handle, mut listen) = net.listen(0).unwrap();
-    let tx = net.connect_comm(0, &handle).unwrap();
-    let rx = until(|| listen.accept()).unwrap();
-    let all = |s: DataSocketStats| (s.sending == 4 && s.receiving == 4).then_some(());
-    until(|| Ok(all(net.data_socket_stats()))).unwrap();
-    (tx, rx)
+/// Four sockets, each on a sending helper of its own that sleeps as soon as it has nothing to do, all
+/// opened at connect; `fanout` sleeping helpers woken per post or raise.
+fn four_socket_net(fanout: u8) -> SocketNet {
+    eager_net(4, fanout, Some(Duration::ZERO))
 }
 
 fn message(len: usize, seed: usize) -> Vec<u8> {
@@ -175,7 +158,7 @@ fn an_untracked_window_reports_no_landed_prefix() {
 #[test]
 fn a_receive_comm_reports_landed_bytes_only_when_asked() {
     let net = four_socket_net(4);
-    let (mut tx, mut rx) = four_socket_pair(&net);
+    let (mut tx, mut rx) = eager_pair(&net, 4);
     let len = 8 * PIECE + 3;
     let msg = message(len, 9);
     let mut got = vec![0u8; len];
@@ -200,7 +183,7 @@ fn a_receive_comm_reports_landed_bytes_only_when_asked() {
 #[test]
 fn a_receive_reports_the_pieces_a_partial_send_let_go() {
     let net = four_socket_net(4);
-    let (mut tx, mut rx) = four_socket_pair(&net);
+    let (mut tx, mut rx) = eager_pair(&net, 4);
     assert!(rx.track_landed());
     assert!(rx.track_landed(), "asking twice before a receive is no harm");
     let len = 16 * PIECE + 5000;
@@ -267,7 +250,7 @@ fn the_window_cuts_only_below_the_watermark() {
 #[test]
 fn a_partial_send_moves_exactly_its_ready_bytes_until_raised() {
     let net = four_socket_net(4);
-    let (mut tx, mut rx) = four_socket_pair(&net);
+    let (mut tx, mut rx) = eager_pair(&net, 4);
     assert!(tx.takes_ready_watermark());
     let len = 16 * PIECE + 1000;
     let msg = message(len, 1);
@@ -302,7 +285,7 @@ fn a_partial_send_moves_exactly_its_ready_bytes_until_raised() {
 #[test]
 fn partial_and_whole_sends_keep_their_order() {
     let net = four_socket_net(1);
-    let (mut tx, mut rx) = four_socket_pair(&net);
+    let (mut tx, mut rx) = eager_pair(&net, 4);
     let lens = [9 * PIECE + 7, 3 * PIECE, 100, 20 * PIECE, 1];
     let msgs: Vec<Vec<u8>> = lens.iter().enumerate().map(|(i, &l)| message(l, i)).collect();
     let mut bufs: Vec<Vec<u8>> = lens.iter().map(|&l| vec![0u8; l]).collect();
@@ -341,7 +324,7 @@ fn partial_and_whole_sends_keep_their_order() {
 fn a_raise_wakes_sleeping_helpers() {
     for fanout in [1u8, 0] {
         let net = four_socket_net(fanout);
-        let (mut tx, mut rx) = four_socket_pair(&net);
+        let (mut tx, mut rx) = eager_pair(&net, 4);
         let len = 12 * PIECE;
         let msg = message(len, 3);
         let mut got = vec![0u8; len];
@@ -368,7 +351,7 @@ fn dropping_a_comm_with_a_partial_send_closes_cleanly() {
     for ready in [0, 3 * PIECE] {
         let msg = message(8 * PIECE, 4);
         let mut got = vec![0u8; msg.len()];
-        let (mut tx, mut rx) = four_socket_pair(&net);
+        let (mut tx, mut rx) = eager_pair(&net, 4);
         // SAFETY: got outlives rx, dropped below with the receive still posted.
         let r = unsafe { rx.irecv(got.as_mut_ptr(), got.len(), MrHandle::NONE) }.unwrap().unwrap();
         // SAFETY: msg outlives tx, dropped below with the send in flight.

@@ -542,26 +542,30 @@ fn dropping_a_comm_with_sockets_still_connecting_leaves_nothing() {
     drop(listener);
 }
 
-/// A net whose send comms open 16 sockets at once, each on a sending helper of its own, cut 16 KiB
-/// pieces, and have sleeping helpers woken `fanout` at a time.
-fn sixteen_socket_net(fanout: u8) -> SocketNet {
+/// A net whose send comms open `sockets` sockets at once, each on a sending helper of its own, cut
+/// 16 KiB pieces, and have sleeping helpers woken `fanout` at a time; `spin`: how long a helper polls
+/// after its last piece (`None`: the default).
+pub(super) fn eager_net(sockets: u8, fanout: u8, spin: Option<Duration>) -> SocketNet {
+    let d = crate::config::SocketConfig::default();
     loopback_socket_net().with_options(crate::config::SocketConfig {
-        nthreads: 16,
+        nthreads: sockets,
         nsocks_per_thread: 1,
-        helpers: 16,
+        helpers: sockets,
         subchunk: 16 << 10,
         lazy: false,
         kick_fanout: fanout,
-        ..Default::default()
+        spin: spin.unwrap_or(d.spin),
+        ..d
     })
 }
 
-/// A send comm of `net` (the only one of the net) and its receive comm, every socket open both ways.
-fn sixteen_socket_pair(net: &SocketNet) -> (comm::SocketSendComm, Box<dyn RecvComm>) {
+/// A send comm of `net` (the only one of the net) and its receive comm, once all `sockets` of them
+/// are open both ways.
+pub(super) fn eager_pair(net: &SocketNet, sockets: u64) -> (comm::SocketSendComm, Box<dyn RecvComm>) {
     let (handle, mut listen) = net.listen(0).unwrap();
     let tx = net.connect_comm(0, &handle).unwrap();
     let rx = until(|| listen.accept()).unwrap();
-    let all = |s: DataSocketStats| (s.sending == 16 && s.receiving == 16).then_some(());
+    let all = |s: DataSocketStats| (s.sending == sockets && s.receiving == sockets).then_some(());
     until(|| Ok(all(net.data_socket_stats()))).unwrap();
     (tx, rx)
 }
@@ -572,8 +576,8 @@ fn sixteen_socket_pair(net: &SocketNet) -> (comm::SocketSendComm, Box<dyn RecvCo
 #[test]
 fn kicks_owed_by_a_post_all_go_out_and_its_request_arrives_intact() {
     for fanout in [2u8, 0] {
-        let net = sixteen_socket_net(fanout);
-        let (mut tx, mut rx) = sixteen_socket_pair(&net);
+        let net = eager_net(16, fanout, None);
+        let (mut tx, mut rx) = eager_pair(&net, 16);
         let msg: Vec<u8> = (0..256 << 10).map(|i| (i * 13 % 251) as u8).collect();
         assert_eq!(wire::PieceCut::new(16 << 10, 16).pieces(msg.len() as u64), 16);
         for round in 0..6 {
@@ -606,10 +610,10 @@ fn kicks_owed_by_a_post_all_go_out_and_its_request_arrives_intact() {
 /// nobody running to pass them on) returns at once and leaves no helper behind.
 #[test]
 fn dropping_a_comm_with_kicks_owed_returns_and_leaves_no_helper() {
-    let net = sixteen_socket_net(2);
+    let net = eager_net(16, 2, None);
     for round in 0..4 {
         let msg = vec![9u8; 1 << 20];
-        let (mut tx, rx) = sixteen_socket_pair(&net);
+        let (mut tx, rx) = eager_pair(&net, 16);
         std::thread::sleep(Duration::from_millis(20));
         // SAFETY: msg outlives the comm, which is dropped below with the send in flight (no receive
         // is posted for it).
