@@ -274,6 +274,11 @@ pub struct StagingConfig {
     /// transfer keep whole copies, which overlap the chunks ahead already. 0, or 4 KiB to 4 MiB.
     /// `UCCL_TCPX_STAGING_PIPELINE`.
     pub pipeline: u32,
+    /// Receiving sockets write each piece that lands in a staging slot back from the CPU's caches
+    /// before the slot is copied up to the GPU: a copy of lines that other cores hold modified
+    /// runs at a third of its speed (measured in `transport/socket/write_back.rs`). On by default;
+    /// 0 to measure without. `UCCL_TCPX_STAGING_WRITE_BACK` = 0 | 1.
+    pub write_back: bool,
 }
 
 /// How the staged path moves a chunk made of several device segments between them and its pinned
@@ -293,7 +298,7 @@ pub enum StagingGather {
 
 impl Default for StagingConfig {
     fn default() -> StagingConfig {
-        StagingConfig { trace: false, streams: 1, ahead: 1, gather: StagingGather::Auto, pipeline: 0 }
+        StagingConfig { trace: false, streams: 1, ahead: 1, gather: StagingGather::Auto, pipeline: 0, write_back: true }
     }
 }
 
@@ -306,6 +311,7 @@ impl StagingConfig {
             ahead: parse_in(get, "UCCL_TCPX_STAGING_AHEAD", d.ahead, 0, MAX_WINDOW as u8)?,
             gather: parse_gather(get)?,
             pipeline: parse_pipeline(get)?,
+            write_back: parse_in(get, "UCCL_TCPX_STAGING_WRITE_BACK", u8::from(d.write_back), 0, 1)? == 1,
         })
     }
 }
@@ -1035,7 +1041,19 @@ mod tests {
         ])
         .unwrap()
         .staging;
-        assert_eq!(c, StagingConfig { trace: true, streams: 2, ahead: 3, gather: StagingGather::Auto, pipeline: 0 });
+        assert_eq!(
+            c,
+            StagingConfig {
+                trace: true,
+                streams: 2,
+                ahead: 3,
+                gather: StagingGather::Auto,
+                pipeline: 0,
+                write_back: true
+            }
+        );
+        assert!(!cfg(&[("UCCL_TCPX_STAGING_WRITE_BACK", "0")]).unwrap().staging.write_back);
+        assert!(cfg(&[("UCCL_TCPX_STAGING_WRITE_BACK", "2")]).is_err());
         let pipeline = |v: &str| cfg(&[("UCCL_TCPX_STAGING_PIPELINE", v)]).map(|c| c.staging.pipeline);
         assert_eq!(pipeline("128K").unwrap(), 128 << 10);
         assert_eq!(pipeline("4096").unwrap(), 4096);

@@ -403,6 +403,52 @@ fn chunks_in_parts_process() {
     }
 }
 
+#[test]
+fn staged_receives_are_written_back_with_the_knob_and_only_then() {
+    if no_gpu() {
+        return;
+    }
+    common::ChildTest::new("written_back_process").ignored().run_within(Duration::from_secs(300));
+}
+
+/// In a process of its own: the count of written-back bytes is process-wide.
+#[test]
+#[ignore = "runs as the child process of staged_receives_are_written_back_with_the_knob_and_only_then"]
+fn written_back_process() {
+    use uccl_tcpx::transport::socket::written_back_bytes;
+    assert!(
+        common::is_child("written_back_process"),
+        "runs as the child of staged_receives_are_written_back_with_the_knob_and_only_then"
+    );
+    let (slot, len) = (1usize << 20, (3 << 20) + 7);
+    for write_back in [true, false] {
+        let tuning = StagingConfig { write_back, ..StagingConfig::default() };
+        for (from, to) in [(Side::Gpu, Side::Gpu), (Side::Host, Side::Gpu), (Side::Gpu, Side::Host)] {
+            let what = format!("write-back {write_back}, {from:?}->{to:?}");
+            let mut s = staged_with(StagingParams { tuning, ..StagingParams::new(slot, 8) });
+            let mut src = Mem::new(from, len);
+            let mut dst = Mem::new(to, len);
+            let (smr, rmr) = register(&mut s, &src, &dst);
+            let data = pattern(len, u64::from(write_back) + 5);
+            src.write(0, &data);
+            dst.clear();
+            let before = written_back_bytes();
+            transfer(&mut s, End { addr: src.addr(), mr: smr }, End { addr: dst.addr(), mr: rmr }, len, |_, _| {});
+            let moved = written_back_bytes() - before;
+            assert_same(&dst.read(0, len), &data, &what);
+            if write_back && to == Side::Gpu {
+                // Every byte landed in a slot, each piece written back once (x86 hosts all have
+                // an instruction for it: the library's unit tests check that).
+                assert_eq!(moved, len as u64, "{what}: every staged byte written back once");
+            } else {
+                assert_eq!(moved, 0, "{what}: nothing written back");
+            }
+            s.tx.dereg_mr(smr);
+            s.rx.dereg_mr(rmr);
+        }
+    }
+}
+
 /// A staged device receive fed by a plain socket send whose ready watermark holds the second half
 /// of the message back: with the knob on, the landed first half is copied out to the GPU in parts
 /// while the receive waits (one chunk counted received in parts); without it nothing reaches the

@@ -226,6 +226,9 @@ struct CommCore {
     /// Requests whose slot was given back (send: tested done; receive: consumed).
     released: u64,
     tested: u64,
+    /// Receive: memory whose receives are written back from the CPU's caches as they land
+    /// (`RecvComm::write_back_received`), as (start, end).
+    write_back: Vec<(usize, usize)>,
 }
 
 impl CommCore {
@@ -241,7 +244,12 @@ impl CommCore {
         }
         let id = self.posted;
         let len = iov.iter().map(|s| s.len).sum::<usize>();
-        let alone = self.window.post(id, iov, ready);
+        let first = iov[0];
+        let write_back = self
+            .write_back
+            .iter()
+            .any(|&(start, end)| start <= first.addr && first.addr.saturating_add(first.len) <= end);
+        let alone = self.window.post(id, iov, ready, write_back);
         match &mut self.side {
             Side::Send(send) => {
                 let pieces = self.window.cut.pieces(len as u64);
@@ -393,6 +401,7 @@ impl SocketSendComm {
             posted: 0,
             released: 0,
             tested: 0,
+            write_back: Vec::new(),
         }))
     }
 }
@@ -512,6 +521,7 @@ impl SocketRecvComm {
             posted: 0,
             released: 0,
             tested: 0,
+            write_back: Vec::new(),
         }))
     }
 
@@ -536,6 +546,15 @@ impl RecvComm for SocketRecvComm {
 
     unsafe fn irecvv(&mut self, iov: &[IoSeg], _mr: MrHandle) -> Result<Option<RequestId>> {
         self.0.post(iov, usize::MAX)
+    }
+
+    /// Only where the CPU has an instruction for it (`write_back.rs`).
+    fn write_back_received(&mut self, addr: usize, len: usize) -> bool {
+        if !super::write_back::supported() {
+            return false;
+        }
+        self.0.write_back.push((addr, addr.saturating_add(len)));
+        true
     }
 
     /// Each landed piece sets its bit; the prefix is the run of them from the first (`partial`).

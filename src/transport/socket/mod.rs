@@ -24,10 +24,12 @@ mod tune;
 mod window;
 mod wire;
 pub(crate) mod worker;
+mod write_back;
 mod zerocopy;
 
 pub use counts::DataSocketStats;
 pub use tune::tune_stream;
+pub use write_back::written_back_bytes;
 pub use zerocopy::ZeroCopyStats;
 
 use std::io::Write;

@@ -47,7 +47,7 @@ fn the_landed_prefix_grows_only_over_pieces_without_a_gap() {
     let mut buf = vec![0u8; 8 * PIECE];
     let iov = [crate::transport::IoSeg { addr: buf.as_mut_ptr() as usize, len: buf.len() }];
     assert!(window.track_landed());
-    window.post(0, &iov, usize::MAX);
+    window.post(0, &iov, usize::MAX, false);
     assert_eq!(window.landed(0), Some(0), "nothing arrived");
     // The sender's message is shorter than the receive: 4 full pieces and a short fifth.
     let total = (4 * PIECE + 100) as u64;
@@ -55,7 +55,7 @@ fn the_landed_prefix_grows_only_over_pieces_without_a_gap() {
         .map(|i| {
             let len = (total - i * PIECE as u64).min(PIECE as u64);
             match window.admit(0, total, i * PIECE as u64, len).unwrap() {
-                Admission::Land(piece, _) => piece,
+                Admission::Land(piece, ..) => piece,
                 Admission::NotPosted => unreachable!("request 0 is posted"),
             }
         })
@@ -71,7 +71,7 @@ fn the_landed_prefix_grows_only_over_pieces_without_a_gap() {
     assert_eq!(window.landed(0), Some(total as usize), "complete: the sender's size");
     // The slot's next request starts from nothing.
     for seq in 1..=16 {
-        window.post(seq, &iov, usize::MAX);
+        window.post(seq, &iov, usize::MAX, false);
     }
     assert_eq!(window.landed(16), Some(0), "request 16 in request 0's slot");
     drop(buf);
@@ -83,7 +83,7 @@ fn admit_all(window: &super::window::Window, seq: u64, total: u64) -> Vec<super:
     let piece = window.cut.piece_len(total);
     (0..window.cut.pieces(total))
         .map(|i| match window.admit(seq, total, i * piece, (total - i * piece).min(piece)).unwrap() {
-            Admission::Land(piece, _) => piece,
+            Admission::Land(piece, ..) => piece,
             Admission::NotPosted => unreachable!("request {seq} is posted"),
         })
         .collect()
@@ -103,7 +103,7 @@ fn a_reused_slot_reports_only_its_new_requests_pieces() {
     let sizes = [130 * PIECE as u64, 69 * PIECE as u64 + 9, 3 * PIECE as u64, 200 * PIECE as u64];
     for (round, &total) in sizes.iter().enumerate() {
         let seq = 16 * round as u64;
-        window.post(seq, &iov, usize::MAX);
+        window.post(seq, &iov, usize::MAX, false);
         let pieces = admit_all(&window, seq, total);
         let n = pieces.len();
         assert_eq!(window.landed(seq), Some(0), "round {round}: nothing of the new request landed");
@@ -123,7 +123,7 @@ fn a_reused_slot_reports_only_its_new_requests_pieces() {
         assert_eq!(window.landed(seq), Some(total as usize), "round {round}: the sender's size");
         // The other slots' requests, so that the next round's post reuses slot 0.
         for other in seq + 1..seq + 16 {
-            window.post(other, &iov, usize::MAX);
+            window.post(other, &iov, usize::MAX, false);
             let pieces = admit_all(&window, other, 10);
             window.landed_piece(&pieces[0]);
             assert_eq!(window.landed(other), Some(10));
@@ -139,7 +139,7 @@ fn an_untracked_window_reports_no_landed_prefix() {
     let window = super::window::Window::new(PieceCut::new(PIECE, 1), Arc::new(|| {}));
     let mut buf = vec![0u8; 4 * PIECE];
     let iov = [crate::transport::IoSeg { addr: buf.as_mut_ptr() as usize, len: buf.len() }];
-    window.post(0, &iov, usize::MAX);
+    window.post(0, &iov, usize::MAX, false);
     let pieces = admit_all(&window, 0, 4 * PIECE as u64);
     window.landed_piece(&pieces[0]);
     assert_eq!(window.landed(0), None, "not tracked");
@@ -222,7 +222,7 @@ fn the_window_cuts_only_below_the_watermark() {
     let window = super::window::Window::new(PieceCut::new(PIECE, 4), Arc::new(|| {}));
     let buf = vec![0u8; 10 * PIECE + 5];
     let iov = [crate::transport::IoSeg { addr: buf.as_ptr() as usize, len: buf.len() }];
-    window.post(0, &iov, 2 * PIECE + 3);
+    window.post(0, &iov, 2 * PIECE + 3, false);
     let offsets = |w: &super::window::Window| std::iter::from_fn(|| w.cut().map(|(p, _)| p.offset)).collect::<Vec<_>>();
     assert_eq!(offsets(&window), [0, PIECE as u64], "two whole pieces are ready");
     let work = window.send_work();
@@ -233,7 +233,7 @@ fn the_window_cuts_only_below_the_watermark() {
     assert!(window.send_work() > work);
     assert_eq!(offsets(&window).len(), 5);
     // A later request, whole, waits behind the one that is not ready.
-    window.post(1, &iov[..], usize::MAX);
+    window.post(1, &iov[..], usize::MAX, false);
     assert!(window.cut().is_none(), "request 1 waits for request 0");
     assert_eq!(window.raise(0, usize::MAX), 4, "the three whole pieces left and the short last one");
     let rest: Vec<(u64, u64, usize)> =

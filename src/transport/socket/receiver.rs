@@ -14,6 +14,7 @@ use super::iov::{self, MAX_IOV};
 use super::reactor::{Next, Task};
 use super::window::{Admission, Piece, PieceMem, Window};
 use super::wire::{PIECE_HEADER_LEN, PieceHeader};
+use super::write_back;
 use crate::error::{Error, Result};
 use crate::threads::{self, ThreadKind};
 
@@ -27,6 +28,7 @@ enum Phase {
         piece: Piece,
         mem: PieceMem,
         landed: usize,
+        write_back: bool,
     },
 }
 
@@ -165,7 +167,7 @@ fn drive(s: &RecvSockets, socket: usize, inc: &mut Incoming) -> Result<Step> {
                     None => return Ok(Step::Blocked),
                 }
             }
-            Phase::Payload { piece, mem, landed } => {
+            Phase::Payload { piece, mem, landed, write_back } => {
                 let staged = inc.end - inc.start;
                 if staged > 0 {
                     let n = staged.min(piece.len - *landed);
@@ -182,6 +184,11 @@ fn drive(s: &RecvSockets, socket: usize, inc: &mut Incoming) -> Result<Step> {
                         None => return Ok(Step::Blocked),
                     }
                 }
+                if *write_back {
+                    // Here, while the lines are still in this core's cache, and before the piece
+                    // counts as landed: its request's copy up may be issued right after.
+                    write_back::write_back(mem.segs());
+                }
                 let piece = *piece;
                 inc.phase = Phase::Header;
                 s.window.landed_piece(&piece);
@@ -193,7 +200,7 @@ fn drive(s: &RecvSockets, socket: usize, inc: &mut Incoming) -> Result<Step> {
 
 fn admit(window: &Window, inc: &mut Incoming, h: PieceHeader) -> Result<()> {
     inc.phase = match window.admit(h.seq, h.total, h.offset, h.len as u64)? {
-        Admission::Land(piece, mem) => Phase::Payload { piece, mem, landed: 0 },
+        Admission::Land(piece, mem, write_back) => Phase::Payload { piece, mem, landed: 0, write_back },
         Admission::NotPosted => Phase::Held(h),
     };
     if matches!(inc.phase, Phase::Payload { .. }) {

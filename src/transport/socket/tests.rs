@@ -629,3 +629,33 @@ fn dropping_a_comm_with_kicks_owed_returns_and_leaves_no_helper() {
         assert_eq!(net.data_socket_stats().sending, 0);
     }
 }
+
+#[test]
+fn receives_into_memory_read_by_dma_are_written_back_and_arrive_whole() {
+    let net = loopback_socket_net();
+    let (mut tx, mut rx) = pair(&net);
+    let len = 3 << 20;
+    let msg: Vec<u8> = (0..len).map(|i| (i * 31 + i / 4099) as u8).collect();
+    let mut slots = vec![0u8; 2 * len];
+    let mut plain = vec![0u8; len];
+    if !rx.write_back_received(slots.as_mut_ptr() as usize, len) {
+        assert!(!write_back::supported(), "the comm refused though the CPU can write lines back");
+        return;
+    }
+    let mut move_into = |dst: &mut [u8]| {
+        let before = written_back_bytes();
+        // SAFETY: dst and msg outlive both requests, which are tested done before this returns.
+        let r = unsafe { rx.irecv(dst.as_mut_ptr(), dst.len(), MrHandle::NONE) }.unwrap().unwrap();
+        // SAFETY: as above.
+        let s = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
+        assert_eq!(until(|| tx.test(s)).unwrap(), len);
+        assert_eq!(until(|| rx.test(r)).unwrap(), len);
+        rx.irecv_consumed(r).unwrap();
+        assert!(dst[..len] == msg[..], "every byte as sent");
+        written_back_bytes() - before
+    };
+    assert!(move_into(&mut slots[..len]) >= len as u64, "a receive inside the range is written back whole");
+    // Only this test asks for write-backs in this binary, so nothing else moves the counter.
+    assert_eq!(move_into(&mut plain), 0, "a receive elsewhere is not");
+    assert_eq!(move_into(&mut slots[len / 2..len / 2 + len]), 0, "nor one reaching past the range");
+}

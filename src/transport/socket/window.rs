@@ -30,6 +30,8 @@ struct Request {
     admitted: u64,
     /// Send: the ready watermark, leading bytes the sockets may send (`len` for a whole request).
     ready: u64,
+    /// Receive: each landed piece is written back from the CPU's caches (`write_back.rs`).
+    write_back: bool,
 }
 
 struct Book {
@@ -106,8 +108,9 @@ fn locate(mem: &[(u64, IoSeg)], offset: u64, len: usize) -> PieceMem {
 }
 
 pub enum Admission {
-    /// Read the payload into the piece's memory.
-    Land(Piece, PieceMem),
+    /// Read the payload into the piece's memory, then write it back from the CPU's caches if the
+    /// flag says so.
+    Land(Piece, PieceMem, bool),
     /// The request is not posted yet: hold the header and ask again after the next post.
     NotPosted,
 }
@@ -133,7 +136,7 @@ pub struct Window {
 
 impl Window {
     pub fn new(cut: PieceCut, wake: Wake) -> Window {
-        let empty = Request { seq: UNKNOWN, len: 0, total: UNKNOWN, admitted: 0, ready: 0 };
+        let empty = Request { seq: UNKNOWN, len: 0, total: UNKNOWN, admitted: 0, ready: 0, write_back: false };
         Window {
             book: Mutex::new(Book {
                 posted: 0,
@@ -158,8 +161,9 @@ impl Window {
     /// Publishes request `seq` over the memory of `iov` (at least one segment; the caller checked
     /// the window has room, so its slot is free), of which a send may put the first `ready` bytes
     /// on the wire (`usize::MAX`: all). Returns whether nothing older is left to cut (the request
-    /// is next on the wire). The caller then kicks the helpers.
-    pub fn post(&self, seq: u64, iov: &[IoSeg], ready: usize) -> bool {
+    /// is next on the wire). The caller then kicks the helpers. A receive's pieces are written
+    /// back from the CPU's caches as they land with `write_back` (a DMA engine reads them next).
+    pub fn post(&self, seq: u64, iov: &[IoSeg], ready: usize, write_back: bool) -> bool {
         let slot = seq as usize % MAX_REQUESTS;
         self.progress[slot].bytes.store(0, Ordering::Relaxed);
         if let Some(landed) = self.landed.get() {
@@ -180,7 +184,7 @@ impl Window {
                 mem.push((0, iov[0]));
             }
             let ready = (ready as u64).min(len as u64);
-            book.reqs[slot] = Request { seq, len, total: UNKNOWN, admitted: 0, ready };
+            book.reqs[slot] = Request { seq, len, total: UNKNOWN, admitted: 0, ready, write_back };
             book.posted = seq + 1;
             book.cut_seq == seq
         };
@@ -308,7 +312,7 @@ impl Window {
             // Completing under the lock makes a repeated empty piece see `done` and fail.
             self.complete(slot, seq, 0);
         }
-        Ok(Admission::Land(piece, piece_mem))
+        Ok(Admission::Land(piece, piece_mem, req.write_back))
     }
 
     /// Counts a moved piece; the thread that moves a request's last byte completes it.

@@ -6,28 +6,40 @@ use std::collections::HashMap;
 use super::setup::Setup;
 use crate::cuda::{self, Gpu, Location, StagingRing};
 use crate::error::{Error, Result, UcclStatus};
-use crate::transport::{IoSeg, MemKind, MrHandle};
+use crate::transport::{IoSeg, MemKind, MrHandle, RecvComm, SendComm};
 
 /// Registration calls of the wrapped comm, whichever direction it moves.
 pub(super) trait InnerRegistry {
     fn register(&mut self, addr: usize, len: usize, kind: MemKind) -> Result<MrHandle>;
     fn deregister(&mut self, mr: MrHandle);
+    /// Asks a receiving comm to write what lands in `[addr, addr + len)` back from the CPU's
+    /// caches, for the copies up that read it next ([`RecvComm::write_back_received`]); a
+    /// sending comm's slots are written by the copy engine and need nothing.
+    fn read_by_dma(&mut self, _addr: usize, _len: usize) -> bool {
+        false
+    }
 }
 
-// Both comm kinds register the same way; `Staging` needs only that.
-macro_rules! comm_registry {
-    ($($comm:ident),*) => {$(
-        impl InnerRegistry for Box<dyn crate::transport::$comm> {
-            fn register(&mut self, addr: usize, len: usize, kind: MemKind) -> Result<MrHandle> {
-                self.reg_mr(addr, len, kind)
-            }
-            fn deregister(&mut self, mr: MrHandle) {
-                self.dereg_mr(mr)
-            }
-        }
-    )*};
+impl InnerRegistry for Box<dyn SendComm> {
+    fn register(&mut self, addr: usize, len: usize, kind: MemKind) -> Result<MrHandle> {
+        self.reg_mr(addr, len, kind)
+    }
+    fn deregister(&mut self, mr: MrHandle) {
+        self.dereg_mr(mr)
+    }
 }
-comm_registry!(SendComm, RecvComm);
+
+impl InnerRegistry for Box<dyn RecvComm> {
+    fn register(&mut self, addr: usize, len: usize, kind: MemKind) -> Result<MrHandle> {
+        self.reg_mr(addr, len, kind)
+    }
+    fn deregister(&mut self, mr: MrHandle) {
+        self.dereg_mr(mr)
+    }
+    fn read_by_dma(&mut self, addr: usize, len: usize) -> bool {
+        self.write_back_received(addr, len)
+    }
+}
 
 #[derive(Clone, Copy, Debug)]
 enum Registered {
@@ -195,6 +207,9 @@ impl Staging {
             ring.set_gather(params.tuning.gather);
             let (base, len) = ring.host_range();
             self.ring_mr = inner.register(base, len, MemKind::Host)?;
+            if params.tuning.write_back {
+                inner.read_by_dma(base, len);
+            }
             self.ring = Some(ring);
         }
         self.ring.as_mut().ok_or_else(|| Error::new(UcclStatus::ErrInternal, "staging ring missing"))
