@@ -390,9 +390,17 @@ fn host_memory_on_huge_pages_moves_byte_exact_with_the_knob_on() {
     let mr = engine.register(addr, WINDOW).unwrap();
     let ours = || smaps_say_huge(std::process::id(), addr, WINDOW);
     let theirs = || smaps_say_huge(process.pid(), window.addr as usize, WINDOW);
-    // Each end looks once, at its first transfer: where the kernel changed its mind around it
-    // (khugepaged collapsing pages meanwhile), which path a transfer took is not asserted.
+    // Each end looks once, in the background from its first transfer on, which goes as if on small
+    // pages: a whole-window transfer (above the band, direct either way) starts the looks, and the
+    // sizes below are asked only once they answered. Where the kernel changed its mind around
+    // them (khugepaged collapsing pages meanwhile), which path a transfer took is not asserted.
     let (ours_before, theirs_before) = (ours(), theirs());
+    let whole = [one(mr, addr, WINDOW, window)];
+    for (verb, moved) in [("write", conn.write(&whole)), ("read", conn.read(&whole))] {
+        assert_eq!(wait(&conn, moved.unwrap()).unwrap(), WINDOW as u64, "the first {verb}");
+    }
+    assert_eq!(conn.host_path().direct_ops, 2, "a whole window lies above the band");
+    assert!(uccl_tcpx::engine::huge_pages::looks_settled(common::PATIENCE), "the page-size looks end");
     for (n, len) in [(4 << 20, 4usize << 20), (8 << 20, (8 << 20) + 5), (0, WINDOW)] {
         let mut remote = window;
         remote.addr += (WINDOW - len) as u64 / 2;

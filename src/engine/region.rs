@@ -8,6 +8,7 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock};
 
+use super::huge_pages::{KnownSpans, range_on_huge_pages};
 use crate::cuda::ipc::Export;
 use crate::error::{Error, Result};
 use crate::proto::{Capability, FifoItem, RemoteSeg, TokenBinding};
@@ -31,8 +32,9 @@ pub struct Region {
     device_copies: AtomicUsize,
     /// The CUDA IPC handle of the allocation holding a device region, asked for once.
     ipc: OnceLock<Option<Export>>,
-    /// Whether host memory of the region lies on huge pages, looked up once (`huge_pages.rs`).
-    huge: OnceLock<bool>,
+    /// Whether host memory of the region lies on huge pages, looked up once in the background
+    /// (`huge_pages/`).
+    huge: KnownSpans,
 }
 
 impl Region {
@@ -64,12 +66,12 @@ impl Region {
         self.windows.lock().clone()
     }
 
-    /// Whether the region's host memory lies mostly on huge pages, as `/proc/self/smaps` said on
-    /// the first call; device memory never does here.
+    /// Whether the region's host memory lies mostly on huge pages, as `/proc/self/smaps` said: the
+    /// first call starts that read on the looker thread and, like every call before its answer is
+    /// in, says small pages; device memory never lies on huge pages here.
     pub fn on_huge_pages(&self) -> bool {
-        *self.huge.get_or_init(|| {
-            self.kind == MemKind::Host && super::huge_pages::range_on_huge_pages(None, self.base, self.len).huge
-        })
+        let (base, len) = (self.base, self.len);
+        self.kind == MemKind::Host && self.huge.on_huge_pages(base, len, move || range_on_huge_pages(None, base, len))
     }
 
     /// The CUDA IPC handle of the allocation holding this device region, made on first use; `None`
@@ -136,7 +138,7 @@ impl RegionTable {
             removed: AtomicBool::new(false),
             device_copies: AtomicUsize::new(0),
             ipc: OnceLock::new(),
-            huge: OnceLock::new(),
+            huge: KnownSpans::default(),
         };
         self.regions.write().insert(id, Arc::new(region));
         Ok(id)
@@ -389,5 +391,26 @@ mod tests {
         assert!(t.advertise(id, 0x1800, 0x1000).is_err());
         let huge = t.register(1 << 40, 1 << 33, MemKind::Host).unwrap();
         assert!(t.advertise(huge, 1 << 40, 1 << 33).unwrap_err().message().contains("4 GiB"));
+    }
+
+    #[test]
+    fn a_host_region_learns_its_page_size_in_the_background() {
+        const LEN: usize = 4 << 20;
+        let mapping = testkit::mapping::AlignedMapping::new(LEN, libc::MADV_HUGEPAGE, 0x5a);
+        let t = RegionTable::default();
+        let id = t.register(mapping.addr(), LEN, MemKind::Host).unwrap();
+        let region = t.local(id, mapping.addr(), LEN).unwrap();
+        let before = range_on_huge_pages(None, mapping.addr(), LEN).huge;
+        assert!(!region.on_huge_pages(), "the first ask says small pages and starts the look");
+        testkit::wait_until("the look settles", testkit::PATIENCE, || !region.huge.looking());
+        let after = range_on_huge_pages(None, mapping.addr(), LEN).huge;
+        if before == after {
+            // Where the kernel changed its mind meanwhile both answers are true ones.
+            assert_eq!(region.on_huge_pages(), after, "the looked-up answer");
+        }
+        let device = t.register(mapping.addr(), LEN, MemKind::Cuda { device: 0 }).unwrap();
+        let device = t.local(device, mapping.addr(), LEN).unwrap();
+        assert!(!device.on_huge_pages());
+        assert!(!device.huge.looking(), "device memory is never looked up");
     }
 }

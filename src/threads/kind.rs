@@ -30,6 +30,8 @@ pub enum ThreadKind {
     ControlReactor,
     /// One of the process's helpers that take pieces of large same-host copies.
     HostCopyHelper,
+    /// The process's thread that reads smaps to learn which memory lies on huge pages.
+    PageLook,
 }
 
 impl ThreadKind {
@@ -47,6 +49,7 @@ impl ThreadKind {
             ThreadKind::HostCopier => "host copy thread",
             ThreadKind::ControlReactor => "control reactor thread",
             ThreadKind::HostCopyHelper => "host copy helper thread",
+            ThreadKind::PageLook => "page-size look thread",
         }
     }
 

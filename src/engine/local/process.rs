@@ -32,7 +32,7 @@ pub fn refuse_process_access(pid: u32) {
 pub struct PeerProcess {
     pid: libc::pid_t,
     pidfd: OwnedFd,
-    /// Which spans of its memory lie on huge pages, each read once from its smaps.
+    /// Which spans of its memory lie on huge pages, each read once from its smaps, in the background.
     huge: KnownSpans,
 }
 
@@ -58,9 +58,10 @@ impl PeerProcess {
     }
 
     /// Whether the peer's memory under `segs` (address and length each) lies mostly on huge pages:
-    /// its smaps are read the first time a span of its mappings is asked about (milliseconds), later
-    /// asks inside that span are answered from memory. Only a hint for how to copy: a stale answer
-    /// costs speed. The segments are walked once, never collected: a vector may list thousands.
+    /// the first ask about a span of its mappings starts a read of its smaps on the looker thread
+    /// (milliseconds) and says small pages, as asks do until that answer is in; later asks inside
+    /// the span are answered from memory. Only a hint for how to copy: a late or stale answer costs
+    /// speed. The segments are walked once, never collected: a vector may list thousands.
     pub fn on_huge_pages(&self, segs: impl IntoIterator<Item = (usize, usize)>) -> bool {
         let (lo, hi) = segs
             .into_iter()
@@ -68,7 +69,8 @@ impl PeerProcess {
         if lo >= hi {
             return false;
         }
-        self.huge.on_huge_pages(lo, hi - lo, || range_on_huge_pages(Some(self.pid()), lo, hi - lo))
+        let pid = self.pid();
+        self.huge.on_huge_pages(lo, hi - lo, move || range_on_huge_pages(Some(pid), lo, hi - lo))
     }
 
     /// Whether the pinned process still runs (so its pid still names it).

@@ -1,19 +1,9 @@
-//! Whether a range of a process's memory lies mostly on huge pages, from `/proc/<pid>/smaps`. The
-//! same-host host path copies a source on huge pages differently (`Config::host_copy_huge_pages`):
-//! the kernel pins it in a few steps, so more threads may copy neighbouring megabytes.
-//!
-//! Reading smaps walks every mapping of the process (milliseconds on a large one), so answers are
-//! cached by their users: per local region (`region.rs`), per span of a peer's memory
-//! ([`KnownSpans`]). An answer is only a hint: a stale or wrong one costs speed, never correctness,
-//! and anything that cannot be read or parsed reads as small pages.
-
-use parking_lot::Mutex;
+//! What `/proc/<pid>/smaps` says about a range of a process's memory: whether the mappings
+//! overlapping it lie mostly on huge pages, and which addresses they cover.
 
 /// Share of the resident bytes that must lie on huge pages, in tenths: below it enough 4 KiB pages
 /// remain for their pinning to dominate the copy.
 const HUGE_TENTHS: u64 = 9;
-/// Spans a peer's cache remembers; past it the oldest goes (a peer registers few regions).
-const MAX_SPANS: usize = 64;
 
 /// What the mappings overlapping a range say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +57,8 @@ pub fn range_on_huge_pages(pid: Option<u32>, addr: usize, len: usize) -> Answer 
     }
 }
 
-fn unknown(addr: usize, len: usize) -> Answer {
+/// The answer for a range nothing is known about: small pages, for the range alone.
+pub(super) fn unknown(addr: usize, len: usize) -> Answer {
     Answer { huge: false, span: (addr, addr.saturating_add(len)) }
 }
 
@@ -130,32 +121,6 @@ fn counter(line: &str) -> Option<(&str, u64)> {
     let mut value = rest.split_ascii_whitespace();
     let kib = value.next()?.parse::<u64>().ok()?;
     (value.next()? == "kB").then(|| (name, kib.saturating_mul(1024)))
-}
-
-/// Answers about a peer process's memory, kept per span of its mappings: a region lies within its
-/// mappings, so each region of the peer costs one read of its smaps, whichever of its ranges asks.
-#[derive(Debug, Default)]
-pub struct KnownSpans {
-    spans: Mutex<Vec<Answer>>,
-}
-
-impl KnownSpans {
-    /// Whether `[addr, addr + len)` lies on huge pages: a cached span holding it answers, else
-    /// `read` does (and its answer is kept).
-    pub fn on_huge_pages(&self, addr: usize, len: usize, read: impl FnOnce() -> Answer) -> bool {
-        let end = addr.saturating_add(len);
-        let within = |a: &Answer| a.span.0 <= addr && end <= a.span.1;
-        if let Some(known) = self.spans.lock().iter().find(|a| within(a)) {
-            return known.huge;
-        }
-        let answer = read();
-        let mut spans = self.spans.lock();
-        if spans.len() >= MAX_SPANS {
-            spans.remove(0);
-        }
-        spans.push(answer);
-        answer.huge
-    }
 }
 
 #[cfg(test)]
@@ -249,26 +214,6 @@ Private_Hugetlb:       0 kB
         assert!(!answer_in(&orphan, BASE, M).huge, "counters before any header belong to no mapping");
         assert!(!answer_in(SMAPS, usize::MAX - 10, 100).huge, "a range past the address space");
         assert!(!range_on_huge_pages(Some(u32::MAX), BASE, M).huge, "no such process");
-    }
-
-    #[test]
-    fn a_peer_span_is_read_once() {
-        let known = KnownSpans::default();
-        let reads = std::cell::Cell::new(0);
-        let ask = |addr, len, huge| {
-            known.on_huge_pages(addr, len, || {
-                reads.set(reads.get() + 1);
-                Answer { huge, span: (BASE, BASE + 4 * M) }
-            })
-        };
-        assert!(ask(BASE + M, M, true));
-        assert!(ask(BASE, 4 * M, false), "inside the known span: the cached answer");
-        assert!(!ask(BASE + 4 * M, M, false), "outside it: read again");
-        assert_eq!(reads.get(), 2);
-        for i in 0..2 * MAX_SPANS {
-            known.on_huge_pages(i * 8 * M, M, || Answer { huge: false, span: (i * 8 * M, i * 8 * M + M) });
-        }
-        assert_eq!(known.spans.lock().len(), MAX_SPANS, "the cache stays bounded");
     }
 
     #[test]
