@@ -187,10 +187,9 @@ pub struct Config {
     /// since on huge pages the kernel pins a source in few steps and threads copying neighbouring
     /// megabytes no longer contend. On a 32-core host, three alternated rounds, huge-page sources
     /// moved 1-8 MiB at 1.5-2.9x loopback TCP with it against 1.0-1.9x without, small-page ones as
-    /// without it. Default off all the same: the kernel walks the page tables of every mapping to
-    /// write smaps, about 12 ms per GiB resident on small pages (2-core VM), and the first transfer
-    /// of each region (or span of the peer's memory) waits for that read; a process holding
-    /// hundreds of GiB would stall a second. `UCCL_TCPX_HOST_COPY_HUGE_PAGES` (0 or 1).
+    /// without it. Default on: the read of smaps (the kernel walks every mapping's page tables,
+    /// about 12 ms per GiB resident on small pages) runs on a thread of its own, and transfers
+    /// until its answer is in go as on small pages. `UCCL_TCPX_HOST_COPY_HUGE_PAGES` (0 or 1).
     pub host_copy_huge_pages: bool,
     /// The smallest piece of a same-host copy of at most 8 MiB whose source lies on huge pages,
     /// with `host_copy_huge_pages`. Default 256 KiB: 1-8 MiB copies on huge pages moved 1.4-3x
@@ -636,7 +635,7 @@ impl Default for Config {
             host_copy_spin: Duration::ZERO,
             host_copy_min_piece: 1 << 20,
             host_copy_network_band: default_host_copy_network_band(available_cores()),
-            host_copy_huge_pages: false,
+            host_copy_huge_pages: true,
             host_copy_huge_min_piece: 256 << 10,
             auth_key: None,
         }
@@ -1098,7 +1097,7 @@ mod tests {
             let err = cfg(&[("UCCL_TCPX_HOST_COPY_MIN_PIECE", bad)]).unwrap_err();
             assert!(err.message().contains("UCCL_TCPX_HOST_COPY_MIN_PIECE"), "{err}");
         }
-        assert!(!cfg(&[]).unwrap().host_copy_huge_pages, "off by default");
+        assert!(cfg(&[]).unwrap().host_copy_huge_pages, "on by default");
         assert!(cfg(&[("UCCL_TCPX_HOST_COPY_HUGE_PAGES", "1")]).unwrap().host_copy_huge_pages);
         assert!(!cfg(&[("UCCL_TCPX_HOST_COPY_HUGE_PAGES", "0")]).unwrap().host_copy_huge_pages);
         for bad in ["2", "yes", "-1"] {
