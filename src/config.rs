@@ -275,7 +275,8 @@ pub struct StagingConfig {
     pub pipeline: u32,
     /// Receiving sockets write each piece that lands in a staging slot back from the CPU's caches
     /// before the slot is copied up to the GPU: a copy of lines that other cores hold modified
-    /// runs at a third of its speed (measured in `transport/socket/write_back.rs`). On by default;
+    /// runs at a third of its speed. Only pieces of the last two receives posted on a comm, whose
+    /// copy up nothing later hides (measured in `transport/socket/write_back.rs`). On by default;
     /// 0 to measure without. `UCCL_TCPX_STAGING_WRITE_BACK` = 0 | 1.
     pub write_back: bool,
 }

@@ -228,10 +228,11 @@ pub trait RecvComm: Send {
     /// `Some(bytes)` (the sender's size) once the data is in place.
     fn test(&mut self, req: RequestId) -> Result<Option<usize>>;
     fn irecv_consumed(&mut self, req: RequestId) -> Result<()>;
-    /// Asks the comm to write the bytes of every receive posted from now on into `[addr, addr +
-    /// len)` back from the CPU's caches to memory as they land, since a DMA engine reads them next
-    /// (the staged path's slots: a copy up of lines other cores hold modified runs at a third of
-    /// its speed); returns whether it does. Only a cost where nothing but the CPU reads the bytes.
+    /// Asks the comm to write the bytes of receives posted from now on into `[addr, addr + len)`
+    /// back from the CPU's caches to memory as they land, since a DMA engine reads them next (the
+    /// staged path's slots: a copy up of lines other cores hold modified runs at a third of its
+    /// speed); returns whether it does. A comm may skip receives whose copy up later arrivals
+    /// hide (the socket comm does). Only a cost where nothing but the CPU reads the bytes.
     fn write_back_received(&mut self, _addr: usize, _len: usize) -> bool {
         false
     }

@@ -184,7 +184,7 @@ fn drive(s: &RecvSockets, socket: usize, inc: &mut Incoming) -> Result<Step> {
                         None => return Ok(Step::Blocked),
                     }
                 }
-                if *write_back {
+                if *write_back && write_back::wanted(piece.seq, s.window.posted()) {
                     // Here, while the lines are still in this core's cache, and before the piece
                     // counts as landed: its request's copy up may be issued right after.
                     write_back::write_back(mem.segs());

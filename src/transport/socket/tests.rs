@@ -658,4 +658,25 @@ fn receives_into_memory_read_by_dma_are_written_back_and_arrive_whole() {
     // Only this test asks for write-backs in this binary, so nothing else moves the counter.
     assert_eq!(move_into(&mut plain), 0, "a receive elsewhere is not");
     assert_eq!(move_into(&mut slots[len / 2..len / 2 + len]), 0, "nor one reaching past the range");
+    // Four receives posted before any byte comes: only the last two, whose copy up no later
+    // arrival would hide, are written back.
+    let part = len / 4;
+    let before = written_back_bytes();
+    let recvs: Vec<_> = (0..4)
+        .map(|k| {
+            // SAFETY: slots outlives the receives, each tested done below; the four parts are disjoint.
+            unsafe { rx.irecv(slots.as_mut_ptr().add(k * part), part, MrHandle::NONE) }.unwrap().unwrap()
+        })
+        .collect();
+    for k in 0..4 {
+        // SAFETY: msg outlives the send, tested done right away.
+        let s = unsafe { tx.isend(msg.as_ptr().add(k * part), part, MrHandle::NONE) }.unwrap().unwrap();
+        assert_eq!(until(|| tx.test(s)).unwrap(), part);
+    }
+    for r in recvs {
+        assert_eq!(until(|| rx.test(r)).unwrap(), part);
+        rx.irecv_consumed(r).unwrap();
+    }
+    assert!(slots[..4 * part] == msg[..4 * part], "every byte as sent");
+    assert_eq!(written_back_bytes() - before, 2 * part as u64);
 }
