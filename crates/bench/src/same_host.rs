@@ -10,6 +10,9 @@ use uccl_tcpx::engine::HostPath;
 
 /// How long the two ends may take to check each other's process before the run starts.
 const CHECK_LIMIT: Duration = Duration::from_secs(10);
+/// How long a size's first transfer waits for the engine's page-size looks it started (smaps
+/// reads: milliseconds, tens of them in a process holding gigabytes) before the timed ones.
+pub const LOOKS_SETTLE: Duration = Duration::from_secs(2);
 
 /// Waits until both ends checked each other, then says which directions copy directly.
 pub fn describe_path(conn: &Connection) -> String {

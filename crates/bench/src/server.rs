@@ -109,6 +109,10 @@ impl Target<'_> {
                 self.mem.zero(&layout)?;
                 ctl.send("GO")?;
                 ctl.expect("CHECK")?;
+                // The checked write made this end ask where the writer's memory lies (same host);
+                // timed writes should see the answer, as a long-running process does from its
+                // first milliseconds on.
+                uccl_tcpx::engine::huge_pages::looks_settled(crate::same_host::LOOKS_SETTLE);
                 ctl.send(if self.mem.check(&layout, seed)? { "OK" } else { "BAD" })
             }
             "read" => {
