@@ -90,9 +90,9 @@ fn serve() {
     }
 }
 
-/// Waits until no look is queued or under way, at most `limit`; whether that came. Test support:
-/// a test that asserts what a looked-up answer made happen waits for it first. Never needed in
-/// use; the C ABI exports nothing that reaches it.
+/// Waits until no look is queued or under way, at most `limit`; whether that came. For tests that
+/// assert what a looked-up answer made happen, and for the bench, which times what a long-running
+/// process sees; never needed in use, and the C ABI exports nothing that reaches it.
 pub fn looks_settled(limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     loop {
