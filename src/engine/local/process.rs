@@ -81,6 +81,30 @@ impl PeerProcess {
         if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
     }
 
+    /// A descriptor of ours for the peer's descriptor `fd` (its staging area): `pidfd_getfd`,
+    /// which the kernel allows under the same ptrace rule as our reads. Where a seccomp profile
+    /// refuses that call (common in containers), the same file is opened read-only through
+    /// `/proc/<pid>/fd`, and the process must still live afterwards, so the pid named it throughout.
+    #[allow(dead_code)]
+    pub fn take_fd(&self, fd: u32) -> io::Result<OwnedFd> {
+        let fd = i32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+        // SAFETY: pidfd_getfd takes our pidfd, the peer's descriptor number and no flags, and
+        // returns a new descriptor (close-on-exec) or -1.
+        let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.pidfd.as_raw_fd(), fd, 0) };
+        if got >= 0 {
+            let got = i32::try_from(got).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+            // SAFETY: the kernel just handed us this descriptor; nothing else owns it.
+            return Ok(unsafe { OwnedFd::from_raw_fd(got) });
+        }
+        let err = io::Error::last_os_error();
+        if !matches!(err.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) {
+            return Err(err);
+        }
+        let file = std::fs::File::open(format!("/proc/{}/fd/{fd}", self.pid))?;
+        self.alive()?;
+        Ok(file.into())
+    }
+
     /// Whether the kernel lets this process read the peer's memory: a one-byte read at address 0
     /// fails with EFAULT once the access check passed, and with EPERM (ptrace rules, Yama) or ESRCH
     /// before it.
