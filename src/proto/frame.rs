@@ -48,6 +48,10 @@ pub mod kind {
     pub(crate) const DIRECT_READ: u8 = 43;
     pub(crate) const DIRECT_GRANT: u8 = 44;
     pub(crate) const DIRECT_DONE: u8 = 45;
+    pub(crate) const STAGING_AREA: u8 = 46;
+    pub(crate) const STAGING_ACK: u8 = 47;
+    pub(crate) const STAGED_WRITE: u8 = 48;
+    pub(crate) const STAGED_GRANT: u8 = 49;
 }
 
 /// Largest vector request body: three ids, the count, the segments.
@@ -56,6 +60,8 @@ const MAX_VECTOR_BODY: usize = 24 + 4 + REMOTE_SEG_LEN * MAX_VECTOR_SEGMENTS;
 const MAX_IPC_GRANT_BODY: usize = 16 + IPC_HANDLE_LEN + 16 + 4 + REMOTE_SEG_LEN * MAX_IPC_WINDOWS;
 /// Largest DirectWrite body: a vector request plus one source address per segment.
 const MAX_DIRECT_WRITE_BODY: usize = MAX_VECTOR_BODY + 8 * MAX_VECTOR_SEGMENTS;
+/// Largest StagedWrite body: a vector request plus the range's first piece and generation.
+const MAX_STAGED_WRITE_BODY: usize = MAX_VECTOR_BODY + 12;
 
 #[derive(Clone, Copy)]
 enum BodySize {
@@ -101,6 +107,10 @@ fn body_spec(kind: u8) -> Option<(&'static str, BodySize)> {
         kind::DIRECT_READ => ("DirectRead body", UpTo(MAX_VECTOR_BODY)),
         kind::DIRECT_GRANT => ("DirectGrant body", Exactly(8)),
         kind::DIRECT_DONE => ("DirectDone body", Exactly(8)),
+        kind::STAGING_AREA => ("StagingArea body", Exactly(12)),
+        kind::STAGING_ACK => ("StagingAck body", Exactly(4)),
+        kind::STAGED_WRITE => ("StagedWrite body", UpTo(MAX_STAGED_WRITE_BODY)),
+        kind::STAGED_GRANT => ("StagedGrant body", Exactly(20)),
         _ => return None,
     };
     Some(spec)
@@ -211,7 +221,7 @@ mod tests {
     use super::*;
     use crate::proto::testutil::XorShift;
 
-    const KNOWN: [u8; 32] = [
+    const KNOWN: [u8; 36] = [
         kind::HELLO,
         kind::WELCOME,
         kind::REFUSE,
@@ -244,6 +254,10 @@ mod tests {
         kind::DIRECT_READ,
         kind::DIRECT_GRANT,
         kind::DIRECT_DONE,
+        kind::STAGING_AREA,
+        kind::STAGING_ACK,
+        kind::STAGED_WRITE,
+        kind::STAGED_GRANT,
     ];
 
     fn raw(magic: u16, kind: u8, flags: u8, body_len: u32) -> [u8; 8] {
@@ -299,6 +313,10 @@ mod tests {
         assert_eq!(max_body_len(kind::DIRECT_READ), Some(28 + 12 * 65536));
         assert_eq!(max_body_len(kind::DIRECT_GRANT), Some(8));
         assert_eq!(max_body_len(kind::DIRECT_DONE), Some(8));
+        assert_eq!(max_body_len(kind::STAGING_AREA), Some(12));
+        assert_eq!(max_body_len(kind::STAGING_ACK), Some(4));
+        assert_eq!(max_body_len(kind::STAGED_WRITE), Some(40 + 12 * 65536));
+        assert_eq!(max_body_len(kind::STAGED_GRANT), Some(20));
         assert_eq!(max_body_len(kind::IPC_REQUEST), Some(28 + 12 * 65536));
         assert_eq!(max_body_len(kind::IPC_GRANT), Some(100 + 12 * 4096));
         assert_eq!(max_body_len(kind::IPC_REVOKE), Some(8));
@@ -336,6 +354,9 @@ mod tests {
             kind::PROCESS_ACK,
             kind::DIRECT_GRANT,
             kind::DIRECT_DONE,
+            kind::STAGING_AREA,
+            kind::STAGING_ACK,
+            kind::STAGED_GRANT,
         ] {
             let max = u32::try_from(max_body_len(k).unwrap()).unwrap();
             for len in 0..max {

@@ -894,6 +894,12 @@ impl ConnState {
             }
             Control::DirectGrant { xfer } => self.on_direct_grant(xfer, out),
             Control::DirectDone { xfer } => self.on_direct_done(xfer, out),
+            Control::StagingArea { .. }
+            | Control::StagingAck { .. }
+            | Control::StagedWrite { .. }
+            | Control::StagedGrant { .. } => {
+                Err(Error::backend("protocol violation: a staging message, which this end never asked for"))
+            }
             Control::IpcRequest { .. }
             | Control::IpcGrant { .. }
             | Control::IpcRevoke { .. }

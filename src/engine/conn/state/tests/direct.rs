@@ -378,3 +378,19 @@ fn copies_taken_up_by_their_caller_are_counted() {
     assert_eq!(job.transfer.as_ref().map(|t| t.id), Some(first.id));
     assert_eq!(a.st.host_path().caller_copies, 1, "the worker's copy is not the caller's");
 }
+
+/// Staged bytes, or the answer to an area, from a peer this end never took an area from or
+/// offered one to: a protocol violation.
+#[test]
+fn staging_messages_without_an_area_fail_the_connection() {
+    let seg = RemoteSeg { addr: 0x1000, len: 8 };
+    for msg in [
+        Control::StagingAck { ok: true },
+        Control::StagedWrite { xfer: 1, region: 1, token: 1, first_piece: 0, generation: 1, segs: vec![seg] },
+        Control::StagedGrant { xfer: 1, first_piece: 0, generation: 1 },
+    ] {
+        let (mut a, _b) = host_pair(true, true);
+        let err = a.handle(msg.clone()).unwrap_err();
+        assert!(err.message().contains("protocol violation"), "{msg:?}: {err}");
+    }
+}
