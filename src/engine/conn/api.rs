@@ -7,9 +7,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::copy_trace::Seer;
+use super::host_push;
 use super::host_trace::HostTracer;
 use super::reader;
-use super::state::{Action, ConnState, Memory, OneSidedItem, OneSidedRequest, SendItem, VectorRequest};
+use super::state::{Action, ConnState, Memory, OneSidedItem, OneSidedRequest, PushJob, SendItem, VectorRequest};
 use super::turn::{Batch, InTurn, Take};
 use super::vector::{Grouper, Push, Run, RunKey};
 
@@ -26,6 +27,14 @@ use crate::transport::{IoSeg, MemKind};
 /// How long a caller waiting on its chunks parks before it looks again unwoken (a safety net: a
 /// completion or the transfer's end unparks it).
 const WAIT_SLICE: Duration = Duration::from_millis(100);
+
+/// What a post leaves for after the connection lock: the control messages to send, then the
+/// staged writes' pushes.
+#[derive(Default)]
+struct Posted {
+    msgs: Vec<Control>,
+    pushes: Vec<PushJob>,
+}
 
 impl Connection {
     /// UCCL's start_listener: control messages are always served here; this only records the call so
@@ -223,9 +232,11 @@ impl Connection {
                     registered = true;
                     Ok(())
                 })
-                .and_then(|msgs| {
+                .and_then(|Posted { msgs, pushes }| {
                     drop(inner);
-                    self.send_posted(&msgs)
+                    self.send_posted(&msgs)?;
+                    self.push_staged(pushes);
+                    Ok(())
                 });
             if let Err(e) = posted {
                 if first_part == 0 {
@@ -292,15 +303,18 @@ impl Connection {
         if let Some(tracer) = &self.flow_tracer {
             tracer.posted(transfer.id, entered.unwrap_or_else(clock_ns));
         }
-        let sent = self.register_parts(&transfer, post).and_then(|msgs| {
+        let sent = self.register_parts(&transfer, post).and_then(|Posted { msgs, pushes }| {
             if let (Some(tracer), Some(at)) = (&self.host_tracer, posted) {
                 trace_direct(tracer, transfer.id, &msgs, at);
             }
-            self.send_posted(&msgs)
+            self.send_posted(&msgs).map(|()| pushes)
         });
-        if let Err(e) = sent {
-            self.discard(transfer.id);
-            return Err(e);
+        match sent {
+            Ok(pushes) => self.push_staged(pushes),
+            Err(e) => {
+                self.discard(transfer.id);
+                return Err(e);
+            }
         }
         Ok(transfer.id)
     }
@@ -329,7 +343,7 @@ impl Connection {
         &self,
         transfer: &Arc<Transfer>,
         post: impl FnOnce(&mut ConnState, &Arc<Transfer>, &mut Vec<Action>) -> Result<()>,
-    ) -> Result<Vec<Control>> {
+    ) -> Result<Posted> {
         self.register_locked(&mut self.inner.lock(), transfer, true, post)
     }
 
@@ -342,7 +356,7 @@ impl Connection {
         transfer: &Arc<Transfer>,
         post_chunks: bool,
         post: impl FnOnce(&mut ConnState, &Arc<Transfer>, &mut Vec<Action>) -> Result<()>,
-    ) -> Result<Vec<Control>> {
+    ) -> Result<Posted> {
         inner.state.begin_post(Instant::now())?;
         let mut out = Vec::new();
         post(&mut inner.state, transfer, &mut out)?;
@@ -357,24 +371,26 @@ impl Connection {
                 self.fail(inner, e.clone());
                 return Err(e);
             }
+            let pushes = std::mem::take(&mut held.pushes);
             if post_chunks {
                 self.pass_if_queued(inner);
             }
             if inner.state.failure().is_some() {
                 // The pass failed the connection, and with it the parts registered here.
-                return Ok(Vec::new());
+                return Ok(Posted::default());
             }
             if let Err(e) = self.release(inner, held) {
                 self.fail(inner, e.clone());
                 return Err(e);
             }
-            return Ok(Vec::new());
+            return Ok(Posted { msgs: Vec::new(), pushes });
         }
-        let mut msgs = Vec::new();
+        let mut posted = Posted::default();
         let mut rest = Vec::new();
         for action in out {
             match action {
-                Action::Send(msg) => msgs.push(msg),
+                Action::Send(msg) => posted.msgs.push(msg),
+                Action::Push(job) => posted.pushes.push(job),
                 other => rest.push(other),
             }
         }
@@ -383,7 +399,25 @@ impl Connection {
             self.fail(inner, e.clone());
             return Err(e);
         }
-        Ok(msgs)
+        Ok(posted)
+    }
+
+    /// Pushes staged writes' sources into our staging area on this, the posting, thread (their
+    /// requests are on the wire: the target drains each piece as it lands), then lets the state
+    /// free each range once the target answered too. A push never waits for the peer.
+    fn push_staged(&self, pushes: Vec<PushJob>) {
+        for job in pushes {
+            if let Err(e) = host_push::push(&job, &self.pushes) {
+                // The target learns of it from the aborted marks and answers with a Deny.
+                log::debug!("staging write {}: {}", job.op, e.message());
+            }
+            let mut inner = self.inner.lock();
+            let mut out = Vec::new();
+            inner.state.push_finished(job.op, job.write, &mut out);
+            if let Err(e) = self.apply(&mut inner, out) {
+                self.fail(&mut inner, e);
+            }
+        }
     }
 
     /// Also finishes device copies of the same-host path whose event fired, so that a caller

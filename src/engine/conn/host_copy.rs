@@ -8,10 +8,12 @@
 use std::sync::Arc;
 
 use super::host_job::{self, Failure, SharedJob};
+use super::host_push;
 use super::host_trace::{JobMarks, JobTimes};
 use super::host_worker::{HostCopy, HostServed};
 use super::state::{CopyJob, HostTask};
 use super::{Connection, Inner};
+use crate::engine::local::staging_area::PeerArea;
 use crate::engine::local::{self, PeerProcess};
 use crate::error::Error;
 use crate::threads::{self, ThreadKind};
@@ -21,6 +23,8 @@ use crate::trace::clock_ns;
 /// `Config::host_copy_threads` threads), in pieces of at least `Config::host_copy_min_piece`: below it one thread copies
 /// in about 100 us, of which a helper's wake-up would be a large part.
 const PARALLEL_BYTES: u64 = 512 << 10;
+/// How long a drain looks at a staged piece's mark before it naps between looks.
+const STAGED_SPIN: std::time::Duration = std::time::Duration::from_micros(20);
 
 impl HostServed for Connection {
     fn serve_host_work(&self, process: &mut Option<Arc<PeerProcess>>, only: Option<u64>) {
@@ -78,6 +82,24 @@ impl Connection {
                     }
                     let mut inner = self.inner.lock();
                     inner.state.proved(reads_peer, &mut out);
+                    self.finish_host_work(&mut inner, out);
+                }
+                Some(HostTask::MapArea { fd, len }) => {
+                    let mapped = match process.as_ref() {
+                        Some(process) => PeerArea::open(process, fd, len),
+                        None => Err(Error::not_allowed("the peer's process was not proven")),
+                    };
+                    let mut inner = self.inner.lock();
+                    inner.state.area_mapped(mapped, &mut out);
+                    self.finish_host_work(&mut inner, out);
+                }
+                Some(HostTask::Push(job)) => {
+                    // The peer's read: the peer learns of a refused piece from its mark.
+                    if let Err(e) = host_push::push(&job, &self.pushes) {
+                        log::debug!("staging the peer's read {}: {}", job.op, e.message());
+                    }
+                    let mut inner = self.inner.lock();
+                    inner.state.push_finished(job.op, job.write, &mut out);
                     self.finish_host_work(&mut inner, out);
                 }
                 Some(HostTask::Copy(job)) => {
@@ -140,6 +162,13 @@ impl Connection {
         let gate = self.host.gate.clone();
         gate.begin(&job.region);
         let config = &self.core.config;
+        if let Some(source) = &job.staged {
+            // A push lands within microseconds of the mark's first look, or is far off.
+            let spin = config.host_copy_spin.max(STAGED_SPIN);
+            let source = (source.clone(), spin, config.timeout);
+            let shared = SharedJob::staged(&job.local, job.len, source, gate, job.region.clone(), process.clone());
+            return Arc::new(shared.traced(marks)).run(threads, config.host_copy_spin);
+        }
         // One thread copies a small job whole: its source's pages do not matter then.
         let huge_min = (config.host_copy_huge_pages && threads > 1).then_some(config.host_copy_huge_min_piece);
         let min_piece = host_job::smallest_piece(job.len, config.host_copy_min_piece, huge_min, || {

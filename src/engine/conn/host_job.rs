@@ -16,6 +16,8 @@ use parking_lot::Mutex;
 
 use super::host_trace::JobMarks;
 use super::host_worker::Gate;
+use super::state::StagedSource;
+use crate::engine::local::staging_area::{Mark, Patience, cut_pieces};
 use crate::engine::local::{PIECE_BYTES, PeerProcess, copiers, pieces};
 use crate::engine::region::Region;
 use crate::error::{Error, UcclStatus};
@@ -62,6 +64,9 @@ pub(super) struct SharedJob {
     worker: Thread,
     /// Where its threads mark their steps, while traced (`host_trace.rs`).
     marks: Option<Arc<JobMarks>>,
+    /// The peer staged the bytes: piece `k` is its area's piece `first_piece + k`, waited for
+    /// up to the bound given, then copied out of the area (`remote` is empty then).
+    staged: Option<(StagedSource, Duration, Duration)>,
 }
 
 impl SharedJob {
@@ -90,7 +95,25 @@ impl SharedJob {
             len,
             worker: std::thread::current(),
             marks: None,
+            staged: None,
         }
+    }
+
+    /// A job whose `len` bytes the peer staged in `source`: cut into the area's pieces, each
+    /// waited for (looking without a nap for `spin`, at most `limit` in all) and then copied
+    /// into `local`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn staged(
+        local: &[IoSeg],
+        len: u64,
+        (source, spin, limit): (StagedSource, Duration, Duration),
+        gate: Arc<Gate>,
+        region: Arc<Region>,
+        process: Arc<PeerProcess>,
+    ) -> SharedJob {
+        let pieces = cut_pieces(local, len).into_iter().map(|l| (l, Vec::new())).collect();
+        let job = SharedJob::new(&[], &[], len, 1, 0, gate, region, process);
+        SharedJob { pieces, staged: Some((source, spin, limit)), ..job }
     }
 
     /// Marks the job's steps in `marks` (none: untraced).
@@ -150,6 +173,11 @@ impl SharedJob {
     fn piece(&self, k: usize) -> Result<(), Failure> {
         let start = self.marks.as_ref().map(|_| clock_ns());
         let (local, remote) = &self.pieces[k];
+        if let Some((source, spin, limit)) = &self.staged {
+            // Waited for outside the gate: a deregistration of our region must not wait on the
+            // peer's push.
+            self.wait_pushed(source, k, *spin, *limit)?;
+        }
         let Some(_inside) = self.gate.enter(&self.region) else {
             let why = if self.gate.is_closed() {
                 Error::new(UcclStatus::ErrCanceled, "the connection failed during the transfer")
@@ -159,16 +187,44 @@ impl SharedJob {
             return Err(Failure::Copy(why));
         };
         threads::point(ThreadKind::HostCopyHelper);
-        // SAFETY: `local` lies in `self.region`, a live registration of this engine (the target's
-        // window authorized by the region table, or the caller's buffer checked at post), and the
-        // gate keeps its deregistration from returning until the piece is done. The kernel writes
-        // it; segments a peer names twice get either copy's bytes, as overlapping chunks of the
-        // network path would.
-        let copied = unsafe { self.process.read_piece(local, remote) }.map_err(|e| self.lost(e));
+        // `local` lies in `self.region`, a live registration of this engine (the target's window
+        // authorized by the region table, or the caller's buffer checked at post), and the gate
+        // keeps its deregistration from returning until the piece is done.
+        let copied = match &self.staged {
+            Some((source, ..)) => {
+                let piece = source.first_piece + k as u32;
+                // SAFETY: as said above; the area's piece lies inside its mapping (checked there).
+                unsafe { source.area.drain_piece(piece, local) }.map_err(Failure::Copy)
+            }
+            // SAFETY: as said above. The kernel writes it; segments a peer names twice get either
+            // copy's bytes, as overlapping chunks of the network path would.
+            None => unsafe { self.process.read_piece(local, remote) }.map_err(|e| self.lost(e)),
+        };
         if let (Some(marks), Some(start)) = (&self.marks, start) {
             marks.piece(start, local.iter().map(|s| s.len as u64).sum());
         }
         copied
+    }
+
+    /// Waits until the peer pushed staged piece `k`: an aborted piece, a failed connection or an
+    /// exited peer fail it.
+    fn wait_pushed(&self, source: &StagedSource, k: usize, spin: Duration, limit: Duration) -> Result<(), Failure> {
+        let healthy = || {
+            if self.gate.is_closed() {
+                return Err(Error::new(UcclStatus::ErrCanceled, "the connection failed during the transfer"));
+            }
+            self.process.alive().map_err(|e| {
+                Error::new(UcclStatus::ErrBackend, format!("peer process {} is gone: {e}", self.process.pid()))
+            })
+        };
+        let piece = source.first_piece + k as u32;
+        match source.area.wait(piece, source.generation, &Patience { spin, limit, healthy: &healthy }) {
+            Ok(Mark::Pushed) => Ok(()),
+            Ok(Mark::Aborted) => {
+                Err(Failure::Copy(Error::not_allowed("the source was deregistered during the transfer")))
+            }
+            Err(e) => Err(Failure::Copy(e)),
+        }
     }
 
     /// The first failure is the job's, except that a panic outranks any other.

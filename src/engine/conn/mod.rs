@@ -11,6 +11,7 @@ mod device_copy;
 mod flow_trace;
 mod host_copy;
 mod host_job;
+mod host_push;
 mod host_trace;
 mod host_worker;
 mod ipc;
@@ -42,12 +43,13 @@ use crate::proto::{Control, FifoItem, TokenBinding};
 use crate::trace;
 use copy_trace::{CopyTracer, Seer};
 use flow_trace::FlowTracer;
+use host_push::PushGate;
 use host_trace::HostTracer;
 use host_worker::HostCopy;
 use ipc::IpcState;
 use memory::EngineMemory;
 pub use state::HostPath;
-use state::{Action, ConnState, Direction, FlowPlan};
+use state::{Action, ConnState, Direction, FlowPlan, PushJob};
 
 /// How long closing waits for queued control messages (the Close among them) to leave.
 const LINGER_ON_CLOSE: Duration = Duration::from_secs(1);
@@ -106,6 +108,8 @@ struct Held {
     msgs: Vec<Control>,
     queued: bool,
     queued_bytes: u64,
+    /// Staged writes' pushes, for the posting thread once it let go of the lock.
+    pushes: Vec<PushJob>,
 }
 
 impl Held {
@@ -154,6 +158,8 @@ pub struct Connection {
     /// The same-host host-memory path's worker (proof and copies), for a peer in another process of
     /// this host.
     host: HostCopy,
+    /// Pushes into our staging area under way, which a deregistration waits for.
+    pushes: PushGate,
 }
 
 impl Connection {
@@ -196,6 +202,9 @@ impl Connection {
         let same_host = link.locality == Locality::SameHost;
         if same_host {
             state.set_same_host(core.config.host_copy_network_band, core.config.host_copy_huge_pages);
+            if core.config.host_copy_staging {
+                state.set_staging(u64::from(core.config.host_copy_staging_bytes));
+            }
         }
         if host_tracer.is_some() {
             state.set_timed_copies();
@@ -228,6 +237,7 @@ impl Connection {
             host_tracer,
             flow_tracer,
             host: HostCopy::new(weak.clone() as Weak<dyn host_worker::HostServed>),
+            pushes: PushGate::default(),
         });
         // Known to the engine before it reads a byte: a deregistration must reach every connection
         // that could authorize a request for the region.
@@ -363,6 +373,18 @@ impl Connection {
                     held.queued = true;
                 }
                 Action::HostWork { ours } => result = self.host.wake(ours),
+                Action::OfferArea => {
+                    // Once per connection: a sealed file sized but not touched, so its pages cost
+                    // nothing until staged into.
+                    let bytes = inner.state.area_bytes().unwrap_or(0);
+                    let mut out = Vec::new();
+                    inner.state.area_created(local::staging_area::OutboundArea::create(bytes), &mut out);
+                    held.msgs.extend(out.into_iter().filter_map(|a| match a {
+                        Action::Send(msg) => Some(msg),
+                        _ => None,
+                    }));
+                }
+                Action::Push(job) => held.pushes.push(job),
             }
         }
         result
@@ -434,8 +456,10 @@ impl Connection {
             }
         }
         self.core.waker.wake();
-        // A same-host copy into the region ends within one piece, and none starts after this.
+        // A same-host copy into the region ends within one piece, and none starts after this; so
+        // does a push out of it into our staging area.
         self.host.wait_clear(region);
+        self.pushes.wait_clear(region);
         loop {
             {
                 let mut inner = self.inner.lock();
@@ -511,6 +535,7 @@ impl Connection {
         self.core.waker.chunks_out.set(&mut inner.chunks_out, false);
         // No same-host copy lands in our memory after this returns either.
         self.host.stop();
+        self.pushes.close();
         inner.ipc.fail(&err, &self.core.waker);
         self.ipc_answered.notify_all();
         let _ = self.control.shutdown(Shutdown::Both);

@@ -24,9 +24,10 @@ use std::time::{Duration, Instant};
 
 mod direct;
 mod direct_table;
+mod staging;
 
 pub use direct_table::HostPath;
-pub(super) use direct_table::{CopyJob, HostTask};
+pub(super) use direct_table::{CopyJob, HostTask, PushJob, StagedSource};
 
 use crate::engine::plan::{Chunking, Extent, chunk_count};
 use crate::engine::region::Region;
@@ -68,6 +69,11 @@ pub(super) enum Action {
     /// `ours`: the copy of a read of ours, which a caller waiting on the connection may run on its
     /// own thread instead.
     HostWork { ours: bool },
+    /// Create this end's staging area and hand it to `ConnState::area_created` (`staging.rs`).
+    OfferArea,
+    /// Push a staged write's source into our staging area on the posting thread, once the
+    /// connection lock is let go.
+    Push(PushJob),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -487,7 +493,7 @@ impl ConnState {
         let direct = match u32::try_from(len) {
             Ok(seg_len) if direct && !inline => {
                 let seg = RemoteSeg { addr, len: seg_len };
-                self.direct_request(id, write, (&extent, huge_source), remote_region, token, &[seg])
+                self.direct_request(id, write, (&extent, &region, huge_source), remote_region, token, &[seg], flows)
             }
             _ => None,
         };
@@ -524,7 +530,7 @@ impl ConnState {
         let id = self.take_id();
         let VectorRequest { region, local: extent, remote_region, token, segs, huge_source } = vector;
         let direct = if direct {
-            self.direct_request(id, write, (&extent, huge_source), remote_region, token, &segs)
+            self.direct_request(id, write, (&extent, &region, huge_source), remote_region, token, &segs, flows)
         } else {
             None
         };
@@ -894,11 +900,13 @@ impl ConnState {
             }
             Control::DirectGrant { xfer } => self.on_direct_grant(xfer, out),
             Control::DirectDone { xfer } => self.on_direct_done(xfer, out),
-            Control::StagingArea { .. }
-            | Control::StagingAck { .. }
-            | Control::StagedWrite { .. }
-            | Control::StagedGrant { .. } => {
-                Err(Error::backend("protocol violation: a staging message, which this end never asked for"))
+            Control::StagingArea { fd, len } => self.on_staging_area(fd, len, out),
+            Control::StagingAck { ok } => self.on_staging_ack(ok),
+            Control::StagedWrite { xfer, region, token, first_piece, generation, segs } => {
+                self.on_staged_write(xfer, (region, token), (first_piece, generation), segs, mem, out)
+            }
+            Control::StagedGrant { xfer, first_piece, generation } => {
+                self.on_staged_grant(xfer, (first_piece, generation), out)
             }
             Control::IpcRequest { .. }
             | Control::IpcGrant { .. }
@@ -1132,6 +1140,11 @@ impl ConnState {
 
     /// Serves the peer's authorized read `xfer` from `src`.
     fn serve(&mut self, xfer: u64, src: Source, out: &mut Vec<Action>) -> Result<()> {
+        // A same-host peer reading host memory of ours over the channels could have had it staged:
+        // our area is made now, for its later reads.
+        if src.region.kind == MemKind::Host && src.extent.len() > MAX_INLINE_LEN as u64 {
+            self.want_area(src.extent.len(), out);
+        }
         if self.serving.contains_key(&xfer) {
             return Err(Error::backend(format!(
                 "protocol violation: a read request reuses op id {xfer} of a read still being served"

@@ -18,8 +18,6 @@ mod identity;
 mod process;
 mod proof;
 mod registry;
-// Not reached from the transfer paths yet: the staged flows build on it.
-#[allow(dead_code)]
 pub(crate) mod staging_area;
 
 pub use identity::own_identity;

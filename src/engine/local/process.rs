@@ -85,7 +85,6 @@ impl PeerProcess {
     /// which the kernel allows under the same ptrace rule as our reads. Where a seccomp profile
     /// refuses that call (common in containers), the same file is opened read-only through
     /// `/proc/<pid>/fd`, and the process must still live afterwards, so the pid named it throughout.
-    #[allow(dead_code)]
     pub fn take_fd(&self, fd: u32) -> io::Result<OwnedFd> {
         let fd = i32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
         // SAFETY: pidfd_getfd takes our pidfd, the peer's descriptor number and no flags, and

@@ -177,6 +177,12 @@ pub struct OutboundArea {
     alloc: Mutex<Pieces>,
 }
 
+impl std::fmt::Debug for OutboundArea {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboundArea").field("pieces", &self.pieces).field("fd", &self.fd_num).finish()
+    }
+}
+
 impl OutboundArea {
     /// An area of `data_bytes` (a multiple of [`STAGE_PIECE`] within the area bounds).
     pub fn create(data_bytes: u64) -> Result<OutboundArea> {
@@ -224,6 +230,7 @@ impl OutboundArea {
         area_len(self.pieces)
     }
 
+    #[cfg(test)]
     pub fn pieces(&self) -> u32 {
         self.pieces
     }
@@ -253,6 +260,7 @@ impl OutboundArea {
     }
 
     /// Pieces handed out now.
+    #[cfg(test)]
     pub fn pieces_in_use(&self) -> usize {
         self.alloc.lock().used.iter().filter(|&&u| u).count()
     }
@@ -330,8 +338,14 @@ impl PeerArea {
         Ok(PeerArea { map, pieces })
     }
 
+    #[cfg(test)]
     pub fn pieces(&self) -> u32 {
         self.pieces
+    }
+
+    /// The data's size: the largest transfer the peer can stage in it.
+    pub fn data_bytes(&self) -> u64 {
+        u64::from(self.pieces) * STAGE_PIECE
     }
 
     /// Checks a range the peer names on the wire against the mapping.

@@ -36,20 +36,20 @@ use crate::proto::{Control, RemoteSeg};
 use crate::trace::clock_ns;
 use crate::transport::{IoSeg, MemKind};
 
-fn segs_of(extent: &Extent) -> Vec<IoSeg> {
+pub(super) fn segs_of(extent: &Extent) -> Vec<IoSeg> {
     match extent {
         Extent::Contiguous { addr, len } => vec![IoSeg { addr: *addr, len: *len as usize }],
         Extent::Scattered { segs, .. } => segs.to_vec(),
     }
 }
 
-fn remote_segs(segs: &[RemoteSeg]) -> Vec<IoSeg> {
+pub(super) fn remote_segs(segs: &[RemoteSeg]) -> Vec<IoSeg> {
     segs.iter().map(|s| IoSeg { addr: s.addr as usize, len: s.len as usize }).collect()
 }
 
 /// The target's view of a request's segments as a flow's extent: a single segment is contiguous,
 /// as the initiator's single item is, so both ends cut the network fallback alike.
-fn extent_of(segs: &[RemoteSeg]) -> Extent {
+pub(super) fn extent_of(segs: &[RemoteSeg]) -> Extent {
     match segs {
         [one] => Extent::Contiguous { addr: one.addr as usize, len: u64::from(one.len) },
         _ => super::local_segments(segs),
@@ -77,12 +77,17 @@ impl ConnState {
     }
 
     /// Now in CLOCK_MONOTONIC ns when copies are timed, else 0 (a mark the trace counts as unseen).
-    fn queued_at(&self) -> u64 {
+    pub(super) fn queued_at(&self) -> u64 {
         if self.direct.timed { clock_ns() } else { 0 }
     }
 
     pub fn host_path(&self) -> HostPath {
-        HostPath { checked: self.direct.proved && self.direct.ack_seen, ..self.direct.path }
+        let staging = &self.direct.staging;
+        HostPath {
+            checked: self.direct.proved && self.direct.ack_seen,
+            staging: staging.ack == Some(true) && staging.peer.is_some(),
+            ..self.direct.path
+        }
     }
 
     /// Whether work for the host worker is queued.
@@ -126,25 +131,39 @@ impl ConnState {
     }
 
     /// The request message for a one-sided item or vector that may take the direct path, or `None`
-    /// (the network request then). `local` is this end's memory and whether the transfer's source
-    /// lies on huge pages, `segs` the peer's memory.
+    /// (the network request then). `local` is this end's memory, its region and whether the
+    /// transfer's source lies on huge pages, `segs` the peer's memory. A staged write's push goes
+    /// to `extra`, for the posting thread.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn direct_request(
         &mut self,
         id: u64,
         write: bool,
-        (local, huge_source): (&Extent, bool),
+        (local, region, huge_source): (&Extent, &Arc<Region>, bool),
         remote_region: u64,
         token: u64,
         segs: &[RemoteSeg],
+        extra: &mut Vec<Action>,
     ) -> Option<Control> {
+        // Staged first: two plain copies beat both the channels and the page-pinning copy for
+        // small-page sources (on huge pages the direct copy pins in a few steps and needs no
+        // second copy).
+        if write
+            && !huge_source
+            && let Some(msg) = self.stage_write(id, (local, region), remote_region, token, segs, extra)
+        {
+            return Some(msg);
+        }
         if !self.direct.usable(write) {
             return None;
         }
         let len = local.len();
         // On huge pages the copy no longer loses to the channels there: the kernel pins the
-        // source in a few steps, so its copying threads do not contend.
+        // source in a few steps, so its copying threads do not contend. A read the target may
+        // stage skips the band too.
         let huge = self.direct.huge_pages && huge_source;
-        if !huge && self.direct.network_band.is_some_and(|(lo, hi)| lo < len && len < hi) {
+        let staged_read = !write && !huge_source && self.peer_may_stage(len);
+        if !huge && !staged_read && self.direct.network_band.is_some_and(|(lo, hi)| lo < len && len < hi) {
             return None;
         }
         // Copied only once the copy is possible: between hosts a vector's list stays where it is.
@@ -202,14 +221,12 @@ impl ConnState {
             self.grant(xfer, extent_of(&segs), region, out);
             return Ok(());
         }
-        if self.direct.pending() >= MAX_DIRECT_PENDING {
-            return Err(violation(&format!("more than {MAX_DIRECT_PENDING} direct requests pending")));
-        }
+        self.check_pending()?;
         let remote = segs.iter().zip(&src).map(|(s, &a)| IoSeg { addr: a as usize, len: s.len as usize }).collect();
         let len = segs.iter().map(|s| u64::from(s.len)).sum();
         let queued = self.queued_at();
-        let job =
-            CopyJob { op: xfer, transfer: None, region, local: remote_segs(&segs), remote, len, error: None, queued };
+        let local = remote_segs(&segs);
+        let job = CopyJob { op: xfer, transfer: None, region, local, remote, staged: None, len, error: None, queued };
         self.direct.work.push_back(HostTask::Copy(job));
         out.push(Action::HostWork { ours: false });
         Ok(())
@@ -231,15 +248,24 @@ impl ConnState {
         if region.kind != MemKind::Host {
             return self.serve(xfer, Source { extent: extent_of(&segs), region }, out);
         }
-        if self.direct.pending() >= MAX_DIRECT_PENDING {
-            return Err(violation(&format!("more than {MAX_DIRECT_PENDING} direct requests pending")));
-        }
+        self.check_pending()?;
         if self.direct.leases.contains_key(&xfer) || self.serving.contains_key(&xfer) {
             return Err(violation(&format!("a read request reuses op id {xfer} of a read still being served")));
         }
         let len = segs.iter().map(|s| u64::from(s.len)).sum();
-        self.direct.leases.insert(xfer, Lease { region, len });
-        out.push(Action::Send(Control::DirectGrant { xfer }));
+        let staged = self.stage_read(xfer, &region, &segs, out);
+        if staged.is_none() {
+            out.push(Action::Send(Control::DirectGrant { xfer }));
+        }
+        self.direct.leases.insert(xfer, Lease { region, len, staged });
+        Ok(())
+    }
+
+    /// A peer queueing more work than `MAX_DIRECT_PENDING` here is treated as hostile.
+    pub(super) fn check_pending(&self) -> Result<()> {
+        if self.direct.pending() >= MAX_DIRECT_PENDING {
+            return Err(violation(&format!("more than {MAX_DIRECT_PENDING} direct requests pending")));
+        }
         Ok(())
     }
 
@@ -254,6 +280,7 @@ impl ConnState {
             transfer,
             local: segs_of(&dst.extent),
             remote: remote_segs(&segs),
+            staged: None,
             len: dst.extent.len(),
             region: dst.region,
             error: dst.error,
@@ -265,26 +292,31 @@ impl ConnState {
     }
 
     /// The peer finished copying our region for its read `xfer`: vouch for the bytes unless the
-    /// region was deregistered meanwhile.
+    /// region was deregistered meanwhile; a staged read once our push finished too.
     pub(super) fn on_direct_done(&mut self, xfer: u64, out: &mut Vec<Action>) -> Result<()> {
-        let lease = self.direct.leases.remove(&xfer).ok_or_else(|| unknown_op("DirectDone", xfer))?;
-        out.push(Action::Send(if lease.region.is_removed() {
-            deny_msg(xfer, &Error::not_allowed("the memory region was deregistered during the transfer"))
-        } else {
-            Control::Done { xfer, len: lease.len }
-        }));
+        let lease = self.direct.leases.get_mut(&xfer).ok_or_else(|| unknown_op("DirectDone", xfer))?;
+        if let Some(staged) = &mut lease.staged {
+            if std::mem::replace(&mut staged.answered, true) {
+                return Err(violation(&format!("a second DirectDone for read {xfer}")));
+            }
+            if !staged.pushed {
+                return Ok(());
+            }
+        }
+        self.end_lease(xfer, out);
         Ok(())
     }
 
     /// A Done that answers a direct op of ours (a copied write, or a read we copied); `None` when
     /// the op is not one.
     pub(super) fn direct_done(&mut self, xfer: u64, len: u64, out: &mut Vec<Action>) -> Option<Result<()>> {
-        let (transfer, expected, error) = if self.direct.writes.remove(&xfer) {
+        let (transfer, expected, error, staged) = if self.direct.writes.remove(&xfer) {
+            let staged = self.staged_write_answered(xfer);
             let o = self.awaiting_grant.remove(&xfer)?;
-            (o.transfer, o.src.extent.len(), o.error)
+            (o.transfer, o.src.extent.len(), o.error, staged)
         } else {
             let c = self.direct.copied.remove(&xfer)?;
-            (c.transfer, c.len, c.error)
+            (c.transfer, c.len, c.error, c.staged)
         };
         if len != expected {
             out.push(Action::Finish(transfer, Err(violation("a direct transfer's Done reports another length"))));
@@ -292,6 +324,7 @@ impl ConnState {
         }
         if error.is_none() {
             self.direct.path.direct_ops += 1;
+            self.direct.path.staged_ops += u64::from(staged);
         }
         transfer.answered();
         out.push(Action::Finish(transfer, error.map_or(Ok(len), Err)));
@@ -304,6 +337,7 @@ impl ConnState {
     /// write still ends with the target's Done, after its chunks.
     pub(super) fn direct_answered(&mut self, xfer: u64) {
         self.direct.writes.remove(&xfer);
+        self.staged_write_answered(xfer);
         if self.direct.reads.remove(&xfer).is_some()
             && let Some(read) = self.inbound.get_mut(&xfer)
         {
@@ -333,7 +367,8 @@ impl ConnState {
                 Some(e) => deny_msg(job.op, e),
             })),
             Some(transfer) => {
-                let c = Copied { transfer, len: job.len, region: job.region.id, error };
+                let staged = job.staged.is_some();
+                let c = Copied { transfer, len: job.len, region: job.region.id, error, staged };
                 self.direct.copied.insert(job.op, c);
                 out.push(Action::Send(Control::DirectDone { xfer: job.op }));
             }
@@ -367,9 +402,10 @@ impl ConnState {
         failed.extend(d.running.take());
         failed.extend(d.work.drain(..).filter_map(|t| match t {
             HostTask::Copy(job) => job.transfer,
-            HostTask::Prove { .. } => None,
+            HostTask::Prove { .. } | HostTask::MapArea { .. } | HostTask::Push(_) => None,
         }));
         d.writes.clear();
+        d.staging.writes.clear();
         d.reads.clear();
         d.leases.clear();
         d.path.reads_peer = false;
@@ -380,7 +416,7 @@ impl ConnState {
 
 /// The region a peer's direct request names, authorized as the vector request it stands for; a
 /// refusal is answered with a Deny and gives `None`.
-fn authorized(
+pub(super) fn authorized(
     xfer: u64,
     (region, token): (u64, u64),
     segs: &[RemoteSeg],

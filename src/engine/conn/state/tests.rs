@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use super::super::vector::{Grouper, Push, REQUEST_SEGMENTS, RunKey};
 use super::*;
+use crate::engine::local::PeerProcess;
+use crate::engine::local::staging_area::{Mark, OutboundArea, Patience, PeerArea, cut_pieces};
 use crate::engine::plan::{self, Cut};
 use crate::engine::region::RegionTable;
 use crate::engine::transfer::{Answers, TransferTable};
@@ -75,6 +77,8 @@ struct End {
     host_work: bool,
     /// The sources of its one-sided posts lie on huge pages, as the connection would have found.
     huge_source: bool,
+    /// Staged writes' pushes its posts left for the posting thread (`run_pushes` runs them).
+    pushes: Vec<PushJob>,
 }
 
 impl End {
@@ -94,6 +98,7 @@ impl End {
             notes: Vec::new(),
             host_work: false,
             huge_source: false,
+            pushes: Vec::new(),
         }
     }
 
@@ -128,6 +133,13 @@ impl End {
                 Action::Hold(flow) => self.held.push(flow),
                 Action::Release(flow) => self.held.retain(|&f| f != flow),
                 Action::HostWork { .. } => self.host_work = true,
+                Action::OfferArea => {
+                    let bytes = self.st.area_bytes().expect("asked for an area only when staging");
+                    let mut out = Vec::new();
+                    self.st.area_created(OutboundArea::create(bytes), &mut out);
+                    self.take(out);
+                }
+                Action::Push(job) => self.pushes.push(job),
             }
         }
     }
@@ -335,11 +347,42 @@ fn pump(a: &mut End, b: &mut End) {
         moved |= deliver(b, a).unwrap();
         moved |= move_data(a, b);
         moved |= move_data(b, a);
-        moved |= run_host_work(a);
-        moved |= run_host_work(b);
+        moved |= run_pushes(a);
+        moved |= run_pushes(b);
+        moved |= run_ready_host_work(a);
+        moved |= run_ready_host_work(b);
         if !moved {
             return;
         }
+    }
+}
+
+/// Runs `end`'s queued host tasks in order up to a drain whose bytes the peer has not pushed yet
+/// (its worker would wait there while the peer's threads push; here the peer runs next).
+fn run_ready_host_work(end: &mut End) -> bool {
+    let mut ran = false;
+    loop {
+        let ready = match end.st.direct.work.front() {
+            None => {
+                end.host_work = false;
+                return ran;
+            }
+            Some(HostTask::Copy(CopyJob { staged: Some(source), len, error: None, .. })) => {
+                let ok = || Ok(());
+                let now = Patience { spin: Duration::ZERO, limit: Duration::ZERO, healthy: &ok };
+                let pieces = crate::engine::local::staging_area::pieces_for(*len) as u32;
+                (0..pieces).all(|k| source.area.wait(source.first_piece + k, source.generation, &now).is_ok())
+            }
+            Some(_) => true,
+        };
+        if !ready {
+            return ran;
+        }
+        let mut out = Vec::new();
+        let task = end.st.next_host_task().expect("queued");
+        run_task(end, task, &mut out);
+        end.take(out);
+        ran = true;
     }
 }
 
@@ -351,30 +394,88 @@ fn run_host_work(end: &mut End) -> bool {
     while let Some(task) = end.st.next_host_task() {
         ran = true;
         let mut out = Vec::new();
-        match task {
-            HostTask::Prove { .. } => end.st.proved(true, &mut out),
-            HostTask::Copy(job) => {
-                let copied = if job.error.is_some() {
-                    Ok(())
-                } else if job.region.is_removed() {
-                    Err(Error::not_allowed("the memory region was deregistered during the transfer"))
-                } else {
-                    let src = Extent::scattered(job.remote.iter().copied());
-                    let dst = Extent::scattered(job.local.iter().copied());
-                    // SAFETY: both lists lie in live test buffers: the peer's authorized by its
-                    // region table, ours checked at post or authorized by ours.
-                    unsafe { scatter(&dst, &gather(&src)) };
-                    Ok(())
-                };
-                end.st.copy_finished(job, copied, &mut out);
-            }
-        }
+        run_task(end, task, &mut out);
         end.take(out);
     }
     ran
 }
 
+/// One host task, as the worker runs it.
+fn run_task(end: &mut End, task: HostTask, out: &mut Vec<Action>) {
+    match task {
+        HostTask::Prove { .. } => end.st.proved(true, out),
+        HostTask::MapArea { fd, len } => {
+            // Both ends are this process: the peer's descriptor is one of ours.
+            let me = PeerProcess::open(std::process::id()).unwrap();
+            end.st.area_mapped(PeerArea::open(&me, fd, len), out);
+        }
+        HostTask::Push(job) => {
+            push(&job);
+            end.st.push_finished(job.op, job.write, out);
+        }
+        HostTask::Copy(job) => {
+            let copied = if job.error.is_some() {
+                Ok(())
+            } else if job.region.is_removed() {
+                Err(Error::not_allowed("the memory region was deregistered during the transfer"))
+            } else if let Some(source) = &job.staged {
+                drain(source, &job.local, job.len)
+            } else {
+                let src = Extent::scattered(job.remote.iter().copied());
+                let dst = Extent::scattered(job.local.iter().copied());
+                // SAFETY: both lists lie in live test buffers: the peer's authorized by its
+                // region table, ours checked at post or authorized by ours.
+                unsafe { scatter(&dst, &gather(&src)) };
+                Ok(())
+            };
+            end.st.copy_finished(job, copied, out);
+        }
+    }
+}
+
+/// Pushes `job` as `conn/host_push.rs` does: piece by piece while its source region lives, the
+/// rest marked aborted.
+fn push(job: &PushJob) {
+    for (k, piece) in cut_pieces(&job.src, job.len).iter().enumerate() {
+        let k = k as u32;
+        if job.region.is_removed() {
+            job.area.abort_piece(&job.range, k).unwrap();
+        } else {
+            // SAFETY: the source lies in a live test buffer.
+            unsafe { job.area.push_piece(&job.range, k, piece) }.unwrap();
+        }
+    }
+}
+
+/// Runs the pushes `end`'s posts left, as its posting threads would. Returns whether there was any.
+fn run_pushes(end: &mut End) -> bool {
+    let pushes = std::mem::take(&mut end.pushes);
+    for job in &pushes {
+        push(job);
+        let mut out = Vec::new();
+        end.st.push_finished(job.op, job.write, &mut out);
+        end.take(out);
+    }
+    !pushes.is_empty()
+}
+
+/// Drains a staged copy as `conn/host_job.rs` does: each piece once its mark says pushed.
+fn drain(source: &StagedSource, local: &[IoSeg], len: u64) -> Result<()> {
+    let ok = || Ok(());
+    let patience = Patience { spin: Duration::ZERO, limit: Duration::from_secs(2), healthy: &ok };
+    for (k, piece) in cut_pieces(local, len).iter().enumerate() {
+        let at = source.first_piece + k as u32;
+        if source.area.wait(at, source.generation, &patience)? == Mark::Aborted {
+            return Err(Error::not_allowed("the source was deregistered during the transfer"));
+        }
+        // SAFETY: the destination lies in a live test buffer.
+        unsafe { source.area.drain_piece(at, piece) }?;
+    }
+    Ok(())
+}
+
 mod direct;
+mod staging;
 
 fn pattern(seed: u8) -> impl Fn(usize) -> u8 {
     move |i| (i as u8).wrapping_mul(31).wrapping_add(seed)

@@ -4,7 +4,7 @@
 use super::*;
 
 /// Two ends of one host; each proved the other (or not) and told it so.
-fn host_pair(a_reads_b: bool, b_reads_a: bool) -> (End, End) {
+pub(super) fn host_pair(a_reads_b: bool, b_reads_a: bool) -> (End, End) {
     host_pair_with_band(a_reads_b, b_reads_a, None, false)
 }
 
@@ -23,8 +23,7 @@ fn host_pair_with_band(a_reads_b: bool, b_reads_a: bool, band: Option<(u64, u64)
         end.host_work = false;
     }
     pump(&mut a, &mut b);
-    let want =
-        HostPath { checked: true, reads_peer: a_reads_b, peer_reads_us: b_reads_a, direct_ops: 0, caller_copies: 0 };
+    let want = HostPath { checked: true, reads_peer: a_reads_b, peer_reads_us: b_reads_a, ..HostPath::default() };
     assert_eq!(a.st.host_path(), want);
     (a, b)
 }

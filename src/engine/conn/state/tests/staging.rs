@@ -1,0 +1,301 @@
+//! The staging areas without threads: both "processes" are this one, each end's area a real
+//! sealed memfd that the other maps; pushes and drains are run by hand (`run_pushes`,
+//! `run_host_work`).
+
+use super::direct::host_pair;
+use super::*;
+use crate::engine::local::staging_area::STAGE_PIECE;
+
+const P: usize = STAGE_PIECE as usize;
+
+/// Two proven ends that stage through areas of `bytes`, both areas announced and mapped.
+fn staged_pair(bytes: u64) -> (End, End) {
+    let (mut a, mut b) = host_pair(true, true);
+    for end in [&mut a, &mut b] {
+        end.st.set_staging(bytes);
+        let mut out = Vec::new();
+        end.st.want_area(bytes, &mut out);
+        end.take(out);
+        assert!(matches!(end.outbox.back(), Some(Control::StagingArea { .. })), "{:?}", end.outbox);
+    }
+    pump(&mut a, &mut b);
+    for end in [&a, &b] {
+        assert_eq!(end.st.direct.staging.ack, Some(true), "each end mapped the other's area");
+        assert!(end.st.direct.staging.peer.is_some());
+    }
+    (a, b)
+}
+
+fn pieces_in_use(end: &End) -> usize {
+    end.st.direct.staging.ours.as_ref().map_or(0, |area| area.pieces_in_use())
+}
+
+#[test]
+fn writes_and_reads_move_through_the_staging_areas() {
+    let (mut a, mut b) = staged_pair(2 << 20);
+    let len = 3 * P + 5;
+    let src = a.buffer(len, pattern(50));
+    let dst = b.buffer(len + 100, |_| 0);
+    let t = a.one_sided(true, &[(&src, 0, &dst, 100, len)]);
+    let Some(Control::StagedWrite { xfer, segs, first_piece, generation, .. }) = a.outbox.front().cloned() else {
+        panic!("{:?}", a.outbox)
+    };
+    assert_eq!(segs, [RemoteSeg { addr: dst.addr() as u64 + 100, len: len as u32 }]);
+    assert_ne!(generation, 0);
+    assert_eq!(pieces_in_use(&a), 4, "the range is taken at post");
+    assert_eq!(a.pushes.len(), 1, "the posting thread pushes after the lock");
+    assert_eq!(t.answers(), Answers::AfterData);
+    deliver(&mut a, &mut b).unwrap();
+    assert!(b.host_work && b.outbox.is_empty(), "the target drains before it answers");
+    // The drain waits for the marks: push first, as the posting thread would meanwhile.
+    assert!(run_pushes(&mut a));
+    assert_eq!(pieces_in_use(&a), 4, "pushed, but the target still reads the range");
+    assert!(run_host_work(&mut b));
+    assert_eq!(b.outbox, [Control::Done { xfer, len: len as u64 }]);
+    deliver(&mut b, &mut a).unwrap();
+    assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
+    assert_eq!(&dst.bytes[100..], &src.bytes[..]);
+    assert_eq!(pieces_in_use(&a), 0, "freed once pushed and answered");
+    let path = a.st.host_path();
+    assert_eq!((path.direct_ops, path.staged_ops), (1, 1));
+    assert!(a.sending.is_empty() && b.receiving.is_empty(), "no channel carried anything");
+
+    // A second write reuses the pieces under a new generation.
+    let t = a.one_sided(true, &[(&src, 0, &dst, 0, len)]);
+    let Some(&Control::StagedWrite { first_piece: again, generation: next, .. }) = a.outbox.front() else {
+        panic!("{:?}", a.outbox)
+    };
+    assert_eq!(again, first_piece);
+    assert!(next > generation);
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
+
+    // A read: the target pushes into its area on its worker, the reader drains.
+    let back = a.buffer(len, |_| 0);
+    let t = a.one_sided(false, &[(&back, 0, &dst, 0, len)]);
+    let Some(&Control::DirectRead { xfer, .. }) = a.outbox.front() else { panic!("{:?}", a.outbox) };
+    deliver(&mut a, &mut b).unwrap();
+    let Some(&Control::StagedGrant { xfer: granted, .. }) = b.outbox.front() else { panic!("{:?}", b.outbox) };
+    assert_eq!(granted, xfer);
+    assert!(b.host_work, "the push is the target's worker's");
+    assert_eq!(pieces_in_use(&b), 4);
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
+    assert_eq!(&back.bytes[..], &src.bytes[..]);
+    assert_eq!(pieces_in_use(&b), 0);
+    let path = a.st.host_path();
+    assert_eq!((path.direct_ops, path.staged_ops), (3, 3));
+    assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
+}
+
+/// A vector writes and reads through the area like a single item, its segments cut at the
+/// pieces' boundaries on both ends.
+#[test]
+fn vectors_are_staged_whole() {
+    let (mut a, mut b) = staged_pair(2 << 20);
+    let n = P / 3 + 1;
+    let src = a.buffer(4 * n, pattern(51));
+    let dst = b.buffer(4 * n + 64, |_| 0);
+    let items: Vec<_> = (0..4).map(|i| (&src, i * n, &dst, i * n + 16, n)).collect();
+    let t = a.one_sided(true, &items);
+    assert!(matches!(a.outbox.front(), Some(Control::StagedWrite { segs, .. }) if segs.len() == 4), "{:?}", a.outbox);
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&t).unwrap().unwrap(), 4 * n as u64);
+    assert_eq!(&dst.bytes[16..16 + 4 * n], &src.bytes[..]);
+
+    let back = a.buffer(4 * n, |_| 0);
+    let items: Vec<_> = (0..4).map(|i| (&back, i * n, &dst, i * n + 16, n)).collect();
+    let t = a.one_sided(false, &items);
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&t).unwrap().unwrap(), 4 * n as u64);
+    assert_eq!(back.bytes, src.bytes);
+    assert_eq!(a.st.host_path().staged_ops, 2);
+}
+
+/// Before the peer mapped our area, above its size, and when it is full, transfers take the
+/// paths they took before; nothing is lost.
+#[test]
+fn transfers_that_find_no_room_take_the_other_paths() {
+    let (mut a, mut b) = host_pair(true, true);
+    for end in [&mut a, &mut b] {
+        end.st.set_staging(1 << 20);
+    }
+    let src = a.buffer(5 * P, pattern(52));
+    let dst = b.buffer(5 * P, |_| 0);
+    // The first write asks for the area and goes direct: the peer has not mapped it yet.
+    let t = a.one_sided(true, &[(&src, 0, &dst, 0, 3 * P)]);
+    assert!(
+        matches!(a.outbox.make_contiguous(), [Control::DirectWrite { .. }, Control::StagingArea { .. }]),
+        "{:?}",
+        a.outbox
+    );
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&t).unwrap().unwrap(), 3 * P as u64);
+    assert_eq!(a.st.direct.staging.ack, Some(true));
+
+    // Larger than the area: direct.
+    let t = a.one_sided(true, &[(&src, 0, &dst, 0, 5 * P)]);
+    assert!(matches!(a.outbox.front(), Some(Control::DirectWrite { .. })), "{:?}", a.outbox);
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&t).unwrap().unwrap(), 5 * P as u64);
+
+    // Two of three pieces each in flight: the second finds no room.
+    let first = a.one_sided(true, &[(&src, 0, &dst, 0, 3 * P)]);
+    let second = a.one_sided(true, &[(&src, P, &dst, P, 3 * P)]);
+    assert!(
+        matches!(a.outbox.make_contiguous(), [Control::StagedWrite { .. }, Control::DirectWrite { .. }]),
+        "{:?}",
+        a.outbox
+    );
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&first).unwrap().unwrap(), 3 * P as u64);
+    assert_eq!(a.outcome(&second).unwrap().unwrap(), 3 * P as u64);
+    assert_eq!(&dst.bytes[..4 * P], &src.bytes[..4 * P]);
+    assert_eq!(pieces_in_use(&a), 0);
+    assert_eq!(a.st.host_path().staged_ops, 1);
+}
+
+/// A staged read whose reader is done before the target's push returned: the target answers
+/// only once its push finished, and frees the range then.
+#[test]
+fn a_staged_read_is_answered_once_both_the_push_and_the_reader_are_done() {
+    let (mut a, mut b) = staged_pair(1 << 20);
+    let remote = b.buffer(2 * P, pattern(53));
+    let back = a.buffer(2 * P, |_| 0);
+    let t = a.one_sided(false, &[(&back, 0, &remote, 0, 2 * P)]);
+    deliver(&mut a, &mut b).unwrap();
+    let Some(HostTask::Push(job)) = b.st.next_host_task() else { panic!("the push task") };
+    // The pieces land (the worker's copy), but the worker has not reported back yet.
+    push(&job);
+    deliver(&mut b, &mut a).unwrap();
+    assert!(run_host_work(&mut a));
+    assert!(matches!(a.outbox.front(), Some(Control::DirectDone { .. })), "{:?}", a.outbox);
+    deliver(&mut a, &mut b).unwrap();
+    assert!(b.outbox.is_empty(), "the target waits for its push");
+    assert_eq!(pieces_in_use(&b), 2);
+    let mut out = Vec::new();
+    b.st.push_finished(job.op, job.write, &mut out);
+    b.take(out);
+    assert_eq!(b.outbox, [Control::Done { xfer: job.op, len: 2 * P as u64 }]);
+    assert_eq!(pieces_in_use(&b), 0);
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&t).unwrap().unwrap(), 2 * P as u64);
+    assert_eq!(back.bytes, remote.bytes);
+    // A second DirectDone for it is a violation.
+    assert!(b.handle(Control::DirectDone { xfer: job.op }).is_err());
+}
+
+/// A write's source deregistered before its push: the pieces are marked aborted, the target
+/// stops at once and refuses the write, and the range is freed. A read's source deregistered on
+/// the target likewise.
+#[test]
+fn a_deregistered_source_aborts_the_push_and_the_transfer_fails_cleanly() {
+    let (mut a, mut b) = staged_pair(1 << 20);
+    let src = a.buffer(3 * P, pattern(54));
+    let dst = b.buffer(3 * P, |_| 0);
+    let t = a.one_sided(true, &[(&src, 0, &dst, 0, 3 * P)]);
+    assert!(matches!(a.outbox.front(), Some(Control::StagedWrite { .. })));
+    a.cut(&src).unwrap();
+    pump(&mut a, &mut b);
+    let why = not_allowed(a.outcome(&t));
+    assert!(why.contains("deregistered"), "{why}");
+    assert!(dst.bytes.iter().all(|&x| x == 0), "nothing of an aborted push lands");
+    assert_eq!(pieces_in_use(&a), 0);
+
+    let remote = b.buffer(3 * P, pattern(55));
+    let back = a.buffer(3 * P, |_| 0);
+    let t = a.one_sided(false, &[(&back, 0, &remote, 0, 3 * P)]);
+    deliver(&mut a, &mut b).unwrap();
+    assert!(matches!(b.outbox.front(), Some(Control::StagedGrant { .. })));
+    b.cut(&remote).unwrap();
+    pump(&mut a, &mut b);
+    assert!(not_allowed(a.outcome(&t)).contains("deregistered"));
+    assert_eq!(pieces_in_use(&b), 0);
+    assert!(a.st.check_open().is_ok() && b.st.check_open().is_ok());
+    assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
+    assert_eq!(a.st.host_path().staged_ops, 0);
+}
+
+/// A staged write the target refuses is denied without a look at the area; the initiator frees
+/// its range once its push finished as well.
+#[test]
+fn a_refused_staged_write_is_denied_and_its_range_freed() {
+    let (mut a, mut b) = staged_pair(1 << 20);
+    let src = a.buffer(2 * P, pattern(56));
+    let target = b.buffer(2 * P, |_| 0);
+    let forged = a.forged(&target);
+    let t = a.one_sided(true, &[(&src, 0, &forged, 0, 2 * P)]);
+    assert!(matches!(a.outbox.front(), Some(Control::StagedWrite { .. })));
+    deliver(&mut a, &mut b).unwrap();
+    assert!(matches!(b.outbox.front(), Some(Control::Deny { .. })), "{:?}", b.outbox);
+    assert!(!b.host_work, "nothing to drain");
+    deliver(&mut b, &mut a).unwrap();
+    assert!(a.outcome(&t).unwrap().is_err());
+    assert_eq!(pieces_in_use(&a), 2, "the push has not finished");
+    assert!(run_pushes(&mut a));
+    assert_eq!(pieces_in_use(&a), 0);
+    assert!(target.bytes.iter().all(|&x| x == 0));
+}
+
+/// A peer naming pieces outside the area it announced, staging with no area, or repeating the
+/// area's messages fails the connection; its transfers fail with it.
+#[test]
+fn a_peer_breaking_the_staging_exchange_fails_the_connection() {
+    let seg = |buf: &Buf, len: usize| RemoteSeg { addr: buf.addr() as u64, len: len as u32 };
+    let (_a, mut b) = staged_pair(1 << 20);
+    let dst = b.buffer(2 * P, |_| 0);
+    for (first_piece, len) in [(4, 1), (3, P + 1), (u32::MAX, 1)] {
+        let msg = Control::StagedWrite {
+            xfer: 9,
+            region: dst.cap.region,
+            token: dst.cap.token,
+            first_piece,
+            generation: 1,
+            segs: vec![seg(&dst, len)],
+        };
+        let err = b.handle(msg).unwrap_err();
+        assert!(err.message().contains("outside"), "{first_piece}+{len}: {err}");
+    }
+    assert!(b.handle(Control::StagingArea { fd: 1, len: 1 << 20 }).is_err(), "a second area");
+    assert!(b.handle(Control::StagingAck { ok: true }).is_err(), "a second ack");
+
+    // A grant naming pieces outside the target's area, for a read that waits for it.
+    let (mut a2, b2) = staged_pair(1 << 20);
+    let remote = b2.buffer(2 * P, pattern(57));
+    let back = a2.buffer(2 * P, |_| 0);
+    let t = a2.one_sided(false, &[(&back, 0, &remote, 0, 2 * P)]);
+    let Some(&Control::DirectRead { xfer, .. }) = a2.outbox.front() else { panic!("{:?}", a2.outbox) };
+    let err = a2.handle(Control::StagedGrant { xfer, first_piece: 3, generation: 1 }).unwrap_err();
+    assert!(err.message().contains("outside"), "{err}");
+    let failed = a2.st.fail(err);
+    assert!(failed.iter().any(|f| f.id == t.id), "the read fails with the connection");
+
+    // Staged bytes from a peer whose area this end never mapped.
+    let (mut c, _d) = host_pair(true, true);
+    let err = c.handle(Control::StagedGrant { xfer: 1, first_piece: 0, generation: 1 }).unwrap_err();
+    assert!(err.message().contains("protocol violation"), "{err}");
+}
+
+/// A peer that would not (or could not) map our area never gets staged transfers; an area
+/// announced by a peer we cannot take descriptors from is refused.
+#[test]
+fn an_area_the_peer_did_not_map_is_never_used() {
+    let (mut a, mut b) = host_pair(true, true);
+    a.st.set_staging(1 << 20);
+    let mut out = Vec::new();
+    a.st.want_area(1 << 20, &mut out);
+    a.take(out);
+    let Some(Control::StagingArea { len, .. }) = a.outbox.pop_back() else { panic!("{:?}", a.outbox) };
+    // The peer names a descriptor that is no area of ours: its worker refuses it.
+    b.handle(Control::StagingArea { fd: i32::MAX.unsigned_abs(), len }).unwrap();
+    assert!(run_host_work(&mut b));
+    assert_eq!(b.outbox, [Control::StagingAck { ok: false }]);
+    assert!(b.st.direct.staging.peer.is_none());
+    deliver(&mut b, &mut a).unwrap();
+    assert_eq!(a.st.direct.staging.ack, Some(false));
+    let src = a.buffer(2 * P, pattern(58));
+    let dst = b.buffer(2 * P, |_| 0);
+    a.one_sided(true, &[(&src, 0, &dst, 0, 2 * P)]);
+    assert!(matches!(a.outbox.front(), Some(Control::DirectWrite { .. })), "{:?}", a.outbox);
+    assert_eq!(pieces_in_use(&a), 0);
+}

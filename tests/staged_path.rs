@@ -1,0 +1,243 @@
+//! Host memory between two processes of this host through the staging areas
+//! (`UCCL_TCPX_HOST_COPY_STAGING=1` in both): the end whose memory is read pushes the bytes into
+//! its area, the other drains them. Byte-exact at every size up to the area, vectors, transfers
+//! larger than the area or finding it full (they take the direct copy), and a source deregistered
+//! while its write is pushed.
+
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use uccl_tcpx::engine::OneSided;
+use uccl_tcpx::engine::local::Locality;
+use uccl_tcpx::proto::FifoItem;
+use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
+
+mod common;
+use common::{ChildTest, same_host, wait};
+
+/// The area's data size in both processes: 20 MiB, so 16 MiB transfers fit and 24 MiB ones do not.
+const AREA: &str = "20M";
+const AREA_BYTES: usize = 20 << 20;
+/// The peer's window: larger than the area.
+const WINDOW: usize = (24 << 20) + 333;
+const WINDOW_SEED: u64 = 91;
+
+/// Both processes stage: this one through its configuration, the peer through the environment.
+fn staged_config() -> Config {
+    let env = Config::from_lookup(|name| match name {
+        "UCCL_TCPX_HOST_COPY_STAGING" => Some("1".into()),
+        "UCCL_TCPX_HOST_COPY_STAGING_BYTES" => Some(AREA.into()),
+        _ => None,
+    })
+    .unwrap();
+    Config {
+        host_copy_staging: env.host_copy_staging,
+        host_copy_staging_bytes: env.host_copy_staging_bytes,
+        host_copy_threads: 4,
+        ..same_host()
+    }
+}
+
+#[test]
+#[ignore = "runs as the peer process of another process on this host"]
+fn staged_peer_process() {
+    assert!(common::is_child("staged_peer_process"), "runs as the peer process of the staged-path tests");
+    // The knobs as a deployment sets them: in the environment.
+    let env = Config::from_env().unwrap();
+    assert!(env.host_copy_staging, "UCCL_TCPX_HOST_COPY_STAGING=1 reaches the peer");
+    let config = Config {
+        host_copy_staging: env.host_copy_staging,
+        host_copy_staging_bytes: env.host_copy_staging_bytes,
+        host_copy_threads: 4,
+        ..same_host()
+    };
+    let engine = Arc::new(Engine::new(config).unwrap());
+    let mut region = common::pattern(WINDOW, WINDOW_SEED);
+    let mr = engine.register(region.as_mut_ptr() as usize, WINDOW).unwrap();
+    let window = engine.prepare_fifo(mr, region.as_ptr() as usize, WINDOW).unwrap();
+    println!("PEER {} {}", engine.address().port(), common::engine::fifo_to_hex(&window));
+    loop {
+        let conn = common::accept(&engine).unwrap();
+        std::mem::forget(conn);
+    }
+}
+
+/// The peer process, a connection both ends checked, and the peer's window.
+fn staged_peer(engine: &Engine) -> (testkit::child::Peer, Arc<Connection>, FifoItem) {
+    let mut process = ChildTest::new("staged_peer_process")
+        .ignored()
+        .env("UCCL_TCPX_HOST_COPY_STAGING", "1")
+        .env("UCCL_TCPX_HOST_COPY_STAGING_BYTES", AREA)
+        .spawn();
+    let line = process.announcement("PEER ", Duration::from_secs(120));
+    let (port, hex) = line.trim().split_once(' ').unwrap();
+    let window = common::engine::fifo_from_hex(hex);
+    let conn = engine.connect("127.0.0.1", "0", port.parse().unwrap()).unwrap();
+    assert_eq!(conn.peer.locality, Locality::SameHost);
+    common::wait_until("both ends checked each other's process", common::PATIENCE, || conn.host_path().checked);
+    (process, conn, window)
+}
+
+fn at(window: FifoItem, offset: usize) -> FifoItem {
+    let mut item = window;
+    item.addr += offset as u64;
+    item
+}
+
+fn one(mr: u64, addr: usize, len: usize, remote: FifoItem) -> OneSided {
+    OneSided { mr, addr, len, remote }
+}
+
+/// Writes `data` at `offset` of the window and reads it back into a fresh buffer: both byte-exact.
+fn write_and_read_back(engine: &Engine, conn: &Connection, window: FifoItem, offset: usize, data: &[u8]) {
+    let len = data.len();
+    let mut buf = data.to_vec();
+    let mr = engine.register(buf.as_mut_ptr() as usize, len).unwrap();
+    let w = conn.write(&[one(mr, buf.as_ptr() as usize, len, at(window, offset))]).unwrap();
+    assert_eq!(wait(conn, w).unwrap(), len as u64, "write of {len}");
+    buf.fill(0);
+    let r = conn.read(&[one(mr, buf.as_ptr() as usize, len, at(window, offset))]).unwrap();
+    assert_eq!(wait(conn, r).unwrap(), len as u64, "read of {len}");
+    common::assert_same(&buf, data, &format!("{len} bytes written and read back"));
+    engine.deregister(mr).unwrap();
+}
+
+/// Each end makes its area on first use (this end's write, the peer's served read) and the other
+/// maps it; once this end mapped the peer's and heard that its own was mapped, every later
+/// request of ours reaches the peer after our answer to its area, so transfers that fit are staged.
+fn warm_up(engine: &Engine, conn: &Connection, window: FifoItem) {
+    assert!(!conn.host_path().staging, "no area before the first transfer");
+    write_and_read_back(engine, conn, window, 0, &common::pattern((1 << 20) + 1, 1));
+    common::wait_until("both areas mapped", common::PATIENCE, || conn.host_path().staging);
+}
+
+#[test]
+fn host_memory_moves_through_the_staging_areas_byte_exact() {
+    let engine = Engine::new(staged_config()).unwrap();
+    let (_process, conn, window) = staged_peer(&engine);
+    // The peer's window as it started, read whole: larger than the area, so the direct copy.
+    let mut whole = vec![0u8; WINDOW];
+    let mr = engine.register(whole.as_mut_ptr() as usize, WINDOW).unwrap();
+    let r = conn.read(&[one(mr, whole.as_ptr() as usize, WINDOW, window)]).unwrap();
+    assert_eq!(wait(&conn, r).unwrap(), WINDOW as u64);
+    common::assert_same(&whole, &common::pattern(WINDOW, WINDOW_SEED), "the peer's window");
+    engine.deregister(mr).unwrap();
+    warm_up(&engine, &conn, window);
+    let before = conn.host_path();
+    let sizes = [(64 << 10) + 1, 256 << 10, (1 << 20) + 7, 4 << 20, (16 << 20) - 3, 16 << 20];
+    for (i, &len) in sizes.iter().enumerate() {
+        write_and_read_back(&engine, &conn, window, 4096 * i + 5, &common::pattern(len, 100 + i as u64));
+    }
+    let after = conn.host_path();
+    let n = 2 * sizes.len() as u64;
+    assert_eq!(after.staged_ops - before.staged_ops, n, "every write and read staged: {before:?} -> {after:?}");
+    assert_eq!(after.direct_ops - before.direct_ops, n);
+
+    // A vector of scattered items each way: one request, one range.
+    let mut buf = common::pattern(6 << 20, 7);
+    let data = buf.clone();
+    let mr = engine.register(buf.as_mut_ptr() as usize, buf.len()).unwrap();
+    let base = buf.as_ptr() as usize;
+    let spans = [(0usize, 100usize, 200_000usize), (300_000, 5 << 20, 1 << 20), (2 << 20, 9 << 20, 77)];
+    let items: Vec<OneSided> = spans.iter().map(|&(l, r, len)| one(mr, base + l, len, at(window, r))).collect();
+    let total: usize = spans.iter().map(|s| s.2).sum();
+    let before = conn.host_path();
+    assert_eq!(wait(&conn, conn.write(&items).unwrap()).unwrap(), total as u64);
+    buf.fill(0);
+    assert_eq!(wait(&conn, conn.read(&items).unwrap()).unwrap(), total as u64);
+    for &(l, _, len) in &spans {
+        common::assert_same(&buf[l..l + len], &data[l..l + len], "vector item read back");
+    }
+    assert_eq!(conn.host_path().staged_ops - before.staged_ops, 2, "a vector is one staged request each way");
+    engine.deregister(mr).unwrap();
+
+    // Larger than the area: the direct copy, byte-exact all the same.
+    let before = conn.host_path();
+    write_and_read_back(&engine, &conn, window, 0, &common::pattern(AREA_BYTES + 1, 8));
+    let after = conn.host_path();
+    assert_eq!((after.direct_ops - before.direct_ops, after.staged_ops - before.staged_ops), (2, 0));
+}
+
+/// Eight writes of 3 MiB in one call are eight requests (each from its own registration), posted
+/// together: six fill the 20 MiB area, two find it full and take the direct copy; nothing is lost
+/// either way. Reads likewise, as far as the target's area allows at the moment they arrive.
+#[test]
+fn transfers_finding_the_area_full_take_the_direct_copy() {
+    const N: usize = 8;
+    const LEN: usize = 3 << 20;
+    let engine = Engine::new(staged_config()).unwrap();
+    let (_process, conn, window) = staged_peer(&engine);
+    warm_up(&engine, &conn, window);
+    let mut bufs: Vec<Vec<u8>> = (0..N).map(|i| common::pattern(LEN, 200 + i as u64)).collect();
+    let data = bufs.clone();
+    let mrs: Vec<u64> = bufs.iter_mut().map(|b| engine.register(b.as_mut_ptr() as usize, LEN).unwrap()).collect();
+    let items: Vec<OneSided> =
+        (0..N).map(|i| one(mrs[i], bufs[i].as_ptr() as usize, LEN, at(window, i * LEN))).collect();
+    let fit = (AREA_BYTES / LEN) as u64;
+    let before = conn.host_path();
+    let w = conn.write(&items).unwrap();
+    assert_eq!(wait(&conn, w).unwrap(), (N * LEN) as u64);
+    let after = conn.host_path();
+    assert_eq!(after.direct_ops - before.direct_ops, N as u64);
+    assert_eq!(after.staged_ops - before.staged_ops, fit, "six fit the area, two not");
+    for b in &mut bufs {
+        b.fill(0);
+    }
+    let before = conn.host_path();
+    let r = conn.read(&items).unwrap();
+    assert_eq!(wait(&conn, r).unwrap(), (N * LEN) as u64);
+    let after = conn.host_path();
+    assert_eq!(after.direct_ops - before.direct_ops, N as u64);
+    let staged = after.staged_ops - before.staged_ops;
+    assert!(fit <= staged && staged <= N as u64, "{staged} staged reads");
+    for i in 0..N {
+        common::assert_same(&bufs[i], &data[i], &format!("item {i} read back"));
+    }
+}
+
+/// A source deregistered while its write is pushed: the write fails with a clear error or lands
+/// whole (the deregistration may come before or after the push), never a crash, and the connection
+/// goes on working.
+#[test]
+fn deregistering_the_source_during_a_staged_write_fails_it_cleanly() {
+    const LEN: usize = 16 << 20;
+    let engine = Arc::new(Engine::new(staged_config()).unwrap());
+    let (_process, conn, window) = staged_peer(&engine);
+    warm_up(&engine, &conn, window);
+    let (mut failed, mut landed) = (0, 0);
+    for round in 0..8u64 {
+        let mut src = common::pattern(LEN, 300 + round);
+        let mr = engine.register(src.as_mut_ptr() as usize, LEN).unwrap();
+        let addr = src.as_ptr() as usize;
+        let deregistering = {
+            let engine = engine.clone();
+            thread::spawn(move || {
+                thread::sleep(Duration::from_micros(200 * round));
+                engine.deregister(mr)
+            })
+        };
+        let outcome = conn.write(&[one(mr, addr, LEN, window)]).and_then(|w| wait(&conn, w));
+        deregistering.join().unwrap().unwrap();
+        match outcome {
+            Ok(len) => {
+                assert_eq!(len, LEN as u64);
+                landed += 1;
+            }
+            Err(e) => {
+                assert!(
+                    matches!(e.status(), UcclStatus::ErrNotAllowed | UcclStatus::ErrNotFound),
+                    "round {round}: {e}"
+                );
+                assert!(e.message().contains("deregistered") || e.message().contains("memory region"), "{e}");
+                failed += 1;
+            }
+        }
+        drop(src);
+    }
+    eprintln!("{failed} writes cut off by the deregistration, {landed} landed first");
+    // The connection still moves bytes both ways, staged.
+    let before = conn.host_path().staged_ops;
+    write_and_read_back(&engine, &conn, window, 5, &common::pattern(2 << 20, 4));
+    assert_eq!(conn.host_path().staged_ops - before, 2);
+}
