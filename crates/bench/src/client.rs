@@ -306,11 +306,10 @@ impl Run<'_> {
             Op::Read if !self.mem.check(&self.layout, seed)? => return Err(self.wrong_data()),
             _ => {}
         }
-        // The first transfer of a region (same host) starts the engine's background look at where
-        // its source lies (`engine::huge_pages`); the timed ones should see its answer, as a
-        // long-running process does from its first milliseconds on, not a bench's few transfers.
-        uccl_tcpx::engine::huge_pages::looks_settled(crate::same_host::LOOKS_SETTLE);
         self.pipeline(warmup)?;
+        if matches!(self.op, Op::Write | Op::Read) {
+            self.settle()?;
+        }
         let timed = Timed { first: Some(first), ..self.pipeline(iters)? };
         match self.op {
             Op::Read => {
@@ -321,6 +320,15 @@ impl Run<'_> {
             _ => {}
         }
         Ok(timed)
+    }
+
+    /// Lets the engine's background looks at where sources lie (`engine::huge_pages`), which the
+    /// checked and warm-up transfers started on either end, finish before the timed ones: they
+    /// should see the answers, as a long-running process does from its first milliseconds on.
+    fn settle(&mut self) -> Io<()> {
+        crate::same_host::settle_looks("client");
+        self.ctl.send("SETTLE")?;
+        self.verdict()
     }
 
     fn verdict(&mut self) -> Io<()> {

@@ -10,9 +10,19 @@ use uccl_tcpx::engine::HostPath;
 
 /// How long the two ends may take to check each other's process before the run starts.
 const CHECK_LIMIT: Duration = Duration::from_secs(10);
-/// How long a size's first transfer waits for the engine's page-size looks it started (smaps
-/// reads: milliseconds, tens of them in a process holding gigabytes) before the timed ones.
-pub const LOOKS_SETTLE: Duration = Duration::from_secs(2);
+/// How long an end waits for the engine's page-size looks before the timed transfers (smaps reads:
+/// milliseconds, tens of them in a process holding gigabytes).
+const LOOKS_SETTLE: Duration = Duration::from_secs(2);
+
+/// Waits for this process's page-size looks to finish, saying so on stderr when they did not.
+pub fn settle_looks(end: &str) {
+    if !uccl_tcpx::engine::huge_pages::looks_settled(LOOKS_SETTLE) {
+        eprintln!(
+            "uccl-tcpx-bench: the {end}'s page-size looks did not finish in {} s; timed transfers may see small pages",
+            LOOKS_SETTLE.as_secs()
+        );
+    }
+}
 
 /// Waits until both ends checked each other, then says which directions copy directly.
 pub fn describe_path(conn: &Connection) -> String {

@@ -109,15 +109,13 @@ impl Target<'_> {
                 self.mem.zero(&layout)?;
                 ctl.send("GO")?;
                 ctl.expect("CHECK")?;
-                // The checked write made this end ask where the writer's memory lies (same host);
-                // timed writes should see the answer, as a long-running process does from its
-                // first milliseconds on.
-                uccl_tcpx::engine::huge_pages::looks_settled(crate::same_host::LOOKS_SETTLE);
-                ctl.send(if self.mem.check(&layout, seed)? { "OK" } else { "BAD" })
+                ctl.send(if self.mem.check(&layout, seed)? { "OK" } else { "BAD" })?;
+                settle(ctl)
             }
             "read" => {
                 self.mem.fill(&layout, seed)?;
                 ctl.send("GO")?;
+                settle(ctl)?;
                 ctl.expect("END")?;
                 ctl.send("OK")
             }
@@ -181,4 +179,12 @@ pub fn spin_us() -> u64 {
     static SPIN_US: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *SPIN_US
         .get_or_init(|| if std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) >= 8 { 50 } else { 0 })
+}
+
+/// The client's `SETTLE` after its warm-up: this end's page-size looks finish before the timed
+/// transfers (`same_host::settle_looks`).
+fn settle(ctl: &mut Ctl) -> Io<()> {
+    ctl.expect("SETTLE")?;
+    crate::same_host::settle_looks("server");
+    ctl.send("OK")
 }

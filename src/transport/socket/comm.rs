@@ -244,11 +244,10 @@ impl CommCore {
         }
         let id = self.posted;
         let len = iov.iter().map(|s| s.len).sum::<usize>();
-        let first = iov[0];
-        let write_back = self
-            .write_back
-            .iter()
-            .any(|&(start, end)| start <= first.addr && first.addr.saturating_add(first.len) <= end);
+        let inside = |seg: &IoSeg| {
+            self.write_back.iter().any(|&(start, end)| start <= seg.addr && seg.addr.saturating_add(seg.len) <= end)
+        };
+        let write_back = !self.write_back.is_empty() && iov.iter().all(inside);
         let alone = self.window.post(id, iov, ready, write_back);
         match &mut self.side {
             Side::Send(send) => {

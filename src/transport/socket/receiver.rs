@@ -187,7 +187,9 @@ fn drive(s: &RecvSockets, socket: usize, inc: &mut Incoming) -> Result<Step> {
                 if *write_back && write_back::wanted(piece.seq, s.window.posted()) {
                     // Here, while the lines are still in this core's cache, and before the piece
                     // counts as landed: its request's copy up may be issued right after.
-                    write_back::write_back(mem.segs());
+                    // SAFETY: the admitted memory of a posted receive, which stays mapped and ours
+                    // until the request completes, which it cannot before this piece counts.
+                    unsafe { write_back::write_back_landed(mem.segs()) };
                 }
                 let piece = *piece;
                 inc.phase = Phase::Header;

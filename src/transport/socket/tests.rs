@@ -655,7 +655,8 @@ fn receives_into_memory_read_by_dma_are_written_back_and_arrive_whole() {
         written_back_bytes() - before
     };
     assert!(move_into(&mut slots[..len]) >= len as u64, "a receive inside the range is written back whole");
-    // Only this test asks for write-backs in this binary, so nothing else moves the counter.
+    // Only receives into a write-back range move the counter, and no other test of this binary
+    // posts one.
     assert_eq!(move_into(&mut plain), 0, "a receive elsewhere is not");
     assert_eq!(move_into(&mut slots[len / 2..len / 2 + len]), 0, "nor one reaching past the range");
     // Four receives posted before any byte comes: only the last two, whose copy up no later

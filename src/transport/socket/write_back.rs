@@ -20,12 +20,24 @@ use crate::transport::IoSeg;
 
 const LINE: usize = 64;
 
-/// Bytes written back so far, process-wide: lets tests see that receives really were.
+/// Bytes of received pieces written back so far, process-wide: lets tests see that receives
+/// really were. Counted by the receiving sockets, not by [`write_back`], whose own tests would
+/// move it.
 static WRITTEN_BACK: AtomicU64 = AtomicU64::new(0);
 
-/// Bytes this process wrote back from its caches after socket receives ([`write_back`]).
+/// Bytes this process's receiving sockets wrote back from its caches ([`write_back`]).
 pub fn written_back_bytes() -> u64 {
     WRITTEN_BACK.load(Ordering::Relaxed)
+}
+
+/// Writes back the landed piece `segs` ([`write_back`]) and counts it.
+///
+/// # Safety
+/// As [`write_back`].
+pub(super) unsafe fn write_back_landed(segs: &[IoSeg]) {
+    // SAFETY: per the caller.
+    unsafe { write_back(segs) };
+    WRITTEN_BACK.fetch_add(segs.iter().map(|s| s.len as u64).sum(), Ordering::Relaxed);
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,12 +54,16 @@ fn instruction() -> Instruction {
 
 #[cfg(target_arch = "x86_64")]
 fn detect() -> Instruction {
-    // Leaf 7 is asked only where leaf 0 reports it.
-    let max_leaf = core::arch::x86_64::__cpuid(0).eax;
+    // Safe functions from Rust 1.94 on, unsafe before (the crate builds from 1.88).
+    #[allow(unused_unsafe)]
+    // SAFETY: cpuid exists on every x86_64 CPU; leaf 7 is asked only where leaf 0 reports it.
+    let max_leaf = unsafe { core::arch::x86_64::__cpuid(0) }.eax;
     if max_leaf < 7 {
         return Instruction::None;
     }
-    let ebx = core::arch::x86_64::__cpuid_count(7, 0).ebx;
+    #[allow(unused_unsafe)]
+    // SAFETY: as above.
+    let ebx = unsafe { core::arch::x86_64::__cpuid_count(7, 0) }.ebx;
     if ebx & (1 << 24) != 0 {
         Instruction::Clwb
     } else if ebx & (1 << 23) != 0 {
@@ -66,8 +82,9 @@ fn detect() -> Instruction {
 /// behind it the stream is busy: those receives' arrival hides this one's copy up, and the
 /// write-back's time on the receiving helpers is what the stream loses (2 x H200 host, GPU to
 /// GPU, three alternated rounds, GB/s write / read: four 64 MiB transfers in flight 37.9 / 37.6
-/// without write-back, 24.7 / 25.8 writing back every piece, 39.0 / 34.9 with this bound; 4 MiB
-/// 19.7 / 18.0, 24.3 / 24.0, 21.7 / 22.0; one 4 MiB transfer 7.2 / 6.7, 10.5 / 10.5, 10.6 / 10.9).
+/// without write-back, 24.7 / 25.8 writing back every piece, 39.0 / 34.9 with this bound; 16 MiB
+/// 36.0 / 34.8, 29.2 / 31.5, 32.6 / 33.0; 4 MiB 19.7 / 18.0, 24.3 / 24.0, 21.7 / 22.0; one 4 MiB
+/// transfer 7.2 / 6.7, 10.5 / 10.5, 10.6 / 10.9).
 pub const MAX_POSTED_BEHIND: u64 = 1;
 
 /// Whether a landed piece of receive `seq` is written back, `posted` receives having been posted
@@ -83,18 +100,20 @@ pub fn supported() -> bool {
 
 /// Writes the cache lines of `segs` back to memory. The memory stays as it was: only where its
 /// bytes live changes.
-pub fn write_back(segs: &[IoSeg]) {
+///
+/// # Safety
+/// Every segment is mapped memory of this process (the instructions fault on unmapped addresses).
+pub unsafe fn write_back(segs: &[IoSeg]) {
     let how = instruction();
     if how == Instruction::None {
         return;
     }
     for seg in segs.iter().filter(|s| s.len > 0) {
-        WRITTEN_BACK.fetch_add(seg.len as u64, Ordering::Relaxed);
         let first = seg.addr & !(LINE - 1);
         let end = seg.addr.saturating_add(seg.len);
         for line in (first..end).step_by(LINE) {
-            // SAFETY: the line holds bytes of `seg`, memory of ours that is mapped (the caller
-            // just wrote it); neither instruction changes its contents or faults on mapped memory.
+            // SAFETY: the line holds bytes of `seg`, mapped memory of ours (the caller's
+            // contract); neither instruction changes its contents or faults on mapped memory.
             unsafe { line_back(how, line) };
         }
     }
@@ -144,10 +163,12 @@ mod tests {
             IoSeg { addr: base + 100_100, len: 0 },
             IoSeg { addr: base + 150_001, len: 149_999 },
         ];
-        write_back(&segs);
+        // SAFETY: every segment lies in `buf`.
+        unsafe { write_back(&segs) };
         assert_eq!(buf, expect);
         buf[299_999] ^= 0xff;
-        write_back(&segs[3..]);
+        // SAFETY: as above.
+        unsafe { write_back(&segs[3..]) };
         assert_ne!(buf, expect, "the buffer stays ours to change");
     }
 
