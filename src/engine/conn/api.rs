@@ -406,14 +406,16 @@ impl Connection {
     /// requests are on the wire: the target drains each piece as it lands), then lets the state
     /// free each range once the target answered too. A push never waits for the peer.
     fn push_staged(&self, pushes: Vec<PushJob>) {
+        let config = &self.core.config;
         for job in pushes {
-            if let Err(e) = host_push::push(&job, &self.pushes) {
+            let (op, write) = (job.op, job.write);
+            if let Err(e) = host_push::push(job, &self.pushes, config.host_copy_threads, config.host_copy_spin) {
                 // The target learns of it from the aborted marks and answers with a Deny.
-                log::debug!("staging write {}: {}", job.op, e.message());
+                log::debug!("staging write {op}: {}", e.message());
             }
             let mut inner = self.inner.lock();
             let mut out = Vec::new();
-            inner.state.push_finished(job.op, job.write, &mut out);
+            inner.state.push_finished(op, write, &mut out);
             if let Err(e) = self.apply(&mut inner, out) {
                 self.fail(&mut inner, e);
             }

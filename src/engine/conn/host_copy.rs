@@ -95,11 +95,13 @@ impl Connection {
                 }
                 Some(HostTask::Push(job)) => {
                     // The peer's read: the peer learns of a refused piece from its mark.
-                    if let Err(e) = host_push::push(&job, &self.pushes) {
-                        log::debug!("staging the peer's read {}: {}", job.op, e.message());
+                    let (op, write, config) = (job.op, job.write, &self.core.config);
+                    if let Err(e) = host_push::push(job, &self.pushes, config.host_copy_threads, config.host_copy_spin)
+                    {
+                        log::debug!("staging the peer's read {op}: {}", e.message());
                     }
                     let mut inner = self.inner.lock();
-                    inner.state.push_finished(job.op, job.write, &mut out);
+                    inner.state.push_finished(op, write, &mut out);
                     self.finish_host_work(&mut inner, out);
                 }
                 Some(HostTask::Copy(job)) => {

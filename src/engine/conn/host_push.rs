@@ -1,28 +1,41 @@
 //! Pushing bytes of ours into our staging area (`local::staging_area`, `state/staging.rs`): a
-//! staged write's source on its posting thread, a staged read's on the connection's worker. Each
-//! piece enters the push gate for its source region, so a deregistration waits for the piece under
-//! way and no piece starts after it; the pieces left are then marked aborted, so the peer's drain
-//! stops at once instead of waiting for bytes that never come.
+//! staged write's source on its posting thread, a staged read's on the connection's worker, a
+//! large one shared with the process's copy helpers (`local::copiers`) as copies are. Each piece
+//! enters the push gate for its source region, so a deregistration waits for the pieces under way
+//! and no piece starts after it; every piece left is then marked aborted, so the peer's drain stops
+//! at once instead of waiting for bytes that never come. Every piece of a push ends marked, pushed
+//! or aborted, before the push returns.
 //!
 //! Why a gate of its own: the worker's gate (`host_worker.rs`) follows one job at a time, while
 //! pushes run on any number of posting threads at once, each from its own region.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::Thread;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 
 use super::state::PushJob;
+use crate::engine::local::copiers;
 use crate::engine::local::staging_area::cut_pieces;
-use crate::error::{Error, Result};
+use crate::engine::region::Region;
+use crate::error::{Error, Result, UcclStatus};
+use crate::threads::panic_text;
+use crate::transport::IoSeg;
 
 /// How often a deregistration looks again at a push under way.
 const GATE_POLL: Duration = Duration::from_micros(50);
+/// Pushes from this size on are shared with the copy helpers, as same-host copies are
+/// (`host_copy.rs`): below it one thread pushes in about 50 us, of which a helper's wake-up would
+/// be a large part.
+const PARALLEL_BYTES: u64 = 512 << 10;
 
 /// The pieces being pushed, by source region.
 #[derive(Default)]
 pub(super) struct PushGate {
-    /// Region id and pieces under way from it. A few entries at most: one per pushing thread.
+    /// Region id and pieces under way from it: a few entries, one per region being pushed from.
     active: Mutex<Vec<(u64, usize)>>,
     closed: AtomicBool,
 }
@@ -50,7 +63,7 @@ impl PushGate {
     /// deregistered or the connection failed. The count is taken under the lock that
     /// `wait_clear` reads it under, after the region was marked removed: either this sees the
     /// mark, or the deregistration sees the piece.
-    fn enter(&self, region: &crate::engine::region::Region) -> Option<Inside<'_>> {
+    fn enter(&self, region: &Region) -> Option<Inside<'_>> {
         {
             let mut active = self.active.lock();
             match active.iter_mut().find(|(r, _)| *r == region.id) {
@@ -77,30 +90,185 @@ impl PushGate {
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
     }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
 }
 
-/// Pushes `job` piece by piece through `gate`; after a refusal (or a failed piece) marks every
-/// piece left aborted. The peer learns of the outcome from the marks alone.
-pub(super) fn push(job: &PushJob, gate: &PushGate) -> Result<()> {
-    let pieces = cut_pieces(&job.src, job.len);
-    let mut failed = None;
-    for (k, piece) in pieces.iter().enumerate() {
-        let k = u32::try_from(k).map_err(|_| Error::internal("a push of more than 2^32 pieces"))?;
-        if failed.is_none() {
-            let Some(_inside) = gate.enter(&job.region) else {
-                failed = Some(Error::not_allowed("the memory region was deregistered during the transfer"));
-                job.area.abort_piece(&job.range, k)?;
-                continue;
+/// One push's pieces and how far they got, shared by the threads pushing it.
+struct SharedPush {
+    job: PushJob,
+    pieces: Vec<Vec<IoSeg>>,
+    gate: Arc<PushGate>,
+    /// Pieces handed out (may run past their number: each thread's last claim finds none).
+    next: AtomicUsize,
+    /// Pieces marked, pushed or aborted.
+    done: AtomicUsize,
+    /// A piece failed: the rest are marked aborted.
+    stop: AtomicBool,
+    failure: Mutex<Option<Error>>,
+    /// The thread running the push, woken when the last piece is marked.
+    runner: Thread,
+}
+
+impl SharedPush {
+    /// Takes pieces until none is left; after a failure the rest are only marked aborted.
+    fn take_pieces(&self) {
+        let n = self.pieces.len();
+        loop {
+            let k = self.next.fetch_add(1, Ordering::Relaxed);
+            if k >= n {
+                return;
+            }
+            let pushed = if self.stop.load(Ordering::Acquire) {
+                Err(None)
+            } else {
+                catch_unwind(AssertUnwindSafe(|| self.piece(k))).unwrap_or_else(|panic| {
+                    let err = Error::internal(format!("a staging push panicked: {}", panic_text(&*panic)));
+                    log::error!("{}", err.message());
+                    Err(Some(err))
+                })
             };
-            // SAFETY: `piece` lies in `job.region`, a live registration of ours (checked at post,
-            // or authorized for the peer's read), and the gate keeps its deregistration from
-            // returning until the piece is done; this thread alone pushes this range.
-            match unsafe { job.area.push_piece(&job.range, k, piece) } {
-                Ok(()) => continue,
-                Err(e) => failed = Some(e),
+            if let Err(failure) = pushed {
+                self.stop.store(true, Ordering::Release);
+                if let Some(e) = failure {
+                    self.failure.lock().get_or_insert(e);
+                }
+                // Within the range by construction: the only error `abort_piece` knows.
+                let _ = self.job.area.abort_piece(&self.job.range, k as u32);
+            }
+            if self.done.fetch_add(1, Ordering::AcqRel) + 1 == n && std::thread::current().id() != self.runner.id() {
+                self.runner.unpark();
             }
         }
-        job.area.abort_piece(&job.range, k)?;
     }
-    failed.map_or(Ok(()), Err)
+
+    /// Pushes piece `k` through the gate.
+    fn piece(&self, k: usize) -> std::result::Result<(), Option<Error>> {
+        let Some(_inside) = self.gate.enter(&self.job.region) else {
+            return Err(Some(if self.gate.is_closed() {
+                Error::new(UcclStatus::ErrCanceled, "the connection failed during the transfer")
+            } else {
+                Error::not_allowed("the memory region was deregistered during the transfer")
+            }));
+        };
+        // SAFETY: the piece lies in `job.region`, a live registration of ours (checked at post,
+        // or authorized for the peer's read), and the gate keeps its deregistration from returning
+        // until the piece is done; piece `k` is this thread's alone.
+        unsafe { self.job.area.push_piece(&self.job.range, k as u32, &self.pieces[k]) }.map_err(Some)
+    }
+}
+
+impl copiers::Shared for SharedPush {
+    fn help(&self) {
+        self.take_pieces();
+    }
+
+    fn open(&self) -> bool {
+        self.next.load(Ordering::Relaxed) < self.pieces.len() && !self.stop.load(Ordering::Relaxed)
+    }
+}
+
+/// Pushes `job` through `gate` on this thread, with up to `threads - 1` copy helpers for a large
+/// one (which look for the next job for `spin` afterwards), and returns once every piece is
+/// marked. The peer learns of a failure from the aborted marks alone.
+pub(super) fn push(job: PushJob, gate: &Arc<PushGate>, threads: usize, spin: Duration) -> Result<()> {
+    let pieces = cut_pieces(&job.src, job.len);
+    let threads = if job.len < PARALLEL_BYTES { 1 } else { threads.max(1) };
+    let helpers = (threads - 1).min(pieces.len().saturating_sub(1));
+    let n = pieces.len();
+    let shared = Arc::new(SharedPush {
+        job,
+        pieces,
+        gate: gate.clone(),
+        next: AtomicUsize::new(0),
+        done: AtomicUsize::new(0),
+        stop: AtomicBool::new(false),
+        failure: Mutex::new(None),
+        runner: std::thread::current(),
+    });
+    let offer = (helpers > 0).then(|| copiers::offer(shared.clone(), helpers, spin));
+    shared.take_pieces();
+    drop(offer);
+    // What is left are pieces helpers push now: at most one each, and the last one done wakes us
+    // (the timeout only guards against a lost wake-up).
+    while shared.done.load(Ordering::Acquire) < n {
+        std::thread::park_timeout(Duration::from_millis(1));
+    }
+    shared.failure.lock().take().map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::local::PeerProcess;
+    use crate::engine::local::staging_area::{Mark, OutboundArea, Patience, PeerArea, STAGE_PIECE};
+    use crate::engine::region::RegionTable;
+    use crate::transport::MemKind;
+
+    const P: usize = STAGE_PIECE as usize;
+
+    /// A push of `src` (in `table`'s region `id`) into a fresh range of `area`.
+    fn job(area: &Arc<OutboundArea>, table: &RegionTable, id: u64, src: &[u8]) -> PushJob {
+        let range = area.alloc(src.len() as u64).unwrap();
+        let region = table.get(id).unwrap();
+        let len = src.len() as u64;
+        let src = vec![IoSeg { addr: src.as_ptr() as usize, len: src.len() }];
+        PushJob { op: 1, write: true, area: area.clone(), range, region, src, len }
+    }
+
+    fn marks(peer: &PeerArea, job_first: u32, pieces: u32, generation: u64) -> Vec<Mark> {
+        let ok = || Ok(());
+        let patience = Patience { spin: Duration::ZERO, limit: Duration::from_secs(5), healthy: &ok };
+        (0..pieces).map(|k| peer.wait(job_first + k, generation, &patience).unwrap()).collect()
+    }
+
+    #[test]
+    fn a_large_push_is_shared_and_every_piece_lands_marked() {
+        let area = Arc::new(OutboundArea::create(4 << 20).unwrap());
+        let peer = PeerArea::open(&PeerProcess::open(std::process::id()).unwrap(), area.fd(), area.len()).unwrap();
+        let table = RegionTable::default();
+        let src: Vec<u8> = (0..3 * P + 17).map(|i| (i % 247) as u8).collect();
+        let id = table.register(src.as_ptr() as usize, src.len(), MemKind::Host).unwrap();
+        let job = job(&area, &table, id, &src);
+        let (range, len) = (job.range, job.len);
+        let gate = Arc::new(PushGate::default());
+        push(job, &gate, 4, Duration::ZERO).unwrap();
+        assert_eq!(marks(&peer, range.first_piece, range.pieces, range.generation), [Mark::Pushed; 4]);
+        let mut back = vec![0u8; src.len()];
+        let dst = [IoSeg { addr: back.as_mut_ptr() as usize, len: back.len() }];
+        for (k, piece) in cut_pieces(&dst, len).iter().enumerate() {
+            // SAFETY: `back` is ours and untouched meanwhile.
+            unsafe { peer.drain_piece(range.first_piece + k as u32, piece) }.unwrap();
+        }
+        assert_eq!(back, src);
+        assert!(gate.active.lock().is_empty(), "no piece left announced");
+    }
+
+    #[test]
+    fn a_deregistered_source_or_a_closed_gate_marks_every_piece_aborted() {
+        let area = Arc::new(OutboundArea::create(4 << 20).unwrap());
+        let peer = PeerArea::open(&PeerProcess::open(std::process::id()).unwrap(), area.fd(), area.len()).unwrap();
+        let table = RegionTable::default();
+        let src = vec![3u8; 2 * P];
+        let id = table.register(src.as_ptr() as usize, src.len(), MemKind::Host).unwrap();
+        let gate = Arc::new(PushGate::default());
+
+        let closed = job(&area, &table, id, &src);
+        let range = closed.range;
+        let shut = Arc::new(PushGate::default());
+        shut.close();
+        let err = push(closed, &shut, 4, Duration::ZERO).unwrap_err();
+        assert_eq!(err.status(), UcclStatus::ErrCanceled);
+        assert_eq!(marks(&peer, range.first_piece, range.pieces, range.generation), [Mark::Aborted; 2]);
+
+        let gone = job(&area, &table, id, &src);
+        let range = gone.range;
+        table.remove(id).unwrap();
+        gate.wait_clear(id);
+        let err = push(gone, &gate, 4, Duration::ZERO).unwrap_err();
+        assert!(err.message().contains("deregistered"), "{err}");
+        assert_eq!(marks(&peer, range.first_piece, range.pieces, range.generation), [Mark::Aborted; 2]);
+    }
 }

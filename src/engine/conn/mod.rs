@@ -159,7 +159,7 @@ pub struct Connection {
     /// this host.
     host: HostCopy,
     /// Pushes into our staging area under way, which a deregistration waits for.
-    pushes: PushGate,
+    pushes: Arc<PushGate>,
 }
 
 impl Connection {
@@ -237,7 +237,7 @@ impl Connection {
             host_tracer,
             flow_tracer,
             host: HostCopy::new(weak.clone() as Weak<dyn host_worker::HostServed>),
-            pushes: PushGate::default(),
+            pushes: Arc::default(),
         });
         // Known to the engine before it reads a byte: a deregistration must reach every connection
         // that could authorize a request for the region.
