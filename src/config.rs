@@ -182,14 +182,16 @@ pub struct Config {
     /// `UCCL_TCPX_HOST_COPY_NETWORK_BAND` (`LO-HI` with K/M/G suffixes, or 0 for none).
     pub host_copy_network_band: Option<(u64, u64)>,
     /// Whether the same-host host path looks at the page size of a transfer's source memory
-    /// (`/proc/<pid>/smaps`, once per region): a source mostly on transparent huge pages skips
+    /// (`/proc/<pid>/smaps`, once per process and change of its mappings): a source mostly on transparent huge pages skips
     /// `host_copy_network_band` and, up to 8 MiB, is cut into pieces of `host_copy_huge_min_piece`,
     /// since on huge pages the kernel pins a source in few steps and threads copying neighbouring
     /// megabytes no longer contend. On a 32-core host, three alternated rounds, huge-page sources
     /// moved 1-8 MiB at 1.5-2.9x loopback TCP with it against 1.0-1.9x without, small-page ones as
-    /// without it. Default on: the read of smaps (the kernel walks every mapping's page tables,
-    /// about 12 ms per GiB resident on small pages) runs on a thread of its own, and transfers
-    /// until its answer is in go as on small pages. `UCCL_TCPX_HOST_COPY_HUGE_PAGES` (0 or 1).
+    /// without it. Default on: the read of smaps (the kernel walks the page tables of every
+    /// mapping of the process looked at, about 12 ms per GiB resident on small pages) runs on a
+    /// thread of its own, once per process and change of its mappings, the asking thread never
+    /// waits for it, and transfers until its answer is in go as on small pages.
+    /// `UCCL_TCPX_HOST_COPY_HUGE_PAGES` (0 or 1).
     pub host_copy_huge_pages: bool,
     /// The smallest piece of a same-host copy of at most 8 MiB whose source lies on huge pages,
     /// with `host_copy_huge_pages`. Default 256 KiB: 1-8 MiB copies on huge pages moved 1.4-3x

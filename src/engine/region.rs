@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock};
 
-use super::huge_pages::{KnownSpans, range_on_huge_pages};
+use super::huge_pages::KnownMappings;
 use crate::cuda::ipc::Export;
 use crate::error::{Error, Result};
 use crate::proto::{Capability, FifoItem, RemoteSeg, TokenBinding};
@@ -32,9 +32,9 @@ pub struct Region {
     device_copies: AtomicUsize,
     /// The CUDA IPC handle of the allocation holding a device region, asked for once.
     ipc: OnceLock<Option<Export>>,
-    /// Whether host memory of the region lies on huge pages, looked up once in the background
+    /// What this process's mappings lie on, shared by every region of the process
     /// (`huge_pages/`).
-    huge: KnownSpans,
+    pages: Arc<KnownMappings>,
 }
 
 impl Region {
@@ -66,12 +66,11 @@ impl Region {
         self.windows.lock().clone()
     }
 
-    /// Whether the region's host memory lies mostly on huge pages, as `/proc/self/smaps` said: the
-    /// first call starts that read on the looker thread and, like every call before its answer is
-    /// in, says small pages; device memory never lies on huge pages here.
+    /// Whether the region's host memory lies mostly on huge pages, as `/proc/self/smaps` said at
+    /// its last read: memory mapped since that read queues another on the looker thread and, until
+    /// its answer is in, says small pages; device memory never lies on huge pages here.
     pub fn on_huge_pages(&self) -> bool {
-        let (base, len) = (self.base, self.len);
-        self.kind == MemKind::Host && self.huge.on_huge_pages(base, len, move || range_on_huge_pages(None, base, len))
+        self.kind == MemKind::Host && self.pages.on_huge_pages([(self.base, self.len)])
     }
 
     /// The CUDA IPC handle of the allocation holding this device region, made on first use; `None`
@@ -116,15 +115,26 @@ pub fn check_range(addr: usize, len: usize) -> Result<()> {
     Ok(())
 }
 
-#[derive(Default)]
 pub struct RegionTable {
     regions: RwLock<HashMap<u64, Arc<Region>>>,
     next_id: AtomicU64,
     /// Counts removals, so channels notice cheaply that a registration cache may hold dead regions.
     removals: Arc<AtomicU64>,
+    /// What this process's memory lies on, handed to every region.
+    pages: Arc<KnownMappings>,
+}
+
+impl Default for RegionTable {
+    fn default() -> RegionTable {
+        RegionTable::with_pages(KnownMappings::ours())
+    }
 }
 
 impl RegionTable {
+    fn with_pages(pages: Arc<KnownMappings>) -> RegionTable {
+        RegionTable { regions: RwLock::default(), next_id: AtomicU64::new(0), removals: Arc::default(), pages }
+    }
+
     pub fn register(&self, addr: usize, len: usize, kind: MemKind) -> Result<u64> {
         check_range(addr, len)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
@@ -138,7 +148,7 @@ impl RegionTable {
             removed: AtomicBool::new(false),
             device_copies: AtomicUsize::new(0),
             ipc: OnceLock::new(),
-            huge: KnownSpans::default(),
+            pages: self.pages.clone(),
         };
         self.regions.write().insert(id, Arc::new(region));
         Ok(id)
@@ -394,23 +404,40 @@ mod tests {
     }
 
     #[test]
-    fn a_host_region_learns_its_page_size_in_the_background() {
+    fn regions_in_one_mapping_share_one_read_of_its_page_size() {
+        let _reading = crate::engine::huge_pages::TEST_FAULTS.read();
         const LEN: usize = 4 << 20;
         let mapping = testkit::mapping::AlignedMapping::new(LEN, libc::MADV_HUGEPAGE, 0x5a);
-        let t = RegionTable::default();
-        let id = t.register(mapping.addr(), LEN, MemKind::Host).unwrap();
-        let region = t.local(id, mapping.addr(), LEN).unwrap();
-        let before = range_on_huge_pages(None, mapping.addr(), LEN).huge;
-        assert!(!region.on_huge_pages(), "the first ask says small pages and starts the look");
-        testkit::wait_until("the look settles", testkit::PATIENCE, || !region.huge.looking());
-        let after = range_on_huge_pages(None, mapping.addr(), LEN).huge;
+        let reads = Arc::new(AtomicUsize::new(0));
+        let pages = {
+            let reads = reads.clone();
+            KnownMappings::with_reader(std::time::Duration::from_secs(3600), move || {
+                reads.fetch_add(1, Ordering::SeqCst);
+                crate::engine::huge_pages::read_smaps(None)
+            })
+        };
+        let t = RegionTable::with_pages(Arc::new(pages));
+        let half = LEN / 2;
+        let first = t.register(mapping.addr(), half, MemKind::Host).unwrap();
+        let second = t.register(mapping.addr() + half, half, MemKind::Host).unwrap();
+        let first = t.local(first, mapping.addr(), half).unwrap();
+        let second = t.local(second, mapping.addr() + half, half).unwrap();
+        let before = crate::engine::huge_pages::range_on_huge_pages(None, mapping.addr(), LEN);
+        assert!(!first.on_huge_pages(), "the first ask says small pages and starts the read");
+        assert!(!second.on_huge_pages(), "so does the other region's while it runs");
+        testkit::wait_until("the read settles", testkit::PATIENCE, || !t.pages.looking());
+        let after = crate::engine::huge_pages::range_on_huge_pages(None, mapping.addr(), LEN);
         if before == after {
             // Where the kernel changed its mind meanwhile both answers are true ones.
-            assert_eq!(region.on_huge_pages(), after, "the looked-up answer");
+            assert_eq!(first.on_huge_pages(), after, "the looked-up answer");
+            assert_eq!(second.on_huge_pages(), after, "the same for the other region");
         }
+        assert_eq!(reads.load(Ordering::SeqCst), 1, "one read for both regions");
+        assert!(Arc::ptr_eq(&RegionTable::default().pages, &RegionTable::default().pages), "one cache a process");
         let device = t.register(mapping.addr(), LEN, MemKind::Cuda { device: 0 }).unwrap();
         let device = t.local(device, mapping.addr(), LEN).unwrap();
         assert!(!device.on_huge_pages());
-        assert!(!device.huge.looking(), "device memory is never looked up");
+        assert!(!t.pages.looking(), "device memory is never looked up");
+        assert_eq!(reads.load(Ordering::SeqCst), 1);
     }
 }

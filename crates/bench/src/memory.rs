@@ -156,7 +156,7 @@ pub fn prefaulted(len: usize, huge: bool) -> Vec<u8> {
     if huge && len >= HUGE {
         // Advice only: memory the allocator had touched before, or a kernel that declines, leaves
         // small pages, and a run must not be read as one on huge pages then.
-        let granted = uccl_tcpx::engine::huge_pages::range_on_huge_pages(None, v.as_ptr() as usize, len).huge;
+        let granted = uccl_tcpx::engine::huge_pages::range_on_huge_pages(None, v.as_ptr() as usize, len);
         if !granted {
             eprintln!(
                 "uccl-tcpx-bench: a {len}-byte host buffer asked for huge pages lies mostly on small pages (its 2 MiB-aligned interior alone can be huge; kernel THP mode: {})",

@@ -1,5 +1,5 @@
 //! The process's looker thread: it runs the smaps reads that answer caches of page sizes, one at a
-//! time, off every transfer's path.
+//! time, off every transfer's path, each no sooner than its cache allows.
 //!
 //! Why one thread of the process, serving a queue, and not a thread per look: a look reads a whole
 //! process's smaps, for which the kernel walks every page table of that process under its mapping
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
-use crate::threads::{ThreadKind, spawn_contained};
+use crate::threads::{self, ThreadKind, spawn_contained};
 
 /// How long the thread waits for a look before it ends.
 const IDLE_EXIT: Duration = Duration::from_secs(1);
@@ -27,8 +27,14 @@ pub(super) trait Look: Send {
     fn give_up(self: Box<Self>);
 }
 
+/// A look and the earliest it may run.
+struct Queued {
+    due: Instant,
+    look: Box<dyn Look>,
+}
+
 struct State {
-    queue: VecDeque<Box<dyn Look>>,
+    queue: VecDeque<Queued>,
     /// The thread runs (or is starting).
     running: bool,
     /// The thread is inside a look.
@@ -38,11 +44,12 @@ struct State {
 static STATE: Mutex<State> = Mutex::new(State { queue: VecDeque::new(), running: false, busy: false });
 static QUEUED: Condvar = Condvar::new();
 
-/// Queues `look` for the looker thread, starting the thread if none runs. Returns at once.
-pub(super) fn submit(look: Box<dyn Look>) {
+/// Queues `look` for the looker thread to run once `due` has come, starting the thread if none
+/// runs. Returns at once.
+pub(super) fn submit(look: Box<dyn Look>, due: Instant) {
     let start = {
         let mut state = STATE.lock();
-        state.queue.push_back(look);
+        state.queue.push_back(Queued { due, look });
         let start = !state.running;
         state.running = true;
         start
@@ -67,30 +74,36 @@ fn give_up_all() {
         (state.running, state.busy) = (false, false);
         state.queue.drain(..).collect()
     };
-    for look in looks {
-        look.give_up();
+    for queued in looks {
+        queued.look.give_up();
     }
 }
 
-/// The thread: runs queued looks oldest first, the lock released around each, and ends once none
-/// came for `IDLE_EXIT`.
+/// The thread: runs queued looks that are due, oldest first, the lock released around each, waits
+/// for the next one due otherwise, and ends once none came for `IDLE_EXIT`.
 fn serve() {
     let mut state = STATE.lock();
     loop {
-        if let Some(look) = state.queue.pop_front() {
+        let now = Instant::now();
+        if let Some(i) = state.queue.iter().position(|queued| queued.due <= now) {
+            // With the look still queued: a panic here gives it up with the rest (`give_up_all`).
+            threads::point(ThreadKind::PageLook);
+            let Some(Queued { look, .. }) = state.queue.remove(i) else { continue };
             state.busy = true;
             MutexGuard::unlocked(&mut state, || look.run());
             state.busy = false;
             continue;
         }
-        if QUEUED.wait_for(&mut state, IDLE_EXIT).timed_out() && state.queue.is_empty() {
+        let next_due = state.queue.iter().map(|queued| queued.due).min();
+        let wait = next_due.map_or(IDLE_EXIT, |due| due.saturating_duration_since(now));
+        if QUEUED.wait_for(&mut state, wait).timed_out() && state.queue.is_empty() {
             state.running = false;
             return;
         }
     }
 }
 
-/// Waits until no look is queued or under way, at most `limit`; whether that came. For tests that
+/// Waits until no look is queued (due or not) or under way, at most `limit`; whether that came. For tests that
 /// assert what a looked-up answer made happen, and for the bench, which times what a long-running
 /// process sees; never needed in use, and the C ABI exports nothing that reaches it.
 pub fn looks_settled(limit: Duration) -> bool {
@@ -108,6 +121,11 @@ pub fn looks_settled(limit: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(1));
     }
 }
+
+/// Held shared by the tests that need the looker thread to read, and exclusively by the one that
+/// makes that thread panic, whose panic would otherwise give up their looks.
+#[cfg(test)]
+pub(crate) static TEST_FAULTS: parking_lot::RwLock<()> = parking_lot::RwLock::new(());
 
 #[cfg(test)]
 mod tests {
@@ -133,10 +151,11 @@ mod tests {
 
     #[test]
     fn queued_looks_run_on_a_thread_that_ends_when_idle() {
+        let _reading = TEST_FAULTS.read();
         let runs = Arc::new(AtomicUsize::new(0));
         let (done, finished) = mpsc::channel();
         for _ in 0..5 {
-            submit(Box::new(Counted { runs: runs.clone(), done: done.clone() }));
+            submit(Box::new(Counted { runs: runs.clone(), done: done.clone() }), Instant::now());
         }
         for _ in 0..5 {
             assert_eq!(finished.recv_timeout(testkit::PATIENCE), Ok("run"));
@@ -144,5 +163,22 @@ mod tests {
         assert_eq!(runs.load(Ordering::SeqCst), 5);
         assert!(looks_settled(testkit::PATIENCE));
         testkit::wait_until("the look thread ends", IDLE_EXIT + testkit::PATIENCE, || !STATE.lock().running);
+    }
+
+    #[test]
+    fn a_look_runs_no_sooner_than_it_is_due_and_does_not_hold_up_the_others() {
+        let _reading = TEST_FAULTS.read();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (done, finished) = mpsc::channel();
+        let queued = Instant::now();
+        let later = Duration::from_secs(1);
+        submit(Box::new(Counted { runs: runs.clone(), done: done.clone() }), queued + later);
+        submit(Box::new(Counted { runs: runs.clone(), done }), queued);
+        assert_eq!(finished.recv_timeout(testkit::PATIENCE), Ok("run"));
+        assert!(queued.elapsed() < later, "the look due now ran before the later one");
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert_eq!(finished.recv_timeout(testkit::PATIENCE), Ok("run"));
+        assert!(queued.elapsed() >= later, "the later one waited until it was due");
+        assert!(looks_settled(testkit::PATIENCE));
     }
 }

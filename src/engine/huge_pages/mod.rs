@@ -2,19 +2,27 @@
 //! same-host host path copies a source on huge pages differently (`Config::host_copy_huge_pages`):
 //! the kernel pins it in a few steps, so more threads may copy neighbouring megabytes.
 //!
-//! Reading smaps makes the kernel walk the page tables of every mapping of the process (about
-//! 12 ms per GiB resident on small pages), so no transfer waits for it: answers are cached by their
-//! users in [`KnownSpans`] (per local region in `region.rs`, per span of a peer's memory in
-//! `local/process.rs`), and the read behind a missing answer runs on the looker thread
-//! (`looker.rs`) while the asker goes on as if the memory lay on small pages. An answer is only a
-//! hint: a late, stale or wrong one costs speed, never correctness, and anything that cannot be
-//! read or parsed reads as small pages.
+//! Reading smaps makes the kernel walk the page tables of every mapping of the process looked at
+//! (about 12 ms per GiB resident on small pages, under that process's mapping lock for reading),
+//! so it is done once per process and change of its mappings, and the asking thread never waits
+//! for it: [`KnownMappings`] keeps the mappings of the last read of a process (one shared by every
+//! region for this process, one per peer in `local/process.rs`) and answers any range inside them;
+//! a range outside (memory mapped since) queues a new read for the looker thread (`looker.rs`),
+//! at most one per process at a time and rate-bounded, while the asker goes on as if the memory
+//! lay on small pages. Where THP is off and no hugetlbfs pool exists (`system.rs`) nothing is read
+//! at all. An answer is only a hint: a late, stale or wrong one costs speed, never correctness,
+//! and anything that cannot be read or parsed reads as small pages.
 
 mod known;
 mod looker;
 mod smaps;
+mod system;
 
-pub use known::KnownSpans;
+pub use known::KnownMappings;
+#[cfg(test)]
+pub(crate) use looker::TEST_FAULTS;
 #[doc(hidden)]
 pub use looker::looks_settled;
-pub use smaps::{Answer, range_on_huge_pages};
+pub use smaps::range_on_huge_pages;
+#[cfg(test)]
+pub(crate) use smaps::read as read_smaps;

@@ -1,106 +1,168 @@
-//! What `/proc/<pid>/smaps` says about a range of a process's memory: whether the mappings
-//! overlapping it lie mostly on huge pages, and which addresses they cover.
+//! What `/proc/<pid>/smaps` says about a process's memory: each mapping's resident bytes and how
+//! many of them lie on huge pages, kept from one read, so that any range inside those mappings can
+//! be answered without reading again.
+
+use std::io::{self, BufRead, BufReader};
 
 /// Share of the resident bytes that must lie on huge pages, in tenths: below it enough 4 KiB pages
 /// remain for their pinning to dominate the copy.
 const HUGE_TENTHS: u64 = 9;
 
-/// What the mappings overlapping a range say.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Answer {
-    /// At least 90 % of the resident bytes of the overlapping mappings lie on huge pages (and some
-    /// are resident).
-    pub huge: bool,
-    /// The addresses those mappings cover together with the range: the answer holds for any range
-    /// inside it while the mappings stay.
-    pub span: (usize, usize),
-}
+/// Mappings one read keeps at most (32 bytes each, so 2 MiB): a process with more keeps its lowest
+/// ones, and ranges above them read as small pages.
+pub(super) const MAX_MAPPINGS: usize = 1 << 16;
 
 /// One mapping of smaps, with the counters that matter here (bytes).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Mapping {
     start: usize,
     end: usize,
+    /// Resident bytes, hugetlbfs pages included (smaps counts those apart from Rss); 0 for a
+    /// mapping without an Rss line, which says nothing.
+    resident: u64,
+    /// Of those, the bytes on huge pages.
+    huge: u64,
+}
+
+/// The counters of the mapping being parsed, as its lines come.
+#[derive(Debug, Default)]
+struct Counters {
     rss: Option<u64>,
     anon_huge: u64,
-    /// hugetlbfs pages, which smaps counts apart from Rss.
     hugetlb: u64,
 }
 
-impl Mapping {
-    fn resident(&self) -> u64 {
-        self.rss.unwrap_or(0).saturating_add(self.hugetlb)
-    }
-
-    fn huge(&self) -> u64 {
-        self.anon_huge.min(self.rss.unwrap_or(0)).saturating_add(self.hugetlb)
-    }
-
-    /// Whether its counters were read (a mapping without an Rss line says nothing).
-    fn known(&self) -> bool {
-        self.rss.is_some() || self.hugetlb > 0
+impl Counters {
+    fn mapping(&self, (start, end): (usize, usize)) -> Mapping {
+        let rss = self.rss.unwrap_or(0);
+        let resident = if self.rss.is_some() || self.hugetlb > 0 { rss.saturating_add(self.hugetlb) } else { 0 };
+        let huge = if resident > 0 { self.anon_huge.min(rss).saturating_add(self.hugetlb) } else { 0 };
+        Mapping { start, end, resident, huge }
     }
 }
 
-/// Whether `[addr, addr + len)` of process `pid` (`None`: this process) lies on huge pages.
-pub fn range_on_huge_pages(pid: Option<u32>, addr: usize, len: usize) -> Answer {
+/// The mappings of one read of a process's smaps, sorted by address.
+#[derive(Debug, Default)]
+pub(crate) struct Snapshot {
+    mappings: Vec<Mapping>,
+    /// The read stopped at `MAX_MAPPINGS`: nothing is known above the last mapping kept, and
+    /// reading again would not tell more.
+    truncated: bool,
+}
+
+/// Resident and huge-page bytes of the mappings that ranges overlap, summed over them.
+#[derive(Debug, Default)]
+pub(super) struct Tally {
+    resident: u64,
+    huge: u64,
+    /// The mapping counted last, so that consecutive ranges in one mapping count it once.
+    last: Option<usize>,
+}
+
+impl Tally {
+    /// At least 90 % of the resident bytes lie on huge pages, and some are resident.
+    pub(super) fn huge(&self) -> bool {
+        self.resident > 0 && self.huge.saturating_mul(10) >= self.resident.saturating_mul(HUGE_TENTHS)
+    }
+}
+
+impl Snapshot {
+    /// Adds the mappings overlapping `[addr, addr + len)` to `tally`; whether the snapshot covers
+    /// the range, that is whether every byte of it lies in a mapping it knows (or above what a
+    /// truncated read kept). A range it does not cover lies in memory mapped since, or in none.
+    pub(super) fn tally(&self, addr: usize, len: usize, tally: &mut Tally) -> bool {
+        let end = addr.saturating_add(len);
+        let mut i = self.mappings.partition_point(|m| m.end <= addr);
+        let mut at = addr;
+        while at < end {
+            let Some(m) = self.mappings.get(i) else { return self.truncated };
+            if m.start > at {
+                return false;
+            }
+            if tally.last != Some(i) {
+                tally.resident = tally.resident.saturating_add(m.resident);
+                tally.huge = tally.huge.saturating_add(m.huge);
+                tally.last = Some(i);
+            }
+            at = at.max(m.end);
+            i += 1;
+        }
+        true
+    }
+
+    /// Whether `[addr, addr + len)` lies on huge pages; `None` where the snapshot does not cover it.
+    pub(super) fn on_huge_pages(&self, addr: usize, len: usize) -> Option<bool> {
+        let mut tally = Tally::default();
+        self.tally(addr, len, &mut tally).then(|| tally.huge())
+    }
+
+    /// The snapshot of smaps text (none where it does not parse), as tests describe a process.
+    #[cfg(test)]
+    pub(crate) fn from_text(text: &str) -> Snapshot {
+        parse(text.as_bytes(), MAX_MAPPINGS).unwrap_or_default()
+    }
+
+    /// Mappings known.
+    pub(super) fn len(&self) -> usize {
+        self.mappings.len()
+    }
+}
+
+/// Reads the smaps of process `pid` (`None`: this process), a line at a time; `None` where it
+/// cannot be read.
+pub(crate) fn read(pid: Option<u32>) -> Option<Snapshot> {
     let path = match pid {
         Some(pid) => format!("/proc/{pid}/smaps"),
         None => "/proc/self/smaps".to_owned(),
     };
-    match std::fs::read(&path) {
-        Ok(bytes) => answer_in(&String::from_utf8_lossy(&bytes), addr, len),
-        Err(e) => {
-            log::debug!("cannot read {path} ({e}): its memory counts as on small pages");
-            unknown(addr, len)
-        }
-    }
+    let read = std::fs::File::open(&path).and_then(|file| parse(BufReader::new(file), MAX_MAPPINGS));
+    read.map_err(|e| log::debug!("cannot read {path} ({e}): its memory counts as on small pages")).ok()
 }
 
-/// The answer for a range nothing is known about: small pages, for the range alone.
-pub(super) fn unknown(addr: usize, len: usize) -> Answer {
-    Answer { huge: false, span: (addr, addr.saturating_add(len)) }
-}
-
-/// The answer for `[addr, addr + len)` from smaps text.
-fn answer_in(smaps: &str, addr: usize, len: usize) -> Answer {
-    let end = addr.saturating_add(len);
-    let (mut resident, mut huge, mut span) = (0u64, 0u64, (addr, end));
-    for m in mappings(smaps).filter(|m| m.start < end && addr < m.end && m.known()) {
-        resident = resident.saturating_add(m.resident());
-        huge = huge.saturating_add(m.huge());
-        span = (span.0.min(m.start), span.1.max(m.end));
-    }
-    let huge = resident > 0 && huge.saturating_mul(10) >= resident.saturating_mul(HUGE_TENTHS);
-    Answer { huge, span }
+/// Whether `[addr, addr + len)` of process `pid` (`None`: this process) lies on huge pages, from
+/// a read of its smaps now; small pages where it cannot be read or does not cover the range.
+pub fn range_on_huge_pages(pid: Option<u32>, addr: usize, len: usize) -> bool {
+    read(pid).and_then(|snapshot| snapshot.on_huge_pages(addr, len)).unwrap_or(false)
 }
 
 /// The mappings of smaps text, each a header line (`start-end perms ...`) and its `Name: N kB`
-/// lines. Lines that fit neither are skipped; a header that does not parse drops its counters.
-fn mappings(smaps: &str) -> impl Iterator<Item = Mapping> + '_ {
-    let mut lines = smaps.lines().peekable();
-    std::iter::from_fn(move || {
-        loop {
-            let line = lines.next()?;
-            let Some((start, end)) = header(line) else { continue };
-            let mut m = Mapping { start, end, ..Mapping::default() };
-            while let Some(next) = lines.peek() {
-                if header(next).is_some() {
-                    break;
-                }
-                if let Some((name, bytes)) = counter(next) {
-                    match name {
-                        "Rss" => m.rss = Some(bytes),
-                        "AnonHugePages" => m.anon_huge = bytes,
-                        "Shared_Hugetlb" | "Private_Hugetlb" => m.hugetlb = m.hugetlb.saturating_add(bytes),
-                        _ => {}
-                    }
-                }
-                lines.next();
-            }
-            return Some(m);
+/// lines, at most `cap` of them. Lines that fit neither are skipped, as are counters before the
+/// first header. Streamed: a process with many mappings has megabytes of smaps, none of it kept.
+fn parse(mut text: impl BufRead, cap: usize) -> io::Result<Snapshot> {
+    let mut snapshot = Snapshot::default();
+    let mut current: Option<((usize, usize), Counters)> = None;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if text.read_until(b'\n', &mut line)? == 0 {
+            break;
         }
-    })
+        // A path that is not UTF-8 must not hide its header.
+        let line = String::from_utf8_lossy(&line);
+        if let Some(range) = header(&line) {
+            if let Some((range, counters)) = current.take() {
+                snapshot.mappings.push(counters.mapping(range));
+            }
+            if snapshot.mappings.len() >= cap {
+                snapshot.truncated = true;
+                break;
+            }
+            current = Some((range, Counters::default()));
+        } else if let (Some((_, counters)), Some((name, bytes))) = (current.as_mut(), counter(&line)) {
+            match name {
+                "Rss" => counters.rss = Some(bytes),
+                "AnonHugePages" => counters.anon_huge = bytes,
+                "Shared_Hugetlb" | "Private_Hugetlb" => counters.hugetlb = counters.hugetlb.saturating_add(bytes),
+                _ => {}
+            }
+        }
+    }
+    if let Some((range, counters)) = current {
+        snapshot.mappings.push(counters.mapping(range));
+    }
+    // The kernel lists mappings in address order; sorting makes the lookups hold for any text.
+    snapshot.mappings.sort_unstable_by_key(|m| m.start);
+    Ok(snapshot)
 }
 
 /// A mapping's first line: `start-end perms offset dev inode [path]`, addresses in hex.
@@ -164,38 +226,56 @@ Private_Hugetlb:       0 kB
     const M: usize = 1 << 20;
     const BASE: usize = 0x7f00_0000_0000;
 
+    fn snapshot(text: &str) -> Snapshot {
+        parse(text.as_bytes(), MAX_MAPPINGS).unwrap()
+    }
+
+    /// The answer for a range from smaps text: `None` where its mappings do not cover it.
+    fn answer_in(text: &str, addr: usize, len: usize) -> Option<bool> {
+        snapshot(text).on_huge_pages(addr, len)
+    }
+
     #[test]
     fn the_mappings_overlapping_a_range_decide() {
-        let huge = answer_in(SMAPS, BASE + M, M);
-        assert_eq!(huge, Answer { huge: true, span: (BASE, BASE + 4 * M) }, "inside one mapping on huge pages");
-        let half = answer_in(SMAPS, BASE + 4 * M, M);
-        assert!(!half.huge, "half of the resident bytes on huge pages is not enough");
-        let both = answer_in(SMAPS, BASE + 3 * M, 2 * M);
-        assert_eq!(both, Answer { huge: false, span: (BASE, BASE + 8 * M) }, "partial overlap of two mappings");
-        assert!(!answer_in(SMAPS, BASE + 8 * M, 4096).huge, "small pages only");
-        assert!(!answer_in(SMAPS, BASE + 10 * M, 4096).huge, "nothing resident: not known");
-        assert!(answer_in(SMAPS, BASE + 12 * M, 2 * M).huge, "hugetlbfs pages count as huge");
-        let outside = answer_in(SMAPS, 0x1000, 4096);
-        assert_eq!(outside, Answer { huge: false, span: (0x1000, 0x2000) }, "no mapping: the range itself");
+        assert_eq!(answer_in(SMAPS, BASE + M, M), Some(true), "inside one mapping on huge pages");
+        assert_eq!(answer_in(SMAPS, BASE, 4 * M), Some(true), "the whole of it");
+        assert_eq!(answer_in(SMAPS, BASE + 4 * M, M), Some(false), "half of the resident bytes is not enough");
+        assert_eq!(answer_in(SMAPS, BASE + 3 * M, 2 * M), Some(false), "partial overlap of two mappings");
+        assert_eq!(answer_in(SMAPS, BASE + 8 * M, 4096), Some(false), "small pages only");
+        assert_eq!(answer_in(SMAPS, BASE + 10 * M, 4096), Some(false), "nothing resident: not known");
+        assert_eq!(answer_in(SMAPS, BASE + 12 * M, 2 * M), Some(true), "hugetlbfs pages count as huge");
+        assert_eq!(answer_in(SMAPS, 0x1000, 4096), None, "no mapping: not covered");
+        assert_eq!(answer_in(SMAPS, 0x400000, 0x52000), Some(false), "the first mapping, exactly");
+        assert_eq!(answer_in(SMAPS, 0x451000, 0x2000), None, "running past a mapping into a gap");
+        assert_eq!(answer_in(SMAPS, BASE, 16 * M), Some(false), "five adjacent mappings, mostly small pages");
+        assert_eq!(answer_in(SMAPS, BASE + 15 * M, 2 * M), None, "running past the last mapping");
         let mostly = |huge_kib: u32| {
             let text =
                 format!("7f0000000000-7f0000400000 rw-p 0 00:00 0\nRss: 4096 kB\nAnonHugePages: {huge_kib} kB\n");
-            answer_in(&text, BASE, M).huge
+            answer_in(&text, BASE, M).unwrap()
         };
         assert!(mostly(3800), "93 % on huge pages is enough");
         assert!(!mostly(3600), "88 % is not");
         let end_of_huge = answer_in(SMAPS, BASE, 4 * M);
-        assert!(end_of_huge.huge, "a range ending where the next mapping starts does not overlap it");
+        assert_eq!(end_of_huge, Some(true), "a range ending where the next mapping starts does not overlap it");
+        let all = snapshot(SMAPS);
+        assert_eq!(all.len(), 6);
+        let mut tally = Tally::default();
+        for i in 0..4 {
+            assert!(all.tally(BASE + i * M, M, &mut tally), "ranges in one mapping");
+        }
+        assert!(all.tally(BASE + 12 * M, M, &mut tally));
+        assert_eq!((tally.resident, tally.huge), (8 << 20, 8 << 20), "each mapping counted once");
     }
 
     #[test]
     fn missing_fields_and_garbage_read_as_small_pages() {
         let no_rss = "7f0000000000-7f0000400000 rw-p 00000000 00:00 0\nAnonHugePages:      4096 kB\n";
-        assert!(!answer_in(no_rss, BASE, M).huge, "without Rss nothing is known");
+        assert_eq!(answer_in(no_rss, BASE, M), Some(false), "without Rss nothing is known");
         let no_huge = "7f0000000000-7f0000400000 rw-p 00000000 00:00 0\nRss:                4096 kB\n";
-        assert!(!answer_in(no_huge, BASE, M).huge, "without AnonHugePages nothing is on huge pages");
+        assert_eq!(answer_in(no_huge, BASE, M), Some(false), "without AnonHugePages nothing is on huge pages");
         let lying = "7f0000000000-7f0000400000 rw-p 00000000 00:00 0\nRss: 4 kB\nAnonHugePages: 4096 kB\n";
-        assert!(answer_in(lying, BASE, M).huge, "more huge than resident bytes counts the resident ones");
+        assert_eq!(answer_in(lying, BASE, M), Some(true), "more huge than resident bytes counts the resident ones");
         for garbage in [
             "",
             "\0\0\0",
@@ -206,28 +286,75 @@ Private_Hugetlb:       0 kB
             "7f0000000000-7f0000400000 rw-p 0 00:00 0\nRss: 4096 MB\nAnonHugePages: 4096 kB\n",
             "7f0000000000-7f0000400000 rw-p 0 00:00 0\nRss: 99999999999999999999999 kB\nAnonHugePages: 1 kB\n",
         ] {
-            assert!(!answer_in(garbage, BASE, M).huge, "{garbage:?}");
+            assert!(!answer_in(garbage, BASE, M).unwrap_or(false), "{garbage:?}");
         }
         let huge_counters = "Rss: 4096 kB\nAnonHugePages: 4096 kB\n";
         let orphan =
             format!("{huge_counters}7f0000000000-7f0000400000 rw-p 0 00:00 0\nRss: 8 kB\nAnonHugePages: 0 kB\n");
-        assert!(!answer_in(&orphan, BASE, M).huge, "counters before any header belong to no mapping");
-        assert!(!answer_in(SMAPS, usize::MAX - 10, 100).huge, "a range past the address space");
-        assert!(!range_on_huge_pages(Some(u32::MAX), BASE, M).huge, "no such process");
+        assert_eq!(answer_in(&orphan, BASE, M), Some(false), "counters before any header belong to no mapping");
+        assert_eq!(answer_in(SMAPS, usize::MAX - 10, 100), None, "a range past the address space");
+        let mut not_utf8 = b"7f0000000000-7f0000400000 rw-p 0 00:00 0 /tmp/\xff\xfe\n".to_vec();
+        not_utf8.extend_from_slice(b"Rss: 4096 kB\nAnonHugePages: 4096 kB\n");
+        let read = parse(&not_utf8[..], MAX_MAPPINGS).unwrap();
+        assert_eq!(read.on_huge_pages(BASE, M), Some(true), "a path that is not UTF-8 keeps its header");
+        let overlapping = "7f0000000000-7f0000400000 rw-p 0 00:00 0\nRss: 4096 kB\n\
+                           7f0000100000-7f0000200000 rw-p 0 00:00 0\nRss: 4096 kB\n";
+        assert_eq!(
+            answer_in(overlapping, BASE, 4 * M),
+            Some(false),
+            "overlapping mappings count each, and the walk ends"
+        );
+        assert!(!range_on_huge_pages(Some(u32::MAX), BASE, M), "no such process");
+        assert!(read_none(), "no such process: no snapshot");
+    }
+
+    fn read_none() -> bool {
+        super::read(Some(u32::MAX)).is_none()
+    }
+
+    #[test]
+    fn the_parse_streams_and_keeps_at_most_its_cap() {
+        // Read a line at a time from a reader that hands out a few bytes per call: nothing needs
+        // the whole text at once.
+        struct Trickle<'a>(&'a [u8]);
+        impl io::Read for Trickle<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                let n = buf.len().min(7).min(self.0.len());
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let trickled = parse(BufReader::with_capacity(16, Trickle(SMAPS.as_bytes())), MAX_MAPPINGS).unwrap();
+        assert_eq!(trickled.mappings, snapshot(SMAPS).mappings, "the same mappings however the text arrives");
+        let kept = parse(SMAPS.as_bytes(), 3).unwrap();
+        assert_eq!(kept.len(), 3);
+        assert!(kept.truncated);
+        assert_eq!(kept.on_huge_pages(BASE + M, M), Some(true), "what was kept answers");
+        assert_eq!(kept.on_huge_pages(BASE + 8 * M, M), Some(false), "above it small pages, and no read again");
+        assert_eq!(kept.on_huge_pages(0x1000, 4096), None, "a gap below it is still a gap");
+        struct Failing;
+        impl io::Read for Failing {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::from_raw_os_error(libc::ESRCH))
+            }
+        }
+        assert!(parse(BufReader::new(Failing), MAX_MAPPINGS).is_err(), "a read that fails midway says so");
     }
 
     #[test]
     fn a_buffer_of_this_process_reads_as_what_the_kernel_gave_it() {
         let small = AlignedMapping::new(4 * M, libc::MADV_NOHUGEPAGE, 0x5a);
-        assert!(!range_on_huge_pages(None, small.addr(), 4 * M).huge, "a mapping refusing huge pages");
+        assert!(!range_on_huge_pages(None, small.addr(), 4 * M), "a mapping refusing huge pages");
         let pid = Some(std::process::id());
-        assert!(!range_on_huge_pages(pid, small.addr(), 4 * M).huge, "the same through our pid");
+        assert!(!range_on_huge_pages(pid, small.addr(), 4 * M), "the same through our pid");
         let asked = AlignedMapping::new(4 * M, libc::MADV_HUGEPAGE, 0x5a);
-        let answer = range_on_huge_pages(None, asked.addr(), 4 * M);
-        assert!(answer.span.0 <= asked.addr() && asked.addr() + 4 * M <= answer.span.1, "{answer:?}");
+        let ours = super::read(None).expect("our own smaps reads");
+        let answer = ours.on_huge_pages(asked.addr(), 4 * M);
+        assert!(answer.is_some(), "a mapping made before the read is covered by it");
         let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
         if mode.contains("[never]") || mode.is_empty() {
-            assert!(!answer.huge, "THP is off ({mode:?}), yet the buffer reads as on huge pages");
+            assert_eq!(answer, Some(false), "THP is off ({mode:?}), yet the buffer reads as on huge pages");
         }
         // Elsewhere the kernel may or may not have found huge pages: both answers are true ones.
     }

@@ -6,7 +6,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::engine::huge_pages::{KnownSpans, range_on_huge_pages};
+use crate::engine::huge_pages::KnownMappings;
 use crate::transport::IoSeg;
 
 /// Bytes one `process_vm_readv` call moves at most: the longest a deregistration waits for a copy
@@ -32,8 +32,8 @@ pub fn refuse_process_access(pid: u32) {
 pub struct PeerProcess {
     pid: libc::pid_t,
     pidfd: OwnedFd,
-    /// Which spans of its memory lie on huge pages, each read once from its smaps, in the background.
-    huge: KnownSpans,
+    /// What its mappings lie on, from the last read of its smaps, made in the background.
+    huge: KnownMappings,
 }
 
 impl PeerProcess {
@@ -50,27 +50,20 @@ impl PeerProcess {
         }
         let fd = i32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
         // SAFETY: the kernel just handed us this descriptor; nothing else owns it.
-        Ok(PeerProcess { pid, pidfd: unsafe { OwnedFd::from_raw_fd(fd) }, huge: KnownSpans::default() })
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(PeerProcess { pid, pidfd, huge: KnownMappings::of_process(Some(pid.unsigned_abs())) })
     }
 
     pub fn pid(&self) -> u32 {
         self.pid.unsigned_abs()
     }
 
-    /// Whether the peer's memory under `segs` (address and length each) lies mostly on huge pages:
-    /// the first ask about a span of its mappings starts a read of its smaps on the looker thread
-    /// (milliseconds) and says small pages, as asks do until that answer is in; later asks inside
-    /// the span are answered from memory. Only a hint for how to copy: a late or stale answer costs
-    /// speed. The segments are walked once, never collected: a vector may list thousands.
+    /// Whether the peer's memory under `segs` (address and length each) lies mostly on huge pages,
+    /// as the last read of its smaps said: memory mapped since that read (or before the first)
+    /// queues another on the looker thread (milliseconds) and says small pages until its answer
+    /// is in. Only a hint for how to copy: a late or stale answer costs speed.
     pub fn on_huge_pages(&self, segs: impl IntoIterator<Item = (usize, usize)>) -> bool {
-        let (lo, hi) = segs
-            .into_iter()
-            .fold((usize::MAX, 0), |(lo, hi), (addr, len)| (lo.min(addr), hi.max(addr.saturating_add(len))));
-        if lo >= hi {
-            return false;
-        }
-        let pid = self.pid();
-        self.huge.on_huge_pages(lo, hi - lo, move || range_on_huge_pages(Some(pid), lo, hi - lo))
+        self.huge.on_huge_pages(segs)
     }
 
     /// Whether the pinned process still runs (so its pid still names it).
