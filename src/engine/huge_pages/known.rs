@@ -19,6 +19,9 @@ const MIN_GAP: Duration = Duration::from_millis(100);
 /// process, so a large one (about 12 ms per GiB resident on small pages) is kept to a tenth of a
 /// core however often new mappings are asked about.
 const GAP_PER_READ: u32 = 10;
+/// The most that rule makes a read wait, so that one freak read (a process stopped meanwhile)
+/// does not keep a process's new mappings unanswered for long.
+const MAX_READ_GAP: Duration = Duration::from_secs(60);
 
 type Reader = Box<dyn Fn() -> Option<Snapshot> + Send + Sync>;
 
@@ -131,7 +134,8 @@ impl Shared {
     /// meanwhile is still not covered.
     fn settle(self: &Arc<Self>, read: Option<Snapshot>, began: Instant) {
         let now = Instant::now();
-        let not_before = now + self.min_gap.max(now.saturating_duration_since(began) * GAP_PER_READ);
+        let took = now.saturating_duration_since(began);
+        let not_before = now + self.min_gap.max(took.saturating_mul(GAP_PER_READ).min(MAX_READ_GAP));
         let again = {
             let mut state = self.state.lock();
             if let Some(known) = read {
@@ -333,6 +337,36 @@ mod tests {
         testkit::wait_until("the third read", PATIENCE, || process.reads() == 3);
         settled(&known);
         assert_eq!(process.reads(), 3, "asked once, read once, however long it stays unmapped");
+    }
+
+    #[test]
+    fn a_long_read_makes_the_next_wait_ten_times_as_long() {
+        let _reading = looker::TEST_FAULTS.read();
+        const TAKES: Duration = Duration::from_millis(60);
+        let process = Process::new(1);
+        let ended = Arc::new(Mutex::new(None::<Instant>));
+        let known = {
+            let (process, ended) = (process.clone(), ended.clone());
+            KnownMappings::with_reader(Duration::from_millis(1), move || {
+                process.reads.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(TAKES);
+                *ended.lock() = Some(Instant::now());
+                Some(Snapshot::from_text(&mappings(process.mapped.load(Ordering::SeqCst))))
+            })
+        };
+        known.on_huge_pages(mapping(0, M));
+        settled(&known);
+        let first_ended = ended.lock().expect("the first read ran");
+        process.mapped.store(2, Ordering::SeqCst);
+        assert!(!known.on_huge_pages(mapping(1, M)));
+        testkit::wait_until("the second read", PATIENCE, || process.reads() == 2);
+        let waited = Instant::now().saturating_duration_since(first_ended);
+        assert!(waited >= TAKES * GAP_PER_READ, "the second read began {waited:?} after the first ended");
+        settled(&known);
+        assert!(!known.on_huge_pages(mapping(1, M)), "the new mapping, on small pages");
+        assert!(!known.looking(), "known now: no read queued");
+        assert!(known.on_huge_pages(mapping(0, M)));
+        assert_eq!(process.reads(), 2);
     }
 
     #[test]
