@@ -42,6 +42,8 @@ pub const MIN_AREA_BYTES: u64 = 1 << 20;
 pub const MAX_AREA_BYTES: u64 = 1 << 30;
 /// The marks take whole pages, so the data starts page-aligned.
 const HEADER_ALIGN: u64 = 4096;
+/// `MFD_NOEXEC_SEAL` (Linux 6.3), which the libc crate may not name yet.
+const MFD_NOEXEC_SEAL: libc::c_uint = 0x0008;
 /// How long a drain sleeps between looks once its spin is over.
 const NAP: Duration = Duration::from_micros(50);
 /// How often a waiting drain asks whether the connection and the peer still live.
@@ -62,6 +64,12 @@ fn pieces_of(len: u64) -> Option<u32> {
     let pieces = u32::try_from(len / STAGE_PIECE).ok()?;
     let fits = (1..=MAX_AREA_BYTES / STAGE_PIECE).contains(&u64::from(pieces));
     (fits && area_len(pieces) == len).then_some(pieces)
+}
+
+/// The file size of an area of `data_bytes` data bytes (rounded up to whole pieces).
+pub fn file_len_for(data_bytes: u64) -> u64 {
+    let pieces = u32::try_from(pieces_for(data_bytes)).unwrap_or(u32::MAX);
+    area_len(pieces)
 }
 
 /// Pieces a transfer of `len` bytes takes.
@@ -196,9 +204,15 @@ impl OutboundArea {
         }
         let pieces = u32::try_from(data_bytes / STAGE_PIECE).expect("at most 4096 pieces");
         let fail = |what: &str| Error::io(format!("staging area: {what}"), io::Error::last_os_error());
+        let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+        // Never executable, which kernels with `vm.memfd_noexec=2` require; kernels before 6.3 do
+        // not know the flag (EINVAL) and make it without.
         // SAFETY: a NUL-terminated name and flags; returns a new descriptor or -1.
-        let raw =
-            unsafe { libc::memfd_create(c"uccl-tcpx-staging".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+        let mut raw = unsafe { libc::memfd_create(c"uccl-tcpx-staging".as_ptr(), flags | MFD_NOEXEC_SEAL) };
+        if raw < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+            // SAFETY: as above.
+            raw = unsafe { libc::memfd_create(c"uccl-tcpx-staging".as_ptr(), flags) };
+        }
         if raw < 0 {
             return Err(fail("memfd_create"));
         }

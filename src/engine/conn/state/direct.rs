@@ -105,11 +105,15 @@ impl ConnState {
     }
 
     /// The first queued copy of a read of `transfer`, taken out of turn by the caller waiting for
-    /// it; the rest of the queue keeps its order.
+    /// it; the rest of the queue keeps its order. Never a drain of the peer's staging area: it
+    /// waits on the peer's worker to push, and a peer whose caller drained out of turn too could
+    /// then wait on pushes queued behind each other (only the workers' in-order queues make the
+    /// staged path free of cycles, `state/staging.rs`).
     pub fn next_host_copy_of(&mut self, transfer: u64) -> Option<HostTask> {
-        let at = self.direct.work.iter().position(
-            |task| matches!(task, HostTask::Copy(job) if job.transfer.as_ref().is_some_and(|t| t.id == transfer)),
-        )?;
+        let at = self.direct.work.iter().position(|task| {
+            matches!(task, HostTask::Copy(job)
+                if job.staged.is_none() && job.transfer.as_ref().is_some_and(|t| t.id == transfer))
+        })?;
         let task = self.direct.work.remove(at);
         if let Some(HostTask::Copy(job)) = &task {
             self.direct.running = job.transfer.clone();

@@ -115,6 +115,9 @@ impl StagedRange {
 pub(super) struct Staging {
     /// Our area's data size (`Config::host_copy_staging`); `None`: we stage nothing.
     pub(super) bytes: Option<u64>,
+    /// The configured data size, kept when making our area failed: a peer's area is mapped only
+    /// when this end opted in, and only up to this size.
+    pub(super) opted_in: Option<u64>,
     /// The connection was asked to create our area (once).
     pub(super) offered: bool,
     /// Our area, announced; staged into only once the peer said it mapped it.

@@ -20,17 +20,23 @@
 //!   `DirectDone` → B frees the range once its push finished too, and answers `Done`, or `Deny`
 //!   when its region was deregistered meanwhile.
 //!
-//! Why this cannot deadlock: a drain waits only for a push; a write's push runs on its posting
-//! thread, which waits on nothing of the peer; a read's push runs on the target's worker, which may
-//! itself be waiting in a drain only for a write's push, that is for a posting thread. So every
-//! chain of waits ends at a posting thread, which always makes progress. Keep it that way: no push
-//! may ever wait for the peer.
+//! Why this cannot deadlock: a drain waits only for a push, and no push waits for the peer. A
+//! write's push runs on its posting thread. A read's push runs on the target's worker, which may be
+//! in a drain of its own read, waiting for the peer's worker to push; but each worker runs its
+//! queue in the order the messages came, and a drain is queued on the grant that the peer sent
+//! after the request that queued the push it waits for, so two workers never each wait on a push
+//! queued behind the other's drain. That order is why a waiting caller never takes a staged drain
+//! out of turn (`next_host_copy_of`). Keep it: no push may wait for the peer, and staged drains
+//! run only in queue order.
+//!
+//! An end maps a peer's area only when it opted in to staging itself, and only up to its own
+//! area's size: with staging off, nothing the peer names is opened.
 
 use std::sync::Arc;
 
 use super::direct_table::{CopyJob, HostTask, PushJob, StagedRange, StagedSource};
 use super::{Action, ConnState, Extent, unknown_op};
-use crate::engine::local::staging_area::{OutboundArea, PeerArea, pieces_for};
+use crate::engine::local::staging_area::{self, OutboundArea, PeerArea, pieces_for};
 use crate::engine::region::Region;
 use crate::error::{Error, Result};
 use crate::proto::{Control, RemoteSeg};
@@ -41,9 +47,11 @@ fn violation(what: &str) -> Error {
 }
 
 impl ConnState {
-    /// This end stages transfers through an area of `bytes` data bytes (`Config::host_copy_staging`).
+    /// This end stages transfers through an area of `bytes` data bytes (`Config::host_copy_staging`),
+    /// and maps a peer's area of at most that size.
     pub fn set_staging(&mut self, bytes: u64) {
         self.direct.staging.bytes = Some(bytes);
+        self.direct.staging.opted_in = Some(bytes);
     }
 
     /// Asks the connection for our area (once) when a transfer of `len` bytes could use it.
@@ -91,12 +99,16 @@ impl ConnState {
         Ok(())
     }
 
-    /// The peer announced its area: our worker maps it (behind the peer's proof in the queue).
+    /// The peer announced its area: our worker maps it (behind the peer's proof in the queue), if
+    /// this end opted in to staging and the area is no larger than ours may be. Without the opt-in
+    /// nothing of the peer's is opened or mapped: a peer's descriptor is what it chose, and its
+    /// area's pages are ours to fault in.
     pub(super) fn on_staging_area(&mut self, fd: u32, len: u64, out: &mut Vec<Action>) -> Result<()> {
         if std::mem::replace(&mut self.direct.staging.peer_announced, true) {
             return Err(violation("a second StagingArea"));
         }
-        if self.direct.same_host {
+        let within = self.direct.staging.opted_in.is_some_and(|bytes| len <= staging_area::file_len_for(bytes));
+        if self.direct.same_host && within {
             self.direct.work.push_back(HostTask::MapArea { fd, len });
             out.push(Action::HostWork { ours: false });
         } else {

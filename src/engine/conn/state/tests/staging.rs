@@ -168,6 +168,11 @@ fn a_staged_read_is_answered_once_both_the_push_and_the_reader_are_done() {
     // The pieces land (the worker's copy), but the worker has not reported back yet.
     push(&job);
     deliver(&mut b, &mut a).unwrap();
+    assert!(a.st.has_host_task());
+    assert!(
+        a.st.next_host_copy_of(t.id).is_none(),
+        "a caller waiting on the read never drains it out of the worker's turn"
+    );
     assert!(run_host_work(&mut a));
     assert!(matches!(a.outbox.front(), Some(Control::DirectDone { .. })), "{:?}", a.outbox);
     deliver(&mut a, &mut b).unwrap();
@@ -287,6 +292,7 @@ fn an_area_the_peer_did_not_map_is_never_used() {
     a.take(out);
     let Some(Control::StagingArea { len, .. }) = a.outbox.pop_back() else { panic!("{:?}", a.outbox) };
     // The peer names a descriptor that is no area of ours: its worker refuses it.
+    b.st.set_staging(1 << 20);
     b.handle(Control::StagingArea { fd: i32::MAX.unsigned_abs(), len }).unwrap();
     assert!(run_host_work(&mut b));
     assert_eq!(b.outbox, [Control::StagingAck { ok: false }]);
@@ -298,4 +304,37 @@ fn an_area_the_peer_did_not_map_is_never_used() {
     a.one_sided(true, &[(&src, 0, &dst, 0, 2 * P)]);
     assert!(matches!(a.outbox.front(), Some(Control::DirectWrite { .. })), "{:?}", a.outbox);
     assert_eq!(pieces_in_use(&a), 0);
+}
+
+/// An end that did not opt in to staging, or whose own area would be smaller, opens nothing the
+/// peer names: it answers at once, and its worker gets no work.
+#[test]
+fn a_peer_area_is_mapped_only_by_an_end_that_opted_in_and_only_up_to_its_own_size() {
+    let announce = |a: &mut End| {
+        a.st.set_staging(2 << 20);
+        let mut out = Vec::new();
+        a.st.want_area(2 << 20, &mut out);
+        a.take(out);
+        let Some(Control::StagingArea { fd, len }) = a.outbox.pop_back() else { panic!("{:?}", a.outbox) };
+        (fd, len)
+    };
+    for ours in [None, Some(1 << 20)] {
+        let (mut a, mut b) = host_pair(true, true);
+        let (fd, len) = announce(&mut a);
+        if let Some(bytes) = ours {
+            b.st.set_staging(bytes);
+        }
+        b.handle(Control::StagingArea { fd, len }).unwrap();
+        assert_eq!(b.outbox, [Control::StagingAck { ok: false }], "{ours:?}: refused at once");
+        assert!(!b.st.has_host_task(), "{ours:?}: the worker opens nothing");
+        assert!(b.st.direct.staging.peer.is_none());
+    }
+    // Opted in with room for it: the worker maps it.
+    let (mut a, mut b) = host_pair(true, true);
+    let (fd, len) = announce(&mut a);
+    b.st.set_staging(2 << 20);
+    b.handle(Control::StagingArea { fd, len }).unwrap();
+    assert!(b.st.has_host_task());
+    assert!(run_host_work(&mut b));
+    assert_eq!(b.outbox, [Control::StagingAck { ok: true }]);
 }
