@@ -75,26 +75,44 @@ impl PeerProcess {
     }
 
     /// A descriptor of ours for the peer's descriptor `fd` (its staging area): `pidfd_getfd`,
-    /// which the kernel allows under the same ptrace rule as our reads. Where a seccomp profile
-    /// refuses that call (common in containers), the same file is opened read-only through
-    /// `/proc/<pid>/fd`, and the process must still live afterwards, so the pid named it throughout.
+    /// which the kernel allows only under the ptrace attach check. Where that call is refused
+    /// (EPERM: Yama's ptrace scope 1 between siblings, a seccomp profile in a container; ENOSYS:
+    /// an old kernel), the same file is reopened through `/proc/<pid>/fd`, which needs only the
+    /// read-level check our copies need anyway, and the process must still live afterwards, so the
+    /// pid named it throughout. Either way the file must be a regular file on tmpfs (a memfd):
+    /// the peer picks the descriptor, and a FIFO, socket, device or FUSE file could block our
+    /// open, read or mapping forever, or act on being opened.
     pub fn take_fd(&self, fd: u32) -> io::Result<OwnedFd> {
+        self.take_fd_from(fd, true)
+    }
+
+    /// [`take_fd`](Self::take_fd), trying `pidfd_getfd` first only when `getfd` is set (the tests
+    /// take the `/proc` route on their own process, which `pidfd_getfd` never refuses).
+    fn take_fd_from(&self, fd: u32, getfd: bool) -> io::Result<OwnedFd> {
         let fd = i32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
-        // SAFETY: pidfd_getfd takes our pidfd, the peer's descriptor number and no flags, and
-        // returns a new descriptor (close-on-exec) or -1.
-        let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.pidfd.as_raw_fd(), fd, 0) };
-        if got >= 0 {
-            let got = i32::try_from(got).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
-            // SAFETY: the kernel just handed us this descriptor; nothing else owns it.
-            return Ok(unsafe { OwnedFd::from_raw_fd(got) });
+        if getfd {
+            // SAFETY: pidfd_getfd takes our pidfd, the peer's descriptor number and no flags, and
+            // returns a new descriptor (close-on-exec) or -1.
+            let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.pidfd.as_raw_fd(), fd, 0) };
+            if got >= 0 {
+                let got = i32::try_from(got).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+                // SAFETY: the kernel just handed us this descriptor; nothing else owns it.
+                let got = unsafe { OwnedFd::from_raw_fd(got) };
+                staging_file(&got)?;
+                return Ok(got);
+            }
+            let err = io::Error::last_os_error();
+            if !matches!(err.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) {
+                return Err(err);
+            }
         }
-        let err = io::Error::last_os_error();
-        if !matches!(err.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) {
-            return Err(err);
-        }
-        let file = std::fs::File::open(format!("/proc/{}/fd/{fd}", self.pid))?;
+        // O_PATH only resolves the link: no open of the file itself, so nothing that could block
+        // (a FIFO without a writer, FUSE, a device) or act on being opened runs before the checks.
+        let path = open_fd(&format!("/proc/{}/fd/{fd}", self.pid), libc::O_PATH)?;
         self.alive()?;
-        Ok(file.into())
+        staging_file(&path)?;
+        // Our own O_PATH descriptor names that file for good, whatever the peer does meanwhile.
+        open_fd(&format!("/proc/self/fd/{}", path.as_raw_fd()), libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY)
     }
 
     /// Whether the kernel lets this process read the peer's memory: a one-byte read at address 0
@@ -144,6 +162,60 @@ impl PeerProcess {
         }
         Ok(())
     }
+}
+
+/// Opens `path` with `flags` and close-on-exec.
+fn open_fd(path: &str, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let path = std::ffi::CString::new(path).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: a NUL-terminated path and flags; returns a new descriptor or -1.
+    let raw = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just handed us this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Checks that `fd` is a regular file on tmpfs, where a memfd lives: reading or mapping it never
+/// blocks and has no side effects. A huge-page memfd (hugetlbfs) is refused too: no staging area
+/// is one, so only a peer that lies offers it.
+fn staging_file(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: `stat` is plain data, filled by the kernel.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above, on a descriptor we own (an O_PATH one answers fstat too).
+    if unsafe { libc::fstat(fd.as_raw_fd(), &raw mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let kind = match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG => None,
+        libc::S_IFIFO => Some("a FIFO"),
+        libc::S_IFSOCK => Some("a socket"),
+        libc::S_IFCHR | libc::S_IFBLK => Some("a device"),
+        libc::S_IFDIR => Some("a directory"),
+        _ => Some("no regular file"),
+    };
+    if let Some(kind) = kind {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("it is {kind}, not a memfd")));
+    }
+    // SAFETY: `statfs` is plain data, filled by the kernel.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above (an O_PATH descriptor answers fstatfs too).
+    if unsafe { libc::fstatfs(fd.as_raw_fd(), &raw mut fs) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if !is_tmpfs(&fs) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("it lies on filesystem {:#x}, not on tmpfs as a memfd does", fs.f_type),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `fs` is a tmpfs (`f_type`'s width differs between C libraries).
+#[allow(clippy::unnecessary_cast)]
+fn is_tmpfs(fs: &libc::statfs) -> bool {
+    fs.f_type as i64 == libc::TMPFS_MAGIC as i64
 }
 
 /// Drops the first `n` bytes of an iovec list.
@@ -284,5 +356,111 @@ mod tests {
         assert_eq!(gone.alive().unwrap_err().raw_os_error(), Some(libc::ESRCH));
         assert!(PeerProcess::open(0).is_err());
         assert!(PeerProcess::open(u32::MAX).is_err());
+    }
+
+    /// Runs `take` on a thread and fails the test unless it returns within two seconds: a take
+    /// that blocks (opening a FIFO without a writer) must show up as a failure, not a hang.
+    fn promptly(take: impl FnOnce() -> io::Result<OwnedFd> + Send + 'static) -> io::Result<OwnedFd> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(take());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(2)).expect("taking a descriptor blocked")
+    }
+
+    /// Takes our own descriptor `fd` through `pidfd_getfd` (`getfd`) or the `/proc` route.
+    fn take_own(fd: &impl AsRawFd, getfd: bool) -> io::Result<OwnedFd> {
+        let fd = fd.as_raw_fd().unsigned_abs();
+        promptly(move || PeerProcess::open(std::process::id())?.take_fd_from(fd, getfd))
+    }
+
+    fn refused_as(got: io::Result<OwnedFd>, what: &str) {
+        let err = got.expect_err("a descriptor that is no memfd is refused");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
+        assert!(err.to_string().contains(what), "{err}");
+    }
+
+    fn inode(fd: &impl AsRawFd) -> (u64, u64) {
+        // SAFETY: `stat` is plain data, filled by the kernel.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above, on a descriptor the caller holds.
+        assert_eq!(unsafe { libc::fstat(fd.as_raw_fd(), &raw mut st) }, 0);
+        (st.st_dev, st.st_ino)
+    }
+
+    fn memfd(flags: libc::c_uint) -> io::Result<OwnedFd> {
+        // SAFETY: a NUL-terminated name and flags; returns a new descriptor or -1.
+        let raw = unsafe { libc::memfd_create(c"process-test".as_ptr(), libc::MFD_CLOEXEC | flags) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel just handed us this descriptor; nothing else owns it.
+        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    }
+
+    #[test]
+    fn a_peer_descriptor_that_is_no_memfd_is_refused_without_blocking() {
+        let dir = std::env::temp_dir().join(format!("uccl-take-fd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let _ = std::fs::remove_file(&fifo);
+        let c_fifo = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path and a mode.
+        assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0, "{}", io::Error::last_os_error());
+        // Held open for reading only, as a hostile peer would: a plain open of its /proc link for
+        // reading waits for a writer that never comes.
+        let reader = open_fd(fifo.to_str().unwrap(), libc::O_RDONLY | libc::O_NONBLOCK).unwrap();
+        for getfd in [false, true] {
+            refused_as(take_own(&reader, getfd), "a FIFO");
+        }
+        drop(reader);
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let mut ends = [0; 2];
+        // SAFETY: `ends` has room for the two descriptors.
+        let rc =
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, ends.as_mut_ptr()) };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        // SAFETY: the kernel just handed us these descriptors; nothing else owns them.
+        let ends = ends.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+        for getfd in [false, true] {
+            refused_as(take_own(&ends[0], getfd), "a socket");
+        }
+
+        let exe = std::fs::File::open("/proc/self/exe").unwrap();
+        // SAFETY: `statfs` is plain data, filled by the kernel.
+        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above, on a file we hold.
+        assert_eq!(unsafe { libc::fstatfs(exe.as_raw_fd(), &raw mut fs) }, 0);
+        if is_tmpfs(&fs) {
+            eprintln!("the test binary lies on tmpfs: the case of a regular file elsewhere is not run");
+        } else {
+            for getfd in [false, true] {
+                refused_as(take_own(&exe, getfd), "not on tmpfs");
+            }
+        }
+
+        // A huge-page memfd, where the kernel makes one (it needs no pool to exist).
+        match memfd(libc::MFD_HUGETLB) {
+            Ok(huge) => {
+                for getfd in [false, true] {
+                    refused_as(take_own(&huge, getfd), "not on tmpfs");
+                }
+            }
+            Err(e) => eprintln!("no huge-page memfd here ({e}): that case is not run"),
+        }
+    }
+
+    #[test]
+    fn a_memfd_is_taken_by_either_route() {
+        let area = memfd(libc::MFD_ALLOW_SEALING).unwrap();
+        for getfd in [false, true] {
+            let got = take_own(&area, getfd).unwrap();
+            assert_eq!(inode(&got), inode(&area), "the same file");
+            assert_ne!(got.as_raw_fd(), area.as_raw_fd(), "a descriptor of our own");
+        }
+        let me = PeerProcess::open(std::process::id()).unwrap();
+        assert_eq!(me.take_fd_from(i32::MAX.unsigned_abs(), false).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+        assert_eq!(me.take_fd(u32::MAX).unwrap_err().raw_os_error(), Some(libc::EBADF));
     }
 }
