@@ -5,8 +5,9 @@
 //! while its write is pushed.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use uccl_tcpx::engine::OneSided;
 use uccl_tcpx::engine::local::Locality;
@@ -197,45 +198,88 @@ fn transfers_finding_the_area_full_take_the_direct_copy() {
 }
 
 /// A source deregistered while its write is pushed: the write fails with a clear error or lands
-/// whole (the deregistration may come before or after the push), never a crash, and the connection
-/// goes on working.
+/// whole, never a crash, and the connection goes on working. The deregistration comes a while
+/// after the write is called: too early, the post finds the region gone; too late, the push is
+/// over and the write lands, or fails as cut off while awaiting its answer. Rounds go on, the
+/// while shrinking after a late one and growing after an early one (with jitter, so that it does
+/// not keep stepping over the push), until writes were cut off during their push: the push marks
+/// the pieces it could not copy aborted, and the target's drain of such a piece is what answers
+/// "the source was deregistered during the transfer" (no other path says so). Every write that
+/// landed was staged.
 #[test]
 fn deregistering_the_source_during_a_staged_write_fails_it_cleanly() {
     const LEN: usize = 16 << 20;
+    /// Far more rounds than the while needs to settle on the push however slow this machine is
+    /// (a round takes milliseconds), and to hit it a few times once it did.
+    const ROUNDS: usize = 300;
+    const CUT_WHILE_STAGED: &str = "peer refused: the source was deregistered during the transfer";
     let engine = Arc::new(Engine::new(staged_config()).unwrap());
     let (_process, conn, window) = staged_peer(&engine);
     warm_up(&engine, &conn, window);
-    let (mut failed, mut landed) = (0, 0);
-    for round in 0..8u64 {
-        let mut src = common::pattern(LEN, 300 + round);
+    let mut rng = testkit::Rng::new("deregistering_the_source_during_a_staged_write");
+    let mut src = common::pattern(LEN, 300);
+    let addr = src.as_ptr() as usize;
+    let staged_before = conn.host_path().staged_ops;
+    let (mut cut_while_staged, mut early, mut late, mut landed) = (0u64, 0u64, 0u64, 0u64);
+    let mut delay = Duration::from_micros(300);
+    for round in 0..ROUNDS {
+        if cut_while_staged >= 2 {
+            break;
+        }
         let mr = engine.register(src.as_mut_ptr() as usize, LEN).unwrap();
-        let addr = src.as_ptr() as usize;
+        let posting = Arc::new(AtomicBool::new(false));
+        // Between three quarters and five quarters of the while.
+        let this_round = delay * (3 + rng.below(3) as u32) / 4;
         let deregistering = {
-            let engine = engine.clone();
+            let (engine, posting) = (engine.clone(), posting.clone());
             thread::spawn(move || {
-                thread::sleep(Duration::from_micros(200 * round));
+                while !posting.load(Ordering::Acquire) {
+                    std::hint::spin_loop();
+                }
+                // Spun rather than slept: a sleep's slack is as long as the push.
+                let start = Instant::now();
+                while start.elapsed() < this_round {
+                    std::hint::spin_loop();
+                }
                 engine.deregister(mr)
             })
         };
+        posting.store(true, Ordering::Release);
         let outcome = conn.write(&[one(mr, addr, LEN, window)]).and_then(|w| wait(&conn, w));
         deregistering.join().unwrap().unwrap();
-        match outcome {
+        let later = match outcome {
             Ok(len) => {
                 assert_eq!(len, LEN as u64);
                 landed += 1;
+                false
+            }
+            Err(e) if e.message() == CUT_WHILE_STAGED => {
+                assert_eq!(e.status(), UcclStatus::ErrNotAllowed, "round {round}: {e}");
+                cut_while_staged += 1;
+                continue;
+            }
+            // Gone before the post looked the region up, or before it was posted.
+            Err(e) if e.status() == UcclStatus::ErrNotFound => {
+                assert!(e.message().starts_with(&format!("memory region {mr} ")), "round {round}: {e}");
+                early += 1;
+                true
             }
             Err(e) => {
-                assert!(
-                    matches!(e.status(), UcclStatus::ErrNotAllowed | UcclStatus::ErrNotFound),
-                    "round {round}: {e}"
-                );
-                assert!(e.message().contains("deregistered") || e.message().contains("memory region"), "{e}");
-                failed += 1;
+                assert_eq!(e.status(), UcclStatus::ErrNotAllowed, "round {round}: {e}");
+                assert!(e.message().ends_with("was deregistered during the transfer"), "round {round}: {e}");
+                late += 1;
+                false
             }
-        }
-        drop(src);
+        };
+        delay = if later { delay * 5 / 4 + Duration::from_micros(10) } else { delay * 4 / 5 };
     }
-    eprintln!("{failed} writes cut off by the deregistration, {landed} landed first");
+    let staged_landed = conn.host_path().staged_ops - staged_before;
+    let seen = format!(
+        "{cut_while_staged} cut off while staged, {early} before the post, {late} after the push, {landed} landed"
+    );
+    eprintln!("{seen}");
+    assert!(cut_while_staged > 0, "no write was cut off during its push in {ROUNDS} rounds: {seen}");
+    assert_eq!(staged_landed, landed, "every write that landed was staged: {seen}");
     // The connection still moves bytes both ways, staged.
     let before = conn.host_path().staged_ops;
     write_and_read_back(&engine, &conn, window, 5, &common::pattern(2 << 20, 4));
