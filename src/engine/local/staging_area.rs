@@ -97,7 +97,8 @@ pub enum Mark {
 pub struct Patience<'a> {
     /// Looks without sleeping for this long first: a push under way lands within microseconds.
     pub spin: Duration,
-    /// Gives up after this long (the connection's io timeout).
+    /// Gives up after this long (what is left of the job's deadline: the connection's io timeout
+    /// from the job's start).
     pub limit: Duration,
     /// Asked every millisecond or so once the spin is over: an error ends the wait with it (the
     /// connection failed, the peer exited).
