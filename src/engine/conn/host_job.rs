@@ -8,8 +8,6 @@
 use std::io;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -17,8 +15,9 @@ use parking_lot::Mutex;
 use super::host_trace::JobMarks;
 use super::host_worker::Gate;
 use super::state::StagedSource;
+use crate::engine::local::copiers::{self, Turns};
 use crate::engine::local::staging_area::{Mark, Patience, cut_pieces};
-use crate::engine::local::{PIECE_BYTES, PeerProcess, copiers, pieces};
+use crate::engine::local::{PIECE_BYTES, PeerProcess, pieces};
 use crate::engine::region::Region;
 use crate::error::{Error, UcclStatus};
 use crate::threads::{self, ThreadKind, panic_text};
@@ -50,18 +49,13 @@ pub(super) enum Failure {
 /// A job's pieces and how far they got.
 pub(super) struct SharedJob {
     pieces: Vec<(Vec<IoSeg>, Vec<IoSeg>)>,
-    /// Pieces handed out (may run past their number: each thread's last claim finds none).
-    next: AtomicUsize,
-    /// Pieces finished: copied, failed, or skipped after a failure.
-    done: AtomicUsize,
-    stop: AtomicBool,
+    /// Who takes which piece, and when all are done (copied, failed, or skipped after a failure).
+    turns: Turns,
     failure: Mutex<Option<Failure>>,
     gate: Arc<Gate>,
     region: Arc<Region>,
     process: Arc<PeerProcess>,
     len: u64,
-    /// The thread running the job (the worker or a caller), woken when the last piece is done.
-    worker: Thread,
     /// Where its threads mark their steps, while traced (`host_trace.rs`).
     marks: Option<Arc<JobMarks>>,
     /// The peer staged the bytes: piece `k` is its area's piece `first_piece + k`, waited for,
@@ -96,17 +90,15 @@ impl SharedJob {
         region: Arc<Region>,
         process: Arc<PeerProcess>,
     ) -> SharedJob {
+        let pieces = pieces(local, remote, piece_bytes(len, threads, min_piece));
         SharedJob {
-            pieces: pieces(local, remote, piece_bytes(len, threads, min_piece)),
-            next: AtomicUsize::new(0),
-            done: AtomicUsize::new(0),
-            stop: AtomicBool::new(false),
+            turns: Turns::new(pieces.len()),
+            pieces,
             failure: Mutex::new(None),
             gate,
             region,
             process,
             len,
-            worker: std::thread::current(),
             marks: None,
             staged: None,
         }
@@ -124,10 +116,10 @@ impl SharedJob {
         region: Arc<Region>,
         process: Arc<PeerProcess>,
     ) -> SharedJob {
-        let pieces = cut_pieces(local, len).into_iter().map(|l| (l, Vec::new())).collect();
+        let pieces: Vec<_> = cut_pieces(local, len).into_iter().map(|l| (l, Vec::new())).collect();
         let job = SharedJob::new(&[], &[], len, 1, 0, gate, region, process);
         let staged = Staged { source, spin, limit, deadline: Instant::now() + limit };
-        SharedJob { pieces, staged: Some(staged), ..job }
+        SharedJob { turns: Turns::new(pieces.len()), pieces, staged: Some(staged), ..job }
     }
 
     /// Marks the job's steps in `marks` (none: untraced).
@@ -145,29 +137,16 @@ impl SharedJob {
         let offer = (helpers > 0).then(|| copiers::offer(self.clone(), helpers, spin));
         self.take_pieces();
         drop(offer);
-        // What is left are pieces that helpers copy now: at most one each, and the last one done
-        // wakes us (the timeout only guards against a lost wake-up).
-        while self.done.load(Ordering::Acquire) < self.pieces.len() {
-            std::thread::park_timeout(Duration::from_millis(1));
-        }
+        self.turns.wait_all();
         self.failure.lock().take().map_or(Ok(()), Err)
     }
 
     /// Takes pieces until none is left; after a failure the rest are only counted.
     fn take_pieces(&self) {
-        let n = self.pieces.len();
-        loop {
-            let k = self.next.fetch_add(1, Ordering::Relaxed);
-            if k >= n {
-                return;
-            }
-            if !self.stop.load(Ordering::Acquire) {
+        while let Some(k) = self.turns.claim() {
+            if !self.turns.stopped() {
                 let copied = catch_unwind(AssertUnwindSafe(|| self.piece(k))).unwrap_or_else(|panic| {
-                    let kind = if std::thread::current().id() == self.worker.id() {
-                        ThreadKind::HostCopier
-                    } else {
-                        ThreadKind::HostCopyHelper
-                    };
+                    let kind = if self.turns.on_runner() { ThreadKind::HostCopier } else { ThreadKind::HostCopyHelper };
                     let err = Error::internal(format!("{kind} panicked: {}", panic_text(&*panic)));
                     log::error!("{}", err.message());
                     Err(Failure::Panicked(err))
@@ -176,10 +155,7 @@ impl SharedJob {
                     self.fail(failure);
                 }
             }
-            // The job's own thread, which may be a user's, gets no token from its own last piece.
-            if self.done.fetch_add(1, Ordering::AcqRel) + 1 == n && std::thread::current().id() != self.worker.id() {
-                self.worker.unpark();
-            }
+            self.turns.done();
         }
     }
 
@@ -225,7 +201,7 @@ impl SharedJob {
     fn wait_pushed(&self, staged: &Staged, k: usize) -> Result<(), Failure> {
         let healthy = || {
             // The job failed: its result is known, and the running thread waits for this piece.
-            if self.stop.load(Ordering::Acquire) {
+            if self.turns.stopped() {
                 return Err(Error::new(UcclStatus::ErrCanceled, "another piece of the transfer failed"));
             }
             if self.gate.is_closed() {
@@ -260,7 +236,7 @@ impl SharedJob {
         if slot.is_none() || matches!(failure, Failure::Panicked(_)) && !matches!(*slot, Some(Failure::Panicked(_))) {
             *slot = Some(failure);
         }
-        self.stop.store(true, Ordering::Release);
+        self.turns.stop();
     }
 
     /// A failed `process_vm_readv` (or liveness check) as the job's failure.
@@ -289,7 +265,7 @@ impl copiers::Shared for SharedJob {
     }
 
     fn open(&self) -> bool {
-        self.next.load(Ordering::Relaxed) < self.pieces.len() && !self.stop.load(Ordering::Relaxed)
+        self.turns.open()
     }
 }
 
@@ -409,7 +385,7 @@ mod tests {
         assert!(took >= limit, "not before the limit: {took:?}");
         // A wait of its own would end the late piece at 1.8 limits.
         assert!(took < limit * 3 / 2, "a piece outlived the job's limit: {took:?}");
-        assert_eq!(job.done.load(Ordering::Acquire), 4, "every piece counted");
+        assert_eq!(job.turns.done_count(), 4, "every piece counted");
         let failure = job.failure.lock().take();
         let (status, why) = failure_text(failure.map_or(Ok(()), Err));
         assert_eq!(status, UcclStatus::ErrTimeout, "{why}");
@@ -428,13 +404,13 @@ mod tests {
             .collect();
         // Every piece taken, so every thread waits on a mark of its own.
         testkit::wait_until("every piece taken", testkit::PATIENCE, || {
-            job.next.load(Ordering::Relaxed) >= PIECES as usize
+            job.turns.claimed() >= PIECES as usize
         });
         area.abort_piece(&range, 2).unwrap();
         testkit::within(Duration::from_secs(10), "the pieces still waiting", move || {
             waiters.into_iter().for_each(|waiter| waiter.join().unwrap());
         });
-        assert_eq!(job.done.load(Ordering::Acquire), PIECES as usize);
+        assert_eq!(job.turns.done_count(), PIECES as usize);
         let failure = job.failure.lock().take();
         let (status, why) = failure_text(failure.map_or(Ok(()), Err));
         assert_eq!(status, UcclStatus::ErrNotAllowed, "the aborted piece's failure is the job's: {why}");

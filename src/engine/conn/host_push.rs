@@ -11,14 +11,13 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::thread::Thread;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 
 use super::state::PushJob;
-use crate::engine::local::copiers;
+use crate::engine::local::copiers::{self, Turns};
 use crate::engine::local::staging_area::cut_pieces;
 use crate::engine::region::Region;
 use crate::error::{Error, Result, UcclStatus};
@@ -101,27 +100,17 @@ struct SharedPush {
     job: PushJob,
     pieces: Vec<Vec<IoSeg>>,
     gate: Arc<PushGate>,
-    /// Pieces handed out (may run past their number: each thread's last claim finds none).
-    next: AtomicUsize,
-    /// Pieces marked, pushed or aborted.
-    done: AtomicUsize,
-    /// A piece failed: the rest are marked aborted.
-    stop: AtomicBool,
+    /// Who takes which piece, and when all are marked, pushed or aborted (after a failure the
+    /// rest are marked aborted).
+    turns: Turns,
     failure: Mutex<Option<Error>>,
-    /// The thread running the push, woken when the last piece is marked.
-    runner: Thread,
 }
 
 impl SharedPush {
     /// Takes pieces until none is left; after a failure the rest are only marked aborted.
     fn take_pieces(&self) {
-        let n = self.pieces.len();
-        loop {
-            let k = self.next.fetch_add(1, Ordering::Relaxed);
-            if k >= n {
-                return;
-            }
-            let pushed = if self.stop.load(Ordering::Acquire) {
+        while let Some(k) = self.turns.claim() {
+            let pushed = if self.turns.stopped() {
                 Err(None)
             } else {
                 catch_unwind(AssertUnwindSafe(|| self.piece(k))).unwrap_or_else(|panic| {
@@ -131,16 +120,14 @@ impl SharedPush {
                 })
             };
             if let Err(failure) = pushed {
-                self.stop.store(true, Ordering::Release);
                 if let Some(e) = failure {
                     self.failure.lock().get_or_insert(e);
                 }
+                self.turns.stop();
                 // Within the range by construction: the only error `abort_piece` knows.
                 let _ = self.job.area.abort_piece(&self.job.range, k as u32);
             }
-            if self.done.fetch_add(1, Ordering::AcqRel) + 1 == n && std::thread::current().id() != self.runner.id() {
-                self.runner.unpark();
-            }
+            self.turns.done();
         }
     }
 
@@ -166,7 +153,7 @@ impl copiers::Shared for SharedPush {
     }
 
     fn open(&self) -> bool {
-        self.next.load(Ordering::Relaxed) < self.pieces.len() && !self.stop.load(Ordering::Relaxed)
+        self.turns.open()
     }
 }
 
@@ -177,25 +164,12 @@ pub(super) fn push(job: PushJob, gate: &Arc<PushGate>, threads: usize, spin: Dur
     let pieces = cut_pieces(&job.src, job.len);
     let threads = if job.len < PARALLEL_BYTES { 1 } else { threads.max(1) };
     let helpers = (threads - 1).min(pieces.len().saturating_sub(1));
-    let n = pieces.len();
-    let shared = Arc::new(SharedPush {
-        job,
-        pieces,
-        gate: gate.clone(),
-        next: AtomicUsize::new(0),
-        done: AtomicUsize::new(0),
-        stop: AtomicBool::new(false),
-        failure: Mutex::new(None),
-        runner: std::thread::current(),
-    });
+    let turns = Turns::new(pieces.len());
+    let shared = Arc::new(SharedPush { job, pieces, gate: gate.clone(), turns, failure: Mutex::new(None) });
     let offer = (helpers > 0).then(|| copiers::offer(shared.clone(), helpers, spin));
     shared.take_pieces();
     drop(offer);
-    // What is left are pieces helpers push now: at most one each, and the last one done wakes us
-    // (the timeout only guards against a lost wake-up).
-    while shared.done.load(Ordering::Acquire) < n {
-        std::thread::park_timeout(Duration::from_millis(1));
-    }
+    shared.turns.wait_all();
     shared.failure.lock().take().map_or(Ok(()), Err)
 }
 

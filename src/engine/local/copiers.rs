@@ -19,7 +19,7 @@
 //! helper is busy elsewhere still finishes, on its own thread alone.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,87 @@ const IDLE_EXIT: Duration = Duration::from_secs(1);
 /// waker a system call and the woken thread its scheduling delay, so a fan-out of a few wakes
 /// sixteen helpers in two rounds, while the offering thread pays for four calls only.
 const FANOUT: usize = 4;
+
+/// The turns of a job's `n` pieces shared with helpers: each thread claims the next piece, counts
+/// it done however it ended, and the thread running the job, woken by the last piece, returns
+/// only once every piece is done. After a failure (`stop`) pieces are still claimed and counted,
+/// only no longer worked on.
+pub(crate) struct Turns {
+    n: usize,
+    /// Pieces handed out (may run past `n`: each thread's last claim finds none).
+    next: AtomicUsize,
+    done: AtomicUsize,
+    stop: AtomicBool,
+    /// The thread running the job (a worker, a caller, a posting thread).
+    runner: Thread,
+}
+
+impl Turns {
+    /// Turns for `n` pieces, run by the calling thread.
+    pub fn new(n: usize) -> Turns {
+        Turns {
+            n,
+            next: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            runner: std::thread::current(),
+        }
+    }
+
+    /// The next piece to take, if any is left.
+    pub fn claim(&self) -> Option<usize> {
+        let k = self.next.fetch_add(1, Ordering::Relaxed);
+        (k < self.n).then_some(k)
+    }
+
+    /// A claimed piece is done (worked on, failed or skipped): the last one wakes the runner. The
+    /// runner, which may be a user's thread, gets no wake-up token from its own last piece.
+    pub fn done(&self) {
+        if self.done.fetch_add(1, Ordering::AcqRel) + 1 == self.n && !self.on_runner() {
+            self.runner.unpark();
+        }
+    }
+
+    /// Whether the calling thread is the one running the job.
+    pub fn on_runner(&self) -> bool {
+        std::thread::current().id() == self.runner.id()
+    }
+
+    /// No piece is worked on from now on (record the failure first, so that a piece that gives
+    /// up because of it finds it).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+
+    pub fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Pieces are left to claim and the job did not stop ([`Shared::open`]).
+    pub fn open(&self) -> bool {
+        self.next.load(Ordering::Relaxed) < self.n && !self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Pieces counted done so far.
+    #[cfg(test)]
+    pub fn done_count(&self) -> usize {
+        self.done.load(Ordering::Acquire)
+    }
+
+    /// Claims made so far (past `n` once every piece was handed out).
+    #[cfg(test)]
+    pub fn claimed(&self) -> usize {
+        self.next.load(Ordering::Relaxed)
+    }
+
+    /// On the runner, after it took pieces until none was left: waits for the pieces helpers still
+    /// work on, at most one each (the timeout only guards against a lost wake-up).
+    pub fn wait_all(&self) {
+        while self.done.load(Ordering::Acquire) < self.n {
+            std::thread::park_timeout(Duration::from_millis(1));
+        }
+    }
+}
 
 /// Work that helpers may share.
 pub(crate) trait Shared: Send + Sync {
