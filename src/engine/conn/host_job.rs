@@ -403,9 +403,7 @@ mod tests {
             })
             .collect();
         // Every piece taken, so every thread waits on a mark of its own.
-        testkit::wait_until("every piece taken", testkit::PATIENCE, || {
-            job.turns.claimed() >= PIECES as usize
-        });
+        testkit::wait_until("every piece taken", testkit::PATIENCE, || job.turns.claimed() >= PIECES as usize);
         area.abort_piece(&range, 2).unwrap();
         testkit::within(Duration::from_secs(10), "the pieces still waiting", move || {
             waiters.into_iter().for_each(|waiter| waiter.join().unwrap());

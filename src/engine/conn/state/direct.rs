@@ -27,7 +27,7 @@
 
 use std::sync::Arc;
 
-use super::direct_table::{Copied, CopyJob, HostPath, HostTask, Lease, MAX_DIRECT_PENDING};
+use super::direct_table::{Copied, CopyJob, HostPath, HostTask, Lease, MAX_DIRECT_PENDING, StagedSource};
 use super::{Action, ConnState, Extent, Memory, Source, deny, deny_msg, unknown_op};
 use crate::engine::region::Region;
 use crate::engine::transfer::Transfer;
@@ -225,12 +225,25 @@ impl ConnState {
             self.grant(xfer, extent_of(&segs), region, out);
             return Ok(());
         }
-        self.check_pending()?;
         let remote = segs.iter().zip(&src).map(|(s, &a)| IoSeg { addr: a as usize, len: s.len as usize }).collect();
+        self.queue_peer_write(xfer, region, &segs, (remote, None), out)
+    }
+
+    /// Queues for the worker the copy of the peer's authorized write `xfer` into `segs` of
+    /// `region`: out of the peer's memory (`remote`) or of its staging area (`staged`).
+    pub(super) fn queue_peer_write(
+        &mut self,
+        xfer: u64,
+        region: Arc<Region>,
+        segs: &[RemoteSeg],
+        (remote, staged): (Vec<IoSeg>, Option<StagedSource>),
+        out: &mut Vec<Action>,
+    ) -> Result<()> {
+        self.check_pending()?;
         let len = segs.iter().map(|s| u64::from(s.len)).sum();
         let queued = self.queued_at();
-        let local = remote_segs(&segs);
-        let job = CopyJob { op: xfer, transfer: None, region, local, remote, staged: None, len, error: None, queued };
+        let local = remote_segs(segs);
+        let job = CopyJob { op: xfer, transfer: None, region, local, remote, staged, len, error: None, queued };
         self.direct.work.push_back(HostTask::Copy(job));
         out.push(Action::HostWork { ours: false });
         Ok(())

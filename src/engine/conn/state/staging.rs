@@ -220,16 +220,8 @@ impl ConnState {
             self.grant(xfer, super::direct::extent_of(&segs), region, out);
             return Ok(());
         }
-        self.check_pending()?;
-        let len = segs.iter().map(|s| u64::from(s.len)).sum();
-        let queued = self.queued_at();
-        let staged = Some(StagedSource { area, first_piece, generation });
-        let local = super::direct::remote_segs(&segs);
-        let job =
-            CopyJob { op: xfer, transfer: None, region, local, remote: Vec::new(), staged, len, error: None, queued };
-        self.direct.work.push_back(HostTask::Copy(job));
-        out.push(Action::HostWork { ours: false });
-        Ok(())
+        let staged = StagedSource { area, first_piece, generation };
+        self.queue_peer_write(xfer, region, &segs, (Vec::new(), Some(staged)), out)
     }
 
     /// The target staged our direct read: drain it from its area.
