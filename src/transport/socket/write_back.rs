@@ -103,7 +103,7 @@ pub fn supported() -> bool {
 ///
 /// # Safety
 /// Every segment is mapped memory of this process (the instructions fault on unmapped addresses).
-pub unsafe fn write_back(segs: &[IoSeg]) {
+unsafe fn write_back(segs: &[IoSeg]) {
     let how = instruction();
     if how == Instruction::None {
         return;
