@@ -4,7 +4,9 @@
 //! paths) in CLOCK_MONOTONIC nanoseconds, which every process of a host shares: the initiator its
 //! post, its request written (or queued), the flow's chunks queued, the first chunk handed to the
 //! transport, the last chunk seen complete, the reply read (Done for a write, the Data marker for a
-//! read) and the transfer seen complete by its caller; the target the request read, the chunks
+//! read: when the read that brought it returned, and when it was handled, which waits for the
+//! connection's lock; the file says which thread read it) and the transfer seen complete by its
+//! caller; the target the request read, the chunks
 //! queued, the first posted, the last complete and its reply written. A record is keyed by the
 //! handshake nonce (both ends of a connection know it), the kind, which end of the connection
 //! initiated (its connector or its acceptor: each end numbers its own flows from 0, so a write each
@@ -35,7 +37,7 @@ const KEPT: usize = 4096;
 const OPEN: usize = 4096;
 
 /// The steps, in the order of the file's columns.
-const STEPS: [&str; 9] = [
+const STEPS: [&str; 10] = [
     "post",
     "request_sent",
     "request_read",
@@ -43,6 +45,7 @@ const STEPS: [&str; 9] = [
     "first_posted",
     "last_chunk",
     "reply_sent",
+    "reply_arrived",
     "reply_read",
     "complete",
 ];
@@ -56,6 +59,8 @@ enum Step {
     FirstPosted,
     LastChunk,
     ReplySent,
+    /// The read that brought the reply returned, before its handling waited for the connection.
+    ReplyArrived,
     ReplyRead,
     Complete,
 }
@@ -83,6 +88,9 @@ struct Record {
     flow: Option<(u64, bool)>,
     chunks: usize,
     done: usize,
+    /// Which thread read the reply: `c` the caller, `r` a control reactor, `p` the progress
+    /// thread, `-` none yet.
+    reader: char,
     marks: [u64; STEPS.len()],
 }
 
@@ -91,6 +99,19 @@ impl Record {
         let m = &mut self.marks[step as usize];
         if *m == 0 {
             *m = at;
+        }
+    }
+
+    /// The reply was read from the stream at `arrived` and handled at `at`, on this thread.
+    fn reply_read(&mut self, arrived: u64, at: u64) {
+        self.mark(Step::ReplyArrived, arrived);
+        self.mark(Step::ReplyRead, at);
+        if self.reader == '-' {
+            self.reader = match std::thread::current().name() {
+                Some(n) if n.starts_with("uccl-progress") => 'p',
+                Some(n) if n.starts_with("uccl-ctrl") => 'r',
+                _ => 'c',
+            };
         }
     }
 
@@ -267,8 +288,9 @@ impl FlowTracer {
         })
     }
 
-    /// The peer's message `seen` was read at `at`; `out`: what the state answered.
-    pub(super) fn heard(&self, seen: Seen, at: u64, out: &[Action], chunking: Chunking) {
+    /// The peer's message `seen` was handled at `at`, read from the stream at `arrived`; `out`:
+    /// what the state answered.
+    pub(super) fn heard(&self, seen: Seen, arrived: u64, at: u64, out: &[Action], chunking: Chunking) {
         let mut book = self.book.lock();
         let queued = |dir: Direction, flow: Option<u64>| {
             out.iter().find_map(|a| match a {
@@ -288,13 +310,13 @@ impl FlowTracer {
             }
             Seen::Done(xfer) => {
                 if let Some(r) = book.open.get_mut(&Key::Ours(xfer)) {
-                    r.mark(Step::ReplyRead, at);
+                    r.reply_read(arrived, at);
                 }
             }
             Seen::Data(flow) => {
                 let key = Key::Ours(flow);
                 if let Some(r) = book.open.get_mut(&key) {
-                    r.mark(Step::ReplyRead, at);
+                    r.reply_read(arrived, at);
                     if let Some(plan) = queued(Direction::Recv, Some(flow)) {
                         book.bind(key, plan, chunking);
                     }
@@ -387,6 +409,7 @@ impl FlowTracer {
             flow: None,
             chunks: 0,
             done: 0,
+            reader: '-',
             marks: [0; STEPS.len()],
         }
     }
@@ -456,7 +479,7 @@ impl Book {
 
 /// The file's header and one line per record.
 fn table(records: &VecDeque<Record>) -> String {
-    let mut s = String::from("nonce\top\tfrom\tend\tseq\tbytes");
+    let mut s = String::from("nonce\top\tfrom\tend\tseq\treader\tbytes");
     for step in STEPS {
         let _ = write!(s, "\t{step}");
     }
@@ -466,7 +489,7 @@ fn table(records: &VecDeque<Record>) -> String {
         let from = if r.from_connector { "connector" } else { "acceptor" };
         let end = if r.initiator { "initiator" } else { "target" };
         let seq = r.seq.map_or_else(|| "-".to_owned(), |s| s.to_string());
-        let _ = write!(s, "{:016x}\t{op}\t{from}\t{end}\t{seq}\t{}", r.nonce, r.bytes);
+        let _ = write!(s, "{:016x}\t{op}\t{from}\t{end}\t{seq}\t{}\t{}", r.nonce, r.reader, r.bytes);
         for m in r.marks {
             let _ = write!(s, "\t{m}");
         }
@@ -526,7 +549,7 @@ mod tests {
         assert_eq!(w.marks[Step::Complete as usize], 4, "a step keeps its first mark");
         let lines = table(&VecDeque::from([w]));
         let row = lines.lines().nth(1).unwrap();
-        assert!(row.starts_with("0000000000000007\twrite\tconnector\tinitiator\t-\t0\t0\t"), "{row}");
+        assert!(row.starts_with("0000000000000007\twrite\tconnector\tinitiator\t-\t-\t0\t0\t"), "{row}");
         assert_eq!(lines.lines().next().unwrap().split('\t').count(), row.split('\t').count());
     }
 

@@ -282,6 +282,7 @@ impl Connection {
     /// waiting caller past its own reply nor a reactor thread from its other connections); false
     /// once the connection failed (nothing more will be read).
     fn handle_read(&self, buf: &mut RxBuffer, drained: Drained) -> bool {
+        let arrived = self.flow_tracer.as_ref().map_or(0, |_| trace::clock_ns());
         let mut inner = self.inner.lock();
         if inner.state.failure().is_some() {
             // The channels are gone; nothing the peer says can be acted on any more.
@@ -293,7 +294,7 @@ impl Connection {
             match buf.next_frame() {
                 Ok(Some(msg)) => {
                     inner.state.heard(Instant::now());
-                    handled = self.handle(&mut inner, msg, &mut held);
+                    handled = self.handle(&mut inner, msg, &mut held, arrived);
                 }
                 Ok(None) => break,
                 Err(e) => handled = Err(e),
@@ -320,13 +321,14 @@ impl Connection {
     /// Feeds one message of the peer to the same-host GPU path or the state machine, and carries
     /// out the latter's answer.
     /// Every answer, the IPC path's too, stays in `held`, in the order of what it answers.
-    fn handle(&self, inner: &mut Inner, msg: Control, held: &mut Held) -> Result<()> {
+    /// `arrived`: when the read that brought it returned (for the flow trace).
+    fn handle(&self, inner: &mut Inner, msg: Control, held: &mut Held, arrived: u64) -> Result<()> {
         let Some(msg) = self.handle_ipc(inner, msg, &mut held.msgs)? else { return Ok(()) };
         let seen = self.flow_tracer.as_ref().and_then(|_| Some((FlowTracer::seen(&msg)?, trace::clock_ns())));
         let mut out = Vec::new();
         let handled = inner.state.handle(msg, &self.memory(), &mut out);
         if let (Some(tracer), Some((seen, at))) = (&self.flow_tracer, seen) {
-            tracer.heard(seen, at, &out, inner.state.chunking());
+            tracer.heard(seen, arrived, at, &out, inner.state.chunking());
         }
         let applied = self.apply_held(inner, out, held);
         handled.and(applied)
