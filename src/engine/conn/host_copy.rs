@@ -10,9 +10,10 @@ use std::sync::Arc;
 use super::host_job::{self, Failure, SharedJob};
 use super::host_push;
 use super::host_trace::{JobMarks, JobTimes};
-use super::host_worker::{HostCopy, HostServed};
+use super::host_worker::{Gate, HostCopy, HostServed};
 use super::state::{CopyJob, HostTask};
 use super::{Connection, Inner};
+use crate::config::Config;
 use crate::engine::local::staging_area::PeerArea;
 use crate::engine::local::{self, PeerProcess};
 use crate::error::Error;
@@ -107,7 +108,8 @@ impl Connection {
                 Some(HostTask::Copy(job)) => {
                     let traced = self.host_tracer.as_ref().map(|_| (clock_ns(), Arc::new(JobMarks::default())));
                     threads::point(ThreadKind::HostCopier);
-                    let copied = self.copy_in(process.as_ref(), &job, traced.as_ref().map(|t| t.1.clone()));
+                    let marks = traced.as_ref().map(|t| t.1.clone());
+                    let copied = copy(&job, process.as_ref(), &self.host.gate, &self.core.config, marks);
                     let mut inner = self.inner.lock();
                     let copied = match copied {
                         Ok(()) => Ok(()),
@@ -143,50 +145,50 @@ impl Connection {
             self.fail(inner, e);
         }
     }
+}
 
-    /// Copies `job` out of the peer's process, piece by piece through the gate, on this thread and
-    /// for a large job with the process's copy helpers.
-    fn copy_in(
-        &self,
-        process: Option<&Arc<PeerProcess>>,
-        job: &CopyJob,
-        marks: Option<Arc<JobMarks>>,
-    ) -> Result<(), Failure> {
-        if job.error.is_some() {
-            // Cut off before it ran: `copy_finished` reports the cut.
-            return Ok(());
-        }
-        let Some(process) = process else {
-            return Err(Failure::Copy(Error::internal("a direct copy without a proven peer process")));
-        };
-        process.alive().map_err(|e| host_job::lost(process, job.len, e))?;
-        let threads = if job.len < PARALLEL_BYTES { 1 } else { self.core.config.host_copy_threads };
-        let gate = self.host.gate.clone();
-        gate.begin(&job.region);
-        let config = &self.core.config;
-        if let Some(source) = &job.staged {
-            // A push lands within microseconds of the mark's first look, or is far off.
-            let spin = config.host_copy_spin.max(STAGED_SPIN);
-            let source = (source.clone(), spin, config.timeout);
-            let shared = SharedJob::staged(&job.local, job.len, source, gate, job.region.clone(), process.clone());
-            return Arc::new(shared.traced(marks)).run(threads, config.host_copy_spin);
-        }
-        // One thread copies a small job whole: its source's pages do not matter then.
-        let huge_min = (config.host_copy_huge_pages && threads > 1).then_some(config.host_copy_huge_min_piece);
-        let min_piece = host_job::smallest_piece(job.len, config.host_copy_min_piece, huge_min, || {
-            process.on_huge_pages(job.remote.iter().map(|s| (s.addr, s.len)))
-        });
-        let shared = SharedJob::new(
-            &job.local,
-            &job.remote,
-            job.len,
-            threads,
-            min_piece,
-            gate,
-            job.region.clone(),
-            process.clone(),
-        )
-        .traced(marks);
-        Arc::new(shared).run(threads, self.core.config.host_copy_spin)
+/// Copies `job` into our memory, out of the peer's process or drained from its staging area, piece
+/// by piece through `gate`, on this thread and for a large job with the process's copy helpers.
+/// Apart from the connection so that the state machine's tests run the copies the worker runs.
+pub(super) fn copy(
+    job: &CopyJob,
+    process: Option<&Arc<PeerProcess>>,
+    gate: &Arc<Gate>,
+    config: &Config,
+    marks: Option<Arc<JobMarks>>,
+) -> Result<(), Failure> {
+    if job.error.is_some() {
+        // Cut off before it ran: `copy_finished` reports the cut.
+        return Ok(());
     }
+    let Some(process) = process else {
+        return Err(Failure::Copy(Error::internal("a direct copy without a proven peer process")));
+    };
+    process.alive().map_err(|e| host_job::lost(process, job.len, e))?;
+    let threads = if job.len < PARALLEL_BYTES { 1 } else { config.host_copy_threads };
+    gate.begin(&job.region);
+    if let Some(source) = &job.staged {
+        // A push lands within microseconds of the mark's first look, or is far off.
+        let spin = config.host_copy_spin.max(STAGED_SPIN);
+        let source = (source.clone(), spin, config.timeout);
+        let shared = SharedJob::staged(&job.local, job.len, source, gate.clone(), job.region.clone(), process.clone());
+        return Arc::new(shared.traced(marks)).run(threads, config.host_copy_spin);
+    }
+    // One thread copies a small job whole: its source's pages do not matter then.
+    let huge_min = (config.host_copy_huge_pages && threads > 1).then_some(config.host_copy_huge_min_piece);
+    let min_piece = host_job::smallest_piece(job.len, config.host_copy_min_piece, huge_min, || {
+        process.on_huge_pages(job.remote.iter().map(|s| (s.addr, s.len)))
+    });
+    let shared = SharedJob::new(
+        &job.local,
+        &job.remote,
+        job.len,
+        threads,
+        min_piece,
+        gate.clone(),
+        job.region.clone(),
+        process.clone(),
+    )
+    .traced(marks);
+    Arc::new(shared).run(threads, config.host_copy_spin)
 }

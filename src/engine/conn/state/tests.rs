@@ -1,14 +1,21 @@
 //! The state machine without sockets: two `ConnState`s exchange their control messages directly,
 //! and a simulated channel moves each flow's bytes between real buffers in per-direction order.
+//! The same-host path's work runs the connection's own code (`host_copy::copy`,
+//! `host_push::push`) by hand, both "processes" being this one.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::super::host_copy;
+use super::super::host_job::Failure;
+use super::super::host_push::{self, PushGate};
+use super::super::host_worker::Gate;
 use super::super::vector::{Grouper, Push, REQUEST_SEGMENTS, RunKey};
 use super::*;
+use crate::config::Config;
 use crate::engine::local::PeerProcess;
-use crate::engine::local::staging_area::{Mark, OutboundArea, Patience, PeerArea, cut_pieces};
+use crate::engine::local::staging_area::{OutboundArea, Patience, PeerArea};
 use crate::engine::plan::{self, Cut};
 use crate::engine::region::RegionTable;
 use crate::engine::transfer::{Answers, TransferTable};
@@ -79,6 +86,11 @@ struct End {
     huge_source: bool,
     /// Staged writes' pushes its posts left for the posting thread (`run_pushes` runs them).
     pushes: Vec<PushJob>,
+    /// The gates a deregistration and a failure close on the connection's copies and pushes.
+    copy_gate: Arc<Gate>,
+    push_gate: Arc<PushGate>,
+    /// The peer's process, as the worker's proof finds it: this one.
+    process: Arc<PeerProcess>,
 }
 
 impl End {
@@ -99,6 +111,9 @@ impl End {
             host_work: false,
             huge_source: false,
             pushes: Vec::new(),
+            copy_gate: Arc::default(),
+            push_gate: Arc::default(),
+            process: Arc::new(PeerProcess::open(std::process::id()).unwrap()),
         }
     }
 
@@ -253,7 +268,16 @@ impl End {
                 plan.region = None;
             }
         }
+        self.push_gate.wait_clear(id);
         cut
+    }
+
+    /// Fails the connection as the engine does: its transfers fail, no push starts any more.
+    fn fail(&mut self, err: Error) {
+        for t in self.st.fail(err.clone()) {
+            t.finish_part(Err(err.clone()));
+        }
+        self.push_gate.close();
     }
 }
 
@@ -400,78 +424,54 @@ fn run_host_work(end: &mut End) -> bool {
     ran
 }
 
-/// One host task, as the worker runs it.
+/// The configuration the connection's copies and pushes run with: a short io timeout, so a drain
+/// whose pieces never come fails a test within seconds rather than hanging it.
+fn host_config() -> Config {
+    Config::from_lookup(|name| (name == "UCCL_TCPX_TIMEOUT_MS").then(|| "2000".to_owned())).unwrap()
+}
+
+/// One host task, as the worker runs it (`host_copy.rs`): a proof that holds, the connection's
+/// own pushes and copies.
 fn run_task(end: &mut End, task: HostTask, out: &mut Vec<Action>) {
     match task {
         HostTask::Prove { .. } => end.st.proved(true, out),
-        HostTask::MapArea { fd, len } => {
-            // Both ends are this process: the peer's descriptor is one of ours.
-            let me = PeerProcess::open(std::process::id()).unwrap();
-            end.st.area_mapped(PeerArea::open(&me, fd, len), out);
-        }
+        HostTask::MapArea { fd, len } => end.st.area_mapped(PeerArea::open(&end.process, fd, len), out),
         HostTask::Push(job) => {
-            push(&job);
-            end.st.push_finished(job.op, job.write, out);
+            let (op, write) = (job.op, job.write);
+            push(end, job);
+            end.st.push_finished(op, write, out);
         }
         HostTask::Copy(job) => {
-            let copied = if job.error.is_some() {
-                Ok(())
-            } else if job.region.is_removed() {
-                Err(Error::not_allowed("the memory region was deregistered during the transfer"))
-            } else if let Some(source) = &job.staged {
-                drain(source, &job.local, job.len)
-            } else {
-                let src = Extent::scattered(job.remote.iter().copied());
-                let dst = Extent::scattered(job.local.iter().copied());
-                // SAFETY: both lists lie in live test buffers: the peer's authorized by its
-                // region table, ours checked at post or authorized by ours.
-                unsafe { scatter(&dst, &gather(&src)) };
-                Ok(())
+            let config = host_config();
+            let copied = match host_copy::copy(&job, Some(&end.process), &end.copy_gate, &config, None) {
+                Ok(()) => Ok(()),
+                Err(Failure::Copy(e)) => Err(e),
+                Err(Failure::Refused(e, _) | Failure::Panicked(e)) => panic!("a copy of this process failed: {e}"),
             };
             end.st.copy_finished(job, copied, out);
         }
     }
 }
 
-/// Pushes `job` as `conn/host_push.rs` does: piece by piece while its source region lives, the
-/// rest marked aborted.
-fn push(job: &PushJob) {
-    for (k, piece) in cut_pieces(&job.src, job.len).iter().enumerate() {
-        let k = k as u32;
-        if job.region.is_removed() {
-            job.area.abort_piece(&job.range, k).unwrap();
-        } else {
-            // SAFETY: the source lies in a live test buffer.
-            unsafe { job.area.push_piece(&job.range, k, piece) }.unwrap();
-        }
-    }
+/// Pushes `job` as the connection does, through `end`'s gate; a failure reaches the peer through
+/// the aborted marks alone.
+fn push(end: &End, job: PushJob) {
+    let config = host_config();
+    let _ = host_push::push(job, &end.push_gate, config.host_copy_threads, config.host_copy_spin);
 }
 
 /// Runs the pushes `end`'s posts left, as its posting threads would. Returns whether there was any.
 fn run_pushes(end: &mut End) -> bool {
     let pushes = std::mem::take(&mut end.pushes);
-    for job in &pushes {
-        push(job);
+    let ran = !pushes.is_empty();
+    for job in pushes {
+        let (op, write) = (job.op, job.write);
+        push(end, job);
         let mut out = Vec::new();
-        end.st.push_finished(job.op, job.write, &mut out);
+        end.st.push_finished(op, write, &mut out);
         end.take(out);
     }
-    !pushes.is_empty()
-}
-
-/// Drains a staged copy as `conn/host_job.rs` does: each piece once its mark says pushed.
-fn drain(source: &StagedSource, local: &[IoSeg], len: u64) -> Result<()> {
-    let ok = || Ok(());
-    let patience = Patience { spin: Duration::ZERO, limit: Duration::from_secs(2), healthy: &ok };
-    for (k, piece) in cut_pieces(local, len).iter().enumerate() {
-        let at = source.first_piece + k as u32;
-        if source.area.wait(at, source.generation, &patience)? == Mark::Aborted {
-            return Err(Error::not_allowed("the source was deregistered during the transfer"));
-        }
-        // SAFETY: the destination lies in a live test buffer.
-        unsafe { source.area.drain_piece(at, piece) }?;
-    }
-    Ok(())
+    ran
 }
 
 mod direct;

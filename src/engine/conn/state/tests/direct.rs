@@ -1,5 +1,5 @@
-//! The same-host path without threads or processes: the host worker's tasks are run by hand, a
-//! copy being a plain copy between the test's buffers (both "processes" are this one).
+//! The same-host path without sockets or a second process: the host worker's tasks are run by
+//! hand, a copy being the worker's own out of this process (both "processes" are this one).
 
 use super::*;
 

@@ -1,6 +1,6 @@
-//! The staging areas without threads: both "processes" are this one, each end's area a real
-//! sealed memfd that the other maps; pushes and drains are run by hand (`run_pushes`,
-//! `run_host_work`).
+//! The staging areas without the connection's threads: both "processes" are this one, each end's
+//! area a real sealed memfd that the other maps; the connection's own pushes and drains are run
+//! by hand (`run_pushes`, `run_host_work`).
 
 use super::direct::host_pair;
 use super::*;
@@ -166,7 +166,8 @@ fn a_staged_read_is_answered_once_both_the_push_and_the_reader_are_done() {
     deliver(&mut a, &mut b).unwrap();
     let Some(HostTask::Push(job)) = b.st.next_host_task() else { panic!("the push task") };
     // The pieces land (the worker's copy), but the worker has not reported back yet.
-    push(&job);
+    let (op, write) = (job.op, job.write);
+    push(&b, job);
     deliver(&mut b, &mut a).unwrap();
     assert!(a.st.has_host_task());
     assert!(
@@ -179,15 +180,15 @@ fn a_staged_read_is_answered_once_both_the_push_and_the_reader_are_done() {
     assert!(b.outbox.is_empty(), "the target waits for its push");
     assert_eq!(pieces_in_use(&b), 2);
     let mut out = Vec::new();
-    b.st.push_finished(job.op, job.write, &mut out);
+    b.st.push_finished(op, write, &mut out);
     b.take(out);
-    assert_eq!(b.outbox, [Control::Done { xfer: job.op, len: 2 * P as u64 }]);
+    assert_eq!(b.outbox, [Control::Done { xfer: op, len: 2 * P as u64 }]);
     assert_eq!(pieces_in_use(&b), 0);
     pump(&mut a, &mut b);
     assert_eq!(a.outcome(&t).unwrap().unwrap(), 2 * P as u64);
     assert_eq!(back.bytes, remote.bytes);
     // A second DirectDone for it is a violation.
-    assert!(b.handle(Control::DirectDone { xfer: job.op }).is_err());
+    assert!(b.handle(Control::DirectDone { xfer: op }).is_err());
 }
 
 /// A write's source deregistered before its push: the pieces are marked aborted, the target
@@ -197,14 +198,15 @@ fn a_staged_read_is_answered_once_both_the_push_and_the_reader_are_done() {
 fn a_deregistered_source_aborts_the_push_and_the_transfer_fails_cleanly() {
     let (mut a, mut b) = staged_pair(1 << 20);
     let src = a.buffer(3 * P, pattern(54));
-    let dst = b.buffer(3 * P, |_| 0);
+    // Not zeros, which is what an aborted piece of a fresh area holds.
+    let dst = b.buffer(3 * P, |_| 0xa5);
     let t = a.one_sided(true, &[(&src, 0, &dst, 0, 3 * P)]);
     assert!(matches!(a.outbox.front(), Some(Control::StagedWrite { .. })));
     a.cut(&src).unwrap();
     pump(&mut a, &mut b);
     let why = not_allowed(a.outcome(&t));
     assert!(why.contains("deregistered"), "{why}");
-    assert!(dst.bytes.iter().all(|&x| x == 0), "nothing of an aborted push lands");
+    assert!(dst.bytes.iter().all(|&x| x == 0xa5), "nothing of an aborted push lands");
     assert_eq!(pieces_in_use(&a), 0);
 
     let remote = b.buffer(3 * P, pattern(55));
@@ -219,6 +221,52 @@ fn a_deregistered_source_aborts_the_push_and_the_transfer_fails_cleanly() {
     assert!(a.st.check_open().is_ok() && b.st.check_open().is_ok());
     assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
     assert_eq!(a.st.host_path().staged_ops, 0);
+}
+
+/// The initiator's connection failing before its posting thread pushed a staged write: no piece
+/// starts, every piece is marked aborted, and the target's drain stops at once and lands nothing.
+#[test]
+fn a_connection_failing_before_the_push_aborts_it() {
+    let (mut a, mut b) = staged_pair(1 << 20);
+    let src = a.buffer(3 * P, pattern(59));
+    let dst = b.buffer(3 * P, |_| 0xa5);
+    let t = a.one_sided(true, &[(&src, 0, &dst, 0, 3 * P)]);
+    deliver(&mut a, &mut b).unwrap();
+    assert!(b.host_work, "the target drains");
+    a.fail(Error::new(UcclStatus::ErrBackend, "the control stream broke"));
+    assert_eq!(status(a.outcome(&t)), UcclStatus::ErrBackend);
+    assert!(run_pushes(&mut a), "the posting thread still pushes, and marks");
+    let started = Instant::now();
+    assert!(run_host_work(&mut b));
+    assert!(started.elapsed() < Duration::from_secs(1), "the drain waited for pieces that never come");
+    let Some(Control::Deny { reason, .. }) = b.outbox.front() else { panic!("{:?}", b.outbox) };
+    assert!(reason.contains("deregistered"), "{reason}");
+    assert!(dst.bytes.iter().all(|&x| x == 0xa5), "nothing of an aborted push lands");
+}
+
+/// The target deregistering a staged write's destination while its worker holds the drain: the
+/// worker's gate lets no piece in, the write is refused, nothing lands, and the range is freed once
+/// pushed.
+#[test]
+fn a_destination_deregistered_during_the_drain_refuses_the_write() {
+    let (mut a, mut b) = staged_pair(1 << 20);
+    let src = a.buffer(2 * P, pattern(60));
+    let dst = b.buffer(2 * P, |_| 0);
+    let t = a.one_sided(true, &[(&src, 0, &dst, 0, 2 * P)]);
+    deliver(&mut a, &mut b).unwrap();
+    assert!(run_pushes(&mut a));
+    let Some(HostTask::Copy(job)) = b.st.next_host_task() else { panic!("the drain") };
+    assert!(job.staged.is_some() && job.error.is_none(), "taken before the deregistration");
+    b.cut(&dst).unwrap();
+    let mut out = Vec::new();
+    run_task(&mut b, HostTask::Copy(job), &mut out);
+    b.take(out);
+    let Some(Control::Deny { reason, .. }) = b.outbox.front() else { panic!("{:?}", b.outbox) };
+    assert!(reason.contains("deregistered"), "{reason}");
+    assert!(dst.bytes.iter().all(|&x| x == 0), "no piece entered the gate");
+    pump(&mut a, &mut b);
+    assert!(not_allowed(a.outcome(&t)).contains("deregistered"));
+    assert_eq!(pieces_in_use(&a), 0);
 }
 
 /// A staged write the target refuses is denied without a look at the area; the initiator frees
