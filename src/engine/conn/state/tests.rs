@@ -124,6 +124,15 @@ impl End {
         Buf { bytes, region: self.mem.regions.get(id).unwrap(), cap: item.capability().unwrap() }
     }
 
+    /// A buffer registered as GPU memory of device 0, as the target of a device region would hold
+    /// it; host bytes underneath, which only the (simulated) channels touch.
+    fn device_buffer(&self, len: usize) -> Buf {
+        let bytes: Box<[u8]> = vec![0u8; len].into_boxed_slice();
+        let id = self.mem.regions.register(bytes.as_ptr() as usize, len, MemKind::Cuda { device: 0 }).unwrap();
+        let item = self.mem.regions.advertise(id, bytes.as_ptr() as usize, len).unwrap();
+        Buf { bytes, region: self.mem.regions.get(id).unwrap(), cap: item.capability().unwrap() }
+    }
+
     /// A buffer of this end whose capability names `target`'s region with a wrong token: what a
     /// peer forging access to memory it was not given would send.
     fn forged(&self, target: &Buf) -> Buf {

@@ -192,10 +192,7 @@ fn a_target_that_cannot_copy_answers_the_network_way() {
     // Device memory at the target: neither direction can be copied with the CPU.
     let (mut a, mut b) = host_pair(true, true);
     let src = a.buffer(len, pattern(43));
-    let bytes: Box<[u8]> = vec![0u8; len].into_boxed_slice();
-    let id = b.mem.regions.register(bytes.as_ptr() as usize, len, MemKind::Cuda { device: 0 }).unwrap();
-    let item = b.mem.regions.advertise(id, bytes.as_ptr() as usize, len).unwrap();
-    let dev = Buf { bytes, region: b.mem.regions.get(id).unwrap(), cap: item.capability().unwrap() };
+    let dev = b.device_buffer(len);
     let t = a.one_sided(true, &[(&src, 0, &dev, 0, len)]);
     deliver(&mut a, &mut b).unwrap();
     assert!(matches!(b.outbox.front(), Some(Control::Grant { .. })), "{:?}", b.outbox);

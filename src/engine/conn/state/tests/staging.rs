@@ -269,6 +269,43 @@ fn a_destination_deregistered_during_the_drain_refuses_the_write() {
     assert_eq!(pieces_in_use(&a), 0);
 }
 
+/// GPU memory at the target: a staged write is granted the network way rather than drained (the
+/// worker's CPU copy cannot store into device memory), the initiator's range is freed once its
+/// push finished, and a read of it is served over the channels rather than staged.
+#[test]
+fn device_memory_at_the_target_is_written_and_read_over_the_channels() {
+    let (mut a, mut b) = staged_pair(2 << 20);
+    let len = 3 * P + 5;
+    let src = a.buffer(len, pattern(61));
+    let dev = b.device_buffer(len);
+    let t = a.one_sided(true, &[(&src, 0, &dev, 0, len)]);
+    assert!(matches!(a.outbox.front(), Some(Control::StagedWrite { .. })), "the initiator cannot tell: {:?}", a.outbox);
+    deliver(&mut a, &mut b).unwrap();
+    assert!(matches!(b.outbox.front(), Some(Control::Grant { .. })), "{:?}", b.outbox);
+    assert!(!b.host_work && !b.st.has_host_task(), "nothing is drained into device memory");
+    deliver(&mut b, &mut a).unwrap();
+    assert!(t.awaits_answer(), "granted: the target's Done still ends it, after the chunks");
+    assert!(matches!(a.outbox.front(), Some(Control::Data { .. })), "{:?}", a.outbox);
+    assert_eq!(a.sending.len(), 1, "the channels carry it");
+    assert_eq!(pieces_in_use(&a), 4, "answered, but the push has not finished");
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
+    assert_eq!(dev.bytes, src.bytes);
+    assert_eq!(pieces_in_use(&a), 0);
+    assert_eq!(a.st.host_path().staged_ops, 0);
+
+    let back = a.buffer(len, |_| 0);
+    let t = a.one_sided(false, &[(&back, 0, &dev, 0, len)]);
+    deliver(&mut a, &mut b).unwrap();
+    assert!(matches!(b.outbox.front(), Some(Control::Data { .. })), "{:?}", b.outbox);
+    assert_eq!(pieces_in_use(&b), 0, "nothing staged");
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
+    assert_eq!(back.bytes, src.bytes);
+    assert_eq!(a.st.host_path().staged_ops, 0);
+    assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
+}
+
 /// A staged write the target refuses is denied without a look at the area; the initiator frees
 /// its range once its push finished as well.
 #[test]
