@@ -60,11 +60,19 @@ impl Connection {
     }
 
     pub fn write(&self, ops: &[OneSided]) -> Result<u64> {
-        self.one_sided(ops, true)
+        self.traced_return(self.one_sided(ops, true))
     }
 
     pub fn read(&self, ops: &[OneSided]) -> Result<u64> {
-        self.one_sided(ops, false)
+        self.traced_return(self.one_sided(ops, false))
+    }
+
+    /// Marks when a traced post call returned its transfer to the caller.
+    fn traced_return(&self, posted: Result<u64>) -> Result<u64> {
+        if let (Some(tracer), Ok(transfer)) = (&self.flow_tracer, &posted) {
+            tracer.returned(*transfer);
+        }
+        posted
     }
 
     /// Checks every item and groups them into runs (`vector`) in one pass over the caller's list,

@@ -2,20 +2,19 @@
 //! find which hand-over a mid-size write or read spends its time in. Each end marks the steps it
 //! sees of every write and read that takes the channels (not the inline kinds, not the same-host
 //! paths) in CLOCK_MONOTONIC nanoseconds, which every process of a host shares: the initiator its
-//! post, its request written (or queued), the flow's chunks queued, the first chunk handed to the
-//! transport, the last chunk seen complete, the reply read (Done for a write, the Data marker for a
-//! read: when the read that brought it returned, and when it was handled, which waits for the
-//! connection's lock; the file says which thread read it) and the transfer seen complete by its
-//! caller; the target the request read, the chunks
-//! queued, the first posted, the last complete and its reply written. A record is keyed by the
-//! handshake nonce (both ends of a connection know it), the kind, which end of the connection
-//! initiated (its connector or its acceptor: each end numbers its own flows from 0, so a write each
-//! way can share a number) and the flow's number in its direction (both ends number a direction's
-//! flows alike), so the two ends' files join. Records that never end (a refused request, a failed
-//! connection) and post marks of calls that never complete make way for newer ones, oldest first.
-//! The process keeps the last `KEPT` records and writes them at exit to `<prefix>.<pid>.tsv`,
-//! printing one line to stderr; `scripts/diag/flow_timeline.py` joins the files and says which leg
-//! is large.
+//! post and its post call's return, its request written (or queued), the flow's chunks queued, the
+//! first chunk handed to the transport, the last chunk seen complete, the reply (Done for a write,
+//! the Data marker for a read) read from the stream and then handled, which waits for the
+//! connection's lock (the file says which thread read it), and the transfer seen complete by its
+//! caller; the target the request read, the chunks queued, the first posted, the last complete and
+//! its reply written. A record is keyed by the handshake nonce (both ends of a connection know it),
+//! the kind, which end of the connection initiated (its connector or its acceptor: each end numbers
+//! its own flows from 0, so a write each way can share a number) and the flow's number in its
+//! direction (both ends number a direction's flows alike), so the two ends' files join. Records
+//! that never end (a refused request, a failed connection) and post marks of calls that never
+//! complete make way for newer ones, oldest first. The process keeps the last `KEPT` records and
+//! writes them at exit to `<prefix>.<pid>.tsv`, printing one line to stderr;
+//! `scripts/diag/flow_timeline.py` joins the files and says which leg is large.
 //!
 //! Off, connections hold no tracer and each step pays one branch.
 
@@ -37,8 +36,9 @@ const KEPT: usize = 4096;
 const OPEN: usize = 4096;
 
 /// The steps, in the order of the file's columns.
-const STEPS: [&str; 10] = [
+const STEPS: [&str; 11] = [
     "post",
+    "returned",
     "request_sent",
     "request_read",
     "queued",
@@ -53,6 +53,8 @@ const STEPS: [&str; 10] = [
 #[derive(Clone, Copy)]
 enum Step {
     Post,
+    /// The post call returned to its caller.
+    Returned,
     RequestSent,
     RequestRead,
     Queued,
@@ -195,6 +197,8 @@ impl<K: Copy + Eq + Hash, V> Bounded<K, V> {
 struct Book {
     /// When each traced call was entered, by transfer id.
     posts: Bounded<u64, u64>,
+    /// When each traced call returned, by transfer id.
+    returns: Bounded<u64, u64>,
     open: Bounded<Key, Record>,
     flows: HashMap<u64, Key>,
     /// Receiving flows queued since the last pass, whose first receives that pass posts.
@@ -230,11 +234,18 @@ impl FlowTracer {
         self.book.lock().posts.insert(transfer, at);
     }
 
+    /// The post call of `transfer` returned to its caller.
+    pub(super) fn returned(&self, transfer: u64) {
+        let at = clock_ns();
+        self.book.lock().returns.insert(transfer, at);
+    }
+
     /// The post of `transfer` failed before anything of it reached the wire and its id was
     /// forgotten: no caller will see it complete.
     pub(super) fn discarded(&self, transfer: u64) {
         let mut book = self.book.lock();
         book.posts.remove(&transfer);
+        book.returns.remove(&transfer);
         let keys: Vec<Key> =
             book.open.iter().filter(|(_, r)| r.initiator && r.transfer == transfer).map(|(k, _)| *k).collect();
         for key in keys {
@@ -389,9 +400,13 @@ impl FlowTracer {
         if book.posts.remove(&transfer).is_none() {
             return;
         }
+        let returned = book.returns.remove(&transfer);
         let keys: Vec<Key> =
             book.open.iter().filter(|(_, r)| r.initiator && r.transfer == transfer).map(|(k, _)| *k).collect();
         for key in keys {
+            if let Some(at) = returned {
+                book.mark(key, Step::Returned, at);
+            }
             book.mark(key, Step::Complete, at);
         }
     }
@@ -417,7 +432,13 @@ impl FlowTracer {
 
 impl Book {
     fn new() -> Book {
-        Book { posts: Bounded::new(OPEN), open: Bounded::new(OPEN), flows: HashMap::new(), unposted: Vec::new() }
+        Book {
+            posts: Bounded::new(OPEN),
+            returns: Bounded::new(OPEN),
+            open: Bounded::new(OPEN),
+            flows: HashMap::new(),
+            unposted: Vec::new(),
+        }
     }
 
     fn open(&mut self, key: Key, r: Record) {
