@@ -1,8 +1,10 @@
-//! What the transports' unit tests share: a socket net on loopback, a connected pair of comms, and
-//! a bounded wait for a request.
+//! What the transports' unit tests share: a socket net on loopback, a connected pair of comms, a
+//! bounded wait for a request, and the turn at the process's write-back count.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, MutexGuard};
 
 use super::socket::SocketNet;
 use super::{Net, RecvComm, SendComm};
@@ -36,4 +38,11 @@ pub(crate) fn until<T>(mut f: impl FnMut() -> crate::Result<Option<T>>) -> crate
         assert!(Instant::now() < deadline, "request did not finish");
         std::thread::yield_now();
     }
+}
+
+/// Held by each test that measures `socket::written_back_bytes()` over receives of its own: the
+/// count is the process's, and another test's write-backs meanwhile would be counted as its own.
+pub(crate) fn written_back_alone() -> MutexGuard<'static, ()> {
+    static ALONE: Mutex<()> = Mutex::new(());
+    ALONE.lock()
 }

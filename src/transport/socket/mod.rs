@@ -29,6 +29,8 @@ mod zerocopy;
 
 pub use counts::DataSocketStats;
 pub use tune::tune_stream;
+#[cfg(test)]
+pub(crate) use write_back::supported as writes_back;
 pub use write_back::written_back_bytes;
 pub use zerocopy::ZeroCopyStats;
 

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::error::UcclStatus;
-use crate::transport::testutil::{loopback_socket_net, pair, until};
+use crate::transport::testutil::{loopback_socket_net, pair, until, written_back_alone};
 use crate::transport::{IoSeg, MemKind, MrHandle, RequestId};
 
 #[test]
@@ -632,6 +632,7 @@ fn dropping_a_comm_with_kicks_owed_returns_and_leaves_no_helper() {
 
 #[test]
 fn receives_into_memory_read_by_dma_are_written_back_and_arrive_whole() {
+    let _alone = written_back_alone();
     let net = loopback_socket_net();
     let (mut tx, mut rx) = pair(&net);
     let len = 3 << 20;
@@ -642,7 +643,7 @@ fn receives_into_memory_read_by_dma_are_written_back_and_arrive_whole() {
         assert!(!write_back::supported(), "the comm refused though the CPU can write lines back");
         return;
     }
-    let mut move_into = |dst: &mut [u8]| {
+    let move_into = |tx: &mut Box<dyn SendComm>, rx: &mut Box<dyn RecvComm>, dst: &mut [u8]| {
         let before = written_back_bytes();
         // SAFETY: dst and msg outlive both requests, which are tested done before this returns.
         let r = unsafe { rx.irecv(dst.as_mut_ptr(), dst.len(), MrHandle::NONE) }.unwrap().unwrap();
@@ -654,11 +655,12 @@ fn receives_into_memory_read_by_dma_are_written_back_and_arrive_whole() {
         assert!(dst[..len] == msg[..], "every byte as sent");
         written_back_bytes() - before
     };
-    assert!(move_into(&mut slots[..len]) >= len as u64, "a receive inside the range is written back whole");
-    // Only receives into a write-back range move the counter, and no other test of this binary
-    // posts one.
-    assert_eq!(move_into(&mut plain), 0, "a receive elsewhere is not");
-    assert_eq!(move_into(&mut slots[len / 2..len / 2 + len]), 0, "nor one reaching past the range");
+    assert!(
+        move_into(&mut tx, &mut rx, &mut slots[..len]) >= len as u64,
+        "a receive inside the range is written back whole"
+    );
+    assert_eq!(move_into(&mut tx, &mut rx, &mut plain), 0, "a receive elsewhere is not");
+    assert_eq!(move_into(&mut tx, &mut rx, &mut slots[len / 2..len / 2 + len]), 0, "nor one reaching past the range");
     // Four receives posted before any byte comes: only the last two, whose copy up no later
     // arrival would hide, are written back.
     let part = len / 4;
@@ -680,4 +682,11 @@ fn receives_into_memory_read_by_dma_are_written_back_and_arrive_whole() {
     }
     assert!(slots[..4 * part] == msg[..4 * part], "every byte as sent");
     assert_eq!(written_back_bytes() - before, 2 * part as u64);
+
+    // Undone, the range is memory like any other; a second registration of it outlives the first.
+    assert!(rx.write_back_received(slots.as_mut_ptr() as usize, len));
+    rx.stop_write_back(slots.as_mut_ptr() as usize, len);
+    assert!(move_into(&mut tx, &mut rx, &mut slots[..len]) >= len as u64, "still registered once");
+    rx.stop_write_back(slots.as_mut_ptr() as usize, len);
+    assert_eq!(move_into(&mut tx, &mut rx, &mut slots[..len]), 0, "no longer written back");
 }

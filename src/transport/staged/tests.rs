@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use super::*;
 use crate::error::UcclStatus;
-use crate::transport::testutil::{loopback_socket_net, pair, until};
+use crate::transport::socket::{writes_back, written_back_bytes};
+use crate::transport::testutil::{loopback_socket_net, pair, until, written_back_alone};
 use crate::transport::{MemKind, MrHandle, RequestId};
 
 fn staged() -> Arc<dyn Net> {
@@ -288,5 +289,48 @@ fn host_messages_pass_through_a_pipelined_net_intact() {
         assert_eq!(until(|| rx.test(r)).unwrap(), len, "message {i}");
         rx.irecv_consumed(r).unwrap();
         assert!(got == msg, "message {i} arrived intact");
+    }
+}
+
+/// The ring's host range is written back from the caches by the inner receive comm while the
+/// ring holds it (with the knob on), and no longer once the comm let go of the ring: a receive
+/// landing there later counts nothing.
+#[test]
+fn a_released_rings_range_is_no_longer_written_back() {
+    let _alone = written_back_alone();
+    let net = loopback_socket_net();
+    let len = 1 << 20;
+    let msg: Vec<u8> = (0..len).map(|i| (i * 13 + i / 509) as u8).collect();
+    let receive = |tx: &mut Box<dyn SendComm>, rx: &mut Box<dyn RecvComm>, dst: &mut [u8]| {
+        let before = written_back_bytes();
+        // SAFETY: dst and msg outlive both requests, which are tested done before this returns.
+        let r = unsafe { rx.irecv(dst.as_mut_ptr(), dst.len(), MrHandle::NONE) }.unwrap().unwrap();
+        // SAFETY: as above.
+        let s = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
+        assert_eq!(until(|| tx.test(s)).unwrap(), len);
+        assert_eq!(until(|| rx.test(r)).unwrap(), len);
+        rx.irecv_consumed(r).unwrap();
+        assert!(dst == &msg[..], "every byte as sent");
+        written_back_bytes() - before
+    };
+    for write_back in [true, false] {
+        let (mut tx, mut rx) = pair(&net);
+        let mut slots = vec![0u8; len];
+        let tuning = crate::config::StagingConfig { write_back, ..Default::default() };
+        let mut staging = regions::Staging::new(setup::Setup {
+            params: StagingParams { tuning, ..StagingParams::new(1 << 20, 4) },
+            max_requests: 16,
+            copies_in_flight: Arc::default(),
+            receives_watched: Arc::default(),
+        });
+        staging.register_ring_range(&mut rx, slots.as_mut_ptr() as usize, len).unwrap();
+        let held = receive(&mut tx, &mut rx, &mut slots);
+        if write_back && writes_back() {
+            assert!(held >= len as u64, "a receive into the ring's range is written back: {held}");
+        } else {
+            assert_eq!(held, 0, "write-back {write_back}");
+        }
+        staging.release_ring_registration(&mut rx, true);
+        assert_eq!(receive(&mut tx, &mut rx, &mut slots), 0, "write-back {write_back}: released, then written back");
     }
 }
