@@ -1,8 +1,8 @@
 //! Host memory between two processes of this host through the staging areas
 //! (`UCCL_TCPX_HOST_COPY_STAGING=1` in both): the end whose memory is read pushes the bytes into
 //! its area, the other drains them. Byte-exact at every size up to the area, vectors, transfers
-//! larger than the area or finding it full (they take the direct copy), and a source deregistered
-//! while its write is pushed.
+//! larger than the area or finding it full (they take the direct copy), a source deregistered
+//! while its write is pushed, and ends the kernel will not let copy out of each other.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,6 +44,9 @@ fn staged_config() -> Config {
 #[ignore = "runs as the peer process of another process on this host"]
 fn staged_peer_process() {
     assert!(common::is_child("staged_peer_process"), "runs as the peer process of the staged-path tests");
+    if std::env::var_os(REFUSE_VAR).is_some() {
+        uccl_tcpx::engine::local::refuse_process_access(std::os::unix::process::parent_id());
+    }
     // The knobs as a deployment sets them: in the environment.
     let env = Config::from_env().unwrap();
     assert!(env.host_copy_staging, "UCCL_TCPX_HOST_COPY_STAGING=1 reaches the peer");
@@ -64,13 +67,29 @@ fn staged_peer_process() {
     }
 }
 
+/// Set: the peer process probes this one as a kernel refusing `process_vm_readv` would (the
+/// test hook `refuse_process_access`).
+const REFUSE_VAR: &str = "UCCL_TCPX_TEST_REFUSE";
+
 /// The peer process, a connection both ends checked, and the peer's window.
 fn staged_peer(engine: &Engine) -> (testkit::child::Peer, Arc<Connection>, FifoItem) {
-    let mut process = ChildTest::new("staged_peer_process")
+    staged_peer_refusing(engine, false)
+}
+
+/// As `staged_peer`; with `refuse`, each end's kernel refuses it the copy out of the other (test
+/// hook, set on this end before it connects and kept until the caller clears it).
+fn staged_peer_refusing(engine: &Engine, refuse: bool) -> (testkit::child::Peer, Arc<Connection>, FifoItem) {
+    let mut child = ChildTest::new("staged_peer_process")
         .ignored()
         .env("UCCL_TCPX_HOST_COPY_STAGING", "1")
-        .env("UCCL_TCPX_HOST_COPY_STAGING_BYTES", AREA)
-        .spawn();
+        .env("UCCL_TCPX_HOST_COPY_STAGING_BYTES", AREA);
+    if refuse {
+        child = child.env(REFUSE_VAR, "1");
+    }
+    let mut process = child.spawn();
+    if refuse {
+        uccl_tcpx::engine::local::refuse_process_access(process.pid());
+    }
     let line = process.announcement("PEER ", Duration::from_secs(120));
     let (port, hex) = line.trim().split_once(' ').unwrap();
     let window = common::engine::fifo_from_hex(hex);
@@ -284,4 +303,44 @@ fn deregistering_the_source_during_a_staged_write_fails_it_cleanly() {
     let before = conn.host_path().staged_ops;
     write_and_read_back(&engine, &conn, window, 5, &common::pattern(2 << 20, 4));
     assert_eq!(conn.host_path().staged_ops - before, 2);
+}
+
+/// The kernel refusing `process_vm_readv` both ways (test hook, as Yama's ptrace scope 1 does
+/// between sibling processes, and `pidfd_getfd` with it) leaves the staging areas, which need only
+/// the peer's proven identity and take its descriptor through `/proc`: transfers that fit move
+/// through them byte-exact, larger ones over the channels, none copied out of the peer. Without
+/// this end's opt-in nothing changes: the channels carry everything, and no area is mapped.
+#[test]
+fn the_staging_areas_serve_ends_the_kernel_will_not_let_copy_from_each_other() {
+    for opted_in in [true, false] {
+        let config = if opted_in { staged_config() } else { Config { host_copy_threads: 4, ..same_host() } };
+        let engine = Engine::new(config).unwrap();
+        let (process, conn, window) = staged_peer_refusing(&engine, true);
+        let path = conn.host_path();
+        assert!(!path.reads_peer && !path.peer_reads_us, "the kernel refuses either way: {path:?}");
+        let sizes = [(64 << 10) + 1, (1 << 20) + 7, 16 << 20];
+        if opted_in {
+            warm_up(&engine, &conn, window);
+        } else {
+            // What would have made and mapped the areas, and more.
+            for (i, &len) in sizes.iter().enumerate() {
+                write_and_read_back(&engine, &conn, window, 4096 * i + 5, &common::pattern(len, 400 + i as u64));
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+        let before = conn.host_path();
+        for (i, &len) in sizes.iter().enumerate() {
+            write_and_read_back(&engine, &conn, window, 4096 * i + 3, &common::pattern(len, 300 + i as u64));
+        }
+        let after = conn.host_path();
+        let staged = if opted_in { 2 * sizes.len() as u64 } else { 0 };
+        assert_eq!(after.staged_ops - before.staged_ops, staged, "{before:?} -> {after:?}");
+        assert_eq!(after.direct_ops, after.staged_ops, "nothing copied out of either process: {after:?}");
+        assert_eq!(after.staging, opted_in, "{after:?}");
+        // Larger than the area: the channels, as without staging.
+        write_and_read_back(&engine, &conn, window, 0, &common::pattern(AREA_BYTES + 1, 9));
+        assert_eq!(conn.host_path().direct_ops, after.direct_ops);
+        uccl_tcpx::engine::local::refuse_process_access(0);
+        drop(process);
+    }
 }

@@ -120,7 +120,7 @@ impl Connection {
     /// Marks the requests whose source lies on huge pages, which the same-host path copies
     /// differently (`Config::host_copy_huge_pages`): a write's source is our region, a read's the
     /// peer's memory, each answered from the last read of that process's smaps (`huge_pages/`), and
-    /// a read's only once the peer's process is proven (no direct read goes before that).
+    /// a read's only once the peer's process is proven readable (no direct copy goes before that).
     fn mark_huge_sources(&self, requests: &mut [OneSidedRequest], write: bool) {
         let peer = self.host.peer();
         for request in requests {

@@ -70,17 +70,28 @@ impl Connection {
             match task {
                 None => return,
                 Some(HostTask::Prove { pid, fd }) => {
-                    let proven = local::prove(pid, fd, &self.control);
-                    if let Err(refusal) = &proven {
-                        refusal.log(self.peer.addr);
-                    } else {
-                        log::debug!("same-host peer {} is process {pid}: host memory moves directly", self.peer.addr);
-                    }
-                    let reads_peer = proven.is_ok();
-                    *process = proven.ok().map(Arc::new);
-                    if let Some(proven) = process {
-                        self.host.proven(proven);
-                    }
+                    let reads_peer = match local::prove(pid, fd, &self.control) {
+                        Ok(proven) => {
+                            let process = process.insert(Arc::new(proven.process));
+                            match proven.readable {
+                                Ok(()) => {
+                                    let addr = self.peer.addr;
+                                    log::debug!("same-host peer {addr} is process {pid}: host memory moves directly");
+                                    self.host.proven(process);
+                                    true
+                                }
+                                // Still proven: the staging area needs only who the peer is.
+                                Err(refused) => {
+                                    local::Refusal::Kernel(refused).log(self.peer.addr);
+                                    false
+                                }
+                            }
+                        }
+                        Err(refusal) => {
+                            refusal.log(self.peer.addr);
+                            false
+                        }
+                    };
                     let mut inner = self.inner.lock();
                     inner.state.proved(reads_peer, &mut out);
                     self.finish_host_work(&mut inner, out);

@@ -137,8 +137,8 @@ pub(super) struct HostCopy {
     /// Held by the thread running the queued work (the worker or a waiting caller): one job at a
     /// time, as the gate requires. Holds the peer's process once proven.
     runner: Mutex<Option<Arc<PeerProcess>>>,
-    /// The peer's process once proven, for a poster asking about its memory without the runner
-    /// token (whether a read's source lies on huge pages).
+    /// The peer's process once proven readable, for a poster asking about its memory without the
+    /// runner token (whether a read's source lies on huge pages, which only the direct copy heeds).
     peer: OnceLock<Arc<PeerProcess>>,
     /// The copy of a read of ours was queued for the worker since the queue was last taken up: a
     /// caller polling or waiting on the connection may run it before the worker wakes.
@@ -176,12 +176,12 @@ impl HostCopy {
         }
     }
 
-    /// The peer's process was proven (once per connection).
+    /// The peer's process was proven and the kernel lets us read it (once per connection).
     pub fn proven(&self, process: &Arc<PeerProcess>) {
         let _ = self.peer.set(process.clone());
     }
 
-    /// The peer's process, once proven.
+    /// The peer's process, once proven readable.
     pub fn peer(&self) -> Option<&Arc<PeerProcess>> {
         self.peer.get()
     }

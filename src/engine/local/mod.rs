@@ -11,7 +11,8 @@
 //! which process it is (`proof.rs`); an engine only ever reads another process's memory
 //! (`process.rs`), and the kernel's ptrace rules decide whether it may. With
 //! `UCCL_TCPX_HOST_COPY_STAGING` the bytes may move instead through a staging area each end
-//! creates and the other maps read-only (`staging_area.rs`).
+//! creates and the other maps read-only (`staging_area.rs`): that needs the peer's proven
+//! identity, not the copy, so it also serves peers the kernel will not let us copy from.
 
 pub(crate) mod copiers;
 mod identity;

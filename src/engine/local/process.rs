@@ -16,8 +16,9 @@ pub const PIECE_BYTES: u64 = 4 << 20;
 const MAX_IOVECS: usize = 1024;
 
 /// Test support: the process whose probes report the refusal a ptrace-restricted kernel gives
-/// (EPERM), as Yama's ptrace scope 1 does between sibling processes; 0 for none. Never needed in
-/// use; the C ABI exports nothing that reaches it.
+/// (EPERM), as Yama's ptrace scope 1 does between sibling processes, and whose descriptors are
+/// taken without `pidfd_getfd` (which the same attach check refuses there); 0 for none. Never
+/// needed in use; the C ABI exports nothing that reaches it.
 static REFUSED_PID: AtomicU32 = AtomicU32::new(0);
 
 /// Makes probes of process `pid` fail as a kernel refusing access would (0: none).
@@ -83,7 +84,7 @@ impl PeerProcess {
     /// the peer picks the descriptor, and a FIFO, socket, device or FUSE file could block our
     /// open, read or mapping forever, or act on being opened.
     pub fn take_fd(&self, fd: u32) -> io::Result<OwnedFd> {
-        self.take_fd_from(fd, true)
+        self.take_fd_from(fd, REFUSED_PID.load(Ordering::Acquire) != self.pid())
     }
 
     /// [`take_fd`](Self::take_fd), trying `pidfd_getfd` first only when `getfd` is set (the tests

@@ -1,5 +1,5 @@
 //! The proof that a same-host peer is the process it claims to be, before any of its memory is
-//! read with `process_vm_readv`.
+//! read with `process_vm_readv` or its staging area's descriptor is taken out of it.
 //!
 //! Why a proof: a peer names a process id in its ProcessHello. Taken on its word, a peer could name
 //! another process of ours (same user, so the kernel lets us read it) and have us copy that
@@ -28,6 +28,12 @@
 //! What the proof is for, and what it is not: it keeps a peer from steering our reads into a third
 //! process. It grants the peer nothing: we only ever read the peer's memory (see `process.rs`),
 //! and whether we may at all is the kernel's ptrace decision.
+//!
+//! The identity and the copy are told apart: the kernel may refuse `process_vm_readv` (its ptrace
+//! attach check, which Yama's scope 1 denies between siblings) while the fd link, which needs only
+//! the read-level check, proved who the peer is. Such a peer is still proven ([`Proven::readable`]
+//! says the copy is refused): the staging area needs only its identity, since its descriptor can be
+//! taken through the same `/proc` link.
 
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
@@ -68,8 +74,9 @@ impl Refusal {
                     logged.push(code);
                     log::warn!(
                         "same-host peer {peer}: {self}; host memory between processes of this host takes the \
-                         network path (logged once; EPERM: ptrace rules such as kernel.yama.ptrace_scope, or a \
-                         peer of another user)"
+                         network path, or the staging areas where both ends set UCCL_TCPX_HOST_COPY_STAGING=1 \
+                         (logged once; EPERM: ptrace rules such as kernel.yama.ptrace_scope, or a peer of \
+                         another user)"
                     );
                 }
             }
@@ -77,9 +84,18 @@ impl Refusal {
     }
 }
 
-/// Checks that process `pid` holds the peer's end of `control` as descriptor `fd`, and that we may
-/// read its memory.
-pub fn prove(pid: u32, fd: u32, control: &TcpStream) -> Result<PeerProcess, Refusal> {
+/// A peer whose process claim checked out.
+#[derive(Debug)]
+pub struct Proven {
+    pub process: PeerProcess,
+    /// Whether the kernel lets us copy out of the process; its refusal (EPERM, ENOSYS, ESRCH)
+    /// otherwise.
+    pub readable: std::io::Result<()>,
+}
+
+/// Checks that process `pid` holds the peer's end of `control` as descriptor `fd`, and whether we
+/// may read its memory.
+pub fn prove(pid: u32, fd: u32, control: &TcpStream) -> Result<Proven, Refusal> {
     let io = |what: &str, e: std::io::Error| Refusal::Unproven(format!("{what}: {e}"));
     let ours = control.local_addr().map_err(|e| io("control socket address", e))?;
     let theirs = control.peer_addr().map_err(|e| io("control socket peer", e))?;
@@ -111,8 +127,8 @@ pub fn prove(pid: u32, fd: u32, control: &TcpStream) -> Result<PeerProcess, Refu
         )));
     }
     process.alive().map_err(|e| io(&format!("process {pid}"), e))?;
-    process.probe().map_err(Refusal::Kernel)?;
-    Ok(process)
+    let readable = process.probe();
+    Ok(Proven { process, readable })
 }
 
 /// The inode of the established socket of this network namespace bound to `local` and connected to
@@ -210,7 +226,40 @@ mod tests {
         let me = std::process::id();
         let fd = u32::try_from(theirs.as_raw_fd()).unwrap();
         let proven = prove(me, fd, &ours).unwrap();
-        assert_eq!(proven.pid(), me);
+        assert_eq!(proven.process.pid(), me);
+        proven.readable.unwrap();
+    }
+
+    /// Another process holding the peer's end (inherited as its descriptor 3) is proven too.
+    #[test]
+    fn another_process_holding_the_peer_end_is_proven() {
+        use std::os::unix::process::CommandExt;
+        let (ours, theirs) = connection();
+        let raw = theirs.as_raw_fd();
+        let mut command = std::process::Command::new("sleep");
+        command.arg("30");
+        // SAFETY: dup2 is async-signal-safe and touches only the child's descriptor table; the
+        // duplicate at 3 does not inherit close-on-exec.
+        unsafe {
+            command.pre_exec(move || if libc::dup2(raw, 3) < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) })
+        };
+        let mut child = command.spawn().unwrap();
+        drop(theirs);
+        let proven = prove(child.id(), 3, &ours);
+        let refused_fd = prove(child.id(), 4, &ours);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let proven = proven.unwrap();
+        assert_eq!(proven.process.pid(), child.id());
+        // Our own child: neither the ptrace rules nor Yama's scope 1 refuse its parent (scope 2
+        // and 3 refuse all but privileged tracers).
+        let scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").unwrap_or_default();
+        if scope.trim().parse::<u32>().is_ok_and(|s| s >= 2) {
+            eprintln!("Yama ptrace scope {}: the copy may be refused", scope.trim());
+        } else {
+            proven.readable.unwrap();
+        }
+        assert!(matches!(refused_fd, Err(Refusal::Unproven(_))), "{refused_fd:?}");
     }
 
     #[test]

@@ -327,10 +327,18 @@ pub struct PeerArea {
 
 impl PeerArea {
     /// Takes descriptor `fd` out of the proven peer `process`, checks it is a sealed area of
-    /// `len` bytes, and maps it; the descriptor is closed again.
+    /// `len` bytes, and maps it; the descriptor is closed again. Fails with `ErrNotSupported` when
+    /// the kernel refuses us the descriptor (a host policy, the same for every peer), else with
+    /// `ErrNotAllowed` for an area we may not map.
     pub fn open(process: &PeerProcess, fd: u32, len: u64) -> Result<PeerArea> {
         let pieces = pieces_of(len).ok_or_else(|| refused(format!("{len} bytes is no staging area's size")))?;
-        let fd = process.take_fd(fd).map_err(|e| refused(format!("taking descriptor {fd} of the peer: {e}")))?;
+        let fd = process.take_fd(fd).map_err(|e| match e.raw_os_error() {
+            Some(libc::EPERM | libc::EACCES) => Error::new(
+                UcclStatus::ErrNotSupported,
+                format!("the kernel refuses this process the same-host peer's staging area descriptor {fd}: {e}"),
+            ),
+            _ => refused(format!("taking descriptor {fd} of the peer: {e}")),
+        })?;
         // SAFETY: a plain query of a descriptor we own.
         let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
         if seals < 0 {

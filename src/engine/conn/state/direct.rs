@@ -23,7 +23,8 @@
 //!
 //! Before any of it each end proves the other's process (ProcessHello, answered by ProcessAck
 //! saying whether the proof held and the kernel lets it read the peer): an end asks for direct
-//! writes only once the peer said it can read us, for direct reads only once it can read the peer.
+//! writes only once the peer said it can read us, for direct reads only once it can read the peer,
+//! but for transfers the staging areas carry (`staging.rs`), which need no copy out of the peer.
 
 use std::sync::Arc;
 
@@ -151,22 +152,25 @@ impl ConnState {
     ) -> Option<Control> {
         // Staged first: two plain copies beat both the channels and the page-pinning copy for
         // small-page sources (on huge pages the direct copy pins in a few steps and needs no
-        // second copy).
+        // second copy, where the kernel lets the end copying make it).
+        let stage = !huge_source || !self.direct.usable(write);
         if write
-            && !huge_source
+            && stage
             && let Some(msg) = self.stage_write(id, (local, region), remote_region, token, segs, extra)
         {
             return Some(msg);
         }
-        if !self.direct.usable(write) {
+        let len = local.len();
+        // A read the target may stage asks for it even where we may not copy out of the target:
+        // without room it answers over the channels then (`on_direct_read`).
+        let staged_read = !write && stage && self.peer_may_stage(len);
+        if !self.direct.usable(write) && !staged_read {
             return None;
         }
-        let len = local.len();
         // On huge pages the copy no longer loses to the channels there: the kernel pins the
         // source in a few steps, so its copying threads do not contend. A read the target may
         // stage skips the band too.
         let huge = self.direct.huge_pages && huge_source;
-        let staged_read = !write && !huge_source && self.peer_may_stage(len);
         if !huge && !staged_read && self.direct.network_band.is_some_and(|(lo, hi)| lo < len && len < hi) {
             return None;
         }
@@ -272,6 +276,11 @@ impl ConnState {
         let len = segs.iter().map(|s| u64::from(s.len)).sum();
         let staged = self.stage_read(xfer, &region, &segs, out);
         if staged.is_none() {
+            if !self.direct.path.peer_reads_us {
+                // The reader cannot copy out of us (it asked in case our area had room): the
+                // channels carry it, as for a ReadVector.
+                return self.serve(xfer, Source { extent: extent_of(&segs), region }, out);
+            }
             out.push(Action::Send(Control::DirectGrant { xfer }));
         }
         self.direct.leases.insert(xfer, Lease { region, len, staged });

@@ -31,6 +31,12 @@
 //!
 //! An end maps a peer's area only when it opted in to staging itself, and only up to its own
 //! area's size: with staging off, nothing the peer names is opened.
+//!
+//! The areas need the peer's proven identity, not the kernel's leave to copy out of its process:
+//! where that copy is refused (ProcessAck with readable false: Yama's ptrace scope 1 between
+//! siblings), transfers that fit still take the areas (a read asks for its target's area once
+//! mapped, the first of them served over the channels made it), and a read that finds no room
+//! there is served over the channels (Data), not granted for a copy the reader cannot make.
 
 use std::sync::Arc;
 
@@ -38,7 +44,7 @@ use super::direct_table::{CopyJob, HostTask, PushJob, StagedRange, StagedSource}
 use super::{Action, ConnState, Extent, unknown_op};
 use crate::engine::local::staging_area::{self, OutboundArea, PeerArea, pieces_for};
 use crate::engine::region::Region;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, RemoteSeg};
 use crate::transport::IoSeg;
 
@@ -123,6 +129,14 @@ impl ConnState {
             Ok(area) => {
                 self.direct.staging.peer = Some(Arc::new(area));
                 true
+            }
+            Err(e) if e.status() == UcclStatus::ErrNotSupported => {
+                // The kernel's refusal holds for every peer of this process: said once.
+                static LOGGED: std::sync::Once = std::sync::Once::new();
+                LOGGED.call_once(|| {
+                    log::warn!("{}; same-host peers' staging areas are not used (logged once)", e.message());
+                });
+                false
             }
             Err(e) => {
                 log::warn!("the same-host peer's staging area is not used: {}", e.message());

@@ -423,3 +423,74 @@ fn a_peer_area_is_mapped_only_by_an_end_that_opted_in_and_only_up_to_its_own_siz
     assert!(run_host_work(&mut b));
     assert_eq!(b.outbox, [Control::StagingAck { ok: true }]);
 }
+
+/// Ends the kernel does not let copy out of each other (ProcessAck readable false both ways, as
+/// under Yama's ptrace scope 1) still stage what fits: writes and reads move through the areas,
+/// and what does not fit, or finds no room, takes the channels, never a copy out of the peer. An
+/// end that did not opt in maps nothing of its peer's and stages nothing: the channels carry all.
+#[test]
+fn ends_that_may_not_copy_out_of_each_other_still_stage_what_fits() {
+    for a_stages in [true, false] {
+        let (mut a, mut b) = (End::new(), End::new());
+        for (end, stages) in [(&mut a, a_stages), (&mut b, true)] {
+            end.st.set_same_host(None, false);
+            if stages {
+                end.st.set_staging(2 << 20);
+            }
+            end.handle(Control::ProcessHello { pid: 7, fd: 3 }).unwrap();
+            let Some(HostTask::Prove { .. }) = end.st.next_host_task() else { panic!("a proof task") };
+            let mut out = Vec::new();
+            end.st.proved(false, &mut out);
+            end.take(out);
+            end.host_work = false;
+        }
+        pump(&mut a, &mut b);
+        let path = a.st.host_path();
+        assert!(path.checked && !path.reads_peer && !path.peer_reads_us, "{path:?}");
+        let len = 3 * P + 5;
+        let src = a.buffer(len, pattern(60));
+        let dst = b.buffer(2 * len, |_| 0);
+        let back = a.buffer(len, |_| 0);
+        // Each end makes its area on first use: A's write, B's read served over the channels.
+        for (write, buf) in [(true, &src), (false, &back)] {
+            let t = a.one_sided(write, &[(buf, 0, &dst, 0, len)]);
+            pump(&mut a, &mut b);
+            assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
+        }
+        assert_eq!(a.st.host_path().staging, a_stages, "both areas mapped only when both opted in");
+        assert_eq!(a.st.direct.staging.peer.is_some(), a_stages, "nothing of the peer's mapped without the opt-in");
+        let direct = |end: &End| {
+            end.outbox.iter().any(|m| {
+                matches!(m, Control::DirectWrite { .. } | Control::DirectGrant { .. } | Control::StagedWrite { .. })
+            })
+        };
+        let staged_before = a.st.host_path().staged_ops;
+        let t = a.one_sided(true, &[(&src, 0, &dst, 100, len)]);
+        assert_eq!(matches!(a.outbox.front(), Some(Control::StagedWrite { .. })), a_stages, "{:?}", a.outbox);
+        assert!(a_stages || !direct(&a), "{:?}", a.outbox);
+        pump(&mut a, &mut b);
+        assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
+        assert_eq!(&dst.bytes[100..100 + len], &src.bytes[..]);
+
+        // Two reads of the 2 MiB area's 5 of 8 pieces each: the first is staged, the second finds
+        // no room and is served with the channels' Data, not granted for a copy.
+        let (one, two) = (a.buffer(5 * P, |_| 0), a.buffer(5 * P, |_| 0));
+        let first = a.one_sided(false, &[(&one, 0, &dst, 0, 5 * P)]);
+        let second = a.one_sided(false, &[(&two, 0, &dst, P, 5 * P)]);
+        let asked = a.outbox.iter().filter(|m| matches!(m, Control::DirectRead { .. })).count();
+        assert_eq!(asked, if a_stages { 2 } else { 0 }, "{:?}", a.outbox);
+        deliver(&mut a, &mut b).unwrap();
+        assert!(!b.outbox.iter().any(|m| matches!(m, Control::DirectGrant { .. })), "{:?}", b.outbox);
+        let staged = b.outbox.iter().filter(|m| matches!(m, Control::StagedGrant { .. })).count();
+        assert_eq!(staged, usize::from(a_stages), "{:?}", b.outbox);
+        pump(&mut a, &mut b);
+        assert_eq!(a.outcome(&first).unwrap().unwrap(), 5 * P as u64);
+        assert_eq!(a.outcome(&second).unwrap().unwrap(), 5 * P as u64);
+        assert_eq!(&one.bytes[..], &dst.bytes[..5 * P]);
+        assert_eq!(&two.bytes[..], &dst.bytes[P..6 * P]);
+        let path = a.st.host_path();
+        assert_eq!(path.staged_ops - staged_before, if a_stages { 2 } else { 0 }, "{path:?}");
+        assert_eq!(path.direct_ops, path.staged_ops, "nothing copied out of the peer: {path:?}");
+        assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
+    }
+}
