@@ -462,6 +462,57 @@ fn with_the_same_host_path_off_or_refused_host_memory_takes_the_network() {
     }
 }
 
+/// The pidfds this process holds for process `pid` (a pidfd's fdinfo names its process).
+fn pidfds_of(pid: u32) -> usize {
+    let want = pid.to_string();
+    let names_pid = |info: String| {
+        info.lines().any(|line| line.split_once(':').is_some_and(|(key, value)| key == "Pid" && value.trim() == want))
+    };
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|fd| {
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.file_name().to_string_lossy()))
+                .is_ok_and(names_pid)
+        })
+        .count()
+}
+
+/// Connections to one peer process share one handle of it (one pidfd, one cache of its smaps),
+/// a connection to another process has its own, and the handle closes with the last connection
+/// holding it.
+#[test]
+fn connections_to_one_peer_process_share_its_handle() {
+    let (first, port, window, _) = direct_peer(&[]);
+    let (second, other_port, _, _) = direct_peer(&[]);
+    let (shared, other) = (first.pid(), second.pid());
+    let engine = Engine::new(same_host()).unwrap();
+    assert_eq!(pidfds_of(shared), 0);
+    let a = checked_connection(&engine, port);
+    let b = checked_connection(&engine, port);
+    let c = checked_connection(&engine, other_port);
+    for conn in [&a, &b, &c] {
+        assert!(conn.host_path().reads_peer, "{:?}", conn.host_path());
+    }
+    assert_eq!((pidfds_of(shared), pidfds_of(other)), (1, 1), "one handle per peer process");
+    engine.close_connection(&a);
+    assert_eq!(pidfds_of(shared), 1, "the other connection to that process still holds it");
+    engine.close_connection(&b);
+    common::wait_until("the handle closes with its last connection", common::PATIENCE, || pidfds_of(shared) == 0);
+    assert_eq!(pidfds_of(other), 1);
+    // A later connection pins the process afresh, and moves bytes with it.
+    let d = checked_connection(&engine, port);
+    assert_eq!(pidfds_of(shared), 1);
+    let mut buf = common::pattern(LEN, 81);
+    let mr = engine.register(buf.as_mut_ptr() as usize, LEN).unwrap();
+    assert_eq!(wait(&d, d.write(&[one(mr, buf.as_ptr() as usize, LEN, window)]).unwrap()).unwrap(), LEN as u64);
+    buf.fill(0);
+    assert_eq!(wait(&d, d.read(&[one(mr, buf.as_ptr() as usize, LEN, window)]).unwrap()).unwrap(), LEN as u64);
+    common::assert_same(&buf, &common::pattern(LEN, 81), "moved with the fresh handle");
+    assert_eq!(d.host_path().direct_ops, 2);
+    drop((first, second));
+}
+
 /// The peer process as `refused_reader_process` finds it: pid, then its announcement.
 const REFUSED_PEER_VAR: &str = "UCCL_TCPX_TEST_REFUSED_PEER";
 

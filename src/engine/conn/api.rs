@@ -135,7 +135,7 @@ impl Connection {
             let huge = if write {
                 region.on_huge_pages()
             } else {
-                peer.is_some_and(|peer| match &*request {
+                peer.as_ref().is_some_and(|peer| match &*request {
                     OneSidedRequest::Item(i) => peer.on_huge_pages([(i.remote_addr as usize, i.len as usize)]),
                     OneSidedRequest::Vector(v) => {
                         peer.on_huge_pages(v.segs.iter().map(|s| (s.addr as usize, s.len as usize)))

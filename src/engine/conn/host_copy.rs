@@ -72,7 +72,7 @@ impl Connection {
                 Some(HostTask::Prove { pid, fd }) => {
                     let reads_peer = match local::prove(pid, fd, &self.control) {
                         Ok(proven) => {
-                            let process = process.insert(Arc::new(proven.process));
+                            let process = process.insert(proven.process);
                             match proven.readable {
                                 Ok(()) => {
                                     let addr = self.peer.addr;

@@ -20,7 +20,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -139,7 +139,7 @@ pub(super) struct HostCopy {
     runner: Mutex<Option<Arc<PeerProcess>>>,
     /// The peer's process once proven readable, for a poster asking about its memory without the
     /// runner token (whether a read's source lies on huge pages, which only the direct copy heeds).
-    peer: OnceLock<Arc<PeerProcess>>,
+    peer: Mutex<Option<Arc<PeerProcess>>>,
     /// The copy of a read of ours was queued for the worker since the queue was last taken up: a
     /// caller polling or waiting on the connection may run it before the worker wakes.
     ours_queued: AtomicBool,
@@ -171,19 +171,19 @@ impl HostCopy {
             signal: Arc::default(),
             worker: Mutex::new(None),
             runner: Mutex::new(None),
-            peer: OnceLock::new(),
+            peer: Mutex::new(None),
             ours_queued: AtomicBool::new(false),
         }
     }
 
     /// The peer's process was proven and the kernel lets us read it (once per connection).
     pub fn proven(&self, process: &Arc<PeerProcess>) {
-        let _ = self.peer.set(process.clone());
+        self.peer.lock().get_or_insert_with(|| process.clone());
     }
 
     /// The peer's process, once proven readable.
-    pub fn peer(&self) -> Option<&Arc<PeerProcess>> {
-        self.peer.get()
+    pub fn peer(&self) -> Option<Arc<PeerProcess>> {
+        self.peer.lock().clone()
     }
 
     fn id(&self) -> usize {
@@ -317,6 +317,17 @@ impl HostCopy {
         {
             let _ = t.join();
         }
+    }
+
+    /// Lets go of the peer's process (after `stop`: nothing copies any more), so that the handle
+    /// the connections to that process share closes with the last of them, not with the last
+    /// reference to a closed connection. A thread still holding the runner token (a caller's
+    /// run, ending on the failure) keeps it until the connection is dropped: never waited for.
+    pub fn release_peer(&self) {
+        if let Some(mut runner) = self.runner.try_lock() {
+            runner.take();
+        }
+        self.peer.lock().take();
     }
 }
 

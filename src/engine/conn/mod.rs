@@ -504,6 +504,7 @@ impl Connection {
         }
         self.reactor.detach();
         self.host.join();
+        self.host.release_peer();
     }
 
     fn is_closed(&self) -> bool {

@@ -16,6 +16,7 @@
 
 pub(crate) mod copiers;
 mod identity;
+mod peers;
 mod process;
 mod proof;
 mod registry;

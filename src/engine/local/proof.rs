@@ -38,6 +38,9 @@
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 
+use std::sync::Arc;
+
+use super::peers;
 use super::process::PeerProcess;
 
 /// Why a peer's claim did not make it a readable process.
@@ -87,7 +90,8 @@ impl Refusal {
 /// A peer whose process claim checked out.
 #[derive(Debug)]
 pub struct Proven {
-    pub process: PeerProcess,
+    /// The handle every connection of ours to that process shares (`peers.rs`).
+    pub process: Arc<PeerProcess>,
     /// Whether the kernel lets us copy out of the process; its refusal (EPERM, ENOSYS, ESRCH)
     /// otherwise.
     pub readable: std::io::Result<()>,
@@ -128,7 +132,7 @@ pub fn prove(pid: u32, fd: u32, control: &TcpStream) -> Result<Proven, Refusal> 
     }
     process.alive().map_err(|e| io(&format!("process {pid}"), e))?;
     let readable = process.probe();
-    Ok(Proven { process, readable })
+    Ok(Proven { process: peers::shared(process), readable })
 }
 
 /// The inode of the established socket of this network namespace bound to `local` and connected to
