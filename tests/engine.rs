@@ -616,6 +616,12 @@ fn the_flow_trace_times_both_ends_of_every_channel_transfer() {
             // The target hands its chunks over before it writes the Data that announces them.
             ordered(t, &["queued", "first_posted", "reply_sent"]);
         }
+        // The post call returns before its caller sees the transfer complete; a reply is read from
+        // the stream before it is handled, by a caller, a control reactor or the progress thread.
+        ordered(i, &["post", "returned", "complete"]);
+        ordered(i, &["reply_arrived", "reply_read"]);
+        assert!(["c", "r", "p"].contains(&i[col("reader")]), "{op}: reader {:?}", i[col("reader")]);
+        assert_eq!(t[col("reader")], "-", "{op}: a target reads no reply of its own");
         // Across the ends, on the one clock: the request is read after it was posted, the
         // reply after the request was read.
         assert!(at(i, "post") <= at(t, "request_read") && at(t, "request_read") <= at(i, "reply_read"), "{i:?} {t:?}");

@@ -19,7 +19,7 @@ const HELLO_MAGIC: u32 = 0x5353_5455;
 const PIECE_MAGIC: u32 = 0x4350_5455;
 const ACK_MAGIC: u32 = 0x4B41_5455;
 /// The data socket wire's version (`VERSION` in wire.rs).
-const VERSION: u16 = 4;
+const VERSION: u16 = 5;
 const PIECE: u32 = 4096;
 
 fn net() -> SocketNet {

@@ -12,7 +12,8 @@ const ACK_MAGIC: u32 = 0x4B41_5455;
 /// 3: pieces follow [`PieceCut`] (a request shared over the sockets) instead of fixed sizes.
 /// 4: a comm is handed out with its first socket and takes the others whenever they come, each
 /// acknowledged, so a sender opens them as its traffic needs them.
-const VERSION: u16 = 4;
+/// 5: a mid-size request takes pieces of at least a quarter of it, up to 128 KiB.
+const VERSION: u16 = 5;
 
 pub const HELLO_LEN: usize = 32;
 pub const PIECE_HEADER_LEN: usize = 32;
@@ -202,9 +203,12 @@ mod tests {
         ] {
             assert!(SocketHello::decode(&bad.encode(), 5).is_err(), "{bad:?}");
         }
-        let mut version = h.encode();
-        version[4] = 3;
-        assert!(SocketHello::decode(&version, 5).unwrap_err().message().contains("version 3"));
+        for old in [3u8, 4] {
+            let mut version = h.encode();
+            version[4] = old;
+            let err = SocketHello::decode(&version, 5).unwrap_err();
+            assert!(err.message().contains(&format!("version {old}")), "{err:?}");
+        }
     }
 
     #[test]
