@@ -178,7 +178,7 @@ pub struct Config {
     /// shorter than the second take the channels (loopback TCP) instead of the direct copy, which
     /// is slower there on a many-core host: every copying thread pins the peer's pages, and a few
     /// MiB span too few of its page tables for many threads to help, while the channels' helpers
-    /// copy in parallel in both processes. Default 1 MiB to 12 MiB from 16 CPUs, none below.
+    /// copy in parallel in both processes. Default 768 KiB to 12 MiB from 16 CPUs, none below.
     /// `UCCL_TCPX_HOST_COPY_NETWORK_BAND` (`LO-HI` with K/M/G suffixes, or 0 for none).
     pub host_copy_network_band: Option<(u64, u64)>,
     /// Whether the same-host host path looks at the page size of a transfer's source memory
@@ -559,9 +559,13 @@ fn default_progress_poll(cores: usize) -> Duration {
 /// against our loopback TCP path, write / read: 1 MiB 1.66 / 0.83, 2 MiB 0.74 / 0.82, 3 MiB 0.55 /
 /// 0.65, 4 MiB 0.64 / 0.67, 6 MiB 0.65 / 0.74, 8 MiB 0.78 / 0.79, 12 MiB 1.02 / 1.01, 16 MiB 1.22 /
 /// 1.23, 64 MiB 2.0. On the 2-CPU VM the direct copy was 1.7-2.6x loopback TCP from 1 to 64 MiB
-/// (the channels' helpers have no cores to spread over), so no band below 16 CPUs.
+/// (the channels' helpers have no cores to spread over), so no band below 16 CPUs. Once a 512 KiB
+/// chunk rode four sockets instead of eight (protocol v15), the channels took 1 MiB too (three
+/// alternated rounds, GB/s write / read: 1 MiB 10.3-11.7 / 8.6-10.1 direct against 13.6-15.4 /
+/// 13.2-14.1 over them), while 768 KiB stays faster direct (9.8-12.4 / 8.4-10.7 against 7.6-9.3 /
+/// 6.8-7.5), so the band starts above 768 KiB.
 fn default_host_copy_network_band(cores: usize) -> Option<(u64, u64)> {
-    (cores >= 16).then_some((1 << 20, 12 << 20))
+    (cores >= 16).then_some((768 << 10, 12 << 20))
 }
 
 /// A quarter of the CPUs: two engines of one host (a loopback run) then poll on half of them.
@@ -1113,7 +1117,7 @@ mod tests {
         assert_eq!(cfg(&[]).unwrap().host_copy_min_piece, 1 << 20);
         assert_eq!(cfg(&[]).unwrap().host_copy_network_band, default_host_copy_network_band(available_cores()));
         assert_eq!(default_host_copy_network_band(2), None, "the direct copy wins everywhere on 2 CPUs");
-        assert_eq!(default_host_copy_network_band(32), Some((1 << 20, 12 << 20)));
+        assert_eq!(default_host_copy_network_band(32), Some((768 << 10, 12 << 20)));
         let band = |v: &str| cfg(&[("UCCL_TCPX_HOST_COPY_NETWORK_BAND", v)]).map(|c| c.host_copy_network_band);
         assert_eq!(band("2M-8M").unwrap(), Some((2 << 20, 8 << 20)));
         assert_eq!(band(" 512K - 1G ").unwrap(), Some((512 << 10, 1 << 30)));
