@@ -127,10 +127,17 @@ impl ConnState {
     pub fn proved(&mut self, reads_peer: bool, out: &mut Vec<Action>) {
         self.direct.proved = true;
         self.direct.path.reads_peer = reads_peer;
-        out.push(Action::Send(Control::ProcessAck { readable: reads_peer }));
+        self.announce_reads_peer(reads_peer, out);
     }
 
-    /// The kernel refused a copy after the proof: no more direct copies out of the peer.
+    fn announce_reads_peer(&mut self, readable: bool, out: &mut Vec<Action>) {
+        self.direct.announced_reads_peer = Some(readable);
+        out.push(Action::Send(Control::ProcessAck { readable }));
+    }
+
+    /// The kernel refused a copy after the proof: no more direct copies out of the peer. The peer
+    /// still takes us for a reader, so our reads keep off its staging area too: where it finds no
+    /// room it would grant a copy we cannot make.
     pub fn lost_peer_access(&mut self) {
         self.direct.path.reads_peer = false;
     }
@@ -161,9 +168,12 @@ impl ConnState {
             return Some(msg);
         }
         let len = local.len();
-        // A read the target may stage asks for it even where we may not copy out of the target:
-        // without room it answers over the channels then (`on_direct_read`).
-        let staged_read = !write && stage && self.peer_may_stage(len);
+        // A read the target may stage asks for it even where we may not copy out of the target,
+        // once we told the target so: without room it answers over the channels then
+        // (`on_direct_read`). After a yes it would grant a copy instead, which the kernel now
+        // refuses (`lost_peer_access`).
+        let may_ask = self.direct.usable(false) || self.direct.announced_reads_peer == Some(false);
+        let staged_read = !write && stage && may_ask && self.peer_may_stage(len);
         if !self.direct.usable(write) && !staged_read {
             return None;
         }
@@ -198,7 +208,7 @@ impl ConnState {
             self.direct.work.push_back(HostTask::Prove { pid, fd });
             out.push(Action::HostWork { ours: false });
         } else {
-            out.push(Action::Send(Control::ProcessAck { readable: false }));
+            self.announce_reads_peer(false, out);
         }
         Ok(())
     }
@@ -297,6 +307,11 @@ impl ConnState {
 
     /// The target granted our direct read: copy it.
     pub(super) fn on_direct_grant(&mut self, xfer: u64, out: &mut Vec<Action>) -> Result<()> {
+        if self.direct.announced_reads_peer != Some(true) {
+            return Err(violation(&format!(
+                "a DirectGrant for read {xfer}, though we never said we can copy out of the peer"
+            )));
+        }
         let segs = self.direct.reads.remove(&xfer).ok_or_else(|| unknown_op("DirectGrant", xfer))?;
         let dst = self.inbound.remove(&xfer).ok_or_else(|| unknown_op("DirectGrant", xfer))?;
         let transfer = dst.on_done.transfer().cloned();

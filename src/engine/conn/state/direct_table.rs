@@ -165,6 +165,9 @@ pub(super) struct Direct {
     pub(super) hello_seen: bool,
     pub(super) ack_seen: bool,
     pub(super) proved: bool,
+    /// What our ProcessAck told the peer: whether we can copy out of it. It may grant our reads
+    /// for a copy only after a yes, and it never hears that the kernel refused a copy later.
+    pub(super) announced_reads_peer: Option<bool>,
     pub(super) path: HostPath,
     /// Our direct writes waiting in `awaiting_grant`: a Done may answer them without a Grant.
     pub(super) writes: HashSet<u64>,

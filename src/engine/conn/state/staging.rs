@@ -36,7 +36,9 @@
 //! where that copy is refused (ProcessAck with readable false: Yama's ptrace scope 1 between
 //! siblings), transfers that fit still take the areas (a read asks for its target's area once
 //! mapped, the first of them served over the channels made it), and a read that finds no room
-//! there is served over the channels (Data), not granted for a copy the reader cannot make.
+//! there is served over the channels (Data), not granted for a copy the reader cannot make. A
+//! reader that said it may copy and was refused a copy later never learns to say otherwise: its
+//! reads keep to the channels, since a target without room would grant it that copy.
 
 use std::sync::Arc;
 

@@ -424,6 +424,84 @@ fn a_peer_area_is_mapped_only_by_an_end_that_opted_in_and_only_up_to_its_own_siz
     assert_eq!(b.outbox, [Control::StagingAck { ok: true }]);
 }
 
+/// Two proven ends that told each other they may not copy out of it (ProcessAck readable false
+/// both ways, as under Yama's ptrace scope 1), B with a 2 MiB staging area, A with one when
+/// `a_stages`; no area made yet.
+fn unreadable_pair(a_stages: bool) -> (End, End) {
+    let (mut a, mut b) = (End::new(), End::new());
+    for (end, stages) in [(&mut a, a_stages), (&mut b, true)] {
+        end.st.set_same_host(None, false);
+        if stages {
+            end.st.set_staging(2 << 20);
+        }
+        end.handle(Control::ProcessHello { pid: 7, fd: 3 }).unwrap();
+        let Some(HostTask::Prove { .. }) = end.st.next_host_task() else { panic!("a proof task") };
+        let mut out = Vec::new();
+        end.st.proved(false, &mut out);
+        end.take(out);
+        end.host_work = false;
+    }
+    pump(&mut a, &mut b);
+    let path = a.st.host_path();
+    assert!(path.checked && !path.reads_peer && !path.peer_reads_us, "{path:?}");
+    (a, b)
+}
+
+/// Each end makes its area on first use: A's write of `src` into `dst`, and B's serving A's read
+/// of `dst` into `back` over the channels, `len` bytes each.
+fn make_areas(a: &mut End, b: &mut End, (src, back, dst): (&Buf, &Buf, &Buf), len: usize) {
+    for (write, buf) in [(true, src), (false, back)] {
+        let t = a.one_sided(write, &[(buf, 0, dst, 0, len)]);
+        pump(a, b);
+        assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
+    }
+}
+
+/// A target granting a copy to a reader that said it may not copy out of the target breaks the
+/// protocol: the reader fails the connection rather than attempt the copy.
+#[test]
+fn a_direct_grant_to_a_reader_that_said_it_cannot_copy_is_a_violation() {
+    let (mut a, mut b) = unreadable_pair(true);
+    let len = 3 * P + 5;
+    let src = a.buffer(len, pattern(62));
+    let dst = b.buffer(len, |_| 0);
+    let back = a.buffer(len, |_| 0);
+    make_areas(&mut a, &mut b, (&src, &back, &dst), len);
+    assert!(a.st.host_path().staging);
+    a.one_sided(false, &[(&back, 0, &dst, 0, len)]);
+    let Some(&Control::DirectRead { xfer, .. }) = a.outbox.front() else { panic!("{:?}", a.outbox) };
+    let err = a.handle(Control::DirectGrant { xfer }).unwrap_err();
+    assert!(err.message().contains("protocol violation"), "{}", err.message());
+    assert!(!a.st.has_host_task(), "no copy out of the peer was queued");
+}
+
+/// A reader whose copy the kernel refused after it told the target it may copy (the target still
+/// takes it for one) keeps its reads off the target's area: a full area there would grant it a
+/// copy it cannot make. Its reads are served over the channels.
+#[test]
+fn a_reader_that_lost_access_after_saying_it_can_copy_reads_over_the_channels() {
+    let (mut a, mut b) = staged_pair(2 << 20);
+    let remote = b.buffer(6 * P, pattern(61));
+    let (one, two) = (a.buffer(5 * P, |_| 0), a.buffer(5 * P, |_| 0));
+    // The first read holds 5 of the area's 8 pieces until it is drained.
+    let first = a.one_sided(false, &[(&one, 0, &remote, 0, 5 * P)]);
+    deliver(&mut a, &mut b).unwrap();
+    assert!(matches!(b.outbox.front(), Some(Control::StagedGrant { .. })), "{:?}", b.outbox);
+    a.st.lost_peer_access();
+    let second = a.one_sided(false, &[(&two, 0, &remote, P, 5 * P)]);
+    assert!(!a.outbox.iter().any(|m| matches!(m, Control::DirectRead { .. })), "{:?}", a.outbox);
+    deliver(&mut a, &mut b).unwrap();
+    assert!(!b.outbox.iter().any(|m| matches!(m, Control::DirectGrant { .. })), "{:?}", b.outbox);
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&first).unwrap().unwrap(), 5 * P as u64);
+    assert_eq!(a.outcome(&second).unwrap().unwrap(), 5 * P as u64);
+    assert_eq!(&one.bytes[..], &remote.bytes[..5 * P]);
+    assert_eq!(&two.bytes[..], &remote.bytes[P..6 * P]);
+    let path = a.st.host_path();
+    assert_eq!((path.direct_ops, path.staged_ops), (1, 1), "only the first went through the area: {path:?}");
+    assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
+}
+
 /// Ends the kernel does not let copy out of each other (ProcessAck readable false both ways, as
 /// under Yama's ptrace scope 1) still stage what fits: writes and reads move through the areas,
 /// and what does not fit, or finds no room, takes the channels, never a copy out of the peer. An
@@ -431,32 +509,12 @@ fn a_peer_area_is_mapped_only_by_an_end_that_opted_in_and_only_up_to_its_own_siz
 #[test]
 fn ends_that_may_not_copy_out_of_each_other_still_stage_what_fits() {
     for a_stages in [true, false] {
-        let (mut a, mut b) = (End::new(), End::new());
-        for (end, stages) in [(&mut a, a_stages), (&mut b, true)] {
-            end.st.set_same_host(None, false);
-            if stages {
-                end.st.set_staging(2 << 20);
-            }
-            end.handle(Control::ProcessHello { pid: 7, fd: 3 }).unwrap();
-            let Some(HostTask::Prove { .. }) = end.st.next_host_task() else { panic!("a proof task") };
-            let mut out = Vec::new();
-            end.st.proved(false, &mut out);
-            end.take(out);
-            end.host_work = false;
-        }
-        pump(&mut a, &mut b);
-        let path = a.st.host_path();
-        assert!(path.checked && !path.reads_peer && !path.peer_reads_us, "{path:?}");
+        let (mut a, mut b) = unreadable_pair(a_stages);
         let len = 3 * P + 5;
         let src = a.buffer(len, pattern(60));
         let dst = b.buffer(2 * len, |_| 0);
         let back = a.buffer(len, |_| 0);
-        // Each end makes its area on first use: A's write, B's read served over the channels.
-        for (write, buf) in [(true, &src), (false, &back)] {
-            let t = a.one_sided(write, &[(buf, 0, &dst, 0, len)]);
-            pump(&mut a, &mut b);
-            assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
-        }
+        make_areas(&mut a, &mut b, (&src, &back, &dst), len);
         assert_eq!(a.st.host_path().staging, a_stages, "both areas mapped only when both opted in");
         assert_eq!(a.st.direct.staging.peer.is_some(), a_stages, "nothing of the peer's mapped without the opt-in");
         let direct = |end: &End| {
