@@ -242,10 +242,14 @@ mod tests {
         let raw = theirs.as_raw_fd();
         let mut command = std::process::Command::new("sleep");
         command.arg("30");
-        // SAFETY: dup2 is async-signal-safe and touches only the child's descriptor table; the
-        // duplicate at 3 does not inherit close-on-exec.
+        // SAFETY: dup2 and fcntl are async-signal-safe and touch only the child's descriptor
+        // table. The duplicate at 3 does not inherit close-on-exec; where the socket already is
+        // 3, dup2 does nothing and the flag is cleared instead, or the child would lose it.
         unsafe {
-            command.pre_exec(move || if libc::dup2(raw, 3) < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) })
+            command.pre_exec(move || {
+                let rc = if raw == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(raw, 3) };
+                if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+            })
         };
         let mut child = command.spawn().unwrap();
         drop(theirs);
