@@ -26,8 +26,9 @@ pub fn shared(fresh: PeerProcess) -> Arc<PeerProcess> {
     if let Some(known) = peers.get(&pid).and_then(Weak::upgrade)
         && known.alive().is_ok()
     {
-        // A fresh pin that died meanwhile names another process than the entry: its proof fails
-        // on it, and the entry stays for the live one.
+        // A fresh pin that died since its proof may have named another process than the entry:
+        // it is handed back on its own, and every use of it fails on its own check that the
+        // process lives; the entry stays for the live one.
         return if fresh.alive().is_ok() { known } else { Arc::new(fresh) };
     }
     let fresh = Arc::new(fresh);
