@@ -27,6 +27,16 @@ pub fn refuse_process_access(pid: u32) {
     REFUSED_PID.store(pid, Ordering::Release);
 }
 
+/// Why a peer's descriptor was not taken.
+#[derive(Debug)]
+pub enum FdRefusal {
+    /// The kernel refuses this process the peer's descriptors (its ptrace rules, at the open of
+    /// `/proc/<pid>/fd`): a host policy, the same for every peer.
+    Kernel(io::Error),
+    /// This descriptor: not open, no memfd, or a file that refuses us (its mode is the peer's).
+    Descriptor(io::Error),
+}
+
 /// A process we proved to be a peer engine and may read from. The pidfd keeps naming that process
 /// even if it exits and its pid is reused: every copy first asks it whether the process still lives.
 #[derive(Debug)]
@@ -83,37 +93,47 @@ impl PeerProcess {
     /// pid named it throughout. Either way the file must be a regular file on tmpfs (a memfd):
     /// the peer picks the descriptor, and a FIFO, socket, device or FUSE file could block our
     /// open, read or mapping forever, or act on being opened.
-    pub fn take_fd(&self, fd: u32) -> io::Result<OwnedFd> {
+    pub fn take_fd(&self, fd: u32) -> Result<OwnedFd, FdRefusal> {
         self.take_fd_from(fd, REFUSED_PID.load(Ordering::Acquire) != self.pid())
     }
 
     /// [`take_fd`](Self::take_fd), trying `pidfd_getfd` first only when `getfd` is set (the tests
     /// take the `/proc` route on their own process, which `pidfd_getfd` never refuses).
-    fn take_fd_from(&self, fd: u32, getfd: bool) -> io::Result<OwnedFd> {
-        let fd = i32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    fn take_fd_from(&self, fd: u32, getfd: bool) -> Result<OwnedFd, FdRefusal> {
+        use FdRefusal::Descriptor;
+        let fd = i32::try_from(fd).map_err(|_| Descriptor(io::Error::from_raw_os_error(libc::EBADF)))?;
         if getfd {
             // SAFETY: pidfd_getfd takes our pidfd, the peer's descriptor number and no flags, and
             // returns a new descriptor (close-on-exec) or -1.
             let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.pidfd.as_raw_fd(), fd, 0) };
             if got >= 0 {
-                let got = i32::try_from(got).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+                let got = i32::try_from(got).map_err(|_| Descriptor(io::Error::from_raw_os_error(libc::EBADF)))?;
                 // SAFETY: the kernel just handed us this descriptor; nothing else owns it.
                 let got = unsafe { OwnedFd::from_raw_fd(got) };
-                staging_file(&got)?;
+                staging_file(&got).map_err(Descriptor)?;
                 return Ok(got);
             }
             let err = io::Error::last_os_error();
             if !matches!(err.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) {
-                return Err(err);
+                return Err(Descriptor(err));
             }
         }
         // O_PATH only resolves the link: no open of the file itself, so nothing that could block
         // (a FIFO without a writer, FUSE, a device) or act on being opened runs before the checks.
-        let path = open_fd(&format!("/proc/{}/fd/{fd}", self.pid), libc::O_PATH)?;
-        self.alive()?;
-        staging_file(&path)?;
+        // Nor does it check the file's mode: a refusal here is the ptrace check on the process.
+        let path = open_fd(&format!("/proc/{}/fd/{fd}", self.pid), libc::O_PATH).map_err(|e| {
+            if matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM)) {
+                FdRefusal::Kernel(e)
+            } else {
+                Descriptor(e)
+            }
+        })?;
+        self.alive().map_err(Descriptor)?;
+        staging_file(&path).map_err(Descriptor)?;
         // Our own O_PATH descriptor names that file for good, whatever the peer does meanwhile.
+        // This open does check the file's mode, which the peer set: its refusal is that file's.
         open_fd(&format!("/proc/self/fd/{}", path.as_raw_fd()), libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY)
+            .map_err(Descriptor)
     }
 
     /// Whether the kernel lets this process read the peer's memory: a one-byte read at address 0
@@ -361,7 +381,7 @@ mod tests {
 
     /// Runs `take` on a thread and fails the test unless it returns within two seconds: a take
     /// that blocks (opening a FIFO without a writer) must show up as a failure, not a hang.
-    fn promptly(take: impl FnOnce() -> io::Result<OwnedFd> + Send + 'static) -> io::Result<OwnedFd> {
+    fn promptly(take: impl FnOnce() -> Result<OwnedFd, FdRefusal> + Send + 'static) -> Result<OwnedFd, FdRefusal> {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let _ = tx.send(take());
@@ -370,15 +390,100 @@ mod tests {
     }
 
     /// Takes our own descriptor `fd` through `pidfd_getfd` (`getfd`) or the `/proc` route.
-    fn take_own(fd: &impl AsRawFd, getfd: bool) -> io::Result<OwnedFd> {
+    fn take_own(fd: &impl AsRawFd, getfd: bool) -> Result<OwnedFd, FdRefusal> {
         let fd = fd.as_raw_fd().unsigned_abs();
-        promptly(move || PeerProcess::open(std::process::id())?.take_fd_from(fd, getfd))
+        promptly(move || PeerProcess::open(std::process::id()).unwrap().take_fd_from(fd, getfd))
     }
 
-    fn refused_as(got: io::Result<OwnedFd>, what: &str) {
-        let err = got.expect_err("a descriptor that is no memfd is refused");
+    fn refused_as(got: Result<OwnedFd, FdRefusal>, what: &str) {
+        let Err(FdRefusal::Descriptor(err)) = got else { panic!("{got:?}: a descriptor that is no memfd is refused") };
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
         assert!(err.to_string().contains(what), "{err}");
+    }
+
+    /// Clears `caps` (bit numbers) from the calling thread's effective capabilities: the raw call
+    /// changes this thread alone, so a test thread of a root process meets file modes and the
+    /// ptrace check as any other process would.
+    fn drop_own_caps(caps: &[u32]) {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        let mut header = Header { version: 0x2008_0522, pid: 0 };
+        let mut data = [Data::default(); 2];
+        // SAFETY: a version 3 header and room for its two data words, filled by the kernel.
+        let rc = unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        for &cap in caps {
+            data[(cap / 32) as usize].effective &= !(1 << (cap % 32));
+        }
+        // SAFETY: as above; lowering effective capabilities within the permitted set.
+        let rc = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+    }
+
+    const CAP_DAC_OVERRIDE: u32 = 1;
+    const CAP_DAC_READ_SEARCH: u32 = 2;
+    const CAP_SYS_PTRACE: u32 = 19;
+
+    /// A peer's memfd whose mode refuses us (the peer chose it) is that descriptor's refusal,
+    /// not the kernel's refusal of every peer's descriptors; a process whose descriptors the
+    /// ptrace check keeps from us (not dumpable) is the kernel's.
+    #[test]
+    fn a_descriptor_refusing_us_is_told_apart_from_the_kernel_refusing_the_process() {
+        let area = memfd(libc::MFD_ALLOW_SEALING).unwrap();
+        // SAFETY: a plain change of a descriptor we own.
+        assert_eq!(unsafe { libc::fchmod(area.as_raw_fd(), 0) }, 0, "{}", io::Error::last_os_error());
+        let raw = area.as_raw_fd().unsigned_abs();
+        let got = promptly(move || {
+            drop_own_caps(&[CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH]);
+            PeerProcess::open(std::process::id()).unwrap().take_fd_from(raw, false)
+        });
+        let Err(FdRefusal::Descriptor(err)) = &got else { panic!("{got:?}") };
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+
+        // A child that made itself not dumpable, holding one end of a pipe it reports on.
+        let mut ends = [0; 2];
+        // SAFETY: `ends` has room for the two descriptors.
+        assert_eq!(unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: the child calls only async-signal-safe functions (prctl, write, pause, _exit).
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0, "{}", io::Error::last_os_error());
+        if child == 0 {
+            // SAFETY: as above.
+            unsafe {
+                libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+                libc::write(ends[1], [1u8].as_ptr().cast(), 1);
+                loop {
+                    libc::pause();
+                }
+            }
+        }
+        let mut byte = 0u8;
+        // SAFETY: one byte of ours to read into.
+        assert_eq!(unsafe { libc::read(ends[0], (&raw mut byte).cast(), 1) }, 1, "the child set itself up");
+        let writer = ends[1].unsigned_abs();
+        let got = promptly(move || {
+            drop_own_caps(&[CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE]);
+            PeerProcess::open(child.unsigned_abs()).unwrap().take_fd_from(writer, false)
+        });
+        // SAFETY: our own child, killed and reaped; then our own pipe's descriptors closed.
+        unsafe {
+            libc::kill(child, libc::SIGKILL);
+            libc::waitpid(child, std::ptr::null_mut(), 0);
+            libc::close(ends[0]);
+            libc::close(ends[1]);
+        }
+        let Err(FdRefusal::Kernel(err)) = &got else { panic!("{got:?}") };
+        assert!(matches!(err.raw_os_error(), Some(libc::EACCES | libc::EPERM)), "{err}");
     }
 
     fn inode(fd: &impl AsRawFd) -> (u64, u64) {
@@ -461,7 +566,9 @@ mod tests {
             assert_ne!(got.as_raw_fd(), area.as_raw_fd(), "a descriptor of our own");
         }
         let me = PeerProcess::open(std::process::id()).unwrap();
-        assert_eq!(me.take_fd_from(i32::MAX.unsigned_abs(), false).unwrap_err().raw_os_error(), Some(libc::ENOENT));
-        assert_eq!(me.take_fd(u32::MAX).unwrap_err().raw_os_error(), Some(libc::EBADF));
+        let gone = me.take_fd_from(i32::MAX.unsigned_abs(), false);
+        assert!(matches!(&gone, Err(FdRefusal::Descriptor(e)) if e.raw_os_error() == Some(libc::ENOENT)), "{gone:?}");
+        let bad = me.take_fd(u32::MAX);
+        assert!(matches!(&bad, Err(FdRefusal::Descriptor(e)) if e.raw_os_error() == Some(libc::EBADF)), "{bad:?}");
     }
 }

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use super::process::PeerProcess;
+use super::process::{FdRefusal, PeerProcess};
 use crate::error::{Error, Result, UcclStatus};
 use crate::transport::IoSeg;
 
@@ -332,12 +332,12 @@ impl PeerArea {
     /// `ErrNotAllowed` for an area we may not map.
     pub fn open(process: &PeerProcess, fd: u32, len: u64) -> Result<PeerArea> {
         let pieces = pieces_of(len).ok_or_else(|| refused(format!("{len} bytes is no staging area's size")))?;
-        let fd = process.take_fd(fd).map_err(|e| match e.raw_os_error() {
-            Some(libc::EPERM | libc::EACCES) => Error::new(
+        let fd = process.take_fd(fd).map_err(|e| match e {
+            FdRefusal::Kernel(e) => Error::new(
                 UcclStatus::ErrNotSupported,
                 format!("the kernel refuses this process the same-host peer's staging area descriptor {fd}: {e}"),
             ),
-            _ => refused(format!("taking descriptor {fd} of the peer: {e}")),
+            FdRefusal::Descriptor(e) => refused(format!("taking descriptor {fd} of the peer: {e}")),
         })?;
         // SAFETY: a plain query of a descriptor we own.
         let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
