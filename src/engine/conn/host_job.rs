@@ -24,6 +24,10 @@ use crate::threads::{self, ThreadKind, panic_text};
 use crate::trace::clock_ns;
 use crate::transport::IoSeg;
 
+/// Why a drain fails on a piece its pusher marked aborted (`host_push.rs`).
+const ABORTED_PUSH: &str =
+    "the push of the source stopped: it was deregistered during the transfer, or the pushing end's connection failed";
+
 /// A smallest piece for the tests of the cut (the configured one is `Config::host_copy_min_piece`):
 /// a `process_vm_readv` call costs about 1.5 us besides its copy, 2-7 % of a 256 KiB piece
 /// (measured in cache, where the copy is fastest), so no piece is smaller.
@@ -217,9 +221,8 @@ impl SharedJob {
         let patience = Patience { spin: staged.spin.min(left), limit: left, healthy: &healthy };
         match source.area.wait(piece, source.generation, &patience) {
             Ok(Mark::Pushed) => Ok(()),
-            Ok(Mark::Aborted) => {
-                Err(Failure::Copy(Error::not_allowed("the source was deregistered during the transfer")))
-            }
+            // The mark carries no reason: either of the pusher's two reasons to stop is told.
+            Ok(Mark::Aborted) => Err(Failure::Copy(Error::not_allowed(ABORTED_PUSH))),
             Err(e) if e.status() == UcclStatus::ErrTimeout => Err(Failure::Copy(Error::timeout(format!(
                 "the peer did not push staged piece {piece} within {} ms of the transfer's start",
                 staged.limit.as_millis()

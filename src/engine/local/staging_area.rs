@@ -35,7 +35,8 @@ use crate::transport::IoSeg;
 /// mark's store and load cost nothing beside the copy, small enough that a drain starts soon
 /// after its push did.
 pub const STAGE_PIECE: u64 = 256 << 10;
-/// The high bit of a mark: the pusher gave up on the piece (its source was deregistered).
+/// The high bit of a mark: the pusher gave up on the piece (its source was deregistered, or its
+/// connection failed).
 pub const ABORTED: u64 = 1 << 63;
 /// The smallest and largest data size of an area.
 pub const MIN_AREA_BYTES: u64 = 1 << 20;

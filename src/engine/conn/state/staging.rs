@@ -14,7 +14,8 @@
 //!   thread pushes the source into the range, after the connection lock is let go; B authorizes it
 //!   as it would a DirectWrite, drains each piece into the segments once its mark says pushed,
 //!   and answers `Done`, or `Deny` (refused: B reads nothing; or the push was aborted because A's
-//!   source was deregistered). A frees the range once its push finished and the answer came.
+//!   source was deregistered or A's connection failed). A frees the range once its push finished
+//!   and the answer came.
 //! - read: A `DirectRead` as on the direct path → B authorizes, answers `StagedGrant{op,
 //!   first_piece, generation}` and its worker pushes the source into B's range → A drains it, then
 //!   `DirectDone` → B frees the range once its push finished too, and answers `Done`, or `Deny`
