@@ -454,9 +454,18 @@ mod tests {
         assert_eq!(ran.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2]);
         assert!(ran.iter().all(|r| r.1 != std::thread::current().id()), "{ran:?}");
         assert_eq!(ran[0].1, runner);
+        fake.host.stop();
+        fake.host.join();
+    }
 
-        // With the token free, a caller that waits on the connection runs the read it finds itself,
-        // and no worker is woken for it.
+    /// With the token free, a caller that waits on the connection runs the read it finds itself,
+    /// and no worker is woken for it. A connection of its own: a worker woken for earlier work
+    /// could otherwise still come by late and take the read.
+    #[test]
+    fn a_waiting_caller_runs_the_read_it_finds_itself() {
+        let (release, hold) = mpsc::channel();
+        release.send(()).unwrap();
+        let fake = fake(&[], hold);
         let before = fake.ran.lock().len();
         let waits = fake.host.caller_waits();
         fake.queue.lock().push_back(3);
