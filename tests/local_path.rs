@@ -524,40 +524,11 @@ const KERNEL_REFUSAL: &str = "the kernel refuses to let this process read the pe
 /// this thread, inherit the set). Fails the test where it cannot: it would pass without the kernel
 /// refusing anything.
 fn drop_ptrace_capability() {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
+    use testkit::caps::{CAP_SYS_PTRACE, drop_effective, effective};
+    if let Err(e) = drop_effective(&[CAP_SYS_PTRACE]) {
+        panic!("cannot drop CAP_SYS_PTRACE from the effective set ({e}): this test needs a process the kernel refuses");
     }
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    const VERSION_3: u32 = 0x2008_0522;
-    const CAP_SYS_PTRACE: u32 = 19;
-    let get = || {
-        let mut header = Header { version: VERSION_3, pid: 0 };
-        let mut data = [Data::default(); 2];
-        // SAFETY: a version 3 header and the two data words that version reads and writes.
-        let rc = unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) };
-        assert_eq!(rc, 0, "capget: {}", std::io::Error::last_os_error());
-        data
-    };
-    let mut data = get();
-    data[0].effective &= !(1 << CAP_SYS_PTRACE);
-    let mut header = Header { version: VERSION_3, pid: 0 };
-    // SAFETY: as for capget; the kernel only reads the data words.
-    let rc = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) };
-    assert_eq!(
-        rc,
-        0,
-        "cannot drop CAP_SYS_PTRACE from the effective set ({}): this test needs a process the kernel refuses",
-        std::io::Error::last_os_error()
-    );
-    assert_eq!(get()[0].effective & (1 << CAP_SYS_PTRACE), 0, "CAP_SYS_PTRACE is still effective");
+    assert!(!effective(CAP_SYS_PTRACE).unwrap(), "CAP_SYS_PTRACE is still effective");
 }
 
 /// The error `process_vm_readv` of one byte of process `pid` gives, `None` when the kernel let

@@ -1,5 +1,6 @@
 //! What the transports' unit tests share: a socket net on loopback, a connected pair of comms, a
-//! bounded wait for a request, and the turn at the process's write-back count.
+//! bounded wait for a request, the turn at the process's write-back count, and a message received
+//! while that count is watched.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -7,7 +8,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, MutexGuard};
 
 use super::socket::SocketNet;
-use super::{Net, RecvComm, SendComm};
+use super::{MrHandle, Net, RecvComm, SendComm};
 
 /// The socket transport on 127.0.0.1, with the engine's usual timeouts and no wake-up to deliver.
 pub(crate) fn loopback_socket_net() -> SocketNet {
@@ -45,4 +46,24 @@ pub(crate) fn until<T>(mut f: impl FnMut() -> crate::Result<Option<T>>) -> crate
 pub(crate) fn written_back_alone() -> MutexGuard<'static, ()> {
     static ALONE: Mutex<()> = Mutex::new(());
     ALONE.lock()
+}
+
+/// Sends `msg` over `tx` into `dst` (at least as long) through `rx`, checks it arrived whole, and
+/// returns the bytes the receivers wrote back meanwhile (hold [`written_back_alone`]).
+pub(crate) fn receive_counting_write_back(
+    tx: &mut Box<dyn SendComm>,
+    rx: &mut Box<dyn RecvComm>,
+    msg: &[u8],
+    dst: &mut [u8],
+) -> u64 {
+    let before = super::socket::written_back_bytes();
+    // SAFETY: dst and msg outlive both requests, which are tested done before this returns.
+    let r = unsafe { rx.irecv(dst.as_mut_ptr(), dst.len(), MrHandle::NONE) }.unwrap().unwrap();
+    // SAFETY: as above.
+    let s = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
+    assert_eq!(until(|| tx.test(s)).unwrap(), msg.len());
+    assert_eq!(until(|| rx.test(r)).unwrap(), msg.len());
+    rx.irecv_consumed(r).unwrap();
+    assert!(dst[..msg.len()] == *msg, "every byte as sent");
+    super::socket::written_back_bytes() - before
 }

@@ -401,38 +401,13 @@ mod tests {
         assert!(err.to_string().contains(what), "{err}");
     }
 
-    /// Clears `caps` (bit numbers) from the calling thread's effective capabilities: the raw call
-    /// changes this thread alone, so a test thread of a root process meets file modes and the
-    /// ptrace check as any other process would.
+    /// Clears `caps` from the calling thread's effective capabilities, so that a test thread of a
+    /// root process meets file modes and the ptrace check as any other process would.
     fn drop_own_caps(caps: &[u32]) {
-        #[repr(C)]
-        struct Header {
-            version: u32,
-            pid: i32,
-        }
-        #[repr(C)]
-        #[derive(Clone, Copy, Default)]
-        struct Data {
-            effective: u32,
-            permitted: u32,
-            inheritable: u32,
-        }
-        let mut header = Header { version: 0x2008_0522, pid: 0 };
-        let mut data = [Data::default(); 2];
-        // SAFETY: a version 3 header and room for its two data words, filled by the kernel.
-        let rc = unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) };
-        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
-        for &cap in caps {
-            data[(cap / 32) as usize].effective &= !(1 << (cap % 32));
-        }
-        // SAFETY: as above; lowering effective capabilities within the permitted set.
-        let rc = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) };
-        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        testkit::caps::drop_effective(caps).expect("lowering this thread's capabilities");
     }
 
-    const CAP_DAC_OVERRIDE: u32 = 1;
-    const CAP_DAC_READ_SEARCH: u32 = 2;
-    const CAP_SYS_PTRACE: u32 = 19;
+    use testkit::caps::{CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE};
 
     /// A peer's memfd whose mode refuses us (the peer chose it) is that descriptor's refusal,
     /// not the kernel's refusal of every peer's descriptors; a process whose descriptors the

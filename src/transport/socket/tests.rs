@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::error::UcclStatus;
-use crate::transport::testutil::{loopback_socket_net, pair, until, written_back_alone};
+use crate::transport::testutil::{loopback_socket_net, pair, receive_counting_write_back, until, written_back_alone};
 use crate::transport::{IoSeg, MemKind, MrHandle, RequestId};
 
 #[test]
@@ -644,16 +644,7 @@ fn receives_into_memory_read_by_dma_are_written_back_and_arrive_whole() {
         return;
     }
     let move_into = |tx: &mut Box<dyn SendComm>, rx: &mut Box<dyn RecvComm>, dst: &mut [u8]| {
-        let before = written_back_bytes();
-        // SAFETY: dst and msg outlive both requests, which are tested done before this returns.
-        let r = unsafe { rx.irecv(dst.as_mut_ptr(), dst.len(), MrHandle::NONE) }.unwrap().unwrap();
-        // SAFETY: as above.
-        let s = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
-        assert_eq!(until(|| tx.test(s)).unwrap(), len);
-        assert_eq!(until(|| rx.test(r)).unwrap(), len);
-        rx.irecv_consumed(r).unwrap();
-        assert!(dst[..len] == msg[..], "every byte as sent");
-        written_back_bytes() - before
+        receive_counting_write_back(tx, rx, &msg, dst)
     };
     assert!(
         move_into(&mut tx, &mut rx, &mut slots[..len]) >= len as u64,

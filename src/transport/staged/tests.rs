@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use super::*;
 use crate::error::UcclStatus;
-use crate::transport::socket::{writes_back, written_back_bytes};
-use crate::transport::testutil::{loopback_socket_net, pair, until, written_back_alone};
+use crate::transport::socket::writes_back;
+use crate::transport::testutil::{loopback_socket_net, pair, receive_counting_write_back, until, written_back_alone};
 use crate::transport::{MemKind, MrHandle, RequestId};
 
 fn staged() -> Arc<dyn Net> {
@@ -301,18 +301,6 @@ fn a_released_rings_range_is_no_longer_written_back() {
     let net = loopback_socket_net();
     let len = 1 << 20;
     let msg: Vec<u8> = (0..len).map(|i| (i * 13 + i / 509) as u8).collect();
-    let receive = |tx: &mut Box<dyn SendComm>, rx: &mut Box<dyn RecvComm>, dst: &mut [u8]| {
-        let before = written_back_bytes();
-        // SAFETY: dst and msg outlive both requests, which are tested done before this returns.
-        let r = unsafe { rx.irecv(dst.as_mut_ptr(), dst.len(), MrHandle::NONE) }.unwrap().unwrap();
-        // SAFETY: as above.
-        let s = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
-        assert_eq!(until(|| tx.test(s)).unwrap(), len);
-        assert_eq!(until(|| rx.test(r)).unwrap(), len);
-        rx.irecv_consumed(r).unwrap();
-        assert!(dst == &msg[..], "every byte as sent");
-        written_back_bytes() - before
-    };
     for write_back in [true, false] {
         let (mut tx, mut rx) = pair(&net);
         let mut slots = vec![0u8; len];
@@ -324,13 +312,17 @@ fn a_released_rings_range_is_no_longer_written_back() {
             receives_watched: Arc::default(),
         });
         staging.register_ring_range(&mut rx, slots.as_mut_ptr() as usize, len).unwrap();
-        let held = receive(&mut tx, &mut rx, &mut slots);
+        let held = receive_counting_write_back(&mut tx, &mut rx, &msg, &mut slots);
         if write_back && writes_back() {
             assert!(held >= len as u64, "a receive into the ring's range is written back: {held}");
         } else {
             assert_eq!(held, 0, "write-back {write_back}");
         }
         staging.release_ring_registration(&mut rx, true);
-        assert_eq!(receive(&mut tx, &mut rx, &mut slots), 0, "write-back {write_back}: released, then written back");
+        assert_eq!(
+            receive_counting_write_back(&mut tx, &mut rx, &msg, &mut slots),
+            0,
+            "write-back {write_back}: released, then written back"
+        );
     }
 }
