@@ -639,9 +639,15 @@ fn the_flow_trace_times_both_ends_of_every_channel_transfer() {
     print!("{report}");
     let writes = format!("write 262144 B: {} joined (0 unmatched); end-to-end p50", 2 * ROUNDS);
     let reads = format!("read 262144 B: {} joined (0 unmatched); end-to-end p50", 2 * ROUNDS);
-    for expected in
-        [writes.as_str(), reads.as_str(), "i.post > i.request_sent", "t.request_read", "t.reply_sent", "i.complete"]
-    {
+    for expected in [
+        writes.as_str(),
+        reads.as_str(),
+        "i.post > i.request_sent",
+        "t.request_read",
+        "t.reply_sent",
+        "i.complete",
+        "replies read by",
+    ] {
         assert!(report.contains(expected), "{expected:?} missing:\n{report}");
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -3,7 +3,8 @@
 UCCL_TCPX_TRACE_FLOW=PREFIX (`PREFIX.<pid>.tsv`, one per process, both ends of a loopback run or
 each host's files of a two-host run) and prints, per op and size, the end-to-end time (initiator's
 post to its caller seeing it complete), every step's offset from the initiator's post and every
-leg between consecutive steps (median, p10, p90, in microseconds).
+leg between consecutive steps (median, p10, p90, in microseconds), and which threads read the
+replies and how long those then waited for the connection's lock.
   UCCL_TCPX_TRACE_FLOW=/tmp/flow <run both ends>
   scripts/diag/flow_timeline.py /tmp/flow
 Steps are named `i.` (initiator) or `t.` (target) and listed in the order of their median offset;
@@ -63,14 +64,16 @@ def main():
             unjoined[op] += 1
             continue
         post = marks['i.post']
-        groups[(op, int(i['bytes']))].append({k: v - post for k, v in marks.items()})
+        offsets = {k: v - post for k, v in marks.items()}
+        offsets['reader'] = i.get('reader', '-')
+        groups[(op, int(i['bytes']))].append(offsets)
     if not groups:
         sys.exit(f'no initiator and target records of {prefix}.*.tsv join ({dict(unjoined)} unmatched)')
     for (op, size), transfers in sorted(groups.items()):
         e2e = [m['i.complete'] for m in transfers]
         print(f'{op} {size} B: {len(transfers)} joined ({unjoined[op]} unmatched); end-to-end p50 '
               f'{pct(e2e, 0.5) / 1e3:.1f} us (p10 {pct(e2e, 0.1) / 1e3:.1f}, p90 {pct(e2e, 0.9) / 1e3:.1f})')
-        names = collections.Counter(k for m in transfers for k in m)
+        names = collections.Counter(k for m in transfers for k in m if k != 'reader')
         # A step seen in at least half the transfers is shown; the rest are noise of failures.
         shown = [n for n, c in names.items() if c * 2 >= len(transfers)]
         shown.sort(key=lambda n: pct([m[n] for m in transfers if n in m], 0.5))
@@ -84,6 +87,15 @@ def main():
             if v:
                 leg = f'{a} > {b}'
                 print(f'  {leg:<36}{pct(v, 0.5) / 1e3:>9.1f}{pct(v, 0.1) / 1e3:>9.1f}{pct(v, 0.9) / 1e3:>9.1f}')
+        # Who read the replies, and how long each kind of reader's reply then waited for the
+        # connection's lock before it was handled.
+        names_of = {'c': 'the caller', 'r': 'a control reactor', 'p': 'the progress thread'}
+        for reader, count in sorted(collections.Counter(m['reader'] for m in transfers).items()):
+            waits = [m['i.reply_read'] - m['i.reply_arrived'] for m in transfers
+                     if m['reader'] == reader and 'i.reply_read' in m and 'i.reply_arrived' in m]
+            if waits:
+                print(f'  replies read by {names_of.get(reader, reader)}: {count}, waiting for the lock p50 '
+                      f'{pct(waits, 0.5) / 1e3:.1f} us (p90 {pct(waits, 0.9) / 1e3:.1f})')
 
 
 if __name__ == '__main__':
