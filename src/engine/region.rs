@@ -35,6 +35,10 @@ pub struct Region {
     /// What this process's mappings lie on, shared by every region of the process
     /// (`huge_pages/`).
     pages: Arc<KnownMappings>,
+    /// The last answer of `pages` about this region, with the cache's generation it was given at
+    /// (`generation << 1 | huge`; 0: none yet): a post asks once per settled read, not under the
+    /// process-wide cache's lock every time.
+    huge_answer: AtomicU64,
 }
 
 impl Region {
@@ -70,7 +74,17 @@ impl Region {
     /// its last read: memory mapped since that read queues another on the looker thread and, until
     /// its answer is in, says small pages; device memory never lies on huge pages here.
     pub fn on_huge_pages(&self) -> bool {
-        self.kind == MemKind::Host && self.pages.on_huge_pages([(self.base, self.len)])
+        if self.kind != MemKind::Host {
+            return false;
+        }
+        let generation = self.pages.generation();
+        let last = self.huge_answer.load(Ordering::Acquire);
+        if last != 0 && last >> 1 == generation {
+            return last & 1 == 1;
+        }
+        let huge = self.pages.on_huge_pages([(self.base, self.len)]);
+        self.huge_answer.store(generation << 1 | u64::from(huge), Ordering::Release);
+        huge
     }
 
     /// The CUDA IPC handle of the allocation holding this device region, made on first use; `None`
@@ -149,6 +163,7 @@ impl RegionTable {
             device_copies: AtomicUsize::new(0),
             ipc: OnceLock::new(),
             pages: self.pages.clone(),
+            huge_answer: AtomicU64::new(0),
         };
         self.regions.write().insert(id, Arc::new(region));
         Ok(id)

@@ -122,7 +122,8 @@ impl Connection {
     /// peer's memory, each answered from the last read of that process's smaps (`huge_pages/`), and
     /// a read's only once the peer's process is proven readable (no direct copy goes before that).
     fn mark_huge_sources(&self, requests: &mut [OneSidedRequest], write: bool) {
-        let peer = self.host.peer();
+        // A write's source is ours: the peer's handle is looked up (a lock) for reads only.
+        let peer = if write { None } else { self.host.peer() };
         for request in requests {
             let (region, len) = match &*request {
                 OneSidedRequest::Item(i) => (&i.region, i.len),

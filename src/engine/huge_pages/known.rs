@@ -3,6 +3,7 @@
 //! one's is shared by every region, each peer's is its `PeerProcess`'s), so a read serves every
 //! range of every region there, and only memory mapped since the last read asks for another.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,9 @@ struct Shared {
     possible: bool,
     min_gap: Duration,
     state: Mutex<State>,
+    /// Counts the reads settled (from 1): an answer given at one count stays true until the next,
+    /// so an asker may keep it that long without the lock ([`KnownMappings::generation`]).
+    generation: AtomicU64,
 }
 
 /// Answers about one process's memory (this one's, or a peer's).
@@ -75,7 +79,7 @@ impl KnownMappings {
 
     fn new(possible: bool, min_gap: Duration, read: Reader) -> KnownMappings {
         let state = Mutex::new(State::default());
-        KnownMappings { shared: Arc::new(Shared { read, possible, min_gap, state }) }
+        KnownMappings { shared: Arc::new(Shared { read, possible, min_gap, state, generation: AtomicU64::new(1) }) }
     }
 
     /// A cache reading with `read`, at most once per `min_gap`.
@@ -115,6 +119,13 @@ impl KnownMappings {
         false
     }
 
+    /// How many reads settled so far (from 1): an answer of [`on_huge_pages`](Self::on_huge_pages)
+    /// about a range stays what it would be now as long as this stays the same, since only a
+    /// settled read changes what is known (read the count before asking).
+    pub fn generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::Acquire)
+    }
+
     /// A read is queued or under way.
     #[cfg(test)]
     pub(crate) fn looking(&self) -> bool {
@@ -141,6 +152,9 @@ impl Shared {
             if let Some(known) = read {
                 state.known = known;
             }
+            // Also after a failed read: an asker told "small pages" for want of a read asks again,
+            // which may queue the next one.
+            self.generation.fetch_add(1, Ordering::AcqRel);
             state.not_before = Some(not_before);
             let missed = state.missed.take();
             state.looking = missed.is_some_and(|(addr, len)| !state.known.tally(addr, len, &mut Tally::default()));
