@@ -1192,6 +1192,11 @@ fn unknown_flow(flow: u64) -> Error {
     Error::backend(format!("internal: chunk of unknown flow {flow}"))
 }
 
+/// The peer broke the protocol: `what` says how.
+fn violation(what: &str) -> Error {
+    Error::backend(format!("protocol violation: {what}"))
+}
+
 fn unknown_op(what: &str, id: u64) -> Error {
     Error::backend(format!("protocol violation: {what} for unknown id {id}"))
 }

@@ -29,7 +29,7 @@
 use std::sync::Arc;
 
 use super::direct_table::{Copied, CopyJob, HostPath, HostTask, Lease, MAX_DIRECT_PENDING, StagedSource};
-use super::{Action, ConnState, Extent, Memory, Source, deny, deny_msg, unknown_op};
+use super::{Action, ConnState, Extent, Memory, Source, deny, deny_msg, unknown_op, violation};
 use crate::engine::region::Region;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result};
@@ -55,10 +55,6 @@ pub(super) fn extent_of(segs: &[RemoteSeg]) -> Extent {
         [one] => Extent::Contiguous { addr: one.addr as usize, len: u64::from(one.len) },
         _ => super::local_segments(segs),
     }
-}
-
-fn violation(what: &str) -> Error {
-    Error::backend(format!("protocol violation: {what}"))
 }
 
 impl ConnState {
@@ -168,11 +164,11 @@ impl ConnState {
             return Some(msg);
         }
         let len = local.len();
-        // A read the target may stage asks for it even where we may not copy out of the target,
-        // once we told the target so: without room it answers over the channels then
-        // (`on_direct_read`). After a yes it would grant a copy instead, which the kernel now
-        // refuses (`lost_peer_access`).
-        let may_ask = self.direct.usable(false) || self.direct.announced_reads_peer == Some(false);
+        // A read the target may stage asks for it while what we told the target of our copying
+        // still holds: after a no, it answers a read finding no room over the channels
+        // (`on_direct_read`); after a yes that the kernel since refused (`lost_peer_access`), it
+        // would grant a copy we cannot make.
+        let may_ask = self.direct.announced_reads_peer == Some(self.direct.path.reads_peer);
         let staged_read = !write && stage && may_ask && self.peer_may_stage(len);
         if !self.direct.usable(write) && !staged_read {
             return None;

@@ -44,16 +44,11 @@
 use std::sync::Arc;
 
 use super::direct_table::{CopyJob, HostTask, PushJob, StagedRange, StagedSource};
-use super::{Action, ConnState, Extent, unknown_op};
+use super::{Action, ConnState, Extent, unknown_op, violation};
 use crate::engine::local::staging_area::{self, OutboundArea, PeerArea, pieces_for};
 use crate::engine::region::Region;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, RemoteSeg};
-use crate::transport::IoSeg;
-
-fn violation(what: &str) -> Error {
-    Error::backend(format!("protocol violation: {what}"))
-}
 
 impl ConnState {
     /// This end stages transfers through an area of `bytes` data bytes (`Config::host_copy_staging`),
@@ -205,7 +200,7 @@ impl ConnState {
         self.want_area(len, out);
         let (area, staged) = self.staged_range(len)?;
         let range = staged.range;
-        let src = segs.iter().map(|s| IoSeg { addr: s.addr as usize, len: s.len as usize }).collect();
+        let src = super::direct::remote_segs(segs);
         out.push(Action::Send(Control::StagedGrant {
             xfer,
             first_piece: range.first_piece,
