@@ -20,10 +20,6 @@ use crate::error::Error;
 use crate::threads::{self, ThreadKind};
 use crate::trace::clock_ns;
 
-/// Jobs from this size on are shared with the process's copy helpers (`local::copiers`, up to
-/// `Config::host_copy_threads` threads), in pieces of at least `Config::host_copy_min_piece`: below it one thread copies
-/// in about 100 us, of which a helper's wake-up would be a large part.
-const PARALLEL_BYTES: u64 = 512 << 10;
 /// How long a drain looks at a staged piece's mark before it naps between looks.
 const STAGED_SPIN: std::time::Duration = std::time::Duration::from_micros(20);
 
@@ -176,7 +172,9 @@ pub(super) fn copy(
         return Err(Failure::Copy(Error::internal("a direct copy without a proven peer process")));
     };
     process.alive().map_err(|e| host_job::lost(process, job.len, e))?;
-    let threads = if job.len < PARALLEL_BYTES { 1 } else { config.host_copy_threads };
+    // Shared with the process's copy helpers from `copiers::threads_for`'s size on, in pieces of
+    // at least `Config::host_copy_min_piece`.
+    let threads = crate::engine::local::copiers::threads_for(job.len, config.host_copy_threads);
     gate.begin(&job.region);
     if let Some(source) = &job.staged {
         // A push lands within microseconds of the mark's first look, or is far off.

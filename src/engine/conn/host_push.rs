@@ -26,10 +26,6 @@ use crate::transport::IoSeg;
 
 /// How often a deregistration looks again at a push under way.
 const GATE_POLL: Duration = Duration::from_micros(50);
-/// Pushes from this size on are shared with the copy helpers, as same-host copies are
-/// (`host_copy.rs`): below it one thread pushes in about 50 us, of which a helper's wake-up would
-/// be a large part.
-const PARALLEL_BYTES: u64 = 512 << 10;
 
 /// The pieces being pushed, by source region.
 #[derive(Default)]
@@ -162,7 +158,7 @@ impl copiers::Shared for SharedPush {
 /// marked. The peer learns of a failure from the aborted marks alone.
 pub(super) fn push(job: PushJob, gate: &Arc<PushGate>, threads: usize, spin: Duration) -> Result<()> {
     let pieces = cut_pieces(&job.src, job.len);
-    let threads = if job.len < PARALLEL_BYTES { 1 } else { threads.max(1) };
+    let threads = copiers::threads_for(job.len, threads);
     let helpers = (threads - 1).min(pieces.len().saturating_sub(1));
     let turns = Turns::new(pieces.len());
     let shared = Arc::new(SharedPush { job, pieces, gate: gate.clone(), turns, failure: Mutex::new(None) });

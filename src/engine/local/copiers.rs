@@ -28,6 +28,15 @@ use parking_lot::Mutex;
 use crate::config::MAX_HOST_COPY_THREADS;
 use crate::threads::{ThreadKind, spawn_contained};
 
+/// Jobs from this size on are shared with the helpers: below it one thread copies in 50-100 us,
+/// of which a helper's wake-up would be a large part.
+const PARALLEL_BYTES: u64 = 512 << 10;
+
+/// The threads a job of `len` bytes takes, its own included, out of `threads` allowed.
+pub(crate) fn threads_for(len: u64, threads: usize) -> usize {
+    if len < PARALLEL_BYTES { 1 } else { threads.max(1) }
+}
+
 /// How long a helper waits for a job before it ends.
 const IDLE_EXIT: Duration = Duration::from_secs(1);
 /// Helpers each woken helper wakes in turn (and the offering thread first): a wake-up costs the
