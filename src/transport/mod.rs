@@ -236,11 +236,6 @@ pub trait RecvComm: Send {
     fn write_back_received(&mut self, _addr: usize, _len: usize) -> bool {
         false
     }
-    /// Undoes one [`write_back_received`](RecvComm::write_back_received) of the same range, for
-    /// receives posted from now on (one posted already is written back as it was asked): the
-    /// memory is about to be freed or given another use, and a later receive landing there is no
-    /// longer read by a DMA engine.
-    fn stop_write_back(&mut self, _addr: usize, _len: usize) {}
     /// Asks the comm to report how far its receives got before they complete
     /// ([`RecvComm::landed`]), for every receive posted from now on; returns whether it does. Off
     /// unless asked, since tracking costs every received piece: the staged path asks only where it

@@ -556,13 +556,6 @@ impl RecvComm for SocketRecvComm {
         true
     }
 
-    fn stop_write_back(&mut self, addr: usize, len: usize) {
-        let range = (addr, addr.saturating_add(len));
-        if let Some(at) = self.0.write_back.iter().position(|&r| r == range) {
-            self.0.write_back.swap_remove(at);
-        }
-    }
-
     /// Each landed piece sets its bit; the prefix is the run of them from the first (`partial`).
     fn track_landed(&mut self) -> bool {
         self.0.window.track_landed()

@@ -18,9 +18,6 @@ pub(super) trait InnerRegistry {
     fn read_by_dma(&mut self, _addr: usize, _len: usize) -> bool {
         false
     }
-    /// Undoes [`read_by_dma`](InnerRegistry::read_by_dma) of the range
-    /// ([`RecvComm::stop_write_back`]).
-    fn not_read_by_dma(&mut self, _addr: usize, _len: usize) {}
 }
 
 impl InnerRegistry for Box<dyn SendComm> {
@@ -41,9 +38,6 @@ impl InnerRegistry for Box<dyn RecvComm> {
     }
     fn read_by_dma(&mut self, addr: usize, len: usize) -> bool {
         self.write_back_received(addr, len)
-    }
-    fn not_read_by_dma(&mut self, addr: usize, len: usize) {
-        self.stop_write_back(addr, len)
     }
 }
 
@@ -76,22 +70,11 @@ pub(super) struct Staging {
     /// Made on first use of device memory; `ring_mr` is its registration with the inner comm.
     pub(super) ring: Option<StagingRing>,
     pub(super) ring_mr: MrHandle,
-    /// The ring's host range, while the inner comm writes what lands there back from the CPU's
-    /// caches: undone with the ring's registration, so that the inner comm never writes back
-    /// memory the ring no longer owns.
-    write_back: Option<(usize, usize)>,
 }
 
 impl Staging {
     pub(super) fn new(setup: Setup) -> Staging {
-        Staging {
-            setup,
-            registered: HashMap::new(),
-            next_handle: 1,
-            ring: None,
-            ring_mr: MrHandle::NONE,
-            write_back: None,
-        }
+        Staging { setup, registered: HashMap::new(), next_handle: 1, ring: None, ring_mr: MrHandle::NONE }
     }
 
     pub(super) fn register(
@@ -237,18 +220,15 @@ impl Staging {
     /// receiving one to write what lands there back from the CPU's caches (with the knob on).
     pub(super) fn register_ring_range(&mut self, inner: &mut dyn InnerRegistry, base: usize, len: usize) -> Result<()> {
         self.ring_mr = inner.register(base, len, MemKind::Host)?;
-        if self.setup.params.tuning.write_back && inner.read_by_dma(base, len) {
-            self.write_back = Some((base, len));
+        if self.setup.params.tuning.write_back {
+            // For the inner comm's life: the ring is released only as the comm closes.
+            inner.read_by_dma(base, len);
         }
         Ok(())
     }
 
-    /// Lets go of the ring's inner registration before the comm closes, if nothing uses it, and
-    /// in any case of its write-back: that binds only receives posted later, and none is.
+    /// Lets go of the ring's inner registration before the comm closes, if nothing uses it.
     pub(super) fn release_ring_registration(&mut self, inner: &mut dyn InnerRegistry, idle: bool) {
-        if let Some((base, len)) = self.write_back.take() {
-            inner.not_read_by_dma(base, len);
-        }
         if idle && self.ring.is_some() {
             inner.deregister(std::mem::replace(&mut self.ring_mr, MrHandle::NONE));
         }
