@@ -312,6 +312,15 @@ impl OutboundArea {
         Ok(())
     }
 
+    /// Marks every piece of `range` aborted: a push that will never run (its connection failed
+    /// with it still queued) must not leave the peer's drain waiting for bytes that never come.
+    pub fn abort_range(&self, range: &Range) {
+        for k in 0..range.pieces {
+            // Within the range by construction: the only error `abort_piece` knows.
+            let _ = self.abort_piece(range, k);
+        }
+    }
+
     fn piece_of(&self, range: &Range, k: u32) -> Result<u32> {
         match range.first_piece.checked_add(k) {
             Some(piece) if k < range.pieces && piece < self.pieces => Ok(piece),

@@ -439,7 +439,13 @@ impl ConnState {
         failed.extend(d.running.take());
         failed.extend(d.work.drain(..).filter_map(|t| match t {
             HostTask::Copy(job) => job.transfer,
-            HostTask::Prove { .. } | HostTask::MapArea { .. } | HostTask::Push(_) => None,
+            // The peer's drain of it waits on the marks alone: it stops at once on aborted ones
+            // rather than when its own connection learns of the failure, or its deadline.
+            HostTask::Push(job) => {
+                job.area.abort_range(&job.range);
+                None
+            }
+            HostTask::Prove { .. } | HostTask::MapArea { .. } => None,
         }));
         d.writes.clear();
         d.staging.writes.clear();

@@ -19,7 +19,8 @@
 //! - read: A `DirectRead` as on the direct path → B authorizes, answers `StagedGrant{op,
 //!   first_piece, generation}` and its worker pushes the source into B's range → A drains it, then
 //!   `DirectDone` → B frees the range once its push finished too, and answers `Done`, or `Deny`
-//!   when its region was deregistered meanwhile.
+//!   when its region was deregistered meanwhile. B's connection failing with the push still
+//!   queued marks its pieces aborted, so A's drain stops at once.
 //!
 //! Why this cannot deadlock: a drain waits only for a push, and no push waits for the peer. A
 //! write's push runs on its posting thread. A read's push runs on the target's worker, which may be

@@ -244,6 +244,34 @@ fn a_connection_failing_before_the_push_aborts_it() {
     assert!(dst.bytes.iter().all(|&x| x == 0xa5), "nothing of an aborted push lands");
 }
 
+/// The target's connection failing with the push of a staged read still queued for its worker:
+/// the push never runs, so failing marks its pieces aborted, and the reader's drain stops at once
+/// with the push's failure instead of waiting for its own connection to fail or its deadline.
+#[test]
+fn a_target_failing_with_a_staged_reads_push_queued_aborts_it() {
+    let (mut a, mut b) = staged_pair(1 << 20);
+    let remote = b.buffer(3 * P, pattern(63));
+    let back = a.buffer(3 * P, |_| 0xa5);
+    let t = a.one_sided(false, &[(&back, 0, &remote, 0, 3 * P)]);
+    deliver(&mut a, &mut b).unwrap();
+    assert!(matches!(b.outbox.front(), Some(Control::StagedGrant { .. })), "{:?}", b.outbox);
+    assert!(matches!(b.st.direct.work.back(), Some(HostTask::Push(_))), "the push waits for the worker");
+    deliver(&mut b, &mut a).unwrap();
+    b.fail(Error::new(UcclStatus::ErrBackend, "the control stream broke"));
+    assert!(!b.st.has_host_task(), "the failed connection's worker runs nothing");
+    let started = Instant::now();
+    assert!(run_host_work(&mut a));
+    assert!(started.elapsed() < Duration::from_secs(1), "the drain waited for pieces that never come");
+    let Some(&Control::DirectDone { xfer }) = a.outbox.front() else { panic!("{:?}", a.outbox) };
+    let err = a.st.direct.copied[&xfer].error.clone().expect("the drain failed");
+    assert_eq!(err.status(), UcclStatus::ErrNotAllowed, "{err}");
+    assert!(err.message().contains("push of the source stopped"), "{err}");
+    assert!(back.bytes.iter().all(|&x| x == 0xa5), "nothing of an aborted push lands");
+    // The failed target answers nothing more: the reader's own failure ends the read.
+    a.fail(Error::new(UcclStatus::ErrBackend, "remote disconnected"));
+    assert_eq!(status(a.outcome(&t)), UcclStatus::ErrBackend);
+}
+
 /// The target deregistering a staged write's destination while its worker holds the drain: the
 /// worker's gate lets no piece in, the write is refused, nothing lands, and the range is freed once
 /// pushed.
