@@ -190,6 +190,10 @@ const REFUSE_VAR: &str = "UCCL_TCPX_TEST_REFUSE";
 /// user: the kernel itself refuses.
 const NOT_DUMPABLE_VAR: &str = "UCCL_TCPX_TEST_NOT_DUMPABLE";
 
+/// Set: the peer process makes itself not dumpable when it receives SIGUSR1, so that a reader
+/// without `CAP_SYS_PTRACE` that proved it readable loses its access between two copies.
+const NOT_DUMPABLE_ON_SIGNAL_VAR: &str = "UCCL_TCPX_TEST_NOT_DUMPABLE_ON_SIGNAL";
+
 #[test]
 #[ignore = "runs as the peer process of another process on this host"]
 fn direct_peer_process() {
@@ -201,6 +205,15 @@ fn direct_peer_process() {
         // SAFETY: PR_SET_DUMPABLE takes one integer argument and touches no memory of ours.
         let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0) };
         assert_eq!(rc, 0, "prctl(PR_SET_DUMPABLE, 0): {}", std::io::Error::last_os_error());
+    }
+    if std::env::var_os(NOT_DUMPABLE_ON_SIGNAL_VAR).is_some() {
+        extern "C" fn not_dumpable(_: libc::c_int) {
+            // SAFETY: as above; a plain system call, safe in a signal handler.
+            unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0) };
+        }
+        // SAFETY: the handler makes one system call and touches no memory of ours.
+        let old = unsafe { libc::signal(libc::SIGUSR1, not_dumpable as *const () as libc::sighandler_t) };
+        assert_ne!(old, libc::SIG_ERR, "signal(SIGUSR1): {}", std::io::Error::last_os_error());
     }
     let huge = std::env::var_os(HUGE_VAR).is_some();
     let engine = std::sync::Arc::new(Engine::new(Config { host_copy_huge_pages: huge, ..same_host() }).unwrap());
@@ -599,6 +612,85 @@ fn a_kernel_refusing_to_let_us_read_the_peer_sends_host_memory_over_the_network(
         "the log names the kernel's answer (EPERM):\n{out}"
     );
     assert!(!out.contains("did not check out"), "a kernel refusal is not a failed claim:\n{out}");
+    drop(process);
+}
+
+/// The peer process as `lost_access_reader_process` finds it: pid, then its announcement.
+const LOST_ACCESS_PEER_VAR: &str = "UCCL_TCPX_TEST_LOST_ACCESS_PEER";
+
+/// A reader without `CAP_SYS_PTRACE` that proved its peer readable, whose peer then turns not
+/// dumpable: the read granted for a copy the kernel now refuses is asked for again over the
+/// channels and arrives byte-exact, later reads take the channels, writes still go direct.
+#[test]
+#[ignore = "runs as a process of this host whose peer stops being readable"]
+fn lost_access_reader_process() {
+    assert!(common::is_child("lost_access_reader_process"), "runs as the reader of the lost-access test");
+    let peer = std::env::var(LOST_ACCESS_PEER_VAR).expect("the peer's pid and announcement");
+    let fields: Vec<&str> = peer.split_whitespace().collect();
+    let [pid, port, window, _guard] = fields[..] else { panic!("{LOST_ACCESS_PEER_VAR}={peer:?}") };
+    let (pid, port): (u32, u16) = (pid.parse().unwrap(), port.parse().unwrap());
+    let window = common::engine::fifo_from_hex(window);
+    drop_ptrace_capability();
+    assert_eq!(kernel_refusal(pid), None, "the dumpable peer is readable without CAP_SYS_PTRACE");
+
+    let engine = Engine::new(same_host()).unwrap();
+    let conn = checked_connection(&engine, port);
+    let path = conn.host_path();
+    assert!(path.reads_peer && path.peer_reads_us, "{path:?}");
+    let mut buf = vec![0u8; WINDOW];
+    let mr = engine.register(buf.as_mut_ptr() as usize, WINDOW).unwrap();
+    let r = conn.read(&[one(mr, buf.as_ptr() as usize, WINDOW, window)]).unwrap();
+    assert_eq!(wait(&conn, r).unwrap(), WINDOW as u64);
+    assert_eq!(conn.host_path().direct_ops, 1, "copied out of the peer while it was readable");
+
+    // SAFETY: a signal to the peer process this test started.
+    assert_eq!(unsafe { libc::kill(pid.cast_signed(), libc::SIGUSR1) }, 0);
+    common::wait_until("the kernel refuses reads of the peer", common::PATIENCE, || {
+        kernel_refusal(pid) == Some(libc::EPERM)
+    });
+    assert!(conn.host_path().reads_peer, "nothing told the connection yet: its next read asks for a copy");
+    buf.fill(0);
+    let r = conn.read(&[one(mr, buf.as_ptr() as usize, WINDOW, window)]).unwrap();
+    assert_eq!(wait(&conn, r).unwrap(), WINDOW as u64);
+    common::assert_same(&buf, &common::pattern(WINDOW, WINDOW_SEED), "read after the kernel refused the copy");
+    let path = conn.host_path();
+    assert!(!path.reads_peer && path.peer_reads_us, "{path:?}");
+    assert_eq!(path.direct_ops, 1, "the refused read took the channels");
+
+    // The peer still copies our writes in; our reads keep to the channels.
+    let data = common::pattern(WINDOW, 83);
+    buf.copy_from_slice(&data);
+    let w = conn.write(&[one(mr, buf.as_ptr() as usize, WINDOW, window)]).unwrap();
+    assert_eq!(wait(&conn, w).unwrap(), WINDOW as u64);
+    buf.fill(0);
+    let r = conn.read(&[one(mr, buf.as_ptr() as usize, WINDOW, window)]).unwrap();
+    assert_eq!(wait(&conn, r).unwrap(), WINDOW as u64);
+    common::assert_same(&buf, &data, "written directly and read back over the channels");
+    assert_eq!(conn.host_path().direct_ops, 2, "only the write went direct");
+}
+
+/// Takes `CAP_SYS_PTRACE` out of this thread's bounding set, so that the processes it starts hold
+/// it in none of their sets: a reader lacking it may then look at such a peer's descriptors (the
+/// kernel wants the peer's capabilities to be a subset of the reader's) until the peer turns not
+/// dumpable. Where that is not allowed (no `CAP_SETPCAP`), this process must lack it already.
+fn bound_out_ptrace_capability() {
+    use testkit::caps::{CAP_SYS_PTRACE, effective};
+    // SAFETY: PR_CAPBSET_DROP takes a capability number and touches no memory of ours.
+    let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(CAP_SYS_PTRACE)) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        assert!(!effective(CAP_SYS_PTRACE).unwrap(), "cannot take CAP_SYS_PTRACE out of the bounding set: {err}");
+    }
+}
+
+#[test]
+fn a_read_granted_for_a_copy_the_kernel_then_refuses_takes_the_channels() {
+    bound_out_ptrace_capability();
+    let (process, line) = direct_peer_line(&[(NOT_DUMPABLE_ON_SIGNAL_VAR, "1")]);
+    ChildTest::new("lost_access_reader_process")
+        .ignored()
+        .env(LOST_ACCESS_PEER_VAR, format!("{} {line}", process.pid()))
+        .run_within(Duration::from_secs(300));
     drop(process);
 }
 

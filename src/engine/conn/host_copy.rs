@@ -117,23 +117,21 @@ impl Connection {
                     threads::point(ThreadKind::HostCopier);
                     let marks = traced.as_ref().map(|t| t.1.clone());
                     let copied = copy(&job, process.as_ref(), &self.host.gate, &self.core.config, marks);
+                    let (transfer, len, queued) = (job.transfer.as_ref().map(|t| t.id), job.len, job.queued);
                     let mut inner = self.inner.lock();
-                    let copied = match copied {
-                        Ok(()) => Ok(()),
-                        Err(Failure::Copy(e)) => Err(e),
+                    match copied {
+                        Ok(()) => inner.state.copy_finished(job, Ok(()), &mut out),
+                        Err(Failure::Copy(e)) => inner.state.copy_finished(job, Err(e), &mut out),
                         Err(Failure::Refused(e, refused)) => {
                             local::Refusal::Kernel(refused).log(self.peer.addr);
-                            inner.state.lost_peer_access();
-                            Err(e)
+                            inner.state.copy_refused(job, e, &mut out);
                         }
                         Err(Failure::Panicked(e)) => {
                             // As for a panic of this thread itself: what the copy left is unknown.
                             self.fail(&mut inner, e);
                             return;
                         }
-                    };
-                    let (transfer, len, queued) = (job.transfer.as_ref().map(|t| t.id), job.len, job.queued);
-                    inner.state.copy_finished(job, copied, &mut out);
+                    }
                     self.finish_host_work(&mut inner, out);
                     if let (Some(tracer), Some((picked, marks))) = (&self.host_tracer, traced) {
                         // Under the lock, which the reply's handling takes: the record is in place

@@ -21,6 +21,9 @@
 //!   `Data` and the network path) → A copies from B, `DirectDone` → B `Done`, or `Deny` when the
 //!   region was deregistered meanwhile: the bytes A copied may then be anything.
 //!
+//! A copy the kernel refuses after the proof takes the network path the request stands for
+//! (`copy_refused`): the peer's write is granted, our read asks again over the channels.
+//!
 //! Before any of it each end proves the other's process (ProcessHello, answered by ProcessAck
 //! saying whether the proof held and the kernel lets it read the peer): an end asks for direct
 //! writes only once the peer said it can read us, for direct reads only once it can read the peer,
@@ -28,8 +31,8 @@
 
 use std::sync::Arc;
 
-use super::direct_table::{Copied, CopyJob, HostPath, HostTask, Lease, MAX_DIRECT_PENDING, StagedSource};
-use super::{Action, ConnState, Extent, Memory, Source, deny, deny_msg, unknown_op, violation};
+use super::direct_table::{AskedRead, Copied, CopyJob, HostPath, HostTask, Lease, MAX_DIRECT_PENDING, StagedSource};
+use super::{Action, ConnState, Extent, Inbound, Memory, OnDone, Source, deny, deny_msg, unknown_op, violation};
 use crate::engine::region::Region;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result};
@@ -54,6 +57,14 @@ pub(super) fn extent_of(segs: &[RemoteSeg]) -> Extent {
     match segs {
         [one] => Extent::Contiguous { addr: one.addr as usize, len: u64::from(one.len) },
         _ => super::local_segments(segs),
+    }
+}
+
+/// As [`extent_of`], for segments in this end's terms (a copy job's destination).
+fn extent_of_local(segs: &[IoSeg]) -> Extent {
+    match segs {
+        [one] => Extent::Contiguous { addr: one.addr, len: one.len as u64 },
+        _ => Extent::scattered(segs.iter().copied()),
     }
 }
 
@@ -134,7 +145,7 @@ impl ConnState {
     /// The kernel refused a copy after the proof: no more direct copies out of the peer. The peer
     /// still takes us for a reader, so our reads keep off its staging area too: where it finds no
     /// room it would grant a copy we cannot make.
-    pub fn lost_peer_access(&mut self) {
+    pub(super) fn lost_peer_access(&mut self) {
         self.direct.path.reads_peer = false;
     }
 
@@ -191,7 +202,8 @@ impl ConnState {
             self.direct.writes.insert(id);
             Some(Control::DirectWrite { xfer: id, region: remote_region, token, segs, src })
         } else {
-            self.direct.reads.insert(id, segs.clone());
+            let asked = AskedRead { region: remote_region, token, segs: segs.clone() };
+            self.direct.reads.insert(id, asked);
             Some(Control::DirectRead { xfer: id, region: remote_region, token, segs })
         }
     }
@@ -253,7 +265,8 @@ impl ConnState {
         let len = segs.iter().map(|s| u64::from(s.len)).sum();
         let queued = self.queued_at();
         let local = remote_segs(segs);
-        let job = CopyJob { op: xfer, transfer: None, region, local, remote, staged, len, error: None, queued };
+        let job =
+            CopyJob { op: xfer, transfer: None, region, local, remote, staged, ask: None, len, error: None, queued };
         self.direct.work.push_back(HostTask::Copy(job));
         out.push(Action::HostWork { ours: false });
         Ok(())
@@ -308,7 +321,7 @@ impl ConnState {
                 "a DirectGrant for read {xfer}, though we never said we can copy out of the peer"
             )));
         }
-        let segs = self.direct.reads.remove(&xfer).ok_or_else(|| unknown_op("DirectGrant", xfer))?;
+        let asked = self.direct.reads.remove(&xfer).ok_or_else(|| unknown_op("DirectGrant", xfer))?;
         let dst = self.inbound.remove(&xfer).ok_or_else(|| unknown_op("DirectGrant", xfer))?;
         let transfer = dst.on_done.transfer().cloned();
         let queued = self.queued_at();
@@ -316,8 +329,9 @@ impl ConnState {
             op: xfer,
             transfer,
             local: segs_of(&dst.extent),
-            remote: remote_segs(&segs),
+            remote: remote_segs(&asked.segs),
             staged: None,
+            ask: Some((asked.region, asked.token)),
             len: dst.extent.len(),
             region: dst.region,
             error: dst.error,
@@ -347,6 +361,9 @@ impl ConnState {
     /// A Done that answers a direct op of ours (a copied write, or a read we copied); `None` when
     /// the op is not one.
     pub(super) fn direct_done(&mut self, xfer: u64, len: u64, out: &mut Vec<Action>) -> Option<Result<()>> {
+        if self.direct.retried.remove(&xfer) {
+            return Some(Ok(()));
+        }
         let (transfer, expected, error, staged) = if self.direct.writes.remove(&xfer) {
             let staged = self.staged_write_answered(xfer);
             let o = self.awaiting_grant.remove(&xfer)?;
@@ -384,6 +401,9 @@ impl ConnState {
 
     /// A Deny for a read we copied; `None` when `xfer` is not one.
     pub(super) fn direct_denied(&mut self, xfer: u64, err: Error, out: &mut Vec<Action>) -> Option<()> {
+        if self.direct.retried.remove(&xfer) {
+            return Some(());
+        }
         let c = self.direct.copied.remove(&xfer)?;
         c.transfer.answered();
         out.push(Action::Finish(c.transfer, Err(err)));
@@ -412,6 +432,48 @@ impl ConnState {
         }
     }
 
+    /// The kernel refused `job`'s copy out of the peer after the proof (EPERM, ESRCH): no more
+    /// copies out of it (`lost_peer_access`), and the job takes the network path it stands for,
+    /// through steps the peer follows already. The peer's write is granted as a network write (a
+    /// Grant may answer a DirectWrite until its Done). Our read ends the target's lease with its
+    /// DirectDone, whose answer is let go, and is asked for again as the ReadRequest or ReadVector
+    /// it stands for under a fresh op id, so that the lease's answer and the read's never share
+    /// one; its Data, or Deny, is its answer. A job cut off meanwhile fails as a failed copy does.
+    pub fn copy_refused(&mut self, mut job: CopyJob, err: Error, out: &mut Vec<Action>) {
+        self.lost_peer_access();
+        let cut = job.error.is_some() || job.region.is_removed();
+        if self.failure.is_some() || cut || job.staged.is_some() {
+            return self.copy_finished(job, Err(err), out);
+        }
+        let extent = extent_of_local(&job.local);
+        match (job.transfer.take(), job.ask) {
+            (None, _) => {
+                self.direct.running = None;
+                self.grant(job.op, extent, job.region, out);
+            }
+            (Some(transfer), Some((region, token))) => {
+                self.direct.running = None;
+                self.direct.retried.insert(job.op);
+                out.push(Action::Send(Control::DirectDone { xfer: job.op }));
+                let id = self.take_id();
+                // Lengths of the peer's segments as it named them: each fits its u32.
+                let segs: Vec<RemoteSeg> =
+                    job.remote.iter().map(|s| RemoteSeg { addr: s.addr as u64, len: s.len as u32 }).collect();
+                let request = match segs[..] {
+                    [one] => Control::ReadRequest { xfer: id, region, token, addr: one.addr, len: u64::from(one.len) },
+                    _ => Control::ReadVector { xfer: id, region, token, segs },
+                };
+                let read = Inbound { awaits_answer: true, ..Inbound::new(extent, job.region, OnDone::Part(transfer)) };
+                self.inbound.insert(id, read);
+                out.push(Action::Send(request));
+            }
+            (transfer, None) => {
+                job.transfer = transfer;
+                self.copy_finished(job, Err(err), out);
+            }
+        }
+    }
+
     /// Cuts `region` off the direct path: queued copies into it will not run, and a read of ours
     /// that already landed there fails when the target answers.
     pub(super) fn cut_direct(&mut self, region: u64, err: &Error) {
@@ -429,7 +491,7 @@ impl ConnState {
 
     /// Whether the peer's engine owes us an answer on the direct path.
     pub(super) fn direct_waits_on_peer(&self) -> bool {
-        !self.direct.copied.is_empty() || !self.direct.leases.is_empty()
+        !self.direct.copied.is_empty() || !self.direct.leases.is_empty() || !self.direct.retried.is_empty()
     }
 
     /// Every pending part of the direct path, for `fail`.
@@ -450,6 +512,7 @@ impl ConnState {
         d.writes.clear();
         d.staging.writes.clear();
         d.reads.clear();
+        d.retried.clear();
         d.leases.clear();
         d.path.reads_peer = false;
         d.path.peer_reads_us = false;

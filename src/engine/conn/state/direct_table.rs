@@ -72,11 +72,21 @@ pub(crate) struct CopyJob {
     pub remote: Vec<IoSeg>,
     /// The peer pushed the bytes into its staging area: copied from there, not out of its process.
     pub staged: Option<StagedSource>,
+    /// Our read's remote region and token, so that a copy the kernel refuses is asked for again
+    /// over the channels (`ConnState::copy_refused`); `None` for the peer's write and a drain.
+    pub ask: Option<(u64, u64)>,
     pub len: u64,
     /// Set when the region was cut off before the copy ran: nothing is copied, the op fails.
     pub error: Option<Error>,
     /// When it was queued, in CLOCK_MONOTONIC ns (for `UCCL_TCPX_TRACE_HOST_COPY`; 0 when it is off).
     pub queued: u64,
+}
+
+/// Our direct read waiting in `inbound` for the target's answer: what it asked for.
+pub(super) struct AskedRead {
+    pub(super) region: u64,
+    pub(super) token: u64,
+    pub(super) segs: Vec<RemoteSeg>,
 }
 
 /// Our read, copied, waiting for the target's Done.
@@ -171,8 +181,11 @@ pub(super) struct Direct {
     pub(super) path: HostPath,
     /// Our direct writes waiting in `awaiting_grant`: a Done may answer them without a Grant.
     pub(super) writes: HashSet<u64>,
-    /// Our direct reads waiting in `inbound` for DirectGrant: the peer's segments.
-    pub(super) reads: HashMap<u64, Vec<RemoteSeg>>,
+    /// Our direct reads waiting in `inbound` for DirectGrant.
+    pub(super) reads: HashMap<u64, AskedRead>,
+    /// Our reads whose copy the kernel refused, asked for again over the channels under another
+    /// op id: the target's answer to their DirectDone only ends its lease.
+    pub(super) retried: HashSet<u64>,
     pub(super) work: VecDeque<HostTask>,
     /// The part of our read the worker is copying now: failing the connection fails it too.
     pub(super) running: Option<Arc<Transfer>>,

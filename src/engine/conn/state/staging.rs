@@ -255,6 +255,7 @@ impl ConnState {
             local: super::direct::segs_of(&dst.extent),
             remote: Vec::new(),
             staged: Some(StagedSource { area, first_piece, generation }),
+            ask: None,
             len,
             region: dst.region,
             error: dst.error,

@@ -390,3 +390,121 @@ fn staging_messages_without_an_area_fail_the_connection() {
         assert!(err.message().contains("protocol violation"), "{msg:?}: {err}");
     }
 }
+
+/// What the copy gets when the kernel refuses it after the proof (the peer went non-dumpable).
+fn kernel_refused() -> Error {
+    Error::new(UcclStatus::ErrBackend, "copying from peer process 7: Operation not permitted (os error 1)")
+}
+
+/// Takes `end`'s queued copy and has the kernel refuse it.
+fn refuse_copy(end: &mut End) {
+    let Some(HostTask::Copy(job)) = end.st.next_host_task() else { panic!("a copy task") };
+    let mut out = Vec::new();
+    end.st.copy_refused(job, kernel_refused(), &mut out);
+    end.take(out);
+}
+
+/// The kernel refusing our copy after the target granted the read (the target went non-dumpable,
+/// the ptrace policy changed): the read ends the target's lease, is asked for again over the
+/// channels under a fresh op id, item or vector as it was, and completes byte-exact; the target's
+/// answer to the lease's end is let go, and later reads keep to the channels.
+#[test]
+fn a_read_whose_granted_copy_the_kernel_refuses_is_asked_for_again_over_the_channels() {
+    for vector in [false, true] {
+        let (mut a, mut b) = host_pair(true, true);
+        let len = 3 * CHUNK + 5;
+        let remote = b.buffer(2 * len + 64, pattern(49));
+        let back = a.buffer(2 * len, |_| 0);
+        let items: &[_] = if vector {
+            &[(&back, 0, &remote, 0, len), (&back, len, &remote, len + 64, len)]
+        } else {
+            &[(&back, 0, &remote, 64, len)]
+        };
+        let t = a.one_sided(false, items);
+        let Some(&Control::DirectRead { xfer, .. }) = a.outbox.front() else { panic!("{:?}", a.outbox) };
+        deliver(&mut a, &mut b).unwrap();
+        assert_eq!(b.outbox, [Control::DirectGrant { xfer }]);
+        deliver(&mut b, &mut a).unwrap();
+        refuse_copy(&mut a);
+        assert!(!a.st.host_path().reads_peer, "no more copies out of the peer");
+        let again = match a.outbox.make_contiguous() {
+            [Control::DirectDone { xfer: done }, Control::ReadRequest { xfer: again, .. }] if !vector => {
+                assert_eq!(*done, xfer);
+                *again
+            }
+            [Control::DirectDone { xfer: done }, Control::ReadVector { xfer: again, segs, .. }] if vector => {
+                assert_eq!((*done, segs.len()), (xfer, 2));
+                *again
+            }
+            other => panic!("vector {vector}: {other:?}"),
+        };
+        assert_ne!(again, xfer, "a fresh op id: the target still holds the lease under the first");
+        assert!(a.outcome(&t).is_none() && t.awaits_answer(), "the second request's Data answers it");
+        pump(&mut a, &mut b);
+        let total = items.len() * len;
+        assert_eq!(a.outcome(&t).unwrap().unwrap(), total as u64);
+        if vector {
+            assert_eq!(&back.bytes[..len], &remote.bytes[..len]);
+            assert_eq!(&back.bytes[len..], &remote.bytes[len + 64..2 * len + 64]);
+        } else {
+            assert_eq!(&back.bytes[..len], &remote.bytes[64..len + 64]);
+        }
+        assert!(b.st.direct.leases.is_empty(), "the lease ended");
+        assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
+        assert!(a.st.check_open().is_ok() && b.st.check_open().is_ok());
+        assert_eq!(a.st.host_path().direct_ops, 0);
+
+        let t = a.one_sided(false, &[(&back, 0, &remote, 0, len)]);
+        assert!(matches!(a.outbox.front(), Some(Control::ReadRequest { .. })), "{:?}", a.outbox);
+        pump(&mut a, &mut b);
+        assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
+    }
+}
+
+/// The target deregistering its region between the grant and the refusal: the lease's end is
+/// answered with a Deny, let go like a Done, and the second request is refused; the read fails
+/// with the refusal and nothing hangs.
+#[test]
+fn a_read_asked_for_again_after_its_source_was_deregistered_fails_cleanly() {
+    let (mut a, mut b) = host_pair(true, true);
+    let len = 3 * CHUNK;
+    let remote = b.buffer(len, pattern(50));
+    let back = a.buffer(len, |_| 0);
+    let t = a.one_sided(false, &[(&back, 0, &remote, 0, len)]);
+    pump_messages_only(&mut a, &mut b);
+    b.cut(&remote).unwrap();
+    refuse_copy(&mut a);
+    pump(&mut a, &mut b);
+    assert_eq!(status(a.outcome(&t)), UcclStatus::ErrNotAllowed);
+    assert!(a.st.check_open().is_ok() && b.st.check_open().is_ok());
+    assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
+    assert!(back.bytes.iter().all(|&x| x == 0));
+}
+
+/// The kernel refusing the target's copy of the peer's write: the write is granted as a network
+/// write instead of refused, completes byte-exact, and later writes are granted at once.
+#[test]
+fn a_write_whose_copy_the_kernel_refuses_is_granted_over_the_channels() {
+    let (mut a, mut b) = host_pair(true, true);
+    let len = 3 * CHUNK + 5;
+    let src = a.buffer(len, pattern(51));
+    let dst = b.buffer(len + 100, |_| 0);
+    let t = a.one_sided(true, &[(&src, 0, &dst, 100, len)]);
+    let Some(&Control::DirectWrite { xfer, .. }) = a.outbox.front() else { panic!("{:?}", a.outbox) };
+    deliver(&mut a, &mut b).unwrap();
+    refuse_copy(&mut b);
+    assert!(matches!(b.outbox.make_contiguous(), [Control::Grant { xfer: g, .. }] if *g == xfer), "{:?}", b.outbox);
+    assert!(!b.st.host_path().reads_peer);
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
+    assert_eq!(&dst.bytes[100..], &src.bytes[..]);
+    assert_eq!(a.st.host_path().direct_ops, 0);
+
+    let t = a.one_sided(true, &[(&src, 0, &dst, 0, len)]);
+    deliver(&mut a, &mut b).unwrap();
+    assert!(matches!(b.outbox.front(), Some(Control::Grant { .. })), "{:?}", b.outbox);
+    assert!(!b.st.has_host_task(), "nothing copied out of the peer any more");
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
+    assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
+}
