@@ -347,11 +347,10 @@ impl ConnState {
     pub(super) fn on_direct_done(&mut self, xfer: u64, out: &mut Vec<Action>) -> Result<()> {
         let lease = self.direct.leases.get_mut(&xfer).ok_or_else(|| unknown_op("DirectDone", xfer))?;
         if let Some(staged) = &mut lease.staged {
-            if std::mem::replace(&mut staged.answered, true) {
-                return Err(violation(&format!("a second DirectDone for read {xfer}")));
-            }
-            if !staged.pushed {
-                return Ok(());
+            match staged.peer_done() {
+                None => return Err(violation(&format!("a second DirectDone for read {xfer}"))),
+                Some(false) => return Ok(()),
+                Some(true) => {}
             }
         }
         self.end_lease(xfer, out);

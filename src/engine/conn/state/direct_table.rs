@@ -109,14 +109,26 @@ pub(super) struct Lease {
 /// A range of our staging area in use: freed once our push finished and the peer is done with it.
 pub(super) struct StagedRange {
     pub(super) range: Range,
-    pub(super) pushed: bool,
+    pushed: bool,
     /// The peer answered (our write) or finished copying (its read).
-    pub(super) answered: bool,
+    answered: bool,
 }
 
 impl StagedRange {
     pub(super) fn new(range: Range) -> StagedRange {
         StagedRange { range, pushed: false, answered: false }
+    }
+
+    /// Our push finished: whether the peer is done with the range too, so it may be freed.
+    pub(super) fn push_done(&mut self) -> bool {
+        self.pushed = true;
+        self.answered
+    }
+
+    /// The peer is done with the range: whether our push finished too, so it may be freed; `None`
+    /// when the peer had said so already.
+    pub(super) fn peer_done(&mut self) -> Option<bool> {
+        (!std::mem::replace(&mut self.answered, true)).then_some(self.pushed)
     }
 }
 

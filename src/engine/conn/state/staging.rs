@@ -279,25 +279,18 @@ impl ConnState {
     /// A push of ours finished (whatever it copied: the peer learns of an abort from the marks).
     pub fn push_finished(&mut self, op: u64, write: bool, out: &mut Vec<Action>) {
         if write {
-            if let Some(staged) = self.direct.staging.writes.get_mut(&op) {
-                staged.pushed = true;
-                if staged.answered {
-                    self.free_write_range(op);
-                }
+            if self.direct.staging.writes.get_mut(&op).is_some_and(StagedRange::push_done) {
+                self.free_write_range(op);
             }
-        } else if let Some(staged) = self.direct.leases.get_mut(&op).and_then(|l| l.staged.as_mut()) {
-            staged.pushed = true;
-            if staged.answered {
-                self.end_lease(op, out);
-            }
+        } else if self.direct.leases.get_mut(&op).and_then(|l| l.staged.as_mut()).is_some_and(StagedRange::push_done) {
+            self.end_lease(op, out);
         }
     }
 
     /// The target answered our write `xfer` (Done, Deny or Grant); whether it was staged.
     pub(super) fn staged_write_answered(&mut self, xfer: u64) -> bool {
         let Some(staged) = self.direct.staging.writes.get_mut(&xfer) else { return false };
-        staged.answered = true;
-        if staged.pushed {
+        if staged.peer_done() == Some(true) {
             self.free_write_range(xfer);
         }
         true
