@@ -16,7 +16,7 @@ use super::host_trace::JobMarks;
 use super::host_worker::Gate;
 use super::state::StagedSource;
 use crate::engine::local::copiers::{self, Turns};
-use crate::engine::local::staging_area::{Mark, Patience, cut_pieces};
+use crate::engine::local::staging_area::{Mark, Patience, PieceCut, cut_pieces};
 use crate::engine::local::{PIECE_BYTES, PeerProcess, pieces};
 use crate::engine::region::Region;
 use crate::error::{Error, UcclStatus};
@@ -67,9 +67,11 @@ pub(super) struct SharedJob {
     staged: Option<Staged>,
 }
 
-/// How a staged job's pieces are waited for.
+/// How a staged job's pieces are waited for, and where each lands.
 struct Staged {
     source: StagedSource,
+    /// Our segments, cut at the area's pieces.
+    local: PieceCut,
     /// Looked at without a nap this long first.
     spin: Duration,
     /// The connection's io timeout, for the error.
@@ -120,10 +122,11 @@ impl SharedJob {
         region: Arc<Region>,
         process: Arc<PeerProcess>,
     ) -> SharedJob {
-        let pieces: Vec<_> = cut_pieces(local, len).into_iter().map(|l| (l, Vec::new())).collect();
+        let local = cut_pieces(local, len);
         let job = SharedJob::new(&[], &[], len, 1, 0, gate, region, process);
-        let staged = Staged { source, spin, limit, deadline: Instant::now() + limit };
-        SharedJob { turns: Turns::new(pieces.len()), pieces, staged: Some(staged), ..job }
+        let turns = Turns::new(local.len());
+        let staged = Staged { source, local, spin, limit, deadline: Instant::now() + limit };
+        SharedJob { turns, staged: Some(staged), ..job }
     }
 
     /// Marks the job's steps in `marks` (none: untraced).
@@ -134,7 +137,8 @@ impl SharedJob {
     /// Copies the job on this thread with up to `threads - 1` helpers, which look for the next job
     /// for `spin` afterwards; returns once every piece is done.
     pub fn run(self: Arc<Self>, threads: usize, spin: Duration) -> Result<(), Failure> {
-        let helpers = threads.saturating_sub(1).min(self.pieces.len().saturating_sub(1));
+        let pieces = self.staged.as_ref().map_or(self.pieces.len(), |staged| staged.local.len());
+        let helpers = threads.saturating_sub(1).min(pieces.saturating_sub(1));
         if let (Some(marks), true) = (&self.marks, helpers > 0) {
             marks.offered();
         }
@@ -166,7 +170,10 @@ impl SharedJob {
     /// Copies piece `k` through the gate.
     fn piece(&self, k: usize) -> Result<(), Failure> {
         let start = self.marks.as_ref().map(|_| clock_ns());
-        let (local, remote) = &self.pieces[k];
+        let (local, remote): (&[IoSeg], &[IoSeg]) = match &self.staged {
+            Some(staged) => (staged.local.piece(k), &[]),
+            None => (&self.pieces[k].0, &self.pieces[k].1),
+        };
         if let Some(staged) = &self.staged {
             // Waited for outside the gate: a deregistration of our region must not wait on the
             // peer's push.

@@ -18,11 +18,10 @@ use parking_lot::Mutex;
 
 use super::state::PushJob;
 use crate::engine::local::copiers::{self, Turns};
-use crate::engine::local::staging_area::cut_pieces;
+use crate::engine::local::staging_area::{PieceCut, cut_pieces};
 use crate::engine::region::Region;
 use crate::error::{Error, Result, UcclStatus};
 use crate::threads::panic_text;
-use crate::transport::IoSeg;
 
 /// How often a deregistration looks again at a push under way.
 const GATE_POLL: Duration = Duration::from_micros(50);
@@ -94,7 +93,7 @@ impl PushGate {
 /// One push's pieces and how far they got, shared by the threads pushing it.
 struct SharedPush {
     job: PushJob,
-    pieces: Vec<Vec<IoSeg>>,
+    pieces: PieceCut,
     gate: Arc<PushGate>,
     /// Who takes which piece, and when all are marked, pushed or aborted (after a failure the
     /// rest are marked aborted).
@@ -139,7 +138,7 @@ impl SharedPush {
         // SAFETY: the piece lies in `job.region`, a live registration of ours (checked at post,
         // or authorized for the peer's read), and the gate keeps its deregistration from returning
         // until the piece is done; piece `k` is this thread's alone.
-        unsafe { self.job.area.push_piece(&self.job.range, k as u32, &self.pieces[k]) }.map_err(Some)
+        unsafe { self.job.area.push_piece(&self.job.range, k as u32, self.pieces.piece(k)) }.map_err(Some)
     }
 }
 
@@ -175,7 +174,7 @@ mod tests {
     use crate::engine::local::PeerProcess;
     use crate::engine::local::staging_area::{Mark, OutboundArea, Patience, PeerArea, STAGE_PIECE};
     use crate::engine::region::RegionTable;
-    use crate::transport::MemKind;
+    use crate::transport::{IoSeg, MemKind};
 
     const P: usize = STAGE_PIECE as usize;
 
@@ -208,9 +207,10 @@ mod tests {
         assert_eq!(marks(&peer, range.first_piece, range.pieces, range.generation), [Mark::Pushed; 4]);
         let mut back = vec![0u8; src.len()];
         let dst = [IoSeg { addr: back.as_mut_ptr() as usize, len: back.len() }];
-        for (k, piece) in cut_pieces(&dst, len).iter().enumerate() {
+        let into = cut_pieces(&dst, len);
+        for k in 0..into.len() {
             // SAFETY: `back` is ours and untouched meanwhile.
-            unsafe { peer.drain_piece(range.first_piece + k as u32, piece) }.unwrap();
+            unsafe { peer.drain_piece(range.first_piece + k as u32, into.piece(k)) }.unwrap();
         }
         assert_eq!(back, src);
         assert!(gate.active.lock().is_empty(), "no piece left announced");

@@ -358,6 +358,9 @@ impl PeerArea {
         if seals & needed != needed {
             return Err(refused("it can still shrink or grow under our mapping".into()));
         }
+        // The size is read once the seals are known: until they were set the peer could resize
+        // the file, so the look `take_fd` took before opening it (on a path descriptor, which
+        // answers no seals) does not tell.
         // SAFETY: `stat` is plain data, filled by the kernel.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: as above.
@@ -453,21 +456,45 @@ fn refused(why: String) -> Error {
     Error::new(UcclStatus::ErrNotAllowed, format!("the peer's staging area is refused: {why}"))
 }
 
+/// A transfer's segments cut at the pieces' boundaries: two allocations whatever the pieces.
+#[derive(Debug, Default)]
+pub struct PieceCut {
+    segs: Vec<IoSeg>,
+    /// Where each piece's segments end in `segs`.
+    ends: Vec<usize>,
+}
+
+impl PieceCut {
+    /// Pieces cut.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// The bytes piece `k` of a range holds, as segments.
+    pub fn piece(&self, k: usize) -> &[IoSeg] {
+        let start = k.checked_sub(1).map_or(0, |prev| self.ends[prev]);
+        &self.segs[start..self.ends[k]]
+    }
+}
+
 /// Cuts `len` bytes of `segs` into runs of one piece each: run `k` is the bytes piece `k` of a
 /// range holds. Shorter than `len` when the segments are.
-pub fn cut_pieces(segs: &[IoSeg], len: u64) -> Vec<Vec<IoSeg>> {
-    let mut out = Vec::with_capacity(usize::try_from(pieces_for(len)).unwrap_or(0));
+pub fn cut_pieces(segs: &[IoSeg], len: u64) -> PieceCut {
+    let pieces = usize::try_from(pieces_for(len)).unwrap_or(0);
+    // A segment is split once per piece boundary inside it: at most one more per piece.
+    let mut out = PieceCut { segs: Vec::with_capacity(segs.len() + pieces), ends: Vec::with_capacity(pieces) };
     let (mut left, mut room) = (len, 0u64);
     for s in segs {
         let (mut addr, mut n) = (s.addr, (s.len as u64).min(left));
         left -= n;
         while n > 0 {
             if room == 0 {
-                out.push(Vec::new());
+                out.ends.push(out.segs.len());
                 room = STAGE_PIECE;
             }
             let take = n.min(room);
-            out.last_mut().expect("pushed above").push(IoSeg { addr, len: take as usize });
+            out.segs.push(IoSeg { addr, len: take as usize });
+            *out.ends.last_mut().expect("pushed above") = out.segs.len();
             addr += take as usize;
             n -= take;
             room -= take;
@@ -559,20 +586,20 @@ mod tests {
         let (from, into) = (cut_pieces(&srcs, len), cut_pieces(&dsts, len));
         assert_eq!((from.len(), into.len()), (2, 2));
         let ok = || Ok(());
-        for (k, piece) in from.iter().enumerate() {
+        for k in 0..from.len() {
             // SAFETY: `src` is live and read-only here.
-            unsafe { area.push_piece(&range, k as u32, piece) }.unwrap();
+            unsafe { area.push_piece(&range, k as u32, from.piece(k)) }.unwrap();
         }
-        for (k, piece) in into.iter().enumerate() {
+        for k in 0..into.len() {
             let at = range.first_piece + k as u32;
             assert_eq!(peer.wait(at, range.generation, &patience(1000, &ok)).unwrap(), Mark::Pushed);
             // SAFETY: `dst` is ours and untouched meanwhile.
-            unsafe { peer.drain_piece(at, piece) }.unwrap();
+            unsafe { peer.drain_piece(at, into.piece(k)) }.unwrap();
         }
         assert_eq!(dst, src);
         // A push outside the range is refused, not written.
         // SAFETY: as above.
-        assert!(unsafe { area.push_piece(&range, 2, &from[0]) }.is_err());
+        assert!(unsafe { area.push_piece(&range, 2, from.piece(0)) }.is_err());
         let big = vec![0u8; P + 1];
         // SAFETY: as above.
         assert!(unsafe { area.push_piece(&range, 0, &[seg(big.as_ptr() as usize, big.len())]) }.is_err());
@@ -665,10 +692,12 @@ mod tests {
         let segs = [seg(0, 100), seg(1000, P), seg(1 << 30, P)];
         let cut = cut_pieces(&segs, (2 * P + 50) as u64);
         assert_eq!(cut.len(), 3);
-        assert_eq!(cut[0], vec![seg(0, 100), seg(1000, P - 100)]);
-        assert_eq!(cut[1], vec![seg(1000 + P - 100, 100), seg(1 << 30, P - 100)]);
-        assert_eq!(cut[2], vec![seg((1 << 30) + P - 100, 50)], "cut at the length, not the segments' end");
-        assert!(cut_pieces(&segs, 0).is_empty());
-        assert!(cut_pieces(&[], 10).is_empty());
+        assert_eq!(cut.piece(0), [seg(0, 100), seg(1000, P - 100)]);
+        assert_eq!(cut.piece(1), [seg(1000 + P - 100, 100), seg(1 << 30, P - 100)]);
+        assert_eq!(cut.piece(2), [seg((1 << 30) + P - 100, 50)], "cut at the length, not the segments' end");
+        let whole = cut_pieces(&[seg(0, 2 * P)], 2 * P as u64);
+        assert_eq!((whole.piece(0), whole.piece(1)), (&[seg(0, P)][..], &[seg(P, P)][..]), "split on the boundary");
+        assert_eq!(cut_pieces(&segs, 0).len(), 0);
+        assert_eq!(cut_pieces(&[], 10).len(), 0);
     }
 }
