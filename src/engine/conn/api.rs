@@ -413,21 +413,29 @@ impl Connection {
 
     /// Pushes staged writes' sources into our staging area on this, the posting, thread (their
     /// requests are on the wire: the target drains each piece as it lands), then lets the state
-    /// free each range once the target answered too. A push never waits for the peer.
+    /// free each range once the target answered too, under one lock for the call's pushes. A push
+    /// never waits for the peer.
     fn push_staged(&self, pushes: Vec<PushJob>) {
+        if pushes.is_empty() {
+            return;
+        }
         let config = &self.core.config;
+        let mut pushed = Vec::with_capacity(pushes.len());
         for job in pushes {
             let (op, write) = (job.op, job.write);
             if let Err(e) = host_push::push(job, &self.pushes, config.host_copy_threads, config.host_copy_spin) {
                 // The target learns of it from the aborted marks and answers with a Deny.
                 log::debug!("staging write {op}: {}", e.message());
             }
-            let mut inner = self.inner.lock();
-            let mut out = Vec::new();
+            pushed.push((op, write));
+        }
+        let mut inner = self.inner.lock();
+        let mut out = Vec::new();
+        for (op, write) in pushed {
             inner.state.push_finished(op, write, &mut out);
-            if let Err(e) = self.apply(&mut inner, out) {
-                self.fail(&mut inner, e);
-            }
+        }
+        if let Err(e) = self.apply(&mut inner, out) {
+            self.fail(&mut inner, e);
         }
     }
 
