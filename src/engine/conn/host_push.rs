@@ -1,13 +1,15 @@
 //! Pushing bytes of ours into our staging area (`local::staging_area`, `state/staging.rs`): a
 //! staged write's source on its posting thread, a staged read's on the connection's worker, a
 //! large one shared with the process's copy helpers (`local::copiers`) as copies are. Each piece
-//! enters the push gate for its source region, so a deregistration waits for the pieces under way
-//! and no piece starts after it; every piece left is then marked aborted, so the peer's drain stops
-//! at once instead of waiting for bytes that never come. Every piece of a push ends marked, pushed
-//! or aborted, before the push returns.
+//! is counted on its source region (`Region::push_started`), so a deregistration waits for the
+//! pieces under way and no piece starts after it, and passes the connection's push gate, which
+//! its failure closes; every piece left is then marked aborted, so the peer's drain stops at once
+//! instead of waiting for bytes that never come. Every piece of a push ends marked, pushed or
+//! aborted, before the push returns.
 //!
-//! Why a gate of its own: the worker's gate (`host_worker.rs`) follows one job at a time, while
-//! pushes run on any number of posting threads at once, each from its own region.
+//! Why not the worker's gate (`host_worker.rs`): it follows one job at a time, while pushes run on
+//! any number of posting threads at once, each from its own region; a count on the region needs
+//! no lock shared by them.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -23,60 +25,29 @@ use crate::engine::region::Region;
 use crate::error::{Error, Result, UcclStatus};
 use crate::threads::panic_text;
 
-/// How often a deregistration looks again at a push under way.
-const GATE_POLL: Duration = Duration::from_micros(50);
-
-/// The pieces being pushed, by source region.
+/// Whether the connection's pushes may still start pieces.
 #[derive(Default)]
 pub(super) struct PushGate {
-    /// Region id and pieces under way from it: a few entries, one per region being pushed from.
-    active: Mutex<Vec<(u64, usize)>>,
     closed: AtomicBool,
 }
 
 /// A piece under way from a region (see [`PushGate::enter`]).
-struct Inside<'a> {
-    gate: &'a PushGate,
-    region: u64,
-}
+struct Inside<'a>(&'a Region);
 
 impl Drop for Inside<'_> {
     fn drop(&mut self) {
-        let mut active = self.gate.active.lock();
-        if let Some(at) = active.iter().position(|&(r, _)| r == self.region) {
-            active[at].1 -= 1;
-            if active[at].1 == 0 {
-                active.swap_remove(at);
-            }
-        }
+        self.0.push_ended();
     }
 }
 
 impl PushGate {
     /// Announces a piece from `region`; `None` (nothing announced) when the region was
-    /// deregistered or the connection failed. The count is taken under the lock that
-    /// `wait_clear` reads it under, after the region was marked removed: either this sees the
-    /// mark, or the deregistration sees the piece.
-    fn enter(&self, region: &Region) -> Option<Inside<'_>> {
-        {
-            let mut active = self.active.lock();
-            match active.iter_mut().find(|(r, _)| *r == region.id) {
-                Some((_, n)) => *n += 1,
-                None => active.push((region.id, 1)),
-            }
-        }
-        let inside = Inside { gate: self, region: region.id };
-        if self.closed.load(Ordering::Acquire) || region.is_removed() {
+    /// deregistered or the connection failed.
+    fn enter<'a>(&self, region: &'a Region) -> Option<Inside<'a>> {
+        if self.is_closed() || !region.push_started() {
             return None;
         }
-        Some(inside)
-    }
-
-    /// Returns once no piece from `region` (marked removed already) is under way.
-    pub fn wait_clear(&self, region: u64) {
-        while self.active.lock().iter().any(|&(r, _)| r == region) {
-            std::thread::sleep(GATE_POLL);
-        }
+        Some(Inside(region))
     }
 
     /// The connection failed: no piece starts any more (pushes read only our memory, so the
@@ -213,7 +184,7 @@ mod tests {
             unsafe { peer.drain_piece(range.first_piece + k as u32, into.piece(k)) }.unwrap();
         }
         assert_eq!(back, src);
-        assert!(gate.active.lock().is_empty(), "no piece left announced");
+        assert_eq!(table.get(id).unwrap().pushes_in_flight(), 0, "no piece left announced");
     }
 
     #[test]
@@ -235,8 +206,7 @@ mod tests {
 
         let gone = job(&area, &table, id, &src);
         let range = gone.range;
-        table.remove(id).unwrap();
-        gate.wait_clear(id);
+        table.remove(id).unwrap().wait_for_pushes();
         let err = push(gone, &gate, 4, Duration::ZERO).unwrap_err();
         assert!(err.message().contains("deregistered"), "{err}");
         assert_eq!(marks(&peer, range.first_piece, range.pieces, range.generation), [Mark::Aborted; 2]);

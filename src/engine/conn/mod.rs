@@ -458,10 +458,9 @@ impl Connection {
             }
         }
         self.core.waker.wake();
-        // A same-host copy into the region ends within one piece, and none starts after this; so
-        // does a push out of it into our staging area.
+        // A same-host copy into the region ends within one piece, and none starts after this (a
+        // push out of it is the region's own count, waited for by the engine).
         self.host.wait_clear(region);
-        self.pushes.wait_clear(region);
         loop {
             {
                 let mut inner = self.inner.lock();

@@ -277,7 +277,7 @@ impl End {
                 plan.region = None;
             }
         }
-        self.push_gate.wait_clear(id);
+        buf.region.wait_for_pushes();
         cut
     }
 
