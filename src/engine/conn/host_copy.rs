@@ -14,7 +14,7 @@ use super::host_worker::{Gate, HostCopy, HostServed};
 use super::state::{CopyJob, HostTask};
 use super::{Connection, Inner};
 use crate::config::Config;
-use crate::engine::local::staging_area::PeerArea;
+use crate::engine::local::staging_area::{OutboundArea, PeerArea};
 use crate::engine::local::{self, PeerProcess};
 use crate::error::Error;
 use crate::threads::{self, ThreadKind};
@@ -99,6 +99,14 @@ impl Connection {
                     };
                     let mut inner = self.inner.lock();
                     inner.state.area_mapped(mapped, &mut out);
+                    self.finish_host_work(&mut inner, out);
+                }
+                Some(HostTask::MakeArea { bytes }) => {
+                    // A sealed file sized but not touched, so its pages cost nothing until staged
+                    // into.
+                    let made = OutboundArea::create(bytes);
+                    let mut inner = self.inner.lock();
+                    inner.state.area_created(made, &mut out);
                     self.finish_host_work(&mut inner, out);
                 }
                 Some(HostTask::Push(job)) => {

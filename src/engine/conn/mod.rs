@@ -375,17 +375,6 @@ impl Connection {
                     held.queued = true;
                 }
                 Action::HostWork { ours } => result = self.host.wake(ours),
-                Action::OfferArea => {
-                    // Once per connection: a sealed file sized but not touched, so its pages cost
-                    // nothing until staged into.
-                    let bytes = inner.state.area_bytes().unwrap_or(0);
-                    let mut out = Vec::new();
-                    inner.state.area_created(local::staging_area::OutboundArea::create(bytes), &mut out);
-                    held.msgs.extend(out.into_iter().filter_map(|a| match a {
-                        Action::Send(msg) => Some(msg),
-                        _ => None,
-                    }));
-                }
                 Action::Push(job) => held.pushes.push(job),
             }
         }

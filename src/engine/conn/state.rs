@@ -69,8 +69,6 @@ pub(super) enum Action {
     /// `ours`: the copy of a read of ours, which a caller waiting on the connection may run on its
     /// own thread instead.
     HostWork { ours: bool },
-    /// Create this end's staging area and hand it to `ConnState::area_created` (`staging.rs`).
-    OfferArea,
     /// Push a staged write's source into our staging area on the posting thread, once the
     /// connection lock is let go.
     Push(PushJob),

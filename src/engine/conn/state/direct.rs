@@ -506,7 +506,7 @@ impl ConnState {
                 job.area.abort_range(&job.range);
                 None
             }
-            HostTask::Prove { .. } | HostTask::MapArea { .. } => None,
+            HostTask::Prove { .. } | HostTask::MapArea { .. } | HostTask::MakeArea { .. } => None,
         }));
         d.writes.clear();
         d.staging.writes.clear();

@@ -32,6 +32,11 @@ pub(crate) enum HostTask {
     },
     /// Push the source of the peer's staged read into our staging area.
     Push(PushJob),
+    /// Make our staging area of `bytes` data bytes (`staging.rs`) and hand it to
+    /// `ConnState::area_created`.
+    MakeArea {
+        bytes: u64,
+    },
 }
 
 /// Bytes of ours pushed into our staging area for the peer to copy out: our staged write, or the

@@ -59,18 +59,15 @@ impl ConnState {
         self.direct.staging.opted_in = Some(bytes);
     }
 
-    /// Asks the connection for our area (once) when a transfer of `len` bytes could use it.
+    /// Asks our worker for our area (once) when a transfer of `len` bytes could use it: made off
+    /// the connection lock (a memfd sized, sealed and mapped), and off the thread that asked.
     pub(super) fn want_area(&mut self, len: u64, out: &mut Vec<Action>) {
         let staging = &mut self.direct.staging;
-        if self.direct.same_host && !staging.offered && staging.bytes.is_some_and(|b| len <= b) {
+        if let Some(bytes) = staging.bytes.filter(|&b| self.direct.same_host && !staging.offered && len <= b) {
             staging.offered = true;
-            out.push(Action::OfferArea);
+            self.direct.work.push_back(HostTask::MakeArea { bytes });
+            out.push(Action::HostWork { ours: false });
         }
-    }
-
-    /// The data size of our area, asked for by [`Action::OfferArea`].
-    pub fn area_bytes(&self) -> Option<u64> {
-        self.direct.staging.bytes
     }
 
     /// The connection made our area (or could not: then we never stage): announce it.

@@ -157,12 +157,6 @@ impl End {
                 Action::Hold(flow) => self.held.push(flow),
                 Action::Release(flow) => self.held.retain(|&f| f != flow),
                 Action::HostWork { .. } => self.host_work = true,
-                Action::OfferArea => {
-                    let bytes = self.st.area_bytes().expect("asked for an area only when staging");
-                    let mut out = Vec::new();
-                    self.st.area_created(OutboundArea::create(bytes), &mut out);
-                    self.take(out);
-                }
                 Action::Push(job) => self.pushes.push(job),
             }
         }
@@ -445,6 +439,7 @@ fn run_task(end: &mut End, task: HostTask, out: &mut Vec<Action>) {
     match task {
         HostTask::Prove { .. } => end.st.proved(true, out),
         HostTask::MapArea { fd, len } => end.st.area_mapped(PeerArea::open(&end.process, fd, len), out),
+        HostTask::MakeArea { bytes } => end.st.area_created(OutboundArea::create(bytes), out),
         HostTask::Push(job) => {
             let (op, write) = (job.op, job.write);
             push(end, job);

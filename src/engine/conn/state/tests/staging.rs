@@ -8,15 +8,25 @@ use crate::engine::local::staging_area::STAGE_PIECE;
 
 const P: usize = STAGE_PIECE as usize;
 
+/// Has `end` (staging through areas of `bytes`) make its area as its worker does, and takes the
+/// announcement out of its outbox: the descriptor and the file's size.
+fn offer_area(end: &mut End, bytes: u64) -> (u32, u64) {
+    end.st.set_staging(bytes);
+    let mut out = Vec::new();
+    end.st.want_area(bytes, &mut out);
+    end.take(out);
+    assert!(end.outbox.is_empty() && end.host_work, "the worker makes the area: {:?}", end.outbox);
+    assert!(run_host_work(end));
+    let Some(Control::StagingArea { fd, len }) = end.outbox.pop_back() else { panic!("{:?}", end.outbox) };
+    (fd, len)
+}
+
 /// Two proven ends that stage through areas of `bytes`, both areas announced and mapped.
 fn staged_pair(bytes: u64) -> (End, End) {
     let (mut a, mut b) = host_pair(true, true);
     for end in [&mut a, &mut b] {
-        end.st.set_staging(bytes);
-        let mut out = Vec::new();
-        end.st.want_area(bytes, &mut out);
-        end.take(out);
-        assert!(matches!(end.outbox.back(), Some(Control::StagingArea { .. })), "{:?}", end.outbox);
+        let (fd, len) = offer_area(end, bytes);
+        end.outbox.push_back(Control::StagingArea { fd, len });
     }
     pump(&mut a, &mut b);
     for end in [&a, &b] {
@@ -122,13 +132,10 @@ fn transfers_that_find_no_room_take_the_other_paths() {
     }
     let src = a.buffer(5 * P, pattern(52));
     let dst = b.buffer(5 * P, |_| 0);
-    // The first write asks for the area and goes direct: the peer has not mapped it yet.
+    // The first write asks the worker for the area and goes direct: the peer has not mapped it.
     let t = a.one_sided(true, &[(&src, 0, &dst, 0, 3 * P)]);
-    assert!(
-        matches!(a.outbox.make_contiguous(), [Control::DirectWrite { .. }, Control::StagingArea { .. }]),
-        "{:?}",
-        a.outbox
-    );
+    assert!(matches!(a.outbox.make_contiguous(), [Control::DirectWrite { .. }]), "{:?}", a.outbox);
+    assert!(matches!(a.st.direct.work.front(), Some(HostTask::MakeArea { .. })));
     pump(&mut a, &mut b);
     assert_eq!(a.outcome(&t).unwrap().unwrap(), 3 * P as u64);
     assert_eq!(a.st.direct.staging.ack, Some(true));
@@ -399,11 +406,7 @@ fn a_peer_breaking_the_staging_exchange_fails_the_connection() {
 #[test]
 fn an_area_the_peer_did_not_map_is_never_used() {
     let (mut a, mut b) = host_pair(true, true);
-    a.st.set_staging(1 << 20);
-    let mut out = Vec::new();
-    a.st.want_area(1 << 20, &mut out);
-    a.take(out);
-    let Some(Control::StagingArea { len, .. }) = a.outbox.pop_back() else { panic!("{:?}", a.outbox) };
+    let (_, len) = offer_area(&mut a, 1 << 20);
     // The peer names a descriptor that is no area of ours: its worker refuses it.
     b.st.set_staging(1 << 20);
     b.handle(Control::StagingArea { fd: i32::MAX.unsigned_abs(), len }).unwrap();
@@ -423,14 +426,7 @@ fn an_area_the_peer_did_not_map_is_never_used() {
 /// peer names: it answers at once, and its worker gets no work.
 #[test]
 fn a_peer_area_is_mapped_only_by_an_end_that_opted_in_and_only_up_to_its_own_size() {
-    let announce = |a: &mut End| {
-        a.st.set_staging(2 << 20);
-        let mut out = Vec::new();
-        a.st.want_area(2 << 20, &mut out);
-        a.take(out);
-        let Some(Control::StagingArea { fd, len }) = a.outbox.pop_back() else { panic!("{:?}", a.outbox) };
-        (fd, len)
-    };
+    let announce = |a: &mut End| offer_area(a, 2 << 20);
     for ours in [None, Some(1 << 20)] {
         let (mut a, mut b) = host_pair(true, true);
         let (fd, len) = announce(&mut a);
