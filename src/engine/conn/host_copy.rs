@@ -126,6 +126,8 @@ impl Connection {
                     let marks = traced.as_ref().map(|t| t.1.clone());
                     let copied = copy(&job, process.as_ref(), &self.host.gate, &self.core.config, marks);
                     let (transfer, len, queued) = (job.transfer.as_ref().map(|t| t.id), job.len, job.queued);
+                    // A refused job copied nothing: its read or write takes the channels, or fails.
+                    let refused = matches!(copied, Err(Failure::Refused(..)));
                     let mut inner = self.inner.lock();
                     match copied {
                         Ok(()) => inner.state.copy_finished(job, Ok(()), &mut out),
@@ -141,7 +143,7 @@ impl Connection {
                         }
                     }
                     self.finish_host_work(&mut inner, out);
-                    if let (Some(tracer), Some((picked, marks))) = (&self.host_tracer, traced) {
+                    if let (Some(tracer), Some((picked, marks)), false) = (&self.host_tracer, traced, refused) {
                         // Under the lock, which the reply's handling takes: the record is in place
                         // before the caller can be handed the outcome.
                         let by_caller = self.host.on_caller();

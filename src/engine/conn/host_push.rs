@@ -211,4 +211,37 @@ mod tests {
         assert!(err.message().contains("deregistered"), "{err}");
         assert_eq!(marks(&peer, range.first_piece, range.pieces, range.generation), [Mark::Aborted; 2]);
     }
+    /// The connection failing during a push, then the source's deregistration: the deregistration
+    /// returns (the failure stops new pieces, those under way end), nothing stays counted on the
+    /// region, and every piece ends marked.
+    #[test]
+    fn a_deregistration_returns_on_a_push_of_a_failed_connection() {
+        let area = Arc::new(OutboundArea::create(16 << 20).unwrap());
+        let peer = PeerArea::open(&PeerProcess::open(std::process::id()).unwrap(), area.fd(), area.len()).unwrap();
+        let table = RegionTable::default();
+        let src = vec![5u8; 16 * P];
+        let id = table.register(src.as_ptr() as usize, src.len(), MemKind::Host).unwrap();
+        let gate = Arc::new(PushGate::default());
+        let job = job(&area, &table, id, &src);
+        let range = job.range;
+        let pushing = std::thread::spawn({
+            let gate = gate.clone();
+            move || push(job, &gate, 1, Duration::ZERO)
+        });
+        gate.close();
+        let region = table.remove(id).unwrap();
+        let (done, waited) = std::sync::mpsc::channel();
+        std::thread::spawn({
+            let region = region.clone();
+            move || {
+                region.wait_for_pushes();
+                let _ = done.send(());
+            }
+        });
+        waited.recv_timeout(Duration::from_secs(10)).expect("the deregistration returned");
+        let _ = pushing.join().unwrap();
+        assert_eq!(region.pushes_in_flight(), 0);
+        // Each piece's mark is waited for, within seconds.
+        assert_eq!(marks(&peer, range.first_piece, range.pieces, range.generation).len(), 16);
+    }
 }

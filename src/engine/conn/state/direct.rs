@@ -142,11 +142,21 @@ impl ConnState {
         out.push(Action::Send(Control::ProcessAck { readable }));
     }
 
-    /// The kernel refused a copy after the proof: no more direct copies out of the peer. The peer
-    /// still takes us for a reader, so our reads keep off its staging area too: where it finds no
-    /// room it would grant a copy we cannot make.
-    pub(super) fn lost_peer_access(&mut self) {
+    /// The kernel refused a copy after the proof: no more direct copies out of the peer, and the
+    /// copies queued out of it take the channels now rather than each being refused in turn. The
+    /// peer still takes us for a reader, so our reads keep off its staging area too: where it
+    /// finds no room it would grant a copy we cannot make, which we would only turn into a
+    /// request over the channels a round trip later.
+    pub(super) fn lost_peer_access(&mut self, out: &mut Vec<Action>) {
         self.direct.path.reads_peer = false;
+        let mut kept = std::collections::VecDeque::with_capacity(self.direct.work.len());
+        for task in std::mem::take(&mut self.direct.work) {
+            match task {
+                HostTask::Copy(job) if job.staged.is_none() && !is_cut(&job) => self.take_channels(job, out),
+                task => kept.push_back(task),
+            }
+        }
+        self.direct.work = kept;
     }
 
     /// The request message for a one-sided item or vector that may take the direct path, or `None`
@@ -314,7 +324,8 @@ impl ConnState {
         Ok(())
     }
 
-    /// The target granted our direct read: copy it.
+    /// The target granted our direct read: copy it, or ask for it over the channels at once when
+    /// the kernel refused us a copy out of the peer since (`lost_peer_access`).
     pub(super) fn on_direct_grant(&mut self, xfer: u64, out: &mut Vec<Action>) -> Result<()> {
         if self.direct.announced_reads_peer != Some(true) {
             return Err(violation(&format!(
@@ -337,6 +348,10 @@ impl ConnState {
             error: dst.error,
             queued,
         };
+        if !self.direct.path.reads_peer && !is_cut(&job) {
+            self.take_channels(job, out);
+            return Ok(());
+        }
         self.direct.work.push_back(HostTask::Copy(job));
         out.push(Action::HostWork { ours: true });
         Ok(())
@@ -360,8 +375,12 @@ impl ConnState {
     /// A Done that answers a direct op of ours (a copied write, or a read we copied); `None` when
     /// the op is not one.
     pub(super) fn direct_done(&mut self, xfer: u64, len: u64, out: &mut Vec<Action>) -> Option<Result<()>> {
-        if self.direct.retried.remove(&xfer) {
-            return Some(Ok(()));
+        if let Some(leased) = self.direct.retried.remove(&xfer) {
+            // Let go, but held to what the lease covered, as any Done is.
+            return Some(match len == leased {
+                true => Ok(()),
+                false => Err(violation(&format!("Done for op {xfer} reports {len} bytes, its lease covered {leased}"))),
+            });
         }
         let (transfer, expected, error, staged) = if self.direct.writes.remove(&xfer) {
             let staged = self.staged_write_answered(xfer);
@@ -400,7 +419,7 @@ impl ConnState {
 
     /// A Deny for a read we copied; `None` when `xfer` is not one.
     pub(super) fn direct_denied(&mut self, xfer: u64, err: Error, out: &mut Vec<Action>) -> Option<()> {
-        if self.direct.retried.remove(&xfer) {
+        if self.direct.retried.remove(&xfer).is_some() {
             return Some(());
         }
         let c = self.direct.copied.remove(&xfer)?;
@@ -416,7 +435,8 @@ impl ConnState {
             return;
         }
         let gone = || Error::not_allowed("the memory region was deregistered during the transfer");
-        let error = job.error.or_else(|| copied.err()).or_else(|| job.region.is_removed().then(gone));
+        // A cut region explains whatever the copy said: the deregistration is the error.
+        let error = job.error.or_else(|| job.region.is_removed().then(gone)).or_else(|| copied.err());
         match job.transfer {
             None => out.push(Action::Send(match &error {
                 None => Control::Done { xfer: job.op, len: job.len },
@@ -432,45 +452,56 @@ impl ConnState {
     }
 
     /// The kernel refused `job`'s copy out of the peer after the proof (EPERM, ESRCH): no more
-    /// copies out of it (`lost_peer_access`), and the job takes the network path it stands for,
-    /// through steps the peer follows already. The peer's write is granted as a network write (a
-    /// Grant may answer a DirectWrite until its Done). Our read ends the target's lease with its
-    /// DirectDone, whose answer is let go, and is asked for again as the ReadRequest or ReadVector
-    /// it stands for under a fresh op id, so that the lease's answer and the read's never share
-    /// one; its Data, or Deny, is its answer. A job cut off meanwhile fails as a failed copy does.
-    pub fn copy_refused(&mut self, mut job: CopyJob, err: Error, out: &mut Vec<Action>) {
-        self.lost_peer_access();
-        let cut = job.error.is_some() || job.region.is_removed();
-        if self.failure.is_some() || cut || job.staged.is_some() {
+    /// copies out of it (`lost_peer_access`), and the job takes the network path it stands for
+    /// (`take_channels`). A job cut off meanwhile fails as a cut copy does, with the
+    /// deregistration's error, and a drain of the peer's staging area (which the kernel refuses
+    /// only with the peer gone) with the kernel's.
+    pub fn copy_refused(&mut self, job: CopyJob, err: Error, out: &mut Vec<Action>) {
+        self.direct.running = None;
+        if self.failure.is_some() {
+            return;
+        }
+        self.lost_peer_access(out);
+        if is_cut(&job) || job.staged.is_some() {
             return self.copy_finished(job, Err(err), out);
         }
+        self.take_channels(job, out);
+    }
+
+    /// Moves `job`, a copy out of the peer that the kernel no longer allows, to the network path
+    /// it stands for, through steps the peer follows already. The peer's write is granted as a
+    /// network write (a Grant may answer a DirectWrite until its Done). Our read ends the target's
+    /// lease with its DirectDone, whose answer is let go, and is asked for again as the
+    /// ReadRequest or ReadVector it stands for under a fresh op id, so that the lease's answer and
+    /// the read's never share one; its Data, or Deny, is its answer.
+    fn take_channels(&mut self, mut job: CopyJob, out: &mut Vec<Action>) {
         let extent = extent_of_local(&job.local);
-        match (job.transfer.take(), job.ask) {
-            (None, _) => {
-                self.direct.running = None;
-                self.grant(job.op, extent, job.region, out);
+        let (transfer, (region, token)) = match (job.transfer.take(), job.ask) {
+            (None, _) => return self.grant(job.op, extent, job.region, out),
+            (Some(transfer), Some(ask)) => (transfer, ask),
+            (Some(transfer), None) => {
+                // Only a drain lacks a request to ask again, and drains copy out of the staging
+                // area: the read fails as a failed copy does, once the target's lease ended.
+                let error = Some(Error::internal(format!("read {} cannot be asked for over the channels", job.op)));
+                let c = Copied { transfer, len: job.len, region: job.region.id, error, staged: false };
+                self.direct.copied.insert(job.op, c);
+                return out.push(Action::Send(Control::DirectDone { xfer: job.op }));
             }
-            (Some(transfer), Some((region, token))) => {
-                self.direct.running = None;
-                self.direct.retried.insert(job.op);
-                out.push(Action::Send(Control::DirectDone { xfer: job.op }));
-                let id = self.take_id();
-                // Lengths of the peer's segments as it named them: each fits its u32.
-                let segs: Vec<RemoteSeg> =
-                    job.remote.iter().map(|s| RemoteSeg { addr: s.addr as u64, len: s.len as u32 }).collect();
-                let request = match segs[..] {
-                    [one] => Control::ReadRequest { xfer: id, region, token, addr: one.addr, len: u64::from(one.len) },
-                    _ => Control::ReadVector { xfer: id, region, token, segs },
-                };
-                let read = Inbound { awaits_answer: true, ..Inbound::new(extent, job.region, OnDone::Part(transfer)) };
-                self.inbound.insert(id, read);
-                out.push(Action::Send(request));
-            }
-            (transfer, None) => {
-                job.transfer = transfer;
-                self.copy_finished(job, Err(err), out);
-            }
-        }
+        };
+        let leased = job.remote.iter().map(|s| s.len as u64).sum();
+        self.direct.retried.insert(job.op, leased);
+        out.push(Action::Send(Control::DirectDone { xfer: job.op }));
+        let id = self.take_id();
+        // Lengths of the peer's segments as it named them: each fits its u32.
+        let segs: Vec<RemoteSeg> =
+            job.remote.iter().map(|s| RemoteSeg { addr: s.addr as u64, len: s.len as u32 }).collect();
+        let request = match segs[..] {
+            [one] => Control::ReadRequest { xfer: id, region, token, addr: one.addr, len: u64::from(one.len) },
+            _ => Control::ReadVector { xfer: id, region, token, segs },
+        };
+        let read = Inbound { awaits_answer: true, ..Inbound::new(extent, job.region, OnDone::Part(transfer)) };
+        self.inbound.insert(id, read);
+        out.push(Action::Send(request));
     }
 
     /// Cuts `region` off the direct path: queued copies into it will not run, and a read of ours
@@ -517,6 +548,11 @@ impl ConnState {
         d.path.peer_reads_us = false;
         failed
     }
+}
+
+/// Whether `job`'s region was cut off (deregistered) before it ran: it fails then, on any path.
+fn is_cut(job: &CopyJob) -> bool {
+    job.error.is_some() || job.region.is_removed()
 }
 
 /// The region a peer's direct request names, authorized as the vector request it stands for; a

@@ -201,8 +201,9 @@ pub(super) struct Direct {
     /// Our direct reads waiting in `inbound` for DirectGrant.
     pub(super) reads: HashMap<u64, AskedRead>,
     /// Our reads whose copy the kernel refused, asked for again over the channels under another
-    /// op id: the target's answer to their DirectDone only ends its lease.
-    pub(super) retried: HashSet<u64>,
+    /// op id, with the bytes the target's lease covers: the target's answer to their DirectDone
+    /// only ends its lease.
+    pub(super) retried: HashMap<u64, u64>,
     pub(super) work: VecDeque<HostTask>,
     /// The part of our read the worker is copying now: failing the connection fails it too.
     pub(super) running: Option<Arc<Transfer>>,

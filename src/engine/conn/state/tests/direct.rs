@@ -1,7 +1,9 @@
 //! The same-host path without sockets or a second process: the host worker's tasks are run by
 //! hand, a copy being the worker's own out of this process (both "processes" are this one).
 
+use super::staging::staged_pair;
 use super::*;
+use crate::engine::local::staging_area::STAGE_PIECE;
 
 /// Two ends of one host; each proved the other (or not) and told it so.
 pub(super) fn host_pair(a_reads_b: bool, b_reads_a: bool) -> (End, End) {
@@ -507,4 +509,178 @@ fn a_write_whose_copy_the_kernel_refuses_is_granted_over_the_channels() {
     pump(&mut a, &mut b);
     assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
     assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
+}
+
+/// Takes `end`'s queued copy as its worker does, then `cut` deregisters the copy's region while
+/// it runs (a cut reaches only queued jobs), and the kernel refuses it.
+fn refuse_cut_copy(end: &mut End, cut: impl FnOnce(&mut End)) {
+    let Some(HostTask::Copy(job)) = end.st.next_host_task() else { panic!("a copy task") };
+    cut(end);
+    let mut out = Vec::new();
+    end.st.copy_refused(job, kernel_refused(), &mut out);
+    end.take(out);
+}
+
+/// A copy the kernel refuses while its region is being deregistered fails as the cut copy it is:
+/// with the deregistration's error, not the kernel's, and without a detour over the channels. Our
+/// read's destination, and the destination of the peer's write.
+#[test]
+fn a_refused_copy_into_a_deregistered_region_fails_as_deregistered() {
+    let (mut a, mut b) = host_pair(true, true);
+    let len = 3 * CHUNK;
+    let remote = b.buffer(len, pattern(52));
+    let back = a.buffer(len, |_| 0);
+    let t = a.one_sided(false, &[(&back, 0, &remote, 0, len)]);
+    pump_messages_only(&mut a, &mut b);
+    refuse_cut_copy(&mut a, |a| a.cut(&back).unwrap());
+    let Some(&Control::DirectDone { .. }) = a.outbox.front() else { panic!("{:?}", a.outbox) };
+    assert_eq!(a.outbox.len(), 1, "not asked for again: {:?}", a.outbox);
+    pump(&mut a, &mut b);
+    let why = not_allowed(a.outcome(&t));
+    assert!(why.contains("deregistered"), "{why}");
+    assert!(!a.st.host_path().reads_peer);
+
+    let src = a.buffer(len, pattern(53));
+    let dst = b.buffer(len, |_| 0);
+    let t = a.one_sided(true, &[(&src, 0, &dst, 0, len)]);
+    deliver(&mut a, &mut b).unwrap();
+    refuse_cut_copy(&mut b, |b| b.cut(&dst).unwrap());
+    assert!(matches!(b.outbox.make_contiguous(), [Control::Deny { .. }]), "{:?}", b.outbox);
+    pump(&mut a, &mut b);
+    let why = not_allowed(a.outcome(&t));
+    assert!(why.contains("deregistered"), "{why}");
+    assert!(dst.bytes.iter().all(|&x| x == 0));
+    assert!(a.st.check_open().is_ok() && b.st.check_open().is_ok());
+    assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
+}
+
+/// Once the kernel refused one copy out of the peer, the copies queued behind it and the grants
+/// still on their way take the channels at once instead of each being refused in turn: reads are
+/// asked for again, the peer's writes granted, and all complete byte-exact.
+#[test]
+fn after_a_refusal_queued_copies_and_grants_in_flight_take_the_channels_at_once() {
+    let (mut a, mut b) = host_pair(true, true);
+    let len = 2 * CHUNK + 3;
+    let remote = b.buffer(3 * len, pattern(54));
+    let back = a.buffer(3 * len, |_| 0);
+    let reads: Vec<_> = (0..3).map(|k| a.one_sided(false, &[(&back, k * len, &remote, k * len, len)])).collect();
+    deliver(&mut a, &mut b).unwrap();
+    assert_eq!(b.outbox.len(), 3, "three grants: {:?}", b.outbox);
+    let late = b.outbox.pop_back().unwrap();
+    deliver(&mut b, &mut a).unwrap();
+    assert_eq!(a.st.direct.work.len(), 2, "two copies queued");
+    refuse_copy(&mut a);
+    assert!(!a.st.has_host_task(), "the queued copy took the channels");
+    let asks = |a: &End| a.outbox.iter().filter(|m| matches!(m, Control::ReadRequest { .. })).count();
+    assert_eq!(asks(&a), 2, "{:?}", a.outbox);
+    a.handle(late).unwrap();
+    assert!(!a.st.has_host_task(), "the grant in flight took the channels");
+    assert_eq!(asks(&a), 3, "{:?}", a.outbox);
+    pump(&mut a, &mut b);
+    for t in &reads {
+        assert_eq!(a.outcome(t).unwrap().unwrap(), len as u64);
+    }
+    assert_eq!(back.bytes, remote.bytes);
+
+    // The peer's writes queued for the copy: granted at once behind the refused one.
+    let src = a.buffer(2 * len, pattern(55));
+    let dst = b.buffer(2 * len, |_| 0);
+    let writes: Vec<_> = (0..2).map(|k| a.one_sided(true, &[(&src, k * len, &dst, k * len, len)])).collect();
+    deliver(&mut a, &mut b).unwrap();
+    assert_eq!(b.st.direct.work.len(), 2);
+    refuse_copy(&mut b);
+    assert!(!b.st.has_host_task());
+    assert!(matches!(b.outbox.make_contiguous(), [Control::Grant { .. }, Control::Grant { .. }]), "{:?}", b.outbox);
+    pump(&mut a, &mut b);
+    for t in &writes {
+        assert_eq!(a.outcome(t).unwrap().unwrap(), len as u64);
+    }
+    assert_eq!(dst.bytes, src.bytes);
+    assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
+    assert_eq!(a.st.host_path().direct_ops, 0);
+}
+
+/// A drain of the peer's staging area that the kernel refuses (the peer is gone) fails with the
+/// kernel's error: the bytes were only ever in the area, so there is no request to ask again.
+#[test]
+fn a_refused_drain_fails_with_the_kernels_error() {
+    let (mut a, mut b) = staged_pair(1 << 20);
+    let len = 2 * STAGE_PIECE as usize;
+    let remote = b.buffer(len, pattern(56));
+    let back = a.buffer(len, |_| 0);
+    let t = a.one_sided(false, &[(&back, 0, &remote, 0, len)]);
+    deliver(&mut a, &mut b).unwrap();
+    assert!(matches!(b.outbox.front(), Some(Control::StagedGrant { .. })), "{:?}", b.outbox);
+    assert!(run_host_work(&mut b), "the target pushes");
+    deliver(&mut b, &mut a).unwrap();
+    let Some(HostTask::Copy(job)) = a.st.next_host_task() else { panic!("the drain") };
+    assert!(job.staged.is_some());
+    let mut out = Vec::new();
+    a.st.copy_refused(job, kernel_refused(), &mut out);
+    a.take(out);
+    assert!(matches!(a.outbox.make_contiguous(), [Control::DirectDone { .. }]), "{:?}", a.outbox);
+    assert!(!a.st.host_path().reads_peer);
+    pump(&mut a, &mut b);
+    let err = a.outcome(&t).unwrap().unwrap_err();
+    assert_eq!(err, kernel_refused());
+    assert!(back.bytes.iter().all(|&x| x == 0));
+    assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
+    assert!(a.st.check_open().is_ok() && b.st.check_open().is_ok());
+}
+
+/// A read asked for again over the channels, from the refusal up to its Data: what the target
+/// holds under its first op id, and the read itself.
+fn retried_read(a: &mut End, b: &mut End, len: usize) -> (Arc<Transfer>, u64, Buf, Buf) {
+    let remote = b.buffer(len, pattern(57));
+    let back = a.buffer(len, |_| 0);
+    let t = a.one_sided(false, &[(&back, 0, &remote, 0, len)]);
+    let Some(&Control::DirectRead { xfer, .. }) = a.outbox.front() else { panic!("{:?}", a.outbox) };
+    pump_messages_only(a, b);
+    refuse_copy(a);
+    (t, xfer, remote, back)
+}
+
+/// The connection failing while a read asked for again is outstanding fails it exactly once, and
+/// forgets the target's lease it waited on.
+#[test]
+fn a_connection_failing_with_a_retried_read_outstanding_fails_it_once() {
+    let (mut a, mut b) = host_pair(true, true);
+    let (t, _, _remote, _back) = retried_read(&mut a, &mut b, 3 * CHUNK);
+    deliver(&mut a, &mut b).unwrap();
+    assert!(a.st.waits_on_peer());
+    let err = Error::new(UcclStatus::ErrBackend, "the control stream broke");
+    let failed = a.st.fail(err.clone());
+    assert_eq!(failed.iter().filter(|f| f.id == t.id).count(), 1, "the read fails once");
+    for f in failed {
+        f.finish_part(Err(err.clone()));
+    }
+    assert_eq!(a.outcome(&t).unwrap().unwrap_err(), err);
+    assert!(a.st.direct.retried.is_empty());
+    assert!(!a.st.waits_on_peer());
+}
+
+/// The target's answer to the first op id of a read asked for again is let go once, and only
+/// with the length its lease covered: a second answer, or another length, is a violation.
+#[test]
+fn a_retried_reads_first_id_is_answered_once_and_with_its_length() {
+    let len = 3 * CHUNK;
+    for deny in [false, true] {
+        let (mut a, mut b) = host_pair(true, true);
+        let (t, first, _remote, _back) = retried_read(&mut a, &mut b, len);
+        pump(&mut a, &mut b);
+        assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
+        let second = match deny {
+            false => Control::Done { xfer: first, len: len as u64 },
+            true => deny_msg(first, &Error::not_allowed("the memory region was deregistered")),
+        };
+        let err = a.handle(second.clone()).unwrap_err();
+        assert!(err.message().contains("protocol violation"), "{second:?}: {err}");
+    }
+
+    let (mut a, mut b) = host_pair(true, true);
+    let (_, first, _remote, _back) = retried_read(&mut a, &mut b, len);
+    deliver(&mut a, &mut b).unwrap();
+    assert!(matches!(b.outbox.front(), Some(Control::Done { xfer, .. }) if *xfer == first), "{:?}", b.outbox);
+    let err = a.handle(Control::Done { xfer: first, len: len as u64 + 1 }).unwrap_err();
+    assert!(err.message().contains("protocol violation") && err.message().contains("lease"), "{err}");
 }

@@ -22,7 +22,7 @@ fn offer_area(end: &mut End, bytes: u64) -> (u32, u64) {
 }
 
 /// Two proven ends that stage through areas of `bytes`, both areas announced and mapped.
-fn staged_pair(bytes: u64) -> (End, End) {
+pub(super) fn staged_pair(bytes: u64) -> (End, End) {
     let (mut a, mut b) = host_pair(true, true);
     for end in [&mut a, &mut b] {
         let (fd, len) = offer_area(end, bytes);
@@ -511,7 +511,9 @@ fn a_reader_that_lost_access_after_saying_it_can_copy_reads_over_the_channels() 
     let first = a.one_sided(false, &[(&one, 0, &remote, 0, 5 * P)]);
     deliver(&mut a, &mut b).unwrap();
     assert!(matches!(b.outbox.front(), Some(Control::StagedGrant { .. })), "{:?}", b.outbox);
-    a.st.lost_peer_access();
+    let mut out = Vec::new();
+    a.st.lost_peer_access(&mut out);
+    a.take(out);
     let second = a.one_sided(false, &[(&two, 0, &remote, P, 5 * P)]);
     assert!(!a.outbox.iter().any(|m| matches!(m, Control::DirectRead { .. })), "{:?}", a.outbox);
     deliver(&mut a, &mut b).unwrap();
