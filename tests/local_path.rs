@@ -207,6 +207,8 @@ fn direct_peer_process() {
         assert_eq!(rc, 0, "prctl(PR_SET_DUMPABLE, 0): {}", std::io::Error::last_os_error());
     }
     if std::env::var_os(NOT_DUMPABLE_ON_SIGNAL_VAR).is_some() {
+        // Its reader is a sibling, not an ancestor.
+        allow_any_ptracer();
         extern "C" fn not_dumpable(_: libc::c_int) {
             // SAFETY: as above; a plain system call, safe in a signal handler.
             unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0) };
@@ -630,10 +632,17 @@ fn lost_access_reader_process() {
     let [pid, port, window, _guard] = fields[..] else { panic!("{LOST_ACCESS_PEER_VAR}={peer:?}") };
     let (pid, port): (u32, u16) = (pid.parse().unwrap(), port.parse().unwrap());
     let window = common::engine::fifo_from_hex(window);
+    // The peer, our sibling, copies our writes in.
+    allow_any_ptracer();
     drop_ptrace_capability();
-    assert_eq!(kernel_refusal(pid), None, "the dumpable peer is readable without CAP_SYS_PTRACE");
+    assert_eq!(
+        kernel_refusal(pid),
+        None,
+        "the dumpable peer is readable without CAP_SYS_PTRACE (Yama's ptrace_scope 2 and 3 refuse it)"
+    );
 
-    let engine = Engine::new(same_host()).unwrap();
+    // Traced: the refused copy must not count as one copied here.
+    let engine = Engine::new(Config { trace_host_copy: 1, ..same_host() }).unwrap();
     let conn = checked_connection(&engine, port);
     let path = conn.host_path();
     assert!(path.reads_peer && path.peer_reads_us, "{path:?}");
@@ -669,6 +678,19 @@ fn lost_access_reader_process() {
     assert_eq!(conn.host_path().direct_ops, 2, "only the write went direct");
 }
 
+/// Lets any process of ours read this one under Yama's ptrace_scope 1, which otherwise lets only
+/// ancestors read it: the lost-access test's two processes are siblings. Without Yama there is
+/// nothing to allow (EINVAL).
+fn allow_any_ptracer() {
+    // SAFETY: PR_SET_PTRACER takes a pid (or "any") and touches no memory of ours.
+    let rc = unsafe { libc::prctl(libc::PR_SET_PTRACER, libc::PR_SET_PTRACER_ANY) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        let yama = std::path::Path::new("/proc/sys/kernel/yama").exists();
+        assert!(!yama && err.raw_os_error() == Some(libc::EINVAL), "prctl(PR_SET_PTRACER, ANY): {err}");
+    }
+}
+
 /// Takes `CAP_SYS_PTRACE` out of this thread's bounding set, so that the processes it starts hold
 /// it in none of their sets: a reader lacking it may then look at such a peer's descriptors (the
 /// kernel wants the peer's capabilities to be a subset of the reader's) until the peer turns not
@@ -687,11 +709,14 @@ fn bound_out_ptrace_capability() {
 fn a_read_granted_for_a_copy_the_kernel_then_refuses_takes_the_channels() {
     bound_out_ptrace_capability();
     let (process, line) = direct_peer_line(&[(NOT_DUMPABLE_ON_SIGNAL_VAR, "1")]);
-    ChildTest::new("lost_access_reader_process")
+    let out = ChildTest::new("lost_access_reader_process")
         .ignored()
         .env(LOST_ACCESS_PEER_VAR, format!("{} {line}", process.pid()))
         .run_within(Duration::from_secs(300));
     drop(process);
+    // The first read was copied; the second, refused, took the channels.
+    let copied = format!("read copied here {WINDOW} B: 1 jobs;");
+    assert!(out.lines().any(|l| l.starts_with("host-copy-trace[") && l.contains(&copied)), "{copied:?}:\n{out}");
 }
 
 /// A panic in the host copy thread fails its connection with an internal error naming the thread,
