@@ -1,9 +1,7 @@
 //! The same-host path without sockets or a second process: the host worker's tasks are run by
 //! hand, a copy being the worker's own out of this process (both "processes" are this one).
 
-use super::staging::staged_pair;
 use super::*;
-use crate::engine::local::staging_area::STAGE_PIECE;
 
 /// Two ends of one host; each proved the other (or not) and told it so.
 pub(super) fn host_pair(a_reads_b: bool, b_reads_a: bool) -> (End, End) {
@@ -394,7 +392,7 @@ fn staging_messages_without_an_area_fail_the_connection() {
 }
 
 /// What the copy gets when the kernel refuses it after the proof (the peer went non-dumpable).
-fn kernel_refused() -> Error {
+pub(super) fn kernel_refused() -> Error {
     Error::new(UcclStatus::ErrBackend, "copying from peer process 7: Operation not permitted (os error 1)")
 }
 
@@ -598,34 +596,6 @@ fn after_a_refusal_queued_copies_and_grants_in_flight_take_the_channels_at_once(
     assert_eq!(dst.bytes, src.bytes);
     assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
     assert_eq!(a.st.host_path().direct_ops, 0);
-}
-
-/// A drain of the peer's staging area that the kernel refuses (the peer is gone) fails with the
-/// kernel's error: the bytes were only ever in the area, so there is no request to ask again.
-#[test]
-fn a_refused_drain_fails_with_the_kernels_error() {
-    let (mut a, mut b) = staged_pair(1 << 20);
-    let len = 2 * STAGE_PIECE as usize;
-    let remote = b.buffer(len, pattern(56));
-    let back = a.buffer(len, |_| 0);
-    let t = a.one_sided(false, &[(&back, 0, &remote, 0, len)]);
-    deliver(&mut a, &mut b).unwrap();
-    assert!(matches!(b.outbox.front(), Some(Control::StagedGrant { .. })), "{:?}", b.outbox);
-    assert!(run_host_work(&mut b), "the target pushes");
-    deliver(&mut b, &mut a).unwrap();
-    let Some(HostTask::Copy(job)) = a.st.next_host_task() else { panic!("the drain") };
-    assert!(job.staged.is_some());
-    let mut out = Vec::new();
-    a.st.copy_refused(job, kernel_refused(), &mut out);
-    a.take(out);
-    assert!(matches!(a.outbox.make_contiguous(), [Control::DirectDone { .. }]), "{:?}", a.outbox);
-    assert!(!a.st.host_path().reads_peer);
-    pump(&mut a, &mut b);
-    let err = a.outcome(&t).unwrap().unwrap_err();
-    assert_eq!(err, kernel_refused());
-    assert!(back.bytes.iter().all(|&x| x == 0));
-    assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
-    assert!(a.st.check_open().is_ok() && b.st.check_open().is_ok());
 }
 
 /// A read asked for again over the channels, from the refusal up to its Data: what the target

@@ -2,7 +2,7 @@
 //! area a real sealed memfd that the other maps; the connection's own pushes and drains are run
 //! by hand (`run_pushes`, `run_host_work`).
 
-use super::direct::host_pair;
+use super::direct::{host_pair, kernel_refused};
 use super::*;
 use crate::engine::local::staging_area::STAGE_PIECE;
 
@@ -22,7 +22,7 @@ fn offer_area(end: &mut End, bytes: u64) -> (u32, u64) {
 }
 
 /// Two proven ends that stage through areas of `bytes`, both areas announced and mapped.
-pub(super) fn staged_pair(bytes: u64) -> (End, End) {
+fn staged_pair(bytes: u64) -> (End, End) {
     let (mut a, mut b) = host_pair(true, true);
     for end in [&mut a, &mut b] {
         let (fd, len) = offer_area(end, bytes);
@@ -577,4 +577,32 @@ fn ends_that_may_not_copy_out_of_each_other_still_stage_what_fits() {
         assert_eq!(path.direct_ops, path.staged_ops, "nothing copied out of the peer: {path:?}");
         assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
     }
+}
+
+/// A drain of the peer's staging area that the kernel refuses (the peer is gone) fails with the
+/// kernel's error: the bytes were only ever in the area, so there is no request to ask again.
+#[test]
+fn a_refused_drain_fails_with_the_kernels_error() {
+    let (mut a, mut b) = staged_pair(1 << 20);
+    let len = 2 * P;
+    let remote = b.buffer(len, pattern(56));
+    let back = a.buffer(len, |_| 0);
+    let t = a.one_sided(false, &[(&back, 0, &remote, 0, len)]);
+    deliver(&mut a, &mut b).unwrap();
+    assert!(matches!(b.outbox.front(), Some(Control::StagedGrant { .. })), "{:?}", b.outbox);
+    assert!(run_host_work(&mut b), "the target pushes");
+    deliver(&mut b, &mut a).unwrap();
+    let Some(HostTask::Copy(job)) = a.st.next_host_task() else { panic!("the drain") };
+    assert!(job.staged.is_some());
+    let mut out = Vec::new();
+    a.st.copy_refused(job, kernel_refused(), &mut out);
+    a.take(out);
+    assert!(matches!(a.outbox.make_contiguous(), [Control::DirectDone { .. }]), "{:?}", a.outbox);
+    assert!(!a.st.host_path().reads_peer);
+    pump(&mut a, &mut b);
+    let err = a.outcome(&t).unwrap().unwrap_err();
+    assert_eq!(err, kernel_refused());
+    assert!(back.bytes.iter().all(|&x| x == 0));
+    assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
+    assert!(a.st.check_open().is_ok() && b.st.check_open().is_ok());
 }
