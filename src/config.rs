@@ -428,6 +428,11 @@ pub struct SocketConfig {
     /// connection holds one socket per comm; false opens all of them right after the first.
     /// `UCCL_TCPX_SOCKET_LAZY` (0 or 1, default 1).
     pub lazy: bool,
+    /// Every comm records when each of its sockets began and finished its share of each of its
+    /// last 256 requests and writes them at its drop to `<prefix>.<pid>.<comm id>.<send|recv>.tsv`
+    /// (`scripts/diag/socket_timeline.py`); unset (or empty) by default. `UCCL_TCPX_TRACE_SOCKETS`
+    /// = path prefix.
+    pub trace: Option<String>,
 }
 
 impl Default for SocketConfig {
@@ -445,6 +450,7 @@ impl Default for SocketConfig {
             kick_fanout: DEFAULT_KICK_FANOUT,
             zerocopy_threshold: 0,
             lazy: true,
+            trace: None,
         }
     }
 }
@@ -782,6 +788,7 @@ impl SocketConfig {
                 MAX_CHUNK_SIZE,
             )?,
             lazy: parse_in(get, "UCCL_TCPX_SOCKET_LAZY", d.lazy as u8, 0, 1)? == 1,
+            trace: get("UCCL_TCPX_TRACE_SOCKETS").filter(|p| !p.is_empty()),
         })
     }
 }
@@ -1112,6 +1119,9 @@ mod tests {
         assert_eq!(cfg(&[]).unwrap().trace_flow, None);
         assert_eq!(cfg(&[("UCCL_TCPX_TRACE_FLOW", "")]).unwrap().trace_flow, None);
         assert_eq!(cfg(&[("UCCL_TCPX_TRACE_FLOW", "/tmp/f")]).unwrap().trace_flow.as_deref(), Some("/tmp/f"));
+        assert_eq!(cfg(&[]).unwrap().socket.trace, None);
+        assert_eq!(cfg(&[("UCCL_TCPX_TRACE_SOCKETS", "")]).unwrap().socket.trace, None);
+        assert_eq!(cfg(&[("UCCL_TCPX_TRACE_SOCKETS", "/tmp/s")]).unwrap().socket.trace.as_deref(), Some("/tmp/s"));
         assert_eq!(cfg(&[("UCCL_TCPX_HOST_COPY_SPIN_US", "0")]).unwrap().host_copy_spin, Duration::ZERO);
         assert_eq!(cfg(&[("UCCL_TCPX_HOST_COPY_SPIN_US", "75")]).unwrap().host_copy_spin, Duration::from_micros(75));
         assert_eq!(cfg(&[]).unwrap().host_copy_min_piece, 1 << 20);

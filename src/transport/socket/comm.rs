@@ -17,6 +17,7 @@ use super::epoll::EventFd;
 use super::fanout::{self, Idle};
 use super::grow::Dialer;
 use super::partial;
+use super::piece_trace::PieceTrace;
 use super::reactor::{Placement, Pool};
 use super::receiver::{RecvSockets, RecvTask};
 use super::sender::{INLINE_MAX, Inline, SendSockets, SendTask};
@@ -321,6 +322,9 @@ impl Drop for CommCore {
                 shut_down(&send.shared.streams);
                 self.helpers.send.detach(&send.placements);
                 send.sockets.closed_sending(send.shared.open_count() as u64);
+                if let Some(t) = &send.shared.trace {
+                    t.write();
+                }
             }
             Side::Recv(join) => {
                 // No socket joins from here on; those that did are all placed.
@@ -329,6 +333,9 @@ impl Drop for CommCore {
                 self.helpers.recv.detach(join.placements.iter().filter_map(OnceLock::get));
                 let placed = join.placements.iter().filter(|p| p.get().is_some()).count();
                 join.counts.closed_receiving(placed as u64);
+                if let Some(t) = &join.sockets.trace {
+                    t.write();
+                }
                 if let Some(wake) = &join.on_close {
                     wake.signal();
                 }
@@ -365,6 +372,7 @@ impl SocketSendComm {
         helpers: Arc<Helpers>,
         counters: Arc<Counters>,
         sockets: Arc<Counts>,
+        trace: Option<PieceTrace>,
     ) -> Result<SocketSendComm> {
         let zerocopy = how.zerocopy_threshold > 0 && zerocopy::enable(first.as_raw_fd(), &counters);
         first.set_nonblocking(true).map_err(|e| Error::io("configure data socket", e))?;
@@ -376,6 +384,7 @@ impl SocketSendComm {
             how.kick_fanout,
             counters.clone(),
             sockets.clone(),
+            trace,
         ));
         shared.place(0, first);
         let placements = helpers.send.attach(vec![SendTask::new(shared.clone(), 0, zerocopy, None)], [])?;
@@ -487,6 +496,7 @@ impl SocketRecvComm {
     /// A comm whose sender may open `count` sockets, of which `first` (socket 0, non-blocking and
     /// tuned) arrived; the others join through [`SocketRecvComm::join`]. `on_close` is signaled
     /// when the comm goes.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         first: TcpStream,
         count: usize,
@@ -495,10 +505,11 @@ impl SocketRecvComm {
         helpers: Arc<Helpers>,
         counts: Arc<Counts>,
         on_close: Option<Arc<EventFd>>,
+        trace: Option<PieceTrace>,
     ) -> Result<SocketRecvComm> {
         first.set_nonblocking(true).map_err(|e| Error::io("configure data socket", e))?;
         let window = Arc::new(Window::new(PieceCut::new(how.subchunk, count), wake));
-        let sockets = Arc::new(RecvSockets::new(count, window.clone()));
+        let sockets = Arc::new(RecvSockets::new(count, window.clone(), trace));
         sockets.place(0, first);
         let placed = helpers.recv.attach(vec![RecvTask::new(sockets.clone(), 0)], [])?;
         let placements: Vec<OnceLock<Placement<RecvTask>>> = (0..count).map(|_| OnceLock::new()).collect();

@@ -16,6 +16,7 @@ mod grow;
 pub mod iface;
 mod iov;
 mod partial;
+mod piece_trace;
 mod reactor;
 mod receiver;
 mod sender;
@@ -50,6 +51,7 @@ use comm::{Growth, Helpers, Threading};
 use counts::Counts;
 use door::{Doorway, MAX_PENDING_STREAMS};
 use grow::Dialer;
+use piece_trace::{Dir, PieceTrace};
 use spin::Polls;
 use tune::set_buffers;
 use window::MAX_REQUESTS;
@@ -276,6 +278,7 @@ impl Net for SocketNet {
             helpers: self.helpers.clone(),
             acceptor: self.acceptor.clone(),
             sockets: self.sockets.clone(),
+            trace: self.options.trace.clone(),
         };
         Ok((handle.encode(), Box::new(listen)))
     }
@@ -317,6 +320,7 @@ impl SocketNet {
             rcvbuf: self.options.rcvbuf,
             io_timeout: self.io_timeout,
         };
+        let trace = PieceTrace::new(self.options.trace.as_deref(), hello.comm_id, Dir::Send, count);
         comm::SocketSendComm::new(
             first,
             count,
@@ -326,6 +330,7 @@ impl SocketNet {
             self.helpers.clone(),
             self.zerocopy.clone(),
             self.sockets.clone(),
+            trace,
         )
     }
 }
@@ -338,6 +343,8 @@ struct SocketListen {
     helpers: Arc<Helpers>,
     acceptor: Arc<Acceptor>,
     sockets: Arc<Counts>,
+    /// `UCCL_TCPX_TRACE_SOCKETS`: the path prefix of its comms' socket traces.
+    trace: Option<String>,
 }
 
 impl ListenComm for SocketListen {
@@ -354,6 +361,7 @@ impl ListenComm for SocketListen {
             self.helpers.clone(),
             self.sockets.clone(),
             on_close,
+            PieceTrace::new(self.trace.as_deref(), new.comm_id, Dir::Recv, new.count),
         )?;
         let join = recv.join();
         for (k, stream) in new.early {

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use super::iov::{self, MAX_IOV};
+use super::piece_trace::PieceTrace;
 use super::reactor::{Next, Task};
 use super::window::{Admission, Piece, PieceMem, Window};
 use super::wire::{PIECE_HEADER_LEN, PieceHeader};
@@ -55,15 +56,18 @@ pub(super) struct RecvSockets {
     pub window: Arc<Window>,
     /// Per socket: it holds a header for a request not posted yet, so a post must kick it.
     held: Vec<AtomicBool>,
+    /// Per-socket timeline of the comm's requests, under `UCCL_TCPX_TRACE_SOCKETS` only.
+    pub trace: Option<PieceTrace>,
 }
 
 impl RecvSockets {
     /// Room for `n` sockets, none placed yet.
-    pub fn new(n: usize, window: Arc<Window>) -> RecvSockets {
+    pub fn new(n: usize, window: Arc<Window>, trace: Option<PieceTrace>) -> RecvSockets {
         RecvSockets {
             streams: (0..n).map(|_| OnceLock::new()).collect(),
             window,
             held: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            trace,
         }
     }
 
@@ -147,13 +151,16 @@ fn drive(s: &RecvSockets, socket: usize, inc: &mut Incoming) -> Result<Step> {
                 if h.seq >= s.window.posted() {
                     return Ok(Step::Held(h.seq));
                 }
-                admit(&s.window, inc, h)?;
+                admit(s, socket, inc, h)?;
             }
             Phase::Header => {
                 if inc.end - inc.start >= PIECE_HEADER_LEN {
                     let h = PieceHeader::decode(&inc.stage[inc.start..inc.end], s.window.cut)?;
                     inc.start += PIECE_HEADER_LEN;
-                    admit(&s.window, inc, h)?;
+                    if let Some(t) = &s.trace {
+                        t.began(socket, h.seq);
+                    }
+                    admit(s, socket, inc, h)?;
                     continue;
                 }
                 if inc.start > 0 {
@@ -193,6 +200,9 @@ fn drive(s: &RecvSockets, socket: usize, inc: &mut Incoming) -> Result<Step> {
                 }
                 let piece = *piece;
                 inc.phase = Phase::Header;
+                if let Some(t) = &s.trace {
+                    t.done(socket, piece.seq, piece.len);
+                }
                 s.window.landed_piece(&piece);
                 return Ok(Step::Finished);
             }
@@ -200,12 +210,15 @@ fn drive(s: &RecvSockets, socket: usize, inc: &mut Incoming) -> Result<Step> {
     }
 }
 
-fn admit(window: &Window, inc: &mut Incoming, h: PieceHeader) -> Result<()> {
-    inc.phase = match window.admit(h.seq, h.total, h.offset, h.len as u64)? {
+fn admit(s: &RecvSockets, socket: usize, inc: &mut Incoming, h: PieceHeader) -> Result<()> {
+    inc.phase = match s.window.admit(h.seq, h.total, h.offset, h.len as u64)? {
         Admission::Land(piece, mem, write_back) => Phase::Payload { piece, mem, landed: 0, write_back },
         Admission::NotPosted => Phase::Held(h),
     };
     if matches!(inc.phase, Phase::Payload { .. }) {
+        if let Some(t) = &s.trace {
+            t.admitted(socket, h.seq);
+        }
         threads::point(ThreadKind::SocketReceiver);
     }
     Ok(())

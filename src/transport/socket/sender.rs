@@ -18,6 +18,7 @@ use super::counts::Counts;
 use super::fanout::Relay;
 use super::grow::Joining;
 use super::iov::{self, MAX_IOV};
+use super::piece_trace::PieceTrace;
 use super::reactor::{Next, Task};
 use super::window::{Piece, PieceMem, Window};
 use super::wire::{PIECE_HEADER_LEN, PieceHeader};
@@ -68,6 +69,8 @@ pub(super) struct SendSockets {
     gave_up: AtomicBool,
     /// Kicks a post left for the comm's running sockets to pass on.
     pub relay: Relay<SendTask>,
+    /// Per-socket timeline of the comm's requests, under `UCCL_TCPX_TRACE_SOCKETS` only.
+    pub trace: Option<PieceTrace>,
 }
 
 /// What an inline send did.
@@ -90,6 +93,7 @@ impl SendSockets {
         kick_fanout: usize,
         counters: Arc<Counters>,
         sockets: Arc<Counts>,
+        trace: Option<PieceTrace>,
     ) -> SendSockets {
         SendSockets {
             streams: (0..n).map(|_| OnceLock::new()).collect(),
@@ -103,6 +107,7 @@ impl SendSockets {
             sockets,
             gave_up: AtomicBool::new(false),
             relay: Relay::new(n, kick_fanout),
+            trace,
         }
     }
 
@@ -146,6 +151,20 @@ impl SendSockets {
             && self.claimed[k].compare_exchange(false, true, Ordering::SeqCst, Ordering::Relaxed).is_ok()
     }
 
+    /// Socket `k` took a piece of request `seq`.
+    fn traced_cut(&self, k: usize, seq: u64) {
+        if let Some(t) = &self.trace {
+            t.began(k, seq);
+        }
+    }
+
+    /// Socket `k` wrote all of `piece`.
+    fn traced_sent(&self, k: usize, piece: &Piece) {
+        if let Some(t) = &self.trace {
+            t.done(k, piece.seq, piece.len);
+        }
+    }
+
     fn release(&self, k: usize) {
         self.claimed[k].store(false, Ordering::SeqCst);
     }
@@ -175,10 +194,12 @@ impl SendSockets {
                 self.release(k);
                 return Inline::Done;
             };
+            self.traced_cut(k, cut.0.seq);
             // Inline pieces are at most 16 KiB: too small for zero-copy to pay for its notification.
             let mut o = Outgoing::new(cut, false);
             match write(self.stream(k), &mut o, None) {
                 Ok(Step::Finished) => {
+                    self.traced_sent(k, &o.piece);
                     self.release(k);
                     self.window.finish(&o.piece);
                 }
@@ -245,6 +266,7 @@ impl SendTask {
             }
             if let Some(cut) = s.window.cut() {
                 threads::point(ThreadKind::SocketSender);
+                s.traced_cut(self.k, cut.0.seq);
                 let zerocopy = self.zc.enabled && s.zerocopy_threshold > 0 && cut.0.len >= s.zerocopy_threshold;
                 return Some(Outgoing::new(cut, zerocopy));
             }
@@ -282,6 +304,7 @@ impl SendTask {
         match write(s.stream(self.k), o, Some((&mut self.zc, &s.counters))).map_err(|e| Error::io("channel send", e))? {
             Step::Finished => {
                 let o = self.out.take().expect("a piece in flight");
+                s.traced_sent(self.k, &o.piece);
                 let used_zerocopy = o.zc_sends > 0;
                 if used_zerocopy {
                     self.zc.hold(o.piece, &s.counters);

@@ -674,3 +674,86 @@ fn receives_into_memory_read_by_dma_are_written_back_and_arrive_whole() {
     assert!(slots[..4 * part] == msg[..4 * part], "every byte as sent");
     assert_eq!(written_back_bytes() - before, 2 * part as u64);
 }
+
+/// The rows of one socket trace file, each field a number.
+fn trace_rows(path: &std::path::Path) -> Vec<Vec<u64>> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines().skip(1).map(|l| l.split('\t').map(|f| f.parse().unwrap()).collect()).collect()
+}
+
+/// Moves `msgs` messages of `len` bytes over a fresh pair of comms of `net` and drops both comms.
+fn move_messages(net: &SocketNet, msgs: usize, len: usize) {
+    let (mut tx, mut rx) = pair(net);
+    let data: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+    let mut buf = vec![0u8; len];
+    for _ in 0..msgs {
+        buf.fill(0);
+        // SAFETY: buf is a live Vec of len bytes, read only after the receive is reported done.
+        let r = unsafe { rx.irecv(buf.as_mut_ptr(), len, MrHandle::NONE) }.unwrap().unwrap();
+        // SAFETY: data is a live Vec, tested to completion below.
+        let s = unsafe { tx.isend(data.as_ptr(), len, MrHandle::NONE) }.unwrap().unwrap();
+        assert_eq!(until(|| tx.test(s)).unwrap(), len);
+        assert_eq!(until(|| rx.test(r)).unwrap(), len);
+        assert!(buf == data, "message arrived intact");
+        rx.irecv_consumed(r).unwrap();
+    }
+}
+
+fn trace_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("uccl-sock-trace-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn traced_net(prefix: Option<String>) -> SocketNet {
+    loopback_socket_net().with_options(crate::config::SocketConfig {
+        nthreads: 4,
+        nsocks_per_thread: 1,
+        subchunk: 64 << 10,
+        lazy: false,
+        trace: prefix,
+        ..Default::default()
+    })
+}
+
+/// Under UCCL_TCPX_TRACE_SOCKETS both ends of a comm write their table at drop, named by the comm
+/// id both share: the rows pair up by (seq, socket), each side's bytes of a request add up to the
+/// message, and every row's times are in the order the piece moved.
+#[test]
+fn socket_trace_writes_paired_tables_at_drop() {
+    let dir = trace_dir("on");
+    let prefix = dir.join("t").to_string_lossy().into_owned();
+    let (msgs, len) = (6, 1 << 20);
+    move_messages(&traced_net(Some(prefix)), msgs, len);
+    let mut names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names.len(), 2, "one file per end: {names:?}");
+    let stem = names[0].strip_suffix(".recv.tsv").expect("a receive table");
+    assert_eq!(names[1], format!("{stem}.send.tsv"), "both ends name the same comm id");
+    let (recv, send) = (trace_rows(&dir.join(&names[0])), trace_rows(&dir.join(&names[1])));
+    for seq in 0..msgs as u64 {
+        let sum = |rows: &[Vec<u64>], bytes: usize| rows.iter().filter(|r| r[0] == seq).map(|r| r[bytes]).sum::<u64>();
+        assert_eq!(sum(&send, 4), len as u64, "sender's bytes of request {seq}");
+        assert_eq!(sum(&recv, 5), len as u64, "receiver's bytes of request {seq}");
+    }
+    assert!(send.iter().any(|r| r[1] > 0), "pieces rode more than one socket: {send:?}");
+    assert_eq!(send.len(), recv.len(), "every (seq, socket) row has its peer");
+    for s in &send {
+        let r = recv.iter().find(|r| r[..2] == s[..2]).unwrap_or_else(|| panic!("no receive row for {s:?}"));
+        assert!(s[2] > 0 && s[2] <= s[3], "sender start <= last: {s:?}");
+        assert!(r[2] > 0 && r[2] <= r[3] && r[3] <= r[4], "header <= admitted <= last: {r:?}");
+        assert!(s[2] <= r[2], "a piece was taken before its header was read: {s:?} {r:?}");
+        assert_eq!((s[4], s[5]), (r[5], r[6]), "bytes and pieces of one socket agree");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn socket_trace_off_writes_nothing() {
+    let dir = trace_dir("off");
+    move_messages(&traced_net(None), 2, 256 << 10);
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
