@@ -6,7 +6,8 @@ exactly) and prints, per request size and overall, the median, p10 and p90 of:
   sockets      sockets that carried a piece of the request
   pieces max   most pieces one socket carried; pieces mean: pieces / sockets (balance)
   start off    each socket's first piece taken, after the request's first (sender)
-  transit      a socket's first header read minus its sender taking that piece (transit + wake-up)
+  transit      a socket's first header read minus its sender taking that piece (transit + wake-up; the
+               header is timed when parsed, so bytes of an earlier piece ahead of it count too)
   held         admitted minus header read (the header waited for the receive to be posted)
   send span    a socket's first piece taken to its last written
   recv span    a socket's first header read to its last piece landed

@@ -98,13 +98,17 @@ impl PieceTrace {
         c.pieces.fetch_add(1, Relaxed);
     }
 
-    /// The table as TSV: a header line and a row per (seq, socket) that finished a piece, by seq.
+    /// The table as TSV: a header line and a row per (seq, socket) that finished a piece, by seq,
+    /// for the last `REQUESTS` requests only: a later request takes over only the cells of the
+    /// sockets it used, and an older request's other cells would pass for a request on fewer sockets.
     fn render(&self) -> String {
         let mut rows: Vec<(u64, usize, &Cell)> = (0..self.cells.len())
             .map(|i| (i % self.sockets, &self.cells[i]))
             .filter(|(_, c)| c.tag.load(Relaxed) != 0 && c.pieces.load(Relaxed) > 0)
             .map(|(k, c)| (c.tag.load(Relaxed) - 1, k, c))
             .collect();
+        let newest = rows.iter().map(|&(seq, _, _)| seq).max().unwrap_or(0);
+        rows.retain(|&(seq, _, _)| seq + REQUESTS as u64 > newest);
         rows.sort_by_key(|&(seq, k, _)| (seq, k));
         let mut out = String::from(match self.dir {
             Dir::Send => "seq\tsocket\tstart_ns\tlast_ns\tbytes\tpieces\n",
@@ -178,5 +182,27 @@ mod tests {
         assert!(t.path().ends_with(&format!(".{}.00000000000000ab.recv.tsv", std::process::id())));
         // An unwritable prefix is logged, not a panic.
         t.write();
+    }
+
+    #[test]
+    fn a_request_older_than_the_table_leaves_no_partial_rows() {
+        let t = PieceTrace::new(Some("/nonexistent/x"), 1, Dir::Send, 4).unwrap();
+        // Request 5 on all four sockets, then request 5 + REQUESTS on socket 0 only: socket 0's
+        // cell is taken over, sockets 1-3 still hold request 5's.
+        for k in 0..4 {
+            t.began(k, 5);
+            t.done(k, 5, 10);
+        }
+        let later = 5 + REQUESTS as u64;
+        t.began(0, later);
+        t.done(0, later, 10);
+        let text = t.render();
+        let seqs: Vec<u64> = text.lines().skip(1).map(|l| l.split('\t').next().unwrap().parse().unwrap()).collect();
+        assert_eq!(seqs, vec![later], "request 5 is past the table and gone whole: {text}");
+        // Within the table both stay whole.
+        t.began(1, later - 1);
+        t.done(1, later - 1, 10);
+        let text = t.render();
+        assert_eq!(text.lines().count(), 3, "{text}");
     }
 }
