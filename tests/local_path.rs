@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use uccl_tcpx::engine::OneSided;
 use uccl_tcpx::engine::local::Locality;
+use uccl_tcpx::proto::FifoItem;
 use uccl_tcpx::{Config, Engine, UcclStatus};
 
 mod common;
@@ -558,6 +559,15 @@ fn kernel_refusal(pid: u32) -> Option<i32> {
     (n < 0 && err != Some(libc::EFAULT)).then_some(err.unwrap_or(0))
 }
 
+/// The peer a reader process is handed in `var`: its pid, port, announced window and guard.
+fn announced_peer(var: &str) -> (u32, u16, FifoItem, FifoItem) {
+    let peer = std::env::var(var).expect("the peer's pid and announcement");
+    let fields: Vec<&str> = peer.split_whitespace().collect();
+    let [pid, port, window, guard] = fields[..] else { panic!("{var}={peer:?}") };
+    let (pid, port): (u32, u16) = (pid.parse().unwrap(), port.parse().unwrap());
+    (pid, port, common::engine::fifo_from_hex(window), common::engine::fifo_from_hex(guard))
+}
+
 /// A process that the kernel does not let read its peer (the peer is not dumpable, this process
 /// drops `CAP_SYS_PTRACE`): every same-host connection to the peer moves reads over the network,
 /// while the peer still copies our writes in directly.
@@ -565,11 +575,7 @@ fn kernel_refusal(pid: u32) -> Option<i32> {
 #[ignore = "runs as a process of this host that may not read its peer"]
 fn refused_reader_process() {
     assert!(common::is_child("refused_reader_process"), "runs as the reader of the kernel-refusal test");
-    let peer = std::env::var(REFUSED_PEER_VAR).expect("the peer's pid and announcement");
-    let fields: Vec<&str> = peer.split_whitespace().collect();
-    let [pid, port, window, guard] = fields[..] else { panic!("{REFUSED_PEER_VAR}={peer:?}") };
-    let (pid, port): (u32, u16) = (pid.parse().unwrap(), port.parse().unwrap());
-    let (window, guard) = (common::engine::fifo_from_hex(window), common::engine::fifo_from_hex(guard));
+    let (pid, port, window, guard) = announced_peer(REFUSED_PEER_VAR);
     drop_ptrace_capability();
     // The parent reads the refusal's log line (UCCL_TCPX_LOG=warn).
     uccl_tcpx::init_logging();
@@ -627,11 +633,7 @@ const LOST_ACCESS_PEER_VAR: &str = "UCCL_TCPX_TEST_LOST_ACCESS_PEER";
 #[ignore = "runs as a process of this host whose peer stops being readable"]
 fn lost_access_reader_process() {
     assert!(common::is_child("lost_access_reader_process"), "runs as the reader of the lost-access test");
-    let peer = std::env::var(LOST_ACCESS_PEER_VAR).expect("the peer's pid and announcement");
-    let fields: Vec<&str> = peer.split_whitespace().collect();
-    let [pid, port, window, _guard] = fields[..] else { panic!("{LOST_ACCESS_PEER_VAR}={peer:?}") };
-    let (pid, port): (u32, u16) = (pid.parse().unwrap(), port.parse().unwrap());
-    let window = common::engine::fifo_from_hex(window);
+    let (pid, port, window, _guard) = announced_peer(LOST_ACCESS_PEER_VAR);
     // The peer, our sibling, copies our writes in.
     allow_any_ptracer();
     drop_ptrace_capability();

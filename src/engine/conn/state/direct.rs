@@ -480,8 +480,9 @@ impl ConnState {
             (None, _) => return self.grant(job.op, extent, job.region, out),
             (Some(transfer), Some(ask)) => (transfer, ask),
             (Some(transfer), None) => {
-                // Only a drain lacks a request to ask again, and drains copy out of the staging
-                // area: the read fails as a failed copy does, once the target's lease ended.
+                // Only a drain lacks a request to ask again, and its callers leave drains queued, so
+                // this is not reached; should one come, the read fails as a failed copy does, once
+                // the target's lease ended, rather than the process.
                 let error = Some(Error::internal(format!("read {} cannot be asked for over the channels", job.op)));
                 let c = Copied { transfer, len: job.len, region: job.region.id, error, staged: false };
                 self.direct.copied.insert(job.op, c);
