@@ -103,6 +103,7 @@ fn socket_buffer_sizes_and_zero_spin_are_accepted() {
         rcvbuf: 256 << 10,
         subchunk: 32 << 10,
         spin: Duration::ZERO,
+        spin_max_request: 0,
         held_spin: Duration::ZERO,
         spinners: 1,
         kick_fanout: 0,

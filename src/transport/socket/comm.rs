@@ -60,6 +60,12 @@ impl Helpers {
     pub fn threads(&self) -> usize {
         self.send.threads() + self.recv.threads()
     }
+
+    /// Helper threads not asleep now, senders and receivers.
+    #[cfg(test)]
+    pub fn awake(&self) -> usize {
+        self.send.awake() + self.recv.awake()
+    }
 }
 
 enum Side {

@@ -122,6 +122,12 @@ impl SocketNet {
         self.helpers.threads()
     }
 
+    /// Helper threads not asleep now (working or polling).
+    #[cfg(test)]
+    fn awake_helpers(&self) -> usize {
+        self.helpers.awake()
+    }
+
     /// Acceptor threads running now (0 or 1).
     #[cfg(test)]
     fn acceptor_threads(&self) -> usize {
@@ -398,7 +404,12 @@ impl Drop for SocketListen {
 
 /// The helpers' polls that `options` ask for.
 fn polls(options: &SocketConfig) -> Polls {
-    Polls { after_work: options.spin, held: options.held_spin, spinners: options.spinners() }
+    Polls {
+        spin: options.spin,
+        held: options.held_spin,
+        spinners: options.spinners(),
+        max_request: u64::from(options.spin_max_request),
+    }
 }
 
 #[cfg(test)]

@@ -36,6 +36,11 @@ pub(super) trait Task: Send + 'static {
     fn holds_unposted(&self) -> bool {
         false
     }
+    /// Length of the request whose piece this socket finished last (`u64::MAX` before any): the
+    /// helper polls after pieces of small requests only ([`Polls::after_work`]).
+    fn last_request_len(&self) -> u64 {
+        u64::MAX
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,6 +148,9 @@ fn serve<T: Task>(helper: &Helper<T>, polls: Polls) {
     let mut last_work = Instant::now();
     let mut rounds = 0;
     let mut holding = Holding { count: 0, since: last_work };
+    // Length of the request whose piece the helper finished last, of any of its sockets; none
+    // yet polls as after a large one.
+    let mut last_request = u64::MAX;
     loop {
         if helper.posted() {
             if !helper.take_inbox(&mut inbox) {
@@ -159,6 +167,9 @@ fn serve<T: Task>(helper: &Helper<T>, polls: Polls) {
                 continue;
             }
             let next = run_one(helper, entry);
+            if next == Next::Again {
+                last_request = entry.task.last_request_len();
+            }
             holding.update(entry, next == Next::Idle && entry.task.holds_unposted());
             match next {
                 Next::Again => {
@@ -184,12 +195,12 @@ fn serve<T: Task>(helper: &Helper<T>, polls: Polls) {
             }
         }
         rounds = 0;
-        // More queued work, or a spin after the last bit of work (a new post is usually close
-        // behind): only collect what is ready. Otherwise sleep until the kernel or a kick says.
-        // Past `SHORT_SPIN` a helper polls only with one of the process's turns.
+        // More queued work, or a spin after the last bit of work of a small request (a new post is
+        // usually close behind): only collect what is ready. Otherwise sleep until the kernel or a
+        // kick says. Past `SHORT_SPIN` a helper polls only with one of the process's turns.
         let spinning = queue.is_empty() && {
             let quiet = last_work.elapsed();
-            (quiet < polls.after_work || holding.awaits_post(polls.held))
+            (polls.after_work(quiet, last_request) || holding.awaits_post(polls.held))
                 && (quiet < SHORT_SPIN || turn.take(polls.spinners))
         };
         if !spinning {
@@ -331,6 +342,12 @@ impl<T: Task> Pool<T> {
         self.slots.lock().iter().filter(|s| !s.worker.is_dead()).count()
     }
 
+    /// Threads alive and not asleep in `epoll_wait` (working or polling).
+    #[cfg(test)]
+    pub fn awake(&self) -> usize {
+        self.slots.lock().iter().filter(|s| !s.worker.is_dead() && !s.worker.sleeps()).count()
+    }
+
     /// Hands each task to a helper: a new one while fewer than `max` run and each has a socket or
     /// serves this comm already (`beside`: the comm's sockets placed before), else the one with
     /// the fewest sockets, preferring helpers that serve none of the comm's. A comm's sockets so
@@ -412,7 +429,7 @@ impl<T: Task> Pool<T> {
 
     fn start(&self) -> Result<Thread<Sockets<T>>> {
         let polls = self.polls;
-        Thread::start(Worker::new(self.kind, polls.after_work)?, self.name, move |helper| serve(helper, polls), died)
+        Thread::start(Worker::new(self.kind, polls.spin)?, self.name, move |helper| serve(helper, polls), died)
     }
 }
 

@@ -38,6 +38,8 @@ struct Incoming {
     start: usize,
     end: usize,
     phase: Phase,
+    /// Length of the request whose piece landed last.
+    last_request_len: u64,
 }
 
 enum Step {
@@ -95,7 +97,13 @@ pub(super) struct RecvTask {
 
 impl RecvTask {
     pub fn new(shared: Arc<RecvSockets>, k: usize) -> RecvTask {
-        let inc = Incoming { stage: Box::new([0; STAGE_LEN]), start: 0, end: 0, phase: Phase::Header };
+        let inc = Incoming {
+            stage: Box::new([0; STAGE_LEN]),
+            start: 0,
+            end: 0,
+            phase: Phase::Header,
+            last_request_len: u64::MAX,
+        };
         RecvTask { shared, k, inc }
     }
 }
@@ -115,6 +123,10 @@ impl Task for RecvTask {
 
     fn holds_unposted(&self) -> bool {
         self.shared.held[self.k].load(Ordering::Relaxed)
+    }
+
+    fn last_request_len(&self) -> u64 {
+        self.inc.last_request_len
     }
 
     fn run(&mut self) -> Next {
@@ -200,6 +212,7 @@ fn drive(s: &RecvSockets, socket: usize, inc: &mut Incoming) -> Result<Step> {
                 }
                 let piece = *piece;
                 inc.phase = Phase::Header;
+                inc.last_request_len = piece.total;
                 if let Some(t) = &s.trace {
                     t.done(socket, piece.seq, piece.len);
                 }

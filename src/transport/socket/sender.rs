@@ -227,12 +227,21 @@ pub(super) struct SendTask {
     zc: ZcSocket,
     /// An added socket on its way in; `None` once it may carry pieces.
     joining: Option<Box<Joining>>,
+    /// Length of the request whose piece this socket sent last.
+    last_request_len: u64,
 }
 
 impl SendTask {
     /// The task of placed socket `k`: open already, or `joining`.
     pub fn new(shared: Arc<SendSockets>, k: usize, zerocopy: bool, joining: Option<Joining>) -> SendTask {
-        SendTask { shared, k, out: None, zc: ZcSocket::new(zerocopy), joining: joining.map(Box::new) }
+        SendTask {
+            shared,
+            k,
+            out: None,
+            zc: ZcSocket::new(zerocopy),
+            joining: joining.map(Box::new),
+            last_request_len: u64::MAX,
+        }
     }
 
     /// Moves an added socket on until it joined: `Some(next)` while it may not pull pieces yet.
@@ -305,6 +314,7 @@ impl SendTask {
             Step::Finished => {
                 let o = self.out.take().expect("a piece in flight");
                 s.traced_sent(self.k, &o.piece);
+                self.last_request_len = o.piece.total;
                 let used_zerocopy = o.zc_sends > 0;
                 if used_zerocopy {
                     self.zc.hold(o.piece, &s.counters);
@@ -342,6 +352,10 @@ impl Task for SendTask {
 
     fn window(&self) -> &Arc<Window> {
         &self.shared.window
+    }
+
+    fn last_request_len(&self) -> u64 {
+        self.last_request_len
     }
 
     fn run(&mut self) -> Next {

@@ -606,6 +606,53 @@ fn kicks_owed_by_a_post_all_go_out_and_its_request_arrives_intact() {
     }
 }
 
+/// Helpers poll after the pieces of small requests only: with a five-second poll and a 64 KiB bound,
+/// every helper sleeps soon after a 256 KiB request, while one polls on after a 32 KiB one.
+#[test]
+fn helpers_poll_after_small_requests_and_sleep_after_large_ones() {
+    let d = crate::config::SocketConfig::default();
+    let net = loopback_socket_net().with_options(crate::config::SocketConfig {
+        nthreads: 4,
+        nsocks_per_thread: 1,
+        helpers: 4,
+        subchunk: 16 << 10,
+        lazy: false,
+        spin: Duration::from_secs(5),
+        spin_max_request: 64 << 10,
+        // Turns of the process's other tests' helpers leave this one's free.
+        spinners: 1024,
+        ..d
+    });
+    let (mut tx, mut rx) = eager_pair(&net, 4);
+    let mut transfer = |len: usize| {
+        let msg: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8).collect();
+        let mut got = vec![0u8; len];
+        // SAFETY: got and msg outlive both requests, which are tested to completion below.
+        let r = unsafe { rx.irecv(got.as_mut_ptr(), got.len(), MrHandle::NONE) }.unwrap().unwrap();
+        // SAFETY: as above.
+        let s = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
+        assert_eq!(until(|| tx.test(s)).unwrap(), len);
+        assert_eq!(until(|| rx.test(r)).unwrap(), len);
+        rx.irecv_consumed(r).unwrap();
+        assert!(got == msg, "{len} bytes arrived intact");
+    };
+    let all_asleep_within = |limit: Duration| {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if net.awake_helpers() == 0 {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    };
+    transfer(256 << 10);
+    assert!(all_asleep_within(Duration::from_secs(2)), "a helper polled after a piece of a 256 KiB request");
+    transfer(32 << 10);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(net.awake_helpers() > 0, "no helper polled after the pieces of a 32 KiB request");
+}
+
 /// A send comm dropped with kicks owed (some by its post, all of them by hand on odd rounds, with
 /// nobody running to pass them on) returns at once and leaves no helper behind.
 #[test]
