@@ -147,7 +147,7 @@ impl ConnState {
     /// peer still takes us for a reader, so our reads keep off its staging area too: where it
     /// finds no room it would grant a copy we cannot make, which we would only turn into a
     /// request over the channels a round trip later.
-    pub(super) fn lost_peer_access(&mut self, out: &mut Vec<Action>) {
+    fn lost_peer_access(&mut self, out: &mut Vec<Action>) {
         self.direct.path.reads_peer = false;
         let mut kept = std::collections::VecDeque::with_capacity(self.direct.work.len());
         for task in std::mem::take(&mut self.direct.work) {
