@@ -367,11 +367,11 @@ fn copies_taken_up_by_their_caller_are_counted() {
     deliver(&mut a, &mut b).unwrap();
     deliver(&mut b, &mut a).unwrap();
     let Some(HostTask::Copy(job)) = a.st.next_host_copy_of(second.id) else { panic!("the second read's copy") };
-    assert_eq!(job.transfer.as_ref().map(|t| t.id), Some(second.id), "taken out of turn");
+    assert_eq!(job.transfer().map(|t| t.id), Some(second.id), "taken out of turn");
     assert_eq!(a.st.host_path().caller_copies, 1);
     assert!(a.st.next_host_copy_of(second.id).is_none(), "it had one copy");
     let Some(HostTask::Copy(job)) = a.st.next_host_task() else { panic!("the first read's copy") };
-    assert_eq!(job.transfer.as_ref().map(|t| t.id), Some(first.id));
+    assert_eq!(job.transfer().map(|t| t.id), Some(first.id));
     assert_eq!(a.st.host_path().caller_copies, 1, "the worker's copy is not the caller's");
 }
 
