@@ -348,6 +348,8 @@ impl ConnState {
             error: dst.error,
             queued,
         };
+        // A read cut off meanwhile is not asked for again into its deregistered destination: the
+        // worker reports the cut without copying (`host_copy::copy`, the gate).
         if !self.direct.path.reads_peer && !is_cut(&job) {
             self.take_channels(job, out);
             return Ok(());
