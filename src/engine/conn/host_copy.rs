@@ -125,7 +125,7 @@ impl Connection {
                     threads::point(ThreadKind::HostCopier);
                     let marks = traced.as_ref().map(|t| t.1.clone());
                     let copied = copy(&job, process.as_ref(), &self.host.gate, &self.core.config, marks);
-                    let (transfer, len, queued) = (job.transfer.as_ref().map(|t| t.id), job.len, job.queued);
+                    let (transfer, len, queued) = (job.transfer().map(|t| t.id), job.len, job.queued);
                     // A refused job copied nothing: its read or write takes the channels, or fails.
                     let refused = matches!(copied, Err(Failure::Refused(..)));
                     let mut inner = self.inner.lock();

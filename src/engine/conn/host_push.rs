@@ -216,10 +216,11 @@ mod tests {
     /// region, and every piece ends marked.
     #[test]
     fn a_deregistration_returns_on_a_push_of_a_failed_connection() {
-        let area = Arc::new(OutboundArea::create(16 << 20).unwrap());
+        const PIECES: usize = 64;
+        let area = Arc::new(OutboundArea::create((PIECES * P) as u64).unwrap());
         let peer = PeerArea::open(&PeerProcess::open(std::process::id()).unwrap(), area.fd(), area.len()).unwrap();
         let table = RegionTable::default();
-        let src = vec![5u8; 16 * P];
+        let src = vec![5u8; PIECES * P];
         let id = table.register(src.as_ptr() as usize, src.len(), MemKind::Host).unwrap();
         let gate = Arc::new(PushGate::default());
         let job = job(&area, &table, id, &src);
@@ -228,6 +229,11 @@ mod tests {
             let gate = gate.clone();
             move || push(job, &gate, 1, Duration::ZERO)
         });
+        // The connection fails once the push is under way, not before it starts: spun for, piece
+        // 0's mark is seen while the one pushing thread is still far from the last piece.
+        let ok = || Ok(());
+        let spin = Patience { spin: Duration::from_secs(5), limit: Duration::from_secs(5), healthy: &ok };
+        assert_eq!(peer.wait(range.first_piece, range.generation, &spin).unwrap(), Mark::Pushed);
         gate.close();
         let region = table.remove(id).unwrap();
         let (done, waited) = std::sync::mpsc::channel();
@@ -242,6 +248,6 @@ mod tests {
         let _ = pushing.join().unwrap();
         assert_eq!(region.pushes_in_flight(), 0);
         // Each piece's mark is waited for, within seconds.
-        assert_eq!(marks(&peer, range.first_piece, range.pieces, range.generation).len(), 16);
+        assert_eq!(marks(&peer, range.first_piece, range.pieces, range.generation).len(), PIECES);
     }
 }

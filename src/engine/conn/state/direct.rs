@@ -31,7 +31,9 @@
 
 use std::sync::Arc;
 
-use super::direct_table::{AskedRead, Copied, CopyJob, HostPath, HostTask, Lease, MAX_DIRECT_PENDING, StagedSource};
+use super::direct_table::{
+    AskedRead, Copied, CopyJob, HostPath, HostTask, Lease, MAX_DIRECT_PENDING, OurRead, StagedSource,
+};
 use super::{Action, ConnState, Extent, Inbound, Memory, OnDone, Source, deny, deny_msg, unknown_op, violation};
 use crate::engine::region::Region;
 use crate::engine::transfer::Transfer;
@@ -107,7 +109,7 @@ impl ConnState {
     pub fn next_host_task(&mut self) -> Option<HostTask> {
         let task = self.direct.work.pop_front();
         if let Some(HostTask::Copy(job)) = &task {
-            self.direct.running = job.transfer.clone();
+            self.direct.running = job.transfer().cloned();
         }
         task
     }
@@ -120,11 +122,11 @@ impl ConnState {
     pub fn next_host_copy_of(&mut self, transfer: u64) -> Option<HostTask> {
         let at = self.direct.work.iter().position(|task| {
             matches!(task, HostTask::Copy(job)
-                if job.staged.is_none() && job.transfer.as_ref().is_some_and(|t| t.id == transfer))
+                if job.staged.is_none() && job.transfer().is_some_and(|t| t.id == transfer))
         })?;
         let task = self.direct.work.remove(at);
         if let Some(HostTask::Copy(job)) = &task {
-            self.direct.running = job.transfer.clone();
+            self.direct.running = job.transfer().cloned();
             self.direct.path.caller_copies += 1;
         }
         task
@@ -147,7 +149,7 @@ impl ConnState {
     /// peer still takes us for a reader, so our reads keep off its staging area too: where it
     /// finds no room it would grant a copy we cannot make, which we would only turn into a
     /// request over the channels a round trip later.
-    pub(super) fn lost_peer_access(&mut self, out: &mut Vec<Action>) {
+    fn lost_peer_access(&mut self, out: &mut Vec<Action>) {
         self.direct.path.reads_peer = false;
         let mut kept = std::collections::VecDeque::with_capacity(self.direct.work.len());
         for task in std::mem::take(&mut self.direct.work) {
@@ -275,8 +277,7 @@ impl ConnState {
         let len = segs.iter().map(|s| u64::from(s.len)).sum();
         let queued = self.queued_at();
         let local = remote_segs(segs);
-        let job =
-            CopyJob { op: xfer, transfer: None, region, local, remote, staged, ask: None, len, error: None, queued };
+        let job = CopyJob { op: xfer, read: None, region, local, remote, staged, len, error: None, queued };
         self.direct.work.push_back(HostTask::Copy(job));
         out.push(Action::HostWork { ours: false });
         Ok(())
@@ -334,20 +335,21 @@ impl ConnState {
         }
         let asked = self.direct.reads.remove(&xfer).ok_or_else(|| unknown_op("DirectGrant", xfer))?;
         let dst = self.inbound.remove(&xfer).ok_or_else(|| unknown_op("DirectGrant", xfer))?;
-        let transfer = dst.on_done.transfer().cloned();
+        let read = dst.on_done.transfer().map(|t| OurRead { transfer: t.clone(), ask: (asked.region, asked.token) });
         let queued = self.queued_at();
         let job = CopyJob {
             op: xfer,
-            transfer,
+            read,
             local: segs_of(&dst.extent),
             remote: remote_segs(&asked.segs),
             staged: None,
-            ask: Some((asked.region, asked.token)),
             len: dst.extent.len(),
             region: dst.region,
             error: dst.error,
             queued,
         };
+        // A read cut off meanwhile is not asked for again into its deregistered destination: the
+        // worker reports the cut without copying (`host_copy::copy`, the gate).
         if !self.direct.path.reads_peer && !is_cut(&job) {
             self.take_channels(job, out);
             return Ok(());
@@ -437,14 +439,14 @@ impl ConnState {
         let gone = || Error::not_allowed("the memory region was deregistered during the transfer");
         // A cut region explains whatever the copy said: the deregistration is the error.
         let error = job.error.or_else(|| job.region.is_removed().then(gone)).or_else(|| copied.err());
-        match job.transfer {
+        match job.read {
             None => out.push(Action::Send(match &error {
                 None => Control::Done { xfer: job.op, len: job.len },
                 Some(e) => deny_msg(job.op, e),
             })),
-            Some(transfer) => {
+            Some(read) => {
                 let staged = job.staged.is_some();
-                let c = Copied { transfer, len: job.len, region: job.region.id, error, staged };
+                let c = Copied { transfer: read.transfer, len: job.len, region: job.region.id, error, staged };
                 self.direct.copied.insert(job.op, c);
                 out.push(Action::Send(Control::DirectDone { xfer: job.op }));
             }
@@ -474,20 +476,10 @@ impl ConnState {
     /// lease with its DirectDone, whose answer is let go, and is asked for again as the
     /// ReadRequest or ReadVector it stands for under a fresh op id, so that the lease's answer and
     /// the read's never share one; its Data, or Deny, is its answer.
-    fn take_channels(&mut self, mut job: CopyJob, out: &mut Vec<Action>) {
+    fn take_channels(&mut self, job: CopyJob, out: &mut Vec<Action>) {
         let extent = extent_of_local(&job.local);
-        let (transfer, (region, token)) = match (job.transfer.take(), job.ask) {
-            (None, _) => return self.grant(job.op, extent, job.region, out),
-            (Some(transfer), Some(ask)) => (transfer, ask),
-            (Some(transfer), None) => {
-                // Only a drain lacks a request to ask again, and its callers leave drains queued, so
-                // this is not reached; should one come, the read fails as a failed copy does, once
-                // the target's lease ended, rather than the process.
-                let error = Some(Error::internal(format!("read {} cannot be asked for over the channels", job.op)));
-                let c = Copied { transfer, len: job.len, region: job.region.id, error, staged: false };
-                self.direct.copied.insert(job.op, c);
-                return out.push(Action::Send(Control::DirectDone { xfer: job.op }));
-            }
+        let Some(OurRead { transfer, ask: (region, token) }) = job.read else {
+            return self.grant(job.op, extent, job.region, out);
         };
         let leased = job.remote.iter().map(|s| s.len as u64).sum();
         self.direct.retried.insert(job.op, leased);
@@ -531,7 +523,7 @@ impl ConnState {
         let mut failed: Vec<Arc<Transfer>> = d.copied.drain().map(|(_, c)| c.transfer).collect();
         failed.extend(d.running.take());
         failed.extend(d.work.drain(..).filter_map(|t| match t {
-            HostTask::Copy(job) => job.transfer,
+            HostTask::Copy(job) => job.read.map(|read| read.transfer),
             // The peer's drain of it waits on the marks alone: it stops at once on aborted ones
             // rather than when its own connection learns of the failure, or its deadline.
             HostTask::Push(job) => {

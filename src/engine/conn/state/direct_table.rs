@@ -68,8 +68,8 @@ pub(crate) struct StagedSource {
 pub(crate) struct CopyJob {
     /// The peer's write op (answered with Done when copied) or our read op (followed by DirectDone).
     pub op: u64,
-    /// Our read's part; `None` for the peer's write.
-    pub transfer: Option<Arc<Transfer>>,
+    /// `None` for the peer's write.
+    pub read: Option<OurRead>,
     /// The region the bytes land in, ours.
     pub region: Arc<Region>,
     pub local: Vec<IoSeg>,
@@ -77,14 +77,27 @@ pub(crate) struct CopyJob {
     pub remote: Vec<IoSeg>,
     /// The peer pushed the bytes into its staging area: copied from there, not out of its process.
     pub staged: Option<StagedSource>,
-    /// Our read's remote region and token, so that a copy the kernel refuses is asked for again
-    /// over the channels (`ConnState::copy_refused`); `None` for the peer's write and a drain.
-    pub ask: Option<(u64, u64)>,
     pub len: u64,
     /// Set when the region was cut off before the copy ran: nothing is copied, the op fails.
     pub error: Option<Error>,
     /// When it was queued, in CLOCK_MONOTONIC ns (for `UCCL_TCPX_TRACE_HOST_COPY`; 0 when it is off).
     pub queued: u64,
+}
+
+impl CopyJob {
+    /// Our read's part; `None` for the peer's write.
+    pub fn transfer(&self) -> Option<&Arc<Transfer>> {
+        self.read.as_ref().map(|read| &read.transfer)
+    }
+}
+
+/// Our read that a copy job carries out.
+pub(crate) struct OurRead {
+    pub transfer: Arc<Transfer>,
+    /// The remote region and token the read was asked for with, so that a copy out of the peer
+    /// that the kernel refuses is asked for again over the channels (`ConnState::copy_refused`);
+    /// every read keeps them, though a refused drain fails instead.
+    pub ask: (u64, u64),
 }
 
 /// Our direct read waiting in `inbound` for the target's answer: what it asked for.

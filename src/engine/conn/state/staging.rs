@@ -44,7 +44,7 @@
 
 use std::sync::Arc;
 
-use super::direct_table::{CopyJob, HostTask, PushJob, StagedRange, StagedSource};
+use super::direct_table::{CopyJob, HostTask, OurRead, PushJob, StagedRange, StagedSource};
 use super::{Action, ConnState, Extent, unknown_op, violation};
 use crate::engine::local::staging_area::{self, OutboundArea, PeerArea, pieces_for};
 use crate::engine::region::Region;
@@ -244,15 +244,14 @@ impl ConnState {
         let len = self.inbound.get(&xfer).filter(|_| self.direct.reads.contains_key(&xfer));
         let len = len.ok_or_else(|| unknown_op("StagedGrant", xfer))?.extent.len();
         let area = self.checked_range(first_piece, len)?;
-        self.direct.reads.remove(&xfer);
+        let asked = self.direct.reads.remove(&xfer).expect("looked up above");
         let dst = self.inbound.remove(&xfer).expect("looked up above");
         let job = CopyJob {
             op: xfer,
-            transfer: dst.on_done.transfer().cloned(),
+            read: dst.on_done.transfer().map(|t| OurRead { transfer: t.clone(), ask: (asked.region, asked.token) }),
             local: super::direct::segs_of(&dst.extent),
             remote: Vec::new(),
             staged: Some(StagedSource { area, first_piece, generation }),
-            ask: None,
             len,
             region: dst.region,
             error: dst.error,

@@ -367,11 +367,11 @@ fn copies_taken_up_by_their_caller_are_counted() {
     deliver(&mut a, &mut b).unwrap();
     deliver(&mut b, &mut a).unwrap();
     let Some(HostTask::Copy(job)) = a.st.next_host_copy_of(second.id) else { panic!("the second read's copy") };
-    assert_eq!(job.transfer.as_ref().map(|t| t.id), Some(second.id), "taken out of turn");
+    assert_eq!(job.transfer().map(|t| t.id), Some(second.id), "taken out of turn");
     assert_eq!(a.st.host_path().caller_copies, 1);
     assert!(a.st.next_host_copy_of(second.id).is_none(), "it had one copy");
     let Some(HostTask::Copy(job)) = a.st.next_host_task() else { panic!("the first read's copy") };
-    assert_eq!(job.transfer.as_ref().map(|t| t.id), Some(first.id));
+    assert_eq!(job.transfer().map(|t| t.id), Some(first.id));
     assert_eq!(a.st.host_path().caller_copies, 1, "the worker's copy is not the caller's");
 }
 
@@ -596,6 +596,37 @@ fn after_a_refusal_queued_copies_and_grants_in_flight_take_the_channels_at_once(
     assert_eq!(dst.bytes, src.bytes);
     assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
     assert_eq!(a.st.host_path().direct_ops, 0);
+}
+
+/// A grant still on its way when the kernel refused a copy, for a read whose destination was
+/// deregistered meanwhile: the read fails as deregistered, is not asked for again over the
+/// channels, and nothing lands in its destination (the copy is not made).
+#[test]
+fn a_grant_in_flight_for_a_deregistered_destination_after_a_refusal_fails_as_deregistered() {
+    let (mut a, mut b) = host_pair(true, true);
+    let len = 2 * CHUNK + 3;
+    let remote = b.buffer(2 * len, pattern(58));
+    let (first, gone) = (a.buffer(len, |_| 0), a.buffer(len, |_| 0));
+    let refused = a.one_sided(false, &[(&first, 0, &remote, 0, len)]);
+    let cut = a.one_sided(false, &[(&gone, 0, &remote, len, len)]);
+    deliver(&mut a, &mut b).unwrap();
+    let late = b.outbox.pop_back().unwrap();
+    assert!(matches!(late, Control::DirectGrant { .. }), "{late:?}");
+    deliver(&mut b, &mut a).unwrap();
+    refuse_copy(&mut a);
+    a.cut(&gone).unwrap();
+    a.handle(late).unwrap();
+    run_host_work(&mut a);
+    let asks = a.outbox.iter().filter(|m| matches!(m, Control::ReadRequest { .. })).count();
+    assert_eq!(asks, 1, "only the refused read is asked for again: {:?}", a.outbox);
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&refused).unwrap().unwrap(), len as u64);
+    assert_eq!(&first.bytes[..], &remote.bytes[..len]);
+    let why = not_allowed(a.outcome(&cut));
+    assert!(why.contains("deregistered"), "{why}");
+    assert!(gone.bytes.iter().all(|&x| x == 0));
+    assert!(a.st.check_open().is_ok() && b.st.check_open().is_ok());
+    assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
 }
 
 /// A read asked for again over the channels, from the refusal up to its Data: what the target

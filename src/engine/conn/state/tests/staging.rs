@@ -506,23 +506,35 @@ fn a_direct_grant_to_a_reader_that_said_it_cannot_copy_is_a_violation() {
 fn a_reader_that_lost_access_after_saying_it_can_copy_reads_over_the_channels() {
     let (mut a, mut b) = staged_pair(2 << 20);
     let remote = b.buffer(6 * P, pattern(61));
-    let (one, two) = (a.buffer(5 * P, |_| 0), a.buffer(5 * P, |_| 0));
-    // The first read holds 5 of the area's 8 pieces until it is drained.
+    let (one, two, three) = (a.buffer(5 * P, |_| 0), a.buffer(5 * P, |_| 0), a.buffer(5 * P, |_| 0));
+    // The first read holds 5 of the area's 8 pieces until it is drained; the next, finding no
+    // room, is granted for a copy, which the kernel refuses.
     let first = a.one_sided(false, &[(&one, 0, &remote, 0, 5 * P)]);
+    let refused = a.one_sided(false, &[(&three, 0, &remote, P, 5 * P)]);
     deliver(&mut a, &mut b).unwrap();
-    assert!(matches!(b.outbox.front(), Some(Control::StagedGrant { .. })), "{:?}", b.outbox);
+    assert!(
+        matches!(b.outbox.make_contiguous(), [Control::StagedGrant { .. }, Control::DirectGrant { .. }]),
+        "{:?}",
+        b.outbox
+    );
+    deliver(&mut b, &mut a).unwrap();
+    // Its waiting caller takes the copy out of turn, ahead of the first read's drain.
+    let Some(HostTask::Copy(job)) = a.st.next_host_copy_of(refused.id) else { panic!("the granted copy") };
     let mut out = Vec::new();
-    a.st.lost_peer_access(&mut out);
+    a.st.copy_refused(job, kernel_refused(), &mut out);
     a.take(out);
+    assert!(!a.st.host_path().reads_peer);
     let second = a.one_sided(false, &[(&two, 0, &remote, P, 5 * P)]);
     assert!(!a.outbox.iter().any(|m| matches!(m, Control::DirectRead { .. })), "{:?}", a.outbox);
     deliver(&mut a, &mut b).unwrap();
     assert!(!b.outbox.iter().any(|m| matches!(m, Control::DirectGrant { .. })), "{:?}", b.outbox);
     pump(&mut a, &mut b);
     assert_eq!(a.outcome(&first).unwrap().unwrap(), 5 * P as u64);
+    assert_eq!(a.outcome(&refused).unwrap().unwrap(), 5 * P as u64);
     assert_eq!(a.outcome(&second).unwrap().unwrap(), 5 * P as u64);
     assert_eq!(&one.bytes[..], &remote.bytes[..5 * P]);
     assert_eq!(&two.bytes[..], &remote.bytes[P..6 * P]);
+    assert_eq!(&three.bytes[..], &remote.bytes[P..6 * P]);
     let path = a.st.host_path();
     assert_eq!((path.direct_ops, path.staged_ops), (1, 1), "only the first went through the area: {path:?}");
     assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
