@@ -109,10 +109,10 @@ pub struct Args {
     /// Also write the JSON results to FILE, next to the tables
     #[arg(long, value_name = "FILE")]
     pub json_file: Option<PathBuf>,
-    /// Measure each point and its anchors (raw TCP, or with --same-host loopback TCP and memcpy, or
-    /// device copies) alternately N times, ours first, and report medians: each ratio the median of
-    /// the rounds' own ratios (1 to 100; with more than 1 the raw TCP baselines are measured again
-    /// for every op)
+    /// Measure each point and its anchors (raw TCP, or with --same-host loopback TCP and memcpy on
+    /// one thread and on the library's copy threads, or device copies) alternately N times, ours
+    /// first, and report medians: each ratio the median of the rounds' own ratios (1 to 100; with
+    /// more than 1 the raw TCP baselines are measured again for every op)
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = crate::rounds::parse)]
     pub rounds: usize,
     /// Skip the raw TCP baselines
@@ -151,8 +151,10 @@ pub struct Args {
     pub split_cores: bool,
     /// Loopback: the connection takes the same-host path (without this flag the bench sets
     /// UCCL_TCPX_DISABLE_IPC=1 unless it is set, and measures the network path). Host memory is
-    /// measured next to the same transfers over loopback TCP and memcpy of the same size, GPU
-    /// memory next to device copies between the same GPUs
+    /// measured next to the same transfers over loopback TCP, memcpy of the same size on one thread,
+    /// and the same memcpy split over as many threads as the library copies on
+    /// (UCCL_TCPX_HOST_COPY_THREADS): what the host's memory can copy at all. GPU memory is
+    /// measured next to device copies between the same GPUs
     #[arg(long)]
     pub same_host: bool,
     /// Host buffers (ours and the anchors', both ends) ask for transparent huge pages

@@ -16,6 +16,7 @@ use crate::args::{Args, Op};
 use crate::ctl::{self, Ctl, field};
 use crate::layout::Layout;
 use crate::memory::BenchMemory;
+use crate::parallel_copy::ParallelCopy;
 use crate::progress::Progress;
 use crate::raw;
 use crate::report::{Baseline, HostAnchors, Point, RunInfo};
@@ -79,7 +80,8 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
         let mut src = crate::memory::prefaulted(bytes, args.huge_pages);
         src.fill(1);
         let copy = (src, crate::memory::prefaulted(bytes, args.huge_pages));
-        Some(TcpAnchor { engine: network, conn, mr, copy })
+        let parallel = ParallelCopy::new(config.host_copy_threads)?;
+        Some(TcpAnchor { engine: network, conn, mr, copy, parallel })
     } else {
         None
     };
@@ -107,6 +109,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
         client_memory: mem.describe(),
         server_memory,
         host_path,
+        par_memcpy_threads: tcp_anchor.as_ref().map(|a| a.parallel.threads()),
     };
     let vectors = args.num_iovs > 1;
     let rounds = args.rounds;
@@ -201,7 +204,8 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
                         let mut run = Run { args, ctl: &mut ctl, conn, mr, mem: &mut mem, fifo, op, layout, seed };
                         let tcp_gbs = Point::new(op, size, iters, &run.measure(iters)?.samples, None).gbs();
                         let memcpy_gbs = crate::same_host::memcpy_gbs(&a.copy.0, &mut a.copy.1, size, iters);
-                        Some(HostAnchors { tcp_gbs, memcpy_gbs })
+                        let par_memcpy_gbs = a.parallel.gbs(&a.copy.0, &mut a.copy.1, size, iters);
+                        Some(HostAnchors { tcp_gbs, memcpy_gbs, par_memcpy_gbs })
                     }
                     None => None,
                 };
@@ -239,12 +243,14 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
     Ok((info, points))
 }
 
-/// `--same-host`: the loopback TCP connection and the memcpy buffers measured next to ours.
+/// `--same-host`: the loopback TCP connection, the memcpy buffers and the threads of the parallel
+/// memcpy measured next to ours.
 struct TcpAnchor {
     engine: Engine,
     conn: Arc<Connection>,
     mr: u64,
     copy: (Vec<u8>, Vec<u8>),
+    parallel: ParallelCopy,
 }
 
 pub fn median(mut v: Vec<Duration>) -> Duration {

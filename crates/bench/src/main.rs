@@ -9,6 +9,7 @@ mod cpus;
 mod ctl;
 mod layout;
 mod memory;
+mod parallel_copy;
 mod plot;
 mod probe;
 mod progress;

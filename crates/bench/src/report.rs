@@ -33,6 +33,10 @@ pub struct RunInfo {
     /// directly (null for other runs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host_path: Option<String>,
+    /// `--same-host` with host memory: the threads the parallel memcpy anchor copies on, as many as
+    /// the library's same-host copies take (UCCL_TCPX_HOST_COPY_THREADS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub par_memcpy_threads: Option<usize>,
 }
 
 fn is_one(n: &usize) -> bool {
@@ -62,7 +66,8 @@ pub struct Point {
     pub first: Option<Duration>,
     /// The same bytes copied between the same GPUs, one copy and one wait each (same-host runs).
     pub anchor: Option<Anchor>,
-    /// `--same-host` (host memory): the loopback TCP path and memcpy of the same size, same run.
+    /// `--same-host` (host memory): the loopback TCP path and memcpy of the same size on one thread
+    /// and on the library's copy threads, same run.
     pub host_anchors: Option<HostAnchors>,
     /// `--rounds` above 1: the rounds this point's medians are taken over.
     pub rounds: Option<Rounds>,
@@ -89,12 +94,13 @@ type RatioOf = fn(&Point) -> Option<f64>;
 
 /// Every ratio a point may carry: its JSON name, its label on the per-round line, and how a single
 /// measurement computes it.
-const RATIOS: [(&str, &str, RatioOf); 7] = [
+const RATIOS: [(&str, &str, RatioOf); 8] = [
     ("bw_ratio", "/raw", Point::bw_ratio),
     ("msg_ratio", "/msg", Point::msg_ratio),
     ("lat_ratio", "p50/ping-pong", Point::lat_ratio),
     ("vector_ratio", "/1-piece", Point::vector_ratio),
     ("tcp_ratio", "/TCP", Point::tcp_ratio),
+    ("par_memcpy_ratio", "/par memcpy", Point::par_memcpy_ratio),
     ("anchor_ratio", "/anchor", Point::anchor_ratio),
     ("anchor_lat_ratio", "p50/anchor p50", Point::anchor_lat_ratio),
 ];
@@ -104,8 +110,11 @@ const RATIOS: [(&str, &str, RatioOf); 7] = [
 pub struct HostAnchors {
     /// GB/s of the same transfers over loopback TCP (an engine with UCCL_TCPX_DISABLE_IPC=1).
     pub tcp_gbs: f64,
-    /// GB/s of memcpy of the same size within one process.
+    /// GB/s of memcpy of the same size within one process, on one thread.
     pub memcpy_gbs: f64,
+    /// GB/s of the same memcpy split over as many threads as the library copies on: what the
+    /// host's memory can copy at all, where one thread's figure is below what the library does.
+    pub par_memcpy_gbs: f64,
 }
 
 /// Raw TCP between the same two processes, for one size.
@@ -164,7 +173,8 @@ impl Point {
         let anchor = d(|p| p.anchor.map(|a| a.avg)).zip(d(|p| p.anchor.map(|a| a.p50)));
         let host_anchors = f(|p| p.host_anchors.map(|a| a.tcp_gbs))
             .zip(f(|p| p.host_anchors.map(|a| a.memcpy_gbs)))
-            .map(|(tcp_gbs, memcpy_gbs)| HostAnchors { tcp_gbs, memcpy_gbs });
+            .zip(f(|p| p.host_anchors.map(|a| a.par_memcpy_gbs)))
+            .map(|((tcp_gbs, memcpy_gbs), par_memcpy_gbs)| HostAnchors { tcp_gbs, memcpy_gbs, par_memcpy_gbs });
         let ratios = RATIOS
             .iter()
             .filter_map(|&(name, _, get)| Spread::of_each(each.iter().map(get)).map(|s| (name, s)))
@@ -235,6 +245,11 @@ impl Point {
         self.ratio("tcp_ratio", || self.host_anchors.map(|a| self.gbs() / a.tcp_gbs))
     }
 
+    /// Ours over memcpy of the same size on the library's copy threads.
+    pub fn par_memcpy_ratio(&self) -> Option<f64> {
+        self.ratio("par_memcpy_ratio", || self.host_anchors.map(|a| self.gbs() / a.par_memcpy_gbs))
+    }
+
     pub fn lat_ratio(&self) -> Option<f64> {
         self.ratio("lat_ratio", || self.baseline.map(|b| self.p50.as_secs_f64() / b.pingpong.as_secs_f64().max(1e-12)))
     }
@@ -281,6 +296,13 @@ pub fn header(info: &RunInfo, mode: &str) -> String {
     let mut head = header_lines(info, mode);
     if let Some(path) = &info.host_path {
         head += &format!("\n# host memory between the two processes: {path}");
+    }
+    if let Some(threads) = info.par_memcpy_threads {
+        let threads = if threads == 1 { "1 thread".into() } else { format!("{threads} threads") };
+        head += &format!(
+            "\n# anchors: loopback TCP (UCCL_TCPX_DISABLE_IPC=1), memcpy on one thread, par memcpy on {threads} \
+             (the library's UCCL_TCPX_HOST_COPY_THREADS)"
+        );
     }
     head
 }
@@ -404,7 +426,10 @@ pub fn summary(points: &[Point]) -> String {
     let host = points.iter().any(|p| p.host_anchors.is_some());
     if host {
         s.pop();
-        s += &format!(" {:>10} {:>9} {:>11}\n", "TCP GB/s", "x TCP", "memcpy GB/s");
+        s += &format!(
+            " {:>10} {:>9} {:>11} {:>15} {:>7}\n",
+            "TCP GB/s", "x TCP", "memcpy GB/s", "par memcpy GB/s", "x par"
+        );
     }
     let fmt = |v: Option<f64>, digits: usize| v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "-".into());
     for p in points {
@@ -428,8 +453,15 @@ pub fn summary(points: &[Point]) -> String {
         }
         if host {
             let a = p.host_anchors;
-            let (tcp, memcpy) = (a.map(|a| a.tcp_gbs), a.map(|a| a.memcpy_gbs));
-            s += &format!(" {:>10} {:>9} {:>11}", fmt(tcp, 2), fmt(p.tcp_ratio(), 2), fmt(memcpy, 2));
+            let (tcp, memcpy, par) = (a.map(|a| a.tcp_gbs), a.map(|a| a.memcpy_gbs), a.map(|a| a.par_memcpy_gbs));
+            s += &format!(
+                " {:>10} {:>9} {:>11} {:>15} {:>7}",
+                fmt(tcp, 2),
+                fmt(p.tcp_ratio(), 2),
+                fmt(memcpy, 2),
+                fmt(par, 2),
+                fmt(p.par_memcpy_ratio(), 2)
+            );
         }
         s.push('\n');
     }
@@ -483,6 +515,10 @@ struct JsonPoint {
     tcp_ratio: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     memcpy_gb_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    par_memcpy_gb_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    par_memcpy_ratio: Option<f64>,
     /// `--rounds` above 1 only: each round's own figures, in the order measured (the fields above
     /// are their medians, ratios the medians of the rounds' ratios).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -521,6 +557,8 @@ impl JsonPoint {
             tcp_gb_per_s: p.host_anchors.map(|a| a.tcp_gbs),
             tcp_ratio: p.tcp_ratio(),
             memcpy_gb_per_s: p.host_anchors.map(|a| a.memcpy_gbs),
+            par_memcpy_gb_per_s: p.host_anchors.map(|a| a.par_memcpy_gbs),
+            par_memcpy_ratio: p.par_memcpy_ratio(),
             rounds: p.rounds.as_ref().map(|r| r.each.iter().map(JsonPoint::new).collect()),
             ratio_ranges: p.rounds.as_ref().map(|r| r.ratios.iter().map(|(&k, s)| (k, [s.min, s.max])).collect()),
         }
@@ -555,6 +593,7 @@ mod tests {
             client_memory: client.into(),
             server_memory: server.into(),
             host_path: None,
+            par_memcpy_threads: None,
         }
     }
 
@@ -722,24 +761,64 @@ mod tests {
     fn same_host_host_memory_points_report_their_anchors() {
         let samples: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
         let mut p = Point::new(Op::Write, 1 << 20, 100, &samples, None);
-        p.host_anchors = Some(HostAnchors { tcp_gbs: p.gbs() / 4.0, memcpy_gbs: 30.0 });
+        let par = p.gbs() * 2.0;
+        p.host_anchors = Some(HostAnchors { tcp_gbs: p.gbs() / 4.0, memcpy_gbs: 30.0, par_memcpy_gbs: par });
         let table = summary(std::slice::from_ref(&p));
-        assert!(table.lines().nth(2).unwrap().ends_with("TCP GB/s     x TCP memcpy GB/s"), "{table}");
+        assert!(
+            table.lines().nth(2).unwrap().ends_with("TCP GB/s     x TCP memcpy GB/s par memcpy GB/s   x par"),
+            "{table}"
+        );
         let row: Vec<&str> = table.lines().last().unwrap().split_whitespace().collect();
-        assert_eq!(&row[row.len() - 2..], ["4.00", "30.00"], "{table}");
+        assert_eq!(&row[row.len() - 4..], ["4.00", "30.00", &format!("{par:.2}"), "0.50"], "{table}");
         let mut run = info("host", "host");
         run.host_path = Some("reads copied directly, writes copied directly".into());
-        assert!(
-            header(&run, "loopback")
-                .ends_with("host memory between the two processes: reads copied directly, writes copied directly")
+        run.par_memcpy_threads = Some(6);
+        let head = header(&run, "loopback");
+        let lines: Vec<&str> = head.lines().collect();
+        assert_eq!(
+            lines[lines.len() - 2..],
+            [
+                "# host memory between the two processes: reads copied directly, writes copied directly",
+                "# anchors: loopback TCP (UCCL_TCPX_DISABLE_IPC=1), memcpy on one thread, par memcpy on 6 threads \
+                 (the library's UCCL_TCPX_HOST_COPY_THREADS)"
+            ],
+            "{head}"
         );
         let v = parsed(&run, "loopback", std::slice::from_ref(&p));
         assert_eq!(v["host_path"].as_str(), run.host_path.as_deref());
+        assert_eq!(v["par_memcpy_threads"].as_u64(), Some(6));
         let q = &v["results"][0];
         assert!((q["tcp_ratio"].as_f64().unwrap() - 4.0).abs() < 1e-9, "{q}");
         assert_eq!(q["memcpy_gb_per_s"].as_f64(), Some(30.0));
+        assert_eq!(q["par_memcpy_gb_per_s"].as_f64(), Some(par));
+        assert!((q["par_memcpy_ratio"].as_f64().unwrap() - 0.5).abs() < 1e-9, "{q}");
         let plain = parsed(&info("host", "host"), "loopback", &[Point::new(Op::Write, 8, 1, &samples[..1], None)]);
         assert!(plain["host_path"].is_null() && plain["results"][0]["tcp_gb_per_s"].is_null(), "{plain}");
+        assert!(plain["par_memcpy_threads"].is_null(), "{plain}");
+        assert!(plain["results"][0]["par_memcpy_gb_per_s"].is_null(), "{plain}");
+        assert!(plain["results"][0]["par_memcpy_ratio"].is_null(), "{plain}");
+        assert!(!header(&info("host", "host"), "loopback").contains("par memcpy"));
+        run.par_memcpy_threads = Some(1);
+        let one = header(&run, "loopback");
+        assert!(one.contains(" par memcpy on 1 thread (the library's "), "{one}");
+    }
+
+    #[test]
+    fn rounds_take_the_parallel_memcpy_ratio_within_each_round() {
+        // Ours 1, 0.5, 0.25 GB/s against parallel memcpy 4, 0.25, 0.5: ratios 0.25, 2, 0.5, whose
+        // median (0.5) is not the ratio of the medians (0.5 / 0.5).
+        let rounds = [(1, 4.0), (2, 0.25), (4, 0.5)].map(|(us, par_memcpy_gbs)| {
+            let mut p = Point::new(Op::Read, 1000, 4, &[Duration::from_micros(us); 4], None);
+            p.host_anchors = Some(HostAnchors { tcp_gbs: 1.0, memcpy_gbs: 1.0, par_memcpy_gbs });
+            p
+        });
+        let p = Point::from_rounds(rounds.into()).unwrap();
+        assert_eq!(p.host_anchors.map(|a| a.par_memcpy_gbs), Some(0.5));
+        assert!((p.par_memcpy_ratio().unwrap() - 0.5).abs() < 1e-12, "{:?}", p.par_memcpy_ratio());
+        let spread = p.rounds.as_ref().unwrap().ratio("par_memcpy_ratio").unwrap();
+        assert!((spread.min - 0.25).abs() < 1e-12 && (spread.max - 2.0).abs() < 1e-12, "{spread:?}");
+        let line = rounds_line(&p).unwrap();
+        assert!(line.contains(" | /par memcpy 0.25 2.00 0.50 (median 0.50, 0.25-2.00)"), "{line}");
     }
 
     #[test]

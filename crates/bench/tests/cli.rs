@@ -75,7 +75,12 @@ fn vector_run_reports_the_one_piece_figure_of_the_same_run() {
 
 #[test]
 fn same_host_run_measures_its_anchors_in_the_same_run() {
-    let out = bench(&["--same-host", "--sizes", "64K,4M", "--iters", "4", "--ops", "write,read", "--json"]);
+    // The parallel memcpy anchor copies on as many threads as the library would, set or not.
+    let out = Command::new(env!("CARGO_BIN_EXE_uccl-tcpx-bench"))
+        .args(["--same-host", "--sizes", "64K,4M", "--iters", "4", "--ops", "write,read", "--json"])
+        .env("UCCL_TCPX_HOST_COPY_THREADS", "3")
+        .output()
+        .expect("the bench binary starts");
     let all = text(&out);
     assert!(out.status.success(), "{all}");
     let report: Value =
@@ -91,7 +96,10 @@ fn same_host_run_measures_its_anchors_in_the_same_run() {
         let f = |key: &str| p[key].as_f64().unwrap_or_else(|| panic!("{key} in {p}"));
         assert!(f("gb_per_s") > 0.0 && f("tcp_gb_per_s") > 0.0 && f("memcpy_gb_per_s") > 0.0, "{p}");
         assert!((f("tcp_ratio") - f("gb_per_s") / f("tcp_gb_per_s")).abs() < 1e-9, "{p}");
+        assert!(f("par_memcpy_gb_per_s") > 0.0, "{p}");
+        assert!((f("par_memcpy_ratio") - f("gb_per_s") / f("par_memcpy_gb_per_s")).abs() < 1e-9, "{p}");
     }
+    assert_eq!(report["par_memcpy_threads"].as_u64(), Some(3), "{all}");
     // Without the flag no anchors run; with the path off the report names no host path either.
     let plain = |env: Option<&str>| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_uccl-tcpx-bench"));
@@ -242,7 +250,8 @@ fn same_host_rounds_alternate_ours_and_loopback_tcp() {
     let report: Value =
         serde_json::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap_or_else(|e| panic!("{e}: {all}"));
     assert_eq!(report["results"].as_array().map(Vec::len), Some(2), "{all}");
-    check_rounds(&report, &["gb_per_s", "tcp_gb_per_s", "memcpy_gb_per_s"], &["tcp_ratio", "bw_ratio", "msg_ratio"]);
+    let figures = ["gb_per_s", "tcp_gb_per_s", "memcpy_gb_per_s", "par_memcpy_gb_per_s"];
+    check_rounds(&report, &figures, &["tcp_ratio", "par_memcpy_ratio", "bw_ratio", "msg_ratio"]);
 }
 
 /// A reader that stops early (`| head -1`) ends neither the run in a panic nor its exit status in a
