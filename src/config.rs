@@ -596,13 +596,13 @@ fn default_spin() -> Duration {
 }
 
 /// Polling after the pieces of larger requests holds cores their busy helpers need. On a 16-core
-/// H200 host (both engines on it; medians of three alternated rounds, msg ratio write / read at one
-/// in flight), polling only after pieces of requests up to 256 KiB against after every piece: 1 MiB
-/// 1.29 / 1.32 against 1.08 / 1.11, 4 MiB .99 / 1.00 against .78 / .78, 64 MiB .89 / .86 against
-/// .82 / .82; GPU 1 MiB at four in flight 12.4 / 11.8 against 11.2 / 10.0 GB/s; a staged 256 KiB
-/// GPU write at one in flight 99.8 against 100.6 us p50 (no poll at all: 97.7, and 116.9 in
-/// another invocation, where polling after every piece gave 105.6; on a 32-core host no poll made
-/// it 131-134 against 93-99 us).
+/// H200 host (both engines on it; two invocations of three alternated rounds, medians, msg ratio
+/// write / read at one in flight), polling only after pieces of requests up to 256 KiB against
+/// after every piece: 1 MiB 1.29-1.43 / 1.32-1.52 against 1.05-1.08 / 1.11-1.22, 4 MiB .99-1.05 /
+/// 1.00-1.02 against .76-.78 / .78-.82, 64 MiB .88-.89 / .86-.91 against .81-.82 / .82-.86; GPU at
+/// four in flight 1-16 MiB mostly faster (1 MiB writes 12.3-12.4 against 11.0-11.2 GB/s). A staged
+/// 256 KiB GPU write at one in flight stays polled for: 99.8-104 against 90.5-100.6 us p50 (no
+/// poll at all made it 131-134 against 93-99 on a 32-core host).
 const DEFAULT_SPIN_MAX_REQUEST: u32 = 256 << 10;
 /// Bound on `UCCL_TCPX_SOCKET_SPIN_MAX_REQUEST`.
 const MAX_SPIN_MAX_REQUEST: u32 = 1 << 30;

@@ -13,7 +13,8 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Shares start on a cache line, so no two threads write one line.
+/// Shares start at multiples of a cache line from the buffer's start (on a line boundary where the
+/// buffer is line-aligned), so neighbouring threads share at most one line.
 const CACHE_LINE: usize = 64;
 
 /// The copy the threads share next: addresses, not slices, as the buffers are borrowed only for

@@ -36,10 +36,10 @@ pub(super) trait Task: Send + 'static {
     fn holds_unposted(&self) -> bool {
         false
     }
-    /// Length of the request whose piece this socket finished last (`u64::MAX` before any): the
-    /// helper polls after pieces of small requests only ([`Polls::after_work`]).
-    fn last_request_len(&self) -> u64 {
-        u64::MAX
+    /// Length of the request of the piece this socket finished in its last run, if it finished
+    /// one: the helper polls after pieces of small requests only ([`Polls::after_work`]).
+    fn finished_request_len(&self) -> Option<u64> {
+        None
     }
 }
 
@@ -167,8 +167,8 @@ fn serve<T: Task>(helper: &Helper<T>, polls: Polls) {
                 continue;
             }
             let next = run_one(helper, entry);
-            if next == Next::Again {
-                last_request = entry.task.last_request_len();
+            if let Some(len) = entry.task.finished_request_len() {
+                last_request = len;
             }
             holding.update(entry, next == Next::Idle && entry.task.holds_unposted());
             match next {

@@ -38,8 +38,8 @@ struct Incoming {
     start: usize,
     end: usize,
     phase: Phase,
-    /// Length of the request whose piece landed last.
-    last_request_len: u64,
+    /// Length of the request of the piece that landed in the socket's last run.
+    finished_request_len: Option<u64>,
 }
 
 enum Step {
@@ -102,7 +102,7 @@ impl RecvTask {
             start: 0,
             end: 0,
             phase: Phase::Header,
-            last_request_len: u64::MAX,
+            finished_request_len: None,
         };
         RecvTask { shared, k, inc }
     }
@@ -125,12 +125,13 @@ impl Task for RecvTask {
         self.shared.held[self.k].load(Ordering::Relaxed)
     }
 
-    fn last_request_len(&self) -> u64 {
-        self.inc.last_request_len
+    fn finished_request_len(&self) -> Option<u64> {
+        self.inc.finished_request_len
     }
 
     fn run(&mut self) -> Next {
         let s = &*self.shared;
+        self.inc.finished_request_len = None;
         if s.window.closing() {
             return Next::Stop;
         }
@@ -212,7 +213,7 @@ fn drive(s: &RecvSockets, socket: usize, inc: &mut Incoming) -> Result<Step> {
                 }
                 let piece = *piece;
                 inc.phase = Phase::Header;
-                inc.last_request_len = piece.total;
+                inc.finished_request_len = Some(piece.total);
                 if let Some(t) = &s.trace {
                     t.done(socket, piece.seq, piece.len);
                 }

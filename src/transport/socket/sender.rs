@@ -227,8 +227,8 @@ pub(super) struct SendTask {
     zc: ZcSocket,
     /// An added socket on its way in; `None` once it may carry pieces.
     joining: Option<Box<Joining>>,
-    /// Length of the request whose piece this socket sent last.
-    last_request_len: u64,
+    /// Length of the request of the piece this socket finished in its last run.
+    finished_request_len: Option<u64>,
 }
 
 impl SendTask {
@@ -240,7 +240,7 @@ impl SendTask {
             out: None,
             zc: ZcSocket::new(zerocopy),
             joining: joining.map(Box::new),
-            last_request_len: u64::MAX,
+            finished_request_len: None,
         }
     }
 
@@ -314,7 +314,7 @@ impl SendTask {
             Step::Finished => {
                 let o = self.out.take().expect("a piece in flight");
                 s.traced_sent(self.k, &o.piece);
-                self.last_request_len = o.piece.total;
+                self.finished_request_len = Some(o.piece.total);
                 let used_zerocopy = o.zc_sends > 0;
                 if used_zerocopy {
                     self.zc.hold(o.piece, &s.counters);
@@ -354,11 +354,12 @@ impl Task for SendTask {
         &self.shared.window
     }
 
-    fn last_request_len(&self) -> u64 {
-        self.last_request_len
+    fn finished_request_len(&self) -> Option<u64> {
+        self.finished_request_len
     }
 
     fn run(&mut self) -> Next {
+        self.finished_request_len = None;
         if self.shared.window.closing() {
             self.shared.relay.forgive();
             return Next::Stop;

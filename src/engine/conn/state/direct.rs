@@ -477,6 +477,8 @@ impl ConnState {
     /// ReadRequest or ReadVector it stands for under a fresh op id, so that the lease's answer and
     /// the read's never share one; its Data, or Deny, is its answer.
     fn take_channels(&mut self, job: CopyJob, out: &mut Vec<Action>) {
+        // A drain's bytes lie in the target's staging area, which the channels cannot ask for.
+        debug_assert!(job.staged.is_none(), "a staged drain taken to the channels");
         let extent = extent_of_local(&job.local);
         let Some(OurRead { transfer, ask: (region, token) }) = job.read else {
             return self.grant(job.op, extent, job.region, out);
