@@ -335,11 +335,10 @@ impl ConnState {
         }
         let asked = self.direct.reads.remove(&xfer).ok_or_else(|| unknown_op("DirectGrant", xfer))?;
         let dst = self.inbound.remove(&xfer).ok_or_else(|| unknown_op("DirectGrant", xfer))?;
-        let read = dst.on_done.transfer().map(|t| OurRead { transfer: t.clone(), ask: (asked.region, asked.token) });
         let queued = self.queued_at();
         let job = CopyJob {
             op: xfer,
-            read,
+            read: asked.read_for(dst.on_done.transfer()),
             local: segs_of(&dst.extent),
             remote: remote_segs(&asked.segs),
             staged: None,

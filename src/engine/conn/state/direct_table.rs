@@ -107,6 +107,14 @@ pub(super) struct AskedRead {
     pub(super) segs: Vec<RemoteSeg>,
 }
 
+impl AskedRead {
+    /// The read a copy job carries for this ask, given the part of our transfer it fills (`None`
+    /// leaves the job without one).
+    pub(super) fn read_for(&self, transfer: Option<&Arc<Transfer>>) -> Option<OurRead> {
+        transfer.map(|t| OurRead { transfer: t.clone(), ask: (self.region, self.token) })
+    }
+}
+
 /// Our read, copied, waiting for the target's Done.
 pub(super) struct Copied {
     pub(super) transfer: Arc<Transfer>,

@@ -44,7 +44,7 @@
 
 use std::sync::Arc;
 
-use super::direct_table::{CopyJob, HostTask, OurRead, PushJob, StagedRange, StagedSource};
+use super::direct_table::{CopyJob, HostTask, PushJob, StagedRange, StagedSource};
 use super::{Action, ConnState, Extent, unknown_op, violation};
 use crate::engine::local::staging_area::{self, OutboundArea, PeerArea, pieces_for};
 use crate::engine::region::Region;
@@ -248,7 +248,7 @@ impl ConnState {
         let dst = self.inbound.remove(&xfer).expect("looked up above");
         let job = CopyJob {
             op: xfer,
-            read: dst.on_done.transfer().map(|t| OurRead { transfer: t.clone(), ask: (asked.region, asked.token) }),
+            read: asked.read_for(dst.on_done.transfer()),
             local: super::direct::segs_of(&dst.extent),
             remote: Vec::new(),
             staged: Some(StagedSource { area, first_piece, generation }),
