@@ -193,6 +193,12 @@ pub struct Config {
     /// waits for it, and transfers until its answer is in go as on small pages.
     /// `UCCL_TCPX_HOST_COPY_HUGE_PAGES` (0 or 1).
     pub host_copy_huge_pages: bool,
+    /// A host region that a peer of this host is to copy out of (`process_vm_readv`) is collapsed
+    /// into huge pages in place, once, in the background (`engine::huge_pages::collapse`): on
+    /// small pages the kernel pins the source page by page, and the copying threads contend on
+    /// the page tables. Only extents whose pages are all resident; paced to a quarter of a
+    /// core; contents and addresses unchanged. `UCCL_TCPX_HOST_COPY_COLLAPSE` (0 or 1, default 1).
+    pub host_copy_collapse: bool,
     /// The smallest piece of a same-host copy of at most 8 MiB whose source lies on huge pages,
     /// with `host_copy_huge_pages`. Default 256 KiB: 1-8 MiB copies on huge pages moved 1.4-3x
     /// loopback TCP with it on a 32-core host. `UCCL_TCPX_HOST_COPY_HUGE_MIN_PIECE` (64K to 4M).
@@ -679,6 +685,7 @@ impl Default for Config {
             host_copy_min_piece: 1 << 20,
             host_copy_network_band: default_host_copy_network_band(available_cores()),
             host_copy_huge_pages: true,
+            host_copy_collapse: true,
             host_copy_huge_min_piece: 256 << 10,
             host_copy_staging: false,
             host_copy_staging_bytes: 32 << 20,
@@ -761,6 +768,7 @@ impl Config {
             host_copy_staging_bytes: parse_staging_bytes(&get, d.host_copy_staging_bytes)?,
             host_copy_huge_pages: parse_in(&get, "UCCL_TCPX_HOST_COPY_HUGE_PAGES", d.host_copy_huge_pages as u8, 0, 1)?
                 == 1,
+            host_copy_collapse: parse_in(&get, "UCCL_TCPX_HOST_COPY_COLLAPSE", d.host_copy_collapse as u8, 0, 1)? == 1,
             host_copy_huge_min_piece: parse_size(
                 &get,
                 "UCCL_TCPX_HOST_COPY_HUGE_MIN_PIECE",
@@ -1169,6 +1177,14 @@ mod tests {
         assert!(cfg(&[]).unwrap().host_copy_huge_pages, "on by default");
         assert!(cfg(&[("UCCL_TCPX_HOST_COPY_HUGE_PAGES", "1")]).unwrap().host_copy_huge_pages);
         assert!(!cfg(&[("UCCL_TCPX_HOST_COPY_HUGE_PAGES", "0")]).unwrap().host_copy_huge_pages);
+        assert!(cfg(&[]).unwrap().host_copy_collapse, "on by default");
+        assert!(!cfg(&[("UCCL_TCPX_HOST_COPY_COLLAPSE", "0")]).unwrap().host_copy_collapse);
+        assert!(
+            cfg(&[("UCCL_TCPX_HOST_COPY_COLLAPSE", "2")])
+                .unwrap_err()
+                .message()
+                .contains("UCCL_TCPX_HOST_COPY_COLLAPSE")
+        );
         for bad in ["2", "yes", "-1"] {
             let err = cfg(&[("UCCL_TCPX_HOST_COPY_HUGE_PAGES", bad)]).unwrap_err();
             assert!(err.message().contains("UCCL_TCPX_HOST_COPY_HUGE_PAGES"), "{bad:?}: {err}");

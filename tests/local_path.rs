@@ -442,6 +442,49 @@ fn host_memory_on_huge_pages_moves_byte_exact_with_the_knob_on() {
     }
 }
 
+/// Whether this kernel can collapse memory into huge pages in place (`MADV_COLLAPSE`, Linux 6.1,
+/// with THP built in; the THP mode does not matter to it).
+fn collapse_possible() -> bool {
+    let thp = std::path::Path::new("/sys/kernel/mm/transparent_hugepage/enabled").exists();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
+    thp && (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) >= (6, 1)
+}
+
+/// A region of ours on small pages that the peer copies out of (the source of our writes) moves
+/// to huge pages in the background with `UCCL_TCPX_HOST_COPY_COLLAPSE` on, its contents intact;
+/// with the knob off, or with the memory advised against huge pages, it stays as it was.
+#[test]
+fn a_source_the_peer_copies_out_of_moves_to_huge_pages() {
+    let (_process, port, window, _guard) = direct_peer(&[]);
+    let len = 8 << 20;
+    for (collapse, advice) in [(true, libc::MADV_NORMAL), (false, libc::MADV_NORMAL), (true, libc::MADV_NOHUGEPAGE)] {
+        let engine = Engine::new(Config { host_copy_collapse: collapse, ..same_host() }).unwrap();
+        let conn = checked_connection(&engine, port);
+        let mut buf = AlignedMapping::new(len, advice, 0);
+        let addr = buf.addr();
+        // A mapping of the buffer alone (an advice only it has sets it apart), so that what smaps
+        // counts for it is the buffer's, not a neighbouring allocation's merged into it.
+        // SAFETY: advice over our own mapping; MADV_DONTFORK changes only what a fork inherits.
+        assert_eq!(unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTFORK) }, 0);
+        let huge_now = || smaps_say_huge(std::process::id(), addr, len);
+        let before = huge_now();
+        let data = common::pattern(len, 80);
+        buf.copy_from_slice(&data);
+        let mr = engine.register(addr, len).unwrap();
+        let item = [one(mr, addr, len, window)];
+        assert_eq!(wait(&conn, conn.write(&item).unwrap()).unwrap(), len as u64);
+        assert!(uccl_tcpx::engine::huge_pages::looks_settled(common::PATIENCE), "the background work ends");
+        let want = if collapse && advice == libc::MADV_NORMAL && collapse_possible() { true } else { before };
+        assert_eq!(huge_now(), want, "collapse {collapse}, advice {advice}, on huge pages before: {before}");
+        common::assert_same(&buf, &data, "the source after its collapse");
+        buf.fill(0);
+        assert_eq!(wait(&conn, conn.read(&item).unwrap()).unwrap(), len as u64);
+        common::assert_same(&buf, &data, "written and read back");
+        engine.deregister(mr).unwrap();
+    }
+}
+
 #[test]
 fn with_the_same_host_path_off_or_refused_host_memory_takes_the_network() {
     // This process may not read the peer: reads go over the network, writes are still copied in by

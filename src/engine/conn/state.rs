@@ -72,6 +72,9 @@ pub(super) enum Action {
     /// Push a staged write's source into our staging area on the posting thread, once the
     /// connection lock is let go.
     Push(PushJob),
+    /// The peer is to copy out of this region of ours with `process_vm_readv`: collapse it into
+    /// huge pages in the background, once (`Region::collapse_into_huge_pages`).
+    Collapse(Arc<Region>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

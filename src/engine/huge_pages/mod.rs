@@ -13,11 +13,13 @@
 //! at all. An answer is only a hint: a late, stale or wrong one costs speed, never correctness,
 //! and anything that cannot be read or parsed reads as small pages.
 
+mod collapse;
 mod known;
 mod looker;
 mod smaps;
 mod system;
 
+pub use collapse::{Collapsed, collapse_in_background};
 pub use known::KnownMappings;
 #[cfg(test)]
 pub(crate) use looker::TEST_FAULTS;

@@ -80,6 +80,19 @@ impl ConnState {
         self.direct.huge_pages = huge_pages;
     }
 
+    /// Our regions that the peer is to copy out of get collapsed into huge pages
+    /// (`Config::host_copy_collapse`).
+    pub fn set_collapse_sources(&mut self) {
+        self.direct.collapse = true;
+    }
+
+    /// Asks for `region` to be collapsed into huge pages: the peer is to copy out of it.
+    fn collapse_source(&self, region: &Arc<Region>, out: &mut Vec<Action>) {
+        if self.direct.collapse && region.kind == MemKind::Host {
+            out.push(Action::Collapse(region.clone()));
+        }
+    }
+
     /// Copy jobs carry the time they were queued (`UCCL_TCPX_TRACE_HOST_COPY`); untraced they
     /// skip the clock read.
     pub fn set_timed_copies(&mut self) {
@@ -212,6 +225,7 @@ impl ConnState {
                 return None;
             }
             self.direct.writes.insert(id);
+            self.collapse_source(region, extra);
             Some(Control::DirectWrite { xfer: id, region: remote_region, token, segs, src })
         } else {
             let asked = AskedRead { region: remote_region, token, segs: segs.clone() };
@@ -312,6 +326,7 @@ impl ConnState {
                 return self.serve(xfer, Source { extent: extent_of(&segs), region }, out);
             }
             out.push(Action::Send(Control::DirectGrant { xfer }));
+            self.collapse_source(&region, out);
         }
         self.direct.leases.insert(xfer, Lease { region, len, staged });
         Ok(())

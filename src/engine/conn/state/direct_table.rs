@@ -210,6 +210,9 @@ pub(super) struct Direct {
     pub(super) network_band: Option<(u64, u64)>,
     /// Transfers whose source lies on huge pages skip the band (`Config::host_copy_huge_pages`).
     pub(super) huge_pages: bool,
+    /// Our regions the peer copies out of are collapsed into huge pages
+    /// (`Config::host_copy_collapse`).
+    pub(super) collapse: bool,
     pub(super) hello_seen: bool,
     pub(super) ack_seen: bool,
     pub(super) proved: bool,

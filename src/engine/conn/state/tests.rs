@@ -86,6 +86,8 @@ struct End {
     huge_source: bool,
     /// Staged writes' pushes its posts left for the posting thread (`run_pushes` runs them).
     pushes: Vec<PushJob>,
+    /// Regions asked to be collapsed into huge pages, in order.
+    collapsed: Vec<u64>,
     /// The gates a deregistration and a failure close on the connection's copies and pushes.
     copy_gate: Arc<Gate>,
     push_gate: Arc<PushGate>,
@@ -111,6 +113,7 @@ impl End {
             host_work: false,
             huge_source: false,
             pushes: Vec::new(),
+            collapsed: Vec::new(),
             copy_gate: Arc::default(),
             push_gate: Arc::default(),
             process: Arc::new(PeerProcess::open(std::process::id()).unwrap()),
@@ -158,6 +161,7 @@ impl End {
                 Action::Release(flow) => self.held.retain(|&f| f != flow),
                 Action::HostWork { .. } => self.host_work = true,
                 Action::Push(job) => self.pushes.push(job),
+                Action::Collapse(region) => self.collapsed.push(region.id),
             }
         }
     }

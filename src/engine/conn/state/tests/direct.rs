@@ -685,3 +685,56 @@ fn a_retried_reads_first_id_is_answered_once_and_with_its_length() {
     let err = a.handle(Control::Done { xfer: first, len: len as u64 + 1 }).unwrap_err();
     assert!(err.message().contains("protocol violation") && err.message().contains("lease"), "{err}");
 }
+
+/// With collapsing on, the end whose region the peer is to copy out of asks for it: a write's
+/// initiator for its source, a read's target for the region it grants; nothing where the channels
+/// carry the bytes or where the knob is off.
+#[test]
+fn the_source_the_peer_copies_out_of_is_collapsed() {
+    for collapse in [false, true] {
+        let (mut a, mut b) = host_pair(true, true);
+        if collapse {
+            a.st.set_collapse_sources();
+            b.st.set_collapse_sources();
+        }
+        let len = 3 * CHUNK;
+        let src = a.buffer(len, pattern(43));
+        let remote = b.buffer(len, |_| 0);
+        a.one_sided(true, &[(&src, 0, &remote, 0, len)]);
+        assert!(matches!(a.outbox.front(), Some(Control::DirectWrite { .. })), "{:?}", a.outbox);
+        pump(&mut a, &mut b);
+        let want_a = if collapse { vec![src.region.id] } else { vec![] };
+        assert_eq!(a.collapsed, want_a, "collapse {collapse}: the write's source");
+        assert!(b.collapsed.is_empty(), "the write's target copies in, its region is no source");
+
+        let back = a.buffer(len, |_| 0);
+        a.one_sided(false, &[(&back, 0, &remote, 0, len)]);
+        pump(&mut a, &mut b);
+        let want_b = if collapse { vec![remote.region.id] } else { vec![] };
+        assert_eq!(b.collapsed, want_b, "collapse {collapse}: the read's granted region");
+        assert_eq!(a.collapsed, want_a, "the reader's destination is no source");
+        assert_eq!(back.bytes, src.bytes);
+    }
+
+    // A reader that cannot copy out of its target reads over the channels: nothing to collapse.
+    let (mut a, mut b) = host_pair(false, true);
+    b.st.set_collapse_sources();
+    let len = 3 * CHUNK;
+    let remote = b.buffer(len, pattern(44));
+    let back = a.buffer(len, |_| 0);
+    a.one_sided(false, &[(&back, 0, &remote, 0, len)]);
+    pump(&mut a, &mut b);
+    assert_eq!(back.bytes, remote.bytes);
+    assert!(b.collapsed.is_empty(), "{:?}", b.collapsed);
+
+    // Nor a write inside the network band, which the channels carry.
+    let band = (2 * CHUNK as u64, 4 * CHUNK as u64);
+    let (mut a, mut b) = host_pair_with_band(true, true, Some(band), false);
+    a.st.set_collapse_sources();
+    let src = a.buffer(len, pattern(45));
+    let dst = b.buffer(len, |_| 0);
+    a.one_sided(true, &[(&src, 0, &dst, 0, len)]);
+    pump(&mut a, &mut b);
+    assert_eq!(dst.bytes, src.bytes);
+    assert!(a.collapsed.is_empty(), "{:?}", a.collapsed);
+}
