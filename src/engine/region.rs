@@ -106,8 +106,10 @@ impl Region {
     }
 
     /// Whether the region's host memory lies mostly on huge pages, as `/proc/self/smaps` said at
-    /// its last read: memory mapped since that read queues another on the looker thread and, until
-    /// its answer is in, says small pages; device memory never lies on huge pages here.
+    /// its last read: memory mapped since that read, or any after the process forgot what it knew
+    /// (`KnownMappings::forget`, once it changed its pages in place), queues another on the looker
+    /// thread and, until its answer is in, says small pages; device memory never lies on huge
+    /// pages here.
     pub fn on_huge_pages(&self) -> bool {
         if self.kind != MemKind::Host {
             return false;
