@@ -109,7 +109,8 @@ impl Region {
 
     /// Whether the region's host memory lies mostly on huge pages, as `/proc/self/smaps` said at
     /// its last read: memory mapped since that read queues another on the looker thread and, until
-    /// its answer is in, says small pages; device memory never lies on huge pages here.
+    /// its answer is in, says small pages (as does memory whose pages changed size in place until
+    /// the read `KnownMappings::refresh` queued is in); device memory never lies on huge pages here.
     pub fn on_huge_pages(&self) -> bool {
         if self.kind != MemKind::Host {
             return false;
@@ -142,7 +143,7 @@ impl Region {
             move |collapsed| {
                 log::debug!("region at {base:#x} (+{len}): {collapsed:?}");
                 if collapsed.extents > 0 {
-                    let _ = &pages; // TMP forget
+                    pages.refresh();
                 }
             },
         );

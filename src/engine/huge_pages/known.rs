@@ -2,6 +2,15 @@
 //! which answer any range inside them, filled in the background. One per process looked at (this
 //! one's is shared by every region, each peer's is its `PeerProcess`'s), so a read serves every
 //! range of every region there, and only memory mapped since the last read asks for another.
+//!
+//! Memory can also change page size in place, without a new mapping: the kernel collapses small
+//! pages into huge ones (`MADV_COLLAPSE`, khugepaged) or splits them. The process that changed its
+//! own pages says so with [`KnownMappings::refresh`], which queues a read at once (what is known
+//! answers until it is in, and a read under way that began earlier is followed by another). A peer cannot be told, so a peer's cache rechecks: a "small pages" answer
+//! from a read a second old or more queues another read, kept further apart than the reads for new
+//! mappings since memory that stays on small pages would repeat them for as long as it is asked
+//! about. "Huge pages" answers are never rechecked: going back to small pages costs only speed,
+//! and the next new mapping reads anyway.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -23,6 +32,17 @@ const GAP_PER_READ: u32 = 10;
 /// The most that rule makes a read wait, so that one freak read (a process stopped meanwhile)
 /// does not keep a process's new mappings unanswered for long.
 const MAX_READ_GAP: Duration = Duration::from_secs(60);
+/// How old the read behind a "small pages" answer about a peer's memory may grow before an ask
+/// queues a recheck, and the least time between the end of one read and a recheck.
+const RECHECK_SMALL_AFTER: Duration = Duration::from_secs(1);
+/// Rechecks wait this many times as long as the last read took: unlike new mappings, which stop
+/// coming, memory that stays on small pages is rechecked for as long as transfers ask about it,
+/// so they are kept to a hundredth of a core.
+const RECHECK_GAP_PER_READ: u32 = 100;
+/// The most that rule makes a recheck wait. Longer than `MAX_READ_GAP`: a late recheck only
+/// leaves a collapse unseen a while longer, while at this cap a read of 3 s (250 GiB resident on
+/// small pages) still keeps to a hundredth of a core.
+const MAX_RECHECK_GAP: Duration = Duration::from_secs(300);
 
 type Reader = Box<dyn Fn() -> Option<Snapshot> + Send + Sync>;
 
@@ -34,10 +54,16 @@ struct State {
     looking: bool,
     /// No read starts before this (`MIN_GAP`, `GAP_PER_READ`).
     not_before: Option<Instant>,
+    /// No "small pages" answer queues a recheck before this (`RECHECK_SMALL_AFTER`,
+    /// `RECHECK_GAP_PER_READ`); `None` where the cache never rechecks, or before any read.
+    recheck_not_before: Option<Instant>,
     /// A range asked about while a read was under way that the snapshot did not cover; if the
     /// read's own snapshot misses it too (it began before that memory was mapped), the next read
     /// is queued at once rather than at the next ask, which would go as on small pages.
     missed: Option<(usize, usize)>,
+    /// Counts [`KnownMappings::refresh`] calls: a read that began at another count may have looked
+    /// before the change it was told of.
+    refreshes: u64,
     /// Reads that ran.
     reads: u64,
 }
@@ -47,9 +73,13 @@ struct Shared {
     /// Whether looking can ever find huge pages (`system.rs`); without, nothing is read.
     possible: bool,
     min_gap: Duration,
+    /// How old a read may grow before a "small pages" answer from it queues a recheck; `None`:
+    /// never (this process's own cache, [`KnownMappings::ours`]).
+    recheck_small_after: Option<Duration>,
     state: Mutex<State>,
-    /// Counts the reads settled (from 1): an answer given at one count stays true until the next,
-    /// so an asker may keep it that long without the lock ([`KnownMappings::generation`]).
+    /// Counts the reads settled (from 1): an answer given at one count stays true
+    /// until the next, so an asker may keep it that long without the lock
+    /// ([`KnownMappings::generation`]).
     generation: AtomicU64,
 }
 
@@ -73,29 +103,56 @@ impl KnownMappings {
     }
 
     /// A cache of process `pid`'s memory (`None`: this process; see [`KnownMappings::ours`]).
+    ///
+    /// Only a peer's cache rechecks "small pages" answers. This process collapses its own memory
+    /// itself and then calls [`refresh`](Self::refresh). What khugepaged collapses of it meanwhile
+    /// comes slowly (it scans some 16 MiB per 10 s by default) and shows at the next read made
+    /// for any other reason. A recheck would also rarely be asked for: a region keeps its answer
+    /// until the generation moves (`Region::on_huge_pages`), so it asks again only after some other
+    /// read, and catching the recheck's time would cost every post a clock read.
     pub fn of_process(pid: Option<u32>) -> KnownMappings {
-        KnownMappings::new(system::huge_pages_possible(), MIN_GAP, Box::new(move || smaps::read(pid)))
+        let recheck_small_after = pid.map(|_| RECHECK_SMALL_AFTER);
+        KnownMappings::new(
+            system::huge_pages_possible(),
+            MIN_GAP,
+            recheck_small_after,
+            Box::new(move || smaps::read(pid)),
+        )
     }
 
-    fn new(possible: bool, min_gap: Duration, read: Reader) -> KnownMappings {
+    fn new(possible: bool, min_gap: Duration, recheck_small_after: Option<Duration>, read: Reader) -> KnownMappings {
         let state = Mutex::new(State::default());
-        KnownMappings { shared: Arc::new(Shared { read, possible, min_gap, state, generation: AtomicU64::new(1) }) }
+        let generation = AtomicU64::new(1);
+        KnownMappings { shared: Arc::new(Shared { read, possible, min_gap, recheck_small_after, state, generation }) }
     }
 
-    /// A cache reading with `read`, at most once per `min_gap`.
+    /// A cache reading with `read`, at most once per `min_gap`, that never rechecks (as this
+    /// process's own).
     #[cfg(test)]
     pub(crate) fn with_reader(
         min_gap: Duration,
         read: impl Fn() -> Option<Snapshot> + Send + Sync + 'static,
     ) -> KnownMappings {
-        KnownMappings::new(true, min_gap, Box::new(read))
+        KnownMappings::new(true, min_gap, None, Box::new(read))
+    }
+
+    /// A cache reading with `read`, at most once per `min_gap`, that rechecks "small pages"
+    /// answers from reads `recheck_small_after` old (as a peer's, with a delay a test can wait out).
+    #[cfg(test)]
+    pub(crate) fn rechecking_with_reader(
+        min_gap: Duration,
+        recheck_small_after: Duration,
+        read: impl Fn() -> Option<Snapshot> + Send + Sync + 'static,
+    ) -> KnownMappings {
+        KnownMappings::new(true, min_gap, Some(recheck_small_after), Box::new(read))
     }
 
     /// Whether the memory under `ranges` (address and length each) lies mostly on huge pages (at
     /// least 90 % of the resident bytes of the mappings they overlap), as far as the last read
-    /// knows. A range it does not cover (memory mapped since) queues a new read for the looker
-    /// thread, unless one is queued or under way already, to run once the last read is far
-    /// enough behind, and the answer is small pages until then: the asker never waits. The
+    /// knows. A range it does not cover (memory mapped since) queues a new read for the looker thread, unless one is queued or
+    /// under way already, to run once the last read is far enough behind, and the answer is small
+    /// pages until then: the asker never waits. In a cache that rechecks, a "small pages" answer
+    /// from a read old enough queues a read as well, answering from what is known meanwhile. The
     /// ranges are walked once, never collected: a vector may list thousands.
     pub fn on_huge_pages(&self, ranges: impl IntoIterator<Item = (usize, usize)>) -> bool {
         if !self.shared.possible {
@@ -104,24 +161,59 @@ impl KnownMappings {
         let due = {
             let mut state = self.shared.state.lock();
             let mut tally = Tally::default();
-            let Some(uncovered) = ranges.into_iter().find(|&(addr, len)| !state.known.tally(addr, len, &mut tally))
-            else {
-                return tally.huge();
-            };
-            if state.looking {
-                state.missed = Some(uncovered);
-                return false;
+            match ranges.into_iter().find(|&(addr, len)| !state.known.tally(addr, len, &mut tally)) {
+                None if tally.huge() => return true,
+                None => {
+                    // The clock is read only here, where a recheck may be due, and the lock is the
+                    // one the answer took anyway.
+                    let (Some(recheck_not_before), false) = (state.recheck_not_before, state.looking) else {
+                        return false;
+                    };
+                    let now = Instant::now();
+                    if now < recheck_not_before {
+                        return false;
+                    }
+                    state.looking = true;
+                    state.not_before.map_or(now, |not_before| not_before.max(now))
+                }
+                Some(uncovered) => {
+                    if state.looking {
+                        state.missed = Some(uncovered);
+                        return false;
+                    }
+                    state.looking = true;
+                    state.not_before.unwrap_or_else(Instant::now)
+                }
             }
-            state.looking = true;
-            state.not_before.unwrap_or_else(Instant::now)
         };
         looker::submit(Box::new(Pending { shared: Arc::downgrade(&self.shared) }), due);
         false
     }
 
-    /// How many reads settled so far (from 1): an answer of [`on_huge_pages`](Self::on_huge_pages)
-    /// about a range stays what it would be now as long as this stays the same, since only a
-    /// settled read changes what is known (read the count before asking).
+    /// Pages changed size in place (collapsed into huge pages, or split) without any mapping
+    /// changing, which only a new read shows: queues one now (to run no sooner than the last
+    /// one's gap allows), unless one is queued already, and answers from what is known until it
+    /// settles; a read under way, which may have begun before the change, is followed by another.
+    /// Memory that was on huge pages before keeps its answer meanwhile.
+    pub fn refresh(&self) {
+        if !self.shared.possible {
+            return;
+        }
+        let due = {
+            let mut state = self.shared.state.lock();
+            state.refreshes += 1;
+            if std::mem::replace(&mut state.looking, true) {
+                return;
+            }
+            state.not_before.unwrap_or_else(Instant::now)
+        };
+        looker::submit(Box::new(Pending { shared: Arc::downgrade(&self.shared) }), due);
+    }
+
+    /// How many reads settled so far (from 1): an answer of
+    /// [`on_huge_pages`](Self::on_huge_pages) about a range stays what it would be now as long as
+    /// this stays the same, since only a settled read changes what is known (read the count before
+    /// asking).
     pub fn generation(&self) -> u64 {
         self.shared.generation.load(Ordering::Acquire)
     }
@@ -137,27 +229,50 @@ impl KnownMappings {
     pub(crate) fn reads(&self) -> u64 {
         self.shared.state.lock().reads
     }
+
+    /// The earliest a "small pages" answer queues a recheck (`None`: none will).
+    #[cfg(test)]
+    fn recheck_not_before(&self) -> Option<Instant> {
+        self.shared.state.lock().recheck_not_before
+    }
+}
+
+/// What one read found, with the count of refreshes when it began.
+struct Read {
+    snapshot: Snapshot,
+    refreshes_before: u64,
 }
 
 impl Shared {
     /// Takes in what a read that began at `began` found (`None`: it failed, and what was known
     /// stays) and sets when the next may start; queues that one at once if a range asked about
-    /// meanwhile is still not covered.
-    fn settle(self: &Arc<Self>, read: Option<Snapshot>, began: Instant) {
+    /// meanwhile is still not covered, or if a refresh came after the read began.
+    fn settle(self: &Arc<Self>, read: Option<Read>, began: Instant) {
         let now = Instant::now();
         let took = now.saturating_duration_since(began);
         let not_before = now + self.min_gap.max(took.saturating_mul(GAP_PER_READ).min(MAX_READ_GAP));
+        let recheck_not_before = self
+            .recheck_small_after
+            .map(|after| now + after.max(took.saturating_mul(RECHECK_GAP_PER_READ).min(MAX_RECHECK_GAP)));
         let again = {
             let mut state = self.state.lock();
-            if let Some(known) = read {
-                state.known = known;
-            }
+            // A read that began before a refresh may have looked before the change it told of:
+            // its snapshot, newer than what is known, answers until the next read, queued now.
+            let stale = match read {
+                Some(read) => {
+                    state.known = read.snapshot;
+                    read.refreshes_before != state.refreshes
+                }
+                None => false,
+            };
             // Also after a failed read: an asker told "small pages" for want of a read asks again,
             // which may queue the next one.
             self.generation.fetch_add(1, Ordering::AcqRel);
             state.not_before = Some(not_before);
+            state.recheck_not_before = recheck_not_before;
             let missed = state.missed.take();
-            state.looking = missed.is_some_and(|(addr, len)| !state.known.tally(addr, len, &mut Tally::default()));
+            state.looking =
+                stale || missed.is_some_and(|(addr, len)| !state.known.tally(addr, len, &mut Tally::default()));
             state.looking
         };
         if again {
@@ -175,10 +290,13 @@ struct Pending {
 impl Look for Pending {
     fn run(self: Box<Self>) {
         let Some(shared) = self.shared.upgrade() else { return };
+        // Counted before the read begins: a refresh from here on may have come after the pages
+        // this read sees, so the read counts as stale (`settle`).
+        let refreshes_before = shared.state.lock().refreshes;
         let began = Instant::now();
         let read = run_contained(ThreadKind::PageLook, || (shared.read)()).ok().flatten();
         shared.state.lock().reads += 1;
-        shared.settle(read, began);
+        shared.settle(read.map(|snapshot| Read { snapshot, refreshes_before }), began);
     }
 
     fn give_up(self: Box<Self>) {
@@ -191,7 +309,7 @@ impl Look for Pending {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     use std::sync::mpsc;
     use testkit::PATIENCE;
 
@@ -203,36 +321,78 @@ mod tests {
     /// smaps text of `n` mappings of 4 MiB from `BASE`, each 8 MiB apart, the even ones on huge
     /// pages.
     fn mappings(n: usize) -> String {
+        mappings_collapsed(n, 0)
+    }
+
+    /// As [`mappings`], with the odd mappings whose bit is set in `collapsed` on huge pages too.
+    fn mappings_collapsed(n: usize, collapsed: u64) -> String {
         (0..n)
             .map(|i| {
-                let (start, huge) = (BASE + i * 8 * M, if i % 2 == 0 { 4096 } else { 0 });
+                let on_huge = i % 2 == 0 || (i < 64 && collapsed & 1 << i != 0);
+                let (start, huge) = (BASE + i * 8 * M, if on_huge { 4096 } else { 0 });
                 format!("{start:x}-{:x} rw-p 0 00:00 0\nRss: 4096 kB\nAnonHugePages: {huge} kB\n", start + 4 * M)
             })
             .collect()
     }
 
-    /// A process whose mappings a test adds to, with a reader that counts its reads.
+    /// A process whose mappings a test adds to, or collapses onto huge pages in place, with a
+    /// reader that counts its reads and notes when each began and ended.
     #[derive(Clone)]
     struct Process {
         mapped: Arc<AtomicUsize>,
+        collapsed: Arc<AtomicU64>,
         reads: Arc<AtomicUsize>,
+        spans: Arc<Mutex<Vec<(Instant, Instant)>>>,
+        /// How long each read takes.
+        takes: Duration,
     }
 
     impl Process {
         fn new(mapped: usize) -> Process {
-            Process { mapped: Arc::new(AtomicUsize::new(mapped)), reads: Arc::new(AtomicUsize::new(0)) }
+            Process {
+                mapped: Arc::new(AtomicUsize::new(mapped)),
+                collapsed: Arc::new(AtomicU64::new(0)),
+                reads: Arc::new(AtomicUsize::new(0)),
+                spans: Arc::default(),
+                takes: Duration::ZERO,
+            }
+        }
+
+        /// Mapping `i` (an odd one, on small pages) now lies on huge pages, as after
+        /// `MADV_COLLAPSE`: the same mappings, other counters.
+        fn collapse(&self, i: usize) {
+            assert!(i % 2 == 1 && i < 64, "mapping {i} cannot be collapsed");
+            self.collapsed.fetch_or(1 << i, Ordering::SeqCst);
+        }
+
+        fn read(&self) -> Option<Snapshot> {
+            let began = Instant::now();
+            let text = mappings_collapsed(self.mapped.load(Ordering::SeqCst), self.collapsed.load(Ordering::SeqCst));
+            // Counted once the pages are looked at: a change a test makes after seeing the count
+            // is not in this read.
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(self.takes);
+            self.spans.lock().push((began, Instant::now()));
+            Some(Snapshot::from_text(&text))
         }
 
         fn cache(&self, min_gap: Duration) -> KnownMappings {
             let me = self.clone();
-            KnownMappings::with_reader(min_gap, move || {
-                me.reads.fetch_add(1, Ordering::SeqCst);
-                Some(Snapshot::from_text(&mappings(me.mapped.load(Ordering::SeqCst))))
-            })
+            KnownMappings::with_reader(min_gap, move || me.read())
+        }
+
+        fn rechecking_cache(&self, min_gap: Duration, recheck_small_after: Duration) -> KnownMappings {
+            let me = self.clone();
+            KnownMappings::rechecking_with_reader(min_gap, recheck_small_after, move || me.read())
         }
 
         fn reads(&self) -> usize {
             self.reads.load(Ordering::SeqCst)
+        }
+
+        /// When each read so far began and ended.
+        fn spans(&self) -> Vec<(Instant, Instant)> {
+            self.spans.lock().clone()
         }
     }
 
@@ -462,17 +622,14 @@ mod tests {
     fn where_huge_pages_are_impossible_nothing_is_read() {
         let process = Process::new(1);
         let me = process.clone();
-        let known = KnownMappings::new(
-            false,
-            Duration::ZERO,
-            Box::new(move || {
-                me.reads.fetch_add(1, Ordering::SeqCst);
-                Some(Snapshot::from_text(&mappings(me.mapped.load(Ordering::SeqCst))))
-            }),
-        );
+        let known = KnownMappings::new(false, Duration::ZERO, Some(Duration::ZERO), Box::new(move || me.read()));
         for _ in 0..3 {
             assert!(!known.on_huge_pages(mapping(0, M)));
             assert!(!known.looking(), "no read queued");
+            known.refresh();
+            assert!(!known.on_huge_pages(mapping(1, M)), "nor after a refresh, nor to recheck");
+            assert!(!known.looking(), "no read queued");
+            std::thread::sleep(Duration::from_millis(1));
         }
         assert!(looker::looks_settled(PATIENCE));
         assert_eq!(process.reads(), 0);
@@ -540,5 +697,181 @@ mod tests {
             assert!(known.on_huge_pages(mapping(0, M)), "and answered");
         }
         crate::threads::clear_panic(ThreadKind::PageLook);
+    }
+
+    #[test]
+    fn a_refresh_reads_again_at_once_and_sees_pages_collapsed_in_place() {
+        let _reading = looker::TEST_FAULTS.read();
+        let process = Process::new(2);
+        let known = process.cache(Duration::from_millis(1));
+        known.on_huge_pages(mapping(1, M));
+        settled(&known);
+        assert!(!known.on_huge_pages(mapping(1, M)), "on small pages");
+        process.collapse(1);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(!known.on_huge_pages(mapping(1, M)), "the mapping is still known: the collapse goes unseen");
+        assert_eq!(process.reads(), 1, "and no ask reads again");
+        let before = known.generation();
+        known.refresh();
+        settled(&known);
+        assert_eq!(process.reads(), 2, "the refresh read, unasked");
+        assert!(known.generation() > before);
+        assert!(known.on_huge_pages(mapping(1, M)), "the collapse, seen by the refresh's read");
+        assert!(known.on_huge_pages(mapping(0, M)));
+        assert_eq!(process.reads(), 2);
+    }
+
+    #[test]
+    fn a_refresh_answers_from_what_is_known_until_its_read_settles() {
+        let _reading = looker::TEST_FAULTS.read();
+        let (release, gate) = mpsc::channel::<()>();
+        let gate = Mutex::new(gate);
+        let process = Process::new(2);
+        let gated = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let known = {
+            let (process, gated) = (process.clone(), gated.clone());
+            KnownMappings::with_reader(Duration::from_millis(1), move || {
+                let read = process.read();
+                if gated.load(Ordering::SeqCst) {
+                    let _ = gate.lock().recv_timeout(PATIENCE);
+                }
+                read
+            })
+        };
+        known.on_huge_pages(mapping(0, M));
+        settled(&known);
+        let before = known.generation();
+        gated.store(true, Ordering::SeqCst);
+        process.collapse(1);
+        known.refresh();
+        testkit::wait_until("the refresh's read looks", PATIENCE, || process.reads() == 2);
+        assert_eq!(known.generation(), before, "nothing settled yet");
+        assert!(known.on_huge_pages(mapping(0, M)), "huge pages known before keep their answer meanwhile");
+        assert!(!known.on_huge_pages(mapping(1, M)), "the collapse is not known yet");
+        known.refresh();
+        release.send(()).unwrap();
+        // The second refresh came after the read began: another follows, unasked.
+        testkit::wait_until("a third read", PATIENCE, || process.reads() == 3);
+        release.send(()).unwrap();
+        settled(&known);
+        assert!(known.on_huge_pages(mapping(1, M)), "the collapse, seen");
+        assert_eq!(process.reads(), 3);
+    }
+
+    #[test]
+    fn a_refresh_during_a_read_under_way_reads_again_after_it() {
+        let _reading = looker::TEST_FAULTS.read();
+        let (release, gate) = mpsc::channel::<()>();
+        let gate = Mutex::new(gate);
+        let process = Process::new(2);
+        let known = {
+            let process = process.clone();
+            KnownMappings::with_reader(Duration::from_millis(1), move || {
+                // The pages are looked at first; the read then holds until released.
+                let read = process.read();
+                let _ = gate.lock().recv_timeout(PATIENCE);
+                read
+            })
+        };
+        known.on_huge_pages(mapping(1, M));
+        testkit::wait_until("the first read looks", PATIENCE, || process.reads() == 1);
+        // Collapsed, and told, after that read looked.
+        process.collapse(1);
+        known.refresh();
+        release.send(()).unwrap();
+        testkit::wait_until("a second read, unasked", PATIENCE, || process.reads() == 2);
+        assert!(!known.on_huge_pages(mapping(1, M)), "the first read, older than the collapse, answers meanwhile");
+        assert!(known.on_huge_pages(mapping(0, M)));
+        release.send(()).unwrap();
+        settled(&known);
+        assert!(known.on_huge_pages(mapping(1, M)), "the second read saw the collapse");
+        assert_eq!(process.reads(), 2);
+    }
+
+    #[test]
+    fn a_refresh_with_a_read_queued_that_has_not_begun_adds_none() {
+        let _reading = looker::TEST_FAULTS.read();
+        let process = Process::new(2);
+        let known = process.cache(Duration::from_millis(500));
+        known.on_huge_pages(mapping(0, M));
+        settled(&known);
+        process.mapped.store(4, Ordering::SeqCst);
+        assert!(!known.on_huge_pages(mapping(3, M)), "a new mapping queues a read, due after the gap");
+        process.collapse(3);
+        known.refresh();
+        assert_eq!(process.reads(), 1, "the read has not begun");
+        settled(&known);
+        assert!(known.on_huge_pages(mapping(3, M)), "it began after the refresh and answers");
+        assert_eq!(process.reads(), 2);
+    }
+
+    #[test]
+    fn a_small_answer_older_than_the_recheck_delay_reads_again_and_sees_a_collapse() {
+        let _reading = looker::TEST_FAULTS.read();
+        const AFTER: Duration = Duration::from_millis(20);
+        let process = Process::new(2);
+        let known = process.rechecking_cache(Duration::from_millis(1), AFTER);
+        known.on_huge_pages(mapping(1, M));
+        settled(&known);
+        process.collapse(1);
+        let recheck_at = known.recheck_not_before().expect("a peer's cache rechecks");
+        testkit::wait_until("the recheck is due", PATIENCE, || Instant::now() >= recheck_at);
+        assert_eq!(process.reads(), 1, "no read without an ask");
+        assert!(!known.on_huge_pages(mapping(1, M)), "answered from what is known, without waiting");
+        testkit::wait_until("the recheck", PATIENCE, || process.reads() == 2);
+        settled(&known);
+        assert!(known.on_huge_pages(mapping(1, M)), "the recheck saw the collapse");
+        assert_eq!(process.reads(), 2);
+        let spans = process.spans();
+        let rested = spans[1].0.saturating_duration_since(spans[0].1);
+        assert!(rested >= AFTER, "the recheck began {rested:?} after the read before ended");
+    }
+
+    #[test]
+    fn a_huge_answer_is_not_rechecked() {
+        let _reading = looker::TEST_FAULTS.read();
+        let process = Process::new(2);
+        let known = process.rechecking_cache(Duration::from_millis(1), Duration::from_millis(5));
+        known.on_huge_pages(mapping(0, M));
+        settled(&known);
+        let recheck_at = known.recheck_not_before().expect("a peer's cache rechecks");
+        testkit::wait_until("a recheck would be due", PATIENCE, || Instant::now() >= recheck_at);
+        for _ in 0..100 {
+            assert!(known.on_huge_pages(mapping(0, M)));
+        }
+        assert!(looker::looks_settled(PATIENCE));
+        assert_eq!(process.reads(), 1, "huge pages: no recheck");
+        assert!(!known.on_huge_pages([mapping(0, M)[0], mapping(1, M)[0]]), "half on small pages");
+        testkit::wait_until("a small answer, at the same age, rechecks", PATIENCE, || process.reads() == 2);
+        settled(&known);
+        assert_eq!(process.reads(), 2);
+    }
+
+    #[test]
+    fn rechecks_of_memory_that_stays_small_keep_to_their_gap() {
+        let _reading = looker::TEST_FAULTS.read();
+        const AFTER: Duration = Duration::from_millis(30);
+        const TAKES: Duration = Duration::from_millis(2);
+        let process = Process { takes: TAKES, ..Process::new(2) };
+        let known = process.rechecking_cache(Duration::from_millis(1), AFTER);
+        let asking = Instant::now();
+        let mut asks = 0;
+        while process.reads() < 4 && asking.elapsed() < PATIENCE {
+            assert!(!known.on_huge_pages(mapping(1, M)), "always small pages");
+            asks += 1;
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let asked_for = asking.elapsed();
+        settled(&known);
+        let spans = process.spans();
+        assert!(spans.len() >= 4, "{} reads over {asks} asks: the rechecks came", spans.len());
+        // A read takes at least `TAKES`, so each recheck waits at least a hundred times that.
+        let gap = AFTER.max(TAKES * RECHECK_GAP_PER_READ);
+        for (before, after) in spans.iter().zip(&spans[1..]) {
+            let rested = after.0.saturating_duration_since(before.1);
+            assert!(rested >= gap, "a recheck began {rested:?} after the read before ended");
+        }
+        let most = 1 + asked_for.as_nanos() / gap.as_nanos();
+        assert!(spans.len() as u128 <= most, "{} reads over {asks} asks in {asked_for:?}", spans.len());
     }
 }

@@ -72,7 +72,9 @@ impl PeerProcess {
     /// Whether the peer's memory under `segs` (address and length each) lies mostly on huge pages,
     /// as the last read of its smaps said: memory mapped since that read (or before the first)
     /// queues another on the looker thread (milliseconds) and says small pages until its answer
-    /// is in. Only a hint for how to copy: a late or stale answer costs speed.
+    /// is in; a "small pages" answer from a read a second old or more queues a recheck, so that
+    /// pages the peer collapsed in place show. Only a hint for how to copy: a late or stale answer
+    /// costs speed.
     pub fn on_huge_pages(&self, segs: impl IntoIterator<Item = (usize, usize)>) -> bool {
         self.huge.on_huge_pages(segs)
     }
