@@ -204,7 +204,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
                         let mut run = Run { args, ctl: &mut ctl, conn, mr, mem: &mut mem, fifo, op, layout, seed };
                         let tcp_gbs = Point::new(op, size, iters, &run.measure(iters)?.samples, None).gbs();
                         let memcpy_gbs = crate::same_host::memcpy_gbs(&a.copy.0, &mut a.copy.1, size, iters);
-                        let par_memcpy_gbs = a.parallel.gbs(&a.copy.0, &mut a.copy.1, size, iters);
+                        let par_memcpy_gbs = a.parallel.gbs(&a.copy.0, &mut a.copy.1, size, iters)?;
                         Some(HostAnchors { tcp_gbs, memcpy_gbs, par_memcpy_gbs })
                     }
                     None => None,

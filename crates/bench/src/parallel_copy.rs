@@ -7,9 +7,20 @@
 //! the library's copying thread takes pieces of its own job. The other threads are started once and
 //! wait between copies, so a timed copy pays their wake-up, as the library's copies pay their
 //! helpers', but never a thread's start.
+//!
+//! A panic while copying a share is caught on its thread and recorded, and the thread still passes
+//! both barriers; the calling thread finds the record after the copy and fails the run with it.
+//! Why not barriers that a panic breaks, or an abort: with every thread reaching every wait, no wait
+//! needs to learn of a failure, the copier stays usable, and the normal path keeps its two plain
+//! barriers (a caught panic costs nothing until one happens, the record one relaxed load per copy,
+//! after its timing). The workspace's profiles unwind (`panic = "unwind"`); built to abort, a panic
+//! ends the process, which does not hang either.
 
+use std::any::Any;
 use std::ops::Range;
-use std::sync::{Arc, Barrier, Mutex};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -26,21 +37,52 @@ struct Job {
     len: usize,
     /// The threads end instead of copying.
     stop: bool,
+    /// This share panics instead of copying: the failure path, which a copy never takes otherwise.
+    #[cfg(test)]
+    panicking_share: Option<usize>,
 }
 
 struct Shared {
     job: Mutex<Job>,
     /// Every thread passes it to start a copy, the calling one last.
     start: Barrier,
-    /// Every thread passes it once its share is copied.
+    /// Every thread passes it once its share is copied, or its copy panicked.
     done: Barrier,
+    /// The first panic of a share since the last copy that reported one.
+    panic: Mutex<Option<String>>,
+    /// Whether `panic` holds one, so that a copy that went well takes no lock to learn so. Relaxed:
+    /// set before `done` and read after it, which orders the two.
+    panicked: AtomicBool,
     threads: usize,
+}
+
+impl Shared {
+    /// Copies share `i` of `job`; a panic is recorded instead of unwinding past the barriers.
+    fn copy_share(&self, job: &Job, i: usize) {
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| copy_share(job, self.threads, i))) {
+            let what =
+                format!("share {i} of {} of the parallel memcpy panicked: {}", self.threads, panic_text(&*panic));
+            self.panic.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(what);
+            self.panicked.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// After `done`: the panic of a share of the copy that just ended, if one did.
+    fn take_panic(&self) -> Option<String> {
+        if !self.panicked.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.panicked.store(false, Ordering::Relaxed);
+        self.panic.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
 }
 
 /// `threads` threads copying one buffer into another, the calling thread one of them.
 pub struct ParallelCopy {
     shared: Arc<Shared>,
     helpers: Vec<JoinHandle<()>>,
+    #[cfg(test)]
+    panicking_share: Option<usize>,
 }
 
 impl ParallelCopy {
@@ -52,6 +94,8 @@ impl ParallelCopy {
             job: Mutex::new(Job::default()),
             start: Barrier::new(threads),
             done: Barrier::new(threads),
+            panic: Mutex::new(None),
+            panicked: AtomicBool::new(false),
             threads,
         });
         let helpers = (1..threads)
@@ -60,7 +104,12 @@ impl ParallelCopy {
                 std::thread::Builder::new().name(format!("par-memcpy-{share}")).spawn(move || help(&shared, share))
             })
             .collect::<std::io::Result<Vec<_>>>()?;
-        Ok(ParallelCopy { shared, helpers })
+        Ok(ParallelCopy {
+            shared,
+            helpers,
+            #[cfg(test)]
+            panicking_share: None,
+        })
     }
 
     pub fn threads(&self) -> usize {
@@ -69,24 +118,34 @@ impl ParallelCopy {
 
     /// GB/s of `iters` copies of `size` bytes from `src` to `dst`, each timed from the release of
     /// the threads to the end of the last share; one untimed copy first touches every share on the
-    /// thread that copies it.
-    pub fn gbs(&mut self, src: &[u8], dst: &mut [u8], size: usize, iters: usize) -> f64 {
+    /// thread that copies it. Fails at the first copy in which a share panicked.
+    pub fn gbs(&mut self, src: &[u8], dst: &mut [u8], size: usize, iters: usize) -> std::io::Result<f64> {
         let (src, dst) = (&src[..size], &mut dst[..size]);
-        *self.shared.job.lock().expect("no thread panics holding the job") =
-            Job { src: src.as_ptr() as usize, dst: dst.as_mut_ptr() as usize, len: size, stop: false };
-        self.copy_once();
-        let timed: Duration = (0..iters).map(|_| self.copy_once()).sum();
-        size as f64 * iters as f64 / timed.as_secs_f64().max(1e-12) / 1e9
+        *self.shared.job.lock().expect("no thread panics holding the job") = Job {
+            src: src.as_ptr() as usize,
+            dst: dst.as_mut_ptr() as usize,
+            len: size,
+            stop: false,
+            #[cfg(test)]
+            panicking_share: self.panicking_share,
+        };
+        self.copy_once()?;
+        let timed: Duration = (0..iters).map(|_| self.copy_once()).sum::<std::io::Result<_>>()?;
+        Ok(size as f64 * iters as f64 / timed.as_secs_f64().max(1e-12) / 1e9)
     }
 
     /// One copy of the current job on every thread; the buffers are not touched once it returns.
-    fn copy_once(&mut self) -> Duration {
+    fn copy_once(&mut self) -> std::io::Result<Duration> {
         let job = *self.shared.job.lock().expect("no thread panics holding the job");
         let started = Instant::now();
         self.shared.start.wait();
-        copy_share(&job, self.shared.threads, 0);
+        self.shared.copy_share(&job, 0);
         self.shared.done.wait();
-        started.elapsed()
+        let took = started.elapsed();
+        match self.shared.take_panic() {
+            Some(what) => Err(std::io::Error::other(what)),
+            None => Ok(took),
+        }
     }
 }
 
@@ -107,7 +166,7 @@ fn help(shared: &Shared, share: usize) {
         if job.stop {
             return;
         }
-        copy_share(&job, shared.threads, share);
+        shared.copy_share(&job, share);
         shared.done.wait();
     }
 }
@@ -120,6 +179,10 @@ fn share(len: usize, threads: usize, i: usize) -> Range<usize> {
 }
 
 fn copy_share(job: &Job, threads: usize, i: usize) {
+    #[cfg(test)]
+    if job.panicking_share == Some(i) {
+        panic!("share {i} was set to panic");
+    }
     let r = share(job.len, threads, i);
     // SAFETY: `gbs` holds `src` and `dst` (`len` bytes each, not overlapping: one is borrowed
     // mutably) from setting the job until every thread passed `done`, and the shares are disjoint,
@@ -132,6 +195,14 @@ fn copy_share(job: &Job, threads: usize, i: usize) {
     };
     dst.copy_from_slice(std::hint::black_box(src));
     std::hint::black_box(dst);
+}
+
+fn panic_text(panic: &(dyn Any + Send)) -> &str {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(text), _) => text,
+        (_, Some(text)) => text,
+        _ => "(not a string)",
+    }
 }
 
 #[cfg(test)]
@@ -161,7 +232,7 @@ mod tests {
         assert_eq!(copier.threads(), 5);
         for size in [len - 3, 1000, 3] {
             let mut dst = vec![0u8; len];
-            let gbs = copier.gbs(&src, &mut dst, size, 4);
+            let gbs = copier.gbs(&src, &mut dst, size, 4).unwrap();
             assert!(gbs > 0.0 && gbs.is_finite(), "{gbs}");
             let wrong = (0..size).find(|&i| dst[i] != src[i]);
             assert_eq!(wrong, None, "{size} bytes copied by 5 threads");
@@ -169,7 +240,36 @@ mod tests {
         }
         let mut one = ParallelCopy::new(1).unwrap();
         let mut dst = vec![0u8; len];
-        one.gbs(&src, &mut dst, len, 1);
+        one.gbs(&src, &mut dst, len, 1).unwrap();
         assert!(dst == src, "one thread copies the whole size");
+    }
+
+    /// A share that panics, the calling thread's or a helper's, fails the copy with its panic
+    /// instead of leaving the other threads at a barrier; the threads then copy again and end.
+    #[test]
+    fn a_panicking_share_fails_the_copy_instead_of_hanging() {
+        let len = 1 << 20;
+        let src: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        for panicking in [0, 2] {
+            let (ended, outcome) = std::sync::mpsc::channel();
+            let src = src.clone();
+            // On a thread of its own, so that a hang fails the test at the timeout below.
+            std::thread::spawn(move || {
+                let mut copier = ParallelCopy::new(4).unwrap();
+                copier.panicking_share = Some(panicking);
+                let mut dst = vec![0u8; len];
+                let failed = copier.gbs(&src, &mut dst, len, 3);
+                copier.panicking_share = None;
+                let again = copier.gbs(&src, &mut dst, len, 2).map(|_| dst == src);
+                drop(copier);
+                let _ = ended.send((failed, again));
+            });
+            let (failed, again) =
+                outcome.recv_timeout(Duration::from_secs(30)).expect("the copies and the threads ended");
+            let err = failed.expect_err("a share panicked");
+            assert!(err.to_string().contains(&format!("share {panicking} of 4")), "{err}");
+            assert!(err.to_string().contains("was set to panic"), "{err}");
+            assert!(again.expect("no share panicked the second time"), "the next copy copied everything");
+        }
     }
 }

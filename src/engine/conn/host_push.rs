@@ -109,8 +109,26 @@ impl SharedPush {
         // SAFETY: the piece lies in `job.region`, a live registration of ours (checked at post,
         // or authorized for the peer's read), and the gate keeps its deregistration from returning
         // until the piece is done; piece `k` is this thread's alone.
-        unsafe { self.job.area.push_piece(&self.job.range, k as u32, self.pieces.piece(k)) }.map_err(Some)
+        let pushed = unsafe { self.job.area.push_piece(&self.job.range, k as u32, self.pieces.piece(k)) };
+        #[cfg(test)]
+        AFTER_PIECE.with_borrow_mut(|hook| {
+            if let Some(hook) = hook {
+                hook(k);
+            }
+        });
+        pushed.map_err(Some)
     }
+}
+
+#[cfg(test)]
+type PieceHook = Box<dyn FnMut(usize)>;
+
+#[cfg(test)]
+thread_local! {
+    /// Called on this thread with `k` after its push of piece `k`, the piece's count still held:
+    /// lets a test fail the connection at a chosen point of a push instead of racing the pushing
+    /// thread. Per thread, so that the other tests' pushes, run in parallel, never reach it.
+    static AFTER_PIECE: std::cell::RefCell<Option<PieceHook>> = const { std::cell::RefCell::new(None) };
 }
 
 impl copiers::Shared for SharedPush {
@@ -211,9 +229,12 @@ mod tests {
         assert!(err.message().contains("deregistered"), "{err}");
         assert_eq!(marks(&peer, range.first_piece, range.pieces, range.generation), [Mark::Aborted; 2]);
     }
-    /// The connection failing during a push, then the source's deregistration: the deregistration
-    /// returns (the failure stops new pieces, those under way end), nothing stays counted on the
-    /// region, and every piece ends marked.
+
+    /// The connection failing during a push, then the source's deregistration: the failure stops
+    /// the pieces not started (aborted, the push failing as canceled), the piece under way ends,
+    /// nothing stays counted on the region, and its deregistration returns. The region is removed
+    /// only once the push returned, so that the closed gate alone cuts the push: removed earlier,
+    /// the removal would refuse the next piece just as well.
     #[test]
     fn a_deregistration_returns_on_a_push_of_a_failed_connection() {
         const PIECES: usize = 64;
@@ -222,32 +243,42 @@ mod tests {
         let table = RegionTable::default();
         let src = vec![5u8; PIECES * P];
         let id = table.register(src.as_ptr() as usize, src.len(), MemKind::Host).unwrap();
+        let region = table.get(id).unwrap();
         let gate = Arc::new(PushGate::default());
         let job = job(&area, &table, id, &src);
         let range = job.range;
+        let (parked, at_piece_0) = std::sync::mpsc::channel();
+        // Dropped if the test fails first, which releases the pusher too.
+        let (release, released) = std::sync::mpsc::channel::<()>();
         let pushing = std::thread::spawn({
             let gate = gate.clone();
-            move || push(job, &gate, 1, Duration::ZERO)
-        });
-        // The connection fails once the push is under way, not before it starts: spun for, piece
-        // 0's mark is seen while the one pushing thread is still far from the last piece.
-        let ok = || Ok(());
-        let spin = Patience { spin: Duration::from_secs(5), limit: Duration::from_secs(5), healthy: &ok };
-        assert_eq!(peer.wait(range.first_piece, range.generation, &spin).unwrap(), Mark::Pushed);
-        gate.close();
-        let region = table.remove(id).unwrap();
-        let (done, waited) = std::sync::mpsc::channel();
-        std::thread::spawn({
-            let region = region.clone();
             move || {
-                region.wait_for_pushes();
-                let _ = done.send(());
+                AFTER_PIECE.set(Some(Box::new(move |k| {
+                    if k == 0 {
+                        let _ = parked.send(());
+                        let _ = released.recv();
+                    }
+                })));
+                push(job, &gate, 1, Duration::ZERO)
             }
         });
+        at_piece_0.recv_timeout(Duration::from_secs(10)).expect("piece 0 was pushed");
+        assert_eq!(region.pushes_in_flight(), 1, "piece 0 is under way when the connection fails");
+        gate.close();
+        release.send(()).unwrap();
+        let err = pushing.join().unwrap().expect_err("the push stops at the closed gate");
+        assert_eq!(err.status(), UcclStatus::ErrCanceled, "{err}");
+        assert_eq!(region.pushes_in_flight(), 0, "piece 0 ended, no later one was counted");
+        let marks = marks(&peer, range.first_piece, range.pieces, range.generation);
+        assert_eq!(marks[0], Mark::Pushed);
+        assert_eq!(marks[1..], [Mark::Aborted; PIECES - 1], "no piece was pushed after the failure");
+
+        let removed = table.remove(id).unwrap();
+        let (done, waited) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            removed.wait_for_pushes();
+            let _ = done.send(());
+        });
         waited.recv_timeout(Duration::from_secs(10)).expect("the deregistration returned");
-        let _ = pushing.join().unwrap();
-        assert_eq!(region.pushes_in_flight(), 0);
-        // Each piece's mark is waited for, within seconds.
-        assert_eq!(marks(&peer, range.first_piece, range.pieces, range.generation).len(), PIECES);
     }
 }
