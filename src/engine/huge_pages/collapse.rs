@@ -10,39 +10,66 @@
 //!
 //! What it does to the caller's memory: nothing visible. The kernel copies each 2 MiB extent into
 //! a huge page and maps it where the small pages were, contents and addresses unchanged (as
-//! khugepaged does on its own with THP `always`). Only extents whose every page is resident are
-//! asked for (mincore), so no memory is added to the process; extents reaching past the region are
-//! collapsed whole when the mapping holds them (the pages past the region change size, not
-//! content). While the kernel copies an extent, this process's faults on it wait; so the work is
-//! paced, a slice of extents at a time, at most a quarter of the looker thread's time.
+//! khugepaged does on its own with THP `always`). Only extents whose every page is present and
+//! written are asked for (`PAGEMAP_SCAN`, Linux 6.7; before it `mincore`, which also counts pages
+//! only read, mapped to the shared zero page, that a collapse then backs with memory), so the
+//! process does not grow; extents reaching past the region are collapsed whole when the mapping
+//! holds them (the pages past the region change size, not content). While the kernel copies an
+//! extent it holds this process's mapping lock for writing: mapping calls, faults on that memory
+//! and reads of our smaps or memory by other processes wait. So the work is paced for the whole
+//! process, a slice of extents at a time with three times the slice's length of pause after it,
+//! however many regions ask; extents busy just then (pinned by a copy under way) are tried again
+//! twice, 50 ms apart.
 //!
 //! It runs on the looker thread (`looker.rs`) between page-size looks, a slice per turn, and ends
 //! early when the region is deregistered (`still_wanted`), when the kernel cannot collapse here
-//! (no `MADV_COLLAPSE` before Linux 6.1, THP disabled for the process), or when it finds no huge
-//! page to collapse into (memory pressure).
+//! (no `MADV_COLLAPSE` before Linux 6.1, THP disabled for the process or the mapping), or when it
+//! finds no huge page to collapse into (memory pressure, the memory cgroup's limit). Where the THP
+//! mode is `never`, or the huge page size is not 2 MiB (arm64 with 16 or 64 KiB pages: 32 MiB and
+//! 512 MiB extents would hold the mapping lock far too long), nothing is asked for.
 
 use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
+
 use super::looker::{self, Look};
+use super::system;
 use crate::threads::{ThreadKind, run_contained};
 
 /// `MADV_COLLAPSE` (Linux 6.1), the same on every architecture.
 const MADV_COLLAPSE: libc::c_int = 25;
+/// The only huge page size collapsed into.
+const EXTENT: usize = 2 << 20;
 /// Bytes asked for per turn of the looker thread: about 6 ms of the kernel's copying, so a page-size
 /// look queued behind waits no longer than that.
 const SLICE_BYTES: usize = 16 << 20;
 /// The pause after a slice, in multiples of the slice's time: a quarter of a core at most.
 const PAUSE_PER_SLICE: u32 = 3;
+/// Passes over the extents that were busy (pinned) when asked, and the wait before each.
+const RETRY_PASSES: u8 = 2;
+const RETRY_AFTER: Duration = Duration::from_millis(50);
+/// Refusals before any extent collapsed that end the job: an extent rounded out into a
+/// neighbouring mapping that refuses huge pages is refused alone; a kernel that refuses every one
+/// is found out within a few.
+const REFUSALS_BEFORE_GIVING_UP: usize = 4;
+
+/// No slice of any job starts before this: the pace is the process's, not each region's.
+static NEXT_SLICE: Mutex<Option<Instant>> = Mutex::new(None);
 
 /// How a collapse ended, for the log and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Collapsed {
-    /// Extents now on a huge page (those that were already count too).
+    /// Extents the kernel moved onto a huge page.
     pub extents: usize,
-    /// Extents left as they were: not every page resident, unmapped, or busy (pinned) just then.
+    /// Extents on a huge page already.
+    pub already: usize,
+    /// Extents left as they were: not every page present and written, or busy (pinned) at every
+    /// try.
     pub skipped: usize,
-    /// The kernel cannot collapse this memory, or has no huge page to give: the rest was not
+    /// The kernel cannot collapse this memory here, or has no huge page to give: the rest was not
     /// asked for.
     pub unsupported: bool,
     /// The region was deregistered before the end.
@@ -52,22 +79,28 @@ pub struct Collapsed {
 type StillWanted = Box<dyn Fn() -> bool + Send>;
 type Finished = Box<dyn FnOnce(Collapsed) + Send>;
 
-/// Queues the collapse of `[addr, addr + len)`'s extents (rounded out to the extent size) for the
-/// looker thread, and returns at once. `still_wanted` is asked before each extent; `finished` runs
-/// on that thread at the end, also when the thread gives the work up.
+/// Queues the collapse of `[addr, addr + len)`'s extents (rounded out to 2 MiB) for the looker
+/// thread, and returns at once. `still_wanted` is asked before each extent; `finished` runs on that
+/// thread at the end (at once where nothing can be collapsed), also when the thread gives the work
+/// up.
 pub fn collapse_in_background(
     addr: usize,
     len: usize,
     still_wanted: impl Fn() -> bool + Send + 'static,
     finished: impl FnOnce(Collapsed) + Send + 'static,
 ) {
-    let extent = extent_size();
-    let start = addr & !(extent - 1);
-    let end = addr.saturating_add(len).saturating_add(extent - 1) & !(extent - 1);
+    if !collapse_allowed() {
+        finished(Collapsed { unsupported: true, ..Collapsed::default() });
+        return;
+    }
+    let start = addr & !(EXTENT - 1);
+    let end = addr.saturating_add(len).saturating_add(EXTENT - 1) & !(EXTENT - 1);
     let job = Collapse {
         next: start,
         end,
-        extent,
+        busy: Vec::new(),
+        retrying: Vec::new(),
+        passes: 0,
         tally: Collapsed::default(),
         refusals: 0,
         still_wanted: Box::new(still_wanted),
@@ -76,15 +109,14 @@ pub fn collapse_in_background(
     looker::submit(Box::new(job), Instant::now());
 }
 
-/// The huge page size extents are collapsed into: the THP size the kernel reports, else 2 MiB.
-fn extent_size() -> usize {
-    static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *SIZE.get_or_init(|| {
-        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
-            .ok()
-            .and_then(|text| text.trim().parse::<usize>().ok())
-            .filter(|size| size.is_power_of_two() && *size >= page_size())
-            .unwrap_or(2 << 20)
+/// Whether this process may ask for collapses at all: not where the administrator turned THP off,
+/// and only where the huge page size is 2 MiB.
+pub(crate) fn collapse_allowed() -> bool {
+    static ALLOWED: OnceLock<bool> = OnceLock::new();
+    *ALLOWED.get_or_init(|| {
+        let size = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size").ok();
+        let two_mib = size.and_then(|text| text.trim().parse::<usize>().ok()) == Some(EXTENT);
+        two_mib && !system::thp_never()
     })
 }
 
@@ -95,10 +127,15 @@ fn page_size() -> usize {
 }
 
 struct Collapse {
-    /// The next extent's start.
+    /// The next extent's start on the first pass, up to `end`.
     next: usize,
     end: usize,
-    extent: usize,
+    /// Extents busy when asked on this pass, for the next.
+    busy: Vec<usize>,
+    /// Extents to ask for again on this pass (a retry pass).
+    retrying: Vec<usize>,
+    /// Retry passes begun.
+    passes: u8,
     tally: Collapsed,
     /// Extents the kernel refused so far.
     refusals: usize,
@@ -109,48 +146,78 @@ struct Collapse {
 /// What one extent's turn came to.
 enum Step {
     Collapsed,
+    Already,
     Skipped,
+    /// Pinned or locked just then: worth another try.
+    Busy,
     /// The kernel will not collapse this extent's mapping (or anything, on an old kernel).
     Refused(io::Error),
     /// Stop asking: no huge page to give.
     Stop,
 }
 
-/// Refusals before any extent collapsed that end the job: an extent rounded out into
-/// a neighbouring mapping that refuses huge pages is refused alone; a kernel that refuses every
-/// one is found out within a few.
-const REFUSALS_BEFORE_GIVING_UP: usize = 4;
+/// What a turn of the looker thread leaves to do.
+enum Left {
+    Nothing,
+    /// More extents of this pass.
+    More,
+    /// A retry pass, after `RETRY_AFTER`.
+    Retry,
+}
 
 impl Collapse {
-    /// Asks for the extents of one slice; whether extents are left.
-    fn slice(&mut self) -> bool {
+    /// Asks for the extents of one slice.
+    fn slice(&mut self) -> Left {
         let mut asked = 0;
-        while self.next < self.end && asked < SLICE_BYTES {
+        while asked < SLICE_BYTES {
+            let extent = if self.next < self.end {
+                let at = self.next;
+                self.next += EXTENT;
+                at
+            } else if let Some(at) = self.retrying.pop() {
+                at
+            } else {
+                break;
+            };
             if !(self.still_wanted)() {
                 self.tally.abandoned = true;
-                return false;
+                return Left::Nothing;
             }
-            match collapse_extent(self.next, self.extent) {
+            asked += EXTENT;
+            match collapse_extent(extent) {
                 Step::Collapsed => self.tally.extents += 1,
+                Step::Already => self.tally.already += 1,
                 Step::Skipped => self.tally.skipped += 1,
+                Step::Busy => self.busy.push(extent),
                 Step::Refused(e) => {
                     self.tally.skipped += 1;
                     self.refusals += 1;
-                    if self.tally.extents == 0 && self.refusals >= REFUSALS_BEFORE_GIVING_UP {
+                    if self.tally.extents + self.tally.already == 0 && self.refusals >= REFUSALS_BEFORE_GIVING_UP {
                         log::debug!("cannot collapse memory into huge pages here ({e}): it stays on small pages");
                         self.tally.unsupported = true;
-                        return false;
+                        return Left::Nothing;
                     }
                 }
                 Step::Stop => {
                     self.tally.unsupported = true;
-                    return false;
+                    return Left::Nothing;
                 }
             }
-            self.next += self.extent;
-            asked += self.extent;
         }
-        self.next < self.end
+        if self.next < self.end || !self.retrying.is_empty() {
+            return Left::More;
+        }
+        if self.busy.is_empty() {
+            return Left::Nothing;
+        }
+        if self.passes == RETRY_PASSES {
+            self.tally.skipped += self.busy.len();
+            self.busy.clear();
+            return Left::Nothing;
+        }
+        self.passes += 1;
+        self.retrying = std::mem::take(&mut self.busy);
+        Left::Retry
     }
 
     fn finish(mut self) {
@@ -162,13 +229,20 @@ impl Collapse {
 
 impl Look for Collapse {
     fn run(mut self: Box<Self>) {
-        let began = Instant::now();
-        match run_contained(ThreadKind::PageLook, || self.slice()) {
-            Ok(true) => {
-                let pause = began.elapsed().saturating_mul(PAUSE_PER_SLICE).max(Duration::from_micros(100));
-                looker::submit(self, Instant::now() + pause);
-            }
-            Ok(false) => (*self).finish(),
+        let now = Instant::now();
+        if let Some(next) = NEXT_SLICE.lock().filter(|next| *next > now) {
+            // Another job's slice ran just now: this one waits its turn.
+            looker::submit(self, next);
+            return;
+        }
+        let left = run_contained(ThreadKind::PageLook, || self.slice());
+        let pause = now.elapsed().saturating_mul(PAUSE_PER_SLICE);
+        let next = Instant::now() + pause;
+        *NEXT_SLICE.lock() = Some(next);
+        match left {
+            Ok(Left::More) => looker::submit(self, next),
+            Ok(Left::Retry) => looker::submit(self, next.max(Instant::now() + RETRY_AFTER)),
+            Ok(Left::Nothing) => (*self).finish(),
             Err(_) => {
                 self.tally.unsupported = true;
                 (*self).finish();
@@ -181,23 +255,26 @@ impl Look for Collapse {
     }
 }
 
-/// Collapses the extent at `start` if every page of it is resident.
-fn collapse_extent(start: usize, extent: usize) -> Step {
-    if !fully_resident(start, extent) {
-        return Step::Skipped;
+/// Collapses the 2 MiB extent at `start` if every page of it is present and written.
+fn collapse_extent(start: usize) -> Step {
+    match pages_of(start) {
+        Pages::Ready => {}
+        Pages::Huge => return Step::Already,
+        Pages::NotReady => return Step::Skipped,
     }
     // SAFETY: MADV_COLLAPSE changes how the range is mapped, never its contents or addresses;
     // over memory not mapped the kernel answers ENOMEM and does nothing.
-    if unsafe { libc::madvise(start as *mut libc::c_void, extent, MADV_COLLAPSE) } == 0 {
+    if unsafe { libc::madvise(start as *mut libc::c_void, EXTENT, MADV_COLLAPSE) } == 0 {
         return Step::Collapsed;
     }
     let e = io::Error::last_os_error();
     match e.raw_os_error() {
-        // Pages pinned or locked just then: the next extent may do.
-        Some(libc::EAGAIN | libc::EBUSY) => Step::Skipped,
+        // Pages pinned (a copy under way) or locked just then.
+        Some(libc::EAGAIN) => Step::Busy,
         // Not for this mapping (THP off for it, a special mapping) or this kernel (before 6.1).
         Some(libc::EINVAL) => Step::Refused(e),
-        // Resident a moment ago, so mapped: no huge page to be had.
+        // ENOMEM: no huge page to be had (present a moment ago, so mapped); EBUSY: the memory
+        // cgroup would not take the charge. Asking on would only reclaim for nothing.
         _ => {
             log::debug!("no huge page to collapse {start:#x} into ({e}): the rest stays on small pages");
             Step::Stop
@@ -205,12 +282,112 @@ fn collapse_extent(start: usize, extent: usize) -> Step {
     }
 }
 
-/// Whether every page of `[start, start + len)` is resident (and mapped).
+/// What the pages of one extent are, as far as a collapse cares.
+#[derive(Debug, PartialEq, Eq)]
+enum Pages {
+    /// Every page present and none the shared zero page, not all on a huge page yet.
+    Ready,
+    /// On a huge page already.
+    Huge,
+    /// Some page not present (never touched, swapped out, unmapped) or only read (the zero page).
+    NotReady,
+}
+
+fn pages_of(start: usize) -> Pages {
+    match scan::pages_of(start, EXTENT) {
+        Some(pages) => pages,
+        None => {
+            if fully_resident(start, EXTENT) {
+                Pages::Ready
+            } else {
+                Pages::NotReady
+            }
+        }
+    }
+}
+
+/// Whether every page of `[start, start + len)` is resident (and mapped), zero pages counted.
 fn fully_resident(start: usize, len: usize) -> bool {
     let mut vec = vec![0u8; len.div_ceil(page_size())];
     // SAFETY: `vec` holds a byte per page of the range; mincore only writes it.
     let status = unsafe { libc::mincore(start as *mut libc::c_void, len, vec.as_mut_ptr()) };
     status == 0 && vec.iter().all(|v| v & 1 == 1)
+}
+
+/// `ioctl(PAGEMAP_SCAN)` on `/proc/self/pagemap` (Linux 6.7): which pages of a range are present,
+/// the zero page, or on huge pages, without reading a byte of them.
+mod scan {
+    use super::*;
+
+    /// `struct pm_scan_arg` of `linux/fs.h`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct PmScanArg {
+        size: u64,
+        flags: u64,
+        start: u64,
+        end: u64,
+        walk_end: u64,
+        vec: u64,
+        vec_len: u64,
+        max_pages: u64,
+        category_inverted: u64,
+        category_mask: u64,
+        category_anyof_mask: u64,
+        return_mask: u64,
+    }
+
+    /// `struct page_region`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct PageRegion {
+        start: u64,
+        end: u64,
+        categories: u64,
+    }
+
+    const PAGE_IS_PRESENT: u64 = 1 << 3;
+    const PAGE_IS_PFNZERO: u64 = 1 << 5;
+    const PAGE_IS_HUGE: u64 = 1 << 6;
+    /// `_IOWR('f', 16, struct pm_scan_arg)`.
+    const PAGEMAP_SCAN: libc::c_ulong =
+        (3 << 30) | ((std::mem::size_of::<PmScanArg>() as libc::c_ulong) << 16) | ((b'f' as libc::c_ulong) << 8) | 16;
+
+    /// What the extent's pages are; `None` where this kernel cannot say (before 6.7, or
+    /// `/proc/self/pagemap` not readable).
+    pub(super) fn pages_of(start: usize, len: usize) -> Option<Pages> {
+        static PAGEMAP: OnceLock<Option<std::fs::File>> = OnceLock::new();
+        let pagemap = PAGEMAP.get_or_init(|| std::fs::File::open("/proc/self/pagemap").ok()).as_ref()?;
+        // A page not present, or the zero page: the collapse would add memory or find a hole.
+        let not_ready = any(pagemap, start, len, PAGE_IS_PRESENT, 0, PAGE_IS_PRESENT | PAGE_IS_PFNZERO)?;
+        if not_ready {
+            return Some(Pages::NotReady);
+        }
+        let not_huge = any(pagemap, start, len, PAGE_IS_HUGE, PAGE_IS_HUGE, 0)?;
+        Some(if not_huge { Pages::Ready } else { Pages::Huge })
+    }
+
+    /// Whether any page of the range matches, its categories flipped by `inverted`, all of
+    /// `mask` and any of `anyof`; `None` where the scan is not supported.
+    fn any(pagemap: &std::fs::File, start: usize, len: usize, inverted: u64, mask: u64, anyof: u64) -> Option<bool> {
+        let mut found = PageRegion::default();
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            start: start as u64,
+            end: (start + len) as u64,
+            vec: (&raw mut found) as u64,
+            vec_len: 1,
+            category_inverted: inverted,
+            category_mask: mask,
+            category_anyof_mask: anyof,
+            return_mask: mask | anyof,
+            ..PmScanArg::default()
+        };
+        // SAFETY: `arg` is a pm_scan_arg of its own size whose vector is one page_region, both
+        // alive across the call; the kernel writes `arg.walk_end` and at most that one region.
+        let regions = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN as _, &raw mut arg) };
+        (regions >= 0).then_some(regions > 0)
+    }
 }
 
 #[cfg(test)]
@@ -220,8 +397,9 @@ mod tests {
     use std::sync::{Arc, mpsc};
     use testkit::PATIENCE;
 
-    /// An anonymous private mapping of `extents` extents starting on an extent boundary, unmapped
-    /// at drop.
+    /// An anonymous private mapping of `extents` extents starting on an extent boundary, its pages
+    /// faulted in as small ones whatever the THP mode (then advised for huge pages, which a
+    /// collapse needs where the mode is `madvise` no more than elsewhere), unmapped at drop.
     struct Aligned {
         map: usize,
         map_len: usize,
@@ -230,9 +408,9 @@ mod tests {
     }
 
     impl Aligned {
-        fn new(extents: usize) -> Aligned {
-            let extent = extent_size();
-            let (len, map_len) = (extents * extent, (extents + 1) * extent);
+        /// `touch` runs over the range before it may lie on huge pages.
+        fn new(extents: usize, touch: impl FnOnce(&mut [u8])) -> Aligned {
+            let (len, map_len) = (extents * EXTENT, (extents + 1) * EXTENT);
             // SAFETY: a fresh anonymous mapping, nothing else refers to it.
             let map = unsafe {
                 libc::mmap(
@@ -246,7 +424,16 @@ mod tests {
             };
             assert_ne!(map, libc::MAP_FAILED);
             let map = map as usize;
-            Aligned { map, map_len, addr: (map + extent - 1) & !(extent - 1), len }
+            let mut aligned = Aligned { map, map_len, addr: (map + EXTENT - 1) & !(EXTENT - 1), len };
+            aligned.advise(libc::MADV_NOHUGEPAGE);
+            touch(aligned.bytes());
+            aligned.advise(libc::MADV_HUGEPAGE);
+            aligned
+        }
+
+        fn advise(&self, advice: libc::c_int) {
+            // SAFETY: advice over our own mapping.
+            assert_eq!(unsafe { libc::madvise(self.map as *mut libc::c_void, self.map_len, advice) }, 0);
         }
 
         fn bytes(&mut self) -> &mut [u8] {
@@ -254,11 +441,26 @@ mod tests {
             unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u8, self.len) }
         }
 
-        fn resident_pages(&self) -> usize {
-            let mut vec = vec![0u8; self.len / page_size()];
-            // SAFETY: one byte per page of the range.
-            assert_eq!(unsafe { libc::mincore(self.addr as *mut libc::c_void, self.len, vec.as_mut_ptr()) }, 0);
-            vec.iter().filter(|v| **v & 1 == 1).count()
+        fn on_huge_pages(&self) -> bool {
+            super::super::range_on_huge_pages(None, self.addr, self.len)
+        }
+
+        /// Resident kibibytes of the mapping holding the range, from smaps (zero pages not
+        /// counted, unlike `mincore`).
+        fn rss_kib(&self) -> u64 {
+            let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+            let mut inside = false;
+            for line in smaps.lines() {
+                let first = line.split_whitespace().next().unwrap_or("");
+                if let Some((a, b)) = first.split_once('-')
+                    && let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                {
+                    inside = a <= self.addr && self.addr < b;
+                } else if inside && first == "Rss:" {
+                    return line.split_whitespace().nth(1).unwrap().parse().unwrap();
+                }
+            }
+            panic!("no mapping holds {:#x}", self.addr)
         }
     }
 
@@ -273,14 +475,19 @@ mod tests {
         (i * 7 + i / 4096) as u8
     }
 
-    /// Whether this host can collapse a process's memory: a kernel with THP, Linux 6.1 or later
-    /// (MADV_COLLAPSE does not follow the THP mode: `never` leaves it working).
+    /// Whether this host collapses a process's memory: Linux 6.1 or later, THP not off, 2 MiB huge
+    /// pages.
     fn collapse_possible() -> bool {
-        let thp = std::path::Path::new("/sys/kernel/mm/transparent_hugepage/enabled").exists();
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
         let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
-        thp && version >= (6, 1)
+        collapse_allowed() && version >= (6, 1)
+    }
+
+    /// Whether this kernel tells zero pages apart (PAGEMAP_SCAN, Linux 6.7).
+    fn scan_supported() -> bool {
+        let page = Aligned::new(1, |b| b.fill(1));
+        scan::pages_of(page.addr, EXTENT).is_some()
     }
 
     fn collapse(addr: usize, len: usize, still_wanted: impl Fn() -> bool + Send + 'static) -> Collapsed {
@@ -292,54 +499,115 @@ mod tests {
     }
 
     #[test]
-    fn resident_memory_moves_to_huge_pages_with_its_contents() {
+    fn written_memory_moves_to_huge_pages_with_its_contents() {
         let _reading = looker::TEST_FAULTS.read();
-        let mut memory = Aligned::new(4);
-        memory.bytes().iter_mut().enumerate().for_each(|(i, b)| *b = pattern(i));
+        let memory = Aligned::new(4, |b| b.iter_mut().enumerate().for_each(|(i, b)| *b = pattern(i)));
+        assert!(!memory.on_huge_pages(), "faulted in as small pages");
         // The region starts a page into the first extent and ends a page short of the last: the
         // extents are rounded out.
         let page = page_size();
         let tally = collapse(memory.addr + page, memory.len - 2 * page, || true);
+        let mut memory = memory;
         assert!(memory.bytes().iter().enumerate().all(|(i, b)| *b == pattern(i)), "contents unchanged");
         if !collapse_possible() {
-            assert_eq!(
-                tally,
-                Collapsed { skipped: REFUSALS_BEFORE_GIVING_UP, unsupported: true, ..Collapsed::default() }
-            );
+            assert!(tally.unsupported && tally.extents == 0, "{tally:?}");
+            assert!(!memory.on_huge_pages());
             return;
         }
         assert_eq!(tally, Collapsed { extents: 4, ..Collapsed::default() });
-        assert!(super::super::range_on_huge_pages(None, memory.addr, memory.len), "smaps counts the range as huge");
+        assert!(memory.on_huge_pages(), "smaps counts the range as huge");
+        // Asked again, nothing is left to do.
+        assert_eq!(collapse(memory.addr, memory.len, || true), Collapsed { already: 4, ..Collapsed::default() });
     }
 
     #[test]
-    fn an_extent_not_wholly_resident_is_left_alone() {
+    fn an_extent_not_wholly_present_is_left_alone() {
         let _reading = looker::TEST_FAULTS.read();
-        let mut memory = Aligned::new(2);
-        let extent = extent_size();
         // The first extent wholly, the second's first half only.
-        memory.bytes()[..extent + extent / 2].fill(3);
-        let resident = memory.resident_pages();
+        let mut memory = Aligned::new(2, |b| b[..EXTENT + EXTENT / 2].fill(3));
+        let rss = memory.rss_kib();
         let tally = collapse(memory.addr, memory.len, || true);
-        assert_eq!(memory.resident_pages(), resident, "no page added to the process");
+        assert_eq!(memory.rss_kib(), rss, "no page added to the process");
         if collapse_possible() {
             assert_eq!(tally, Collapsed { extents: 1, skipped: 1, ..Collapsed::default() });
         }
-        assert!(memory.bytes()[..extent + extent / 2].iter().all(|b| *b == 3));
-        assert!(memory.bytes()[extent + extent / 2..].iter().all(|b| *b == 0));
+        assert!(memory.bytes()[..EXTENT + EXTENT / 2].iter().all(|b| *b == 3));
+        assert!(memory.bytes()[EXTENT + EXTENT / 2..].iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn memory_only_read_is_left_alone_where_the_kernel_tells_zero_pages_apart() {
+        let _reading = looker::TEST_FAULTS.read();
+        // Read, never written: every page is the shared zero page, resident to mincore.
+        let memory = Aligned::new(1, |b| {
+            let sum: u64 = b.chunks(4096).map(|page| u64::from(std::hint::black_box(page[0]))).sum();
+            assert_eq!(sum, 0);
+        });
+        let rss = memory.rss_kib();
+        let tally = collapse(memory.addr, memory.len, || true);
+        if !collapse_possible() {
+            return assert!(tally.unsupported, "{tally:?}");
+        }
+        if scan_supported() {
+            assert_eq!(tally, Collapsed { skipped: 1, ..Collapsed::default() });
+            assert_eq!(memory.rss_kib(), rss, "no memory added behind the zero pages");
+        } else {
+            // Before Linux 6.7 the zero pages count as resident: the extent is collapsed (and
+            // backed with memory), as the module documents.
+            assert_eq!(tally, Collapsed { extents: 1, ..Collapsed::default() });
+        }
     }
 
     #[test]
     fn a_region_deregistered_meanwhile_is_no_longer_asked_for() {
         let _reading = looker::TEST_FAULTS.read();
-        let mut memory = Aligned::new(2);
-        memory.bytes().fill(9);
+        let memory = Aligned::new(2, |b| b.fill(9));
         let wanted = Arc::new(AtomicBool::new(false));
         let tally = collapse(memory.addr, memory.len, {
             let wanted = wanted.clone();
             move || wanted.load(Ordering::SeqCst)
         });
-        assert_eq!(tally, Collapsed { abandoned: true, ..Collapsed::default() });
-        assert!(!super::super::range_on_huge_pages(None, memory.addr, memory.len));
+        if collapse_possible() {
+            assert_eq!(tally, Collapsed { abandoned: true, ..Collapsed::default() });
+        }
+        assert!(!memory.on_huge_pages());
+    }
+
+    #[test]
+    fn jobs_of_several_regions_keep_to_one_pace() {
+        let _reading = looker::TEST_FAULTS.read();
+        if !collapse_possible() {
+            return;
+        }
+        // Two regions of several slices each, asked for at once: the slices take turns, each
+        // followed by a pause of three times its length for the whole process, so together they
+        // last at least four times the time they spent collapsing.
+        let extents = 3 * SLICE_BYTES / EXTENT;
+        let regions = [Aligned::new(extents, |b| b.fill(1)), Aligned::new(extents, |b| b.fill(2))];
+        let began = Instant::now();
+        let (done, finished) = mpsc::channel();
+        for region in &regions {
+            let done = done.clone();
+            collapse_in_background(
+                region.addr,
+                region.len,
+                || true,
+                move |tally| {
+                    let _ = done.send((tally, Instant::now()));
+                },
+            );
+        }
+        let ends: Vec<(Collapsed, Instant)> = (0..2).map(|_| finished.recv_timeout(PATIENCE).unwrap()).collect();
+        for (tally, _) in &ends {
+            assert_eq!(tally.extents + tally.already, extents, "{tally:?}");
+        }
+        let took = ends.iter().map(|(_, at)| at.duration_since(began)).max().unwrap();
+        // What collapsing alone takes here: the same amount once more, in one call, unpaced.
+        let again = Aligned::new(2 * extents, |b| b.fill(3));
+        let alone = Instant::now();
+        // SAFETY: MADV_COLLAPSE over our own test mapping.
+        assert_eq!(unsafe { libc::madvise(again.addr as *mut libc::c_void, again.len, MADV_COLLAPSE) }, 0);
+        let alone = alone.elapsed();
+        assert!(took >= alone * 2, "paced: {took:?} for what one call did in {alone:?}");
     }
 }

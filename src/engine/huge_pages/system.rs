@@ -22,6 +22,13 @@ pub(super) fn huge_pages_possible() -> bool {
     })
 }
 
+/// Whether the administrator turned transparent huge pages off (`[never]`), read once per process;
+/// unreadable counts as off too (no THP support built, or no sysfs to ask).
+pub(super) fn thp_never() -> bool {
+    static NEVER: OnceLock<bool> = OnceLock::new();
+    *NEVER.get_or_init(|| std::fs::read_to_string(THP_ENABLED).map_or(true, |mode| mode.contains("[never]")))
+}
+
 /// Whether huge pages are possible given the THP mode (`enabled`'s text) and `/proc/meminfo`'s
 /// text, `None` where unreadable. Only a mode of `[never]` with no hugetlbfs pool rules them out:
 /// smaps counts anonymous THP and hugetlbfs pages only (shmem THP, governed by another switch,

@@ -88,7 +88,7 @@ impl ConnState {
 
     /// Asks for `region` to be collapsed into huge pages: the peer is to copy out of it.
     fn collapse_source(&self, region: &Arc<Region>, out: &mut Vec<Action>) {
-        if self.direct.collapse && region.kind == MemKind::Host {
+        if self.direct.collapse && region.kind == MemKind::Host && !region.collapse_asked() {
             out.push(Action::Collapse(region.clone()));
         }
     }
@@ -225,7 +225,10 @@ impl ConnState {
                 return None;
             }
             self.direct.writes.insert(id);
-            self.collapse_source(region, extra);
+            // A source on huge pages already has nothing to gain.
+            if !huge_source {
+                self.collapse_source(region, extra);
+            }
             Some(Control::DirectWrite { xfer: id, region: remote_region, token, segs, src })
         } else {
             let asked = AskedRead { region: remote_region, token, segs: segs.clone() };

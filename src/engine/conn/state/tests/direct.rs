@@ -727,6 +727,18 @@ fn the_source_the_peer_copies_out_of_is_collapsed() {
     assert_eq!(back.bytes, remote.bytes);
     assert!(b.collapsed.is_empty(), "{:?}", b.collapsed);
 
+    // Nor a write whose source lies on huge pages already.
+    let (mut a, mut b) = host_pair(true, true);
+    a.st.set_collapse_sources();
+    a.huge_source = true;
+    let src = a.buffer(len, pattern(46));
+    let dst = b.buffer(len, |_| 0);
+    a.one_sided(true, &[(&src, 0, &dst, 0, len)]);
+    assert!(matches!(a.outbox.front(), Some(Control::DirectWrite { .. })), "{:?}", a.outbox);
+    pump(&mut a, &mut b);
+    assert_eq!(dst.bytes, src.bytes);
+    assert!(a.collapsed.is_empty(), "{:?}", a.collapsed);
+
     // Nor a write inside the network band, which the channels carry.
     let band = (2 * CHUNK as u64, 4 * CHUNK as u64);
     let (mut a, mut b) = host_pair_with_band(true, true, Some(band), false);
