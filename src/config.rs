@@ -196,8 +196,8 @@ pub struct Config {
     /// A host region that a peer of this host is to copy out of (`process_vm_readv`) is collapsed
     /// into huge pages in place, once, in the background (`engine::huge_pages::collapse`): on
     /// small pages the kernel pins the source page by page, and the copying threads contend on
-    /// the page tables. Only extents whose pages are all resident; paced to a quarter of a
-    /// core; contents and addresses unchanged. `UCCL_TCPX_HOST_COPY_COLLAPSE` (0 or 1, default 1).
+    /// the page tables. Only 2 MiB extents whose pages are all present and written; paced to a
+    /// quarter of a core for the process; contents and addresses unchanged. `UCCL_TCPX_HOST_COPY_COLLAPSE` (0 or 1, default 1).
     pub host_copy_collapse: bool,
     /// The smallest piece of a same-host copy of at most 8 MiB whose source lies on huge pages,
     /// with `host_copy_huge_pages`. Default 256 KiB: 1-8 MiB copies on huge pages moved 1.4-3x

@@ -494,10 +494,15 @@ mod tests {
         const LEN: usize = 4 << 20;
         let mapping = testkit::mapping::AlignedMapping::new(LEN, libc::MADV_HUGEPAGE, 0x5a);
         let reads = Arc::new(AtomicUsize::new(0));
+        // The read waits for both asks: a preempted test thread would otherwise see it settle
+        // between them.
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let gate = Mutex::new(gate);
         let pages = {
             let reads = reads.clone();
             KnownMappings::with_reader(std::time::Duration::from_secs(3600), move || {
                 reads.fetch_add(1, Ordering::SeqCst);
+                let _ = gate.lock().recv_timeout(testkit::PATIENCE);
                 crate::engine::huge_pages::read_smaps(None)
             })
         };
@@ -510,6 +515,7 @@ mod tests {
         let before = crate::engine::huge_pages::range_on_huge_pages(None, mapping.addr(), LEN);
         assert!(!first.on_huge_pages(), "the first ask says small pages and starts the read");
         assert!(!second.on_huge_pages(), "so does the other region's while it runs");
+        release.send(()).unwrap();
         testkit::wait_until("the read settles", testkit::PATIENCE, || !t.pages.looking());
         let after = crate::engine::huge_pages::range_on_huge_pages(None, mapping.addr(), LEN);
         if before == after {

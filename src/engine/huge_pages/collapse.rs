@@ -236,9 +236,11 @@ impl Look for Collapse {
             return;
         }
         let left = run_contained(ThreadKind::PageLook, || self.slice());
-        let pause = now.elapsed().saturating_mul(PAUSE_PER_SLICE);
-        let next = Instant::now() + pause;
+        let ended = Instant::now();
+        let next = ended + ended.saturating_duration_since(now).saturating_mul(PAUSE_PER_SLICE);
         *NEXT_SLICE.lock() = Some(next);
+        #[cfg(test)]
+        tests::SLICES.lock().push((now, ended));
         match left {
             Ok(Left::More) => looker::submit(self, next),
             Ok(Left::Retry) => looker::submit(self, next.max(Instant::now() + RETRY_AFTER)),
@@ -425,6 +427,9 @@ mod tests {
             assert_ne!(map, libc::MAP_FAILED);
             let map = map as usize;
             let mut aligned = Aligned { map, map_len, addr: (map + EXTENT - 1) & !(EXTENT - 1), len };
+            // A flag no other test's memory has: the kernel merges mappings of the same flags,
+            // and smaps, which other tests read, counts whole mappings.
+            aligned.advise(libc::MADV_DONTFORK);
             aligned.advise(libc::MADV_NOHUGEPAGE);
             touch(aligned.bytes());
             aligned.advise(libc::MADV_HUGEPAGE);
@@ -441,26 +446,24 @@ mod tests {
             unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u8, self.len) }
         }
 
+        /// Whether every extent of the range lies on a huge page: from the page tables where the
+        /// kernel tells (smaps counts whole mappings, and the kernel merges a test's mapping with
+        /// its neighbours of the same flags, other tests' among them), else from smaps.
         fn on_huge_pages(&self) -> bool {
-            super::super::range_on_huge_pages(None, self.addr, self.len)
+            let extents: Option<Vec<Pages>> =
+                (0..self.len / EXTENT).map(|i| scan::pages_of(self.addr + i * EXTENT, EXTENT)).collect();
+            match extents {
+                Some(extents) => extents.iter().all(|pages| *pages == Pages::Huge),
+                None => super::super::range_on_huge_pages(None, self.addr, self.len),
+            }
         }
 
-        /// Resident kibibytes of the mapping holding the range, from smaps (zero pages not
-        /// counted, unlike `mincore`).
-        fn rss_kib(&self) -> u64 {
-            let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-            let mut inside = false;
-            for line in smaps.lines() {
-                let first = line.split_whitespace().next().unwrap_or("");
-                if let Some((a, b)) = first.split_once('-')
-                    && let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
-                {
-                    inside = a <= self.addr && self.addr < b;
-                } else if inside && first == "Rss:" {
-                    return line.split_whitespace().nth(1).unwrap().parse().unwrap();
-                }
-            }
-            panic!("no mapping holds {:#x}", self.addr)
+        /// Pages of the range resident (mapped to memory or to the zero page), from `mincore`.
+        fn resident_pages(&self) -> usize {
+            let mut vec = vec![0u8; self.len / page_size()];
+            // SAFETY: one byte per page of the range.
+            assert_eq!(unsafe { libc::mincore(self.addr as *mut libc::c_void, self.len, vec.as_mut_ptr()) }, 0);
+            vec.iter().filter(|v| **v & 1 == 1).count()
         }
     }
 
@@ -525,9 +528,9 @@ mod tests {
         let _reading = looker::TEST_FAULTS.read();
         // The first extent wholly, the second's first half only.
         let mut memory = Aligned::new(2, |b| b[..EXTENT + EXTENT / 2].fill(3));
-        let rss = memory.rss_kib();
+        let resident = memory.resident_pages();
         let tally = collapse(memory.addr, memory.len, || true);
-        assert_eq!(memory.rss_kib(), rss, "no page added to the process");
+        assert_eq!(memory.resident_pages(), resident, "no page added to the process");
         if collapse_possible() {
             assert_eq!(tally, Collapsed { extents: 1, skipped: 1, ..Collapsed::default() });
         }
@@ -543,14 +546,13 @@ mod tests {
             let sum: u64 = b.chunks(4096).map(|page| u64::from(std::hint::black_box(page[0]))).sum();
             assert_eq!(sum, 0);
         });
-        let rss = memory.rss_kib();
         let tally = collapse(memory.addr, memory.len, || true);
         if !collapse_possible() {
             return assert!(tally.unsupported, "{tally:?}");
         }
         if scan_supported() {
             assert_eq!(tally, Collapsed { skipped: 1, ..Collapsed::default() });
-            assert_eq!(memory.rss_kib(), rss, "no memory added behind the zero pages");
+            assert_eq!(scan::pages_of(memory.addr, EXTENT), Some(Pages::NotReady), "still the zero page, no memory");
         } else {
             // Before Linux 6.7 the zero pages count as resident: the extent is collapsed (and
             // backed with memory), as the module documents.
@@ -579,12 +581,10 @@ mod tests {
         if !collapse_possible() {
             return;
         }
-        // Two regions of several slices each, asked for at once: the slices take turns, each
-        // followed by a pause of three times its length for the whole process, so together they
-        // last at least four times the time they spent collapsing.
+        // Two regions of several slices each, asked for at once: every slice of any job (other
+        // tests' too) starts no sooner than three times the last slice's length after it ended.
         let extents = 3 * SLICE_BYTES / EXTENT;
         let regions = [Aligned::new(extents, |b| b.fill(1)), Aligned::new(extents, |b| b.fill(2))];
-        let began = Instant::now();
         let (done, finished) = mpsc::channel();
         for region in &regions {
             let done = done.clone();
@@ -593,21 +593,24 @@ mod tests {
                 region.len,
                 || true,
                 move |tally| {
-                    let _ = done.send((tally, Instant::now()));
+                    let _ = done.send(tally);
                 },
             );
         }
-        let ends: Vec<(Collapsed, Instant)> = (0..2).map(|_| finished.recv_timeout(PATIENCE).unwrap()).collect();
-        for (tally, _) in &ends {
+        for _ in 0..2 {
+            let tally = finished.recv_timeout(PATIENCE).unwrap();
             assert_eq!(tally.extents + tally.already, extents, "{tally:?}");
         }
-        let took = ends.iter().map(|(_, at)| at.duration_since(began)).max().unwrap();
-        // What collapsing alone takes here: the same amount once more, in one call, unpaced.
-        let again = Aligned::new(2 * extents, |b| b.fill(3));
-        let alone = Instant::now();
-        // SAFETY: MADV_COLLAPSE over our own test mapping.
-        assert_eq!(unsafe { libc::madvise(again.addr as *mut libc::c_void, again.len, MADV_COLLAPSE) }, 0);
-        let alone = alone.elapsed();
-        assert!(took >= alone * 2, "paced: {took:?} for what one call did in {alone:?}");
+        let mut slices = SLICES.lock().clone();
+        slices.sort();
+        assert!(slices.len() >= 6, "at least three slices a region: {}", slices.len());
+        for pair in slices.windows(2) {
+            let ((start, end), (next, _)) = (pair[0], pair[1]);
+            let pause = (end - start) * PAUSE_PER_SLICE;
+            assert!(next >= end + pause, "a slice {:?} after one of {:?}", next - end, end - start);
+        }
     }
+
+    /// When each slice of any job began and ended, in this test process.
+    pub(super) static SLICES: Mutex<Vec<(Instant, Instant)>> = Mutex::new(Vec::new());
 }

@@ -11,8 +11,9 @@
 //! at most one per process at a time and rate-bounded, while the asker goes on as if the memory
 //! lay on small pages. Pages that change size in place (collapsed into huge pages by
 //! `MADV_COLLAPSE` or khugepaged, without a new mapping) show only at a new read: this process,
-//! having collapsed its own memory, has its cache read again at once ([`KnownMappings::refresh`]); a peer's cache, which nobody can tell, rechecks a "small pages" answer
-//! from a read a second old or more, further apart than reads for new mappings (at least a
+//! having collapsed its own memory (`collapse.rs`), has its cache read again at once
+//! ([`KnownMappings::refresh`]); a peer's cache, which nobody can tell, rechecks a "small pages"
+//! answer from a read a second old or more, further apart than reads for new mappings (at least a
 //! hundred times the last read's length). Where THP is off and no hugetlbfs pool exists
 //! (`system.rs`) nothing is read at all. An answer is only a hint: a late, stale or wrong one
 //! costs speed, never correctness, and anything that cannot be read or parsed reads as small
