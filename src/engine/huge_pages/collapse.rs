@@ -400,8 +400,7 @@ mod tests {
     use testkit::PATIENCE;
 
     /// An anonymous private mapping of `extents` extents starting on an extent boundary, its pages
-    /// faulted in as small ones whatever the THP mode (then advised for huge pages, which a
-    /// collapse needs where the mode is `madvise` no more than elsewhere), unmapped at drop.
+    /// faulted in as small ones whatever the THP mode, unmapped at drop.
     struct Aligned {
         map: usize,
         map_len: usize,
@@ -430,9 +429,18 @@ mod tests {
             // A flag no other test's memory has: the kernel merges mappings of the same flags,
             // and smaps, which other tests read, counts whole mappings.
             aligned.advise(libc::MADV_DONTFORK);
-            aligned.advise(libc::MADV_NOHUGEPAGE);
+            // Where THP is `always` a fault would map huge pages; advised for them afterwards, the
+            // memory may be collapsed. Elsewhere it is left unadvised, which keeps khugepaged
+            // away from it (in `madvise` mode it collapses only memory advised for huge pages).
+            let always = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+                .is_ok_and(|mode| mode.contains("[always]"));
+            if always {
+                aligned.advise(libc::MADV_NOHUGEPAGE);
+            }
             touch(aligned.bytes());
-            aligned.advise(libc::MADV_HUGEPAGE);
+            if always {
+                aligned.advise(libc::MADV_HUGEPAGE);
+            }
             aligned
         }
 
