@@ -29,12 +29,17 @@ fn staged_config() -> Config {
     let env = Config::from_lookup(|name| match name {
         "UCCL_TCPX_HOST_COPY_STAGING" => Some("1".into()),
         "UCCL_TCPX_HOST_COPY_STAGING_BYTES" => Some(AREA.into()),
+        "UCCL_TCPX_HOST_COPY_COLLAPSE" => Some("0".into()),
         _ => None,
     })
     .unwrap();
     Config {
         host_copy_staging: env.host_copy_staging,
         host_copy_staging_bytes: env.host_copy_staging_bytes,
+        // Sources collapsed into huge pages skip the areas (the direct copy needs no second copy
+        // there), and which transfers find them collapsed depends on timing: these tests stage
+        // small-page sources, as the areas are for (the peer gets the same from its environment).
+        host_copy_collapse: env.host_copy_collapse,
         host_copy_threads: 4,
         ..same_host()
     }
@@ -50,9 +55,11 @@ fn staged_peer_process() {
     // The knobs as a deployment sets them: in the environment.
     let env = Config::from_env().unwrap();
     assert!(env.host_copy_staging, "UCCL_TCPX_HOST_COPY_STAGING=1 reaches the peer");
+    assert!(!env.host_copy_collapse, "UCCL_TCPX_HOST_COPY_COLLAPSE=0 reaches the peer");
     let config = Config {
         host_copy_staging: env.host_copy_staging,
         host_copy_staging_bytes: env.host_copy_staging_bytes,
+        host_copy_collapse: env.host_copy_collapse,
         host_copy_threads: 4,
         ..same_host()
     };
@@ -82,7 +89,8 @@ fn staged_peer_refusing(engine: &Engine, refuse: bool) -> (testkit::child::Peer,
     let mut child = ChildTest::new("staged_peer_process")
         .ignored()
         .env("UCCL_TCPX_HOST_COPY_STAGING", "1")
-        .env("UCCL_TCPX_HOST_COPY_STAGING_BYTES", AREA);
+        .env("UCCL_TCPX_HOST_COPY_STAGING_BYTES", AREA)
+        .env("UCCL_TCPX_HOST_COPY_COLLAPSE", "0");
     if refuse {
         child = child.env(REFUSE_VAR, "1");
     }
