@@ -219,11 +219,16 @@ fn direct_peer_process() {
         assert_ne!(old, libc::SIG_ERR, "signal(SIGUSR1): {}", std::io::Error::last_os_error());
     }
     let huge = std::env::var_os(HUGE_VAR).is_some();
-    let engine = std::sync::Arc::new(Engine::new(Config { host_copy_huge_pages: huge, ..same_host() }).unwrap());
-    let (mut plain, mut on_huge);
+    let band = std::env::var_os(BAND_VAR).is_some();
+    let config = if band { band_config() } else { Config { host_copy_huge_pages: huge, ..same_host() } };
+    let engine = std::sync::Arc::new(Engine::new(config).unwrap());
+    let (mut plain, mut on_huge, mut on_small);
     let region: &mut [u8] = if huge {
         on_huge = AlignedMapping::new(GUARD + WINDOW, libc::MADV_HUGEPAGE, 0);
         &mut on_huge
+    } else if band {
+        on_small = small_page_mapping(GUARD + WINDOW, libc::MADV_NORMAL);
+        &mut on_small
     } else {
         plain = vec![0; GUARD + WINDOW];
         &mut plain
@@ -246,6 +251,41 @@ fn direct_peer_process() {
 /// Set: the peer process backs its region with memory that asks for transparent huge pages and
 /// looks at the page size of its copies' sources (`UCCL_TCPX_HOST_COPY_HUGE_PAGES`).
 const HUGE_VAR: &str = "UCCL_TCPX_TEST_HUGE";
+
+/// Set: the peer process backs its region with small pages and runs [`band_config`].
+const BAND_VAR: &str = "UCCL_TCPX_TEST_BAND";
+
+/// Transfers longer than 512 KiB and shorter than 4 MiB keep to the channels unless their source
+/// lies on huge pages, and regions we are a source of are collapsed (the defaults of a host with
+/// many CPUs, whatever this one has).
+fn band_config() -> Config {
+    Config {
+        host_copy_network_band: Some((512 << 10, 4 << 20)),
+        host_copy_huge_pages: true,
+        host_copy_collapse: true,
+        ..same_host()
+    }
+}
+
+/// `len` bytes faulted in as small pages whatever the THP mode, in a mapping of their own (an
+/// advice only it has sets it apart, so that what smaps counts for it is its own). With
+/// `MADV_NORMAL` they are advised for huge pages afterwards only where the mode is `always`:
+/// elsewhere unadvised memory is what khugepaged leaves alone, so that only the engine's collapse
+/// can change it during a test.
+fn small_page_mapping(len: usize, advice: libc::c_int) -> AlignedMapping {
+    let always = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|mode| mode.contains("[always]"));
+    let first = if always || advice == libc::MADV_NOHUGEPAGE { libc::MADV_NOHUGEPAGE } else { libc::MADV_NORMAL };
+    let buf = AlignedMapping::new(len, first, 0);
+    let addr = buf.addr() as *mut libc::c_void;
+    if always && advice != libc::MADV_NOHUGEPAGE {
+        // SAFETY: advice over the buffer's own pages.
+        assert_eq!(unsafe { libc::madvise(addr, len, libc::MADV_HUGEPAGE) }, 0);
+    }
+    // SAFETY: advice over our own mapping; MADV_DONTFORK changes only what a fork inherits.
+    assert_eq!(unsafe { libc::madvise(addr, len, libc::MADV_DONTFORK) }, 0);
+    buf
+}
 
 /// Whether at least 90 % of the resident bytes of the mappings of process `pid` overlapping
 /// `[addr, addr + len)` lie on transparent huge pages, as its smaps say now.
@@ -463,22 +503,8 @@ fn a_source_the_peer_copies_out_of_moves_to_huge_pages() {
     for (collapse, advice) in [(true, libc::MADV_NORMAL), (false, libc::MADV_NORMAL), (true, libc::MADV_NOHUGEPAGE)] {
         let engine = Engine::new(Config { host_copy_collapse: collapse, ..same_host() }).unwrap();
         let conn = checked_connection(&engine, port);
-        // Faulted in as small pages whatever the THP mode. Advised for huge pages afterwards only
-        // where the mode is `always`: elsewhere unadvised memory is what khugepaged leaves alone,
-        // so that only the engine's collapse can change it during the test.
-        let always = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
-            .is_ok_and(|mode| mode.contains("[always]"));
-        let first = if always || advice == libc::MADV_NOHUGEPAGE { libc::MADV_NOHUGEPAGE } else { libc::MADV_NORMAL };
-        let mut buf = AlignedMapping::new(len, first, 0);
+        let mut buf = small_page_mapping(len, advice);
         let addr = buf.addr();
-        if always && advice != libc::MADV_NOHUGEPAGE {
-            // SAFETY: advice over the buffer's own pages.
-            assert_eq!(unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_HUGEPAGE) }, 0);
-        }
-        // A mapping of the buffer alone (an advice only it has sets it apart), so that what smaps
-        // counts for it is the buffer's, not a neighbouring allocation's merged into it.
-        // SAFETY: advice over our own mapping; MADV_DONTFORK changes only what a fork inherits.
-        assert_eq!(unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTFORK) }, 0);
         let huge_now = || smaps_say_huge(std::process::id(), addr, len);
         let before = huge_now();
         let data = common::pattern(len, 80);
@@ -499,6 +525,64 @@ fn a_source_the_peer_copies_out_of_moves_to_huge_pages() {
         common::assert_same(&buf, &data, "written and read back");
         engine.deregister(mr).unwrap();
     }
+}
+
+/// A write or read inside the network band out of a source on small pages keeps to the channels
+/// and has the source collapsed (a write's by its initiator, a read's by its target), so that
+/// later transfers out of it take the direct copy: the initiator sees the huge pages (its own at
+/// once, the peer's at its next look) and skips the band.
+#[test]
+fn transfers_the_band_keeps_to_the_channels_are_copied_once_their_source_collapsed() {
+    let (process, port, window, _guard) = direct_peer(&[(BAND_VAR, "1")]);
+    let engine = Engine::new(band_config()).unwrap();
+    let conn = checked_connection(&engine, port);
+    let len = 1 << 20;
+    let collapsing = collapse_possible();
+    let mut src = small_page_mapping(4 << 20, libc::MADV_NORMAL);
+    let data = common::pattern(src.len(), 81);
+    src.copy_from_slice(&data);
+    let mr = engine.register(src.addr(), src.len()).unwrap();
+    let mut back = vec![0u8; len];
+    let back_mr = engine.register(back.as_mut_ptr() as usize, len).unwrap();
+    let (peer, window_at) = (process.pid(), window.addr as usize);
+    for write in [true, false] {
+        let what = if write { "our write's source" } else { "the peer's region we read" };
+        let (pid, at) = if write { (std::process::id(), src.addr()) } else { (peer, window_at) };
+        let huge_now = || smaps_say_huge(pid, at, len);
+        assert!(!huge_now(), "{what} starts on small pages");
+        let moved = |direct: &mut u64| {
+            let before = conn.host_path().direct_ops;
+            let item = if write {
+                one(mr, src.addr(), len, window)
+            } else {
+                one(back_mr, back.as_ptr() as usize, len, window)
+            };
+            let op = if write { conn.write(&[item]) } else { conn.read(&[item]) }.unwrap();
+            assert_eq!(wait(&conn, op).unwrap(), len as u64);
+            *direct = conn.host_path().direct_ops - before;
+        };
+        let mut direct = 0;
+        moved(&mut direct);
+        assert_eq!(direct, 0, "{what}: a transfer inside the band out of small pages takes the channels");
+        if !collapsing {
+            assert!(uccl_tcpx::engine::huge_pages::looks_settled(common::PATIENCE));
+            assert!(!huge_now(), "{what}: nothing collapses where the kernel cannot");
+            moved(&mut direct);
+            assert_eq!(direct, 0, "{what}: and the band keeps applying");
+            continue;
+        }
+        common::wait_until(&format!("{what} lies on huge pages"), common::PATIENCE, huge_now);
+        // Our own pages are looked at again once collapsed, the peer's a second after the last
+        // look found them small: a later transfer takes the direct copy.
+        common::wait_until(&format!("a transfer out of {what} copied directly"), common::PATIENCE, || {
+            moved(&mut direct);
+            std::thread::sleep(Duration::from_millis(20));
+            direct == 1
+        });
+    }
+    // What was written (in both ways) is what was read back.
+    common::assert_same(&back, &data[..len], "written and read back");
+    drop(process);
 }
 
 #[test]

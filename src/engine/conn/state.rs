@@ -708,18 +708,21 @@ impl ConnState {
             Control::ReadVector { xfer, region, token, segs } => {
                 match mem.authorize_segments(region, token, &segs) {
                     Err(e) => deny(xfer, e, out),
-                    Ok(region) => self.serve(xfer, Source { extent: local_segments(&segs), region }, out)?,
+                    Ok(region) => {
+                        self.collapse_served_source(&region, out);
+                        self.serve(xfer, Source { extent: local_segments(&segs), region }, out)?
+                    }
                 }
                 Ok(())
             }
             Control::ReadRequest { xfer, region, token, addr, len } => {
                 match mem.authorize(region, token, addr, len) {
                     Err(e) => deny(xfer, e, out),
-                    Ok(region) => self.serve(
-                        xfer,
-                        Source { extent: Extent::Contiguous { addr: addr as usize, len }, region },
-                        out,
-                    )?,
+                    Ok(region) => {
+                        self.collapse_served_source(&region, out);
+                        let extent = Extent::Contiguous { addr: addr as usize, len };
+                        self.serve(xfer, Source { extent, region }, out)?
+                    }
                 }
                 Ok(())
             }

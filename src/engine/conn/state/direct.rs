@@ -93,6 +93,15 @@ impl ConnState {
         }
     }
 
+    /// A read the channels carry out of `region` for a peer of this host that could copy out of
+    /// us: the reader kept to the channels because our pages are small (the network band), so
+    /// once they are huge its later reads out of the region are copied directly.
+    pub(super) fn collapse_served_source(&self, region: &Arc<Region>, out: &mut Vec<Action>) {
+        if self.direct.same_host && self.direct.huge_pages && self.direct.path.peer_reads_us {
+            self.collapse_source(region, out);
+        }
+    }
+
     /// Copy jobs carry the time they were queued (`UCCL_TCPX_TRACE_HOST_COPY`); untraced they
     /// skip the clock read.
     pub fn set_timed_copies(&mut self) {
@@ -214,6 +223,12 @@ impl ConnState {
         // stage skips the band too.
         let huge = self.direct.huge_pages && huge_source;
         if !huge && !staged_read && self.direct.network_band.is_some_and(|(lo, hi)| lo < len && len < hi) {
+            // The peer could copy this source out of us; once it lies on huge pages, later
+            // transfers out of it skip the band. A read's target asks for its own region when it
+            // serves the read (`collapse_served_source`).
+            if write && self.direct.huge_pages {
+                self.collapse_source(region, extra);
+            }
             return None;
         }
         // Copied only once the copy is possible: between hosts a vector's list stays where it is.

@@ -739,14 +739,62 @@ fn the_source_the_peer_copies_out_of_is_collapsed() {
     assert_eq!(dst.bytes, src.bytes);
     assert!(a.collapsed.is_empty(), "{:?}", a.collapsed);
 
-    // Nor a write inside the network band, which the channels carry.
+    // Nor a write inside the network band, which the channels carry, where a source on huge pages
+    // would not skip the band (`host_copy_huge_pages` off).
     let band = (2 * CHUNK as u64, 4 * CHUNK as u64);
     let (mut a, mut b) = host_pair_with_band(true, true, Some(band), false);
     a.st.set_collapse_sources();
+    b.st.set_collapse_sources();
     let src = a.buffer(len, pattern(45));
     let dst = b.buffer(len, |_| 0);
     a.one_sided(true, &[(&src, 0, &dst, 0, len)]);
     pump(&mut a, &mut b);
     assert_eq!(dst.bytes, src.bytes);
-    assert!(a.collapsed.is_empty(), "{:?}", a.collapsed);
+    a.one_sided(false, &[(&src, 0, &dst, 0, len)]);
+    pump(&mut a, &mut b);
+    assert_eq!(dst.bytes, src.bytes);
+    assert!(a.collapsed.is_empty() && b.collapsed.is_empty(), "{:?} {:?}", a.collapsed, b.collapsed);
+}
+
+/// Inside the network band a source on small pages keeps to the channels, but where one on huge
+/// pages would skip the band the region is collapsed, so that later transfers out of it are
+/// copied: a write's initiator asks for its source, a read's target for the region it serves
+/// (when the reader could copy out of it).
+#[test]
+fn a_source_kept_to_the_channels_by_the_band_is_collapsed() {
+    let band = (2 * CHUNK as u64, 4 * CHUNK as u64);
+    let len = 3 * CHUNK;
+    for collapse in [false, true] {
+        let (mut a, mut b) = host_pair_with_band(true, true, Some(band), true);
+        if collapse {
+            a.st.set_collapse_sources();
+            b.st.set_collapse_sources();
+        }
+        let src = a.buffer(len, pattern(47));
+        let dst = b.buffer(len, |_| 0);
+        a.one_sided(true, &[(&src, 0, &dst, 0, len)]);
+        assert!(matches!(a.outbox.front(), Some(Control::WriteRequest { .. })), "{:?}", a.outbox);
+        pump(&mut a, &mut b);
+        assert_eq!(dst.bytes, src.bytes);
+        assert_eq!(a.collapsed, if collapse { vec![src.region.id] } else { vec![] }, "collapse {collapse}");
+        assert!(b.collapsed.is_empty(), "the write's target is no source: {:?}", b.collapsed);
+
+        let back = a.buffer(len, |_| 0);
+        a.one_sided(false, &[(&back, 0, &dst, 0, len)]);
+        assert!(matches!(a.outbox.front(), Some(Control::ReadRequest { .. })), "{:?}", a.outbox);
+        pump(&mut a, &mut b);
+        assert_eq!(back.bytes, src.bytes);
+        assert_eq!(b.collapsed, if collapse { vec![dst.region.id] } else { vec![] }, "collapse {collapse}");
+        assert_eq!(a.collapsed.len(), usize::from(collapse), "the reader's destination is no source");
+    }
+
+    // A read's target that the reader cannot copy out of has nothing to gain.
+    let (mut a, mut b) = host_pair_with_band(false, true, Some(band), true);
+    b.st.set_collapse_sources();
+    let remote = b.buffer(len, pattern(48));
+    let back = a.buffer(len, |_| 0);
+    a.one_sided(false, &[(&back, 0, &remote, 0, len)]);
+    pump(&mut a, &mut b);
+    assert_eq!(back.bytes, remote.bytes);
+    assert!(b.collapsed.is_empty(), "{:?}", b.collapsed);
 }
