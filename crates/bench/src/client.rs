@@ -14,6 +14,7 @@ use uccl_tcpx::{Config, Connection, Engine};
 use crate::anchor::Anchor;
 use crate::args::{Args, Op};
 use crate::ctl::{self, Ctl, field};
+use crate::host_buffer::HostBuffer;
 use crate::layout::Layout;
 use crate::memory::BenchMemory;
 use crate::parallel_copy::ParallelCopy;
@@ -77,9 +78,9 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
         let network = Engine::new(Config { disable_ipc: true, ..config.clone() }).map_err(std::io::Error::other)?;
         let mr = network.register(mem.addr(), bytes).map_err(std::io::Error::other)?;
         let conn = network.connect(&server.to_string(), remote_gpu, engine_port).map_err(std::io::Error::other)?;
-        let mut src = crate::memory::prefaulted(bytes, args.huge_pages);
+        let mut src = crate::memory::prefaulted(bytes, args.huge_pages)?;
         src.fill(1);
-        let copy = (src, crate::memory::prefaulted(bytes, args.huge_pages));
+        let copy = (src, crate::memory::prefaulted(bytes, args.huge_pages)?);
         let parallel = ParallelCopy::new(config.host_copy_threads)?;
         Some(TcpAnchor { engine: network, conn, mr, copy, parallel })
     } else {
@@ -249,7 +250,7 @@ struct TcpAnchor {
     engine: Engine,
     conn: Arc<Connection>,
     mr: u64,
-    copy: (Vec<u8>, Vec<u8>),
+    copy: (HostBuffer, HostBuffer),
     parallel: ParallelCopy,
 }
 

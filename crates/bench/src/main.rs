@@ -7,6 +7,7 @@ mod args;
 mod client;
 mod cpus;
 mod ctl;
+mod host_buffer;
 mod layout;
 mod memory;
 mod parallel_copy;

@@ -9,6 +9,7 @@ use std::ops::Range;
 
 use crate::args::{Args, Device};
 use crate::ctl;
+use crate::host_buffer::HostBuffer;
 use crate::layout::Layout;
 
 type Io<T> = std::io::Result<T>;
@@ -18,8 +19,8 @@ fn io(e: uccl_tcpx::Error) -> std::io::Error {
 }
 
 pub enum BenchMemory {
-    Host(Vec<u8>),
-    Gpu { dev: DeviceBuffer, mirror: Vec<u8> },
+    Host(HostBuffer),
+    Gpu { dev: DeviceBuffer, mirror: HostBuffer },
 }
 
 impl BenchMemory {
@@ -27,10 +28,10 @@ impl BenchMemory {
     /// transparent huge pages.
     pub fn new(gpu: Option<i32>, len: usize, huge: bool) -> Io<BenchMemory> {
         match gpu {
-            None => Ok(BenchMemory::Host(prefaulted(len, huge))),
+            None => Ok(BenchMemory::Host(prefaulted(len, huge)?)),
             Some(ordinal) => {
                 let dev = DeviceBuffer::new(ordinal, len).map_err(io)?;
-                Ok(BenchMemory::Gpu { dev, mirror: prefaulted(len, huge) })
+                Ok(BenchMemory::Gpu { dev, mirror: prefaulted(len, huge)? })
             }
         }
     }
@@ -43,7 +44,7 @@ impl BenchMemory {
     /// The address the engine registers and transfers use.
     pub fn addr(&self) -> usize {
         match self {
-            BenchMemory::Host(v) => v.as_ptr() as usize,
+            BenchMemory::Host(v) => v.addr(),
             BenchMemory::Gpu { dev, .. } => dev.addr(),
         }
     }
@@ -143,28 +144,28 @@ fn fill_pieces(v: &mut [u8], layout: &Layout, seed: u64) {
 /// transfer into each page would pay a page fault and a page clear inside the timed loop (only slot
 /// 0 is touched before timing). With 4 in flight, 64 MiB writes measured first ran at 0.61 of raw TCP
 /// and the same writes after sends had mapped the pages at 0.98.
-pub fn prefaulted(len: usize, huge: bool) -> Vec<u8> {
-    let mut v = vec![0u8; len];
+pub fn prefaulted(len: usize, huge: bool) -> Io<HostBuffer> {
+    let mut v = HostBuffer::new(len)?;
     if huge {
         ask_huge_pages(&v);
     }
     for page in v.chunks_mut(4096) {
-        // Volatile: a plain store of zero into calloc'd memory may be optimized away.
+        // Volatile: a plain store of zero into memory known to be zero may be optimized away.
         // SAFETY: `page` is a valid, non-empty, exclusively borrowed slice.
         unsafe { std::ptr::write_volatile(page.as_mut_ptr(), 0) };
     }
     if huge && len >= HUGE {
-        // Advice only: memory the allocator had touched before, or a kernel that declines, leaves
-        // small pages, and a run must not be read as one on huge pages then.
+        // Advice only: a kernel that declines leaves small pages, and a run must not be read as
+        // one on huge pages then.
         let granted = uccl_tcpx::engine::huge_pages::range_on_huge_pages(None, v.as_ptr() as usize, len);
         if !granted {
             eprintln!(
-                "uccl-tcpx-bench: a {len}-byte host buffer asked for huge pages lies mostly on small pages (its 2 MiB-aligned interior alone can be huge; kernel THP mode: {})",
+                "uccl-tcpx-bench: a {len}-byte host buffer asked for huge pages lies mostly on small pages (kernel THP mode: {})",
                 thp_mode().unwrap_or_else(|| "unknown".into())
             );
         }
     }
-    v
+    Ok(v)
 }
 
 const HUGE: usize = 2 << 20;
@@ -262,7 +263,7 @@ mod tests {
     #[test]
     fn huge_page_buffers_are_plain_zeroed_memory() {
         for len in [100, 3 << 20, (4 << 20) + 123] {
-            let v = prefaulted(len, true);
+            let v = prefaulted(len, true).unwrap();
             assert_eq!(v.len(), len);
             assert!(v.iter().all(|&b| b == 0), "{len} bytes");
         }
