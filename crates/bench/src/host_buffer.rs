@@ -1,9 +1,11 @@
-//! Host memory of the bench's own mapping, starting at a 2 MiB boundary when it is that long: a
-//! heap allocation starts a page past its mapping's start, so its first and last 2 MiB extents
-//! never lie wholly inside it and stay on small pages whatever the kernel's THP mode, the
+//! Host memory in an anonymous mapping of its own, starting at a 2 MiB boundary when it is that
+//! long: a heap allocation starts a page past its mapping's start, so its first and last 2 MiB
+//! extents never lie wholly inside it and stay on small pages whatever the kernel's THP mode, the
 //! `--huge-pages` advice or the engine's collapse of a source do. At 8 MiB that is a quarter of the
 //! buffer, and a transfer at its start lands there; users' large buffers have such edges too, but
-//! a figure measured on them says nothing of the page size it names.
+//! a figure measured on them says nothing of the page size it names. The mapping stays its own
+//! (the kernel merges neighbouring anonymous mappings, and the engine's page-size look judges a
+//! mapping whole), kept apart by an inaccessible page on either side.
 
 use std::ops::{Deref, DerefMut};
 
@@ -26,7 +28,8 @@ impl HostBuffer {
         let page = page_size();
         let mapped = len.max(1).next_multiple_of(page);
         let align = if len >= HUGE { HUGE } else { page };
-        let raw_len = mapped + align - page;
+        // A guard page before the buffer, room to align it, the buffer, a guard page after.
+        let raw_len = page + (align - page) + mapped + page;
         // SAFETY: a fresh private anonymous mapping; no memory of ours is touched.
         let raw = unsafe {
             libc::mmap(
@@ -41,17 +44,25 @@ impl HostBuffer {
         if raw == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        let at = (raw as usize).next_multiple_of(align);
-        // The slack before and after the aligned part goes back at once, so that the buffer's
-        // mapping is its own bytes only.
-        let (head, tail) = (at - raw as usize, raw as usize + raw_len - (at + mapped));
-        // SAFETY: both ranges lie inside the mapping made above and outside the buffer.
+        let raw = raw as usize;
+        let at = (raw + page).next_multiple_of(align);
+        let (before, after) = (at - page, at + mapped);
+        let end = raw + raw_len;
+        // SAFETY: every range lies inside the mapping made above and outside the buffer: the
+        // slack goes back, the guard pages become inaccessible.
         unsafe {
-            if head > 0 {
-                libc::munmap(raw, head);
+            if before > raw {
+                libc::munmap(raw as *mut libc::c_void, before - raw);
             }
-            if tail > 0 {
-                libc::munmap((at + mapped) as *mut libc::c_void, tail);
+            if after + page < end {
+                libc::munmap((after + page) as *mut libc::c_void, end - (after + page));
+            }
+            for guard in [before, after] {
+                if libc::mprotect(guard as *mut libc::c_void, page, libc::PROT_NONE) != 0 {
+                    let e = std::io::Error::last_os_error();
+                    libc::munmap(before as *mut libc::c_void, mapped + 2 * page);
+                    return Err(e);
+                }
             }
         }
         Ok(HostBuffer { at: at as *mut u8, len, mapped })
@@ -85,8 +96,9 @@ impl DerefMut for HostBuffer {
 
 impl Drop for HostBuffer {
     fn drop(&mut self) {
-        // SAFETY: the mapping is ours and nothing borrows it past `self`.
-        unsafe { libc::munmap(self.at as *mut libc::c_void, self.mapped) };
+        let page = page_size();
+        // SAFETY: the mapping and its guard pages are ours and nothing borrows them past `self`.
+        unsafe { libc::munmap(self.at.sub(page) as *mut libc::c_void, self.mapped + 2 * page) };
     }
 }
 
@@ -104,6 +116,22 @@ mod tests {
             assert!(b.iter().all(|&x| x == 0xa5));
             let align = if len >= HUGE { HUGE } else { page_size() };
             assert_eq!(b.addr() % align, 0, "{len} bytes at {:#x}", b.addr());
+        }
+    }
+
+    /// Two buffers made one after the other are two mappings, each exactly its own pages: the
+    /// kernel merged neither with its neighbour.
+    #[test]
+    fn each_buffer_is_a_mapping_of_its_own() {
+        let (a, b) = (HostBuffer::new(3 << 20).unwrap(), HostBuffer::new(3 << 20).unwrap());
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        for buf in [&a, &b] {
+            let (start, end) = (buf.addr(), buf.addr() + buf.len().next_multiple_of(page_size()));
+            let own = maps
+                .lines()
+                .filter_map(|l| l.split_whitespace().next()?.split_once('-'))
+                .any(|(s, e)| usize::from_str_radix(s, 16) == Ok(start) && usize::from_str_radix(e, 16) == Ok(end));
+            assert!(own, "no mapping {start:#x}-{end:#x} of its own in\n{maps}");
         }
     }
 }
