@@ -497,7 +497,7 @@ fn default_channels(transport: ChannelTransport, cores: usize) -> u16 {
 
 /// Chunk size: 1 MiB below 16 cores; 2 MiB from 16, which with the larger layout took 64 MiB
 /// GPU->GPU writes at 1 in flight on a 32-core host from 15.4 to 20.8 GB/s and host-memory writes
-/// from 24.9 to 37.3 GB/s (docs/PERFORMANCE.md, "Default layout").
+/// from 24.9 to 37.3 GB/s (docs/perf-log/socket-host-memory.md, "Default layout").
 fn default_chunk_size(cores: usize) -> u32 {
     if cores >= LARGE_HOST_CORES { 2 << 20 } else { 1 << 20 }
 }
