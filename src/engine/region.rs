@@ -42,6 +42,9 @@ pub struct Region {
     /// (`generation << 1 | huge`; 0: none yet): a post asks once per settled read, not under the
     /// process-wide cache's lock every time.
     huge_answer: AtomicU64,
+    /// The first generation of `pages` whose read began after the registration: an answer of an
+    /// earlier one may describe memory unmapped since, whose addresses this region's reuses.
+    fresh_from: u64,
     /// The collapse of its memory into huge pages was asked for (`collapse_into_huge_pages`).
     collapse_asked: AtomicBool,
 }
@@ -111,6 +114,8 @@ impl Region {
     /// its last read: memory mapped since that read queues another on the looker thread and, until
     /// its answer is in, says small pages (as does memory whose pages changed size in place until
     /// the read `KnownMappings::refresh` queued is in); device memory never lies on huge pages here.
+    /// A "huge pages" answer from a read that began before the registration queues a new read,
+    /// and holds until it is in.
     pub fn on_huge_pages(&self) -> bool {
         if self.kind != MemKind::Host {
             return false;
@@ -122,6 +127,12 @@ impl Region {
         }
         let huge = self.pages.on_huge_pages([(self.base, self.len)]);
         self.huge_answer.store(generation << 1 | u64::from(huge), Ordering::Release);
+        // A source thought huge skips the network band and is never collapsed, so a "huge" that
+        // may be of memory mapped here before has the cache read again (once per generation:
+        // the answer above is kept until the next read settles).
+        if huge && generation < self.fresh_from {
+            self.pages.refresh();
+        }
         huge
     }
 
@@ -233,6 +244,7 @@ impl RegionTable {
             ipc: OnceLock::new(),
             pages: self.pages.clone(),
             huge_answer: AtomicU64::new(0),
+            fresh_from: self.pages.generation_read_after_now(),
             collapse_asked: AtomicBool::new(false),
         };
         self.regions.write().insert(id, Arc::new(region));
@@ -530,5 +542,46 @@ mod tests {
         assert!(!device.on_huge_pages());
         assert!(!t.pages.looking(), "device memory is never looked up");
         assert_eq!(reads.load(Ordering::SeqCst), 1);
+    }
+
+    /// Memory unmapped and mapped again at the same addresses: a region registered there after
+    /// the cache read the old, huge, memory is told huge pages at first, but that answer has the
+    /// cache read again, after which it is told the truth. A region registered after a read gets
+    /// its answer without another.
+    #[test]
+    fn a_huge_answer_older_than_the_registration_is_read_again() {
+        let _reading = crate::engine::huge_pages::TEST_FAULTS.read();
+        const BASE: usize = 0x7e00_0000_0000;
+        let mapping = |huge_kib: usize| {
+            format!("{BASE:x}-{:x} rw-p 0 00:00 0\nRss: 4096 kB\nAnonHugePages: {huge_kib} kB\n", BASE + (4 << 20))
+        };
+        let text = Arc::new(Mutex::new(mapping(4096)));
+        let reads = Arc::new(AtomicUsize::new(0));
+        let pages = {
+            let (text, reads) = (text.clone(), reads.clone());
+            KnownMappings::with_reader(std::time::Duration::ZERO, move || {
+                reads.fetch_add(1, Ordering::SeqCst);
+                Some(crate::engine::huge_pages::Snapshot::from_text(&text.lock()))
+            })
+        };
+        let t = RegionTable::with_pages(Arc::new(pages));
+        let settled = |what: &str| testkit::wait_until(what, testkit::PATIENCE, || !t.pages.looking());
+        let old = t.register(BASE, 4 << 20, MemKind::Host).unwrap();
+        let old = t.local(old, BASE, 4 << 20).unwrap();
+        assert!(!old.on_huge_pages(), "nothing read yet: small pages, and a read queued");
+        settled("the first read");
+        assert!(old.on_huge_pages());
+        assert_eq!(reads.load(Ordering::SeqCst), 1, "an answer of a read after the registration stands");
+
+        // Unmapped and mapped again on small pages; the cache has not read since.
+        *text.lock() = mapping(0);
+        let new = t.register(BASE, 4 << 20, MemKind::Host).unwrap();
+        let new = t.local(new, BASE, 4 << 20).unwrap();
+        assert!(new.on_huge_pages(), "the old read answers at first");
+        settled("the read the stale answer queued");
+        assert_eq!(reads.load(Ordering::SeqCst), 2);
+        assert!(!new.on_huge_pages(), "the new read tells small pages");
+        assert!(!old.on_huge_pages(), "for every region of that memory");
+        assert_eq!(reads.load(Ordering::SeqCst), 2, "a small answer queues nothing");
     }
 }

@@ -218,6 +218,14 @@ impl KnownMappings {
         self.shared.generation.load(Ordering::Acquire)
     }
 
+    /// The first generation whose read surely begins after this call (the next when none is
+    /// queued or under way, else the one after it): an answer of an earlier generation may
+    /// describe memory mapped at the same addresses before, since unmapped.
+    pub fn generation_read_after_now(&self) -> u64 {
+        let state = self.shared.state.lock();
+        self.shared.generation.load(Ordering::Acquire) + 1 + u64::from(state.looking)
+    }
+
     /// A read is queued or under way.
     #[cfg(test)]
     pub(crate) fn looking(&self) -> bool {

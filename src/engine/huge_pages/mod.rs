@@ -31,6 +31,8 @@ pub use known::KnownMappings;
 pub(crate) use looker::TEST_FAULTS;
 #[doc(hidden)]
 pub use looker::looks_settled;
+#[cfg(test)]
+pub(crate) use smaps::Snapshot;
 pub use smaps::range_on_huge_pages;
 #[cfg(test)]
 pub(crate) use smaps::read as read_smaps;
