@@ -267,15 +267,10 @@ fn band_config() -> Config {
     }
 }
 
-/// `len` bytes faulted in as small pages whatever the THP mode, in a mapping of their own (an
-/// advice only it has sets it apart, so that what smaps counts for it is its own). With
-/// `MADV_NORMAL` they are advised for huge pages afterwards only where the mode is `always`:
-/// elsewhere unadvised memory is what khugepaged leaves alone, so that only the engine's collapse
-/// can change it during a test.
 /// Reads this process's page-size cache again and checks it now says `buf` lies on small pages:
 /// it answers from its last read, which may have seen another test's huge pages at these addresses
-/// before they were unmapped, and a source it thinks huge is neither kept to the network band nor
-/// collapsed.
+/// before they were unmapped, and a first transfer out of a source it thinks huge skips the
+/// network band.
 fn cache_sees_small_pages(buf: &AlignedMapping) {
     let pages = uccl_tcpx::engine::huge_pages::KnownMappings::ours();
     pages.refresh();
@@ -283,6 +278,11 @@ fn cache_sees_small_pages(buf: &AlignedMapping) {
     assert!(!pages.on_huge_pages([(buf.addr(), buf.len())]), "the cache read again sees small pages");
 }
 
+/// `len` bytes faulted in as small pages whatever the THP mode, in a mapping of their own (an
+/// advice only it has sets it apart, so that what smaps counts for it is its own). With
+/// `MADV_NORMAL` they are advised for huge pages afterwards only where the mode is `always`:
+/// elsewhere unadvised memory is what khugepaged leaves alone, so that only the engine's collapse
+/// can change it during a test.
 fn small_page_mapping(len: usize, advice: libc::c_int) -> AlignedMapping {
     let always = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
         .is_ok_and(|mode| mode.contains("[always]"));
