@@ -278,23 +278,15 @@ fn cache_sees_small_pages(buf: &AlignedMapping) {
     assert!(!pages.on_huge_pages([(buf.addr(), buf.len())]), "the cache read again sees small pages");
 }
 
-/// `len` bytes faulted in as small pages whatever the THP mode, in a mapping of their own (an
-/// advice only it has sets it apart, so that what smaps counts for it is its own). With
-/// `MADV_NORMAL` they are advised for huge pages afterwards only where the mode is `always`:
-/// elsewhere unadvised memory is what khugepaged leaves alone, so that only the engine's collapse
-/// can change it during a test.
+/// `len` zeroed bytes faulted in as small pages whatever the THP mode, in a mapping of their own;
+/// with `MADV_NOHUGEPAGE` they stay advised against huge pages, which a collapse honours.
 fn small_page_mapping(len: usize, advice: libc::c_int) -> AlignedMapping {
-    let always = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
-        .is_ok_and(|mode| mode.contains("[always]"));
-    let first = if always || advice == libc::MADV_NOHUGEPAGE { libc::MADV_NOHUGEPAGE } else { libc::MADV_NORMAL };
-    let buf = AlignedMapping::new(len, first, 0);
-    let addr = buf.addr() as *mut libc::c_void;
-    if always && advice != libc::MADV_NOHUGEPAGE {
-        // SAFETY: advice over the buffer's own pages.
-        assert_eq!(unsafe { libc::madvise(addr, len, libc::MADV_HUGEPAGE) }, 0);
+    if advice != libc::MADV_NOHUGEPAGE {
+        return AlignedMapping::on_small_pages(len, |b| b.fill(0));
     }
-    // SAFETY: advice over our own mapping; MADV_DONTFORK changes only what a fork inherits.
-    assert_eq!(unsafe { libc::madvise(addr, len, libc::MADV_DONTFORK) }, 0);
+    let buf = AlignedMapping::new(len, libc::MADV_NOHUGEPAGE, 0);
+    // Its own mapping, as `on_small_pages` keeps one.
+    buf.advise(libc::MADV_DONTFORK);
     buf
 }
 

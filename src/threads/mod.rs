@@ -11,7 +11,10 @@ mod contain;
 mod fault;
 mod kind;
 
-pub(crate) use contain::{panic_text, run_contained, spawn_contained};
+/// The message of a panic payload, for tools that catch panics of their own threads (the bench).
+#[doc(hidden)]
+pub use contain::panic_text;
+pub(crate) use contain::{run_contained, spawn_contained};
 pub(crate) use fault::{armed, point, wait_fails};
 #[doc(hidden)]
 pub use fault::{

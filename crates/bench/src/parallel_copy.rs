@@ -16,7 +16,6 @@
 //! after its timing). The workspace's profiles unwind (`panic = "unwind"`); built to abort, a panic
 //! ends the process, which does not hang either.
 
-use std::any::Any;
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,8 +59,11 @@ impl Shared {
     /// Copies share `i` of `job`; a panic is recorded instead of unwinding past the barriers.
     fn copy_share(&self, job: &Job, i: usize) {
         if let Err(panic) = catch_unwind(AssertUnwindSafe(|| copy_share(job, self.threads, i))) {
-            let what =
-                format!("share {i} of {} of the parallel memcpy panicked: {}", self.threads, panic_text(&*panic));
+            let what = format!(
+                "share {i} of {} of the parallel memcpy panicked: {}",
+                self.threads,
+                uccl_tcpx::threads::panic_text(&*panic)
+            );
             self.panic.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(what);
             self.panicked.store(true, Ordering::Relaxed);
         }
@@ -195,14 +197,6 @@ fn copy_share(job: &Job, threads: usize, i: usize) {
     };
     dst.copy_from_slice(std::hint::black_box(src));
     std::hint::black_box(dst);
-}
-
-fn panic_text(panic: &(dyn Any + Send)) -> &str {
-    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
-        (Some(text), _) => text,
-        (_, Some(text)) => text,
-        _ => "(not a string)",
-    }
 }
 
 #[cfg(test)]

@@ -398,88 +398,32 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, mpsc};
     use testkit::PATIENCE;
+    use testkit::mapping::AlignedMapping;
 
-    /// An anonymous private mapping of `extents` extents starting on an extent boundary, its pages
-    /// faulted in as small ones whatever the THP mode, unmapped at drop.
-    struct Aligned {
-        map: usize,
-        map_len: usize,
-        addr: usize,
-        len: usize,
+    /// `extents` extents at an extent boundary, touched by `touch` as small pages whatever the THP
+    /// mode, in a mapping of their own.
+    fn aligned(extents: usize, touch: impl FnOnce(&mut [u8])) -> AlignedMapping {
+        AlignedMapping::on_small_pages(extents * EXTENT, touch)
     }
 
-    impl Aligned {
-        /// `touch` runs over the range before it may lie on huge pages.
-        fn new(extents: usize, touch: impl FnOnce(&mut [u8])) -> Aligned {
-            let (len, map_len) = (extents * EXTENT, (extents + 1) * EXTENT);
-            // SAFETY: a fresh anonymous mapping, nothing else refers to it.
-            let map = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    map_len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(map, libc::MAP_FAILED);
-            let map = map as usize;
-            let mut aligned = Aligned { map, map_len, addr: (map + EXTENT - 1) & !(EXTENT - 1), len };
-            // A flag no other test's memory has: the kernel merges mappings of the same flags,
-            // and smaps, which other tests read, counts whole mappings.
-            aligned.advise(libc::MADV_DONTFORK);
-            // Where THP is `always` a fault would map huge pages; advised for them afterwards, the
-            // memory may be collapsed. Elsewhere it is left unadvised, which keeps khugepaged
-            // away from it (in `madvise` mode it collapses only memory advised for huge pages).
-            let always = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
-                .is_ok_and(|mode| mode.contains("[always]"));
-            if always {
-                aligned.advise(libc::MADV_NOHUGEPAGE);
-            }
-            touch(aligned.bytes());
-            if always {
-                aligned.advise(libc::MADV_HUGEPAGE);
-            }
-            aligned
-        }
-
-        fn advise(&self, advice: libc::c_int) {
-            // SAFETY: advice over our own mapping.
-            assert_eq!(unsafe { libc::madvise(self.map as *mut libc::c_void, self.map_len, advice) }, 0);
-        }
-
-        fn bytes(&mut self) -> &mut [u8] {
-            // SAFETY: the mapping lives as long as self, borrowed mutably with it.
-            unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u8, self.len) }
-        }
-
-        /// Whether every extent of the range lies on a huge page: from the page tables where the
-        /// kernel tells (smaps counts whole mappings, and the kernel merges a test's mapping with
-        /// its neighbours of the same flags, other tests' among them), else from smaps.
-        fn on_huge_pages(&self) -> bool {
-            let extents: Option<Vec<Pages>> =
-                (0..self.len / EXTENT).map(|i| scan::pages_of(self.addr + i * EXTENT, EXTENT)).collect();
-            match extents {
-                Some(extents) => extents.iter().all(|pages| *pages == Pages::Huge),
-                None => super::super::range_on_huge_pages(None, self.addr, self.len),
-            }
-        }
-
-        /// Pages of the range resident (mapped to memory or to the zero page), from `mincore`.
-        fn resident_pages(&self) -> usize {
-            let mut vec = vec![0u8; self.len / page_size()];
-            // SAFETY: one byte per page of the range.
-            assert_eq!(unsafe { libc::mincore(self.addr as *mut libc::c_void, self.len, vec.as_mut_ptr()) }, 0);
-            vec.iter().filter(|v| **v & 1 == 1).count()
+    /// Whether every extent of the memory lies on a huge page: from the page tables where the
+    /// kernel tells (smaps counts whole mappings, and the kernel merges a test's mapping with its
+    /// neighbours of the same flags, other tests' among them), else from smaps.
+    fn on_huge_pages(memory: &AlignedMapping) -> bool {
+        let extents: Option<Vec<Pages>> =
+            (0..memory.len() / EXTENT).map(|i| scan::pages_of(memory.addr() + i * EXTENT, EXTENT)).collect();
+        match extents {
+            Some(extents) => extents.iter().all(|pages| *pages == Pages::Huge),
+            None => super::super::range_on_huge_pages(None, memory.addr(), memory.len()),
         }
     }
 
-    impl Drop for Aligned {
-        fn drop(&mut self) {
-            // SAFETY: the mapping made in new(), unmapped once.
-            unsafe { libc::munmap(self.map as *mut libc::c_void, self.map_len) };
-        }
+    /// Pages of the memory resident (mapped to memory or to the zero page), from `mincore`.
+    fn resident_pages(memory: &AlignedMapping) -> usize {
+        let mut vec = vec![0u8; memory.len() / page_size()];
+        // SAFETY: one byte per page of the range.
+        assert_eq!(unsafe { libc::mincore(memory.addr() as *mut libc::c_void, memory.len(), vec.as_mut_ptr()) }, 0);
+        vec.iter().filter(|v| **v & 1 == 1).count()
     }
 
     fn pattern(i: usize) -> u8 {
@@ -497,8 +441,8 @@ mod tests {
 
     /// Whether this kernel tells zero pages apart (PAGEMAP_SCAN, Linux 6.7).
     fn scan_supported() -> bool {
-        let page = Aligned::new(1, |b| b.fill(1));
-        scan::pages_of(page.addr, EXTENT).is_some()
+        let page = aligned(1, |b| b.fill(1));
+        scan::pages_of(page.addr(), EXTENT).is_some()
     }
 
     fn collapse(addr: usize, len: usize, still_wanted: impl Fn() -> bool + Send + 'static) -> Collapsed {
@@ -512,55 +456,54 @@ mod tests {
     #[test]
     fn written_memory_moves_to_huge_pages_with_its_contents() {
         let _reading = looker::TEST_FAULTS.read();
-        let memory = Aligned::new(4, |b| b.iter_mut().enumerate().for_each(|(i, b)| *b = pattern(i)));
-        assert!(!memory.on_huge_pages(), "faulted in as small pages");
+        let memory = aligned(4, |b| b.iter_mut().enumerate().for_each(|(i, b)| *b = pattern(i)));
+        assert!(!on_huge_pages(&memory), "faulted in as small pages");
         // The region starts a page into the first extent and ends a page short of the last: the
         // extents are rounded out.
         let page = page_size();
-        let tally = collapse(memory.addr + page, memory.len - 2 * page, || true);
-        let mut memory = memory;
-        assert!(memory.bytes().iter().enumerate().all(|(i, b)| *b == pattern(i)), "contents unchanged");
+        let tally = collapse(memory.addr() + page, memory.len() - 2 * page, || true);
+        assert!(memory.iter().enumerate().all(|(i, b)| *b == pattern(i)), "contents unchanged");
         if !collapse_possible() {
             assert!(tally.unsupported && tally.extents == 0, "{tally:?}");
-            assert!(!memory.on_huge_pages());
+            assert!(!on_huge_pages(&memory));
             return;
         }
         assert_eq!(tally, Collapsed { extents: 4, ..Collapsed::default() });
-        assert!(memory.on_huge_pages(), "smaps counts the range as huge");
+        assert!(on_huge_pages(&memory), "smaps counts the range as huge");
         // Asked again, nothing is left to do.
-        assert_eq!(collapse(memory.addr, memory.len, || true), Collapsed { already: 4, ..Collapsed::default() });
+        assert_eq!(collapse(memory.addr(), memory.len(), || true), Collapsed { already: 4, ..Collapsed::default() });
     }
 
     #[test]
     fn an_extent_not_wholly_present_is_left_alone() {
         let _reading = looker::TEST_FAULTS.read();
         // The first extent wholly, the second's first half only.
-        let mut memory = Aligned::new(2, |b| b[..EXTENT + EXTENT / 2].fill(3));
-        let resident = memory.resident_pages();
-        let tally = collapse(memory.addr, memory.len, || true);
-        assert_eq!(memory.resident_pages(), resident, "no page added to the process");
+        let memory = aligned(2, |b| b[..EXTENT + EXTENT / 2].fill(3));
+        let resident = resident_pages(&memory);
+        let tally = collapse(memory.addr(), memory.len(), || true);
+        assert_eq!(resident_pages(&memory), resident, "no page added to the process");
         if collapse_possible() {
             assert_eq!(tally, Collapsed { extents: 1, skipped: 1, ..Collapsed::default() });
         }
-        assert!(memory.bytes()[..EXTENT + EXTENT / 2].iter().all(|b| *b == 3));
-        assert!(memory.bytes()[EXTENT + EXTENT / 2..].iter().all(|b| *b == 0));
+        assert!(memory[..EXTENT + EXTENT / 2].iter().all(|b| *b == 3));
+        assert!(memory[EXTENT + EXTENT / 2..].iter().all(|b| *b == 0));
     }
 
     #[test]
     fn memory_only_read_is_left_alone_where_the_kernel_tells_zero_pages_apart() {
         let _reading = looker::TEST_FAULTS.read();
         // Read, never written: every page is the shared zero page, resident to mincore.
-        let memory = Aligned::new(1, |b| {
+        let memory = aligned(1, |b| {
             let sum: u64 = b.chunks(4096).map(|page| u64::from(std::hint::black_box(page[0]))).sum();
             assert_eq!(sum, 0);
         });
-        let tally = collapse(memory.addr, memory.len, || true);
+        let tally = collapse(memory.addr(), memory.len(), || true);
         if !collapse_possible() {
             return assert!(tally.unsupported, "{tally:?}");
         }
         if scan_supported() {
             assert_eq!(tally, Collapsed { skipped: 1, ..Collapsed::default() });
-            assert_eq!(scan::pages_of(memory.addr, EXTENT), Some(Pages::NotReady), "still the zero page, no memory");
+            assert_eq!(scan::pages_of(memory.addr(), EXTENT), Some(Pages::NotReady), "still the zero page, no memory");
         } else {
             // Before Linux 6.7 the zero pages count as resident: the extent is collapsed (and
             // backed with memory), as the module documents.
@@ -571,16 +514,16 @@ mod tests {
     #[test]
     fn a_region_deregistered_meanwhile_is_no_longer_asked_for() {
         let _reading = looker::TEST_FAULTS.read();
-        let memory = Aligned::new(2, |b| b.fill(9));
+        let memory = aligned(2, |b| b.fill(9));
         let wanted = Arc::new(AtomicBool::new(false));
-        let tally = collapse(memory.addr, memory.len, {
+        let tally = collapse(memory.addr(), memory.len(), {
             let wanted = wanted.clone();
             move || wanted.load(Ordering::SeqCst)
         });
         if collapse_possible() {
             assert_eq!(tally, Collapsed { abandoned: true, ..Collapsed::default() });
         }
-        assert!(!memory.on_huge_pages());
+        assert!(!on_huge_pages(&memory));
     }
 
     #[test]
@@ -592,13 +535,13 @@ mod tests {
         // Two regions of several slices each, asked for at once: every slice of any job (other
         // tests' too) starts no sooner than three times the last slice's length after it ended.
         let extents = 3 * SLICE_BYTES / EXTENT;
-        let regions = [Aligned::new(extents, |b| b.fill(1)), Aligned::new(extents, |b| b.fill(2))];
+        let regions = [aligned(extents, |b| b.fill(1)), aligned(extents, |b| b.fill(2))];
         let (done, finished) = mpsc::channel();
         for region in &regions {
             let done = done.clone();
             collapse_in_background(
-                region.addr,
-                region.len,
+                region.addr(),
+                region.len(),
                 || true,
                 move |tally| {
                     let _ = done.send(tally);
