@@ -826,3 +826,38 @@ fn socket_trace_off_writes_nothing() {
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `scripts/diag/socket_balance.py` reads the tables: 8 requests of 16 pieces over four sockets, in
+/// runs of two, give four runs whose busiest socket it reports as the tables have it.
+#[test]
+fn socket_balance_script_reads_the_tables() {
+    let dir = trace_dir("balance");
+    let prefix = dir.join("t").to_string_lossy().into_owned();
+    move_messages(&traced_net(Some(prefix.clone())), 8, 1 << 20);
+    let send = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".send.tsv"))
+        .expect("a send table");
+    let rows = trace_rows(&send);
+    let mut ratios: Vec<f64> = (0..4u64)
+        .map(|run| {
+            let mut per_socket = [0u64; 4];
+            for r in rows.iter().filter(|r| r[0] / 2 == run) {
+                per_socket[r[1] as usize] += r[4];
+            }
+            *per_socket.iter().max().unwrap() as f64 / (2.0 * (1 << 20) as f64 / 4.0)
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/diag/socket_balance.py");
+    let run = std::process::Command::new("python3").args([script, &prefix, "2", "4"]).output().expect("python3 runs");
+    let report = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{report}{}", String::from_utf8_lossy(&run.stderr));
+    assert!(report.starts_with("4 runs of 2 requests"), "{report}");
+    let p50 = format!("p50 {:.2}", ratios[2]);
+    let line = report.lines().find(|l| l.trim_start().starts_with("max/mean")).expect("a max/mean line");
+    assert!(line.contains(&p50), "{p50} in {line:?} (runs {ratios:?})");
+    assert!(report.contains("last landing"), "{report}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
