@@ -32,8 +32,8 @@ use uccl_tcpx::proto::{
 
 /// `proto::FRAME_HEADER_LEN` is crate-private; `FrameHeader::to_bytes` pins the same number.
 const HEADER_LEN: usize = 8;
-/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 15.
-const VERSION: u16 = 15;
+/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 16.
+const VERSION: u16 = 16;
 const CHANNEL_HELLO_LEN: usize = 16;
 const FIFO_LEN: usize = 64;
 /// Protocol limits (crate-private in `proto`); `limits_match_the_codec` checks each against the codec.
@@ -315,6 +315,7 @@ fn sample_controls() -> Vec<(&'static str, Control)> {
             },
         ),
         ("staged_grant", Control::StagedGrant { xfer: 39, first_piece: 0, generation: 1 }),
+        ("on_huge_pages", Control::OnHugePages { region: 40 }),
     ]
 }
 

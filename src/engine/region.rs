@@ -224,7 +224,7 @@ impl Default for RegionTable {
 }
 
 impl RegionTable {
-    fn with_pages(pages: Arc<KnownMappings>) -> RegionTable {
+    pub(crate) fn with_pages(pages: Arc<KnownMappings>) -> RegionTable {
         RegionTable { regions: RwLock::default(), next_id: AtomicU64::new(0), removals: Arc::default(), pages }
     }
 

@@ -220,6 +220,13 @@ pub enum Control {
         first_piece: u32,
         generation: u64,
     },
+    /// From a read's target on this host: its region `region`, which the reader read over the
+    /// channels because it lay on small pages, lies on huge pages now, so later reads out of it may
+    /// skip the network band. Sent once per region and connection; a hint that only steers which
+    /// path a read takes.
+    OnHugePages {
+        region: u64,
+    },
 }
 
 const HANDSHAKE_AFTER_SETUP: ProtoError =
@@ -358,6 +365,7 @@ impl Control {
             Self::StagingAck { .. } => kind::STAGING_ACK,
             Self::StagedWrite { .. } => kind::STAGED_WRITE,
             Self::StagedGrant { .. } => kind::STAGED_GRANT,
+            Self::OnHugePages { .. } => kind::ON_HUGE_PAGES,
         }
     }
 
@@ -446,6 +454,7 @@ impl Control {
                 w.u32(*first_piece);
                 w.u64(*generation);
             }
+            Self::OnHugePages { region } => w.u64(*region),
             Self::IpcGrant { xfer, region, handle, alloc_base, alloc_len, windows } => {
                 w.u64(*xfer);
                 w.u64(*region);
@@ -568,6 +577,7 @@ impl Control {
                 segs: read_segments(r)?,
             },
             kind::STAGED_GRANT => Self::StagedGrant { xfer: r.u64()?, first_piece: r.u32()?, generation: r.u64()? },
+            kind::ON_HUGE_PAGES => Self::OnHugePages { region: r.u64()? },
             other => return Err(ProtoError::UnknownKind(other)),
         };
         Ok(msg)
@@ -610,6 +620,7 @@ impl Control {
             | Self::DirectGrant { .. }
             | Self::DirectDone { .. }
             | Self::StagingAck { .. }
+            | Self::OnHugePages { .. }
             | Self::Close => Ok(()),
         }
     }
@@ -756,6 +767,7 @@ mod tests {
                 segs: vec![RemoteSeg { addr: 0x1000, len: 4096 }, RemoteSeg { addr: 0x8000, len: 7 }],
             },
             Control::StagedGrant { xfer: 39, first_piece: u32::MAX, generation: 1 },
+            Control::OnHugePages { region: 40 },
         ]
     }
 
@@ -1205,7 +1217,7 @@ mod tests {
         }
         assert_eq!(decode_raw(0, &[]), Err(ProtoError::UnknownKind(0)));
         assert_eq!(decode_raw(36, &[]), Err(ProtoError::UnknownKind(36)));
-        assert_eq!(decode_raw(50, &[]), Err(ProtoError::UnknownKind(50)));
+        assert_eq!(decode_raw(51, &[]), Err(ProtoError::UnknownKind(51)));
     }
 
     #[test]

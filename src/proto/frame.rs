@@ -52,6 +52,7 @@ pub mod kind {
     pub(crate) const STAGING_ACK: u8 = 47;
     pub(crate) const STAGED_WRITE: u8 = 48;
     pub(crate) const STAGED_GRANT: u8 = 49;
+    pub(crate) const ON_HUGE_PAGES: u8 = 50;
 }
 
 /// Largest vector request body: three ids, the count, the segments.
@@ -111,6 +112,7 @@ fn body_spec(kind: u8) -> Option<(&'static str, BodySize)> {
         kind::STAGING_ACK => ("StagingAck body", Exactly(4)),
         kind::STAGED_WRITE => ("StagedWrite body", UpTo(MAX_STAGED_WRITE_BODY)),
         kind::STAGED_GRANT => ("StagedGrant body", Exactly(20)),
+        kind::ON_HUGE_PAGES => ("OnHugePages body", Exactly(8)),
         _ => return None,
     };
     Some(spec)
@@ -221,7 +223,7 @@ mod tests {
     use super::*;
     use crate::proto::testutil::XorShift;
 
-    const KNOWN: [u8; 36] = [
+    const KNOWN: [u8; 37] = [
         kind::HELLO,
         kind::WELCOME,
         kind::REFUSE,
@@ -258,6 +260,7 @@ mod tests {
         kind::STAGING_ACK,
         kind::STAGED_WRITE,
         kind::STAGED_GRANT,
+        kind::ON_HUGE_PAGES,
     ];
 
     fn raw(magic: u16, kind: u8, flags: u8, body_len: u32) -> [u8; 8] {
@@ -357,6 +360,7 @@ mod tests {
             kind::STAGING_AREA,
             kind::STAGING_ACK,
             kind::STAGED_GRANT,
+            kind::ON_HUGE_PAGES,
         ] {
             let max = u32::try_from(max_body_len(k).unwrap()).unwrap();
             for len in 0..max {

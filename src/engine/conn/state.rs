@@ -710,6 +710,7 @@ impl ConnState {
                     Err(e) => deny(xfer, e, out),
                     Ok(region) => {
                         self.collapse_served_source(&region, out);
+                        self.tell_huge_source(&region, out);
                         self.serve(xfer, Source { extent: local_segments(&segs), region }, out)?
                     }
                 }
@@ -720,6 +721,7 @@ impl ConnState {
                     Err(e) => deny(xfer, e, out),
                     Ok(region) => {
                         self.collapse_served_source(&region, out);
+                        self.tell_huge_source(&region, out);
                         let extent = Extent::Contiguous { addr: addr as usize, len };
                         self.serve(xfer, Source { extent, region }, out)?
                     }
@@ -911,6 +913,10 @@ impl ConnState {
             }
             Control::StagedGrant { xfer, first_piece, generation } => {
                 self.on_staged_grant(xfer, (first_piece, generation), out)
+            }
+            Control::OnHugePages { region } => {
+                self.on_peer_huge_pages(region);
+                Ok(())
             }
             Control::IpcRequest { .. }
             | Control::IpcGrant { .. }

@@ -32,7 +32,7 @@
 use std::sync::Arc;
 
 use super::direct_table::{
-    AskedRead, Copied, CopyJob, HostPath, HostTask, Lease, MAX_DIRECT_PENDING, OurRead, StagedSource,
+    AskedRead, Copied, CopyJob, HostPath, HostTask, Lease, MAX_DIRECT_PENDING, MAX_HUGE_HINTS, OurRead, StagedSource,
 };
 use super::{Action, ConnState, Extent, Inbound, Memory, OnDone, Source, deny, deny_msg, unknown_op, violation};
 use crate::engine::region::Region;
@@ -99,6 +99,38 @@ impl ConnState {
     pub(super) fn collapse_served_source(&self, region: &Arc<Region>, out: &mut Vec<Action>) {
         if self.direct.same_host && self.direct.huge_pages && self.direct.path.peer_reads_us {
             self.collapse_source(region, out);
+        }
+    }
+
+    /// A read the channels carry out of `region` for a peer of this host that could copy out of
+    /// us: if the region lies on huge pages by now (collapsed since the reader last looked), the
+    /// reader is told, once, so that its later reads out of it skip the band. The reader's own look
+    /// at our pages would find it too, but only a second or more after its last one (and at a
+    /// hundredth of a core: every look reads all of our page tables).
+    pub(super) fn tell_huge_source(&mut self, region: &Arc<Region>, out: &mut Vec<Action>) {
+        let d = &mut self.direct;
+        if !(d.same_host && d.huge_pages && d.path.peer_reads_us)
+            || region.kind != MemKind::Host
+            || d.told_huge.contains(&region.id)
+            || !region.on_huge_pages()
+        {
+            return;
+        }
+        if d.told_huge.len() >= MAX_HUGE_HINTS {
+            d.told_huge.clear();
+        }
+        d.told_huge.insert(region.id);
+        out.push(Action::Send(Control::OnHugePages { region: region.id }));
+    }
+
+    /// The peer's region `region` lies on huge pages now, it says: our reads out of it skip the
+    /// network band. Only a hint about which path a read takes (either path is checked and
+    /// bounded the same), so it is taken from a peer of this host only, and at most
+    /// `MAX_HUGE_HINTS` are kept.
+    pub(super) fn on_peer_huge_pages(&mut self, region: u64) {
+        let d = &mut self.direct;
+        if d.same_host && d.peer_huge.len() < MAX_HUGE_HINTS && d.peer_huge.insert(region) {
+            d.path.peer_huge_regions += 1;
         }
     }
 
@@ -198,6 +230,9 @@ impl ConnState {
         segs: &[RemoteSeg],
         extra: &mut Vec<Action>,
     ) -> Option<Control> {
+        // A read's source is the peer's: on huge pages if the peer's pages said so when the
+        // caller looked, or if the peer told us since.
+        let huge_source = huge_source || (!write && self.direct.peer_huge.contains(&remote_region));
         // Staged first: two plain copies beat both the channels and the page-pinning copy for
         // small-page sources (on huge pages the direct copy pins in a few steps and needs no
         // second copy, where the kernel lets the end copying make it).

@@ -1,6 +1,7 @@
 //! The same-host path without sockets or a second process: the host worker's tasks are run by
 //! hand, a copy being the worker's own out of this process (both "processes" are this one).
 
+use super::super::direct_table::MAX_HUGE_HINTS;
 use super::*;
 
 /// Two ends of one host; each proved the other (or not) and told it so.
@@ -797,4 +798,92 @@ fn a_source_kept_to_the_channels_by_the_band_is_collapsed() {
     pump(&mut a, &mut b);
     assert_eq!(back.bytes, remote.bytes);
     assert!(b.collapsed.is_empty(), "{:?}", b.collapsed);
+}
+
+/// A read's target whose region, read over the channels because it lay on small pages (the band),
+/// lies on huge pages by now tells the reader once; the reader's later reads out of it skip the
+/// band and are copied directly. Nothing is told while the pages are small, to a reader that cannot
+/// copy out of us, or twice.
+#[test]
+fn a_reads_target_tells_the_reader_once_its_source_lies_on_huge_pages() {
+    let _reading = crate::engine::huge_pages::TEST_FAULTS.read();
+    let band = (2 * CHUNK as u64, 4 * CHUNK as u64);
+    let len = 3 * CHUNK;
+    // The target's view of its own pages: every address in one mapping, huge or not as set.
+    let smaps =
+        |huge_kib: u64| format!("1000-7ffffffff000 rw-p 0 00:00 0\nRss: 4096 kB\nAnonHugePages: {huge_kib} kB\n");
+    let text = Arc::new(parking_lot::Mutex::new(smaps(0)));
+    let pages = {
+        let text = text.clone();
+        Arc::new(crate::engine::huge_pages::KnownMappings::with_reader(Duration::ZERO, move || {
+            Some(crate::engine::huge_pages::Snapshot::from_text(&text.lock()))
+        }))
+    };
+    let settled = || testkit::wait_until("the target's pages read", testkit::PATIENCE, || !pages.looking());
+    let told = |end: &End| end.outbox.iter().filter(|m| matches!(m, Control::OnHugePages { .. })).count();
+
+    for reader_copies in [true, false] {
+        let (mut a, mut b) = host_pair_with_band(reader_copies, true, Some(band), true);
+        b.mem = HostMemory { regions: RegionTable::with_pages(pages.clone()) };
+        *text.lock() = smaps(0);
+        pages.refresh();
+        settled();
+        let remote = b.buffer(len, pattern(49));
+        let read = |a: &mut End, b: &mut End| {
+            let back = a.buffer(len, |_| 0);
+            a.one_sided(false, &[(&back, 0, &remote, 0, len)]);
+            let asked = a.outbox.front().cloned();
+            let mut hints = 0;
+            loop {
+                let moved = deliver(a, b).unwrap();
+                hints += told(b);
+                let moved = moved | deliver(b, a).unwrap() | move_data(a, b) | move_data(b, a);
+                if !(moved | run_ready_host_work(a) | run_ready_host_work(b)) {
+                    break;
+                }
+            }
+            assert_eq!(back.bytes, remote.bytes);
+            (asked, hints)
+        };
+
+        let (asked, hints) = read(&mut a, &mut b);
+        assert!(matches!(asked, Some(Control::ReadRequest { .. })), "small pages: the band holds: {asked:?}");
+        assert_eq!(hints, 0, "nothing to tell while the source is on small pages");
+
+        // Collapsed since: the target's own pages read again.
+        *text.lock() = smaps(4096);
+        pages.refresh();
+        settled();
+        let (asked, hints) = read(&mut a, &mut b);
+        assert!(matches!(asked, Some(Control::ReadRequest { .. })), "the reader has not looked again: {asked:?}");
+        if !reader_copies {
+            assert_eq!(hints, 0, "a reader that cannot copy out of us has nothing to gain");
+            assert_eq!(a.st.host_path().peer_huge_regions, 0);
+            continue;
+        }
+        assert_eq!(hints, 1, "the reader is told");
+        assert_eq!(a.st.host_path().peer_huge_regions, 1);
+
+        let direct_before = a.st.host_path().direct_ops;
+        let (asked, hints) = read(&mut a, &mut b);
+        assert!(matches!(asked, Some(Control::DirectRead { .. })), "the band is skipped now: {asked:?}");
+        assert_eq!(hints, 0, "told once");
+        assert_eq!(a.st.host_path().direct_ops, direct_before + 1, "and the read was copied directly");
+    }
+}
+
+/// A peer elsewhere cannot steer our reads with the hint, and one of this host keeps at most
+/// `MAX_HUGE_HINTS` of them.
+#[test]
+fn huge_page_hints_are_bounded_and_taken_from_this_host_only() {
+    let mut remote = End::new();
+    remote.handle(Control::OnHugePages { region: 1 }).unwrap();
+    assert_eq!(remote.st.host_path().peer_huge_regions, 0, "not of this host: ignored");
+
+    let (mut a, _b) = host_pair(true, true);
+    for region in 0..MAX_HUGE_HINTS as u64 + 10 {
+        a.handle(Control::OnHugePages { region }).unwrap();
+    }
+    a.handle(Control::OnHugePages { region: 3 }).unwrap();
+    assert_eq!(a.st.host_path().peer_huge_regions, MAX_HUGE_HINTS as u64, "bounded, each counted once");
 }
