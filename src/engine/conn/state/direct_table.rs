@@ -203,8 +203,8 @@ pub struct HostPath {
     pub staged_ops: u64,
     /// Both staging areas are in use: the peer mapped ours, and we mapped the peer's.
     pub staging: bool,
-    /// Regions of the peer it said lie on huge pages now (`OnHugePages`), which our reads then
-    /// treat as such.
+    /// How many of the peer's regions it said lie on huge pages now (`OnHugePages`): our reads out
+    /// of them skip the network band.
     pub peer_huge_regions: u64,
 }
 
