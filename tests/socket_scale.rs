@@ -65,5 +65,7 @@ fn helper_threads_stay_bounded_and_idle_comms_cost_no_cpu() {
     assert!(cpu < Duration::from_millis(100), "{cpu:?} of CPU over {idle:?} idle");
     assert!(switches < 100, "{switches} voluntary context switches over {idle:?} idle");
     drop(pairs);
-    assert_eq!(common::threads(), 0, "the helpers ended with the last comm");
+    // Helpers are joined by the last comm's drop, but a joined thread can still be listed in
+    // /proc for a moment, and an acceptor ends on its own once no comm can take another socket.
+    common::threads_settle(0, PATIENCE);
 }
