@@ -863,6 +863,6 @@ fn socket_balance_script_reads_the_tables() {
     let p50 = format!("p50 {:.2}", ratios[2]);
     let line = report.lines().find(|l| l.trim_start().starts_with("max/mean")).expect("a max/mean line");
     assert!(line.contains(&p50), "{p50} in {line:?} (runs {ratios:?})");
-    assert!(report.contains("last landing"), "{report}");
+    assert!(report.contains("last landing") && report.contains("its rate"), "{report}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
