@@ -579,9 +579,9 @@ fn transfers_the_band_keeps_to_the_channels_are_copied_once_their_source_collaps
             continue;
         }
         common::wait_until(&format!("{what} lies on huge pages"), common::PATIENCE, huge_now);
-        // Our own pages are looked at again once collapsed; the peer's region is known huge once
-        // the peer serves a read out of it after its own look (it tells us), or a second after
-        // our last look found it small: a later transfer takes the direct copy.
+        // Our own pages are looked at again once collapsed; the peer's are read again once the
+        // peer, serving a read after its own look found them huge, tells us so, or a second after
+        // our last look found them small: a later transfer takes the direct copy.
         common::wait_until(&format!("a transfer out of {what} copied directly"), common::PATIENCE, || {
             moved(&mut direct);
             std::thread::sleep(Duration::from_millis(20));

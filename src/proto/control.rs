@@ -221,9 +221,9 @@ pub enum Control {
         generation: u64,
     },
     /// From a read's target on this host: its region `region`, which the reader read over the
-    /// channels because it lay on small pages, lies on huge pages now, so later reads out of it may
-    /// skip the network band. Sent once per region and connection; a hint that only steers which
-    /// path a read takes.
+    /// channels because it lay on small pages, lies on huge pages now. The reader reads the
+    /// target's pages again (rather than at its next recheck), so that later reads out of it may
+    /// skip the network band. Sent once per region and connection.
     OnHugePages {
         region: u64,
     },

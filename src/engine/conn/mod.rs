@@ -380,6 +380,11 @@ impl Connection {
                 Action::HostWork { ours } => result = self.host.wake(ours),
                 Action::Push(job) => held.pushes.push(job),
                 Action::Collapse(region) => region.collapse_into_huge_pages(),
+                Action::ReadPeerPages => {
+                    if let Some(peer) = self.host.peer() {
+                        peer.pages_changed();
+                    }
+                }
             }
         }
         result

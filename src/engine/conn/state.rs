@@ -75,6 +75,8 @@ pub(super) enum Action {
     /// The peer is to copy out of this region of ours with `process_vm_readv`: collapse it into
     /// huge pages in the background, once (`Region::collapse_into_huge_pages`).
     Collapse(Arc<Region>),
+    /// The peer's pages changed size in place: read them again (`PeerProcess::pages_changed`).
+    ReadPeerPages,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -709,8 +711,7 @@ impl ConnState {
                 match mem.authorize_segments(region, token, &segs) {
                     Err(e) => deny(xfer, e, out),
                     Ok(region) => {
-                        self.collapse_served_source(&region, out);
-                        self.tell_huge_source(&region, out);
+                        self.serving_over_channels(&region, out);
                         self.serve(xfer, Source { extent: local_segments(&segs), region }, out)?
                     }
                 }
@@ -720,8 +721,7 @@ impl ConnState {
                 match mem.authorize(region, token, addr, len) {
                     Err(e) => deny(xfer, e, out),
                     Ok(region) => {
-                        self.collapse_served_source(&region, out);
-                        self.tell_huge_source(&region, out);
+                        self.serving_over_channels(&region, out);
                         let extent = Extent::Contiguous { addr: addr as usize, len };
                         self.serve(xfer, Source { extent, region }, out)?
                     }
@@ -914,8 +914,8 @@ impl ConnState {
             Control::StagedGrant { xfer, first_piece, generation } => {
                 self.on_staged_grant(xfer, (first_piece, generation), out)
             }
-            Control::OnHugePages { region } => {
-                self.on_peer_huge_pages(region);
+            Control::OnHugePages { .. } => {
+                self.on_peer_huge_pages(out);
                 Ok(())
             }
             Control::IpcRequest { .. }

@@ -6,10 +6,11 @@
 //! Memory can also change page size in place, without a new mapping: the kernel collapses small
 //! pages into huge ones (`MADV_COLLAPSE`, khugepaged) or splits them. The process that changed its
 //! own pages says so with [`KnownMappings::refresh`], which queues a read at once (what is known
-//! answers until it is in, and a read under way that began earlier is followed by another). A peer cannot be told, so a peer's cache rechecks: a "small pages" answer
-//! from a read a second old or more queues another read, kept further apart than the reads for new
-//! mappings since memory that stays on small pages would repeat them for as long as it is asked
-//! about. "Huge pages" answers are never rechecked: going back to small pages costs only speed,
+//! answers until it is in, and a read under way that began earlier is followed by another); so
+//! does a peer's cache when the peer says it collapsed memory a read of ours was served from
+//! (`OnHugePages`). Otherwise a peer's cache rechecks: a "small pages" answer from a read a second
+//! old or more queues another read, kept further apart than the reads for new mappings since
+//! memory that stays on small pages would repeat them for as long as it is asked about. "Huge pages" answers are never rechecked: going back to small pages costs only speed,
 //! and the next new mapping reads anyway.
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -79,6 +79,12 @@ impl PeerProcess {
         self.huge.on_huge_pages(segs)
     }
 
+    /// The peer says its pages changed size in place (collapsed): its smaps are read again, no
+    /// sooner than the gap after the last read allows, instead of at the next recheck.
+    pub fn pages_changed(&self) {
+        self.huge.refresh();
+    }
+
     /// Whether the pinned process still runs (so its pid still names it).
     pub fn alive(&self) -> io::Result<()> {
         // SAFETY: signal 0 only checks that the process exists; no info, no flags.

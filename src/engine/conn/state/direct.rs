@@ -94,43 +94,34 @@ impl ConnState {
     }
 
     /// A read the channels carry out of `region` for a peer of this host that could copy out of
-    /// us: the reader kept to the channels because our pages are small (the network band), so
-    /// once they are huge its later reads out of the region are copied directly.
-    pub(super) fn collapse_served_source(&self, region: &Arc<Region>, out: &mut Vec<Action>) {
-        if self.direct.same_host && self.direct.huge_pages && self.direct.path.peer_reads_us {
-            self.collapse_source(region, out);
-        }
-    }
-
-    /// A read the channels carry out of `region` for a peer of this host that could copy out of
-    /// us: if the region lies on huge pages by now (collapsed since the reader last looked), the
-    /// reader is told, once, so that its later reads out of it skip the band. The reader's own look
-    /// at our pages would find it too, but only a second or more after its last one (and at a
-    /// hundredth of a core: every look reads all of our page tables).
-    pub(super) fn tell_huge_source(&mut self, region: &Arc<Region>, out: &mut Vec<Action>) {
-        let d = &mut self.direct;
-        if !(d.same_host && d.huge_pages && d.path.peer_reads_us)
-            || region.kind != MemKind::Host
-            || d.told_huge.contains(&region.id)
-            || !region.on_huge_pages()
-        {
+    /// us: the reader kept to the channels because our pages are small (the network band). The
+    /// region is collapsed, and once our own look finds it on huge pages the reader is told, once,
+    /// so that it reads our pages again and its later reads out of the region are copied directly.
+    /// Its own recheck would find them too, but only a second or more after its last look, and
+    /// further apart the more memory we hold (every look reads all of our page tables).
+    pub(super) fn serving_over_channels(&mut self, region: &Arc<Region>, out: &mut Vec<Action>) {
+        if !(self.direct.same_host && self.direct.huge_pages && self.direct.path.peer_reads_us) {
             return;
         }
-        if d.told_huge.len() >= MAX_HUGE_HINTS {
-            d.told_huge.clear();
+        self.collapse_source(region, out);
+        let told = &mut self.direct.told_huge;
+        if region.kind != MemKind::Host || told.contains(&region.id) || !region.on_huge_pages() {
+            return;
         }
-        d.told_huge.insert(region.id);
+        if told.len() >= MAX_HUGE_HINTS {
+            told.clear();
+        }
+        told.insert(region.id);
         out.push(Action::Send(Control::OnHugePages { region: region.id }));
     }
 
-    /// The peer's region `region` lies on huge pages now, it says: our reads out of it skip the
-    /// network band. Only a hint about which path a read takes (either path is checked and
-    /// bounded the same), so it is taken from a peer of this host only, and at most
-    /// `MAX_HUGE_HINTS` are kept.
-    pub(super) fn on_peer_huge_pages(&mut self, region: u64) {
-        let d = &mut self.direct;
-        if d.same_host && d.peer_huge.len() < MAX_HUGE_HINTS && d.peer_huge.insert(region) {
-            d.path.peer_huge_regions += 1;
+    /// The peer says pages of its region changed size: ours of its pages are read again (no
+    /// sooner than the reads' gap allows), so the answer the next reads ask is the kernel's, not
+    /// the peer's word. Taken from a peer of this host only.
+    pub(super) fn on_peer_huge_pages(&mut self, out: &mut Vec<Action>) {
+        if self.direct.same_host {
+            self.direct.path.huge_hints += 1;
+            out.push(Action::ReadPeerPages);
         }
     }
 
@@ -230,9 +221,6 @@ impl ConnState {
         segs: &[RemoteSeg],
         extra: &mut Vec<Action>,
     ) -> Option<Control> {
-        // A read's source is the peer's: on huge pages if the peer's pages said so when the
-        // caller looked, or if the peer told us since.
-        let huge_source = huge_source || (!write && self.direct.peer_huge.contains(&remote_region));
         // Staged first: two plain copies beat both the channels and the page-pinning copy for
         // small-page sources (on huge pages the direct copy pins in a few steps and needs no
         // second copy, where the kernel lets the end copying make it).
@@ -260,7 +248,7 @@ impl ConnState {
         if !huge && !staged_read && self.direct.network_band.is_some_and(|(lo, hi)| lo < len && len < hi) {
             // The peer could copy this source out of us; once it lies on huge pages, later
             // transfers out of it skip the band. A read's target asks for its own region when it
-            // serves the read (`collapse_served_source`).
+            // serves the read (`serving_over_channels`).
             if write && self.direct.huge_pages {
                 self.collapse_source(region, extra);
             }

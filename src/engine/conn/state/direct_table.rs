@@ -12,8 +12,8 @@ use crate::error::Error;
 use crate::proto::RemoteSeg;
 use crate::transport::IoSeg;
 
-/// Region ids kept per connection and direction for `OnHugePages` hints: a peer cannot grow our
-/// memory with them, and a process reads from or serves far fewer regions than this per peer.
+/// Our regions a connection remembers having told the peer lie on huge pages (`OnHugePages`); past
+/// it the memory starts over, and a region told twice only has the peer read our pages again.
 pub(super) const MAX_HUGE_HINTS: usize = 4096;
 
 /// Work a peer may queue here (copies of its writes, leases of its reads) before it is treated as
@@ -203,9 +203,9 @@ pub struct HostPath {
     pub staged_ops: u64,
     /// Both staging areas are in use: the peer mapped ours, and we mapped the peer's.
     pub staging: bool,
-    /// How many of the peer's regions it said lie on huge pages now (`OnHugePages`): our reads out
-    /// of them skip the network band.
-    pub peer_huge_regions: u64,
+    /// `OnHugePages` hints the peer sent (its region's pages changed size), each of which had its
+    /// pages read again.
+    pub huge_hints: u64,
 }
 
 #[derive(Default)]
@@ -243,11 +243,7 @@ pub(super) struct Direct {
     /// Host-copy tracing is on: jobs record when they were queued.
     pub(super) timed: bool,
     pub(super) staging: Staging,
-    /// The peer's regions that it said lie on huge pages (`OnHugePages`), at most
-    /// `MAX_HUGE_HINTS`: our reads out of them skip the network band.
-    pub(super) peer_huge: HashSet<u64>,
-    /// Our regions we told the peer lie on huge pages, at most `MAX_HUGE_HINTS` (the set starts
-    /// over when full: a second hint only repeats the first).
+    /// Our regions we told the peer lie on huge pages (`OnHugePages`), at most `MAX_HUGE_HINTS`.
     pub(super) told_huge: HashSet<u64>,
 }
 

@@ -88,6 +88,8 @@ struct End {
     pushes: Vec<PushJob>,
     /// Regions asked to be collapsed into huge pages, in order.
     collapsed: Vec<u64>,
+    /// Times it was asked to read the peer's pages again.
+    peer_pages_read: usize,
     /// The gates a deregistration and a failure close on the connection's copies and pushes.
     copy_gate: Arc<Gate>,
     push_gate: Arc<PushGate>,
@@ -114,6 +116,7 @@ impl End {
             huge_source: false,
             pushes: Vec::new(),
             collapsed: Vec::new(),
+            peer_pages_read: 0,
             copy_gate: Arc::default(),
             push_gate: Arc::default(),
             process: Arc::new(PeerProcess::open(std::process::id()).unwrap()),
@@ -162,6 +165,7 @@ impl End {
                 Action::HostWork { .. } => self.host_work = true,
                 Action::Push(job) => self.pushes.push(job),
                 Action::Collapse(region) => self.collapsed.push(region.id),
+                Action::ReadPeerPages => self.peer_pages_read += 1,
             }
         }
     }

@@ -1,7 +1,6 @@
 //! The same-host path without sockets or a second process: the host worker's tasks are run by
 //! hand, a copy being the worker's own out of this process (both "processes" are this one).
 
-use super::super::direct_table::MAX_HUGE_HINTS;
 use super::*;
 
 /// Two ends of one host; each proved the other (or not) and told it so.
@@ -801,9 +800,10 @@ fn a_source_kept_to_the_channels_by_the_band_is_collapsed() {
 }
 
 /// A read's target whose region, read over the channels because it lay on small pages (the band),
-/// lies on huge pages by now tells the reader once; the reader's later reads out of it skip the
-/// band and are copied directly. Nothing is told while the pages are small, to a reader that cannot
-/// copy out of us, or twice.
+/// lies on huge pages by now tells the reader once, which has the target's pages read again; once
+/// that read finds them huge, the reader's next read out of the region skips the band and is
+/// copied directly. Nothing is told while the pages are small, to a reader that cannot copy out of
+/// us, or twice.
 #[test]
 fn a_reads_target_tells_the_reader_once_its_source_lies_on_huge_pages() {
     let _reading = crate::engine::huge_pages::TEST_FAULTS.read();
@@ -858,32 +858,38 @@ fn a_reads_target_tells_the_reader_once_its_source_lies_on_huge_pages() {
         assert!(matches!(asked, Some(Control::ReadRequest { .. })), "the reader has not looked again: {asked:?}");
         if !reader_copies {
             assert_eq!(hints, 0, "a reader that cannot copy out of us has nothing to gain");
-            assert_eq!(a.st.host_path().peer_huge_regions, 0);
+            assert_eq!((a.st.host_path().huge_hints, a.peer_pages_read), (0, 0));
             continue;
         }
         assert_eq!(hints, 1, "the reader is told");
-        assert_eq!(a.st.host_path().peer_huge_regions, 1);
+        assert_eq!((a.st.host_path().huge_hints, a.peer_pages_read), (1, 1), "and reads the target's pages again");
 
+        // Until that read is in, reads keep to the channels; the region is told once.
+        let (asked, hints) = read(&mut a, &mut b);
+        assert!(matches!(asked, Some(Control::ReadRequest { .. })), "{asked:?}");
+        assert_eq!(hints, 0, "told once");
+
+        // What that read finds, the connection marks on the reader's next requests.
+        a.huge_source = true;
         let direct_before = a.st.host_path().direct_ops;
         let (asked, hints) = read(&mut a, &mut b);
         assert!(matches!(asked, Some(Control::DirectRead { .. })), "the band is skipped now: {asked:?}");
-        assert_eq!(hints, 0, "told once");
+        assert_eq!(hints, 0);
         assert_eq!(a.st.host_path().direct_ops, direct_before + 1, "and the read was copied directly");
     }
 }
 
-/// A peer elsewhere cannot steer our reads with the hint, and one of this host keeps at most
-/// `MAX_HUGE_HINTS` of them.
+/// A hint from a peer elsewhere is ignored; one of this host has the peer's pages read again
+/// every time (the reads keep their own gaps).
 #[test]
-fn huge_page_hints_are_bounded_and_taken_from_this_host_only() {
+fn huge_page_hints_are_taken_from_this_host_only() {
     let mut remote = End::new();
     remote.handle(Control::OnHugePages { region: 1 }).unwrap();
-    assert_eq!(remote.st.host_path().peer_huge_regions, 0, "not of this host: ignored");
+    assert_eq!((remote.st.host_path().huge_hints, remote.peer_pages_read), (0, 0), "not of this host: ignored");
 
     let (mut a, _b) = host_pair(true, true);
-    for region in 0..MAX_HUGE_HINTS as u64 + 10 {
+    for region in [1, 2, 1] {
         a.handle(Control::OnHugePages { region }).unwrap();
     }
-    a.handle(Control::OnHugePages { region: 3 }).unwrap();
-    assert_eq!(a.st.host_path().peer_huge_regions, MAX_HUGE_HINTS as u64, "bounded, each counted once");
+    assert_eq!((a.st.host_path().huge_hints, a.peer_pages_read), (3, 3));
 }
