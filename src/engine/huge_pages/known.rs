@@ -6,12 +6,13 @@
 //! Memory can also change page size in place, without a new mapping: the kernel collapses small
 //! pages into huge ones (`MADV_COLLAPSE`, khugepaged) or splits them. The process that changed its
 //! own pages says so with [`KnownMappings::refresh`], which queues a read at once (what is known
-//! answers until it is in, and a read under way that began earlier is followed by another); so
-//! does a peer's cache when the peer says it collapsed memory a read of ours was served from
-//! (`OnHugePages`). Otherwise a peer's cache rechecks: a "small pages" answer from a read a second
-//! old or more queues another read, kept further apart than the reads for new mappings since
-//! memory that stays on small pages would repeat them for as long as it is asked about. "Huge pages" answers are never rechecked: going back to small pages costs only speed,
-//! and the next new mapping reads anyway.
+//! answers until it is in, a read under way that began earlier is followed by another, and a read
+//! that fails is tried again a few times); so does a peer's cache when the peer says it collapsed
+//! memory a read of ours was served from (`OnHugePages`). Otherwise a peer's cache rechecks: a
+//! "small pages" answer from a read a second old or more queues another read, kept further apart
+//! than the reads for new mappings since memory that stays on small pages would repeat them for as
+//! long as it is asked about. "Huge pages" answers are never rechecked: going back to small pages
+//! costs only speed, and the next new mapping reads anyway.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -44,6 +45,10 @@ const RECHECK_GAP_PER_READ: u32 = 100;
 /// leaves a collapse unseen a while longer, while at this cap a read of 3 s (250 GiB resident on
 /// small pages) still keeps to a hundredth of a core.
 const MAX_RECHECK_GAP: Duration = Duration::from_secs(300);
+/// Reads after a refresh that may fail in a row before the refresh is given up: each waits out
+/// the gap, so a process whose smaps stays unreadable costs a few reads, not a loop; the next
+/// refresh, or an ask about memory mapped since, reads again.
+const REFRESH_RETRIES: u32 = 3;
 
 type Reader = Box<dyn Fn() -> Option<Snapshot> + Send + Sync>;
 
@@ -65,6 +70,10 @@ struct State {
     /// Counts [`KnownMappings::refresh`] calls: a read that began at another count may have looked
     /// before the change it was told of.
     refreshes: u64,
+    /// `refreshes` when the last read that succeeded began: the refreshes after it are unanswered.
+    refreshes_answered: u64,
+    /// Reads that failed since the last one that succeeded.
+    failed_in_row: u32,
     /// Reads that ran.
     reads: u64,
 }
@@ -246,17 +255,19 @@ impl KnownMappings {
     }
 }
 
-/// What one read found, with the count of refreshes when it began.
+/// What one read found (`None`: it failed, or never ran), with the count of refreshes when it
+/// began.
 struct Read {
-    snapshot: Snapshot,
+    snapshot: Option<Snapshot>,
     refreshes_before: u64,
 }
 
 impl Shared {
-    /// Takes in what a read that began at `began` found (`None`: it failed, and what was known
-    /// stays) and sets when the next may start; queues that one at once if a range asked about
-    /// meanwhile is still not covered, or if a refresh came after the read began.
-    fn settle(self: &Arc<Self>, read: Option<Read>, began: Instant) {
+    /// Takes in what a read that began at `began` found (a failed one leaves what was known) and
+    /// sets when the next may start; queues that one at once if a range asked about meanwhile is
+    /// still not covered, if a refresh came after the read began, or if the read failed with a
+    /// refresh unanswered (at most `REFRESH_RETRIES` times in a row).
+    fn settle(self: &Arc<Self>, read: Read, began: Instant) {
         let now = Instant::now();
         let took = now.saturating_duration_since(began);
         let not_before = now + self.min_gap.max(took.saturating_mul(GAP_PER_READ).min(MAX_READ_GAP));
@@ -265,14 +276,21 @@ impl Shared {
             .map(|after| now + after.max(took.saturating_mul(RECHECK_GAP_PER_READ).min(MAX_RECHECK_GAP)));
         let again = {
             let mut state = self.state.lock();
-            // A read that began before a refresh may have looked before the change it told of:
-            // its snapshot, newer than what is known, answers until the next read, queued now.
-            let stale = match read {
-                Some(read) => {
-                    state.known = read.snapshot;
+            let again = match read.snapshot {
+                // A read that began before a refresh may have looked before the change it told of:
+                // its snapshot, newer than what is known, answers until the next read, queued now.
+                Some(snapshot) => {
+                    state.known = snapshot;
+                    state.refreshes_answered = read.refreshes_before;
+                    state.failed_in_row = 0;
                     read.refreshes_before != state.refreshes
                 }
-                None => false,
+                // Nothing else would read again for a refresh: asks about known memory answer
+                // from what is known, and this process's own cache never rechecks.
+                None => {
+                    state.failed_in_row += 1;
+                    state.refreshes != state.refreshes_answered && state.failed_in_row <= REFRESH_RETRIES
+                }
             };
             // Also after a failed read: an asker told "small pages" for want of a read asks again,
             // which may queue the next one.
@@ -281,7 +299,7 @@ impl Shared {
             state.recheck_not_before = recheck_not_before;
             let missed = state.missed.take();
             state.looking =
-                stale || missed.is_some_and(|(addr, len)| !state.known.tally(addr, len, &mut Tally::default()));
+                again || missed.is_some_and(|(addr, len)| !state.known.tally(addr, len, &mut Tally::default()));
             state.looking
         };
         if again {
@@ -303,14 +321,15 @@ impl Look for Pending {
         // this read sees, so the read counts as stale (`settle`).
         let refreshes_before = shared.state.lock().refreshes;
         let began = Instant::now();
-        let read = run_contained(ThreadKind::PageLook, || (shared.read)()).ok().flatten();
+        let snapshot = run_contained(ThreadKind::PageLook, || (shared.read)()).ok().flatten();
         shared.state.lock().reads += 1;
-        shared.settle(read.map(|snapshot| Read { snapshot, refreshes_before }), began);
+        shared.settle(Read { snapshot, refreshes_before }, began);
     }
 
     fn give_up(self: Box<Self>) {
         if let Some(shared) = self.shared.upgrade() {
-            shared.settle(None, Instant::now());
+            let refreshes_before = shared.state.lock().refreshes;
+            shared.settle(Read { snapshot: None, refreshes_before }, Instant::now());
         }
     }
 }
@@ -728,6 +747,57 @@ mod tests {
         assert!(known.on_huge_pages(mapping(1, M)), "the collapse, seen by the refresh's read");
         assert!(known.on_huge_pages(mapping(0, M)));
         assert_eq!(process.reads(), 2);
+    }
+
+    #[test]
+    fn a_refresh_whose_read_fails_reads_again_by_itself_a_bounded_number_of_times() {
+        let _reading = looker::TEST_FAULTS.read();
+        let process = Process::new(2);
+        // Reads that fail while this is above zero, counting it down.
+        let failing = Arc::new(AtomicUsize::new(0));
+        let known = {
+            let (process, failing) = (process.clone(), failing.clone());
+            KnownMappings::with_reader(Duration::from_millis(1), move || {
+                let read = process.read();
+                let left = failing.load(Ordering::SeqCst);
+                if left == 0 {
+                    return read;
+                }
+                failing.store(left - 1, Ordering::SeqCst);
+                None
+            })
+        };
+        known.on_huge_pages(mapping(1, M));
+        settled(&known);
+        assert!(!known.on_huge_pages(mapping(1, M)), "on small pages");
+
+        process.collapse(1);
+        failing.store(2, Ordering::SeqCst);
+        known.refresh();
+        settled(&known);
+        assert_eq!(process.reads(), 4, "the refresh's read and two more after it failed twice, none asked for");
+        assert!(known.on_huge_pages(mapping(1, M)), "the collapse, seen by the read that succeeded");
+
+        // A refresh whose reads keep failing stops after its retries; what was known answers.
+        failing.store(usize::MAX, Ordering::SeqCst);
+        known.refresh();
+        settled(&known);
+        assert_eq!(process.reads(), 4 + 1 + REFRESH_RETRIES as usize);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!known.looking(), "no read is queued once the retries are spent");
+        assert_eq!(process.reads(), 4 + 1 + REFRESH_RETRIES as usize);
+        assert!(known.on_huge_pages(mapping(1, M)), "failed reads leave what was known");
+
+        // A failure without a refresh behind it is not retried (the next ask reads again).
+        failing.store(0, Ordering::SeqCst);
+        known.refresh();
+        settled(&known);
+        let reads = process.reads();
+        failing.store(1, Ordering::SeqCst);
+        process.mapped.store(4, Ordering::SeqCst);
+        assert!(!known.on_huge_pages(mapping(3, M)), "a new mapping: unknown, read for");
+        settled(&known);
+        assert_eq!(process.reads(), reads + 1, "one read, failed, and not tried again unasked");
     }
 
     #[test]
