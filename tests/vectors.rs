@@ -124,6 +124,48 @@ fn mid_size_vectors_spread_over_the_channels_write_and_read_every_item() {
     }
 }
 
+/// Items side by side in memory are joined into one range per chunk before the transport sees
+/// them: on one end every item follows the one before it (each chunk one contiguous request), on the
+/// other runs of four do, in shuffled order; every byte still lands where its item says, and
+/// nothing else is touched.
+#[test]
+fn items_side_by_side_move_joined_and_every_byte_lands_in_place() {
+    let p = pair();
+    let (count, len, run) = (96usize, 16usize << 10, 4usize);
+    let mut rng = Rng::new("side by side");
+    let mut runs: Vec<usize> = (0..count / run).collect();
+    for i in (1..runs.len()).rev() {
+        runs.swap(i, rng.below(i + 1));
+    }
+    // Remote: runs of four items side by side, the runs in shuffled slots with a page between them.
+    let slot = run * len + 4096;
+    let spans: Vec<(usize, usize, usize)> =
+        (0..count).map(|i| (i * len, runs[i / run] * slot + (i % run) * len, len)).collect();
+    let total = (count * len) as u64;
+    let remote_size = runs.len() * slot;
+
+    let src = Region::new(&p.a, pattern(count * len, 5));
+    let mut dst = Region::new(&p.b, vec![0xEE; remote_size]);
+    let w = p.ab.write(&items(&src, &dst, &spans)).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap(), total);
+    assert!(landed(&src.bytes, &dst.bytes, &spans, 0xEE, true), "written: runs in place, gaps untouched");
+
+    dst.bytes.copy_from_slice(&pattern(remote_size, 6));
+    let back = Region::new(&p.a, vec![0xAA; count * len]);
+    let r = p.ab.read(&items(&back, &dst, &spans)).unwrap();
+    assert_eq!(wait(&p.ab, r).unwrap(), total);
+    assert!(landed(&dst.bytes, &back.bytes, &spans, 0xAA, false), "read back in item order");
+
+    // The same local bytes listed again and again (repeats, not neighbours) are not joined: each
+    // item sends the first 16 KiB once more, to remote items side by side.
+    let repeats: Vec<(usize, usize, usize)> = (0..32).map(|i| (0, i * len, len)).collect();
+    let w = p.ab.write(&items(&src, &dst, &repeats)).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap(), 32 * len as u64);
+    for i in 0..32 {
+        assert_eq!(dst.bytes[i * len..(i + 1) * len], src.bytes[..len], "item {i}");
+    }
+}
+
 #[test]
 fn a_vector_with_one_item_outside_the_window_fails_whole_and_leaves_the_target_untouched() {
     let p = pair();

@@ -347,8 +347,13 @@ impl Channel {
                 (None, ChunkMem::Spans { .. }) => {
                     self.iov.clear();
                     chunk.segments(&mut self.iov);
-                    // SAFETY: as for a contiguous chunk, for every segment.
-                    unsafe { self.send.isendv(&self.iov, *mr)? }
+                    match self.iov[..] {
+                        // Segments side by side, joined: a contiguous request.
+                        // SAFETY: as for a contiguous chunk.
+                        [one] => unsafe { self.send.isend(one.addr as *const u8, one.len, *mr)? },
+                        // SAFETY: as for a contiguous chunk, for every segment.
+                        _ => unsafe { self.send.isendv(&self.iov, *mr)? },
+                    }
                 }
             };
             let Some(req) = posted else {
@@ -382,8 +387,12 @@ impl Channel {
                 (None, ChunkMem::Spans { .. }) => {
                     self.iov.clear();
                     chunk.segments(&mut self.iov);
-                    // SAFETY: as for a contiguous destination, for every segment.
-                    unsafe { self.recv.irecvv(&self.iov, *mr)? }
+                    match self.iov[..] {
+                        // SAFETY: as for a contiguous destination.
+                        [one] => unsafe { self.recv.irecv(one.addr as *mut u8, one.len, *mr)? },
+                        // SAFETY: as for a contiguous destination, for every segment.
+                        _ => unsafe { self.recv.irecvv(&self.iov, *mr)? },
+                    }
                 }
             };
             let Some(req) = posted else {
