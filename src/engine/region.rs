@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 
@@ -16,6 +17,18 @@ use crate::transport::MemKind;
 
 /// Distinct windows a region may advertise; callers normally advertise once per registration.
 const MAX_WINDOWS_PER_REGION: usize = crate::proto::MAX_IPC_WINDOWS;
+
+/// The least wait, after a collapse of a region left extents on small pages (memory not written
+/// yet, as in a KV-cache pool filled block by block, or pinned by a copy at every try), before a
+/// transfer out of the region asks for them again.
+const RECOLLAPSE_AFTER: Duration = Duration::from_secs(10);
+/// That wait in multiples of the last collapse's length, so that going over a large region again
+/// (its huge extents cost a look each) keeps to a hundredth of the looker thread.
+const RECOLLAPSE_GAP_PER_RUN: u32 = 100;
+const MAX_RECOLLAPSE_GAP: Duration = Duration::from_secs(600);
+/// `Region::collapse_due`: never asked yet, and not to be asked (again).
+const COLLAPSE_NOW: u64 = 0;
+const COLLAPSE_NOT_AGAIN: u64 = u64::MAX;
 
 #[derive(Debug)]
 pub struct Region {
@@ -45,8 +58,13 @@ pub struct Region {
     /// The first generation of `pages` whose read began after the registration: an answer of an
     /// earlier one may describe memory unmapped since, whose addresses this region's reuses.
     fresh_from: u64,
-    /// The collapse of its memory into huge pages was asked for (`collapse_into_huge_pages`).
-    collapse_asked: AtomicBool,
+    /// When the collapse of its memory into huge pages may be asked for (`collapse_into_huge_pages`):
+    /// `COLLAPSE_NOW` until the first ask, `COLLAPSE_NOT_AGAIN` while one runs and after one that
+    /// left nothing to gain, else the CLOCK_MONOTONIC ns from which extents it left small are
+    /// asked for again.
+    collapse_due: AtomicU64,
+    /// The least wait before that (`RECOLLAPSE_AFTER`; shorter in tests).
+    recollapse_after: Duration,
 }
 
 impl Region {
@@ -136,34 +154,60 @@ impl Region {
         huge
     }
 
-    /// Asks, once per region, for its host memory to be collapsed into huge pages in place, in the
-    /// background (`huge_pages/collapse.rs`): called when a peer of this host is to copy out of
-    /// it, which pins its pages one by one on small pages. The work stops at deregistration; once
-    /// done, this process's page-size answers are read afresh.
+    /// Asks for its host memory to be collapsed into huge pages in place, in the background
+    /// (`huge_pages/collapse.rs`): called when a peer of this host is to copy out of it, which pins
+    /// its pages one by one on small pages. Once per region, and again for extents a collapse left
+    /// small, from `RECOLLAPSE_AFTER` (or a hundred times that collapse's length) after it ended.
+    /// The work stops at deregistration; when it collapsed extents, this process's page-size
+    /// answers are read afresh.
     pub fn collapse_into_huge_pages(self: &Arc<Self>) {
-        if self.kind != MemKind::Host || self.collapse_asked.swap(true, Ordering::AcqRel) {
+        let due = self.collapse_due.load(Ordering::Acquire);
+        if self.kind != MemKind::Host
+            || !collapse_due_at(due)
+            || self.collapse_due.compare_exchange(due, COLLAPSE_NOT_AGAIN, Ordering::AcqRel, Ordering::Relaxed).is_err()
+        {
             return;
         }
-        let region = Arc::downgrade(self);
+        let began = crate::trace::clock_ns();
+        let (wanted, done) = (Arc::downgrade(self), Arc::downgrade(self));
         let pages = self.pages.clone();
         let (base, len) = (self.base, self.len);
         huge_pages::collapse_in_background(
             base,
             len,
-            move || region.upgrade().is_some_and(|r| !r.is_removed()),
+            move || wanted.upgrade().is_some_and(|r| !r.is_removed()),
             move |collapsed| {
                 log::debug!("region at {base:#x} (+{len}): {collapsed:?}");
                 if collapsed.extents > 0 {
                     pages.refresh();
                 }
+                if let Some(region) = done.upgrade()
+                    && collapsed.left_small()
+                {
+                    let now = crate::trace::clock_ns();
+                    let took = Duration::from_nanos(now.saturating_sub(began));
+                    let gap = region
+                        .recollapse_after
+                        .max(took.saturating_mul(RECOLLAPSE_GAP_PER_RUN).min(MAX_RECOLLAPSE_GAP));
+                    let again =
+                        now.saturating_add(gap.as_nanos().try_into().unwrap_or(u64::MAX)).min(COLLAPSE_NOT_AGAIN - 1);
+                    region.collapse_due.store(again, Ordering::Release);
+                }
             },
         );
     }
 
-    /// Whether its collapse was asked for: the posting path asks this before it hands on a
-    /// collapse, so a region's transfers after its first cost one load.
-    pub fn collapse_asked(&self) -> bool {
-        self.collapse_asked.load(Ordering::Relaxed)
+    /// `collapse_due` itself, for tests.
+    #[cfg(test)]
+    fn collapse_due_ns(&self) -> u64 {
+        self.collapse_due.load(Ordering::Acquire)
+    }
+
+    /// Whether a collapse may be asked for now: the posting path asks this before it hands one on,
+    /// so a region's later transfers cost one load (and a clock read while extents wait to be
+    /// asked for again).
+    pub fn collapse_due(&self) -> bool {
+        collapse_due_at(self.collapse_due.load(Ordering::Relaxed))
     }
 
     /// The CUDA IPC handle of the allocation holding this device region, made on first use; `None`
@@ -186,6 +230,10 @@ impl Region {
             inside.then_some(export)
         })
     }
+}
+
+fn collapse_due_at(due: u64) -> bool {
+    due == COLLAPSE_NOW || (due != COLLAPSE_NOT_AGAIN && crate::trace::clock_ns() >= due)
 }
 
 fn range_within(addr: usize, len: usize, base: usize, base_len: usize) -> bool {
@@ -215,6 +263,8 @@ pub struct RegionTable {
     removals: Arc<AtomicU64>,
     /// What this process's memory lies on, handed to every region.
     pages: Arc<KnownMappings>,
+    /// Handed to every region (`RECOLLAPSE_AFTER`).
+    recollapse_after: Duration,
 }
 
 impl Default for RegionTable {
@@ -225,7 +275,20 @@ impl Default for RegionTable {
 
 impl RegionTable {
     pub(crate) fn with_pages(pages: Arc<KnownMappings>) -> RegionTable {
-        RegionTable { regions: RwLock::default(), next_id: AtomicU64::new(0), removals: Arc::default(), pages }
+        RegionTable {
+            regions: RwLock::default(),
+            next_id: AtomicU64::new(0),
+            removals: Arc::default(),
+            pages,
+            recollapse_after: RECOLLAPSE_AFTER,
+        }
+    }
+
+    /// Regions registered from now on ask for extents a collapse left small again after `gap`.
+    #[cfg(test)]
+    fn recollapsing_after(mut self, gap: Duration) -> RegionTable {
+        self.recollapse_after = gap;
+        self
     }
 
     pub fn register(&self, addr: usize, len: usize, kind: MemKind) -> Result<u64> {
@@ -245,7 +308,8 @@ impl RegionTable {
             pages: self.pages.clone(),
             huge_answer: AtomicU64::new(0),
             fresh_from: self.pages.generation_read_after_now(),
-            collapse_asked: AtomicBool::new(false),
+            collapse_due: AtomicU64::new(COLLAPSE_NOW),
+            recollapse_after: self.recollapse_after,
         };
         self.regions.write().insert(id, Arc::new(region));
         Ok(id)
@@ -498,6 +562,62 @@ mod tests {
         assert!(t.advertise(id, 0x1800, 0x1000).is_err());
         let huge = t.register(1 << 40, 1 << 33, MemKind::Host).unwrap();
         assert!(t.advertise(huge, 1 << 40, 1 << 33).unwrap_err().message().contains("4 GiB"));
+    }
+
+    /// A collapse leaves extents not written yet on small pages. Once written, they are collapsed
+    /// at a later transfer's ask, but not before the wait since that collapse ended; a collapse that
+    /// left nothing small is not asked for again.
+    #[test]
+    fn extents_a_collapse_left_small_are_asked_for_again_after_the_wait() {
+        use crate::engine::huge_pages::{collapse_possible, extent_on_huge_page, looks_settled};
+        let _reading = crate::engine::huge_pages::TEST_FAULTS.read();
+        const EXTENT: usize = 2 << 20;
+        let settle = || assert!(looks_settled(testkit::PATIENCE), "the looker thread settles");
+        // Two extents, the first written, the second not touched yet.
+        let first_only = || testkit::mapping::AlignedMapping::on_small_pages(2 * EXTENT, |b| b[..EXTENT].fill(1));
+        let write_second = |m: &mut testkit::mapping::AlignedMapping| m.touch_on_small_pages(|b| b[EXTENT..].fill(2));
+
+        // A wait of an hour: the second extent, written after the first collapse, stays small.
+        let mut memory = first_only();
+        let table = RegionTable::default().recollapsing_after(Duration::from_secs(3600));
+        let region = table.get(table.register(memory.addr(), 2 * EXTENT, MemKind::Host).unwrap()).unwrap();
+        assert!(region.collapse_due(), "never asked yet");
+        let asked = crate::trace::clock_ns();
+        region.collapse_into_huge_pages();
+        assert!(!region.collapse_due(), "not while it runs");
+        settle();
+        if !collapse_possible() {
+            assert_eq!(region.collapse_due_ns(), COLLAPSE_NOT_AGAIN, "nothing to gain here, ever");
+            return;
+        }
+        assert!(extent_on_huge_page(memory.addr()), "the written extent was collapsed");
+        assert!(!extent_on_huge_page(memory.addr() + EXTENT), "the untouched one left alone");
+        let due = region.collapse_due_ns();
+        assert!(due >= asked + 3600 * 1_000_000_000 && due < COLLAPSE_NOT_AGAIN, "asked for again in an hour: {due}");
+        write_second(&mut memory);
+        assert!(!region.collapse_due());
+        region.collapse_into_huge_pages();
+        settle();
+        assert!(!extent_on_huge_page(memory.addr() + EXTENT), "not asked for again before the wait");
+        assert_eq!(region.collapse_due_ns(), due);
+
+        // No wait: the next ask after the collapse ended takes the second extent too, and then
+        // nothing is left to ask for.
+        let mut memory = first_only();
+        let table = RegionTable::default().recollapsing_after(Duration::ZERO);
+        let region = table.get(table.register(memory.addr(), 2 * EXTENT, MemKind::Host).unwrap()).unwrap();
+        region.collapse_into_huge_pages();
+        settle();
+        assert!(extent_on_huge_page(memory.addr()) && !extent_on_huge_page(memory.addr() + EXTENT));
+        write_second(&mut memory);
+        assert!(!extent_on_huge_page(memory.addr() + EXTENT), "written on small pages");
+        testkit::wait_until("the collapse is due again", testkit::PATIENCE, || region.collapse_due());
+        region.collapse_into_huge_pages();
+        settle();
+        assert!(extent_on_huge_page(memory.addr() + EXTENT), "collapsed at the second ask");
+        assert!(memory[..EXTENT].iter().all(|b| *b == 1) && memory[EXTENT..].iter().all(|b| *b == 2), "contents kept");
+        assert_eq!(region.collapse_due_ns(), COLLAPSE_NOT_AGAIN, "nothing left small: not asked for again");
+        assert!(!region.collapse_due());
     }
 
     #[test]

@@ -34,16 +34,22 @@ impl AlignedMapping {
     pub fn on_small_pages(len: usize, touch: impl FnOnce(&mut [u8])) -> AlignedMapping {
         let mut mapping = AlignedMapping::map(len);
         mapping.advise(libc::MADV_DONTFORK);
+        mapping.touch_on_small_pages(touch);
+        mapping
+    }
+
+    /// Runs `touch` on the bytes while pages it faults in can only be small, whatever the THP
+    /// mode (see [`on_small_pages`](Self::on_small_pages)): memory written after a collapse.
+    pub fn touch_on_small_pages(&mut self, touch: impl FnOnce(&mut [u8])) {
         let always = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
             .is_ok_and(|mode| mode.contains("[always]"));
         if always {
-            mapping.advise(libc::MADV_NOHUGEPAGE);
+            self.advise(libc::MADV_NOHUGEPAGE);
         }
-        touch(&mut mapping);
+        touch(self);
         if always {
-            mapping.advise(libc::MADV_HUGEPAGE);
+            self.advise(libc::MADV_HUGEPAGE);
         }
-        mapping
     }
 
     /// `advice` over the whole mapping, which must take it.

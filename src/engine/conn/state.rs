@@ -73,7 +73,8 @@ pub(super) enum Action {
     /// connection lock is let go.
     Push(PushJob),
     /// The peer is to copy out of this region of ours with `process_vm_readv`: collapse it into
-    /// huge pages in the background, once (`Region::collapse_into_huge_pages`).
+    /// huge pages in the background, once, and paced again for extents left small
+    /// (`Region::collapse_into_huge_pages`).
     Collapse(Arc<Region>),
     /// The peer's pages changed size in place: read them again (`PeerProcess::pages_changed`).
     ReadPeerPages,

@@ -6,7 +6,7 @@
 //! page tables they share, while on huge pages the kernel pins a 2 MiB extent in one step and the
 //! threads scale. Memory the caller allocated with plain `malloc` lies on small pages unless it
 //! asked for huge ones, so the engine asks for it, once per region, the first time a peer of this
-//! host is to copy out of it.
+//! host is to copy out of it, and again, paced, for extents a collapse left small.
 //!
 //! What it does to the caller's memory: nothing visible. The kernel copies each 2 MiB extent into
 //! a huge page and maps it where the small pages were, contents and addresses unchanged (as
@@ -74,6 +74,14 @@ pub struct Collapsed {
     pub unsupported: bool,
     /// The region was deregistered before the end.
     pub abandoned: bool,
+}
+
+impl Collapsed {
+    /// Extents were left on small pages that a later try may collapse: not yet written, or pinned
+    /// by a copy at every try (not where the kernel cannot collapse, nor after a deregistration).
+    pub fn left_small(&self) -> bool {
+        self.skipped > 0 && !self.unsupported && !self.abandoned
+    }
 }
 
 type StillWanted = Box<dyn Fn() -> bool + Send>;
@@ -392,6 +400,26 @@ mod scan {
     }
 }
 
+/// Whether this host collapses a process's memory: Linux 6.1 or later, THP not off, 2 MiB huge
+/// pages.
+#[cfg(test)]
+pub(crate) fn collapse_possible() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
+    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    collapse_allowed() && version >= (6, 1)
+}
+
+/// Whether the 2 MiB extent at `start` lies on a huge page, from the page tables where the kernel
+/// tells (`PAGEMAP_SCAN`), else from smaps (which counts the whole mapping).
+#[cfg(test)]
+pub(crate) fn extent_on_huge_page(start: usize) -> bool {
+    match scan::pages_of(start, EXTENT) {
+        Some(pages) => pages == Pages::Huge,
+        None => super::range_on_huge_pages(None, start, EXTENT),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,15 +456,6 @@ mod tests {
 
     fn pattern(i: usize) -> u8 {
         (i * 7 + i / 4096) as u8
-    }
-
-    /// Whether this host collapses a process's memory: Linux 6.1 or later, THP not off, 2 MiB huge
-    /// pages.
-    fn collapse_possible() -> bool {
-        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-        let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
-        let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
-        collapse_allowed() && version >= (6, 1)
     }
 
     /// Whether this kernel tells zero pages apart (PAGEMAP_SCAN, Linux 6.7).

@@ -26,6 +26,8 @@ mod smaps;
 mod system;
 
 pub use collapse::{Collapsed, collapse_in_background};
+#[cfg(test)]
+pub(crate) use collapse::{collapse_possible, extent_on_huge_page};
 pub use known::KnownMappings;
 #[cfg(test)]
 pub(crate) use looker::TEST_FAULTS;

@@ -88,7 +88,7 @@ impl ConnState {
 
     /// Asks for `region` to be collapsed into huge pages: the peer is to copy out of it.
     fn collapse_source(&self, region: &Arc<Region>, out: &mut Vec<Action>) {
-        if self.direct.collapse && region.kind == MemKind::Host && !region.collapse_asked() {
+        if self.direct.collapse && region.kind == MemKind::Host && region.collapse_due() {
             out.push(Action::Collapse(region.clone()));
         }
     }
