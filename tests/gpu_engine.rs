@@ -176,6 +176,78 @@ fn scattered_vectors_of_device_memory() {
     }
 }
 
+/// Device items side by side travel as one range per chunk where their region lies in one
+/// allocation, and one by one where it spans two allocations that touch: the driver refuses one
+/// copy that runs from one allocation into the next. Both write and read back every byte.
+#[test]
+fn device_items_side_by_side_within_one_allocation_and_across_two() {
+    if no_gpu() {
+        return;
+    }
+    const LEN: usize = 1 << 20;
+    const ITEM: usize = 16 << 10;
+    let p = pair(Config { num_channels: Some(2), chunk_size: 256 << 10, ..config() });
+    // Allocations until two touch (drivers carve equal small allocations out of one block), all
+    // kept until the end so that none is handed out again meanwhile.
+    let mut held: Vec<cuda::DeviceBuffer> = Vec::new();
+    let mut touching = None;
+    for _ in 0..64 {
+        let buf = cuda::DeviceBuffer::new(0, LEN).expect("allocate device memory");
+        let found = held.iter().position(|b| b.addr() + LEN == buf.addr() || buf.addr() + LEN == b.addr());
+        held.push(buf);
+        if let Some(i) = found {
+            touching = Some((i, held.len() - 1));
+            break;
+        }
+    }
+    // One allocation (the first held), and the two that touch as one region: each a list of held
+    // allocations in address order.
+    let mut regions = vec![(vec![0], "one allocation")];
+    match touching {
+        Some((i, j)) if held[i].addr() < held[j].addr() => regions.push((vec![i, j], "two allocations")),
+        Some((i, j)) => regions.push((vec![j, i], "two allocations")),
+        None => println!("no two of 64 device allocations touch on this driver: only the single allocation is tried"),
+    }
+    for (parts, what) in regions {
+        let (base, size) = (held[parts[0]].addr(), parts.len() * LEN);
+        let data = pattern(size, 31);
+        for (k, &i) in parts.iter().enumerate() {
+            held[i].copy_from_host(0, &data[k * LEN..(k + 1) * LEN]).expect("fill the source");
+        }
+        let mut dst = Mem::new(Side::Gpu, size);
+        dst.clear();
+        let smr = p.a.register(base, size).unwrap();
+        let dmr = p.b.register(dst.addr(), size).unwrap();
+        let fifo = p.b.prepare_fifo(dmr, dst.addr(), size).unwrap();
+        // Items side by side on both ends, over the middle of the range (where two allocations meet).
+        let first = size / 2 - 8 * ITEM;
+        let items: Vec<OneSided> = (0..16)
+            .map(|k| {
+                let mut remote = fifo;
+                remote.addr += (first + k * ITEM) as u64;
+                OneSided { mr: smr, addr: base + first + k * ITEM, len: ITEM, remote }
+            })
+            .collect();
+        let w = p.ab.write(&items).unwrap();
+        assert_eq!(wait(&p.ab, w).unwrap(), (16 * ITEM) as u64, "{what}: write");
+        let mut want = vec![0u8; size];
+        want[first..first + 16 * ITEM].copy_from_slice(&data[first..first + 16 * ITEM]);
+        assert_same(&dst.read(0, size), &want, &format!("{what}: written items"));
+        for &i in &parts {
+            held[i].fill(0).expect("clear the source");
+        }
+        let r = p.ab.read(&items).unwrap();
+        assert_eq!(wait(&p.ab, r).unwrap(), (16 * ITEM) as u64, "{what}: read");
+        let mut back = vec![0u8; size];
+        for (k, &i) in parts.iter().enumerate() {
+            held[i].copy_to_host(0, &mut back[k * LEN..(k + 1) * LEN]).expect("read the source back");
+        }
+        assert_same(&back, &want, &format!("{what}: read back"));
+        p.a.deregister(smr).unwrap();
+        p.b.deregister(dmr).unwrap();
+    }
+}
+
 /// `write_vector` / `read_vector` of device pieces many and small (1024 KV-cache blocks of 16 KiB,
 /// 1000 pieces of 1-5000 bytes at odd offsets) in both gather modes: `auto`, where the segment
 /// kernel gathers each chunk into its staging slot and scatters it out, and `copies`, one copy per

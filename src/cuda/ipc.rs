@@ -34,11 +34,9 @@ pub struct Export {
 /// has none (virtual memory API) or the driver will not make one, which the caller treats as "no
 /// IPC path" (logged at info level with the reason).
 pub fn export(gpu: &Gpu, addr: usize) -> Result<Option<Export>> {
+    let (base, len) = super::pointer::allocation_of(gpu, addr)?;
     let _ctx = gpu.enter()?;
     let ptr = addr as sys::CUdeviceptr;
-    let (mut base, mut len): (sys::CUdeviceptr, usize) = (0, 0);
-    // SAFETY: two writable locals; the driver only reads `ptr`.
-    check(unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut len, ptr) }, "cuMemGetAddressRange")?;
     // Zeroed and wider than the attribute's boolean, so any width the driver writes reads back.
     let mut capable = 0u64;
     // SAFETY: one writable cell at least as wide as the attribute's type.
@@ -69,7 +67,7 @@ pub fn export(gpu: &Gpu, addr: usize) -> Result<Option<Export>> {
         log::info!("GPU memory at {addr:#x} has no CUDA IPC handle ({why}): same-host peers use the network path");
         return Ok(None);
     }
-    Ok(Some(Export { handle: handle.reserved.map(char_to_byte), base, len: len as u64 }))
+    Ok(Some(Export { handle: handle.reserved.map(char_to_byte), base, len }))
 }
 
 fn char_to_byte(c: c_char) -> u8 {

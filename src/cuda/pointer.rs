@@ -43,6 +43,17 @@ fn describe(location: Location) -> String {
     }
 }
 
+/// The allocation of `gpu` holding device address `addr`: its base and length, as the driver
+/// reports them. A copy must not run past it, even into an allocation that follows at once.
+pub fn allocation_of(gpu: &super::Gpu, addr: usize) -> Result<(u64, u64)> {
+    let _ctx = gpu.enter()?;
+    let (mut base, mut len): (sys::CUdeviceptr, usize) = (0, 0);
+    // SAFETY: two writable locals; the driver only reads `addr`.
+    let status = unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut len, addr as sys::CUdeviceptr) };
+    super::check(status, "cuMemGetAddressRange")?;
+    Ok((base, len as u64))
+}
+
 fn locate_one(addr: usize) -> Result<Location> {
     match query(addr) {
         // No context is needed for this query on the drivers we know; should one insist, any

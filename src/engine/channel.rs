@@ -35,6 +35,9 @@ pub(super) const SCRATCH: u64 = 0;
 /// direction.
 struct Registration {
     region: Weak<Region>,
+    /// Touching segments of a chunk may go as one range (`Chunk::segments`): host memory, or
+    /// device memory inside one allocation.
+    joins: bool,
     send: HashMap<usize, MrHandle>,
     recv: HashMap<usize, MrHandle>,
 }
@@ -43,6 +46,12 @@ struct Registration {
 const WINDOW_OVERLAP: usize = crate::config::MAX_CHUNK_SIZE as usize;
 /// Slack for a transport that widens a registration to whole pages at both ends.
 const PAGE_SLACK: usize = 2 * 4096;
+
+/// Whether touching segments of a queued chunk of `region` may go as one range (its registration
+/// was made when it was queued).
+fn joins_touching(registrations: &HashMap<u64, Registration>, region: u64) -> bool {
+    registrations.get(&region).is_some_and(|r| r.joins)
+}
 
 /// How regions are cut into registrations a transport accepts. Window `k` of a region starts `k`
 /// spans into it and reaches one chunk further than the next window's start, so every chunk lies
@@ -276,6 +285,7 @@ impl Channel {
     fn entry<'a>(registrations: &'a mut HashMap<u64, Registration>, region: &Arc<Region>) -> &'a mut Registration {
         registrations.entry(region.id).or_insert_with(|| Registration {
             region: Arc::downgrade(region),
+            joins: region.in_one_allocation(),
             send: HashMap::new(),
             recv: HashMap::new(),
         })
@@ -346,7 +356,7 @@ impl Channel {
                 (None, ChunkMem::At(addr)) => unsafe { self.send.isend(*addr as *const u8, chunk.len, *mr)? },
                 (None, ChunkMem::Spans { .. }) => {
                     self.iov.clear();
-                    chunk.segments(&mut self.iov);
+                    chunk.segments(&mut self.iov, joins_touching(&self.registrations, chunk.region));
                     match self.iov[..] {
                         // Segments side by side, joined: a contiguous request.
                         // SAFETY: as for a contiguous chunk.
@@ -386,7 +396,7 @@ impl Channel {
                 (None, ChunkMem::At(addr)) => unsafe { self.recv.irecv(*addr as *mut u8, chunk.len, *mr)? },
                 (None, ChunkMem::Spans { .. }) => {
                     self.iov.clear();
-                    chunk.segments(&mut self.iov);
+                    chunk.segments(&mut self.iov, joins_touching(&self.registrations, chunk.region));
                     match self.iov[..] {
                         // SAFETY: as for a contiguous destination.
                         [one] => unsafe { self.recv.irecv(one.addr as *mut u8, one.len, *mr)? },
@@ -611,6 +621,51 @@ mod tests {
         let mut released = log.lock().clone();
         released.sort();
         assert_eq!(released, ["dereg 101", "dereg 102", "dereg 103", "dereg 201", "dereg 202", "dereg 203"]);
+    }
+
+    /// Touching segments of a host chunk go as one range, a contiguous request when they all join
+    /// up; those of a device chunk whose region the driver does not place in one allocation (here:
+    /// no driver at all) go as they are, since side by side they may still lie in two allocations,
+    /// which one copy must not cross.
+    #[test]
+    fn touching_segments_are_joined_in_host_memory_and_single_allocations_only() {
+        let (mut ch, log, table) = logging_channel(8, true);
+        let mut done = Vec::new();
+        let host = table.local(table.register(0x10000, 0x10000, MemKind::Host).unwrap(), 0x10000, 0x10000).unwrap();
+        let device = table
+            .local(table.register(0x40000, 0x10000, MemKind::Cuda { device: 0 }).unwrap(), 0x40000, 0x10000)
+            .unwrap();
+        let side_by_side =
+            |base: usize| -> Arc<[IoSeg]> { (0..4).map(|i| IoSeg { addr: base + i * 0x100, len: 0x100 }).collect() };
+        let spans = |flow, region: &Arc<Region>, segs| Chunk {
+            flow,
+            region: region.id,
+            mem: ChunkMem::Spans { segs, first: 0, offset: 0 },
+            len: 0x400,
+        };
+        ch.queue_send(spans(1, &host, side_by_side(0x10000)), Some(&host)).unwrap();
+        ch.queue_recv(spans(2, &host, side_by_side(0x12000)), Some(&host)).unwrap();
+        ch.queue_send(spans(3, &device, side_by_side(0x40000)), Some(&device)).unwrap();
+        ch.queue_recv(spans(4, &device, side_by_side(0x42000)), Some(&device)).unwrap();
+        // Two runs with a gap between them: two iovecs.
+        let gapped: Arc<[IoSeg]> =
+            [0x10000, 0x10100, 0x10400, 0x10500].iter().map(|&addr| IoSeg { addr, len: 0x100 }).collect();
+        ch.queue_send(spans(5, &host, gapped), Some(&host)).unwrap();
+        while ch.drive(&mut Vec::new(), &mut done).unwrap() {}
+        let lines: Vec<String> = log.lock().iter().filter(|l| !l.starts_with("reg")).cloned().collect();
+        let each = |op: &str, base: usize, mr| {
+            let segs: Vec<String> = (0..4).map(|i| format!("{:#x}+256", base + i * 0x100)).collect();
+            format!("{op} {} mr {mr}", segs.join(","))
+        };
+        for expected in [
+            "isend 0x10000+1024 mr 101".to_string(),
+            "irecv 0x12000+1024 mr 201".to_string(),
+            each("isendv", 0x40000, 102),
+            each("irecvv", 0x42000, 202),
+            "isendv 0x10000+512,0x10400+512 mr 101".to_string(),
+        ] {
+            assert!(lines.contains(&expected), "{expected} in {lines:?}");
+        }
     }
 
     #[test]

@@ -103,19 +103,23 @@ pub struct Chunk {
 }
 
 impl Chunk {
-    /// Appends the chunk's memory to `out`, as the segments it covers, a segment that starts where
-    /// the one before it ends joined to it: a KV cache's consecutive blocks are often side by side,
-    /// and every segment of a vectored request costs the transport an iovec, which the kernel's
-    /// copies pay for (16 KiB blocks side by side moved at 0.84-0.92 of one piece on 16 cores).
-    /// Only this chunk's segments are joined; the bytes and their order stay the same.
-    pub fn segments(&self, out: &mut Vec<IoSeg>) {
+    /// Appends the chunk's memory to `out`, as the segments it covers; with `join_touching`, a
+    /// segment that starts where the one before it ends is joined to it. A KV cache's consecutive
+    /// blocks are often side by side, and every segment of a vectored request costs the transport
+    /// an iovec, which the kernel's copies pay for (16 KiB blocks side by side moved at 0.84-0.92 of
+    /// one piece on 16 cores). Only this chunk's segments are joined; the bytes and their order
+    /// stay the same. Not where the memory may lie in several device allocations, which one copy
+    /// must not cross (the driver refuses it): `join_touching` says.
+    pub fn segments(&self, out: &mut Vec<IoSeg>, join_touching: bool) {
         match &self.mem {
             ChunkMem::At(addr) => out.push(IoSeg { addr: *addr, len: self.len }),
             ChunkMem::Spans { segs, first, offset } => {
                 let start = out.len();
                 for seg in spanned(segs, *first, *offset, self.len) {
                     match out[start..].last_mut() {
-                        Some(last) if last.addr.checked_add(last.len) == Some(seg.addr) => last.len += seg.len,
+                        Some(last) if join_touching && last.addr.checked_add(last.len) == Some(seg.addr) => {
+                            last.len += seg.len
+                        }
                         _ => out.push(seg),
                     }
                 }
@@ -251,7 +255,7 @@ mod tests {
         let mut out = Vec::new();
         for (_, c) in chunks {
             let before = out.len();
-            c.segments(&mut out);
+            c.segments(&mut out, true);
             assert_eq!(out[before..].iter().map(|s| s.len).sum::<usize>(), c.len, "{c:?}");
         }
         out
@@ -301,10 +305,10 @@ mod tests {
         assert_eq!(chunks.iter().map(|(ch, _)| *ch).collect::<Vec<_>>(), [0, 1, 0]);
         assert_eq!(chunk_count(&ext, Chunking { size: 8, channels: 2, cut: Cut::Spanning }), 3);
         let mut c0 = Vec::new();
-        chunks[0].1.segments(&mut c0);
+        chunks[0].1.segments(&mut c0, true);
         assert_eq!(c0, [seg(100, 3), seg(200, 5)]);
         let mut c1 = Vec::new();
-        chunks[1].1.segments(&mut c1);
+        chunks[1].1.segments(&mut c1, true);
         assert_eq!(c1, [seg(205, 5), seg(400, 1), seg(500, 2)]);
         assert_eq!(chunks[1].1.hull(), (205, 297));
         // A chunk inside one segment is plain memory.
@@ -326,7 +330,7 @@ mod tests {
         };
         let from_segments = |c: &Chunk| {
             let mut out = Vec::new();
-            c.segments(&mut out);
+            c.segments(&mut out, true);
             assert_eq!(out.iter().map(|s| s.len).sum::<usize>(), c.len);
             assert!(out.iter().all(|s| s.len > 0), "{out:?}");
             let lo = out.iter().map(|s| s.addr).min().unwrap();
@@ -480,8 +484,16 @@ mod tests {
         let mut out = vec![seg(0x10_0000 - 0x100, 0x100)];
         // Starts 0x1000 into segment 1 and ends 0x1000 into segment 6: one range, and the segment
         // already in `out` (which this one touches) is left alone.
-        chunk(side_by_side, 1, 0x1000, 5 * 0x4000).segments(&mut out);
+        chunk(side_by_side.clone(), 1, 0x1000, 5 * 0x4000).segments(&mut out, true);
         assert_eq!(out, [seg(0x10_0000 - 0x100, 0x100), seg(0x10_5000, 5 * 0x4000)]);
+        // Not asked to join (device memory): every segment as it is.
+        let mut out = Vec::new();
+        chunk(side_by_side, 1, 0x1000, 5 * 0x4000).segments(&mut out, false);
+        let expected: Vec<IoSeg> = std::iter::once(seg(0x10_5000, 0x3000))
+            .chain((2..6).map(|i| seg(0x10_0000 + i * 0x4000, 0x4000)))
+            .chain(std::iter::once(seg(0x11_8000, 0x1000)))
+            .collect();
+        assert_eq!(out, expected);
 
         // Gaps, a segment before its predecessor in memory, and a repeat stay apart; runs that
         // touch are joined.
@@ -495,14 +507,14 @@ mod tests {
             seg(0x8800, 0x800),
         ];
         let mut out = Vec::new();
-        chunk(mixed.clone(), 0, 0, 0x6000).segments(&mut out);
+        chunk(mixed.clone(), 0, 0, 0x6000).segments(&mut out, true);
         assert_eq!(out, [seg(0x1000, 0x2000), seg(0x8000, 0x1000), seg(0x7000, 0x1000), seg(0x7000, 0x2000)]);
         assert_eq!(merged(out), merged(mixed), "the same bytes in the same order");
 
         // A segment ending at the top of the address space is not joined past it.
         let top = vec![seg(usize::MAX - 0xfff, 0x1000), seg(0, 0x1000)];
         let mut out = Vec::new();
-        chunk(top.clone(), 0, 0, 0x2000).segments(&mut out);
+        chunk(top.clone(), 0, 0, 0x2000).segments(&mut out, true);
         assert_eq!(out, top);
     }
 

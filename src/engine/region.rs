@@ -48,6 +48,8 @@ pub struct Region {
     pushes: AtomicUsize,
     /// The CUDA IPC handle of the allocation holding a device region, asked for once.
     ipc: OnceLock<Option<Export>>,
+    /// A device region lies inside one allocation, asked for once (`in_one_allocation`).
+    one_allocation: OnceLock<bool>,
     /// What this process's mappings lie on, shared by every region of the process
     /// (`huge_pages/`).
     pages: Arc<KnownMappings>,
@@ -210,6 +212,27 @@ impl Region {
         collapse_due_at(self.collapse_due.load(Ordering::Relaxed))
     }
 
+    /// Whether one copy may run over any range of the region: host memory, or device memory
+    /// inside one allocation (the driver refuses a copy that runs from one allocation into the
+    /// next, however close they lie). Asked for once, on first use; an allocation the driver does
+    /// not describe counts as several.
+    pub fn in_one_allocation(&self) -> bool {
+        let MemKind::Cuda { device } = self.kind else { return true };
+        *self.one_allocation.get_or_init(|| {
+            let end = self.base as u64 + self.len as u64;
+            match crate::cuda::Gpu::open(device).and_then(|gpu| crate::cuda::pointer::allocation_of(&gpu, self.base)) {
+                Ok((base, len)) => base <= self.base as u64 && end <= base.saturating_add(len),
+                Err(e) => {
+                    log::debug!(
+                        "memory region {}: no allocation range ({e}); its segments are copied one by one",
+                        self.id
+                    );
+                    false
+                }
+            }
+        })
+    }
+
     /// The CUDA IPC handle of the allocation holding this device region, made on first use; `None`
     /// for host memory, for allocations without one (see `cuda::ipc::export`) and for a region
     /// that runs past its allocation.
@@ -305,6 +328,7 @@ impl RegionTable {
             device_copies: AtomicUsize::new(0),
             pushes: AtomicUsize::new(0),
             ipc: OnceLock::new(),
+            one_allocation: OnceLock::new(),
             pages: self.pages.clone(),
             huge_answer: AtomicU64::new(0),
             fresh_from: self.pages.generation_read_after_now(),
