@@ -72,7 +72,7 @@ struct State {
     refreshes: u64,
     /// `refreshes` when the last read that succeeded began: the refreshes after it are unanswered.
     refreshes_answered: u64,
-    /// Reads that failed since the last one that succeeded.
+    /// Reads that failed since the last one that succeeded, or the last refresh.
     failed_in_row: u32,
     /// Reads that ran.
     reads: u64,
@@ -212,6 +212,8 @@ impl KnownMappings {
         let due = {
             let mut state = self.shared.state.lock();
             state.refreshes += 1;
+            // Each refresh gets its own retries, whatever failed before it.
+            state.failed_in_row = 0;
             if std::mem::replace(&mut state.looking, true) {
                 return;
             }
@@ -787,6 +789,11 @@ mod tests {
         assert!(!known.looking(), "no read is queued once the retries are spent");
         assert_eq!(process.reads(), 4 + 1 + REFRESH_RETRIES as usize);
         assert!(known.on_huge_pages(mapping(1, M)), "failed reads leave what was known");
+
+        // A new refresh gets retries of its own.
+        known.refresh();
+        settled(&known);
+        assert_eq!(process.reads(), 4 + 2 * (1 + REFRESH_RETRIES as usize), "the next refresh tried again as often");
 
         // A failure without a refresh behind it is not retried (the next ask reads again).
         failing.store(0, Ordering::SeqCst);

@@ -117,9 +117,11 @@ impl ConnState {
 
     /// The peer says pages of its region changed size: ours of its pages are read again (no
     /// sooner than the reads' gap allows), so the answer the next reads ask is the kernel's, not
-    /// the peer's word. Taken from a peer of this host only.
+    /// the peer's word. Taken from a peer of this host only, and at most once per read of ours
+    /// the band kept to the channels (`hint_credit`); other hints are dropped.
     pub(super) fn on_peer_huge_pages(&mut self, out: &mut Vec<Action>) {
-        if self.direct.same_host {
+        if self.direct.same_host && self.direct.hint_credit > 0 {
+            self.direct.hint_credit -= 1;
             self.direct.path.huge_hints += 1;
             out.push(Action::ReadPeerPages);
         }
@@ -251,6 +253,10 @@ impl ConnState {
             // serves the read (`serving_over_channels`).
             if write && self.direct.huge_pages {
                 self.collapse_source(region, extra);
+            }
+            // The target may answer this read with a hint once its source lies on huge pages.
+            if !write && self.direct.huge_pages {
+                self.direct.hint_credit = (self.direct.hint_credit + 1).min(MAX_HUGE_HINTS);
             }
             return None;
         }

@@ -203,8 +203,8 @@ pub struct HostPath {
     pub staged_ops: u64,
     /// Both staging areas are in use: the peer mapped ours, and we mapped the peer's.
     pub staging: bool,
-    /// `OnHugePages` hints the peer sent (its region's pages changed size), each of which had its
-    /// pages read again.
+    /// `OnHugePages` hints the peer sent (its region's pages changed size) that had its pages read
+    /// again: one per read of ours the network band kept to the channels, at most.
     pub huge_hints: u64,
 }
 
@@ -245,6 +245,10 @@ pub(super) struct Direct {
     pub(super) staging: Staging,
     /// Our regions we told the peer lie on huge pages (`OnHugePages`), at most `MAX_HUGE_HINTS`.
     pub(super) told_huge: HashSet<u64>,
+    /// Our reads the network band kept to the channels that a hint of the peer's may still answer
+    /// (at most `MAX_HUGE_HINTS`): each hint acted on spends one, so a peer can have its pages
+    /// read again only as often as we read it over the channels, however many hints it sends.
+    pub(super) hint_credit: usize,
 }
 
 impl Direct {

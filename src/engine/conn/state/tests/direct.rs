@@ -882,14 +882,28 @@ fn a_reads_target_tells_the_reader_once_its_source_lies_on_huge_pages() {
 /// A hint from a peer elsewhere is ignored; one of this host has the peer's pages read again
 /// every time (the reads keep their own gaps).
 #[test]
-fn huge_page_hints_are_taken_from_this_host_only() {
+fn huge_page_hints_are_taken_from_this_host_only_and_once_per_read_kept_to_the_channels() {
     let mut remote = End::new();
     remote.handle(Control::OnHugePages { region: 1 }).unwrap();
     assert_eq!((remote.st.host_path().huge_hints, remote.peer_pages_read), (0, 0), "not of this host: ignored");
 
-    let (mut a, _b) = host_pair(true, true);
+    let band = (2 * CHUNK as u64, 4 * CHUNK as u64);
+    let (mut a, mut b) = host_pair_with_band(true, true, Some(band), true);
     for region in [1, 2, 1] {
         a.handle(Control::OnHugePages { region }).unwrap();
     }
-    assert_eq!((a.st.host_path().huge_hints, a.peer_pages_read), (3, 3));
+    assert_eq!((a.st.host_path().huge_hints, a.peer_pages_read), (0, 0), "no read of ours to answer: dropped");
+
+    // Two reads the band keeps to the channels: two hints are taken, the third is dropped.
+    let len = 3 * CHUNK;
+    let remote = b.buffer(len, pattern(53));
+    for _ in 0..2 {
+        let back = a.buffer(len, |_| 0);
+        a.one_sided(false, &[(&back, 0, &remote, 0, len)]);
+        assert!(matches!(a.outbox.back(), Some(Control::ReadRequest { .. })), "{:?}", a.outbox.back());
+    }
+    for region in [1, 2, 1] {
+        a.handle(Control::OnHugePages { region }).unwrap();
+    }
+    assert_eq!((a.st.host_path().huge_hints, a.peer_pages_read), (2, 2));
 }
