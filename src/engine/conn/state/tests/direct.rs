@@ -888,7 +888,7 @@ fn huge_page_hints_are_taken_from_this_host_only_and_once_per_read_kept_to_the_c
     assert_eq!((remote.st.host_path().huge_hints, remote.peer_pages_read), (0, 0), "not of this host: ignored");
 
     let band = (2 * CHUNK as u64, 4 * CHUNK as u64);
-    let (mut a, mut b) = host_pair_with_band(true, true, Some(band), true);
+    let (mut a, b) = host_pair_with_band(true, true, Some(band), true);
     for region in [1, 2, 1] {
         a.handle(Control::OnHugePages { region }).unwrap();
     }
