@@ -19,6 +19,7 @@ use cudarc::driver::sys;
 use uccl_tcpx::engine::OneSided;
 use uccl_tcpx::engine::local::Locality;
 use uccl_tcpx::proto::{FifoItem, IpcInfo};
+use uccl_tcpx::transport::MemKind;
 use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
 
 mod common;
@@ -45,9 +46,10 @@ fn waited(conn: &Arc<Connection>, id: u64) -> uccl_tcpx::Result<u64> {
 
 /// Writes and reads between `conn`'s local GPU buffer and the remote region `remote` holds,
 /// whose bytes start as `pattern(remote_len, SEED)`: a read of almost all of it at odd offsets on
-/// both ends, a write into its middle read back, a vector of three pieces each way. The vectors
-/// are waited for with `Connection::wait`, the rest polled for.
-fn exercise(conn: &Arc<Connection>, local: &mut Mem, mr: u64, remote: FifoItem, remote_len: usize) {
+/// both ends, a write into its middle read back, a vector of three pieces each way, and one of 512
+/// small pieces each way, which the GPU's kernel moves in one batch where both ends are its memory
+/// (`one_gpu`). The vectors are waited for with `Connection::wait`, the rest polled for.
+fn exercise(conn: &Arc<Connection>, local: &mut Mem, mr: u64, remote: FifoItem, remote_len: usize, one_gpu: bool) {
     let expected = pattern(remote_len, SEED);
     let batches = conn.device_copy_batches();
     let len = remote_len - 64;
@@ -88,7 +90,39 @@ fn exercise(conn: &Arc<Connection>, local: &mut Mem, mr: u64, remote: FifoItem, 
     for ((item, d), i) in back.iter().zip(&vdata).zip(0..) {
         assert_same(&local.read(item.addr - local.addr(), d.len()), d, &format!("vector piece {i}"));
     }
-    assert_eq!(conn.device_copy_batches(), batches + 5, "every call took the device path, one batch each");
+
+    // KV-cache blocks: 512 small pieces at odd places, the remote ones in reverse order.
+    let kernel_batches = conn.device_copy_kernel_batches();
+    let (n, stride) = (512usize, 8192usize);
+    let many: Vec<(usize, usize, usize)> =
+        (0..n).map(|i| (i * stride + i % 5, (n - 1 - i) * stride + 16 + i % 3, 4096 + i % 11)).collect();
+    let mdata = pattern(n * stride + 64, 77);
+    local.write(0, &mdata);
+    let items: Vec<OneSided> = many
+        .iter()
+        .map(|&(lo, ro, len)| OneSided { mr, addr: local.addr() + lo, len, remote: at(remote, ro) })
+        .collect();
+    let total: u64 = many.iter().map(|p| p.2 as u64).sum();
+    let w = conn.write(&items).unwrap();
+    assert_eq!(waited(conn, w).unwrap(), total);
+    local.clear();
+    let r = conn.read(&items).unwrap();
+    assert_eq!(waited(conn, r).unwrap(), total);
+    let back = local.read(0, n * stride + 64);
+    for (i, &(lo, _, len)) in many.iter().enumerate() {
+        assert_same(&back[lo..lo + len], &mdata[lo..lo + len], &format!("small piece {i}"));
+    }
+    let ordinal = match local.kind() {
+        MemKind::Cuda { device } => device as usize,
+        MemKind::Host => unreachable!("the local buffer is GPU memory"),
+    };
+    let kernel = one_gpu && uccl_tcpx::cuda::unpack::UnpackKernels::for_device(ordinal).is_ok();
+    assert_eq!(
+        conn.device_copy_kernel_batches(),
+        kernel_batches + if kernel { 2 } else { 0 },
+        "the small pieces went through the kernel exactly where both ends are one GPU's memory"
+    );
+    assert_eq!(conn.device_copy_batches(), batches + 7, "every call took the device path, one batch each");
 }
 
 /// Engine `a` on GPU `ga` connected to engine `b` on GPU `gb`, both in this process.
@@ -103,7 +137,7 @@ fn same_process(ga: i32, gb: i32) {
     let tmr = b.register(target.addr(), LEN).unwrap();
     let mut local = Mem::on_gpu(ga, LEN);
     let lmr = a.register(local.addr(), LEN).unwrap();
-    exercise(&ab, &mut local, lmr, item(&b, tmr, &target), LEN);
+    exercise(&ab, &mut local, lmr, item(&b, tmr, &target), LEN, ga == gb);
 }
 
 #[test]
@@ -338,7 +372,7 @@ fn cross_process(ours: i32, theirs: i32) {
     let mr = engine.register(local.addr(), LEN).unwrap();
     let conn = engine.connect("127.0.0.1", "0", owner.port).unwrap();
     assert_eq!(conn.peer.locality, Locality::SameHost);
-    exercise(&conn, &mut local, mr, owner.item, LEN);
+    exercise(&conn, &mut local, mr, owner.item, LEN, ours == theirs);
 }
 
 #[test]

@@ -3,15 +3,26 @@
 //! on a copy; a caller waiting for its own transfer blocks on the event). Between GPUs of this process a copy names both primary contexts (`cuMemcpyPeerAsync`);
 //! everything else (one GPU, host memory, a peer's allocation mapped here) is a unified-address
 //! `cuMemcpyAsync`. Peer access is never enabled on the user's contexts: peer copies use the
-//! GPUs' direct link without it.
+//! GPUs' direct link without it. A call of many small copies whose every end is memory of the
+//! issuing GPU (a KV cache's blocks between two processes of one GPU, or two engines of one
+//! process) goes through the unpack kernel instead, its tiles in a few launches: each copy issued
+//! on its own costs the poster about 5 us and moved 1024 blocks of 16 KiB at 3 GB/s on an H100.
 
 use std::sync::Arc;
 
 use cudarc::driver::sys;
 
+use super::segments::TileCopier;
 use super::stream::{Event, Stream};
+use super::unpack::addressable;
 use super::{Gpu, check};
 use crate::error::Result;
+
+/// Calls of at least this many copies, averaging at most `KERNEL_MAX_AVERAGE` bytes, go through
+/// the unpack kernel when every end lies on the issuing GPU. Below, the copies' own launches cost
+/// less than the kernel's (one per 254 tiles of 4 KiB, about as much as a copy's).
+const KERNEL_MIN_COPIES: usize = 4;
+const KERNEL_MAX_AVERAGE: usize = 512 << 10;
 
 /// One copy: `len` bytes from `src` to `dst`. An address with a GPU is device memory of that GPU
 /// in this process; one without is host memory or memory mapped into the issuing GPU's context.
@@ -30,11 +41,22 @@ const SPARE_EVENTS: usize = 64;
 pub struct CopyQueue {
     stream: Stream,
     spare: Vec<Event>,
+    kernel: Kernel,
+    /// Calls that went through the kernel.
+    by_kernel: u64,
+}
+
+/// The unpack kernel of the queue's GPU, built at the first call that wants it.
+enum Kernel {
+    Untried,
+    Ready(TileCopier),
+    /// It cannot be built here (no NVRTC, an old GPU): copies one by one.
+    Unavailable,
 }
 
 impl CopyQueue {
     pub fn new(gpu: &Arc<Gpu>) -> Result<CopyQueue> {
-        Ok(CopyQueue { stream: Stream::new(gpu)?, spare: Vec::new() })
+        Ok(CopyQueue { stream: Stream::new(gpu)?, spare: Vec::new(), kernel: Kernel::Untried, by_kernel: 0 })
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {
@@ -50,8 +72,15 @@ impl CopyQueue {
     pub unsafe fn issue(&mut self, copies: &[DeviceCopy]) -> Result<Event> {
         let gpu = self.stream.gpu().clone();
         let _ctx = gpu.enter()?;
-        // SAFETY: per the contract.
-        let queued = copies.iter().try_for_each(|c| unsafe { self.queue_one(c) });
+        let queued = match kernel_for(&mut self.kernel, &gpu, copies) {
+            Some(kernel) => {
+                self.by_kernel += 1;
+                // SAFETY: per the contract; every end is device memory of this GPU (`kernel_for`).
+                unsafe { kernel.copy(&self.stream, copies.iter().map(|c| (c.src, c.dst, c.len as u64))) }
+            }
+            // SAFETY: per the contract.
+            None => copies.iter().try_for_each(|c| unsafe { self.queue_one(c) }),
+        };
         let marked = queued.and_then(|()| {
             let event = match self.spare.pop() {
                 Some(e) => e,
@@ -63,6 +92,11 @@ impl CopyQueue {
             let _ = self.stream.synchronize();
         }
         marked
+    }
+
+    /// Calls so far whose copies went through the kernel.
+    pub fn batches_by_kernel(&self) -> u64 {
+        self.by_kernel
     }
 
     /// Takes back a fired event for later batches.
@@ -112,10 +146,126 @@ impl CopyQueue {
     }
 }
 
+/// The kernel, where `copies` are many and small enough for it, every end is device memory of the
+/// issuing GPU that a tile can address, and the copies are independent; built on first use.
+fn kernel_for<'a>(kernel: &'a mut Kernel, gpu: &Arc<Gpu>, copies: &[DeviceCopy]) -> Option<&'a mut TileCopier> {
+    let here = Some(gpu.ordinal());
+    let bytes: usize = copies.iter().map(|c| c.len).sum();
+    let wanted = copies.len() >= KERNEL_MIN_COPIES
+        && bytes <= copies.len().saturating_mul(KERNEL_MAX_AVERAGE)
+        && copies.iter().all(|c| {
+            c.src_gpu == here
+                && c.dst_gpu == here
+                && addressable(c.src, c.len as u64)
+                && addressable(c.dst, c.len as u64)
+        })
+        && independent(copies);
+    if !wanted {
+        return None;
+    }
+    if let Kernel::Untried = *kernel {
+        *kernel = match TileCopier::new(gpu) {
+            Ok(kernel) => Kernel::Ready(kernel),
+            Err(e) => {
+                log::info!("device copies go one by one on {gpu:?}: no unpack kernel ({e})");
+                Kernel::Unavailable
+            }
+        };
+    }
+    match kernel {
+        Kernel::Ready(kernel) => Some(kernel),
+        Kernel::Untried | Kernel::Unavailable => None,
+    }
+}
+
+/// Whether `copies` may run all at once and leave what they would one after another: no copy
+/// reads bytes another writes (the sources' span and the destinations' span are apart) and no two
+/// write the same bytes. Copies one by one, in order, are what a call that breaks this gets.
+fn independent(copies: &[DeviceCopy]) -> bool {
+    let span = |ends: &mut dyn Iterator<Item = (u64, u64)>| {
+        ends.fold((u64::MAX, 0), |(lo, hi), (start, end)| (lo.min(start), hi.max(end)))
+    };
+    let ends = |at: fn(&DeviceCopy) -> u64| copies.iter().map(move |c| (at(c), at(c).saturating_add(c.len as u64)));
+    let (src_lo, src_hi) = span(&mut ends(|c| c.src));
+    let (dst_lo, dst_hi) = span(&mut ends(|c| c.dst));
+    if src_lo < dst_hi && dst_lo < src_hi {
+        return false;
+    }
+    let mut written: Vec<(u64, u64)> = ends(|c| c.dst).filter(|(start, end)| start < end).collect();
+    written.sort_unstable();
+    written.windows(2).all(|pair| pair[0].1 <= pair[1].0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::cuda::DeviceBuffer;
+
+    fn copy(src: u64, dst: u64, len: usize) -> DeviceCopy {
+        DeviceCopy { dst, dst_gpu: Some(0), src, src_gpu: Some(0), len }
+    }
+
+    #[test]
+    fn copies_run_at_once_only_when_none_reads_or_writes_what_another_writes() {
+        let apart = [copy(0x1000, 0x9000, 0x100), copy(0x1100, 0x8000, 0x100), copy(0x1000, 0x9100, 0x100)];
+        assert!(independent(&apart), "sources may repeat and lie side by side, destinations apart");
+        let reads_a_write = [copy(0x1000, 0x9000, 0x100), copy(0x9000, 0x5000, 0x100)];
+        assert!(!independent(&reads_a_write), "a source inside the destinations' span");
+        let same_bytes = [copy(0x1000, 0x9000, 0x100), copy(0x2000, 0x90ff, 0x100)];
+        assert!(!independent(&same_bytes), "two destinations share a byte");
+        let touching = [copy(0x1000, 0x9000, 0x100), copy(0x2000, 0x9100, 0x100), copy(0x3000, 0x8f00, 0x100)];
+        assert!(independent(&touching), "destinations side by side share no byte");
+        let empty = [copy(0x1000, 0x9000, 0), copy(0x2000, 0x9000, 0x100)];
+        assert!(independent(&empty), "an empty copy writes nothing");
+    }
+
+    /// Many small copies on one GPU go through the kernel (when it can be built), in one call, and
+    /// land as the copies one by one would; copies that write the same bytes, or read what others
+    /// write, still go one by one, in order.
+    #[test]
+    fn many_small_copies_on_one_gpu_go_through_the_kernel_and_land() {
+        if testkit::skip_without_gpu(crate::cuda::available()) {
+            return;
+        }
+        const LEN: usize = 4 << 20;
+        let gpu = Gpu::open(0).unwrap();
+        let data: Vec<u8> = (0..LEN).map(|i| (i * 13 % 251) as u8).collect();
+        let mut src = DeviceBuffer::new(0, LEN).unwrap();
+        src.copy_from_host(0, &data).unwrap();
+        let mut dst = DeviceBuffer::new(0, LEN).unwrap();
+        dst.fill(0).unwrap();
+        let (s, d) = (src.addr() as u64, dst.addr() as u64);
+        // 256 pieces of odd sizes and offsets, the destinations in reverse order of the sources.
+        let pieces: Vec<(usize, usize, usize)> =
+            (0..256).map(|i| (i * 16_384 + i % 7, LEN - (i + 1) * 16_384 + 3, 4096 + i * 37)).collect();
+        let copies: Vec<DeviceCopy> =
+            pieces.iter().map(|&(so, dof, n)| copy(s + so as u64, d + dof as u64, n)).collect();
+        let mut queue = CopyQueue::new(&gpu).unwrap();
+        // SAFETY: every range lies in a live buffer of this test, untouched until the event fired.
+        let event = unsafe { queue.issue(&copies) }.unwrap();
+        event.synchronize().unwrap();
+        let mut want = vec![0u8; LEN];
+        for &(so, dof, n) in &pieces {
+            want[dof..dof + n].copy_from_slice(&data[so..so + n]);
+        }
+        assert!(dst.to_vec().unwrap() == want, "every piece in place, nothing else written");
+        let kernel = queue.batches_by_kernel();
+        assert!(kernel <= 1);
+        if kernel == 0 {
+            println!("no unpack kernel on this host: the copies went one by one");
+            return;
+        }
+        // A chain: piece k reads what piece k - 1 wrote, which only copies in order get right.
+        let chain: Vec<DeviceCopy> = (0..8u64).map(|k| copy(d + k * 4096, d + (k + 1) * 4096, 4096)).collect();
+        // SAFETY: as above.
+        let event = unsafe { queue.issue(&chain) }.unwrap();
+        event.synchronize().unwrap();
+        assert_eq!(queue.batches_by_kernel(), 1, "copies that depend on each other go one by one");
+        let got = dst.to_vec().unwrap();
+        for k in 1..=8 {
+            assert_eq!(got[k * 4096..(k + 1) * 4096], want[..4096], "piece {k} of the chain");
+        }
+    }
 
     #[test]
     fn a_batch_lands_in_order_and_its_event_fires() {

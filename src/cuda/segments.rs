@@ -32,13 +32,73 @@ use super::{Gpu, check};
 use crate::error::{Error, Result};
 
 pub struct SegmentKernel {
-    kernels: Arc<UnpackKernels>,
+    tiles: TileCopier,
     /// Bounce buffer `i` belongs to copy stream `i`.
     bounce: Vec<DeviceBuffer>,
+}
+
+/// Copies between device addresses of one GPU by the unpack kernel: tiles of at most 4 KiB, carried
+/// in the parameters of as few launches as hold them. Many small copies at about the cost of one.
+pub struct TileCopier {
+    kernels: Arc<UnpackKernels>,
     /// The parameters of the next launch, filled in place.
     params: Box<InlineTiles>,
     /// Most tiles one launch carries (what this driver allows in parameters).
     per_launch: usize,
+}
+
+impl TileCopier {
+    /// The kernel of `gpu`, compiled by NVRTC on the process's first use. Fails where it cannot be
+    /// built (no NVRTC, a GPU older than compute capability 7.0).
+    pub fn new(gpu: &Arc<Gpu>) -> Result<TileCopier> {
+        let _ctx = gpu.enter()?;
+        let kernels = UnpackKernels::for_device(gpu.ordinal() as usize)?;
+        let per_launch = kernels.max_inline();
+        if per_launch == 0 {
+            return Err(Error::backend("the unpack kernel has no launch that carries its tiles in parameters"));
+        }
+        // The parameters keep the zero completion signal: an event behind the work says when it
+        // finished.
+        Ok(TileCopier { kernels, params: InlineTiles::boxed(), per_launch })
+    }
+
+    /// Queues on `stream` the copies `(src, dst, len)` of `runs`, each run that continues the one
+    /// before it in both source and destination joined to it.
+    ///
+    /// # Safety
+    /// The GPU's context is current and `stream` is of it; every range is device memory of this GPU
+    /// that stays valid, and reserved to these copies, until the stream passed this work; every
+    /// range is addressable by a tile (`unpack::addressable`).
+    pub unsafe fn copy(&mut self, stream: &Stream, runs: impl Iterator<Item = (u64, u64, u64)>) -> Result<()> {
+        for run in merged(runs.map(|(src, dst, len)| Run { src, dst, len })) {
+            // SAFETY: forwarded from the caller.
+            unsafe { self.push_run(stream, run)? };
+        }
+        // SAFETY: forwarded from the caller.
+        unsafe { self.launch(stream) }
+    }
+
+    /// Appends the run's tiles to the parameters, launching whenever they are full.
+    unsafe fn push_run(&mut self, stream: &Stream, run: Run) -> Result<()> {
+        for tile in run_tiles(run.src, run.dst, run.len) {
+            if self.params.count as usize == self.per_launch {
+                // SAFETY: forwarded from the caller.
+                unsafe { self.launch(stream)? };
+            }
+            self.params.tiles[self.params.count as usize] = tile;
+            self.params.count += 1;
+        }
+        Ok(())
+    }
+
+    /// Launches the tiles collected so far, if any; the driver has copied them when this returns.
+    unsafe fn launch(&mut self, stream: &Stream) -> Result<()> {
+        // SAFETY: the stream is of this GPU's primary context, current on this thread; the tiles'
+        // ranges are the caller's, valid until the stream passed this launch.
+        let launched = unsafe { self.kernels.launch_inline(stream.raw(), &self.params) };
+        self.params.count = 0;
+        launched
+    }
 }
 
 /// One copy, merged from segments that continue each other: device addresses.
@@ -54,16 +114,10 @@ impl SegmentKernel {
     /// `slot_size` bytes for each of `streams` copy streams. Fails where the kernel cannot be
     /// built (no NVRTC, a GPU older than compute capability 7.0) or the memory is not there.
     pub fn new(gpu: &Arc<Gpu>, slot_size: usize, streams: usize) -> Result<SegmentKernel> {
+        let tiles = TileCopier::new(gpu)?;
         let _ctx = gpu.enter()?;
-        let kernels = UnpackKernels::for_device(gpu.ordinal() as usize)?;
-        let per_launch = kernels.max_inline();
-        if per_launch == 0 {
-            return Err(Error::backend("the unpack kernel has no launch that carries its tiles in parameters"));
-        }
         let bounce = (0..streams).map(|_| DeviceBuffer::new(gpu.ordinal(), slot_size)).collect::<Result<Vec<_>>>()?;
-        // The parameters keep the zero completion signal: the ring's event behind the work says
-        // when it finished.
-        Ok(SegmentKernel { kernels, bounce, params: InlineTiles::boxed(), per_launch })
+        Ok(SegmentKernel { tiles, bounce })
     }
 
     /// Queues on `stream` (copy stream `index` of the ring) the gather of the device segments
@@ -86,10 +140,10 @@ impl SegmentKernel {
         let bounce = self.bounce_for(index, len)?;
         for run in gather_runs(bounce, segs) {
             // SAFETY: forwarded from the caller.
-            unsafe { self.push_run(stream, run)? };
+            unsafe { self.tiles.push_run(stream, run)? };
         }
         // SAFETY: forwarded from the caller.
-        unsafe { self.launch(stream)? };
+        unsafe { self.tiles.launch(stream)? };
         check(
             // SAFETY: the bounce buffer holds a slot, `len` of whose bytes the kernels queued just
             // before on this stream wrote; `host` holds `len` bytes (the caller's contract).
@@ -123,10 +177,10 @@ impl SegmentKernel {
         )?;
         for run in scatter_runs(bounce, len, segs) {
             // SAFETY: forwarded from the caller.
-            unsafe { self.push_run(stream, run)? };
+            unsafe { self.tiles.push_run(stream, run)? };
         }
         // SAFETY: forwarded from the caller.
-        unsafe { self.launch(stream) }
+        unsafe { self.tiles.launch(stream) }
     }
 
     fn bounce_for(&self, index: usize, len: usize) -> Result<sys::CUdeviceptr> {
@@ -136,29 +190,6 @@ impl SegmentKernel {
             return Err(Error::invalid(format!("{len} bytes exceed the {}-byte bounce buffer", buffer.len())));
         }
         Ok(buffer.addr() as sys::CUdeviceptr)
-    }
-
-    /// Appends the run's tiles to the parameters, launching whenever they are full.
-    unsafe fn push_run(&mut self, stream: &Stream, run: Run) -> Result<()> {
-        for tile in run_tiles(run.src, run.dst, run.len) {
-            if self.params.count as usize == self.per_launch {
-                // SAFETY: forwarded from the caller.
-                unsafe { self.launch(stream)? };
-            }
-            self.params.tiles[self.params.count as usize] = tile;
-            self.params.count += 1;
-        }
-        Ok(())
-    }
-
-    /// Launches the tiles collected so far, if any; the driver has copied them when this returns.
-    unsafe fn launch(&mut self, stream: &Stream) -> Result<()> {
-        // SAFETY: the stream is of this GPU's primary context, current on this thread; the tiles'
-        // ranges are the caller's segments and the bounce buffer, valid until the stream passed
-        // this launch.
-        let launched = unsafe { self.kernels.launch_inline(stream.raw(), &self.params) };
-        self.params.count = 0;
-        launched
     }
 }
 

@@ -473,6 +473,11 @@ impl Connection {
         self.inner.lock().ipc.issued()
     }
 
+    /// Of those, the batches of many small copies on one GPU that its kernel moved.
+    pub fn device_copy_kernel_batches(&self) -> u64 {
+        self.inner.lock().ipc.issued_by_kernel()
+    }
+
     /// A transfer that completes on the control stream (inline items, and writes over the channels,
     /// which end with the peer's Done) is read for by the caller itself, one of the same-host GPU
     /// path waits on its copies' events itself: either way the caller learns of it without a hop

@@ -323,6 +323,8 @@ impl Connection {
             }
             let mut copies = Vec::new();
             let mut mapping = None;
+            let here = Some(plan.gpu.ordinal());
+            let local_here = device_of(local) == here;
             for (l, r, len) in pieces(request) {
                 // A grant revoked since it was looked up above (the owner deregistered the
                 // region) leaves the piece unmapped.
@@ -334,10 +336,13 @@ impl Connection {
                 mapping.get_or_insert_with(|| m.clone());
                 let l = l as u64;
                 // The mapped address belongs to the issuing GPU's context: a unified-address copy.
+                // Ends that are the issuing GPU's own memory say so, which lets many small copies
+                // go through its kernel (`CopyQueue::issue`).
+                let (ours, theirs) = (here.filter(|_| local_here), here.filter(|_| m.device() == here));
                 copies.push(if write {
-                    DeviceCopy { dst: mapped, dst_gpu: None, src: l, src_gpu: None, len }
+                    DeviceCopy { dst: mapped, dst_gpu: theirs, src: l, src_gpu: ours, len }
                 } else {
-                    DeviceCopy { dst: l, dst_gpu: None, src: mapped, src_gpu: None, len }
+                    DeviceCopy { dst: l, dst_gpu: ours, src: mapped, src_gpu: theirs, len }
                 });
             }
             let Some(mapping) = mapping else {

@@ -258,6 +258,11 @@ impl IpcState {
         self.issued
     }
 
+    /// Of the batches issued, those whose copies went through a GPU's kernel.
+    pub fn issued_by_kernel(&self) -> u64 {
+        self.queues.iter().map(CopyQueue::batches_by_kernel).sum()
+    }
+
     /// The count of batches in flight, shared with the connection.
     pub fn in_flight(&self) -> Arc<AtomicUsize> {
         self.in_flight.clone()
