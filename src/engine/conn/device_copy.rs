@@ -321,34 +321,35 @@ impl Connection {
                 transfer.finish_part(Err(deregistered(local.id)));
                 continue;
             }
-            let mut copies = Vec::new();
-            let mut mapping = None;
             let here = Some(plan.gpu.ordinal());
             let local_here = device_of(local) == here;
-            for (l, r, len) in pieces(request) {
-                // A grant revoked since it was looked up above (the owner deregistered the
-                // region) leaves the piece unmapped.
-                let Some((mapped, m)) = inner.ipc.translate(key, r, len as u32) else {
-                    mapping = None;
-                    copies.clear();
-                    break;
-                };
-                mapping.get_or_insert_with(|| m.clone());
-                let l = l as u64;
-                // The mapped address belongs to the issuing GPU's context: a unified-address copy.
-                // Ends that are the issuing GPU's own memory say so, which lets many small copies
-                // go through its kernel (`CopyQueue::issue`).
-                let (ours, theirs) = (here.filter(|_| local_here), here.filter(|_| m.device() == here));
-                copies.push(if write {
-                    DeviceCopy { dst: mapped, dst_gpu: theirs, src: l, src_gpu: ours, len }
-                } else {
-                    DeviceCopy { dst: l, dst_gpu: ours, src: mapped, src_gpu: theirs, len }
-                });
-            }
-            let Some(mapping) = mapping else {
+            // A grant revoked since it was looked up above (the owner deregistered the region)
+            // leaves the request unmapped; so does a piece outside its windows.
+            let Some(grant) = inner.ipc.mapped(key) else {
                 transfer.finish_part(Err(deregistered(key.0)));
                 continue;
             };
+            // The mapped address belongs to the issuing GPU's context: a unified-address copy.
+            // Ends that are the issuing GPU's own memory say so, which lets many small copies go
+            // through its kernel (`CopyQueue::issue`).
+            let (ours, theirs) = (here.filter(|_| local_here), here.filter(|_| grant.mapping.device() == here));
+            let copies: Option<Vec<DeviceCopy>> = pieces(request)
+                .into_iter()
+                .map(|(l, r, len)| {
+                    let mapped = grant.translate(r, len as u32)?;
+                    let l = l as u64;
+                    Some(if write {
+                        DeviceCopy { dst: mapped, dst_gpu: theirs, src: l, src_gpu: ours, len }
+                    } else {
+                        DeviceCopy { dst: l, dst_gpu: ours, src: mapped, src_gpu: theirs, len }
+                    })
+                })
+                .collect();
+            let Some(copies) = copies else {
+                transfer.finish_part(Err(deregistered(key.0)));
+                continue;
+            };
+            let mapping = grant.mapping.clone();
             plan.parts.push(copies.iter().map(|c| c.len as u64).sum());
             plan.copies.extend(copies);
             plan.touch(local);

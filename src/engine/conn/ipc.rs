@@ -98,6 +98,21 @@ pub(super) struct IpcState {
     tracer: Option<Arc<CopyTracer>>,
 }
 
+/// A grant whose allocation is mapped here.
+pub(super) struct MappedGrant<'a> {
+    windows: &'a [(u64, u64)],
+    alloc_base: u64,
+    pub mapping: &'a Mapping,
+}
+
+impl MappedGrant<'_> {
+    /// Where the owner's `addr` is mapped here; `None` unless the grant's windows cover
+    /// `[addr, addr + len)`.
+    pub fn translate(&self, addr: u64, len: u32) -> Option<u64> {
+        covers(self.windows, &[RemoteSeg { addr, len }]).then(|| self.mapping.ptr() + (addr - self.alloc_base))
+    }
+}
+
 /// Whether `segs` all lie inside one of `windows`.
 fn covers(windows: &[(u64, u64)], segs: &[RemoteSeg]) -> bool {
     segs.iter().all(|s| {
@@ -129,14 +144,11 @@ impl IpcState {
         }
     }
 
-    /// Where the owner's `addr` is mapped here, with the mapping to keep while copying; `None`
-    /// unless a mapped grant covers `[addr, addr + len)`.
-    pub fn translate(&self, key: GrantKey, addr: u64, len: u32) -> Option<(u64, &Mapping)> {
+    /// The mapped grant for `key`, if any: looked up once for all of a request's pieces.
+    pub fn mapped(&self, key: GrantKey) -> Option<MappedGrant<'_>> {
         match self.grants.get(&key) {
-            Some(Grant::Granted { windows, alloc_base, mapping: Some(m), .. })
-                if covers(windows, &[RemoteSeg { addr, len }]) =>
-            {
-                Some((m.ptr() + (addr - alloc_base), m))
+            Some(Grant::Granted { windows, alloc_base, mapping: Some(mapping), .. }) => {
+                Some(MappedGrant { windows, alloc_base: *alloc_base, mapping })
             }
             _ => None,
         }
