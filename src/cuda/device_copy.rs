@@ -20,7 +20,7 @@ use crate::error::Result;
 
 /// Calls of at least this many copies, averaging at most `KERNEL_MAX_AVERAGE` bytes, go through
 /// the unpack kernel when every end lies on the issuing GPU. Below, the copies' own launches cost
-/// less than the kernel's (one per 254 tiles of 4 KiB, about as much as a copy's).
+/// less than the kernel's (a launch per up to 2045 tiles of 4 KiB, each about as much as a copy).
 const KERNEL_MIN_COPIES: usize = 4;
 const KERNEL_MAX_AVERAGE: usize = 512 << 10;
 

@@ -1,7 +1,9 @@
-//! A chunk of many device segments moved into or out of a pinned staging slot at about the cost
-//! of one contiguous copy. The unpack kernel (`unpack/`, one warp per tile of at most 4 KiB, any
-//! alignment) gathers the segments into a device bounce buffer and one copy moves that to the
-//! slot; on the way in one copy fills the bounce buffer from the slot and the kernel scatters it.
+//! Many device copies at about the cost of one, through the unpack kernel: [`TileCopier`] copies
+//! between device addresses of one GPU (the same-host path's vectors), and [`SegmentKernel`] moves
+//! a chunk of many device segments into or out of a pinned staging slot. For a chunk, the unpack
+//! kernel (`unpack/`, one warp per tile of at most 4 KiB, any alignment) gathers the segments into
+//! a device bounce buffer and one copy moves that to the slot; on the way in one copy fills the
+//! bounce buffer from the slot and the kernel scatters it.
 //! Two driver calls per chunk instead of one copy per segment, each of which costs the issuing
 //! thread a few microseconds and the copy engine a start of its own (1024 segments of 16 KiB
 //! moved at 0.28-0.32 of one 16 MiB buffer that way, docs/perf-log/vectors.md).
