@@ -195,6 +195,19 @@ impl IpcState {
                 ask.key.0
             )));
         }
+        // Copies are aimed at `mapping + (addr - alloc_base)` for addresses the windows cover, and
+        // the same-host kernel (unlike a driver copy) checks nothing: a window must lie inside the
+        // allocation it was granted in.
+        let alloc_end = alloc_base.checked_add(alloc_len);
+        if let Some(w) = windows
+            .iter()
+            .find(|w| w.addr < alloc_base || alloc_end.is_none_or(|end| w.addr.saturating_add(u64::from(w.len)) > end))
+        {
+            return Err(Error::backend(format!(
+                "protocol violation: IpcGrant for region {region} has window {:#x}+{} outside its allocation {alloc_base:#x}+{alloc_len}",
+                w.addr, w.len
+            )));
+        }
         ask.answer = Some(Answer::Granted { handle, alloc_base, alloc_len });
         let key = ask.key;
         let windows: Vec<(u64, u64)> = windows.iter().map(|w| (w.addr, u64::from(w.len))).collect();
@@ -439,6 +452,18 @@ mod tests {
         assert!(!st.granted(id, 7, [1; 64], 0x1000, 0x1000, &windows).unwrap(), "a late answer is dropped");
         let other = st.new_ask(key);
         assert!(st.granted(other, 8, [1; 64], 0x1000, 0x1000, &windows).is_err(), "the wrong region");
+        // Windows must lie inside the granted allocation: below it, past its end, or an allocation
+        // whose end wraps are protocol violations, and the ask stays unanswered.
+        for (base, len, window) in [
+            (0x1000, 0x1000, seg(0x800, 0x100)),
+            (0x1000, 0x1000, seg(0x1f00, 0x101)),
+            (u64::MAX - 0x10, 0x100, seg(u64::MAX - 0x10, 0x8)),
+        ] {
+            let err = st.granted(other, 7, [1; 64], base, len, &[window]).unwrap_err();
+            assert!(err.message().contains("outside its allocation"), "{err}");
+            assert!(st.take_answer(other).is_none());
+        }
+        assert!(st.granted(other, 7, [1; 64], 0x1000, 0x1000, &[seg(0x1f00, 0x100)]).unwrap(), "up to its end");
         let refused = st.new_ask((9, 1));
         assert!(st.refused(refused, Error::not_allowed("no")));
         assert!(matches!(st.take_answer(refused), Some(Answer::Refused(e)) if e.status() == UcclStatus::ErrNotAllowed));

@@ -67,8 +67,13 @@ pub struct Collapsed {
     /// Extents on a huge page already.
     pub already: usize,
     /// Extents left as they were: not every page present and written, or busy (pinned) at every
-    /// try.
+    /// try, or refused.
     pub skipped: usize,
+    /// Of `skipped`, extents wholly inside the range asked for that had a page not present or only
+    /// read: memory not written yet, which a later ask may find written.
+    pub unwritten: usize,
+    /// Of `skipped`, extents wholly inside the range that the kernel refused.
+    pub refused: usize,
     /// The kernel cannot collapse this memory here, or has no huge page to give: the rest was not
     /// asked for.
     pub unsupported: bool,
@@ -77,10 +82,14 @@ pub struct Collapsed {
 }
 
 impl Collapsed {
-    /// Extents were left on small pages that a later try may collapse: not yet written, or pinned
-    /// by a copy at every try (not where the kernel cannot collapse, nor after a deregistration).
+    /// Extents of the range were left on small pages because they were not written yet, which a
+    /// later try may collapse. Not where the kernel refused an extent of the range (it refuses
+    /// the next try as well: an old kernel, memory it will not back with huge pages), could not
+    /// collapse at all, or outlived the registration; nor for extents pinned at every try (memory
+    /// registered with the GPU stays pinned) or at the range's rounded-out ends (bytes of other
+    /// mappings, or none).
     pub fn left_small(&self) -> bool {
-        self.skipped > 0 && !self.unsupported && !self.abandoned
+        self.unwritten > 0 && self.refused == 0 && !self.unsupported && !self.abandoned
     }
 }
 
@@ -111,6 +120,7 @@ pub fn collapse_in_background(
         passes: 0,
         tally: Collapsed::default(),
         refusals: 0,
+        asked: (addr, addr.saturating_add(len)),
         still_wanted: Box::new(still_wanted),
         finished: Some(Box::new(finished)),
     };
@@ -147,6 +157,8 @@ struct Collapse {
     tally: Collapsed,
     /// Extents the kernel refused so far.
     refusals: usize,
+    /// The range asked for, before it was rounded out to whole extents.
+    asked: (usize, usize),
     still_wanted: StillWanted,
     finished: Option<Finished>,
 }
@@ -192,13 +204,18 @@ impl Collapse {
                 return Left::Nothing;
             }
             asked += EXTENT;
+            let inside = self.asked.0 <= extent && extent + EXTENT <= self.asked.1;
             match collapse_extent(extent) {
                 Step::Collapsed => self.tally.extents += 1,
                 Step::Already => self.tally.already += 1,
-                Step::Skipped => self.tally.skipped += 1,
+                Step::Skipped => {
+                    self.tally.skipped += 1;
+                    self.tally.unwritten += usize::from(inside);
+                }
                 Step::Busy => self.busy.push(extent),
                 Step::Refused(e) => {
                     self.tally.skipped += 1;
+                    self.tally.refused += usize::from(inside);
                     self.refusals += 1;
                     if self.tally.extents + self.tally.already == 0 && self.refusals >= REFUSALS_BEFORE_GIVING_UP {
                         log::debug!("cannot collapse memory into huge pages here ({e}): it stays on small pages");
@@ -502,10 +519,36 @@ mod tests {
         let tally = collapse(memory.addr(), memory.len(), || true);
         assert_eq!(resident_pages(&memory), resident, "no page added to the process");
         if collapse_possible() {
-            assert_eq!(tally, Collapsed { extents: 1, skipped: 1, ..Collapsed::default() });
+            assert_eq!(tally, Collapsed { extents: 1, skipped: 1, unwritten: 1, ..Collapsed::default() });
+            assert!(tally.left_small(), "the unwritten extent is worth asking for again");
         }
         assert!(memory[..EXTENT + EXTENT / 2].iter().all(|b| *b == 3));
         assert!(memory[EXTENT + EXTENT / 2..].iter().all(|b| *b == 0));
+    }
+
+    /// Only extents of the range itself that were not written yet make a range worth asking for
+    /// again: not an unwritten extent the range was rounded out into, and none where the kernel
+    /// refused an extent of the range.
+    #[test]
+    fn only_unwritten_extents_inside_the_range_are_worth_asking_again() {
+        let _reading = looker::TEST_FAULTS.read();
+        // The range ends a page into the second extent, which nothing wrote.
+        let memory = aligned(2, |b| b[..EXTENT].fill(4));
+        let tally = collapse(memory.addr(), EXTENT + page_size(), || true);
+        assert!(!tally.left_small(), "{tally:?}");
+        if collapse_possible() {
+            assert_eq!(tally, Collapsed { extents: 1, skipped: 1, ..Collapsed::default() });
+        }
+
+        // Memory the kernel refuses to collapse (advised against huge pages): its unwritten
+        // extent is not worth another ask either.
+        let memory = aligned(2, |b| b[..EXTENT].fill(5));
+        memory.advise(libc::MADV_NOHUGEPAGE);
+        let tally = collapse(memory.addr(), memory.len(), || true);
+        assert!(!tally.left_small(), "{tally:?}");
+        if collapse_possible() {
+            assert_eq!(tally, Collapsed { skipped: 2, unwritten: 1, refused: 1, ..Collapsed::default() });
+        }
     }
 
     #[test]
@@ -521,7 +564,7 @@ mod tests {
             return assert!(tally.unsupported, "{tally:?}");
         }
         if scan_supported() {
-            assert_eq!(tally, Collapsed { skipped: 1, ..Collapsed::default() });
+            assert_eq!(tally, Collapsed { skipped: 1, unwritten: 1, ..Collapsed::default() });
             assert_eq!(scan::pages_of(memory.addr(), EXTENT), Some(Pages::NotReady), "still the zero page, no memory");
         } else {
             // Before Linux 6.7 the zero pages count as resident: the extent is collapsed (and
