@@ -25,6 +25,7 @@ const RECOLLAPSE_AFTER: Duration = Duration::from_secs(10);
 /// That wait in multiples of the last collapse's length, so that going over a large region again
 /// (its huge extents cost a look each) keeps to a hundredth of the looker thread.
 const RECOLLAPSE_GAP_PER_RUN: u32 = 100;
+/// The most that rule makes the wait.
 const MAX_RECOLLAPSE_GAP: Duration = Duration::from_secs(600);
 /// `Region::collapse_due`: never asked yet, and not to be asked (again).
 const COLLAPSE_NOW: u64 = 0;

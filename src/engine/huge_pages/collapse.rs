@@ -6,7 +6,8 @@
 //! page tables they share, while on huge pages the kernel pins a 2 MiB extent in one step and the
 //! threads scale. Memory the caller allocated with plain `malloc` lies on small pages unless it
 //! asked for huge ones, so the engine asks for it, once per region, the first time a peer of this
-//! host is to copy out of it, and again, paced, for extents a collapse left small.
+//! host is to copy out of it, and again, paced, for extents of it a collapse left small because
+//! they were not written yet.
 //!
 //! What it does to the caller's memory: nothing visible. The kernel copies each 2 MiB extent into
 //! a huge page and maps it where the small pages were, contents and addresses unchanged (as
