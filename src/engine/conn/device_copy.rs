@@ -333,25 +333,25 @@ impl Connection {
             // Ends that are the issuing GPU's own memory say so, which lets many small copies go
             // through its kernel (`CopyQueue::issue`).
             let (ours, theirs) = (here.filter(|_| local_here), here.filter(|_| grant.mapping.device() == here));
-            let copies: Option<Vec<DeviceCopy>> = pieces(request)
-                .into_iter()
-                .map(|(l, r, len)| {
-                    let mapped = grant.translate(r, len as u32)?;
-                    let l = l as u64;
-                    Some(if write {
-                        DeviceCopy { dst: mapped, dst_gpu: theirs, src: l, src_gpu: ours, len }
-                    } else {
-                        DeviceCopy { dst: l, dst_gpu: ours, src: mapped, src_gpu: theirs, len }
-                    })
-                })
-                .collect();
-            let Some(copies) = copies else {
+            // Straight into the plan, taken back if a piece is not covered.
+            let start = plan.copies.len();
+            let covered = pieces(request).into_iter().all(|(l, r, len)| {
+                let Some(mapped) = grant.translate(r, len as u32) else { return false };
+                let l = l as u64;
+                plan.copies.push(if write {
+                    DeviceCopy { dst: mapped, dst_gpu: theirs, src: l, src_gpu: ours, len }
+                } else {
+                    DeviceCopy { dst: l, dst_gpu: ours, src: mapped, src_gpu: theirs, len }
+                });
+                true
+            });
+            if !covered {
+                plan.copies.truncate(start);
                 transfer.finish_part(Err(deregistered(key.0)));
                 continue;
-            };
+            }
             let mapping = grant.mapping.clone();
-            plan.parts.push(copies.iter().map(|c| c.len as u64).sum());
-            plan.copies.extend(copies);
+            plan.parts.push(plan.copies[start..].iter().map(|c| c.len as u64).sum());
             plan.touch(local);
             if !plan.remote_regions.contains(&key.0) {
                 plan.remote_regions.push(key.0);
