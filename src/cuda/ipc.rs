@@ -135,13 +135,13 @@ impl Mapping {
         let flags = sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32;
         // SAFETY: one writable pointer; the handle is passed by value.
         check(unsafe { sys::cuIpcOpenMemHandle_v2(&mut ptr, raw, flags) }, "cuIpcOpenMemHandle")?;
-        let (mut base, mut len): (sys::CUdeviceptr, usize) = (0, 0);
-        // SAFETY: two writable locals; `ptr` was just mapped in this context.
-        let status = unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut len, ptr) };
-        if status != CUresult::CUDA_SUCCESS || base != ptr {
-            log::debug!("cannot read the size of a mapped IPC allocation ({status:?}); the grant's size stands");
-            len = 0;
-        }
+        let len = match super::pointer::allocation_of(gpu, ptr as usize) {
+            Ok((base, len)) if base == ptr => len as usize,
+            other => {
+                log::debug!("cannot read the size of a mapped IPC allocation ({other:?}); the grant's size stands");
+                0
+            }
+        };
         let device = match super::pointer::locate(ptr as usize, 1) {
             Ok(super::Location::Device { ordinal }) => Some(ordinal),
             _ => None,

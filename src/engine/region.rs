@@ -240,18 +240,17 @@ impl Region {
     pub fn ipc_export(&self) -> Option<Export> {
         *self.ipc.get_or_init(|| {
             let MemKind::Cuda { device } = self.kind else { return None };
-            let exported = crate::cuda::Gpu::open(device).and_then(|gpu| crate::cuda::ipc::export(&gpu, self.base));
-            let export = exported.unwrap_or_else(|e| {
-                log::warn!("no CUDA IPC handle for memory region {}: {e}", self.id);
-                None
-            })?;
             // A registration running on into a neighbouring allocation cannot be reached through
             // one handle.
-            let inside = (self.base as u64 + self.len as u64) <= export.base + export.len;
-            if !inside {
+            if !self.in_one_allocation() {
                 log::info!("memory region {} spans more than one CUDA allocation: no IPC handle", self.id);
+                return None;
             }
-            inside.then_some(export)
+            let exported = crate::cuda::Gpu::open(device).and_then(|gpu| crate::cuda::ipc::export(&gpu, self.base));
+            exported.unwrap_or_else(|e| {
+                log::warn!("no CUDA IPC handle for memory region {}: {e}", self.id);
+                None
+            })
         })
     }
 }
