@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the GPU test suite from a folder made by scripts/gpu_bundle.sh, on a host with a CUDA driver:
-# every test binary, then NCCL over the fake NIC (nccl_over_fake.sh: two GPUs and PyTorch; on a
-# host with fewer GPUs it reports itself skipped). Everything runs even if an earlier step failed;
+# every test binary, then NCCL over the fake NIC (nccl_over_fake.sh: a GPU and PyTorch; on a host
+# with no GPU it reports itself skipped). Everything runs even if an earlier step failed;
 # the exit status says whether all passed.
 #
 #   scripts/gpu_tests.sh BUNDLE_DIR

@@ -1,6 +1,9 @@
 # NCCL (PyTorch's) moving GPU->GPU messages through the fake devmem NIC as its net plugin, the
 # independent consumer the fake is held to. Run by scripts/nccl_over_fake.sh under torchrun with two
-# ranks, one GPU each, on one host.
+# ranks on one host: one GPU each, or both on GPU 0 of a one-GPU host. There each rank names a host
+# of its own (NCCL_HOSTID), which NCCL requires of two ranks on one GPU and which leaves it no path
+# between them but the net plugin; the two processes' kernels then take turns on the GPU, so the
+# timings of such a run say nothing about NCCL's speed.
 #
 # For every size: rank 0 -> rank 1, rank 1 -> rank 0 and both at once (batched isend/irecv, so
 # each rank's kernel sends while it waits to receive), every byte checked against a pattern both
@@ -78,8 +81,14 @@ def main():
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     assert world == 2, "two ranks: one sender, one receiver"
     peer = 1 - rank
-    torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank)
+    gpus = torch.cuda.device_count()
+    if gpus < world:
+        os.environ["NCCL_HOSTID"] = f"nccl-over-fake-rank-{rank}"
+        print(f"nccl-over-fake {TAG}: rank {rank} on GPU {rank % gpus} of {gpus}, as host "
+              f"{os.environ['NCCL_HOSTID']}", flush=True)
+    gpu = rank % gpus
+    torch.cuda.set_device(gpu)
+    device = torch.device("cuda", gpu)
     dog = Watchdog(rank)
     dog.enter("init_process_group")
     dist.init_process_group("nccl", device_id=device, timeout=datetime.timedelta(seconds=PHASE_TIMEOUT * 2))
@@ -87,7 +96,7 @@ def main():
         if os.environ.get("NCCL_OVER_FAKE_SIZES") else DEFAULT_SIZES
 
     dog.enter("first barrier")
-    dist.barrier(device_ids=[rank])
+    dist.barrier(device_ids=[gpu])
     for n, size in enumerate(sizes):
         # Correctness: each direction, then both at once.
         for it, (src, dst) in enumerate([(0, 1), (1, 0), (None, None)]):
@@ -124,7 +133,7 @@ def main():
         for _ in range(3):
             one()
         torch.cuda.synchronize()
-        dist.barrier(device_ids=[rank])
+        dist.barrier(device_ids=[gpu])
         dog.enter(f"size {size}: {iters} timed sends")
         t = time.perf_counter()
         for _ in range(iters):
@@ -136,7 +145,7 @@ def main():
             print(f"nccl-over-fake {TAG} size={size} GB/s={size * iters / dt / 1e9:.3f} "
                   f"lat_us={dt / iters * 1e6:.1f}", flush=True)
         dog.enter(f"size {size}: barrier")
-        dist.barrier(device_ids=[rank])
+        dist.barrier(device_ids=[gpu])
 
     dog.enter("destroy_process_group")
     dist.destroy_process_group()
