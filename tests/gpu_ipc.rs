@@ -91,7 +91,14 @@ fn exercise(conn: &Arc<Connection>, local: &mut Mem, mr: u64, remote: FifoItem, 
         assert_same(&local.read(item.addr - local.addr(), d.len()), d, &format!("vector piece {i}"));
     }
 
-    // KV-cache blocks: 512 small pieces at odd places, the remote ones in reverse order.
+    // KV-cache blocks: 512 small pieces at odd places, the remote ones in reverse order. The
+    // kernel is built first (the library builds it in the background and copies one by one
+    // meanwhile).
+    let ordinal = match local.kind() {
+        MemKind::Cuda { device } => device as usize,
+        MemKind::Host => unreachable!("the local buffer is GPU memory"),
+    };
+    let kernel = one_gpu && uccl_tcpx::cuda::unpack::UnpackKernels::for_device(ordinal).is_ok();
     let kernel_batches = conn.device_copy_kernel_batches();
     let (n, stride) = (512usize, 8192usize);
     let many: Vec<(usize, usize, usize)> =
@@ -112,11 +119,6 @@ fn exercise(conn: &Arc<Connection>, local: &mut Mem, mr: u64, remote: FifoItem, 
     for (i, &(lo, _, len)) in many.iter().enumerate() {
         assert_same(&back[lo..lo + len], &mdata[lo..lo + len], &format!("small piece {i}"));
     }
-    let ordinal = match local.kind() {
-        MemKind::Cuda { device } => device as usize,
-        MemKind::Host => unreachable!("the local buffer is GPU memory"),
-    };
-    let kernel = one_gpu && uccl_tcpx::cuda::unpack::UnpackKernels::for_device(ordinal).is_ok();
     assert_eq!(
         conn.device_copy_kernel_batches(),
         kernel_batches + if kernel { 2 } else { 0 },

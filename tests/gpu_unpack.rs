@@ -519,3 +519,29 @@ fn many_launches_in_flight_complete_in_order_with_their_bytes_in_place() {
         dst.assert_matches(&format!("many launches in flight, {completion:?}"));
     }
 }
+
+/// A caller under a lock asks for the kernels without waiting for NVRTC: the first ask starts the
+/// build on a thread of its own and answers at once; the kernels are there once it ended. In a
+/// process of its own, so that no other test built them first.
+#[test]
+fn the_first_ask_under_a_lock_starts_the_build_and_does_not_wait_for_it() {
+    use std::time::{Duration, Instant};
+    use uccl_tcpx::cuda::unpack::UnpackKernels;
+    const NAME: &str = "the_first_ask_under_a_lock_starts_the_build_and_does_not_wait_for_it";
+    if !testkit::child::is_child(NAME) {
+        if gpu().is_some() && !common::gpu::no_nvrtc() {
+            testkit::child::ChildTest::new(NAME).run();
+        }
+        return;
+    }
+    let asked = Instant::now();
+    let first = UnpackKernels::if_built(0);
+    let answered = asked.elapsed();
+    assert!(first.is_none(), "the first ask in this process found the kernels built");
+    let waited = Instant::now();
+    UnpackKernels::for_device(0).expect("the kernels build");
+    let build = waited.elapsed();
+    println!("first ask answered in {answered:?}; the build took {build:?} more");
+    assert!(answered < Duration::from_millis(50), "the first ask took {answered:?}");
+    assert!(matches!(UnpackKernels::if_built(0), Some(Ok(_))), "built once the build ended");
+}

@@ -49,7 +49,9 @@ pub struct CopyQueue {
     by_kernel: u64,
 }
 
-/// The unpack kernel of the queue's GPU, built at the first call that wants it.
+/// The unpack kernel of the queue's GPU, built on a thread of its own from the first call that
+/// wants it (calls are issued under the connection's lock, which NVRTC would hold for hundreds of
+/// milliseconds); until it is there, calls copy one by one.
 enum Kernel {
     Untried,
     Ready(TileCopier),
@@ -151,7 +153,7 @@ impl CopyQueue {
 }
 
 /// The kernel, where `copies` are many and small enough for it, every end is device memory of the
-/// issuing GPU that a tile can address, and the copies are independent; built on first use.
+/// issuing GPU that a tile can address, and the copies are independent, once it is built.
 fn kernel_for<'a>(kernel: &'a mut Kernel, gpu: &Arc<Gpu>, copies: &[DeviceCopy]) -> Option<&'a mut TileCopier> {
     let here = Some(gpu.ordinal());
     let bytes: usize = copies.iter().map(|c| c.len).sum();
@@ -169,9 +171,10 @@ fn kernel_for<'a>(kernel: &'a mut Kernel, gpu: &Arc<Gpu>, copies: &[DeviceCopy])
         return None;
     }
     if let Kernel::Untried = *kernel {
-        *kernel = match TileCopier::new(gpu) {
-            Ok(kernel) => Kernel::Ready(kernel),
-            Err(e) => {
+        *kernel = match TileCopier::if_built(gpu) {
+            None => Kernel::Untried,
+            Some(Ok(kernel)) => Kernel::Ready(kernel),
+            Some(Err(e)) => {
                 log::info!("device copies go one by one on {gpu:?}: no unpack kernel ({e})");
                 Kernel::Unavailable
             }
@@ -257,16 +260,28 @@ mod tests {
         let copies: Vec<DeviceCopy> =
             pieces.iter().map(|&(so, dof, n)| copy(s + so as u64, d + dof as u64, n)).collect();
         let mut queue = CopyQueue::new(&gpu).unwrap();
-        // SAFETY: every range lies in a live buffer of this test, untouched until the event fired.
-        let event = unsafe { queue.issue(&copies) }.unwrap();
-        event.synchronize().unwrap();
         let mut want = vec![0u8; LEN];
         for &(so, dof, n) in &pieces {
             want[dof..dof + n].copy_from_slice(&data[so..so + n]);
         }
+        let built = crate::cuda::unpack::UnpackKernels::if_built(0).is_some();
+        // SAFETY: every range lies in a live buffer of this test, untouched until the event fired.
+        let event = unsafe { queue.issue(&copies) }.unwrap();
+        event.synchronize().unwrap();
         assert!(dst.to_vec().unwrap() == want, "every piece in place, nothing else written");
+        // Waits for the build the call started, if it was not done.
         let kernel = crate::cuda::unpack::UnpackKernels::for_device(0).is_ok();
-        assert_eq!(queue.batches_by_kernel(), u64::from(kernel), "through the kernel wherever it can be built");
+        let first = queue.batches_by_kernel();
+        assert!(first <= u64::from(kernel), "not through a kernel that cannot be built");
+        assert!(first == u64::from(kernel) || !built, "through the kernel where it was built already");
+        // Again, now that the build ended: the kernel wherever it could be built.
+        dst.fill(0).unwrap();
+        // SAFETY: as above.
+        let event = unsafe { queue.issue(&copies) }.unwrap();
+        event.synchronize().unwrap();
+        assert!(dst.to_vec().unwrap() == want, "every piece in place again");
+        let by_kernel = first + u64::from(kernel);
+        assert_eq!(queue.batches_by_kernel(), by_kernel, "through the kernel wherever it can be built");
         if !kernel {
             println!("no unpack kernel on this host: the copies went one by one");
             return;
@@ -276,7 +291,7 @@ mod tests {
         // SAFETY: as above.
         let event = unsafe { queue.issue(&chain) }.unwrap();
         event.synchronize().unwrap();
-        assert_eq!(queue.batches_by_kernel(), 1, "copies that depend on each other go one by one");
+        assert_eq!(queue.batches_by_kernel(), by_kernel, "copies that depend on each other go one by one");
         let got = dst.to_vec().unwrap();
         for k in 1..=8 {
             assert_eq!(got[k * 4096..(k + 1) * 4096], want[..4096], "piece {k} of the chain");

@@ -70,7 +70,7 @@ pub fn segment_copy_counts() -> SegmentCopyCounts {
 }
 
 enum KernelState {
-    /// Not needed yet.
+    /// Not needed yet, or still being built.
     Unresolved,
     Ready(SegmentKernel),
     /// Could not be built; the ring copies segment by segment.
@@ -417,16 +417,20 @@ impl StagingRing {
     }
 
     /// Whether the segments `segs` of a `len`-byte chunk go through the kernel: the mode wants it
-    /// for them, a tile can name every one, and the kernel is there (built now if needed).
+    /// for them, a tile can name every one, and the kernel is built. The first chunk that wants it
+    /// starts its build on a thread of its own, and chunks take one copy per segment until it is
+    /// there: the ring is used under its connection's lock, which NVRTC would hold for hundreds of
+    /// milliseconds.
     fn use_kernel(&mut self, mut segs: impl ExactSizeIterator<Item = (usize, usize)>, len: usize) -> bool {
         if !wants_kernel(self.gather, segs.len(), len) || !segs.all(|(a, n)| addressable(a as u64, n as u64)) {
             return false;
         }
         if matches!(self.kernel, KernelState::Unresolved) {
             let gpu = self.gpu().clone();
-            self.kernel = match SegmentKernel::new(&gpu, self.slot_size, self.streams.len()) {
-                Ok(kernel) => KernelState::Ready(kernel),
-                Err(why) => {
+            self.kernel = match SegmentKernel::if_built(&gpu, self.slot_size, self.streams.len()) {
+                None => KernelState::Unresolved,
+                Some(Ok(kernel)) => KernelState::Ready(kernel),
+                Some(Err(why)) => {
                     kernel_unavailable(&why);
                     KernelState::Unavailable
                 }

@@ -50,11 +50,15 @@ pub struct TileCopier {
 }
 
 impl TileCopier {
-    /// The kernel of `gpu`, compiled by NVRTC on the process's first use. Fails where it cannot be
-    /// built (no NVRTC, a GPU older than compute capability 7.0).
-    pub fn new(gpu: &Arc<Gpu>) -> Result<TileCopier> {
-        let _ctx = gpu.enter()?;
-        let kernels = UnpackKernels::for_device(gpu.ordinal() as usize)?;
+    /// The kernel of `gpu` if its build ended (see `UnpackKernels::if_built`: `None` while NVRTC
+    /// still compiles it on a thread of its own). Fails where it cannot be built (no NVRTC, a GPU
+    /// older than compute capability 7.0).
+    pub fn if_built(gpu: &Arc<Gpu>) -> Option<Result<TileCopier>> {
+        let kernels = UnpackKernels::if_built(gpu.ordinal() as usize)?;
+        Some(kernels.and_then(TileCopier::new))
+    }
+
+    fn new(kernels: Arc<UnpackKernels>) -> Result<TileCopier> {
         let per_launch = kernels.max_inline();
         if per_launch == 0 {
             return Err(Error::backend("the unpack kernel has no launch that carries its tiles in parameters"));
@@ -112,14 +116,18 @@ struct Run {
 }
 
 impl SegmentKernel {
-    /// The kernel of `gpu` (compiled by NVRTC on the process's first use) and one bounce buffer of
-    /// `slot_size` bytes for each of `streams` copy streams. Fails where the kernel cannot be
-    /// built (no NVRTC, a GPU older than compute capability 7.0) or the memory is not there.
-    pub fn new(gpu: &Arc<Gpu>, slot_size: usize, streams: usize) -> Result<SegmentKernel> {
-        let tiles = TileCopier::new(gpu)?;
-        let _ctx = gpu.enter()?;
-        let bounce = (0..streams).map(|_| DeviceBuffer::new(gpu.ordinal(), slot_size)).collect::<Result<Vec<_>>>()?;
-        Ok(SegmentKernel { tiles, bounce })
+    /// The kernel of `gpu` if its build ended (`None` while it is compiled, as for
+    /// [`TileCopier::if_built`]) and one bounce buffer of `slot_size` bytes for each of `streams`
+    /// copy streams. Fails where the kernel cannot be built (no NVRTC, a GPU older than compute
+    /// capability 7.0) or the memory is not there.
+    pub fn if_built(gpu: &Arc<Gpu>, slot_size: usize, streams: usize) -> Option<Result<SegmentKernel>> {
+        let tiles = TileCopier::if_built(gpu)?;
+        Some(tiles.and_then(|tiles| {
+            let _ctx = gpu.enter()?;
+            let bounce =
+                (0..streams).map(|_| DeviceBuffer::new(gpu.ordinal(), slot_size)).collect::<Result<Vec<_>>>()?;
+            Ok(SegmentKernel { tiles, bounce })
+        }))
     }
 
     /// Queues on `stream` (copy stream `index` of the ring) the gather of the device segments

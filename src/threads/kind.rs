@@ -32,6 +32,8 @@ pub enum ThreadKind {
     HostCopyHelper,
     /// The process's thread that reads smaps to learn which memory lies on huge pages.
     PageLook,
+    /// Compiles a GPU's unpack kernel (NVRTC) away from the locks of the paths that want it.
+    KernelBuild,
 }
 
 impl ThreadKind {
@@ -50,6 +52,7 @@ impl ThreadKind {
             ThreadKind::ControlReactor => "control reactor thread",
             ThreadKind::HostCopyHelper => "host copy helper thread",
             ThreadKind::PageLook => "page-size look thread",
+            ThreadKind::KernelBuild => "unpack kernel build thread",
         }
     }
 

@@ -24,10 +24,18 @@ pub fn no_gpu() -> bool {
 }
 
 /// Whether a test of the kernels must return without running: no NVRTC to build them with here,
-/// and no GPU required (a GPU host without NVRTC fails the test instead).
+/// and no GPU required (a GPU host without NVRTC fails the test instead). Where it runs, GPU 0's
+/// kernels are built before it returns: the library builds them in the background and moves
+/// bytes without them meanwhile, which a test counting the kernel's work must not see.
 pub fn no_nvrtc() -> bool {
     // SAFETY: only dlopens candidate library names.
-    testkit::skip_without("NVRTC", unsafe { cudarc::nvrtc::sys::is_culib_present() })
+    if testkit::skip_without("NVRTC", unsafe { cudarc::nvrtc::sys::is_culib_present() }) {
+        return true;
+    }
+    if cuda::available() {
+        uccl_tcpx::cuda::unpack::UnpackKernels::for_device(0).expect("GPU 0's unpack kernels build");
+    }
+    false
 }
 
 /// Whether a test that needs `n` GPUs must return without running: fewer are visible (it says

@@ -3,6 +3,8 @@
 //! benchmark share.
 
 use std::ffi::{CString, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, result, sys};
@@ -11,6 +13,7 @@ use cudarc::nvrtc;
 use super::memory::driver_error;
 use super::plan::Tile;
 use crate::error::{Error, Result};
+use crate::threads::{ThreadKind, panic_text, spawn_contained};
 
 const SOURCE: &str = include_str!("kernel.cu");
 
@@ -67,6 +70,19 @@ impl InlineTiles {
 }
 
 const MAX_DEVICES: usize = 64;
+/// Per device: the build's outcome, and whether a build on a thread of its own was started.
+static BUILT: [OnceLock<std::result::Result<Arc<UnpackKernels>, String>>; MAX_DEVICES] =
+    [const { OnceLock::new() }; MAX_DEVICES];
+static BUILDING: [AtomicBool; MAX_DEVICES] = [const { AtomicBool::new(false) }; MAX_DEVICES];
+
+fn check_ordinal(ordinal: usize) -> Result<()> {
+    crate::cuda::driver()?;
+    let count = result::device::get_count().map_err(|e| driver_error("count devices", e))?;
+    if ordinal >= count as usize || ordinal >= MAX_DEVICES {
+        return Err(Error::invalid(format!("unpack: no CUDA device {ordinal} ({count} present)")));
+    }
+    Ok(())
+}
 
 /// The compiled module of one device.
 pub struct UnpackKernels {
@@ -88,19 +104,45 @@ impl std::fmt::Debug for UnpackKernels {
 }
 
 impl UnpackKernels {
-    /// The kernels of device `ordinal` (its primary context), compiled on the first call.
+    /// The kernels of device `ordinal` (its primary context), compiled on the first call, which
+    /// waits for NVRTC (a few hundred milliseconds) or for a build already under way.
     pub fn for_device(ordinal: usize) -> Result<Arc<UnpackKernels>> {
-        crate::cuda::driver()?;
-        static CACHE: [OnceLock<std::result::Result<Arc<UnpackKernels>, String>>; MAX_DEVICES] =
-            [const { OnceLock::new() }; MAX_DEVICES];
-        let count = result::device::get_count().map_err(|e| driver_error("count devices", e))?;
-        if ordinal >= count as usize || ordinal >= MAX_DEVICES {
-            return Err(Error::invalid(format!("unpack: no CUDA device {ordinal} ({count} present)")));
-        }
-        CACHE[ordinal]
-            .get_or_init(|| build(ordinal).map(Arc::new).map_err(|e| e.message().to_owned()))
+        check_ordinal(ordinal)?;
+        BUILT[ordinal]
+            .get_or_init(|| match catch_unwind(AssertUnwindSafe(|| build(ordinal))) {
+                Ok(built) => built.map(Arc::new).map_err(|e| e.message().to_owned()),
+                Err(panic) => Err(format!("unpack: building the kernel panicked: {}", panic_text(&*panic))),
+            })
             .clone()
             .map_err(Error::backend)
+    }
+
+    /// The kernels of device `ordinal` if their build ended (built, or failed); otherwise `None`,
+    /// the build started on a thread of its own. For callers under a lock that other threads
+    /// wait on (a connection's, a staging ring's), which cannot wait for NVRTC: they move the
+    /// bytes another way until the kernel is there.
+    pub fn if_built(ordinal: usize) -> Option<Result<Arc<UnpackKernels>>> {
+        if let Err(e) = check_ordinal(ordinal) {
+            return Some(Err(e));
+        }
+        if let Some(built) = BUILT[ordinal].get() {
+            return Some(built.clone().map_err(Error::backend));
+        }
+        if BUILDING[ordinal].swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        let thread = std::thread::Builder::new().name(format!("uccl-kbuild{ordinal}"));
+        // The build catches its own panics (`for_device`), so the cell is filled either way.
+        let spawned = spawn_contained(thread, ThreadKind::KernelBuild, |_| {}, move || {
+            if let Err(e) = UnpackKernels::for_device(ordinal) {
+                log::info!("{}", e.message());
+            }
+        });
+        match spawned {
+            Ok(_) => None,
+            // No thread to build it on: build it here, once.
+            Err(_) => Some(UnpackKernels::for_device(ordinal)),
+        }
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
