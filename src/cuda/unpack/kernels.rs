@@ -133,11 +133,16 @@ impl UnpackKernels {
         }
         let thread = std::thread::Builder::new().name(format!("uccl-kbuild{ordinal}"));
         // The build catches its own panics (`for_device`), so the cell is filled either way.
-        let spawned = spawn_contained(thread, ThreadKind::KernelBuild, |_| {}, move || {
-            if let Err(e) = UnpackKernels::for_device(ordinal) {
-                log::info!("{}", e.message());
-            }
-        });
+        let spawned = spawn_contained(
+            thread,
+            ThreadKind::KernelBuild,
+            |_| {},
+            move || {
+                if let Err(e) = UnpackKernels::for_device(ordinal) {
+                    log::info!("{}", e.message());
+                }
+            },
+        );
         match spawned {
             Ok(_) => None,
             // No thread to build it on: build it here, once.

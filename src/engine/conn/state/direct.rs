@@ -32,7 +32,8 @@
 use std::sync::Arc;
 
 use super::direct_table::{
-    AskedRead, Copied, CopyJob, HostPath, HostTask, Lease, MAX_DIRECT_PENDING, MAX_HUGE_HINTS, OurRead, StagedSource,
+    AskedRead, Copied, CopyJob, HostPath, HostTask, Lease, MAX_DIRECT_PENDING, MAX_HINT_CREDIT, MAX_HUGE_HINTS,
+    OurRead, StagedSource,
 };
 use super::{Action, ConnState, Extent, Inbound, Memory, OnDone, Source, deny, deny_msg, unknown_op, violation};
 use crate::engine::region::Region;
@@ -256,7 +257,7 @@ impl ConnState {
             }
             // The target may answer this read with a hint once its source lies on huge pages.
             if !write && self.direct.huge_pages {
-                self.direct.hint_credit = (self.direct.hint_credit + 1).min(MAX_HUGE_HINTS);
+                self.direct.hint_credit = (self.direct.hint_credit + 1).min(MAX_HINT_CREDIT);
             }
             return None;
         }

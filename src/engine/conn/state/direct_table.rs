@@ -15,6 +15,10 @@ use crate::transport::IoSeg;
 /// Our regions a connection remembers having told the peer lie on huge pages (`OnHugePages`); past
 /// it the memory starts over, and a region told twice only has the peer read our pages again.
 pub(super) const MAX_HUGE_HINTS: usize = 4096;
+/// The most hints of the peer's that our reads kept to the channels may still have answered
+/// (`hint_credit`): as many as reads in flight need, but not a bank a peer could fill over a long
+/// run of reads and spend later, one reread of its pages after another.
+pub(super) const MAX_HINT_CREDIT: usize = 16;
 
 /// Work a peer may queue here (copies of its writes, leases of its reads) before it is treated as
 /// hostile.
@@ -246,7 +250,7 @@ pub(super) struct Direct {
     /// Our regions we told the peer lie on huge pages (`OnHugePages`), at most `MAX_HUGE_HINTS`.
     pub(super) told_huge: HashSet<u64>,
     /// Our reads the network band kept to the channels that a hint of the peer's may still answer
-    /// (at most `MAX_HUGE_HINTS`): each hint acted on spends one, so a peer can have its pages
+    /// (at most `MAX_HINT_CREDIT`): each hint acted on spends one, so a peer can have its pages
     /// read again only as often as we read it over the channels, however many hints it sends.
     pub(super) hint_credit: usize,
 }

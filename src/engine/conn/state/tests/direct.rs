@@ -2,6 +2,7 @@
 //! hand, a copy being the worker's own out of this process (both "processes" are this one).
 
 use super::*;
+use crate::engine::conn::state::direct_table::MAX_HINT_CREDIT;
 
 /// Two ends of one host; each proved the other (or not) and told it so.
 pub(super) fn host_pair(a_reads_b: bool, b_reads_a: bool) -> (End, End) {
@@ -906,4 +907,15 @@ fn huge_page_hints_are_taken_from_this_host_only_and_once_per_read_kept_to_the_c
         a.handle(Control::OnHugePages { region }).unwrap();
     }
     assert_eq!((a.st.host_path().huge_hints, a.peer_pages_read), (2, 2));
+
+    // A long run of such reads banks no more credit than the cap.
+    for _ in 0..MAX_HINT_CREDIT + 5 {
+        let back = a.buffer(len, |_| 0);
+        a.one_sided(false, &[(&back, 0, &remote, 0, len)]);
+    }
+    for _ in 0..MAX_HINT_CREDIT + 5 {
+        a.handle(Control::OnHugePages { region: 1 }).unwrap();
+    }
+    let taken = 2 + MAX_HINT_CREDIT as u64;
+    assert_eq!((a.st.host_path().huge_hints, a.peer_pages_read), (taken, taken as usize), "at most the cap");
 }
