@@ -86,6 +86,32 @@ fn pipelined_staging_process() {
     eprintln!("chunks received in parts over the run: {received}");
 }
 
+/// Registering GPU memory starts the build of that GPU's unpack kernel in the background, so the
+/// first vector of it finds the kernel there rather than going piece by piece while NVRTC runs; a
+/// host registration does not. In a process of its own, which no other test built the kernel in.
+#[test]
+fn registering_gpu_memory_starts_the_kernel_build() {
+    if no_gpu() || common::gpu::no_nvrtc() {
+        return;
+    }
+    ChildTest::new("registering_gpu_memory_starts_the_kernel_build_process").ignored().run();
+}
+
+#[test]
+#[ignore = "runs as the child process of registering_gpu_memory_starts_the_kernel_build"]
+fn registering_gpu_memory_starts_the_kernel_build_process() {
+    use uccl_tcpx::cuda::unpack::UnpackKernels;
+    assert!(common::is_child("registering_gpu_memory_starts_the_kernel_build_process"));
+    let engine = Engine::new(Config { gpu: Some(0), ..config() }).unwrap();
+    let host = Mem::new(Side::Host, 1 << 20);
+    let _host_mr = engine.register(host.addr(), host.len()).unwrap();
+    assert!(!UnpackKernels::build_started(0), "neither the engine nor host memory starts it");
+    let gpu = Mem::new(Side::Gpu, 1 << 20);
+    let _gpu_mr = engine.register(gpu.addr(), gpu.len()).unwrap();
+    assert!(UnpackKernels::build_started(0), "a registration of GPU memory started the build");
+    UnpackKernels::for_device(0).expect("and it builds");
+}
+
 /// A write's first chunks are posted by the caller's own thread, and a staged device chunk's copy
 /// binds the engine's GPU there: the caller's current context (none here, as on a thread that never
 /// touched CUDA) is what it was once the write returns, and again after its wait.

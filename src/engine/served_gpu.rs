@@ -113,6 +113,13 @@ impl ServedGpu {
     pub fn serve(&self, ordinal: i32, net: &dyn Net) -> Result<()> {
         let (gpu, by) = self.choose(ordinal, ChosenBy::Registration, net)?;
         if gpu.ordinal() == ordinal {
+            // Vectors of this memory go through the GPU's unpack kernel (staged chunks of many
+            // segments, same-host copies on one GPU), which the paths under a connection's lock
+            // do not wait for: its build starts now, in the background, rather than at the first
+            // such vector, which would go piece by piece until it is there.
+            if let Ok(ordinal) = usize::try_from(ordinal) {
+                let _ = cuda::unpack::UnpackKernels::if_built(ordinal);
+            }
             return Ok(());
         }
         Err(Error::new(

@@ -122,11 +122,11 @@ impl UnpackKernels {
     /// wait on (a connection's, a staging ring's), which cannot wait for NVRTC: they move the
     /// bytes another way until the kernel is there.
     pub fn if_built(ordinal: usize) -> Option<Result<Arc<UnpackKernels>>> {
+        if let Some(built) = BUILT.get(ordinal).and_then(OnceLock::get) {
+            return Some(built.clone().map_err(Error::backend));
+        }
         if let Err(e) = check_ordinal(ordinal) {
             return Some(Err(e));
-        }
-        if let Some(built) = BUILT[ordinal].get() {
-            return Some(built.clone().map_err(Error::backend));
         }
         if BUILDING[ordinal].swap(true, Ordering::AcqRel) {
             return None;
@@ -148,6 +148,12 @@ impl UnpackKernels {
             // No thread to build it on: build it here, once.
             Err(_) => Some(UnpackKernels::for_device(ordinal)),
         }
+    }
+
+    /// Whether a build of device `ordinal`'s kernels began in this process (it may have ended).
+    pub fn build_started(ordinal: usize) -> bool {
+        BUILDING.get(ordinal).is_some_and(|b| b.load(Ordering::Acquire))
+            || BUILT.get(ordinal).is_some_and(|b| b.get().is_some())
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {

@@ -361,9 +361,9 @@ mod tests {
         drop(offer);
         testkit::wait_until("every piece done", testkit::PATIENCE, || job.done.load(Ordering::Acquire) == n);
         assert_eq!(job.threads.lock().len(), n, "every piece taken exactly once");
+        // The pool's own count would also see helpers of other tests running meanwhile.
         let distinct = job.distinct();
         assert!((2..=4).contains(&distinct), "{distinct} threads took pieces: this one and up to 3 helpers");
-        assert!(helpers_running() <= 3, "no more helpers than asked for");
 
         // Helpers waiting for a job are handed the next and woken one by another: every one of
         // them takes part without this thread copying at all.
