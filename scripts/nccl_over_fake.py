@@ -82,6 +82,7 @@ def main():
     assert world == 2, "two ranks: one sender, one receiver"
     peer = 1 - rank
     gpus = torch.cuda.device_count()
+    assert gpus >= 1, "torch sees no GPU (CUDA_VISIBLE_DEVICES?)"
     if gpus < world:
         os.environ["NCCL_HOSTID"] = f"nccl-over-fake-rank-{rank}"
         print(f"nccl-over-fake {TAG}: rank {rank} on GPU {rank % gpus} of {gpus}, as host "

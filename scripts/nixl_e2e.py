@@ -10,7 +10,7 @@ notification that the target must receive, every byte checked. Then the initiato
 itself, and finally the target exits and a transfer to it must fail with NIXL's error (not hang).
 
 --device cpu registers host memory (DRAM, numpy). --device gpu registers torch tensors (VRAM):
-the initiator's on cuda:0 and the target's on cuda:1, each allocated and registered only after the
+the initiator's on cuda:0 and the target's on cuda:1 (--target-gpu), each allocated and registered only after the
 process created its agent, as NIXL users do; the engine therefore learns its GPU from the first
 registration, after NIXL already read its metadata.
 
@@ -391,6 +391,12 @@ def main():
         default="cpu",
         help="host memory, or torch tensors with the initiator on cuda:0 and the target on cuda:1",
     )
+    ap.add_argument(
+        "--target-gpu",
+        type=int,
+        default=1,
+        help="the target's GPU with --device gpu (0 on a one-GPU host: both agents share it)",
+    )
     args = ap.parse_args()
     if not os.environ.get("NIXL_PLUGIN_DIR"):
         sys.exit("NIXL_PLUGIN_DIR must name the directory holding libplugin_UCCL.so")
@@ -398,7 +404,7 @@ def main():
     ctx = mp.get_context("spawn")
     a, b = ctx.Pipe()
     out = ctx.Queue()
-    target = ctx.Process(target=target_main, args=(a, args.device, 1), name="target")
+    target = ctx.Process(target=target_main, args=(a, args.device, args.target_gpu), name="target")
     initiator = ctx.Process(target=initiator_main, args=(b, out, args.device, 0), name="initiator")
     print(
         f"== NIXL over uccl-tcpx: {args.variant}, {memory_name(args.device)}"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# NIXL over uccl-tcpx on a GPU host with two GPUs, from a folder made by
+# NIXL over uccl-tcpx on a GPU host with two GPUs (or one, which both agents then share: that run
+# cannot show an engine learning a GPU other than 0 after NIXL read its metadata), from a folder made by
 # `scripts/nixl_e2e.sh --bundle DIR NIXL_SRC UCCL_SRC`; needs only that host's Python with torch
 # (the Python version the bundle was made for) and its CUDA driver, no network and no compiler.
 #
@@ -83,14 +84,20 @@ echo "bundle: NIXL $NIXL_VERSION ($NIXL_MODULE, NIXL $NIXL_SRC_COMMIT, UCCL $UCC
 n = torch.cuda.device_count()
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), {n} GPU(s):",
       ", ".join(torch.cuda.get_device_name(i) for i in range(n)))
-sys.exit(0 if n >= 2 else 1)' || die "two GPUs visible to torch are needed"
+sys.exit(0 if n >= 1 else 1)' || die "no GPU visible to torch"
+peer_gpu=1
+if [[ "$("$py" -c 'import torch; print(torch.cuda.device_count())')" == 1 ]]; then
+  peer_gpu=0
+  echo "one GPU: both agents on cuda:0 (the engine learning GPU 1 after NIXL's metadata needs two)"
+fi
+export NIXL_SERVER_GPU=$peer_gpu
 
 failed=()
 if [[ "$steps" == *,bench,* ]]; then
   # The same-host path, which NIXL's two agents on this host take as well.
-  echo "======== uccl-tcpx-bench --same-host --device gpu (cuda:0 -> cuda:1)"
+  echo "======== uccl-tcpx-bench --same-host --device gpu (cuda:0 -> cuda:$peer_gpu)"
   "$bundle/uccl-tcpx-bench" --same-host --ops write,read --sizes 4K,1M,64M --no-baseline --device gpu --gpu 0 \
-    --peer-gpu 1 --json-file "$work/bench.json" >"$work/logs/bench.log" 2>&1 || failed+=(uccl-tcpx-bench)
+    --peer-gpu $peer_gpu --json-file "$work/bench.json" >"$work/logs/bench.log" 2>&1 || failed+=(uccl-tcpx-bench)
   cat "$work/logs/bench.log"
 fi
 
@@ -100,7 +107,8 @@ if [[ "$steps" == *,e2e,* ]]; then
   for variant in source binary; do
     echo "======== nixl_e2e.py --device gpu, $variant drop-in"
     NIXL_PLUGIN_DIR="$bundle/plugins/$variant" PYTHONUNBUFFERED=1 "$py" "$bundle/nixl_e2e.py" \
-      --device gpu --variant "$variant drop-in" "${bench_json[@]}" || failed+=("nixl_e2e-$variant")
+      --device gpu --target-gpu $peer_gpu --variant "$variant drop-in" "${bench_json[@]}" ||
+      failed+=("nixl_e2e-$variant")
   done
 fi
 

@@ -2,7 +2,8 @@
 # UCCL's own NIXL benchmark (p2p/benchmarks/benchmark_nixl.py from a UCCL tree, run unchanged) over
 # uccl-tcpx: its server and client roles on this host with `--backend uccl`, WRITE then READ, at
 # its default sizes (8 B to 1 MiB, 128 iterations each). With --device gpu the server's tensors
-# are on cuda:1 and the client's on cuda:0; with --device cpu both are host memory.
+# are on cuda:1 (cuda:$NIXL_SERVER_GPU) and the client's on cuda:0; with --device cpu both are host
+# memory.
 #
 # Each size runs as its own pair of processes (`--sizes N`). Within one run the benchmark binds a
 # new ZeroMQ PAIR socket on port 9000 for every size, and a client that reconnects before the
@@ -23,6 +24,7 @@
 # env:   PYTHON  the interpreter (default python3)
 #        NIXL_BENCH_TIMEOUT  seconds for each size's run (default 300)
 #        UCCL_TCPX_BENCH  uccl-tcpx-bench, for the comparison
+#        NIXL_SERVER_GPU  the server's GPU with gpu (default 1; 0 on a one-GPU host)
 set -uo pipefail
 
 if [[ $# -ne 3 || ("$2" != cpu && "$2" != gpu) ]]; then
@@ -43,9 +45,9 @@ mkdir -p "$logs"
 size_list=8,16,32,64,128,256,512,1024,2048,4096,8192,16384,32768,65536,131072,262144,524288,1048576
 sizes=18
 if [[ "$device" == gpu ]]; then
-  server_gpu=(--local-gpu-idx 1)
+  server_gpu=(--local-gpu-idx "${NIXL_SERVER_GPU:-1}")
   client_gpu=(--local-gpu-idx 0)
-  bench_gpu=(--same-host --device gpu --gpu 0 --peer-gpu 1)
+  bench_gpu=(--same-host --device gpu --gpu 0 --peer-gpu "${NIXL_SERVER_GPU:-1}")
 else
   server_gpu=()
   client_gpu=()

@@ -86,30 +86,32 @@ fn pipelined_staging_process() {
     eprintln!("chunks received in parts over the run: {received}");
 }
 
-/// Registering GPU memory starts the build of that GPU's unpack kernel in the background, so the
-/// first vector of it finds the kernel there rather than going piece by piece while NVRTC runs; a
-/// host registration does not. In a process of its own, which no other test built the kernel in.
+/// The first registration of GPU memory builds that GPU's unpack kernel on the registering thread,
+/// outside every lock, and leaves the thread's current context as it was; a host registration does
+/// not build it. The paths under a connection's lock only take a kernel already built. In a
+/// process of its own, in which no other test built the kernel.
 #[test]
-fn registering_gpu_memory_starts_the_kernel_build() {
+fn registering_gpu_memory_builds_the_kernel() {
     if no_gpu() || common::gpu::no_nvrtc() {
         return;
     }
-    ChildTest::new("registering_gpu_memory_starts_the_kernel_build_process").ignored().run();
+    ChildTest::new("registering_gpu_memory_builds_the_kernel_process").ignored().run();
 }
 
 #[test]
-#[ignore = "runs as the child process of registering_gpu_memory_starts_the_kernel_build"]
-fn registering_gpu_memory_starts_the_kernel_build_process() {
+#[ignore = "runs as the child process of registering_gpu_memory_builds_the_kernel"]
+fn registering_gpu_memory_builds_the_kernel_process() {
     use uccl_tcpx::cuda::unpack::UnpackKernels;
-    assert!(common::is_child("registering_gpu_memory_starts_the_kernel_build_process"));
+    assert!(common::is_child("registering_gpu_memory_builds_the_kernel_process"));
     let engine = Engine::new(Config { gpu: Some(0), ..config() }).unwrap();
     let host = Mem::new(Side::Host, 1 << 20);
     let _host_mr = engine.register(host.addr(), host.len()).unwrap();
-    assert!(!UnpackKernels::build_started(0), "neither the engine nor host memory starts it");
+    assert!(UnpackKernels::if_built(0).is_none(), "neither the engine nor host memory builds it");
     let gpu = Mem::new(Side::Gpu, 1 << 20);
+    make_current(None);
     let _gpu_mr = engine.register(gpu.addr(), gpu.len()).unwrap();
-    assert!(UnpackKernels::build_started(0), "a registration of GPU memory started the build");
-    UnpackKernels::for_device(0).expect("and it builds");
+    assert!(matches!(UnpackKernels::if_built(0), Some(Ok(_))), "the registration built it");
+    assert_eq!(cuda::gpu::current_ordinal(), None, "the build left a context current");
 }
 
 /// A write's first chunks are posted by the caller's own thread, and a staged device chunk's copy

@@ -70,7 +70,7 @@ pub fn segment_copy_counts() -> SegmentCopyCounts {
 }
 
 enum KernelState {
-    /// Not needed yet, or still being built.
+    /// Not needed yet, or not built yet.
     Unresolved,
     Ready(SegmentKernel),
     /// Could not be built; the ring copies segment by segment.
@@ -417,10 +417,10 @@ impl StagingRing {
     }
 
     /// Whether the segments `segs` of a `len`-byte chunk go through the kernel: the mode wants it
-    /// for them, a tile can name every one, and the kernel is built. The first chunk that wants it
-    /// starts its build on a thread of its own, and chunks take one copy per segment until it is
-    /// there: the ring is used under its connection's lock, which NVRTC would hold for hundreds of
-    /// milliseconds.
+    /// for them, a tile can name every one, and the kernel is built. The ring is used under its
+    /// connection's lock, which NVRTC would hold for hundreds of milliseconds: the engine builds
+    /// the kernel when it registers the GPU's memory, and chunks take one copy per segment until
+    /// it is there.
     fn use_kernel(&mut self, mut segs: impl ExactSizeIterator<Item = (usize, usize)>, len: usize) -> bool {
         if !wants_kernel(self.gather, segs.len(), len) || !segs.all(|(a, n)| addressable(a as u64, n as u64)) {
             return false;

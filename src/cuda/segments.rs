@@ -50,9 +50,23 @@ pub struct TileCopier {
 }
 
 impl TileCopier {
-    /// The kernel of `gpu` if its build ended (see `UnpackKernels::if_built`: `None` while NVRTC
-    /// still compiles it on a thread of its own). Fails where it cannot be built (no NVRTC, a GPU
-    /// older than compute capability 7.0).
+    /// Builds `gpu`'s kernel if no build ended yet (once per process; NVRTC takes a few hundred
+    /// milliseconds), leaving the calling thread's current context as it was; a build that fails
+    /// (no NVRTC) is logged, once. For a thread that holds no lock: the paths that copy through
+    /// the kernel under a connection's lock only take it once built (`if_built`), and move bytes
+    /// another way until then.
+    pub fn build(gpu: &Gpu) {
+        let ordinal = gpu.ordinal() as usize;
+        if UnpackKernels::if_built(ordinal).is_some() {
+            return;
+        }
+        if let Err(e) = gpu.enter().and_then(|_ctx| UnpackKernels::for_device(ordinal)) {
+            log::info!("GPU {ordinal}: no unpack kernel, its vectors are copied piece by piece ({e})");
+        }
+    }
+
+    /// The kernel of `gpu` if its build ended (`UnpackKernels::if_built`: `None` until then). Fails
+    /// where it cannot be built (no NVRTC, a GPU older than compute capability 7.0).
     pub fn if_built(gpu: &Arc<Gpu>) -> Option<Result<TileCopier>> {
         let kernels = UnpackKernels::if_built(gpu.ordinal() as usize)?;
         Some(kernels.and_then(TileCopier::new))
@@ -116,7 +130,7 @@ struct Run {
 }
 
 impl SegmentKernel {
-    /// The kernel of `gpu` if its build ended (`None` while it is compiled, as for
+    /// The kernel of `gpu` if its build ended (`None` until then, as for
     /// [`TileCopier::if_built`]) and one bounce buffer of `slot_size` bytes for each of `streams`
     /// copy streams. Fails where the kernel cannot be built (no NVRTC, a GPU older than compute
     /// capability 7.0) or the memory is not there.

@@ -114,12 +114,10 @@ impl ServedGpu {
         let (gpu, by) = self.choose(ordinal, ChosenBy::Registration, net)?;
         if gpu.ordinal() == ordinal {
             // Vectors of this memory go through the GPU's unpack kernel (staged chunks of many
-            // segments, same-host copies on one GPU), which the paths under a connection's lock
-            // do not wait for: its build starts now, in the background, rather than at the first
-            // such vector, which would go piece by piece until it is there.
-            if let Ok(ordinal) = usize::try_from(ordinal) {
-                let _ = cuda::unpack::UnpackKernels::if_built(ordinal);
-            }
+            // segments, same-host copies on one GPU), taken under a connection's lock only once
+            // built: it is built here, on the registering thread, which holds no lock. Not on a
+            // thread of its own: one still compiling when the process exits crashes it in NVRTC.
+            cuda::segments::TileCopier::build(gpu);
             return Ok(());
         }
         Err(Error::new(

@@ -32,8 +32,6 @@ pub enum ThreadKind {
     HostCopyHelper,
     /// The process's thread that reads smaps to learn which memory lies on huge pages.
     PageLook,
-    /// Compiles a GPU's unpack kernel (NVRTC) away from the locks of the paths that want it.
-    KernelBuild,
 }
 
 impl ThreadKind {
@@ -52,7 +50,6 @@ impl ThreadKind {
             ThreadKind::ControlReactor => "control reactor thread",
             ThreadKind::HostCopyHelper => "host copy helper thread",
             ThreadKind::PageLook => "page-size look thread",
-            ThreadKind::KernelBuild => "unpack kernel build thread",
         }
     }
 

@@ -31,13 +31,6 @@ impl BenchMemory {
             None => Ok(BenchMemory::Host(prefaulted(len, huge)?)),
             Some(ordinal) => {
                 let dev = DeviceBuffer::new(ordinal, len).map_err(io)?;
-                // The library builds the GPU's unpack kernel in the background and moves vectors
-                // piece by piece until it is there: waiting for it here keeps the build out of
-                // every timed run. Where it cannot be built, the library copies piece by piece
-                // for good, and that is what gets measured.
-                if let Ok(ordinal) = usize::try_from(ordinal) {
-                    let _ = uccl_tcpx::cuda::unpack::UnpackKernels::for_device(ordinal);
-                }
                 Ok(BenchMemory::Gpu { dev, mirror: prefaulted(len, huge)? })
             }
         }

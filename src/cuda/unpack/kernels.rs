@@ -4,7 +4,6 @@
 
 use std::ffi::{CString, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, result, sys};
@@ -13,7 +12,7 @@ use cudarc::nvrtc;
 use super::memory::driver_error;
 use super::plan::Tile;
 use crate::error::{Error, Result};
-use crate::threads::{ThreadKind, panic_text, spawn_contained};
+use crate::threads::panic_text;
 
 const SOURCE: &str = include_str!("kernel.cu");
 
@@ -70,10 +69,9 @@ impl InlineTiles {
 }
 
 const MAX_DEVICES: usize = 64;
-/// Per device: the build's outcome, and whether a build on a thread of its own was started.
+/// Per device: the build's outcome.
 static BUILT: [OnceLock<std::result::Result<Arc<UnpackKernels>, String>>; MAX_DEVICES] =
     [const { OnceLock::new() }; MAX_DEVICES];
-static BUILDING: [AtomicBool; MAX_DEVICES] = [const { AtomicBool::new(false) }; MAX_DEVICES];
 
 fn check_ordinal(ordinal: usize) -> Result<()> {
     crate::cuda::driver()?;
@@ -105,8 +103,13 @@ impl std::fmt::Debug for UnpackKernels {
 
 impl UnpackKernels {
     /// The kernels of device `ordinal` (its primary context), compiled on the first call, which
-    /// waits for NVRTC (a few hundred milliseconds) or for a build already under way.
+    /// waits for NVRTC (a few hundred milliseconds) or for a build under way on another thread.
+    /// The build makes the device's primary context current on the calling thread: callers that
+    /// must leave the thread's context alone enter the GPU around it.
     pub fn for_device(ordinal: usize) -> Result<Arc<UnpackKernels>> {
+        if let Some(built) = BUILT.get(ordinal).and_then(OnceLock::get) {
+            return built.clone().map_err(Error::backend);
+        }
         check_ordinal(ordinal)?;
         BUILT[ordinal]
             .get_or_init(|| match catch_unwind(AssertUnwindSafe(|| build(ordinal))) {
@@ -117,43 +120,13 @@ impl UnpackKernels {
             .map_err(Error::backend)
     }
 
-    /// The kernels of device `ordinal` if their build ended (built, or failed); otherwise `None`,
-    /// the build started on a thread of its own. For callers under a lock that other threads
-    /// wait on (a connection's, a staging ring's), which cannot wait for NVRTC: they move the
-    /// bytes another way until the kernel is there.
+    /// The kernels of device `ordinal` if their build ended (built, or failed), `None` while
+    /// none did; never waits and never builds. For paths under a lock that other threads wait on
+    /// (a connection's), which cannot wait for NVRTC: the engine builds the kernels when it
+    /// registers the GPU's memory, outside every lock, and these paths move bytes another way
+    /// until then.
     pub fn if_built(ordinal: usize) -> Option<Result<Arc<UnpackKernels>>> {
-        if let Some(built) = BUILT.get(ordinal).and_then(OnceLock::get) {
-            return Some(built.clone().map_err(Error::backend));
-        }
-        if let Err(e) = check_ordinal(ordinal) {
-            return Some(Err(e));
-        }
-        if BUILDING[ordinal].swap(true, Ordering::AcqRel) {
-            return None;
-        }
-        let thread = std::thread::Builder::new().name(format!("uccl-kbuild{ordinal}"));
-        // The build catches its own panics (`for_device`), so the cell is filled either way.
-        let spawned = spawn_contained(
-            thread,
-            ThreadKind::KernelBuild,
-            |_| {},
-            move || {
-                if let Err(e) = UnpackKernels::for_device(ordinal) {
-                    log::info!("{}", e.message());
-                }
-            },
-        );
-        match spawned {
-            Ok(_) => None,
-            // No thread to build it on: build it here, once.
-            Err(_) => Some(UnpackKernels::for_device(ordinal)),
-        }
-    }
-
-    /// Whether a build of device `ordinal`'s kernels began in this process (it may have ended).
-    pub fn build_started(ordinal: usize) -> bool {
-        BUILDING.get(ordinal).is_some_and(|b| b.load(Ordering::Acquire))
-            || BUILT.get(ordinal).is_some_and(|b| b.get().is_some())
+        BUILT.get(ordinal)?.get().map(|built| built.clone().map_err(Error::backend))
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
