@@ -4,13 +4,14 @@
 # `scripts/nixl_e2e.sh --bundle DIR NIXL_SRC UCCL_SRC`; needs only that host's Python with torch
 # (the Python version the bundle was made for) and its CUDA driver, no network and no compiler.
 #
-#   1. uccl-tcpx-bench --device gpu (cuda:0 to cuda:1), WRITE and READ of 4 KiB, 1 MiB, 64 MiB;
+#   1. uccl-tcpx-bench --device gpu (cuda:0 to cuda:1, or cuda:0 on one GPU), WRITE and READ of
+#      4 KiB, 1 MiB, 64 MiB;
 #   2. scripts/nixl_e2e.py --device gpu with each plugin (source and binary drop-in): two agents in
-#      two processes, torch tensors on cuda:0 and cuda:1 registered after the agents were created,
-#      WRITE and READ with notifications and every byte checked, transfers to self, peer exit;
-#      NIXL's timings next to the bench's;
-#   3. UCCL's benchmark_nixl.py, unchanged, --backend uccl --device gpu, server on cuda:1 and
-#      client on cuda:0, write and read at its default sizes (binary drop-in), next to
+#      two processes, torch tensors on cuda:0 and cuda:1 (or both on cuda:0) registered after the
+#      agents were created, WRITE and READ with notifications and every byte checked, transfers to
+#      self, peer exit; NIXL's timings next to the bench's;
+#   3. UCCL's benchmark_nixl.py, unchanged, --backend uccl --device gpu, server on cuda:1 (or
+#      cuda:0) and client on cuda:0, write and read at its default sizes (binary drop-in), next to
 #      uccl-tcpx-bench at the same sizes.
 # Every step runs even when an earlier one failed; the last line says whether all passed.
 #

@@ -92,13 +92,14 @@ fn exercise(conn: &Arc<Connection>, local: &mut Mem, mr: u64, remote: FifoItem, 
     }
 
     // KV-cache blocks: 512 small pieces at odd places, the remote ones in reverse order. The
-    // kernel is built first (the library builds it in the background and copies one by one
-    // meanwhile).
+    // registration of the local buffer built its GPU's kernel (or found it cannot be built).
     let ordinal = match local.kind() {
         MemKind::Cuda { device } => device as usize,
         MemKind::Host => unreachable!("the local buffer is GPU memory"),
     };
-    let kernel = one_gpu && uccl_tcpx::cuda::unpack::UnpackKernels::for_device(ordinal).is_ok();
+    let built = uccl_tcpx::cuda::unpack::UnpackKernels::if_built(ordinal);
+    assert!(built.is_some(), "registering GPU {ordinal}'s memory built its kernel");
+    let kernel = one_gpu && built.is_some_and(|b| b.is_ok());
     let kernel_batches = conn.device_copy_kernel_batches();
     let (n, stride) = (512usize, 8192usize);
     let many: Vec<(usize, usize, usize)> =

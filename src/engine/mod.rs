@@ -387,6 +387,9 @@ fn socket_net(config: &Config, ip: IpAddr, bind: IpAddr, wake: crate::transport:
 /// The connector's side: control stream, Hello, channels. A failure after Hello is also told to
 /// the peer (a Refuse with the reason), so both ends log the same cause.
 fn connect_to(core: &Arc<EngineCore>, addr: SocketAddr, remote_gpu: &str) -> Result<Arc<Connection>> {
+    // Before the connect: a first connection may build the GPU's unpack kernel here, which must
+    // not eat into the handshake's deadline.
+    core.gpu.before_comms(&*core.net)?;
     let deadline = Instant::now() + core.config.connect_timeout;
     let mut stream =
         TcpStream::connect_timeout(&addr, core.config.connect_timeout).map_err(|e| Error::io("TCP connect", e))?;
@@ -396,7 +399,7 @@ fn connect_to(core: &Arc<EngineCore>, addr: SocketAddr, remote_gpu: &str) -> Res
     let local = handshake::Local::of(core);
     // The peer is not known yet: the first listen is on the engine's transport (replaced by one on
     // the socket transport if the peer turns out to share the host).
-    let listened = core.gpu.before_comms(&*core.net).and_then(|()| handshake::Listens::first(&*core.net));
+    let listened = handshake::Listens::first(&*core.net);
     let mut listens = listened.map_err(|e| handshake::refuse(&mut stream, e))?;
     let mut agreed = handshake::hello(&mut stream, &local, remote_gpu, &mut listens)?;
     if let Some(s) = &session {

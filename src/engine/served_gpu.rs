@@ -115,8 +115,7 @@ impl ServedGpu {
         if gpu.ordinal() == ordinal {
             // Vectors of this memory go through the GPU's unpack kernel (staged chunks of many
             // segments, same-host copies on one GPU), taken under a connection's lock only once
-            // built: it is built here, on the registering thread, which holds no lock. Not on a
-            // thread of its own: one still compiling when the process exits crashes it in NVRTC.
+            // built: it is built here, on the registering thread, which holds no lock.
             cuda::segments::TileCopier::build(gpu);
             return Ok(());
         }
@@ -132,15 +131,22 @@ impl ServedGpu {
         ))
     }
 
-    /// Called before every connection's first listen or connect: a transport that binds comms to
-    /// a GPU gets one now if the engine has none yet (the calling thread's current GPU, else GPU
-    /// 0), so no comm is ever bound to a GPU the engine does not serve.
+    /// Called before every connection's first listen or connect, on a thread that holds no lock:
+    /// a transport that binds comms to a GPU gets one now if the engine has none yet (the calling
+    /// thread's current GPU, else GPU 0), so no comm is ever bound to a GPU the engine does not
+    /// serve; and that GPU's unpack kernel is built before the connection's first receive, which
+    /// makes the unpacker under the connection's lock (a devmem pool's receives go through it).
     pub fn before_comms(&self, net: &dyn Net) -> Result<()> {
-        if self.chosen.get().is_some() || !net.binds_gpu() {
+        if !net.binds_gpu() {
+            return Ok(());
+        }
+        if let Some(gpu) = self.get() {
+            cuda::segments::TileCopier::build(gpu);
             return Ok(());
         }
         let ordinal = cuda::gpu::current_ordinal().unwrap_or(0);
         let (gpu, by) = self.choose(ordinal, ChosenBy::FirstConnection, net)?;
+        cuda::segments::TileCopier::build(gpu);
         if *by != ChosenBy::FirstConnection {
             return Ok(());
         }

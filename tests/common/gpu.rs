@@ -25,15 +25,16 @@ pub fn no_gpu() -> bool {
 
 /// Whether a test of the kernels must return without running: no NVRTC to build them with here,
 /// and no GPU required (a GPU host without NVRTC fails the test instead). Where it runs, GPU 0's
-/// kernels are built before it returns: the library builds them in the background and moves
-/// bytes without them meanwhile, which a test counting the kernel's work must not see.
+/// kernels are built (if they can be) before it returns, as an engine builds them when it
+/// registers GPU memory: the paths under a connection's lock, and a staging ring used on its
+/// own, only take kernels already built, and move bytes without them otherwise.
 pub fn no_nvrtc() -> bool {
     // SAFETY: only dlopens candidate library names.
     if testkit::skip_without("NVRTC", unsafe { cudarc::nvrtc::sys::is_culib_present() }) {
         return true;
     }
     if cuda::available() {
-        uccl_tcpx::cuda::unpack::UnpackKernels::for_device(0).expect("GPU 0's unpack kernels build");
+        uccl_tcpx::cuda::segments::TileCopier::build(&cuda::Gpu::open(0).expect("GPU 0"));
     }
     false
 }

@@ -302,13 +302,6 @@ impl Net for PluginNet {
         self.gpus.set_engine_gpu(gpu);
         let path = gpu.sysfs_path();
         self.pair(&format!("GPU {} ({})", gpu.ordinal(), gpu.bus_id()), path.as_deref());
-        // Every receive into a devmem pool is unpacked by the kernel, whose unpacker is made at
-        // the first receive, under the connection's lock: the kernel is built here, where the
-        // engine learns its GPU and no lock is held, so that the first receive does not wait for
-        // NVRTC under that lock.
-        if self.binds_gpu() {
-            crate::cuda::segments::TileCopier::build(gpu);
-        }
     }
 }
 
