@@ -560,28 +560,3 @@ fn asking_under_a_lock_neither_waits_nor_builds() {
     assert!(slowest < Duration::from_millis(10), "an ask waited {slowest:?} for the build");
     assert!(matches!(UnpackKernels::if_built(0), Some(Ok(_))), "built once the build ended");
 }
-
-/// A process that exits while another of its threads builds the kernels (a handshake thread, a
-/// thread registering memory as the main thread returns) exits cleanly: the exit waits for the
-/// build. Without that wait NVRTC's own exit handlers ran under the compile and the process died
-/// of SIGSEGV when it exited 120-190 ms into a build of about 170 ms on an H100, so the children
-/// exit at several points of the build.
-#[test]
-fn exiting_during_a_build_waits_for_it() {
-    use std::time::Duration;
-    use uccl_tcpx::cuda::unpack::UnpackKernels;
-    const NAME: &str = "exiting_during_a_build_waits_for_it";
-    if !testkit::child::is_child(NAME) {
-        if gpu().is_some() && !common::gpu::no_nvrtc() {
-            for delay_ms in [0, 40, 80, 110, 130, 150, 170, 190, 220] {
-                testkit::child::ChildTest::new(NAME).env("EXIT_AFTER_MS", delay_ms.to_string()).run();
-            }
-        }
-        return;
-    }
-    let delay: u64 = std::env::var("EXIT_AFTER_MS").unwrap().parse().unwrap();
-    assert!(uccl_tcpx::cuda::available(), "a CUDA driver");
-    std::thread::spawn(|| UnpackKernels::for_device(0).map(drop));
-    std::thread::sleep(Duration::from_millis(delay));
-    println!("exiting {delay} ms into the build; built: {}", UnpackKernels::if_built(0).is_some());
-}

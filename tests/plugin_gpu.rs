@@ -96,6 +96,32 @@ fn child_every_kind_every_direction() {
     println!("child checked");
 }
 
+/// A plugin engine whose GPU is known at creation builds that GPU's unpack kernel then, on the
+/// creating thread, leaving its current context as it was: the unpacker its first receive makes
+/// under the connection's lock finds the kernel built instead of waiting for NVRTC there.
+#[test]
+fn a_plugin_engine_builds_the_unpack_kernel_at_creation() {
+    if no_gpu() || common::gpu::no_nvrtc() {
+        return;
+    }
+    let out = run_child("child_plugin_engine_builds_the_kernel", "page");
+    assert!(out.contains("child checked"), "{out}");
+}
+
+#[test]
+#[ignore = "run by its parent with FAKE_TCPX_MODE=gpu"]
+fn child_plugin_engine_builds_the_kernel() {
+    use uccl_tcpx::cuda::unpack::UnpackKernels;
+    assert_gpu_mode();
+    assert!(UnpackKernels::if_built(0).is_none(), "nothing of this process built it yet");
+    common::gpu::make_current(None);
+    let engine = Engine::new(plugin_config(2, 4 << 20)).unwrap();
+    assert_eq!(engine.transport(), "FakeDevmemTCPX_v7");
+    assert!(matches!(UnpackKernels::if_built(0), Some(Ok(_))), "the engine's creation built it");
+    assert_eq!(uccl_tcpx::cuda::gpu::current_ordinal(), None, "the build left a context current");
+    println!("child checked");
+}
+
 #[test]
 fn vectors_and_many_in_flight() {
     if no_gpu() {

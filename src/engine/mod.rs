@@ -86,6 +86,7 @@ impl Engine {
         let num_channels = config.channels_for(kind);
         let net = StagedNet::wrap(selected, StagingParams::from_config(&config))?;
         gpu.tell(&*net);
+        gpu.build_unpack_kernel(&*net);
         let routes = {
             let config = config.clone();
             let local_peers = config.local_peers;
@@ -390,6 +391,7 @@ fn connect_to(core: &Arc<EngineCore>, addr: SocketAddr, remote_gpu: &str) -> Res
     // Before the connect: a first connection may build the GPU's unpack kernel here, which must
     // not eat into the handshake's deadline.
     core.gpu.before_comms(&*core.net)?;
+    core.gpu.build_unpack_kernel(&*core.net);
     let deadline = Instant::now() + core.config.connect_timeout;
     let mut stream =
         TcpStream::connect_timeout(&addr, core.config.connect_timeout).map_err(|e| Error::io("TCP connect", e))?;

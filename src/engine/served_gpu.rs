@@ -115,7 +115,7 @@ impl ServedGpu {
         if gpu.ordinal() == ordinal {
             // Vectors of this memory go through the GPU's unpack kernel (staged chunks of many
             // segments, same-host copies on one GPU), taken under a connection's lock only once
-            // built: it is built here, on the registering thread, which holds no lock.
+            // built: it is built here, on the caller's registering thread, which holds no lock.
             cuda::segments::TileCopier::build(gpu);
             return Ok(());
         }
@@ -131,22 +131,15 @@ impl ServedGpu {
         ))
     }
 
-    /// Called before every connection's first listen or connect, on a thread that holds no lock:
-    /// a transport that binds comms to a GPU gets one now if the engine has none yet (the calling
-    /// thread's current GPU, else GPU 0), so no comm is ever bound to a GPU the engine does not
-    /// serve; and that GPU's unpack kernel is built before the connection's first receive, which
-    /// makes the unpacker under the connection's lock (a devmem pool's receives go through it).
+    /// Called before every connection's first listen or connect: a transport that binds comms to
+    /// a GPU gets one now if the engine has none yet (the calling thread's current GPU, else GPU
+    /// 0), so no comm is ever bound to a GPU the engine does not serve.
     pub fn before_comms(&self, net: &dyn Net) -> Result<()> {
-        if !net.binds_gpu() {
-            return Ok(());
-        }
-        if let Some(gpu) = self.get() {
-            cuda::segments::TileCopier::build(gpu);
+        if self.chosen.get().is_some() || !net.binds_gpu() {
             return Ok(());
         }
         let ordinal = cuda::gpu::current_ordinal().unwrap_or(0);
         let (gpu, by) = self.choose(ordinal, ChosenBy::FirstConnection, net)?;
-        cuda::segments::TileCopier::build(gpu);
         if *by != ChosenBy::FirstConnection {
             return Ok(());
         }
@@ -158,6 +151,20 @@ impl ServedGpu {
             gpu.bus_id()
         );
         Ok(())
+    }
+
+    /// On a caller's thread (engine creation, a connect): a transport that binds comms to a GPU
+    /// unpacks every receive out of a devmem pool with the GPU's kernel, through an unpacker made
+    /// at the first receive under the connection's lock; the kernel is built here, once per
+    /// process, so that the unpacker finds it. Not on the library's own threads (an accepted
+    /// connection's handshake): a process that exits while NVRTC compiles crashes in NVRTC's exit
+    /// handlers, and a caller's thread is busy in the library only while the caller waits for it.
+    pub fn build_unpack_kernel(&self, net: &dyn Net) {
+        if let Some(gpu) = self.get()
+            && net.binds_gpu()
+        {
+            cuda::segments::TileCopier::build(gpu);
+        }
     }
 
     /// Gives an engine without a GPU the identity of one (ordinal and bus id in the handshake and,

@@ -72,29 +72,6 @@ const MAX_DEVICES: usize = 64;
 /// Per device: the build's outcome.
 static BUILT: [OnceLock<std::result::Result<Arc<UnpackKernels>, String>>; MAX_DEVICES] =
     [const { OnceLock::new() }; MAX_DEVICES];
-/// Held while NVRTC compiles, so that the process's exit can wait for it (`exit_waits_for_builds`).
-static BUILDING: parking_lot::Mutex<()> = parking_lot::const_mutex(());
-/// How long the process's exit waits for a build under way.
-const EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// Makes the process's exit wait for a build under way on another thread (a handshake thread, a
-/// thread registering memory while the main thread returns): NVRTC's own exit handlers, run while
-/// it still compiles, crash the process. The wait is registered with `atexit` after NVRTC is
-/// loaded, so it runs before NVRTC's handlers (they run in the reverse order of registration).
-fn exit_waits_for_builds() {
-    extern "C" fn wait_for_builds() {
-        drop(BUILDING.try_lock_for(EXIT_WAIT));
-    }
-    static REGISTERED: std::sync::Once = std::sync::Once::new();
-    REGISTERED.call_once(|| {
-        // SAFETY: only dlopens candidate library names.
-        if unsafe { nvrtc::sys::is_culib_present() } {
-            // SAFETY: registers a function that takes no arguments and only locks a mutex.
-            unsafe { libc::atexit(wait_for_builds) };
-        }
-    });
-}
-
 fn check_ordinal(ordinal: usize) -> Result<()> {
     crate::cuda::driver()?;
     let count = result::device::get_count().map_err(|e| driver_error("count devices", e))?;
@@ -134,13 +111,9 @@ impl UnpackKernels {
         }
         check_ordinal(ordinal)?;
         BUILT[ordinal]
-            .get_or_init(|| {
-                exit_waits_for_builds();
-                let _building = BUILDING.lock();
-                match catch_unwind(AssertUnwindSafe(|| build(ordinal))) {
-                    Ok(built) => built.map(Arc::new).map_err(|e| e.message().to_owned()),
-                    Err(panic) => Err(format!("unpack: building the kernel panicked: {}", panic_text(&*panic))),
-                }
+            .get_or_init(|| match catch_unwind(AssertUnwindSafe(|| build(ordinal))) {
+                Ok(built) => built.map(Arc::new).map_err(|e| e.message().to_owned()),
+                Err(panic) => Err(format!("unpack: building the kernel panicked: {}", panic_text(&*panic))),
             })
             .clone()
             .map_err(Error::backend)
