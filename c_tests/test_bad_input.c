@@ -130,7 +130,24 @@ static uint8_t *addr_before(const void *p, size_t n) { return (uint8_t *)((uintp
 
 /* ---- create and environment ----------------------------------------------------------------- */
 
-static int busy_port;
+/* A port this process holds bound and never listens on: a connect to it is refused, and no other
+ * process (an engine of a test running beside this one) can take it meanwhile, as it could a port
+ * that was merely closed. */
+static int refusing_port;
+
+static void hold_refusing_port(void) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in sa;
+  socklen_t len = sizeof sa;
+  REQUIRE(fd >= 0);
+  memset(&sa, 0, sizeof sa);
+  sa.sin_family = AF_INET;
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(bind(fd, (struct sockaddr *)&sa, sizeof sa) == 0);
+  REQUIRE(getsockname(fd, (struct sockaddr *)&sa, &len) == 0);
+  refusing_port = ntohs(sa.sin_port);
+  /* fd stays open until the process exits. */
+}
 
 static bool row_create(int arg, long long *got, char *why, size_t why_len) {
   uccl_engine_t *e = uccl_engine_create(arg == 0 ? ENGINE_CPUS : -1, false);
@@ -167,7 +184,7 @@ static void run_create_rows(void) {
   sa.sin_addr.s_addr = htonl(INADDR_ANY);
   REQUIRE(bind(fd, (struct sockaddr *)&sa, sizeof sa) == 0 && listen(fd, 4) == 0);
   REQUIRE(getsockname(fd, (struct sockaddr *)&sa, &len) == 0);
-  busy_port = ntohs(sa.sin_port);
+  int busy_port = ntohs(sa.sin_port);
   snprintf(port, sizeof port, "%d", busy_port);
   for (size_t i = 0; i < sizeof bad_env / sizeof bad_env[0]; i++) {
     row_t row;
@@ -217,8 +234,7 @@ static bool row_connect(int arg, long long *got, char *why, size_t why_len) {
     case 5: c = uccl_engine_connect(P.a, "127.0.0.1", mb.gpu, 65536, false); break;
     case 6: c = uccl_engine_connect(P.a, "300.1.2.3", mb.gpu, mb.port, false); break;
     case 7: c = uccl_engine_connect(P.a, "", mb.gpu, mb.port, false); break;
-    /* Nothing listens on the busy port once the create rows closed it. */
-    case 8: c = uccl_engine_connect(P.a, "127.0.0.1", mb.gpu, busy_port, false); break;
+    case 8: c = uccl_engine_connect(P.a, "127.0.0.1", mb.gpu, refusing_port, false); break;
     default: break;
   }
   *got = (long long)(uintptr_t)c;
@@ -749,6 +765,7 @@ int main(void) {
 
   test_begin("test_bad_input", 115);
   run_create_rows();
+  hold_refusing_port();
   setup();
 
   ROW(row_get_metadata, 0, "get_metadata: NULL engine");

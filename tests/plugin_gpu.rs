@@ -113,6 +113,7 @@ fn a_plugin_engine_builds_the_unpack_kernel_at_creation() {
 fn child_plugin_engine_builds_the_kernel() {
     use uccl_tcpx::cuda::unpack::UnpackKernels;
     assert_gpu_mode();
+    assert!(uccl_tcpx::cuda::available(), "a CUDA driver");
     assert!(UnpackKernels::if_built(0).is_none(), "nothing of this process built it yet");
     common::gpu::make_current(None);
     let engine = Engine::new(plugin_config(2, 4 << 20)).unwrap();
