@@ -72,6 +72,8 @@ const MAX_DEVICES: usize = 64;
 /// Per device: the build's outcome.
 static BUILT: [OnceLock<std::result::Result<Arc<UnpackKernels>, String>>; MAX_DEVICES] =
     [const { OnceLock::new() }; MAX_DEVICES];
+
+/// Device `ordinal` exists here, and a build's outcome has a place for it.
 fn check_ordinal(ordinal: usize) -> Result<()> {
     crate::cuda::driver()?;
     let count = result::device::get_count().map_err(|e| driver_error("count devices", e))?;
