@@ -19,6 +19,7 @@
 //! of its copies into or out of the region is in flight; copies that touch a region of this process
 //! are counted on the region, and the deregistration waits for the count to fall to zero.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -91,36 +92,35 @@ fn grant_key(request: &OneSidedRequest) -> GrantKey {
     }
 }
 
-fn remote_segs(request: &OneSidedRequest) -> Vec<RemoteSeg> {
+/// The request's remote segments: a vector's own list, not a copy of it.
+fn remote_segs(request: &OneSidedRequest) -> Cow<'_, [RemoteSeg]> {
     match request {
         // The length was checked against the u32 size of its FifoItem.
-        OneSidedRequest::Item(item) => vec![RemoteSeg { addr: item.remote_addr, len: item.len as u32 }],
-        OneSidedRequest::Vector(vector) => vector.segs.clone(),
+        OneSidedRequest::Item(item) => Cow::Owned(vec![RemoteSeg { addr: item.remote_addr, len: item.len as u32 }]),
+        OneSidedRequest::Vector(vector) => Cow::Borrowed(&vector.segs),
     }
 }
 
-/// `(local address, remote address, len)` for every piece of the request, in order.
-fn pieces(request: &OneSidedRequest) -> Vec<(usize, u64, usize)> {
-    match request {
-        OneSidedRequest::Item(i) => vec![(i.addr, i.remote_addr, i.len as usize)],
+/// `(local address, remote address, len)` for every piece of the request, in order, read off its
+/// lists as they are (a vector's pieces are walked under the connection's lock on every call).
+fn pieces(request: &OneSidedRequest) -> impl Iterator<Item = (usize, u64, usize)> + '_ {
+    let (item, scattered, run) = match request {
+        OneSidedRequest::Item(i) => (Some((i.addr, i.remote_addr, i.len as usize)), None, None),
         OneSidedRequest::Vector(v) => match &v.local {
-            Extent::Scattered { segs, .. } => {
-                segs.iter().zip(&v.segs).map(|(l, r)| (l.addr, r.addr, r.len as usize)).collect()
-            }
+            Extent::Scattered { segs, .. } => (None, Some(segs.iter().zip(&v.segs)), None),
             // One local run against the remote segments in order.
-            Extent::Contiguous { addr, .. } => {
-                let mut at = *addr;
-                v.segs
-                    .iter()
-                    .map(|r| {
-                        let piece = (at, r.addr, r.len as usize);
-                        at += r.len as usize;
-                        piece
-                    })
-                    .collect()
-            }
+            Extent::Contiguous { addr, .. } => (None, None, Some((*addr, &v.segs))),
         },
-    }
+    };
+    let scattered = scattered.into_iter().flatten().map(|(l, r)| (l.addr, r.addr, r.len as usize));
+    let run = run.into_iter().flat_map(|(addr, segs)| {
+        segs.iter().scan(addr, |at, r| {
+            let piece = (*at, r.addr, r.len as usize);
+            *at += r.len as usize;
+            Some(piece)
+        })
+    });
+    item.into_iter().chain(scattered).chain(run)
 }
 
 fn device_of(region: &Region) -> Option<i32> {
@@ -335,7 +335,7 @@ impl Connection {
             let (ours, theirs) = (here.filter(|_| local_here), here.filter(|_| grant.mapping.device() == here));
             // Straight into the plan, taken back if a piece is not covered.
             let start = plan.copies.len();
-            let covered = pieces(request).into_iter().all(|(l, r, len)| {
+            let covered = pieces(request).all(|(l, r, len)| {
                 let Some(mapped) = grant.translate(r, len as u32) else { return false };
                 let l = l as u64;
                 plan.copies.push(if write {
