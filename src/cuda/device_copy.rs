@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use cudarc::driver::sys;
 
-use super::segments::TileCopier;
+use super::segments::{Built, TileCopier};
 use super::stream::{Event, Stream};
 use super::unpack::addressable;
 use super::{Gpu, check};
@@ -44,24 +44,16 @@ const SPARE_EVENTS: usize = 64;
 pub struct CopyQueue {
     stream: Stream,
     spare: Vec<Event>,
-    kernel: Kernel,
+    /// The unpack kernel of the queue's GPU: calls are issued under the connection's lock, so the
+    /// engine builds it when it registers the GPU's memory, and calls copy one by one until then.
+    kernel: Built<TileCopier>,
     /// Calls that went through the kernel.
     by_kernel: u64,
 }
 
-/// The unpack kernel of the queue's GPU, taken once it is built: calls are issued under the
-/// connection's lock, which NVRTC would hold for hundreds of milliseconds, so the engine builds it
-/// when it registers the GPU's memory, and calls copy one by one until it is there.
-enum Kernel {
-    Untried,
-    Ready(TileCopier),
-    /// It cannot be built here (no NVRTC, an old GPU): copies one by one.
-    Unavailable,
-}
-
 impl CopyQueue {
     pub fn new(gpu: &Arc<Gpu>) -> Result<CopyQueue> {
-        Ok(CopyQueue { stream: Stream::new(gpu)?, spare: Vec::new(), kernel: Kernel::Untried, by_kernel: 0 })
+        Ok(CopyQueue { stream: Stream::new(gpu)?, spare: Vec::new(), kernel: Built::Waiting, by_kernel: 0 })
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {
@@ -154,7 +146,11 @@ impl CopyQueue {
 
 /// The kernel, where `copies` are many and small enough for it, every end is device memory of the
 /// issuing GPU that a tile can address, and the copies are independent, once it is built.
-fn kernel_for<'a>(kernel: &'a mut Kernel, gpu: &Arc<Gpu>, copies: &[DeviceCopy]) -> Option<&'a mut TileCopier> {
+fn kernel_for<'a>(
+    kernel: &'a mut Built<TileCopier>,
+    gpu: &Arc<Gpu>,
+    copies: &[DeviceCopy],
+) -> Option<&'a mut TileCopier> {
     let here = Some(gpu.ordinal());
     let bytes: usize = copies.iter().map(|c| c.len).sum();
     let wanted = copies.len() >= KERNEL_MIN_COPIES
@@ -170,20 +166,10 @@ fn kernel_for<'a>(kernel: &'a mut Kernel, gpu: &Arc<Gpu>, copies: &[DeviceCopy])
     if !wanted {
         return None;
     }
-    if let Kernel::Untried = *kernel {
-        *kernel = match TileCopier::if_built(gpu) {
-            None => Kernel::Untried,
-            Some(Ok(kernel)) => Kernel::Ready(kernel),
-            Some(Err(e)) => {
-                log::info!("device copies go one by one on {gpu:?}: no unpack kernel ({e})");
-                Kernel::Unavailable
-            }
-        };
-    }
-    match kernel {
-        Kernel::Ready(kernel) => Some(kernel),
-        Kernel::Untried | Kernel::Unavailable => None,
-    }
+    kernel.get(
+        || TileCopier::if_built(gpu),
+        |e| log::info!("device copies go one by one on {gpu:?}: no unpack kernel ({e})"),
+    )
 }
 
 /// Whether `copies` may run all at once and leave what they would one after another: no copy

@@ -24,7 +24,7 @@ use cudarc::driver::sys;
 
 use super::memory::PinnedBuffer;
 use super::parts::PartMarks;
-use super::segments::SegmentKernel;
+use super::segments::{Built, SegmentKernel};
 use super::stream::{Event, Stream};
 use super::unpack::addressable;
 use super::{Gpu, check};
@@ -69,14 +69,6 @@ pub fn segment_copy_counts() -> SegmentCopyCounts {
     SegmentCopyCounts { by_kernel: BY_KERNEL.load(Ordering::Relaxed), by_copies: BY_COPIES.load(Ordering::Relaxed) }
 }
 
-enum KernelState {
-    /// Not needed yet, or not built yet.
-    Unresolved,
-    Ready(SegmentKernel),
-    /// Could not be built; the ring copies segment by segment.
-    Unavailable,
-}
-
 /// The one log line of a process whose rings could not build the segment kernel.
 fn kernel_unavailable(why: &Error) {
     static ONCE: Once = Once::new();
@@ -92,7 +84,7 @@ pub struct StagingRing {
     // Drop order matters: the streams synchronize first (no copy or kernel still reads or writes a
     // slot, a bounce buffer or user memory), then the kernel's buffers, the events and the slots go.
     streams: Vec<Stream>,
-    kernel: KernelState,
+    kernel: Built<SegmentKernel>,
     events: Vec<Event>,
     parts: PartMarks,
     host: PinnedBuffer,
@@ -120,7 +112,7 @@ impl StagingRing {
         let events = (0..slots).map(|_| Event::new(gpu)).collect::<Result<Vec<_>>>()?;
         Ok(StagingRing {
             streams,
-            kernel: KernelState::Unresolved,
+            kernel: Built::Waiting,
             parts: PartMarks::new(events.len()),
             events,
             host,
@@ -234,7 +226,7 @@ impl StagingRing {
         let (index, host) = (slot % self.streams.len(), self.slot_ptr(slot));
         let many = segs.len() >= 2;
         if self.use_kernel(segs.clone(), len)
-            && let KernelState::Ready(kernel) = &mut self.kernel
+            && let Built::Ready(kernel) = &mut self.kernel
         {
             // SAFETY: the caller vouches for the segments and the taken slot, which holds
             // slot_size >= len bytes; the segments add up to len (checked above) and are
@@ -379,7 +371,7 @@ impl StagingRing {
         let (index, host) = (slot % self.streams.len(), self.slot_ptr(slot));
         let many = segs.len() >= 2;
         if self.use_kernel(segs.clone(), len)
-            && let KernelState::Ready(kernel) = &mut self.kernel
+            && let Built::Ready(kernel) = &mut self.kernel
         {
             // SAFETY: the caller vouches for the segments and the slot's final bytes; `len` is at
             // most a slot (check_len) and at most the segments' total (checked above), which are
@@ -425,18 +417,9 @@ impl StagingRing {
         if !wants_kernel(self.gather, segs.len(), len) || !segs.all(|(a, n)| addressable(a as u64, n as u64)) {
             return false;
         }
-        if matches!(self.kernel, KernelState::Unresolved) {
-            let gpu = self.gpu().clone();
-            self.kernel = match SegmentKernel::if_built(&gpu, self.slot_size, self.streams.len()) {
-                None => KernelState::Unresolved,
-                Some(Ok(kernel)) => KernelState::Ready(kernel),
-                Some(Err(why)) => {
-                    kernel_unavailable(&why);
-                    KernelState::Unavailable
-                }
-            };
-        }
-        matches!(self.kernel, KernelState::Ready(_))
+        let (streams, slot_size) = (&self.streams, self.slot_size);
+        let take = || SegmentKernel::if_built(streams[0].gpu(), slot_size, streams.len());
+        self.kernel.get(take, kernel_unavailable).is_some()
     }
 
     fn count(&mut self, by_kernel: bool) {

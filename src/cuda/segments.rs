@@ -33,6 +33,40 @@ use super::unpack::{InlineTiles, UnpackKernels, run_tiles};
 use super::{Gpu, check};
 use crate::error::{Error, Result};
 
+/// A kernel a path under a connection's lock takes once it is built, never building it there
+/// (NVRTC would hold the lock for hundreds of milliseconds): waiting until the build ended, then
+/// ready for good, or unavailable for good where it could not be built.
+pub enum Built<T> {
+    Waiting,
+    Ready(T),
+    Unavailable,
+}
+
+impl<T> Built<T> {
+    /// The kernel, once ready. While waiting, `take` is asked for it (`None`: not built yet, ask
+    /// again next time); an error makes it unavailable, told to `unavailable` once.
+    pub fn get(
+        &mut self,
+        take: impl FnOnce() -> Option<Result<T>>,
+        unavailable: impl FnOnce(&Error),
+    ) -> Option<&mut T> {
+        if let Built::Waiting = self {
+            match take() {
+                None => {}
+                Some(Ok(kernel)) => *self = Built::Ready(kernel),
+                Some(Err(e)) => {
+                    unavailable(&e);
+                    *self = Built::Unavailable;
+                }
+            }
+        }
+        match self {
+            Built::Ready(kernel) => Some(kernel),
+            Built::Waiting | Built::Unavailable => None,
+        }
+    }
+}
+
 pub struct SegmentKernel {
     tiles: TileCopier,
     /// Bounce buffer `i` belongs to copy stream `i`.
