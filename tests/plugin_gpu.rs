@@ -123,6 +123,67 @@ fn child_plugin_engine_builds_the_kernel() {
     println!("child checked");
 }
 
+/// A plugin engine with no GPU at creation takes one when a peer connects (on the handshake
+/// thread, which must not run NVRTC) and builds its kernel in `accept`, on the caller's thread,
+/// before the connection is handed out: its first receive, under the connection's lock, finds the
+/// kernel built. The peer is another process, whose own builds this one cannot see.
+#[test]
+fn an_accepting_plugin_engine_builds_the_kernel_in_accept() {
+    if no_gpu() || common::gpu::no_nvrtc() {
+        return;
+    }
+    let out = run_child("child_accepting_engine_builds_the_kernel", "page");
+    assert!(out.contains("child checked"), "{out}");
+}
+
+#[test]
+#[ignore = "run by its parent with FAKE_TCPX_MODE=gpu"]
+fn child_accepting_engine_builds_the_kernel() {
+    use uccl_tcpx::cuda::unpack::UnpackKernels;
+    assert_gpu_mode();
+    assert!(uccl_tcpx::cuda::available(), "a CUDA driver");
+    make_current(None);
+    let engine = Arc::new(Engine::new(gpu_host_config(2, 1 << 20)).unwrap());
+    assert!(engine.gpu().is_none(), "no GPU named or current at creation");
+    assert!(UnpackKernels::if_built(0).is_none(), "nothing of this process built it yet");
+    let mut peer = ChildTest::new("child_connecting_plugin_peer")
+        .ignored()
+        .env("ACCEPTOR_PORT", engine.address().port().to_string())
+        .spawn();
+    let conn = common::accept(&engine).unwrap();
+    assert_eq!(conn.peer.channels, "FakeDevmemTCPX_v7");
+    assert_eq!(engine.gpu().expect("taken at the connection").ordinal(), 0);
+    assert!(matches!(UnpackKernels::if_built(0), Some(Ok(_))), "accept built the kernel");
+    // The connection works: a message from the peer, above the inline limit, lands in host memory
+    // through the plugin's devmem pool and the kernel.
+    let got = Mem::new(Side::Host, PEER_MESSAGE_LEN);
+    let mr = engine.register(got.addr(), got.len()).unwrap();
+    let r = conn.recv(mr, got.addr(), got.len()).unwrap();
+    assert_eq!(wait(&conn, r).unwrap(), PEER_MESSAGE_LEN as u64);
+    assert_same(&got.read(0, PEER_MESSAGE_LEN), &pattern(PEER_MESSAGE_LEN, 91), "sent by the peer process");
+    peer.announcement("SENT", std::time::Duration::from_secs(60));
+    println!("child checked");
+}
+
+/// Above the 64 KiB a message may carry inline, so it crosses the plugin.
+const PEER_MESSAGE_LEN: usize = (1 << 20) + 3;
+
+#[test]
+#[ignore = "runs as the peer process of child_accepting_engine_builds_the_kernel"]
+fn child_connecting_plugin_peer() {
+    assert_gpu_mode();
+    let port: u16 = std::env::var("ACCEPTOR_PORT").unwrap().parse().unwrap();
+    let engine = Engine::new(plugin_config(2, 1 << 20)).unwrap();
+    let conn = engine.connect("127.0.0.1", "0", port).unwrap();
+    let mut src = Mem::new(Side::Host, PEER_MESSAGE_LEN);
+    src.write(0, &pattern(PEER_MESSAGE_LEN, 91));
+    let mr = engine.register(src.addr(), src.len()).unwrap();
+    let sent = conn.send(&[(mr, src.addr(), PEER_MESSAGE_LEN)]).unwrap();
+    assert_eq!(wait(&conn, sent).unwrap(), PEER_MESSAGE_LEN as u64);
+    println!("SENT");
+    testkit::child::park_until_killed()
+}
+
 #[test]
 fn vectors_and_many_in_flight() {
     if no_gpu() {

@@ -221,6 +221,12 @@ impl Engine {
                 return Err(Error::new(UcclStatus::ErrCanceled, "accept was stopped"));
             }
             if let Some(outcome) = state.ready.pop_front() {
+                drop(state);
+                // The handshake thread may have chosen the GPU for this connection (an engine with
+                // none yet); its kernel is built here, on the caller's thread, as by a connect.
+                if outcome.is_ok() {
+                    self.core.gpu.build_unpack_kernel(&*self.core.net);
+                }
                 return outcome;
             }
             if let Some(e) = &state.broken {
