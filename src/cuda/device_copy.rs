@@ -276,6 +276,8 @@ mod tests {
             println!("no unpack kernel on this host: the copies went one by one");
             return;
         }
+        let Built::Ready(copier) = &queue.kernel else { panic!("the kernel was taken") };
+        assert!(copier.mapped_launches() >= 1, "256 pieces of 4-13 KiB are more tiles than parameters carry");
         // A chain: piece k reads what piece k - 1 wrote, which only copies in order get right.
         let chain: Vec<DeviceCopy> = (0..8u64).map(|k| copy(d + k * 4096, d + (k + 1) * 4096, 4096)).collect();
         // SAFETY: as above.

@@ -28,8 +28,8 @@ use std::sync::Arc;
 use cudarc::driver::sys;
 
 use super::memory::DeviceBuffer;
-use super::stream::Stream;
-use super::unpack::{InlineTiles, UnpackKernels, run_tiles};
+use super::stream::{Event, Stream};
+use super::unpack::{CompletionSignal, INLINE_SMALL, InlineTiles, PinnedTiles, Tile, UnpackKernels, run_tiles};
 use super::{Gpu, check};
 use crate::error::{Error, Result};
 
@@ -74,13 +74,43 @@ pub struct SegmentKernel {
 }
 
 /// Copies between device addresses of one GPU by the unpack kernel: tiles of at most 4 KiB, carried
-/// in the parameters of as few launches as hold them. Many small copies at about the cost of one.
+/// in the parameters of a launch, or, for calls of more tiles than a small parameter block holds,
+/// read by the kernel out of a pinned list through its device mapping. Many small copies at about
+/// the cost of one.
 pub struct TileCopier {
     kernels: Arc<UnpackKernels>,
+    gpu: Arc<Gpu>,
     /// The parameters of the next launch, filled in place.
     params: Box<InlineTiles>,
     /// Most tiles one launch carries (what this driver allows in parameters).
     per_launch: usize,
+    /// Mapped lists, allocated as calls need them, at most [`MAX_LISTS`].
+    lists: Vec<MappedList>,
+    /// The list the call being queued fills, once its tiles outgrew [`INLINE_TILES`], and how many
+    /// it holds.
+    filling: Option<(usize, usize)>,
+    /// Launches that read their tiles from a mapped list.
+    mapped_launches: u64,
+}
+
+/// Launches of more tiles than this read them from a mapped list where one is free. The driver
+/// copies a launch's whole parameter block on the issuing thread (three launches of 32 KiB blocks
+/// took about 24 us of a 1024-piece call's post on an H100), while a kernel that reads a pinned
+/// list pays about one PCIe round trip on the GPU; the unpacker draws its line at the same count
+/// (`UnpackerConfig::inline_tiles`, docs/perf-log/gpu-unpack.md).
+const INLINE_TILES: usize = INLINE_SMALL;
+/// Tiles in one mapped list (64 KiB of pinned memory): 1024 page-aligned pieces of 16 KiB.
+const LIST_TILES: usize = 4096;
+/// Mapped lists per copier. A list is reused once the launch that read it finished; while all are
+/// in flight, later calls carry their tiles in parameters.
+const MAX_LISTS: usize = 4;
+
+/// A pinned tile list the kernel reads through its device mapping.
+struct MappedList {
+    tiles: PinnedTiles,
+    /// Recorded behind the last launch that read the list: it may be refilled once this fired (an
+    /// event never recorded reports done).
+    read: Event,
 }
 
 impl TileCopier {
@@ -103,17 +133,32 @@ impl TileCopier {
     /// where it cannot be built (no NVRTC, a GPU older than compute capability 7.0).
     pub fn if_built(gpu: &Arc<Gpu>) -> Option<Result<TileCopier>> {
         let kernels = UnpackKernels::if_built(gpu.ordinal() as usize)?;
-        Some(kernels.and_then(TileCopier::new))
+        Some(kernels.and_then(|kernels| TileCopier::new(kernels, gpu)))
     }
 
-    fn new(kernels: Arc<UnpackKernels>) -> Result<TileCopier> {
+    fn new(kernels: Arc<UnpackKernels>, gpu: &Arc<Gpu>) -> Result<TileCopier> {
         let per_launch = kernels.max_inline();
-        if per_launch == 0 {
-            return Err(Error::backend("the unpack kernel has no launch that carries its tiles in parameters"));
+        if per_launch < INLINE_TILES {
+            return Err(Error::backend(format!(
+                "the unpack kernel carries {per_launch} tiles in parameters, fewer than {INLINE_TILES}"
+            )));
         }
         // The parameters keep the zero completion signal: an event behind the work says when it
         // finished.
-        Ok(TileCopier { kernels, params: InlineTiles::boxed(), per_launch })
+        Ok(TileCopier {
+            kernels,
+            gpu: gpu.clone(),
+            params: InlineTiles::boxed(),
+            per_launch,
+            lists: Vec::new(),
+            filling: None,
+            mapped_launches: 0,
+        })
+    }
+
+    /// Launches so far that read their tiles from a mapped list.
+    pub fn mapped_launches(&self) -> u64 {
+        self.mapped_launches
     }
 
     /// Queues on `stream` the copies `(src, dst, len)` of `runs`, each run that continues the one
@@ -132,26 +177,122 @@ impl TileCopier {
         unsafe { self.launch(stream) }
     }
 
-    /// Appends the run's tiles to the parameters, launching whenever they are full.
+    /// Appends the run's tiles to the call's parameters or mapped list, launching whichever is full.
     unsafe fn push_run(&mut self, stream: &Stream, run: Run) -> Result<()> {
         for tile in run_tiles(run.src, run.dst, run.len) {
-            if self.params.count as usize == self.per_launch {
-                // SAFETY: forwarded from the caller.
-                unsafe { self.launch(stream)? };
-            }
-            self.params.tiles[self.params.count as usize] = tile;
-            self.params.count += 1;
+            // SAFETY: forwarded from the caller.
+            unsafe { self.push_tile(stream, tile)? };
         }
         Ok(())
     }
 
-    /// Launches the tiles collected so far, if any; the driver has copied them when this returns.
+    unsafe fn push_tile(&mut self, stream: &Stream, tile: Tile) -> Result<()> {
+        if let Some((index, count)) = self.filling {
+            if count < LIST_TILES {
+                self.lists[index].tiles.as_mut_slice()[count] = tile;
+                self.filling = Some((index, count + 1));
+                return Ok(());
+            }
+            // SAFETY: forwarded from the caller.
+            unsafe { self.launch_list(stream)? };
+        }
+        let count = self.params.count as usize;
+        if count == INLINE_TILES
+            && let Some(index) = self.free_list()?
+        {
+            // The call outgrew a small parameter block: its tiles so far move to the list.
+            let list = self.lists[index].tiles.as_mut_slice();
+            list[..count].copy_from_slice(&self.params.tiles[..count]);
+            list[count] = tile;
+            self.params.count = 0;
+            self.filling = Some((index, count + 1));
+            return Ok(());
+        }
+        if count == self.per_launch {
+            // SAFETY: forwarded from the caller.
+            unsafe { self.launch_params(stream)? };
+        }
+        self.params.tiles[self.params.count as usize] = tile;
+        self.params.count += 1;
+        Ok(())
+    }
+
+    /// A list no launch still reads, allocated if there are fewer than [`MAX_LISTS`]; `None` when
+    /// every list is in flight or pinned memory cannot be had (the call's tiles then stay in
+    /// parameters). The GPU's context is current.
+    fn free_list(&mut self) -> Result<Option<usize>> {
+        for (index, list) in self.lists.iter().enumerate() {
+            if list.read.done()? {
+                return Ok(Some(index));
+            }
+        }
+        if self.lists.len() == MAX_LISTS {
+            return Ok(None);
+        }
+        let made =
+            PinnedTiles::new(LIST_TILES).and_then(|tiles| Ok(MappedList { tiles, read: Event::new(&self.gpu)? }));
+        match made {
+            Ok(list) => {
+                self.lists.push(list);
+                Ok(Some(self.lists.len() - 1))
+            }
+            Err(e) => {
+                log::debug!("{:?}: no mapped tile list, tiles go in launch parameters ({e})", self.gpu);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Launches the tiles collected so far, if any; the parameters' have been copied by the driver
+    /// when this returns, a list's are read by the launch.
     unsafe fn launch(&mut self, stream: &Stream) -> Result<()> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.launch_list(stream)? };
+        // SAFETY: forwarded from the caller.
+        unsafe { self.launch_params(stream) }
+    }
+
+    unsafe fn launch_params(&mut self, stream: &Stream) -> Result<()> {
         // SAFETY: the stream is of this GPU's primary context, current on this thread; the tiles'
         // ranges are the caller's, valid until the stream passed this launch.
         let launched = unsafe { self.kernels.launch_inline(stream.raw(), &self.params) };
         self.params.count = 0;
         launched
+    }
+
+    /// Launches the list being filled, if any, and marks it read behind the launch.
+    unsafe fn launch_list(&mut self, stream: &Stream) -> Result<()> {
+        let Some((index, count)) = self.filling.take() else {
+            return Ok(());
+        };
+        let list = &self.lists[index];
+        // SAFETY: the list holds `count` tiles and is mapped into this GPU's context, current on
+        // this thread with the stream of it; it is not refilled before `read` fired, recorded
+        // next; the tiles' ranges are the caller's, valid until the stream passed this launch.
+        unsafe {
+            self.kernels.launch_device_tiles(
+                stream.raw(),
+                list.tiles.device_ptr(),
+                count as u32,
+                CompletionSignal::default(),
+            )?
+        };
+        self.mapped_launches += 1;
+        if let Err(e) = list.read.record(stream) {
+            // Unmarked, the list could be refilled under the launch: wait for it instead.
+            let _ = stream.synchronize();
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TileCopier {
+    fn drop(&mut self) {
+        // Pinned lists are freed with the copier; a launch may still be reading one.
+        for list in &self.lists {
+            let _ = list.read.synchronize();
+        }
     }
 }
 
@@ -373,6 +514,107 @@ mod tests {
             }
             assert!(want == back, "round {round}: the scattered bytes");
         }
+    }
+
+    /// GPU 0's copier, or `None` (test skipped) without a GPU or NVRTC.
+    fn gpu_copier() -> Option<(Arc<Gpu>, TileCopier)> {
+        if testkit::skip_without_gpu(crate::cuda::available()) {
+            return None;
+        }
+        let gpu = Gpu::open(0).unwrap();
+        TileCopier::build(&gpu);
+        let copier = TileCopier::if_built(&gpu).expect("the build ended");
+        if testkit::skip_without("NVRTC", copier.is_ok()) {
+            return None;
+        }
+        Some((gpu, copier.unwrap()))
+    }
+
+    fn numbered(len: usize, seed: usize) -> Vec<u8> {
+        (0..len).map(|i| ((i * 31 + seed * 7) % 253) as u8).collect()
+    }
+
+    /// A call of more tiles than a list holds fills a list, launches it, goes on in parameters and
+    /// then in another list: every byte lands, and no byte between the pieces is written.
+    #[test]
+    fn a_call_of_more_tiles_than_a_list_lands_through_several_lists() {
+        let Some((gpu, mut copier)) = gpu_copier() else { return };
+        let _ctx = gpu.enter().unwrap();
+        // 10,000 pieces of 100 bytes, one tile each, every other 100 bytes of the destination.
+        const PIECES: usize = 10_000;
+        let data = numbered(PIECES * 100, 1);
+        let mut src = DeviceBuffer::new(0, data.len()).unwrap();
+        src.copy_from_host(0, &data).unwrap();
+        let mut dst = DeviceBuffer::new(0, 2 * data.len()).unwrap();
+        dst.fill(0xee).unwrap();
+        let (s, d) = (src.addr() as u64, dst.addr() as u64);
+        let stream = Stream::new(&gpu).unwrap();
+        let runs = (0..PIECES as u64).map(|i| (s + i * 100, d + i * 200, 100));
+        // SAFETY: every range lies in a buffer of this test, untouched until the stream is synchronized.
+        unsafe { copier.copy(&stream, runs) }.unwrap();
+        stream.synchronize().unwrap();
+        let got = dst.to_vec().unwrap();
+        for i in 0..PIECES {
+            assert_eq!(&got[i * 200..i * 200 + 100], &data[i * 100..(i + 1) * 100], "piece {i}");
+            assert!(got[i * 200 + 100..(i + 1) * 200].iter().all(|&b| b == 0xee), "between pieces {i} and {}", i + 1);
+        }
+        // 4096 + 4096 + the last 1808, each list's first 254 gathered in parameters first.
+        assert_eq!(copier.mapped_launches(), 3);
+    }
+
+    /// Calls queued behind a long copy keep their lists in flight: a list is never refilled before
+    /// the launch that reads it ran, so calls beyond the lists carry their tiles in parameters, and
+    /// every call lands its own bytes. A copier that refilled a busy list would land the last
+    /// call's bytes for an earlier one.
+    #[test]
+    fn a_list_in_flight_is_never_refilled() {
+        let Some((gpu, mut copier)) = gpu_copier() else { return };
+        let _ctx = gpu.enter().unwrap();
+        const CALLS: usize = 2 * MAX_LISTS;
+        const PIECES: usize = 1000;
+        const BLOCKER: usize = 1 << 30;
+        let blocker = (DeviceBuffer::new(0, BLOCKER).unwrap(), DeviceBuffer::new(0, BLOCKER).unwrap());
+        let sources: Vec<DeviceBuffer> = (0..CALLS)
+            .map(|c| {
+                let mut b = DeviceBuffer::new(0, PIECES * 512).unwrap();
+                b.copy_from_host(0, &numbered(PIECES * 512, c)).unwrap();
+                b
+            })
+            .collect();
+        let mut dst = DeviceBuffer::new(0, CALLS * PIECES * 1024).unwrap();
+        dst.fill(0).unwrap();
+        let stream = Stream::new(&gpu).unwrap();
+        // A copy of 1 GiB ahead of the calls (hundreds of microseconds) holds every launch queued.
+        // SAFETY: both buffers are this test's, untouched until the stream is synchronized.
+        check(
+            unsafe { sys::cuMemcpyAsync(blocker.1.addr() as u64, blocker.0.addr() as u64, BLOCKER, stream.raw()) },
+            "cuMemcpyAsync",
+        )
+        .unwrap();
+        for (c, src) in sources.iter().enumerate() {
+            let (s, d) = (src.addr() as u64, dst.addr() as u64 + (c * PIECES * 1024) as u64);
+            let runs = (0..PIECES as u64).map(move |i| (s + i * 512, d + i * 1024, 512));
+            // SAFETY: as above.
+            unsafe { copier.copy(&stream, runs) }.unwrap();
+        }
+        let in_flight = copier.mapped_launches();
+        stream.synchronize().unwrap();
+        assert!(in_flight >= 1, "the first call, at least, through a list");
+        assert!(in_flight <= MAX_LISTS as u64, "{in_flight} lists launched while at most {MAX_LISTS} exist");
+        let got = dst.to_vec().unwrap();
+        for c in 0..CALLS {
+            let want = numbered(PIECES * 512, c);
+            for i in 0..PIECES {
+                let at = c * PIECES * 1024 + i * 1024;
+                assert_eq!(&got[at..at + 512], &want[i * 512..(i + 1) * 512], "call {c}, piece {i}");
+            }
+        }
+        // Once they ran, the lists serve again.
+        let (s, d) = (sources[0].addr() as u64, dst.addr() as u64);
+        // SAFETY: as above.
+        unsafe { copier.copy(&stream, (0..PIECES as u64).map(|i| (s + i * 512, d + i * 1024, 512))) }.unwrap();
+        stream.synchronize().unwrap();
+        assert_eq!(copier.mapped_launches(), in_flight + 1);
     }
 
     #[test]

@@ -15,7 +15,7 @@ pub(super) fn driver_error(what: &str, err: result::DriverError) -> Error {
 
 /// Page-locked, cached (not write-combined: the host reads it back for inline launches) host
 /// memory, mapped into the device so a kernel can also read it in place.
-pub(super) struct PinnedTiles {
+pub(crate) struct PinnedTiles {
     ptr: *mut Tile,
     len: usize,
     device: sys::CUdeviceptr,
@@ -25,7 +25,7 @@ pub(super) struct PinnedTiles {
 unsafe impl Send for PinnedTiles {}
 
 impl PinnedTiles {
-    pub(super) fn new(len: usize) -> Result<PinnedTiles> {
+    pub(crate) fn new(len: usize) -> Result<PinnedTiles> {
         let bytes = len.max(1) * size_of::<Tile>();
         // SAFETY: a fresh allocation; zeroed below before any read.
         let ptr = unsafe { result::malloc_host(bytes, sys::CU_MEMHOSTALLOC_DEVICEMAP) }
@@ -42,7 +42,7 @@ impl PinnedTiles {
     }
 
     /// The device's address of the same memory.
-    pub(super) fn device_ptr(&self) -> sys::CUdeviceptr {
+    pub(crate) fn device_ptr(&self) -> sys::CUdeviceptr {
         self.device
     }
 
@@ -51,7 +51,7 @@ impl PinnedTiles {
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 
-    pub(super) fn as_mut_slice(&mut self) -> &mut [Tile] {
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [Tile] {
         // SAFETY: as above, borrowed mutably through self.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
@@ -157,7 +157,7 @@ impl MappedWords {
         Ok(words)
     }
 
-    pub(super) fn device_ptr(&self) -> sys::CUdeviceptr {
+    pub(crate) fn device_ptr(&self) -> sys::CUdeviceptr {
         self.device
     }
 

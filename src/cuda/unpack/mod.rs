@@ -15,6 +15,7 @@ mod unpacker;
 pub use kernels::{
     BLOCK_THREADS, CompletionSignal, INLINE_LARGE, INLINE_MEDIUM, INLINE_SMALL, INLINE_TINY, InlineTiles, UnpackKernels,
 };
+pub(crate) use memory::PinnedTiles;
 pub use plan::{
     MAX_FRAGMENTS, PlanError, PlanStats, ReceiveLayout, TILE_BYTES, Tile, addressable, plan_receive, run_tiles,
 };
