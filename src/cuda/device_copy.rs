@@ -145,25 +145,31 @@ impl CopyQueue {
 }
 
 /// The kernel, where `copies` are many and small enough for it, every end is device memory of the
-/// issuing GPU that a tile can address, and the copies are independent, once it is built.
+/// issuing GPU that a tile can address, and the copies are independent, once it is built. Two
+/// passes over the copies (this one's checks, then `independent`'s), as they are walked under a
+/// connection's lock for every call of a vector's pieces.
 fn kernel_for<'a>(
     kernel: &'a mut Built<TileCopier>,
     gpu: &Arc<Gpu>,
     copies: &[DeviceCopy],
 ) -> Option<&'a mut TileCopier> {
+    if copies.len() < KERNEL_MIN_COPIES {
+        return None;
+    }
     let here = Some(gpu.ordinal());
-    let bytes: usize = copies.iter().map(|c| c.len).sum();
-    let wanted = copies.len() >= KERNEL_MIN_COPIES
-        && bytes <= copies.len().saturating_mul(KERNEL_MAX_AVERAGE)
-        && copies.iter().all(|c| {
-            c.len <= KERNEL_MAX_COPY
-                && c.src_gpu == here
-                && c.dst_gpu == here
-                && addressable(c.src, c.len as u64)
-                && addressable(c.dst, c.len as u64)
-        })
-        && independent(copies);
-    if !wanted {
+    let mut bytes = 0usize;
+    for c in copies {
+        let fits = c.len <= KERNEL_MAX_COPY
+            && c.src_gpu == here
+            && c.dst_gpu == here
+            && addressable(c.src, c.len as u64)
+            && addressable(c.dst, c.len as u64);
+        if !fits {
+            return None;
+        }
+        bytes += c.len;
+    }
+    if bytes > copies.len().saturating_mul(KERNEL_MAX_AVERAGE) || !independent(copies) {
         return None;
     }
     kernel.get(
@@ -176,21 +182,30 @@ fn kernel_for<'a>(
 /// reads bytes another writes (the sources' span and the destinations' span are apart) and no two
 /// write the same bytes. Copies one by one, in order, are what a call that breaks this gets.
 fn independent(copies: &[DeviceCopy]) -> bool {
-    let span = |ends: &mut dyn Iterator<Item = (u64, u64)>| {
-        ends.fold((u64::MAX, 0), |(lo, hi), (start, end)| (lo.min(start), hi.max(end)))
-    };
-    let ends = |at: fn(&DeviceCopy) -> u64| copies.iter().map(move |c| (at(c), at(c).saturating_add(c.len as u64)));
-    let (src_lo, src_hi) = span(&mut ends(|c| c.src));
-    let (dst_lo, dst_hi) = span(&mut ends(|c| c.dst));
+    // One pass: both spans, and whether the destinations lie in address order either way (a KV
+    // cache's blocks often do), which needs no sort.
+    let (mut src_lo, mut src_hi, mut dst_lo, mut dst_hi) = (u64::MAX, 0, u64::MAX, 0);
+    let (mut rising, mut falling) = (true, true);
+    let mut previous: Option<(u64, u64)> = None;
+    for c in copies {
+        let len = c.len as u64;
+        let (src_end, dst_end) = (c.src.saturating_add(len), c.dst.saturating_add(len));
+        (src_lo, src_hi) = (src_lo.min(c.src), src_hi.max(src_end));
+        (dst_lo, dst_hi) = (dst_lo.min(c.dst), dst_hi.max(dst_end));
+        if let Some((start, end)) = previous {
+            rising &= end <= c.dst;
+            falling &= dst_end <= start;
+        }
+        previous = Some((c.dst, dst_end));
+    }
     if src_lo < dst_hi && dst_lo < src_hi {
         return false;
     }
-    // Destinations in address order, either way (a KV cache's blocks often are), need no sort.
-    let end = |c: &DeviceCopy| c.dst.saturating_add(c.len as u64);
-    if copies.windows(2).all(|p| end(&p[0]) <= p[1].dst) || copies.windows(2).all(|p| end(&p[1]) <= p[0].dst) {
+    if rising || falling {
         return true;
     }
-    let mut written: Vec<(u64, u64)> = ends(|c| c.dst).filter(|(start, end)| start < end).collect();
+    let mut written: Vec<(u64, u64)> =
+        copies.iter().map(|c| (c.dst, c.dst.saturating_add(c.len as u64))).filter(|(start, end)| start < end).collect();
     written.sort_unstable();
     written.windows(2).all(|pair| pair[0].1 <= pair[1].0)
 }
@@ -222,6 +237,55 @@ mod tests {
         assert!(!independent(&falling_overlap), "in no order once they overlap");
         let rising_overlap = [copy(0x1000, 0x9000, 0x100), copy(0x2000, 0x90ff, 0x100), copy(0x3000, 0x9400, 0x10)];
         assert!(!independent(&rising_overlap));
+    }
+
+    /// The one-pass check against its definition, pair by pair, on random calls: small address
+    /// ranges so that overlaps, touching ends, empty copies and both orders all occur.
+    #[test]
+    fn the_one_pass_check_agrees_with_the_pairwise_definition() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        let overlap = |a: (u64, u64), b: (u64, u64)| a.0 < b.1 && b.0 < a.1 && a.0 < a.1 && b.0 < b.1;
+        let (mut yes, mut no) = (0, 0);
+        for round in 0..5000 {
+            let count = 1 + next(6) as usize;
+            let ordered = next(3);
+            let mut at = next(64);
+            let copies: Vec<DeviceCopy> = (0..count)
+                .map(|_| {
+                    let len = next(24) as usize;
+                    let dst = match ordered {
+                        0 => 1000 + next(200),
+                        _ => {
+                            at += next(40);
+                            1000 + at
+                        }
+                    };
+                    copy(next(1200), dst, len)
+                })
+                .collect();
+            let copies: Vec<DeviceCopy> = if ordered == 2 { copies.into_iter().rev().collect() } else { copies };
+            let span =
+                |ends: Vec<(u64, u64)>| ends.iter().fold((u64::MAX, 0), |(lo, hi), &(s, e)| (lo.min(s), hi.max(e)));
+            let src = span(copies.iter().map(|c| (c.src, c.src + c.len as u64)).collect());
+            let dst = span(copies.iter().map(|c| (c.dst, c.dst + c.len as u64)).collect());
+            let spans_apart = !(src.0 < dst.1 && dst.0 < src.1);
+            let writes_apart = (0..count).all(|i| {
+                (0..count).all(|j| {
+                    let (a, b) = (&copies[i], &copies[j]);
+                    i == j || !overlap((a.dst, a.dst + a.len as u64), (b.dst, b.dst + b.len as u64))
+                })
+            });
+            let want = spans_apart && writes_apart;
+            assert_eq!(independent(&copies), want, "round {round}: {copies:?}");
+            if want { yes += 1 } else { no += 1 }
+        }
+        assert!(yes > 500 && no > 500, "both answers occur: {yes} / {no}");
     }
 
     /// Many small copies on one GPU go through the kernel (when it can be built), in one call, and

@@ -335,6 +335,7 @@ impl Connection {
             let (ours, theirs) = (here.filter(|_| local_here), here.filter(|_| grant.mapping.device() == here));
             // Straight into the plan, taken back if a piece is not covered.
             let start = plan.copies.len();
+            let mut bytes = 0u64;
             let covered = pieces(request).all(|(l, r, len)| {
                 let Some(mapped) = grant.translate(r, len as u32) else { return false };
                 let l = l as u64;
@@ -343,6 +344,7 @@ impl Connection {
                 } else {
                     DeviceCopy { dst: l, dst_gpu: ours, src: mapped, src_gpu: theirs, len }
                 });
+                bytes += len as u64;
                 true
             });
             if !covered {
@@ -351,7 +353,7 @@ impl Connection {
                 continue;
             }
             let mapping = grant.mapping.clone();
-            plan.parts.push(plan.copies[start..].iter().map(|c| c.len as u64).sum());
+            plan.parts.push(bytes);
             plan.touch(local);
             if !plan.remote_regions.contains(&key.0) {
                 plan.remote_regions.push(key.0);
