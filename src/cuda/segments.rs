@@ -562,18 +562,16 @@ mod tests {
         assert_eq!(copier.mapped_launches(), 3);
     }
 
-    /// Calls queued behind a long copy keep their lists in flight: a list is never refilled before
-    /// the launch that reads it ran, so calls beyond the lists carry their tiles in parameters, and
-    /// every call lands its own bytes. A copier that refilled a busy list would land the last
-    /// call's bytes for an earlier one.
+    /// Calls queued behind a gate keep their lists in flight: a list is never refilled before the
+    /// launch that reads it ran, so the calls beyond the lists carry their tiles in parameters, and
+    /// every call lands its own bytes. A copier that refilled a busy list would launch more lists
+    /// and land a later call's bytes for an earlier one.
     #[test]
     fn a_list_in_flight_is_never_refilled() {
         let Some((gpu, mut copier)) = gpu_copier() else { return };
         let _ctx = gpu.enter().unwrap();
         const CALLS: usize = 2 * MAX_LISTS;
         const PIECES: usize = 1000;
-        const BLOCKER: usize = 1 << 30;
-        let blocker = (DeviceBuffer::new(0, BLOCKER).unwrap(), DeviceBuffer::new(0, BLOCKER).unwrap());
         let sources: Vec<DeviceBuffer> = (0..CALLS)
             .map(|c| {
                 let mut b = DeviceBuffer::new(0, PIECES * 512).unwrap();
@@ -584,23 +582,27 @@ mod tests {
         let mut dst = DeviceBuffer::new(0, CALLS * PIECES * 1024).unwrap();
         dst.fill(0).unwrap();
         let stream = Stream::new(&gpu).unwrap();
-        // A copy of 1 GiB ahead of the calls (hundreds of microseconds) holds every launch queued.
-        // SAFETY: both buffers are this test's, untouched until the stream is synchronized.
+        // The stream waits for the host to open the gate: every launch below stays queued.
+        let gate = crate::cuda::memory::MappedBuffer::new(&gpu, 4).unwrap();
+        // SAFETY: the buffer is 4 bytes of pinned memory this test owns, zero until written below.
+        unsafe { std::ptr::write_volatile(gate.as_ptr().cast::<u32>(), 0) };
+        let flags = sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32;
+        // SAFETY: the word's device address is of this GPU's context, current; it outlives the stream's wait.
         check(
-            unsafe { sys::cuMemcpyAsync(blocker.1.addr() as u64, blocker.0.addr() as u64, BLOCKER, stream.raw()) },
-            "cuMemcpyAsync",
+            unsafe { sys::cuStreamWaitValue32_v2(stream.raw(), gate.device_ptr(), 1, flags) },
+            "cuStreamWaitValue32_v2",
         )
         .unwrap();
         for (c, src) in sources.iter().enumerate() {
             let (s, d) = (src.addr() as u64, dst.addr() as u64 + (c * PIECES * 1024) as u64);
             let runs = (0..PIECES as u64).map(move |i| (s + i * 512, d + i * 1024, 512));
-            // SAFETY: as above.
+            // SAFETY: every range lies in a buffer of this test, untouched until the stream is synchronized.
             unsafe { copier.copy(&stream, runs) }.unwrap();
         }
-        let in_flight = copier.mapped_launches();
+        assert_eq!(copier.mapped_launches(), MAX_LISTS as u64, "one list per call while all are queued");
+        // SAFETY: as above; the stream reads the word once it is written.
+        unsafe { std::ptr::write_volatile(gate.as_ptr().cast::<u32>(), 1) };
         stream.synchronize().unwrap();
-        assert!(in_flight >= 1, "the first call, at least, through a list");
-        assert!(in_flight <= MAX_LISTS as u64, "{in_flight} lists launched while at most {MAX_LISTS} exist");
         let got = dst.to_vec().unwrap();
         for c in 0..CALLS {
             let want = numbered(PIECES * 512, c);
@@ -614,7 +616,7 @@ mod tests {
         // SAFETY: as above.
         unsafe { copier.copy(&stream, (0..PIECES as u64).map(|i| (s + i * 512, d + i * 1024, 512))) }.unwrap();
         stream.synchronize().unwrap();
-        assert_eq!(copier.mapped_launches(), in_flight + 1);
+        assert_eq!(copier.mapped_launches(), MAX_LISTS as u64 + 1);
     }
 
     #[test]
