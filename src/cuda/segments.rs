@@ -29,7 +29,9 @@ use cudarc::driver::sys;
 
 use super::memory::DeviceBuffer;
 use super::stream::{Event, Stream};
-use super::unpack::{CompletionSignal, INLINE_SMALL, InlineTiles, PinnedTiles, Tile, UnpackKernels, run_tiles};
+use super::unpack::{
+    CompletionSignal, INLINE_SMALL, InlineTiles, PinnedTiles, Tile, UnpackKernels, cut_run, run_tiles, tiles_needed,
+};
 use super::{Gpu, check};
 use crate::error::{Error, Result};
 
@@ -89,6 +91,9 @@ pub struct TileCopier {
     /// The list the call being queued fills, once its tiles outgrew [`INLINE_TILES`], and how many
     /// it holds.
     filling: Option<(usize, usize)>,
+    /// Where the call's parameters stop taking tiles: at [`INLINE_TILES`], to move to a list, or,
+    /// once every list was found in flight, at a whole parameter block.
+    params_limit: usize,
     /// Launches that read their tiles from a mapped list.
     mapped_launches: u64,
 }
@@ -152,6 +157,7 @@ impl TileCopier {
             per_launch,
             lists: Vec::new(),
             filling: None,
+            params_limit: INLINE_TILES,
             mapped_launches: 0,
         })
     }
@@ -177,8 +183,24 @@ impl TileCopier {
         unsafe { self.launch(stream) }
     }
 
-    /// Appends the run's tiles to the call's parameters or mapped list, launching whichever is full.
+    /// Appends the run's tiles to the call's parameters or mapped list, launching whichever is full:
+    /// cut straight into them where the run fits in what is left, else one tile at a time.
     unsafe fn push_run(&mut self, stream: &Stream, run: Run) -> Result<()> {
+        let needed = tiles_needed(run.dst, run.len);
+        match self.filling {
+            Some((index, count)) if count + needed <= LIST_TILES => {
+                cut_run(&mut self.lists[index].tiles.as_mut_slice()[count..count + needed], run.src, run.dst, run.len);
+                self.filling = Some((index, count + needed));
+                return Ok(());
+            }
+            None if self.params.count as usize + needed <= self.params_limit => {
+                let count = self.params.count as usize;
+                cut_run(&mut self.params.tiles[count..count + needed], run.src, run.dst, run.len);
+                self.params.count += needed as u32;
+                return Ok(());
+            }
+            _ => {}
+        }
         for tile in run_tiles(run.src, run.dst, run.len) {
             // SAFETY: forwarded from the caller.
             unsafe { self.push_tile(stream, tile)? };
@@ -197,16 +219,20 @@ impl TileCopier {
             unsafe { self.launch_list(stream)? };
         }
         let count = self.params.count as usize;
-        if count == INLINE_TILES
-            && let Some(index) = self.free_list()?
-        {
-            // The call outgrew a small parameter block: its tiles so far move to the list.
-            let list = self.lists[index].tiles.as_mut_slice();
-            list[..count].copy_from_slice(&self.params.tiles[..count]);
-            list[count] = tile;
-            self.params.count = 0;
-            self.filling = Some((index, count + 1));
-            return Ok(());
+        if count == INLINE_TILES && self.params_limit == INLINE_TILES {
+            match self.free_list()? {
+                Some(index) => {
+                    // The call outgrew a small parameter block: its tiles so far move to the list.
+                    let list = self.lists[index].tiles.as_mut_slice();
+                    list[..count].copy_from_slice(&self.params.tiles[..count]);
+                    list[count] = tile;
+                    self.params.count = 0;
+                    self.filling = Some((index, count + 1));
+                    return Ok(());
+                }
+                // Every list is in flight: this call's tiles fill whole parameter blocks.
+                None => self.params_limit = self.per_launch,
+            }
         }
         if count == self.per_launch {
             // SAFETY: forwarded from the caller.
@@ -243,9 +269,10 @@ impl TileCopier {
         }
     }
 
-    /// Launches the tiles collected so far, if any; the parameters' have been copied by the driver
-    /// when this returns, a list's are read by the launch.
+    /// Launches the tiles collected so far, if any, which ends the call: the parameters' have been
+    /// copied by the driver when this returns, a list's are read by the launch.
     unsafe fn launch(&mut self, stream: &Stream) -> Result<()> {
+        self.params_limit = INLINE_TILES;
         // SAFETY: forwarded from the caller.
         unsafe { self.launch_list(stream)? };
         // SAFETY: forwarded from the caller.

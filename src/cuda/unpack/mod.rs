@@ -17,6 +17,7 @@ pub use kernels::{
 };
 pub(crate) use memory::PinnedTiles;
 pub use plan::{
-    MAX_FRAGMENTS, PlanError, PlanStats, ReceiveLayout, TILE_BYTES, Tile, addressable, plan_receive, run_tiles,
+    MAX_FRAGMENTS, PlanError, PlanStats, ReceiveLayout, TILE_BYTES, Tile, addressable, cut_run, plan_receive,
+    run_tiles, tiles_needed,
 };
 pub use unpacker::{BulkTiles, Completion, CompletionCounts, Submit, Unpacker, UnpackerConfig};

@@ -208,7 +208,34 @@ pub fn addressable(addr: u64, len: u64) -> bool {
     addr.checked_add(len).is_some_and(|end| end <= 1 << ADDRESS_BITS)
 }
 
-/// The tiles of one copy of `len` bytes from `src` to `dst`, cut as [`plan_receive`] cuts a run.
+/// How many tiles [`cut_run`] cuts a copy of `len` bytes to `dst` into (none for an empty one).
+#[inline]
+pub fn tiles_needed(dst: u64, len: u64) -> usize {
+    if len == 0 {
+        return 0;
+    }
+    1 + (len - first_tile_len(dst, len)).div_ceil(TILE_BYTES) as usize
+}
+
+/// Cuts a copy of `len` bytes from `src` to `dst` into `out`, which holds exactly
+/// [`tiles_needed`] tiles. The first tile ends on a 16-byte boundary of the destination, so that
+/// every later tile starts aligned and only the copy's two ends need byte copies. A plain loop over
+/// a slice: the planner and the tile copier cut thousands of tiles per call on a caller's path.
+#[inline]
+pub fn cut_run(out: &mut [Tile], src: u64, dst: u64, len: u64) {
+    debug_assert!(out.len() == tiles_needed(dst, len) && addressable(src, len) && addressable(dst, len));
+    let Some((first, rest)) = out.split_first_mut() else { return };
+    let mut done = first_tile_len(dst, len);
+    *first = Tile::new(src, dst, done as u32);
+    for tile in rest {
+        let n = TILE_BYTES.min(len - done);
+        *tile = Tile::new(src + done, dst + done, n as u32);
+        done += n;
+    }
+}
+
+/// The tiles of one copy of `len` bytes from `src` to `dst`, cut as [`cut_run`] cuts it, one at a
+/// time (where they cross a launch's end).
 /// Both ranges must be [`addressable`] (the caller checks); a zero-length copy has no tiles.
 pub fn run_tiles(src: u64, dst: u64, len: u64) -> impl Iterator<Item = Tile> {
     debug_assert!(addressable(src, len) && addressable(dst, len));
@@ -230,32 +257,14 @@ struct TileWriter<'a> {
 }
 
 impl TileWriter<'_> {
-    /// Cuts a run into tiles. The first tile ends on a 16-byte destination boundary so that every
-    /// later tile starts aligned and only the run's two ends need byte copies. Err carries how many
-    /// tiles the run needs.
+    /// Cuts a run into tiles ([`cut_run`]). Err carries how many tiles the run needs.
     #[inline]
     fn push_run(&mut self, layout: &ReceiveLayout, run: &Run) -> std::result::Result<(), usize> {
-        let src = layout.pool + run.src_off;
-        let dst = layout.dst + run.dst_off;
-        let first = first_tile_len(dst, run.len);
-        if first == run.len {
-            // One tile: the common case of a page or less.
-            let Some(tile) = self.tiles.get_mut(self.used) else { return Err(1) };
-            *tile = Tile::new(src, dst, run.len as u32);
-            self.used += 1;
-            return Ok(());
-        }
-        let needed = 1 + (run.len - first).div_ceil(TILE_BYTES) as usize;
-        if self.tiles.len() - self.used < needed {
-            return Err(needed);
-        }
-        let mut done = 0;
-        while done < run.len {
-            let len = if done == 0 { first } else { TILE_BYTES.min(run.len - done) };
-            self.tiles[self.used] = Tile::new(src + done, dst + done, len as u32);
-            self.used += 1;
-            done += len;
-        }
+        let (src, dst) = (layout.pool + run.src_off, layout.dst + run.dst_off);
+        let needed = tiles_needed(dst, run.len);
+        let Some(out) = self.tiles.get_mut(self.used..self.used + needed) else { return Err(needed) };
+        cut_run(out, src, dst, run.len);
+        self.used += needed;
         Ok(())
     }
 }
@@ -371,6 +380,10 @@ mod tests {
             let len = 1 + rng.below(20_000);
             let (src, dst) = (POOL + rng.below(64), DST + rng.below(64));
             let tiles: Vec<Tile> = run_tiles(src, dst, len).collect();
+            assert_eq!(tiles_needed(dst, len), tiles.len(), "{len} bytes to {dst:#x}");
+            let mut cut = vec![Tile::default(); tiles.len()];
+            cut_run(&mut cut, src, dst, len);
+            assert_eq!(cut, tiles, "{len} bytes from {src:#x} to {dst:#x}, cut into a slice");
             let mut l = layout(len + 64);
             l.dst = dst;
             let planned = plan(&l, &[meta((src - POOL) as u32, len as u32, 0)], 64).unwrap();
@@ -378,6 +391,7 @@ mod tests {
             assert_eq!(tiles.iter().map(|t| u64::from(t.bytes())).sum::<u64>(), len);
         }
         assert_eq!(run_tiles(POOL, DST, 0).count(), 0);
+        assert_eq!(tiles_needed(DST, 0), 0);
         assert!(addressable((1 << ADDRESS_BITS) - 16, 16));
         assert!(!addressable((1 << ADDRESS_BITS) - 16, 17));
         assert!(!addressable(u64::MAX, 2));
