@@ -7,12 +7,22 @@
 #   scripts/gpu_tests.sh BUNDLE_DIR
 set -uo pipefail
 bundle="$(cd "${1:?usage: scripts/gpu_tests.sh BUNDLE_DIR}" && pwd)"
+# From the repository root, wherever it is started: tests that run a script of scripts/ look for it
+# relative to the working directory once the binary left its build tree.
+scripts="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$scripts/.."
 export UCCL_TCPX_FAKE_PLUGIN="$bundle/libfake_tcpx.so"
 # Here a GPU test that finds no CUDA driver fails instead of printing SKIPPED and passing.
 export UCCL_TCPX_REQUIRE_GPU=1
 nvidia-smi -L || true
+shopt -s nullglob
+tests=("$bundle"/test-*)
+if ((${#tests[@]} == 0)); then
+  echo "GPU suite: no test binaries (test-*) in $bundle: make it with scripts/gpu_bundle.sh" >&2
+  exit 1
+fi
 failed=()
-for t in "$bundle"/test-*; do
+for t in "${tests[@]}"; do
   name="$(basename "$t")"
   echo "======== $name"
   if ! "$t" --test-threads=1 2>&1; then
@@ -22,7 +32,7 @@ done
 skipped=()
 echo "======== nccl-over-fake"
 nccl_test="$bundle/nccl_over_fake.sh"
-[[ -f "$nccl_test" ]] || nccl_test="$(dirname "${BASH_SOURCE[0]}")/nccl_over_fake.sh"
+[[ -f "$nccl_test" ]] || nccl_test="$scripts/nccl_over_fake.sh"
 bash "$nccl_test" "$bundle"
 case $? in
   0) ;;
