@@ -5,7 +5,7 @@
 //! `cuMemcpyAsync`. Peer access is never enabled on the user's contexts: peer copies use the
 //! GPUs' direct link without it. A call of many small copies whose every end is memory of the
 //! issuing GPU (a KV cache's blocks between two processes of one GPU, or two engines of one
-//! process) goes through the unpack kernel instead, its tiles in a few launches: each copy issued
+//! process) goes through the unpack kernel instead, its tiles in one launch or a few: each copy issued
 //! on its own costs the poster about 5 us and moved 1024 blocks of 16 KiB at 3 GB/s on an H100.
 
 use std::sync::Arc;
@@ -20,7 +20,8 @@ use crate::error::Result;
 
 /// Calls of at least this many copies, averaging at most `KERNEL_MAX_AVERAGE` bytes, go through
 /// the unpack kernel when every end lies on the issuing GPU. Below, the copies' own launches cost
-/// less than the kernel's (a launch per up to 2045 tiles of 4 KiB, each about as much as a copy).
+/// less than the kernel's launch (one per call, or per list of 4096 tiles of 4 KiB, each about as
+/// much as a copy).
 const KERNEL_MIN_COPIES: usize = 4;
 const KERNEL_MAX_AVERAGE: usize = 512 << 10;
 /// No copy of such a call is larger: one large copy among many small ones would cost more launches

@@ -19,9 +19,11 @@
 //! One bounce buffer per copy stream, of a slot's size. Everything that touches it is queued on
 //! that stream, so a gather's kernel starts only after the previous chunk's copy out of the buffer
 //! finished, and a scatter's copy in only after the previous chunk's kernel: stream order is the
-//! only synchronisation needed. Tiles travel in the kernel parameters, which the driver copies at
-//! the launch, so nothing the host fills outlives the call; a chunk with more tiles than one launch
-//! carries takes several launches.
+//! only synchronisation needed. Up to 254 tiles travel in the kernel parameters, which the driver
+//! copies at the launch; more go in a pinned list the kernel reads through its device mapping,
+//! reused only once an event behind that launch fired (up to four lists of 64 KiB per copier,
+//! allocated on first need, with the GPU's context current; with all four in flight, whole
+//! parameter blocks).
 
 use std::sync::Arc;
 
@@ -175,12 +177,25 @@ impl TileCopier {
     /// that stays valid, and reserved to these copies, until the stream passed this work; every
     /// range is addressable by a tile (`unpack::addressable`).
     pub unsafe fn copy(&mut self, stream: &Stream, runs: impl Iterator<Item = (u64, u64, u64)>) -> Result<()> {
-        for run in merged(runs.map(|(src, dst, len)| Run { src, dst, len })) {
-            // SAFETY: forwarded from the caller.
-            unsafe { self.push_run(stream, run)? };
-        }
         // SAFETY: forwarded from the caller.
-        unsafe { self.launch(stream) }
+        self.call(|copier| unsafe {
+            for run in merged(runs.map(|(src, dst, len)| Run { src, dst, len })) {
+                copier.push_run(stream, run)?;
+            }
+            copier.launch(stream)
+        })
+    }
+
+    /// Runs one call's pushes and launches; a call that fails leaves nothing of itself behind, so
+    /// no tile of it reaches a later call's launch (its caller was told its ranges are free).
+    fn call(&mut self, queue: impl FnOnce(&mut TileCopier) -> Result<()>) -> Result<()> {
+        let queued = queue(self);
+        if queued.is_err() {
+            self.filling = None;
+            self.params.count = 0;
+            self.params_limit = INLINE_TILES;
+        }
+        queued
     }
 
     /// Appends the run's tiles to the call's parameters or mapped list, launching whichever is full:
@@ -316,10 +331,13 @@ impl TileCopier {
 
 impl Drop for TileCopier {
     fn drop(&mut self) {
-        // Pinned lists are freed with the copier; a launch may still be reading one.
+        // Pinned lists are freed with the copier, with its GPU's context current (as they were
+        // allocated); a launch may still be reading one.
+        let _ctx = self.gpu.enter();
         for list in &self.lists {
             let _ = list.read.synchronize();
         }
+        self.lists.clear();
     }
 }
 
@@ -364,12 +382,13 @@ impl SegmentKernel {
         segs: impl Iterator<Item = (usize, usize)>,
     ) -> Result<()> {
         let bounce = self.bounce_for(index, len)?;
-        for run in gather_runs(bounce, segs) {
-            // SAFETY: forwarded from the caller.
-            unsafe { self.tiles.push_run(stream, run)? };
-        }
         // SAFETY: forwarded from the caller.
-        unsafe { self.tiles.launch(stream)? };
+        self.tiles.call(|copier| unsafe {
+            for run in gather_runs(bounce, segs) {
+                copier.push_run(stream, run)?;
+            }
+            copier.launch(stream)
+        })?;
         check(
             // SAFETY: the bounce buffer holds a slot, `len` of whose bytes the kernels queued just
             // before on this stream wrote; `host` holds `len` bytes (the caller's contract).
@@ -401,12 +420,13 @@ impl SegmentKernel {
             unsafe { sys::cuMemcpyHtoDAsync_v2(bounce, host.cast(), len, stream.raw()) },
             "cuMemcpyHtoDAsync of a staging slot into its scatter buffer",
         )?;
-        for run in scatter_runs(bounce, len, segs) {
-            // SAFETY: forwarded from the caller.
-            unsafe { self.tiles.push_run(stream, run)? };
-        }
         // SAFETY: forwarded from the caller.
-        unsafe { self.tiles.launch(stream) }
+        self.tiles.call(|copier| unsafe {
+            for run in scatter_runs(bounce, len, segs) {
+                copier.push_run(stream, run)?;
+            }
+            copier.launch(stream)
+        })
     }
 
     fn bounce_for(&self, index: usize, len: usize) -> Result<sys::CUdeviceptr> {
@@ -589,6 +609,60 @@ mod tests {
         assert_eq!(copier.mapped_launches(), 3);
     }
 
+    /// A call that fails leaves nothing behind: the tiles it had queued (here 300, in a list) never
+    /// reach the next call's launch, whose caller's ranges alone are copied.
+    #[test]
+    fn a_failed_call_leaves_no_tile_to_the_next() {
+        let Some((gpu, mut copier)) = gpu_copier() else { return };
+        let _ctx = gpu.enter().unwrap();
+        let data = numbered(1 << 20, 3);
+        let mut src = DeviceBuffer::new(0, data.len()).unwrap();
+        src.copy_from_host(0, &data).unwrap();
+        let mut dst = DeviceBuffer::new(0, data.len()).unwrap();
+        dst.fill(0).unwrap();
+        let (s, d) = (src.addr() as u64, dst.addr() as u64);
+        let stream = Stream::new(&gpu).unwrap();
+        let failed = copier.call(|c| {
+            for i in 0..300u64 {
+                // SAFETY: both ranges lie in this test's buffers (nothing is launched).
+                unsafe { c.push_run(&stream, Run { src: s + i * 1024, dst: d + i * 1024, len: 512 })? };
+            }
+            Err(Error::internal("failed after queueing its tiles"))
+        });
+        assert!(failed.is_err());
+        // SAFETY: every range lies in this test's buffers, untouched until the stream is synchronized.
+        unsafe { copier.copy(&stream, std::iter::once((s + (900 << 10), d + (900 << 10), 4096))) }.unwrap();
+        stream.synchronize().unwrap();
+        let got = dst.to_vec().unwrap();
+        assert_eq!(&got[900 << 10..(900 << 10) + 4096], &data[900 << 10..(900 << 10) + 4096], "the next call's copy");
+        assert!(got[..300 << 10].iter().all(|&b| b == 0), "a tile of the failed call was launched");
+        assert_eq!(copier.mapped_launches(), 0, "the failed call's list was dropped, not launched");
+    }
+
+    /// A word in mapped memory a stream waits on until it is 1: opened at the latest when dropped,
+    /// so that a failing test never leaves a stream waiting (a stream's drop synchronizes it).
+    struct Gate(crate::cuda::memory::MappedBuffer);
+
+    impl Gate {
+        fn closed(gpu: &Arc<Gpu>) -> Gate {
+            let gate = Gate(crate::cuda::memory::MappedBuffer::new(gpu, 4).unwrap());
+            // SAFETY: 4 bytes of pinned memory this gate owns.
+            unsafe { std::ptr::write_volatile(gate.0.as_ptr().cast::<u32>(), 0) };
+            gate
+        }
+
+        fn open(&self) {
+            // SAFETY: as above; a waiting stream reads the word once it is written.
+            unsafe { std::ptr::write_volatile(self.0.as_ptr().cast::<u32>(), 1) };
+        }
+    }
+
+    impl Drop for Gate {
+        fn drop(&mut self) {
+            self.open();
+        }
+    }
+
     /// Calls queued behind a gate keep their lists in flight: a list is never refilled before the
     /// launch that reads it ran, so the calls beyond the lists carry their tiles in parameters, and
     /// every call lands its own bytes. A copier that refilled a busy list would launch more lists
@@ -609,14 +683,13 @@ mod tests {
         let mut dst = DeviceBuffer::new(0, CALLS * PIECES * 1024).unwrap();
         dst.fill(0).unwrap();
         let stream = Stream::new(&gpu).unwrap();
-        // The stream waits for the host to open the gate: every launch below stays queued.
-        let gate = crate::cuda::memory::MappedBuffer::new(&gpu, 4).unwrap();
-        // SAFETY: the buffer is 4 bytes of pinned memory this test owns, zero until written below.
-        unsafe { std::ptr::write_volatile(gate.as_ptr().cast::<u32>(), 0) };
+        // The stream waits for the host to open the gate: every launch below stays queued. Made
+        // after the stream, so dropped (and opened) before it, should the test fail.
+        let gate = Gate::closed(&gpu);
         let flags = sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32;
         // SAFETY: the word's device address is of this GPU's context, current; it outlives the stream's wait.
         check(
-            unsafe { sys::cuStreamWaitValue32_v2(stream.raw(), gate.device_ptr(), 1, flags) },
+            unsafe { sys::cuStreamWaitValue32_v2(stream.raw(), gate.0.device_ptr(), 1, flags) },
             "cuStreamWaitValue32_v2",
         )
         .unwrap();
@@ -626,10 +699,10 @@ mod tests {
             // SAFETY: every range lies in a buffer of this test, untouched until the stream is synchronized.
             unsafe { copier.copy(&stream, runs) }.unwrap();
         }
-        assert_eq!(copier.mapped_launches(), MAX_LISTS as u64, "one list per call while all are queued");
-        // SAFETY: as above; the stream reads the word once it is written.
-        unsafe { std::ptr::write_volatile(gate.as_ptr().cast::<u32>(), 1) };
+        let in_flight = copier.mapped_launches();
+        gate.open();
         stream.synchronize().unwrap();
+        assert_eq!(in_flight, MAX_LISTS as u64, "one list per call while all are queued");
         let got = dst.to_vec().unwrap();
         for c in 0..CALLS {
             let want = numbered(PIECES * 512, c);
