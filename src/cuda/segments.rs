@@ -101,9 +101,10 @@ pub struct TileCopier {
 }
 
 /// Launches of more tiles than this read them from a mapped list where one is free. The driver
-/// copies a launch's whole parameter block on the issuing thread (three launches of 32 KiB blocks
-/// took about 24 us of a 1024-piece call's post on an H100), while a kernel that reads a pinned
-/// list pays about one PCIe round trip on the GPU; the unpacker draws its line at the same count
+/// copies a launch's whole parameter block on the issuing thread, while a kernel that reads a
+/// pinned list pays about one PCIe round trip on the GPU (2.4 us more per call on an H100; with
+/// tiles cut straight into the list, a 64 x 256 KiB call's post went from 41-44 to 16-24 us there,
+/// docs/perf-log/vectors.md); the unpacker draws its line at the same count
 /// (`UnpackerConfig::inline_tiles`, docs/perf-log/gpu-unpack.md).
 const INLINE_TILES: usize = INLINE_SMALL;
 /// Tiles in one mapped list (64 KiB of pinned memory): 1024 page-aligned pieces of 16 KiB.
