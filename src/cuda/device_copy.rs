@@ -28,34 +28,6 @@ const KERNEL_MAX_AVERAGE: usize = 512 << 10;
 /// as tiles than it saves.
 const KERNEL_MAX_COPY: usize = 4 << 20;
 
-/// Calls of at least this many copies that the kernel does not take (across GPUs, or without the
-/// kernel) and whose every end is device memory go to the copy engines in one driver call
-/// (`cuMemcpyBatchAsync`) where the driver has it, instead of one call per copy (about 5 us of the
-/// poster each on an H100).
-const BATCH_MIN_COPIES: usize = 4;
-/// The first driver version with `cuMemcpyBatchAsync_v2` (CUDA 13.0).
-const BATCH_DRIVER: i32 = 13000;
-
-/// Whether the driver has the batch call (looked up once; without it the symbol is not loaded).
-fn batch_supported() -> bool {
-    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SUPPORTED.get_or_init(|| {
-        let mut version = 0;
-        // SAFETY: writes one int.
-        let asked = unsafe { sys::cuDriverGetVersion(&mut version) };
-        asked == sys::CUresult::CUDA_SUCCESS && version >= BATCH_DRIVER
-    })
-}
-
-/// What the ends of a call's copies are, as its caller knows them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Ends {
-    /// Every end is device memory: this process's, or a peer's allocation mapped here.
-    Device,
-    /// Some end may be host memory.
-    Any,
-}
-
 /// One copy: `len` bytes from `src` to `dst`. An address with a GPU is device memory of that GPU
 /// in this process; one without is host memory or memory mapped into the issuing GPU's context.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,32 +50,11 @@ pub struct CopyQueue {
     kernel: Built<TileCopier>,
     /// Calls that went through the kernel.
     by_kernel: u64,
-    /// A batch call's lists, kept for the next.
-    batch: BatchLists,
-    /// Calls that went to the copy engines in one batch.
-    by_batch: u64,
-    /// The driver refused a batch once: calls copy one by one from then on.
-    batch_refused: bool,
-}
-
-#[derive(Default)]
-struct BatchLists {
-    dst: Vec<sys::CUdeviceptr>,
-    src: Vec<sys::CUdeviceptr>,
-    len: Vec<usize>,
 }
 
 impl CopyQueue {
     pub fn new(gpu: &Arc<Gpu>) -> Result<CopyQueue> {
-        Ok(CopyQueue {
-            stream: Stream::new(gpu)?,
-            spare: Vec::new(),
-            kernel: Built::Waiting,
-            by_kernel: 0,
-            batch: BatchLists::default(),
-            by_batch: 0,
-            batch_refused: false,
-        })
+        Ok(CopyQueue { stream: Stream::new(gpu)?, spare: Vec::new(), kernel: Built::Waiting, by_kernel: 0 })
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {
@@ -116,20 +67,18 @@ impl CopyQueue {
     /// # Safety
     /// Every range is memory that stays valid and reserved to these copies until the event fired
     /// (or, on error, until this returned).
-    pub unsafe fn issue(&mut self, copies: &[DeviceCopy], ends: Ends) -> Result<Event> {
+    pub unsafe fn issue(&mut self, copies: &[DeviceCopy]) -> Result<Event> {
         let gpu = self.stream.gpu().clone();
         let _ctx = gpu.enter()?;
-        let queued = if let Some(kernel) = kernel_for(&mut self.kernel, &gpu, copies) {
-            // SAFETY: per the contract; every end is device memory of this GPU (`kernel_for`).
-            let copied = unsafe { kernel.copy(&self.stream, copies.iter().map(|c| (c.src, c.dst, c.len as u64))) };
-            self.by_kernel += u64::from(copied.is_ok());
-            copied
-        } else if self.batches(copies, ends) {
-            // SAFETY: per the contract; every end is device memory (`ends`).
-            unsafe { self.queue_batch(copies) }
-        } else {
+        let queued = match kernel_for(&mut self.kernel, &gpu, copies) {
+            Some(kernel) => {
+                // SAFETY: per the contract; every end is device memory of this GPU (`kernel_for`).
+                let copied = unsafe { kernel.copy(&self.stream, copies.iter().map(|c| (c.src, c.dst, c.len as u64))) };
+                self.by_kernel += u64::from(copied.is_ok());
+                copied
+            }
             // SAFETY: per the contract.
-            copies.iter().try_for_each(|c| unsafe { self.queue_one(c) })
+            None => copies.iter().try_for_each(|c| unsafe { self.queue_one(c) }),
         };
         let marked = queued.and_then(|()| {
             let event = match self.spare.pop() {
@@ -147,86 +96,6 @@ impl CopyQueue {
     /// Calls so far whose copies went through the kernel.
     pub fn batches_by_kernel(&self) -> u64 {
         self.by_kernel
-    }
-
-    /// Calls so far whose copies went to the copy engines in one batch.
-    pub fn batched_calls(&self) -> u64 {
-        self.by_batch
-    }
-
-    /// Whether `copies` go to the copy engines in one batch: enough of them, every end device
-    /// memory, none between two GPUs of this process (those name both contexts, one by one), a
-    /// driver that has the call and never refused it, and copies that may run in any order.
-    fn batches(&self, copies: &[DeviceCopy], ends: Ends) -> bool {
-        let peer = |c: &DeviceCopy| matches!((c.dst_gpu, c.src_gpu), (Some(d), Some(s)) if d != s);
-        ends == Ends::Device
-            && copies.len() >= BATCH_MIN_COPIES
-            && !self.batch_refused
-            && batch_supported()
-            && !copies.iter().any(peer)
-            && independent(copies)
-    }
-
-    /// Queues `copies` in one batch call. Should the driver refuse it, whatever of it was queued
-    /// is waited for and the copies are queued one by one (they are independent, so copying a
-    /// range twice leaves what copying it once does), and batches are not tried again.
-    ///
-    /// # Safety
-    /// As for `issue`; every end is device memory and the issuing GPU's context is current.
-    unsafe fn queue_batch(&mut self, copies: &[DeviceCopy]) -> Result<()> {
-        let lists = &mut self.batch;
-        lists.dst.clear();
-        lists.src.clear();
-        lists.len.clear();
-        for c in copies.iter().filter(|c| c.len > 0) {
-            lists.dst.push(c.dst);
-            lists.src.push(c.src);
-            lists.len.push(c.len);
-        }
-        if lists.len.is_empty() {
-            return Ok(());
-        }
-        let here = sys::CUmemLocation {
-            type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
-            id: self.stream.gpu().ordinal(),
-        };
-        let mut attributes = sys::CUmemcpyAttributes {
-            srcAccessOrder: sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
-            srcLocHint: here,
-            dstLocHint: here,
-            flags: 0,
-        };
-        let mut first = [0usize];
-        // SAFETY: three lists of the same length, alive for the call (the driver reads them before
-        // it returns); one attribute entry applying from copy 0 on; the ranges are the caller's.
-        let batched = check(
-            unsafe {
-                sys::cuMemcpyBatchAsync_v2(
-                    lists.dst.as_mut_ptr(),
-                    lists.src.as_mut_ptr(),
-                    lists.len.as_mut_ptr(),
-                    lists.len.len(),
-                    &mut attributes,
-                    first.as_mut_ptr(),
-                    1,
-                    self.stream.raw(),
-                )
-            },
-            "cuMemcpyBatchAsync",
-        );
-        match batched {
-            Ok(()) => {
-                self.by_batch += 1;
-                Ok(())
-            }
-            Err(e) => {
-                log::warn!("{:?}: batched device copies refused, copying one by one from now on: {e}", self.gpu());
-                self.batch_refused = true;
-                self.stream.synchronize()?;
-                // SAFETY: per the contract.
-                copies.iter().try_for_each(|c| unsafe { self.queue_one(c) })
-            }
-        }
     }
 
     /// Takes back a fired event for later batches.
@@ -448,7 +317,7 @@ mod tests {
         }
         let built = crate::cuda::unpack::UnpackKernels::if_built(0).is_some();
         // SAFETY: every range lies in a live buffer of this test, untouched until the event fired.
-        let event = unsafe { queue.issue(&copies, Ends::Any) }.unwrap();
+        let event = unsafe { queue.issue(&copies) }.unwrap();
         event.synchronize().unwrap();
         assert!(dst.to_vec().unwrap() == want, "every piece in place, nothing else written");
         // Builds it if no other test of this process did (the engine builds it at registration;
@@ -463,7 +332,7 @@ mod tests {
         // Again, now that the build ended: the kernel wherever it could be built.
         dst.fill(0).unwrap();
         // SAFETY: as above.
-        let event = unsafe { queue.issue(&copies, Ends::Any) }.unwrap();
+        let event = unsafe { queue.issue(&copies) }.unwrap();
         event.synchronize().unwrap();
         assert!(dst.to_vec().unwrap() == want, "every piece in place again");
         let by_kernel = first + u64::from(kernel);
@@ -477,64 +346,9 @@ mod tests {
         // A chain: piece k reads what piece k - 1 wrote, which only copies in order get right.
         let chain: Vec<DeviceCopy> = (0..8u64).map(|k| copy(d + k * 4096, d + (k + 1) * 4096, 4096)).collect();
         // SAFETY: as above.
-        let event = unsafe { queue.issue(&chain, Ends::Any) }.unwrap();
+        let event = unsafe { queue.issue(&chain) }.unwrap();
         event.synchronize().unwrap();
         assert_eq!(queue.batches_by_kernel(), by_kernel, "copies that depend on each other go one by one");
-        let got = dst.to_vec().unwrap();
-        for k in 1..=8 {
-            assert_eq!(got[k * 4096..(k + 1) * 4096], want[..4096], "piece {k} of the chain");
-        }
-    }
-
-    /// Many copies the kernel does not take (here: ends named as memory mapped from elsewhere, as
-    /// a peer's allocation on another GPU is) go to the copy engines in one batch where the
-    /// driver has it, and land as the copies one by one would; copies that depend on each other,
-    /// or whose ends may be host memory, still go one by one.
-    #[test]
-    fn copies_the_kernel_does_not_take_go_in_one_batch() {
-        if testkit::skip_without_gpu(crate::cuda::available()) {
-            return;
-        }
-        const LEN: usize = 4 << 20;
-        let gpu = Gpu::open(0).unwrap();
-        let data: Vec<u8> = (0..LEN).map(|i| (i * 29 % 251) as u8).collect();
-        let mut src = DeviceBuffer::new(0, LEN).unwrap();
-        src.copy_from_host(0, &data).unwrap();
-        let mut dst = DeviceBuffer::new(0, LEN).unwrap();
-        dst.fill(0).unwrap();
-        let (s, d) = (src.addr() as u64, dst.addr() as u64);
-        let mapped = |src: u64, dst: u64, len: usize| DeviceCopy { dst, dst_gpu: None, src, src_gpu: Some(0), len };
-        // 200 pieces of odd sizes, destinations in reverse order, one of them empty.
-        let pieces: Vec<(usize, usize, usize)> = (0..200)
-            .map(|i| (i * 16_384 + i % 5, LEN - (i + 1) * 16_384 + 1, if i == 7 { 0 } else { 1000 + i * 61 }))
-            .collect();
-        let copies: Vec<DeviceCopy> =
-            pieces.iter().map(|&(so, dof, n)| mapped(s + so as u64, d + dof as u64, n)).collect();
-        let mut want = vec![0u8; LEN];
-        for &(so, dof, n) in &pieces {
-            want[dof..dof + n].copy_from_slice(&data[so..so + n]);
-        }
-        let mut queue = CopyQueue::new(&gpu).unwrap();
-        // SAFETY: every range lies in a live buffer of this test, untouched until the event fired.
-        unsafe { queue.issue(&copies, Ends::Any) }.unwrap().synchronize().unwrap();
-        assert!(dst.to_vec().unwrap() == want, "one by one: every piece in place, nothing else written");
-        assert_eq!(queue.batched_calls(), 0, "ends that may be host memory never go in a batch");
-        dst.fill(0).unwrap();
-        // SAFETY: as above.
-        unsafe { queue.issue(&copies, Ends::Device) }.unwrap().synchronize().unwrap();
-        assert!(dst.to_vec().unwrap() == want, "in a batch: every piece in place, nothing else written");
-        assert_eq!(queue.batches_by_kernel(), 0);
-        let batched = u64::from(batch_supported());
-        assert_eq!(queue.batched_calls(), batched, "one batch wherever the driver has the call");
-        if batched == 0 {
-            println!("this driver has no cuMemcpyBatchAsync: the copies went one by one");
-            return;
-        }
-        // A chain: piece k reads what piece k - 1 wrote, which only copies in order get right.
-        let chain: Vec<DeviceCopy> = (0..8u64).map(|k| mapped(d + k * 4096, d + (k + 1) * 4096, 4096)).collect();
-        // SAFETY: as above.
-        unsafe { queue.issue(&chain, Ends::Device) }.unwrap().synchronize().unwrap();
-        assert_eq!(queue.batched_calls(), 1, "copies that depend on each other go one by one");
         let got = dst.to_vec().unwrap();
         for k in 1..=8 {
             assert_eq!(got[k * 4096..(k + 1) * 4096], want[..4096], "piece {k} of the chain");
@@ -561,7 +375,7 @@ mod tests {
             DeviceCopy { dst: host.as_mut_ptr() as u64, dst_gpu: None, src: s + 8, src_gpu: Some(0), len: 4096 },
         ];
         // SAFETY: every range lies in a live buffer of this test, untouched until the event fired.
-        let event = unsafe { queue.issue(&copies, Ends::Any) }.unwrap();
+        let event = unsafe { queue.issue(&copies) }.unwrap();
         event.synchronize().unwrap();
         assert!(event.done().unwrap());
         let got = dst.to_vec().unwrap();

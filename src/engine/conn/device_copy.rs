@@ -29,7 +29,7 @@ use super::state::OneSidedRequest;
 use super::{Connection, Inner};
 use crate::config::LocalPeers;
 use crate::cuda::Gpu;
-use crate::cuda::device_copy::{DeviceCopy, Ends};
+use crate::cuda::device_copy::DeviceCopy;
 use crate::cuda::ipc::Mapping;
 use crate::engine::local::{self, Locality};
 use crate::engine::plan::Extent;
@@ -58,8 +58,6 @@ enum Asked {
 /// The copies of one call that go to one GPU's queue, and what they finish.
 struct Plan {
     gpu: Arc<Gpu>,
-    /// Device memory at every end (across processes, where host memory has no IPC path), or not.
-    ends: Ends,
     copies: Vec<DeviceCopy>,
     parts: Vec<u64>,
     regions: Vec<Arc<Region>>,
@@ -68,10 +66,9 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(gpu: Arc<Gpu>, ends: Ends) -> Plan {
+    fn new(gpu: Arc<Gpu>) -> Plan {
         Plan {
             gpu,
-            ends,
             copies: Vec::new(),
             parts: Vec::new(),
             regions: Vec::new(),
@@ -235,7 +232,7 @@ impl Connection {
             let at = match plans.iter().position(|p| p.gpu.ordinal() == issuer) {
                 Some(at) => at,
                 None => {
-                    plans.push(Plan::new(gpu, Ends::Any));
+                    plans.push(Plan::new(gpu));
                     plans.len() - 1
                 }
             };
@@ -312,8 +309,7 @@ impl Connection {
             return Some(Err(e));
         }
         let transfer = self.core.transfers.create(self.id, requests.len());
-        // The local end is device memory (checked above), the remote one an IPC mapping.
-        let mut plan = Plan::new(gpu, Ends::Device);
+        let mut plan = Plan::new(gpu);
         for (request, refusal) in requests.iter().zip(refused) {
             let local = request.local_region();
             let key = grant_key(request);
@@ -380,7 +376,7 @@ impl Connection {
         if plan.parts.is_empty() {
             return false;
         }
-        let Plan { gpu, ends, copies, parts, regions, remote_regions, mappings } = plan;
+        let Plan { gpu, copies, parts, regions, remote_regions, mappings } = plan;
         let fail = |e: Error| {
             for _ in &parts {
                 transfer.finish_part(Err(e.clone()));
@@ -402,7 +398,7 @@ impl Connection {
         // owner in this process authorized (its region not removed, under the owner's connection
         // lock) or in a mapped window of an owner's grant. The regions stay counted, and the
         // mappings held, until the batch's event fired.
-        match unsafe { q.issue(&copies, ends) } {
+        match unsafe { q.issue(&copies) } {
             Ok(event) => {
                 let event = Arc::new(event);
                 let batch =

@@ -523,7 +523,7 @@ mod tests {
             let copy =
                 DeviceCopy { dst: dst.addr() as u64, dst_gpu: Some(0), src: src.addr() as u64, src_gpu: Some(0), len };
             // SAFETY: both buffers live until the end of the test, after every batch was waited for.
-            let event = Arc::new(unsafe { q.issue(&[copy], crate::cuda::device_copy::Ends::Any) }.unwrap());
+            let event = Arc::new(unsafe { q.issue(&[copy]) }.unwrap());
             let batch = Batch {
                 event,
                 queue,
