@@ -14,7 +14,7 @@ use cudarc::driver::sys;
 
 use super::segments::{Built, TileCopier};
 use super::stream::{Event, Stream};
-use super::unpack::addressable;
+use super::unpack::{UnpackKernels, addressable};
 use super::{Gpu, check};
 use crate::error::Result;
 
@@ -143,6 +143,12 @@ impl CopyQueue {
             _ => check(unsafe { sys::cuMemcpyAsync(c.dst, c.src, c.len, stream) }, "cuMemcpyAsync"),
         }
     }
+}
+
+/// Whether GPU `ordinal`'s unpack kernel is built, so that many small copies on it go through it
+/// rather than one by one; never builds it.
+pub fn kernel_ready(ordinal: i32) -> bool {
+    usize::try_from(ordinal).is_ok_and(|o| matches!(UnpackKernels::if_built(o), Some(Ok(_))))
 }
 
 /// The kernel, where `copies` are many and small enough for it, every end is device memory of the

@@ -29,7 +29,7 @@ use super::state::OneSidedRequest;
 use super::{Connection, Inner};
 use crate::config::LocalPeers;
 use crate::cuda::Gpu;
-use crate::cuda::device_copy::DeviceCopy;
+use crate::cuda::device_copy::{DeviceCopy, kernel_ready};
 use crate::cuda::ipc::Mapping;
 use crate::engine::local::{self, Locality};
 use crate::engine::plan::Extent;
@@ -44,6 +44,33 @@ use crate::transport::MemKind;
 /// (the owner deregistered the region meanwhile) makes the caller ask again, and the owner refuses
 /// a region it no longer has.
 const MAX_ASKS: usize = 3;
+
+/// Calls of at least this many pieces, averaging at most [`ONE_BY_ONE_MAX_AVERAGE`] bytes, take
+/// the network path wherever the device path would copy them one by one (across GPUs, between host
+/// and device memory, or without the GPU's kernel): a copy costs the poster about 4 us, so 1024
+/// pieces of 16 KiB took 4 ms (3-4 GB/s) on an H100, where the staged network path moves such a
+/// vector at 0.85-0.98 of one piece (docs/perf-log/vectors.md). Fewer or larger pieces stay: 64 of
+/// 256 KiB posted in about 0.3 ms.
+const ONE_BY_ONE_MIN_PIECES: usize = 64;
+const ONE_BY_ONE_MAX_AVERAGE: u64 = 32 << 10;
+
+/// Whether a call of `requests` has too many small pieces to be copied one by one.
+fn too_many_for_one_by_one(requests: &[OneSidedRequest]) -> bool {
+    let (pieces, bytes) = requests.iter().fold((0usize, 0u64), |(pieces, bytes), request| match request {
+        OneSidedRequest::Item(i) => (pieces + 1, bytes + i.len),
+        OneSidedRequest::Vector(v) => (pieces + v.segs.len(), bytes + v.local.len()),
+    });
+    pieces >= ONE_BY_ONE_MIN_PIECES && bytes <= (pieces as u64).saturating_mul(ONE_BY_ONE_MAX_AVERAGE)
+}
+
+/// Whether the unpack kernel copies between `a` and `b`: both ends memory of one GPU, whose kernel
+/// is built.
+fn kernel_between(a: Option<i32>, b: Option<i32>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) if a == b => kernel_ready(a),
+        _ => false,
+    }
+}
 
 /// How an ask ended.
 enum Asked {
@@ -140,7 +167,8 @@ fn deny_msg(xfer: u64, e: &Error) -> Control {
 
 impl Connection {
     /// `None` when the call takes another path: the peer is remote, no GPU memory is involved, the
-    /// owner's region has no IPC path (then the network carries the whole call), or
+    /// owner's region has no IPC path (then the network carries the whole call), the call has many
+    /// small pieces the kernel cannot take (`too_many_for_one_by_one`), or
     /// UCCL_TCPX_LOCAL_PEERS=plugin keeps same-host peers on the net plugin (for tests of that path).
     /// `posted`: when the call began, while its stages are traced.
     pub(super) fn try_device_one_sided(
@@ -190,6 +218,12 @@ impl Connection {
             request.local_region().kind == MemKind::Host && decision.as_ref().is_ok_and(|t| t.kind == MemKind::Host)
         });
         if all_host {
+            return None;
+        }
+        let one_by_one = requests.iter().zip(&decided).any(|(request, decision)| {
+            decision.as_ref().is_ok_and(|target| !kernel_between(device_of(request.local_region()), device_of(target)))
+        });
+        if one_by_one && too_many_for_one_by_one(requests) {
             return None;
         }
         let transfer = self.core.transfers.create(self.id, requests.len());
@@ -307,6 +341,14 @@ impl Connection {
         let inner = &mut *guard;
         if let Err(e) = inner.state.check_open() {
             return Some(Err(e));
+        }
+        // A peer's allocation on another GPU, or a grant revoked since, is copied one by one.
+        let one_by_one = requests.iter().any(|request| {
+            let remote = inner.ipc.mapped(grant_key(request)).and_then(|grant| grant.mapping.device());
+            !kernel_between(device_of(request.local_region()), remote)
+        });
+        if one_by_one && too_many_for_one_by_one(requests) {
+            return None;
         }
         let transfer = self.core.transfers.create(self.id, requests.len());
         let mut plan = Plan::new(gpu);
