@@ -1,5 +1,6 @@
 //! The same-host GPU path: one-sided GPU->GPU transfers between engines of one host move with
-//! device copies, no byte on a socket. Between engines of one process the target's addresses are
+//! device copies, no byte on a socket (except calls of many small pieces the GPU's kernel cannot
+//! take, which the network carries). Between engines of one process the target's addresses are
 //! copied to directly; between processes the owner hands its region's CUDA IPC handle to the
 //! initiator, which maps the allocation once and copies into and out of it. Covered here: both, on
 //! one GPU and across two, single items and vectors, writes and reads at odd offsets checked byte
@@ -37,7 +38,7 @@ fn at(item: FifoItem, offset: usize) -> FifoItem {
     FifoItem { addr: item.addr + offset as u64, ..item }
 }
 
-/// `conn.wait(id)`, which on this path blocks on the copies' event itself, bounded by
+/// `conn.wait(id)`, which on the device path blocks on the copies' event itself, bounded by
 /// [`TRANSFER_LIMIT`] (a hang fails the test).
 fn waited(conn: &Arc<Connection>, id: u64) -> uccl_tcpx::Result<u64> {
     let conn = conn.clone();
@@ -214,8 +215,16 @@ fn same_process_many_small_host_pieces_take_the_network() {
             let (src, dst) = (i * stride + 1, i * stride + 3);
             assert_same(&got[dst..dst + len], &host.read(src, len), &format!("{pieces} x {len}: piece {i}"));
         }
-        let on_device = p.ab.device_copy_batches() > batches;
-        assert_eq!(on_device, device, "{pieces} pieces of {len} bytes: on the device path");
+        // And back: the GPU's pieces read into host memory, just past each source piece's start.
+        let back: Vec<OneSided> = items.iter().map(|i| OneSided { addr: i.addr - 1 + len, ..*i }).collect();
+        let r = p.ab.read(&back).unwrap();
+        assert_eq!(wait(&p.ab, r).unwrap(), (pieces * len) as u64);
+        for i in 0..pieces {
+            let (src, dst) = (i * stride + 3, i * stride + len);
+            assert_same(&host.read(dst, len), &got[src..src + len], &format!("{pieces} x {len}: piece {i} read"));
+        }
+        let on_device = p.ab.device_copy_batches() - batches;
+        assert_eq!(on_device, if device { 2 } else { 0 }, "{pieces} pieces of {len} bytes: on the device path");
     }
 }
 

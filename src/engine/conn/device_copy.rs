@@ -48,9 +48,12 @@ const MAX_ASKS: usize = 3;
 /// Calls of at least this many pieces, averaging at most [`ONE_BY_ONE_MAX_AVERAGE`] bytes, take
 /// the network path wherever the device path would copy them one by one (across GPUs, between host
 /// and device memory, or without the GPU's kernel): a copy costs the poster about 4 us, so 1024
-/// pieces of 16 KiB took 4 ms (3-4 GB/s) on an H100, where the staged network path moves such a
-/// vector at 0.85-0.98 of one piece (docs/perf-log/vectors.md). Fewer or larger pieces stay: 64 of
-/// 256 KiB posted in about 0.3 ms.
+/// pieces of 16 KiB took 4 ms (3-4 GB/s) on an H100, against 7-11 GB/s over the staged network path
+/// with the kernel disabled for the device path only (docs/perf-log/vectors.md). Without NVRTC the
+/// staging ring copies segment by segment as well (0.28-0.30 of one piece on the 2 x H200 host,
+/// several GB/s; not measured against this path). Fewer or larger pieces stay: 64 of 256 KiB
+/// posted in about 0.3 ms. Calls the rule keeps that the kernel then refuses (a piece over 4 MiB
+/// among many small ones, copies that overlap) go one by one, as before.
 const ONE_BY_ONE_MIN_PIECES: usize = 64;
 const ONE_BY_ONE_MAX_AVERAGE: u64 = 32 << 10;
 
