@@ -31,9 +31,7 @@ use cudarc::driver::sys;
 
 use super::memory::DeviceBuffer;
 use super::stream::{Event, Stream};
-use super::unpack::{
-    CompletionSignal, INLINE_SMALL, InlineTiles, PinnedTiles, Tile, UnpackKernels, cut_run, run_tiles, tiles_needed,
-};
+use super::unpack::{CompletionSignal, INLINE_SMALL, InlineTiles, PinnedTiles, Tile, UnpackKernels, cut_run};
 use super::{Gpu, check};
 use crate::error::{Error, Result};
 
@@ -199,64 +197,51 @@ impl TileCopier {
         queued
     }
 
-    /// Appends the run's tiles to the call's parameters or mapped list, launching whichever is full:
-    /// cut straight into them where the run fits in what is left, else one tile at a time.
-    unsafe fn push_run(&mut self, stream: &Stream, run: Run) -> Result<()> {
-        let needed = tiles_needed(run.dst, run.len);
-        match self.filling {
-            Some((index, count)) if count + needed <= LIST_TILES => {
-                cut_run(&mut self.lists[index].tiles.as_mut_slice()[count..count + needed], run.src, run.dst, run.len);
-                self.filling = Some((index, count + needed));
-                return Ok(());
-            }
-            None if self.params.count as usize + needed <= self.params_limit => {
-                let count = self.params.count as usize;
-                cut_run(&mut self.params.tiles[count..count + needed], run.src, run.dst, run.len);
-                self.params.count += needed as u32;
-                return Ok(());
-            }
-            _ => {}
-        }
-        for tile in run_tiles(run.src, run.dst, run.len) {
+    /// Cuts the run's tiles into the call's parameters or mapped list, as many at a time as they
+    /// have room for, making room (a launch, a move to a list) whenever they are full.
+    unsafe fn push_run(&mut self, stream: &Stream, mut run: Run) -> Result<()> {
+        while run.len > 0 {
             // SAFETY: forwarded from the caller.
-            unsafe { self.push_tile(stream, tile)? };
+            let room = unsafe { self.room(stream)? };
+            let (tiles, bytes) = cut_run(room, run.src, run.dst, run.len);
+            match &mut self.filling {
+                Some((_, count)) => *count += tiles,
+                None => self.params.count += tiles as u32,
+            }
+            run = Run { src: run.src + bytes, dst: run.dst + bytes, len: run.len - bytes };
         }
         Ok(())
     }
 
-    unsafe fn push_tile(&mut self, stream: &Stream, tile: Tile) -> Result<()> {
-        if let Some((index, count)) = self.filling {
-            if count < LIST_TILES {
-                self.lists[index].tiles.as_mut_slice()[count] = tile;
-                self.filling = Some((index, count + 1));
-                return Ok(());
-            }
+    /// Where the call's next tiles go, with room for one at least: what is left of the list being
+    /// filled, else of the parameters. A full list or parameter block is launched first; parameters
+    /// that reached [`INLINE_TILES`] move to a free list, or, with every list in flight, go on to a
+    /// whole block.
+    unsafe fn room(&mut self, stream: &Stream) -> Result<&mut [Tile]> {
+        if let Some((_, LIST_TILES)) = self.filling {
             // SAFETY: forwarded from the caller.
             unsafe { self.launch_list(stream)? };
         }
         let count = self.params.count as usize;
-        if count == INLINE_TILES && self.params_limit == INLINE_TILES {
+        if self.filling.is_none() && count == INLINE_TILES && self.params_limit == INLINE_TILES {
             match self.free_list()? {
                 Some(index) => {
                     // The call outgrew a small parameter block: its tiles so far move to the list.
-                    let list = self.lists[index].tiles.as_mut_slice();
-                    list[..count].copy_from_slice(&self.params.tiles[..count]);
-                    list[count] = tile;
+                    self.lists[index].tiles.as_mut_slice()[..count].copy_from_slice(&self.params.tiles[..count]);
                     self.params.count = 0;
-                    self.filling = Some((index, count + 1));
-                    return Ok(());
+                    self.filling = Some((index, count));
                 }
-                // Every list is in flight: this call's tiles fill whole parameter blocks.
                 None => self.params_limit = self.per_launch,
             }
         }
-        if count == self.per_launch {
+        if self.filling.is_none() && count == self.per_launch {
             // SAFETY: forwarded from the caller.
             unsafe { self.launch_params(stream)? };
         }
-        self.params.tiles[self.params.count as usize] = tile;
-        self.params.count += 1;
-        Ok(())
+        Ok(match self.filling {
+            Some((index, count)) => &mut self.lists[index].tiles.as_mut_slice()[count..],
+            None => &mut self.params.tiles[self.params.count as usize..self.params_limit],
+        })
     }
 
     /// A list no launch still reads, allocated if there are fewer than [`MAX_LISTS`]; `None` when
@@ -482,7 +467,7 @@ fn merged(runs: impl Iterator<Item = Run>) -> impl Iterator<Item = Run> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::unpack::TILE_BYTES;
+    use crate::cuda::unpack::{TILE_BYTES, run_tiles};
 
     /// A model address space: sources below `BOUNCE`, the bounce buffer from it on.
     const BOUNCE: u64 = 4 << 20;

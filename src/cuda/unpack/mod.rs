@@ -16,8 +16,9 @@ pub use kernels::{
     BLOCK_THREADS, CompletionSignal, INLINE_LARGE, INLINE_MEDIUM, INLINE_SMALL, INLINE_TINY, InlineTiles, UnpackKernels,
 };
 pub(crate) use memory::PinnedTiles;
+#[cfg(test)]
+pub use plan::run_tiles;
 pub use plan::{
     MAX_FRAGMENTS, PlanError, PlanStats, ReceiveLayout, TILE_BYTES, Tile, addressable, cut_run, plan_receive,
-    run_tiles, tiles_needed,
 };
 pub use unpacker::{BulkTiles, Completion, CompletionCounts, Submit, Unpacker, UnpackerConfig};

@@ -210,33 +210,41 @@ pub fn addressable(addr: u64, len: u64) -> bool {
 
 /// How many tiles [`cut_run`] cuts a copy of `len` bytes to `dst` into (none for an empty one).
 #[inline]
-pub fn tiles_needed(dst: u64, len: u64) -> usize {
+fn tiles_needed(dst: u64, len: u64) -> usize {
     if len == 0 {
         return 0;
     }
     1 + (len - first_tile_len(dst, len)).div_ceil(TILE_BYTES) as usize
 }
 
-/// Cuts a copy of `len` bytes from `src` to `dst` into `out`, which holds exactly
-/// [`tiles_needed`] tiles. The first tile ends on a 16-byte boundary of the destination, so that
-/// every later tile starts aligned and only the copy's two ends need byte copies. A plain loop over
-/// a slice: the planner and the tile copier cut thousands of tiles per call on a caller's path.
+/// Cuts the first tiles of a copy of `len` bytes from `src` to `dst` into `out`, as many as it
+/// holds or the copy has ([`tiles_needed`]); returns how many it wrote and the bytes they cover, so
+/// that the rest, cut from there on, gives the same tiles. The first tile ends on a 16-byte
+/// boundary of the destination, so that every later tile starts aligned and only the copy's two
+/// ends need byte copies. A plain loop over a slice: the planner and the tile copier cut thousands
+/// of tiles per call on a caller's path.
 #[inline]
-pub fn cut_run(out: &mut [Tile], src: u64, dst: u64, len: u64) {
-    debug_assert!(out.len() == tiles_needed(dst, len) && addressable(src, len) && addressable(dst, len));
-    let Some((first, rest)) = out.split_first_mut() else { return };
+pub fn cut_run(out: &mut [Tile], src: u64, dst: u64, len: u64) -> (usize, u64) {
+    debug_assert!(addressable(src, len) && addressable(dst, len));
+    let Some((first, rest)) = out.split_first_mut().filter(|_| len > 0) else { return (0, 0) };
     let mut done = first_tile_len(dst, len);
     *first = Tile::new(src, dst, done as u32);
+    let mut written = 1;
     for tile in rest {
+        if done == len {
+            break;
+        }
         let n = TILE_BYTES.min(len - done);
         *tile = Tile::new(src + done, dst + done, n as u32);
         done += n;
+        written += 1;
     }
+    (written, done)
 }
 
-/// The tiles of one copy of `len` bytes from `src` to `dst`, cut as [`cut_run`] cuts it, one at a
-/// time (where they cross a launch's end).
-/// Both ranges must be [`addressable`] (the caller checks); a zero-length copy has no tiles.
+/// The tiles of one copy of `len` bytes from `src` to `dst`, one at a time: the tests' reference
+/// for [`cut_run`]. Both ranges must be [`addressable`]; a zero-length copy has no tiles.
+#[cfg(test)]
 pub fn run_tiles(src: u64, dst: u64, len: u64) -> impl Iterator<Item = Tile> {
     debug_assert!(addressable(src, len) && addressable(dst, len));
     let mut done = 0;
@@ -381,9 +389,17 @@ mod tests {
             let (src, dst) = (POOL + rng.below(64), DST + rng.below(64));
             let tiles: Vec<Tile> = run_tiles(src, dst, len).collect();
             assert_eq!(tiles_needed(dst, len), tiles.len(), "{len} bytes to {dst:#x}");
-            let mut cut = vec![Tile::default(); tiles.len()];
-            cut_run(&mut cut, src, dst, len);
-            assert_eq!(cut, tiles, "{len} bytes from {src:#x} to {dst:#x}, cut into a slice");
+            let mut cut = vec![Tile::default(); tiles.len() + 2];
+            assert_eq!(cut_run(&mut cut, src, dst, len), (tiles.len(), len), "a slice with room to spare");
+            assert_eq!(cut[..tiles.len()], tiles[..], "{len} bytes from {src:#x} to {dst:#x}, cut into a slice");
+            // Cut in two at any tile: the second part, cut from where the first ended, gives the rest.
+            let at = rng.below(tiles.len() as u64) as usize;
+            let mut parts = vec![Tile::default(); tiles.len()];
+            let (head, tail) = parts.split_at_mut(at);
+            let (n, bytes) = cut_run(head, src, dst, len);
+            assert_eq!(n, at);
+            assert_eq!(cut_run(tail, src + bytes, dst + bytes, len - bytes), (tiles.len() - at, len - bytes));
+            assert_eq!(parts, tiles, "{len} bytes cut in two after tile {at}");
             let mut l = layout(len + 64);
             l.dst = dst;
             let planned = plan(&l, &[meta((src - POOL) as u32, len as u32, 0)], 64).unwrap();
@@ -392,6 +408,7 @@ mod tests {
         }
         assert_eq!(run_tiles(POOL, DST, 0).count(), 0);
         assert_eq!(tiles_needed(DST, 0), 0);
+        assert_eq!(cut_run(&mut [Tile::default(); 2], POOL, DST, 0), (0, 0));
         assert!(addressable((1 << ADDRESS_BITS) - 16, 16));
         assert!(!addressable((1 << ADDRESS_BITS) - 16, 17));
         assert!(!addressable(u64::MAX, 2));
