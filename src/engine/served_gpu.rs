@@ -153,12 +153,13 @@ impl ServedGpu {
         Ok(())
     }
 
-    /// On a caller's thread (engine creation, a connect, an accept): a transport that binds comms to a GPU
-    /// unpacks every receive out of a devmem pool with the GPU's kernel, through an unpacker made
-    /// at the first receive under the connection's lock; the kernel is built here, once per
-    /// process, so that the unpacker finds it. Not on the library's own threads (an accepted
-    /// connection's handshake, which may choose the GPU; `Engine::accept` builds it then): a process that exits while NVRTC compiles crashes in NVRTC's exit
-    /// handlers, and a caller's thread is busy in the library only while the caller waits for it.
+    /// On a caller's thread (engine creation, a connect, an accept): a transport that binds comms
+    /// to a GPU unpacks every receive out of a devmem pool with the GPU's kernel, through an
+    /// unpacker made at the first receive under the connection's lock; the kernel is built here,
+    /// once per process, so that the unpacker finds it. Not on the library's own threads (an
+    /// accepted connection's handshake, which may choose the GPU; `Engine::accept` builds it
+    /// then): a process that exits while NVRTC compiles crashes in NVRTC's exit handlers, and a
+    /// caller's thread is busy in the library only while the caller waits for it.
     pub fn build_unpack_kernel(&self, net: &dyn Net) {
         if let Some(gpu) = self.get()
             && net.binds_gpu()
