@@ -48,9 +48,11 @@ fn waited(conn: &Arc<Connection>, id: u64) -> uccl_tcpx::Result<u64> {
 /// Writes and reads between `conn`'s local GPU buffer and the remote region `remote` holds,
 /// whose bytes start as `pattern(remote_len, SEED)`: a read of almost all of it at odd offsets on
 /// both ends, a write into its middle read back, a vector of three pieces each way, and one of 512
-/// small pieces each way, which the GPU's kernel moves in one batch where both ends are its memory
-/// (`one_gpu`). The vectors are waited for with `Connection::wait`, the rest polled for.
-fn exercise(conn: &Arc<Connection>, local: &mut Mem, mr: u64, remote: FifoItem, remote_len: usize, one_gpu: bool) {
+/// small pieces each way, which the issuing GPU's kernel moves in one batch where it addresses both
+/// ends (`kernel_reach`: one GPU's memory, or a peer's allocation that CUDA IPC mapped into its
+/// context, wherever that lives). The vectors are waited for with `Connection::wait`, the rest
+/// polled for.
+fn exercise(conn: &Arc<Connection>, local: &mut Mem, mr: u64, remote: FifoItem, remote_len: usize, kernel_reach: bool) {
     let expected = pattern(remote_len, SEED);
     let batches = conn.device_copy_batches();
     let len = remote_len - 64;
@@ -100,7 +102,7 @@ fn exercise(conn: &Arc<Connection>, local: &mut Mem, mr: u64, remote: FifoItem, 
     };
     let built = uccl_tcpx::cuda::unpack::UnpackKernels::if_built(ordinal);
     assert!(built.is_some(), "registering GPU {ordinal}'s memory built its kernel");
-    let kernel = one_gpu && built.is_some_and(|b| b.is_ok());
+    let kernel = kernel_reach && built.is_some_and(|b| b.is_ok());
     let kernel_batches = conn.device_copy_kernel_batches();
     let (n, stride) = (512usize, 8192usize);
     let many: Vec<(usize, usize, usize)> =
@@ -124,10 +126,10 @@ fn exercise(conn: &Arc<Connection>, local: &mut Mem, mr: u64, remote: FifoItem, 
     assert_eq!(
         conn.device_copy_kernel_batches(),
         kernel_batches + if kernel { 2 } else { 0 },
-        "the small pieces went through the kernel exactly where both ends are one GPU's memory"
+        "the small pieces went through the kernel exactly where it addresses both ends"
     );
-    // Where the kernel cannot take the small pieces (two GPUs), they would be copied one by one at
-    // about 4 us each: the network carries those two calls instead.
+    // Where the kernel cannot take the small pieces (another GPU's memory in this process), they
+    // would be copied one by one at about 4 us each: the network carries those two calls instead.
     assert_eq!(
         conn.device_copy_batches(),
         batches + if kernel { 7 } else { 5 },
@@ -425,7 +427,8 @@ fn cross_process(ours: i32, theirs: i32) {
     let mr = engine.register(local.addr(), LEN).unwrap();
     let conn = engine.connect("127.0.0.1", "0", owner.port).unwrap();
     assert_eq!(conn.peer.locality, Locality::SameHost);
-    exercise(&conn, &mut local, mr, owner.item, LEN, ours == theirs);
+    // The owner's allocation is mapped into this GPU's context, wherever it lives.
+    exercise(&conn, &mut local, mr, owner.item, LEN, true);
 }
 
 #[test]

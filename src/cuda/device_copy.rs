@@ -28,8 +28,9 @@ const KERNEL_MAX_AVERAGE: usize = 512 << 10;
 /// as tiles than it saves.
 const KERNEL_MAX_COPY: usize = 4 << 20;
 
-/// One copy: `len` bytes from `src` to `dst`. An address with a GPU is device memory of that GPU
-/// in this process; one without is host memory or memory mapped into the issuing GPU's context.
+/// One copy: `len` bytes from `src` to `dst`. An end with a GPU is memory that GPU's kernels
+/// address: its own allocations in this process, or a peer's allocation mapped into its context.
+/// An end without one is host memory or another GPU's allocation, which only copies reach.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceCopy {
     pub dst: u64,
@@ -145,25 +146,28 @@ impl CopyQueue {
     }
 }
 
-/// Whether GPU `ordinal`'s unpack kernel is built, so that many small copies on it go through it
-/// rather than one by one; never builds it.
-pub fn kernel_ready(ordinal: i32) -> bool {
+/// Whether GPU `ordinal`'s unpack kernel is built; never builds it.
+fn kernel_ready(ordinal: i32) -> bool {
     usize::try_from(ordinal).is_ok_and(|o| matches!(UnpackKernels::if_built(o), Some(Ok(_))))
 }
 
-/// The kernel, where `copies` are many and small enough for it, every end is device memory of the
-/// issuing GPU that a tile can address, and the copies are independent, once it is built. Two
-/// passes over the copies (this one's checks, then `independent`'s), as they are walked under a
-/// connection's lock for every call of a vector's pieces.
-fn kernel_for<'a>(
-    kernel: &'a mut Built<TileCopier>,
-    gpu: &Arc<Gpu>,
-    copies: &[DeviceCopy],
-) -> Option<&'a mut TileCopier> {
+/// Whether a call of `copies` issued on GPU `here` goes through its unpack kernel rather than one
+/// copy each: the one question both the queue and the engine's choice of path ask, so that a call
+/// the engine keeps on the device path for the kernel is one the kernel takes.
+pub fn kernel_takes(here: i32, copies: &[DeviceCopy]) -> bool {
+    kernel_fits(here, copies) && kernel_ready(here)
+}
+
+/// Whether `copies` suit the kernel of GPU `here`, built or not: many and small enough, every end
+/// memory that `here`'s kernels address within a tile's reach (its own allocations, and peers'
+/// allocations mapped into its context, which CUDA IPC maps with peer access), and independent.
+/// Two passes over the copies (this one's checks, then `independent`'s), as they are walked under
+/// a connection's lock for every call of a vector's pieces.
+fn kernel_fits(here: i32, copies: &[DeviceCopy]) -> bool {
     if copies.len() < KERNEL_MIN_COPIES {
-        return None;
+        return false;
     }
-    let here = Some(gpu.ordinal());
+    let here = Some(here);
     let mut bytes = 0usize;
     for c in copies {
         let fits = c.len <= KERNEL_MAX_COPY
@@ -172,11 +176,20 @@ fn kernel_for<'a>(
             && addressable(c.src, c.len as u64)
             && addressable(c.dst, c.len as u64);
         if !fits {
-            return None;
+            return false;
         }
         bytes += c.len;
     }
-    if bytes > copies.len().saturating_mul(KERNEL_MAX_AVERAGE) || !independent(copies) {
+    bytes <= copies.len().saturating_mul(KERNEL_MAX_AVERAGE) && independent(copies)
+}
+
+/// The kernel, where it takes `copies` (`kernel_takes`) and this queue got hold of it.
+fn kernel_for<'a>(
+    kernel: &'a mut Built<TileCopier>,
+    gpu: &Arc<Gpu>,
+    copies: &[DeviceCopy],
+) -> Option<&'a mut TileCopier> {
+    if !kernel_takes(gpu.ordinal(), copies) {
         return None;
     }
     kernel.get(
@@ -244,6 +257,33 @@ mod tests {
         assert!(!independent(&falling_overlap), "in no order once they overlap");
         let rising_overlap = [copy(0x1000, 0x9000, 0x100), copy(0x2000, 0x90ff, 0x100), copy(0x3000, 0x9400, 0x10)];
         assert!(!independent(&rising_overlap));
+    }
+
+    /// What the kernel of GPU 0 takes, built or not: both ends its memory (a peer's allocation
+    /// mapped into its context is labelled so by the engine), at least four copies, none over
+    /// 4 MiB, half a MiB on average at most, and independent.
+    #[test]
+    fn the_kernel_takes_many_small_independent_copies_whose_ends_it_addresses() {
+        let many = |n: u64, len: usize| -> Vec<DeviceCopy> {
+            (0..n).map(|i| copy(0x10_0000 + i * 0x10_0000, 0x1_0000_0000 + i * 0x10_0000, len)).collect()
+        };
+        assert!(kernel_fits(0, &many(64, 4096)));
+        assert!(kernel_fits(0, &many(4, 4096)), "four is enough");
+        assert!(!kernel_fits(0, &many(3, 4096)), "three copies cost less than a launch");
+        assert!(!kernel_fits(1, &many(64, 4096)), "memory of another GPU than the issuing one");
+        let mut host_end = many(64, 4096);
+        host_end[5].dst_gpu = None;
+        assert!(!kernel_fits(0, &host_end), "one end in host memory");
+        let mut other_gpu = many(64, 4096);
+        other_gpu[63].src_gpu = Some(1);
+        assert!(!kernel_fits(0, &other_gpu), "one end on another GPU");
+        let mut large = many(64, 4096);
+        large[0].len = KERNEL_MAX_COPY + 1;
+        assert!(!kernel_fits(0, &large), "a copy over 4 MiB among small ones");
+        assert!(!kernel_fits(0, &many(8, 600 << 10)), "averaging over half a MiB");
+        let mut overlapping = many(64, 4096);
+        overlapping[1].dst = overlapping[0].dst + 100;
+        assert!(!kernel_fits(0, &overlapping), "two copies write the same bytes");
     }
 
     /// The one-pass check against its definition, pair by pair, on random calls: small address

@@ -84,7 +84,6 @@ struct Open {
     ptr: sys::CUdeviceptr,
     /// The mapped allocation's size as this process sees it; 0 where the driver did not say.
     len: usize,
-    device: Option<i32>,
     refs: usize,
 }
 
@@ -97,15 +96,15 @@ fn open_table() -> std::sync::MutexGuard<'static, Vec<Open>> {
 }
 
 /// A peer's allocation mapped into this process, in the context of the GPU that opened it: device
-/// addresses `[ptr, ptr + len)` there are the owner's `[base, base + len)`. Clones share the
-/// mapping; dropping the last one unmaps it.
+/// addresses `[ptr, ptr + len)` there are the owner's `[base, base + len)`. It is opened with peer
+/// access to the owner's GPU, so the opening GPU's kernels read and write it wherever the
+/// allocation lives (the driver even names the opening GPU as the mapped pointer's device). Clones
+/// share the mapping; dropping the last one unmaps it.
 pub struct Mapping {
     gpu: Arc<Gpu>,
     handle: [u8; IPC_HANDLE_LEN],
     ptr: sys::CUdeviceptr,
     len: usize,
-    /// The GPU whose memory the owner's allocation is, where the driver says.
-    device: Option<i32>,
 }
 
 impl std::fmt::Debug for Mapping {
@@ -121,13 +120,7 @@ impl Mapping {
         let mut table = open_table();
         if let Some(open) = table.iter_mut().find(|o| o.ordinal == gpu.ordinal() && &o.handle == handle) {
             open.refs += 1;
-            return Ok(Mapping {
-                gpu: gpu.clone(),
-                handle: *handle,
-                ptr: open.ptr,
-                len: open.len,
-                device: open.device,
-            });
+            return Ok(Mapping { gpu: gpu.clone(), handle: *handle, ptr: open.ptr, len: open.len });
         }
         let _ctx = gpu.enter()?;
         let raw = sys::CUipcMemHandle { reserved: handle.map(byte_to_char) };
@@ -142,23 +135,13 @@ impl Mapping {
                 0
             }
         };
-        let device = match super::pointer::locate(ptr as usize, 1) {
-            Ok(super::Location::Device { ordinal }) => Some(ordinal),
-            _ => None,
-        };
-        table.push(Open { ordinal: gpu.ordinal(), handle: *handle, ptr, len, device, refs: 1 });
-        Ok(Mapping { gpu: gpu.clone(), handle: *handle, ptr, len, device })
+        table.push(Open { ordinal: gpu.ordinal(), handle: *handle, ptr, len, refs: 1 });
+        Ok(Mapping { gpu: gpu.clone(), handle: *handle, ptr, len })
     }
 
     /// Where the owner's allocation starts in this process.
     pub fn ptr(&self) -> u64 {
         self.ptr
-    }
-
-    /// The GPU whose memory the mapped allocation is, where the driver says: the issuing GPU's own
-    /// kernels may copy into and out of it when it is theirs.
-    pub fn device(&self) -> Option<i32> {
-        self.device
     }
 
     /// The mapped allocation's size as the driver reports it here; `None` where it did not say.
@@ -177,7 +160,7 @@ impl Clone for Mapping {
         if let Some(open) = table.iter_mut().find(|o| o.ordinal == self.gpu.ordinal() && o.handle == self.handle) {
             open.refs += 1;
         }
-        Mapping { gpu: self.gpu.clone(), handle: self.handle, ptr: self.ptr, len: self.len, device: self.device }
+        Mapping { gpu: self.gpu.clone(), handle: self.handle, ptr: self.ptr, len: self.len }
     }
 }
 

@@ -29,7 +29,7 @@ use super::state::OneSidedRequest;
 use super::{Connection, Inner};
 use crate::config::LocalPeers;
 use crate::cuda::Gpu;
-use crate::cuda::device_copy::{DeviceCopy, kernel_ready};
+use crate::cuda::device_copy::{DeviceCopy, kernel_takes};
 use crate::cuda::ipc::Mapping;
 use crate::engine::local::{self, Locality};
 use crate::engine::plan::Extent;
@@ -45,34 +45,24 @@ use crate::transport::MemKind;
 /// a region it no longer has.
 const MAX_ASKS: usize = 3;
 
-/// Calls of at least this many pieces, averaging at most [`ONE_BY_ONE_MAX_AVERAGE`] bytes, take
-/// the network path wherever the device path would copy them one by one (across GPUs, between host
-/// and device memory, or without the GPU's kernel): a copy costs the poster about 4 us, so 1024
-/// pieces of 16 KiB took 4 ms (3-4 GB/s) on an H100, against 7-11 GB/s over the staged network path
-/// with the kernel disabled for the device path only (docs/perf-log/vectors.md). Without NVRTC the
-/// staging ring copies segment by segment as well (0.28-0.30 of one piece on the 2 x H200 host,
-/// several GB/s; not measured against this path). Fewer or larger pieces stay: 64 of 256 KiB
-/// posted in about 0.3 ms. Calls the rule keeps that the kernel then refuses (a piece over 4 MiB
-/// among many small ones, copies that overlap) go one by one, as before.
+/// Calls of at least this many copies, averaging at most [`ONE_BY_ONE_MAX_AVERAGE`] bytes, take
+/// the network path wherever the device path would copy them one by one (the kernel does not take
+/// them: `kernel_takes`): a copy costs the poster about 4 us, so 1024 pieces of 16 KiB took 4 ms
+/// (3-4 GB/s) on an H100, against 7-11 GB/s over the staged network path with the kernel disabled
+/// for the device path only (docs/perf-log/vectors.md). Without NVRTC the staging ring copies
+/// segment by segment as well (0.28-0.30 of one piece on the 2 x H200 host, several GB/s; not
+/// measured against this path). Fewer or larger pieces stay: 64 of 256 KiB posted in about 0.3 ms.
 const ONE_BY_ONE_MIN_PIECES: usize = 64;
 const ONE_BY_ONE_MAX_AVERAGE: u64 = 32 << 10;
 
-/// Whether a call of `requests` has too many small pieces to be copied one by one.
-fn too_many_for_one_by_one(requests: &[OneSidedRequest]) -> bool {
-    let (pieces, bytes) = requests.iter().fold((0usize, 0u64), |(pieces, bytes), request| match request {
-        OneSidedRequest::Item(i) => (pieces + 1, bytes + i.len),
-        OneSidedRequest::Vector(v) => (pieces + v.segs.len(), bytes + v.local.len()),
-    });
-    pieces >= ONE_BY_ONE_MIN_PIECES && bytes <= (pieces as u64).saturating_mul(ONE_BY_ONE_MAX_AVERAGE)
-}
-
-/// Whether the unpack kernel copies between `a` and `b`: both ends memory of one GPU, whose kernel
-/// is built.
-fn kernel_between(a: Option<i32>, b: Option<i32>) -> bool {
-    match (a, b) {
-        (Some(a), Some(b)) if a == b => kernel_ready(a),
-        _ => false,
-    }
+/// Whether `plan`'s copies would go one by one, and are too many and too small for that: the
+/// network path carries the call instead.
+fn too_costly_one_by_one(plan: &Plan) -> bool {
+    let copies = &plan.copies;
+    let bytes: u64 = copies.iter().map(|c| c.len as u64).sum();
+    copies.len() >= ONE_BY_ONE_MIN_PIECES
+        && bytes <= (copies.len() as u64).saturating_mul(ONE_BY_ONE_MAX_AVERAGE)
+        && !kernel_takes(plan.gpu.ordinal(), copies)
 }
 
 /// How an ask ended.
@@ -171,7 +161,7 @@ fn deny_msg(xfer: u64, e: &Error) -> Control {
 impl Connection {
     /// `None` when the call takes another path: the peer is remote, no GPU memory is involved, the
     /// owner's region has no IPC path (then the network carries the whole call), the call has many
-    /// small pieces the kernel cannot take (`too_many_for_one_by_one`), or
+    /// small pieces the kernel does not take (`too_costly_one_by_one`), or
     /// UCCL_TCPX_LOCAL_PEERS=plugin keeps same-host peers on the net plugin (for tests of that path).
     /// `posted`: when the call began, while its stages are traced.
     pub(super) fn try_device_one_sided(
@@ -223,55 +213,41 @@ impl Connection {
         if all_host {
             return None;
         }
-        let one_by_one = requests.iter().zip(&decided).any(|(request, decision)| {
-            decision.as_ref().is_ok_and(|target| !kernel_between(device_of(request.local_region()), device_of(target)))
-        });
-        if one_by_one && too_many_for_one_by_one(requests) {
-            return None;
-        }
-        let transfer = self.core.transfers.create(self.id, requests.len());
+        // Planned before the transfer exists, so that a call the network must carry leaves nothing
+        // behind; the parts that fail, and the host copies, wait for that choice too.
+        let mut failed: Vec<Error> = Vec::new();
+        let mut on_cpu: Vec<&OneSidedRequest> = Vec::new();
         let mut plans: Vec<Plan> = Vec::new();
         for (request, decision) in requests.iter().zip(decided) {
             let local = request.local_region();
             let target = match decision {
                 Ok(target) if local.is_removed() || target.is_removed() => {
-                    transfer.finish_part(Err(deregistered(if local.is_removed() { local.id } else { target.id })));
+                    failed.push(deregistered(if local.is_removed() { local.id } else { target.id }));
                     continue;
                 }
                 Ok(target) => target,
                 Err(e) => {
-                    transfer.finish_part(Err(e));
+                    failed.push(e);
                     continue;
                 }
             };
             let (local_gpu, target_gpu) = (device_of(local), device_of(&target));
             let Some(issuer) = local_gpu.or(target_gpu) else {
-                // Host memory at both ends: a CPU copy, as `local_copy` makes them.
-                let mut moved = 0u64;
-                for (l, r, len) in pieces(request) {
-                    let (src, dst) = if write { (l, r as usize) } else { (r as usize, l) };
-                    // SAFETY: both ranges lie in live registrations (the local one checked at post,
-                    // the remote one authorized above), neither removable while both locks are held;
-                    // one process may name overlapping ranges, hence a move.
-                    unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, len) };
-                    moved += len as u64;
-                }
-                transfer.finish_part(Ok(moved));
+                on_cpu.push(request);
                 continue;
-            };
-            let gpu = match Gpu::open(issuer) {
-                Ok(gpu) => gpu,
-                Err(e) => {
-                    transfer.finish_part(Err(e));
-                    continue;
-                }
             };
             let at = match plans.iter().position(|p| p.gpu.ordinal() == issuer) {
                 Some(at) => at,
-                None => {
-                    plans.push(Plan::new(gpu));
-                    plans.len() - 1
-                }
+                None => match Gpu::open(issuer) {
+                    Ok(gpu) => {
+                        plans.push(Plan::new(gpu));
+                        plans.len() - 1
+                    }
+                    Err(e) => {
+                        failed.push(e);
+                        continue;
+                    }
+                },
             };
             let plan = &mut plans[at];
             let mut bytes = 0u64;
@@ -287,6 +263,26 @@ impl Connection {
             plan.parts.push(bytes);
             plan.touch(local);
             plan.touch(&target);
+        }
+        if plans.iter().any(too_costly_one_by_one) {
+            return None;
+        }
+        let transfer = self.core.transfers.create(self.id, requests.len());
+        for e in failed {
+            transfer.finish_part(Err(e));
+        }
+        for request in on_cpu {
+            // Host memory at both ends: a CPU copy, as `local_copy` makes them.
+            let mut moved = 0u64;
+            for (l, r, len) in pieces(request) {
+                let (src, dst) = if write { (l, r as usize) } else { (r as usize, l) };
+                // SAFETY: both ranges lie in live registrations (the local one checked at post, the
+                // remote one authorized above), neither removable while both locks are held; one
+                // process may name overlapping ranges, hence a move.
+                unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, len) };
+                moved += len as u64;
+            }
+            transfer.finish_part(Ok(moved));
         }
         let (mut batches, mut bytes) = (0, 0);
         for plan in plans {
@@ -345,39 +341,33 @@ impl Connection {
         if let Err(e) = inner.state.check_open() {
             return Some(Err(e));
         }
-        // A peer's allocation on another GPU, or a grant revoked since, is copied one by one.
-        let one_by_one = requests.iter().any(|request| {
-            let remote = inner.ipc.mapped(grant_key(request)).and_then(|grant| grant.mapping.device());
-            !kernel_between(device_of(request.local_region()), remote)
-        });
-        if one_by_one && too_many_for_one_by_one(requests) {
-            return None;
-        }
-        let transfer = self.core.transfers.create(self.id, requests.len());
+        // Planned before the transfer exists, so that a call the network must carry leaves nothing
+        // behind; the parts that fail wait for that choice too.
+        let mut failed: Vec<Error> = Vec::new();
         let mut plan = Plan::new(gpu);
+        let here = Some(plan.gpu.ordinal());
         for (request, refusal) in requests.iter().zip(refused) {
             let local = request.local_region();
             let key = grant_key(request);
             if let Some(e) = refusal {
-                transfer.finish_part(Err(e));
+                failed.push(e);
                 continue;
             }
             if local.is_removed() {
-                transfer.finish_part(Err(deregistered(local.id)));
+                failed.push(deregistered(local.id));
                 continue;
             }
-            let here = Some(plan.gpu.ordinal());
-            let local_here = device_of(local) == here;
             // A grant revoked since it was looked up above (the owner deregistered the region)
             // leaves the request unmapped; so does a piece outside its windows.
             let Some(grant) = inner.ipc.mapped(key) else {
-                transfer.finish_part(Err(deregistered(key.0)));
+                failed.push(deregistered(key.0));
                 continue;
             };
-            // The mapped address belongs to the issuing GPU's context: a unified-address copy.
-            // Ends that are the issuing GPU's own memory say so, which lets many small copies go
-            // through its kernel (`CopyQueue::issue`).
-            let (ours, theirs) = (here.filter(|_| local_here), here.filter(|_| grant.mapping.device() == here));
+            // The mapping lives in the issuing GPU's context, opened with peer access wherever the
+            // owner's allocation is: the issuing GPU's kernels address it, so the remote end is
+            // that GPU's; the local end is, where it is that GPU's memory. A call of many small
+            // pieces may then go through its kernel (`kernel_takes`).
+            let (ours, theirs) = (here.filter(|_| device_of(local) == here), here);
             // Straight into the plan, taken back if a piece is not covered.
             let start = plan.copies.len();
             let mut bytes = 0u64;
@@ -394,7 +384,7 @@ impl Connection {
             });
             if !covered {
                 plan.copies.truncate(start);
-                transfer.finish_part(Err(deregistered(key.0)));
+                failed.push(deregistered(key.0));
                 continue;
             }
             let mapping = grant.mapping.clone();
@@ -406,6 +396,13 @@ impl Connection {
             if !plan.mappings.iter().any(|m| m.ptr() == mapping.ptr()) {
                 plan.mappings.push(mapping);
             }
+        }
+        if too_costly_one_by_one(&plan) {
+            return None;
+        }
+        let transfer = self.core.transfers.create(self.id, requests.len());
+        for e in failed {
+            transfer.finish_part(Err(e));
         }
         let bytes = plan.parts.iter().sum::<u64>();
         let issued = self.issue(inner, &transfer, plan);
