@@ -56,6 +56,22 @@ impl ChildTest {
         self
     }
 
+    /// Runs the child on test host `host` of `net`, in its network namespace: the same program,
+    /// arguments and environment, started through `ip netns exec`, which execs it (so the child's
+    /// process id is the test's own).
+    pub fn on_host(mut self, net: &crate::netns::TestNet, host: usize) -> ChildTest {
+        let mut cmd = net.command(host, self.cmd.get_program());
+        cmd.args(self.cmd.get_args());
+        for (key, value) in self.cmd.get_envs() {
+            match value {
+                Some(value) => cmd.env(key, value),
+                None => cmd.env_remove(key),
+            };
+        }
+        self.cmd = cmd;
+        self
+    }
+
     /// Drops the child's stderr (a peer's logs after the fault a test inflicts on it are noise).
     pub fn quiet(mut self) -> ChildTest {
         self.quiet = true;
