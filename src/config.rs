@@ -444,6 +444,12 @@ pub struct SocketConfig {
     /// (`scripts/diag/socket_timeline.py`); unset (or empty) by default. `UCCL_TCPX_TRACE_SOCKETS`
     /// = path prefix.
     pub trace: Option<String>,
+    /// The interfaces data sockets run over, in NCCL_SOCKET_IFNAME's grammar (name prefixes, `^`
+    /// to exclude, `=` for exact names): a comm's sockets go out over them in turn, each from one
+    /// of this host's links to the peer's link of the same rank, while the control stream stays on
+    /// the engine's address. Unset: every data socket goes to the peer's advertised address.
+    /// `UCCL_TCPX_SOCKET_IFNAME`.
+    pub data_ifname: Option<String>,
 }
 
 impl Default for SocketConfig {
@@ -463,6 +469,7 @@ impl Default for SocketConfig {
             zerocopy_threshold: 0,
             lazy: true,
             trace: None,
+            data_ifname: None,
         }
     }
 }
@@ -822,6 +829,7 @@ impl SocketConfig {
             )?,
             lazy: parse_in(get, "UCCL_TCPX_SOCKET_LAZY", d.lazy as u8, 0, 1)? == 1,
             trace: get("UCCL_TCPX_TRACE_SOCKETS").filter(|p| !p.is_empty()),
+            data_ifname: get("UCCL_TCPX_SOCKET_IFNAME").filter(|p| !p.trim().is_empty()),
         })
     }
 }

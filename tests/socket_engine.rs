@@ -126,3 +126,32 @@ fn concurrent_transfers_with_zero_copy_sends() {
         ..SocketConfig::default()
     });
 }
+
+/// A data interface list that names no interface fails the engine's creation, saying which
+/// setting and why; one that names the loopback interface gives a working engine pair.
+#[test]
+fn data_interface_lists_are_checked_at_creation() {
+    let socket = |spec: &str| uccl_tcpx::config::SocketConfig {
+        data_ifname: Some(spec.to_owned()),
+        ..uccl_tcpx::config::SocketConfig::default()
+    };
+    for bad in ["=no-such-if9", "^", "^lo,e,w,d,b,v,t,c,i,s,p,m,n,g,a,f,h,j,k,l,o,q,r,u,x,y,z"] {
+        let err = Engine::new(Config { socket: socket(bad), ..common::loopback() }).err().expect(bad);
+        assert!(err.message().contains("UCCL_TCPX_SOCKET_IFNAME"), "{bad}: {}", err.message());
+    }
+    let lo = uccl_tcpx::transport::socket::iface::list()
+        .unwrap()
+        .into_iter()
+        .find(|i| i.loopback && i.addr.is_ipv4())
+        .expect("a loopback interface");
+    let p = common::pair(Config { socket: socket(&format!("={}", lo.name)), ..common::loopback() });
+    let data = vec![7u8; 300_000];
+    let mr = p.a.register(data.as_ptr() as usize, data.len()).unwrap();
+    let mut inbox = vec![0u8; data.len()];
+    let imr = p.b.register(inbox.as_mut_ptr() as usize, inbox.len()).unwrap();
+    let r = p.ba.recv(imr, inbox.as_mut_ptr() as usize, inbox.len()).unwrap();
+    let s = p.ab.send(&[(mr, data.as_ptr() as usize, data.len())]).unwrap();
+    assert_eq!(common::wait(&p.ab, s).unwrap(), data.len() as u64);
+    assert_eq!(common::wait(&p.ba, r).unwrap(), data.len() as u64);
+    assert!(inbox == data);
+}

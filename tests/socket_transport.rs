@@ -112,6 +112,7 @@ fn socket_buffer_sizes_and_zero_spin_are_accepted() {
         helpers: 2,
         lazy: true,
         trace: None,
+        data_ifname: None,
     };
     concurrent_comms(options, 1, 40);
 }

@@ -40,7 +40,7 @@ use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{AuthKey, FifoItem, IpcInfo};
 use crate::threads::{ThreadKind, spawn_contained};
 use crate::transport::plugin::PluginNet;
-use crate::transport::socket::SocketNet;
+use crate::transport::socket::{SocketNet, iface};
 use crate::transport::staged::{StagedNet, StagingParams};
 use crate::transport::{MemKind, Net};
 use admission::AcceptQueue;
@@ -91,7 +91,7 @@ impl Engine {
             let config = config.clone();
             let local_peers = config.local_peers;
             let make_local: route::MakeNet = Box::new(move || {
-                StagedNet::wrap(socket_net(&config, ip, bind, wake.clone()), StagingParams::from_config(&config))
+                StagedNet::wrap(socket_net(&config, ip, bind, wake.clone())?, StagingParams::from_config(&config))
             });
             Arc::new(Routes::new(net.clone(), local_peers, make_local))
         };
@@ -361,12 +361,12 @@ fn select_net(
     bind: IpAddr,
     wake: crate::transport::Wake,
 ) -> Result<(Arc<dyn Net>, ChannelTransport)> {
-    let socket = || (socket_net(config, ip, bind, wake.clone()), ChannelTransport::Socket);
+    let socket = || Ok((socket_net(config, ip, bind, wake.clone())?, ChannelTransport::Socket));
     let plugin = |net: PluginNet| (Arc::new(net) as Arc<dyn Net>, ChannelTransport::Plugin);
     // Channels pair with the devices next to the GPU once the engine names it (`Net::set_gpu`).
     let gpu_pci_path = None;
     match config.transport {
-        TransportChoice::Socket => Ok(socket()),
+        TransportChoice::Socket => socket(),
         TransportChoice::Tcpx => match PluginNet::open(config, gpu_pci_path) {
             Ok(net) => Ok(plugin(net)),
             Err(e) => Err(e.context("UCCL_TCPX_TRANSPORT=tcpx")),
@@ -375,20 +375,26 @@ fn select_net(
             Ok(net) => Ok(plugin(net)),
             Err(e) => {
                 log::warn!("using the built-in socket transport: {}", e.message());
-                Ok(socket())
+                socket()
             }
         },
     }
 }
 
 /// The built-in socket transport with the engine's parameters: the engine's transport, or a plugin
-/// engine's for peers on its own host.
-fn socket_net(config: &Config, ip: IpAddr, bind: IpAddr, wake: crate::transport::Wake) -> Arc<dyn Net> {
-    Arc::new(
-        SocketNet::new(ip, config.connect_timeout, config.timeout, wake)
-            .with_options(config.socket.clone())
-            .with_bind(bind),
-    )
+/// engine's for peers on its own host. Its data links are looked up here, so an interface list
+/// that names nothing fails the engine's creation.
+fn socket_net(config: &Config, ip: IpAddr, bind: IpAddr, wake: crate::transport::Wake) -> Result<Arc<dyn Net>> {
+    let net = SocketNet::new(ip, config.connect_timeout, config.timeout, wake)
+        .with_options(config.socket.clone())
+        .with_bind(bind);
+    let Some(spec) = &config.socket.data_ifname else { return Ok(Arc::new(net)) };
+    let links = iface::select(&iface::IfaceSpec::parse(spec).map_err(|e| e.context("UCCL_TCPX_SOCKET_IFNAME"))?)?;
+    log::info!(
+        "data sockets run over {}",
+        links.iter().map(|(name, addr)| format!("{name} ({addr})")).collect::<Vec<_>>().join(", ")
+    );
+    Ok(Arc::new(net.with_data_links(links.into_iter().map(|(_, addr)| addr).collect())))
 }
 
 /// The connector's side: control stream, Hello, channels. A failure after Hello is also told to

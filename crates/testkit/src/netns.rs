@@ -96,6 +96,15 @@ impl TestNet {
         assert!(out.status.success(), "testnet.sh link: {}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// Shapes link `link` to `rate` (tc's syntax) at both ends.
+    pub fn set_rate(&self, link: usize, rate: &str) {
+        for host in 0..2 {
+            let out = run_script(&["rate", &self.prefix, &host.to_string(), &self.iface(host, link), rate])
+                .expect("run testnet.sh");
+            assert!(out.status.success(), "testnet.sh rate: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+
     /// Bytes host `host` sent and received on link `link`, from the interface's own counters.
     pub fn link_bytes(&self, host: usize, link: usize) -> (u64, u64) {
         let read = |what: &str| -> u64 {

@@ -56,10 +56,17 @@ struct LiveComm {
 impl LiveComm {
     /// Why `hello`, from `peer`, may not join this comm (`None`: it may). `taken`: the comm has the
     /// socket it names; `closed`: the comm closes or is gone.
-    fn refusal(&self, hello: &SocketHello, peer: IpAddr, taken: bool, closed: bool) -> Option<&'static str> {
+    fn refusal(
+        &self,
+        hello: &SocketHello,
+        peer: IpAddr,
+        any_link: bool,
+        taken: bool,
+        closed: bool,
+    ) -> Option<&'static str> {
         if closed {
             Some("its comm is closed")
-        } else if peer.to_canonical() != self.peer {
+        } else if !any_link && peer.to_canonical() != self.peer {
             Some("it comes from another host than its comm's first socket")
         } else if hello.count as usize != self.count || hello.subchunk != self.subchunk {
             Some("it contradicts its comm's first socket")
@@ -99,6 +106,10 @@ pub(super) struct Doorway {
     /// The acceptor's epoll set and this door's token there, while the acceptor reads it.
     watch: Option<(Arc<Epoll>, u64)>,
     counts: Arc<Counts>,
+    /// The sockets of one comm may come from several addresses of the peer, one per data link:
+    /// the host check a later socket passes is then its hello's nonce and comm id alone, which
+    /// only the connector, who read the handle over the control stream, knows.
+    any_link: bool,
 }
 
 impl Doorway {
@@ -121,7 +132,19 @@ impl Doorway {
             listening: true,
             watch: None,
             counts,
+            any_link: false,
         }
+    }
+
+    /// Whether the listener serves data links (`SocketNet::with_data_links`).
+    pub fn across_links(mut self, any_link: bool) -> Self {
+        self.any_link = any_link;
+        self
+    }
+
+    /// Whether a later socket from `from` may belong with sockets from `first`.
+    fn same_peer(&self, first: IpAddr, from: IpAddr) -> bool {
+        self.any_link || first == from
     }
 
     fn held_streams(&self) -> usize {
@@ -248,7 +271,9 @@ impl Doorway {
         if let Some(new) = self.ready.iter_mut().find(|n| n.comm_id == hello.comm_id) {
             // Read by the acceptor and not handed out yet: it joins with the comm.
             let index = hello.index as usize;
-            let fits = new.peer == from && new.count == hello.count as usize && new.subchunk == hello.subchunk;
+            let fits = (self.any_link || new.peer == from)
+                && new.count == hello.count as usize
+                && new.subchunk == hello.subchunk;
             if fits && index != 0 && new.early.iter().all(|(k, _)| *k != index) {
                 new.early.push((index, stream));
             } else {
@@ -270,8 +295,9 @@ impl Doorway {
                 self.groups.len() - 1
             }
         };
+        let same_peer = self.same_peer(self.groups[pos].peer, from);
         let g = &mut self.groups[pos];
-        let fits = g.streams.len() == hello.count as usize && g.subchunk == hello.subchunk && g.peer == from;
+        let fits = g.streams.len() == hello.count as usize && g.subchunk == hello.subchunk && same_peer;
         if !fits || g.streams[hello.index as usize].is_some() {
             log::warn!("dropping a data socket from {peer} that contradicts the other sockets of its comm");
             return None;
@@ -299,7 +325,7 @@ impl Doorway {
         let join = comm.join.upgrade();
         let closed = join.as_ref().is_none_or(|j| j.closed());
         let taken = join.as_ref().is_some_and(|j| j.has(hello.index as usize));
-        if let Some(why) = comm.refusal(&hello, peer.ip(), taken, closed) {
+        if let Some(why) = comm.refusal(&hello, peer.ip(), self.any_link, taken, closed) {
             self.refuse(peer, why);
             return;
         }
@@ -393,22 +419,24 @@ mod tests {
     fn a_late_socket_joins_only_a_live_comm_it_fits() {
         let c = comm();
         let from: IpAddr = "10.0.0.1".parse().unwrap();
-        assert_eq!(c.refusal(&hello(1), from, false, false), None);
-        assert_eq!(c.refusal(&hello(3), from, false, false), None);
+        assert_eq!(c.refusal(&hello(1), from, false, false, false), None);
+        assert_eq!(c.refusal(&hello(3), from, false, false, false), None);
         // The same host reached over a dual-stack socket.
-        assert_eq!(c.refusal(&hello(2), "::ffff:10.0.0.1".parse().unwrap(), false, false), None);
+        assert_eq!(c.refusal(&hello(2), "::ffff:10.0.0.1".parse().unwrap(), false, false, false), None);
         let refused = [
-            (c.refusal(&hello(1), from, false, true), "closed"),
-            (c.refusal(&hello(1), "10.0.0.2".parse().unwrap(), false, false), "another host"),
-            (c.refusal(&SocketHello { count: 8, ..hello(1) }, from, false, false), "contradicts"),
-            (c.refusal(&SocketHello { subchunk: 64 << 10, ..hello(1) }, from, false, false), "contradicts"),
-            (c.refusal(&hello(0), from, false, false), "already"),
-            (c.refusal(&hello(2), from, true, false), "already"),
+            (c.refusal(&hello(1), from, false, false, true), "closed"),
+            (c.refusal(&hello(1), "10.0.0.2".parse().unwrap(), false, false, false), "another host"),
+            (c.refusal(&SocketHello { count: 8, ..hello(1) }, from, false, false, false), "contradicts"),
+            (c.refusal(&SocketHello { subchunk: 64 << 10, ..hello(1) }, from, false, false, false), "contradicts"),
+            (c.refusal(&hello(0), from, false, false, false), "already"),
+            (c.refusal(&hello(2), from, false, true, false), "already"),
         ];
         for (i, (why, expected)) in refused.iter().enumerate() {
             assert!(why.is_some_and(|w| w.contains(expected)), "case {i}: {why:?}");
         }
+        // Over data links a comm's sockets come from the peer's several addresses.
+        assert_eq!(c.refusal(&hello(1), "10.0.0.2".parse().unwrap(), true, false, false), None);
         // A closed comm is refused whatever else the socket claims.
-        assert_eq!(c.refusal(&hello(0), "10.0.0.2".parse().unwrap(), true, true), Some("its comm is closed"));
+        assert_eq!(c.refusal(&hello(0), "10.0.0.2".parse().unwrap(), false, true, true), Some("its comm is closed"));
     }
 }

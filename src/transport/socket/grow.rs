@@ -3,19 +3,21 @@
 //! names the comm and the socket's index) and waits for the accepting side's acknowledgement; only
 //! then does it pull pieces, so a socket the peer refused or never took carries nothing.
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use socket2::SockRef;
 
+use super::Routes;
 use super::tune::{set_buffers, tune};
 use super::wire::{ACK_LEN, HELLO_LEN, SocketHello, attach_ack};
 use crate::error::{Error, Result};
 
 /// Where and how a send comm opens its further sockets.
 pub(super) struct Dialer {
-    pub addr: SocketAddr,
+    /// Where each socket goes: over the data links in turn, where both hosts have them.
+    pub routes: Routes,
     /// The comm's hello; each socket sends it with its own index.
     pub hello: SocketHello,
     pub sndbuf: u32,
@@ -27,13 +29,15 @@ impl Dialer {
     /// Starts connecting socket `index` without waiting for it: the connect finishes on the helper
     /// that serves the socket ([`Joining`]), so a post never waits on the network.
     pub fn start(&self, index: u8) -> Result<(TcpStream, Joining)> {
-        let ctx = || format!("connect channel socket {index} to {}", self.addr);
-        let sock = socket2::Socket::new(socket2::Domain::for_address(self.addr), socket2::Type::STREAM, None)
+        let route = self.routes.route(index);
+        let ctx = || format!("connect channel socket {index} to {}", route.to);
+        let sock = socket2::Socket::new(socket2::Domain::for_address(route.to), socket2::Type::STREAM, None)
             .map_err(|e| Error::io(ctx(), e))?;
         set_buffers(SockRef::from(&sock), self.sndbuf, self.rcvbuf)?;
         tune(SockRef::from(&sock), self.io_timeout)?;
+        route.bind(&sock)?;
         sock.set_nonblocking(true).map_err(|e| Error::io(ctx(), e))?;
-        match sock.connect(&self.addr.into()) {
+        match sock.connect(&route.to.into()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
             Err(e) => return Err(Error::io(ctx(), e)),
@@ -126,9 +130,10 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::TcpListener;
 
-    fn dialer(addr: SocketAddr) -> Dialer {
+    fn dialer(addr: std::net::SocketAddr) -> Dialer {
         let hello = SocketHello { listen_nonce: 7, comm_id: 9, index: 0, count: 4, subchunk: 256 << 10 };
-        Dialer { addr, hello, sndbuf: 0, rcvbuf: 0, io_timeout: Duration::from_secs(5) }
+        let routes = Routes { addr, ours: Vec::new(), theirs: Vec::new(), first: 0 };
+        Dialer { routes, hello, sndbuf: 0, rcvbuf: 0, io_timeout: Duration::from_secs(5) }
     }
 
     /// Runs `advance` until it answers, as a helper would on each event.

@@ -79,6 +79,69 @@ pub fn pick_address(explicit: Option<IpAddr>, ifname: Option<&str>) -> Result<Ip
     Ok(ifaces.iter().find(usable).map(|i| i.addr).unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)))
 }
 
+/// Which interfaces a list in NCCL_SOCKET_IFNAME's grammar names: comma-separated name prefixes,
+/// `^` first to name the interfaces to leave out instead, `=` (after any `^`) for exact names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IfaceSpec {
+    exclude: bool,
+    exact: bool,
+    names: Vec<String>,
+}
+
+impl IfaceSpec {
+    pub fn parse(spec: &str) -> Result<IfaceSpec> {
+        let (exclude, rest) = match spec.strip_prefix('^') {
+            Some(rest) => (true, rest),
+            None => (false, spec),
+        };
+        let (exact, rest) = match rest.strip_prefix('=') {
+            Some(rest) => (true, rest),
+            None => (false, rest),
+        };
+        let names: Vec<String> = rest.split(',').map(str::trim).filter(|n| !n.is_empty()).map(str::to_owned).collect();
+        if names.is_empty() {
+            return Err(Error::invalid(format!(
+                "interface list {spec:?} names no interface (prefixes separated by commas, ^ to exclude, = for \
+                 exact names)"
+            )));
+        }
+        Ok(IfaceSpec { exclude, exact, names })
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        let named = self.names.iter().any(|n| if self.exact { name == n } else { name.starts_with(n.as_str()) });
+        named != self.exclude
+    }
+
+    /// Whether the list names interfaces rather than leaving some out: only a named loopback
+    /// interface is taken (an exclusion list never brings `lo` in).
+    fn names_loopback(&self, iface: &Interface) -> bool {
+        !self.exclude && self.matches(&iface.name)
+    }
+}
+
+/// The IPv4 address of every interface that is up and that `spec` selects, in the kernel's order,
+/// one per interface (its first); loopback only where named. An error where none is left.
+pub fn select(spec: &IfaceSpec) -> Result<Vec<(String, IpAddr)>> {
+    let mut out: Vec<(String, IpAddr)> = Vec::new();
+    for iface in list()? {
+        let wanted = iface.up
+            && iface.addr.is_ipv4()
+            && spec.matches(&iface.name)
+            && (!iface.loopback || spec.names_loopback(&iface))
+            && !out.iter().any(|(name, _)| *name == iface.name);
+        if wanted {
+            out.push((iface.name, iface.addr));
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::not_found(format!(
+            "UCCL_TCPX_SOCKET_IFNAME: no interface that is up with an IPv4 address matches {spec:?}"
+        )));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +160,35 @@ mod tests {
         let err = pick_address(None, Some("no-such-if9")).unwrap_err();
         assert!(err.message().contains("no-such-if9"));
         assert!(!pick_address(None, None).unwrap().is_unspecified());
+    }
+
+    #[test]
+    fn interface_lists_follow_nccls_grammar() {
+        let names = ["eth0", "eth1", "eth10", "ens3", "lo", "dat1_1", "dat1_2", "ctl1"];
+        let picked = |spec: &str| -> Vec<&str> {
+            let spec = IfaceSpec::parse(spec).unwrap();
+            names.iter().copied().filter(|n| spec.matches(n)).collect()
+        };
+        assert_eq!(picked("eth"), ["eth0", "eth1", "eth10"], "a prefix");
+        assert_eq!(picked("eth1"), ["eth1", "eth10"], "a prefix, not a name");
+        assert_eq!(picked("=eth1"), ["eth1"], "an exact name");
+        assert_eq!(picked("=eth1,ens3"), ["eth1", "ens3"]);
+        assert_eq!(picked("dat,ctl"), ["dat1_1", "dat1_2", "ctl1"]);
+        assert_eq!(picked("^eth,lo"), ["ens3", "dat1_1", "dat1_2", "ctl1"], "an exclusion list");
+        assert_eq!(picked("^=eth1"), ["eth0", "eth10", "ens3", "lo", "dat1_1", "dat1_2", "ctl1"]);
+        for bad in ["", "^", "=", "^=", " , "] {
+            assert!(IfaceSpec::parse(bad).is_err(), "{bad:?} names nothing");
+        }
+    }
+
+    #[test]
+    fn selection_takes_up_ipv4_interfaces_and_loopback_only_by_name() {
+        let lo = list().unwrap().into_iter().find(|i| i.loopback && i.addr.is_ipv4()).expect("lo");
+        let named = select(&IfaceSpec::parse(&format!("={}", lo.name)).unwrap()).unwrap();
+        assert_eq!(named, [(lo.name.clone(), lo.addr)]);
+        let all_but = select(&IfaceSpec::parse("^zzz").unwrap());
+        assert!(all_but.iter().flatten().all(|(name, _)| *name != lo.name), "an exclusion list keeps lo out");
+        let err = select(&IfaceSpec::parse("=no-such-if9").unwrap()).unwrap_err();
+        assert!(err.message().contains("no-such-if9"), "{}", err.message());
     }
 }

@@ -36,8 +36,9 @@ pub use write_back::written_back_bytes;
 pub use zerocopy::ZeroCopyStats;
 
 use std::io::Write;
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use socket2::SockRef;
@@ -45,7 +46,7 @@ use socket2::SockRef;
 use super::{ListenComm, Net, NetHandle, Properties, RecvComm, SendComm, Wake};
 use crate::error::{Error, Result};
 
-use crate::config::SocketConfig;
+use crate::config::{self, SocketConfig};
 use acceptor::Acceptor;
 use comm::{Growth, Helpers, Threading};
 use counts::Counts;
@@ -58,6 +59,8 @@ use window::MAX_REQUESTS;
 use wire::SocketHello;
 
 const HANDLE_MAGIC: u32 = 0x4B53_5455;
+/// Data links a handle names at most (`UCCL_TCPX_SOCKET_IFNAME`): an A3 VM has four data NICs.
+pub const MAX_DATA_LINKS: usize = 8;
 
 pub struct SocketNet {
     ip: IpAddr,
@@ -74,6 +77,11 @@ pub struct SocketNet {
     /// Keeps listeners open for comms that may still take sockets once their listen comm is gone.
     acceptor: Arc<Acceptor>,
     sockets: Arc<Counts>,
+    /// This host's data links (`with_data_links`); empty: data sockets use `ip`.
+    data: Vec<Ipv4Addr>,
+    /// Where the next send comm's first socket goes among the data links, so that the comms of
+    /// every connection start on different links.
+    next_link: AtomicUsize,
 }
 
 impl SocketNet {
@@ -83,7 +91,38 @@ impl SocketNet {
         let options = SocketConfig::default();
         let helpers = Arc::new(Helpers::new(options.helpers_per_direction(), polls(&options)));
         let (acceptor, sockets) = (Arc::default(), Arc::default());
-        SocketNet { ip, bind, connect_timeout, io_timeout, wake, options, zerocopy, helpers, acceptor, sockets }
+        SocketNet {
+            ip,
+            bind,
+            connect_timeout,
+            io_timeout,
+            wake,
+            options,
+            zerocopy,
+            helpers,
+            acceptor,
+            sockets,
+            data: Vec::new(),
+            next_link: AtomicUsize::new(0),
+        }
+    }
+
+    /// Data sockets run over `links` (this host's addresses, in the order the peer lists its own:
+    /// socket k of a comm goes from link k to the peer's link k, modulo their counts), and listeners
+    /// accept on every interface, where the peer's links arrive. The first [`MAX_DATA_LINKS`] count.
+    pub fn with_data_links(mut self, links: Vec<IpAddr>) -> SocketNet {
+        self.data = links
+            .into_iter()
+            .filter_map(|a| match a {
+                IpAddr::V4(a) => Some(a),
+                IpAddr::V6(_) => None,
+            })
+            .take(MAX_DATA_LINKS)
+            .collect();
+        if !self.data.is_empty() {
+            self.bind = Ipv4Addr::UNSPECIFIED.into();
+        }
+        self
     }
 
     /// Channel listeners accept on `bind` alone (by default every interface of `ip`'s family), so an
@@ -146,13 +185,14 @@ impl SocketNet {
         set_buffers(sock, self.options.sndbuf, self.options.rcvbuf)
     }
 
-    fn connect_one(&self, h: &SocketHandle, hello: &SocketHello) -> Result<TcpStream> {
-        let ctx = || format!("connect channel to {}", h.addr);
-        let sock = socket2::Socket::new(socket2::Domain::for_address(h.addr), socket2::Type::STREAM, None)
+    fn connect_one(&self, route: Route, hello: &SocketHello) -> Result<TcpStream> {
+        let ctx = || format!("connect channel to {}", route.to);
+        let sock = socket2::Socket::new(socket2::Domain::for_address(route.to), socket2::Type::STREAM, None)
             .map_err(|e| Error::io(ctx(), e))?;
         // Buffer sizes must be set before connecting for the window scale to account for them.
         self.set_buffers(SockRef::from(&sock))?;
-        sock.connect_timeout(&h.addr.into(), self.connect_timeout).map_err(|e| Error::io(ctx(), e))?;
+        route.bind(&sock)?;
+        sock.connect_timeout(&route.to.into(), self.connect_timeout).map_err(|e| Error::io(ctx(), e))?;
         let mut stream = TcpStream::from(sock);
         tune_stream(&stream, self.io_timeout)?;
         stream.write_all(&hello.encode()).map_err(|e| Error::io(ctx(), e))?;
@@ -160,15 +200,74 @@ impl SocketNet {
     }
 }
 
-/// What a socket listen handle carries: where to connect and a nonce that proves the connector read
-/// this handle (so a stray connection to the port is not taken for a channel).
+/// What a socket listen handle carries: where to connect, the listener's data links (empty where
+/// it has none), and a nonce that proves the connector read this handle (so a stray connection to
+/// the port is not taken for a channel).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct SocketHandle {
     addr: SocketAddr,
     nonce: u64,
+    links: [Ipv4Addr; MAX_DATA_LINKS],
+    nlinks: usize,
+}
+
+/// Where one data socket goes: to `to`, from `from` where this host has data links.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Route {
+    pub to: SocketAddr,
+    pub from: Option<Ipv4Addr>,
+}
+
+impl Route {
+    /// Binds the unconnected `sock` to its link's address (any port): on hosts whose NICs share
+    /// a subnet the route alone would send every socket out of one of them. Its unsent bytes are
+    /// bounded, so that it takes pieces as fast as its link drains them.
+    pub fn bind(&self, sock: &socket2::Socket) -> Result<()> {
+        let Some(from) = self.from else { return Ok(()) };
+        sock.bind(&SocketAddr::new(from.into(), 0).into())
+            .map_err(|e| Error::io(format!("bind a data socket to link {from}"), e))?;
+        tune::pace_to_link(sock)
+    }
+}
+
+/// The data links of a send comm: socket k's route, for each k.
+#[derive(Clone, Debug)]
+pub(super) struct Routes {
+    /// The listener's address, for every socket where either end has no data links.
+    addr: SocketAddr,
+    ours: Vec<Ipv4Addr>,
+    theirs: Vec<Ipv4Addr>,
+    /// The link of socket 0.
+    first: usize,
+}
+
+impl Routes {
+    pub fn route(&self, index: u8) -> Route {
+        if self.ours.is_empty() || self.theirs.is_empty() {
+            return Route { to: self.addr, from: None };
+        }
+        let k = self.first + index as usize;
+        Route {
+            to: SocketAddr::new(self.theirs[k % self.theirs.len()].into(), self.addr.port()),
+            from: Some(self.ours[k % self.ours.len()]),
+        }
+    }
+
+    /// Links the comm's sockets run over.
+    pub fn links(&self) -> usize {
+        if self.ours.is_empty() || self.theirs.is_empty() { 1 } else { self.ours.len().max(self.theirs.len()) }
+    }
 }
 
 impl SocketHandle {
+    /// A handle naming `links` (at most [`MAX_DATA_LINKS`]) besides its address.
+    fn new(addr: SocketAddr, nonce: u64, data: &[Ipv4Addr]) -> SocketHandle {
+        let mut links = [Ipv4Addr::UNSPECIFIED; MAX_DATA_LINKS];
+        let nlinks = data.len().min(MAX_DATA_LINKS);
+        links[..nlinks].copy_from_slice(&data[..nlinks]);
+        SocketHandle { addr, nonce, links, nlinks }
+    }
+
     fn encode(&self) -> NetHandle {
         let mut h = [0u8; crate::proto::NET_HANDLE_SIZE];
         h[0..4].copy_from_slice(&HANDLE_MAGIC.to_le_bytes());
@@ -184,6 +283,10 @@ impl SocketHandle {
             }
         }
         h[24..32].copy_from_slice(&self.nonce.to_le_bytes());
+        h[32] = self.nlinks as u8;
+        for (i, link) in self.links[..self.nlinks].iter().enumerate() {
+            h[36 + 4 * i..40 + 4 * i].copy_from_slice(&link.octets());
+        }
         h
     }
 
@@ -202,7 +305,20 @@ impl SocketHandle {
             return Err(Error::invalid("socket transport handle has no usable address"));
         }
         let nonce = u64::from_le_bytes(h[24..32].try_into().expect("8 bytes"));
-        Ok(SocketHandle { addr: SocketAddr::new(ip, port), nonce })
+        let nlinks = h[32] as usize;
+        if nlinks > MAX_DATA_LINKS {
+            return Err(Error::invalid(format!(
+                "socket transport handle names {nlinks} data links, at most {MAX_DATA_LINKS} are allowed"
+            )));
+        }
+        let mut links = [Ipv4Addr::UNSPECIFIED; MAX_DATA_LINKS];
+        for (i, link) in links[..nlinks].iter_mut().enumerate() {
+            *link = Ipv4Addr::from(<[u8; 4]>::try_from(&h[36 + 4 * i..40 + 4 * i]).expect("4 bytes"));
+            if link.is_unspecified() || link.is_broadcast() || link.is_multicast() {
+                return Err(Error::invalid(format!("socket transport handle names data link {link}")));
+            }
+        }
+        Ok(SocketHandle { addr: SocketAddr::new(ip, port), nonce, links, nlinks })
     }
 }
 
@@ -275,8 +391,9 @@ impl Net for SocketNet {
         let listener = TcpListener::from(sock);
         listener.set_nonblocking(true).map_err(|e| Error::io("channel listener", e))?;
         let port = listener.local_addr().map_err(|e| Error::io("channel listener", e))?.port();
-        let handle = SocketHandle { addr: SocketAddr::new(self.ip, port), nonce: random_u64() };
-        let door = Doorway::new(listener, handle.nonce, self.connect_timeout, self.io_timeout, self.sockets.clone());
+        let handle = SocketHandle::new(SocketAddr::new(self.ip, port), random_u64(), &self.data);
+        let door = Doorway::new(listener, handle.nonce, self.connect_timeout, self.io_timeout, self.sockets.clone())
+            .across_links(!self.data.is_empty());
         let listen = SocketListen {
             door: Arc::new(parking_lot::Mutex::new(door)),
             wake: self.wake.clone(),
@@ -310,7 +427,14 @@ impl SocketNet {
     fn connect_comm(&self, dev: usize, handle: &NetHandle) -> Result<comm::SocketSendComm> {
         self.properties(dev)?;
         let h = SocketHandle::decode(handle)?;
-        let count = self.options.sockets_per_comm();
+        let routes = Routes {
+            addr: h.addr,
+            ours: self.data.clone(),
+            theirs: h.links[..h.nlinks].to_vec(),
+            first: self.next_link.fetch_add(1, Ordering::Relaxed),
+        };
+        // Every link carries at least one socket of every comm.
+        let count = self.options.sockets_per_comm().max(routes.links()).min(config::MAX_SOCKETS_PER_COMM);
         let hello = SocketHello {
             listen_nonce: h.nonce,
             comm_id: random_u64(),
@@ -318,9 +442,9 @@ impl SocketNet {
             count: count as u8,
             subchunk: self.options.subchunk,
         };
-        let first = self.connect_one(&h, &hello)?;
+        let first = self.connect_one(routes.route(0), &hello)?;
         let dialer = Dialer {
-            addr: h.addr,
+            routes,
             hello,
             sndbuf: self.options.sndbuf,
             rcvbuf: self.options.rcvbuf,

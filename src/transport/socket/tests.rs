@@ -9,9 +9,9 @@ use crate::transport::{IoSeg, MemKind, MrHandle, RequestId};
 
 #[test]
 fn handle_round_trip_and_rejects_garbage() {
-    let h = SocketHandle { addr: "127.0.0.1:4242".parse().unwrap(), nonce: 77 };
+    let h = SocketHandle::new("127.0.0.1:4242".parse().unwrap(), 77, &[]);
     assert_eq!(SocketHandle::decode(&h.encode()).unwrap(), h);
-    let v6 = SocketHandle { addr: "[::1]:9".parse().unwrap(), nonce: 1 };
+    let v6 = SocketHandle::new("[::1]:9".parse().unwrap(), 1, &[]);
     assert_eq!(SocketHandle::decode(&v6.encode()).unwrap(), v6);
     let mut bad = h.encode();
     bad[0] ^= 1;
@@ -20,6 +20,93 @@ fn handle_round_trip_and_rejects_garbage() {
     family[4] = 9;
     assert!(SocketHandle::decode(&family).is_err());
     assert!(SocketHandle::decode(&[0u8; 128]).is_err());
+}
+
+#[test]
+fn handles_carry_data_links_and_refuse_bad_ones() {
+    let links: Vec<Ipv4Addr> = (1..=4).map(|i| Ipv4Addr::new(198, 18, i, 2)).collect();
+    let h = SocketHandle::new("198.18.0.2:4242".parse().unwrap(), 77, &links);
+    let back = SocketHandle::decode(&h.encode()).unwrap();
+    assert_eq!(back, h);
+    assert_eq!(&back.links[..back.nlinks], &links[..]);
+    let mut many = h.encode();
+    many[32] = MAX_DATA_LINKS as u8 + 1;
+    assert!(SocketHandle::decode(&many).unwrap_err().message().contains("data links"));
+    let mut zero = h.encode();
+    zero[40..44].fill(0);
+    assert!(SocketHandle::decode(&zero).is_err(), "an unspecified link");
+}
+
+/// Socket k of a comm goes from our link k to theirs, each side's list taken in turn from the
+/// comm's first link; where either side has no links every socket goes to the handle's address.
+#[test]
+fn data_sockets_take_the_links_in_turn() {
+    let addr: SocketAddr = "198.18.0.2:4242".parse().unwrap();
+    let ours: Vec<Ipv4Addr> = (1..=2).map(|i| Ipv4Addr::new(198, 18, i, 1)).collect();
+    let theirs: Vec<Ipv4Addr> = (1..=4).map(|i| Ipv4Addr::new(198, 18, i, 2)).collect();
+    let routes = Routes { addr, ours: ours.clone(), theirs: theirs.clone(), first: 5 };
+    assert_eq!(routes.links(), 4);
+    let got: Vec<Route> = (0..4).map(|k| routes.route(k)).collect();
+    for (k, route) in got.iter().enumerate() {
+        assert_eq!(route.to, SocketAddr::new(theirs[(5 + k) % 4].into(), 4242));
+        assert_eq!(route.from, Some(ours[(5 + k) % 2]));
+    }
+    let none = Routes { addr, ours, theirs: Vec::new(), first: 0 };
+    assert_eq!((none.links(), none.route(3)), (1, Route { to: addr, from: None }));
+}
+
+/// The remote addresses of this process's sockets connected to `port`.
+fn remote_addresses_to(port: u16) -> std::collections::BTreeSet<Ipv4Addr> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let remote = line.split_whitespace().nth(2)?;
+            let (ip, p) = remote.split_once(':')?;
+            let ip = Ipv4Addr::from(u32::from_be(u32::from_str_radix(ip, 16).ok()?));
+            (u16::from_str_radix(p, 16).ok()? == port).then_some(ip)
+        })
+        .collect()
+}
+
+/// Two nets with two data links each (127.0.0.1 and 127.0.0.2, both on the loopback interface):
+/// a comm's sockets go to both of the listener's links, and messages arrive whole.
+#[test]
+fn a_comm_spreads_its_sockets_over_the_data_links() {
+    let links: Vec<IpAddr> = vec![Ipv4Addr::new(127, 0, 0, 1).into(), Ipv4Addr::new(127, 0, 0, 2).into()];
+    let net = loopback_socket_net()
+        .with_options(crate::config::SocketConfig {
+            nthreads: 1,
+            lazy: false,
+            subchunk: 16 << 10,
+            ..Default::default()
+        })
+        .with_data_links(links);
+    let (mut handle, mut listen) = net.listen(0).unwrap();
+    let port = SocketHandle::decode(&handle).unwrap().addr.port();
+    let mut tx = net.connect(0, &mut handle).unwrap().expect("socket connect completes at once");
+    let mut rx = until(|| listen.accept()).unwrap();
+    let msgs: Vec<Vec<u8>> = (0..8).map(|i| (0..(300 << 10) + i).map(|b| (b * 7 + i) as u8).collect()).collect();
+    let mut bufs: Vec<Vec<u8>> = (0..8).map(|_| vec![0u8; 400 << 10]).collect();
+    // SAFETY: each buffer lives in `bufs` and is read only after its receive is reported done.
+    let r: Vec<_> = bufs
+        .iter_mut()
+        .map(|b| unsafe { rx.irecv(b.as_mut_ptr(), b.len(), MrHandle::NONE) }.unwrap().unwrap())
+        .collect();
+    // SAFETY: each message lives in `msgs` until its send is tested to completion below.
+    let s: Vec<_> =
+        msgs.iter().map(|m| unsafe { tx.isend(m.as_ptr(), m.len(), MrHandle::NONE) }.unwrap().unwrap()).collect();
+    for (i, id) in s.into_iter().enumerate() {
+        assert_eq!(until(|| tx.test(id)).unwrap(), msgs[i].len());
+    }
+    for (i, id) in r.into_iter().enumerate() {
+        assert_eq!(until(|| rx.test(id)).unwrap(), msgs[i].len());
+        assert!(bufs[i][..msgs[i].len()] == msgs[i][..], "message {i} arrived whole");
+    }
+    let remotes = remote_addresses_to(port);
+    let want: std::collections::BTreeSet<Ipv4Addr> = [Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(127, 0, 0, 2)].into();
+    assert_eq!(remotes, want, "the comm's sockets reach the listener over both links");
 }
 
 #[test]
@@ -406,7 +493,7 @@ fn sockets_to_in(port: u16, state: Option<&str>) -> usize {
 fn raw_peer() -> (TcpListener, NetHandle, u64) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let nonce = 0x1234_5678;
-    let handle = SocketHandle { addr: listener.local_addr().unwrap(), nonce }.encode();
+    let handle = SocketHandle::new(listener.local_addr().unwrap(), nonce, &[]).encode();
     (listener, handle, nonce)
 }
 
@@ -524,7 +611,7 @@ fn dropping_a_comm_with_sockets_still_connecting_leaves_nothing() {
     sock.listen(0).unwrap();
     let listener = TcpListener::from(sock);
     let addr = listener.local_addr().unwrap();
-    let mut handle = SocketHandle { addr, nonce: 1 }.encode();
+    let mut handle = SocketHandle::new(addr, 1, &[]).encode();
     let mut tx = net.connect(0, &mut handle).unwrap().unwrap();
     let msg = vec![5u8; 1 << 20];
     // SAFETY: msg outlives the comm, which is dropped below with the send still in flight.
