@@ -431,9 +431,6 @@ pub struct SocketConfig {
     /// wake every one itself. Default 4 (`DEFAULT_KICK_FANOUT`). `UCCL_TCPX_SOCKET_KICK_FANOUT`
     /// (0 to 64).
     pub kick_fanout: u8,
-    /// Pieces of at least this many bytes are sent with MSG_ZEROCOPY; 0 = never (the default).
-    /// `UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD`.
-    pub zerocopy_threshold: u32,
     /// A send comm connects one data socket and opens the others when a request would use them
     /// (cut in more than one piece, or queued behind busy sockets), so an idle or lightly used
     /// connection holds one socket per comm; false opens all of them right after the first.
@@ -466,7 +463,6 @@ impl Default for SocketConfig {
             held_spin: Duration::ZERO,
             spinners: default_spinners(),
             kick_fanout: DEFAULT_KICK_FANOUT,
-            zerocopy_threshold: 0,
             lazy: true,
             trace: None,
             data_ifname: None,
@@ -820,13 +816,6 @@ impl SocketConfig {
             held_spin: parse_micros(get, "UCCL_TCPX_SOCKET_HELD_SPIN_US", d.held_spin, 1_000_000)?,
             spinners: parse_in(get, "UCCL_TCPX_SOCKET_SPINNERS", d.spinners, 1, 1024)?,
             kick_fanout: parse_in(get, "UCCL_TCPX_SOCKET_KICK_FANOUT", d.kick_fanout, 0, MAX_SOCKETS_PER_COMM as u8)?,
-            zerocopy_threshold: parse_size(
-                get,
-                "UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD",
-                d.zerocopy_threshold,
-                0,
-                MAX_CHUNK_SIZE,
-            )?,
             lazy: parse_in(get, "UCCL_TCPX_SOCKET_LAZY", d.lazy as u8, 0, 1)? == 1,
             trace: get("UCCL_TCPX_TRACE_SOCKETS").filter(|p| !p.is_empty()),
             data_ifname: get("UCCL_TCPX_SOCKET_IFNAME").filter(|p| !p.trim().is_empty()),
@@ -1243,7 +1232,6 @@ mod tests {
             ("UCCL_TCPX_SOCKET_SUBCHUNK", "128K"),
             ("UCCL_TCPX_SOCKET_SPIN_US", "0"),
             ("UCCL_TCPX_SOCKET_SPIN_MAX_REQUEST", "1M"),
-            ("UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD", "64K"),
             ("UCCL_TCPX_SOCKET_HELPERS", "3"),
             ("UCCL_TCPX_SOCKET_LAZY", "0"),
         ])
@@ -1256,7 +1244,6 @@ mod tests {
         assert_eq!((c.threads_per_comm(), c.sockets_per_comm()), (4, 8));
         assert_eq!((c.sndbuf, c.rcvbuf), (4 << 20, 8 << 20));
         assert_eq!((c.subchunk, c.spin), (128 << 10, Duration::ZERO));
-        assert_eq!(c.zerocopy_threshold, 64 << 10);
         assert_eq!(c.spin_max_request, 1 << 20);
         assert_eq!(SocketConfig::default().spin_max_request, 256 << 10);
         let auto = SocketConfig::default();
@@ -1342,8 +1329,6 @@ mod tests {
             ("UCCL_TCPX_PLUGIN_TEST_AHEAD", "2"),
             ("UCCL_TCPX_HOST_COPY_THREADS", "0"),
             ("UCCL_TCPX_HOST_COPY_THREADS", "65"),
-            ("UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD", "8M"),
-            ("UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD", "lots"),
             ("UCCL_TCPX_GPU", "-1"),
             ("UCCL_TCPX_GPU", "gpu0"),
             ("UCCL_TCPX_GPU", "0000:4a:00.0"),

@@ -107,7 +107,6 @@ fn socket_buffer_sizes_and_zero_spin_are_accepted() {
         held_spin: Duration::ZERO,
         spinners: 1,
         kick_fanout: 0,
-        zerocopy_threshold: 0,
         // Small buffers keep the sends waiting for room, each socket on its own helper.
         helpers: 2,
         lazy: true,

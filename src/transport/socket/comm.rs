@@ -7,7 +7,6 @@
 
 use std::io::Write;
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::AsRawFd;
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
@@ -24,7 +23,6 @@ use super::sender::{INLINE_MAX, Inline, SendSockets, SendTask};
 use super::spin::Polls;
 use super::window::{MAX_REQUESTS, Window};
 use super::wire::{PieceCut, attach_ack};
-use super::zerocopy::{self, Counters};
 use crate::error::{Error, Result};
 use crate::threads::ThreadKind;
 use crate::transport::Wake;
@@ -34,8 +32,6 @@ use crate::transport::{IoSeg, MemKind, MrHandle, RecvComm, RequestId, SendComm};
 #[derive(Clone, Copy, Debug)]
 pub struct Threading {
     pub subchunk: usize,
-    /// Send comms: pieces of at least this many bytes go out with MSG_ZEROCOPY; 0 = never.
-    pub zerocopy_threshold: usize,
     /// Send comms: sleeping helpers a post wakes itself, the rest woken by those (`fanout`); 0 = all.
     pub kick_fanout: usize,
 }
@@ -80,8 +76,6 @@ struct SendSide {
     placements: Vec<Placement<SendTask>>,
     /// `None` once every socket was tried, or adding one failed before its connect started.
     dialer: Option<Dialer>,
-    zerocopy: Arc<Counters>,
-    zerocopy_threshold: usize,
     sockets: Arc<Counts>,
 }
 
@@ -125,9 +119,8 @@ impl SendSide {
             let Some(dialer) = &self.dialer else { return };
             let k = self.placements.len();
             let started = dialer.start(k as u8).and_then(|(stream, joining)| {
-                let zerocopy = self.zerocopy_threshold > 0 && zerocopy::enable(stream.as_raw_fd(), &self.zerocopy);
                 self.shared.place(k, stream);
-                let task = SendTask::new(self.shared.clone(), k, zerocopy, Some(joining));
+                let task = SendTask::new(self.shared.clone(), k, Some(joining));
                 helpers.send.attach(vec![task], &self.placements)
             });
             match started {
@@ -376,34 +369,17 @@ impl SocketSendComm {
         wake: Wake,
         how: Threading,
         helpers: Arc<Helpers>,
-        counters: Arc<Counters>,
         sockets: Arc<Counts>,
         trace: Option<PieceTrace>,
     ) -> Result<SocketSendComm> {
-        let zerocopy = how.zerocopy_threshold > 0 && zerocopy::enable(first.as_raw_fd(), &counters);
         first.set_nonblocking(true).map_err(|e| Error::io("configure data socket", e))?;
         let window = Arc::new(Window::new(PieceCut::new(how.subchunk, count), wake));
-        let shared = Arc::new(SendSockets::new(
-            count,
-            window.clone(),
-            how.zerocopy_threshold,
-            how.kick_fanout,
-            counters.clone(),
-            sockets.clone(),
-            trace,
-        ));
+        let shared = Arc::new(SendSockets::new(count, window.clone(), how.kick_fanout, sockets.clone(), trace));
         shared.place(0, first);
-        let placements = helpers.send.attach(vec![SendTask::new(shared.clone(), 0, zerocopy, None)], [])?;
+        let placements = helpers.send.attach(vec![SendTask::new(shared.clone(), 0, None)], [])?;
         shared.relay.place(0, &placements[0]);
         shared.opened(0);
-        let mut send = SendSide {
-            shared,
-            placements,
-            dialer: (count > 1).then_some(growth.dialer),
-            zerocopy: counters,
-            zerocopy_threshold: how.zerocopy_threshold,
-            sockets,
-        };
+        let mut send = SendSide { shared, placements, dialer: (count > 1).then_some(growth.dialer), sockets };
         if !growth.lazy {
             send.grow_to(count, &helpers);
         }

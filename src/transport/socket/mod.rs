@@ -26,14 +26,12 @@ mod window;
 mod wire;
 pub(crate) mod worker;
 mod write_back;
-mod zerocopy;
 
 pub use counts::DataSocketStats;
 pub use tune::tune_stream;
 #[cfg(test)]
 pub(crate) use write_back::supported as writes_back;
 pub use write_back::written_back_bytes;
-pub use zerocopy::ZeroCopyStats;
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -71,7 +69,6 @@ pub struct SocketNet {
     io_timeout: Duration,
     wake: Wake,
     options: SocketConfig,
-    zerocopy: Arc<zerocopy::Counters>,
     /// Sender and receiver threads every comm of this net shares.
     helpers: Arc<Helpers>,
     /// Keeps listeners open for comms that may still take sockets once their listen comm is gone.
@@ -86,7 +83,6 @@ pub struct SocketNet {
 
 impl SocketNet {
     pub fn new(ip: IpAddr, connect_timeout: Duration, io_timeout: Duration, wake: Wake) -> SocketNet {
-        let zerocopy = Arc::default();
         let bind = if ip.is_ipv4() { [0u8; 4].into() } else { [0u16; 8].into() };
         let options = SocketConfig::default();
         let helpers = Arc::new(Helpers::new(options.helpers_per_direction(), polls(&options)));
@@ -98,7 +94,6 @@ impl SocketNet {
             io_timeout,
             wake,
             options,
-            zerocopy,
             helpers,
             acceptor,
             sockets,
@@ -132,19 +127,9 @@ impl SocketNet {
         self
     }
 
-    /// What the zero-copy path did so far, over every send comm this net connected.
-    pub fn zerocopy_stats(&self) -> ZeroCopyStats {
-        self.zerocopy.snapshot()
-    }
-
     /// The data sockets this net's comms hold now, and what became of those they added later.
     pub fn data_socket_stats(&self) -> DataSocketStats {
         self.sockets.snapshot()
-    }
-
-    #[cfg(test)]
-    fn zerocopy_counters(&self) -> &zerocopy::Counters {
-        &self.zerocopy
     }
 
     /// Socket counts, buffer sizes and thread tuning (`Config::socket`).
@@ -174,11 +159,7 @@ impl SocketNet {
     }
 
     fn threading(&self) -> Threading {
-        Threading {
-            subchunk: self.options.subchunk as usize,
-            zerocopy_threshold: self.options.zerocopy_threshold as usize,
-            kick_fanout: self.options.kick_fanout(),
-        }
+        Threading { subchunk: self.options.subchunk as usize, kick_fanout: self.options.kick_fanout() }
     }
 
     fn set_buffers(&self, sock: SockRef<'_>) -> Result<()> {
@@ -458,7 +439,6 @@ impl SocketNet {
             self.wake.clone(),
             self.threading(),
             self.helpers.clone(),
-            self.zerocopy.clone(),
             self.sockets.clone(),
             trace,
         )

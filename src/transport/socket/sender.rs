@@ -1,16 +1,13 @@
 //! Sending sockets: each socket that has nothing in flight cuts the next piece from the comm's
 //! window, so whichever socket drains first takes more (a slow flow never gates a request). Header
-//! and payload leave in one `sendmsg` straight from the caller's buffer; with zero-copy on, a large
-//! enough payload leaves in its own MSG_ZEROCOPY `sendmsg` and its piece only finishes once the
-//! socket's error queue reports the kernel done with the pages. A socket's work runs on the shared
-//! helper that owns it (`reactor`), or on the posting thread for a small request. A socket the comm
+//! and payload leave in one `sendmsg` straight from the caller's buffer. A socket's work runs on the
+//! shared helper that owns it (`reactor`), or on the posting thread for a small request. A socket the comm
 //! added after connect pulls nothing until it joined (`grow`).
 
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use parking_lot::Mutex;
 
@@ -22,7 +19,6 @@ use super::piece_trace::PieceTrace;
 use super::reactor::{Next, Task};
 use super::window::{Piece, PieceMem, Window};
 use super::wire::{PIECE_HEADER_LEN, PieceHeader};
-use super::zerocopy::{Counters, ZcSocket};
 use crate::error::Error;
 use crate::threads::{self, ThreadKind};
 
@@ -35,17 +31,13 @@ struct Outgoing {
     header: [u8; PIECE_HEADER_LEN],
     /// Header and payload bytes already accepted by the kernel.
     written: usize,
-    /// The payload goes out with MSG_ZEROCOPY (the header, which lives here and moves, never does).
-    zerocopy: bool,
-    /// Zero-copy sends of this piece the kernel accepted.
-    zc_sends: u32,
 }
 
 impl Outgoing {
-    fn new((piece, mem): (Piece, PieceMem), zerocopy: bool) -> Outgoing {
+    fn new((piece, mem): (Piece, PieceMem)) -> Outgoing {
         let header =
             PieceHeader { seq: piece.seq, total: piece.total, offset: piece.offset, len: piece.len as u32 }.encode();
-        Outgoing { piece, mem, header, written: 0, zerocopy, zc_sends: 0 }
+        Outgoing { piece, mem, header, written: 0 }
     }
 }
 
@@ -57,9 +49,6 @@ pub(super) struct SendSockets {
     /// Per socket: it may carry pieces (connected, and acknowledged if added after connect).
     open: Vec<AtomicBool>,
     pub window: Arc<Window>,
-    /// Pieces of at least this many bytes go out zero-copy on sockets that accepted it; 0 = never.
-    zerocopy_threshold: usize,
-    counters: Arc<Counters>,
     claimed: Vec<AtomicBool>,
     /// A partly written inline piece left for the socket's helper to finish (the claim moves with it).
     handoff: Vec<Mutex<Option<Outgoing>>>,
@@ -89,9 +78,7 @@ impl SendSockets {
     pub fn new(
         n: usize,
         window: Arc<Window>,
-        zerocopy_threshold: usize,
         kick_fanout: usize,
-        counters: Arc<Counters>,
         sockets: Arc<Counts>,
         trace: Option<PieceTrace>,
     ) -> SendSockets {
@@ -99,8 +86,6 @@ impl SendSockets {
             streams: (0..n).map(|_| OnceLock::new()).collect(),
             open: (0..n).map(|_| AtomicBool::new(false)).collect(),
             window,
-            zerocopy_threshold,
-            counters,
             claimed: (0..n).map(|_| AtomicBool::new(false)).collect(),
             handoff: (0..n).map(|_| Mutex::new(None)).collect(),
             handed: (0..n).map(|_| AtomicBool::new(false)).collect(),
@@ -195,9 +180,8 @@ impl SendSockets {
                 return Inline::Done;
             };
             self.traced_cut(k, cut.0.seq);
-            // Inline pieces are at most 16 KiB: too small for zero-copy to pay for its notification.
-            let mut o = Outgoing::new(cut, false);
-            match write(self.stream(k), &mut o, None) {
+            let mut o = Outgoing::new(cut);
+            match write(self.stream(k), &mut o) {
                 Ok(Step::Finished) => {
                     self.traced_sent(k, &o.piece);
                     self.release(k);
@@ -224,7 +208,6 @@ pub(super) struct SendTask {
     pub shared: Arc<SendSockets>,
     pub k: usize,
     out: Option<Outgoing>,
-    zc: ZcSocket,
     /// An added socket on its way in; `None` once it may carry pieces.
     joining: Option<Box<Joining>>,
     /// Length of the request of the piece this socket finished in its last run.
@@ -233,15 +216,8 @@ pub(super) struct SendTask {
 
 impl SendTask {
     /// The task of placed socket `k`: open already, or `joining`.
-    pub fn new(shared: Arc<SendSockets>, k: usize, zerocopy: bool, joining: Option<Joining>) -> SendTask {
-        SendTask {
-            shared,
-            k,
-            out: None,
-            zc: ZcSocket::new(zerocopy),
-            joining: joining.map(Box::new),
-            finished_request_len: None,
-        }
+    pub fn new(shared: Arc<SendSockets>, k: usize, joining: Option<Joining>) -> SendTask {
+        SendTask { shared, k, out: None, joining: joining.map(Box::new), finished_request_len: None }
     }
 
     /// Moves an added socket on until it joined: `Some(next)` while it may not pull pieces yet.
@@ -276,8 +252,7 @@ impl SendTask {
             if let Some(cut) = s.window.cut() {
                 threads::point(ThreadKind::SocketSender);
                 s.traced_cut(self.k, cut.0.seq);
-                let zerocopy = self.zc.enabled && s.zerocopy_threshold > 0 && cut.0.len >= s.zerocopy_threshold;
-                return Some(Outgoing::new(cut, zerocopy));
+                return Some(Outgoing::new(cut));
             }
             s.release(self.k);
             // A request posted (or a watermark raised) after the cut looked, whose poster saw this
@@ -288,54 +263,24 @@ impl SendTask {
         }
     }
 
-    /// Collects the socket's zero-copy completions and finishes the pieces they release.
-    fn reap(&mut self) -> Result<(), Error> {
-        let fd = self.fd();
-        self.zc.reap(fd, &self.shared.counters).map_err(|e| Error::io("read zero-copy completions", e))?;
-        for piece in self.zc.released(&self.shared.counters) {
-            self.shared.window.finish(&piece);
-        }
-        Ok(())
-    }
-
     fn step(&mut self) -> Result<Next, Error> {
         if self.out.is_none() {
             self.out = self.next_piece();
         }
-        let Some(o) = self.out.as_mut() else {
-            // An idle socket may still owe completions (the kernel reports them as EPOLLERR).
-            if self.zc.has_pending() {
-                self.reap()?;
-            }
-            return Ok(Next::Idle);
-        };
+        let Some(o) = self.out.as_mut() else { return Ok(Next::Idle) };
         let s = &*self.shared;
-        match write(s.stream(self.k), o, Some((&mut self.zc, &s.counters))).map_err(|e| Error::io("channel send", e))? {
+        match write(s.stream(self.k), o).map_err(|e| Error::io("channel send", e))? {
             Step::Finished => {
                 let o = self.out.take().expect("a piece in flight");
                 s.traced_sent(self.k, &o.piece);
                 self.finished_request_len = Some(o.piece.total);
-                let used_zerocopy = o.zc_sends > 0;
-                if used_zerocopy {
-                    self.zc.hold(o.piece, &s.counters);
-                } else {
-                    s.window.finish(&o.piece);
-                }
+                s.window.finish(&o.piece);
                 s.release(self.k);
-                if self.zc.has_pending() {
-                    self.reap()?;
-                }
                 // Let the helper's other sockets run before this one takes another piece.
                 Ok(Next::Again)
             }
-            Step::Partial | Step::Blocked => {
-                // The socket is full: EPOLLOUT comes when it drains. Completions pending meanwhile
-                // are collected now, so their requests finish while the peer's window stays shut.
-                if self.zc.has_pending() {
-                    self.reap()?;
-                }
-                Ok(Next::Idle)
-            }
+            // The socket is full: EPOLLOUT comes when it drains.
+            Step::Partial | Step::Blocked => Ok(Next::Idle),
         }
     }
 }
@@ -373,25 +318,10 @@ impl Task for SendTask {
         match self.step() {
             Ok(next) => next,
             Err(e) => {
-                // Pieces held for zero-copy completions stay readable by the kernel until the comm is
-                // dropped (its sockets are reset then, in `drop`): a failed request's buffer is only
-                // free once the comm is gone, which is the order the engine keeps (channels first,
-                // then failing the transfers).
                 self.shared.window.fail(e);
                 self.shared.relay.forgive();
                 Next::Stop
             }
-        }
-    }
-}
-
-impl Drop for SendTask {
-    fn drop(&mut self) {
-        if self.zc.has_pending() {
-            self.zc.abandon(&self.shared.counters);
-            // The kernel still holds pages of caller buffers that the comm's owner gets back once
-            // the comm is gone: reset instead of letting an orphaned socket send from them.
-            let _ = socket2::SockRef::from(self.shared.stream(self.k)).set_linger(Some(Duration::ZERO));
         }
     }
 }
@@ -402,19 +332,15 @@ enum Step {
     Blocked,
 }
 
-/// Writes what the socket takes of `o`. With `zc` and `o.zerocopy`, the header goes first as a copy
-/// (MSG_MORE holds it for the payload) and the payload with MSG_ZEROCOPY, each accepted call taking
-/// the socket's next notification id; ENOBUFS (notifications exhausted the socket's option memory)
-/// sends the rest of the piece as a copy. The socket is non-blocking; every call also says so.
-fn write(stream: &TcpStream, o: &mut Outgoing, mut zc: Option<(&mut ZcSocket, &Counters)>) -> std::io::Result<Step> {
+/// Writes what the socket takes of `o`: header and payload in one `sendmsg` while both remain. The
+/// socket is non-blocking; every call also says so.
+fn write(stream: &TcpStream, o: &mut Outgoing) -> std::io::Result<Step> {
     let fd = stream.as_raw_fd();
     let total = PIECE_HEADER_LEN + o.piece.len;
     let start = o.written;
     while o.written < total {
-        let zerocopy_payload = o.zerocopy && zc.is_some() && o.written >= PIECE_HEADER_LEN;
         let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOV];
         let mut n_iov = 0;
-        let mut flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
         if o.written < PIECE_HEADER_LEN {
             iov[0] = libc::iovec {
                 iov_base: o.header[o.written..].as_ptr() as *mut libc::c_void,
@@ -423,53 +349,29 @@ fn write(stream: &TcpStream, o: &mut Outgoing, mut zc: Option<(&mut ZcSocket, &C
             n_iov = 1;
         }
         let payload_done = o.written.saturating_sub(PIECE_HEADER_LEN);
-        if o.zerocopy && n_iov == 1 {
-            if o.piece.len > 0 {
-                flags |= libc::MSG_MORE;
-            }
-        } else if payload_done < o.piece.len {
+        if payload_done < o.piece.len {
             n_iov += iov::fill(o.mem.segs(), payload_done, &mut iov[n_iov..]);
-        }
-        if zerocopy_payload {
-            flags |= libc::MSG_ZEROCOPY;
         }
         // SAFETY: an all-zero msghdr is valid; we point it at our iovecs only.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = iov.as_mut_ptr();
         msg.msg_iovlen = n_iov;
-        let injected = zerocopy_payload && zc.as_ref().is_some_and(|(_, c)| c.inject_enobufs());
         // SAFETY: the iovecs cover our header array and the caller's payload segments, which the
         // request's contract keeps valid until it completes (or the comm's drop, which joins this
-        // thread); a zero-copy payload's request completes only after the kernel reported the pages released.
-        // MSG_NOSIGNAL: a closed peer must be an error, not SIGPIPE in the host process.
-        let n = if injected { -1 } else { unsafe { libc::sendmsg(fd, &msg, flags) } };
+        // thread). MSG_NOSIGNAL: a closed peer must be an error, not SIGPIPE in the host process.
+        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
         if n < 0 {
-            let e = if injected {
-                std::io::Error::from_raw_os_error(libc::ENOBUFS)
-            } else {
-                std::io::Error::last_os_error()
-            };
+            let e = std::io::Error::last_os_error();
             match e.kind() {
                 std::io::ErrorKind::Interrupted => continue,
                 std::io::ErrorKind::WouldBlock => {
                     return Ok(if o.written == start { Step::Blocked } else { Step::Partial });
-                }
-                _ if zerocopy_payload && e.raw_os_error() == Some(libc::ENOBUFS) => {
-                    if let Some((_, counters)) = &zc {
-                        counters.fell_back();
-                    }
-                    o.zerocopy = false;
-                    continue;
                 }
                 _ => return Err(e),
             }
         }
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        if zerocopy_payload && let Some((z, counters)) = zc.as_mut() {
-            z.sent(counters);
-            o.zc_sends += 1;
         }
         o.written += n as usize;
     }

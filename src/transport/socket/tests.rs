@@ -220,68 +220,6 @@ fn stray_connection_without_nonce_is_ignored() {
     }
 }
 
-/// A net whose send comms put pieces of 16 KiB and more on the wire with MSG_ZEROCOPY.
-fn zerocopy_net(threads: u8, socks: u8) -> SocketNet {
-    loopback_socket_net().with_options(crate::config::SocketConfig {
-        nthreads: threads,
-        nsocks_per_thread: socks,
-        subchunk: 16 << 10,
-        zerocopy_threshold: 16 << 10,
-        ..Default::default()
-    })
-}
-
-/// Sends `count` messages of mixed sizes (whole pieces, partial tails, sizes below the threshold)
-/// with up to 16 in flight and checks every byte.
-fn move_and_check(net: &SocketNet, count: usize) {
-    let (mut tx, mut rx) = pair(net);
-    let msgs: Vec<Vec<u8>> =
-        (0..count).map(|i| (0..(i * 7919) % (200 << 10)).map(|b| (b * 31 + i) as u8).collect()).collect();
-    let mut bufs: Vec<Vec<u8>> = (0..count).map(|_| vec![0u8; 200 << 10]).collect();
-    for batch in (0..count).collect::<Vec<_>>().chunks(MAX_REQUESTS) {
-        let r: Vec<_> = batch
-            .iter()
-            // SAFETY: bufs[i] is a live Vec of bufs[i].len() bytes, read only after its receive is reported
-            // done; each batch completes before the next.
-            .map(|&i| unsafe { rx.irecv(bufs[i].as_mut_ptr(), bufs[i].len(), MrHandle::NONE) }.unwrap().unwrap())
-            .collect();
-        let s: Vec<_> = batch
-            .iter()
-            // SAFETY: msgs[i] is a live Vec, and each send is tested to completion before the next batch.
-            .map(|&i| unsafe { tx.isend(msgs[i].as_ptr(), msgs[i].len(), MrHandle::NONE) }.unwrap().unwrap())
-            .collect();
-        for (&i, id) in batch.iter().zip(s) {
-            assert_eq!(until(|| tx.test(id)).unwrap(), msgs[i].len());
-        }
-        for (&i, id) in batch.iter().zip(r) {
-            assert_eq!(until(|| rx.test(id)).unwrap(), msgs[i].len());
-            assert!(bufs[i][..msgs[i].len()] == msgs[i][..], "message {i} arrived intact");
-            rx.irecv_consumed(id).unwrap();
-        }
-    }
-}
-
-#[test]
-fn refused_so_zerocopy_falls_back_to_copies() {
-    let net = zerocopy_net(2, 2);
-    net.zerocopy_counters().refuse_enable.store(true, std::sync::atomic::Ordering::Relaxed);
-    move_and_check(&net, 40);
-    let stats = net.zerocopy_stats();
-    assert_eq!(stats.refused_sockets, 4, "every socket of the comm asked and was refused: {stats:?}");
-    assert_eq!((stats.sends, stats.completed, stats.pieces_held), (0, 0, 0), "{stats:?}");
-}
-
-#[test]
-fn enobufs_sends_the_piece_as_a_copy() {
-    let net = zerocopy_net(1, 2);
-    net.zerocopy_counters().enobufs_every.store(3, std::sync::atomic::Ordering::Relaxed);
-    move_and_check(&net, 48);
-    let stats = net.zerocopy_stats();
-    assert!(stats.enobufs_fallbacks > 0 && stats.sends > 0, "both paths were taken: {stats:?}");
-    assert_eq!(stats.completed, stats.sends, "every zero-copy send was reported before its request finished");
-    assert_eq!(stats.pieces_held, 0);
-}
-
 /// A burst of connecting peers waits in the control listener's queue rather than being dropped:
 /// nothing accepts here, so every connect beyond the backlog would stay unanswered (std's 128).
 #[test]
@@ -379,7 +317,7 @@ fn vectored_requests_gather_and_scatter_across_piece_boundaries() {
         // Small enough for the posting thread to send it itself.
         move_vectored(&net, 3000, &[100, 900], &[1500]);
     }
-    move_vectored(&zerocopy_net(2, 1), 200_000, &[20_000, 4096], &[9999]);
+    move_vectored(&small_pieces_net(2, 1), 200_000, &[20_000, 4096], &[9999]);
 }
 
 #[test]
