@@ -8,9 +8,10 @@ import pytest
 
 from uccl_tcpx import p2p
 
-# Every Endpoint method of UCCL's current source that this package implements, plus the 0.1.1
-# two-sided family; the GPU-to-GPU same-host (IPC) methods are listed separately.
+# UCCL's Endpoint methods at its current source (39), and those only its 0.1.1 wheel has (12).
 HEAD_METHODS = [
+    "connect_local", "accept_local", "advertise_ipc", "advertisev_ipc", "write_ipc", "read_ipc",
+    "write_ipc_async", "read_ipc_async", "writev_ipc", "readv_ipc", "writev_ipc_async", "readv_ipc_async",
     "start_passive_accept", "connect", "add_remote_endpoint", "remove_remote_endpoint", "get_metadata",
     "parse_metadata", "accept", "reg", "regv", "dereg", "register_memory", "deregister_memory",
     "get_serialized_descs", "deserialize_descs", "transfer", "read", "write", "read_async", "write_async",
@@ -18,6 +19,7 @@ HEAD_METHODS = [
 ]
 V011_METHODS = [
     "send", "recv", "send_async", "recv_async", "sendv", "recvv", "sendv_async", "recvv_async",
+    "send_ipc", "recv_ipc", "send_ipc_async", "recv_ipc_async",
 ]
 
 

@@ -271,3 +271,64 @@ def test_many_pairs_in_sequence_leave_nothing_behind():
     for _ in range(5):
         p = Pair()
         p.close()
+
+
+def test_connect_local_accept_local_and_the_ipc_calls():
+    with p2p.Endpoint(0) as server, p2p.Endpoint(0) as client:
+        _, _, bdf = p2p.Endpoint.parse_metadata(server.get_metadata())
+        # Both endpoints announce themselves under the same name; the caller's own is skipped.
+        ok, conn = client.connect_local(bdf)
+        assert ok
+        ok, peer_bdf, served = server.accept_local()
+        assert ok and peer_bdf == "" and served == 0
+        sizes = [5000, 1 << 20]
+        srcs = [pattern(s, 30 + i) for i, s in enumerate(sizes)]
+        dsts = [np.zeros(s, np.uint8) for s in sizes]
+        backs = [np.zeros(s, np.uint8) for s in sizes]
+        ok, infos = server.advertisev_ipc(served, [addr(d) for d in dsts], sizes)
+        assert ok and [len(i) for i in infos] == [104, 104]
+        # No registration needed on either side: the calls register (once) on their own.
+        assert client.write_ipc(conn, addr(srcs[0]), sizes[0], infos[0]) is True
+        assert np.array_equal(dsts[0], srcs[0])
+        assert client.read_ipc(conn, addr(backs[0]), sizes[0], infos[0]) is True
+        assert np.array_equal(backs[0], srcs[0])
+        ok, tid = client.write_ipc_async(conn, addr(srcs[1]), sizes[1], infos[1])
+        assert ok and wait_done(client, tid)
+        ok, tid = client.read_ipc_async(conn, addr(backs[1]), sizes[1], infos[1])
+        assert ok and wait_done(client, tid)
+        assert np.array_equal(dsts[1], srcs[1]) and np.array_equal(backs[1], srcs[1])
+        for d in dsts + backs:
+            d[:] = 0
+        assert client.writev_ipc(conn, [addr(s) for s in srcs], sizes, infos) is True
+        assert client.readv_ipc(conn, [addr(b) for b in backs], sizes, infos) is True
+        assert all(np.array_equal(d, s) for d, s in zip(dsts, srcs))
+        assert all(np.array_equal(b, s) for b, s in zip(backs, srcs))
+        ok, tid = client.writev_ipc_async(conn, [addr(s) for s in srcs], sizes, infos)
+        assert ok and wait_done(client, tid)
+        ok, tid = client.readv_ipc_async(conn, [addr(b) for b in backs], sizes, infos)
+        assert ok and wait_done(client, tid)
+        ok, one = server.advertise_ipc(served, addr(dsts[0]), sizes[0])
+        assert ok and one[:12] == infos[0][:12]
+
+        with pytest.raises(RuntimeError, match="info must be exactly 104 bytes"):
+            client.write_ipc(conn, addr(srcs[0]), sizes[0], infos[0][:64])
+        with pytest.raises(RuntimeError, match="not made by advertise_ipc"):
+            client.write_ipc(conn, addr(srcs[0]), sizes[0], bytes(104))
+
+        # UCCL 0.1.1's two-sided same-host calls.
+        dsts[0][:] = 0
+        ok, rtid = server.recv_ipc_async(served, addr(dsts[0]), sizes[0])
+        assert ok
+        assert client.send_ipc(conn, addr(srcs[0]), sizes[0]) is True
+        assert wait_done(server, rtid) and np.array_equal(dsts[0], srcs[0])
+        dsts[0][:] = 0
+        ok, stid = client.send_ipc_async(conn, addr(srcs[0]), sizes[0])
+        assert server.recv_ipc(served, addr(dsts[0]), sizes[0]) is True
+        assert wait_done(client, stid) and np.array_equal(dsts[0], srcs[0])
+
+
+def test_connect_local_finds_no_endpoint_of_an_unknown_gpu():
+    with p2p.Endpoint(0) as ep:
+        assert ep.connect_local("0000:ff:1f.7") == (False, 0)
+        with pytest.raises(TypeError):
+            ep.connect_local()

@@ -17,6 +17,7 @@ import enum
 import ipaddress
 import itertools
 import logging
+import os
 import struct
 import threading
 
@@ -165,6 +166,54 @@ def _item_for(desc):
     return _FIFO.pack(desc.addr, min(desc.size, _U32_MAX), 0, 0, 0, 0, padding)
 
 
+def _rendezvous_dir(bdf):
+    """Where endpoints of this user on this host announce themselves under their GPU's bus id."""
+    base = os.environ.get("UCCL_TCPX_RENDEZVOUS_DIR") or (
+        "/dev/shm" if os.path.isdir("/dev/shm") else os.environ.get("TMPDIR", "/tmp")
+    )
+    return os.path.join(base, f"uccl-tcpx-{os.getuid()}", bdf)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _announced(name, own):
+    """Metadata of the live endpoints announced under `name` other than those at `own`, newest first."""
+    folder = _rendezvous_dir(name)
+    found = []
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        path = os.path.join(folder, name)
+        if path in own or not name.endswith(".meta"):
+            continue
+        try:
+            pid = int(name.split("-", 1)[0])
+        except ValueError:
+            continue
+        if not _alive(pid):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            continue
+        try:
+            with open(path, "rb") as f:
+                found.append((os.stat(path).st_mtime_ns, f.read()))
+        except OSError:
+            continue
+    return [meta for _, meta in sorted(found, reverse=True)]
+
+
 class _Region:
     """A registration shared by the register_memory calls whose buffers lie inside it."""
 
@@ -189,6 +238,8 @@ class Endpoint:
         self._next_mr = itertools.count(0)
         self._regions = []
         self._passive = None
+        self._announcements = []
+        self._auto = {}  # (ptr, size) -> region, the registrations made for the *_ipc calls
         self._closed = False
         if local_gpu_idx is None:
             gpu = -1
@@ -202,6 +253,27 @@ class Endpoint:
                 raise RuntimeError(f"local_gpu_idx {gpu} is out of range: {count} CUDA device(s) are visible")
         self.local_gpu_idx = local_gpu_idx
         self._engine = _engine.create(gpu)
+        self._announce()
+
+    def _announce(self):
+        """Makes this endpoint findable by connect_local on this host: under its GPU's bus id (or
+        "host" without one) and under the GPU index it was created for."""
+        meta = self.get_metadata()
+        _, port, bdf = self.parse_metadata(meta)
+        names = [bdf or "host"]
+        if self.local_gpu_idx is not None:
+            names.append(f"gpu{self.local_gpu_idx}")
+        for name in names:
+            folder = _rendezvous_dir(name)
+            try:
+                os.makedirs(folder, mode=0o700, exist_ok=True)
+                path = os.path.join(folder, f"{os.getpid()}-{port}.meta")
+                with open(path + ".tmp", "wb") as f:
+                    f.write(meta)
+                os.replace(path + ".tmp", path)
+                self._announcements.append(path)
+            except OSError as e:
+                _log.warning("connect_local will not find this endpoint: %s", e)
 
     def __repr__(self):
         return "<UCCL P2P Endpoint>"
@@ -216,6 +288,11 @@ class Endpoint:
                 return
             self._closed = True
             engine = self._engine
+        for path in self._announcements:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
         _engine.stop_accept(engine)
         if self._passive is not None:
             self._passive.join()
@@ -675,6 +752,110 @@ class Endpoint:
         del self._xfers[transfer_id]
         return not failed, True
 
+    # -- same host ------------------------------------------------------------------------------
+
+    def connect_local(self, remote_gpu_bdf=None, remote_gpu_idx=None):
+        """(ok, conn_id) of a connection to the endpoint of this host that serves GPU
+        ``remote_gpu_bdf`` (another endpoint than this one; the newest if several). As in UCCL, it
+        does not wait for the peer's accept_local."""
+        self._live()
+        gpu = remote_gpu_bdf if remote_gpu_bdf is not None else remote_gpu_idx
+        if gpu is None:
+            raise TypeError("connect_local() needs remote_gpu_bdf")
+        gpu = str(gpu).lower()
+        # A bus id names a GPU; a bare number is a GPU index; nothing (or UCCL's "0" for an
+        # unknown GPU) names an endpoint without one.
+        name = "host" if gpu in ("", "0") and remote_gpu_idx is None else (gpu if ":" in gpu else f"gpu{gpu}")
+        for meta in _announced(name, self._announcements):
+            ip, port, _ = self.parse_metadata(meta)
+            ok, conn_id = self.connect(ip, gpu or "0", port)
+            if ok:
+                return ok, conn_id
+        _log.error("connect_local: no live endpoint of this host serves GPU %r", gpu)
+        return False, 0
+
+    def accept_local(self):
+        """Blocks until a peer connects: (ok, remote_gpu_bdf, conn_id). The peer's bus id is not
+        part of the engine's handshake, so it is returned as ""."""
+        ok, _, _, conn_id = self.accept()
+        return ok, "", conn_id
+
+    def _auto_region(self, ptr, size):
+        """The registration of [ptr, ptr+size) the *_ipc calls use: made once, kept until close."""
+        ptr, size = _int(ptr, "ptr"), _int(size, "size")
+        with self._lock:
+            for region in self._regions:
+                if region.base <= ptr and ptr + size <= region.base + region.size:
+                    return region
+        region = self._region_for(self._live(), ptr, size)
+        if region is None:
+            raise RuntimeError(f"cannot register [{ptr:#x}, +{size}) for a same-host transfer")
+        return region
+
+    def advertise_ipc(self, conn_id, ptr, size):
+        """(ok, 104 bytes) letting a peer of this host write or read [ptr, ptr+size); the memory is
+        registered (once) on the way. ``conn_id`` is not used, as in UCCL."""
+        region = self._auto_region(ptr, size)
+        try:
+            fifo = _engine.prepare_fifo(self._engine, region.mr, ptr, size)
+        except RuntimeError as e:
+            _log.error("advertise_ipc: %s", e)
+            return False, b""
+        return True, fifo + _IPC_TAG + bytes(_IPC_LEN - _FIFO_LEN - len(_IPC_TAG))
+
+    def advertisev_ipc(self, conn_id, ptr_v, size_v):
+        if len(ptr_v) != len(size_v):
+            raise RuntimeError("ptr_v and size_v must have the same length")
+        out = []
+        for ptr, size in zip(ptr_v, size_v):
+            ok, blob = self.advertise_ipc(conn_id, ptr, size)
+            if not ok:
+                return False, []
+            out.append(blob)
+        return True, out
+
+    def _ipc_post(self, conn_id, write, ptr_v, size_v, info_v):
+        conn = self._conn(conn_id)
+        if not len(ptr_v) == len(size_v) == len(info_v) or not ptr_v:
+            raise RuntimeError("ptr_v, size_v and info_v must have the same, non-zero length")
+        mrs, metas = [], []
+        for ptr, size, info in zip(ptr_v, size_v, info_v):
+            info = _blob(info, "info", _IPC_LEN)
+            if info[_FIFO_LEN : _FIFO_LEN + len(_IPC_TAG)] != _IPC_TAG:
+                raise RuntimeError("info was not made by advertise_ipc of uccl-tcpx")
+            mrs.append(self._auto_region(ptr, size).mr)
+            metas.append(_resized(info[:_FIFO_LEN], size))
+        try:
+            return conn, _engine.postv(conn, write, mrs, _ints(ptr_v, "ptr_v"), _ints(size_v, "size_v"), metas)
+        except RuntimeError as e:
+            _log.error("%s: %s", "write_ipc" if write else "read_ipc", e)
+            return conn, None
+
+    def write_ipc(self, conn_id, ptr, size, info):
+        """Blocking write of [ptr, ptr+size) to the range advertise_ipc's 104-byte ``info`` names."""
+        return self._finish(*self._ipc_post(conn_id, True, [ptr], [size], [info]), "write_ipc")
+
+    def read_ipc(self, conn_id, ptr, size, info):
+        return self._finish(*self._ipc_post(conn_id, False, [ptr], [size], [info]), "read_ipc")
+
+    def write_ipc_async(self, conn_id, ptr, size, info):
+        return self._started(*self._ipc_post(conn_id, True, [ptr], [size], [info]))
+
+    def read_ipc_async(self, conn_id, ptr, size, info):
+        return self._started(*self._ipc_post(conn_id, False, [ptr], [size], [info]))
+
+    def writev_ipc(self, conn_id, ptr_v, size_v, info_v):
+        return self._finish(*self._ipc_post(conn_id, True, ptr_v, size_v, info_v), "writev_ipc")
+
+    def readv_ipc(self, conn_id, ptr_v, size_v, info_v):
+        return self._finish(*self._ipc_post(conn_id, False, ptr_v, size_v, info_v), "readv_ipc")
+
+    def writev_ipc_async(self, conn_id, ptr_v, size_v, info_v):
+        return self._started(*self._ipc_post(conn_id, True, ptr_v, size_v, info_v))
+
+    def readv_ipc_async(self, conn_id, ptr_v, size_v, info_v):
+        return self._started(*self._ipc_post(conn_id, False, ptr_v, size_v, info_v))
+
     # -- two-sided (UCCL 0.1.1) -----------------------------------------------------------------
 
     def _send_start(self, conn_id, mr_id_v, ptr_v, size_v):
@@ -689,14 +870,7 @@ class Endpoint:
     def _recv_start(self, conn_id, mr_id_v, ptr_v, size_v):
         conn = self._conn(conn_id)
         mrs = [self._engine_mr(m) for m in mr_id_v]
-        ids = []
-        try:
-            for mr, ptr, size in zip(mrs, _ints(ptr_v, "data_ptr_v"), _ints(size_v, "size_v")):
-                ids.append(_engine.recv(conn, mr, ptr, size))
-        except RuntimeError as e:
-            _log.error("recv: %s", e)
-            return conn, None
-        return conn, ids
+        return self._recv_raw(conn, mrs, _ints(ptr_v, "data_ptr_v"), _ints(size_v, "size_v"))
 
     def _wait_all(self, conn, ids, what):
         if ids is None:
@@ -744,6 +918,46 @@ class Endpoint:
         self._vector_args(mr_id_v, data_ptr_v, size_v, num_iovs)
         conn, ids = self._recv_start(conn_id, mr_id_v, data_ptr_v, size_v)
         return (False, 0) if ids is None else (True, self._track(conn, ids))
+
+    def send_ipc(self, conn_id, ptr, size):
+        """UCCL 0.1.1: a blocking send of [ptr, ptr+size), registered on the way."""
+        mr = self._auto_region(ptr, size).mr
+        conn = self._conn(conn_id)
+        try:
+            eid = _engine.send(conn, [mr], [ptr], [size])
+        except RuntimeError as e:
+            _log.error("send_ipc: %s", e)
+            return False
+        return self._finish(conn, eid, "send_ipc")
+
+    def recv_ipc(self, conn_id, ptr, size):
+        mr = self._auto_region(ptr, size).mr
+        conn = self._conn(conn_id)
+        return self._wait_all(*self._recv_raw(conn, [mr], [ptr], [size]), "recv_ipc")
+
+    def send_ipc_async(self, conn_id, ptr, size):
+        mr = self._auto_region(ptr, size).mr
+        conn = self._conn(conn_id)
+        try:
+            return True, self._track(conn, [_engine.send(conn, [mr], [ptr], [size])])
+        except RuntimeError as e:
+            _log.error("send_ipc_async: %s", e)
+            return False, 0
+
+    def recv_ipc_async(self, conn_id, ptr, size):
+        mr = self._auto_region(ptr, size).mr
+        conn, ids = self._recv_raw(self._conn(conn_id), [mr], [ptr], [size])
+        return (False, 0) if ids is None else (True, self._track(conn, ids))
+
+    def _recv_raw(self, conn, mrs, ptrs, sizes):
+        ids = []
+        try:
+            for mr, ptr, size in zip(mrs, ptrs, sizes):
+                ids.append(_engine.recv(conn, mr, ptr, size))
+        except RuntimeError as e:
+            _log.error("recv: %s", e)
+            return conn, None
+        return conn, ids
 
 
 def _bind(method, names, args, kwargs):
