@@ -102,18 +102,29 @@ fn engine_error(api: &Api, status: c_int) -> String {
     format!("{message} ({name})")
 }
 
-/// A failed engine call's message, read on the thread that made the call (the library keeps the
-/// last error per thread), to be raised once the GIL is held again.
-struct Failure(String);
+pyo3::create_exception!(
+    _engine,
+    EngineError,
+    PyRuntimeError,
+    "A call into the engine failed; `status` holds its (negative) status, or None where the call returns a handle."
+);
+
+/// A failed engine call's status and message, read on the thread that made the call (the library
+/// keeps the last error per thread), to be raised once the GIL is held again.
+struct Failure(Option<c_int>, String);
 
 impl From<Failure> for PyErr {
     fn from(f: Failure) -> PyErr {
-        PyRuntimeError::new_err(f.0)
+        let err = EngineError::new_err(f.1);
+        Python::attach(|py| match err.value(py).setattr("status", f.0) {
+            Ok(()) => err,
+            Err(e) => e,
+        })
     }
 }
 
 fn check(api: &Api, rc: c_int) -> Result<c_int, Failure> {
-    if rc < 0 { Err(Failure(engine_error(api, rc))) } else { Ok(rc) }
+    if rc < 0 { Err(Failure(Some(rc), engine_error(api, rc))) } else { Ok(rc) }
 }
 
 fn c_string(s: &str, what: &str) -> PyResult<CString> {
@@ -213,7 +224,7 @@ fn create(py: Python<'_>, gpu: i32) -> PyResult<usize> {
     let made = py.detach(|| {
         // SAFETY: plain integer argument.
         let e = unsafe { (api.create_on)(gpu) };
-        if e.is_null() { Err(Failure(engine_error(api, 0))) } else { Ok(e as usize) }
+        if e.is_null() { Err(Failure(None, engine_error(api, 0))) } else { Ok(e as usize) }
     })?;
     Ok(made)
 }
@@ -253,7 +264,7 @@ fn connect(py: Python<'_>, engine: usize, ip: &str, remote_gpu: &str, port: i32)
         .spawn(move || {
             // SAFETY: valid C strings; the library checks the handle.
             let c = unsafe { (api.connect)(as_engine(engine), ip.as_ptr(), gpu.as_ptr(), port, false) };
-            let outcome = if c.is_null() { Err(Failure(engine_error(api, 0))) } else { Ok(c as usize) };
+            let outcome = if c.is_null() { Err(Failure(None, engine_error(api, 0))) } else { Ok(c as usize) };
             if let Err(std::sync::mpsc::SendError(Ok(c))) = tx.send(outcome) {
                 // SAFETY: the handle just made; nobody else holds it.
                 unsafe { (api.conn_destroy)(as_conn(c)) };
@@ -539,5 +550,6 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(poll, m)?)?;
     m.add_function(wrap_pyfunction!(wait, m)?)?;
     m.add("SLICE_MS", SLICE_MS)?;
+    m.add("EngineError", m.py().get_type::<EngineError>())?;
     Ok(())
 }

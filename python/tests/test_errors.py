@@ -134,10 +134,14 @@ def test_a_larger_local_than_remote_descriptor_fails_the_transfer(ready):
 
 def test_memory_the_engine_cannot_register():
     with p2p.Endpoint(0) as ep:
-        with pytest.raises(RuntimeError, match="uccl_engine_reg"):
-            ep.reg(0, 4096)
-        with pytest.raises(RuntimeError, match="uccl_engine_reg"):
-            ep.reg(addr(np.zeros(8, np.uint8)), 0)
+        for ptr, size in ((0, 4096), (addr(np.zeros(8, np.uint8)), 0)):
+            with pytest.raises(RuntimeError, match="uccl_engine_reg") as raised:
+                ep.reg(ptr, size)
+            assert isinstance(raised.value, _engine.EngineError) and raised.value.status < 0
+        # register_memory marks what it could not register, as UCCL's cache does.
+        empty = np.zeros(0, np.uint8)
+        (desc,) = ep.register_memory([empty])
+        assert desc.mr_id == 2**64 - 1 and desc.rkeys == []
 
 
 def test_a_gpu_index_beyond_the_visible_devices():

@@ -38,6 +38,8 @@ _IPC_TAG = b"TCPXIPC1"
 _FIFO = struct.Struct("<QIIIIQ32s")
 _DESC_HEAD = struct.Struct("<QQQ")
 _U64 = struct.Struct("<Q")
+#: The engine's status for memory it cannot serve (another GPU's).
+_NOT_SUPPORTED = -9
 
 # Process-wide, as UCCL's ids are addresses: an id of one endpoint never names another's transfer.
 _transfer_ids = itertools.count(1)
@@ -529,7 +531,10 @@ class Endpoint:
                     return region
         try:
             mr = _engine.reg(engine, addr, size)
-        except RuntimeError as e:
+        except _engine.EngineError as e:
+            if e.status == _NOT_SUPPORTED:
+                # Memory of a GPU this endpoint does not serve: a mistake to report, not a miss.
+                raise
             _log.warning("register_memory: %s", e)
             return None
         try:
