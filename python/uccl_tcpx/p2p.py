@@ -13,6 +13,7 @@ two-sided ``send``/``recv`` family). Where this module behaves differently on pu
 * ``Endpoint(local_gpu_idx)`` works without a CUDA driver: the engine then serves host memory only.
 """
 
+import bisect
 import enum
 import ipaddress
 import itertools
@@ -238,7 +239,12 @@ class Endpoint:
         self._ipc_regions = {}  # (ptr, size) -> (engine mr, blob) of advertise_ipc / *_ipc
         self._next_conn = itertools.count(0)
         self._next_mr = itertools.count(0)
+        # Live registrations of register_memory and the *_ipc calls, sorted by base address (with
+        # their bases alongside, for bisect), so that finding one that contains a buffer stays
+        # cheap with thousands of them.
         self._regions = []
+        self._region_bases = []
+        self._largest_region = 0
         self._passive = None
         self._announcements = []
         self._auto = {}  # (ptr, size) -> region, the registrations made for the *_ipc calls
@@ -498,7 +504,10 @@ class Endpoint:
             region.refs -= 1
             if region.refs > 0:
                 return
-            self._regions.remove(region)
+            i = bisect.bisect_left(self._region_bases, region.base)
+            while self._regions[i] is not region:
+                i += 1
+            del self._regions[i], self._region_bases[i]
         _engine.dereg(self._engine, region.mr)
 
     def register_memory(self, tensor_list):
@@ -507,28 +516,48 @@ class Endpoint:
         2**64-1 and no keys, as UCCL's cache does."""
         engine = self._live()
         ranges = [_tensor_range(t, i) for i, t in enumerate(tensor_list)]
+        # One pass under the lock for the usual case (blocks of a pool registered before); the
+        # misses register on their own, outside it.
+        with self._lock:
+            hits = [self._containing(addr, size) for addr, size in ranges]
+            for region in hits:
+                if region is not None:
+                    region.refs += 1
+        regions = [hit or self._region_for(engine, addr, size) for hit, (addr, size) in zip(hits, ranges)]
         descs = []
-        for addr, size in ranges:
-            desc = XferDesc()
-            desc.addr, desc.size = addr, size
-            region = self._region_for(engine, addr, size)
-            if region is None:
-                desc.mr_id = _NO_MR
-            else:
-                with self._lock:
+        with self._lock:
+            for (addr, size), region in zip(ranges, regions):
+                desc = XferDesc()
+                desc.addr, desc.size = addr, size
+                if region is None:
+                    desc.mr_id = _NO_MR
+                else:
                     desc.mr_id = next(self._next_mr)
                     self._mrs[desc.mr_id] = (region.mr, region)
-                desc.lkeys = list(region.keys)
-                desc.rkeys = list(region.keys)
-            descs.append(desc)
+                    desc.lkeys = list(region.keys)
+                    desc.rkeys = list(region.keys)
+                descs.append(desc)
         return descs
+
+    def _containing(self, addr, size):
+        """A live registration holding [addr, addr+size), or None. Called with the lock held."""
+        end = addr + size
+        i = bisect.bisect_right(self._region_bases, addr)
+        while i > 0:
+            i -= 1
+            region = self._regions[i]
+            if region.base + region.size >= end:
+                return region
+            if region.base + self._largest_region < end:
+                return None  # no registration further down reaches that far
+        return None
 
     def _region_for(self, engine, addr, size):
         with self._lock:
-            for region in self._regions:
-                if region.base <= addr and addr + size <= region.base + region.size:
-                    region.refs += 1
-                    return region
+            region = self._containing(addr, size)
+            if region is not None:
+                region.refs += 1
+                return region
         try:
             mr = _engine.reg(engine, addr, size)
         except _engine.EngineError as e:
@@ -546,7 +575,10 @@ class Endpoint:
         region = _Region(addr, size, mr, keys)
         region.refs = 1
         with self._lock:
-            self._regions.append(region)
+            i = bisect.bisect_right(self._region_bases, addr)
+            self._region_bases.insert(i, addr)
+            self._regions.insert(i, region)
+            self._largest_region = max(self._largest_region, size)
         return region
 
     def deregister_memory(self, desc_list):
@@ -789,9 +821,9 @@ class Endpoint:
         """The registration of [ptr, ptr+size) the *_ipc calls use: made once, kept until close."""
         ptr, size = _int(ptr, "ptr"), _int(size, "size")
         with self._lock:
-            for region in self._regions:
-                if region.base <= ptr and ptr + size <= region.base + region.size:
-                    return region
+            region = self._containing(ptr, size)
+            if region is not None:
+                return region
         region = self._region_for(self._live(), ptr, size)
         if region is None:
             raise RuntimeError(f"cannot register [{ptr:#x}, +{size}) for a same-host transfer")
