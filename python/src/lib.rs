@@ -490,12 +490,19 @@ fn recv(conn: usize, mr: u64, ptr: usize, size: usize) -> PyResult<u64> {
 
 /// `(status, bytes, error)`: status 1 in progress, 0 done (the id is forgotten), negative failed
 /// (also forgotten; `error` says why).
+///
+/// An unfinished transfer yields the CPU before returning: callers poll in tight loops (UCCL's
+/// benchmarks and tests do), and where cores are short such a loop would otherwise keep the
+/// engine's own threads, which finish the transfer, off the CPU for whole scheduler slices.
 #[pyfunction]
-fn poll(conn: usize, id: u64) -> PyResult<(i32, usize, Option<String>)> {
+fn poll(py: Python<'_>, conn: usize, id: u64) -> PyResult<(i32, usize, Option<String>)> {
     let api = api()?;
     let mut bytes = 0usize;
     // SAFETY: the library checks the handle and the id; `bytes` is writable.
     let rc = unsafe { (api.poll)(as_conn(conn), id, &mut bytes) };
+    if rc == IN_PROGRESS {
+        py.detach(std::thread::yield_now);
+    }
     Ok((rc, bytes, (rc < 0).then(|| engine_error(api, rc))))
 }
 
