@@ -127,7 +127,11 @@ def test_the_gil_is_released_while_accept_and_recv_block():
         assert count > 10000, f"only {count} iterations while recv blocked: the GIL was held"
 
 
-INTERRUPTED = textwrap.dedent(
+# Python turns SIGINT into KeyboardInterrupt only if SIGINT was not ignored when it started, and a
+# shell ignores it for its background jobs (a CI runner's may be one): the children restore it.
+RESTORE_SIGINT = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+
+INTERRUPTED = RESTORE_SIGINT + textwrap.dedent(
     """
     import socket, sys, time
     import numpy as np
@@ -191,7 +195,7 @@ def test_ctrl_c_interrupts_a_synchronous_transfer():
     interrupt("recv")
 
 
-STALLED_WRITE = textwrap.dedent(
+STALLED_WRITE = RESTORE_SIGINT + textwrap.dedent(
     """
     import sys, time
     import numpy as np
