@@ -138,3 +138,19 @@ def test_serialized_descs_byte_format_round_trips():
 def test_conn_id_of_rank_is_never_filled():
     with p2p.Endpoint(0) as ep:
         assert ep.conn_id_of_rank(0) == 2**64 - 1
+
+
+def test_descriptors_from_uccl_round_trip_byte_for_byte():
+    # UCCL's own descriptors carry four NIC keys each way and a 104-byte IPC record; ours eight keys
+    # and none. Both shapes, mixed in one list, come back out exactly as they went in.
+    uccl = struct.pack("<QQQ", 0x7000, 4096, 4) + struct.pack("<8I", *range(1, 9)) + struct.pack("<Q", 104) + bytes(
+        range(104)
+    )
+    ours = struct.pack("<QQQ", 0x9000, 512, 8) + struct.pack("<16I", *range(100, 116)) + struct.pack("<Q", 0)
+    blob = struct.pack("<Q", 3) + ours + uccl + ours
+    descs = p2p.Endpoint.deserialize_descs(blob)
+    assert [(d.addr, d.size, len(d.lkeys)) for d in descs] == [(0x9000, 512, 8), (0x7000, 4096, 4), (0x9000, 512, 8)]
+    assert descs[1].lkeys == [1, 2, 3, 4] and descs[1].rkeys == [5, 6, 7, 8]
+    assert descs[0].rkeys == list(range(108, 116))
+    with p2p.Endpoint(0) as ep:
+        assert ep.get_serialized_descs(descs) == blob

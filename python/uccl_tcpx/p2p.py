@@ -37,7 +37,10 @@ _FIFO_LEN = 64
 _IPC_LEN = 104
 _IPC_TAG = b"TCPXIPC1"
 _FIFO = struct.Struct("<QIIIIQ32s")
+_FIFO_WITH_KEYS = struct.Struct("<QIIIIQ8I")
 _DESC_HEAD = struct.Struct("<QQQ")
+# A descriptor of ours (eight keys each way, no IPC part) in one go.
+_DESC_OF_OURS = struct.Struct("<QQQ8I8IQ")
 _U64 = struct.Struct("<Q")
 #: The engine's status for memory it cannot serve (another GPU's).
 _NOT_SUPPORTED = -9
@@ -163,10 +166,10 @@ def _keys_of(meta):
 
 def _item_for(desc):
     """The FifoItem a remote descriptor stands for (its keys carry our capability)."""
-    if len(desc.rkeys) != 8:
+    keys = desc.rkeys
+    if len(keys) != 8:
         raise RuntimeError("RDMA transfer requires RDMA-registered local and remote descriptors")
-    padding = struct.pack("<8I", *desc.rkeys)
-    return _FIFO.pack(desc.addr, min(desc.size, _U32_MAX), 0, 0, 0, 0, padding)
+    return _FIFO_WITH_KEYS.pack(desc.addr, min(desc.size, _U32_MAX), 0, 0, 0, 0, *keys)
 
 
 def _rendezvous_dir(bdf):
@@ -593,6 +596,9 @@ class Endpoint:
         out = [_U64.pack(len(desc_list))]
         for d in desc_list:
             k = len(d.lkeys)
+            if k == 8 and len(d.rkeys) == 8 and not d._ipc_info:
+                out.append(_DESC_OF_OURS.pack(d.addr, d.size, 8, *d.lkeys, *d.rkeys, 0))
+                continue
             if len(d.rkeys) != k:
                 raise RuntimeError(f"XferDesc has {k} lkeys but {len(d.rkeys)} rkeys")
             out.append(_DESC_HEAD.pack(_int(d.addr, "addr"), _int(d.size, "size"), k))
@@ -615,8 +621,16 @@ class Endpoint:
         if len(b) < 8:
             raise bad
         (n,) = _U64.unpack_from(b, 0)
-        at, descs = 8, []
+        at, descs, end, ours = 8, [], len(b), _DESC_OF_OURS.size
         for _ in range(n):
+            if at + ours <= end:
+                v = _DESC_OF_OURS.unpack_from(b, at)
+                if v[2] == 8 and v[19] == 0:
+                    desc = XferDesc()
+                    desc.addr, desc.size, desc.lkeys, desc.rkeys = v[0], v[1], list(v[3:11]), list(v[11:19])
+                    descs.append(desc)
+                    at += ours
+                    continue
             if at + _DESC_HEAD.size > len(b):
                 raise bad
             addr, size, k = _DESC_HEAD.unpack_from(b, at)
