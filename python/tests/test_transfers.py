@@ -332,3 +332,26 @@ def test_connect_local_finds_no_endpoint_of_an_unknown_gpu():
         assert ep.connect_local("0000:ff:1f.7") == (False, 0)
         with pytest.raises(TypeError):
             ep.connect_local()
+
+
+def test_connect_local_skips_dead_and_refuses_a_foreign_folder(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("UCCL_TCPX_RENDEZVOUS_DIR", str(tmp_path))
+    with p2p.Endpoint(0) as server:
+        mine = tmp_path / f"uccl-tcpx-{os.getuid()}" / "host"
+        assert len(list(mine.glob("*.meta"))) == 1, "the endpoint announced itself"
+        # An entry of a process that is gone, newer than the live one: skipped and removed.
+        dead = mine / "999999999-1.meta"
+        dead.write_bytes(bytes([127, 0, 0, 1, 0, 1, 0]))
+        with p2p.Endpoint(0) as client:
+            ok, conn = client.connect_local("")
+            assert ok
+            assert server.accept_local()[0]
+            assert not dead.exists()
+        assert len(list(mine.glob("*.meta"))) == 1, "the client's entry went with it"
+    assert list(mine.glob("*.meta")) == [], "and the server's"
+    # A folder others may write to is not trusted.
+    os.chmod(tmp_path / f"uccl-tcpx-{os.getuid()}", 0o777)
+    with p2p.Endpoint(0), p2p.Endpoint(0) as b:
+        assert b.connect_local("") == (False, 0)

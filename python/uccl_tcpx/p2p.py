@@ -172,12 +172,22 @@ def _item_for(desc):
     return _FIFO_WITH_KEYS.pack(desc.addr, min(desc.size, _U32_MAX), 0, 0, 0, 0, *keys)
 
 
-def _rendezvous_dir(bdf):
-    """Where endpoints of this user on this host announce themselves under their GPU's bus id."""
+def _rendezvous_dir(name):
+    """Where endpoints of this user on this host announce themselves (under their GPU's bus id,
+    "host", or "gpuN"). The user's folder must be theirs alone: metadata planted by someone else
+    would make connect_local hand them a connection."""
     base = os.environ.get("UCCL_TCPX_RENDEZVOUS_DIR") or (
         "/dev/shm" if os.path.isdir("/dev/shm") else os.environ.get("TMPDIR", "/tmp")
     )
-    return os.path.join(base, f"uccl-tcpx-{os.getuid()}", bdf)
+    mine = os.path.join(base, f"uccl-tcpx-{os.getuid()}")
+    try:
+        os.mkdir(mine, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(mine)
+    if not os.path.isdir(mine) or os.path.islink(mine) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise OSError(f"{mine} is not a folder of this user's alone; connect_local will not use it")
+    return os.path.join(mine, name)
 
 
 def _alive(pid):
@@ -192,11 +202,14 @@ def _alive(pid):
 
 def _announced(name, own):
     """Metadata of the live endpoints announced under `name` other than those at `own`, newest first."""
-    folder = _rendezvous_dir(name)
     found = []
     try:
+        folder = _rendezvous_dir(name)
         names = os.listdir(folder)
     except FileNotFoundError:
+        return []
+    except OSError as e:
+        _log.error("connect_local: %s", e)
         return []
     for name in names:
         path = os.path.join(folder, name)
@@ -275,8 +288,8 @@ class Endpoint:
         if self.local_gpu_idx is not None:
             names.append(f"gpu{self.local_gpu_idx}")
         for name in names:
-            folder = _rendezvous_dir(name)
             try:
+                folder = _rendezvous_dir(name)
                 os.makedirs(folder, mode=0o700, exist_ok=True)
                 path = os.path.join(folder, f"{os.getpid()}-{port}.meta")
                 with open(path + ".tmp", "wb") as f:
