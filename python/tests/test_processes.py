@@ -249,3 +249,41 @@ def test_ctrl_c_interrupts_a_write_to_a_stopped_peer():
             if proc is not None:
                 proc.kill()
                 proc.wait()
+
+
+LOCAL_PEER = textwrap.dedent(
+    """
+    import ctypes, sys
+    import numpy as np
+    from uccl_tcpx import p2p
+    ep = p2p.Endpoint(0)
+    buf = np.zeros(4096, np.uint8)
+    print("ready", flush=True)
+    ok, bdf, conn = ep.accept_local()
+    ok, info = ep.advertise_ipc(conn, buf.ctypes.data, 4096)
+    print(ok, bdf == "", conn, info.hex(), flush=True)
+    sys.stdin.readline()
+    print("got", int(buf.sum()), flush=True)
+    """
+)
+
+
+def test_connect_local_between_two_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("UCCL_TCPX_RENDEZVOUS_DIR", str(tmp_path))
+    peer = spawn(LOCAL_PEER)
+    try:
+        assert line(peer) == "ready"
+        with p2p.Endpoint(0) as ep:
+            ok, conn = ep.connect_local("")
+            assert ok
+            ok, empty_bdf, served, info = line(peer).split()
+            assert (ok, empty_bdf, served) == ("True", "True", "0")
+            src = np.full(4096, 3, np.uint8)
+            assert ep.write_ipc(conn, addr(src), 4096, bytes.fromhex(info))
+            peer.stdin.write("check\n")
+            peer.stdin.flush()
+            assert line(peer) == f"got {3 * 4096}"
+        assert peer.wait(30) == 0
+    finally:
+        peer.kill()
+        peer.wait()
