@@ -813,7 +813,7 @@ class Endpoint:
                 _log.error("transfer %d failed: %s", transfer_id, error)
                 failed = True
             ids.pop(0)
-        del self._xfers[transfer_id]
+        self._xfers.pop(transfer_id, None)
         return not failed, True
 
     # -- same host ------------------------------------------------------------------------------
