@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from conftest import addr, pattern
+from conftest import addr, pattern, run_python
 from uccl_tcpx import p2p
 
 # Signal-to-exception latency allowed on a shared 2-core machine; the target is ~100 ms and the
@@ -287,3 +287,21 @@ def test_connect_local_between_two_processes(tmp_path, monkeypatch):
     finally:
         peer.kill()
         peer.wait()
+
+
+def test_an_interpreter_exits_cleanly_with_endpoints_left_open(tmp_path):
+    # A passive-accept thread keeps its endpoint alive; the exit closes both endpoints anyway, so
+    # the process ends with status 0 and leaves no rendezvous entry behind.
+    code = textwrap.dedent(
+        """
+        from uccl_tcpx import p2p
+        ep = p2p.Endpoint(0)
+        ep.start_passive_accept()
+        other = p2p.Endpoint(0)
+        print("up", flush=True)
+        """
+    )
+    for _ in range(3):
+        result = run_python(code, {"UCCL_TCPX_RENDEZVOUS_DIR": str(tmp_path)}, timeout=60)
+        assert result.returncode == 0 and result.stdout.strip() == "up", result.stderr
+    assert list(tmp_path.rglob("*.meta")) == []

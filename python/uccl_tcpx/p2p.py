@@ -13,6 +13,7 @@ two-sided ``send``/``recv`` family). Where this module behaves differently on pu
 * ``Endpoint(local_gpu_idx)`` works without a CUDA driver: the engine then serves host memory only.
 """
 
+import atexit
 import bisect
 import enum
 import ipaddress
@@ -21,6 +22,7 @@ import logging
 import os
 import struct
 import threading
+import weakref
 
 from . import _engine
 
@@ -47,6 +49,20 @@ _NOT_SUPPORTED = -9
 
 # Process-wide, as UCCL's ids are addresses: an id of one endpoint never names another's transfer.
 _transfer_ids = itertools.count(1)
+
+# Endpoints still open when the interpreter exits are closed first, while Python still runs: a
+# passive-accept thread (which keeps its endpoint alive) must not wake inside the engine after
+# the interpreter is gone.
+_open_endpoints = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_endpoints():
+    for ep in list(_open_endpoints):
+        try:
+            ep.close()
+        except Exception:
+            pass
 
 
 class FloatType(enum.IntEnum):
@@ -252,7 +268,6 @@ class Endpoint:
         self._memo = {}  # metadata bytes -> conn_id (add_remote_endpoint)
         self._mrs = {}  # mr_id -> (engine mr, region or None)
         self._xfers = {}  # transfer id -> (connection handle, [engine ids])
-        self._ipc_regions = {}  # (ptr, size) -> (engine mr, blob) of advertise_ipc / *_ipc
         self._next_conn = itertools.count(0)
         self._next_mr = itertools.count(0)
         # Live registrations of register_memory and the *_ipc calls, sorted by base address (with
@@ -263,7 +278,6 @@ class Endpoint:
         self._largest_region = 0
         self._passive = None
         self._announcements = []
-        self._auto = {}  # (ptr, size) -> region, the registrations made for the *_ipc calls
         self._closed = False
         if local_gpu_idx is None:
             gpu = -1
@@ -277,6 +291,7 @@ class Endpoint:
                 raise RuntimeError(f"local_gpu_idx {gpu} is out of range: {count} CUDA device(s) are visible")
         self.local_gpu_idx = local_gpu_idx
         self._engine = _engine.create(gpu)
+        _open_endpoints.add(self)
         self._announce()
 
     def _announce(self):
