@@ -1,5 +1,6 @@
 """The module's surface: names, constructors, metadata and descriptor byte formats."""
 
+import ctypes
 import inspect
 import ipaddress
 import struct
@@ -154,3 +155,61 @@ def test_descriptors_from_uccl_round_trip_byte_for_byte():
     assert descs[0].rkeys == list(range(108, 116))
     with p2p.Endpoint(0) as ep:
         assert ep.get_serialized_descs(descs) == blob
+
+
+# UCCL's keyword names for each method (its binding's nb::arg list), in order.
+UCCL_ARGS = {
+    "connect": ["remote_ip_addr", "remote_gpu_bdf", "remote_port"],
+    "add_remote_endpoint": ["metadata_bytes"],
+    "remove_remote_endpoint": ["conn_id"],
+    "reg": ["ptr", "size", "floatType"],
+    "regv": ["ptrs", "sizes"],
+    "dereg": ["mr_id"],
+    "register_memory": ["tensor_list"],
+    "deregister_memory": ["desc_list"],
+    "get_serialized_descs": ["desc_list"],
+    "deserialize_descs": ["serialized_bytes"],
+    "transfer": ["conn_id", "op_name", "local_desc_list", "remote_desc_list"],
+    "read": ["conn_id", "mr_id", "ptr", "size", "meta"],
+    "write": ["conn_id", "mr_id", "ptr", "size", "meta"],
+    "read_async": ["conn_id", "mr_id", "ptr", "size", "meta"],
+    "write_async": ["conn_id", "mr_id", "ptr", "size", "meta"],
+    "readv": ["conn_id", "mr_id_v", "ptr_v", "size_v", "meta_blob_v", "num_iovs"],
+    "writev": ["conn_id", "mr_id_v", "ptr_v", "size_v", "meta_blob_v", "num_iovs"],
+    "readv_async": ["conn_id", "mr_id_v", "ptr_v", "size_v", "meta_blob_v", "num_iovs"],
+    "writev_async": ["conn_id", "mr_id_v", "ptr_v", "size_v", "meta_blob_v", "num_iovs"],
+    "connect_local": ["remote_gpu_bdf"],
+    "write_ipc": ["conn_id", "ptr", "size", "info"],
+    "read_ipc": ["conn_id", "ptr", "size", "info"],
+    "write_ipc_async": ["conn_id", "ptr", "size", "info"],
+    "read_ipc_async": ["conn_id", "ptr", "size", "info"],
+    "writev_ipc": ["conn_id", "ptr_v", "size_v", "info_v"],
+    "readv_ipc": ["conn_id", "ptr_v", "size_v", "info_v"],
+    "writev_ipc_async": ["conn_id", "ptr_v", "size_v", "info_v"],
+    "readv_ipc_async": ["conn_id", "ptr_v", "size_v", "info_v"],
+    "advertise_ipc": ["conn_id", "ptr", "size"],
+    "advertisev_ipc": ["conn_id", "ptr_v", "size_v"],
+    "poll_async": ["transfer_id"],
+    "conn_id_of_rank": ["rank"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(UCCL_ARGS))
+def test_keyword_names_are_uccls(name):
+    params = [p for p in inspect.signature(getattr(p2p.Endpoint, name)).parameters if p != "self"]
+    assert params[: len(UCCL_ARGS[name])] == UCCL_ARGS[name]
+
+
+def test_advertise_takes_uccls_keywords_in_both_forms():
+    with p2p.Endpoint(0) as ep:
+        buf = bytearray(4096)
+        ptr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        _, mr = ep.reg(ptr, 4096)
+        ok, one = ep.advertise(mr_id=mr, ptr=ptr, size=4096)
+        assert ok and len(one) == 64
+        ok, many = ep.advertisev(mr_id_v=[mr], ptr_v=[ptr], size_v=[4096], num_iovs=1)
+        assert ok and many[0][:12] == one[:12]
+        with pytest.raises(TypeError, match="unexpected or repeated argument 'bogus'"):
+            ep.advertise(mr, ptr, bogus=1)
+        with pytest.raises(TypeError, match="missing argument"):
+            ep.advertise(mr_id=mr, ptr=ptr)
