@@ -202,3 +202,16 @@ def test_connect_failures_return_false():
         assert ep.connect("no.such.host.invalid", "", 5000) == (False, 0)
         with pytest.raises(ValueError, match="NUL"):
             ep.connect("127.0.0.1\0", "", 5000)
+
+
+def test_a_local_buffer_outside_its_registration_is_refused(ready):
+    p = ready
+    other = pattern(p.n, 9)
+    # The mr_id names the registered source; the pointer is somewhere else.
+    assert p.client.write(p.conn, p.smr, addr(other), p.n, p.meta) is False
+    assert p.client.write(p.conn, p.smr, addr(p.src) + 1, p.n, p.meta) is False, "one byte past its end"
+    assert p.client.write_async(p.conn, p.smr, addr(other), p.n, p.meta) == (False, 0)
+    assert not p.dst.any()
+    with pytest.raises(RuntimeError, match="not mapped"):
+        p.client.reg(0x10000, 4096)
+    still_works(p)
