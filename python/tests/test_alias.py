@@ -1,6 +1,7 @@
 """The opt-in alias: `from uccl import p2p` gives ours only with the printed folder on PYTHONPATH,
 in child processes too, and a real `uccl` further down the path keeps its other modules."""
 
+import ast
 import os
 import shutil
 import subprocess
@@ -81,3 +82,28 @@ def test_a_real_uccl_further_down_keeps_its_other_modules(tmp_path):
     # Without the alias folder, the real package is what `uccl` is.
     plain = run_python("import uccl", {"PYTHONPATH": str(tmp_path / "site")})
     assert "the real package body must not run" in plain.stderr
+
+
+MAPPED = (
+    "import uccl_tcpx, os\n"
+    "paths = {l.split()[-1] for l in open('/proc/self/maps') if 'libuccl_tcpx' in l}\n"
+    "print(sorted(paths), uccl_tcpx.lib_path())\n"
+)
+
+
+def test_one_engine_library_the_packaged_one_or_uccl_tcpx_lib(tmp_path):
+    result = run_python(MAPPED)
+    assert result.returncode == 0, result.stderr
+    mapped, expected = result.stdout.rsplit(" ", 1)
+    assert ast.literal_eval(mapped) == [os.path.realpath(expected.strip())], "one copy, the one inside the package"
+    package = os.path.dirname(uccl_tcpx.__file__)
+    (ext,) = [f for f in os.listdir(package) if f.startswith("_engine")]
+    with open(os.path.join(package, ext), "rb") as f:
+        assert b"libuccl_tcpx.so" not in f.read(), "the extension has no DT_NEEDED on the engine"
+    moved = tmp_path / "libuccl_tcpx.so.0"
+    shutil.copy(uccl_tcpx.lib_path(), moved)
+    result = run_python(MAPPED, {"UCCL_TCPX_LIB": str(moved)})
+    assert result.returncode == 0, result.stderr
+    assert ast.literal_eval(result.stdout.rsplit(" ", 1)[0]) == [str(moved)]
+    missing = run_python("import uccl_tcpx", {"UCCL_TCPX_LIB": str(tmp_path / "nope.so")})
+    assert missing.returncode != 0 and "cannot open the uccl-tcpx engine library" in missing.stderr
