@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+// Borrowed in place: a Vec<u8> would be filled from the bytes object one element at a time.
+use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::PyBytes;
 
 /// How long one blocking slice lasts before signals are checked again.
@@ -451,7 +453,7 @@ fn postv(
     mrs: Vec<u64>,
     ptrs: Vec<usize>,
     sizes: Vec<usize>,
-    metas: Vec<Vec<u8>>,
+    metas: Vec<PyBackedBytes>,
 ) -> PyResult<u64> {
     let fifos = metas.iter().map(|m| fifo_of(m)).collect::<PyResult<Vec<_>>>()?;
     post_vector(py, conn, write, &mrs, &ptrs, &sizes, &fifos)
