@@ -239,6 +239,27 @@ mod tests {
     }
 
     #[test]
+    fn gpu_none_ignores_a_gpu_the_environment_names() {
+        ChildTest::new("ffi::python_support::tests::gpu_none_child")
+            .ignored()
+            .env_cleared("UCCL_TCPX_")
+            .env("UCCL_TCPX_GPU", "1023")
+            .run();
+    }
+
+    /// The child of `gpu_none_ignores_a_gpu_the_environment_names`: UCCL_TCPX_GPU names a GPU no
+    /// machine has, so only an engine that ignores it can be made.
+    #[test]
+    #[ignore = "run by gpu_none_ignores_a_gpu_the_environment_names in a child process"]
+    fn gpu_none_child() {
+        assert!(uccl_tcpx_engine_create_on(UCCL_TCPX_GPU_DEFAULT).is_null(), "the default rules take UCCL_TCPX_GPU");
+        assert!(last_error().contains("UCCL_TCPX_GPU=1023"), "{}", last_error());
+        let e = engine(UCCL_TCPX_GPU_NONE);
+        assert!(metadata(e).ends_with("?0"), "no GPU: {}", metadata(e));
+        uccl_engine_destroy(e);
+    }
+
+    #[test]
     fn gpu_count_matches_the_driver() {
         let n = uccl_tcpx_gpu_count();
         assert!(n >= 0);
