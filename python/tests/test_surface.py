@@ -191,6 +191,13 @@ UCCL_ARGS = {
     "advertisev_ipc": ["conn_id", "ptr_v", "size_v"],
     "poll_async": ["transfer_id"],
     "conn_id_of_rank": ["rank"],
+    # UCCL 0.1.1's two-sided family.
+    **{name: ["conn_id", "mr_id", "ptr", "size"] for name in ("send", "recv", "send_async", "recv_async")},
+    **{
+        name: ["conn_id", "mr_id_v", "data_ptr_v", "size_v", "num_iovs"]
+        for name in ("sendv", "recvv", "sendv_async", "recvv_async")
+    },
+    **{name: ["conn_id", "ptr", "size"] for name in ("send_ipc", "recv_ipc", "send_ipc_async", "recv_ipc_async")},
 }
 
 
