@@ -35,6 +35,17 @@
 #define UCCL_IP_ADDR_BUF_MIN 46
 
 /**
+ * `uccl_tcpx_engine_create_on`'s `gpu`: choose the GPU as `uccl_engine_create` does.
+ */
+#define UCCL_TCPX_GPU_DEFAULT -1
+
+/**
+ * `uccl_tcpx_engine_create_on`'s `gpu`: no GPU at creation, whatever `UCCL_TCPX_GPU` or the
+ * calling thread's current context say; the first device registration still chooses one.
+ */
+#define UCCL_TCPX_GPU_NONE -2
+
+/**
  * Status numbers follow NIXL's `nixl_status_t` so that a NIXL backend can pass them through unchanged.
  * -12 and -13 are left unused because some NIXL versions give them other meanings.
  */
@@ -289,6 +300,45 @@ size_t uccl_engine_get_notifs_v(uccl_notif_v_t *out, size_t capacity);
  * a no-op. NULL is a no-op.
  */
 void uccl_engine_free_notif_v(uccl_notif_v_t *notif);
+
+/**
+ * Creates an engine serving CUDA device `gpu` (an ordinal of the visible devices; it must exist),
+ * or with `UCCL_TCPX_GPU_DEFAULT` as `uccl_engine_create` does, or with `UCCL_TCPX_GPU_NONE`
+ * without a GPU until its first device registration (host memory needs none; this is what a
+ * machine without a CUDA driver gets either way). Everything else is configured from the
+ * environment as for `uccl_engine_create`. Returns NULL on failure.
+ */
+uccl_engine_t *uccl_tcpx_engine_create_on(int gpu);
+
+/**
+ * The number of CUDA devices this process sees; 0 where no CUDA driver loads (host memory only).
+ * Never fails.
+ */
+int uccl_tcpx_gpu_count(void);
+
+/**
+ * Writes to `ip_addr_buf` (at least 46 bytes) as a C string the IP an engine created now with
+ * this environment would advertise in its metadata (`UCCL_TCPX_IP`, else the address of
+ * `UCCL_TCPX_IFNAME`, else the first non-loopback IPv4 interface that is up, else 127.0.0.1),
+ * without creating one. Returns 0 or a negative status.
+ */
+int uccl_tcpx_default_ip(char *ip_addr_buf, size_t ip_addr_buf_len);
+
+/**
+ * `uccl_engine_accept` waiting at most `timeout_ms` (negative: without a limit). Returns 0 with
+ * `*conn`, the peer's IP (in `ip_addr_buf`, at least 46 bytes) and its GPU index set; 1 when no
+ * peer connected in time (`*conn` is NULL; nothing else is written); or a negative status
+ * (`UCCL_STATUS_ERR_CANCELED` after `uccl_engine_stop_accept`).
+ */
+int uccl_tcpx_accept_timeout(uccl_engine_t *engine, int timeout_ms, char *ip_addr_buf, size_t ip_addr_buf_len, int *remote_gpu_idx, uccl_conn_t **conn);
+
+/**
+ * Waits at most `timeout_ms` (negative: without a limit) for a transfer to end. Returns 0 once it
+ * succeeded (then `*bytes`, if `bytes` is not NULL, holds its byte count, and the id is unknown
+ * afterwards, as after `uccl_engine_poll` reported it), 1 when it is still in progress after the
+ * timeout (the id stays valid), or a negative status (its failure, also reported once).
+ */
+int uccl_tcpx_wait(uccl_conn_t *conn, uint64_t transfer_id, int timeout_ms, size_t *bytes);
 
 /**
  * A static description of a status number ("unrecognized status" for unknown numbers); never NULL.

@@ -28,3 +28,4 @@ scripts/c_tests.sh
 # uccl_engine_* symbol UCCL defines must be defined by ours. Prints SKIPPED when PyPI is unreachable.
 scripts/p2p_symbols.sh "$PWD/target/cmake-stage/lib"
 scripts/sanitize.sh
+scripts/python_tests.sh

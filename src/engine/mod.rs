@@ -215,6 +215,13 @@ impl Engine {
     /// internal error for a handshake whose thread panicked, and for good once the accept loop or
     /// the progress thread did.
     pub fn accept(&self) -> Result<Arc<Connection>> {
+        self.accept_within(None)?.ok_or_else(|| Error::new(UcclStatus::ErrInternal, "accept without a limit timed out"))
+    }
+
+    /// `accept`, giving up after `limit`: `Ok(None)` when no peer finished its handshake by then.
+    /// A caller that must stay responsive (to a signal, to shutdown) waits in such slices.
+    pub fn accept_within(&self, limit: Option<Duration>) -> Result<Option<Arc<Connection>>> {
+        let deadline = limit.map(|l| Instant::now() + l);
         let mut state = self.accepted.state.lock();
         loop {
             if self.accepted.stopped.load(Ordering::Acquire) {
@@ -227,12 +234,20 @@ impl Engine {
                 if outcome.is_ok() {
                     self.core.gpu.build_unpack_kernel(&*self.core.net);
                 }
-                return outcome;
+                return outcome.map(Some);
             }
             if let Some(e) = &state.broken {
                 return Err(e.clone().context("accept"));
             }
-            self.accepted.changed.wait(&mut state);
+            match deadline {
+                None => self.accepted.changed.wait(&mut state),
+                Some(deadline) => {
+                    if Instant::now() >= deadline {
+                        return Ok(None);
+                    }
+                    self.accepted.changed.wait_until(&mut state, deadline);
+                }
+            }
         }
     }
 

@@ -11,6 +11,7 @@ mod fifo;
 mod handle;
 mod memory;
 mod notify;
+mod python_support;
 mod status;
 mod xfer;
 
@@ -19,6 +20,7 @@ pub use engine::*;
 pub use fifo::*;
 pub use memory::*;
 pub use notify::*;
+pub use python_support::*;
 pub use status::*;
 pub use xfer::*;
 

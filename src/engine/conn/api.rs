@@ -27,6 +27,8 @@ use crate::transport::{IoSeg, MemKind};
 /// How long a caller waiting on its chunks parks before it looks again unwoken (a safety net: a
 /// completion or the transfer's end unparks it).
 const WAIT_SLICE: Duration = Duration::from_millis(100);
+/// How often `wait_within` polls a connection with same-host device copies outstanding.
+const DEVICE_POLL_SLICE: Duration = Duration::from_millis(1);
 
 /// What a post leaves for after the connection lock: the control messages to send, then the
 /// staged writes' pushes.
@@ -503,6 +505,29 @@ impl Connection {
             tracer.completed(transfer);
         }
         waited
+    }
+
+    /// `wait`, giving up after `limit`: `Ok(None)` while the transfer is still in progress then
+    /// (the id stays valid). The engine's threads finish every transfer without the caller's help,
+    /// so the caller only polls (which runs this transfer's waiting copies, as `poll` does) and
+    /// sleeps until the transfer's end wakes it; a caller that must stay responsive (to a signal)
+    /// waits in such slices.
+    pub fn wait_within(&self, transfer: u64, limit: Duration) -> Result<Option<u64>> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(bytes) = self.poll(transfer)? {
+                return Ok(Some(bytes));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            // Copies of the same-host GPU path finish when a poll sees their event, so those are
+            // looked at every millisecond; anything else wakes the parked caller when it ends.
+            let slice =
+                if self.device_batches.load(Ordering::Acquire) > 0 { DEVICE_POLL_SLICE.min(left) } else { left };
+            self.core.transfers.get(self.id, transfer)?.park_until_finished(slice);
+        }
     }
 
     /// A transfer that ends on its own chunks (reads over the channels) is finished by whoever

@@ -1,0 +1,564 @@
+//! `uccl_tcpx._engine`: the engine's C ABI as Python functions over plain integers (engine and
+//! connection handles, addresses, ids), for `uccl_tcpx.p2p` to build UCCL's `Endpoint` on.
+//!
+//! The engine library is not linked: `load` opens the `libuccl_tcpx.so.0` the package carries (or
+//! the one `UCCL_TCPX_LIB` names), so that this module and every other user of that library in the
+//! process (a NIXL plugin) share its process-wide state: one CUDA IPC table, one connection
+//! registry, one notification queue. Handles are checked by the library (a stale or foreign handle
+//! is an error, never a dereference), so passing integers across is safe.
+//!
+//! Every call that can block runs with the GIL released, and the long ones (accept, connect, the
+//! wait for a transfer) in slices of at most `SLICE_MS`, checking for signals between slices, so
+//! that Ctrl-C interrupts them promptly.
+
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+// Borrowed in place: a Vec<u8> would be filled from the bytes object one element at a time.
+use pyo3::pybacked::PyBackedBytes;
+use pyo3::types::PyBytes;
+
+/// How long one blocking slice lasts before signals are checked again.
+const SLICE_MS: c_int = 50;
+const FIFO_LEN: usize = 64;
+/// INET6_ADDRSTRLEN, the engine's minimum for an address buffer.
+const IP_BUF_LEN: usize = 46;
+const IN_PROGRESS: c_int = 1;
+
+// The 64-byte wire form of a FifoItem is its in-memory layout on a little-endian machine, which is
+// what lets the blobs Python holds be handed to the C ABI as FifoItem arrays without conversion.
+#[cfg(not(target_endian = "little"))]
+compile_error!("the FifoItem blobs are passed through as the C struct: little-endian targets only");
+
+/// One FifoItem as the C ABI takes it (64 bytes, 8-byte aligned).
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+struct Fifo([u8; FIFO_LEN]);
+
+type Engine = *mut c_void;
+type Conn = *mut c_void;
+
+/// The C functions used, resolved once from the opened library.
+struct Api {
+    last_error: unsafe extern "C" fn(*mut c_char, usize) -> usize,
+    status_str: unsafe extern "C" fn(c_int) -> *const c_char,
+    create_on: unsafe extern "C" fn(c_int) -> Engine,
+    destroy: unsafe extern "C" fn(Engine),
+    get_metadata: unsafe extern "C" fn(Engine, *mut *mut c_char) -> c_int,
+    free_string: unsafe extern "C" fn(*mut c_char),
+    connect: unsafe extern "C" fn(Engine, *const c_char, *const c_char, c_int, bool) -> Conn,
+    accept_timeout: unsafe extern "C" fn(Engine, c_int, *mut c_char, usize, *mut c_int, *mut Conn) -> c_int,
+    stop_accept: unsafe extern "C" fn(Engine),
+    conn_destroy: unsafe extern "C" fn(Conn),
+    conn_is_local: unsafe extern "C" fn(Conn) -> bool,
+    reg: unsafe extern "C" fn(Engine, usize, usize, *mut u64) -> c_int,
+    mr_destroy: unsafe extern "C" fn(Engine, u64),
+    prepare_fifo: unsafe extern "C" fn(Engine, u64, *const c_void, usize, *mut c_char) -> c_int,
+    write_vector: VectorFn,
+    read_vector: VectorFn,
+    send_vector: unsafe extern "C" fn(Conn, *const u64, *const *const c_void, *const usize, c_int, *mut u64) -> c_int,
+    recv_async: unsafe extern "C" fn(Conn, u64, *mut c_void, usize, *mut u64) -> c_int,
+    poll: unsafe extern "C" fn(Conn, u64, *mut usize) -> c_int,
+    wait: unsafe extern "C" fn(Conn, u64, c_int, *mut usize) -> c_int,
+    gpu_count: unsafe extern "C" fn() -> c_int,
+    default_ip: unsafe extern "C" fn(*mut c_char, usize) -> c_int,
+}
+
+type VectorFn = unsafe extern "C" fn(
+    Conn,
+    *const u64,
+    *const *mut c_void,
+    *const usize,
+    *const Fifo,
+    c_int,
+    *mut u64,
+    *const *mut c_char,
+) -> c_int;
+
+static API: OnceLock<Api> = OnceLock::new();
+
+fn api() -> PyResult<&'static Api> {
+    API.get().ok_or_else(|| PyRuntimeError::new_err("the uccl-tcpx engine library is not loaded"))
+}
+
+/// This thread's last error from the engine library, prefixed by the status's name.
+fn engine_error(api: &Api, status: c_int) -> String {
+    let mut buf = vec![0 as c_char; 1024];
+    // SAFETY: the buffer holds buf.len() bytes; the function writes at most that, NUL included.
+    let full = unsafe { (api.last_error)(buf.as_mut_ptr(), buf.len()) };
+    if full >= buf.len() {
+        buf = vec![0 as c_char; full + 1];
+        // SAFETY: as above, with room for the whole message.
+        unsafe { (api.last_error)(buf.as_mut_ptr(), buf.len()) };
+    }
+    // SAFETY: the library NUL-terminated the buffer.
+    let message = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned();
+    if status >= 0 {
+        return message;
+    }
+    // SAFETY: the library returns a static string for any number.
+    let name = unsafe { CStr::from_ptr((api.status_str)(status)) }.to_string_lossy();
+    format!("{message} ({name})")
+}
+
+pyo3::create_exception!(
+    _engine,
+    EngineError,
+    PyRuntimeError,
+    "A call into the engine failed; `status` holds its (negative) status, or None where the call returns a handle."
+);
+
+/// A failed engine call's status and message, read on the thread that made the call (the library
+/// keeps the last error per thread), to be raised once the GIL is held again.
+struct Failure(Option<c_int>, String);
+
+impl From<Failure> for PyErr {
+    fn from(f: Failure) -> PyErr {
+        let err = EngineError::new_err(f.1);
+        Python::attach(|py| match err.value(py).setattr("status", f.0) {
+            Ok(()) => err,
+            Err(e) => e,
+        })
+    }
+}
+
+fn check(api: &Api, rc: c_int) -> Result<c_int, Failure> {
+    if rc < 0 { Err(Failure(Some(rc), engine_error(api, rc))) } else { Ok(rc) }
+}
+
+fn c_string(s: &str, what: &str) -> PyResult<CString> {
+    CString::new(s).map_err(|_| PyValueError::new_err(format!("{what} contains a NUL byte")))
+}
+
+fn as_engine(handle: usize) -> Engine {
+    handle as Engine
+}
+
+fn as_conn(handle: usize) -> Conn {
+    handle as Conn
+}
+
+fn fifo_of(meta: &[u8]) -> PyResult<Fifo> {
+    let bytes: [u8; FIFO_LEN] = meta.try_into().map_err(|_| {
+        PyValueError::new_err(format!("meta must be exactly 64 bytes (serialized FifoItem), got {}", meta.len()))
+    })?;
+    Ok(Fifo(bytes))
+}
+
+/// Opens the engine library at `path` (once per process; later calls must name the same file).
+#[pyfunction]
+fn load(path: &str) -> PyResult<()> {
+    if API.get().is_some() {
+        return Ok(());
+    }
+    // SAFETY: the library's initializers are the Rust runtime's and its logger's; opening it runs
+    // nothing else.
+    let lib = unsafe { libloading::Library::new(path) }
+        .map_err(|e| PyRuntimeError::new_err(format!("cannot open the uccl-tcpx engine library {path}: {e}")))?;
+    // The library stays mapped for the process's life (it is built with -z nodelete anyway), so
+    // the function pointers below never dangle.
+    let lib: &'static libloading::Library = Box::leak(Box::new(lib));
+    macro_rules! sym {
+        ($name:literal) => {
+            // SAFETY: each symbol is declared above with the signature include/uccl_engine.h gives it.
+            *unsafe { lib.get($name) }.map_err(|e| {
+                PyRuntimeError::new_err(format!(
+                    "{path} lacks {}: {e} (an engine library older than this package?)",
+                    String::from_utf8_lossy(&$name[..$name.len() - 1])
+                ))
+            })?
+        };
+    }
+    let api = Api {
+        last_error: sym!(b"uccl_engine_last_error\0"),
+        status_str: sym!(b"uccl_engine_status_str\0"),
+        create_on: sym!(b"uccl_tcpx_engine_create_on\0"),
+        destroy: sym!(b"uccl_engine_destroy\0"),
+        get_metadata: sym!(b"uccl_engine_get_metadata\0"),
+        free_string: sym!(b"uccl_engine_free_string\0"),
+        connect: sym!(b"uccl_engine_connect\0"),
+        accept_timeout: sym!(b"uccl_tcpx_accept_timeout\0"),
+        stop_accept: sym!(b"uccl_engine_stop_accept\0"),
+        conn_destroy: sym!(b"uccl_engine_conn_destroy\0"),
+        conn_is_local: sym!(b"uccl_engine_conn_is_local\0"),
+        reg: sym!(b"uccl_engine_reg\0"),
+        mr_destroy: sym!(b"uccl_engine_mr_destroy\0"),
+        prepare_fifo: sym!(b"uccl_engine_prepare_fifo\0"),
+        write_vector: sym!(b"uccl_engine_write_vector\0"),
+        read_vector: sym!(b"uccl_engine_read_vector\0"),
+        send_vector: sym!(b"uccl_engine_send_vector\0"),
+        recv_async: sym!(b"uccl_engine_recv_async\0"),
+        poll: sym!(b"uccl_engine_poll\0"),
+        wait: sym!(b"uccl_tcpx_wait\0"),
+        gpu_count: sym!(b"uccl_tcpx_gpu_count\0"),
+        default_ip: sym!(b"uccl_tcpx_default_ip\0"),
+    };
+    let _ = API.set(api);
+    Ok(())
+}
+
+/// The number of CUDA devices visible; 0 without a CUDA driver.
+#[pyfunction]
+fn gpu_count(py: Python<'_>) -> PyResult<i32> {
+    let api = api()?;
+    // SAFETY: no arguments; never fails. Detached: loading the CUDA driver takes a moment.
+    Ok(py.detach(|| unsafe { (api.gpu_count)() }))
+}
+
+/// The IP an engine created now would advertise.
+#[pyfunction]
+fn default_ip() -> PyResult<String> {
+    let api = api()?;
+    let mut buf = [0 as c_char; IP_BUF_LEN];
+    // SAFETY: the buffer holds IP_BUF_LEN bytes, the minimum the function asks for.
+    check(api, unsafe { (api.default_ip)(buf.as_mut_ptr(), buf.len()) })?;
+    // SAFETY: NUL-terminated by the call on success.
+    Ok(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+}
+
+/// Creates an engine for GPU `gpu` (-1: the default rules, -2: none until a device registration).
+#[pyfunction]
+fn create(py: Python<'_>, gpu: i32) -> PyResult<usize> {
+    let api = api()?;
+    let made = py.detach(|| {
+        // SAFETY: plain integer argument.
+        let e = unsafe { (api.create_on)(gpu) };
+        if e.is_null() { Err(Failure(None, engine_error(api, 0))) } else { Ok(e as usize) }
+    })?;
+    Ok(made)
+}
+
+/// Destroys an engine (closing its connections). Unknown handles are ignored.
+#[pyfunction]
+fn destroy(py: Python<'_>, engine: usize) -> PyResult<()> {
+    let api = api()?;
+    // SAFETY: the library checks the handle.
+    py.detach(|| unsafe { (api.destroy)(as_engine(engine)) });
+    Ok(())
+}
+
+/// The engine's metadata string, `ip:port?gpu`.
+#[pyfunction]
+fn metadata(engine: usize) -> PyResult<String> {
+    let api = api()?;
+    let mut text: *mut c_char = std::ptr::null_mut();
+    // SAFETY: the library checks the handle and writes a string it allocated.
+    check(api, unsafe { (api.get_metadata)(as_engine(engine), &mut text) })?;
+    // SAFETY: a NUL-terminated string from the library, freed right after the copy.
+    let s = unsafe { CStr::from_ptr(text) }.to_string_lossy().into_owned();
+    // SAFETY: as above.
+    unsafe { (api.free_string)(text) };
+    Ok(s)
+}
+
+/// Connects to `ip:port`; returns the connection handle. Runs on a helper thread, so that a
+/// signal interrupts the caller's wait; a connection that completes after that is closed.
+#[pyfunction]
+fn connect(py: Python<'_>, engine: usize, ip: &str, remote_gpu: &str, port: i32) -> PyResult<usize> {
+    let api = api()?;
+    let (ip, gpu) = (c_string(ip, "remote_ip_addr")?, c_string(remote_gpu, "remote_gpu")?);
+    let (tx, rx) = std::sync::mpsc::channel::<Result<usize, Failure>>();
+    std::thread::Builder::new()
+        .name("uccl-connect".into())
+        .spawn(move || {
+            // SAFETY: valid C strings; the library checks the handle.
+            let c = unsafe { (api.connect)(as_engine(engine), ip.as_ptr(), gpu.as_ptr(), port, false) };
+            let outcome = if c.is_null() { Err(Failure(None, engine_error(api, 0))) } else { Ok(c as usize) };
+            if let Err(std::sync::mpsc::SendError(Ok(c))) = tx.send(outcome) {
+                // SAFETY: the handle just made; nobody else holds it.
+                unsafe { (api.conn_destroy)(as_conn(c)) };
+            }
+        })
+        .map_err(|e| PyRuntimeError::new_err(format!("cannot start a connect thread: {e}")))?;
+    let mut rx = rx;
+    loop {
+        // The receiver is moved in and out: it may be used from one thread at a time only.
+        let (got, back) = py.detach(move || (rx.recv_timeout(Duration::from_millis(SLICE_MS as u64)), rx));
+        rx = back;
+        match got {
+            Ok(outcome) => return Ok(outcome?),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => py.check_signals()?,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(PyRuntimeError::new_err("the connect thread ended without an outcome"));
+            }
+        }
+    }
+}
+
+/// Waits for a peer: `(conn, ip, gpu_idx)`, or None when `timeout_ms` (None: no limit) passed
+/// first. Raises when accepting was stopped or failed.
+#[pyfunction]
+#[pyo3(signature = (engine, timeout_ms=None))]
+fn accept(py: Python<'_>, engine: usize, timeout_ms: Option<u64>) -> PyResult<Option<(usize, String, i32)>> {
+    let api = api()?;
+    let deadline = timeout_ms.map(|ms| std::time::Instant::now() + Duration::from_millis(ms));
+    loop {
+        let slice = match deadline {
+            None => SLICE_MS,
+            Some(d) => {
+                d.saturating_duration_since(std::time::Instant::now()).as_millis().min(SLICE_MS as u128) as c_int
+            }
+        };
+        let got = py.detach(|| {
+            let mut ip = [0 as c_char; IP_BUF_LEN];
+            let (mut gpu, mut conn): (c_int, Conn) = (0, std::ptr::null_mut());
+            // SAFETY: buffers of the sizes given; the library checks the handle.
+            let rc = unsafe {
+                (api.accept_timeout)(as_engine(engine), slice, ip.as_mut_ptr(), ip.len(), &mut gpu, &mut conn)
+            };
+            check(api, rc)?;
+            if rc == IN_PROGRESS {
+                return Ok(None);
+            }
+            // SAFETY: NUL-terminated by the call on success.
+            let ip = unsafe { CStr::from_ptr(ip.as_ptr()) }.to_string_lossy().into_owned();
+            Ok::<_, Failure>(Some((conn as usize, ip, gpu)))
+        })?;
+        if got.is_some() {
+            return Ok(got);
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            return Ok(None);
+        }
+        py.check_signals()?;
+    }
+}
+
+/// Makes accepts of this engine (blocked or later) fail promptly.
+#[pyfunction]
+fn stop_accept(engine: usize) -> PyResult<()> {
+    let api = api()?;
+    // SAFETY: the library checks the handle.
+    unsafe { (api.stop_accept)(as_engine(engine)) };
+    Ok(())
+}
+
+/// Closes a connection. Unknown handles are ignored.
+#[pyfunction]
+fn conn_destroy(py: Python<'_>, conn: usize) -> PyResult<()> {
+    let api = api()?;
+    // SAFETY: the library checks the handle.
+    py.detach(|| unsafe { (api.conn_destroy)(as_conn(conn)) });
+    Ok(())
+}
+
+/// Whether the peer of `conn` runs on this host.
+#[pyfunction]
+fn conn_is_local(conn: usize) -> PyResult<bool> {
+    let api = api()?;
+    // SAFETY: the library checks the handle.
+    Ok(unsafe { (api.conn_is_local)(as_conn(conn)) })
+}
+
+/// Registers `[ptr, ptr + size)`; returns the region id.
+#[pyfunction]
+fn reg(py: Python<'_>, engine: usize, ptr: usize, size: usize) -> PyResult<u64> {
+    let api = api()?;
+    let mr = py.detach(|| {
+        let mut mr = 0u64;
+        // SAFETY: the library checks the handle and the range; `mr` is writable.
+        check(api, unsafe { (api.reg)(as_engine(engine), ptr, size, &mut mr) }).map(|_| mr)
+    })?;
+    Ok(mr)
+}
+
+/// Deregisters a region (a fence: afterwards no engine thread touches it).
+#[pyfunction]
+fn dereg(py: Python<'_>, engine: usize, mr: u64) -> PyResult<()> {
+    let api = api()?;
+    // SAFETY: the library checks the handle and the id.
+    py.detach(|| unsafe { (api.mr_destroy)(as_engine(engine), mr) });
+    Ok(())
+}
+
+/// The 64-byte capability for `[ptr, ptr + size)` of region `mr`.
+#[pyfunction]
+fn prepare_fifo<'py>(
+    py: Python<'py>,
+    engine: usize,
+    mr: u64,
+    ptr: usize,
+    size: usize,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let api = api()?;
+    let mut out = [0u8; FIFO_LEN];
+    // SAFETY: `out` holds the 64 bytes the call writes; the library checks the rest.
+    check(api, unsafe {
+        (api.prepare_fifo)(as_engine(engine), mr, ptr as *const c_void, size, out.as_mut_ptr().cast())
+    })?;
+    Ok(PyBytes::new(py, &out))
+}
+
+fn post_vector(
+    py: Python<'_>,
+    conn: usize,
+    write: bool,
+    mrs: &[u64],
+    ptrs: &[usize],
+    sizes: &[usize],
+    fifos: &[Fifo],
+) -> PyResult<u64> {
+    let api = api()?;
+    let n = mrs.len();
+    if n == 0 || ptrs.len() != n || sizes.len() != n || fifos.len() != n {
+        return Err(PyValueError::new_err(format!(
+            "every list must have the same, non-zero length (got {n}, {}, {}, {})",
+            ptrs.len(),
+            sizes.len(),
+            fifos.len()
+        )));
+    }
+    let count =
+        c_int::try_from(n).map_err(|_| PyValueError::new_err(format!("{n} items are too many for one call")))?;
+    let f = if write { api.write_vector } else { api.read_vector };
+    let post = || {
+        let mut id = 0u64;
+        // SAFETY: four arrays of `n` elements each; the pointers are the caller's registered
+        // memory, which the engine checks against its registrations.
+        let rc = unsafe {
+            f(
+                as_conn(conn),
+                mrs.as_ptr(),
+                ptrs.as_ptr().cast(),
+                sizes.as_ptr(),
+                fifos.as_ptr(),
+                count,
+                &mut id,
+                std::ptr::null(),
+            )
+        };
+        check(api, rc).map(|_| id)
+    };
+    // Posting a few items costs microseconds: only large calls are worth releasing the GIL for.
+    let id = if n > 64 { py.detach(post)? } else { post()? };
+    Ok(id)
+}
+
+/// Posts one one-sided write (`write=True`) or read of `size` bytes at `ptr` against the remote
+/// range the 64-byte `meta` describes; returns the transfer id.
+#[pyfunction]
+fn post(py: Python<'_>, conn: usize, write: bool, mr: u64, ptr: usize, size: usize, meta: &[u8]) -> PyResult<u64> {
+    post_vector(py, conn, write, &[mr], &[ptr], &[size], &[fifo_of(meta)?])
+}
+
+/// Posts one-sided writes or reads of several items under one transfer id.
+#[pyfunction]
+fn postv(
+    py: Python<'_>,
+    conn: usize,
+    write: bool,
+    mrs: Vec<u64>,
+    ptrs: Vec<usize>,
+    sizes: Vec<usize>,
+    metas: Vec<PyBackedBytes>,
+) -> PyResult<u64> {
+    let fifos = metas.iter().map(|m| fifo_of(m)).collect::<PyResult<Vec<_>>>()?;
+    post_vector(py, conn, write, &mrs, &ptrs, &sizes, &fifos)
+}
+
+/// Sends messages (each matched by one peer receive) under one transfer id.
+#[pyfunction]
+fn send(py: Python<'_>, conn: usize, mrs: Vec<u64>, ptrs: Vec<usize>, sizes: Vec<usize>) -> PyResult<u64> {
+    let api = api()?;
+    let n = mrs.len();
+    if n == 0 || ptrs.len() != n || sizes.len() != n {
+        return Err(PyValueError::new_err("mrs, ptrs and sizes must have the same, non-zero length"));
+    }
+    let count =
+        c_int::try_from(n).map_err(|_| PyValueError::new_err(format!("{n} items are too many for one call")))?;
+    let id = py.detach(|| {
+        let mut id = 0u64;
+        // SAFETY: three arrays of `n` elements; the engine checks the memory against its registrations.
+        let rc = unsafe {
+            (api.send_vector)(as_conn(conn), mrs.as_ptr(), ptrs.as_ptr().cast(), sizes.as_ptr(), count, &mut id)
+        };
+        check(api, rc).map(|_| id)
+    })?;
+    Ok(id)
+}
+
+/// Posts a receive of at most `size` bytes into `ptr`; returns the transfer id.
+#[pyfunction]
+fn recv(conn: usize, mr: u64, ptr: usize, size: usize) -> PyResult<u64> {
+    let api = api()?;
+    let mut id = 0u64;
+    // SAFETY: the engine checks the memory against its registrations; `id` is writable.
+    check(api, unsafe { (api.recv_async)(as_conn(conn), mr, ptr as *mut c_void, size, &mut id) })?;
+    Ok(id)
+}
+
+/// `(status, bytes, error)`: status 1 in progress, 0 done (the id is forgotten), negative failed
+/// (also forgotten; `error` says why).
+///
+/// An unfinished transfer yields the CPU before returning: callers poll in tight loops (UCCL's
+/// benchmarks and tests do), and where cores are short such a loop would otherwise keep the
+/// engine's own threads, which finish the transfer, off the CPU for whole scheduler slices.
+#[pyfunction]
+fn poll(py: Python<'_>, conn: usize, id: u64) -> PyResult<(i32, usize, Option<String>)> {
+    let api = api()?;
+    let mut bytes = 0usize;
+    // SAFETY: the library checks the handle and the id; `bytes` is writable.
+    let rc = unsafe { (api.poll)(as_conn(conn), id, &mut bytes) };
+    if rc == IN_PROGRESS {
+        py.detach(std::thread::yield_now);
+    }
+    Ok((rc, bytes, (rc < 0).then(|| engine_error(api, rc))))
+}
+
+/// Waits for a transfer to end: `(status, bytes, error)` as `poll` gives them, with status 1 only
+/// when `timeout_ms` (None: no limit) passed first. Signals are checked between slices; one
+/// raises here (KeyboardInterrupt) and leaves the transfer running.
+#[pyfunction]
+#[pyo3(signature = (conn, id, timeout_ms=None))]
+fn wait(py: Python<'_>, conn: usize, id: u64, timeout_ms: Option<u64>) -> PyResult<(i32, usize, Option<String>)> {
+    let api = api()?;
+    let deadline = timeout_ms.map(|ms| std::time::Instant::now() + Duration::from_millis(ms));
+    loop {
+        let slice = match deadline {
+            None => SLICE_MS,
+            Some(d) => {
+                d.saturating_duration_since(std::time::Instant::now()).as_millis().min(SLICE_MS as u128) as c_int
+            }
+        };
+        let (rc, bytes, error) = py.detach(|| {
+            let mut bytes = 0usize;
+            // SAFETY: the library checks the handle and the id; `bytes` is writable.
+            let rc = unsafe { (api.wait)(as_conn(conn), id, slice, &mut bytes) };
+            (rc, bytes, (rc < 0).then(|| engine_error(api, rc)))
+        });
+        if rc != IN_PROGRESS || deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            return Ok((rc, bytes, error));
+        }
+        py.check_signals()?;
+    }
+}
+
+#[pymodule]
+fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(load, m)?)?;
+    m.add_function(wrap_pyfunction!(gpu_count, m)?)?;
+    m.add_function(wrap_pyfunction!(default_ip, m)?)?;
+    m.add_function(wrap_pyfunction!(create, m)?)?;
+    m.add_function(wrap_pyfunction!(destroy, m)?)?;
+    m.add_function(wrap_pyfunction!(metadata, m)?)?;
+    m.add_function(wrap_pyfunction!(connect, m)?)?;
+    m.add_function(wrap_pyfunction!(accept, m)?)?;
+    m.add_function(wrap_pyfunction!(stop_accept, m)?)?;
+    m.add_function(wrap_pyfunction!(conn_destroy, m)?)?;
+    m.add_function(wrap_pyfunction!(conn_is_local, m)?)?;
+    m.add_function(wrap_pyfunction!(reg, m)?)?;
+    m.add_function(wrap_pyfunction!(dereg, m)?)?;
+    m.add_function(wrap_pyfunction!(prepare_fifo, m)?)?;
+    m.add_function(wrap_pyfunction!(post, m)?)?;
+    m.add_function(wrap_pyfunction!(postv, m)?)?;
+    m.add_function(wrap_pyfunction!(send, m)?)?;
+    m.add_function(wrap_pyfunction!(recv, m)?)?;
+    m.add_function(wrap_pyfunction!(poll, m)?)?;
+    m.add_function(wrap_pyfunction!(wait, m)?)?;
+    m.add("SLICE_MS", SLICE_MS)?;
+    m.add("EngineError", m.py().get_type::<EngineError>())?;
+    Ok(())
+}
