@@ -1,7 +1,8 @@
-//! The 128-byte listen handle. Bytes 0..32 are the socket transport's own handle; 32..44 mark it as
-//! this fake's; 44..48 hold the listener's data socket count, which the connector uses as TCPX's
-//! does (`num_socks` of `tcpxHandle`, connect.cc `tcpxConnectV5`); bytes 80..88 are where `connect` keeps its state between polls, exactly where TCPX
-//! keeps its `connect_args` pointer (zero as written by `listen`).
+//! The 128-byte listen handle. Bytes 0..32 are the socket transport's own handle (and 88..124 its
+//! data links, where it has any); 32..44 mark it as this fake's; 44..48 hold the listener's data
+//! socket count, which the connector uses as TCPX's does (`num_socks` of `tcpxHandle`, connect.cc
+//! `tcpxConnectV5`); bytes 80..88 are where `connect` keeps its state between polls, exactly where
+//! TCPX keeps its `connect_args` pointer (zero as written by `listen`).
 
 use uccl_tcpx::ncclnet::NCCL_NET_HANDLE_MAXSIZE;
 use uccl_tcpx::transport::NetHandle;

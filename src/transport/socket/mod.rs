@@ -57,6 +57,12 @@ use window::MAX_REQUESTS;
 use wire::SocketHello;
 
 const HANDLE_MAGIC: u32 = 0x4B53_5455;
+/// Where a handle lists the listener's data links: a 2-byte mark, the count, a zero byte, then the
+/// addresses. Bytes 0..32 hold the rest; 32..88 are left to whoever wraps this transport (the fake
+/// NIC keeps its mark and state there), so the links sit at the end.
+const LINKS_AT: usize = 88;
+const LINKS_MARK: [u8; 2] = *b"DL";
+const _: () = assert!(LINKS_AT + 4 + 4 * MAX_DATA_LINKS <= crate::proto::NET_HANDLE_SIZE);
 /// Data links a handle names at most (`UCCL_TCPX_SOCKET_IFNAME`): an A3 VM has four data NICs.
 pub const MAX_DATA_LINKS: usize = 8;
 
@@ -264,9 +270,13 @@ impl SocketHandle {
             }
         }
         h[24..32].copy_from_slice(&self.nonce.to_le_bytes());
-        h[32] = self.nlinks as u8;
-        for (i, link) in self.links[..self.nlinks].iter().enumerate() {
-            h[36 + 4 * i..40 + 4 * i].copy_from_slice(&link.octets());
+        if self.nlinks > 0 {
+            h[LINKS_AT..LINKS_AT + 2].copy_from_slice(&LINKS_MARK);
+            h[LINKS_AT + 2] = self.nlinks as u8;
+            for (i, link) in self.links[..self.nlinks].iter().enumerate() {
+                let at = LINKS_AT + 4 + 4 * i;
+                h[at..at + 4].copy_from_slice(&link.octets());
+            }
         }
         h
     }
@@ -286,7 +296,7 @@ impl SocketHandle {
             return Err(Error::invalid("socket transport handle has no usable address"));
         }
         let nonce = u64::from_le_bytes(h[24..32].try_into().expect("8 bytes"));
-        let nlinks = h[32] as usize;
+        let nlinks = if h[LINKS_AT..LINKS_AT + 2] == LINKS_MARK { h[LINKS_AT + 2] as usize } else { 0 };
         if nlinks > MAX_DATA_LINKS {
             return Err(Error::invalid(format!(
                 "socket transport handle names {nlinks} data links, at most {MAX_DATA_LINKS} are allowed"
@@ -294,7 +304,8 @@ impl SocketHandle {
         }
         let mut links = [Ipv4Addr::UNSPECIFIED; MAX_DATA_LINKS];
         for (i, link) in links[..nlinks].iter_mut().enumerate() {
-            *link = Ipv4Addr::from(<[u8; 4]>::try_from(&h[36 + 4 * i..40 + 4 * i]).expect("4 bytes"));
+            let at = LINKS_AT + 4 + 4 * i;
+            *link = Ipv4Addr::from(<[u8; 4]>::try_from(&h[at..at + 4]).expect("4 bytes"));
             if link.is_unspecified() || link.is_broadcast() || link.is_multicast() {
                 return Err(Error::invalid(format!("socket transport handle names data link {link}")));
             }

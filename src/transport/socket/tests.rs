@@ -30,11 +30,18 @@ fn handles_carry_data_links_and_refuse_bad_ones() {
     assert_eq!(back, h);
     assert_eq!(&back.links[..back.nlinks], &links[..]);
     let mut many = h.encode();
-    many[32] = MAX_DATA_LINKS as u8 + 1;
+    many[LINKS_AT + 2] = MAX_DATA_LINKS as u8 + 1;
     assert!(SocketHandle::decode(&many).unwrap_err().message().contains("data links"));
     let mut zero = h.encode();
-    zero[40..44].fill(0);
+    zero[LINKS_AT + 8..LINKS_AT + 12].fill(0);
     assert!(SocketHandle::decode(&zero).is_err(), "an unspecified link");
+    // Whoever wraps the transport may write bytes 32..88 (the fake NIC does): no links there.
+    let mut wrapped = SocketHandle::new("198.18.0.2:4242".parse().unwrap(), 77, &[]).encode();
+    wrapped[32..88].fill(0x46);
+    assert_eq!(SocketHandle::decode(&wrapped).unwrap().nlinks, 0);
+    let mut wrapped = h.encode();
+    wrapped[32..88].fill(0x46);
+    assert_eq!(SocketHandle::decode(&wrapped).unwrap(), h, "nor do its bytes disturb the links");
 }
 
 /// Socket k of a comm goes from our link k to theirs, each side's list taken in turn from the
