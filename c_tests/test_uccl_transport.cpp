@@ -291,6 +291,12 @@ void test_engine_flow(uccl::RDMAEndpoint &a, uccl::RDMAEndpoint &b) {
   Link ab3, ba3;
   REQUIRE(connect_as_engine(a, 3, b, 0, &ab3, &ba3, &reported));
   CHECK_EQ(reported, 3);
+  // The C function behind it refuses a negative index other than -1 before connecting.
+  int port = static_cast<int>(b.get_p2p_listen_port(b.get_best_dev_idx(0)));
+  CHECK(uccl_engine_connect_from_gpu(a.engine(), "127.0.0.1", "0", port, -2) == nullptr);
+  char err[256];
+  last_error_text(err, sizeof err);
+  CHECKF(strstr(err, "local_gpu_idx -2 is neither -1 nor a GPU index") != nullptr, "said: %s", err);
 
   // test_engine_send.py's shape: an 8 KiB receive into a 4 KiB registration takes 4 KiB.
   uint8_t *src = xalloc(1 << 20), *dst = xalloc(1 << 20);
