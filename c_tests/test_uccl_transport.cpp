@@ -236,7 +236,7 @@ void test_numa_from_sysfs() {
   d = describe("127.0.0.1:5000?0", r);
   CHECK(d.name == "nic lo");
   CHECK_EQ(d.numa, -1);
-  d = describe("192.0.2.77:5000?0", r);  // an address no interface holds
+  d = describe("203.0.113.254:5000?0", r);  // an address no interface holds (TEST-NET-3)
   CHECK(d.name == "host");
   std::string cleanup = "rm -rf '" + r + "'";
   CHECK_EQ(system(cleanup.c_str()), 0);
@@ -391,6 +391,23 @@ void test_hard_errors() {
   CHECKF(aborted(st), "a refused post did not abort (status %d): %s", st, err.c_str());
   CHECKF(err.find("uccl::RDMAEndpoint: write post") != std::string::npos &&
              err.find("not minted by uccl-tcpx") != std::string::npos,
+         "abort message: %s", err.c_str());
+
+  // A post the adapter itself refuses names its own reason.
+  st = in_child(
+      [] {
+        uccl::RDMAEndpoint a(ENGINE_CPUS);
+        uccl::ucclRequest ureq;
+        void *data[2] = {nullptr, nullptr};
+        int size[2] = {1, 1};
+        uccl::Mhandle *mhs[2] = {nullptr, nullptr};
+        (void)a.uccl_recv_async(nullptr, mhs, data, size, 2, &ureq);
+        _exit(0);
+      },
+      &err);
+  CHECKF(aborted(st), "a two-buffer receive did not abort (status %d): %s", st, err.c_str());
+  CHECKF(err.find("uccl::RDMAEndpoint: receive post") != std::string::npos &&
+             err.find("only one buffer per receive (n == 1) is supported") != std::string::npos,
          "abort message: %s", err.c_str());
 
   // UCCL_TCPX_ADAPTER_ERRORS=report restores reporting; a bad value is refused by name.

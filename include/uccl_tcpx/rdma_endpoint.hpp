@@ -436,9 +436,12 @@ class TcpxEndpoint {
   int uccl_recv_async(UcclFlow *flow, struct Mhandle **mhandles, void **data, int *size, int n,
                       struct ucclRequest *ureq) {
     if (ureq == nullptr) return UCCL_STATUS_ERR_INVALID_PARAM;
-    if (n != 1) return fail(ureq, ReqRx, flow, UCCL_STATUS_ERR_NOT_SUPPORTED);
+    if (n != 1)
+      return fail(ureq, ReqRx, flow, UCCL_STATUS_ERR_NOT_SUPPORTED,
+                  "only one buffer per receive (n == 1) is supported");
     if (mhandles == nullptr || data == nullptr || size == nullptr || size[0] < 0)
-      return fail(ureq, ReqRx, flow, UCCL_STATUS_ERR_INVALID_PARAM);
+      return fail(ureq, ReqRx, flow, UCCL_STATUS_ERR_INVALID_PARAM,
+                  "NULL handle, buffer or size array, or a negative size");
     void *buf = data[0];
     size_t max_size = static_cast<size_t>(size[0]);
     return post(ureq, ReqRx, flow, mhandles[0], buf, 0, [&](uccl_conn_t *c, uccl_mr_t mr, uint64_t *id) {
@@ -568,11 +571,16 @@ class TcpxEndpoint {
     }
   }
 
-  /* Under ErrorPolicy::kAbort: says which request failed and how, then aborts. */
-  void hard_error(ucclRequest const *ureq, char const *stage, int status) {
+  /* Under ErrorPolicy::kAbort: says which request failed and how (`why`, else the library's last
+   * error), then aborts. */
+  void hard_error(ucclRequest const *ureq, char const *stage, int status,
+                  char const *why = nullptr) {
     if (policy_.load() != ErrorPolicy::kAbort) return;
     char err[512] = {0};
-    uccl_engine_last_error(err, sizeof err);
+    if (why != nullptr)
+      std::snprintf(err, sizeof err, "%s", why);
+    else
+      uccl_engine_last_error(err, sizeof err);
     std::fprintf(stderr,
                  "uccl::RDMAEndpoint: %s %s on connection %p failed with status %d (%s): %s\n"
                  "uccl::RDMAEndpoint: aborting, as UCCL's RDMA transport does on a failed work "
@@ -662,13 +670,13 @@ class TcpxEndpoint {
     }
   }
 
-  /* Marks a request that could not be posted as complete with `status`; returns `status`. */
-  int fail(ucclRequest *ureq, ReqType type, UcclFlow *flow, int status) {
+  /* Marks a request the adapter refused (`why`) as complete with `status`; returns `status`. */
+  int fail(ucclRequest *ureq, ReqType type, UcclFlow *flow, int status, char const *why) {
     init(ureq, type, flow, nullptr, 0);
     ureq->req_pool = nullptr;
     ureq->tcpx_state = kStateDone;
     ureq->tcpx_status = status;
-    hard_error(ureq, "post", status);
+    hard_error(ureq, "post", status, why);
     return status;
   }
 
@@ -676,7 +684,9 @@ class TcpxEndpoint {
   int post(ucclRequest *ureq, ReqType type, UcclFlow *flow, Mhandle const *mh, void const *local,
            uint64_t remote, Start &&start) {
     if (ureq == nullptr) return UCCL_STATUS_ERR_INVALID_PARAM;
-    if (mh == nullptr || mh->mr == nullptr) return fail(ureq, type, flow, UCCL_STATUS_ERR_INVALID_PARAM);
+    if (mh == nullptr || mh->mr == nullptr)
+      return fail(ureq, type, flow, UCCL_STATUS_ERR_INVALID_PARAM,
+                  "the memory handle is NULL or that of a failed registration");
     if (!reserve_slot()) return -1;
     init(ureq, type, flow, local, remote);
     uint64_t id = 0;
