@@ -118,10 +118,14 @@ int oversized_message(bool report) {
   int gpu = -1;
   if (!connect_as_engine(a, 0, b, 0, &ab, &ba, &gpu)) return WAIT_TIMED_OUT;
   uint8_t *src = xalloc(8192), *dst = xalloc(8192);
+  fill_pattern(src, 8192, 1);
   memset(dst, 0x3C, 8192);
   uccl::Mhandle *smh = nullptr, *dmh = nullptr;
-  if (a.uccl_regmr(0, src, 8192, 0, &smh) != 0 || b.uccl_regmr(0, dst, 4096, 0, &dmh) != 0)
+  if (a.uccl_regmr(0, src, 8192, 0, &smh) != 0 || b.uccl_regmr(0, dst, 4096, 0, &dmh) != 0) {
+    free(src);
+    free(dst);
     return WAIT_TIMED_OUT;
+  }
   uccl::ucclRequest rreq, sreq;
   if (recv_like_engine(b, ba, dmh, dst, 8192, &rreq) != 0) return WAIT_TIMED_OUT;
   a.set_error_policy(uccl::ErrorPolicy::kReport);  // the sender's failure is not the point here
@@ -129,6 +133,10 @@ int oversized_message(bool report) {
   int st = wait_req(b, &rreq);
   if (!check_fill(dst, 8192, 0x3C, "receive buffer after a refused message")) st = -999;
   (void)wait_req(a, &sreq);
+  a.uccl_deregmr(smh);
+  b.uccl_deregmr(dmh);
+  free(src);
+  free(dst);
   return st;
 }
 
