@@ -5,13 +5,17 @@ The server (GPU index 0) registers and advertises buffers; the client (GPU index
 writes, reads, does the same with the async calls and poll_async, writes and reads vectors
 (regv / advertisev / writev / readv), sends into a receive posted larger than its registration,
 and deregisters. Every byte is checked on the side that owns it, and accept must report the
-client's GPU index. Needs numpy only (no torch, no GPU).
+client's GPU index. Then a message too large for the registration behind a receive: the receiving
+process must abort naming the cause, not report success. Needs numpy only (no torch, no GPU).
 
 Prints one line per check and ends with "smoke: N passed, N failed".
 """
 
 import multiprocessing as mp
+import os
+import signal
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -154,6 +158,63 @@ def client(pipe, result):
     result.put(("client", c.passed, c.failed))
 
 
+def refused_server(pipe, err_path):
+    # Everything this process writes to stderr (the adapter's abort message) lands in err_path.
+    fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(fd, 2)
+    ep = p2p.Endpoint(SERVER_GPU, 4)
+    pipe.send(bytes(ep.get_metadata()))
+    ok, _, _, conn = ep.accept()
+    buf = np.full(8192, 0xEE, dtype=np.uint8)
+    ok, mr = ep.reg(ptr(buf), 4096)
+    pipe.send("posting")
+    # UCCL's engine never reads the receive's status: the process must not return True here.
+    ok = ep.recv(conn, mr, ptr(buf), 8192)
+    print(f"recv returned {ok} for a message that does not fit", flush=True)
+    os._exit(0)
+
+
+def refused_client(pipe):
+    md = pipe.recv()
+    ip, port, remote_gpu = p2p.Endpoint.parse_metadata(md)
+    ep = p2p.Endpoint(CLIENT_GPU, 4)
+    ok, conn = ep.connect(ip, remote_gpu, remote_port=port)
+    msg = pattern(8192, 400)
+    ok, mr = ep.reg(ptr(msg), msg.nbytes)
+    pipe.recv()
+    ep.send(conn, mr, ptr(msg), msg.nbytes)
+    os._exit(0)
+
+
+def refused_message():
+    """An 8 KiB message into a receive whose registration holds 4 KiB: the receiving process
+    aborts with the reason (UCCL's RDMA transport fails the process on such an error too), where
+    the engine would otherwise have returned True with nothing received."""
+    checks = Checks("refusal")
+    err_path = os.path.join(tempfile.mkdtemp(), "server.err")
+    a, b = mp.Pipe()
+    server = mp.Process(target=refused_server, args=(a, err_path), name="refused-server")
+    client = mp.Process(target=refused_client, args=(b,), name="refused-client")
+    server.start()
+    client.start()
+    server.join(120)
+    client.join(120)
+    for p in (server, client):
+        if p.exitcode is None:
+            p.terminate()
+            p.join(10)
+    err = open(err_path, errors="replace").read()
+    checks.check(server.exitcode == -signal.SIGABRT,
+                 f"the receiving process aborted (exit code {server.exitcode})")
+    checks.check("uccl::RDMAEndpoint: receive transfer" in err and
+                 "would land outside memory region" in err,
+                 "its last words name the receive and why: " +
+                 next((line for line in err.splitlines() if "would land outside" in line), "(none)"))
+    checks.check(client.exitcode in (0, -signal.SIGABRT),
+                 f"the sender ended (exit code {client.exitcode}: its send failed too)")
+    return checks.passed, checks.failed
+
+
 def main():
     a, b = mp.Pipe()
     result = mp.Queue()
@@ -184,6 +245,9 @@ def main():
         else:
             passed += got[who][0]
             failed += got[who][1]
+    rp, rf = refused_message()
+    passed += rp
+    failed += rf
     print(f"smoke: {passed} passed, {failed} failed", flush=True)
     return 0 if failed == 0 and passed > 0 else 1
 

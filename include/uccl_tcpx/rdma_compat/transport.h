@@ -15,7 +15,7 @@
  *      ucclParamNumGpuRtStreams()  UCCL_NUM_GPU_RT_STREAMS  default 4, 1..64
  *      ucclParamRCMode()           UCCL_RCMODE              default 1, 0..1 (every connection of
  *                                  this library is reliable and takes one-sided reads and
- *                                  writes; 0 makes the engine refuse them, as UCCL's UC mode does)
+ *                                  writes; with 0 the engine aborts on them, as in UCCL's UC mode)
  *      ucclParamNUM_ENGINES()      UCCL_NUM_ENGINES         default 4, 1..256 (the engine only
  *                                  derives FifoItem::engine_offset from it, which is ignored here)
  *    and UCCL_PARAM(name, "ENV", default) to declare more the same way (range: any int64);
