@@ -148,18 +148,19 @@ static void test_forged_items(void) {
   int rc;
 
   item = retarget((uintptr_t)adv + 64, 256);
-  /* padding[8..16] carries the token; padding[0..8] the region id. */
-  item.padding[8] = (char)(item.padding[8] ^ 0x5a);
+  /* padding[0..4] is UCCL's engine_offset, padding[4..12] the region id, padding[12..20] the token
+   * (bytes 36..44 and 44..52 of the item). */
+  item.padding[12] = (char)(item.padding[12] ^ 0x5a);
   expect_refused_write(item, 256, "write with a tampered token");
   expect_refused_read(item, 256, "read with a tampered token");
 
   item = retarget((uintptr_t)adv + 64, 256);
-  item.padding[15] = (char)(item.padding[15] ^ 0x01);
+  item.padding[19] = (char)(item.padding[19] ^ 0x01);
   expect_refused_write(item, 256, "write with a token off by one bit");
   check_link_still_works("tampered tokens");
 
   item = retarget((uintptr_t)adv + 64, 256);
-  item.padding[0] = (char)(item.padding[0] ^ 0x01);
+  item.padding[4] = (char)(item.padding[4] ^ 0x01);
   rc = write_at(item, 256, 0xBAD);
   CHECKF(rc < 0 && rc != WAIT_TIMED_OUT, "write with a tampered region id: status %d", rc);
   CHECK(b_intact("write with a tampered region id"));

@@ -15,6 +15,36 @@
 #include <stdint.h>
 
 /**
+ * UCCL's 64-byte FifoItem: the capability `uccl_engine_prepare_fifo` writes for a peer. Callers
+ * may change `addr` and `size` (to address a sub-range of what the target advertised) and
+ * `engine_offset`, which UCCL's engine sets per chunk and uccl-tcpx ignores; the rest is opaque
+ * (bytes 36..64 carry the region id and token the target checks, see docs/UCCL_ENGINE.md).
+ * `engine_offset` shares bytes 32..36 with the first four bytes of `padding` (where a C99 compiler
+ * other than GCC or Clang sees only `padding`).
+ */
+typedef struct FifoItem {
+  uint64_t addr;
+  uint32_t size;
+  uint32_t rkey;
+  uint32_t nmsgs;
+  uint32_t rid;
+  uint64_t idx;
+#if defined(__cplusplus) || (defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L)
+  union {
+    char padding[32];
+    uint32_t engine_offset;
+  };
+#elif defined(__GNUC__)
+  __extension__ union {
+    char padding[32];
+    uint32_t engine_offset;
+  };
+#else
+  char padding[32];
+#endif
+} FifoItem;
+
+/**
  * Size of `notify_msg_t`'s fields.
  */
 #define MSG_SIZE 256
@@ -80,16 +110,6 @@ typedef struct uccl_engine uccl_engine;
 typedef struct uccl_conn uccl_conn_t;
 
 typedef struct uccl_engine uccl_engine_t;
-
-typedef struct FifoItem {
-  uint64_t addr;
-  uint32_t size;
-  uint32_t rkey;
-  uint32_t nmsgs;
-  uint32_t rid;
-  uint64_t idx;
-  char padding[32];
-} FifoItem;
 
 /**
  * A registered memory region's id.
@@ -190,6 +210,14 @@ void uccl_engine_free_string(char *s);
  * `same_process` is accepted for compatibility; such connections use the network path too.
  */
 uccl_conn_t *uccl_engine_connect(uccl_engine_t *engine, const char *ip_addr, const char *remote_gpu, int remote_port, bool same_process);
+
+/**
+ * `uccl_engine_connect` (with `same_process` false) that tells the peer `local_gpu_idx` as this
+ * side's GPU index, which the peer's `uccl_engine_accept` reports; -1 tells the index of the GPU
+ * the engine serves, as `uccl_engine_connect` does (0 for a host-only engine). Any other negative
+ * index is refused. For callers that number GPUs themselves, such as UCCL's engine.
+ */
+uccl_conn_t *uccl_engine_connect_from_gpu(uccl_engine_t *engine, const char *ip_addr, const char *remote_gpu, int remote_port, int local_gpu_idx);
 
 /**
  * Blocks until a peer connects (or `uccl_engine_stop_accept`). Writes the peer's IP as a C string
@@ -392,7 +420,10 @@ int uccl_engine_send(uccl_conn_t *conn, uccl_mr_t mr, const void *data, size_t s
 int uccl_engine_send_vector(uccl_conn_t *conn, const uccl_mr_t *mr_ids, const void *const *src_v, const size_t *size_v, int num_iovs, uint64_t *transfer_id);
 
 /**
- * Posts a receive of at most `max_size` bytes; receives match the peer's sends in order.
+ * Posts a receive of at most `max_size` bytes; receives match the peer's sends in order. As with
+ * UCCL's RDMA transport, `[data, data + max_size)` may run past the end of region `mr` (it must
+ * start inside it): a message fails this receive (and the peer's send) with
+ * `UCCL_STATUS_ERR_NOT_ALLOWED`, writing nothing, if its bytes would not all land in the region.
  */
 int uccl_engine_recv_async(uccl_conn_t *conn, uccl_mr_t mr, void *data, size_t max_size, uint64_t *transfer_id);
 

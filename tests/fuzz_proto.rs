@@ -32,8 +32,8 @@ use uccl_tcpx::proto::{
 
 /// `proto::FRAME_HEADER_LEN` is crate-private; `FrameHeader::to_bytes` pins the same number.
 const HEADER_LEN: usize = 8;
-/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 16.
-const VERSION: u16 = 16;
+/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 17.
+const VERSION: u16 = 17;
 const CHANNEL_HELLO_LEN: usize = 16;
 const FIFO_LEN: usize = 64;
 /// Protocol limits (crate-private in `proto`); `limits_match_the_codec` checks each against the codec.
@@ -465,7 +465,17 @@ fn check_fifo_item(bytes: &[u8; FIFO_LEN]) -> bool {
             // reproduce the padding byte for byte (no second encoding is accepted).
             let minted = FifoItem::with_capability(item.addr, item.size, cap);
             assert_eq!(minted.padding, item.padding);
-            assert_eq!(FifoItem { rkey: item.rkey, nmsgs: item.nmsgs, rid: item.rid, idx: item.idx, ..minted }, item);
+            assert_eq!(
+                FifoItem {
+                    rkey: item.rkey,
+                    nmsgs: item.nmsgs,
+                    rid: item.rid,
+                    idx: item.idx,
+                    engine_offset: item.engine_offset,
+                    ..minted
+                },
+                item
+            );
             assert_eq!(minted.capability(), Ok(cap));
             true
         }
@@ -870,7 +880,7 @@ fn fifo_items_random_and_mutated() {
     let (accepted, _) = run("FifoItem::from_bytes + capability", 20_000, input, check_fifo_item);
     // Any single bit flipped in the capability trailer (magic, version, reserved tail) is refused.
     let minted = sample_fifo_items()[0].1.to_bytes();
-    for byte in 48..FIFO_LEN {
+    for byte in 52..FIFO_LEN {
         for bit in 0..8 {
             let mut b = minted;
             b[byte] ^= 1 << bit;

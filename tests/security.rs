@@ -282,7 +282,7 @@ fn locally_garbled_items_fail_at_post_with_invalid_param() {
     let mut bad_version = s.window;
     bad_version.padding[20] ^= 1;
     let mut dirty_tail = s.window;
-    dirty_tail.padding[31] = 1;
+    dirty_tail.padding[27] = 1;
     let mut too_small = s.window;
     too_small.size = 10;
     let cases = [

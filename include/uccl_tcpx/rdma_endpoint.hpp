@@ -15,15 +15,25 @@
  *    the control stream is internal to the library (notifications go through
  *    uccl_engine_send_notif).
  *  - Mhandle::mr points to a TcpxMr (region id, address, length), not to an ibv_mr.
- *  - FifoItem is the 64-byte capability of uccl_engine.h. Only `addr` and `size` may be changed (to
- *    address a sub-range of what the target advertised); it has no `engine_offset` field, because
- *    its padding carries the region id and token the target checks.
+ *  - FifoItem is the 64-byte capability of uccl_engine.h, with UCCL's fields. `addr` and `size`
+ *    may be changed (to address a sub-range of what the target advertised), and so may
+ *    `engine_offset` (bytes 32..36), which UCCL's engine sets per chunk and this library ignores;
+ *    bytes 36..64 carry the region id and token the target checks. uccl::serialize_fifo_item and
+ *    uccl::deserialize_fifo_item are the wire helpers, as in UCCL's transport.
+ *  - Devices: get_best_dev_idx() returns the index of the device this endpoint's engine serves in
+ *    uccl::RDMAFactory (its GPU, else the NIC of its address), whose numa_node comes from sysfs.
  *  - Posts return 0 once the transfer is under way. -1 means "not posted, retry later", as with
  *    RDMA: it is returned only while set_max_outstanding()'s limit is reached (no limit by
  *    default) or when the library reports UCCL_STATUS_ERR_NOT_POSTED; the request is then not in
  *    flight and can be reused for the retry. Any other negative value is a hard error (a
  *    uccl_status_t): the request is then already complete, so uccl_poll_ureq_once() returns true
  *    for it at once and request_status() tells the error.
+ *  - Hard errors and ErrorPolicy: with ErrorPolicy::kReport (the default of TcpxEndpoint) a hard
+ *    error is only recorded, for request_status(). With ErrorPolicy::kAbort (the default of the
+ *    uccl::RDMAEndpoint that uccl_tcpx/rdma_compat/transport.h defines for UCCL's engine, which
+ *    never reads a request's status) the error is printed to stderr and the process aborts, as
+ *    UCCL's RDMA transport does on a failed work completion, instead of the caller taking the
+ *    request for a success. UCCL_TCPX_ADAPTER_ERRORS=report|abort overrides either default.
  *  - The other entry points (accept with or without `remote_dev`, get_p2p_listen_fd, regmr
  *    failures, prepare_fifo_metadata) document their choices where they are defined.
  *  - uccl_poll_ureq_once() returns true once the transfer finished, successfully or not (so a
@@ -40,24 +50,169 @@
 #endif
 
 #include "../uccl_engine.h"
+#include "engine_cxx.hpp" /* ::serialize_fifo_item, ::deserialize_fifo_item */
 
 #include <atomic>
+#include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <fstream>
 #include <mutex>
 #include <new>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include <arpa/inet.h>
+#include <ifaddrs.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+namespace uccl_tcpx {
+/* Where an engine's device sits, read from sysfs. `root` is "/sys" except in tests. */
+namespace sysfs {
+
+/* The integer in a sysfs numa_node file: -1 when the file is missing, unreadable or not an
+ * integer, as the kernel itself writes for a device without NUMA locality. */
+inline int read_numa_node(std::string const &path) {
+  std::ifstream in(path);
+  if (!in.is_open()) return -1;
+  std::string text;
+  std::getline(in, text);
+  errno = 0;
+  char *end = nullptr;
+  long value = std::strtol(text.c_str(), &end, 10);
+  if (end == text.c_str() || errno != 0 || value < -1 || value > 4095) return -1;
+  while (*end == ' ' || *end == '\n') end++;
+  if (*end != '\0') return -1;
+  return static_cast<int>(value);
+}
+
+/* A PCI device by bus id in sysfs form ("0000:4a:00.0"). */
+inline int pci_numa_node(std::string const &bus_id, std::string const &root = "/sys") {
+  if (bus_id.empty() || bus_id.find('/') != std::string::npos) return -1;
+  return read_numa_node(root + "/bus/pci/devices/" + bus_id + "/numa_node");
+}
+
+/* A network interface by name; -1 for virtual ones (no device behind them). */
+inline int netdev_numa_node(std::string const &ifname, std::string const &root = "/sys") {
+  if (ifname.empty() || ifname.find('/') != std::string::npos) return -1;
+  return read_numa_node(root + "/class/net/" + ifname + "/device/numa_node");
+}
+
+/* The interface holding IP address `ip` (IPv4 or IPv6 text), or "" when none does. */
+inline std::string netdev_of_ip(std::string const &ip) {
+  struct ifaddrs *all = nullptr;
+  if (getifaddrs(&all) != 0) return "";
+  std::string found;
+  for (struct ifaddrs *ifa = all; ifa != nullptr && found.empty(); ifa = ifa->ifa_next) {
+    if (ifa->ifa_addr == nullptr || ifa->ifa_name == nullptr) continue;
+    char text[INET6_ADDRSTRLEN] = {0};
+    void const *addr = nullptr;
+    if (ifa->ifa_addr->sa_family == AF_INET)
+      addr = &reinterpret_cast<struct sockaddr_in const *>(ifa->ifa_addr)->sin_addr;
+    else if (ifa->ifa_addr->sa_family == AF_INET6)
+      addr = &reinterpret_cast<struct sockaddr_in6 const *>(ifa->ifa_addr)->sin6_addr;
+    if (addr == nullptr) continue;
+    if (inet_ntop(ifa->ifa_addr->sa_family, addr, text, sizeof text) != nullptr && ip == text)
+      found = ifa->ifa_name;
+  }
+  freeifaddrs(all);
+  return found;
+}
+
+/* What an engine serves, from its metadata "ip:port?gpu": its GPU when `gpu` is a PCI bus id,
+ * else the NIC that holds `ip`, else the host as a whole. `numa` is what sysfs reports (-1: no
+ * locality known). */
+struct Device {
+  std::string name; /* "gpu 0000:4a:00.0", "nic eth0" or "host" */
+  int numa;
+};
+
+inline Device describe(std::string const &metadata, std::string const &root = "/sys") {
+  std::string::size_type q = metadata.find('?');
+  std::string gpu = q == std::string::npos ? std::string() : metadata.substr(q + 1);
+  if (gpu.find(':') != std::string::npos) return Device{"gpu " + gpu, pci_numa_node(gpu, root)};
+  std::string ip = metadata.substr(0, q);
+  std::string::size_type colon = ip.rfind(':');
+  if (colon != std::string::npos) ip.resize(colon);
+  if (ip.size() >= 2 && ip.front() == '[' && ip.back() == ']') ip = ip.substr(1, ip.size() - 2);
+  std::string ifname = netdev_of_ip(ip);
+  if (!ifname.empty()) return Device{"nic " + ifname, netdev_numa_node(ifname, root)};
+  return Device{"host", -1};
+}
+
+}  // namespace sysfs
+}  // namespace uccl_tcpx
+
 namespace uccl {
 
 using FifoItem = ::FifoItem;
 using FlowID = uint64_t;
 using PeerID = uint64_t;
+
+/* UCCL's transport declares its FifoItem wire helpers in namespace uccl; these are the same
+ * functions as the global ones of common.h. */
+using ::deserialize_fifo_item;
+using ::serialize_fifo_item;
+
+/* What RDMAFactory::get_factory_dev returns: a device an endpoint serves. Of UCCL's fields only
+ * numa_node exists. */
+struct FactoryDevice {
+  int dev;               /* its index, as get_best_dev_idx returns it */
+  int numa_node;         /* sysfs's node, or 0 where sysfs reports none (every system has node 0) */
+  int sysfs_numa_node;   /* what sysfs reports: -1 when it reports no locality */
+  std::string name;      /* "gpu <bus id>", "nic <interface>" or "host" */
+};
+
+/* The process's devices: one entry per distinct device that some endpoint serves (two endpoints
+ * on one GPU share an index). Entries are never removed, so pointers stay valid. */
+class RDMAFactory {
+ public:
+  /* The device with index `dev`. An index no endpoint returned is a caller bug that UCCL's engine
+   * would dereference: it throws std::out_of_range (aborts when built without exceptions). */
+  static FactoryDevice *get_factory_dev(int dev) {
+    std::lock_guard<std::mutex> lock(mu());
+    if (dev < 0 || static_cast<std::size_t>(dev) >= devices().size()) {
+      std::string msg = "uccl::RDMAFactory::get_factory_dev: no device " + std::to_string(dev) +
+                        " (" + std::to_string(devices().size()) + " known)";
+#if defined(__cpp_exceptions) || defined(__EXCEPTIONS)
+      throw std::out_of_range(msg);
+#else
+      std::fprintf(stderr, "%s\n", msg.c_str());
+      std::abort();
+#endif
+    }
+    return &devices()[static_cast<std::size_t>(dev)];
+  }
+
+  /* The index of device `d`, added on first sight. */
+  static int add(uccl_tcpx::sysfs::Device const &d) {
+    std::lock_guard<std::mutex> lock(mu());
+    for (FactoryDevice const &known : devices())
+      if (known.name == d.name) return known.dev;
+    int index = static_cast<int>(devices().size());
+    devices().push_back(FactoryDevice{index, d.numa < 0 ? 0 : d.numa, d.numa, d.name});
+    return index;
+  }
+
+ private:
+  static std::mutex &mu() {
+    static std::mutex m;
+    return m;
+  }
+  static std::deque<FactoryDevice> &devices() {
+    static std::deque<FactoryDevice> d;
+    return d;
+  }
+};
+
+/* What a TcpxEndpoint does with a hard error (see the top of this file). */
+enum class ErrorPolicy { kReport, kAbort };
 
 /* Opaque. A UcclFlow* is a connection handle (uccl_conn_t*); nothing dereferences it here. */
 struct UcclFlow;
@@ -133,8 +288,10 @@ class TcpxEndpoint {
  public:
   /* `num_engines_per_dev` is passed to uccl_engine_create as num_cpus (it must not be negative).
    * Throws std::runtime_error (aborts when built without exceptions) if the engine cannot be
-   * created: UCCL's constructor has no way to report failure either. */
-  explicit TcpxEndpoint(int num_engines_per_dev) {
+   * created, or if UCCL_TCPX_ADAPTER_ERRORS is set to anything but "report" or "abort": UCCL's
+   * constructor has no way to report failure either. */
+  explicit TcpxEndpoint(int num_engines_per_dev, ErrorPolicy policy = ErrorPolicy::kReport)
+      : policy_(policy_from_env(policy)) {
     engine_ = uccl_engine_create(num_engines_per_dev, false);
     if (engine_ == nullptr) fatal("uccl_engine_create failed");
     char *md = nullptr;
@@ -148,6 +305,7 @@ class TcpxEndpoint {
       uccl_engine_destroy(engine_);
       fatal("unparsable engine metadata");
     }
+    dev_ = RDMAFactory::add(uccl_tcpx::sysfs::describe(metadata_));
   }
 
   /* Closes the connections this endpoint opened or accepted, then the engine (which releases its
@@ -167,10 +325,11 @@ class TcpxEndpoint {
 
   /* ---- UCCL's RDMAEndpoint methods ---------------------------------------------------------- */
 
-  /* One device for every GPU: 0. */
+  /* The engine serves one device for every GPU: the index of that device in RDMAFactory (0 for
+   * the first device of the process). */
   int get_best_dev_idx(int gpu_idx) {
     (void)gpu_idx;
-    return 0;
+    return dev_;
   }
 
   /* The engine listens from construction on, so this only checks `dev`: true for dev >= 0. */
@@ -193,17 +352,17 @@ class TcpxEndpoint {
     return static_cast<int>(port_);
   }
 
-  /* Connects to the endpoint listening at remote_ip:remote_port serving GPU `remote_gpuidx`.
-   * Blocks for the handshake (bounded by UCCL_TCPX_CONNECT_TIMEOUT_MS). On failure, context is
-   * nullptr and uccl_engine_last_error() tells why. */
+  /* Connects to the endpoint listening at remote_ip:remote_port serving GPU `remote_gpuidx`,
+   * announcing `local_gpuidx` as this side's GPU (the peer's uccl_accept reports it; -1 announces
+   * the engine's own). Blocks for the handshake (bounded by UCCL_TCPX_CONNECT_TIMEOUT_MS). On
+   * failure, context is nullptr and uccl_engine_last_error() tells why. */
   ConnID uccl_connect(int dev, int local_gpuidx, int remote_dev, int remote_gpuidx,
                       std::string remote_ip, uint16_t remote_port) {
     (void)dev;
-    (void)local_gpuidx;
     (void)remote_dev;
     std::string gpu = std::to_string(remote_gpuidx);
-    uccl_conn_t *conn =
-        uccl_engine_connect(engine_, remote_ip.c_str(), gpu.c_str(), remote_port, false);
+    uccl_conn_t *conn = uccl_engine_connect_from_gpu(engine_, remote_ip.c_str(), gpu.c_str(),
+                                                     remote_port, local_gpuidx);
     return track(conn);
   }
 
@@ -277,9 +436,12 @@ class TcpxEndpoint {
   int uccl_recv_async(UcclFlow *flow, struct Mhandle **mhandles, void **data, int *size, int n,
                       struct ucclRequest *ureq) {
     if (ureq == nullptr) return UCCL_STATUS_ERR_INVALID_PARAM;
-    if (n != 1) return fail(ureq, ReqRx, flow, UCCL_STATUS_ERR_NOT_SUPPORTED);
+    if (n != 1)
+      return fail(ureq, ReqRx, flow, UCCL_STATUS_ERR_NOT_SUPPORTED,
+                  "only one buffer per receive (n == 1) is supported");
     if (mhandles == nullptr || data == nullptr || size == nullptr || size[0] < 0)
-      return fail(ureq, ReqRx, flow, UCCL_STATUS_ERR_INVALID_PARAM);
+      return fail(ureq, ReqRx, flow, UCCL_STATUS_ERR_INVALID_PARAM,
+                  "NULL handle, buffer or size array, or a negative size");
     void *buf = data[0];
     size_t max_size = static_cast<size_t>(size[0]);
     return post(ureq, ReqRx, flow, mhandles[0], buf, 0, [&](uccl_conn_t *c, uccl_mr_t mr, uint64_t *id) {
@@ -326,6 +488,8 @@ class TcpxEndpoint {
     if (rc == UCCL_STATUS_IN_PROGRESS) return false;
     ureq->tcpx_state = kStateDone;
     ureq->tcpx_status = rc;
+    if (rc != UCCL_STATUS_OK && ureq->req_pool != nullptr)
+      static_cast<TcpxEndpoint *>(ureq->req_pool)->hard_error(ureq, "transfer", rc);
     if (rc == UCCL_STATUS_OK) {
       if (ureq->type == ReqRx)
         ureq->recv.data_len[0] = static_cast<int>(bytes);
@@ -367,6 +531,10 @@ class TcpxEndpoint {
   /* Requests of this endpoint posted and not yet seen complete. */
   int outstanding() const { return outstanding_.load(); }
 
+  /* What a hard error does from now on (UCCL_TCPX_ADAPTER_ERRORS set the starting value). */
+  void set_error_policy(ErrorPolicy policy) { policy_.store(policy); }
+  ErrorPolicy error_policy() const { return policy_.load(); }
+
   /* 1 while in flight, else 0 or the negative status the request finished with. */
   static int request_status(ucclRequest const *ureq) {
     if (ureq == nullptr) return UCCL_STATUS_ERR_INVALID_PARAM;
@@ -382,6 +550,55 @@ class TcpxEndpoint {
   /* Arbitrary constants, so that a zeroed or uninitialised request is recognised as not posted. */
   static constexpr uint32_t kStatePosted = 0x7c9a0001u;
   static constexpr uint32_t kStateDone = 0x7c9a0002u;
+
+  /* UCCL_TCPX_ADAPTER_ERRORS, when set, else `fallback`. */
+  static ErrorPolicy policy_from_env(ErrorPolicy fallback) {
+    char const *v = std::getenv("UCCL_TCPX_ADAPTER_ERRORS");
+    if (v == nullptr || *v == '\0') return fallback;
+    if (std::strcmp(v, "report") == 0) return ErrorPolicy::kReport;
+    if (std::strcmp(v, "abort") == 0) return ErrorPolicy::kAbort;
+    fatal_msg(std::string("UCCL_TCPX_ADAPTER_ERRORS=\"") + v +
+              "\" is not one of \"report\", \"abort\"");
+  }
+
+  static char const *type_name(ReqType type) {
+    switch (type) {
+      case ReqTx: return "send";
+      case ReqRx: return "receive";
+      case ReqRead: return "read";
+      case ReqWrite: return "write";
+      default: return "request";
+    }
+  }
+
+  /* Under ErrorPolicy::kAbort: says which request failed and how (`why`, else the library's last
+   * error), then aborts. */
+  void hard_error(ucclRequest const *ureq, char const *stage, int status,
+                  char const *why = nullptr) {
+    if (policy_.load() != ErrorPolicy::kAbort) return;
+    char err[512] = {0};
+    if (why != nullptr)
+      std::snprintf(err, sizeof err, "%s", why);
+    else
+      uccl_engine_last_error(err, sizeof err);
+    std::fprintf(stderr,
+                 "uccl::RDMAEndpoint: %s %s on connection %p failed with status %d (%s): %s\n"
+                 "uccl::RDMAEndpoint: aborting, as UCCL's RDMA transport does on a failed work "
+                 "completion (UCCL_TCPX_ADAPTER_ERRORS=report leaves it to request_status())\n",
+                 type_name(ureq->type), stage, ureq->context, status,
+                 uccl_engine_status_str(status), err);
+    std::fflush(stderr);
+    std::abort();
+  }
+
+  [[noreturn]] static void fatal_msg(std::string const &msg) {
+#if defined(__cpp_exceptions) || defined(__EXCEPTIONS)
+    throw std::runtime_error("uccl::TcpxEndpoint: " + msg);
+#else
+    std::fprintf(stderr, "uccl::TcpxEndpoint: %s\n", msg.c_str());
+    std::abort();
+#endif
+  }
 
   [[noreturn]] static void fatal(char const *what) {
     char err[512] = {0};
@@ -453,12 +670,13 @@ class TcpxEndpoint {
     }
   }
 
-  /* Marks a request that could not be posted as complete with `status`; returns `status`. */
-  int fail(ucclRequest *ureq, ReqType type, UcclFlow *flow, int status) {
+  /* Marks a request the adapter refused (`why`) as complete with `status`; returns `status`. */
+  int fail(ucclRequest *ureq, ReqType type, UcclFlow *flow, int status, char const *why) {
     init(ureq, type, flow, nullptr, 0);
     ureq->req_pool = nullptr;
     ureq->tcpx_state = kStateDone;
     ureq->tcpx_status = status;
+    hard_error(ureq, "post", status, why);
     return status;
   }
 
@@ -466,7 +684,9 @@ class TcpxEndpoint {
   int post(ucclRequest *ureq, ReqType type, UcclFlow *flow, Mhandle const *mh, void const *local,
            uint64_t remote, Start &&start) {
     if (ureq == nullptr) return UCCL_STATUS_ERR_INVALID_PARAM;
-    if (mh == nullptr || mh->mr == nullptr) return fail(ureq, type, flow, UCCL_STATUS_ERR_INVALID_PARAM);
+    if (mh == nullptr || mh->mr == nullptr)
+      return fail(ureq, type, flow, UCCL_STATUS_ERR_INVALID_PARAM,
+                  "the memory handle is NULL or that of a failed registration");
     if (!reserve_slot()) return -1;
     init(ureq, type, flow, local, remote);
     uint64_t id = 0;
@@ -484,12 +704,15 @@ class TcpxEndpoint {
     ureq->req_pool = nullptr;
     ureq->tcpx_state = kStateDone;
     ureq->tcpx_status = rc;
+    hard_error(ureq, "post", rc);
     return rc;
   }
 
+  std::atomic<ErrorPolicy> policy_;
   uccl_engine_t *engine_ = nullptr;
   std::string metadata_;
   uint16_t port_ = 0;
+  int dev_ = 0;
   std::mutex mu_;
   std::vector<uccl_conn_t *> conns_;
   std::atomic<uint64_t> next_flow_id_{0};

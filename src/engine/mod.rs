@@ -178,6 +178,25 @@ impl Engine {
     }
 
     pub fn connect(&self, host: &str, remote_gpu: &str, port: u16) -> Result<Arc<Connection>> {
+        self.connect_as(host, remote_gpu, port, None)
+    }
+
+    /// `connect`, telling the peer `local_gpu` as this side's GPU index (what its `accept`
+    /// reports) instead of the index of the GPU this engine serves. The index is advisory on both
+    /// sides: a caller such as UCCL's engine numbers its GPUs itself, and a host-only engine
+    /// serves none.
+    pub fn connect_as(
+        &self,
+        host: &str,
+        remote_gpu: &str,
+        port: u16,
+        local_gpu: Option<i32>,
+    ) -> Result<Arc<Connection>> {
+        if let Some(g) = local_gpu
+            && g < 0
+        {
+            return Err(Error::invalid(format!("local GPU index {g} is negative")));
+        }
         if let Some(e) = self.conns.failure() {
             return Err(e.context("connect"));
         }
@@ -189,7 +208,7 @@ impl Engine {
             .map_err(|e| Error::invalid(format!("cannot resolve {host:?}: {e}")))?
             .next()
             .ok_or_else(|| Error::invalid(format!("{host:?} resolves to no address")))?;
-        let conn = connect_to(&self.core, addr, remote_gpu).map_err(|e| {
+        let conn = connect_to(&self.core, addr, remote_gpu, local_gpu).map_err(|e| {
             let e = e.context(format!("connect to {addr}"));
             // The caller gets the error too, but a caller such as NIXL reports only a status.
             log::error!("{e}");
@@ -414,7 +433,12 @@ fn socket_net(config: &Config, ip: IpAddr, bind: IpAddr, wake: crate::transport:
 
 /// The connector's side: control stream, Hello, channels. A failure after Hello is also told to
 /// the peer (a Refuse with the reason), so both ends log the same cause.
-fn connect_to(core: &Arc<EngineCore>, addr: SocketAddr, remote_gpu: &str) -> Result<Arc<Connection>> {
+fn connect_to(
+    core: &Arc<EngineCore>,
+    addr: SocketAddr,
+    remote_gpu: &str,
+    local_gpu: Option<i32>,
+) -> Result<Arc<Connection>> {
     // Before the connect: a first connection may build the GPU's unpack kernel here, which must
     // not eat into the handshake's deadline.
     core.gpu.before_comms(&*core.net)?;
@@ -425,7 +449,10 @@ fn connect_to(core: &Arc<EngineCore>, addr: SocketAddr, remote_gpu: &str) -> Res
     handshake::prepare_control(&stream, deadline, core.config.timeout)?;
     // Before anything is opened for the peer: an acceptor that cannot prove the key gets no listener.
     let session = core.auth_key().map(|key| auth::authenticate(&mut stream, &key)).transpose()?;
-    let local = handshake::Local::of(core);
+    let mut local = handshake::Local::of(core);
+    if let Some(g) = local_gpu {
+        local.gpu_index = g;
+    }
     // The peer is not known yet: the first listen is on the engine's transport (replaced by one on
     // the socket transport if the peer turns out to share the host).
     let listened = handshake::Listens::first(&*core.net);

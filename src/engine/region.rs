@@ -377,6 +377,22 @@ impl RegionTable {
         Ok(region)
     }
 
+    /// A receive's buffer, posted for up to `max` bytes: it must start inside region `id` but may
+    /// run past the region's end, as an RDMA receive may (UCCL's tests post receives larger than
+    /// their registration). What keeps writes inside the registration is the check when a message
+    /// is matched to it: the bytes that arrive must fit ([`Region::contains`]).
+    pub fn receive(&self, id: u64, addr: usize, max: usize) -> Result<Arc<Region>> {
+        check_range(addr, max)?;
+        let region = self.get(id)?;
+        if !region.contains(addr, 1) {
+            return Err(Error::invalid(format!(
+                "receive buffer {addr:#x} does not start inside memory region {id} [{:#x}, +{})",
+                region.base, region.len
+            )));
+        }
+        Ok(region)
+    }
+
     pub fn find_containing(&self, addr: usize) -> Option<Arc<Region>> {
         self.regions.read().values().find(|r| r.contains(addr, 1)).cloned()
     }

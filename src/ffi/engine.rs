@@ -107,6 +107,36 @@ pub extern "C" fn uccl_engine_connect(
     })
 }
 
+/// `uccl_engine_connect` (with `same_process` false) that tells the peer `local_gpu_idx` as this
+/// side's GPU index, which the peer's `uccl_engine_accept` reports; -1 tells the index of the GPU
+/// the engine serves, as `uccl_engine_connect` does (0 for a host-only engine). Any other negative
+/// index is refused. For callers that number GPUs themselves, such as UCCL's engine.
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_engine_connect_from_gpu(
+    engine: *mut uccl_engine_t,
+    ip_addr: *const c_char,
+    remote_gpu: *const c_char,
+    remote_port: c_int,
+    local_gpu_idx: c_int,
+) -> *mut uccl_conn_t {
+    ffi_fn!("uccl_engine_connect_from_gpu", {
+        let engine_ref = ENGINES.get(engine)?;
+        let ip = c_str_arg(ip_addr, "ip_addr")?;
+        let gpu = c_str_arg(remote_gpu, "remote_gpu")?;
+        let port = u16::try_from(remote_port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| Error::invalid(format!("remote_port {remote_port} is outside 1..=65535")))?;
+        let local_gpu = match local_gpu_idx {
+            -1 => None,
+            g if g >= 0 => Some(g),
+            g => return Err(Error::invalid(format!("local_gpu_idx {g} is neither -1 nor a GPU index"))),
+        };
+        let conn = engine_ref.connect_as(ip, gpu, port, local_gpu)?;
+        Ok(CONNS.insert(Arc::new(ConnEntry { conn, engine: Arc::downgrade(&engine_ref) })))
+    })
+}
+
 /// Blocks until a peer connects (or `uccl_engine_stop_accept`). Writes the peer's IP as a C string
 /// into `ip_addr_buf` (at least 46 bytes) and its GPU index into `*remote_gpu_idx`.
 #[unsafe(no_mangle)]

@@ -179,7 +179,10 @@ pub extern "C" fn uccl_engine_send_vector(
     })
 }
 
-/// Posts a receive of at most `max_size` bytes; receives match the peer's sends in order.
+/// Posts a receive of at most `max_size` bytes; receives match the peer's sends in order. As with
+/// UCCL's RDMA transport, `[data, data + max_size)` may run past the end of region `mr` (it must
+/// start inside it): a message fails this receive (and the peer's send) with
+/// `UCCL_STATUS_ERR_NOT_ALLOWED`, writing nothing, if its bytes would not all land in the region.
 #[unsafe(no_mangle)]
 pub extern "C" fn uccl_engine_recv_async(
     conn: *mut uccl_conn_t,

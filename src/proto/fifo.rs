@@ -1,8 +1,25 @@
-//! The 64-byte FIFO item shared with C callers, and the capability hidden in its padding.
+//! The 64-byte FIFO item shared with C callers, and the capability it carries.
 //!
 //! C code allocates and copies these items opaquely, so the in-memory layout is part of the
 //! ABI: it is pinned with compile-time assertions, and the wire form reuses the same offsets so
 //! the two can never drift apart.
+//!
+//! The fields are UCCL's, `engine_offset` included (bytes 32..36), because UCCL's engine writes
+//! that field on every chunk it posts. This library never reads it. The capability (region id,
+//! token, magic, version) lives in the 28 bytes after it, which UCCL leaves as padding:
+//!
+//! | bytes  | field                                   |
+//! |--------|-----------------------------------------|
+//! | 0..32  | addr, size, rkey, nmsgs, rid, idx       |
+//! | 32..36 | engine_offset (ignored)                 |
+//! | 36..44 | region id                               |
+//! | 44..52 | token                                   |
+//! | 52..56 | magic `UTX1`                            |
+//! | 56..58 | capability version (2)                  |
+//! | 58..64 | zero                                    |
+//!
+//! Version 1 kept the capability at bytes 32..54, where UCCL's engine overwrote the region id;
+//! such items are refused with an error that names the version.
 
 use core::ffi::c_char;
 use core::mem::{align_of, offset_of, size_of};
@@ -12,14 +29,22 @@ use super::wire::{Reader, get_at, put_at};
 
 pub(crate) const FIFO_ITEM_SIZE: usize = 64;
 pub(crate) const CAP_MAGIC: u32 = 0x3158_5455;
-pub(crate) const CAP_VERSION: u16 = 1;
+pub(crate) const CAP_VERSION: u16 = 2;
 
-const PADDING_LEN: usize = 32;
+const PADDING_LEN: usize = 28;
 /// Capability bytes at the front of the padding; the remainder must stay zero.
 const CAP_LEN: usize = 8 + 8 + 4 + 2;
 
+/// Where version 1 put its magic and version, as offsets into the whole item.
+const V1_MAGIC_AT: usize = 48;
+const V1_VERSION_AT: usize = 52;
+
 const FOREIGN_ITEM: ProtoError =
     ProtoError::Invalid("FifoItem was not minted by uccl-tcpx prepare_fifo or is corrupted");
+const V1_ITEM: ProtoError = ProtoError::Invalid(
+    "FifoItem was minted by an older uccl-tcpx (capability version 1, at bytes 32..54); this build reads \
+     version 2 at bytes 36..64: mint it again with prepare_fifo on an engine of this version",
+);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -30,7 +55,10 @@ pub struct FifoItem {
     pub nmsgs: u32,
     pub rid: u32,
     pub idx: u64,
-    pub padding: [c_char; 32],
+    /// UCCL's field, which its engine sets per chunk; ignored here.
+    pub engine_offset: u32,
+    /// The capability (region id, token, magic, version), then zeros.
+    pub padding: [c_char; 28],
 }
 
 const _: () = {
@@ -42,9 +70,13 @@ const _: () = {
     assert!(offset_of!(FifoItem, nmsgs) == 16);
     assert!(offset_of!(FifoItem, rid) == 20);
     assert!(offset_of!(FifoItem, idx) == 24);
-    assert!(offset_of!(FifoItem, padding) == 32);
+    assert!(offset_of!(FifoItem, engine_offset) == 32);
+    assert!(offset_of!(FifoItem, padding) == 36);
     assert!(offset_of!(FifoItem, padding) + PADDING_LEN == FIFO_ITEM_SIZE);
     assert!(CAP_LEN <= PADDING_LEN);
+    // Where version 1 kept its version, a version-2 item holds the low half of its magic, so a
+    // well-formed version-2 item never reads as version 1.
+    assert!(V1_VERSION_AT == 52 && CAP_MAGIC & 0xffff != 1);
 };
 
 /// Names a registered memory region and the token that authorises access to it.
@@ -100,6 +132,7 @@ impl FifoItem {
         put_at(&mut out, offset_of!(Self, nmsgs), &self.nmsgs.to_le_bytes());
         put_at(&mut out, offset_of!(Self, rid), &self.rid.to_le_bytes());
         put_at(&mut out, offset_of!(Self, idx), &self.idx.to_le_bytes());
+        put_at(&mut out, offset_of!(Self, engine_offset), &self.engine_offset.to_le_bytes());
         put_at(&mut out, offset_of!(Self, padding), &self.padding.map(char_to_byte));
         out
     }
@@ -113,6 +146,7 @@ impl FifoItem {
             nmsgs: u32::from_le_bytes(get_at(b, offset_of!(Self, nmsgs))),
             rid: u32::from_le_bytes(get_at(b, offset_of!(Self, rid))),
             idx: u64::from_le_bytes(get_at(b, offset_of!(Self, idx))),
+            engine_offset: u32::from_le_bytes(get_at(b, offset_of!(Self, engine_offset))),
             padding: padding.map(byte_to_char),
         }
     }
@@ -123,9 +157,17 @@ impl FifoItem {
         FifoItem { addr, size, padding: cap.to_padding(), ..FifoItem::default() }
     }
 
-    /// Recovers the capability, refusing items this library did not produce.
+    /// Recovers the capability, refusing items this library did not produce; an item of the
+    /// older layout is named as such, so a mixed deployment says what to upgrade.
     pub fn capability(&self) -> Result<Capability, ProtoError> {
-        Capability::from_padding(&self.padding).map_err(|_| FOREIGN_ITEM)
+        Capability::from_padding(&self.padding).map_err(|_| if self.is_version_1() { V1_ITEM } else { FOREIGN_ITEM })
+    }
+
+    fn is_version_1(&self) -> bool {
+        let b = self.to_bytes();
+        let magic = u32::from_le_bytes(get_at(&b, V1_MAGIC_AT));
+        let version = u16::from_le_bytes(get_at(&b, V1_VERSION_AT));
+        magic == CAP_MAGIC && version == 1
     }
 }
 
@@ -146,12 +188,25 @@ mod tests {
             nmsgs: 2,
             rid: 3,
             idx: 0xdead_beef_cafe_f00d,
+            engine_offset: 0x7766_5544,
             padding: core::array::from_fn(|i| byte_to_char(u8::try_from(i).unwrap() + 0x80)),
         }
     }
 
+    /// A version-1 item as the previous layout wrote it: the capability at bytes 32..54.
+    fn version_1_bytes(addr: u64, size: u32, cap: Capability) -> [u8; FIFO_ITEM_SIZE] {
+        let mut b = [0u8; FIFO_ITEM_SIZE];
+        b[0..8].copy_from_slice(&addr.to_le_bytes());
+        b[8..12].copy_from_slice(&size.to_le_bytes());
+        b[32..40].copy_from_slice(&cap.region.to_le_bytes());
+        b[40..48].copy_from_slice(&cap.token.to_le_bytes());
+        b[48..52].copy_from_slice(&CAP_MAGIC.to_le_bytes());
+        b[52..54].copy_from_slice(&1u16.to_le_bytes());
+        b
+    }
+
     #[test]
-    fn layout_matches_the_c_struct() {
+    fn layout_matches_uccl_with_engine_offset() {
         assert_eq!(size_of::<FifoItem>(), 64);
         assert_eq!(align_of::<FifoItem>(), 8);
         let offsets = [
@@ -161,9 +216,10 @@ mod tests {
             offset_of!(FifoItem, nmsgs),
             offset_of!(FifoItem, rid),
             offset_of!(FifoItem, idx),
+            offset_of!(FifoItem, engine_offset),
             offset_of!(FifoItem, padding),
         ];
-        assert_eq!(offsets, [0, 8, 12, 16, 20, 24, 32]);
+        assert_eq!(offsets, [0, 8, 12, 16, 20, 24, 32, 36]);
         assert_eq!(size_of::<c_char>(), 1);
     }
 
@@ -177,8 +233,9 @@ mod tests {
         assert_eq!(&b[16..20], &[2, 0, 0, 0]);
         assert_eq!(&b[20..24], &[3, 0, 0, 0]);
         assert_eq!(&b[24..32], &item.idx.to_le_bytes());
-        let padding: Vec<u8> = (0x80..0xa0).collect();
-        assert_eq!(&b[32..64], padding.as_slice());
+        assert_eq!(&b[32..36], &[0x44, 0x55, 0x66, 0x77]);
+        let padding: Vec<u8> = (0x80..0x9c).collect();
+        assert_eq!(&b[36..64], padding.as_slice());
         assert_eq!(FifoItem::from_bytes(&b), item);
     }
 
@@ -186,20 +243,62 @@ mod tests {
     fn capability_round_trips_and_leaves_other_fields_zero() {
         let item = FifoItem::with_capability(0x4000, 4096, cap());
         assert_eq!((item.addr, item.size), (0x4000, 4096));
-        assert_eq!((item.rkey, item.nmsgs, item.rid, item.idx), (0, 0, 0, 0));
+        assert_eq!((item.rkey, item.nmsgs, item.rid, item.idx, item.engine_offset), (0, 0, 0, 0, 0));
         assert_eq!(item.capability(), Ok(cap()));
         let copied = FifoItem::from_bytes(&item.to_bytes());
         assert_eq!(copied.capability(), Ok(cap()));
     }
 
     #[test]
-    fn capability_padding_layout_is_exact() {
+    fn capability_layout_is_exact() {
         let b = FifoItem::with_capability(0, 0, cap()).to_bytes();
-        assert_eq!(&b[32..40], &cap().region.to_le_bytes());
-        assert_eq!(&b[40..48], &cap().token.to_le_bytes());
-        assert_eq!(&b[48..52], &[0x55, 0x54, 0x58, 0x31]);
-        assert_eq!(&b[52..54], &[1, 0]);
-        assert!(b[54..].iter().all(|&x| x == 0));
+        assert!(b[32..36].iter().all(|&x| x == 0), "engine_offset starts at zero");
+        assert_eq!(&b[36..44], &cap().region.to_le_bytes());
+        assert_eq!(&b[44..52], &cap().token.to_le_bytes());
+        assert_eq!(&b[52..56], &[0x55, 0x54, 0x58, 0x31]);
+        assert_eq!(&b[56..58], &[2, 0]);
+        assert!(b[58..].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn engine_offset_is_ignored() {
+        // UCCL's engine writes the chunk's engine index into every item it posts.
+        for offset in [1, 3, 0xffff_ffff] {
+            let mut item = FifoItem::with_capability(0x4000, 4096, cap());
+            item.engine_offset = offset;
+            assert_eq!(item.capability(), Ok(cap()), "engine_offset {offset:#x}");
+            let mut b = item.to_bytes();
+            b[32..36].copy_from_slice(&offset.to_le_bytes());
+            assert_eq!(FifoItem::from_bytes(&b).capability(), Ok(cap()));
+        }
+    }
+
+    #[test]
+    fn version_1_items_are_refused_by_name() {
+        let expected = "FifoItem was minted by an older uccl-tcpx (capability version 1, at bytes 32..54); this build \
+                        reads version 2 at bytes 36..64: mint it again with prepare_fifo on an engine of this version";
+        let v1 = FifoItem::from_bytes(&version_1_bytes(0x4000, 4096, cap()));
+        assert_eq!(v1.capability(), Err(V1_ITEM));
+        assert_eq!(v1.capability().unwrap_err().to_string(), expected);
+        // UCCL's engine overwrites bytes 32..36 of a version-1 item (its region id); still named.
+        let mut clobbered = v1;
+        clobbered.engine_offset = 2;
+        assert_eq!(clobbered.capability(), Err(V1_ITEM));
+        // A version-1 item whose version field reads otherwise is simply foreign.
+        let mut b = version_1_bytes(0x4000, 4096, cap());
+        b[52] = 7;
+        assert_eq!(FifoItem::from_bytes(&b).capability(), Err(FOREIGN_ITEM));
+    }
+
+    #[test]
+    fn version_2_items_never_read_as_version_1() {
+        let mut rng = XorShift::new(0x5eed_0002);
+        for _ in 0..1000 {
+            let c = Capability { region: rng.next_u64(), token: rng.next_u64() };
+            let item = FifoItem::with_capability(rng.next_u64(), 4096, c);
+            assert!(!item.is_version_1());
+            assert_eq!(item.capability(), Ok(c));
+        }
     }
 
     #[test]

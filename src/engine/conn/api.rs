@@ -161,7 +161,7 @@ impl Connection {
         // Vectors name one region and one capability over and over: an item is checked against the
         // run's region first (the region table is locked about once a run), and a capability is
         // parsed again only when its bytes differ from the last one's.
-        let mut last_cap: Option<([std::ffi::c_char; 32], Capability)> = None;
+        let mut last_cap: Option<([std::ffi::c_char; 28], Capability)> = None;
         for (i, op) in ops.iter().enumerate() {
             let ctx = |e: Error| e.context(format!("{verb} item {i}"));
             let in_run = open.as_ref().is_some_and(|run| {
@@ -286,8 +286,10 @@ impl Connection {
         })
     }
 
+    /// Posts a receive of up to `max` bytes at `addr`, which must start inside region `mr`; only
+    /// the message that arrives must fit the region (see `Regions::receive`).
     pub fn recv(&self, mr: u64, addr: usize, max: usize) -> Result<u64> {
-        let region = self.core.regions.local(mr, addr, max)?;
+        let region = self.core.regions.receive(mr, addr, max)?;
         let mem = self.memory();
         self.post(1, None, |st, transfer, out| st.post_recv(transfer, region, addr, max as u64, &mem, out))
     }

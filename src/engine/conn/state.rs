@@ -1031,9 +1031,25 @@ impl ConnState {
                 answers.push(Control::Deny { xfer: peer_op, status: UcclStatus::ErrMismatch as i32, reason: why });
                 continue;
             }
+            // A receive may be posted past its region's end; the message that arrives may not.
+            let room = (recv.region.base + recv.region.len).saturating_sub(recv.addr) as u64;
+            if len > room {
+                let local = format!(
+                    "a {len}-byte message would land outside memory region {} [{:#x}, +{}): the receive at {:#x} \
+                     was posted for {} bytes, {room} of them registered",
+                    recv.region.id, recv.region.base, recv.region.len, recv.addr, recv.max
+                );
+                let remote = format!(
+                    "the {len}-byte message does not fit the receiver's registered memory ({room} bytes from where \
+                     its receive starts)"
+                );
+                out.push(Action::Finish(recv.transfer, Err(Error::not_allowed(local))));
+                answers.push(Control::Deny { xfer: peer_op, status: UcclStatus::ErrNotAllowed as i32, reason: remote });
+                continue;
+            }
             if let Some(payload) = payload {
-                // SAFETY: the receive was checked against its registration when posted, for `max`
-                // bytes, and its region is kept alive by `recv`.
+                // SAFETY: the message fits the registration from `recv.addr` on (checked just
+                // above), and its region is kept alive by `recv`.
                 let stored = unsafe { mem.store(&recv.region, recv.addr, &payload) };
                 answers.push(match &stored {
                     Ok(()) => Control::Done { xfer: peer_op, len },
