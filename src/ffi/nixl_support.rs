@@ -75,6 +75,16 @@ fn config_with(params: &[(String, String)]) -> Result<Config> {
             Some((_, v)) if !v.trim().is_empty() => Some(v.clone()),
             _ => std::env::var(name).ok(),
         }
+    })
+    .map_err(|e| {
+        // The settings' messages speak of the environment; say where a parameter's value came from.
+        match params.iter().find(|(k, v)| !v.trim().is_empty() && e.message().contains(&format!("variable {k}="))) {
+            Some((k, _)) => Error::new(
+                e.status(),
+                e.message().replace(&format!("environment variable {k}="), &format!("parameter {k}=")),
+            ),
+            None => e,
+        }
     })?;
     let asked = asked.into_inner();
     if let Some((k, _)) = params.iter().find(|(k, _)| !asked.contains(k)) {

@@ -1,0 +1,489 @@
+#!/usr/bin/env python3
+"""Tests of the TCPX NIXL plugin through NIXL's own Python API (the stock nixl-cuNN wheel), over
+host memory. Run by scripts/nixl_plugin_tests.sh, which builds and installs the plugin and makes
+NIXL_PLUGIN_DIR; see there. Each case prints PASS or FAIL with what it checked; the exit status
+is the number of failed cases (capped at 100).
+
+usage: nixl_plugin_tests.py [CASE ...]   (default: every case)
+"""
+
+import ctypes
+import multiprocessing as mp
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+
+import numpy as np
+
+try:
+    from nixl._api import nixl_agent, nixl_agent_config
+except ImportError:
+    try:
+        from nixl_cu12._api import nixl_agent, nixl_agent_config
+    except ImportError:
+        from nixl_cu13._api import nixl_agent, nixl_agent_config
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+SIZES = [4 * KiB, 1 * MiB, 64 * MiB]
+DESC_COUNTS = [1, 4, 16]
+# A gap between descriptors keeps NIXL from merging neighbours, so the backend sees all of them.
+GAP = 4 * KiB
+# The engine's transfer timeout for these agents: a dead peer must surface well within it.
+TIMEOUT_MS = 5000
+# Bound on any one wait here: far above what a transfer needs, far below a hang.
+WAIT_S = 60.0
+
+
+def make_agent(name, **options):
+    agent = nixl_agent(name, nixl_agent_config(backends=[]))
+    if "TCPX" not in agent.get_plugin_list():
+        raise RuntimeError(
+            f"NIXL finds no TCPX plugin (plugins: {agent.get_plugin_list()}; "
+            f"NIXL_PLUGIN_DIR={os.environ.get('NIXL_PLUGIN_DIR')})"
+        )
+    params = {"ip": "127.0.0.1", "timeout_ms": str(TIMEOUT_MS)}
+    params.update(options)
+    agent.create_backend("TCPX", params)
+    return agent
+
+
+def pattern(size, seed):
+    i = np.arange(size, dtype=np.uint64)
+    x = (i * np.uint64(2654435761) + np.uint64(seed) * np.uint64(0x9E3779B9)) >> np.uint64(7)
+    return (x & np.uint64(0xFF)).astype(np.uint8)
+
+
+def layout(size, n):
+    """n descriptors covering `size` bytes, GAP apart: [(offset, length)]."""
+    step = size // n
+    return [(k * (step + GAP), step if k < n - 1 else size - k * step) for k in range(n)]
+
+
+def span(size, n):
+    off, length = layout(size, n)[-1]
+    return off + length
+
+
+BUF = span(64 * MiB, 16)
+
+
+def register(agent, buf):
+    addr = buf.ctypes.data
+    descs = agent.get_reg_descs([(addr, buf.nbytes, 0, "")], "DRAM")
+    agent.register_memory(descs)
+    return addr, descs
+
+
+def run(agent, op, local, remote, peer, notif):
+    """Posts one transfer and polls it to the end: "DONE", "ERR" or "TIMEOUT"."""
+    handle = agent.initialize_xfer(op, local, remote, peer, notif)
+    try:
+        state = agent.transfer(handle)
+        deadline = time.monotonic() + WAIT_S
+        while state == "PROC":
+            if time.monotonic() > deadline:
+                return "TIMEOUT"
+            os.sched_yield()
+            state = agent.check_xfer_state(handle)
+        return state
+    finally:
+        agent.release_xfer_handle(handle)
+
+
+def wait_notif(agent, sender, msg, wait_s=WAIT_S):
+    deadline = time.monotonic() + wait_s
+    while True:
+        for got in agent.notifs.get(sender, []):
+            if got == msg:
+                agent.notifs[sender].remove(got)
+                return True
+        if time.monotonic() > deadline:
+            return False
+        agent.update_notifs()
+        time.sleep(0.0005)
+
+
+def nixl_error(fn):
+    """The NIXL exception `fn` raised (its class name), or None if it returned."""
+    try:
+        fn()
+    except Exception as e:  # NIXL's errors are nixlBind exceptions named nixl*Error
+        return type(e).__name__
+    return None
+
+
+# ---- two agents in two processes --------------------------------------------------------------
+
+
+def target_main(pipe, big):
+    """The target agent: registers its buffer(s), hands its metadata over, then serves commands."""
+    agent = make_agent("target")
+    buf = np.zeros(BUF, dtype=np.uint8)
+    addr, _ = register(agent, buf)
+    sparse = None
+    if big:
+        sparse = Sparse(6 * GiB)
+        agent.register_memory(agent.get_reg_descs([(sparse.addr, sparse.len, 0, "")], "DRAM"))
+    pipe.send((agent.get_agent_metadata(), addr, sparse.addr if sparse else 0))
+    while True:
+        cmd, *args = pipe.recv()
+        if cmd == "fill":
+            for off, length, seed in args[0]:
+                buf[off : off + length] = pattern(length, seed)
+            pipe.send(True)
+        elif cmd == "check":  # after the notification: the bytes must be there
+            ranges, msg = args
+            got = wait_notif(agent, "initiator", msg)
+            ok = all(np.array_equal(buf[o : o + n], pattern(n, seed)) for o, n, seed in ranges)
+            pipe.send((got, ok))
+        elif cmd == "notif":
+            pipe.send(wait_notif(agent, "initiator", args[0]))
+        elif cmd == "sparse_fill":
+            for off, length, seed in args[0]:
+                sparse.view(off, length)[:] = pattern(length, seed)
+            pipe.send(True)
+        elif cmd == "sparse_check":
+            ok = all(np.array_equal(sparse.view(off, n), pattern(n, seed)) for off, n, seed in args[0])
+            pipe.send(ok)
+        elif cmd == "die":
+            # Gone without a goodbye, as a crashed process is.
+            os._exit(0)
+
+
+class Sparse:
+    """A private anonymous mapping reserved without backing: only the pages written take memory."""
+
+    def __init__(self, length):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        prot, flags = 0x1 | 0x2, 0x02 | 0x20 | 0x4000  # READ|WRITE, PRIVATE|ANONYMOUS|NORESERVE
+        addr = libc.mmap(None, length, prot, flags, -1, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"mmap of {length} bytes")
+        self.addr, self.len = addr, length
+
+    def view(self, off, length):
+        return np.ctypeslib.as_array((ctypes.c_uint8 * length).from_address(self.addr + off))
+
+
+class TwoProcesses:
+    def __init__(self, big=False):
+        ctx = mp.get_context("spawn")
+        self.pipe, child = ctx.Pipe()
+        self.proc = ctx.Process(target=target_main, args=(child, big), daemon=True)
+        self.proc.start()
+        meta, self.raddr, self.rsparse = self.answer("start")
+        self.agent = make_agent("initiator")
+        self.buf = np.zeros(BUF, dtype=np.uint8)
+        self.laddr, self.ldescs = register(self.agent, self.buf)
+        self.peer = self.agent.add_remote_agent(meta)
+
+    def ask(self, *cmd):
+        self.pipe.send(cmd)
+        return self.answer(cmd[0])
+
+    def answer(self, what):
+        deadline = time.monotonic() + WAIT_S
+        while not self.pipe.poll(0.1):
+            if not self.proc.is_alive():
+                raise RuntimeError(f"the target process exited ({self.proc.exitcode}) before answering {what}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the target did not answer {what}")
+        return self.pipe.recv()
+
+    def close(self):
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(10)
+
+
+def case_two_processes(results):
+    """WRITE and READ at 4 KiB, 1 MiB and 64 MiB as 1, 4 and 16 descriptors, with notifications."""
+    t = TwoProcesses(big=True)
+    try:
+        seed = 1
+        for op in ("WRITE", "READ"):
+            for size in SIZES:
+                for n in DESC_COUNTS:
+                    seed += 1000
+                    lr = layout(size, n)
+                    # Local piece k goes to remote piece n-1-k (all pieces are the same length
+                    # here), so an item placed by position rather than by address shows.
+                    rr = lr[::-1]
+                    local = t.agent.get_xfer_descs([(t.laddr + o, ln, 0) for o, ln in lr], "DRAM")
+                    remote = t.agent.get_xfer_descs([(t.raddr + o, ln, 0) for o, ln in rr], "DRAM")
+                    # Where each piece's bytes end up on the target, and the seed they carry.
+                    theirs = [(ro, ln, seed + lo) for (lo, ln), (ro, _) in zip(lr, rr)]
+                    msg = f"{op}-{size}-{n}".encode()
+                    what = f"{op} {size // KiB} KiB as {n} descriptor(s)"
+                    t.buf[:] = 0
+                    if op == "WRITE":
+                        for o, ln in lr:
+                            t.buf[o : o + ln] = pattern(ln, seed + o)
+                        state = run(t.agent, op, local, remote, t.peer, msg)
+                        got, ok = t.ask("check", theirs, msg)
+                    else:
+                        t.ask("fill", theirs)
+                        state = run(t.agent, op, local, remote, t.peer, msg)
+                        ok = all(np.array_equal(t.buf[o : o + ln], pattern(ln, seed + o)) for o, ln in lr)
+                        got = t.ask("notif", msg)
+                    results.check(state == "DONE" and ok and got, what, f"state {state}, bytes {ok}, notif {got}")
+        return t
+    except Exception:
+        t.close()
+        raise
+
+
+def case_big_region(results, t):
+    """A 6 GiB sparse registration on the target; items across its 2 GiB windows and past 4 GiB."""
+    if not t.rsparse:
+        return
+    pieces = [(2 * GiB - 512 * KiB, 1 * MiB), (4 * GiB - 4 * KiB, 64 * KiB), (6 * GiB - 1 * MiB, 1 * MiB)]
+    for op in ("WRITE", "READ"):
+        seeds = [(off, ln, 77 + k + (10 if op == "READ" else 0)) for k, (off, ln) in enumerate(pieces)]
+        lr, pos = [], 0
+        for _, ln, _ in seeds:
+            lr.append((pos, ln))
+            pos += ln + GAP
+        local = t.agent.get_xfer_descs([(t.laddr + o, ln, 0) for o, ln in lr], "DRAM")
+        remote = t.agent.get_xfer_descs([(t.rsparse + off, ln, 0) for off, ln, _ in seeds], "DRAM")
+        t.buf[:] = 0
+        if op == "WRITE":
+            for (o, ln), (_, _, s) in zip(lr, seeds):
+                t.buf[o : o + ln] = pattern(ln, s)
+            state = run(t.agent, op, local, remote, t.peer, b"big-w")
+            ok = t.ask("notif", b"big-w") and t.ask("sparse_check", seeds)
+        else:
+            t.ask("sparse_fill", seeds)
+            state = run(t.agent, op, local, remote, t.peer, b"big-r")
+            ok = all(np.array_equal(t.buf[o : o + ln], pattern(ln, s)) for (o, ln), (_, _, s) in zip(lr, seeds))
+            ok = ok and t.ask("notif", b"big-r")
+        results.check(state == "DONE" and ok, f"6 GiB region {op} across windows", f"state {state}, checked {ok}")
+
+
+def timed_transfer(t, msg):
+    local = t.agent.get_xfer_descs([(t.laddr, 1 * MiB, 0)], "DRAM")
+    remote = t.agent.get_xfer_descs([(t.raddr, 1 * MiB, 0)], "DRAM")
+    start = time.monotonic()
+    try:
+        state = run(t.agent, "WRITE", local, remote, t.peer, msg)
+    except Exception as e:
+        state = f"raised {type(e).__name__}"
+    return state, time.monotonic() - start
+
+
+def case_dead_peer(results, t):
+    """A transfer to a peer that stopped answering fails within the engine's timeout, and one to
+    a peer whose process died fails at once: NIXL's error either way, never in progress forever."""
+    os.kill(t.proc.pid, signal.SIGSTOP)
+    try:
+        state, took = timed_transfer(t, b"while-stopped")
+    finally:
+        os.kill(t.proc.pid, signal.SIGCONT)
+    failed = state == "ERR" or state.startswith("raised nixl")
+    results.check(failed and took < TIMEOUT_MS / 1000 + 10, "transfer to a stopped peer fails", f"{state} after {took:.2f} s")
+    t.pipe.send(("die",))
+    t.proc.join(WAIT_S)
+    state, took = timed_transfer(t, b"after-death")
+    failed = state == "ERR" or state.startswith("raised nixl")
+    results.check(failed and took < TIMEOUT_MS / 1000 + 5, "transfer to a dead peer fails", f"{state} after {took:.2f} s")
+
+
+# ---- one process --------------------------------------------------------------------------------
+
+
+def case_self(results):
+    """An agent's WRITE and READ to itself, with notifications to itself."""
+    a = make_agent("solo")
+    src, dst = np.zeros(2 * MiB, dtype=np.uint8), np.zeros(2 * MiB, dtype=np.uint8)
+    sa, _ = register(a, src)
+    da, _ = register(a, dst)
+    for op, seed in (("WRITE", 5), ("READ", 6)):
+        src[:] = pattern(src.nbytes, seed) if op == "WRITE" else 0
+        dst[:] = pattern(dst.nbytes, seed) if op == "READ" else 0
+        local = a.get_xfer_descs([(sa, 1 * MiB, 0), (sa + 1 * MiB + GAP, 1 * MiB - GAP, 0)], "DRAM")
+        remote = a.get_xfer_descs([(da, 1 * MiB, 0), (da + 1 * MiB + GAP, 1 * MiB - GAP, 0)], "DRAM")
+        state = run(a, op, local, remote, "solo", f"self-{op}".encode())
+        ok = np.array_equal(src[: 1 * MiB], dst[: 1 * MiB]) and np.array_equal(src[1 * MiB + GAP :], dst[1 * MiB + GAP :])
+        got = wait_notif(a, "solo", f"self-{op}".encode())
+        results.check(state == "DONE" and ok and got, f"agent to itself, {op}", f"state {state}, bytes {ok}, notif {got}")
+
+
+def case_notifs_in_one_process(results):
+    """Three TCPX agents in one process: each gets only the notifications sent to it."""
+    a, b, c = make_agent("A"), make_agent("B"), make_agent("C")
+    bufs = {x: np.zeros(1 * MiB, dtype=np.uint8) for x in "ABC"}
+    addrs = {x: register(agent, bufs[x])[0] for x, agent in zip("ABC", (a, b, c))}
+    for agent in (a, b, c):
+        for other in (a, b, c):
+            if other is not agent:
+                agent.add_remote_agent(other.get_agent_metadata())
+    bufs["A"][:] = pattern(1 * MiB, 9)
+    local = a.get_xfer_descs([(addrs["A"], 1 * MiB, 0)], "DRAM")
+    sent = {"B": [b"xfer-to-B"], "C": [b"xfer-to-C"]}
+    states = [run(a, "WRITE", local, a.get_xfer_descs([(addrs[x], 1 * MiB, 0)], "DRAM"), x, sent[x][0]) for x in "BC"]
+    a.send_notif("B", b"plain-to-B")
+    c.send_notif("B", b"from-C-to-B")
+    big = bytes(range(256)) * 4096  # 1 MiB: no size limit on a notification
+    a.send_notif("C", big)
+    want = {"B": {"A": [b"xfer-to-B", b"plain-to-B"], "C": [b"from-C-to-B"]}, "C": {"A": [b"xfer-to-C", big]}}
+    got = {}
+    for name, agent in (("B", b), ("C", c)):
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            agent.update_notifs()
+            if sum(len(v) for v in agent.notifs.values()) >= sum(len(v) for v in want[name].values()):
+                break
+            time.sleep(0.001)
+        time.sleep(0.2)  # anything stray would have arrived by now too
+        agent.update_notifs()
+        got[name] = {k: v for k, v in agent.notifs.items() if v}
+    a.update_notifs()
+    stray_a = {k: v for k, v in a.notifs.items() if v}
+    ok = states == ["DONE", "DONE"] and got == want and not stray_a
+    results.check(ok, "notifications reach only their agent (3 agents, 1 process)",
+                  f"states {states}, B {sorted(got['B'])}, C {sorted(got['C'])}, A {sorted(stray_a)}")
+    bytes_ok = np.array_equal(bufs["B"], bufs["A"]) and np.array_equal(bufs["C"], bufs["A"])
+    results.check(bytes_ok, "both writes landed", f"{bytes_ok}")
+
+
+def case_bad_input(results):
+    """Bad requests get a NIXL error, not a crash."""
+    a, b = make_agent("bad-a"), make_agent("bad-b")
+    x, y = np.zeros(1 * MiB, dtype=np.uint8), np.zeros(1 * MiB, dtype=np.uint8)
+    xa, _ = register(a, x)
+    ya, _ = register(b, y)
+    a.add_remote_agent(b.get_agent_metadata())
+    stray = np.zeros(64 * KiB, dtype=np.uint8)
+
+    def xfer(local, remote, peer="bad-b"):
+        return lambda: run(a, "WRITE", a.get_xfer_descs(local, "DRAM"), a.get_xfer_descs(remote, "DRAM"), peer, b"")
+
+    def empty():
+        # NIXL's Python helper refuses an empty list itself; the list type takes one.
+        bind = sys.modules[type(a.agent).__module__]
+        none = bind.nixlXferDList(bind.DRAM_SEG)
+        return run(a, "WRITE", none, none, "bad-b", b"")
+
+    cases = [
+        ("length mismatch", xfer([(xa, 4096, 0)], [(ya, 8192, 0)])),
+        ("count mismatch", xfer([(xa, 4096, 0), (xa + 8192, 4096, 0)], [(ya, 4096, 0)])),
+        ("unknown agent", xfer([(xa, 4096, 0)], [(ya, 4096, 0)], peer="nobody")),
+        ("unregistered local memory", xfer([(stray.ctypes.data, 4096, 0)], [(ya, 4096, 0)])),
+        ("remote range beyond the registration", xfer([(xa, 4096, 0)], [(ya + 1 * MiB - 2048, 4096, 0)])),
+        ("an empty descriptor list", empty),
+    ]
+    for what, fn in cases:
+        err = nixl_error(fn)
+        results.check(err is not None and err.startswith("nixl"), f"bad input: {what}", f"raised {err}")
+    err = nixl_error(lambda: make_agent("bad-opt", num_channels="many"))
+    results.check(err is not None and err.startswith("nixl"), "bad input: a bad backend option", f"raised {err}")
+    err = nixl_error(lambda: make_agent("bad-opt2", auth_key_file="/nonexistent/key"))
+    results.check(err is not None and err.startswith("nixl"), "bad input: a missing auth key file", f"raised {err}")
+    # Still working after all that.
+    x[:] = pattern(x.nbytes, 3)
+    state = run(a, "WRITE", a.get_xfer_descs([(xa, 1 * MiB, 0)], "DRAM"), a.get_xfer_descs([(ya, 1 * MiB, 0)], "DRAM"), "bad-b", b"ok")
+    results.check(state == "DONE" and np.array_equal(x, y), "a good transfer after the bad ones", state)
+
+
+def case_release_in_flight(results):
+    """Releasing a request still in flight returns at once; deregistering then fences the memory."""
+    a, b = make_agent("rel-a"), make_agent("rel-b")
+    x, y = np.full(64 * MiB, 7, dtype=np.uint8), np.zeros(64 * MiB, dtype=np.uint8)
+    xa, xd = register(a, x)
+    ya, yd = register(b, y)
+    a.add_remote_agent(b.get_agent_metadata())
+    handle = a.initialize_xfer("WRITE", a.get_xfer_descs([(xa, x.nbytes, 0)], "DRAM"), a.get_xfer_descs([(ya, y.nbytes, 0)], "DRAM"), "rel-b", b"rel")
+    state = a.transfer(handle)
+    start = time.monotonic()
+    err = nixl_error(lambda: a.release_xfer_handle(handle))
+    took = time.monotonic() - start
+    a.deregister_memory(xd)
+    b.deregister_memory(yd)
+    results.check(err is None and took < 5, "release of a request in flight", f"posted {state}, release raised {err}, took {took:.3f} s")
+    # The agents keep working with fresh memory.
+    x2, y2 = np.full(1 * MiB, 9, dtype=np.uint8), np.zeros(1 * MiB, dtype=np.uint8)
+    x2a, _ = register(a, x2)
+    y2a, _ = register(b, y2)
+    b_meta = b.get_agent_metadata()
+    a.remove_remote_agent("rel-b")
+    a.add_remote_agent(b_meta)
+    state = run(a, "WRITE", a.get_xfer_descs([(x2a, 1 * MiB, 0)], "DRAM"), a.get_xfer_descs([(y2a, 1 * MiB, 0)], "DRAM"), "rel-b", b"")
+    results.check(state == "DONE" and np.array_equal(x2, y2), "a transfer after the release", state)
+
+
+def case_auth_key(results):
+    """Agents given the same auth key file move data; an agent with another key is refused."""
+    with tempfile.TemporaryDirectory() as d:
+        k1, k2 = os.path.join(d, "k1"), os.path.join(d, "k2")
+        for k in (k1, k2):
+            with open(os.open(k, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
+                f.write(os.urandom(32))
+        a, b, c = make_agent("key-a", auth_key_file=k1, num_channels="2"), make_agent("key-b", auth_key_file=k1), make_agent("key-c", auth_key_file=k2)
+    x, y, z = (np.zeros(1 * MiB, dtype=np.uint8) for _ in range(3))
+    xa, _ = register(a, x)
+    ya, _ = register(b, y)
+    za, _ = register(c, z)
+    a.add_remote_agent(b.get_agent_metadata())
+    a.add_remote_agent(c.get_agent_metadata())
+    x[:] = pattern(x.nbytes, 11)
+    local = a.get_xfer_descs([(xa, 1 * MiB, 0)], "DRAM")
+    state = run(a, "WRITE", local, a.get_xfer_descs([(ya, 1 * MiB, 0)], "DRAM"), "key-b", b"")
+    results.check(state == "DONE" and np.array_equal(x, y), "options: same auth key, 2 channels", state)
+    try:
+        state = run(a, "WRITE", local, a.get_xfer_descs([(za, 1 * MiB, 0)], "DRAM"), "key-c", b"")
+    except Exception as e:
+        state = f"raised {type(e).__name__}"
+    results.check(state != "DONE" and not z.any(), "options: another key is refused", state)
+
+
+class Results:
+    def __init__(self):
+        self.failed = 0
+        self.passed = 0
+
+    def check(self, ok, what, detail=""):
+        print(f"{'PASS' if ok else 'FAIL'}  {what}" + (f"  ({detail})" if detail else ""), flush=True)
+        if ok:
+            self.passed += 1
+        else:
+            self.failed += 1
+
+
+def main():
+    cases = sys.argv[1:] or ["two_processes", "self", "notifs", "bad_input", "release", "auth"]
+    results = Results()
+    for case in cases:
+        try:
+            if case == "two_processes":
+                t = case_two_processes(results)
+                try:
+                    case_big_region(results, t)
+                    case_dead_peer(results, t)
+                finally:
+                    t.close()
+            elif case == "self":
+                case_self(results)
+            elif case == "notifs":
+                case_notifs_in_one_process(results)
+            elif case == "bad_input":
+                case_bad_input(results)
+            elif case == "release":
+                case_release_in_flight(results)
+            elif case == "auth":
+                case_auth_key(results)
+            else:
+                raise ValueError(f"unknown case {case}")
+        except Exception:
+            traceback.print_exc()
+            results.check(False, f"case {case} raised")
+    print(f"{results.passed} passed, {results.failed} failed", flush=True)
+    sys.exit(min(results.failed, 100))
+
+
+if __name__ == "__main__":
+    main()
