@@ -27,8 +27,10 @@
 #include <utility>
 #include <vector>
 
-/* The NIXL releases whose layout this header reproduces. */
-#define UCCL_TCPX_NIXL_VERSIONS "1.4.0"
+/* The NIXL releases whose layout this header reproduces: 1.4.0 checked against its source tree
+ * (scripts/nixl_abi_check.sh), 1.5.1 by the whole plugin suite against its wheel
+ * (scripts/nixl_plugin_tests.sh --nixl 1.5.1), as no 1.5.1 source tree was at hand. */
+#define UCCL_TCPX_NIXL_VERSIONS "1.4.0 1.5.1"
 
 /* nixlBackendPlugin::api_version that NIXL requires. */
 #define NIXL_PLUGIN_API_VERSION 1

@@ -214,6 +214,7 @@ public:
         std::lock_guard<std::mutex> lock(mu_);
         for (auto &[agent, conn] : conns_) uccl_engine_conn_destroy(conn);
         for (auto *conn : accepted_) uccl_engine_conn_destroy(conn);
+        for (auto *conn : retired_) uccl_engine_conn_destroy(conn);
         for (auto *md : registered_) {
             uccl_engine_mr_destroy(engine_, md->mr);
             delete md;
@@ -460,7 +461,11 @@ public:
                                                     req->items.data(), num, &req->id, nullptr)
                          : uccl_engine_read_vector(req->conn, req->mrs.data(), req->addrs.data(), req->sizes.data(),
                                                    req->items.data(), num, &req->id, nullptr);
-            if (rc != 0) return failed(to_nixl(rc), "posting to agent " + req->agent + " failed: " + engine_error());
+            if (rc != 0) {
+                auto status = failed(to_nixl(rc), "posting to agent " + req->agent + " failed: " + engine_error());
+                forget_if_gone(status, req->agent, req->conn);
+                return status;
+            }
             req->in_flight = true;
             // Small transfers are often done already: reporting that now saves the caller a check.
             return checkXfer(req);
@@ -477,15 +482,23 @@ public:
             int rc = uccl_engine_poll(req->conn, req->id, nullptr);
             if (rc == 1) return NIXL_IN_PROG;
             req->in_flight = false;
-            if (rc != 0) return failed(to_nixl(rc), "transfer to agent " + req->agent + " failed: " + engine_error());
+            if (rc != 0) {
+                auto status = failed(to_nixl(rc), "transfer to agent " + req->agent + " failed: " + engine_error());
+                forget_if_gone(status, req->agent, req->conn);
+                return status;
+            }
             addTelemetry(req->op == NIXL_WRITE ? nixl_telemetry_event_type_t::AGENT_TX_BYTES
                                                : nixl_telemetry_event_type_t::AGENT_RX_BYTES,
                          req->bytes);
             if (req->has_notif) {
                 rc = uccl_engine_send_notif_v(req->conn, localAgent.data(), localAgent.size(), req->notif.data(),
                                               req->notif.size());
-                if (rc != 0)
-                    return failed(to_nixl(rc), "notification to agent " + req->agent + " failed: " + engine_error());
+                if (rc != 0) {
+                    auto status =
+                        failed(to_nixl(rc), "notification to agent " + req->agent + " failed: " + engine_error());
+                    forget_if_gone(status, req->agent, req->conn);
+                    return status;
+                }
             }
             return NIXL_SUCCESS;
         } catch (...) {
@@ -534,7 +547,11 @@ public:
             nixl_status_t status = conn_for(agent, conn);
             if (status != NIXL_SUCCESS) return status;
             int rc = uccl_engine_send_notif_v(conn, localAgent.data(), localAgent.size(), msg.data(), msg.size());
-            if (rc != 0) return failed(to_nixl(rc), "notification to agent " + agent + " failed: " + engine_error());
+            if (rc != 0) {
+                auto status = failed(to_nixl(rc), "notification to agent " + agent + " failed: " + engine_error());
+                forget_if_gone(status, agent, conn);
+                return status;
+            }
             return NIXL_SUCCESS;
         } catch (...) {
             return NIXL_ERR_BACKEND;
@@ -570,6 +587,19 @@ private:
         conns_[agent] = conn;
         out = conn;
         return NIXL_SUCCESS;
+    }
+
+    // A connection that failed for good is dropped, so that the agent's next request (after NIXL
+    // loads the peer again, say) connects anew instead of failing on it; not every NIXL version
+    // calls disconnect() when it drops a peer.
+    void forget_if_gone(nixl_status_t status, const std::string &agent, uccl_conn_t *conn) const {
+        if (status != NIXL_ERR_REMOTE_DISCONNECT) return;
+        std::lock_guard<std::mutex> lock(mu_);
+        auto it = conns_.find(agent);
+        if (it == conns_.end() || it->second != conn) return;
+        conns_.erase(it);
+        // Kept until the engine goes: other requests on it still learn how it failed.
+        retired_.push_back(conn);
     }
 
     void accept_loop() {
@@ -617,6 +647,7 @@ private:
     mutable std::map<std::string, uccl_conn_t *> conns_;
     std::map<std::string, std::string> infos_;
     std::vector<uccl_conn_t *> accepted_;
+    mutable std::vector<uccl_conn_t *> retired_;
     std::set<TcpxMD *> registered_;
 };
 
