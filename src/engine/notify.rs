@@ -169,6 +169,23 @@ mod tests {
     }
 
     #[test]
+    fn an_engines_drain_takes_its_own_and_keeps_the_rest_in_order() {
+        let mut q = Queue::new(8, 1 << 20);
+        let of = |engine, name: &str, len| Notification { engine, ..n(name, len) };
+        for (engine, name) in [(1, "a1"), (2, "b1"), (1, "a2"), (2, "b2"), (1, "a3")] {
+            q.push(of(engine, name, 10));
+        }
+        let names =
+            |v: Vec<Notification>| v.into_iter().map(|e| String::from_utf8(e.name).unwrap()).collect::<Vec<_>>();
+        assert_eq!(names(q.drain_engine(1, 2)), ["a1", "a2"]);
+        assert_eq!(q.bytes, 3 * 12);
+        assert!(q.drain_engine(3, 8).is_empty(), "an engine with nothing queued");
+        assert!(q.drain_engine(2, 0).is_empty());
+        assert_eq!(names(q.drain(8)), ["b1", "b2", "a3"]);
+        assert_eq!(q.bytes, 0);
+    }
+
+    #[test]
     fn drops_oldest_beyond_either_bound() {
         let mut q = Queue::new(3, 100);
         for name in ["a", "b", "c"] {
