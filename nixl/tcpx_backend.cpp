@@ -243,8 +243,15 @@ public:
                 return fail(NIXL_ERR_INVALID_PARAM, "connection info of agent " + agent + " is not TCPX's");
             std::lock_guard<std::mutex> lock(mu_);
             auto it = infos_.find(agent);
-            if (it != infos_.end() && it->second != info)
-                return fail(NIXL_ERR_NOT_ALLOWED, "agent " + agent + " already has other connection info");
+            if (it != infos_.end() && it->second != info) {
+                // NIXL refuses new info for an agent it still knows, so this is an agent it
+                // dropped and met again (restarted, say): its old connection leads nowhere now.
+                auto conn = conns_.find(agent);
+                if (conn != conns_.end()) {
+                    retired_.push_back(conn->second);
+                    conns_.erase(conn);
+                }
+            }
             infos_[agent] = info;
             return NIXL_SUCCESS;
         } catch (...) {

@@ -177,16 +177,19 @@ PATHS = {"same-host path": {}, "network path": {"UCCL_TCPX_DISABLE_IPC": "1"}}
 
 class TwoProcesses:
     def __init__(self, big=False, options=None):
-        ctx = mp.get_context("spawn")
-        self.pipe, child = ctx.Pipe()
-        options = options or {}
-        self.proc = ctx.Process(target=target_main, args=(child, big, options), daemon=True)
-        self.proc.start()
-        self.meta, self.raddr, self.rsparse = self.answer("start")
-        self.agent = make_agent("initiator", **options)
+        self.options = options or {}
+        self.start_target(big)
+        self.agent = make_agent("initiator", **self.options)
         self.buf = np.zeros(BUF, dtype=np.uint8)
         self.laddr, self.ldescs = register(self.agent, self.buf)
         self.peer = self.agent.add_remote_agent(self.meta)
+
+    def start_target(self, big=False):
+        ctx = mp.get_context("spawn")
+        self.pipe, child = ctx.Pipe()
+        self.proc = ctx.Process(target=target_main, args=(child, big, self.options), daemon=True)
+        self.proc.start()
+        self.meta, self.raddr, self.rsparse = self.answer("start")
 
     def ask(self, *cmd):
         self.pipe.send(cmd)
@@ -301,6 +304,14 @@ def case_dead_peer(results, t):
     t.proc.join(WAIT_S)
     state, took = timed_transfer(t, b"after-death")
     results.check(state == disconnect and took < TIMEOUT_MS / 1000 + 5, "transfer to a dead peer fails", f"{state} after {took:.2f} s")
+    # The peer restarted: same agent name, a new engine at another port.
+    t.start_target()
+    # NIXL 1.5.1 keeps a dropped peer's connection info and refuses other info under its name
+    # until the agent is removed; 1.4.0 forgot it already (and then removing it fails).
+    nixl_error(lambda: t.agent.remove_remote_agent("target"))
+    t.agent.add_remote_agent(t.meta)
+    state, _ = timed_transfer(t, b"restarted")
+    results.check(state == "DONE" and t.ask("notif", b"restarted"), "a restarted peer of the same name", state)
 
 
 def case_release_in_flight(results, t):
