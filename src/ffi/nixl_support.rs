@@ -69,12 +69,9 @@ fn setting_name(key: &str) -> Result<String> {
 /// so that a misspelt key does not pass unnoticed.
 fn config_with(params: &[(String, String)]) -> Result<Config> {
     let asked = RefCell::new(BTreeSet::new());
-    let config = Config::from_lookup(|name| {
+    let config = Config::from_env_with(|name| {
         asked.borrow_mut().insert(name.to_owned());
-        match params.iter().rev().find(|(k, _)| k == name) {
-            Some((_, v)) if !v.trim().is_empty() => Some(v.clone()),
-            _ => std::env::var(name).ok(),
-        }
+        params.iter().rev().find(|(k, v)| k == name && !v.trim().is_empty()).map(|(_, v)| v.clone())
     })
     .map_err(|e| {
         // The settings' messages speak of the environment; say where a parameter's value came from.
