@@ -4,7 +4,8 @@ host memory. Run by scripts/nixl_plugin_tests.sh, which builds and installs the 
 NIXL_PLUGIN_DIR; see there. Each case prints PASS or FAIL with what it checked; the exit status
 is the number of failed cases (capped at 100).
 
-usage: nixl_plugin_tests.py [CASE ...]   (default: every case)
+usage: nixl_plugin_tests.py [--initiator DRAM|VRAM] [--target DRAM|VRAM] [--gpu N] [CASE ...]
+   (default: host memory, every case; VRAM needs torch and the GPU)
 """
 
 import ctypes
@@ -77,6 +78,57 @@ def register(agent, buf):
     return addr, descs
 
 
+class Mem:
+    """A buffer the agents transfer from and to: host memory (numpy, DRAM) or, with --gpu, a torch
+    tensor on that GPU (VRAM). Bytes go in and come out as numpy arrays."""
+
+    def __init__(self, size, kind="DRAM", gpu=0):
+        self.kind, self.dev = kind, (gpu if kind == "VRAM" else 0)
+        if kind == "VRAM":
+            import torch
+
+            self.torch = torch
+            self.buf = torch.zeros(size, dtype=torch.uint8, device=f"cuda:{gpu}")
+            torch.cuda.synchronize(self.buf.device)
+            self.addr = self.buf.data_ptr()
+        else:
+            self.buf = np.zeros(size, dtype=np.uint8)
+            self.addr = self.buf.ctypes.data
+        self.size = size
+
+    def write(self, off, data):
+        if self.kind == "VRAM":
+            self.buf[off : off + len(data)].copy_(self.torch.from_numpy(data))
+            self.torch.cuda.synchronize(self.buf.device)
+        else:
+            self.buf[off : off + len(data)] = data
+
+    def read(self, off, n):
+        if self.kind == "VRAM":
+            self.torch.cuda.synchronize(self.buf.device)
+            return self.buf[off : off + n].cpu().numpy()
+        return self.buf[off : off + n]
+
+    def zero(self):
+        if self.kind == "VRAM":
+            self.buf.zero_()
+            self.torch.cuda.synchronize(self.buf.device)
+        else:
+            self.buf[:] = 0
+
+    def register(self, agent):
+        descs = agent.get_reg_descs([(self.addr, self.size, self.dev, "")], self.kind)
+        agent.register_memory(descs)
+        return descs
+
+    def descs(self, agent, ranges):
+        return agent.get_xfer_descs([(self.addr + o, n, self.dev) for o, n in ranges], self.kind)
+
+
+# Which memory the two-process checks and the agent-to-itself check use (--initiator / --target).
+MEM = {"initiator": "DRAM", "target": "DRAM", "gpu": 0}
+
+
 def run(agent, op, local, remote, peer, notif):
     """Posts one transfer and polls it to the end: "DONE", "ERR" or "TIMEOUT"."""
     handle = agent.initialize_xfer(op, local, remote, peer, notif)
@@ -118,26 +170,27 @@ def nixl_error(fn):
 # ---- two agents in two processes --------------------------------------------------------------
 
 
-def target_main(pipe, big, options):
+def target_main(pipe, big, options, mem):
     """The target agent: registers its buffer(s), hands its metadata over, then serves commands."""
     agent = make_agent("target", **options)
-    buf = np.zeros(BUF, dtype=np.uint8)
-    addr, _ = register(agent, buf)
+    buf = Mem(BUF, mem["target"], mem["gpu"])
+    buf.register(agent)
+    addr = buf.addr
     sparse = None
     if big:
         sparse = Sparse(6 * GiB)
         agent.register_memory(agent.get_reg_descs([(sparse.addr, sparse.len, 0, "")], "DRAM"))
-    pipe.send((agent.get_agent_metadata(), addr, sparse.addr if sparse else 0))
+    pipe.send((agent.get_agent_metadata(), addr, sparse.addr if sparse else 0, buf.dev))
     while True:
         cmd, *args = pipe.recv()
         if cmd == "fill":
             for off, length, seed in args[0]:
-                buf[off : off + length] = pattern(length, seed)
+                buf.write(off, pattern(length, seed))
             pipe.send(True)
         elif cmd == "check":  # after the notification: the bytes must be there
             ranges, msg = args
             got = wait_notif(agent, "initiator", msg)
-            ok = all(np.array_equal(buf[o : o + n], pattern(n, seed)) for o, n, seed in ranges)
+            ok = all(np.array_equal(buf.read(o, n), pattern(n, seed)) for o, n, seed in ranges)
             pipe.send((got, ok))
         elif cmd == "notif":
             pipe.send(wait_notif(agent, "initiator", args[0]))
@@ -148,6 +201,9 @@ def target_main(pipe, big, options):
         elif cmd == "sparse_check":
             ok = all(np.array_equal(sparse.view(off, n), pattern(n, seed)) for off, n, seed in args[0])
             pipe.send(ok)
+        elif cmd == "zero":
+            buf.zero()
+            pipe.send(True)
         elif cmd == "die":
             # Gone without a goodbye, as a crashed process is.
             os._exit(0)
@@ -180,16 +236,21 @@ class TwoProcesses:
         self.options = options or {}
         self.start_target(big)
         self.agent = make_agent("initiator", **self.options)
-        self.buf = np.zeros(BUF, dtype=np.uint8)
-        self.laddr, self.ldescs = register(self.agent, self.buf)
+        self.mem = Mem(BUF, MEM["initiator"], MEM["gpu"])
+        self.ldescs = self.mem.register(self.agent)
+        self.laddr = self.mem.addr
         self.peer = self.agent.add_remote_agent(self.meta)
 
     def start_target(self, big=False):
         ctx = mp.get_context("spawn")
         self.pipe, child = ctx.Pipe()
-        self.proc = ctx.Process(target=target_main, args=(child, big, self.options), daemon=True)
+        self.proc = ctx.Process(target=target_main, args=(child, big, self.options, MEM), daemon=True)
         self.proc.start()
-        self.meta, self.raddr, self.rsparse = self.answer("start")
+        self.meta, self.raddr, self.rsparse, self.rdev = self.answer("start")
+
+    def remote(self, ranges):
+        """Descriptors of the target's buffer."""
+        return self.agent.get_xfer_descs([(self.raddr + o, n, self.rdev) for o, n in ranges], MEM["target"])
 
     def ask(self, *cmd):
         self.pipe.send(cmd)
@@ -223,22 +284,23 @@ def case_two_processes(results, path):
                     # Local piece k goes to remote piece n-1-k (all pieces are the same length
                     # here), so an item placed by position rather than by address shows.
                     rr = lr[::-1]
-                    local = t.agent.get_xfer_descs([(t.laddr + o, ln, 0) for o, ln in lr], "DRAM")
-                    remote = t.agent.get_xfer_descs([(t.raddr + o, ln, 0) for o, ln in rr], "DRAM")
+                    local = t.mem.descs(t.agent, lr)
+                    remote = t.remote(rr)
                     # Where each piece's bytes end up on the target, and the seed they carry.
                     theirs = [(ro, ln, seed + lo) for (lo, ln), (ro, _) in zip(lr, rr)]
                     msg = f"{op}-{size}-{n}".encode()
                     what = f"{path}: {op} {size // KiB} KiB as {n} descriptor(s)"
-                    t.buf[:] = 0
+                    t.mem.zero()
+                    t.ask("zero")
                     if op == "WRITE":
                         for o, ln in lr:
-                            t.buf[o : o + ln] = pattern(ln, seed + o)
+                            t.mem.write(o, pattern(ln, seed + o))
                         state = run(t.agent, op, local, remote, t.peer, msg)
                         got, ok = t.ask("check", theirs, msg)
                     else:
                         t.ask("fill", theirs)
                         state = run(t.agent, op, local, remote, t.peer, msg)
-                        ok = all(np.array_equal(t.buf[o : o + ln], pattern(ln, seed + o)) for o, ln in lr)
+                        ok = all(np.array_equal(t.mem.read(o, ln), pattern(ln, seed + o)) for o, ln in lr)
                         got = t.ask("notif", msg)
                     results.check(state == "DONE" and ok and got, what, f"state {state}, bytes {ok}, notif {got}")
         return t
@@ -258,25 +320,25 @@ def case_big_region(results, t):
         for _, ln, _ in seeds:
             lr.append((pos, ln))
             pos += ln + GAP
-        local = t.agent.get_xfer_descs([(t.laddr + o, ln, 0) for o, ln in lr], "DRAM")
+        local = t.mem.descs(t.agent, lr)
         remote = t.agent.get_xfer_descs([(t.rsparse + off, ln, 0) for off, ln, _ in seeds], "DRAM")
-        t.buf[:] = 0
+        t.mem.zero()
         if op == "WRITE":
             for (o, ln), (_, _, s) in zip(lr, seeds):
-                t.buf[o : o + ln] = pattern(ln, s)
+                t.mem.write(o, pattern(ln, s))
             state = run(t.agent, op, local, remote, t.peer, b"big-w")
             ok = t.ask("notif", b"big-w") and t.ask("sparse_check", seeds)
         else:
             t.ask("sparse_fill", seeds)
             state = run(t.agent, op, local, remote, t.peer, b"big-r")
-            ok = all(np.array_equal(t.buf[o : o + ln], pattern(ln, s)) for (o, ln), (_, _, s) in zip(lr, seeds))
+            ok = all(np.array_equal(t.mem.read(o, ln), pattern(ln, s)) for (o, ln), (_, _, s) in zip(lr, seeds))
             ok = ok and t.ask("notif", b"big-r")
         results.check(state == "DONE" and ok, f"6 GiB registration, {op} across its windows", f"state {state}, checked {ok}")
 
 
 def timed_transfer(t, msg):
-    local = t.agent.get_xfer_descs([(t.laddr, 1 * MiB, 0)], "DRAM")
-    remote = t.agent.get_xfer_descs([(t.raddr, 1 * MiB, 0)], "DRAM")
+    local = t.mem.descs(t.agent, [(0, 1 * MiB)])
+    remote = t.remote([(0, 1 * MiB)])
     start = time.monotonic()
     try:
         state = run(t.agent, "WRITE", local, remote, t.peer, msg)
@@ -323,7 +385,7 @@ def case_release_in_flight(results, t):
         addr, descs = register(t.agent, buf)
         handle = t.agent.initialize_xfer(
             "WRITE", t.agent.get_xfer_descs([(addr, buf.nbytes, 0)], "DRAM"),
-            t.agent.get_xfer_descs([(t.raddr, buf.nbytes, 0)], "DRAM"), t.peer, b"released")
+            t.remote([(0, buf.nbytes)]), t.peer, b"released")
         state = t.agent.transfer(handle)
         start = time.monotonic()
         err = nixl_error(lambda: t.agent.release_xfer_handle(handle))
@@ -344,20 +406,22 @@ def case_release_in_flight(results, t):
 
 
 def case_self(results):
-    """An agent's WRITE and READ to itself, with notifications to itself."""
+    """An agent's WRITE and READ to itself (initiator memory to target memory), with
+    notifications to itself."""
     a = make_agent("solo")
-    src, dst = np.zeros(2 * MiB, dtype=np.uint8), np.zeros(2 * MiB, dtype=np.uint8)
-    sa, _ = register(a, src)
-    da, _ = register(a, dst)
+    src, dst = Mem(2 * MiB, MEM["initiator"], MEM["gpu"]), Mem(2 * MiB, MEM["target"], MEM["gpu"])
+    src.register(a)
+    dst.register(a)
+    ranges = [(0, 1 * MiB), (1 * MiB + GAP, 1 * MiB - GAP)]
     for op, seed in (("WRITE", 5), ("READ", 6)):
-        src[:] = pattern(src.nbytes, seed) if op == "WRITE" else 0
-        dst[:] = pattern(dst.nbytes, seed) if op == "READ" else 0
-        local = a.get_xfer_descs([(sa, 1 * MiB, 0), (sa + 1 * MiB + GAP, 1 * MiB - GAP, 0)], "DRAM")
-        remote = a.get_xfer_descs([(da, 1 * MiB, 0), (da + 1 * MiB + GAP, 1 * MiB - GAP, 0)], "DRAM")
-        state = run(a, op, local, remote, "solo", f"self-{op}".encode())
-        ok = np.array_equal(src[: 1 * MiB], dst[: 1 * MiB]) and np.array_equal(src[1 * MiB + GAP :], dst[1 * MiB + GAP :])
+        src.zero()
+        dst.zero()
+        (src if op == "WRITE" else dst).write(0, pattern(2 * MiB, seed))
+        state = run(a, op, src.descs(a, ranges), dst.descs(a, ranges), "solo", f"self-{op}".encode())
+        ok = all(np.array_equal(src.read(o, n), dst.read(o, n)) and np.array_equal(src.read(o, n), pattern(2 * MiB, seed)[o : o + n]) for o, n in ranges)
         got = wait_notif(a, "solo", f"self-{op}".encode())
-        results.check(state == "DONE" and ok and got, f"agent to itself, {op}", f"state {state}, bytes {ok}, notif {got}")
+        what = f"agent to itself, {op}, {MEM['initiator']} to {MEM['target']}"
+        results.check(state == "DONE" and ok and got, what, f"state {state}, bytes {ok}, notif {got}")
 
 
 def case_notifs_in_one_process(results):
@@ -537,7 +601,18 @@ class Results:
 
 
 def main():
-    cases = sys.argv[1:] or ["two_processes", "self", "notifs", "bad_input", "auth", "telemetry", "ucx"]
+    args = sys.argv[1:]
+    # --initiator KIND / --target KIND (DRAM or VRAM) and --gpu N: the memory of the two-process
+    # checks and of the agent-to-itself check (VRAM needs torch and a GPU); the rest is host memory.
+    while args and args[0] in ("--initiator", "--target", "--gpu"):
+        if len(args) < 2:
+            sys.exit(f"{args[0]} needs a value")
+        key, value = args[0][2:], args[1]
+        if key != "gpu" and value not in ("DRAM", "VRAM"):
+            sys.exit(f"--{key} takes DRAM or VRAM, not {value}")
+        MEM[key] = int(value) if key == "gpu" else value
+        args = args[2:]
+    cases = args or ["two_processes", "self", "notifs", "bad_input", "auth", "telemetry", "ucx"]
     results = Results()
     for case in cases:
         try:
