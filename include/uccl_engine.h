@@ -65,6 +65,12 @@ typedef struct FifoItem {
 #define UCCL_IP_ADDR_BUF_MIN 46
 
 /**
+ * The window size `uccl_tcpx_advertise_region` advertises a region in: 2 GiB, so that every
+ * window and every item inside one fits the u32 size of a FifoItem and of a wire segment.
+ */
+#define UCCL_TCPX_ADVERTISE_WINDOW 2147483648
+
+/**
  * `uccl_tcpx_engine_create_on`'s `gpu`: choose the GPU as `uccl_engine_create` does.
  */
 #define UCCL_TCPX_GPU_DEFAULT -1
@@ -117,16 +123,6 @@ typedef struct uccl_engine uccl_engine_t;
 typedef uint64_t uccl_mr_t;
 
 /**
- * A received (or to be sent) notification: `name` is a C string, `msg` 256 binary bytes.
- */
-typedef struct notify_msg {
-  char name[MSG_SIZE];
-  char msg[MSG_SIZE];
-} notify_msg;
-
-typedef struct notify_msg notify_msg_t;
-
-/**
  * A received notification, whole: `name` holds `name_len` bytes and `msg` holds `msg_len` bytes
  * (any values, zeros included), each followed by a NUL that is not counted, so text reads as a C
  * string. Both are allocated by this library: release them with `uccl_engine_free_notif_v`.
@@ -139,6 +135,16 @@ typedef struct uccl_notif_v {
 } uccl_notif_v;
 
 typedef struct uccl_notif_v uccl_notif_v_t;
+
+/**
+ * A received (or to be sent) notification: `name` is a C string, `msg` 256 binary bytes.
+ */
+typedef struct notify_msg {
+  char name[MSG_SIZE];
+  char msg[MSG_SIZE];
+} notify_msg;
+
+typedef struct notify_msg notify_msg_t;
 
 /**
  * The status numbers the functions of this library return (as `int`).
@@ -295,6 +301,43 @@ int uccl_engine_get_ipc_info(uccl_engine_t *engine, uintptr_t addr, char *ipc_bu
  * inside it); zeroed info (no IPC path) is rewritten as UCCL rewrites it.
  */
 int uccl_engine_update_ipc_info(char *ipc_buf, uintptr_t addr, uintptr_t base_addr, size_t size);
+
+/**
+ * Creates an engine as `uccl_engine_create` does, with settings from `n` key/value pairs taking
+ * precedence over the environment. A key is a setting's environment name (`UCCL_TCPX_NUM_CHANNELS`)
+ * or the same without the `UCCL_TCPX_` prefix in any case (`num_channels`); an empty value leaves
+ * the setting to the environment. An unknown key or a bad value fails the call (NULL, with the
+ * reason in `uccl_engine_last_error`); so do NULL arrays while `n` > 0 and a NULL entry.
+ */
+uccl_engine_t *uccl_tcpx_engine_create_with(const char *const *keys, const char *const *values, size_t n);
+
+/**
+ * Like `uccl_engine_get_notifs_v`, but only the notifications that connections of `engine`
+ * received, so that several engines of one process (one per NIXL agent, say) each get their own.
+ * The others stay queued, in order, for their engines and for `uccl_engine_get_notifs_v`. Returns
+ * how many entries were filled (0 with a last error for a bad engine or a NULL `out` while
+ * `capacity` > 0); release each with `uccl_engine_free_notif_v`.
+ */
+size_t uccl_tcpx_engine_get_notifs_v(uccl_engine_t *engine, uccl_notif_v_t *out, size_t capacity);
+
+/**
+ * Gives up on transfer `transfer_id` of `conn` without waiting for it: it still runs to its end
+ * (or its connection's failure), but nobody polls it, and its id is unknown from now on. The
+ * memory it touches stays safe to free only after `uccl_engine_mr_destroy` of its regions, which
+ * fences every transfer. 0, or -4 for an id this connection does not know (never issued, already
+ * reported finished, or already forgotten), -2 for a bad handle.
+ */
+int uccl_tcpx_forget(uccl_conn_t *conn, uint64_t transfer_id);
+
+/**
+ * Advertises `[addr, addr + len)` of region `mr`, of any size up to 8 TiB, as consecutive windows
+ * of `UCCL_TCPX_ADVERTISE_WINDOW` bytes starting at `addr` (the last one shorter), and writes to
+ * `*item` the capability for the first window. Its padding (region and token) serves every window:
+ * a peer reaches byte `addr + k * window + o` with an item of that address, the same padding and
+ * a size that stays inside window `k`, so an item must not cross a window boundary (the owner
+ * refuses it). `*window` (may be NULL) receives the window size.
+ */
+int uccl_tcpx_advertise_region(uccl_engine_t *engine, uccl_mr_t mr, uintptr_t addr, size_t len, struct FifoItem *item, uint64_t *window);
 
 /**
  * Sends `name` (NUL-terminated within 256 bytes) and all 256 bytes of `msg`.

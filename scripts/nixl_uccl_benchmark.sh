@@ -25,6 +25,7 @@
 #        NIXL_BENCH_TIMEOUT  seconds for each size's run (default 300)
 #        UCCL_TCPX_BENCH  uccl-tcpx-bench, for the comparison
 #        NIXL_SERVER_GPU  the server's GPU with gpu (default 1; 0 on a one-GPU host)
+#        NIXL_BENCH_BACKEND  the benchmark's --backend (default uccl; scripts/nixl_tcpx_benchmark.sh sets tcpx)
 set -uo pipefail
 
 if [[ $# -ne 3 || ("$2" != cpu && "$2" != gpu) ]]; then
@@ -35,6 +36,7 @@ bench="$1"
 device="$2"
 logs="$3"
 py="${PYTHON:-python3}"
+backend="${NIXL_BENCH_BACKEND:-uccl}"
 limit="${NIXL_BENCH_TIMEOUT:-300}"
 mkdir -p "$logs"
 [[ -f "$bench" ]] || {
@@ -56,7 +58,7 @@ fi
 
 status=0
 for op in write read; do
-  echo "== benchmark_nixl.py --backend uccl --device $device --op-type $op"
+  echo "== benchmark_nixl.py --backend $backend --device $device --op-type $op"
   server_log="$logs/benchmark_nixl-$device-$op-server.log"
   client_log="$logs/benchmark_nixl-$device-$op-client.log"
   : >"$server_log"
@@ -65,10 +67,10 @@ for op in write read; do
   for size in ${size_list//,/ }; do
     # Unbuffered, so a killed run still leaves what it printed.
     PYTHONUNBUFFERED=1 timeout "$limit" "$py" "$bench" --role server --device "$device" \
-      "${server_gpu[@]}" --backend uccl --op-type "$op" --sizes "$size" >>"$server_log" 2>&1 &
+      "${server_gpu[@]}" --backend "$backend" --op-type "$op" --sizes "$size" >>"$server_log" 2>&1 &
     server=$!
     PYTHONUNBUFFERED=1 timeout "$limit" "$py" "$bench" --role client --remote-ip 127.0.0.1 \
-      --device "$device" "${client_gpu[@]}" --backend uccl --op-type "$op" --sizes "$size" \
+      --device "$device" "${client_gpu[@]}" --backend "$backend" --op-type "$op" --sizes "$size" \
       >>"$client_log" 2>&1
     client_rc=$?
     wait "$server"

@@ -713,6 +713,11 @@ impl Config {
         Config::from_lookup(|name| std::env::var(name).ok())
     }
 
+    /// The environment's settings with `overrides` (by setting name) taking precedence.
+    pub fn from_env_with(overrides: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        Config::from_lookup(|name| overrides(name).or_else(|| std::env::var(name).ok()))
+    }
+
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config> {
         let d = Config::default();
         let get = |name: &str| lookup(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());

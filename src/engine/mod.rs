@@ -110,6 +110,7 @@ impl Engine {
             auth: RwLock::new(config_key),
             live: Mutex::new(LiveConns::default()),
             control,
+            notify_key: notify::next_engine_key(),
         });
         let conns = Arc::new(ConnList::default());
         let accepted = Arc::new(AcceptQueue::new()?);
@@ -158,6 +159,11 @@ impl Engine {
     /// transport's default); a connection takes the smaller of both ends' offers.
     pub fn num_channels(&self) -> u16 {
         self.core.num_channels
+    }
+
+    /// The key of this engine's notifications (`notify::drain_engine`).
+    pub fn notify_key(&self) -> u64 {
+        self.core.notify_key
     }
 
     pub fn address(&self) -> SocketAddr {

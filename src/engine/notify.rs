@@ -3,6 +3,7 @@
 //! the fixed-size C form truncates when it copies out.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
@@ -17,6 +18,9 @@ const MAX_QUEUED_BYTES: usize = 1 << 30;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Notification {
+    /// The engine whose connection received it (`next_engine_key`), so that one engine's
+    /// notifications can be drained apart from another's in the same process.
+    pub engine: u64,
     /// At most 255 bytes, no NUL.
     pub name: Vec<u8>,
     /// The whole message.
@@ -72,6 +76,25 @@ impl Queue {
         out
     }
 
+    /// Up to `max` of the oldest entries of `engine`, the others left in their order.
+    fn drain_engine(&mut self, engine: u64, max: usize) -> Vec<Notification> {
+        if max == 0 || !self.entries.iter().any(|e| e.engine == engine) {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.entries.len());
+        for entry in self.entries.drain(..) {
+            if entry.engine == engine && out.len() < max {
+                out.push(entry);
+            } else {
+                kept.push_back(entry);
+            }
+        }
+        self.entries = kept;
+        self.bytes -= out.iter().map(Notification::bytes).sum::<usize>();
+        out
+    }
+
     /// Puts drained entries back at the front, in their order, ahead of anything queued since. The
     /// bounds are not applied: these were already counted once.
     fn requeue_front(&mut self, entries: Vec<Notification>) {
@@ -84,8 +107,16 @@ impl Queue {
 
 static QUEUE: Mutex<Queue> = Mutex::new(Queue::new(MAX_QUEUED, MAX_QUEUED_BYTES));
 
-pub fn push(name: &[u8], msg: &[u8]) {
-    let entry = Notification { name: name[..name.len().min(MAX_NAME)].to_vec(), msg: msg.to_vec() };
+static NEXT_ENGINE_KEY: AtomicU64 = AtomicU64::new(1);
+
+/// A key for a new engine's notifications; never reused, so a destroyed engine's leftovers cannot
+/// reach a later one.
+pub fn next_engine_key() -> u64 {
+    NEXT_ENGINE_KEY.fetch_add(1, Ordering::Relaxed)
+}
+
+pub fn push(engine: u64, name: &[u8], msg: &[u8]) {
+    let entry = Notification { engine, name: name[..name.len().min(MAX_NAME)].to_vec(), msg: msg.to_vec() };
     let dropped = QUEUE.lock().push(entry);
     if dropped > 0 {
         log::error!(
@@ -98,6 +129,11 @@ pub fn push(name: &[u8], msg: &[u8]) {
 /// Removes and returns up to `max` of the oldest notifications.
 pub fn drain(max: usize) -> Vec<Notification> {
     QUEUE.lock().drain(max)
+}
+
+/// Removes and returns up to `max` of the oldest notifications the connections of `engine` received.
+pub fn drain_engine(engine: u64, max: usize) -> Vec<Notification> {
+    QUEUE.lock().drain_engine(engine, max)
 }
 
 /// Returns drained notifications that could not be handed out to the front of the queue, oldest
@@ -113,7 +149,7 @@ mod tests {
     use super::*;
 
     fn n(name: &str, len: usize) -> Notification {
-        Notification { name: name.as_bytes().to_vec(), msg: vec![7; len] }
+        Notification { engine: 1, name: name.as_bytes().to_vec(), msg: vec![7; len] }
     }
 
     fn names(q: &mut Queue) -> Vec<String> {
@@ -129,6 +165,23 @@ mod tests {
         assert_eq!(got, vec![n("a", 1000)]);
         assert_eq!(q.bytes, 1);
         assert_eq!(names(&mut q), ["b"]);
+        assert_eq!(q.bytes, 0);
+    }
+
+    #[test]
+    fn an_engines_drain_takes_its_own_and_keeps_the_rest_in_order() {
+        let mut q = Queue::new(8, 1 << 20);
+        let of = |engine, name: &str, len| Notification { engine, ..n(name, len) };
+        for (engine, name) in [(1, "a1"), (2, "b1"), (1, "a2"), (2, "b2"), (1, "a3")] {
+            q.push(of(engine, name, 10));
+        }
+        let names =
+            |v: Vec<Notification>| v.into_iter().map(|e| String::from_utf8(e.name).unwrap()).collect::<Vec<_>>();
+        assert_eq!(names(q.drain_engine(1, 2)), ["a1", "a2"]);
+        assert_eq!(q.bytes, 3 * 12);
+        assert!(q.drain_engine(3, 8).is_empty(), "an engine with nothing queued");
+        assert!(q.drain_engine(2, 0).is_empty());
+        assert_eq!(names(q.drain(8)), ["b1", "b2", "a3"]);
         assert_eq!(q.bytes, 0);
     }
 

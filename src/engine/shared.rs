@@ -42,6 +42,8 @@ pub(crate) struct EngineCore {
     pub(super) live: Mutex<LiveConns>,
     /// The threads that read and write every connection's control stream.
     pub(super) control: ControlReactor,
+    /// Tags what this engine's connections receive in the process-wide notification queue.
+    pub(super) notify_key: u64,
 }
 
 /// What a deregistration and the engine's shutdown need from every connection the engine started.

@@ -187,6 +187,16 @@ impl TransferTable {
         self.live.lock().remove(&id);
     }
 
+    /// Drops the caller's claim on a transfer: it runs to its end (or its connection's failure)
+    /// unobserved, and its id is unknown from now on. False if the id was not known here.
+    pub fn forget(&self, conn: u64, id: u64) -> bool {
+        let mut live = self.live.lock();
+        match live.get(&id) {
+            Some(t) if t.conn == conn => live.remove(&id).is_some(),
+            _ => false,
+        }
+    }
+
     /// `Ok(None)` in progress; `Ok(Some(bytes))` or `Err` once, then the id is gone.
     pub fn poll(&self, conn: u64, id: u64) -> Result<Option<u64>> {
         let mut live = self.live.lock();

@@ -153,7 +153,7 @@ pub extern "C" fn uccl_engine_free_notif_v(notif: *mut uccl_notif_v_t) {
 }
 
 /// The C form of `n`, or None when memory ran out (nothing is then left allocated).
-fn to_c(n: &Notification) -> Option<uccl_notif_v> {
+pub(super) fn to_c(n: &Notification) -> Option<uccl_notif_v> {
     let name = copy_out(&n.name)?;
     let Some(msg) = copy_out(&n.msg) else {
         // SAFETY: `name` came from libc::malloc just above.

@@ -443,6 +443,16 @@ impl Connection {
         }
     }
 
+    /// Stops tracking `transfer` for the caller, who will not poll it again (see
+    /// `TransferTable::forget`); a transfer of another connection, or unknown, is an error.
+    pub fn forget(&self, transfer: u64) -> Result<()> {
+        if self.core.transfers.forget(self.id, transfer) {
+            Ok(())
+        } else {
+            Err(Error::not_found(format!("transfer id {transfer} is unknown on this connection")))
+        }
+    }
+
     /// Also finishes device copies of the same-host path whose event fired, so that a caller
     /// polling for one learns of it without waiting for the progress thread's next pass.
     /// And runs the copy of a read of ours that the target granted, if the connection's worker has

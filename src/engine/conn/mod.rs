@@ -370,7 +370,7 @@ impl Connection {
                     held.queued = true;
                     held.queued_bytes += plan.extent.len();
                 }
-                Action::Notify { name, msg } => notify::push(&name, &msg),
+                Action::Notify { name, msg } => notify::push(self.core.notify_key, &name, &msg),
                 Action::Hold(flow) => inner.channels.iter_mut().for_each(|ch| ch.hold(flow)),
                 Action::Release(flow) => {
                     inner.channels.iter_mut().for_each(|ch| ch.release(flow));

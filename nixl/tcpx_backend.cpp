@@ -1,0 +1,699 @@
+// The NIXL backend "TCPX": a NIXL agent's transfers and notifications over a uccl-tcpx engine.
+//
+// One engine per backend instance (per agent), so that agents sharing a process keep their
+// notifications apart (uccl_tcpx_engine_get_notifs_v). Connections are keyed by agent name and
+// made on first use; transfers map onto the engine's vector one-sided calls, with every item cut
+// at the target's 2 GiB advertising windows; engine statuses pass through as NIXL statuses (they
+// share the numbering), so a dead peer reads NIXL_ERR_REMOTE_DISCONNECT. No exception leaves a
+// function NIXL calls.
+
+#define UCCL_TCPX_C_ONLY
+#include "uccl_engine.h"
+
+#include "nixl_abi.h"
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#ifndef UCCL_TCPX_PLUGIN_VERSION
+#define UCCL_TCPX_PLUGIN_VERSION "0.0.0"
+#endif
+
+namespace {
+
+// Prefix of our connection info; a later format gets another.
+constexpr const char *kConnInfoPrefix = "tcpx1;";
+// Prefix of a registration's public data.
+constexpr const char *kPublicPrefix = "tcpx1:";
+// The wire's name field holds at most this many bytes.
+constexpr size_t kMaxNameLen = 255;
+// Backend options (create_backend("TCPX", {...})) and the engine setting each one sets.
+const std::map<std::string, std::string> kOptions = {
+    {"num_channels", "UCCL_TCPX_NUM_CHANNELS"},
+    {"auth_key_file", "UCCL_TCPX_AUTH_KEY_FILE"},
+    {"gpu", "UCCL_TCPX_GPU"},
+    {"ip", "UCCL_TCPX_IP"},
+    {"port", "UCCL_TCPX_PORT"},
+    {"timeout_ms", "UCCL_TCPX_TIMEOUT_MS"},
+    {"connect_timeout_ms", "UCCL_TCPX_CONNECT_TIMEOUT_MS"},
+};
+
+void log_error(const std::string &what) {
+    std::fprintf(stderr, "[NIXL TCPX] error: %s\n", what.c_str());
+}
+
+std::string engine_error() {
+    char buf[512];
+    size_t n = uccl_engine_last_error(buf, sizeof(buf));
+    return n ? std::string(buf) : std::string("no detail");
+}
+
+// An engine status as a NIXL status: the numbers are shared; anything NIXL does not know becomes
+// a backend error.
+nixl_status_t to_nixl(int rc) {
+    if (rc == 0) return NIXL_SUCCESS;
+    if (rc == 1) return NIXL_IN_PROG;
+    // The engine's timeout fails the connection to a peer that stopped answering: for NIXL that
+    // peer is gone, and this status makes NIXL drop it.
+    if (rc == UCCL_STATUS_ERR_TIMEOUT) return NIXL_ERR_REMOTE_DISCONNECT;
+    if (rc < 0 && rc >= NIXL_ERR_CANCELED) return static_cast<nixl_status_t>(rc);
+    return NIXL_ERR_BACKEND;
+}
+
+nixl_status_t fail(nixl_status_t status, const std::string &what) {
+    log_error(what + " (" + uccl_engine_status_str(status) + ")");
+    return status;
+}
+
+std::string to_hex(const void *data, size_t len) {
+    static const char digits[] = "0123456789abcdef";
+    const auto *p = static_cast<const unsigned char *>(data);
+    std::string out;
+    out.reserve(2 * len);
+    for (size_t i = 0; i < len; ++i) {
+        out.push_back(digits[p[i] >> 4]);
+        out.push_back(digits[p[i] & 15]);
+    }
+    return out;
+}
+
+bool from_hex(const std::string &text, size_t at, void *out, size_t len) {
+    if (text.size() < at || text.size() - at < 2 * len) return false;
+    auto *p = static_cast<unsigned char *>(out);
+    for (size_t i = 0; i < len; ++i) {
+        int v = 0;
+        for (int k = 0; k < 2; ++k) {
+            char c = text[at + 2 * i + k];
+            int d = (c >= '0' && c <= '9') ? c - '0' : (c >= 'a' && c <= 'f') ? c - 'a' + 10 : -1;
+            if (d < 0) return false;
+            v = v * 16 + d;
+        }
+        p[i] = static_cast<unsigned char>(v);
+    }
+    return true;
+}
+
+// A registration: ours (with the engine's region id), or a peer's (or our own, as the agent's
+// transfers to itself see it) as its public data describes it.
+struct TcpxMD : nixlBackendMD {
+    explicit TcpxMD(bool is_private) : nixlBackendMD(is_private) {}
+    uint64_t base = 0;
+    uint64_t len = 0;
+    uint64_t window = 0;
+    uccl_mr_t mr = 0;  // ours only
+    FifoItem item{};  // the capability: its padding serves every window
+};
+
+struct PublicData {
+    uint64_t base, len, window;
+    char padding[32];
+};
+
+// One posted-or-prepared transfer: the engine's vectors, built once by prepXfer.
+struct TcpxReq : nixlBackendReqH {
+    nixl_xfer_op_t op = NIXL_WRITE;
+    std::string agent;
+    uccl_conn_t *conn = nullptr;
+    std::vector<uccl_mr_t> mrs;
+    std::vector<void *> addrs;
+    std::vector<size_t> sizes;
+    std::vector<FifoItem> items;
+    uint64_t bytes = 0;
+    uint64_t id = 0;
+    bool in_flight = false;
+    bool has_notif = false;
+    std::string notif;
+};
+
+// Connection info: "tcpx1;" + the engine's metadata "ip:port?gpu" or "[ip6]:port?gpu".
+struct PeerAddr {
+    std::string ip, gpu;
+    int port = 0;
+};
+
+bool parse_conn_info(const std::string &info, PeerAddr &out) {
+    if (info.rfind(kConnInfoPrefix, 0) != 0) return false;
+    std::string meta = info.substr(std::strlen(kConnInfoPrefix));
+    size_t q = meta.rfind('?');
+    if (q == std::string::npos) return false;
+    out.gpu = meta.substr(q + 1);
+    std::string host_port = meta.substr(0, q);
+    size_t colon = host_port.rfind(':');
+    if (colon == std::string::npos || colon == 0) return false;
+    std::string host = host_port.substr(0, colon), port = host_port.substr(colon + 1);
+    if (host.front() == '[') {
+        if (host.size() < 3 || host.back() != ']') return false;
+        host = host.substr(1, host.size() - 2);
+    }
+    if (port.empty() || port.size() > 5 || port.find_first_not_of("0123456789") != std::string::npos) return false;
+    int p = std::atoi(port.c_str());
+    if (p <= 0 || p > 65535 || host.empty() || out.gpu.empty()) return false;
+    if (host.find('\0') != std::string::npos || out.gpu.find('\0') != std::string::npos) return false;
+    out.ip = host;
+    out.port = p;
+    return true;
+}
+
+class TcpxEngine : public nixlBackendEngine {
+public:
+    explicit TcpxEngine(const nixlBackendInitParams *init) : nixlBackendEngine(init) {
+        if (localAgent.size() > kMaxNameLen) {
+            log_error("agent name of " + std::to_string(localAgent.size()) +
+                      " bytes: notifications carry at most 255");
+            initErr = true;
+            return;
+        }
+        std::vector<std::string> keys, values;
+        for (const auto &[key, value] : params()) {
+            auto known = kOptions.find(key);
+            if (known != kOptions.end()) {
+                keys.push_back(known->second);
+            } else if (key.rfind("UCCL_TCPX_", 0) == 0) {
+                keys.push_back(key);
+            } else {
+                continue;  // the agent adds options of its own
+            }
+            values.push_back(value);
+        }
+        std::vector<const char *> kp, vp;
+        for (size_t i = 0; i < keys.size(); ++i) {
+            kp.push_back(keys[i].c_str());
+            vp.push_back(values[i].c_str());
+        }
+        engine_ = uccl_tcpx_engine_create_with(kp.data(), vp.data(), kp.size());
+        if (!engine_) {
+            log_error("cannot create the engine: " + engine_error());
+            initErr = true;
+            return;
+        }
+        char *meta = nullptr;
+        if (uccl_engine_get_metadata(engine_, &meta) != 0 || !meta) {
+            log_error("no engine metadata: " + engine_error());
+            initErr = true;
+            return;
+        }
+        conn_info_ = std::string(kConnInfoPrefix) + meta;
+        uccl_engine_free_string(meta);
+        acceptor_ = std::thread([this] { accept_loop(); });
+    }
+
+    ~TcpxEngine() override {
+        if (!engine_) return;
+        uccl_engine_stop_accept(engine_);
+        if (acceptor_.joinable()) acceptor_.join();
+        std::lock_guard<std::mutex> lock(mu_);
+        for (auto &[agent, conn] : conns_) uccl_engine_conn_destroy(conn);
+        for (auto *conn : accepted_) uccl_engine_conn_destroy(conn);
+        for (auto *conn : retired_) uccl_engine_conn_destroy(conn);
+        for (auto *md : registered_) {
+            uccl_engine_mr_destroy(engine_, md->mr);
+            delete md;
+        }
+        uccl_engine_destroy(engine_);
+    }
+
+    bool supportsRemote() const override { return true; }
+    bool supportsLocal() const override { return true; }
+    bool supportsNotif() const override { return true; }
+    nixl_mem_list_t getSupportedMems() const override { return {DRAM_SEG, VRAM_SEG}; }
+
+    nixl_status_t getConnInfo(std::string &str) const override {
+        try {
+            str = conn_info_;
+            return NIXL_SUCCESS;
+        } catch (...) {
+            return NIXL_ERR_BACKEND;
+        }
+    }
+
+    nixl_status_t loadRemoteConnInfo(const std::string &agent, const std::string &info) override {
+        try {
+            PeerAddr addr;
+            if (!parse_conn_info(info, addr))
+                return fail(NIXL_ERR_INVALID_PARAM, "connection info of agent " + agent + " is not TCPX's");
+            std::lock_guard<std::mutex> lock(mu_);
+            auto it = infos_.find(agent);
+            if (it != infos_.end() && it->second != info) {
+                // NIXL refuses new info for an agent it still knows, so this is an agent it
+                // dropped and met again (restarted, say): its old connection leads nowhere now.
+                auto conn = conns_.find(agent);
+                if (conn != conns_.end()) {
+                    retired_.push_back(conn->second);
+                    conns_.erase(conn);
+                }
+            }
+            infos_[agent] = info;
+            return NIXL_SUCCESS;
+        } catch (...) {
+            return NIXL_ERR_BACKEND;
+        }
+    }
+
+    nixl_status_t connect(const std::string &agent) override {
+        try {
+            uccl_conn_t *conn = nullptr;
+            return conn_for(agent, conn);
+        } catch (...) {
+            return NIXL_ERR_BACKEND;
+        }
+    }
+
+    nixl_status_t disconnect(const std::string &agent) override {
+        try {
+            uccl_conn_t *conn = nullptr;
+            {
+                std::lock_guard<std::mutex> lock(mu_);
+                auto it = conns_.find(agent);
+                if (it != conns_.end()) {
+                    conn = it->second;
+                    conns_.erase(it);
+                }
+                if (agent != localAgent) infos_.erase(agent);
+            }
+            // Requests still holding the handle find it gone: the engine checks every handle.
+            if (conn) uccl_engine_conn_destroy(conn);
+            return NIXL_SUCCESS;
+        } catch (...) {
+            return NIXL_ERR_BACKEND;
+        }
+    }
+
+    nixl_status_t registerMem(const nixlBlobDesc &mem, const nixl_mem_t &kind, nixlBackendMD *&out) override {
+        try {
+            if (kind != DRAM_SEG && kind != VRAM_SEG)
+                return fail(NIXL_ERR_NOT_SUPPORTED, "TCPX moves DRAM and VRAM only");
+            if (mem.len == 0 || mem.addr == 0) return fail(NIXL_ERR_INVALID_PARAM, "empty registration");
+            auto md = std::make_unique<TcpxMD>(true);
+            md->base = mem.addr;
+            md->len = mem.len;
+            int rc = uccl_engine_reg(engine_, mem.addr, mem.len, &md->mr);
+            if (rc != 0) return fail(to_nixl(rc), "registration failed: " + engine_error());
+            rc = uccl_tcpx_advertise_region(engine_, md->mr, mem.addr, mem.len, &md->item, &md->window);
+            if (rc != 0) {
+                auto status = fail(to_nixl(rc), "advertising the registration failed: " + engine_error());
+                uccl_engine_mr_destroy(engine_, md->mr);
+                return status;
+            }
+            std::lock_guard<std::mutex> lock(mu_);
+            registered_.insert(md.get());
+            out = md.release();
+            return NIXL_SUCCESS;
+        } catch (...) {
+            return NIXL_ERR_BACKEND;
+        }
+    }
+
+    nixl_status_t deregisterMem(nixlBackendMD *meta) override {
+        try {
+            auto *md = static_cast<TcpxMD *>(meta);
+            {
+                std::lock_guard<std::mutex> lock(mu_);
+                if (!md || registered_.erase(md) == 0)
+                    return fail(NIXL_ERR_INVALID_PARAM, "not a registration of this backend");
+            }
+            // A fence: once it returns no engine thread touches the memory again.
+            uccl_engine_mr_destroy(engine_, md->mr);
+            delete md;
+            return NIXL_SUCCESS;
+        } catch (...) {
+            return NIXL_ERR_BACKEND;
+        }
+    }
+
+    nixl_status_t getPublicData(const nixlBackendMD *meta, std::string &str) const override {
+        try {
+            const auto *md = static_cast<const TcpxMD *>(meta);
+            if (!md) return NIXL_ERR_INVALID_PARAM;
+            PublicData pd{};
+            pd.base = md->base;
+            pd.len = md->len;
+            pd.window = md->window;
+            std::memcpy(pd.padding, md->item.padding, sizeof(pd.padding));
+            str = std::string(kPublicPrefix) + to_hex(&pd, sizeof(pd));
+            return NIXL_SUCCESS;
+        } catch (...) {
+            return NIXL_ERR_BACKEND;
+        }
+    }
+
+    nixl_status_t loadRemoteMD(const nixlBlobDesc &input, const nixl_mem_t &kind, const std::string &agent,
+                               nixlBackendMD *&output) override {
+        try {
+            if (kind != DRAM_SEG && kind != VRAM_SEG) return NIXL_ERR_NOT_SUPPORTED;
+            PublicData pd{};
+            const std::string &s = input.metaInfo;
+            size_t prefix = std::strlen(kPublicPrefix);
+            if (s.size() != prefix + 2 * sizeof(pd) || s.compare(0, prefix, kPublicPrefix) != 0 ||
+                !from_hex(s, prefix, &pd, sizeof(pd)))
+                return fail(NIXL_ERR_INVALID_PARAM, "registration data of agent " + agent + " is not TCPX's");
+            // The peer's own checks decide access; these keep our item arithmetic sane.
+            if (pd.len == 0 || pd.window == 0 || pd.window > UINT32_MAX || pd.base + pd.len < pd.base)
+                return fail(NIXL_ERR_INVALID_PARAM, "registration data of agent " + agent + " is malformed");
+            auto md = std::make_unique<TcpxMD>(false);
+            md->base = pd.base;
+            md->len = pd.len;
+            md->window = pd.window;
+            md->item.addr = pd.base;
+            md->item.size = static_cast<uint32_t>(std::min<uint64_t>(pd.len, pd.window));
+            std::memcpy(md->item.padding, pd.padding, sizeof(pd.padding));
+            output = md.release();
+            return NIXL_SUCCESS;
+        } catch (...) {
+            return NIXL_ERR_BACKEND;
+        }
+    }
+
+    nixl_status_t loadLocalMD(nixlBackendMD *input, nixlBackendMD *&output) override {
+        try {
+            const auto *md = static_cast<const TcpxMD *>(input);
+            if (!md) return NIXL_ERR_INVALID_PARAM;
+            auto copy = std::make_unique<TcpxMD>(false);
+            copy->base = md->base;
+            copy->len = md->len;
+            copy->window = md->window;
+            copy->item = md->item;
+            output = copy.release();
+            return NIXL_SUCCESS;
+        } catch (...) {
+            return NIXL_ERR_BACKEND;
+        }
+    }
+
+    nixl_status_t unloadMD(nixlBackendMD *input) override {
+        delete static_cast<TcpxMD *>(input);
+        return NIXL_SUCCESS;
+    }
+
+    nixl_status_t prepXfer(const nixl_xfer_op_t &op, const nixl_meta_dlist_t &local,
+                           const nixl_meta_dlist_t &remote, const std::string &agent, nixlBackendReqH *&handle,
+                           const nixl_opt_b_args_t *) const override {
+        try {
+            if (op != NIXL_READ && op != NIXL_WRITE) return fail(NIXL_ERR_INVALID_PARAM, "unknown operation");
+            int n = local.descCount();
+            if (n != remote.descCount())
+                return fail(NIXL_ERR_INVALID_PARAM, "local and remote descriptor counts differ");
+            if (n <= 0) return fail(NIXL_ERR_INVALID_PARAM, "no descriptors");
+            uccl_conn_t *conn = nullptr;
+            nixl_status_t status = conn_for(agent, conn);
+            if (status != NIXL_SUCCESS) return status;
+            auto req = std::make_unique<TcpxReq>();
+            req->op = op;
+            req->agent = agent;
+            req->conn = conn;
+            req->mrs.reserve(n);
+            req->addrs.reserve(n);
+            req->sizes.reserve(n);
+            req->items.reserve(n);
+            for (int i = 0; i < n; ++i) {
+                const auto &l = local[i];
+                const auto &r = remote[i];
+                const auto *lmd = static_cast<const TcpxMD *>(l.metadataP);
+                const auto *rmd = static_cast<const TcpxMD *>(r.metadataP);
+                auto at = [i] { return "descriptor " + std::to_string(i); };
+                if (!lmd || !rmd) return fail(NIXL_ERR_INVALID_PARAM, at() + " has no registration");
+                if (l.len != r.len) return fail(NIXL_ERR_INVALID_PARAM, at() + ": local and remote lengths differ");
+                if (l.len == 0) return fail(NIXL_ERR_INVALID_PARAM, at() + " is empty");
+                if (l.addr < lmd->base || l.len > lmd->len || l.addr - lmd->base > lmd->len - l.len)
+                    return fail(NIXL_ERR_INVALID_PARAM, at() + ": local range outside its registration");
+                if (r.addr < rmd->base || r.len > rmd->len || r.addr - rmd->base > rmd->len - r.len)
+                    return fail(NIXL_ERR_INVALID_PARAM, at() + ": remote range outside its registration");
+                // Cut at every window boundary of the target: its checks are per window.
+                uint64_t done = 0;
+                while (done < l.len) {
+                    uint64_t raddr = r.addr + done;
+                    uint64_t into = (raddr - rmd->base) % rmd->window;
+                    uint64_t piece = std::min<uint64_t>(l.len - done, rmd->window - into);
+                    FifoItem item = rmd->item;
+                    item.addr = raddr;
+                    item.size = static_cast<uint32_t>(piece);
+                    req->mrs.push_back(lmd->mr);
+                    req->addrs.push_back(reinterpret_cast<void *>(l.addr + done));
+                    req->sizes.push_back(piece);
+                    req->items.push_back(item);
+                    done += piece;
+                }
+                req->bytes += l.len;
+            }
+            if (req->items.size() > static_cast<size_t>(INT_MAX))
+                return fail(NIXL_ERR_INVALID_PARAM, "too many descriptors");
+            handle = req.release();
+            return NIXL_SUCCESS;
+        } catch (...) {
+            return NIXL_ERR_BACKEND;
+        }
+    }
+
+    nixl_status_t postXfer(const nixl_xfer_op_t &, const nixl_meta_dlist_t &, const nixl_meta_dlist_t &,
+                           const std::string &, nixlBackendReqH *&handle,
+                           const nixl_opt_b_args_t *opt_args) const override {
+        try {
+            auto *req = static_cast<TcpxReq *>(handle);
+            if (!req) return NIXL_ERR_INVALID_PARAM;
+            if (req->in_flight) return NIXL_ERR_REPOST_ACTIVE;
+            req->has_notif = opt_args && opt_args->hasNotif;
+            req->notif = req->has_notif ? opt_args->notifMsg : std::string();
+            int num = static_cast<int>(req->items.size());
+            int rc = req->op == NIXL_WRITE
+                         ? uccl_engine_write_vector(req->conn, req->mrs.data(), req->addrs.data(), req->sizes.data(),
+                                                    req->items.data(), num, &req->id, nullptr)
+                         : uccl_engine_read_vector(req->conn, req->mrs.data(), req->addrs.data(), req->sizes.data(),
+                                                   req->items.data(), num, &req->id, nullptr);
+            if (rc != 0) {
+                auto status = failed(to_nixl(rc), "posting to agent " + req->agent + " failed: " + engine_error());
+                forget_if_gone(status, req->agent, req->conn);
+                return status;
+            }
+            req->in_flight = true;
+            // Small transfers are often done already: reporting that now saves the caller a check.
+            return checkXfer(req);
+        } catch (...) {
+            return NIXL_ERR_BACKEND;
+        }
+    }
+
+    nixl_status_t checkXfer(nixlBackendReqH *handle) const override {
+        try {
+            auto *req = static_cast<TcpxReq *>(handle);
+            if (!req) return NIXL_ERR_INVALID_PARAM;
+            if (!req->in_flight) return NIXL_ERR_NOT_POSTED;
+            int rc = uccl_engine_poll(req->conn, req->id, nullptr);
+            if (rc == 1) return NIXL_IN_PROG;
+            req->in_flight = false;
+            if (rc != 0) {
+                auto status = failed(to_nixl(rc), "transfer to agent " + req->agent + " failed: " + engine_error());
+                forget_if_gone(status, req->agent, req->conn);
+                return status;
+            }
+            addTelemetry(req->op == NIXL_WRITE ? nixl_telemetry_event_type_t::AGENT_TX_BYTES
+                                               : nixl_telemetry_event_type_t::AGENT_RX_BYTES,
+                         req->bytes);
+            if (req->has_notif) {
+                rc = uccl_engine_send_notif_v(req->conn, localAgent.data(), localAgent.size(), req->notif.data(),
+                                              req->notif.size());
+                if (rc != 0) {
+                    auto status =
+                        failed(to_nixl(rc), "notification to agent " + req->agent + " failed: " + engine_error());
+                    forget_if_gone(status, req->agent, req->conn);
+                    return status;
+                }
+            }
+            return NIXL_SUCCESS;
+        } catch (...) {
+            return NIXL_ERR_BACKEND;
+        }
+    }
+
+    nixl_status_t releaseReqH(nixlBackendReqH *handle) const override {
+        auto *req = static_cast<TcpxReq *>(handle);
+        if (!req) return NIXL_SUCCESS;
+        // The engine copied the vectors at post and keeps nothing of ours: give up the id and let
+        // the transfer end on its own. The memory stays safe until deregisterMem, which fences it.
+        if (req->in_flight) uccl_tcpx_forget(req->conn, req->id);
+        delete req;
+        return NIXL_SUCCESS;
+    }
+
+    nixl_status_t getNotifs(notif_list_t &list) override {
+        try {
+            if (!list.empty()) return NIXL_ERR_INVALID_PARAM;
+            constexpr size_t kBatch = 64;
+            uccl_notif_v_t out[kBatch];
+            for (;;) {
+                size_t n = uccl_tcpx_engine_get_notifs_v(engine_, out, kBatch);
+                for (size_t i = 0; i < n; ++i) {
+                    try {
+                        list.emplace_back(std::string(out[i].name, out[i].name_len),
+                                          std::string(out[i].msg, out[i].msg_len));
+                    } catch (...) {
+                        for (size_t k = i; k < n; ++k) uccl_engine_free_notif_v(&out[k]);
+                        throw;
+                    }
+                    uccl_engine_free_notif_v(&out[i]);
+                }
+                if (n < kBatch) break;
+            }
+            return NIXL_SUCCESS;
+        } catch (...) {
+            return NIXL_ERR_BACKEND;
+        }
+    }
+
+    nixl_status_t genNotif(const std::string &agent, const std::string &msg) const override {
+        try {
+            uccl_conn_t *conn = nullptr;
+            nixl_status_t status = conn_for(agent, conn);
+            if (status != NIXL_SUCCESS) return status;
+            int rc = uccl_engine_send_notif_v(conn, localAgent.data(), localAgent.size(), msg.data(), msg.size());
+            if (rc != 0) {
+                auto status = failed(to_nixl(rc), "notification to agent " + agent + " failed: " + engine_error());
+                forget_if_gone(status, agent, conn);
+                return status;
+            }
+            return NIXL_SUCCESS;
+        } catch (...) {
+            return NIXL_ERR_BACKEND;
+        }
+    }
+
+private:
+    // The connection to `agent`, made on first use from its loaded connection info (our own for
+    // the agent itself).
+    nixl_status_t conn_for(const std::string &agent, uccl_conn_t *&out) const {
+        std::lock_guard<std::mutex> lock(mu_);
+        auto it = conns_.find(agent);
+        if (it != conns_.end()) {
+            out = it->second;
+            return NIXL_SUCCESS;
+        }
+        std::string info;
+        if (agent == localAgent) {
+            info = conn_info_;
+        } else {
+            auto known = infos_.find(agent);
+            if (known == infos_.end()) return fail(NIXL_ERR_NOT_FOUND, "no connection info for agent " + agent);
+            info = known->second;
+        }
+        PeerAddr addr;
+        if (!parse_conn_info(info, addr)) return fail(NIXL_ERR_INVALID_PARAM, "bad connection info for " + agent);
+        // Under the lock, so that two threads cannot both connect; bounded by the connect timeout.
+        uccl_conn_t *conn =
+            uccl_engine_connect(engine_, addr.ip.c_str(), addr.gpu.c_str(), addr.port, agent == localAgent);
+        if (!conn) {
+            return failed(NIXL_ERR_REMOTE_DISCONNECT, "cannot connect to agent " + agent + ": " + engine_error());
+        }
+        conns_[agent] = conn;
+        out = conn;
+        return NIXL_SUCCESS;
+    }
+
+    // A connection that failed for good is dropped, so that the agent's next request (after NIXL
+    // loads the peer again, say) connects anew instead of failing on it; not every NIXL version
+    // calls disconnect() when it drops a peer.
+    void forget_if_gone(nixl_status_t status, const std::string &agent, uccl_conn_t *conn) const {
+        if (status != NIXL_ERR_REMOTE_DISCONNECT) return;
+        std::lock_guard<std::mutex> lock(mu_);
+        auto it = conns_.find(agent);
+        if (it == conns_.end() || it->second != conn) return;
+        conns_.erase(it);
+        // Kept until the engine goes: other requests on it still learn how it failed.
+        retired_.push_back(conn);
+    }
+
+    void accept_loop() {
+        for (;;) {
+            char ip[64];
+            int gpu = 0;
+            uccl_conn_t *conn = uccl_engine_accept(engine_, ip, sizeof(ip), &gpu);
+            if (!conn) return;  // stop_accept, or the engine failed
+            std::lock_guard<std::mutex> lock(mu_);
+            accepted_.push_back(conn);
+        }
+    }
+
+    nixl_status_t failed(nixl_status_t status, const std::string &what) const {
+        addTelemetry(error_event(status), 1);
+        return fail(status, what);
+    }
+
+    void addTelemetry(nixl_telemetry_event_type_t type, uint64_t value) const {
+        // The base class's queue is not const; NIXL collects it between calls.
+        const_cast<TcpxEngine *>(this)->addTelemetryEvent(type, value);
+    }
+
+    static nixl_telemetry_event_type_t error_event(nixl_status_t status) {
+        using E = nixl_telemetry_event_type_t;
+        switch (status) {
+        case NIXL_ERR_NOT_POSTED: return E::AGENT_ERR_NOT_POSTED;
+        case NIXL_ERR_INVALID_PARAM: return E::AGENT_ERR_INVALID_PARAM;
+        case NIXL_ERR_NOT_FOUND: return E::AGENT_ERR_NOT_FOUND;
+        case NIXL_ERR_MISMATCH: return E::AGENT_ERR_MISMATCH;
+        case NIXL_ERR_NOT_ALLOWED: return E::AGENT_ERR_NOT_ALLOWED;
+        case NIXL_ERR_REPOST_ACTIVE: return E::AGENT_ERR_REPOST_ACTIVE;
+        case NIXL_ERR_NOT_SUPPORTED: return E::AGENT_ERR_NOT_SUPPORTED;
+        case NIXL_ERR_REMOTE_DISCONNECT: return E::AGENT_ERR_REMOTE_DISCONNECT;
+        case NIXL_ERR_CANCELED: return E::AGENT_ERR_CANCELED;
+        case NIXL_ERR_UNKNOWN: return E::AGENT_ERR_UNKNOWN;
+        default: return E::AGENT_ERR_BACKEND;
+        }
+    }
+
+    uccl_engine_t *engine_ = nullptr;
+    std::string conn_info_;
+    std::thread acceptor_;
+    mutable std::mutex mu_;
+    mutable std::map<std::string, uccl_conn_t *> conns_;
+    std::map<std::string, std::string> infos_;
+    std::vector<uccl_conn_t *> accepted_;
+    mutable std::vector<uccl_conn_t *> retired_;
+    std::set<TcpxMD *> registered_;
+};
+
+nixlBackendEngine *create_engine(const nixlBackendInitParams *init) {
+    try {
+        if (!init) return nullptr;
+        return new TcpxEngine(init);
+    } catch (const std::exception &e) {
+        log_error(std::string("cannot create the backend: ") + e.what());
+    } catch (...) {
+        log_error("cannot create the backend");
+    }
+    return nullptr;
+}
+
+void destroy_engine(nixlBackendEngine *engine) {
+    try {
+        delete engine;
+    } catch (...) {
+        log_error("destroying the backend failed");
+    }
+}
+
+const char *plugin_name() { return "TCPX"; }
+const char *plugin_version() { return UCCL_TCPX_PLUGIN_VERSION; }
+
+nixl_b_params_t backend_options() {
+    nixl_b_params_t options;
+    for (const auto &[name, setting] : kOptions) options.emplace(name, "");
+    return options;
+}
+
+nixl_mem_list_t backend_mems() { return {DRAM_SEG, VRAM_SEG}; }
+
+nixlBackendPlugin plugin = {NIXL_PLUGIN_API_VERSION, create_engine, destroy_engine, plugin_name,
+                            plugin_version,          backend_options, backend_mems};
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) nixlBackendPlugin *nixl_plugin_init() { return &plugin; }
+
+extern "C" __attribute__((visibility("default"))) void nixl_plugin_fini() {}
