@@ -29,3 +29,7 @@ scripts/c_tests.sh
 scripts/p2p_symbols.sh "$PWD/target/cmake-stage/lib"
 scripts/sanitize.sh
 scripts/python_tests.sh
+# The NIXL plugin against the stock nixl-cu12 wheels from PyPI: the version it is built for, and the
+# newest, which it supports as well.
+scripts/nixl_plugin_tests.sh
+scripts/nixl_plugin_tests.sh --nixl 1.5.1
