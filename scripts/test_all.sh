@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every test: Rust unit and integration tests, lints, the checked-in header against cbindgen,
 # the C suite (shared and static) through the installed CMake package, libuccl_p2p.so's symbols
-# against UCCL's released library, and the C suite again under ASan+UBSan and valgrind.
+# against UCCL's released library, the C suite again under ASan+UBSan and valgrind, the Python
+# package's suite on its built wheel, and the NIXL plugin against NIXL's own wheels.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
