@@ -215,3 +215,57 @@ def test_a_local_buffer_outside_its_registration_is_refused(ready):
     with pytest.raises(RuntimeError, match="not mapped"):
         p.client.reg(0x10000, 4096)
     still_works(p)
+
+
+def test_register_memory_refuses_strided_and_read_only_arrays():
+    with p2p.Endpoint(0) as ep:
+        a = pattern(1 << 16, 4)
+        refused = [
+            (a[::-1], "not C-contiguous"),
+            (a[::2], "not C-contiguous"),
+            (a.reshape(256, 256)[:, :128], "not C-contiguous"),
+            (a.reshape(256, 256).T, "not C-contiguous"),
+            (np.frombuffer(bytes(4096), np.uint8), "read-only"),
+        ]
+        ro = np.zeros(4096, np.uint8)
+        ro.flags.writeable = False
+        refused.append((ro, "read-only"))
+        for bad, why in refused:
+            with pytest.raises(ValueError, match=f"Array at index 1 is {why}"):
+                ep.register_memory([a, bad])
+        # Nothing of a refused call stays registered: the same buffer registers anew afterwards.
+        assert ep._regions == []
+        # Contiguous views, of any shape, still register, with exactly their own bytes.
+        grid = a.reshape(256, 256)
+        views = [a, a[100:200], grid[3:5], grid[7:8, :], a.view(np.uint32)[10:20], np.zeros((4, 1, 8), np.float64)]
+        descs = ep.register_memory(views)
+        assert [(d.addr, d.size) for d in descs] == [(v.ctypes.data, v.nbytes) for v in views]
+        assert all(d.mr_id != 2**64 - 1 for d in descs)
+        ep.deregister_memory(descs)
+
+
+def test_register_memory_refuses_a_tensor_that_is_not_contiguous():
+    class Tensor:
+        """What register_memory reads of a torch tensor."""
+
+        def __init__(self, array, contiguous):
+            self.array, self.contiguous = array, contiguous
+
+        def data_ptr(self):
+            return self.array.ctypes.data
+
+        def numel(self):
+            return self.array.size
+
+        def element_size(self):
+            return self.array.itemsize
+
+        def is_contiguous(self):
+            return self.contiguous
+
+    buf = np.zeros(4096, np.uint8)
+    with p2p.Endpoint(0) as ep:
+        with pytest.raises(ValueError, match="Tensor at index 0 is not contiguous"):
+            ep.register_memory([Tensor(buf, False)])
+        (desc,) = ep.register_memory([Tensor(buf, True)])
+        assert (desc.addr, desc.size) == (buf.ctypes.data, 4096) and len(desc.rkeys) == 8

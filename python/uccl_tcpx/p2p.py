@@ -20,6 +20,7 @@ import ipaddress
 import itertools
 import logging
 import os
+import re
 import struct
 import threading
 import weakref
@@ -165,14 +166,59 @@ def _resized(meta, size):
 
 
 def _tensor_range(obj, index):
-    """(address, bytes) of a torch tensor, anything shaped like one, or a numpy array."""
+    """(address, bytes) of a torch tensor, anything shaped like one, or a numpy array.
+
+    Only a contiguous, writable buffer is accepted: its registration is what a peer may write, so
+    a strided view (whose [address, address + bytes) is not its memory, and for a reversed one
+    runs past the allocation) or read-only memory must never be registered."""
     data_ptr = getattr(obj, "data_ptr", None)
     if callable(data_ptr):
+        is_contiguous = getattr(obj, "is_contiguous", None)
+        if callable(is_contiguous) and not is_contiguous():
+            raise ValueError(
+                f"Tensor at index {index} is not contiguous: register a contiguous one (tensor.contiguous())"
+            )
         return int(data_ptr()), int(obj.numel()) * int(obj.element_size())
     interface = getattr(obj, "__array_interface__", None)
     if isinstance(interface, dict) and "data" in interface:
-        return int(interface["data"][0]), int(obj.nbytes)
+        data = interface["data"]
+        if not isinstance(data, tuple) or len(data) != 2:
+            raise ValueError(f"Array at index {index} does not expose its memory as an address")
+        ptr, readonly = data
+        if readonly:
+            raise ValueError(f"Array at index {index} is read-only: a peer could write into registered memory")
+        shape = tuple(int(d) for d in interface.get("shape", ()))
+        itemsize = _itemsize(interface.get("typestr", ""), index)
+        if not _c_contiguous(shape, interface.get("strides"), itemsize):
+            raise ValueError(
+                f"Array at index {index} is not C-contiguous (strides {interface.get('strides')}): "
+                "register a contiguous one (numpy.ascontiguousarray)"
+            )
+        size = itemsize
+        for d in shape:
+            size *= d
+        return int(ptr), size
     raise RuntimeError(f"Object at index {index} is not a tensor (missing data_ptr() method)")
+
+
+def _itemsize(typestr, index):
+    digits = re.match(r"[<>|=]?[a-zA-Z](\d+)", typestr or "")
+    if digits is None:
+        raise ValueError(f"Array at index {index} has an element type of unknown size: {typestr!r}")
+    return int(digits.group(1))
+
+
+def _c_contiguous(shape, strides, itemsize):
+    """Whether strides lay the elements out back to back in C order (None is how the array
+    interface says so)."""
+    if strides is None or 0 in shape:
+        return True
+    expected = itemsize
+    for dim, stride in zip(reversed(shape), reversed(strides)):
+        if dim != 1 and stride != expected:
+            return False
+        expected *= dim
+    return True
 
 
 def _keys_of(meta):
