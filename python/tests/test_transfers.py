@@ -3,6 +3,7 @@
 
 import mmap
 import struct
+import threading
 import time
 
 import numpy as np
@@ -355,3 +356,55 @@ def test_connect_local_skips_dead_and_refuses_a_foreign_folder(tmp_path, monkeyp
     os.chmod(tmp_path / f"uccl-tcpx-{os.getuid()}", 0o777)
     with p2p.Endpoint(0), p2p.Endpoint(0) as b:
         assert b.connect_local("") == (False, 0)
+
+
+def test_a_failed_piece_of_a_vector_receive_is_reported_at_the_end(pair):
+    small, big = np.zeros(100, np.uint8), np.zeros(70000, np.uint8)
+    src = pattern(70000, 40)
+    _, smr = pair.client.reg(addr(src), src.size)
+    _, dmrs = pair.server.regv([addr(small), addr(big)], [small.size, big.size])
+    ok, rtid = pair.server.recvv_async(pair.served, dmrs, [addr(small), addr(big)], [100, 70000], 2)
+    assert ok
+    # 1000 bytes do not fit the first receive: it fails (and so does the send it matched), while
+    # the second receive still waits for its message.
+    assert pair.client.send(pair.conn, smr, addr(src), 1000) is False
+    for _ in range(20):
+        assert pair.server.poll_async(rtid) == (True, False), "the second piece is still running"
+        time.sleep(0.01)
+    assert pair.client.send(pair.conn, smr, addr(src), 70000) is True
+    assert wait_done(pair.server, rtid) is False, "the first piece's failure is not forgotten"
+    assert np.array_equal(big, src) and not small.any()
+    with pytest.raises(RuntimeError, match="already reported done"):
+        pair.server.poll_async(rtid)
+
+
+def test_two_threads_polling_one_transfer_see_it_done_once(pair):
+    n = 1 << 20
+    src, dst = pattern(n, 41), np.zeros(n, np.uint8)
+    _, smr = pair.client.reg(addr(src), n)
+    _, dmr = pair.server.reg(addr(dst), n)
+    _, meta = pair.server.advertise(dmr, addr(dst), n)
+    for _ in range(20):
+        ok, tid = pair.client.write_async(pair.conn, smr, addr(src), n, meta)
+        assert ok
+        outcomes = []
+
+        def poller():
+            while True:
+                try:
+                    ok, done = pair.client.poll_async(tid)
+                except RuntimeError as e:
+                    outcomes.append(str(e))
+                    return
+                if done:
+                    outcomes.append(ok)
+                    return
+
+        threads = [threading.Thread(target=poller) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert outcomes.count(True) == 1 and False not in outcomes, outcomes
+        assert all("already reported done" in o for o in outcomes if o is not True)
+        assert np.array_equal(dst, src)

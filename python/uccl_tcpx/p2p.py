@@ -310,10 +310,11 @@ class Endpoint:
     def __init__(self, local_gpu_idx=None):
         self._engine = 0
         self._lock = threading.RLock()
+        self._poll_lock = threading.Lock()
         self._conns = {}  # conn_id -> connection handle
         self._memo = {}  # metadata bytes -> conn_id (add_remote_endpoint)
         self._mrs = {}  # mr_id -> (engine mr, region or None)
-        self._xfers = {}  # transfer id -> (connection handle, [engine ids])
+        self._xfers = {}  # transfer id -> (connection handle, [engine ids left], [failed])
         self._next_conn = itertools.count(0)
         self._next_mr = itertools.count(0)
         # Live registrations of register_memory and the *_ipc calls, sorted by base address (with
@@ -424,7 +425,7 @@ class Endpoint:
 
     def _track(self, conn, ids):
         tid = next(_transfer_ids)
-        self._xfers[tid] = (conn, ids)
+        self._xfers[tid] = (conn, ids, [False])
         return tid
 
     # -- connections ----------------------------------------------------------------------------
@@ -864,18 +865,22 @@ class Endpoint:
             raise RuntimeError(
                 f"Unknown transfer_id {transfer_id}: not issued by this endpoint, or already reported done"
             )
-        conn, ids = entry
-        failed = False
-        while ids:
-            rc, _, error = _engine.poll(conn, ids[0])
-            if rc == 1:
-                return True, False
-            if rc < 0:
-                _log.error("transfer %d failed: %s", transfer_id, error)
-                failed = True
-            ids.pop(0)
-        self._xfers.pop(transfer_id, None)
-        return not failed, True
+        conn, ids, failure = entry
+        # One poller at a time per endpoint: the engine forgets an id once it reports it, so a
+        # second thread polling the same id meanwhile would read it as failed (or pop an empty list).
+        with self._poll_lock:
+            while ids:
+                rc, _, error = _engine.poll(conn, ids[0])
+                if rc == 1:
+                    return True, False
+                if rc < 0:
+                    _log.error("transfer %d failed: %s", transfer_id, error)
+                    # Kept in the entry: the pieces still running are reported by later polls.
+                    failure[0] = True
+                ids.pop(0)
+            if self._xfers.pop(transfer_id, None) is None:
+                raise RuntimeError(f"Unknown transfer_id {transfer_id}: already reported done")
+        return not failure[0], True
 
     # -- same host ------------------------------------------------------------------------------
 
