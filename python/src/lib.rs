@@ -432,9 +432,9 @@ fn post_vector(
         };
         check(api, rc).map(|_| id)
     };
-    // Posting a few items costs microseconds: only large calls are worth releasing the GIL for.
-    let id = if n > 64 { py.detach(post)? } else { post()? };
-    Ok(id)
+    // Detached even for one item: on a same-host connection the engine may copy the data inside
+    // the post, and a copy of gigabytes must not stop every other Python thread.
+    Ok(py.detach(post)?)
 }
 
 /// Posts one one-sided write (`write=True`) or read of `size` bytes at `ptr` against the remote
@@ -482,11 +482,14 @@ fn send(py: Python<'_>, conn: usize, mrs: Vec<u64>, ptrs: Vec<usize>, sizes: Vec
 
 /// Posts a receive of at most `size` bytes into `ptr`; returns the transfer id.
 #[pyfunction]
-fn recv(conn: usize, mr: u64, ptr: usize, size: usize) -> PyResult<u64> {
+fn recv(py: Python<'_>, conn: usize, mr: u64, ptr: usize, size: usize) -> PyResult<u64> {
     let api = api()?;
-    let mut id = 0u64;
-    // SAFETY: the engine checks the memory against its registrations; `id` is writable.
-    check(api, unsafe { (api.recv_async)(as_conn(conn), mr, ptr as *mut c_void, size, &mut id) })?;
+    // Detached: a receive that matches a message already announced stores it inside the call.
+    let id = py.detach(|| {
+        let mut id = 0u64;
+        // SAFETY: the engine checks the memory against its registrations; `id` is writable.
+        check(api, unsafe { (api.recv_async)(as_conn(conn), mr, ptr as *mut c_void, size, &mut id) }).map(|_| id)
+    })?;
     Ok(id)
 }
 
@@ -499,13 +502,16 @@ fn recv(conn: usize, mr: u64, ptr: usize, size: usize) -> PyResult<u64> {
 #[pyfunction]
 fn poll(py: Python<'_>, conn: usize, id: u64) -> PyResult<(i32, usize, Option<String>)> {
     let api = api()?;
-    let mut bytes = 0usize;
-    // SAFETY: the library checks the handle and the id; `bytes` is writable.
-    let rc = unsafe { (api.poll)(as_conn(conn), id, &mut bytes) };
-    if rc == IN_PROGRESS {
-        py.detach(std::thread::yield_now);
-    }
-    Ok((rc, bytes, (rc < 0).then(|| engine_error(api, rc))))
+    // Detached: on a same-host connection the engine copies inside the poll.
+    Ok(py.detach(|| {
+        let mut bytes = 0usize;
+        // SAFETY: the library checks the handle and the id; `bytes` is writable.
+        let rc = unsafe { (api.poll)(as_conn(conn), id, &mut bytes) };
+        if rc == IN_PROGRESS {
+            std::thread::yield_now();
+        }
+        (rc, bytes, (rc < 0).then(|| engine_error(api, rc)))
+    }))
 }
 
 /// Waits for a transfer to end: `(status, bytes, error)` as `poll` gives them, with status 1 only

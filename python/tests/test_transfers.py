@@ -408,3 +408,52 @@ def test_two_threads_polling_one_transfer_see_it_done_once(pair):
         assert outcomes.count(True) == 1 and False not in outcomes, outcomes
         assert all("already reported done" in o for o in outcomes if o is not True)
         assert np.array_equal(dst, src)
+
+
+def test_other_python_threads_run_during_a_large_same_host_copy(pair):
+    # Between two endpoints of one process the engine copies inside the post (or the poll); that
+    # copy must run without the GIL.
+    n = 128 << 20
+    src = np.ones(n, np.uint8)
+    _, smr = pair.client.reg(addr(src), n)
+    ticks, stop = [0], threading.Event()
+
+    def ticker():
+        while not stop.is_set():
+            ticks[0] += 1
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=ticker)
+    t.start()
+    inside, ticked = 0.0, 0
+    try:
+        for _ in range(30):
+            # A fresh target each time: its first touch (page faults) makes the copy slow.
+            dst = np.zeros(n, np.uint8)
+            _, dmr = pair.server.reg(addr(dst), n)
+            _, meta = pair.server.advertise(dmr, addr(dst), n)
+            calls = [lambda: pair.client.write_async(pair.conn, smr, addr(src), n, meta)]
+            done = False
+            while not done:
+                # Only the time spent inside the engine's calls counts.
+                before, started = ticks[0], time.perf_counter()
+                ok, value = calls[-1]()
+                inside += time.perf_counter() - started
+                ticked += ticks[0] - before
+                assert ok
+                if len(calls) == 1:
+                    tid = value
+                    calls.append(lambda: pair.client.poll_async(tid))
+                else:
+                    done = value
+            assert dst[0] == 1 and dst[-1] == 1
+            pair.server.dereg(dmr)
+            del dst
+            if inside >= 0.3:
+                break
+    finally:
+        stop.set()
+        t.join()
+    print(f"{ticked} ticks of another thread in {inside * 1e3:.0f} ms of writes and polls")
+    assert inside >= 0.05, "the copies were too quick to tell anything"
+    assert ticked >= 10, "another Python thread stood still while the engine copied"
