@@ -2,6 +2,7 @@
 (numpy arrays, bytearrays, anonymous mmaps), and is checked byte for byte."""
 
 import mmap
+import os
 import struct
 import threading
 import time
@@ -457,3 +458,50 @@ def test_other_python_threads_run_during_a_large_same_host_copy(pair):
     print(f"{ticked} ticks of another thread in {inside * 1e3:.0f} ms of writes and polls")
     assert inside >= 0.05, "the copies were too quick to tell anything"
     assert ticked >= 10, "another Python thread stood still while the engine copied"
+
+
+def test_connect_local_takes_only_a_bus_id_or_a_gpu_index(tmp_path, monkeypatch):
+    base = tmp_path / "r" / "base"
+    base.mkdir(parents=True)
+    monkeypatch.setenv("UCCL_TCPX_RENDEZVOUS_DIR", str(base))
+    # A folder an unchecked name would reach (base/uccl-tcpx-UID/../../outside:x), holding a
+    # live-looking announcement.
+    outside = tmp_path / "r" / "outside:x"
+    outside.mkdir()
+    planted = outside / f"{os.getpid()}-1.meta"
+    planted.write_bytes(bytes([127, 0, 0, 1, 0, 1, 0]))
+    with p2p.Endpoint(0) as ep:
+        for bad in [
+            "../../outside:x",
+            str(outside),
+            "0000:00:04.0/../../x",
+            "0000:00:04.0/",
+            "..:..",
+            "a:b",
+            "0000:00:04.8",
+            "00000:00:04.0",
+            "0000:00:4.0",
+            " 0000:00:04.0",
+            "0000:00:04.0\n",
+            "-1",
+            "1.5",
+            "gpu0",
+            "host",
+            "０",
+        ]:
+            with pytest.raises(ValueError, match="neither a PCI bus id"):
+                ep.connect_local(bad)
+        with pytest.raises(ValueError, match="neither a PCI bus id"):
+            ep.connect_local(remote_gpu_idx="../x")
+        with pytest.raises(ValueError):
+            ep.connect_local(remote_gpu_idx=-1)
+        with pytest.raises(TypeError):
+            ep.connect_local(b"0000:00:04.0")
+        assert planted.exists(), "nothing outside the user's folder was read or removed"
+        # Well-formed names are looked up (nobody serves them here): upper case is normalised.
+        for good in ["0000:AB:1f.7", "0000:ab:1f.7", "3", 3, "", "0"]:
+            assert ep.connect_local(good) == (False, 0)
+        with p2p.Endpoint(0) as other:
+            ok, conn = ep.connect_local(remote_gpu_idx=0)
+            assert ok, "an endpoint made for GPU index 0 is found under it"
+            assert other.accept_local()[0]

@@ -234,6 +234,28 @@ def _item_for(desc):
     return _FIFO_WITH_KEYS.pack(desc.addr, min(desc.size, _U32_MAX), 0, 0, 0, 0, *keys)
 
 
+_BDF = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
+_GPU_INDEX = re.compile(r"[0-9]{1,9}")
+
+
+def _gpu_name(gpu):
+    """connect_local's GPU as the name it is announced under: a PCI bus id (lower case), a GPU
+    index, or "" / "0". It becomes part of a path (and often comes from a peer's metadata), so
+    anything else is refused rather than allowed to name another folder."""
+    if isinstance(gpu, bool):
+        raise TypeError("remote_gpu_bdf must be a PCI bus id (str) or a GPU index (int), got a bool")
+    if isinstance(gpu, int):
+        gpu = str(_int(gpu, "remote_gpu_idx", 31))
+    elif not isinstance(gpu, str):
+        raise TypeError(f"remote_gpu_bdf must be a PCI bus id (str) or a GPU index (int), got {type(gpu).__name__}")
+    name = gpu.lower()
+    if name == "" or _GPU_INDEX.fullmatch(name) or _BDF.fullmatch(name):
+        return name
+    raise ValueError(
+        f"remote_gpu_bdf {gpu!r} is neither a PCI bus id (dddd:bb:dd.f, hexadecimal) nor a GPU index"
+    )
+
+
 def _rendezvous_dir(name):
     """Where endpoints of this user on this host announce themselves (under their GPU's bus id,
     "host", or "gpuN"). The user's folder must be theirs alone: metadata planted by someone else
@@ -892,7 +914,7 @@ class Endpoint:
         gpu = remote_gpu_bdf if remote_gpu_bdf is not None else remote_gpu_idx
         if gpu is None:
             raise TypeError("connect_local() needs remote_gpu_bdf")
-        gpu = str(gpu).lower()
+        gpu = _gpu_name(gpu)
         # A bus id names a GPU; a bare number is a GPU index; nothing (or UCCL's "0" for an
         # unknown GPU) names an endpoint without one.
         name = "host" if gpu in ("", "0") and remote_gpu_idx is None else (gpu if ":" in gpu else f"gpu{gpu}")
