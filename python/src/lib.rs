@@ -280,7 +280,17 @@ fn connect(py: Python<'_>, engine: usize, ip: &str, remote_gpu: &str, port: i32)
         rx = back;
         match got {
             Ok(outcome) => return Ok(outcome?),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => py.check_signals()?,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if let Err(interrupted) = py.check_signals() {
+                    // The connect may have completed since the timeout: a connection sent now is
+                    // nobody's once the receiver is dropped, so it is closed here.
+                    if let Ok(Ok(c)) = rx.try_recv() {
+                        // SAFETY: the handle the connect thread made; nobody else holds it.
+                        py.detach(|| unsafe { (api.conn_destroy)(as_conn(c)) });
+                    }
+                    return Err(interrupted);
+                }
+            }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 return Err(PyRuntimeError::new_err("the connect thread ended without an outcome"));
             }
