@@ -298,13 +298,19 @@ fn connect(py: Python<'_>, engine: usize, ip: &str, remote_gpu: &str, port: i32)
     }
 }
 
+/// When a wait of `timeout_ms` started now ends; None for no limit, or for one so far off that
+/// the clock cannot represent it.
+fn deadline_after(timeout_ms: Option<u64>) -> Option<std::time::Instant> {
+    timeout_ms.and_then(|ms| std::time::Instant::now().checked_add(Duration::from_millis(ms)))
+}
+
 /// Waits for a peer: `(conn, ip, gpu_idx)`, or None when `timeout_ms` (None: no limit) passed
 /// first. Raises when accepting was stopped or failed.
 #[pyfunction]
 #[pyo3(signature = (engine, timeout_ms=None))]
 fn accept(py: Python<'_>, engine: usize, timeout_ms: Option<u64>) -> PyResult<Option<(usize, String, i32)>> {
     let api = api()?;
-    let deadline = timeout_ms.map(|ms| std::time::Instant::now() + Duration::from_millis(ms));
+    let deadline = deadline_after(timeout_ms);
     loop {
         let slice = match deadline {
             None => SLICE_MS,
@@ -531,7 +537,7 @@ fn poll(py: Python<'_>, conn: usize, id: u64) -> PyResult<(i32, usize, Option<St
 #[pyo3(signature = (conn, id, timeout_ms=None))]
 fn wait(py: Python<'_>, conn: usize, id: u64, timeout_ms: Option<u64>) -> PyResult<(i32, usize, Option<String>)> {
     let api = api()?;
-    let deadline = timeout_ms.map(|ms| std::time::Instant::now() + Duration::from_millis(ms));
+    let deadline = deadline_after(timeout_ms);
     loop {
         let slice = match deadline {
             None => SLICE_MS,

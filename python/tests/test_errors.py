@@ -1,6 +1,8 @@
 """Bad input of each kind raises a Python exception that says what was wrong; nothing aborts,
 hangs or crashes, and the endpoint stays usable afterwards."""
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -269,3 +271,23 @@ def test_register_memory_refuses_a_tensor_that_is_not_contiguous():
             ep.register_memory([Tensor(buf, False)])
         (desc,) = ep.register_memory([Tensor(buf, True)])
         assert (desc.addr, desc.size) == (buf.ctypes.data, 4096) and len(desc.rkeys) == 8
+
+
+def test_a_timeout_beyond_the_clock_means_no_limit(ready):
+    p = ready
+    huge = 2**64 - 1
+    eid = _engine.post(p.client._conns[p.conn], True, p.client._engine_mr(p.smr), addr(p.src), p.n, p.meta)
+    rc, moved, error = _engine.wait(p.client._conns[p.conn], eid, huge)
+    assert (rc, moved, error) == (0, p.n, None)
+    assert np.array_equal(p.dst, p.src)
+    with p2p.Endpoint(0) as server, p2p.Endpoint(0) as client:
+        ip, port, _ = p2p.Endpoint.parse_metadata(server.get_metadata())
+        got = {}
+        t = threading.Thread(target=lambda: got.update(r=_engine.accept(server._engine, huge)))
+        t.start()
+        assert client.connect(ip, "", port)[0]
+        t.join(30)
+        assert not t.is_alive() and got["r"] is not None and got["r"][1] == ip
+        _engine.conn_destroy(got["r"][0])
+    with pytest.raises(OverflowError):
+        _engine.wait(p.client._conns[p.conn], eid, 2**64)
