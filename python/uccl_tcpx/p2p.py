@@ -445,10 +445,25 @@ class Endpoint:
             self._conns[conn_id] = conn
         return conn_id
 
-    def _track(self, conn, ids):
+    def _track(self, conn, ids, failed=False):
         tid = next(_transfer_ids)
-        self._xfers[tid] = (conn, ids, [False])
+        self._xfers[tid] = (conn, ids, [failed])
         return tid
+
+    def _keep_interrupted(self, conn, ids, failed, interruption):
+        """An exception (Ctrl-C) ended the wait of a synchronous transfer while the engine still
+        uses its buffers: the transfer stays tracked, under the id noted on the exception as
+        `transfer_id`, for poll_async to report."""
+        tid = self._track(conn, list(ids), failed)
+        try:
+            interruption.transfer_id = tid
+        except AttributeError:
+            pass
+        _log.warning(
+            "a synchronous transfer was interrupted and keeps running as transfer_id %d; its buffers "
+            "stay in use until poll_async reports it done or the endpoint closes",
+            tid,
+        )
 
     # -- connections ----------------------------------------------------------------------------
 
@@ -810,7 +825,11 @@ class Endpoint:
     def _finish(self, conn, eid, what):
         if eid is None:
             return False
-        rc, _, error = _engine.wait(conn, eid)
+        try:
+            rc, _, error = _engine.wait(conn, eid)
+        except BaseException as e:
+            self._keep_interrupted(conn, [eid], False, e)
+            raise
         if rc < 0:
             _log.error("%s: %s", what, error)
         return rc == 0
@@ -1028,8 +1047,12 @@ class Endpoint:
         if ids is None:
             return False
         ok = True
-        for eid in ids:
-            rc, _, error = _engine.wait(conn, eid)
+        for i, eid in enumerate(ids):
+            try:
+                rc, _, error = _engine.wait(conn, eid)
+            except BaseException as e:
+                self._keep_interrupted(conn, ids[i:], not ok, e)
+                raise
             if rc < 0:
                 _log.error("%s: %s", what, error)
                 ok = False
