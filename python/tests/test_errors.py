@@ -291,3 +291,39 @@ def test_a_timeout_beyond_the_clock_means_no_limit(ready):
         _engine.conn_destroy(got["r"][0])
     with pytest.raises(OverflowError):
         _engine.wait(p.client._conns[p.conn], eid, 2**64)
+
+
+def test_a_register_memory_that_raises_partway_keeps_nothing(monkeypatch):
+    with p2p.Endpoint(0) as ep:
+        pool = np.zeros(1 << 16, np.uint8)
+        (held,) = ep.register_memory([pool])
+        fresh, shared, bad = np.zeros(4096, np.uint8), np.zeros(4096, np.uint8), np.zeros(4096, np.uint8)
+        live, real_reg, real_dereg = set(), _engine.reg, _engine.dereg
+
+        def reg(engine, ptr, size):
+            if ptr == bad.ctypes.data:
+                e = _engine.EngineError("uccl_engine_reg: memory of a GPU this endpoint does not serve")
+                e.status = -9
+                raise e
+            mr = real_reg(engine, ptr, size)
+            live.add(mr)
+            return mr
+
+        def dereg(engine, mr):
+            live.discard(mr)
+            real_dereg(engine, mr)
+
+        monkeypatch.setattr(_engine, "reg", reg)
+        monkeypatch.setattr(_engine, "dereg", dereg)
+        with pytest.raises(RuntimeError, match="does not serve"):
+            # A hit in the held region, a miss registered anew, a region shared by two entries,
+            # then the failure, then another hit.
+            ep.register_memory([pool[:4096], fresh, shared, shared, bad, pool[4096:8192]])
+        assert live == set(), "the registrations the call made are undone"
+        assert len(ep._regions) == 1 and ep._regions[0].refs == 1, "the held region's count is restored"
+        ep.deregister_memory([held])
+        assert ep._regions == []
+        descs = ep.register_memory([fresh, shared])
+        assert len(live) == 2 and all(len(d.rkeys) == 8 for d in descs)
+        ep.deregister_memory(descs)
+        assert live == set() and ep._regions == []

@@ -638,7 +638,19 @@ class Endpoint:
             for region in hits:
                 if region is not None:
                     region.refs += 1
-        regions = [hit or self._region_for(engine, addr, size) for hit, (addr, size) in zip(hits, ranges)]
+        regions = []
+        try:
+            for hit, (addr, size) in zip(hits, ranges):
+                regions.append(hit or self._region_for(engine, addr, size))
+        except BaseException:
+            # Nothing of a failed call stays: every reference it took is given back.
+            for region in hits:
+                if region is not None:
+                    self._release(region)
+            for hit, region in zip(hits, regions):
+                if hit is None and region is not None:
+                    self._release(region)
+            raise
         descs = []
         with self._lock:
             for (addr, size), region in zip(ranges, regions):
