@@ -547,3 +547,11 @@ def test_an_interrupted_synchronous_transfer_stays_tracked(pair):
     assert np.array_equal(dst, src)
     with pytest.raises(RuntimeError, match="already reported done"):
         pair.client.poll_async(e.transfer_id)
+
+
+def test_endpoints_announce_themselves_in_the_tests_own_folder():
+    folder = os.environ["UCCL_TCPX_RENDEZVOUS_DIR"]
+    assert not folder.startswith("/dev/shm")
+    with p2p.Endpoint(0):
+        mine = os.path.join(folder, f"uccl-tcpx-{os.getuid()}", "host")
+        assert len([n for n in os.listdir(mine) if n.endswith(".meta")]) == 1
