@@ -327,3 +327,15 @@ def test_a_register_memory_that_raises_partway_keeps_nothing(monkeypatch):
         assert len(live) == 2 and all(len(d.rkeys) == 8 for d in descs)
         ep.deregister_memory(descs)
         assert live == set() and ep._regions == []
+
+
+def test_a_region_advertises_at_most_4096_distinct_ranges():
+    with p2p.Endpoint(0) as ep:
+        buf = np.zeros(8192, np.uint8)
+        _, mr = ep.reg(addr(buf), buf.size)
+        for i in range(4096):
+            ok, blob = ep.advertise(mr, addr(buf) + i, 1)
+            assert ok and len(blob) == 64
+        assert ep.advertise(mr, addr(buf) + 17, 1)[0], "a range advertised before costs nothing"
+        assert ep.advertise(mr, addr(buf) + 4096, 1) == (False, b"")
+        assert ep.advertise(mr, addr(buf), buf.size) == (False, b""), "the whole region is a range too"
