@@ -260,7 +260,9 @@ fn metadata(engine: usize) -> PyResult<String> {
 fn connect(py: Python<'_>, engine: usize, ip: &str, remote_gpu: &str, port: i32) -> PyResult<usize> {
     let api = api()?;
     let (ip, gpu) = (c_string(ip, "remote_ip_addr")?, c_string(remote_gpu, "remote_gpu")?);
-    let (tx, rx) = std::sync::mpsc::channel::<Result<usize, Failure>>();
+    // A rendezvous channel: an outcome is never left buffered in it, so a connection is either
+    // taken here or handed back to the thread (a send fails once the receiver is gone) to close.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<usize, Failure>>(0);
     std::thread::Builder::new()
         .name("uccl-connect".into())
         .spawn(move || {
@@ -282,8 +284,8 @@ fn connect(py: Python<'_>, engine: usize, ip: &str, remote_gpu: &str, port: i32)
             Ok(outcome) => return Ok(outcome?),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 if let Err(interrupted) = py.check_signals() {
-                    // The connect may have completed since the timeout: a connection sent now is
-                    // nobody's once the receiver is dropped, so it is closed here.
+                    // The connect may have completed since the timeout, its thread waiting to hand
+                    // the connection over: it is nobody's once this returns, so it is closed here.
                     if let Ok(Ok(c)) = rx.try_recv() {
                         // SAFETY: the handle the connect thread made; nobody else holds it.
                         py.detach(|| unsafe { (api.conn_destroy)(as_conn(c)) });
