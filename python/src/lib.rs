@@ -260,7 +260,9 @@ fn metadata(engine: usize) -> PyResult<String> {
 fn connect(py: Python<'_>, engine: usize, ip: &str, remote_gpu: &str, port: i32) -> PyResult<usize> {
     let api = api()?;
     let (ip, gpu) = (c_string(ip, "remote_ip_addr")?, c_string(remote_gpu, "remote_gpu")?);
-    let (tx, rx) = std::sync::mpsc::channel::<Result<usize, Failure>>();
+    // A rendezvous channel: an outcome is never left buffered in it, so a connection is either
+    // taken here or handed back to the thread (a send fails once the receiver is gone) to close.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<usize, Failure>>(0);
     std::thread::Builder::new()
         .name("uccl-connect".into())
         .spawn(move || {
@@ -280,12 +282,28 @@ fn connect(py: Python<'_>, engine: usize, ip: &str, remote_gpu: &str, port: i32)
         rx = back;
         match got {
             Ok(outcome) => return Ok(outcome?),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => py.check_signals()?,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if let Err(interrupted) = py.check_signals() {
+                    // The connect may have completed since the timeout, its thread waiting to hand
+                    // the connection over: it is nobody's once this returns, so it is closed here.
+                    if let Ok(Ok(c)) = rx.try_recv() {
+                        // SAFETY: the handle the connect thread made; nobody else holds it.
+                        py.detach(|| unsafe { (api.conn_destroy)(as_conn(c)) });
+                    }
+                    return Err(interrupted);
+                }
+            }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 return Err(PyRuntimeError::new_err("the connect thread ended without an outcome"));
             }
         }
     }
+}
+
+/// When a wait of `timeout_ms` started now ends; None for no limit, or for one so far off that
+/// the clock cannot represent it.
+fn deadline_after(timeout_ms: Option<u64>) -> Option<std::time::Instant> {
+    timeout_ms.and_then(|ms| std::time::Instant::now().checked_add(Duration::from_millis(ms)))
 }
 
 /// Waits for a peer: `(conn, ip, gpu_idx)`, or None when `timeout_ms` (None: no limit) passed
@@ -294,7 +312,7 @@ fn connect(py: Python<'_>, engine: usize, ip: &str, remote_gpu: &str, port: i32)
 #[pyo3(signature = (engine, timeout_ms=None))]
 fn accept(py: Python<'_>, engine: usize, timeout_ms: Option<u64>) -> PyResult<Option<(usize, String, i32)>> {
     let api = api()?;
-    let deadline = timeout_ms.map(|ms| std::time::Instant::now() + Duration::from_millis(ms));
+    let deadline = deadline_after(timeout_ms);
     loop {
         let slice = match deadline {
             None => SLICE_MS,
@@ -432,9 +450,9 @@ fn post_vector(
         };
         check(api, rc).map(|_| id)
     };
-    // Posting a few items costs microseconds: only large calls are worth releasing the GIL for.
-    let id = if n > 64 { py.detach(post)? } else { post()? };
-    Ok(id)
+    // Detached even for one item: on a same-host connection the engine may copy the data inside
+    // the post, and a copy of gigabytes must not stop every other Python thread.
+    Ok(py.detach(post)?)
 }
 
 /// Posts one one-sided write (`write=True`) or read of `size` bytes at `ptr` against the remote
@@ -482,11 +500,14 @@ fn send(py: Python<'_>, conn: usize, mrs: Vec<u64>, ptrs: Vec<usize>, sizes: Vec
 
 /// Posts a receive of at most `size` bytes into `ptr`; returns the transfer id.
 #[pyfunction]
-fn recv(conn: usize, mr: u64, ptr: usize, size: usize) -> PyResult<u64> {
+fn recv(py: Python<'_>, conn: usize, mr: u64, ptr: usize, size: usize) -> PyResult<u64> {
     let api = api()?;
-    let mut id = 0u64;
-    // SAFETY: the engine checks the memory against its registrations; `id` is writable.
-    check(api, unsafe { (api.recv_async)(as_conn(conn), mr, ptr as *mut c_void, size, &mut id) })?;
+    // Detached: a receive that matches a message already announced stores it inside the call.
+    let id = py.detach(|| {
+        let mut id = 0u64;
+        // SAFETY: the engine checks the memory against its registrations; `id` is writable.
+        check(api, unsafe { (api.recv_async)(as_conn(conn), mr, ptr as *mut c_void, size, &mut id) }).map(|_| id)
+    })?;
     Ok(id)
 }
 
@@ -499,13 +520,16 @@ fn recv(conn: usize, mr: u64, ptr: usize, size: usize) -> PyResult<u64> {
 #[pyfunction]
 fn poll(py: Python<'_>, conn: usize, id: u64) -> PyResult<(i32, usize, Option<String>)> {
     let api = api()?;
-    let mut bytes = 0usize;
-    // SAFETY: the library checks the handle and the id; `bytes` is writable.
-    let rc = unsafe { (api.poll)(as_conn(conn), id, &mut bytes) };
-    if rc == IN_PROGRESS {
-        py.detach(std::thread::yield_now);
-    }
-    Ok((rc, bytes, (rc < 0).then(|| engine_error(api, rc))))
+    // Detached: on a same-host connection the engine copies inside the poll.
+    Ok(py.detach(|| {
+        let mut bytes = 0usize;
+        // SAFETY: the library checks the handle and the id; `bytes` is writable.
+        let rc = unsafe { (api.poll)(as_conn(conn), id, &mut bytes) };
+        if rc == IN_PROGRESS {
+            std::thread::yield_now();
+        }
+        (rc, bytes, (rc < 0).then(|| engine_error(api, rc)))
+    }))
 }
 
 /// Waits for a transfer to end: `(status, bytes, error)` as `poll` gives them, with status 1 only
@@ -515,7 +539,7 @@ fn poll(py: Python<'_>, conn: usize, id: u64) -> PyResult<(i32, usize, Option<St
 #[pyo3(signature = (conn, id, timeout_ms=None))]
 fn wait(py: Python<'_>, conn: usize, id: u64, timeout_ms: Option<u64>) -> PyResult<(i32, usize, Option<String>)> {
     let api = api()?;
-    let deadline = timeout_ms.map(|ms| std::time::Instant::now() + Duration::from_millis(ms));
+    let deadline = deadline_after(timeout_ms);
     loop {
         let slice = match deadline {
             None => SLICE_MS,

@@ -12,6 +12,13 @@ from uccl_tcpx import p2p
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+@pytest.fixture(autouse=True)
+def own_rendezvous_folder(tmp_path_factory, monkeypatch):
+    """Each test's endpoints announce themselves in a folder of that test's own: in the shared
+    /dev/shm one, connect_local could find a live endpoint of another process on this host."""
+    monkeypatch.setenv("UCCL_TCPX_RENDEZVOUS_DIR", str(tmp_path_factory.mktemp("rendezvous")))
+
+
 def addr(buf):
     """The address of a numpy array, bytearray or mmap (writable buffers)."""
     if isinstance(buf, np.ndarray):

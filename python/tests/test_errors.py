@@ -1,6 +1,8 @@
 """Bad input of each kind raises a Python exception that says what was wrong; nothing aborts,
 hangs or crashes, and the endpoint stays usable afterwards."""
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -215,3 +217,125 @@ def test_a_local_buffer_outside_its_registration_is_refused(ready):
     with pytest.raises(RuntimeError, match="not mapped"):
         p.client.reg(0x10000, 4096)
     still_works(p)
+
+
+def test_register_memory_refuses_strided_and_read_only_arrays():
+    with p2p.Endpoint(0) as ep:
+        a = pattern(1 << 16, 4)
+        refused = [
+            (a[::-1], "not C-contiguous"),
+            (a[::2], "not C-contiguous"),
+            (a.reshape(256, 256)[:, :128], "not C-contiguous"),
+            (a.reshape(256, 256).T, "not C-contiguous"),
+            (np.frombuffer(bytes(4096), np.uint8), "read-only"),
+        ]
+        ro = np.zeros(4096, np.uint8)
+        ro.flags.writeable = False
+        refused.append((ro, "read-only"))
+        for bad, why in refused:
+            with pytest.raises(ValueError, match=f"Array at index 1 is {why}"):
+                ep.register_memory([a, bad])
+        # Nothing of a refused call stays registered: the same buffer registers anew afterwards.
+        assert ep._regions == []
+        # Contiguous views, of any shape, still register, with exactly their own bytes.
+        grid = a.reshape(256, 256)
+        views = [a, a[100:200], grid[3:5], grid[7:8, :], a.view(np.uint32)[10:20], np.zeros((4, 1, 8), np.float64)]
+        descs = ep.register_memory(views)
+        assert [(d.addr, d.size) for d in descs] == [(v.ctypes.data, v.nbytes) for v in views]
+        assert all(d.mr_id != 2**64 - 1 for d in descs)
+        ep.deregister_memory(descs)
+
+
+def test_register_memory_refuses_a_tensor_that_is_not_contiguous():
+    class Tensor:
+        """What register_memory reads of a torch tensor."""
+
+        def __init__(self, array, contiguous):
+            self.array, self.contiguous = array, contiguous
+
+        def data_ptr(self):
+            return self.array.ctypes.data
+
+        def numel(self):
+            return self.array.size
+
+        def element_size(self):
+            return self.array.itemsize
+
+        def is_contiguous(self):
+            return self.contiguous
+
+    buf = np.zeros(4096, np.uint8)
+    with p2p.Endpoint(0) as ep:
+        with pytest.raises(ValueError, match="Tensor at index 0 is not contiguous"):
+            ep.register_memory([Tensor(buf, False)])
+        (desc,) = ep.register_memory([Tensor(buf, True)])
+        assert (desc.addr, desc.size) == (buf.ctypes.data, 4096) and len(desc.rkeys) == 8
+
+
+def test_a_timeout_beyond_the_clock_means_no_limit(ready):
+    p = ready
+    huge = 2**64 - 1
+    eid = _engine.post(p.client._conns[p.conn], True, p.client._engine_mr(p.smr), addr(p.src), p.n, p.meta)
+    rc, moved, error = _engine.wait(p.client._conns[p.conn], eid, huge)
+    assert (rc, moved, error) == (0, p.n, None)
+    assert np.array_equal(p.dst, p.src)
+    with p2p.Endpoint(0) as server, p2p.Endpoint(0) as client:
+        ip, port, _ = p2p.Endpoint.parse_metadata(server.get_metadata())
+        got = {}
+        t = threading.Thread(target=lambda: got.update(r=_engine.accept(server._engine, huge)))
+        t.start()
+        assert client.connect(ip, "", port)[0]
+        t.join(30)
+        assert not t.is_alive() and got["r"] is not None and got["r"][1] == ip
+        _engine.conn_destroy(got["r"][0])
+    with pytest.raises(OverflowError):
+        _engine.wait(p.client._conns[p.conn], eid, 2**64)
+
+
+def test_a_register_memory_that_raises_partway_keeps_nothing(monkeypatch):
+    with p2p.Endpoint(0) as ep:
+        pool = np.zeros(1 << 16, np.uint8)
+        (held,) = ep.register_memory([pool])
+        fresh, shared, bad = np.zeros(4096, np.uint8), np.zeros(4096, np.uint8), np.zeros(4096, np.uint8)
+        live, real_reg, real_dereg = set(), _engine.reg, _engine.dereg
+
+        def reg(engine, ptr, size):
+            if ptr == bad.ctypes.data:
+                e = _engine.EngineError("uccl_engine_reg: memory of a GPU this endpoint does not serve")
+                e.status = -9
+                raise e
+            mr = real_reg(engine, ptr, size)
+            live.add(mr)
+            return mr
+
+        def dereg(engine, mr):
+            live.discard(mr)
+            real_dereg(engine, mr)
+
+        monkeypatch.setattr(_engine, "reg", reg)
+        monkeypatch.setattr(_engine, "dereg", dereg)
+        with pytest.raises(RuntimeError, match="does not serve"):
+            # A hit in the held region, a miss registered anew, a region shared by two entries,
+            # then the failure, then another hit.
+            ep.register_memory([pool[:4096], fresh, shared, shared, bad, pool[4096:8192]])
+        assert live == set(), "the registrations the call made are undone"
+        assert len(ep._regions) == 1 and ep._regions[0].refs == 1, "the held region's count is restored"
+        ep.deregister_memory([held])
+        assert ep._regions == []
+        descs = ep.register_memory([fresh, shared])
+        assert len(live) == 2 and all(len(d.rkeys) == 8 for d in descs)
+        ep.deregister_memory(descs)
+        assert live == set() and ep._regions == []
+
+
+def test_a_region_advertises_at_most_4096_distinct_ranges():
+    with p2p.Endpoint(0) as ep:
+        buf = np.zeros(8192, np.uint8)
+        _, mr = ep.reg(addr(buf), buf.size)
+        for i in range(4096):
+            ok, blob = ep.advertise(mr, addr(buf) + i, 1)
+            assert ok and len(blob) == 64
+        assert ep.advertise(mr, addr(buf) + 17, 1)[0], "a range advertised before costs nothing"
+        assert ep.advertise(mr, addr(buf) + 4096, 1) == (False, b"")
+        assert ep.advertise(mr, addr(buf), buf.size) == (False, b""), "the whole region is a range too"

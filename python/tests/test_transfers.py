@@ -2,7 +2,10 @@
 (numpy arrays, bytearrays, anonymous mmaps), and is checked byte for byte."""
 
 import mmap
+import os
+import signal
 import struct
+import threading
 import time
 
 import numpy as np
@@ -355,3 +358,200 @@ def test_connect_local_skips_dead_and_refuses_a_foreign_folder(tmp_path, monkeyp
     os.chmod(tmp_path / f"uccl-tcpx-{os.getuid()}", 0o777)
     with p2p.Endpoint(0), p2p.Endpoint(0) as b:
         assert b.connect_local("") == (False, 0)
+
+
+def test_a_failed_piece_of_a_vector_receive_is_reported_at_the_end(pair):
+    small, big = np.zeros(100, np.uint8), np.zeros(70000, np.uint8)
+    src = pattern(70000, 40)
+    _, smr = pair.client.reg(addr(src), src.size)
+    _, dmrs = pair.server.regv([addr(small), addr(big)], [small.size, big.size])
+    ok, rtid = pair.server.recvv_async(pair.served, dmrs, [addr(small), addr(big)], [100, 70000], 2)
+    assert ok
+    # 1000 bytes do not fit the first receive: it fails (and so does the send it matched), while
+    # the second receive still waits for its message.
+    assert pair.client.send(pair.conn, smr, addr(src), 1000) is False
+    for _ in range(20):
+        assert pair.server.poll_async(rtid) == (True, False), "the second piece is still running"
+        time.sleep(0.01)
+    assert pair.client.send(pair.conn, smr, addr(src), 70000) is True
+    assert wait_done(pair.server, rtid) is False, "the first piece's failure is not forgotten"
+    assert np.array_equal(big, src) and not small.any()
+    with pytest.raises(RuntimeError, match="already reported done"):
+        pair.server.poll_async(rtid)
+
+
+def test_two_threads_polling_one_transfer_see_it_done_once(pair):
+    n = 1 << 20
+    src, dst = pattern(n, 41), np.zeros(n, np.uint8)
+    _, smr = pair.client.reg(addr(src), n)
+    _, dmr = pair.server.reg(addr(dst), n)
+    _, meta = pair.server.advertise(dmr, addr(dst), n)
+    for _ in range(20):
+        ok, tid = pair.client.write_async(pair.conn, smr, addr(src), n, meta)
+        assert ok
+        outcomes = []
+
+        def poller():
+            while True:
+                try:
+                    ok, done = pair.client.poll_async(tid)
+                except RuntimeError as e:
+                    outcomes.append(str(e))
+                    return
+                if done:
+                    outcomes.append(ok)
+                    return
+
+        threads = [threading.Thread(target=poller) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert outcomes.count(True) == 1 and False not in outcomes, outcomes
+        assert all("already reported done" in o for o in outcomes if o is not True)
+        assert np.array_equal(dst, src)
+
+
+def test_other_python_threads_run_during_a_large_same_host_copy(pair):
+    # Between two endpoints of one process the engine copies inside the post (or the poll); that
+    # copy must run without the GIL.
+    n = 128 << 20
+    src = np.ones(n, np.uint8)
+    _, smr = pair.client.reg(addr(src), n)
+    ticks, stop = [0], threading.Event()
+
+    def ticker():
+        while not stop.is_set():
+            ticks[0] += 1
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=ticker)
+    t.start()
+    inside, ticked = 0.0, 0
+    try:
+        for _ in range(30):
+            # A fresh target each time: its first touch (page faults) makes the copy slow.
+            dst = np.zeros(n, np.uint8)
+            _, dmr = pair.server.reg(addr(dst), n)
+            _, meta = pair.server.advertise(dmr, addr(dst), n)
+            calls = [lambda: pair.client.write_async(pair.conn, smr, addr(src), n, meta)]
+            done = False
+            while not done:
+                # Only the time spent inside the engine's calls counts.
+                before, started = ticks[0], time.perf_counter()
+                ok, value = calls[-1]()
+                inside += time.perf_counter() - started
+                ticked += ticks[0] - before
+                assert ok
+                if len(calls) == 1:
+                    tid = value
+                    calls.append(lambda: pair.client.poll_async(tid))
+                else:
+                    done = value
+            assert dst[0] == 1 and dst[-1] == 1
+            pair.server.dereg(dmr)
+            del dst
+            if inside >= 0.3:
+                break
+    finally:
+        stop.set()
+        t.join()
+    print(f"{ticked} ticks of another thread in {inside * 1e3:.0f} ms of writes and polls")
+    assert inside >= 0.05, "the copies were too quick to tell anything"
+    assert ticked >= 10, "another Python thread stood still while the engine copied"
+
+
+def test_connect_local_takes_only_a_bus_id_or_a_gpu_index(tmp_path, monkeypatch):
+    base = tmp_path / "r" / "base"
+    base.mkdir(parents=True)
+    monkeypatch.setenv("UCCL_TCPX_RENDEZVOUS_DIR", str(base))
+    # A folder an unchecked name would reach (base/uccl-tcpx-UID/../../outside:x), holding a
+    # live-looking announcement.
+    outside = tmp_path / "r" / "outside:x"
+    outside.mkdir()
+    planted = outside / f"{os.getpid()}-1.meta"
+    planted.write_bytes(bytes([127, 0, 0, 1, 0, 1, 0]))
+    with p2p.Endpoint(0) as ep:
+        for bad in [
+            "../../outside:x",
+            str(outside),
+            "0000:00:04.0/../../x",
+            "0000:00:04.0/",
+            "..:..",
+            "a:b",
+            "0000:00:04.8",
+            "00000:00:04.0",
+            "0000:00:4.0",
+            " 0000:00:04.0",
+            "0000:00:04.0\n",
+            "-1",
+            "1.5",
+            "gpu0",
+            "host",
+            "０",
+        ]:
+            with pytest.raises(ValueError, match="neither a PCI bus id"):
+                ep.connect_local(bad)
+        with pytest.raises(ValueError, match="neither a PCI bus id"):
+            ep.connect_local(remote_gpu_idx="../x")
+        with pytest.raises(ValueError):
+            ep.connect_local(remote_gpu_idx=-1)
+        with pytest.raises(TypeError):
+            ep.connect_local(b"0000:00:04.0")
+        assert planted.exists(), "nothing outside the user's folder was read or removed"
+        # Well-formed names are looked up (nobody serves them here): upper case is normalised.
+        for good in ["0000:AB:1f.7", "0000:ab:1f.7", "3", 3, "", "0"]:
+            assert ep.connect_local(good) == (False, 0)
+        with p2p.Endpoint(0) as other:
+            ok, conn = ep.connect_local(remote_gpu_idx=0)
+            assert ok, "an endpoint made for GPU index 0 is found under it"
+            assert other.accept_local()[0]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupted(call):
+    """Runs `call` with a SIGINT arriving 0.2 s in; returns the exception it raised."""
+    previous = signal.signal(signal.SIGINT, lambda *_: (_ for _ in ()).throw(Interrupted()))
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+    try:
+        timer.start()
+        with pytest.raises(Interrupted) as raised:
+            call()
+        return raised.value
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_an_interrupted_synchronous_transfer_stays_tracked(pair):
+    n = 70000
+    src, dst = pattern(n, 50), np.zeros(n, np.uint8)
+    _, smr = pair.client.reg(addr(src), n)
+    _, dmr = pair.server.reg(addr(dst), n)
+    # A receive with no message yet: interrupted, it keeps its buffer and is reported later.
+    e = interrupted(lambda: pair.server.recv(pair.served, dmr, addr(dst), n))
+    assert isinstance(e.transfer_id, int)
+    assert pair.server.poll_async(e.transfer_id) == (True, False)
+    assert pair.client.send(pair.conn, smr, addr(src), n) is True
+    assert wait_done(pair.server, e.transfer_id) is True
+    assert np.array_equal(dst, src)
+    # A send with no receive posted yet, likewise.
+    dst[:] = 0
+    e = interrupted(lambda: pair.client.send(pair.conn, smr, addr(src), n))
+    assert pair.client.poll_async(e.transfer_id) == (True, False)
+    assert pair.server.recv(pair.served, dmr, addr(dst), n) is True
+    assert wait_done(pair.client, e.transfer_id) is True
+    assert np.array_equal(dst, src)
+    with pytest.raises(RuntimeError, match="already reported done"):
+        pair.client.poll_async(e.transfer_id)
+
+
+def test_endpoints_announce_themselves_in_the_tests_own_folder():
+    folder = os.environ["UCCL_TCPX_RENDEZVOUS_DIR"]
+    assert not folder.startswith("/dev/shm")
+    with p2p.Endpoint(0):
+        mine = os.path.join(folder, f"uccl-tcpx-{os.getuid()}", "host")
+        assert len([n for n in os.listdir(mine) if n.endswith(".meta")]) == 1

@@ -20,6 +20,7 @@ import ipaddress
 import itertools
 import logging
 import os
+import re
 import struct
 import threading
 import weakref
@@ -165,14 +166,59 @@ def _resized(meta, size):
 
 
 def _tensor_range(obj, index):
-    """(address, bytes) of a torch tensor, anything shaped like one, or a numpy array."""
+    """(address, bytes) of a torch tensor, anything shaped like one, or a numpy array.
+
+    Only a contiguous, writable buffer is accepted: its registration is what a peer may write, so
+    a strided view (whose [address, address + bytes) is not its memory, and for a reversed one
+    runs past the allocation) or read-only memory must never be registered."""
     data_ptr = getattr(obj, "data_ptr", None)
     if callable(data_ptr):
+        is_contiguous = getattr(obj, "is_contiguous", None)
+        if callable(is_contiguous) and not is_contiguous():
+            raise ValueError(
+                f"Tensor at index {index} is not contiguous: register a contiguous one (tensor.contiguous())"
+            )
         return int(data_ptr()), int(obj.numel()) * int(obj.element_size())
     interface = getattr(obj, "__array_interface__", None)
     if isinstance(interface, dict) and "data" in interface:
-        return int(interface["data"][0]), int(obj.nbytes)
+        data = interface["data"]
+        if not isinstance(data, tuple) or len(data) != 2:
+            raise ValueError(f"Array at index {index} does not expose its memory as an address")
+        ptr, readonly = data
+        if readonly:
+            raise ValueError(f"Array at index {index} is read-only: a peer could write into registered memory")
+        shape = tuple(int(d) for d in interface.get("shape", ()))
+        itemsize = _itemsize(interface.get("typestr", ""), index)
+        if not _c_contiguous(shape, interface.get("strides"), itemsize):
+            raise ValueError(
+                f"Array at index {index} is not C-contiguous (strides {interface.get('strides')}): "
+                "register a contiguous one (numpy.ascontiguousarray)"
+            )
+        size = itemsize
+        for d in shape:
+            size *= d
+        return int(ptr), size
     raise RuntimeError(f"Object at index {index} is not a tensor (missing data_ptr() method)")
+
+
+def _itemsize(typestr, index):
+    digits = re.match(r"[<>|=]?[a-zA-Z](\d+)", typestr or "")
+    if digits is None:
+        raise ValueError(f"Array at index {index} has an element type of unknown size: {typestr!r}")
+    return int(digits.group(1))
+
+
+def _c_contiguous(shape, strides, itemsize):
+    """Whether strides lay the elements out back to back in C order (None is how the array
+    interface says so)."""
+    if strides is None or 0 in shape:
+        return True
+    expected = itemsize
+    for dim, stride in zip(reversed(shape), reversed(strides)):
+        if dim != 1 and stride != expected:
+            return False
+        expected *= dim
+    return True
 
 
 def _keys_of(meta):
@@ -186,6 +232,28 @@ def _item_for(desc):
     if len(keys) != 8:
         raise RuntimeError("RDMA transfer requires RDMA-registered local and remote descriptors")
     return _FIFO_WITH_KEYS.pack(desc.addr, min(desc.size, _U32_MAX), 0, 0, 0, 0, *keys)
+
+
+_BDF = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
+_GPU_INDEX = re.compile(r"[0-9]{1,9}")
+
+
+def _gpu_name(gpu):
+    """connect_local's GPU as the name it is announced under: a PCI bus id (lower case), a GPU
+    index, or "" / "0". It becomes part of a path (and often comes from a peer's metadata), so
+    anything else is refused rather than allowed to name another folder."""
+    if isinstance(gpu, bool):
+        raise TypeError("remote_gpu_bdf must be a PCI bus id (str) or a GPU index (int), got a bool")
+    if isinstance(gpu, int):
+        gpu = str(_int(gpu, "remote_gpu_idx", 31))
+    elif not isinstance(gpu, str):
+        raise TypeError(f"remote_gpu_bdf must be a PCI bus id (str) or a GPU index (int), got {type(gpu).__name__}")
+    name = gpu.lower()
+    if name == "" or _GPU_INDEX.fullmatch(name) or _BDF.fullmatch(name):
+        return name
+    raise ValueError(
+        f"remote_gpu_bdf {gpu!r} is neither a PCI bus id (dddd:bb:dd.f, hexadecimal) nor a GPU index"
+    )
 
 
 def _rendezvous_dir(name):
@@ -264,10 +332,11 @@ class Endpoint:
     def __init__(self, local_gpu_idx=None):
         self._engine = 0
         self._lock = threading.RLock()
+        self._poll_lock = threading.Lock()
         self._conns = {}  # conn_id -> connection handle
         self._memo = {}  # metadata bytes -> conn_id (add_remote_endpoint)
         self._mrs = {}  # mr_id -> (engine mr, region or None)
-        self._xfers = {}  # transfer id -> (connection handle, [engine ids])
+        self._xfers = {}  # transfer id -> (connection handle, [engine ids left], [failed])
         self._next_conn = itertools.count(0)
         self._next_mr = itertools.count(0)
         # Live registrations of register_memory and the *_ipc calls, sorted by base address (with
@@ -376,10 +445,25 @@ class Endpoint:
             self._conns[conn_id] = conn
         return conn_id
 
-    def _track(self, conn, ids):
+    def _track(self, conn, ids, failed=False):
         tid = next(_transfer_ids)
-        self._xfers[tid] = (conn, ids)
+        self._xfers[tid] = (conn, ids, [failed])
         return tid
+
+    def _keep_interrupted(self, conn, ids, failed, interruption):
+        """An exception (Ctrl-C) ended the wait of a synchronous transfer while the engine still
+        uses its buffers: the transfer stays tracked, under the id noted on the exception as
+        `transfer_id`, for poll_async to report."""
+        tid = self._track(conn, list(ids), failed)
+        try:
+            interruption.transfer_id = tid
+        except AttributeError:
+            pass
+        _log.warning(
+            "a synchronous transfer was interrupted and keeps running as transfer_id %d; its buffers "
+            "stay in use until poll_async reports it done or the endpoint closes",
+            tid,
+        )
 
     # -- connections ----------------------------------------------------------------------------
 
@@ -554,7 +638,19 @@ class Endpoint:
             for region in hits:
                 if region is not None:
                     region.refs += 1
-        regions = [hit or self._region_for(engine, addr, size) for hit, (addr, size) in zip(hits, ranges)]
+        regions = []
+        try:
+            for hit, (addr, size) in zip(hits, ranges):
+                regions.append(hit or self._region_for(engine, addr, size))
+        except BaseException:
+            # Nothing of a failed call stays: every reference it took is given back.
+            for region in hits:
+                if region is not None:
+                    self._release(region)
+            for hit, region in zip(hits, regions):
+                if hit is None and region is not None:
+                    self._release(region)
+            raise
         descs = []
         with self._lock:
             for (addr, size), region in zip(ranges, regions):
@@ -741,7 +837,11 @@ class Endpoint:
     def _finish(self, conn, eid, what):
         if eid is None:
             return False
-        rc, _, error = _engine.wait(conn, eid)
+        try:
+            rc, _, error = _engine.wait(conn, eid)
+        except BaseException as e:
+            self._keep_interrupted(conn, [eid], False, e)
+            raise
         if rc < 0:
             _log.error("%s: %s", what, error)
         return rc == 0
@@ -818,18 +918,22 @@ class Endpoint:
             raise RuntimeError(
                 f"Unknown transfer_id {transfer_id}: not issued by this endpoint, or already reported done"
             )
-        conn, ids = entry
-        failed = False
-        while ids:
-            rc, _, error = _engine.poll(conn, ids[0])
-            if rc == 1:
-                return True, False
-            if rc < 0:
-                _log.error("transfer %d failed: %s", transfer_id, error)
-                failed = True
-            ids.pop(0)
-        self._xfers.pop(transfer_id, None)
-        return not failed, True
+        conn, ids, failure = entry
+        # One poller at a time per endpoint: the engine forgets an id once it reports it, so a
+        # second thread polling the same id meanwhile would read it as failed (or pop an empty list).
+        with self._poll_lock:
+            while ids:
+                rc, _, error = _engine.poll(conn, ids[0])
+                if rc == 1:
+                    return True, False
+                if rc < 0:
+                    _log.error("transfer %d failed: %s", transfer_id, error)
+                    # Kept in the entry: the pieces still running are reported by later polls.
+                    failure[0] = True
+                ids.pop(0)
+            if self._xfers.pop(transfer_id, None) is None:
+                raise RuntimeError(f"Unknown transfer_id {transfer_id}: already reported done")
+        return not failure[0], True
 
     # -- same host ------------------------------------------------------------------------------
 
@@ -841,7 +945,7 @@ class Endpoint:
         gpu = remote_gpu_bdf if remote_gpu_bdf is not None else remote_gpu_idx
         if gpu is None:
             raise TypeError("connect_local() needs remote_gpu_bdf")
-        gpu = str(gpu).lower()
+        gpu = _gpu_name(gpu)
         # A bus id names a GPU; a bare number is a GPU index; nothing (or UCCL's "0" for an
         # unknown GPU) names an endpoint without one.
         name = "host" if gpu in ("", "0") and remote_gpu_idx is None else (gpu if ":" in gpu else f"gpu{gpu}")
@@ -955,8 +1059,12 @@ class Endpoint:
         if ids is None:
             return False
         ok = True
-        for eid in ids:
-            rc, _, error = _engine.wait(conn, eid)
+        for i, eid in enumerate(ids):
+            try:
+                rc, _, error = _engine.wait(conn, eid)
+            except BaseException as e:
+                self._keep_interrupted(conn, ids[i:], not ok, e)
+                raise
             if rc < 0:
                 _log.error("%s: %s", what, error)
                 ok = False
