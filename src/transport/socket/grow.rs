@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use socket2::SockRef;
 
-use super::Routes;
+use super::links::Routes;
 use super::tune::{set_buffers, tune};
 use super::wire::{ACK_LEN, HELLO_LEN, SocketHello, attach_ack};
 use crate::error::{Error, Result};

@@ -15,6 +15,7 @@ mod fanout;
 mod grow;
 pub mod iface;
 mod iov;
+mod links;
 mod partial;
 mod piece_trace;
 mod reactor;
@@ -50,6 +51,7 @@ use comm::{Growth, Helpers, Threading};
 use counts::Counts;
 use door::{Doorway, MAX_PENDING_STREAMS};
 use grow::Dialer;
+use links::{Route, Routes};
 use piece_trace::{Dir, PieceTrace};
 use spin::Polls;
 use tune::set_buffers;
@@ -196,54 +198,6 @@ struct SocketHandle {
     nonce: u64,
     links: [Ipv4Addr; MAX_DATA_LINKS],
     nlinks: usize,
-}
-
-/// Where one data socket goes: to `to`, from `from` where this host has data links.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Route {
-    pub to: SocketAddr,
-    pub from: Option<Ipv4Addr>,
-}
-
-impl Route {
-    /// Binds the unconnected `sock` to its link's address (any port): on hosts whose NICs share
-    /// a subnet the route alone would send every socket out of one of them. Its unsent bytes are
-    /// bounded, so that it takes pieces as fast as its link drains them.
-    pub fn bind(&self, sock: &socket2::Socket) -> Result<()> {
-        let Some(from) = self.from else { return Ok(()) };
-        sock.bind(&SocketAddr::new(from.into(), 0).into())
-            .map_err(|e| Error::io(format!("bind a data socket to link {from}"), e))?;
-        tune::pace_to_link(sock)
-    }
-}
-
-/// The data links of a send comm: socket k's route, for each k.
-#[derive(Clone, Debug)]
-pub(super) struct Routes {
-    /// The listener's address, for every socket where either end has no data links.
-    addr: SocketAddr,
-    ours: Vec<Ipv4Addr>,
-    theirs: Vec<Ipv4Addr>,
-    /// The link of socket 0.
-    first: usize,
-}
-
-impl Routes {
-    pub fn route(&self, index: u8) -> Route {
-        if self.ours.is_empty() || self.theirs.is_empty() {
-            return Route { to: self.addr, from: None };
-        }
-        let k = self.first + index as usize;
-        Route {
-            to: SocketAddr::new(self.theirs[k % self.theirs.len()].into(), self.addr.port()),
-            from: Some(self.ours[k % self.ours.len()]),
-        }
-    }
-
-    /// Links the comm's sockets run over.
-    pub fn links(&self) -> usize {
-        if self.ours.is_empty() || self.theirs.is_empty() { 1 } else { self.ours.len().max(self.theirs.len()) }
-    }
 }
 
 impl SocketHandle {
