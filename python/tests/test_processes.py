@@ -274,7 +274,9 @@ def test_connect_local_between_two_processes(tmp_path, monkeypatch):
     try:
         assert line(peer) == "ready"
         with p2p.Endpoint(0) as ep:
-            ok, conn = ep.connect_local("")
+            # Both endpoints serve this host's GPU 0 (or no GPU): the peer announced under the
+            # same name as this one.
+            ok, conn = ep.connect_local(ep.parse_metadata(ep.get_metadata())[2])
             assert ok
             ok, empty_bdf, served, info = line(peer).split()
             assert (ok, empty_bdf, served) == ("True", "True", "0")

@@ -342,13 +342,15 @@ def test_connect_local_skips_dead_and_refuses_a_foreign_folder(tmp_path, monkeyp
 
     monkeypatch.setenv("UCCL_TCPX_RENDEZVOUS_DIR", str(tmp_path))
     with p2p.Endpoint(0) as server:
-        mine = tmp_path / f"uccl-tcpx-{os.getuid()}" / "host"
+        # Under its GPU's bus id where it has a GPU, "host" where it has none.
+        bdf = server.parse_metadata(server.get_metadata())[2]
+        mine = tmp_path / f"uccl-tcpx-{os.getuid()}" / (bdf or "host")
         assert len(list(mine.glob("*.meta"))) == 1, "the endpoint announced itself"
         # An entry of a process that is gone, newer than the live one: skipped and removed.
         dead = mine / "999999999-1.meta"
         dead.write_bytes(bytes([127, 0, 0, 1, 0, 1, 0]))
         with p2p.Endpoint(0) as client:
-            ok, conn = client.connect_local("")
+            ok, conn = client.connect_local(bdf)
             assert ok
             assert server.accept_local()[0]
             assert not dead.exists()
@@ -357,7 +359,7 @@ def test_connect_local_skips_dead_and_refuses_a_foreign_folder(tmp_path, monkeyp
     # A folder others may write to is not trusted.
     os.chmod(tmp_path / f"uccl-tcpx-{os.getuid()}", 0o777)
     with p2p.Endpoint(0), p2p.Endpoint(0) as b:
-        assert b.connect_local("") == (False, 0)
+        assert b.connect_local(bdf) == (False, 0)
 
 
 def test_a_failed_piece_of_a_vector_receive_is_reported_at_the_end(pair):
@@ -552,6 +554,7 @@ def test_an_interrupted_synchronous_transfer_stays_tracked(pair):
 def test_endpoints_announce_themselves_in_the_tests_own_folder():
     folder = os.environ["UCCL_TCPX_RENDEZVOUS_DIR"]
     assert not folder.startswith("/dev/shm")
-    with p2p.Endpoint(0):
-        mine = os.path.join(folder, f"uccl-tcpx-{os.getuid()}", "host")
+    with p2p.Endpoint(0) as ep:
+        bdf = ep.parse_metadata(ep.get_metadata())[2]
+        mine = os.path.join(folder, f"uccl-tcpx-{os.getuid()}", bdf or "host")
         assert len([n for n in os.listdir(mine) if n.endswith(".meta")]) == 1

@@ -368,7 +368,8 @@ class Endpoint:
         "host" without one) and under the GPU index it was created for."""
         meta = self.get_metadata()
         _, port, bdf = self.parse_metadata(meta)
-        names = [bdf or "host"]
+        # Lower case, as connect_local looks a bus id up.
+        names = [(bdf or "host").lower()]
         if self.local_gpu_idx is not None:
             names.append(f"gpu{self.local_gpu_idx}")
         for name in names:
