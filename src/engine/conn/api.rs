@@ -29,6 +29,13 @@ use crate::transport::{IoSeg, MemKind};
 const WAIT_SLICE: Duration = Duration::from_millis(100);
 /// How often `wait_within` polls a connection with same-host device copies outstanding.
 const DEVICE_POLL_SLICE: Duration = Duration::from_millis(1);
+/// How long `wait_within` polls same-host device copies (yielding the CPU between looks) before it
+/// parks: copies that end within it are seen at once instead of after a wake-up, which is most of
+/// a short copy's time. UCCL's benchmark_uccl.py over the Python package, one H100, two rounds:
+/// 256 KiB 11.6 against 9.6-10.0 GB/s, 16 MiB 506-541 against 451-473. Not for host memory, whose
+/// copies run on the library's threads: there the polling caller took their cores (1 MiB 1.7-9.6
+/// against 8.6-11.0 GB/s).
+const WAIT_SPIN: Duration = Duration::from_micros(50);
 
 /// What a post leaves for after the connection lock: the control messages to send, then the
 /// staged writes' pushes.
@@ -525,12 +532,20 @@ impl Connection {
     /// sleeps until the transfer's end wakes it; a caller that must stay responsive (to a signal)
     /// waits in such slices.
     pub fn wait_within(&self, transfer: u64, limit: Duration) -> Result<Option<u64>> {
-        let deadline = Instant::now() + limit;
+        let start = Instant::now();
+        let deadline = start + limit;
+        let spin = if self.device_batches.load(Ordering::Acquire) > 0 { WAIT_SPIN.min(limit) } else { Duration::ZERO };
+        let spin_until = start + spin;
         loop {
             if let Some(bytes) = self.poll(transfer)? {
                 return Ok(Some(bytes));
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            let now = Instant::now();
+            if now < spin_until {
+                std::thread::yield_now();
+                continue;
+            }
+            let left = deadline.saturating_duration_since(now);
             if left.is_zero() {
                 return Ok(None);
             }
