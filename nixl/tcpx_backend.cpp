@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
@@ -357,7 +358,9 @@ public:
                 !from_hex(s, prefix, &pd, sizeof(pd)))
                 return fail(NIXL_ERR_INVALID_PARAM, "registration data of agent " + agent + " is not TCPX's");
             // The peer's own checks decide access; these keep our item arithmetic sane.
-            if (pd.len == 0 || pd.window == 0 || pd.window > UINT32_MAX || pd.base + pd.len < pd.base)
+            // The window must be the one this plugin advertises: a peer naming a tiny one would make
+            // every descriptor of ours billions of items.
+            if (pd.len == 0 || pd.window != UCCL_TCPX_ADVERTISE_WINDOW || pd.base + pd.len < pd.base)
                 return fail(NIXL_ERR_INVALID_PARAM, "registration data of agent " + agent + " is malformed");
             auto md = std::make_unique<TcpxMD>(false);
             md->base = pd.base;
@@ -613,8 +616,17 @@ private:
         for (;;) {
             char ip[64];
             int gpu = 0;
-            uccl_conn_t *conn = uccl_engine_accept(engine_, ip, sizeof(ip), &gpu);
-            if (!conn) return;  // stop_accept, or the engine failed
+            uccl_conn_t *conn = nullptr;
+            int rc = uccl_tcpx_accept_timeout(engine_, 1000, ip, sizeof(ip), &gpu, &conn);
+            if (rc == 1) continue;  // nobody within the second: wait again
+            if (rc == UCCL_STATUS_ERR_CANCELED) return;  // stop_accept: the backend goes
+            if (rc != 0 || !conn) {
+                // One failed handshake (a peer gone midway, a handshake thread that failed) must
+                // not end accepting for good: later peers would never be let in.
+                log_error("accepting a peer: " + engine_error());
+                std::this_thread::sleep_for(std::chrono::milliseconds(10));
+                continue;
+            }
             std::lock_guard<std::mutex> lock(mu_);
             accepted_.push_back(conn);
         }

@@ -106,10 +106,11 @@ pub(super) struct Doorway {
     /// The acceptor's epoll set and this door's token there, while the acceptor reads it.
     watch: Option<(Arc<Epoll>, u64)>,
     counts: Arc<Counts>,
-    /// The sockets of one comm may come from several addresses of the peer, one per data link:
-    /// the host check a later socket passes is then its hello's nonce and comm id alone, which
-    /// only the connector, who read the handle over the control stream, knows.
-    any_link: bool,
+    /// This host's data links. The sockets of one comm come from several addresses of the peer,
+    /// one per link: a later socket that arrived on one of these links may come from another
+    /// address than its comm's first; its hello's nonce and comm id are then the check (they
+    /// travel unencrypted, so on a data link the host check is only as good as that network).
+    links: Vec<std::net::Ipv4Addr>,
 }
 
 impl Doorway {
@@ -132,19 +133,23 @@ impl Doorway {
             listening: true,
             watch: None,
             counts,
-            any_link: false,
+            links: Vec::new(),
         }
     }
 
-    /// Whether the listener serves data links (`SocketNet::with_data_links`).
-    pub fn across_links(mut self, any_link: bool) -> Self {
-        self.any_link = any_link;
+    /// The data links the listener serves (`SocketNet::with_data_links`).
+    pub fn across_links(mut self, links: Vec<std::net::Ipv4Addr>) -> Self {
+        self.links = links;
         self
     }
 
-    /// Whether a later socket from `from` may belong with sockets from `first`.
-    fn same_peer(&self, first: IpAddr, from: IpAddr) -> bool {
-        self.any_link || first == from
+    /// Whether `stream` arrived on one of this host's data links.
+    fn on_a_link(&self, stream: &TcpStream) -> bool {
+        !self.links.is_empty()
+            && stream.local_addr().is_ok_and(|a| match a.ip().to_canonical() {
+                IpAddr::V4(ip) => self.links.contains(&ip),
+                IpAddr::V6(_) => false,
+            })
     }
 
     fn held_streams(&self) -> usize {
@@ -260,6 +265,7 @@ impl Doorway {
     /// Files a socket whose hello checked out: see the module's description.
     fn file(&mut self, hello: SocketHello, stream: TcpStream, peer: SocketAddr) -> Option<NewComm> {
         let from = peer.ip().to_canonical();
+        let on_a_link = self.on_a_link(&stream);
         if let Some(pos) = self.live.iter().position(|c| c.comm_id == hello.comm_id) {
             self.join_live(pos, hello, stream, peer);
             return None;
@@ -271,9 +277,8 @@ impl Doorway {
         if let Some(new) = self.ready.iter_mut().find(|n| n.comm_id == hello.comm_id) {
             // Read by the acceptor and not handed out yet: it joins with the comm.
             let index = hello.index as usize;
-            let fits = (self.any_link || new.peer == from)
-                && new.count == hello.count as usize
-                && new.subchunk == hello.subchunk;
+            let fits =
+                (on_a_link || new.peer == from) && new.count == hello.count as usize && new.subchunk == hello.subchunk;
             if fits && index != 0 && new.early.iter().all(|(k, _)| *k != index) {
                 new.early.push((index, stream));
             } else {
@@ -295,7 +300,7 @@ impl Doorway {
                 self.groups.len() - 1
             }
         };
-        let same_peer = self.same_peer(self.groups[pos].peer, from);
+        let same_peer = on_a_link || self.groups[pos].peer == from;
         let g = &mut self.groups[pos];
         let fits = g.streams.len() == hello.count as usize && g.subchunk == hello.subchunk && same_peer;
         if !fits || g.streams[hello.index as usize].is_some() {
@@ -325,7 +330,8 @@ impl Doorway {
         let join = comm.join.upgrade();
         let closed = join.as_ref().is_none_or(|j| j.closed());
         let taken = join.as_ref().is_some_and(|j| j.has(hello.index as usize));
-        if let Some(why) = comm.refusal(&hello, peer.ip(), self.any_link, taken, closed) {
+        let on_a_link = self.on_a_link(&stream);
+        if let Some(why) = comm.refusal(&hello, peer.ip(), on_a_link, taken, closed) {
             self.refuse(peer, why);
             return;
         }

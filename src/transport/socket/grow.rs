@@ -132,7 +132,7 @@ mod tests {
 
     fn dialer(addr: std::net::SocketAddr) -> Dialer {
         let hello = SocketHello { listen_nonce: 7, comm_id: 9, index: 0, count: 4, subchunk: 256 << 10 };
-        let routes = Routes { addr, ours: Vec::new(), theirs: Vec::new(), first: 0 };
+        let routes = Routes::new(addr, Vec::new(), Vec::new(), 0);
         Dialer { routes, hello, sndbuf: 0, rcvbuf: 0, io_timeout: Duration::from_secs(5) }
     }
 

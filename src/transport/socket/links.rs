@@ -38,8 +38,33 @@ pub(super) struct Routes {
 }
 
 impl Routes {
+    /// Links pair up rank by rank, so both hosts must have as many: with other counts a rank
+    /// could pair NICs of different networks, and every socket goes to `addr` instead.
+    pub fn new(addr: SocketAddr, ours: Vec<Ipv4Addr>, theirs: Vec<Ipv4Addr>, first: usize) -> Routes {
+        if !ours.is_empty() && !theirs.is_empty() && ours.len() != theirs.len() {
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            let why = format!(
+                "this host has {} data links and the peer at {addr} {}: its data sockets use its address instead",
+                ours.len(),
+                theirs.len()
+            );
+            if SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                log::debug!("{why}")
+            } else {
+                log::warn!("{why}")
+            }
+            return Routes { addr, ours: Vec::new(), theirs: Vec::new(), first };
+        }
+        Routes { addr, ours, theirs, first }
+    }
+
+    /// Whether the sockets run over data links.
+    pub fn over_links(&self) -> bool {
+        !self.ours.is_empty() && !self.theirs.is_empty()
+    }
+
     pub fn route(&self, index: u8) -> Route {
-        if self.ours.is_empty() || self.theirs.is_empty() {
+        if !self.over_links() {
             return Route { to: self.addr, from: None };
         }
         let k = self.first + index as usize;
@@ -51,6 +76,6 @@ impl Routes {
 
     /// Links the comm's sockets run over.
     pub fn links(&self) -> usize {
-        if self.ours.is_empty() || self.theirs.is_empty() { 1 } else { self.ours.len().max(self.theirs.len()) }
+        if self.over_links() { self.ours.len() } else { 1 }
     }
 }

@@ -114,6 +114,12 @@ impl SocketNet {
     /// socket k of a comm goes from link k to the peer's link k, modulo their counts), and listeners
     /// accept on every interface, where the peer's links arrive. The first [`MAX_DATA_LINKS`] count.
     pub fn with_data_links(mut self, links: Vec<IpAddr>) -> SocketNet {
+        if self.ip.is_ipv6() {
+            // The links are IPv4 addresses and their listeners would bind IPv4 only, where peers
+            // without links dial the engine's IPv6 address.
+            log::warn!("data links are ignored: the engine's address {} is IPv6", self.ip);
+            return self;
+        }
         self.data = links
             .into_iter()
             .filter_map(|a| match a {
@@ -339,7 +345,7 @@ impl Net for SocketNet {
         let port = listener.local_addr().map_err(|e| Error::io("channel listener", e))?.port();
         let handle = SocketHandle::new(SocketAddr::new(self.ip, port), random_u64(), &self.data);
         let door = Doorway::new(listener, handle.nonce, self.connect_timeout, self.io_timeout, self.sockets.clone())
-            .across_links(!self.data.is_empty());
+            .across_links(self.data.clone());
         let listen = SocketListen {
             door: Arc::new(parking_lot::Mutex::new(door)),
             wake: self.wake.clone(),
@@ -373,12 +379,8 @@ impl SocketNet {
     fn connect_comm(&self, dev: usize, handle: &NetHandle) -> Result<comm::SocketSendComm> {
         self.properties(dev)?;
         let h = SocketHandle::decode(handle)?;
-        let routes = Routes {
-            addr: h.addr,
-            ours: self.data.clone(),
-            theirs: h.links[..h.nlinks].to_vec(),
-            first: self.next_link.fetch_add(1, Ordering::Relaxed),
-        };
+        let first_link = self.next_link.fetch_add(1, Ordering::Relaxed);
+        let routes = Routes::new(h.addr, self.data.clone(), h.links[..h.nlinks].to_vec(), first_link);
         // Every link carries at least one socket of every comm.
         let count = self.options.sockets_per_comm().max(routes.links()).min(config::MAX_SOCKETS_PER_COMM);
         let hello = SocketHello {
@@ -388,7 +390,16 @@ impl SocketNet {
             count: count as u8,
             subchunk: self.options.subchunk,
         };
-        let first = self.connect_one(routes.route(0), &hello)?;
+        let first = match self.connect_one(routes.route(0), &hello) {
+            Ok(first) => first,
+            // A link that does not reach the peer must not cost the connection: socket 0 then
+            // goes to the peer's address, and the later sockets try their links.
+            Err(e) if routes.over_links() => {
+                log::warn!("data socket 0 over its link failed ({e}); it goes to {} instead", h.addr);
+                self.connect_one(Route { to: h.addr, from: None }, &hello)?
+            }
+            Err(e) => return Err(e),
+        };
         let dialer = Dialer {
             routes,
             hello,

@@ -44,21 +44,26 @@ fn handles_carry_data_links_and_refuse_bad_ones() {
     assert_eq!(SocketHandle::decode(&wrapped).unwrap(), h, "nor do its bytes disturb the links");
 }
 
-/// Socket k of a comm goes from our link k to theirs, each side's list taken in turn from the
-/// comm's first link; where either side has no links every socket goes to the handle's address.
+/// Socket k of a comm goes from our link k to theirs, both lists taken in turn from the comm's
+/// first link; where either side has no links, or they have other counts, every socket goes to
+/// the handle's address.
 #[test]
 fn data_sockets_take_the_links_in_turn() {
     let addr: SocketAddr = "198.18.0.2:4242".parse().unwrap();
     let ours: Vec<Ipv4Addr> = (1..=2).map(|i| Ipv4Addr::new(198, 18, i, 1)).collect();
     let theirs: Vec<Ipv4Addr> = (1..=4).map(|i| Ipv4Addr::new(198, 18, i, 2)).collect();
-    let routes = Routes { addr, ours: ours.clone(), theirs: theirs.clone(), first: 5 };
-    assert_eq!(routes.links(), 4);
+    let routes = Routes::new(addr, ours.clone(), theirs[..2].to_vec(), 5);
+    assert_eq!(routes.links(), 2);
     let got: Vec<Route> = (0..4).map(|k| routes.route(k)).collect();
     for (k, route) in got.iter().enumerate() {
-        assert_eq!(route.to, SocketAddr::new(theirs[(5 + k) % 4].into(), 4242));
-        assert_eq!(route.from, Some(ours[(5 + k) % 2]));
+        assert_eq!(route.to, SocketAddr::new(theirs[(5 + k) % 2].into(), 4242));
+        assert_eq!(route.from, Some(ours[(5 + k) % 2]), "rank pairs with rank");
     }
-    let none = Routes { addr, ours, theirs: Vec::new(), first: 0 };
+    // Other counts could pair NICs of different networks: the handle's address for every socket.
+    let uneven = Routes::new(addr, ours.clone(), theirs.clone(), 1);
+    assert!(!uneven.over_links());
+    assert_eq!((uneven.links(), uneven.route(2)), (1, Route { to: addr, from: None }));
+    let none = Routes::new(addr, ours, Vec::new(), 0);
     assert_eq!((none.links(), none.route(3)), (1, Route { to: addr, from: None }));
 }
 
