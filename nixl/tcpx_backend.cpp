@@ -21,6 +21,7 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <set>
 #include <string>
 #include <thread>
@@ -572,28 +573,45 @@ private:
     // The connection to `agent`, made on first use from its loaded connection info (our own for
     // the agent itself).
     nixl_status_t conn_for(const std::string &agent, uccl_conn_t *&out) const {
-        std::lock_guard<std::mutex> lock(mu_);
-        auto it = conns_.find(agent);
-        if (it != conns_.end()) {
-            out = it->second;
-            return NIXL_SUCCESS;
-        }
         std::string info;
-        if (agent == localAgent) {
-            info = conn_info_;
-        } else {
-            auto known = infos_.find(agent);
-            if (known == infos_.end()) return fail(NIXL_ERR_NOT_FOUND, "no connection info for agent " + agent);
-            info = known->second;
+        std::shared_ptr<std::mutex> gate;
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            auto it = conns_.find(agent);
+            if (it != conns_.end()) {
+                out = it->second;
+                return NIXL_SUCCESS;
+            }
+            if (agent == localAgent) {
+                info = conn_info_;
+            } else {
+                auto known = infos_.find(agent);
+                if (known == infos_.end()) return fail(NIXL_ERR_NOT_FOUND, "no connection info for agent " + agent);
+                info = known->second;
+            }
+            auto &g = connecting_[agent];
+            if (!g) g = std::make_shared<std::mutex>();
+            gate = g;
+        }
+        // One connect per agent at a time, outside the backend's lock: a peer that does not answer
+        // holds up requests to itself for the connect timeout, not those to every other agent.
+        std::lock_guard<std::mutex> one(*gate);
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            auto it = conns_.find(agent);
+            if (it != conns_.end()) {  // made while this thread waited at the gate
+                out = it->second;
+                return NIXL_SUCCESS;
+            }
         }
         PeerAddr addr;
         if (!parse_conn_info(info, addr)) return fail(NIXL_ERR_INVALID_PARAM, "bad connection info for " + agent);
-        // Under the lock, so that two threads cannot both connect; bounded by the connect timeout.
         uccl_conn_t *conn =
             uccl_engine_connect(engine_, addr.ip.c_str(), addr.gpu.c_str(), addr.port, agent == localAgent);
         if (!conn) {
             return failed(NIXL_ERR_REMOTE_DISCONNECT, "cannot connect to agent " + agent + ": " + engine_error());
         }
+        std::lock_guard<std::mutex> lock(mu_);
         conns_[agent] = conn;
         out = conn;
         return NIXL_SUCCESS;
@@ -664,6 +682,8 @@ private:
     std::thread acceptor_;
     mutable std::mutex mu_;
     mutable std::map<std::string, uccl_conn_t *> conns_;
+    // Per agent, held while a connection to it is being made.
+    mutable std::map<std::string, std::shared_ptr<std::mutex>> connecting_;
     std::map<std::string, std::string> infos_;
     std::vector<uccl_conn_t *> accepted_;
     mutable std::vector<uccl_conn_t *> retired_;
