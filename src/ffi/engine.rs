@@ -80,6 +80,21 @@ pub extern "C" fn uccl_engine_free_string(s: *mut c_char) {
     })
 }
 
+/// A connect call's peer: its IP, GPU and port, checked.
+fn peer_args<'a>(
+    ip_addr: *const c_char,
+    remote_gpu: *const c_char,
+    remote_port: c_int,
+) -> crate::error::Result<(&'a str, &'a str, u16)> {
+    let ip = c_str_arg(ip_addr, "ip_addr")?;
+    let gpu = c_str_arg(remote_gpu, "remote_gpu")?;
+    let port = u16::try_from(remote_port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| Error::invalid(format!("remote_port {remote_port} is outside 1..=65535")))?;
+    Ok((ip, gpu, port))
+}
+
 /// Connects to the engine at `ip_addr:remote_port`. `remote_gpu` is the part after '?' in its
 /// metadata (an index or a PCI BDF); it is advisory, since the port names the engine, and a name
 /// that differs from the GPU the engine serves does not fail the connection. Blocks for the
@@ -95,12 +110,7 @@ pub extern "C" fn uccl_engine_connect(
 ) -> *mut uccl_conn_t {
     ffi_fn!("uccl_engine_connect", {
         let engine_ref = ENGINES.get(engine)?;
-        let ip = c_str_arg(ip_addr, "ip_addr")?;
-        let gpu = c_str_arg(remote_gpu, "remote_gpu")?;
-        let port = u16::try_from(remote_port)
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| Error::invalid(format!("remote_port {remote_port} is outside 1..=65535")))?;
+        let (ip, gpu, port) = peer_args(ip_addr, remote_gpu, remote_port)?;
         let conn = engine_ref.connect(ip, gpu, port)?;
         log::debug!("connected to {ip}:{port} (same_process {same_process})");
         Ok(CONNS.insert(Arc::new(ConnEntry { conn, engine: Arc::downgrade(&engine_ref) })))
@@ -121,12 +131,7 @@ pub extern "C" fn uccl_engine_connect_from_gpu(
 ) -> *mut uccl_conn_t {
     ffi_fn!("uccl_engine_connect_from_gpu", {
         let engine_ref = ENGINES.get(engine)?;
-        let ip = c_str_arg(ip_addr, "ip_addr")?;
-        let gpu = c_str_arg(remote_gpu, "remote_gpu")?;
-        let port = u16::try_from(remote_port)
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| Error::invalid(format!("remote_port {remote_port} is outside 1..=65535")))?;
+        let (ip, gpu, port) = peer_args(ip_addr, remote_gpu, remote_port)?;
         let local_gpu = match local_gpu_idx {
             -1 => None,
             g if g >= 0 => Some(g),

@@ -11,7 +11,7 @@ use super::conn::{conn_ref, uccl_conn_t};
 use super::engine::{ENGINES, uccl_engine_t};
 use super::fifo::FifoItem;
 use super::memory::uccl_mr_t;
-use super::notify::{to_c, uccl_notif_v_t};
+use super::notify::{hand_out, uccl_notif_v_t};
 use super::{c_str_arg, ffi_fn, non_null};
 use crate::config::Config;
 use crate::engine::{Engine, notify};
@@ -109,22 +109,8 @@ pub extern "C" fn uccl_tcpx_engine_get_notifs_v(
         if out.is_null() {
             return Err(Error::invalid("argument `out` is NULL while capacity > 0"));
         }
-        let mut drained = notify::drain_engine(key, capacity).into_iter();
-        let mut filled = 0;
-        while let Some(n) = drained.next() {
-            let Some(entry) = to_c(&n) else {
-                let size = n.msg.len();
-                notify::requeue_front(std::iter::once(n).chain(drained).collect());
-                if filled == 0 {
-                    return Err(Error::internal(format!("out of memory copying out a notification of {size} bytes")));
-                }
-                break;
-            };
-            // SAFETY: filled < capacity; the caller's array holds `capacity` entries.
-            unsafe { out.add(filled).write(entry) };
-            filled += 1;
-        }
-        Ok(filled)
+        // SAFETY: the caller's array holds `capacity` entries, at least as many as drained.
+        unsafe { hand_out(notify::drain_engine(key, capacity), out) }
     })
 }
 

@@ -113,23 +113,34 @@ pub extern "C" fn uccl_engine_get_notifs_v(out: *mut uccl_notif_v_t, capacity: l
         if out.is_null() {
             return Err(Error::invalid("argument `out` is NULL while capacity > 0"));
         }
-        let mut drained = notify::drain(capacity).into_iter();
-        let mut filled = 0;
-        while let Some(n) = drained.next() {
-            let Some(entry) = to_c(&n) else {
-                let size = n.msg.len();
-                notify::requeue_front(std::iter::once(n).chain(drained).collect());
-                if filled == 0 {
-                    return Err(Error::internal(format!("out of memory copying out a notification of {size} bytes")));
-                }
-                break;
-            };
-            // SAFETY: filled < capacity; the caller's array holds `capacity` entries.
-            unsafe { out.add(filled).write(entry) };
-            filled += 1;
-        }
-        Ok(filled)
+        // SAFETY: the caller's array holds `capacity` entries, at least as many as drained.
+        unsafe { hand_out(notify::drain(capacity), out) }
     })
+}
+
+/// Copies `drained` into `out` in order; those that cannot be copied (memory ran out) go back to
+/// the front of the queue, in order, for the next call. How many were handed out, or an error if
+/// not even the first could be.
+///
+/// # Safety
+/// `out` holds at least `drained.len()` writable entries.
+pub(super) unsafe fn hand_out(drained: Vec<Notification>, out: *mut uccl_notif_v_t) -> crate::error::Result<usize> {
+    let mut drained = drained.into_iter();
+    let mut filled = 0;
+    while let Some(n) = drained.next() {
+        let Some(entry) = to_c(&n) else {
+            let size = n.msg.len();
+            notify::requeue_front(std::iter::once(n).chain(drained).collect());
+            if filled == 0 {
+                return Err(Error::internal(format!("out of memory copying out a notification of {size} bytes")));
+            }
+            break;
+        };
+        // SAFETY: filled < drained.len(), which the caller's array holds.
+        unsafe { out.add(filled).write(entry) };
+        filled += 1;
+    }
+    Ok(filled)
 }
 
 /// Frees what `uccl_engine_get_notifs_v` allocated for one entry and clears it, so a second call is
