@@ -178,8 +178,18 @@ fn stall_watch(timeout: Duration) -> Duration {
 fn run(list: &ConnList, stop: &AtomicBool, waker: &Waker, watch: Duration, idle_wait: &dyn Fn(Instant) -> IdleWait) {
     // A sleeping thread's wake-up may come this much late (50 us unless set), which would turn every
     // POLL_NAP into about 75 us; the nap is what a staged copy or a plugin request waits on.
-    // SAFETY: plain prctl on the calling thread; a failure leaves the default slack.
-    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, POLL_NAP_SLACK_NS) };
+    // SAFETY: plain prctl on the calling thread; a failure leaves the default slack. The unused
+    // arguments are passed as zeros of the kernel's width: the call is variadic, and the kernel
+    // reads all five.
+    unsafe {
+        libc::prctl(
+            libc::PR_SET_TIMERSLACK,
+            POLL_NAP_SLACK_NS,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
     let mut local = Vec::new();
     let mut seen = u64::MAX;
     let mut idle = 0u32;

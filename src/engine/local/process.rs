@@ -443,7 +443,13 @@ mod tests {
         if child == 0 {
             // SAFETY: as above.
             unsafe {
-                libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+                libc::prctl(
+                    libc::PR_SET_DUMPABLE,
+                    0 as libc::c_ulong,
+                    0 as libc::c_ulong,
+                    0 as libc::c_ulong,
+                    0 as libc::c_ulong,
+                );
                 libc::write(ends[1], [1u8].as_ptr().cast(), 1);
                 loop {
                     libc::pause();
