@@ -69,9 +69,19 @@ impl CopyQueue {
     /// Every range is memory that stays valid and reserved to these copies until the event fired
     /// (or, on error, until this returned).
     pub unsafe fn issue(&mut self, copies: &[DeviceCopy]) -> Result<Event> {
+        // SAFETY: per the contract.
+        unsafe { self.issue_known(copies, None) }
+    }
+
+    /// `issue`, where the caller already asked `kernel_takes` of these copies (`Some`): the
+    /// answer is not worked out again, a second pass over every copy under the connection's lock.
+    ///
+    /// # Safety
+    /// As for `issue`.
+    pub unsafe fn issue_known(&mut self, copies: &[DeviceCopy], takes: Option<bool>) -> Result<Event> {
         let gpu = self.stream.gpu().clone();
         let _ctx = gpu.enter()?;
-        let queued = match kernel_for(&mut self.kernel, &gpu, copies) {
+        let queued = match kernel_for(&mut self.kernel, &gpu, copies, takes) {
             Some(kernel) => {
                 // SAFETY: per the contract; every end is device memory of this GPU (`kernel_for`).
                 let copied = unsafe { kernel.copy(&self.stream, copies.iter().map(|c| (c.src, c.dst, c.len as u64))) };
@@ -183,13 +193,15 @@ fn kernel_fits(here: i32, copies: &[DeviceCopy]) -> bool {
     bytes <= copies.len().saturating_mul(KERNEL_MAX_AVERAGE) && independent(copies)
 }
 
-/// The kernel, where it takes `copies` (`kernel_takes`) and this queue got hold of it.
+/// The kernel, where it takes `copies` (`kernel_takes`, or `takes` where the caller asked it) and
+/// this queue got hold of it.
 fn kernel_for<'a>(
     kernel: &'a mut Built<TileCopier>,
     gpu: &Arc<Gpu>,
     copies: &[DeviceCopy],
+    takes: Option<bool>,
 ) -> Option<&'a mut TileCopier> {
-    if !kernel_takes(gpu.ordinal(), copies) {
+    if !takes.unwrap_or_else(|| kernel_takes(gpu.ordinal(), copies)) {
         return None;
     }
     kernel.get(

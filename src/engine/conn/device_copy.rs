@@ -56,13 +56,17 @@ const ONE_BY_ONE_MIN_PIECES: usize = 64;
 const ONE_BY_ONE_MAX_AVERAGE: u64 = 32 << 10;
 
 /// Whether `plan`'s copies would go one by one, and are too many and too small for that: the
-/// network path carries the call instead.
-fn too_costly_one_by_one(plan: &Plan) -> bool {
+/// network path carries the call instead. The kernel's answer, where asked, stays with the plan
+/// for its queue.
+fn too_costly_one_by_one(plan: &mut Plan) -> bool {
     let copies = &plan.copies;
     let bytes: u64 = copies.iter().map(|c| c.len as u64).sum();
-    copies.len() >= ONE_BY_ONE_MIN_PIECES
-        && bytes <= (copies.len() as u64).saturating_mul(ONE_BY_ONE_MAX_AVERAGE)
-        && !kernel_takes(plan.gpu.ordinal(), copies)
+    if copies.len() < ONE_BY_ONE_MIN_PIECES || bytes > (copies.len() as u64).saturating_mul(ONE_BY_ONE_MAX_AVERAGE) {
+        return false;
+    }
+    let takes = kernel_takes(plan.gpu.ordinal(), copies);
+    plan.kernel = Some(takes);
+    !takes
 }
 
 /// How an ask ended.
@@ -83,12 +87,15 @@ struct Plan {
     regions: Vec<Arc<Region>>,
     remote_regions: Vec<u64>,
     mappings: Vec<Mapping>,
+    /// Whether the kernel takes `copies`, where `too_costly_one_by_one` asked.
+    kernel: Option<bool>,
 }
 
 impl Plan {
     fn new(gpu: Arc<Gpu>) -> Plan {
         Plan {
             gpu,
+            kernel: None,
             copies: Vec::new(),
             parts: Vec::new(),
             regions: Vec::new(),
@@ -264,7 +271,7 @@ impl Connection {
             plan.touch(local);
             plan.touch(&target);
         }
-        if plans.iter().any(too_costly_one_by_one) {
+        if plans.iter_mut().any(too_costly_one_by_one) {
             return None;
         }
         let transfer = self.core.transfers.create(self.id, requests.len());
@@ -397,7 +404,7 @@ impl Connection {
                 plan.mappings.push(mapping);
             }
         }
-        if too_costly_one_by_one(&plan) {
+        if too_costly_one_by_one(&mut plan) {
             return None;
         }
         let transfer = self.core.transfers.create(self.id, requests.len());
@@ -418,7 +425,7 @@ impl Connection {
         if plan.parts.is_empty() {
             return false;
         }
-        let Plan { gpu, copies, parts, regions, remote_regions, mappings } = plan;
+        let Plan { gpu, copies, parts, regions, remote_regions, mappings, kernel } = plan;
         let fail = |e: Error| {
             for _ in &parts {
                 transfer.finish_part(Err(e.clone()));
@@ -440,7 +447,7 @@ impl Connection {
         // owner in this process authorized (its region not removed, under the owner's connection
         // lock) or in a mapped window of an owner's grant. The regions stay counted, and the
         // mappings held, until the batch's event fired.
-        match unsafe { q.issue(&copies) } {
+        match unsafe { q.issue_known(&copies, kernel) } {
             Ok(event) => {
                 let event = Arc::new(event);
                 let batch =
