@@ -69,17 +69,19 @@ fn data_sockets_take_the_links_in_turn() {
 
 /// The remote addresses of this process's sockets connected to `port`.
 fn remote_addresses_to(port: u16) -> std::collections::BTreeSet<Ipv4Addr> {
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let remote = line.split_whitespace().nth(2)?;
-            let (ip, p) = remote.split_once(':')?;
-            let ip = Ipv4Addr::from(u32::from_be(u32::from_str_radix(ip, 16).ok()?));
-            (u16::from_str_radix(p, 16).ok()? == port).then_some(ip)
-        })
-        .collect()
+    settled(|| {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        table
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let remote = line.split_whitespace().nth(2)?;
+                let (ip, p) = remote.split_once(':')?;
+                let ip = Ipv4Addr::from(u32::from_be(u32::from_str_radix(ip, 16).ok()?));
+                (u16::from_str_radix(p, 16).ok()? == port).then_some(ip)
+            })
+            .collect()
+    })
 }
 
 /// Two nets with two data links each (127.0.0.1 and 127.0.0.2, both on the loopback interface):
@@ -422,21 +424,40 @@ fn sockets_to(port: u16) -> usize {
 
 /// The same, only those in TCP state `state` (the kernel's hex code: 02 is SYN_SENT).
 fn sockets_to_in(port: u16, state: Option<&str>) -> usize {
-    let ours: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter_map(|t| Some(t.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned()))
-        .collect();
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
-    table
-        .lines()
-        .skip(1)
-        .filter(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let remote_port = f[2].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
-            remote_port == Some(port) && ours.contains(f[9]) && state.is_none_or(|st| f[3] == st)
-        })
-        .count()
+    settled(|| {
+        let ours: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter_map(|t| Some(t.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned()))
+            .collect();
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        table
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let remote_port = f[2].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+                let wanted = remote_port == Some(port) && ours.contains(f[9]) && state.is_none_or(|st| f[3] == st);
+                wanted.then(|| f[9].to_owned())
+            })
+            .collect::<std::collections::BTreeSet<String>>()
+    })
+    .len()
+}
+
+/// What `read` gives twice in a row. The kernel hands `/proc/net/tcp` out a page at a time, so a
+/// read that races with other sockets opening or closing (other tests of this process) can list
+/// an entry twice or miss one; entries are keyed by inode and the reading is repeated until stable.
+fn settled<T: PartialEq>(read: impl Fn() -> T) -> T {
+    let mut last = read();
+    for _ in 0..50 {
+        let now = read();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    panic!("/proc/net/tcp did not settle in 50 reads");
 }
 
 /// A peer's listener whose handle our net connects to, with the test reading what arrives.
