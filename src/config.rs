@@ -203,18 +203,6 @@ pub struct Config {
     /// with `host_copy_huge_pages`. Default 256 KiB: 1-8 MiB copies on huge pages moved 1.4-3x
     /// loopback TCP with it on a 32-core host. `UCCL_TCPX_HOST_COPY_HUGE_MIN_PIECE` (64K to 4M).
     pub host_copy_huge_min_piece: u32,
-    /// One-sided host transfers to a peer process of this host move through a staging area the
-    /// two processes share (`engine::local::staging_area`): the end whose memory is read copies
-    /// it into its area, the other copies it out, two plain copies without the page pinning of
-    /// `process_vm_readv`. A transfer that fits the area and whose source is not on huge pages
-    /// takes it before `host_copy_network_band` and the direct copy; larger ones, and those that
-    /// find it full, choose as before. Default off until measured on a 32-core host.
-    /// `UCCL_TCPX_HOST_COPY_STAGING` (0 or 1).
-    pub host_copy_staging: bool,
-    /// The data size of each connection's staging area, its largest staged transfer. Default
-    /// 32 MiB. `UCCL_TCPX_HOST_COPY_STAGING_BYTES` (1M to 1G, a multiple of the area's 256 KiB
-    /// piece).
-    pub host_copy_staging_bytes: u32,
     /// The key peers must share: when set, every connection starts with a mutual challenge-response
     /// and strangers are refused before anything is spent on them. Read from the file named by
     /// `UCCL_TCPX_AUTH_KEY_FILE` (its bytes, less one trailing newline; 16 to 4096 bytes; not
@@ -690,8 +678,6 @@ impl Default for Config {
             host_copy_huge_pages: true,
             host_copy_collapse: true,
             host_copy_huge_min_piece: 256 << 10,
-            host_copy_staging: false,
-            host_copy_staging_bytes: 32 << 20,
             auth_key: None,
         }
     }
@@ -772,8 +758,6 @@ impl Config {
                 4 << 20,
             )?,
             host_copy_network_band: parse_band(&get, "UCCL_TCPX_HOST_COPY_NETWORK_BAND", d.host_copy_network_band)?,
-            host_copy_staging: parse_in(&get, "UCCL_TCPX_HOST_COPY_STAGING", d.host_copy_staging as u8, 0, 1)? == 1,
-            host_copy_staging_bytes: parse_staging_bytes(&get, d.host_copy_staging_bytes)?,
             host_copy_huge_pages: parse_in(&get, "UCCL_TCPX_HOST_COPY_HUGE_PAGES", d.host_copy_huge_pages as u8, 0, 1)?
                 == 1,
             host_copy_collapse: parse_in(&get, "UCCL_TCPX_HOST_COPY_COLLAPSE", d.host_copy_collapse as u8, 0, 1)? == 1,
@@ -973,17 +957,6 @@ fn parse_size(get: &impl Fn(&str) -> Option<String>, name: &str, default: u32, m
         Some(v) if (min as u64..=max as u64).contains(&v) => Ok(v as u32),
         _ => Err(bad(name, &raw, &format!("a size in {min}..={max} bytes (K, M and G suffixes allowed)"))),
     }
-}
-
-/// The staging area's data size: whole pieces of 256 KiB (the area's piece, which the engine's
-/// `staging_area` module owns), 1 MiB to 1 GiB.
-fn parse_staging_bytes(get: &impl Fn(&str) -> Option<String>, default: u32) -> Result<u32> {
-    const NAME: &str = "UCCL_TCPX_HOST_COPY_STAGING_BYTES";
-    let bytes = parse_size(get, NAME, default, 1 << 20, 1 << 30)?;
-    if !bytes.is_multiple_of(256 << 10) {
-        return Err(bad(NAME, &bytes.to_string(), "a multiple of 256K"));
-    }
-    Ok(bytes)
 }
 
 /// A byte count: digits, optionally with a K, M or G suffix (binary units, either case), e.g.
@@ -1196,22 +1169,6 @@ mod tests {
         for bad in ["32K", "8M", "x"] {
             let err = cfg(&[("UCCL_TCPX_HOST_COPY_HUGE_MIN_PIECE", bad)]).unwrap_err();
             assert!(err.message().contains("UCCL_TCPX_HOST_COPY_HUGE_MIN_PIECE"), "{bad:?}: {err}");
-        }
-        assert!(!cfg(&[]).unwrap().host_copy_staging, "off until measured");
-        assert!(cfg(&[("UCCL_TCPX_HOST_COPY_STAGING", "1")]).unwrap().host_copy_staging);
-        assert!(!cfg(&[("UCCL_TCPX_HOST_COPY_STAGING", "0")]).unwrap().host_copy_staging);
-        assert_eq!(cfg(&[]).unwrap().host_copy_staging_bytes, 32 << 20);
-        let staging = |v: &str| cfg(&[("UCCL_TCPX_HOST_COPY_STAGING_BYTES", v)]).map(|c| c.host_copy_staging_bytes);
-        assert_eq!(staging("1M").unwrap(), 1 << 20);
-        assert_eq!(staging("1G").unwrap(), 1 << 30);
-        assert_eq!(staging("1280K").unwrap(), 1280 << 10);
-        for bad in ["2", "yes"] {
-            let err = cfg(&[("UCCL_TCPX_HOST_COPY_STAGING", bad)]).unwrap_err();
-            assert!(err.message().contains("UCCL_TCPX_HOST_COPY_STAGING"), "{bad:?}: {err}");
-        }
-        for bad in ["768K", "2G", "1100K", "x", "0"] {
-            let err = staging(bad).unwrap_err();
-            assert!(err.message().contains("UCCL_TCPX_HOST_COPY_STAGING_BYTES"), "{bad:?}: {err}");
         }
         for (name, value) in [
             ("UCCL_TCPX_TRACE_STAGING", "2"),

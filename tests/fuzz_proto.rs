@@ -32,8 +32,8 @@ use uccl_tcpx::proto::{
 
 /// `proto::FRAME_HEADER_LEN` is crate-private; `FrameHeader::to_bytes` pins the same number.
 const HEADER_LEN: usize = 8;
-/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 17.
-const VERSION: u16 = 17;
+/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 18.
+const VERSION: u16 = 18;
 const CHANNEL_HELLO_LEN: usize = 16;
 const FIFO_LEN: usize = 64;
 /// Protocol limits (crate-private in `proto`); `limits_match_the_codec` checks each against the codec.
@@ -301,20 +301,6 @@ fn sample_controls() -> Vec<(&'static str, Control)> {
         ),
         ("direct_grant", Control::DirectGrant { xfer: 34 }),
         ("direct_done", Control::DirectDone { xfer: 35 }),
-        ("staging_area", Control::StagingArea { fd: 11, len: (32 << 20) + 4096 }),
-        ("staging_ack", Control::StagingAck { ok: true }),
-        (
-            "staged_write",
-            Control::StagedWrite {
-                xfer: 36,
-                region: 37,
-                token: 38,
-                first_piece: 3,
-                generation: 12,
-                segs: vec![RemoteSeg { addr: 0x1000, len: 4096 }, RemoteSeg { addr: 0x9000, len: 17 }],
-            },
-        ),
-        ("staged_grant", Control::StagedGrant { xfer: 39, first_piece: 0, generation: 1 }),
         ("on_huge_pages", Control::OnHugePages { region: 40 }),
     ]
 }

@@ -313,7 +313,6 @@ impl Engine {
         for conn in self.core.live_conns() {
             conn.fence(mr, deadline);
         }
-        region.wait_for_pushes();
         wait_for_device_copies(&region, deadline);
         Ok(())
     }

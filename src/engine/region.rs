@@ -3,7 +3,7 @@
 //! window that `prepare_fifo` advertised.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -44,9 +44,6 @@ pub struct Region {
     /// Device copies of the same-host path in flight on it, from any engine of this process; a
     /// deregistration returns only once none is left.
     device_copies: AtomicUsize,
-    /// Pieces being pushed out of it into a staging area (`conn/host_push.rs`), on any connection;
-    /// a deregistration returns only once none is left.
-    pushes: AtomicUsize,
     /// The CUDA IPC handle of the allocation holding a device region, asked for once.
     ipc: OnceLock<Option<Export>>,
     /// A device region lies inside one allocation, asked for once (`in_one_allocation`).
@@ -92,38 +89,6 @@ impl Region {
 
     pub fn copies_in_flight(&self) -> usize {
         self.device_copies.load(Ordering::Acquire)
-    }
-
-    /// Counts a piece pushed out of the region until `push_ended`, unless the region was
-    /// deregistered (`false`, nothing counted). Both sides store, fence (SeqCst), then load: the
-    /// count here and the removal mark there (`wait_for_pushes`), so either the piece sees the
-    /// mark, or the deregistration sees the piece.
-    pub fn push_started(&self) -> bool {
-        self.pushes.fetch_add(1, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
-        if self.is_removed() {
-            self.push_ended();
-            return false;
-        }
-        true
-    }
-
-    pub fn push_ended(&self) {
-        self.pushes.fetch_sub(1, Ordering::AcqRel);
-    }
-
-    /// Returns once no piece is pushed out of the region (marked removed already): each ends
-    /// within one piece's copy of our own memory, and none starts after the mark.
-    pub fn wait_for_pushes(&self) {
-        fence(Ordering::SeqCst);
-        while self.pushes.load(Ordering::Acquire) > 0 {
-            std::thread::sleep(std::time::Duration::from_micros(50));
-        }
-    }
-
-    #[cfg(test)]
-    pub fn pushes_in_flight(&self) -> usize {
-        self.pushes.load(Ordering::Acquire)
     }
 
     /// The windows advertised for the region so far.
@@ -326,7 +291,6 @@ impl RegionTable {
             windows: Mutex::new(Vec::new()),
             removed: AtomicBool::new(false),
             device_copies: AtomicUsize::new(0),
-            pushes: AtomicUsize::new(0),
             ipc: OnceLock::new(),
             one_allocation: OnceLock::new(),
             pages: self.pages.clone(),

@@ -5,9 +5,7 @@
 //! vector requests carry a `u32` segment count, then per segment `u64 addr, u32 len`; IpcRequest
 //! is laid out like them, and IpcGrant lists the region's windows the same way after the handle
 //! (64 bytes) and the allocation's `u64 base, u64 len`. A DirectWrite follows its segments with
-//! one `u64` source address per segment. A StagedWrite is laid out like a vector request with
-//! the range's `u32 first_piece, u64 generation` between the ids and the count; StagingAck says
-//! `u32` 0 or 1, as ProcessAck does.
+//! one `u64` source address per segment.
 
 use super::frame::{FRAME_HEADER_LEN, FrameHeader, is_handshake_kind, kind, write_frame};
 use super::wire::{Reader, Writer, check_len};
@@ -189,37 +187,6 @@ pub enum Control {
     DirectDone {
         xfer: u64,
     },
-    /// Same-host peers: the sender's staging area (`engine::local::staging_area`), a sealed file
-    /// of `len` bytes that the receiver may take as descriptor `fd` out of the sender's proven
-    /// process and map read-only. Sent once, before the area's first use.
-    StagingArea {
-        fd: u32,
-        len: u64,
-    },
-    /// The answer to a StagingArea: whether the receiver mapped it. Only then does the sender
-    /// stage anything for it.
-    StagingAck {
-        ok: bool,
-    },
-    /// A write of host memory whose bytes the sender pushes into its staging area, pieces
-    /// `first_piece..` marked with `generation`, for the target to copy in (authorized like a
-    /// WriteVector). Answered with Done once copied, or with Deny.
-    StagedWrite {
-        xfer: u64,
-        region: u64,
-        token: u64,
-        first_piece: u32,
-        generation: u64,
-        segs: Vec<RemoteSeg>,
-    },
-    /// The target's answer to a DirectRead whose bytes it pushes into its own staging area,
-    /// pieces `first_piece..` marked with `generation`: the reader copies them out, then sends
-    /// DirectDone as after a DirectGrant.
-    StagedGrant {
-        xfer: u64,
-        first_piece: u32,
-        generation: u64,
-    },
     /// From a read's target on this host: its region `region`, which the reader read over the
     /// channels because it lay on small pages, lies on huge pages now. The reader reads the
     /// target's pages again (rather than at its next recheck), so that later reads out of it may
@@ -308,14 +275,6 @@ fn check_sources(segs: &[RemoteSeg], src: &[u64]) -> Result<(), ProtoError> {
     Ok(())
 }
 
-/// A staged range's generation is never 0 and leaves the high bit for the aborted marks.
-fn check_generation(generation: u64) -> Result<(), ProtoError> {
-    if generation == 0 || generation >> 63 != 0 {
-        return Err(ProtoError::Invalid("a staged range's generation must be 1 to 2^63 - 1"));
-    }
-    Ok(())
-}
-
 fn check_deny(status: i32, reason: &str) -> Result<(), ProtoError> {
     if status >= 0 {
         return Err(ProtoError::Invalid("a Deny message must carry a negative error status"));
@@ -361,10 +320,6 @@ impl Control {
             Self::DirectRead { .. } => kind::DIRECT_READ,
             Self::DirectGrant { .. } => kind::DIRECT_GRANT,
             Self::DirectDone { .. } => kind::DIRECT_DONE,
-            Self::StagingArea { .. } => kind::STAGING_AREA,
-            Self::StagingAck { .. } => kind::STAGING_ACK,
-            Self::StagedWrite { .. } => kind::STAGED_WRITE,
-            Self::StagedGrant { .. } => kind::STAGED_GRANT,
             Self::OnHugePages { .. } => kind::ON_HUGE_PAGES,
         }
     }
@@ -436,24 +391,6 @@ impl Control {
                 w.u32(*fd);
             }
             Self::ProcessAck { readable } => w.u32(u32::from(*readable)),
-            Self::StagingArea { fd, len } => {
-                w.u32(*fd);
-                w.u64(*len);
-            }
-            Self::StagingAck { ok } => w.u32(u32::from(*ok)),
-            Self::StagedWrite { xfer, region, token, first_piece, generation, segs } => {
-                for v in [xfer, region, token] {
-                    w.u64(*v);
-                }
-                w.u32(*first_piece);
-                w.u64(*generation);
-                write_segments(w, segs);
-            }
-            Self::StagedGrant { xfer, first_piece, generation } => {
-                w.u64(*xfer);
-                w.u32(*first_piece);
-                w.u64(*generation);
-            }
             Self::OnHugePages { region } => w.u64(*region),
             Self::IpcGrant { xfer, region, handle, alloc_base, alloc_len, windows } => {
                 w.u64(*xfer);
@@ -560,23 +497,6 @@ impl Control {
             }
             kind::DIRECT_GRANT => Self::DirectGrant { xfer: r.u64()? },
             kind::DIRECT_DONE => Self::DirectDone { xfer: r.u64()? },
-            kind::STAGING_AREA => Self::StagingArea { fd: r.u32()?, len: r.u64()? },
-            kind::STAGING_ACK => Self::StagingAck {
-                ok: match r.u32()? {
-                    0 => false,
-                    1 => true,
-                    _ => return Err(ProtoError::Invalid("a StagingAck must say 0 or 1")),
-                },
-            },
-            kind::STAGED_WRITE => Self::StagedWrite {
-                xfer: r.u64()?,
-                region: r.u64()?,
-                token: r.u64()?,
-                first_piece: r.u32()?,
-                generation: r.u64()?,
-                segs: read_segments(r)?,
-            },
-            kind::STAGED_GRANT => Self::StagedGrant { xfer: r.u64()?, first_piece: r.u32()?, generation: r.u64()? },
             kind::ON_HUGE_PAGES => Self::OnHugePages { region: r.u64()? },
             other => return Err(ProtoError::UnknownKind(other)),
         };
@@ -605,11 +525,6 @@ impl Control {
             | Self::IpcRequest { segs, .. }
             | Self::DirectRead { segs, .. } => check_vector(segs),
             Self::DirectWrite { segs, src, .. } => check_vector(segs).and_then(|()| check_sources(segs, src)),
-            Self::StagedWrite { segs, generation, .. } => {
-                check_vector(segs).and_then(|()| check_generation(*generation))
-            }
-            Self::StagedGrant { generation, .. } => check_generation(*generation),
-            Self::StagingArea { len, .. } => nonzero_len(*len),
             Self::IpcGrant { alloc_base, alloc_len, windows, .. } => check_grant(*alloc_base, *alloc_len, windows),
             Self::Grant { .. }
             | Self::Resume { .. }
@@ -619,7 +534,6 @@ impl Control {
             | Self::ProcessAck { .. }
             | Self::DirectGrant { .. }
             | Self::DirectDone { .. }
-            | Self::StagingAck { .. }
             | Self::OnHugePages { .. }
             | Self::Close => Ok(()),
         }
@@ -755,18 +669,6 @@ mod tests {
             },
             Control::DirectGrant { xfer: 35 },
             Control::DirectDone { xfer: u64::MAX },
-            Control::StagingArea { fd: 9, len: (32 << 20) + 4096 },
-            Control::StagingAck { ok: true },
-            Control::StagingAck { ok: false },
-            Control::StagedWrite {
-                xfer: 36,
-                region: 37,
-                token: 38,
-                first_piece: 5,
-                generation: (1 << 63) - 1,
-                segs: vec![RemoteSeg { addr: 0x1000, len: 4096 }, RemoteSeg { addr: 0x8000, len: 7 }],
-            },
-            Control::StagedGrant { xfer: 39, first_piece: u32::MAX, generation: 1 },
             Control::OnHugePages { region: 40 },
         ]
     }
@@ -789,7 +691,6 @@ mod tests {
                 | Control::IpcGrant { .. }
                 | Control::DirectWrite { .. }
                 | Control::DirectRead { .. }
-                | Control::StagedWrite { .. }
         )
     }
 
@@ -1136,55 +1037,6 @@ mod tests {
         assert_eq!(&frame[FRAME_HEADER_LEN..], &body[..]);
         // A ProcessAck says 0 or 1, nothing else.
         assert!(matches!(decode_raw(kind::PROCESS_ACK, &2u32.to_le_bytes()), Err(ProtoError::Invalid(_))));
-    }
-
-    #[test]
-    fn staged_messages_name_a_valid_generation_and_a_vector() {
-        let seg = RemoteSeg { addr: 0x1000, len: 16 };
-        let write = |generation: u64, segs: Vec<RemoteSeg>| Control::StagedWrite {
-            xfer: 1,
-            region: 2,
-            token: 3,
-            first_piece: 4,
-            generation,
-            segs,
-        };
-        assert_eq!(write(1, vec![seg]).validate(), Ok(()));
-        for (msg, why) in [
-            (write(0, vec![seg]), "generation 0"),
-            (write(1 << 63, vec![seg]), "the aborted bit"),
-            (write(1, Vec::new()), "no segment"),
-            (write(1, vec![RemoteSeg { addr: u64::MAX, len: 2 }]), "a wrapping segment"),
-            (Control::StagedGrant { xfer: 1, first_piece: 0, generation: 0 }, "a grant of generation 0"),
-            (Control::StagedGrant { xfer: 1, first_piece: 0, generation: u64::MAX }, "a grant with the bit"),
-            (Control::StagingArea { fd: 3, len: 0 }, "an empty area"),
-        ] {
-            assert!(matches!(msg.validate(), Err(ProtoError::Invalid(_))), "{why}");
-            assert!(decode_frame(&encode(&msg)).is_err(), "{why}");
-        }
-        // The layout: ids, the range, then the vector's count and segments.
-        let frame = encode(&write(0x0506, vec![seg]));
-        let mut body = Vec::new();
-        for v in [1u64, 2, 3] {
-            body.extend(v.to_le_bytes());
-        }
-        body.extend(4u32.to_le_bytes());
-        body.extend(0x0506u64.to_le_bytes());
-        body.extend(1u32.to_le_bytes());
-        body.extend(0x1000u64.to_le_bytes());
-        body.extend(16u32.to_le_bytes());
-        assert_eq!(&frame[FRAME_HEADER_LEN..], &body[..]);
-        let grant = encode(&Control::StagedGrant { xfer: 7, first_piece: 8, generation: 9 });
-        let expected: Vec<u8> = [&7u64.to_le_bytes()[..], &8u32.to_le_bytes(), &9u64.to_le_bytes()].concat();
-        assert_eq!(&grant[FRAME_HEADER_LEN..], &expected[..]);
-        let area = encode(&Control::StagingArea { fd: 3, len: 5 });
-        assert_eq!(&area[FRAME_HEADER_LEN..], &[&3u32.to_le_bytes()[..], &5u64.to_le_bytes()].concat()[..]);
-        // A StagingAck says 0 or 1, nothing else.
-        assert!(matches!(decode_raw(kind::STAGING_ACK, &2u32.to_le_bytes()), Err(ProtoError::Invalid(_))));
-        assert_eq!(
-            decode_raw(kind::STAGING_ACK, &0u32.to_le_bytes()).unwrap().unwrap().0,
-            Control::StagingAck { ok: false }
-        );
     }
 
     #[test]

@@ -48,10 +48,6 @@ pub mod kind {
     pub(crate) const DIRECT_READ: u8 = 43;
     pub(crate) const DIRECT_GRANT: u8 = 44;
     pub(crate) const DIRECT_DONE: u8 = 45;
-    pub(crate) const STAGING_AREA: u8 = 46;
-    pub(crate) const STAGING_ACK: u8 = 47;
-    pub(crate) const STAGED_WRITE: u8 = 48;
-    pub(crate) const STAGED_GRANT: u8 = 49;
     pub(crate) const ON_HUGE_PAGES: u8 = 50;
 }
 
@@ -61,8 +57,6 @@ const MAX_VECTOR_BODY: usize = 24 + 4 + REMOTE_SEG_LEN * MAX_VECTOR_SEGMENTS;
 const MAX_IPC_GRANT_BODY: usize = 16 + IPC_HANDLE_LEN + 16 + 4 + REMOTE_SEG_LEN * MAX_IPC_WINDOWS;
 /// Largest DirectWrite body: a vector request plus one source address per segment.
 const MAX_DIRECT_WRITE_BODY: usize = MAX_VECTOR_BODY + 8 * MAX_VECTOR_SEGMENTS;
-/// Largest StagedWrite body: a vector request plus the range's first piece and generation.
-const MAX_STAGED_WRITE_BODY: usize = MAX_VECTOR_BODY + 12;
 
 #[derive(Clone, Copy)]
 enum BodySize {
@@ -108,10 +102,6 @@ fn body_spec(kind: u8) -> Option<(&'static str, BodySize)> {
         kind::DIRECT_READ => ("DirectRead body", UpTo(MAX_VECTOR_BODY)),
         kind::DIRECT_GRANT => ("DirectGrant body", Exactly(8)),
         kind::DIRECT_DONE => ("DirectDone body", Exactly(8)),
-        kind::STAGING_AREA => ("StagingArea body", Exactly(12)),
-        kind::STAGING_ACK => ("StagingAck body", Exactly(4)),
-        kind::STAGED_WRITE => ("StagedWrite body", UpTo(MAX_STAGED_WRITE_BODY)),
-        kind::STAGED_GRANT => ("StagedGrant body", Exactly(20)),
         kind::ON_HUGE_PAGES => ("OnHugePages body", Exactly(8)),
         _ => return None,
     };
@@ -223,7 +213,7 @@ mod tests {
     use super::*;
     use crate::proto::testutil::XorShift;
 
-    const KNOWN: [u8; 37] = [
+    const KNOWN: [u8; 33] = [
         kind::HELLO,
         kind::WELCOME,
         kind::REFUSE,
@@ -256,10 +246,6 @@ mod tests {
         kind::DIRECT_READ,
         kind::DIRECT_GRANT,
         kind::DIRECT_DONE,
-        kind::STAGING_AREA,
-        kind::STAGING_ACK,
-        kind::STAGED_WRITE,
-        kind::STAGED_GRANT,
         kind::ON_HUGE_PAGES,
     ];
 
@@ -316,10 +302,6 @@ mod tests {
         assert_eq!(max_body_len(kind::DIRECT_READ), Some(28 + 12 * 65536));
         assert_eq!(max_body_len(kind::DIRECT_GRANT), Some(8));
         assert_eq!(max_body_len(kind::DIRECT_DONE), Some(8));
-        assert_eq!(max_body_len(kind::STAGING_AREA), Some(12));
-        assert_eq!(max_body_len(kind::STAGING_ACK), Some(4));
-        assert_eq!(max_body_len(kind::STAGED_WRITE), Some(40 + 12 * 65536));
-        assert_eq!(max_body_len(kind::STAGED_GRANT), Some(20));
         assert_eq!(max_body_len(kind::IPC_REQUEST), Some(28 + 12 * 65536));
         assert_eq!(max_body_len(kind::IPC_GRANT), Some(100 + 12 * 4096));
         assert_eq!(max_body_len(kind::IPC_REVOKE), Some(8));
@@ -357,9 +339,6 @@ mod tests {
             kind::PROCESS_ACK,
             kind::DIRECT_GRANT,
             kind::DIRECT_DONE,
-            kind::STAGING_AREA,
-            kind::STAGING_ACK,
-            kind::STAGED_GRANT,
             kind::ON_HUGE_PAGES,
         ] {
             let max = u32::try_from(max_body_len(k).unwrap()).unwrap();

@@ -145,7 +145,7 @@ fn encode(msg: &Handshake) -> Vec<u8> {
 }
 
 /// The crate's protocol version (crate-private there); a wrong one fails every handshake below.
-const PROTOCOL_VERSION: u16 = 17;
+const PROTOCOL_VERSION: u16 = 18;
 
 fn hello() -> Hello {
     Hello {
@@ -297,7 +297,7 @@ fn garbage_on_the_control_port_is_dropped() {
 fn other_protocol_versions_are_refused_with_a_reason() {
     let _serial = serial();
     let p = pair();
-    for version in [0u16, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 18, 0x100, u16::MAX] {
+    for version in (0..PROTOCOL_VERSION).chain([PROTOCOL_VERSION + 1, 0x100, u16::MAX]) {
         // A full Hello of another version, and only magic + version as a future peer might send.
         let full = encode(&Handshake::Hello(Hello { version, ..hello() }));
         let mut short = FrameHeader { kind: 1, body_len: 6 }.to_bytes().to_vec();

@@ -7,10 +7,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::copy_trace::Seer;
-use super::host_push;
 use super::host_trace::HostTracer;
 use super::reader;
-use super::state::{Action, ConnState, Memory, OneSidedItem, OneSidedRequest, PushJob, SendItem, VectorRequest};
+use super::state::{Action, ConnState, Memory, OneSidedItem, OneSidedRequest, SendItem, VectorRequest};
 use super::turn::{Batch, InTurn, Take};
 use super::vector::{Grouper, Push, Run, RunKey};
 
@@ -36,14 +35,6 @@ const DEVICE_POLL_SLICE: Duration = Duration::from_millis(1);
 /// copies run on the library's threads: there the polling caller took their cores (1 MiB 1.7-9.6
 /// against 8.6-11.0 GB/s).
 const WAIT_SPIN: Duration = Duration::from_micros(50);
-
-/// What a post leaves for after the connection lock: the control messages to send, then the
-/// staged writes' pushes.
-#[derive(Default)]
-struct Posted {
-    msgs: Vec<Control>,
-    pushes: Vec<PushJob>,
-}
 
 impl Connection {
     /// UCCL's start_listener: control messages are always served here; this only records the call so
@@ -250,11 +241,9 @@ impl Connection {
                     registered = true;
                     Ok(())
                 })
-                .and_then(|Posted { msgs, pushes }| {
+                .and_then(|msgs| {
                     drop(inner);
-                    self.send_posted(&msgs)?;
-                    self.push_staged(pushes);
-                    Ok(())
+                    self.send_posted(&msgs)
                 });
             if let Err(e) = posted {
                 if first_part == 0 {
@@ -323,18 +312,15 @@ impl Connection {
         if let Some(tracer) = &self.flow_tracer {
             tracer.posted(transfer.id, entered.unwrap_or_else(clock_ns));
         }
-        let sent = self.register_parts(&transfer, post).and_then(|Posted { msgs, pushes }| {
+        let sent = self.register_parts(&transfer, post).and_then(|msgs| {
             if let (Some(tracer), Some(at)) = (&self.host_tracer, posted) {
                 trace_direct(tracer, transfer.id, &msgs, at);
             }
-            self.send_posted(&msgs).map(|()| pushes)
+            self.send_posted(&msgs)
         });
-        match sent {
-            Ok(pushes) => self.push_staged(pushes),
-            Err(e) => {
-                self.discard(transfer.id);
-                return Err(e);
-            }
+        if let Err(e) = sent {
+            self.discard(transfer.id);
+            return Err(e);
         }
         Ok(transfer.id)
     }
@@ -363,7 +349,7 @@ impl Connection {
         &self,
         transfer: &Arc<Transfer>,
         post: impl FnOnce(&mut ConnState, &Arc<Transfer>, &mut Vec<Action>) -> Result<()>,
-    ) -> Result<Posted> {
+    ) -> Result<Vec<Control>> {
         self.register_locked(&mut self.inner.lock(), transfer, true, post)
     }
 
@@ -376,7 +362,7 @@ impl Connection {
         transfer: &Arc<Transfer>,
         post_chunks: bool,
         post: impl FnOnce(&mut ConnState, &Arc<Transfer>, &mut Vec<Action>) -> Result<()>,
-    ) -> Result<Posted> {
+    ) -> Result<Vec<Control>> {
         inner.state.begin_post(Instant::now())?;
         let mut out = Vec::new();
         post(&mut inner.state, transfer, &mut out)?;
@@ -391,26 +377,24 @@ impl Connection {
                 self.fail(inner, e.clone());
                 return Err(e);
             }
-            let pushes = std::mem::take(&mut held.pushes);
             if post_chunks {
                 self.pass_if_queued(inner);
             }
             if inner.state.failure().is_some() {
                 // The pass failed the connection, and with it the parts registered here.
-                return Ok(Posted::default());
+                return Ok(Vec::new());
             }
             if let Err(e) = self.release(inner, held) {
                 self.fail(inner, e.clone());
                 return Err(e);
             }
-            return Ok(Posted { msgs: Vec::new(), pushes });
+            return Ok(Vec::new());
         }
-        let mut posted = Posted::default();
+        let mut msgs = Vec::new();
         let mut rest = Vec::new();
         for action in out {
             match action {
-                Action::Send(msg) => posted.msgs.push(msg),
-                Action::Push(job) => posted.pushes.push(job),
+                Action::Send(msg) => msgs.push(msg),
                 other => rest.push(other),
             }
         }
@@ -419,35 +403,7 @@ impl Connection {
             self.fail(inner, e.clone());
             return Err(e);
         }
-        Ok(posted)
-    }
-
-    /// Pushes staged writes' sources into our staging area on this, the posting, thread (their
-    /// requests are on the wire: the target drains each piece as it lands), then lets the state
-    /// free each range once the target answered too, under one lock for the call's pushes. A push
-    /// never waits for the peer.
-    fn push_staged(&self, pushes: Vec<PushJob>) {
-        if pushes.is_empty() {
-            return;
-        }
-        let config = &self.core.config;
-        let mut pushed = Vec::with_capacity(pushes.len());
-        for job in pushes {
-            let (op, write) = (job.op, job.write);
-            if let Err(e) = host_push::push(job, &self.pushes, config.host_copy_threads, config.host_copy_spin) {
-                // The target learns of it from the aborted marks and answers with a Deny.
-                log::debug!("staging write {op}: {}", e.message());
-            }
-            pushed.push((op, write));
-        }
-        let mut inner = self.inner.lock();
-        let mut out = Vec::new();
-        for (op, write) in pushed {
-            inner.state.push_finished(op, write, &mut out);
-        }
-        if let Err(e) = self.apply(&mut inner, out) {
-            self.fail(&mut inner, e);
-        }
+        Ok(msgs)
     }
 
     /// Stops tracking `transfer` for the caller, who will not poll it again (see

@@ -8,20 +8,15 @@
 use std::sync::Arc;
 
 use super::host_job::{self, Failure, SharedJob};
-use super::host_push;
 use super::host_trace::{JobMarks, JobTimes};
 use super::host_worker::{Gate, HostCopy, HostServed};
 use super::state::{CopyJob, HostTask};
 use super::{Connection, Inner};
 use crate::config::Config;
-use crate::engine::local::staging_area::{OutboundArea, PeerArea};
 use crate::engine::local::{self, PeerProcess};
 use crate::error::Error;
 use crate::threads::{self, ThreadKind};
 use crate::trace::clock_ns;
-
-/// How long a drain looks at a staged piece's mark before it naps between looks.
-const STAGED_SPIN: std::time::Duration = std::time::Duration::from_micros(20);
 
 impl HostServed for Connection {
     fn serve_host_work(&self, process: &mut Option<Arc<PeerProcess>>, only: Option<u64>) {
@@ -76,7 +71,6 @@ impl Connection {
                                     self.host.proven(process);
                                     true
                                 }
-                                // Still proven: the staging area needs only who the peer is.
                                 Err(refused) => {
                                     local::Refusal::Kernel(refused).log(self.peer.addr);
                                     false
@@ -90,34 +84,6 @@ impl Connection {
                     };
                     let mut inner = self.inner.lock();
                     inner.state.proved(reads_peer, &mut out);
-                    self.finish_host_work(&mut inner, out);
-                }
-                Some(HostTask::MapArea { fd, len }) => {
-                    let mapped = match process.as_ref() {
-                        Some(process) => PeerArea::open(process, fd, len),
-                        None => Err(Error::not_allowed("the peer's process was not proven")),
-                    };
-                    let mut inner = self.inner.lock();
-                    inner.state.area_mapped(mapped, &mut out);
-                    self.finish_host_work(&mut inner, out);
-                }
-                Some(HostTask::MakeArea { bytes }) => {
-                    // A sealed file sized but not touched, so its pages cost nothing until staged
-                    // into.
-                    let made = OutboundArea::create(bytes);
-                    let mut inner = self.inner.lock();
-                    inner.state.area_created(made, &mut out);
-                    self.finish_host_work(&mut inner, out);
-                }
-                Some(HostTask::Push(job)) => {
-                    // The peer's read: the peer learns of a refused piece from its mark.
-                    let (op, write, config) = (job.op, job.write, &self.core.config);
-                    if let Err(e) = host_push::push(job, &self.pushes, config.host_copy_threads, config.host_copy_spin)
-                    {
-                        log::debug!("staging the peer's read {op}: {}", e.message());
-                    }
-                    let mut inner = self.inner.lock();
-                    inner.state.push_finished(op, write, &mut out);
                     self.finish_host_work(&mut inner, out);
                 }
                 Some(HostTask::Copy(job)) => {
@@ -162,8 +128,8 @@ impl Connection {
     }
 }
 
-/// Copies `job` into our memory, out of the peer's process or drained from its staging area, piece
-/// by piece through `gate`, on this thread and for a large job with the process's copy helpers.
+/// Copies `job` into our memory, out of the peer's process, piece by piece
+/// through `gate`, on this thread and for a large job with the process's copy helpers.
 /// Apart from the connection so that the state machine's tests run the copies the worker runs.
 pub(super) fn copy(
     job: &CopyJob,
@@ -184,13 +150,6 @@ pub(super) fn copy(
     // at least `Config::host_copy_min_piece`.
     let threads = crate::engine::local::copiers::threads_for(job.len, config.host_copy_threads);
     gate.begin(&job.region);
-    if let Some(source) = &job.staged {
-        // A push lands within microseconds of the mark's first look, or is far off.
-        let spin = config.host_copy_spin.max(STAGED_SPIN);
-        let source = (source.clone(), spin, config.timeout);
-        let shared = SharedJob::staged(&job.local, job.len, source, gate.clone(), job.region.clone(), process.clone());
-        return Arc::new(shared.traced(marks)).run(threads, config.host_copy_spin);
-    }
     // One thread copies a small job whole: its source's pages do not matter then.
     let huge_min = (config.host_copy_huge_pages && threads > 1).then_some(config.host_copy_huge_min_piece);
     let min_piece = host_job::smallest_piece(job.len, config.host_copy_min_piece, huge_min, || {

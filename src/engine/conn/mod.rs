@@ -11,7 +11,6 @@ mod device_copy;
 mod flow_trace;
 mod host_copy;
 mod host_job;
-mod host_push;
 mod host_trace;
 mod host_worker;
 mod ipc;
@@ -43,13 +42,12 @@ use crate::proto::{Control, FifoItem, TokenBinding};
 use crate::trace;
 use copy_trace::{CopyTracer, Seer};
 use flow_trace::FlowTracer;
-use host_push::PushGate;
 use host_trace::HostTracer;
 use host_worker::HostCopy;
 use ipc::IpcState;
 use memory::EngineMemory;
 pub use state::HostPath;
-use state::{Action, ConnState, Direction, FlowPlan, PushJob};
+use state::{Action, ConnState, Direction, FlowPlan};
 
 /// How long closing waits for queued control messages (the Close among them) to leave.
 const LINGER_ON_CLOSE: Duration = Duration::from_secs(1);
@@ -108,8 +106,6 @@ struct Held {
     msgs: Vec<Control>,
     queued: bool,
     queued_bytes: u64,
-    /// Staged writes' pushes, for the posting thread once it let go of the lock.
-    pushes: Vec<PushJob>,
 }
 
 impl Held {
@@ -158,8 +154,6 @@ pub struct Connection {
     /// The same-host host-memory path's worker (proof and copies), for a peer in another process of
     /// this host.
     host: HostCopy,
-    /// Pushes into our staging area under way, which a deregistration waits for.
-    pushes: Arc<PushGate>,
 }
 
 impl Connection {
@@ -205,9 +199,6 @@ impl Connection {
             if core.config.host_copy_collapse {
                 state.set_collapse_sources();
             }
-            if core.config.host_copy_staging {
-                state.set_staging(u64::from(core.config.host_copy_staging_bytes));
-            }
         }
         if host_tracer.is_some() {
             state.set_timed_copies();
@@ -240,7 +231,6 @@ impl Connection {
             host_tracer,
             flow_tracer,
             host: HostCopy::new(weak.clone() as Weak<dyn host_worker::HostServed>),
-            pushes: Arc::default(),
         });
         // Known to the engine before it reads a byte: a deregistration must reach every connection
         // that could authorize a request for the region.
@@ -378,7 +368,6 @@ impl Connection {
                     held.queued = true;
                 }
                 Action::HostWork { ours } => result = self.host.wake(ours),
-                Action::Push(job) => held.pushes.push(job),
                 Action::Collapse(region) => region.collapse_into_huge_pages(),
                 Action::ReadPeerPages => {
                     if let Some(peer) = self.host.peer() {
@@ -535,7 +524,6 @@ impl Connection {
         self.core.waker.chunks_out.set(&mut inner.chunks_out, false);
         // No same-host copy lands in our memory after this returns either.
         self.host.stop();
-        self.pushes.close();
         inner.ipc.fail(&err, &self.core.waker);
         self.ipc_answered.notify_all();
         let _ = self.control.shutdown(Shutdown::Both);

@@ -24,10 +24,9 @@ use std::time::{Duration, Instant};
 
 mod direct;
 mod direct_table;
-mod staging;
 
 pub use direct_table::HostPath;
-pub(super) use direct_table::{CopyJob, HostTask, PushJob, StagedSource};
+pub(super) use direct_table::{CopyJob, HostTask};
 
 use crate::engine::plan::{Chunking, Extent, chunk_count};
 use crate::engine::region::Region;
@@ -69,9 +68,6 @@ pub(super) enum Action {
     /// `ours`: the copy of a read of ours, which a caller waiting on the connection may run on its
     /// own thread instead.
     HostWork { ours: bool },
-    /// Push a staged write's source into our staging area on the posting thread, once the
-    /// connection lock is let go.
-    Push(PushJob),
     /// The peer is to copy out of this region of ours with `process_vm_readv`: collapse it into
     /// huge pages in the background, once, and paced again for extents left small
     /// (`Region::collapse_into_huge_pages`).
@@ -907,14 +903,6 @@ impl ConnState {
             }
             Control::DirectGrant { xfer } => self.on_direct_grant(xfer, out),
             Control::DirectDone { xfer } => self.on_direct_done(xfer, out),
-            Control::StagingArea { fd, len } => self.on_staging_area(fd, len, out),
-            Control::StagingAck { ok } => self.on_staging_ack(ok),
-            Control::StagedWrite { xfer, region, token, first_piece, generation, segs } => {
-                self.on_staged_write(xfer, (region, token), (first_piece, generation), segs, mem, out)
-            }
-            Control::StagedGrant { xfer, first_piece, generation } => {
-                self.on_staged_grant(xfer, (first_piece, generation), out)
-            }
             Control::OnHugePages { .. } => {
                 self.on_peer_huge_pages(out);
                 Ok(())
@@ -1167,11 +1155,6 @@ impl ConnState {
 
     /// Serves the peer's authorized read `xfer` from `src`.
     fn serve(&mut self, xfer: u64, src: Source, out: &mut Vec<Action>) -> Result<()> {
-        // A same-host peer reading host memory of ours over the channels could have had it staged:
-        // our area is made now, for its later reads.
-        if src.region.kind == MemKind::Host && src.extent.len() > MAX_INLINE_LEN as u64 {
-            self.want_area(src.extent.len(), out);
-        }
         if self.serving.contains_key(&xfer) {
             return Err(Error::backend(format!(
                 "protocol violation: a read request reuses op id {xfer} of a read still being served"

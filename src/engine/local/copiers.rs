@@ -104,18 +104,6 @@ impl Turns {
         self.next.load(Ordering::Relaxed) < self.n && !self.stop.load(Ordering::Relaxed)
     }
 
-    /// Pieces counted done so far.
-    #[cfg(test)]
-    pub fn done_count(&self) -> usize {
-        self.done.load(Ordering::Acquire)
-    }
-
-    /// Claims made so far (past `n` once every piece was handed out).
-    #[cfg(test)]
-    pub fn claimed(&self) -> usize {
-        self.next.load(Ordering::Relaxed)
-    }
-
     /// On the runner, after it took pieces until none was left: waits for the pieces helpers still
     /// work on, at most one each (the timeout only guards against a lost wake-up).
     pub fn wait_all(&self) {

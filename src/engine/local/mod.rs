@@ -9,10 +9,7 @@
 //!
 //! Between processes of the host, host memory moves with `process_vm_readv` once the peer proved
 //! which process it is (`proof.rs`); an engine only ever reads another process's memory
-//! (`process.rs`), and the kernel's ptrace rules decide whether it may. With
-//! `UCCL_TCPX_HOST_COPY_STAGING` the bytes may move instead through a staging area each end
-//! creates and the other maps read-only (`staging_area.rs`): that needs the peer's proven
-//! identity, not the copy, so it also serves peers the kernel will not let us copy from.
+//! (`process.rs`), and the kernel's ptrace rules decide whether it may.
 
 pub(crate) mod copiers;
 mod identity;
@@ -20,7 +17,6 @@ mod peers;
 mod process;
 mod proof;
 mod registry;
-pub(crate) mod staging_area;
 
 pub use identity::own_identity;
 #[doc(hidden)]

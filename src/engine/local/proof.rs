@@ -1,5 +1,5 @@
 //! The proof that a same-host peer is the process it claims to be, before any of its memory is
-//! read with `process_vm_readv` or its staging area's descriptor is taken out of it.
+//! read with `process_vm_readv`.
 //!
 //! Why a proof: a peer names a process id in its ProcessHello. Taken on its word, a peer could name
 //! another process of ours (same user, so the kernel lets us read it) and have us copy that
@@ -32,8 +32,7 @@
 //! The identity and the copy are told apart: the kernel may refuse `process_vm_readv` (its ptrace
 //! attach check, which Yama's scope 1 denies between siblings) while the fd link, which needs only
 //! the read-level check, proved who the peer is. Such a peer is still proven ([`Proven::readable`]
-//! says the copy is refused): the staging area needs only its identity, since its descriptor can be
-//! taken through the same `/proc` link.
+//! says the copy is refused).
 
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
@@ -77,8 +76,7 @@ impl Refusal {
                     logged.push(code);
                     log::warn!(
                         "same-host peer {peer}: {self}; host memory between processes of this host takes the \
-                         network path, or the staging areas where both ends set UCCL_TCPX_HOST_COPY_STAGING=1 \
-                         (logged once; EPERM: ptrace rules such as kernel.yama.ptrace_scope, or a peer of \
+                         network path (logged once; EPERM: ptrace rules such as kernel.yama.ptrace_scope, or a peer of \
                          another user)"
                     );
                 }

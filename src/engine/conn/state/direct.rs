@@ -26,14 +26,12 @@
 //!
 //! Before any of it each end proves the other's process (ProcessHello, answered by ProcessAck
 //! saying whether the proof held and the kernel lets it read the peer): an end asks for direct
-//! writes only once the peer said it can read us, for direct reads only once it can read the peer,
-//! but for transfers the staging areas carry (`staging.rs`), which need no copy out of the peer.
+//! writes only once the peer said it can read us, for direct reads only once it can read the peer.
 
 use std::sync::Arc;
 
 use super::direct_table::{
-    AskedRead, Copied, CopyJob, HostPath, HostTask, Lease, MAX_DIRECT_PENDING, MAX_HINT_CREDIT, MAX_HUGE_HINTS,
-    OurRead, StagedSource,
+    AskedRead, Copied, CopyJob, HostPath, HostTask, Lease, MAX_DIRECT_PENDING, MAX_HINT_CREDIT, MAX_HUGE_HINTS, OurRead,
 };
 use super::{Action, ConnState, Extent, Inbound, Memory, OnDone, Source, deny, deny_msg, unknown_op, violation};
 use crate::engine::region::Region;
@@ -140,12 +138,7 @@ impl ConnState {
     }
 
     pub fn host_path(&self) -> HostPath {
-        let staging = &self.direct.staging;
-        HostPath {
-            checked: self.direct.proved && self.direct.ack_seen,
-            staging: staging.ack == Some(true) && staging.peer.is_some(),
-            ..self.direct.path
-        }
+        HostPath { checked: self.direct.proved && self.direct.ack_seen, ..self.direct.path }
     }
 
     /// Whether work for the host worker is queued.
@@ -163,14 +156,11 @@ impl ConnState {
     }
 
     /// The first queued copy of a read of `transfer`, taken out of turn by the caller waiting for
-    /// it; the rest of the queue keeps its order. Never a drain of the peer's staging area: it
-    /// waits on the peer's worker to push, and a peer whose caller drained out of turn too could
-    /// then wait on pushes queued behind each other (only the workers' in-order queues make the
-    /// staged path free of cycles, `state/staging.rs`).
+    /// it; the rest of the queue keeps its order.
     pub fn next_host_copy_of(&mut self, transfer: u64) -> Option<HostTask> {
         let at = self.direct.work.iter().position(|task| {
             matches!(task, HostTask::Copy(job)
-                if job.staged.is_none() && job.transfer().is_some_and(|t| t.id == transfer))
+                if job.transfer().is_some_and(|t| t.id == transfer))
         })?;
         let task = self.direct.work.remove(at);
         if let Some(HostTask::Copy(job)) = &task {
@@ -193,16 +183,13 @@ impl ConnState {
     }
 
     /// The kernel refused a copy after the proof: no more direct copies out of the peer, and the
-    /// copies queued out of it take the channels now rather than each being refused in turn. The
-    /// peer still takes us for a reader, so our reads keep off its staging area too: where it
-    /// finds no room it would grant a copy we cannot make, which we would only turn into a
-    /// request over the channels a round trip later.
+    /// copies queued out of it take the channels now rather than each being refused in turn.
     fn lost_peer_access(&mut self, out: &mut Vec<Action>) {
         self.direct.path.reads_peer = false;
         let mut kept = std::collections::VecDeque::with_capacity(self.direct.work.len());
         for task in std::mem::take(&mut self.direct.work) {
             match task {
-                HostTask::Copy(job) if job.staged.is_none() && !is_cut(&job) => self.take_channels(job, out),
+                HostTask::Copy(job) if !is_cut(&job) => self.take_channels(job, out),
                 task => kept.push_back(task),
             }
         }
@@ -211,8 +198,7 @@ impl ConnState {
 
     /// The request message for a one-sided item or vector that may take the direct path, or `None`
     /// (the network request then). `local` is this end's memory, its region and whether the
-    /// transfer's source lies on huge pages, `segs` the peer's memory. A staged write's push goes
-    /// to `extra`, for the posting thread.
+    /// transfer's source lies on huge pages, `segs` the peer's memory.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn direct_request(
         &mut self,
@@ -224,31 +210,14 @@ impl ConnState {
         segs: &[RemoteSeg],
         extra: &mut Vec<Action>,
     ) -> Option<Control> {
-        // Staged first: two plain copies beat both the channels and the page-pinning copy for
-        // small-page sources (on huge pages the direct copy pins in a few steps and needs no
-        // second copy, where the kernel lets the end copying make it).
-        let stage = !huge_source || !self.direct.usable(write);
-        if write
-            && stage
-            && let Some(msg) = self.stage_write(id, (local, region), remote_region, token, segs, extra)
-        {
-            return Some(msg);
-        }
-        let len = local.len();
-        // A read the target may stage asks for it while what we told the target of our copying
-        // still holds: after a no, it answers a read finding no room over the channels
-        // (`on_direct_read`); after a yes that the kernel since refused (`lost_peer_access`), it
-        // would grant a copy we cannot make.
-        let may_ask = self.direct.announced_reads_peer == Some(self.direct.path.reads_peer);
-        let staged_read = !write && stage && may_ask && self.peer_may_stage(len);
-        if !self.direct.usable(write) && !staged_read {
+        if !self.direct.usable(write) {
             return None;
         }
+        let len = local.len();
         // On huge pages the copy no longer loses to the channels there: the kernel pins the
-        // source in a few steps, so its copying threads do not contend. A read the target may
-        // stage skips the band too.
+        // source in a few steps, so its copying threads do not contend.
         let huge = self.direct.huge_pages && huge_source;
-        if !huge && !staged_read && self.direct.network_band.is_some_and(|(lo, hi)| lo < len && len < hi) {
+        if !huge && self.direct.network_band.is_some_and(|(lo, hi)| lo < len && len < hi) {
             // The peer could copy this source out of us; once it lies on huge pages, later
             // transfers out of it skip the band. A read's target asks for its own region when it
             // serves the read (`serving_over_channels`).
@@ -322,24 +291,24 @@ impl ConnState {
             return Ok(());
         }
         let remote = segs.iter().zip(&src).map(|(s, &a)| IoSeg { addr: a as usize, len: s.len as usize }).collect();
-        self.queue_peer_write(xfer, region, &segs, (remote, None), out)
+        self.queue_peer_write(xfer, region, &segs, remote, out)
     }
 
     /// Queues for the worker the copy of the peer's authorized write `xfer` into `segs` of
-    /// `region`: out of the peer's memory (`remote`) or of its staging area (`staged`).
+    /// `region` out of the peer's memory (`remote`).
     pub(super) fn queue_peer_write(
         &mut self,
         xfer: u64,
         region: Arc<Region>,
         segs: &[RemoteSeg],
-        (remote, staged): (Vec<IoSeg>, Option<StagedSource>),
+        remote: Vec<IoSeg>,
         out: &mut Vec<Action>,
     ) -> Result<()> {
         self.check_pending()?;
         let len = segs.iter().map(|s| u64::from(s.len)).sum();
         let queued = self.queued_at();
         let local = remote_segs(segs);
-        let job = CopyJob { op: xfer, read: None, region, local, remote, staged, len, error: None, queued };
+        let job = CopyJob { op: xfer, read: None, region, local, remote, len, error: None, queued };
         self.direct.work.push_back(HostTask::Copy(job));
         out.push(Action::HostWork { ours: false });
         Ok(())
@@ -365,18 +334,14 @@ impl ConnState {
         if self.direct.leases.contains_key(&xfer) || self.serving.contains_key(&xfer) {
             return Err(violation(&format!("a read request reuses op id {xfer} of a read still being served")));
         }
-        let len = segs.iter().map(|s| u64::from(s.len)).sum();
-        let staged = self.stage_read(xfer, &region, &segs, out);
-        if staged.is_none() {
-            if !self.direct.path.peer_reads_us {
-                // The reader cannot copy out of us (it asked in case our area had room): the
-                // channels carry it, as for a ReadVector.
-                return self.serve(xfer, Source { extent: extent_of(&segs), region }, out);
-            }
-            out.push(Action::Send(Control::DirectGrant { xfer }));
-            self.collapse_source(&region, out);
+        if !self.direct.path.peer_reads_us {
+            // The reader cannot copy out of us: the channels carry it, as for a ReadVector.
+            return self.serve(xfer, Source { extent: extent_of(&segs), region }, out);
         }
-        self.direct.leases.insert(xfer, Lease { region, len, staged });
+        let len = segs.iter().map(|s| u64::from(s.len)).sum();
+        out.push(Action::Send(Control::DirectGrant { xfer }));
+        self.collapse_source(&region, out);
+        self.direct.leases.insert(xfer, Lease { region, len });
         Ok(())
     }
 
@@ -404,7 +369,6 @@ impl ConnState {
             read: asked.read_for(dst.on_done.transfer()),
             local: segs_of(&dst.extent),
             remote: remote_segs(&asked.segs),
-            staged: None,
             len: dst.extent.len(),
             region: dst.region,
             error: dst.error,
@@ -422,17 +386,14 @@ impl ConnState {
     }
 
     /// The peer finished copying our region for its read `xfer`: vouch for the bytes unless the
-    /// region was deregistered meanwhile; a staged read once our push finished too.
+    /// region was deregistered meanwhile.
     pub(super) fn on_direct_done(&mut self, xfer: u64, out: &mut Vec<Action>) -> Result<()> {
-        let lease = self.direct.leases.get_mut(&xfer).ok_or_else(|| unknown_op("DirectDone", xfer))?;
-        if let Some(staged) = &mut lease.staged {
-            match staged.peer_done() {
-                None => return Err(violation(&format!("a second DirectDone for read {xfer}"))),
-                Some(false) => return Ok(()),
-                Some(true) => {}
-            }
-        }
-        self.end_lease(xfer, out);
+        let lease = self.direct.leases.remove(&xfer).ok_or_else(|| unknown_op("DirectDone", xfer))?;
+        out.push(Action::Send(if lease.region.is_removed() {
+            deny_msg(xfer, &Error::not_allowed("the memory region was deregistered during the transfer"))
+        } else {
+            Control::Done { xfer, len: lease.len }
+        }));
         Ok(())
     }
 
@@ -446,13 +407,12 @@ impl ConnState {
                 false => Err(violation(&format!("Done for op {xfer} reports {len} bytes, its lease covered {leased}"))),
             });
         }
-        let (transfer, expected, error, staged) = if self.direct.writes.remove(&xfer) {
-            let staged = self.staged_write_answered(xfer);
+        let (transfer, expected, error) = if self.direct.writes.remove(&xfer) {
             let o = self.awaiting_grant.remove(&xfer)?;
-            (o.transfer, o.src.extent.len(), o.error, staged)
+            (o.transfer, o.src.extent.len(), o.error)
         } else {
             let c = self.direct.copied.remove(&xfer)?;
-            (c.transfer, c.len, c.error, c.staged)
+            (c.transfer, c.len, c.error)
         };
         if len != expected {
             out.push(Action::Finish(transfer, Err(violation("a direct transfer's Done reports another length"))));
@@ -460,7 +420,6 @@ impl ConnState {
         }
         if error.is_none() {
             self.direct.path.direct_ops += 1;
-            self.direct.path.staged_ops += u64::from(staged);
         }
         transfer.answered();
         out.push(Action::Finish(transfer, error.map_or(Ok(len), Err)));
@@ -473,7 +432,6 @@ impl ConnState {
     /// write still ends with the target's Done, after its chunks.
     pub(super) fn direct_answered(&mut self, xfer: u64) {
         self.direct.writes.remove(&xfer);
-        self.staged_write_answered(xfer);
         if self.direct.reads.remove(&xfer).is_some()
             && let Some(read) = self.inbound.get_mut(&xfer)
         {
@@ -507,8 +465,7 @@ impl ConnState {
                 Some(e) => deny_msg(job.op, e),
             })),
             Some(read) => {
-                let staged = job.staged.is_some();
-                let c = Copied { transfer: read.transfer, len: job.len, region: job.region.id, error, staged };
+                let c = Copied { transfer: read.transfer, len: job.len, region: job.region.id, error };
                 self.direct.copied.insert(job.op, c);
                 out.push(Action::Send(Control::DirectDone { xfer: job.op }));
             }
@@ -518,15 +475,14 @@ impl ConnState {
     /// The kernel refused `job`'s copy out of the peer after the proof (EPERM, ESRCH): no more
     /// copies out of it (`lost_peer_access`), and the job takes the network path it stands for
     /// (`take_channels`). A job cut off meanwhile fails as a cut copy does, with the
-    /// deregistration's error, and a drain of the peer's staging area (which the kernel refuses
-    /// only with the peer gone) with the kernel's.
+    /// deregistration's error.
     pub fn copy_refused(&mut self, job: CopyJob, err: Error, out: &mut Vec<Action>) {
         self.direct.running = None;
         if self.failure.is_some() {
             return;
         }
         self.lost_peer_access(out);
-        if is_cut(&job) || job.staged.is_some() {
+        if is_cut(&job) {
             return self.copy_finished(job, Err(err), out);
         }
         self.take_channels(job, out);
@@ -539,8 +495,6 @@ impl ConnState {
     /// ReadRequest or ReadVector it stands for under a fresh op id, so that the lease's answer and
     /// the read's never share one; its Data, or Deny, is its answer.
     fn take_channels(&mut self, job: CopyJob, out: &mut Vec<Action>) {
-        // A drain's bytes lie in the target's staging area, which the channels cannot ask for.
-        debug_assert!(job.staged.is_none(), "a staged drain taken to the channels");
         let extent = extent_of_local(&job.local);
         let Some(OurRead { transfer, ask: (region, token) }) = job.read else {
             return self.grant(job.op, extent, job.region, out);
@@ -588,16 +542,9 @@ impl ConnState {
         failed.extend(d.running.take());
         failed.extend(d.work.drain(..).filter_map(|t| match t {
             HostTask::Copy(job) => job.read.map(|read| read.transfer),
-            // The peer's drain of it waits on the marks alone: it stops at once on aborted ones
-            // rather than when its own connection learns of the failure, or its deadline.
-            HostTask::Push(job) => {
-                job.area.abort_range(&job.range);
-                None
-            }
-            HostTask::Prove { .. } | HostTask::MapArea { .. } | HostTask::MakeArea { .. } => None,
+            HostTask::Prove { .. } => None,
         }));
         d.writes.clear();
-        d.staging.writes.clear();
         d.reads.clear();
         d.retried.clear();
         d.leases.clear();

@@ -5,7 +5,6 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
-use crate::engine::local::staging_area::{OutboundArea, PeerArea, Range};
 use crate::engine::region::Region;
 use crate::engine::transfer::Transfer;
 use crate::error::Error;
@@ -32,44 +31,6 @@ pub(crate) enum HostTask {
         fd: u32,
     },
     Copy(CopyJob),
-    /// Map the staging area the peer announced (`staging.rs`), taking its descriptor out of the
-    /// proven peer process.
-    MapArea {
-        fd: u32,
-        len: u64,
-    },
-    /// Push the source of the peer's staged read into our staging area.
-    Push(PushJob),
-    /// Make our staging area of `bytes` data bytes (`staging.rs`) and hand it to
-    /// `ConnState::area_created`.
-    MakeArea {
-        bytes: u64,
-    },
-}
-
-/// Bytes of ours pushed into our staging area for the peer to copy out: our staged write, or the
-/// peer's read we stage.
-#[derive(Debug)]
-pub(crate) struct PushJob {
-    /// Our write op, or the peer's read op.
-    pub op: u64,
-    /// Our write (the posting thread pushes it) rather than the peer's read (our worker does).
-    pub write: bool,
-    pub area: Arc<OutboundArea>,
-    pub range: Range,
-    /// The region the bytes come from, ours: a deregistration stops the push.
-    pub region: Arc<Region>,
-    pub src: Vec<IoSeg>,
-    pub len: u64,
-}
-
-/// Where a copy job's bytes come from when the peer staged them: its area's pieces from
-/// `first_piece` on, marked with `generation` once pushed.
-#[derive(Clone)]
-pub(crate) struct StagedSource {
-    pub area: Arc<PeerArea>,
-    pub first_piece: u32,
-    pub generation: u64,
 }
 
 /// One copy out of the peer's process into memory of ours.
@@ -81,10 +42,8 @@ pub(crate) struct CopyJob {
     /// The region the bytes land in, ours.
     pub region: Arc<Region>,
     pub local: Vec<IoSeg>,
-    /// Where the same bytes lie in the peer (empty when staged).
+    /// Where the same bytes lie in the peer.
     pub remote: Vec<IoSeg>,
-    /// The peer pushed the bytes into its staging area: copied from there, not out of its process.
-    pub staged: Option<StagedSource>,
     pub len: u64,
     /// Set when the region was cut off before the copy ran: nothing is copied, the op fails.
     pub error: Option<Error>,
@@ -103,8 +62,7 @@ impl CopyJob {
 pub(crate) struct OurRead {
     pub transfer: Arc<Transfer>,
     /// The remote region and token the read was asked for with, so that a copy out of the peer
-    /// that the kernel refuses is asked for again over the channels (`ConnState::copy_refused`);
-    /// every read keeps them, though a refused drain fails instead.
+    /// that the kernel refuses is asked for again over the channels (`ConnState::copy_refused`).
     pub ask: (u64, u64),
 }
 
@@ -129,62 +87,12 @@ pub(super) struct Copied {
     pub(super) len: u64,
     pub(super) region: u64,
     pub(super) error: Option<Error>,
-    /// Copied from the peer's staging area.
-    pub(super) staged: bool,
 }
 
-/// The peer's read we authorized, until its DirectDone (and, when we stage it, our push).
+/// The peer's read we authorized, until its DirectDone.
 pub(super) struct Lease {
     pub(super) region: Arc<Region>,
     pub(super) len: u64,
-    pub(super) staged: Option<StagedRange>,
-}
-
-/// A range of our staging area in use: freed once our push finished and the peer is done with it.
-pub(super) struct StagedRange {
-    pub(super) range: Range,
-    pushed: bool,
-    /// The peer answered (our write) or finished copying (its read).
-    answered: bool,
-}
-
-impl StagedRange {
-    pub(super) fn new(range: Range) -> StagedRange {
-        StagedRange { range, pushed: false, answered: false }
-    }
-
-    /// Our push finished: whether the peer is done with the range too, so it may be freed.
-    pub(super) fn push_done(&mut self) -> bool {
-        self.pushed = true;
-        self.answered
-    }
-
-    /// The peer is done with the range: whether our push finished too, so it may be freed; `None`
-    /// when the peer had said so already.
-    pub(super) fn peer_done(&mut self) -> Option<bool> {
-        (!std::mem::replace(&mut self.answered, true)).then_some(self.pushed)
-    }
-}
-
-/// The staging area of each end on this connection (`local::staging_area`).
-#[derive(Default)]
-pub(super) struct Staging {
-    /// Our area's data size (`Config::host_copy_staging`); `None`: we stage nothing.
-    pub(super) bytes: Option<u64>,
-    /// The configured data size, kept when making our area failed: a peer's area is mapped only
-    /// when this end opted in, and only up to this size.
-    pub(super) opted_in: Option<u64>,
-    /// The connection was asked to create our area (once).
-    pub(super) offered: bool,
-    /// Our area, announced; staged into only once the peer said it mapped it.
-    pub(super) ours: Option<Arc<OutboundArea>>,
-    /// The peer's StagingAck: whether it mapped our area.
-    pub(super) ack: Option<bool>,
-    /// The peer announced its area (once); set once mapped.
-    pub(super) peer_announced: bool,
-    pub(super) peer: Option<Arc<PeerArea>>,
-    /// Our staged writes, by op id.
-    pub(super) writes: HashMap<u64, StagedRange>,
 }
 
 /// How far the same-host path got on this connection, for the caller's inspection.
@@ -203,10 +111,6 @@ pub struct HostPath {
     /// Copies of our reads that the caller waiting or polling on them took up on its own thread
     /// rather than leaving them to the connection's host worker.
     pub caller_copies: u64,
-    /// Of `direct_ops`, those whose bytes moved through a staging area (`host_copy_staging`).
-    pub staged_ops: u64,
-    /// Both staging areas are in use: the peer mapped ours, and we mapped the peer's.
-    pub staging: bool,
     /// `OnHugePages` hints the peer sent (its region's pages changed size) that had its pages read
     /// again: one per read of ours the network band kept to the channels, at most.
     pub huge_hints: u64,
@@ -246,7 +150,6 @@ pub(super) struct Direct {
     pub(super) leases: HashMap<u64, Lease>,
     /// Host-copy tracing is on: jobs record when they were queued.
     pub(super) timed: bool,
-    pub(super) staging: Staging,
     /// Our regions we told the peer lie on huge pages (`OnHugePages`), at most `MAX_HUGE_HINTS`.
     pub(super) told_huge: HashSet<u64>,
     /// Our reads the network band kept to the channels that a hint of the peer's may still answer

@@ -1,21 +1,19 @@
 //! The state machine without sockets: two `ConnState`s exchange their control messages directly,
 //! and a simulated channel moves each flow's bytes between real buffers in per-direction order.
-//! The same-host path's work runs the connection's own code (`host_copy::copy`,
-//! `host_push::push`) by hand, both "processes" being this one.
+//! The same-host path's work runs the connection's own code (`host_copy::copy`) by hand, both
+//! "processes" being this one.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::super::host_copy;
 use super::super::host_job::Failure;
-use super::super::host_push::{self, PushGate};
 use super::super::host_worker::Gate;
 use super::super::vector::{Grouper, Push, REQUEST_SEGMENTS, RunKey};
 use super::*;
 use crate::config::Config;
 use crate::engine::local::PeerProcess;
-use crate::engine::local::staging_area::{OutboundArea, Patience, PeerArea};
 use crate::engine::plan::{self, Cut};
 use crate::engine::region::RegionTable;
 use crate::engine::transfer::{Answers, TransferTable};
@@ -84,15 +82,12 @@ struct End {
     host_work: bool,
     /// The sources of its one-sided posts lie on huge pages, as the connection would have found.
     huge_source: bool,
-    /// Staged writes' pushes its posts left for the posting thread (`run_pushes` runs them).
-    pushes: Vec<PushJob>,
     /// Regions asked to be collapsed into huge pages, in order.
     collapsed: Vec<u64>,
     /// Times it was asked to read the peer's pages again.
     peer_pages_read: usize,
-    /// The gates a deregistration and a failure close on the connection's copies and pushes.
+    /// The gate a deregistration and a failure close on the connection's copies.
     copy_gate: Arc<Gate>,
-    push_gate: Arc<PushGate>,
     /// The peer's process, as the worker's proof finds it: this one.
     process: Arc<PeerProcess>,
 }
@@ -114,11 +109,9 @@ impl End {
             notes: Vec::new(),
             host_work: false,
             huge_source: false,
-            pushes: Vec::new(),
             collapsed: Vec::new(),
             peer_pages_read: 0,
             copy_gate: Arc::default(),
-            push_gate: Arc::default(),
             process: Arc::new(PeerProcess::open(std::process::id()).unwrap()),
         }
     }
@@ -163,7 +156,6 @@ impl End {
                 Action::Hold(flow) => self.held.push(flow),
                 Action::Release(flow) => self.held.retain(|&f| f != flow),
                 Action::HostWork { .. } => self.host_work = true,
-                Action::Push(job) => self.pushes.push(job),
                 Action::Collapse(region) => self.collapsed.push(region.id),
                 Action::ReadPeerPages => self.peer_pages_read += 1,
             }
@@ -279,16 +271,7 @@ impl End {
                 plan.region = None;
             }
         }
-        buf.region.wait_for_pushes();
         cut
-    }
-
-    /// Fails the connection as the engine does: its transfers fail, no push starts any more.
-    fn fail(&mut self, err: Error) {
-        for t in self.st.fail(err.clone()) {
-            t.finish_part(Err(err.clone()));
-        }
-        self.push_gate.close();
     }
 }
 
@@ -382,42 +365,11 @@ fn pump(a: &mut End, b: &mut End) {
         moved |= deliver(b, a).unwrap();
         moved |= move_data(a, b);
         moved |= move_data(b, a);
-        moved |= run_pushes(a);
-        moved |= run_pushes(b);
-        moved |= run_ready_host_work(a);
-        moved |= run_ready_host_work(b);
+        moved |= run_host_work(a);
+        moved |= run_host_work(b);
         if !moved {
             return;
         }
-    }
-}
-
-/// Runs `end`'s queued host tasks in order up to a drain whose bytes the peer has not pushed yet
-/// (its worker would wait there while the peer's threads push; here the peer runs next).
-fn run_ready_host_work(end: &mut End) -> bool {
-    let mut ran = false;
-    loop {
-        let ready = match end.st.direct.work.front() {
-            None => {
-                end.host_work = false;
-                return ran;
-            }
-            Some(HostTask::Copy(CopyJob { staged: Some(source), len, error: None, .. })) => {
-                let ok = || Ok(());
-                let now = Patience { spin: Duration::ZERO, limit: Duration::ZERO, healthy: &ok };
-                let pieces = crate::engine::local::staging_area::pieces_for(*len) as u32;
-                (0..pieces).all(|k| source.area.wait(source.first_piece + k, source.generation, &now).is_ok())
-            }
-            Some(_) => true,
-        };
-        if !ready {
-            return ran;
-        }
-        let mut out = Vec::new();
-        let task = end.st.next_host_task().expect("queued");
-        run_task(end, task, &mut out);
-        end.take(out);
-        ran = true;
     }
 }
 
@@ -435,24 +387,17 @@ fn run_host_work(end: &mut End) -> bool {
     ran
 }
 
-/// The configuration the connection's copies and pushes run with: a short io timeout, so a drain
-/// whose pieces never come fails a test within seconds rather than hanging it.
+/// The configuration the connection's copies run with: a short io timeout, so a copy that hangs
+/// fails a test within seconds.
 fn host_config() -> Config {
     Config::from_lookup(|name| (name == "UCCL_TCPX_TIMEOUT_MS").then(|| "2000".to_owned())).unwrap()
 }
 
 /// One host task, as the worker runs it (`host_copy.rs`): a proof that holds, the connection's
-/// own pushes and copies.
+/// own copies.
 fn run_task(end: &mut End, task: HostTask, out: &mut Vec<Action>) {
     match task {
         HostTask::Prove { .. } => end.st.proved(true, out),
-        HostTask::MapArea { fd, len } => end.st.area_mapped(PeerArea::open(&end.process, fd, len), out),
-        HostTask::MakeArea { bytes } => end.st.area_created(OutboundArea::create(bytes), out),
-        HostTask::Push(job) => {
-            let (op, write) = (job.op, job.write);
-            push(end, job);
-            end.st.push_finished(op, write, out);
-        }
         HostTask::Copy(job) => {
             let config = host_config();
             let copied = match host_copy::copy(&job, Some(&end.process), &end.copy_gate, &config, None) {
@@ -465,29 +410,7 @@ fn run_task(end: &mut End, task: HostTask, out: &mut Vec<Action>) {
     }
 }
 
-/// Pushes `job` as the connection does, through `end`'s gate; a failure reaches the peer through
-/// the aborted marks alone.
-fn push(end: &End, job: PushJob) {
-    let config = host_config();
-    let _ = host_push::push(job, &end.push_gate, config.host_copy_threads, config.host_copy_spin);
-}
-
-/// Runs the pushes `end`'s posts left, as its posting threads would. Returns whether there was any.
-fn run_pushes(end: &mut End) -> bool {
-    let pushes = std::mem::take(&mut end.pushes);
-    let ran = !pushes.is_empty();
-    for job in pushes {
-        let (op, write) = (job.op, job.write);
-        push(end, job);
-        let mut out = Vec::new();
-        end.st.push_finished(op, write, &mut out);
-        end.take(out);
-    }
-    ran
-}
-
 mod direct;
-mod staging;
 
 fn pattern(seed: u8) -> impl Fn(usize) -> u8 {
     move |i| (i as u8).wrapping_mul(31).wrapping_add(seed)

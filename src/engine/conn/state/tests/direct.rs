@@ -376,22 +376,6 @@ fn copies_taken_up_by_their_caller_are_counted() {
     assert_eq!(a.st.host_path().caller_copies, 1, "the worker's copy is not the caller's");
 }
 
-/// Staged bytes, or the answer to an area, from a peer this end never took an area from or
-/// offered one to: a protocol violation.
-#[test]
-fn staging_messages_without_an_area_fail_the_connection() {
-    let seg = RemoteSeg { addr: 0x1000, len: 8 };
-    for msg in [
-        Control::StagingAck { ok: true },
-        Control::StagedWrite { xfer: 1, region: 1, token: 1, first_piece: 0, generation: 1, segs: vec![seg] },
-        Control::StagedGrant { xfer: 1, first_piece: 0, generation: 1 },
-    ] {
-        let (mut a, _b) = host_pair(true, true);
-        let err = a.handle(msg.clone()).unwrap_err();
-        assert!(err.message().contains("protocol violation"), "{msg:?}: {err}");
-    }
-}
-
 /// What the copy gets when the kernel refuses it after the proof (the peer went non-dumpable).
 pub(super) fn kernel_refused() -> Error {
     Error::new(UcclStatus::ErrBackend, "copying from peer process 7: Operation not permitted (os error 1)")
@@ -839,7 +823,7 @@ fn a_reads_target_tells_the_reader_once_its_source_lies_on_huge_pages() {
                 let moved = deliver(a, b).unwrap();
                 hints += told(b);
                 let moved = moved | deliver(b, a).unwrap() | move_data(a, b) | move_data(b, a);
-                if !(moved | run_ready_host_work(a) | run_ready_host_work(b)) {
+                if !(moved | run_host_work(a) | run_host_work(b)) {
                     break;
                 }
             }
