@@ -181,23 +181,23 @@ pub struct Config {
     /// copy in parallel in both processes. Default 768 KiB to 12 MiB from 16 CPUs, none below.
     /// `UCCL_TCPX_HOST_COPY_NETWORK_BAND` (`LO-HI` with K/M/G suffixes, or 0 for none).
     pub host_copy_network_band: Option<(u64, u64)>,
-    /// Whether the same-host host path looks at the page size of a transfer's source memory
-    /// (`/proc/<pid>/smaps`, once per process and change of its mappings): a source mostly on transparent huge pages skips
-    /// `host_copy_network_band` and, up to 8 MiB, is cut into pieces of `host_copy_huge_min_piece`,
-    /// since on huge pages the kernel pins a source in few steps and threads copying neighbouring
-    /// megabytes no longer contend. On a 32-core host, three alternated rounds, huge-page sources
-    /// moved 1-8 MiB at 1.5-2.9x loopback TCP with it against 1.0-1.9x without, small-page ones as
-    /// without it. Default on: the read of smaps (the kernel walks the page tables of every
-    /// mapping of the process looked at, about 12 ms per GiB resident on small pages) runs on a
-    /// thread of its own, once per process and change of its mappings, the asking thread never
-    /// waits for it, and transfers until its answer is in go as on small pages.
+    /// Whether the same-host host path heeds the page size of a transfer's source memory, which
+    /// its owner read from its own smaps at registration and tells the copying peer: a source
+    /// mostly on transparent huge pages skips `host_copy_network_band` and, up to 8 MiB, is cut
+    /// into pieces of `host_copy_huge_min_piece`, since on huge pages the kernel pins a source in
+    /// few steps and threads copying neighbouring megabytes no longer contend. On a 32-core host,
+    /// three alternated rounds, huge-page sources moved 1-8 MiB at 1.5-2.9x loopback TCP with it
+    /// against 1.0-1.9x without, small-page ones as without it. Default on.
     /// `UCCL_TCPX_HOST_COPY_HUGE_PAGES` (0 or 1).
     pub host_copy_huge_pages: bool,
     /// A host region that a peer of this host is to copy out of (`process_vm_readv`) is collapsed
-    /// into huge pages in place, once, in the background (`engine::huge_pages::collapse`): on
-    /// small pages the kernel pins the source page by page, and the copying threads contend on
-    /// the page tables. Only 2 MiB extents whose pages are all present and written; paced to a
-    /// quarter of a core for the process; contents and addresses unchanged. `UCCL_TCPX_HOST_COPY_COLLAPSE` (0 or 1, default 1).
+    /// into huge pages in place, once, on a thread of its own (`host_memory::collapse`): on small
+    /// pages the kernel pins the source page by page, and the copying threads contend on the page
+    /// tables. Only 2 MiB extents whose pages are all present and written; paced to a quarter of
+    /// a core for the process; contents and addresses unchanged. Opt-in: it changes how the
+    /// caller's memory is mapped, which the caller may not want; on small-page buffers it took
+    /// 1-16 MiB from about 1x to 1.5-2.5x loopback TCP on a 16-core host.
+    /// `UCCL_TCPX_HOST_COPY_COLLAPSE` (0 or 1, default 0).
     pub host_copy_collapse: bool,
     /// The smallest piece of a same-host copy of at most 8 MiB whose source lies on huge pages,
     /// with `host_copy_huge_pages`. Default 256 KiB: 1-8 MiB copies on huge pages moved 1.4-3x
@@ -676,7 +676,7 @@ impl Default for Config {
             host_copy_min_piece: 1 << 20,
             host_copy_network_band: default_host_copy_network_band(available_cores()),
             host_copy_huge_pages: true,
-            host_copy_collapse: true,
+            host_copy_collapse: false,
             host_copy_huge_min_piece: 256 << 10,
             auth_key: None,
         }
@@ -1152,7 +1152,8 @@ mod tests {
         assert!(cfg(&[]).unwrap().host_copy_huge_pages, "on by default");
         assert!(cfg(&[("UCCL_TCPX_HOST_COPY_HUGE_PAGES", "1")]).unwrap().host_copy_huge_pages);
         assert!(!cfg(&[("UCCL_TCPX_HOST_COPY_HUGE_PAGES", "0")]).unwrap().host_copy_huge_pages);
-        assert!(cfg(&[]).unwrap().host_copy_collapse, "on by default");
+        assert!(!cfg(&[]).unwrap().host_copy_collapse, "opt-in");
+        assert!(cfg(&[("UCCL_TCPX_HOST_COPY_COLLAPSE", "1")]).unwrap().host_copy_collapse);
         assert!(!cfg(&[("UCCL_TCPX_HOST_COPY_COLLAPSE", "0")]).unwrap().host_copy_collapse);
         assert!(
             cfg(&[("UCCL_TCPX_HOST_COPY_COLLAPSE", "2")])

@@ -4,7 +4,7 @@
 //! Layers, each importing only from those below it (docs/ARCHITECTURE.md; `tests/module_graph.rs`
 //! checks): [`ffi`] (the C ABI) -> [`engine`] -> [`transport`] (ncclNet-shaped comms) -> [`cuda`]
 //! -> [`ncclnet`] (the plugin ABI) -> [`trace`] (what the opt-in traces share) -> [`threads`] ->
-//! [`config`] -> [`error`] -> [`proto`] (the wire).
+//! [`config`] -> [`error`] -> [`proto`] (the wire) -> [`host_memory`] (this process's pages).
 
 // The C header (include/uccl_engine.h) is cbindgen's reading of `ffi` and of the two types its
 // functions take from below: `error`'s status enum and `proto`'s FifoItem (whose other items are
@@ -19,6 +19,8 @@ pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod ffi;
+/// cbindgen:ignore
+pub mod host_memory;
 /// cbindgen:ignore
 pub mod ncclnet;
 pub mod proto;

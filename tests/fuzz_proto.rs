@@ -32,8 +32,8 @@ use uccl_tcpx::proto::{
 
 /// `proto::FRAME_HEADER_LEN` is crate-private; `FrameHeader::to_bytes` pins the same number.
 const HEADER_LEN: usize = 8;
-/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 18.
-const VERSION: u16 = 18;
+/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 19.
+const VERSION: u16 = 19;
 const CHANNEL_HELLO_LEN: usize = 16;
 const FIFO_LEN: usize = 64;
 /// Protocol limits (crate-private in `proto`); `limits_match_the_codec` checks each against the codec.
@@ -293,15 +293,15 @@ fn sample_controls() -> Vec<(&'static str, Control)> {
                 token: 30,
                 segs: vec![RemoteSeg { addr: 0x1000, len: 4096 }, RemoteSeg { addr: 0x9000, len: 17 }],
                 src: vec![0x7f00_0000_0000, 0x20],
+                huge: false,
             },
         ),
         (
             "direct_read",
             Control::DirectRead { xfer: 31, region: 32, token: 33, segs: vec![RemoteSeg { addr: 0x4000, len: 8 }] },
         ),
-        ("direct_grant", Control::DirectGrant { xfer: 34 }),
+        ("direct_grant", Control::DirectGrant { xfer: 34, huge: true }),
         ("direct_done", Control::DirectDone { xfer: 35 }),
-        ("on_huge_pages", Control::OnHugePages { region: 40 }),
     ]
 }
 

@@ -249,7 +249,7 @@ fn direct_peer_process() {
 }
 
 /// Set: the peer process backs its region with memory that asks for transparent huge pages and
-/// looks at the page size of its copies' sources (`UCCL_TCPX_HOST_COPY_HUGE_PAGES`).
+/// heeds the page size of its copies' sources (`UCCL_TCPX_HOST_COPY_HUGE_PAGES`).
 const HUGE_VAR: &str = "UCCL_TCPX_TEST_HUGE";
 
 /// Set: the peer process backs its region with small pages and runs [`band_config`].
@@ -265,17 +265,6 @@ fn band_config() -> Config {
         host_copy_collapse: true,
         ..same_host()
     }
-}
-
-/// Reads this process's page-size cache again and checks it now says `buf` lies on small pages:
-/// it answers from its last read, which may have seen another test's huge pages at these addresses
-/// before they were unmapped, and a first transfer out of a source it thinks huge skips the
-/// network band.
-fn cache_sees_small_pages(buf: &AlignedMapping) {
-    let pages = uccl_tcpx::engine::huge_pages::KnownMappings::ours();
-    pages.refresh();
-    assert!(uccl_tcpx::engine::huge_pages::looks_settled(common::PATIENCE));
-    assert!(!pages.on_huge_pages([(buf.addr(), buf.len())]), "the cache read again sees small pages");
 }
 
 /// `len` zeroed bytes faulted in as small pages whatever the THP mode, in a mapping of their own;
@@ -449,17 +438,15 @@ fn host_memory_on_huge_pages_moves_byte_exact_with_the_knob_on() {
     let mr = engine.register(addr, WINDOW).unwrap();
     let ours = || smaps_say_huge(std::process::id(), addr, WINDOW);
     let theirs = || smaps_say_huge(process.pid(), window.addr as usize, WINDOW);
-    // Each end looks once, in the background from its first transfer on, which goes as if on small
-    // pages: a whole-window transfer (above the band, direct either way) starts the looks, and the
-    // sizes below are asked only once they answered. Where the kernel changed its mind around
-    // them (khugepaged collapsing pages meanwhile), which path a transfer took is not asserted.
+    // Each end read its region's page size at registration, and the end whose memory is read
+    // decides: ours for writes, the peer's for reads. Where the kernel changed its mind since
+    // (khugepaged collapsing pages meanwhile), which path a transfer took is not asserted.
     let (ours_before, theirs_before) = (ours(), theirs());
     let whole = [one(mr, addr, WINDOW, window)];
     for (verb, moved) in [("write", conn.write(&whole)), ("read", conn.read(&whole))] {
         assert_eq!(wait(&conn, moved.unwrap()).unwrap(), WINDOW as u64, "the first {verb}");
     }
     assert_eq!(conn.host_path().direct_ops, 2, "a whole window lies above the band");
-    assert!(uccl_tcpx::engine::huge_pages::looks_settled(common::PATIENCE), "the page-size looks end");
     for (n, len) in [(4 << 20, 4usize << 20), (8 << 20, (8 << 20) + 5), (0, WINDOW)] {
         let mut remote = window;
         remote.addr += (WINDOW - len) as u64 / 2;
@@ -510,9 +497,6 @@ fn a_source_the_peer_copies_out_of_moves_to_huge_pages() {
         let addr = buf.addr();
         let huge_now = || smaps_say_huge(std::process::id(), addr, len);
         let before = huge_now();
-        if !before {
-            cache_sees_small_pages(&buf);
-        }
         let data = common::pattern(len, 80);
         buf.copy_from_slice(&data);
         let mr = engine.register(addr, len).unwrap();
@@ -523,7 +507,7 @@ fn a_source_the_peer_copies_out_of_moves_to_huge_pages() {
             // The extents the peer's copy held pinned when asked are tried again a little later.
             common::wait_until("the source lies on huge pages", common::PATIENCE, huge_now);
         }
-        assert!(uccl_tcpx::engine::huge_pages::looks_settled(common::PATIENCE), "the background work ends");
+        assert!(uccl_tcpx::engine::collapses_settled(common::PATIENCE), "the collapse ends");
         assert_eq!(huge_now(), want || before, "collapse {collapse}, advice {advice}, on huge pages before: {before}");
         common::assert_same(&buf, &data, "the source after its collapse");
         buf.fill(0);
@@ -535,8 +519,8 @@ fn a_source_the_peer_copies_out_of_moves_to_huge_pages() {
 
 /// A write or read inside the network band out of a source on small pages keeps to the channels
 /// and has the source collapsed (a write's by its initiator, a read's by its target), so that
-/// later transfers out of it take the direct copy: the initiator sees the huge pages (its own at
-/// once, the peer's at its next look) and skips the band.
+/// later transfers out of it take the direct copy: the end whose memory is read sees its own huge
+/// pages once collapsed, and skips the band.
 #[test]
 fn transfers_the_band_keeps_to_the_channels_are_copied_once_their_source_collapsed() {
     let (process, port, window, _guard) = direct_peer(&[(BAND_VAR, "1")]);
@@ -547,7 +531,6 @@ fn transfers_the_band_keeps_to_the_channels_are_copied_once_their_source_collaps
     let mut src = small_page_mapping(4 << 20, libc::MADV_NORMAL);
     let data = common::pattern(src.len(), 81);
     src.copy_from_slice(&data);
-    cache_sees_small_pages(&src);
     let mr = engine.register(src.addr(), src.len()).unwrap();
     let mut back = vec![0u8; len];
     let back_mr = engine.register(back.as_mut_ptr() as usize, len).unwrap();
@@ -572,16 +555,15 @@ fn transfers_the_band_keeps_to_the_channels_are_copied_once_their_source_collaps
         moved(&mut direct);
         assert_eq!(direct, 0, "{what}: a transfer inside the band out of small pages takes the channels");
         if !collapsing {
-            assert!(uccl_tcpx::engine::huge_pages::looks_settled(common::PATIENCE));
+            assert!(uccl_tcpx::engine::collapses_settled(common::PATIENCE));
             assert!(!huge_now(), "{what}: nothing collapses where the kernel cannot");
             moved(&mut direct);
             assert_eq!(direct, 0, "{what}: and the band keeps applying");
             continue;
         }
         common::wait_until(&format!("{what} lies on huge pages"), common::PATIENCE, huge_now);
-        // Our own pages are looked at again once collapsed; the peer's are read again once the
-        // peer, serving a read after its own look found them huge, tells us so, or a second after
-        // our last look found them small: a later transfer takes the direct copy.
+        // The collapsing end reads its own pages again once its collapse ended: a later transfer
+        // takes the direct copy.
         common::wait_until(&format!("a transfer out of {what} copied directly"), common::PATIENCE, || {
             moved(&mut direct);
             std::thread::sleep(Duration::from_millis(20));

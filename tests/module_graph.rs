@@ -12,8 +12,20 @@ use std::path::{Path, PathBuf};
 
 /// The library's top-level modules from top to bottom: a module may import only ones below it.
 /// `lib.rs` (the crate root: re-exports and the logging set-up) sits above them all.
-const LAYERS: &[&str] =
-    &["", "ffi", "engine", "transport", "cuda", "ncclnet", "trace", "threads", "config", "error", "proto"];
+const LAYERS: &[&str] = &[
+    "",
+    "ffi",
+    "engine",
+    "transport",
+    "cuda",
+    "ncclnet",
+    "trace",
+    "threads",
+    "config",
+    "error",
+    "proto",
+    "host_memory",
+];
 
 #[test]
 fn imports_run_down_the_layers() {

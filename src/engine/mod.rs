@@ -10,7 +10,6 @@ mod control_rx;
 mod dial;
 mod fd_limit;
 mod handshake;
-pub mod huge_pages;
 pub mod local;
 mod mapping;
 pub mod notify;
@@ -33,6 +32,8 @@ use parking_lot::{Mutex, RwLock};
 
 pub use conn::{Connection, HostPath, OneSided, PeerInfo};
 pub use notify::Notification;
+#[doc(hidden)]
+pub use region::collapses_settled;
 
 use crate::config::{ChannelTransport, Config, TransportChoice};
 use crate::cuda::Gpu;

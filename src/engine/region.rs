@@ -9,27 +9,17 @@ use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 
-use super::huge_pages::{self, KnownMappings};
 use crate::cuda::ipc::Export;
 use crate::error::{Error, Result};
 use crate::proto::{Capability, FifoItem, RemoteSeg, TokenBinding};
+use crate::threads::{ThreadKind, spawn_contained};
 use crate::transport::MemKind;
 
 /// Distinct windows a region may advertise; callers normally advertise once per registration.
 const MAX_WINDOWS_PER_REGION: usize = crate::proto::MAX_IPC_WINDOWS;
 
-/// The least wait, after a collapse of a region left extents on small pages (memory not written
-/// yet, as in a KV-cache pool filled block by block, or pinned by a copy at every try), before a
-/// transfer out of the region asks for them again.
-const RECOLLAPSE_AFTER: Duration = Duration::from_secs(10);
-/// That wait in multiples of the last collapse's length, so that going over a large region again
-/// (its huge extents cost a look each) keeps to a hundredth of the looker thread.
-const RECOLLAPSE_GAP_PER_RUN: u32 = 100;
-/// The most that rule makes the wait.
-const MAX_RECOLLAPSE_GAP: Duration = Duration::from_secs(600);
-/// `Region::collapse_due`: never asked yet, and not to be asked (again).
-const COLLAPSE_NOW: u64 = 0;
-const COLLAPSE_NOT_AGAIN: u64 = u64::MAX;
+/// Collapses of regions' memory under way in this process (`Region::collapse_into_huge_pages`).
+static COLLAPSING: AtomicUsize = AtomicUsize::new(0);
 
 #[derive(Debug)]
 pub struct Region {
@@ -48,23 +38,11 @@ pub struct Region {
     ipc: OnceLock<Option<Export>>,
     /// A device region lies inside one allocation, asked for once (`in_one_allocation`).
     one_allocation: OnceLock<bool>,
-    /// What this process's mappings lie on, shared by every region of the process
-    /// (`huge_pages/`).
-    pages: Arc<KnownMappings>,
-    /// The last answer of `pages` about this region, with the cache's generation it was given at
-    /// (`generation << 1 | huge`; 0: none yet): a post asks once per settled read, not under the
-    /// process-wide cache's lock every time.
-    huge_answer: AtomicU64,
-    /// The first generation of `pages` whose read began after the registration: an answer of an
-    /// earlier one may describe memory unmapped since, whose addresses this region's reuses.
-    fresh_from: u64,
-    /// When the collapse of its memory into huge pages may be asked for (`collapse_into_huge_pages`):
-    /// `COLLAPSE_NOW` until the first ask, `COLLAPSE_NOT_AGAIN` while one runs and after one that
-    /// left nothing to gain, else the CLOCK_MONOTONIC ns from which extents it left small are
-    /// asked for again.
-    collapse_due: AtomicU64,
-    /// The least wait before that (`RECOLLAPSE_AFTER`; shorter in tests).
-    recollapse_after: Duration,
+    /// Its host memory lies mostly on huge pages: read from our own smaps at registration, and
+    /// again after a collapse of it (`host_memory`). Said to same-host peers copying out of it.
+    huge: AtomicBool,
+    /// A collapse of its memory was asked for (`collapse_into_huge_pages`), once per region.
+    collapse_asked: AtomicBool,
 }
 
 impl Region {
@@ -96,86 +74,55 @@ impl Region {
         self.windows.lock().clone()
     }
 
-    /// Whether the region's host memory lies mostly on huge pages, as `/proc/self/smaps` said at
-    /// its last read: memory mapped since that read queues another on the looker thread and, until
-    /// its answer is in, says small pages (as does memory whose pages changed size in place until
-    /// the read `KnownMappings::refresh` queued is in); device memory never lies on huge pages here.
-    /// A "huge pages" answer from a read that began before the registration queues a new read,
-    /// and holds until it is in.
+    /// Whether the region's host memory lies mostly on huge pages, as our own smaps said at
+    /// registration (or after our collapse of it); device memory never does here.
     pub fn on_huge_pages(&self) -> bool {
-        if self.kind != MemKind::Host {
-            return false;
-        }
-        let generation = self.pages.generation();
-        let last = self.huge_answer.load(Ordering::Acquire);
-        if last != 0 && last >> 1 == generation {
-            return last & 1 == 1;
-        }
-        let huge = self.pages.on_huge_pages([(self.base, self.len)]);
-        self.huge_answer.store(generation << 1 | u64::from(huge), Ordering::Release);
-        // A source thought huge skips the network band and is never collapsed, so a "huge" that
-        // may be of memory mapped here before has the cache read again (once per generation:
-        // the answer above is kept until the next read settles).
-        if huge && generation < self.fresh_from {
-            self.pages.refresh();
-        }
-        huge
+        self.huge.load(Ordering::Relaxed)
     }
 
-    /// Asks for its host memory to be collapsed into huge pages in place, in the background
-    /// (`huge_pages/collapse.rs`): called when a peer of this host is to copy out of it, which pins
-    /// its pages one by one on small pages. Once per region, and again for extents a collapse left
-    /// small, from `RECOLLAPSE_AFTER` (or a hundred times that collapse's length) after it ended.
-    /// The work stops at deregistration; when it collapsed extents, this process's page-size
-    /// answers are read afresh.
+    /// Sets what `on_huge_pages` says, as a test's memory would have it.
+    #[cfg(test)]
+    pub(crate) fn set_huge_pages(&self, huge: bool) {
+        self.huge.store(huge, Ordering::Relaxed);
+    }
+
+    /// Asks for its host memory to be collapsed into huge pages in place, once, on a thread of
+    /// its own (`host_memory::collapse`): called, with `Config::host_copy_collapse`, when a peer of
+    /// this host is to copy out of it, which pins its pages one by one on small pages. The work
+    /// stops at deregistration; then our smaps is read again for the region, so that later
+    /// transfers out of it are told what the collapse achieved.
     pub fn collapse_into_huge_pages(self: &Arc<Self>) {
-        let due = self.collapse_due.load(Ordering::Acquire);
-        if self.kind != MemKind::Host
-            || !collapse_due_at(due)
-            || self.collapse_due.compare_exchange(due, COLLAPSE_NOT_AGAIN, Ordering::AcqRel, Ordering::Relaxed).is_err()
-        {
+        if self.kind != MemKind::Host || self.on_huge_pages() || self.collapse_asked.swap(true, Ordering::AcqRel) {
             return;
         }
-        let began = crate::trace::clock_ns();
-        let (wanted, done) = (Arc::downgrade(self), Arc::downgrade(self));
-        let pages = self.pages.clone();
-        let (base, len) = (self.base, self.len);
-        huge_pages::collapse_in_background(
-            base,
-            len,
-            move || wanted.upgrade().is_some_and(|r| !r.is_removed()),
-            move |collapsed| {
+        let region = Arc::downgrade(self);
+        COLLAPSING.fetch_add(1, Ordering::AcqRel);
+        // Counted out on either way the thread ends: a panic leaves the region on small pages.
+        let builder = std::thread::Builder::new().name("uccl-collapse".into());
+        let on_panic = |_| {
+            COLLAPSING.fetch_sub(1, Ordering::AcqRel);
+        };
+        let spawned = spawn_contained(builder, ThreadKind::Collapse, on_panic, move || {
+            let wanted = || region.upgrade().is_some_and(|r| !r.is_removed());
+            if let Some((base, len)) = region.upgrade().map(|r| (r.base, r.len)) {
+                let collapsed = crate::host_memory::collapse(base, len, wanted);
                 log::debug!("region at {base:#x} (+{len}): {collapsed:?}");
-                if collapsed.extents > 0 {
-                    pages.refresh();
+                if let Some(r) = region.upgrade().filter(|_| collapsed.extents > 0) {
+                    r.huge.store(crate::host_memory::on_huge_pages(base, len), Ordering::Relaxed);
                 }
-                if let Some(region) = done.upgrade()
-                    && collapsed.left_small()
-                {
-                    let now = crate::trace::clock_ns();
-                    let took = Duration::from_nanos(now.saturating_sub(began));
-                    let gap = region
-                        .recollapse_after
-                        .max(took.saturating_mul(RECOLLAPSE_GAP_PER_RUN).min(MAX_RECOLLAPSE_GAP));
-                    let again =
-                        now.saturating_add(gap.as_nanos().try_into().unwrap_or(u64::MAX)).min(COLLAPSE_NOT_AGAIN - 1);
-                    region.collapse_due.store(again, Ordering::Release);
-                }
-            },
-        );
+            }
+            COLLAPSING.fetch_sub(1, Ordering::AcqRel);
+        });
+        if let Err(e) = spawned {
+            COLLAPSING.fetch_sub(1, Ordering::AcqRel);
+            log::debug!("no thread to collapse region {} into huge pages: {e}", self.id);
+        }
     }
 
-    /// `collapse_due` itself, for tests.
-    #[cfg(test)]
-    fn collapse_due_ns(&self) -> u64 {
-        self.collapse_due.load(Ordering::Acquire)
-    }
-
-    /// Whether a collapse may be asked for now: the posting path asks this before it hands one on,
-    /// so a region's later transfers cost one load (and a clock read while extents wait to be
-    /// asked for again).
+    /// Whether a collapse may still be asked for: the posting path asks this before it hands one
+    /// on, so a region's later transfers cost one load.
     pub fn collapse_due(&self) -> bool {
-        collapse_due_at(self.collapse_due.load(Ordering::Relaxed))
+        self.kind == MemKind::Host && !self.on_huge_pages() && !self.collapse_asked.load(Ordering::Relaxed)
     }
 
     /// Whether one copy may run over any range of the region: host memory, or device memory
@@ -220,8 +167,18 @@ impl Region {
     }
 }
 
-fn collapse_due_at(due: u64) -> bool {
-    due == COLLAPSE_NOW || (due != COLLAPSE_NOT_AGAIN && crate::trace::clock_ns() >= due)
+/// Waits up to `limit` for every collapse of this process to end; whether they did. For the
+/// benchmark and tests, whose timed transfers should see the pages a collapse left.
+#[doc(hidden)]
+pub fn collapses_settled(limit: Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while COLLAPSING.load(Ordering::Acquire) > 0 {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    true
 }
 
 fn range_within(addr: usize, len: usize, base: usize, base_len: usize) -> bool {
@@ -249,36 +206,17 @@ pub struct RegionTable {
     next_id: AtomicU64,
     /// Counts removals, so channels notice cheaply that a registration cache may hold dead regions.
     removals: Arc<AtomicU64>,
-    /// What this process's memory lies on, handed to every region.
-    pages: Arc<KnownMappings>,
-    /// Handed to every region (`RECOLLAPSE_AFTER`).
-    recollapse_after: Duration,
 }
 
 impl Default for RegionTable {
     fn default() -> RegionTable {
-        RegionTable::with_pages(KnownMappings::ours())
+        RegionTable { regions: RwLock::default(), next_id: AtomicU64::new(0), removals: Arc::default() }
     }
 }
 
 impl RegionTable {
-    pub(crate) fn with_pages(pages: Arc<KnownMappings>) -> RegionTable {
-        RegionTable {
-            regions: RwLock::default(),
-            next_id: AtomicU64::new(0),
-            removals: Arc::default(),
-            pages,
-            recollapse_after: RECOLLAPSE_AFTER,
-        }
-    }
-
-    /// Regions registered from now on ask for extents a collapse left small again after `gap`.
-    #[cfg(test)]
-    fn recollapsing_after(mut self, gap: Duration) -> RegionTable {
-        self.recollapse_after = gap;
-        self
-    }
-
+    /// Registers `[addr, addr + len)`. Host memory has its page size read from our own smaps here,
+    /// once (the kernel walks the page tables of our mappings up to the region's).
     pub fn register(&self, addr: usize, len: usize, kind: MemKind) -> Result<u64> {
         check_range(addr, len)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
@@ -293,11 +231,8 @@ impl RegionTable {
             device_copies: AtomicUsize::new(0),
             ipc: OnceLock::new(),
             one_allocation: OnceLock::new(),
-            pages: self.pages.clone(),
-            huge_answer: AtomicU64::new(0),
-            fresh_from: self.pages.generation_read_after_now(),
-            collapse_due: AtomicU64::new(COLLAPSE_NOW),
-            recollapse_after: self.recollapse_after,
+            huge: AtomicBool::new(kind == MemKind::Host && crate::host_memory::on_huge_pages(addr, len)),
+            collapse_asked: AtomicBool::new(false),
         };
         self.regions.write().insert(id, Arc::new(region));
         Ok(id)
@@ -568,144 +503,28 @@ mod tests {
         assert!(t.advertise(huge, 1 << 40, 1 << 33).unwrap_err().message().contains("4 GiB"));
     }
 
-    /// A collapse leaves extents not written yet on small pages. Once written, they are collapsed
-    /// at a later transfer's ask, but not before the wait since that collapse ended; a collapse that
-    /// left nothing small is not asked for again.
+    /// A region reads its page size from our smaps at registration; a collapse asked for once
+    /// moves a written small-page region to huge pages where the kernel can, with its contents,
+    /// and the region then says so.
     #[test]
-    fn extents_a_collapse_left_small_are_asked_for_again_after_the_wait() {
-        use crate::engine::huge_pages::{collapse_possible, extent_on_huge_page, looks_settled};
-        let _reading = crate::engine::huge_pages::TEST_FAULTS.read();
-        const EXTENT: usize = 2 << 20;
-        let settle = || assert!(looks_settled(testkit::PATIENCE), "the looker thread settles");
-        // Two extents, the first written, the second not touched yet.
-        let first_only = || testkit::mapping::AlignedMapping::on_small_pages(2 * EXTENT, |b| b[..EXTENT].fill(1));
-        let write_second = |m: &mut testkit::mapping::AlignedMapping| m.touch_on_small_pages(|b| b[EXTENT..].fill(2));
-
-        // A wait of an hour: the second extent, written after the first collapse, stays small.
-        let mut memory = first_only();
-        let table = RegionTable::default().recollapsing_after(Duration::from_secs(3600));
-        let region = table.get(table.register(memory.addr(), 2 * EXTENT, MemKind::Host).unwrap()).unwrap();
-        assert!(region.collapse_due(), "never asked yet");
-        let asked = crate::trace::clock_ns();
-        region.collapse_into_huge_pages();
-        assert!(!region.collapse_due(), "not while it runs");
-        settle();
-        if !collapse_possible() {
-            assert_eq!(region.collapse_due_ns(), COLLAPSE_NOT_AGAIN, "nothing to gain here, ever");
-            return;
-        }
-        assert!(extent_on_huge_page(memory.addr()), "the written extent was collapsed");
-        assert!(!extent_on_huge_page(memory.addr() + EXTENT), "the untouched one left alone");
-        let due = region.collapse_due_ns();
-        assert!(due >= asked + 3600 * 1_000_000_000 && due < COLLAPSE_NOT_AGAIN, "asked for again in an hour: {due}");
-        write_second(&mut memory);
-        assert!(!region.collapse_due());
-        region.collapse_into_huge_pages();
-        settle();
-        assert!(!extent_on_huge_page(memory.addr() + EXTENT), "not asked for again before the wait");
-        assert_eq!(region.collapse_due_ns(), due);
-
-        // No wait: the next ask after the collapse ended takes the second extent too, and then
-        // nothing is left to ask for.
-        let mut memory = first_only();
-        let table = RegionTable::default().recollapsing_after(Duration::ZERO);
-        let region = table.get(table.register(memory.addr(), 2 * EXTENT, MemKind::Host).unwrap()).unwrap();
-        region.collapse_into_huge_pages();
-        settle();
-        assert!(extent_on_huge_page(memory.addr()) && !extent_on_huge_page(memory.addr() + EXTENT));
-        write_second(&mut memory);
-        assert!(!extent_on_huge_page(memory.addr() + EXTENT), "written on small pages");
-        testkit::wait_until("the collapse is due again", testkit::PATIENCE, || region.collapse_due());
-        region.collapse_into_huge_pages();
-        settle();
-        assert!(extent_on_huge_page(memory.addr() + EXTENT), "collapsed at the second ask");
-        assert!(memory[..EXTENT].iter().all(|b| *b == 1) && memory[EXTENT..].iter().all(|b| *b == 2), "contents kept");
-        assert_eq!(region.collapse_due_ns(), COLLAPSE_NOT_AGAIN, "nothing left small: not asked for again");
-        assert!(!region.collapse_due());
-    }
-
-    #[test]
-    fn regions_in_one_mapping_share_one_read_of_its_page_size() {
-        let _reading = crate::engine::huge_pages::TEST_FAULTS.read();
+    fn a_region_knows_its_page_size_and_a_collapse_updates_it() {
         const LEN: usize = 4 << 20;
-        let mapping = testkit::mapping::AlignedMapping::new(LEN, libc::MADV_HUGEPAGE, 0x5a);
-        let reads = Arc::new(AtomicUsize::new(0));
-        // The read waits for both asks: a preempted test thread would otherwise see it settle
-        // between them.
-        let (release, gate) = std::sync::mpsc::channel::<()>();
-        let gate = Mutex::new(gate);
-        let pages = {
-            let reads = reads.clone();
-            KnownMappings::with_reader(std::time::Duration::from_secs(3600), move || {
-                reads.fetch_add(1, Ordering::SeqCst);
-                let _ = gate.lock().recv_timeout(testkit::PATIENCE);
-                crate::engine::huge_pages::read_smaps(None)
-            })
-        };
-        let t = RegionTable::with_pages(Arc::new(pages));
-        let half = LEN / 2;
-        let first = t.register(mapping.addr(), half, MemKind::Host).unwrap();
-        let second = t.register(mapping.addr() + half, half, MemKind::Host).unwrap();
-        let first = t.local(first, mapping.addr(), half).unwrap();
-        let second = t.local(second, mapping.addr() + half, half).unwrap();
-        let before = crate::engine::huge_pages::range_on_huge_pages(None, mapping.addr(), LEN);
-        assert!(!first.on_huge_pages(), "the first ask says small pages and starts the read");
-        assert!(!second.on_huge_pages(), "so does the other region's while it runs");
-        release.send(()).unwrap();
-        testkit::wait_until("the read settles", testkit::PATIENCE, || !t.pages.looking());
-        let after = crate::engine::huge_pages::range_on_huge_pages(None, mapping.addr(), LEN);
-        if before == after {
-            // Where the kernel changed its mind meanwhile both answers are true ones.
-            assert_eq!(first.on_huge_pages(), after, "the looked-up answer");
-            assert_eq!(second.on_huge_pages(), after, "the same for the other region");
+        let memory = testkit::mapping::AlignedMapping::on_small_pages(LEN, |b| b.fill(7));
+        let t = RegionTable::default();
+        let region = t.get(t.register(memory.addr(), LEN, MemKind::Host).unwrap()).unwrap();
+        assert!(!region.on_huge_pages(), "faulted in on small pages");
+        assert!(region.collapse_due());
+        region.collapse_into_huge_pages();
+        assert!(!region.collapse_due(), "asked once");
+        assert!(collapses_settled(testkit::PATIENCE), "the collapse ends");
+        let kernel_says = crate::host_memory::on_huge_pages(memory.addr(), LEN);
+        assert_eq!(region.on_huge_pages(), kernel_says, "the region says what the kernel does");
+        if crate::host_memory::collapse_allowed() && kernel_says {
+            assert!(!region.collapse_due(), "nothing left to ask for");
         }
-        assert_eq!(reads.load(Ordering::SeqCst), 1, "one read for both regions");
-        assert!(Arc::ptr_eq(&RegionTable::default().pages, &RegionTable::default().pages), "one cache a process");
-        let device = t.register(mapping.addr(), LEN, MemKind::Cuda { device: 0 }).unwrap();
-        let device = t.local(device, mapping.addr(), LEN).unwrap();
-        assert!(!device.on_huge_pages());
-        assert!(!t.pages.looking(), "device memory is never looked up");
-        assert_eq!(reads.load(Ordering::SeqCst), 1);
-    }
-
-    /// Memory unmapped and mapped again at the same addresses: a region registered there after
-    /// the cache read the old, huge, memory is told huge pages at first, but that answer has the
-    /// cache read again, after which it is told the truth. A region registered after a read gets
-    /// its answer without another.
-    #[test]
-    fn a_huge_answer_older_than_the_registration_is_read_again() {
-        let _reading = crate::engine::huge_pages::TEST_FAULTS.read();
-        const BASE: usize = 0x7e00_0000_0000;
-        let mapping = |huge_kib: usize| {
-            format!("{BASE:x}-{:x} rw-p 0 00:00 0\nRss: 4096 kB\nAnonHugePages: {huge_kib} kB\n", BASE + (4 << 20))
-        };
-        let text = Arc::new(Mutex::new(mapping(4096)));
-        let reads = Arc::new(AtomicUsize::new(0));
-        let pages = {
-            let (text, reads) = (text.clone(), reads.clone());
-            KnownMappings::with_reader(std::time::Duration::ZERO, move || {
-                reads.fetch_add(1, Ordering::SeqCst);
-                Some(crate::engine::huge_pages::Snapshot::from_text(&text.lock()))
-            })
-        };
-        let t = RegionTable::with_pages(Arc::new(pages));
-        let settled = |what: &str| testkit::wait_until(what, testkit::PATIENCE, || !t.pages.looking());
-        let old = t.register(BASE, 4 << 20, MemKind::Host).unwrap();
-        let old = t.local(old, BASE, 4 << 20).unwrap();
-        assert!(!old.on_huge_pages(), "nothing read yet: small pages, and a read queued");
-        settled("the first read");
-        assert!(old.on_huge_pages());
-        assert_eq!(reads.load(Ordering::SeqCst), 1, "an answer of a read after the registration stands");
-
-        // Unmapped and mapped again on small pages; the cache has not read since.
-        *text.lock() = mapping(0);
-        let new = t.register(BASE, 4 << 20, MemKind::Host).unwrap();
-        let new = t.local(new, BASE, 4 << 20).unwrap();
-        assert!(new.on_huge_pages(), "the old read answers at first");
-        settled("the read the stale answer queued");
-        assert_eq!(reads.load(Ordering::SeqCst), 2);
-        assert!(!new.on_huge_pages(), "the new read tells small pages");
-        assert!(!old.on_huge_pages(), "for every region of that memory");
-        assert_eq!(reads.load(Ordering::SeqCst), 2, "a small answer queues nothing");
+        assert!(memory.iter().all(|b| *b == 7), "contents kept");
+        let device = t.register(memory.addr(), LEN, MemKind::Cuda { device: 0 }).unwrap();
+        let device = t.get(device).unwrap();
+        assert!(!device.on_huge_pages() && !device.collapse_due(), "device memory is never looked at");
     }
 }

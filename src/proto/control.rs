@@ -5,7 +5,8 @@
 //! vector requests carry a `u32` segment count, then per segment `u64 addr, u32 len`; IpcRequest
 //! is laid out like them, and IpcGrant lists the region's windows the same way after the handle
 //! (64 bytes) and the allocation's `u64 base, u64 len`. A DirectWrite follows its segments with
-//! one `u64` source address per segment.
+//! one `u64` source address per segment, then, as DirectGrant does after its id, a `u32` 0 or 1
+//! (as ProcessAck's): whether the memory the receiver copies out of lies on huge pages.
 
 use super::frame::{FRAME_HEADER_LEN, FrameHeader, is_handshake_kind, kind, write_frame};
 use super::wire::{Reader, Writer, check_len};
@@ -160,14 +161,16 @@ pub enum Control {
     },
     /// A write of host memory the target may copy in itself from the sender's process: `segs` in the
     /// target's region (authorized like a WriteVector) and, per segment, where the same bytes lie in
-    /// the sender. Answered with Done once copied, with Grant when the target takes the network path
-    /// instead, or with Deny.
+    /// the sender, and whether the sender's region holding them lies on huge pages (which only
+    /// sizes the target's copy pieces). Answered with Done once copied, with Grant when the target
+    /// takes the network path instead, or with Deny.
     DirectWrite {
         xfer: u64,
         region: u64,
         token: u64,
         segs: Vec<RemoteSeg>,
         src: Vec<u64>,
+        huge: bool,
     },
     /// A read of host memory the sender may copy out of the target's process itself: answered with
     /// DirectGrant (authorized like a ReadVector), with Data when the target serves it over the
@@ -178,21 +181,16 @@ pub enum Control {
         token: u64,
         segs: Vec<RemoteSeg>,
     },
-    /// The target authorized the direct read `xfer`: the reader may copy the segments now.
+    /// The target authorized the direct read `xfer`: the reader may copy the segments now. `huge`:
+    /// the target's region lies on huge pages (which only sizes the reader's copy pieces).
     DirectGrant {
         xfer: u64,
+        huge: bool,
     },
     /// The reader finished copying the direct read `xfer`; the target answers Done, or Deny when
     /// the region was deregistered meanwhile (what was copied cannot be vouched for).
     DirectDone {
         xfer: u64,
-    },
-    /// From a read's target on this host: its region `region`, which the reader read over the
-    /// channels because it lay on small pages, lies on huge pages now. The reader reads the
-    /// target's pages again (rather than at its next recheck), so that later reads out of it may
-    /// skip the network band. Sent once per region and connection.
-    OnHugePages {
-        region: u64,
     },
 }
 
@@ -264,6 +262,15 @@ fn check_vector(segs: &[RemoteSeg]) -> Result<(), ProtoError> {
     Ok(())
 }
 
+/// A `u32` that must say 0 or 1.
+fn flag(r: &mut Reader<'_>, invalid: &'static str) -> Result<bool, ProtoError> {
+    match r.u32()? {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(ProtoError::Invalid(invalid)),
+    }
+}
+
 /// A DirectWrite names one source address per segment, and every source range is addressable.
 fn check_sources(segs: &[RemoteSeg], src: &[u64]) -> Result<(), ProtoError> {
     if segs.len() != src.len() {
@@ -320,7 +327,6 @@ impl Control {
             Self::DirectRead { .. } => kind::DIRECT_READ,
             Self::DirectGrant { .. } => kind::DIRECT_GRANT,
             Self::DirectDone { .. } => kind::DIRECT_DONE,
-            Self::OnHugePages { .. } => kind::ON_HUGE_PAGES,
         }
     }
 
@@ -365,7 +371,11 @@ impl Control {
                 w.bytes32(name);
                 w.bytes32(msg);
             }
-            Self::Resume { xfer } | Self::DirectGrant { xfer } | Self::DirectDone { xfer } => w.u64(*xfer),
+            Self::Resume { xfer } | Self::DirectDone { xfer } => w.u64(*xfer),
+            Self::DirectGrant { xfer, huge } => {
+                w.u64(*xfer);
+                w.u32(u32::from(*huge));
+            }
             Self::IpcRevoke { region } | Self::IpcRevoked { region } => w.u64(*region),
             Self::Close => {}
             Self::WriteVector { xfer, region, token, segs }
@@ -377,7 +387,7 @@ impl Control {
                 }
                 write_segments(w, segs);
             }
-            Self::DirectWrite { xfer, region, token, segs, src } => {
+            Self::DirectWrite { xfer, region, token, segs, src, huge } => {
                 for v in [xfer, region, token] {
                     w.u64(*v);
                 }
@@ -385,13 +395,13 @@ impl Control {
                 for addr in src {
                     w.u64(*addr);
                 }
+                w.u32(u32::from(*huge));
             }
             Self::ProcessHello { pid, fd } => {
                 w.u32(*pid);
                 w.u32(*fd);
             }
             Self::ProcessAck { readable } => w.u32(u32::from(*readable)),
-            Self::OnHugePages { region } => w.u64(*region),
             Self::IpcGrant { xfer, region, handle, alloc_base, alloc_len, windows } => {
                 w.u64(*xfer);
                 w.u64(*region);
@@ -489,15 +499,17 @@ impl Control {
                 // list is allocated.
                 let raw = r.bytes(segs.len() * 8)?;
                 let src = raw.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
-                Self::DirectWrite { xfer, region, token, segs, src }
+                let huge = flag(r, "a DirectWrite's page size must say 0 or 1")?;
+                Self::DirectWrite { xfer, region, token, segs, src, huge }
             }
             kind::DIRECT_READ => {
                 let (xfer, region, token) = (r.u64()?, r.u64()?, r.u64()?);
                 Self::DirectRead { xfer, region, token, segs: read_segments(r)? }
             }
-            kind::DIRECT_GRANT => Self::DirectGrant { xfer: r.u64()? },
+            kind::DIRECT_GRANT => {
+                Self::DirectGrant { xfer: r.u64()?, huge: flag(r, "a DirectGrant's page size must say 0 or 1")? }
+            }
             kind::DIRECT_DONE => Self::DirectDone { xfer: r.u64()? },
-            kind::ON_HUGE_PAGES => Self::OnHugePages { region: r.u64()? },
             other => return Err(ProtoError::UnknownKind(other)),
         };
         Ok(msg)
@@ -534,7 +546,6 @@ impl Control {
             | Self::ProcessAck { .. }
             | Self::DirectGrant { .. }
             | Self::DirectDone { .. }
-            | Self::OnHugePages { .. }
             | Self::Close => Ok(()),
         }
     }
@@ -660,6 +671,7 @@ mod tests {
                 token: 31,
                 segs: vec![RemoteSeg { addr: 0x1000, len: 4096 }, RemoteSeg { addr: 0x8000, len: 7 }],
                 src: vec![0x7f00_0000_0000, 0x10],
+                huge: true,
             },
             Control::DirectRead {
                 xfer: 32,
@@ -667,9 +679,9 @@ mod tests {
                 token: 34,
                 segs: vec![RemoteSeg { addr: 0x3000, len: 1 << 20 }],
             },
-            Control::DirectGrant { xfer: 35 },
+            Control::DirectGrant { xfer: 35, huge: true },
+            Control::DirectGrant { xfer: 36, huge: false },
             Control::DirectDone { xfer: u64::MAX },
-            Control::OnHugePages { region: 40 },
         ]
     }
 
@@ -1019,7 +1031,14 @@ mod tests {
     #[test]
     fn direct_writes_name_one_valid_source_per_segment() {
         let seg = RemoteSeg { addr: 0x1000, len: 16 };
-        let write = |src: Vec<u64>| Control::DirectWrite { xfer: 1, region: 2, token: 3, segs: vec![seg, seg], src };
+        let write = |src: Vec<u64>| Control::DirectWrite {
+            xfer: 1,
+            region: 2,
+            token: 3,
+            segs: vec![seg, seg],
+            src,
+            huge: false,
+        };
         assert_eq!(write(vec![0x10, 0x20]).validate(), Ok(()));
         for (src, why) in
             [(vec![0x10], "too few"), (vec![0x10, 0x20, 0x30], "too many"), (vec![0x10, u64::MAX], "wraps")]
@@ -1029,14 +1048,26 @@ mod tests {
             // Too many sources are trailing bytes to the decoder, the others fail its checks.
             assert!(decode_frame(&encode(&msg)).is_err(), "{why}");
         }
-        // The layout: a vector request's, then the sources.
-        let frame = encode(&Control::DirectWrite { xfer: 1, region: 2, token: 3, segs: vec![seg], src: vec![0x0a0b] });
+        // The layout: a vector request's, then the sources, then the page size.
+        let one = Control::DirectWrite { xfer: 1, region: 2, token: 3, segs: vec![seg], src: vec![0x0a0b], huge: true };
+        let frame = encode(&one);
         let mut body =
             encode(&Control::ReadVector { xfer: 1, region: 2, token: 3, segs: vec![seg] })[FRAME_HEADER_LEN..].to_vec();
         body.extend(0x0a0bu64.to_le_bytes());
+        body.extend(1u32.to_le_bytes());
         assert_eq!(&frame[FRAME_HEADER_LEN..], &body[..]);
-        // A ProcessAck says 0 or 1, nothing else.
+        // A ProcessAck, and the page size of a DirectWrite or DirectGrant, say 0 or 1, nothing else.
         assert!(matches!(decode_raw(kind::PROCESS_ACK, &2u32.to_le_bytes()), Err(ProtoError::Invalid(_))));
+        let n = body.len();
+        body[n - 4..].copy_from_slice(&2u32.to_le_bytes());
+        assert!(matches!(decode_raw(kind::DIRECT_WRITE, &body), Err(ProtoError::Invalid(_))));
+        let grant = [&7u64.to_le_bytes()[..], &2u32.to_le_bytes()].concat();
+        assert!(matches!(decode_raw(kind::DIRECT_GRANT, &grant), Err(ProtoError::Invalid(_))));
+        let grant = [&7u64.to_le_bytes()[..], &1u32.to_le_bytes()].concat();
+        assert_eq!(
+            decode_raw(kind::DIRECT_GRANT, &grant).unwrap().unwrap().0,
+            Control::DirectGrant { xfer: 7, huge: true }
+        );
     }
 
     #[test]

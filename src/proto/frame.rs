@@ -48,15 +48,15 @@ pub mod kind {
     pub(crate) const DIRECT_READ: u8 = 43;
     pub(crate) const DIRECT_GRANT: u8 = 44;
     pub(crate) const DIRECT_DONE: u8 = 45;
-    pub(crate) const ON_HUGE_PAGES: u8 = 50;
 }
 
 /// Largest vector request body: three ids, the count, the segments.
 const MAX_VECTOR_BODY: usize = 24 + 4 + REMOTE_SEG_LEN * MAX_VECTOR_SEGMENTS;
 /// Largest IPC grant body: two ids, the handle, the allocation's range, the count, the windows.
 const MAX_IPC_GRANT_BODY: usize = 16 + IPC_HANDLE_LEN + 16 + 4 + REMOTE_SEG_LEN * MAX_IPC_WINDOWS;
-/// Largest DirectWrite body: a vector request plus one source address per segment.
-const MAX_DIRECT_WRITE_BODY: usize = MAX_VECTOR_BODY + 8 * MAX_VECTOR_SEGMENTS;
+/// Largest DirectWrite body: a vector request plus one source address per segment and the
+/// sources' page size.
+const MAX_DIRECT_WRITE_BODY: usize = MAX_VECTOR_BODY + 8 * MAX_VECTOR_SEGMENTS + 4;
 
 #[derive(Clone, Copy)]
 enum BodySize {
@@ -100,9 +100,8 @@ fn body_spec(kind: u8) -> Option<(&'static str, BodySize)> {
         kind::PROCESS_ACK => ("ProcessAck body", Exactly(4)),
         kind::DIRECT_WRITE => ("DirectWrite body", UpTo(MAX_DIRECT_WRITE_BODY)),
         kind::DIRECT_READ => ("DirectRead body", UpTo(MAX_VECTOR_BODY)),
-        kind::DIRECT_GRANT => ("DirectGrant body", Exactly(8)),
+        kind::DIRECT_GRANT => ("DirectGrant body", Exactly(12)),
         kind::DIRECT_DONE => ("DirectDone body", Exactly(8)),
-        kind::ON_HUGE_PAGES => ("OnHugePages body", Exactly(8)),
         _ => return None,
     };
     Some(spec)
@@ -213,7 +212,7 @@ mod tests {
     use super::*;
     use crate::proto::testutil::XorShift;
 
-    const KNOWN: [u8; 33] = [
+    const KNOWN: [u8; 32] = [
         kind::HELLO,
         kind::WELCOME,
         kind::REFUSE,
@@ -246,7 +245,6 @@ mod tests {
         kind::DIRECT_READ,
         kind::DIRECT_GRANT,
         kind::DIRECT_DONE,
-        kind::ON_HUGE_PAGES,
     ];
 
     fn raw(magic: u16, kind: u8, flags: u8, body_len: u32) -> [u8; 8] {
@@ -298,9 +296,9 @@ mod tests {
         assert_eq!(max_body_len(kind::READ_VECTOR), Some(28 + 12 * 65536));
         assert_eq!(max_body_len(kind::PROCESS_HELLO), Some(8));
         assert_eq!(max_body_len(kind::PROCESS_ACK), Some(4));
-        assert_eq!(max_body_len(kind::DIRECT_WRITE), Some(28 + 20 * 65536));
+        assert_eq!(max_body_len(kind::DIRECT_WRITE), Some(32 + 20 * 65536));
         assert_eq!(max_body_len(kind::DIRECT_READ), Some(28 + 12 * 65536));
-        assert_eq!(max_body_len(kind::DIRECT_GRANT), Some(8));
+        assert_eq!(max_body_len(kind::DIRECT_GRANT), Some(12));
         assert_eq!(max_body_len(kind::DIRECT_DONE), Some(8));
         assert_eq!(max_body_len(kind::IPC_REQUEST), Some(28 + 12 * 65536));
         assert_eq!(max_body_len(kind::IPC_GRANT), Some(100 + 12 * 4096));
@@ -339,7 +337,6 @@ mod tests {
             kind::PROCESS_ACK,
             kind::DIRECT_GRANT,
             kind::DIRECT_DONE,
-            kind::ON_HUGE_PAGES,
         ] {
             let max = u32::try_from(max_body_len(k).unwrap()).unwrap();
             for len in 0..max {

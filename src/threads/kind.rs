@@ -30,8 +30,8 @@ pub enum ThreadKind {
     ControlReactor,
     /// One of the process's helpers that take pieces of large same-host copies.
     HostCopyHelper,
-    /// The process's thread that reads smaps to learn which memory lies on huge pages.
-    PageLook,
+    /// A thread collapsing one region's memory into huge pages (`Region::collapse_into_huge_pages`).
+    Collapse,
 }
 
 impl ThreadKind {
@@ -49,7 +49,7 @@ impl ThreadKind {
             ThreadKind::HostCopier => "host copy thread",
             ThreadKind::ControlReactor => "control reactor thread",
             ThreadKind::HostCopyHelper => "host copy helper thread",
-            ThreadKind::PageLook => "page-size look thread",
+            ThreadKind::Collapse => "huge-page collapse thread",
         }
     }
 

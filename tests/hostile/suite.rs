@@ -145,7 +145,7 @@ fn encode(msg: &Handshake) -> Vec<u8> {
 }
 
 /// The crate's protocol version (crate-private there); a wrong one fails every handshake below.
-const PROTOCOL_VERSION: u16 = 18;
+const PROTOCOL_VERSION: u16 = 19;
 
 fn hello() -> Hello {
     Hello {
@@ -1559,6 +1559,7 @@ fn a_same_host_peer_is_copied_from_only_when_it_proves_its_process() {
         token: wire_token(fake, cap.region, cap.token),
         segs: vec![RemoteSeg { addr: window.addr, len: src.len() as u32 }],
         src: vec![src.as_ptr() as u64],
+        huge: false,
     };
 
     let mut other = std::process::Command::new("sleep").arg("60").spawn().unwrap();
@@ -1625,6 +1626,7 @@ fn deregistering_during_a_same_host_copy_in_is_a_fence() {
             token: wire_token(&fake, cap.region, cap.token),
             segs: vec![RemoteSeg { addr: window.addr, len: len as u32 }],
             src: vec![src.as_ptr() as u64],
+            huge: false,
         });
         // Later rounds let the copy get further before the cut.
         std::thread::sleep(Duration::from_millis(round * 2));

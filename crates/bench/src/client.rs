@@ -329,11 +329,11 @@ impl Run<'_> {
         Ok(timed)
     }
 
-    /// Lets the engine's background looks at where sources lie (`engine::huge_pages`), which the
-    /// checked and warm-up transfers started on either end, finish before the timed ones: they
-    /// should see the answers, as a long-running process does from its first milliseconds on.
+    /// Lets the collapses into huge pages (`UCCL_TCPX_HOST_COPY_COLLAPSE`) that the checked and
+    /// warm-up transfers started on either end finish before the timed ones: they should see the
+    /// pages a long-running process has.
     fn settle(&mut self) -> Io<()> {
-        crate::same_host::settle_looks("client");
+        crate::same_host::settle_collapses("client");
         self.ctl.send("SETTLE")?;
         self.verdict()
     }

@@ -157,7 +157,7 @@ pub fn prefaulted(len: usize, huge: bool) -> Io<HostBuffer> {
     if huge && len >= HUGE {
         // Advice only: a kernel that declines leaves small pages, and a run must not be read as
         // one on huge pages then.
-        let granted = uccl_tcpx::engine::huge_pages::range_on_huge_pages(None, v.as_ptr() as usize, len);
+        let granted = uccl_tcpx::host_memory::on_huge_pages(v.as_ptr() as usize, len);
         if !granted {
             eprintln!(
                 "uccl-tcpx-bench: a {len}-byte host buffer asked for huge pages lies mostly on small pages (kernel THP mode: {})",

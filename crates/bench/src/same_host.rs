@@ -10,16 +10,17 @@ use uccl_tcpx::engine::HostPath;
 
 /// How long the two ends may take to check each other's process before the run starts.
 const CHECK_LIMIT: Duration = Duration::from_secs(10);
-/// How long an end waits for the engine's page-size looks before the timed transfers (smaps reads:
-/// milliseconds, tens of them in a process holding gigabytes).
-const LOOKS_SETTLE: Duration = Duration::from_secs(2);
+/// How long an end waits for the engine's collapses of its regions into huge pages
+/// (`UCCL_TCPX_HOST_COPY_COLLAPSE`) before the timed transfers: about 0.4 s of a thread per GiB,
+/// paced to a quarter of it.
+const COLLAPSES_SETTLE: Duration = Duration::from_secs(5);
 
-/// Waits for this process's page-size looks to finish, saying so on stderr when they did not.
-pub fn settle_looks(end: &str) {
-    if !uccl_tcpx::engine::huge_pages::looks_settled(LOOKS_SETTLE) {
+/// Waits for this process's collapses to finish, saying so on stderr when they did not.
+pub fn settle_collapses(end: &str) {
+    if !uccl_tcpx::engine::collapses_settled(COLLAPSES_SETTLE) {
         eprintln!(
-            "uccl-tcpx-bench: the {end}'s page-size looks did not finish in {} s; timed transfers may see small pages",
-            LOOKS_SETTLE.as_secs()
+            "uccl-tcpx-bench: the {end}'s collapses into huge pages did not finish in {} s; timed transfers may see small pages",
+            COLLAPSES_SETTLE.as_secs()
         );
     }
 }

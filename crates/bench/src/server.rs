@@ -181,10 +181,10 @@ pub fn spin_us() -> u64 {
         .get_or_init(|| if std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) >= 8 { 50 } else { 0 })
 }
 
-/// The client's `SETTLE` after its warm-up: this end's page-size looks finish before the timed
-/// transfers (`same_host::settle_looks`).
+/// The client's `SETTLE` after its warm-up: this end's collapses finish before the timed
+/// transfers (`same_host::settle_collapses`).
 fn settle(ctl: &mut Ctl) -> Io<()> {
     ctl.expect("SETTLE")?;
-    crate::same_host::settle_looks("server");
+    crate::same_host::settle_collapses("server");
     ctl.send("OK")
 }

@@ -21,7 +21,7 @@ use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Capability, Control, MAX_INLINE_LEN, RemoteSeg};
 use crate::trace::clock_ns;
-use crate::transport::{IoSeg, MemKind};
+use crate::transport::IoSeg;
 
 /// How long a caller waiting on its chunks parks before it looks again unwoken (a safety net: a
 /// completion or the transfer's end unparks it).
@@ -99,9 +99,6 @@ impl Connection {
         if let Some(done) = self.try_device_one_sided(&requests, write, posted) {
             return done;
         }
-        if self.core.config.host_copy_huge_pages && self.link.locality == Locality::SameHost {
-            self.mark_huge_sources(&mut requests, write);
-        }
         if write {
             let mem = self.memory();
             for request in requests.iter_mut() {
@@ -115,39 +112,6 @@ impl Connection {
             }
         }
         self.post(requests.len(), posted, |st, transfer, out| st.post_one_sided(transfer, write, requests, out))
-    }
-
-    /// Marks the requests whose source lies on huge pages, which the same-host path copies
-    /// differently (`Config::host_copy_huge_pages`): a write's source is our region, a read's the
-    /// peer's memory, each answered from the last read of that process's smaps (`huge_pages/`), and
-    /// a read's only once the peer's process is proven readable (no direct copy goes before that).
-    fn mark_huge_sources(&self, requests: &mut [OneSidedRequest], write: bool) {
-        // A write's source is ours: the peer's handle is looked up (a lock) for reads only.
-        let peer = if write { None } else { self.host.peer() };
-        for request in requests {
-            let (region, len) = match &*request {
-                OneSidedRequest::Item(i) => (&i.region, i.len),
-                OneSidedRequest::Vector(v) => (&v.region, v.local.len()),
-            };
-            // Inline transfers and device memory never take the direct copy.
-            if len <= MAX_INLINE_LEN as u64 || region.kind != MemKind::Host {
-                continue;
-            }
-            let huge = if write {
-                region.on_huge_pages()
-            } else {
-                peer.as_ref().is_some_and(|peer| match &*request {
-                    OneSidedRequest::Item(i) => peer.on_huge_pages([(i.remote_addr as usize, i.len as usize)]),
-                    OneSidedRequest::Vector(v) => {
-                        peer.on_huge_pages(v.segs.iter().map(|s| (s.addr as usize, s.len as usize)))
-                    }
-                })
-            };
-            match request {
-                OneSidedRequest::Item(i) => i.huge_source = huge,
-                OneSidedRequest::Vector(v) => v.huge_source = huge,
-            }
-        }
     }
 
     /// The checks of every item (its local range in a live registration, its capability, its
@@ -583,7 +547,6 @@ impl CheckedRun {
                     token,
                     remote_addr: op.remote.addr,
                     payload: None,
-                    huge_source: false,
                 })
             })
             .collect()
@@ -598,7 +561,7 @@ impl CheckedRun {
         // The length was checked against the u32 size of its FifoItem.
         let segs = items.iter().map(|op| RemoteSeg { addr: op.remote.addr, len: op.len as u32 }).collect();
         let (region, remote_region, token) = (region.clone(), *remote_region, *token);
-        OneSidedRequest::Vector(VectorRequest { region, local, remote_region, token, segs, huge_source: false })
+        OneSidedRequest::Vector(VectorRequest { region, local, remote_region, token, segs })
     }
 }
 

@@ -63,12 +63,11 @@ impl Connection {
                 Some(HostTask::Prove { pid, fd }) => {
                     let reads_peer = match local::prove(pid, fd, &self.control) {
                         Ok(proven) => {
-                            let process = process.insert(proven.process);
+                            *process = Some(proven.process);
                             match proven.readable {
                                 Ok(()) => {
                                     let addr = self.peer.addr;
                                     log::debug!("same-host peer {addr} is process {pid}: host memory moves directly");
-                                    self.host.proven(process);
                                     true
                                 }
                                 Err(refused) => {
@@ -152,9 +151,7 @@ pub(super) fn copy(
     gate.begin(&job.region);
     // One thread copies a small job whole: its source's pages do not matter then.
     let huge_min = (config.host_copy_huge_pages && threads > 1).then_some(config.host_copy_huge_min_piece);
-    let min_piece = host_job::smallest_piece(job.len, config.host_copy_min_piece, huge_min, || {
-        process.on_huge_pages(job.remote.iter().map(|s| (s.addr, s.len)))
-    });
+    let min_piece = host_job::smallest_piece(job.len, config.host_copy_min_piece, huge_min, job.remote_huge);
     let shared = SharedJob::new(
         &job.local,
         &job.remote,

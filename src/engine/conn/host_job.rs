@@ -198,17 +198,11 @@ fn piece_bytes(len: u64, threads: usize, min_piece: u64) -> u64 {
 }
 
 /// The smallest piece of a `len`-byte job: `huge_min` (set with `Config::host_copy_huge_pages`)
-/// for a job of at most `HUGE_PIECES_UP_TO` whose source `on_huge_pages` says lies on huge pages,
-/// else `min_piece`. The source is asked about only when its answer could matter: a peer's first
-/// answer reads its smaps.
-pub(super) fn smallest_piece(
-    len: u64,
-    min_piece: u32,
-    huge_min: Option<u32>,
-    on_huge_pages: impl FnOnce() -> bool,
-) -> u64 {
+/// for a job of at most `HUGE_PIECES_UP_TO` whose source the peer says lies on huge pages, else
+/// `min_piece`. Both bounds are ours: the peer's word only picks between them.
+pub(super) fn smallest_piece(len: u64, min_piece: u32, huge_min: Option<u32>, source_on_huge_pages: bool) -> u64 {
     match huge_min {
-        Some(huge_min) if len <= HUGE_PIECES_UP_TO && on_huge_pages() => u64::from(huge_min),
+        Some(huge_min) if len <= HUGE_PIECES_UP_TO && source_on_huge_pages => u64::from(huge_min),
         _ => u64::from(min_piece),
     }
 }
@@ -221,24 +215,16 @@ mod tests {
     fn small_jobs_on_huge_pages_take_the_huge_pages_piece() {
         const K: u32 = 1 << 10;
         const M: u64 = 1 << 20;
-        let asked = std::cell::Cell::new(0);
-        let source = |huge: bool| {
-            let asked = &asked;
-            move || {
-                asked.set(asked.get() + 1);
-                huge
-            }
-        };
-        assert_eq!(smallest_piece(4 * M, 1024 * K, Some(256 * K), source(true)), 256 << 10);
-        assert_eq!(smallest_piece(8 * M, 1024 * K, Some(128 * K), source(true)), 128 << 10, "8 MiB included");
-        assert_eq!(smallest_piece(4 * M, 1024 * K, Some(256 * K), source(false)), 1 << 20, "small pages");
-        assert_eq!(asked.get(), 3);
-        assert_eq!(smallest_piece(8 * M + 1, 1024 * K, Some(256 * K), source(true)), 1 << 20, "above 8 MiB");
-        assert_eq!(smallest_piece(4 * M, 512 * K, None, source(true)), 512 << 10, "the knob off");
-        assert_eq!(asked.get(), 3, "the source is not asked about where its answer cannot matter");
-        // What the cut makes of it: 4 MiB on 16 threads in 256 KiB pieces rather than four of 1 MiB.
-        assert_eq!(piece_bytes(4 * M, 16, smallest_piece(4 * M, 1024 * K, Some(256 * K), || true)), 256 << 10);
-        assert_eq!(piece_bytes(4 * M, 16, smallest_piece(4 * M, 1024 * K, None, || true)), M);
+        assert_eq!(smallest_piece(4 * M, 1024 * K, Some(256 * K), true), 256 << 10);
+        assert_eq!(smallest_piece(8 * M, 1024 * K, Some(128 * K), true), 128 << 10, "8 MiB included");
+        assert_eq!(smallest_piece(4 * M, 1024 * K, Some(256 * K), false), 1 << 20, "small pages");
+        assert_eq!(smallest_piece(8 * M + 1, 1024 * K, Some(256 * K), true), 1 << 20, "above 8 MiB");
+        assert_eq!(smallest_piece(4 * M, 512 * K, None, true), 512 << 10, "the knob off");
+        // What the cut makes of it: 4 MiB on 16 threads in 256 KiB pieces rather than four of 1 MiB,
+        // and whatever the peer says, never outside the cut's own bounds.
+        assert_eq!(piece_bytes(4 * M, 16, smallest_piece(4 * M, 1024 * K, Some(256 * K), true)), 256 << 10);
+        assert_eq!(piece_bytes(4 * M, 16, smallest_piece(4 * M, 1024 * K, None, true)), M);
+        assert!(piece_bytes(4 * M, 16, smallest_piece(4 * M, 1024 * K, Some(256 * K), true)) <= PIECE_BYTES);
     }
 
     #[test]

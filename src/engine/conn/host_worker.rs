@@ -137,9 +137,6 @@ pub(super) struct HostCopy {
     /// Held by the thread running the queued work (the worker or a waiting caller): one job at a
     /// time, as the gate requires. Holds the peer's process once proven.
     runner: Mutex<Option<Arc<PeerProcess>>>,
-    /// The peer's process once proven readable, for a poster asking about its memory without the
-    /// runner token (whether a read's source lies on huge pages, which only the direct copy heeds).
-    peer: Mutex<Option<Arc<PeerProcess>>>,
     /// The copy of a read of ours was queued for the worker since the queue was last taken up: a
     /// caller polling or waiting on the connection may run it before the worker wakes.
     ours_queued: AtomicBool,
@@ -171,19 +168,8 @@ impl HostCopy {
             signal: Arc::default(),
             worker: Mutex::new(None),
             runner: Mutex::new(None),
-            peer: Mutex::new(None),
             ours_queued: AtomicBool::new(false),
         }
-    }
-
-    /// The peer's process was proven and the kernel lets us read it (once per connection).
-    pub fn proven(&self, process: &Arc<PeerProcess>) {
-        self.peer.lock().get_or_insert_with(|| process.clone());
-    }
-
-    /// The peer's process, once proven readable.
-    pub fn peer(&self) -> Option<Arc<PeerProcess>> {
-        self.peer.lock().clone()
     }
 
     fn id(&self) -> usize {
@@ -327,7 +313,6 @@ impl HostCopy {
         if let Some(mut runner) = self.runner.try_lock() {
             runner.take();
         }
-        self.peer.lock().take();
     }
 }
 

@@ -369,11 +369,6 @@ impl Connection {
                 }
                 Action::HostWork { ours } => result = self.host.wake(ours),
                 Action::Collapse(region) => region.collapse_into_huge_pages(),
-                Action::ReadPeerPages => {
-                    if let Some(peer) = self.host.peer() {
-                        peer.pages_changed();
-                    }
-                }
             }
         }
         result

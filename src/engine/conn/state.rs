@@ -72,8 +72,6 @@ pub(super) enum Action {
     /// huge pages in the background, once, and paced again for extents left small
     /// (`Region::collapse_into_huge_pages`).
     Collapse(Arc<Region>),
-    /// The peer's pages changed size in place: read them again (`PeerProcess::pages_changed`).
-    ReadPeerPages,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,9 +124,6 @@ pub(super) struct OneSidedItem {
     pub remote_addr: u64,
     /// The bytes of a small write, read before the state lock.
     pub payload: Option<Vec<u8>>,
-    /// The source (ours for a write, the peer's for a read) lies on huge pages, as looked up
-    /// before the state lock; only asked with `Config::host_copy_huge_pages`.
-    pub huge_source: bool,
 }
 
 /// Items of a caller's write or read that share both regions, as one request: this end's segments
@@ -139,8 +134,6 @@ pub(super) struct VectorRequest {
     pub remote_region: u64,
     pub token: u64,
     pub segs: Vec<RemoteSeg>,
-    /// As for [`OneSidedItem::huge_source`].
-    pub huge_source: bool,
 }
 
 /// One request of a caller's write or read.
@@ -480,8 +473,7 @@ impl ConnState {
         flows: &mut Vec<Action>,
     ) -> (Control, bool, bool) {
         let id = self.take_id();
-        let OneSidedItem { region, addr: local, len, remote_region, token, remote_addr: addr, payload, huge_source } =
-            item;
+        let OneSidedItem { region, addr: local, len, remote_region, token, remote_addr: addr, payload } = item;
         // Small transfers ride the control stream: one round trip instead of a request, a grant
         // and a channel hop (for device memory also instead of two staged copies), while the
         // inline bytes in flight stay bounded.
@@ -493,7 +485,7 @@ impl ConnState {
         let direct = match u32::try_from(len) {
             Ok(seg_len) if direct && !inline => {
                 let seg = RemoteSeg { addr, len: seg_len };
-                self.direct_request(id, write, (&extent, &region, huge_source), remote_region, token, &[seg], flows)
+                self.direct_request(id, write, (&extent, &region), remote_region, token, &[seg], flows)
             }
             _ => None,
         };
@@ -528,9 +520,9 @@ impl ConnState {
         flows: &mut Vec<Action>,
     ) -> (Control, bool) {
         let id = self.take_id();
-        let VectorRequest { region, local: extent, remote_region, token, segs, huge_source } = vector;
+        let VectorRequest { region, local: extent, remote_region, token, segs } = vector;
         let direct = if direct {
-            self.direct_request(id, write, (&extent, &region, huge_source), remote_region, token, &segs, flows)
+            self.direct_request(id, write, (&extent, &region), remote_region, token, &segs, flows)
         } else {
             None
         };
@@ -707,10 +699,7 @@ impl ConnState {
             Control::ReadVector { xfer, region, token, segs } => {
                 match mem.authorize_segments(region, token, &segs) {
                     Err(e) => deny(xfer, e, out),
-                    Ok(region) => {
-                        self.serving_over_channels(&region, out);
-                        self.serve(xfer, Source { extent: local_segments(&segs), region }, out)?
-                    }
+                    Ok(region) => self.serve(xfer, Source { extent: local_segments(&segs), region }, out)?,
                 }
                 Ok(())
             }
@@ -718,7 +707,6 @@ impl ConnState {
                 match mem.authorize(region, token, addr, len) {
                     Err(e) => deny(xfer, e, out),
                     Ok(region) => {
-                        self.serving_over_channels(&region, out);
                         let extent = Extent::Contiguous { addr: addr as usize, len };
                         self.serve(xfer, Source { extent, region }, out)?
                     }
@@ -895,18 +883,14 @@ impl ConnState {
             Control::Close => Err(Error::disconnected("the peer closed the connection")),
             Control::ProcessHello { pid, fd } => self.on_process_hello(pid, fd, out),
             Control::ProcessAck { readable } => self.on_process_ack(readable),
-            Control::DirectWrite { xfer, region, token, segs, src } => {
-                self.on_direct_write(xfer, (region, token), segs, src, mem, out)
+            Control::DirectWrite { xfer, region, token, segs, src, huge } => {
+                self.on_direct_write(xfer, (region, token), segs, (src, huge), mem, out)
             }
             Control::DirectRead { xfer, region, token, segs } => {
                 self.on_direct_read(xfer, (region, token), segs, mem, out)
             }
-            Control::DirectGrant { xfer } => self.on_direct_grant(xfer, out),
+            Control::DirectGrant { xfer, huge } => self.on_direct_grant(xfer, huge, out),
             Control::DirectDone { xfer } => self.on_direct_done(xfer, out),
-            Control::OnHugePages { .. } => {
-                self.on_peer_huge_pages(out);
-                Ok(())
-            }
             Control::IpcRequest { .. }
             | Control::IpcGrant { .. }
             | Control::IpcRevoke { .. }

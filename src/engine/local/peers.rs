@@ -1,6 +1,5 @@
 //! One [`PeerProcess`] per peer process, shared by every connection of this process to it: one
-//! pidfd and one cache of its smaps (read at most once per gap, not once per connection),
-//! dropped with the last connection that holds it.
+//! pidfd, dropped with the last connection that holds it.
 //!
 //! Keyed by pid, and a recycled pid never aliases: a proof pins its process with a pidfd of its
 //! own (`proof.rs`) before it looks here, and shares the entry only when both pidfds name live

@@ -6,7 +6,6 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::engine::huge_pages::KnownMappings;
 use crate::transport::IoSeg;
 
 /// Bytes one `process_vm_readv` call moves at most: the longest a deregistration waits for a copy
@@ -32,8 +31,6 @@ pub fn refuse_process_access(pid: u32) {
 pub struct PeerProcess {
     pid: libc::pid_t,
     pidfd: OwnedFd,
-    /// What its mappings lie on, from the last read of its smaps, made in the background.
-    huge: KnownMappings,
 }
 
 impl PeerProcess {
@@ -51,27 +48,11 @@ impl PeerProcess {
         let fd = i32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
         // SAFETY: the kernel just handed us this descriptor; nothing else owns it.
         let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(PeerProcess { pid, pidfd, huge: KnownMappings::of_process(Some(pid.unsigned_abs())) })
+        Ok(PeerProcess { pid, pidfd })
     }
 
     pub fn pid(&self) -> u32 {
         self.pid.unsigned_abs()
-    }
-
-    /// Whether the peer's memory under `segs` (address and length each) lies mostly on huge pages,
-    /// as the last read of its smaps said: memory mapped since that read (or before the first)
-    /// queues another on the looker thread (milliseconds) and says small pages until its answer
-    /// is in; a "small pages" answer from a read a second old or more queues a recheck, so that
-    /// pages the peer collapsed in place show. Only a hint for how to copy: a late or stale answer
-    /// costs speed.
-    pub fn on_huge_pages(&self, segs: impl IntoIterator<Item = (usize, usize)>) -> bool {
-        self.huge.on_huge_pages(segs)
-    }
-
-    /// The peer says its pages changed size in place (collapsed): its smaps are read again, no
-    /// sooner than the gap after the last read allows, instead of at the next recheck.
-    pub fn pages_changed(&self) {
-        self.huge.refresh();
     }
 
     /// Whether the pinned process still runs (so its pid still names it).

@@ -8,6 +8,12 @@
 //! no further piece starts (`conn/host_job.rs`). Another process only ever reads our memory, which
 //! cannot corrupt it.
 //!
+//! Whose pages count: a transfer's source is the memory of the end that is read, and only that end
+//! looks at its pages (`Region::on_huge_pages`, read from its own smaps). It decides whether the
+//! network band keeps the transfer to the channels (a write's initiator before asking, a read's
+//! target when answering), and tells the copying end in its DirectWrite or DirectGrant, which
+//! uses the word only to size its copy pieces.
+//!
 //! Who decides: the target, exactly as on the network path. A DirectWrite or DirectRead is
 //! authorized by the region table like a WriteVector or ReadVector (token, advertised window, every
 //! segment or none), and refused with Deny. The target may also answer with the network path's own
@@ -30,9 +36,7 @@
 
 use std::sync::Arc;
 
-use super::direct_table::{
-    AskedRead, Copied, CopyJob, HostPath, HostTask, Lease, MAX_DIRECT_PENDING, MAX_HINT_CREDIT, MAX_HUGE_HINTS, OurRead,
-};
+use super::direct_table::{AskedRead, Copied, CopyJob, HostPath, HostTask, Lease, MAX_DIRECT_PENDING, OurRead};
 use super::{Action, ConnState, Extent, Inbound, Memory, OnDone, Source, deny, deny_msg, unknown_op, violation};
 use crate::engine::region::Region;
 use crate::engine::transfer::Transfer;
@@ -85,44 +89,19 @@ impl ConnState {
         self.direct.collapse = true;
     }
 
+    /// Whether the network band keeps a transfer of `len` bytes out of our memory to the channels:
+    /// inside the band, unless its source lies on huge pages and `Config::host_copy_huge_pages`
+    /// lets that count. On huge pages the copy no longer loses to the channels there: the kernel
+    /// pins the source in a few steps, so its copying threads do not contend.
+    fn kept_to_channels(&self, len: u64, huge_source: bool) -> bool {
+        let huge = self.direct.huge_pages && huge_source;
+        !huge && self.direct.network_band.is_some_and(|(lo, hi)| lo < len && len < hi)
+    }
+
     /// Asks for `region` to be collapsed into huge pages: the peer is to copy out of it.
     fn collapse_source(&self, region: &Arc<Region>, out: &mut Vec<Action>) {
         if self.direct.collapse && region.kind == MemKind::Host && region.collapse_due() {
             out.push(Action::Collapse(region.clone()));
-        }
-    }
-
-    /// A read the channels carry out of `region` for a peer of this host that could copy out of
-    /// us: the reader kept to the channels because our pages are small (the network band). The
-    /// region is collapsed, and once our own look finds it on huge pages the reader is told, once,
-    /// so that it reads our pages again and its later reads out of the region are copied directly.
-    /// Its own recheck would find them too, but only a second or more after its last look, and
-    /// further apart the more memory we hold (every look reads all of our page tables).
-    pub(super) fn serving_over_channels(&mut self, region: &Arc<Region>, out: &mut Vec<Action>) {
-        if !(self.direct.same_host && self.direct.huge_pages && self.direct.path.peer_reads_us) {
-            return;
-        }
-        self.collapse_source(region, out);
-        let told = &mut self.direct.told_huge;
-        if region.kind != MemKind::Host || told.contains(&region.id) || !region.on_huge_pages() {
-            return;
-        }
-        if told.len() >= MAX_HUGE_HINTS {
-            told.clear();
-        }
-        told.insert(region.id);
-        out.push(Action::Send(Control::OnHugePages { region: region.id }));
-    }
-
-    /// The peer says pages of its region changed size: ours of its pages are read again (no
-    /// sooner than the reads' gap allows), so the answer the next reads ask is the kernel's, not
-    /// the peer's word. Taken from a peer of this host only, and at most once per read of ours
-    /// the band kept to the channels (`hint_credit`); other hints are dropped.
-    pub(super) fn on_peer_huge_pages(&mut self, out: &mut Vec<Action>) {
-        if self.direct.same_host && self.direct.hint_credit > 0 {
-            self.direct.hint_credit -= 1;
-            self.direct.path.huge_hints += 1;
-            out.push(Action::ReadPeerPages);
         }
     }
 
@@ -197,14 +176,13 @@ impl ConnState {
     }
 
     /// The request message for a one-sided item or vector that may take the direct path, or `None`
-    /// (the network request then). `local` is this end's memory, its region and whether the
-    /// transfer's source lies on huge pages, `segs` the peer's memory.
+    /// (the network request then). `local` is this end's memory and its region, `segs` the peer's.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn direct_request(
         &mut self,
         id: u64,
         write: bool,
-        (local, region, huge_source): (&Extent, &Arc<Region>, bool),
+        (local, region): (&Extent, &Arc<Region>),
         remote_region: u64,
         token: u64,
         segs: &[RemoteSeg],
@@ -213,20 +191,13 @@ impl ConnState {
         if !self.direct.usable(write) {
             return None;
         }
-        let len = local.len();
-        // On huge pages the copy no longer loses to the channels there: the kernel pins the
-        // source in a few steps, so its copying threads do not contend.
-        let huge = self.direct.huge_pages && huge_source;
-        if !huge && self.direct.network_band.is_some_and(|(lo, hi)| lo < len && len < hi) {
-            // The peer could copy this source out of us; once it lies on huge pages, later
-            // transfers out of it skip the band. A read's target asks for its own region when it
-            // serves the read (`serving_over_channels`).
-            if write && self.direct.huge_pages {
+        // A write's source is ours, and the band is ours to apply; a read's source is the
+        // target's, which applies the band when it answers (`on_direct_read`).
+        let huge_source = write && region.on_huge_pages();
+        if write && self.kept_to_channels(local.len(), huge_source) {
+            // Once the source lies on huge pages, later transfers out of it skip the band.
+            if self.direct.huge_pages {
                 self.collapse_source(region, extra);
-            }
-            // The target may answer this read with a hint once its source lies on huge pages.
-            if !write && self.direct.huge_pages {
-                self.direct.hint_credit = (self.direct.hint_credit + 1).min(MAX_HINT_CREDIT);
             }
             return None;
         }
@@ -243,7 +214,7 @@ impl ConnState {
             if !huge_source {
                 self.collapse_source(region, extra);
             }
-            Some(Control::DirectWrite { xfer: id, region: remote_region, token, segs, src })
+            Some(Control::DirectWrite { xfer: id, region: remote_region, token, segs, src, huge: huge_source })
         } else {
             let asked = AskedRead { region: remote_region, token, segs: segs.clone() };
             self.direct.reads.insert(id, asked);
@@ -274,12 +245,13 @@ impl ConnState {
 
     /// The peer's DirectWrite: authorized like a WriteVector, then copied in here when we can read
     /// the peer and the memory is ours to copy with the CPU, else granted as a network write.
+    /// `remote_huge`, the peer's word that its source lies on huge pages, only sizes the pieces.
     pub(super) fn on_direct_write(
         &mut self,
         xfer: u64,
         (region, token): (u64, u64),
         segs: Vec<RemoteSeg>,
-        src: Vec<u64>,
+        (src, remote_huge): (Vec<u64>, bool),
         mem: &impl Memory,
         out: &mut Vec<Action>,
     ) -> Result<()> {
@@ -291,7 +263,7 @@ impl ConnState {
             return Ok(());
         }
         let remote = segs.iter().zip(&src).map(|(s, &a)| IoSeg { addr: a as usize, len: s.len as usize }).collect();
-        self.queue_peer_write(xfer, region, &segs, remote, out)
+        self.queue_peer_write(xfer, region, &segs, (remote, remote_huge), out)
     }
 
     /// Queues for the worker the copy of the peer's authorized write `xfer` into `segs` of
@@ -301,21 +273,23 @@ impl ConnState {
         xfer: u64,
         region: Arc<Region>,
         segs: &[RemoteSeg],
-        remote: Vec<IoSeg>,
+        (remote, remote_huge): (Vec<IoSeg>, bool),
         out: &mut Vec<Action>,
     ) -> Result<()> {
         self.check_pending()?;
         let len = segs.iter().map(|s| u64::from(s.len)).sum();
         let queued = self.queued_at();
         let local = remote_segs(segs);
-        let job = CopyJob { op: xfer, read: None, region, local, remote, len, error: None, queued };
+        let job = CopyJob { op: xfer, read: None, region, local, remote, remote_huge, len, error: None, queued };
         self.direct.work.push_back(HostTask::Copy(job));
         out.push(Action::HostWork { ours: false });
         Ok(())
     }
 
     /// The peer's DirectRead: authorized like a ReadVector, then granted for the peer to copy out
-    /// of host memory, else served over the network.
+    /// of host memory, else served over the network: device memory, a reader that cannot copy out
+    /// of us, or a transfer our network band keeps to the channels (whose source is then asked to
+    /// be collapsed, so that later reads out of it are granted).
     pub(super) fn on_direct_read(
         &mut self,
         xfer: u64,
@@ -339,8 +313,17 @@ impl ConnState {
             return self.serve(xfer, Source { extent: extent_of(&segs), region }, out);
         }
         let len = segs.iter().map(|s| u64::from(s.len)).sum();
-        out.push(Action::Send(Control::DirectGrant { xfer }));
-        self.collapse_source(&region, out);
+        let huge = region.on_huge_pages();
+        if self.kept_to_channels(len, huge) {
+            if self.direct.huge_pages {
+                self.collapse_source(&region, out);
+            }
+            return self.serve(xfer, Source { extent: extent_of(&segs), region }, out);
+        }
+        out.push(Action::Send(Control::DirectGrant { xfer, huge }));
+        if !huge {
+            self.collapse_source(&region, out);
+        }
         self.direct.leases.insert(xfer, Lease { region, len });
         Ok(())
     }
@@ -354,8 +337,9 @@ impl ConnState {
     }
 
     /// The target granted our direct read: copy it, or ask for it over the channels at once when
-    /// the kernel refused us a copy out of the peer since (`lost_peer_access`).
-    pub(super) fn on_direct_grant(&mut self, xfer: u64, out: &mut Vec<Action>) -> Result<()> {
+    /// the kernel refused us a copy out of the peer since (`lost_peer_access`). `remote_huge`, the
+    /// target's word that its region lies on huge pages, only sizes the pieces.
+    pub(super) fn on_direct_grant(&mut self, xfer: u64, remote_huge: bool, out: &mut Vec<Action>) -> Result<()> {
         if self.direct.announced_reads_peer != Some(true) {
             return Err(violation(&format!(
                 "a DirectGrant for read {xfer}, though we never said we can copy out of the peer"
@@ -369,6 +353,7 @@ impl ConnState {
             read: asked.read_for(dst.on_done.transfer()),
             local: segs_of(&dst.extent),
             remote: remote_segs(&asked.segs),
+            remote_huge,
             len: dst.extent.len(),
             region: dst.region,
             error: dst.error,

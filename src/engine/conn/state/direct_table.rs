@@ -11,14 +11,6 @@ use crate::error::Error;
 use crate::proto::RemoteSeg;
 use crate::transport::IoSeg;
 
-/// Our regions a connection remembers having told the peer lie on huge pages (`OnHugePages`); past
-/// it the memory starts over, and a region told twice only has the peer read our pages again.
-pub(super) const MAX_HUGE_HINTS: usize = 4096;
-/// The most hints of the peer's that our reads kept to the channels may still have answered
-/// (`hint_credit`): as many as reads in flight need, but not a bank a peer could fill over a long
-/// run of reads and spend later, one reread of its pages after another.
-pub(super) const MAX_HINT_CREDIT: usize = 16;
-
 /// Work a peer may queue here (copies of its writes, leases of its reads) before it is treated as
 /// hostile.
 pub(super) const MAX_DIRECT_PENDING: usize = 1 << 16;
@@ -44,6 +36,8 @@ pub(crate) struct CopyJob {
     pub local: Vec<IoSeg>,
     /// Where the same bytes lie in the peer.
     pub remote: Vec<IoSeg>,
+    /// The peer said its memory there lies on huge pages: a hint for the copy's piece size only.
+    pub remote_huge: bool,
     pub len: u64,
     /// Set when the region was cut off before the copy ran: nothing is copied, the op fails.
     pub error: Option<Error>,
@@ -111,9 +105,6 @@ pub struct HostPath {
     /// Copies of our reads that the caller waiting or polling on them took up on its own thread
     /// rather than leaving them to the connection's host worker.
     pub caller_copies: u64,
-    /// `OnHugePages` hints the peer sent (its region's pages changed size) that had its pages read
-    /// again: one per read of ours the network band kept to the channels, at most.
-    pub huge_hints: u64,
 }
 
 #[derive(Default)]
@@ -150,12 +141,6 @@ pub(super) struct Direct {
     pub(super) leases: HashMap<u64, Lease>,
     /// Host-copy tracing is on: jobs record when they were queued.
     pub(super) timed: bool,
-    /// Our regions we told the peer lie on huge pages (`OnHugePages`), at most `MAX_HUGE_HINTS`.
-    pub(super) told_huge: HashSet<u64>,
-    /// Our reads the network band kept to the channels that a hint of the peer's may still answer
-    /// (at most `MAX_HINT_CREDIT`): each hint acted on spends one, so a peer can have its pages
-    /// read again only as often as we read it over the channels, however many hints it sends.
-    pub(super) hint_credit: usize,
 }
 
 impl Direct {

@@ -80,12 +80,8 @@ struct End {
     notes: Vec<(Vec<u8>, Vec<u8>)>,
     /// Same-host work was queued for the host worker (`direct` tests run it by hand).
     host_work: bool,
-    /// The sources of its one-sided posts lie on huge pages, as the connection would have found.
-    huge_source: bool,
     /// Regions asked to be collapsed into huge pages, in order.
     collapsed: Vec<u64>,
-    /// Times it was asked to read the peer's pages again.
-    peer_pages_read: usize,
     /// The gate a deregistration and a failure close on the connection's copies.
     copy_gate: Arc<Gate>,
     /// The peer's process, as the worker's proof finds it: this one.
@@ -108,9 +104,7 @@ impl End {
             held: Vec::new(),
             notes: Vec::new(),
             host_work: false,
-            huge_source: false,
             collapsed: Vec::new(),
-            peer_pages_read: 0,
             copy_gate: Arc::default(),
             process: Arc::new(PeerProcess::open(std::process::id()).unwrap()),
         }
@@ -157,7 +151,6 @@ impl End {
                 Action::Release(flow) => self.held.retain(|&f| f != flow),
                 Action::HostWork { .. } => self.host_work = true,
                 Action::Collapse(region) => self.collapsed.push(region.id),
-                Action::ReadPeerPages => self.peer_pages_read += 1,
             }
         }
     }
@@ -186,7 +179,6 @@ impl End {
             }
         }
         runs.extend(grouper.finish());
-        let huge_source = self.huge_source;
         let item = |(local, off, remote, roff, len): (&Buf, usize, &Buf, usize, usize)| {
             OneSidedRequest::Item(OneSidedItem {
                 region: local.region.clone(),
@@ -196,7 +188,6 @@ impl End {
                 token: remote.cap.token,
                 remote_addr: (remote.addr() + roff) as u64,
                 payload: (write && len <= MAX_INLINE_LEN).then(|| local.bytes[off..off + len].to_vec()),
-                huge_source,
             })
         };
         let mut parts = Vec::new();
@@ -216,7 +207,6 @@ impl End {
                     .iter()
                     .map(|&(_, _, r, ro, n)| RemoteSeg { addr: (r.addr() + ro) as u64, len: n as u32 })
                     .collect(),
-                huge_source,
             }));
         }
         let t = self.transfer(parts.len());
@@ -567,7 +557,6 @@ fn a_caller_reads_the_control_stream_only_for_answered_parts() {
             token: cap.token,
             remote_addr: (remotes[0].addr() + at) as u64,
             payload: None,
-            huge_source: false,
         })]
     };
     // A call posted in turns (a request at a time) reads the stream once every part is in.
@@ -1103,7 +1092,6 @@ fn posts_naming_a_deregistered_region_register_nothing() {
         token: remote.cap.token,
         remote_addr: remote.addr() as u64,
         payload,
-        huge_source: false,
     };
     let mut out = Vec::new();
     let err =

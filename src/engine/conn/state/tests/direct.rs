@@ -2,7 +2,6 @@
 //! hand, a copy being the worker's own out of this process (both "processes" are this one).
 
 use super::*;
-use crate::engine::conn::state::direct_table::MAX_HINT_CREDIT;
 
 /// Two ends of one host; each proved the other (or not) and told it so.
 pub(super) fn host_pair(a_reads_b: bool, b_reads_a: bool) -> (End, End) {
@@ -29,55 +28,116 @@ fn host_pair_with_band(a_reads_b: bool, b_reads_a: bool, band: Option<(u64, u64)
     (a, b)
 }
 
-/// Inside the network band (bounds excluded) writes and reads ask for the channels, at and outside
-/// it for the direct copy, whatever their shape.
+/// Whether `b`, handed `a`'s read request, served it over the channels (Data) rather than
+/// granting it for a copy.
+fn target_served_over_channels(a: &mut End, b: &mut End) -> bool {
+    assert!(matches!(a.outbox.front(), Some(Control::DirectRead { .. })), "a read asks the target: {:?}", a.outbox);
+    b.outbox.clear();
+    deliver(a, b).unwrap();
+    match b.outbox.front() {
+        Some(Control::Data { .. }) => true,
+        Some(Control::DirectGrant { .. }) => false,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Inside the network band (bounds excluded) writes and reads take the channels, at and outside
+/// it the direct copy, whatever their shape. The end whose memory is read applies the band: a
+/// write's initiator before asking, a read's target when it answers.
 #[test]
 fn transfers_inside_the_network_band_take_the_channels() {
     let band = (2 * CHUNK as u64, 4 * CHUNK as u64);
-    let (mut a, _b) = host_pair_with_band(true, true, Some(band), false);
+    let (mut a, mut b) = host_pair_with_band(true, true, Some(band), false);
     let len = 4 * CHUNK + 100;
-    let src = a.buffer(len, pattern(41));
-    let dst = a.buffer(len, |_| 0);
+    let ours = a.buffer(len, pattern(41));
+    let theirs = b.buffer(len, |_| 0);
     for (n, network) in
         [(2 * CHUNK, false), (2 * CHUNK + 1, true), (4 * CHUNK - 1, true), (4 * CHUNK, false), (4 * CHUNK + 100, false)]
     {
-        for write in [true, false] {
-            a.outbox.clear();
-            a.one_sided(write, &[(&src, 0, &dst, 0, n)]);
-            let direct = matches!(a.outbox.front(), Some(Control::DirectWrite { .. } | Control::DirectRead { .. }));
-            assert_eq!(!direct, network, "{n} bytes, write {write}");
-        }
+        a.outbox.clear();
+        a.one_sided(true, &[(&ours, 0, &theirs, 0, n)]);
+        let direct = matches!(a.outbox.front(), Some(Control::DirectWrite { .. }));
+        assert_eq!(!direct, network, "{n} bytes written");
+        a.outbox.clear();
+        a.one_sided(false, &[(&ours, 0, &theirs, 0, n)]);
+        assert_eq!(target_served_over_channels(&mut a, &mut b), network, "{n} bytes read");
     }
     // A vector counts its bytes in total.
     a.outbox.clear();
     let half = 3 * CHUNK / 2;
-    a.one_sided(true, &[(&src, 0, &dst, 0, half), (&src, half, &dst, half + 64, half)]);
+    a.one_sided(true, &[(&ours, 0, &theirs, 0, half), (&ours, half, &theirs, half + 64, half)]);
     assert!(!matches!(a.outbox.front(), Some(Control::DirectWrite { .. })), "a vector inside the band went direct");
 }
 
 /// A source on huge pages skips the band when the knob is on, and only then; a source on small
-/// pages keeps to it either way.
+/// pages keeps to it either way. The end whose memory is read says in its request or grant
+/// whether it lies on huge pages, whatever its knob.
 #[test]
 fn sources_on_huge_pages_skip_the_network_band_with_the_knob_on() {
     let band = (2 * CHUNK as u64, 4 * CHUNK as u64);
     let n = 3 * CHUNK;
-    for (knob, huge_source) in [(false, false), (false, true), (true, false), (true, true)] {
-        let (mut a, _b) = host_pair_with_band(true, true, Some(band), knob);
-        a.huge_source = huge_source;
-        let src = a.buffer(4 * CHUNK, pattern(42));
-        let dst = a.buffer(4 * CHUNK, |_| 0);
-        for write in [true, false] {
-            a.outbox.clear();
-            a.one_sided(write, &[(&src, 0, &dst, 0, n)]);
-            let direct = matches!(a.outbox.front(), Some(Control::DirectWrite { .. } | Control::DirectRead { .. }));
-            assert_eq!(direct, knob && huge_source, "knob {knob}, huge source {huge_source}, write {write}");
-            // A vector is one request with one source: the same rule.
-            a.outbox.clear();
-            let half = n / 2;
-            a.one_sided(write, &[(&src, 0, &dst, 0, half), (&src, half, &dst, half + 64, half)]);
-            let direct = matches!(a.outbox.front(), Some(Control::DirectWrite { .. } | Control::DirectRead { .. }));
-            assert_eq!(direct, knob && huge_source, "vector: knob {knob}, huge source {huge_source}, write {write}");
-        }
+    for (knob, huge) in [(false, false), (false, true), (true, false), (true, true)] {
+        let (mut a, mut b) = host_pair_with_band(true, true, Some(band), knob);
+        let ours = a.buffer(4 * CHUNK, pattern(42));
+        let theirs = b.buffer(4 * CHUNK, |_| 0);
+        ours.region.set_huge_pages(huge);
+        theirs.region.set_huge_pages(huge);
+        let what = format!("knob {knob}, huge source {huge}");
+        a.outbox.clear();
+        a.one_sided(true, &[(&ours, 0, &theirs, 0, n)]);
+        let direct = matches!(a.outbox.front(), Some(Control::DirectWrite { .. }));
+        assert_eq!(direct, knob && huge, "write, {what}");
+        a.outbox.clear();
+        a.one_sided(false, &[(&ours, 0, &theirs, 0, n)]);
+        assert_eq!(!target_served_over_channels(&mut a, &mut b), knob && huge, "read, {what}");
+        // A vector is one request with one source: the same rule.
+        let half = n / 2;
+        let vector = [(&ours, 0, &theirs, 0, half), (&ours, half, &theirs, half + 64, half)];
+        a.outbox.clear();
+        a.one_sided(true, &vector);
+        let direct = matches!(a.outbox.front(), Some(Control::DirectWrite { .. }));
+        assert_eq!(direct, knob && huge, "vector write, {what}");
+        a.outbox.clear();
+        a.one_sided(false, &vector);
+        assert_eq!(!target_served_over_channels(&mut a, &mut b), knob && huge, "vector read, {what}");
+    }
+    // Outside the band the copy is direct whatever the pages, and the page size travels with it.
+    for huge in [false, true] {
+        let (mut a, mut b) = host_pair_with_band(true, true, Some(band), true);
+        let ours = a.buffer(4 * CHUNK, pattern(42));
+        let theirs = b.buffer(4 * CHUNK, |_| 0);
+        ours.region.set_huge_pages(huge);
+        theirs.region.set_huge_pages(huge);
+        a.one_sided(true, &[(&ours, 0, &theirs, 0, 4 * CHUNK)]);
+        assert!(matches!(a.outbox.front(), Some(Control::DirectWrite { huge: said, .. }) if *said == huge));
+        a.outbox.clear();
+        a.one_sided(false, &[(&ours, 0, &theirs, 0, 4 * CHUNK)]);
+        assert!(!target_served_over_channels(&mut a, &mut b));
+        assert!(matches!(b.outbox.front(), Some(Control::DirectGrant { huge: said, .. }) if *said == huge));
+    }
+}
+
+/// What the end whose memory is read says of its pages reaches the copy as a hint, and only as
+/// one: the copying end keeps its own piece bounds, and moves the same bytes either way.
+#[test]
+fn the_page_size_a_peer_tells_only_picks_the_copys_pieces() {
+    for said in [false, true] {
+        let (mut a, mut b) = host_pair(true, true);
+        let len = 3 * CHUNK + 5;
+        let src = a.buffer(len, pattern(55));
+        let dst = b.buffer(len, |_| 0);
+        let t = a.one_sided(true, &[(&src, 0, &dst, 0, len)]);
+        let Some(Control::DirectWrite { xfer, region, token, segs, src: from, .. }) = a.outbox.pop_front() else {
+            panic!("{:?}", a.outbox)
+        };
+        // The peer's word, whatever our knowledge of its memory.
+        b.handle(Control::DirectWrite { xfer, region, token, segs, src: from, huge: said }).unwrap();
+        let Some(HostTask::Copy(job)) = b.st.direct.work.front() else { panic!("a copy queued") };
+        assert_eq!(job.remote_huge, said);
+        assert!(run_host_work(&mut b));
+        pump(&mut a, &mut b);
+        assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
+        assert_eq!(dst.bytes, src.bytes, "said huge pages: {said}");
     }
 }
 
@@ -108,7 +168,7 @@ fn writes_are_copied_in_by_the_target_and_reads_out_by_the_reader() {
     let Some(&Control::DirectRead { xfer, .. }) = a.outbox.front() else { panic!("{:?}", a.outbox) };
     assert_eq!(t.answers(), Answers::Inline, "a waiting caller reads the prompt grant and copies");
     deliver(&mut a, &mut b).unwrap();
-    assert_eq!(b.outbox, [Control::DirectGrant { xfer }]);
+    assert_eq!(b.outbox, [Control::DirectGrant { xfer, huge: false }]);
     assert!(b.st.waits_on_peer(), "the reader owes its DirectDone");
     deliver(&mut b, &mut a).unwrap();
     assert!(run_host_work(&mut a));
@@ -311,7 +371,7 @@ fn a_peer_breaking_the_direct_exchange_fails_the_connection() {
     for msg in [
         Control::ProcessHello { pid: 7, fd: 3 },
         Control::ProcessAck { readable: true },
-        Control::DirectGrant { xfer: 99 },
+        Control::DirectGrant { xfer: 99, huge: false },
         Control::DirectDone { xfer: 99 },
     ] {
         let err = a.handle(msg.clone()).unwrap_err();
@@ -408,7 +468,7 @@ fn a_read_whose_granted_copy_the_kernel_refuses_is_asked_for_again_over_the_chan
         let t = a.one_sided(false, items);
         let Some(&Control::DirectRead { xfer, .. }) = a.outbox.front() else { panic!("{:?}", a.outbox) };
         deliver(&mut a, &mut b).unwrap();
-        assert_eq!(b.outbox, [Control::DirectGrant { xfer }]);
+        assert_eq!(b.outbox, [Control::DirectGrant { xfer, huge: false }]);
         deliver(&mut b, &mut a).unwrap();
         refuse_copy(&mut a);
         assert!(!a.st.host_path().reads_peer, "no more copies out of the peer");
@@ -715,8 +775,8 @@ fn the_source_the_peer_copies_out_of_is_collapsed() {
     // Nor a write whose source lies on huge pages already.
     let (mut a, mut b) = host_pair(true, true);
     a.st.set_collapse_sources();
-    a.huge_source = true;
     let src = a.buffer(len, pattern(46));
+    src.region.set_huge_pages(true);
     let dst = b.buffer(len, |_| 0);
     a.one_sided(true, &[(&src, 0, &dst, 0, len)]);
     assert!(matches!(a.outbox.front(), Some(Control::DirectWrite { .. })), "{:?}", a.outbox);
@@ -744,7 +804,7 @@ fn the_source_the_peer_copies_out_of_is_collapsed() {
 /// Inside the network band a source on small pages keeps to the channels, but where one on huge
 /// pages would skip the band the region is collapsed, so that later transfers out of it are
 /// copied: a write's initiator asks for its source, a read's target for the region it serves
-/// (when the reader could copy out of it).
+/// (when the reader could copy out of it). Once collapsed, the target grants the next read.
 #[test]
 fn a_source_kept_to_the_channels_by_the_band_is_collapsed() {
     let band = (2 * CHUNK as u64, 4 * CHUNK as u64);
@@ -766,11 +826,21 @@ fn a_source_kept_to_the_channels_by_the_band_is_collapsed() {
 
         let back = a.buffer(len, |_| 0);
         a.one_sided(false, &[(&back, 0, &dst, 0, len)]);
-        assert!(matches!(a.outbox.front(), Some(Control::ReadRequest { .. })), "{:?}", a.outbox);
+        assert!(target_served_over_channels(&mut a, &mut b), "{:?}", b.outbox);
         pump(&mut a, &mut b);
         assert_eq!(back.bytes, src.bytes);
         assert_eq!(b.collapsed, if collapse { vec![dst.region.id] } else { vec![] }, "collapse {collapse}");
         assert_eq!(a.collapsed.len(), usize::from(collapse), "the reader's destination is no source");
+
+        // What the collapse leaves, the target's region says: on huge pages its reads are granted.
+        dst.region.set_huge_pages(true);
+        let again = a.buffer(len, |_| 0);
+        let direct_before = a.st.host_path().direct_ops;
+        a.one_sided(false, &[(&again, 0, &dst, 0, len)]);
+        assert!(!target_served_over_channels(&mut a, &mut b), "{:?}", b.outbox);
+        pump(&mut a, &mut b);
+        assert_eq!(again.bytes, src.bytes);
+        assert_eq!(a.st.host_path().direct_ops, direct_before + 1, "copied directly");
     }
 
     // A read's target that the reader cannot copy out of has nothing to gain.
@@ -782,124 +852,4 @@ fn a_source_kept_to_the_channels_by_the_band_is_collapsed() {
     pump(&mut a, &mut b);
     assert_eq!(back.bytes, remote.bytes);
     assert!(b.collapsed.is_empty(), "{:?}", b.collapsed);
-}
-
-/// A read's target whose region, read over the channels because it lay on small pages (the band),
-/// lies on huge pages by now tells the reader once, which has the target's pages read again; once
-/// that read finds them huge, the reader's next read out of the region skips the band and is
-/// copied directly. Nothing is told while the pages are small, to a reader that cannot copy out of
-/// us, or twice.
-#[test]
-fn a_reads_target_tells_the_reader_once_its_source_lies_on_huge_pages() {
-    let _reading = crate::engine::huge_pages::TEST_FAULTS.read();
-    let band = (2 * CHUNK as u64, 4 * CHUNK as u64);
-    let len = 3 * CHUNK;
-    // The target's view of its own pages: every address in one mapping, huge or not as set.
-    let smaps =
-        |huge_kib: u64| format!("1000-7ffffffff000 rw-p 0 00:00 0\nRss: 4096 kB\nAnonHugePages: {huge_kib} kB\n");
-    let text = Arc::new(parking_lot::Mutex::new(smaps(0)));
-    let pages = {
-        let text = text.clone();
-        Arc::new(crate::engine::huge_pages::KnownMappings::with_reader(Duration::ZERO, move || {
-            Some(crate::engine::huge_pages::Snapshot::from_text(&text.lock()))
-        }))
-    };
-    let settled = || testkit::wait_until("the target's pages read", testkit::PATIENCE, || !pages.looking());
-    let told = |end: &End| end.outbox.iter().filter(|m| matches!(m, Control::OnHugePages { .. })).count();
-
-    for reader_copies in [true, false] {
-        let (mut a, mut b) = host_pair_with_band(reader_copies, true, Some(band), true);
-        b.mem = HostMemory { regions: RegionTable::with_pages(pages.clone()) };
-        *text.lock() = smaps(0);
-        pages.refresh();
-        settled();
-        let remote = b.buffer(len, pattern(49));
-        let read = |a: &mut End, b: &mut End| {
-            let back = a.buffer(len, |_| 0);
-            a.one_sided(false, &[(&back, 0, &remote, 0, len)]);
-            let asked = a.outbox.front().cloned();
-            let mut hints = 0;
-            loop {
-                let moved = deliver(a, b).unwrap();
-                hints += told(b);
-                let moved = moved | deliver(b, a).unwrap() | move_data(a, b) | move_data(b, a);
-                if !(moved | run_host_work(a) | run_host_work(b)) {
-                    break;
-                }
-            }
-            assert_eq!(back.bytes, remote.bytes);
-            (asked, hints)
-        };
-
-        let (asked, hints) = read(&mut a, &mut b);
-        assert!(matches!(asked, Some(Control::ReadRequest { .. })), "small pages: the band holds: {asked:?}");
-        assert_eq!(hints, 0, "nothing to tell while the source is on small pages");
-
-        // Collapsed since: the target's own pages read again.
-        *text.lock() = smaps(4096);
-        pages.refresh();
-        settled();
-        let (asked, hints) = read(&mut a, &mut b);
-        assert!(matches!(asked, Some(Control::ReadRequest { .. })), "the reader has not looked again: {asked:?}");
-        if !reader_copies {
-            assert_eq!(hints, 0, "a reader that cannot copy out of us has nothing to gain");
-            assert_eq!((a.st.host_path().huge_hints, a.peer_pages_read), (0, 0));
-            continue;
-        }
-        assert_eq!(hints, 1, "the reader is told");
-        assert_eq!((a.st.host_path().huge_hints, a.peer_pages_read), (1, 1), "and reads the target's pages again");
-
-        // Until that read is in, reads keep to the channels; the region is told once.
-        let (asked, hints) = read(&mut a, &mut b);
-        assert!(matches!(asked, Some(Control::ReadRequest { .. })), "{asked:?}");
-        assert_eq!(hints, 0, "told once");
-
-        // What that read finds, the connection marks on the reader's next requests.
-        a.huge_source = true;
-        let direct_before = a.st.host_path().direct_ops;
-        let (asked, hints) = read(&mut a, &mut b);
-        assert!(matches!(asked, Some(Control::DirectRead { .. })), "the band is skipped now: {asked:?}");
-        assert_eq!(hints, 0);
-        assert_eq!(a.st.host_path().direct_ops, direct_before + 1, "and the read was copied directly");
-    }
-}
-
-/// A hint from a peer elsewhere is ignored; one of this host has the peer's pages read again
-/// every time (the reads keep their own gaps).
-#[test]
-fn huge_page_hints_are_taken_from_this_host_only_and_once_per_read_kept_to_the_channels() {
-    let mut remote = End::new();
-    remote.handle(Control::OnHugePages { region: 1 }).unwrap();
-    assert_eq!((remote.st.host_path().huge_hints, remote.peer_pages_read), (0, 0), "not of this host: ignored");
-
-    let band = (2 * CHUNK as u64, 4 * CHUNK as u64);
-    let (mut a, b) = host_pair_with_band(true, true, Some(band), true);
-    for region in [1, 2, 1] {
-        a.handle(Control::OnHugePages { region }).unwrap();
-    }
-    assert_eq!((a.st.host_path().huge_hints, a.peer_pages_read), (0, 0), "no read of ours to answer: dropped");
-
-    // Two reads the band keeps to the channels: two hints are taken, the third is dropped.
-    let len = 3 * CHUNK;
-    let remote = b.buffer(len, pattern(53));
-    for _ in 0..2 {
-        let back = a.buffer(len, |_| 0);
-        a.one_sided(false, &[(&back, 0, &remote, 0, len)]);
-        assert!(matches!(a.outbox.back(), Some(Control::ReadRequest { .. })), "{:?}", a.outbox.back());
-    }
-    for region in [1, 2, 1] {
-        a.handle(Control::OnHugePages { region }).unwrap();
-    }
-    assert_eq!((a.st.host_path().huge_hints, a.peer_pages_read), (2, 2));
-
-    // A long run of such reads banks no more credit than the cap.
-    for _ in 0..MAX_HINT_CREDIT + 5 {
-        let back = a.buffer(len, |_| 0);
-        a.one_sided(false, &[(&back, 0, &remote, 0, len)]);
-    }
-    for _ in 0..MAX_HINT_CREDIT + 5 {
-        a.handle(Control::OnHugePages { region: 1 }).unwrap();
-    }
-    let taken = 2 + MAX_HINT_CREDIT as u64;
-    assert_eq!((a.st.host_path().huge_hints, a.peer_pages_read), (taken, taken as usize), "at most the cap");
 }
