@@ -1,9 +1,10 @@
 //! Every environment knob, parsed once per engine into a plain struct (the log filter, once per
 //! process). A malformed value is an error that names the variable, never a silent default.
 //!
-//! The knobs are one table, [`knobs!`] below: a line per knob gives its field, type, variable,
-//! kind of value (which bounds it), default and meaning. Parsing, `Default`, the field docs and
-//! the reference page docs/CONFIG.md all come from it (`scripts/gen_config_doc.sh` rewrites the page).
+//! The knobs are one table, the `knobs!` invocation below: a line per knob gives its field, type,
+//! variable, kind of value (which bounds it), default and meaning. Parsing, `Default`, the field
+//! docs and the reference page docs/CONFIG.md all come from it (`scripts/gen_config_doc.sh`
+//! rewrites the page).
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -51,7 +52,7 @@ const MAX_CIDRS: usize = 256;
 
 /// Declares config structs whose fields are knobs, one line each:
 /// `field: Type = "VARIABLE", kind, default [=> "default as the reference page says it"], "meaning";`
-/// The kind ([`knob::Kind`]) parses the variable's text and bounds it; the default is the value
+/// The kind (a `knob::Kind`) parses the variable's text and bounds it; the default is the value
 /// when the variable is unset or empty (a default that depends on the host is shown in words). A
 /// struct's `@nested` fields hold another such struct, read by its own `from_lookup`.
 macro_rules! knobs {
