@@ -196,6 +196,28 @@ static void test_after_deregistration(void) {
   CHECK(b_intact("write into a deregistered region"));
 }
 
+/* The connection's counters saw what the tests above did: transfers each way, the refusals by
+ * status, nothing left in flight; a caller compiled against a shorter structure gets its prefix. */
+static void test_conn_stats(void) {
+  uccl_tcpx_conn_stats_t s, prefix;
+  unsigned long long by_status = 0;
+  memset(&s, 0xEE, sizeof s);
+  CHECK_EQ(uccl_tcpx_conn_stats(P.conn_a, &s, sizeof s), (int)sizeof s);
+  CHECK(s.out_transfers > 0 && s.out_bytes >= s.out_transfers);
+  CHECK(s.in_transfers > 0 && s.in_bytes >= s.in_transfers);
+  CHECK_EQ(s.in_flight, 0);
+  CHECK(s.failed > 0);
+  for (int i = 0; i < UCCL_TCPX_STATUS_SLOTS; i++) by_status += s.errors[i];
+  CHECK_EQ(by_status, s.failed);
+  CHECK(s.last_error < 0 && s.errors[-s.last_error] > 0);
+  memset(&prefix, 0xEE, sizeof prefix);
+  CHECK_EQ(uccl_tcpx_conn_stats(P.conn_a, &prefix, 2 * sizeof(uint64_t)), 2 * (int)sizeof(uint64_t));
+  CHECK_EQ(prefix.out_transfers, s.out_transfers);
+  CHECK(prefix.in_transfers == 0xEEEEEEEEEEEEEEEEull);
+  CHECK_EQ(uccl_tcpx_conn_stats(P.conn_a, NULL, sizeof s), UCCL_STATUS_ERR_INVALID_PARAM);
+  CHECK_EQ(uccl_tcpx_conn_stats(P.conn_a, &s, 3), UCCL_STATUS_ERR_INVALID_PARAM);
+}
+
 int main(void) {
   test_begin("test_write_read", 100);
   REQUIRE(pair_open(&P));
@@ -218,6 +240,7 @@ int main(void) {
   test_out_of_region();
   test_forged_items();
   test_after_deregistration();
+  test_conn_stats();
 
   uccl_engine_mr_destroy(P.a, amr);
   pair_close(&P);

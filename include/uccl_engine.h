@@ -60,6 +60,11 @@ typedef struct FifoItem {
 #define IPC_INFO_SIZE 128
 
 /**
+ * Slots of `uccl_tcpx_conn_stats_t::errors`: slot `n` counts failures with status `-n`.
+ */
+#define UCCL_TCPX_STATUS_SLOTS 16
+
+/**
  * Smallest `ip_addr_buf_len` accepted by `uccl_engine_accept` (INET6_ADDRSTRLEN).
  */
 #define UCCL_IP_ADDR_BUF_MIN 46
@@ -114,6 +119,46 @@ typedef struct uccl_conn uccl_conn;
 typedef struct uccl_engine uccl_engine;
 
 typedef struct uccl_conn uccl_conn_t;
+
+/**
+ * What a connection's transfers moved and how they ended, counted from its creation. A transfer
+ * counts once it ended, for the way its bytes went: writes and sends out, reads and receives in.
+ * Transfers the peer runs against this side's memory count at the peer.
+ */
+typedef struct uccl_tcpx_conn_stats_t {
+  /**
+   * Writes and sends that succeeded, and their bytes.
+   */
+  uint64_t out_transfers;
+  uint64_t out_bytes;
+  /**
+   * Reads and receives that succeeded, and their bytes.
+   */
+  uint64_t in_transfers;
+  uint64_t in_bytes;
+  /**
+   * Transfers posted and not ended.
+   */
+  uint64_t in_flight;
+  /**
+   * Transfers that failed, posts refused before anything was sent included.
+   */
+  uint64_t failed;
+  /**
+   * Failed transfers by status: `errors[n]` counts status `-n` (`UCCL_STATUS_ERR_TIMEOUT` is
+   * -14, so `errors[14]`).
+   */
+  uint64_t errors[UCCL_TCPX_STATUS_SLOTS];
+  /**
+   * Times a transport declined a post for now and it was tried again.
+   */
+  uint64_t retries;
+  /**
+   * The status of the latest failure; 0 while none failed.
+   */
+  int32_t last_error;
+  uint32_t reserved;
+} uccl_tcpx_conn_stats_t;
 
 typedef struct uccl_engine uccl_engine_t;
 
@@ -180,6 +225,15 @@ void uccl_engine_conn_destroy(uccl_conn_t *conn);
  * created with UCCL_TCPX_DISABLE_IPC=1 or whose peer was.
  */
 bool uccl_engine_conn_is_local(uccl_conn_t *conn);
+
+/**
+ * Reads `conn`'s counters into `stats`, of which the caller owns `stats_size` bytes (pass
+ * `sizeof(uccl_tcpx_conn_stats_t)`); at most that many are written, never more than this
+ * library's structure holds. Returns the number of bytes written (a caller built against a
+ * newer header learns which fields this library filled), or a negative status: a NULL or unknown
+ * connection, a NULL `stats`, or a size smaller than the first field.
+ */
+int uccl_tcpx_conn_stats(uccl_conn_t *conn, struct uccl_tcpx_conn_stats_t *stats, size_t stats_size);
 
 /**
  * Creates an engine listening on `UCCL_TCPX_PORT` (any free port by default). `num_cpus` and

@@ -8,7 +8,7 @@
 #   2. Valgrind memcheck: the same programs built normally (shared library), each run under
 #      valgrind --error-exitcode, reporting invalid accesses, uninitialised reads and definite leaks.
 # Exit status: 0 when both passes are clean, 1 otherwise. Run by scripts/test_all.sh (about 70 s); see
-# docs/RELIABILITY.md for the figures of the last run.
+# docs/TESTING.md for the figures of the last run.
 #
 # usage: scripts/sanitize.sh [asan|valgrind|all]     (default: all)
 # Needs cargo, cmake, a C/C++ compiler with sanitizer runtimes (gcc: libasan, libubsan) and valgrind.

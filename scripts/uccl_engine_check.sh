@@ -24,8 +24,8 @@
 # With fewer than two GPUs the host-memory tests' CUDA runtime calls (device count, set device,
 # streams) go to a host-only stand-in (scripts/uccl_engine_check/host_cudart.c) placed first on the
 # library path; every byte still moves through libuccl_tcpx. UCCL's GPU tests (test_engine_write.py,
-# test_engine_read.py, GPU 0 only) run with the real runtime when there is a GPU, else are skipped
-# and listed as such.
+# test_engine_read.py, GPU 0 only) and our byte check of GPU memory (uccl_engine_check/gpu_bytes.py)
+# run with the real runtime when there is a GPU, else are skipped and listed as such.
 #
 # Exit status: 0 when everything ran and passed, 1 when something failed, 3 when nothing failed
 # but something was skipped.
@@ -179,6 +179,11 @@ for t in test_engine_write.py test_engine_read.py; do
     skipped+=("$t (needs a GPU and torch with CUDA)")
   fi
 done
+if ((ngpus >= 1)) && [[ "$has_torch" == 1 ]]; then
+  LD_LIBRARY_PATH="$gpu_runlib:$base_ld" run gpu_bytes 300 "$python" "$here/gpu_bytes.py"
+else
+  skipped+=("gpu_bytes (needs a GPU and torch with CUDA)")
+fi
 run smoke 300 "$python" "$here/smoke.py"
 
 echo

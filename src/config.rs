@@ -1,5 +1,10 @@
 //! Every environment knob, parsed once per engine into a plain struct (the log filter, once per
 //! process). A malformed value is an error that names the variable, never a silent default.
+//!
+//! The knobs are one table, the `knobs!` invocation below: a line per knob gives its field, type,
+//! variable, kind of value (which bounds it), default and meaning. Parsing, `Default`, the field
+//! docs and the reference page docs/CONFIG.md all come from it (`scripts/gen_config_doc.sh`
+//! rewrites the page).
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -7,6 +12,11 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::proto::AuthKey;
+
+mod knob;
+
+pub use knob::parse_bytes;
+use knob::{Band, Choice, FilePath, Flag, Indices, Int, KeyFile, List, Micros, Millis, OffOrSize, Opt, Size, Text};
 
 pub(crate) const MAX_CHANNELS: u16 = crate::proto::MAX_CHANNELS;
 /// TCPX receives are capped at 4 MiB; the socket transport keeps the same cap so one chunk plan fits both.
@@ -20,6 +30,219 @@ const MAX_GPU_ORDINAL: i32 = 1023;
 pub(crate) const MAX_HOST_COPY_THREADS: usize = 64;
 /// More plugin devices than any host has NICs; bounds what `UCCL_TCPX_NET_DEVICES` may list.
 pub(crate) const MAX_NET_DEVICES: usize = 64;
+/// Most data sockets one comm may open (NCCL's MAX_SOCKETS); also what an accepting side allows.
+pub(crate) const MAX_SOCKETS_PER_COMM: usize = 64;
+pub(crate) const MAX_SOCKET_THREADS: u8 = 16;
+/// Bound on `UCCL_TCPX_SOCKET_HELPERS`.
+pub(crate) const MAX_SOCKET_HELPERS: u8 = 64;
+/// Bound on `UCCL_TCPX_CONTROL_THREADS`.
+const MAX_CONTROL_THREADS: u8 = 64;
+/// Bound on `UCCL_TCPX_SOCKET_SPIN_MAX_REQUEST`.
+const MAX_SPIN_MAX_REQUEST: u32 = 1 << 30;
+/// Bound on the polling knobs given in microseconds: a second.
+const MAX_SPIN_US: u64 = 1_000_000;
+/// Bounds of `UCCL_TCPX_STAGING_PIPELINE` when on: a sub-copy of less than a page costs its
+/// issue more than it overlaps, and one of a whole chunk is no pipelining.
+pub(crate) const STAGING_PIPELINE_RANGE: std::ops::RangeInclusive<u32> = MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE;
+/// At most this many blocks in `UCCL_TCPX_ALLOW_DIAL`: a longer list is a mistake, and every dial
+/// checks them all.
+const MAX_CIDRS: usize = 256;
+
+/// Declares config structs whose fields are knobs, one line each:
+/// `field: Type = "VARIABLE", kind, default [=> "default as the reference page says it"], "meaning";`
+/// The kind (a `knob::Kind`) parses the variable's text and bounds it; the default is the value
+/// when the variable is unset or empty (a default that depends on the host is shown in words). A
+/// struct's `@nested` fields hold another such struct, read by its own `from_lookup`.
+macro_rules! knobs {
+    ($(
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $(@nested { $($nested:ident: $nty:ty),* $(,)? })?
+            $($field:ident: $ty:ty = $env:literal, $kind:expr, $default:expr $(=> $shown:literal)?, $meaning:literal;)*
+        }
+    )*) => {$(
+        $(#[$meta])*
+        pub struct $name {
+            $($(pub $nested: $nty,)*)?
+            $(#[doc = concat!("`", $env, "`: ", $meaning)] pub $field: $ty,)*
+        }
+
+        impl Default for $name {
+            fn default() -> $name {
+                $name { $($($nested: <$nty>::default(),)*)? $($field: $default,)* }
+            }
+        }
+
+        impl $name {
+            fn read_knobs(get: &impl Fn(&str) -> Option<String>) -> Result<$name> {
+                Ok($name {
+                    $($field: knob::read(get, $env, &$kind, || $default)?,)*
+                    $($($nested: <$nty>::from_lookup(get)?,)*)?
+                })
+            }
+
+            /// The rows of the reference page for this struct's own knobs, in table order.
+            fn knob_docs() -> Vec<knob::Doc> {
+                use knob::Kind as _;
+                vec![$({
+                    let kind = $kind;
+                    let default = knobs!(@shown kind, $default $(, $shown)?);
+                    knob::Doc { name: $env, default, values: kind.values(), meaning: $meaning }
+                }),*]
+            }
+        }
+    )*};
+    (@shown $kind:ident, $default:expr) => { $kind.show(&$default) };
+    (@shown $kind:ident, $default:expr, $shown:literal) => { String::from($shown) };
+}
+
+knobs! {
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct Config {
+        @nested { socket: SocketConfig, staging: StagingConfig }
+        num_channels: Option<u16> = "UCCL_TCPX_NUM_CHANNELS", Opt(Int(1, MAX_CHANNELS)), None => "2; 4 from 16 cores on a net plugin", "data channels per connection; peers use the smaller of their values. Unset: the transport's default, 2 on the built-in socket transport (from 16 cores 2 of 8 sockets each), 2 below 16 cores and 4 from 16 on a net plugin (whose same-host peers, carried over sockets, take the socket transport's)";
+        chunk_size: u32 = "UCCL_TCPX_CHUNK_SIZE", Size(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE), default_chunk_size(available_cores()) => "1M; 2M from 16 cores", "largest payload chunk; peers use the smaller. Chunks go round-robin over the channels; a transfer smaller than a chunk per channel is cut into a share per channel";
+        window: usize = "UCCL_TCPX_WINDOW", Int(1, MAX_WINDOW), 8, "chunks in flight per channel direction; receives are posted up to twice as far ahead, within the transport's own bound";
+        port: u16 = "UCCL_TCPX_PORT", Int(0, u16::MAX), 0, "control listener port; 0 takes any free one";
+        ip: Option<IpAddr> = "UCCL_TCPX_IP", Opt(knob::Ip), None, "address to advertise in metadata and channel handles; when set, also the only address the control and data listeners bind";
+        ifname: Option<String> = "UCCL_TCPX_IFNAME", Opt(Text("interface name")), None, "interface whose address to advertise and bind, so peers' data sockets arrive on it (else the first up, non-loopback IPv4 one, else 127.0.0.1, and the listeners bind every interface)";
+        auth_key: Option<AuthKey> = "UCCL_TCPX_AUTH_KEY_FILE", Opt(KeyFile), None, "file holding a key every peer must share (16–4096 bytes, one trailing newline dropped; refused if other users may read it): each connection starts with a mutual HMAC-SHA256 challenge-response, a peer without the key is refused (−6) before anything is spent on it, and region tokens are bound to their connection. From C: `uccl_engine_set_auth_key`; threat model: docs/SECURITY.md";
+        allow_dial: Vec<Cidr> = "UCCL_TCPX_ALLOW_DIAL", CIDRS, Vec::new(), "addresses or CIDR blocks (`10.0.0.0/8,fd00::/8`) the engine may dial for a peer's channels when the peer's handle names them; any other named address is replaced by the address the control connection runs between (socket transport; a plugin's handles are opaque)";
+        connect_timeout: Duration = "UCCL_TCPX_CONNECT_TIMEOUT_MS", Millis(1, 3_600_000), Duration::from_secs(10), "bound on TCP connect + handshake + channel setup";
+        timeout: Duration = "UCCL_TCPX_TIMEOUT_MS", Millis(100, 86_400_000), Duration::from_secs(30), "a connection with transfers pending that hears nothing from the peer's engine this long fails them with `-14` (stalled peer); also the sockets' `TCP_USER_TIMEOUT`, and the bound on draining one staged same-host write from its start";
+        fence_timeout: Duration = "UCCL_TCPX_FENCE_TIMEOUT_MS", Millis(0, 60_000), DEFAULT_FENCE_TIMEOUT, "how long `uccl_engine_mr_destroy` waits for transport requests already posted on the region (transfers using it are cut off with `-6`); a connection still holding some then is failed, so none touches the memory once the call returns";
+        gpu: Option<i32> = "UCCL_TCPX_GPU", Opt(Int(0, MAX_GPU_ORDINAL)), None, "CUDA ordinal of the GPU the engine serves, opened at creation (needs a CUDA driver); unset: the GPU current on the creating thread, else that of the first device-memory registration (docs/C_API.md, \"Which GPU an engine serves\")";
+        transport: TransportChoice = "UCCL_TCPX_TRANSPORT", Choice(TransportChoice::NAMES, ""), TransportChoice::Auto, "`auto`: the net plugin if it loads, else the built-in socket transport (with a warning saying why); `tcpx`: the plugin or engine creation fails; `socket`: never load a plugin";
+        local_peers: LocalPeers = "UCCL_TCPX_LOCAL_PEERS", Choice(LocalPeers::NAMES, " (plugin only for tests on one host)"), LocalPeers::Socket, "where a plugin engine moves the channels of a peer on its own host: `socket`, the built-in socket transport (GPU memory staged), since TCPX exits the process on traffic that never reached the NIC; `plugin`, the plugin, **for tests on one host against the fake NIC only** (`FAKE_TCPX_SAME_HOST=allow`). Both ends must agree: a connection between the two settings is refused";
+        disable_ipc: bool = "UCCL_TCPX_DISABLE_IPC", Flag, false, "`1`: same-host peers move data over the network path like remote ones (UCCL's `UCCL_P2P_DISABLE_IPC`): the engine announces no host identity, so neither end takes the connection for local, and hands out no CUDA IPC handles";
+        plugin_path: Option<PathBuf> = "UCCL_TCPX_PLUGIN", Opt(FilePath), None, "the ncclNet v7 plugin; unset: `libnccl-net-$NCCL_NET_PLUGIN.so` (if set), then `libnccl-net.so`. In a process whose NCCL already loaded it, the engine loads a private copy of the file (docs/TCPX.md)";
+        nccl_net_plugin: Option<String> = "NCCL_NET_PLUGIN", Opt(Text("name")), None, "NCCL's own: with `UCCL_TCPX_PLUGIN` unset, `libnccl-net-<name>.so` is tried before `libnccl-net.so`";
+        net_devices: Option<Vec<usize>> = "UCCL_TCPX_NET_DEVICES", Opt(Indices(MAX_NET_DEVICES)), None => "the devices next to the GPU", "plugin devices the channels use, channel `i` on entry `i mod n`. Unset: the CUDA-capable devices under the engine's GPU's PCI root that are closest to it (NCCL's rule), or every device for an engine without a GPU";
+        plugin_test_ahead: bool = "UCCL_TCPX_PLUGIN_TEST_AHEAD", Flag, true, "`1`: a net plugin's receive comm keeps testing the plugin's next receives while earlier ones are still unpacked or copied out, so the plugin (which progresses only inside `test`) keeps receiving; `0`: only the oldest, the behaviour before, to measure against";
+        control_spin: Duration = "UCCL_TCPX_CONTROL_SPIN_US", Micros(MAX_SPIN_US), default_control_spin() => "200 on ≥ 8 CPUs, 20 on 2–7, else 0", "how long a thread expecting control-stream bytes (a caller waiting for an inline transfer, a control reactor thread after a turn that did work) polls for them, yielding between polls, before it sleeps; a reply caught meanwhile costs no wake-up";
+        control_threads: u8 = "UCCL_TCPX_CONTROL_THREADS", Int(0, MAX_CONTROL_THREADS), 0 => "0 (one per core, at most 4)", "threads serving the engine's connections' control streams (its control reactor), each waiting in one epoll set over many connections, started as connections arrive and ended with the last one it serves";
+        caller_completes: bool = "UCCL_TCPX_CALLER_COMPLETES", Flag, default_caller_completes() => "1 on ≥ 8 CPUs, else 0", "a caller blocked in `wait` on a read over the channels is woken by the transport's completions in the progress thread's place and finishes the read itself (one thread wake-up to the caller instead of two); writes always end so";
+        copy_poll_spin: bool = "UCCL_TCPX_COPY_POLL_SPIN", Flag, available_cores() >= 4 => "1 on ≥ 4 CPUs, else 0", "while device copies are in flight (staged GPU chunks, same-host GPU copies) the progress thread polls them without pause, yielding between passes, instead of napping 25 µs between looks (napping, a 30 µs staging copy was seen done 90-110 µs after its issue on 32 cores)";
+        progress_poll: Duration = "UCCL_TCPX_PROGRESS_POLL_US", Micros(MAX_SPIN_US), default_progress_poll(available_cores()) => "200 on ≥ 8 CPUs, else 0", "while a connection has at most `UCCL_TCPX_PROGRESS_POLL_BYTES` of network chunks in flight, the idle progress thread polls (yielding) this long since it last moved something before it parks, so the last chunk's completion finds it awake: a wake-up saved per transfer, for a core per engine";
+        progress_poll_bytes: u32 = "UCCL_TCPX_PROGRESS_POLL_BYTES", Size(0, 1 << 30), 1 << 20, "the most bytes of network chunks in flight on a connection for which the progress thread polls (`UCCL_TCPX_PROGRESS_POLL_US`); past it, polling took a core and the connection's lock from the threads moving a large transfer";
+        early_chunk_bytes: u32 = "UCCL_TCPX_EARLY_CHUNK_BYTES", Size(0, 1 << 30), 1 << 20, "a write (or a read's target) whose chunks come to at most this posts them before it writes the control message announcing them; above, the message goes first, since the peer posts its receives only once it read it (0: messages always first)";
+        host_copy_threads: usize = "UCCL_TCPX_HOST_COPY_THREADS", Int(1, MAX_HOST_COPY_THREADS), default_host_copy_threads() => "¾ of the CPUs, 1–24", "threads copying one same-host host-memory transfer of 512 KiB or more out of the peer process (`process_vm_readv`) or through a staging area: the connection's worker and the process's shared copy helpers, started on demand and ended after a second without work";
+        host_copy_spin: Duration = "UCCL_TCPX_HOST_COPY_SPIN_US", Micros(MAX_SPIN_US), Duration::ZERO, "how long the host copy worker and helpers look for the next same-host copy before they sleep (yielding between looks), so that copies in close succession find them awake; meant for hosts with cores to spare, not measured there yet";
+        host_copy_min_piece: u32 = "UCCL_TCPX_HOST_COPY_MIN_PIECE", Size(64 << 10, 4 << 20), 1 << 20, "smallest piece a shared same-host copy is cut into (two pieces per copying thread, at most 4 MiB each): fewer threads on a mid-size copy pinning pages under one page table (on 32 cores 16 MiB copies moved 30-50 % more than with 256K)";
+        host_copy_network_band: Option<(u64, u64)> = "UCCL_TCPX_HOST_COPY_NETWORK_BAND", Band, default_host_copy_network_band(available_cores()) => "768K-12M on ≥ 16 CPUs, else 0", "one-sided host transfers to another process of the host longer than LO and shorter than HI take the channels over loopback TCP instead of the direct copy, which is slower there on a many-core host";
+        host_copy_huge_pages: bool = "UCCL_TCPX_HOST_COPY_HUGE_PAGES", Flag, true, "the same-host host path heeds whether a transfer's source lies on transparent huge pages, which the owner of the memory read from its own `/proc/self/smaps` at registration and tells the copying peer in the request or grant it sends anyway: such a transfer skips the network band (applied by the end whose memory is read) and, up to 8 MiB, is cut into pieces of `UCCL_TCPX_HOST_COPY_HUGE_MIN_PIECE` (on 32 cores 1.5-2.9x loopback TCP at 1-8 MiB, against 1.0-1.9x without); a peer's word only picks the piece size between our own bounds";
+        host_copy_collapse: bool = "UCCL_TCPX_HOST_COPY_COLLAPSE", Flag, false, "`1`: a host region a peer process of this host is to copy out of (or one the network band kept to the channels) is collapsed into huge pages in place, once per registration, on a thread of its own (`madvise(MADV_COLLAPSE)`, Linux 6.1+; only 2 MiB extents whose pages are all present and written, paced to a quarter of a core per process), since the peer's copy pins small pages one by one: on 16 cores, small-page buffers, 1-16 MiB went from about 1x to 1.3-2.7x loopback TCP. Off by default: it changes how the caller's memory is mapped";
+        host_copy_huge_min_piece: u32 = "UCCL_TCPX_HOST_COPY_HUGE_MIN_PIECE", Size(64 << 10, 4 << 20), 256 << 10, "with `UCCL_TCPX_HOST_COPY_HUGE_PAGES`, the smallest piece of a same-host copy of at most 8 MiB whose source lies on huge pages, in place of `UCCL_TCPX_HOST_COPY_MIN_PIECE`";
+        trace_device_copy: u8 = "UCCL_TCPX_TRACE_DEVICE_COPY", Int(0, 2), 0, "`1`: time every transfer of the same-host GPU path (post, grant, copies queued, event seen fired and by whom, outcome) and print each step's median/min/max per direction and size to stderr at exit; `2` also lists every transfer. A diagnostic";
+        trace_host_copy: u8 = "UCCL_TCPX_TRACE_HOST_COPY", Int(0, 2), 0, "`1`: time every copy of the same-host host-memory path (queueing, helpers joining, each piece's time and bytes, reply, outcome) and print each step's median/min/max per role and size, and the threads' GB/s, to stderr at exit; `2` also lists every job. A diagnostic";
+        trace_flow: Option<String> = "UCCL_TCPX_TRACE_FLOW", Opt(Text("path prefix")), None, "mark every step of each write and read over the channels at both ends in CLOCK_MONOTONIC time, keeping a process's last 4096 for `<prefix>.<pid>.tsv` at exit; `scripts/diag/flow_timeline.py <prefix>` joins the ends' files and prints each step's median, p10 and p90 per op and size. A diagnostic";
+    }
+
+    /// Knobs of the built-in TCP transport. The socket layout keeps NCCL's names so that operators
+    /// can map them: each comm opens `nthreads x nsocks_per_thread` data sockets. The threads moving
+    /// them are an engine's shared helpers, `helpers` senders and as many receivers whatever the
+    /// number of connections.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct SocketConfig {
+        nthreads: u8 = "UCCL_TCPX_SOCKET_NTHREADS", Int(0, MAX_SOCKET_THREADS), 0 => "0 (cores / 4, at least 1; 8 from 16 cores)", "NCCL's thread count of a comm of the built-in TCP transport (`NCCL_SOCKET_NTHREADS`): with `UCCL_TCPX_NSOCKS_PERTHREAD` its data sockets, NTHREADS × NSOCKS_PERTHREAD ≤ 64. The engine's shared helpers move them";
+        nsocks_per_thread: u8 = "UCCL_TCPX_NSOCKS_PERTHREAD", Int(1, 64), 1, "data sockets per NCCL thread; the connecting side's count wins";
+        helpers: u8 = "UCCL_TCPX_SOCKET_HELPERS", Int(0, MAX_SOCKET_HELPERS), 0 => "0 (one per core, at most 16)", "helper threads an engine moves its data sockets with, per direction: that many senders and as many receivers serve every connection's sockets, started as sockets need them and ended with the last socket they serve";
+        lazy: bool = "UCCL_TCPX_SOCKET_LAZY", Flag, true, "`1`: a comm connects one data socket and opens the others when a request would use them, so an idle or lightly used connection holds one socket per comm and direction; `0`: every socket right after the first";
+        sndbuf: u32 = "UCCL_TCPX_SOCKET_SNDBUF", Size(0, 1 << 30), 0 => "0 (kernel autotuning)", "`SO_SNDBUF` of data sockets; setting it turns the kernel's autotuning off";
+        rcvbuf: u32 = "UCCL_TCPX_SOCKET_RCVBUF", Size(0, 1 << 30), 0 => "0 (kernel autotuning)", "`SO_RCVBUF` of data sockets; setting it turns the kernel's autotuning off";
+        subchunk: u32 = "UCCL_TCPX_SOCKET_SUBCHUNK", Size(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE), 256 << 10, "largest piece a request is cut into (smaller requests are shared over the comm's sockets in pieces of at least 64 KiB); free sockets pull the next piece, so a slow flow takes fewer";
+        spin: Duration = "UCCL_TCPX_SOCKET_SPIN_US", Micros(MAX_SPIN_US), default_spin() => "20 on ≥ 8 cores, else 0", "how long a helper that just did some work polls for more before sleeping in `epoll_wait`, past its first 20 µs only with a polling turn (`UCCL_TCPX_SOCKET_SPINNERS`); an idle connection wakes nothing";
+        spin_max_request: u32 = "UCCL_TCPX_SOCKET_SPIN_MAX_REQUEST", Size(0, MAX_SPIN_MAX_REQUEST), DEFAULT_SPIN_MAX_REQUEST, "a helper polls after work only after a piece of a request of at most this size, and sleeps at once after a larger one's, whose helpers need the cores (0: only after empty requests; the engine's requests are at most 4 MiB, so 4M: after every piece)";
+        held_spin: Duration = "UCCL_TCPX_SOCKET_HELD_SPIN_US", Micros(MAX_SPIN_US), Duration::ZERO, "how long a receiving helper polls while one of its sockets holds a piece whose receive is not posted yet, past its first 20 µs only with a polling turn; 0 sleeps until the post kicks it";
+        spinners: u16 = "UCCL_TCPX_SOCKET_SPINNERS", Int(1, 1024), default_spinners() => "¼ of the CPUs, at least 1", "socket helpers of the process that may poll at once past the first 20 µs after their last piece; each holds a core, so more than the cores can spare slow down the helpers with work";
+        kick_fanout: u8 = "UCCL_TCPX_SOCKET_KICK_FANOUT", Int(0, MAX_SOCKETS_PER_COMM as u8), DEFAULT_KICK_FANOUT, "sleeping helpers a send comm's posting thread wakes itself for one request; each socket that runs then wakes up to as many of the others, spreading the wake-ups (about 2 µs each on 32 cores) over the helpers. 0: the poster wakes every one";
+        data_ifname: Option<String> = "UCCL_TCPX_SOCKET_IFNAME", Opt(Text("`NCCL_SOCKET_IFNAME` grammar")), None, "the built-in TCP transport's data links (name prefixes, `^` to exclude, `=` exact; up IPv4 interfaces, loopback only by name, at most 8): each comm opens a socket per link or more, link k to the peer's link k, faster links carrying more; the control stream stays on the engine's address. A list naming nothing fails `Engine::new`";
+        trace: Option<String> = "UCCL_TCPX_TRACE_SOCKETS", Opt(Text("path prefix")), None, "every socket comm records when each data socket began and finished its share of each of its last 256 requests and writes them at its drop to `<prefix>.<pid>.<comm id>.<send|recv>.tsv`, for `scripts/diag/socket_timeline.py` and `socket_balance.py`. A diagnostic";
+    }
+
+    /// Knobs of the staged GPU path (GPU memory over a transport that moves host memory only).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct StagingConfig {
+        streams: u8 = "UCCL_TCPX_STAGING_STREAMS", Int(1, 8), 1, "copy streams per staging ring; slot `i` copies on stream `i mod n`";
+        ahead: u8 = "UCCL_TCPX_STAGING_AHEAD", Int(0, MAX_WINDOW as u8), 1, "device-to-host copies one send comm keeps queued (0: no limit). The copy engine drains one stream's queue before the next, so with no limit the last channel's first chunk lands after every other channel's share; 1 makes the channels' copies alternate";
+        write_back: bool = "UCCL_TCPX_STAGING_WRITE_BACK", Flag, true, "receiving sockets write what lands in a staging slot back from the CPU's caches before the slot is copied up to the GPU (only the last two receives posted on a comm): a copy of lines other cores hold modified runs at a third of its speed";
+        pipeline: u32 = "UCCL_TCPX_STAGING_PIPELINE", PIPELINE, 0, "pipelined staging: a contiguous staged GPU chunk its channel moves alone is copied in parts of this size, each sent (receiving: copied up) as it lands; later chunks of a transfer and chunks of several segments keep whole copies. Off by default: 4 MiB transfers at one in flight were 10-30 % shorter with 256K, other sizes unchanged";
+        gather: StagingGather = "UCCL_TCPX_STAGING_GATHER", Choice(StagingGather::NAMES, ""), StagingGather::Auto, "how a staged GPU chunk of several segments gets into and out of its pinned slot: `auto`, a gather/scatter kernel when the segments average below 256 KiB, else (or without the kernel) a copy per segment; `kernel`, the kernel always; `copies`, a copy per segment";
+        trace: bool = "UCCL_TCPX_TRACE_STAGING", Flag, false, "`1`: record every staged chunk's stage times and print a per-transfer summary to stderr at exit (slows staged transfers somewhat). A diagnostic";
+    }
+}
+
+const CIDRS: List<Cidr> = List {
+    max: MAX_CIDRS,
+    expected: "addresses or CIDR blocks (10.0.0.0/8, fd00::/8)",
+    values: "comma list of addresses or CIDR blocks",
+    item: std::marker::PhantomData,
+};
+
+const PIPELINE: OffOrSize = OffOrSize {
+    min: *STAGING_PIPELINE_RANGE.start(),
+    max: *STAGING_PIPELINE_RANGE.end(),
+    off: "whole-chunk copies",
+    what: "sub-copy size",
+};
+
+/// Variables read outside [`Config`], for the reference page: (variable, default, values, meaning).
+#[rustfmt::skip]
+const ELSEWHERE: &[(&str, &str, &str, &str)] = &[
+    ("UCCL_TCPX_LOG", "`error`", "env_logger filter", "log filter, set once per process (`init_logging`); falls back to `RUST_LOG`"),
+    ("UCCL_TCPX_ADAPTER_ERRORS", "unset", "`report`, `abort`", "what the C++ `RDMAEndpoint` adapter does with a hard error of a post or a transfer, read when an endpoint is constructed; unset, `report` for `uccl::TcpxEndpoint` and `abort` for the `uccl::RDMAEndpoint` of `rdma_compat/transport.h` (docs/UCCL_ENGINE.md)"),
+    ("UCCL_NUM_ENGINES", "4", "1–256", "UCCL's own, read by `rdma_compat/transport.h` for UCCL's engine (`ucclParam*()`); a value that is not an integer in range is refused by name (docs/UCCL_ENGINE.md)"),
+    ("UCCL_RCMODE", "1", "0–1", "UCCL's own, as `UCCL_NUM_ENGINES`"),
+    ("UCCL_NUM_GPU_RT_STREAMS", "4", "1–64", "UCCL's own, as `UCCL_NUM_ENGINES`"),
+    ("UCCL_TCPX_LIB", "the package's", "path", "the library the Python package loads (docs/PYTHON.md)"),
+    ("UCCL_TCPX_RENDEZVOUS_DIR", "`/dev/shm`", "path", "where the Python package's same-host rendezvous (`connect_local`) keeps its entries (docs/PYTHON.md)"),
+    ("UCCL_TCPX_NIXL_PLUGIN_ROOT", "the installed one", "path", "`uccl-tcpx-nixl-plugin-dir`'s `--plugin-root`: the folder of `<version>/libplugin_TCPX.so` it links from (docs/NIXL.md)"),
+    ("UCCL_TCPX_ALIAS_QUIET", "unset", "`1`", "silences the notice of the Python package's `uccl.p2p` alias (docs/PYTHON.md)"),
+];
+
+const DOC_INTRO: &str = "# Configuration
+
+<!-- Generated from the knob table in src/config.rs by scripts/gen_config_doc.sh: edit the table, not this page. -->
+
+Every knob is an environment variable, read when an engine is created; an empty value is the same
+as unset. A malformed or out-of-range value makes `uccl_engine_create` fail with a message naming
+the variable. Sizes are byte counts with optional K, M or G suffixes (binary). NIXL's backend and
+the Python package take the same settings as parameters (docs/NIXL.md, docs/PYTHON.md).
+";
+
+const DOC_OUTRO: &str = "
+The net plugin reads its own `NCCL_*` variables. Before its `init` the transport sets those of
+`src/transport/plugin/env.rs` that are unset (`NCCL_DYNAMIC_CHUNK_SIZE=524288`,
+`NCCL_NSOCKS_PERTHREAD=2`, `NCCL_SOCKET_NTHREADS=1`,
+`NCCL_GPUDIRECTTCPX_PROGRAM_FLOW_STEERING_WAIT_MICROS=500000`, `NCCL_GPUDIRECTTCPX_FORCE_ACK=0`,
+`NCCL_GPUDIRECTTCPX_TX_COMPLETION_NANOSLEEP=1000` and, if `/run/tcpx` exists,
+`NCCL_GPUDIRECTTCPX_UNIX_CLIENT_PREFIX=/run/tcpx`); NIC selection (`NCCL_GPUDIRECTTCPX_SOCKET_IFNAME`,
+`_CTRL_DEV`) is left to the deployment.
+";
+
+/// The knobs' reference page (docs/CONFIG.md), rendered from the table.
+pub fn reference_page() -> String {
+    let elsewhere = ELSEWHERE
+        .iter()
+        .map(|(name, default, values, meaning)| knob::Doc {
+            name,
+            default: (*default).into(),
+            values: (*values).into(),
+            meaning,
+        })
+        .collect();
+    let mut page = knob::render(
+        DOC_INTRO,
+        &[
+            ("Engine", Config::knob_docs()),
+            ("Built-in TCP transport", SocketConfig::knob_docs()),
+            ("GPU memory staged through host memory", StagingConfig::knob_docs()),
+            ("Read elsewhere", elsewhere),
+        ],
+    );
+    page.push_str(DOC_OUTRO);
+    page
+}
 
 /// Where a net-plugin engine moves the channels of a peer on its own host. `UCCL_TCPX_LOCAL_PEERS`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -34,6 +257,10 @@ pub enum LocalPeers {
     Plugin,
 }
 
+impl LocalPeers {
+    const NAMES: &[(&str, LocalPeers)] = &[("socket", LocalPeers::Socket), ("plugin", LocalPeers::Plugin)];
+}
+
 /// Which transport an engine moves data with. `UCCL_TCPX_TRANSPORT`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum TransportChoice {
@@ -46,168 +273,29 @@ pub enum TransportChoice {
     Tcpx,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Config {
-    /// Data channels per connection (each a pair of one-way comms). `UCCL_TCPX_NUM_CHANNELS`; unset,
-    /// the default of the transport the engine ends up with ([`Config::channels_for`]).
-    pub num_channels: Option<u16>,
-    /// Payload is cut into chunks of at most this many bytes (a flow smaller than a chunk per
-    /// channel into a share per channel), spread round-robin over channels. `UCCL_TCPX_CHUNK_SIZE`.
-    pub chunk_size: u32,
-    /// Requests in flight per comm. `UCCL_TCPX_WINDOW`.
-    pub window: usize,
-    /// Control listener port; 0 picks a free one. `UCCL_TCPX_PORT`.
-    pub port: u16,
-    /// Address advertised in metadata and channel handles. `UCCL_TCPX_IP`, else the address of
-    /// `UCCL_TCPX_IFNAME`, else the first non-loopback IPv4 interface that is up.
-    pub ip: Option<IpAddr>,
-    pub ifname: Option<String>,
-    /// Bound on connection setup (TCP connect, handshake, channel establishment). `UCCL_TCPX_CONNECT_TIMEOUT_MS`.
-    pub connect_timeout: Duration,
-    /// A connection with work outstanding that hears nothing from its peer for this long fails with
-    /// TIMEOUT (a stalled or vanished peer); also the sockets' TCP_USER_TIMEOUT. `UCCL_TCPX_TIMEOUT_MS`.
-    pub timeout: Duration,
-    /// How long deregistering a region waits for transport requests already posted on it (receives
-    /// the peer is still filling, sends still leaving) before it fails the connections holding them,
-    /// so that none can touch the memory after the call returns. `UCCL_TCPX_FENCE_TIMEOUT_MS`.
-    pub fence_timeout: Duration,
-    /// Built-in TCP transport tuning (`UCCL_TCPX_SOCKET_*`, `UCCL_TCPX_NSOCKS_PERTHREAD`, ...).
-    pub socket: SocketConfig,
-    /// CUDA device ordinal the engine serves, chosen at creation. Unset: the GPU of the first
-    /// device-memory registration. `UCCL_TCPX_GPU`.
-    pub gpu: Option<i32>,
-    /// `UCCL_TCPX_TRANSPORT` = auto | socket | tcpx.
-    pub transport: TransportChoice,
-    /// Where a plugin engine's channels to a peer on its own host go (socket | plugin; socket by
-    /// default, plugin only for tests on one host). Both ends must choose alike: a connection
-    /// between an engine that keeps such peers on the plugin and one that does not is refused.
-    /// `UCCL_TCPX_LOCAL_PEERS`.
-    pub local_peers: LocalPeers,
-    /// The net plugin to load. `UCCL_TCPX_PLUGIN`; when unset, the names NCCL tries.
-    pub plugin_path: Option<PathBuf>,
-    /// NCCL's `NCCL_NET_PLUGIN`: try `libnccl-net-<name>.so` before `libnccl-net.so`.
-    pub nccl_net_plugin: Option<String>,
-    /// Plugin device indices channels use, channel `i` on entry `i % len`. `UCCL_TCPX_NET_DEVICES`;
-    /// when unset, every device the plugin reports, closest to the GPU first.
-    pub net_devices: Option<Vec<usize>>,
-    /// How GPU memory is staged through host memory (`UCCL_TCPX_STAGING_*`, `UCCL_TCPX_TRACE_STAGING`).
-    pub staging: StagingConfig,
-    /// A net plugin's receive comm tests the plugin's next receives while earlier ones are still
-    /// unpacked or copied out, so the plugin keeps progressing; false tests only the oldest receive
-    /// (the behaviour before, for comparison). `UCCL_TCPX_PLUGIN_TEST_AHEAD` (0 or 1, default 1).
-    pub plugin_test_ahead: bool,
-    /// How long a thread that expects control-stream bytes polls before it sleeps: a caller
-    /// waiting for an inline transfer's reply, and a control reactor thread after a turn that did
-    /// work. Default 200 us when this process may run on 8 or more CPUs, 20 us on 2 to 7, else 0.
-    /// `UCCL_TCPX_CONTROL_SPIN_US`.
-    pub control_spin: Duration,
-    /// Whether a caller waiting on a read over the channels is woken by the transport's
-    /// completions in the progress thread's place and finishes the read itself (one thread
-    /// wake-up between the last byte and the caller instead of two). Default on when this process
-    /// may run on 8 or more CPUs, else off. `UCCL_TCPX_CALLER_COMPLETES` (0 or 1).
-    pub caller_completes: bool,
-    /// While device copies are in flight (staged GPU chunks, the same-host GPU path), whose end no
-    /// thread is told of, the progress thread polls them without pause, yielding its core between
-    /// passes, instead of napping 25 us between looks: napping, a staging copy was seen done 90-110
-    /// us after it was issued on a 32-core VM, where one takes about 30. Default on when this
-    /// process may run on 4 or more CPUs, else off. `UCCL_TCPX_COPY_POLL_SPIN` (0 or 1).
-    pub copy_poll_spin: bool,
-    /// While a connection of the engine has network chunks posted to its channels' transport and
-    /// not complete, at most 1 MiB of them (a wake-up saved matters only to a short transfer), the
-    /// idle progress thread keeps polling, yielding its core between passes, for
-    /// up to this long since it last moved something or woke, then parks as before: the last
-    /// chunk's completion then finds it awake instead of waking it (a futex wake-up and the thread's
-    /// scheduling, several us on a VM, on every transfer's path at the end that finishes it). The
-    /// price is one core per engine busy while transfers move, which on a small host is a core the
-    /// transport's own threads need. Default 200 us when this process may run on 8 or more CPUs,
-    /// else 0 (parks at once). `UCCL_TCPX_PROGRESS_POLL_US` (0 to 1,000,000).
-    pub progress_poll: Duration,
-    /// The most bytes of chunks in flight (all of a connection's channels) for which the idle
-    /// progress thread polls (`progress_poll`). Default 1 MiB. `UCCL_TCPX_PROGRESS_POLL_BYTES`
-    /// (0 to 1 GiB).
-    pub progress_poll_bytes: u32,
-    /// The most bytes a thread queues and posts to the channels before it writes the control
-    /// messages that announce them (a write's request, a read's Data); above, the message goes
-    /// first. Default 1 MiB. `UCCL_TCPX_EARLY_CHUNK_BYTES` (0 to 1 GiB; 0 = messages always first).
-    pub early_chunk_bytes: u32,
-    /// Threads an engine reads and writes its connections' control streams with (its control
-    /// reactor), started as connections arrive and ended with the last one; 0 = one per core, at
-    /// most 4. `UCCL_TCPX_CONTROL_THREADS` (0 to 64).
-    pub control_threads: u8,
-    /// Addresses the engine may dial for a peer's channels besides the address its control connection
-    /// came from (multi-homed peers whose data interface differs). `UCCL_TCPX_ALLOW_DIAL`, a
-    /// comma-separated list of CIDR blocks or single addresses; empty by default.
-    pub allow_dial: Vec<Cidr>,
-    /// Record the stage times of every transfer of the same-host GPU path (post, asks, copies
-    /// queued, event seen fired and by whom, outcome handed to the caller) and print a summary per
-    /// direction and size to stderr at exit; 2 also lists every transfer. A diagnostic, off (0) by
-    /// default. `UCCL_TCPX_TRACE_DEVICE_COPY` = 0 | 1 | 2.
-    pub trace_device_copy: u8,
-    /// Record the steps of every copy of the same-host host-memory path (post, job queued, picked
-    /// up, offered to the copy helpers, helpers joining, each piece's time and bytes, last piece,
-    /// reply handed on, outcome handed to the caller) and print a summary per role and size to
-    /// stderr at exit; 2 also lists every job. A diagnostic, off (0) by default.
-    /// `UCCL_TCPX_TRACE_HOST_COPY` = 0 | 1 | 2.
-    pub trace_host_copy: u8,
-    /// Every engine marks each step of its writes and reads over the channels (post, request
-    /// written and read, chunks queued and posted, last chunk, reply written and read, complete) in
-    /// CLOCK_MONOTONIC time and writes the last few thousand to `<prefix>.<pid>.tsv` at exit, for
-    /// `scripts/diag/flow_timeline.py` to join across the two ends. A diagnostic, off (unset or
-    /// empty) by default. `UCCL_TCPX_TRACE_FLOW` = path prefix.
-    pub trace_flow: Option<String>,
-    /// Same-host peers move data over the network path like remote ones (UCCL's
-    /// `UCCL_P2P_DISABLE_IPC`): the engine announces no host identity, so neither end of a
-    /// connection takes it for local. `UCCL_TCPX_DISABLE_IPC` (0 or 1).
-    pub disable_ipc: bool,
-    /// Threads that copy one same-host host-memory job of 512 KiB or more: the connection's worker
-    /// and the process's copy helpers. Default three quarters of the CPUs the process may use, 1 to 24.
-    /// `UCCL_TCPX_HOST_COPY_THREADS` (1 to 64).
-    pub host_copy_threads: usize,
-    /// How long a connection's host worker and the copy helpers look for the next same-host copy
-    /// after one before they sleep, so that copies following each other closely find them awake
-    /// (a sleeping thread's wake-up is on the copy's critical path); they yield between looks.
-    /// Default 0 (not measured yet where helpers run: 2-core hosts copy on one thread).
-    /// `UCCL_TCPX_HOST_COPY_SPIN_US`.
-    pub host_copy_spin: Duration,
-    /// The smallest piece a shared same-host copy is cut into (two pieces per copying thread,
-    /// within this and 4 MiB). Default 1 MiB: on a 32-core host 16 MiB copies moved 30-50 % more
-    /// than with 256 KiB pieces, where sixteen threads pinning 512 KiB pieces share the peer's page
-    /// tables. `UCCL_TCPX_HOST_COPY_MIN_PIECE` (64K to 4M, K/M suffixes).
-    pub host_copy_min_piece: u32,
-    /// One-sided host transfers to a peer process of this host longer than the first bound and
-    /// shorter than the second take the channels (loopback TCP) instead of the direct copy, which
-    /// is slower there on a many-core host: every copying thread pins the peer's pages, and a few
-    /// MiB span too few of its page tables for many threads to help, while the channels' helpers
-    /// copy in parallel in both processes. Default 768 KiB to 12 MiB from 16 CPUs, none below.
-    /// `UCCL_TCPX_HOST_COPY_NETWORK_BAND` (`LO-HI` with K/M/G suffixes, or 0 for none).
-    pub host_copy_network_band: Option<(u64, u64)>,
-    /// Whether the same-host host path heeds the page size of a transfer's source memory, which
-    /// its owner read from its own smaps at registration and tells the copying peer: a source
-    /// mostly on transparent huge pages skips `host_copy_network_band` and, up to 8 MiB, is cut
-    /// into pieces of `host_copy_huge_min_piece`, since on huge pages the kernel pins a source in
-    /// few steps and threads copying neighbouring megabytes no longer contend. On a 32-core host,
-    /// three alternated rounds, huge-page sources moved 1-8 MiB at 1.5-2.9x loopback TCP with it
-    /// against 1.0-1.9x without, small-page ones as without it. Default on.
-    /// `UCCL_TCPX_HOST_COPY_HUGE_PAGES` (0 or 1).
-    pub host_copy_huge_pages: bool,
-    /// A host region that a peer of this host is to copy out of (`process_vm_readv`) is collapsed
-    /// into huge pages in place, once, on a thread of its own (`host_memory::collapse`): on small
-    /// pages the kernel pins the source page by page, and the copying threads contend on the page
-    /// tables. Only 2 MiB extents whose pages are all present and written; paced to a quarter of
-    /// a core for the process; contents and addresses unchanged. Opt-in: it changes how the
-    /// caller's memory is mapped, which the caller may not want; on small-page buffers it took
-    /// 1-16 MiB from about 1x to 1.5-2.5x loopback TCP on a 16-core host.
-    /// `UCCL_TCPX_HOST_COPY_COLLAPSE` (0 or 1, default 0).
-    pub host_copy_collapse: bool,
-    /// The smallest piece of a same-host copy of at most 8 MiB whose source lies on huge pages,
-    /// with `host_copy_huge_pages`. Default 256 KiB: 1-8 MiB copies on huge pages moved 1.4-3x
-    /// loopback TCP with it on a 32-core host. `UCCL_TCPX_HOST_COPY_HUGE_MIN_PIECE` (64K to 4M).
-    pub host_copy_huge_min_piece: u32,
-    /// The key peers must share: when set, every connection starts with a mutual challenge-response
-    /// and strangers are refused before anything is spent on them. Read from the file named by
-    /// `UCCL_TCPX_AUTH_KEY_FILE` (its bytes, less one trailing newline; 16 to 4096 bytes; not
-    /// readable or writable by other users).
-    pub auth_key: Option<AuthKey>,
+impl TransportChoice {
+    const NAMES: &[(&str, TransportChoice)] =
+        &[("auto", TransportChoice::Auto), ("socket", TransportChoice::Socket), ("tcpx", TransportChoice::Tcpx)];
+}
+
+/// How the staged path moves a chunk made of several device segments between them and its pinned
+/// slot. `UCCL_TCPX_STAGING_GATHER` = auto | kernel | copies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StagingGather {
+    /// The kernel for chunks of small segments, one copy per segment otherwise (and wherever the
+    /// kernel cannot be built).
+    #[default]
+    Auto,
+    /// The kernel for every chunk of two or more segments, whatever their size: to measure where
+    /// it stops paying.
+    Kernel,
+    /// One copy per segment always, as where the kernel cannot be built: to compare against.
+    Copies,
+}
+
+impl StagingGather {
+    const NAMES: &[(&str, StagingGather)] =
+        &[("auto", StagingGather::Auto), ("kernel", StagingGather::Kernel), ("copies", StagingGather::Copies)];
 }
 
 /// An address block such as `10.0.0.0/8` or `fd00::/8`; a bare address is a block of one.
@@ -258,204 +346,15 @@ impl std::str::FromStr for Cidr {
     }
 }
 
-/// Knobs of the staged GPU path (GPU memory over a transport that moves host memory only).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StagingConfig {
-    /// Record per-chunk timestamps of every staged comm and print a summary per burst of transfers
-    /// to stderr at exit. `UCCL_TCPX_TRACE_STAGING` = 0 | 1.
-    pub trace: bool,
-    /// Copy streams per comm; slot `i` copies on stream `i % streams`. `UCCL_TCPX_STAGING_STREAMS`.
-    pub streams: u8,
-    /// Device-to-host copies one send comm keeps issued but unfinished; later chunks wait for one
-    /// to finish. The copy engine drains one stream's queue before it turns to the next, so with no
-    /// limit (0) the last channel's first chunk lands only after every other channel's whole share;
-    /// with 1 the channels' copies alternate. `UCCL_TCPX_STAGING_AHEAD`.
-    pub ahead: u8,
-    /// How a chunk of many device segments gets into and out of its slot. `UCCL_TCPX_STAGING_GATHER`.
-    pub gather: StagingGather,
-    /// Sub-copy size of pipelined staging, in bytes; 0 (the default) copies every chunk whole. A
-    /// contiguous device chunk longer than this that its channel moves alone (nothing of the
-    /// channel ahead of a send, nothing else posted with a receive) is copied into (or out of) its
-    /// slot in copies of this size, and its bytes move on as each copy lands instead of after the
-    /// whole chunk: the copies overlap the socket sends (and the receives). Later chunks of a
-    /// transfer keep whole copies, which overlap the chunks ahead already. 0, or 4 KiB to 4 MiB.
-    /// `UCCL_TCPX_STAGING_PIPELINE`.
-    pub pipeline: u32,
-    /// Receiving sockets write each piece that lands in a staging slot back from the CPU's caches
-    /// before the slot is copied up to the GPU: a copy of lines that other cores hold modified
-    /// runs at a third of its speed. Only pieces of the last two receives posted on a comm, whose
-    /// copy up nothing later hides (measured in `transport/socket/write_back.rs`). On by default;
-    /// 0 to measure without. `UCCL_TCPX_STAGING_WRITE_BACK` = 0 | 1.
-    pub write_back: bool,
-}
-
-/// How the staged path moves a chunk made of several device segments between them and its pinned
-/// slot. `UCCL_TCPX_STAGING_GATHER` = auto | kernel | copies.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum StagingGather {
-    /// The kernel for chunks of small segments, one copy per segment otherwise (and wherever the
-    /// kernel cannot be built).
-    #[default]
-    Auto,
-    /// The kernel for every chunk of two or more segments, whatever their size: to measure where
-    /// it stops paying.
-    Kernel,
-    /// One copy per segment always, as where the kernel cannot be built: to compare against.
-    Copies,
-}
-
-impl Default for StagingConfig {
-    fn default() -> StagingConfig {
-        StagingConfig { trace: false, streams: 1, ahead: 1, gather: StagingGather::Auto, pipeline: 0, write_back: true }
-    }
-}
-
 impl StagingConfig {
     fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<StagingConfig> {
-        let d = StagingConfig::default();
-        Ok(StagingConfig {
-            trace: parse_in(get, "UCCL_TCPX_TRACE_STAGING", 0u8, 0, 1)? == 1,
-            streams: parse_in(get, "UCCL_TCPX_STAGING_STREAMS", d.streams, 1, 8)?,
-            ahead: parse_in(get, "UCCL_TCPX_STAGING_AHEAD", d.ahead, 0, MAX_WINDOW as u8)?,
-            gather: parse_gather(get)?,
-            pipeline: parse_pipeline(get)?,
-            write_back: parse_in(get, "UCCL_TCPX_STAGING_WRITE_BACK", u8::from(d.write_back), 0, 1)? == 1,
-        })
+        StagingConfig::read_knobs(get)
     }
 }
-
-/// Bounds of `UCCL_TCPX_STAGING_PIPELINE` when on: a sub-copy of less than a page costs its
-/// issue more than it overlaps, and one of a whole chunk is no pipelining.
-pub(crate) const STAGING_PIPELINE_RANGE: std::ops::RangeInclusive<u32> = MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE;
 
 /// Whether `bytes` is a valid sub-copy size: 0 (off) or a size in [`STAGING_PIPELINE_RANGE`].
 pub(crate) fn valid_staging_pipeline(bytes: u32) -> bool {
     bytes == 0 || STAGING_PIPELINE_RANGE.contains(&bytes)
-}
-
-fn parse_pipeline(get: &impl Fn(&str) -> Option<String>) -> Result<u32> {
-    let name = "UCCL_TCPX_STAGING_PIPELINE";
-    let Some(raw) = get(name) else { return Ok(0) };
-    match parse_bytes(&raw).and_then(|v| u32::try_from(v).ok()) {
-        Some(v) if valid_staging_pipeline(v) => Ok(v),
-        _ => Err(bad(
-            name,
-            &raw,
-            &format!(
-                "0 (whole-chunk copies) or a sub-copy size in {}..={} bytes (K, M and G suffixes allowed)",
-                STAGING_PIPELINE_RANGE.start(),
-                STAGING_PIPELINE_RANGE.end()
-            ),
-        )),
-    }
-}
-
-fn parse_gather(get: &impl Fn(&str) -> Option<String>) -> Result<StagingGather> {
-    let name = "UCCL_TCPX_STAGING_GATHER";
-    let Some(raw) = get(name) else { return Ok(StagingGather::Auto) };
-    match raw.to_ascii_lowercase().as_str() {
-        "auto" => Ok(StagingGather::Auto),
-        "kernel" => Ok(StagingGather::Kernel),
-        "copies" => Ok(StagingGather::Copies),
-        _ => Err(bad(name, &raw, "auto, kernel or copies")),
-    }
-}
-
-/// Most data sockets one comm may open (NCCL's MAX_SOCKETS); also what an accepting side allows.
-pub(crate) const MAX_SOCKETS_PER_COMM: usize = 64;
-pub(crate) const MAX_SOCKET_THREADS: u8 = 16;
-/// Bound on `UCCL_TCPX_SOCKET_HELPERS`.
-pub(crate) const MAX_SOCKET_HELPERS: u8 = 64;
-/// Bound on `UCCL_TCPX_CONTROL_THREADS`.
-const MAX_CONTROL_THREADS: u8 = 64;
-
-/// Knobs of the built-in TCP transport. The socket layout keeps NCCL's names so that operators can
-/// map them: each comm opens `nthreads x nsocks_per_thread` data sockets. The threads moving them
-/// are an engine's shared helpers, `helpers` senders and as many receivers whatever the number of
-/// connections.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SocketConfig {
-    /// NCCL's thread count of a comm, which with `nsocks_per_thread` gives its data sockets; 0 =
-    /// pick from the core count. `UCCL_TCPX_SOCKET_NTHREADS`.
-    pub nthreads: u8,
-    /// Data sockets per NCCL thread. `UCCL_TCPX_NSOCKS_PERTHREAD`.
-    pub nsocks_per_thread: u8,
-    /// Helper threads an engine moves data sockets with, per direction (senders, receivers), each
-    /// serving many sockets; 0 = one per core, at most 16. `UCCL_TCPX_SOCKET_HELPERS`.
-    pub helpers: u8,
-    /// SO_SNDBUF / SO_RCVBUF of data sockets in bytes; 0 leaves the kernel's autotuning on (setting
-    /// a size turns autotuning off). `UCCL_TCPX_SOCKET_SNDBUF`, `UCCL_TCPX_SOCKET_RCVBUF`.
-    pub sndbuf: u32,
-    pub rcvbuf: u32,
-    /// A request is cut into pieces of at most this many bytes (smaller requests into a share per
-    /// socket of at least 64 KiB); free sockets pull the next piece, so a slow flow takes fewer of
-    /// them. `UCCL_TCPX_SOCKET_SUBCHUNK`.
-    pub subchunk: u32,
-    /// How long a helper that just did some work polls for more before it sleeps, if it gets a
-    /// polling turn (`spinners`) past its first 20 us; default 20 us on 8 or more cores, else 0.
-    /// `UCCL_TCPX_SOCKET_SPIN_US`.
-    pub spin: Duration,
-    /// A helper polls after work (`spin`) only after a piece of a request of at most this many
-    /// bytes; after a piece of a larger one it sleeps at once. Default 256 KiB
-    /// (`DEFAULT_SPIN_MAX_REQUEST`). `UCCL_TCPX_SOCKET_SPIN_MAX_REQUEST` (0 to 1G, K/M/G suffixes;
-    /// requests of the engine are chunks of at most 4 MiB, so 4M polls after every piece).
-    pub spin_max_request: u32,
-    /// How long a helper polls while one of its sockets holds a piece whose receive is not posted
-    /// yet (the peer's bytes came before the request that announces them was read), if it gets a
-    /// polling turn past its first 20 us; default 0 (sleep and be kicked by the post).
-    /// `UCCL_TCPX_SOCKET_HELD_SPIN_US`.
-    pub held_spin: Duration,
-    /// Socket helpers of the process that may poll at once after work (the rest sleep at once):
-    /// every polling helper holds a core. Default a quarter of the CPUs, at least 1.
-    /// `UCCL_TCPX_SOCKET_SPINNERS` (1 to 1024).
-    pub spinners: u16,
-    /// Sleeping helpers a send comm's posting thread wakes itself for one request; each socket of
-    /// the comm that runs then wakes up to as many of the rest before it sends its piece (helpers
-    /// that are polling are kicked at no cost either way). Every wake-up the poster hands on saves
-    /// it an eventfd write and the woken thread's start (about 2 us each on the 32-core host, so
-    /// a 1 MiB write's last piece of 16 reached its socket some 32 us after it was queued), and
-    /// each level of the cascade puts one more such wake-up, on a woken helper's thread, before the
-    /// sockets it wakes (with 2: the poster wakes two, they wake four, and so on); 0 has the poster
-    /// wake every one itself. Default 4 (`DEFAULT_KICK_FANOUT`). `UCCL_TCPX_SOCKET_KICK_FANOUT`
-    /// (0 to 64).
-    pub kick_fanout: u8,
-    /// A send comm connects one data socket and opens the others when a request would use them
-    /// (cut in more than one piece, or queued behind busy sockets), so an idle or lightly used
-    /// connection holds one socket per comm; false opens all of them right after the first.
-    /// `UCCL_TCPX_SOCKET_LAZY` (0 or 1, default 1).
-    pub lazy: bool,
-    /// Every comm records when each of its sockets began and finished its share of each of its
-    /// last 256 requests and writes them at its drop to `<prefix>.<pid>.<comm id>.<send|recv>.tsv`
-    /// (`scripts/diag/socket_timeline.py`); unset (or empty) by default. `UCCL_TCPX_TRACE_SOCKETS`
-    /// = path prefix.
-    pub trace: Option<String>,
-    /// The interfaces data sockets run over, in NCCL_SOCKET_IFNAME's grammar (name prefixes, `^`
-    /// to exclude, `=` for exact names): a comm's sockets go out over them in turn, each from one
-    /// of this host's links to the peer's link of the same rank, while the control stream stays on
-    /// the engine's address. Unset: every data socket goes to the peer's advertised address.
-    /// `UCCL_TCPX_SOCKET_IFNAME`.
-    pub data_ifname: Option<String>,
-}
-
-impl Default for SocketConfig {
-    fn default() -> SocketConfig {
-        SocketConfig {
-            nthreads: 0,
-            nsocks_per_thread: 1,
-            helpers: 0,
-            sndbuf: 0,
-            rcvbuf: 0,
-            subchunk: 256 << 10,
-            spin: default_spin(),
-            spin_max_request: DEFAULT_SPIN_MAX_REQUEST,
-            held_spin: Duration::ZERO,
-            spinners: default_spinners(),
-            kick_fanout: DEFAULT_KICK_FANOUT,
-            lazy: true,
-            trace: None,
-            data_ifname: None,
-        }
-    }
 }
 
 /// The kind of transport a connection's channels run on, where their defaults differ.
@@ -477,7 +376,7 @@ const LARGE_HOST_CORES: usize = 16;
 /// against 4 x 4 (the same 16 sockets) took 256 KiB host transfers from 96-110 to 58-72 us p50 and
 /// 1 MiB GPU0->GPU1 transfers at 4 in flight from 8.22-9.23 to 9.65-11.41 GB/s, for 256 MiB host
 /// writes at 31.6-34.1 GB/s instead of 35.3-37.6. A plugin keeps 4: that measurement covered the
-/// socket transport only (docs/PERFORMANCE.md, "Defaults and the measurements that chose them").
+/// socket transport only (docs/PERFORMANCE.md, "Defaults").
 fn default_channels(transport: ChannelTransport, cores: usize) -> u16 {
     match transport {
         _ if cores < LARGE_HOST_CORES => 2,
@@ -601,10 +500,20 @@ fn default_spin() -> Duration {
 /// 256 KiB GPU write at one in flight stays polled for: 99.8-104 against 90.5-100.6 us p50 (no
 /// poll at all made it 131-134 against 93-99 on a 32-core host).
 const DEFAULT_SPIN_MAX_REQUEST: u32 = 256 << 10;
-/// Bound on `UCCL_TCPX_SOCKET_SPIN_MAX_REQUEST`.
-const MAX_SPIN_MAX_REQUEST: u32 = 1 << 30;
 
 impl SocketConfig {
+    fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<SocketConfig> {
+        let socket = SocketConfig::read_knobs(get)?;
+        let (nthreads, nsocks_per_thread) = (socket.nthreads, socket.nsocks_per_thread);
+        if nthreads as usize * nsocks_per_thread as usize > MAX_SOCKETS_PER_COMM {
+            return Err(Error::invalid(format!(
+                "UCCL_TCPX_SOCKET_NTHREADS={nthreads} x UCCL_TCPX_NSOCKS_PERTHREAD={nsocks_per_thread} \
+                 exceeds {MAX_SOCKETS_PER_COMM} sockets per comm"
+            )));
+        }
+        Ok(socket)
+    }
+
     /// NCCL's thread count of a comm: the knob, else a quarter of the cores below 16 cores and 8
     /// from 16 ([`default_socket_threads`]).
     pub fn threads_per_comm(&self) -> usize {
@@ -638,51 +547,6 @@ impl SocketConfig {
     }
 }
 
-impl Default for Config {
-    fn default() -> Config {
-        Config {
-            num_channels: None,
-            chunk_size: default_chunk_size(available_cores()),
-            window: 8,
-            port: 0,
-            ip: None,
-            ifname: None,
-            connect_timeout: Duration::from_secs(10),
-            timeout: Duration::from_secs(30),
-            fence_timeout: DEFAULT_FENCE_TIMEOUT,
-            socket: SocketConfig::default(),
-            gpu: None,
-            transport: TransportChoice::Auto,
-            local_peers: LocalPeers::Socket,
-            plugin_path: None,
-            nccl_net_plugin: None,
-            net_devices: None,
-            staging: StagingConfig::default(),
-            plugin_test_ahead: true,
-            control_spin: default_control_spin(),
-            caller_completes: default_caller_completes(),
-            copy_poll_spin: available_cores() >= 4,
-            progress_poll: default_progress_poll(available_cores()),
-            progress_poll_bytes: 1 << 20,
-            early_chunk_bytes: 1 << 20,
-            control_threads: 0,
-            allow_dial: Vec::new(),
-            trace_device_copy: 0,
-            trace_host_copy: 0,
-            trace_flow: None,
-            disable_ipc: false,
-            host_copy_threads: default_host_copy_threads(),
-            host_copy_spin: Duration::ZERO,
-            host_copy_min_piece: 1 << 20,
-            host_copy_network_band: default_host_copy_network_band(available_cores()),
-            host_copy_huge_pages: true,
-            host_copy_collapse: false,
-            host_copy_huge_min_piece: 256 << 10,
-            auth_key: None,
-        }
-    }
-}
-
 impl Config {
     /// The channels a connection of an engine whose channels run on `transport` offers: the knob,
     /// else that transport's default for this host.
@@ -704,111 +568,10 @@ impl Config {
         Config::from_lookup(|name| overrides(name).or_else(|| std::env::var(name).ok()))
     }
 
+    /// Every knob as `lookup` has it; a value that is empty once trimmed is unset.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config> {
-        let d = Config::default();
         let get = |name: &str| lookup(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
-        Ok(Config {
-            num_channels: get("UCCL_TCPX_NUM_CHANNELS")
-                .map(|_| parse_in(&get, "UCCL_TCPX_NUM_CHANNELS", 1, 1, MAX_CHANNELS))
-                .transpose()?,
-            chunk_size: parse_size(&get, "UCCL_TCPX_CHUNK_SIZE", d.chunk_size, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)?,
-            window: parse_in(&get, "UCCL_TCPX_WINDOW", d.window, 1, MAX_WINDOW)?,
-            port: parse_in(&get, "UCCL_TCPX_PORT", d.port, 0, u16::MAX)?,
-            ip: get("UCCL_TCPX_IP")
-                .map(|v| v.parse().map_err(|_| bad("UCCL_TCPX_IP", &v, "an IPv4 or IPv6 address")))
-                .transpose()?,
-            ifname: get("UCCL_TCPX_IFNAME"),
-            connect_timeout: parse_millis(&get, "UCCL_TCPX_CONNECT_TIMEOUT_MS", d.connect_timeout, 1, 3_600_000)?,
-            timeout: parse_millis(&get, "UCCL_TCPX_TIMEOUT_MS", d.timeout, 100, 86_400_000)?,
-            fence_timeout: parse_millis(&get, "UCCL_TCPX_FENCE_TIMEOUT_MS", d.fence_timeout, 0, 60_000)?,
-            transport: parse_transport(&get)?,
-            local_peers: parse_local_peers(&get)?,
-            plugin_path: get("UCCL_TCPX_PLUGIN").map(PathBuf::from),
-            nccl_net_plugin: get("NCCL_NET_PLUGIN"),
-            net_devices: parse_devices(&get, "UCCL_TCPX_NET_DEVICES")?,
-            gpu: get("UCCL_TCPX_GPU").map(|_| parse_in(&get, "UCCL_TCPX_GPU", 0, 0, MAX_GPU_ORDINAL)).transpose()?,
-            socket: SocketConfig::from_lookup(&get)?,
-            staging: StagingConfig::from_lookup(&get)?,
-            plugin_test_ahead: parse_in(&get, "UCCL_TCPX_PLUGIN_TEST_AHEAD", 1u8, 0, 1)? == 1,
-            control_spin: parse_micros(&get, "UCCL_TCPX_CONTROL_SPIN_US", d.control_spin, 1_000_000)?,
-            caller_completes: parse_in(&get, "UCCL_TCPX_CALLER_COMPLETES", d.caller_completes as u8, 0, 1)? == 1,
-            copy_poll_spin: parse_in(&get, "UCCL_TCPX_COPY_POLL_SPIN", d.copy_poll_spin as u8, 0, 1)? == 1,
-            progress_poll: parse_micros(&get, "UCCL_TCPX_PROGRESS_POLL_US", d.progress_poll, 1_000_000)?,
-            progress_poll_bytes: parse_size(&get, "UCCL_TCPX_PROGRESS_POLL_BYTES", d.progress_poll_bytes, 0, 1 << 30)?,
-            early_chunk_bytes: parse_size(&get, "UCCL_TCPX_EARLY_CHUNK_BYTES", d.early_chunk_bytes, 0, 1 << 30)?,
-            control_threads: parse_in(&get, "UCCL_TCPX_CONTROL_THREADS", d.control_threads, 0, MAX_CONTROL_THREADS)?,
-            allow_dial: parse_cidrs(&get, "UCCL_TCPX_ALLOW_DIAL")?,
-            trace_device_copy: parse_in(&get, "UCCL_TCPX_TRACE_DEVICE_COPY", 0u8, 0, 2)?,
-            trace_host_copy: parse_in(&get, "UCCL_TCPX_TRACE_HOST_COPY", 0u8, 0, 2)?,
-            trace_flow: get("UCCL_TCPX_TRACE_FLOW").filter(|p| !p.is_empty()),
-            disable_ipc: parse_in(&get, "UCCL_TCPX_DISABLE_IPC", 0u8, 0, 1)? == 1,
-            host_copy_threads: parse_in(
-                &get,
-                "UCCL_TCPX_HOST_COPY_THREADS",
-                d.host_copy_threads,
-                1,
-                MAX_HOST_COPY_THREADS,
-            )?,
-            host_copy_spin: parse_micros(&get, "UCCL_TCPX_HOST_COPY_SPIN_US", d.host_copy_spin, 1_000_000)?,
-            host_copy_min_piece: parse_size(
-                &get,
-                "UCCL_TCPX_HOST_COPY_MIN_PIECE",
-                d.host_copy_min_piece,
-                64 << 10,
-                4 << 20,
-            )?,
-            host_copy_network_band: parse_band(&get, "UCCL_TCPX_HOST_COPY_NETWORK_BAND", d.host_copy_network_band)?,
-            host_copy_huge_pages: parse_in(&get, "UCCL_TCPX_HOST_COPY_HUGE_PAGES", d.host_copy_huge_pages as u8, 0, 1)?
-                == 1,
-            host_copy_collapse: parse_in(&get, "UCCL_TCPX_HOST_COPY_COLLAPSE", d.host_copy_collapse as u8, 0, 1)? == 1,
-            host_copy_huge_min_piece: parse_size(
-                &get,
-                "UCCL_TCPX_HOST_COPY_HUGE_MIN_PIECE",
-                d.host_copy_huge_min_piece,
-                64 << 10,
-                4 << 20,
-            )?,
-            auth_key: get("UCCL_TCPX_AUTH_KEY_FILE")
-                .map(|path| read_key_file("UCCL_TCPX_AUTH_KEY_FILE", &path))
-                .transpose()?,
-        })
-    }
-}
-
-impl SocketConfig {
-    fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<SocketConfig> {
-        let d = SocketConfig::default();
-        let nthreads = parse_in(get, "UCCL_TCPX_SOCKET_NTHREADS", d.nthreads, 0, MAX_SOCKET_THREADS)?;
-        let nsocks_per_thread = parse_in(get, "UCCL_TCPX_NSOCKS_PERTHREAD", d.nsocks_per_thread, 1, 64)?;
-        if nthreads as usize * nsocks_per_thread as usize > MAX_SOCKETS_PER_COMM {
-            return Err(Error::invalid(format!(
-                "UCCL_TCPX_SOCKET_NTHREADS={nthreads} x UCCL_TCPX_NSOCKS_PERTHREAD={nsocks_per_thread} \
-                 exceeds {MAX_SOCKETS_PER_COMM} sockets per comm"
-            )));
-        }
-        let buf = |name| parse_size(get, name, 0, 0, 1 << 30);
-        Ok(SocketConfig {
-            nthreads,
-            nsocks_per_thread,
-            helpers: parse_in(get, "UCCL_TCPX_SOCKET_HELPERS", d.helpers, 0, MAX_SOCKET_HELPERS)?,
-            sndbuf: buf("UCCL_TCPX_SOCKET_SNDBUF")?,
-            rcvbuf: buf("UCCL_TCPX_SOCKET_RCVBUF")?,
-            subchunk: parse_size(get, "UCCL_TCPX_SOCKET_SUBCHUNK", d.subchunk, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)?,
-            spin: parse_micros(get, "UCCL_TCPX_SOCKET_SPIN_US", d.spin, 1_000_000)?,
-            spin_max_request: parse_size(
-                get,
-                "UCCL_TCPX_SOCKET_SPIN_MAX_REQUEST",
-                d.spin_max_request,
-                0,
-                MAX_SPIN_MAX_REQUEST,
-            )?,
-            held_spin: parse_micros(get, "UCCL_TCPX_SOCKET_HELD_SPIN_US", d.held_spin, 1_000_000)?,
-            spinners: parse_in(get, "UCCL_TCPX_SOCKET_SPINNERS", d.spinners, 1, 1024)?,
-            kick_fanout: parse_in(get, "UCCL_TCPX_SOCKET_KICK_FANOUT", d.kick_fanout, 0, MAX_SOCKETS_PER_COMM as u8)?,
-            lazy: parse_in(get, "UCCL_TCPX_SOCKET_LAZY", d.lazy as u8, 0, 1)? == 1,
-            trace: get("UCCL_TCPX_TRACE_SOCKETS").filter(|p| !p.is_empty()),
-            data_ifname: get("UCCL_TCPX_SOCKET_IFNAME").filter(|p| !p.trim().is_empty()),
-        })
+        Config::read_knobs(&get)
     }
 }
 
@@ -825,151 +588,6 @@ pub fn init_logging() {
 /// Logging is set up once per process, not per engine, so this knob is not part of [`Config`].
 fn log_filter(lookup: impl Fn(&str) -> Option<String>) -> String {
     lookup("UCCL_TCPX_LOG").or_else(|| lookup("RUST_LOG")).unwrap_or_else(|| "error".into())
-}
-
-fn parse_transport(get: &impl Fn(&str) -> Option<String>) -> Result<TransportChoice> {
-    let name = "UCCL_TCPX_TRANSPORT";
-    let Some(raw) = get(name) else { return Ok(TransportChoice::Auto) };
-    match raw.to_ascii_lowercase().as_str() {
-        "auto" => Ok(TransportChoice::Auto),
-        "socket" => Ok(TransportChoice::Socket),
-        "tcpx" => Ok(TransportChoice::Tcpx),
-        _ => Err(bad(name, &raw, "auto, socket or tcpx")),
-    }
-}
-
-fn parse_local_peers(get: &impl Fn(&str) -> Option<String>) -> Result<LocalPeers> {
-    let name = "UCCL_TCPX_LOCAL_PEERS";
-    let Some(raw) = get(name) else { return Ok(LocalPeers::Socket) };
-    match raw.to_ascii_lowercase().as_str() {
-        "socket" => Ok(LocalPeers::Socket),
-        "plugin" => Ok(LocalPeers::Plugin),
-        _ => Err(bad(name, &raw, "socket or plugin (plugin only for tests on one host)")),
-    }
-}
-
-/// A comma-separated list of device indices, e.g. "0,2"; duplicates are allowed (they weight a device).
-fn parse_devices(get: &impl Fn(&str) -> Option<String>, name: &str) -> Result<Option<Vec<usize>>> {
-    let Some(raw) = get(name) else { return Ok(None) };
-    let expected = format!("a comma-separated list of 1..={MAX_NET_DEVICES} device indices below {MAX_NET_DEVICES}");
-    let list: Option<Vec<usize>> =
-        raw.split(',').map(|d| d.trim().parse::<usize>().ok().filter(|d| *d < MAX_NET_DEVICES)).collect();
-    match list {
-        Some(list) if !list.is_empty() && list.len() <= MAX_NET_DEVICES => Ok(Some(list)),
-        _ => Err(bad(name, &raw, &expected)),
-    }
-}
-
-/// A key file as `openssl rand -hex 32 > key` or `head -c 32 /dev/urandom > key` writes it. A file
-/// other users may read is refused, as ssh refuses such private keys: the key opens this engine's
-/// memory to whoever holds it.
-fn read_key_file(name: &str, path: &str) -> Result<AuthKey> {
-    use std::io::Read;
-    use std::os::unix::fs::PermissionsExt;
-    let fail = |why: String| Error::invalid(format!("environment variable {name}={path:?}: {why}"));
-    let file = std::fs::File::open(path).map_err(|e| fail(format!("cannot open the key file: {e}")))?;
-    let mode = file.metadata().map_err(|e| fail(format!("cannot stat the key file: {e}")))?.permissions().mode();
-    if mode & 0o007 != 0 {
-        return Err(fail(format!(
-            "the key file is accessible to other users (mode {:o}); chmod o-rwx it",
-            mode & 0o777
-        )));
-    }
-    let mut bytes = Vec::new();
-    // One byte past the largest key tells a too-long file from a key of exactly the limit.
-    let limit = crate::proto::auth::MAX_KEY_LEN as u64 + 2;
-    file.take(limit).read_to_end(&mut bytes).map_err(|e| fail(format!("cannot read the key file: {e}")))?;
-    if bytes.ends_with(b"\n") {
-        bytes.pop();
-        if bytes.ends_with(b"\r") {
-            bytes.pop();
-        }
-    }
-    AuthKey::new(&bytes).map_err(|why| fail(format!("the file holds {why}")))
-}
-
-/// At most this many blocks in a list knob: a longer list is a mistake, and every dial checks them all.
-const MAX_CIDRS: usize = 256;
-
-fn parse_cidrs(get: &impl Fn(&str) -> Option<String>, name: &str) -> Result<Vec<Cidr>> {
-    let Some(raw) = get(name) else { return Ok(Vec::new()) };
-    let expected =
-        format!("a comma-separated list of up to {MAX_CIDRS} addresses or CIDR blocks (10.0.0.0/8, fd00::/8)");
-    let list: std::result::Result<Vec<Cidr>, ()> = raw.split(',').map(str::parse).collect();
-    match list {
-        Ok(list) if list.len() <= MAX_CIDRS => Ok(list),
-        _ => Err(bad(name, &raw, &expected)),
-    }
-}
-
-fn bad(name: &str, value: &str, expected: &str) -> Error {
-    Error::invalid(format!("environment variable {name}={value:?} is invalid: expected {expected}"))
-}
-
-/// A duration knob given in milliseconds.
-fn parse_millis(
-    get: &impl Fn(&str) -> Option<String>,
-    name: &str,
-    default: Duration,
-    min_ms: u64,
-    max_ms: u64,
-) -> Result<Duration> {
-    Ok(Duration::from_millis(parse_in(get, name, default.as_millis() as u64, min_ms, max_ms)?))
-}
-
-/// A duration knob given in microseconds, from 0.
-fn parse_micros(get: &impl Fn(&str) -> Option<String>, name: &str, default: Duration, max_us: u64) -> Result<Duration> {
-    Ok(Duration::from_micros(parse_in(get, name, default.as_micros() as u64, 0, max_us)?))
-}
-
-fn parse_in<T>(get: &impl Fn(&str) -> Option<String>, name: &str, default: T, min: T, max: T) -> Result<T>
-where
-    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
-{
-    let Some(raw) = get(name) else { return Ok(default) };
-    match raw.parse::<T>() {
-        Ok(v) if v >= min && v <= max => Ok(v),
-        _ => Err(bad(name, &raw, &format!("an integer in {min}..={max}"))),
-    }
-}
-
-/// A size knob: a byte count in `min..=max`, in [`parse_bytes`]'s notation.
-/// `LO-HI` (sizes, LO below HI) or `0` for none.
-fn parse_band(
-    get: &impl Fn(&str) -> Option<String>,
-    name: &str,
-    default: Option<(u64, u64)>,
-) -> Result<Option<(u64, u64)>> {
-    let Some(raw) = get(name) else { return Ok(default) };
-    if raw.trim() == "0" {
-        return Ok(None);
-    }
-    let band = raw.split_once('-').and_then(|(lo, hi)| Some((parse_bytes(lo.trim())?, parse_bytes(hi.trim())?)));
-    match band {
-        Some((lo, hi)) if lo < hi => Ok(Some((lo, hi))),
-        _ => Err(bad(name, &raw, "LO-HI with LO below HI (K, M and G suffixes allowed), or 0")),
-    }
-}
-
-fn parse_size(get: &impl Fn(&str) -> Option<String>, name: &str, default: u32, min: u32, max: u32) -> Result<u32> {
-    let Some(raw) = get(name) else { return Ok(default) };
-    match parse_bytes(&raw) {
-        Some(v) if (min as u64..=max as u64).contains(&v) => Ok(v as u32),
-        _ => Err(bad(name, &raw, &format!("a size in {min}..={max} bytes (K, M and G suffixes allowed)"))),
-    }
-}
-
-/// A byte count: digits, optionally with a K, M or G suffix (binary units, either case), e.g.
-/// "512K", "1M", "1048576". `None` for anything else and for counts beyond `u64`. The one size
-/// notation of the library's knobs and the benchmark's flags.
-pub fn parse_bytes(text: &str) -> Option<u64> {
-    let (digits, unit) = match text.as_bytes().last() {
-        Some(b'k' | b'K') => (&text[..text.len() - 1], 1u64 << 10),
-        Some(b'm' | b'M') => (&text[..text.len() - 1], 1 << 20),
-        Some(b'g' | b'G') => (&text[..text.len() - 1], 1 << 30),
-        _ => (text, 1),
-    };
-    digits.parse::<u64>().ok()?.checked_mul(unit)
 }
 
 #[cfg(test)]
@@ -1309,6 +927,177 @@ mod tests {
             let err = cfg(&[(k, v)]).unwrap_err();
             assert_eq!(err.status(), crate::error::UcclStatus::ErrInvalidParam);
             assert!(err.message().contains(k), "{k}={v}: {}", err.message());
+        }
+    }
+
+    /// The messages of the table's kinds, word for word as each knob's own parser wrote them.
+    #[test]
+    fn refusals_say_what_was_expected() {
+        let message = |k: &str, v: &str| cfg(&[(k, v)]).unwrap_err().message().to_owned();
+        for (k, v, expected) in [
+            ("UCCL_TCPX_WINDOW", "17", "an integer in 1..=16"),
+            ("UCCL_TCPX_NUM_CHANNELS", "two", "an integer in 1..=64"),
+            ("UCCL_TCPX_GPU", "-1", "an integer in 0..=1023"),
+            ("UCCL_TCPX_DISABLE_IPC", "yes", "an integer in 0..=1"),
+            ("UCCL_TCPX_TIMEOUT_MS", "99", "an integer in 100..=86400000"),
+            ("UCCL_TCPX_SOCKET_SPIN_US", "-1", "an integer in 0..=1000000"),
+            ("UCCL_TCPX_CHUNK_SIZE", "5M", "a size in 4096..=4194304 bytes (K, M and G suffixes allowed)"),
+            ("UCCL_TCPX_TRANSPORT", "rdma", "auto, socket or tcpx"),
+            ("UCCL_TCPX_LOCAL_PEERS", "loopback", "socket or plugin (plugin only for tests on one host)"),
+            ("UCCL_TCPX_STAGING_GATHER", "each", "auto, kernel or copies"),
+            ("UCCL_TCPX_IP", "not-an-ip", "an IPv4 or IPv6 address"),
+            ("UCCL_TCPX_NET_DEVICES", "0,,1", "a comma-separated list of 1..=64 device indices below 64"),
+            (
+                "UCCL_TCPX_ALLOW_DIAL",
+                "host.example",
+                "a comma-separated list of up to 256 addresses or CIDR blocks (10.0.0.0/8, fd00::/8)",
+            ),
+            ("UCCL_TCPX_HOST_COPY_NETWORK_BAND", "8M-2M", "LO-HI with LO below HI (K, M and G suffixes allowed), or 0"),
+            (
+                "UCCL_TCPX_STAGING_PIPELINE",
+                "1K",
+                "0 (whole-chunk copies) or a sub-copy size in 4096..=4194304 bytes (K, M and G suffixes allowed)",
+            ),
+        ] {
+            assert_eq!(message(k, v), format!("environment variable {k}={v:?} is invalid: expected {expected}"));
+        }
+    }
+
+    /// What the engine ran with before the knobs became a table, read through it: a change of a
+    /// default shows up here as well as on the reference page.
+    #[test]
+    fn defaults_are_the_values_the_engine_ran_with() {
+        let c = Config::default();
+        assert_eq!(cfg(&[]).unwrap(), c, "unset knobs read as the defaults");
+        assert_eq!((c.num_channels, c.window, c.port, c.ip, c.ifname.as_deref()), (None, 8, 0, None, None));
+        assert_eq!(c.connect_timeout, Duration::from_millis(10_000));
+        assert_eq!(c.timeout, Duration::from_millis(30_000));
+        assert_eq!(c.fence_timeout, Duration::from_millis(200));
+        assert_eq!((c.gpu, c.transport, c.local_peers), (None, TransportChoice::Auto, LocalPeers::Socket));
+        assert_eq!((c.plugin_path, c.nccl_net_plugin, c.net_devices), (None, None, None));
+        assert!(c.plugin_test_ahead && !c.disable_ipc && c.allow_dial.is_empty() && c.auth_key.is_none());
+        assert_eq!((c.progress_poll_bytes, c.early_chunk_bytes, c.control_threads), (1 << 20, 1 << 20, 0));
+        assert_eq!((c.trace_device_copy, c.trace_host_copy, c.trace_flow), (0, 0, None));
+        assert_eq!((c.host_copy_spin, c.host_copy_min_piece), (Duration::ZERO, 1 << 20));
+        assert!(c.host_copy_huge_pages && !c.host_copy_collapse);
+        assert_eq!(c.host_copy_huge_min_piece, 256 << 10);
+        let s = &c.socket;
+        assert_eq!((s.nthreads, s.nsocks_per_thread, s.helpers, s.sndbuf, s.rcvbuf), (0, 1, 0, 0, 0));
+        assert_eq!((s.subchunk, s.spin_max_request, s.held_spin), (256 << 10, 256 << 10, Duration::ZERO));
+        assert_eq!((s.kick_fanout, s.lazy, s.trace.as_deref(), s.data_ifname.as_deref()), (4, true, None, None));
+        let staging = StagingConfig {
+            trace: false,
+            streams: 1,
+            ahead: 1,
+            gather: StagingGather::Auto,
+            pipeline: 0,
+            write_back: true,
+        };
+        assert_eq!(c.staging, staging);
+        // The defaults that follow the host, on this host and on the sizes they were measured on.
+        let cores = available_cores();
+        assert_eq!(c.chunk_size, if cores >= 16 { 2 << 20 } else { 1 << 20 });
+        assert_eq!(
+            c.control_spin,
+            Duration::from_micros(if cores >= 8 {
+                200
+            } else if cores >= 2 {
+                20
+            } else {
+                0
+            })
+        );
+        assert_eq!((c.caller_completes, c.copy_poll_spin), (cores >= 8, cores >= 4));
+        assert_eq!(c.progress_poll, Duration::from_micros(if cores >= 8 { 200 } else { 0 }));
+        assert_eq!(c.host_copy_threads, (cores * 3 / 4).clamp(1, 24));
+        assert_eq!(c.host_copy_network_band, (cores >= 16).then_some((768 << 10, 12 << 20)));
+        assert_eq!(s.spin, Duration::from_micros(if cores >= 8 { 20 } else { 0 }));
+        assert_eq!(s.spinners, (cores / 4).clamp(1, 1024) as u16);
+        assert_eq!([2, 32].map(default_chunk_size), [1 << 20, 2 << 20]);
+        assert_eq!([2, 32].map(default_host_copy_network_band), [None, Some((768 << 10, 12 << 20))]);
+    }
+
+    /// The table is the whole configuration: parsing asks for exactly the variables the reference
+    /// page lists for it, each once.
+    #[test]
+    fn the_table_names_every_variable_parsing_reads() {
+        let asked = std::cell::RefCell::new(Vec::new());
+        Config::from_lookup(|name| {
+            asked.borrow_mut().push(name.to_owned());
+            None
+        })
+        .unwrap();
+        let mut asked = asked.into_inner();
+        asked.sort();
+        let mut listed: Vec<String> = [Config::knob_docs(), SocketConfig::knob_docs(), StagingConfig::knob_docs()]
+            .into_iter()
+            .flatten()
+            .map(|d| d.name.to_owned())
+            .collect();
+        listed.sort();
+        assert_eq!(asked, listed);
+        let unique: std::collections::BTreeSet<&String> = listed.iter().collect();
+        assert_eq!(unique.len(), listed.len(), "a variable listed twice");
+        for (name, ..) in ELSEWHERE {
+            assert!(
+                !listed.iter().any(|l| l == name),
+                "{name} is parsed by the table and also listed as read elsewhere"
+            );
+        }
+    }
+
+    fn repo_file(path: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+    }
+
+    /// docs/CONFIG.md is the table rendered; `scripts/gen_config_doc.sh` rewrites it.
+    #[test]
+    fn reference_page_is_the_table_rendered() {
+        let page = reference_page();
+        let path = repo_file("docs/CONFIG.md");
+        if std::env::var_os("REGENERATE_CONFIG_DOC").is_some() {
+            std::fs::write(&path, &page).unwrap();
+        }
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            on_disk == page,
+            "docs/CONFIG.md is not the knob table of src/config.rs rendered: run scripts/gen_config_doc.sh and commit it"
+        );
+        assert!(page.len() < 20 << 10, "the reference page grew to {} bytes; keep meanings short", page.len());
+        for row in page.lines().filter(|l| l.starts_with("| `")) {
+            assert_eq!(row.matches(" | ").count(), 3, "four cells, a `|` in a cell escaped: {row}");
+        }
+    }
+
+    /// A variable read in C++, Python or Rust outside this module is on the reference page too.
+    #[test]
+    fn variables_read_elsewhere_are_on_the_reference_page() {
+        fn scan(path: &std::path::Path, out: &mut Vec<(String, String)>) {
+            if path.is_dir() {
+                for entry in std::fs::read_dir(path).unwrap() {
+                    scan(&entry.unwrap().path(), out);
+                }
+                return;
+            }
+            let Ok(text) = std::fs::read_to_string(path) else { return };
+            for call in ["getenv(\"", "uccl_param(\"", "environ.get(\"", "env::var(\"", "env::var_os(\""] {
+                for (at, _) in text.match_indices(call) {
+                    let name: String = text[at + call.len()..].chars().take_while(|c| *c != '"').collect();
+                    out.push((name, path.display().to_string()));
+                }
+            }
+        }
+        let mut read = Vec::new();
+        for dir in ["src", "include", "nixl", "python/uccl_tcpx", "python/src"] {
+            scan(&repo_file(dir), &mut read);
+        }
+        // `"UCCL_" env` in UCCL's `UCCL_PARAM` macro is a prefix, not a variable.
+        let library: Vec<_> =
+            read.iter().filter(|(name, _)| name.starts_with("UCCL_") && !name.ends_with('_')).collect();
+        assert!(library.iter().any(|(n, _)| n == "UCCL_TCPX_ADAPTER_ERRORS"), "the scan finds the C++ header's read");
+        let page = reference_page();
+        for (name, file) in library {
+            assert!(page.contains(&format!("| `{name}` |")), "{file} reads {name}, which docs/CONFIG.md does not list");
         }
     }
 

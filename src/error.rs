@@ -71,6 +71,12 @@ impl UcclStatus {
         }
     }
 
+    /// The header's name for the status ("UCCL_STATUS_ERR_TIMEOUT").
+    pub fn name(self) -> &'static str {
+        let text = self.c_text().to_str().unwrap_or_default();
+        text.split_once(": ").map_or(text, |(name, _)| name)
+    }
+
     /// What the status means ("timed out"), for messages.
     pub fn describe(self) -> &'static str {
         let text = self.c_text().to_str().unwrap_or_default();

@@ -10,7 +10,7 @@
 //! the message round-trips. A failure is shrunk to a small input, reported with it, and saved under
 //! `tests/proptest-regressions/` so the next run tries it first. `UCCL_TCPX_FUZZ_SCALE` multiplies
 //! the case counts for longer local runs (the defaults keep the file to seconds in a debug build on
-//! two cores). Coverage-guided fuzzing of the same decoders lives in `fuzz/` (docs/RELIABILITY.md).
+//! two cores). Coverage-guided fuzzing of the same decoders lives in `fuzz/` (docs/TESTING.md).
 //!
 //! `UCCL_TCPX_WRITE_FUZZ_CORPUS=1 cargo test --test fuzz_proto seed_corpus` rewrites the checked-in
 //! seed corpus under `fuzz/corpus/`; without it that test checks every checked-in seed still decodes.

@@ -6,7 +6,7 @@
 //! - `soak_full` (ignored): >= 100,000 transfers up to 4 MiB; RSS growth after warm-up must stay
 //!   under 5 %. Run it with
 //!   `cargo test --release --test soak -- --ignored --nocapture`
-//!   (`UCCL_TCPX_SOAK_TRANSFERS=N` changes the count). Figures are recorded in docs/RELIABILITY.md.
+//!   (`UCCL_TCPX_SOAK_TRANSFERS=N` changes the count). Figures are recorded in docs/TESTING.md.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};

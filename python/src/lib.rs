@@ -39,6 +39,23 @@ compile_error!("the FifoItem blobs are passed through as the C struct: little-en
 struct Fifo([u8; FIFO_LEN]);
 
 type Engine = *mut c_void;
+
+/// `uccl_tcpx_conn_stats_t` of include/uccl_engine.h. The call is told this size and writes no
+/// more; fields past what an older library fills stay zero.
+#[repr(C)]
+#[derive(Default)]
+struct ConnStats {
+    out_transfers: u64,
+    out_bytes: u64,
+    in_transfers: u64,
+    in_bytes: u64,
+    in_flight: u64,
+    failed: u64,
+    errors: [u64; 16],
+    retries: u64,
+    last_error: i32,
+    reserved: u32,
+}
 type Conn = *mut c_void;
 
 /// The C functions used, resolved once from the opened library.
@@ -65,6 +82,7 @@ struct Api {
     wait: unsafe extern "C" fn(Conn, u64, c_int, *mut usize) -> c_int,
     gpu_count: unsafe extern "C" fn() -> c_int,
     default_ip: unsafe extern "C" fn(*mut c_char, usize) -> c_int,
+    conn_stats: unsafe extern "C" fn(Conn, *mut ConnStats, usize) -> c_int,
 }
 
 type VectorFn = unsafe extern "C" fn(
@@ -195,6 +213,7 @@ fn load(path: &str) -> PyResult<()> {
         wait: sym!(b"uccl_tcpx_wait\0"),
         gpu_count: sym!(b"uccl_tcpx_gpu_count\0"),
         default_ip: sym!(b"uccl_tcpx_default_ip\0"),
+        conn_stats: sym!(b"uccl_tcpx_conn_stats\0"),
     };
     let _ = API.set(api);
     Ok(())
@@ -560,6 +579,31 @@ fn wait(py: Python<'_>, conn: usize, id: u64, timeout_ms: Option<u64>) -> PyResu
     }
 }
 
+/// A connection's counters as a dict: transfers and bytes each way, in flight, failed, failures
+/// by status (only statuses seen), retries, the last failure's status.
+#[pyfunction]
+fn conn_stats(py: Python<'_>, conn: usize) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
+    let api = api()?;
+    let mut s = ConnStats::default();
+    // SAFETY: the library checks the handle and writes at most size_of::<ConnStats>() bytes.
+    check(api, unsafe { (api.conn_stats)(as_conn(conn), &mut s, size_of::<ConnStats>()) })?;
+    let d = pyo3::types::PyDict::new(py);
+    d.set_item("out_transfers", s.out_transfers)?;
+    d.set_item("out_bytes", s.out_bytes)?;
+    d.set_item("in_transfers", s.in_transfers)?;
+    d.set_item("in_bytes", s.in_bytes)?;
+    d.set_item("in_flight", s.in_flight)?;
+    d.set_item("failed", s.failed)?;
+    let errors = pyo3::types::PyDict::new(py);
+    for (slot, n) in s.errors.iter().enumerate().filter(|(_, n)| **n > 0) {
+        errors.set_item(-(slot as i32), *n)?;
+    }
+    d.set_item("errors", errors)?;
+    d.set_item("retries", s.retries)?;
+    d.set_item("last_error", s.last_error)?;
+    Ok(d)
+}
+
 #[pymodule]
 fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(load, m)?)?;
@@ -582,6 +626,7 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(recv, m)?)?;
     m.add_function(wrap_pyfunction!(poll, m)?)?;
     m.add_function(wrap_pyfunction!(wait, m)?)?;
+    m.add_function(wrap_pyfunction!(conn_stats, m)?)?;
     m.add("SLICE_MS", SLICE_MS)?;
     m.add("EngineError", m.py().get_type::<EngineError>())?;
     Ok(())

@@ -123,6 +123,28 @@ def test_a_write_past_the_advertised_range_is_refused(pair):
     assert not dst[n:].any()
 
 
+def test_conn_stats_count_each_way_and_failures_by_status(pair):
+    n = 8192
+    src, dst, back = pattern(2 * n, 7), np.zeros(2 * n, np.uint8), np.zeros(n, np.uint8)
+    _, smr = pair.client.reg(addr(src), 2 * n)
+    _, bmr = pair.client.reg(addr(back), n)
+    _, dmr = pair.server.reg(addr(dst), 2 * n)
+    _, meta = pair.server.advertise(dmr, addr(dst), n)
+    fresh = pair.client.conn_stats(pair.conn)
+    assert fresh == {"out_transfers": 0, "out_bytes": 0, "in_transfers": 0, "in_bytes": 0, "in_flight": 0,
+                     "failed": 0, "errors": {}, "retries": 0, "last_error": 0}
+    assert pair.client.write(pair.conn, smr, addr(src), n, meta) is True
+    assert pair.client.read(pair.conn, bmr, addr(back), n, meta) is True
+    assert pair.client.write(pair.conn, smr, addr(src), 2 * n, meta) is False, "past the advertised range"
+    s = pair.client.conn_stats(pair.conn)
+    assert (s["out_transfers"], s["out_bytes"], s["in_transfers"], s["in_bytes"]) == (1, n, 1, n)
+    assert s["failed"] == 1 and s["in_flight"] == 0
+    assert s["errors"] == {s["last_error"]: 1} and s["last_error"] < 0
+    assert pair.server.conn_stats(pair.served)["out_transfers"] == 0, "the client's writes count at the client"
+    with pytest.raises(RuntimeError, match="Invalid conn_id"):
+        pair.client.conn_stats(99)
+
+
 def test_register_memory_serialized_descs_and_transfer(pair):
     n = 64
     src = [pattern(4096, i) for i in range(n)]

@@ -570,6 +570,14 @@ class Endpoint:
         _engine.conn_destroy(conn)
         return True
 
+    def conn_stats(self, conn_id):
+        """This endpoint's counters for a connection (an addition of uccl-tcpx): a dict with
+        ``out_transfers``/``out_bytes`` (writes and sends that succeeded), ``in_transfers``/
+        ``in_bytes`` (reads and receives), ``in_flight``, ``failed``, ``errors`` (failures by
+        status, e.g. ``{-14: 1}`` for one timeout), ``retries`` and ``last_error`` (0 while none
+        failed). The peer's one-sided transfers against this side's memory count at the peer."""
+        return _engine.conn_stats(self._conn(conn_id))
+
     def conn_id_of_rank(self, rank):
         """UCCL never fills this table: always 2**64-1."""
         _int(rank, "rank")

@@ -19,6 +19,7 @@ pub mod region;
 mod route;
 mod served_gpu;
 mod shared;
+pub mod stats;
 mod transfer;
 mod writer;
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
+use super::stats::{StatsCell, Way};
 use crate::error::{Error, Result};
 
 pub struct Transfer {
@@ -52,6 +53,14 @@ struct Progress {
     remaining: usize,
     bytes: u64,
     error: Option<Error>,
+    /// The connection counters the transfer reports to when it ends (taken then, so once).
+    counted: Option<Counted>,
+}
+
+/// Where a transfer is counted: its connection's counters and the way its bytes go.
+pub struct Counted {
+    pub stats: Arc<StatsCell>,
+    pub way: Way,
 }
 
 impl Transfer {
@@ -66,6 +75,9 @@ impl Transfer {
         }
         p.remaining = p.remaining.saturating_sub(1);
         if p.remaining == 0 {
+            if let Some(Counted { stats, way }) = p.counted.take() {
+                stats.ended(way, p.error.as_ref().map_or(Ok(p.bytes), Err));
+            }
             self.finished.notify_all();
             for t in std::mem::take(&mut *self.parked.lock()) {
                 t.unpark();
@@ -164,12 +176,16 @@ pub struct TransferTable {
 }
 
 impl TransferTable {
-    pub fn create(&self, conn: u64, parts: usize) -> Arc<Transfer> {
+    /// A transfer of `parts` parts on connection `conn`, reported to `counted` when it ends.
+    pub fn create(&self, conn: u64, parts: usize, counted: Option<Counted>) -> Arc<Transfer> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(c) = &counted {
+            c.stats.started();
+        }
         let t = Arc::new(Transfer {
             id,
             conn,
-            state: Mutex::new(Progress { remaining: parts, bytes: 0, error: None }),
+            state: Mutex::new(Progress { remaining: parts, bytes: 0, error: None, counted }),
             finished: Condvar::new(),
             parts,
             answered_parts: AtomicUsize::new(0),
@@ -182,9 +198,12 @@ impl TransferTable {
         t
     }
 
-    /// Forgets a transfer that never reached the wire (its post failed).
-    pub fn discard(&self, id: u64) {
-        self.live.lock().remove(&id);
+    /// Forgets a transfer that never reached the wire: its post failed with `why`.
+    pub fn discard(&self, id: u64, why: &Error) {
+        let Some(t) = self.live.lock().remove(&id) else { return };
+        if let Some(Counted { stats, way }) = t.state.lock().counted.take() {
+            stats.ended(way, Err(why));
+        }
     }
 
     /// Drops the caller's claim on a transfer: it runs to its end (or its connection's failure)
@@ -240,7 +259,7 @@ mod tests {
     #[test]
     fn reports_once_then_unknown() {
         let t = TransferTable::default();
-        let x = t.create(7, 2);
+        let x = t.create(7, 2, None);
         assert_eq!(t.poll(7, x.id).unwrap(), None);
         x.finish_part(Ok(10));
         assert_eq!(t.poll(7, x.id).unwrap(), None);
@@ -252,9 +271,29 @@ mod tests {
     }
 
     #[test]
+    fn a_counted_transfer_reports_to_its_connection_once_when_its_last_part_ends() {
+        let t = TransferTable::default();
+        let stats = Arc::new(StatsCell::default());
+        let counted = |way| Some(Counted { stats: stats.clone(), way });
+        let write = t.create(1, 2, counted(Way::Out));
+        let read = t.create(1, 1, counted(Way::In));
+        let refused = t.create(1, 1, counted(Way::Out));
+        assert_eq!(stats.snapshot().in_flight, 3);
+        write.finish_part(Ok(10));
+        assert_eq!(stats.snapshot().out.transfers, 0, "one part of two ended");
+        write.finish_part(Ok(5));
+        read.finish_part(Err(Error::disconnected("peer gone")));
+        t.discard(refused.id, &Error::invalid("zero items"));
+        t.discard(refused.id, &Error::invalid("zero items"));
+        let s = stats.snapshot();
+        assert_eq!((s.out.transfers, s.out.bytes, s.inbound.transfers), (1, 15, 0));
+        assert_eq!((s.in_flight, s.failed, s.errors[10], s.errors[2]), (0, 2, 1, 1), "each counted once");
+    }
+
+    #[test]
     fn first_error_wins_after_all_parts() {
         let t = TransferTable::default();
-        let x = t.create(1, 3);
+        let x = t.create(1, 3, None);
         x.finish_part(Err(Error::not_allowed("first")));
         x.finish_part(Err(Error::backend("second")));
         assert_eq!(t.poll(1, x.id).unwrap(), None, "a part is still outstanding");
@@ -266,7 +305,7 @@ mod tests {
     #[test]
     fn wait_wakes_on_completion() {
         let t = Arc::new(TransferTable::default());
-        let x = t.create(1, 1);
+        let x = t.create(1, 1, None);
         let id = x.id;
         let h = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(30));
@@ -281,7 +320,7 @@ mod tests {
     #[test]
     fn a_parked_caller_wakes_when_the_last_part_finishes() {
         let t = TransferTable::default();
-        let x = t.create(1, 2);
+        let x = t.create(1, 2, None);
         x.finish_part(Ok(1));
         let start = std::time::Instant::now();
         std::thread::scope(|s| {
@@ -304,7 +343,7 @@ mod tests {
     #[test]
     fn every_caller_parked_on_a_transfer_wakes_at_its_end() {
         let t = TransferTable::default();
-        let x = t.create(1, 1);
+        let x = t.create(1, 1, None);
         let parking = std::sync::atomic::AtomicUsize::new(0);
         let waited = std::thread::scope(|s| {
             let waiters: Vec<_> = (0..2)
@@ -332,7 +371,7 @@ mod tests {
     #[test]
     fn answers_and_chunk_ends_are_counted_per_part() {
         let t = TransferTable::default();
-        let x = t.create(1, 3);
+        let x = t.create(1, 3, None);
         x.expect_answers(2, false);
         assert_eq!(x.answers(), Answers::Elsewhere, "two parts of three");
         x.expect_answers(1, true);
@@ -345,12 +384,12 @@ mod tests {
         assert!(!x.awaits_answer());
         x.answered();
         assert!(!x.awaits_answer(), "an answer too many does not wrap around");
-        let r = t.create(1, 2);
+        let r = t.create(1, 2, None);
         r.expect_chunk_ends(1);
         assert!(!r.ends_on_chunks());
         r.expect_chunk_ends(1);
         assert!(r.ends_on_chunks() && !r.completes_on_control() && !r.awaits_answer());
-        let inline = t.create(1, 1);
+        let inline = t.create(1, 1, None);
         inline.expect_answers(1, false);
         assert_eq!(inline.answers(), Answers::Inline);
     }

@@ -6,6 +6,7 @@
 #![allow(non_camel_case_types, clippy::not_unsafe_ptr_arg_deref)]
 
 mod conn;
+mod conn_stats;
 mod engine;
 mod fifo;
 mod handle;
@@ -17,6 +18,7 @@ mod status;
 mod xfer;
 
 pub use conn::*;
+pub use conn_stats::*;
 pub use engine::*;
 pub use fifo::*;
 pub use memory::*;

@@ -178,8 +178,8 @@ mod tests {
 
     use super::super::{
         FifoItem, last_error, uccl_engine_accept, uccl_engine_conn_destroy, uccl_engine_connect, uccl_engine_destroy,
-        uccl_engine_get_metadata, uccl_engine_mr_destroy, uccl_engine_prepare_fifo, uccl_engine_reg,
-        uccl_engine_stop_accept, uccl_engine_write,
+        uccl_engine_get_metadata, uccl_engine_mr_destroy, uccl_engine_prepare_fifo, uccl_engine_read, uccl_engine_reg,
+        uccl_engine_stop_accept, uccl_engine_write, uccl_tcpx_conn_stats, uccl_tcpx_conn_stats_t,
     };
     use super::*;
     use testkit::child::ChildTest;
@@ -436,6 +436,27 @@ mod tests {
 
         assert!(uccl_tcpx_wait(null_mut(), 1, 0, null_mut()) < 0);
         assert!(uccl_tcpx_wait(conn, u64::MAX, 10, null_mut()) == UcclStatus::ErrNotFound as c_int);
+
+        // A read back into the source registration, then the connection's counters.
+        assert_eq!(uccl_engine_read(conn, source_mr, data, 4096, item, &mut id), 0, "{}", last_error());
+        assert_eq!(uccl_tcpx_wait(conn, id, -1, null_mut()), 0, "{}", last_error());
+        let full = size_of::<uccl_tcpx_conn_stats_t>();
+        let mut stats = uccl_tcpx_conn_stats_t::default();
+        assert_eq!(uccl_tcpx_conn_stats(conn, &mut stats, full), full as c_int, "{}", last_error());
+        assert_eq!((stats.out_transfers, stats.out_bytes), (2, (1 << 20) + 4096));
+        assert_eq!((stats.in_transfers, stats.in_bytes), (1, 4096));
+        assert_eq!((stats.in_flight, stats.failed, stats.last_error), (0, 1, rc));
+        assert_eq!(stats.errors[(-rc) as usize], 1, "{stats:?}");
+        let mut served_stats = uccl_tcpx_conn_stats_t { out_transfers: 99, ..Default::default() };
+        assert_eq!(uccl_tcpx_conn_stats(served, &mut served_stats, full), full as c_int);
+        assert_eq!((served_stats.out_transfers, served_stats.in_transfers), (0, 0), "the peer's transfers count there");
+        // A caller built against a shorter structure gets only its prefix.
+        let mut old = uccl_tcpx_conn_stats_t { in_transfers: 77, ..Default::default() };
+        assert_eq!(uccl_tcpx_conn_stats(conn, &mut old, 16), 16);
+        assert_eq!((old.out_transfers, old.out_bytes, old.in_transfers), (2, (1 << 20) + 4096, 77));
+        assert_eq!(uccl_tcpx_conn_stats(conn, &mut old, 4), invalid(), "smaller than the first field");
+        assert_eq!(uccl_tcpx_conn_stats(conn, null_mut(), full), invalid());
+        assert!(uccl_tcpx_conn_stats(null_mut(), &mut old, full) < 0);
 
         uccl_engine_conn_destroy(conn);
         uccl_engine_conn_destroy(served);

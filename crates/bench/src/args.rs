@@ -568,6 +568,22 @@ mod tests {
             "--scale 1,64 --sizes 64K --idle-secs 2",
             "--same-host --ops write,read --sizes 16M --rounds 5",
             "--same-host --huge-pages --ops write,read --sizes 1M,2M,4M,8M,16M,64M --iters 40 --no-baseline",
+            // docs/PERFORMANCE.md, the commands of its figures
+            "--sizes 64K,256K,1M,4M,16M,64M --ops write,read --iters 300",
+            "--sizes 64K,256K,1M,4M,16M,64M,256M --ops write,read --rounds 3",
+            "--sizes 8 --ops write,read,send --iters 5000 --rounds 3",
+            "--sizes 8,64K --ops write,read,send --iters 5000",
+            "--same-host --device gpu --gpu 0 --peer-gpu 1 --ops write,read --no-baseline --sizes 16M --num-iovs 1024 \
+             --scatter 64M",
+            "--same-host --device gpu --sizes 16M --ops write,read --num-iovs 1024 --scatter 1G --no-baseline \
+             --iters 100",
+            "--same-host --sizes 1M,2M,4M,8M,16M --ops write,read --iters 600 --rounds 3 --no-baseline",
+            "--ops write --device gpu --sizes 512K,4M,64M --no-baseline",
+            "--sizes 16M --ops write,read --num-iovs 64 --scatter 1G --no-baseline --iters 100",
+            "--same-host --device gpu --gpu 0 --peer-gpu 1 --ops write,read --sizes 4K,64K,256K,1M,16M,64M,256M \
+             --no-baseline",
+            "--sizes 64M --ops write,read",
+            "--sizes 409600000 --ops write,read --num-iovs 100000 --scatter 1G --iters 8",
         ] {
             if let Err(e) = parse(line) {
                 panic!("{line}: {e}");

@@ -111,7 +111,7 @@ impl Connection {
                 }
             }
         }
-        self.post(requests.len(), posted, |st, transfer, out| st.post_one_sided(transfer, write, requests, out))
+        self.post(requests.len(), write, posted, |st, transfer, out| st.post_one_sided(transfer, write, requests, out))
     }
 
     /// The checks of every item (its local range in a live registration, its capability, its
@@ -181,7 +181,7 @@ impl Connection {
     fn post_in_turn(&self, ops: &[OneSided], runs: &[CheckedRun], write: bool, entered: Option<u64>) -> Result<u64> {
         // Every run here is a vector: one request, one part.
         let parts = runs.len();
-        let transfer = self.core.transfers.create(self.id, parts);
+        let transfer = self.new_transfer(parts, write);
         if let (Some(tracer), Some(at)) = (&self.flow_tracer, entered) {
             tracer.posted(transfer.id, at);
         }
@@ -211,7 +211,7 @@ impl Connection {
                 });
             if let Err(e) = posted {
                 if first_part == 0 {
-                    self.discard(transfer.id);
+                    self.discard(transfer.id, &e);
                     return Err(e);
                 }
                 // Requests that were registered are failed with the connection; the ones never
@@ -240,7 +240,7 @@ impl Connection {
             };
             items.push(SendItem { region, addr, len: len as u64, payload });
         }
-        self.post(msgs.len(), None, |st, transfer, out| {
+        self.post(msgs.len(), true, None, |st, transfer, out| {
             out.extend(st.post_send(transfer, items)?.into_iter().map(Action::Send));
             Ok(())
         })
@@ -251,7 +251,7 @@ impl Connection {
     pub fn recv(&self, mr: u64, addr: usize, max: usize) -> Result<u64> {
         let region = self.core.regions.receive(mr, addr, max)?;
         let mem = self.memory();
-        self.post(1, None, |st, transfer, out| st.post_recv(transfer, region, addr, max as u64, &mem, out))
+        self.post(1, false, None, |st, transfer, out| st.post_recv(transfer, region, addr, max as u64, &mem, out))
     }
 
     /// Creates the transfer and registers its parts under the state lock, then sends the resulting
@@ -265,6 +265,7 @@ impl Connection {
     fn post(
         &self,
         parts: usize,
+        out: bool,
         entered: Option<u64>,
         post: impl FnOnce(&mut ConnState, &Arc<Transfer>, &mut Vec<Action>) -> Result<()>,
     ) -> Result<u64> {
@@ -272,7 +273,7 @@ impl Connection {
             return Err(Error::invalid("nothing to transfer: zero items"));
         }
         let posted = self.host_tracer.as_ref().map(|_| clock_ns());
-        let transfer = self.core.transfers.create(self.id, parts);
+        let transfer = self.new_transfer(parts, out);
         if let Some(tracer) = &self.flow_tracer {
             tracer.posted(transfer.id, entered.unwrap_or_else(clock_ns));
         }
@@ -283,15 +284,15 @@ impl Connection {
             self.send_posted(&msgs)
         });
         if let Err(e) = sent {
-            self.discard(transfer.id);
+            self.discard(transfer.id, &e);
             return Err(e);
         }
         Ok(transfer.id)
     }
 
     /// Forgets `transfer`, whose post failed before anything of it reached the wire.
-    fn discard(&self, transfer: u64) {
-        self.core.transfers.discard(transfer);
+    fn discard(&self, transfer: u64, why: &Error) {
+        self.core.transfers.discard(transfer, why);
         if let Some(tracer) = &self.flow_tracer {
             tracer.discarded(transfer);
         }

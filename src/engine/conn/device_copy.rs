@@ -274,7 +274,7 @@ impl Connection {
         if plans.iter_mut().any(too_costly_one_by_one) {
             return None;
         }
-        let transfer = self.core.transfers.create(self.id, requests.len());
+        let transfer = self.new_transfer(requests.len(), write);
         for e in failed {
             transfer.finish_part(Err(e));
         }
@@ -407,7 +407,7 @@ impl Connection {
         if too_costly_one_by_one(&mut plan) {
             return None;
         }
-        let transfer = self.core.transfers.create(self.id, requests.len());
+        let transfer = self.new_transfer(requests.len(), write);
         for e in failed {
             transfer.finish_part(Err(e));
         }

@@ -518,7 +518,7 @@ mod tests {
         let (waker, transfers) = (Waker::default(), TransferTable::default());
         let mut st = IpcState::default();
         let issue = |st: &mut IpcState, len: usize| {
-            let transfer = transfers.create(1, 1);
+            let transfer = transfers.create(1, 1, None);
             let (queue, q) = st.queue(&gpu).unwrap();
             let copy =
                 DeviceCopy { dst: dst.addr() as u64, dst_gpu: Some(0), src: src.addr() as u64, src_gpu: Some(0), len };

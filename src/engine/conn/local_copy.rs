@@ -44,7 +44,7 @@ impl Connection {
                 decision => decided.push(decision),
             }
         }
-        let transfer = self.core.transfers.create(self.id, requests.len());
+        let transfer = self.new_transfer(requests.len(), write);
         for (request, decision) in requests.iter().zip(decided) {
             let outcome = decision.and_then(|target| {
                 if request.local_region().is_removed() || target.is_removed() {

@@ -36,6 +36,8 @@ use super::local::{self, LocalLink, Locality};
 use super::notify;
 use super::plan::{self, Chunk, ChunkMem, Chunking};
 use super::shared::{EngineCore, LiveConnection};
+use super::stats::{ConnStats, StatsCell, Way};
+use super::transfer::{Counted, Transfer};
 use super::writer::ControlWriter;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, FifoItem, TokenBinding};
@@ -154,6 +156,8 @@ pub struct Connection {
     /// The same-host host-memory path's worker (proof and copies), for a peer in another process of
     /// this host.
     host: HostCopy,
+    /// What the caller's transfers on this connection moved and how they ended.
+    stats: Arc<StatsCell>,
 }
 
 impl Connection {
@@ -231,6 +235,7 @@ impl Connection {
             host_tracer,
             flow_tracer,
             host: HostCopy::new(weak.clone() as Weak<dyn host_worker::HostServed>),
+            stats: Arc::default(),
         });
         // Known to the engine before it reads a byte: a deregistration must reach every connection
         // that could authorize a request for the region.
@@ -486,6 +491,18 @@ impl Connection {
         self.reactor.detach();
         self.host.join();
         self.host.release_peer();
+        log::info!("connection {} to {} closed: {}", self.id, self.peer.addr, self.stats());
+    }
+
+    /// A reading of the connection's counters.
+    pub fn stats(&self) -> ConnStats {
+        self.stats.snapshot()
+    }
+
+    /// A new transfer of the caller's on this connection, counted the way its bytes go.
+    fn new_transfer(&self, parts: usize, write: bool) -> Arc<Transfer> {
+        let way = if write { Way::Out } else { Way::In };
+        self.core.transfers.create(self.id, parts, Some(Counted { stats: self.stats.clone(), way }))
     }
 
     fn is_closed(&self) -> bool {
@@ -662,6 +679,9 @@ impl Connection {
     /// Keeps the progress thread polling while a comm declined a post with nothing in flight to
     /// wake it (a plugin may decline a send until its peer posted the receive).
     fn set_retrying(&self, inner: &mut Inner, retry: bool) {
+        if retry && !inner.retrying {
+            self.stats.retried();
+        }
         if self.core.waker.polled.set(&mut inner.retrying, retry) {
             self.core.waker.wake();
         }

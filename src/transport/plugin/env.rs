@@ -81,4 +81,13 @@ mod tests {
         let (_, v, _) = DEFAULTS.iter().find(|(n, _, _)| *n == "NCCL_DYNAMIC_CHUNK_SIZE").expect("present");
         assert!(v.parse::<u64>().unwrap() > 0);
     }
+
+    /// The reference page lists these defaults in prose, outside the knob table it is rendered from.
+    #[test]
+    fn the_reference_page_lists_every_default() {
+        let page = crate::config::reference_page();
+        for (name, value) in DEFAULTS.iter().map(|(n, v, _)| (*n, *v)).chain([(RXDM_PREFIX_VAR, RXDM_DIR)]) {
+            assert!(page.contains(&format!("`{name}={value}`")), "docs/CONFIG.md does not say {name}={value}");
+        }
+    }
 }

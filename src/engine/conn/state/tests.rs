@@ -163,7 +163,7 @@ impl End {
     }
 
     fn transfer(&self, parts: usize) -> Arc<Transfer> {
-        self.transfers.create(CONN, parts)
+        self.transfers.create(CONN, parts, None)
     }
 
     /// A write (or read) of `len` bytes between `local` at `off` and `remote` at `roff`, per item;

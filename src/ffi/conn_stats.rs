@@ -1,0 +1,89 @@
+//! A connection's counters for C callers. The structure only grows at its end, and callers pass
+//! the size they were compiled with, so a program built against an older header keeps working
+//! with a newer library (it gets the fields it knows) and a newer program with an older library
+//! learns how much was filled.
+
+use std::ffi::c_int;
+
+use super::conn::{conn_ref, uccl_conn_t};
+use super::ffi_fn;
+use crate::engine::stats::{ConnStats, STATUS_SLOTS};
+use crate::error::Error;
+
+/// Slots of `uccl_tcpx_conn_stats_t::errors`: slot `n` counts failures with status `-n`.
+pub const UCCL_TCPX_STATUS_SLOTS: usize = 16;
+const _: () = assert!(UCCL_TCPX_STATUS_SLOTS == STATUS_SLOTS);
+
+/// What a connection's transfers moved and how they ended, counted from its creation. A transfer
+/// counts once it ended, for the way its bytes went: writes and sends out, reads and receives in.
+/// Transfers the peer runs against this side's memory count at the peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct uccl_tcpx_conn_stats_t {
+    /// Writes and sends that succeeded, and their bytes.
+    pub out_transfers: u64,
+    pub out_bytes: u64,
+    /// Reads and receives that succeeded, and their bytes.
+    pub in_transfers: u64,
+    pub in_bytes: u64,
+    /// Transfers posted and not ended.
+    pub in_flight: u64,
+    /// Transfers that failed, posts refused before anything was sent included.
+    pub failed: u64,
+    /// Failed transfers by status: `errors[n]` counts status `-n` (`UCCL_STATUS_ERR_TIMEOUT` is
+    /// -14, so `errors[14]`).
+    pub errors: [u64; UCCL_TCPX_STATUS_SLOTS],
+    /// Times a transport declined a post for now and it was tried again.
+    pub retries: u64,
+    /// The status of the latest failure; 0 while none failed.
+    pub last_error: i32,
+    pub reserved: u32,
+}
+
+impl From<ConnStats> for uccl_tcpx_conn_stats_t {
+    fn from(s: ConnStats) -> Self {
+        uccl_tcpx_conn_stats_t {
+            out_transfers: s.out.transfers,
+            out_bytes: s.out.bytes,
+            in_transfers: s.inbound.transfers,
+            in_bytes: s.inbound.bytes,
+            in_flight: s.in_flight,
+            failed: s.failed,
+            errors: s.errors,
+            retries: s.retries,
+            last_error: s.last_error,
+            reserved: 0,
+        }
+    }
+}
+
+/// Reads `conn`'s counters into `stats`, of which the caller owns `stats_size` bytes (pass
+/// `sizeof(uccl_tcpx_conn_stats_t)`); at most that many are written, never more than this
+/// library's structure holds. Returns the number of bytes written (a caller built against a
+/// newer header learns which fields this library filled), or a negative status: a NULL or unknown
+/// connection, a NULL `stats`, or a size smaller than the first field.
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_tcpx_conn_stats(
+    conn: *mut uccl_conn_t,
+    stats: *mut uccl_tcpx_conn_stats_t,
+    stats_size: libc::size_t,
+) -> c_int {
+    ffi_fn!("uccl_tcpx_conn_stats", {
+        let conn = conn_ref(conn)?;
+        if stats.is_null() {
+            return Err(Error::invalid("stats is NULL"));
+        }
+        if stats_size < size_of::<u64>() {
+            return Err(Error::invalid(format!(
+                "stats_size is {stats_size}: pass sizeof(uccl_tcpx_conn_stats_t) ({} with this library's header)",
+                size_of::<uccl_tcpx_conn_stats_t>()
+            )));
+        }
+        let filled = uccl_tcpx_conn_stats_t::from(conn.stats());
+        let n = stats_size.min(size_of::<uccl_tcpx_conn_stats_t>());
+        // SAFETY: `stats` is non-NULL and the caller owns `stats_size` >= n bytes there; the source
+        // is a live local of at least n bytes; a byte copy needs no alignment.
+        unsafe { std::ptr::copy_nonoverlapping((&raw const filled).cast::<u8>(), stats.cast::<u8>(), n) };
+        Ok(n as c_int)
+    })
+}
