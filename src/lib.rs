@@ -3,7 +3,8 @@
 //!
 //! Layers, each importing only from those below it (docs/ARCHITECTURE.md; `tests/module_graph.rs`
 //! checks): [`ffi`] (the C ABI) -> [`engine`] -> [`transport`] (ncclNet-shaped comms) -> [`cuda`]
-//! -> [`ncclnet`] (the plugin ABI) -> [`trace`] (what the opt-in traces share) -> [`threads`] ->
+//! -> [`ncclnet`] (the plugin ABI) -> [`trace`] (what the opt-in traces share) -> [`sys`] (epoll, workers,
+//! interfaces, TCP settings, randomness) -> [`threads`] ->
 //! [`config`] -> [`error`] -> [`proto`] (the wire) -> [`host_memory`] (this process's pages).
 
 // The C header (include/uccl_engine.h) is cbindgen's reading of `ffi` and of the two types its
@@ -24,6 +25,8 @@ pub mod host_memory;
 /// cbindgen:ignore
 pub mod ncclnet;
 pub mod proto;
+/// cbindgen:ignore
+pub mod sys;
 /// cbindgen:ignore
 pub mod threads;
 /// cbindgen:ignore

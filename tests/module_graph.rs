@@ -20,6 +20,7 @@ const LAYERS: &[&str] = &[
     "cuda",
     "ncclnet",
     "trace",
+    "sys",
     "threads",
     "config",
     "error",

@@ -132,7 +132,7 @@ fn data_interface_lists_are_checked_at_creation() {
         let err = Engine::new(Config { socket: socket(bad), ..common::loopback() }).err().expect(bad);
         assert!(err.message().contains("UCCL_TCPX_SOCKET_IFNAME"), "{bad}: {}", err.message());
     }
-    let lo = uccl_tcpx::transport::socket::iface::list()
+    let lo = uccl_tcpx::sys::iface::list()
         .unwrap()
         .into_iter()
         .find(|i| i.loopback && i.addr.is_ipv4())

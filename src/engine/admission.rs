@@ -26,8 +26,8 @@ use crate::error::{Error, Result, UcclStatus};
 use crate::proto::auth::{Challenge, Session};
 use crate::proto::frame::{FRAME_HEADER_LEN, is_handshake_kind};
 use crate::proto::{AuthChallenge, AuthKey, FrameHeader, Handshake, Hello, ProtoError, Refuse};
+use crate::sys::epoll::EventFd;
 use crate::threads::{ThreadKind, spawn_contained};
-use crate::transport::socket::epoll::EventFd;
 
 /// Handshakes' outcomes waiting for `accept`.
 pub(super) struct AcceptQueue {

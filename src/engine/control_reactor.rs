@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
+use crate::sys::worker::{Inbox, Serves, Thread, Worker};
 use crate::threads::{self, ThreadKind, run_contained};
-use crate::transport::socket::worker::{Inbox, Serves, Thread, Worker};
 
 /// What a reactor thread serves: one connection's control stream, through this trait so that this
 /// file names no connection type.

@@ -184,7 +184,7 @@ impl<'a> Local<'a> {
 
 /// Bounds the handshake: a peer that connects and goes silent cannot hold a thread forever.
 pub fn prepare_control(stream: &TcpStream, deadline: Instant, io_timeout: Duration) -> Result<()> {
-    crate::transport::socket::tune_stream(stream, io_timeout)?;
+    crate::sys::tcp::tune_stream(stream, io_timeout)?;
     let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
     stream.set_read_timeout(Some(left)).map_err(|e| Error::io("control stream", e))?;
     stream.set_write_timeout(Some(left)).map_err(|e| Error::io("control stream", e))
@@ -211,7 +211,7 @@ fn announced(local: &Local) -> u64 {
 /// engine's transport; when the peer turns out to share the host and the channels leave that
 /// transport, it is replaced by a listen on theirs, whose handle follows in one more Hello.
 pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, listens: &mut Listens) -> Result<Agreement> {
-    let nonce = crate::transport::socket::random_u64();
+    let nonce = crate::sys::random::random_u64();
     let pending = PendingHello::register(nonce);
     let hello = |net_handle| Hello {
         version: crate::proto::PROTOCOL_VERSION,

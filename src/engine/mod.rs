@@ -40,9 +40,10 @@ use crate::config::{ChannelTransport, Config, TransportChoice};
 use crate::cuda::Gpu;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{AuthKey, FifoItem, IpcInfo};
+use crate::sys::iface;
 use crate::threads::{ThreadKind, spawn_contained};
 use crate::transport::plugin::PluginNet;
-use crate::transport::socket::{SocketNet, iface};
+use crate::transport::socket::SocketNet;
 use crate::transport::staged::{StagedNet, StagingParams};
 use crate::transport::{MemKind, Net};
 use admission::AcceptQueue;
@@ -69,7 +70,7 @@ pub struct Engine {
 impl Engine {
     pub fn new(config: Config) -> Result<Engine> {
         fd_limit::raise_once();
-        let ip = crate::transport::socket::iface::pick_address(config.ip, config.ifname.as_deref())?;
+        let ip = iface::pick_address(config.ip, config.ifname.as_deref())?;
         // An operator who names the address or interface gets listeners on it alone, the control
         // listener and every channel listener; otherwise every interface is served, as UCCL's engine does.
         let bind: IpAddr = match (config.ip, &config.ifname) {
@@ -77,7 +78,7 @@ impl Engine {
             (None, None) => [0u16; 8].into(),
             _ => ip,
         };
-        let listener = crate::transport::socket::control_listener(SocketAddr::new(bind, config.port))?;
+        let listener = crate::sys::tcp::control_listener(SocketAddr::new(bind, config.port))?;
         let port = listener.local_addr().map_err(|e| Error::io("listener address", e))?.port();
         // Before the transport: a plugin must never make a comm before it knows the GPU.
         let gpu = ServedGpu::at_creation(config.gpu)?;

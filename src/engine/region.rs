@@ -225,7 +225,7 @@ impl RegionTable {
             base: addr,
             len,
             kind,
-            token: crate::transport::socket::random_u64(),
+            token: crate::sys::random::random_u64(),
             windows: Mutex::new(Vec::new()),
             removed: AtomicBool::new(false),
             device_copies: AtomicUsize::new(0),

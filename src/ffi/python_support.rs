@@ -80,7 +80,7 @@ pub extern "C" fn uccl_tcpx_default_ip(ip_addr_buf: *mut c_char, ip_addr_buf_len
         non_null!(ip_addr_buf);
         check_ip_buf_len(ip_addr_buf_len)?;
         let config = Config::from_env()?;
-        let ip = crate::transport::socket::iface::pick_address(config.ip, config.ifname.as_deref())?;
+        let ip = crate::sys::iface::pick_address(config.ip, config.ifname.as_deref())?;
         write_ip(ip_addr_buf, &ip.to_string());
         Ok(0)
     })

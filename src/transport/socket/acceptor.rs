@@ -13,8 +13,8 @@ use std::time::Instant;
 use parking_lot::Mutex;
 
 use super::door::Doorway;
-use super::epoll::{Epoll, EventFd};
 use crate::error::Result;
+use crate::sys::epoll::{Epoll, EventFd};
 use crate::threads::{self, ThreadKind, spawn_contained};
 
 const WAKE_TOKEN: u64 = u64::MAX;

@@ -12,7 +12,6 @@ use std::sync::{Arc, OnceLock};
 use parking_lot::Mutex;
 
 use super::counts::Counts;
-use super::epoll::EventFd;
 use super::fanout::{self, Idle};
 use super::grow::Dialer;
 use super::partial;
@@ -24,6 +23,7 @@ use super::spin::Polls;
 use super::window::{MAX_REQUESTS, Window};
 use super::wire::{PieceCut, attach_ack};
 use crate::error::{Error, Result};
+use crate::sys::epoll::EventFd;
 use crate::threads::ThreadKind;
 use crate::transport::Wake;
 use crate::transport::{IoSeg, MemKind, MrHandle, RecvComm, RequestId, SendComm};

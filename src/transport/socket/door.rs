@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use super::comm::RecvJoin;
 use super::counts::Counts;
-use super::epoll::Epoll;
-use super::tune::tune_stream;
 use super::wire::{HELLO_LEN, SocketHello};
 use crate::error::{Error, Result};
+use crate::sys::epoll::Epoll;
+use crate::sys::tcp::tune_stream;
 
 /// Streams held at once (waiting for a hello, or for the first socket of their comm); more wait in
 /// the kernel's backlog until some finish or time out.

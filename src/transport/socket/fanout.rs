@@ -172,8 +172,8 @@ mod tests {
 
     use super::super::reactor::{Next, Sockets};
     use super::super::window::Window;
-    use super::super::worker::{Inbox, Worker};
     use super::*;
+    use crate::sys::worker::{Inbox, Worker};
     use crate::threads::ThreadKind;
 
     fn idle(list: &[(usize, usize, bool)]) -> Vec<Idle> {

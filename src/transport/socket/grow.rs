@@ -10,9 +10,10 @@ use std::time::Duration;
 use socket2::SockRef;
 
 use super::links::Routes;
-use super::tune::{set_buffers, tune};
+use super::tune::set_buffers;
 use super::wire::{ACK_LEN, HELLO_LEN, SocketHello, attach_ack};
 use crate::error::{Error, Result};
+use crate::sys::tcp::tune;
 
 /// Where and how a send comm opens its further sockets.
 pub(super) struct Dialer {

@@ -10,10 +10,8 @@ mod acceptor;
 mod comm;
 mod counts;
 mod door;
-pub(crate) mod epoll;
 mod fanout;
 mod grow;
-pub mod iface;
 mod iov;
 mod links;
 mod partial;
@@ -25,11 +23,9 @@ mod spin;
 mod tune;
 mod window;
 mod wire;
-pub(crate) mod worker;
 mod write_back;
 
 pub use counts::DataSocketStats;
-pub use tune::tune_stream;
 #[cfg(test)]
 pub(crate) use write_back::supported as writes_back;
 pub use write_back::written_back_bytes;
@@ -46,6 +42,8 @@ use super::{ListenComm, Net, NetHandle, Properties, RecvComm, SendComm, Wake};
 use crate::error::{Error, Result};
 
 use crate::config::{self, SocketConfig};
+use crate::sys::random::random_u64;
+use crate::sys::tcp::tune_stream;
 use acceptor::Acceptor;
 use comm::{Growth, Helpers, Threading};
 use counts::Counts;
@@ -272,34 +270,6 @@ impl SocketHandle {
         }
         Ok(SocketHandle { addr: SocketAddr::new(ip, port), nonce, links, nlinks })
     }
-}
-
-/// Pending connections the control listener queues before the accept loop takes them: std's 128
-/// overflowed under bursts of 200 connecting peers (a legitimate connect once reset), while the
-/// engine serves up to 1024 handshakes at once. The kernel caps it at `net.core.somaxconn`.
-pub(crate) const CONTROL_BACKLOG: i32 = 4096;
-
-/// The engine's control listener on `addr`, with a backlog sized for bursts of connecting peers.
-pub fn control_listener(addr: SocketAddr) -> Result<TcpListener> {
-    let ctx = |e| Error::io(format!("listen on {addr}"), e);
-    let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).map_err(ctx)?;
-    // As std's bind does: a restarted engine can take its fixed port back while old connections linger.
-    sock.set_reuse_address(true).map_err(ctx)?;
-    sock.bind(&addr.into()).map_err(ctx)?;
-    sock.listen(CONTROL_BACKLOG).map_err(ctx)?;
-    Ok(TcpListener::from(sock))
-}
-
-pub fn random_u64() -> u64 {
-    let mut v = [0u8; 8];
-    // SAFETY: getrandom writes at most 8 bytes into `v`.
-    let n = unsafe { libc::getrandom(v.as_mut_ptr().cast(), v.len(), 0) };
-    if n != 8 {
-        // getrandom only fails on ancient kernels; a time-derived value still keeps nonces distinct.
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        return t.as_nanos() as u64 ^ (std::process::id() as u64) << 32;
-    }
-    u64::from_le_bytes(v)
 }
 
 impl Net for SocketNet {

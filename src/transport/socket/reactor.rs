@@ -17,8 +17,8 @@ use parking_lot::{Condvar, Mutex};
 
 use super::spin::{Polls, SHORT_SPIN, SpinTurn};
 use super::window::Window;
-use super::worker::{Inbox, Serves, Thread, Worker};
 use crate::error::{Error, Result};
+use crate::sys::worker::{Inbox, Serves, Thread, Worker};
 use crate::threads::{ThreadKind, panic_text};
 
 /// One socket's work, run by the helper that owns it.

@@ -1,27 +1,9 @@
-//! Socket options both kinds of stream take: the settings of every TCP stream of an engine (control
-//! and data), and a data socket's buffer sizes, which must be set before it connects.
+//! A data socket's own options: its buffer sizes, which must be set before it connects, and how
+//! much it keeps unsent on one of several links. The settings every stream takes are `sys::tcp`'s.
 
-use std::net::TcpStream;
-use std::time::Duration;
-
-use socket2::{SockRef, TcpKeepalive};
+use socket2::SockRef;
 
 use crate::error::{Error, Result};
-
-/// Settings shared by control and data streams: no Nagle delay on small frames; keepalive and a user
-/// timeout so that a vanished host (no RST ever arrives) turns into an error instead of a hang.
-pub fn tune_stream(stream: &TcpStream, io_timeout: Duration) -> Result<()> {
-    tune(SockRef::from(stream), io_timeout)
-}
-
-pub(super) fn tune(sock: SockRef<'_>, io_timeout: Duration) -> Result<()> {
-    let probe = (io_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(10));
-    let ka = TcpKeepalive::new().with_time(probe).with_interval(probe).with_retries(3);
-    sock.set_tcp_nodelay(true)
-        .and_then(|_| sock.set_tcp_keepalive(&ka))
-        .and_then(|_| sock.set_tcp_user_timeout(Some(io_timeout)))
-        .map_err(|e| Error::io("configure TCP stream", e))
-}
 
 /// Unsent bytes a data socket over one of several links holds at most (TCP_NOTSENT_LOWAT): a socket
 /// pulls its next piece once its current one is in the kernel, so with the kernel's own send buffer
