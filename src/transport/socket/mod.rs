@@ -15,6 +15,7 @@ mod fanout;
 mod grow;
 pub mod iface;
 mod iov;
+mod link_tally;
 mod links;
 mod partial;
 mod piece_trace;
