@@ -408,7 +408,7 @@ pub struct SocketConfig {
     /// `UCCL_TCPX_SOCKET_SPIN_US`.
     pub spin: Duration,
     /// A helper polls after work (`spin`) only after a piece of a request of at most this many
-    /// bytes; after a piece of a larger one it sleeps at once. Default 256 KiB
+    /// bytes; after a piece of a larger one it sleeps at once. Default 128 KiB
     /// (`DEFAULT_SPIN_MAX_REQUEST`). `UCCL_TCPX_SOCKET_SPIN_MAX_REQUEST` (0 to 1G, K/M/G suffixes;
     /// requests of the engine are chunks of at most 4 MiB, so 4M polls after every piece).
     pub spin_max_request: u32,
@@ -612,7 +612,17 @@ fn default_spin() -> Duration {
 /// four in flight 1-16 MiB mostly faster (1 MiB writes 12.3-12.4 against 11.0-11.2 GB/s). A staged
 /// 256 KiB GPU write at one in flight stays polled for: 99.8-104 against 90.5-100.6 us p50 (no
 /// poll at all made it 131-134 against 93-99 on a 32-core host).
-const DEFAULT_SPIN_MAX_REQUEST: u32 = 256 << 10;
+///
+/// 128 KiB since: the engine cuts a flow of 256-512 KiB into 256 KiB chunks, one per channel
+/// (`engine::plan::MIN_SPREAD_CHUNK`), so with a 256 KiB bound every piece of a 512 KiB transfer
+/// was followed by a poll, eight sending and eight receiving helpers per end with the 16-core
+/// layout: with both engines on one 16-core H100 host that is every core, held while the threads
+/// that finish the transfer (the target's Done, the caller) waited for one. Polling after requests
+/// up to 128 KiB, six alternated rounds in two invocations: 512 KiB writes .50-.57 -> .70-.82 of
+/// the acknowledged-message baseline (p50 98-109 -> 68-77 us), reads .59-.63 -> .67-.81; 128 KiB
+/// to 4 MiB level; a staged 256 KiB GPU write at one in flight 116-132 us p50 against 112-129
+/// (docs/perf-log/socket-midsize.md).
+const DEFAULT_SPIN_MAX_REQUEST: u32 = 128 << 10;
 /// Bound on `UCCL_TCPX_SOCKET_SPIN_MAX_REQUEST`.
 const MAX_SPIN_MAX_REQUEST: u32 = 1 << 30;
 
@@ -1250,7 +1260,7 @@ mod tests {
         assert_eq!((c.sndbuf, c.rcvbuf), (4 << 20, 8 << 20));
         assert_eq!((c.subchunk, c.spin), (128 << 10, Duration::ZERO));
         assert_eq!(c.spin_max_request, 1 << 20);
-        assert_eq!(SocketConfig::default().spin_max_request, 256 << 10);
+        assert_eq!(SocketConfig::default().spin_max_request, 128 << 10);
         let auto = SocketConfig::default();
         assert_eq!(auto.threads_per_comm(), default_socket_threads(available_cores()));
         assert_eq!(auto.sockets_per_comm(), auto.threads_per_comm());
