@@ -149,7 +149,12 @@ impl Task for RecvTask {
                 if s.window.posted() > seq { Next::Again } else { Next::Idle }
             }
             Err(e) => {
-                s.tally.error(self.k);
+                // The end of the stream between two pieces is how a send comm closes, not a failure
+                // of its link: the comm still fails, but the link counts no error for it.
+                let between_pieces = matches!(self.inc.phase, Phase::Header) && self.inc.start == self.inc.end;
+                if !(between_pieces && e.status() == crate::error::UcclStatus::ErrRemoteDisconnect) {
+                    s.tally.error(self.k);
+                }
                 s.window.fail(e);
                 Next::Stop
             }

@@ -171,6 +171,55 @@ fn a_failed_socket_counts_an_error_on_its_link() {
     assert_eq!(links[0].errors, 1, "{links:?}");
 }
 
+/// A send comm that closes between pieces ends its receive comm's sockets without an error on
+/// their link; one that closes in the middle of a piece leaves one.
+#[test]
+fn a_sender_closing_between_pieces_is_no_link_error() {
+    let net = loopback_socket_net().with_options(crate::config::SocketConfig {
+        nthreads: 1,
+        nsocks_per_thread: 1,
+        ..Default::default()
+    });
+    let (mut tx, mut rx) = pair(&net);
+    let msg = vec![5u8; 64 << 10];
+    let mut got = vec![0u8; 64 << 10];
+    // SAFETY: both buffers outlive the requests, tested to completion here.
+    let r = unsafe { rx.irecv(got.as_mut_ptr(), got.len(), MrHandle::NONE) }.unwrap().unwrap();
+    // SAFETY: as above.
+    let s = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
+    until(|| tx.test(s)).unwrap();
+    until(|| rx.test(r)).unwrap();
+    rx.irecv_consumed(r).unwrap();
+    drop(tx);
+    // SAFETY: as above. The comm fails once its socket read the end of the stream: at the post
+    // if it did already, else while the receive waits.
+    let failed = match unsafe { rx.irecv(got.as_mut_ptr(), got.len(), MrHandle::NONE) } {
+        Err(_) => true,
+        Ok(Some(r)) => until(|| rx.test(r)).is_err(),
+        Ok(None) => false,
+    };
+    assert!(failed, "a receive from a closed sender completed");
+    let links = rx.link_stats();
+    assert_eq!((links.len(), links[0].bytes, links[0].pieces, links[0].errors), (1, 64 << 10, 1, 0), "{links:?}");
+
+    // A sender gone in the middle of a piece: a header and part of its payload, then the end.
+    let (handle, mut listen) = net.listen(0).unwrap();
+    let h = SocketHandle::decode(&handle).unwrap();
+    let mut raw = TcpStream::connect(h.addr).unwrap();
+    let hello = wire::SocketHello { listen_nonce: h.nonce, comm_id: 77, index: 0, count: 1, subchunk: 256 << 10 };
+    raw.write_all(&hello.encode()).unwrap();
+    let mut rx = until(|| listen.accept()).unwrap();
+    // SAFETY: as above.
+    let r = unsafe { rx.irecv(got.as_mut_ptr(), got.len(), MrHandle::NONE) }.unwrap().unwrap();
+    let piece = wire::PieceHeader { seq: 0, total: 64 << 10, offset: 0, len: 64 << 10 };
+    raw.write_all(&piece.encode()).unwrap();
+    raw.write_all(&[9u8; 1000]).unwrap();
+    drop(raw);
+    assert!(until(|| rx.test(r)).is_err(), "a receive cut off mid-piece completed");
+    let links = rx.link_stats();
+    assert_eq!((links.len(), links[0].pieces, links[0].errors), (1, 0, 1), "{links:?}");
+}
+
 #[test]
 fn messages_complete_in_order_with_sender_sizes() {
     let net = loopback_socket_net();
