@@ -499,7 +499,17 @@ fn default_spin() -> Duration {
 /// four in flight 1-16 MiB mostly faster (1 MiB writes 12.3-12.4 against 11.0-11.2 GB/s). A staged
 /// 256 KiB GPU write at one in flight stays polled for: 99.8-104 against 90.5-100.6 us p50 (no
 /// poll at all made it 131-134 against 93-99 on a 32-core host).
-const DEFAULT_SPIN_MAX_REQUEST: u32 = 256 << 10;
+///
+/// 128 KiB since: the engine cuts a flow of 256-512 KiB into 256 KiB chunks, one per channel
+/// (`engine::plan::MIN_SPREAD_CHUNK`), so with a 256 KiB bound every piece of a 512 KiB transfer
+/// was followed by a poll, eight sending and eight receiving helpers per end with the 16-core
+/// layout: with both engines on one 16-core H100 host that is every core, held while the threads
+/// that finish the transfer (the target's Done, the caller) waited for one. Polling after requests
+/// up to 128 KiB, six alternated rounds in two invocations: 512 KiB writes .50-.57 -> .70-.82 of
+/// the acknowledged-message baseline (p50 98-109 -> 68-77 us), reads .59-.63 -> .67-.81; 128 KiB
+/// to 4 MiB level; a staged 256 KiB GPU write at one in flight 116-132 us p50 against 112-129
+/// (docs/perf-log/socket-midsize.md).
+const DEFAULT_SPIN_MAX_REQUEST: u32 = 128 << 10;
 
 impl SocketConfig {
     fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<SocketConfig> {
@@ -826,7 +836,7 @@ mod tests {
         assert_eq!((c.sndbuf, c.rcvbuf), (4 << 20, 8 << 20));
         assert_eq!((c.subchunk, c.spin), (128 << 10, Duration::ZERO));
         assert_eq!(c.spin_max_request, 1 << 20);
-        assert_eq!(SocketConfig::default().spin_max_request, 256 << 10);
+        assert_eq!(SocketConfig::default().spin_max_request, 128 << 10);
         let auto = SocketConfig::default();
         assert_eq!(auto.threads_per_comm(), default_socket_threads(available_cores()));
         assert_eq!(auto.sockets_per_comm(), auto.threads_per_comm());
@@ -983,7 +993,7 @@ mod tests {
         assert_eq!(c.host_copy_huge_min_piece, 256 << 10);
         let s = &c.socket;
         assert_eq!((s.nthreads, s.nsocks_per_thread, s.helpers, s.sndbuf, s.rcvbuf), (0, 1, 0, 0, 0));
-        assert_eq!((s.subchunk, s.spin_max_request, s.held_spin), (256 << 10, 256 << 10, Duration::ZERO));
+        assert_eq!((s.subchunk, s.spin_max_request, s.held_spin), (256 << 10, 128 << 10, Duration::ZERO));
         assert_eq!((s.kick_fanout, s.lazy, s.trace.as_deref(), s.data_ifname.as_deref()), (4, true, None, None));
         let staging = StagingConfig {
             trace: false,

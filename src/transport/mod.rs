@@ -50,6 +50,23 @@ pub struct IoSeg {
     pub len: usize,
 }
 
+/// What a comm's data sockets on one link carried so far ([`SendComm::link_stats`],
+/// [`RecvComm::link_stats`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkStats {
+    /// The sockets' local address: their data link where the transport has links, else the
+    /// engine's own address (the unspecified address for a socket whose address could not be read).
+    pub link: IpAddr,
+    /// Sockets of the comm on this link.
+    pub sockets: u32,
+    /// Payload bytes of whole pieces moved (headers not counted).
+    pub bytes: u64,
+    /// Pieces moved whole.
+    pub pieces: u64,
+    /// Sockets that failed: an I/O error, a protocol violation, a socket the comm gave up adding.
+    pub errors: u64,
+}
+
 fn unsupported<T>(what: &str) -> Result<T> {
     Err(crate::error::Error::new(
         crate::error::UcclStatus::ErrNotSupported,
@@ -205,6 +222,11 @@ pub trait SendComm: Send {
     fn raise_ready(&mut self, _req: RequestId, _ready: usize) -> Result<()> {
         unsupported("send before all their bytes are ready")
     }
+    /// Per data link, what the comm's sockets carried so far; empty for a transport that does not
+    /// count (a net plugin).
+    fn link_stats(&self) -> Vec<LinkStats> {
+        Vec::new()
+    }
 }
 
 pub trait RecvComm: Send {
@@ -251,5 +273,10 @@ pub trait RecvComm: Send {
     /// [`track_landed`](RecvComm::track_landed); others refuse it as not supported.
     fn landed(&mut self, _req: RequestId) -> Result<usize> {
         unsupported("report the bytes a receive landed so far")
+    }
+    /// Per data link, what the comm's sockets carried so far; empty for a transport that does not
+    /// count (a net plugin).
+    fn link_stats(&self) -> Vec<LinkStats> {
+        Vec::new()
     }
 }

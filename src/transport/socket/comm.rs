@@ -14,6 +14,7 @@ use parking_lot::Mutex;
 use super::counts::Counts;
 use super::fanout::{self, Idle};
 use super::grow::Dialer;
+use super::link_tally;
 use super::partial;
 use super::piece_trace::PieceTrace;
 use super::reactor::{Placement, Pool};
@@ -26,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::sys::epoll::EventFd;
 use crate::threads::ThreadKind;
 use crate::transport::Wake;
-use crate::transport::{IoSeg, MemKind, MrHandle, RecvComm, RequestId, SendComm};
+use crate::transport::{IoSeg, LinkStats, MemKind, MrHandle, RecvComm, RequestId, SendComm};
 
 /// How a comm moves its pieces.
 #[derive(Clone, Copy, Debug)]
@@ -321,6 +322,7 @@ impl Drop for CommCore {
                 shut_down(&send.shared.streams);
                 self.helpers.send.detach(&send.placements);
                 send.sockets.closed_sending(send.shared.open_count() as u64);
+                link_tally::log_closed("send", &send.shared.tally.by_link(&send.shared.streams));
                 if let Some(t) = &send.shared.trace {
                     t.write();
                 }
@@ -332,6 +334,7 @@ impl Drop for CommCore {
                 self.helpers.recv.detach(join.placements.iter().filter_map(OnceLock::get));
                 let placed = join.placements.iter().filter(|p| p.get().is_some()).count();
                 join.counts.closed_receiving(placed as u64);
+                link_tally::log_closed("receive", &join.sockets.tally.by_link(&join.sockets.streams));
                 if let Some(t) = &join.sockets.trace {
                     t.write();
                 }
@@ -457,6 +460,13 @@ impl SendComm for SocketSendComm {
         self.0.post(&[IoSeg { addr: data as usize, len }], ready)
     }
 
+    fn link_stats(&self) -> Vec<LinkStats> {
+        match &self.0.side {
+            Side::Send(send) => send.shared.tally.by_link(&send.shared.streams),
+            Side::Recv(_) => unreachable!("a send comm has a sending side"),
+        }
+    }
+
     /// A raise that makes pieces cuttable kicks as many idle sockets (a sleeping helper is woken,
     /// the fan-out applying as for a post); busy ones pull them when they finish their piece.
     fn raise_ready(&mut self, req: RequestId, ready: usize) -> Result<()> {
@@ -571,6 +581,13 @@ impl RecvComm for SocketRecvComm {
 
     fn test(&mut self, req: RequestId) -> Result<Option<usize>> {
         self.0.test(req)
+    }
+
+    fn link_stats(&self) -> Vec<LinkStats> {
+        match &self.0.side {
+            Side::Recv(join) => join.sockets.tally.by_link(&join.sockets.streams),
+            Side::Send(_) => unreachable!("a receive comm has a receiving side"),
+        }
     }
 
     fn irecv_consumed(&mut self, req: RequestId) -> Result<()> {

@@ -13,6 +13,7 @@ mod door;
 mod fanout;
 mod grow;
 mod iov;
+mod link_tally;
 mod links;
 mod partial;
 mod piece_trace;

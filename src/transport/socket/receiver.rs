@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use super::iov::{self, MAX_IOV};
+use super::link_tally::Tallies;
 use super::piece_trace::PieceTrace;
 use super::reactor::{Next, Task};
 use super::window::{Admission, Piece, PieceMem, Window};
@@ -60,6 +61,8 @@ pub(super) struct RecvSockets {
     held: Vec<AtomicBool>,
     /// Per-socket timeline of the comm's requests, under `UCCL_TCPX_TRACE_SOCKETS` only.
     pub trace: Option<PieceTrace>,
+    /// What each socket carried, for the per-link counters.
+    pub tally: Tallies,
 }
 
 impl RecvSockets {
@@ -70,6 +73,7 @@ impl RecvSockets {
             window,
             held: (0..n).map(|_| AtomicBool::new(false)).collect(),
             trace,
+            tally: Tallies::new(n),
         }
     }
 
@@ -145,6 +149,12 @@ impl Task for RecvTask {
                 if s.window.posted() > seq { Next::Again } else { Next::Idle }
             }
             Err(e) => {
+                // The end of the stream between two pieces is how a send comm closes, not a failure
+                // of its link: the comm still fails, but the link counts no error for it.
+                let between_pieces = matches!(self.inc.phase, Phase::Header) && self.inc.start == self.inc.end;
+                if !(between_pieces && e.status() == crate::error::UcclStatus::ErrRemoteDisconnect) {
+                    s.tally.error(self.k);
+                }
                 s.window.fail(e);
                 Next::Stop
             }
@@ -214,6 +224,7 @@ fn drive(s: &RecvSockets, socket: usize, inc: &mut Incoming) -> Result<Step> {
                 let piece = *piece;
                 inc.phase = Phase::Header;
                 inc.finished_request_len = Some(piece.total);
+                s.tally.piece(socket, piece.len);
                 if let Some(t) = &s.trace {
                     t.done(socket, piece.seq, piece.len);
                 }

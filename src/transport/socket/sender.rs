@@ -15,6 +15,7 @@ use super::counts::Counts;
 use super::fanout::Relay;
 use super::grow::Joining;
 use super::iov::{self, MAX_IOV};
+use super::link_tally::Tallies;
 use super::piece_trace::PieceTrace;
 use super::reactor::{Next, Task};
 use super::window::{Piece, PieceMem, Window};
@@ -60,6 +61,8 @@ pub(super) struct SendSockets {
     pub relay: Relay<SendTask>,
     /// Per-socket timeline of the comm's requests, under `UCCL_TCPX_TRACE_SOCKETS` only.
     pub trace: Option<PieceTrace>,
+    /// What each socket carried, for the per-link counters.
+    pub tally: Tallies,
 }
 
 /// What an inline send did.
@@ -93,6 +96,7 @@ impl SendSockets {
             gave_up: AtomicBool::new(false),
             relay: Relay::new(n, kick_fanout),
             trace,
+            tally: Tallies::new(n),
         }
     }
 
@@ -122,6 +126,7 @@ impl SendSockets {
     /// An added socket that will never carry a piece: the comm goes on with the others.
     fn give_up(&self, k: usize, e: &std::io::Error) {
         self.sockets.gave_up();
+        self.tally.error(k);
         let _ = self.stream(k).shutdown(std::net::Shutdown::Both);
         if self.gave_up.swap(true, Ordering::Relaxed) {
             log::debug!("data socket {k} of a send comm was not added: {e}");
@@ -145,6 +150,7 @@ impl SendSockets {
 
     /// Socket `k` wrote all of `piece`.
     fn traced_sent(&self, k: usize, piece: &Piece) {
+        self.tally.piece(k, piece.len);
         if let Some(t) = &self.trace {
             t.done(k, piece.seq, piece.len);
         }
@@ -193,6 +199,7 @@ impl SendSockets {
                     return Inline::HandedOver(k);
                 }
                 Err(e) => {
+                    self.tally.error(k);
                     self.release(k);
                     self.window.fail(Error::io("channel send", e));
                 }
@@ -318,6 +325,7 @@ impl Task for SendTask {
         match self.step() {
             Ok(next) => next,
             Err(e) => {
+                self.shared.tally.error(self.k);
                 self.shared.window.fail(e);
                 self.shared.relay.forgive();
                 Next::Stop

@@ -109,6 +109,20 @@ mod tests {
         assert!(!off.after_work(Duration::ZERO, 0), "no spin, no poll");
     }
 
+    /// With the default bound a helper polls after the pieces of a 128 KiB request but not after
+    /// those of a 256 KiB one: the engine spreads a 512 KiB flow into two such requests, whose eight
+    /// pieces per end would otherwise each leave a helper polling.
+    #[test]
+    fn the_default_bound_leaves_spread_chunks_unpolled() {
+        let us = Duration::from_micros;
+        let d = crate::config::SocketConfig::default();
+        let polls =
+            Polls { spin: us(20), held: Duration::ZERO, spinners: 4, max_request: u64::from(d.spin_max_request) };
+        assert!(polls.after_work(us(5), 64 << 10));
+        assert!(polls.after_work(us(5), 128 << 10));
+        assert!(!polls.after_work(us(5), 256 << 10), "a spread chunk's pieces are followed by a poll");
+    }
+
     fn turn(count: &'static AtomicUsize) -> SpinTurn {
         SpinTurn { count, held: false }
     }

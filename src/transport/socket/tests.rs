@@ -121,6 +121,103 @@ fn a_comm_spreads_its_sockets_over_the_data_links() {
     let remotes = remote_addresses_to(port);
     let want: std::collections::BTreeSet<Ipv4Addr> = [Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(127, 0, 0, 2)].into();
     assert_eq!(remotes, want, "the comm's sockets reach the listener over both links");
+    // Every byte of every message is counted once on each side, on the link that carried it; both
+    // links carried some, and nothing failed.
+    let sent: u64 = msgs.iter().map(|m| m.len() as u64).sum();
+    for (side, links) in [("send", tx.link_stats()), ("receive", rx.link_stats())] {
+        let mut seen: Vec<IpAddr> = links.iter().map(|l| l.link).collect();
+        seen.sort();
+        assert_eq!(seen, vec![IpAddr::from([127, 0, 0, 1]), IpAddr::from([127, 0, 0, 2])], "{side}: {links:?}");
+        assert_eq!(links.iter().map(|l| l.bytes).sum::<u64>(), sent, "{side}: {links:?}");
+        assert_eq!(links.iter().map(|l| l.sockets).sum::<u32>(), 2, "{side}: {links:?}");
+        let pieces: u64 = msgs.iter().map(|m| wire::PieceCut::new(16 << 10, 2).pieces(m.len() as u64)).sum();
+        assert_eq!(links.iter().map(|l| l.pieces).sum::<u64>(), pieces, "{side}: {links:?}");
+        assert!(links.iter().all(|l| l.bytes > 0 && l.errors == 0), "{side}: {links:?}");
+    }
+}
+
+/// A socket that fails counts an error on its link, and the bytes it moved before stay counted.
+#[test]
+fn a_failed_socket_counts_an_error_on_its_link() {
+    let net = loopback_socket_net().with_options(crate::config::SocketConfig {
+        nthreads: 1,
+        nsocks_per_thread: 1,
+        ..Default::default()
+    });
+    let (mut tx, mut rx) = pair(&net);
+    let msg = vec![5u8; 64 << 10];
+    let mut got = vec![0u8; 64 << 10];
+    // SAFETY: both buffers outlive the requests, tested to completion here.
+    let r = unsafe { rx.irecv(got.as_mut_ptr(), got.len(), MrHandle::NONE) }.unwrap().unwrap();
+    // SAFETY: as above.
+    let s = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
+    until(|| tx.test(s)).unwrap();
+    until(|| rx.test(r)).unwrap();
+    rx.irecv_consumed(r).unwrap();
+    drop(rx);
+    // The peer is gone: sends fail once the kernel reports the reset.
+    let start = Instant::now();
+    loop {
+        // SAFETY: as above; a failed comm drops its requests before it reports the failure.
+        match unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) } {
+            Ok(Some(id)) if until(|| tx.test(id)).is_ok() => {}
+            _ => break,
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "sends to a dropped peer kept succeeding");
+    }
+    let links = tx.link_stats();
+    assert_eq!(links.len(), 1, "{links:?}");
+    assert!(links[0].bytes >= 64 << 10, "the bytes before the failure stay counted: {links:?}");
+    assert_eq!(links[0].errors, 1, "{links:?}");
+}
+
+/// A send comm that closes between pieces ends its receive comm's sockets without an error on
+/// their link; one that closes in the middle of a piece leaves one.
+#[test]
+fn a_sender_closing_between_pieces_is_no_link_error() {
+    let net = loopback_socket_net().with_options(crate::config::SocketConfig {
+        nthreads: 1,
+        nsocks_per_thread: 1,
+        ..Default::default()
+    });
+    let (mut tx, mut rx) = pair(&net);
+    let msg = vec![5u8; 64 << 10];
+    let mut got = vec![0u8; 64 << 10];
+    // SAFETY: both buffers outlive the requests, tested to completion here.
+    let r = unsafe { rx.irecv(got.as_mut_ptr(), got.len(), MrHandle::NONE) }.unwrap().unwrap();
+    // SAFETY: as above.
+    let s = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
+    until(|| tx.test(s)).unwrap();
+    until(|| rx.test(r)).unwrap();
+    rx.irecv_consumed(r).unwrap();
+    drop(tx);
+    // SAFETY: as above. The comm fails once its socket read the end of the stream: at the post
+    // if it did already, else while the receive waits.
+    let failed = match unsafe { rx.irecv(got.as_mut_ptr(), got.len(), MrHandle::NONE) } {
+        Err(_) => true,
+        Ok(Some(r)) => until(|| rx.test(r)).is_err(),
+        Ok(None) => false,
+    };
+    assert!(failed, "a receive from a closed sender completed");
+    let links = rx.link_stats();
+    assert_eq!((links.len(), links[0].bytes, links[0].pieces, links[0].errors), (1, 64 << 10, 1, 0), "{links:?}");
+
+    // A sender gone in the middle of a piece: a header and part of its payload, then the end.
+    let (handle, mut listen) = net.listen(0).unwrap();
+    let h = SocketHandle::decode(&handle).unwrap();
+    let mut raw = TcpStream::connect(h.addr).unwrap();
+    let hello = wire::SocketHello { listen_nonce: h.nonce, comm_id: 77, index: 0, count: 1, subchunk: 256 << 10 };
+    raw.write_all(&hello.encode()).unwrap();
+    let mut rx = until(|| listen.accept()).unwrap();
+    // SAFETY: as above.
+    let r = unsafe { rx.irecv(got.as_mut_ptr(), got.len(), MrHandle::NONE) }.unwrap().unwrap();
+    let piece = wire::PieceHeader { seq: 0, total: 64 << 10, offset: 0, len: 64 << 10 };
+    raw.write_all(&piece.encode()).unwrap();
+    raw.write_all(&[9u8; 1000]).unwrap();
+    drop(raw);
+    assert!(until(|| rx.test(r)).is_err(), "a receive cut off mid-piece completed");
+    let links = rx.link_stats();
+    assert_eq!((links.len(), links[0].pieces, links[0].errors), (1, 0, 1), "{links:?}");
 }
 
 #[test]

@@ -299,6 +299,38 @@ mod tests {
         assert!(PieceHeader::decode(&h.encode(), one).is_err(), "one socket cuts 256 KiB in one piece");
     }
 
+    /// The cut of the requests the engine hands a comm with each default layout (2 MiB chunks on
+    /// two comms of eight sockets from 16 cores, 1 MiB chunks on two comms of one socket below):
+    /// (request bytes, piece bytes, pieces). With eight sockets a request up to 512 KiB rides one
+    /// socket per 64 KiB (capped at four pieces from 256 KiB on), as many streams as the
+    /// acknowledged-message baseline gives the same bytes, and large requests keep 256 KiB pieces.
+    #[test]
+    fn default_layouts_cut_each_request_size_so() {
+        let eight = PieceCut::new(256 << 10, 8);
+        for (total, piece, pieces) in [
+            (64 * K, 64 * K, 1),
+            (128 * K, 64 * K, 2),
+            (256 * K, 64 * K, 4),
+            (512 * K, 128 * K, 4),
+            (1 << 20, 128 * K, 8),
+            (2 << 20, 256 * K, 8),
+        ] {
+            assert_eq!((eight.piece_len(total), eight.pieces(total)), (piece, pieces), "8 sockets, {total} bytes");
+            let baseline_streams = total.div_ceil(64 * K).min(16);
+            assert!(pieces <= baseline_streams, "{total} bytes ride no more sockets than the baseline's streams");
+        }
+        let one = PieceCut::new(256 << 10, 1);
+        for (total, piece, pieces) in [
+            (64 * K, 64 * K, 1),
+            (128 * K, 128 * K, 1),
+            (256 * K, 256 * K, 1),
+            (512 * K, 256 * K, 2),
+            (1 << 20, 256 * K, 4),
+        ] {
+            assert_eq!((one.piece_len(total), one.pieces(total)), (piece, pieces), "1 socket, {total} bytes");
+        }
+    }
+
     use proptest::prelude::*;
 
     fn runner() -> ProptestConfig {

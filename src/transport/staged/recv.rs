@@ -270,6 +270,11 @@ impl StagedRecvComm {
 }
 
 impl RecvComm for StagedRecvComm {
+    /// The inner comm's sockets carry the staged bytes.
+    fn link_stats(&self) -> Vec<crate::transport::LinkStats> {
+        self.inner.link_stats()
+    }
+
     fn reg_mr(&mut self, addr: usize, len: usize, kind: MemKind) -> Result<MrHandle> {
         self.staging.register(&mut self.inner, addr, len, kind)
     }

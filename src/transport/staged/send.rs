@@ -311,6 +311,11 @@ impl StagedSendComm {
 }
 
 impl SendComm for StagedSendComm {
+    /// The inner comm's sockets carry the staged bytes.
+    fn link_stats(&self) -> Vec<crate::transport::LinkStats> {
+        self.inner.link_stats()
+    }
+
     fn reg_mr(&mut self, addr: usize, len: usize, kind: MemKind) -> Result<MrHandle> {
         self.staging.register(&mut self.inner, addr, len, kind)
     }
