@@ -160,6 +160,35 @@ typedef struct uccl_tcpx_conn_stats_t {
   uint32_t reserved;
 } uccl_tcpx_conn_stats_t;
 
+/**
+ * What a connection's data sockets on one link carried, both ways, summed over its channels.
+ */
+typedef struct uccl_tcpx_link_stats_t {
+  /**
+   * The link's local address as text, NUL-terminated: a data link of `UCCL_TCPX_SOCKET_IFNAME`,
+   * else the engine's own address.
+   */
+  char link[UCCL_IP_ADDR_BUF_MIN];
+  uint8_t reserved[2];
+  /**
+   * Data sockets on the link, sending and receiving.
+   */
+  uint32_t out_sockets;
+  uint32_t in_sockets;
+  /**
+   * Payload bytes and pieces moved whole, and sockets that failed, sending.
+   */
+  uint64_t out_bytes;
+  uint64_t out_pieces;
+  uint64_t out_errors;
+  /**
+   * The same, receiving.
+   */
+  uint64_t in_bytes;
+  uint64_t in_pieces;
+  uint64_t in_errors;
+} uccl_tcpx_link_stats_t;
+
 typedef struct uccl_engine uccl_engine_t;
 
 /**
@@ -234,6 +263,13 @@ bool uccl_engine_conn_is_local(uccl_conn_t *conn);
  * connection, a NULL `stats`, or a size smaller than the first field.
  */
 int uccl_tcpx_conn_stats(uccl_conn_t *conn, struct uccl_tcpx_conn_stats_t *stats, size_t stats_size);
+
+/**
+ * Writes what `conn`'s data sockets carried per link into `links`, at most `capacity` entries,
+ * and returns how many links there are (call with `capacity` 0 and NULL to learn the count), or a
+ * negative status. A transport without per-socket counts (a net plugin) reports none.
+ */
+int uccl_tcpx_conn_link_stats(uccl_conn_t *conn, struct uccl_tcpx_link_stats_t *links, size_t capacity);
 
 /**
  * Creates an engine listening on `UCCL_TCPX_PORT` (any free port by default). `num_cpus` and

@@ -40,6 +40,22 @@ struct Fifo([u8; FIFO_LEN]);
 
 type Engine = *mut c_void;
 
+/// `uccl_tcpx_link_stats_t` of include/uccl_engine.h.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LinkStats {
+    link: [c_char; IP_BUF_LEN],
+    reserved: [u8; 2],
+    out_sockets: u32,
+    in_sockets: u32,
+    out_bytes: u64,
+    out_pieces: u64,
+    out_errors: u64,
+    in_bytes: u64,
+    in_pieces: u64,
+    in_errors: u64,
+}
+
 /// `uccl_tcpx_conn_stats_t` of include/uccl_engine.h. The call is told this size and writes no
 /// more; fields past what an older library fills stay zero.
 #[repr(C)]
@@ -83,6 +99,7 @@ struct Api {
     gpu_count: unsafe extern "C" fn() -> c_int,
     default_ip: unsafe extern "C" fn(*mut c_char, usize) -> c_int,
     conn_stats: unsafe extern "C" fn(Conn, *mut ConnStats, usize) -> c_int,
+    conn_link_stats: unsafe extern "C" fn(Conn, *mut LinkStats, usize) -> c_int,
 }
 
 type VectorFn = unsafe extern "C" fn(
@@ -214,6 +231,7 @@ fn load(path: &str) -> PyResult<()> {
         gpu_count: sym!(b"uccl_tcpx_gpu_count\0"),
         default_ip: sym!(b"uccl_tcpx_default_ip\0"),
         conn_stats: sym!(b"uccl_tcpx_conn_stats\0"),
+        conn_link_stats: sym!(b"uccl_tcpx_conn_link_stats\0"),
     };
     let _ = API.set(api);
     Ok(())
@@ -604,6 +622,46 @@ fn conn_stats(py: Python<'_>, conn: usize) -> PyResult<Bound<'_, pyo3::types::Py
     Ok(d)
 }
 
+/// What a connection's data sockets carried per link, as a list of dicts (`link`, then
+/// `sockets`, `bytes`, `pieces`, `errors` for `out` and for `in`).
+#[pyfunction]
+fn conn_link_stats(py: Python<'_>, conn: usize) -> PyResult<Bound<'_, pyo3::types::PyList>> {
+    let api = api()?;
+    let mut links = Vec::new();
+    // The link count can grow between the two calls (a later socket on a new link): ask again
+    // with room for what the last answer said until it fits.
+    loop {
+        let room = links.capacity();
+        // SAFETY: `links` has room for `room` entries; the library writes at most that many.
+        let n = check(api, unsafe { (api.conn_link_stats)(as_conn(conn), links.as_mut_ptr(), room) })? as usize;
+        if n <= room {
+            // SAFETY: the call wrote the first n entries.
+            unsafe { links.set_len(n) };
+            break;
+        }
+        links.reserve_exact(n);
+    }
+    let out = pyo3::types::PyList::empty(py);
+    for l in &links {
+        let d = pyo3::types::PyDict::new(py);
+        // SAFETY: NUL-terminated by the library within the array.
+        d.set_item("link", unsafe { CStr::from_ptr(l.link.as_ptr()) }.to_string_lossy())?;
+        for (way, sockets, bytes, pieces, errors) in [
+            ("out", l.out_sockets, l.out_bytes, l.out_pieces, l.out_errors),
+            ("in", l.in_sockets, l.in_bytes, l.in_pieces, l.in_errors),
+        ] {
+            let w = pyo3::types::PyDict::new(py);
+            w.set_item("sockets", sockets)?;
+            w.set_item("bytes", bytes)?;
+            w.set_item("pieces", pieces)?;
+            w.set_item("errors", errors)?;
+            d.set_item(way, w)?;
+        }
+        out.append(d)?;
+    }
+    Ok(out)
+}
+
 #[pymodule]
 fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(load, m)?)?;
@@ -627,6 +685,7 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(poll, m)?)?;
     m.add_function(wrap_pyfunction!(wait, m)?)?;
     m.add_function(wrap_pyfunction!(conn_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(conn_link_stats, m)?)?;
     m.add("SLICE_MS", SLICE_MS)?;
     m.add("EngineError", m.py().get_type::<EngineError>())?;
     Ok(())

@@ -143,6 +143,9 @@ def test_conn_stats_count_each_way_and_failures_by_status(pair):
     assert pair.server.conn_stats(pair.served)["out_transfers"] == 0, "the client's writes count at the client"
     with pytest.raises(RuntimeError, match="Invalid conn_id"):
         pair.client.conn_stats(99)
+    links = pair.client.conn_link_stats(pair.conn)
+    assert [l["link"] for l in links] == [p2p.get_oob_ip()], links
+    assert links[0]["out"]["sockets"] >= 1 and links[0]["out"]["errors"] == 0
 
 
 def test_register_memory_serialized_descs_and_transfer(pair):

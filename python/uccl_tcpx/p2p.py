@@ -578,6 +578,12 @@ class Endpoint:
         failed). The peer's one-sided transfers against this side's memory count at the peer."""
         return _engine.conn_stats(self._conn(conn_id))
 
+    def conn_link_stats(self, conn_id):
+        """What the connection's data sockets carried per data link (an addition of uccl-tcpx): a
+        list of dicts, each with ``link`` (the local address) and ``out``/``in`` dicts of
+        ``sockets``, ``bytes``, ``pieces`` and ``errors``. Empty over a net plugin."""
+        return _engine.conn_link_stats(self._conn(conn_id))
+
     def conn_id_of_rank(self, rank):
         """UCCL never fills this table: always 2**64-1."""
         _int(rank, "rank")

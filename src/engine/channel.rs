@@ -26,7 +26,7 @@ use super::plan::{Chunk, ChunkMem};
 use super::region::Region;
 use crate::error::{Error, Result};
 use crate::threads::{self, ThreadKind};
-use crate::transport::{IoSeg, MrHandle, RecvComm, RequestId, SendComm};
+use crate::transport::{IoSeg, LinkStats, MrHandle, RecvComm, RequestId, SendComm};
 
 /// The region id of a chunk that moves through scratch memory instead of a region (ids start at 1).
 pub(super) const SCRATCH: u64 = 0;
@@ -147,6 +147,11 @@ pub struct Channel {
 }
 
 impl Channel {
+    /// What the send comm's and the receive comm's data sockets carried, by link.
+    pub fn link_stats(&self) -> (Vec<LinkStats>, Vec<LinkStats>) {
+        (self.send.link_stats(), self.recv.link_stats())
+    }
+
     pub fn new(
         send: Box<dyn SendComm>,
         recv: Box<dyn RecvComm>,

@@ -47,6 +47,51 @@ pub struct ConnStats {
     pub last_error: i32,
 }
 
+/// What a connection's data sockets on one link carried, both ways, summed over its channels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkTotals {
+    /// The link's local address (the engine's own where the transport has no data links).
+    pub link: std::net::IpAddr,
+    pub out: LinkWay,
+    pub inbound: LinkWay,
+}
+
+/// One way of a link: its sockets, the payload bytes and pieces they moved whole, the sockets that
+/// failed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkWay {
+    pub sockets: u32,
+    pub bytes: u64,
+    pub pieces: u64,
+    pub errors: u64,
+}
+
+/// Sums the channels' per-comm link counts (`sent` from send comms, `received` from receive
+/// comms) by link, in the order links first appear.
+pub fn link_totals<'a>(
+    sent: impl IntoIterator<Item = &'a crate::transport::LinkStats>,
+    received: impl IntoIterator<Item = &'a crate::transport::LinkStats>,
+) -> Vec<LinkTotals> {
+    let mut totals: Vec<LinkTotals> = Vec::new();
+    let mut add = |s: &crate::transport::LinkStats, out: bool| {
+        let at = match totals.iter().position(|t| t.link == s.link) {
+            Some(at) => at,
+            None => {
+                totals.push(LinkTotals { link: s.link, out: LinkWay::default(), inbound: LinkWay::default() });
+                totals.len() - 1
+            }
+        };
+        let way = if out { &mut totals[at].out } else { &mut totals[at].inbound };
+        way.sockets += s.sockets;
+        way.bytes += s.bytes;
+        way.pieces += s.pieces;
+        way.errors += s.errors;
+    };
+    sent.into_iter().for_each(|s| add(s, true));
+    received.into_iter().for_each(|s| add(s, false));
+    totals
+}
+
 #[derive(Default)]
 pub struct StatsCell {
     out_transfers: AtomicU64,
@@ -152,5 +197,25 @@ mod tests {
         assert_eq!(s.inbound.transfers, 1, "a failed read moves nothing into the counts of bytes");
         let line = s.to_string();
         assert!(line.contains("2 failed") && line.contains("UCCL_STATUS_ERR_TIMEOUT"), "{line}");
+    }
+
+    #[test]
+    fn links_sum_over_channels_each_way_in_order_of_appearance() {
+        use crate::transport::LinkStats;
+        let (a, b) = ("198.18.1.1".parse().unwrap(), "198.18.2.1".parse().unwrap());
+        let at = |link, sockets, bytes, errors| LinkStats { link, sockets, bytes, pieces: bytes / 100, errors };
+        let sent = [at(b, 2, 1000, 0), at(a, 1, 500, 1), at(b, 2, 300, 0)];
+        let received = [at(a, 1, 700, 0)];
+        let t = link_totals(&sent, &received);
+        assert_eq!(t.len(), 2);
+        assert_eq!(
+            (t[0].link, t[0].out.sockets, t[0].out.bytes, t[0].out.pieces, t[0].inbound),
+            (b, 4, 1300, 13, LinkWay::default())
+        );
+        assert_eq!(
+            (t[1].link, t[1].out.bytes, t[1].out.errors, t[1].inbound.bytes, t[1].inbound.sockets),
+            (a, 500, 1, 700, 1)
+        );
+        assert!(link_totals(&[], &[]).is_empty());
     }
 }

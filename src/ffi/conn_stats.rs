@@ -1,13 +1,14 @@
-//! A connection's counters for C callers. The structure only grows at its end, and callers pass
+//! A connection's counters for C callers, in all and per data link. The structure only grows at its end, and callers pass
 //! the size they were compiled with, so a program built against an older header keeps working
 //! with a newer library (it gets the fields it knows) and a newer program with an older library
 //! learns how much was filled.
 
-use std::ffi::c_int;
+use std::ffi::{c_char, c_int};
 
 use super::conn::{conn_ref, uccl_conn_t};
+use super::engine::UCCL_IP_ADDR_BUF_MIN;
 use super::ffi_fn;
-use crate::engine::stats::{ConnStats, STATUS_SLOTS};
+use crate::engine::stats::{ConnStats, LinkTotals, STATUS_SLOTS};
 use crate::error::Error;
 
 /// Slots of `uccl_tcpx_conn_stats_t::errors`: slot `n` counts failures with status `-n`.
@@ -85,5 +86,71 @@ pub extern "C" fn uccl_tcpx_conn_stats(
         // is a live local of at least n bytes; a byte copy needs no alignment.
         unsafe { std::ptr::copy_nonoverlapping((&raw const filled).cast::<u8>(), stats.cast::<u8>(), n) };
         Ok(n as c_int)
+    })
+}
+
+/// What a connection's data sockets on one link carried, both ways, summed over its channels.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct uccl_tcpx_link_stats_t {
+    /// The link's local address as text, NUL-terminated: a data link of `UCCL_TCPX_SOCKET_IFNAME`,
+    /// else the engine's own address.
+    pub link: [c_char; UCCL_IP_ADDR_BUF_MIN],
+    pub reserved: [u8; 2],
+    /// Data sockets on the link, sending and receiving.
+    pub out_sockets: u32,
+    pub in_sockets: u32,
+    /// Payload bytes and pieces moved whole, and sockets that failed, sending.
+    pub out_bytes: u64,
+    pub out_pieces: u64,
+    pub out_errors: u64,
+    /// The same, receiving.
+    pub in_bytes: u64,
+    pub in_pieces: u64,
+    pub in_errors: u64,
+}
+
+impl From<&LinkTotals> for uccl_tcpx_link_stats_t {
+    fn from(t: &LinkTotals) -> Self {
+        let mut link = [0 as c_char; UCCL_IP_ADDR_BUF_MIN];
+        // An IP's text is at most 45 bytes, so the NUL always fits.
+        for (dst, b) in link.iter_mut().zip(t.link.to_string().bytes().take(UCCL_IP_ADDR_BUF_MIN - 1)) {
+            *dst = b as c_char;
+        }
+        uccl_tcpx_link_stats_t {
+            link,
+            reserved: [0; 2],
+            out_sockets: t.out.sockets,
+            in_sockets: t.inbound.sockets,
+            out_bytes: t.out.bytes,
+            out_pieces: t.out.pieces,
+            out_errors: t.out.errors,
+            in_bytes: t.inbound.bytes,
+            in_pieces: t.inbound.pieces,
+            in_errors: t.inbound.errors,
+        }
+    }
+}
+
+/// Writes what `conn`'s data sockets carried per link into `links`, at most `capacity` entries,
+/// and returns how many links there are (call with `capacity` 0 and NULL to learn the count), or a
+/// negative status. A transport without per-socket counts (a net plugin) reports none.
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_tcpx_conn_link_stats(
+    conn: *mut uccl_conn_t,
+    links: *mut uccl_tcpx_link_stats_t,
+    capacity: libc::size_t,
+) -> c_int {
+    ffi_fn!("uccl_tcpx_conn_link_stats", {
+        let conn = conn_ref(conn)?;
+        if links.is_null() && capacity > 0 {
+            return Err(Error::invalid(format!("links is NULL with capacity {capacity}")));
+        }
+        let totals = conn.link_stats();
+        for (k, t) in totals.iter().take(capacity).enumerate() {
+            // SAFETY: non-NULL with room for `capacity` > k entries, as the caller promised.
+            unsafe { links.add(k).write(uccl_tcpx_link_stats_t::from(t)) };
+        }
+        c_int::try_from(totals.len()).map_err(|_| Error::internal("more links than an int counts"))
     })
 }

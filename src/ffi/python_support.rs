@@ -179,7 +179,8 @@ mod tests {
     use super::super::{
         FifoItem, last_error, uccl_engine_accept, uccl_engine_conn_destroy, uccl_engine_connect, uccl_engine_destroy,
         uccl_engine_get_metadata, uccl_engine_mr_destroy, uccl_engine_prepare_fifo, uccl_engine_read, uccl_engine_reg,
-        uccl_engine_stop_accept, uccl_engine_write, uccl_tcpx_conn_stats, uccl_tcpx_conn_stats_t,
+        uccl_engine_stop_accept, uccl_engine_write, uccl_tcpx_conn_link_stats, uccl_tcpx_conn_stats,
+        uccl_tcpx_conn_stats_t, uccl_tcpx_link_stats_t,
     };
     use super::*;
     use testkit::child::ChildTest;
@@ -457,6 +458,24 @@ mod tests {
         assert_eq!(uccl_tcpx_conn_stats(conn, &mut old, 4), invalid(), "smaller than the first field");
         assert_eq!(uccl_tcpx_conn_stats(conn, null_mut(), full), invalid());
         assert!(uccl_tcpx_conn_stats(null_mut(), &mut old, full) < 0);
+
+        // What the data sockets carried, per link: one here, 127.0.0.1 (the large transfers of two
+        // engines of one process take the same-host path; tests/across_hosts.rs checks the bytes
+        // against the interfaces' own counters).
+        let n = uccl_tcpx_conn_link_stats(conn, null_mut(), 0);
+        assert_eq!(n, 1, "{}", last_error());
+        // SAFETY: all-zero bytes are a valid value of this plain C structure.
+        let mut links = [unsafe { std::mem::zeroed::<uccl_tcpx_link_stats_t>() }; 2];
+        assert_eq!(uccl_tcpx_conn_link_stats(conn, links.as_mut_ptr(), links.len()), 1);
+        // SAFETY: the call wrote a NUL-terminated string.
+        let ip = unsafe { CStr::from_ptr(links[0].link.as_ptr()) }.to_str().unwrap();
+        assert_eq!(ip, "127.0.0.1");
+        let l = links[0];
+        assert!(l.out_sockets >= 1 && l.in_sockets >= 1 && l.out_errors + l.in_errors == 0, "{l:?}");
+        assert!(l.out_bytes >= l.out_pieces && l.in_bytes >= l.in_pieces, "{l:?}");
+        // SAFETY: as above.
+        assert!(unsafe { CStr::from_ptr(links[1].link.as_ptr()) }.is_empty(), "one entry written");
+        assert_eq!(uccl_tcpx_conn_link_stats(conn, null_mut(), 1), invalid(), "NULL with room claimed");
 
         uccl_engine_conn_destroy(conn);
         uccl_engine_conn_destroy(served);

@@ -36,7 +36,7 @@ use super::local::{self, LocalLink, Locality};
 use super::notify;
 use super::plan::{self, Chunk, ChunkMem, Chunking};
 use super::shared::{EngineCore, LiveConnection};
-use super::stats::{ConnStats, StatsCell, Way};
+use super::stats::{ConnStats, LinkTotals, StatsCell, Way, link_totals};
 use super::transfer::{Counted, Transfer};
 use super::writer::ControlWriter;
 use crate::error::{Error, Result, UcclStatus};
@@ -497,6 +497,14 @@ impl Connection {
     /// A reading of the connection's counters.
     pub fn stats(&self) -> ConnStats {
         self.stats.snapshot()
+    }
+
+    /// What the channels' data sockets carried, by link (none where the transport keeps no such
+    /// counts, as a net plugin).
+    pub fn link_stats(&self) -> Vec<LinkTotals> {
+        let inner = self.inner.lock();
+        let (sent, received): (Vec<_>, Vec<_>) = inner.channels.iter().map(Channel::link_stats).unzip();
+        link_totals(sent.iter().flatten(), received.iter().flatten())
     }
 
     /// A new transfer of the caller's on this connection, counted the way its bytes go.
