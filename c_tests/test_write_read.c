@@ -220,13 +220,13 @@ static void test_conn_stats(void) {
   /* Per data link: one here, named by its address, with sockets both ways and no failed one. */
   uccl_tcpx_link_stats_t links[2];
   memset(links, 0xEE, sizeof links);
-  CHECK_EQ(uccl_tcpx_conn_link_stats(P.conn_a, NULL, 0), 1);
-  CHECK_EQ(uccl_tcpx_conn_link_stats(P.conn_a, links, 2), 1);
+  CHECK_EQ(uccl_tcpx_conn_link_stats(P.conn_a, NULL, 0, sizeof links[0]), 1);
+  CHECK_EQ(uccl_tcpx_conn_link_stats(P.conn_a, links, 2, sizeof links[0]), 1);
   CHECK(memchr(links[0].link, 0, sizeof links[0].link) != NULL && links[0].link[0] != 0);
   CHECK(links[0].out_sockets >= 1 && links[0].in_sockets >= 1);
   CHECK_EQ(links[0].out_errors + links[0].in_errors, 0);
   CHECK(links[1].out_sockets == 0xEEEEEEEEu);
-  CHECK_EQ(uccl_tcpx_conn_link_stats(P.conn_a, NULL, 1), UCCL_STATUS_ERR_INVALID_PARAM);
+  CHECK_EQ(uccl_tcpx_conn_link_stats(P.conn_a, NULL, 1, sizeof links[0]), UCCL_STATUS_ERR_INVALID_PARAM);
 }
 
 int main(void) {

@@ -141,7 +141,8 @@ typedef struct uccl_tcpx_conn_stats_t {
    */
   uint64_t in_flight;
   /**
-   * Transfers that failed, posts refused before anything was sent included.
+   * Transfers that failed once they had an id (a call refused by its argument checks returns
+   * its status and is counted nowhere).
    */
   uint64_t failed;
   /**
@@ -150,7 +151,8 @@ typedef struct uccl_tcpx_conn_stats_t {
    */
   uint64_t errors[UCCL_TCPX_STATUS_SLOTS];
   /**
-   * Times a transport declined a post for now and it was tried again.
+   * Stretches in which a transport declined posts for now and they were retried (one per
+   * stretch).
    */
   uint64_t retries;
   /**
@@ -257,19 +259,22 @@ bool uccl_engine_conn_is_local(uccl_conn_t *conn);
 
 /**
  * Reads `conn`'s counters into `stats`, of which the caller owns `stats_size` bytes (pass
- * `sizeof(uccl_tcpx_conn_stats_t)`); at most that many are written, never more than this
- * library's structure holds. Returns the number of bytes written (a caller built against a
+ * `sizeof(uccl_tcpx_conn_stats_t)`); at most that many are written, in whole fields, never more
+ * than this library's structure holds. Returns the number of bytes written (a caller built against a
  * newer header learns which fields this library filled), or a negative status: a NULL or unknown
  * connection, a NULL `stats`, or a size smaller than the first field.
  */
 int uccl_tcpx_conn_stats(uccl_conn_t *conn, struct uccl_tcpx_conn_stats_t *stats, size_t stats_size);
 
 /**
- * Writes what `conn`'s data sockets carried per link into `links`, at most `capacity` entries,
- * and returns how many links there are (call with `capacity` 0 and NULL to learn the count), or a
- * negative status. A transport without per-socket counts (a net plugin) reports none.
+ * Writes what `conn`'s data sockets carried per link into `links`, an array of `capacity`
+ * entries of `entry_size` bytes each (pass `sizeof(uccl_tcpx_link_stats_t)`: a caller built
+ * against an older, shorter entry gets the fields it knows, at its own stride), and returns how
+ * many links there are (call with `capacity` 0 and NULL to learn the count), or a negative
+ * status. The counts outlive a failure of the connection. A transport without per-socket counts
+ * (a net plugin) reports none.
  */
-int uccl_tcpx_conn_link_stats(uccl_conn_t *conn, struct uccl_tcpx_link_stats_t *links, size_t capacity);
+int uccl_tcpx_conn_link_stats(uccl_conn_t *conn, struct uccl_tcpx_link_stats_t *links, size_t capacity, size_t entry_size);
 
 /**
  * Creates an engine listening on `UCCL_TCPX_PORT` (any free port by default). `num_cpus` and

@@ -169,6 +169,10 @@ fn client_until_failure() {
             Err(e) => break e,
         }
     };
+    // The failed connection still says what its links carried, the writes that succeeded too.
+    let links = conn.link_stats();
+    let sent: u64 = links.iter().map(|l| l.out.bytes).sum();
+    assert!(!links.is_empty() && sent >= REGION as u64, "links after the failure: {links:?}");
     println!("FAILED {:?} {}", failure.status(), failure);
     let closing = Instant::now();
     drop(conn);

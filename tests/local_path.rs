@@ -63,6 +63,13 @@ fn engines_of_one_process_are_local_and_copy_at_once() {
     let w = p.ba.write(&[OneSided { mr: target.mr, addr: target.addr(), len: 64, remote: a_item }]).unwrap();
     assert_eq!(wait(&p.ba, w).unwrap(), 64);
     assert_eq!(&back.bytes[..64], &src_data[..64]);
+
+    // No items is refused on this path as on the network's, and leaves nothing in flight.
+    for empty in [p.ab.write(&[]), p.ab.read(&[])] {
+        assert_eq!(empty.unwrap_err().status(), uccl_tcpx::UcclStatus::ErrInvalidParam);
+    }
+    let stats = p.ab.stats();
+    assert_eq!((stats.in_flight, stats.out.transfers, stats.inbound.transfers), (0, 1, 1), "{stats}");
 }
 
 #[test]

@@ -99,7 +99,7 @@ struct Api {
     gpu_count: unsafe extern "C" fn() -> c_int,
     default_ip: unsafe extern "C" fn(*mut c_char, usize) -> c_int,
     conn_stats: unsafe extern "C" fn(Conn, *mut ConnStats, usize) -> c_int,
-    conn_link_stats: unsafe extern "C" fn(Conn, *mut LinkStats, usize) -> c_int,
+    conn_link_stats: unsafe extern "C" fn(Conn, *mut LinkStats, usize, usize) -> c_int,
 }
 
 type VectorFn = unsafe extern "C" fn(
@@ -633,7 +633,9 @@ fn conn_link_stats(py: Python<'_>, conn: usize) -> PyResult<Bound<'_, pyo3::type
     loop {
         let room = links.capacity();
         // SAFETY: `links` has room for `room` entries; the library writes at most that many.
-        let n = check(api, unsafe { (api.conn_link_stats)(as_conn(conn), links.as_mut_ptr(), room) })? as usize;
+        let n = check(api, unsafe {
+            (api.conn_link_stats)(as_conn(conn), links.as_mut_ptr(), room, size_of::<LinkStats>())
+        })? as usize;
         if n <= room {
             // SAFETY: the call wrote the first n entries.
             unsafe { links.set_len(n) };

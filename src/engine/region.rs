@@ -17,6 +17,8 @@ use crate::transport::MemKind;
 
 /// Distinct windows a region may advertise; callers normally advertise once per registration.
 const MAX_WINDOWS_PER_REGION: usize = crate::proto::MAX_IPC_WINDOWS;
+/// How long an answer of small pages stands before `Region::on_huge_pages` looks again.
+const HUGE_RECHECK_NS: u64 = 1_000_000_000;
 
 /// Collapses of regions' memory under way in this process (`Region::collapse_into_huge_pages`).
 static COLLAPSING: AtomicUsize = AtomicUsize::new(0);
@@ -38,9 +40,11 @@ pub struct Region {
     ipc: OnceLock<Option<Export>>,
     /// A device region lies inside one allocation, asked for once (`in_one_allocation`).
     one_allocation: OnceLock<bool>,
-    /// Its host memory lies mostly on huge pages: read from our own smaps at registration, and
-    /// again after a collapse of it (`host_memory`). Said to same-host peers copying out of it.
+    /// Its host memory lies mostly on huge pages, as this process's own page tables or smaps said
+    /// (`host_memory`). Said to same-host peers copying out of it.
     huge: AtomicBool,
+    /// When `huge` was last looked up (`trace::clock_ns`); 0: not yet, `u64::MAX`: never again.
+    huge_checked: AtomicU64,
     /// A collapse of its memory was asked for (`collapse_into_huge_pages`), once per region.
     collapse_asked: AtomicBool,
 }
@@ -74,15 +78,36 @@ impl Region {
         self.windows.lock().clone()
     }
 
-    /// Whether the region's host memory lies mostly on huge pages, as our own smaps said at
-    /// registration (or after our collapse of it); device memory never does here.
+    /// Whether the region's host memory lies mostly on huge pages; device memory never does here.
+    /// Memory registered before it was written reads as small pages then, and the kernel may put
+    /// it on huge pages later (khugepaged, or our collapse), so an answer of small pages is looked
+    /// up again, at most once a second, where the kernel scans the region's own page tables (a
+    /// cost in proportion to the region). Without that scan smaps is read once, at the first
+    /// question rather than at registration: it walks every mapping below the region.
     pub fn on_huge_pages(&self) -> bool {
-        self.huge.load(Ordering::Relaxed)
+        if self.huge.load(Ordering::Relaxed) {
+            return true;
+        }
+        if self.kind != MemKind::Host {
+            return false;
+        }
+        let (last, now) = (self.huge_checked.load(Ordering::Relaxed), crate::trace::clock_ns());
+        let scans = crate::host_memory::scans_page_tables();
+        let due = if scans { now.saturating_sub(last) >= HUGE_RECHECK_NS } else { last == 0 };
+        let next = if scans { now } else { u64::MAX };
+        // One asker looks; the others take the answer they have.
+        if !due || self.huge_checked.compare_exchange(last, next, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+            return false;
+        }
+        let huge = crate::host_memory::on_huge_pages(self.base, self.len);
+        self.huge.store(huge, Ordering::Relaxed);
+        huge
     }
 
-    /// Sets what `on_huge_pages` says, as a test's memory would have it.
+    /// Sets what `on_huge_pages` says from now on, as a test's memory would have it.
     #[cfg(test)]
     pub(crate) fn set_huge_pages(&self, huge: bool) {
+        self.huge_checked.store(u64::MAX, Ordering::Relaxed);
         self.huge.store(huge, Ordering::Relaxed);
     }
 
@@ -109,6 +134,7 @@ impl Region {
                 log::debug!("region at {base:#x} (+{len}): {collapsed:?}");
                 if let Some(r) = region.upgrade().filter(|_| collapsed.extents > 0) {
                     r.huge.store(crate::host_memory::on_huge_pages(base, len), Ordering::Relaxed);
+                    r.huge_checked.store(crate::trace::clock_ns(), Ordering::Relaxed);
                 }
             }
             COLLAPSING.fetch_sub(1, Ordering::AcqRel);
@@ -215,8 +241,9 @@ impl Default for RegionTable {
 }
 
 impl RegionTable {
-    /// Registers `[addr, addr + len)`. Host memory has its page size read from our own smaps here,
-    /// once (the kernel walks the page tables of our mappings up to the region's).
+    /// Registers `[addr, addr + len)`. Where the kernel scans a range's page tables, host memory
+    /// has its page size looked up here (in proportion to the region); else at its first question
+    /// (`Region::on_huge_pages`).
     pub fn register(&self, addr: usize, len: usize, kind: MemKind) -> Result<u64> {
         check_range(addr, len)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
@@ -231,9 +258,13 @@ impl RegionTable {
             device_copies: AtomicUsize::new(0),
             ipc: OnceLock::new(),
             one_allocation: OnceLock::new(),
-            huge: AtomicBool::new(kind == MemKind::Host && crate::host_memory::on_huge_pages(addr, len)),
+            huge: AtomicBool::new(false),
+            huge_checked: AtomicU64::new(0),
             collapse_asked: AtomicBool::new(false),
         };
+        if kind == MemKind::Host && crate::host_memory::scans_page_tables() {
+            region.on_huge_pages();
+        }
         self.regions.write().insert(id, Arc::new(region));
         Ok(id)
     }
@@ -526,5 +557,52 @@ mod tests {
         let device = t.register(memory.addr(), LEN, MemKind::Cuda { device: 0 }).unwrap();
         let device = t.get(device).unwrap();
         assert!(!device.on_huge_pages() && !device.collapse_due(), "device memory is never looked at");
+    }
+
+    /// Memory registered before it is written reads as small pages (nothing is there yet); once
+    /// written, where the kernel scans page tables, the region looks again after a second and says
+    /// what the kernel does (huge pages where THP gives them to memory advised for them).
+    #[test]
+    fn memory_written_after_registration_is_looked_at_again() {
+        const LEN: usize = 4 << 20;
+        let mut memory = testkit::mapping::AlignedMapping::on_small_pages(LEN, |_| {});
+        memory.advise(libc::MADV_HUGEPAGE);
+        let t = RegionTable::default();
+        let region = t.get(t.register(memory.addr(), LEN, MemKind::Host).unwrap()).unwrap();
+        assert!(!region.on_huge_pages(), "nothing written yet");
+        memory.fill(3);
+        assert!(!region.on_huge_pages(), "an answer of small pages stands for a second");
+        std::thread::sleep(Duration::from_millis(1100));
+        let kernel_says = crate::host_memory::on_huge_pages(memory.addr(), LEN);
+        if crate::host_memory::scans_page_tables() {
+            assert_eq!(region.on_huge_pages(), kernel_says, "looked at again");
+        } else {
+            assert!(!region.on_huge_pages(), "smaps is read once, at the first question");
+        }
+    }
+
+    /// Counting a range's pages from its page tables agrees with smaps, and costs nothing like
+    /// smaps in a process that maps much below the range.
+    #[test]
+    fn the_page_table_scan_agrees_with_smaps() {
+        const LEN: usize = 4 << 20;
+        let small = testkit::mapping::AlignedMapping::on_small_pages(LEN, |b| b.fill(1));
+        assert!(!crate::host_memory::on_huge_pages(small.addr(), LEN), "faulted in on small pages");
+        let advised = testkit::mapping::AlignedMapping::new(LEN, libc::MADV_HUGEPAGE, 2);
+        let scanned = crate::host_memory::on_huge_pages(advised.addr(), LEN);
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+        if crate::host_memory::scans_page_tables() && !thp.contains("[never]") {
+            // Where the kernel gave huge pages, the scan must see them as smaps does.
+            let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+            let start = format!("{:x}-", advised.addr());
+            let anon_huge = smaps
+                .split(&start)
+                .nth(1)
+                .and_then(|m| m.lines().find(|l| l.starts_with("AnonHugePages:")))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok());
+            if let Some(kib) = anon_huge {
+                assert_eq!(scanned, kib * 1024 >= (LEN as u64) * 9 / 10, "scan {scanned}, smaps {kib} KiB huge");
+            }
+        }
     }
 }

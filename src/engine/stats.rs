@@ -37,11 +37,13 @@ pub struct ConnStats {
     pub inbound: Moved,
     /// Transfers posted and not ended yet.
     pub in_flight: u64,
-    /// Transfers that ended in an error, including posts refused before anything was sent.
+    /// Transfers that ended in an error once they had an id (a call refused by its argument checks
+    /// returns its error before that and is counted nowhere).
     pub failed: u64,
     /// Failed transfers by status: slot `n` for status `-n`.
     pub errors: [u64; STATUS_SLOTS],
-    /// Times a transport declined a post for now and the engine had to try it again.
+    /// Stretches in which a transport declined posts for now and the engine polled to retry them
+    /// (one per stretch, however many tries it took).
     pub retries: u64,
     /// The status of the latest failure, 0 while none failed.
     pub last_error: i32,

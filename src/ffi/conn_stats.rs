@@ -29,12 +29,14 @@ pub struct uccl_tcpx_conn_stats_t {
     pub in_bytes: u64,
     /// Transfers posted and not ended.
     pub in_flight: u64,
-    /// Transfers that failed, posts refused before anything was sent included.
+    /// Transfers that failed once they had an id (a call refused by its argument checks returns
+    /// its status and is counted nowhere).
     pub failed: u64,
     /// Failed transfers by status: `errors[n]` counts status `-n` (`UCCL_STATUS_ERR_TIMEOUT` is
     /// -14, so `errors[14]`).
     pub errors: [u64; UCCL_TCPX_STATUS_SLOTS],
-    /// Times a transport declined a post for now and it was tried again.
+    /// Stretches in which a transport declined posts for now and they were retried (one per
+    /// stretch).
     pub retries: u64,
     /// The status of the latest failure; 0 while none failed.
     pub last_error: i32,
@@ -59,8 +61,8 @@ impl From<ConnStats> for uccl_tcpx_conn_stats_t {
 }
 
 /// Reads `conn`'s counters into `stats`, of which the caller owns `stats_size` bytes (pass
-/// `sizeof(uccl_tcpx_conn_stats_t)`); at most that many are written, never more than this
-/// library's structure holds. Returns the number of bytes written (a caller built against a
+/// `sizeof(uccl_tcpx_conn_stats_t)`); at most that many are written, in whole fields, never more
+/// than this library's structure holds. Returns the number of bytes written (a caller built against a
 /// newer header learns which fields this library filled), or a negative status: a NULL or unknown
 /// connection, a NULL `stats`, or a size smaller than the first field.
 #[unsafe(no_mangle)]
@@ -81,7 +83,9 @@ pub extern "C" fn uccl_tcpx_conn_stats(
             )));
         }
         let filled = uccl_tcpx_conn_stats_t::from(conn.stats());
-        let n = stats_size.min(size_of::<uccl_tcpx_conn_stats_t>());
+        // Whole fields only: every field up to `last_error` is 8 bytes, so a size between two
+        // fields ends at the earlier one instead of writing half of a counter.
+        let n = stats_size.min(size_of::<uccl_tcpx_conn_stats_t>()) & !7;
         // SAFETY: `stats` is non-NULL and the caller owns `stats_size` >= n bytes there; the source
         // is a live local of at least n bytes; a byte copy needs no alignment.
         unsafe { std::ptr::copy_nonoverlapping((&raw const filled).cast::<u8>(), stats.cast::<u8>(), n) };
@@ -132,24 +136,42 @@ impl From<&LinkTotals> for uccl_tcpx_link_stats_t {
     }
 }
 
-/// Writes what `conn`'s data sockets carried per link into `links`, at most `capacity` entries,
-/// and returns how many links there are (call with `capacity` 0 and NULL to learn the count), or a
-/// negative status. A transport without per-socket counts (a net plugin) reports none.
+/// Writes what `conn`'s data sockets carried per link into `links`, an array of `capacity`
+/// entries of `entry_size` bytes each (pass `sizeof(uccl_tcpx_link_stats_t)`: a caller built
+/// against an older, shorter entry gets the fields it knows, at its own stride), and returns how
+/// many links there are (call with `capacity` 0 and NULL to learn the count), or a negative
+/// status. The counts outlive a failure of the connection. A transport without per-socket counts
+/// (a net plugin) reports none.
 #[unsafe(no_mangle)]
 pub extern "C" fn uccl_tcpx_conn_link_stats(
     conn: *mut uccl_conn_t,
     links: *mut uccl_tcpx_link_stats_t,
     capacity: libc::size_t,
+    entry_size: libc::size_t,
 ) -> c_int {
     ffi_fn!("uccl_tcpx_conn_link_stats", {
         let conn = conn_ref(conn)?;
-        if links.is_null() && capacity > 0 {
-            return Err(Error::invalid(format!("links is NULL with capacity {capacity}")));
+        if capacity > 0 {
+            if links.is_null() {
+                return Err(Error::invalid(format!("links is NULL with capacity {capacity}")));
+            }
+            if entry_size < size_of::<u64>() {
+                return Err(Error::invalid(format!(
+                    "entry_size is {entry_size}: pass sizeof(uccl_tcpx_link_stats_t) ({} with this library's header)",
+                    size_of::<uccl_tcpx_link_stats_t>()
+                )));
+            }
         }
         let totals = conn.link_stats();
+        let n = entry_size.min(size_of::<uccl_tcpx_link_stats_t>());
         for (k, t) in totals.iter().take(capacity).enumerate() {
-            // SAFETY: non-NULL with room for `capacity` > k entries, as the caller promised.
-            unsafe { links.add(k).write(uccl_tcpx_link_stats_t::from(t)) };
+            let entry = uccl_tcpx_link_stats_t::from(t);
+            // SAFETY: the caller owns `capacity` > k entries of `entry_size` >= n bytes at `links`;
+            // the source is a local of at least n bytes; a byte copy needs no alignment.
+            unsafe {
+                let at = links.cast::<u8>().add(k * entry_size);
+                std::ptr::copy_nonoverlapping((&raw const entry).cast::<u8>(), at, n);
+            }
         }
         c_int::try_from(totals.len()).map_err(|_| Error::internal("more links than an int counts"))
     })

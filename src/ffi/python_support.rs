@@ -456,17 +456,21 @@ mod tests {
         assert_eq!(uccl_tcpx_conn_stats(conn, &mut old, 16), 16);
         assert_eq!((old.out_transfers, old.out_bytes, old.in_transfers), (2, (1 << 20) + 4096, 77));
         assert_eq!(uccl_tcpx_conn_stats(conn, &mut old, 4), invalid(), "smaller than the first field");
+        let mut torn = uccl_tcpx_conn_stats_t { out_bytes: 5, ..Default::default() };
+        assert_eq!(uccl_tcpx_conn_stats(conn, &mut torn, 12), 8, "whole fields only");
+        assert_eq!((torn.out_transfers, torn.out_bytes), (2, 5));
         assert_eq!(uccl_tcpx_conn_stats(conn, null_mut(), full), invalid());
         assert!(uccl_tcpx_conn_stats(null_mut(), &mut old, full) < 0);
 
         // What the data sockets carried, per link: one here, 127.0.0.1 (the large transfers of two
         // engines of one process take the same-host path; tests/across_hosts.rs checks the bytes
         // against the interfaces' own counters).
-        let n = uccl_tcpx_conn_link_stats(conn, null_mut(), 0);
+        let entry = size_of::<uccl_tcpx_link_stats_t>();
+        let n = uccl_tcpx_conn_link_stats(conn, null_mut(), 0, entry);
         assert_eq!(n, 1, "{}", last_error());
         // SAFETY: all-zero bytes are a valid value of this plain C structure.
         let mut links = [unsafe { std::mem::zeroed::<uccl_tcpx_link_stats_t>() }; 2];
-        assert_eq!(uccl_tcpx_conn_link_stats(conn, links.as_mut_ptr(), links.len()), 1);
+        assert_eq!(uccl_tcpx_conn_link_stats(conn, links.as_mut_ptr(), links.len(), entry), 1);
         // SAFETY: the call wrote a NUL-terminated string.
         let ip = unsafe { CStr::from_ptr(links[0].link.as_ptr()) }.to_str().unwrap();
         assert_eq!(ip, "127.0.0.1");
@@ -475,7 +479,14 @@ mod tests {
         assert!(l.out_bytes >= l.out_pieces && l.in_bytes >= l.in_pieces, "{l:?}");
         // SAFETY: as above.
         assert!(unsafe { CStr::from_ptr(links[1].link.as_ptr()) }.is_empty(), "one entry written");
-        assert_eq!(uccl_tcpx_conn_link_stats(conn, null_mut(), 1), invalid(), "NULL with room claimed");
+        assert_eq!(uccl_tcpx_conn_link_stats(conn, null_mut(), 1, entry), invalid(), "NULL with room claimed");
+        assert_eq!(uccl_tcpx_conn_link_stats(conn, links.as_mut_ptr(), 2, 4), invalid(), "an entry of 4 bytes");
+        // A caller whose entries are shorter (an older header) gets its prefix at its own stride.
+        let mut short = [[0xEEu8; 52]; 2];
+        assert_eq!(uccl_tcpx_conn_link_stats(conn, short.as_mut_ptr().cast(), 2, 52), 1);
+        assert_eq!(&short[0][..10], b"127.0.0.1\0");
+        assert_eq!(u32::from_ne_bytes(short[0][48..52].try_into().unwrap()), l.out_sockets);
+        assert!(short[1].iter().all(|&b| b == 0xEE), "nothing past the links there are");
 
         uccl_engine_conn_destroy(conn);
         uccl_engine_conn_destroy(served);

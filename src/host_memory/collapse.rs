@@ -22,7 +22,6 @@
 //! mapping lock far too long), nothing is asked for.
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -218,16 +217,19 @@ enum Pages {
     NotReady,
 }
 
+/// What the extent's pages are, from the page tables; `None` where this kernel cannot say.
+fn scanned(start: usize, len: usize) -> Option<Pages> {
+    if super::pagemap::not_ready(start, len)? {
+        return Some(Pages::NotReady);
+    }
+    Some(if super::pagemap::all_huge(start, len)? { Pages::Huge } else { Pages::Ready })
+}
+
 fn pages_of(start: usize) -> Pages {
-    match scan::pages_of(start, EXTENT) {
+    match scanned(start, EXTENT) {
         Some(pages) => pages,
-        None => {
-            if fully_resident(start, EXTENT) {
-                Pages::Ready
-            } else {
-                Pages::NotReady
-            }
-        }
+        None if fully_resident(start, EXTENT) => Pages::Ready,
+        None => Pages::NotReady,
     }
 }
 
@@ -237,82 +239,6 @@ fn fully_resident(start: usize, len: usize) -> bool {
     // SAFETY: `vec` holds a byte per page of the range; mincore only writes it.
     let status = unsafe { libc::mincore(start as *mut libc::c_void, len, vec.as_mut_ptr()) };
     status == 0 && vec.iter().all(|v| v & 1 == 1)
-}
-
-/// `ioctl(PAGEMAP_SCAN)` on `/proc/self/pagemap` (Linux 6.7): which pages of a range are present,
-/// the zero page, or on huge pages, without reading a byte of them.
-mod scan {
-    use super::*;
-
-    /// `struct pm_scan_arg` of `linux/fs.h`.
-    #[repr(C)]
-    #[derive(Default)]
-    struct PmScanArg {
-        size: u64,
-        flags: u64,
-        start: u64,
-        end: u64,
-        walk_end: u64,
-        vec: u64,
-        vec_len: u64,
-        max_pages: u64,
-        category_inverted: u64,
-        category_mask: u64,
-        category_anyof_mask: u64,
-        return_mask: u64,
-    }
-
-    /// `struct page_region`.
-    #[repr(C)]
-    #[derive(Default)]
-    struct PageRegion {
-        start: u64,
-        end: u64,
-        categories: u64,
-    }
-
-    const PAGE_IS_PRESENT: u64 = 1 << 3;
-    const PAGE_IS_PFNZERO: u64 = 1 << 5;
-    const PAGE_IS_HUGE: u64 = 1 << 6;
-    /// `_IOWR('f', 16, struct pm_scan_arg)`.
-    const PAGEMAP_SCAN: libc::c_ulong =
-        (3 << 30) | ((std::mem::size_of::<PmScanArg>() as libc::c_ulong) << 16) | ((b'f' as libc::c_ulong) << 8) | 16;
-
-    /// What the extent's pages are; `None` where this kernel cannot say (before 6.7, or
-    /// `/proc/self/pagemap` not readable).
-    pub(super) fn pages_of(start: usize, len: usize) -> Option<Pages> {
-        static PAGEMAP: OnceLock<Option<std::fs::File>> = OnceLock::new();
-        let pagemap = PAGEMAP.get_or_init(|| std::fs::File::open("/proc/self/pagemap").ok()).as_ref()?;
-        // A page not present, or the zero page: the collapse would add memory or find a hole.
-        let not_ready = any(pagemap, start, len, PAGE_IS_PRESENT, 0, PAGE_IS_PRESENT | PAGE_IS_PFNZERO)?;
-        if not_ready {
-            return Some(Pages::NotReady);
-        }
-        let not_huge = any(pagemap, start, len, PAGE_IS_HUGE, PAGE_IS_HUGE, 0)?;
-        Some(if not_huge { Pages::Ready } else { Pages::Huge })
-    }
-
-    /// Whether any page of the range matches, its categories flipped by `inverted`, all of
-    /// `mask` and any of `anyof`; `None` where the scan is not supported.
-    fn any(pagemap: &std::fs::File, start: usize, len: usize, inverted: u64, mask: u64, anyof: u64) -> Option<bool> {
-        let mut found = PageRegion::default();
-        let mut arg = PmScanArg {
-            size: std::mem::size_of::<PmScanArg>() as u64,
-            start: start as u64,
-            end: (start + len) as u64,
-            vec: (&raw mut found) as u64,
-            vec_len: 1,
-            category_inverted: inverted,
-            category_mask: mask,
-            category_anyof_mask: anyof,
-            return_mask: mask | anyof,
-            ..PmScanArg::default()
-        };
-        // SAFETY: `arg` is a pm_scan_arg of its own size whose vector is one page_region, both
-        // alive across the call; the kernel writes `arg.walk_end` and at most that one region.
-        let regions = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN as _, &raw mut arg) };
-        (regions >= 0).then_some(regions > 0)
-    }
 }
 
 #[cfg(test)]
@@ -340,7 +266,7 @@ mod tests {
     /// neighbours of the same flags), else from smaps.
     fn on_huge_pages(memory: &AlignedMapping) -> bool {
         let extents: Option<Vec<Pages>> =
-            (0..memory.len() / EXTENT).map(|i| scan::pages_of(memory.addr() + i * EXTENT, EXTENT)).collect();
+            (0..memory.len() / EXTENT).map(|i| scanned(memory.addr() + i * EXTENT, EXTENT)).collect();
         match extents {
             Some(extents) => extents.iter().all(|pages| *pages == Pages::Huge),
             None => super::super::on_huge_pages(memory.addr(), memory.len()),
@@ -411,14 +337,14 @@ mod tests {
             let sum: u64 = b.chunks(4096).map(|page| u64::from(std::hint::black_box(page[0]))).sum();
             assert_eq!(sum, 0);
         });
-        let scan_supported = scan::pages_of(memory.addr(), EXTENT).is_some();
+        let scan_supported = scanned(memory.addr(), EXTENT).is_some();
         let tally = collapse(memory.addr(), memory.len(), || true);
         if !collapse_possible() {
             return assert!(tally.unsupported, "{tally:?}");
         }
         if scan_supported {
             assert_eq!(tally, Collapsed { skipped: 1, ..Collapsed::default() });
-            assert_eq!(scan::pages_of(memory.addr(), EXTENT), Some(Pages::NotReady), "still the zero page, no memory");
+            assert_eq!(scanned(memory.addr(), EXTENT), Some(Pages::NotReady), "still the zero page, no memory");
         } else {
             // Before Linux 6.7 the zero pages count as resident: the extent is collapsed (and
             // backed with memory), as the module documents.

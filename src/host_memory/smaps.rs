@@ -13,11 +13,15 @@ use super::system;
 /// remain for their pinning to dominate the copy.
 const HUGE_TENTHS: u64 = 9;
 
-/// Whether at least 90 % of the resident bytes of this process's mappings overlapping
-/// `[addr, addr + len)` lie on huge pages (transparent or hugetlbfs), as smaps says now.
+/// Whether at least 90 % of the resident bytes of `[addr, addr + len)` lie on huge pages
+/// (transparent or hugetlbfs): counted over the range's own pages where the kernel can scan them
+/// (`pagemap`), else over the mappings smaps lists that overlap the range.
 pub fn on_huge_pages(addr: usize, len: usize) -> bool {
     if !system::huge_pages_possible() {
         return false;
+    }
+    if let Some((present, huge)) = super::pagemap::present_and_huge(addr, len) {
+        return Tally { resident: present, huge }.huge();
     }
     let read = std::fs::File::open("/proc/self/smaps").and_then(|file| tally(BufReader::new(file), addr, len));
     match read {

@@ -83,6 +83,11 @@ impl Connection {
     /// threads) and the requests go to the peer: several vector requests over the network one by
     /// one (`post_in_turn`), anything else together.
     fn one_sided(&self, ops: &[OneSided], write: bool) -> Result<u64> {
+        // Refused here for every path alike: a same-host copy would otherwise make a transfer of
+        // no parts, which never ends.
+        if ops.is_empty() {
+            return Err(Error::invalid("nothing to transfer: zero items"));
+        }
         let verb = if write { "write" } else { "read" };
         let posted = (self.copy_tracer.is_some() || self.flow_tracer.is_some()).then(clock_ns);
         let runs = self.check_items(ops, verb)?;

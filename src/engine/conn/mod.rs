@@ -99,6 +99,8 @@ struct Inner {
     chunks_out: bool,
     /// Chunks were queued (or released) since the last pass over the channels.
     queued: bool,
+    /// The channels' per-link counts when the connection failed and dropped them.
+    final_links: Vec<LinkTotals>,
 }
 
 /// Control messages of actions carried out and not sent yet, and whether (and how many bytes)
@@ -224,6 +226,7 @@ impl Connection {
                 retrying: false,
                 chunks_out: false,
                 queued: false,
+                final_links: Vec::new(),
             }),
             closed: AtomicBool::new(false),
             listener_started: AtomicBool::new(false),
@@ -503,7 +506,14 @@ impl Connection {
     /// counts, as a net plugin).
     pub fn link_stats(&self) -> Vec<LinkTotals> {
         let inner = self.inner.lock();
-        let (sent, received): (Vec<_>, Vec<_>) = inner.channels.iter().map(Channel::link_stats).unzip();
+        if inner.channels.is_empty() {
+            return inner.final_links.clone();
+        }
+        Self::links_of(&inner.channels)
+    }
+
+    fn links_of(channels: &[Channel]) -> Vec<LinkTotals> {
+        let (sent, received): (Vec<_>, Vec<_>) = channels.iter().map(Channel::link_stats).unzip();
         link_totals(sent.iter().flatten(), received.iter().flatten())
     }
 
@@ -539,6 +549,8 @@ impl Connection {
             log::warn!("connection to {} failed: {err}", self.peer.addr);
         }
         let failed = inner.state.fail(err.clone());
+        // Kept: after a failure the per-link counts are what tells which link failed it.
+        inner.final_links = Self::links_of(&inner.channels);
         inner.channels.clear();
         self.set_retrying(inner, false);
         self.core.waker.chunks_out.set(&mut inner.chunks_out, false);

@@ -69,8 +69,7 @@ pub(super) enum Action {
     /// own thread instead.
     HostWork { ours: bool },
     /// The peer is to copy out of this region of ours with `process_vm_readv`: collapse it into
-    /// huge pages in the background, once, and paced again for extents left small
-    /// (`Region::collapse_into_huge_pages`).
+    /// huge pages in the background, once (`Region::collapse_into_huge_pages`).
     Collapse(Arc<Region>),
 }
 

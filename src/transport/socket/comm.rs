@@ -322,7 +322,9 @@ impl Drop for CommCore {
                 shut_down(&send.shared.streams);
                 self.helpers.send.detach(&send.placements);
                 send.sockets.closed_sending(send.shared.open_count() as u64);
-                link_tally::log_closed("send", &send.shared.tally.by_link(&send.shared.streams));
+                if log::log_enabled!(log::Level::Info) {
+                    link_tally::log_closed("send", &send.shared.tally.by_link(&send.shared.streams));
+                }
                 if let Some(t) = &send.shared.trace {
                     t.write();
                 }
@@ -334,7 +336,9 @@ impl Drop for CommCore {
                 self.helpers.recv.detach(join.placements.iter().filter_map(OnceLock::get));
                 let placed = join.placements.iter().filter(|p| p.get().is_some()).count();
                 join.counts.closed_receiving(placed as u64);
-                link_tally::log_closed("receive", &join.sockets.tally.by_link(&join.sockets.streams));
+                if log::log_enabled!(log::Level::Info) {
+                    link_tally::log_closed("receive", &join.sockets.tally.by_link(&join.sockets.streams));
+                }
                 if let Some(t) = &join.sockets.trace {
                     t.write();
                 }
