@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use cudarc::driver::sys;
-use uccl_tcpx::cuda::memory::PinnedBuffer;
-use uccl_tcpx::cuda::small_copy::{SmallCopier, SmallCopyMode};
-use uccl_tcpx::cuda::stream::Stream;
-use uccl_tcpx::cuda::{DeviceBuffer, Gpu};
+use uccl_tcpx::internal::cuda::memory::PinnedBuffer;
+use uccl_tcpx::internal::cuda::small_copy::{SmallCopier, SmallCopyMode};
+use uccl_tcpx::internal::cuda::stream::Stream;
+use uccl_tcpx::internal::cuda::{DeviceBuffer, Gpu};
 
 fn pct(samples: &mut [f64]) -> (f64, f64) {
     samples.sort_by(|a, b| a.total_cmp(b));
@@ -23,7 +23,7 @@ fn ok(status: sys::CUresult, what: &str) {
 }
 
 fn main() {
-    if !uccl_tcpx::cuda::available() {
+    if !uccl_tcpx::internal::cuda::available() {
         println!("SKIPPED: no CUDA driver");
         return;
     }

@@ -8,9 +8,8 @@
 
 use std::time::Instant;
 
-use uccl_tcpx::cuda::{self, DeviceBuffer};
-use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::{Config, Engine};
+use uccl_tcpx::internal::cuda::{self, DeviceBuffer};
+use uccl_tcpx::{Config, Engine, OneSided};
 
 enum Buf {
     Host(Vec<u8>),

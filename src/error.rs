@@ -167,6 +167,7 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+#[doc(hidden)]
 impl From<crate::proto::ProtoError> for Error {
     fn from(err: crate::proto::ProtoError) -> Error {
         Error::new(UcclStatus::ErrBackend, format!("protocol violation: {err}"))

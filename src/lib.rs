@@ -1,11 +1,17 @@
 //! uccl-tcpx: moves host and GPU buffers between processes over GPUDirect-TCPX or plain TCP, behind
 //! a C ABI that mirrors UCCL's `uccl_engine.h`.
 //!
+//! The Rust API is what this page lists: an [`Engine`] hands out [`Connection`]s, both configured by
+//! a [`Config`], failing with an [`Error`] that carries a [`UcclStatus`], and the plain types their
+//! calls take and return. [`ffi`] is the C ABI (`include/uccl_engine.h` is cbindgen's reading of it).
+//!
 //! Layers, each importing only from those below it (docs/ARCHITECTURE.md; `tests/module_graph.rs`
-//! checks): [`ffi`] (the C ABI) -> [`engine`] -> [`transport`] (ncclNet-shaped comms) -> [`cuda`]
-//! -> [`ncclnet`] (the plugin ABI) -> [`trace`] (what the opt-in traces share) -> [`sys`] (epoll, workers,
-//! interfaces, TCP settings, randomness) -> [`threads`] ->
-//! [`config`] -> [`error`] -> [`proto`] (the wire) -> [`host_memory`] (this process's pages).
+//! checks): `ffi` (the C ABI) -> `engine` -> `transport` (ncclNet-shaped comms) -> `cuda`
+//! -> `ncclnet` (the plugin ABI) -> `trace` (what the opt-in traces share) -> `sys` (epoll, workers,
+//! interfaces, TCP settings, randomness) -> `threads` ->
+//! `config` -> `error` -> `proto` (the wire) -> `host_memory` (this process's pages). All but `ffi`
+//! are private to the crate; the workspace's own benchmarks, fake NIC, test kit, fuzz targets and
+//! tests reach them through the hidden module `internal`, which is no part of the API.
 
 // The C header (include/uccl_engine.h) is cbindgen's reading of `ffi` and of the two types its
 // functions take from below: `error`'s status enum and `proto`'s FifoItem (whose other items are
@@ -13,27 +19,80 @@
 // (constants, the plugin ABI's types, the C logger shim's entry points) leaks into C.
 
 /// cbindgen:ignore
-pub mod config;
+pub(crate) mod config;
 /// cbindgen:ignore
-pub mod cuda;
+pub(crate) mod cuda;
 /// cbindgen:ignore
-pub mod engine;
-pub mod error;
+pub(crate) mod engine;
+pub(crate) mod error;
 pub mod ffi;
 /// cbindgen:ignore
-pub mod host_memory;
+pub(crate) mod host_memory;
 /// cbindgen:ignore
-pub mod ncclnet;
-pub mod proto;
+pub(crate) mod ncclnet;
+pub(crate) mod proto;
 /// cbindgen:ignore
-pub mod sys;
+pub(crate) mod sys;
 /// cbindgen:ignore
-pub mod threads;
+pub(crate) mod threads;
 /// cbindgen:ignore
-pub mod trace;
+pub(crate) mod trace;
 /// cbindgen:ignore
-pub mod transport;
+pub(crate) mod transport;
 
-pub use config::{Config, init_logging};
-pub use engine::{Connection, Engine};
+pub use config::{
+    ChannelTransport, Cidr, Config, LocalPeers, SocketConfig, StagingConfig, StagingGather, TransportChoice,
+    init_logging,
+};
+pub use engine::local::Locality;
+pub use engine::notify::{Notification, drain as drain_notifications};
+pub use engine::stats::{ConnStats, LinkTotals, LinkWay, Moved};
+pub use engine::{Connection, Engine, HostPath, OneSided, PeerInfo};
 pub use error::{Error, Result, UcclStatus};
+pub use proto::{AuthKey, FifoItem, IpcInfo};
+
+/// cbindgen:ignore
+///
+/// Not an API: no stability promise, no semver. The crate's modules as they are, for the
+/// workspace's own benchmarks (`crates/bench`), fake NIC (`crates/fake-tcpx`), test kit
+/// (`crates/testkit`), fuzz targets and tests, which reach below the Rust API. Code outside this
+/// repository uses the crate root's items and the C ABI instead.
+///
+/// Each module here re-exports the items its namesake makes `pub`, under the same paths:
+/// `crate::cuda::ring::SegmentCopyCounts` is `uccl_tcpx::internal::cuda::ring::SegmentCopyCounts`.
+#[doc(hidden)]
+pub mod internal {
+    pub mod config {
+        pub use crate::config::*;
+    }
+    pub mod cuda {
+        pub use crate::cuda::*;
+    }
+    pub mod engine {
+        pub use crate::engine::*;
+    }
+    pub mod error {
+        pub use crate::error::*;
+    }
+    pub mod host_memory {
+        pub use crate::host_memory::*;
+    }
+    pub mod ncclnet {
+        pub use crate::ncclnet::*;
+    }
+    pub mod proto {
+        pub use crate::proto::*;
+    }
+    pub mod sys {
+        pub use crate::sys::*;
+    }
+    pub mod threads {
+        pub use crate::threads::*;
+    }
+    pub mod trace {
+        pub use crate::trace::*;
+    }
+    pub mod transport {
+        pub use crate::transport::*;
+    }
+}

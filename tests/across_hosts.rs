@@ -7,9 +7,7 @@
 use std::time::{Duration, Instant};
 
 use testkit::netns::TestNet;
-use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::engine::local::Locality;
-use uccl_tcpx::{Config, Engine, UcclStatus};
+use uccl_tcpx::{Config, Engine, Locality, OneSided, UcclStatus};
 
 mod common;
 use common::engine::{fifo_from_hex, fifo_to_hex};
@@ -76,7 +74,7 @@ fn server_host() {
 }
 
 /// The client's engine connected to the server whose announcement is in TESTNET_SERVER.
-fn connect_to_server(timeout_ms: u64) -> (Engine, std::sync::Arc<uccl_tcpx::Connection>, uccl_tcpx::proto::FifoItem) {
+fn connect_to_server(timeout_ms: u64) -> (Engine, std::sync::Arc<uccl_tcpx::Connection>, uccl_tcpx::FifoItem) {
     let server = var("TESTNET_SERVER");
     let mut words = server.split_whitespace();
     let (ip, port, hex) = (words.next().unwrap(), words.next().unwrap(), words.next().unwrap());
@@ -92,7 +90,7 @@ fn connect_to_server(timeout_ms: u64) -> (Engine, std::sync::Arc<uccl_tcpx::Conn
 fn client_exchange() {
     assert!(common::is_child("client_exchange"));
     let (engine, conn, remote) = connect_to_server(10_000);
-    let at = |offset: usize| uccl_tcpx::proto::FifoItem { addr: remote.addr + offset as u64, ..remote };
+    let at = |offset: usize| uccl_tcpx::FifoItem { addr: remote.addr + offset as u64, ..remote };
     let mut local = vec![0u8; REGION + 64];
     let base = local.as_mut_ptr() as usize;
     let mr = engine.register(base, local.len()).unwrap();
@@ -142,7 +140,7 @@ fn client_exchange() {
     assert_eq!(wait_done(&conn, r, LIMIT).unwrap(), REPLY as u64);
     assert_same(&local[3..3 + REPLY], &pattern(REPLY, 3), "the server's reply");
     testkit::wait_until("the server's notification arrives", LIMIT, || {
-        uccl_tcpx::engine::notify::drain(16).iter().any(|n| n.name == b"server-host" && n.msg == b"served")
+        uccl_tcpx::drain_notifications(16).iter().any(|n| n.name == b"server-host" && n.msg == b"served")
     });
     println!("CLIENT ok");
 }

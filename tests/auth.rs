@@ -7,9 +7,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::proto::AuthKey;
-use uccl_tcpx::{Config, Engine, UcclStatus};
+use uccl_tcpx::{AuthKey, Config, Engine, OneSided, UcclStatus};
 
 mod common;
 use common::{accept, pattern, wait};

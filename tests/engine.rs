@@ -3,8 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
+use uccl_tcpx::{Config, Connection, Engine, OneSided, UcclStatus};
 
 mod common;
 use common::{PATIENCE, Pair, pattern, wait};
@@ -237,7 +236,7 @@ fn notifications_arrive_in_order_and_whole() {
     p.ab.notify(b"agent-a", b"second").unwrap();
     let mut got = Vec::new();
     common::wait_until("both notifications arrive", PATIENCE, || {
-        got.extend(uccl_tcpx::engine::notify::drain(16).into_iter().filter(|n| n.name == b"agent-a"));
+        got.extend(uccl_tcpx::drain_notifications(16).into_iter().filter(|n| n.name == b"agent-a"));
         got.len() >= 2
     });
     assert_eq!(got.len(), 2);

@@ -8,9 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use uccl_tcpx::config::SocketConfig;
-use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::{Config, Connection, Engine};
+use uccl_tcpx::{Config, Connection, Engine, OneSided, SocketConfig};
 
 mod common;
 use common::{accept, wait};

@@ -4,9 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::proto::FifoItem;
-use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
+use uccl_tcpx::{Config, Connection, Engine, FifoItem, OneSided, UcclStatus};
 
 mod common;
 use common::wait_done as wait;

@@ -9,9 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::engine::local::Locality;
-use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
+use uccl_tcpx::{Config, Connection, Engine, Locality, OneSided, UcclStatus};
 
 mod common;
 use common::Pair;
@@ -171,7 +169,7 @@ fn assert_sentinel(buf: &Buf, what: &str) {
 }
 
 /// Registers `buf` with `engine` and advertises all of it.
-fn write_item(engine: &Engine, buf: &Buf) -> (u64, uccl_tcpx::proto::FifoItem) {
+fn write_item(engine: &Engine, buf: &Buf) -> (u64, uccl_tcpx::FifoItem) {
     let mr = engine.register(buf.addr(), buf.len).unwrap();
     (mr, engine.prepare_fifo(mr, buf.addr(), buf.len).unwrap())
 }

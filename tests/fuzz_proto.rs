@@ -23,10 +23,11 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::{Index, select};
 use proptest::test_runner::{Config as RunnerConfig, FileFailurePersistence, TestRunner};
-use uccl_tcpx::proto::control::decode_frame;
-use uccl_tcpx::proto::frame::{is_handshake_kind, max_body_len};
-use uccl_tcpx::proto::{
-    AuthChallenge, AuthHello, AuthProof, Capability, ChannelHello, Control, FifoItem, FrameHeader, Handshake, Hello,
+use uccl_tcpx::FifoItem;
+use uccl_tcpx::internal::proto::control::decode_frame;
+use uccl_tcpx::internal::proto::frame::{is_handshake_kind, max_body_len};
+use uccl_tcpx::internal::proto::{
+    AuthChallenge, AuthHello, AuthProof, Capability, ChannelHello, Control, FrameHeader, Handshake, Hello,
     HostIdentity, Refuse, RemoteSeg, Welcome,
 };
 
@@ -397,11 +398,11 @@ fn split_frame(frame: &[u8]) -> Option<(FrameHeader, &[u8])> {
 
 /// Header plus body, the way the engine reads a frame from a stream: a header that parses, then
 /// exactly `body_len` bytes.
-fn decode_control_frame(frame: &[u8]) -> Option<Result<Control, uccl_tcpx::proto::ProtoError>> {
+fn decode_control_frame(frame: &[u8]) -> Option<Result<Control, uccl_tcpx::internal::proto::ProtoError>> {
     split_frame(frame).map(|(h, body)| Control::decode(&h, body))
 }
 
-fn decode_handshake_frame(frame: &[u8]) -> Option<Result<Handshake, uccl_tcpx::proto::ProtoError>> {
+fn decode_handshake_frame(frame: &[u8]) -> Option<Result<Handshake, uccl_tcpx::internal::proto::ProtoError>> {
     split_frame(frame).map(|(h, body)| Handshake::decode(&h, body))
 }
 
@@ -578,7 +579,7 @@ fn check_hand_built<T>(
     kind: u8,
     body_len: u32,
     body: &[u8],
-    decode: impl Fn(&FrameHeader, &[u8]) -> Result<T, uccl_tcpx::proto::ProtoError>,
+    decode: impl Fn(&FrameHeader, &[u8]) -> Result<T, uccl_tcpx::internal::proto::ProtoError>,
     encode: impl Fn(&T) -> Vec<u8>,
 ) {
     let header = FrameHeader { kind, body_len };
@@ -806,7 +807,8 @@ fn handshake() -> impl Strategy<Value = Handshake> {
 fn structured_messages_round_trip_exactly_when_valid() {
     let (valid, seen) = run("Control round trip", 6_000, control(), |msg| {
         let frame = control_frame(msg);
-        let decoded = decode_control_frame(&frame).unwrap_or(Err(uccl_tcpx::proto::ProtoError::Invalid("header")));
+        let decoded =
+            decode_control_frame(&frame).unwrap_or(Err(uccl_tcpx::internal::proto::ProtoError::Invalid("header")));
         match msg.validate() {
             Ok(()) => {
                 assert_eq!(decoded, Ok(msg.clone()));
@@ -824,7 +826,8 @@ fn structured_messages_round_trip_exactly_when_valid() {
     assert!(valid > 100 && invalid > 100, "valid {valid}, invalid {invalid}");
     let (valid, seen) = run("Handshake round trip", 6_000, handshake(), |hs| {
         let frame = handshake_frame(hs);
-        let decoded = decode_handshake_frame(&frame).unwrap_or(Err(uccl_tcpx::proto::ProtoError::Invalid("header")));
+        let decoded =
+            decode_handshake_frame(&frame).unwrap_or(Err(uccl_tcpx::internal::proto::ProtoError::Invalid("header")));
         match hs.validate() {
             Ok(()) => {
                 assert_eq!(decoded, Ok(hs.clone()));

@@ -14,9 +14,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::proto::FifoItem;
-use uccl_tcpx::{Config, Engine, UcclStatus, cuda};
+use uccl_tcpx::internal::cuda;
+use uccl_tcpx::{Config, Engine, FifoItem, OneSided, UcclStatus};
 
 mod common;
 use common::gpu::{
@@ -54,8 +53,8 @@ fn pipelined_staging_every_kind_every_direction() {
 #[test]
 #[ignore = "runs as the child process of pipelined_staging_every_kind_every_direction"]
 fn pipelined_staging_process() {
-    use uccl_tcpx::config::StagingConfig;
-    use uccl_tcpx::transport::staged::part_counts;
+    use uccl_tcpx::StagingConfig;
+    use uccl_tcpx::internal::transport::staged::part_counts;
     assert!(
         common::is_child("pipelined_staging_process"),
         "runs as the child process of pipelined_staging_every_kind_every_direction"
@@ -101,7 +100,7 @@ fn registering_gpu_memory_builds_the_kernel() {
 #[test]
 #[ignore = "runs as the child process of registering_gpu_memory_builds_the_kernel"]
 fn registering_gpu_memory_builds_the_kernel_process() {
-    use uccl_tcpx::cuda::unpack::UnpackKernels;
+    use uccl_tcpx::internal::cuda::unpack::UnpackKernels;
     assert!(common::is_child("registering_gpu_memory_builds_the_kernel_process"));
     let engine = Engine::new(Config { gpu: Some(0), ..config() }).unwrap();
     let host = Mem::new(Side::Host, 1 << 20);
@@ -283,8 +282,8 @@ fn device_items_side_by_side_within_one_allocation_and_across_two() {
 /// buffers (nothing between the pieces written), and the staged chunks counted on the mode's path.
 #[test]
 fn device_vectors_of_many_small_pieces_in_both_gather_modes() {
-    use uccl_tcpx::config::{StagingConfig, StagingGather};
-    use uccl_tcpx::cuda::ring::segment_copy_counts;
+    use uccl_tcpx::internal::cuda::ring::segment_copy_counts;
+    use uccl_tcpx::{StagingConfig, StagingGather};
     if no_gpu() || common::gpu::no_nvrtc() {
         return;
     }
@@ -332,7 +331,7 @@ fn device_vectors_of_many_small_pieces_in_both_gather_modes() {
                 // Every full chunk holds several pieces; each is gathered where its source is a GPU
                 // and scattered where its destination is.
                 let staged = (total / chunk) as u64 * (u64::from(from == Side::Gpu) + u64::from(to == Side::Gpu));
-                let moved = |before: uccl_tcpx::cuda::ring::SegmentCopyCounts| {
+                let moved = |before: uccl_tcpx::internal::cuda::ring::SegmentCopyCounts| {
                     let after = segment_copy_counts();
                     match mode {
                         StagingGather::Copies => after.by_copies - before.by_copies,

@@ -17,11 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cudarc::driver::sys;
-use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::engine::local::Locality;
-use uccl_tcpx::proto::{FifoItem, IpcInfo};
-use uccl_tcpx::transport::MemKind;
-use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
+use uccl_tcpx::internal::transport::MemKind;
+use uccl_tcpx::{Config, Connection, Engine, FifoItem, IpcInfo, Locality, OneSided, UcclStatus};
 
 mod common;
 use common::gpu::{Mem, fewer_gpus_than, no_gpu};
@@ -100,7 +97,7 @@ fn exercise(conn: &Arc<Connection>, local: &mut Mem, mr: u64, remote: FifoItem, 
         MemKind::Cuda { device } => device as usize,
         MemKind::Host => unreachable!("the local buffer is GPU memory"),
     };
-    let built = uccl_tcpx::cuda::unpack::UnpackKernels::if_built(ordinal);
+    let built = uccl_tcpx::internal::cuda::unpack::UnpackKernels::if_built(ordinal);
     assert!(built.is_some(), "registering GPU {ordinal}'s memory built its kernel");
     let kernel = kernel_reach && built.is_some_and(|b| b.is_ok());
     let kernel_batches = conn.device_copy_kernel_batches();
@@ -364,7 +361,7 @@ fn gpu_ipc_owner_process() {
     let conn = common::accept(&engine).unwrap();
     assert_eq!(conn.peer.locality, Locality::SameHost);
     let cmd = common::eventually("the deregister command", Duration::from_secs(600), || {
-        uccl_tcpx::engine::notify::drain(usize::MAX).into_iter().find(|n| n.name == b"gpu-ipc-test")
+        uccl_tcpx::drain_notifications(usize::MAX).into_iter().find(|n| n.name == b"gpu-ipc-test")
     });
     assert_eq!(cmd.msg, b"deregister");
     engine.deregister(mr).unwrap();
@@ -609,8 +606,8 @@ fn ipc_info_reader_process() {
     let hex = std::env::var("UCCL_TCPX_TEST_IPC_INFO").unwrap();
     let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
     let info = IpcInfo::from_bytes(&bytes.try_into().unwrap());
-    let gpu = uccl_tcpx::cuda::Gpu::open(0).unwrap();
-    let mapping = uccl_tcpx::cuda::ipc::Mapping::open(&gpu, &info.handle).unwrap();
+    let gpu = uccl_tcpx::internal::cuda::Gpu::open(0).unwrap();
+    let mapping = uccl_tcpx::internal::cuda::ipc::Mapping::open(&gpu, &info.handle).unwrap();
     let mut got = vec![0u8; info.size as usize];
     common::gpu::make_current(Some(0));
     // SAFETY: the mapping holds the parent's allocation, `offset + size` inside it.

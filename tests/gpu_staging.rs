@@ -7,11 +7,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use uccl_tcpx::UcclStatus;
-use uccl_tcpx::config::SocketConfig;
-use uccl_tcpx::config::StagingConfig;
-use uccl_tcpx::transport::staged::{StagedNet, StagingParams};
-use uccl_tcpx::transport::{IoSeg, ListenComm, MemKind, MrHandle, Net, RecvComm, SendComm};
+use uccl_tcpx::internal::transport::staged::{StagedNet, StagingParams};
+use uccl_tcpx::internal::transport::{IoSeg, ListenComm, MemKind, MrHandle, Net, RecvComm, SendComm};
+use uccl_tcpx::{SocketConfig, StagingConfig, UcclStatus};
 
 mod common;
 use common::gpu::{Mem, Side, blocks, landed, no_gpu, odd_pieces, span};
@@ -164,8 +162,8 @@ fn segments(base: usize, total: usize, lens: &[usize], gap: usize) -> Vec<IoSeg>
 /// they are. Each side cuts the same bytes differently.
 #[test]
 fn vectored_requests_gather_and_scatter_through_the_slots() {
-    use uccl_tcpx::config::StagingGather;
-    use uccl_tcpx::cuda::ring::segment_copy_counts;
+    use uccl_tcpx::StagingGather;
+    use uccl_tcpx::internal::cuda::ring::segment_copy_counts;
     if no_gpu() || common::gpu::no_nvrtc() {
         return;
     }
@@ -287,7 +285,7 @@ fn every_staging_tuning_moves_the_same_bytes() {
 /// those (other tests of this binary may add theirs meanwhile).
 #[test]
 fn pipelined_staging_moves_every_size_byte_for_byte() {
-    use uccl_tcpx::transport::staged::part_counts;
+    use uccl_tcpx::internal::transport::staged::part_counts;
     if no_gpu() {
         return;
     }
@@ -351,7 +349,7 @@ fn chunks_go_in_parts_with_the_knob_and_only_then() {
 #[test]
 #[ignore = "runs as the child process of chunks_go_in_parts_with_the_knob_and_only_then"]
 fn chunks_in_parts_process() {
-    use uccl_tcpx::transport::staged::part_counts;
+    use uccl_tcpx::internal::transport::staged::part_counts;
     assert!(
         common::is_child("chunks_in_parts_process"),
         "runs as the child of chunks_go_in_parts_with_the_knob_and_only_then"
@@ -415,7 +413,7 @@ fn staged_receives_are_written_back_with_the_knob_and_only_then() {
 #[test]
 #[ignore = "runs as the child process of staged_receives_are_written_back_with_the_knob_and_only_then"]
 fn written_back_process() {
-    use uccl_tcpx::transport::socket::written_back_bytes;
+    use uccl_tcpx::internal::transport::socket::written_back_bytes;
     assert!(
         common::is_child("written_back_process"),
         "runs as the child of staged_receives_are_written_back_with_the_knob_and_only_then"
@@ -460,7 +458,7 @@ fn written_back_process() {
 /// while the receive waits (one chunk counted received in parts); without it nothing reaches the
 /// GPU before the receive completed. Either way the message lands whole once the rest is let go.
 fn receive_held_back_by_its_sender(slot: usize, pipeline: usize) {
-    use uccl_tcpx::transport::staged::part_counts;
+    use uccl_tcpx::internal::transport::staged::part_counts;
     let what = format!("pipeline {pipeline}, held back");
     let socket: Arc<dyn Net> = Arc::new(common::socket::socket_net(SocketConfig::default()));
     let tuning = StagingConfig { pipeline: pipeline as u32, ..StagingConfig::default() };
@@ -741,13 +739,13 @@ fn misuse_is_refused_with_a_clear_error() {
 /// stay untouched, and the caller's current context is the same afterwards.
 #[test]
 fn small_copies_every_mode_size_and_alignment() {
-    use uccl_tcpx::cuda::small_copy::{MAX_SMALL_COPY, SmallCopier, SmallCopyMode};
+    use uccl_tcpx::internal::cuda::small_copy::{MAX_SMALL_COPY, SmallCopier, SmallCopyMode};
     if no_gpu() {
         return;
     }
-    let gpu = uccl_tcpx::cuda::Gpu::open(0).unwrap();
+    let gpu = uccl_tcpx::internal::cuda::Gpu::open(0).unwrap();
     let total = 3 * MAX_SMALL_COPY;
-    let mut dev = uccl_tcpx::cuda::DeviceBuffer::new(0, total).unwrap();
+    let mut dev = uccl_tcpx::internal::cuda::DeviceBuffer::new(0, total).unwrap();
     let before = cudarc::driver::result::ctx::get_current().unwrap();
     for mode in [SmallCopyMode::Legacy, SmallCopyMode::Dma] {
         let copier = SmallCopier::new(&gpu, mode).unwrap();
@@ -790,10 +788,10 @@ fn small_copies_from_concurrent_callers_stay_apart() {
     if no_gpu() {
         return;
     }
-    let gpu = uccl_tcpx::cuda::Gpu::open(0).unwrap();
-    let copier = uccl_tcpx::cuda::small_copy::SmallCopier::for_gpu(&gpu).unwrap();
+    let gpu = uccl_tcpx::internal::cuda::Gpu::open(0).unwrap();
+    let copier = uccl_tcpx::internal::cuda::small_copy::SmallCopier::for_gpu(&gpu).unwrap();
     let threads = 6;
-    let dev = Arc::new(uccl_tcpx::cuda::DeviceBuffer::new(0, threads * 8192).unwrap());
+    let dev = Arc::new(uccl_tcpx::internal::cuda::DeviceBuffer::new(0, threads * 8192).unwrap());
     let handles: Vec<_> = (0..threads)
         .map(|t| {
             let (copier, dev) = (copier.clone(), dev.clone());
@@ -821,7 +819,7 @@ fn small_copies_from_concurrent_callers_stay_apart() {
 /// Copies queued back to back on one ring each land, in and out, on one stream or several.
 #[test]
 fn every_ring_copy_lands() {
-    use uccl_tcpx::cuda::{DeviceBuffer, Gpu, StagingRing};
+    use uccl_tcpx::internal::cuda::{DeviceBuffer, Gpu, StagingRing};
     if no_gpu() {
         return;
     }
@@ -868,7 +866,7 @@ fn every_ring_copy_lands() {
 /// chunk, by when its own event fired too; ranges of a slot copied out land where they are sent.
 #[test]
 fn ring_copies_in_parts_report_their_prefix_and_ranges_land() {
-    use uccl_tcpx::cuda::{DeviceBuffer, Gpu, StagingRing};
+    use uccl_tcpx::internal::cuda::{DeviceBuffer, Gpu, StagingRing};
     if no_gpu() {
         return;
     }
@@ -965,9 +963,9 @@ fn chunks_of(pieces: &[(usize, usize)], slot: usize) -> Vec<(usize, usize)> {
 /// which `auto` leaves to copies.
 #[test]
 fn ring_gathers_and_scatters_many_pieces_in_every_mode() {
-    use uccl_tcpx::config::StagingGather;
-    use uccl_tcpx::cuda::ring::{KERNEL_BELOW_MEAN_SEGMENT, SegmentCopyCounts};
-    use uccl_tcpx::cuda::{DeviceBuffer, Gpu, StagingRing};
+    use uccl_tcpx::StagingGather;
+    use uccl_tcpx::internal::cuda::ring::{KERNEL_BELOW_MEAN_SEGMENT, SegmentCopyCounts};
+    use uccl_tcpx::internal::cuda::{DeviceBuffer, Gpu, StagingRing};
     if no_gpu() || common::gpu::no_nvrtc() {
         return;
     }
@@ -1049,7 +1047,7 @@ fn ring_gathers_and_scatters_many_pieces_in_every_mode() {
     }
 }
 
-fn wait_copied(ring: &uccl_tcpx::cuda::StagingRing, slot: usize, what: &str) {
+fn wait_copied(ring: &uccl_tcpx::internal::cuda::StagingRing, slot: usize, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !ring.copied(slot).unwrap() {
         assert!(Instant::now() < deadline, "{what}: slot {slot}'s copies did not finish");

@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use common::Rng;
 use cudarc::driver::{CudaContext, result, sys};
-use uccl_tcpx::cuda::unpack::{
+use uccl_tcpx::internal::cuda::unpack::{
     BulkTiles, Completion, CompletionCounts, INLINE_SMALL, ReceiveLayout, Submit, Unpacker, UnpackerConfig,
 };
-use uccl_tcpx::ncclnet::LoadMeta;
+use uccl_tcpx::internal::ncclnet::LoadMeta;
 
 const GUARD: u8 = 0xA5;
 
@@ -527,7 +527,7 @@ fn many_launches_in_flight_complete_in_order_with_their_bytes_in_place() {
 #[test]
 fn asking_under_a_lock_neither_waits_nor_builds() {
     use std::time::{Duration, Instant};
-    use uccl_tcpx::cuda::unpack::UnpackKernels;
+    use uccl_tcpx::internal::cuda::unpack::UnpackKernels;
     const NAME: &str = "asking_under_a_lock_neither_waits_nor_builds";
     if !testkit::child::is_child(NAME) {
         if gpu().is_some() && !common::gpu::no_nvrtc() {
@@ -535,7 +535,7 @@ fn asking_under_a_lock_neither_waits_nor_builds() {
         }
         return;
     }
-    assert!(uccl_tcpx::cuda::available(), "a CUDA driver");
+    assert!(uccl_tcpx::internal::cuda::available(), "a CUDA driver");
     for _ in 0..100 {
         assert!(UnpackKernels::if_built(0).is_none(), "found built before any build");
     }

@@ -9,9 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::proto::FifoItem;
-use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
+use uccl_tcpx::{Config, Connection, Engine, FifoItem, OneSided, UcclStatus};
 
 mod common;
 use common::{PATIENCE, Pair, pattern, wait, wait_done as outcome, within};
@@ -539,7 +537,7 @@ fn write_and_notify(engine: &Engine, conn: &Connection, fifo: FifoItem, round: u
     let name = format!("listener-restart-{round}").into_bytes();
     conn.notify(&name, b"m").unwrap();
     common::wait_until("the round's notification arrives", PATIENCE, || {
-        uccl_tcpx::engine::notify::drain(16).into_iter().any(|n| n.name == name)
+        uccl_tcpx::drain_notifications(16).into_iter().any(|n| n.name == name)
     });
     engine.deregister(smr).unwrap();
     src

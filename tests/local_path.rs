@@ -5,10 +5,7 @@
 
 use std::time::Duration;
 
-use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::engine::local::Locality;
-use uccl_tcpx::proto::FifoItem;
-use uccl_tcpx::{Config, Engine, UcclStatus};
+use uccl_tcpx::{Config, Engine, FifoItem, Locality, OneSided, UcclStatus};
 
 mod common;
 use common::{ChildTest, pair, same_host, wait};
@@ -83,7 +80,7 @@ fn the_local_path_refuses_what_the_target_did_not_advertise() {
     let mut wrong_token = window;
     let mut raw = wrong_token.to_bytes();
     raw[40] ^= 1;
-    wrong_token = uccl_tcpx::proto::FifoItem::from_bytes(&raw);
+    wrong_token = uccl_tcpx::FifoItem::from_bytes(&raw);
     assert_ne!(wrong_token.capability(), window.capability(), "byte 40 lies in the capability");
     for (what, remote) in [("before the window", outside), ("a forged token", wrong_token)] {
         let w = p.ab.write(&[OneSided { mr: src.mr, addr: src.addr(), len: 16, remote }]);
@@ -121,7 +118,7 @@ fn two_sided_and_notifications_work_on_a_local_connection() {
     common::assert_same(&dst.bytes, &src_data, "received over a local connection");
     p.ab.notify(b"local-notify-test", b"hello").unwrap();
     let got = common::eventually("the notification arrives", common::PATIENCE, || {
-        uccl_tcpx::engine::notify::drain(usize::MAX).into_iter().find(|n| n.name == b"local-notify-test")
+        uccl_tcpx::drain_notifications(usize::MAX).into_iter().find(|n| n.name == b"local-notify-test")
     });
     assert_eq!(got.msg, b"hello");
 }
@@ -207,7 +204,7 @@ const NOT_DUMPABLE_ON_SIGNAL_VAR: &str = "UCCL_TCPX_TEST_NOT_DUMPABLE_ON_SIGNAL"
 fn direct_peer_process() {
     assert!(common::is_child("direct_peer_process"), "runs as the peer process of the direct-path tests");
     if std::env::var(REFUSE_VAR).as_deref() == Ok("parent") {
-        uccl_tcpx::engine::local::refuse_process_access(std::os::unix::process::parent_id());
+        uccl_tcpx::internal::engine::local::refuse_process_access(std::os::unix::process::parent_id());
     }
     if std::env::var_os(NOT_DUMPABLE_VAR).is_some() {
         // SAFETY: PR_SET_DUMPABLE takes one integer argument and touches no memory of ours.
@@ -312,9 +309,7 @@ fn smaps_say_huge(pid: u32, addr: usize, len: usize) -> bool {
 
 /// The peer process (started with the variables `env`), its engine's port, the window's and the
 /// guard's capabilities.
-fn direct_peer(
-    env: &[(&str, &str)],
-) -> (testkit::child::Peer, u16, uccl_tcpx::proto::FifoItem, uccl_tcpx::proto::FifoItem) {
+fn direct_peer(env: &[(&str, &str)]) -> (testkit::child::Peer, u16, uccl_tcpx::FifoItem, uccl_tcpx::FifoItem) {
     let (process, line) = direct_peer_line(env);
     let fields: Vec<&str> = line.split_whitespace().collect();
     let [port, window, guard] = fields[..] else { panic!("PEER line {line:?}") };
@@ -341,12 +336,12 @@ fn checked_connection(engine: &Engine, port: u16) -> std::sync::Arc<uccl_tcpx::C
     conn
 }
 
-fn one(mr: u64, addr: usize, len: usize, remote: uccl_tcpx::proto::FifoItem) -> OneSided {
+fn one(mr: u64, addr: usize, len: usize, remote: uccl_tcpx::FifoItem) -> OneSided {
     OneSided { mr, addr, len, remote }
 }
 
 /// Reads the peer's guard page and checks nobody wrote it.
-fn assert_guard_untouched(engine: &Engine, conn: &uccl_tcpx::Connection, guard: uccl_tcpx::proto::FifoItem) {
+fn assert_guard_untouched(engine: &Engine, conn: &uccl_tcpx::Connection, guard: uccl_tcpx::FifoItem) {
     let mut back = vec![0u8; GUARD];
     let mr = engine.register(back.as_mut_ptr() as usize, GUARD).unwrap();
     let r = conn.read(&[one(mr, back.as_ptr() as usize, GUARD, guard)]).unwrap();
@@ -411,7 +406,7 @@ fn another_process_of_this_host_copies_host_memory_directly_under_the_targets_au
     let mut forged = window;
     let mut raw = forged.to_bytes();
     raw[40] ^= 1;
-    forged = uccl_tcpx::proto::FifoItem::from_bytes(&raw);
+    forged = uccl_tcpx::FifoItem::from_bytes(&raw);
     for (what, remote) in [("16 bytes before the window", before), ("a forged token", forged)] {
         for write in [true, false] {
             let item = [one(mr, buf.as_ptr() as usize, 1 << 20, remote)];
@@ -514,7 +509,7 @@ fn a_source_the_peer_copies_out_of_moves_to_huge_pages() {
             // The extents the peer's copy held pinned when asked are tried again a little later.
             common::wait_until("the source lies on huge pages", common::PATIENCE, huge_now);
         }
-        assert!(uccl_tcpx::engine::collapses_settled(common::PATIENCE), "the collapse ends");
+        assert!(uccl_tcpx::internal::engine::collapses_settled(common::PATIENCE), "the collapse ends");
         assert_eq!(huge_now(), want || before, "collapse {collapse}, advice {advice}, on huge pages before: {before}");
         common::assert_same(&buf, &data, "the source after its collapse");
         buf.fill(0);
@@ -562,7 +557,7 @@ fn transfers_the_band_keeps_to_the_channels_are_copied_once_their_source_collaps
         moved(&mut direct);
         assert_eq!(direct, 0, "{what}: a transfer inside the band out of small pages takes the channels");
         if !collapsing {
-            assert!(uccl_tcpx::engine::collapses_settled(common::PATIENCE));
+            assert!(uccl_tcpx::internal::engine::collapses_settled(common::PATIENCE));
             assert!(!huge_now(), "{what}: nothing collapses where the kernel cannot");
             moved(&mut direct);
             assert_eq!(direct, 0, "{what}: and the band keeps applying");
@@ -589,10 +584,10 @@ fn with_the_same_host_path_off_or_refused_host_memory_takes_the_network() {
     for refuse_parent in [false, true] {
         let refuse: &[(&str, &str)] = if refuse_parent { &[(REFUSE_VAR, "parent")] } else { &[] };
         let (process, port, window, guard) = direct_peer(refuse);
-        uccl_tcpx::engine::local::refuse_process_access(process.pid());
+        uccl_tcpx::internal::engine::local::refuse_process_access(process.pid());
         let engine = Engine::new(same_host()).unwrap();
         let conn = checked_connection(&engine, port);
-        uccl_tcpx::engine::local::refuse_process_access(0);
+        uccl_tcpx::internal::engine::local::refuse_process_access(0);
         let path = conn.host_path();
         assert_eq!((path.reads_peer, path.peer_reads_us), (false, !refuse_parent), "{path:?}");
         let mut buf = common::pattern(WINDOW, 80);
@@ -613,7 +608,7 @@ fn with_the_same_host_path_off_or_refused_host_memory_takes_the_network() {
         let mr = off.register(buf.as_mut_ptr() as usize, WINDOW).unwrap();
         let r = remote.read(&[one(mr, buf.as_ptr() as usize, WINDOW, window)]).unwrap();
         assert_eq!(wait(&remote, r).unwrap(), WINDOW as u64);
-        assert_eq!(remote.host_path(), uccl_tcpx::engine::HostPath::default());
+        assert_eq!(remote.host_path(), uccl_tcpx::HostPath::default());
         drop(process);
     }
 }
@@ -873,7 +868,7 @@ fn a_panicking_host_copy_thread_fails_its_connection() {
 #[test]
 #[ignore = "runs in a process of its own for a_panicking_host_copy_thread_fails_its_connection"]
 fn panicking_host_copy_process() {
-    use uccl_tcpx::threads::{ThreadKind, inject_panic};
+    use uccl_tcpx::internal::threads::{ThreadKind, inject_panic};
     assert!(common::is_child("panicking_host_copy_process"), "runs as a child of the host copy panic test");
     let (_process, port, window, _guard) = direct_peer(&[]);
     let engine = Engine::new(same_host()).unwrap();
@@ -904,7 +899,7 @@ fn copy_helpers_follow_the_knob_and_a_panicking_one_fails_only_its_connection() 
 #[test]
 #[ignore = "runs in a process of its own for copy_helpers_follow_the_knob_and_a_panicking_one_fails_only_its_connection"]
 fn copy_helpers_process() {
-    use uccl_tcpx::threads::{ThreadKind, inject_panic, panic_pending};
+    use uccl_tcpx::internal::threads::{ThreadKind, inject_panic, panic_pending};
     assert!(common::is_child("copy_helpers_process"), "runs as a child of the copy-helper test");
     let helpers = || testkit::threads::count_named("uccl-copy-help");
     let (_process, port, window, _guard) = direct_peer(&[]);

@@ -40,6 +40,53 @@ fn imports_run_down_the_layers() {
     assert!(upward.is_empty(), "imports that run up the layers of docs/ARCHITECTURE.md:\n{}", upward.join("\n"));
 }
 
+/// The modules the crate root makes public: the C ABI and the workspace's own `internal` (hidden,
+/// no API). Every other module is `pub(crate)` and reaches users only as the items the root
+/// re-exports, so the API stays what docs/ARCHITECTURE.md lists; a new public module, or a root
+/// `pub use` of a whole module, widens it and must be agreed here first.
+const PUBLIC_MODULES: &[&str] = &["ffi", "internal"];
+
+#[test]
+fn the_crate_root_exposes_only_the_agreed_modules() {
+    let toks = lex(&std::fs::read_to_string(root().join("src/lib.rs")).unwrap());
+    let pub_at = |i: usize| i > 0 && toks[i - 1] == Tok::Ident("pub".to_owned());
+    let mut public = Vec::new();
+    let mut re_exported = Vec::new();
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < toks.len() {
+        match &toks[i] {
+            Tok::Punct('{') => depth += 1,
+            Tok::Punct('}') => depth -= 1,
+            Tok::Ident(w) if depth == 0 && w == "mod" && pub_at(i) => {
+                let Some(Tok::Ident(name)) = toks.get(i + 1) else { panic!("lib.rs: `pub mod` without a name") };
+                public.push(name.clone());
+            }
+            Tok::Ident(w) if depth == 0 && w == "use" && pub_at(i) => {
+                let mut names = Vec::new();
+                i = use_tree(&toks, i + 1, Vec::new(), &mut names);
+                re_exported.extend(names);
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    public.sort();
+    assert_eq!(public, PUBLIC_MODULES, "src/lib.rs: the public modules changed");
+    // A glob, or a path that names one of the crate's modules, re-exports a whole module.
+    let graph = Graph::of_crate(&root().join("src"));
+    let whole: Vec<String> = re_exported
+        .iter()
+        .filter(|(path, name)| {
+            let path: Vec<String> = path.iter().skip_while(|s| *s == "crate" || *s == "self").cloned().collect();
+            name.is_none() || graph.modules.contains_key(&path)
+        })
+        .map(|(path, name)| format!("{}{}", path.join("::"), if name.is_none() { "::*" } else { "" }))
+        .collect();
+    assert!(whole.is_empty(), "src/lib.rs re-exports whole modules: {whole:?}");
+}
+
 /// Knobs read anywhere but `config.rs` would escape its checks and error messages. The plugin's
 /// environment defaults are the exception: they must see the live environment right before the
 /// plugin reads it.

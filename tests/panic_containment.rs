@@ -6,12 +6,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use uccl_tcpx::config::{SocketConfig, TransportChoice};
-use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::threads::{
+use uccl_tcpx::internal::threads::{
     ThreadKind, clear_panic, clear_wait_failure, inject_panic, inject_wait_failure, panic_pending, wait_failure_pending,
 };
-use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
+use uccl_tcpx::{Config, Connection, Engine, OneSided, SocketConfig, TransportChoice, UcclStatus};
 
 mod common;
 use common::{Pair, pattern};

@@ -7,10 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::transport::plugin::PluginNet;
-use uccl_tcpx::transport::{ListenComm, MrHandle, Net, RecvComm, RequestId, SendComm};
-use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
+use uccl_tcpx::internal::transport::plugin::PluginNet;
+use uccl_tcpx::internal::transport::{ListenComm, MrHandle, Net, RecvComm, RequestId, SendComm};
+use uccl_tcpx::{Config, Connection, Engine, OneSided, UcclStatus};
 
 mod common;
 use common::{PATIENCE, Pair, TRANSFER_LIMIT, drive, pattern, wait};
@@ -185,7 +184,7 @@ fn vector_sends_and_notifications() {
     p.ab.notify(b"plugin-conformance", b"after the data").unwrap();
     let mut got = Vec::new();
     common::wait_until("the notification arrives", PATIENCE, || {
-        got.extend(uccl_tcpx::engine::notify::drain(64).into_iter().filter(|n| n.name == b"plugin-conformance"));
+        got.extend(uccl_tcpx::drain_notifications(64).into_iter().filter(|n| n.name == b"plugin-conformance"));
         !got.is_empty()
     });
     assert_eq!(got.len(), 1);

@@ -20,10 +20,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use uccl_tcpx::config::{LocalPeers, TransportChoice};
-use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::transport::Net;
-use uccl_tcpx::{Config, Engine};
+use uccl_tcpx::internal::transport::Net;
+use uccl_tcpx::{Config, Engine, LocalPeers, OneSided, TransportChoice};
 
 mod common;
 use common::gpu::{
@@ -111,15 +109,15 @@ fn a_plugin_engine_builds_the_unpack_kernel_at_creation() {
 #[test]
 #[ignore = "run by its parent with FAKE_TCPX_MODE=gpu"]
 fn child_plugin_engine_builds_the_kernel() {
-    use uccl_tcpx::cuda::unpack::UnpackKernels;
+    use uccl_tcpx::internal::cuda::unpack::UnpackKernels;
     assert_gpu_mode();
-    assert!(uccl_tcpx::cuda::available(), "a CUDA driver");
+    assert!(uccl_tcpx::internal::cuda::available(), "a CUDA driver");
     assert!(UnpackKernels::if_built(0).is_none(), "nothing of this process built it yet");
     common::gpu::make_current(None);
     let engine = Engine::new(plugin_config(2, 4 << 20)).unwrap();
     assert_eq!(engine.transport(), "FakeDevmemTCPX_v7");
     assert!(matches!(UnpackKernels::if_built(0), Some(Ok(_))), "the engine's creation built it");
-    assert_eq!(uccl_tcpx::cuda::gpu::current_ordinal(), None, "the build left a context current");
+    assert_eq!(uccl_tcpx::internal::cuda::gpu::current_ordinal(), None, "the build left a context current");
     println!("child checked");
 }
 
@@ -139,9 +137,9 @@ fn an_accepting_plugin_engine_builds_the_kernel_in_accept() {
 #[test]
 #[ignore = "run by its parent with FAKE_TCPX_MODE=gpu"]
 fn child_accepting_engine_builds_the_kernel() {
-    use uccl_tcpx::cuda::unpack::UnpackKernels;
+    use uccl_tcpx::internal::cuda::unpack::UnpackKernels;
     assert_gpu_mode();
-    assert!(uccl_tcpx::cuda::available(), "a CUDA driver");
+    assert!(uccl_tcpx::internal::cuda::available(), "a CUDA driver");
     make_current(None);
     let engine = Arc::new(Engine::new(gpu_host_config(2, 1 << 20)).unwrap());
     assert!(engine.gpu().is_none(), "no GPU named or current at creation");
@@ -451,7 +449,7 @@ fn child_channels_use_only_net_devices_next_to_the_gpu() {
     // No device list: the engine pairs GPU 0 with the fake's devices by PCI path. The fake puts a
     // NIC next to the GPU's switch and eth0, which has no devmem (its flows land in host memory and
     // TCPX exits at the first receive into GPU memory), under a root no GPU shares.
-    let gpu = uccl_tcpx::cuda::Gpu::open(0).unwrap();
+    let gpu = uccl_tcpx::internal::cuda::Gpu::open(0).unwrap();
     let Some(path) = gpu.sysfs_path() else {
         // Without a sysfs path the GPU cannot be placed and the engine would use every device,
         // eth0 included: nothing to check here.
@@ -459,7 +457,8 @@ fn child_channels_use_only_net_devices_next_to_the_gpu() {
         println!("child checked");
         return;
     };
-    let net = uccl_tcpx::transport::plugin::PluginNet::open(&plugin::config(2, 1 << 20), Some(&path)).unwrap();
+    let net =
+        uccl_tcpx::internal::transport::plugin::PluginNet::open(&plugin::config(2, 1 << 20), Some(&path)).unwrap();
     let chosen: Vec<usize> = (0..4).map(|c| net.channel_device(c)).collect();
     let parent = path.rsplit_once('/').expect("a sysfs path").0;
     for &d in &chosen {

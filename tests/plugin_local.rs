@@ -14,10 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use uccl_tcpx::config::{ChannelTransport, LocalPeers};
-use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::engine::local::Locality;
-use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
+use uccl_tcpx::{ChannelTransport, Config, Connection, Engine, LocalPeers, Locality, OneSided, UcclStatus};
 
 mod common;
 use common::{ChildTest, Pair, pair, pattern, plugin, wait};
@@ -80,7 +77,7 @@ fn send_recv(from: &Connection, from_engine: &Engine, to: &Connection, to_engine
 }
 
 /// `conn` (of `engine`) writes `data` into `target` and reads it back into a buffer of its own.
-fn write_read(conn: &Connection, engine: &Engine, remote: uccl_tcpx::proto::FifoItem, data: &[u8]) {
+fn write_read(conn: &Connection, engine: &Engine, remote: uccl_tcpx::FifoItem, data: &[u8]) {
     let mut src = Buf::new(engine, data.len());
     src.bytes.copy_from_slice(data);
     let w = conn.write(&[OneSided { mr: src.mr, addr: src.addr(), len: data.len(), remote }]).unwrap();

@@ -10,8 +10,7 @@
 
 use std::path::PathBuf;
 
-use uccl_tcpx::config::TransportChoice;
-use uccl_tcpx::{Config, Engine, UcclStatus};
+use uccl_tcpx::{Config, Engine, TransportChoice, UcclStatus};
 
 mod common;
 use common::plugin::{Nccl, images_of, private_copies_of};

@@ -5,8 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use uccl_tcpx::config::TransportChoice;
-use uccl_tcpx::{Config, Engine};
+use uccl_tcpx::{Config, Engine, TransportChoice};
 
 mod common;
 

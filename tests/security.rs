@@ -7,9 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::proto::FifoItem;
-use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
+use uccl_tcpx::{Config, Connection, Engine, FifoItem, OneSided, UcclStatus};
 
 mod common;
 use common::wait;

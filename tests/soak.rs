@@ -13,9 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::proto::FifoItem;
-use uccl_tcpx::{Config, Connection, Engine};
+use uccl_tcpx::{Config, Connection, Engine, FifoItem, OneSided};
 
 mod common;
 use common::{Rng, fill};
@@ -96,7 +94,7 @@ type Mailboxes = HashMap<Vec<u8>, VecDeque<Vec<u8>>>;
 fn take_notification(name: &[u8]) -> Option<Vec<u8>> {
     let mut guard = MAILBOX.lock().unwrap();
     let boxes = guard.get_or_insert_with(HashMap::new);
-    for n in uccl_tcpx::engine::notify::drain(1024) {
+    for n in uccl_tcpx::drain_notifications(1024) {
         boxes.entry(n.name).or_default().push_back(n.msg);
     }
     boxes.get_mut(name).and_then(|q| q.pop_front())

@@ -4,9 +4,7 @@
 
 use std::sync::Arc;
 
-use uccl_tcpx::config::SocketConfig;
-use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::{Config, Connection, Engine};
+use uccl_tcpx::{Config, Connection, Engine, OneSided, SocketConfig};
 
 mod common;
 use common::{Rng, pattern};
@@ -124,15 +122,15 @@ fn concurrent_transfers_in_small_pieces() {
 /// setting and why; one that names the loopback interface gives a working engine pair.
 #[test]
 fn data_interface_lists_are_checked_at_creation() {
-    let socket = |spec: &str| uccl_tcpx::config::SocketConfig {
+    let socket = |spec: &str| uccl_tcpx::SocketConfig {
         data_ifname: Some(spec.to_owned()),
-        ..uccl_tcpx::config::SocketConfig::default()
+        ..uccl_tcpx::SocketConfig::default()
     };
     for bad in ["=no-such-if9", "^", "^lo,e,w,d,b,v,t,c,i,s,p,m,n,g,a,f,h,j,k,l,o,q,r,u,x,y,z"] {
         let err = Engine::new(Config { socket: socket(bad), ..common::loopback() }).err().expect(bad);
         assert!(err.message().contains("UCCL_TCPX_SOCKET_IFNAME"), "{bad}: {}", err.message());
     }
-    let lo = uccl_tcpx::sys::iface::list()
+    let lo = uccl_tcpx::internal::sys::iface::list()
         .unwrap()
         .into_iter()
         .find(|i| i.loopback && i.addr.is_ipv4())

@@ -7,10 +7,9 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
-use uccl_tcpx::UcclStatus;
-use uccl_tcpx::config::SocketConfig;
-use uccl_tcpx::transport::socket::SocketNet;
-use uccl_tcpx::transport::{ListenComm, MrHandle, Net, NetHandle, RecvComm};
+use uccl_tcpx::internal::transport::socket::SocketNet;
+use uccl_tcpx::internal::transport::{ListenComm, MrHandle, Net, NetHandle, RecvComm};
+use uccl_tcpx::{SocketConfig, UcclStatus};
 
 mod common;
 use common::PATIENCE;

@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
-use uccl_tcpx::config::SocketConfig;
-use uccl_tcpx::transport::socket::DataSocketStats;
-use uccl_tcpx::transport::{ListenComm, MrHandle, RecvComm, SendComm};
+use uccl_tcpx::SocketConfig;
+use uccl_tcpx::internal::transport::socket::DataSocketStats;
+use uccl_tcpx::internal::transport::{ListenComm, MrHandle, RecvComm, SendComm};
 
 mod common;
 use common::comm::comm_pair;

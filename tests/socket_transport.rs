@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use uccl_tcpx::config::SocketConfig;
-use uccl_tcpx::transport::{MrHandle, Net, RecvComm, RequestId, SendComm};
+use uccl_tcpx::SocketConfig;
+use uccl_tcpx::internal::transport::{MrHandle, Net, RecvComm, RequestId, SendComm};
 
 mod common;
 use common::comm::comm_pair;
@@ -209,7 +209,8 @@ fn a_comm_starts_with_one_socket_and_grows_to_its_count_under_a_large_transfer()
 
     let large = pattern(16 << 20, 7);
     assert!(one_message(&mut *tx, &mut *rx, &large) == large, "the 16 MiB message arrived intact");
-    let grown = |s: uccl_tcpx::transport::socket::DataSocketStats| (s.sending == 4 && s.receiving == 4).then_some(s);
+    let grown =
+        |s: uccl_tcpx::internal::transport::socket::DataSocketStats| (s.sending == 4 && s.receiving == 4).then_some(s);
     let stats = common::eventually("the comm grows to four sockets", LIMIT, || grown(net.data_socket_stats()));
     assert_eq!((stats.added, stats.given_up, stats.refused), (3, 0, 0), "{stats:?}");
     let msgs: Vec<Vec<u8>> = (0..32).map(|i| pattern((1 << 20) + i * 4099, 100 + i as u64)).collect();

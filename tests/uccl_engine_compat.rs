@@ -2,8 +2,7 @@
 //! larger than their registration (only the bytes that arrive must fit), the connector's own GPU
 //! index reported by accept, and FifoItem's `engine_offset`, which the engine writes per chunk.
 
-use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::{UcclStatus, proto::FifoItem};
+use uccl_tcpx::{FifoItem, OneSided, UcclStatus};
 
 mod common;
 use common::{Pair, accept, pair, pattern, wait};

@@ -3,9 +3,7 @@
 //! nothing lands between items, and a vector with one item outside the advertised window fails
 //! whole without touching the target.
 
-use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::proto::FifoItem;
-use uccl_tcpx::{Config, Engine, UcclStatus};
+use uccl_tcpx::{Config, Engine, FifoItem, OneSided, UcclStatus};
 
 mod common;
 use common::{Pair, Rng, pattern, wait};
@@ -288,7 +286,7 @@ fn items_over_several_local_and_remote_regions_in_one_call() {
 #[test]
 fn scattered_vectors_between_engines_of_one_process_are_copied_directly() {
     let p = common::pair(Config { num_channels: Some(3), chunk_size: 64 << 10, ..common::same_host() });
-    assert_eq!(p.ab.peer.locality, uccl_tcpx::engine::local::Locality::SameProcess);
+    assert_eq!(p.ab.peer.locality, uccl_tcpx::Locality::SameProcess);
     let lens = [1usize, 4095, 4097, 65_537, 777];
     let (count, slot) = (30, 80 << 10);
     let spans = scatter(&lens, count, slot, "vectors-local");

@@ -2,9 +2,10 @@
 //! decodes re-encodes to exactly the input (the codec is canonical). The same properties are checked
 //! by the bounded, CI-run `tests/fuzz_proto.rs`; the seed corpus in `corpus/` comes from there.
 
-use uccl_tcpx::proto::control::decode_frame;
-use uccl_tcpx::proto::frame::{is_handshake_kind, max_body_len};
-use uccl_tcpx::proto::{ChannelHello, Control, FifoItem, FrameHeader, Handshake};
+use uccl_tcpx::FifoItem;
+use uccl_tcpx::internal::proto::control::decode_frame;
+use uccl_tcpx::internal::proto::frame::{is_handshake_kind, max_body_len};
+use uccl_tcpx::internal::proto::{ChannelHello, Control, FrameHeader, Handshake};
 
 /// `proto::FRAME_HEADER_LEN` (crate-private).
 pub const HEADER_LEN: usize = 8;

@@ -182,6 +182,7 @@ impl Engine {
     }
 
     /// The GPU this engine serves, once chosen.
+    #[doc(hidden)]
     pub fn gpu(&self) -> Option<&Arc<Gpu>> {
         self.core.gpu.get()
     }

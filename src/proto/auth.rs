@@ -75,26 +75,31 @@ impl AuthKey {
     }
 
     /// What the acceptor sends in its AuthChallenge.
+    #[doc(hidden)]
     pub fn acceptor_proof(&self, connector: &Challenge, acceptor: &Challenge) -> Proof {
         self.mac(ACCEPTOR_LABEL, connector, acceptor).finalize().into_bytes().into()
     }
 
     /// What the connector sends in its AuthProof.
+    #[doc(hidden)]
     pub fn connector_proof(&self, connector: &Challenge, acceptor: &Challenge) -> Proof {
         self.mac(CONNECTOR_LABEL, connector, acceptor).finalize().into_bytes().into()
     }
 
     /// Checks the acceptor's proof in constant time.
+    #[doc(hidden)]
     pub fn acceptor_proof_ok(&self, connector: &Challenge, acceptor: &Challenge, proof: &Proof) -> bool {
         self.mac(ACCEPTOR_LABEL, connector, acceptor).verify_slice(proof).is_ok()
     }
 
     /// Checks the connector's proof in constant time.
+    #[doc(hidden)]
     pub fn connector_proof_ok(&self, connector: &Challenge, acceptor: &Challenge, proof: &Proof) -> bool {
         self.mac(CONNECTOR_LABEL, connector, acceptor).verify_slice(proof).is_ok()
     }
 
     /// The secret both ends of an authenticated connection share.
+    #[doc(hidden)]
     pub fn session(&self, connector: &Challenge, acceptor: &Challenge) -> Session {
         Session { secret: self.mac(SECRET_LABEL, connector, acceptor).finalize().into_bytes().into() }
     }

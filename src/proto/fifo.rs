@@ -153,12 +153,14 @@ impl FifoItem {
 
     /// An item describing `size` bytes at `addr`, stamped with `cap` so the receiver can
     /// authorise the access; the transport-specific fields stay zero.
+    #[doc(hidden)]
     pub fn with_capability(addr: u64, size: u32, cap: Capability) -> FifoItem {
         FifoItem { addr, size, padding: cap.to_padding(), ..FifoItem::default() }
     }
 
     /// Recovers the capability, refusing items this library did not produce; an item of the
     /// older layout is named as such, so a mixed deployment says what to upgrade.
+    #[doc(hidden)]
     pub fn capability(&self) -> Result<Capability, ProtoError> {
         Capability::from_padding(&self.padding).map_err(|_| if self.is_version_1() { V1_ITEM } else { FOREIGN_ITEM })
     }

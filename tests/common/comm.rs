@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use uccl_tcpx::transport::{ListenComm, MrHandle, Net, RecvComm, RequestId, SendComm};
+use uccl_tcpx::internal::transport::{ListenComm, MrHandle, Net, RecvComm, RequestId, SendComm};
 
 use super::engine::TRANSFER_LIMIT;
 use testkit::PATIENCE;

@@ -3,8 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use uccl_tcpx::proto::FifoItem;
-use uccl_tcpx::{Config, Connection, Engine};
+use uccl_tcpx::{Config, Connection, Engine, FifoItem};
 
 use testkit::PATIENCE;
 

@@ -2,10 +2,9 @@
 
 use std::sync::Arc;
 
-use uccl_tcpx::cuda::{self, DeviceBuffer};
-use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::transport::MemKind;
-use uccl_tcpx::{Connection, Engine};
+use uccl_tcpx::internal::cuda::{self, DeviceBuffer};
+use uccl_tcpx::internal::transport::MemKind;
+use uccl_tcpx::{Connection, Engine, OneSided};
 
 use super::engine::{Pair, wait};
 use testkit::{Rng, assert_same, pattern};
@@ -34,7 +33,7 @@ pub fn no_nvrtc() -> bool {
         return true;
     }
     if cuda::available() {
-        uccl_tcpx::cuda::segments::TileCopier::build(&cuda::Gpu::open(0).expect("GPU 0"));
+        uccl_tcpx::internal::cuda::segments::TileCopier::build(&cuda::Gpu::open(0).expect("GPU 0"));
     }
     false
 }

@@ -5,9 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use libloading::os::unix::Library;
-use uccl_tcpx::Config;
-use uccl_tcpx::config::TransportChoice;
-use uccl_tcpx::ncclnet::{NCCL_NET_HANDLE_MAXSIZE, NcclNetV7, PLUGIN_SYMBOL_V7};
+use uccl_tcpx::internal::ncclnet::{NCCL_NET_HANDLE_MAXSIZE, NcclNetV7, PLUGIN_SYMBOL_V7};
+use uccl_tcpx::{Config, TransportChoice};
 
 /// `$UCCL_TCPX_FAKE_PLUGIN`, else `libfake_tcpx.so` in the target directory and profile this test
 /// was built into (so CARGO_TARGET_DIR and --release are respected). Fails the test, saying how to
@@ -55,7 +54,7 @@ impl Nccl {
 
     pub fn init(&self) -> i32 {
         // SAFETY: the fake's init with a C logger that lives as long as the process.
-        unsafe { (self.table.init.unwrap())(uccl_tcpx::transport::plugin::logger::logger()) }
+        unsafe { (self.table.init.unwrap())(uccl_tcpx::internal::transport::plugin::logger::logger()) }
     }
 
     /// A listen on device 0 and its close: the image serves its consumer.

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use uccl_tcpx::config::SocketConfig;
-use uccl_tcpx::transport::socket::SocketNet;
+use uccl_tcpx::SocketConfig;
+use uccl_tcpx::internal::transport::socket::SocketNet;
 
 /// The socket transport on loopback with `options`, whose `connect_timeout` bounds how long a
 /// listener waits for a connection's hello and for all the sockets of a comm.

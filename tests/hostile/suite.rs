@@ -3,15 +3,12 @@ use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use uccl_tcpx::config::SocketConfig;
-use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::proto::auth::Session;
-use uccl_tcpx::proto::control::decode_frame;
-use uccl_tcpx::proto::{
-    AuthHello, AuthKey, AuthProof, ChannelHello, Control, FrameHeader, Handshake, Hello, HostIdentity, Refuse,
-    RemoteSeg,
+use uccl_tcpx::internal::proto::auth::Session;
+use uccl_tcpx::internal::proto::control::decode_frame;
+use uccl_tcpx::internal::proto::{
+    AuthHello, AuthProof, ChannelHello, Control, FrameHeader, Handshake, Hello, HostIdentity, Refuse, RemoteSeg,
 };
-use uccl_tcpx::{Config, Connection, Engine, UcclStatus};
+use uccl_tcpx::{AuthKey, Config, Connection, Engine, OneSided, SocketConfig, UcclStatus};
 
 use super::AUTH_KEY;
 use crate::common::{self, PATIENCE, Pair, Rng, accept, pattern, threads, threads_settle, wait};
@@ -217,7 +214,7 @@ fn garbage_on_the_control_port_is_dropped() {
         }),
         ("Welcome instead of Hello".into(), {
             let h = hello();
-            encode(&Handshake::Welcome(uccl_tcpx::proto::Welcome {
+            encode(&Handshake::Welcome(uccl_tcpx::internal::proto::Welcome {
                 version: PROTOCOL_VERSION,
                 capabilities: 0,
                 num_channels: 1,
@@ -1012,7 +1009,7 @@ fn ipc_requests_are_answered_only_for_local_peers_and_never_with_a_handle_for_ho
     };
     for local in [false, true] {
         let p = pair_with(Config { disable_ipc: !local, ..config() });
-        let mut host = uccl_tcpx::engine::local::own_identity(false);
+        let mut host = uccl_tcpx::internal::engine::local::own_identity(false);
         host.pid += 1;
         let fake = FakePeer::connect_as(p.b.address(), Stray::None, if local { host } else { HostIdentity::default() });
         let (mut fake, _conn) = (fake.unwrap(), accept(&p.b).unwrap());
@@ -1480,10 +1477,10 @@ fn transfer_behind_a_blocked_writer(
 ) -> (u64, u64, Vec<u8>) {
     let src = pattern(128 << 10, 5);
     let smr = p.b.register(src.as_ptr() as usize, src.len()).unwrap();
-    let remote = uccl_tcpx::proto::FifoItem::with_capability(
+    let remote = uccl_tcpx::FifoItem::with_capability(
         0x1000,
         128 << 10,
-        uccl_tcpx::proto::Capability { region: 1, token: 2 },
+        uccl_tcpx::internal::proto::Capability { region: 1, token: 2 },
     );
     let (w, xfer) = if write {
         let w = conn.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len: src.len(), remote }]).unwrap();
@@ -1529,10 +1526,10 @@ fn close_with_a_blocked_control_writer_fails_pending_writes() {
 /// A fake peer that shares the engine's host identity: same host and network namespace, another
 /// process (the one it names).
 fn same_host_fake(p: &Pair, pid: u32) -> (FakePeer, Arc<Connection>) {
-    let host = HostIdentity { pid, ..uccl_tcpx::engine::local::own_identity(false) };
+    let host = HostIdentity { pid, ..uccl_tcpx::internal::engine::local::own_identity(false) };
     let mut fake = FakePeer::connect_as(p.b.address(), Stray::None, host).unwrap();
     let conn = accept(&p.b).unwrap();
-    assert_eq!(conn.peer.locality, uccl_tcpx::engine::local::Locality::SameHost);
+    assert_eq!(conn.peer.locality, uccl_tcpx::Locality::SameHost);
     // The engine names its own process and its end of the control connection first.
     let Some(Control::ProcessHello { pid: theirs, .. }) = fake.recv() else { panic!("no ProcessHello") };
     assert_eq!(theirs, std::process::id());

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use cudarc::driver::{result, sys};
-use uccl_tcpx::cuda::DeviceBuffer;
+use uccl_tcpx::internal::cuda::DeviceBuffer;
 
 type Io<T> = std::io::Result<T>;
 

@@ -346,7 +346,7 @@ fn ordinal(s: &str) -> Result<i32, String> {
 }
 
 fn size(s: &str) -> Result<usize, String> {
-    match uccl_tcpx::config::parse_bytes(s).and_then(|n| usize::try_from(n).ok()) {
+    match uccl_tcpx::internal::config::parse_bytes(s).and_then(|n| usize::try_from(n).ok()) {
         Some(0) | None => Err("expected a positive size: bytes, or a number with K, M or G".into()),
         Some(n) => Ok(n),
     }

@@ -6,10 +6,7 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::engine::local::Locality;
-use uccl_tcpx::proto::FifoItem;
-use uccl_tcpx::{Config, Connection, Engine};
+use uccl_tcpx::{Config, Connection, Engine, FifoItem, Locality, OneSided};
 
 use crate::anchor::Anchor;
 use crate::args::{Args, Op};
@@ -227,7 +224,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
     if vectors && mem.gpu().is_some() && same_host_gpus.is_none() {
         // Which way this process's staged GPU chunks of several pieces went (a write's gathers, a
         // read's scatters): the figures above say how fast, this says which path they measured.
-        let counts = uccl_tcpx::cuda::ring::segment_copy_counts();
+        let counts = uccl_tcpx::internal::cuda::ring::segment_copy_counts();
         eprintln!(
             "uccl-tcpx-bench: staged GPU chunks of several pieces in this process (UCCL_TCPX_STAGING_GATHER={:?}): \
              {} by the segment kernel, {} by one copy per piece",

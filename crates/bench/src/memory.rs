@@ -3,7 +3,7 @@
 //! is written and checked on the host, so a GPU buffer keeps a host mirror for that; the mirror also
 //! serves the raw TCP baselines, which measure host memory in either case.
 
-use uccl_tcpx::cuda::{self, DeviceBuffer};
+use uccl_tcpx::internal::cuda::{self, DeviceBuffer};
 
 use std::ops::Range;
 
@@ -157,7 +157,7 @@ pub fn prefaulted(len: usize, huge: bool) -> Io<HostBuffer> {
     if huge && len >= HUGE {
         // Advice only: a kernel that declines leaves small pages, and a run must not be read as
         // one on huge pages then.
-        let granted = uccl_tcpx::host_memory::on_huge_pages(v.as_ptr() as usize, len);
+        let granted = uccl_tcpx::internal::host_memory::on_huge_pages(v.as_ptr() as usize, len);
         if !granted {
             eprintln!(
                 "uccl-tcpx-bench: a {len}-byte host buffer asked for huge pages lies mostly on small pages (kernel THP mode: {})",

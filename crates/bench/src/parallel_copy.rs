@@ -62,7 +62,7 @@ impl Shared {
             let what = format!(
                 "share {i} of {} of the parallel memcpy panicked: {}",
                 self.threads,
-                uccl_tcpx::threads::panic_text(&*panic)
+                uccl_tcpx::internal::threads::panic_text(&*panic)
             );
             self.panic.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(what);
             self.panicked.store(true, Ordering::Relaxed);

@@ -5,8 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use uccl_tcpx::Connection;
-use uccl_tcpx::engine::HostPath;
+use uccl_tcpx::{Connection, HostPath};
 
 /// How long the two ends may take to check each other's process before the run starts.
 const CHECK_LIMIT: Duration = Duration::from_secs(10);
@@ -17,7 +16,7 @@ const COLLAPSES_SETTLE: Duration = Duration::from_secs(5);
 
 /// Waits for this process's collapses to finish, saying so on stderr when they did not.
 pub fn settle_collapses(end: &str) {
-    if !uccl_tcpx::engine::collapses_settled(COLLAPSES_SETTLE) {
+    if !uccl_tcpx::internal::engine::collapses_settled(COLLAPSES_SETTLE) {
         eprintln!(
             "uccl-tcpx-bench: the {end}'s collapses into huge pages did not finish in {} s; timed transfers may see small pages",
             COLLAPSES_SETTLE.as_secs()

@@ -10,9 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use state::Accepted;
-use uccl_tcpx::engine::OneSided;
-use uccl_tcpx::proto::FifoItem;
-use uccl_tcpx::{Config, Connection, Engine};
+use uccl_tcpx::{Config, Connection, Engine, FifoItem, OneSided};
 
 use crate::args::Args;
 use crate::ctl::{self, Ctl, field};

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use crate::server::spin_us;
 use uccl_tcpx::Config;
-use uccl_tcpx::transport::socket::SocketNet;
-use uccl_tcpx::transport::{MrHandle, Net, RecvComm, SendComm};
+use uccl_tcpx::internal::transport::socket::SocketNet;
+use uccl_tcpx::internal::transport::{MrHandle, Net, RecvComm, SendComm};
 
 type Io<T> = std::io::Result<T>;
 

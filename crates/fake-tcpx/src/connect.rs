@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use uccl_tcpx::transport::{Net, NetHandle, SendComm};
+use uccl_tcpx::internal::transport::{Net, NetHandle, SendComm};
 
 use crate::fail::{Fail, Result};
 use crate::gpu::GpuContext;

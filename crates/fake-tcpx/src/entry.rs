@@ -3,7 +3,7 @@
 use std::ffi::c_int;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use uccl_tcpx::ncclnet::{NCCL_INTERNAL_ERROR, NCCL_SUCCESS};
+use uccl_tcpx::internal::ncclnet::{NCCL_INTERNAL_ERROR, NCCL_SUCCESS};
 
 use crate::fail::{Fail, Result};
 use crate::log;

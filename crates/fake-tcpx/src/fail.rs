@@ -3,7 +3,7 @@
 
 use std::ffi::c_int;
 
-use uccl_tcpx::ncclnet::{NCCL_INTERNAL_ERROR, NCCL_INVALID_ARGUMENT, NCCL_SYSTEM_ERROR};
+use uccl_tcpx::internal::ncclnet::{NCCL_INTERNAL_ERROR, NCCL_INVALID_ARGUMENT, NCCL_SYSTEM_ERROR};
 
 #[derive(Clone, Debug)]
 pub struct Fail {

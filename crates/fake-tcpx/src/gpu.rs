@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use cudarc::driver::result;
 use cudarc::driver::sys::{self, CUcontext, CUdevice, CUdeviceptr, CUstream};
-use uccl_tcpx::ncclnet::{LoadMeta, NetUnpackMeta, UnpackDeviceHandle};
+use uccl_tcpx::internal::ncclnet::{LoadMeta, NetUnpackMeta, UnpackDeviceHandle};
 
 use crate::config::GpuCopy;
 use crate::fail::{Fail, Result};
@@ -47,7 +47,7 @@ impl GpuContext {
     /// `cudaGetDevice` answers device 0 whatever GPU the process works on, and TCPX binds the comm
     /// (its bounce pool, its flow-steering target) there silently; the fake refuses instead.
     pub fn current(call: &str) -> Result<GpuContext> {
-        uccl_tcpx::cuda::driver().map_err(|e| Fail::internal(e.to_string()))?;
+        uccl_tcpx::internal::cuda::driver().map_err(|e| Fail::internal(e.to_string()))?;
         let current = result::ctx::get_current().map_err(|e| Fail::internal(format!("cuCtxGetCurrent: {e:?}")))?;
         if current.is_none() {
             return Err(Fail::internal(format!(

@@ -4,8 +4,8 @@
 //! `tcpxConnectV5`); bytes 80..88 are where `connect` keeps its state between polls, exactly where
 //! TCPX keeps its `connect_args` pointer (zero as written by `listen`).
 
-use uccl_tcpx::ncclnet::NCCL_NET_HANDLE_MAXSIZE;
-use uccl_tcpx::transport::NetHandle;
+use uccl_tcpx::internal::ncclnet::NCCL_NET_HANDLE_MAXSIZE;
+use uccl_tcpx::internal::transport::NetHandle;
 
 use crate::fail::{Fail, Result};
 

@@ -36,8 +36,8 @@ use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use uccl_tcpx::ncclnet::{NcclDebugLogger, NcclNetDeviceHandleV7, NcclNetPropertiesV7, NcclNetV7};
-use uccl_tcpx::transport::Net;
+use uccl_tcpx::internal::ncclnet::{NcclDebugLogger, NcclNetDeviceHandleV7, NcclNetPropertiesV7, NcclNetV7};
+use uccl_tcpx::internal::transport::Net;
 
 use config::Mode;
 use entry::{guard, non_null};

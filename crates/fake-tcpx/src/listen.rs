@@ -12,8 +12,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use uccl_tcpx::ncclnet::{NCCL_NET_DEVICE_UNPACK, NCCL_NET_DEVICE_UNPACK_VERSION, NcclNetDeviceHandleV7};
-use uccl_tcpx::transport::{ListenComm, RecvComm};
+use uccl_tcpx::internal::ncclnet::{NCCL_NET_DEVICE_UNPACK, NCCL_NET_DEVICE_UNPACK_VERSION, NcclNetDeviceHandleV7};
+use uccl_tcpx::internal::transport::{ListenComm, RecvComm};
 
 use crate::fail::{Fail, Result};
 use crate::gpu::{self, GpuContext};
@@ -143,7 +143,7 @@ impl FakeListen {
                 net_device_type: NCCL_NET_DEVICE_UNPACK,
                 net_device_version: NCCL_NET_DEVICE_UNPACK_VERSION,
                 handle: unpack,
-                size: size_of::<uccl_tcpx::ncclnet::UnpackDeviceHandle>(),
+                size: size_of::<uccl_tcpx::internal::ncclnet::UnpackDeviceHandle>(),
                 needs_proxy_progress: 1,
             })
         };

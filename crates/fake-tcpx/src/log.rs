@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
-use uccl_tcpx::ncclnet::{NCCL_LOG_INFO, NCCL_LOG_WARN, NcclDebugLogger};
+use uccl_tcpx::internal::ncclnet::{NCCL_LOG_INFO, NCCL_LOG_WARN, NcclDebugLogger};
 
 /// `NCCL_NET`, the subsystem flag of every message.
 const SUBSYSTEM_NET: c_ulong = 16;

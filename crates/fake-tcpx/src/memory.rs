@@ -7,7 +7,7 @@ use std::any::Any;
 use std::ffi::c_void;
 use std::sync::Arc;
 
-use uccl_tcpx::ncclnet::{LoadMeta, NetUnpackMeta, UnpackDeviceHandle};
+use uccl_tcpx::internal::ncclnet::{LoadMeta, NetUnpackMeta, UnpackDeviceHandle};
 
 use crate::fail::{Fail, Result};
 use crate::fragment::PAGE;

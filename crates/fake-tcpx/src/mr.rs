@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::ffi::{c_int, c_void};
 
-use uccl_tcpx::ncclnet::{NCCL_PTR_CUDA, NCCL_PTR_HOST};
+use uccl_tcpx::internal::ncclnet::{NCCL_PTR_CUDA, NCCL_PTR_HOST};
 
 use crate::fail::{Fail, Result};
 

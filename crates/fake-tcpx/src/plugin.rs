@@ -6,11 +6,11 @@ use std::ffi::{CString, c_char, c_int};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use uccl_tcpx::ncclnet::{
+use uccl_tcpx::internal::ncclnet::{
     NCCL_NET_DEVICE_UNPACK, NCCL_NET_DEVICE_UNPACK_VERSION, NCCL_PTR_CUDA, NCCL_PTR_HOST, NcclDebugLogger,
     NcclNetPropertiesV7,
 };
-use uccl_tcpx::transport::socket::SocketNet;
+use uccl_tcpx::internal::transport::socket::SocketNet;
 
 use crate::config::{Config, Mode};
 use crate::fail::{Fail, Result};
@@ -63,7 +63,7 @@ pub fn init(logger: NcclDebugLogger) -> Result<()> {
     }
     let cfg = Config::from_env()?;
     if cfg.mode == Mode::Gpu {
-        uccl_tcpx::cuda::driver().map_err(|e| Fail::internal(format!("FAKE_TCPX_MODE=gpu: {e}")))?;
+        uccl_tcpx::internal::cuda::driver().map_err(|e| Fail::internal(format!("FAKE_TCPX_MODE=gpu: {e}")))?;
     }
     fatal::configure(cfg.on_fatal);
     threads::configure(cfg.thread_check);

@@ -8,8 +8,8 @@ use std::ffi::{c_int, c_void};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use uccl_tcpx::ncclnet::{LoadMeta, NCCL_PTR_CUDA, NCCL_PTR_HOST, NetUnpackMeta};
-use uccl_tcpx::transport::{MrHandle, RecvComm, RequestId};
+use uccl_tcpx::internal::ncclnet::{LoadMeta, NCCL_PTR_CUDA, NCCL_PTR_HOST, NetUnpackMeta};
+use uccl_tcpx::internal::transport::{MrHandle, RecvComm, RequestId};
 
 use crate::config::{Config, Fragmentation};
 use crate::fail::{Fail, Result};

@@ -6,7 +6,7 @@
 use std::ffi::{c_int, c_void};
 use std::mem::{offset_of, size_of};
 
-use uccl_tcpx::ncclnet::{LoadMeta, UNPACK_QUEUE_DEPTH};
+use uccl_tcpx::internal::ncclnet::{LoadMeta, UNPACK_QUEUE_DEPTH};
 
 use crate::fail::{Fail, Result};
 

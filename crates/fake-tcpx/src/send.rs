@@ -5,8 +5,8 @@
 use std::collections::VecDeque;
 use std::ffi::{c_int, c_void};
 
-use uccl_tcpx::ncclnet::NCCL_PTR_CUDA;
-use uccl_tcpx::transport::{MrHandle, RequestId, SendComm};
+use uccl_tcpx::internal::ncclnet::NCCL_PTR_CUDA;
+use uccl_tcpx::internal::transport::{MrHandle, RequestId, SendComm};
 
 use crate::config::Config;
 use crate::fail::{Fail, Result};

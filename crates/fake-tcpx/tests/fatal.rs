@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Aligned, Plugin, pattern};
-use uccl_tcpx::ncclnet::*;
+use uccl_tcpx::internal::ncclnet::*;
 
 /// A test whose child must exit with status 1, as TCPX's `exit(1)`, printing `$needle`s.
 macro_rules! exiting_test {

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Plugin, assert_warned, pattern};
-use uccl_tcpx::ncclnet::*;
+use uccl_tcpx::internal::ncclnet::*;
 
 isolated_test!(
     fn drop_surfaces_as_rc_2() {

@@ -7,7 +7,7 @@ mod common;
 
 use common::{Plugin, assert_warned, pattern};
 use cudarc::driver::{result, sys};
-use uccl_tcpx::ncclnet::*;
+use uccl_tcpx::internal::ncclnet::*;
 
 /// Whether GPU test `name` returns without running: the parent decides (see `common::no_gpu`), and
 /// its child then runs the test.
@@ -22,7 +22,7 @@ fn use_gpu_0() {
 
 /// Makes device `n`'s primary context current on the calling thread.
 fn use_gpu(n: i32) {
-    uccl_tcpx::cuda::driver().expect("cuInit");
+    uccl_tcpx::internal::cuda::driver().expect("cuInit");
     let dev = result::device::get(n).unwrap();
     // SAFETY: dev is a device the driver (initialised by cuInit) reported.
     let ctx = unsafe { result::primary_ctx::retain(dev) }.unwrap();
@@ -40,7 +40,7 @@ fn use_no_gpu() {
 /// Whether a test needing `n` GPUs must stand down: fewer are visible (it says so). Single-GPU
 /// hosts run the GPU suite too, so this is a skip even where GPUs are required.
 fn fewer_gpus_than(n: usize) -> bool {
-    uccl_tcpx::cuda::driver().expect("cuInit");
+    uccl_tcpx::internal::cuda::driver().expect("cuInit");
     let count = result::device::get_count().unwrap() as usize;
     if count < n {
         println!("SKIPPED: needs {n} GPUs, {count} visible");
@@ -55,11 +55,11 @@ fn spawn_with_a_nic_per_gpu(name: &str, env: &[(&str, &str)]) -> bool {
     if testkit::child::is_child(name) {
         return false;
     }
-    uccl_tcpx::cuda::driver().expect("cuInit");
+    uccl_tcpx::internal::cuda::driver().expect("cuInit");
     let count = result::device::get_count().unwrap();
     let nics: Vec<String> = (0..count)
         .map(|n| {
-            let bus_id = uccl_tcpx::cuda::Gpu::open(n).unwrap().bus_id().to_owned();
+            let bus_id = uccl_tcpx::internal::cuda::Gpu::open(n).unwrap().bus_id().to_owned();
             let root = 0xe0 + n;
             format!("nic{n:02} /sys/devices/pci0000:{root:02x}/0000:{root:02x}:00.0 {bus_id}")
         })
@@ -124,7 +124,7 @@ fn gather(h: &UnpackDeviceHandle, slot: usize, size: usize, pool_bytes: usize) -
 
 #[test]
 fn gpu_mode_needs_a_driver() {
-    if uccl_tcpx::cuda::available() {
+    if uccl_tcpx::internal::cuda::available() {
         println!("SKIPPED: a CUDA driver is present");
         return;
     }
@@ -558,7 +558,7 @@ fn gpu_mode_devices_sit_next_to_their_gpus() {
     let root = |path: &str| path.split('/').find(|c| c.starts_with("pci")).unwrap_or_default().to_owned();
     let count = result::device::get_count().unwrap();
     for n in 0..count {
-        let gpu = uccl_tcpx::cuda::Gpu::open(n).unwrap();
+        let gpu = uccl_tcpx::internal::cuda::Gpu::open(n).unwrap();
         let Some(path) = gpu.sysfs_path() else {
             println!("GPU {n} ({}) has no sysfs path: its NIC sits under a root of its bus", gpu.bus_id());
             continue;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::{Plugin, pattern};
 use cudarc::driver::{result, sys};
-use uccl_tcpx::ncclnet::*;
+use uccl_tcpx::internal::ncclnet::*;
 
 /// Spins until `*release` is set or `limit_ns` passed; `*outcome` says which (1: released, 2: timed
 /// out), after 3 once it runs.
@@ -44,7 +44,7 @@ fn check(what: &str, r: sys::CUresult) {
 
 /// Makes device 0's primary context current, as a consumer does before it calls the plugin.
 fn use_gpu_0() {
-    uccl_tcpx::cuda::driver().expect("cuInit");
+    uccl_tcpx::internal::cuda::driver().expect("cuInit");
     let dev = result::device::get(0).unwrap();
     // SAFETY: dev is device 0, which the driver just initialised (cuInit) reported.
     let ctx = unsafe { result::primary_ctx::retain(dev) }.unwrap();

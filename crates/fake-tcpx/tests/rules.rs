@@ -7,7 +7,7 @@ use std::ffi::{CStr, c_int};
 use std::ptr::null_mut;
 
 use common::{Plugin, assert_warned, take_warnings};
-use uccl_tcpx::ncclnet::*;
+use uccl_tcpx::internal::ncclnet::*;
 
 isolated_test!(
     fn table_shape_and_iflush() {

@@ -8,7 +8,7 @@ use std::ptr::null_mut;
 use std::time::{Duration, Instant};
 
 use common::Plugin;
-use uccl_tcpx::ncclnet::*;
+use uccl_tcpx::internal::ncclnet::*;
 
 /// Polls connect and accept on one thread, as NCCL's proxy does; returns how long each took.
 fn setup_times(p: &Plugin) -> (Duration, Duration) {

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{Aligned, Plugin, Unpack, pattern};
-use uccl_tcpx::ncclnet::*;
+use uccl_tcpx::internal::ncclnet::*;
 
 /// Two messages through one pair, checked.
 fn two_messages() {

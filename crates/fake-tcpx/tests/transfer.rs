@@ -7,7 +7,7 @@ use std::ffi::c_void;
 use std::time::{Duration, Instant};
 
 use common::{Pair, Plugin, Unpack, assert_warned, pattern, take_warnings};
-use uccl_tcpx::ncclnet::*;
+use uccl_tcpx::internal::ncclnet::*;
 
 const POOL_DEFAULT: usize = 1 << 30;
 

@@ -5,7 +5,7 @@
 //! polling while [`PluginNet::needs_polling`] says requests are outstanding. Connect and accept are
 //! asynchronous state machines polled by the handshake; connect keeps its state in the handle
 //! buffer, so each attempt gets its own aligned copy that stays put until the attempt ends. The
-//! plugin's C ABI itself is [`crate::ncclnet`].
+//! plugin's C ABI itself is `crate::ncclnet`.
 
 mod comm;
 mod copier;

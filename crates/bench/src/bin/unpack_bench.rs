@@ -16,11 +16,11 @@ use std::time::Instant;
 use clap::Parser;
 use cudarc::driver::{CudaContext, CudaFunction, result, sys};
 use cudarc::nvrtc;
-use uccl_tcpx::cuda::unpack::{
+use uccl_tcpx::internal::cuda::unpack::{
     BulkTiles, Completion, CompletionSignal, InlineTiles, PlanError, ReceiveLayout, Submit, Tile, UnpackKernels,
     Unpacker, UnpackerConfig, plan_receive,
 };
-use uccl_tcpx::ncclnet::LoadMeta;
+use uccl_tcpx::internal::ncclnet::LoadMeta;
 
 /// GPU unpack kernel against a device memcpy and an NCCL-style unpack, then the latency a 512 KiB
 /// receive adds.
@@ -549,7 +549,7 @@ fn event_done(event: sys::CUevent) -> bool {
 fn main() {
     let options = Options::parse();
     let (reps, latency_iters) = (options.reps as usize, options.latency_iters as usize);
-    if !uccl_tcpx::cuda::available() {
+    if !uccl_tcpx::internal::cuda::available() {
         println!("SKIPPED: no CUDA driver");
         return;
     }

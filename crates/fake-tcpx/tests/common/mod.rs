@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use testkit::child::{ChildTest, is_child};
-use uccl_tcpx::ncclnet::*;
+use uccl_tcpx::internal::ncclnet::*;
 
 pub use testkit::pattern;
 
@@ -63,7 +63,7 @@ pub fn child_outcome(name: &str, env: &[(&str, &str)]) -> Option<(std::process::
 /// Whether a GPU-mode test must return without running (see `testkit::gpu`): checked in the
 /// parent, whose child then runs it.
 pub fn no_gpu() -> bool {
-    testkit::skip_without_gpu(uccl_tcpx::cuda::available())
+    testkit::skip_without_gpu(uccl_tcpx::internal::cuda::available())
 }
 
 /// A test that runs in its own process with the given plugin knobs.
