@@ -783,6 +783,11 @@ class Endpoint:
         descs = _engine.deserialize_descs(b, _new_desc, XferDesc)
         if descs is not None:
             return descs
+        return Endpoint._deserialize(b)
+
+    @staticmethod
+    def _deserialize(b):
+        """deserialize_descs for any blob, in Python (non-empty bytes)."""
         bad = RuntimeError("Invalid serialized XferDesc data")
         if len(b) < 8:
             raise bad
