@@ -725,19 +725,92 @@ fn deserialize_descs<'py>(
     let empty = PyBytes::new(py, b"");
     let zero = 0u64.into_pyobject(py)?;
     let out = pyo3::types::PyList::empty(py);
+    // The descriptors of one registration carry the same keys, and lkeys and rkeys are equal in
+    // ours: their int objects (immutable) are made once and shared; every list is its own.
+    let mut cached: Vec<([u32; 8], Vec<Bound<'py, pyo3::types::PyInt>>)> = Vec::new();
+    let mut keys_at = |from: usize| -> PyResult<Bound<'py, pyo3::types::PyList>> {
+        let mut keys = [0u32; 8];
+        for (k, key) in keys.iter_mut().enumerate() {
+            *key = u32_at(from + 4 * k);
+        }
+        if let Some((_, ints)) = cached.iter().find(|(k, _)| *k == keys) {
+            return pyo3::types::PyList::new(py, ints);
+        }
+        let ints = keys.iter().map(|k| k.into_pyobject(py)).collect::<Result<Vec<_>, _>>()?;
+        let list = pyo3::types::PyList::new(py, &ints);
+        // A few key sets are kept (a blob may alternate between registrations).
+        if cached.len() == 4 {
+            cached.remove(0);
+        }
+        cached.push((keys, ints));
+        list
+    };
     for i in 0..n {
         let at = 8 + i * DESC_LEN;
         let d = new.call1((&cls,))?;
         d.setattr(addr_s, u64_at(at))?;
         d.setattr(size_s, u64_at(at + 8))?;
         d.setattr(mr_id_s, &zero)?;
-        let keys = |from: usize| (0..8).map(|k| u32_at(from + 4 * k)).collect::<Vec<u32>>();
-        d.setattr(lkeys_s, keys(at + 24))?;
-        d.setattr(rkeys_s, keys(at + 56))?;
+        d.setattr(lkeys_s, keys_at(at + 24)?)?;
+        d.setattr(rkeys_s, keys_at(at + 56)?)?;
         d.setattr(ipc_s, &empty)?;
         out.append(d)?;
     }
     Ok(Some(out))
+}
+
+/// register_memory's descriptors, one per `(addr, size)` of `ranges` with the registration at the
+/// same index of `regions` (a `_Region`, or None where registering failed). Each is made by
+/// `new(cls)`; one with a registration gets the next id of `ids` (an iterator of ints) as its
+/// `mr_id`, entered in `mrs` as `(region.mr, region)`, and copies of `region.keys` as `lkeys` and
+/// `rkeys`; one without gets `mr_id` 2**64-1 and no keys. The caller holds the endpoint's lock.
+#[pyfunction]
+fn make_descs<'py>(
+    py: Python<'py>,
+    new: Bound<'py, PyAny>,
+    cls: Bound<'py, PyAny>,
+    ranges: Bound<'py, pyo3::types::PyList>,
+    regions: Bound<'py, pyo3::types::PyList>,
+    mrs: Bound<'py, pyo3::types::PyDict>,
+    ids: Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, pyo3::types::PyList>> {
+    if ranges.len() != regions.len() {
+        return Err(PyValueError::new_err("ranges and regions must have the same length"));
+    }
+    let (addr_s, size_s, mr_id_s, lkeys_s, rkeys_s, ipc_s, mr_s, keys_s) = (
+        pyo3::intern!(py, "addr"),
+        pyo3::intern!(py, "size"),
+        pyo3::intern!(py, "mr_id"),
+        pyo3::intern!(py, "lkeys"),
+        pyo3::intern!(py, "rkeys"),
+        pyo3::intern!(py, "_ipc_info"),
+        pyo3::intern!(py, "mr"),
+        pyo3::intern!(py, "keys"),
+    );
+    let empty = PyBytes::new(py, b"");
+    let no_mr = u64::MAX.into_pyobject(py)?;
+    let out = pyo3::types::PyList::empty(py);
+    for (range, region) in ranges.iter().zip(regions.iter()) {
+        let d = new.call1((&cls,))?;
+        d.setattr(addr_s, range.get_item(0)?)?;
+        d.setattr(size_s, range.get_item(1)?)?;
+        d.setattr(ipc_s, &empty)?;
+        if region.is_none() {
+            d.setattr(mr_id_s, &no_mr)?;
+            d.setattr(lkeys_s, pyo3::types::PyList::empty(py))?;
+            d.setattr(rkeys_s, pyo3::types::PyList::empty(py))?;
+        } else {
+            let id = ids.call_method0(pyo3::intern!(py, "__next__"))?;
+            mrs.set_item(&id, (region.getattr(mr_s)?, &region))?;
+            d.setattr(mr_id_s, id)?;
+            let keys = region.getattr(keys_s)?;
+            let keys = keys.cast::<pyo3::types::PyList>()?;
+            d.setattr(lkeys_s, keys.get_slice(0, keys.len()))?;
+            d.setattr(rkeys_s, keys.get_slice(0, keys.len()))?;
+        }
+        out.append(d)?;
+    }
+    Ok(out)
 }
 
 /// Bytes of one serialized descriptor with eight keys each way and no IPC part.
@@ -969,6 +1042,7 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(serialize_descs, m)?)?;
     m.add_function(wrap_pyfunction!(post_descs, m)?)?;
     m.add_function(wrap_pyfunction!(deserialize_descs, m)?)?;
+    m.add_function(wrap_pyfunction!(make_descs, m)?)?;
     m.add_function(wrap_pyfunction!(recv, m)?)?;
     m.add_function(wrap_pyfunction!(poll, m)?)?;
     m.add_function(wrap_pyfunction!(wait, m)?)?;

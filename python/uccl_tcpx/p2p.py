@@ -665,11 +665,15 @@ class Endpoint:
         ranges = _ranges(tensor_list)
         # One pass under the lock for the usual case (blocks of a pool registered before); the
         # misses register on their own, outside it.
+        containing = self._containing
         with self._lock:
-            hits = [self._containing(addr, size) for addr, size in ranges]
+            hits = [containing(addr, size) for addr, size in ranges]
             for region in hits:
                 if region is not None:
                     region.refs += 1
+        if None not in hits:
+            with self._lock:
+                return _engine.make_descs(_new_desc, XferDesc, ranges, hits, self._mrs, self._next_mr)
         regions = []
         try:
             for hit, (addr, size) in zip(hits, ranges):
@@ -683,20 +687,8 @@ class Endpoint:
                 if hit is None and region is not None:
                     self._release(region)
             raise
-        descs = []
-        new, mrs, next_mr = _new_desc, self._mrs, self._next_mr
         with self._lock:
-            for (addr, size), region in zip(ranges, regions):
-                desc = new(XferDesc)
-                desc.addr, desc.size, desc._ipc_info = addr, size, b""
-                if region is None:
-                    desc.mr_id, desc.lkeys, desc.rkeys = _NO_MR, [], []
-                else:
-                    desc.mr_id = mr_id = next(next_mr)
-                    mrs[mr_id] = (region.mr, region)
-                    desc.lkeys = region.keys.copy()
-                    desc.rkeys = region.keys.copy()
-                descs.append(desc)
+            descs = _engine.make_descs(_new_desc, XferDesc, ranges, regions, self._mrs, self._next_mr)
         return descs
 
     def _containing(self, addr, size):
