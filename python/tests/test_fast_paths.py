@@ -206,3 +206,30 @@ def test_one_item_posts_of_other_argument_kinds(pair):
         pair.client.read(pair.conn, 12345, addr(src), n, meta)
     with pytest.raises(ValueError, match="ptr must be in 0..2"):
         pair.client.write_async(pair.conn, src_mr, -1, n, meta)
+
+
+def test_containing_all_answers_as_containing_does():
+    rng = random.Random(11)
+    pool = np.zeros(1 << 16, np.uint8)
+    base = addr(pool)
+    with p2p.Endpoint(0) as ep:
+        # Overlapping, nested and equal-based registrations.
+        kept = []
+        for _ in range(30):
+            a = rng.randrange(0, 1 << 15)
+            b = rng.randrange(a + 1, min(a + (1 << 14), 1 << 16) + 1)
+            kept += ep.register_memory([pool[a:b]])
+        kept += ep.register_memory([pool[100:200], pool[100:300], pool[100:150]])
+        ranges = []
+        for _ in range(2000):
+            a = rng.randrange(0, 1 << 16)
+            ranges.append((base + a, rng.randrange(0, min(1 << 12, (1 << 16) - a) + 1)))
+        # Runs of neighbouring blocks, as a pool's are described.
+        ranges += [(base + 64 * i, 64) for i in range(1024)]
+        ranges += [(base + 100 + i, 40) for i in range(60)]
+        with ep._lock:
+            expected = [ep._containing(a, s) for a, s in ranges]
+            got = ep._containing_all(ranges)
+        assert got == expected
+        assert sum(r is not None for r in got) > 1000, "most ranges lie in a registration"
+        ep.deregister_memory(kept)

@@ -665,9 +665,8 @@ class Endpoint:
         ranges = _ranges(tensor_list)
         # One pass under the lock for the usual case (blocks of a pool registered before); the
         # misses register on their own, outside it.
-        containing = self._containing
         with self._lock:
-            hits = [containing(addr, size) for addr, size in ranges]
+            hits = self._containing_all(ranges)
             for region in hits:
                 if region is not None:
                     region.refs += 1
@@ -690,6 +689,27 @@ class Endpoint:
         with self._lock:
             descs = _engine.make_descs(_new_desc, XferDesc, ranges, regions, self._mrs, self._next_mr)
         return descs
+
+    def _containing_all(self, ranges):
+        """[_containing(addr, size) for each range], reusing the last answer while a range starts
+        in the same gap between registration bases and ends inside that registration, where
+        _containing would look at that registration first and return it. Called with the lock held."""
+        bases, regions, containing = self._region_bases, self._regions, self._containing
+        hits = []
+        last, lo, hi, last_end = None, 0, -1, 0
+        for addr, size in ranges:
+            if lo <= addr < hi and addr + size <= last_end:
+                hits.append(last)
+                continue
+            hit = containing(addr, size)
+            hits.append(hit)
+            i = bisect.bisect_right(bases, addr) - 1
+            if hit is not None and regions[i] is hit:
+                last, lo, last_end = hit, hit.base, hit.base + hit.size
+                hi = bases[i + 1] if i + 1 < len(bases) else last_end + 1
+            else:
+                lo, hi = 0, -1
+        return hits
 
     def _containing(self, addr, size):
         """A live registration holding [addr, addr+size), or None. Called with the lock held."""
