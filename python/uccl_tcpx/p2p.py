@@ -1030,7 +1030,7 @@ class Endpoint:
                 rc = _engine.poll_status(conn, ids[0])
                 if rc == 1:
                     return True, False
-                if rc != 0:
+                if type(rc) is str:
                     _log.error("transfer %d failed: %s", transfer_id, rc)
                     # Kept in the entry: the pieces still running are reported by later polls.
                     failure[0] = True
