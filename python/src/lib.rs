@@ -518,7 +518,15 @@ fn postv(
 /// `write_async` and its kin): the 64-byte `meta` is sent with its size field set to `size`, as
 /// UCCL's one-sided calls do, without Python building that copy.
 #[pyfunction]
-fn post_sized(py: Python<'_>, conn: usize, write: bool, mr: u64, ptr: usize, size: usize, meta: &[u8]) -> PyResult<u64> {
+fn post_sized(
+    py: Python<'_>,
+    conn: usize,
+    write: bool,
+    mr: u64,
+    ptr: usize,
+    size: usize,
+    meta: &[u8],
+) -> PyResult<u64> {
     let mut fifo = fifo_of(meta)?;
     let size32 = u32::try_from(size)
         .map_err(|_| PyRuntimeError::new_err(format!("size {size} exceeds a FifoItem's 32-bit size field")))?;
@@ -585,9 +593,14 @@ fn array_range(obj: &Bound<'_, PyAny>, ndarray: &Bound<'_, PyAny>) -> Option<(us
     if nd > 0 && ai.shape.is_null() {
         return None;
     }
-    // SAFETY: `nd` entries each, per the interface (strides may be NULL: C order).
+    // SAFETY: `nd` entries, per the interface (strides may be NULL: C order).
     let shape = if nd == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(ai.shape, nd) } };
-    let strides = if ai.strides.is_null() || nd == 0 { None } else { Some(unsafe { std::slice::from_raw_parts(ai.strides, nd) }) };
+    let strides = if ai.strides.is_null() || nd == 0 {
+        None
+    } else {
+        // SAFETY: `nd` entries, per the interface, when not NULL.
+        Some(unsafe { std::slice::from_raw_parts(ai.strides, nd) })
+    };
     let mut size = ai.itemsize as usize;
     for &d in shape {
         size = size.checked_mul(usize::try_from(d).ok()?)?;
@@ -625,7 +638,10 @@ fn array_ranges<'py>(
 }
 
 /// Reads `obj.name` as an integer of type T; None when absent or not one.
-fn int_attr<'py, T: for<'a> FromPyObject<'a, 'py>>(obj: &Bound<'py, PyAny>, name: &Bound<'py, pyo3::types::PyString>) -> Option<T> {
+fn int_attr<'py, T: for<'a> FromPyObject<'a, 'py>>(
+    obj: &Bound<'py, PyAny>,
+    name: &Bound<'py, pyo3::types::PyString>,
+) -> Option<T> {
     let v = obj.getattr(name).ok()?;
     if !v.is_exact_instance_of::<pyo3::types::PyInt>() {
         return None;
@@ -654,7 +670,10 @@ fn keys8(v: &Bound<'_, PyAny>) -> Option<[u32; 8]> {
 /// size, 8 (u64 each), the lkeys and rkeys (u32 each) and an empty IPC part (u64 0). None when
 /// any descriptor is otherwise, for the caller's general path.
 #[pyfunction]
-fn serialize_descs<'py>(py: Python<'py>, descs: Bound<'py, pyo3::types::PyList>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+fn serialize_descs<'py>(
+    py: Python<'py>,
+    descs: Bound<'py, pyo3::types::PyList>,
+) -> PyResult<Option<Bound<'py, PyBytes>>> {
     let (addr, size, lkeys, rkeys, ipc) = (
         pyo3::intern!(py, "addr"),
         pyo3::intern!(py, "size"),
@@ -665,7 +684,8 @@ fn serialize_descs<'py>(py: Python<'py>, descs: Bound<'py, pyo3::types::PyList>)
     let mut out = Vec::with_capacity(8 + descs.len() * DESC_LEN);
     out.extend_from_slice(&(descs.len() as u64).to_le_bytes());
     for d in descs.iter() {
-        let empty_ipc = d.getattr(ipc).ok().and_then(|v| v.cast_exact::<PyBytes>().ok().map(|b| b.as_bytes().is_empty()));
+        let empty_ipc =
+            d.getattr(ipc).ok().and_then(|v| v.cast_exact::<PyBytes>().ok().map(|b| b.as_bytes().is_empty()));
         let (Some(a), Some(s), Some(l), Some(r), Some(true)) = (
             int_attr::<u64>(&d, addr),
             int_attr::<u64>(&d, size),
@@ -842,7 +862,11 @@ fn post_descs(
         let Some(entry) = local.getattr(mr_id_s).ok().and_then(|id| mrs.get_item(id).ok().flatten()) else {
             return Ok(None);
         };
-        let Some(mr) = entry.cast_exact::<pyo3::types::PyTuple>().ok().and_then(|t| t.get_item(0).ok()).and_then(|m| m.extract::<u64>().ok())
+        let Some(mr) = entry
+            .cast_exact::<pyo3::types::PyTuple>()
+            .ok()
+            .and_then(|t| t.get_item(0).ok())
+            .and_then(|m| m.extract::<u64>().ok())
         else {
             return Ok(None);
         };
