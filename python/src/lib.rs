@@ -514,6 +514,385 @@ fn postv(
     post_vector(py, conn, write, &mrs, &ptrs, &sizes, &fifos)
 }
 
+/// `post` for a caller that checked its arguments already (the one-item fast path of
+/// `write_async` and its kin): the 64-byte `meta` is sent with its size field set to `size`, as
+/// UCCL's one-sided calls do, without Python building that copy.
+#[pyfunction]
+fn post_sized(
+    py: Python<'_>,
+    conn: usize,
+    write: bool,
+    mr: u64,
+    ptr: usize,
+    size: usize,
+    meta: &[u8],
+) -> PyResult<u64> {
+    let mut fifo = fifo_of(meta)?;
+    let size32 = u32::try_from(size)
+        .map_err(|_| PyRuntimeError::new_err(format!("size {size} exceeds a FifoItem's 32-bit size field")))?;
+    fifo.0[8..12].copy_from_slice(&size32.to_le_bytes());
+    post_vector(py, conn, write, &[mr], &[ptr], &[size], &[fifo])
+}
+
+/// `poll` reduced to one object: the status (1 in progress, 0 done) as an int, or, for a failed
+/// transfer, the engine's message as a str. No tuple is built for the common answers.
+#[pyfunction]
+fn poll_status(py: Python<'_>, conn: usize, id: u64) -> PyResult<Py<PyAny>> {
+    let api = api()?;
+    // Detached: on a same-host connection the engine copies inside the poll.
+    let (rc, error) = py.detach(|| {
+        let mut bytes = 0usize;
+        // SAFETY: the library checks the handle and the id; `bytes` is writable.
+        let rc = unsafe { (api.poll)(as_conn(conn), id, &mut bytes) };
+        if rc == IN_PROGRESS {
+            std::thread::yield_now();
+        }
+        (rc, (rc < 0).then(|| engine_error(api, rc)))
+    });
+    Ok(match error {
+        Some(message) => message.into_pyobject(py)?.into_any().unbind(),
+        None => rc.into_pyobject(py)?.into_any().unbind(),
+    })
+}
+
+/// The numpy array interface (`__array_struct__`'s PyArrayInterface, numpy's ABI since 1.0).
+#[repr(C)]
+struct ArrayInterface {
+    two: c_int,
+    nd: c_int,
+    typekind: c_char,
+    itemsize: c_int,
+    flags: c_int,
+    shape: *const isize,
+    strides: *const isize,
+    data: *mut c_void,
+    descr: *mut pyo3::ffi::PyObject,
+}
+
+/// NPY_ARRAY_WRITEABLE.
+const NPY_WRITEABLE: c_int = 0x0400;
+
+/// `(address, bytes)` of a writable, C-contiguous numeric array of exactly `ndarray`'s type, read
+/// from its `__array_struct__` capsule; None for anything else (which the caller then examines
+/// the slow way, with its exact messages). Never raises.
+fn array_range(obj: &Bound<'_, PyAny>, ndarray: &Bound<'_, PyAny>) -> Option<(usize, usize)> {
+    if !obj.get_type().is(ndarray) {
+        return None;
+    }
+    let capsule = obj.getattr(pyo3::intern!(obj.py(), "__array_struct__")).ok()?;
+    let capsule = capsule.cast::<pyo3::types::PyCapsule>().ok()?;
+    let ptr = capsule.pointer_checked(None).ok()?;
+    // SAFETY: numpy's __array_struct__ capsule holds a PyArrayInterface that lives as long as the
+    // capsule, which is held here.
+    let ai = unsafe { &*(ptr.as_ptr() as *const ArrayInterface) };
+    // Only kinds whose typestr carries the item size in bytes (as the slow path reads it).
+    if ai.two != 2 || ai.flags & NPY_WRITEABLE == 0 || !b"biufc".contains(&(ai.typekind as u8)) || ai.itemsize <= 0 {
+        return None;
+    }
+    let nd = usize::try_from(ai.nd).ok()?;
+    if nd > 0 && ai.shape.is_null() {
+        return None;
+    }
+    // SAFETY: `nd` entries, per the interface (strides may be NULL: C order).
+    let shape = if nd == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(ai.shape, nd) } };
+    let strides = if ai.strides.is_null() || nd == 0 {
+        None
+    } else {
+        // SAFETY: `nd` entries, per the interface, when not NULL.
+        Some(unsafe { std::slice::from_raw_parts(ai.strides, nd) })
+    };
+    let mut size = ai.itemsize as usize;
+    for &d in shape {
+        size = size.checked_mul(usize::try_from(d).ok()?)?;
+    }
+    if let Some(strides) = strides
+        && !shape.contains(&0)
+    {
+        let mut expected = ai.itemsize as isize;
+        for (&d, &s) in shape.iter().zip(strides).rev() {
+            if d != 1 && s != expected {
+                return None;
+            }
+            expected = expected.checked_mul(d)?;
+        }
+    }
+    Some((ai.data as usize, size))
+}
+
+/// For each object of `objs`: `(address, bytes)` where it is a plain writable C-contiguous numpy
+/// array (`ndarray` is numpy's type, or None), else None. One call for a whole list.
+#[pyfunction]
+fn array_ranges<'py>(
+    py: Python<'py>,
+    ndarray: Bound<'py, PyAny>,
+    objs: Bound<'py, pyo3::types::PyList>,
+) -> PyResult<Bound<'py, pyo3::types::PyList>> {
+    let out = pyo3::types::PyList::empty(py);
+    for obj in objs.iter() {
+        match array_range(&obj, &ndarray) {
+            Some(r) => out.append(r)?,
+            None => out.append(py.None())?,
+        }
+    }
+    Ok(out)
+}
+
+/// Reads `obj.name` as an integer of type T; None when absent or not one.
+fn int_attr<'py, T: for<'a> FromPyObject<'a, 'py>>(
+    obj: &Bound<'py, PyAny>,
+    name: &Bound<'py, pyo3::types::PyString>,
+) -> Option<T> {
+    let v = obj.getattr(name).ok()?;
+    if !v.is_exact_instance_of::<pyo3::types::PyInt>() {
+        return None;
+    }
+    v.extract::<T>().ok()
+}
+
+/// Eight u32 keys from a list of exactly eight ints; None otherwise.
+fn keys8(v: &Bound<'_, PyAny>) -> Option<[u32; 8]> {
+    let list = v.cast_exact::<pyo3::types::PyList>().ok()?;
+    if list.len() != 8 {
+        return None;
+    }
+    let mut keys = [0u32; 8];
+    for (k, item) in keys.iter_mut().zip(list.iter()) {
+        if !item.is_exact_instance_of::<pyo3::types::PyInt>() {
+            return None;
+        }
+        *k = item.extract().ok()?;
+    }
+    Some(keys)
+}
+
+/// UCCL's serialized form of descriptors that all carry eight keys each way and no IPC part
+/// (what register_memory and deserialize_descs give): count (u64) then, per descriptor, addr,
+/// size, 8 (u64 each), the lkeys and rkeys (u32 each) and an empty IPC part (u64 0). None when
+/// any descriptor is otherwise, for the caller's general path.
+#[pyfunction]
+fn serialize_descs<'py>(
+    py: Python<'py>,
+    descs: Bound<'py, pyo3::types::PyList>,
+) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    let (addr, size, lkeys, rkeys, ipc) = (
+        pyo3::intern!(py, "addr"),
+        pyo3::intern!(py, "size"),
+        pyo3::intern!(py, "lkeys"),
+        pyo3::intern!(py, "rkeys"),
+        pyo3::intern!(py, "_ipc_info"),
+    );
+    let mut out = Vec::with_capacity(8 + descs.len() * DESC_LEN);
+    out.extend_from_slice(&(descs.len() as u64).to_le_bytes());
+    for d in descs.iter() {
+        let empty_ipc =
+            d.getattr(ipc).ok().and_then(|v| v.cast_exact::<PyBytes>().ok().map(|b| b.as_bytes().is_empty()));
+        let (Some(a), Some(s), Some(l), Some(r), Some(true)) = (
+            int_attr::<u64>(&d, addr),
+            int_attr::<u64>(&d, size),
+            d.getattr(lkeys).ok().as_ref().and_then(keys8),
+            d.getattr(rkeys).ok().as_ref().and_then(keys8),
+            empty_ipc,
+        ) else {
+            return Ok(None);
+        };
+        out.extend_from_slice(&a.to_le_bytes());
+        out.extend_from_slice(&s.to_le_bytes());
+        out.extend_from_slice(&8u64.to_le_bytes());
+        for k in l.iter().chain(r.iter()) {
+            out.extend_from_slice(&k.to_le_bytes());
+        }
+        out.extend_from_slice(&0u64.to_le_bytes());
+    }
+    Ok(Some(PyBytes::new(py, &out)))
+}
+
+/// The descriptor list of a blob `serialize_descs` could have written (every descriptor with eight
+/// keys each way and no IPC part): each one made by `new(cls)` and given `addr`, `size`,
+/// `mr_id` 0, `lkeys`, `rkeys` and an empty `_ipc_info`. None, making nothing, for any other
+/// blob (empty, short, or holding other descriptors), which the caller parses itself.
+#[pyfunction]
+fn deserialize_descs<'py>(
+    py: Python<'py>,
+    blob: &[u8],
+    new: Bound<'py, PyAny>,
+    cls: Bound<'py, PyAny>,
+) -> PyResult<Option<Bound<'py, pyo3::types::PyList>>> {
+    let u64_at = |at: usize| u64::from_le_bytes(blob[at..at + 8].try_into().expect("8 bytes"));
+    let u32_at = |at: usize| u32::from_le_bytes(blob[at..at + 4].try_into().expect("4 bytes"));
+    if blob.len() < 8 {
+        return Ok(None);
+    }
+    let n = u64_at(0);
+    // Every descriptor must be there in full: checked before anything is made.
+    if n > ((blob.len() - 8) / DESC_LEN) as u64 {
+        return Ok(None);
+    }
+    let n = n as usize;
+    for i in 0..n {
+        let at = 8 + i * DESC_LEN;
+        if u64_at(at + 16) != 8 || u64_at(at + DESC_LEN - 8) != 0 {
+            return Ok(None);
+        }
+    }
+    let (addr_s, size_s, mr_id_s, lkeys_s, rkeys_s, ipc_s) = (
+        pyo3::intern!(py, "addr"),
+        pyo3::intern!(py, "size"),
+        pyo3::intern!(py, "mr_id"),
+        pyo3::intern!(py, "lkeys"),
+        pyo3::intern!(py, "rkeys"),
+        pyo3::intern!(py, "_ipc_info"),
+    );
+    let empty = PyBytes::new(py, b"");
+    let zero = 0u64.into_pyobject(py)?;
+    let out = pyo3::types::PyList::empty(py);
+    // The descriptors of one registration carry the same keys, and lkeys and rkeys are equal in
+    // ours: their int objects (immutable) are made once and shared; every list is its own.
+    let mut cached: Vec<([u32; 8], Vec<Bound<'py, pyo3::types::PyInt>>)> = Vec::new();
+    let mut keys_at = |from: usize| -> PyResult<Bound<'py, pyo3::types::PyList>> {
+        let mut keys = [0u32; 8];
+        for (k, key) in keys.iter_mut().enumerate() {
+            *key = u32_at(from + 4 * k);
+        }
+        if let Some((_, ints)) = cached.iter().find(|(k, _)| *k == keys) {
+            return pyo3::types::PyList::new(py, ints);
+        }
+        let ints = keys.iter().map(|k| k.into_pyobject(py)).collect::<Result<Vec<_>, _>>()?;
+        let list = pyo3::types::PyList::new(py, &ints);
+        // A few key sets are kept (a blob may alternate between registrations).
+        if cached.len() == 4 {
+            cached.remove(0);
+        }
+        cached.push((keys, ints));
+        list
+    };
+    for i in 0..n {
+        let at = 8 + i * DESC_LEN;
+        let d = new.call1((&cls,))?;
+        d.setattr(addr_s, u64_at(at))?;
+        d.setattr(size_s, u64_at(at + 8))?;
+        d.setattr(mr_id_s, &zero)?;
+        d.setattr(lkeys_s, keys_at(at + 24)?)?;
+        d.setattr(rkeys_s, keys_at(at + 56)?)?;
+        d.setattr(ipc_s, &empty)?;
+        out.append(d)?;
+    }
+    Ok(Some(out))
+}
+
+/// register_memory's descriptors, one per `(addr, size)` of `ranges` with the registration at the
+/// same index of `regions` (a `_Region`, or None where registering failed). Each is made by
+/// `new(cls)`; one with a registration gets the next id of `ids` (an iterator of ints) as its
+/// `mr_id`, entered in `mrs` as `(region.mr, region)`, and copies of `region.keys` as `lkeys` and
+/// `rkeys`; one without gets `mr_id` 2**64-1 and no keys. The caller holds the endpoint's lock.
+#[pyfunction]
+fn make_descs<'py>(
+    py: Python<'py>,
+    new: Bound<'py, PyAny>,
+    cls: Bound<'py, PyAny>,
+    ranges: Bound<'py, pyo3::types::PyList>,
+    regions: Bound<'py, pyo3::types::PyList>,
+    mrs: Bound<'py, pyo3::types::PyDict>,
+    ids: Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, pyo3::types::PyList>> {
+    if ranges.len() != regions.len() {
+        return Err(PyValueError::new_err("ranges and regions must have the same length"));
+    }
+    let (addr_s, size_s, mr_id_s, lkeys_s, rkeys_s, ipc_s, mr_s, keys_s) = (
+        pyo3::intern!(py, "addr"),
+        pyo3::intern!(py, "size"),
+        pyo3::intern!(py, "mr_id"),
+        pyo3::intern!(py, "lkeys"),
+        pyo3::intern!(py, "rkeys"),
+        pyo3::intern!(py, "_ipc_info"),
+        pyo3::intern!(py, "mr"),
+        pyo3::intern!(py, "keys"),
+    );
+    let empty = PyBytes::new(py, b"");
+    let no_mr = u64::MAX.into_pyobject(py)?;
+    let out = pyo3::types::PyList::empty(py);
+    for (range, region) in ranges.iter().zip(regions.iter()) {
+        let d = new.call1((&cls,))?;
+        d.setattr(addr_s, range.get_item(0)?)?;
+        d.setattr(size_s, range.get_item(1)?)?;
+        d.setattr(ipc_s, &empty)?;
+        if region.is_none() {
+            d.setattr(mr_id_s, &no_mr)?;
+            d.setattr(lkeys_s, pyo3::types::PyList::empty(py))?;
+            d.setattr(rkeys_s, pyo3::types::PyList::empty(py))?;
+        } else {
+            let id = ids.call_method0(pyo3::intern!(py, "__next__"))?;
+            mrs.set_item(&id, (region.getattr(mr_s)?, &region))?;
+            d.setattr(mr_id_s, id)?;
+            let keys = region.getattr(keys_s)?;
+            let keys = keys.cast::<pyo3::types::PyList>()?;
+            d.setattr(lkeys_s, keys.get_slice(0, keys.len()))?;
+            d.setattr(rkeys_s, keys.get_slice(0, keys.len()))?;
+        }
+        out.append(d)?;
+    }
+    Ok(out)
+}
+
+/// Bytes of one serialized descriptor with eight keys each way and no IPC part.
+const DESC_LEN: usize = 8 * 3 + 4 * 16 + 8;
+
+/// The arrays of a `transfer()`: for each pair, the local descriptor's engine region (looked up
+/// by its `mr_id` in `mrs`, whose values are `(engine mr, ...)`), address and size, and the
+/// FifoItem the remote descriptor stands for (its address, its size capped at 32 bits, its eight
+/// rkeys). Posts them as one vector transfer and returns its id; None, posting nothing, when any
+/// pair is not of that plain form, for the caller's general path and its messages.
+#[pyfunction]
+fn post_descs(
+    py: Python<'_>,
+    conn: usize,
+    write: bool,
+    locals: Bound<'_, pyo3::types::PyList>,
+    remotes: Bound<'_, pyo3::types::PyList>,
+    mrs: Bound<'_, pyo3::types::PyDict>,
+) -> PyResult<Option<u64>> {
+    let n = locals.len();
+    if n == 0 || remotes.len() != n {
+        return Ok(None);
+    }
+    let (addr_s, size_s, mr_id_s, rkeys_s) =
+        (pyo3::intern!(py, "addr"), pyo3::intern!(py, "size"), pyo3::intern!(py, "mr_id"), pyo3::intern!(py, "rkeys"));
+    let (mut mr_v, mut ptr_v, mut size_v, mut fifo_v) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    for (local, remote) in locals.iter().zip(remotes.iter()) {
+        let Some(entry) = local.getattr(mr_id_s).ok().and_then(|id| mrs.get_item(id).ok().flatten()) else {
+            return Ok(None);
+        };
+        let Some(mr) = entry
+            .cast_exact::<pyo3::types::PyTuple>()
+            .ok()
+            .and_then(|t| t.get_item(0).ok())
+            .and_then(|m| m.extract::<u64>().ok())
+        else {
+            return Ok(None);
+        };
+        let (Some(ptr), Some(size), Some(raddr), Some(rsize), Some(keys)) = (
+            int_attr::<usize>(&local, addr_s),
+            int_attr::<usize>(&local, size_s),
+            int_attr::<u64>(&remote, addr_s),
+            int_attr::<u64>(&remote, size_s),
+            remote.getattr(rkeys_s).ok().as_ref().and_then(keys8),
+        ) else {
+            return Ok(None);
+        };
+        let mut fifo = [0u8; FIFO_LEN];
+        fifo[0..8].copy_from_slice(&raddr.to_le_bytes());
+        fifo[8..12].copy_from_slice(&(rsize.min(u32::MAX as u64) as u32).to_le_bytes());
+        for (i, k) in keys.iter().enumerate() {
+            fifo[32 + 4 * i..36 + 4 * i].copy_from_slice(&k.to_le_bytes());
+        }
+        mr_v.push(mr);
+        ptr_v.push(ptr);
+        size_v.push(size);
+        fifo_v.push(Fifo(fifo));
+    }
+    post_vector(py, conn, write, &mr_v, &ptr_v, &size_v, &fifo_v).map(Some)
+}
+
 /// Sends messages (each matched by one peer receive) under one transfer id.
 #[pyfunction]
 fn send(py: Python<'_>, conn: usize, mrs: Vec<u64>, ptrs: Vec<usize>, sizes: Vec<usize>) -> PyResult<u64> {
@@ -683,6 +1062,13 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(post, m)?)?;
     m.add_function(wrap_pyfunction!(postv, m)?)?;
     m.add_function(wrap_pyfunction!(send, m)?)?;
+    m.add_function(wrap_pyfunction!(post_sized, m)?)?;
+    m.add_function(wrap_pyfunction!(poll_status, m)?)?;
+    m.add_function(wrap_pyfunction!(array_ranges, m)?)?;
+    m.add_function(wrap_pyfunction!(serialize_descs, m)?)?;
+    m.add_function(wrap_pyfunction!(post_descs, m)?)?;
+    m.add_function(wrap_pyfunction!(deserialize_descs, m)?)?;
+    m.add_function(wrap_pyfunction!(make_descs, m)?)?;
     m.add_function(wrap_pyfunction!(recv, m)?)?;
     m.add_function(wrap_pyfunction!(poll, m)?)?;
     m.add_function(wrap_pyfunction!(wait, m)?)?;

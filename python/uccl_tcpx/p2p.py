@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import struct
+import sys
 import threading
 import weakref
 
@@ -199,6 +200,22 @@ def _tensor_range(obj, index):
             size *= d
         return int(ptr), size
     raise RuntimeError(f"Object at index {index} is not a tensor (missing data_ptr() method)")
+
+
+_new_desc = object.__new__
+
+
+def _ranges(objs):
+    """(address, bytes) of each buffer, as _tensor_range gives them: plain numpy arrays read in
+    one call into the extension, anything else (and every refusal, with its message) the slow way."""
+    if type(objs) is not list:
+        objs = list(objs)
+    numpy = sys.modules.get("numpy")
+    fast = _engine.array_ranges(getattr(numpy, "ndarray", None), objs)
+    for i, r in enumerate(fast):
+        if r is None:
+            fast[i] = _tensor_range(objs[i], i)
+    return fast
 
 
 def _itemsize(typestr, index):
@@ -645,14 +662,17 @@ class Endpoint:
         (and its keys); otherwise it is registered whole. A failed registration gives mr_id
         2**64-1 and no keys, as UCCL's cache does."""
         engine = self._live()
-        ranges = [_tensor_range(t, i) for i, t in enumerate(tensor_list)]
+        ranges = _ranges(tensor_list)
         # One pass under the lock for the usual case (blocks of a pool registered before); the
         # misses register on their own, outside it.
         with self._lock:
-            hits = [self._containing(addr, size) for addr, size in ranges]
+            hits = self._containing_all(ranges)
             for region in hits:
                 if region is not None:
                     region.refs += 1
+        if None not in hits:
+            with self._lock:
+                return _engine.make_descs(_new_desc, XferDesc, ranges, hits, self._mrs, self._next_mr)
         regions = []
         try:
             for hit, (addr, size) in zip(hits, ranges):
@@ -666,20 +686,30 @@ class Endpoint:
                 if hit is None and region is not None:
                     self._release(region)
             raise
-        descs = []
         with self._lock:
-            for (addr, size), region in zip(ranges, regions):
-                desc = XferDesc()
-                desc.addr, desc.size = addr, size
-                if region is None:
-                    desc.mr_id = _NO_MR
-                else:
-                    desc.mr_id = next(self._next_mr)
-                    self._mrs[desc.mr_id] = (region.mr, region)
-                    desc.lkeys = list(region.keys)
-                    desc.rkeys = list(region.keys)
-                descs.append(desc)
+            descs = _engine.make_descs(_new_desc, XferDesc, ranges, regions, self._mrs, self._next_mr)
         return descs
+
+    def _containing_all(self, ranges):
+        """[_containing(addr, size) for each range], reusing the last answer while a range starts
+        in the same gap between registration bases and ends inside that registration, where
+        _containing would look at that registration first and return it. Called with the lock held."""
+        bases, regions, containing = self._region_bases, self._regions, self._containing
+        hits = []
+        last, lo, hi, last_end = None, 0, -1, 0
+        for addr, size in ranges:
+            if lo <= addr < hi and addr + size <= last_end:
+                hits.append(last)
+                continue
+            hit = containing(addr, size)
+            hits.append(hit)
+            i = bisect.bisect_right(bases, addr) - 1
+            if hit is not None and regions[i] is hit:
+                last, lo, last_end = hit, hit.base, hit.base + hit.size
+                hi = bases[i + 1] if i + 1 < len(bases) else last_end + 1
+            else:
+                lo, hi = 0, -1
+        return hits
 
     def _containing(self, addr, size):
         """A live registration holding [addr, addr+size), or None. Called with the lock held."""
@@ -748,6 +778,11 @@ class Endpoint:
 
     def get_serialized_descs(self, desc_list):
         """UCCL's byte form of a descriptor list (little-endian; mr_id is not part of it)."""
+        if type(desc_list) is list:
+            # Descriptors with eight keys each way and no IPC part, in one call.
+            blob = _engine.serialize_descs(desc_list)
+            if blob is not None:
+                return blob
         return self._serialize(desc_list)
 
     @staticmethod
@@ -756,6 +791,15 @@ class Endpoint:
         b = bytes(serialized_bytes)
         if not b:
             return []
+        # Descriptors of ours (eight keys each way, no IPC part) in one call; None for others.
+        descs = _engine.deserialize_descs(b, _new_desc, XferDesc)
+        if descs is not None:
+            return descs
+        return Endpoint._deserialize(b)
+
+    @staticmethod
+    def _deserialize(b):
+        """deserialize_descs for any blob, in Python (non-empty bytes)."""
         bad = RuntimeError("Invalid serialized XferDesc data")
         if len(b) < 8:
             raise bad
@@ -806,6 +850,16 @@ class Endpoint:
             raise RuntimeError(f"Invalid conn_id {conn_id}")
         if not local_desc_list:
             raise RuntimeError("transfer needs at least one descriptor")
+        if type(local_desc_list) is list and type(remote_desc_list) is list:
+            # Plain descriptors (what register_memory and deserialize_descs give) in one call;
+            # None where any is not, for the loop below and its messages.
+            try:
+                eid = _engine.post_descs(conn, op_name == "write", local_desc_list, remote_desc_list, self._mrs)
+            except RuntimeError as e:
+                _log.error("transfer: %s", e)
+                return False, 0
+            if eid is not None:
+                return True, self._track(conn, [eid])
         mrs, ptrs, sizes, items = [], [], [], []
         for local, remote in zip(local_desc_list, remote_desc_list):
             entry = self._mrs.get(local.mr_id)
@@ -866,19 +920,53 @@ class Endpoint:
             return False, 0
         return True, self._track(conn, [eid])
 
+    def _post_fast(self, conn_id, write, mr_id, ptr, size, meta):
+        """_post for arguments of the plain kinds (ints in range, a 64-byte bytes object, a live
+        connection and region): one lookup each and one call into the engine, which sets the
+        item's size itself. Anything else takes _post, with its checks and messages."""
+        conn = self._conns.get(conn_id) if type(conn_id) is int else None
+        entry = self._mrs.get(mr_id) if type(mr_id) is int else None
+        if (
+            conn is None
+            or entry is None
+            or self._closed
+            or type(ptr) is not int
+            or type(size) is not int
+            or type(meta) is not bytes
+            or len(meta) != _FIFO_LEN
+            or not 0 <= ptr <= _U64_MAX
+            or not 0 <= size <= _U32_MAX
+        ):
+            return self._post(conn_id, write, mr_id, ptr, size, meta)
+        try:
+            return conn, _engine.post_sized(conn, write, entry[0], ptr, size, meta)
+        except RuntimeError as e:
+            _log.error("%s: %s", "write" if write else "read", e)
+            return conn, None
+
     def write(self, conn_id, mr_id, ptr, size, meta):
         """Blocking one-sided write of [ptr, ptr+size) to the range ``meta`` (64 bytes) names."""
-        return self._finish(*self._post(conn_id, True, mr_id, ptr, size, meta), "write")
+        return self._finish(*self._post_fast(conn_id, True, mr_id, ptr, size, meta), "write")
 
     def read(self, conn_id, mr_id, ptr, size, meta):
         """Blocking one-sided read of the range ``meta`` names into [ptr, ptr+size)."""
-        return self._finish(*self._post(conn_id, False, mr_id, ptr, size, meta), "read")
+        return self._finish(*self._post_fast(conn_id, False, mr_id, ptr, size, meta), "read")
 
     def write_async(self, conn_id, mr_id, ptr, size, meta):
-        return self._started(*self._post(conn_id, True, mr_id, ptr, size, meta))
+        conn, eid = self._post_fast(conn_id, True, mr_id, ptr, size, meta)
+        if eid is None:
+            return False, 0
+        tid = next(_transfer_ids)
+        self._xfers[tid] = (conn, [eid], [False])
+        return True, tid
 
     def read_async(self, conn_id, mr_id, ptr, size, meta):
-        return self._started(*self._post(conn_id, False, mr_id, ptr, size, meta))
+        conn, eid = self._post_fast(conn_id, False, mr_id, ptr, size, meta)
+        if eid is None:
+            return False, 0
+        tid = next(_transfer_ids)
+        self._xfers[tid] = (conn, [eid], [False])
+        return True, tid
 
     def writev(self, conn_id, mr_id_v, ptr_v, size_v, meta_blob_v, num_iovs):
         return self._finish(*self._postv(conn_id, True, mr_id_v, ptr_v, size_v, meta_blob_v, num_iovs), "writev")
@@ -938,11 +1026,12 @@ class Endpoint:
         # second thread polling the same id meanwhile would read it as failed (or pop an empty list).
         with self._poll_lock:
             while ids:
-                rc, _, error = _engine.poll(conn, ids[0])
+                # 1 in progress, 0 done, or the failure's message.
+                rc = _engine.poll_status(conn, ids[0])
                 if rc == 1:
                     return True, False
-                if rc < 0:
-                    _log.error("transfer %d failed: %s", transfer_id, error)
+                if type(rc) is str:
+                    _log.error("transfer %d failed: %s", transfer_id, rc)
                     # Kept in the entry: the pieces still running are reported by later polls.
                     failure[0] = True
                 ids.pop(0)
