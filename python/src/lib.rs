@@ -674,13 +674,7 @@ fn serialize_descs<'py>(
     py: Python<'py>,
     descs: Bound<'py, pyo3::types::PyList>,
 ) -> PyResult<Option<Bound<'py, PyBytes>>> {
-    let (addr, size, lkeys, rkeys, ipc) = (
-        pyo3::intern!(py, "addr"),
-        pyo3::intern!(py, "size"),
-        pyo3::intern!(py, "lkeys"),
-        pyo3::intern!(py, "rkeys"),
-        pyo3::intern!(py, "_ipc_info"),
-    );
+    let DescAttrs { addr, size, lkeys, rkeys, ipc, .. } = DescAttrs::new(py);
     let mut out = Vec::with_capacity(8 + descs.len() * DESC_LEN);
     out.extend_from_slice(&(descs.len() as u64).to_le_bytes());
     for d in descs.iter() {
@@ -734,14 +728,8 @@ fn deserialize_descs<'py>(
             return Ok(None);
         }
     }
-    let (addr_s, size_s, mr_id_s, lkeys_s, rkeys_s, ipc_s) = (
-        pyo3::intern!(py, "addr"),
-        pyo3::intern!(py, "size"),
-        pyo3::intern!(py, "mr_id"),
-        pyo3::intern!(py, "lkeys"),
-        pyo3::intern!(py, "rkeys"),
-        pyo3::intern!(py, "_ipc_info"),
-    );
+    let DescAttrs { addr: addr_s, size: size_s, mr_id: mr_id_s, lkeys: lkeys_s, rkeys: rkeys_s, ipc: ipc_s } =
+        DescAttrs::new(py);
     let empty = PyBytes::new(py, b"");
     let zero = 0u64.into_pyobject(py)?;
     let out = pyo3::types::PyList::empty(py);
@@ -797,16 +785,9 @@ fn make_descs<'py>(
     if ranges.len() != regions.len() {
         return Err(PyValueError::new_err("ranges and regions must have the same length"));
     }
-    let (addr_s, size_s, mr_id_s, lkeys_s, rkeys_s, ipc_s, mr_s, keys_s) = (
-        pyo3::intern!(py, "addr"),
-        pyo3::intern!(py, "size"),
-        pyo3::intern!(py, "mr_id"),
-        pyo3::intern!(py, "lkeys"),
-        pyo3::intern!(py, "rkeys"),
-        pyo3::intern!(py, "_ipc_info"),
-        pyo3::intern!(py, "mr"),
-        pyo3::intern!(py, "keys"),
-    );
+    let DescAttrs { addr: addr_s, size: size_s, mr_id: mr_id_s, lkeys: lkeys_s, rkeys: rkeys_s, ipc: ipc_s } =
+        DescAttrs::new(py);
+    let (mr_s, keys_s) = (pyo3::intern!(py, "mr"), pyo3::intern!(py, "keys"));
     let empty = PyBytes::new(py, b"");
     let no_mr = u64::MAX.into_pyobject(py)?;
     let out = pyo3::types::PyList::empty(py);
@@ -836,6 +817,30 @@ fn make_descs<'py>(
 /// Bytes of one serialized descriptor with eight keys each way and no IPC part.
 const DESC_LEN: usize = 8 * 3 + 4 * 16 + 8;
 
+/// The attribute names of UCCL's `XferDesc`, interned once per call of the functions that read or
+/// make descriptors.
+struct DescAttrs<'py> {
+    addr: &'py Bound<'py, pyo3::types::PyString>,
+    size: &'py Bound<'py, pyo3::types::PyString>,
+    mr_id: &'py Bound<'py, pyo3::types::PyString>,
+    lkeys: &'py Bound<'py, pyo3::types::PyString>,
+    rkeys: &'py Bound<'py, pyo3::types::PyString>,
+    ipc: &'py Bound<'py, pyo3::types::PyString>,
+}
+
+impl<'py> DescAttrs<'py> {
+    fn new(py: Python<'py>) -> DescAttrs<'py> {
+        DescAttrs {
+            addr: pyo3::intern!(py, "addr"),
+            size: pyo3::intern!(py, "size"),
+            mr_id: pyo3::intern!(py, "mr_id"),
+            lkeys: pyo3::intern!(py, "lkeys"),
+            rkeys: pyo3::intern!(py, "rkeys"),
+            ipc: pyo3::intern!(py, "_ipc_info"),
+        }
+    }
+}
+
 /// The arrays of a `transfer()`: for each pair, the local descriptor's engine region (looked up
 /// by its `mr_id` in `mrs`, whose values are `(engine mr, ...)`), address and size, and the
 /// FifoItem the remote descriptor stands for (its address, its size capped at 32 bits, its eight
@@ -854,8 +859,7 @@ fn post_descs(
     if n == 0 || remotes.len() != n {
         return Ok(None);
     }
-    let (addr_s, size_s, mr_id_s, rkeys_s) =
-        (pyo3::intern!(py, "addr"), pyo3::intern!(py, "size"), pyo3::intern!(py, "mr_id"), pyo3::intern!(py, "rkeys"));
+    let DescAttrs { addr: addr_s, size: size_s, mr_id: mr_id_s, rkeys: rkeys_s, .. } = DescAttrs::new(py);
     let (mut mr_v, mut ptr_v, mut size_v, mut fifo_v) =
         (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
     for (local, remote) in locals.iter().zip(remotes.iter()) {
