@@ -138,7 +138,15 @@ fn a_comm_spreads_its_sockets_over_the_data_links() {
 
 /// A net of one socket per comm, a pair of its comms, and the 64 KiB message and receive buffer
 /// of the one message they exchanged (completed and consumed).
-fn one_socket_pair_after_a_message() -> (SocketNet, Box<dyn SendComm>, Box<dyn RecvComm>, Vec<u8>, Vec<u8>) {
+struct Exchanged {
+    net: SocketNet,
+    tx: Box<dyn SendComm>,
+    rx: Box<dyn RecvComm>,
+    msg: Vec<u8>,
+    got: Vec<u8>,
+}
+
+fn one_socket_pair_after_a_message() -> Exchanged {
     let net = loopback_socket_net().with_options(crate::config::SocketConfig {
         nthreads: 1,
         nsocks_per_thread: 1,
@@ -154,13 +162,13 @@ fn one_socket_pair_after_a_message() -> (SocketNet, Box<dyn SendComm>, Box<dyn R
     until(|| tx.test(s)).unwrap();
     until(|| rx.test(r)).unwrap();
     rx.irecv_consumed(r).unwrap();
-    (net, tx, rx, msg, got)
+    Exchanged { net, tx, rx, msg, got }
 }
 
 /// A socket that fails counts an error on its link, and the bytes it moved before stay counted.
 #[test]
 fn a_failed_socket_counts_an_error_on_its_link() {
-    let (_net, mut tx, rx, msg, _got) = one_socket_pair_after_a_message();
+    let Exchanged { net: _net, mut tx, rx, msg, got: _got } = one_socket_pair_after_a_message();
     drop(rx);
     // The peer is gone: sends fail once the kernel reports the reset.
     let start = Instant::now();
@@ -182,7 +190,7 @@ fn a_failed_socket_counts_an_error_on_its_link() {
 /// their link; one that closes in the middle of a piece leaves one.
 #[test]
 fn a_sender_closing_between_pieces_is_no_link_error() {
-    let (net, tx, mut rx, _msg, mut got) = one_socket_pair_after_a_message();
+    let Exchanged { net, tx, mut rx, msg: _msg, mut got } = one_socket_pair_after_a_message();
     drop(tx);
     // SAFETY: as above. The comm fails once its socket read the end of the stream: at the post
     // if it did already, else while the receive waits.
