@@ -8,10 +8,12 @@
 use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
 use super::counts::Counts;
+use super::failover::{Failover, Redial};
 use super::fanout::{self, Idle};
 use super::grow::Dialer;
 use super::link_tally;
@@ -22,7 +24,7 @@ use super::receiver::{RecvSockets, RecvTask};
 use super::sender::{INLINE_MAX, Inline, SendSockets, SendTask};
 use super::spin::Polls;
 use super::window::{MAX_REQUESTS, Window};
-use super::wire::{PieceCut, attach_ack};
+use super::wire::{CommShape, PieceCut, attach_ack};
 use crate::error::{Error, Result};
 use crate::sys::epoll::EventFd;
 use crate::threads::ThreadKind;
@@ -75,9 +77,16 @@ enum Side {
 struct SendSide {
     shared: Arc<SendSockets>,
     placements: Vec<Placement<SendTask>>,
-    /// `None` once every socket was tried, or adding one failed before its connect started.
+    /// The sockets the cut counts (the others are spares of an acknowledged comm).
+    base: usize,
+    /// `None` once every socket was tried and none can be replaced.
     dialer: Option<Dialer>,
+    /// The comm opens more of its `base` sockets: not once adding one failed before its connect
+    /// started.
+    growing: bool,
     sockets: Arc<Counts>,
+    /// Acknowledged comms: checking links and dialing dead ones again.
+    failover: Option<Failover>,
 }
 
 impl SendSide {
@@ -109,37 +118,94 @@ impl SendSide {
         let placed = self.placements.len();
         let queued = !alone && (0..placed).all(|k| !self.shared.idle(k));
         let want = (pieces.min(usize::MAX as u64) as usize).max(if queued { placed + 1 } else { 0 });
-        want.min(self.shared.streams.len())
+        want.min(self.base)
     }
 
     /// Starts opening sockets until `want` were tried. Their connects finish on their helpers, and
     /// each pulls pieces once the peer acknowledged it; a socket that cannot even start connecting
     /// ends the growth of this comm, which goes on with the sockets it has.
     fn grow_to(&mut self, want: usize, helpers: &Helpers) {
-        while self.placements.len() < want {
-            let Some(dialer) = &self.dialer else { return };
+        while self.growing && self.placements.len() < want.min(self.base) {
             let k = self.placements.len();
-            let started = dialer.start(k as u8).and_then(|(stream, joining)| {
-                self.shared.place(k, stream);
-                let task = SendTask::new(self.shared.clone(), k, Some(joining));
-                helpers.send.attach(vec![task], &self.placements)
-            });
-            match started {
-                Ok(mut placed) => {
-                    let placement = placed.pop().expect("one task, one placement");
-                    self.shared.relay.place(k, &placement);
-                    self.placements.push(placement);
-                    self.sockets.added();
-                }
-                Err(e) => {
-                    log::warn!("a send comm goes on with {k} data sockets: adding one failed: {e}");
-                    self.sockets.gave_up();
-                    self.dialer = None;
+            if let Err(e) = self.open(k, k as u8, helpers) {
+                log::warn!("a send comm goes on with {k} data sockets: adding one failed: {e}");
+                self.sockets.gave_up();
+                self.growing = false;
+            }
+        }
+        if self.placements.len() == self.base {
+            self.growing = false;
+        }
+        if !self.growing && self.failover.is_none() {
+            self.dialer = None;
+        }
+    }
+
+    /// Starts opening socket `k` (the next slot) over the link of socket `route_of`.
+    fn open(&mut self, k: usize, route_of: u8, helpers: &Helpers) -> Result<()> {
+        let Some(dialer) = &self.dialer else { return Err(Error::backend("the comm opens no more sockets")) };
+        let (stream, joining) = dialer.start_as(k as u8, route_of)?;
+        self.shared.place(k, stream);
+        let task = SendTask::new(self.shared.clone(), k, Some(joining));
+        let mut placed = helpers.send.attach(vec![task], &self.placements)?;
+        let placement = placed.pop().expect("one task, one placement");
+        self.shared.relay.place(k, &placement);
+        self.placements.push(placement);
+        self.sockets.added();
+        Ok(())
+    }
+
+    /// Acknowledged comms, whenever the comm is posted to or tested without completing: checks
+    /// the links now and then, schedules dead sockets' links to be dialed again, and dials those
+    /// due from a spare slot.
+    fn watch(&mut self, helpers: &Helpers) {
+        let Some(f) = &mut self.failover else { return };
+        let now = Instant::now();
+        if f.check_due(now) {
+            self.shared.check_links(f.dead_after);
+            for (k, late) in f.joining().collect::<Vec<_>>() {
+                if self.shared.is_open(k) {
+                    f.joined(k);
+                } else if late {
+                    self.shared.abandon(k);
                 }
             }
         }
-        if self.placements.len() == self.shared.streams.len() {
-            self.dialer = None;
+        for k in fanout::sockets(self.shared.take_dead()) {
+            f.dead(k, now);
+        }
+        while let Some(redial) = self.failover.as_mut().and_then(|f| f.due(now)) {
+            self.redial(redial, now, helpers);
+        }
+    }
+
+    /// Opens a spare slot over the link of `redial`; with none left the link stays unused.
+    fn redial(&mut self, redial: Redial, now: Instant, helpers: &Helpers) {
+        self.grow_to(self.base, helpers);
+        let k = self.placements.len();
+        if k >= self.shared.streams.len() {
+            log::warn!("a send comm has no spare socket left to dial link {} again", redial.route);
+            return;
+        }
+        match self.open(k, redial.route, helpers) {
+            Ok(()) => {
+                log::info!(
+                    "a send comm dials the link of its socket {} again (attempt {})",
+                    redial.route,
+                    redial.attempt
+                );
+                if let Some(f) = &mut self.failover {
+                    f.started(k, redial, now);
+                }
+            }
+            Err(e) => {
+                log::warn!("a send comm could not dial the link of its socket {} again: {e}", redial.route);
+                if let Some(f) = &mut self.failover {
+                    // As a slot that failed to join: the next attempt backs off further.
+                    f.started(k, redial, now);
+                    f.dead(k, now);
+                }
+            }
         }
     }
 }
@@ -267,6 +333,7 @@ impl CommCore {
                 if want > send.placements.len() {
                     send.grow_to(want, &self.helpers);
                 }
+                send.watch(&self.helpers);
             }
             Side::Recv(join) => {
                 // Only a socket holding a header for this request waits for the post; the others
@@ -380,13 +447,27 @@ impl SocketSendComm {
         trace: Option<PieceTrace>,
     ) -> Result<SocketSendComm> {
         first.set_nonblocking(true).map_err(|e| Error::io("configure data socket", e))?;
-        let window = Arc::new(Window::new(PieceCut::new(how.subchunk, count), wake));
-        let shared = Arc::new(SendSockets::new(count, window.clone(), how.kick_fanout, sockets.clone(), trace));
+        let hello = growth.dialer.hello;
+        let (slots, cut) = (hello.slots(), PieceCut::new(how.subchunk, count));
+        let window = Arc::new(if hello.acked { Window::acked(cut, wake, slots) } else { Window::new(cut, wake) });
+        let shared = Arc::new(SendSockets::new(slots, window.clone(), how.kick_fanout, sockets.clone(), trace));
         shared.place(0, first);
         let placements = helpers.send.attach(vec![SendTask::new(shared.clone(), 0, None)], [])?;
         shared.relay.place(0, &placements[0]);
         shared.opened(0);
-        let mut send = SendSide { shared, placements, dialer: (count > 1).then_some(growth.dialer), sockets };
+        // A socket whose link acknowledged nothing for a quarter of the stall timeout is dead, so
+        // that its pieces go again over the others well before the connection would fail.
+        let dead_after = (growth.dialer.io_timeout / 4).max(Duration::from_millis(50));
+        let failover = hello.acked.then(|| Failover::new(count, slots, dead_after, Instant::now()));
+        let mut send = SendSide {
+            shared,
+            placements,
+            base: count,
+            dialer: (slots > 1).then_some(growth.dialer),
+            growing: count > 1,
+            sockets,
+            failover,
+        };
         if !growth.lazy {
             send.grow_to(count, &helpers);
         }
@@ -418,6 +499,23 @@ impl SocketSendComm {
         self.0.window.moved(req.0)
     }
 
+    /// Shuts down an open socket over `link` as if it failed; returns its index.
+    pub fn kill_socket_on(&self, link: std::net::IpAddr) -> usize {
+        let Side::Send(send) = &self.0.side else { unreachable!("a send comm has a sending side") };
+        let shared = &send.shared;
+        let k = (0..send.placements.len())
+            .find(|&k| shared.is_open(k) && shared.stream(k).local_addr().is_ok_and(|a| a.ip() == link))
+            .expect("an open socket over the link");
+        let _ = shared.stream(k).shutdown(Shutdown::Both);
+        k
+    }
+
+    /// Sockets that carry pieces now.
+    pub fn open_sockets(&self) -> usize {
+        let Side::Send(send) = &self.0.side else { unreachable!("a send comm has a sending side") };
+        send.shared.open_count()
+    }
+
     /// Whether every helper of the comm's sockets sleeps in `epoll_wait` (a kick must wake it).
     pub fn helpers_sleep(&self) -> bool {
         match &self.0.side {
@@ -445,6 +543,8 @@ impl SendComm for SocketSendComm {
         let done = self.0.test(req)?;
         if done.is_some() {
             self.0.released += 1;
+        } else if let Side::Send(send) = &mut self.0.side {
+            send.watch(&self.0.helpers);
         }
         Ok(done)
     }
@@ -495,7 +595,7 @@ impl SocketRecvComm {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         first: TcpStream,
-        count: usize,
+        shape: CommShape,
         wake: Wake,
         how: Threading,
         helpers: Arc<Helpers>,
@@ -504,7 +604,8 @@ impl SocketRecvComm {
         trace: Option<PieceTrace>,
     ) -> Result<SocketRecvComm> {
         first.set_nonblocking(true).map_err(|e| Error::io("configure data socket", e))?;
-        let window = Arc::new(Window::new(PieceCut::new(how.subchunk, count), wake));
+        let (count, cut) = (shape.slots(), PieceCut::new(how.subchunk, shape.count as usize));
+        let window = Arc::new(if shape.acked { Window::acked(cut, wake, count) } else { Window::new(cut, wake) });
         let sockets = Arc::new(RecvSockets::new(count, window.clone(), trace));
         sockets.place(0, first);
         let placed = helpers.recv.attach(vec![RecvTask::new(sockets.clone(), 0)], [])?;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use super::comm::RecvJoin;
 use super::counts::Counts;
-use super::wire::{HELLO_LEN, SocketHello};
+use super::wire::{CommShape, HELLO_LEN, SocketHello};
 use crate::error::{Error, Result};
 use crate::sys::epoll::Epoll;
 use crate::sys::tcp::tune_stream;
@@ -38,7 +38,7 @@ struct PendingStream {
 struct SocketGroup {
     comm_id: u64,
     peer: IpAddr,
-    subchunk: u32,
+    shape: CommShape,
     streams: Vec<Option<TcpStream>>,
     arrived: usize,
     since: Instant,
@@ -48,8 +48,7 @@ struct SocketGroup {
 struct LiveComm {
     comm_id: u64,
     peer: IpAddr,
-    count: usize,
-    subchunk: u32,
+    shape: CommShape,
     join: Weak<RecvJoin>,
 }
 
@@ -68,7 +67,7 @@ impl LiveComm {
             Some("its comm is closed")
         } else if !any_link && peer.to_canonical() != self.peer {
             Some("it comes from another host than its comm's first socket")
-        } else if hello.count as usize != self.count || hello.subchunk != self.subchunk {
+        } else if hello.shape() != self.shape {
             Some("it contradicts its comm's first socket")
         } else if hello.index == 0 || taken {
             Some("its comm has that socket already")
@@ -82,8 +81,7 @@ impl LiveComm {
 pub(super) struct NewComm {
     pub comm_id: u64,
     pub peer: IpAddr,
-    pub count: usize,
-    pub subchunk: u32,
+    pub shape: CommShape,
     pub first: TcpStream,
     pub early: Vec<(usize, TcpStream)>,
 }
@@ -277,8 +275,7 @@ impl Doorway {
         if let Some(new) = self.ready.iter_mut().find(|n| n.comm_id == hello.comm_id) {
             // Read by the acceptor and not handed out yet: it joins with the comm.
             let index = hello.index as usize;
-            let fits =
-                (on_a_link || new.peer == from) && new.count == hello.count as usize && new.subchunk == hello.subchunk;
+            let fits = (on_a_link || new.peer == from) && new.shape == hello.shape();
             if fits && index != 0 && new.early.iter().all(|(k, _)| *k != index) {
                 new.early.push((index, stream));
             } else {
@@ -292,8 +289,8 @@ impl Doorway {
                 self.groups.push(SocketGroup {
                     comm_id: hello.comm_id,
                     peer: from,
-                    subchunk: hello.subchunk,
-                    streams: (0..hello.count).map(|_| None).collect(),
+                    shape: hello.shape(),
+                    streams: (0..hello.slots()).map(|_| None).collect(),
                     arrived: 0,
                     since: Instant::now(),
                 });
@@ -302,7 +299,7 @@ impl Doorway {
         };
         let same_peer = on_a_link || self.groups[pos].peer == from;
         let g = &mut self.groups[pos];
-        let fits = g.streams.len() == hello.count as usize && g.subchunk == hello.subchunk && same_peer;
+        let fits = g.shape == hello.shape() && same_peer;
         if !fits || g.streams[hello.index as usize].is_some() {
             log::warn!("dropping a data socket from {peer} that contradicts the other sockets of its comm");
             return None;
@@ -318,8 +315,7 @@ impl Doorway {
         Some(NewComm {
             comm_id: g.comm_id,
             peer: g.peer,
-            count: hello.count as usize,
-            subchunk: g.subchunk,
+            shape: g.shape,
             first,
             early: streams.filter_map(|(k, s)| Some((k, s?))).collect(),
         })
@@ -350,10 +346,9 @@ impl Doorway {
     }
 
     /// Keeps the listener for a comm just handed out whose sender may open more sockets.
-    pub fn register(&mut self, comm_id: u64, peer: IpAddr, subchunk: u32, join: &Arc<RecvJoin>) {
+    pub fn register(&mut self, comm_id: u64, peer: IpAddr, shape: CommShape, join: &Arc<RecvJoin>) {
         if !join.full() {
-            let count = join.count();
-            self.live.push(LiveComm { comm_id, peer, count, subchunk, join: Arc::downgrade(join) });
+            self.live.push(LiveComm { comm_id, peer, shape, join: Arc::downgrade(join) });
         }
     }
 
@@ -414,11 +409,11 @@ mod tests {
     use super::*;
 
     fn comm() -> LiveComm {
-        LiveComm { comm_id: 9, peer: "10.0.0.1".parse().unwrap(), count: 4, subchunk: 256 << 10, join: Weak::new() }
+        LiveComm { comm_id: 9, peer: "10.0.0.1".parse().unwrap(), shape: hello(0).shape(), join: Weak::new() }
     }
 
     fn hello(index: u8) -> SocketHello {
-        SocketHello { listen_nonce: 5, comm_id: 9, index, count: 4, subchunk: 256 << 10 }
+        SocketHello { listen_nonce: 5, comm_id: 9, index, count: 4, subchunk: 256 << 10, acked: false, spare: 0 }
     }
 
     #[test]
@@ -434,6 +429,7 @@ mod tests {
             (c.refusal(&hello(1), "10.0.0.2".parse().unwrap(), false, false, false), "another host"),
             (c.refusal(&SocketHello { count: 8, ..hello(1) }, from, false, false, false), "contradicts"),
             (c.refusal(&SocketHello { subchunk: 64 << 10, ..hello(1) }, from, false, false, false), "contradicts"),
+            (c.refusal(&SocketHello { acked: true, spare: 4, ..hello(1) }, from, false, false, false), "contradicts"),
             (c.refusal(&hello(0), from, false, false, false), "already"),
             (c.refusal(&hello(2), from, false, true, false), "already"),
         ];

@@ -150,6 +150,13 @@ impl<T: Task> Relay<T> {
         }
     }
 
+    /// Kicks socket `k` itself (placed, or nothing happens).
+    pub fn kick(&self, k: usize) {
+        if let Some(helper) = self.kickers.get(k).and_then(OnceLock::get).and_then(|c| c.helper.upgrade()) {
+            helper.kick(self.kickers[k].get().expect("just read").token);
+        }
+    }
+
     /// The comm closes or failed: nobody is to run for it any more.
     pub fn forgive(&self) {
         let _dropped = self.owed.swap(0, Ordering::AcqRel);

@@ -29,8 +29,14 @@ pub(super) struct Dialer {
 impl Dialer {
     /// Starts connecting socket `index` without waiting for it: the connect finishes on the helper
     /// that serves the socket ([`Joining`]), so a post never waits on the network.
+    #[cfg(test)]
     pub fn start(&self, index: u8) -> Result<(TcpStream, Joining)> {
-        let route = self.routes.route(index);
+        self.start_as(index, index)
+    }
+
+    /// As [`start`](Self::start), over the link of socket `route_of` (a spare replacing it).
+    pub fn start_as(&self, index: u8, route_of: u8) -> Result<(TcpStream, Joining)> {
+        let route = self.routes.route(route_of);
         let ctx = || format!("connect channel socket {index} to {}", route.to);
         let sock = socket2::Socket::new(socket2::Domain::for_address(route.to), socket2::Type::STREAM, None)
             .map_err(|e| Error::io(ctx(), e))?;
@@ -132,7 +138,15 @@ mod tests {
     use std::net::TcpListener;
 
     fn dialer(addr: std::net::SocketAddr) -> Dialer {
-        let hello = SocketHello { listen_nonce: 7, comm_id: 9, index: 0, count: 4, subchunk: 256 << 10 };
+        let hello = SocketHello {
+            listen_nonce: 7,
+            comm_id: 9,
+            index: 0,
+            count: 4,
+            subchunk: 256 << 10,
+            acked: false,
+            spare: 0,
+        };
         let routes = Routes::new(addr, Vec::new(), Vec::new(), 0);
         Dialer { routes, hello, sndbuf: 0, rcvbuf: 0, io_timeout: Duration::from_secs(5) }
     }

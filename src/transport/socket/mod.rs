@@ -7,9 +7,11 @@
 //! an idle progress thread can sleep.
 
 mod acceptor;
+mod acked;
 mod comm;
 mod counts;
 mod door;
+mod failover;
 mod fanout;
 mod grow;
 mod iov;
@@ -49,6 +51,7 @@ use acceptor::Acceptor;
 use comm::{Growth, Helpers, Threading};
 use counts::Counts;
 use door::{Doorway, MAX_PENDING_STREAMS};
+use failover::SPARE_SOCKETS;
 use grow::Dialer;
 use links::{Route, Routes};
 use piece_trace::{Dir, PieceTrace};
@@ -354,12 +357,18 @@ impl SocketNet {
         let routes = Routes::new(h.addr, self.data.clone(), h.links[..h.nlinks].to_vec(), first_link);
         // Every link carries at least one socket of every comm.
         let count = self.options.sockets_per_comm().max(routes.links()).min(config::MAX_SOCKETS_PER_COMM);
+        // Over several links the receiver acknowledges requests, so that a link that fails costs
+        // the comm that link only, and spare slots let a link that comes back be used again.
+        let acked = routes.links() >= 2;
+        let spare = if acked { SPARE_SOCKETS.min(config::MAX_SOCKETS_PER_COMM - count) } else { 0 };
         let hello = SocketHello {
             listen_nonce: h.nonce,
             comm_id: random_u64(),
             index: 0,
             count: count as u8,
             subchunk: self.options.subchunk,
+            acked,
+            spare: spare as u8,
         };
         let first = match self.connect_one(routes.route(0), &hello) {
             Ok(first) => first,
@@ -378,7 +387,7 @@ impl SocketNet {
             rcvbuf: self.options.rcvbuf,
             io_timeout: self.io_timeout,
         };
-        let trace = PieceTrace::new(self.options.trace.as_deref(), hello.comm_id, Dir::Send, count);
+        let trace = PieceTrace::new(self.options.trace.as_deref(), hello.comm_id, Dir::Send, hello.slots());
         comm::SocketSendComm::new(
             first,
             count,
@@ -408,17 +417,17 @@ impl ListenComm for SocketListen {
     fn accept(&mut self) -> Result<Option<Box<dyn RecvComm>>> {
         let mut door = self.door.lock();
         let Some(new) = door.next()? else { return Ok(None) };
-        let threading = Threading { subchunk: new.subchunk as usize, ..self.threading };
-        let on_close = if new.count > 1 { self.acceptor.waker() } else { None };
+        let threading = Threading { subchunk: new.shape.subchunk as usize, ..self.threading };
+        let on_close = if new.shape.slots() > 1 { self.acceptor.waker() } else { None };
         let recv = comm::SocketRecvComm::new(
             new.first,
-            new.count,
+            new.shape,
             self.wake.clone(),
             threading,
             self.helpers.clone(),
             self.sockets.clone(),
             on_close,
-            PieceTrace::new(self.trace.as_deref(), new.comm_id, Dir::Recv, new.count),
+            PieceTrace::new(self.trace.as_deref(), new.comm_id, Dir::Recv, new.shape.slots()),
         )?;
         let join = recv.join();
         for (k, stream) in new.early {
@@ -427,7 +436,7 @@ impl ListenComm for SocketListen {
                 log::warn!("refusing data socket {k} of a new receive comm: {why}");
             }
         }
-        door.register(new.comm_id, new.peer, new.subchunk, &join);
+        door.register(new.comm_id, new.peer, new.shape, &join);
         // Its later sockets are read whether or not this listen comm is polled again.
         let grows = door.prune() && !door.watched();
         drop(door);
@@ -463,6 +472,8 @@ fn polls(options: &SocketConfig) -> Polls {
     }
 }
 
+#[cfg(test)]
+mod failover_tests;
 #[cfg(test)]
 mod partial_tests;
 #[cfg(test)]

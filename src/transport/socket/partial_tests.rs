@@ -56,7 +56,9 @@ fn the_landed_prefix_grows_only_over_pieces_without_a_gap() {
             let len = (total - i * PIECE as u64).min(PIECE as u64);
             match window.admit(0, total, i * PIECE as u64, len).unwrap() {
                 Admission::Land(piece, ..) => piece,
-                Admission::NotPosted => unreachable!("request 0 is posted"),
+                Admission::NotPosted | Admission::TakeOver(..) | Admission::Discard(..) => {
+                    unreachable!("request 0 is posted, once")
+                }
             }
         })
         .collect();
@@ -84,7 +86,9 @@ fn admit_all(window: &super::window::Window, seq: u64, total: u64) -> Vec<super:
     (0..window.cut.pieces(total))
         .map(|i| match window.admit(seq, total, i * piece, (total - i * piece).min(piece)).unwrap() {
             Admission::Land(piece, ..) => piece,
-            Admission::NotPosted => unreachable!("request {seq} is posted"),
+            Admission::NotPosted | Admission::TakeOver(..) | Admission::Discard(..) => {
+                unreachable!("request {seq} is posted, each piece once")
+            }
         })
         .collect()
 }

@@ -4,23 +4,32 @@
 //! place and only their first few KiB pass through staging. A socket's work runs on the shared
 //! helper that owns it (`reactor`), whenever the kernel reports data or a post kicks it. Pieces of
 //! any request may come on any socket of the comm, including sockets added after it was handed out.
+//! On an acknowledged comm a socket whose landing completed requests writes the count back
+//! ([`Ack`]), a piece that comes twice is read past or taken over (`acked`), and a socket that
+//! fails only takes itself out while others live.
 
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use super::iov::{self, MAX_IOV};
 use super::link_tally::Tallies;
 use super::piece_trace::PieceTrace;
 use super::reactor::{Next, Task};
 use super::window::{Admission, Piece, PieceMem, Window};
-use super::wire::{PIECE_HEADER_LEN, PieceHeader};
+use super::wire::{Ack, DONE_LEN, PIECE_HEADER_LEN, PieceHeader};
 use super::write_back;
 use crate::error::{Error, Result};
 use crate::threads::{self, ThreadKind};
 
 const STAGE_LEN: usize = 4096;
+/// How long a socket taking over a piece waits for the socket that had it to stop running: that
+/// one runs without blocking, so only a helper that hangs makes this fail the comm.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 
 enum Phase {
     Header,
@@ -32,6 +41,12 @@ enum Phase {
         landed: usize,
         write_back: bool,
     },
+    /// Acknowledged comms: the rest of a piece that landed already (or was taken over) is read
+    /// past; then `ack` is written back, if any.
+    Discard {
+        left: u64,
+        ack: Option<u64>,
+    },
 }
 
 struct Incoming {
@@ -41,6 +56,50 @@ struct Incoming {
     phase: Phase,
     /// Length of the request of the piece that landed in the socket's last run.
     finished_request_len: Option<u64>,
+    /// Acknowledged comms: the completed count to write back on this socket.
+    ack_due: Option<u64>,
+}
+
+/// An acknowledgement on its way out of one socket (only its own task writes there).
+struct AckOut {
+    buf: [u8; DONE_LEN],
+    /// Bytes of `buf` written; `DONE_LEN` when none waits.
+    written: usize,
+    sent: u64,
+}
+
+impl AckOut {
+    /// Writes what waits, then `due` if it says more than what went; a full socket keeps the rest
+    /// for the next run (the sender asks again on another socket if it never comes).
+    fn flush(&mut self, fd: RawFd, due: &mut Option<u64>) -> Result<()> {
+        loop {
+            if self.written < DONE_LEN {
+                let rest = &self.buf[self.written..];
+                // SAFETY: `rest` is readable for its length. MSG_NOSIGNAL: a reset is an error.
+                let n = unsafe {
+                    libc::send(fd, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+                };
+                if n < 0 {
+                    let e = std::io::Error::last_os_error();
+                    match e.kind() {
+                        std::io::ErrorKind::Interrupted => continue,
+                        std::io::ErrorKind::WouldBlock => return Ok(()),
+                        _ => return Err(Error::io("acknowledge on a data socket", e)),
+                    }
+                }
+                self.written += n as usize;
+                continue;
+            }
+            match due.take() {
+                Some(n) if n > self.sent => {
+                    self.buf = Ack { completed: n }.encode();
+                    self.written = 0;
+                    self.sent = n;
+                }
+                _ => return Ok(()),
+            }
+        }
+    }
 }
 
 enum Step {
@@ -63,6 +122,11 @@ pub(super) struct RecvSockets {
     pub trace: Option<PieceTrace>,
     /// What each socket carried, for the per-link counters.
     pub tally: Tallies,
+    /// Acknowledged comms, per socket: held while its task runs, so that a socket taking its piece
+    /// over knows when it can no longer be writing it.
+    running: Vec<Mutex<()>>,
+    /// Acknowledged comms: sockets that failed, one bit each.
+    dead: AtomicU64,
 }
 
 impl RecvSockets {
@@ -74,6 +138,23 @@ impl RecvSockets {
             held: (0..n).map(|_| AtomicBool::new(false)).collect(),
             trace,
             tally: Tallies::new(n),
+            running: (0..n).map(|_| Mutex::new(())).collect(),
+            dead: AtomicU64::new(0),
+        }
+    }
+
+    /// Acknowledged comms: socket `k` failed with `e`. The comm goes on while another placed
+    /// socket lives (the sender sends the pieces again there), and fails with `e` otherwise.
+    fn socket_failed(&self, k: usize, e: Error) {
+        self.window.drop_socket(k);
+        let dead = self.dead.fetch_or(1 << k, Ordering::AcqRel) | (1 << k);
+        let _ = self.stream(k).shutdown(std::net::Shutdown::Both);
+        let placed = self.streams.iter().enumerate().filter(|(_, s)| s.get().is_some());
+        let alive = placed.filter(|&(i, _)| dead & (1 << i) == 0).count();
+        if alive == 0 {
+            self.window.fail(e);
+        } else if !self.window.closing() {
+            log::warn!("data socket {k} of a receive comm failed ({e}); {alive} others go on");
         }
     }
 
@@ -97,6 +178,7 @@ pub(super) struct RecvTask {
     pub shared: Arc<RecvSockets>,
     pub k: usize,
     inc: Incoming,
+    ack: AckOut,
 }
 
 impl RecvTask {
@@ -107,8 +189,9 @@ impl RecvTask {
             end: 0,
             phase: Phase::Header,
             finished_request_len: None,
+            ack_due: None,
         };
-        RecvTask { shared, k, inc }
+        RecvTask { shared, k, inc, ack: AckOut { buf: [0; DONE_LEN], written: DONE_LEN, sent: 0 } }
     }
 }
 
@@ -140,7 +223,16 @@ impl Task for RecvTask {
             return Next::Stop;
         }
         s.held[self.k].store(false, Ordering::Relaxed);
-        match drive(s, self.k, &mut self.inc) {
+        let acked = s.window.is_acked();
+        let _running = acked.then(|| s.running[self.k].lock());
+        let mut step = drive(s, self.k, &mut self.inc);
+        if acked && (self.inc.ack_due.is_some() || self.ack.written < DONE_LEN) {
+            let fd = s.stream(self.k).as_raw_fd();
+            if let Err(e) = self.ack.flush(fd, &mut self.inc.ack_due) {
+                step = step.and(Err(e));
+            }
+        }
+        match step {
             Ok(Step::Finished) => Next::Again,
             Ok(Step::Blocked) => Next::Idle,
             Ok(Step::Held(seq)) => {
@@ -155,7 +247,11 @@ impl Task for RecvTask {
                 if !(between_pieces && e.status() == crate::error::UcclStatus::ErrRemoteDisconnect) {
                     s.tally.error(self.k);
                 }
-                s.window.fail(e);
+                if acked {
+                    s.socket_failed(self.k, e);
+                } else {
+                    s.window.fail(e);
+                }
                 Next::Stop
             }
         }
@@ -198,6 +294,11 @@ fn drive(s: &RecvSockets, socket: usize, inc: &mut Incoming) -> Result<Step> {
                 }
             }
             Phase::Payload { piece, mem, landed, write_back } => {
+                if s.window.is_acked() && s.window.revoked(socket) {
+                    // Another socket lands this piece now: the rest of this copy is read past.
+                    inc.phase = Phase::Discard { left: (piece.len - *landed) as u64, ack: None };
+                    continue;
+                }
                 let staged = inc.end - inc.start;
                 if staged > 0 {
                     let n = staged.min(piece.len - *landed);
@@ -208,6 +309,9 @@ fn drive(s: &RecvSockets, socket: usize, inc: &mut Incoming) -> Result<Step> {
                     *landed += n;
                 }
                 while *landed < piece.len {
+                    if s.window.is_acked() && s.window.revoked(socket) {
+                        break;
+                    }
                     // SAFETY: as above, the rest of the admitted memory.
                     match unsafe { recv_into(fd, mem, *landed, flags)? } {
                         Some(n) => *landed += n,
@@ -221,6 +325,10 @@ fn drive(s: &RecvSockets, socket: usize, inc: &mut Incoming) -> Result<Step> {
                     // until the request completes, which it cannot before this piece counts.
                     unsafe { write_back::write_back_landed(mem.segs()) };
                 }
+                if *landed < piece.len {
+                    // Taken over meanwhile: the check at the top reads the rest past.
+                    continue;
+                }
                 let piece = *piece;
                 inc.phase = Phase::Header;
                 inc.finished_request_len = Some(piece.total);
@@ -228,7 +336,30 @@ fn drive(s: &RecvSockets, socket: usize, inc: &mut Incoming) -> Result<Step> {
                 if let Some(t) = &s.trace {
                     t.done(socket, piece.seq, piece.len);
                 }
-                s.window.landed_piece(&piece);
+                if s.window.is_acked() {
+                    if let Some(n) = s.window.landed_acked(socket, &piece) {
+                        inc.ack_due = inc.ack_due.max(Some(n));
+                    }
+                } else {
+                    s.window.landed_piece(&piece);
+                }
+                return Ok(Step::Finished);
+            }
+            Phase::Discard { left, ack } => {
+                let staged = ((inc.end - inc.start) as u64).min(*left);
+                inc.start += staged as usize;
+                *left -= staged;
+                while *left > 0 {
+                    inc.start = 0;
+                    inc.end = 0;
+                    let n = (*left).min(STAGE_LEN as u64) as usize;
+                    match recv(fd, &mut inc.stage[..n], flags)? {
+                        Some(got) => *left -= got as u64,
+                        None => return Ok(Step::Blocked),
+                    }
+                }
+                inc.ack_due = inc.ack_due.max(*ack);
+                inc.phase = Phase::Header;
                 return Ok(Step::Finished);
             }
         }
@@ -236,9 +367,24 @@ fn drive(s: &RecvSockets, socket: usize, inc: &mut Incoming) -> Result<Step> {
 }
 
 fn admit(s: &RecvSockets, socket: usize, inc: &mut Incoming, h: PieceHeader) -> Result<()> {
-    inc.phase = match s.window.admit(h.seq, h.total, h.offset, h.len as u64)? {
+    let admission = if s.window.is_acked() {
+        s.window.admit_acked(socket, h.seq, h.total, h.offset, h.len as u64)?
+    } else {
+        s.window.admit(h.seq, h.total, h.offset, h.len as u64)?
+    };
+    inc.phase = match admission {
         Admission::Land(piece, mem, write_back) => Phase::Payload { piece, mem, landed: 0, write_back },
         Admission::NotPosted => Phase::Held(h),
+        Admission::TakeOver(piece, mem, write_back, from) => {
+            // Once `from` no longer runs, it saw the takeover before writing again.
+            if s.running[from].try_lock_for(TAKEOVER_WAIT).is_none() {
+                return Err(Error::internal(format!(
+                    "data socket {from} kept running {TAKEOVER_WAIT:?} while its piece was taken over"
+                )));
+            }
+            Phase::Payload { piece, mem, landed: 0, write_back }
+        }
+        Admission::Discard(left, ack) => Phase::Discard { left, ack },
     };
     if matches!(inc.phase, Phase::Payload { .. }) {
         if let Some(t) = &s.trace {

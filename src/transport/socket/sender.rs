@@ -2,12 +2,16 @@
 //! window, so whichever socket drains first takes more (a slow flow never gates a request). Header
 //! and payload leave in one `sendmsg` straight from the caller's buffer. A socket's work runs on the
 //! shared helper that owns it (`reactor`), or on the posting thread for a small request. A socket the comm
-//! added after connect pulls nothing until it joined (`grow`).
+//! added after connect pulls nothing until it joined (`grow`). On an acknowledged comm every socket
+//! keeps the pieces it carried until the receiver acknowledged their requests; a socket that fails,
+//! or whose link stops answering ([`SendSockets::check_links`]), is declared dead and its pieces
+//! are cut again for the others.
 
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
@@ -19,7 +23,7 @@ use super::link_tally::Tallies;
 use super::piece_trace::PieceTrace;
 use super::reactor::{Next, Task};
 use super::window::{Piece, PieceMem, Window};
-use super::wire::{PIECE_HEADER_LEN, PieceHeader};
+use super::wire::{Ack, DONE_LEN, PIECE_HEADER_LEN, PieceHeader};
 use crate::error::Error;
 use crate::threads::{self, ThreadKind};
 
@@ -63,6 +67,18 @@ pub(super) struct SendSockets {
     pub trace: Option<PieceTrace>,
     /// What each socket carried, for the per-link counters.
     pub tally: Tallies,
+    /// Acknowledged comms, per socket: pieces out and not acknowledged, and whether it died.
+    inflight: Vec<Mutex<Inflight>>,
+    /// Acknowledged comms: sockets declared dead, one bit each; those the comm has not replaced
+    /// yet in `to_replace`.
+    dead: AtomicU64,
+    to_replace: AtomicU64,
+}
+
+#[derive(Default)]
+struct Inflight {
+    pieces: Vec<Piece>,
+    dead: bool,
 }
 
 /// What an inline send did.
@@ -97,6 +113,105 @@ impl SendSockets {
             relay: Relay::new(n, kick_fanout),
             trace,
             tally: Tallies::new(n),
+            inflight: (0..n).map(|_| Mutex::default()).collect(),
+            dead: AtomicU64::new(0),
+            to_replace: AtomicU64::new(0),
+        }
+    }
+
+    /// Acknowledged comms: socket `k` takes `piece`, kept until acknowledged. False when `k` died
+    /// meanwhile: the piece goes to the others.
+    fn took(&self, k: usize, piece: &Piece) -> bool {
+        if !self.window.is_acked() {
+            return true;
+        }
+        let mut f = self.inflight[k].lock();
+        if f.dead {
+            drop(f);
+            self.window.resend([*piece]);
+            return false;
+        }
+        let upto = self.window.acked_upto();
+        f.pieces.retain(|p| p.seq >= upto);
+        f.pieces.push(*piece);
+        true
+    }
+
+    /// Acknowledged comms: socket `k` is dead (`why`). Its pieces not acknowledged go out again on
+    /// the others, which are kicked; the connection is reset, so that its link carries nothing more
+    /// of it. With no other socket open the comm fails with `why`.
+    pub fn socket_failed(&self, k: usize, why: Error) {
+        let pieces = {
+            let mut f = self.inflight[k].lock();
+            if f.dead {
+                return;
+            }
+            f.dead = true;
+            std::mem::take(&mut f.pieces)
+        };
+        self.open[k].store(false, Ordering::SeqCst);
+        self.dead.fetch_or(1 << k, Ordering::AcqRel);
+        self.tally.error(k);
+        abort(self.stream(k));
+        let again = self.window.resend(pieces);
+        let open = self.open_count();
+        if open == 0 {
+            self.window.fail(Error::new(
+                why.status(),
+                format!("every data socket of the comm failed, the last: {}", why.message()),
+            ));
+            return;
+        }
+        if !self.window.closing() {
+            let link = self.stream(k).local_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+            log::warn!(
+                "data socket {k} of a send comm (link {link}) failed: {}; {again} pieces go again over {open} others",
+                why.message()
+            );
+        }
+        self.to_replace.fetch_or(1 << k, Ordering::AcqRel);
+        for j in (0..self.streams.len()).filter(|&j| self.idle(j)) {
+            self.relay.kick(j);
+        }
+        self.window.wake();
+    }
+
+    /// Whether socket `k` carries pieces now.
+    pub fn is_open(&self, k: usize) -> bool {
+        self.open[k].load(Ordering::Acquire)
+    }
+
+    /// Resets socket `k`, still joining, whose link did not answer in time: its helper then gives
+    /// it up.
+    pub fn abandon(&self, k: usize) {
+        abort(self.stream(k));
+    }
+
+    /// Dead sockets the comm has not replaced yet, taken.
+    pub fn take_dead(&self) -> u64 {
+        self.to_replace.swap(0, Ordering::AcqRel)
+    }
+
+    /// Acknowledged comms: declares dead every open socket with pieces out whose connection is
+    /// gone or whose link acknowledged none of its bytes for `bound` while the kernel already sent
+    /// some again (the peer's kernel, not its engine: a slow receiver still acknowledges what
+    /// arrived, and a socket that just sent after a quiet spell has no retransmission yet).
+    pub fn check_links(&self, bound: Duration) {
+        let upto = self.window.acked_upto();
+        for k in 0..self.streams.len() {
+            if !self.open[k].load(Ordering::Acquire) || !self.inflight[k].lock().pieces.iter().any(|p| p.seq >= upto) {
+                continue;
+            }
+            let Some(info) = tcp_info(self.stream(k)) else { continue };
+            let silent = Duration::from_millis(u64::from(info.tcpi_last_ack_recv));
+            if info.tcpi_state != TCP_ESTABLISHED {
+                self.socket_failed(k, Error::disconnected("the data socket's connection closed"));
+            } else if info.tcpi_unacked > 0 && info.tcpi_retransmits > 0 && silent >= bound {
+                self.socket_failed(
+                    k,
+                    Error::timeout(format!("its link acknowledged nothing for {} ms", silent.as_millis())),
+                );
+            }
         }
     }
 
@@ -128,6 +243,13 @@ impl SendSockets {
         self.sockets.gave_up();
         self.tally.error(k);
         let _ = self.stream(k).shutdown(std::net::Shutdown::Both);
+        if self.window.is_acked() {
+            // Its link may come back: the comm tries it again later.
+            self.inflight[k].lock().dead = true;
+            self.dead.fetch_or(1 << k, Ordering::AcqRel);
+            self.to_replace.fetch_or(1 << k, Ordering::AcqRel);
+            self.window.wake();
+        }
         if self.gave_up.swap(true, Ordering::Relaxed) {
             log::debug!("data socket {k} of a send comm was not added: {e}");
         } else {
@@ -185,6 +307,10 @@ impl SendSockets {
                 self.release(k);
                 return Inline::Done;
             };
+            if !self.took(k, &cut.0) {
+                self.release(k);
+                return Inline::Done;
+            }
             self.traced_cut(k, cut.0.seq);
             let mut o = Outgoing::new(cut);
             match write(self.stream(k), &mut o) {
@@ -199,9 +325,14 @@ impl SendSockets {
                     return Inline::HandedOver(k);
                 }
                 Err(e) => {
-                    self.tally.error(k);
                     self.release(k);
-                    self.window.fail(Error::io("channel send", e));
+                    let e = Error::io("channel send", e);
+                    if self.window.is_acked() {
+                        self.socket_failed(k, e);
+                    } else {
+                        self.tally.error(k);
+                        self.window.fail(e);
+                    }
                 }
             }
             return Inline::Done;
@@ -219,12 +350,51 @@ pub(super) struct SendTask {
     joining: Option<Box<Joining>>,
     /// Length of the request of the piece this socket finished in its last run.
     finished_request_len: Option<u64>,
+    /// Acknowledged comms: an acknowledgement partly read.
+    ack: [u8; DONE_LEN],
+    ack_got: usize,
 }
 
 impl SendTask {
     /// The task of placed socket `k`: open already, or `joining`.
     pub fn new(shared: Arc<SendSockets>, k: usize, joining: Option<Joining>) -> SendTask {
-        SendTask { shared, k, out: None, joining: joining.map(Box::new), finished_request_len: None }
+        SendTask {
+            shared,
+            k,
+            out: None,
+            joining: joining.map(Box::new),
+            finished_request_len: None,
+            ack: [0; DONE_LEN],
+            ack_got: 0,
+        }
+    }
+
+    /// Reads the acknowledgements that came on this socket. `Err((fatal, e))`: a malformed or
+    /// impossible one fails the comm (`fatal`); a socket error or its end takes the socket out.
+    fn read_acks(&mut self) -> Result<(), (bool, Error)> {
+        let fd = self.shared.stream(self.k).as_raw_fd();
+        loop {
+            let rest = &mut self.ack[self.ack_got..];
+            // SAFETY: `rest` is writable for its length.
+            let n = unsafe { libc::recv(fd, rest.as_mut_ptr().cast(), rest.len(), libc::MSG_DONTWAIT) };
+            if n == 0 {
+                return Err((false, Error::disconnected("the receiver closed the data socket")));
+            }
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                match e.kind() {
+                    std::io::ErrorKind::Interrupted => continue,
+                    std::io::ErrorKind::WouldBlock => return Ok(()),
+                    _ => return Err((false, Error::io("channel acknowledgement", e))),
+                }
+            }
+            self.ack_got += n as usize;
+            if self.ack_got == DONE_LEN {
+                self.ack_got = 0;
+                let ack = Ack::decode(&self.ack).map_err(|e| (true, e))?;
+                self.shared.window.ack(ack.completed).map_err(|e| (true, e))?;
+            }
+        }
     }
 
     /// Moves an added socket on until it joined: `Some(next)` while it may not pull pieces yet.
@@ -257,6 +427,10 @@ impl SendTask {
                 return None;
             }
             if let Some(cut) = s.window.cut() {
+                if !s.took(self.k, &cut.0) {
+                    s.release(self.k);
+                    return None;
+                }
                 threads::point(ThreadKind::SocketSender);
                 s.traced_cut(self.k, cut.0.seq);
                 return Some(Outgoing::new(cut));
@@ -297,9 +471,14 @@ impl Task for SendTask {
         self.shared.stream(self.k).as_raw_fd()
     }
 
-    /// A joining socket also waits for the peer's acknowledgement.
+    /// A joining socket also waits for the peer's acknowledgement, and every socket of an
+    /// acknowledged comm for the receiver's.
     fn interest(&self) -> u32 {
-        if self.joining.is_some() { (libc::EPOLLOUT | libc::EPOLLIN) as u32 } else { libc::EPOLLOUT as u32 }
+        if self.joining.is_some() || self.shared.window.is_acked() {
+            (libc::EPOLLOUT | libc::EPOLLIN | libc::EPOLLRDHUP) as u32
+        } else {
+            libc::EPOLLOUT as u32
+        }
     }
 
     fn window(&self) -> &Arc<Window> {
@@ -322,8 +501,30 @@ impl Task for SendTask {
         if let Some(next) = self.join() {
             return next;
         }
+        let acked = self.shared.window.is_acked();
+        if acked {
+            if self.shared.inflight[self.k].lock().dead {
+                return Next::Stop;
+            }
+            match self.read_acks() {
+                Ok(()) => {}
+                Err((true, e)) => {
+                    self.shared.window.fail(e);
+                    self.shared.relay.forgive();
+                    return Next::Stop;
+                }
+                Err((false, e)) => {
+                    self.shared.socket_failed(self.k, e);
+                    return Next::Stop;
+                }
+            }
+        }
         match self.step() {
             Ok(next) => next,
+            Err(e) if acked => {
+                self.shared.socket_failed(self.k, e);
+                Next::Stop
+            }
             Err(e) => {
                 self.shared.tally.error(self.k);
                 self.shared.window.fail(e);
@@ -332,6 +533,33 @@ impl Task for SendTask {
             }
         }
     }
+}
+
+/// `tcpi_state` of a connected socket (linux/tcp_states.h).
+const TCP_ESTABLISHED: u8 = 1;
+
+/// Resets `stream`'s connection (a connect to no address: RST, its queues dropped), so that a
+/// socket declared dead sends nothing more, even should its link come back.
+fn abort(stream: &TcpStream) {
+    // SAFETY: an all-zero sockaddr with family AF_UNSPEC, of its own size.
+    let mut unspec: libc::sockaddr = unsafe { std::mem::zeroed() };
+    unspec.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+    // SAFETY: a valid descriptor and the address above.
+    let _ =
+        unsafe { libc::connect(stream.as_raw_fd(), &unspec, std::mem::size_of::<libc::sockaddr>() as libc::socklen_t) };
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+/// The kernel's view of `stream`'s connection, if it gives one.
+fn tcp_info(stream: &TcpStream) -> Option<libc::tcp_info> {
+    // SAFETY: tcp_info is plain data, valid all zero.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid descriptor, and a buffer of the length given.
+    let rc = unsafe {
+        libc::getsockopt(stream.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len)
+    };
+    (rc == 0).then_some(info)
 }
 
 enum Step {

@@ -101,6 +101,8 @@ fn a_comm_spreads_its_sockets_over_the_data_links() {
     let port = SocketHandle::decode(&handle).unwrap().addr.port();
     let mut tx = net.connect(0, &mut handle).unwrap().expect("socket connect completes at once");
     let mut rx = until(|| listen.accept()).unwrap();
+    // Both sockets joined before the messages go: else the first may cut every piece alone.
+    until(|| Ok(Some(()).filter(|_| net.data_socket_stats().sending == 2))).unwrap();
     let msgs: Vec<Vec<u8>> = (0..8).map(|i| (0..(300 << 10) + i).map(|b| (b * 7 + i) as u8).collect()).collect();
     let mut bufs: Vec<Vec<u8>> = (0..8).map(|_| vec![0u8; 400 << 10]).collect();
     // SAFETY: each buffer lives in `bufs` and is read only after its receive is reported done.
@@ -207,7 +209,15 @@ fn a_sender_closing_between_pieces_is_no_link_error() {
     let (handle, mut listen) = net.listen(0).unwrap();
     let h = SocketHandle::decode(&handle).unwrap();
     let mut raw = TcpStream::connect(h.addr).unwrap();
-    let hello = wire::SocketHello { listen_nonce: h.nonce, comm_id: 77, index: 0, count: 1, subchunk: 256 << 10 };
+    let hello = wire::SocketHello {
+        listen_nonce: h.nonce,
+        comm_id: 77,
+        index: 0,
+        count: 1,
+        subchunk: 256 << 10,
+        acked: false,
+        spare: 0,
+    };
     raw.write_all(&hello.encode()).unwrap();
     let mut rx = until(|| listen.accept()).unwrap();
     // SAFETY: as above.

@@ -2,13 +2,17 @@
 //! `seq % 16`. Request descriptions and the decisions that must be atomic across threads (which piece
 //! a sender cuts next, which piece a receiver admits) sit behind one short lock per piece; byte counts
 //! and completion are atomics, so `test` never locks. A send may be posted with only a prefix of
-//! its bytes ready, and a receive window asked to track them reports its landed prefix (`partial`).
+//! its bytes ready, and a receive window asked to track them reports its landed prefix (`partial`). On an acknowledged comm (`acked`) a send completes when the receiver
+//! acknowledged it, not when its bytes are in the kernel, and pieces a dead socket carried are cut
+//! again before anything new.
 
+use std::collections::VecDeque;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
+use super::acked::{Claims, Completions, Take};
 use super::partial::{self, Landed};
 use super::wire::PieceCut;
 use crate::error::{Error, Result};
@@ -47,6 +51,17 @@ struct Book {
     /// Send: the next piece to cut.
     cut_seq: u64,
     cut_offset: u64,
+    /// An acknowledged comm's own bookkeeping.
+    acked: Option<AckedBook>,
+}
+
+struct AckedBook {
+    /// Receive: which socket lands which piece.
+    claims: Claims,
+    /// Receive: requests complete, for the acknowledgements.
+    completions: Completions,
+    /// Send: pieces of requests not acknowledged yet whose socket died, to send again first.
+    resend: VecDeque<Piece>,
 }
 
 #[derive(Default)]
@@ -113,6 +128,12 @@ pub enum Admission {
     Land(Piece, PieceMem, bool),
     /// The request is not posted yet: hold the header and ask again after the next post.
     NotPosted,
+    /// Acknowledged comms: as `Land`, the piece taken over from the socket named, which may be
+    /// writing it: wait until it no longer runs before landing.
+    TakeOver(Piece, PieceMem, bool, usize),
+    /// Acknowledged comms: a copy of a piece that landed already: read its payload past. With the
+    /// count to acknowledge again where its request completed (its acknowledgement may be lost).
+    Discard(u64, Option<u64>),
 }
 
 pub struct Window {
@@ -132,9 +153,28 @@ pub struct Window {
     failed: AtomicBool,
     failure: Mutex<Option<Error>>,
     wake: Wake,
+    /// Acknowledged comms: sends complete on the receiver's acknowledgement.
+    acked: bool,
+    /// Send: requests the receiver acknowledged, all below this.
+    acked_upto: AtomicU64,
+    /// Receive, per socket: another socket took over the piece it lands; it reads the rest past.
+    revoked: Box<[AtomicBool]>,
 }
 
 impl Window {
+    /// The window of an acknowledged comm of `slots` sockets (spares included).
+    pub fn acked(cut: PieceCut, wake: Wake, slots: usize) -> Window {
+        let mut w = Window::new(cut, wake);
+        w.acked = true;
+        w.revoked = (0..slots).map(|_| AtomicBool::new(false)).collect();
+        w.book.get_mut().acked = Some(AckedBook {
+            claims: Claims::new(slots),
+            completions: Completions::default(),
+            resend: VecDeque::new(),
+        });
+        w
+    }
+
     pub fn new(cut: PieceCut, wake: Wake) -> Window {
         let empty = Request { seq: UNKNOWN, len: 0, total: UNKNOWN, admitted: 0, ready: 0, write_back: false };
         Window {
@@ -145,6 +185,7 @@ impl Window {
                 mem: Default::default(),
                 cut_seq: 0,
                 cut_offset: 0,
+                acked: None,
             }),
             posted: AtomicU64::new(0),
             raised: AtomicU64::new(0),
@@ -155,7 +196,20 @@ impl Window {
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
             wake,
+            acked: false,
+            acked_upto: AtomicU64::new(0),
+            revoked: Box::new([]),
         }
+    }
+
+    /// Wakes whoever polls the comm (a socket died: the comm's owner replaces it).
+    pub fn wake(&self) {
+        (self.wake)();
+    }
+
+    /// Whether the receiver acknowledges completed requests.
+    pub fn is_acked(&self) -> bool {
+        self.acked
     }
 
     /// Publishes request `seq` over the memory of `iov` (at least one segment; the caller checked
@@ -243,6 +297,17 @@ impl Window {
     /// (and one waiting for its bytes holds the later ones back).
     pub fn cut(&self) -> Option<(Piece, PieceMem)> {
         let mut book = self.book.lock();
+        let book = &mut *book;
+        if let Some(acked) = &mut book.acked {
+            let upto = self.acked_upto.load(Ordering::Acquire);
+            while let Some(p) = acked.resend.pop_front() {
+                // Not acknowledged: its request still holds its slot and memory.
+                if p.seq >= upto {
+                    let mem = locate(&book.mem[p.seq as usize % MAX_REQUESTS], p.offset, p.len);
+                    return Some((p, mem));
+                }
+            }
+        }
         if book.cut_seq >= book.posted {
             return None;
         }
@@ -317,6 +382,12 @@ impl Window {
 
     /// Counts a moved piece; the thread that moves a request's last byte completes it.
     pub fn finish(&self, piece: &Piece) {
+        if self.acked {
+            // Sent, and complete only once acknowledged (`ack`).
+            let slot = piece.seq as usize % MAX_REQUESTS;
+            self.progress[slot].bytes.fetch_add(piece.len as u64, Ordering::AcqRel);
+            return;
+        }
         if piece.len == 0 {
             if piece.total == 0
                 && self.progress[piece.seq as usize % MAX_REQUESTS].done.load(Ordering::Acquire) <= piece.seq
@@ -352,6 +423,142 @@ impl Window {
             return Some(size);
         }
         Some(landed[seq as usize % MAX_REQUESTS].bytes(self.cut) as usize)
+    }
+
+    /// Sender: the receiver completed every request below `completed`; completes those not
+    /// acknowledged yet. Returns whether that moved; an acknowledgement of requests never posted
+    /// is a protocol violation.
+    pub fn ack(&self, completed: u64) -> Result<bool> {
+        let book = self.book.lock();
+        let upto = self.acked_upto.load(Ordering::Acquire);
+        if completed <= upto {
+            return Ok(false);
+        }
+        if completed > book.posted {
+            return Err(Error::backend(format!(
+                "protocol violation: the receiver acknowledged {completed} requests, {} were sent",
+                book.posted
+            )));
+        }
+        for seq in upto..completed {
+            let slot = seq as usize % MAX_REQUESTS;
+            self.complete(slot, seq, book.reqs[slot].len as u64);
+        }
+        self.acked_upto.store(completed, Ordering::Release);
+        Ok(true)
+    }
+
+    /// Sender: requests acknowledged so far.
+    pub fn acked_upto(&self) -> u64 {
+        self.acked_upto.load(Ordering::Acquire)
+    }
+
+    /// Sender: `pieces` a dead socket carried go out again, before any new piece; those of
+    /// acknowledged requests are dropped. Returns how many will.
+    pub fn resend(&self, pieces: impl IntoIterator<Item = Piece>) -> u64 {
+        let n = {
+            let mut book = self.book.lock();
+            let upto = self.acked_upto.load(Ordering::Acquire);
+            let Some(acked) = &mut book.acked else { return 0 };
+            let before = acked.resend.len();
+            acked.resend.extend(pieces.into_iter().filter(|p| p.seq >= upto));
+            (acked.resend.len() - before) as u64
+        };
+        if n > 0 {
+            // As a raise: a socket that looks again finds them.
+            self.raised.fetch_add(1, Ordering::SeqCst);
+        }
+        n
+    }
+
+    /// Receiver of an acknowledged comm: [`admit`](Self::admit) for socket `k`, where a piece
+    /// may come twice.
+    pub fn admit_acked(&self, k: usize, seq: u64, total: u64, offset: u64, len: u64) -> Result<Admission> {
+        let mut book = self.book.lock();
+        if seq >= book.posted {
+            return Ok(Admission::NotPosted);
+        }
+        let slot = seq as usize % MAX_REQUESTS;
+        let Book { reqs, seen, mem, acked, .. } = &mut *book;
+        let acked = acked.as_mut().expect("an acknowledged comm's book");
+        let req = &mut reqs[slot];
+        if req.seq != seq || self.progress[slot].done.load(Ordering::Acquire) == seq + 1 {
+            // Its request completed (a later one may hold the slot): acknowledge again.
+            return Ok(Admission::Discard(len, Some(acked.completions.upto())));
+        }
+        if total > req.len as u64 {
+            return Err(Error::backend(format!("peer sent a {total}-byte message into a {}-byte receive", req.len)));
+        }
+        let piece = self.cut.piece_len(total);
+        let seen = &mut seen[slot];
+        if req.total == UNKNOWN {
+            req.total = total;
+            if let Some(landed) = self.landed.get() {
+                landed[slot].sized(total);
+            }
+            seen.clear();
+            seen.resize(total.div_ceil(piece).div_ceil(64).max(1) as usize, 0);
+        } else if req.total != total {
+            return Err(Error::backend(format!(
+                "protocol violation: pieces of request {seq} disagree on its size ({} and {total} bytes)",
+                req.total
+            )));
+        }
+        let index = offset / piece;
+        if seen[index as usize / 64] & (1u64 << (index % 64)) != 0 {
+            return Ok(Admission::Discard(len, None));
+        }
+        // A new piece for this socket: a takeover of its last one no longer applies.
+        self.revoked[k].store(false, Ordering::Release);
+        let p = Piece { seq, total, offset, len: len as usize };
+        let piece_mem = locate(&mem[slot], offset, len as usize);
+        Ok(match acked.claims.take(k, (seq, index)) {
+            Take::Land => Admission::Land(p, piece_mem, req.write_back),
+            Take::TakeOver(from) => {
+                // Under the lock, so that `from` cannot have moved on to another piece meanwhile.
+                self.revoked[from].store(true, Ordering::Release);
+                Admission::TakeOver(p, piece_mem, req.write_back, from)
+            }
+        })
+    }
+
+    /// Receiver of an acknowledged comm: socket `k` landed `piece`. Counted only if `k` still held
+    /// it; returns the new count of completed requests when this moved it.
+    pub fn landed_acked(&self, k: usize, piece: &Piece) -> Option<u64> {
+        let mut book = self.book.lock();
+        let index = piece.offset / self.cut.piece_len(piece.total);
+        let slot = piece.seq as usize % MAX_REQUESTS;
+        let Book { reqs, seen, acked, .. } = &mut *book;
+        let acked = acked.as_mut().expect("an acknowledged comm's book");
+        if !acked.claims.finish(k, (piece.seq, index)) || reqs[slot].seq != piece.seq {
+            return None;
+        }
+        seen[slot][index as usize / 64] |= 1u64 << (index % 64);
+        let req = &mut reqs[slot];
+        req.admitted += piece.len as u64;
+        if let Some(landed) = self.landed.get()
+            && piece.len > 0
+        {
+            landed[slot].mark(index);
+        }
+        self.progress[slot].bytes.fetch_add(piece.len as u64, Ordering::AcqRel);
+        if req.admitted < piece.total {
+            return None;
+        }
+        self.complete(slot, piece.seq, piece.total);
+        acked.completions.complete(piece.seq)
+    }
+
+    /// Receiver of an acknowledged comm: socket `k` died; a copy of its piece lands elsewhere.
+    pub fn drop_socket(&self, k: usize) {
+        if let Some(acked) = &mut self.book.lock().acked {
+            acked.claims.drop_socket(k);
+        }
+    }
+
+    /// Receiver: another socket took over the piece socket `k` lands.
+    pub fn revoked(&self, k: usize) -> bool {
+        self.revoked.get(k).is_some_and(|r| r.load(Ordering::Acquire))
     }
 
     fn complete(&self, slot: usize, seq: u64, size: u64) {

@@ -1,7 +1,10 @@
 //! What the socket transport puts on its data sockets: a hello per socket that ties it to a comm, then
 //! a stream of pieces, each a 32-byte header and its payload. A socket a comm adds after its first
-//! waits for the accepting side's [`attach_ack`] before it carries a piece. Decoders check everything
-//! the peer controls; the receiver checks the rest against its posted requests.
+//! waits for the accepting side's [`attach_ack`] before it carries a piece. On a comm whose sockets
+//! span several data links (`SocketHello::acked`) the receiver also writes [`Ack`]s back: how many
+//! requests it completed, so that the sender keeps every piece until then and can send a piece
+//! again on another socket when its own one dies. Decoders check everything the peer controls; the
+//! receiver checks the rest against its posted requests.
 
 use crate::config::{MAX_CHUNK_SIZE, MAX_SOCKETS_PER_COMM, MIN_CHUNK_SIZE};
 use crate::error::{Error, Result};
@@ -9,15 +12,50 @@ use crate::error::{Error, Result};
 const HELLO_MAGIC: u32 = 0x5353_5455;
 const PIECE_MAGIC: u32 = 0x4350_5455;
 const ACK_MAGIC: u32 = 0x4B41_5455;
+const DONE_MAGIC: u32 = 0x4E44_5455;
 /// 3: pieces follow [`PieceCut`] (a request shared over the sockets) instead of fixed sizes.
 /// 4: a comm is handed out with its first socket and takes the others whenever they come, each
 /// acknowledged, so a sender opens them as its traffic needs them.
 /// 5: a mid-size request takes pieces of at least a quarter of it, up to 128 KiB.
-const VERSION: u16 = 5;
+/// 6: the hello says whether the receiver acknowledges completed requests ([`Ack`]) and how many
+/// spare sockets the sender may open to replace dead ones; a piece may come twice.
+const VERSION: u16 = 6;
+/// Hello flag: the receiver writes [`Ack`]s, and tolerates a piece sent again.
+const HELLO_ACKED: u8 = 1;
 
 pub const HELLO_LEN: usize = 32;
 pub const PIECE_HEADER_LEN: usize = 32;
 pub const ACK_LEN: usize = 8;
+pub const DONE_LEN: usize = 16;
+
+/// What the receiver of an acknowledged comm writes on a data socket: it completed every request
+/// below `completed`. Cumulative, so a lost or reordered one is made good by the next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ack {
+    pub completed: u64,
+}
+
+impl Ack {
+    pub fn encode(&self) -> [u8; DONE_LEN] {
+        let mut b = [0u8; DONE_LEN];
+        b[0..4].copy_from_slice(&DONE_MAGIC.to_le_bytes());
+        b[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        b[8..16].copy_from_slice(&self.completed.to_le_bytes());
+        b
+    }
+
+    /// Checks the magic, version and padding; the count is checked against the sender's posts.
+    pub fn decode(b: &[u8]) -> Result<Ack> {
+        if b.len() != DONE_LEN
+            || le32(&b[0..4]) != DONE_MAGIC
+            || u16::from_le_bytes([b[4], b[5]]) != VERSION
+            || b[6..8] != [0, 0]
+        {
+            return Err(Error::backend("protocol violation: a data socket carried a malformed acknowledgement"));
+        }
+        Ok(Ack { completed: le64(&b[8..16]) })
+    }
+}
 
 /// What the accepting side writes on a socket it added to a live comm (the only bytes a receiver
 /// ever writes): the sender puts no piece on that socket before it read them, so a socket the
@@ -41,6 +79,11 @@ pub struct SocketHello {
     pub count: u8,
     /// The largest piece the sender cuts; with `count` it gives the receiver the sender's cut.
     pub subchunk: u32,
+    /// The receiver acknowledges completed requests ([`Ack`]): the comm spans several links.
+    pub acked: bool,
+    /// Sockets past `count` the sender may open to replace dead ones (indices `count..count +
+    /// spare`); they do not change the cut. Only on an acknowledged comm.
+    pub spare: u8,
 }
 
 impl SocketHello {
@@ -53,7 +96,19 @@ impl SocketHello {
         b[8..16].copy_from_slice(&self.listen_nonce.to_le_bytes());
         b[16..24].copy_from_slice(&self.comm_id.to_le_bytes());
         b[24..28].copy_from_slice(&self.subchunk.to_le_bytes());
+        b[28] = if self.acked { HELLO_ACKED } else { 0 };
+        b[29] = self.spare;
         b
+    }
+
+    /// Sockets the comm may hold in all: its cut's sockets and the spares.
+    pub fn slots(&self) -> usize {
+        self.count as usize + self.spare as usize
+    }
+
+    /// What every socket of one comm says alike.
+    pub fn shape(&self) -> CommShape {
+        CommShape { count: self.count, spare: self.spare, acked: self.acked, subchunk: self.subchunk }
     }
 
     pub fn decode(b: &[u8; HELLO_LEN], listen_nonce: u64) -> Result<SocketHello> {
@@ -63,6 +118,8 @@ impl SocketHello {
             index: b[6],
             count: b[7],
             subchunk: le32(&b[24..28]),
+            acked: b[28] & HELLO_ACKED != 0,
+            spare: b[29],
         };
         if le32(&b[0..4]) != HELLO_MAGIC || h.listen_nonce != listen_nonce {
             return Err(Error::invalid("data socket hello does not carry this listener's magic and nonce"));
@@ -71,16 +128,34 @@ impl SocketHello {
         if version != VERSION {
             return Err(Error::invalid(format!("data socket speaks version {version}, this side {VERSION}")));
         }
-        if h.count == 0 || h.count as usize > MAX_SOCKETS_PER_COMM || h.index >= h.count {
+        if b[28] & !HELLO_ACKED != 0 || b[30..32] != [0, 0] || (h.spare > 0 && !h.acked) {
+            return Err(Error::invalid("data socket hello has unknown flags"));
+        }
+        if h.count == 0 || h.slots() > MAX_SOCKETS_PER_COMM || h.index as usize >= h.slots() {
             return Err(Error::invalid(format!(
-                "data socket hello claims socket {} of {} (at most {MAX_SOCKETS_PER_COMM} per comm)",
-                h.index, h.count
+                "data socket hello claims socket {} of {} and {} spare (at most {MAX_SOCKETS_PER_COMM} per comm)",
+                h.index, h.count, h.spare
             )));
         }
         if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&h.subchunk) {
             return Err(Error::invalid(format!("data socket hello has a piece size of {} bytes", h.subchunk)));
         }
         Ok(h)
+    }
+}
+
+/// What the hellos of one comm's sockets must agree on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommShape {
+    pub count: u8,
+    pub spare: u8,
+    pub acked: bool,
+    pub subchunk: u32,
+}
+
+impl CommShape {
+    pub fn slots(&self) -> usize {
+        self.count as usize + self.spare as usize
     }
 }
 
@@ -191,24 +266,55 @@ mod tests {
 
     #[test]
     fn hello_round_trip_and_rejections() {
-        let h = SocketHello { listen_nonce: 5, comm_id: 9, index: 2, count: 4, subchunk: 256 << 10 };
+        let h = SocketHello {
+            listen_nonce: 5,
+            comm_id: 9,
+            index: 2,
+            count: 4,
+            subchunk: 256 << 10,
+            acked: false,
+            spare: 0,
+        };
         assert_eq!(SocketHello::decode(&h.encode(), 5).unwrap(), h);
         assert!(SocketHello::decode(&h.encode(), 6).is_err(), "wrong nonce");
+        let acked = SocketHello { acked: true, spare: 8, index: 11, ..h };
+        assert_eq!(SocketHello::decode(&acked.encode(), 5).unwrap(), acked);
         for bad in [
             SocketHello { index: 4, ..h },
             SocketHello { count: 0, index: 0, ..h },
             SocketHello { count: 65, ..h },
             SocketHello { subchunk: 100, ..h },
             SocketHello { subchunk: 8 << 20, ..h },
+            SocketHello { index: 12, ..acked },
+            SocketHello { count: 60, ..acked },
+            SocketHello { acked: false, ..acked },
         ] {
             assert!(SocketHello::decode(&bad.encode(), 5).is_err(), "{bad:?}");
         }
-        for old in [3u8, 4] {
+        for (at, bits) in [(28, 2u8), (30, 1), (31, 0x80)] {
+            let mut flags = h.encode();
+            flags[at] |= bits;
+            assert!(SocketHello::decode(&flags, 5).unwrap_err().message().contains("flags"), "byte {at}");
+        }
+        for old in [3u8, 4, 5] {
             let mut version = h.encode();
             version[4] = old;
             let err = SocketHello::decode(&version, 5).unwrap_err();
             assert!(err.message().contains(&format!("version {old}")), "{err:?}");
         }
+    }
+
+    #[test]
+    fn completion_acks_round_trip_and_reject_garbage() {
+        let a = Ack { completed: 0x0102_0304_0506_0708 };
+        assert_eq!(Ack::decode(&a.encode()).unwrap(), a);
+        for (at, bits) in [(0, 1u8), (4, 1), (6, 1), (7, 0x80)] {
+            let mut bad = a.encode();
+            bad[at] ^= bits;
+            assert!(Ack::decode(&bad).is_err(), "byte {at}");
+        }
+        assert!(Ack::decode(&a.encode()[..8]).is_err(), "short");
+        assert_ne!(&a.encode()[..4], &attach_ack(0)[..4], "not taken for an attach acknowledgement");
     }
 
     #[test]

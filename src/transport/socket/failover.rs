@@ -1,0 +1,131 @@
+//! When a send comm over several data links checks its links and dials a dead socket's link again.
+//! Its sockets are checked a few times per bound while it waits for acknowledgements; a socket
+//! declared dead has its link dialed again from a spare slot after the bound, then after twice,
+//! four, eight and sixteen times the bound for each attempt that fails, as long as spare slots
+//! last (`SPARE_SOCKETS`): a link that comes back is used again, and one that does not costs one
+//! connect attempt per back-off. A re-dialed socket that has not joined within [`JOIN_BOUNDS`]
+//! bounds is abandoned (its SYN may be unanswered for minutes otherwise).
+
+use std::time::{Duration, Instant};
+
+/// Spare slots an acknowledged comm keeps for replacing dead sockets.
+pub(super) const SPARE_SOCKETS: usize = 8;
+/// Bounds a re-dialed socket may take to join.
+const JOIN_BOUNDS: u32 = 4;
+/// The back-off doubles this many times at most.
+const MAX_DOUBLINGS: u32 = 4;
+
+/// A dead socket's link, to dial again once `due`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Redial {
+    /// The first socket of that link: its route.
+    pub route: u8,
+    /// Attempts made for this link since it last carried pieces.
+    pub attempt: u32,
+    due: Instant,
+}
+
+pub(super) struct Failover {
+    /// A socket with bytes out whose link acknowledged none for this long is dead.
+    pub dead_after: Duration,
+    next_check: Instant,
+    /// Per slot: the socket whose route it takes, and the attempt that opened it (0: a first).
+    route_of: Vec<(u8, u32)>,
+    pending: Vec<Redial>,
+    /// Re-dialed slots still joining, and when they are abandoned.
+    joining: Vec<(usize, Instant)>,
+}
+
+impl Failover {
+    /// For a comm of `count` sockets and `slots` slots in all.
+    pub fn new(count: usize, slots: usize, dead_after: Duration, now: Instant) -> Failover {
+        let route_of = (0..slots).map(|k| ((k.min(count.saturating_sub(1))) as u8, 0)).collect();
+        Failover { dead_after, next_check: now, route_of, pending: Vec::new(), joining: Vec::new() }
+    }
+
+    /// Whether to check the links now: a few times per bound.
+    pub fn check_due(&mut self, now: Instant) -> bool {
+        if now < self.next_check {
+            return false;
+        }
+        self.next_check = now + self.dead_after / 4;
+        true
+    }
+
+    /// Slot `k` died (or did not join): its link is dialed again after a back-off.
+    pub fn dead(&mut self, k: usize, now: Instant) {
+        self.joining.retain(|&(j, _)| j != k);
+        let (route, attempt) = self.route_of[k];
+        if self.pending.iter().any(|r| r.route == route) {
+            return;
+        }
+        let backoff = self.dead_after * (1 << attempt.min(MAX_DOUBLINGS));
+        self.pending.push(Redial { route, attempt: attempt + 1, due: now + backoff });
+    }
+
+    /// A re-dial due now, taken.
+    pub fn due(&mut self, now: Instant) -> Option<Redial> {
+        let i = self.pending.iter().position(|r| r.due <= now)?;
+        Some(self.pending.swap_remove(i))
+    }
+
+    /// Slot `k` was opened for `redial`.
+    pub fn started(&mut self, k: usize, redial: Redial, now: Instant) {
+        self.route_of[k] = (redial.route, redial.attempt);
+        self.joining.push((k, now + self.dead_after * JOIN_BOUNDS));
+    }
+
+    /// Slot `k` joined: its link works again, and a later failure starts the back-off anew.
+    pub fn joined(&mut self, k: usize) {
+        self.joining.retain(|&(j, _)| j != k);
+        self.route_of[k].1 = 0;
+    }
+
+    /// Re-dialed slots still joining: those past their time, and those that were.
+    pub fn joining(&self) -> impl Iterator<Item = (usize, bool)> + '_ {
+        let now = Instant::now();
+        self.joining.iter().map(move |&(k, by)| (k, now >= by))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_link_is_dialed_again_with_a_doubling_back_off() {
+        let t0 = Instant::now();
+        let bound = Duration::from_millis(100);
+        let mut f = Failover::new(4, 12, bound, t0);
+        assert!(f.check_due(t0));
+        assert!(!f.check_due(t0 + bound / 8), "a few checks per bound");
+        assert!(f.check_due(t0 + bound / 4));
+        f.dead(2, t0);
+        f.dead(2, t0);
+        assert_eq!(f.due(t0 + bound / 2), None, "not before the bound");
+        let r = f.due(t0 + bound).expect("due after the bound");
+        assert_eq!((r.route, r.attempt), (2, 1));
+        assert_eq!(f.due(t0 + bound), None, "one re-dial per dead link");
+        // Slot 4 tries link 2 and fails: the next attempt waits twice as long, then four times.
+        f.started(4, r, t0 + bound);
+        assert_eq!(f.joining().collect::<Vec<_>>(), vec![(4, false)]);
+        f.dead(4, t0 + bound);
+        assert_eq!(f.due(t0 + bound * 2), None);
+        let r = f.due(t0 + bound * 3).expect("after twice the bound");
+        assert_eq!((r.route, r.attempt), (2, 2));
+        f.started(5, r, t0);
+        f.dead(5, t0);
+        assert!(f.due(t0 + bound * 3).is_none() && f.due(t0 + bound * 4).is_some());
+        // The back-off stops doubling.
+        f.started(6, Redial { route: 2, attempt: 9, due: t0 }, t0);
+        f.dead(6, t0);
+        assert!(f.due(t0 + bound * 15).is_none() && f.due(t0 + bound * 16).is_some());
+        // A slot that joined starts over.
+        f.started(7, Redial { route: 1, attempt: 3, due: t0 }, t0);
+        f.joined(7);
+        assert_eq!(f.joining().count(), 0);
+        f.dead(7, t0);
+        let r = f.due(t0 + bound).expect("after one bound again");
+        assert_eq!((r.route, r.attempt), (1, 1));
+    }
+}

@@ -1,0 +1,210 @@
+//! Comms over several data links: a piece that comes twice lands once, completed requests are
+//! acknowledged (again when asked by a repeated piece), a piece is taken over from a socket that
+//! stalls in its middle, and a send comm that loses a socket under a stream of messages delivers
+//! every byte over the others, then dials that link again and uses it.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::wire::{ACK_LEN, Ack, DONE_LEN, PieceCut, PieceHeader, SocketHello, attach_ack};
+use super::*;
+use crate::transport::testutil::until;
+use crate::transport::{MrHandle, RecvComm, RequestId};
+
+const PIECE: usize = 64 << 10;
+
+/// A receive comm of an acknowledged comm of two sockets whose sender is the test: the raw
+/// sockets (the second acknowledged as added) and the comm.
+fn raw_acked_sender(net: &SocketNet) -> (TcpStream, TcpStream, Box<dyn RecvComm>) {
+    let (handle, mut listen) = net.listen(0).unwrap();
+    let h = SocketHandle::decode(&handle).unwrap();
+    let hello = |index| SocketHello {
+        listen_nonce: h.nonce,
+        comm_id: 99,
+        index,
+        count: 2,
+        subchunk: PIECE as u32,
+        acked: true,
+        spare: 1,
+    };
+    let mut first = TcpStream::connect(h.addr).unwrap();
+    first.write_all(&hello(0).encode()).unwrap();
+    let rx = until(|| listen.accept()).unwrap();
+    let mut second = TcpStream::connect(h.addr).unwrap();
+    second.write_all(&hello(1).encode()).unwrap();
+    let mut ack = [0u8; ACK_LEN];
+    second.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    first.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    second.read_exact(&mut ack).unwrap();
+    assert_eq!(ack, attach_ack(1));
+    (first, second, rx)
+}
+
+fn piece(seq: u64, total: usize, index: usize) -> PieceHeader {
+    let len = (total - index * PIECE).min(PIECE);
+    PieceHeader { seq, total: total as u64, offset: (index * PIECE) as u64, len: len as u32 }
+}
+
+fn send_piece(s: &mut TcpStream, h: PieceHeader, msg: &[u8]) {
+    s.write_all(&h.encode()).unwrap();
+    s.write_all(&msg[h.offset as usize..][..h.len as usize]).unwrap();
+}
+
+fn read_ack(s: &mut TcpStream) -> u64 {
+    let mut b = [0u8; DONE_LEN];
+    s.read_exact(&mut b).unwrap();
+    Ack::decode(&b).unwrap().completed
+}
+
+#[test]
+fn a_piece_sent_twice_lands_once_and_a_repeat_after_completion_is_acknowledged_again() {
+    let net = crate::transport::testutil::loopback_socket_net();
+    let (mut first, mut second, mut rx) = raw_acked_sender(&net);
+    assert_eq!(PieceCut::new(PIECE, 2).piece_len(3 * PIECE as u64), PIECE as u64);
+    let total = 3 * PIECE;
+    let msg: Vec<u8> = (0..total).map(|i| (i * 13 % 251) as u8).collect();
+    let mut got = vec![0u8; total + 100];
+    // SAFETY: `got` outlives the receive, tested to completion below.
+    let r = unsafe { rx.irecv(got.as_mut_ptr(), got.len(), MrHandle::NONE) }.unwrap().unwrap();
+    send_piece(&mut first, piece(0, total, 0), &msg);
+    send_piece(&mut second, piece(0, total, 0), &msg);
+    send_piece(&mut second, piece(0, total, 1), &msg);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(rx.test(r).unwrap(), None, "two of three pieces, one of them twice: not complete");
+    send_piece(&mut first, piece(0, total, 2), &msg);
+    assert_eq!(until(|| rx.test(r)).unwrap(), total);
+    assert!(got[..total] == msg[..] && got[total..].iter().all(|&b| b == 0), "every byte once, nothing past");
+    assert_eq!(read_ack(&mut first), 1, "the socket that completed the request acknowledges it");
+    // A copy of a piece of the completed request: read past, and acknowledged again there.
+    send_piece(&mut second, piece(0, total, 1), &msg);
+    assert_eq!(read_ack(&mut second), 1);
+    rx.irecv_consumed(r).unwrap();
+    // The next request still lands whole after the repeated piece.
+    let small = &msg[..1000];
+    // SAFETY: as above.
+    let r = unsafe { rx.irecv(got.as_mut_ptr(), got.len(), MrHandle::NONE) }.unwrap().unwrap();
+    send_piece(&mut second, PieceHeader { seq: 1, total: 1000, offset: 0, len: 1000 }, small);
+    assert_eq!(until(|| rx.test(r)).unwrap(), 1000);
+    assert_eq!(read_ack(&mut second), 2);
+    assert!(got[..1000] == *small);
+}
+
+/// A socket that stopped in the middle of a piece (its link failed) has that piece taken over by
+/// a copy on another socket; the rest of the stalled copy, should it still come, is read past.
+#[test]
+fn a_piece_cut_off_mid_way_is_taken_over_by_its_copy() {
+    let net = crate::transport::testutil::loopback_socket_net();
+    let (mut first, mut second, mut rx) = raw_acked_sender(&net);
+    let total = 2 * PIECE;
+    let msg: Vec<u8> = (0..total).map(|i| (i * 7 % 253) as u8).collect();
+    let mut got = vec![0u8; total];
+    // SAFETY: `got` outlives the receive, tested to completion below.
+    let r = unsafe { rx.irecv(got.as_mut_ptr(), got.len(), MrHandle::NONE) }.unwrap().unwrap();
+    let h = piece(0, total, 0);
+    first.write_all(&h.encode()).unwrap();
+    // Half of it, whose bytes differ from the copy's: only the copy's may be what completes.
+    first.write_all(&vec![0xEE; PIECE / 2]).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    send_piece(&mut second, h, &msg);
+    send_piece(&mut second, piece(0, total, 1), &msg);
+    assert_eq!(until(|| rx.test(r)).unwrap(), total);
+    assert!(got == msg, "the copy's bytes, all of them");
+    assert_eq!(read_ack(&mut second), 1);
+    // The stalled copy's rest comes after all: read past, and the stream goes on.
+    first.write_all(&vec![0xEE; PIECE / 2]).unwrap();
+    rx.irecv_consumed(r).unwrap();
+    got.fill(0);
+    // SAFETY: as above.
+    let r = unsafe { rx.irecv(got.as_mut_ptr(), got.len(), MrHandle::NONE) }.unwrap().unwrap();
+    send_piece(&mut first, PieceHeader { seq: 1, total: 10, offset: 0, len: 10 }, &msg);
+    assert_eq!(until(|| rx.test(r)).unwrap(), 10);
+    assert!(got[..10] == msg[..10] && got[10..].iter().all(|&b| b == 0));
+}
+
+/// A send comm over two links (127.0.0.1 and 127.0.0.2) of four sockets with a short stall bound.
+fn two_link_pair() -> (SocketNet, comm::SocketSendComm, Box<dyn RecvComm>) {
+    let links: Vec<IpAddr> = vec![Ipv4Addr::new(127, 0, 0, 1).into(), Ipv4Addr::new(127, 0, 0, 2).into()];
+    let net = SocketNet::new(
+        "127.0.0.1".parse().unwrap(),
+        Duration::from_secs(5),
+        Duration::from_millis(800),
+        Arc::new(|| {}),
+    )
+    .with_options(crate::config::SocketConfig {
+        nthreads: 2,
+        nsocks_per_thread: 2,
+        lazy: false,
+        subchunk: PIECE as u32,
+        ..Default::default()
+    })
+    .with_data_links(links);
+    let (handle, mut listen) = net.listen(0).unwrap();
+    let tx = net.connect_comm(0, &handle).unwrap();
+    let rx = until(|| listen.accept()).unwrap();
+    (net, tx, rx)
+}
+
+/// Sends `rounds` messages of `len` bytes from `tx` to `rx`, up to eight in flight, calling
+/// `between(i)` before message `i`; checks every byte of each.
+fn stream(
+    tx: &mut comm::SocketSendComm,
+    rx: &mut Box<dyn RecvComm>,
+    rounds: usize,
+    len: usize,
+    mut between: impl FnMut(usize, &mut comm::SocketSendComm),
+) {
+    let msgs: Vec<Vec<u8>> = (0..8).map(|m| (0..len).map(|i| ((i * 31 + m * 17) % 251) as u8).collect()).collect();
+    let mut bufs: Vec<Vec<u8>> = (0..8).map(|_| vec![0u8; len]).collect();
+    let mut flight = std::collections::VecDeque::new();
+    for i in 0..rounds + 8 {
+        if flight.len() == 8 || (i >= rounds && !flight.is_empty()) {
+            let (j, s, r): (usize, RequestId, RequestId) = flight.pop_front().unwrap();
+            assert_eq!(until(|| tx.test(s)).unwrap(), len, "send {j}");
+            assert_eq!(until(|| rx.test(r)).unwrap(), len, "receive {j}");
+            rx.irecv_consumed(r).unwrap();
+            assert!(bufs[j % 8] == msgs[j % 8], "message {j} arrived whole");
+            bufs[j % 8].fill(0);
+        }
+        if i >= rounds {
+            continue;
+        }
+        between(i, tx);
+        let b = &mut bufs[i % 8];
+        // SAFETY: each buffer and message outlives its request, tested to completion above.
+        let r = unsafe { rx.irecv(b.as_mut_ptr(), b.len(), MrHandle::NONE) }.unwrap().unwrap();
+        let m = &msgs[i % 8];
+        // SAFETY: as above.
+        let s = unsafe { tx.isend(m.as_ptr(), m.len(), MrHandle::NONE) }.unwrap().unwrap();
+        flight.push_back((i, s, r));
+    }
+}
+
+#[test]
+fn a_send_socket_failing_under_a_stream_of_messages_loses_no_byte_and_its_link_is_dialed_again() {
+    let (_net, mut tx, mut rx) = two_link_pair();
+    let link_bytes = |tx: &comm::SocketSendComm, link: IpAddr| -> u64 {
+        tx.link_stats().iter().filter(|l| l.link == link).map(|l| l.bytes).sum()
+    };
+    let second: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
+    let killed = std::cell::Cell::new(None);
+    stream(&mut tx, &mut rx, 64, 4 * PIECE, |i, tx| {
+        if i == 20 {
+            killed.set(Some(tx.kill_socket_on(second)));
+        }
+    });
+    let k = killed.get().expect("a socket was killed");
+    let links = tx.link_stats();
+    assert_eq!(links.iter().map(|l| l.errors).sum::<u64>(), 1, "one socket failed: {links:?}");
+    // The link is dialed again after the bound (200 ms here) and carries pieces once joined.
+    let start = Instant::now();
+    while tx.open_sockets() < 4 {
+        assert!(start.elapsed() < Duration::from_secs(10), "the link was not dialed again: {links:?}");
+        stream(&mut tx, &mut rx, 4, PIECE, |_, _| {});
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = link_bytes(&tx, second);
+    stream(&mut tx, &mut rx, 32, 4 * PIECE, |_, _| {});
+    assert!(link_bytes(&tx, second) > before, "the link carries pieces again (socket {k} was replaced)");
+}
