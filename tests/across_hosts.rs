@@ -32,6 +32,8 @@ const STALL_MS: u64 = 2_000;
 /// The environment's settings (the parent passes each child the knobs it wants, and no other), at
 /// this host's control address.
 fn config(own_ip: &str, timeout_ms: u64) -> Config {
+    // `RUST_LOG` shows the children's logs (the parent clears their `UCCL_TCPX_` knobs).
+    uccl_tcpx::init_logging();
     Config {
         ip: Some(own_ip.parse().unwrap()),
         timeout: Duration::from_millis(timeout_ms),
@@ -167,6 +169,11 @@ fn client_until_failure() {
             Err(e) => break e,
         }
     };
+    // Every later transfer fails as well, at once.
+    let later = Instant::now();
+    let after = write().and_then(|id| wait_done(&conn, id, LIMIT)).expect_err("a write after the failure");
+    assert_eq!(after.status(), failure.status(), "a later write fails alike: {after}");
+    assert!(later.elapsed() < Duration::from_secs(1), "a later write took {:?} to fail", later.elapsed());
     // The failed connection still says what its links carried, the writes that succeeded too.
     let links = conn.link_stats();
     let sent: u64 = links.iter().map(|l| l.out.bytes).sum();
@@ -176,6 +183,45 @@ fn client_until_failure() {
     drop(conn);
     drop(engine);
     println!("CLOSED {}", closing.elapsed().as_millis());
+}
+
+/// Writes the whole region with a fresh pattern and reads it back, checking every byte, round
+/// after round until the file TESTNET_STOP exists (the parent takes a data link down and up in
+/// between); reports each round's time and every failure.
+#[test]
+#[ignore = "started by the tests of this file on a test host"]
+fn client_across_a_link_failure() {
+    assert!(common::is_child("client_across_a_link_failure"));
+    let (engine, conn, remote) = connect_to_server(var("TESTNET_STALL_MS").parse().unwrap());
+    let stop = std::path::PathBuf::from(var("TESTNET_STOP"));
+    let patterns = [pattern(REGION, 100), pattern(REGION, 101)];
+    let mut src = vec![0u8; REGION];
+    let mut back = vec![0u8; REGION];
+    let mr = engine.register(src.as_ptr() as usize, REGION).unwrap();
+    let bmr = engine.register(back.as_ptr() as usize, REGION).unwrap();
+    let mut round = 0u64;
+    while !stop.exists() {
+        assert!(round < 10_000, "the parent never said stop");
+        // Each round's bytes differ from the last's, so a stale piece would show.
+        src.copy_from_slice(&patterns[round as usize % 2]);
+        println!("WRITE {round}");
+        let start = Instant::now();
+        let w = conn.write(&[OneSided { mr, addr: src.as_ptr() as usize, len: REGION, remote }]);
+        let written = w.and_then(|id| wait_done(&conn, id, LIMIT));
+        let write_ms = start.elapsed().as_millis();
+        let r = conn.read(&[OneSided { mr: bmr, addr: back.as_mut_ptr() as usize, len: REGION, remote }]);
+        let read = r.and_then(|id| wait_done(&conn, id, LIMIT));
+        if let Err(e) = written.as_ref().and(read.as_ref()) {
+            println!("ROUND FAILED {:?} {e}", e.status());
+            return;
+        }
+        assert_eq!((written.unwrap(), read.unwrap()), (REGION as u64, REGION as u64));
+        assert_same(&back, &src, &format!("round {round}: the region written and read back"));
+        println!("ROUND {round} {write_ms} {}", start.elapsed().as_millis());
+        round += 1;
+    }
+    let errors: u64 = conn.link_stats().iter().map(|l| l.out.errors + l.inbound.errors).sum();
+    println!("CLIENT ok {errors}");
 }
 
 /// Writes the whole region again and again for about TESTNET_BYTES bytes after a warm-up, checks
@@ -276,22 +322,117 @@ fn the_link_to_the_server_going_down_fails_transfers_within_the_stall_timeout() 
     assert!(closing < Duration::from_secs(5), "closing the engine took {closing:?}");
 }
 
+/// The server's processes killed on its host, with every socket on the control link, then with
+/// the data sockets on two data links (where each socket's failure is first taken for its link's).
 #[test]
 fn a_server_killed_on_its_host_fails_transfers_promptly() {
-    let Some(net) = TestNet::up(1, None) else { return };
-    let (server, client) = start(&net, "client_until_failure", &[]);
+    for (links, extra) in [(1, &[][..]), (2, &[("UCCL_TCPX_SOCKET_IFNAME", "dat")][..])] {
+        let Some(net) = TestNet::up(links, None) else { return };
+        let (server, client) = start(&net, "client_until_failure", extra);
+        let mut client = client.spawn();
+        client.announcement("WRITING", LIMIT);
+        let killed = Instant::now();
+        drop(server);
+        let (failed, closing) = failure_report(&mut client);
+        println!("server killed ({extra:?}): {failed}; failed {:?} after, closing took {closing:?}", killed.elapsed());
+        assert!(
+            failed.starts_with(&format!("{:?}", UcclStatus::ErrRemoteDisconnect)),
+            "a killed peer is a lost peer ({extra:?}): {failed}"
+        );
+        let after = killed.elapsed();
+        assert!(after < Duration::from_secs(10), "the transfer failed {after:?} after the kill ({extra:?})");
+        assert!(closing < Duration::from_secs(5), "closing the engine took {closing:?} ({extra:?})");
+    }
+}
+
+/// The control link going down where the data sockets run over two data links: the data still
+/// flows, but no Done can come, so every transfer fails within the stall timeout as a peer that
+/// is unreachable, and closing the engine returns promptly.
+#[test]
+fn the_control_link_going_down_fails_every_transfer_as_unreachable() {
+    let Some(net) = TestNet::up(2, None) else { return };
+    let (_server, client) = start(&net, "client_until_failure", &[("UCCL_TCPX_SOCKET_IFNAME", "dat")]);
     let mut client = client.spawn();
     client.announcement("WRITING", LIMIT);
-    let killed = Instant::now();
-    drop(server);
+    net.set_link(1, 0, false);
+    let down = Instant::now();
     let (failed, closing) = failure_report(&mut client);
-    println!("server killed: {failed}; failed {:?} after, closing took {closing:?}", killed.elapsed());
+    let after = down.elapsed();
+    println!("control link down: {failed}; failed {after:?} after, closing took {closing:?}");
     assert!(
-        failed.starts_with(&format!("{:?}", UcclStatus::ErrRemoteDisconnect)),
-        "a killed peer is a lost peer: {failed}"
+        failed.starts_with(&format!("{:?}", UcclStatus::ErrTimeout)) && failed.contains("unreachable"),
+        "a lost control link fails the transfer as an unreachable peer: {failed}"
     );
-    assert!(killed.elapsed() < Duration::from_secs(10), "the transfer failed {:?} after the kill", killed.elapsed());
+    let bound = Duration::from_millis(2 * STALL_MS) + Duration::from_secs(5);
+    assert!(after < bound, "the transfer failed {after:?} after the link went down (stall timeout {STALL_MS} ms)");
     assert!(closing < Duration::from_secs(5), "closing the engine took {closing:?}");
+}
+
+/// Rounds of the client's checked writes and reads that the parent reads as they come: (round,
+/// write ms, round ms).
+fn next_round(client: &mut testkit::child::Peer, limit: Duration) -> (u64, u64, u64) {
+    let line = client.announcement("ROUND ", limit);
+    assert!(!line.starts_with("FAILED"), "a transfer across the link failure failed: {line}");
+    let n: Vec<u64> = line.split_whitespace().map(|w| w.parse().unwrap()).collect();
+    (n[0], n[1], n[2])
+}
+
+/// A data link taken down at the server's end in the middle of a write (two data links of 200
+/// Mbit/s): that write and every later write and read complete with every byte right, over the
+/// link that remains, the write across the failure within the stall timeout of the others' time;
+/// once the link is back, the connection dials it again and it carries both ways.
+#[test]
+fn a_data_link_going_down_mid_transfer_fails_over_and_is_used_again_once_back() {
+    let _serial = serial();
+    let Some(net) = TestNet::up(2, Some("200mbit")) else { return };
+    let dir = std::env::temp_dir().join(format!("uccl-failover-{}", std::process::id()));
+    let _ = std::fs::remove_file(&dir);
+    let stop = dir.to_string_lossy().into_owned();
+    let extra = [("UCCL_TCPX_SOCKET_IFNAME", "dat"), ("TESTNET_STOP", &stop)];
+    let (_server, client) = start(&net, "client_across_a_link_failure", &extra);
+    let mut client = client.spawn();
+    let link2 = |net: &TestNet| net.link_bytes(0, 2);
+    let (_, _, _) = next_round(&mut client, LIMIT);
+    let before = link2(&net);
+    let (_, write, _) = next_round(&mut client, LIMIT);
+    let both = link2(&net);
+    assert!(both.0 - before.0 > (4 << 20), "link 2 carried writes before it failed: {before:?} -> {both:?}");
+    // Down at the server's end a while into the next write, which takes `write` ms.
+    let writing: u64 = client.announcement("WRITE ", LIMIT).trim().parse().unwrap();
+    let into = Duration::from_millis(write / 4);
+    std::thread::sleep(into);
+    net.set_link(1, 2, false);
+    let down = Instant::now();
+    let (round, across, _) = next_round(&mut client, LIMIT);
+    assert_eq!(round, writing);
+    println!("link down {into:?} into write {round}: it took {across} ms, {write} ms before");
+    assert!(Duration::from_millis(across) > into, "the write was in flight when the link went down");
+    let bound = write + STALL_MS;
+    assert!(across < bound, "the write across the failure took {across} ms, {write} before");
+    // Later rounds run over the link that remains.
+    while down.elapsed() < Duration::from_secs(3) {
+        let (round, w, total) = next_round(&mut client, LIMIT);
+        println!("link down: round {round} writes {w} ms, round {total} ms");
+    }
+    net.set_link(1, 2, true);
+    let up = Instant::now();
+    let (sent, received) = link2(&net);
+    // The link is dialed again within a few back-offs (each at most 16 quarters of the stall
+    // timeout) and carries writes out and reads in.
+    loop {
+        let (round, _, total) = next_round(&mut client, LIMIT);
+        let now = link2(&net);
+        if now.0 - sent > (8 << 20) && now.1 - received > (8 << 20) {
+            println!("link back: used again {:?} after, by round {round} ({total} ms)", up.elapsed());
+            break;
+        }
+        assert!(up.elapsed() < Duration::from_secs(60), "link 2 was not used again: {sent}/{received} -> {now:?}");
+    }
+    std::fs::write(&dir, b"stop").unwrap();
+    let done = client.announcement("CLIENT ok ", LIMIT);
+    let _ = std::fs::remove_file(&dir);
+    let errors: u64 = done.trim().parse().unwrap();
+    assert!(errors >= 1, "the failed link's sockets count errors: {errors}");
 }
 
 /// Bytes per second the client's writes reached on `net` with `extra` set at both ends, and the

@@ -682,7 +682,7 @@ impl Connection {
             inner.state.heard(Instant::now());
         } else if result.is_ok() && inner.state.stalled(Instant::now(), self.core.config.timeout) {
             result = Err(Error::timeout(format!(
-                "the peer showed no progress for {} ms while transfers were pending (UCCL_TCPX_TIMEOUT_MS)",
+                "the peer is unreachable: it showed no progress for {} ms while transfers were pending (UCCL_TCPX_TIMEOUT_MS)",
                 self.core.config.timeout.as_millis()
             )));
         }

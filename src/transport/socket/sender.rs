@@ -149,7 +149,9 @@ impl SendSockets {
             f.dead = true;
             std::mem::take(&mut f.pieces)
         };
-        self.open[k].store(false, Ordering::SeqCst);
+        if self.open[k].swap(false, Ordering::SeqCst) {
+            self.sockets.closed_sending(1);
+        }
         self.dead.fetch_or(1 << k, Ordering::AcqRel);
         self.tally.error(k);
         abort(self.stream(k));
@@ -181,10 +183,11 @@ impl SendSockets {
         self.open[k].load(Ordering::Acquire)
     }
 
-    /// Resets socket `k`, still joining, whose link did not answer in time: its helper then gives
-    /// it up.
+    /// Gives up socket `k`, still joining, whose link did not answer in time (an unanswered SYN is
+    /// retried for minutes): reset, so that its helper runs and stops it.
     pub fn abandon(&self, k: usize) {
         abort(self.stream(k));
+        self.give_up(k, &std::io::Error::new(std::io::ErrorKind::TimedOut, "its link did not answer in time"));
     }
 
     /// Dead sockets the comm has not replaced yet, taken.
@@ -193,9 +196,12 @@ impl SendSockets {
     }
 
     /// Acknowledged comms: declares dead every open socket with pieces out whose connection is
-    /// gone or whose link acknowledged none of its bytes for `bound` while the kernel already sent
-    /// some again (the peer's kernel, not its engine: a slow receiver still acknowledges what
-    /// arrived, and a socket that just sent after a quiet spell has no retransmission yet).
+    /// gone, or, while another socket is open, whose kernel holds bytes for the link but heard no
+    /// acknowledgement for `bound` and could send nothing new for half of it. The peer's kernel
+    /// answers, not its engine: a slow receiver still acknowledges what arrived (and the probes
+    /// of a closed window); a socket that just sent after a quiet spell heard nothing for long but
+    /// sent just now; a link down at this end leaves its bytes unsent rather than unacknowledged.
+    /// The last open socket is left to the connection's own stall timeout.
     pub fn check_links(&self, bound: Duration) {
         let upto = self.window.acked_upto();
         for k in 0..self.streams.len() {
@@ -204,9 +210,11 @@ impl SendSockets {
             }
             let Some(info) = tcp_info(self.stream(k)) else { continue };
             let silent = Duration::from_millis(u64::from(info.tcpi_last_ack_recv));
+            let stuck = Duration::from_millis(u64::from(info.tcpi_last_data_sent));
+            let backlog = info.tcpi_unacked > 0 || info.tcpi_notsent_bytes > 0;
             if info.tcpi_state != TCP_ESTABLISHED {
                 self.socket_failed(k, Error::disconnected("the data socket's connection closed"));
-            } else if info.tcpi_unacked > 0 && info.tcpi_retransmits > 0 && silent >= bound {
+            } else if backlog && silent >= bound && stuck >= bound / 2 && self.open_count() > 1 {
                 self.socket_failed(
                     k,
                     Error::timeout(format!("its link acknowledged nothing for {} ms", silent.as_millis())),
@@ -233,6 +241,20 @@ impl SendSockets {
         self.sockets.opened_sending(1);
     }
 
+    /// An added socket joined: it may carry pieces, unless an acknowledged comm abandoned it
+    /// meanwhile (checked under the lock that abandoning takes).
+    fn open_if_alive(&self, k: usize) -> bool {
+        if !self.window.is_acked() {
+            self.opened(k);
+            return true;
+        }
+        let f = self.inflight[k].lock();
+        if !f.dead {
+            self.opened(k);
+        }
+        !f.dead
+    }
+
     /// Sockets that carry pieces now.
     pub fn open_count(&self) -> usize {
         self.open.iter().filter(|o| o.load(Ordering::Relaxed)).count()
@@ -240,12 +262,14 @@ impl SendSockets {
 
     /// An added socket that will never carry a piece: the comm goes on with the others.
     fn give_up(&self, k: usize, e: &std::io::Error) {
+        if self.window.is_acked() && std::mem::replace(&mut self.inflight[k].lock().dead, true) {
+            return;
+        }
         self.sockets.gave_up();
         self.tally.error(k);
         let _ = self.stream(k).shutdown(std::net::Shutdown::Both);
         if self.window.is_acked() {
             // Its link may come back: the comm tries it again later.
-            self.inflight[k].lock().dead = true;
             self.dead.fetch_or(1 << k, Ordering::AcqRel);
             self.to_replace.fetch_or(1 << k, Ordering::AcqRel);
             self.window.wake();
@@ -400,11 +424,18 @@ impl SendTask {
     /// Moves an added socket on until it joined: `Some(next)` while it may not pull pieces yet.
     fn join(&mut self) -> Option<Next> {
         let joining = self.joining.as_mut()?;
-        match joining.advance(self.shared.stream(self.k)) {
+        let step = joining.advance(self.shared.stream(self.k));
+        if self.shared.window.is_acked() && self.shared.inflight[self.k].lock().dead {
+            // Abandoned (`SendSockets::abandon`): it never carries a piece.
+            return Some(Next::Stop);
+        }
+        match step {
             Ok(false) => Some(Next::Idle),
             Ok(true) => {
+                if !self.shared.open_if_alive(self.k) {
+                    return Some(Next::Stop);
+                }
                 self.joining = None;
-                self.shared.opened(self.k);
                 None
             }
             Err(e) => {

@@ -462,6 +462,10 @@ impl Window {
             let Some(acked) = &mut book.acked else { return 0 };
             let before = acked.resend.len();
             acked.resend.extend(pieces.into_iter().filter(|p| p.seq >= upto));
+            log::debug!(
+                "resend {:?} (acknowledged below {upto})",
+                acked.resend.iter().map(|p| (p.seq, p.offset)).collect::<Vec<_>>()
+            );
             (acked.resend.len() - before) as u64
         };
         if n > 0 {
@@ -483,6 +487,7 @@ impl Window {
         let acked = acked.as_mut().expect("an acknowledged comm's book");
         let req = &mut reqs[slot];
         if req.seq != seq || self.progress[slot].done.load(Ordering::Acquire) == seq + 1 {
+            log::debug!("socket {k}: piece {seq}/{offset} of a completed request");
             // Its request completed (a later one may hold the slot): acknowledge again.
             return Ok(Admission::Discard(len, Some(acked.completions.upto())));
         }
@@ -506,6 +511,7 @@ impl Window {
         }
         let index = offset / piece;
         if seen[index as usize / 64] & (1u64 << (index % 64)) != 0 {
+            log::debug!("socket {k}: piece {seq}/{offset} landed already");
             return Ok(Admission::Discard(len, None));
         }
         // A new piece for this socket: a takeover of its last one no longer applies.
@@ -515,6 +521,7 @@ impl Window {
         Ok(match acked.claims.take(k, (seq, index)) {
             Take::Land => Admission::Land(p, piece_mem, req.write_back),
             Take::TakeOver(from) => {
+                log::debug!("socket {k} takes piece {seq}/{offset} over from socket {from}");
                 // Under the lock, so that `from` cannot have moved on to another piece meanwhile.
                 self.revoked[from].store(true, Ordering::Release);
                 Admission::TakeOver(p, piece_mem, req.write_back, from)
