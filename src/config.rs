@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::proto::AuthKey;
 
 mod knob;
+mod retired;
 
 pub use knob::parse_bytes;
 use knob::{Band, Choice, FilePath, Flag, Indices, Int, KeyFile, List, Micros, Millis, OffOrSize, Opt, Size, Text};
@@ -207,7 +208,9 @@ const DOC_INTRO: &str = "# Configuration
 Every knob is an environment variable, read when an engine is created; an empty value is the same
 as unset. A malformed or out-of-range value makes `uccl_engine_create` fail with a message naming
 the variable. Sizes are byte counts with optional K, M or G suffixes (binary). NIXL's backend and
-the Python package take the same settings as parameters (docs/NIXL.md, docs/PYTHON.md).
+the Python package take the same settings as parameters (docs/NIXL.md, docs/PYTHON.md). A variable
+that was removed is named in the log (at error level, once per process) with what became of it
+(`src/config/retired.rs`), instead of being ignored in silence.
 ";
 
 const DOC_OUTRO: &str = "
@@ -570,11 +573,13 @@ impl Config {
     }
 
     pub fn from_env() -> Result<Config> {
+        retired::report_env();
         Config::from_lookup(|name| std::env::var(name).ok())
     }
 
     /// The environment's settings with `overrides` (by setting name) taking precedence.
     pub fn from_env_with(overrides: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        retired::report_env();
         Config::from_lookup(|name| overrides(name).or_else(|| std::env::var(name).ok()))
     }
 
