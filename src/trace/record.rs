@@ -40,13 +40,16 @@ struct Thread {
     local: Arc<Mutex<Local>>,
 }
 
+/// Thread ids and names.
+type Names = Vec<(u32, String)>;
+
 #[derive(Default)]
 struct Kept {
     chunks: VecDeque<Vec<Rec>>,
     events: usize,
     dropped: u64,
     /// Threads that ended, by id and name.
-    gone: Vec<(u32, String)>,
+    gone: Names,
 }
 
 static THREADS: Mutex<Vec<Thread>> = Mutex::new(Vec::new());
@@ -133,7 +136,7 @@ extern "C" fn write_now() {
 
 /// Every event kept so far, by time, and the names of the threads that recorded them; none is
 /// taken away. A lock still held at exit (a thread recording) is waited for a little, then given up.
-fn gather() -> Option<(Vec<Rec>, Vec<(u32, String)>, u64)> {
+fn gather() -> Option<(Vec<Rec>, Names, u64)> {
     let wait = Duration::from_millis(200);
     let mut recs = Vec::new();
     let mut names = Vec::new();
@@ -231,7 +234,8 @@ mod tests {
 
     #[test]
     fn a_thread_that_ends_hands_its_events_over() {
-        let comm = super::super::next_id();
+        // An id no other test records.
+        let comm = 0x7e57_0000_0000_0001;
         std::thread::spawn(move || push(5, Event::SockTake { comm, seq: 0, socket: 0 })).join().unwrap();
         let (recs, _, _) = gather().unwrap();
         assert!(recs.iter().any(|r| r.event == Event::SockTake { comm, seq: 0, socket: 0 }));
