@@ -8,7 +8,6 @@
 use std::sync::Arc;
 
 use super::host_job::{self, Failure, SharedJob};
-use super::host_trace::{JobMarks, JobTimes};
 use super::host_worker::{Gate, HostCopy, HostServed};
 use super::state::{CopyJob, HostTask};
 use super::{Connection, Inner};
@@ -16,7 +15,7 @@ use crate::config::Config;
 use crate::engine::local::{self, PeerProcess};
 use crate::error::Error;
 use crate::threads::{self, ThreadKind};
-use crate::trace::clock_ns;
+use crate::trace::{self, clock_ns};
 
 impl HostServed for Connection {
     fn serve_host_work(&self, process: &mut Option<Arc<PeerProcess>>, only: Option<u64>) {
@@ -86,9 +85,9 @@ impl Connection {
                     self.finish_host_work(&mut inner, out);
                 }
                 Some(HostTask::Copy(job)) => {
-                    let traced = self.host_tracer.as_ref().map(|_| (clock_ns(), Arc::new(JobMarks::default())));
+                    let traced = trace::on(trace::HOST).then(|| (clock_ns(), trace::next_id()));
                     threads::point(ThreadKind::HostCopier);
-                    let marks = traced.as_ref().map(|t| t.1.clone());
+                    let marks = traced.map(|t| t.1);
                     let copied = copy(&job, process.as_ref(), &self.host.gate, &self.core.config, marks);
                     let (transfer, len, queued) = (job.transfer().map(|t| t.id), job.len, job.queued);
                     // A refused job copied nothing: its read or write takes the channels, or fails.
@@ -108,12 +107,21 @@ impl Connection {
                         }
                     }
                     self.finish_host_work(&mut inner, out);
-                    if let (Some(tracer), Some((picked, marks)), false) = (&self.host_tracer, traced, refused) {
-                        // Under the lock, which the reply's handling takes: the record is in place
-                        // before the caller can be handed the outcome.
-                        let by_caller = self.host.on_caller();
-                        let times = JobTimes { queued, picked, finished: clock_ns(), by_caller };
-                        tracer.copied(transfer, len, times, &marks);
+                    if let (Some((picked, job)), false) = (traced, refused) {
+                        // Under the lock, which the reply's handling takes: the event comes before
+                        // the caller can be handed the outcome.
+                        let (conn, side, by_caller) =
+                            (self.trace.conn, self.trace.side, u64::from(self.host.on_caller()));
+                        trace::event!(HostCopied {
+                            job,
+                            conn,
+                            side,
+                            transfer: transfer.unwrap_or(0),
+                            bytes: len,
+                            queued,
+                            picked,
+                            by_caller
+                        });
                     }
                 }
             }
@@ -135,7 +143,7 @@ pub(super) fn copy(
     process: Option<&Arc<PeerProcess>>,
     gate: &Arc<Gate>,
     config: &Config,
-    marks: Option<Arc<JobMarks>>,
+    marks: Option<u64>,
 ) -> Result<(), Failure> {
     if job.error.is_some() {
         // Cut off before it ran: `copy_finished` reports the cut.

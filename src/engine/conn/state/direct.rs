@@ -105,8 +105,8 @@ impl ConnState {
         }
     }
 
-    /// Copy jobs carry the time they were queued (`UCCL_TCPX_TRACE_HOST_COPY`); untraced they
-    /// skip the clock read.
+    /// Copy jobs carry the time they were queued (for the `host` trace); untraced they skip the
+    /// clock read.
     pub fn set_timed_copies(&mut self) {
         self.direct.timed = true;
     }
