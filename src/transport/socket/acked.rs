@@ -7,23 +7,23 @@
 //! same and land at the same offset) and the other socket reads the rest of its copy past. A
 //! request completes once every piece landed, each counted once.
 
-use super::window::MAX_REQUESTS;
-
 /// The receiver's requests completed so far: every request below `upto`, and those of `beyond`
-/// (bit `i`: request `upto + 1 + i`), which completed out of order.
+/// (bit `i`: request `upto + 1 + i`), which completed out of order: fewer than [`REACH`] past
+/// `upto`, as the window holds fewer requests.
 #[derive(Default, Debug)]
 pub(super) struct Completions {
     upto: u64,
     beyond: u32,
 }
 
-const _: () = assert!(MAX_REQUESTS < 32);
+/// Requests past the oldest incomplete one that may complete.
+pub(super) const REACH: u64 = 32;
 
 impl Completions {
     /// Request `seq` (at or past `upto`, within the window) completed; returns the new count when
     /// it moved, for an acknowledgement.
     pub fn complete(&mut self, seq: u64) -> Option<u64> {
-        debug_assert!(seq >= self.upto && seq - self.upto <= MAX_REQUESTS as u64);
+        debug_assert!(seq >= self.upto && seq - self.upto <= REACH);
         if seq != self.upto {
             self.beyond |= 1 << (seq - self.upto - 1);
             return None;

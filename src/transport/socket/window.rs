@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
-use super::acked::{Claims, Completions, Take};
+use super::acked::{Claims, Completions, REACH, Take};
 use super::partial::{self, Landed};
 use super::wire::PieceCut;
 use crate::error::{Error, Result};
@@ -20,6 +20,7 @@ use crate::transport::{IoSeg, Wake};
 
 /// Outstanding requests per comm, the same bound TCPX imposes.
 pub(crate) const MAX_REQUESTS: usize = 16;
+const _: () = assert!((MAX_REQUESTS as u64) < REACH);
 
 const UNKNOWN: u64 = u64::MAX;
 
