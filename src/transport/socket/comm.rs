@@ -161,7 +161,10 @@ impl SendSide {
         let Some(f) = &mut self.failover else { return };
         let now = Instant::now();
         if f.check_due(now) {
-            self.shared.check_links(f.dead_after);
+            let delivered = self.shared.check_links(f.dead_after);
+            if f.acks_overdue(self.shared.window.acked_upto(), delivered, now) && self.shared.ask_again() {
+                log::debug!("a send comm asks again for an acknowledgement overdue");
+            }
             for (k, late) in f.joining().collect::<Vec<_>>() {
                 if self.shared.is_open(k) {
                     f.joined(k);

@@ -34,13 +34,16 @@ pub(super) struct Failover {
     pending: Vec<Redial>,
     /// Re-dialed slots still joining, and when they are abandoned.
     joining: Vec<(usize, Instant)>,
+    /// Requests acknowledged when last looked, and since when that count stands (or a piece was
+    /// last sent again to ask for an acknowledgement).
+    acked: (u64, Instant),
 }
 
 impl Failover {
     /// For a comm of `count` sockets and `slots` slots in all.
     pub fn new(count: usize, slots: usize, dead_after: Duration, now: Instant) -> Failover {
         let route_of = (0..slots).map(|k| ((k.min(count.saturating_sub(1))) as u8, 0)).collect();
-        Failover { dead_after, next_check: now, route_of, pending: Vec::new(), joining: Vec::new() }
+        Failover { dead_after, next_check: now, route_of, pending: Vec::new(), joining: Vec::new(), acked: (0, now) }
     }
 
     /// Whether to check the links now: a few times per bound.
@@ -49,6 +52,20 @@ impl Failover {
             return false;
         }
         self.next_check = now + self.dead_after / 4;
+        true
+    }
+
+    /// Whether to ask for an acknowledgement again: the count stood at `upto` for two bounds while
+    /// every byte out reached the peer (`delivered`). Asking starts the two bounds anew.
+    pub fn acks_overdue(&mut self, upto: u64, delivered: bool, now: Instant) -> bool {
+        if upto != self.acked.0 || !delivered {
+            self.acked = (upto, now);
+            return false;
+        }
+        if now < self.acked.1 + self.dead_after * 2 {
+            return false;
+        }
+        self.acked.1 = now;
         true
     }
 
@@ -91,6 +108,21 @@ impl Failover {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_acknowledgement_is_asked_for_again_two_bounds_after_the_bytes_arrived() {
+        let t0 = Instant::now();
+        let bound = Duration::from_millis(100);
+        let mut f = Failover::new(2, 10, bound, t0);
+        assert!(!f.acks_overdue(3, true, t0));
+        assert!(!f.acks_overdue(3, true, t0 + bound), "one bound is not overdue");
+        assert!(!f.acks_overdue(3, false, t0 + bound * 3), "bytes still on their way");
+        assert!(!f.acks_overdue(3, true, t0 + bound * 4), "two bounds from when they arrived");
+        assert!(f.acks_overdue(3, true, t0 + bound * 5));
+        assert!(!f.acks_overdue(3, true, t0 + bound * 6), "asking starts the bounds anew");
+        assert!(f.acks_overdue(3, true, t0 + bound * 7));
+        assert!(!f.acks_overdue(4, true, t0 + bound * 10), "an acknowledgement came");
+    }
 
     #[test]
     fn a_dead_link_is_dialed_again_with_a_doubling_back_off() {

@@ -208,3 +208,55 @@ fn a_send_socket_failing_under_a_stream_of_messages_loses_no_byte_and_its_link_i
     stream(&mut tx, &mut rx, 32, 4 * PIECE, |_, _| {});
     assert!(link_bytes(&tx, second) > before, "the link carries pieces again (socket {k} was replaced)");
 }
+
+/// A sender whose request's bytes all arrived but whose acknowledgement never came (lost with the
+/// socket that carried it) sends a piece of it again two bounds later, and completes on the
+/// acknowledgement that answers it; never before.
+#[test]
+fn an_acknowledgement_that_never_comes_is_asked_for_again() {
+    let links: Vec<Ipv4Addr> = vec![Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(127, 0, 0, 2)];
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = SocketHandle::new(std::net::SocketAddr::new(links[0].into(), port), 5, &links).encode();
+    let bound = Duration::from_millis(100);
+    let net = SocketNet::new("127.0.0.1".parse().unwrap(), Duration::from_secs(5), bound * 4, Arc::new(|| {}))
+        .with_options(crate::config::SocketConfig { nthreads: 1, nsocks_per_thread: 1, ..Default::default() })
+        .with_data_links(links.iter().map(|&a| a.into()).collect());
+    let mut tx = net.connect_comm(0, &handle).unwrap();
+    let (mut first, _) = listener.accept().unwrap();
+    first.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut hello = [0u8; wire::HELLO_LEN];
+    first.read_exact(&mut hello).unwrap();
+    let hello = SocketHello::decode(&hello, 5).unwrap();
+    assert!(hello.acked && hello.spare > 0, "a comm over two links is acknowledged: {hello:?}");
+    let msg: Vec<u8> = (0..1000).map(|i| i as u8).collect();
+    // SAFETY: msg outlives the send, tested to completion below.
+    let s = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
+    let read_piece = move |sock: &mut TcpStream| {
+        let mut h = [0u8; wire::PIECE_HEADER_LEN];
+        sock.read_exact(&mut h).unwrap();
+        let h = PieceHeader::decode(&h, PieceCut::new(hello.subchunk as usize, hello.count as usize)).unwrap();
+        let mut payload = vec![0u8; h.len as usize];
+        sock.read_exact(&mut payload).unwrap();
+        (h, payload)
+    };
+    let (h, payload) = read_piece(&mut first);
+    assert_eq!((h.seq, h.offset, h.total, &payload[..]), (0, 0, 1000, &msg[..]));
+    // Nobody acknowledges: the send stays incomplete while the comm is tested, and the piece comes
+    // again after two bounds.
+    let asked = std::thread::spawn(move || {
+        let again = read_piece(&mut first);
+        (first, again, Instant::now())
+    });
+    let start = Instant::now();
+    while !asked.is_finished() {
+        assert_eq!(tx.test(s).unwrap(), None, "complete without an acknowledgement");
+        assert!(start.elapsed() < Duration::from_secs(10), "the piece never came again");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (mut first, (again, payload), at) = asked.join().unwrap();
+    assert_eq!((again, &payload[..]), (h, &msg[..]), "the same piece, the same bytes");
+    assert!(at - start >= bound * 3 / 2, "asked again only after two bounds: {:?}", at - start);
+    first.write_all(&Ack { completed: 1 }.encode()).unwrap();
+    assert_eq!(until(|| tx.test(s)).unwrap(), msg.len());
+}

@@ -195,17 +195,21 @@ impl SendSockets {
     /// answers, not its engine: a slow receiver still acknowledges what arrived (and the probes
     /// of a closed window); a socket that just sent after a quiet spell heard nothing for long but
     /// sent just now; a link down at this end leaves its bytes unsent rather than unacknowledged.
-    /// The last open socket is left to the connection's own stall timeout.
-    pub fn check_links(&self, bound: Duration) {
+    /// The last open socket is left to the connection's own stall timeout. Returns whether some
+    /// socket has pieces out and every such socket's bytes reached the peer's kernel.
+    pub fn check_links(&self, bound: Duration) -> bool {
         let upto = self.window.acked_upto();
+        let (mut out, mut delivered) = (false, true);
         for k in 0..self.streams.len() {
             if !self.open[k].load(Ordering::Acquire) || !self.inflight[k].lock().pieces.iter().any(|p| p.seq >= upto) {
                 continue;
             }
+            out = true;
             let Some(info) = tcp_info(self.stream(k)) else { continue };
             let silent = Duration::from_millis(u64::from(info.tcpi_last_ack_recv));
             let stuck = Duration::from_millis(u64::from(info.tcpi_last_data_sent));
             let backlog = info.tcpi_unacked > 0 || info.tcpi_notsent_bytes > 0;
+            delivered &= !backlog;
             if info.tcpi_state != TCP_ESTABLISHED {
                 self.socket_failed(k, Error::disconnected("the data socket's connection closed"));
             } else if backlog && silent >= bound && stuck >= bound / 2 && self.open_count() > 1 {
@@ -215,6 +219,26 @@ impl SendSockets {
                 );
             }
         }
+        out && delivered
+    }
+
+    /// Acknowledged comms: sends a piece of the oldest request not acknowledged again, whose
+    /// bytes all reached the peer long ago: its acknowledgement may have been lost with the socket
+    /// that carried it, and the receiver acknowledges again on the socket that brings the copy.
+    /// Returns whether a piece went.
+    pub fn ask_again(&self) -> bool {
+        let upto = self.window.acked_upto();
+        let piece = (0..self.streams.len())
+            .filter(|&k| self.open[k].load(Ordering::Acquire))
+            .find_map(|k| self.inflight[k].lock().pieces.iter().find(|p| p.seq == upto).copied());
+        let Some(piece) = piece else { return false };
+        if self.window.resend([piece]) == 0 {
+            return false;
+        }
+        for j in (0..self.streams.len()).filter(|&j| self.idle(j)) {
+            self.relay.kick(j);
+        }
+        true
     }
 
     /// Puts socket `k`'s stream in its slot, before any task for it exists.
