@@ -11,7 +11,6 @@ use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use parking_lot::Mutex;
 
@@ -22,10 +21,12 @@ use super::iov::{self, MAX_IOV};
 use super::link_tally::Tallies;
 use super::reactor::{Next, Task};
 use super::window::{Piece, PieceMem, Window};
-use super::wire::{Ack, DONE_LEN, PIECE_HEADER_LEN, PieceHeader};
+use super::wire::{DONE_LEN, PIECE_HEADER_LEN, PieceHeader};
 use crate::error::Error;
 use crate::threads::{self, ThreadKind};
 use crate::trace;
+
+mod kept;
 
 /// Requests at most this large (and a single piece) are written by the posting thread itself when
 /// nothing older is waiting, saving the wake-up of a helper thread on the latency path.
@@ -75,6 +76,7 @@ pub(super) struct SendSockets {
     to_replace: AtomicU64,
 }
 
+/// A socket's pieces not acknowledged yet, and whether it died.
 #[derive(Default)]
 struct Inflight {
     pieces: Vec<Piece>,
@@ -113,134 +115,6 @@ impl SendSockets {
         }
     }
 
-    /// Acknowledged comms: socket `k` takes `piece`, kept until acknowledged. False when `k` died
-    /// meanwhile: the piece goes to the others.
-    fn took(&self, k: usize, piece: &Piece) -> bool {
-        if !self.window.is_acked() {
-            return true;
-        }
-        let mut f = self.inflight[k].lock();
-        if f.dead {
-            drop(f);
-            self.window.resend([*piece]);
-            return false;
-        }
-        let upto = self.window.acked_upto();
-        f.pieces.retain(|p| p.seq >= upto);
-        f.pieces.push(*piece);
-        true
-    }
-
-    /// Acknowledged comms: socket `k` is dead (`why`). Its pieces not acknowledged go out again on
-    /// the others, which are kicked; the connection is reset, so that its link carries nothing more
-    /// of it. With no other socket open the comm fails with `why`.
-    pub fn socket_failed(&self, k: usize, why: Error) {
-        let pieces = {
-            let mut f = self.inflight[k].lock();
-            if f.dead {
-                return;
-            }
-            f.dead = true;
-            std::mem::take(&mut f.pieces)
-        };
-        if self.open[k].swap(false, Ordering::SeqCst) {
-            self.sockets.closed_sending(1);
-        }
-        self.dead.fetch_or(1 << k, Ordering::AcqRel);
-        self.tally.error(k);
-        abort(self.stream(k));
-        let again = self.window.resend(pieces);
-        let open = self.open_count();
-        if open == 0 {
-            self.window.fail(Error::new(
-                why.status(),
-                format!("every data socket of the comm failed, the last: {}", why.message()),
-            ));
-            return;
-        }
-        if !self.window.closing() {
-            let link = self.stream(k).local_addr().map(|a| a.ip().to_string()).unwrap_or_default();
-            log::warn!(
-                "data socket {k} of a send comm (link {link}) failed: {}; {again} pieces go again over {open} others",
-                why.message()
-            );
-        }
-        self.to_replace.fetch_or(1 << k, Ordering::AcqRel);
-        for j in (0..self.streams.len()).filter(|&j| self.idle(j)) {
-            self.relay.kick(j);
-        }
-        self.window.wake();
-    }
-
-    /// Whether socket `k` carries pieces now.
-    pub fn is_open(&self, k: usize) -> bool {
-        self.open[k].load(Ordering::Acquire)
-    }
-
-    /// Gives up socket `k`, still joining, whose link did not answer in time (an unanswered SYN is
-    /// retried for minutes): reset, so that its helper runs and stops it.
-    pub fn abandon(&self, k: usize) {
-        abort(self.stream(k));
-        self.give_up(k, &std::io::Error::new(std::io::ErrorKind::TimedOut, "its link did not answer in time"));
-    }
-
-    /// Dead sockets the comm has not replaced yet, taken.
-    pub fn take_dead(&self) -> u64 {
-        self.to_replace.swap(0, Ordering::AcqRel)
-    }
-
-    /// Acknowledged comms: declares dead every open socket with pieces out whose connection is
-    /// gone, or, while another socket is open, whose kernel holds bytes for the link but heard no
-    /// acknowledgement for `bound` and could send nothing new for half of it. The peer's kernel
-    /// answers, not its engine: a slow receiver still acknowledges what arrived (and the probes
-    /// of a closed window); a socket that just sent after a quiet spell heard nothing for long but
-    /// sent just now; a link down at this end leaves its bytes unsent rather than unacknowledged.
-    /// The last open socket is left to the connection's own stall timeout. Returns whether some
-    /// socket has pieces out and every such socket's bytes reached the peer's kernel.
-    pub fn check_links(&self, bound: Duration) -> bool {
-        let upto = self.window.acked_upto();
-        let (mut out, mut delivered) = (false, true);
-        for k in 0..self.streams.len() {
-            if !self.open[k].load(Ordering::Acquire) || !self.inflight[k].lock().pieces.iter().any(|p| p.seq >= upto) {
-                continue;
-            }
-            out = true;
-            let Some(info) = tcp_info(self.stream(k)) else { continue };
-            let silent = Duration::from_millis(u64::from(info.tcpi_last_ack_recv));
-            let stuck = Duration::from_millis(u64::from(info.tcpi_last_data_sent));
-            let backlog = info.tcpi_unacked > 0 || info.tcpi_notsent_bytes > 0;
-            delivered &= !backlog;
-            if info.tcpi_state != TCP_ESTABLISHED {
-                self.socket_failed(k, Error::disconnected("the data socket's connection closed"));
-            } else if backlog && silent >= bound && stuck >= bound / 2 && self.open_count() > 1 {
-                self.socket_failed(
-                    k,
-                    Error::timeout(format!("its link acknowledged nothing for {} ms", silent.as_millis())),
-                );
-            }
-        }
-        out && delivered
-    }
-
-    /// Acknowledged comms: sends a piece of the oldest request not acknowledged again, whose
-    /// bytes all reached the peer long ago: its acknowledgement may have been lost with the socket
-    /// that carried it, and the receiver acknowledges again on the socket that brings the copy.
-    /// Returns whether a piece went.
-    pub fn ask_again(&self) -> bool {
-        let upto = self.window.acked_upto();
-        let piece = (0..self.streams.len())
-            .filter(|&k| self.open[k].load(Ordering::Acquire))
-            .find_map(|k| self.inflight[k].lock().pieces.iter().find(|p| p.seq == upto).copied());
-        let Some(piece) = piece else { return false };
-        if self.window.resend([piece]) == 0 {
-            return false;
-        }
-        for j in (0..self.streams.len()).filter(|&j| self.idle(j)) {
-            self.relay.kick(j);
-        }
-        true
-    }
-
     /// Puts socket `k`'s stream in its slot, before any task for it exists.
     pub fn place(&self, k: usize, stream: TcpStream) {
         if self.streams[k].set(stream).is_err() {
@@ -257,20 +131,6 @@ impl SendSockets {
     pub fn opened(&self, k: usize) {
         self.open[k].store(true, Ordering::SeqCst);
         self.sockets.opened_sending(1);
-    }
-
-    /// An added socket joined: it may carry pieces, unless an acknowledged comm abandoned it
-    /// meanwhile (checked under the lock that abandoning takes).
-    fn open_if_alive(&self, k: usize) -> bool {
-        if !self.window.is_acked() {
-            self.opened(k);
-            return true;
-        }
-        let f = self.inflight[k].lock();
-        if !f.dead {
-            self.opened(k);
-        }
-        !f.dead
     }
 
     /// Sockets that carry pieces now.
@@ -404,34 +264,6 @@ impl SendTask {
             finished_request_len: None,
             ack: [0; DONE_LEN],
             ack_got: 0,
-        }
-    }
-
-    /// Reads the acknowledgements that came on this socket. `Err((fatal, e))`: a malformed or
-    /// impossible one fails the comm (`fatal`); a socket error or its end takes the socket out.
-    fn read_acks(&mut self) -> Result<(), (bool, Error)> {
-        let fd = self.shared.stream(self.k).as_raw_fd();
-        loop {
-            let rest = &mut self.ack[self.ack_got..];
-            // SAFETY: `rest` is writable for its length.
-            let n = unsafe { libc::recv(fd, rest.as_mut_ptr().cast(), rest.len(), libc::MSG_DONTWAIT) };
-            if n == 0 {
-                return Err((false, Error::disconnected("the receiver closed the data socket")));
-            }
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                match e.kind() {
-                    std::io::ErrorKind::Interrupted => continue,
-                    std::io::ErrorKind::WouldBlock => return Ok(()),
-                    _ => return Err((false, Error::io("channel acknowledgement", e))),
-                }
-            }
-            self.ack_got += n as usize;
-            if self.ack_got == DONE_LEN {
-                self.ack_got = 0;
-                let ack = Ack::decode(&self.ack).map_err(|e| (true, e))?;
-                self.shared.window.ack(ack.completed).map_err(|e| (true, e))?;
-            }
         }
     }
 
@@ -578,33 +410,6 @@ impl Task for SendTask {
             }
         }
     }
-}
-
-/// `tcpi_state` of a connected socket (linux/tcp_states.h).
-const TCP_ESTABLISHED: u8 = 1;
-
-/// Resets `stream`'s connection (a connect to no address: RST, its queues dropped), so that a
-/// socket declared dead sends nothing more, even should its link come back.
-fn abort(stream: &TcpStream) {
-    // SAFETY: an all-zero sockaddr with family AF_UNSPEC, of its own size.
-    let mut unspec: libc::sockaddr = unsafe { std::mem::zeroed() };
-    unspec.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
-    // SAFETY: a valid descriptor and the address above.
-    let _ =
-        unsafe { libc::connect(stream.as_raw_fd(), &unspec, std::mem::size_of::<libc::sockaddr>() as libc::socklen_t) };
-    let _ = stream.shutdown(std::net::Shutdown::Both);
-}
-
-/// The kernel's view of `stream`'s connection, if it gives one.
-fn tcp_info(stream: &TcpStream) -> Option<libc::tcp_info> {
-    // SAFETY: tcp_info is plain data, valid all zero.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: a valid descriptor, and a buffer of the length given.
-    let rc = unsafe {
-        libc::getsockopt(stream.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len)
-    };
-    (rc == 0).then_some(info)
 }
 
 enum Step {
