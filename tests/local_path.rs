@@ -204,7 +204,7 @@ const NOT_DUMPABLE_ON_SIGNAL_VAR: &str = "UCCL_TCPX_TEST_NOT_DUMPABLE_ON_SIGNAL"
 fn direct_peer_process() {
     assert!(common::is_child("direct_peer_process"), "runs as the peer process of the direct-path tests");
     if std::env::var(REFUSE_VAR).as_deref() == Ok("parent") {
-        uccl_tcpx::internal::engine::local::refuse_process_access(std::os::unix::process::parent_id());
+        uccl_tcpx::internal::engine::same_host::refuse_process_access(std::os::unix::process::parent_id());
     }
     if std::env::var_os(NOT_DUMPABLE_VAR).is_some() {
         // SAFETY: PR_SET_DUMPABLE takes one integer argument and touches no memory of ours.
@@ -584,10 +584,10 @@ fn with_the_same_host_path_off_or_refused_host_memory_takes_the_network() {
     for refuse_parent in [false, true] {
         let refuse: &[(&str, &str)] = if refuse_parent { &[(REFUSE_VAR, "parent")] } else { &[] };
         let (process, port, window, guard) = direct_peer(refuse);
-        uccl_tcpx::internal::engine::local::refuse_process_access(process.pid());
+        uccl_tcpx::internal::engine::same_host::refuse_process_access(process.pid());
         let engine = Engine::new(same_host()).unwrap();
         let conn = checked_connection(&engine, port);
-        uccl_tcpx::internal::engine::local::refuse_process_access(0);
+        uccl_tcpx::internal::engine::same_host::refuse_process_access(0);
         let path = conn.host_path();
         assert_eq!((path.reads_peer, path.peer_reads_us), (false, !refuse_parent), "{path:?}");
         let mut buf = common::pattern(WINDOW, 80);

@@ -10,7 +10,7 @@ mod control_rx;
 mod dial;
 mod fd_limit;
 mod handshake;
-pub mod local;
+pub mod same_host;
 mod mapping;
 pub mod notify;
 mod plan;

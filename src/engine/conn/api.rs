@@ -14,7 +14,7 @@ use super::turn::{Batch, InTurn, Take};
 use super::vector::{Grouper, Push, Run, RunKey};
 
 use super::{Connection, Held, Inner, OneSided};
-use crate::engine::local::Locality;
+use crate::engine::same_host::Locality;
 use crate::engine::plan::Extent;
 use crate::engine::region::{Region, check_range};
 use crate::engine::transfer::Transfer;

@@ -31,7 +31,7 @@ use crate::config::LocalPeers;
 use crate::cuda::Gpu;
 use crate::cuda::device_copy::{DeviceCopy, kernel_takes};
 use crate::cuda::ipc::Mapping;
-use crate::engine::local::{self, Locality};
+use crate::engine::same_host::{self, Locality};
 use crate::engine::plan::Extent;
 use crate::engine::region::Region;
 use crate::engine::transfer::Transfer;
@@ -194,7 +194,7 @@ impl Connection {
         write: bool,
         post: Option<Post>,
     ) -> Option<Result<u64>> {
-        let peer = local::peer_connection(&self.link)?;
+        let peer = same_host::peer_connection(&self.link)?;
         let (mut ours, theirs) = self.lock_with_peer(&peer);
         if let Err(e) = ours.state.check_open() {
             return Some(Err(e));

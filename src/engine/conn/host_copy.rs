@@ -1,7 +1,7 @@
 //! The work of a connection's host worker (`host_worker.rs`): it checks the peer's ProcessHello
 //! and runs the copies of the same-host path (`state/direct.rs`) outside the connection lock, so a
 //! copy of gigabytes stalls neither the progress thread nor the reader. A copy lands in a region of
-//! ours in pieces of at most `local::PIECE_BYTES`, each entered through the worker's gate, which
+//! ours in pieces of at most `same_host::PIECE_BYTES`, each entered through the worker's gate, which
 //! keeps deregistration and failure fences (`host_job.rs`: a large job's pieces are shared with the
 //! process's copy helpers); nothing else copies into our memory.
 
@@ -13,7 +13,7 @@ use super::host_worker::{Gate, HostCopy, HostServed};
 use super::state::{CopyJob, HostTask};
 use super::{Connection, Inner};
 use crate::config::Config;
-use crate::engine::local::{self, PeerProcess};
+use crate::engine::same_host::{self, PeerProcess};
 use crate::error::Error;
 use crate::threads::{self, ThreadKind};
 use crate::trace::clock_ns;
@@ -61,7 +61,7 @@ impl Connection {
             match task {
                 None => return,
                 Some(HostTask::Prove { pid, fd }) => {
-                    let reads_peer = match local::prove(pid, fd, &self.control) {
+                    let reads_peer = match same_host::prove(pid, fd, &self.control) {
                         Ok(proven) => {
                             *process = Some(proven.process);
                             match proven.readable {
@@ -71,7 +71,7 @@ impl Connection {
                                     true
                                 }
                                 Err(refused) => {
-                                    local::Refusal::Kernel(refused).log(self.peer.addr);
+                                    same_host::Refusal::Kernel(refused).log(self.peer.addr);
                                     false
                                 }
                             }
@@ -98,7 +98,7 @@ impl Connection {
                         Ok(()) => inner.state.copy_finished(job, Ok(()), &mut out),
                         Err(Failure::Copy(e)) => inner.state.copy_finished(job, Err(e), &mut out),
                         Err(Failure::Refused(e, refused)) => {
-                            local::Refusal::Kernel(refused).log(self.peer.addr);
+                            same_host::Refusal::Kernel(refused).log(self.peer.addr);
                             inner.state.copy_refused(job, e, &mut out);
                         }
                         Err(Failure::Panicked(e)) => {
@@ -147,7 +147,7 @@ pub(super) fn copy(
     process.alive().map_err(|e| host_job::lost(process, job.len, e))?;
     // Shared with the process's copy helpers from `copiers::threads_for`'s size on, in pieces of
     // at least `Config::host_copy_min_piece`.
-    let threads = crate::engine::local::copiers::threads_for(job.len, config.host_copy_threads);
+    let threads = crate::engine::same_host::copiers::threads_for(job.len, config.host_copy_threads);
     gate.begin(&job.region);
     // One thread copies a small job whole: its source's pages do not matter then.
     let huge_min = (config.host_copy_huge_pages && threads > 1).then_some(config.host_copy_huge_min_piece);

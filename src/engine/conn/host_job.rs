@@ -1,6 +1,6 @@
 //! One copy job of a connection (`host_copy.rs`), shared among threads: the job is cut into pieces
 //! that the thread running it (the connection's worker, or a caller: `host_worker.rs`) and the
-//! process's copy helpers (`local::copiers`) take in turn, each piece entering the connection's
+//! process's copy helpers (`same_host::copiers`) take in turn, each piece entering the connection's
 //! gate, so deregistration and failure stay fences however many threads copy. The running thread
 //! returns from a job only once every piece is done, and a helper takes a piece only before that,
 //! so no piece of a job runs after the connection moved on.
@@ -14,8 +14,8 @@ use parking_lot::Mutex;
 
 use super::host_trace::JobMarks;
 use super::host_worker::Gate;
-use crate::engine::local::copiers::{self, Turns};
-use crate::engine::local::{PIECE_BYTES, PeerProcess, pieces};
+use crate::engine::same_host::copiers::{self, Turns};
+use crate::engine::same_host::{PIECE_BYTES, PeerProcess, pieces};
 use crate::engine::region::Region;
 use crate::error::{Error, UcclStatus};
 use crate::threads::{self, ThreadKind, panic_text};

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::engine::local::PeerProcess;
+use crate::engine::same_host::PeerProcess;
 use crate::engine::region::Region;
 use crate::error::{Error, Result};
 use crate::threads::{ThreadKind, run_contained, spawn_contained};

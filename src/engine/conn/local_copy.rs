@@ -7,7 +7,7 @@
 
 use super::Connection;
 use super::state::OneSidedRequest;
-use crate::engine::local::{self, Locality};
+use crate::engine::same_host::{self, Locality};
 use crate::engine::plan::Extent;
 use crate::error::{Error, Result};
 use crate::transport::MemKind;
@@ -21,7 +21,7 @@ impl Connection {
         {
             return None;
         }
-        let peer = local::peer_connection(&self.link)?;
+        let peer = same_host::peer_connection(&self.link)?;
         let (ours, theirs) = self.lock_with_peer(&peer);
         if let Err(e) = ours.state.check_open() {
             return Some(Err(e));

@@ -32,7 +32,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 use super::channel::{self, Channel};
 use super::control_reactor::{ControlEndpoint, Next, Registration};
 use super::control_rx::{ControlRx, Drained, RxBuffer};
-use super::local::{self, LocalLink, Locality};
+use super::same_host::{self, LocalLink, Locality};
 use super::notify;
 use super::plan::{self, Chunk, ChunkMem, Chunking};
 use super::shared::{EngineCore, LiveConnection};
@@ -141,7 +141,7 @@ pub struct Connection {
     inner: Mutex<Inner>,
     closed: AtomicBool,
     listener_started: AtomicBool,
-    /// How an in-process peer's connection is found (see `engine::local`).
+    /// How an in-process peer's connection is found (see `engine::same_host`).
     link: LocalLink,
     /// On an authenticated connection, region tokens travel bound to it (see `proto::auth`).
     binding: Option<TokenBinding>,
@@ -199,8 +199,8 @@ impl Connection {
             core.config.trace_flow.as_deref().map(|prefix| FlowTracer::new(prefix, link.nonce, link.connector));
         let device_batches = ipc.in_flight();
         let mut state = ConnState::new(chunking, Instant::now());
-        let same_host = link.locality == Locality::SameHost;
-        if same_host {
+        let on_host = link.locality == Locality::SameHost;
+        if on_host {
             state.set_same_host(core.config.host_copy_network_band, core.config.host_copy_huge_pages);
             if core.config.host_copy_collapse {
                 state.set_collapse_sources();
@@ -244,12 +244,12 @@ impl Connection {
         // that could authorize a request for the region.
         let live: Weak<Connection> = Arc::downgrade(&conn);
         conn.core.adopt(live)?;
-        local::register_connection(&link, &conn);
+        same_host::register_connection(&link, &conn);
         // From here on the reactor reads the stream.
         conn.reactor.start(Arc::downgrade(&conn) as Weak<dyn ControlEndpoint>)?;
-        if same_host {
+        if on_host {
             // The peer checks that this process holds the other end of the control connection
-            // (`local::prove`) before it copies anything out of our memory.
+            // (`same_host::prove`) before it copies anything out of our memory.
             let fd = u32::try_from(conn.control.as_raw_fd()).map_err(|_| Error::internal("negative descriptor"))?;
             conn.writer.send(&Control::ProcessHello { pid: std::process::id(), fd })?;
         }

@@ -4,7 +4,7 @@
 //! Who copies: the end whose memory is written. A write is copied in by its target, out of the
 //! initiator's process; a read by its initiator, out of the target's. So an engine only ever writes
 //! its own memory, from its own threads, and a deregistration here stays a fence by local means: it
-//! waits for the copy under way (at most one piece of `local::PIECE_BYTES` per copying thread) and
+//! waits for the copy under way (at most one piece of `same_host::PIECE_BYTES` per copying thread) and
 //! no further piece starts (`conn/host_job.rs`). Another process only ever reads our memory, which
 //! cannot corrupt it.
 //!

@@ -17,7 +17,7 @@ pub(super) const MAX_DIRECT_PENDING: usize = 1 << 16;
 
 /// What the connection's host worker does next, outside the connection lock.
 pub(crate) enum HostTask {
-    /// Check the peer's ProcessHello and probe the kernel (`local::prove`).
+    /// Check the peer's ProcessHello and probe the kernel (`same_host::prove`).
     Prove {
         pid: u32,
         fd: u32,

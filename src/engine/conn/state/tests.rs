@@ -13,7 +13,7 @@ use super::super::host_worker::Gate;
 use super::super::vector::{Grouper, Push, REQUEST_SEGMENTS, RunKey};
 use super::*;
 use crate::config::Config;
-use crate::engine::local::PeerProcess;
+use crate::engine::same_host::PeerProcess;
 use crate::engine::plan::{self, Cut};
 use crate::engine::region::RegionTable;
 use crate::engine::transfer::{Answers, TransferTable};
