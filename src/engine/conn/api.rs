@@ -14,9 +14,9 @@ use super::turn::{Batch, InTurn, Take};
 use super::vector::{Grouper, Push, Run, RunKey};
 
 use super::{Connection, Held, Inner, OneSided};
-use crate::engine::same_host::Locality;
 use crate::engine::plan::Extent;
 use crate::engine::region::{Region, check_range};
+use crate::engine::same_host::Locality;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Capability, Control, MAX_INLINE_LEN, RemoteSeg};

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use super::host_job::{self, Failure, SharedJob};
 use super::host_trace::{JobMarks, JobTimes};
 use super::host_worker::{Gate, HostCopy, HostServed};
-use super::state::{CopyJob, HostTask};
 use super::{Connection, Inner};
 use crate::config::Config;
+use crate::engine::same_host::state::{CopyJob, HostTask};
 use crate::engine::same_host::{self, PeerProcess};
 use crate::error::Error;
 use crate::threads::{self, ThreadKind};
@@ -25,7 +25,7 @@ impl HostServed for Connection {
 
     fn has_host_work(&self) -> bool {
         let inner = self.inner.lock();
-        inner.state.failure().is_none() && inner.state.has_host_task()
+        inner.state.failure().is_none() && inner.state.same_host().has_host_task()
     }
 
     fn fail_with(&self, err: Error) {
@@ -52,9 +52,9 @@ impl Connection {
                     return;
                 }
                 match only {
-                    None => inner.state.next_host_task(),
+                    None => inner.state.same_host_mut().next_host_task(),
                     Some(_) if process.is_none() => None,
-                    Some(transfer) => inner.state.next_host_copy_of(transfer),
+                    Some(transfer) => inner.state.same_host_mut().next_host_copy_of(transfer),
                 }
             };
             let mut out = Vec::new();

@@ -14,9 +14,9 @@ use parking_lot::Mutex;
 
 use super::host_trace::JobMarks;
 use super::host_worker::Gate;
+use crate::engine::region::Region;
 use crate::engine::same_host::copiers::{self, Turns};
 use crate::engine::same_host::{PIECE_BYTES, PeerProcess, pieces};
-use crate::engine::region::Region;
 use crate::error::{Error, UcclStatus};
 use crate::threads::{self, ThreadKind, panic_text};
 use crate::trace::clock_ns;

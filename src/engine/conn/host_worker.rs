@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::engine::same_host::PeerProcess;
 use crate::engine::region::Region;
+use crate::engine::same_host::PeerProcess;
 use crate::error::{Error, Result};
 use crate::threads::{ThreadKind, run_contained, spawn_contained};
 

@@ -7,8 +7,8 @@
 
 use super::Connection;
 use super::state::OneSidedRequest;
-use crate::engine::same_host::{self, Locality};
 use crate::engine::plan::Extent;
+use crate::engine::same_host::{self, Locality};
 use crate::error::{Error, Result};
 use crate::transport::MemKind;
 

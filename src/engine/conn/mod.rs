@@ -32,9 +32,10 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 use super::channel::{self, Channel};
 use super::control_reactor::{ControlEndpoint, Next, Registration};
 use super::control_rx::{ControlRx, Drained, RxBuffer};
-use super::same_host::{self, LocalLink, Locality};
 use super::notify;
 use super::plan::{self, Chunk, ChunkMem, Chunking};
+pub use super::same_host::HostPath;
+use super::same_host::{self, LocalLink, Locality};
 use super::shared::{EngineCore, LiveConnection};
 use super::stats::{ConnStats, LinkTotals, StatsCell, Way, link_totals};
 use super::transfer::{Counted, Transfer};
@@ -48,7 +49,6 @@ use host_trace::HostTracer;
 use host_worker::HostCopy;
 use ipc::IpcState;
 use memory::EngineMemory;
-pub use state::HostPath;
 use state::{Action, ConnState, Direction, FlowPlan};
 
 /// How long closing waits for queued control messages (the Close among them) to leave.
@@ -201,13 +201,13 @@ impl Connection {
         let mut state = ConnState::new(chunking, Instant::now());
         let on_host = link.locality == Locality::SameHost;
         if on_host {
-            state.set_same_host(core.config.host_copy_network_band, core.config.host_copy_huge_pages);
+            state.same_host_mut().set_same_host(core.config.host_copy_network_band, core.config.host_copy_huge_pages);
             if core.config.host_copy_collapse {
-                state.set_collapse_sources();
+                state.same_host_mut().set_collapse_sources();
             }
         }
         if host_tracer.is_some() {
-            state.set_timed_copies();
+            state.same_host_mut().set_timed_copies();
         }
         let conn = Arc::new_cyclic(|weak| Connection {
             id: core.next_conn_id(),
@@ -263,7 +263,7 @@ impl Connection {
 
     /// How far the same-host host-memory path got on this connection.
     pub fn host_path(&self) -> HostPath {
-        self.inner.lock().state.host_path()
+        self.inner.lock().state.same_host().host_path()
     }
 
     fn memory(&self) -> EngineMemory<'_> {

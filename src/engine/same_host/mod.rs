@@ -17,6 +17,7 @@ mod peers;
 mod process;
 mod proof;
 mod registry;
+pub(crate) mod state;
 
 pub use identity::own_identity;
 #[doc(hidden)]
@@ -24,6 +25,7 @@ pub use process::refuse_process_access;
 pub(crate) use process::{PIECE_BYTES, PeerProcess, pieces};
 pub(crate) use proof::{Refusal, prove};
 pub(crate) use registry::{PendingHello, accepted_locality, peer_connection, register_connection};
+pub use state::HostPath;
 
 use crate::proto::HostIdentity;
 
