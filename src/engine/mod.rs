@@ -12,6 +12,7 @@ mod fd_limit;
 mod handshake;
 mod mapping;
 pub mod notify;
+mod one_sided;
 mod plan;
 mod progress;
 pub mod region;

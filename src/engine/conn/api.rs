@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::copy_trace::Seer;
 use super::host_trace::HostTracer;
 use super::reader;
 use super::state::{Action, ConnState, Memory, OneSidedItem, OneSidedRequest, SendItem, VectorRequest};
@@ -17,6 +16,9 @@ use super::{Connection, Held, Inner, OneSided};
 use crate::engine::plan::Extent;
 use crate::engine::region::{Region, check_range};
 use crate::engine::same_host::Locality;
+use crate::engine::same_host::device_copy::DevicePath;
+use crate::engine::same_host::local_copy::LocalCopy;
+use crate::engine::same_host::traced::Seer;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Capability, Control, MAX_INLINE_LEN, RemoteSeg};
@@ -395,7 +397,7 @@ impl Connection {
         self.host.run_waiting(transfer);
         if self.device_batches.load(Ordering::Acquire) > 0 {
             let mut inner = self.inner.lock();
-            if let Err(e) = self.drive_device_copies(&mut inner, Seer::Poll) {
+            if let Err(e) = self.drive_device_copies(&mut inner.ipc, Seer::Poll) {
                 self.fail(&mut inner, e);
             }
         }

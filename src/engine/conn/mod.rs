@@ -7,16 +7,11 @@
 
 mod api;
 mod copy_trace;
-mod device_copy;
 mod flow_trace;
-mod host_copy;
-mod host_job;
 mod host_trace;
-mod host_worker;
-mod ipc;
-mod local_copy;
 mod memory;
 mod reader;
+mod same_host_io;
 mod state;
 mod turn;
 mod vector;
@@ -35,6 +30,10 @@ use super::control_rx::{ControlRx, Drained, RxBuffer};
 use super::notify;
 use super::plan::{self, Chunk, ChunkMem, Chunking};
 pub use super::same_host::HostPath;
+use super::same_host::device_copy::DevicePath;
+use super::same_host::host_worker::{HostCopy, HostServed};
+use super::same_host::ipc::IpcState;
+use super::same_host::traced::{CopyTrace, Seer};
 use super::same_host::{self, LocalLink, Locality};
 use super::shared::{EngineCore, LiveConnection};
 use super::stats::{ConnStats, LinkTotals, StatsCell, Way, link_totals};
@@ -43,11 +42,9 @@ use super::writer::ControlWriter;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, FifoItem, TokenBinding};
 use crate::trace;
-use copy_trace::{CopyTracer, Seer};
+use copy_trace::CopyTracer;
 use flow_trace::FlowTracer;
 use host_trace::HostTracer;
-use host_worker::HostCopy;
-use ipc::IpcState;
 use memory::EngineMemory;
 use state::{Action, ConnState, Direction, FlowPlan};
 
@@ -84,7 +81,7 @@ struct Inner {
     /// Reused by each progress pass.
     finished_chunks: Vec<Chunk>,
     sent_chunks: Vec<u64>,
-    /// The same-host GPU path: grants, asks, device copies in flight (`ipc.rs`).
+    /// The same-host GPU path: grants, asks, device copies in flight (`same_host/ipc.rs`).
     ipc: IpcState,
     /// A channel's comm declined a post with nothing in flight to wake us: counted as polled work,
     /// so the progress thread polls instead of parking until the post went through.
@@ -147,7 +144,7 @@ pub struct Connection {
     binding: Option<TokenBinding>,
     /// Signalled (under the lock) when an owner answers an IPC ask, or the connection fails.
     ipc_answered: Condvar,
-    /// Device-copy batches in flight (`ipc.rs` keeps it): a caller's poll drives them only then.
+    /// Device-copy batches in flight (`same_host/ipc.rs` keeps it): a caller's poll drives them only then.
     device_batches: Arc<AtomicUsize>,
     /// The same-host GPU path's stage times, under UCCL_TCPX_TRACE_DEVICE_COPY only.
     copy_tracer: Option<Arc<CopyTracer>>,
@@ -193,7 +190,7 @@ impl Connection {
         let rx = ControlRx::new(control.clone(), reactor.clone(), core.config.control_spin)?;
         let copy_tracer =
             (core.config.trace_device_copy > 0).then(|| Arc::new(CopyTracer::new(core.config.trace_device_copy > 1)));
-        let ipc = IpcState::new(copy_tracer.clone());
+        let ipc = IpcState::new(copy_tracer.clone().map(|t| t as Arc<dyn CopyTrace>));
         let host_tracer = (core.config.trace_host_copy > 0).then(|| HostTracer::new(core.config.trace_host_copy > 1));
         let flow_tracer =
             core.config.trace_flow.as_deref().map(|prefix| FlowTracer::new(prefix, link.nonce, link.connector));
@@ -237,7 +234,7 @@ impl Connection {
             copy_tracer,
             host_tracer,
             flow_tracer,
-            host: HostCopy::new(weak.clone() as Weak<dyn host_worker::HostServed>),
+            host: HostCopy::new(weak.clone() as Weak<dyn HostServed>),
             stats: Arc::default(),
         });
         // Known to the engine before it reads a byte: a deregistration must reach every connection
@@ -324,7 +321,7 @@ impl Connection {
     /// Every answer, the IPC path's too, stays in `held`, in the order of what it answers.
     /// `arrived`: when the read that brought it returned (for the flow trace).
     fn handle(&self, inner: &mut Inner, msg: Control, held: &mut Held, arrived: u64) -> Result<()> {
-        let Some(msg) = self.handle_ipc(inner, msg, &mut held.msgs)? else { return Ok(()) };
+        let Some(msg) = self.handle_ipc(&mut inner.ipc, msg, &mut held.msgs)? else { return Ok(()) };
         let seen = self.flow_tracer.as_ref().and_then(|_| Some((FlowTracer::seen(&msg)?, trace::clock_ns())));
         let mut out = Vec::new();
         let handled = inner.state.handle(msg, &self.memory(), &mut out);
@@ -629,7 +626,7 @@ impl Connection {
         inner.queued = false;
         let mut finished = std::mem::take(&mut inner.finished_chunks);
         let mut sent = std::mem::take(&mut inner.sent_chunks);
-        let (mut moved, mut result) = match self.drive_device_copies(inner, Seer::Progress) {
+        let (mut moved, mut result) = match self.drive_device_copies(&mut inner.ipc, Seer::Progress) {
             Ok(moved) => (moved, Ok(())),
             Err(e) => (false, Err(e)),
         };

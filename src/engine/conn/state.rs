@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 mod seam;
 
+pub(super) use crate::engine::one_sided::{OneSidedItem, OneSidedRequest, VectorRequest};
 use crate::engine::plan::{Chunking, Extent, chunk_count};
 use crate::engine::region::Region;
 use crate::engine::same_host::state::SameHost;
@@ -108,44 +109,6 @@ pub(super) trait Memory {
     /// # Safety
     /// `[addr, addr + len)` lies inside `region`, which is live.
     unsafe fn load(&self, region: &Region, addr: usize, len: usize) -> Result<Vec<u8>>;
-}
-
-/// One item of a caller's write or read: the local buffer and the peer's capability it targets.
-pub(super) struct OneSidedItem {
-    pub region: Arc<Region>,
-    pub addr: usize,
-    pub len: u64,
-    pub remote_region: u64,
-    pub token: u64,
-    pub remote_addr: u64,
-    /// The bytes of a small write, read before the state lock.
-    pub payload: Option<Vec<u8>>,
-}
-
-/// Items of a caller's write or read that share both regions, as one request: this end's segments
-/// (the flow's extent here) and the peer's, in the same order with the same lengths.
-pub(super) struct VectorRequest {
-    pub region: Arc<Region>,
-    pub local: Extent,
-    pub remote_region: u64,
-    pub token: u64,
-    pub segs: Vec<RemoteSeg>,
-}
-
-/// One request of a caller's write or read.
-pub(super) enum OneSidedRequest {
-    Item(OneSidedItem),
-    Vector(VectorRequest),
-}
-
-impl OneSidedRequest {
-    /// The caller's registration the request reads from or writes into.
-    pub fn local_region(&self) -> &Arc<Region> {
-        match self {
-            OneSidedRequest::Item(item) => &item.region,
-            OneSidedRequest::Vector(vector) => &vector.region,
-        }
-    }
 }
 
 /// One message of a caller's send.

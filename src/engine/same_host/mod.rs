@@ -12,12 +12,20 @@
 //! (`process.rs`), and the kernel's ptrace rules decide whether it may.
 
 pub(crate) mod copiers;
+pub(crate) mod device_copy;
+pub(crate) mod host_copy;
+pub(crate) mod host_job;
+pub(crate) mod host_worker;
 mod identity;
+pub(crate) mod ipc;
+pub(crate) mod local_copy;
 mod peers;
 mod process;
 mod proof;
 mod registry;
+pub(crate) mod seam;
 pub(crate) mod state;
+pub(crate) mod traced;
 
 pub use identity::own_identity;
 #[doc(hidden)]

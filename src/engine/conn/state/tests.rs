@@ -7,15 +7,15 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::super::host_copy;
-use super::super::host_job::Failure;
-use super::super::host_worker::Gate;
 use super::super::vector::{Grouper, Push, REQUEST_SEGMENTS, RunKey};
 use super::*;
 use crate::config::Config;
 use crate::engine::plan::{self, Cut};
 use crate::engine::region::RegionTable;
 use crate::engine::same_host::PeerProcess;
+use crate::engine::same_host::host_copy;
+use crate::engine::same_host::host_job::Failure;
+use crate::engine::same_host::host_worker::Gate;
 use crate::engine::same_host::state::{HostPath, HostTask};
 use crate::engine::transfer::{Answers, TransferTable};
 use crate::proto::Capability;

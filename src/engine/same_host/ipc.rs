@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::copy_trace::{CopyTracer, Seer};
+use super::traced::{CopyTrace, Seer};
 use crate::cuda::Gpu;
 use crate::cuda::device_copy::CopyQueue;
 use crate::cuda::ipc::Mapping;
@@ -28,13 +28,13 @@ use crate::proto::{IPC_HANDLE_LEN, RemoteSeg};
 
 /// Ask ids carry this bit, so that their Deny cannot be taken for one of the state machine's ops
 /// (whose ids count up from 1).
-pub(super) const ASK_BIT: u64 = 1 << 63;
+pub(crate) const ASK_BIT: u64 = 1 << 63;
 
 /// A grant's key: the owner's region and the token as this connection's requests present it.
-pub(super) type GrantKey = (u64, u64);
+pub(crate) type GrantKey = (u64, u64);
 
 /// What the owner said about a region.
-pub(super) enum Grant {
+pub(crate) enum Grant {
     /// It has no IPC handle, or its allocation cannot be mapped here: requests for it take the
     /// network path.
     Unavailable,
@@ -50,7 +50,7 @@ pub(super) enum Grant {
 }
 
 /// The owner's answer to an ask.
-pub(super) enum Answer {
+pub(crate) enum Answer {
     Granted { handle: [u8; IPC_HANDLE_LEN], alloc_base: u64, alloc_len: u64 },
     Refused(Error),
 }
@@ -61,7 +61,7 @@ struct Ask {
 }
 
 /// Copies issued together for one call, marked by one event.
-pub(super) struct Batch {
+pub(crate) struct Batch {
     /// Shared with a caller waiting for the batch's transfer, who blocks on it outside the lock.
     pub event: Arc<Event>,
     /// Which of `queues` issued it.
@@ -78,7 +78,7 @@ pub(super) struct Batch {
 }
 
 #[derive(Default)]
-pub(super) struct IpcState {
+pub(crate) struct IpcState {
     grants: HashMap<GrantKey, Grant>,
     asks: HashMap<u64, Ask>,
     next_ask: u64,
@@ -95,11 +95,11 @@ pub(super) struct IpcState {
     /// Batches issued since the connection started.
     issued: u64,
     /// Told when a batch is seen finished, under UCCL_TCPX_TRACE_DEVICE_COPY.
-    tracer: Option<Arc<CopyTracer>>,
+    tracer: Option<Arc<dyn CopyTrace>>,
 }
 
 /// A grant whose allocation is mapped here.
-pub(super) struct MappedGrant<'a> {
+pub(crate) struct MappedGrant<'a> {
     windows: &'a [(u64, u64)],
     alloc_base: u64,
     pub mapping: &'a Mapping,
@@ -122,7 +122,7 @@ fn covers(windows: &[(u64, u64)], segs: &[RemoteSeg]) -> bool {
 
 /// What a request's segments find in the grant table.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Coverage {
+pub(crate) enum Coverage {
     /// Granted, mapped, and inside the windows.
     Covered,
     /// The region has no IPC path.
@@ -132,7 +132,7 @@ pub(super) enum Coverage {
 }
 
 impl IpcState {
-    pub fn new(tracer: Option<Arc<CopyTracer>>) -> IpcState {
+    pub fn new(tracer: Option<Arc<dyn CopyTrace>>) -> IpcState {
         IpcState { tracer, ..IpcState::default() }
     }
 

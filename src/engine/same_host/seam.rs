@@ -1,0 +1,95 @@
+//! What the same-host I/O paths need of the connection they serve: its lock, with what it guards
+//! for them (the connection state, with the same-host sub-state in it, and the GPU path's grants
+//! and copies), its control stream, and its engine. The connection implements it
+//! (`conn/same_host.rs`); nothing in this folder names the connection.
+
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::LocalLink;
+use super::host_worker::HostCopy;
+use super::ipc::IpcState;
+use super::state::{CopyJob, SameHost};
+use super::traced::{CopyTrace, TracedJob};
+use crate::engine::shared::EngineCore;
+use crate::engine::transfer::Transfer;
+use crate::error::{Error, Result};
+use crate::proto::{Control, TokenBinding};
+
+/// A connection, as its same-host paths see it.
+pub(crate) trait Conn: Send + Sync + Sized + 'static {
+    /// The connection's lock, held.
+    type Locked<'a>: Locked
+    where
+        Self: 'a;
+
+    fn lock(&self) -> Self::Locked<'_>;
+
+    /// This connection's lock and its in-process peer's, taken in one order by both ends, so two
+    /// engines copying toward each other at once cannot deadlock.
+    fn lock_with_peer<'a>(&'a self, peer: &'a Self) -> (Self::Locked<'a>, Self::Locked<'a>);
+
+    /// Waits, the lock let go meanwhile, until an answer to an IPC ask arrived or the connection
+    /// failed ([`Conn::answered`] wakes it), or `deadline`; true when the deadline passed.
+    fn wait_answered(&self, locked: &mut Self::Locked<'_>, deadline: Instant) -> bool;
+
+    /// Wakes the callers waiting for an answer to an IPC ask.
+    fn answered(&self);
+
+    /// The engine: its configuration, region table, GPU and progress thread.
+    fn core(&self) -> &EngineCore;
+
+    /// Where the peer runs and how its connection is found in this process.
+    fn link(&self) -> &LocalLink;
+
+    /// On an authenticated connection, region tokens travel bound to it.
+    fn binding(&self) -> Option<&TokenBinding>;
+
+    fn peer_addr(&self) -> SocketAddr;
+
+    /// The control stream, whose other end a same-host peer proves it holds.
+    fn control(&self) -> &TcpStream;
+
+    /// Hands `msg` to the control stream's writer.
+    fn send(&self, msg: &Control) -> Result<()>;
+
+    /// A new transfer of the caller's of `parts` parts, counted the way its bytes go.
+    fn new_transfer(&self, parts: usize, write: bool) -> Arc<Transfer>;
+
+    /// The host worker's handle.
+    fn host(&self) -> &HostCopy;
+
+    /// The same-host GPU path's timeline, when traced.
+    fn copy_trace(&self) -> Option<&dyn CopyTrace>;
+
+    /// A host copy job's trace, when traced.
+    fn trace_job(&self) -> Option<Box<dyn TracedJob + '_>>;
+}
+
+/// What the connection's lock guards, for the same-host paths.
+pub(crate) trait Locked {
+    /// Ok while the connection works; its failure afterwards.
+    fn check_open(&self) -> Result<()>;
+
+    fn failure(&self) -> Option<Error>;
+
+    /// The same-host sub-state machine.
+    fn same_host(&mut self) -> &mut SameHost;
+
+    /// The same-host GPU path's grants, asks and copies in flight.
+    fn ipc(&mut self) -> &mut IpcState;
+
+    /// The host worker checked the peer's ProcessHello: the state answers, and the connection
+    /// carries the answer out (failing on error).
+    fn proved(&mut self, reads_peer: bool);
+
+    /// The host worker finished `job`, as [`Locked::proved`].
+    fn copy_finished(&mut self, job: CopyJob, copied: Result<()>);
+
+    /// The kernel refused `job`'s copy out of the peer, as [`Locked::proved`].
+    fn copy_refused(&mut self, job: CopyJob, err: Error);
+
+    /// Makes `err` the connection's failure.
+    fn fail(&mut self, err: Error);
+}
