@@ -9,7 +9,7 @@
 //! initiator's process; a read by its initiator, out of the target's. So an engine only ever writes
 //! its own memory, from its own threads, and a deregistration here stays a fence by local means: it
 //! waits for the copy under way (at most one piece of `same_host::PIECE_BYTES` per copying thread) and
-//! no further piece starts (`conn/host_job.rs`). Another process only ever reads our memory, which
+//! no further piece starts (`host_job.rs`). Another process only ever reads our memory, which
 //! cannot corrupt it.
 //!
 //! Whose pages count: a transfer's source is the memory of the end that is read, and only that end

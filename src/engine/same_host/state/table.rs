@@ -1,4 +1,4 @@
-//! What the same-host path keeps per connection (`direct.rs` is what it does with it): the
+//! What the same-host path keeps per connection (`state.rs` is what it does with it): the
 //! initiator's requests waiting for their answer, the host worker's queue, copies waiting for the
 //! target's word, and the target's leases on its memory.
 
