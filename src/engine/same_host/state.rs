@@ -660,3 +660,6 @@ fn violation(what: &str) -> Error {
 fn unknown_op(what: &str, id: u64) -> Error {
     Error::backend(format!("protocol violation: {what} for unknown id {id}"))
 }
+
+#[cfg(test)]
+mod tests;
