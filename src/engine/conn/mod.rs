@@ -18,11 +18,11 @@ mod vector;
 
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex, MutexGuard};
+use parking_lot::{Mutex, MutexGuard};
 
 use super::channel::{self, Channel};
 use super::control_reactor::{ControlEndpoint, Next, Registration};
@@ -31,8 +31,9 @@ use super::notify;
 use super::plan::{self, Chunk, ChunkMem, Chunking};
 pub use super::same_host::HostPath;
 use super::same_host::device_copy::DevicePath;
-use super::same_host::host_worker::{HostCopy, HostServed};
+use super::same_host::host_worker::HostServed;
 use super::same_host::ipc::IpcState;
+use super::same_host::seam::SameHostIo;
 use super::same_host::traced::{CopyTrace, Seer};
 use super::same_host::{self, LocalLink, Locality};
 use super::shared::{EngineCore, LiveConnection};
@@ -142,19 +143,14 @@ pub struct Connection {
     link: LocalLink,
     /// On an authenticated connection, region tokens travel bound to it (see `proto::auth`).
     binding: Option<TokenBinding>,
-    /// Signalled (under the lock) when an owner answers an IPC ask, or the connection fails.
-    ipc_answered: Condvar,
-    /// Device-copy batches in flight (`same_host/ipc.rs` keeps it): a caller's poll drives them only then.
-    device_batches: Arc<AtomicUsize>,
     /// The same-host GPU path's stage times, under UCCL_TCPX_TRACE_DEVICE_COPY only.
     copy_tracer: Option<Arc<CopyTracer>>,
     /// The same-host host-memory path's steps, under UCCL_TCPX_TRACE_HOST_COPY only.
     host_tracer: Option<HostTracer>,
     /// Every step of the writes and reads over the channels, under UCCL_TCPX_TRACE_FLOW only.
     flow_tracer: Option<FlowTracer>,
-    /// The same-host host-memory path's worker (proof and copies), for a peer in another process of
-    /// this host.
-    host: HostCopy,
+    /// The same-host paths' host worker and what they keep outside the lock.
+    same_host: SameHostIo,
     /// What the caller's transfers on this connection moved and how they ended.
     stats: Arc<StatsCell>,
 }
@@ -229,12 +225,10 @@ impl Connection {
             listener_started: AtomicBool::new(false),
             link,
             binding,
-            ipc_answered: Condvar::new(),
-            device_batches,
             copy_tracer,
             host_tracer,
             flow_tracer,
-            host: HostCopy::new(weak.clone() as Weak<dyn HostServed>),
+            same_host: SameHostIo::new(weak.clone() as Weak<dyn HostServed>, device_batches),
             stats: Arc::default(),
         });
         // Known to the engine before it reads a byte: a deregistration must reach every connection
@@ -372,7 +366,7 @@ impl Connection {
                     inner.queued = true;
                     held.queued = true;
                 }
-                Action::HostWork { ours } => result = self.host.wake(ours),
+                Action::HostWork { ours } => result = self.same_host.host.wake(ours),
                 Action::Collapse(region) => region.collapse_into_huge_pages(),
             }
         }
@@ -447,7 +441,7 @@ impl Connection {
         self.core.waker.wake();
         // A same-host copy into the region ends within one piece, and none starts after this (a
         // push out of it is the region's own count, waited for by the engine).
-        self.host.wait_clear(region);
+        self.same_host.host.wait_clear(region);
         loop {
             {
                 let mut inner = self.inner.lock();
@@ -489,8 +483,8 @@ impl Connection {
             self.fail(&mut inner, Error::new(UcclStatus::ErrCanceled, "the connection was closed locally"));
         }
         self.reactor.detach();
-        self.host.join();
-        self.host.release_peer();
+        self.same_host.host.join();
+        self.same_host.host.release_peer();
         log::info!("connection {} to {} closed: {}", self.id, self.peer.addr, self.stats());
     }
 
@@ -552,9 +546,9 @@ impl Connection {
         self.set_retrying(inner, false);
         self.core.waker.chunks_out.set(&mut inner.chunks_out, false);
         // No same-host copy lands in our memory after this returns either.
-        self.host.stop();
+        self.same_host.host.stop();
         inner.ipc.fail(&err, &self.core.waker);
-        self.ipc_answered.notify_all();
+        self.same_host.ipc_answered.notify_all();
         let _ = self.control.shutdown(Shutdown::Both);
         self.writer.stop(err.clone());
         for t in failed {
@@ -761,11 +755,11 @@ impl reader::Served for Connection {
     }
 
     fn work_waiting(&self) -> bool {
-        self.host.work_waiting()
+        self.same_host.host.work_waiting()
     }
 
     fn run_waiting(&self, transfer: u64) {
-        self.host.run_waiting(transfer);
+        self.same_host.host.run_waiting(transfer);
     }
 }
 

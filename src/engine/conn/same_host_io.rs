@@ -89,11 +89,11 @@ impl Conn for Connection {
     }
 
     fn wait_answered(&self, locked: &mut ConnLocked<'_>, deadline: Instant) -> bool {
-        self.ipc_answered.wait_until(&mut locked.inner, deadline).timed_out()
+        self.same_host.ipc_answered.wait_until(&mut locked.inner, deadline).timed_out()
     }
 
     fn answered(&self) {
-        self.ipc_answered.notify_all();
+        self.same_host.ipc_answered.notify_all();
     }
 
     fn core(&self) -> &EngineCore {
@@ -125,7 +125,7 @@ impl Conn for Connection {
     }
 
     fn host(&self) -> &HostCopy {
-        &self.host
+        &self.same_host.host
     }
 
     fn copy_trace(&self) -> Option<&dyn CopyTrace> {
@@ -152,7 +152,7 @@ impl HostServed for Connection {
     }
 
     fn host(&self) -> &HostCopy {
-        &self.host
+        &self.same_host.host
     }
 
     fn spin(&self) -> std::time::Duration {

@@ -4,11 +4,14 @@
 //! (`conn/same_host.rs`); nothing in this folder names the connection.
 
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
+use parking_lot::Condvar;
+
 use super::LocalLink;
-use super::host_worker::HostCopy;
+use super::host_worker::{HostCopy, HostServed};
 use super::ipc::IpcState;
 use super::state::{CopyJob, SameHost};
 use super::traced::{CopyTrace, TracedJob};
@@ -92,4 +95,28 @@ pub(crate) trait Locked {
 
     /// Makes `err` the connection's failure.
     fn fail(&mut self, err: Error);
+}
+
+/// What a connection keeps for its same-host paths outside its lock (the GPU path's grants and
+/// copies are under it: `ipc::IpcState`).
+pub(crate) struct SameHostIo {
+    /// The host worker (proof and copies), for a peer in another process of this host.
+    pub host: HostCopy,
+    /// Signalled (under the lock) when an owner answers an IPC ask, or the connection fails.
+    pub ipc_answered: Condvar,
+    /// Device-copy batches in flight (`ipc.rs` keeps it): a caller's poll drives them only then.
+    device_batches: Arc<AtomicUsize>,
+}
+
+impl SameHostIo {
+    /// `conn`: the connection its host worker serves; `device_batches`: the GPU path's count of
+    /// batches in flight (`IpcState::in_flight`).
+    pub fn new(conn: Weak<dyn HostServed>, device_batches: Arc<AtomicUsize>) -> SameHostIo {
+        SameHostIo { host: HostCopy::new(conn), ipc_answered: Condvar::new(), device_batches }
+    }
+
+    /// Whether device-copy batches are in flight, looked at without the connection lock.
+    pub fn device_copies(&self) -> bool {
+        self.device_batches.load(Ordering::Acquire) > 0
+    }
 }
