@@ -17,10 +17,9 @@
 # next to the bench binary (or GPU_BENCH_FAKE_PLUGIN names it): GPU->GPU and GPU->host writes and
 # sends (GPU_BENCH_FAKE_SIZES), with UCCL_TCPX_PLUGIN_TEST_AHEAD=1 (the default) and 0 (the plugin
 # tested only for a comm's oldest receive, as before); GPU_BENCH_FAKE=0 skips it.
-# The staging knobs (UCCL_TCPX_STAGING_AHEAD, _STREAMS), UCCL_TCPX_TRACE_STAGING=1 (per-chunk
-# stage times of the staged GPU path, printed by both bench processes at exit into each step's log)
-# and UCCL_TCPX_TRACE_DEVICE_COPY=1 (per-transfer stage times of the same-host GPU path, printed by
-# the client) pass through from the caller's environment to every bench run.
+# The staging knobs (UCCL_TCPX_STAGING_AHEAD, _STREAMS) and UCCL_TCPX_TRACE (e.g.
+# staging,device:/tmp/t: each bench process writes its events at exit; scripts/diag/trace_summary.py
+# /tmp/t summarizes them) pass through from the caller's environment to every bench run.
 set -uo pipefail # not -e: a failing step is reported and the next one still runs
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

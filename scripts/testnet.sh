@@ -9,9 +9,11 @@
 #   scripts/testnet.sh exec PREFIX HOST CMD...  run CMD on test host HOST (0, 1, ...)
 #   scripts/testnet.sh link PREFIX HOST IFACE up|down
 #   scripts/testnet.sh rate PREFIX HOST IFACE RATE|none   shape (or unshape) IFACE's egress on HOST
-#   scripts/testnet.sh bench [--data-links N] [--rate RATE] [--bin BENCH] -- BENCH_ARGS...
+#   scripts/testnet.sh bench [--data-links N] [--rate RATE] [--bin BENCH] [--server-arg ARG]... -- BENCH_ARGS...
 #                          uccl-tcpx-bench's server on test host 1 and its client on host 0, over a
-#                          network made for the run and removed on every exit path
+#                          network made for the run and removed on every exit path; --server-arg
+#                          passes one argument to the server (e.g. --device, gpu: a server picks
+#                          its memory itself)
 #
 # PREFIX: 1-8 lower-case letters and digits; namespaces are PREFIX + "h" + host index. Between each
 # pair of hosts i < j (the p-th pair, p from 0) there is one control link and N data links (default
@@ -140,11 +142,13 @@ check() {
 
 bench() {
   local links=1 rate=none bin=${UCCL_TCPX_BENCH_BIN:-target/release/uccl-tcpx-bench}
+  local server_args=()
   while (($#)); do
     case $1 in
       --data-links) links=$2; shift 2 ;;
       --rate) rate=$2; shift 2 ;;
       --bin) bin=$2; shift 2 ;;
+      --server-arg) server_args+=("$2"); shift 2 ;;
       --) shift; break ;;
       *) die "unknown option $1 (bench options, then -- and the bench's own)" ;;
     esac
@@ -156,7 +160,7 @@ bench() {
   up "$prefix" --data-links "$links" --rate "$rate" >&2
   # The server takes port 0 and announces the one it got; the client starts once it listens. The
   # bench's own arguments go to the client (a server follows the client's settings).
-  coproc SERVER { ip netns exec "${prefix}h1" env UCCL_TCPX_IFNAME=ctl0 "$bin" --role server --port 0 --announce 2>&1; }
+  coproc SERVER { ip netns exec "${prefix}h1" env UCCL_TCPX_IFNAME=ctl0 "$bin" --role server --port 0 --announce ${server_args[@]+"${server_args[@]}"} 2>&1; }
   local line port="" out
   # A copy of the coprocess's output descriptor, which bash would not hand to a background job.
   exec {out}<&"${SERVER[0]}"

@@ -12,11 +12,15 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::proto::AuthKey;
+use crate::trace::Setting;
 
 mod knob;
+mod retired;
 
 pub use knob::parse_bytes;
-use knob::{Band, Choice, FilePath, Flag, Indices, Int, KeyFile, List, Micros, Millis, OffOrSize, Opt, Size, Text};
+use knob::{
+    Band, Choice, FilePath, Flag, Indices, Int, KeyFile, List, Micros, Millis, OffOrSize, Opt, Size, Text, TraceSetting,
+};
 
 pub(crate) const MAX_CHANNELS: u16 = crate::proto::MAX_CHANNELS;
 /// TCPX receives are capped at 4 MiB; the socket transport keeps the same cap so one chunk plan fits both.
@@ -131,11 +135,9 @@ knobs! {
         host_copy_min_piece: u32 = "UCCL_TCPX_HOST_COPY_MIN_PIECE", Size(64 << 10, 4 << 20), 1 << 20, "smallest piece a shared same-host copy is cut into (two pieces per copying thread, at most 4 MiB each): fewer threads on a mid-size copy pinning pages under one page table (on 32 cores 16 MiB copies moved 30-50 % more than with 256K)";
         host_copy_network_band: Option<(u64, u64)> = "UCCL_TCPX_HOST_COPY_NETWORK_BAND", Band, default_host_copy_network_band(available_cores()) => "768K-12M on ≥ 16 CPUs, else 0", "one-sided host transfers to another process of the host longer than LO and shorter than HI take the channels over loopback TCP instead of the direct copy, which is slower there on a many-core host";
         host_copy_huge_pages: bool = "UCCL_TCPX_HOST_COPY_HUGE_PAGES", Flag, true, "the same-host host path heeds whether a transfer's source lies on transparent huge pages, which the owner of the memory read from its own `/proc/self/smaps` at registration and tells the copying peer in the request or grant it sends anyway: such a transfer skips the network band (applied by the end whose memory is read) and, up to 8 MiB, is cut into pieces of `UCCL_TCPX_HOST_COPY_HUGE_MIN_PIECE` (on 32 cores 1.5-2.9x loopback TCP at 1-8 MiB, against 1.0-1.9x without); a peer's word only picks the piece size between our own bounds";
-        host_copy_collapse: bool = "UCCL_TCPX_HOST_COPY_COLLAPSE", Flag, false, "`1`: a host region a peer process of this host is to copy out of (or one the network band kept to the channels) is collapsed into huge pages in place, once per registration, on a thread of its own (`madvise(MADV_COLLAPSE)`, Linux 6.1+; only 2 MiB extents whose pages are all present and written, paced to a quarter of a core per process), since the peer's copy pins small pages one by one: on 16 cores, small-page buffers, 1-16 MiB went from about 1x to 1.3-2.7x loopback TCP. Off by default: it changes how the caller's memory is mapped";
+        host_copy_collapse: bool = "UCCL_TCPX_HOST_COPY_COLLAPSE", Flag, false, "`1`: a host region a peer process of this host is to copy out of (or one the network band kept to the channels) is collapsed into huge pages in place, once per registration, by one thread serving the process's regions in turn (`madvise(MADV_COLLAPSE)`, Linux 6.1+; only 2 MiB extents whose pages are all present and written, paced to a quarter of a core per process), since the peer's copy pins small pages one by one: on 16 cores, small-page buffers, 1-16 MiB went from about 1x to 1.3-2.7x loopback TCP. Off by default: it changes how the caller's memory is mapped";
         host_copy_huge_min_piece: u32 = "UCCL_TCPX_HOST_COPY_HUGE_MIN_PIECE", Size(64 << 10, 4 << 20), 256 << 10, "with `UCCL_TCPX_HOST_COPY_HUGE_PAGES`, the smallest piece of a same-host copy of at most 8 MiB whose source lies on huge pages, in place of `UCCL_TCPX_HOST_COPY_MIN_PIECE`";
-        trace_device_copy: u8 = "UCCL_TCPX_TRACE_DEVICE_COPY", Int(0, 2), 0, "`1`: time every transfer of the same-host GPU path (post, grant, copies queued, event seen fired and by whom, outcome) and print each step's median/min/max per direction and size to stderr at exit; `2` also lists every transfer. A diagnostic";
-        trace_host_copy: u8 = "UCCL_TCPX_TRACE_HOST_COPY", Int(0, 2), 0, "`1`: time every copy of the same-host host-memory path (queueing, helpers joining, each piece's time and bytes, reply, outcome) and print each step's median/min/max per role and size, and the threads' GB/s, to stderr at exit; `2` also lists every job. A diagnostic";
-        trace_flow: Option<String> = "UCCL_TCPX_TRACE_FLOW", Opt(Text("path prefix")), None, "mark every step of each write and read over the channels at both ends in CLOCK_MONOTONIC time, keeping a process's last 4096 for `<prefix>.<pid>.tsv` at exit; `scripts/diag/flow_timeline.py <prefix>` joins the ends' files and prints each step's median, p10 and p90 per op and size. A diagnostic";
+        trace: Option<Setting> = "UCCL_TCPX_TRACE", Opt(TraceSetting), None, "`<path prefix>` or `<category>,...:<path prefix>` (categories `flow`, `socket`, `host`, `device`, `staging`; all when none is named): the process records every event of those categories (docs/TRACE.md) with its CLOCK_MONOTONIC time and thread, keeping the newest 2M, and writes them at exit to `<prefix>.<pid>.tsv` for the scripts of `scripts/diag/`. The first engine that names a trace starts the process's; off, a traced step costs one relaxed load. A diagnostic";
     }
 
     /// Knobs of the built-in TCP transport. The socket layout keeps NCCL's names so that operators
@@ -157,7 +159,6 @@ knobs! {
         spinners: u16 = "UCCL_TCPX_SOCKET_SPINNERS", Int(1, 1024), default_spinners() => "¼ of the CPUs, at least 1", "socket helpers of the process that may poll at once past the first 20 µs after their last piece; each holds a core, so more than the cores can spare slow down the helpers with work";
         kick_fanout: u8 = "UCCL_TCPX_SOCKET_KICK_FANOUT", Int(0, MAX_SOCKETS_PER_COMM as u8), DEFAULT_KICK_FANOUT, "sleeping helpers a send comm's posting thread wakes itself for one request; each socket that runs then wakes up to as many of the others, spreading the wake-ups (about 2 µs each on 32 cores) over the helpers. 0: the poster wakes every one";
         data_ifname: Option<String> = "UCCL_TCPX_SOCKET_IFNAME", Opt(Text("`NCCL_SOCKET_IFNAME` grammar")), None, "the built-in TCP transport's data links (name prefixes, `^` to exclude, `=` exact; up IPv4 interfaces, loopback only by name, at most 8): each comm opens a socket per link or more, link k to the peer's link k, faster links carrying more; the control stream stays on the engine's address. A list naming nothing fails `Engine::new`";
-        trace: Option<String> = "UCCL_TCPX_TRACE_SOCKETS", Opt(Text("path prefix")), None, "every socket comm records when each data socket began and finished its share of each of its last 256 requests and writes them at its drop to `<prefix>.<pid>.<comm id>.<send|recv>.tsv`, for `scripts/diag/socket_timeline.py` and `socket_balance.py`. A diagnostic";
     }
 
     /// Knobs of the staged GPU path (GPU memory over a transport that moves host memory only).
@@ -168,7 +169,6 @@ knobs! {
         write_back: bool = "UCCL_TCPX_STAGING_WRITE_BACK", Flag, true, "receiving sockets write what lands in a staging slot back from the CPU's caches before the slot is copied up to the GPU (only the last two receives posted on a comm): a copy of lines other cores hold modified runs at a third of its speed";
         pipeline: u32 = "UCCL_TCPX_STAGING_PIPELINE", PIPELINE, 0, "pipelined staging: a contiguous staged GPU chunk its channel moves alone is copied in parts of this size, each sent (receiving: copied up) as it lands; later chunks of a transfer and chunks of several segments keep whole copies. Off by default: 4 MiB transfers at one in flight were 10-30 % shorter with 256K, other sizes unchanged";
         gather: StagingGather = "UCCL_TCPX_STAGING_GATHER", Choice(StagingGather::NAMES, ""), StagingGather::Auto, "how a staged GPU chunk of several segments gets into and out of its pinned slot: `auto`, a gather/scatter kernel when the segments average below 256 KiB, else (or without the kernel) a copy per segment; `kernel`, the kernel always; `copies`, a copy per segment";
-        trace: bool = "UCCL_TCPX_TRACE_STAGING", Flag, false, "`1`: record every staged chunk's stage times and print a per-transfer summary to stderr at exit (slows staged transfers somewhat). A diagnostic";
     }
 }
 
@@ -207,7 +207,9 @@ const DOC_INTRO: &str = "# Configuration
 Every knob is an environment variable, read when an engine is created; an empty value is the same
 as unset. A malformed or out-of-range value makes `uccl_engine_create` fail with a message naming
 the variable. Sizes are byte counts with optional K, M or G suffixes (binary). NIXL's backend and
-the Python package take the same settings as parameters (docs/NIXL.md, docs/PYTHON.md).
+the Python package take the same settings as parameters (docs/NIXL.md, docs/PYTHON.md). A variable
+that was removed is named in the log (at error level, once per process) with what became of it
+(`src/config/retired.rs`), instead of being ignored in silence.
 ";
 
 const DOC_OUTRO: &str = "
@@ -570,11 +572,13 @@ impl Config {
     }
 
     pub fn from_env() -> Result<Config> {
+        report_retired();
         Config::from_lookup(|name| std::env::var(name).ok())
     }
 
     /// The environment's settings with `overrides` (by setting name) taking precedence.
     pub fn from_env_with(overrides: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        report_retired();
         Config::from_lookup(|name| overrides(name).or_else(|| std::env::var(name).ok()))
     }
 
@@ -583,6 +587,18 @@ impl Config {
         let get = |name: &str| lookup(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
         Config::read_knobs(&get)
     }
+}
+
+/// Logs the environment's removed variables (`retired.rs`), the first time an engine's settings are
+/// read from it.
+fn report_retired() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for line in retired::set_in(|name| std::env::var(name).ok()) {
+            // Error, not warn: the default log level shows errors only, and this must be seen.
+            log::error!("{line}");
+        }
+    });
 }
 
 /// Sets up logging from `UCCL_TCPX_LOG` (else `RUST_LOG`); quiet (errors only) by default. Safe to
@@ -710,23 +726,10 @@ mod tests {
 
     #[test]
     fn parses_staging_knobs() {
-        let c = cfg(&[
-            ("UCCL_TCPX_TRACE_STAGING", "1"),
-            ("UCCL_TCPX_STAGING_STREAMS", "2"),
-            ("UCCL_TCPX_STAGING_AHEAD", "3"),
-        ])
-        .unwrap()
-        .staging;
+        let c = cfg(&[("UCCL_TCPX_STAGING_STREAMS", "2"), ("UCCL_TCPX_STAGING_AHEAD", "3")]).unwrap().staging;
         assert_eq!(
             c,
-            StagingConfig {
-                trace: true,
-                streams: 2,
-                ahead: 3,
-                gather: StagingGather::Auto,
-                pipeline: 0,
-                write_back: true
-            }
+            StagingConfig { streams: 2, ahead: 3, gather: StagingGather::Auto, pipeline: 0, write_back: true }
         );
         assert!(!cfg(&[("UCCL_TCPX_STAGING_WRITE_BACK", "0")]).unwrap().staging.write_back);
         assert!(cfg(&[("UCCL_TCPX_STAGING_WRITE_BACK", "2")]).is_err());
@@ -748,16 +751,12 @@ mod tests {
         {
             assert_eq!(cfg(&[("UCCL_TCPX_STAGING_GATHER", value)]).unwrap().staging.gather, gather);
         }
-        assert_eq!(cfg(&[]).unwrap().trace_device_copy, 0);
-        assert_eq!(cfg(&[("UCCL_TCPX_TRACE_DEVICE_COPY", "2")]).unwrap().trace_device_copy, 2);
-        assert_eq!(cfg(&[]).unwrap().trace_host_copy, 0);
-        assert_eq!(cfg(&[("UCCL_TCPX_TRACE_HOST_COPY", "1")]).unwrap().trace_host_copy, 1);
-        assert_eq!(cfg(&[]).unwrap().trace_flow, None);
-        assert_eq!(cfg(&[("UCCL_TCPX_TRACE_FLOW", "")]).unwrap().trace_flow, None);
-        assert_eq!(cfg(&[("UCCL_TCPX_TRACE_FLOW", "/tmp/f")]).unwrap().trace_flow.as_deref(), Some("/tmp/f"));
-        assert_eq!(cfg(&[]).unwrap().socket.trace, None);
-        assert_eq!(cfg(&[("UCCL_TCPX_TRACE_SOCKETS", "")]).unwrap().socket.trace, None);
-        assert_eq!(cfg(&[("UCCL_TCPX_TRACE_SOCKETS", "/tmp/s")]).unwrap().socket.trace.as_deref(), Some("/tmp/s"));
+        assert_eq!(cfg(&[]).unwrap().trace, None);
+        assert_eq!(cfg(&[("UCCL_TCPX_TRACE", "")]).unwrap().trace, None);
+        let traced = cfg(&[("UCCL_TCPX_TRACE", "socket,flow:/tmp/t")]).unwrap().trace.unwrap();
+        assert_eq!((traced.prefix.as_str(), traced.categories), ("/tmp/t", crate::trace::FLOW | crate::trace::SOCKET));
+        let err = cfg(&[("UCCL_TCPX_TRACE", "flows:/tmp/t")]).unwrap_err();
+        assert!(err.message().contains("UCCL_TCPX_TRACE") && err.message().contains("`flows`"), "{err}");
         assert_eq!(cfg(&[("UCCL_TCPX_HOST_COPY_SPIN_US", "0")]).unwrap().host_copy_spin, Duration::ZERO);
         assert_eq!(cfg(&[("UCCL_TCPX_HOST_COPY_SPIN_US", "75")]).unwrap().host_copy_spin, Duration::from_micros(75));
         assert_eq!(cfg(&[]).unwrap().host_copy_min_piece, 1 << 20);
@@ -800,9 +799,7 @@ mod tests {
             assert!(err.message().contains("UCCL_TCPX_HOST_COPY_HUGE_MIN_PIECE"), "{bad:?}: {err}");
         }
         for (name, value) in [
-            ("UCCL_TCPX_TRACE_STAGING", "2"),
-            ("UCCL_TCPX_TRACE_DEVICE_COPY", "3"),
-            ("UCCL_TCPX_TRACE_HOST_COPY", "3"),
+            ("UCCL_TCPX_TRACE", "host,gpu:/tmp/t"),
             ("UCCL_TCPX_STAGING_STREAMS", "0"),
             ("UCCL_TCPX_STAGING_STREAMS", "9"),
             ("UCCL_TCPX_STAGING_AHEAD", "17"),
@@ -987,22 +984,16 @@ mod tests {
         assert_eq!((c.plugin_path, c.nccl_net_plugin, c.net_devices), (None, None, None));
         assert!(c.plugin_test_ahead && !c.disable_ipc && c.allow_dial.is_empty() && c.auth_key.is_none());
         assert_eq!((c.progress_poll_bytes, c.early_chunk_bytes, c.control_threads), (1 << 20, 1 << 20, 0));
-        assert_eq!((c.trace_device_copy, c.trace_host_copy, c.trace_flow), (0, 0, None));
+        assert_eq!(c.trace, None);
         assert_eq!((c.host_copy_spin, c.host_copy_min_piece), (Duration::ZERO, 1 << 20));
         assert!(c.host_copy_huge_pages && !c.host_copy_collapse);
         assert_eq!(c.host_copy_huge_min_piece, 256 << 10);
         let s = &c.socket;
         assert_eq!((s.nthreads, s.nsocks_per_thread, s.helpers, s.sndbuf, s.rcvbuf), (0, 1, 0, 0, 0));
         assert_eq!((s.subchunk, s.spin_max_request, s.held_spin), (256 << 10, 128 << 10, Duration::ZERO));
-        assert_eq!((s.kick_fanout, s.lazy, s.trace.as_deref(), s.data_ifname.as_deref()), (4, true, None, None));
-        let staging = StagingConfig {
-            trace: false,
-            streams: 1,
-            ahead: 1,
-            gather: StagingGather::Auto,
-            pipeline: 0,
-            write_back: true,
-        };
+        assert_eq!((s.kick_fanout, s.lazy, s.data_ifname.as_deref()), (4, true, None));
+        let staging =
+            StagingConfig { streams: 1, ahead: 1, gather: StagingGather::Auto, pipeline: 0, write_back: true };
         assert_eq!(c.staging, staging);
         // The defaults that follow the host, on this host and on the sizes they were measured on.
         let cores = available_cores();
@@ -1053,6 +1044,22 @@ mod tests {
                 !listed.iter().any(|l| l == name),
                 "{name} is parsed by the table and also listed as read elsewhere"
             );
+        }
+    }
+
+    #[test]
+    fn no_removed_variable_is_read_again() {
+        let asked = std::cell::RefCell::new(Vec::new());
+        Config::from_lookup(|name| {
+            asked.borrow_mut().push(name.to_owned());
+            None
+        })
+        .unwrap();
+        let docs = [Config::knob_docs(), SocketConfig::knob_docs(), StagingConfig::knob_docs()];
+        assert!(!asked.borrow().is_empty() && docs.iter().all(|d| !d.is_empty()));
+        for (name, _) in retired::RETIRED {
+            assert!(!asked.borrow().iter().any(|a| a == name), "{name} is retired and still read");
+            assert!(docs.iter().flatten().all(|d| d.name != *name), "{name} is retired and still documented");
         }
     }
 

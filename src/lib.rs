@@ -7,9 +7,9 @@
 //!
 //! Layers, each importing only from those below it (docs/ARCHITECTURE.md; `tests/module_graph.rs`
 //! checks): `ffi` (the C ABI) -> `engine` -> `transport` (ncclNet-shaped comms) -> `cuda`
-//! -> `ncclnet` (the plugin ABI) -> `trace` (what the opt-in traces share) -> `sys` (epoll, workers,
-//! interfaces, TCP settings, randomness) -> `threads` ->
-//! `config` -> `error` -> `proto` (the wire) -> `host_memory` (this process's pages). All but `ffi`
+//! -> `ncclnet` (the plugin ABI) -> `sys` (epoll, workers, interfaces, TCP settings, randomness) ->
+//! `threads` -> `config` -> `trace` (the opt-in trace: its events and their file) -> `error` ->
+//! `proto` (the wire) -> `host_memory` (this process's pages). All but `ffi`
 //! are private to the crate; the workspace's own benchmarks, fake NIC, test kit, fuzz targets and
 //! tests reach them through the hidden module `internal`, which is no part of the API.
 
@@ -50,6 +50,7 @@ pub use engine::stats::{ConnStats, LinkTotals, LinkWay, Moved};
 pub use engine::{Connection, Engine, HostPath, OneSided, PeerInfo};
 pub use error::{Error, Result, UcclStatus};
 pub use proto::{AuthKey, FifoItem, IpcInfo};
+pub use trace::Setting as TraceSetting;
 
 /// cbindgen:ignore
 ///

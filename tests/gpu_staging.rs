@@ -240,18 +240,18 @@ fn every_staging_tuning_moves_the_same_bytes() {
     if no_gpu() {
         return;
     }
-    let tuning = |streams, ahead, trace| StagingConfig { trace, streams, ahead, ..StagingConfig::default() };
+    let tuning = |streams, ahead| StagingConfig { streams, ahead, ..StagingConfig::default() };
     let pipelined = |pipeline, base: StagingConfig| StagingConfig { pipeline, ..base };
     let tunings = [
         StagingConfig::default(),
-        tuning(1, 0, false),
-        tuning(1, 2, false),
-        tuning(3, 1, false),
-        tuning(2, 3, true),
+        tuning(1, 0),
+        tuning(1, 2),
+        tuning(3, 1),
+        tuning(2, 3),
         // Chunks copied in parts: with no copy limit (every chunk's parts queued at once), on
-        // several streams, traced.
-        pipelined(16 << 10, tuning(1, 0, false)),
-        pipelined(20_000, tuning(2, 3, true)),
+        // several streams.
+        pipelined(16 << 10, tuning(1, 0)),
+        pipelined(20_000, tuning(2, 3)),
     ];
     let sizes = [1usize, (256 << 10) + 7, (3 << 20) + 5];
     let max = sizes.iter().max().unwrap() + 64;

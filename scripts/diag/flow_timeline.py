@@ -1,72 +1,136 @@
 #!/usr/bin/env python3
-"""Where a write's or read's time goes over the channels: joins the files an engine writes under
-UCCL_TCPX_TRACE_FLOW=PREFIX (`PREFIX.<pid>.tsv`, one per process, both ends of a loopback run or
-each host's files of a two-host run) and prints, per op and size, the end-to-end time (initiator's
-post to its caller seeing it complete), every step's offset from the initiator's post and every
-leg between consecutive steps (median, p10, p90, in microseconds), and which threads read the
-replies and how long those then waited for the connection's lock.
-  UCCL_TCPX_TRACE_FLOW=/tmp/flow <run both ends>
+"""Where a write's or read's time goes over the channels: reads the `flow` events of the files a
+trace writes (UCCL_TCPX_TRACE=PREFIX or flow:PREFIX, `PREFIX.<pid>.tsv`, one per process: both
+ends of a loopback run, or each host's files of a two-host run), rebuilds each end's timeline of
+every write and read that took the channels, joins the two ends of each, and prints per op and size
+the end-to-end time (initiator's post to its caller seeing it complete), every step's offset from
+the initiator's post and every leg between consecutive steps (median, p10, p90, in microseconds),
+and which threads read the replies and how long those then waited for the connection's lock.
+  UCCL_TCPX_TRACE=flow:/tmp/flow <run both ends>
   scripts/diag/flow_timeline.py /tmp/flow
 Steps are named `i.` (initiator) or `t.` (target) and listed in the order of their median offset;
 a leg is the time from one step to the next one in that order, measured per transfer. Both ends'
 clocks are CLOCK_MONOTONIC: legs across ends are exact on one host, meaningless across hosts
 (there only the legs between steps of the same end count)."""
 import collections
-import glob
+import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trace_events import events, pct  # noqa: E402
 
-def pct(values, q):
-    v = sorted(values)
-    return v[min(len(v) - 1, int(q * len(v)))]
+STEPS = ['post', 'returned', 'request_sent', 'request_read', 'queued', 'first_posted', 'last_chunk',
+         'reply_sent', 'reply_arrived', 'reply_read', 'complete']
+KIND = {1: 'write_request', 2: 'read_request', 3: 'done', 4: 'data'}
 
 
-def load(prefix):
-    rows, header = [], None
-    for path in sorted(glob.glob(glob.escape(prefix) + '.*.tsv')):
-        with open(path) as f:
-            header = f.readline().rstrip('\n').split('\t')
-            for line in f:
-                rows.append(dict(zip(header, line.rstrip('\n').split('\t'))))
-    return rows, header
+def reader(thread):
+    if thread.startswith('uccl-progress'):
+        return 'p'
+    if thread.startswith('uccl-ctrl'):
+        return 'r'
+    return 'c'
+
+
+def records(evs):
+    """Each connection end's record of every write and read it initiated or served."""
+    calls = collections.defaultdict(dict)
+    recs, flows, unposted, out = {}, {}, collections.defaultdict(list), []
+
+    def new(end, key, initiator, write, transfer=None):
+        r = {'conn': key[0], 'side': key[1], 'initiator': initiator, 'write': write, 'transfer': transfer,
+             'seq': None, 'bytes': 0, 'reader': '-', 'marks': {}}
+        recs[key] = r
+        out.append(r)
+        return r
+
+    def mark(r, step, at):
+        if r is not None and at:
+            r['marks'].setdefault(step, at)
+
+    for e in evs:
+        name, end = e['event'], (e.get('conn'), e.get('side'))
+        if name == 'flow_call':
+            calls[end + (e['transfer'],)].setdefault('post', e['entered'])
+        elif name == 'flow_returned':
+            calls[end + (e['transfer'],)].setdefault('returned', e['ns'])
+        elif name == 'call_done':
+            calls[end + (e['transfer'],)].setdefault('complete', e['ns'])
+        elif name == 'flow_request':
+            new(end, end + ('o', e['xfer']), True, bool(e['write']), e['transfer'])
+        elif name == 'flow_plan':
+            r = recs.get(end + ('o' if e['ours'] else 'p', e['xfer']))
+            if r is not None:
+                r.update(seq=e['seq'], bytes=e['bytes'], recv=e['recv'])
+                flows[end + (e['flow'],)] = r
+        elif name == 'flow_msg_in':
+            kind = KIND.get(e['kind'])
+            if kind in ('write_request', 'read_request'):
+                r = new(end, end + ('p', e['id']), False, kind == 'write_request')
+                mark(r, 'request_read', e['ns'])
+            elif kind in ('done', 'data'):
+                r = recs.get(end + ('o', e['id']))
+                if r is not None and 'reply_read' not in r['marks']:
+                    mark(r, 'reply_arrived', e['arrived'])
+                    mark(r, 'reply_read', e['ns'])
+                    r['reader'] = reader(e['thread'])
+        elif name == 'flow_msg_out':
+            kind = KIND.get(e['kind'])
+            if kind in ('write_request', 'read_request'):
+                mark(recs.get(end + ('o', e['id'])), 'request_sent', e['ns'])
+            elif kind in ('done', 'data'):
+                mark(recs.get(end + ('p', e['id'])), 'reply_sent', e['ns'])
+        elif name == 'flow_queued':
+            r = flows.get(end + (e['flow'],))
+            mark(r, 'queued', e['ns'])
+            if r is not None and r.get('recv'):
+                unposted[end].append(r)
+        elif name == 'flow_chunk_posted':
+            mark(flows.get(end + (e['flow'],)), 'first_posted', e['ns'])
+        elif name == 'flow_pass':
+            for r in unposted.pop(end, []):
+                mark(r, 'first_posted', e['ns'])
+        elif name == 'flow_chunk_done':
+            r = flows.get(end + (e['flow'],))
+            if r is not None:
+                r['marks']['last_chunk'] = e['ns']
+    for r in out:
+        if r['initiator']:
+            call = calls.get((r['conn'], r['side'], r['transfer']), {})
+            for step in ('post', 'returned', 'complete'):
+                mark(r, step, call.get(step))
+    return out
 
 
 def main():
     if len(sys.argv) != 2:
-        sys.exit('usage: flow_timeline.py PREFIX  (the value of UCCL_TCPX_TRACE_FLOW)')
+        sys.exit('usage: flow_timeline.py PREFIX  (the path prefix of UCCL_TCPX_TRACE)')
     prefix = sys.argv[1]
-    rows, header = load(prefix)
-    if not rows:
-        sys.exit(f'no records in {prefix}.*.tsv')
-    steps = header[header.index('bytes') + 1:]
     ends = {}
-    for r in rows:
-        if r['seq'] == '-':
+    for r in records(events(prefix)):
+        if r['seq'] is None:
             continue
         # Each end numbers its own flows from 0: a write each way on one connection shares a
         # seq, and only which end initiated (connector or acceptor) tells them apart.
-        key = (r['nonce'], r['op'], r['from'], r['seq'])
-        ends.setdefault(key, {})[r['end']] = r
+        from_connector = r['initiator'] == (r['side'] == 1)
+        op = 'write' if r['write'] else 'read'
+        key = (r['conn'], op, from_connector, r['seq'])
+        ends.setdefault(key, {})['initiator' if r['initiator'] else 'target'] = r
     groups = collections.defaultdict(list)
     unjoined = collections.Counter()
-    for (nonce, op, _, seq), pair in ends.items():
+    for (conn, op, _, seq), pair in ends.items():
         if 'initiator' not in pair or 'target' not in pair:
             unjoined[op] += 1
             continue
         i, t = pair['initiator'], pair['target']
-        marks = {}
-        for end, tag in ((i, 'i'), (t, 't')):
-            for s in steps:
-                at = int(end[s])
-                if at:
-                    marks[f'{tag}.{s}'] = at
+        marks = {f'{tag}.{s}': at for end, tag in ((i, 'i'), (t, 't')) for s, at in end['marks'].items()}
         if 'i.post' not in marks or 'i.complete' not in marks:
             unjoined[op] += 1
             continue
         post = marks['i.post']
         offsets = {k: v - post for k, v in marks.items()}
-        offsets['reader'] = i.get('reader', '-')
-        groups[(op, int(i['bytes']))].append(offsets)
+        offsets['reader'] = i['reader']
+        groups[(op, i['bytes'])].append(offsets)
     if not groups:
         sys.exit(f'no initiator and target records of {prefix}.*.tsv join ({dict(unjoined)} unmatched)')
     for (op, size), transfers in sorted(groups.items()):
@@ -90,11 +154,11 @@ def main():
         # Who read the replies, and how long each kind of reader's reply then waited for the
         # connection's lock before it was handled.
         names_of = {'c': 'the caller', 'r': 'a control reactor', 'p': 'the progress thread'}
-        for reader, count in sorted(collections.Counter(m['reader'] for m in transfers).items()):
+        for who, count in sorted(collections.Counter(m['reader'] for m in transfers).items()):
             waits = [m['i.reply_read'] - m['i.reply_arrived'] for m in transfers
-                     if m['reader'] == reader and 'i.reply_read' in m and 'i.reply_arrived' in m]
+                     if m['reader'] == who and 'i.reply_read' in m and 'i.reply_arrived' in m]
             if waits:
-                print(f'  replies read by {names_of.get(reader, reader)}: {count}, waiting for the lock p50 '
+                print(f'  replies read by {names_of.get(who, who)}: {count}, waiting for the lock p50 '
                       f'{pct(waits, 0.5) / 1e3:.1f} us (p90 {pct(waits, 0.9) / 1e3:.1f})')
 
 

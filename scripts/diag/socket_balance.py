@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""How evenly a transfer's bytes spread over a send comm's sockets, from the tables comms write
-under UCCL_TCPX_TRACE_SOCKETS=PREFIX (see socket_timeline.py). Each send table's requests of the
+"""How evenly a transfer's bytes spread over a send comm's sockets, from the `socket` events of a
+trace under UCCL_TCPX_TRACE=PREFIX (the tables socket_timeline.py builds). Each send table's requests of the
 largest size in any table are taken in runs of N (a transfer's chunks on that comm: a 16 MiB
 transfer with 2 MiB chunks over two channels puts 4 on each), and for each run it prints:
   sockets used   sockets that carried any of the run's pieces
@@ -16,20 +16,12 @@ and, for the slowest socket (the last to land), what made it last:
 Percentiles p10 / p50 / p90 over all runs of all comms.
   scripts/diag/socket_balance.py PREFIX N S"""
 import collections
-import glob
 import os
 import sys
 
-
-def rows(path):
-    with open(path) as f:
-        header = f.readline().rstrip('\n').split('\t')
-        return [dict(zip(header, map(int, line.rstrip('\n').split('\t')))) for line in f if line.strip()]
-
-
-def pct(values, q):
-    v = sorted(values)
-    return v[min(len(v) - 1, int(q * len(v)))]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from socket_timeline import tables  # noqa: E402
+from trace_events import pct  # noqa: E402
 
 
 def main():
@@ -39,20 +31,17 @@ def main():
     used, ratio, tail = [], [], []
     slow_bytes, late, late_take, first_req, span_ratio, rate_ratio = [], [], [], [], [], []
     comms = []
-    for send_path in glob.glob(glob.escape(prefix) + '.*.*.send.tsv'):
-        send = rows(send_path)
+    for comm, tab in tables(prefix).items():
+        send = sorted(tab['send'].values(), key=lambda r: (r['seq'], r['socket']))
         totals = collections.Counter()
         for r in send:
             totals[r['seq']] += r['bytes']
         if totals:
-            comms.append((send_path, send, totals))
+            comms.append((tab['recv'], send, totals))
     # Only the comms that carried the largest requests of all: the other direction's comms carry
     # only small ones (a run's replies), whose balance says nothing of the transfers.
     largest = max((max(t.values()) for _, _, t in comms), default=0)
-    for send_path, send, totals in comms:
-        comm = os.path.basename(send_path).split('.')[-3]
-        recv_paths = glob.glob(glob.escape(prefix) + f'.*.{comm}.recv.tsv')
-        recv = {(r['seq'], r['socket']): r for p in recv_paths for r in rows(p)}
+    for recv, send, totals in comms:
         seqs = sorted(s for s, b in totals.items() if b == largest)
         for i in range(0, len(seqs) - n + 1, n):
             run = set(seqs[i:i + n])
@@ -86,7 +75,7 @@ def main():
                 span_ratio.append(spans[slow] / median(spans))
                 rate_ratio.append(rates[slow] / median(rates))
     if not used:
-        sys.exit(f'no send tables under {prefix}')
+        sys.exit(f'no socket sends traced under {prefix}')
     print(f'{len(used)} runs of {n} requests')
     print(f'  sockets used   p10 {pct(used, .1)}  p50 {pct(used, .5)}  p90 {pct(used, .9)}')
     print(f'  max/mean       p10 {pct(ratio, .1):.2f}  p50 {pct(ratio, .5):.2f}  p90 {pct(ratio, .9):.2f}')

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""How a socket comm's sockets shared each request: pairs the tables comms write under
-UCCL_TCPX_TRACE_SOCKETS=PREFIX (`PREFIX.<pid>.<comm id>.<send|recv>.tsv`, written at each comm's
-drop; the comm id is the one both ends' hellos carry, so a send table and its receive table pair
-exactly) and prints, per request size and overall, the median, p10 and p90 of:
+"""How a socket comm's sockets shared each request: reads the `socket` events of the files a trace
+writes (UCCL_TCPX_TRACE=PREFIX or socket:PREFIX, `PREFIX.<pid>.tsv`), builds each comm's send and
+receive table (a row per request and socket; the comm id is the one both ends' hellos carry, so a
+send table and its receive table pair exactly) and prints, per request size and overall, the
+median, p10 and p90 of:
   sockets      sockets that carried a piece of the request
   pieces max   most pieces one socket carried; pieces mean: pieces / sockets (balance)
   start off    each socket's first piece taken, after the request's first (sender)
@@ -15,39 +16,40 @@ exactly) and prints, per request size and overall, the median, p10 and p90 of:
   end to end   the request's first piece taken to its last piece landed (any socket)
 Times in microseconds. Both ends use CLOCK_MONOTONIC: cross-end legs (transit, lag, end to end) are
 exact on one host, meaningless across hosts.
-  UCCL_TCPX_TRACE_SOCKETS=/tmp/sock <run both ends>
+  UCCL_TCPX_TRACE=socket:/tmp/sock <run both ends>
   scripts/diag/socket_timeline.py /tmp/sock"""
 import collections
-import glob
 import os
 import sys
 
-
-def pct(values, q):
-    v = sorted(values)
-    return v[min(len(v) - 1, int(q * len(v)))]
-
-
-def load(path):
-    """{(seq, socket): {column: int}} of one table."""
-    rows = {}
-    with open(path) as f:
-        header = f.readline().rstrip('\n').split('\t')
-        for line in f:
-            if line.strip():
-                r = dict(zip(header, map(int, line.rstrip('\n').split('\t'))))
-                rows[(r['seq'], r['socket'])] = r
-    return rows
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trace_events import events, pct  # noqa: E402
 
 
 def tables(prefix):
-    """{comm id: {'send': path, 'recv': path}} of the tables under `prefix`."""
-    found = collections.defaultdict(dict)
-    for path in glob.glob(glob.escape(prefix) + '.*.*.*.tsv'):
-        parts = os.path.basename(path)[len(os.path.basename(prefix)) + 1:].split('.')
-        if len(parts) != 4 or parts[2] not in ('send', 'recv'):
-            continue
-        found[parts[1]][parts[2]] = path
+    """{comm id: {'send': rows, 'recv': rows}}, rows {(seq, socket): {column: int}}: a sender's row
+    has its first piece taken (start_ns), its last written (last_ns), bytes and pieces; a
+    receiver's its first header read (header_ns), first piece admitted (admitted_ns), last landed
+    (last_ns), bytes and pieces."""
+    found = collections.defaultdict(lambda: {'send': {}, 'recv': {}})
+    names = {'sock_take', 'sock_sent', 'sock_header', 'sock_admit', 'sock_landed'}
+    for e in events(prefix, names):
+        side = 'send' if e['event'] in ('sock_take', 'sock_sent') else 'recv'
+        row = found[e['comm']][side].setdefault((e['seq'], e['socket']), {
+            'seq': e['seq'], 'socket': e['socket'], 'start_ns': 0, 'header_ns': 0, 'admitted_ns': 0,
+            'last_ns': 0, 'bytes': 0, 'pieces': 0})
+        first = {'sock_take': 'start_ns', 'sock_header': 'header_ns', 'sock_admit': 'admitted_ns'}.get(e['event'])
+        if first:
+            row[first] = row[first] or e['ns']
+        else:
+            row['last_ns'] = e['ns']
+            row['bytes'] += e['bytes']
+            row['pieces'] += 1
+    # Rows of sockets that finished no piece (a request cut off) say nothing of how it moved.
+    for comm in found.values():
+        for side in comm.values():
+            for key in [k for k, r in side.items() if r['pieces'] == 0]:
+                del side[key]
     return found
 
 
@@ -94,22 +96,22 @@ def report(label, count, samples):
 
 def main():
     if len(sys.argv) != 2:
-        sys.exit('usage: socket_timeline.py PREFIX  (the value of UCCL_TCPX_TRACE_SOCKETS)')
+        sys.exit('usage: socket_timeline.py PREFIX  (the path prefix of UCCL_TCPX_TRACE)')
     prefix = sys.argv[1]
     found = tables(prefix)
-    paired = {c: t for c, t in found.items() if 'send' in t and 'recv' in t}
+    paired = {c: t for c, t in found.items() if t['send'] and t['recv']}
     unpaired = len(found) - len(paired)
     if not paired:
-        sys.exit(f'no send/receive table pairs in {prefix}.*.tsv ({unpaired} unpaired)')
+        sys.exit(f'no comm of {prefix}.*.tsv has both ends traced ({unpaired} unpaired)')
     by_size = collections.defaultdict(lambda: collections.defaultdict(list))
     counts = collections.Counter()
     for tab in paired.values():
-        for size, m in requests(load(tab['send']), load(tab['recv'])):
+        for size, m in requests(tab['send'], tab['recv']):
             counts[size] += 1
             for name, v in m.items():
                 by_size[size][name].extend(v)
                 by_size[None][name].extend(v)
-    print(f'{len(paired)} comms paired by comm id' + (f', {unpaired} tables without their peer' if unpaired else ''))
+    print(f'{len(paired)} comms paired by comm id' + (f', {unpaired} without their peer' if unpaired else ''))
     for size in sorted(s for s in by_size if s is not None):
         report(size_label(size), counts[size], by_size[size])
     report('all sizes', sum(counts.values()), by_size[None])

@@ -223,6 +223,22 @@ impl Kind for Text {
     }
 }
 
+/// What `UCCL_TCPX_TRACE` asks for (`trace::Setting`).
+pub(crate) struct TraceSetting;
+
+impl Kind for TraceSetting {
+    type Out = crate::trace::Setting;
+    fn parse(&self, raw: &str) -> Result<Self::Out, Reject> {
+        crate::trace::Setting::parse(raw).map_err(Reject::Because)
+    }
+    fn values(&self) -> String {
+        "`[category,...:]path prefix`".into()
+    }
+    fn show(&self, value: &Self::Out) -> String {
+        format!("`{}`", value.prefix)
+    }
+}
+
 /// A file's path.
 pub(crate) struct FilePath;
 

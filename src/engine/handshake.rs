@@ -92,7 +92,8 @@ pub fn accepted_routing(local: &Local, h: &Hello) -> Result<Routing> {
         nonce: h.nonce,
         connector: false,
     };
-    let route = local.routes.decide(link.locality, h.capabilities)?;
+    let same_kernel = link.locality.is_local() || local.host.same_kernel(&h.host);
+    let route = local.routes.decide(same_kernel, h.capabilities)?;
     Ok(Routing { link, route, net: local.routes.net(route)? })
 }
 
@@ -249,7 +250,8 @@ pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, listens
             }
             let n = w.num_channels as usize;
             let link = LocalLink { locality: pending.locality(&local.host, &w.host), nonce, connector: true };
-            let route = local.routes.decide(link.locality, w.capabilities).map_err(|e| refuse(stream, e))?;
+            let same_kernel = link.locality.is_local() || local.host.same_kernel(&w.host);
+            let route = local.routes.decide(same_kernel, w.capabilities).map_err(|e| refuse(stream, e))?;
             let net = local.routes.net(route).map_err(|e| refuse(stream, e))?;
             let mut agreed = Agreement {
                 num_channels: w.num_channels,

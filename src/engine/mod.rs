@@ -71,6 +71,9 @@ pub struct Engine {
 impl Engine {
     pub fn new(config: Config) -> Result<Engine> {
         fd_limit::raise_once();
+        if let Some(trace) = &config.trace {
+            crate::trace::start(trace);
+        }
         let ip = iface::pick_address(config.ip, config.ifname.as_deref())?;
         // An operator who names the address or interface gets listeners on it alone, the control
         // listener and every channel listener; otherwise every interface is served, as UCCL's engine does.

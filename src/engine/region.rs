@@ -2,9 +2,9 @@
 //! only when it names a region of this engine, carries that region's random token, and lies inside a
 //! window that `prepare_fifo` advertised.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
@@ -20,8 +20,29 @@ const MAX_WINDOWS_PER_REGION: usize = crate::proto::MAX_IPC_WINDOWS;
 /// How long an answer of small pages stands before `Region::on_huge_pages` looks again.
 const HUGE_RECHECK_NS: u64 = 1_000_000_000;
 
-/// Collapses of regions' memory under way in this process (`Region::collapse_into_huge_pages`).
+/// Collapses of regions' memory asked for and not yet ended in this process
+/// (`Region::collapse_into_huge_pages`).
 static COLLAPSING: AtomicUsize = AtomicUsize::new(0);
+
+/// Regions waiting for their collapse, and whether a worker serves them. One thread takes them in
+/// turn: the process's pace (`host_memory::collapse`) lets one slice run at a time anyway, so a
+/// thread per region would only add threads waiting on that pace.
+static COLLAPSES: Mutex<CollapseQueue> = Mutex::new(CollapseQueue { waiting: VecDeque::new(), worker: false });
+
+struct CollapseQueue {
+    waiting: VecDeque<Weak<Region>>,
+    worker: bool,
+}
+
+impl CollapseQueue {
+    /// Forgets every waiting region (they stay on small pages) and the worker.
+    fn abandon(&mut self) -> usize {
+        self.worker = false;
+        let n = self.waiting.len();
+        self.waiting.clear();
+        n
+    }
+}
 
 #[derive(Debug)]
 pub struct Region {
@@ -111,37 +132,49 @@ impl Region {
         self.huge.store(huge, Ordering::Relaxed);
     }
 
-    /// Asks for its host memory to be collapsed into huge pages in place, once, on a thread of
-    /// its own (`host_memory::collapse`): called, with `Config::host_copy_collapse`, when a peer of
-    /// this host is to copy out of it, which pins its pages one by one on small pages. The work
-    /// stops at deregistration; then our smaps is read again for the region, so that later
-    /// transfers out of it are told what the collapse achieved.
+    /// Asks for its host memory to be collapsed into huge pages in place, once, on the process's
+    /// collapse worker (`host_memory::collapse`): called, with `Config::host_copy_collapse`, when a
+    /// peer of this host is to copy out of it, which pins its pages one by one on small pages. The
+    /// work stops at deregistration; then our page tables are read again for the region, so that
+    /// later transfers out of it are told what the collapse achieved.
     pub fn collapse_into_huge_pages(self: &Arc<Self>) {
         if self.kind != MemKind::Host || self.on_huge_pages() || self.collapse_asked.swap(true, Ordering::AcqRel) {
             return;
         }
-        let region = Arc::downgrade(self);
         COLLAPSING.fetch_add(1, Ordering::AcqRel);
-        // Counted out on either way the thread ends: a panic leaves the region on small pages.
+        let mut queue = COLLAPSES.lock();
+        queue.waiting.push_back(Arc::downgrade(self));
+        if queue.worker {
+            return;
+        }
+        queue.worker = true;
+        drop(queue);
         let builder = std::thread::Builder::new().name("uccl-collapse".into());
+        // A panic leaves the region it served and those waiting on small pages, counted out.
         let on_panic = |_| {
-            COLLAPSING.fetch_sub(1, Ordering::AcqRel);
+            let forgotten = COLLAPSES.lock().abandon();
+            COLLAPSING.fetch_sub(forgotten + 1, Ordering::AcqRel);
         };
-        let spawned = spawn_contained(builder, ThreadKind::Collapse, on_panic, move || {
-            let wanted = || region.upgrade().is_some_and(|r| !r.is_removed());
-            if let Some((base, len)) = region.upgrade().map(|r| (r.base, r.len)) {
-                let collapsed = crate::host_memory::collapse(base, len, wanted);
-                log::debug!("region at {base:#x} (+{len}): {collapsed:?}");
-                if let Some(r) = region.upgrade().filter(|_| collapsed.extents > 0) {
-                    r.huge.store(crate::host_memory::on_huge_pages(base, len), Ordering::Relaxed);
-                    r.huge_checked.store(crate::trace::clock_ns(), Ordering::Relaxed);
-                }
+        let spawned = spawn_contained(builder, ThreadKind::Collapse, on_panic, || {
+            loop {
+                let next = {
+                    let mut queue = COLLAPSES.lock();
+                    match queue.waiting.pop_front() {
+                        Some(next) => next,
+                        None => {
+                            queue.worker = false;
+                            return;
+                        }
+                    }
+                };
+                collapse_region(next);
+                COLLAPSING.fetch_sub(1, Ordering::AcqRel);
             }
-            COLLAPSING.fetch_sub(1, Ordering::AcqRel);
         });
         if let Err(e) = spawned {
-            COLLAPSING.fetch_sub(1, Ordering::AcqRel);
-            log::debug!("no thread to collapse region {} into huge pages: {e}", self.id);
+            let forgotten = COLLAPSES.lock().abandon();
+            COLLAPSING.fetch_sub(forgotten, Ordering::AcqRel);
+            log::debug!("no thread to collapse regions into huge pages: {e}");
         }
     }
 
@@ -190,6 +223,18 @@ impl Region {
                 None
             })
         })
+    }
+}
+
+/// Collapses `region`'s memory unless it was deregistered meanwhile, then says what it is on.
+fn collapse_region(region: Weak<Region>) {
+    let wanted = || region.upgrade().is_some_and(|r| !r.is_removed());
+    let Some((base, len)) = region.upgrade().filter(|r| !r.is_removed()).map(|r| (r.base, r.len)) else { return };
+    let collapsed = crate::host_memory::collapse(base, len, wanted);
+    log::debug!("region at {base:#x} (+{len}): {collapsed:?}");
+    if let Some(r) = region.upgrade().filter(|_| collapsed.extents > 0) {
+        r.huge.store(crate::host_memory::on_huge_pages(base, len), Ordering::Relaxed);
+        r.huge_checked.store(crate::trace::clock_ns(), Ordering::Relaxed);
     }
 }
 
@@ -557,6 +602,38 @@ mod tests {
         let device = t.register(memory.addr(), LEN, MemKind::Cuda { device: 0 }).unwrap();
         let device = t.get(device).unwrap();
         assert!(!device.on_huge_pages() && !device.collapse_due(), "device memory is never looked at");
+    }
+
+    /// Regions asked for at once share one collapse thread, in turn, and each ends collapsed or
+    /// left as the kernel allows, contents kept.
+    #[test]
+    fn many_regions_share_one_collapse_thread() {
+        const LEN: usize = 4 << 20;
+        let threads = || {
+            std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|name| name.trim() == "uccl-collapse")
+                .count()
+        };
+        let memory: Vec<_> =
+            (0..6).map(|i| testkit::mapping::AlignedMapping::on_small_pages(LEN, |b| b.fill(i as u8 + 1))).collect();
+        let t = RegionTable::default();
+        let regions: Vec<_> =
+            memory.iter().map(|m| t.get(t.register(m.addr(), LEN, MemKind::Host).unwrap()).unwrap()).collect();
+        let mut most = 0;
+        for r in &regions {
+            r.collapse_into_huge_pages();
+            most = most.max(threads());
+        }
+        while !collapses_settled(Duration::from_millis(1)) {
+            most = most.max(threads());
+        }
+        assert!(most <= 1, "{most} collapse threads at once");
+        for (i, (m, r)) in memory.iter().zip(&regions).enumerate() {
+            assert!(m.iter().all(|b| *b == i as u8 + 1), "region {i}'s contents kept");
+            assert_eq!(r.on_huge_pages(), crate::host_memory::on_huge_pages(m.addr(), LEN), "region {i}");
+        }
     }
 
     /// Memory registered before it is written reads as small pages (nothing is there yet); once

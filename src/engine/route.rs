@@ -4,8 +4,13 @@
 //! channels of a peer on its own host over the built-in socket transport, staged for GPU memory as
 //! a socket engine's are, made when the first such peer connects.
 //!
-//! Both ends decide alike from what the handshake gave both: the locality (the same two host
-//! identities) and the capability bit each announced (`CAP_LOCAL_PEERS_ON_SOCKETS`, set unless
+//! "Its own host" is the running kernel, not the network namespace: two engines in separate
+//! namespaces of one machine (containers, or test hosts) are remote to the same-host copy paths,
+//! but the bytes between them still cross only a virtual link, never a NIC, so the plugin cannot
+//! carry them either.
+//!
+//! Both ends decide alike from what the handshake gave both: the two host identities (whether
+//! they name one kernel) and the capability bit each announced (`CAP_LOCAL_PEERS_ON_SOCKETS`, set unless
 //! `UCCL_TCPX_LOCAL_PEERS=plugin` keeps same-host peers on the plugin for tests on one host). Ends
 //! that differ refuse the connection rather than let one of them reach the plugin. An engine that
 //! announces no identity (`UCCL_TCPX_DISABLE_IPC=1`) has no same-host peers: every peer stays on
@@ -58,10 +63,11 @@ impl Routes {
         }
     }
 
-    /// The route for a peer at `locality` that announced `peer_capabilities`; the peer, deciding
-    /// from the same two facts, takes the same one or refuses with the same reason.
-    pub fn decide(&self, locality: Locality, peer_capabilities: u64) -> Result<Route> {
-        decide(self.main.reaches_own_host(), self.main.name(), self.capabilities(), peer_capabilities, locality)
+    /// The route for a peer that announced `peer_capabilities` and runs on this machine's kernel or
+    /// not (`same_kernel`); the peer, deciding from the same two facts, takes the same one or refuses
+    /// with the same reason.
+    pub fn decide(&self, same_kernel: bool, peer_capabilities: u64) -> Result<Route> {
+        decide(self.main.reaches_own_host(), self.main.name(), self.capabilities(), peer_capabilities, same_kernel)
     }
 
     /// The transport of `route`, made now if it is the first same-host connection.
@@ -97,8 +103,9 @@ impl Routes {
         let name = self.main.name();
         match route {
             Route::LocalSockets => log::info!(
-                "the peer at {peer} shares this host: its channels use the built-in socket transport, not the \
-                 {name} net plugin (traffic between two ends of one host never reaches the NIC)"
+                "the peer at {peer} runs on this machine ({}): its channels use the built-in socket transport, not \
+                 the {name} net plugin (traffic between two ends of one machine never reaches the NIC)",
+                if locality.is_local() { "this network namespace" } else { "another network namespace" }
             ),
             Route::Transport if locality.is_local() && !self.main.reaches_own_host() => log::info!(
                 "the peer at {peer} shares this host and its channels use the {name} net plugin, as \
@@ -109,8 +116,8 @@ impl Routes {
     }
 }
 
-fn decide(reaches_own_host: bool, transport: &str, ours: u64, theirs: u64, locality: Locality) -> Result<Route> {
-    if !locality.is_local() || reaches_own_host {
+fn decide(reaches_own_host: bool, transport: &str, ours: u64, theirs: u64, same_kernel: bool) -> Result<Route> {
+    if !same_kernel || reaches_own_host {
         return Ok(Route::Transport);
     }
     let (ours, theirs) = (ours & CAP_LOCAL_PEERS_ON_SOCKETS != 0, theirs & CAP_LOCAL_PEERS_ON_SOCKETS != 0);
@@ -136,23 +143,33 @@ mod tests {
     const ON: u64 = CAP_LOCAL_PEERS_ON_SOCKETS;
 
     #[test]
-    fn only_same_host_peers_of_a_transport_that_cannot_reach_its_host_leave_it() {
-        for locality in [Locality::SameHost, Locality::SameProcess] {
-            assert_eq!(decide(false, "p", ON, ON, locality).unwrap(), Route::LocalSockets, "{locality:?}");
-            assert_eq!(decide(false, "p", 0, 0, locality).unwrap(), Route::Transport, "both keep the plugin");
-            assert_eq!(decide(true, "socket", ON, ON, locality).unwrap(), Route::Transport, "sockets reach it");
-            // Other capability bits say nothing about the route.
-            assert_eq!(decide(false, "p", ON, !ON, locality).unwrap_err().status(), UcclStatus::ErrNotSupported);
-        }
+    fn only_peers_on_this_kernel_of_a_transport_that_cannot_reach_it_leave_it() {
+        assert_eq!(decide(false, "p", ON, ON, true).unwrap(), Route::LocalSockets);
+        assert_eq!(decide(false, "p", 0, 0, true).unwrap(), Route::Transport, "both keep the plugin");
+        assert_eq!(decide(true, "socket", ON, ON, true).unwrap(), Route::Transport, "sockets reach it");
+        // Other capability bits say nothing about the route.
+        assert_eq!(decide(false, "p", ON, !ON, true).unwrap_err().status(), UcclStatus::ErrNotSupported);
         for (ours, theirs) in [(ON, ON), (0, ON), (ON, 0), (0, 0)] {
-            assert_eq!(decide(false, "p", ours, theirs, Locality::Remote).unwrap(), Route::Transport);
+            assert_eq!(decide(false, "p", ours, theirs, false).unwrap(), Route::Transport);
         }
     }
 
     #[test]
+    fn a_peer_in_another_network_namespace_of_this_machine_shares_its_kernel() {
+        use crate::proto::HostIdentity;
+        let ours = HostIdentity { boot_id: [7; 16], netns: 1, pid: 10 };
+        let other_ns = HostIdentity { netns: 2, pid: 11, ..ours };
+        let other_machine = HostIdentity { boot_id: [8; 16], ..ours };
+        assert!(!ours.same_host(&other_ns) && ours.same_kernel(&other_ns));
+        assert!(!ours.same_kernel(&other_machine));
+        // An identity not given is never taken for this machine's.
+        assert!(!ours.same_kernel(&HostIdentity::default()) && !HostIdentity::default().same_kernel(&ours));
+    }
+
+    #[test]
     fn ends_that_disagree_both_refuse_naming_the_knob() {
-        let a = decide(false, "FakeDevmemTCPX_v7", ON, 0, Locality::SameHost).unwrap_err();
-        let b = decide(false, "FakeDevmemTCPX_v7", 0, ON, Locality::SameHost).unwrap_err();
+        let a = decide(false, "FakeDevmemTCPX_v7", ON, 0, true).unwrap_err();
+        let b = decide(false, "FakeDevmemTCPX_v7", 0, ON, true).unwrap_err();
         for e in [&a, &b] {
             assert_eq!(e.status(), UcclStatus::ErrNotSupported);
             assert!(e.message().contains("UCCL_TCPX_LOCAL_PEERS"), "{e}");

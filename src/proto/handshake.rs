@@ -40,6 +40,12 @@ impl HostIdentity {
         !self.is_unknown() && self.boot_id == other.boot_id && self.netns == other.netns
     }
 
+    /// Both identities known and naming one running kernel, whatever the network namespaces:
+    /// traffic between them never leaves the machine, so it never passes a NIC.
+    pub fn same_kernel(&self, other: &HostIdentity) -> bool {
+        !self.is_unknown() && !other.is_unknown() && self.boot_id == other.boot_id
+    }
+
     fn write(&self, w: &mut Writer<'_>) {
         w.bytes(&self.boot_id);
         w.u64(self.netns);

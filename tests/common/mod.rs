@@ -9,6 +9,7 @@ pub mod engine;
 pub mod gpu;
 pub mod plugin;
 pub mod socket;
+pub mod trace;
 
 use std::time::Duration;
 

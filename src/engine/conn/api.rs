@@ -6,23 +6,21 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::host_trace::HostTracer;
 use super::reader;
-use super::state::{Action, ConnState, Memory, OneSidedItem, OneSidedRequest, SendItem, VectorRequest};
+use super::state::{Action, ConnState, Direction, Memory, OneSidedItem, OneSidedRequest, SendItem, VectorRequest};
 use super::turn::{Batch, InTurn, Take};
 use super::vector::{Grouper, Push, Run, RunKey};
 
 use super::{Connection, Held, Inner, OneSided};
-use crate::engine::plan::Extent;
+use crate::engine::plan::{Chunking, Extent};
 use crate::engine::region::{Region, check_range};
 use crate::engine::same_host::Locality;
 use crate::engine::same_host::device_copy::DevicePath;
 use crate::engine::same_host::local_copy::LocalCopy;
-use crate::engine::same_host::traced::Seer;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Capability, Control, MAX_INLINE_LEN, RemoteSeg};
-use crate::trace::clock_ns;
+use crate::trace::{self, SeenBy as Seer, clock_ns};
 use crate::transport::IoSeg;
 
 /// How long a caller waiting on its chunks parks before it looks again unwoken (a safety net: a
@@ -71,8 +69,8 @@ impl Connection {
 
     /// Marks when a traced post call returned its transfer to the caller.
     fn traced_return(&self, posted: Result<u64>) -> Result<u64> {
-        if let (Some(tracer), Ok(transfer)) = (&self.flow_tracer, &posted) {
-            tracer.returned(*transfer);
+        if let Ok(transfer) = posted {
+            trace::event!(FlowReturned { conn: self.trace.conn, side: self.trace.side, transfer });
         }
         posted
     }
@@ -91,7 +89,7 @@ impl Connection {
             return Err(Error::invalid("nothing to transfer: zero items"));
         }
         let verb = if write { "write" } else { "read" };
-        let posted = (self.copy_tracer.is_some() || self.flow_tracer.is_some()).then(clock_ns);
+        let posted = trace::on(trace::DEVICE | trace::FLOW).then(clock_ns);
         let runs = self.check_items(ops, verb)?;
         if self.link.locality == Locality::Remote && runs.len() > 1 && runs.iter().all(|r| r.run.vector) {
             return self.post_in_turn(ops, &runs, write, posted);
@@ -189,8 +187,8 @@ impl Connection {
         // Every run here is a vector: one request, one part.
         let parts = runs.len();
         let transfer = self.new_transfer(parts, write);
-        if let (Some(tracer), Some(at)) = (&self.flow_tracer, entered) {
-            tracer.posted(transfer.id, at);
+        if let Some(entered) = entered {
+            trace::event!(FlowCall { conn: self.trace.conn, side: self.trace.side, transfer: transfer.id, entered });
         }
         let mut turn = InTurn::new();
         for (i, run) in runs.iter().enumerate() {
@@ -279,14 +277,13 @@ impl Connection {
         if parts == 0 {
             return Err(Error::invalid("nothing to transfer: zero items"));
         }
-        let posted = self.host_tracer.as_ref().map(|_| clock_ns());
+        let posted = trace::on(trace::HOST).then(clock_ns);
         let transfer = self.new_transfer(parts, out);
-        if let Some(tracer) = &self.flow_tracer {
-            tracer.posted(transfer.id, entered.unwrap_or_else(clock_ns));
-        }
+        let (conn, side) = (self.trace.conn, self.trace.side);
+        trace::event!(FlowCall { conn, side, transfer: transfer.id, entered: entered.unwrap_or_else(clock_ns) });
         let sent = self.register_parts(&transfer, post).and_then(|msgs| {
-            if let (Some(tracer), Some(at)) = (&self.host_tracer, posted) {
-                trace_direct(tracer, transfer.id, &msgs, at);
+            if let Some(at) = posted {
+                trace_direct(self.trace, transfer.id, &msgs, at);
             }
             self.send_posted(&msgs)
         });
@@ -300,9 +297,7 @@ impl Connection {
     /// Forgets `transfer`, whose post failed before anything of it reached the wire.
     fn discard(&self, transfer: u64, why: &Error) {
         self.core.transfers.discard(transfer, why);
-        if let Some(tracer) = &self.flow_tracer {
-            tracer.discarded(transfer);
-        }
+        trace::event!(FlowDiscarded { conn: self.trace.conn, side: self.trace.side, transfer });
     }
 
     /// Sends the messages `register_parts` returned; failing to queue them fails the connection.
@@ -338,8 +333,8 @@ impl Connection {
         inner.state.begin_post(Instant::now())?;
         let mut out = Vec::new();
         post(&mut inner.state, transfer, &mut out)?;
-        if let Some(tracer) = &self.flow_tracer {
-            tracer.requests(transfer.id, &out, inner.state.chunking());
+        if trace::on(trace::FLOW) {
+            trace_requests(self.trace, transfer.id, &out, inner.state.chunking());
         }
         if out.iter().any(|a| matches!(a, Action::Queue(_))) {
             // A short write's chunks go to the channels before the requests that announce them
@@ -403,15 +398,7 @@ impl Connection {
         }
         let polled = self.core.transfers.poll(self.id, transfer);
         if !matches!(polled, Ok(None)) {
-            if let Some(tracer) = &self.copy_tracer {
-                tracer.reported(transfer);
-            }
-            if let Some(tracer) = &self.host_tracer {
-                tracer.reported(transfer);
-            }
-            if let Some(tracer) = &self.flow_tracer {
-                tracer.completed(transfer);
-            }
+            trace::event!(CallDone { conn: self.trace.conn, side: self.trace.side, transfer });
         }
         polled
     }
@@ -442,15 +429,7 @@ impl Connection {
             self.wait_on_chunks(&t);
         }
         let waited = self.core.transfers.wait(self.id, transfer);
-        if let Some(tracer) = &self.copy_tracer {
-            tracer.reported(transfer);
-        }
-        if let Some(tracer) = &self.host_tracer {
-            tracer.reported(transfer);
-        }
-        if let Some(tracer) = &self.flow_tracer {
-            tracer.completed(transfer);
-        }
+        trace::event!(CallDone { conn: self.trace.conn, side: self.trace.side, transfer });
         waited
     }
 
@@ -572,9 +551,9 @@ impl CheckedRun {
     }
 }
 
-/// Records the direct requests among a post's messages (`UCCL_TCPX_TRACE_HOST_COPY`): the post
-/// asked for the same-host copy, of that many bytes.
-fn trace_direct(tracer: &HostTracer, transfer: u64, msgs: &[Control], at: u64) {
+/// Records the direct requests among a post's messages (the `host` trace): the post asked for the
+/// same-host copy, of that many bytes.
+fn trace_direct(tag: trace::ConnTag, transfer: u64, msgs: &[Control], at: u64) {
     let (mut write, mut bytes, mut direct) = (false, 0u64, false);
     for msg in msgs {
         if let Control::DirectWrite { segs, .. } | Control::DirectRead { segs, .. } = msg {
@@ -584,6 +563,34 @@ fn trace_direct(tracer: &HostTracer, transfer: u64, msgs: &[Control], at: u64) {
         }
     }
     if direct {
-        tracer.posted(transfer, write, bytes, at);
+        let write = u64::from(write);
+        trace::event!(HostPosted { conn: tag.conn, side: tag.side, transfer, write, bytes, entered: at });
+    }
+}
+
+/// Records the requests among a post's actions (the `flow` trace), and the flows of its writes,
+/// whose chunks the actions queue in the order of their requests.
+fn trace_requests(tag: trace::ConnTag, transfer: u64, out: &[Action], chunking: Chunking) {
+    let mut writes = std::collections::VecDeque::new();
+    for action in out {
+        match action {
+            Action::Send(msg) => {
+                let (xfer, write) = match *msg {
+                    Control::WriteRequest { xfer, .. } | Control::WriteVector { xfer, .. } => (xfer, true),
+                    Control::ReadRequest { xfer, .. } | Control::ReadVector { xfer, .. } => (xfer, false),
+                    _ => continue,
+                };
+                trace::event!(FlowRequest { conn: tag.conn, side: tag.side, transfer, xfer, write: u64::from(write) });
+                if write {
+                    writes.push_back(xfer);
+                }
+            }
+            Action::Queue(plan) if plan.dir == Direction::Send => {
+                if let Some(xfer) = writes.pop_front() {
+                    super::trace_plan(tag, xfer, true, plan, chunking);
+                }
+            }
+            _ => {}
+        }
     }
 }

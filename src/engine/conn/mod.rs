@@ -6,9 +6,6 @@
 //! messages to the writer, chunks to the channels, finished parts to their transfers.
 
 mod api;
-mod copy_trace;
-mod flow_trace;
-mod host_trace;
 mod memory;
 mod reader;
 mod same_host_io;
@@ -34,7 +31,6 @@ use super::same_host::device_copy::DevicePath;
 use super::same_host::host_worker::HostServed;
 use super::same_host::ipc::IpcState;
 use super::same_host::seam::SameHostIo;
-use super::same_host::traced::{CopyTrace, Seer};
 use super::same_host::{self, LocalLink, Locality};
 use super::shared::{EngineCore, LiveConnection};
 use super::stats::{ConnStats, LinkTotals, StatsCell, Way, link_totals};
@@ -42,10 +38,7 @@ use super::transfer::{Counted, Transfer};
 use super::writer::ControlWriter;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, FifoItem, TokenBinding};
-use crate::trace;
-use copy_trace::CopyTracer;
-use flow_trace::FlowTracer;
-use host_trace::HostTracer;
+use crate::trace::{self, MsgKind, SeenBy as Seer};
 use memory::EngineMemory;
 use state::{Action, ConnState, Direction, FlowPlan};
 
@@ -143,12 +136,8 @@ pub struct Connection {
     link: LocalLink,
     /// On an authenticated connection, region tokens travel bound to it (see `proto::auth`).
     binding: Option<TokenBinding>,
-    /// The same-host GPU path's stage times, under UCCL_TCPX_TRACE_DEVICE_COPY only.
-    copy_tracer: Option<Arc<CopyTracer>>,
-    /// The same-host host-memory path's steps, under UCCL_TCPX_TRACE_HOST_COPY only.
-    host_tracer: Option<HostTracer>,
-    /// Every step of the writes and reads over the channels, under UCCL_TCPX_TRACE_FLOW only.
-    flow_tracer: Option<FlowTracer>,
+    /// Which end of which connection its trace events name.
+    trace: trace::ConnTag,
     /// The same-host paths' host worker and what they keep outside the lock.
     same_host: SameHostIo,
     /// What the caller's transfers on this connection moved and how they ended.
@@ -184,12 +173,8 @@ impl Connection {
         let reactor = core.control.attach(control.as_raw_fd())?;
         let writer = ControlWriter::new(control.clone(), reactor.clone());
         let rx = ControlRx::new(control.clone(), reactor.clone(), core.config.control_spin)?;
-        let copy_tracer =
-            (core.config.trace_device_copy > 0).then(|| Arc::new(CopyTracer::new(core.config.trace_device_copy > 1)));
-        let ipc = IpcState::new(copy_tracer.clone().map(|t| t as Arc<dyn CopyTrace>));
-        let host_tracer = (core.config.trace_host_copy > 0).then(|| HostTracer::new(core.config.trace_host_copy > 1));
-        let flow_tracer =
-            core.config.trace_flow.as_deref().map(|prefix| FlowTracer::new(prefix, link.nonce, link.connector));
+        let tag = trace::ConnTag { conn: link.nonce, side: u64::from(link.connector) };
+        let ipc = IpcState::new(trace::on(trace::DEVICE).then_some(tag));
         let device_batches = ipc.in_flight();
         let mut state = ConnState::new(chunking, Instant::now());
         let on_host = link.locality == Locality::SameHost;
@@ -199,7 +184,7 @@ impl Connection {
                 state.same_host_mut().set_collapse_sources();
             }
         }
-        if host_tracer.is_some() {
+        if trace::on(trace::HOST) {
             state.same_host_mut().set_timed_copies();
         }
         let conn = Arc::new_cyclic(|weak| Connection {
@@ -225,9 +210,7 @@ impl Connection {
             listener_started: AtomicBool::new(false),
             link,
             binding,
-            copy_tracer,
-            host_tracer,
-            flow_tracer,
+            trace: tag,
             same_host: SameHostIo::new(weak.clone() as Weak<dyn HostServed>, device_batches),
             stats: Arc::default(),
         });
@@ -274,7 +257,7 @@ impl Connection {
     /// waiting caller past its own reply nor a reactor thread from its other connections); false
     /// once the connection failed (nothing more will be read).
     fn handle_read(&self, buf: &mut RxBuffer, drained: Drained) -> bool {
-        let arrived = self.flow_tracer.as_ref().map_or(0, |_| trace::clock_ns());
+        let arrived = if trace::on(trace::FLOW) { trace::clock_ns() } else { 0 };
         let mut inner = self.inner.lock();
         if inner.state.failure().is_some() {
             // The channels are gone; nothing the peer says can be acted on any more.
@@ -316,11 +299,14 @@ impl Connection {
     /// `arrived`: when the read that brought it returned (for the flow trace).
     fn handle(&self, inner: &mut Inner, msg: Control, held: &mut Held, arrived: u64) -> Result<()> {
         let Some(msg) = self.handle_ipc(&mut inner.ipc, msg, &mut held.msgs)? else { return Ok(()) };
-        let seen = self.flow_tracer.as_ref().and_then(|_| Some((FlowTracer::seen(&msg)?, trace::clock_ns())));
+        let seen = if trace::on(trace::FLOW) { flow_msg(&msg) } else { None };
+        if let Some((id, kind)) = seen {
+            trace::event!(FlowMsgIn { conn: self.trace.conn, side: self.trace.side, id, kind: kind as u64, arrived });
+        }
         let mut out = Vec::new();
         let handled = inner.state.handle(msg, &self.memory(), &mut out);
-        if let (Some(tracer), Some((seen, at))) = (&self.flow_tracer, seen) {
-            tracer.heard(seen, arrived, at, &out, inner.state.chunking());
+        if let Some((id, kind)) = seen {
+            trace_heard(self.trace, id, kind, &out, inner.state.chunking());
         }
         let applied = self.apply_held(inner, out, held);
         handled.and(applied)
@@ -351,9 +337,7 @@ impl Connection {
                 _ if result.is_err() => {}
                 Action::Send(msg) => held.msgs.push(msg),
                 Action::Queue(plan) => {
-                    if let Some(tracer) = &self.flow_tracer {
-                        tracer.queued(plan.flow);
-                    }
+                    trace::event!(FlowQueued { conn: self.trace.conn, side: self.trace.side, flow: plan.flow });
                     result = queue(&mut inner.channels, inner.state.chunking(), &plan);
                     inner.queued = true;
                     held.queued = true;
@@ -391,8 +375,10 @@ impl Connection {
     /// Hands `msgs` to the control stream's writer (marking them for the flow trace).
     fn send_all(&self, msgs: &[Control]) -> Result<()> {
         let sent = self.writer.send_all(msgs);
-        if let Some(tracer) = &self.flow_tracer {
-            tracer.sent(msgs);
+        if trace::on(trace::FLOW) {
+            for (id, kind) in msgs.iter().filter_map(flow_msg) {
+                trace::event!(FlowMsgOut { conn: self.trace.conn, side: self.trace.side, id, kind: kind as u64 });
+            }
         }
         sent
     }
@@ -617,7 +603,7 @@ impl Connection {
         if inner.state.failure().is_some() {
             return false;
         }
-        inner.queued = false;
+        let newly_queued = std::mem::take(&mut inner.queued);
         let mut finished = std::mem::take(&mut inner.finished_chunks);
         let mut sent = std::mem::take(&mut inner.sent_chunks);
         let (mut moved, mut result) = match self.drive_device_copies(&mut inner.ipc, Seer::Progress) {
@@ -645,8 +631,14 @@ impl Connection {
             self.core.waker.chunks_out.set(&mut inner.chunks_out, chunks_out);
         }
         let sends_left = send_bytes != usize::MAX && inner.channels.iter().any(Channel::sends_waiting);
-        if let Some(tracer) = &self.flow_tracer {
-            tracer.passed(&sent);
+        if trace::on(trace::FLOW) {
+            let (conn, side) = (self.trace.conn, self.trace.side);
+            for &flow in &sent {
+                trace::event!(FlowChunkPosted { conn, side, flow });
+            }
+            if newly_queued {
+                trace::event!(FlowPass { conn, side });
+            }
         }
         let mut out = Vec::new();
         for flow in sent.drain(..) {
@@ -656,9 +648,7 @@ impl Connection {
         // The answers of every flow that finished leave in one write.
         let mut held = Held::default();
         for chunk in finished.drain(..) {
-            if let Some(tracer) = &self.flow_tracer {
-                tracer.chunk_done(chunk.flow);
-            }
+            trace::event!(FlowChunkDone { conn: self.trace.conn, side: self.trace.side, flow: chunk.flow });
             if result.is_ok() {
                 result = inner.state.chunk_finished(chunk.flow, &mut out);
                 let applied = self.apply_held(inner, out.drain(..), &mut held);
@@ -773,4 +763,51 @@ impl Drop for Connection {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// What the `flow` trace calls a message of a write's or read's, and the request id it names.
+fn flow_msg(msg: &Control) -> Option<(u64, MsgKind)> {
+    Some(match *msg {
+        Control::WriteRequest { xfer, .. } | Control::WriteVector { xfer, .. } => (xfer, MsgKind::WriteRequest),
+        Control::ReadRequest { xfer, .. } | Control::ReadVector { xfer, .. } => (xfer, MsgKind::ReadRequest),
+        Control::Done { xfer, .. } => (xfer, MsgKind::Done),
+        Control::Data { flow, .. } => (flow, MsgKind::Data),
+        _ => return None,
+    })
+}
+
+/// Records the flow the state planned for the peer's request `id` (a target's), or for our read
+/// whose Data marker `id` announces its chunks.
+fn trace_heard(tag: trace::ConnTag, id: u64, kind: MsgKind, out: &[Action], chunking: Chunking) {
+    let (dir, ours) = match kind {
+        MsgKind::WriteRequest => (Direction::Recv, false),
+        MsgKind::ReadRequest => (Direction::Send, false),
+        MsgKind::Data => (Direction::Recv, true),
+        MsgKind::Done => return,
+    };
+    let planned = out.iter().find_map(|a| match a {
+        Action::Queue(plan) if plan.dir == dir && (!ours || plan.flow == id) => Some(plan),
+        _ => None,
+    });
+    if let Some(plan) = planned {
+        trace_plan(tag, id, ours, plan, chunking);
+    }
+}
+
+/// Records that flow `plan` carries request `xfer`, ours or the peer's.
+fn trace_plan(tag: trace::ConnTag, xfer: u64, ours: bool, plan: &FlowPlan, chunking: Chunking) {
+    let (ours, recv) = (u64::from(ours), u64::from(plan.dir == Direction::Recv));
+    let (flow, seq, bytes, chunks) =
+        (plan.flow, plan.seq, plan.extent.len(), plan::chunk_count(&plan.extent, chunking));
+    trace::event!(FlowPlan {
+        conn: tag.conn,
+        side: tag.side,
+        xfer,
+        ours,
+        flow,
+        seq,
+        bytes,
+        chunks: chunks as u64,
+        recv
+    });
 }

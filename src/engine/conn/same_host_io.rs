@@ -1,6 +1,5 @@
 //! The connection's side of the seam to the same-host paths (`engine::same_host`): what they may
-//! use of it (`seam::Conn`, `seam::Locked`), and its opt-in tracers behind the marks those paths
-//! make (`same_host::traced`).
+//! use of it (`seam::Conn`, `seam::Locked`, and the host worker's `HostServed`).
 
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -8,8 +7,6 @@ use std::time::Instant;
 
 use parking_lot::MutexGuard;
 
-use super::copy_trace::{self, CopyTracer};
-use super::host_trace::{HostTracer, JobMarks, JobTimes};
 use super::state::{Action, ConnState};
 use super::{Connection, Inner};
 use crate::engine::same_host::LocalLink;
@@ -18,12 +15,11 @@ use crate::engine::same_host::host_worker::{HostCopy, HostServed};
 use crate::engine::same_host::ipc::IpcState;
 use crate::engine::same_host::seam::{Conn, Locked};
 use crate::engine::same_host::state::{CopyJob, SameHost};
-use crate::engine::same_host::traced::{CopyTrace, JobTrace, Post, Seer, TracedJob};
 use crate::engine::shared::EngineCore;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result};
 use crate::proto::{Control, TokenBinding};
-use crate::trace::clock_ns;
+use crate::trace::ConnTag;
 
 /// The connection's lock, held, as the same-host paths see it.
 pub(crate) struct ConnLocked<'a> {
@@ -128,13 +124,8 @@ impl Conn for Connection {
         &self.same_host.host
     }
 
-    fn copy_trace(&self) -> Option<&dyn CopyTrace> {
-        self.copy_tracer.as_deref().map(|t| t as &dyn CopyTrace)
-    }
-
-    fn trace_job(&self) -> Option<Box<dyn TracedJob + '_>> {
-        let tracer = self.host_tracer.as_ref()?;
-        Some(Box::new(Job { tracer, marks: Arc::default() }))
+    fn trace(&self) -> ConnTag {
+        self.trace
     }
 }
 
@@ -157,53 +148,5 @@ impl HostServed for Connection {
 
     fn spin(&self) -> std::time::Duration {
         self.core.config.host_copy_spin
-    }
-}
-
-impl CopyTrace for CopyTracer {
-    fn issued(&self, transfer: u64, write: bool, bytes: u64, batches: u32, post: Post) {
-        let Post { at, asks, ask_ns } = post;
-        CopyTracer::issued(self, transfer, write, bytes, batches, copy_trace::Post { at, asks, ask_ns });
-    }
-
-    fn seen(&self, transfer: u64, by: Seer) {
-        let by = match by {
-            Seer::Poll => copy_trace::Seer::Poll,
-            Seer::Wait => copy_trace::Seer::Wait,
-            Seer::Progress => copy_trace::Seer::Progress,
-            Seer::Failure => copy_trace::Seer::Failure,
-        };
-        CopyTracer::seen(self, transfer, by);
-    }
-}
-
-impl JobTrace for JobMarks {
-    fn offered(&self) {
-        JobMarks::offered(self);
-    }
-
-    fn joined(&self) {
-        JobMarks::joined(self);
-    }
-
-    fn piece(&self, start: u64, bytes: u64) {
-        JobMarks::piece(self, start, bytes);
-    }
-}
-
-/// A host copy job under UCCL_TCPX_TRACE_HOST_COPY.
-struct Job<'a> {
-    tracer: &'a HostTracer,
-    marks: Arc<JobMarks>,
-}
-
-impl TracedJob for Job<'_> {
-    fn marks(&self) -> Arc<dyn JobTrace> {
-        self.marks.clone()
-    }
-
-    fn copied(self: Box<Self>, transfer: Option<u64>, len: u64, (queued, picked): (u64, u64), by_caller: bool) {
-        let times = JobTimes { queued, picked, finished: clock_ns(), by_caller };
-        self.tracer.copied(transfer, len, times, &self.marks);
     }
 }

@@ -25,7 +25,6 @@ use std::time::Instant;
 
 use super::ipc::{ASK_BIT, Answer, Batch, Coverage, GrantKey, IpcState};
 use super::seam::{Conn, Locked};
-use super::traced::{Post, Seer};
 use super::{Locality, peer_connection};
 use crate::config::LocalPeers;
 use crate::cuda::Gpu;
@@ -37,7 +36,7 @@ use crate::engine::region::Region;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, IPC_HANDLE_LEN, RemoteSeg};
-use crate::trace::clock_ns;
+use crate::trace::{self, DevicePost as Post, SeenBy as Seer, clock_ns};
 use crate::transport::MemKind;
 
 /// Asks for one request before it is refused: a grant revoked between its answer and the copy
@@ -301,8 +300,18 @@ pub(crate) trait DevicePath: Conn {
                 (batches, bytes) = (batches + 1, bytes + planned);
             }
         }
-        if let (Some(tracer), Some(post)) = (self.copy_trace(), post) {
-            tracer.issued(transfer.id, write, bytes, batches, post);
+        if let Some(post) = post {
+            trace::event!(DeviceIssued {
+                conn: self.trace().conn,
+                side: self.trace().side,
+                transfer: transfer.id,
+                write: u64::from(write),
+                bytes,
+                batches,
+                entered: post.at,
+                asks: u64::from(post.asks),
+                ask_ns: post.ask_ns
+            });
         }
         drop((ours, theirs));
         Some(Ok(transfer.id))
@@ -416,8 +425,18 @@ pub(crate) trait DevicePath: Conn {
         }
         let bytes = plan.parts.iter().sum::<u64>();
         let issued = self.issue(inner.ipc(), &transfer, plan);
-        if let (Some(tracer), Some(post)) = (self.copy_trace(), post) {
-            tracer.issued(transfer.id, write, bytes, u32::from(issued), post);
+        if let Some(post) = post {
+            trace::event!(DeviceIssued {
+                conn: self.trace().conn,
+                side: self.trace().side,
+                transfer: transfer.id,
+                write: u64::from(write),
+                bytes,
+                batches: u64::from(issued),
+                entered: post.at,
+                asks: u64::from(post.asks),
+                ask_ns: post.ask_ns
+            });
         }
         Some(Ok(transfer.id))
     }

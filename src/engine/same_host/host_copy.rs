@@ -11,12 +11,11 @@ use super::host_job::{self, Failure, SharedJob};
 use super::host_worker::Gate;
 use super::seam::{Conn, Locked};
 use super::state::{CopyJob, HostTask};
-use super::traced::JobTrace;
 use super::{PeerProcess, Refusal, prove};
 use crate::config::Config;
 use crate::error::Error;
 use crate::threads::{self, ThreadKind};
-use crate::trace::clock_ns;
+use crate::trace::{self, clock_ns};
 
 /// The host work of a connection: what its worker, or a caller waiting on it, runs.
 pub(crate) trait HostWork: Conn {
@@ -67,9 +66,9 @@ pub(crate) trait HostWork: Conn {
                     self.lock().proved(reads_peer);
                 }
                 Some(HostTask::Copy(job)) => {
-                    let traced = self.trace_job().map(|job| (clock_ns(), job));
+                    let traced = trace::on(trace::HOST).then(|| (clock_ns(), trace::next_id()));
                     threads::point(ThreadKind::HostCopier);
-                    let marks = traced.as_ref().map(|t| t.1.marks());
+                    let marks = traced.map(|t| t.1);
                     let copied = copy(&job, process.as_ref(), &self.host().gate, &self.core().config, marks);
                     let (transfer, len, queued) = (job.transfer().map(|t| t.id), job.len, job.queued);
                     // A refused job copied nothing: its read or write takes the channels, or fails.
@@ -88,11 +87,21 @@ pub(crate) trait HostWork: Conn {
                             return;
                         }
                     }
-                    if let (Some((picked, traced)), false) = (traced, refused) {
-                        // Under the lock, which the reply's handling takes: the record is in place
-                        // before the caller can be handed the outcome.
-                        let by_caller = self.host().on_caller();
-                        traced.copied(transfer, len, (queued, picked), by_caller);
+                    if let (Some((picked, job)), false) = (traced, refused) {
+                        // Under the lock, which the reply's handling takes: the event comes before
+                        // the caller can be handed the outcome.
+                        let (conn, side, by_caller) =
+                            (self.trace().conn, self.trace().side, u64::from(self.host().on_caller()));
+                        trace::event!(HostCopied {
+                            job,
+                            conn,
+                            side,
+                            transfer: transfer.unwrap_or(0),
+                            bytes: len,
+                            queued,
+                            picked,
+                            by_caller
+                        });
                     }
                 }
             }
@@ -110,7 +119,7 @@ pub(crate) fn copy(
     process: Option<&Arc<PeerProcess>>,
     gate: &Arc<Gate>,
     config: &Config,
-    marks: Option<Arc<dyn JobTrace>>,
+    marks: Option<u64>,
 ) -> Result<(), Failure> {
     if job.error.is_some() {
         // Cut off before it ran: `copy_finished` reports the cut.

@@ -14,12 +14,11 @@ use parking_lot::Mutex;
 
 use super::copiers::{self, Turns};
 use super::host_worker::Gate;
-use super::traced::JobTrace;
 use super::{PIECE_BYTES, PeerProcess, pieces};
 use crate::engine::region::Region;
 use crate::error::{Error, UcclStatus};
 use crate::threads::{self, ThreadKind, panic_text};
-use crate::trace::clock_ns;
+use crate::trace::{self, clock_ns};
 use crate::transport::IoSeg;
 
 /// A smallest piece for the tests of the cut (the configured one is `Config::host_copy_min_piece`):
@@ -54,8 +53,8 @@ pub(crate) struct SharedJob {
     region: Arc<Region>,
     process: Arc<PeerProcess>,
     len: u64,
-    /// Where its threads mark their steps, while traced (`host_trace.rs`).
-    marks: Option<Arc<dyn JobTrace>>,
+    /// Its id in the trace's events, while the `host` trace runs.
+    marks: Option<u64>,
 }
 
 impl SharedJob {
@@ -85,8 +84,8 @@ impl SharedJob {
         }
     }
 
-    /// Marks the job's steps in `marks` (none: untraced).
-    pub fn traced(self, marks: Option<Arc<dyn JobTrace>>) -> SharedJob {
+    /// Marks the job's steps as the trace's job `marks` (none: untraced).
+    pub fn traced(self, marks: Option<u64>) -> SharedJob {
         SharedJob { marks, ..self }
     }
 
@@ -95,8 +94,8 @@ impl SharedJob {
     pub fn run(self: Arc<Self>, threads: usize, spin: Duration) -> Result<(), Failure> {
         let pieces = self.pieces.len();
         let helpers = threads.saturating_sub(1).min(pieces.saturating_sub(1));
-        if let (Some(marks), true) = (&self.marks, helpers > 0) {
-            marks.offered();
+        if let (Some(job), true) = (self.marks, helpers > 0) {
+            trace::event!(HostOffered { job });
         }
         let offer = (helpers > 0).then(|| copiers::offer(self.clone(), helpers, spin));
         self.take_pieces();
@@ -142,8 +141,8 @@ impl SharedJob {
         // SAFETY: as said above. The kernel writes it; segments a peer names twice get either
         // copy's bytes, as overlapping chunks of the network path would.
         let copied = unsafe { self.process.read_piece(local, remote) }.map_err(|e| self.lost(e));
-        if let (Some(marks), Some(start)) = (&self.marks, start) {
-            marks.piece(start, local.iter().map(|s| s.len as u64).sum());
+        if let (Some(job), Some(start)) = (self.marks, start) {
+            trace::event!(HostPiece { job, start, bytes: local.iter().map(|s| s.len as u64).sum() });
         }
         copied
     }
@@ -178,8 +177,8 @@ pub(crate) fn lost(process: &PeerProcess, len: u64, e: io::Error) -> Failure {
 
 impl copiers::Shared for SharedJob {
     fn help(&self) {
-        if let Some(marks) = &self.marks {
-            marks.joined();
+        if let Some(job) = self.marks {
+            trace::event!(HostJoined { job });
         }
         self.take_pieces();
     }

@@ -15,7 +15,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::traced::{CopyTrace, Seer};
 use crate::cuda::Gpu;
 use crate::cuda::device_copy::CopyQueue;
 use crate::cuda::ipc::Mapping;
@@ -25,6 +24,7 @@ use crate::engine::shared::Waker;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result};
 use crate::proto::{IPC_HANDLE_LEN, RemoteSeg};
+use crate::trace::{self, ConnTag, SeenBy as Seer};
 
 /// Ask ids carry this bit, so that their Deny cannot be taken for one of the state machine's ops
 /// (whose ids count up from 1).
@@ -94,8 +94,8 @@ pub(crate) struct IpcState {
     in_flight: Arc<AtomicUsize>,
     /// Batches issued since the connection started.
     issued: u64,
-    /// Told when a batch is seen finished, under UCCL_TCPX_TRACE_DEVICE_COPY.
-    tracer: Option<Arc<dyn CopyTrace>>,
+    /// Which connection's batches are seen finished, while the `device` trace runs.
+    tracer: Option<ConnTag>,
 }
 
 /// A grant whose allocation is mapped here.
@@ -132,7 +132,7 @@ pub(crate) enum Coverage {
 }
 
 impl IpcState {
-    pub fn new(tracer: Option<Arc<dyn CopyTrace>>) -> IpcState {
+    pub fn new(tracer: Option<ConnTag>) -> IpcState {
         IpcState { tracer, ..IpcState::default() }
     }
 
@@ -327,8 +327,8 @@ impl IpcState {
 
     fn finish(&mut self, batch: Batch, outcome: Result<()>, waker: &Waker, by: Seer) {
         let Batch { event, queue, transfer, parts, regions, mappings, .. } = batch;
-        if let Some(tracer) = &self.tracer {
-            tracer.seen(transfer.id, by);
+        if let Some(t) = self.tracer {
+            trace::event!(DeviceSeen { conn: t.conn, side: t.side, transfer: transfer.id, by: by as u64 });
         }
         // The copies are over: a mapping whose grant is gone may close now.
         drop(mappings);

@@ -13,7 +13,7 @@
 //! `registry.rs`, below), the proof of a peer process and its handle (`proof.rs`, `peers.rs`,
 //! `process.rs`), host copies between processes (`host_worker.rs`, `host_copy.rs`, `host_job.rs`,
 //! `copiers.rs`), GPU copies over CUDA IPC (`device_copy.rs`, `ipc.rs`), host copies within the
-//! process (`local_copy.rs`), and the marks the paths leave for the opt-in traces (`traced.rs`).
+//! process (`local_copy.rs`).
 //!
 //! The host identity travels in Hello and Welcome. A peer's claim to share our process is never
 //! taken on its word: the connector records its Hello nonce in this process before sending it, and
@@ -39,7 +39,6 @@ mod proof;
 mod registry;
 pub(crate) mod seam;
 pub(crate) mod state;
-pub(crate) mod traced;
 
 pub use identity::own_identity;
 #[doc(hidden)]

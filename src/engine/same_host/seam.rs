@@ -14,11 +14,11 @@ use super::LocalLink;
 use super::host_worker::{HostCopy, HostServed};
 use super::ipc::IpcState;
 use super::state::{CopyJob, SameHost};
-use super::traced::{CopyTrace, TracedJob};
 use crate::engine::shared::EngineCore;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result};
 use crate::proto::{Control, TokenBinding};
+use crate::trace::ConnTag;
 
 /// A connection, as its same-host paths see it.
 pub(crate) trait Conn: Send + Sync + Sized + 'static {
@@ -63,11 +63,8 @@ pub(crate) trait Conn: Send + Sync + Sized + 'static {
     /// The host worker's handle.
     fn host(&self) -> &HostCopy;
 
-    /// The same-host GPU path's timeline, when traced.
-    fn copy_trace(&self) -> Option<&dyn CopyTrace>;
-
-    /// A host copy job's trace, when traced.
-    fn trace_job(&self) -> Option<Box<dyn TracedJob + '_>>;
+    /// Which end of which connection its trace events name.
+    fn trace(&self) -> ConnTag;
 }
 
 /// What the connection's lock guards, for the same-host paths.

@@ -178,8 +178,8 @@ impl SameHost {
         }
     }
 
-    /// Copy jobs carry the time they were queued (`UCCL_TCPX_TRACE_HOST_COPY`); untraced they
-    /// skip the clock read.
+    /// Copy jobs carry the time they were queued (for the `host` trace); untraced they skip the
+    /// clock read.
     pub fn set_timed_copies(&mut self) {
         self.timed = true;
     }

@@ -16,7 +16,6 @@ use super::fanout::{self, Idle};
 use super::grow::Dialer;
 use super::link_tally;
 use super::partial;
-use super::piece_trace::PieceTrace;
 use super::reactor::{Placement, Pool};
 use super::receiver::{RecvSockets, RecvTask};
 use super::sender::{INLINE_MAX, Inline, SendSockets, SendTask};
@@ -325,9 +324,6 @@ impl Drop for CommCore {
                 if log::log_enabled!(log::Level::Info) {
                     link_tally::log_closed("send", &send.shared.tally.by_link(&send.shared.streams));
                 }
-                if let Some(t) = &send.shared.trace {
-                    t.write();
-                }
             }
             Side::Recv(join) => {
                 // No socket joins from here on; those that did are all placed.
@@ -338,9 +334,6 @@ impl Drop for CommCore {
                 join.counts.closed_receiving(placed as u64);
                 if log::log_enabled!(log::Level::Info) {
                     link_tally::log_closed("receive", &join.sockets.tally.by_link(&join.sockets.streams));
-                }
-                if let Some(t) = &join.sockets.trace {
-                    t.write();
                 }
                 if let Some(wake) = &join.on_close {
                     wake.signal();
@@ -377,7 +370,7 @@ impl SocketSendComm {
         how: Threading,
         helpers: Arc<Helpers>,
         sockets: Arc<Counts>,
-        trace: Option<PieceTrace>,
+        trace: u64,
     ) -> Result<SocketSendComm> {
         first.set_nonblocking(true).map_err(|e| Error::io("configure data socket", e))?;
         let window = Arc::new(Window::new(PieceCut::new(how.subchunk, count), wake));
@@ -501,7 +494,7 @@ impl SocketRecvComm {
         helpers: Arc<Helpers>,
         counts: Arc<Counts>,
         on_close: Option<Arc<EventFd>>,
-        trace: Option<PieceTrace>,
+        trace: u64,
     ) -> Result<SocketRecvComm> {
         first.set_nonblocking(true).map_err(|e| Error::io("configure data socket", e))?;
         let window = Arc::new(Window::new(PieceCut::new(how.subchunk, count), wake));

@@ -16,7 +16,6 @@ mod iov;
 mod link_tally;
 mod links;
 mod partial;
-mod piece_trace;
 mod reactor;
 mod receiver;
 mod sender;
@@ -51,7 +50,6 @@ use counts::Counts;
 use door::{Doorway, MAX_PENDING_STREAMS};
 use grow::Dialer;
 use links::{Route, Routes};
-use piece_trace::{Dir, PieceTrace};
 use spin::Polls;
 use tune::set_buffers;
 use window::MAX_REQUESTS;
@@ -324,7 +322,6 @@ impl Net for SocketNet {
             helpers: self.helpers.clone(),
             acceptor: self.acceptor.clone(),
             sockets: self.sockets.clone(),
-            trace: self.options.trace.clone(),
         };
         Ok((handle.encode(), Box::new(listen)))
     }
@@ -378,7 +375,6 @@ impl SocketNet {
             rcvbuf: self.options.rcvbuf,
             io_timeout: self.io_timeout,
         };
-        let trace = PieceTrace::new(self.options.trace.as_deref(), hello.comm_id, Dir::Send, count);
         comm::SocketSendComm::new(
             first,
             count,
@@ -387,7 +383,7 @@ impl SocketNet {
             self.threading(),
             self.helpers.clone(),
             self.sockets.clone(),
-            trace,
+            hello.comm_id,
         )
     }
 }
@@ -400,8 +396,6 @@ struct SocketListen {
     helpers: Arc<Helpers>,
     acceptor: Arc<Acceptor>,
     sockets: Arc<Counts>,
-    /// `UCCL_TCPX_TRACE_SOCKETS`: the path prefix of its comms' socket traces.
-    trace: Option<String>,
 }
 
 impl ListenComm for SocketListen {
@@ -418,7 +412,7 @@ impl ListenComm for SocketListen {
             self.helpers.clone(),
             self.sockets.clone(),
             on_close,
-            PieceTrace::new(self.trace.as_deref(), new.comm_id, Dir::Recv, new.count),
+            new.comm_id,
         )?;
         let join = recv.join();
         for (k, stream) in new.early {

@@ -12,13 +12,13 @@ use std::sync::{Arc, OnceLock};
 
 use super::iov::{self, MAX_IOV};
 use super::link_tally::Tallies;
-use super::piece_trace::PieceTrace;
 use super::reactor::{Next, Task};
 use super::window::{Admission, Piece, PieceMem, Window};
 use super::wire::{PIECE_HEADER_LEN, PieceHeader};
 use super::write_back;
 use crate::error::{Error, Result};
 use crate::threads::{self, ThreadKind};
+use crate::trace;
 
 const STAGE_LEN: usize = 4096;
 
@@ -59,15 +59,15 @@ pub(super) struct RecvSockets {
     pub window: Arc<Window>,
     /// Per socket: it holds a header for a request not posted yet, so a post must kick it.
     held: Vec<AtomicBool>,
-    /// Per-socket timeline of the comm's requests, under `UCCL_TCPX_TRACE_SOCKETS` only.
-    pub trace: Option<PieceTrace>,
+    /// The comm's id, which both ends' hellos carry, in its trace events.
+    pub trace: u64,
     /// What each socket carried, for the per-link counters.
     pub tally: Tallies,
 }
 
 impl RecvSockets {
     /// Room for `n` sockets, none placed yet.
-    pub fn new(n: usize, window: Arc<Window>, trace: Option<PieceTrace>) -> RecvSockets {
+    pub fn new(n: usize, window: Arc<Window>, trace: u64) -> RecvSockets {
         RecvSockets {
             streams: (0..n).map(|_| OnceLock::new()).collect(),
             window,
@@ -180,9 +180,7 @@ fn drive(s: &RecvSockets, socket: usize, inc: &mut Incoming) -> Result<Step> {
                 if inc.end - inc.start >= PIECE_HEADER_LEN {
                     let h = PieceHeader::decode(&inc.stage[inc.start..inc.end], s.window.cut)?;
                     inc.start += PIECE_HEADER_LEN;
-                    if let Some(t) = &s.trace {
-                        t.began(socket, h.seq);
-                    }
+                    trace::event!(SockHeader { comm: s.trace, seq: h.seq, socket: socket as u64 });
                     admit(s, socket, inc, h)?;
                     continue;
                 }
@@ -225,9 +223,12 @@ fn drive(s: &RecvSockets, socket: usize, inc: &mut Incoming) -> Result<Step> {
                 inc.phase = Phase::Header;
                 inc.finished_request_len = Some(piece.total);
                 s.tally.piece(socket, piece.len);
-                if let Some(t) = &s.trace {
-                    t.done(socket, piece.seq, piece.len);
-                }
+                trace::event!(SockLanded {
+                    comm: s.trace,
+                    seq: piece.seq,
+                    socket: socket as u64,
+                    bytes: piece.len as u64
+                });
                 s.window.landed_piece(&piece);
                 return Ok(Step::Finished);
             }
@@ -241,9 +242,7 @@ fn admit(s: &RecvSockets, socket: usize, inc: &mut Incoming, h: PieceHeader) -> 
         Admission::NotPosted => Phase::Held(h),
     };
     if matches!(inc.phase, Phase::Payload { .. }) {
-        if let Some(t) = &s.trace {
-            t.admitted(socket, h.seq);
-        }
+        trace::event!(SockAdmit { comm: s.trace, seq: h.seq, socket: socket as u64 });
         threads::point(ThreadKind::SocketReceiver);
     }
     Ok(())

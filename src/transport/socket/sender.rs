@@ -16,12 +16,12 @@ use super::fanout::Relay;
 use super::grow::Joining;
 use super::iov::{self, MAX_IOV};
 use super::link_tally::Tallies;
-use super::piece_trace::PieceTrace;
 use super::reactor::{Next, Task};
 use super::window::{Piece, PieceMem, Window};
 use super::wire::{PIECE_HEADER_LEN, PieceHeader};
 use crate::error::Error;
 use crate::threads::{self, ThreadKind};
+use crate::trace;
 
 /// Requests at most this large (and a single piece) are written by the posting thread itself when
 /// nothing older is waiting, saving the wake-up of a helper thread on the latency path.
@@ -59,8 +59,8 @@ pub(super) struct SendSockets {
     gave_up: AtomicBool,
     /// Kicks a post left for the comm's running sockets to pass on.
     pub relay: Relay<SendTask>,
-    /// Per-socket timeline of the comm's requests, under `UCCL_TCPX_TRACE_SOCKETS` only.
-    pub trace: Option<PieceTrace>,
+    /// The comm's id, which both ends' hellos carry, in its trace events.
+    pub trace: u64,
     /// What each socket carried, for the per-link counters.
     pub tally: Tallies,
 }
@@ -78,13 +78,7 @@ pub(super) enum Inline {
 impl SendSockets {
     /// Room for `n` sockets, none placed yet; each running socket passes up to `kick_fanout` owed
     /// kicks on.
-    pub fn new(
-        n: usize,
-        window: Arc<Window>,
-        kick_fanout: usize,
-        sockets: Arc<Counts>,
-        trace: Option<PieceTrace>,
-    ) -> SendSockets {
+    pub fn new(n: usize, window: Arc<Window>, kick_fanout: usize, sockets: Arc<Counts>, trace: u64) -> SendSockets {
         SendSockets {
             streams: (0..n).map(|_| OnceLock::new()).collect(),
             open: (0..n).map(|_| AtomicBool::new(false)).collect(),
@@ -143,17 +137,13 @@ impl SendSockets {
 
     /// Socket `k` took a piece of request `seq`.
     fn traced_cut(&self, k: usize, seq: u64) {
-        if let Some(t) = &self.trace {
-            t.began(k, seq);
-        }
+        trace::event!(SockTake { comm: self.trace, seq, socket: k as u64 });
     }
 
     /// Socket `k` wrote all of `piece`.
     fn traced_sent(&self, k: usize, piece: &Piece) {
         self.tally.piece(k, piece.len);
-        if let Some(t) = &self.trace {
-            t.done(k, piece.seq, piece.len);
-        }
+        trace::event!(SockSent { comm: self.trace, seq: piece.seq, socket: k as u64, bytes: piece.len as u64 });
     }
 
     fn release(&self, k: usize) {

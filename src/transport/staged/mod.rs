@@ -27,7 +27,6 @@ mod recv;
 mod regions;
 mod send;
 mod setup;
-mod trace;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -18,9 +18,8 @@ use std::collections::VecDeque;
 use super::counts;
 use super::regions::{Route, Staging};
 use super::setup::{Setup, StickyFailure};
-use super::trace::{ChunkTrace, CommTracer, Mark};
 use crate::error::{Error, Result};
-use crate::trace::clock_ns;
+use crate::trace::{StageMark as Mark, StagedChunk as ChunkTrace, StagedComm as CommTracer, clock_ns};
 use crate::transport::{IoSeg, MemKind, MrHandle, RecvComm, RequestId};
 
 #[derive(Clone, Copy, Debug)]
@@ -76,7 +75,7 @@ impl StagedRecvComm {
             inner,
             part,
             watched: 0,
-            tracer: setup.params.tuning.trace.then(|| CommTracer::new(false)),
+            tracer: CommTracer::new(false),
             staging: Staging::new(setup),
             queue: VecDeque::new(),
             posted: 0,
@@ -118,14 +117,10 @@ impl StagedRecvComm {
         } else {
             0
         };
-        let trace = self.tracer.as_mut().map(|t| {
-            let mut trace = t.posted(len);
+        let trace = self.tracer.as_mut().map(|t| t.posted(len, slot.is_some()));
+        if let Some(trace) = &trace {
             trace.mark(Mark::Handed);
-            if slot.is_some() {
-                trace.set_staged();
-            }
-            trace
-        });
+        }
         self.queue.push_back(Request {
             addr,
             len,
@@ -180,8 +175,7 @@ impl StagedRecvComm {
         let first = req.issued == 0;
         req.issued += len;
         if let (Some(trace), Some(started)) = (&mut req.trace, started) {
-            trace.add_issue(started);
-            trace.add_parts(1);
+            trace.issued(started, 1);
             if first {
                 trace.mark(Mark::CopyIssued);
             }
@@ -255,7 +249,7 @@ impl StagedRecvComm {
             }
         };
         let done = self.queue.pop_front().expect("front request");
-        if let (Some(tracer), Some(mut trace)) = (&mut self.tracer, done.trace) {
+        if let (Some(tracer), Some(trace)) = (&mut self.tracer, done.trace) {
             if done.slot.is_some() {
                 trace.mark(Mark::CopySeen);
             }

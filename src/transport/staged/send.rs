@@ -27,9 +27,8 @@ use std::collections::VecDeque;
 use super::counts;
 use super::regions::{Route, Staging};
 use super::setup::{Setup, StickyFailure};
-use super::trace::{ChunkTrace, CommTracer, Mark};
 use crate::error::{Error, Result};
-use crate::trace::clock_ns;
+use crate::trace::{StageMark as Mark, StagedChunk as ChunkTrace, StagedComm as CommTracer, clock_ns};
 use crate::transport::{IoSeg, MemKind, MrHandle, RequestId, SendComm};
 
 #[derive(Clone, Copy, Debug)]
@@ -92,7 +91,7 @@ impl StagedSendComm {
             inner,
             part,
             copy_limit: if tuning.ahead == 0 { usize::MAX } else { tuning.ahead as usize },
-            tracer: tuning.trace.then(|| CommTracer::new(true)),
+            tracer: CommTracer::new(true),
             staging: Staging::new(setup),
             queue: VecDeque::new(),
             posted: 0,
@@ -133,8 +132,7 @@ impl StagedSendComm {
             req.copying = true;
             req.part = part;
             if let (Some(trace), Some(started)) = (&mut req.trace, started) {
-                trace.add_issue(started);
-                trace.add_parts(if part > 0 { len.div_ceil(part) } else { 1 });
+                trace.issued(started, if part > 0 { len.div_ceil(part) } else { 1 });
                 trace.mark(Mark::CopyIssued);
             }
         }
@@ -262,13 +260,7 @@ impl StagedSendComm {
                 Stage::Pending { slot, src: addr }
             }
         };
-        let trace = self.tracer.as_mut().map(|t| {
-            let mut trace = t.posted(len);
-            if route == Route::Staged {
-                trace.set_staged();
-            }
-            trace
-        });
+        let trace = self.tracer.as_mut().map(|t| t.posted(len, route == Route::Staged));
         self.queue.push_back(Request { len, stage, segs, trace, splittable, part: 0, copying: false, ready: 0 });
         let id = RequestId(self.posted);
         self.posted += 1;
@@ -289,7 +281,7 @@ impl StagedSendComm {
         let Some(size) = self.inner.test(inner)? else { return Ok(None) };
         let done = self.queue.pop_front().expect("front request");
         self.unsent -= 1;
-        if let (Some(tracer), Some(mut trace)) = (&mut self.tracer, done.trace) {
+        if let (Some(tracer), Some(trace)) = (&mut self.tracer, done.trace) {
             trace.mark(Mark::InnerDone);
             tracer.reported(trace);
         }

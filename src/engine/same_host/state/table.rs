@@ -41,7 +41,7 @@ pub(crate) struct CopyJob {
     pub len: u64,
     /// Set when the region was cut off before the copy ran: nothing is copied, the op fails.
     pub error: Option<Error>,
-    /// When it was queued, in CLOCK_MONOTONIC ns (for `UCCL_TCPX_TRACE_HOST_COPY`; 0 when it is off).
+    /// When it was queued, in CLOCK_MONOTONIC ns (for the `host` trace; 0 when it is off).
     pub queued: u64,
 }
 
