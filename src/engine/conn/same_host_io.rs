@@ -9,12 +9,12 @@ use parking_lot::MutexGuard;
 
 use super::state::{Action, ConnState};
 use super::{Connection, Inner};
-use crate::engine::same_host::LocalLink;
 use crate::engine::same_host::host_copy::HostWork;
 use crate::engine::same_host::host_worker::{HostCopy, HostServed};
 use crate::engine::same_host::ipc::IpcState;
 use crate::engine::same_host::seam::{Conn, Locked};
 use crate::engine::same_host::state::{CopyJob, SameHost};
+use crate::engine::same_host::{LocalLink, PeerProcess};
 use crate::engine::shared::EngineCore;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result};
@@ -130,7 +130,7 @@ impl Conn for Connection {
 }
 
 impl HostServed for Connection {
-    fn serve_host_work(&self, process: &mut Option<Arc<crate::engine::same_host::PeerProcess>>, only: Option<u64>) {
+    fn serve_host_work(&self, process: &mut Option<Arc<PeerProcess>>, only: Option<u64>) {
         HostWork::serve_host_work(self, process, only);
     }
 

@@ -1,7 +1,7 @@
 //! What the same-host I/O paths need of the connection they serve: its lock, with what it guards
 //! for them (the connection state, with the same-host sub-state in it, and the GPU path's grants
 //! and copies), its control stream, and its engine. The connection implements it
-//! (`conn/same_host.rs`); nothing in this folder names the connection.
+//! (`conn/same_host_io.rs`); nothing in this folder names the connection.
 
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
