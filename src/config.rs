@@ -572,13 +572,13 @@ impl Config {
     }
 
     pub fn from_env() -> Result<Config> {
-        retired::report_env();
+        report_retired();
         Config::from_lookup(|name| std::env::var(name).ok())
     }
 
     /// The environment's settings with `overrides` (by setting name) taking precedence.
     pub fn from_env_with(overrides: impl Fn(&str) -> Option<String>) -> Result<Config> {
-        retired::report_env();
+        report_retired();
         Config::from_lookup(|name| overrides(name).or_else(|| std::env::var(name).ok()))
     }
 
@@ -587,6 +587,18 @@ impl Config {
         let get = |name: &str| lookup(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
         Config::read_knobs(&get)
     }
+}
+
+/// Logs the environment's removed variables (`retired.rs`), the first time an engine's settings are
+/// read from it.
+fn report_retired() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for line in retired::set_in(|name| std::env::var(name).ok()) {
+            // Error, not warn: the default log level shows errors only, and this must be seen.
+            log::error!("{line}");
+        }
+    });
 }
 
 /// Sets up logging from `UCCL_TCPX_LOG` (else `RUST_LOG`); quiet (errors only) by default. Safe to
@@ -1032,6 +1044,22 @@ mod tests {
                 !listed.iter().any(|l| l == name),
                 "{name} is parsed by the table and also listed as read elsewhere"
             );
+        }
+    }
+
+    #[test]
+    fn no_removed_variable_is_read_again() {
+        let asked = std::cell::RefCell::new(Vec::new());
+        Config::from_lookup(|name| {
+            asked.borrow_mut().push(name.to_owned());
+            None
+        })
+        .unwrap();
+        let docs = [Config::knob_docs(), SocketConfig::knob_docs(), StagingConfig::knob_docs()];
+        assert!(!asked.borrow().is_empty() && docs.iter().all(|d| !d.is_empty()));
+        for (name, _) in retired::RETIRED {
+            assert!(!asked.borrow().iter().any(|a| a == name), "{name} is retired and still read");
+            assert!(docs.iter().flatten().all(|d| d.name != *name), "{name} is retired and still documented");
         }
     }
 

@@ -204,7 +204,7 @@ const NOT_DUMPABLE_ON_SIGNAL_VAR: &str = "UCCL_TCPX_TEST_NOT_DUMPABLE_ON_SIGNAL"
 fn direct_peer_process() {
     assert!(common::is_child("direct_peer_process"), "runs as the peer process of the direct-path tests");
     if std::env::var(REFUSE_VAR).as_deref() == Ok("parent") {
-        uccl_tcpx::internal::engine::local::refuse_process_access(std::os::unix::process::parent_id());
+        uccl_tcpx::internal::engine::same_host::refuse_process_access(std::os::unix::process::parent_id());
     }
     if std::env::var_os(NOT_DUMPABLE_VAR).is_some() {
         // SAFETY: PR_SET_DUMPABLE takes one integer argument and touches no memory of ours.
@@ -584,10 +584,10 @@ fn with_the_same_host_path_off_or_refused_host_memory_takes_the_network() {
     for refuse_parent in [false, true] {
         let refuse: &[(&str, &str)] = if refuse_parent { &[(REFUSE_VAR, "parent")] } else { &[] };
         let (process, port, window, guard) = direct_peer(refuse);
-        uccl_tcpx::internal::engine::local::refuse_process_access(process.pid());
+        uccl_tcpx::internal::engine::same_host::refuse_process_access(process.pid());
         let engine = Engine::new(same_host()).unwrap();
         let conn = checked_connection(&engine, port);
-        uccl_tcpx::internal::engine::local::refuse_process_access(0);
+        uccl_tcpx::internal::engine::same_host::refuse_process_access(0);
         let path = conn.host_path();
         assert_eq!((path.reads_peer, path.peer_reads_us), (false, !refuse_parent), "{path:?}");
         let mut buf = common::pattern(WINDOW, 80);
@@ -760,6 +760,8 @@ fn a_kernel_refusing_to_let_us_read_the_peer_sends_host_memory_over_the_network(
 
 /// The peer process as `lost_access_reader_process` finds it: pid, then its announcement.
 const LOST_ACCESS_PEER_VAR: &str = "UCCL_TCPX_TEST_LOST_ACCESS_PEER";
+/// Where `lost_access_reader_process` writes its trace (a path prefix).
+const LOST_ACCESS_TRACE_VAR: &str = "UCCL_TCPX_TEST_LOST_ACCESS_TRACE";
 
 /// A reader without `CAP_SYS_PTRACE` that proved its peer readable, whose peer then turns not
 /// dumpable: the read granted for a copy the kernel now refuses is asked for again over the
@@ -779,8 +781,8 @@ fn lost_access_reader_process() {
     );
 
     // Traced: the refused copy must not count as one copied here.
-    let prefix = std::env::temp_dir().join(format!("uccl-trace-lost-access-{}", std::process::id()));
-    let trace = Some(uccl_tcpx::TraceSetting::parse(&format!("host:{}", prefix.display())).unwrap());
+    let prefix = std::env::var(LOST_ACCESS_TRACE_VAR).expect("the trace's path prefix");
+    let trace = Some(uccl_tcpx::TraceSetting::parse(&format!("host:{prefix}")).unwrap());
     let engine = Engine::new(Config { trace, ..same_host() }).unwrap();
     let conn = checked_connection(&engine, port);
     let path = conn.host_path();
@@ -848,14 +850,17 @@ fn bound_out_ptrace_capability() {
 fn a_read_granted_for_a_copy_the_kernel_then_refuses_takes_the_channels() {
     bound_out_ptrace_capability();
     let (process, line) = direct_peer_line(&[(NOT_DUMPABLE_ON_SIGNAL_VAR, "1")]);
-    let out = ChildTest::new("lost_access_reader_process")
+    let prefix = common::trace::fresh_dir("lost-access").join("t").to_string_lossy().into_owned();
+    ChildTest::new("lost_access_reader_process")
         .ignored()
         .env(LOST_ACCESS_PEER_VAR, format!("{} {line}", process.pid()))
+        .env(LOST_ACCESS_TRACE_VAR, &prefix)
         .run_within(Duration::from_secs(300));
     drop(process);
     // The first read was copied; the second, refused, took the channels.
+    let out = common::trace::run_script("trace_summary.py", &[&prefix]);
     let copied = format!("read copied here {WINDOW} B: 1 jobs;");
-    assert!(out.lines().any(|l| l.starts_with("host-copy-trace[") && l.contains(&copied)), "{copied:?}:\n{out}");
+    assert!(out.lines().any(|l| l.starts_with("host[") && l.contains(&copied)), "{copied:?}:\n{out}");
 }
 
 /// A panic in the host copy thread fails its connection with an internal error naming the thread,

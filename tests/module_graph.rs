@@ -124,6 +124,52 @@ fn no_files_import_each_other() {
     assert!(cycles.is_empty(), "files that import each other:\n{}", cycles.join("\n"));
 }
 
+/// The same-host paths are a wing of the engine (`engine/same_host/`): they never import the
+/// network path's connection (`engine/conn/`), which reaches them through their seams only. In
+/// `conn/`, the connection state hands the sub-state its messages and lends it its network path
+/// (`state.rs`, `state/seam.rs`), the connection implements what the wing's I/O needs of it
+/// (`same_host_io.rs`), and the connection's root and its callers' calls (`mod.rs`, `api.rs`)
+/// call the wing's entry points; no other file of `conn/` (tests aside) names the wing.
+const CONN_FILES_AT_THE_SEAM: &[&str] = &[
+    "engine/conn/mod.rs",
+    "engine/conn/api.rs",
+    "engine/conn/state.rs",
+    "engine/conn/state/seam.rs",
+    "engine/conn/same_host_io.rs",
+];
+
+#[test]
+fn the_same_host_wing_and_the_network_path_meet_only_at_the_seam() {
+    let graph = Graph::of_crate(&root().join("src"));
+    let is_test = |file: &str| file.contains("/tests/") || file.ends_with("/tests.rs");
+    let crossing: Vec<String> = graph
+        .edges()
+        .filter(|(from, to)| {
+            let wing_to_conn = from.starts_with("engine/same_host/") && to.starts_with("engine/conn/");
+            let conn_to_wing = from.starts_with("engine/conn/")
+                && to.starts_with("engine/same_host/")
+                && !is_test(from)
+                && !CONN_FILES_AT_THE_SEAM.contains(from);
+            wing_to_conn || conn_to_wing
+        })
+        .map(|(from, to)| format!("{from} -> {to}"))
+        .collect();
+    assert!(
+        crossing.is_empty(),
+        "imports between engine/same_host/ and engine/conn/ off the seam:\n{}",
+        crossing.join("\n")
+    );
+    // The connection state's own file knows the sub-state and nothing else of the wing.
+    let state_reaches: BTreeSet<&str> =
+        graph.edges().filter(|(from, _)| *from == "engine/conn/state.rs").map(|(_, to)| to).collect();
+    let wing: Vec<&&str> = state_reaches.iter().filter(|to| to.starts_with("engine/same_host/")).collect();
+    assert!(
+        wing.iter().all(|to| to.starts_with("engine/same_host/state")),
+        "conn/state.rs reaches into the wing past its sub-state: {wing:?}"
+    );
+    assert!(!wing.is_empty(), "the scan no longer sees the connection state own the sub-state");
+}
+
 /// The scanner sees what it must: a cycle and an upward import planted in a small tree are found.
 #[test]
 fn the_scanner_finds_planted_cycles_and_follows_re_exports() {

@@ -27,9 +27,9 @@ use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use super::channel::{Channel, Windows};
-use super::local::{self, LocalLink, PendingHello};
 use super::plan::{Chunking, Cut};
 use super::route::{Route, Routes};
+use super::same_host::{self, LocalLink, PendingHello};
 use super::shared::EngineCore;
 use crate::config::ChannelTransport;
 use crate::error::{Error, Result, UcclStatus};
@@ -88,7 +88,7 @@ pub struct Routing {
 /// The acceptor's routing of Hello `h`: where the peer runs, and so where its channels go.
 pub fn accepted_routing(local: &Local, h: &Hello) -> Result<Routing> {
     let link = LocalLink {
-        locality: local::accepted_locality(&local.host, &h.host, h.nonce),
+        locality: same_host::accepted_locality(&local.host, &h.host, h.nonce),
         nonce: h.nonce,
         connector: false,
     };
@@ -178,7 +178,7 @@ impl<'a> Local<'a> {
             gpu_id,
             window: core.config.window,
             removals: core.regions.removals(),
-            host: local::own_identity(core.config.disable_ipc),
+            host: same_host::own_identity(core.config.disable_ipc),
         }
     }
 }

@@ -149,7 +149,7 @@ pub enum Control {
         region: u64,
     },
     /// Same-host peers: the sender's process id and the number of its end of this control
-    /// connection's socket in that process, for the receiver to check (`engine::local::proof`).
+    /// connection's socket in that process, for the receiver to check (`engine::same_host::proof`).
     ProcessHello {
         pid: u32,
         fd: u32,

@@ -1009,7 +1009,7 @@ fn ipc_requests_are_answered_only_for_local_peers_and_never_with_a_handle_for_ho
     };
     for local in [false, true] {
         let p = pair_with(Config { disable_ipc: !local, ..config() });
-        let mut host = uccl_tcpx::internal::engine::local::own_identity(false);
+        let mut host = uccl_tcpx::internal::engine::same_host::own_identity(false);
         host.pid += 1;
         let fake = FakePeer::connect_as(p.b.address(), Stray::None, if local { host } else { HostIdentity::default() });
         let (mut fake, _conn) = (fake.unwrap(), accept(&p.b).unwrap());
@@ -1526,7 +1526,7 @@ fn close_with_a_blocked_control_writer_fails_pending_writes() {
 /// A fake peer that shares the engine's host identity: same host and network namespace, another
 /// process (the one it names).
 fn same_host_fake(p: &Pair, pid: u32) -> (FakePeer, Arc<Connection>) {
-    let host = HostIdentity { pid, ..uccl_tcpx::internal::engine::local::own_identity(false) };
+    let host = HostIdentity { pid, ..uccl_tcpx::internal::engine::same_host::own_identity(false) };
     let mut fake = FakePeer::connect_as(p.b.address(), Stray::None, host).unwrap();
     let conn = accept(&p.b).unwrap();
     assert_eq!(conn.peer.locality, uccl_tcpx::Locality::SameHost);

@@ -12,9 +12,11 @@ use super::turn::{Batch, InTurn, Take};
 use super::vector::{Grouper, Push, Run, RunKey};
 
 use super::{Connection, Held, Inner, OneSided};
-use crate::engine::local::Locality;
 use crate::engine::plan::{Chunking, Extent};
 use crate::engine::region::{Region, check_range};
+use crate::engine::same_host::Locality;
+use crate::engine::same_host::device_copy::DevicePath;
+use crate::engine::same_host::local_copy::LocalCopy;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Capability, Control, MAX_INLINE_LEN, RemoteSeg};
@@ -387,10 +389,10 @@ impl Connection {
     /// not taken it up yet: a caller polling for its read copies it rather than waiting for the
     /// worker's wake-up (the poll then returns after the copy).
     pub fn poll(&self, transfer: u64) -> Result<Option<u64>> {
-        self.host.run_waiting(transfer);
-        if self.device_batches.load(Ordering::Acquire) > 0 {
+        self.same_host.host.run_waiting(transfer);
+        if self.same_host.device_copies() {
             let mut inner = self.inner.lock();
-            if let Err(e) = self.drive_device_copies(&mut inner, Seer::Poll) {
+            if let Err(e) = self.drive_device_copies(&mut inner.ipc, Seer::Poll) {
                 self.fail(&mut inner, e);
             }
         }
@@ -419,9 +421,9 @@ impl Connection {
     pub fn wait(&self, transfer: u64) -> Result<u64> {
         let t = self.core.transfers.get(self.id, transfer)?;
         if t.completes_on_control() {
-            let _copies_here = self.host.caller_waits();
+            let _copies_here = self.same_host.host.caller_waits();
             reader::read_until_finished(self, &t);
-        } else if self.device_batches.load(Ordering::Acquire) > 0 {
+        } else if self.same_host.device_copies() {
             self.wait_device_copies(transfer);
         } else if self.core.config.caller_completes && t.ends_on_chunks() {
             self.wait_on_chunks(&t);
@@ -439,7 +441,7 @@ impl Connection {
     pub fn wait_within(&self, transfer: u64, limit: Duration) -> Result<Option<u64>> {
         let start = Instant::now();
         let deadline = start + limit;
-        let spin = if self.device_batches.load(Ordering::Acquire) > 0 { WAIT_SPIN.min(limit) } else { Duration::ZERO };
+        let spin = if self.same_host.device_copies() { WAIT_SPIN.min(limit) } else { Duration::ZERO };
         let spin_until = start + spin;
         loop {
             if let Some(bytes) = self.poll(transfer)? {
@@ -456,8 +458,7 @@ impl Connection {
             }
             // Copies of the same-host GPU path finish when a poll sees their event, so those are
             // looked at every millisecond; anything else wakes the parked caller when it ends.
-            let slice =
-                if self.device_batches.load(Ordering::Acquire) > 0 { DEVICE_POLL_SLICE.min(left) } else { left };
+            let slice = if self.same_host.device_copies() { DEVICE_POLL_SLICE.min(left) } else { left };
             self.core.transfers.get(self.id, transfer)?.park_until_finished(slice);
         }
     }

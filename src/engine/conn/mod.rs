@@ -6,32 +6,32 @@
 //! messages to the writer, chunks to the channels, finished parts to their transfers.
 
 mod api;
-mod device_copy;
-mod host_copy;
-mod host_job;
-mod host_worker;
-mod ipc;
-mod local_copy;
 mod memory;
 mod reader;
+mod same_host_io;
 mod state;
 mod turn;
 mod vector;
 
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex, MutexGuard};
+use parking_lot::{Mutex, MutexGuard};
 
 use super::channel::{self, Channel};
 use super::control_reactor::{ControlEndpoint, Next, Registration};
 use super::control_rx::{ControlRx, Drained, RxBuffer};
-use super::local::{self, LocalLink, Locality};
 use super::notify;
 use super::plan::{self, Chunk, ChunkMem, Chunking};
+pub use super::same_host::HostPath;
+use super::same_host::device_copy::DevicePath;
+use super::same_host::host_worker::HostServed;
+use super::same_host::ipc::IpcState;
+use super::same_host::seam::SameHostIo;
+use super::same_host::{self, LocalLink, Locality};
 use super::shared::{EngineCore, LiveConnection};
 use super::stats::{ConnStats, LinkTotals, StatsCell, Way, link_totals};
 use super::transfer::{Counted, Transfer};
@@ -39,10 +39,7 @@ use super::writer::ControlWriter;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, FifoItem, TokenBinding};
 use crate::trace::{self, MsgKind, SeenBy as Seer};
-use host_worker::HostCopy;
-use ipc::IpcState;
 use memory::EngineMemory;
-pub use state::HostPath;
 use state::{Action, ConnState, Direction, FlowPlan};
 
 /// How long closing waits for queued control messages (the Close among them) to leave.
@@ -78,7 +75,7 @@ struct Inner {
     /// Reused by each progress pass.
     finished_chunks: Vec<Chunk>,
     sent_chunks: Vec<u64>,
-    /// The same-host GPU path: grants, asks, device copies in flight (`ipc.rs`).
+    /// The same-host GPU path: grants, asks, device copies in flight (`same_host/ipc.rs`).
     ipc: IpcState,
     /// A channel's comm declined a post with nothing in flight to wake us: counted as polled work,
     /// so the progress thread polls instead of parking until the post went through.
@@ -135,19 +132,14 @@ pub struct Connection {
     inner: Mutex<Inner>,
     closed: AtomicBool,
     listener_started: AtomicBool,
-    /// How an in-process peer's connection is found (see `engine::local`).
+    /// How an in-process peer's connection is found (see `engine::same_host`).
     link: LocalLink,
     /// On an authenticated connection, region tokens travel bound to it (see `proto::auth`).
     binding: Option<TokenBinding>,
-    /// Signalled (under the lock) when an owner answers an IPC ask, or the connection fails.
-    ipc_answered: Condvar,
-    /// Device-copy batches in flight (`ipc.rs` keeps it): a caller's poll drives them only then.
-    device_batches: Arc<AtomicUsize>,
     /// Which end of which connection its trace events name.
     trace: trace::ConnTag,
-    /// The same-host host-memory path's worker (proof and copies), for a peer in another process of
-    /// this host.
-    host: HostCopy,
+    /// The same-host paths' host worker and what they keep outside the lock.
+    same_host: SameHostIo,
     /// What the caller's transfers on this connection moved and how they ended.
     stats: Arc<StatsCell>,
 }
@@ -185,15 +177,15 @@ impl Connection {
         let ipc = IpcState::new(trace::on(trace::DEVICE).then_some(tag));
         let device_batches = ipc.in_flight();
         let mut state = ConnState::new(chunking, Instant::now());
-        let same_host = link.locality == Locality::SameHost;
-        if same_host {
-            state.set_same_host(core.config.host_copy_network_band, core.config.host_copy_huge_pages);
+        let on_host = link.locality == Locality::SameHost;
+        if on_host {
+            state.same_host_mut().set_same_host(core.config.host_copy_network_band, core.config.host_copy_huge_pages);
             if core.config.host_copy_collapse {
-                state.set_collapse_sources();
+                state.same_host_mut().set_collapse_sources();
             }
         }
         if trace::on(trace::HOST) {
-            state.set_timed_copies();
+            state.same_host_mut().set_timed_copies();
         }
         let conn = Arc::new_cyclic(|weak| Connection {
             id: core.next_conn_id(),
@@ -218,22 +210,20 @@ impl Connection {
             listener_started: AtomicBool::new(false),
             link,
             binding,
-            ipc_answered: Condvar::new(),
-            device_batches,
             trace: tag,
-            host: HostCopy::new(weak.clone() as Weak<dyn host_worker::HostServed>),
+            same_host: SameHostIo::new(weak.clone() as Weak<dyn HostServed>, device_batches),
             stats: Arc::default(),
         });
         // Known to the engine before it reads a byte: a deregistration must reach every connection
         // that could authorize a request for the region.
         let live: Weak<Connection> = Arc::downgrade(&conn);
         conn.core.adopt(live)?;
-        local::register_connection(&link, &conn);
+        same_host::register_connection(&link, &conn);
         // From here on the reactor reads the stream.
         conn.reactor.start(Arc::downgrade(&conn) as Weak<dyn ControlEndpoint>)?;
-        if same_host {
+        if on_host {
             // The peer checks that this process holds the other end of the control connection
-            // (`local::prove`) before it copies anything out of our memory.
+            // (`same_host::prove`) before it copies anything out of our memory.
             let fd = u32::try_from(conn.control.as_raw_fd()).map_err(|_| Error::internal("negative descriptor"))?;
             conn.writer.send(&Control::ProcessHello { pid: std::process::id(), fd })?;
         }
@@ -247,7 +237,7 @@ impl Connection {
 
     /// How far the same-host host-memory path got on this connection.
     pub fn host_path(&self) -> HostPath {
-        self.inner.lock().state.host_path()
+        self.inner.lock().state.same_host().host_path()
     }
 
     fn memory(&self) -> EngineMemory<'_> {
@@ -308,7 +298,7 @@ impl Connection {
     /// Every answer, the IPC path's too, stays in `held`, in the order of what it answers.
     /// `arrived`: when the read that brought it returned (for the flow trace).
     fn handle(&self, inner: &mut Inner, msg: Control, held: &mut Held, arrived: u64) -> Result<()> {
-        let Some(msg) = self.handle_ipc(inner, msg, &mut held.msgs)? else { return Ok(()) };
+        let Some(msg) = self.handle_ipc(&mut inner.ipc, msg, &mut held.msgs)? else { return Ok(()) };
         let seen = if trace::on(trace::FLOW) { flow_msg(&msg) } else { None };
         if let Some((id, kind)) = seen {
             trace::event!(FlowMsgIn { conn: self.trace.conn, side: self.trace.side, id, kind: kind as u64, arrived });
@@ -360,7 +350,7 @@ impl Connection {
                     inner.queued = true;
                     held.queued = true;
                 }
-                Action::HostWork { ours } => result = self.host.wake(ours),
+                Action::HostWork { ours } => result = self.same_host.host.wake(ours),
                 Action::Collapse(region) => region.collapse_into_huge_pages(),
             }
         }
@@ -437,7 +427,7 @@ impl Connection {
         self.core.waker.wake();
         // A same-host copy into the region ends within one piece, and none starts after this (a
         // push out of it is the region's own count, waited for by the engine).
-        self.host.wait_clear(region);
+        self.same_host.host.wait_clear(region);
         loop {
             {
                 let mut inner = self.inner.lock();
@@ -479,8 +469,8 @@ impl Connection {
             self.fail(&mut inner, Error::new(UcclStatus::ErrCanceled, "the connection was closed locally"));
         }
         self.reactor.detach();
-        self.host.join();
-        self.host.release_peer();
+        self.same_host.host.join();
+        self.same_host.host.release_peer();
         log::info!("connection {} to {} closed: {}", self.id, self.peer.addr, self.stats());
     }
 
@@ -542,9 +532,9 @@ impl Connection {
         self.set_retrying(inner, false);
         self.core.waker.chunks_out.set(&mut inner.chunks_out, false);
         // No same-host copy lands in our memory after this returns either.
-        self.host.stop();
+        self.same_host.host.stop();
         inner.ipc.fail(&err, &self.core.waker);
-        self.ipc_answered.notify_all();
+        self.same_host.ipc_answered.notify_all();
         let _ = self.control.shutdown(Shutdown::Both);
         self.writer.stop(err.clone());
         for t in failed {
@@ -616,7 +606,7 @@ impl Connection {
         let newly_queued = std::mem::take(&mut inner.queued);
         let mut finished = std::mem::take(&mut inner.finished_chunks);
         let mut sent = std::mem::take(&mut inner.sent_chunks);
-        let (mut moved, mut result) = match self.drive_device_copies(inner, Seer::Progress) {
+        let (mut moved, mut result) = match self.drive_device_copies(&mut inner.ipc, Seer::Progress) {
             Ok(moved) => (moved, Ok(())),
             Err(e) => (false, Err(e)),
         };
@@ -755,11 +745,11 @@ impl reader::Served for Connection {
     }
 
     fn work_waiting(&self) -> bool {
-        self.host.work_waiting()
+        self.same_host.host.work_waiting()
     }
 
     fn run_waiting(&self, transfer: u64) {
-        self.host.run_waiting(transfer);
+        self.same_host.host.run_waiting(transfer);
     }
 }
 

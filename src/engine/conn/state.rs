@@ -22,14 +22,12 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-mod direct;
-mod direct_table;
+mod seam;
 
-pub use direct_table::HostPath;
-pub(super) use direct_table::{CopyJob, HostTask};
-
+pub(super) use crate::engine::one_sided::{OneSidedItem, OneSidedRequest, VectorRequest};
 use crate::engine::plan::{Chunking, Extent, chunk_count};
 use crate::engine::region::Region;
+use crate::engine::same_host::state::SameHost;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, MAX_INLINE_LEN, MAX_INLINE_SEND_BACKLOG, RemoteSeg};
@@ -64,7 +62,7 @@ pub(super) enum Action {
     Hold(u64),
     /// Post them again.
     Release(u64),
-    /// Wake the connection's host worker: a same-host proof or copy is queued (`direct.rs`).
+    /// Wake the connection's host worker: a same-host proof or copy is queued (`same_host/state.rs`).
     /// `ours`: the copy of a read of ours, which a caller waiting on the connection may run on its
     /// own thread instead.
     HostWork { ours: bool },
@@ -111,44 +109,6 @@ pub(super) trait Memory {
     /// # Safety
     /// `[addr, addr + len)` lies inside `region`, which is live.
     unsafe fn load(&self, region: &Region, addr: usize, len: usize) -> Result<Vec<u8>>;
-}
-
-/// One item of a caller's write or read: the local buffer and the peer's capability it targets.
-pub(super) struct OneSidedItem {
-    pub region: Arc<Region>,
-    pub addr: usize,
-    pub len: u64,
-    pub remote_region: u64,
-    pub token: u64,
-    pub remote_addr: u64,
-    /// The bytes of a small write, read before the state lock.
-    pub payload: Option<Vec<u8>>,
-}
-
-/// Items of a caller's write or read that share both regions, as one request: this end's segments
-/// (the flow's extent here) and the peer's, in the same order with the same lengths.
-pub(super) struct VectorRequest {
-    pub region: Arc<Region>,
-    pub local: Extent,
-    pub remote_region: u64,
-    pub token: u64,
-    pub segs: Vec<RemoteSeg>,
-}
-
-/// One request of a caller's write or read.
-pub(super) enum OneSidedRequest {
-    Item(OneSidedItem),
-    Vector(VectorRequest),
-}
-
-impl OneSidedRequest {
-    /// The caller's registration the request reads from or writes into.
-    pub fn local_region(&self) -> &Arc<Region> {
-        match self {
-            OneSidedRequest::Item(item) => &item.region,
-            OneSidedRequest::Vector(vector) => &vector.region,
-        }
-    }
 }
 
 /// One message of a caller's send.
@@ -330,8 +290,8 @@ pub(super) struct ConnState {
     failure: Option<Error>,
     /// Last time the peer showed life: a control message or a finished chunk.
     last_heard: Instant,
-    /// The same-host path's requests, copies and leases.
-    direct: direct_table::Direct,
+    /// The same-host sub-state machine: its requests, copies and leases.
+    same_host: SameHost,
 }
 
 impl ConnState {
@@ -356,7 +316,7 @@ impl ConnState {
             reading: HashSet::new(),
             failure: None,
             last_heard: now,
-            direct: direct_table::Direct::default(),
+            same_host: SameHost::default(),
         }
     }
 
@@ -401,7 +361,7 @@ impl ConnState {
             || self.inline_ops.values().any(|o| o.prompt)
             || !self.inbound.is_empty()
             || self.awaiting_grant.values().any(|o| o.prompt)
-            || self.direct_waits_on_peer()
+            || self.same_host.waits_on_peer()
     }
 
     fn take_id(&mut self) -> u64 {
@@ -425,7 +385,8 @@ impl ConnState {
             OneSidedRequest::Item(item) => &item.region,
             OneSidedRequest::Vector(vector) => &vector.region,
         }))?;
-        // Processes of one host copy host memory directly (`direct.rs`); the target still decides.
+        // Processes of one host copy host memory directly (`same_host/state.rs`); the target still
+        // decides.
         let direct = requests.iter().all(|r| match r {
             OneSidedRequest::Item(item) => item.region.kind == MemKind::Host,
             OneSidedRequest::Vector(vector) => vector.region.kind == MemKind::Host,
@@ -484,7 +445,7 @@ impl ConnState {
         let direct = match u32::try_from(len) {
             Ok(seg_len) if direct && !inline => {
                 let seg = RemoteSeg { addr, len: seg_len };
-                self.direct_request(id, write, (&extent, &region), remote_region, token, &[seg], flows)
+                self.same_host_request((id, write), (&extent, &region), (remote_region, token), &[seg], flows)
             }
             _ => None,
         };
@@ -521,7 +482,7 @@ impl ConnState {
         let id = self.take_id();
         let VectorRequest { region, local: extent, remote_region, token, segs } = vector;
         let direct = if direct {
-            self.direct_request(id, write, (&extent, &region), remote_region, token, &segs, flows)
+            self.same_host_request((id, write), (&extent, &region), (remote_region, token), &segs, flows)
         } else {
             None
         };
@@ -660,7 +621,7 @@ impl ConnState {
             r.cut = Some(err.clone());
             out.push(Action::Finish(r.transfer.clone(), Err(err.clone())));
         }
-        self.cut_direct(region, err);
+        self.same_host.cut(region, err);
         if uncuttable {
             return Err(Error::not_allowed(format!(
                 "memory region {region} was deregistered while a send from it was unfinished; its receiver \
@@ -759,7 +720,7 @@ impl ConnState {
                 Ok(())
             }
             Control::Grant { xfer, flow } => {
-                self.direct_answered(xfer);
+                self.network_answered(xfer);
                 let granted = self.awaiting_grant.remove(&xfer).ok_or_else(|| unknown_op("Grant", xfer))?;
                 let Outbound { src, transfer, prompt, error } = granted;
                 let local = self.start_outbound(flow, src, 1, OnDone::Part(transfer), error, out);
@@ -773,7 +734,7 @@ impl ConnState {
                 let status =
                     UcclStatus::from_code(status).filter(|s| (*s as i32) < 0).unwrap_or(UcclStatus::ErrUnknown);
                 let err = Error::new(status, format!("peer refused: {reason}"));
-                self.direct_answered(xfer);
+                self.network_answered(xfer);
                 if let Some(refused) = self.awaiting_grant.remove(&xfer) {
                     refused.transfer.answered();
                     out.push(Action::Finish(refused.transfer, Err(err)));
@@ -801,13 +762,13 @@ impl ConnState {
                     // data) until we have taken note, so the read cannot complete on them.
                     self.flows.get_mut(&xfer).ok_or_else(|| unknown_flow(xfer))?.error.get_or_insert(err);
                     out.push(Action::Send(Control::Resume { xfer }));
-                } else if self.direct_denied(xfer, err, out).is_none() {
+                } else if !self.with_same_host(out, |sh, net| sh.denied(xfer, err, net)) {
                     return Err(unknown_op("Deny", xfer));
                 }
                 Ok(())
             }
             Control::Data { flow, len } => {
-                self.direct_answered(flow);
+                self.network_answered(flow);
                 let granted = self.inbound.get(&flow).ok_or_else(|| unknown_op("Data", flow))?.extent.len();
                 if len != granted {
                     // Left in `inbound`, so failing the connection fails the part too.
@@ -847,7 +808,9 @@ impl ConnState {
                     out.push(Action::Finish(op.transfer, Ok(len)));
                     return Ok(());
                 }
-                if let Some(answered) = self.direct_done(xfer, len, out) {
+                if self.same_host.may_answer_done(xfer)
+                    && let Some(answered) = self.with_same_host(out, |sh, net| sh.done(xfer, len, net))
+                {
                     return answered;
                 }
                 let flow = self.awaiting_done.remove(&xfer).ok_or_else(|| unknown_op("Done", xfer))?;
@@ -880,16 +843,12 @@ impl ConnState {
                 Ok(())
             }
             Control::Close => Err(Error::disconnected("the peer closed the connection")),
-            Control::ProcessHello { pid, fd } => self.on_process_hello(pid, fd, out),
-            Control::ProcessAck { readable } => self.on_process_ack(readable),
-            Control::DirectWrite { xfer, region, token, segs, src, huge } => {
-                self.on_direct_write(xfer, (region, token), segs, (src, huge), mem, out)
-            }
-            Control::DirectRead { xfer, region, token, segs } => {
-                self.on_direct_read(xfer, (region, token), segs, mem, out)
-            }
-            Control::DirectGrant { xfer, huge } => self.on_direct_grant(xfer, huge, out),
-            Control::DirectDone { xfer } => self.on_direct_done(xfer, out),
+            msg @ (Control::ProcessHello { .. }
+            | Control::ProcessAck { .. }
+            | Control::DirectWrite { .. }
+            | Control::DirectRead { .. }
+            | Control::DirectGrant { .. }
+            | Control::DirectDone { .. }) => self.same_host_message(msg, mem, out),
             Control::IpcRequest { .. }
             | Control::IpcGrant { .. }
             | Control::IpcRevoke { .. }
@@ -954,7 +913,7 @@ impl ConnState {
         // A cut receive failed when it was cut.
         failed.extend(self.posted_recvs.drain(..).filter(|r| r.cut.is_none()).map(|r| r.transfer));
         failed.extend(self.flows.drain().filter_map(|(_, f)| f.on_done.transfer().cloned()));
-        failed.extend(self.fail_direct());
+        failed.extend(self.same_host.fail());
         self.awaiting_done.clear();
         self.serving.clear();
         self.reading.clear();
@@ -1127,8 +1086,8 @@ impl ConnState {
         Ok(())
     }
 
-    /// Grants the peer's authorized direct write into `extent` as a network write (`direct.rs`): the
-    /// flow it will send as, after its Data marker.
+    /// Grants the peer's authorized direct write into `extent` as a network write
+    /// (`same_host/state.rs`): the flow it will send as, after its Data marker.
     fn grant(&mut self, xfer: u64, extent: Extent, region: Arc<Region>, out: &mut Vec<Action>) {
         let flow = self.take_id();
         let on_done = OnDone::Ack(xfer);
@@ -1183,11 +1142,6 @@ fn live<'a>(regions: impl IntoIterator<Item = &'a Arc<Region>>) -> Result<()> {
 
 fn unknown_flow(flow: u64) -> Error {
     Error::backend(format!("internal: chunk of unknown flow {flow}"))
-}
-
-/// The peer broke the protocol: `what` says how.
-fn violation(what: &str) -> Error {
-    Error::backend(format!("protocol violation: {what}"))
 }
 
 fn unknown_op(what: &str, id: u64) -> Error {

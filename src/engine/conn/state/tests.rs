@@ -7,15 +7,16 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::super::host_copy;
-use super::super::host_job::Failure;
-use super::super::host_worker::Gate;
 use super::super::vector::{Grouper, Push, REQUEST_SEGMENTS, RunKey};
 use super::*;
 use crate::config::Config;
-use crate::engine::local::PeerProcess;
 use crate::engine::plan::{self, Cut};
 use crate::engine::region::RegionTable;
+use crate::engine::same_host::PeerProcess;
+use crate::engine::same_host::host_copy;
+use crate::engine::same_host::host_job::Failure;
+use crate::engine::same_host::host_worker::Gate;
+use crate::engine::same_host::state::{HostPath, HostTask};
 use crate::engine::transfer::{Answers, TransferTable};
 use crate::proto::Capability;
 use crate::transport::MemKind;
@@ -368,7 +369,7 @@ fn pump(a: &mut End, b: &mut End) {
 fn run_host_work(end: &mut End) -> bool {
     end.host_work = false;
     let mut ran = false;
-    while let Some(task) = end.st.next_host_task() {
+    while let Some(task) = end.st.same_host_mut().next_host_task() {
         ran = true;
         let mut out = Vec::new();
         run_task(end, task, &mut out);

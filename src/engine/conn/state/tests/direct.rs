@@ -12,10 +12,12 @@ pub(super) fn host_pair(a_reads_b: bool, b_reads_a: bool) -> (End, End) {
 fn host_pair_with_band(a_reads_b: bool, b_reads_a: bool, band: Option<(u64, u64)>, huge_pages: bool) -> (End, End) {
     let (mut a, mut b) = (End::new(), End::new());
     for (end, reads) in [(&mut a, a_reads_b), (&mut b, b_reads_a)] {
-        end.st.set_same_host(band, huge_pages);
+        end.st.same_host_mut().set_same_host(band, huge_pages);
         end.handle(Control::ProcessHello { pid: 7, fd: 3 }).unwrap();
         assert!(end.host_work, "the proof is the worker's");
-        let Some(HostTask::Prove { pid: 7, fd: 3 }) = end.st.next_host_task() else { panic!("a proof task") };
+        let Some(HostTask::Prove { pid: 7, fd: 3 }) = end.st.same_host_mut().next_host_task() else {
+            panic!("a proof task")
+        };
         let mut out = Vec::new();
         end.st.proved(reads, &mut out);
         end.take(out);
@@ -24,7 +26,7 @@ fn host_pair_with_band(a_reads_b: bool, b_reads_a: bool, band: Option<(u64, u64)
     }
     pump(&mut a, &mut b);
     let want = HostPath { checked: true, reads_peer: a_reads_b, peer_reads_us: b_reads_a, ..HostPath::default() };
-    assert_eq!(a.st.host_path(), want);
+    assert_eq!(a.st.same_host().host_path(), want);
     (a, b)
 }
 
@@ -132,7 +134,7 @@ fn the_page_size_a_peer_tells_only_picks_the_copys_pieces() {
         };
         // The peer's word, whatever our knowledge of its memory.
         b.handle(Control::DirectWrite { xfer, region, token, segs, src: from, huge: said }).unwrap();
-        let Some(HostTask::Copy(job)) = b.st.direct.work.front() else { panic!("a copy queued") };
+        let Some(HostTask::Copy(job)) = b.st.same_host().queued().front() else { panic!("a copy queued") };
         assert_eq!(job.remote_huge, said);
         assert!(run_host_work(&mut b));
         pump(&mut a, &mut b);
@@ -178,7 +180,7 @@ fn writes_are_copied_in_by_the_target_and_reads_out_by_the_reader() {
     pump(&mut a, &mut b);
     assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
     assert_eq!(back.bytes, src.bytes);
-    assert_eq!(a.st.host_path().direct_ops, 2);
+    assert_eq!(a.st.same_host().host_path().direct_ops, 2);
     assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
 
     // Vectors too: one request, one copy, whatever the segments; small items stay inline.
@@ -216,7 +218,7 @@ fn without_a_proof_either_way_requests_take_the_network_path() {
         pump(&mut a, &mut b);
         assert_eq!(a.outcome(&r).unwrap().unwrap(), len as u64);
         assert_eq!(back.bytes, src.bytes);
-        assert_eq!(a.st.host_path().direct_ops, u64::from(a_reads_b) + u64::from(b_reads_a));
+        assert_eq!(a.st.same_host().host_path().direct_ops, u64::from(a_reads_b) + u64::from(b_reads_a));
     }
     // A peer that is not on this host gets no proof, whatever it says.
     let mut remote = End::new();
@@ -224,7 +226,7 @@ fn without_a_proof_either_way_requests_take_the_network_path() {
     assert!(!remote.host_work);
     assert_eq!(remote.outbox, [Control::ProcessAck { readable: false }]);
     remote.handle(Control::ProcessAck { readable: true }).unwrap();
-    assert!(!remote.st.host_path().peer_reads_us, "a remote peer's claim to read us means nothing");
+    assert!(!remote.st.same_host().host_path().peer_reads_us, "a remote peer's claim to read us means nothing");
 }
 
 #[test]
@@ -232,8 +234,8 @@ fn a_target_that_cannot_copy_answers_the_network_way() {
     // The initiator was told the target reads it, but the target did not prove it (or the kernel
     // took the access away): it grants the write and serves the read over the channels.
     let (mut a, mut b) = (End::new(), End::new());
-    a.st.set_same_host(None, false);
-    b.st.set_same_host(None, false);
+    a.st.same_host_mut().set_same_host(None, false);
+    b.st.same_host_mut().set_same_host(None, false);
     a.handle(Control::ProcessAck { readable: true }).unwrap();
     let len = 2 * CHUNK + 3;
     let src = a.buffer(len, pattern(42));
@@ -248,7 +250,7 @@ fn a_target_that_cannot_copy_answers_the_network_way() {
     pump(&mut a, &mut b);
     assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
     assert_eq!(dst.bytes, src.bytes);
-    assert_eq!(a.st.host_path().direct_ops, 0);
+    assert_eq!(a.st.same_host().host_path().direct_ops, 0);
 
     // Device memory at the target: neither direction can be copied with the CPU.
     let (mut a, mut b) = host_pair(true, true);
@@ -293,7 +295,7 @@ fn the_target_refuses_what_it_did_not_advertise_and_copies_nothing() {
     }
     assert!(target.bytes.iter().chain(window.bytes.iter()).all(|&x| x == 0));
     assert!(a.st.check_open().is_ok() && b.st.check_open().is_ok());
-    assert_eq!(a.st.host_path().direct_ops, 0);
+    assert_eq!(a.st.same_host().host_path().direct_ops, 0);
 }
 
 #[test]
@@ -396,7 +398,7 @@ fn a_peer_breaking_the_direct_exchange_fails_the_connection() {
     let failed = a.st.fail(Error::disconnected("gone"));
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0].id, t.id);
-    let path = a.st.host_path();
+    let path = a.st.same_host().host_path();
     assert_eq!((path.reads_peer, path.peer_reads_us, path.direct_ops), (false, false, 0));
 }
 
@@ -406,13 +408,13 @@ fn copy_jobs_are_timed_only_when_asked() {
     for timed in [false, true] {
         let (mut a, mut b) = host_pair(true, true);
         if timed {
-            b.st.set_timed_copies();
+            b.st.same_host_mut().set_timed_copies();
         }
         let src = a.buffer(3 * CHUNK, pattern(41));
         let dst = b.buffer(3 * CHUNK, |_| 0);
         a.one_sided(true, &[(&src, 0, &dst, 0, 3 * CHUNK)]);
         deliver(&mut a, &mut b).unwrap();
-        let Some(HostTask::Copy(job)) = b.st.next_host_task() else { panic!("a copy task") };
+        let Some(HostTask::Copy(job)) = b.st.same_host_mut().next_host_task() else { panic!("a copy task") };
         assert_eq!(job.queued != 0, timed, "queued at {}", job.queued);
     }
 }
@@ -427,13 +429,15 @@ fn copies_taken_up_by_their_caller_are_counted() {
     let second = a.one_sided(false, &[(&two, 0, &src, 0, 3 * CHUNK)]);
     deliver(&mut a, &mut b).unwrap();
     deliver(&mut b, &mut a).unwrap();
-    let Some(HostTask::Copy(job)) = a.st.next_host_copy_of(second.id) else { panic!("the second read's copy") };
+    let Some(HostTask::Copy(job)) = a.st.same_host_mut().next_host_copy_of(second.id) else {
+        panic!("the second read's copy")
+    };
     assert_eq!(job.transfer().map(|t| t.id), Some(second.id), "taken out of turn");
-    assert_eq!(a.st.host_path().caller_copies, 1);
-    assert!(a.st.next_host_copy_of(second.id).is_none(), "it had one copy");
-    let Some(HostTask::Copy(job)) = a.st.next_host_task() else { panic!("the first read's copy") };
+    assert_eq!(a.st.same_host().host_path().caller_copies, 1);
+    assert!(a.st.same_host_mut().next_host_copy_of(second.id).is_none(), "it had one copy");
+    let Some(HostTask::Copy(job)) = a.st.same_host_mut().next_host_task() else { panic!("the first read's copy") };
     assert_eq!(job.transfer().map(|t| t.id), Some(first.id));
-    assert_eq!(a.st.host_path().caller_copies, 1, "the worker's copy is not the caller's");
+    assert_eq!(a.st.same_host().host_path().caller_copies, 1, "the worker's copy is not the caller's");
 }
 
 /// What the copy gets when the kernel refuses it after the proof (the peer went non-dumpable).
@@ -443,7 +447,7 @@ pub(super) fn kernel_refused() -> Error {
 
 /// Takes `end`'s queued copy and has the kernel refuse it.
 fn refuse_copy(end: &mut End) {
-    let Some(HostTask::Copy(job)) = end.st.next_host_task() else { panic!("a copy task") };
+    let Some(HostTask::Copy(job)) = end.st.same_host_mut().next_host_task() else { panic!("a copy task") };
     let mut out = Vec::new();
     end.st.copy_refused(job, kernel_refused(), &mut out);
     end.take(out);
@@ -471,7 +475,7 @@ fn a_read_whose_granted_copy_the_kernel_refuses_is_asked_for_again_over_the_chan
         assert_eq!(b.outbox, [Control::DirectGrant { xfer, huge: false }]);
         deliver(&mut b, &mut a).unwrap();
         refuse_copy(&mut a);
-        assert!(!a.st.host_path().reads_peer, "no more copies out of the peer");
+        assert!(!a.st.same_host().host_path().reads_peer, "no more copies out of the peer");
         let again = match a.outbox.make_contiguous() {
             [Control::DirectDone { xfer: done }, Control::ReadRequest { xfer: again, .. }] if !vector => {
                 assert_eq!(*done, xfer);
@@ -494,10 +498,10 @@ fn a_read_whose_granted_copy_the_kernel_refuses_is_asked_for_again_over_the_chan
         } else {
             assert_eq!(&back.bytes[..len], &remote.bytes[64..len + 64]);
         }
-        assert!(b.st.direct.leases.is_empty(), "the lease ended");
+        assert!(b.st.same_host().leases() == 0, "the lease ended");
         assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
         assert!(a.st.check_open().is_ok() && b.st.check_open().is_ok());
-        assert_eq!(a.st.host_path().direct_ops, 0);
+        assert_eq!(a.st.same_host().host_path().direct_ops, 0);
 
         let t = a.one_sided(false, &[(&back, 0, &remote, 0, len)]);
         assert!(matches!(a.outbox.front(), Some(Control::ReadRequest { .. })), "{:?}", a.outbox);
@@ -539,16 +543,16 @@ fn a_write_whose_copy_the_kernel_refuses_is_granted_over_the_channels() {
     deliver(&mut a, &mut b).unwrap();
     refuse_copy(&mut b);
     assert!(matches!(b.outbox.make_contiguous(), [Control::Grant { xfer: g, .. }] if *g == xfer), "{:?}", b.outbox);
-    assert!(!b.st.host_path().reads_peer);
+    assert!(!b.st.same_host().host_path().reads_peer);
     pump(&mut a, &mut b);
     assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
     assert_eq!(&dst.bytes[100..], &src.bytes[..]);
-    assert_eq!(a.st.host_path().direct_ops, 0);
+    assert_eq!(a.st.same_host().host_path().direct_ops, 0);
 
     let t = a.one_sided(true, &[(&src, 0, &dst, 0, len)]);
     deliver(&mut a, &mut b).unwrap();
     assert!(matches!(b.outbox.front(), Some(Control::Grant { .. })), "{:?}", b.outbox);
-    assert!(!b.st.has_host_task(), "nothing copied out of the peer any more");
+    assert!(!b.st.same_host().has_host_task(), "nothing copied out of the peer any more");
     pump(&mut a, &mut b);
     assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
     assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
@@ -557,7 +561,7 @@ fn a_write_whose_copy_the_kernel_refuses_is_granted_over_the_channels() {
 /// Takes `end`'s queued copy as its worker does, then `cut` deregisters the copy's region while
 /// it runs (a cut reaches only queued jobs), and the kernel refuses it.
 fn refuse_cut_copy(end: &mut End, cut: impl FnOnce(&mut End)) {
-    let Some(HostTask::Copy(job)) = end.st.next_host_task() else { panic!("a copy task") };
+    let Some(HostTask::Copy(job)) = end.st.same_host_mut().next_host_task() else { panic!("a copy task") };
     cut(end);
     let mut out = Vec::new();
     end.st.copy_refused(job, kernel_refused(), &mut out);
@@ -581,7 +585,7 @@ fn a_refused_copy_into_a_deregistered_region_fails_as_deregistered() {
     pump(&mut a, &mut b);
     let why = not_allowed(a.outcome(&t));
     assert!(why.contains("deregistered"), "{why}");
-    assert!(!a.st.host_path().reads_peer);
+    assert!(!a.st.same_host().host_path().reads_peer);
 
     let src = a.buffer(len, pattern(53));
     let dst = b.buffer(len, |_| 0);
@@ -611,13 +615,13 @@ fn after_a_refusal_queued_copies_and_grants_in_flight_take_the_channels_at_once(
     assert_eq!(b.outbox.len(), 3, "three grants: {:?}", b.outbox);
     let late = b.outbox.pop_back().unwrap();
     deliver(&mut b, &mut a).unwrap();
-    assert_eq!(a.st.direct.work.len(), 2, "two copies queued");
+    assert_eq!(a.st.same_host().queued().len(), 2, "two copies queued");
     refuse_copy(&mut a);
-    assert!(!a.st.has_host_task(), "the queued copy took the channels");
+    assert!(!a.st.same_host().has_host_task(), "the queued copy took the channels");
     let asks = |a: &End| a.outbox.iter().filter(|m| matches!(m, Control::ReadRequest { .. })).count();
     assert_eq!(asks(&a), 2, "{:?}", a.outbox);
     a.handle(late).unwrap();
-    assert!(!a.st.has_host_task(), "the grant in flight took the channels");
+    assert!(!a.st.same_host().has_host_task(), "the grant in flight took the channels");
     assert_eq!(asks(&a), 3, "{:?}", a.outbox);
     pump(&mut a, &mut b);
     for t in &reads {
@@ -630,9 +634,9 @@ fn after_a_refusal_queued_copies_and_grants_in_flight_take_the_channels_at_once(
     let dst = b.buffer(2 * len, |_| 0);
     let writes: Vec<_> = (0..2).map(|k| a.one_sided(true, &[(&src, k * len, &dst, k * len, len)])).collect();
     deliver(&mut a, &mut b).unwrap();
-    assert_eq!(b.st.direct.work.len(), 2);
+    assert_eq!(b.st.same_host().queued().len(), 2);
     refuse_copy(&mut b);
-    assert!(!b.st.has_host_task());
+    assert!(!b.st.same_host().has_host_task());
     assert!(matches!(b.outbox.make_contiguous(), [Control::Grant { .. }, Control::Grant { .. }]), "{:?}", b.outbox);
     pump(&mut a, &mut b);
     for t in &writes {
@@ -640,7 +644,7 @@ fn after_a_refusal_queued_copies_and_grants_in_flight_take_the_channels_at_once(
     }
     assert_eq!(dst.bytes, src.bytes);
     assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
-    assert_eq!(a.st.host_path().direct_ops, 0);
+    assert_eq!(a.st.same_host().host_path().direct_ops, 0);
 }
 
 /// A grant still on its way when the kernel refused a copy, for a read whose destination was
@@ -701,7 +705,7 @@ fn a_connection_failing_with_a_retried_read_outstanding_fails_it_once() {
         f.finish_part(Err(err.clone()));
     }
     assert_eq!(a.outcome(&t).unwrap().unwrap_err(), err);
-    assert!(a.st.direct.retried.is_empty());
+    assert!(!a.st.same_host().waits_on_peer(), "the lease of the read asked again is forgotten");
     assert!(!a.st.waits_on_peer());
 }
 
@@ -739,8 +743,8 @@ fn the_source_the_peer_copies_out_of_is_collapsed() {
     for collapse in [false, true] {
         let (mut a, mut b) = host_pair(true, true);
         if collapse {
-            a.st.set_collapse_sources();
-            b.st.set_collapse_sources();
+            a.st.same_host_mut().set_collapse_sources();
+            b.st.same_host_mut().set_collapse_sources();
         }
         let len = 3 * CHUNK;
         let src = a.buffer(len, pattern(43));
@@ -763,7 +767,7 @@ fn the_source_the_peer_copies_out_of_is_collapsed() {
 
     // A reader that cannot copy out of its target reads over the channels: nothing to collapse.
     let (mut a, mut b) = host_pair(false, true);
-    b.st.set_collapse_sources();
+    b.st.same_host_mut().set_collapse_sources();
     let len = 3 * CHUNK;
     let remote = b.buffer(len, pattern(44));
     let back = a.buffer(len, |_| 0);
@@ -774,7 +778,7 @@ fn the_source_the_peer_copies_out_of_is_collapsed() {
 
     // Nor a write whose source lies on huge pages already.
     let (mut a, mut b) = host_pair(true, true);
-    a.st.set_collapse_sources();
+    a.st.same_host_mut().set_collapse_sources();
     let src = a.buffer(len, pattern(46));
     src.region.set_huge_pages(true);
     let dst = b.buffer(len, |_| 0);
@@ -788,8 +792,8 @@ fn the_source_the_peer_copies_out_of_is_collapsed() {
     // would not skip the band (`host_copy_huge_pages` off).
     let band = (2 * CHUNK as u64, 4 * CHUNK as u64);
     let (mut a, mut b) = host_pair_with_band(true, true, Some(band), false);
-    a.st.set_collapse_sources();
-    b.st.set_collapse_sources();
+    a.st.same_host_mut().set_collapse_sources();
+    b.st.same_host_mut().set_collapse_sources();
     let src = a.buffer(len, pattern(45));
     let dst = b.buffer(len, |_| 0);
     a.one_sided(true, &[(&src, 0, &dst, 0, len)]);
@@ -812,8 +816,8 @@ fn a_source_kept_to_the_channels_by_the_band_is_collapsed() {
     for collapse in [false, true] {
         let (mut a, mut b) = host_pair_with_band(true, true, Some(band), true);
         if collapse {
-            a.st.set_collapse_sources();
-            b.st.set_collapse_sources();
+            a.st.same_host_mut().set_collapse_sources();
+            b.st.same_host_mut().set_collapse_sources();
         }
         let src = a.buffer(len, pattern(47));
         let dst = b.buffer(len, |_| 0);
@@ -835,17 +839,17 @@ fn a_source_kept_to_the_channels_by_the_band_is_collapsed() {
         // What the collapse leaves, the target's region says: on huge pages its reads are granted.
         dst.region.set_huge_pages(true);
         let again = a.buffer(len, |_| 0);
-        let direct_before = a.st.host_path().direct_ops;
+        let direct_before = a.st.same_host().host_path().direct_ops;
         a.one_sided(false, &[(&again, 0, &dst, 0, len)]);
         assert!(!target_served_over_channels(&mut a, &mut b), "{:?}", b.outbox);
         pump(&mut a, &mut b);
         assert_eq!(again.bytes, src.bytes);
-        assert_eq!(a.st.host_path().direct_ops, direct_before + 1, "copied directly");
+        assert_eq!(a.st.same_host().host_path().direct_ops, direct_before + 1, "copied directly");
     }
 
     // A read's target that the reader cannot copy out of has nothing to gain.
     let (mut a, mut b) = host_pair_with_band(false, true, Some(band), true);
-    b.st.set_collapse_sources();
+    b.st.same_host_mut().set_collapse_sources();
     let remote = b.buffer(len, pattern(48));
     let back = a.buffer(len, |_| 0);
     a.one_sided(false, &[(&back, 0, &remote, 0, len)]);

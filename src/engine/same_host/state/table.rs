@@ -1,4 +1,4 @@
-//! What the same-host path keeps per connection (`direct.rs` is what it does with it): the
+//! What the same-host path keeps per connection (`state.rs` is what it does with it): the
 //! initiator's requests waiting for their answer, the host worker's queue, copies waiting for the
 //! target's word, and the target's leases on its memory.
 
@@ -17,7 +17,7 @@ pub(super) const MAX_DIRECT_PENDING: usize = 1 << 16;
 
 /// What the connection's host worker does next, outside the connection lock.
 pub(crate) enum HostTask {
-    /// Check the peer's ProcessHello and probe the kernel (`local::prove`).
+    /// Check the peer's ProcessHello and probe the kernel (`same_host::prove`).
     Prove {
         pid: u32,
         fd: u32,
@@ -108,7 +108,7 @@ pub struct HostPath {
 }
 
 #[derive(Default)]
-pub(super) struct Direct {
+pub(crate) struct SameHost {
     /// The handshake found the peer on this host (another process).
     pub(super) same_host: bool,
     /// Transfers longer than the first bound and shorter than the second take the network path
@@ -143,7 +143,7 @@ pub(super) struct Direct {
     pub(super) timed: bool,
 }
 
-impl Direct {
+impl SameHost {
     /// Whether a request of ours in that direction may ask for the direct path.
     pub(super) fn usable(&self, write: bool) -> bool {
         if write { self.path.peer_reads_us } else { self.path.reads_peer }
@@ -151,5 +151,17 @@ impl Direct {
 
     pub(super) fn pending(&self) -> usize {
         self.work.len() + self.leases.len()
+    }
+
+    /// The host worker's queue, for tests.
+    #[cfg(test)]
+    pub(crate) fn queued(&self) -> &VecDeque<HostTask> {
+        &self.work
+    }
+
+    /// The peer's reads we lease our memory to, for tests.
+    #[cfg(test)]
+    pub(crate) fn leases(&self) -> usize {
+        self.leases.len()
     }
 }

@@ -23,14 +23,14 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::ipc::{ASK_BIT, Answer, Batch, Coverage, GrantKey};
-use super::state::OneSidedRequest;
-use super::{Connection, Inner};
+use super::ipc::{ASK_BIT, Answer, Batch, Coverage, GrantKey, IpcState};
+use super::seam::{Conn, Locked};
+use super::{Locality, peer_connection};
 use crate::config::LocalPeers;
 use crate::cuda::Gpu;
 use crate::cuda::device_copy::{DeviceCopy, kernel_takes};
 use crate::cuda::ipc::Mapping;
-use crate::engine::local::{self, Locality};
+use crate::engine::one_sided::OneSidedRequest;
 use crate::engine::plan::Extent;
 use crate::engine::region::Region;
 use crate::engine::transfer::Transfer;
@@ -69,7 +69,7 @@ fn too_costly_one_by_one(plan: &mut Plan) -> bool {
 }
 
 /// How an ask ended.
-enum Asked {
+pub(crate) enum Asked {
     /// Granted and mapped: look the grant up again.
     Granted,
     /// No IPC path for the region: the network path carries the call.
@@ -79,7 +79,7 @@ enum Asked {
 }
 
 /// The copies of one call that go to one GPU's queue, and what they finish.
-struct Plan {
+pub(crate) struct Plan {
     gpu: Arc<Gpu>,
     copies: Vec<DeviceCopy>,
     parts: Vec<u64>,
@@ -164,23 +164,26 @@ fn deny_msg(xfer: u64, e: &Error) -> Control {
     Control::Deny { xfer, status: e.status() as i32, reason: e.message().to_owned() }
 }
 
-impl Connection {
+/// The same-host GPU path of a connection (`seam::Conn`): the connection calls
+/// `try_device_one_sided`, `handle_ipc`, `wait_device_copies` and `drive_device_copies`; the other
+/// methods are their steps.
+pub(crate) trait DevicePath: Conn {
     /// `None` when the call takes another path: the peer is remote, no GPU memory is involved, the
     /// owner's region has no IPC path (then the network carries the whole call), the call has many
     /// small pieces the kernel does not take (`too_costly_one_by_one`), or
     /// UCCL_TCPX_LOCAL_PEERS=plugin keeps same-host peers on the net plugin (for tests of that path).
     /// `posted`: when the call began, while its stages are traced.
-    pub(super) fn try_device_one_sided(
+    fn try_device_one_sided(
         &self,
         requests: &[OneSidedRequest],
         write: bool,
         posted: Option<u64>,
     ) -> Option<Result<u64>> {
-        if self.core.config.local_peers == LocalPeers::Plugin {
+        if self.core().config.local_peers == LocalPeers::Plugin {
             return None;
         }
         let post = posted.map(|at| Post { at, ..Post::default() });
-        match self.link.locality {
+        match self.link().locality {
             Locality::Remote => None,
             Locality::SameProcess => self.same_process_device(requests, write, post),
             Locality::SameHost => self.cross_process_device(requests, write, post),
@@ -193,23 +196,23 @@ impl Connection {
         write: bool,
         post: Option<Post>,
     ) -> Option<Result<u64>> {
-        let peer = local::peer_connection(&self.link)?;
+        let peer = peer_connection::<Self>(self.link())?;
         let (mut ours, theirs) = self.lock_with_peer(&peer);
-        if let Err(e) = ours.state.check_open() {
+        if let Err(e) = ours.check_open() {
             return Some(Err(e));
         }
-        if theirs.state.failure().is_some() {
+        if theirs.failure().is_some() {
             return None;
         }
-        let binding = peer.binding.as_ref();
+        let binding = peer.binding();
         let decided: Vec<Result<Arc<Region>>> = requests
             .iter()
             .map(|request| match request {
                 OneSidedRequest::Item(i) => {
-                    peer.core.regions.authorize(i.remote_region, i.token, i.remote_addr, i.len, binding)
+                    peer.core().regions.authorize(i.remote_region, i.token, i.remote_addr, i.len, binding)
                 }
                 OneSidedRequest::Vector(v) => {
-                    peer.core.regions.authorize_segments(v.remote_region, v.token, &v.segs, binding)
+                    peer.core().regions.authorize_segments(v.remote_region, v.token, &v.segs, binding)
                 }
             })
             .collect();
@@ -293,14 +296,14 @@ impl Connection {
         let (mut batches, mut bytes) = (0, 0);
         for plan in plans {
             let planned = plan.parts.iter().sum::<u64>();
-            if self.issue(&mut ours, &transfer, plan) {
+            if self.issue(ours.ipc(), &transfer, plan) {
                 (batches, bytes) = (batches + 1, bytes + planned);
             }
         }
         if let Some(post) = post {
             trace::event!(DeviceIssued {
-                conn: self.trace.conn,
-                side: self.trace.side,
+                conn: self.trace().conn,
+                side: self.trace().side,
                 transfer: transfer.id,
                 write: u64::from(write),
                 bytes,
@@ -323,13 +326,13 @@ impl Connection {
         if requests.iter().any(|r| device_of(r.local_region()).is_none()) {
             return None;
         }
-        let gpu = self.core.gpu.get()?.clone();
+        let gpu = self.core().gpu.get()?.clone();
         let mut refused: Vec<Option<Error>> = Vec::with_capacity(requests.len());
         for request in requests {
             let (key, segs) = (grant_key(request), remote_segs(request));
             let mut outcome = None;
             for _ in 0..MAX_ASKS {
-                match self.inner.lock().ipc.coverage(key, &segs) {
+                match self.lock().ipc().coverage(key, &segs) {
                     Coverage::Covered => break,
                     Coverage::Unavailable => return None,
                     Coverage::Missing => {}
@@ -352,9 +355,9 @@ impl Connection {
             }
             refused.push(outcome);
         }
-        let mut guard = self.inner.lock();
-        let inner = &mut *guard;
-        if let Err(e) = inner.state.check_open() {
+        let mut guard = self.lock();
+        let inner = &mut guard;
+        if let Err(e) = inner.check_open() {
             return Some(Err(e));
         }
         // Planned before the transfer exists, so that a call the network must carry leaves nothing
@@ -375,7 +378,7 @@ impl Connection {
             }
             // A grant revoked since it was looked up above (the owner deregistered the region)
             // leaves the request unmapped; so does a piece outside its windows.
-            let Some(grant) = inner.ipc.mapped(key) else {
+            let Some(grant) = inner.ipc().mapped(key) else {
                 failed.push(deregistered(key.0));
                 continue;
             };
@@ -421,11 +424,11 @@ impl Connection {
             transfer.finish_part(Err(e));
         }
         let bytes = plan.parts.iter().sum::<u64>();
-        let issued = self.issue(inner, &transfer, plan);
+        let issued = self.issue(inner.ipc(), &transfer, plan);
         if let Some(post) = post {
             trace::event!(DeviceIssued {
-                conn: self.trace.conn,
-                side: self.trace.side,
+                conn: self.trace().conn,
+                side: self.trace().side,
                 transfer: transfer.id,
                 write: u64::from(write),
                 bytes,
@@ -440,7 +443,7 @@ impl Connection {
 
     /// Queues a plan's copies behind one event and records the batch; a failure to queue fails its
     /// parts (after the copies queued before it finished). Whether a batch is now in flight.
-    fn issue(&self, inner: &mut Inner, transfer: &Arc<Transfer>, plan: Plan) -> bool {
+    fn issue(&self, ipc: &mut IpcState, transfer: &Arc<Transfer>, plan: Plan) -> bool {
         if plan.parts.is_empty() {
             return false;
         }
@@ -450,7 +453,7 @@ impl Connection {
                 transfer.finish_part(Err(e.clone()));
             }
         };
-        let (queue, q) = match inner.ipc.queue(&gpu) {
+        let (queue, q) = match ipc.queue(&gpu) {
             Ok(q) => q,
             Err(e) => {
                 fail(e);
@@ -471,7 +474,7 @@ impl Connection {
                 let event = Arc::new(event);
                 let batch =
                     Batch { event, queue, transfer: transfer.clone(), parts, regions, remote_regions, mappings };
-                inner.ipc.push(batch, &self.core.waker);
+                ipc.push(batch, &self.core().waker);
                 true
             }
             Err(e) => {
@@ -488,38 +491,38 @@ impl Connection {
     /// the owner's answer (one round trip, once per region and token), at most the stall timeout.
     fn ask(&self, key: GrantKey, segs: &[RemoteSeg], gpu: &Arc<Gpu>) -> Result<Asked> {
         let id = {
-            let mut inner = self.inner.lock();
-            inner.state.check_open()?;
-            let id = inner.ipc.new_ask(key);
+            let mut inner = self.lock();
+            inner.check_open()?;
+            let id = inner.ipc().new_ask(key);
             let request = Control::IpcRequest { xfer: id, region: key.0, token: key.1, segs: segs.to_vec() };
-            if let Err(e) = self.writer.send(&request) {
-                inner.ipc.forget_ask(id);
+            if let Err(e) = self.send(&request) {
+                inner.ipc().forget_ask(id);
                 return Err(e);
             }
             id
         };
-        let deadline = Instant::now() + self.core.config.timeout;
-        let mut inner = self.inner.lock();
+        let deadline = Instant::now() + self.core().config.timeout;
+        let mut inner = self.lock();
         let answer = loop {
-            if let Some(answer) = inner.ipc.take_answer(id) {
+            if let Some(answer) = inner.ipc().take_answer(id) {
                 break answer;
             }
-            if let Some(e) = inner.state.failure() {
-                return Err(e.clone());
+            if let Some(e) = inner.failure() {
+                return Err(e);
             }
-            if self.ipc_answered.wait_until(&mut inner, deadline).timed_out() {
-                inner.ipc.forget_ask(id);
+            if self.wait_answered(&mut inner, deadline) {
+                inner.ipc().forget_ask(id);
                 return Err(Error::timeout(format!(
                     "the owner of memory region {} did not answer an IPC request within {} ms (UCCL_TCPX_TIMEOUT_MS)",
                     key.0,
-                    self.core.config.timeout.as_millis()
+                    self.core().config.timeout.as_millis()
                 )));
             }
         };
         let (handle, alloc_base, alloc_len) = match answer {
             Answer::Refused(e) if e.status() == UcclStatus::ErrNotSupported => {
                 log::debug!("memory region {} of the peer has no IPC path: {}", key.0, e.message());
-                inner.ipc.mark_unavailable(key);
+                inner.ipc().mark_unavailable(key);
                 return Ok(Asked::Unavailable);
             }
             Answer::Refused(e) => return Ok(Asked::Refused(e)),
@@ -528,8 +531,8 @@ impl Connection {
         drop(inner);
         // Mapping takes the driver a while: outside the lock.
         let mapped = Mapping::open(gpu, &handle);
-        let mut inner = self.inner.lock();
-        let attached = mapped.and_then(|m| inner.ipc.attach(key, &handle, m));
+        let mut inner = self.lock();
+        let attached = mapped.and_then(|m| inner.ipc().attach(key, &handle, m));
         if let Err(e) = attached {
             log::warn!(
                 "cannot map the peer's GPU allocation of region {} at {alloc_base:#x} (+{alloc_len}) into GPU {}: \
@@ -537,7 +540,7 @@ impl Connection {
                 key.0,
                 gpu.ordinal()
             );
-            inner.ipc.mark_unavailable(key);
+            inner.ipc().mark_unavailable(key);
             return Ok(Asked::Unavailable);
         }
         Ok(Asked::Granted)
@@ -546,19 +549,14 @@ impl Connection {
     /// Takes the peer's IPC messages (and the Deny of an ask), adding the answers to `replies`,
     /// which leave with the state machine's in the order of what they answer; every other message
     /// comes back for the state machine.
-    pub(super) fn handle_ipc(
-        &self,
-        inner: &mut Inner,
-        msg: Control,
-        replies: &mut Vec<Control>,
-    ) -> Result<Option<Control>> {
+    fn handle_ipc(&self, ipc: &mut IpcState, msg: Control, replies: &mut Vec<Control>) -> Result<Option<Control>> {
         match msg {
             Control::IpcRequest { xfer, region, token, segs } => {
-                replies.push(self.answer_ipc_request(inner, xfer, region, token, &segs));
+                replies.push(self.answer_ipc_request(ipc, xfer, region, token, &segs));
             }
             Control::IpcGrant { xfer, region, handle, alloc_base, alloc_len, windows } => {
-                if inner.ipc.granted(xfer, region, handle, alloc_base, alloc_len, &windows)? {
-                    self.ipc_answered.notify_all();
+                if ipc.granted(xfer, region, handle, alloc_base, alloc_len, &windows)? {
+                    self.answered();
                 } else {
                     log::debug!("dropping an IPC grant for region {region}: its ask was given up");
                 }
@@ -566,16 +564,16 @@ impl Connection {
             Control::Deny { xfer, status, reason } if xfer & ASK_BIT != 0 => {
                 let status =
                     UcclStatus::from_code(status).filter(|s| (*s as i32) < 0).unwrap_or(UcclStatus::ErrUnknown);
-                if inner.ipc.refused(xfer, Error::new(status, format!("peer refused: {reason}"))) {
-                    self.ipc_answered.notify_all();
+                if ipc.refused(xfer, Error::new(status, format!("peer refused: {reason}"))) {
+                    self.answered();
                 }
             }
             Control::IpcRevoke { region } => {
-                if inner.ipc.revoke(region) {
+                if ipc.revoke(region) {
                     replies.push(Control::IpcRevoked { region });
                 }
             }
-            Control::IpcRevoked { region } => inner.ipc.revoke_answered(region)?,
+            Control::IpcRevoked { region } => ipc.revoke_answered(region)?,
             other => return Ok(Some(other)),
         }
         Ok(None)
@@ -583,12 +581,19 @@ impl Connection {
 
     /// The owner's side of an ask: authorized like a vector request, then the handle of the
     /// region's allocation and its windows, or why not.
-    fn answer_ipc_request(&self, inner: &mut Inner, xfer: u64, region: u64, token: u64, segs: &[RemoteSeg]) -> Control {
-        if !self.link.locality.is_local() {
+    fn answer_ipc_request(
+        &self,
+        ipc: &mut IpcState,
+        xfer: u64,
+        region: u64,
+        token: u64,
+        segs: &[RemoteSeg],
+    ) -> Control {
+        if !self.link().locality.is_local() {
             let e = Error::not_allowed("CUDA IPC handles are handed only to peers on this host");
             return deny_msg(xfer, &e);
         }
-        let r = match self.core.regions.authorize_segments(region, token, segs, self.binding.as_ref()) {
+        let r = match self.core().regions.authorize_segments(region, token, segs, self.binding()) {
             Ok(r) => r,
             Err(e) => return deny_msg(xfer, &e),
         };
@@ -606,7 +611,7 @@ impl Connection {
         // allocation (`ipc_export` checks); a window's length fits the u32 of its FifoItem.
         let windows =
             r.windows().into_iter().map(|(addr, len)| RemoteSeg { addr: addr as u64, len: len as u32 }).collect();
-        inner.ipc.record_grant(region);
+        ipc.record_grant(region);
         let handle: [u8; IPC_HANDLE_LEN] = export.handle;
         Control::IpcGrant { xfer, region, handle, alloc_base: export.base, alloc_len: export.len, windows }
     }
@@ -617,15 +622,15 @@ impl Connection {
     /// would pay up to a nap and two thread wake-ups). Returns once no batch of `transfer` is in
     /// flight, or a wait failed (the batch is then left to the progress thread's queries); the
     /// transfer's own wait reports the outcome.
-    pub(super) fn wait_device_copies(&self, transfer: u64) {
+    fn wait_device_copies(&self, transfer: u64) {
         loop {
-            let Some(event) = self.inner.lock().ipc.event_of(transfer) else { return };
+            let Some(event) = self.lock().ipc().event_of(transfer) else { return };
             let synced = event.synchronize();
             {
                 // A failed copy shows in the event's query here, which fails its parts.
-                let mut inner = self.inner.lock();
-                if let Err(e) = self.drive_device_copies(&mut inner, Seer::Wait) {
-                    self.fail(&mut inner, e);
+                let mut inner = self.lock();
+                if let Err(e) = self.drive_device_copies(inner.ipc(), Seer::Wait) {
+                    inner.fail(e);
                 }
             }
             if synced.is_err() {
@@ -636,14 +641,16 @@ impl Connection {
 
     /// Finishes the batches whose copies completed and answers revocations they held up; `by`:
     /// who looks (for the trace).
-    pub(super) fn drive_device_copies(&self, inner: &mut Inner, by: Seer) -> Result<bool> {
-        if !inner.ipc.has_pending() {
+    fn drive_device_copies(&self, ipc: &mut IpcState, by: Seer) -> Result<bool> {
+        if !ipc.has_pending() {
             return Ok(false);
         }
-        let (moved, revoked) = inner.ipc.poll(&self.core.waker, by);
+        let (moved, revoked) = ipc.poll(&self.core().waker, by);
         for region in revoked {
-            self.writer.send(&Control::IpcRevoked { region })?;
+            self.send(&Control::IpcRevoked { region })?;
         }
         Ok(moved)
     }
 }
+
+impl<C: Conn> DevicePath for C {}

@@ -5,36 +5,37 @@
 //! and then takes every connection's lock, so it either waits for a copy under way or makes the copy
 //! refused.
 
-use super::Connection;
-use super::state::OneSidedRequest;
-use crate::engine::local::{self, Locality};
+use super::seam::{Conn, Locked};
+use super::{Locality, peer_connection};
+use crate::engine::one_sided::OneSidedRequest;
 use crate::engine::plan::Extent;
 use crate::error::{Error, Result};
 use crate::transport::MemKind;
 
-impl Connection {
+/// The same-process host path of a connection.
+pub(crate) trait LocalCopy: Conn {
     /// `None` when the transfer takes the network path instead: the peer is not in this process,
     /// its connection is gone or failed, or memory at either end is not host memory.
-    pub(super) fn try_local_one_sided(&self, requests: &[OneSidedRequest], write: bool) -> Option<Result<u64>> {
-        if self.link.locality != Locality::SameProcess
+    fn try_local_one_sided(&self, requests: &[OneSidedRequest], write: bool) -> Option<Result<u64>> {
+        if self.link().locality != Locality::SameProcess
             || requests.iter().any(|r| r.local_region().kind != MemKind::Host)
         {
             return None;
         }
-        let peer = local::peer_connection(&self.link)?;
+        let peer = peer_connection::<Self>(self.link())?;
         let (ours, theirs) = self.lock_with_peer(&peer);
-        if let Err(e) = ours.state.check_open() {
+        if let Err(e) = ours.check_open() {
             return Some(Err(e));
         }
-        if theirs.state.failure().is_some() {
+        if theirs.failure().is_some() {
             return None;
         }
         let mut decided = Vec::with_capacity(requests.len());
         for request in requests {
             // The token is what the network path would carry: bound to this connection when it is
             // authenticated, which the peer's end of it checks with the same binding.
-            let binding = peer.binding.as_ref();
-            let regions = &peer.core.regions;
+            let binding = peer.binding();
+            let regions = &peer.core().regions;
             let decision = match request {
                 OneSidedRequest::Item(i) => regions.authorize(i.remote_region, i.token, i.remote_addr, i.len, binding),
                 OneSidedRequest::Vector(v) => regions.authorize_segments(v.remote_region, v.token, &v.segs, binding),
@@ -78,3 +79,5 @@ impl Connection {
         Some(Ok(transfer.id))
     }
 }
+
+impl<C: Conn> LocalCopy for C {}

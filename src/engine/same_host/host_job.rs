@@ -1,6 +1,6 @@
 //! One copy job of a connection (`host_copy.rs`), shared among threads: the job is cut into pieces
 //! that the thread running it (the connection's worker, or a caller: `host_worker.rs`) and the
-//! process's copy helpers (`local::copiers`) take in turn, each piece entering the connection's
+//! process's copy helpers (`same_host::copiers`) take in turn, each piece entering the connection's
 //! gate, so deregistration and failure stay fences however many threads copy. The running thread
 //! returns from a job only once every piece is done, and a helper takes a piece only before that,
 //! so no piece of a job runs after the connection moved on.
@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use super::copiers::{self, Turns};
 use super::host_worker::Gate;
-use crate::engine::local::copiers::{self, Turns};
-use crate::engine::local::{PIECE_BYTES, PeerProcess, pieces};
+use super::{PIECE_BYTES, PeerProcess, pieces};
 use crate::engine::region::Region;
 use crate::error::{Error, UcclStatus};
 use crate::threads::{self, ThreadKind, panic_text};
@@ -34,7 +34,7 @@ const PIECES_PER_THREAD: u64 = 2;
 const HUGE_PIECES_UP_TO: u64 = 8 << 20;
 
 /// Why a job failed.
-pub(super) enum Failure {
+pub(crate) enum Failure {
     /// The copy failed (the region was deregistered, the connection failed, a bad address).
     Copy(Error),
     /// The kernel took our access to the peer away (EPERM, ESRCH, ENOSYS): the path is off.
@@ -44,7 +44,7 @@ pub(super) enum Failure {
 }
 
 /// A job's pieces and how far they got.
-pub(super) struct SharedJob {
+pub(crate) struct SharedJob {
     pieces: Vec<(Vec<IoSeg>, Vec<IoSeg>)>,
     /// Who takes which piece, and when all are done (copied, failed, or skipped after a failure).
     turns: Turns,
@@ -165,7 +165,7 @@ impl SharedJob {
 }
 
 /// A failed `process_vm_readv` of a `len`-byte job (or the peer's liveness check) as its failure.
-pub(super) fn lost(process: &PeerProcess, len: u64, e: io::Error) -> Failure {
+pub(crate) fn lost(process: &PeerProcess, len: u64, e: io::Error) -> Failure {
     let err =
         Error::new(UcclStatus::ErrBackend, format!("copying {len} bytes from peer process {}: {e}", process.pid()));
     if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ESRCH | libc::ENOSYS)) {
@@ -199,7 +199,7 @@ fn piece_bytes(len: u64, threads: usize, min_piece: u64) -> u64 {
 /// The smallest piece of a `len`-byte job: `huge_min` (set with `Config::host_copy_huge_pages`)
 /// for a job of at most `HUGE_PIECES_UP_TO` whose source the peer says lies on huge pages, else
 /// `min_piece`. Both bounds are ours: the peer's word only picks between them.
-pub(super) fn smallest_piece(len: u64, min_piece: u32, huge_min: Option<u32>, source_on_huge_pages: bool) -> u64 {
+pub(crate) fn smallest_piece(len: u64, min_piece: u32, huge_min: Option<u32>, source_on_huge_pages: bool) -> u64 {
     match huge_min {
         Some(huge_min) if len <= HUGE_PIECES_UP_TO && source_on_huge_pages => u64::from(huge_min),
         _ => u64::from(min_piece),

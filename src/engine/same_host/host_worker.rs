@@ -26,13 +26,13 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::engine::local::PeerProcess;
+use super::PeerProcess;
 use crate::engine::region::Region;
 use crate::error::{Error, Result};
 use crate::threads::{ThreadKind, run_contained, spawn_contained};
 
 /// What the worker serves: a connection, through this trait so that this file names none.
-pub(super) trait HostServed: Send + Sync {
+pub(crate) trait HostServed: Send + Sync {
     /// Runs the queued host work until none is left or the connection failed; with `only`, just
     /// the copies of that transfer's reads (a caller's own), once the peer's process is proven.
     fn serve_host_work(&self, process: &mut Option<Arc<PeerProcess>>, only: Option<u64>);
@@ -63,7 +63,7 @@ const GATE_POLL: Duration = Duration::from_micros(50);
 /// the worker's and the process's copy helpers, which take a job's pieces only until the worker
 /// returns from it).
 #[derive(Default)]
-pub(super) struct Gate {
+pub(crate) struct Gate {
     /// Id of the region the current job copies into (region ids start at 1); set while no piece
     /// is under way.
     region: AtomicU64,
@@ -114,7 +114,7 @@ impl Gate {
 }
 
 /// A piece under way (see [`Gate::enter`]).
-pub(super) struct Inside<'a>(&'a Gate);
+pub(crate) struct Inside<'a>(&'a Gate);
 
 impl Drop for Inside<'_> {
     fn drop(&mut self) {
@@ -129,7 +129,7 @@ struct Signal {
     cond: Condvar,
 }
 
-pub(super) struct HostCopy {
+pub(crate) struct HostCopy {
     conn: Weak<dyn HostServed>,
     pub gate: Arc<Gate>,
     signal: Arc<Signal>,
@@ -144,7 +144,7 @@ pub(super) struct HostCopy {
 
 /// While alive, the thread that made it runs the copies of its connection's reads that it finds
 /// granted itself ([`HostCopy::caller_waits`]).
-pub(super) struct CallerWaits<'a> {
+pub(crate) struct CallerWaits<'a> {
     host: &'a HostCopy,
     before: (usize, bool),
 }

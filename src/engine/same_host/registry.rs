@@ -1,5 +1,6 @@
 //! The process-wide tables behind the in-process proof and the peer lookup (see `mod.rs`).
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::{Arc, Weak};
@@ -7,15 +8,15 @@ use std::sync::{Arc, Weak};
 use parking_lot::Mutex;
 
 use super::{LocalLink, Locality};
-use crate::engine::Connection;
 use crate::proto::HostIdentity;
 
 /// Hello nonces of connects in flight in this process, and whether an acceptor of this process
 /// took the Hello.
 static PENDING: Mutex<Option<HashMap<u64, bool>>> = Mutex::new(None);
 
-/// In-process connections by (nonce, connector end), so each end finds the other.
-type ConnTable = HashMap<(u64, bool), Weak<Connection>>;
+/// In-process connections by (nonce, connector end), so each end finds the other. Kept as `Any`:
+/// this file names no connection, its callers say which type they look for.
+type ConnTable = HashMap<(u64, bool), Weak<dyn Any + Send + Sync>>;
 static CONNS: Mutex<Option<ConnTable>> = Mutex::new(None);
 
 /// A connect's Hello nonce, recorded until the handshake ends.
@@ -79,22 +80,23 @@ pub(crate) fn accepted_locality(ours: &HostIdentity, theirs: &HostIdentity, nonc
 
 /// Makes an in-process connection findable by its peer; a slot already held by a live
 /// connection stays with it (that peer then simply finds no partner and takes the network path).
-pub(crate) fn register_connection(link: &LocalLink, conn: &Arc<Connection>) {
+pub(crate) fn register_connection<C: Send + Sync + 'static>(link: &LocalLink, conn: &Arc<C>) {
     if link.locality != Locality::SameProcess {
         return;
     }
     let mut conns = CONNS.lock();
     let conns = conns.get_or_insert_with(HashMap::new);
     conns.retain(|_, c| c.strong_count() > 0);
-    conns.entry((link.nonce, link.connector)).or_insert_with(|| Arc::downgrade(conn));
+    conns.entry((link.nonce, link.connector)).or_insert_with(|| Arc::downgrade(conn) as Weak<dyn Any + Send + Sync>);
 }
 
 /// The other end of an in-process connection, while it lives.
-pub(crate) fn peer_connection(link: &LocalLink) -> Option<Arc<Connection>> {
+pub(crate) fn peer_connection<C: Send + Sync + 'static>(link: &LocalLink) -> Option<Arc<C>> {
     if link.locality != Locality::SameProcess {
         return None;
     }
-    CONNS.lock().as_ref()?.get(&(link.nonce, !link.connector))?.upgrade()
+    let peer = CONNS.lock().as_ref()?.get(&(link.nonce, !link.connector))?.upgrade()?;
+    peer.downcast::<C>().ok()
 }
 
 #[cfg(test)]

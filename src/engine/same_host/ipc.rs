@@ -28,13 +28,13 @@ use crate::trace::{self, ConnTag, SeenBy as Seer};
 
 /// Ask ids carry this bit, so that their Deny cannot be taken for one of the state machine's ops
 /// (whose ids count up from 1).
-pub(super) const ASK_BIT: u64 = 1 << 63;
+pub(crate) const ASK_BIT: u64 = 1 << 63;
 
 /// A grant's key: the owner's region and the token as this connection's requests present it.
-pub(super) type GrantKey = (u64, u64);
+pub(crate) type GrantKey = (u64, u64);
 
 /// What the owner said about a region.
-pub(super) enum Grant {
+pub(crate) enum Grant {
     /// It has no IPC handle, or its allocation cannot be mapped here: requests for it take the
     /// network path.
     Unavailable,
@@ -50,7 +50,7 @@ pub(super) enum Grant {
 }
 
 /// The owner's answer to an ask.
-pub(super) enum Answer {
+pub(crate) enum Answer {
     Granted { handle: [u8; IPC_HANDLE_LEN], alloc_base: u64, alloc_len: u64 },
     Refused(Error),
 }
@@ -61,7 +61,7 @@ struct Ask {
 }
 
 /// Copies issued together for one call, marked by one event.
-pub(super) struct Batch {
+pub(crate) struct Batch {
     /// Shared with a caller waiting for the batch's transfer, who blocks on it outside the lock.
     pub event: Arc<Event>,
     /// Which of `queues` issued it.
@@ -78,7 +78,7 @@ pub(super) struct Batch {
 }
 
 #[derive(Default)]
-pub(super) struct IpcState {
+pub(crate) struct IpcState {
     grants: HashMap<GrantKey, Grant>,
     asks: HashMap<u64, Ask>,
     next_ask: u64,
@@ -99,7 +99,7 @@ pub(super) struct IpcState {
 }
 
 /// A grant whose allocation is mapped here.
-pub(super) struct MappedGrant<'a> {
+pub(crate) struct MappedGrant<'a> {
     windows: &'a [(u64, u64)],
     alloc_base: u64,
     pub mapping: &'a Mapping,
@@ -122,7 +122,7 @@ fn covers(windows: &[(u64, u64)], segs: &[RemoteSeg]) -> bool {
 
 /// What a request's segments find in the grant table.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Coverage {
+pub(crate) enum Coverage {
     /// Granted, mapped, and inside the windows.
     Covered,
     /// The region has no IPC path.

@@ -1,5 +1,5 @@
 //! The process's copy helpers: threads that take pieces of large same-host copies alongside the
-//! threads that run them, connection workers or callers (`conn/host_job.rs` is such a job).
+//! threads that run them, connection workers or callers (`host_job.rs` is such a job).
 //!
 //! Why threads of the process and not of each job: one thread reading another process moves a few
 //! GB/s (it pins every source page and copies it at one core's memory bandwidth), so a large copy
