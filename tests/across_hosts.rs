@@ -368,6 +368,31 @@ fn the_control_link_going_down_fails_every_transfer_as_unreachable() {
     assert!(closing < Duration::from_secs(5), "closing the engine took {closing:?}");
 }
 
+/// Every data link going down under writes (the control link stays): no socket is left to fail
+/// over to, so the transfer fails within the stall timeout, as a timeout or a lost peer, and
+/// closing the engine returns promptly.
+#[test]
+fn every_data_link_going_down_fails_transfers_within_the_stall_timeout() {
+    let Some(net) = TestNet::up(2, None) else { return };
+    let (_server, client) = start(&net, "client_until_failure", &[("UCCL_TCPX_SOCKET_IFNAME", "dat")]);
+    let mut client = client.spawn();
+    client.announcement("WRITING", LIMIT);
+    net.set_link(1, 1, false);
+    net.set_link(1, 2, false);
+    let down = Instant::now();
+    let (failed, closing) = failure_report(&mut client);
+    let after = down.elapsed();
+    println!("every data link down: {failed}; failed {after:?} after, closing took {closing:?}");
+    assert!(
+        failed.starts_with(&format!("{:?}", UcclStatus::ErrTimeout))
+            || failed.starts_with(&format!("{:?}", UcclStatus::ErrRemoteDisconnect)),
+        "losing every data link fails the transfer as a timeout or a lost peer: {failed}"
+    );
+    let bound = Duration::from_millis(2 * STALL_MS) + Duration::from_secs(5);
+    assert!(after < bound, "the transfer failed {after:?} after the links went down (stall timeout {STALL_MS} ms)");
+    assert!(closing < Duration::from_secs(5), "closing the engine took {closing:?}");
+}
+
 /// Rounds of the client's checked writes and reads that the parent reads as they come: (round,
 /// write ms, round ms).
 fn next_round(client: &mut testkit::child::Peer, limit: Duration) -> (u64, u64, u64) {
