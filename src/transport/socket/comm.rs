@@ -146,7 +146,14 @@ impl SendSide {
         let (stream, joining) = dialer.start_as(k as u8, route_of)?;
         self.shared.place(k, stream);
         let task = SendTask::new(self.shared.clone(), k, Some(joining));
-        let mut placed = helpers.send.attach(vec![task], &self.placements)?;
+        let mut placed = match helpers.send.attach(vec![task], &self.placements) {
+            Ok(placed) => placed,
+            Err(e) => {
+                // Slot `k` holds a stream no task serves: no socket may take it again.
+                self.dialer = None;
+                return Err(e);
+            }
+        };
         let placement = placed.pop().expect("one task, one placement");
         self.shared.relay.place(k, &placement);
         self.placements.push(placement);
