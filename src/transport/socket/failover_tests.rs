@@ -209,25 +209,52 @@ fn a_send_socket_failing_under_a_stream_of_messages_loses_no_byte_and_its_link_i
     assert!(link_bytes(&tx, second) > before, "the link carries pieces again (socket {k} was replaced)");
 }
 
+/// A raw listener reached over two data links (127.0.0.1 and 127.0.0.2), its handle, and a net of
+/// those links whose stall bound is `bound` and whose failover is `failover`.
+fn two_link_raw_peer(bound: Duration, failover: bool) -> (std::net::TcpListener, NetHandle, SocketNet) {
+    let links: Vec<Ipv4Addr> = vec![Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(127, 0, 0, 2)];
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = SocketHandle::new(std::net::SocketAddr::new(links[0].into(), port), 5, &links).encode();
+    let options = crate::config::SocketConfig { nthreads: 1, nsocks_per_thread: 1, failover, ..Default::default() };
+    let net = SocketNet::new("127.0.0.1".parse().unwrap(), Duration::from_secs(5), bound * 4, Arc::new(|| {}))
+        .with_options(options)
+        .with_data_links(links.iter().map(|&a| a.into()).collect());
+    (listener, handle, net)
+}
+
+/// The hello of the first socket a comm of `net` sends to `listener`.
+fn first_hello(listener: &std::net::TcpListener) -> (TcpStream, SocketHello) {
+    let (mut first, _) = listener.accept().unwrap();
+    first.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut hello = [0u8; wire::HELLO_LEN];
+    first.read_exact(&mut hello).unwrap();
+    (first, SocketHello::decode(&hello, 5).unwrap())
+}
+
+/// `UCCL_TCPX_SOCKET_FAILOVER=0`: a comm over two links asks for no acknowledgements and keeps
+/// no spare slots, and a send completes once its bytes are in the kernel.
+#[test]
+fn without_failover_a_comm_over_two_links_is_not_acknowledged() {
+    let (listener, handle, net) = two_link_raw_peer(Duration::from_millis(100), false);
+    let mut tx = net.connect_comm(0, &handle).unwrap();
+    let (_first, hello) = first_hello(&listener);
+    assert!(!hello.acked && hello.spare == 0, "{hello:?}");
+    let msg = vec![7u8; 1000];
+    // SAFETY: msg outlives the send, tested to completion below.
+    let s = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
+    assert_eq!(until(|| tx.test(s)).unwrap(), msg.len(), "complete without an acknowledgement");
+}
+
 /// A sender whose request's bytes all arrived but whose acknowledgement never came (lost with the
 /// socket that carried it) sends a piece of it again two bounds later, and completes on the
 /// acknowledgement that answers it; never before.
 #[test]
 fn an_acknowledgement_that_never_comes_is_asked_for_again() {
-    let links: Vec<Ipv4Addr> = vec![Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(127, 0, 0, 2)];
-    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let handle = SocketHandle::new(std::net::SocketAddr::new(links[0].into(), port), 5, &links).encode();
     let bound = Duration::from_millis(100);
-    let net = SocketNet::new("127.0.0.1".parse().unwrap(), Duration::from_secs(5), bound * 4, Arc::new(|| {}))
-        .with_options(crate::config::SocketConfig { nthreads: 1, nsocks_per_thread: 1, ..Default::default() })
-        .with_data_links(links.iter().map(|&a| a.into()).collect());
+    let (listener, handle, net) = two_link_raw_peer(bound, true);
     let mut tx = net.connect_comm(0, &handle).unwrap();
-    let (mut first, _) = listener.accept().unwrap();
-    first.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut hello = [0u8; wire::HELLO_LEN];
-    first.read_exact(&mut hello).unwrap();
-    let hello = SocketHello::decode(&hello, 5).unwrap();
+    let (mut first, hello) = first_hello(&listener);
     assert!(hello.acked && hello.spare > 0, "a comm over two links is acknowledged: {hello:?}");
     let msg: Vec<u8> = (0..1000).map(|i| i as u8).collect();
     // SAFETY: msg outlives the send, tested to completion below.

@@ -356,7 +356,7 @@ impl SocketNet {
         let count = self.options.sockets_per_comm().max(routes.links()).min(config::MAX_SOCKETS_PER_COMM);
         // Over several links the receiver acknowledges requests, so that a link that fails costs
         // the comm that link only, and spare slots let a link that comes back be used again.
-        let acked = routes.links() >= 2;
+        let acked = routes.links() >= 2 && self.options.failover;
         let spare = if acked { SPARE_SOCKETS.min(config::MAX_SOCKETS_PER_COMM - count) } else { 0 };
         let hello = SocketHello {
             listen_nonce: h.nonce,
