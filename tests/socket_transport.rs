@@ -110,6 +110,7 @@ fn socket_buffer_sizes_and_zero_spin_are_accepted() {
         // Small buffers keep the sends waiting for room, each socket on its own helper.
         helpers: 2,
         lazy: true,
+        failover: true,
         data_ifname: None,
     };
     concurrent_comms(options, 1, 40);
