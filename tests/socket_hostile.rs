@@ -18,7 +18,7 @@ const HELLO_MAGIC: u32 = 0x5353_5455;
 const PIECE_MAGIC: u32 = 0x4350_5455;
 const ACK_MAGIC: u32 = 0x4B41_5455;
 /// The data socket wire's version (`VERSION` in wire.rs).
-const VERSION: u16 = 5;
+const VERSION: u16 = 6;
 const PIECE: u32 = 4096;
 
 fn net() -> SocketNet {
@@ -249,6 +249,12 @@ fn bad_hellos_never_make_a_comm() {
     let mut piece_size = hello(nonce, 6, 0, 1);
     piece_size[24..28].copy_from_slice(&1u32.to_le_bytes());
     bad_hellos.push(piece_size);
+    // An unknown flag, spare sockets without acknowledgements, and the version before either.
+    for (at, value) in [(28, 2u8), (29, 1), (30, 1), (4, 5)] {
+        let mut h = hello(nonce, 7 + at as u64, 0, 1);
+        h[at] = value;
+        bad_hellos.push(h);
+    }
     let connect = |h: &[u8]| {
         let mut s = TcpStream::connect(addr).unwrap();
         s.write_all(h).unwrap();
@@ -321,12 +327,15 @@ fn late_hellos_that_do_not_fit_a_live_comm_are_refused() {
     let mut old = hello(nonce, 42, 1, 4);
     old[4] = 3;
     bogus.push(("the version before sockets were added late", old));
+    let mut acked = hello(nonce, 42, 1, 4);
+    acked[28] = 1;
+    bogus.push(("acknowledgements its comm did not ask for", acked));
     for (what, h) in &bogus {
         let mut s = connect(h);
         common::wait_until(&format!("{what} is closed"), PATIENCE, || closed_by_peer(&mut s));
     }
     // Only those that named this listener's comm count as refused; the others never got that far.
-    common::wait_until("the refusals are counted", PATIENCE, || net.data_socket_stats().refused == 5);
+    common::wait_until("the refusals are counted", PATIENCE, || net.data_socket_stats().refused == 6);
 
     // The comm still takes pieces on both its sockets.
     let mut buf = vec![0u8; 2 * PIECE as usize];
