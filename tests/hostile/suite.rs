@@ -560,7 +560,7 @@ fn parse_socket_handle(h: &[u8; 128]) -> (SocketAddr, u64) {
 fn stream_hello(nonce: u64, comm_id: u64) -> Vec<u8> {
     let mut b = STREAM_HELLO_MAGIC.to_le_bytes().to_vec();
     // The data socket wire's version (`VERSION` in wire.rs).
-    b.extend_from_slice(&5u16.to_le_bytes());
+    b.extend_from_slice(&6u16.to_le_bytes());
     b.extend_from_slice(&[0, 1]);
     b.extend_from_slice(&nonce.to_le_bytes());
     b.extend_from_slice(&comm_id.to_le_bytes());
