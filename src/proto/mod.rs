@@ -24,7 +24,9 @@ pub use ipc::{IPC_HANDLE_LEN, IPC_INFO_SIZE, IpcInfo};
 
 /// Protocol magic, the first field of Hello, Welcome and Refuse bodies.
 pub(crate) const MAGIC: u32 = 0x5854_4355;
-pub(crate) const PROTOCOL_VERSION: u16 = 19;
+/// 20: a peer in another network namespace of this machine routes like a same-host one on a plugin
+/// engine (`engine/route.rs`), so two versions would disagree on where the channels go.
+pub(crate) const PROTOCOL_VERSION: u16 = 20;
 pub(crate) const NET_HANDLE_SIZE: usize = 128;
 /// Notification name bytes, NUL terminator excluded.
 pub(crate) const MAX_NAME_LEN: usize = 255;
