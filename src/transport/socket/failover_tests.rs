@@ -287,3 +287,31 @@ fn an_acknowledgement_that_never_comes_is_asked_for_again() {
     first.write_all(&Ack { completed: 1 }.encode()).unwrap();
     assert_eq!(until(|| tx.test(s)).unwrap(), msg.len());
 }
+
+/// A hostile receiver acknowledges a request whose bytes it cannot hold (it read none, and most
+/// are still in the sender's memory): the comm fails with a protocol violation, the request
+/// never completes, and nothing panics.
+#[test]
+fn an_acknowledgement_of_bytes_never_sent_fails_the_comm() {
+    let (listener, handle, net) = two_link_raw_peer(Duration::from_millis(100), true);
+    let mut tx = net.connect_comm(0, &handle).unwrap();
+    let (mut first, hello) = first_hello(&listener);
+    assert!(hello.acked);
+    // Far more than the socket buffers hold while nobody reads.
+    let msg = vec![3u8; 256 << 20];
+    // SAFETY: msg outlives the send: the comm fails and is dropped (joining its helpers) first.
+    let s = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
+    first.write_all(&Ack { completed: 1 }.encode()).unwrap();
+    let start = Instant::now();
+    let err = loop {
+        match tx.test(s) {
+            Ok(None) => {}
+            Ok(Some(n)) => panic!("a request completed on a lie ({n} bytes)"),
+            Err(e) => break e,
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "the comm never failed");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert!(err.message().contains("protocol violation") && err.message().contains("not sent in full"), "{err}");
+    drop(tx);
+}

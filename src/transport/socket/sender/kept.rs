@@ -9,9 +9,10 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::{SendSockets, SendTask};
+use super::{Outgoing, SendSockets, SendTask, Step, write};
 use crate::error::Error;
-use crate::transport::socket::window::Piece;
+use crate::transport::IoSeg;
+use crate::transport::socket::window::{Piece, PieceMem};
 use crate::transport::socket::wire::{Ack, DONE_LEN};
 
 impl SendSockets {
@@ -143,6 +144,24 @@ impl SendSockets {
         true
     }
 
+    /// Writes what socket `k` takes of `o`. On an acknowledged comm, from the request's memory only
+    /// while the request is not acknowledged (a resent copy may still be on its way when another
+    /// socket's acknowledgement completes the request): the rest of the piece is then zeros, which
+    /// the receiver reads past, since the request completed there.
+    pub(super) fn write(&self, k: usize, o: &mut Outgoing) -> std::io::Result<Step> {
+        let stream = self.stream(k);
+        if !self.window.is_acked() {
+            return write(stream, o);
+        }
+        if !self.window.begin_write(&o.piece) {
+            o.mem = zeros(o.piece.len);
+            return write(stream, o);
+        }
+        let step = write(stream, o);
+        self.window.end_write(&o.piece, matches!(step, Ok(Step::Finished)));
+        step
+    }
+
     /// An added socket joined: it may carry pieces, unless an acknowledged comm abandoned it
     /// meanwhile (checked under the lock that abandoning takes).
     pub(super) fn open_if_alive(&self, k: usize) -> bool {
@@ -185,6 +204,21 @@ impl SendTask {
                 self.shared.window.ack(ack.completed).map_err(|e| (true, e))?;
             }
         }
+    }
+}
+
+/// What a piece of an acknowledged request sends in place of its memory.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// `len` zero bytes, as memory to write from.
+fn zeros(len: usize) -> PieceMem {
+    let segs = (0..len)
+        .step_by(ZEROS.len())
+        .map(|at| IoSeg { addr: ZEROS.as_ptr() as usize, len: (len - at).min(ZEROS.len()) })
+        .collect::<Vec<_>>();
+    match segs.as_slice() {
+        [one] => PieceMem::One(*one),
+        _ => PieceMem::Many(segs),
     }
 }
 
