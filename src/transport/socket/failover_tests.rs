@@ -315,3 +315,38 @@ fn an_acknowledgement_of_bytes_never_sent_fails_the_comm() {
     assert!(err.message().contains("protocol violation") && err.message().contains("not sent in full"), "{err}");
     drop(tx);
 }
+
+/// A receiver that posts nothing for several bounds (within the stall timeout) while the sender's messages fill every
+/// buffer: its kernel closes the window, and only window probes go (backing off past the bound).
+/// No socket is declared dead, and the messages complete whole once it posts.
+#[test]
+fn a_receiver_posting_nothing_for_several_bounds_kills_no_socket() {
+    let (_net, mut tx, mut rx) = two_link_pair();
+    stream(&mut tx, &mut rx, 4, PIECE, |_, _| {});
+    let len = 4 << 20;
+    let msgs: Vec<Vec<u8>> = (0..8).map(|m| (0..len).map(|i| ((i * 7 + m * 13) % 253) as u8).collect()).collect();
+    // SAFETY: each message outlives its send, tested to completion below.
+    let sends: Vec<RequestId> =
+        msgs.iter().map(|m| unsafe { tx.isend(m.as_ptr(), m.len(), MrHandle::NONE) }.unwrap().unwrap()).collect();
+    // Three and a half bounds (200 ms each) with the comm tested, so its links are checked; not
+    // the stall timeout (800 ms), past which the kernel gives a closed window up as well.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(700) {
+        assert_eq!(tx.test(sends[0]).unwrap(), None, "complete before anything was received");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let links = tx.link_stats();
+    assert_eq!(links.iter().map(|l| l.errors).sum::<u64>(), 0, "a socket was declared dead: {links:?}");
+    assert_eq!(tx.open_sockets(), 4);
+    let mut bufs: Vec<Vec<u8>> = (0..8).map(|_| vec![0u8; len]).collect();
+    // SAFETY: each buffer outlives its receive, tested to completion below.
+    let recvs: Vec<RequestId> =
+        bufs.iter_mut().map(|b| unsafe { rx.irecv(b.as_mut_ptr(), len, MrHandle::NONE) }.unwrap().unwrap()).collect();
+    for (s, r) in sends.into_iter().zip(recvs) {
+        assert_eq!(until(|| tx.test(s)).unwrap(), len);
+        assert_eq!(until(|| rx.test(r)).unwrap(), len);
+    }
+    assert!(bufs == msgs, "every message arrived whole");
+    let links = tx.link_stats();
+    assert_eq!(links.iter().map(|l| l.errors).sum::<u64>(), 0, "a socket was declared dead: {links:?}");
+}
