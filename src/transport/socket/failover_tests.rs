@@ -287,3 +287,66 @@ fn an_acknowledgement_that_never_comes_is_asked_for_again() {
     first.write_all(&Ack { completed: 1 }.encode()).unwrap();
     assert_eq!(until(|| tx.test(s)).unwrap(), msg.len());
 }
+
+/// A hostile receiver acknowledges a request whose bytes it cannot hold (it read none, and most
+/// are still in the sender's memory): the comm fails with a protocol violation, the request
+/// never completes, and nothing panics.
+#[test]
+fn an_acknowledgement_of_bytes_never_sent_fails_the_comm() {
+    let (listener, handle, net) = two_link_raw_peer(Duration::from_millis(100), true);
+    let mut tx = net.connect_comm(0, &handle).unwrap();
+    let (mut first, hello) = first_hello(&listener);
+    assert!(hello.acked);
+    // Far more than the socket buffers hold while nobody reads.
+    let msg = vec![3u8; 256 << 20];
+    // SAFETY: msg outlives the send: the comm fails and is dropped (joining its helpers) first.
+    let s = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
+    first.write_all(&Ack { completed: 1 }.encode()).unwrap();
+    let start = Instant::now();
+    let err = loop {
+        match tx.test(s) {
+            Ok(None) => {}
+            Ok(Some(n)) => panic!("a request completed on a lie ({n} bytes)"),
+            Err(e) => break e,
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "the comm never failed");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert!(err.message().contains("protocol violation") && err.message().contains("not sent in full"), "{err}");
+    drop(tx);
+}
+
+/// A receiver that posts nothing for several bounds (within the stall timeout) while the sender's messages fill every
+/// buffer: its kernel closes the window, and only window probes go (backing off past the bound).
+/// No socket is declared dead, and the messages complete whole once it posts.
+#[test]
+fn a_receiver_posting_nothing_for_several_bounds_kills_no_socket() {
+    let (_net, mut tx, mut rx) = two_link_pair();
+    stream(&mut tx, &mut rx, 4, PIECE, |_, _| {});
+    let len = 4 << 20;
+    let msgs: Vec<Vec<u8>> = (0..8).map(|m| (0..len).map(|i| ((i * 7 + m * 13) % 253) as u8).collect()).collect();
+    // SAFETY: each message outlives its send, tested to completion below.
+    let sends: Vec<RequestId> =
+        msgs.iter().map(|m| unsafe { tx.isend(m.as_ptr(), m.len(), MrHandle::NONE) }.unwrap().unwrap()).collect();
+    // Three and a half bounds (200 ms each) with the comm tested, so its links are checked; not
+    // the stall timeout (800 ms), past which the kernel gives a closed window up as well.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(700) {
+        assert_eq!(tx.test(sends[0]).unwrap(), None, "complete before anything was received");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let links = tx.link_stats();
+    assert_eq!(links.iter().map(|l| l.errors).sum::<u64>(), 0, "a socket was declared dead: {links:?}");
+    assert_eq!(tx.open_sockets(), 4);
+    let mut bufs: Vec<Vec<u8>> = (0..8).map(|_| vec![0u8; len]).collect();
+    // SAFETY: each buffer outlives its receive, tested to completion below.
+    let recvs: Vec<RequestId> =
+        bufs.iter_mut().map(|b| unsafe { rx.irecv(b.as_mut_ptr(), len, MrHandle::NONE) }.unwrap().unwrap()).collect();
+    for (s, r) in sends.into_iter().zip(recvs) {
+        assert_eq!(until(|| tx.test(s)).unwrap(), len);
+        assert_eq!(until(|| rx.test(r)).unwrap(), len);
+    }
+    assert!(bufs == msgs, "every message arrived whole");
+    let links = tx.link_stats();
+    assert_eq!(links.iter().map(|l| l.errors).sum::<u64>(), 0, "a socket was declared dead: {links:?}");
+}

@@ -467,6 +467,8 @@ fn polls(options: &SocketConfig) -> Polls {
 }
 
 #[cfg(test)]
+mod ack_tests;
+#[cfg(test)]
 mod failover_tests;
 #[cfg(test)]
 mod partial_tests;

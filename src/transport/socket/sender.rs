@@ -211,7 +211,7 @@ impl SendSockets {
             }
             self.traced_cut(k, cut.0.seq);
             let mut o = Outgoing::new(cut);
-            match write(self.stream(k), &mut o) {
+            match self.write(k, &mut o) {
                 Ok(Step::Finished) => {
                     self.traced_sent(k, &o.piece);
                     self.release(k);
@@ -327,7 +327,7 @@ impl SendTask {
         }
         let Some(o) = self.out.as_mut() else { return Ok(Next::Idle) };
         let s = &*self.shared;
-        match write(s.stream(self.k), o).map_err(|e| Error::io("channel send", e))? {
+        match s.write(self.k, o).map_err(|e| Error::io("channel send", e))? {
             Step::Finished => {
                 let o = self.out.take().expect("a piece in flight");
                 s.traced_sent(self.k, &o.piece);

@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
@@ -63,6 +63,9 @@ struct AckedBook {
     completions: Completions,
     /// Send: pieces of requests not acknowledged yet whose socket died, to send again first.
     resend: VecDeque<Piece>,
+    /// Send, per slot: distinct pieces of its request written in full at least once (which
+    /// `Book::seen` marks). An acknowledgement of a request not written in full is a lie.
+    sent: [u64; MAX_REQUESTS],
 }
 
 #[derive(Default)]
@@ -160,6 +163,11 @@ pub struct Window {
     acked_upto: AtomicU64,
     /// Receive, per socket: another socket took over the piece it lands; it reads the rest past.
     revoked: Box<[AtomicBool]>,
+    /// Send, acknowledged comms, per slot: threads inside a `sendmsg` from its request's memory.
+    /// A request acknowledged meanwhile completes only once the last leaves (`pending`), so the
+    /// caller never reuses memory a `sendmsg` still reads.
+    writing: [AtomicU32; MAX_REQUESTS],
+    pending: [AtomicBool; MAX_REQUESTS],
 }
 
 impl Window {
@@ -172,6 +180,7 @@ impl Window {
             claims: Claims::new(slots),
             completions: Completions::default(),
             resend: VecDeque::new(),
+            sent: [0; MAX_REQUESTS],
         });
         w
     }
@@ -200,6 +209,8 @@ impl Window {
             acked: false,
             acked_upto: AtomicU64::new(0),
             revoked: Box::new([]),
+            writing: Default::default(),
+            pending: Default::default(),
         }
     }
 
@@ -239,6 +250,14 @@ impl Window {
                 mem.push((0, iov[0]));
             }
             let ready = (ready as u64).min(len as u64);
+            let pieces = self.cut.pieces(len as u64);
+            let Book { seen, acked, .. } = &mut *book;
+            if let Some(acked) = acked {
+                // Send: no piece written yet (a receive resets `seen` at its first piece).
+                acked.sent[slot] = 0;
+                seen[slot].clear();
+                seen[slot].resize(pieces.div_ceil(64) as usize, 0);
+            }
             book.reqs[slot] = Request { seq, len, total: UNKNOWN, admitted: 0, ready, write_back };
             book.posted = seq + 1;
             book.cut_seq == seq
@@ -316,7 +335,13 @@ impl Window {
         let req = book.reqs[slot];
         let offset = book.cut_offset;
         let piece = self.cut.piece_len(req.len as u64);
-        let len = (req.len as u64 - offset).min(piece) as usize;
+        // Holds while no request is completed before it was cut to its end (`ack`): the slot is
+        // never reused under the cut.
+        let Some(rest) = (req.len as u64).checked_sub(offset).filter(|_| req.seq == book.cut_seq) else {
+            self.fail(Error::backend(format!("request {} was cut past its end", book.cut_seq)));
+            return None;
+        };
+        let len = rest.min(piece) as usize;
         if offset + len as u64 > req.ready {
             return None;
         }
@@ -427,26 +452,108 @@ impl Window {
     }
 
     /// Sender: the receiver completed every request below `completed`; completes those not
-    /// acknowledged yet. Returns whether that moved; an acknowledgement of requests never posted
-    /// is a protocol violation.
+    /// acknowledged yet, each once no `sendmsg` reads its memory. Returns whether that moved. An
+    /// acknowledgement of a request not written in full (every piece, at least once) is a
+    /// protocol violation: the peer cannot hold its bytes, and completing it would let the caller
+    /// reuse memory the sockets still send from.
     pub fn ack(&self, completed: u64) -> Result<bool> {
         let book = self.book.lock();
         let upto = self.acked_upto.load(Ordering::Acquire);
         if completed <= upto {
             return Ok(false);
         }
-        if completed > book.posted {
-            return Err(Error::backend(format!(
-                "protocol violation: the receiver acknowledged {completed} requests, {} were sent",
-                book.posted
-            )));
+        let lie = |seq: u64| {
+            Error::backend(format!(
+                "protocol violation: the receiver acknowledged {completed} requests, request {seq} was not sent in full"
+            ))
+        };
+        if completed > book.cut_seq {
+            return Err(lie(book.cut_seq));
         }
+        // A request whose last piece a `sendmsg` is writing now may be acknowledged already (its
+        // bytes left before the writer marked them): it is checked once the writer left.
+        if let Some(seq) = (upto..completed).find(|&seq| {
+            self.writing[seq as usize % MAX_REQUESTS].load(Ordering::SeqCst) == 0 && !self.all_sent(&book, seq)
+        }) {
+            return Err(lie(seq));
+        }
+        // SeqCst with `begin_write`: a writer entering from now on sees the request acknowledged
+        // and sends no more of its memory, or this sees the writer and leaves completion to it.
+        self.acked_upto.store(completed, Ordering::SeqCst);
         for seq in upto..completed {
             let slot = seq as usize % MAX_REQUESTS;
+            self.pending[slot].store(true, Ordering::SeqCst);
+            if self.writing[slot].load(Ordering::SeqCst) > 0 {
+                continue;
+            }
+            self.pending[slot].store(false, Ordering::SeqCst);
+            if !self.all_sent(&book, seq) {
+                return Err(lie(seq));
+            }
             self.complete(slot, seq, book.reqs[slot].len as u64);
         }
-        self.acked_upto.store(completed, Ordering::Release);
         Ok(true)
+    }
+
+    /// Sender of an acknowledged comm: a thread is about to write bytes of `piece` from its
+    /// request's memory. False when the request was acknowledged already: the memory may be the
+    /// caller's again, and the rest of the piece must come from elsewhere. Pair with
+    /// [`end_write`](Self::end_write) when true.
+    pub fn begin_write(&self, piece: &Piece) -> bool {
+        let slot = piece.seq as usize % MAX_REQUESTS;
+        self.writing[slot].fetch_add(1, Ordering::SeqCst);
+        if piece.seq >= self.acked_upto.load(Ordering::SeqCst) {
+            return true;
+        }
+        self.leave(slot);
+        false
+    }
+
+    /// Sender of an acknowledged comm: the write [`begin_write`](Self::begin_write) allowed is
+    /// over; `whole`: the piece is written to its end.
+    pub fn end_write(&self, piece: &Piece, whole: bool) {
+        let slot = piece.seq as usize % MAX_REQUESTS;
+        if whole {
+            let mut book = self.book.lock();
+            let Book { reqs, seen, acked, .. } = &mut *book;
+            let index = piece.offset / self.cut.piece_len(piece.total);
+            let (word, bit) = (index as usize / 64, 1u64 << (index % 64));
+            if let Some(acked) = acked
+                && reqs[slot].seq == piece.seq
+                && seen[slot].get(word).is_some_and(|w| w & bit == 0)
+            {
+                seen[slot][word] |= bit;
+                acked.sent[slot] += 1;
+            }
+        }
+        self.leave(slot);
+    }
+
+    /// Sender of an acknowledged comm: every piece of request `seq` was written in full.
+    fn all_sent(&self, book: &Book, seq: u64) -> bool {
+        let slot = seq as usize % MAX_REQUESTS;
+        let req = &book.reqs[slot];
+        req.seq == seq && book.acked.as_ref().is_some_and(|a| a.sent[slot] == self.cut.pieces(req.len as u64))
+    }
+
+    /// A writer of `slot` left; the last completes a request acknowledged meanwhile.
+    fn leave(&self, slot: usize) {
+        if self.writing[slot].fetch_sub(1, Ordering::SeqCst) != 1 || !self.pending[slot].load(Ordering::SeqCst) {
+            return;
+        }
+        let book = self.book.lock();
+        // Under the lock `ack` holds: it completed the request itself, or left it to us.
+        if self.writing[slot].load(Ordering::SeqCst) != 0 || !self.pending[slot].swap(false, Ordering::SeqCst) {
+            return;
+        }
+        let seq = book.reqs[slot].seq;
+        if self.all_sent(&book, seq) {
+            self.complete(slot, seq, book.reqs[slot].len as u64);
+        } else {
+            self.fail(Error::backend(format!(
+                "protocol violation: the receiver acknowledged request {seq}, which was not sent in full"
+            )));
+        }
     }
 
     /// Sender: requests acknowledged so far.
@@ -567,6 +674,11 @@ impl Window {
     /// Receiver: another socket took over the piece socket `k` lands.
     pub fn revoked(&self, k: usize) -> bool {
         self.revoked.get(k).is_some_and(|r| r.load(Ordering::Acquire))
+    }
+
+    #[cfg(test)]
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
     }
 
     fn complete(&self, slot: usize, seq: u64, size: u64) {

@@ -9,9 +9,10 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::{SendSockets, SendTask};
+use super::{Outgoing, SendSockets, SendTask, Step, write};
 use crate::error::Error;
-use crate::transport::socket::window::Piece;
+use crate::transport::IoSeg;
+use crate::transport::socket::window::{Piece, PieceMem};
 use crate::transport::socket::wire::{Ack, DONE_LEN};
 
 impl SendSockets {
@@ -94,9 +95,11 @@ impl SendSockets {
     /// Acknowledged comms: declares dead every open socket with pieces out whose connection is
     /// gone, or, while another socket is open, whose kernel holds bytes for the link but heard no
     /// acknowledgement for `bound` and could send nothing new for half of it. The peer's kernel
-    /// answers, not its engine: a slow receiver still acknowledges what arrived (and the probes
-    /// of a closed window); a socket that just sent after a quiet spell heard nothing for long but
-    /// sent just now; a link down at this end leaves its bytes unsent rather than unacknowledged.
+    /// answers, not its engine: a slow receiver still acknowledges what arrived; a socket that
+    /// just sent after a quiet spell heard nothing for long but sent just now; a link down at this
+    /// end leaves its bytes unsent rather than unacknowledged. A peer whose window is closed (a
+    /// receiver that posts nothing for a while) is never dead: its bytes wait unsent too, and the
+    /// probes of the closed window back off past any bound.
     /// The last open socket is left to the connection's own stall timeout. Returns whether some
     /// socket has pieces out and every such socket's bytes reached the peer's kernel.
     pub fn check_links(&self, bound: Duration) -> bool {
@@ -114,7 +117,12 @@ impl SendSockets {
             delivered &= !backlog;
             if info.tcpi_state != TCP_ESTABLISHED {
                 self.socket_failed(k, Error::disconnected("the data socket's connection closed"));
-            } else if backlog && silent >= bound && stuck >= bound / 2 && self.open_count() > 1 {
+            } else if backlog
+                && silent >= bound
+                && stuck >= bound / 2
+                && self.open_count() > 1
+                && !window_closed(self.stream(k), &info)
+            {
                 self.socket_failed(
                     k,
                     Error::timeout(format!("its link acknowledged nothing for {} ms", silent.as_millis())),
@@ -141,6 +149,24 @@ impl SendSockets {
             self.relay.kick(j);
         }
         true
+    }
+
+    /// Writes what socket `k` takes of `o`. On an acknowledged comm, from the request's memory only
+    /// while the request is not acknowledged (a resent copy may still be on its way when another
+    /// socket's acknowledgement completes the request): the rest of the piece is then zeros, which
+    /// the receiver reads past, since the request completed there.
+    pub(super) fn write(&self, k: usize, o: &mut Outgoing) -> std::io::Result<Step> {
+        let stream = self.stream(k);
+        if !self.window.is_acked() {
+            return write(stream, o);
+        }
+        if !self.window.begin_write(&o.piece) {
+            o.mem = zeros(o.piece.len);
+            return write(stream, o);
+        }
+        let step = write(stream, o);
+        self.window.end_write(&o.piece, matches!(step, Ok(Step::Finished)));
+        step
     }
 
     /// An added socket joined: it may carry pieces, unless an acknowledged comm abandoned it
@@ -188,6 +214,21 @@ impl SendTask {
     }
 }
 
+/// What a piece of an acknowledged request sends in place of its memory.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// `len` zero bytes, as memory to write from.
+fn zeros(len: usize) -> PieceMem {
+    let segs = (0..len)
+        .step_by(ZEROS.len())
+        .map(|at| IoSeg { addr: ZEROS.as_ptr() as usize, len: (len - at).min(ZEROS.len()) })
+        .collect::<Vec<_>>();
+    match segs.as_slice() {
+        [one] => PieceMem::One(*one),
+        _ => PieceMem::Many(segs),
+    }
+}
+
 /// `tcpi_state` of a connected socket (linux/tcp_states.h).
 const TCP_ESTABLISHED: u8 = 1;
 
@@ -201,6 +242,25 @@ fn abort(stream: &TcpStream) {
     let _ =
         unsafe { libc::connect(stream.as_raw_fd(), &unspec, std::mem::size_of::<libc::sockaddr>() as libc::socklen_t) };
     let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+/// Whether the peer of `stream` closed its window, `info` its kernel's view: nothing out
+/// unacknowledged, and the window it advertised last too small for a segment. Not the count of
+/// window probes: the kernel probes as well when a link down at this end fails every send.
+fn window_closed(stream: &TcpStream, info: &libc::tcp_info) -> bool {
+    if info.tcpi_unacked > 0 {
+        return false;
+    }
+    // SAFETY: tcp_info is plain data, valid all zero.
+    let mut full: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid descriptor, and a buffer of the length given.
+    let rc = unsafe {
+        libc::getsockopt(stream.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut full).cast(), &mut len)
+    };
+    // A kernel older than the field (5.4) leaves it out: it then says nothing.
+    let reported = std::mem::offset_of!(libc::tcp_info, tcpi_snd_wnd) + std::mem::size_of::<u32>();
+    rc == 0 && len as usize >= reported && full.tcpi_snd_wnd < info.tcpi_snd_mss.max(1)
 }
 
 /// The kernel's view of `stream`'s connection, if it gives one.
