@@ -26,6 +26,7 @@ use crate::error::Error;
 use crate::threads::{self, ThreadKind};
 use crate::trace;
 
+mod hedge;
 mod kept;
 
 /// Requests at most this large (and a single piece) are written by the posting thread itself when
@@ -74,6 +75,8 @@ pub(super) struct SendSockets {
     /// yet in `to_replace`.
     dead: AtomicU64,
     to_replace: AtomicU64,
+    /// Acknowledged comms: pieces (request, offset) a socket sent a copy of (`hedge`), once each.
+    hedged: Mutex<Vec<(u64, u64)>>,
 }
 
 /// A socket's pieces not acknowledged yet, and whether it died.
@@ -112,6 +115,7 @@ impl SendSockets {
             inflight: (0..n).map(|_| Mutex::default()).collect(),
             dead: AtomicU64::new(0),
             to_replace: AtomicU64::new(0),
+            hedged: Mutex::default(),
         }
     }
 
@@ -303,7 +307,8 @@ impl SendTask {
             if !s.claim(self.k) {
                 return None;
             }
-            if let Some(cut) = s.window.cut() {
+            let cut = s.window.cut().or_else(|| if s.window.is_acked() { s.hedge(self.k) } else { None });
+            if let Some(cut) = cut {
                 if !s.took(self.k, &cut.0) {
                     s.release(self.k);
                     return None;
