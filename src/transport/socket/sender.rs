@@ -11,6 +11,7 @@ use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use parking_lot::Mutex;
 
@@ -77,6 +78,8 @@ pub(super) struct SendSockets {
     to_replace: AtomicU64,
     /// Acknowledged comms: pieces (request, offset) a socket sent a copy of (`hedge`), once each.
     hedged: Mutex<Vec<(u64, u64)>>,
+    /// Per socket: when it opened, for its average rate (`hedge`).
+    opened_at: Vec<OnceLock<Instant>>,
 }
 
 /// A socket's pieces not acknowledged yet, and whether it died.
@@ -116,6 +119,7 @@ impl SendSockets {
             dead: AtomicU64::new(0),
             to_replace: AtomicU64::new(0),
             hedged: Mutex::default(),
+            opened_at: (0..n).map(|_| OnceLock::new()).collect(),
         }
     }
 
@@ -133,6 +137,7 @@ impl SendSockets {
     /// Socket `k` may carry pieces from now on. SeqCst: a poster that published a request after
     /// this sees the socket open (and kicks it), or the socket sees the request when it looks.
     pub fn opened(&self, k: usize) {
+        let _ = self.opened_at[k].set(Instant::now());
         self.open[k].store(true, Ordering::SeqCst);
         self.sockets.opened_sending(1);
     }

@@ -1,8 +1,8 @@
 //! Hedged sends on a comm over several data links. Sockets take pieces as their link drains, yet
 //! the last pieces of a request still sit behind whatever a slow link's sockets queued: the
 //! request ends when the slow link delivers them, while the fast links idle. A socket that finds
-//! nothing new to cut sends a copy of such a piece instead: one still queued on another link that
-//! would deliver it well after this socket could. The receiver lands whichever copy comes first
+//! nothing new to cut sends a copy of such a piece instead: one still queued on a link at most half
+//! as fast, due there later than the copy would arrive. The receiver lands whichever copy comes first
 //! and reads the other past (or takes a partly landed piece over), so a copy costs bytes, never
 //! correctness. Each piece is copied at most once, and only pieces of requests cut to their end,
 //! so a healthy comm sends few copies and only at a request's end.
@@ -14,15 +14,16 @@ use super::SendSockets;
 use super::kept::tcp_info;
 use crate::transport::socket::window::{Piece, PieceMem};
 
-/// A copy goes only to a link this many times faster than the holder's, where the holder would
-/// also deliver the piece this many times later than the copy would arrive: links of about one
-/// rate never copy each other's pieces.
+/// A copy goes only to a socket this many times faster than the holder: links of about one rate
+/// never copy each other's pieces.
 const MARGIN: f64 = 2.0;
-/// Nor for a gain under this (seconds): a queue that drains that soon is not worth the bytes.
+/// Nor where it would arrive less than this (seconds) sooner than the holder delivers the piece.
 const MIN_GAIN: f64 = 0.002;
 
-/// How fast a socket drains: bytes it holds for its link and not delivered yet, and its delivery
-/// rate (bytes per second) as the kernel measured it.
+/// How fast a socket drains: bytes it holds for its link and not delivered yet, and its rate
+/// (bytes per second): what it carried since it opened, over that time. Sockets pull pieces as
+/// their link drains, so this follows the link's share; the kernel's own delivery rate, one
+/// recent sample, swings tenfold on a shaped link.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) struct Drain {
     pub queued: u64,
@@ -46,8 +47,8 @@ pub(super) struct Held {
 }
 
 /// Which of `held` (if any) socket `me` copies: among those still queued on a holder [`MARGIN`]
-/// times slower than `me`, and due there that many times (and [`MIN_GAIN`]) later than on `me`,
-/// one of the oldest request, the latest due first.
+/// times slower than `me`, and due there [`MIN_GAIN`] later than a copy would arrive, one of the
+/// oldest request, the latest due first.
 pub(super) fn pick(me: Drain, held: &[Held]) -> Option<usize> {
     let mut best: Option<(usize, u64, f64)> = None;
     for (i, h) in held.iter().enumerate() {
@@ -55,7 +56,7 @@ pub(super) fn pick(me: Drain, held: &[Held]) -> Option<usize> {
         let Some(upto_end) = h.holder.queued.checked_sub(h.after).filter(|&b| b > 0) else { continue };
         let Some(there) = (Drain { queued: upto_end, rate: h.holder.rate }).eta(0) else { continue };
         let Some(here) = me.eta(h.piece.len as u64) else { continue };
-        if there <= MARGIN * here || there - here < MIN_GAIN || (h.holder.rate as f64) * MARGIN > me.rate as f64 {
+        if there - here < MIN_GAIN || (h.holder.rate as f64) * MARGIN > me.rate as f64 {
             continue;
         }
         let better = match best {
@@ -69,11 +70,11 @@ pub(super) fn pick(me: Drain, held: &[Held]) -> Option<usize> {
     best.map(|(i, _, _)| i)
 }
 
-/// What the kernel holds for `stream`'s link and its delivery rate.
-fn drain(stream: &TcpStream) -> Option<Drain> {
+/// What the kernel holds for `stream`'s link and not delivered yet.
+fn queued(stream: &TcpStream) -> Option<u64> {
     let info = tcp_info(stream)?;
     let in_flight = u64::from(info.tcpi_unacked) * u64::from(info.tcpi_snd_mss);
-    Some(Drain { queued: u64::from(info.tcpi_notsent_bytes) + in_flight, rate: info.tcpi_delivery_rate })
+    Some(u64::from(info.tcpi_notsent_bytes) + in_flight)
 }
 
 fn link(stream: &TcpStream) -> Option<IpAddr> {
@@ -81,6 +82,12 @@ fn link(stream: &TcpStream) -> Option<IpAddr> {
 }
 
 impl SendSockets {
+    fn drain(&self, k: usize) -> Option<Drain> {
+        let secs = self.opened_at[k].get()?.elapsed().as_secs_f64();
+        let rate = if secs > 0.0 { (self.tally.bytes(k) as f64 / secs) as u64 } else { 0 };
+        Some(Drain { queued: queued(self.stream(k))?, rate })
+    }
+
     /// Acknowledged comms: a copy for socket `k`, which found nothing new to cut, of a piece
     /// another link's socket holds and would deliver much later ([`pick`]); kept by `k` as any
     /// piece it takes.
@@ -105,7 +112,7 @@ impl SendSockets {
             return None;
         }
         let mine = self.stream(k);
-        let (me, my_link) = (drain(mine)?, link(mine)?);
+        let (me, my_link) = (self.drain(k)?, link(mine)?);
         let mut held = Vec::with_capacity(candidates.len());
         let mut holders: Vec<(usize, Option<Drain>)> = Vec::new();
         for (j, piece, after) in candidates {
@@ -114,7 +121,7 @@ impl SendSockets {
                 None => {
                     let theirs = self.stream(j);
                     // The same link shares its bottleneck: a copy there arrives no sooner.
-                    let d = if link(theirs) == Some(my_link) { None } else { drain(theirs) };
+                    let d = if link(theirs) == Some(my_link) { None } else { self.drain(j) };
                     holders.push((j, d));
                     d
                 }
