@@ -146,6 +146,9 @@ impl Error {
                 None => " (the process's open-file limit is reached)".to_string(),
             },
             Some(libc::ENFILE) => " (the system's open-file table is full)".to_string(),
+            // A socket's retransmissions (or TCP_USER_TIMEOUT, which the engine sets to its stall
+            // timeout) ran out: nothing came back from the peer's host, not even an acknowledgement.
+            Some(libc::ETIMEDOUT) => " (the peer is unreachable: its host acknowledged nothing in time)".to_string(),
             _ => String::new(),
         };
         Error::new(status, format!("{what}: {err}{hint}"))
@@ -205,5 +208,14 @@ mod tests {
             assert!(!status.describe().is_empty() && !status.describe().contains(':'), "{text}");
             assert!(texts.insert(status.describe()), "two statuses read {:?}", status.describe());
         }
+    }
+
+    #[test]
+    fn a_socket_that_timed_out_names_an_unreachable_peer() {
+        let e = super::Error::io("control stream", std::io::Error::from_raw_os_error(libc::ETIMEDOUT));
+        assert_eq!(e.status(), UcclStatus::ErrTimeout);
+        assert!(e.message().starts_with("control stream: ") && e.message().contains("peer is unreachable"), "{e}");
+        let reset = super::Error::io("control stream", std::io::Error::from_raw_os_error(libc::ECONNRESET));
+        assert!(!reset.message().contains("unreachable"), "{reset}");
     }
 }
