@@ -41,11 +41,6 @@ impl Tallies {
         t.pieces.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Payload bytes socket `k` moved so far.
-    pub fn bytes(&self, k: usize) -> u64 {
-        self.sockets[k].bytes.load(Ordering::Relaxed)
-    }
-
     /// Socket `k` failed (an I/O error, a protocol violation, or an added socket given up).
     pub fn error(&self, k: usize) {
         self.sockets[k].errors.fetch_add(1, Ordering::Relaxed);

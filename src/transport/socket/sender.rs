@@ -11,7 +11,6 @@ use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
 
 use parking_lot::Mutex;
 
@@ -27,7 +26,6 @@ use crate::error::Error;
 use crate::threads::{self, ThreadKind};
 use crate::trace;
 
-mod hedge;
 mod kept;
 
 /// Requests at most this large (and a single piece) are written by the posting thread itself when
@@ -76,10 +74,6 @@ pub(super) struct SendSockets {
     /// yet in `to_replace`.
     dead: AtomicU64,
     to_replace: AtomicU64,
-    /// Acknowledged comms: pieces (request, offset) a socket sent a copy of (`hedge`), once each.
-    hedged: Mutex<Vec<(u64, u64)>>,
-    /// Per socket: when it opened, for its average rate (`hedge`).
-    opened_at: Vec<OnceLock<Instant>>,
 }
 
 /// A socket's pieces not acknowledged yet, and whether it died.
@@ -118,8 +112,6 @@ impl SendSockets {
             inflight: (0..n).map(|_| Mutex::default()).collect(),
             dead: AtomicU64::new(0),
             to_replace: AtomicU64::new(0),
-            hedged: Mutex::default(),
-            opened_at: (0..n).map(|_| OnceLock::new()).collect(),
         }
     }
 
@@ -137,7 +129,6 @@ impl SendSockets {
     /// Socket `k` may carry pieces from now on. SeqCst: a poster that published a request after
     /// this sees the socket open (and kicks it), or the socket sees the request when it looks.
     pub fn opened(&self, k: usize) {
-        let _ = self.opened_at[k].set(Instant::now());
         self.open[k].store(true, Ordering::SeqCst);
         self.sockets.opened_sending(1);
     }
@@ -312,8 +303,7 @@ impl SendTask {
             if !s.claim(self.k) {
                 return None;
             }
-            let cut = s.window.cut().or_else(|| if s.window.is_acked() { s.hedge(self.k) } else { None });
-            if let Some(cut) = cut {
+            if let Some(cut) = s.window.cut() {
                 if !s.took(self.k, &cut.0) {
                     s.release(self.k);
                     return None;

@@ -354,18 +354,6 @@ impl Window {
         Some((Piece { seq: req.seq, total: req.len as u64, offset, len }, mem))
     }
 
-    /// Sender of an acknowledged comm: the memory of `piece`, cut already, for a copy of it;
-    /// `None` once its request was acknowledged, or while it is not cut to its end (a request
-    /// waiting for its bytes is not ending).
-    pub fn hedgeable(&self, piece: &Piece) -> Option<PieceMem> {
-        let book = self.book.lock();
-        let upto = self.acked_upto.load(Ordering::Acquire);
-        if piece.seq < upto || piece.seq >= book.cut_seq {
-            return None;
-        }
-        Some(locate(&book.mem[piece.seq as usize % MAX_REQUESTS], piece.offset, piece.len))
-    }
-
     /// Receiver: checks a piece header against the posted requests and reserves its bytes. Errors are
     /// protocol violations (the comm fails): the peer can never make us write outside a posted buffer
     /// or into a request that already completed.

@@ -264,7 +264,7 @@ fn window_closed(stream: &TcpStream, info: &libc::tcp_info) -> bool {
 }
 
 /// The kernel's view of `stream`'s connection, if it gives one.
-pub(super) fn tcp_info(stream: &TcpStream) -> Option<libc::tcp_info> {
+fn tcp_info(stream: &TcpStream) -> Option<libc::tcp_info> {
     // SAFETY: tcp_info is plain data, valid all zero.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
