@@ -354,23 +354,10 @@ impl Window {
         Some((Piece { seq: req.seq, total: req.len as u64, offset, len }, mem))
     }
 
-    /// Receiver: checks a piece header against the posted requests and reserves its bytes. Errors are
-    /// protocol violations (the comm fails): the peer can never make us write outside a posted buffer
-    /// or into a request that already completed.
-    pub fn admit(&self, seq: u64, total: u64, offset: u64, len: u64) -> Result<Admission> {
-        let mut book = self.book.lock();
-        if seq >= book.posted {
-            return Ok(Admission::NotPosted);
-        }
-        let slot = seq as usize % MAX_REQUESTS;
-        let Book { reqs, seen, mem, .. } = &mut *book;
-        let req = &mut reqs[slot];
-        let seen = &mut seen[slot];
-        if req.seq != seq || self.progress[slot].done.load(Ordering::Acquire) == seq + 1 {
-            return Err(Error::backend(format!(
-                "protocol violation: peer sent a piece of request {seq}, which is complete"
-            )));
-        }
+    /// Receiver: a piece header's message size for request `seq` in `slot`: it must fit the posted
+    /// receive and, once the first piece sized the request, agree with it. Returns the piece length
+    /// the size is cut by.
+    fn size(&self, req: &mut Request, seen: &mut Vec<u64>, slot: usize, seq: u64, total: u64) -> Result<u64> {
         if total > req.len as u64 {
             return Err(Error::backend(format!("peer sent a {total}-byte message into a {}-byte receive", req.len)));
         }
@@ -388,6 +375,27 @@ impl Window {
                 req.total
             )));
         }
+        Ok(piece)
+    }
+
+    /// Receiver: checks a piece header against the posted requests and reserves its bytes. Errors are
+    /// protocol violations (the comm fails): the peer can never make us write outside a posted buffer
+    /// or into a request that already completed.
+    pub fn admit(&self, seq: u64, total: u64, offset: u64, len: u64) -> Result<Admission> {
+        let mut book = self.book.lock();
+        if seq >= book.posted {
+            return Ok(Admission::NotPosted);
+        }
+        let slot = seq as usize % MAX_REQUESTS;
+        let Book { reqs, seen, mem, .. } = &mut *book;
+        let req = &mut reqs[slot];
+        let seen = &mut seen[slot];
+        if req.seq != seq || self.progress[slot].done.load(Ordering::Acquire) == seq + 1 {
+            return Err(Error::backend(format!(
+                "protocol violation: peer sent a piece of request {seq}, which is complete"
+            )));
+        }
+        let piece = self.size(req, seen, slot, seq, total)?;
         // The header decoder checked that offset is a multiple of the piece size below total.
         let index = (offset / piece) as usize;
         let bit = 1u64 << (index % 64);
@@ -599,24 +607,8 @@ impl Window {
             // Its request completed (a later one may hold the slot): acknowledge again.
             return Ok(Admission::Discard(len, Some(acked.completions.upto())));
         }
-        if total > req.len as u64 {
-            return Err(Error::backend(format!("peer sent a {total}-byte message into a {}-byte receive", req.len)));
-        }
-        let piece = self.cut.piece_len(total);
         let seen = &mut seen[slot];
-        if req.total == UNKNOWN {
-            req.total = total;
-            if let Some(landed) = self.landed.get() {
-                landed[slot].sized(total);
-            }
-            seen.clear();
-            seen.resize(total.div_ceil(piece).div_ceil(64).max(1) as usize, 0);
-        } else if req.total != total {
-            return Err(Error::backend(format!(
-                "protocol violation: pieces of request {seq} disagree on its size ({} and {total} bytes)",
-                req.total
-            )));
-        }
+        let piece = self.size(req, seen, slot, seq, total)?;
         let index = offset / piece;
         if seen[index as usize / 64] & (1u64 << (index % 64)) != 0 {
             log::debug!("socket {k}: piece {seq}/{offset} landed already");
