@@ -338,8 +338,9 @@ fn many_threads_share_the_control_stream(config: Config) {
 #[test]
 fn small_sends_before_receives_land_in_order() {
     let p = pair();
-    // 700 messages with 64 KiB ones among them pass the receiver's 4 MiB inline buffer, so both
-    // kinds interleave; 100000-byte ones are always announced.
+    // 700 messages with 64 KiB and 100000-byte ones among them pass the 4 MiB the receiver holds for
+    // sends before their receives (inline payloads, landed eager ones), so announced ones
+    // interleave with both.
     let sizes: Vec<usize> = (0..700).map(|i| [1, 65_536, 100, 100_000, 8192][i % 5]).collect();
     let srcs: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &n)| pattern(n, i as u64)).collect();
     let mut sends = Vec::new();
@@ -378,25 +379,74 @@ fn close_releases_a_caller_waiting_on_the_stream() {
     assert!(waited < Duration::from_secs(3), "the waiter took {waited:?} to notice the close");
 }
 
-/// A small send waits inline at the receiver for its receive; that is the peer's user being slow,
-/// not the peer's engine stalling, so no timeout may fire however long it takes.
+/// A small send waits inline at the receiver for its receive, a mid-size one in its landing
+/// memory; that is the peer's user being slow, not the peer's engine stalling, so no timeout may
+/// fire however long it takes.
 #[test]
-fn an_inline_send_waiting_for_its_receive_is_not_a_stall() {
+fn a_send_waiting_for_its_receive_is_not_a_stall() {
     let cfg = || Config { timeout: Duration::from_millis(500), ..config() };
     let Pair { a, b, ab, ba } = common::pair(cfg());
-    let src = pattern(16, 3);
-    let smr = a.register(src.as_ptr() as usize, src.len()).unwrap();
-    let id = ab.send(&[(smr, src.as_ptr() as usize, src.len())]).unwrap();
-    // Three timeouts' worth with nothing on the wire.
-    std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(ab.poll(id).unwrap(), None, "the send must still be pending");
-    ab.notify(b"alive", b"").expect("the connection must still be up");
-    let mut dst = vec![0u8; 16];
-    let dmr = b.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();
-    let r = ba.recv(dmr, dst.as_mut_ptr() as usize, dst.len()).unwrap();
-    assert_eq!(wait(&ba, r).unwrap(), 16);
-    assert_eq!(wait(&ab, id).unwrap(), 16);
-    assert_eq!(dst, src);
+    for len in [16, 300_000] {
+        let src = pattern(len, 3);
+        let smr = a.register(src.as_ptr() as usize, src.len()).unwrap();
+        let id = ab.send(&[(smr, src.as_ptr() as usize, src.len())]).unwrap();
+        // Three timeouts' worth with nothing on the wire.
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(ab.poll(id).unwrap(), None, "the send must still be pending");
+        ab.notify(b"alive", b"").expect("the connection must still be up");
+        let mut dst = vec![0u8; len];
+        let dmr = b.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();
+        let r = ba.recv(dmr, dst.as_mut_ptr() as usize, dst.len()).unwrap();
+        assert_eq!(wait(&ba, r).unwrap(), len as u64);
+        assert_eq!(wait(&ab, id).unwrap(), len as u64);
+        assert_eq!(dst, src, "{len} bytes");
+    }
+}
+
+/// Mid-size messages go with their bytes at once: into receives posted before them, or landed at
+/// the receiver and copied once their receives come; one too large for its receive fails both ends
+/// either way and leaves the receive's memory untouched.
+#[test]
+fn mid_size_sends_meet_receives_posted_before_and_after_them() {
+    let p = pair();
+    let sizes = [(64 << 10) + 1, 300_000, 1 << 20];
+    let srcs: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &n)| pattern(n, 40 + i as u64)).collect();
+    let smrs: Vec<u64> = srcs.iter().map(|s| p.a.register(s.as_ptr() as usize, s.len()).unwrap()).collect();
+    let mut dst = vec![0u8; (1 << 20) + 64];
+    let (at, cap) = (dst.as_mut_ptr() as usize, dst.len());
+    let dmr = p.b.register(at, cap).unwrap();
+    for posted_first in [true, false] {
+        for (i, &n) in sizes.iter().enumerate() {
+            dst.fill(0);
+            let send = || p.ab.send(&[(smrs[i], srcs[i].as_ptr() as usize, n)]).unwrap();
+            let recv = |max| p.ba.recv(dmr, at, max).unwrap();
+            let (r, s) = if posted_first {
+                let r = recv(cap);
+                (r, send())
+            } else {
+                let s = send();
+                std::thread::sleep(Duration::from_millis(20));
+                (recv(cap), s)
+            };
+            assert_eq!(wait(&p.ab, s).unwrap(), n as u64, "{n} bytes, posted first: {posted_first}");
+            assert_eq!(wait(&p.ba, r).unwrap(), n as u64);
+            assert_eq!(&dst[..n], &srcs[i][..], "{n} bytes, posted first: {posted_first}");
+            assert!(dst[n..].iter().all(|&b| b == 0), "bytes past the message untouched");
+            // Too large for the receive: both fail, nothing lands.
+            dst.fill(0);
+            let (r, s) = if posted_first {
+                let r = recv(n - 1);
+                (r, send())
+            } else {
+                let s = send();
+                std::thread::sleep(Duration::from_millis(20));
+                (recv(n - 1), s)
+            };
+            assert_eq!(wait(&p.ab, s).unwrap_err().status(), UcclStatus::ErrMismatch);
+            assert_eq!(wait(&p.ba, r).unwrap_err().status(), UcclStatus::ErrMismatch);
+            assert!(dst.iter().all(|&b| b == 0), "{n} bytes: a refused message wrote nothing");
+        }
+    }
 }
 
 /// A connection that only serves (its peer's inline writes) has its control stream read by the

@@ -33,8 +33,8 @@ use uccl_tcpx::internal::proto::{
 
 /// `proto::FRAME_HEADER_LEN` is crate-private; `FrameHeader::to_bytes` pins the same number.
 const HEADER_LEN: usize = 8;
-/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 20.
-const VERSION: u16 = 20;
+/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 21.
+const VERSION: u16 = 21;
 const CHANNEL_HELLO_LEN: usize = 16;
 const FIFO_LEN: usize = 64;
 /// Protocol limits (crate-private in `proto`); `limits_match_the_codec` checks each against the codec.
@@ -226,6 +226,7 @@ fn net_handle(seed: u8) -> [u8; 128] {
 fn sample_controls() -> Vec<(&'static str, Control)> {
     vec![
         ("send_announce", Control::SendAnnounce { xfer: 1, len: 4096 }),
+        ("eager_send", Control::EagerSend { xfer: 3, len: (64 << 10) + 1 }),
         (
             "write_request",
             Control::WriteRequest { xfer: 2, region: 3, token: u64::MAX, addr: 0x7f00_0000_0000, len: 1 },
@@ -694,6 +695,7 @@ fn control() -> impl Strategy<Value = Control> {
     let small_len = prop_oneof![(0..MAX_INLINE as u64 + 8), interesting_u64()];
     prop_oneof![
         (interesting_u64(), interesting_u64()).prop_map(|(xfer, len)| Control::SendAnnounce { xfer, len }),
+        (interesting_u64(), interesting_u64()).prop_map(|(xfer, len)| Control::EagerSend { xfer, len }),
         (request(), interesting_u64()).prop_map(|((xfer, region, token, addr), len)| Control::WriteRequest {
             xfer,
             region,

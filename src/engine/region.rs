@@ -87,6 +87,24 @@ pub struct Region {
 }
 
 impl Region {
+    fn new(id: u64, base: usize, len: usize, kind: MemKind) -> Region {
+        Region {
+            id,
+            base,
+            len,
+            kind,
+            token: crate::sys::random::random_u64(),
+            windows: Mutex::new(Vec::new()),
+            removed: AtomicBool::new(false),
+            device_copies: AtomicUsize::new(0),
+            ipc: OnceLock::new(),
+            one_allocation: OnceLock::new(),
+            huge: AtomicBool::new(false),
+            huge_checked: AtomicU64::new(0),
+            collapse_asked: AtomicBool::new(false),
+        }
+    }
+
     pub fn contains(&self, addr: usize, len: usize) -> bool {
         range_within(addr, len, self.base, self.len)
     }
@@ -278,13 +296,20 @@ pub fn check_range(addr: usize, len: usize) -> Result<()> {
 pub struct RegionTable {
     regions: RwLock<HashMap<u64, Arc<Region>>>,
     next_id: AtomicU64,
+    /// Regions of the engine's own memory made so far (`internal`).
+    internal_ids: AtomicU64,
     /// Counts removals, so channels notice cheaply that a registration cache may hold dead regions.
     removals: Arc<AtomicU64>,
 }
 
 impl Default for RegionTable {
     fn default() -> RegionTable {
-        RegionTable { regions: RwLock::default(), next_id: AtomicU64::new(0), removals: Arc::default() }
+        RegionTable {
+            regions: RwLock::default(),
+            next_id: AtomicU64::new(0),
+            internal_ids: AtomicU64::new(0),
+            removals: Arc::default(),
+        }
     }
 }
 
@@ -295,26 +320,21 @@ impl RegionTable {
     pub fn register(&self, addr: usize, len: usize, kind: MemKind) -> Result<u64> {
         check_range(addr, len)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let region = Region {
-            id,
-            base: addr,
-            len,
-            kind,
-            token: crate::sys::random::random_u64(),
-            windows: Mutex::new(Vec::new()),
-            removed: AtomicBool::new(false),
-            device_copies: AtomicUsize::new(0),
-            ipc: OnceLock::new(),
-            one_allocation: OnceLock::new(),
-            huge: AtomicBool::new(false),
-            huge_checked: AtomicU64::new(0),
-            collapse_asked: AtomicBool::new(false),
-        };
+        let region = Region::new(id, addr, len, kind);
         if kind == MemKind::Host && crate::host_memory::scans_page_tables() {
             region.on_huge_pages();
         }
         self.regions.write().insert(id, Arc::new(region));
         Ok(id)
+    }
+
+    /// A region of the engine's own host memory, numbered from the top so that the channels
+    /// register it apart from the caller's (whose ids stay as they were), and kept out of the
+    /// table: no request is ever authorized for it, no post names it, it is never deregistered.
+    pub fn internal(&self, addr: usize, len: usize) -> Result<Arc<Region>> {
+        check_range(addr, len)?;
+        let id = u64::MAX - self.internal_ids.fetch_add(1, Ordering::Relaxed);
+        Ok(Arc::new(Region::new(id, addr, len, MemKind::Host)))
     }
 
     /// Takes the region out of the table: from now on no request is authorized for it and no post

@@ -11,7 +11,7 @@
 use super::frame::{FRAME_HEADER_LEN, FrameHeader, is_handshake_kind, kind, write_frame};
 use super::wire::{Reader, Writer, check_len};
 use super::{
-    IPC_HANDLE_LEN, MAX_INLINE_LEN, MAX_IPC_WINDOWS, MAX_NAME_LEN, MAX_NOTIFY_MSG_LEN, MAX_REASON_LEN,
+    IPC_HANDLE_LEN, MAX_EAGER_LEN, MAX_INLINE_LEN, MAX_IPC_WINDOWS, MAX_NAME_LEN, MAX_NOTIFY_MSG_LEN, MAX_REASON_LEN,
     MAX_VECTOR_BYTES, MAX_VECTOR_SEGMENTS, ProtoError, REMOTE_SEG_LEN,
 };
 
@@ -25,6 +25,14 @@ pub struct RemoteSeg {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {
     SendAnnounce {
+        xfer: u64,
+        len: u64,
+    },
+    /// A two-sided message of `MAX_INLINE_LEN` to `MAX_EAGER_LEN` bytes whose chunks follow at
+    /// once, as the sender's next flow (a write's way): the receiver takes them into its oldest
+    /// posted receive, or lands them in its own memory until one is posted, then answers Done or
+    /// Deny. Counted against `MAX_INLINE_SEND_BACKLOG` in landing slots (`eager_landing_bytes`).
+    EagerSend {
         xfer: u64,
         len: u64,
     },
@@ -223,6 +231,13 @@ fn check_write_len(len: u64) -> Result<(), ProtoError> {
     Ok(())
 }
 
+fn check_eager_len(len: u64) -> Result<(), ProtoError> {
+    if len <= MAX_INLINE_LEN as u64 || len > MAX_EAGER_LEN {
+        return Err(ProtoError::Invalid("an eager send must be longer than MAX_INLINE_LEN and at most MAX_EAGER_LEN"));
+    }
+    Ok(())
+}
+
 fn check_inline(addr: u64, len: usize) -> Result<(), ProtoError> {
     check_len(len, MAX_INLINE_LEN, "inline payload")?;
     check_range(addr, len as u64)
@@ -302,6 +317,7 @@ impl Control {
     pub fn kind(&self) -> u8 {
         match self {
             Self::SendAnnounce { .. } => kind::SEND_ANNOUNCE,
+            Self::EagerSend { .. } => kind::EAGER_SEND,
             Self::WriteRequest { .. } => kind::WRITE_REQUEST,
             Self::ReadRequest { .. } => kind::READ_REQUEST,
             Self::Grant { .. } => kind::GRANT,
@@ -339,6 +355,7 @@ impl Control {
     fn write_body(&self, w: &mut Writer<'_>) {
         match self {
             Self::SendAnnounce { xfer: a, len: b }
+            | Self::EagerSend { xfer: a, len: b }
             | Self::Grant { xfer: a, flow: b }
             | Self::Data { flow: a, len: b }
             | Self::Done { xfer: a, len: b } => {
@@ -430,6 +447,7 @@ impl Control {
         // Struct-literal fields are evaluated in the order written, which is the wire order.
         let msg = match kind {
             kind::SEND_ANNOUNCE => Self::SendAnnounce { xfer: r.u64()?, len: r.u64()? },
+            kind::EAGER_SEND => Self::EagerSend { xfer: r.u64()?, len: r.u64()? },
             kind::WRITE_REQUEST => {
                 Self::WriteRequest { xfer: r.u64()?, region: r.u64()?, token: r.u64()?, addr: r.u64()?, len: r.u64()? }
             }
@@ -519,6 +537,7 @@ impl Control {
     pub fn validate(&self) -> Result<(), ProtoError> {
         match self {
             Self::SendAnnounce { len, .. } | Self::Data { len, .. } | Self::Done { len, .. } => nonzero_len(*len),
+            Self::EagerSend { len, .. } => check_eager_len(*len),
             Self::WriteRequest { addr, len, .. } => check_range(*addr, *len).and_then(|()| check_write_len(*len)),
             Self::ReadRequest { addr, len, .. } => check_range(*addr, *len),
             Self::Deny { status, reason, .. } => check_deny(*status, reason),
@@ -608,6 +627,8 @@ mod tests {
     fn samples() -> Vec<Control> {
         vec![
             Control::SendAnnounce { xfer: 1, len: 4096 },
+            Control::EagerSend { xfer: 1, len: MAX_INLINE_LEN as u64 + 1 },
+            Control::EagerSend { xfer: u64::MAX, len: MAX_EAGER_LEN },
             Control::WriteRequest {
                 xfer: 2,
                 region: 3,
@@ -868,6 +889,15 @@ mod tests {
         let frame = encode(&msg);
         assert_eq!(frame.len(), FRAME_HEADER_LEN + max_body_len(kind::NOTIFY).unwrap());
         assert_eq!(decode_frame(&frame), Ok(Some((msg, frame.len()))));
+    }
+
+    #[test]
+    fn an_eager_send_is_longer_than_an_inline_one_and_at_most_max_eager_len() {
+        for len in [0, 1, MAX_INLINE_LEN as u64, MAX_EAGER_LEN + 1, u64::MAX] {
+            let msg = Control::EagerSend { xfer: 1, len };
+            assert!(matches!(msg.validate(), Err(ProtoError::Invalid(why)) if why.contains("eager")), "{len}");
+            assert_eq!(decode_frame(&encode(&msg)), Err(msg.validate().unwrap_err()));
+        }
     }
 
     #[test]

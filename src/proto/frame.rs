@@ -48,6 +48,7 @@ pub mod kind {
     pub(crate) const DIRECT_READ: u8 = 43;
     pub(crate) const DIRECT_GRANT: u8 = 44;
     pub(crate) const DIRECT_DONE: u8 = 45;
+    pub(crate) const EAGER_SEND: u8 = 46;
 }
 
 /// Largest vector request body: three ids, the count, the segments.
@@ -77,6 +78,7 @@ fn body_spec(kind: u8) -> Option<(&'static str, BodySize)> {
         kind::AUTH_CHALLENGE => ("AuthChallenge body", UpTo(MAX_HANDSHAKE_BODY_LEN)),
         kind::AUTH_PROOF => ("AuthProof body", UpTo(MAX_HANDSHAKE_BODY_LEN)),
         kind::SEND_ANNOUNCE => ("SendAnnounce body", Exactly(16)),
+        kind::EAGER_SEND => ("EagerSend body", Exactly(16)),
         kind::WRITE_REQUEST => ("WriteRequest body", Exactly(40)),
         kind::READ_REQUEST => ("ReadRequest body", Exactly(40)),
         kind::GRANT => ("Grant body", Exactly(16)),
@@ -212,7 +214,7 @@ mod tests {
     use super::*;
     use crate::proto::testutil::XorShift;
 
-    const KNOWN: [u8; 32] = [
+    const KNOWN: [u8; 33] = [
         kind::HELLO,
         kind::WELCOME,
         kind::REFUSE,
@@ -245,6 +247,7 @@ mod tests {
         kind::DIRECT_READ,
         kind::DIRECT_GRANT,
         kind::DIRECT_DONE,
+        kind::EAGER_SEND,
     ];
 
     fn raw(magic: u16, kind: u8, flags: u8, body_len: u32) -> [u8; 8] {
@@ -300,6 +303,7 @@ mod tests {
         assert_eq!(max_body_len(kind::DIRECT_READ), Some(28 + 12 * 65536));
         assert_eq!(max_body_len(kind::DIRECT_GRANT), Some(12));
         assert_eq!(max_body_len(kind::DIRECT_DONE), Some(8));
+        assert_eq!(max_body_len(kind::EAGER_SEND), Some(16));
         assert_eq!(max_body_len(kind::IPC_REQUEST), Some(28 + 12 * 65536));
         assert_eq!(max_body_len(kind::IPC_GRANT), Some(100 + 12 * 4096));
         assert_eq!(max_body_len(kind::IPC_REVOKE), Some(8));
@@ -326,6 +330,7 @@ mod tests {
     fn fixed_size_kinds_reject_short_bodies() {
         for k in [
             kind::SEND_ANNOUNCE,
+            kind::EAGER_SEND,
             kind::WRITE_REQUEST,
             kind::READ_REQUEST,
             kind::GRANT,

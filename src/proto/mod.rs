@@ -24,9 +24,9 @@ pub use ipc::{IPC_HANDLE_LEN, IPC_INFO_SIZE, IpcInfo};
 
 /// Protocol magic, the first field of Hello, Welcome and Refuse bodies.
 pub(crate) const MAGIC: u32 = 0x5854_4355;
-/// 20: a peer in another network namespace of this machine routes like a same-host one on a plugin
-/// engine (`engine/route.rs`), so two versions would disagree on where the channels go.
-pub(crate) const PROTOCOL_VERSION: u16 = 20;
+/// 21: two-sided messages up to `MAX_EAGER_LEN` go eagerly (`Control::EagerSend`) on connections
+/// whose chunks span segments.
+pub(crate) const PROTOCOL_VERSION: u16 = 21;
 pub(crate) const NET_HANDLE_SIZE: usize = 128;
 /// Notification name bytes, NUL terminator excluded.
 pub(crate) const MAX_NAME_LEN: usize = 255;
@@ -40,6 +40,18 @@ pub(crate) const MAX_INLINE_LEN: usize = 64 << 10;
 /// Inline-send payload bytes a sender may have unacknowledged; the receiver buffers at most this
 /// much for sends that arrive before their receives.
 pub(crate) const MAX_INLINE_SEND_BACKLOG: u64 = 4 << 20;
+/// Two-sided messages up to this size go eagerly: their chunks follow the message at once, the
+/// receiver landing them in its own memory when no receive is posted yet. Past it the rendezvous
+/// round trip (announce, grant) is a small part of the transfer, and landing would cost a copy.
+pub(crate) const MAX_EAGER_LEN: u64 = 1 << 20;
+/// An eager send lands in slots of this size, not necessarily adjacent.
+pub(crate) const EAGER_SLOT: u64 = 64 << 10;
+
+/// What an eager send of `len` bytes counts against `MAX_INLINE_SEND_BACKLOG`: the landing slots
+/// it would take, so that the backlog bounds the receiver's landing memory whatever the lengths.
+pub(crate) fn eager_landing_bytes(len: u64) -> u64 {
+    len.div_ceil(EAGER_SLOT) * EAGER_SLOT
+}
 /// Segments one vector request may name: a 768 KiB frame. A call with more items sends several
 /// requests.
 pub(crate) const MAX_VECTOR_SEGMENTS: usize = 1 << 16;

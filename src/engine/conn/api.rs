@@ -245,10 +245,7 @@ impl Connection {
             };
             items.push(SendItem { region, addr, len: len as u64, payload });
         }
-        self.post(msgs.len(), true, None, |st, transfer, out| {
-            out.extend(st.post_send(transfer, items)?.into_iter().map(Action::Send));
-            Ok(())
-        })
+        self.post(msgs.len(), true, None, |st, transfer, out| st.post_send(transfer, items, out))
     }
 
     /// Posts a receive of up to `max` bytes at `addr`, which must start inside region `mr`; only

@@ -6,6 +6,7 @@
 //! messages to the writer, chunks to the channels, finished parts to their transfers.
 
 mod api;
+mod landing;
 mod memory;
 mod reader;
 mod same_host_io;
@@ -25,7 +26,7 @@ use super::channel::{self, Channel};
 use super::control_reactor::{ControlEndpoint, Next, Registration};
 use super::control_rx::{ControlRx, Drained, RxBuffer};
 use super::notify;
-use super::plan::{self, Chunk, ChunkMem, Chunking};
+use super::plan::{self, Chunk, ChunkMem, Chunking, Cut};
 pub use super::same_host::HostPath;
 use super::same_host::device_copy::DevicePath;
 use super::same_host::host_worker::HostServed;
@@ -39,6 +40,7 @@ use super::writer::ControlWriter;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, FifoItem, TokenBinding};
 use crate::trace::{self, MsgKind, SeenBy as Seer};
+use landing::LandingMemory;
 use memory::EngineMemory;
 use state::{Action, ConnState, Direction, FlowPlan};
 
@@ -92,6 +94,9 @@ struct Inner {
     queued: bool,
     /// The channels' per-link counts when the connection failed and dropped them.
     final_links: Vec<LinkTotals>,
+    /// Where the peer's eager messages land (the state lends it out): declared after the
+    /// channels, so it is freed only once they stopped writing into it.
+    _landing: Option<Arc<LandingMemory>>,
 }
 
 /// Control messages of actions carried out and not sent yet, and whether (and how many bytes)
@@ -177,6 +182,13 @@ impl Connection {
         let ipc = IpcState::new(trace::on(trace::DEVICE).then_some(tag));
         let device_batches = ipc.in_flight();
         let mut state = ConnState::new(chunking, Instant::now());
+        let landing = match chunking.cut {
+            Cut::Spanning => Some(LandingMemory::new(&core.regions)?),
+            Cut::PerSegment => None,
+        };
+        if let Some(memory) = &landing {
+            state.send_eagerly_with(memory.clone());
+        }
         let on_host = link.locality == Locality::SameHost;
         if on_host {
             state.same_host_mut().set_same_host(core.config.host_copy_network_band, core.config.host_copy_huge_pages);
@@ -205,6 +217,7 @@ impl Connection {
                 chunks_out: false,
                 queued: false,
                 final_links: Vec::new(),
+                _landing: landing,
             }),
             closed: AtomicBool::new(false),
             listener_started: AtomicBool::new(false),
@@ -650,7 +663,7 @@ impl Connection {
         for chunk in finished.drain(..) {
             trace::event!(FlowChunkDone { conn: self.trace.conn, side: self.trace.side, flow: chunk.flow });
             if result.is_ok() {
-                result = inner.state.chunk_finished(chunk.flow, &mut out);
+                result = inner.state.chunk_finished(chunk.flow, &self.memory(), &mut out);
                 let applied = self.apply_held(inner, out.drain(..), &mut held);
                 result = result.and(applied);
             }

@@ -22,8 +22,10 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod eager;
 mod seam;
 
+use super::landing::Landings;
 pub(super) use crate::engine::one_sided::{OneSidedItem, OneSidedRequest, VectorRequest};
 use crate::engine::plan::{Chunking, Extent, chunk_count};
 use crate::engine::region::Region;
@@ -130,13 +132,15 @@ enum OnDone {
     PartAndAck(Arc<Transfer>, u64),
     /// Serving the peer's read `op`: nothing to report at the end.
     Served(u64),
+    /// The peer's eager message into landing slots (`eager.rs`), which a receive may take later.
+    Landing,
 }
 
 impl OnDone {
     fn transfer(&self) -> Option<&Arc<Transfer>> {
         match self {
             OnDone::Part(t) | OnDone::PartAndAck(t, _) => Some(t),
-            OnDone::Ack(_) | OnDone::Served(_) => None,
+            OnDone::Ack(_) | OnDone::Served(_) | OnDone::Landing => None,
         }
     }
 }
@@ -153,6 +157,9 @@ struct Flow {
     error: Option<Error>,
     /// Our two-sided send: the receiver completes on our chunks alone, so a cut cannot be told to it.
     uncuttable: bool,
+    /// Our eager send: once its chunks are out, its answer waits for the peer's user to post a
+    /// receive, which is no stall.
+    answer_from_user: bool,
     /// Send chunks not yet handed to the transport. A chunk handed over is read from the region
     /// before a deregistration returns (or the connection fails), so a read we serve cut after its
     /// last chunk left still delivers the region's bytes, and needs no Deny.
@@ -167,7 +174,23 @@ impl Flow {
     /// A flow of `len` bytes in `remaining` chunks (plus any answer it waits for), cuttable, none
     /// of them held back or refused: callers override what differs.
     fn new(remaining: usize, len: u64, on_done: OnDone, region: Option<Arc<Region>>, error: Option<Error>) -> Flow {
-        Flow { remaining, len, on_done, region, error, uncuttable: false, unsent: 0, held: false, refused: 0 }
+        Flow {
+            remaining,
+            len,
+            on_done,
+            region,
+            error,
+            uncuttable: false,
+            answer_from_user: false,
+            unsent: 0,
+            held: false,
+            refused: 0,
+        }
+    }
+
+    /// Whether only the peer's user keeps it from ending.
+    fn waits_on_user(&self) -> bool {
+        self.answer_from_user && self.remaining == 1 && self.unsent == 0
     }
 }
 
@@ -236,11 +259,20 @@ enum InlineKind {
     Send,
 }
 
-/// A send the peer announced (or carried inline) that no receive has matched yet.
+/// A send the peer announced (or carried inline, or sent eagerly) that no receive has matched yet.
 struct Announced {
     peer_op: u64,
     len: u64,
-    payload: Option<Vec<u8>>,
+    body: Body,
+}
+
+/// Where an unmatched message's bytes are.
+enum Body {
+    /// Still with the peer, until granted.
+    Announced,
+    Inline(Vec<u8>),
+    /// Landing (or landed) by this flow of ours (`eager.rs`).
+    Landing(u64),
 }
 
 struct PostedRecv {
@@ -282,6 +314,8 @@ pub(super) struct ConnState {
     announces: VecDeque<Announced>,
     /// Payload bytes held in `announces`.
     announced_inline: u64,
+    /// Eager sending (`eager.rs`), on connections whose chunks span segments.
+    eager: Option<Landings<PostedRecv>>,
     flows: HashMap<u64, Flow>,
     /// Reads we serve, by the peer's op id: flow id.
     serving: HashMap<u64, u64>,
@@ -311,6 +345,7 @@ impl ConnState {
             posted_recvs: VecDeque::new(),
             announces: VecDeque::new(),
             announced_inline: 0,
+            eager: None,
             flows: HashMap::new(),
             serving: HashMap::new(),
             reading: HashSet::new(),
@@ -356,8 +391,8 @@ impl ConnState {
 
     /// Whether something pending needs the peer's engine (not its user) to act soon.
     fn waits_on_peer(&self) -> bool {
-        !self.flows.is_empty()
-            || !self.awaiting_done.is_empty()
+        self.flows.values().any(|f| !f.waits_on_user())
+            || self.awaiting_done.values().any(|flow| !self.flows.get(flow).is_some_and(Flow::waits_on_user))
             || self.inline_ops.values().any(|o| o.prompt)
             || !self.inbound.is_empty()
             || self.awaiting_grant.values().any(|o| o.prompt)
@@ -538,39 +573,48 @@ impl ConnState {
         direct.unwrap_or(request)
     }
 
-    /// Registers the messages of one send call as parts of `transfer`; returns the announcements.
-    /// Nothing is registered when a local region was deregistered since the caller looked it up.
-    pub fn post_send(&mut self, transfer: &Arc<Transfer>, items: Vec<SendItem>) -> Result<Vec<Control>> {
+    /// Registers the messages of one send call as parts of `transfer` and pushes what to send:
+    /// the messages, then the eager ones' flows (which, as writes' do, reach the wire under the
+    /// lock). Nothing is registered when a local region was deregistered since the caller looked
+    /// it up.
+    pub fn post_send(&mut self, transfer: &Arc<Transfer>, items: Vec<SendItem>, out: &mut Vec<Action>) -> Result<()> {
         live(items.iter().map(|i| &i.region))?;
         let parts = items.len();
-        let mut out = Vec::with_capacity(parts);
-        let mut inline_parts = 0;
+        let mut flows = Vec::new();
+        let (mut inline_parts, mut eager_parts) = (0, 0);
         for SendItem { region, addr, len, payload } in items {
             let id = self.take_id();
-            // A small message carries its payload unless the peer could be left buffering too much
-            // for receives not yet posted; then it is announced like a large one.
-            match payload {
+            let src = Source { extent: Extent::Contiguous { addr, len }, region };
+            // A small message carries its payload, a mid-size one its chunks at once, unless the
+            // peer could be left holding too much for receives not yet posted; then it is
+            // announced like a large one.
+            let msg = match payload {
                 Some(payload) if self.inline_send_backlog + len <= MAX_INLINE_SEND_BACKLOG => {
                     inline_parts += 1;
                     self.inline_send_backlog += len;
                     let kind = InlineKind::Send;
                     self.inline_ops
                         .insert(id, InlineOp { transfer: transfer.clone(), len, backlog: len, kind, prompt: false });
-                    out.push(Control::InlineSend { xfer: id, payload });
+                    Control::InlineSend { xfer: id, payload }
+                }
+                None if self.goes_eagerly(len) => {
+                    eager_parts += 1;
+                    self.send_eagerly(id, src, transfer, &mut flows)
                 }
                 _ => {
-                    let src = Source { extent: Extent::Contiguous { addr, len }, region };
                     let pending = Outbound { src, transfer: transfer.clone(), prompt: false, error: None };
                     self.awaiting_grant.insert(id, pending);
-                    out.push(Control::SendAnnounce { xfer: id, len });
+                    Control::SendAnnounce { xfer: id, len }
                 }
-            }
+            };
+            out.push(Action::Send(msg));
         }
+        out.append(&mut flows);
         // An announced send ends with a Done too, but only once the peer's user posted a receive.
-        if inline_parts == parts {
-            transfer.expect_answers(parts, false);
+        if inline_parts + eager_parts == parts {
+            transfer.expect_answers(parts, eager_parts > 0);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Posts a receive of at most `max` bytes at `addr` and matches it against announced sends.
@@ -621,6 +665,7 @@ impl ConnState {
             r.cut = Some(err.clone());
             out.push(Action::Finish(r.transfer.clone(), Err(err.clone())));
         }
+        self.cut_landings(region, err, out);
         self.same_host.cut(region, err);
         if uncuttable {
             return Err(Error::not_allowed(format!(
@@ -636,17 +681,22 @@ impl ConnState {
     pub fn handle(&mut self, msg: Control, mem: &impl Memory, out: &mut Vec<Action>) -> Result<()> {
         match msg {
             Control::SendAnnounce { xfer, len } => {
-                self.announced(Announced { peer_op: xfer, len, payload: None }, mem, out)
+                self.announced(Announced { peer_op: xfer, len, body: Body::Announced })?;
+                self.match_recvs(mem, out);
+                Ok(())
             }
+            Control::EagerSend { xfer, len } => self.eager_arrived(xfer, len, out),
             Control::InlineSend { xfer, payload } => {
                 let len = payload.len() as u64;
-                if self.announced_inline + len > MAX_INLINE_SEND_BACKLOG {
+                if self.held_for_peer() + len > MAX_INLINE_SEND_BACKLOG {
                     return Err(Error::backend(format!(
-                        "protocol violation: the peer's unmatched inline sends exceed {MAX_INLINE_SEND_BACKLOG} bytes"
+                        "protocol violation: the peer's unmatched sends would hold more than {MAX_INLINE_SEND_BACKLOG} bytes here"
                     )));
                 }
                 self.announced_inline += len;
-                self.announced(Announced { peer_op: xfer, len, payload: Some(payload) }, mem, out)
+                self.announced(Announced { peer_op: xfer, len, body: Body::Inline(payload) })?;
+                self.match_recvs(mem, out);
+                Ok(())
             }
             Control::WriteRequest { xfer, region, token, addr, len } => {
                 let authorized = mem.authorize(region, token, addr, len);
@@ -749,6 +799,7 @@ impl ConnState {
                         out.push(Action::Finish(t.clone(), Err(err)));
                     }
                 } else if let Some(flow) = self.awaiting_done.remove(&xfer) {
+                    self.eager_answered(xfer);
                     // The peer cut the flow off (its region was deregistered): the chunks still
                     // run their course, then the part fails.
                     let running = self.flows.get_mut(&flow).ok_or_else(|| unknown_flow(flow))?;
@@ -756,7 +807,7 @@ impl ConnState {
                     if let Some(t) = running.on_done.transfer() {
                         t.answered();
                     }
-                    self.chunk_finished(flow, out)?;
+                    self.chunk_finished(flow, mem, out)?;
                 } else if self.reading.remove(&xfer) {
                     // The server cut our read off and holds its remaining chunks (they carry no
                     // data) until we have taken note, so the read cannot complete on them.
@@ -814,6 +865,7 @@ impl ConnState {
                     return answered;
                 }
                 let flow = self.awaiting_done.remove(&xfer).ok_or_else(|| unknown_op("Done", xfer))?;
+                self.eager_answered(xfer);
                 let f = self.flows.get(&flow);
                 let expected = f.map(|f| f.len);
                 if expected != Some(len) {
@@ -824,7 +876,7 @@ impl ConnState {
                 if let Some(t) = f.and_then(|f| f.on_done.transfer()) {
                     t.answered();
                 }
-                self.chunk_finished(flow, out)
+                self.chunk_finished(flow, mem, out)
             }
             Control::Resume { xfer } => {
                 let flow = *self.serving.get(&xfer).ok_or_else(|| unknown_op("Resume", xfer))?;
@@ -867,7 +919,7 @@ impl ConnState {
     }
 
     /// One chunk of `flow` (or the peer's Done for it) finished.
-    pub fn chunk_finished(&mut self, flow: u64, out: &mut Vec<Action>) -> Result<()> {
+    pub fn chunk_finished(&mut self, flow: u64, mem: &impl Memory, out: &mut Vec<Action>) -> Result<()> {
         let f = self.flows.get_mut(&flow).ok_or_else(|| unknown_flow(flow))?;
         f.remaining -= 1;
         if f.remaining == 0 {
@@ -891,6 +943,7 @@ impl ConnState {
                     out.push(Action::Finish(t.clone(), outcome));
                     out.push(Action::Send(answer(peer_op)));
                 }
+                OnDone::Landing => self.landed(flow, mem, out),
             }
         }
         Ok(())
@@ -914,6 +967,7 @@ impl ConnState {
         failed.extend(self.posted_recvs.drain(..).filter(|r| r.cut.is_none()).map(|r| r.transfer));
         failed.extend(self.flows.drain().filter_map(|(_, f)| f.on_done.transfer().cloned()));
         failed.extend(self.same_host.fail());
+        failed.extend(self.fail_landings());
         self.awaiting_done.clear();
         self.serving.clear();
         self.reading.clear();
@@ -930,14 +984,13 @@ impl ConnState {
         }
     }
 
-    fn announced(&mut self, send: Announced, mem: &impl Memory, out: &mut Vec<Action>) -> Result<()> {
+    fn announced(&mut self, send: Announced) -> Result<()> {
         if self.announces.len() >= MAX_UNMATCHED_ANNOUNCES {
             return Err(Error::backend(format!(
                 "peer announced more than {MAX_UNMATCHED_ANNOUNCES} sends without matching receives"
             )));
         }
         self.announces.push_back(send);
-        self.match_recvs(mem, out);
         Ok(())
     }
 
@@ -947,47 +1000,33 @@ impl ConnState {
         let mut answers = Vec::new();
         while !self.posted_recvs.is_empty() && !self.announces.is_empty() {
             let recv = self.posted_recvs.pop_front().expect("non-empty");
-            let Announced { peer_op, len, payload } = self.announces.pop_front().expect("non-empty");
-            if payload.is_some() {
+            let Announced { peer_op, len, body } = self.announces.pop_front().expect("non-empty");
+            if let Body::Inline(_) = body {
                 self.announced_inline -= len;
             }
-            if let Some(e) = &recv.cut {
-                answers.push(deny_msg(peer_op, e));
-                continue;
-            }
-            if len > recv.max {
-                let why = format!("a {len}-byte message does not fit the posted {}-byte receive", recv.max);
-                out.push(Action::Finish(recv.transfer, Err(Error::new(UcclStatus::ErrMismatch, why.clone()))));
-                answers.push(Control::Deny { xfer: peer_op, status: UcclStatus::ErrMismatch as i32, reason: why });
-                continue;
-            }
-            // A receive may be posted past its region's end; the message that arrives may not.
-            let room = (recv.region.base + recv.region.len).saturating_sub(recv.addr) as u64;
-            if len > room {
-                let local = format!(
-                    "a {len}-byte message would land outside memory region {} [{:#x}, +{}): the receive at {:#x} \
-                     was posted for {} bytes, {room} of them registered",
-                    recv.region.id, recv.region.base, recv.region.len, recv.addr, recv.max
-                );
-                let remote = format!(
-                    "the {len}-byte message does not fit the receiver's registered memory ({room} bytes from where \
-                     its receive starts)"
-                );
-                out.push(Action::Finish(recv.transfer, Err(Error::not_allowed(local))));
-                answers.push(Control::Deny { xfer: peer_op, status: UcclStatus::ErrNotAllowed as i32, reason: remote });
-                continue;
-            }
-            if let Some(payload) = payload {
-                // SAFETY: the message fits the registration from `recv.addr` on (checked just
-                // above), and its region is kept alive by `recv`.
-                let stored = unsafe { mem.store(&recv.region, recv.addr, &payload) };
-                answers.push(match &stored {
-                    Ok(()) => Control::Done { xfer: peer_op, len },
-                    Err(e) => deny_msg(peer_op, e),
-                });
-                out.push(Action::Finish(recv.transfer, stored.map(|()| len)));
-                continue;
-            }
+            let fitted = fit(recv, len, out);
+            let recv = match (body, fitted) {
+                (Body::Landing(flow), fitted) => {
+                    self.match_landing(flow, fitted, mem, &mut answers, out);
+                    continue;
+                }
+                (_, Err(e)) => {
+                    answers.push(deny_msg(peer_op, &e));
+                    continue;
+                }
+                (Body::Inline(payload), Ok(recv)) => {
+                    // SAFETY: the message fits the registration from `recv.addr` on (`fit`), and
+                    // its region is kept alive by `recv`.
+                    let stored = unsafe { mem.store(&recv.region, recv.addr, &payload) };
+                    answers.push(match &stored {
+                        Ok(()) => Control::Done { xfer: peer_op, len },
+                        Err(e) => deny_msg(peer_op, e),
+                    });
+                    out.push(Action::Finish(recv.transfer, stored.map(|()| len)));
+                    continue;
+                }
+                (Body::Announced, Ok(recv)) => recv,
+            };
             let flow = self.take_id();
             let (extent, region) = (Extent::Contiguous { addr: recv.addr, len }, recv.region);
             let on_done = OnDone::PartAndAck(recv.transfer, peer_op);
@@ -1078,12 +1117,17 @@ impl ConnState {
             )));
         }
         self.refused_chunks += refused;
-        let flow = self.take_id();
-        let seq = self.in_seq;
-        self.in_seq += 1;
+        let (flow, seq) = self.number_inbound();
         let f = Flow { refused, ..Flow::new(chunks, extent.len(), OnDone::Ack(xfer), region, error) };
         self.queue_flow(Direction::Recv, (flow, seq), extent, f, out);
         Ok(())
+    }
+
+    /// A flow id and the direction sequence number of the peer's next flow.
+    fn number_inbound(&mut self) -> (u64, u64) {
+        let seq = self.in_seq;
+        self.in_seq += 1;
+        (self.take_id(), seq)
     }
 
     /// Grants the peer's authorized direct write into `extent` as a network write
@@ -1106,6 +1150,35 @@ impl ConnState {
         self.serving.insert(xfer, flow);
         Ok(())
     }
+}
+
+/// Whether `recv` may take the peer's message of `len` bytes: the receive back, or the error to
+/// refuse the message with (the receive failed in `out`, unless a cut failed it already).
+fn fit(recv: PostedRecv, len: u64, out: &mut Vec<Action>) -> Result<PostedRecv> {
+    if let Some(e) = &recv.cut {
+        return Err(e.clone());
+    }
+    if len > recv.max {
+        let why = format!("a {len}-byte message does not fit the posted {}-byte receive", recv.max);
+        out.push(Action::Finish(recv.transfer, Err(Error::new(UcclStatus::ErrMismatch, why.clone()))));
+        return Err(Error::new(UcclStatus::ErrMismatch, why));
+    }
+    // A receive may be posted past its region's end; the message that arrives may not.
+    let room = (recv.region.base + recv.region.len).saturating_sub(recv.addr) as u64;
+    if len > room {
+        let local = format!(
+            "a {len}-byte message would land outside memory region {} [{:#x}, +{}): the receive at {:#x} was posted \
+             for {} bytes, {room} of them registered",
+            recv.region.id, recv.region.base, recv.region.len, recv.addr, recv.max
+        );
+        let remote = format!(
+            "the {len}-byte message does not fit the receiver's registered memory ({room} bytes from where its \
+             receive starts)"
+        );
+        out.push(Action::Finish(recv.transfer, Err(Error::not_allowed(local))));
+        return Err(Error::not_allowed(remote));
+    }
+    Ok(recv)
 }
 
 /// A vector request's segments as this end's memory (authorized, so they are addresses here).

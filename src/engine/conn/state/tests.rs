@@ -10,6 +10,7 @@ use std::time::Instant;
 use super::super::vector::{Grouper, Push, REQUEST_SEGMENTS, RunKey};
 use super::*;
 use crate::config::Config;
+use crate::engine::conn::landing::LandingMemory;
 use crate::engine::plan::{self, Cut};
 use crate::engine::region::RegionTable;
 use crate::engine::same_host::PeerProcess;
@@ -18,7 +19,7 @@ use crate::engine::same_host::host_job::Failure;
 use crate::engine::same_host::host_worker::Gate;
 use crate::engine::same_host::state::{HostPath, HostTask};
 use crate::engine::transfer::{Answers, TransferTable};
-use crate::proto::Capability;
+use crate::proto::{Capability, MAX_EAGER_LEN};
 use crate::transport::MemKind;
 
 const CHUNK: usize = 64 << 10;
@@ -95,6 +96,14 @@ impl End {
     }
 
     fn with_cut(cut: Cut) -> End {
+        let mut end = End::without_eager_sends(cut);
+        let landing = LandingMemory::new(&end.mem.regions).unwrap();
+        end.st.send_eagerly_with(landing);
+        end
+    }
+
+    /// An end as a connection makes it, except that mid-size messages are announced.
+    fn without_eager_sends(cut: Cut) -> End {
         End {
             st: ConnState::new(Chunking { size: CHUNK, channels: 3, cut }, Instant::now()),
             mem: HostMemory::default(),
@@ -230,8 +239,9 @@ impl End {
             })
             .collect();
         self.st.begin_post(Instant::now()).unwrap();
-        let msgs = self.st.post_send(&t, items).unwrap();
-        self.outbox.extend(msgs);
+        let mut out = Vec::new();
+        self.st.post_send(&t, items, &mut out).unwrap();
+        self.take(out);
         t
     }
 
@@ -308,8 +318,8 @@ fn move_data(from: &mut End, to: &mut End) -> bool {
         for _ in 0..chunks.len() {
             let (mut a, mut b) = (Vec::new(), Vec::new());
             from.st.chunk_sent(src.flow);
-            from.st.chunk_finished(src.flow, &mut a).unwrap();
-            to.st.chunk_finished(dst.flow, &mut b).unwrap();
+            from.st.chunk_finished(src.flow, &from.mem, &mut a).unwrap();
+            to.st.chunk_finished(dst.flow, &to.mem, &mut b).unwrap();
             from.take(a);
             to.take(b);
         }
@@ -402,6 +412,7 @@ fn run_task(end: &mut End, task: HostTask, out: &mut Vec<Action>) {
 }
 
 mod direct;
+mod eager;
 
 fn pattern(seed: u8) -> impl Fn(usize) -> u8 {
     move |i| (i as u8).wrapping_mul(31).wrapping_add(seed)
@@ -456,7 +467,7 @@ fn done_before_the_last_local_chunk_waits_for_it() {
     let peer = b.receiving.pop_first().unwrap().1;
     let mut out = Vec::new();
     for _ in 0..2 {
-        b.st.chunk_finished(peer.flow, &mut out).unwrap();
+        b.st.chunk_finished(peer.flow, &b.mem, &mut out).unwrap();
     }
     b.take(out);
     assert!(t.awaits_answer());
@@ -467,7 +478,7 @@ fn done_before_the_last_local_chunk_waits_for_it() {
     assert!(!t.awaits_answer());
     for _ in 0..2 {
         let mut out = Vec::new();
-        a.st.chunk_finished(plan.flow, &mut out).unwrap();
+        a.st.chunk_finished(plan.flow, &a.mem, &mut out).unwrap();
         a.take(out);
     }
     assert_eq!(a.outcome(&t).unwrap().unwrap(), 2 * CHUNK as u64);
@@ -536,9 +547,12 @@ fn a_caller_reads_the_control_stream_only_for_answered_parts() {
     assert!(!small_read.ends_on_chunks());
     let mixed = a.one_sided(false, &[(&local, 0, &remotes[0], 0, big), (&local, big, &remotes[1], big, 10)]);
     assert!(!mixed.ends_on_chunks() && !mixed.completes_on_control(), "a big read and a small one");
-    let send = a.send(&[(&local, 0, big)]);
+    let large = a.buffer(MAX_EAGER_LEN as usize + 1, pattern(6));
+    let send = a.send(&[(&large, 0, MAX_EAGER_LEN as usize + 1)]);
     assert_eq!(send.answers(), Answers::Elsewhere, "a send waits for the peer's user");
     assert!(!send.ends_on_chunks());
+    let eager = a.send(&[(&local, 0, big)]);
+    assert_eq!(eager.answers(), Answers::AfterData, "an eager send is answered after its bytes");
     assert!(write_and_inline.awaits_answer() && small_read.awaits_answer());
     // Answers are counted per part: the write's parts are through once both were answered.
     pump_messages_only(&mut a, &mut b);
@@ -772,7 +786,7 @@ fn unanswered_inline_sends_are_bounded_at_both_ends() {
         b.handle(Control::InlineSend { xfer, payload: payload.clone() }).unwrap();
     }
     let err = b.handle(Control::InlineSend { xfer: 99, payload: vec![1] }).unwrap_err();
-    assert!(err.message().contains("unmatched inline sends exceed"), "{err}");
+    assert!(err.message().contains("unmatched sends would hold more than"), "{err}");
 }
 
 #[test]
@@ -869,10 +883,18 @@ fn only_what_the_peers_engine_owes_can_stall() {
     let start = Instant::now();
     let later = start + Duration::from_secs(1);
     let local = a.buffer(4 * CHUNK, pattern(12));
+    let large = a.buffer(MAX_EAGER_LEN as usize + 1, pattern(12));
     let remote = b.buffer(4 * CHUNK, |_| 0);
-    a.send(&[(&local, 0, 4 * CHUNK)]);
+    a.send(&[(&large, 0, MAX_EAGER_LEN as usize + 1)]);
     a.send(&[(&local, 0, 10)]);
     assert!(!a.st.stalled(later, timeout), "a send waits for the peer's user");
+    // An eager send waits for the peer's engine until its bytes are out, then for its user.
+    a.send(&[(&local, 0, 4 * CHUNK)]);
+    assert!(a.st.stalled(later, timeout), "its chunks are owed to the peer's engine");
+    deliver(&mut a, &mut b).unwrap();
+    assert!(move_data(&mut a, &mut b));
+    assert!(!a.st.stalled(later, timeout), "landed, it waits for a receive");
+    assert!(!b.st.stalled(later, timeout), "and so does its receiver");
     a.one_sided(true, &[(&local, 0, &remote, 0, 4 * CHUNK)]);
     assert!(a.st.stalled(later, timeout), "a write waits for the peer's engine");
     a.st.heard(later);
@@ -1063,16 +1085,16 @@ fn local_sources_and_destinations_cut_mid_transfer() {
     assert!(rd.bytes.iter().all(|&x| x == 0));
     // Our send's source, announced or running: its receiver could not be told, so the connection
     // must fail.
-    for running in [false, true] {
+    for (len, running) in [(2 << 20, false), (2 << 20, true), (4 * CHUNK, true)] {
         let (mut a, mut b) = (End::new(), End::new());
-        let src = a.buffer(4 * CHUNK, pattern(28));
-        let dst = b.buffer(4 * CHUNK, |_| 0);
-        a.send(&[(&src, 0, 4 * CHUNK)]);
-        if running {
-            b.recv(&dst, 4 * CHUNK);
+        let src = a.buffer(len, pattern(28));
+        let dst = b.buffer(len, |_| 0);
+        a.send(&[(&src, 0, len)]);
+        if running && len > MAX_EAGER_LEN as usize {
+            b.recv(&dst, len);
         }
         pump_messages_only(&mut a, &mut b);
-        assert_eq!(a.sending.len(), usize::from(running));
+        assert_eq!(a.sending.len(), usize::from(running), "{len}");
         let err = a.cut(&src).unwrap_err();
         assert!(err.message().contains("connection fails"), "{err}");
     }
@@ -1099,7 +1121,7 @@ fn posts_naming_a_deregistered_region_register_nothing() {
         a.st.post_one_sided(&t, true, vec![OneSidedRequest::Item(item(Some(vec![0; 10])))], &mut out).unwrap_err();
     assert_eq!(err.status(), UcclStatus::ErrNotFound);
     let send = SendItem { region: buf.region.clone(), addr: buf.addr(), len: 10, payload: None };
-    assert!(a.st.post_send(&t, vec![send]).is_err());
+    assert!(a.st.post_send(&t, vec![send], &mut Vec::new()).is_err());
     assert!(a.st.post_recv(&t, buf.region.clone(), buf.addr(), 10, &a.mem, &mut out).is_err());
     assert!(out.is_empty() && !a.st.waits_on_peer() && a.st.fail(Error::backend("x")).is_empty());
 }
@@ -1117,7 +1139,7 @@ fn a_peer_denying_a_running_write_fails_it_after_its_chunks() {
     let plan = a.sending.pop_first().unwrap().1;
     for _ in 0..4 {
         let mut out = Vec::new();
-        a.st.chunk_finished(plan.flow, &mut out).unwrap();
+        a.st.chunk_finished(plan.flow, &a.mem, &mut out).unwrap();
         a.take(out);
     }
     let why = not_allowed(a.outcome(&t));
