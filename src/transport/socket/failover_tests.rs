@@ -210,13 +210,16 @@ fn a_send_socket_failing_under_a_stream_of_messages_loses_no_byte_and_its_link_i
 }
 
 /// A raw listener reached over two data links (127.0.0.1 and 127.0.0.2), its handle, and a net of
-/// those links whose stall bound is `bound` and whose failover is `failover`.
+/// those links whose stall bound is `bound` and whose failover is `failover`, with one helper per
+/// direction.
 fn two_link_raw_peer(bound: Duration, failover: bool) -> (std::net::TcpListener, NetHandle, SocketNet) {
     let links: Vec<Ipv4Addr> = vec![Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(127, 0, 0, 2)];
     let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let handle = SocketHandle::new(std::net::SocketAddr::new(links[0].into(), port), 5, &links).encode();
-    let options = crate::config::SocketConfig { nthreads: 1, nsocks_per_thread: 1, failover, ..Default::default() };
+    // One helper per direction: every comm of the net shares it.
+    let options =
+        crate::config::SocketConfig { nthreads: 1, nsocks_per_thread: 1, helpers: 1, failover, ..Default::default() };
     let net = SocketNet::new("127.0.0.1".parse().unwrap(), Duration::from_secs(5), bound * 4, Arc::new(|| {}))
         .with_options(options)
         .with_data_links(links.iter().map(|&a| a.into()).collect());
@@ -349,4 +352,36 @@ fn a_receiver_posting_nothing_for_several_bounds_kills_no_socket() {
     assert!(bufs == msgs, "every message arrived whole");
     let links = tx.link_stats();
     assert_eq!(links.iter().map(|l| l.errors).sum::<u64>(), 0, "a socket was declared dead: {links:?}");
+}
+
+/// A hostile receiver floods a send comm's socket with stale acknowledgements (valid, but old)
+/// faster than they can be read. The helper serving that socket reads a bounded number per run,
+/// so it still serves its other sockets: another comm on the same helper moves every message.
+#[test]
+fn a_flood_of_stale_acknowledgements_keeps_no_helper_from_its_other_sockets() {
+    // One sending helper serves both comms' sockets.
+    let (listener, handle, net) = two_link_raw_peer(Duration::from_millis(100), true);
+    let flooded = net.connect_comm(0, &handle).unwrap();
+    let (first, hello) = first_hello(&listener);
+    assert!(hello.acked);
+    let flood = {
+        let mut s = first.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let acks: Vec<u8> = (0..4096).flat_map(|_| Ack { completed: 0 }.encode()).collect();
+            let mut written = 0;
+            // Until the comm's socket goes: blocked while its buffers are full.
+            while let Ok(n) = s.write(&acks) {
+                written += n;
+            }
+            written
+        })
+    };
+    let (h, mut listen) = net.listen(0).unwrap();
+    let mut tx = net.connect_comm(0, &h).unwrap();
+    let mut rx = until(|| listen.accept()).unwrap();
+    stream(&mut tx, &mut rx, 16, 4 * PIECE, |_, _| {});
+    let _ = first.shutdown(std::net::Shutdown::Both);
+    drop(flooded);
+    let written = flood.join().unwrap();
+    assert!(written >= 64 * DONE_LEN, "the flood went out ({written} bytes)");
 }

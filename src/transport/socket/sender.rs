@@ -27,6 +27,8 @@ use crate::threads::{self, ThreadKind};
 use crate::trace;
 
 mod kept;
+#[cfg(test)]
+mod kept_tests;
 
 /// Requests at most this large (and a single piece) are written by the posting thread itself when
 /// nothing older is waiting, saving the wake-up of a helper thread on the latency path.
@@ -379,12 +381,13 @@ impl Task for SendTask {
             return next;
         }
         let acked = self.shared.window.is_acked();
+        let mut acks_left = false;
         if acked {
             if self.shared.inflight[self.k].lock().dead {
                 return Next::Stop;
             }
             match self.read_acks() {
-                Ok(()) => {}
+                Ok(left) => acks_left = left,
                 Err((true, e)) => {
                     self.shared.window.fail(e);
                     self.shared.relay.forgive();
@@ -397,6 +400,9 @@ impl Task for SendTask {
             }
         }
         match self.step() {
+            // Acknowledgements left unread raise no new edge: the helper runs the socket again
+            // after its other sockets.
+            Ok(Next::Idle) if acks_left => Next::Again,
             Ok(next) => next,
             Err(e) if acked => {
                 self.shared.socket_failed(self.k, e);

@@ -184,12 +184,20 @@ impl SendSockets {
     }
 }
 
+/// Reads of acknowledgements a socket makes per run at most: a peer flooding stale ones (valid,
+/// but old) cannot keep the helper from the other sockets it serves.
+pub(super) const ACK_READS_PER_RUN: usize = 64;
+
 impl SendTask {
-    /// Reads the acknowledgements that came on this socket. `Err((fatal, e))`: a malformed or
-    /// impossible one fails the comm (`fatal`); a socket error or its end takes the socket out.
-    pub(super) fn read_acks(&mut self) -> Result<(), (bool, Error)> {
+    /// Reads the acknowledgements that came on this socket, at most [`ACK_READS_PER_RUN`] reads:
+    /// `Ok(true)` when it stopped there, so more may wait. The helper's poll is edge triggered, so
+    /// bytes left unread raise no new event: the caller must run the socket again by itself.
+    /// `Err((fatal, e))`: a malformed or impossible acknowledgement fails the comm (`fatal`); a
+    /// socket error or its end takes the socket out.
+    pub(super) fn read_acks(&mut self) -> Result<bool, (bool, Error)> {
         let fd = self.shared.stream(self.k).as_raw_fd();
-        loop {
+        let mut reads = 0;
+        while reads < ACK_READS_PER_RUN {
             let rest = &mut self.ack[self.ack_got..];
             // SAFETY: `rest` is writable for its length.
             let n = unsafe { libc::recv(fd, rest.as_mut_ptr().cast(), rest.len(), libc::MSG_DONTWAIT) };
@@ -200,10 +208,11 @@ impl SendTask {
                 let e = std::io::Error::last_os_error();
                 match e.kind() {
                     std::io::ErrorKind::Interrupted => continue,
-                    std::io::ErrorKind::WouldBlock => return Ok(()),
+                    std::io::ErrorKind::WouldBlock => return Ok(false),
                     _ => return Err((false, Error::io("channel acknowledgement", e))),
                 }
             }
+            reads += 1;
             self.ack_got += n as usize;
             if self.ack_got == DONE_LEN {
                 self.ack_got = 0;
@@ -211,6 +220,7 @@ impl SendTask {
                 self.shared.window.ack(ack.completed).map_err(|e| (true, e))?;
             }
         }
+        Ok(true)
     }
 }
 
