@@ -37,13 +37,23 @@ pub(super) struct Failover {
     /// Requests acknowledged when last looked, and since when that count stands (or a piece was
     /// last sent again to ask for an acknowledgement).
     acked: (u64, Instant),
+    /// Pieces sent again to ask for the acknowledgement of that count.
+    asked: u32,
 }
 
 impl Failover {
     /// For a comm of `count` sockets and `slots` slots in all.
     pub fn new(count: usize, slots: usize, dead_after: Duration, now: Instant) -> Failover {
         let route_of = (0..slots).map(|k| ((k.min(count.saturating_sub(1))) as u8, 0)).collect();
-        Failover { dead_after, next_check: now, route_of, pending: Vec::new(), joining: Vec::new(), acked: (0, now) }
+        Failover {
+            dead_after,
+            next_check: now,
+            route_of,
+            pending: Vec::new(),
+            joining: Vec::new(),
+            acked: (0, now),
+            asked: 0,
+        }
     }
 
     /// Whether to check the links now: a few times per bound.
@@ -56,16 +66,22 @@ impl Failover {
     }
 
     /// Whether to ask for an acknowledgement again: the count stood at `upto` for two bounds while
-    /// every byte out reached the peer (`delivered`). Asking starts the two bounds anew.
+    /// every byte out reached the peer (`delivered`), then for twice as long after each ask for
+    /// that count: a receiver that is slow to post lost nothing, and gets few duplicate pieces.
+    /// A count that moved starts over at two bounds.
     pub fn acks_overdue(&mut self, upto: u64, delivered: bool, now: Instant) -> bool {
+        if upto != self.acked.0 {
+            self.asked = 0;
+        }
         if upto != self.acked.0 || !delivered {
             self.acked = (upto, now);
             return false;
         }
-        if now < self.acked.1 + self.dead_after * 2 {
+        if now < self.acked.1 + self.dead_after * (2 << self.asked.min(MAX_DOUBLINGS)) {
             return false;
         }
         self.acked.1 = now;
+        self.asked = self.asked.saturating_add(1);
         true
     }
 
@@ -110,7 +126,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_acknowledgement_is_asked_for_again_two_bounds_after_the_bytes_arrived() {
+    fn an_acknowledgement_is_asked_for_again_with_a_doubling_back_off() {
         let t0 = Instant::now();
         let bound = Duration::from_millis(100);
         let mut f = Failover::new(2, 10, bound, t0);
@@ -119,9 +135,24 @@ mod tests {
         assert!(!f.acks_overdue(3, false, t0 + bound * 3), "bytes still on their way");
         assert!(!f.acks_overdue(3, true, t0 + bound * 4), "two bounds from when they arrived");
         assert!(f.acks_overdue(3, true, t0 + bound * 5));
-        assert!(!f.acks_overdue(3, true, t0 + bound * 6), "asking starts the bounds anew");
-        assert!(f.acks_overdue(3, true, t0 + bound * 7));
-        assert!(!f.acks_overdue(4, true, t0 + bound * 10), "an acknowledgement came");
+        assert!(!f.acks_overdue(3, true, t0 + bound * 8), "asking again waits twice as long");
+        assert!(f.acks_overdue(3, true, t0 + bound * 9));
+        assert!(!f.acks_overdue(3, true, t0 + bound * 16));
+        assert!(f.acks_overdue(3, true, t0 + bound * 17), "then four times");
+        // Bytes on their way start the wait anew, without undoing the back-off.
+        assert!(!f.acks_overdue(3, false, t0 + bound * 18));
+        assert!(!f.acks_overdue(3, true, t0 + bound * 33));
+        assert!(f.acks_overdue(3, true, t0 + bound * 34), "then eight times");
+        // The back-off stops doubling at 32 bounds.
+        let mut at = t0 + bound * 34;
+        for _ in 0..3 {
+            assert!(!f.acks_overdue(3, true, at + bound * 31));
+            at += bound * 32;
+            assert!(f.acks_overdue(3, true, at));
+        }
+        assert!(!f.acks_overdue(4, true, at + bound), "an acknowledgement came");
+        assert!(!f.acks_overdue(4, true, at + bound * 2), "a new count waits two bounds");
+        assert!(f.acks_overdue(4, true, at + bound * 3), "only two: the back-off starts over");
     }
 
     #[test]

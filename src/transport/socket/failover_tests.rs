@@ -291,6 +291,47 @@ fn an_acknowledgement_that_never_comes_is_asked_for_again() {
     assert_eq!(until(|| tx.test(s)).unwrap(), msg.len());
 }
 
+/// A receiver that read a request's bytes but does not acknowledge it (it has not posted its
+/// receive yet: nothing was lost) gets the piece again after two bounds, then after four, eight:
+/// not a copy every two bounds.
+#[test]
+fn an_acknowledgement_overdue_is_asked_for_with_a_doubling_back_off() {
+    let bound = Duration::from_millis(100);
+    let (listener, handle, net) = two_link_raw_peer(bound, true);
+    let mut tx = net.connect_comm(0, &handle).unwrap();
+    let (mut first, hello) = first_hello(&listener);
+    let msg: Vec<u8> = (0..1000).map(|i| i as u8).collect();
+    // SAFETY: msg outlives the send, tested to completion below.
+    let s = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
+    let cut = PieceCut::new(hello.subchunk as usize, hello.count as usize);
+    let mut reader = first.try_clone().unwrap();
+    let pieces = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let mut h = [0u8; wire::PIECE_HEADER_LEN];
+        // Until the test shuts the socket down for reading.
+        while reader.read_exact(&mut h).is_ok() {
+            let h = PieceHeader::decode(&h, cut).unwrap();
+            let mut payload = vec![0u8; h.len as usize];
+            reader.read_exact(&mut payload).unwrap();
+            got.push((h, payload));
+        }
+        got
+    });
+    // Twelve bounds with the comm tested: asks at about 2 and 6 bounds (the next at 14); one
+    // every two bounds would be 5.
+    let start = Instant::now();
+    while start.elapsed() < bound * 12 {
+        assert_eq!(tx.test(s).unwrap(), None, "complete without an acknowledgement");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    first.shutdown(std::net::Shutdown::Read).unwrap();
+    let got = pieces.join().unwrap();
+    assert!(got.iter().all(|(h, p)| (h.seq, h.offset, &p[..]) == (0, 0, &msg[..])), "the same piece each time");
+    assert!((2..=3).contains(&got.len()), "the piece, then one or two copies: {} in all", got.len());
+    first.write_all(&Ack { completed: 1 }.encode()).unwrap();
+    assert_eq!(until(|| tx.test(s)).unwrap(), msg.len());
+}
+
 /// A hostile receiver acknowledges a request whose bytes it cannot hold (it read none, and most
 /// are still in the sender's memory): the comm fails with a protocol violation, the request
 /// never completes, and nothing panics.
