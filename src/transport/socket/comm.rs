@@ -188,12 +188,17 @@ impl SendSide {
         }
     }
 
-    /// Opens a spare slot over the link of `redial`; with none left the link stays unused.
+    /// Opens a spare slot over the link of `redial`. With none left, or nothing to dial with (a
+    /// helper could not take a socket before), no link is dialed again for the rest of the comm.
     fn redial(&mut self, redial: Redial, now: Instant, helpers: &Helpers) {
         self.grow_to(self.base, helpers);
         let k = self.placements.len();
         if k >= self.shared.streams.len() {
-            log::warn!("a send comm has no spare socket left to dial link {} again", redial.route);
+            self.stop_redials("it has no spare socket left");
+            return;
+        }
+        if self.dialer.is_none() {
+            self.stop_redials("it opens no more sockets");
             return;
         }
         match self.open(k, redial.route, helpers) {
@@ -207,6 +212,10 @@ impl SendSide {
                     f.started(k, redial, now);
                 }
             }
+            Err(e) if self.dialer.is_none() => {
+                log::warn!("a send comm could not dial the link of its socket {} again: {e}", redial.route);
+                self.stop_redials("it opens no more sockets");
+            }
             Err(e) => {
                 log::warn!("a send comm could not dial the link of its socket {} again: {e}", redial.route);
                 if let Some(f) = &mut self.failover {
@@ -215,6 +224,17 @@ impl SendSide {
                     f.dead(k, now);
                 }
             }
+        }
+    }
+
+    /// No dead link is dialed again (`why`): the re-dial due and those scheduled are dropped,
+    /// said once.
+    fn stop_redials(&mut self, why: &str) {
+        if let Some(pending) = self.failover.as_mut().and_then(Failover::stop_redials) {
+            log::warn!(
+                "a send comm dials no dead link again ({why}): {} re-dials dropped; its dead links stay unused until the next connection",
+                pending + 1
+            );
         }
     }
 }
@@ -511,6 +531,18 @@ impl SocketSendComm {
             .expect("an open socket over the link");
         let _ = shared.stream(k).shutdown(Shutdown::Both);
         k
+    }
+
+    /// Takes the comm's dialer away, as when a helper could not take a socket it opened.
+    pub fn forget_dialer(&mut self) {
+        let Side::Send(send) = &mut self.0.side else { unreachable!("a send comm has a sending side") };
+        send.dialer = None;
+    }
+
+    /// Re-dials of dead links waiting for their time.
+    pub fn redials_pending(&self) -> usize {
+        let Side::Send(send) = &self.0.side else { unreachable!("a send comm has a sending side") };
+        send.failover.as_ref().map_or(0, |f| f.pending())
     }
 
     /// Sockets that carry pieces now.

@@ -39,6 +39,8 @@ pub(super) struct Failover {
     acked: (u64, Instant),
     /// Pieces sent again to ask for the acknowledgement of that count.
     asked: u32,
+    /// The comm can open no socket any more: nothing is dialed again.
+    stopped: bool,
 }
 
 impl Failover {
@@ -53,6 +55,7 @@ impl Failover {
             joining: Vec::new(),
             acked: (0, now),
             asked: 0,
+            stopped: false,
         }
     }
 
@@ -88,12 +91,33 @@ impl Failover {
     /// Slot `k` died (or did not join): its link is dialed again after a back-off.
     pub fn dead(&mut self, k: usize, now: Instant) {
         self.joining.retain(|&(j, _)| j != k);
+        if self.stopped {
+            return;
+        }
         let (route, attempt) = self.route_of[k];
         if self.pending.iter().any(|r| r.route == route) {
             return;
         }
         let backoff = self.dead_after * (1 << attempt.min(MAX_DOUBLINGS));
         self.pending.push(Redial { route, attempt: attempt + 1, due: now + backoff });
+    }
+
+    /// The comm can open no socket any more (no spare slot, or nothing to dial with): re-dials
+    /// pending are dropped and dead sockets schedule none. Returns the re-dials dropped, `None`
+    /// when stopped already.
+    pub fn stop_redials(&mut self) -> Option<usize> {
+        if std::mem::replace(&mut self.stopped, true) {
+            return None;
+        }
+        let dropped = self.pending.len();
+        self.pending.clear();
+        Some(dropped)
+    }
+
+    /// Re-dials waiting for their time.
+    #[cfg(test)]
+    pub fn pending(&self) -> usize {
+        self.pending.len()
     }
 
     /// A re-dial due now, taken.
@@ -190,5 +214,19 @@ mod tests {
         f.dead(7, t0);
         let r = f.due(t0 + bound).expect("after one bound again");
         assert_eq!((r.route, r.attempt), (1, 1));
+    }
+
+    #[test]
+    fn stopped_re_dials_are_dropped_and_none_is_scheduled_after() {
+        let t0 = Instant::now();
+        let bound = Duration::from_millis(100);
+        let mut f = Failover::new(4, 12, bound, t0);
+        f.dead(1, t0);
+        f.dead(2, t0);
+        assert_eq!(f.stop_redials(), Some(2), "both pending re-dials dropped");
+        assert_eq!(f.stop_redials(), None, "said once");
+        assert_eq!(f.due(t0 + bound * 100), None);
+        f.dead(3, t0);
+        assert_eq!((f.pending(), f.due(t0 + bound * 100)), (0, None), "a later death schedules nothing");
     }
 }

@@ -209,6 +209,43 @@ fn a_send_socket_failing_under_a_stream_of_messages_loses_no_byte_and_its_link_i
     assert!(link_bytes(&tx, second) > before, "the link carries pieces again (socket {k} was replaced)");
 }
 
+/// A comm that can open no socket any more (a helper once failed to take one it opened, which no
+/// test can bring about: the test takes the dialer away) drops the re-dial of a dead link when it
+/// comes due, and a socket that dies later schedules none: no attempt every few bounds for the
+/// rest of the comm. The comm goes on over the sockets left.
+#[test]
+fn a_comm_that_opens_no_more_sockets_dials_no_dead_link_again() {
+    let (_net, mut tx, mut rx) = two_link_pair();
+    let second: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
+    stream(&mut tx, &mut rx, 4, 4 * PIECE, |_, _| {});
+    assert_eq!(tx.open_sockets(), 4);
+    tx.forget_dialer();
+    // Kills a socket over the second link; streams until the comm counts it dead and has looked
+    // at its links once more (the next post), so that a re-dial would be scheduled.
+    let kill = |tx: &mut comm::SocketSendComm, rx: &mut Box<dyn RecvComm>, left: usize| {
+        tx.kill_socket_on(second);
+        let start = Instant::now();
+        while tx.open_sockets() > left {
+            assert!(start.elapsed() < Duration::from_secs(10), "the socket was never declared dead");
+            stream(tx, rx, 1, PIECE, |_, _| {});
+        }
+        stream(tx, rx, 1, PIECE, |_, _| {});
+    };
+    kill(&mut tx, &mut rx, 3);
+    // Past the bound (200 ms) with the comm in use: the re-dial came due and was dropped.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(600) {
+        stream(&mut tx, &mut rx, 2, PIECE, |_, _| {});
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!((tx.open_sockets(), tx.redials_pending()), (3, 0), "the re-dial was dropped");
+    kill(&mut tx, &mut rx, 2);
+    assert_eq!((tx.open_sockets(), tx.redials_pending()), (2, 0), "a later death schedules no re-dial");
+    stream(&mut tx, &mut rx, 8, 4 * PIECE, |_, _| {});
+    let links = tx.link_stats();
+    assert_eq!(links.iter().map(|l| l.errors).sum::<u64>(), 2, "{links:?}");
+}
+
 /// A raw listener reached over two data links (127.0.0.1 and 127.0.0.2), its handle, and a net of
 /// those links whose stall bound is `bound` and whose failover is `failover`, with one helper per
 /// direction.
