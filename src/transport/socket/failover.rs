@@ -88,18 +88,24 @@ impl Failover {
         true
     }
 
-    /// Slot `k` died (or did not join): its link is dialed again after a back-off.
-    pub fn dead(&mut self, k: usize, now: Instant) {
-        self.joining.retain(|&(j, _)| j != k);
-        if self.stopped {
-            return;
-        }
+    /// Slot `k` died (or did not join): its link is dialed again after a back-off. Returns the
+    /// link and attempt of a re-dialed slot that was still joining: that attempt failed.
+    pub fn dead(&mut self, k: usize, now: Instant) -> Option<(u8, u32)> {
+        let failed = self.take_joining(k);
         let (route, attempt) = self.route_of[k];
-        if self.pending.iter().any(|r| r.route == route) {
-            return;
+        if self.stopped || self.pending.iter().any(|r| r.route == route) {
+            return failed;
         }
         let backoff = self.dead_after * (1 << attempt.min(MAX_DOUBLINGS));
         self.pending.push(Redial { route, attempt: attempt + 1, due: now + backoff });
+        failed
+    }
+
+    /// Slot `k` no longer joins; its link and attempt if it was.
+    fn take_joining(&mut self, k: usize) -> Option<(u8, u32)> {
+        let i = self.joining.iter().position(|&(j, _)| j == k)?;
+        self.joining.swap_remove(i);
+        Some(self.route_of[k])
     }
 
     /// The comm can open no socket any more (no spare slot, or nothing to dial with): re-dials
@@ -133,9 +139,11 @@ impl Failover {
     }
 
     /// Slot `k` joined: its link works again, and a later failure starts the back-off anew.
-    pub fn joined(&mut self, k: usize) {
-        self.joining.retain(|&(j, _)| j != k);
+    /// Returns its link and the attempt that opened it.
+    pub fn joined(&mut self, k: usize) -> Option<(u8, u32)> {
+        let joined = self.take_joining(k);
         self.route_of[k].1 = 0;
+        joined
     }
 
     /// Re-dialed slots still joining: those past their time, and those that were.
@@ -196,7 +204,7 @@ mod tests {
         // Slot 4 tries link 2 and fails: the next attempt waits twice as long, then four times.
         f.started(4, r, t0 + bound);
         assert_eq!(f.joining().collect::<Vec<_>>(), vec![(4, false)]);
-        f.dead(4, t0 + bound);
+        assert_eq!(f.dead(4, t0 + bound), Some((2, 1)), "the attempt that failed");
         assert_eq!(f.due(t0 + bound * 2), None);
         let r = f.due(t0 + bound * 3).expect("after twice the bound");
         assert_eq!((r.route, r.attempt), (2, 2));
@@ -209,9 +217,9 @@ mod tests {
         assert!(f.due(t0 + bound * 15).is_none() && f.due(t0 + bound * 16).is_some());
         // A slot that joined starts over.
         f.started(7, Redial { route: 1, attempt: 3, due: t0 }, t0);
-        f.joined(7);
+        assert_eq!(f.joined(7), Some((1, 3)), "the attempt that joined");
         assert_eq!(f.joining().count(), 0);
-        f.dead(7, t0);
+        assert_eq!(f.dead(7, t0), None, "a socket that carried pieces: no attempt failed");
         let r = f.due(t0 + bound).expect("after one bound again");
         assert_eq!((r.route, r.attempt), (1, 1));
     }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::wire::{ACK_LEN, Ack, DONE_LEN, PieceCut, PieceHeader, SocketHello, attach_ack};
 use super::*;
+use crate::trace::{DeadWhy, ResendCause};
 use crate::transport::testutil::until;
 use crate::transport::{MrHandle, RecvComm, RequestId};
 
@@ -246,6 +247,71 @@ fn a_comm_that_opens_no_more_sockets_dials_no_dead_link_again() {
     assert_eq!(links.iter().map(|l| l.errors).sum::<u64>(), 2, "{links:?}");
 }
 
+/// The trace events of send comm `comm` of the failover: (time, label, fields as the schema
+/// names them).
+fn failover_events(comm: u64) -> Vec<(u64, &'static str, std::collections::HashMap<&'static str, u64>)> {
+    let failover = ["sock_dead", "sock_resent", "sock_redial", "sock_rejoined", "sock_redial_failed"];
+    let mut out = Vec::new();
+    for (at, e) in crate::trace::recorded() {
+        let schema = crate::trace::SCHEMA[e.index()];
+        let mut values = Vec::new();
+        e.values(&mut values);
+        let fields: std::collections::HashMap<_, _> = schema.fields.iter().copied().zip(values).collect();
+        if failover.contains(&schema.label) && fields["comm"] == comm {
+            out.push((at, schema.label, fields));
+        }
+    }
+    out
+}
+
+/// A failover run writes its steps to the trace: the socket declared dead and why, the pieces it
+/// carried handed back, the re-dial of its link started and joined, in that order.
+#[test]
+fn a_failover_is_traced() {
+    crate::trace::record_in_memory(crate::trace::SOCKET);
+    let (_net, mut tx, mut rx) = two_link_pair();
+    let second: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
+    let killed = std::cell::Cell::new(None);
+    stream(&mut tx, &mut rx, 24, 4 * PIECE, |i, tx| {
+        if i == 12 {
+            killed.set(Some(tx.kill_socket_on(second)));
+        }
+    });
+    let k = killed.get().expect("a socket was killed") as u64;
+    let start = Instant::now();
+    while tx.open_sockets() < 4 {
+        assert!(start.elapsed() < Duration::from_secs(10), "the link was not dialed again");
+        stream(&mut tx, &mut rx, 4, PIECE, |_, _| {});
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The join is traced by the comm's next look at its links.
+    let comm = tx.comm_id();
+    let traced = |label| failover_events(comm).into_iter().filter(|e| e.1 == label).collect::<Vec<_>>();
+    while traced("sock_rejoined").is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(10), "the join was never traced");
+        stream(&mut tx, &mut rx, 1, PIECE, |_, _| {});
+    }
+    let dead = traced("sock_dead");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let why = dead[0].2["why"];
+    assert_eq!(dead[0].2["socket"], k);
+    assert!(why == DeadWhy::Closed as u64 || why == DeadWhy::Failed as u64, "a socket shut down: {why}");
+    let resent = traced("sock_resent");
+    assert_eq!(resent.len(), 1, "{resent:?}");
+    let r = &resent[0].2;
+    assert_eq!((r["socket"], r["cause"]), (k, ResendCause::Dead as u64));
+    assert!(r["bytes"] <= r["pieces"] * PIECE as u64 && (r["bytes"] > 0) == (r["pieces"] > 0), "{r:?}");
+    let (redial, joined) = (traced("sock_redial"), traced("sock_rejoined"));
+    assert_eq!((redial.len(), joined.len()), (1, 1), "{redial:?} {joined:?}");
+    // The link of socket k, named by k as in the comm's log lines.
+    let (d, j) = (&redial[0].2, &joined[0].2);
+    assert_eq!((d["link"], d["attempt"]), (k, 1), "{d:?}");
+    assert!(d["socket"] >= 4, "a spare slot: {d:?}");
+    assert_eq!((j["link"], j["attempt"], j["socket"]), (d["link"], d["attempt"], d["socket"]));
+    assert!(traced("sock_redial_failed").is_empty());
+    assert!(dead[0].0 <= resent[0].0 && resent[0].0 <= redial[0].0 && redial[0].0 <= joined[0].0, "in order");
+}
+
 /// A raw listener reached over two data links (127.0.0.1 and 127.0.0.2), its handle, and a net of
 /// those links whose stall bound is `bound` and whose failover is `failover`, with one helper per
 /// direction.
@@ -333,6 +399,7 @@ fn an_acknowledgement_that_never_comes_is_asked_for_again() {
 /// not a copy every two bounds.
 #[test]
 fn an_acknowledgement_overdue_is_asked_for_with_a_doubling_back_off() {
+    crate::trace::record_in_memory(crate::trace::SOCKET);
     let bound = Duration::from_millis(100);
     let (listener, handle, net) = two_link_raw_peer(bound, true);
     let mut tx = net.connect_comm(0, &handle).unwrap();
@@ -361,10 +428,19 @@ fn an_acknowledgement_overdue_is_asked_for_with_a_doubling_back_off() {
         assert_eq!(tx.test(s).unwrap(), None, "complete without an acknowledgement");
         std::thread::sleep(Duration::from_millis(5));
     }
+    // A copy the last test sent reaches the reader before it stops.
+    std::thread::sleep(Duration::from_millis(50));
     first.shutdown(std::net::Shutdown::Read).unwrap();
     let got = pieces.join().unwrap();
     assert!(got.iter().all(|(h, p)| (h.seq, h.offset, &p[..]) == (0, 0, &msg[..])), "the same piece each time");
     assert!((2..=3).contains(&got.len()), "the piece, then one or two copies: {} in all", got.len());
+    let asks: Vec<_> = failover_events(tx.comm_id()).into_iter().map(|(_, label, f)| (label, f)).collect();
+    assert_eq!(asks.len(), got.len() - 1, "each copy traced: {asks:?}");
+    assert!(
+        asks.iter().all(|(label, f)| *label == "sock_resent"
+            && (f["pieces"], f["bytes"], f["cause"]) == (1, 1000, ResendCause::AckOverdue as u64)),
+        "{asks:?}"
+    );
     first.write_all(&Ack { completed: 1 }.encode()).unwrap();
     assert_eq!(until(|| tx.test(s)).unwrap(), msg.len());
 }
