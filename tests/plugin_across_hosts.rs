@@ -36,33 +36,15 @@ fn config() -> Config {
     }
 }
 
-/// The fake and the engine at their strict defaults, every plugin comm dropped.
-fn strict(child: ChildTest) -> ChildTest {
-    child
-        .ignored()
-        .env_cleared("FAKE_TCPX_")
-        .env_cleared("UCCL_TCPX_")
-        .env("FAKE_TCPX_SAME_HOST", "fatal")
-        .env("FAKE_TCPX_FAULT", "drop:0")
-        .env("UCCL_TCPX_LOCAL_PEERS", "socket")
-        .env("UCCL_TCPX_FAKE_PLUGIN", plugin::fake_plugin())
-}
-
-fn assert_strict() {
-    for (name, value) in [("FAKE_TCPX_SAME_HOST", "fatal"), ("FAKE_TCPX_FAULT", "drop:0")] {
-        assert_eq!(std::env::var(name).as_deref(), Ok(value), "run through its parent, which sets {name}");
-    }
-}
-
 #[test]
 fn plugin_engines_on_two_test_hosts_keep_the_plugin_out_of_their_connection() {
     let Some(net) = TestNet::up(1, None) else { return };
-    let mut server = strict(ChildTest::new("plugin_server_host"))
+    let mut server = plugin::strict_child(ChildTest::new("plugin_server_host").env_cleared("UCCL_TCPX_"))
         .env("TESTNET_SELF", net.addr(1, 0).to_string())
         .on_host(&net, 1)
         .spawn();
     let announced = server.announcement("SERVER ", PATIENCE);
-    let out = strict(ChildTest::new("plugin_client_host"))
+    let out = plugin::strict_child(ChildTest::new("plugin_client_host").env_cleared("UCCL_TCPX_"))
         .env("TESTNET_SELF", net.addr(0, 0).to_string())
         .env("TESTNET_SERVER", format!("{} {}", net.addr(1, 0), announced.trim()))
         .on_host(&net, 0)
@@ -75,7 +57,7 @@ fn plugin_engines_on_two_test_hosts_keep_the_plugin_out_of_their_connection() {
 #[ignore = "started by the tests of this file on a test host"]
 fn plugin_server_host() {
     assert!(common::is_child("plugin_server_host"));
-    assert_strict();
+    plugin::assert_strict();
     let engine = Arc::new(Engine::new(config()).unwrap());
     assert_eq!(engine.transport(), FAKE);
     let mut region = vec![0u8; REGION];
@@ -102,7 +84,7 @@ fn plugin_server_host() {
 #[ignore = "started by the tests of this file on a test host"]
 fn plugin_client_host() {
     assert!(common::is_child("plugin_client_host"));
-    assert_strict();
+    plugin::assert_strict();
     let server = std::env::var("TESTNET_SERVER").unwrap();
     let mut words = server.split_whitespace();
     let (ip, port, hex) = (words.next().unwrap(), words.next().unwrap(), words.next().unwrap());

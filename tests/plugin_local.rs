@@ -28,24 +28,6 @@ fn local_config() -> Config {
     Config { disable_ipc: false, local_peers: LocalPeers::Socket, ..plugin::config(2, 256 << 10) }
 }
 
-/// Child `name`, the fake and the engine at their defaults for same-host peers, every plugin comm
-/// dropped at once.
-fn strict_child(name: &str) -> ChildTest {
-    ChildTest::new(name)
-        .ignored()
-        .env_cleared("FAKE_TCPX_")
-        .env("FAKE_TCPX_SAME_HOST", "fatal")
-        .env("FAKE_TCPX_FAULT", "drop:0")
-        .env("UCCL_TCPX_LOCAL_PEERS", "socket")
-        .env("UCCL_TCPX_FAKE_PLUGIN", plugin::fake_plugin())
-}
-
-fn assert_strict() {
-    for (name, value) in [("FAKE_TCPX_SAME_HOST", "fatal"), ("FAKE_TCPX_FAULT", "drop:0")] {
-        assert_eq!(std::env::var(name).as_deref(), Ok(value), "run through its parent, which sets {name}");
-    }
-}
-
 /// A registered host buffer.
 struct Buf {
     bytes: Vec<u8>,
@@ -106,14 +88,14 @@ fn both_ways(p: &Pair) {
 
 #[test]
 fn engines_of_one_process_keep_the_plugin_out_of_their_connection() {
-    let out = strict_child("child_engines_of_one_process").run();
+    let out = plugin::strict_child(ChildTest::new("child_engines_of_one_process")).run();
     assert!(out.contains("child checked"), "{out}");
 }
 
 #[test]
 #[ignore = "run by its parent with the fake at its strict defaults"]
 fn child_engines_of_one_process() {
-    assert_strict();
+    plugin::assert_strict();
     let p = pair(local_config());
     assert_eq!((p.a.transport(), p.b.transport()), (FAKE, FAKE));
     assert_eq!((p.ab.peer.locality, p.ba.peer.locality), (Locality::SameProcess, Locality::SameProcess));
@@ -139,14 +121,14 @@ fn child_engines_of_one_process() {
 
 #[test]
 fn a_process_of_this_host_keeps_the_plugin_out_of_the_connection() {
-    let out = strict_child("child_host_driver").run();
+    let out = plugin::strict_child(ChildTest::new("child_host_driver")).run();
     assert!(out.contains("child checked"), "{out}");
 }
 
 #[test]
 #[ignore = "runs as the peer process of child_host_driver"]
 fn child_host_peer() {
-    assert_strict();
+    plugin::assert_strict();
     let engine = Arc::new(Engine::new(local_config()).unwrap());
     let max = *SIZES.iter().max().unwrap();
     let target = Buf::new(&engine, max);
@@ -171,7 +153,7 @@ fn child_host_peer() {
 #[test]
 #[ignore = "run by its parent with the fake at its strict defaults"]
 fn child_host_driver() {
-    assert_strict();
+    plugin::assert_strict();
     let mut peer = ChildTest::new("child_host_peer").ignored().spawn();
     let line = peer.announcement("PEER ", Duration::from_secs(120));
     let (port, hex) = line.trim().split_once(' ').unwrap();

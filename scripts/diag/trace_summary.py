@@ -11,7 +11,10 @@ process, in microseconds as `p50 (min-max)`:
   staging  staged chunks, in bursts (first chunk accepted while none was in flight to none in
            flight again), consecutive bursts of one shape grouped: the bursts' durations and, per
            comm of the burst nearest the median, each stage's mean time from the one before
-  UCCL_TCPX_TRACE=device,host,staging:/tmp/t <run>
+  failover per socket comm over several links: sockets declared dead and why, pieces sent again
+           (for a dead socket, or to ask for an acknowledgement overdue), re-dials of dead links
+           started, joined and failed
+  UCCL_TCPX_TRACE=device,host,staging,socket:/tmp/t <run>
   scripts/diag/trace_summary.py /tmp/t"""
 import collections
 import os
@@ -215,6 +218,27 @@ def staging(evs, step_name):
             print(line)
 
 
+def failover(evs, named):
+    comms = collections.defaultdict(list)
+    for e in evs:
+        if e['event'] in ('sock_dead', 'sock_resent', 'sock_redial', 'sock_rejoined', 'sock_redial_failed'):
+            comms[(e['pid'], e['comm'])].append(e)
+    for (pid, comm), es in sorted(comms.items()):
+        dead = [f'{e["socket"]} ({named["why"].get(e["why"], e["why"])})' for e in es if e['event'] == 'sock_dead']
+        resent = collections.Counter()
+        for e in es:
+            if e['event'] == 'sock_resent':
+                cause = named['cause'].get(e['cause'], e['cause'])
+                resent[(cause, 'pieces')] += e['pieces']
+                resent[(cause, 'bytes')] += e['bytes']
+        causes = sorted({c for c, _ in resent})
+        again = ', '.join(f'{resent[(c, "pieces")]} pieces ({resent[(c, "bytes")]} B) {c}' for c in causes)
+        steps = collections.Counter(e['event'] for e in es)
+        print(f'failover[{pid}] comm {comm:x}: dead sockets {", ".join(dead) or "none"}; sent again: {again or "none"}; '
+              f're-dials {steps["sock_redial"]} started, {steps["sock_rejoined"]} joined, '
+              f'{steps["sock_redial_failed"]} failed')
+
+
 def main():
     if len(sys.argv) != 2:
         sys.exit('usage: trace_summary.py PREFIX  (the path prefix of UCCL_TCPX_TRACE)')
@@ -224,6 +248,7 @@ def main():
     device(evs, named.get('by', {}))
     host(evs)
     staging(evs, named.get('step', {}))
+    failover(evs, {'why': named.get('why', {}), 'cause': named.get('cause', {})})
 
 
 if __name__ == '__main__':

@@ -104,6 +104,18 @@ events! {
     SockAdmit = "sock_admit", SOCKET { comm, seq, socket };
     /// The piece landed whole.
     SockLanded = "sock_landed", SOCKET { comm, seq, socket, bytes };
+    /// Socket `socket` of send comm `comm` (over several links) was declared dead (`why`: `DeadWhy`).
+    SockDead = "sock_dead", SOCKET { comm, socket, why };
+    /// `pieces` pieces (`bytes` of payload) that socket `socket` carried go out again on the
+    /// others (`cause`: `ResendCause`); none when all were acknowledged.
+    SockResent = "sock_resent", SOCKET { comm, socket, pieces, bytes, cause };
+    /// The link of socket `link` is dialed again (`attempt` since it last carried pieces) from
+    /// spare slot `socket`.
+    SockRedial = "sock_redial", SOCKET { comm, link, attempt, socket };
+    /// That socket joined: the link carries pieces again.
+    SockRejoined = "sock_rejoined", SOCKET { comm, link, attempt, socket };
+    /// That attempt failed: no connection could start, or it did not join (in time).
+    SockRedialFailed = "sock_redial_failed", SOCKET { comm, link, attempt, socket };
 
     /// A same-host host-memory write or read asked for the direct copy, posted at `entered`.
     HostPosted = "host_posted", HOST { conn, side, transfer, write, bytes, entered };
@@ -154,6 +166,15 @@ codes! {
     MsgKind("kind") { WriteRequest = 1 "write_request", ReadRequest = 2 "read_request", Done = 3 "done", Data = 4 "data" }
     /// Who saw a device-copy batch finished.
     SeenBy("by") { Poll = 0 "poll", Wait = 1 "wait", Progress = 2 "progress", Failure = 3 "failure" }
+    /// Why a data socket was declared dead (`SockDead`).
+    DeadWhy("why") {
+        Failed = 1 "failed",
+        Closed = 2 "closed",
+        Silent = 3 "silent",
+        NotJoined = 4 "not_joined",
+    }
+    /// Why pieces go out again (`SockResent`): their socket died, or an acknowledgement is overdue.
+    ResendCause("cause") { Dead = 1 "dead", AckOverdue = 2 "ack_overdue" }
     /// A staged chunk's stages (its acceptance is `StageChunk`).
     StageMark("step") {
         CopyIssued = 1 "copy_issued",
@@ -191,5 +212,8 @@ mod tests {
         assert!(CODES.contains(&("by", 2, "progress")));
         assert!(CODES.contains(&("step", StageMark::InnerDone as u64, "inner_done")));
         assert!(CODES.contains(&("kind", MsgKind::Data as u64, "data")));
+        assert!(CODES.contains(&("why", DeadWhy::Silent as u64, "silent")));
+        let fields: std::collections::HashSet<_> = CODES.iter().map(|(f, v, _)| (*f, *v)).collect();
+        assert_eq!(fields.len(), CODES.len(), "one name per coded field and value");
     }
 }

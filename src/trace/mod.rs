@@ -67,6 +67,19 @@ pub fn next_id() -> u64 {
     NEXT_ID.fetch_add(1, Relaxed) + 1
 }
 
+/// Tests: records `categories` from now on, for the rest of the test process, in memory only (no
+/// file at exit); [`recorded`] reads the events back.
+#[cfg(test)]
+pub fn record_in_memory(categories: u32) {
+    MASK.fetch_or(categories, Relaxed);
+}
+
+/// Tests: every event kept so far, with its time, by time.
+#[cfg(test)]
+pub fn recorded() -> Vec<(u64, Event)> {
+    record::kept_events()
+}
+
 /// What `UCCL_TCPX_TRACE` asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Setting {

@@ -162,6 +162,12 @@ fn gather() -> Option<(Vec<Rec>, Names, u64)> {
     Some((recs, names, dropped))
 }
 
+/// Every event kept so far with its time, by time.
+#[cfg(test)]
+pub(super) fn kept_events() -> Vec<(u64, Event)> {
+    gather().map(|(recs, _, _)| recs.iter().map(|r| (r.at, r.event)).collect()).unwrap_or_default()
+}
+
 /// Writes the file; returns the line to print.
 fn write(path: &str) -> String {
     let pid = std::process::id();

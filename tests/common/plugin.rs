@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use libloading::os::unix::Library;
+use testkit::child::ChildTest;
 use uccl_tcpx::internal::ncclnet::{NCCL_NET_HANDLE_MAXSIZE, NcclNetV7, PLUGIN_SYMBOL_V7};
 use uccl_tcpx::{Config, TransportChoice};
 
@@ -27,6 +28,28 @@ pub fn fake_plugin() -> PathBuf {
         so.display()
     );
     so
+}
+
+/// Child test `child` against the fake NIC at its strict default for same-host traffic
+/// (`FAKE_TCPX_SAME_HOST=fatal`: same-host devmem traffic ends the process, as in TCPX) with every
+/// comm the plugin makes dropped at once (`FAKE_TCPX_FAULT=drop:0`, so a transfer the plugin
+/// carried fails), and same-host peers on sockets as deployed: both set back from what the plugin
+/// harness pins for the other plugin tests. The fake's other settings are cleared.
+pub fn strict_child(child: ChildTest) -> ChildTest {
+    child
+        .ignored()
+        .env_cleared("FAKE_TCPX_")
+        .env("FAKE_TCPX_SAME_HOST", "fatal")
+        .env("FAKE_TCPX_FAULT", "drop:0")
+        .env("UCCL_TCPX_LOCAL_PEERS", "socket")
+        .env("UCCL_TCPX_FAKE_PLUGIN", fake_plugin())
+}
+
+/// In a child: fails unless it runs as [`strict_child`] set it up.
+pub fn assert_strict() {
+    for (name, value) in [("FAKE_TCPX_SAME_HOST", "fatal"), ("FAKE_TCPX_FAULT", "drop:0")] {
+        assert_eq!(std::env::var(name).as_deref(), Ok(value), "run through its parent, which sets {name}");
+    }
 }
 
 /// Another consumer of the plugin in this process, loading and initialising it as NCCL does

@@ -27,6 +27,7 @@ use super::wire::{CommShape, PieceCut, attach_ack};
 use crate::error::{Error, Result};
 use crate::sys::epoll::EventFd;
 use crate::threads::ThreadKind;
+use crate::trace;
 use crate::transport::Wake;
 use crate::transport::{IoSeg, LinkStats, MemKind, MrHandle, RecvComm, RequestId, SendComm};
 
@@ -174,26 +175,35 @@ impl SendSide {
             }
             for (k, late) in f.joining().collect::<Vec<_>>() {
                 if self.shared.is_open(k) {
-                    f.joined(k);
+                    if let Some((link, attempt)) = f.joined(k) {
+                        Redialed::Joined.trace(self.shared.trace, k, link, attempt);
+                    }
                 } else if late {
                     self.shared.abandon(k);
                 }
             }
         }
         for k in fanout::sockets(self.shared.take_dead()) {
-            f.dead(k, now);
+            if let Some((link, attempt)) = f.dead(k, now) {
+                Redialed::Failed.trace(self.shared.trace, k, link, attempt);
+            }
         }
         while let Some(redial) = self.failover.as_mut().and_then(|f| f.due(now)) {
             self.redial(redial, now, helpers);
         }
     }
 
-    /// Opens a spare slot over the link of `redial`; with none left the link stays unused.
+    /// Opens a spare slot over the link of `redial`. With none left, or nothing to dial with (a
+    /// helper could not take a socket before), no link is dialed again for the rest of the comm.
     fn redial(&mut self, redial: Redial, now: Instant, helpers: &Helpers) {
         self.grow_to(self.base, helpers);
         let k = self.placements.len();
         if k >= self.shared.streams.len() {
-            log::warn!("a send comm has no spare socket left to dial link {} again", redial.route);
+            self.stop_redials("it has no spare socket left");
+            return;
+        }
+        if self.dialer.is_none() {
+            self.stop_redials("it opens no more sockets");
             return;
         }
         match self.open(k, redial.route, helpers) {
@@ -206,15 +216,53 @@ impl SendSide {
                 if let Some(f) = &mut self.failover {
                     f.started(k, redial, now);
                 }
+                Redialed::Started.trace(self.shared.trace, k, redial.route, redial.attempt);
+            }
+            Err(e) if self.dialer.is_none() => {
+                log::warn!("a send comm could not dial the link of its socket {} again: {e}", redial.route);
+                Redialed::Failed.trace(self.shared.trace, k, redial.route, redial.attempt);
+                self.stop_redials("it opens no more sockets");
             }
             Err(e) => {
                 log::warn!("a send comm could not dial the link of its socket {} again: {e}", redial.route);
+                Redialed::Failed.trace(self.shared.trace, k, redial.route, redial.attempt);
                 if let Some(f) = &mut self.failover {
                     // As a slot that failed to join: the next attempt backs off further.
                     f.started(k, redial, now);
                     f.dead(k, now);
                 }
             }
+        }
+    }
+
+    /// No dead link is dialed again (`why`): the re-dial due and those scheduled are dropped,
+    /// said once.
+    fn stop_redials(&mut self, why: &str) {
+        if let Some(pending) = self.failover.as_mut().and_then(Failover::stop_redials) {
+            log::warn!(
+                "a send comm dials no dead link again ({why}): {} re-dials dropped; its dead links stay unused until the next connection",
+                pending + 1
+            );
+        }
+    }
+}
+
+/// How far a re-dial got, for the trace.
+#[derive(Clone, Copy)]
+enum Redialed {
+    Started,
+    Joined,
+    Failed,
+}
+
+impl Redialed {
+    /// Comm `comm`'s re-dial of `link` (its attempt `attempt`) from slot `k` got this far.
+    fn trace(self, comm: u64, k: usize, link: u8, attempt: u32) {
+        let (link, attempt, socket) = (u64::from(link), u64::from(attempt), k as u64);
+        match self {
+            Redialed::Started => trace::event!(SockRedial { comm, link, attempt, socket }),
+            Redialed::Joined => trace::event!(SockRejoined { comm, link, attempt, socket }),
+            Redialed::Failed => trace::event!(SockRedialFailed { comm, link, attempt, socket }),
         }
     }
 }
@@ -511,6 +559,24 @@ impl SocketSendComm {
             .expect("an open socket over the link");
         let _ = shared.stream(k).shutdown(Shutdown::Both);
         k
+    }
+
+    /// The comm's id, which its trace events carry.
+    pub fn comm_id(&self) -> u64 {
+        let Side::Send(send) = &self.0.side else { unreachable!("a send comm has a sending side") };
+        send.shared.trace
+    }
+
+    /// Takes the comm's dialer away, as when a helper could not take a socket it opened.
+    pub fn forget_dialer(&mut self) {
+        let Side::Send(send) = &mut self.0.side else { unreachable!("a send comm has a sending side") };
+        send.dialer = None;
+    }
+
+    /// Re-dials of dead links waiting for their time.
+    pub fn redials_pending(&self) -> usize {
+        let Side::Send(send) = &self.0.side else { unreachable!("a send comm has a sending side") };
+        send.failover.as_ref().map_or(0, |f| f.pending())
     }
 
     /// Sockets that carry pieces now.

@@ -37,13 +37,26 @@ pub(super) struct Failover {
     /// Requests acknowledged when last looked, and since when that count stands (or a piece was
     /// last sent again to ask for an acknowledgement).
     acked: (u64, Instant),
+    /// Pieces sent again to ask for the acknowledgement of that count.
+    asked: u32,
+    /// The comm can open no socket any more: nothing is dialed again.
+    stopped: bool,
 }
 
 impl Failover {
     /// For a comm of `count` sockets and `slots` slots in all.
     pub fn new(count: usize, slots: usize, dead_after: Duration, now: Instant) -> Failover {
         let route_of = (0..slots).map(|k| ((k.min(count.saturating_sub(1))) as u8, 0)).collect();
-        Failover { dead_after, next_check: now, route_of, pending: Vec::new(), joining: Vec::new(), acked: (0, now) }
+        Failover {
+            dead_after,
+            next_check: now,
+            route_of,
+            pending: Vec::new(),
+            joining: Vec::new(),
+            acked: (0, now),
+            asked: 0,
+            stopped: false,
+        }
     }
 
     /// Whether to check the links now: a few times per bound.
@@ -56,28 +69,61 @@ impl Failover {
     }
 
     /// Whether to ask for an acknowledgement again: the count stood at `upto` for two bounds while
-    /// every byte out reached the peer (`delivered`). Asking starts the two bounds anew.
+    /// every byte out reached the peer (`delivered`), then for twice as long after each ask for
+    /// that count: a receiver that is slow to post lost nothing, and gets few duplicate pieces.
+    /// A count that moved starts over at two bounds.
     pub fn acks_overdue(&mut self, upto: u64, delivered: bool, now: Instant) -> bool {
+        if upto != self.acked.0 {
+            self.asked = 0;
+        }
         if upto != self.acked.0 || !delivered {
             self.acked = (upto, now);
             return false;
         }
-        if now < self.acked.1 + self.dead_after * 2 {
+        if now < self.acked.1 + self.dead_after * (2 << self.asked.min(MAX_DOUBLINGS)) {
             return false;
         }
         self.acked.1 = now;
+        self.asked = self.asked.saturating_add(1);
         true
     }
 
-    /// Slot `k` died (or did not join): its link is dialed again after a back-off.
-    pub fn dead(&mut self, k: usize, now: Instant) {
-        self.joining.retain(|&(j, _)| j != k);
+    /// Slot `k` died (or did not join): its link is dialed again after a back-off. Returns the
+    /// link and attempt of a re-dialed slot that was still joining: that attempt failed.
+    pub fn dead(&mut self, k: usize, now: Instant) -> Option<(u8, u32)> {
+        let failed = self.take_joining(k);
         let (route, attempt) = self.route_of[k];
-        if self.pending.iter().any(|r| r.route == route) {
-            return;
+        if self.stopped || self.pending.iter().any(|r| r.route == route) {
+            return failed;
         }
         let backoff = self.dead_after * (1 << attempt.min(MAX_DOUBLINGS));
         self.pending.push(Redial { route, attempt: attempt + 1, due: now + backoff });
+        failed
+    }
+
+    /// Slot `k` no longer joins; its link and attempt if it was.
+    fn take_joining(&mut self, k: usize) -> Option<(u8, u32)> {
+        let i = self.joining.iter().position(|&(j, _)| j == k)?;
+        self.joining.swap_remove(i);
+        Some(self.route_of[k])
+    }
+
+    /// The comm can open no socket any more (no spare slot, or nothing to dial with): re-dials
+    /// pending are dropped and dead sockets schedule none. Returns the re-dials dropped, `None`
+    /// when stopped already.
+    pub fn stop_redials(&mut self) -> Option<usize> {
+        if std::mem::replace(&mut self.stopped, true) {
+            return None;
+        }
+        let dropped = self.pending.len();
+        self.pending.clear();
+        Some(dropped)
+    }
+
+    /// Re-dials waiting for their time.
+    #[cfg(test)]
+    pub fn pending(&self) -> usize {
+        self.pending.len()
     }
 
     /// A re-dial due now, taken.
@@ -93,9 +139,11 @@ impl Failover {
     }
 
     /// Slot `k` joined: its link works again, and a later failure starts the back-off anew.
-    pub fn joined(&mut self, k: usize) {
-        self.joining.retain(|&(j, _)| j != k);
+    /// Returns its link and the attempt that opened it.
+    pub fn joined(&mut self, k: usize) -> Option<(u8, u32)> {
+        let joined = self.take_joining(k);
         self.route_of[k].1 = 0;
+        joined
     }
 
     /// Re-dialed slots still joining: those past their time, and those that were.
@@ -110,7 +158,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_acknowledgement_is_asked_for_again_two_bounds_after_the_bytes_arrived() {
+    fn an_acknowledgement_is_asked_for_again_with_a_doubling_back_off() {
         let t0 = Instant::now();
         let bound = Duration::from_millis(100);
         let mut f = Failover::new(2, 10, bound, t0);
@@ -119,9 +167,24 @@ mod tests {
         assert!(!f.acks_overdue(3, false, t0 + bound * 3), "bytes still on their way");
         assert!(!f.acks_overdue(3, true, t0 + bound * 4), "two bounds from when they arrived");
         assert!(f.acks_overdue(3, true, t0 + bound * 5));
-        assert!(!f.acks_overdue(3, true, t0 + bound * 6), "asking starts the bounds anew");
-        assert!(f.acks_overdue(3, true, t0 + bound * 7));
-        assert!(!f.acks_overdue(4, true, t0 + bound * 10), "an acknowledgement came");
+        assert!(!f.acks_overdue(3, true, t0 + bound * 8), "asking again waits twice as long");
+        assert!(f.acks_overdue(3, true, t0 + bound * 9));
+        assert!(!f.acks_overdue(3, true, t0 + bound * 16));
+        assert!(f.acks_overdue(3, true, t0 + bound * 17), "then four times");
+        // Bytes on their way start the wait anew, without undoing the back-off.
+        assert!(!f.acks_overdue(3, false, t0 + bound * 18));
+        assert!(!f.acks_overdue(3, true, t0 + bound * 33));
+        assert!(f.acks_overdue(3, true, t0 + bound * 34), "then eight times");
+        // The back-off stops doubling at 32 bounds.
+        let mut at = t0 + bound * 34;
+        for _ in 0..3 {
+            assert!(!f.acks_overdue(3, true, at + bound * 31));
+            at += bound * 32;
+            assert!(f.acks_overdue(3, true, at));
+        }
+        assert!(!f.acks_overdue(4, true, at + bound), "an acknowledgement came");
+        assert!(!f.acks_overdue(4, true, at + bound * 2), "a new count waits two bounds");
+        assert!(f.acks_overdue(4, true, at + bound * 3), "only two: the back-off starts over");
     }
 
     #[test]
@@ -141,7 +204,7 @@ mod tests {
         // Slot 4 tries link 2 and fails: the next attempt waits twice as long, then four times.
         f.started(4, r, t0 + bound);
         assert_eq!(f.joining().collect::<Vec<_>>(), vec![(4, false)]);
-        f.dead(4, t0 + bound);
+        assert_eq!(f.dead(4, t0 + bound), Some((2, 1)), "the attempt that failed");
         assert_eq!(f.due(t0 + bound * 2), None);
         let r = f.due(t0 + bound * 3).expect("after twice the bound");
         assert_eq!((r.route, r.attempt), (2, 2));
@@ -154,10 +217,24 @@ mod tests {
         assert!(f.due(t0 + bound * 15).is_none() && f.due(t0 + bound * 16).is_some());
         // A slot that joined starts over.
         f.started(7, Redial { route: 1, attempt: 3, due: t0 }, t0);
-        f.joined(7);
+        assert_eq!(f.joined(7), Some((1, 3)), "the attempt that joined");
         assert_eq!(f.joining().count(), 0);
-        f.dead(7, t0);
+        assert_eq!(f.dead(7, t0), None, "a socket that carried pieces: no attempt failed");
         let r = f.due(t0 + bound).expect("after one bound again");
         assert_eq!((r.route, r.attempt), (1, 1));
+    }
+
+    #[test]
+    fn stopped_re_dials_are_dropped_and_none_is_scheduled_after() {
+        let t0 = Instant::now();
+        let bound = Duration::from_millis(100);
+        let mut f = Failover::new(4, 12, bound, t0);
+        f.dead(1, t0);
+        f.dead(2, t0);
+        assert_eq!(f.stop_redials(), Some(2), "both pending re-dials dropped");
+        assert_eq!(f.stop_redials(), None, "said once");
+        assert_eq!(f.due(t0 + bound * 100), None);
+        f.dead(3, t0);
+        assert_eq!((f.pending(), f.due(t0 + bound * 100)), (0, None), "a later death schedules nothing");
     }
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::wire::{ACK_LEN, Ack, DONE_LEN, PieceCut, PieceHeader, SocketHello, attach_ack};
 use super::*;
+use crate::trace::{DeadWhy, ResendCause};
 use crate::transport::testutil::until;
 use crate::transport::{MrHandle, RecvComm, RequestId};
 
@@ -209,14 +210,119 @@ fn a_send_socket_failing_under_a_stream_of_messages_loses_no_byte_and_its_link_i
     assert!(link_bytes(&tx, second) > before, "the link carries pieces again (socket {k} was replaced)");
 }
 
+/// A comm that can open no socket any more (a helper once failed to take one it opened, which no
+/// test can bring about: the test takes the dialer away) drops the re-dial of a dead link when it
+/// comes due, and a socket that dies later schedules none: no attempt every few bounds for the
+/// rest of the comm. The comm goes on over the sockets left.
+#[test]
+fn a_comm_that_opens_no_more_sockets_dials_no_dead_link_again() {
+    let (_net, mut tx, mut rx) = two_link_pair();
+    let second: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
+    stream(&mut tx, &mut rx, 4, 4 * PIECE, |_, _| {});
+    assert_eq!(tx.open_sockets(), 4);
+    tx.forget_dialer();
+    // Kills a socket over the second link; streams until the comm counts it dead and has looked
+    // at its links once more (the next post), so that a re-dial would be scheduled.
+    let kill = |tx: &mut comm::SocketSendComm, rx: &mut Box<dyn RecvComm>, left: usize| {
+        tx.kill_socket_on(second);
+        let start = Instant::now();
+        while tx.open_sockets() > left {
+            assert!(start.elapsed() < Duration::from_secs(10), "the socket was never declared dead");
+            stream(tx, rx, 1, PIECE, |_, _| {});
+        }
+        stream(tx, rx, 1, PIECE, |_, _| {});
+    };
+    kill(&mut tx, &mut rx, 3);
+    // Past the bound (200 ms) with the comm in use: the re-dial came due and was dropped.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(600) {
+        stream(&mut tx, &mut rx, 2, PIECE, |_, _| {});
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!((tx.open_sockets(), tx.redials_pending()), (3, 0), "the re-dial was dropped");
+    kill(&mut tx, &mut rx, 2);
+    assert_eq!((tx.open_sockets(), tx.redials_pending()), (2, 0), "a later death schedules no re-dial");
+    stream(&mut tx, &mut rx, 8, 4 * PIECE, |_, _| {});
+    let links = tx.link_stats();
+    assert_eq!(links.iter().map(|l| l.errors).sum::<u64>(), 2, "{links:?}");
+}
+
+/// The trace events of send comm `comm` of the failover: (time, label, fields as the schema
+/// names them).
+fn failover_events(comm: u64) -> Vec<(u64, &'static str, std::collections::HashMap<&'static str, u64>)> {
+    let failover = ["sock_dead", "sock_resent", "sock_redial", "sock_rejoined", "sock_redial_failed"];
+    let mut out = Vec::new();
+    for (at, e) in crate::trace::recorded() {
+        let schema = crate::trace::SCHEMA[e.index()];
+        let mut values = Vec::new();
+        e.values(&mut values);
+        let fields: std::collections::HashMap<_, _> = schema.fields.iter().copied().zip(values).collect();
+        if failover.contains(&schema.label) && fields["comm"] == comm {
+            out.push((at, schema.label, fields));
+        }
+    }
+    out
+}
+
+/// A failover run writes its steps to the trace: the socket declared dead and why, the pieces it
+/// carried handed back, the re-dial of its link started and joined, in that order.
+#[test]
+fn a_failover_is_traced() {
+    crate::trace::record_in_memory(crate::trace::SOCKET);
+    let (_net, mut tx, mut rx) = two_link_pair();
+    let second: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
+    let killed = std::cell::Cell::new(None);
+    stream(&mut tx, &mut rx, 24, 4 * PIECE, |i, tx| {
+        if i == 12 {
+            killed.set(Some(tx.kill_socket_on(second)));
+        }
+    });
+    let k = killed.get().expect("a socket was killed") as u64;
+    let start = Instant::now();
+    while tx.open_sockets() < 4 {
+        assert!(start.elapsed() < Duration::from_secs(10), "the link was not dialed again");
+        stream(&mut tx, &mut rx, 4, PIECE, |_, _| {});
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The join is traced by the comm's next look at its links.
+    let comm = tx.comm_id();
+    let traced = |label| failover_events(comm).into_iter().filter(|e| e.1 == label).collect::<Vec<_>>();
+    while traced("sock_rejoined").is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(10), "the join was never traced");
+        stream(&mut tx, &mut rx, 1, PIECE, |_, _| {});
+    }
+    let dead = traced("sock_dead");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let why = dead[0].2["why"];
+    assert_eq!(dead[0].2["socket"], k);
+    assert!(why == DeadWhy::Closed as u64 || why == DeadWhy::Failed as u64, "a socket shut down: {why}");
+    let resent = traced("sock_resent");
+    assert_eq!(resent.len(), 1, "{resent:?}");
+    let r = &resent[0].2;
+    assert_eq!((r["socket"], r["cause"]), (k, ResendCause::Dead as u64));
+    assert!(r["bytes"] <= r["pieces"] * PIECE as u64 && (r["bytes"] > 0) == (r["pieces"] > 0), "{r:?}");
+    let (redial, joined) = (traced("sock_redial"), traced("sock_rejoined"));
+    assert_eq!((redial.len(), joined.len()), (1, 1), "{redial:?} {joined:?}");
+    // The link of socket k, named by k as in the comm's log lines.
+    let (d, j) = (&redial[0].2, &joined[0].2);
+    assert_eq!((d["link"], d["attempt"]), (k, 1), "{d:?}");
+    assert!(d["socket"] >= 4, "a spare slot: {d:?}");
+    assert_eq!((j["link"], j["attempt"], j["socket"]), (d["link"], d["attempt"], d["socket"]));
+    assert!(traced("sock_redial_failed").is_empty());
+    assert!(dead[0].0 <= resent[0].0 && resent[0].0 <= redial[0].0 && redial[0].0 <= joined[0].0, "in order");
+}
+
 /// A raw listener reached over two data links (127.0.0.1 and 127.0.0.2), its handle, and a net of
-/// those links whose stall bound is `bound` and whose failover is `failover`.
+/// those links whose stall bound is `bound` and whose failover is `failover`, with one helper per
+/// direction.
 fn two_link_raw_peer(bound: Duration, failover: bool) -> (std::net::TcpListener, NetHandle, SocketNet) {
     let links: Vec<Ipv4Addr> = vec![Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(127, 0, 0, 2)];
     let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let handle = SocketHandle::new(std::net::SocketAddr::new(links[0].into(), port), 5, &links).encode();
-    let options = crate::config::SocketConfig { nthreads: 1, nsocks_per_thread: 1, failover, ..Default::default() };
+    // One helper per direction: every comm of the net shares it.
+    let options =
+        crate::config::SocketConfig { nthreads: 1, nsocks_per_thread: 1, helpers: 1, failover, ..Default::default() };
     let net = SocketNet::new("127.0.0.1".parse().unwrap(), Duration::from_secs(5), bound * 4, Arc::new(|| {}))
         .with_options(options)
         .with_data_links(links.iter().map(|&a| a.into()).collect());
@@ -288,6 +394,57 @@ fn an_acknowledgement_that_never_comes_is_asked_for_again() {
     assert_eq!(until(|| tx.test(s)).unwrap(), msg.len());
 }
 
+/// A receiver that read a request's bytes but does not acknowledge it (it has not posted its
+/// receive yet: nothing was lost) gets the piece again after two bounds, then after four, eight:
+/// not a copy every two bounds.
+#[test]
+fn an_acknowledgement_overdue_is_asked_for_with_a_doubling_back_off() {
+    crate::trace::record_in_memory(crate::trace::SOCKET);
+    let bound = Duration::from_millis(100);
+    let (listener, handle, net) = two_link_raw_peer(bound, true);
+    let mut tx = net.connect_comm(0, &handle).unwrap();
+    let (mut first, hello) = first_hello(&listener);
+    let msg: Vec<u8> = (0..1000).map(|i| i as u8).collect();
+    // SAFETY: msg outlives the send, tested to completion below.
+    let s = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
+    let cut = PieceCut::new(hello.subchunk as usize, hello.count as usize);
+    let mut reader = first.try_clone().unwrap();
+    let pieces = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let mut h = [0u8; wire::PIECE_HEADER_LEN];
+        // Until the test shuts the socket down for reading.
+        while reader.read_exact(&mut h).is_ok() {
+            let h = PieceHeader::decode(&h, cut).unwrap();
+            let mut payload = vec![0u8; h.len as usize];
+            reader.read_exact(&mut payload).unwrap();
+            got.push((h, payload));
+        }
+        got
+    });
+    // Twelve bounds with the comm tested: asks at about 2 and 6 bounds (the next at 14); one
+    // every two bounds would be 5.
+    let start = Instant::now();
+    while start.elapsed() < bound * 12 {
+        assert_eq!(tx.test(s).unwrap(), None, "complete without an acknowledgement");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // A copy the last test sent reaches the reader before it stops.
+    std::thread::sleep(Duration::from_millis(50));
+    first.shutdown(std::net::Shutdown::Read).unwrap();
+    let got = pieces.join().unwrap();
+    assert!(got.iter().all(|(h, p)| (h.seq, h.offset, &p[..]) == (0, 0, &msg[..])), "the same piece each time");
+    assert!((2..=3).contains(&got.len()), "the piece, then one or two copies: {} in all", got.len());
+    let asks: Vec<_> = failover_events(tx.comm_id()).into_iter().map(|(_, label, f)| (label, f)).collect();
+    assert_eq!(asks.len(), got.len() - 1, "each copy traced: {asks:?}");
+    assert!(
+        asks.iter().all(|(label, f)| *label == "sock_resent"
+            && (f["pieces"], f["bytes"], f["cause"]) == (1, 1000, ResendCause::AckOverdue as u64)),
+        "{asks:?}"
+    );
+    first.write_all(&Ack { completed: 1 }.encode()).unwrap();
+    assert_eq!(until(|| tx.test(s)).unwrap(), msg.len());
+}
+
 /// A hostile receiver acknowledges a request whose bytes it cannot hold (it read none, and most
 /// are still in the sender's memory): the comm fails with a protocol violation, the request
 /// never completes, and nothing panics.
@@ -349,4 +506,36 @@ fn a_receiver_posting_nothing_for_several_bounds_kills_no_socket() {
     assert!(bufs == msgs, "every message arrived whole");
     let links = tx.link_stats();
     assert_eq!(links.iter().map(|l| l.errors).sum::<u64>(), 0, "a socket was declared dead: {links:?}");
+}
+
+/// A hostile receiver floods a send comm's socket with stale acknowledgements (valid, but old)
+/// faster than they can be read. The helper serving that socket reads a bounded number per run,
+/// so it still serves its other sockets: another comm on the same helper moves every message.
+#[test]
+fn a_flood_of_stale_acknowledgements_keeps_no_helper_from_its_other_sockets() {
+    // One sending helper serves both comms' sockets.
+    let (listener, handle, net) = two_link_raw_peer(Duration::from_millis(100), true);
+    let flooded = net.connect_comm(0, &handle).unwrap();
+    let (first, hello) = first_hello(&listener);
+    assert!(hello.acked);
+    let flood = {
+        let mut s = first.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let acks: Vec<u8> = (0..4096).flat_map(|_| Ack { completed: 0 }.encode()).collect();
+            let mut written = 0;
+            // Until the comm's socket goes: blocked while its buffers are full.
+            while let Ok(n) = s.write(&acks) {
+                written += n;
+            }
+            written
+        })
+    };
+    let (h, mut listen) = net.listen(0).unwrap();
+    let mut tx = net.connect_comm(0, &h).unwrap();
+    let mut rx = until(|| listen.accept()).unwrap();
+    stream(&mut tx, &mut rx, 16, 4 * PIECE, |_, _| {});
+    let _ = first.shutdown(std::net::Shutdown::Both);
+    drop(flooded);
+    let written = flood.join().unwrap();
+    assert!(written >= 64 * DONE_LEN, "the flood went out ({written} bytes)");
 }

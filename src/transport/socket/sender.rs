@@ -22,11 +22,13 @@ use super::link_tally::Tallies;
 use super::reactor::{Next, Task};
 use super::window::{Piece, PieceMem, Window};
 use super::wire::{DONE_LEN, PIECE_HEADER_LEN, PieceHeader};
-use crate::error::Error;
+use crate::error::{Error, UcclStatus};
 use crate::threads::{self, ThreadKind};
 use crate::trace;
 
 mod kept;
+#[cfg(test)]
+mod kept_tests;
 
 /// Requests at most this large (and a single piece) are written by the posting thread itself when
 /// nothing older is waiting, saving the wake-up of a helper thread on the latency path.
@@ -147,6 +149,7 @@ impl SendSockets {
         self.tally.error(k);
         let _ = self.stream(k).shutdown(std::net::Shutdown::Both);
         if self.window.is_acked() {
+            trace::event!(SockDead { comm: self.trace, socket: k as u64, why: trace::DeadWhy::NotJoined as u64 });
             // Its link may come back: the comm tries it again later.
             self.dead.fetch_or(1 << k, Ordering::AcqRel);
             self.to_replace.fetch_or(1 << k, Ordering::AcqRel);
@@ -226,7 +229,8 @@ impl SendSockets {
                     self.release(k);
                     let e = Error::io("channel send", e);
                     if self.window.is_acked() {
-                        self.socket_failed(k, e);
+                        let why = dead_why(&e);
+                        self.socket_failed(k, e, why);
                     } else {
                         self.tally.error(k);
                         self.window.fail(e);
@@ -379,27 +383,33 @@ impl Task for SendTask {
             return next;
         }
         let acked = self.shared.window.is_acked();
+        let mut acks_left = false;
         if acked {
             if self.shared.inflight[self.k].lock().dead {
                 return Next::Stop;
             }
             match self.read_acks() {
-                Ok(()) => {}
+                Ok(left) => acks_left = left,
                 Err((true, e)) => {
                     self.shared.window.fail(e);
                     self.shared.relay.forgive();
                     return Next::Stop;
                 }
                 Err((false, e)) => {
-                    self.shared.socket_failed(self.k, e);
+                    let why = dead_why(&e);
+                    self.shared.socket_failed(self.k, e, why);
                     return Next::Stop;
                 }
             }
         }
         match self.step() {
+            // Acknowledgements left unread raise no new edge: the helper runs the socket again
+            // after its other sockets.
+            Ok(Next::Idle) if acks_left => Next::Again,
             Ok(next) => next,
             Err(e) if acked => {
-                self.shared.socket_failed(self.k, e);
+                let why = dead_why(&e);
+                self.shared.socket_failed(self.k, e, why);
                 Next::Stop
             }
             Err(e) => {
@@ -410,6 +420,12 @@ impl Task for SendTask {
             }
         }
     }
+}
+
+/// Why a socket whose send or read failed with `e` is dead: its connection ended (the end of its
+/// stream, a reset), or another error.
+fn dead_why(e: &Error) -> trace::DeadWhy {
+    if e.status() == UcclStatus::ErrRemoteDisconnect { trace::DeadWhy::Closed } else { trace::DeadWhy::Failed }
 }
 
 enum Step {

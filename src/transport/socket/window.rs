@@ -570,14 +570,15 @@ impl Window {
     }
 
     /// Sender: `pieces` a dead socket carried go out again, before any new piece; those of
-    /// acknowledged requests are dropped. Returns how many will.
-    pub fn resend(&self, pieces: impl IntoIterator<Item = Piece>) -> u64 {
+    /// acknowledged requests are dropped. Returns how many will, and their bytes.
+    pub fn resend(&self, pieces: impl IntoIterator<Item = Piece>) -> (u64, u64) {
+        let mut bytes = 0;
         let n = {
             let mut book = self.book.lock();
             let upto = self.acked_upto.load(Ordering::Acquire);
-            let Some(acked) = &mut book.acked else { return 0 };
+            let Some(acked) = &mut book.acked else { return (0, 0) };
             let before = acked.resend.len();
-            acked.resend.extend(pieces.into_iter().filter(|p| p.seq >= upto));
+            acked.resend.extend(pieces.into_iter().filter(|p| p.seq >= upto).inspect(|p| bytes += p.len as u64));
             log::debug!(
                 "resend {:?} (acknowledged below {upto})",
                 acked.resend.iter().map(|p| (p.seq, p.offset)).collect::<Vec<_>>()
@@ -588,7 +589,7 @@ impl Window {
             // As a raise: a socket that looks again finds them.
             self.raised.fetch_add(1, Ordering::SeqCst);
         }
-        n
+        (n, bytes)
     }
 
     /// Receiver of an acknowledged comm: [`admit`](Self::admit) for socket `k`, where a piece

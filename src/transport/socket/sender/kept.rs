@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use super::{Outgoing, SendSockets, SendTask, Step, write};
 use crate::error::Error;
+use crate::trace::{self, DeadWhy, ResendCause};
 use crate::transport::IoSeg;
 use crate::transport::socket::window::{Piece, PieceMem};
 use crate::transport::socket::wire::{Ack, DONE_LEN};
@@ -25,7 +26,8 @@ impl SendSockets {
         let mut f = self.inflight[k].lock();
         if f.dead {
             drop(f);
-            self.window.resend([*piece]);
+            let resent = self.window.resend([*piece]);
+            self.traced_resent(k, resent, ResendCause::Dead);
             return false;
         }
         let upto = self.window.acked_upto();
@@ -34,10 +36,10 @@ impl SendSockets {
         true
     }
 
-    /// Acknowledged comms: socket `k` is dead (`why`). Its pieces not acknowledged go out again on
-    /// the others, which are kicked; the connection is reset, so that its link carries nothing more
-    /// of it. With no other socket open the comm fails with `why`.
-    pub fn socket_failed(&self, k: usize, why: Error) {
+    /// Acknowledged comms: socket `k` is dead (`why`, traced as `reason`). Its pieces not
+    /// acknowledged go out again on the others, which are kicked; the connection is reset, so that
+    /// its link carries nothing more of it. With no other socket open the comm fails with `why`.
+    pub fn socket_failed(&self, k: usize, why: Error, reason: DeadWhy) {
         let pieces = {
             let mut f = self.inflight[k].lock();
             if f.dead {
@@ -51,8 +53,11 @@ impl SendSockets {
         }
         self.dead.fetch_or(1 << k, Ordering::AcqRel);
         self.tally.error(k);
+        trace::event!(SockDead { comm: self.trace, socket: k as u64, why: reason as u64 });
         abort(self.stream(k));
-        let again = self.window.resend(pieces);
+        let resent = self.window.resend(pieces);
+        self.traced_resent(k, resent, ResendCause::Dead);
+        let again = resent.0;
         let open = self.open_count();
         if open == 0 {
             self.window.fail(Error::new(
@@ -116,7 +121,7 @@ impl SendSockets {
             let backlog = info.tcpi_unacked > 0 || info.tcpi_notsent_bytes > 0;
             delivered &= !backlog;
             if info.tcpi_state != TCP_ESTABLISHED {
-                self.socket_failed(k, Error::disconnected("the data socket's connection closed"));
+                self.socket_failed(k, Error::disconnected("the data socket's connection closed"), DeadWhy::Closed);
             } else if backlog
                 && silent >= bound
                 && stuck >= bound / 2
@@ -126,6 +131,7 @@ impl SendSockets {
                 self.socket_failed(
                     k,
                     Error::timeout(format!("its link acknowledged nothing for {} ms", silent.as_millis())),
+                    DeadWhy::Silent,
                 );
             }
         }
@@ -140,15 +146,22 @@ impl SendSockets {
         let upto = self.window.acked_upto();
         let piece = (0..self.streams.len())
             .filter(|&k| self.open[k].load(Ordering::Acquire))
-            .find_map(|k| self.inflight[k].lock().pieces.iter().find(|p| p.seq == upto).copied());
-        let Some(piece) = piece else { return false };
-        if self.window.resend([piece]) == 0 {
+            .find_map(|k| Some((k, self.inflight[k].lock().pieces.iter().find(|p| p.seq == upto).copied()?)));
+        let Some((k, piece)) = piece else { return false };
+        let resent = self.window.resend([piece]);
+        if resent.0 == 0 {
             return false;
         }
+        self.traced_resent(k, resent, ResendCause::AckOverdue);
         for j in (0..self.streams.len()).filter(|&j| self.idle(j)) {
             self.relay.kick(j);
         }
         true
+    }
+
+    /// `(pieces, bytes)` that socket `k` carried go out again.
+    fn traced_resent(&self, k: usize, (pieces, bytes): (u64, u64), cause: ResendCause) {
+        trace::event!(SockResent { comm: self.trace, socket: k as u64, pieces, bytes, cause: cause as u64 });
     }
 
     /// Writes what socket `k` takes of `o`. On an acknowledged comm, from the request's memory only
@@ -184,12 +197,20 @@ impl SendSockets {
     }
 }
 
+/// Reads of acknowledgements a socket makes per run at most: a peer flooding stale ones (valid,
+/// but old) cannot keep the helper from the other sockets it serves.
+pub(super) const ACK_READS_PER_RUN: usize = 64;
+
 impl SendTask {
-    /// Reads the acknowledgements that came on this socket. `Err((fatal, e))`: a malformed or
-    /// impossible one fails the comm (`fatal`); a socket error or its end takes the socket out.
-    pub(super) fn read_acks(&mut self) -> Result<(), (bool, Error)> {
+    /// Reads the acknowledgements that came on this socket, at most [`ACK_READS_PER_RUN`] reads:
+    /// `Ok(true)` when it stopped there, so more may wait. The helper's poll is edge triggered, so
+    /// bytes left unread raise no new event: the caller must run the socket again by itself.
+    /// `Err((fatal, e))`: a malformed or impossible acknowledgement fails the comm (`fatal`); a
+    /// socket error or its end takes the socket out.
+    pub(super) fn read_acks(&mut self) -> Result<bool, (bool, Error)> {
         let fd = self.shared.stream(self.k).as_raw_fd();
-        loop {
+        let mut reads = 0;
+        while reads < ACK_READS_PER_RUN {
             let rest = &mut self.ack[self.ack_got..];
             // SAFETY: `rest` is writable for its length.
             let n = unsafe { libc::recv(fd, rest.as_mut_ptr().cast(), rest.len(), libc::MSG_DONTWAIT) };
@@ -200,10 +221,11 @@ impl SendTask {
                 let e = std::io::Error::last_os_error();
                 match e.kind() {
                     std::io::ErrorKind::Interrupted => continue,
-                    std::io::ErrorKind::WouldBlock => return Ok(()),
+                    std::io::ErrorKind::WouldBlock => return Ok(false),
                     _ => return Err((false, Error::io("channel acknowledgement", e))),
                 }
             }
+            reads += 1;
             self.ack_got += n as usize;
             if self.ack_got == DONE_LEN {
                 self.ack_got = 0;
@@ -211,6 +233,7 @@ impl SendTask {
                 self.shared.window.ack(ack.completed).map_err(|e| (true, e))?;
             }
         }
+        Ok(true)
     }
 }
 
