@@ -407,6 +407,36 @@ fn many_transfers_in_flight_at_once() {
     }
 }
 
+/// Mid-size messages sent before their receives are posted wait in the receiver's landing memory
+/// and are copied into device memory once the receives come, from GPU and host sources.
+#[test]
+fn mid_size_sends_ahead_of_their_device_receives() {
+    if no_gpu() {
+        return;
+    }
+    let p = pair(config());
+    let lens = [65_537usize, (256 << 10) + 3, 1 << 20];
+    let sides = [Side::Gpu, Side::Host, Side::Gpu];
+    let data: Vec<Vec<u8>> = lens.iter().enumerate().map(|(i, &n)| pattern(n, 900 + i as u64)).collect();
+    let mut srcs: Vec<Mem> = lens.iter().zip(sides).map(|(&n, side)| Mem::new(side, n)).collect();
+    for (m, d) in srcs.iter_mut().zip(&data) {
+        m.write(0, d);
+    }
+    let dsts: Vec<Mem> = lens.iter().map(|&n| Mem::new(Side::Gpu, n + 8)).collect();
+    let smrs: Vec<u64> = srcs.iter().map(|m| p.a.register(m.addr(), m.len()).unwrap()).collect();
+    let dmrs: Vec<u64> = dsts.iter().map(|m| p.b.register(m.addr(), m.len()).unwrap()).collect();
+    let sends: Vec<u64> = (0..lens.len()).map(|i| p.ab.send(&[(smrs[i], srcs[i].addr(), lens[i])]).unwrap()).collect();
+    // Time for the messages to land; a receive that overtakes one still gets it, only by the
+    // other path.
+    std::thread::sleep(Duration::from_millis(200));
+    let recvs: Vec<u64> = (0..lens.len()).map(|i| p.ba.recv(dmrs[i], dsts[i].addr() + 3, lens[i]).unwrap()).collect();
+    for i in 0..lens.len() {
+        assert_eq!(wait(&p.ab, sends[i]).unwrap(), lens[i] as u64);
+        assert_eq!(wait(&p.ba, recvs[i]).unwrap(), lens[i] as u64);
+        assert_same(&dsts[i].read(3, lens[i]), &data[i], &format!("message {i} ({} bytes)", lens[i]));
+    }
+}
+
 #[test]
 fn closing_during_gpu_transfers_is_clean() {
     if no_gpu() {

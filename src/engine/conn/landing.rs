@@ -133,16 +133,17 @@ impl<R> Landings<R> {
     }
 
     /// Hands `landing`'s bytes to `store` as (offset in the message, bytes), a run of adjacent
-    /// slots at a time, up to its first error.
+    /// slots of at most `max_run` bytes at a time, up to its first error.
     ///
     /// # Safety
     /// Every chunk of the message landed: no transport writes its slots any more.
     pub unsafe fn copy_out(
         &self,
         landing: &Landing<R>,
+        max_run: usize,
         mut store: impl FnMut(usize, &[u8]) -> Result<()>,
     ) -> Result<()> {
-        for (at, n, first) in runs(&landing.slots, landing.len) {
+        for (at, n, first) in runs(&landing.slots, landing.len, max_run) {
             // SAFETY: the slots are the message's, inside the memory this keeps alive, and no one
             // writes them (the contract).
             let bytes = unsafe { std::slice::from_raw_parts(self.memory.slot(first) as *const u8, n) };
@@ -176,15 +177,19 @@ fn all_slots() -> Vec<u16> {
     (0..SLOTS as u16).rev().collect()
 }
 
-/// A message of `len` bytes in `slots` as runs of adjacent slots: (offset in the message, length,
-/// first slot).
-fn runs(slots: &[u16], len: u64) -> Vec<(usize, usize, u16)> {
+/// A message of `len` bytes in `slots` as runs of adjacent slots, each at most `max_run` bytes
+/// long (or one slot where that is less): (offset in the message, length, first slot).
+fn runs(slots: &[u16], len: u64, max_run: usize) -> Vec<(usize, usize, u16)> {
     let mut runs: Vec<(usize, usize, u16)> = Vec::new();
     for (i, &slot) in slots.iter().enumerate() {
         let at = i as u64 * EAGER_SLOT;
         let n = (len - at).min(EAGER_SLOT) as usize;
         match runs.last_mut() {
-            Some((_, run, first)) if *first as usize + *run / EAGER_SLOT as usize == slot as usize => *run += n,
+            Some((_, run, first))
+                if *first as usize + *run / EAGER_SLOT as usize == slot as usize && *run + n <= max_run =>
+            {
+                *run += n
+            }
             _ => runs.push((at as usize, n, slot)),
         }
     }
@@ -198,10 +203,23 @@ mod tests {
     #[test]
     fn adjacent_slots_are_copied_as_one_run() {
         let slot = EAGER_SLOT as usize;
-        assert_eq!(runs(&[3, 4, 5], 2 * EAGER_SLOT + 7), [(0, 2 * slot + 7, 3)]);
-        assert_eq!(runs(&[3, 9, 10], 3 * EAGER_SLOT), [(0, slot, 3), (slot, 2 * slot, 9)]);
-        assert_eq!(runs(&[5, 4], EAGER_SLOT + 1), [(0, slot, 5), (slot, 1, 4)], "descending is two runs");
-        assert_eq!(runs(&[0], 1), [(0, 1, 0)]);
+        let all = usize::MAX;
+        assert_eq!(runs(&[3, 4, 5], 2 * EAGER_SLOT + 7, all), [(0, 2 * slot + 7, 3)]);
+        assert_eq!(runs(&[3, 9, 10], 3 * EAGER_SLOT, all), [(0, slot, 3), (slot, 2 * slot, 9)]);
+        assert_eq!(runs(&[5, 4], EAGER_SLOT + 1, all), [(0, slot, 5), (slot, 1, 4)], "descending is two runs");
+        assert_eq!(runs(&[0], 1, all), [(0, 1, 0)]);
+    }
+
+    #[test]
+    fn runs_stop_growing_at_their_limit() {
+        let slot = EAGER_SLOT as usize;
+        assert_eq!(
+            runs(&[3, 4, 5], 2 * EAGER_SLOT + 7, slot),
+            [(0, slot, 3), (slot, slot, 4), (2 * slot, 7, 5)],
+            "one slot each"
+        );
+        assert_eq!(runs(&[3, 4, 5, 6], 4 * EAGER_SLOT, 2 * slot + 1), [(0, 2 * slot, 3), (2 * slot, 2 * slot, 5)]);
+        assert_eq!(runs(&[3, 4], EAGER_SLOT + 9, slot + 9), [(0, slot + 9, 3)], "a short tail fits");
     }
 
     #[test]

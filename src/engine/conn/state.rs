@@ -1091,9 +1091,9 @@ impl ConnState {
         self.awaiting_done.insert(id, flow);
     }
 
-    /// Receives the peer's write `xfer`, whose chunks are on their way: into `extent` when
-    /// authorized, else into scratch memory, answered with a Deny once through. An error means the
-    /// connection must fail (the peer's refused writes passed their bound).
+    /// Receives the peer's write (or eager message) `xfer`, whose chunks are on their way: into
+    /// `extent` when authorized, else into scratch memory, answered with a Deny once through. An
+    /// error means the connection must fail (the peer's refused writes passed their bound).
     fn receive_write(
         &mut self,
         xfer: u64,
@@ -1104,7 +1104,10 @@ impl ConnState {
         let (region, extent, error) = match authorized {
             Ok(region) => (Some(region), extent, None),
             Err(e) => {
-                log::debug!("refusing the peer's write {xfer}, receiving it into scratch memory: {}", e.message());
+                log::debug!(
+                    "refusing the peer's write or message {xfer}, receiving it into scratch memory: {}",
+                    e.message()
+                );
                 (None, scratch(&extent), Some(e))
             }
         };

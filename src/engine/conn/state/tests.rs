@@ -42,6 +42,10 @@ impl Memory for HostMemory {
 
     unsafe fn store(&self, region: &Region, addr: usize, payload: &[u8]) -> Result<()> {
         assert!(region.contains(addr, payload.len()));
+        if matches!(region.kind, MemKind::Cuda { .. }) {
+            // A larger device store waits on the legacy stream with the connection held.
+            assert!(payload.len() <= MAX_INLINE_LEN, "a {}-byte store into device memory", payload.len());
+        }
         // SAFETY: per the contract; test buffers are live boxes.
         unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), addr as *mut u8, payload.len()) };
         Ok(())

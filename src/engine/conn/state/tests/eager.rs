@@ -67,6 +67,23 @@ fn sends_before_their_receives_land_and_are_copied_in_order() {
 }
 
 #[test]
+fn a_landed_message_goes_into_device_memory_one_small_store_at_a_time() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let n = MAX_EAGER_LEN as usize;
+    let src = a.buffer(n, pattern(47));
+    let send = a.send(&[(&src, 0, n)]);
+    pump(&mut a, &mut b);
+    assert_eq!(b.st.held_for_peer(), eager_landing_bytes(n as u64), "landed in adjacent slots");
+    let dst = b.device_buffer(n);
+    let recv = b.recv(&dst, n);
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&send).unwrap().unwrap(), n as u64);
+    assert_eq!(b.outcome(&recv).unwrap().unwrap(), n as u64);
+    assert_eq!(dst.bytes, src.bytes);
+    settled(&a, &b);
+}
+
+#[test]
 fn a_receive_posted_while_its_message_lands_gets_it_once_landed() {
     let (mut a, mut b) = (End::new(), End::new());
     let src = a.buffer(MID, pattern(44));
