@@ -39,6 +39,26 @@ pub fn control_listener(addr: SocketAddr) -> Result<TcpListener> {
     Ok(TcpListener::from(sock))
 }
 
+/// The kernel's view of the TCP connection of `fd`, and how many of its bytes the kernel filled
+/// in (older kernels report fewer fields); `None` where it gives none.
+pub fn info(fd: std::os::fd::RawFd) -> Option<(libc::tcp_info, usize)> {
+    // SAFETY: tcp_info is plain data, valid all zero.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a buffer of the length given; a descriptor that is not an open socket only fails.
+    let rc = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len) };
+    (rc == 0).then_some((info, len as usize))
+}
+
+/// Bytes `fd` holds in the kernel that its peer has not acknowledged, sent or not (SIOCOUTQ); 0
+/// where the kernel does not say.
+pub fn unacked_bytes(fd: std::os::fd::RawFd) -> u64 {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int; a descriptor that is not an open socket only fails.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &raw mut n) };
+    if rc == 0 { n.max(0) as u64 } else { 0 }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::TcpStream;

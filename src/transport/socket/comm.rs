@@ -501,7 +501,8 @@ impl SocketSendComm {
         let hello = growth.dialer.hello;
         let (slots, cut) = (hello.slots(), PieceCut::new(how.subchunk, count));
         let window = Arc::new(if hello.acked { Window::acked(cut, wake, slots) } else { Window::new(cut, wake) });
-        let shared = Arc::new(SendSockets::new(slots, window.clone(), how.kick_fanout, sockets.clone(), trace));
+        let paced = growth.dialer.routes.over_links();
+        let shared = Arc::new(SendSockets::new(slots, window.clone(), how.kick_fanout, sockets.clone(), trace, paced));
         shared.place(0, first);
         let placements = helpers.send.attach(vec![SendTask::new(shared.clone(), 0, None)], [])?;
         shared.relay.place(0, &placements[0]);

@@ -17,6 +17,7 @@ mod grow;
 mod iov;
 mod link_tally;
 mod links;
+mod pace;
 mod partial;
 mod reactor;
 mod receiver;

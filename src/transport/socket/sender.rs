@@ -19,6 +19,7 @@ use super::fanout::Relay;
 use super::grow::Joining;
 use super::iov::{self, MAX_IOV};
 use super::link_tally::Tallies;
+use super::pace::Pace;
 use super::reactor::{Next, Task};
 use super::window::{Piece, PieceMem, Window};
 use super::wire::{DONE_LEN, PIECE_HEADER_LEN, PieceHeader};
@@ -47,6 +48,11 @@ impl Outgoing {
             PieceHeader { seq: piece.seq, total: piece.total, offset: piece.offset, len: piece.len as u32 }.encode();
         Outgoing { piece, mem, header, written: 0 }
     }
+
+    /// Payload bytes the kernel has not accepted yet.
+    fn payload_left(&self) -> usize {
+        (PIECE_HEADER_LEN + self.piece.len - self.written).min(self.piece.len)
+    }
 }
 
 /// A send comm's sockets and who is writing on each: a piece is written by whoever claimed the
@@ -70,6 +76,8 @@ pub(super) struct SendSockets {
     pub trace: u64,
     /// What each socket carried, for the per-link counters.
     pub tally: Tallies,
+    /// Sockets over data links: their rates, so that a slow one leaves the last pieces to faster ones.
+    pace: Option<Pace>,
     /// Acknowledged comms, per socket: pieces out and not acknowledged, and whether it died.
     inflight: Vec<Mutex<Inflight>>,
     /// Acknowledged comms: sockets declared dead, one bit each; those the comm has not replaced
@@ -97,8 +105,15 @@ pub(super) enum Inline {
 
 impl SendSockets {
     /// Room for `n` sockets, none placed yet; each running socket passes up to `kick_fanout` owed
-    /// kicks on.
-    pub fn new(n: usize, window: Arc<Window>, kick_fanout: usize, sockets: Arc<Counts>, trace: u64) -> SendSockets {
+    /// kicks on. `paced`: the sockets run over data links, their unsent bytes bounded.
+    pub fn new(
+        n: usize,
+        window: Arc<Window>,
+        kick_fanout: usize,
+        sockets: Arc<Counts>,
+        trace: u64,
+        paced: bool,
+    ) -> SendSockets {
         SendSockets {
             streams: (0..n).map(|_| OnceLock::new()).collect(),
             open: (0..n).map(|_| AtomicBool::new(false)).collect(),
@@ -111,6 +126,7 @@ impl SendSockets {
             relay: Relay::new(n, kick_fanout),
             trace,
             tally: Tallies::new(n),
+            pace: paced.then(|| Pace::new(n)),
             inflight: (0..n).map(|_| Mutex::default()).collect(),
             dead: AtomicU64::new(0),
             to_replace: AtomicU64::new(0),
@@ -307,7 +323,7 @@ impl SendTask {
             if !s.claim(self.k) {
                 return None;
             }
-            if let Some(cut) = s.window.cut() {
+            if let Some(cut) = self.cut() {
                 if !s.took(self.k, &cut.0) {
                     s.release(self.k);
                     return None;
@@ -325,6 +341,18 @@ impl SendTask {
         }
     }
 
+    /// A fresh piece for this socket, unless it leaves it to a faster one (`pace`).
+    fn cut(&self) -> Option<(Piece, PieceMem)> {
+        let s = &*self.shared;
+        let Some(pace) = &s.pace else { return s.window.cut() };
+        let cut = s.window.cut_unless(|len, uncut| {
+            let fd = s.stream(self.k).as_raw_fd();
+            pace.declines(self.k, fd, len, uncut, |j| s.open[j].load(Ordering::Relaxed))
+        })?;
+        pace.left(self.k, cut.0.len);
+        Some(cut)
+    }
+
     fn step(&mut self) -> Result<Next, Error> {
         if self.out.is_none() {
             self.out = self.next_piece();
@@ -334,6 +362,9 @@ impl SendTask {
         match s.write(self.k, o).map_err(|e| Error::io("channel send", e))? {
             Step::Finished => {
                 let o = self.out.take().expect("a piece in flight");
+                if let Some(pace) = &s.pace {
+                    pace.wrote(self.k, s.stream(self.k).as_raw_fd());
+                }
                 s.traced_sent(self.k, &o.piece);
                 self.finished_request_len = Some(o.piece.total);
                 s.window.finish(&o.piece);
@@ -342,7 +373,12 @@ impl SendTask {
                 Ok(Next::Again)
             }
             // The socket is full: EPOLLOUT comes when it drains.
-            Step::Partial | Step::Blocked => Ok(Next::Idle),
+            Step::Partial | Step::Blocked => {
+                if let Some(pace) = &s.pace {
+                    pace.left(self.k, o.payload_left());
+                }
+                Ok(Next::Idle)
+            }
         }
     }
 }

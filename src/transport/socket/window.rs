@@ -56,6 +56,22 @@ struct Book {
     acked: Option<AckedBook>,
 }
 
+impl Book {
+    /// Send: bytes no socket took yet, pieces to send again (of requests not acknowledged below
+    /// `upto`) included.
+    fn uncut(&self, upto: u64) -> u64 {
+        let again: u64 =
+            self.acked.as_ref().map_or(0, |a| a.resend.iter().filter(|p| p.seq >= upto).map(|p| p.len as u64).sum());
+        let fresh: u64 = (self.cut_seq..self.posted)
+            .map(|seq| {
+                let len = self.reqs[seq as usize % MAX_REQUESTS].len as u64;
+                if seq == self.cut_seq { len.saturating_sub(self.cut_offset) } else { len }
+            })
+            .sum();
+        again + fresh
+    }
+}
+
 struct AckedBook {
     /// Receive: which socket lands which piece.
     claims: Claims,
@@ -316,16 +332,27 @@ impl Window {
     /// its ready watermark. Pieces are cut in request order, so the oldest request finishes first
     /// (and one waiting for its bytes holds the later ones back).
     pub fn cut(&self) -> Option<(Piece, PieceMem)> {
+        self.cut_unless(|_, _| false)
+    }
+
+    /// As [`cut`](Self::cut), but the piece stays for another socket where `declines(len,
+    /// uncut)` says so; `uncut()` counts the bytes no socket took yet, this piece's included.
+    pub fn cut_unless(&self, declines: impl FnOnce(u64, &dyn Fn() -> u64) -> bool) -> Option<(Piece, PieceMem)> {
         let mut book = self.book.lock();
         let book = &mut *book;
+        let upto = self.acked_upto.load(Ordering::Acquire);
         if let Some(acked) = &mut book.acked {
-            let upto = self.acked_upto.load(Ordering::Acquire);
-            while let Some(p) = acked.resend.pop_front() {
-                // Not acknowledged: its request still holds its slot and memory.
-                if p.seq >= upto {
-                    let mem = locate(&book.mem[p.seq as usize % MAX_REQUESTS], p.offset, p.len);
-                    return Some((p, mem));
+            // Acknowledged already: nobody sends them again.
+            acked.resend.retain(|p| p.seq >= upto);
+            if let Some(&p) = acked.resend.front() {
+                if declines(p.len as u64, &|| book.uncut(upto)) {
+                    return None;
                 }
+                // Not acknowledged: its request still holds its slot and memory.
+                let acked = book.acked.as_mut().expect("an acknowledged comm");
+                acked.resend.pop_front();
+                let mem = locate(&book.mem[p.seq as usize % MAX_REQUESTS], p.offset, p.len);
+                return Some((p, mem));
             }
         }
         if book.cut_seq >= book.posted {
@@ -342,7 +369,7 @@ impl Window {
             return None;
         };
         let len = rest.min(piece) as usize;
-        if offset + len as u64 > req.ready {
+        if offset + len as u64 > req.ready || declines(len as u64, &|| book.uncut(upto)) {
             return None;
         }
         book.cut_offset += piece;

@@ -274,26 +274,13 @@ fn window_closed(stream: &TcpStream, info: &libc::tcp_info) -> bool {
     if info.tcpi_unacked > 0 {
         return false;
     }
-    // SAFETY: tcp_info is plain data, valid all zero.
-    let mut full: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: a valid descriptor, and a buffer of the length given.
-    let rc = unsafe {
-        libc::getsockopt(stream.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut full).cast(), &mut len)
-    };
+    let Some((full, len)) = crate::sys::tcp::info(stream.as_raw_fd()) else { return false };
     // A kernel older than the field (5.4) leaves it out: it then says nothing.
     let reported = std::mem::offset_of!(libc::tcp_info, tcpi_snd_wnd) + std::mem::size_of::<u32>();
-    rc == 0 && len as usize >= reported && full.tcpi_snd_wnd < info.tcpi_snd_mss.max(1)
+    len >= reported && full.tcpi_snd_wnd < info.tcpi_snd_mss.max(1)
 }
 
 /// The kernel's view of `stream`'s connection, if it gives one.
 fn tcp_info(stream: &TcpStream) -> Option<libc::tcp_info> {
-    // SAFETY: tcp_info is plain data, valid all zero.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: a valid descriptor, and a buffer of the length given.
-    let rc = unsafe {
-        libc::getsockopt(stream.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len)
-    };
-    (rc == 0).then_some(info)
+    crate::sys::tcp::info(stream.as_raw_fd()).map(|(info, _)| info)
 }

@@ -37,7 +37,7 @@ fn unread(stream: &TcpStream) -> usize {
 fn a_flood_of_stale_acknowledgements_is_read_a_bounded_number_at_a_time() {
     let (ours, mut peer) = pair();
     let window = Arc::new(Window::acked(PieceCut::new(64 << 10, 1), Arc::new(|| {}), 1));
-    let shared = Arc::new(SendSockets::new(1, window.clone(), 0, Arc::new(Counts::default()), 0));
+    let shared = Arc::new(SendSockets::new(1, window.clone(), 0, Arc::new(Counts::default()), 0, false));
     shared.place(0, ours);
     shared.opened(0);
     let mut task = SendTask::new(shared.clone(), 0, None);
