@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use crate::config::MAX_SOCKETS_PER_COMM;
 use crate::sys::tcp;
 
 /// A socket declines only while a busy other socket is at least this much faster.
@@ -141,18 +142,23 @@ impl Pace {
         if cost == 0 {
             return false;
         }
-        let others: Vec<Other> = (0..self.gauges.len())
-            .filter(|&j| j != k && open(j))
-            .map(|j| Other {
-                cost: self.gauges[j].cost.load(Ordering::Relaxed),
-                left: self.gauges[j].left.load(Ordering::Relaxed),
-                queued: self.gauges[j].queued.load(Ordering::Relaxed),
-            })
-            .collect();
-        if !slower_than_a_busy_other(cost, &others) {
+        // On the stack: this runs for every piece a paced socket takes.
+        let mut others = [Other { cost: 0, left: 0, queued: 0 }; MAX_SOCKETS_PER_COMM];
+        let mut n = 0;
+        let gauges = self.gauges.iter().enumerate().filter(|&(j, _)| j != k && open(j));
+        for (_, g) in gauges.take(MAX_SOCKETS_PER_COMM) {
+            others[n] = Other {
+                cost: g.cost.load(Ordering::Relaxed),
+                left: g.left.load(Ordering::Relaxed),
+                queued: g.queued.load(Ordering::Relaxed),
+            };
+            n += 1;
+        }
+        let others = &others[..n];
+        if !slower_than_a_busy_other(cost, others) {
             return false;
         }
-        later_than_the_others(cost, len + tcp::unacked_bytes(fd), len, uncut(), &others)
+        later_than_the_others(cost, len + tcp::unacked_bytes(fd), len, uncut(), others)
     }
 }
 
