@@ -127,6 +127,13 @@ impl Pace {
         }
     }
 
+    /// The fastest measured socket other than `k`, faster than it, for which `idle(j)` holds.
+    pub fn faster_idle(&self, k: usize, idle: impl Fn(usize) -> bool) -> Option<usize> {
+        let cost = |j: usize| self.gauges[j].cost.load(Ordering::Relaxed);
+        let mine = cost(k);
+        (0..self.gauges.len()).filter(|&j| j != k && (1..mine).contains(&cost(j)) && idle(j)).min_by_key(|&j| cost(j))
+    }
+
     /// Whether socket `k` (its descriptor `fd`) leaves a piece of `len` bytes to the others, with
     /// `uncut()` bytes no socket took yet (this piece's included) and `open(j)` telling which
     /// sockets carry pieces.
@@ -253,6 +260,20 @@ mod tests {
         pace.left(1, 1000);
         assert!(pace.declines(0, -1, PIECE, || PIECE, |_| true), "socket 1 is busy and comes back");
         assert!(!pace.declines(0, -1, PIECE, || PIECE, |j| j != 1), "the busy one is closed");
+    }
+
+    /// A socket that declines wakes the fastest idle one faster than itself, never a slower or
+    /// unmeasured one, nor a busy one.
+    #[test]
+    fn the_fastest_idle_socket_is_the_one_to_wake() {
+        let pace = Pace::new(5);
+        for (k, cost) in [(0, 400), (1, 300), (2, 100), (3, 500)] {
+            pace.gauges[k].sample(cost);
+        }
+        assert_eq!(pace.faster_idle(0, |_| true), Some(2));
+        assert_eq!(pace.faster_idle(0, |j| j != 2), Some(1));
+        assert_eq!(pace.faster_idle(0, |j| j == 3 || j == 4), None, "slower or unmeasured");
+        assert_eq!(pace.faster_idle(2, |_| true), None, "nothing is faster");
     }
 
     /// The cost is a moving average of time per byte: a burst moves it by a quarter at most.

@@ -341,16 +341,30 @@ impl SendTask {
         }
     }
 
-    /// A fresh piece for this socket, unless it leaves it to a faster one (`pace`).
+    /// A fresh piece for this socket, unless it leaves it to a faster one (`pace`). Then it also
+    /// wakes the fastest idle one, which a post may not have kicked (it kicks as many idle sockets
+    /// as the request has pieces, slow ones among them).
     fn cut(&self) -> Option<(Piece, PieceMem)> {
         let s = &*self.shared;
         let Some(pace) = &s.pace else { return s.window.cut() };
+        let mut declined = false;
         let cut = s.window.cut_unless(|len, uncut| {
             let fd = s.stream(self.k).as_raw_fd();
-            pace.declines(self.k, fd, len, uncut, |j| s.open[j].load(Ordering::Relaxed))
-        })?;
-        pace.left(self.k, cut.0.len);
-        Some(cut)
+            declined = pace.declines(self.k, fd, len, uncut, |j| s.open[j].load(Ordering::Relaxed));
+            declined
+        });
+        match cut {
+            Some(cut) => {
+                pace.left(self.k, cut.0.len);
+                Some(cut)
+            }
+            None => {
+                if declined && let Some(j) = pace.faster_idle(self.k, |j| s.idle(j)) {
+                    s.relay.kick(j);
+                }
+                None
+            }
+        }
     }
 
     fn step(&mut self) -> Result<Next, Error> {
