@@ -516,14 +516,15 @@ fn four_data_links_carry_four_times_one() {
 
 /// Bytes per second the writes reach over three data links at 200 Mbit/s and a fourth at 50 with
 /// `sockets` per channel, against the links' sum, and what each link carried; `None` where test
-/// hosts cannot be made.
-fn slow_link_rate(sockets: &str) -> Option<(f64, Vec<u64>)> {
+/// hosts cannot be made. `extra` goes to both ends.
+fn slow_link_rate(sockets: &str, extra: &[(&str, &str)]) -> Option<(f64, Vec<u64>)> {
     const MBIT: f64 = 200.0;
     let net = TestNet::up(4, Some("200mbit"))?;
     net.set_rate(4, "50mbit");
     let sum = 3.25 * MBIT * 1e6 / 8.0;
-    let extra = [("UCCL_TCPX_SOCKET_IFNAME", "dat"), ("UCCL_TCPX_SOCKET_NTHREADS", sockets)];
-    let (rate, sent) = write_rate(&net, 4, 160 << 20, &extra);
+    let mut all = vec![("UCCL_TCPX_SOCKET_IFNAME", "dat"), ("UCCL_TCPX_SOCKET_NTHREADS", sockets)];
+    all.extend_from_slice(extra);
+    let (rate, sent) = write_rate(&net, 4, 160 << 20, &all);
     println!(
         "three links and a slow one, {sockets} sockets per channel: {:.1} MB/s ({:.2} of their sum); per link {sent:?}",
         rate / 1e6,
@@ -539,20 +540,36 @@ fn slow_link_rate(sockets: &str) -> Option<(f64, Vec<u64>)> {
 #[test]
 fn a_slow_link_does_not_hold_the_others_back() {
     let _serial = serial();
-    let Some((of_sum, sent)) = slow_link_rate("1") else { return };
+    let Some((of_sum, sent)) = slow_link_rate("1", &[]) else { return };
     assert!(of_sum >= 0.85, "{of_sum:.2} of the links' sum");
     assert!((sent[3] as f64) < 0.4 * sent[0] as f64, "the slow link carried about its share: {sent:?}");
 }
 
 /// As above with eight sockets per channel (the default from 16 cores), four of them on the slow
 /// link: each holds a piece and a backlog in the kernel, which end a write late unless those
-/// sockets stop taking pieces in time.
+/// sockets stop taking pieces in time. The client's trace shows them leaving pieces to faster
+/// sockets, and `trace_summary.py` counts those.
 #[test]
 fn a_slow_link_with_several_sockets_does_not_hold_the_others_back() {
     let _serial = serial();
-    let Some((of_sum, sent)) = slow_link_rate("8") else { return };
+    let dir = common::trace::fresh_dir("slow-link");
+    let trace = format!("socket:{}/t", dir.display());
+    let Some((of_sum, sent)) = slow_link_rate("8", &[("UCCL_TCPX_TRACE", &trace)]) else { return };
     assert!(of_sum >= 0.85, "{of_sum:.2} of the links' sum");
     assert!((sent[3] as f64) < 0.4 * sent[0] as f64, "the slow link carried about its share: {sent:?}");
+    let declined: usize = common::trace::files(&dir)
+        .iter()
+        .map(|f| common::trace::rows(f).iter().filter(|r| r.event == "sock_declined").count())
+        .sum();
+    assert!(declined > 0, "no socket left a piece to a faster one");
+    let out = common::trace::run_script("trace_summary.py", &[&format!("{}/t", dir.display())]);
+    let counted: usize = out
+        .lines()
+        .filter_map(|l| l.split("pieces left to faster sockets ").nth(1))
+        .map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse::<usize>().unwrap())
+        .sum();
+    assert_eq!(counted, declined, "the summary counts every declined piece:\n{out}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The harness leaves nothing behind, and a second net of the same process gets its own names.

@@ -221,7 +221,8 @@ def staging(evs, step_name):
 def failover(evs, named):
     comms = collections.defaultdict(list)
     for e in evs:
-        if e['event'] in ('sock_dead', 'sock_resent', 'sock_redial', 'sock_rejoined', 'sock_redial_failed'):
+        if e['event'] in ('sock_declined', 'sock_dead', 'sock_resent', 'sock_redial', 'sock_rejoined',
+                          'sock_redial_failed'):
             comms[(e['pid'], e['comm'])].append(e)
     for (pid, comm), es in sorted(comms.items()):
         dead = [f'{e["socket"]} ({named["why"].get(e["why"], e["why"])})' for e in es if e['event'] == 'sock_dead']
@@ -234,9 +235,12 @@ def failover(evs, named):
         causes = sorted({c for c, _ in resent})
         again = ', '.join(f'{resent[(c, "pieces")]} pieces ({resent[(c, "bytes")]} B) {c}' for c in causes)
         steps = collections.Counter(e['event'] for e in es)
-        print(f'failover[{pid}] comm {comm:x}: dead sockets {", ".join(dead) or "none"}; sent again: {again or "none"}; '
-              f're-dials {steps["sock_redial"]} started, {steps["sock_rejoined"]} joined, '
-              f'{steps["sock_redial_failed"]} failed')
+        declined = collections.Counter(e['socket'] for e in es if e['event'] == 'sock_declined')
+        left = ', '.join(f'{k}: {n}' for k, n in sorted(declined.items()))
+        print(f'links[{pid}] comm {comm:x}: pieces left to faster sockets {sum(declined.values())}'
+              f'{f" (by socket {left})" if left else ""}; dead sockets {", ".join(dead) or "none"}; '
+              f'sent again: {again or "none"}; re-dials {steps["sock_redial"]} started, '
+              f'{steps["sock_rejoined"]} joined, {steps["sock_redial_failed"]} failed')
 
 
 def main():

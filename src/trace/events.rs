@@ -98,6 +98,9 @@ events! {
     SockTake = "sock_take", SOCKET { comm, seq, socket };
     /// It wrote the piece's last byte (`bytes` the piece's payload).
     SockSent = "sock_sent", SOCKET { comm, seq, socket, bytes };
+    /// Socket `socket` of send comm `comm` (over data links) left the next piece, of `bytes`, to a
+    /// faster socket: it would have finished it after the others finished everything (`pace`).
+    SockDeclined = "sock_declined", SOCKET { comm, socket, bytes };
     /// Socket `socket` of receive comm `comm` read a piece's header of request `seq`.
     SockHeader = "sock_header", SOCKET { comm, seq, socket };
     /// The piece was admitted into the posted receive.

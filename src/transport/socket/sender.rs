@@ -347,11 +347,12 @@ impl SendTask {
     fn cut(&self) -> Option<(Piece, PieceMem)> {
         let s = &*self.shared;
         let Some(pace) = &s.pace else { return s.window.cut() };
-        let mut declined = false;
+        let mut declined = None;
         let cut = s.window.cut_unless(|len, uncut| {
             let fd = s.stream(self.k).as_raw_fd();
-            declined = pace.declines(self.k, fd, len, uncut, |j| s.open[j].load(Ordering::Relaxed));
-            declined
+            let no = pace.declines(self.k, fd, len, uncut, |j| s.open[j].load(Ordering::Relaxed));
+            declined = no.then_some(len);
+            no
         });
         match cut {
             Some(cut) => {
@@ -359,8 +360,11 @@ impl SendTask {
                 Some(cut)
             }
             None => {
-                if declined && let Some(j) = pace.faster_idle(self.k, |j| s.idle(j)) {
-                    s.relay.kick(j);
+                if let Some(bytes) = declined {
+                    trace::event!(SockDeclined { comm: s.trace, socket: self.k as u64, bytes });
+                    if let Some(j) = pace.faster_idle(self.k, |j| s.idle(j)) {
+                        s.relay.kick(j);
+                    }
                 }
                 None
             }
