@@ -5,9 +5,9 @@
 //! request waits for it. A socket therefore declines a piece it would finish later than the
 //! others would finish every byte left were it to take none (the earliest-completion-first rule of
 //! multipath TCP schedulers, in whole pieces): what it declines stays for the next socket to free
-//! up. A socket declines only while another socket that is faster by a clear margin is writing a
-//! piece (it comes back for the declined one), so equal links, whose measured rates differ by
-//! noise, never decline.
+//! up, and it wakes the fastest idle socket. A socket declines only while another socket faster
+//! by a clear margin is writing a piece (it comes back for the declined one), so sockets of equal
+//! links, whose measured rates differ only by noise, seldom do.
 //!
 //! A socket's rate is what its peer acknowledged over the time the kernel had its bytes to send
 //! (`tcpi_bytes_acked` over `tcpi_busy_time`, sampled as it finishes pieces), so idle spells
