@@ -134,38 +134,48 @@ impl Pace {
         (0..self.gauges.len()).filter(|&j| j != k && (1..mine).contains(&cost(j)) && idle(j)).min_by_key(|&j| cost(j))
     }
 
-    /// Whether socket `k` (its descriptor `fd`) leaves a piece of `len` bytes to the others, with
-    /// `uncut()` bytes no socket took yet (this piece's included) and `open(j)` telling which
-    /// sockets carry pieces.
-    pub fn declines(
-        &self,
-        k: usize,
-        fd: RawFd,
-        len: u64,
-        uncut: impl FnOnce() -> u64,
-        open: impl Fn(usize) -> bool,
-    ) -> bool {
+    /// What socket `k` (its descriptor `fd`) weighs before it takes a piece, read before the
+    /// window's lock is taken (its backlog is a system call); `None` when it would take any piece:
+    /// unmeasured, or no busy socket among those `open(j)` names is clearly faster.
+    pub fn weigh(&self, k: usize, fd: RawFd, open: impl Fn(usize) -> bool) -> Option<Weighed> {
         let cost = self.gauges[k].cost.load(Ordering::Relaxed);
         if cost == 0 {
-            return false;
+            return None;
         }
-        // On the stack: this runs for every piece a paced socket takes.
-        let mut others = [Other { cost: 0, left: 0, queued: 0 }; MAX_SOCKETS_PER_COMM];
-        let mut n = 0;
+        let mut w =
+            Weighed { cost, backlog: 0, others: [Other { cost: 0, left: 0, queued: 0 }; MAX_SOCKETS_PER_COMM], n: 0 };
         let gauges = self.gauges.iter().enumerate().filter(|&(j, _)| j != k && open(j));
         for (_, g) in gauges.take(MAX_SOCKETS_PER_COMM) {
-            others[n] = Other {
+            w.others[w.n] = Other {
                 cost: g.cost.load(Ordering::Relaxed),
                 left: g.left.load(Ordering::Relaxed),
                 queued: g.queued.load(Ordering::Relaxed),
             };
-            n += 1;
+            w.n += 1;
         }
-        let others = &others[..n];
-        if !slower_than_a_busy_other(cost, others) {
-            return false;
+        if !slower_than_a_busy_other(cost, &w.others[..w.n]) {
+            return None;
         }
-        later_than_the_others(cost, len + tcp::unacked_bytes(fd), len, uncut(), others)
+        w.backlog = tcp::unacked_bytes(fd);
+        Some(w)
+    }
+}
+
+/// A socket's view of itself and the others before a piece (`Pace::weigh`), on the stack: it is
+/// taken for every piece a slow socket considers.
+pub(super) struct Weighed {
+    cost: u64,
+    /// Bytes it holds in the kernel unacknowledged.
+    backlog: u64,
+    others: [Other; MAX_SOCKETS_PER_COMM],
+    n: usize,
+}
+
+impl Weighed {
+    /// Whether the socket leaves a piece of `len` bytes to the others, `uncut` bytes being left
+    /// that no socket took (this piece's included).
+    pub fn declines(&self, len: u64, uncut: u64) -> bool {
+        later_than_the_others(self.cost, len + self.backlog, len, uncut, &self.others[..self.n])
     }
 }
 
@@ -244,7 +254,7 @@ mod tests {
         let pace = Pace::new(2);
         pace.gauges[1].sample(100);
         pace.left(1, PIECE as usize);
-        assert!(!pace.declines(0, -1, PIECE, || PIECE, |_| true), "socket 0 has no measure");
+        assert!(pace.weigh(0, -1, |_| true).is_none(), "socket 0 has no measure");
     }
 
     /// Idle faster sockets do not make a slow one decline: nobody would come back for the piece.
@@ -256,10 +266,12 @@ mod tests {
         for (k, cost) in [(0, 400), (1, 100), (2, 100)] {
             pace.gauges[k].sample(cost);
         }
-        assert!(!pace.declines(0, -1, PIECE, || PIECE, |_| true), "both others idle");
+        assert!(pace.weigh(0, -1, |_| true).is_none(), "both others idle");
         pace.left(1, 1000);
-        assert!(pace.declines(0, -1, PIECE, || PIECE, |_| true), "socket 1 is busy and comes back");
-        assert!(!pace.declines(0, -1, PIECE, || PIECE, |j| j != 1), "the busy one is closed");
+        let weighed = pace.weigh(0, -1, |_| true).expect("socket 1 is busy and faster");
+        assert!(weighed.declines(PIECE, PIECE), "socket 1 is busy and comes back");
+        assert!(!weighed.declines(PIECE, 64 * PIECE), "much is left");
+        assert!(pace.weigh(0, -1, |j| j != 1).is_none(), "the busy one is closed");
     }
 
     /// A socket that declines wakes the fastest idle one faster than itself, never a slower or

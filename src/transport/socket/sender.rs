@@ -347,13 +347,17 @@ impl SendTask {
     fn cut(&self) -> Option<(Piece, PieceMem)> {
         let s = &*self.shared;
         let Some(pace) = &s.pace else { return s.window.cut() };
+        // Outside the window's lock: weighing may ask the kernel for the socket's backlog.
+        let weighed = pace.weigh(self.k, s.stream(self.k).as_raw_fd(), |j| s.open[j].load(Ordering::Relaxed));
         let mut declined = None;
-        let cut = s.window.cut_unless(|len, uncut| {
-            let fd = s.stream(self.k).as_raw_fd();
-            let no = pace.declines(self.k, fd, len, uncut, |j| s.open[j].load(Ordering::Relaxed));
-            declined = no.then_some(len);
-            no
-        });
+        let cut = match &weighed {
+            None => s.window.cut(),
+            Some(w) => s.window.cut_unless(|len, uncut| {
+                let no = w.declines(len, uncut());
+                declined = no.then_some(len);
+                no
+            }),
+        };
         match cut {
             Some(cut) => {
                 pace.left(self.k, cut.0.len);
