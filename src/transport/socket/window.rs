@@ -343,7 +343,9 @@ impl Window {
         let upto = self.acked_upto.load(Ordering::Acquire);
         if let Some(acked) = &mut book.acked {
             // Acknowledged already: nobody sends them again.
-            acked.resend.retain(|p| p.seq >= upto);
+            while acked.resend.front().is_some_and(|p| p.seq < upto) {
+                acked.resend.pop_front();
+            }
             if let Some(&p) = acked.resend.front() {
                 if declines(p.len as u64, &|| book.uncut(upto)) {
                     return None;
