@@ -485,8 +485,9 @@ fn a_receiver_posting_nothing_for_several_bounds_kills_no_socket() {
     // SAFETY: each message outlives its send, tested to completion below.
     let sends: Vec<RequestId> =
         msgs.iter().map(|m| unsafe { tx.isend(m.as_ptr(), m.len(), MrHandle::NONE) }.unwrap().unwrap()).collect();
-    // Three and a half bounds (200 ms each) with the comm tested, so its links are checked; not
-    // the stall timeout (800 ms), past which the kernel gives a closed window up as well.
+    // Three and a half bounds (200 ms each), past the silence a live link shows (400 ms), with
+    // the comm tested, so its links are checked; not the stall timeout (800 ms), past which the
+    // kernel gives a closed window up as well.
     let start = Instant::now();
     while start.elapsed() < Duration::from_millis(700) {
         assert_eq!(tx.test(sends[0]).unwrap(), None, "complete before anything was received");

@@ -99,13 +99,12 @@ impl SendSockets {
 
     /// Acknowledged comms: declares dead every open socket with pieces out whose connection is
     /// gone, or, while another socket is open, whose kernel holds bytes for the link but heard no
-    /// acknowledgement for `bound` and could send nothing new for half of it. The peer's kernel
-    /// answers, not its engine: a slow receiver still acknowledges what arrived; a socket that
-    /// just sent after a quiet spell heard nothing for long but sent just now; a link down at this
-    /// end leaves its bytes unsent rather than unacknowledged. A peer whose window is closed (a
-    /// receiver that posts nothing for a while) is never dead: its bytes wait unsent too, and the
-    /// probes of the closed window back off past any bound.
-    /// The last open socket is left to the connection's own stall timeout. Returns whether some
+    /// acknowledgement for `bound` (never under [`LIVE_SILENCE`]) and could send nothing new for
+    /// half of it. The peer's kernel answers, not its engine: a slow receiver still acknowledges
+    /// what arrived; a socket that just sent after a quiet spell heard nothing for long but sent
+    /// just now; a link down at this end leaves its bytes unsent rather than unacknowledged. A peer
+    /// whose window is closed (a receiver that posts nothing for a while) is never dead: its bytes
+    /// wait unsent too, and the probes of the closed window back off past any bound. The last open socket is left to the connection's own stall timeout. Returns whether some
     /// socket has pieces out and every such socket's bytes reached the peer's kernel.
     pub fn check_links(&self, bound: Duration) -> bool {
         let upto = self.window.acked_upto();
@@ -123,7 +122,7 @@ impl SendSockets {
             if info.tcpi_state != TCP_ESTABLISHED {
                 self.socket_failed(k, Error::disconnected("the data socket's connection closed"), DeadWhy::Closed);
             } else if backlog
-                && silent >= bound
+                && silent >= bound.max(LIVE_SILENCE)
                 && stuck >= bound / 2
                 && self.open_count() > 1
                 && !window_closed(self.stream(k), &info)
@@ -251,6 +250,12 @@ fn zeros(len: usize) -> PieceMem {
         _ => PieceMem::Many(segs),
     }
 }
+
+/// The longest a live link stays silent: a segment it lost (a receiver short of memory drops
+/// one even on loopback) is sent again one retransmission timeout later, at least the kernel's
+/// 200 ms (`TCP_RTO_MIN`), and acknowledged then. Two of them: a link is dead only once a
+/// retransmission went unanswered as well.
+const LIVE_SILENCE: Duration = Duration::from_millis(400);
 
 /// `tcpi_state` of a connected socket (linux/tcp_states.h).
 const TCP_ESTABLISHED: u8 = 1;
