@@ -154,10 +154,10 @@ knobs! {
         sndbuf: u32 = "UCCL_TCPX_SOCKET_SNDBUF", Size(0, 1 << 30), 0 => "0 (kernel autotuning)", "`SO_SNDBUF` of data sockets; setting it turns the kernel's autotuning off";
         rcvbuf: u32 = "UCCL_TCPX_SOCKET_RCVBUF", Size(0, 1 << 30), 0 => "0 (kernel autotuning)", "`SO_RCVBUF` of data sockets; setting it turns the kernel's autotuning off";
         subchunk: u32 = "UCCL_TCPX_SOCKET_SUBCHUNK", Size(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE), 256 << 10, "largest piece a request is cut into (smaller requests are shared over the comm's sockets in pieces of at least 64 KiB); free sockets pull the next piece, so a slow flow takes fewer";
-        spin: Duration = "UCCL_TCPX_SOCKET_SPIN_US", Micros(MAX_SPIN_US), default_spin() => "20 on ≥ 8 cores, else 0", "how long a helper that just did some work polls for more before sleeping in `epoll_wait`, past its first 20 µs only with a polling turn (`UCCL_TCPX_SOCKET_SPINNERS`); an idle connection wakes nothing";
+        spin: Duration = "UCCL_TCPX_SOCKET_SPIN_US", Micros(MAX_SPIN_US), default_spin() => "100 on ≥ 8 cores, else 0", "how long a helper that just did some work polls for more before sleeping in `epoll_wait`, past its first 20 µs only with a polling turn (`UCCL_TCPX_SOCKET_SPINNERS`); an idle connection wakes nothing";
         spin_max_request: u32 = "UCCL_TCPX_SOCKET_SPIN_MAX_REQUEST", Size(0, MAX_SPIN_MAX_REQUEST), DEFAULT_SPIN_MAX_REQUEST, "a helper polls after work only after a piece of a request of at most this size, and sleeps at once after a larger one's, whose helpers need the cores (0: only after empty requests; the engine's requests are at most 4 MiB, so 4M: after every piece)";
         held_spin: Duration = "UCCL_TCPX_SOCKET_HELD_SPIN_US", Micros(MAX_SPIN_US), Duration::ZERO, "how long a receiving helper polls while one of its sockets holds a piece whose receive is not posted yet, past its first 20 µs only with a polling turn; 0 sleeps until the post kicks it";
-        spinners: u16 = "UCCL_TCPX_SOCKET_SPINNERS", Int(1, 1024), default_spinners() => "¼ of the CPUs, at least 1", "socket helpers of the process that may poll at once past the first 20 µs after their last piece; each holds a core, so more than the cores can spare slow down the helpers with work";
+        spinners: u16 = "UCCL_TCPX_SOCKET_SPINNERS", Int(1, 1024), default_spinners() => "½ of the CPUs, at least 1", "socket helpers of the process that may poll at once past the first 20 µs after their last piece; each holds a core, so more than the cores can spare slow down the helpers with work";
         kick_fanout: u8 = "UCCL_TCPX_SOCKET_KICK_FANOUT", Int(0, MAX_SOCKETS_PER_COMM as u8), DEFAULT_KICK_FANOUT, "sleeping helpers a send comm's posting thread wakes itself for one request; each socket that runs then wakes up to as many of the others, spreading the wake-ups (about 2 µs each on 32 cores) over the helpers. 0: the poster wakes every one";
         data_ifname: Option<String> = "UCCL_TCPX_SOCKET_IFNAME", Opt(Text("`NCCL_SOCKET_IFNAME` grammar")), None, "the built-in TCP transport's data links (name prefixes, `^` to exclude, `=` exact; up IPv4 interfaces, loopback only by name, at most 8): each comm opens a socket per link or more, link k to the peer's link k, faster links carrying more, and fails over between them (docs/FAILOVER.md); the control stream stays on the engine's address. A list naming nothing fails `Engine::new`";
     }
@@ -479,19 +479,26 @@ fn default_host_copy_network_band(cores: usize) -> Option<(u64, u64)> {
     (cores >= 16).then_some((768 << 10, 12 << 20))
 }
 
-/// A quarter of the CPUs: two engines of one host (a loopback run) then poll on half of them.
+/// Half of the CPUs: two engines of one host (a loopback run) may then poll on all of them, but
+/// only after pieces of small requests (`DEFAULT_SPIN_MAX_REQUEST`), whose helpers are few. On the
+/// 16-core H100 host with 100 us of polling, a quarter (4 turns per engine) kept a 128 KiB
+/// transfer's helpers awake in one invocation and not in the next (128 KiB reads .94, then .34 of
+/// the message baseline); 8 and 16 did in most (docs/perf-log/socket-midsize.md).
 fn default_spinners() -> u16 {
-    (available_cores() / 4).clamp(1, 1024) as u16
+    (available_cores() / 2).clamp(1, 1024) as u16
 }
 
 /// Spinning pays only with cores to spare: on a small host a spinning helper takes the core that
 /// the thread it waits for needs (on 2 cores, 20 us of spin made an 8-byte round trip 5x slower).
-/// From 8 cores 20 us. Longer trades large transfers for mid-size ones: on the 32-core host with
-/// both engines on it, 400 us (within the polling turns) made 256 KiB-4 MiB round trips 15-30 %
-/// shorter and GPU 256 KiB at four in flight 25 % faster, but 16-64 MiB transfers 15-35 % slower,
-/// the polling helpers holding cores the busy ones needed.
+/// From 8 cores 100 us: a 128 KiB transfer at one in flight comes back every 40-55 us, so after
+/// 20 us its helpers slept and each transfer paid their wake-ups on both ends. On the 16-core H100
+/// host, 128 KiB write / read / send over the message baseline: .28-.75 / .69-.84 / .71-.81 in
+/// eight invocations of three rounds at 20 us, .90-1.06 / .61-1.14 / .82-.92 in eight at 100 us
+/// (8 or 16 polling turns); 64 KiB-16 MiB within their spread. Polling follows only pieces of small requests (`DEFAULT_SPIN_MAX_REQUEST`): once
+/// every piece was followed by a poll, 400 us made 16-64 MiB transfers 15-35 % slower on the
+/// 32-core host, the polling helpers holding cores the busy ones needed.
 fn default_spin() -> Duration {
-    if available_cores() >= 8 { Duration::from_micros(20) } else { Duration::ZERO }
+    if available_cores() >= 8 { Duration::from_micros(100) } else { Duration::ZERO }
 }
 
 /// Polling after the pieces of larger requests holds cores their busy helpers need. On a 16-core
@@ -699,7 +706,7 @@ mod tests {
         assert!(cfg(&[("UCCL_TCPX_CALLER_COMPLETES", "1")]).unwrap().caller_completes);
         assert!(!cfg(&[("UCCL_TCPX_CALLER_COMPLETES", "0")]).unwrap().caller_completes);
         assert_eq!(cfg(&[]).unwrap().copy_poll_spin, cores >= 4, "{cores} cores");
-        assert_eq!(cfg(&[]).unwrap().socket.spinners(), (cores / 4).max(1), "{cores} cores");
+        assert_eq!(cfg(&[]).unwrap().socket.spinners(), (cores / 2).max(1), "{cores} cores");
         assert_eq!(cfg(&[("UCCL_TCPX_SOCKET_SPINNERS", "3")]).unwrap().socket.spinners(), 3);
         assert_eq!(cfg(&[]).unwrap().socket.kick_fanout(), DEFAULT_KICK_FANOUT as usize);
         assert_eq!(cfg(&[("UCCL_TCPX_SOCKET_KICK_FANOUT", "4")]).unwrap().socket.kick_fanout(), 4);
@@ -1013,8 +1020,8 @@ mod tests {
         assert_eq!(c.progress_poll, Duration::from_micros(if cores >= 8 { 200 } else { 0 }));
         assert_eq!(c.host_copy_threads, (cores * 3 / 4).clamp(1, 24));
         assert_eq!(c.host_copy_network_band, (cores >= 16).then_some((768 << 10, 12 << 20)));
-        assert_eq!(s.spin, Duration::from_micros(if cores >= 8 { 20 } else { 0 }));
-        assert_eq!(s.spinners, (cores / 4).clamp(1, 1024) as u16);
+        assert_eq!(s.spin, Duration::from_micros(if cores >= 8 { 100 } else { 0 }));
+        assert_eq!(s.spinners, (cores / 2).clamp(1, 1024) as u16);
         assert_eq!([2, 32].map(default_chunk_size), [1 << 20, 2 << 20]);
         assert_eq!([2, 32].map(default_host_copy_network_band), [None, Some((768 << 10, 12 << 20))]);
     }
