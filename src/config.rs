@@ -492,11 +492,12 @@ fn default_spinners() -> u16 {
 /// the thread it waits for needs (on 2 cores, 20 us of spin made an 8-byte round trip 5x slower).
 /// From 8 cores 100 us: a 128 KiB transfer at one in flight comes back every 40-55 us, so after
 /// 20 us its helpers slept and each transfer paid their wake-ups on both ends. On the 16-core H100
-/// host, 128 KiB write / read / send over the message baseline: .28-.75 / .69-.84 / .71-.81 in
-/// eight invocations of three rounds at 20 us, .90-1.06 / .61-1.14 / .82-.92 in eight at 100 us
-/// (8 or 16 polling turns); 64 KiB-16 MiB within their spread. Polling follows only pieces of small requests (`DEFAULT_SPIN_MAX_REQUEST`): once
-/// every piece was followed by a poll, 400 us made 16-64 MiB transfers 15-35 % slower on the
-/// 32-core host, the polling helpers holding cores the busy ones needed.
+/// host, 128 KiB write / read / send over the message baseline: .28-.83 / .69-.84 / .68-.81 in
+/// twelve invocations of three rounds at 20 us, .90-1.06 / .61-1.14 / .82-.96 in ten at 100 us
+/// (8 or 16 polling turns); 64 KiB-16 MiB within their spread. Polling follows only pieces of
+/// small requests (`DEFAULT_SPIN_MAX_REQUEST`): once every piece was followed by a poll, 400 us
+/// made 16-64 MiB transfers 15-35 % slower on the 32-core host, the polling helpers holding cores
+/// the busy ones needed.
 fn default_spin() -> Duration {
     if available_cores() >= 8 { Duration::from_micros(100) } else { Duration::ZERO }
 }

@@ -104,8 +104,9 @@ impl SendSockets {
     /// what arrived; a socket that just sent after a quiet spell heard nothing for long but sent
     /// just now; a link down at this end leaves its bytes unsent rather than unacknowledged. A peer
     /// whose window is closed (a receiver that posts nothing for a while) is never dead: its bytes
-    /// wait unsent too, and the probes of the closed window back off past any bound. The last open socket is left to the connection's own stall timeout. Returns whether some
-    /// socket has pieces out and every such socket's bytes reached the peer's kernel.
+    /// wait unsent too, and the probes of the closed window back off past any bound. The last open
+    /// socket is left to the connection's own stall timeout. Returns whether some socket has pieces
+    /// out and every such socket's bytes reached the peer's kernel.
     pub fn check_links(&self, bound: Duration) -> bool {
         let upto = self.window.acked_upto();
         let (mut out, mut delivered) = (false, true);
