@@ -520,7 +520,15 @@ fn default_spin() -> Duration {
 /// the acknowledged-message baseline (p50 98-109 -> 68-77 us), reads .59-.63 -> .67-.81; 128 KiB
 /// to 4 MiB level; a staged 256 KiB GPU write at one in flight 116-132 us p50 against 112-129
 /// (docs/perf-log/socket-midsize.md).
-const DEFAULT_SPIN_MAX_REQUEST: u32 = 128 << 10;
+///
+/// 512 KiB since the helpers yield between polls that find nothing: what held the transfer back
+/// was not the cores polling but the threads woken onto them, which waited out each poll. With
+/// the yield, polling after requests up to 512 KiB, four invocations of three rounds on the
+/// 16-core H100 host against the 128 KiB bound without it: 256 KiB write / read / send .50-1.00 /
+/// .74-.98 / .71-.91 against .41-.78 / .59-.82 / .73-.78, 512 KiB 1.04-1.19 / .96-1.22 / .80-.86
+/// against .68-.84 / .70-.74 / .71-.79, 1 MiB .95-1.70 against 1.18-1.34; 64 KiB, 128 KiB and
+/// 4-16 MiB within their spread. Without the yield the same bound took 256 KiB-1 MiB to .19-.92.
+const DEFAULT_SPIN_MAX_REQUEST: u32 = 512 << 10;
 
 impl SocketConfig {
     fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<SocketConfig> {
@@ -842,7 +850,7 @@ mod tests {
         assert_eq!((c.sndbuf, c.rcvbuf), (4 << 20, 8 << 20));
         assert_eq!((c.subchunk, c.spin), (128 << 10, Duration::ZERO));
         assert_eq!(c.spin_max_request, 1 << 20);
-        assert_eq!(SocketConfig::default().spin_max_request, 128 << 10);
+        assert_eq!(SocketConfig::default().spin_max_request, 512 << 10);
         let auto = SocketConfig::default();
         assert_eq!(auto.threads_per_comm(), default_socket_threads(available_cores()));
         assert_eq!(auto.sockets_per_comm(), auto.threads_per_comm());
@@ -999,7 +1007,7 @@ mod tests {
         assert_eq!(c.host_copy_huge_min_piece, 256 << 10);
         let s = &c.socket;
         assert_eq!((s.nthreads, s.nsocks_per_thread, s.helpers, s.sndbuf, s.rcvbuf), (0, 1, 0, 0, 0));
-        assert_eq!((s.subchunk, s.spin_max_request, s.held_spin), (256 << 10, 128 << 10, Duration::ZERO));
+        assert_eq!((s.subchunk, s.spin_max_request, s.held_spin), (256 << 10, 512 << 10, Duration::ZERO));
         assert_eq!((s.kick_fanout, s.lazy, s.data_ifname.as_deref()), (4, true, None));
         let staging =
             StagingConfig { streams: 1, ahead: 1, gather: StagingGather::Auto, pipeline: 0, write_back: true };
