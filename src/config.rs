@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::proto::AuthKey;
+use crate::proto::{AuthKey, INLINE_LEN_FLOOR, MAX_INLINE_LEN};
 use crate::trace::Setting;
 
 mod knob;
@@ -124,6 +124,7 @@ knobs! {
         net_devices: Option<Vec<usize>> = "UCCL_TCPX_NET_DEVICES", Opt(Indices(MAX_NET_DEVICES)), None => "the devices next to the GPU", "plugin devices the channels use, channel `i` on entry `i mod n`. Unset: the CUDA-capable devices under the engine's GPU's PCI root that are closest to it (NCCL's rule), or every device for an engine without a GPU";
         plugin_test_ahead: bool = "UCCL_TCPX_PLUGIN_TEST_AHEAD", Flag, true, "`1`: a net plugin's receive comm keeps testing the plugin's next receives while earlier ones are still unpacked or copied out, so the plugin (which progresses only inside `test`) keeps receiving; `0`: only the oldest, the behaviour before, to measure against";
         control_spin: Duration = "UCCL_TCPX_CONTROL_SPIN_US", Micros(MAX_SPIN_US), default_control_spin() => "200 on ≥ 8 CPUs, 20 on 2–7, else 0", "how long a thread expecting control-stream bytes (a caller waiting for an inline transfer, a control reactor thread after a turn that did work) polls for them, yielding between polls, before it sleeps; a reply caught meanwhile costs no wake-up";
+        inline_max: u32 = "UCCL_TCPX_INLINE_MAX", Size(INLINE_LEN_FLOOR as u32, MAX_INLINE_LEN as u32), default_inline_max() => "64K on ≥ 8 CPUs, 256K below", "the longest one-sided host-memory write or read toward another host that rides the control stream (one round trip, the connection's reader landing it) instead of the channels (a request, socket helpers, a Done); toward processes of this host, for device memory and for two-sided messages (eager above it) always 64K. The peer's setting does not matter";
         control_threads: u8 = "UCCL_TCPX_CONTROL_THREADS", Int(0, MAX_CONTROL_THREADS), 0 => "0 (one per core, at most 4)", "threads serving the engine's connections' control streams (its control reactor), each waiting in one epoll set over many connections, started as connections arrive and ended with the last one it serves";
         caller_completes: bool = "UCCL_TCPX_CALLER_COMPLETES", Flag, default_caller_completes() => "1 on ≥ 8 CPUs, else 0", "a caller blocked in `wait` on a read over the channels is woken by the transport's completions in the progress thread's place and finishes the read itself (one thread wake-up to the caller instead of two); writes always end so";
         copy_poll_spin: bool = "UCCL_TCPX_COPY_POLL_SPIN", Flag, available_cores() >= 4 => "1 on ≥ 4 CPUs, else 0", "while device copies are in flight (staged GPU chunks, same-host GPU copies) the progress thread polls them without pause, yielding between passes, instead of napping 25 µs between looks (napping, a 30 µs staging copy was seen done 90-110 µs after its issue on 32 cores)";
@@ -426,6 +427,18 @@ const DEFAULT_KICK_FANOUT: u8 = 4;
 /// with the progress thread's poll and the kick fan-out) 64 KiB-1 MiB round trips reached .79-.87
 /// of the acknowledged-message baseline against .64-.81 with 20 us and no poll; one thread per
 /// engine polls, and only after a turn that did work.
+/// On a host with few cores every thread a transfer passes through costs a wake-up on a busy CPU:
+/// over the channels a mid-size write passes the poster's kick, a sending helper, the target's
+/// reader of the request, a receiving helper and the Done; inline only the caller and the target's
+/// reader, for a copy more at the sender and two at the target. On the 2-core VM (nine invocations of three alternated
+/// rounds against 64 KiB, msg ratio) 128 KiB reads went from .39-.52 to .73-1.06, 128 KiB writes
+/// from .42-.67 to .65-.93, 256 KiB writes from .44-.56 (once .97) to .56-.70; 256 KiB reads
+/// (.45-.66 against .49-.65) and 512 KiB-1 MiB stayed within their spread. On a 16-core H100 host
+/// 256 KiB inline lost (256 KiB writes .57, reads .44 against .71-1.02), so from 8 CPUs the floor.
+fn default_inline_max() -> u32 {
+    if available_cores() >= 8 { INLINE_LEN_FLOOR as u32 } else { 256 << 10 }
+}
+
 fn default_control_spin() -> Duration {
     match available_cores() {
         8.. => Duration::from_micros(200),

@@ -23,8 +23,8 @@ use super::stream::Stream;
 use super::{Gpu, check};
 use crate::error::{Error, Result};
 
-/// The largest copy this module serves (the inline limit of the control protocol).
-pub const MAX_SMALL_COPY: usize = crate::proto::MAX_INLINE_LEN;
+/// The largest copy this module serves (the inline limit of device memory).
+pub const MAX_SMALL_COPY: usize = crate::proto::INLINE_LEN_FLOOR;
 /// Spinning beyond this hands the wait to the driver: the GPU is busy with other work and the
 /// copy will take long enough that a sleeping wait costs nothing extra.
 const SPIN_LIMIT: Duration = Duration::from_micros(500);

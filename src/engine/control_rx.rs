@@ -32,9 +32,9 @@ use crate::threads::{self, ThreadKind};
 /// failing or closing connection shuts the stream down, which ends such a read at once; this is only
 /// the backstop. Idle connections never read this way.
 const WAIT_SLICE: Duration = Duration::from_millis(100);
-/// Read granularity: room for a whole inline frame (64 KiB of payload and its header); a larger frame
-/// (a Notify) grows the buffer only as its bytes arrive.
-const READ_CHUNK: usize = 128 << 10;
+/// Read granularity: room for a whole inline frame (its payload and header) and what follows; a
+/// larger frame (a Notify) grows the buffer only as its bytes arrive.
+const READ_CHUNK: usize = crate::proto::MAX_INLINE_LEN + (64 << 10);
 
 pub struct ControlRx {
     stream: Arc<TcpStream>,

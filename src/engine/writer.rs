@@ -92,17 +92,31 @@ impl ControlWriter {
         // An injected writer panic (tests) takes every message through the reactor, so that the
         // panic happens with one in flight.
         let idle = q.bytes.is_empty() && !q.handed && !threads::armed(ThreadKind::ControlWriter);
-        for msg in msgs {
-            msg.encode(&mut q.bytes);
-        }
-        if idle && q.bytes.len() <= DIRECT_WRITE_MAX {
+        if idle {
             // Nothing queued ahead of us: try the socket directly and save the reactor's wake-up (most
             // of a small message's latency). Non-blocking, so a full send buffer (a peer not
-            // reading) still never blocks the caller; the rest goes to the reactor.
-            let sent = send_nonblocking(&self.stream, &q.bytes);
-            q.bytes.drain(..sent);
-            if q.bytes.is_empty() {
+            // reading) still never blocks the caller; the rest goes to the reactor. Inline payloads
+            // go from the messages themselves and are copied only if the socket leaves them.
+            let mut payloads = Vec::new();
+            for msg in msgs {
+                let payload = msg.encode_head(&mut q.bytes);
+                if !payload.is_empty() {
+                    payloads.push((q.bytes.len(), payload));
+                }
+            }
+            let parts = interleave(&q.bytes, &payloads);
+            let total: usize = parts.iter().map(|p| p.len()).sum();
+            let sent = if total <= DIRECT_WRITE_MAX { send_nonblocking(&self.stream, &parts) } else { 0 };
+            let rest = unsent(&parts, sent);
+            if rest.is_empty() {
+                // Kept for the next message's head.
+                q.bytes.clear();
                 return Ok(());
+            }
+            q.bytes = rest;
+        } else {
+            for msg in msgs {
+                msg.encode(&mut q.bytes);
             }
         }
         if !q.handed {
@@ -194,9 +208,64 @@ impl ControlWriter {
     }
 }
 
-/// Writes what the socket takes without blocking; errors are left for the reactor to report.
-fn send_nonblocking(stream: &TcpStream, bytes: &[u8]) -> usize {
-    write_nonblocking(stream, bytes).0
+/// The bytes of `heads` with each payload put at its offset into them, in order.
+fn interleave<'a>(heads: &'a [u8], payloads: &[(usize, &'a [u8])]) -> Vec<&'a [u8]> {
+    let mut parts = Vec::with_capacity(2 * payloads.len() + 1);
+    let mut from = 0;
+    for &(at, payload) in payloads {
+        parts.push(&heads[from..at]);
+        parts.push(payload);
+        from = at;
+    }
+    parts.push(&heads[from..]);
+    parts.retain(|p| !p.is_empty());
+    parts
+}
+
+/// What is left of `parts` past their first `sent` bytes, as one buffer.
+fn unsent(parts: &[&[u8]], mut sent: usize) -> Vec<u8> {
+    let mut rest = Vec::new();
+    for part in parts {
+        let skip = sent.min(part.len());
+        sent -= skip;
+        rest.extend_from_slice(&part[skip..]);
+    }
+    rest
+}
+
+/// Writes what the socket takes of `parts` without blocking, in one `sendmsg` when it takes all;
+/// returns the bytes written. Errors are left for the reactor to report.
+fn send_nonblocking(stream: &TcpStream, parts: &[&[u8]]) -> usize {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut sent = 0;
+    while sent < total {
+        let mut skip = sent;
+        let mut iov = Vec::with_capacity(parts.len());
+        for part in parts {
+            if skip >= part.len() {
+                skip -= part.len();
+                continue;
+            }
+            let rest = &part[skip..];
+            skip = 0;
+            iov.push(libc::iovec { iov_base: rest.as_ptr() as *mut libc::c_void, iov_len: rest.len() });
+        }
+        // SAFETY: a zeroed msghdr is valid (no name, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = iov.len() as _;
+        // SAFETY: a valid socket; `iov` points into `parts`, alive and unchanged for the call.
+        // MSG_NOSIGNAL as in `write_nonblocking`.
+        let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            break;
+        }
+        sent += n as usize;
+    }
+    sent
 }
 
 enum Written {
@@ -281,6 +350,49 @@ mod tests {
         assert_eq!(err.status(), UcclStatus::ErrBackend);
         assert!(err.message().contains("stopped reading"), "{}", err.message());
         writer.finish(Duration::from_millis(10));
+    }
+
+    /// Inline payloads the caller sends straight from its messages arrive whole and in order with
+    /// the frames around them, whether the socket takes them at once, in part (the rest queued),
+    /// or not at all (queued behind earlier bytes). A slow reader with a small buffer makes the
+    /// socket take part of a batch again and again.
+    #[test]
+    fn inline_payloads_leave_whole_when_the_socket_takes_part_of_them() {
+        let (_reactor, endpoint, peer) = writer();
+        socket2::SockRef::from(&*endpoint.0.stream).set_send_buffer_size(16 << 10).unwrap();
+        socket2::SockRef::from(&peer).set_recv_buffer_size(16 << 10).unwrap();
+        let mut expected = Vec::new();
+        let batches: Vec<[Control; 4]> = (0..60u8)
+            .map(|i| {
+                let len = [1, 30 << 10, 60 << 10, 100 << 10][i as usize % 4];
+                [
+                    Control::Done { xfer: i.into(), len: 1 },
+                    Control::InlineWrite { xfer: i.into(), region: 2, token: 3, addr: 4, payload: vec![i; len] },
+                    Control::ReadData { xfer: i.into(), payload: vec![!i; len / 2 + 1] },
+                    Control::InlineSend { xfer: i.into(), payload: vec![i ^ 0x55; 7] },
+                ]
+            })
+            .collect();
+        for msg in batches.iter().flatten() {
+            msg.encode(&mut expected);
+        }
+        let want = expected.len();
+        let reading = std::thread::spawn(move || {
+            let mut peer = peer;
+            let mut got = vec![0; want];
+            for piece in got.chunks_mut(8 << 10) {
+                peer.read_exact(piece).unwrap();
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            got
+        });
+        for batch in &batches {
+            endpoint.0.send_all(batch).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        endpoint.0.finish(Duration::from_secs(20));
+        let got = reading.join().unwrap();
+        assert!(got == expected, "the bytes that arrived differ from the frames sent");
     }
 
     /// Batches larger than the socket takes at once leave whole and in order through the reactor,

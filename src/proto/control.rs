@@ -11,8 +11,8 @@
 use super::frame::{FRAME_HEADER_LEN, FrameHeader, is_handshake_kind, kind, write_frame};
 use super::wire::{Reader, Writer, check_len};
 use super::{
-    IPC_HANDLE_LEN, MAX_EAGER_LEN, MAX_INLINE_LEN, MAX_IPC_WINDOWS, MAX_NAME_LEN, MAX_NOTIFY_MSG_LEN, MAX_REASON_LEN,
-    MAX_VECTOR_BYTES, MAX_VECTOR_SEGMENTS, ProtoError, REMOTE_SEG_LEN,
+    INLINE_LEN_FLOOR, IPC_HANDLE_LEN, MAX_EAGER_LEN, MAX_INLINE_LEN, MAX_IPC_WINDOWS, MAX_NAME_LEN, MAX_NOTIFY_MSG_LEN,
+    MAX_REASON_LEN, MAX_VECTOR_BYTES, MAX_VECTOR_SEGMENTS, ProtoError, REMOTE_SEG_LEN,
 };
 
 /// One piece of a remote region that a vector request names: `len` bytes at `addr`.
@@ -28,7 +28,7 @@ pub enum Control {
         xfer: u64,
         len: u64,
     },
-    /// A two-sided message of `MAX_INLINE_LEN` to `MAX_EAGER_LEN` bytes whose chunks follow at
+    /// A two-sided message of `INLINE_LEN_FLOOR` to `MAX_EAGER_LEN` bytes whose chunks follow at
     /// once, as the sender's next flow (a write's way): the receiver takes them into its oldest
     /// posted receive, or lands them in its own memory until one is posted, then answers Done or
     /// Deny. Counted against `MAX_INLINE_SEND_BACKLOG` in landing slots (`eager_landing_bytes`).
@@ -232,8 +232,10 @@ fn check_write_len(len: u64) -> Result<(), ProtoError> {
 }
 
 fn check_eager_len(len: u64) -> Result<(), ProtoError> {
-    if len <= MAX_INLINE_LEN as u64 || len > MAX_EAGER_LEN {
-        return Err(ProtoError::Invalid("an eager send must be longer than MAX_INLINE_LEN and at most MAX_EAGER_LEN"));
+    if len <= INLINE_LEN_FLOOR as u64 || len > MAX_EAGER_LEN {
+        return Err(ProtoError::Invalid(
+            "an eager send must be longer than INLINE_LEN_FLOOR and at most MAX_EAGER_LEN",
+        ));
     }
     Ok(())
 }
@@ -350,6 +352,45 @@ impl Control {
     /// if the fields come from outside, or the peer will reject the frame.
     pub fn encode(&self, out: &mut Vec<u8>) {
         write_frame(out, self.kind(), |w| self.write_body(w));
+    }
+
+    /// Appends header and body but for an inline payload, which it returns for the caller to send
+    /// right behind (the frame's length counts it): one copy of a large payload fewer. Other kinds
+    /// are appended whole and return nothing.
+    pub fn encode_head(&self, out: &mut Vec<u8>) -> &[u8] {
+        let payload = match self {
+            Self::InlineWrite { payload, .. } | Self::ReadData { payload, .. } | Self::InlineSend { payload, .. } => {
+                payload
+            }
+            _ => {
+                self.encode(out);
+                return &[];
+            }
+        };
+        let start = out.len();
+        write_frame(out, self.kind(), |w| self.write_body_head(w));
+        let body_len = out.len() - start - FRAME_HEADER_LEN + payload.len();
+        // Past u32::MAX the peer rejects the frame as too long, as `write_frame` has it.
+        let body_len = u32::try_from(body_len).unwrap_or(u32::MAX);
+        out[start + 4..start + FRAME_HEADER_LEN].copy_from_slice(&body_len.to_le_bytes());
+        payload
+    }
+
+    /// The body of an inline kind up to its payload's length field.
+    fn write_body_head(&self, w: &mut Writer<'_>) {
+        match self {
+            Self::InlineWrite { xfer, region, token, addr, payload } => {
+                for v in [xfer, region, token, addr] {
+                    w.u64(*v);
+                }
+                w.u32(u32::try_from(payload.len()).unwrap_or(u32::MAX));
+            }
+            Self::ReadData { xfer, payload } | Self::InlineSend { xfer, payload } => {
+                w.u64(*xfer);
+                w.u32(u32::try_from(payload.len()).unwrap_or(u32::MAX));
+            }
+            _ => self.write_body(w),
+        }
     }
 
     fn write_body(&self, w: &mut Writer<'_>) {
@@ -627,7 +668,7 @@ mod tests {
     fn samples() -> Vec<Control> {
         vec![
             Control::SendAnnounce { xfer: 1, len: 4096 },
-            Control::EagerSend { xfer: 1, len: MAX_INLINE_LEN as u64 + 1 },
+            Control::EagerSend { xfer: 1, len: INLINE_LEN_FLOOR as u64 + 1 },
             Control::EagerSend { xfer: u64::MAX, len: MAX_EAGER_LEN },
             Control::WriteRequest {
                 xfer: 2,
@@ -758,6 +799,19 @@ mod tests {
             assert_eq!(header.kind, msg.kind());
             assert_eq!(Control::decode(&header, body), Ok(msg));
         }
+    }
+
+    #[test]
+    fn a_head_and_the_payload_it_leaves_out_are_the_whole_frame() {
+        let mut inline = 0;
+        for msg in samples() {
+            let mut head = vec![0xee];
+            let tail = msg.encode_head(&mut head).to_vec();
+            inline += usize::from(!tail.is_empty());
+            head.extend_from_slice(&tail);
+            assert_eq!(head[1..], encode(&msg)[..], "{msg:?}");
+        }
+        assert!(inline >= 3, "the samples carry inline payloads");
     }
 
     #[test]
@@ -892,12 +946,20 @@ mod tests {
     }
 
     #[test]
-    fn an_eager_send_is_longer_than_an_inline_one_and_at_most_max_eager_len() {
-        for len in [0, 1, MAX_INLINE_LEN as u64, MAX_EAGER_LEN + 1, u64::MAX] {
+    fn an_eager_send_is_longer_than_the_inline_floor_and_at_most_max_eager_len() {
+        for len in [0, 1, INLINE_LEN_FLOOR as u64, MAX_EAGER_LEN + 1, u64::MAX] {
             let msg = Control::EagerSend { xfer: 1, len };
             assert!(matches!(msg.validate(), Err(ProtoError::Invalid(why)) if why.contains("eager")), "{len}");
             assert_eq!(decode_frame(&encode(&msg)), Err(msg.validate().unwrap_err()));
         }
+        // Past the floor an engine that inlines less than its peer still sends eagerly.
+        for len in [INLINE_LEN_FLOOR as u64 + 1, MAX_INLINE_LEN as u64, MAX_EAGER_LEN] {
+            let msg = Control::EagerSend { xfer: 1, len };
+            assert_eq!(decode_frame(&encode(&msg)).unwrap().unwrap().0, msg, "{len}");
+        }
+        // No frame carries more than MAX_INLINE_LEN inline.
+        let big = Control::InlineSend { xfer: 1, payload: vec![1; MAX_INLINE_LEN + 1] };
+        assert!(decode_frame(&encode(&big)).is_err());
     }
 
     #[test]

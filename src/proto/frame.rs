@@ -291,10 +291,10 @@ mod tests {
         assert_eq!(max_body_len(kind::DONE), Some(16));
         assert_eq!(max_body_len(kind::NOTIFY), Some(263 + (64 << 20)));
         assert_eq!(max_body_len(kind::CLOSE), Some(0));
-        assert_eq!(max_body_len(kind::INLINE_WRITE), Some(36 + 65536));
+        assert_eq!(max_body_len(kind::INLINE_WRITE), Some(36 + 262_144));
         assert_eq!(max_body_len(kind::READ_SMALL), Some(40));
-        assert_eq!(max_body_len(kind::READ_DATA), Some(12 + 65536));
-        assert_eq!(max_body_len(kind::INLINE_SEND), Some(12 + 65536));
+        assert_eq!(max_body_len(kind::READ_DATA), Some(12 + 262_144));
+        assert_eq!(max_body_len(kind::INLINE_SEND), Some(12 + 262_144));
         assert_eq!(max_body_len(kind::WRITE_VECTOR), Some(28 + 12 * 65536));
         assert_eq!(max_body_len(kind::READ_VECTOR), Some(28 + 12 * 65536));
         assert_eq!(max_body_len(kind::PROCESS_HELLO), Some(8));

@@ -25,18 +25,22 @@ pub use ipc::{IPC_HANDLE_LEN, IPC_INFO_SIZE, IpcInfo};
 /// Protocol magic, the first field of Hello, Welcome and Refuse bodies.
 pub(crate) const MAGIC: u32 = 0x5854_4355;
 /// 21: two-sided messages up to `MAX_EAGER_LEN` go eagerly (`Control::EagerSend`) on connections
-/// whose chunks span segments.
-pub(crate) const PROTOCOL_VERSION: u16 = 21;
+/// whose chunks span segments. 22: inline payloads up to `MAX_INLINE_LEN` (256 KiB, was 64).
+pub(crate) const PROTOCOL_VERSION: u16 = 22;
 pub(crate) const NET_HANDLE_SIZE: usize = 128;
 /// Notification name bytes, NUL terminator excluded.
 pub(crate) const MAX_NAME_LEN: usize = 255;
 pub(crate) const MAX_NOTIFY_MSG_LEN: usize = 64 << 20;
 pub(crate) const MAX_REASON_LEN: usize = 1024;
-/// Transfers up to this size travel on the control stream (one round trip, no channel). At 64 KiB a
-/// write still takes half the time of request, grant, a channel hop and done (loopback: 10 against
-/// 20 us on one core). Other control messages wait behind such a frame: about 5 us on loopback,
-/// 50 us at 10 Gb/s.
-pub(crate) const MAX_INLINE_LEN: usize = 64 << 10;
+/// Transfers up to this size travel on the control stream on every engine (one round trip, no
+/// channel), and device memory never further; eager sends are longer. At 64 KiB a write still takes
+/// half the time of request, grant, a channel hop and done (loopback: 10 against 20 us on one core).
+/// Other control messages wait behind such a frame: about 5 us on loopback, 50 us at 10 Gb/s.
+pub(crate) const INLINE_LEN_FLOOR: usize = 64 << 10;
+/// Longest inline payload a frame may carry. How far above the floor an engine inlines host memory
+/// is its own choice (`UCCL_TCPX_INLINE_MAX`): on a host with few cores the hops a channel costs
+/// weigh more than the copies through the control stream.
+pub(crate) const MAX_INLINE_LEN: usize = 256 << 10;
 /// Inline-send payload bytes a sender may have unacknowledged; the receiver buffers at most this
 /// much for sends that arrive before their receives.
 pub(crate) const MAX_INLINE_SEND_BACKLOG: u64 = 4 << 20;

@@ -7,7 +7,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::reader;
-use super::state::{Action, ConnState, Direction, Memory, OneSidedItem, OneSidedRequest, SendItem, VectorRequest};
+use super::state::{
+    Action, ConnState, Direction, Memory, OneSidedItem, OneSidedRequest, SendItem, VectorRequest, inline_limit,
+};
 use super::turn::{Batch, InTurn, Take};
 use super::vector::{Grouper, Push, Run, RunKey};
 
@@ -19,7 +21,7 @@ use crate::engine::same_host::device_copy::DevicePath;
 use crate::engine::same_host::local_copy::LocalCopy;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
-use crate::proto::{Capability, Control, MAX_INLINE_LEN, RemoteSeg};
+use crate::proto::{Capability, Control, INLINE_LEN_FLOOR, RemoteSeg};
 use crate::trace::{self, SeenBy as Seer, clock_ns};
 use crate::transport::IoSeg;
 
@@ -106,9 +108,10 @@ impl Connection {
         }
         if write {
             let mem = self.memory();
+            let inline_max = super::inline_max(&self.core.config, self.link.locality);
             for request in requests.iter_mut() {
                 if let OneSidedRequest::Item(item) = request
-                    && item.len <= MAX_INLINE_LEN as u64
+                    && item.len <= inline_limit(inline_max, item.region.kind)
                 {
                     // SAFETY: the range was checked to lie in this live registration.
                     let payload = unsafe { mem.load(&item.region, item.addr, item.len as usize) };
@@ -237,7 +240,9 @@ impl Connection {
         let mut items = Vec::with_capacity(msgs.len());
         for (i, &(mr, addr, len)) in msgs.iter().enumerate() {
             let region = self.core.regions.local(mr, addr, len).map_err(|e| e.context(format!("send item {i}")))?;
-            let payload = if len <= MAX_INLINE_LEN {
+            // Past the floor a message goes eagerly: its chunks land in the posted receive, where
+            // an inline one not yet matched is copied twice more.
+            let payload = if len <= INLINE_LEN_FLOOR {
                 // SAFETY: `regions.local` checked that the range lies in a live registration.
                 Some(unsafe { mem.load(&region, addr, len) }.map_err(|e| e.context(format!("send item {i}")))?)
             } else {

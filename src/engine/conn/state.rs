@@ -32,7 +32,7 @@ use crate::engine::region::Region;
 use crate::engine::same_host::state::SameHost;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
-use crate::proto::{Control, MAX_INLINE_LEN, MAX_INLINE_SEND_BACKLOG, RemoteSeg};
+use crate::proto::{Control, INLINE_LEN_FLOOR, MAX_INLINE_LEN, MAX_INLINE_SEND_BACKLOG, RemoteSeg};
 use crate::transport::{IoSeg, MemKind};
 
 /// Announced sends the peer may queue ahead of our receives before it is treated as hostile.
@@ -111,6 +111,16 @@ pub(super) trait Memory {
     /// # Safety
     /// `[addr, addr + len)` lies inside `region`, which is live.
     unsafe fn load(&self, region: &Region, addr: usize, len: usize) -> Result<Vec<u8>>;
+}
+
+/// The longest transfer from or to memory of `kind` that goes inline when an engine inlines host
+/// memory up to `max`: device memory stays at the floor, each inline byte of it is a synchronous
+/// copy through a small bounce buffer.
+pub(super) fn inline_limit(max: u64, kind: MemKind) -> u64 {
+    match kind {
+        MemKind::Host => max,
+        MemKind::Cuda { .. } => INLINE_LEN_FLOOR as u64,
+    }
 }
 
 /// One message of a caller's send.
@@ -307,6 +317,8 @@ pub(super) struct ConnState {
     /// Payload bytes of our inline writes and small reads the peer has not answered yet (bounded by
     /// MAX_INLINE_ONE_SIDED).
     inline_one_sided: u64,
+    /// The longest host-memory transfer we send inline (`Config::inline_max`).
+    inline_max: u64,
     /// Granted destinations waiting for the peer's Data marker, by our flow id.
     inbound: HashMap<u64, Inbound>,
     posted_recvs: VecDeque<PostedRecv>,
@@ -341,6 +353,7 @@ impl ConnState {
             inline_ops: HashMap::new(),
             inline_send_backlog: 0,
             inline_one_sided: 0,
+            inline_max: INLINE_LEN_FLOOR as u64,
             inbound: HashMap::new(),
             posted_recvs: VecDeque::new(),
             announces: VecDeque::new(),
@@ -357,6 +370,11 @@ impl ConnState {
 
     pub fn chunking(&self) -> Chunking {
         self.chunking
+    }
+
+    /// Sends host-memory transfers of up to `max` bytes inline (within the protocol's bounds).
+    pub fn set_inline_max(&mut self, max: u64) {
+        self.inline_max = max.clamp(INLINE_LEN_FLOOR as u64, MAX_INLINE_LEN as u64);
     }
 
     /// The error that ended the connection, once it failed.
@@ -471,8 +489,10 @@ impl ConnState {
         let OneSidedItem { region, addr: local, len, remote_region, token, remote_addr: addr, payload } = item;
         // Small transfers ride the control stream: one round trip instead of a request, a grant
         // and a channel hop (for device memory also instead of two staged copies), while the
-        // inline bytes in flight stay bounded.
-        let inline = len <= MAX_INLINE_LEN as u64 && self.inline_one_sided + len <= MAX_INLINE_ONE_SIDED;
+        // inline bytes in flight stay bounded. A write goes inline only with its payload read.
+        let inline = len <= inline_limit(self.inline_max, region.kind)
+            && self.inline_one_sided + len <= MAX_INLINE_ONE_SIDED
+            && (payload.is_some() || !write);
         if inline {
             self.inline_one_sided += len;
         }

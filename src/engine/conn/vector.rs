@@ -8,7 +8,7 @@
 
 use std::ops::Range;
 
-use crate::proto::{MAX_INLINE_LEN, MAX_VECTOR_BYTES, MAX_VECTOR_SEGMENTS};
+use crate::proto::{INLINE_LEN_FLOOR, MAX_VECTOR_BYTES, MAX_VECTOR_SEGMENTS};
 
 /// A run of at most this many items whose bytes fit one inline message goes item by item: that is
 /// one round trip on the control stream, where a vector takes a request, a grant and a channel
@@ -84,7 +84,7 @@ impl Grouper {
 
     fn run(&self) -> Option<Run> {
         let items = self.start..self.next;
-        let vector = items.len() >= 2 && (self.bytes > MAX_INLINE_LEN as u64 || items.len() > INLINE_RUN);
+        let vector = items.len() >= 2 && (self.bytes > INLINE_LEN_FLOOR as u64 || items.len() > INLINE_RUN);
         (!items.is_empty()).then_some(Run { items, vector })
     }
 }

@@ -19,7 +19,7 @@ use crate::engine::conn::landing::{Fate, LandingMemory, Landings};
 use crate::engine::plan::{Cut, Extent, chunk_count};
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result};
-use crate::proto::{Control, MAX_EAGER_LEN, MAX_INLINE_LEN, MAX_INLINE_SEND_BACKLOG, eager_landing_bytes};
+use crate::proto::{Control, INLINE_LEN_FLOOR, MAX_EAGER_LEN, MAX_INLINE_SEND_BACKLOG, eager_landing_bytes};
 use crate::transport::MemKind;
 
 impl ConnState {
@@ -33,7 +33,7 @@ impl ConnState {
     /// Whether a message of `len` bytes goes eagerly now.
     pub(super) fn goes_eagerly(&self, len: u64) -> bool {
         self.eager.is_some()
-            && len > MAX_INLINE_LEN as u64
+            && len > INLINE_LEN_FLOOR as u64
             && len <= MAX_EAGER_LEN
             && self.inline_send_backlog + eager_landing_bytes(len) <= MAX_INLINE_SEND_BACKLOG
     }
@@ -165,7 +165,7 @@ impl ConnState {
                 // the legacy stream, behind the user's kernels, with the connection held.
                 let max_run = match recv.region.kind {
                     MemKind::Host => usize::MAX,
-                    MemKind::Cuda { .. } => MAX_INLINE_LEN,
+                    MemKind::Cuda { .. } => INLINE_LEN_FLOOR,
                 };
                 // SAFETY: settled only once landed. The message fits the receive's registration
                 // from its start (checked when matched; a cut since refused it), and `recv` keeps

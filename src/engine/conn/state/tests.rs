@@ -44,7 +44,7 @@ impl Memory for HostMemory {
         assert!(region.contains(addr, payload.len()));
         if matches!(region.kind, MemKind::Cuda { .. }) {
             // A larger device store waits on the legacy stream with the connection held.
-            assert!(payload.len() <= MAX_INLINE_LEN, "a {}-byte store into device memory", payload.len());
+            assert!(payload.len() <= INLINE_LEN_FLOOR, "a {}-byte store into device memory", payload.len());
         }
         // SAFETY: per the contract; test buffers are live boxes.
         unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), addr as *mut u8, payload.len()) };
@@ -201,7 +201,8 @@ impl End {
                 remote_region: remote.cap.region,
                 token: remote.cap.token,
                 remote_addr: (remote.addr() + roff) as u64,
-                payload: (write && len <= MAX_INLINE_LEN).then(|| local.bytes[off..off + len].to_vec()),
+                payload: (write && len as u64 <= inline_limit(self.st.inline_max, local.region.kind))
+                    .then(|| local.bytes[off..off + len].to_vec()),
             })
         };
         let mut parts = Vec::new();
@@ -239,7 +240,7 @@ impl End {
                 region: buf.region.clone(),
                 addr: buf.addr() + off,
                 len: len as u64,
-                payload: (len <= MAX_INLINE_LEN).then(|| buf.bytes[off..off + len].to_vec()),
+                payload: (len <= INLINE_LEN_FLOOR).then(|| buf.bytes[off..off + len].to_vec()),
             })
             .collect();
         self.st.begin_post(Instant::now()).unwrap();
@@ -522,7 +523,7 @@ fn messages_of(write: bool, len: usize) -> Vec<String> {
 /// with no Grant on either; a read's bytes move right after its request, a write's with it.
 #[test]
 fn a_read_moves_with_as_many_control_messages_as_a_write() {
-    for len in [MAX_INLINE_LEN + 1, 4 * CHUNK, 4 * CHUNK + 3, 40 * CHUNK] {
+    for len in [INLINE_LEN_FLOOR + 1, 4 * CHUNK, 4 * CHUNK + 3, 40 * CHUNK] {
         let (write, read) = (messages_of(true, len), messages_of(false, len));
         assert_eq!(write, ["WriteRequest", "Done"], "{len} bytes");
         assert_eq!(read, ["ReadRequest", "Data"], "{len} bytes");
@@ -539,7 +540,7 @@ fn a_caller_reads_the_control_stream_only_for_answered_parts() {
     let big = 2 * CHUNK;
     // Alternate remote regions, so that the items stay separate requests.
     let write_and_inline =
-        a.one_sided(true, &[(&local, 0, &remotes[0], 0, big), (&local, big, &remotes[1], big, MAX_INLINE_LEN)]);
+        a.one_sided(true, &[(&local, 0, &remotes[0], 0, big), (&local, big, &remotes[1], big, INLINE_LEN_FLOOR)]);
     assert_eq!(write_and_inline.answers(), Answers::AfterData);
     assert!(!write_and_inline.ends_on_chunks());
     let read = a.one_sided(false, &[(&local, 0, &remotes[0], 0, big)]);
@@ -564,7 +565,7 @@ fn a_caller_reads_the_control_stream_only_for_answered_parts() {
     assert!(!small_read.awaits_answer() && a.outcome(&small_read).is_some());
     pump(&mut a, &mut b);
     assert!(!write_and_inline.awaits_answer());
-    assert_eq!(a.outcome(&write_and_inline).unwrap().unwrap(), (big + MAX_INLINE_LEN) as u64);
+    assert_eq!(a.outcome(&write_and_inline).unwrap().unwrap(), (big + INLINE_LEN_FLOOR) as u64);
     assert_eq!(a.outcome(&read).unwrap().unwrap(), big as u64);
     assert_eq!(a.outcome(&mixed).unwrap().unwrap(), big as u64 + 10);
     let item = |cap: Capability, at: usize| {
@@ -711,36 +712,71 @@ fn refused_requests_of_every_kind_are_denied_not_allowed() {
 #[test]
 fn small_writes_and_reads_ride_the_control_stream() {
     let (mut a, mut b) = (End::new(), End::new());
-    let local = a.buffer(2 * MAX_INLINE_LEN, pattern(7));
-    let remote = b.buffer(2 * MAX_INLINE_LEN, pattern(8));
-    let w = a.one_sided(true, &[(&local, 0, &remote, 0, MAX_INLINE_LEN)]);
+    let local = a.buffer(2 * INLINE_LEN_FLOOR, pattern(7));
+    let remote = b.buffer(2 * INLINE_LEN_FLOOR, pattern(8));
+    let w = a.one_sided(true, &[(&local, 0, &remote, 0, INLINE_LEN_FLOOR)]);
     assert!(matches!(a.outbox.front(), Some(Control::InlineWrite { .. })));
     assert!(w.completes_on_control());
-    let r = a.one_sided(false, &[(&local, MAX_INLINE_LEN, &remote, MAX_INLINE_LEN, 10)]);
+    let r = a.one_sided(false, &[(&local, INLINE_LEN_FLOOR, &remote, INLINE_LEN_FLOOR, 10)]);
     assert!(matches!(a.outbox.back(), Some(Control::ReadSmall { len: 10, .. })));
     pump(&mut a, &mut b);
     assert!(a.sending.is_empty() && b.receiving.is_empty(), "no flow on a channel");
-    assert_eq!(a.outcome(&w).unwrap().unwrap(), MAX_INLINE_LEN as u64);
+    assert_eq!(a.outcome(&w).unwrap().unwrap(), INLINE_LEN_FLOOR as u64);
     assert_eq!(a.outcome(&r).unwrap().unwrap(), 10);
-    assert_eq!(&remote.bytes[..MAX_INLINE_LEN], &local.bytes[..MAX_INLINE_LEN]);
-    assert_eq!(&local.bytes[MAX_INLINE_LEN..MAX_INLINE_LEN + 10], &remote.bytes[MAX_INLINE_LEN..MAX_INLINE_LEN + 10]);
+    assert_eq!(&remote.bytes[..INLINE_LEN_FLOOR], &local.bytes[..INLINE_LEN_FLOOR]);
+    assert_eq!(
+        &local.bytes[INLINE_LEN_FLOOR..INLINE_LEN_FLOOR + 10],
+        &remote.bytes[INLINE_LEN_FLOOR..INLINE_LEN_FLOOR + 10]
+    );
     // One byte more than the inline limit takes the request path.
-    let big = a.one_sided(true, &[(&local, 0, &remote, 0, MAX_INLINE_LEN + 1)]);
+    let big = a.one_sided(true, &[(&local, 0, &remote, 0, INLINE_LEN_FLOOR + 1)]);
     assert!(matches!(a.outbox.front(), Some(Control::WriteRequest { .. })));
     assert_eq!((w.answers(), r.answers(), big.answers()), (Answers::Inline, Answers::Inline, Answers::AfterData));
     pump(&mut a, &mut b);
-    assert_eq!(a.outcome(&big).unwrap().unwrap(), MAX_INLINE_LEN as u64 + 1);
+    assert_eq!(a.outcome(&big).unwrap().unwrap(), INLINE_LEN_FLOOR as u64 + 1);
+}
+
+#[test]
+fn an_engine_inlining_more_sends_host_transfers_up_to_its_bound_inline() {
+    let (mut a, mut b) = (End::new(), End::new());
+    a.st.set_inline_max(u64::MAX);
+    assert_eq!(a.st.inline_max, MAX_INLINE_LEN as u64, "clamped to what a frame carries");
+    let len = MAX_INLINE_LEN;
+    let local = a.buffer(2 * len + 1, pattern(11));
+    let remote = b.buffer(2 * len + 1, pattern(12));
+    let w = a.one_sided(true, &[(&local, 0, &remote, 0, len)]);
+    assert!(matches!(a.outbox.front(), Some(Control::InlineWrite { payload, .. }) if payload.len() == len));
+    let r = a.one_sided(false, &[(&local, len, &remote, len, len)]);
+    assert!(matches!(a.outbox.back(), Some(Control::ReadSmall { len: l, .. }) if *l == len as u64));
+    pump(&mut a, &mut b);
+    assert!(a.sending.is_empty() && b.receiving.is_empty(), "no flow on a channel");
+    assert_eq!(a.outcome(&w).unwrap().unwrap(), len as u64);
+    assert_eq!(a.outcome(&r).unwrap().unwrap(), len as u64);
+    assert_eq!(&remote.bytes[..len], &local.bytes[..len]);
+    assert_eq!(&local.bytes[len..2 * len], &remote.bytes[len..2 * len]);
+    // Past the bound, and for the peer whatever its own bound, the request path.
+    let big = a.one_sided(true, &[(&local, 0, &remote, 0, len + 1)]);
+    assert!(matches!(a.outbox.front(), Some(Control::WriteRequest { .. })));
+    let back = b.one_sided(true, &[(&remote, 0, &local, 0, INLINE_LEN_FLOOR + 1)]);
+    assert!(matches!(b.outbox.front(), Some(Control::WriteRequest { .. })));
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&big).unwrap().unwrap(), len as u64 + 1);
+    assert_eq!(b.outcome(&back).unwrap().unwrap(), INLINE_LEN_FLOOR as u64 + 1);
+    // A bound below the floor is the floor, and device memory never goes past it.
+    a.st.set_inline_max(0);
+    assert_eq!(a.st.inline_max, INLINE_LEN_FLOOR as u64);
+    assert_eq!(inline_limit(u64::MAX, MemKind::Cuda { device: 0 }), INLINE_LEN_FLOOR as u64);
 }
 
 #[test]
 fn unanswered_inline_one_sided_bytes_are_bounded() {
     let (mut a, mut b) = (End::new(), End::new());
-    let n = (MAX_INLINE_ONE_SIDED / MAX_INLINE_LEN as u64) as usize;
-    let local = a.buffer(MAX_INLINE_LEN, pattern(9));
-    let remotes = [b.buffer(MAX_INLINE_LEN, |_| 0), b.buffer(MAX_INLINE_LEN, |_| 0)];
+    let n = (MAX_INLINE_ONE_SIDED / INLINE_LEN_FLOOR as u64) as usize;
+    let local = a.buffer(INLINE_LEN_FLOOR, pattern(9));
+    let remotes = [b.buffer(INLINE_LEN_FLOOR, |_| 0), b.buffer(INLINE_LEN_FLOOR, |_| 0)];
     // A call of writes and reads, item by item (alternate remote regions: no two items form a
     // vector): the first `n` fill the bound, the rest take the request path.
-    let items: Vec<_> = (0..n + 2).map(|i| (&local, 0, &remotes[i % 2], 0, MAX_INLINE_LEN)).collect();
+    let items: Vec<_> = (0..n + 2).map(|i| (&local, 0, &remotes[i % 2], 0, INLINE_LEN_FLOOR)).collect();
     let w = a.one_sided(true, &items[..n - 1]);
     let r = a.one_sided(false, &items[..3]);
     let kinds: Vec<_> = a.outbox.iter().map(std::mem::discriminant).collect();
@@ -754,8 +790,8 @@ fn unanswered_inline_one_sided_bytes_are_bounded() {
     assert_eq!(a.st.inline_one_sided, MAX_INLINE_ONE_SIDED);
     assert!(w.completes_on_control() && !r.completes_on_control());
     pump(&mut a, &mut b);
-    assert_eq!(a.outcome(&w).unwrap().unwrap(), ((n - 1) * MAX_INLINE_LEN) as u64);
-    assert_eq!(a.outcome(&r).unwrap().unwrap(), (3 * MAX_INLINE_LEN) as u64);
+    assert_eq!(a.outcome(&w).unwrap().unwrap(), ((n - 1) * INLINE_LEN_FLOOR) as u64);
+    assert_eq!(a.outcome(&r).unwrap().unwrap(), (3 * INLINE_LEN_FLOOR) as u64);
     assert_eq!(a.st.inline_one_sided, 0, "answers give the bound back");
     a.one_sided(true, &items[..1]);
     assert!(matches!(a.outbox.back(), Some(Control::InlineWrite { .. })));
@@ -764,9 +800,9 @@ fn unanswered_inline_one_sided_bytes_are_bounded() {
 #[test]
 fn unanswered_inline_sends_are_bounded_at_both_ends() {
     let (mut a, mut b) = (End::new(), End::new());
-    let n = (MAX_INLINE_SEND_BACKLOG / MAX_INLINE_LEN as u64) as usize;
-    let src = a.buffer(MAX_INLINE_LEN, pattern(10));
-    let items: Vec<_> = (0..n + 1).map(|_| (&src, 0, MAX_INLINE_LEN)).collect();
+    let n = (MAX_INLINE_SEND_BACKLOG / INLINE_LEN_FLOOR as u64) as usize;
+    let src = a.buffer(INLINE_LEN_FLOOR, pattern(10));
+    let items: Vec<_> = (0..n + 1).map(|_| (&src, 0, INLINE_LEN_FLOOR)).collect();
     let s = a.send(&items);
     assert!(a.outbox.iter().take(n).all(|m| matches!(m, Control::InlineSend { .. })));
     assert!(matches!(a.outbox[n], Control::SendAnnounce { .. }), "past the bound a small send is announced");
@@ -774,18 +810,18 @@ fn unanswered_inline_sends_are_bounded_at_both_ends() {
     // The receiver buffers exactly the bound for receives not posted yet.
     deliver(&mut a, &mut b).unwrap();
     assert_eq!(b.st.announced_inline, MAX_INLINE_SEND_BACKLOG);
-    let dsts: Vec<_> = (0..n + 1).map(|_| b.buffer(MAX_INLINE_LEN, |_| 0)).collect();
-    let recvs: Vec<_> = dsts.iter().map(|d| b.recv(d, MAX_INLINE_LEN)).collect();
+    let dsts: Vec<_> = (0..n + 1).map(|_| b.buffer(INLINE_LEN_FLOOR, |_| 0)).collect();
+    let recvs: Vec<_> = dsts.iter().map(|d| b.recv(d, INLINE_LEN_FLOOR)).collect();
     pump(&mut a, &mut b);
-    assert_eq!(a.outcome(&s).unwrap().unwrap(), ((n + 1) * MAX_INLINE_LEN) as u64);
+    assert_eq!(a.outcome(&s).unwrap().unwrap(), ((n + 1) * INLINE_LEN_FLOOR) as u64);
     for (r, d) in recvs.iter().zip(&dsts) {
-        assert_eq!(b.outcome(r).unwrap().unwrap(), MAX_INLINE_LEN as u64);
+        assert_eq!(b.outcome(r).unwrap().unwrap(), INLINE_LEN_FLOOR as u64);
         assert_eq!(d.bytes, src.bytes);
     }
     assert_eq!((a.st.inline_send_backlog, b.st.announced_inline), (0, 0));
 
     // A peer ignoring the bound is cut off.
-    let payload = vec![0u8; MAX_INLINE_LEN];
+    let payload = vec![0u8; INLINE_LEN_FLOOR];
     for xfer in 0..n as u64 {
         b.handle(Control::InlineSend { xfer, payload: payload.clone() }).unwrap();
     }

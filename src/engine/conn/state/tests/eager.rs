@@ -46,7 +46,7 @@ fn a_mid_size_send_goes_at_once_into_a_receive_posted_first() {
 #[test]
 fn sends_before_their_receives_land_and_are_copied_in_order() {
     let (mut a, mut b) = (End::new(), End::new());
-    let lens = [MAX_INLINE_LEN + 1, MID, MAX_EAGER_LEN as usize];
+    let lens = [INLINE_LEN_FLOOR + 1, MID, MAX_EAGER_LEN as usize];
     let srcs: Vec<_> = lens.iter().enumerate().map(|(i, &n)| a.buffer(n, pattern(41 + i as u8))).collect();
     let sends: Vec<_> = srcs.iter().zip(lens).map(|(src, n)| a.send(&[(src, 0, n)])).collect();
     assert_eq!(kinds(&a.outbox), eager(3));
@@ -176,7 +176,7 @@ fn a_peer_landing_more_than_the_bound_or_unasked_is_cut_off() {
     for xfer in 0..MAX_INLINE_SEND_BACKLOG / per {
         b.handle(Control::EagerSend { xfer, len: per }).unwrap();
     }
-    let err = b.handle(Control::EagerSend { xfer: 99, len: MAX_INLINE_LEN as u64 + 1 }).unwrap_err();
+    let err = b.handle(Control::EagerSend { xfer: 99, len: INLINE_LEN_FLOOR as u64 + 1 }).unwrap_err();
     assert!(err.message().contains("would hold more than"), "{err}");
     // Inline payloads and landing slots share the bound.
     let mut b = End::new();
