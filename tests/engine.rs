@@ -110,6 +110,52 @@ fn one_sided_write_read_and_refusals() {
     assert_eq!(&target[4096 + (1 << 20)..4096 + (1 << 20) + 5000], &src[100..5100]);
 }
 
+/// Writes and reads up to the engine's inline bound ride the control stream, larger ones the
+/// channels: with a bound of 256 KiB the data sockets carry none of the former and every byte lands,
+/// each transfer checked alone; with 64 KiB the same 200,000-byte write takes the channels.
+#[test]
+fn inline_bound_decides_what_rides_the_channels() {
+    let data_bytes = |conn: &uccl_tcpx::Connection| -> (u64, u64) {
+        conn.link_stats().iter().fold((0, 0), |(o, i), l| (o + l.out.bytes, i + l.inbound.bytes))
+    };
+    for (bound, sizes) in [
+        (256 << 10, [1usize, (64 << 10) + 1, 200_000, 256 << 10, (256 << 10) + 1]),
+        (64 << 10, [64 << 10, (64 << 10) + 1, 200_000, 1, 2]),
+    ] {
+        let p = common::pair(Config { inline_max: bound, ..config() });
+        let mut target = vec![0u8; 1 << 20];
+        let tmr = p.b.register(target.as_mut_ptr() as usize, target.len()).unwrap();
+        let remote = p.b.prepare_fifo(tmr, target.as_mut_ptr() as usize, target.len()).unwrap();
+        for (i, &n) in sizes.iter().enumerate() {
+            let src = pattern(n, 300 + i as u64);
+            let smr = p.a.register(src.as_ptr() as usize, n).unwrap();
+            let before = data_bytes(&p.ab);
+            let w = p.ab.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len: n, remote }]).unwrap();
+            assert_eq!(wait(&p.ab, w).unwrap(), n as u64);
+            assert_eq!(&target[..n], &src[..], "write of {n} bytes, bound {bound}");
+            let on_channels = data_bytes(&p.ab).0 - before.0;
+            assert_eq!(
+                on_channels == 0,
+                n as u32 <= bound,
+                "write of {n} bytes, bound {bound}: {on_channels} on the channels"
+            );
+            let before = data_bytes(&p.ab);
+            let mut back = vec![0u8; n];
+            let bmr = p.a.register(back.as_mut_ptr() as usize, n).unwrap();
+            let r = p.ab.read(&[OneSided { mr: bmr, addr: back.as_mut_ptr() as usize, len: n, remote }]).unwrap();
+            assert_eq!(wait(&p.ab, r).unwrap(), n as u64);
+            assert!(back == src, "read of {n} bytes, bound {bound}");
+            let on_channels = data_bytes(&p.ab).1 - before.1;
+            assert_eq!(
+                on_channels == 0,
+                n as u32 <= bound,
+                "read of {n} bytes, bound {bound}: {on_channels} on the channels"
+            );
+            target[..n].fill(0);
+        }
+    }
+}
+
 /// Transfers up to 64 KiB travel inline on the control stream, larger ones over the channels; a vector
 /// mixing both, in both directions, lands every byte where it belongs and nothing beyond.
 #[test]

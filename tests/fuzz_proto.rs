@@ -33,15 +33,17 @@ use uccl_tcpx::internal::proto::{
 
 /// `proto::FRAME_HEADER_LEN` is crate-private; `FrameHeader::to_bytes` pins the same number.
 const HEADER_LEN: usize = 8;
-/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 21.
-const VERSION: u16 = 21;
+/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 22.
+const VERSION: u16 = 22;
 const CHANNEL_HELLO_LEN: usize = 16;
 const FIFO_LEN: usize = 64;
 /// Protocol limits (crate-private in `proto`); `limits_match_the_codec` checks each against the codec.
 const MAX_NAME_LEN: usize = 255;
 const MAX_REASON_LEN: usize = 1024;
 /// `proto::MAX_INLINE_LEN`; the size-limit tests below prove it.
-const MAX_INLINE: usize = 64 << 10;
+const MAX_INLINE: usize = 256 << 10;
+/// `proto::INLINE_LEN_FLOOR`: an eager send is longer.
+const INLINE_FLOOR: u64 = 64 << 10;
 const MAX_ID_LEN: usize = 64;
 const MAX_TRANSPORT_NAME_LEN: usize = 32;
 /// `proto::MAX_VECTOR_SEGMENTS` and `MAX_VECTOR_BYTES`; `limits_match_the_codec` proves them.
@@ -503,6 +505,8 @@ fn limits_match_the_codec() {
     let small = |len: u64| Control::ReadSmall { xfer: 1, region: 1, token: 1, addr: 64, len };
     assert!(small(MAX_INLINE as u64).validate().is_ok());
     assert!(small(MAX_INLINE as u64 + 1).validate().is_err());
+    let eager = |len: u64| Control::EagerSend { xfer: 1, len };
+    assert!(eager(INLINE_FLOOR).validate().is_err() && eager(INLINE_FLOOR + 1).validate().is_ok());
     let vector = |n: usize, len: u32| Control::WriteVector {
         xfer: 1,
         region: 1,

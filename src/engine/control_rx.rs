@@ -25,7 +25,7 @@ use parking_lot::{Mutex, MutexGuard};
 
 use super::control_reactor::Registration;
 use crate::error::{Error, Result};
-use crate::proto::{Control, decode_frame};
+use crate::proto::{Frame, decode_frame_lent};
 use crate::threads::{self, ThreadKind};
 
 /// The longest one blocking read of a waiting caller lasts before it re-checks its transfer. A
@@ -172,12 +172,13 @@ impl Drop for Taken<'_> {
 }
 
 impl RxBuffer {
-    /// The next whole frame, if buffered; a malformed one is an error as soon as its header is in.
-    pub fn next_frame(&mut self) -> Result<Option<Control>> {
-        match decode_frame(&self.bytes[self.start..])? {
-            Some((msg, used)) => {
+    /// The next whole frame, if buffered, an inline payload lent from the buffer until the next
+    /// call; a malformed frame is an error as soon as its header is in.
+    pub fn next_frame(&mut self) -> Result<Option<Frame<'_>>> {
+        match decode_frame_lent(&self.bytes[self.start..])? {
+            Some((frame, used)) => {
                 self.start += used;
-                Ok(Some(msg))
+                Ok(Some(frame))
             }
             None => Ok(None),
         }

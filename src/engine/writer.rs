@@ -26,6 +26,9 @@ const MAX_QUEUED: usize = 2 * (MAX_NOTIFY_MSG_LEN + 4096);
 /// A larger batch (a vector request's segment list) is the reactor's: on loopback the kernel
 /// delivers what the caller writes on the caller's own time, a millisecond for a megabyte.
 const DIRECT_WRITE_MAX: usize = crate::proto::MAX_INLINE_LEN + 4096;
+/// Of those, the bytes other than inline payloads: what an inline message of the floor and a little
+/// come to, so a segment list past that stays the reactor's whatever the inline bound.
+const DIRECT_HEADS_MAX: usize = crate::proto::INLINE_LEN_FLOOR + 4096;
 
 /// Bytes the reactor writes for one connection before its other connections get a turn.
 const WRITE_TURN: usize = 256 << 10;
@@ -106,7 +109,8 @@ impl ControlWriter {
             }
             let parts = interleave(&q.bytes, &payloads);
             let total: usize = parts.iter().map(|p| p.len()).sum();
-            let sent = if total <= DIRECT_WRITE_MAX { send_nonblocking(&self.stream, &parts) } else { 0 };
+            let direct = total <= DIRECT_WRITE_MAX && q.bytes.len() <= DIRECT_HEADS_MAX;
+            let sent = if direct { send_nonblocking(&self.stream, &parts) } else { 0 };
             let rest = unsent(&parts, sent);
             if rest.is_empty() {
                 // Kept for the next message's head.

@@ -659,6 +659,61 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Control, usize)>, ProtoError> 
     Ok(Some((msg, frame_len)))
 }
 
+/// A whole message of the stream, where an inline write or a read's answer leaves its payload in
+/// the reader's buffer: the target stores it from there, a copy fewer than through a message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame<'a> {
+    Whole(Control),
+    InlineWrite { xfer: u64, region: u64, token: u64, addr: u64, payload: &'a [u8] },
+    ReadData { xfer: u64, payload: &'a [u8] },
+}
+
+impl Frame<'_> {
+    /// The message the frame holds, its payload copied.
+    pub fn into_control(self) -> Control {
+        match self {
+            Frame::Whole(msg) => msg,
+            Frame::InlineWrite { xfer, region, token, addr, payload } => {
+                Control::InlineWrite { xfer, region, token, addr, payload: payload.to_vec() }
+            }
+            Frame::ReadData { xfer, payload } => Control::ReadData { xfer, payload: payload.to_vec() },
+        }
+    }
+}
+
+/// [`decode_frame`], but an InlineWrite or ReadData lends its payload from `buf`; accepts and
+/// refuses exactly what `decode_frame` does.
+pub fn decode_frame_lent(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, ProtoError> {
+    let Some((head, _)) = buf.split_first_chunk::<FRAME_HEADER_LEN>() else {
+        return Ok(None);
+    };
+    let header = FrameHeader::parse(head)?;
+    if header.kind != kind::INLINE_WRITE && header.kind != kind::READ_DATA {
+        return Ok(decode_frame(buf)?.map(|(msg, used)| (Frame::Whole(msg), used)));
+    }
+    let frame_len = header.frame_len();
+    let Some(body) = buf.get(FRAME_HEADER_LEN..frame_len) else {
+        return Ok(None);
+    };
+    let mut r = Reader::new(body, header.check_body(body)?);
+    // Read and checked in the order and with the checks of `Control::decode`.
+    let frame = if header.kind == kind::INLINE_WRITE {
+        let (xfer, region, token, addr) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+        let payload = r.bytes32(MAX_INLINE_LEN, "inline payload")?;
+        r.finish()?;
+        check_inline(addr, payload.len())?;
+        Frame::InlineWrite { xfer, region, token, addr, payload }
+    } else {
+        let xfer = r.u64()?;
+        let payload = r.bytes32(MAX_INLINE_LEN, "inline payload")?;
+        r.finish()?;
+        nonzero_len(payload.len() as u64)?;
+        check_len(payload.len(), MAX_INLINE_LEN, "inline payload")?;
+        Frame::ReadData { xfer, payload }
+    };
+    Ok(Some((frame, frame_len)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -812,6 +867,42 @@ mod tests {
             assert_eq!(head[1..], encode(&msg)[..], "{msg:?}");
         }
         assert!(inline >= 3, "the samples carry inline payloads");
+    }
+
+    #[test]
+    fn inline_payloads_are_lent_from_the_buffer_and_everything_else_decodes_whole() {
+        let mut lent = 0;
+        for msg in samples() {
+            let frame = encode(&msg);
+            let (decoded, used) = decode_frame_lent(&frame).unwrap().unwrap();
+            assert_eq!(used, frame.len());
+            match &decoded {
+                Frame::Whole(whole) => {
+                    assert!(!matches!(whole, Control::InlineWrite { .. } | Control::ReadData { .. }), "{whole:?}")
+                }
+                Frame::InlineWrite { payload, .. } | Frame::ReadData { payload, .. } => {
+                    lent += 1;
+                    let at = payload.as_ptr() as usize - frame.as_ptr() as usize;
+                    assert_eq!(&frame[at..at + payload.len()], *payload, "a slice of the frame itself");
+                }
+            }
+            assert_eq!(decoded.into_control(), msg);
+            for cut in [0, FRAME_HEADER_LEN.min(frame.len() - 1), frame.len() - 1] {
+                assert_eq!(decode_frame_lent(&frame[..cut]), Ok(None), "{cut} bytes of {msg:?}");
+            }
+        }
+        assert!(lent >= 2);
+        // Refused alike: a payload past the bound, an empty answer, a range that wraps.
+        let bad = [
+            Control::ReadData { xfer: 1, payload: vec![] },
+            Control::InlineWrite { xfer: 1, region: 2, token: 3, addr: u64::MAX, payload: vec![1; 2] },
+            Control::ReadData { xfer: 1, payload: vec![1; MAX_INLINE_LEN + 1] },
+        ];
+        for msg in bad {
+            let frame = encode(&msg);
+            let err = decode_frame(&frame).unwrap_err();
+            assert_eq!(decode_frame_lent(&frame).unwrap_err(), err, "{err:?}");
+        }
     }
 
     #[test]
@@ -1230,6 +1321,8 @@ mod tests {
                     rng.mutate(base)
                 }
             };
+            let lent = decode_frame_lent(&buf).map(|f| f.map(|(frame, used)| (frame.into_control(), used)));
+            assert_eq!(lent, decode_frame(&buf), "the lending decoder differs on {buf:?}");
             match decode_frame(&buf) {
                 Ok(Some((msg, used))) => {
                     accepted += 1;

@@ -15,7 +15,7 @@ pub mod ipc;
 mod wire;
 
 pub use auth::{AuthChallenge, AuthHello, AuthKey, AuthProof, Session, TokenBinding};
-pub use control::{Control, RemoteSeg, decode_frame};
+pub use control::{Control, Frame, RemoteSeg, decode_frame, decode_frame_lent};
 pub use fifo::{Capability, FifoItem};
 pub(crate) use frame::FRAME_HEADER_LEN;
 pub use frame::FrameHeader;

@@ -10,7 +10,9 @@ use testkit::PATIENCE;
 /// The defaults on loopback, with the same-host path off: two engines of one test process would
 /// otherwise copy one-sided host transfers directly, and these tests are about the network path.
 pub fn loopback() -> Config {
-    Config { ip: Some("127.0.0.1".parse().unwrap()), disable_ipc: true, ..Config::default() }
+    // Inline up to 64 KiB whatever the host's CPUs, so a test's mid-size transfers take the
+    // channels everywhere; `inline_bound_decides_what_rides_the_channels` covers more.
+    Config { ip: Some("127.0.0.1".parse().unwrap()), disable_ipc: true, inline_max: 64 << 10, ..Config::default() }
 }
 
 /// Loopback with the same-host path on.

@@ -142,7 +142,7 @@ fn encode(msg: &Handshake) -> Vec<u8> {
 }
 
 /// The crate's protocol version (crate-private there); a wrong one fails every handshake below.
-const PROTOCOL_VERSION: u16 = 21;
+const PROTOCOL_VERSION: u16 = 22;
 
 fn hello() -> Hello {
     Hello {

@@ -38,7 +38,7 @@ use super::stats::{ConnStats, LinkTotals, StatsCell, Way, link_totals};
 use super::transfer::{Counted, Transfer};
 use super::writer::ControlWriter;
 use crate::error::{Error, Result, UcclStatus};
-use crate::proto::{Control, FifoItem, TokenBinding};
+use crate::proto::{Control, FifoItem, Frame, TokenBinding};
 use crate::trace::{self, MsgKind, SeenBy as Seer};
 use landing::LandingMemory;
 use memory::EngineMemory;
@@ -290,9 +290,17 @@ impl Connection {
         let mut held = Held::default();
         while handled.is_ok() {
             match buf.next_frame() {
-                Ok(Some(msg)) => {
+                Ok(Some(Frame::Whole(msg))) => {
                     inner.state.heard(Instant::now());
                     handled = self.handle(&mut inner, msg, &mut held, arrived);
+                }
+                Ok(Some(lent)) => {
+                    // An inline write or a small read's answer: stored from the buffer. Neither
+                    // concerns the same-host GPU path or the flow trace.
+                    inner.state.heard(Instant::now());
+                    let mut out = Vec::new();
+                    let stored = inner.state.handle_frame(lent, &self.memory(), &mut out);
+                    handled = stored.and(self.apply_held(&mut inner, out, &mut held));
                 }
                 Ok(None) => break,
                 Err(e) => handled = Err(e),

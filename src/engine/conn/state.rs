@@ -32,7 +32,7 @@ use crate::engine::region::Region;
 use crate::engine::same_host::state::SameHost;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
-use crate::proto::{Control, INLINE_LEN_FLOOR, MAX_INLINE_LEN, MAX_INLINE_SEND_BACKLOG, RemoteSeg};
+use crate::proto::{Control, Frame, INLINE_LEN_FLOOR, MAX_INLINE_LEN, MAX_INLINE_SEND_BACKLOG, RemoteSeg};
 use crate::transport::{IoSeg, MemKind};
 
 /// Announced sends the peer may queue ahead of our receives before it is treated as hostile.
@@ -696,6 +696,67 @@ impl ConnState {
         Ok(())
     }
 
+    /// Applies one message as `handle` does, an inline payload stored straight from the reader's
+    /// buffer.
+    pub fn handle_frame(&mut self, frame: Frame<'_>, mem: &impl Memory, out: &mut Vec<Action>) -> Result<()> {
+        match frame {
+            Frame::Whole(msg) => self.handle(msg, mem, out),
+            Frame::InlineWrite { xfer, region, token, addr, payload } => {
+                self.inline_write(xfer, (region, token, addr), payload, mem, out);
+                Ok(())
+            }
+            Frame::ReadData { xfer, payload } => self.read_data(xfer, payload, mem, out),
+        }
+    }
+
+    /// The peer's inline write of `payload` to `addr` of its capability `(region, token)`: stored
+    /// and done, or denied.
+    fn inline_write(
+        &mut self,
+        xfer: u64,
+        (region, token, addr): (u64, u64, u64),
+        payload: &[u8],
+        mem: &impl Memory,
+        out: &mut Vec<Action>,
+    ) {
+        let len = payload.len() as u64;
+        let authorized = mem.authorize(region, token, addr, len);
+        // SAFETY: `authorize` proved the range lies in a live, advertised region.
+        match authorized.and_then(|r| unsafe { mem.store(&r, addr as usize, payload) }) {
+            Err(e) => deny(xfer, e, out),
+            Ok(()) => out.push(Action::Send(Control::Done { xfer, len })),
+        }
+    }
+
+    /// The answer to our small read `xfer`: stored into its destination, which finishes the read.
+    fn read_data(&mut self, xfer: u64, payload: &[u8], mem: &impl Memory, out: &mut Vec<Action>) -> Result<()> {
+        let dst = self.inbound.get(&xfer).ok_or_else(|| unknown_op("ReadData", xfer))?;
+        let addr = match dst.extent {
+            Extent::Contiguous { addr, len } if payload.len() as u64 == len => addr,
+            _ => {
+                return Err(Error::backend(format!(
+                    "protocol violation: ReadData for op {xfer} carries {} bytes, {} were asked for",
+                    payload.len(),
+                    dst.extent.len()
+                )));
+            }
+        };
+        let mut dst = self.inbound.remove(&xfer).expect("checked above");
+        self.inline_one_sided -= dst.inline;
+        dst.answer_once();
+        let stored = match dst.error {
+            Some(e) => Err(e),
+            // SAFETY: the destination was checked against its registration when the read was
+            // posted, is not cut off, and the region is kept alive by `dst`.
+            None => unsafe { mem.store(&dst.region, addr, payload) },
+        };
+        if let Some(t) = dst.on_done.transfer() {
+            // A failed local copy fails this read only; the connection is fine.
+            out.push(Action::Finish(t.clone(), stored.map(|()| payload.len() as u64)));
+        }
+        Ok(())
+    }
+
     /// Applies one control message from the peer. An error is a protocol violation (or the peer
     /// closing): the connection must fail.
     pub fn handle(&mut self, msg: Control, mem: &impl Memory, out: &mut Vec<Action>) -> Result<()> {
@@ -744,13 +805,7 @@ impl ConnState {
                 Ok(())
             }
             Control::InlineWrite { xfer, region, token, addr, payload } => {
-                let len = payload.len() as u64;
-                let authorized = mem.authorize(region, token, addr, len);
-                // SAFETY: `authorize` proved the range lies in a live, advertised region.
-                match authorized.and_then(|r| unsafe { mem.store(&r, addr as usize, &payload) }) {
-                    Err(e) => deny(xfer, e, out),
-                    Ok(()) => out.push(Action::Send(Control::Done { xfer, len })),
-                }
+                self.inline_write(xfer, (region, token, addr), &payload, mem, out);
                 Ok(())
             }
             Control::ReadSmall { xfer, region, token, addr, len } => {
@@ -762,33 +817,7 @@ impl ConnState {
                 }
                 Ok(())
             }
-            Control::ReadData { xfer, payload } => {
-                let dst = self.inbound.get(&xfer).ok_or_else(|| unknown_op("ReadData", xfer))?;
-                let addr = match dst.extent {
-                    Extent::Contiguous { addr, len } if payload.len() as u64 == len => addr,
-                    _ => {
-                        return Err(Error::backend(format!(
-                            "protocol violation: ReadData for op {xfer} carries {} bytes, {} were asked for",
-                            payload.len(),
-                            dst.extent.len()
-                        )));
-                    }
-                };
-                let mut dst = self.inbound.remove(&xfer).expect("checked above");
-                self.inline_one_sided -= dst.inline;
-                dst.answer_once();
-                let stored = match dst.error {
-                    Some(e) => Err(e),
-                    // SAFETY: the destination was checked against its registration when the read
-                    // was posted, is not cut off, and the region is kept alive by `dst`.
-                    None => unsafe { mem.store(&dst.region, addr, &payload) },
-                };
-                if let Some(t) = dst.on_done.transfer() {
-                    // A failed local copy fails this read only; the connection is fine.
-                    out.push(Action::Finish(t.clone(), stored.map(|()| payload.len() as u64)));
-                }
-                Ok(())
-            }
+            Control::ReadData { xfer, payload } => self.read_data(xfer, &payload, mem, out),
             Control::Grant { xfer, flow } => {
                 self.network_answered(xfer);
                 let granted = self.awaiting_grant.remove(&xfer).ok_or_else(|| unknown_op("Grant", xfer))?;
