@@ -420,6 +420,20 @@ fn available_cores() -> usize {
 /// sockets per comm (small hosts) the poster wakes them all itself, as with 0.
 const DEFAULT_KICK_FANOUT: u8 = 4;
 
+/// On a host with few cores every thread a transfer passes through costs a wake-up on a busy CPU:
+/// over the channels a mid-size write passes the poster's kick, a sending helper, the target's
+/// reader of the request, a receiving helper and the Done; inline only the caller and the target's
+/// reader, for a copy more at each end. On the 2-core VM (nine invocations of three alternated
+/// rounds against 64 KiB, msg ratio) 128 KiB reads went from .39-.52 to .73-1.06, 128 KiB writes
+/// from .42-.67 to .65-.93, 256 KiB writes from .44-.56 (once .97) to .56-.70, with the target
+/// copying the payload twice; stored from the read buffer since, 128 KiB writes .70-.89 and 256
+/// KiB .64-.73 (four invocations against that build). 512 KiB-1 MiB stayed within their spread.
+/// On a 16-core H100 host 256 KiB inline lost (256 KiB writes .57, reads .44 against .71-1.02), so
+/// from 8 CPUs the floor.
+fn default_inline_max() -> u32 {
+    if available_cores() >= 8 { INLINE_LEN_FLOOR as u32 } else { 256 << 10 }
+}
+
 /// A reply that comes back while its reader polls costs no sleep and no wake-up on either side,
 /// which is most of a small round trip (2-core VM, unpinned: 8-byte write 9.4 -> 3.1 us). With a
 /// single CPU the poller would hold the core its peer needs (43.7 us on one core), so none there.
@@ -427,18 +441,6 @@ const DEFAULT_KICK_FANOUT: u8 = 4;
 /// with the progress thread's poll and the kick fan-out) 64 KiB-1 MiB round trips reached .79-.87
 /// of the acknowledged-message baseline against .64-.81 with 20 us and no poll; one thread per
 /// engine polls, and only after a turn that did work.
-/// On a host with few cores every thread a transfer passes through costs a wake-up on a busy CPU:
-/// over the channels a mid-size write passes the poster's kick, a sending helper, the target's
-/// reader of the request, a receiving helper and the Done; inline only the caller and the target's
-/// reader, for a copy more at the sender and two at the target. On the 2-core VM (nine invocations of three alternated
-/// rounds against 64 KiB, msg ratio) 128 KiB reads went from .39-.52 to .73-1.06, 128 KiB writes
-/// from .42-.67 to .65-.93, 256 KiB writes from .44-.56 (once .97) to .56-.70; 256 KiB reads
-/// (.45-.66 against .49-.65) and 512 KiB-1 MiB stayed within their spread. On a 16-core H100 host
-/// 256 KiB inline lost (256 KiB writes .57, reads .44 against .71-1.02), so from 8 CPUs the floor.
-fn default_inline_max() -> u32 {
-    if available_cores() >= 8 { INLINE_LEN_FLOOR as u32 } else { 256 << 10 }
-}
-
 fn default_control_spin() -> Duration {
     match available_cores() {
         8.. => Duration::from_micros(200),
