@@ -111,13 +111,16 @@ impl ControlWriter {
             let total: usize = parts.iter().map(|p| p.len()).sum();
             let direct = total <= DIRECT_WRITE_MAX && q.bytes.len() <= DIRECT_HEADS_MAX;
             let sent = if direct { send_nonblocking(&self.stream, &parts) } else { 0 };
-            let rest = unsent(&parts, sent);
-            if rest.is_empty() {
+            if sent == total {
                 // Kept for the next message's head.
                 q.bytes.clear();
                 return Ok(());
             }
-            q.bytes = rest;
+            // The rest goes to the reactor as one buffer; heads alone already are one.
+            let rest = (sent > 0 || !payloads.is_empty()).then(|| unsent(&parts, sent));
+            if let Some(rest) = rest {
+                q.bytes = rest;
+            }
         } else {
             for msg in msgs {
                 msg.encode(&mut q.bytes);
