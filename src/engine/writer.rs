@@ -107,19 +107,27 @@ impl ControlWriter {
                     payloads.push((q.bytes.len(), payload));
                 }
             }
-            let parts = interleave(&q.bytes, &payloads);
-            let total: usize = parts.iter().map(|p| p.len()).sum();
-            let direct = total <= DIRECT_WRITE_MAX && q.bytes.len() <= DIRECT_HEADS_MAX;
-            let sent = if direct { send_nonblocking(&self.stream, &parts) } else { 0 };
-            if sent == total {
-                // Kept for the next message's head.
-                q.bytes.clear();
-                return Ok(());
+            if payloads.is_empty() {
+                // The common case: one buffer, written as it is.
+                let sent =
+                    if q.bytes.len() <= DIRECT_HEADS_MAX { write_nonblocking(&self.stream, &q.bytes).0 } else { 0 };
+                q.bytes.drain(..sent);
+            } else {
+                let parts = interleave(&q.bytes, &payloads);
+                let total: usize = parts.iter().map(|p| p.len()).sum();
+                let direct = total <= DIRECT_WRITE_MAX && q.bytes.len() <= DIRECT_HEADS_MAX;
+                let sent = if direct { send_parts_nonblocking(&self.stream, &parts) } else { 0 };
+                // What the socket left goes to the reactor as one buffer.
+                let rest = unsent(&parts, sent);
+                if rest.is_empty() {
+                    // Kept for the next message's head.
+                    q.bytes.clear();
+                } else {
+                    q.bytes = rest;
+                }
             }
-            // The rest goes to the reactor as one buffer; heads alone already are one.
-            let rest = (sent > 0 || !payloads.is_empty()).then(|| unsent(&parts, sent));
-            if let Some(rest) = rest {
-                q.bytes = rest;
+            if q.bytes.is_empty() {
+                return Ok(());
             }
         } else {
             for msg in msgs {
@@ -242,7 +250,7 @@ fn unsent(parts: &[&[u8]], mut sent: usize) -> Vec<u8> {
 
 /// Writes what the socket takes of `parts` without blocking, in one `sendmsg` when it takes all;
 /// returns the bytes written. Errors are left for the reactor to report.
-fn send_nonblocking(stream: &TcpStream, parts: &[&[u8]]) -> usize {
+fn send_parts_nonblocking(stream: &TcpStream, parts: &[&[u8]]) -> usize {
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let mut sent = 0;
     while sent < total {
