@@ -15,6 +15,7 @@ use parking_lot::{Condvar, Mutex};
 use super::control_reactor::{Next, Registration};
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, MAX_NOTIFY_MSG_LEN};
+use crate::sys::iovec::advance;
 use crate::threads::{self, ThreadKind};
 
 /// Control bytes that may wait for a peer that does not read: twice the largest message (a maximal
@@ -251,25 +252,16 @@ fn unsent(parts: &[&[u8]], mut sent: usize) -> Vec<u8> {
 /// Writes what the socket takes of `parts` without blocking, in one `sendmsg` when it takes all;
 /// returns the bytes written. Errors are left for the reactor to report.
 fn send_parts_nonblocking(stream: &TcpStream, parts: &[&[u8]]) -> usize {
-    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut iovs: Vec<libc::iovec> =
+        parts.iter().map(|p| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() }).collect();
+    let mut left = &mut iovs[..];
     let mut sent = 0;
-    while sent < total {
-        let mut skip = sent;
-        let mut iov = Vec::with_capacity(parts.len());
-        for part in parts {
-            if skip >= part.len() {
-                skip -= part.len();
-                continue;
-            }
-            let rest = &part[skip..];
-            skip = 0;
-            iov.push(libc::iovec { iov_base: rest.as_ptr() as *mut libc::c_void, iov_len: rest.len() });
-        }
+    while !left.is_empty() {
         // SAFETY: a zeroed msghdr is valid (no name, no control data).
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = iov.as_mut_ptr();
-        msg.msg_iovlen = iov.len() as _;
-        // SAFETY: a valid socket; `iov` points into `parts`, alive and unchanged for the call.
+        msg.msg_iov = left.as_mut_ptr();
+        msg.msg_iovlen = left.len() as _;
+        // SAFETY: a valid socket; the iovecs point into `parts`, alive and unchanged for the call.
         // MSG_NOSIGNAL as in `write_nonblocking`.
         let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
         if n < 0 {
@@ -279,6 +271,7 @@ fn send_parts_nonblocking(stream: &TcpStream, parts: &[&[u8]]) -> usize {
             break;
         }
         sent += n as usize;
+        left = advance(left, n as usize);
     }
     sent
 }

@@ -6,6 +6,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::sys::iovec::advance;
 use crate::transport::IoSeg;
 
 /// Bytes one `process_vm_readv` call moves at most: the longest a deregistration waits for a copy
@@ -110,21 +111,6 @@ impl PeerProcess {
         }
         Ok(())
     }
-}
-
-/// Drops the first `n` bytes of an iovec list.
-fn advance(iovs: &mut [libc::iovec], mut n: usize) -> &mut [libc::iovec] {
-    let mut skip = 0;
-    while skip < iovs.len() && n >= iovs[skip].iov_len {
-        n -= iovs[skip].iov_len;
-        skip += 1;
-    }
-    let rest = &mut iovs[skip..];
-    if let Some(first) = rest.first_mut() {
-        first.iov_base = first.iov_base.cast::<u8>().wrapping_add(n).cast();
-        first.iov_len -= n;
-    }
-    rest
 }
 
 /// Cuts two segment lists holding the same number of bytes into pieces of at most `max_bytes` and
