@@ -240,7 +240,8 @@ fn interleave<'a>(heads: &'a [u8], payloads: &[(usize, &'a [u8])]) -> Vec<&'a [u
 
 /// What is left of `parts` past their first `sent` bytes, as one buffer.
 fn unsent(parts: &[&[u8]], mut sent: usize) -> Vec<u8> {
-    let mut rest = Vec::new();
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut rest = Vec::with_capacity(total.saturating_sub(sent));
     for part in parts {
         let skip = sent.min(part.len());
         sent -= skip;
