@@ -37,14 +37,17 @@ static void io_all(int fd, char *b, size_t n, int sending) {
   }
 }
 
-// A part's buffer, touched once; with `huge`, inside a 2 MiB extent advised for huge pages.
+// A part's buffer, OFFSET bytes into a page, touched once; with `huge`, starting a 2 MiB extent and
+// advised for huge pages (the mapping has room for the alignment, the offset and the part).
 static char *buffer(void) {
-  size_t len = (huge ? (4u << 20) : part) + 4096;
+  const size_t extent = 2u << 20;
+  size_t room = part + 4096;
+  size_t len = huge ? room + extent : room;
   char *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) die("mmap");
   if (huge) {
-    p = (char *)(((unsigned long)p + (2u << 20) - 1) & ~((2ul << 20) - 1));
-    madvise(p, 2u << 20, MADV_HUGEPAGE);
+    p = (char *)(((unsigned long)p + extent - 1) & ~(extent - 1));
+    madvise(p, room, MADV_HUGEPAGE);
   }
   p += offset;
   memset(p, 1, part);
