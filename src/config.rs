@@ -155,7 +155,7 @@ knobs! {
         sndbuf: u32 = "UCCL_TCPX_SOCKET_SNDBUF", Size(0, 1 << 30), 0 => "0 (kernel autotuning)", "`SO_SNDBUF` of data sockets; setting it turns the kernel's autotuning off";
         rcvbuf: u32 = "UCCL_TCPX_SOCKET_RCVBUF", Size(0, 1 << 30), 0 => "0 (kernel autotuning)", "`SO_RCVBUF` of data sockets; setting it turns the kernel's autotuning off";
         subchunk: u32 = "UCCL_TCPX_SOCKET_SUBCHUNK", Size(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE), 256 << 10, "largest piece a request is cut into (smaller requests are shared over the comm's sockets in pieces of at least 64 KiB); free sockets pull the next piece, so a slow flow takes fewer";
-        spin: Duration = "UCCL_TCPX_SOCKET_SPIN_US", Micros(MAX_SPIN_US), default_spin() => "100 on ≥ 8 cores, else 0", "how long a helper that just did some work polls for more before sleeping in `epoll_wait`, past its first 20 µs only with a polling turn (`UCCL_TCPX_SOCKET_SPINNERS`); an idle connection wakes nothing";
+        spin: Duration = "UCCL_TCPX_SOCKET_SPIN_US", Micros(MAX_SPIN_US), default_spin() => "100 on ≥ 8 cores, else 0", "how long a helper that just did some work polls for more before sleeping in `epoll_wait`, past its first 20 µs only with a polling turn (`UCCL_TCPX_SOCKET_SPINNERS`); an idle connection wakes nothing. At 0 a control reactor thread does not poll either after a turn that left chunks with the data sockets";
         spin_max_request: u32 = "UCCL_TCPX_SOCKET_SPIN_MAX_REQUEST", Size(0, MAX_SPIN_MAX_REQUEST), DEFAULT_SPIN_MAX_REQUEST, "a helper polls after work only after a piece of a request of at most this size, and sleeps at once after a larger one's, whose helpers need the cores (0: only after empty requests; the engine's requests are at most 4 MiB, so 4M: after every piece)";
         held_spin: Duration = "UCCL_TCPX_SOCKET_HELD_SPIN_US", Micros(MAX_SPIN_US), Duration::ZERO, "how long a receiving helper polls while one of its sockets holds a piece whose receive is not posted yet, past its first 20 µs only with a polling turn; 0 sleeps until the post kicks it";
         spinners: u16 = "UCCL_TCPX_SOCKET_SPINNERS", Int(1, 1024), default_spinners() => "½ of the CPUs, at least 1", "socket helpers of the process that may poll at once past the first 20 µs after their last piece; each holds a core, so more than the cores can spare slow down the helpers with work";
@@ -603,6 +603,14 @@ impl Config {
         if self.control_threads != 0 { self.control_threads as usize } else { available_cores().min(4) }
     }
 
+    /// Whether a control reactor thread polls (`control_spin`) after a turn that left chunks with
+    /// the data sockets: only where their helpers poll too (`UCCL_TCPX_SOCKET_SPIN_US`, from 8
+    /// cores). Where they sleep instead, cores are few, and a reactor polling beside the helpers
+    /// it just woke delays them (docs/perf-log/socket-midsize.md).
+    pub fn control_polls_past_chunks(&self) -> bool {
+        !self.socket.spin.is_zero()
+    }
+
     pub fn from_env() -> Result<Config> {
         report_retired();
         Config::from_lookup(|name| std::env::var(name).ok())
@@ -726,6 +734,9 @@ mod tests {
         assert_eq!(default, (cores * 3 / 4).clamp(1, 24), "three quarters of {cores} cores, 1 to 24");
         assert!(cfg(&[]).unwrap().plugin_test_ahead);
         assert_eq!(cfg(&[("UCCL_TCPX_CONTROL_SPIN_US", "0")]).unwrap().control_spin, Duration::ZERO);
+        assert_eq!(cfg(&[]).unwrap().control_polls_past_chunks(), cores >= 8, "{cores} cores");
+        assert!(cfg(&[("UCCL_TCPX_SOCKET_SPIN_US", "50")]).unwrap().control_polls_past_chunks());
+        assert!(!cfg(&[("UCCL_TCPX_SOCKET_SPIN_US", "0")]).unwrap().control_polls_past_chunks());
         assert_eq!(cfg(&[]).unwrap().caller_completes, cores >= 8, "{cores} cores");
         assert!(cfg(&[("UCCL_TCPX_CALLER_COMPLETES", "1")]).unwrap().caller_completes);
         assert!(!cfg(&[("UCCL_TCPX_CALLER_COMPLETES", "0")]).unwrap().caller_completes);

@@ -48,6 +48,9 @@ pub(super) enum Next {
     Taken,
     /// The connection failed: nothing is to run for it any more.
     Stop,
+    /// Did some work, and chunks are left with the data sockets' helpers: what the peer says next
+    /// waits on them.
+    Handed,
 }
 
 const EVENTS_PER_WAIT: usize = 64;
@@ -84,6 +87,7 @@ pub(super) struct ControlReactor {
 struct Pool {
     max: usize,
     spin: Duration,
+    past_chunks: bool,
     slots: Mutex<Slots>,
 }
 
@@ -96,9 +100,10 @@ struct Slots {
 }
 
 impl ControlReactor {
-    /// `max` threads at most (at least one); each polls `spin` after work before it sleeps.
-    pub fn new(max: usize, spin: Duration) -> ControlReactor {
-        ControlReactor { pool: Arc::new(Pool { max: max.max(1), spin, slots: Mutex::default() }) }
+    /// `max` threads at most (at least one); each polls `spin` after work before it sleeps, and
+    /// after a turn that left chunks with the data sockets only if `past_chunks`.
+    pub fn new(max: usize, spin: Duration, past_chunks: bool) -> ControlReactor {
+        ControlReactor { pool: Arc::new(Pool { max: max.max(1), spin, past_chunks, slots: Mutex::default() }) }
     }
 
     /// Threads started and alive.
@@ -156,7 +161,13 @@ impl Drop for ControlReactor {
 impl Pool {
     fn start(&self) -> Result<Thread<Connections>> {
         let worker = Worker::new(ThreadKind::ControlReactor, self.spin)?;
-        Thread::start(worker, "uccl-ctrl", serve, |worker, err| drop(worker.died(err)))
+        let past_chunks = self.past_chunks;
+        Thread::start(
+            worker,
+            "uccl-ctrl",
+            move |worker| serve(worker, past_chunks),
+            |worker, err| drop(worker.died(err)),
+        )
     }
 
     /// Ends the threads that serve no connection any more, and forgets dead ones. A thread's load
@@ -325,8 +336,8 @@ struct Entry {
     stopped: bool,
 }
 
-/// A reactor thread's body.
-fn serve(worker: &Reactor) {
+/// A reactor thread's body; `past_chunks`: see `ControlReactor::new`.
+fn serve(worker: &Reactor, past_chunks: bool) {
     let mut slab: Vec<Option<Entry>> = Vec::new();
     let mut queue: VecDeque<usize> = VecDeque::new();
     let mut inbox = Inbox::default();
@@ -353,7 +364,7 @@ fn serve(worker: &Reactor) {
             // A connection being dropped is detached right after; nothing to do for it.
             let Some(endpoint) = entry.endpoint.upgrade() else { continue };
             let read = turn(entry, &*endpoint);
-            note_read(&mut hot, token, read);
+            note_read(&mut hot, token, read, past_chunks);
             if (entry.read || entry.write) && !entry.stopped {
                 entry.queued = true;
                 queue.push_back(token);
@@ -376,7 +387,7 @@ fn serve(worker: &Reactor) {
                 {
                     entry.read = true;
                     let read = turn(entry, &*endpoint);
-                    note_read(&mut hot, token, read);
+                    note_read(&mut hot, token, read, past_chunks);
                     if entry.read && !entry.stopped && !entry.queued {
                         entry.queued = true;
                         queue.push_back(token);
@@ -452,11 +463,15 @@ fn apply(worker: &Reactor, inbox: &mut Inbox<Connections>, slab: &mut Vec<Option
 }
 
 /// After a turn: the connection becomes the one polled if its reading found bytes, and stops being
-/// it once a caller reads its stream (its bytes no longer come here).
-fn note_read(hot: &mut Option<(usize, Instant)>, token: usize, read: Option<Next>) {
+/// it once a caller reads its stream (its bytes no longer come here). A turn that left chunks with
+/// the data sockets counts as one that found bytes only with `past_chunks`: where their helpers
+/// sleep instead of polling, cores are few, and a reactor polling beside the helpers it just woke
+/// delays them, and so the message it polls for.
+fn note_read(hot: &mut Option<(usize, Instant)>, token: usize, read: Option<Next>, past_chunks: bool) {
     match read {
         Some(Next::Again | Next::Idle) => *hot = Some((token, Instant::now())),
-        Some(Next::Taken | Next::Stop) if hot.is_some_and(|(t, _)| t == token) => *hot = None,
+        Some(Next::Handed) if past_chunks => *hot = Some((token, Instant::now())),
+        Some(Next::Taken | Next::Stop | Next::Handed) if hot.is_some_and(|(t, _)| t == token) => *hot = None,
         _ => {}
     }
 }
@@ -495,6 +510,7 @@ fn run(kind: ThreadKind, entry: &mut Entry, work: impl FnOnce() -> Next, endpoin
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::os::fd::AsRawFd;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -521,6 +537,63 @@ mod tests {
         }
     }
 
+    /// Drains its stream on every reading turn, counts the turns, and answers `next`.
+    struct Reader {
+        stream: TcpStream,
+        next: Next,
+        reads: AtomicUsize,
+    }
+
+    impl ControlEndpoint for Reader {
+        fn readable(&self) -> Next {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            let mut buf = [0u8; 64];
+            while matches!((&self.stream).read(&mut buf), Ok(n) if n > 0) {}
+            self.next
+        }
+        fn writable(&self) -> Next {
+            Next::Idle
+        }
+        fn fail_with(&self, _: Error) {}
+    }
+
+    /// Reading turns a connection gets from one message, its reactor polling up to 10 s after work:
+    /// one when that turn is not followed by polls.
+    fn turns_after_one_message(next: Next, past_chunks: bool) -> usize {
+        let reactor = ControlReactor::new(1, Duration::from_secs(10), past_chunks);
+        let (ours, mut peer) = socket();
+        ours.set_nonblocking(true).unwrap();
+        let reg = reactor.attach(ours.as_raw_fd()).unwrap();
+        let reader = Arc::new(Reader { stream: ours, next, reads: AtomicUsize::new(0) });
+        reg.start(Arc::downgrade(&reader) as Weak<dyn ControlEndpoint>).unwrap();
+        peer.write_all(b"x").unwrap();
+        until("the message's turn", || reader.reads.load(Ordering::SeqCst) > 0);
+        std::thread::sleep(Duration::from_millis(50));
+        let turns = reader.reads.load(Ordering::SeqCst);
+        reg.detach();
+        turns
+    }
+
+    /// After a turn that left chunks with the data sockets the reactor polls the stream only where
+    /// it was told to (where the helpers poll too); after other work it polls either way.
+    #[test]
+    fn polling_after_chunks_left_with_the_data_sockets_follows_the_policy() {
+        assert_eq!(turns_after_one_message(Next::Handed, false), 1, "no poll after chunks");
+        assert!(turns_after_one_message(Next::Handed, true) > 1, "polled past chunks");
+        assert!(turns_after_one_message(Next::Idle, false) > 1, "polled after other work");
+    }
+
+    #[test]
+    fn a_handed_turn_ends_only_its_own_connections_poll() {
+        let mut hot = Some((3, Instant::now()));
+        note_read(&mut hot, 5, Some(Next::Handed), false);
+        assert_eq!(hot.map(|(t, _)| t), Some(3), "another connection stays polled");
+        note_read(&mut hot, 3, Some(Next::Handed), false);
+        assert_eq!(hot, None);
+        note_read(&mut hot, 3, Some(Next::Handed), true);
+        assert_eq!(hot.map(|(t, _)| t), Some(3));
+    }
+
     fn socket() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
@@ -533,7 +606,7 @@ mod tests {
 
     #[test]
     fn threads_are_bounded_shared_and_end_with_the_last_connection() {
-        let reactor = ControlReactor::new(2, Duration::ZERO);
+        let reactor = ControlReactor::new(2, Duration::ZERO, true);
         assert_eq!(reactor.threads(), 0, "no connection, no thread");
         let sockets: Vec<_> = (0..5).map(|_| socket()).collect();
         let mut regs: Vec<_> = sockets.iter().map(|(s, _)| reactor.attach(s.as_raw_fd()).unwrap()).collect();
@@ -567,7 +640,7 @@ mod tests {
 
     #[test]
     fn a_panic_in_one_connections_work_fails_that_connection_alone() {
-        let reactor = ControlReactor::new(1, Duration::ZERO);
+        let reactor = ControlReactor::new(1, Duration::ZERO, true);
         let (a, _pa) = socket();
         let (b, _pb) = socket();
         let (bad, good) = (Arc::new(Probe { panics: true, ..Probe::default() }), Arc::new(Probe::default()));

@@ -236,7 +236,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let ours = Arc::new(listener.accept().unwrap().0);
-        let reactor = ControlReactor::new(1, Duration::ZERO);
+        let reactor = ControlReactor::new(1, Duration::ZERO, true);
         let registration = reactor.attach(ours.as_raw_fd()).unwrap();
         let rx = ControlRx::new(ours, registration.clone(), Duration::ZERO).unwrap();
         let reader = Arc::new(Reader { rx, turns: AtomicUsize::new(0), got: Mutex::default() });

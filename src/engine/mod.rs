@@ -103,7 +103,11 @@ impl Engine {
             Arc::new(Routes::new(net.clone(), local_peers, make_local))
         };
         let config_key = config.auth_key.clone().map(Arc::new);
-        let control = ControlReactor::new(config.control_threads_per_engine(), config.control_spin);
+        let control = ControlReactor::new(
+            config.control_threads_per_engine(),
+            config.control_spin,
+            config.control_polls_past_chunks(),
+        );
         let core = Arc::new(EngineCore {
             config,
             num_channels,

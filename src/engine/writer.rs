@@ -332,7 +332,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let ours = Arc::new(TcpStream::connect(listener.local_addr().unwrap()).unwrap());
         let (peer, _) = listener.accept().unwrap();
-        let reactor = ControlReactor::new(1, Duration::ZERO);
+        let reactor = ControlReactor::new(1, Duration::ZERO, true);
         let registration = reactor.attach(ours.as_raw_fd()).unwrap();
         let endpoint = Arc::new(Endpoint(ControlWriter::new(ours, registration.clone())));
         let weak: Weak<dyn ControlEndpoint> = Arc::downgrade(&endpoint) as Weak<dyn ControlEndpoint>;

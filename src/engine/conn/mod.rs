@@ -42,6 +42,7 @@ use crate::proto::{Control, FifoItem, Frame, TokenBinding};
 use crate::trace::{self, MsgKind, SeenBy as Seer};
 use landing::LandingMemory;
 use memory::EngineMemory;
+use reader::Handled;
 use state::{Action, ConnState, Direction, FlowPlan};
 
 /// How long closing waits for queued control messages (the Close among them) to leave.
@@ -277,14 +278,13 @@ impl Connection {
 
     /// Handles every whole message in `buf` after a read that `drained` describes (at most a
     /// buffer's worth: whoever reads comes back for more, so that a busy stream keeps neither a
-    /// waiting caller past its own reply nor a reactor thread from its other connections); false
-    /// once the connection failed (nothing more will be read).
-    fn handle_read(&self, buf: &mut RxBuffer, drained: Drained) -> bool {
+    /// waiting caller past its own reply nor a reactor thread from its other connections).
+    fn handle_read(&self, buf: &mut RxBuffer, drained: Drained) -> Handled {
         let arrived = if trace::on(trace::FLOW) { trace::clock_ns() } else { 0 };
         let mut inner = self.inner.lock();
         if inner.state.failure().is_some() {
             // The channels are gone; nothing the peer says can be acted on any more.
-            return false;
+            return Handled::Failed;
         }
         let mut handled = Ok(());
         let mut held = Held::default();
@@ -316,12 +316,15 @@ impl Connection {
         }
         let outcome = match (handled, drained) {
             (Err(e), _) | (Ok(()), Drained::Closed(e)) => e,
-            (Ok(()), Drained::Empty | Drained::Open | Drained::More) => return true,
+            (Ok(()), Drained::Empty | Drained::Open | Drained::More) => {
+                let out = inner.channels.iter().any(Channel::has_posted);
+                return if out { Handled::ChunksOut } else { Handled::Settled };
+            }
         };
         if !self.is_closed() {
             self.fail(&mut inner, outcome);
         }
-        false
+        Handled::Failed
     }
 
     /// Feeds one message of the peer to the same-host GPU path or the state machine, and carries
@@ -771,7 +774,7 @@ impl reader::Served for Connection {
         &self.rx
     }
 
-    fn handle_read(&self, buf: &mut RxBuffer, drained: Drained) -> bool {
+    fn handle_read(&self, buf: &mut RxBuffer, drained: Drained) -> Handled {
         Connection::handle_read(self, buf, drained)
     }
 

@@ -8,13 +8,23 @@ use crate::engine::control_reactor::Next;
 use crate::engine::control_rx::{ControlRx, Drained, RxBuffer};
 use crate::engine::transfer::{Answers, Transfer};
 
+/// What handling a read left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Handled {
+    /// The connection failed: nothing more will be read.
+    Failed,
+    /// Handled, and no chunk of the connection's is with its data sockets.
+    Settled,
+    /// Handled, and chunks (posted by this read or before) are with the data sockets' helpers.
+    ChunksOut,
+}
+
 /// What the reading paths need from the connection they serve.
 pub(super) trait Served {
     fn rx(&self) -> &ControlRx;
 
-    /// Handles the whole messages a read that `drained` describes brought into `buf`; false once
-    /// the connection failed (nothing more will be read).
-    fn handle_read(&self, buf: &mut RxBuffer, drained: Drained) -> bool;
+    /// Handles the whole messages a read that `drained` describes brought into `buf`.
+    fn handle_read(&self, buf: &mut RxBuffer, drained: Drained) -> Handled;
 
     /// Whether work waits that a waiting caller may run (the copy of a read of ours).
     fn work_waiting(&self) -> bool;
@@ -26,8 +36,8 @@ pub(super) trait Served {
 
 /// The reactor's turn: reads a buffer's worth and handles it. `Again` when more may be queued (the
 /// reactor comes back after its other connections had a turn), `Empty` when nothing was there,
-/// `Stop` once the connection failed. A caller reading the stream meanwhile keeps it (`Taken`): it
-/// re-arms the reactor when it leaves.
+/// `Handed` when chunks are left with the data sockets, `Stop` once the connection failed. A caller
+/// reading the stream meanwhile keeps it (`Taken`): it re-arms the reactor when it leaves.
 pub(super) fn serve_readable(conn: &impl Served) -> Next {
     let rx = conn.rx();
     let Some(mut buf) = rx.try_lock() else { return Next::Taken };
@@ -37,14 +47,23 @@ pub(super) fn serve_readable(conn: &impl Served) -> Next {
         Drained::Empty => Next::Empty,
         Drained::Open | Drained::Closed(_) => Next::Idle,
     };
-    if next != Next::Empty && !conn.handle_read(&mut buf, drained) { Next::Stop } else { next }
+    if next == Next::Empty { next } else { after_handling(next, conn.handle_read(&mut buf, drained)) }
+}
+
+/// The reactor's next step once what its read brought was handled.
+fn after_handling(next: Next, handled: Handled) -> Next {
+    match handled {
+        Handled::Failed => Next::Stop,
+        Handled::ChunksOut if next == Next::Idle => Next::Handed,
+        Handled::ChunksOut | Handled::Settled => next,
+    }
 }
 
 /// Reads what the control stream holds and handles every whole message; false once the connection
 /// failed. With `wait` the read blocks a bounded time for something.
 fn pump(conn: &impl Served, buf: &mut RxBuffer, wait: bool) -> bool {
     let drained = conn.rx().drain(buf, wait);
-    conn.handle_read(buf, drained)
+    conn.handle_read(buf, drained) != Handled::Failed
 }
 
 /// Reads the control stream in the caller's thread while `t` waits for the peer's answer to one of
@@ -93,10 +112,28 @@ fn spin_until_finished(conn: &impl Served, buf: &mut RxBuffer, t: &Transfer, spi
     let until = Instant::now() + spin;
     while !t.is_finished() && t.awaits_answer() && !conn.work_waiting() && Instant::now() < until {
         let drained = rx.drain(buf, false);
-        if !matches!(drained, Drained::Empty) && !conn.handle_read(buf, drained) {
+        if !matches!(drained, Drained::Empty) && conn.handle_read(buf, drained) == Handled::Failed {
             return false;
         }
         std::thread::yield_now();
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Handled, Next, after_handling};
+
+    /// A turn that left chunks with the data sockets says so unless more is to be read at once
+    /// (the reactor comes back then anyway); a failure stops the connection whatever was read.
+    #[test]
+    fn a_turn_names_chunks_left_with_the_data_sockets() {
+        assert_eq!(after_handling(Next::Idle, Handled::ChunksOut), Next::Handed);
+        assert_eq!(after_handling(Next::Idle, Handled::Settled), Next::Idle);
+        assert_eq!(after_handling(Next::Again, Handled::ChunksOut), Next::Again);
+        assert_eq!(after_handling(Next::Again, Handled::Settled), Next::Again);
+        for next in [Next::Idle, Next::Again] {
+            assert_eq!(after_handling(next, Handled::Failed), Next::Stop);
+        }
+    }
 }
