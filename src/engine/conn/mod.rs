@@ -100,6 +100,13 @@ struct Inner {
     _landing: Option<Arc<LandingMemory>>,
 }
 
+impl Inner {
+    /// Whether some chunk was handed to a channel's comm and is not complete yet.
+    fn chunks_posted(&self) -> bool {
+        self.channels.iter().any(Channel::has_posted)
+    }
+}
+
 /// Control messages of actions carried out and not sent yet, and whether (and how many bytes)
 /// those actions queued chunks (`Connection::apply_held`).
 #[derive(Default)]
@@ -317,8 +324,7 @@ impl Connection {
         let outcome = match (handled, drained) {
             (Err(e), _) | (Ok(()), Drained::Closed(e)) => e,
             (Ok(()), Drained::Empty | Drained::Open | Drained::More) => {
-                let out = inner.channels.iter().any(Channel::has_posted);
-                return if out { Handled::ChunksOut } else { Handled::Settled };
+                return if inner.chunks_posted() { Handled::ChunksOut } else { Handled::Settled };
             }
         };
         if !self.is_closed() {
@@ -659,7 +665,7 @@ impl Connection {
         self.set_retrying(inner, retry);
         // Counted in the waker only when first or last, and looked at only when the poll is on.
         if !self.core.config.progress_poll.is_zero() {
-            let chunks_out = inner.channels.iter().any(Channel::has_posted)
+            let chunks_out = inner.chunks_posted()
                 && inner.channels.iter().map(Channel::posted_bytes).sum::<usize>()
                     <= self.core.config.progress_poll_bytes as usize;
             self.core.waker.chunks_out.set(&mut inner.chunks_out, chunks_out);
