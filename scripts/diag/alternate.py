@@ -12,16 +12,17 @@ else GB/s where the bench ran without its baseline, and the p50 round trip in mi
            -- --sizes 512K,1M --ops write,read --rounds 3
 
 Confine both ends to some CPUs by running the script under `taskset`: the bench's processes
-inherit the mask, and the library sizes itself from it. --keep DIR writes every invocation's
-output to DIR/<round>-<name>.txt. An invocation that fails or prints no table ends the script
-with its output: a setting that does not run is not a setting measured."""
+inherit the mask, and the library sizes itself from it. Figures come from the bench's own
+`--json-file` (so BENCH_ARGS must not name one). --keep DIR writes every invocation's output and
+results to DIR/<round>-<name>.txt and .json. An invocation that fails or leaves no results ends
+the script with its output: a setting that does not run is not a setting measured."""
 import argparse
+import json
 import os
 import statistics
 import subprocess
 import sys
-
-UNITS = {'B': 1, 'KiB': 1 << 10, 'MiB': 1 << 20, 'GiB': 1 << 30}
+import tempfile
 
 
 def settings(specs):
@@ -45,20 +46,23 @@ def settings(specs):
     return out
 
 
-def table(text):
-    """{(op, size in bytes, size as printed): (figure, p50 us, what the figure is)} of the bench's
-    summary: the message ratio, or GB/s where the row has no baseline."""
-    rows, inside = {}, False
-    for line in text.splitlines():
-        f = line.split()
-        if f[:2] == ['op', 'size']:
-            inside = True
-            continue
-        if not inside or len(f) < 10 or f[2] not in UNITS:
-            continue
-        kind, figure = ('msg', f[7]) if f[7] != '-' else ('GB/s', f[3])
-        rows[(f[0], int(f[1]) * UNITS[f[2]], f'{f[1]} {f[2]}')] = (float(figure), float(f[8]), kind)
-    return rows
+def human(size):
+    for unit, shift in (('GiB', 30), ('MiB', 20), ('KiB', 10)):
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f'{size >> shift} {unit}'
+    return f'{size} B'
+
+
+def results(path):
+    """{(op, size): (figure, p50 us, what the figure is)} of one `--json-file`: the message ratio,
+    or GB/s where the run had no baseline."""
+    with open(path) as f:
+        rows = json.load(f)['results']
+    out = {}
+    for r in rows:
+        kind, figure = ('msg', r['msg_ratio']) if r['msg_ratio'] is not None else ('GB/s', r['gb_per_s'])
+        out[(r['op'], r['size'])] = (figure, r['p50_us'], kind)
+    return out
 
 
 def main():
@@ -73,35 +77,51 @@ def main():
     p.add_argument('setting', nargs='+')
     args = p.parse_args(argv[:cut])
     bench_args = argv[cut + 1:]
+    if any(a == '--json-file' or a.startswith('--json-file=') for a in bench_args):
+        sys.exit('leave --json-file out: each invocation is given its own')
     if args.times < 1:
         sys.exit('--times must be at least 1')
     runs = settings(args.setting)
-    if args.keep:
-        os.makedirs(args.keep, exist_ok=True)
+    keep = os.path.abspath(args.keep) if args.keep else None
+    if keep:
+        os.makedirs(keep, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix='alternate-') as scratch:
+        got = collect(args, runs, bench_args, keep or scratch, keep)
+    report(args.times, runs, got)
+
+
+def collect(args, runs, bench_args, json_dir, keep):
+    """{(op, size): {setting: [(figure, p50, kind) per invocation]}} over every round."""
     got = {}
     for round_ in range(args.times):
         for name, env, binary in runs:
+            json_file = os.path.join(json_dir, f'{round_}-{name}.json')
+            if os.path.exists(json_file):
+                os.remove(json_file)
             try:
-                run = subprocess.run([binary, *bench_args], env=env, capture_output=True, text=True,
-                                     timeout=args.timeout)
+                run = subprocess.run([binary, *bench_args, '--json-file', json_file], env=env,
+                                     capture_output=True, text=True, timeout=args.timeout)
             except subprocess.TimeoutExpired:
                 sys.exit(f'{name}, round {round_}: no answer within {args.timeout:.0f} s')
             except OSError as e:
                 sys.exit(f'{name}: cannot run {binary}: {e}')
             text = run.stdout + run.stderr
-            if args.keep:
-                with open(os.path.join(args.keep, f'{round_}-{name}.txt'), 'w') as f:
+            if keep:
+                with open(os.path.join(keep, f'{round_}-{name}.txt'), 'w') as f:
                     f.write(text)
-            rows = table(run.stdout)
-            if run.returncode != 0 or not rows:
-                sys.exit(f'{name}, round {round_}: the bench exited {run.returncode}'
-                         f'{"" if rows else " without a summary table"}:\n{text}')
+            rows = results(json_file) if run.returncode == 0 and os.path.exists(json_file) else {}
+            if not rows:
+                sys.exit(f'{name}, round {round_}: the bench exited {run.returncode} without results:\n{text}')
             for key, value in rows.items():
                 got.setdefault(key, {}).setdefault(name, []).append(value)
             print(f'# round {round_ + 1}/{args.times}: {name} done', file=sys.stderr, flush=True)
+    return got
+
+
+def report(times, runs, got):
     print(f'# msg ratio (GB/s where the bench ran without its baseline): median [min-max] of '
-          f'{args.times} alternated invocations; p50 us: median')
-    for (op, _, size), by in sorted(got.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+          f'{times} alternated invocations; p50 us: median')
+    for (op, size), by in sorted(got.items()):
         cells = []
         for name, _, _ in runs:
             values = by.get(name)
@@ -112,7 +132,7 @@ def main():
             cells.append(f'{name}: {statistics.median(figures):.2f} [{min(figures):.2f}-{max(figures):.2f}]'
                          f' p50 {statistics.median(v[1] for v in values):.1f}')
         kinds = {v[2] for values in by.values() for v in values}
-        print(f'{op:<6} {size:>8} {"/".join(sorted(kinds)):>4} | ' + ' | '.join(cells))
+        print(f'{op:<6} {human(size):>8} {"/".join(sorted(kinds)):>4} | ' + ' | '.join(cells))
 
 
 if __name__ == '__main__':

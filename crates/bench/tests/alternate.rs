@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use serde_json::Value;
+
 const BENCH: &str = env!("CARGO_BIN_EXE_uccl-tcpx-bench");
 const TIMES: usize = 3;
 
@@ -21,19 +23,15 @@ fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
-/// (op, size as printed) -> GB/s of one bench output's summary table.
-fn summary(output: &str) -> HashMap<(String, String), f64> {
-    let mut rows = HashMap::new();
-    let mut inside = false;
-    for line in output.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.starts_with(&["op", "size"]) {
-            inside = true;
-        } else if inside && f.len() >= 10 {
-            rows.insert((f[0].to_owned(), format!("{} {}", f[1], f[2])), f[3].parse().unwrap());
-        }
-    }
-    rows
+/// GB/s of `op` at `size` bytes in one kept `--json-file`.
+fn gb_per_s(results: &Value, op: &str, size: u64) -> f64 {
+    results["results"]
+        .as_array()
+        .expect("a results array")
+        .iter()
+        .find(|r| r["op"] == op && r["size"] == size)
+        .and_then(|r| r["gb_per_s"].as_f64())
+        .unwrap_or_else(|| panic!("no {op} of {size} B in {results}"))
 }
 
 fn median_and_range(mut v: Vec<f64>) -> String {
@@ -66,29 +64,35 @@ fn medians_are_those_of_the_alternated_invocations() {
     let printed = text(&out);
     assert!(out.status.success(), "{printed}");
 
-    // Each setting ran its own layout every time, with the arguments given.
-    let mut kept: HashMap<&str, Vec<String>> = HashMap::new();
-    for (name, channels) in [("one", "1 channels"), ("two", "2 channels")] {
+    // Each setting ran its own layout every time, with the arguments given; its output and results
+    // were kept.
+    let mut kept: HashMap<&str, Vec<Value>> = HashMap::new();
+    for (name, channels) in [("one", 1), ("two", 2)] {
         for round in 0..TIMES {
-            let file = dir.join(format!("{round}-{name}.txt"));
-            let output = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-            assert!(output.contains(channels), "{name} ran another layout:\n{output}");
-            kept.entry(name).or_default().push(output);
+            let read = |ext: &str| {
+                let file = dir.join(format!("{round}-{name}.{ext}"));
+                std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+            };
+            let output = read("txt");
+            assert!(output.contains("# Summary"), "{name}: the bench's output is kept:\n{output}");
+            let results: Value = serde_json::from_str(&read("json")).unwrap();
+            assert_eq!(results["channels"], channels, "{name} ran another layout: {results}");
+            kept.entry(name).or_default().push(results);
         }
     }
-    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2 * TIMES, "one file per invocation");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 4 * TIMES, "output and results of each invocation");
 
     // Every op and size has a line, and its figures are the kept invocations' medians and ranges.
     let lines: Vec<&str> = printed.lines().filter(|l| l.contains(" | ")).collect();
     assert_eq!(lines.len(), 4, "two ops x two sizes:\n{printed}");
-    for (op, size) in [("write", "4 KiB"), ("write", "64 KiB"), ("read", "4 KiB"), ("read", "64 KiB")] {
+    for (op, kib) in [("write", 4), ("write", 64), ("read", 4), ("read", 64)] {
         let line = lines
             .iter()
-            .find(|l| l.split_whitespace().take(3).collect::<Vec<_>>() == [op, size.split(' ').next().unwrap(), "KiB"])
-            .unwrap_or_else(|| panic!("no line for {op} {size}:\n{printed}"));
+            .find(|l| l.split_whitespace().take(3).collect::<Vec<_>>() == [op, &kib.to_string(), "KiB"])
+            .unwrap_or_else(|| panic!("no line for {op} {kib} KiB:\n{printed}"));
         assert!(line.contains(" GB/s |"), "no baseline ran, so the figure is GB/s: {line}");
         for name in ["one", "two"] {
-            let figures = kept[name].iter().map(|o| summary(o)[&(op.to_owned(), size.to_owned())]).collect();
+            let figures = kept[name].iter().map(|r| gb_per_s(r, op, kib << 10)).collect();
             let expected = format!("{name}: {}", median_and_range(figures));
             assert!(line.contains(&expected), "{expected:?} in {line:?}");
         }
@@ -110,7 +114,7 @@ fn a_setting_the_bench_refuses_ends_the_comparison() {
     ]);
     let printed = text(&out);
     assert!(!out.status.success(), "{printed}");
-    assert!(printed.contains("broken, round 0: the bench exited"), "{printed}");
+    assert!(printed.contains("broken, round 0: the bench exited 1 without results"), "{printed}");
     assert!(printed.contains("UCCL_TCPX_SOCKET_SUBCHUNK"), "the bench's own error is shown: {printed}");
     assert!(!printed.contains(" | "), "no table from a partial comparison: {printed}");
 
@@ -118,4 +122,6 @@ fn a_setting_the_bench_refuses_ends_the_comparison() {
         let out = alternate(&[bad, "--", "--sizes", "4K"]);
         assert!(!out.status.success() && text(&out).contains("setting"), "{bad}: {}", text(&out));
     }
+    let out = alternate(&["a=", "--", "--sizes", "4K", "--json-file", "x.json"]);
+    assert!(!out.status.success() && text(&out).contains("leave --json-file out"), "{}", text(&out));
 }
