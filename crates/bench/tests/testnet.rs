@@ -89,7 +89,8 @@ fn bench_runs_across_two_test_hosts_with_each_end_on_its_own_cpus() {
     assert_eq!(report["mode"].as_str(), Some("client of 198.18.0.2"), "{saved}");
     assert_eq!(report["same_host"].as_bool(), Some(false), "{saved}");
     let results = report["results"].as_array().expect("a results list");
-    let points: Vec<(&str, u64)> = results.iter().map(|p| (p["op"].as_str().unwrap(), p["size"].as_u64().unwrap())).collect();
+    let points: Vec<(&str, u64)> =
+        results.iter().map(|p| (p["op"].as_str().unwrap(), p["size"].as_u64().unwrap())).collect();
     let want: Vec<(&str, u64)> =
         ["write", "read", "send"].into_iter().flat_map(|op| [(op, 64u64 << 10), (op, 1 << 20)]).collect();
     assert_eq!(points, want, "{saved}");
