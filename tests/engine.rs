@@ -110,9 +110,9 @@ fn one_sided_write_read_and_refusals() {
     assert_eq!(&target[4096 + (1 << 20)..4096 + (1 << 20) + 5000], &src[100..5100]);
 }
 
-/// Writes and reads up to the engine's inline bound ride the control stream, larger ones the
+/// Writes, reads and sends up to the engine's inline bound ride the control stream, larger ones the
 /// channels: with a bound of 256 KiB the data sockets carry none of the former and every byte lands,
-/// each transfer checked alone; with 64 KiB the same 200,000-byte write takes the channels.
+/// each transfer checked alone; with 64 KiB the same 200,000 bytes take the channels.
 #[test]
 fn inline_bound_decides_what_rides_the_channels() {
     let data_bytes = |conn: &uccl_tcpx::Connection| -> (u64, u64) {
@@ -150,6 +150,18 @@ fn inline_bound_decides_what_rides_the_channels() {
                 on_channels == 0,
                 n as u32 <= bound,
                 "read of {n} bytes, bound {bound}: {on_channels} on the channels"
+            );
+            let before = data_bytes(&p.ab);
+            let rid = p.ba.recv(tmr, target.as_mut_ptr() as usize, target.len()).unwrap();
+            let s = p.ab.send(&[(smr, src.as_ptr() as usize, n)]).unwrap();
+            assert_eq!(wait(&p.ab, s).unwrap(), n as u64);
+            assert_eq!(wait(&p.ba, rid).unwrap(), n as u64);
+            assert_eq!(&target[..n], &src[..], "send of {n} bytes, bound {bound}");
+            let on_channels = data_bytes(&p.ab).0 - before.0;
+            assert_eq!(
+                on_channels == 0,
+                n as u32 <= bound,
+                "send of {n} bytes, bound {bound}: {on_channels} on the channels"
             );
             target[..n].fill(0);
         }

@@ -21,7 +21,7 @@ use crate::engine::same_host::device_copy::DevicePath;
 use crate::engine::same_host::local_copy::LocalCopy;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
-use crate::proto::{Capability, Control, INLINE_LEN_FLOOR, RemoteSeg};
+use crate::proto::{Capability, Control, RemoteSeg};
 use crate::trace::{self, SeenBy as Seer, clock_ns};
 use crate::transport::IoSeg;
 
@@ -237,12 +237,14 @@ impl Connection {
     /// Each `(mr, addr, len)` is one message, matched by one receive the peer posts.
     pub fn send(&self, msgs: &[(u64, usize, usize)]) -> Result<u64> {
         let mem = self.memory();
+        let inline_max = super::inline_max(&self.core.config, self.link.locality);
         let mut items = Vec::with_capacity(msgs.len());
         for (i, &(mr, addr, len)) in msgs.iter().enumerate() {
             let region = self.core.regions.local(mr, addr, len).map_err(|e| e.context(format!("send item {i}")))?;
-            // Past the floor a message goes eagerly: its chunks land in the posted receive, where
-            // an inline one not yet matched is copied twice more.
-            let payload = if len <= INLINE_LEN_FLOOR {
+            // Up to the engine's inline bound, as one-sided transfers: on a small host the hops of
+            // an eager message (its helpers on both ends, the Done) cost more than the copies of an
+            // inline one, held by the peer when it arrives before its receive.
+            let payload = if len as u64 <= inline_limit(inline_max, region.kind) {
                 // SAFETY: `regions.local` checked that the range lies in a live registration.
                 Some(unsafe { mem.load(&region, addr, len) }.map_err(|e| e.context(format!("send item {i}")))?)
             } else {

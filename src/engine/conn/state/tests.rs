@@ -250,7 +250,8 @@ impl End {
                 region: buf.region.clone(),
                 addr: buf.addr() + off,
                 len: len as u64,
-                payload: (len <= INLINE_LEN_FLOOR).then(|| buf.bytes[off..off + len].to_vec()),
+                payload: (len as u64 <= inline_limit(self.st.inline_max, buf.region.kind))
+                    .then(|| buf.bytes[off..off + len].to_vec()),
             })
             .collect();
         self.st.begin_post(Instant::now()).unwrap();
@@ -772,6 +773,29 @@ fn an_engine_inlining_more_sends_host_transfers_up_to_its_bound_inline() {
     pump(&mut a, &mut b);
     assert_eq!(a.outcome(&big).unwrap().unwrap(), len as u64 + 1);
     assert_eq!(b.outcome(&back).unwrap().unwrap(), INLINE_LEN_FLOOR as u64 + 1);
+    // Sends follow the same bound: up to it inline, whether the receive comes first or second,
+    // past it eagerly over the channels.
+    let dsts: Vec<_> = (0..3).map(|_| b.buffer(len + 1, |_| 0)).collect();
+    let first = b.recv(&dsts[0], len + 1);
+    let s = a.send(&[(&local, 1, len), (&local, 2, len), (&local, 3, len + 1)]);
+    assert!(
+        matches!(&a.outbox.iter().collect::<Vec<_>>()[..], [
+            Control::InlineSend { payload: p0, .. },
+            Control::InlineSend { payload: p1, .. },
+            Control::EagerSend { len: l2, .. },
+        ] if p0.len() == len && p1.len() == len && *l2 == len as u64 + 1),
+        "two inline sends of the bound, then an eager one"
+    );
+    deliver(&mut a, &mut b).unwrap();
+    let later: Vec<_> = dsts[1..].iter().map(|d| b.recv(d, len + 1)).collect();
+    pump(&mut a, &mut b);
+    assert_eq!(a.outcome(&s).unwrap().unwrap(), 3 * len as u64 + 1);
+    for (i, (r, d)) in std::iter::once(&first).chain(&later).zip(&dsts).enumerate() {
+        let n = if i == 2 { len + 1 } else { len };
+        assert_eq!(b.outcome(r).unwrap().unwrap(), n as u64, "receive {i}");
+        assert_eq!(&d.bytes[..n], &local.bytes[1 + i..1 + i + n], "receive {i}");
+    }
+    assert_eq!((a.st.inline_send_backlog, b.st.announced_inline), (0, 0));
     // A bound below the floor is the floor, and device memory never goes past it.
     a.st.set_inline_max(0);
     assert_eq!(a.st.inline_max, INLINE_LEN_FLOOR as u64);
