@@ -19,8 +19,8 @@ use uccl_tcpx::{Config, Engine, FifoItem, OneSided, UcclStatus};
 
 mod common;
 use common::gpu::{
-    Mem, Side, blocks, connect_by_metadata, every_kind_every_direction, fewer_gpus_than, landed, make_current, no_gpu,
-    odd_pieces, span, three_items_every_vector_way,
+    Kind, Mem, Side, blocks, connect_by_metadata, every_kind_every_direction, fewer_gpus_than, landed, make_current,
+    move_bytes, no_gpu, odd_pieces, span, three_items_every_vector_way,
 };
 use common::{ChildTest, PATIENCE, assert_same, loopback as config, pair, pattern, wait};
 
@@ -404,6 +404,50 @@ fn many_transfers_in_flight_at_once() {
     for i in 0..count {
         let what = format!("item {i} ({:?}->{:?}, {} bytes)", srcs[i].side(), dsts[i].side(), lens[i]);
         assert_same(&dsts[i].read(4, lens[i]), &data[i], &what);
+    }
+}
+
+/// An engine inlining host memory up to 256 KiB (its bound below 8 CPUs) next to a peer's device
+/// memory: host-memory writes and sends of up to the bound land in the peer's GPU memory from the
+/// control stream (past the small copier's 64 KiB through plain synchronous copies), and reads
+/// into host memory are served out of it; the data sockets carry none of them, and one byte more
+/// takes the channels. Every kind and direction around the bound, byte for byte.
+#[test]
+fn host_transfers_inline_up_to_256k_next_to_device_memory() {
+    if no_gpu() {
+        return;
+    }
+    let bound = 256usize << 10;
+    let p = pair(Config { inline_max: bound as u32, ..config() });
+    every_kind_every_direction(&p, &[65_537, 200_003, bound, bound + 1]);
+    let channel_bytes = |p: &common::Pair| -> u64 {
+        let ends = [&p.ab, &p.ba];
+        ends.iter().flat_map(|c| c.link_stats()).map(|l| l.out.bytes + l.inbound.bytes).sum()
+    };
+    for kind in [Kind::SendRecv, Kind::Write, Kind::Read] {
+        // Host memory on engine a, device memory on b: a reads from b's GPU, writes and sends to it.
+        let (host_side, gpu_side) = (Mem::new(Side::Host, bound + 8), Mem::new(Side::Gpu, bound + 8));
+        let (hmr, gmr) = (
+            p.a.register(host_side.addr(), host_side.len()).unwrap(),
+            p.b.register(gpu_side.addr(), gpu_side.len()).unwrap(),
+        );
+        let (mut src, mut dst) = match kind {
+            Kind::Read => ((gpu_side, gmr), (host_side, hmr)),
+            _ => ((host_side, hmr), (gpu_side, gmr)),
+        };
+        for len in [bound, bound + 1] {
+            let data = pattern(len, 77 + len as u64);
+            src.0.write(1, &data);
+            dst.0.clear();
+            let before = channel_bytes(&p);
+            move_bytes(&p, kind, (&src.0, src.1, 1), (&dst.0, dst.1, 2), len);
+            let carried = channel_bytes(&p) - before;
+            let what = format!("{kind:?} of {len} bytes, host memory on the initiator");
+            assert_same(&dst.0.read(2, len), &data, &what);
+            assert_eq!(carried == 0, len <= bound, "{what}: {carried} bytes on the data sockets");
+        }
+        p.a.deregister(hmr).unwrap();
+        p.b.deregister(gmr).unwrap();
     }
 }
 

@@ -659,13 +659,15 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Control, usize)>, ProtoError> 
     Ok(Some((msg, frame_len)))
 }
 
-/// A whole message of the stream, where an inline write or a read's answer leaves its payload in
-/// the reader's buffer: the target stores it from there, a copy fewer than through a message.
+/// A whole message of the stream, where an inline write, send or a read's answer leaves its
+/// payload in the reader's buffer: the receiver stores it from there, a copy fewer than through a
+/// message.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame<'a> {
     Whole(Control),
     InlineWrite { xfer: u64, region: u64, token: u64, addr: u64, payload: &'a [u8] },
     ReadData { xfer: u64, payload: &'a [u8] },
+    InlineSend { xfer: u64, payload: &'a [u8] },
 }
 
 impl Frame<'_> {
@@ -677,18 +679,19 @@ impl Frame<'_> {
                 Control::InlineWrite { xfer, region, token, addr, payload: payload.to_vec() }
             }
             Frame::ReadData { xfer, payload } => Control::ReadData { xfer, payload: payload.to_vec() },
+            Frame::InlineSend { xfer, payload } => Control::InlineSend { xfer, payload: payload.to_vec() },
         }
     }
 }
 
-/// [`decode_frame`], but an InlineWrite or ReadData lends its payload from `buf`; accepts and
-/// refuses exactly what `decode_frame` does.
+/// [`decode_frame`], but an InlineWrite, ReadData or InlineSend lends its payload from `buf`;
+/// accepts and refuses exactly what `decode_frame` does.
 pub fn decode_frame_lent(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, ProtoError> {
     let Some((head, _)) = buf.split_first_chunk::<FRAME_HEADER_LEN>() else {
         return Ok(None);
     };
     let header = FrameHeader::parse(head)?;
-    if header.kind != kind::INLINE_WRITE && header.kind != kind::READ_DATA {
+    if ![kind::INLINE_WRITE, kind::READ_DATA, kind::INLINE_SEND].contains(&header.kind) {
         return Ok(decode_frame(buf)?.map(|(msg, used)| (Frame::Whole(msg), used)));
     }
     let frame_len = header.frame_len();
@@ -709,7 +712,11 @@ pub fn decode_frame_lent(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, Proto
         r.finish()?;
         nonzero_len(payload.len() as u64)?;
         check_len(payload.len(), MAX_INLINE_LEN, "inline payload")?;
-        Frame::ReadData { xfer, payload }
+        if header.kind == kind::READ_DATA {
+            Frame::ReadData { xfer, payload }
+        } else {
+            Frame::InlineSend { xfer, payload }
+        }
     };
     Ok(Some((frame, frame_len)))
 }
@@ -878,9 +885,17 @@ mod tests {
             assert_eq!(used, frame.len());
             match &decoded {
                 Frame::Whole(whole) => {
-                    assert!(!matches!(whole, Control::InlineWrite { .. } | Control::ReadData { .. }), "{whole:?}")
+                    assert!(
+                        !matches!(
+                            whole,
+                            Control::InlineWrite { .. } | Control::ReadData { .. } | Control::InlineSend { .. }
+                        ),
+                        "{whole:?}"
+                    )
                 }
-                Frame::InlineWrite { payload, .. } | Frame::ReadData { payload, .. } => {
+                Frame::InlineWrite { payload, .. }
+                | Frame::ReadData { payload, .. }
+                | Frame::InlineSend { payload, .. } => {
                     lent += 1;
                     let at = payload.as_ptr() as usize - frame.as_ptr() as usize;
                     assert_eq!(&frame[at..at + payload.len()], *payload, "a slice of the frame itself");
@@ -891,12 +906,14 @@ mod tests {
                 assert_eq!(decode_frame_lent(&frame[..cut]), Ok(None), "{cut} bytes of {msg:?}");
             }
         }
-        assert!(lent >= 2);
+        assert!(lent >= 3);
         // Refused alike: a payload past the bound, an empty answer, a range that wraps.
         let bad = [
             Control::ReadData { xfer: 1, payload: vec![] },
             Control::InlineWrite { xfer: 1, region: 2, token: 3, addr: u64::MAX, payload: vec![1; 2] },
             Control::ReadData { xfer: 1, payload: vec![1; MAX_INLINE_LEN + 1] },
+            Control::InlineSend { xfer: 1, payload: vec![] },
+            Control::InlineSend { xfer: 1, payload: vec![1; MAX_INLINE_LEN + 1] },
         ];
         for msg in bad {
             let frame = encode(&msg);

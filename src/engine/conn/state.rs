@@ -706,7 +706,35 @@ impl ConnState {
                 Ok(())
             }
             Frame::ReadData { xfer, payload } => self.read_data(xfer, payload, mem, out),
+            Frame::InlineSend { xfer, payload } => self.inline_send(xfer, payload, mem, out),
         }
+    }
+
+    /// The peer's inline message `xfer`: stored from the reader's buffer into the oldest posted
+    /// receive when no older message waits for one, else held (copied) until a receive is posted.
+    fn inline_send(&mut self, xfer: u64, payload: &[u8], mem: &impl Memory, out: &mut Vec<Action>) -> Result<()> {
+        if !self.announces.is_empty() || self.posted_recvs.is_empty() {
+            return self.handle(Control::InlineSend { xfer, payload: payload.to_vec() }, mem, out);
+        }
+        self.admit_inline_send(payload.len() as u64)?;
+        let recv = self.posted_recvs.pop_front().expect("non-empty");
+        let answer = match fit(recv, payload.len() as u64, out) {
+            Ok(recv) => deliver_inline(recv, xfer, payload, mem, out),
+            Err(e) => deny_msg(xfer, &e),
+        };
+        out.push(Action::Send(answer));
+        Ok(())
+    }
+
+    /// Refuses an inline message that would leave the peer's unmatched sends holding more than
+    /// their bound here (the peer's own accounting keeps it under).
+    fn admit_inline_send(&self, len: u64) -> Result<()> {
+        if self.held_for_peer() + len > MAX_INLINE_SEND_BACKLOG {
+            return Err(Error::backend(format!(
+                "protocol violation: the peer's unmatched sends would hold more than {MAX_INLINE_SEND_BACKLOG} bytes here"
+            )));
+        }
+        Ok(())
     }
 
     /// The peer's inline write of `payload` to `addr` of its capability `(region, token)`: stored
@@ -769,11 +797,7 @@ impl ConnState {
             Control::EagerSend { xfer, len } => self.eager_arrived(xfer, len, out),
             Control::InlineSend { xfer, payload } => {
                 let len = payload.len() as u64;
-                if self.held_for_peer() + len > MAX_INLINE_SEND_BACKLOG {
-                    return Err(Error::backend(format!(
-                        "protocol violation: the peer's unmatched sends would hold more than {MAX_INLINE_SEND_BACKLOG} bytes here"
-                    )));
-                }
+                self.admit_inline_send(len)?;
                 self.announced_inline += len;
                 self.announced(Announced { peer_op: xfer, len, body: Body::Inline(payload) })?;
                 self.match_recvs(mem, out);
@@ -1064,14 +1088,7 @@ impl ConnState {
                     continue;
                 }
                 (Body::Inline(payload), Ok(recv)) => {
-                    // SAFETY: the message fits the registration from `recv.addr` on (`fit`), and
-                    // its region is kept alive by `recv`.
-                    let stored = unsafe { mem.store(&recv.region, recv.addr, &payload) };
-                    answers.push(match &stored {
-                        Ok(()) => Control::Done { xfer: peer_op, len },
-                        Err(e) => deny_msg(peer_op, e),
-                    });
-                    out.push(Action::Finish(recv.transfer, stored.map(|()| len)));
+                    answers.push(deliver_inline(recv, peer_op, &payload, mem, out));
                     continue;
                 }
                 (Body::Announced, Ok(recv)) => recv,
@@ -1202,6 +1219,21 @@ impl ConnState {
         self.serving.insert(xfer, flow);
         Ok(())
     }
+}
+
+/// Stores the peer's inline message `peer_op` into `recv`, which `fit` admitted, finishes the
+/// receive and returns the answer for the peer.
+fn deliver_inline(recv: PostedRecv, peer_op: u64, payload: &[u8], mem: &impl Memory, out: &mut Vec<Action>) -> Control {
+    let len = payload.len() as u64;
+    // SAFETY: the message fits the registration from `recv.addr` on (`fit`), and its region is
+    // kept alive by `recv`.
+    let stored = unsafe { mem.store(&recv.region, recv.addr, payload) };
+    let answer = match &stored {
+        Ok(()) => Control::Done { xfer: peer_op, len },
+        Err(e) => deny_msg(peer_op, e),
+    };
+    out.push(Action::Finish(recv.transfer, stored.map(|()| len)));
+    answer
 }
 
 /// Whether `recv` may take the peer's message of `len` bytes: the receive back, or the error to

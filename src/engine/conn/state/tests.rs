@@ -169,19 +169,20 @@ impl End {
         }
     }
 
-    /// Applies `msg` as the connection does: an inline write or a small read's answer through the
-    /// wire, its payload lent from the bytes read.
+    /// Applies `msg` as the connection does: an inline write, send or a small read's answer through
+    /// the wire, its payload lent from the bytes read.
     fn handle(&mut self, msg: Control) -> Result<()> {
         let mut out = Vec::new();
-        let handled = if matches!(msg, Control::InlineWrite { .. } | Control::ReadData { .. }) {
-            let mut wire = Vec::new();
-            msg.encode(&mut wire);
-            let (frame, used) = crate::proto::decode_frame_lent(&wire).unwrap().unwrap();
-            assert!(used == wire.len() && !matches!(frame, Frame::Whole(_)));
-            self.st.handle_frame(frame, &self.mem, &mut out)
-        } else {
-            self.st.handle(msg, &self.mem, &mut out)
-        };
+        let handled =
+            if matches!(msg, Control::InlineWrite { .. } | Control::ReadData { .. } | Control::InlineSend { .. }) {
+                let mut wire = Vec::new();
+                msg.encode(&mut wire);
+                let (frame, used) = crate::proto::decode_frame_lent(&wire).unwrap().unwrap();
+                assert!(used == wire.len() && !matches!(frame, Frame::Whole(_)));
+                self.st.handle_frame(frame, &self.mem, &mut out)
+            } else {
+                self.st.handle(msg, &self.mem, &mut out)
+            };
         self.take(out);
         handled
     }
