@@ -2,8 +2,11 @@
 """Compares settings of the benchmark the way the performance log does: runs `uccl-tcpx-bench`
 with the same arguments under each setting in turn, N times over (so that a machine's drift falls
 on every setting alike), and prints per op and size the median of each setting's invocations with
-their range: the message ratio (ours over acknowledged raw messages, the bench's `msg` ratio),
-else GB/s where the bench ran without its baseline, and the p50 round trip in microseconds.
+their range: the message ratio (ours over acknowledged raw messages, the bench's `msg` ratio) with
+both sides' GB/s, else GB/s where the bench ran without its baseline, and the p50 round trip in
+microseconds. The anchor's GB/s is printed because on a small host it can move between
+invocations by more than ours does (two CPUs of one machine: 128 KiB messages at 2.7-3.4 or 4.5-6.1
+GB/s by invocation), and a ratio's spread is then the anchor's.
 
   alternate.py [--times N] [--keep DIR] [--timeout S] SETTING... -- BENCH_ARGS...
   SETTING: NAME=VAR=VALUE,VAR=VALUE,...   (BIN=PATH picks the bench binary; default
@@ -54,15 +57,20 @@ def human(size):
 
 
 def results(path):
-    """{(op, size): (figure, p50 us, what the figure is)} of one `--json-file`: the message ratio,
-    or GB/s where the run had no baseline."""
+    """{(op, size): (figure, p50 us, what the figure is, ours GB/s, the anchor's GB/s or None)} of
+    one `--json-file`: the figure is the message ratio, or GB/s where the run had no baseline."""
     with open(path) as f:
         rows = json.load(f)['results']
     out = {}
     for r in rows:
         kind, figure = ('msg', r['msg_ratio']) if r['msg_ratio'] is not None else ('GB/s', r['gb_per_s'])
-        out[(r['op'], r['size'])] = (figure, r['p50_us'], kind)
+        out[(r['op'], r['size'])] = (figure, r['p50_us'], kind, r['gb_per_s'], r['raw_msg_gb_per_s'])
     return out
+
+
+def spread(values):
+    """median [min-max] of `values`."""
+    return f'{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]'
 
 
 def main():
@@ -91,7 +99,7 @@ def main():
 
 
 def collect(args, runs, bench_args, json_dir, keep):
-    """{(op, size): {setting: [(figure, p50, kind) per invocation]}} over every round."""
+    """{(op, size): {setting: [results() row per invocation]}} over every round."""
     got = {}
     for round_ in range(args.times):
         for name, env, binary in runs:
@@ -119,8 +127,8 @@ def collect(args, runs, bench_args, json_dir, keep):
 
 
 def report(times, runs, got):
-    print(f'# msg ratio (GB/s where the bench ran without its baseline): median [min-max] of '
-          f'{times} alternated invocations; p50 us: median')
+    print(f'# msg ratio, then ours and the anchor in GB/s (GB/s alone where the bench ran without its '
+          f'baseline): median [min-max] of {times} alternated invocations; p50 us: median')
     for (op, size), by in sorted(got.items()):
         cells = []
         for name, _, _ in runs:
@@ -128,9 +136,10 @@ def report(times, runs, got):
             if not values:
                 cells.append(f'{name}: -')
                 continue
-            figures = [v[0] for v in values]
-            cells.append(f'{name}: {statistics.median(figures):.2f} [{min(figures):.2f}-{max(figures):.2f}]'
-                         f' p50 {statistics.median(v[1] for v in values):.1f}')
+            cell = f'{name}: {spread([v[0] for v in values])}'
+            if all(v[4] is not None for v in values):
+                cell += f' ours {spread([v[3] for v in values])} anchor {spread([v[4] for v in values])}'
+            cells.append(cell + f' p50 {statistics.median(v[1] for v in values):.1f}')
         kinds = {v[2] for values in by.values() for v in values}
         print(f'{op:<6} {human(size):>8} {"/".join(sorted(kinds)):>4} | ' + ' | '.join(cells))
 

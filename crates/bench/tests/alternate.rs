@@ -23,17 +23,6 @@ fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
-/// GB/s of `op` at `size` bytes in one kept `--json-file`.
-fn gb_per_s(results: &Value, op: &str, size: u64) -> f64 {
-    results["results"]
-        .as_array()
-        .expect("a results array")
-        .iter()
-        .find(|r| r["op"] == op && r["size"] == size)
-        .and_then(|r| r["gb_per_s"].as_f64())
-        .unwrap_or_else(|| panic!("no {op} of {size} B in {results}"))
-}
-
 fn median_and_range(mut v: Vec<f64>) -> String {
     v.sort_by(f64::total_cmp);
     format!("{:.2} [{:.2}-{:.2}]", v[v.len() / 2], v[0], v[v.len() - 1])
@@ -92,11 +81,59 @@ fn medians_are_those_of_the_alternated_invocations() {
             .unwrap_or_else(|| panic!("no line for {op} {kib} KiB:\n{printed}"));
         assert!(line.contains(" GB/s |"), "no baseline ran, so the figure is GB/s: {line}");
         for name in ["one", "two"] {
-            let figures = kept[name].iter().map(|r| gb_per_s(r, op, kib << 10)).collect();
+            let figures = kept[name].iter().map(|r| field(r, op, kib << 10, "gb_per_s")).collect();
             let expected = format!("{name}: {}", median_and_range(figures));
             assert!(line.contains(&expected), "{expected:?} in {line:?}");
         }
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Field `key` of `op` at `size` bytes in one kept `--json-file`.
+fn field(results: &Value, op: &str, size: u64, key: &str) -> f64 {
+    results["results"]
+        .as_array()
+        .expect("a results array")
+        .iter()
+        .find(|r| r["op"] == op && r["size"] == size)
+        .and_then(|r| r[key].as_f64())
+        .unwrap_or_else(|| panic!("no {key} of {op} of {size} B in {results}"))
+}
+
+/// With the baseline, each cell gives the message ratio and both sides' GB/s, each the median and
+/// range of the kept invocations.
+#[test]
+fn with_the_baseline_both_sides_rates_stand_beside_the_ratio() {
+    let dir = std::env::temp_dir().join(format!("uccl-alternate-msg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = alternate(&[
+        "--times",
+        &TIMES.to_string(),
+        "--keep",
+        dir.to_str().unwrap(),
+        &format!("only=BIN={BENCH}"),
+        "--",
+        "--sizes",
+        "64K",
+        "--ops",
+        "write",
+        "--iters",
+        "20",
+    ]);
+    let printed = text(&out);
+    assert!(out.status.success(), "{printed}");
+    let kept: Vec<Value> = (0..TIMES)
+        .map(|round| {
+            let file = dir.join(format!("{round}-only.json"));
+            serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap()
+        })
+        .collect();
+    let of = |key: &str| median_and_range(kept.iter().map(|r| field(r, "write", 64 << 10, key)).collect());
+    let line = printed.lines().find(|l| l.starts_with("write") && l.contains(" msg |")).unwrap_or_else(|| {
+        panic!("a message-ratio line for the write:\n{printed}");
+    });
+    let expected = format!("only: {} ours {} anchor {}", of("msg_ratio"), of("gb_per_s"), of("raw_msg_gb_per_s"));
+    assert!(line.contains(&expected), "{expected:?} in {line:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
