@@ -23,6 +23,17 @@ fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
+/// Field `key` of `op` at `size` bytes in one kept `--json-file`.
+fn field(results: &Value, op: &str, size: u64, key: &str) -> f64 {
+    results["results"]
+        .as_array()
+        .expect("a results array")
+        .iter()
+        .find(|r| r["op"] == op && r["size"] == size)
+        .and_then(|r| r[key].as_f64())
+        .unwrap_or_else(|| panic!("no {key} of {op} of {size} B in {results}"))
+}
+
 fn median_and_range(mut v: Vec<f64>) -> String {
     v.sort_by(f64::total_cmp);
     format!("{:.2} [{:.2}-{:.2}]", v[v.len() / 2], v[0], v[v.len() - 1])
@@ -87,17 +98,6 @@ fn medians_are_those_of_the_alternated_invocations() {
         }
     }
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-/// Field `key` of `op` at `size` bytes in one kept `--json-file`.
-fn field(results: &Value, op: &str, size: u64, key: &str) -> f64 {
-    results["results"]
-        .as_array()
-        .expect("a results array")
-        .iter()
-        .find(|r| r["op"] == op && r["size"] == size)
-        .and_then(|r| r[key].as_f64())
-        .unwrap_or_else(|| panic!("no {key} of {op} of {size} B in {results}"))
 }
 
 /// With the baseline, each cell gives the message ratio and both sides' GB/s, each the median and

@@ -241,9 +241,9 @@ impl Connection {
         let mut items = Vec::with_capacity(msgs.len());
         for (i, &(mr, addr, len)) in msgs.iter().enumerate() {
             let region = self.core.regions.local(mr, addr, len).map_err(|e| e.context(format!("send item {i}")))?;
-            // Up to the engine's inline bound, as one-sided transfers: on a small host the hops of
-            // an eager message (its helpers on both ends, the Done) cost more than the copies of an
-            // inline one, held by the peer when it arrives before its receive.
+            // Up to the engine's inline bound, as one-sided transfers: on a small host an eager
+            // message's hops (a helper at each end, the Done) cost more than an inline one's copies
+            // (one at each end, two more where it arrives before its receive).
             let payload = if len as u64 <= inline_limit(inline_max, region.kind) {
                 // SAFETY: `regions.local` checked that the range lies in a live registration.
                 Some(unsafe { mem.load(&region, addr, len) }.map_err(|e| e.context(format!("send item {i}")))?)

@@ -302,8 +302,8 @@ impl Connection {
                     handled = self.handle(&mut inner, msg, &mut held, arrived);
                 }
                 Ok(Some(lent)) => {
-                    // An inline write or a small read's answer: stored from the buffer. Neither
-                    // concerns the same-host GPU path or the flow trace.
+                    // An inline write or send, or a small read's answer: stored from the buffer.
+                    // None concerns the same-host GPU path or the flow trace.
                     inner.state.heard(Instant::now());
                     let mut out = Vec::new();
                     let stored = inner.state.handle_frame(lent, &self.memory(), &mut out);
