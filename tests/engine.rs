@@ -168,6 +168,42 @@ fn inline_bound_decides_what_rides_the_channels() {
     }
 }
 
+/// One send call of more inline-sized messages than the peer may hold unmatched (4 MiB): the first
+/// ride the control stream, the rest are announced, and every message lands whole in its own
+/// receive, in order, whether the receives come before the call or after it.
+#[test]
+fn a_send_of_more_inline_messages_than_the_peer_holds_lands_in_order() {
+    const N: usize = 30;
+    const LEN: usize = 200_000;
+    let p = common::pair(Config { inline_max: 256 << 10, ..config() });
+    let src = pattern(N * LEN, 41);
+    let smr = p.a.register(src.as_ptr() as usize, src.len()).unwrap();
+    let msgs: Vec<(u64, usize, usize)> = (0..N).map(|i| (smr, src.as_ptr() as usize + i * LEN, LEN)).collect();
+    for receives_first in [true, false] {
+        let mut dst = vec![0u8; N * (LEN + 8)];
+        let dmr = p.b.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();
+        let base = dst.as_mut_ptr() as usize;
+        let post = |p: &common::Pair| -> Vec<u64> {
+            (0..N).map(|i| p.ba.recv(dmr, base + i * (LEN + 8), LEN + 8).unwrap()).collect()
+        };
+        let (recvs, s) = if receives_first {
+            let recvs = post(&p);
+            (recvs, p.ab.send(&msgs).unwrap())
+        } else {
+            let s = p.ab.send(&msgs).unwrap();
+            (post(&p), s)
+        };
+        assert_eq!(wait(&p.ab, s).unwrap(), (N * LEN) as u64);
+        for (i, r) in recvs.into_iter().enumerate() {
+            assert_eq!(wait(&p.ba, r).unwrap(), LEN as u64, "receive {i}");
+            let at = i * (LEN + 8);
+            assert!(dst[at..at + LEN] == src[i * LEN..(i + 1) * LEN], "message {i} (receives first: {receives_first})");
+            assert!(dst[at + LEN..at + LEN + 8].iter().all(|&b| b == 0), "past message {i}");
+        }
+        p.b.deregister(dmr).unwrap();
+    }
+}
+
 /// Transfers up to 64 KiB travel inline on the control stream, larger ones over the channels; a vector
 /// mixing both, in both directions, lands every byte where it belongs and nothing beyond.
 #[test]

@@ -21,7 +21,7 @@ use crate::engine::same_host::device_copy::DevicePath;
 use crate::engine::same_host::local_copy::LocalCopy;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
-use crate::proto::{Capability, Control, RemoteSeg};
+use crate::proto::{Capability, Control, MAX_INLINE_SEND_BACKLOG, RemoteSeg};
 use crate::trace::{self, SeenBy as Seer, clock_ns};
 use crate::transport::IoSeg;
 
@@ -238,13 +238,17 @@ impl Connection {
     pub fn send(&self, msgs: &[(u64, usize, usize)]) -> Result<u64> {
         let mem = self.memory();
         let inline_max = super::inline_max(&self.core.config, self.link.locality);
+        // The state sends at most this many bytes of unanswered messages inline and announces the
+        // rest, so a call of many messages copies no more than that.
+        let mut inline_left = MAX_INLINE_SEND_BACKLOG;
         let mut items = Vec::with_capacity(msgs.len());
         for (i, &(mr, addr, len)) in msgs.iter().enumerate() {
             let region = self.core.regions.local(mr, addr, len).map_err(|e| e.context(format!("send item {i}")))?;
             // Up to the engine's inline bound, as one-sided transfers: on a small host an eager
             // message's hops (a helper at each end, the Done) cost more than an inline one's copies
             // (one at each end, two more where it arrives before its receive).
-            let payload = if len as u64 <= inline_limit(inline_max, region.kind) {
+            let payload = if len as u64 <= inline_limit(inline_max, region.kind).min(inline_left) {
+                inline_left -= len as u64;
                 // SAFETY: `regions.local` checked that the range lies in a live registration.
                 Some(unsafe { mem.load(&region, addr, len) }.map_err(|e| e.context(format!("send item {i}")))?)
             } else {
