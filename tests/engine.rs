@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use uccl_tcpx::{Config, Connection, Engine, OneSided, UcclStatus};
+use uccl_tcpx::{Config, Connection, Engine, FifoItem, OneSided, UcclStatus};
 
 mod common;
 use common::{PATIENCE, Pair, pattern, wait};
@@ -201,6 +201,42 @@ fn a_send_of_more_inline_messages_than_the_peer_holds_lands_in_order() {
             assert!(dst[at + LEN..at + LEN + 8].iter().all(|&b| b == 0), "past message {i}");
         }
         p.b.deregister(dmr).unwrap();
+    }
+}
+
+/// One write call of more inline-sized items than a connection keeps unanswered (8 MiB), each to
+/// the other of two remote regions so that no two form a vector: the first ride the control
+/// stream, the rest go as requests over the channels, and every item lands whole where it was sent.
+#[test]
+fn a_write_of_more_inline_items_than_the_connection_holds_lands_whole() {
+    const N: usize = 60;
+    const LEN: usize = 200_000;
+    let p = common::pair(Config { inline_max: 256 << 10, ..config() });
+    let src = pattern(N * LEN, 43);
+    let smr = p.a.register(src.as_ptr() as usize, src.len()).unwrap();
+    let mut targets = [vec![0u8; N / 2 * LEN], vec![0u8; N / 2 * LEN]];
+    let remotes: Vec<FifoItem> = targets
+        .iter_mut()
+        .map(|t| {
+            let mr = p.b.register(t.as_mut_ptr() as usize, t.len()).unwrap();
+            p.b.prepare_fifo(mr, t.as_mut_ptr() as usize, t.len()).unwrap()
+        })
+        .collect();
+    let items: Vec<OneSided> = (0..N)
+        .map(|i| {
+            let mut remote = remotes[i % 2];
+            remote.addr += (i / 2 * LEN) as u64;
+            OneSided { mr: smr, addr: src.as_ptr() as usize + i * LEN, len: LEN, remote }
+        })
+        .collect();
+    let before: u64 = p.ab.link_stats().iter().map(|l| l.out.bytes).sum();
+    let w = p.ab.write(&items).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap(), (N * LEN) as u64);
+    let on_channels = p.ab.link_stats().iter().map(|l| l.out.bytes).sum::<u64>() - before;
+    assert!(on_channels > 0 && on_channels < (N * LEN) as u64, "{on_channels} of the items' bytes on the channels");
+    for i in 0..N {
+        let at = i / 2 * LEN;
+        assert!(targets[i % 2][at..at + LEN] == src[i * LEN..(i + 1) * LEN], "item {i}");
     }
 }
 

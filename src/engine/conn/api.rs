@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use super::reader;
 use super::state::{
-    Action, ConnState, Direction, Memory, OneSidedItem, OneSidedRequest, SendItem, VectorRequest, inline_limit,
+    Action, ConnState, Direction, MAX_INLINE_ONE_SIDED, Memory, OneSidedItem, OneSidedRequest, SendItem, VectorRequest,
+    inline_limit,
 };
 use super::turn::{Batch, InTurn, Take};
 use super::vector::{Grouper, Push, Run, RunKey};
@@ -109,10 +110,14 @@ impl Connection {
         if write {
             let mem = self.memory();
             let inline_max = super::inline_max(&self.core.config, self.link.locality);
+            // The state keeps at most this many inline bytes unanswered and sends the rest as
+            // requests, so a call of many items reads no more than that.
+            let mut inline_left = MAX_INLINE_ONE_SIDED;
             for request in requests.iter_mut() {
                 if let OneSidedRequest::Item(item) = request
-                    && item.len <= inline_limit(inline_max, item.region.kind)
+                    && item.len <= inline_limit(inline_max, item.region.kind).min(inline_left)
                 {
+                    inline_left -= item.len;
                     // SAFETY: the range was checked to lie in this live registration.
                     let payload = unsafe { mem.load(&item.region, item.addr, item.len as usize) };
                     item.payload = Some(payload.map_err(|e| e.context(verb))?);

@@ -47,7 +47,7 @@ const MAX_REFUSED_CHUNKS: usize = 2 << 20;
 /// Inline write and small-read bytes a connection keeps unanswered; further small one-sided items
 /// take the request path. Bounds what either end's control writer can be asked to queue for the
 /// other (a vector of 8192 reads of 64 KiB would otherwise queue 512 MiB of ReadData at once).
-const MAX_INLINE_ONE_SIDED: u64 = 8 << 20;
+pub(super) const MAX_INLINE_ONE_SIDED: u64 = 8 << 20;
 
 /// What the state machine asks its connection to do, in order.
 #[derive(Debug)]
