@@ -126,6 +126,14 @@ fn inline_bound_decides_what_rides_the_channels() {
         let mut target = vec![0u8; 1 << 20];
         let tmr = p.b.register(target.as_mut_ptr() as usize, target.len()).unwrap();
         let remote = p.b.prepare_fifo(tmr, target.as_mut_ptr() as usize, target.len()).unwrap();
+        // Whether the data sockets carried the transfer is exactly whether it was past the bound.
+        let took_channels = |what: &str, n: usize, on_channels: u64| {
+            assert_eq!(
+                on_channels == 0,
+                n as u32 <= bound,
+                "{what} of {n} bytes, bound {bound}: {on_channels} on the channels"
+            );
+        };
         for (i, &n) in sizes.iter().enumerate() {
             let src = pattern(n, 300 + i as u64);
             let smr = p.a.register(src.as_ptr() as usize, n).unwrap();
@@ -133,36 +141,21 @@ fn inline_bound_decides_what_rides_the_channels() {
             let w = p.ab.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len: n, remote }]).unwrap();
             assert_eq!(wait(&p.ab, w).unwrap(), n as u64);
             assert_eq!(&target[..n], &src[..], "write of {n} bytes, bound {bound}");
-            let on_channels = data_bytes(&p.ab).0 - before.0;
-            assert_eq!(
-                on_channels == 0,
-                n as u32 <= bound,
-                "write of {n} bytes, bound {bound}: {on_channels} on the channels"
-            );
+            took_channels("write", n, data_bytes(&p.ab).0 - before.0);
             let before = data_bytes(&p.ab);
             let mut back = vec![0u8; n];
             let bmr = p.a.register(back.as_mut_ptr() as usize, n).unwrap();
             let r = p.ab.read(&[OneSided { mr: bmr, addr: back.as_mut_ptr() as usize, len: n, remote }]).unwrap();
             assert_eq!(wait(&p.ab, r).unwrap(), n as u64);
             assert!(back == src, "read of {n} bytes, bound {bound}");
-            let on_channels = data_bytes(&p.ab).1 - before.1;
-            assert_eq!(
-                on_channels == 0,
-                n as u32 <= bound,
-                "read of {n} bytes, bound {bound}: {on_channels} on the channels"
-            );
+            took_channels("read", n, data_bytes(&p.ab).1 - before.1);
             let before = data_bytes(&p.ab);
             let rid = p.ba.recv(tmr, target.as_mut_ptr() as usize, target.len()).unwrap();
             let s = p.ab.send(&[(smr, src.as_ptr() as usize, n)]).unwrap();
             assert_eq!(wait(&p.ab, s).unwrap(), n as u64);
             assert_eq!(wait(&p.ba, rid).unwrap(), n as u64);
             assert_eq!(&target[..n], &src[..], "send of {n} bytes, bound {bound}");
-            let on_channels = data_bytes(&p.ab).0 - before.0;
-            assert_eq!(
-                on_channels == 0,
-                n as u32 <= bound,
-                "send of {n} bytes, bound {bound}: {on_channels} on the channels"
-            );
+            took_channels("send", n, data_bytes(&p.ab).0 - before.0);
             target[..n].fill(0);
         }
     }

@@ -34,6 +34,13 @@ fn field(results: &Value, op: &str, size: u64, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {key} of {op} of {size} B in {results}"))
 }
 
+/// What `--keep DIR` kept of setting `name`'s invocation in `round`: its output (`txt`) or results
+/// (`json`).
+fn kept_file(dir: &Path, round: usize, name: &str, ext: &str) -> String {
+    let file = dir.join(format!("{round}-{name}.{ext}"));
+    std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+}
+
 fn median_and_range(mut v: Vec<f64>) -> String {
     v.sort_by(f64::total_cmp);
     format!("{:.2} [{:.2}-{:.2}]", v[v.len() / 2], v[0], v[v.len() - 1])
@@ -69,10 +76,7 @@ fn medians_are_those_of_the_alternated_invocations() {
     let mut kept: HashMap<&str, Vec<Value>> = HashMap::new();
     for (name, channels) in [("one", 1), ("two", 2)] {
         for round in 0..TIMES {
-            let read = |ext: &str| {
-                let file = dir.join(format!("{round}-{name}.{ext}"));
-                std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()))
-            };
+            let read = |ext: &str| kept_file(&dir, round, name, ext);
             let output = read("txt");
             assert!(output.contains("# Summary"), "{name}: the bench's output is kept:\n{output}");
             let results: Value = serde_json::from_str(&read("json")).unwrap();
@@ -122,12 +126,8 @@ fn with_the_baseline_both_sides_rates_stand_beside_the_ratio() {
     ]);
     let printed = text(&out);
     assert!(out.status.success(), "{printed}");
-    let kept: Vec<Value> = (0..TIMES)
-        .map(|round| {
-            let file = dir.join(format!("{round}-only.json"));
-            serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap()
-        })
-        .collect();
+    let kept: Vec<Value> =
+        (0..TIMES).map(|round| serde_json::from_str(&kept_file(&dir, round, "only", "json")).unwrap()).collect();
     let of = |key: &str| median_and_range(kept.iter().map(|r| field(r, "write", 64 << 10, key)).collect());
     let line = printed.lines().find(|l| l.starts_with("write") && l.contains(" msg |")).unwrap_or_else(|| {
         panic!("a message-ratio line for the write:\n{printed}");
