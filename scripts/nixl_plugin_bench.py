@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""NIXL's transfer time over host memory, two agents in two processes of this host, for several
-backend setups in one run: our TCPX plugin on the network path and on the same-host path, and
-NIXL's UCX plugin with UCX_TLS=tcp and with UCX's defaults. Run by scripts/nixl_plugin_bench.sh.
+"""NIXL's transfer time, two agents in two processes of this host, for several backend setups in
+one run: our TCPX plugin on the network path and on the same-host path, and NIXL's UCX plugin with
+UCX_TLS=tcp and with UCX's defaults. Run by scripts/nixl_plugin_bench.sh (host memory). With
+--vram I,T the initiator's buffer is GPU I's memory and the target's GPU T's (torch tensors), and
+each TCPX engine serves its agent's GPU.
 
 Each point: WRITE or READ of one descriptor, timed from transfer() to DONE (polled with
 check_xfer_state, yielding the CPU between polls), after two untimed ones; the median and GB/s
@@ -10,6 +12,7 @@ Also, for TCPX: 10,000 descriptors of 4 KiB in one request, the time to prepare 
 and to post (transfer) it.
 
 usage: nixl_plugin_bench.py [--rounds N] [--sizes 4K,1M,64M] [--setups tcpx-net,tcpx-local,ucx-tcp,ucx]
+                            [--vram I,T] [--json FILE]
 """
 
 import argparse
@@ -35,6 +38,37 @@ SETUPS = {
     "ucx": ("UCX", {}, {}),
 }
 ITERS = {4 << 10: 200, 1 << 20: 50, 64 << 20: 8}
+# The GPUs of the initiator's and the target's memory (--vram); None: host memory.
+VRAM = None
+
+
+class Buffer:
+    """Host memory (numpy) or, on a GPU, a torch tensor; `fill` is its bytes' value."""
+
+    def __init__(self, size, fill, gpu=None):
+        self.kind, self.dev = ("DRAM", 0) if gpu is None else ("VRAM", gpu)
+        if gpu is None:
+            self.mem = np.full(size, fill, dtype=np.uint8)
+            self.addr = self.mem.ctypes.data
+        else:
+            import torch
+
+            self.mem = torch.full((size,), fill, dtype=torch.uint8, device=f"cuda:{gpu}")
+            torch.cuda.synchronize(self.mem.device)
+            self.addr = self.mem.data_ptr()
+        self.size = size
+
+    def register(self, agent):
+        agent.register_memory(agent.get_reg_descs([(self.addr, self.size, self.dev, "")], self.kind))
+
+    def descs(self, agent, ranges):
+        return xfer_descs(agent, (self.addr, self.kind, self.dev), ranges)
+
+
+def xfer_descs(agent, where, ranges):
+    """Descriptors of `ranges` (offset, length) of the memory at `where`: (address, kind, device)."""
+    addr, kind, dev = where
+    return agent.get_xfer_descs([(addr + o, n, dev) for o, n in ranges], kind)
 
 
 def parse_size(text):
@@ -42,20 +76,24 @@ def parse_size(text):
     return int(text[:-1]) * mult[text[-1]] if text[-1] in mult else int(text)
 
 
-def make_agent(name, setup):
+def make_agent(name, setup, gpu):
     backend, params, _ = SETUPS[setup]
+    params = dict(params)
+    if backend == "TCPX" and gpu is not None:
+        params["gpu"] = str(gpu)
     agent = nixl_agent(name, nixl_agent_config(backends=[]))
-    agent.create_backend(backend, dict(params))
+    agent.create_backend(backend, params)
     return agent
 
 
-def target(pipe, setup, size):
+def target(pipe, setup, size, vram):
     for k, v in SETUPS[setup][2].items():
         os.environ[k] = v
-    agent = make_agent("target", setup)
-    buf = np.zeros(max(size, 10000 * 4096), dtype=np.uint8)
-    agent.register_memory(agent.get_reg_descs([(buf.ctypes.data, buf.nbytes, 0, "")], "DRAM"))
-    pipe.send((agent.get_agent_metadata(), buf.ctypes.data))
+    gpu = vram[1] if vram else None
+    agent = make_agent("target", setup, gpu)
+    buf = Buffer(max(size, 10000 * 4096), 0, gpu)
+    buf.register(agent)
+    pipe.send((agent.get_agent_metadata(), (buf.addr, buf.kind, buf.dev)))
     pipe.recv()  # until the initiator is done
     # NIXL's UCX crashes in a library destructor at process exit: skip those.
     os._exit(0)
@@ -75,18 +113,19 @@ def measure(setup, size, many):
     os.environ.update(SETUPS[setup][2])
     ctx = mp.get_context("spawn")
     pipe, child = ctx.Pipe()
-    proc = ctx.Process(target=target, args=(child, setup, size), daemon=True)
+    proc = ctx.Process(target=target, args=(child, setup, size, VRAM), daemon=True)
     proc.start()
     try:
-        meta, raddr = pipe.recv()
-        agent = make_agent("initiator", setup)
-        buf = np.ones(max(size, 10000 * 4096), dtype=np.uint8)
-        agent.register_memory(agent.get_reg_descs([(buf.ctypes.data, buf.nbytes, 0, "")], "DRAM"))
+        meta, remote_buf = pipe.recv()
+        gpu = VRAM[0] if VRAM else None
+        agent = make_agent("initiator", setup, gpu)
+        buf = Buffer(max(size, 10000 * 4096), 1, gpu)
+        buf.register(agent)
         peer = agent.add_remote_agent(meta)
         out = {}
         for op in ("WRITE", "READ"):
-            local = agent.get_xfer_descs([(buf.ctypes.data, size, 0)], "DRAM")
-            remote = agent.get_xfer_descs([(raddr, size, 0)], "DRAM")
+            local = buf.descs(agent, [(0, size)])
+            remote = xfer_descs(agent, remote_buf, [(0, size)])
             handle = agent.initialize_xfer(op, local, remote, peer)
             times = []
             for i in range(ITERS.get(size, 20) + 2):
@@ -98,8 +137,8 @@ def measure(setup, size, many):
             out[op] = times
         if many:
             n = 10000
-            local = agent.get_xfer_descs([(buf.ctypes.data + 4096 * k, 4096, 0) for k in range(n)], "DRAM")
-            remote = agent.get_xfer_descs([(raddr + 4096 * k, 4096, 0) for k in range(n)], "DRAM")
+            local = buf.descs(agent, [(4096 * k, 4096) for k in range(n)])
+            remote = xfer_descs(agent, remote_buf, [(4096 * k, 4096) for k in range(n)])
             start = time.perf_counter()
             handle = agent.initialize_xfer("WRITE", local, remote, peer)
             prepared = time.perf_counter()
@@ -125,7 +164,14 @@ def main():
     ap.add_argument("--sizes", default="4K,1M,64M")
     ap.add_argument("--setups", default=",".join(SETUPS))
     ap.add_argument("--json", help="also write every measurement here")
+    ap.add_argument("--vram", metavar="I,T", help="GPU memory: the initiator's on GPU I, the target's on GPU T")
     args = ap.parse_args()
+    global VRAM
+    if args.vram:
+        gpus = args.vram.split(",")
+        if len(gpus) != 2 or not all(g.isdigit() for g in gpus):
+            ap.error(f"--vram takes two GPU indices, I,T: {args.vram!r}")
+        VRAM = (int(gpus[0]), int(gpus[1]))
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     setups = args.setups.split(",")
     results = {}  # (setup, op, size) -> [per-round (median us, GB/s)]

@@ -2,11 +2,11 @@
 # Runs UCCL's own Python tests and benchmarks, unmodified, from a UCCL source tree, over uccl-tcpx:
 # the only change is the opt-in alias on PYTHONPATH, which makes `from uccl import p2p` ours.
 #
-#   scripts/uccl_python_tests.sh UCCL_TREE [cpu|gpu|all]
+#   scripts/uccl_python_tests.sh UCCL_TREE [cpu|gpu|gpu2|all]
 #
 # UCCL_TREE is a checkout of UCCL (the folder holding p2p/, or p2p/ itself); nothing of it is
 # copied here. `cpu` (the default) runs what needs no GPU, `gpu` what needs one GPU (both ranks
-# on GPU 0), `all` both.
+# on GPU 0), `all` both; `gpu2` what needs two GPUs (one rank per GPU).
 #
 # PYTHON names an interpreter that has torch and uccl-tcpx installed. Unset, a virtual
 # environment in target/uccl-tests-env gets torch, numpy and the wheel in target/python-wheels/
@@ -21,6 +21,10 @@ fi
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 tree="$(cd "$1" && pwd)"
 what="${2:-cpu}"
+case "$what" in
+  cpu | gpu | gpu2 | all) ;;
+  *) echo "unknown set $what: cpu, gpu, gpu2 or all" >&2; exit 2 ;;
+esac
 [[ -d "$tree/p2p/tests" ]] && tree="$tree/p2p"
 if [[ ! -f "$tree/tests/test_register_memory_cache.py" ]]; then
   echo "$1 is not a UCCL source tree (no p2p/tests/test_register_memory_cache.py)" >&2
@@ -105,6 +109,21 @@ if [[ "$what" == gpu || "$what" == all ]]; then
     # shellcheck disable=SC2086 # the variant's words are separate arguments
     run "benchmark_uccl${variant:+_$(tr -c 'a-z0-9\n' '_' <<<"${variant#--}")}" "[Client] Benchmark complete" \
       "${torchrun[@]}" --nproc_per_node=2 benchmarks/benchmark_uccl.py --local-gpu-idx 0 $variant
+  done
+fi
+
+if [[ "$what" == gpu2 ]]; then
+  run engine_onesided_ipc "All one-sided IPC tests passed!" \
+    "${torchrun[@]}" --nproc_per_node=2 tests/test_engine_onesided_ipc.py
+  run engine_nvlink "All local IPC tests passed!" \
+    "${torchrun[@]}" --nproc_per_node=2 tests/test_engine_nvlink.py
+  # In full: with two GPUs none of its cases may skip.
+  run gpu_index_mapping_two_gpus "=== Results: 4/4 passed ===
+!SKIP" "$PYTHON" tests/test_gpu_index_mapping.py
+  for op in write read; do
+    run "benchmark_uccl_${op}_ipc" "[Client] ${op}_ipc benchmark complete
+[Server] ${op}_ipc benchmark complete" \
+      "${torchrun[@]}" --nproc_per_node=2 benchmarks/benchmark_uccl.py "--${op}-ipc"
   done
 fi
 
