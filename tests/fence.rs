@@ -128,7 +128,11 @@ fn wait_for_cut(k: usize, rounds: usize, watch: &Buf) {
     if k == 0 {
         return;
     }
-    let at = (k - 1) * watch.len / rounds;
+    wait_for_byte((k - 1) * watch.len / rounds, watch);
+}
+
+/// Until the byte at `at` of `watch` landed.
+fn wait_for_byte(at: usize, watch: &Buf) {
     let deadline = Instant::now() + LIMIT;
     while watch.byte(at) == 0 {
         assert!(Instant::now() < deadline, "no byte landed at offset {at}");
@@ -272,6 +276,87 @@ fn small_writes_stop_at_deregistration() {
     writes_streamed_while_the_target_goes(pair(), 4096);
 }
 
+/// Inline writes large enough that the target reads their payloads straight into the region as
+/// they arrive: a deregistration closes that landing, so no byte of a payload still arriving lands
+/// after it returns, and the write is refused.
+#[test]
+fn inline_writes_landing_from_the_socket_stop_at_deregistration() {
+    let p = pair_with(Config { inline_max: 256 << 10, ..config() });
+    writes_streamed_while_the_target_goes_with(p, 192 << 10, true);
+}
+
+/// A reads slots of B's region into its own, eight small reads at a time whose answers land
+/// straight from the socket, and deregisters its region meanwhile: nothing lands after deregister
+/// returned, each read either completed with its bytes or failed with -6.
+#[test]
+fn inline_read_answers_landing_from_the_socket_stop_at_deregistration() {
+    const SLOTS: usize = 64;
+    let item_len = 192 << 10;
+    let p = pair_with(Config { inline_max: 256 << 10, ..config() });
+    let data = pattern(item_len * SLOTS);
+    let (src, dst) = (Buf::new(data.len()), Arc::new(Buf::new(data.len())));
+    src.set(&data);
+    let (smr, item) = write_item(&p.b, &src);
+    let mut cut_reads = 0;
+    for round in 0..ROUNDS {
+        dst.fill(0);
+        let dmr = p.a.register(dst.addr(), dst.len).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (ab, dst, stop) = (p.ab.clone(), dst.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut ok, mut refused, mut slot) = (0, 0, 0);
+                // Eight reads in flight at a time, so that the cut finds answers landing.
+                while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                    let mut ids = Vec::new();
+                    for _ in 0..8 {
+                        let off = (slot % SLOTS) * item_len;
+                        slot += 1;
+                        let mut remote = item;
+                        remote.addr += off as u64;
+                        remote.size = item_len as u32;
+                        let op = OneSided { mr: dmr, addr: dst.addr() + off, len: item_len, remote };
+                        // Refused at the post once the region is gone.
+                        match ab.read(&[op]) {
+                            Ok(id) => ids.push(id),
+                            Err(_) => break,
+                        }
+                    }
+                    if ids.is_empty() {
+                        break;
+                    }
+                    for id in ids {
+                        match outcome(&ab, id) {
+                            Ok(n) => {
+                                assert_eq!(n, item_len as u64);
+                                ok += 1;
+                            }
+                            Err(e) => {
+                                assert_eq!(e.status(), UcclStatus::ErrNotAllowed, "{e}");
+                                refused += 1;
+                            }
+                        }
+                    }
+                }
+                (ok, refused)
+            })
+        };
+        // A byte of the slot after the first proves the first read done.
+        wait_for_byte((round % 4) * dst.len / 4 + item_len, &dst);
+        p.a.deregister(dmr).unwrap();
+        dst.fill(SENTINEL);
+        std::thread::sleep(Duration::from_millis(5));
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        let (ok, refused) = reader.join().unwrap();
+        assert_sentinel(&dst, &format!("inline reads round {round} ({ok} completed, {refused} cut)"));
+        assert!(ok > 0, "round {round}: no read completed before the cut");
+        cut_reads += refused;
+    }
+    assert!(cut_reads > 0, "no round cut a read in flight");
+    p.b.deregister(smr).unwrap();
+    small_write(&p);
+}
+
 /// The same between two engines of this process, whose one-sided transfers are direct copies made
 /// under both connections' locks: a deregistration waits for a copy under way, later ones are
 /// refused.
@@ -285,6 +370,13 @@ fn same_process_copies_stop_at_deregistration() {
 /// A thread posts writes of `item_len` bytes round the target's slots while the target is deregistered;
 /// the sentinel written right after must stay, writes before land, writes after are refused.
 fn writes_streamed_while_the_target_goes(p: Pair, item_len: usize) {
+    writes_streamed_while_the_target_goes_with(p, item_len, false);
+}
+
+/// The same; with `landing`, the target's first bytes of a write are visible before the write is
+/// done, so the cut waits one slot more: a byte of the next slot proves the previous write done
+/// (its reader took the landed payload's end before it started the next).
+fn writes_streamed_while_the_target_goes_with(p: Pair, item_len: usize, landing: bool) {
     const SLOTS: usize = 64;
     let data = pattern(item_len * SLOTS);
     let (src, dst) = (Arc::new(Buf::new(data.len())), Buf::new(data.len()));
@@ -315,7 +407,8 @@ fn writes_streamed_while_the_target_goes(p: Pair, item_len: usize) {
                 ids
             })
         };
-        wait_for_cut(1 + round % 4, 4, &dst);
+        let k = 1 + round % 4;
+        wait_for_byte((k - 1) * dst.len / 4 + if landing { item_len } else { 0 }, &dst);
         p.b.deregister(dmr).unwrap();
         dst.fill(SENTINEL);
         stop.store(true, std::sync::atomic::Ordering::Release);

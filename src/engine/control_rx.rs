@@ -13,6 +13,13 @@
 //! Both kinds of reader poll for `spin` before they block when they expect bytes soon (a caller its
 //! reply, the reactor the next message after one arrived): a reply that arrives meanwhile then
 //! costs no sleep and no wake-up.
+//!
+//! A large inline write whose destination was authorized once its head arrived, or the answer to a
+//! small read of ours (`Landing`), has the rest of its payload read straight into its destination,
+//! a copy fewer than through the buffer.
+//! Its `LandingGate` is how the connection stops it: once the gate is closed (the region was
+//! deregistered, the connection failed) nothing more is written there, and the payload's remaining
+//! bytes are read and dropped so the stream stays in step.
 
 use std::io;
 use std::net::TcpStream;
@@ -25,7 +32,7 @@ use parking_lot::{Mutex, MutexGuard};
 
 use super::control_reactor::Registration;
 use crate::error::{Error, Result};
-use crate::proto::{Frame, decode_frame_lent};
+use crate::proto::{Frame, InlineHead, InlineInto, decode_frame_lent, peek_inline_head};
 use crate::threads::{self, ThreadKind};
 
 /// The longest one blocking read of a waiting caller lasts before it re-checks its transfer. A
@@ -48,6 +55,94 @@ pub struct ControlRx {
 pub struct RxBuffer {
     bytes: Vec<u8>,
     start: usize,
+    /// The payload being read straight into its destination, until the connection took its end.
+    landing: Option<Landing>,
+}
+
+/// An inline payload read from the socket straight into its destination: `len` bytes at `dest`,
+/// the first `done` of them there (or dropped, once the gate closed).
+pub struct Landing {
+    pub xfer: u64,
+    pub into: InlineInto,
+    dest: usize,
+    len: usize,
+    done: usize,
+    gate: Arc<LandingGate>,
+    /// Where bytes past a closed gate go.
+    dropped: Vec<u8>,
+}
+
+/// Whether a landing may still write into its destination. Closing waits for a read into it in
+/// progress (a non-blocking `recv`), so once `close` returns nothing lands there any more.
+#[derive(Default)]
+pub struct LandingGate {
+    closed: Mutex<bool>,
+}
+
+impl LandingGate {
+    pub fn close(&self) {
+        *self.closed.lock() = true;
+    }
+
+    pub fn is_closed(&self) -> bool {
+        *self.closed.lock()
+    }
+}
+
+impl Landing {
+    /// The landing of `len` payload bytes at `dest`, of which `already` were just copied there.
+    ///
+    /// # Safety
+    /// `[dest, dest + len)` must be writable memory that stays so until `gate` is closed or the
+    /// landing ends.
+    pub unsafe fn new(head: &InlineHead, dest: usize, already: usize, gate: Arc<LandingGate>) -> Landing {
+        debug_assert!(already < head.len);
+        let (xfer, into, len) = (head.xfer, head.into, head.len);
+        Landing { xfer, into, dest, len, done: already, gate, dropped: Vec::new() }
+    }
+
+    pub fn payload_len(&self) -> usize {
+        self.len
+    }
+
+    fn finished(&self) -> bool {
+        self.done == self.len
+    }
+
+    /// Reads what the socket holds of the payload, without blocking: `Ok(n)` bytes (0 once the
+    /// socket had none), or the stream's end or failure. Past a closed gate the bytes are dropped.
+    fn read(&mut self, fd: i32) -> std::result::Result<usize, Drained> {
+        let want = self.len - self.done;
+        let n = loop {
+            let closed = self.gate.closed.lock();
+            let to = if *closed {
+                self.dropped.reserve(want);
+                self.dropped.spare_capacity_mut().as_mut_ptr().cast::<u8>()
+            } else {
+                (self.dest + self.done) as *mut u8
+            };
+            // SAFETY: either the open gate keeps `[dest + done, dest + len)` writable (`new`), or
+            // `to` is `want` bytes of spare capacity; recv writes at most `want` bytes.
+            let n = unsafe { libc::recv(fd, to.cast(), want, libc::MSG_DONTWAIT) };
+            if n >= 0 {
+                break Ok(n as usize);
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                break Err(err);
+            }
+        };
+        match n {
+            Ok(0) => Err(Drained::Closed(Error::io("control stream", io::ErrorKind::UnexpectedEof.into()))),
+            Ok(n) => {
+                threads::point(ThreadKind::ControlReader);
+                self.done += n;
+                Ok(n)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) => Err(Drained::Closed(Error::io("control stream", e))),
+        }
+    }
 }
 
 /// What one drain of the socket found.
@@ -101,6 +196,9 @@ impl ControlRx {
     /// for at most `WAIT_SLICE` (one syscall instead of a wait and a read); every other read is
     /// non-blocking per call (MSG_DONTWAIT): the socket itself stays blocking for that one read.
     pub fn drain(&self, buf: &mut RxBuffer, wait: bool) -> Drained {
+        if let Some(landing) = buf.landing.as_mut().filter(|l| !l.finished()) {
+            return self.drain_landing(landing, wait);
+        }
         buf.compact();
         let start = buf.bytes.len();
         let limit = start + READ_CHUNK;
@@ -148,6 +246,31 @@ impl ControlRx {
     }
 }
 
+impl ControlRx {
+    /// `drain` while a payload lands: reads only the payload (what follows it is read once the
+    /// connection took the landing's end). `More` once the payload is all in, so that its reader
+    /// hands it on and comes back for what follows.
+    fn drain_landing(&self, landing: &mut Landing, wait: bool) -> Drained {
+        let fd = self.stream.as_raw_fd();
+        if wait {
+            let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd. A timeout or a signal just leads to a read that finds nothing.
+            unsafe { libc::poll(&mut pfd, 1, WAIT_SLICE.as_millis() as i32) };
+        }
+        let mut got = 0;
+        loop {
+            match landing.read(fd) {
+                Err(closed) => return closed,
+                Ok(0) => return if got == 0 { Drained::Empty } else { Drained::Open },
+                Ok(n) => got += n,
+            }
+            if landing.finished() {
+                return Drained::More;
+            }
+        }
+    }
+}
+
 impl Deref for Taken<'_> {
     type Target = RxBuffer;
 
@@ -172,6 +295,35 @@ impl Drop for Taken<'_> {
 }
 
 impl RxBuffer {
+    /// The landing that read its whole payload, taken (its reader goes on with what follows).
+    pub fn landed(&mut self) -> Option<(Landing, bool)> {
+        if !self.landing.as_ref().is_some_and(Landing::finished) {
+            return None;
+        }
+        let landing = self.landing.take()?;
+        let closed = landing.gate.is_closed();
+        Some((landing, !closed))
+    }
+
+    pub fn landing(&self) -> bool {
+        self.landing.is_some()
+    }
+
+    /// The head of the inline payload's frame the buffer starts with, when the payload is not all
+    /// here, and the part that is.
+    pub fn partial_inline(&self) -> Result<Option<(InlineHead, &[u8])>> {
+        let rest = &self.bytes[self.start..];
+        Ok(peek_inline_head(rest)?.filter(|h| rest.len() < h.payload_at + h.len).map(|h| (h, &rest[h.payload_at..])))
+    }
+
+    /// Lands the rest of the partial inline payload the buffer starts with: its buffered bytes
+    /// (already copied to the destination by the caller) are consumed.
+    pub fn start_landing(&mut self, landing: Landing) {
+        debug_assert!(self.landing.is_none());
+        self.start = self.bytes.len();
+        self.landing = Some(landing);
+    }
+
     /// The next whole frame, if buffered, an inline payload lent from the buffer until the next
     /// call; a malformed frame is an error as soon as its header is in.
     pub fn next_frame(&mut self) -> Result<Option<Frame<'_>>> {
@@ -286,6 +438,113 @@ mod tests {
         assert_eq!(reader.turns.load(Ordering::SeqCst), turns, "no reactor turn while the caller reads");
         drop(taken);
         until("the reactor read what the caller left", || reader.got.lock().as_slice() == b"onethree");
+    }
+
+    fn frame(msg: &crate::proto::Control) -> Vec<u8> {
+        let mut out = Vec::new();
+        msg.encode(&mut out);
+        out
+    }
+
+    /// Reads with `wait` until the landing's payload is all in (or dropped), then takes its end.
+    fn land(rx: &ControlRx, buf: &mut RxBuffer) -> (Landing, bool) {
+        let deadline = std::time::Instant::now() + testkit::PATIENCE;
+        loop {
+            if let Some(done) = buf.landed() {
+                return done;
+            }
+            assert!(!matches!(rx.drain(buf, true), Drained::Closed(_)), "the stream stays open");
+            assert!(std::time::Instant::now() < deadline, "the payload never landed");
+        }
+    }
+
+    /// Starts landing the inline write whose head (and first payload bytes) `buf` holds into
+    /// `dest`, as the connection does: the buffered part copied, the rest read straight there.
+    fn start(rx: &ControlRx, buf: &mut RxBuffer, dest: &mut [u8], gate: &Arc<LandingGate>) {
+        let head = loop {
+            if let Some((head, have)) = buf.partial_inline().unwrap() {
+                dest[..have.len()].copy_from_slice(have);
+                break (head, have.len());
+            }
+            rx.drain(buf, true);
+        };
+        assert_eq!(head.0.len, dest.len());
+        // SAFETY: `dest` outlives the landing (the test lands it before returning).
+        let landing = unsafe { Landing::new(&head.0, dest.as_mut_ptr() as usize, head.1, gate.clone()) };
+        buf.start_landing(landing);
+    }
+
+    /// An inline write's payload read straight into its destination as it arrives in pieces; what
+    /// follows it on the stream is read into the buffer as ever once it is all in.
+    #[test]
+    fn an_inline_payload_lands_in_its_destination_and_the_stream_goes_on_after_it() {
+        use crate::proto::Control;
+        let (_reactor, reader, mut peer) = reader();
+        until("the first turn", || reader.turns.load(Ordering::SeqCst) == 1);
+        let rx = &reader.rx;
+        let mut buf = take(rx);
+        let payload: Vec<u8> = (0..200_000u32).map(|i| (i * 7 + 3) as u8).collect();
+        let write =
+            frame(&Control::InlineWrite { xfer: 5, region: 1, token: 2, addr: 0x1000, payload: payload.clone() });
+        let after = frame(&Control::Done { xfer: 9, len: 4 });
+        peer.write_all(&write[..10_000]).unwrap();
+        let mut dest = vec![0u8; payload.len()];
+        let gate = Arc::new(LandingGate::default());
+        start(rx, &mut buf, &mut dest, &gate);
+        assert!(buf.next_frame().unwrap().is_none(), "the partial frame left the buffer");
+        for piece in write[10_000..].chunks(30_000) {
+            peer.write_all(piece).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        peer.write_all(&after).unwrap();
+        let (landing, whole) = land(rx, &mut buf);
+        assert!(whole);
+        assert_eq!((landing.xfer, landing.payload_len()), (5, payload.len()));
+        assert!(dest == payload, "every byte landed where it belongs");
+        let next = loop {
+            if let Some(frame) = buf.next_frame().unwrap() {
+                break frame.into_control();
+            }
+            assert!(!matches!(rx.drain(&mut buf, true), Drained::Closed(_)));
+        };
+        assert_eq!(next, Control::Done { xfer: 9, len: 4 });
+    }
+
+    /// Once the gate is closed nothing more is written to the destination: the payload's other
+    /// bytes are read and dropped, and the stream stays in step.
+    #[test]
+    fn a_closed_gate_drops_the_rest_of_the_payload_and_leaves_the_destination_alone() {
+        use crate::proto::Control;
+        let (_reactor, reader, mut peer) = reader();
+        until("the first turn", || reader.turns.load(Ordering::SeqCst) == 1);
+        let rx = &reader.rx;
+        let mut buf = take(rx);
+        let payload = vec![0xa5u8; 150_000];
+        // A read's answer this time: it lands the same way.
+        let write = frame(&Control::ReadData { xfer: 6, payload });
+        let after = frame(&Control::Close);
+        peer.write_all(&write[..60_000]).unwrap();
+        let mut dest = vec![0u8; 150_000];
+        let gate = Arc::new(LandingGate::default());
+        start(rx, &mut buf, &mut dest, &gate);
+        // Read what is there, then close: no later byte may land.
+        while !matches!(rx.drain(&mut buf, false), Drained::Empty) {}
+        gate.close();
+        let landed_before = dest.iter().take_while(|b| **b == 0xa5).count();
+        assert!(landed_before >= 60_000 - 20, "what arrived before the gate closed landed");
+        peer.write_all(&write[60_000..]).unwrap();
+        peer.write_all(&after).unwrap();
+        let (landing, whole) = land(rx, &mut buf);
+        assert!(!whole, "a landing past its closed gate is not whole");
+        assert_eq!((landing.xfer, landing.into), (6, InlineInto::ReadAnswer));
+        assert!(dest[landed_before..].iter().all(|b| *b == 0), "nothing landed after the gate closed");
+        let next = loop {
+            if let Some(frame) = buf.next_frame().unwrap() {
+                break frame.into_control();
+            }
+            assert!(!matches!(rx.drain(&mut buf, true), Drained::Closed(_)));
+        };
+        assert_eq!(next, Control::Close);
     }
 
     #[test]

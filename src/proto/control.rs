@@ -721,6 +721,65 @@ pub fn decode_frame_lent(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, Proto
     Ok(Some((frame, frame_len)))
 }
 
+/// The head of an inline write or a small read's answer whose payload may not be all here yet:
+/// what a reader needs to land the payload straight in its destination as it arrives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InlineHead {
+    pub xfer: u64,
+    pub into: InlineInto,
+    pub len: usize,
+    /// Where the payload starts in the frame.
+    pub payload_at: usize,
+}
+
+/// Where an inline payload goes: the peer's write names it, a read's answer goes where the read
+/// asked it to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InlineInto {
+    Write { region: u64, token: u64, addr: u64 },
+    ReadAnswer,
+}
+
+/// The head of the InlineWrite or ReadData frame `buf` starts with, once its fixed fields are in,
+/// checked as [`decode_frame_lent`] checks them; `None` for any other frame or a head not all here.
+/// The frame the head announces is then exactly `payload_at + len` bytes.
+pub fn peek_inline_head(buf: &[u8]) -> Result<Option<InlineHead>, ProtoError> {
+    let Some((head, _)) = buf.split_first_chunk::<FRAME_HEADER_LEN>() else {
+        return Ok(None);
+    };
+    let header = FrameHeader::parse(head)?;
+    let fixed_len = match header.kind {
+        kind::INLINE_WRITE => 4 * 8 + 4,
+        kind::READ_DATA => 8 + 4,
+        _ => return Ok(None),
+    };
+    let Some(fixed) = buf.get(FRAME_HEADER_LEN..FRAME_HEADER_LEN + fixed_len) else {
+        return Ok(None);
+    };
+    let mut r = Reader::new(fixed, "inline payload head");
+    let xfer = r.u64()?;
+    let into = if header.kind == kind::INLINE_WRITE {
+        InlineInto::Write { region: r.u64()?, token: r.u64()?, addr: r.u64()? }
+    } else {
+        InlineInto::ReadAnswer
+    };
+    let len = usize::try_from(r.u32()?).unwrap_or(usize::MAX);
+    r.finish()?;
+    match into {
+        InlineInto::Write { addr, .. } => check_inline(addr, len)?,
+        InlineInto::ReadAnswer => {
+            nonzero_len(len as u64)?;
+            check_len(len, MAX_INLINE_LEN, "inline payload")?;
+        }
+    }
+    // The body is the fixed fields and the payload, nothing more: a frame announcing another
+    // length would fail its decoding, so it must not be landed either.
+    if header.body_len as usize != fixed_len + len {
+        return Err(ProtoError::Invalid("an inline frame's body length disagrees with its payload length"));
+    }
+    Ok(Some(InlineHead { xfer, into, len, payload_at: FRAME_HEADER_LEN + fixed_len }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -919,6 +978,53 @@ mod tests {
             let frame = encode(&msg);
             let err = decode_frame(&frame).unwrap_err();
             assert_eq!(decode_frame_lent(&frame).unwrap_err(), err, "{err:?}");
+        }
+    }
+
+    #[test]
+    fn an_inline_payloads_head_is_read_before_the_payload_and_checked_as_its_frame_is() {
+        let write = Control::InlineWrite { xfer: 7, region: 8, token: 9, addr: 0x4000, payload: vec![3; 5000] };
+        let into = InlineInto::Write { region: 8, token: 9, addr: 0x4000 };
+        let answer = Control::ReadData { xfer: 10, payload: vec![4; 70_000] };
+        for (msg, head) in [
+            (write, InlineHead { xfer: 7, into, len: 5000, payload_at: 44 }),
+            (answer, InlineHead { xfer: 10, into: InlineInto::ReadAnswer, len: 70_000, payload_at: 20 }),
+        ] {
+            let frame = encode(&msg);
+            for cut in [head.payload_at, head.payload_at + 1, frame.len()] {
+                assert_eq!(peek_inline_head(&frame[..cut]), Ok(Some(head)), "{cut} bytes of {msg:?}");
+            }
+            assert_eq!(frame.len(), head.payload_at + head.len);
+            assert!(frame[head.payload_at..].iter().all(|b| *b == frame[head.payload_at]));
+            for cut in [0, FRAME_HEADER_LEN, head.payload_at - 1] {
+                assert_eq!(peek_inline_head(&frame[..cut]), Ok(None), "{cut} bytes");
+            }
+            let mut bad_magic = frame.clone();
+            bad_magic[0] ^= 1;
+            assert!(peek_inline_head(&bad_magic).is_err());
+            // A body length that disagrees with the payload's would fail decoding: never landed.
+            let mut longer = frame.clone();
+            longer[4..8].copy_from_slice(&((frame.len() - FRAME_HEADER_LEN + 1) as u32).to_le_bytes());
+            longer.push(0);
+            assert!(decode_frame_lent(&longer).is_err());
+            assert!(peek_inline_head(&longer).is_err());
+        }
+        // Other frames have no landable payload, whole or not.
+        for other in
+            samples().into_iter().filter(|m| !matches!(m, Control::InlineWrite { .. } | Control::ReadData { .. }))
+        {
+            assert_eq!(peek_inline_head(&encode(&other)), Ok(None), "{other:?}");
+        }
+        // Refused as decoding refuses them: a wrapping range, a payload past the bound, an empty answer.
+        for bad in [
+            Control::InlineWrite { xfer: 1, region: 2, token: 3, addr: u64::MAX, payload: vec![1; 2] },
+            Control::InlineWrite { xfer: 1, region: 2, token: 3, addr: 0, payload: vec![1; MAX_INLINE_LEN + 1] },
+            Control::ReadData { xfer: 1, payload: vec![] },
+            Control::ReadData { xfer: 1, payload: vec![1; MAX_INLINE_LEN + 1] },
+        ] {
+            let frame = encode(&bad);
+            assert!(decode_frame_lent(&frame).is_err());
+            assert!(peek_inline_head(&frame[..frame.len().min(44)]).is_err(), "{bad:?}");
         }
     }
 

@@ -15,7 +15,9 @@ pub mod ipc;
 mod wire;
 
 pub use auth::{AuthChallenge, AuthHello, AuthKey, AuthProof, Session, TokenBinding};
-pub use control::{Control, Frame, RemoteSeg, decode_frame, decode_frame_lent};
+pub use control::{
+    Control, Frame, InlineHead, InlineInto, RemoteSeg, decode_frame, decode_frame_lent, peek_inline_head,
+};
 pub use fifo::{Capability, FifoItem};
 pub(crate) use frame::FRAME_HEADER_LEN;
 pub use frame::FrameHeader;

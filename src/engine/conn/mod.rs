@@ -24,7 +24,7 @@ use parking_lot::{Mutex, MutexGuard};
 
 use super::channel::{self, Channel};
 use super::control_reactor::{ControlEndpoint, Next, Registration};
-use super::control_rx::{ControlRx, Drained, RxBuffer};
+use super::control_rx::{ControlRx, Drained, Landing, LandingGate, RxBuffer};
 use super::notify;
 use super::plan::{self, Chunk, ChunkMem, Chunking, Cut};
 pub use super::same_host::HostPath;
@@ -38,18 +38,23 @@ use super::stats::{ConnStats, LinkTotals, StatsCell, Way, link_totals};
 use super::transfer::{Counted, Transfer};
 use super::writer::ControlWriter;
 use crate::error::{Error, Result, UcclStatus};
-use crate::proto::{Control, FifoItem, Frame, TokenBinding};
+use crate::proto::{Control, FifoItem, Frame, InlineInto, TokenBinding};
 use crate::trace::{self, MsgKind, SeenBy as Seer};
+use crate::transport::MemKind;
 use landing::LandingMemory;
 use memory::EngineMemory;
 use reader::Handled;
-use state::{Action, ConnState, Direction, FlowPlan};
+use state::{Action, ConnState, Direction, FlowPlan, Memory};
 
 /// How long closing waits for queued control messages (the Close among them) to leave.
 const LINGER_ON_CLOSE: Duration = Duration::from_secs(1);
 /// How often a deregistration looks again at the requests it waits for: a chunk takes about this
 /// long at 10 GB/s, and the progress thread completes them meanwhile.
 const FENCE_POLL: Duration = Duration::from_micros(100);
+/// The smallest inline payload read straight into its destination. A landing costs its reader a
+/// turn of its own, which a copy fewer pays for from 128 KiB: on two CPUs 128-256 KiB writes took
+/// 15-22 % less time (p50), while on 16 CPUs 64 KiB writes took 7 % more.
+const LAND_FROM: usize = 128 << 10;
 
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
@@ -98,6 +103,10 @@ struct Inner {
     /// Where the peer's eager messages land (the state lends it out): declared after the
     /// channels, so it is freed only once they stopped writing into it.
     _landing: Option<Arc<LandingMemory>>,
+    /// The region an inline payload (the peer's write, the answer to our read) is being read
+    /// straight into, and the gate that stops it (`ControlRx`): closed by a fence on that region
+    /// and by a failure.
+    inline_landing: Option<(u64, Arc<LandingGate>)>,
 }
 
 impl Inner {
@@ -236,6 +245,7 @@ impl Connection {
                 queued: false,
                 final_links: Vec::new(),
                 _landing: landing,
+                inline_landing: None,
             }),
             closed: AtomicBool::new(false),
             listener_started: AtomicBool::new(false),
@@ -295,6 +305,23 @@ impl Connection {
         }
         let mut handled = Ok(());
         let mut held = Held::default();
+        if buf.landing() {
+            inner.state.heard(Instant::now());
+        }
+        if let Some((landing, whole)) = buf.landed() {
+            // Its write or read is done, or failed if its region was deregistered meanwhile.
+            inner.inline_landing = None;
+            let (xfer, len) = (landing.xfer, landing.payload_len() as u64);
+            let mut out = Vec::new();
+            let ended = match landing.into {
+                InlineInto::Write { .. } => {
+                    inner.state.inline_landed(xfer, len, whole, &mut out);
+                    Ok(())
+                }
+                InlineInto::ReadAnswer => inner.state.read_answer_landed(xfer, len, whole, &mut out),
+            };
+            handled = ended.and_then(|()| self.apply_held(&mut inner, out, &mut held));
+        }
         while handled.is_ok() {
             match buf.next_frame() {
                 Ok(Some(Frame::Whole(msg))) => {
@@ -312,6 +339,9 @@ impl Connection {
                 Ok(None) => break,
                 Err(e) => handled = Err(e),
             }
+        }
+        if handled.is_ok() && !buf.landing() {
+            handled = self.start_landing(&mut inner, buf);
         }
         if handled.is_ok() {
             // A short read's bytes leave before the Data message that announces them.
@@ -331,6 +361,39 @@ impl Connection {
             self.fail(&mut inner, outcome);
         }
         Handled::Failed
+    }
+
+    /// Reads the rest of the inline payload whose head `buf` holds straight into its destination,
+    /// when that is host memory: an inline write's range the peer may write (authorized now as the
+    /// whole frame would be), or where our small read asked its answer to go. Anything else waits
+    /// for the whole frame and is handled as ever, a refusal included.
+    fn start_landing(&self, inner: &mut Inner, buf: &mut RxBuffer) -> Result<()> {
+        let Some((head, have)) = buf.partial_inline()? else { return Ok(()) };
+        if head.len < LAND_FROM {
+            return Ok(());
+        }
+        let dest = match head.into {
+            InlineInto::Write { region, token, addr } => {
+                match self.memory().authorize(region, token, addr, head.len as u64) {
+                    Ok(r) if r.kind == MemKind::Host => Some((addr as usize, r.id)),
+                    _ => None,
+                }
+            }
+            InlineInto::ReadAnswer => inner.state.read_answer_destination(head.xfer, head.len as u64),
+        };
+        let Some((addr, region)) = dest else { return Ok(()) };
+        let already = have.len();
+        // SAFETY: the whole payload's range lies in a live region: authorized for the peer's
+        // write, checked against its registration when our read was posted and not cut since;
+        // `have` is at most the payload.
+        unsafe { std::ptr::copy_nonoverlapping(have.as_ptr(), addr as *mut u8, already) };
+        let gate = Arc::new(LandingGate::default());
+        // SAFETY: as above; a deregistration of the region fences this connection, which closes
+        // the gate before it returns, and so does a failure.
+        let landing = unsafe { Landing::new(&head, addr, already, gate.clone()) };
+        buf.start_landing(landing);
+        inner.inline_landing = Some((region, gate));
+        Ok(())
     }
 
     /// Feeds one message of the peer to the same-host GPU path or the state machine, and carries
@@ -446,6 +509,9 @@ impl Connection {
         {
             let mut guard = self.inner.lock();
             let inner = &mut *guard;
+            if let Some((_, gate)) = inner.inline_landing.as_ref().filter(|(r, _)| *r == region) {
+                gate.close();
+            }
             if inner.state.failure().is_some() {
                 return;
             }
@@ -566,6 +632,9 @@ impl Connection {
             log::warn!("connection to {} failed: {err}", self.peer.addr);
         }
         let failed = inner.state.fail(err.clone());
+        if let Some((_, gate)) = inner.inline_landing.take() {
+            gate.close();
+        }
         // Kept: after a failure the per-link counts are what tells which link failed it.
         inner.final_links = Self::links_of(&inner.channels);
         inner.channels.clear();

@@ -756,6 +756,48 @@ impl ConnState {
         }
     }
 
+    /// The peer's inline write `xfer`, its `len` bytes read straight into their destination
+    /// (`whole`), or cut off there because the region was deregistered meanwhile.
+    pub fn inline_landed(&mut self, xfer: u64, len: u64, whole: bool, out: &mut Vec<Action>) {
+        if whole {
+            out.push(Action::Send(Control::Done { xfer, len }));
+        } else {
+            deny(xfer, Error::not_allowed("the memory region was deregistered during the transfer"), out);
+        }
+    }
+
+    /// Where the answer to our small read `xfer` of `len` bytes goes, and its region, when it can
+    /// be read straight there: host memory not cut off. `None` leaves the answer to `read_data`,
+    /// which also refuses one of the wrong length.
+    pub fn read_answer_destination(&self, xfer: u64, len: u64) -> Option<(usize, u64)> {
+        let dst = self.inbound.get(&xfer)?;
+        match dst.extent {
+            Extent::Contiguous { addr, len: asked }
+                if asked == len && dst.error.is_none() && dst.region.kind == MemKind::Host =>
+            {
+                Some((addr, dst.region.id))
+            }
+            _ => None,
+        }
+    }
+
+    /// The answer to our small read `xfer`, its `len` bytes read straight into the destination
+    /// (`whole`), or cut off there because the region was deregistered meanwhile: the read ends.
+    pub fn read_answer_landed(&mut self, xfer: u64, len: u64, whole: bool, out: &mut Vec<Action>) -> Result<()> {
+        let mut dst = self.inbound.remove(&xfer).ok_or_else(|| unknown_op("ReadData", xfer))?;
+        self.inline_one_sided -= dst.inline;
+        dst.answer_once();
+        let landed = match dst.error {
+            Some(e) => Err(e),
+            None if whole => Ok(len),
+            None => Err(Error::not_allowed("the memory region was deregistered during the transfer")),
+        };
+        if let Some(t) = dst.on_done.transfer() {
+            out.push(Action::Finish(t.clone(), landed));
+        }
+        Ok(())
+    }
+
     /// The answer to our small read `xfer`: stored into its destination, which finishes the read.
     fn read_data(&mut self, xfer: u64, payload: &[u8], mem: &impl Memory, out: &mut Vec<Action>) -> Result<()> {
         let dst = self.inbound.get(&xfer).ok_or_else(|| unknown_op("ReadData", xfer))?;

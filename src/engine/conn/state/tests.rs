@@ -748,6 +748,47 @@ fn small_writes_and_reads_ride_the_control_stream() {
     assert_eq!(a.outcome(&big).unwrap().unwrap(), INLINE_LEN_FLOOR as u64 + 1);
 }
 
+/// Payloads the connection's reader lands straight from the socket: a small read's answer is
+/// offered its destination only while that is whole and uncut, and ends the read as its frame
+/// would; one cut off meanwhile fails -6. A landed inline write is answered Done, or Deny -6.
+#[test]
+fn inline_payloads_landed_from_the_socket_end_their_transfers() {
+    let (mut a, b) = (End::new(), End::new());
+    let local = a.buffer(4096, |_| 0);
+    let remote = b.buffer(4096, pattern(8));
+    let small_read = |a: &mut End, off: usize| {
+        let t = a.one_sided(false, &[(&local, off, &remote, off, 10)]);
+        let Some(Control::ReadSmall { xfer, .. }) = a.outbox.pop_back() else { panic!("not a small read") };
+        (t, xfer)
+    };
+    let (r, xfer) = small_read(&mut a, 0);
+    assert_eq!(a.st.read_answer_destination(xfer, 11), None, "an answer of another length");
+    assert_eq!(a.st.read_answer_destination(xfer + 100, 10), None, "an unknown read");
+    assert_eq!(a.st.read_answer_destination(xfer, 10), Some((local.addr(), local.region.id)));
+    let mut out = Vec::new();
+    a.st.read_answer_landed(xfer, 10, true, &mut out).unwrap();
+    a.take(out);
+    assert_eq!(a.outcome(&r).unwrap().unwrap(), 10);
+    assert!(a.st.read_answer_landed(xfer, 10, true, &mut Vec::new()).is_err(), "ended once, then unknown");
+
+    let (r, xfer) = small_read(&mut a, 16);
+    assert!(a.st.read_answer_destination(xfer, 10).is_some());
+    a.cut(&local).unwrap();
+    assert_eq!(a.st.read_answer_destination(xfer, 10), None, "a cut destination is not offered");
+    // Landing had begun before the cut: its reader dropped the rest and says so.
+    let mut out = Vec::new();
+    a.st.read_answer_landed(xfer, 10, false, &mut out).unwrap();
+    a.take(out);
+    assert_eq!(status(a.outcome(&r)), UcclStatus::ErrNotAllowed);
+
+    let mut out = Vec::new();
+    a.st.inline_landed(5, 100, true, &mut out);
+    a.st.inline_landed(6, 100, false, &mut out);
+    a.take(out);
+    assert_eq!(a.outbox.pop_front(), Some(Control::Done { xfer: 5, len: 100 }));
+    assert!(matches!(a.outbox.pop_front(), Some(Control::Deny { xfer: 6, status: -6, .. })));
+}
+
 #[test]
 fn an_engine_inlining_more_sends_host_transfers_up_to_its_bound_inline() {
     let (mut a, mut b) = (End::new(), End::new());
