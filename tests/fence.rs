@@ -357,6 +357,74 @@ fn inline_read_answers_landing_from_the_socket_stop_at_deregistration() {
     small_write(&p);
 }
 
+/// B receives A's inline messages of 192 KiB into its region, eight pairs at a time, whose
+/// payloads land straight from the socket in the receive, and deregisters its region meanwhile:
+/// nothing lands after deregister returned; each pair ends alike, both done or the receive -6 and
+/// its send refused.
+#[test]
+fn inline_messages_landing_in_a_receive_stop_at_deregistration() {
+    const SLOTS: usize = 64;
+    let item_len = 192 << 10;
+    let p = pair_with(Config { inline_max: 256 << 10, ..config() });
+    let data = pattern(item_len * SLOTS);
+    let (src, dst) = (Arc::new(Buf::new(data.len())), Arc::new(Buf::new(data.len())));
+    src.set(&data);
+    let smr = p.a.register(src.addr(), src.len).unwrap();
+    let mut cut_pairs = 0;
+    for round in 0..ROUNDS {
+        dst.fill(0);
+        let dmr = p.b.register(dst.addr(), dst.len).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pairs = {
+            let (ab, ba, src, dst, stop) = (p.ab.clone(), p.ba.clone(), src.clone(), dst.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut ok, mut refused, mut slot) = (0, 0, 0);
+                while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                    let mut posted = Vec::new();
+                    for _ in 0..8 {
+                        let off = (slot % SLOTS) * item_len;
+                        slot += 1;
+                        // Refused at the post once the region is gone.
+                        let Ok(r) = ba.recv(dmr, dst.addr() + off, item_len) else { break };
+                        posted.push((ab.send(&[(smr, src.addr() + off, item_len)]).unwrap(), r));
+                    }
+                    if posted.is_empty() {
+                        break;
+                    }
+                    for (s, r) in posted {
+                        match (outcome(&ab, s), outcome(&ba, r)) {
+                            (Ok(sent), Ok(received)) => {
+                                assert_eq!((sent, received), (item_len as u64, item_len as u64));
+                                ok += 1;
+                            }
+                            (Err(sent), Err(received)) => {
+                                assert_eq!(received.status(), UcclStatus::ErrNotAllowed, "{received}");
+                                assert_eq!(sent.status(), UcclStatus::ErrNotAllowed, "{sent}");
+                                refused += 1;
+                            }
+                            (sent, received) => panic!("the two ends disagree: send {sent:?}, receive {received:?}"),
+                        }
+                    }
+                }
+                (ok, refused)
+            })
+        };
+        // A byte of the slot after the first proves the first pair done.
+        wait_for_byte((round % 4) * dst.len / 4 + item_len, &dst);
+        p.b.deregister(dmr).unwrap();
+        dst.fill(SENTINEL);
+        std::thread::sleep(Duration::from_millis(5));
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        let (ok, refused) = pairs.join().unwrap();
+        assert_sentinel(&dst, &format!("inline messages round {round} ({ok} received, {refused} cut)"));
+        assert!(ok > 0, "round {round}: no message received before the cut");
+        cut_pairs += refused;
+    }
+    assert!(cut_pairs > 0, "no round cut a message in flight");
+    p.a.deregister(smr).unwrap();
+    small_write(&p);
+}
+
 /// The same between two engines of this process, whose one-sided transfers are direct copies made
 /// under both connections' locks: a deregistration waits for a copy under way, later ones are
 /// refused.

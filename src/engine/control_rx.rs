@@ -14,9 +14,9 @@
 //! reply, the reactor the next message after one arrived): a reply that arrives meanwhile then
 //! costs no sleep and no wake-up.
 //!
-//! A large inline write whose destination was authorized once its head arrived, or the answer to a
-//! small read of ours (`Landing`), has the rest of its payload read straight into its destination,
-//! a copy fewer than through the buffer.
+//! A large inline payload whose destination is known once its head arrived (`Landing`: a write
+//! authorized then, the answer to a small read of ours, a message matching a posted receive) has
+//! the rest read straight into its destination, a copy fewer than through the buffer.
 //! Its `LandingGate` is how the connection stops it: once the gate is closed (the region was
 //! deregistered, the connection failed) nothing more is written there, and the payload's remaining
 //! bytes are read and dropped so the stream stays in step.

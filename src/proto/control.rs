@@ -733,14 +733,16 @@ pub struct InlineHead {
 }
 
 /// Where an inline payload goes: the peer's write names it, a read's answer goes where the read
-/// asked it to.
+/// asked it to, a message into the receive it matches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InlineInto {
     Write { region: u64, token: u64, addr: u64 },
     ReadAnswer,
+    Send,
 }
 
-/// The head of the InlineWrite or ReadData frame `buf` starts with, once its fixed fields are in,
+/// The head of the InlineWrite, ReadData or InlineSend frame `buf` starts with, once its fixed
+/// fields are in,
 /// checked as [`decode_frame_lent`] checks them; `None` for any other frame or a head not all here.
 /// The frame the head announces is then exactly `payload_at + len` bytes.
 pub fn peek_inline_head(buf: &[u8]) -> Result<Option<InlineHead>, ProtoError> {
@@ -748,9 +750,10 @@ pub fn peek_inline_head(buf: &[u8]) -> Result<Option<InlineHead>, ProtoError> {
         return Ok(None);
     };
     let header = FrameHeader::parse(head)?;
-    let fixed_len = match header.kind {
-        kind::INLINE_WRITE => 4 * 8 + 4,
-        kind::READ_DATA => 8 + 4,
+    let (fixed_len, into) = match header.kind {
+        kind::INLINE_WRITE => (4 * 8 + 4, None),
+        kind::READ_DATA => (8 + 4, Some(InlineInto::ReadAnswer)),
+        kind::INLINE_SEND => (8 + 4, Some(InlineInto::Send)),
         _ => return Ok(None),
     };
     let Some(fixed) = buf.get(FRAME_HEADER_LEN..FRAME_HEADER_LEN + fixed_len) else {
@@ -758,16 +761,15 @@ pub fn peek_inline_head(buf: &[u8]) -> Result<Option<InlineHead>, ProtoError> {
     };
     let mut r = Reader::new(fixed, "inline payload head");
     let xfer = r.u64()?;
-    let into = if header.kind == kind::INLINE_WRITE {
-        InlineInto::Write { region: r.u64()?, token: r.u64()?, addr: r.u64()? }
-    } else {
-        InlineInto::ReadAnswer
+    let into = match into {
+        Some(into) => into,
+        None => InlineInto::Write { region: r.u64()?, token: r.u64()?, addr: r.u64()? },
     };
     let len = usize::try_from(r.u32()?).unwrap_or(usize::MAX);
     r.finish()?;
     match into {
         InlineInto::Write { addr, .. } => check_inline(addr, len)?,
-        InlineInto::ReadAnswer => {
+        InlineInto::ReadAnswer | InlineInto::Send => {
             nonzero_len(len as u64)?;
             check_len(len, MAX_INLINE_LEN, "inline payload")?;
         }
@@ -986,9 +988,11 @@ mod tests {
         let write = Control::InlineWrite { xfer: 7, region: 8, token: 9, addr: 0x4000, payload: vec![3; 5000] };
         let into = InlineInto::Write { region: 8, token: 9, addr: 0x4000 };
         let answer = Control::ReadData { xfer: 10, payload: vec![4; 70_000] };
+        let message = Control::InlineSend { xfer: 11, payload: vec![5; 3] };
         for (msg, head) in [
             (write, InlineHead { xfer: 7, into, len: 5000, payload_at: 44 }),
             (answer, InlineHead { xfer: 10, into: InlineInto::ReadAnswer, len: 70_000, payload_at: 20 }),
+            (message, InlineHead { xfer: 11, into: InlineInto::Send, len: 3, payload_at: 20 }),
         ] {
             let frame = encode(&msg);
             for cut in [head.payload_at, head.payload_at + 1, frame.len()] {
@@ -1010,9 +1014,10 @@ mod tests {
             assert!(peek_inline_head(&longer).is_err());
         }
         // Other frames have no landable payload, whole or not.
-        for other in
-            samples().into_iter().filter(|m| !matches!(m, Control::InlineWrite { .. } | Control::ReadData { .. }))
-        {
+        let landable = |m: &Control| {
+            matches!(m, Control::InlineWrite { .. } | Control::ReadData { .. } | Control::InlineSend { .. })
+        };
+        for other in samples().into_iter().filter(|m| !landable(m)) {
             assert_eq!(peek_inline_head(&encode(&other)), Ok(None), "{other:?}");
         }
         // Refused as decoding refuses them: a wrapping range, a payload past the bound, an empty answer.
@@ -1021,6 +1026,8 @@ mod tests {
             Control::InlineWrite { xfer: 1, region: 2, token: 3, addr: 0, payload: vec![1; MAX_INLINE_LEN + 1] },
             Control::ReadData { xfer: 1, payload: vec![] },
             Control::ReadData { xfer: 1, payload: vec![1; MAX_INLINE_LEN + 1] },
+            Control::InlineSend { xfer: 1, payload: vec![] },
+            Control::InlineSend { xfer: 1, payload: vec![1; MAX_INLINE_LEN + 1] },
         ] {
             let frame = encode(&bad);
             assert!(decode_frame_lent(&frame).is_err());

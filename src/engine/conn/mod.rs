@@ -103,8 +103,8 @@ struct Inner {
     /// Where the peer's eager messages land (the state lends it out): declared after the
     /// channels, so it is freed only once they stopped writing into it.
     _landing: Option<Arc<LandingMemory>>,
-    /// The region an inline payload (the peer's write, the answer to our read) is being read
-    /// straight into, and the gate that stops it (`ControlRx`): closed by a fence on that region
+    /// The region an inline payload (the peer's write or message, the answer to our read) is being
+    /// read straight into, and the gate that stops it (`ControlRx`): closed by a fence on that region
     /// and by a failure.
     inline_landing: Option<(u64, Arc<LandingGate>)>,
 }
@@ -319,6 +319,7 @@ impl Connection {
                     Ok(())
                 }
                 InlineInto::ReadAnswer => inner.state.read_answer_landed(xfer, len, whole, &mut out),
+                InlineInto::Send => inner.state.inline_send_landed(xfer, len, whole, &mut out),
             };
             handled = ended.and_then(|()| self.apply_held(&mut inner, out, &mut held));
         }
@@ -365,8 +366,9 @@ impl Connection {
 
     /// Reads the rest of the inline payload whose head `buf` holds straight into its destination,
     /// when that is host memory: an inline write's range the peer may write (authorized now as the
-    /// whole frame would be), or where our small read asked its answer to go. Anything else waits
-    /// for the whole frame and is handled as ever, a refusal included.
+    /// whole frame would be), where our small read asked its answer to go, or the receive an
+    /// inline message matches. Anything else waits for the whole frame and is handled as ever, a
+    /// refusal included.
     fn start_landing(&self, inner: &mut Inner, buf: &mut RxBuffer) -> Result<()> {
         let Some((head, have)) = buf.partial_inline()? else { return Ok(()) };
         if head.len < LAND_FROM {
@@ -380,12 +382,13 @@ impl Connection {
                 }
             }
             InlineInto::ReadAnswer => inner.state.read_answer_destination(head.xfer, head.len as u64),
+            InlineInto::Send => inner.state.inline_send_destination(head.xfer, head.len as u64)?,
         };
         let Some((addr, region)) = dest else { return Ok(()) };
         let already = have.len();
         // SAFETY: the whole payload's range lies in a live region: authorized for the peer's
-        // write, checked against its registration when our read was posted and not cut since;
-        // `have` is at most the payload.
+        // write, checked against its registration when our read was posted and not cut since, or
+        // the receive's room in its region; `have` is at most the payload.
         unsafe { std::ptr::copy_nonoverlapping(have.as_ptr(), addr as *mut u8, already) };
         let gate = Arc::new(LandingGate::default());
         // SAFETY: as above; a deregistration of the region fences this connection, which closes

@@ -298,6 +298,9 @@ struct PostedRecv {
 pub(super) struct ConnState {
     /// The chunk size and how scattered flows are cut, agreed with the peer at the handshake.
     chunking: Chunking,
+    /// The receive an inline message of the peer's (its op) is being read straight into by the
+    /// connection's reader: taken from `posted_recvs`, ended by `inline_send_landed`.
+    landing_recv: Option<(u64, PostedRecv)>,
     next_id: u64,
     /// Flows started in each direction; seeds each flow's channel rotation identically on both ends.
     out_seq: u64,
@@ -344,6 +347,7 @@ impl ConnState {
     pub fn new(chunking: Chunking, now: Instant) -> ConnState {
         ConnState {
             chunking,
+            landing_recv: None,
             next_id: 0,
             out_seq: 0,
             in_seq: 0,
@@ -681,7 +685,8 @@ impl ConnState {
         for i in self.inbound.values_mut().filter(|i| on(&i.region)) {
             i.error.get_or_insert_with(|| err.clone());
         }
-        for r in self.posted_recvs.iter_mut().filter(|r| on(&r.region) && r.cut.is_none()) {
+        let landing = self.landing_recv.iter_mut().map(|(_, r)| r);
+        for r in self.posted_recvs.iter_mut().chain(landing).filter(|r| on(&r.region) && r.cut.is_none()) {
             r.cut = Some(err.clone());
             out.push(Action::Finish(r.transfer.clone(), Err(err.clone())));
         }
@@ -795,6 +800,52 @@ impl ConnState {
         if let Some(t) = dst.on_done.transfer() {
             out.push(Action::Finish(t.clone(), landed));
         }
+        Ok(())
+    }
+
+    /// Where the peer's inline message `xfer` of `len` bytes goes, and its region, when it can be
+    /// read straight there: into the oldest posted receive, as `inline_send` would store it, when
+    /// no older message waits and the receive is host memory that takes it whole. The receive is
+    /// taken for it until `inline_send_landed`. `None` leaves the message to `inline_send`; an
+    /// error is the protocol violation that would fail the connection there.
+    pub fn inline_send_destination(&mut self, xfer: u64, len: u64) -> Result<Option<(usize, u64)>> {
+        if !self.announces.is_empty() || self.landing_recv.is_some() {
+            return Ok(None);
+        }
+        let Some(recv) = self.posted_recvs.front() else { return Ok(None) };
+        let room = (recv.region.base + recv.region.len).saturating_sub(recv.addr) as u64;
+        if recv.cut.is_some() || len > recv.max || len > room || recv.region.kind != MemKind::Host {
+            return Ok(None);
+        }
+        self.admit_inline_send(len)?;
+        let recv = self.posted_recvs.pop_front().expect("looked at above");
+        let dest = (recv.addr, recv.region.id);
+        self.landing_recv = Some((xfer, recv));
+        Ok(Some(dest))
+    }
+
+    /// The peer's inline message `xfer`, its `len` bytes read straight into the receive taken for
+    /// it (`whole`), or cut off there because the region was deregistered meanwhile: both ends of
+    /// the send end.
+    pub fn inline_send_landed(&mut self, xfer: u64, len: u64, whole: bool, out: &mut Vec<Action>) -> Result<()> {
+        if self.landing_recv.as_ref().is_none_or(|(op, _)| *op != xfer) {
+            return Err(unknown_op("InlineSend", xfer));
+        }
+        let (_, recv) = self.landing_recv.take().expect("checked above");
+        let answer = match recv.cut {
+            // The cut failed the receive already.
+            Some(e) => deny_msg(xfer, &e),
+            None if whole => {
+                out.push(Action::Finish(recv.transfer, Ok(len)));
+                Control::Done { xfer, len }
+            }
+            None => {
+                let e = Error::not_allowed("the memory region was deregistered during the transfer");
+                out.push(Action::Finish(recv.transfer, Err(e.clone())));
+                deny_msg(xfer, &e)
+            }
+        };
+        out.push(Action::Send(answer));
         Ok(())
     }
 
@@ -1080,6 +1131,7 @@ impl ConnState {
         failed.extend(self.inbound.drain().filter_map(|(_, i)| i.on_done.transfer().cloned()));
         // A cut receive failed when it was cut.
         failed.extend(self.posted_recvs.drain(..).filter(|r| r.cut.is_none()).map(|r| r.transfer));
+        failed.extend(self.landing_recv.take().filter(|(_, r)| r.cut.is_none()).map(|(_, r)| r.transfer));
         failed.extend(self.flows.drain().filter_map(|(_, f)| f.on_done.transfer().cloned()));
         failed.extend(self.same_host.fail());
         failed.extend(self.fail_landings());

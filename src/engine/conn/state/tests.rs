@@ -789,6 +789,43 @@ fn inline_payloads_landed_from_the_socket_end_their_transfers() {
     assert!(matches!(a.outbox.pop_front(), Some(Control::Deny { xfer: 6, status: -6, .. })));
 }
 
+/// An inline message landed from the socket takes the oldest posted receive, as its frame would,
+/// only when that receive holds it whole in host memory and no older message waits; the receive
+/// and the send end together, a cut receive fails once, and a failure fails a receive taken.
+#[test]
+fn an_inline_message_landed_from_the_socket_takes_the_oldest_receive() {
+    let mut b = End::new();
+    let dst = b.buffer(8192, |_| 0);
+    assert_eq!(b.st.inline_send_destination(1, 100).unwrap(), None, "no receive posted");
+    let r = b.recv(&dst, 4096);
+    assert_eq!(b.st.inline_send_destination(1, 4097).unwrap(), None, "larger than the receive");
+    assert_eq!(b.st.inline_send_destination(1, 100).unwrap(), Some((dst.addr(), dst.region.id)));
+    assert_eq!(b.st.inline_send_destination(2, 100).unwrap(), None, "one landing at a time");
+    let mut out = Vec::new();
+    assert!(b.st.inline_send_landed(2, 100, true, &mut out).is_err(), "not the message landing");
+    b.st.inline_send_landed(1, 100, true, &mut out).unwrap();
+    b.take(out);
+    assert_eq!(b.outcome(&r).unwrap().unwrap(), 100);
+    assert_eq!(b.outbox.pop_front(), Some(Control::Done { xfer: 1, len: 100 }));
+
+    // Cut while its message lands: the receive fails at the cut, the send when the landing ends.
+    let r = b.recv(&dst, 4096);
+    assert!(b.st.inline_send_destination(3, 200).unwrap().is_some());
+    b.cut(&dst).unwrap();
+    assert_eq!(status(b.outcome(&r)), UcclStatus::ErrNotAllowed);
+    let mut out = Vec::new();
+    b.st.inline_send_landed(3, 200, false, &mut out).unwrap();
+    b.take(out);
+    assert!(matches!(b.outbox.pop_front(), Some(Control::Deny { xfer: 3, status: -6, .. })));
+
+    // A connection failing while a message lands fails the receive taken for it.
+    let dst = b.buffer(8192, |_| 0);
+    let r = b.recv(&dst, 4096);
+    assert!(b.st.inline_send_destination(4, 300).unwrap().is_some());
+    let failed = b.st.fail(Error::backend("gone"));
+    assert!(failed.iter().any(|t| t.id == r.id), "the receive taken is failed with the rest");
+}
+
 #[test]
 fn an_engine_inlining_more_sends_host_transfers_up_to_its_bound_inline() {
     let (mut a, mut b) = (End::new(), End::new());
