@@ -244,9 +244,7 @@ impl ControlRx {
             }
         }
     }
-}
 
-impl ControlRx {
     /// `drain` while a payload lands: reads only the payload (what follows it is read once the
     /// connection took the landing's end). `More` once the payload is all in, so that its reader
     /// hands it on and comes back for what follows.

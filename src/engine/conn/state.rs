@@ -767,7 +767,7 @@ impl ConnState {
         if whole {
             out.push(Action::Send(Control::Done { xfer, len }));
         } else {
-            deny(xfer, Error::not_allowed("the memory region was deregistered during the transfer"), out);
+            deny(xfer, landing_cut(), out);
         }
     }
 
@@ -795,7 +795,7 @@ impl ConnState {
         let landed = match dst.error {
             Some(e) => Err(e),
             None if whole => Ok(len),
-            None => Err(Error::not_allowed("the memory region was deregistered during the transfer")),
+            None => Err(landing_cut()),
         };
         if let Some(t) = dst.on_done.transfer() {
             out.push(Action::Finish(t.clone(), landed));
@@ -840,7 +840,7 @@ impl ConnState {
                 Control::Done { xfer, len }
             }
             None => {
-                let e = Error::not_allowed("the memory region was deregistered during the transfer");
+                let e = landing_cut();
                 out.push(Action::Finish(recv.transfer, Err(e.clone())));
                 deny_msg(xfer, &e)
             }
@@ -1328,6 +1328,12 @@ fn deliver_inline(recv: PostedRecv, peer_op: u64, payload: &[u8], mem: &impl Mem
     };
     out.push(Action::Finish(recv.transfer, stored.map(|()| len)));
     answer
+}
+
+/// How a payload whose landing from the socket was cut off ends: its region was deregistered
+/// (the fence closed the landing) while it arrived.
+fn landing_cut() -> Error {
+    Error::not_allowed("the memory region was deregistered during the transfer")
 }
 
 /// Whether `recv` may take the peer's message of `len` bytes: the receive back, or the error to
