@@ -456,6 +456,16 @@ mod tests {
         }
     }
 
+    /// The next whole message on the stream, read as it comes.
+    fn next_message(rx: &ControlRx, buf: &mut RxBuffer) -> crate::proto::Control {
+        loop {
+            if let Some(frame) = buf.next_frame().unwrap() {
+                return frame.into_control();
+            }
+            assert!(!matches!(rx.drain(buf, true), Drained::Closed(_)), "the stream stays open");
+        }
+    }
+
     /// Starts landing the inline write whose head (and first payload bytes) `buf` holds into
     /// `dest`, as the connection does: the buffered part copied, the rest read straight there.
     fn start(rx: &ControlRx, buf: &mut RxBuffer, dest: &mut [u8], gate: &Arc<LandingGate>) {
@@ -499,12 +509,7 @@ mod tests {
         assert!(whole);
         assert_eq!((landing.xfer, landing.payload_len()), (5, payload.len()));
         assert!(dest == payload, "every byte landed where it belongs");
-        let next = loop {
-            if let Some(frame) = buf.next_frame().unwrap() {
-                break frame.into_control();
-            }
-            assert!(!matches!(rx.drain(&mut buf, true), Drained::Closed(_)));
-        };
+        let next = next_message(rx, &mut buf);
         assert_eq!(next, Control::Done { xfer: 9, len: 4 });
     }
 
@@ -536,12 +541,7 @@ mod tests {
         assert!(!whole, "a landing past its closed gate is not whole");
         assert_eq!((landing.xfer, landing.into), (6, InlineInto::ReadAnswer));
         assert!(dest[landed_before..].iter().all(|b| *b == 0), "nothing landed after the gate closed");
-        let next = loop {
-            if let Some(frame) = buf.next_frame().unwrap() {
-                break frame.into_control();
-            }
-            assert!(!matches!(rx.drain(&mut buf, true), Drained::Closed(_)));
-        };
+        let next = next_message(rx, &mut buf);
         assert_eq!(next, Control::Close);
     }
 
