@@ -285,142 +285,133 @@ fn inline_writes_landing_from_the_socket_stop_at_deregistration() {
     writes_streamed_while_the_target_goes_with(p, 192 << 10, true);
 }
 
-/// A reads slots of B's region into its own, eight small reads at a time whose answers land
-/// straight from the socket, and deregisters its region meanwhile: nothing lands after deregister
-/// returned, each read either completed with its bytes or failed with -6.
-#[test]
-fn inline_read_answers_landing_from_the_socket_stop_at_deregistration() {
-    const SLOTS: usize = 64;
-    let item_len = 192 << 10;
-    let p = pair_with(Config { inline_max: 256 << 10, ..config() });
-    let data = pattern(item_len * SLOTS);
-    let (src, dst) = (Buf::new(data.len()), Arc::new(Buf::new(data.len())));
-    src.set(&data);
-    let (smr, item) = write_item(&p.b, &src);
-    let mut cut_reads = 0;
-    for round in 0..ROUNDS {
-        dst.fill(0);
-        let dmr = p.a.register(dst.addr(), dst.len).unwrap();
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let reader = {
-            let (ab, dst, stop) = (p.ab.clone(), dst.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let (mut ok, mut refused, mut slot) = (0, 0, 0);
-                // Eight reads in flight at a time, so that the cut finds answers landing.
-                while !stop.load(std::sync::atomic::Ordering::Acquire) {
-                    let mut ids = Vec::new();
-                    for _ in 0..8 {
-                        let off = (slot % SLOTS) * item_len;
-                        slot += 1;
-                        let mut remote = item;
-                        remote.addr += off as u64;
-                        remote.size = item_len as u32;
-                        let op = OneSided { mr: dmr, addr: dst.addr() + off, len: item_len, remote };
-                        // Refused at the post once the region is gone.
-                        match ab.read(&[op]) {
-                            Ok(id) => ids.push(id),
-                            Err(_) => break,
-                        }
-                    }
-                    if ids.is_empty() {
-                        break;
-                    }
-                    for id in ids {
-                        match outcome(&ab, id) {
-                            Ok(n) => {
-                                assert_eq!(n, item_len as u64);
-                                ok += 1;
-                            }
-                            Err(e) => {
-                                assert_eq!(e.status(), UcclStatus::ErrNotAllowed, "{e}");
-                                refused += 1;
-                            }
-                        }
-                    }
-                }
-                (ok, refused)
-            })
-        };
-        // A byte of the slot after the first proves the first read done.
-        wait_for_byte((round % 4) * dst.len / 4 + item_len, &dst);
-        p.a.deregister(dmr).unwrap();
-        dst.fill(SENTINEL);
-        std::thread::sleep(Duration::from_millis(5));
-        stop.store(true, std::sync::atomic::Ordering::Release);
-        let (ok, refused) = reader.join().unwrap();
-        assert_sentinel(&dst, &format!("inline reads round {round} ({ok} completed, {refused} cut)"));
-        assert!(ok > 0, "round {round}: no read completed before the cut");
-        cut_reads += refused;
-    }
-    assert!(cut_reads > 0, "no round cut a read in flight");
-    p.b.deregister(smr).unwrap();
-    small_write(&p);
-}
+/// The inline payloads below: large enough that the reader lands them from the socket.
+const LANDING_ITEM: usize = 192 << 10;
+const LANDING_SLOTS: usize = 64;
 
-/// B receives A's inline messages of 192 KiB into its region, eight pairs at a time, whose
-/// payloads land straight from the socket in the receive, and deregisters its region meanwhile:
-/// nothing lands after deregister returned; each pair ends alike, both done or the receive -6 and
-/// its send refused.
-#[test]
-fn inline_messages_landing_in_a_receive_stop_at_deregistration() {
-    const SLOTS: usize = 64;
-    let item_len = 192 << 10;
-    let p = pair_with(Config { inline_max: 256 << 10, ..config() });
-    let data = pattern(item_len * SLOTS);
-    let (src, dst) = (Arc::new(Buf::new(data.len())), Arc::new(Buf::new(data.len())));
-    src.set(&data);
-    let smr = p.a.register(src.addr(), src.len).unwrap();
-    let mut cut_pairs = 0;
+/// Waits for the outcome of one posted transfer: true when it completed, false when it was cut.
+type Posted = Box<dyn FnOnce() -> bool + Send>;
+
+/// Rounds of transfers of `LANDING_ITEM` bytes into `dst`'s slots, eight in flight at a time from a
+/// thread, while `dst` is deregistered (`register` and `deregister` on its engine): `post(mr, off)`
+/// posts the transfer into the slot at `off`, or gives `None` once refused at the post. Nothing may
+/// land after deregister returned; some transfer completes before the cut in every round, and some
+/// round cuts one in flight.
+fn landing_transfers_cut(
+    what: &str,
+    dst: &Arc<Buf>,
+    register: impl Fn() -> u64,
+    deregister: impl Fn(u64),
+    post: impl Fn(u64, usize) -> Option<Posted> + Send + Sync + 'static,
+) {
+    let post = Arc::new(post);
+    let mut cut = 0;
     for round in 0..ROUNDS {
         dst.fill(0);
-        let dmr = p.b.register(dst.addr(), dst.len).unwrap();
+        let mr = register();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let pairs = {
-            let (ab, ba, src, dst, stop) = (p.ab.clone(), p.ba.clone(), src.clone(), dst.clone(), stop.clone());
+        let worker = {
+            let (post, stop) = (post.clone(), stop.clone());
             std::thread::spawn(move || {
                 let (mut ok, mut refused, mut slot) = (0, 0, 0);
                 while !stop.load(std::sync::atomic::Ordering::Acquire) {
                     let mut posted = Vec::new();
                     for _ in 0..8 {
-                        let off = (slot % SLOTS) * item_len;
+                        let Some(wait) = post(mr, (slot % LANDING_SLOTS) * LANDING_ITEM) else { break };
+                        posted.push(wait);
                         slot += 1;
-                        // Refused at the post once the region is gone.
-                        let Ok(r) = ba.recv(dmr, dst.addr() + off, item_len) else { break };
-                        posted.push((ab.send(&[(smr, src.addr() + off, item_len)]).unwrap(), r));
                     }
                     if posted.is_empty() {
                         break;
                     }
-                    for (s, r) in posted {
-                        match (outcome(&ab, s), outcome(&ba, r)) {
-                            (Ok(sent), Ok(received)) => {
-                                assert_eq!((sent, received), (item_len as u64, item_len as u64));
-                                ok += 1;
-                            }
-                            (Err(sent), Err(received)) => {
-                                assert_eq!(received.status(), UcclStatus::ErrNotAllowed, "{received}");
-                                assert_eq!(sent.status(), UcclStatus::ErrNotAllowed, "{sent}");
-                                refused += 1;
-                            }
-                            (sent, received) => panic!("the two ends disagree: send {sent:?}, receive {received:?}"),
+                    for wait in posted {
+                        if wait() {
+                            ok += 1;
+                        } else {
+                            refused += 1;
                         }
                     }
                 }
                 (ok, refused)
             })
         };
-        // A byte of the slot after the first proves the first pair done.
-        wait_for_byte((round % 4) * dst.len / 4 + item_len, &dst);
-        p.b.deregister(dmr).unwrap();
+        // A byte of the slot after the first proves the first transfer done.
+        wait_for_byte((round % 4) * dst.len / 4 + LANDING_ITEM, dst);
+        deregister(mr);
         dst.fill(SENTINEL);
         std::thread::sleep(Duration::from_millis(5));
         stop.store(true, std::sync::atomic::Ordering::Release);
-        let (ok, refused) = pairs.join().unwrap();
-        assert_sentinel(&dst, &format!("inline messages round {round} ({ok} received, {refused} cut)"));
-        assert!(ok > 0, "round {round}: no message received before the cut");
-        cut_pairs += refused;
+        let (ok, refused) = worker.join().unwrap();
+        assert_sentinel(dst, &format!("{what} round {round} ({ok} completed, {refused} cut)"));
+        assert!(ok > 0, "{what} round {round}: none completed before the cut");
+        cut += refused;
     }
-    assert!(cut_pairs > 0, "no round cut a message in flight");
+    assert!(cut > 0, "{what}: no round cut one in flight");
+}
+
+/// A reads slots of B's region into its own, small reads whose answers land straight from the
+/// socket, and deregisters its region meanwhile: each read completed with its bytes or failed -6.
+#[test]
+fn inline_read_answers_landing_from_the_socket_stop_at_deregistration() {
+    let p = pair_with(Config { inline_max: 256 << 10, ..config() });
+    let src = Buf::new(LANDING_ITEM * LANDING_SLOTS);
+    src.set(&pattern(src.len));
+    let (smr, item) = write_item(&p.b, &src);
+    let dst = Arc::new(Buf::new(src.len));
+    let (ab, into) = (p.ab.clone(), dst.clone());
+    let read = move |mr, off: usize| -> Option<Posted> {
+        let mut remote = item;
+        remote.addr += off as u64;
+        remote.size = LANDING_ITEM as u32;
+        let id = ab.read(&[OneSided { mr, addr: into.addr() + off, len: LANDING_ITEM, remote }]).ok()?;
+        let ab = ab.clone();
+        Some(Box::new(move || match outcome(&ab, id) {
+            Ok(n) => {
+                assert_eq!(n, LANDING_ITEM as u64);
+                true
+            }
+            Err(e) => {
+                assert_eq!(e.status(), UcclStatus::ErrNotAllowed, "{e}");
+                false
+            }
+        }))
+    };
+    let register = || p.a.register(dst.addr(), dst.len).unwrap();
+    landing_transfers_cut("inline reads", &dst, register, |mr| p.a.deregister(mr).unwrap(), read);
+    p.b.deregister(smr).unwrap();
+    small_write(&p);
+}
+
+/// B receives A's inline messages into its region, whose payloads land straight from the socket
+/// in the receive, and deregisters its region meanwhile: each pair ends alike, both done or the
+/// receive -6 and its send refused.
+#[test]
+fn inline_messages_landing_in_a_receive_stop_at_deregistration() {
+    let p = pair_with(Config { inline_max: 256 << 10, ..config() });
+    let src = Arc::new(Buf::new(LANDING_ITEM * LANDING_SLOTS));
+    src.set(&pattern(src.len));
+    let smr = p.a.register(src.addr(), src.len).unwrap();
+    let dst = Arc::new(Buf::new(src.len));
+    let (ab, ba, into) = (p.ab.clone(), p.ba.clone(), dst.clone());
+    let pair = move |mr, off: usize| -> Option<Posted> {
+        let r = ba.recv(mr, into.addr() + off, LANDING_ITEM).ok()?;
+        let s = ab.send(&[(smr, src.addr() + off, LANDING_ITEM)]).unwrap();
+        let (ab, ba) = (ab.clone(), ba.clone());
+        Some(Box::new(move || match (outcome(&ab, s), outcome(&ba, r)) {
+            (Ok(sent), Ok(received)) => {
+                assert_eq!((sent, received), (LANDING_ITEM as u64, LANDING_ITEM as u64));
+                true
+            }
+            (Err(sent), Err(received)) => {
+                assert_eq!(received.status(), UcclStatus::ErrNotAllowed, "{received}");
+                assert_eq!(sent.status(), UcclStatus::ErrNotAllowed, "{sent}");
+                false
+            }
+            (sent, received) => panic!("the two ends disagree: send {sent:?}, receive {received:?}"),
+        }))
+    };
+    let register = || p.b.register(dst.addr(), dst.len).unwrap();
+    landing_transfers_cut("inline messages", &dst, register, |mr| p.b.deregister(mr).unwrap(), pair);
     p.a.deregister(smr).unwrap();
     small_write(&p);
 }
