@@ -700,25 +700,40 @@ pub fn decode_frame_lent(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, Proto
     };
     let mut r = Reader::new(body, header.check_body(body)?);
     // Read and checked in the order and with the checks of `Control::decode`.
-    let frame = if header.kind == kind::INLINE_WRITE {
-        let (xfer, region, token, addr) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
-        let payload = r.bytes32(MAX_INLINE_LEN, "inline payload")?;
-        r.finish()?;
-        check_inline(addr, payload.len())?;
-        Frame::InlineWrite { xfer, region, token, addr, payload }
-    } else {
-        let xfer = r.u64()?;
-        let payload = r.bytes32(MAX_INLINE_LEN, "inline payload")?;
-        r.finish()?;
-        nonzero_len(payload.len() as u64)?;
-        check_len(payload.len(), MAX_INLINE_LEN, "inline payload")?;
-        if header.kind == kind::READ_DATA {
-            Frame::ReadData { xfer, payload }
-        } else {
-            Frame::InlineSend { xfer, payload }
-        }
+    let (xfer, into) = inline_fields(header.kind, &mut r)?;
+    let payload = r.bytes32(MAX_INLINE_LEN, "inline payload")?;
+    r.finish()?;
+    check_inline_payload(into, payload.len())?;
+    let frame = match into {
+        InlineInto::Write { region, token, addr } => Frame::InlineWrite { xfer, region, token, addr, payload },
+        InlineInto::ReadAnswer => Frame::ReadData { xfer, payload },
+        InlineInto::Send => Frame::InlineSend { xfer, payload },
     };
     Ok(Some((frame, frame_len)))
+}
+
+/// The fields of an InlineWrite, ReadData or InlineSend body before its payload, in `decode`'s
+/// order: the transfer, and where the payload goes.
+fn inline_fields(kind: u8, r: &mut Reader<'_>) -> Result<(u64, InlineInto), ProtoError> {
+    let xfer = r.u64()?;
+    let into = match kind {
+        kind::INLINE_WRITE => InlineInto::Write { region: r.u64()?, token: r.u64()?, addr: r.u64()? },
+        kind::READ_DATA => InlineInto::ReadAnswer,
+        _ => InlineInto::Send,
+    };
+    Ok((xfer, into))
+}
+
+/// What decoding checks of an inline payload's length (and of a write's range): the same checks
+/// whether the frame is decoded whole or its payload landed from its head.
+fn check_inline_payload(into: InlineInto, len: usize) -> Result<(), ProtoError> {
+    match into {
+        InlineInto::Write { addr, .. } => check_inline(addr, len),
+        InlineInto::ReadAnswer | InlineInto::Send => {
+            nonzero_len(len as u64)?;
+            check_len(len, MAX_INLINE_LEN, "inline payload")
+        }
+    }
 }
 
 /// The head of an inline write or a small read's answer whose payload may not be all here yet:
@@ -742,38 +757,28 @@ pub enum InlineInto {
 }
 
 /// The head of the InlineWrite, ReadData or InlineSend frame `buf` starts with, once its fixed
-/// fields are in,
-/// checked as [`decode_frame_lent`] checks them; `None` for any other frame or a head not all here.
+/// fields are in, checked as [`decode_frame_lent`] checks them; `None` for any other frame or a
+/// head not all here.
 /// The frame the head announces is then exactly `payload_at + len` bytes.
 pub fn peek_inline_head(buf: &[u8]) -> Result<Option<InlineHead>, ProtoError> {
     let Some((head, _)) = buf.split_first_chunk::<FRAME_HEADER_LEN>() else {
         return Ok(None);
     };
     let header = FrameHeader::parse(head)?;
-    let (fixed_len, into) = match header.kind {
-        kind::INLINE_WRITE => (4 * 8 + 4, None),
-        kind::READ_DATA => (8 + 4, Some(InlineInto::ReadAnswer)),
-        kind::INLINE_SEND => (8 + 4, Some(InlineInto::Send)),
+    // The fields before the payload and its u32 length.
+    let fixed_len = match header.kind {
+        kind::INLINE_WRITE => 4 * 8 + 4,
+        kind::READ_DATA | kind::INLINE_SEND => 8 + 4,
         _ => return Ok(None),
     };
     let Some(fixed) = buf.get(FRAME_HEADER_LEN..FRAME_HEADER_LEN + fixed_len) else {
         return Ok(None);
     };
     let mut r = Reader::new(fixed, "inline payload head");
-    let xfer = r.u64()?;
-    let into = match into {
-        Some(into) => into,
-        None => InlineInto::Write { region: r.u64()?, token: r.u64()?, addr: r.u64()? },
-    };
+    let (xfer, into) = inline_fields(header.kind, &mut r)?;
     let len = usize::try_from(r.u32()?).unwrap_or(usize::MAX);
     r.finish()?;
-    match into {
-        InlineInto::Write { addr, .. } => check_inline(addr, len)?,
-        InlineInto::ReadAnswer | InlineInto::Send => {
-            nonzero_len(len as u64)?;
-            check_len(len, MAX_INLINE_LEN, "inline payload")?;
-        }
-    }
+    check_inline_payload(into, len)?;
     // The body is the fixed fields and the payload, nothing more: a frame announcing another
     // length would fail its decoding, so it must not be landed either.
     if header.body_len as usize != fixed_len + len {
