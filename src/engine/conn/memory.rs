@@ -22,12 +22,15 @@ impl<'a> EngineMemory<'a> {
         EngineMemory { core, binding }
     }
 
-    fn region_gpu(&self, region: &Region) -> Result<&crate::cuda::Gpu> {
+    /// The GPU owning a device region: the engine's or another of the process (registration
+    /// opened it), whose context its inline copies run in.
+    fn region_gpu(&self, region: &Region) -> Result<Arc<crate::cuda::Gpu>> {
         match (self.core.gpu.get(), region.kind) {
-            (Some(gpu), MemKind::Cuda { device }) if gpu.ordinal() == device => Ok(gpu),
-            _ => Err(Error::new(
+            (Some(gpu), MemKind::Cuda { device }) if gpu.ordinal() == device => Ok(gpu.clone()),
+            (_, MemKind::Cuda { device }) => crate::cuda::Gpu::open(device),
+            (_, MemKind::Host) => Err(Error::new(
                 UcclStatus::ErrInternal,
-                format!("region {} is device memory of no GPU this engine serves", region.id),
+                format!("region {} is host memory, not device memory", region.id),
             )),
         }
     }
@@ -46,9 +49,9 @@ impl Memory for EngineMemory<'_> {
         match region.kind {
             // SAFETY: per the contract.
             MemKind::Host => unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), addr as *mut u8, payload.len()) },
-            // SAFETY: per the contract; registration proved the range is memory of the engine's GPU.
+            // SAFETY: per the contract; registration proved the range is memory of the region's GPU.
             MemKind::Cuda { .. } => unsafe {
-                crate::cuda::small_copy::copy_to_device_sync(self.region_gpu(region)?, addr, payload)?
+                crate::cuda::small_copy::copy_to_device_sync(&*self.region_gpu(region)?, addr, payload)?
             },
         }
         Ok(())
@@ -61,7 +64,7 @@ impl Memory for EngineMemory<'_> {
             MemKind::Cuda { .. } => {
                 let mut out = vec![0u8; len];
                 // SAFETY: per the contract.
-                unsafe { crate::cuda::small_copy::copy_from_device_sync(self.region_gpu(region)?, &mut out, addr)? };
+                unsafe { crate::cuda::small_copy::copy_from_device_sync(&*self.region_gpu(region)?, &mut out, addr)? };
                 Ok(out)
             }
         }
