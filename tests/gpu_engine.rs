@@ -624,6 +624,91 @@ fn uccl_tcpx_gpu_wins_over_the_current_gpu() {
     assert_same(&on1.read(0, 1 << 20), &data, "GPU 0 -> GPU 1 under UCCL_TCPX_GPU");
 }
 
+/// A connection's first transfers of GPU memory, of every kind and size, allocate nothing: the
+/// staged comms made their rings as the connection was made (the engines knew their GPU from
+/// creation), and registration made the GPU's inline copier. Counted by what the library records
+/// making, not by time.
+#[test]
+fn a_connections_first_transfers_allocate_nothing() {
+    use uccl_tcpx::internal::cuda::small_copy::SmallCopier;
+    use uccl_tcpx::internal::transport::staged::ring_counts;
+    if no_gpu() {
+        return;
+    }
+    let before_connect = ring_counts();
+    let p = pair(Config { gpu: Some(0), ..config() });
+    let connected = ring_counts();
+    assert!(connected.at_connect > before_connect.at_connect, "the comms made their rings: {connected:?}");
+    let len = (4 << 20) + 64;
+    let (mut a_mem, mut b_mem) = (Mem::on_gpu(0, len), Mem::on_gpu(0, len));
+    let (amr, bmr) = (p.a.register(a_mem.addr(), len).unwrap(), p.b.register(b_mem.addr(), len).unwrap());
+    let (rings, copiers) = (ring_counts(), SmallCopier::made());
+    assert_eq!(rings.on_first_use, connected.on_first_use, "registration made no ring");
+    // Inline, eager and chunked sizes, each the first of its kind on this connection.
+    for (k, size) in [4096usize, (64 << 10) + 1, 128 << 10, 256 << 10, 4 << 20].into_iter().enumerate() {
+        for kind in [Kind::SendRecv, Kind::Write, Kind::Read] {
+            let data = pattern(size, k as u64 * 3 + kind as u64);
+            let (src, dst) = match kind {
+                Kind::Read => ((&mut b_mem, bmr), (&mut a_mem, amr)),
+                _ => ((&mut a_mem, amr), (&mut b_mem, bmr)),
+            };
+            src.0.write(1, &data);
+            dst.0.clear();
+            move_bytes(&p, kind, (&*src.0, src.1, 1), (&*dst.0, dst.1, 3), size);
+            assert_same(&dst.0.read(3, size), &data, &format!("{kind:?} of {size} bytes"));
+        }
+    }
+    let after = ring_counts();
+    assert_eq!(after.on_first_use, rings.on_first_use, "no staged comm made its ring at a transfer: {after:?}");
+    assert_eq!(after.lanes_added, rings.lanes_added, "nor a lane");
+    assert_eq!(SmallCopier::made(), copiers, "no inline copier was made at a transfer");
+}
+
+/// Memory of the GPU an engine does not serve, on both ends (engine a serves GPU 1 with memory on
+/// GPU 0, b the other way round), every transfer kind over the network path: inline copies run in
+/// the memory's GPU's context, staged chunks on that GPU's lane of each comm's ring. Byte for byte.
+#[test]
+fn memory_of_the_other_gpu_every_kind_every_size() {
+    use uccl_tcpx::internal::transport::staged::ring_counts;
+    if no_gpu() || fewer_gpus_than(2) {
+        return;
+    }
+    let a = Arc::new(Engine::new(Config { gpu: Some(1), ..config() }).unwrap());
+    let b = Arc::new(Engine::new(Config { gpu: Some(0), ..config() }).unwrap());
+    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+    let ba = common::accept(&b).unwrap();
+    let p = common::Pair { a, b, ab, ba };
+    let sizes = [1usize, 4097, 65_537, (1 << 20) - 3, (4 << 20) + 17];
+    let max = sizes.iter().max().unwrap() + 64;
+    let lanes = ring_counts().lanes_added;
+    for kind in [Kind::SendRecv, Kind::Write, Kind::Read] {
+        // For reads the source lives on b, the destination on a.
+        let (src_engine, dst_engine) = match kind {
+            Kind::Read => (&p.b, &p.a),
+            _ => (&p.a, &p.b),
+        };
+        let other = |e: &Engine| 1 - e.gpu().unwrap().ordinal();
+        let (mut src, mut dst) = (Mem::on_gpu(other(src_engine), max), Mem::on_gpu(other(dst_engine), max));
+        let smr = src_engine.register(src.addr(), max).unwrap();
+        let dmr = dst_engine.register(dst.addr(), max).unwrap();
+        for (k, &len) in sizes.iter().enumerate() {
+            let (soff, doff) = (1 + (k * 3) % 13, 5 + k % 3);
+            let data = pattern(len, (k * 10 + kind as usize) as u64);
+            src.write(soff, &data);
+            dst.clear();
+            move_bytes(&p, kind, (&src, smr, soff), (&dst, dmr, doff), len);
+            let got = dst.read(doff - 1, len + 2);
+            let what = format!("{kind:?} of {len} bytes between the GPUs the engines do not serve");
+            assert_same(&got[1..=len], &data, &what);
+            assert_eq!((got[0], got[len + 1]), (0, 0), "{what}: neighbours untouched");
+        }
+        src_engine.deregister(smr).unwrap();
+        dst_engine.deregister(dmr).unwrap();
+    }
+    assert!(ring_counts().lanes_added > lanes, "chunks were staged on lanes of the memory's GPUs");
+    assert_eq!((p.a.gpu().unwrap().ordinal(), p.b.gpu().unwrap().ordinal()), (1, 0), "the served GPUs stay");
+}
+
 /// NIXL's order of calls with one agent per GPU: each engine is created on a thread whose current
 /// GPU is the agent's (`torch.cuda.set_device`), its metadata read at once and cached, device
 /// memory registered only afterwards, and each side connects with the other's cached metadata.
