@@ -626,24 +626,28 @@ fn uccl_tcpx_gpu_wins_over_the_current_gpu() {
 
 /// A connection's first transfers of GPU memory, of every kind and size, allocate nothing: the
 /// staged comms made their rings as the connection was made (the engines knew their GPU from
-/// creation), and registration made the GPU's inline copier. Counted by what the library records
-/// making, not by time.
+/// creation), each ring readied its segment kernel then (NIXL's order: memory registered, which
+/// builds the kernel, before connecting), and registration made the GPU's inline copier. Counted
+/// by what the library records making, not by time.
 #[test]
 fn a_connections_first_transfers_allocate_nothing() {
+    use uccl_tcpx::internal::cuda::ring::kernels_readied_at_a_chunk;
     use uccl_tcpx::internal::cuda::small_copy::SmallCopier;
     use uccl_tcpx::internal::transport::staged::ring_counts;
     if no_gpu() {
         return;
     }
-    let before_connect = ring_counts();
-    let p = pair(Config { gpu: Some(0), ..config() });
-    let connected = ring_counts();
-    assert!(connected.at_connect > before_connect.at_connect, "the comms made their rings: {connected:?}");
     let len = (4 << 20) + 64;
+    let a = Arc::new(Engine::new(Config { gpu: Some(0), ..config() }).unwrap());
+    let b = Arc::new(Engine::new(Config { gpu: Some(0), ..config() }).unwrap());
     let (mut a_mem, mut b_mem) = (Mem::on_gpu(0, len), Mem::on_gpu(0, len));
-    let (amr, bmr) = (p.a.register(a_mem.addr(), len).unwrap(), p.b.register(b_mem.addr(), len).unwrap());
-    let (rings, copiers) = (ring_counts(), SmallCopier::made());
-    assert_eq!(rings.on_first_use, connected.on_first_use, "registration made no ring");
+    let (amr, bmr) = (a.register(a_mem.addr(), len).unwrap(), b.register(b_mem.addr(), len).unwrap());
+    let before_connect = ring_counts();
+    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+    let ba = common::accept(&b).unwrap();
+    let p = common::Pair { a, b, ab, ba };
+    let (rings, copiers, kernels) = (ring_counts(), SmallCopier::made(), kernels_readied_at_a_chunk());
+    assert!(rings.at_connect > before_connect.at_connect, "the comms made their rings: {rings:?}");
     // Inline, eager and chunked sizes, each the first of its kind on this connection.
     for (k, size) in [4096usize, (64 << 10) + 1, 128 << 10, 256 << 10, 4 << 20].into_iter().enumerate() {
         for kind in [Kind::SendRecv, Kind::Write, Kind::Read] {
@@ -658,10 +662,31 @@ fn a_connections_first_transfers_allocate_nothing() {
             assert_same(&dst.0.read(3, size), &data, &format!("{kind:?} of {size} bytes"));
         }
     }
+    // The first vector of many small pieces each way: gathered and scattered by the kernel where
+    // it was built.
+    let pieces = blocks(256, 4096, 8192, 16);
+    let data = pattern(len, 5);
+    a_mem.write(0, &data);
+    b_mem.clear();
+    let fifo = p.b.prepare_fifo(bmr, b_mem.addr(), len).unwrap();
+    let items: Vec<OneSided> = pieces
+        .iter()
+        .map(|&(at, n)| OneSided {
+            mr: amr,
+            addr: a_mem.addr() + at,
+            len: n,
+            remote: FifoItem { addr: fifo.addr + at as u64, ..fifo },
+        })
+        .collect();
+    let total = pieces.iter().map(|p| p.1 as u64).sum::<u64>();
+    let w = p.ab.write(&items).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap(), total);
+    assert_same(&b_mem.read(0, len), &landed(&data, &pieces, &pieces, len), "the first vector");
     let after = ring_counts();
     assert_eq!(after.on_first_use, rings.on_first_use, "no staged comm made its ring at a transfer: {after:?}");
     assert_eq!(after.lanes_added, rings.lanes_added, "nor a lane");
     assert_eq!(SmallCopier::made(), copiers, "no inline copier was made at a transfer");
+    assert_eq!(kernels_readied_at_a_chunk(), kernels, "no segment kernel was readied at a chunk");
 }
 
 /// Memory of the GPU an engine does not serve, on both ends (engine a serves GPU 1 with memory on

@@ -71,6 +71,14 @@ pub fn segment_copy_counts() -> SegmentCopyCounts {
     SegmentCopyCounts { by_kernel: BY_KERNEL.load(Ordering::Relaxed), by_copies: BY_COPIES.load(Ordering::Relaxed) }
 }
 
+/// Segment kernels (with their device bounce buffers) that a ring readied at a chunk rather than
+/// ahead of it (`StagingRing::prepare_kernels`): for tests of what a first transfer allocates.
+static KERNELS_AT_A_CHUNK: AtomicU64 = AtomicU64::new(0);
+
+pub fn kernels_readied_at_a_chunk() -> u64 {
+    KERNELS_AT_A_CHUNK.load(Ordering::Relaxed)
+}
+
 /// The one log line of a process whose rings could not build the segment kernel.
 fn kernel_unavailable(why: &Error) {
     static ONCE: Once = Once::new();
@@ -169,6 +177,20 @@ impl StagingRing {
     /// How chunks of several segments are gathered and scattered from now on.
     pub fn set_gather(&mut self, mode: StagingGather) {
         self.gather = mode;
+    }
+
+    /// Readies each lane's segment kernel now (a slot of device memory per stream to bounce
+    /// through) where the mode may use it and its GPU's kernel is built, so that the first chunk
+    /// of many segments allocates nothing; where it is not built yet, that chunk readies it.
+    pub fn prepare_kernels(&mut self) {
+        if self.gather == StagingGather::Copies {
+            return;
+        }
+        for lane in &mut self.lanes {
+            let streams = &lane.streams;
+            let take = || SegmentKernel::if_built(streams[0].gpu(), self.slot_size, streams.len());
+            lane.kernel.get(take, kernel_unavailable);
+        }
     }
 
     /// Chunks of two or more segments this ring moved, by path.
@@ -507,9 +529,14 @@ fn use_kernel(
     if !wants_kernel(gather, segs.len(), len) || !segs.all(|(a, n)| addressable(a as u64, n as u64)) {
         return false;
     }
+    let waiting = matches!(lane.kernel, Built::Waiting);
     let streams = &lane.streams;
     let take = || SegmentKernel::if_built(streams[0].gpu(), slot_size, streams.len());
-    lane.kernel.get(take, kernel_unavailable).is_some()
+    let ready = lane.kernel.get(take, kernel_unavailable).is_some();
+    if waiting && ready {
+        KERNELS_AT_A_CHUNK.fetch_add(1, Ordering::Relaxed);
+    }
+    ready
 }
 
 #[cfg(test)]

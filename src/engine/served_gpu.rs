@@ -141,12 +141,16 @@ impl ServedGpu {
 
     /// Called before every connection's first listen or connect: a transport that binds comms to
     /// a GPU gets one now if the engine has none yet (the calling thread's current GPU, else GPU
-    /// 0), so no comm is ever bound to a GPU the engine does not serve.
+    /// 0), so no comm is ever bound to a GPU the engine does not serve; any other is told the GPU
+    /// chosen so far.
     pub fn before_comms(&self, net: &dyn Net) -> Result<()> {
-        // A transport made after the GPU was chosen (the socket transport of same-host peers)
-        // learns it before its first comm.
-        self.tell(net);
-        if self.chosen.get().is_some() || !net.binds_gpu() {
+        if !net.binds_gpu() {
+            // A transport made after the GPU was chosen (the socket transport of same-host peers)
+            // learns it before its first comm, which stages through it.
+            self.tell(net);
+            return Ok(());
+        }
+        if self.chosen.get().is_some() {
             return Ok(());
         }
         let ordinal = cuda::gpu::current_ordinal().unwrap_or(0);

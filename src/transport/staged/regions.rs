@@ -242,6 +242,7 @@ impl Staging {
             Some(ring) if ring.stages(device) => {}
             Some(ring) => {
                 ring.add_gpu(&Gpu::open(device)?)?;
+                ring.prepare_kernels();
                 LANES_ADDED.fetch_add(1, Ordering::Relaxed);
             }
             None => {
@@ -256,6 +257,7 @@ impl Staging {
         let params = self.setup.params;
         let mut ring = StagingRing::new(gpu, params.slot_size, params.slots, params.streams())?;
         ring.set_gather(params.tuning.gather);
+        ring.prepare_kernels();
         let (base, len) = ring.host_range();
         self.register_ring_range(inner, base, len)?;
         self.ring = Some(ring);
