@@ -92,6 +92,11 @@ impl ServedGpu {
         (0, "0")
     }
 
+    /// The GPU `net`'s comms are bound to: the engine's, where `net` binds comms to a GPU.
+    pub fn bound_by(&self, net: &dyn Net) -> Option<i32> {
+        net.binds_gpu().then(|| self.get().map(|gpu| gpu.ordinal())).flatten()
+    }
+
     /// Tells `net` the GPU, when one is chosen (at creation, before any comm exists).
     pub fn tell(&self, net: &dyn Net) {
         if let Some(gpu) = self.get() {

@@ -15,11 +15,23 @@ pub(super) struct EngineMemory<'a> {
     core: &'a EngineCore,
     /// The connection's token binding when it is authenticated: requests must carry bound tokens.
     binding: Option<&'a TokenBinding>,
+    /// The GPU the connection's comms are bound to, if their transport binds them to one.
+    bound_gpu: Option<i32>,
+}
+
+/// Whether channels whose comms are bound to GPU `bound_gpu` (if any) can move `region`: not
+/// device memory of another GPU (`transport::bound_gpu_takes`).
+pub(super) fn channels_take(bound_gpu: Option<i32>, region: &Region) -> Result<()> {
+    match (bound_gpu, region.kind) {
+        (Some(_), MemKind::Cuda { device }) => crate::transport::bound_gpu_takes(bound_gpu, device)
+            .map_err(|e| e.context(format!("memory region {}", region.id))),
+        _ => Ok(()),
+    }
 }
 
 impl<'a> EngineMemory<'a> {
-    pub fn new(core: &'a EngineCore, binding: Option<&'a TokenBinding>) -> EngineMemory<'a> {
-        EngineMemory { core, binding }
+    pub fn new(core: &'a EngineCore, binding: Option<&'a TokenBinding>, bound_gpu: Option<i32>) -> EngineMemory<'a> {
+        EngineMemory { core, binding, bound_gpu }
     }
 
     /// The GPU owning a device region: the engine's or another of the process (registration
@@ -38,11 +50,15 @@ impl<'a> EngineMemory<'a> {
 
 impl Memory for EngineMemory<'_> {
     fn authorize(&self, region: u64, token: u64, addr: u64, len: u64) -> Result<Arc<Region>> {
-        self.core.regions.authorize(region, token, addr, len, self.binding)
+        let r = self.core.regions.authorize(region, token, addr, len, self.binding)?;
+        channels_take(self.bound_gpu, &r)?;
+        Ok(r)
     }
 
     fn authorize_segments(&self, region: u64, token: u64, segs: &[RemoteSeg]) -> Result<Arc<Region>> {
-        self.core.regions.authorize_segments(region, token, segs, self.binding)
+        let r = self.core.regions.authorize_segments(region, token, segs, self.binding)?;
+        channels_take(self.bound_gpu, &r)?;
+        Ok(r)
     }
 
     unsafe fn store(&self, region: &Region, addr: usize, payload: &[u8]) -> Result<()> {
@@ -68,5 +84,29 @@ impl Memory for EngineMemory<'_> {
                 Ok(out)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::channels_take;
+    use crate::engine::region::RegionTable;
+    use crate::error::UcclStatus;
+    use crate::transport::MemKind;
+
+    /// Channels on comms bound to a GPU take host memory and that GPU's memory; another GPU's is
+    /// refused with the region named, and channels bound to none take every GPU's.
+    #[test]
+    fn channels_bound_to_a_gpu_refuse_only_another_gpus_memory() {
+        let t = RegionTable::default();
+        let on0 = t.get(t.register(0x10000, 0x1000, MemKind::Cuda { device: 0 }).unwrap()).unwrap();
+        let host = t.get(t.register(0x20000, 0x1000, MemKind::Host).unwrap()).unwrap();
+        for (bound, region) in [(Some(0), &on0), (None, &on0), (Some(1), &host), (None, &host)] {
+            assert!(channels_take(bound, region).is_ok(), "bound to {bound:?}, {:?}", region.kind);
+        }
+        let err = channels_take(Some(1), &on0).unwrap_err();
+        assert_eq!(err.status(), UcclStatus::ErrNotSupported);
+        assert!(err.message().contains(&format!("memory region {}", on0.id)), "{err}");
+        assert!(err.message().contains("memory of GPU 0"), "{err}");
     }
 }

@@ -83,9 +83,10 @@ impl PluginGpus {
         let _ = self.engine_gpu.set(gpu.clone());
     }
 
-    /// Whether a comm of this net may register memory of GPU `device`: see [`bound_gpu_takes`].
+    /// Whether a comm of this net may register memory of GPU `device`: see
+    /// [`crate::transport::bound_gpu_takes`].
     pub fn takes(&self, device: i32) -> Result<()> {
-        bound_gpu_takes(self.engine_gpu.get().map(|g| g.ordinal()), device)
+        crate::transport::bound_gpu_takes(self.engine_gpu.get().map(|g| g.ordinal()), device)
     }
 
     /// Makes the engine's GPU current until the guard drops, when one is known. With none known
@@ -147,42 +148,5 @@ impl PluginGpus {
         let unpacker: SharedUnpack = Arc::new(Mutex::new(unpacker));
         unpackers.insert(ordinal, unpacker.clone());
         Ok(unpacker)
-    }
-}
-
-/// Whether a comm bound to GPU `bound` (the engine's; `None`: no GPU is known, so none is bound)
-/// may register memory of GPU `device`. TCPX binds each comm to the GPU current when it is made
-/// (its receive pool lives there) and maps a CUDA registration through the GPU current at regMr
-/// (docs/TCPX.md): bytes of another GPU's memory could be neither unpacked into it nor sent from
-/// it by that comm, so such memory reaches only same-host peers (CUDA IPC), and the network path
-/// refuses it here with the way out.
-pub fn bound_gpu_takes(bound: Option<i32>, device: i32) -> Result<()> {
-    match bound {
-        Some(bound) if bound != device => Err(crate::error::Error::new(
-            crate::error::UcclStatus::ErrNotSupported,
-            format!(
-                "the net plugin binds each comm to one GPU, this engine's GPU {bound}: memory of GPU \
-                 {device} moves only to peers on this host; to send it over the network, register it with an \
-                 engine of GPU {device} (UCCL_TCPX_GPU={device}, or GPU {device} current at creation)"
-            ),
-        )),
-        _ => Ok(()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::bound_gpu_takes;
-    use crate::error::UcclStatus;
-
-    #[test]
-    fn a_comm_bound_to_one_gpu_takes_only_that_gpus_memory() {
-        assert!(bound_gpu_takes(Some(1), 1).is_ok());
-        assert!(bound_gpu_takes(None, 3).is_ok(), "no GPU known: nothing is bound");
-        let err = bound_gpu_takes(Some(1), 0).unwrap_err();
-        assert_eq!(err.status(), UcclStatus::ErrNotSupported);
-        for said in ["net plugin", "GPU 1", "memory of GPU 0", "UCCL_TCPX_GPU=0"] {
-            assert!(err.message().contains(said), "{said}: {err}");
-        }
     }
 }
