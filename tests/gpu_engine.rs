@@ -600,10 +600,10 @@ fn uccl_tcpx_gpu_wins_over_the_current_gpu() {
     let gpu1 = one.gpu().expect("UCCL_TCPX_GPU=1 chose at creation").clone();
     assert_eq!(gpu1.ordinal(), 1);
     assert_eq!(one.metadata().rsplit_once('?').unwrap().1, gpu1.bus_id());
+    // Memory of another GPU is taken and leaves the served GPU as it was.
     let on0 = Mem::on_gpu(0, 4096);
-    let err = one.register(on0.addr(), on0.len()).unwrap_err();
-    assert_eq!(err.status(), UcclStatus::ErrNotSupported, "{err}");
-    assert!(err.message().contains("UCCL_TCPX_GPU"), "{err}");
+    one.register(on0.addr(), on0.len()).unwrap();
+    assert_eq!(one.gpu().unwrap().ordinal(), 1, "still GPU 1");
     let on1 = Mem::on_gpu(1, 1 << 20);
     let mr1 = one.register(on1.addr(), on1.len()).unwrap();
 
@@ -622,6 +622,116 @@ fn uccl_tcpx_gpu_wins_over_the_current_gpu() {
     let w = conn.write(&[OneSided { mr: smr, addr: src.addr(), len: 1 << 20, remote }]).unwrap();
     assert_eq!(wait(&conn, w).unwrap(), 1 << 20);
     assert_same(&on1.read(0, 1 << 20), &data, "GPU 0 -> GPU 1 under UCCL_TCPX_GPU");
+}
+
+/// A connection's first transfers of GPU memory, of every kind and size, allocate nothing: the
+/// staged comms made their rings as the connection was made (the engines knew their GPU from
+/// creation), each ring readied its segment kernel then (NIXL's order: memory registered, which
+/// builds the kernel, before connecting), and registration made the GPU's inline copier. Counted
+/// by what the library records making, not by time.
+#[test]
+fn a_connections_first_transfers_allocate_nothing() {
+    use uccl_tcpx::internal::cuda::ring::kernels_readied_at_a_chunk;
+    use uccl_tcpx::internal::cuda::small_copy::SmallCopier;
+    use uccl_tcpx::internal::transport::staged::ring_counts;
+    if no_gpu() {
+        return;
+    }
+    let len = (4 << 20) + 64;
+    let a = Arc::new(Engine::new(Config { gpu: Some(0), ..config() }).unwrap());
+    let b = Arc::new(Engine::new(Config { gpu: Some(0), ..config() }).unwrap());
+    let (mut a_mem, mut b_mem) = (Mem::on_gpu(0, len), Mem::on_gpu(0, len));
+    let (amr, bmr) = (a.register(a_mem.addr(), len).unwrap(), b.register(b_mem.addr(), len).unwrap());
+    let before_connect = ring_counts();
+    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+    let ba = common::accept(&b).unwrap();
+    let p = common::Pair { a, b, ab, ba };
+    let (rings, copiers, kernels) = (ring_counts(), SmallCopier::made(), kernels_readied_at_a_chunk());
+    assert!(rings.at_connect > before_connect.at_connect, "the comms made their rings: {rings:?}");
+    // Inline, eager and chunked sizes, each the first of its kind on this connection.
+    for (k, size) in [4096usize, (64 << 10) + 1, 128 << 10, 256 << 10, 4 << 20].into_iter().enumerate() {
+        for kind in [Kind::SendRecv, Kind::Write, Kind::Read] {
+            let data = pattern(size, k as u64 * 3 + kind as u64);
+            let (src, dst) = match kind {
+                Kind::Read => ((&mut b_mem, bmr), (&mut a_mem, amr)),
+                _ => ((&mut a_mem, amr), (&mut b_mem, bmr)),
+            };
+            src.0.write(1, &data);
+            dst.0.clear();
+            move_bytes(&p, kind, (&*src.0, src.1, 1), (&*dst.0, dst.1, 3), size);
+            assert_same(&dst.0.read(3, size), &data, &format!("{kind:?} of {size} bytes"));
+        }
+    }
+    // The first vector of many small pieces each way: gathered and scattered by the kernel where
+    // it was built.
+    let pieces = blocks(256, 4096, 8192, 16);
+    let data = pattern(len, 5);
+    a_mem.write(0, &data);
+    b_mem.clear();
+    let fifo = p.b.prepare_fifo(bmr, b_mem.addr(), len).unwrap();
+    let items: Vec<OneSided> = pieces
+        .iter()
+        .map(|&(at, n)| OneSided {
+            mr: amr,
+            addr: a_mem.addr() + at,
+            len: n,
+            remote: FifoItem { addr: fifo.addr + at as u64, ..fifo },
+        })
+        .collect();
+    let total = pieces.iter().map(|p| p.1 as u64).sum::<u64>();
+    let w = p.ab.write(&items).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap(), total);
+    assert_same(&b_mem.read(0, len), &landed(&data, &pieces, &pieces, len), "the first vector");
+    let after = ring_counts();
+    assert_eq!(after.on_first_use, rings.on_first_use, "no staged comm made its ring at a transfer: {after:?}");
+    assert_eq!(after.lanes_added, rings.lanes_added, "nor a lane");
+    assert_eq!(SmallCopier::made(), copiers, "no inline copier was made at a transfer");
+    assert_eq!(kernels_readied_at_a_chunk(), kernels, "no segment kernel was readied at a chunk");
+}
+
+/// Memory of the GPU an engine does not serve, on both ends (engine a serves GPU 1 with memory on
+/// GPU 0, b the other way round), every transfer kind over the network path: inline copies run in
+/// the memory's GPU's context, staged chunks on that GPU's lane of each comm's ring. Byte for byte.
+#[test]
+fn memory_of_the_other_gpu_every_kind_every_size() {
+    use uccl_tcpx::internal::transport::staged::ring_counts;
+    if no_gpu() || fewer_gpus_than(2) {
+        return;
+    }
+    let a = Arc::new(Engine::new(Config { gpu: Some(1), ..config() }).unwrap());
+    let b = Arc::new(Engine::new(Config { gpu: Some(0), ..config() }).unwrap());
+    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+    let ba = common::accept(&b).unwrap();
+    let p = common::Pair { a, b, ab, ba };
+    let sizes = [1usize, 4097, 65_537, (1 << 20) - 3, (4 << 20) + 17];
+    let max = sizes.iter().max().unwrap() + 64;
+    let lanes = ring_counts().lanes_added;
+    for kind in [Kind::SendRecv, Kind::Write, Kind::Read] {
+        // For reads the source lives on b, the destination on a.
+        let (src_engine, dst_engine) = match kind {
+            Kind::Read => (&p.b, &p.a),
+            _ => (&p.a, &p.b),
+        };
+        let other = |e: &Engine| 1 - e.gpu().unwrap().ordinal();
+        let (mut src, mut dst) = (Mem::on_gpu(other(src_engine), max), Mem::on_gpu(other(dst_engine), max));
+        let smr = src_engine.register(src.addr(), max).unwrap();
+        let dmr = dst_engine.register(dst.addr(), max).unwrap();
+        for (k, &len) in sizes.iter().enumerate() {
+            let (soff, doff) = (1 + (k * 3) % 13, 5 + k % 3);
+            let data = pattern(len, (k * 10 + kind as usize) as u64);
+            src.write(soff, &data);
+            dst.clear();
+            move_bytes(&p, kind, (&src, smr, soff), (&dst, dmr, doff), len);
+            let got = dst.read(doff - 1, len + 2);
+            let what = format!("{kind:?} of {len} bytes between the GPUs the engines do not serve");
+            assert_same(&got[1..=len], &data, &what);
+            assert_eq!((got[0], got[len + 1]), (0, 0), "{what}: neighbours untouched");
+        }
+        src_engine.deregister(smr).unwrap();
+        dst_engine.deregister(dmr).unwrap();
+    }
+    assert!(ring_counts().lanes_added > lanes, "chunks were staged on lanes of the memory's GPUs");
+    assert_eq!((p.a.gpu().unwrap().ordinal(), p.b.gpu().unwrap().ordinal()), (1, 0), "the served GPUs stay");
 }
 
 /// NIXL's order of calls with one agent per GPU: each engine is created on a thread whose current

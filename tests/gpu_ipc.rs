@@ -136,17 +136,24 @@ fn exercise(conn: &Arc<Connection>, local: &mut Mem, mr: u64, remote: FifoItem, 
 
 /// Engine `a` on GPU `ga` connected to engine `b` on GPU `gb`, both in this process.
 fn same_process(ga: i32, gb: i32) {
-    let a = Arc::new(Engine::new(Config { gpu: Some(ga), ..same_host() }).unwrap());
-    let b = Arc::new(Engine::new(Config { gpu: Some(gb), ..same_host() }).unwrap());
+    same_process_with_memory((ga, gb), (ga, gb));
+}
+
+/// Engines of GPUs `engines` in this process, their memory on GPUs `memory`: in one process the
+/// copies are issued on the local memory's own GPU, whichever GPU its engine serves.
+fn same_process_with_memory(engines: (i32, i32), memory: (i32, i32)) {
+    let a = Arc::new(Engine::new(Config { gpu: Some(engines.0), ..same_host() }).unwrap());
+    let b = Arc::new(Engine::new(Config { gpu: Some(engines.1), ..same_host() }).unwrap());
     let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
     let _ba = common::accept(&b).unwrap();
     assert_eq!(ab.peer.locality, Locality::SameProcess);
-    let mut target = Mem::on_gpu(gb, LEN);
+    let mut target = Mem::on_gpu(memory.1, LEN);
     target.write(0, &pattern(LEN, SEED));
     let tmr = b.register(target.addr(), LEN).unwrap();
-    let mut local = Mem::on_gpu(ga, LEN);
+    let mut local = Mem::on_gpu(memory.0, LEN);
     let lmr = a.register(local.addr(), LEN).unwrap();
-    exercise(&ab, &mut local, lmr, item(&b, tmr, &target), LEN, ga == gb);
+    exercise(&ab, &mut local, lmr, item(&b, tmr, &target), LEN, memory.0 == memory.1);
+    assert_eq!((a.gpu().unwrap().ordinal(), b.gpu().unwrap().ordinal()), engines, "the engines' GPUs stay");
 }
 
 #[test]
@@ -164,6 +171,18 @@ fn same_process_two_gpus() {
     }
     same_process(0, 1);
     same_process(1, 0);
+}
+
+/// Memory of a GPU other than its engine's, as UCCL's two-GPU tests register it (both ranks
+/// allocate on GPU 0 while one endpoint serves GPU 1): registered, and moved byte for byte.
+#[test]
+fn same_process_memory_of_other_gpus() {
+    if no_gpu() || fewer_gpus_than(2) {
+        return;
+    }
+    same_process_with_memory((0, 1), (0, 0));
+    same_process_with_memory((1, 0), (0, 1));
+    same_process_with_memory((1, 1), (0, 0));
 }
 
 #[test]
@@ -344,7 +363,9 @@ fn same_process_deregistration_waits_for_the_copy() {
 fn gpu_ipc_owner_process() {
     assert!(common::is_child("gpu_ipc_owner_process"), "runs as the peer process of the cross-process tests");
     let gpu: i32 = std::env::var("UCCL_TCPX_TEST_PEER_GPU").unwrap().parse().unwrap();
-    let engine = Arc::new(Engine::new(Config { gpu: Some(gpu), ..same_host() }).unwrap());
+    // The engine's GPU, where it is not the memory's.
+    let served = std::env::var("UCCL_TCPX_TEST_PEER_ENGINE_GPU").map_or(gpu, |g| g.parse().unwrap());
+    let engine = Arc::new(Engine::new(Config { gpu: Some(served), ..same_host() }).unwrap());
     let region = if std::env::var("UCCL_TCPX_TEST_PEER_VMM").as_deref() == Ok("1") {
         let vmm = VmmBuffer::new(LEN);
         vmm.write(&pattern(LEN, SEED));
@@ -405,9 +426,15 @@ impl Owner {
     }
 
     fn spawn_with(gpu: i32, vmm: bool) -> Owner {
+        Owner::spawn_on(gpu, gpu, vmm)
+    }
+
+    /// The owner's memory on GPU `gpu`, its engine on GPU `engine`.
+    fn spawn_on(gpu: i32, engine: i32, vmm: bool) -> Owner {
         let mut process = ChildTest::new("gpu_ipc_owner_process")
             .ignored()
             .env("UCCL_TCPX_TEST_PEER_GPU", gpu.to_string())
+            .env("UCCL_TCPX_TEST_PEER_ENGINE_GPU", engine.to_string())
             .env("UCCL_TCPX_TEST_PEER_VMM", if vmm { "1" } else { "0" })
             .spawn();
         let line = process.announcement("OWNER ", Duration::from_secs(120));
@@ -442,6 +469,29 @@ fn cross_process_two_gpus() {
         return;
     }
     cross_process(0, 1);
+}
+
+/// Memory of a GPU other than its engine's on both ends of two processes, as UCCL's
+/// `test_engine_onesided_ipc.py` has it: the owner's IPC handle is exported in its memory's GPU's
+/// context, mapped into our engine's GPU, and our local end, on the other GPU, is copied from and
+/// into there; the small pieces the kernel cannot take go over the staged network path, through
+/// the local memory's own GPU. Byte for byte.
+#[test]
+fn cross_process_memory_of_other_gpus() {
+    if no_gpu() || fewer_gpus_than(2) {
+        return;
+    }
+    // (our engine, our memory, the owner's engine, its memory)
+    for (ours, ours_mem, theirs, theirs_mem) in [(1, 0, 0, 0), (1, 0, 0, 1), (0, 1, 1, 0)] {
+        let owner = Owner::spawn_on(theirs_mem, theirs, false);
+        let engine = Engine::new(Config { gpu: Some(ours), ..same_host() }).unwrap();
+        let mut local = Mem::on_gpu(ours_mem, LEN);
+        let mr = engine.register(local.addr(), LEN).unwrap();
+        let conn = engine.connect("127.0.0.1", "0", owner.port).unwrap();
+        assert_eq!(conn.peer.locality, Locality::SameHost);
+        exercise(&conn, &mut local, mr, owner.item, LEN, ours == ours_mem);
+        assert_eq!(engine.gpu().unwrap().ordinal(), ours, "our engine still serves GPU {ours}");
+    }
 }
 
 #[test]

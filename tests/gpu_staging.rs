@@ -12,7 +12,7 @@ use uccl_tcpx::internal::transport::{IoSeg, ListenComm, MemKind, MrHandle, Net, 
 use uccl_tcpx::{SocketConfig, StagingConfig, UcclStatus};
 
 mod common;
-use common::gpu::{Mem, Side, blocks, landed, no_gpu, odd_pieces, span};
+use common::gpu::{Mem, Side, blocks, fewer_gpus_than, landed, no_gpu, odd_pieces, span};
 use common::{assert_same, pattern};
 
 /// Requests a comm holds at once, as the engine's window allows at most.
@@ -610,6 +610,85 @@ fn quarter_gigabyte_gpu_to_gpu_in_4_mib_slots() {
     let secs = start.elapsed().as_secs_f64();
     println!("staged comm pair, GPU->GPU 256 MiB in 4 MiB slots: {:.2} GB/s", len as f64 / secs / 1e9);
     assert_same(&dst.read(0, len), &data, "256 MiB GPU->GPU");
+}
+
+/// A staged comm pair over loopback made after the net was told its GPU (as the engine tells it
+/// before its first comm), `slot`-byte slots.
+fn staged_for_gpu(gpu: i32, slot: usize) -> Staged {
+    let socket = common::socket::socket_net(SocketConfig::default());
+    let net = StagedNet::wrap(Arc::new(socket), StagingParams::new(slot, 8)).unwrap();
+    net.set_gpu(&uccl_tcpx::internal::cuda::Gpu::open(gpu).unwrap());
+    let (tx, rx, listen) = common::comm::comm_pair(&*net, 0);
+    Staged { net, tx, rx, _listen: listen, slot }
+}
+
+/// Moves each of `sizes` from `src` to `dst` (registered with the pair) at odd offsets and checks
+/// every byte and the neighbours.
+fn every_size(s: &mut Staged, src: &mut Mem, dst: &mut Mem, sizes: &[usize], what: &str) {
+    let (smr, rmr) = register(s, src, dst);
+    for (k, &len) in sizes.iter().enumerate() {
+        let (soff, doff) = (1 + k % 7, 3 + (k * 5) % 11);
+        let data = pattern(len, k as u64 + 40);
+        src.write(soff, &data);
+        dst.clear();
+        transfer(s, End { addr: src.addr() + soff, mr: smr }, End { addr: dst.addr() + doff, mr: rmr }, len, |_, _| {});
+        let got = dst.read(doff - 1, len + 2);
+        assert_same(&got[1..=len], &data, &format!("{what}: {len} bytes"));
+        assert_eq!((got[0], got[len + 1]), (0, 0), "{what}: {len} bytes: neighbours untouched");
+    }
+    s.tx.dereg_mr(smr);
+    s.rx.dereg_mr(rmr);
+}
+
+/// Comms made once the net knows its GPU make their rings with them: their first device transfer
+/// allocates nothing. Comms made before make theirs at first use, which the count sees.
+#[test]
+fn comms_made_once_the_gpu_is_known_make_their_rings_with_them() {
+    use uccl_tcpx::internal::transport::staged::ring_counts;
+    if no_gpu() {
+        return;
+    }
+    let sizes = [(64 << 10) + 1, 256 << 10, (3 << 20) + 5];
+    let max = sizes.iter().max().unwrap() + 64;
+    let before = ring_counts();
+    let mut early = staged(1 << 20, 8);
+    assert_eq!(ring_counts(), before, "no GPU known: nothing made with the comms");
+    let mut s = staged_for_gpu(0, 1 << 20);
+    let made = ring_counts();
+    assert_eq!(made.at_connect, before.at_connect + 2, "both comms made their ring: {made:?}");
+    let (mut src, mut dst) = (Mem::new(Side::Gpu, max), Mem::new(Side::Gpu, max));
+    every_size(&mut s, &mut src, &mut dst, &sizes, "GPU->GPU, rings made with the comms");
+    assert_eq!(ring_counts(), made, "the first transfers made no ring and no lane");
+    every_size(&mut early, &mut src, &mut dst, &sizes, "GPU->GPU, rings made at first use");
+    assert_eq!(ring_counts().on_first_use, made.on_first_use + 2, "the comms made before made theirs now");
+}
+
+/// A comm of the net of GPU 0 stages memory of GPU 1 on a lane of that GPU's streams and events
+/// (one per comm, made at registration), every direction between the two GPUs and host memory,
+/// byte for byte.
+#[test]
+fn a_ring_stages_memory_of_another_gpu_on_a_lane_of_its_own() {
+    use uccl_tcpx::internal::transport::staged::ring_counts;
+    if no_gpu() || fewer_gpus_than(2) {
+        return;
+    }
+    let sizes = [1usize, 4097, (64 << 10) + 1, (1 << 20) - 3, (4 << 20) + 3];
+    let max = sizes.iter().max().unwrap() + 64;
+    let mem = |gpu: Option<i32>| match gpu {
+        Some(g) => Mem::on_gpu(g, max),
+        None => Mem::new(Side::Host, max),
+    };
+    for (from, to) in [(Some(1), Some(0)), (Some(0), Some(1)), (Some(1), Some(1)), (Some(1), None), (None, Some(1))] {
+        let mut s = staged_for_gpu(0, 1 << 20);
+        let before = ring_counts();
+        let (mut src, mut dst) = (mem(from), mem(to));
+        every_size(&mut s, &mut src, &mut dst, &sizes, &format!("GPU {from:?} -> GPU {to:?} on comms of GPU 0"));
+        let lanes = [from, to].iter().filter(|g| **g == Some(1)).count() as u64;
+        let after = ring_counts();
+        assert_eq!(after.lanes_added, before.lanes_added + lanes, "{from:?} -> {to:?}: one lane per comm of GPU 1");
+        assert_eq!(after.on_first_use, before.on_first_use, "{from:?} -> {to:?}: the rings were made with the comms");
+        assert!(!s.net.needs_polling(), "every copy was seen finished, on whichever lane");
+    }
 }
 
 #[test]

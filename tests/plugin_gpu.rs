@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use uccl_tcpx::internal::transport::Net;
-use uccl_tcpx::{Config, Engine, LocalPeers, OneSided, TransportChoice};
+use uccl_tcpx::{Config, Engine, LocalPeers, OneSided, TransportChoice, UcclStatus};
 
 mod common;
 use common::gpu::{
@@ -541,16 +541,33 @@ fn child_comms_bind_the_gpu_known_at_creation() {
     assert_same(&mem_a.read(0, len), &back, "GPU 1 -> GPU 0 write");
 
     // An engine with no GPU known takes one before its first plugin call (the connecting
-    // thread's, else GPU 0) and then refuses memory of another GPU, saying how to choose it.
+    // thread's, else GPU 0). Memory of another GPU then registers (same-host peers reach it), but
+    // its plugin comms are bound to GPU 0: a post naming it and a peer's request for it are
+    // refused, saying how to choose that GPU, and the connection goes on.
     let c = Engine::new(config).unwrap();
     assert!(c.gpu().is_none() && c.metadata().ends_with("?0"), "{}", c.metadata());
-    let _ca = connect_by_metadata(&c, &meta_a);
-    let _a_from_c = common::accept(&a).unwrap();
+    let ca = connect_by_metadata(&c, &meta_a);
+    let a_from_c = common::accept(&a).unwrap();
     assert_eq!(c.gpu().expect("chosen at the first connection").ordinal(), 0);
     assert!(c.metadata().ends_with("?0"), "metadata changed: {}", c.metadata());
-    let on1 = Mem::on_gpu(1, 4096);
-    let err = c.register(on1.addr(), on1.len()).unwrap_err();
-    assert!(err.message().contains("UCCL_TCPX_GPU=1"), "{err}");
+    let on1 = Mem::on_gpu(1, 1 << 20);
+    let mr1 = c.register(on1.addr(), on1.len()).unwrap();
+    let into_a = a.prepare_fifo(mr_a, mem_a.addr(), len).unwrap();
+    for n in [4096, 1 << 20] {
+        let err = ca.write(&[OneSided { mr: mr1, addr: on1.addr(), len: n, remote: into_a }]).unwrap_err();
+        assert_eq!(err.status(), UcclStatus::ErrNotSupported, "{err}");
+        assert!(err.message().contains("UCCL_TCPX_GPU=1"), "{err}");
+    }
+    let into_c = c.prepare_fifo(mr1, on1.addr(), 1 << 20).unwrap();
+    let err = a_from_c
+        .write(&[OneSided { mr: mr_a, addr: mem_a.addr(), len: 1 << 20, remote: into_c }])
+        .and_then(|id| wait(&a_from_c, id))
+        .unwrap_err();
+    assert_eq!(err.status(), UcclStatus::ErrNotSupported, "a peer's write into it: {err}");
+    let on0 = Mem::on_gpu(0, 1 << 20);
+    let mr0 = c.register(on0.addr(), on0.len()).unwrap();
+    let w = ca.write(&[OneSided { mr: mr0, addr: on0.addr(), len: 1 << 20, remote: into_a }]).unwrap();
+    assert_eq!(wait(&ca, w).unwrap(), 1 << 20, "the connection goes on with GPU 0's memory");
     println!("child checked");
 }
 

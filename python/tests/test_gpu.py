@@ -77,10 +77,19 @@ def test_same_host_ipc_calls_between_gpu_buffers(endpoints):
 
 
 @pytest.mark.skipif(_engine.gpu_count() < 2, reason="needs a second GPU")
-def test_memory_of_another_gpu_raises():
-    with p2p.Endpoint(local_gpu_idx=0) as ep:
-        other = torch.zeros(4096, dtype=torch.uint8, device="cuda:1")
-        with pytest.raises(RuntimeError, match="GPU 1"):
-            ep.reg(other.data_ptr(), 4096)
-        with pytest.raises(RuntimeError, match="GPU 1"):
-            ep.register_memory([other])
+def test_memory_of_another_gpu_moves_like_its_own(endpoints):
+    """Endpoints of GPU 0 take GPU 1's tensors, as UCCL's engine takes any GPU's pointer."""
+    server, client, conn, _ = endpoints
+    n = 1 << 20
+    src = pattern(n, 7, device="cuda:1")
+    dst, back = torch.zeros(n, dtype=torch.uint8, device="cuda:1"), torch.zeros(n, dtype=torch.uint8, device="cuda:1")
+    local = client.register_memory([src, back])
+    (remote_desc,) = server.register_memory([dst])
+    remote = client.deserialize_descs(server.get_serialized_descs([remote_desc]))
+    for op, buf in (("write", local[0]), ("read", local[1])):
+        ok, tid = client.transfer(conn, op, [buf], remote)
+        assert ok, op
+        while not client.poll_async(tid)[1]:
+            pass
+    torch.cuda.synchronize("cuda:1")
+    assert torch.equal(dst, src) and torch.equal(back, src)

@@ -9,7 +9,7 @@ two-sided ``send``/``recv`` family). Where this module behaves differently on pu
 * ``FloatType`` is accepted and ignored: no compression.
 * Bad input raises (``RuntimeError``, or ``TypeError``/``ValueError`` for arguments of the wrong
   kind) where UCCL aborts the process or misbehaves: an unknown or already reported transfer id, a
-  blob of the wrong length, a closed endpoint, memory of another GPU.
+  blob of the wrong length, a closed endpoint, memory of a GPU the process cannot reach.
 * ``Endpoint(local_gpu_idx)`` works without a CUDA driver: the engine then serves host memory only.
 """
 
@@ -46,7 +46,7 @@ _DESC_HEAD = struct.Struct("<QQQ")
 # A descriptor of ours (eight keys each way, no IPC part) in one go.
 _DESC_OF_OURS = struct.Struct("<QQQ8I8IQ")
 _U64 = struct.Struct("<Q")
-#: The engine's status for memory it cannot serve (another GPU's).
+#: The engine's status for memory it cannot serve (GPU memory its transport cannot move).
 _NOT_SUPPORTED = -9
 
 # Process-wide, as UCCL's ids are addresses: an id of one endpoint never names another's transfer.
@@ -734,7 +734,7 @@ class Endpoint:
             mr = _engine.reg(engine, addr, size)
         except _engine.EngineError as e:
             if e.status == _NOT_SUPPORTED:
-                # Memory of a GPU this endpoint does not serve: a mistake to report, not a miss.
+                # Memory this endpoint cannot serve: a mistake to report, not a miss.
                 raise
             _log.warning("register_memory: %s", e)
             return None

@@ -1,7 +1,9 @@
-//! A comm's staging ring: `slots` pinned host buffers of `slot_size` bytes in one allocation, one
-//! or more copy streams (slot `i` copies on stream `i % streams`) and one event per slot, all made
-//! once when the comm first meets device memory. Slots are taken and given back in FIFO order,
-//! which is the order a comm's requests complete in.
+//! A comm's staging ring: `slots` pinned host buffers of `slot_size` bytes in one allocation
+//! (portable: pinned for every context), and per GPU whose memory it stages a lane of one or more
+//! copy streams (slot `i` copies on stream `i % streams`) and one event per slot. A slot copies on
+//! the lane of the GPU it was taken for ([`StagingRing::take_for`]), so each copy, kernel and event
+//! runs in the context of the GPU that owns the device memory. Slots are taken and given back in
+//! FIFO order, which is the order a comm's requests complete in.
 //!
 //! A chunk of several device segments is gathered into its slot (or scattered out of it) with one
 //! copy per segment, or, when its segments are small, by the segment kernel ([`super::segments`]):
@@ -69,6 +71,14 @@ pub fn segment_copy_counts() -> SegmentCopyCounts {
     SegmentCopyCounts { by_kernel: BY_KERNEL.load(Ordering::Relaxed), by_copies: BY_COPIES.load(Ordering::Relaxed) }
 }
 
+/// Segment kernels (with their device bounce buffers) that a ring readied at a chunk rather than
+/// ahead of it (`StagingRing::prepare_kernels`): for tests of what a first transfer allocates.
+static KERNELS_AT_A_CHUNK: AtomicU64 = AtomicU64::new(0);
+
+pub fn kernels_readied_at_a_chunk() -> u64 {
+    KERNELS_AT_A_CHUNK.load(Ordering::Relaxed)
+}
+
 /// The one log line of a process whose rings could not build the segment kernel.
 fn kernel_unavailable(why: &Error) {
     static ONCE: Once = Once::new();
@@ -80,13 +90,38 @@ fn kernel_unavailable(why: &Error) {
     });
 }
 
-pub struct StagingRing {
-    // Drop order matters: the streams synchronize first (no copy or kernel still reads or writes a
-    // slot, a bounce buffer or user memory), then the kernel's buffers, the events and the slots go.
+/// One GPU's side of a ring: its copy streams, one event per slot, the marks of copies in parts
+/// and its segment kernel. Drop order: the streams synchronize first (no copy or kernel still reads
+/// or writes a slot, a bounce buffer or user memory), then the kernel's buffers and the events go.
+struct Lane {
     streams: Vec<Stream>,
     kernel: Built<SegmentKernel>,
     events: Vec<Event>,
     parts: PartMarks,
+}
+
+impl Lane {
+    fn new(gpu: &Arc<Gpu>, slots: usize, streams: usize) -> Result<Lane> {
+        let streams = (0..streams.min(slots)).map(|_| Stream::new(gpu)).collect::<Result<Vec<_>>>()?;
+        let events = (0..slots).map(|_| Event::new(gpu)).collect::<Result<Vec<_>>>()?;
+        Ok(Lane { streams, kernel: Built::Waiting, parts: PartMarks::new(events.len()), events })
+    }
+
+    fn gpu(&self) -> &Arc<Gpu> {
+        self.streams[0].gpu()
+    }
+
+    fn stream(&self, slot: usize) -> &Stream {
+        &self.streams[slot % self.streams.len()]
+    }
+}
+
+pub struct StagingRing {
+    // Drop order matters: every lane's streams synchronize before the slots go.
+    /// The first is the GPU the ring was made for; others are added for memory of other GPUs.
+    lanes: Vec<Lane>,
+    /// The lane each slot copies on: the one it was last taken for.
+    slot_lane: Vec<usize>,
     host: PinnedBuffer,
     slot_size: usize,
     /// Slots handed out and given back so far; slot `i` of the sequence is `i % slots`.
@@ -108,13 +143,10 @@ impl StagingRing {
             .checked_mul(slots)
             .ok_or_else(|| Error::invalid(format!("{slots} staging slots of {slot_size} bytes overflow")))?;
         let host = PinnedBuffer::new(gpu, total)?;
-        let streams = (0..streams.min(slots)).map(|_| Stream::new(gpu)).collect::<Result<Vec<_>>>()?;
-        let events = (0..slots).map(|_| Event::new(gpu)).collect::<Result<Vec<_>>>()?;
+        let lane = Lane::new(gpu, slots, streams)?;
         Ok(StagingRing {
-            streams,
-            kernel: Built::Waiting,
-            parts: PartMarks::new(events.len()),
-            events,
+            lanes: vec![lane],
+            slot_lane: vec![0; slots],
             host,
             slot_size,
             taken: 0,
@@ -124,9 +156,41 @@ impl StagingRing {
         })
     }
 
+    /// Lets the ring stage memory of `gpu` too: a lane of its own streams and events, made once.
+    pub fn add_gpu(&mut self, gpu: &Arc<Gpu>) -> Result<()> {
+        if self.lane_of(gpu.ordinal()).is_none() {
+            let lane = Lane::new(gpu, self.slots(), self.lanes[0].streams.len())?;
+            self.lanes.push(lane);
+        }
+        Ok(())
+    }
+
+    /// Whether the ring stages memory of GPU `ordinal`.
+    pub fn stages(&self, ordinal: i32) -> bool {
+        self.lane_of(ordinal).is_some()
+    }
+
+    fn lane_of(&self, ordinal: i32) -> Option<usize> {
+        self.lanes.iter().position(|l| l.gpu().ordinal() == ordinal)
+    }
+
     /// How chunks of several segments are gathered and scattered from now on.
     pub fn set_gather(&mut self, mode: StagingGather) {
         self.gather = mode;
+    }
+
+    /// Readies each lane's segment kernel now (a slot of device memory per stream to bounce
+    /// through) where the mode may use it and its GPU's kernel is built, so that the first chunk
+    /// of many segments allocates nothing; where it is not built yet, that chunk readies it.
+    pub fn prepare_kernels(&mut self) {
+        if self.gather == StagingGather::Copies {
+            return;
+        }
+        for lane in &mut self.lanes {
+            let streams = &lane.streams;
+            let take = || SegmentKernel::if_built(streams[0].gpu(), self.slot_size, streams.len());
+            lane.kernel.get(take, kernel_unavailable);
+        }
     }
 
     /// Chunks of two or more segments this ring moved, by path.
@@ -134,12 +198,14 @@ impl StagingRing {
         self.counts
     }
 
+    /// The GPU the ring was made for.
     pub fn gpu(&self) -> &Arc<Gpu> {
-        self.streams[0].gpu()
+        self.lanes[0].gpu()
     }
 
-    fn stream(&self, slot: usize) -> &Stream {
-        &self.streams[slot % self.streams.len()]
+    /// The lane slot `slot` copies on.
+    fn lane(&mut self, slot: usize) -> &mut Lane {
+        &mut self.lanes[self.slot_lane[slot]]
     }
 
     pub fn slot_size(&self) -> usize {
@@ -147,7 +213,7 @@ impl StagingRing {
     }
 
     pub fn slots(&self) -> usize {
-        self.events.len()
+        self.slot_lane.len()
     }
 
     /// The pinned bytes of all slots, for a transport that wants them registered.
@@ -164,10 +230,23 @@ impl StagingRing {
         (self.in_use() < self.slots()).then_some((self.taken % self.slots() as u64) as usize)
     }
 
+    /// Takes the next slot for memory of the ring's own GPU.
     pub fn take(&mut self) -> Option<usize> {
         let slot = self.peek()?;
         self.taken += 1;
+        self.slot_lane[slot] = 0;
         Some(slot)
+    }
+
+    /// Takes the next slot for memory of GPU `ordinal`, whose lane its copies run on; an error when
+    /// the ring has no lane for that GPU (`add_gpu`).
+    pub fn take_for(&mut self, ordinal: i32) -> Result<Option<usize>> {
+        let lane = self.lane_of(ordinal).ok_or_else(|| {
+            Error::new(crate::error::UcclStatus::ErrInternal, format!("staging ring has no lane for GPU {ordinal}"))
+        })?;
+        let Some(slot) = self.take() else { return Ok(None) };
+        self.slot_lane[slot] = lane;
+        Ok(Some(slot))
     }
 
     /// Gives back the oldest slot taken.
@@ -196,8 +275,8 @@ impl StagingRing {
     /// there, and the wake runs then.
     ///
     /// # Safety
-    /// `[src, src + len)` is device memory of this ring's GPU that stays valid until the copy is
-    /// reported done or the ring is dropped; `slot` is taken and not otherwise in use.
+    /// `[src, src + len)` is device memory of the GPU the slot was taken for, valid until the copy
+    /// is reported done or the ring is dropped; `slot` is taken and not otherwise in use.
     pub unsafe fn copy_in(&mut self, slot: usize, src: usize, len: usize) -> Result<()> {
         // SAFETY: per the contract.
         unsafe { self.gather(slot, len, [(src, len)]) }
@@ -222,16 +301,18 @@ impl StagingRing {
                 "staging segments add up to {total:?} bytes, not the {len} they were announced with"
             )));
         }
-        self.gpu().bind()?;
-        let (index, host) = (slot % self.streams.len(), self.slot_ptr(slot));
+        let (host, slot_size, gather) = (self.slot_ptr(slot), self.slot_size, self.gather);
+        let lane = self.lane(slot);
+        lane.gpu().bind()?;
+        let index = slot % lane.streams.len();
         let many = segs.len() >= 2;
-        if self.use_kernel(segs.clone(), len)
-            && let Built::Ready(kernel) = &mut self.kernel
+        if use_kernel(lane, gather, slot_size, segs.clone(), len)
+            && let Built::Ready(kernel) = &mut lane.kernel
         {
             // SAFETY: the caller vouches for the segments and the taken slot, which holds
             // slot_size >= len bytes; the segments add up to len (checked above) and are
-            // addressable (use_kernel); the GPU is bound on this thread.
-            unsafe { kernel.gather(index, &self.streams[index], host, len, segs)? };
+            // addressable (use_kernel); the lane's GPU is bound on this thread.
+            unsafe { kernel.gather(index, &lane.streams[index], host, len, segs)? };
             self.count(true);
             return self.mark(slot);
         }
@@ -246,7 +327,7 @@ impl StagingRing {
                         host.add(at).cast(),
                         addr as sys::CUdeviceptr,
                         seg_len,
-                        self.streams[index].raw(),
+                        lane.streams[index].raw(),
                     )
                 },
                 "cuMemcpyDtoHAsync into a staging slot",
@@ -273,9 +354,11 @@ impl StagingRing {
         if part == 0 {
             return Err(Error::invalid("staging copies in parts of 0 bytes"));
         }
-        self.gpu().bind()?;
-        self.parts.start(slot);
-        let (index, host) = (slot % self.streams.len(), self.slot_ptr(slot));
+        let host = self.slot_ptr(slot);
+        let lane = self.lane(slot);
+        lane.gpu().bind()?;
+        lane.parts.start(slot);
+        let index = slot % lane.streams.len();
         let mut at = 0;
         while at < len {
             let n = part.min(len - at);
@@ -287,14 +370,14 @@ impl StagingRing {
                         host.add(at).cast(),
                         (src + at) as sys::CUdeviceptr,
                         n,
-                        self.streams[index].raw(),
+                        lane.streams[index].raw(),
                     )
                 },
                 "cuMemcpyDtoHAsync of a part into a staging slot",
             )?;
             at += n;
-            let gpu = self.streams[index].gpu().clone();
-            self.parts.record(&gpu, slot, &self.streams[index], at)?;
+            let gpu = lane.streams[index].gpu().clone();
+            lane.parts.record(&gpu, slot, &lane.streams[index], at)?;
         }
         self.mark(slot)
     }
@@ -303,8 +386,9 @@ impl StagingRing {
     ///
     /// [`copy_in_parts`]: StagingRing::copy_in_parts
     pub fn copied_prefix(&mut self, slot: usize) -> Result<usize> {
-        self.gpu().bind()?;
-        self.parts.seen(slot)
+        let lane = self.lane(slot);
+        lane.gpu().bind()?;
+        lane.parts.seen(slot)
     }
 
     /// Queues the copy of `len` bytes at offset `at` of `slot` to device memory at `dst`; the
@@ -320,18 +404,15 @@ impl StagingRing {
                 self.slot_size
             )));
         }
-        self.gpu().bind()?;
-        let index = slot % self.streams.len();
+        let host = self.slot_ptr(slot);
+        let lane = self.lane(slot);
+        lane.gpu().bind()?;
+        let index = slot % lane.streams.len();
         check(
             // SAFETY: the caller vouches for the device destination and the range's final bytes;
             // the range lies inside the slot (checked above), and the GPU is bound on this thread.
             unsafe {
-                sys::cuMemcpyHtoDAsync_v2(
-                    dst as sys::CUdeviceptr,
-                    self.slot_ptr(slot).add(at).cast(),
-                    len,
-                    self.streams[index].raw(),
-                )
+                sys::cuMemcpyHtoDAsync_v2(dst as sys::CUdeviceptr, host.add(at).cast(), len, lane.streams[index].raw())
             },
             "cuMemcpyHtoDAsync of a range of a staging slot",
         )?;
@@ -341,8 +422,8 @@ impl StagingRing {
     /// Queues the copy of the first `len` bytes of `slot` to device memory at `dst`.
     ///
     /// # Safety
-    /// `[dst, dst + len)` is device memory of this ring's GPU that nobody else accesses until the
-    /// copy is reported done or the ring is dropped; the slot's bytes are final.
+    /// `[dst, dst + len)` is device memory of the GPU the slot was taken for, which nobody else
+    /// accesses until the copy is reported done or the ring is dropped; the slot's bytes are final.
     pub unsafe fn copy_out(&mut self, slot: usize, dst: usize, len: usize) -> Result<()> {
         // SAFETY: per the contract.
         unsafe { self.scatter(slot, len, [(dst, len)]) }
@@ -367,16 +448,18 @@ impl StagingRing {
                 "{len} staged bytes cannot be scattered into segments of {total:?} bytes"
             )));
         }
-        self.gpu().bind()?;
-        let (index, host) = (slot % self.streams.len(), self.slot_ptr(slot));
+        let (host, slot_size, gather) = (self.slot_ptr(slot), self.slot_size, self.gather);
+        let lane = self.lane(slot);
+        lane.gpu().bind()?;
+        let index = slot % lane.streams.len();
         let many = segs.len() >= 2;
-        if self.use_kernel(segs.clone(), len)
-            && let Built::Ready(kernel) = &mut self.kernel
+        if use_kernel(lane, gather, slot_size, segs.clone(), len)
+            && let Built::Ready(kernel) = &mut lane.kernel
         {
             // SAFETY: the caller vouches for the segments and the slot's final bytes; `len` is at
             // most a slot (check_len) and at most the segments' total (checked above), which are
-            // addressable (use_kernel); the GPU is bound on this thread.
-            unsafe { kernel.scatter(index, &self.streams[index], host, len, segs)? };
+            // addressable (use_kernel); the lane's GPU is bound on this thread.
+            unsafe { kernel.scatter(index, &lane.streams[index], host, len, segs)? };
             self.count(true);
             return self.mark(slot);
         }
@@ -395,7 +478,7 @@ impl StagingRing {
                         addr as sys::CUdeviceptr,
                         host.add(at).cast(),
                         n,
-                        self.streams[index].raw(),
+                        lane.streams[index].raw(),
                     )
                 },
                 "cuMemcpyHtoDAsync from a staging slot",
@@ -406,20 +489,6 @@ impl StagingRing {
             self.count(false);
         }
         self.mark(slot)
-    }
-
-    /// Whether the segments `segs` of a `len`-byte chunk go through the kernel: the mode wants it
-    /// for them, a tile can name every one, and the kernel is built. The ring is used under its
-    /// connection's lock, which NVRTC would hold for hundreds of milliseconds: the engine builds
-    /// the kernel when it registers the GPU's memory, and chunks take one copy per segment until
-    /// it is there.
-    fn use_kernel(&mut self, mut segs: impl ExactSizeIterator<Item = (usize, usize)>, len: usize) -> bool {
-        if !wants_kernel(self.gather, segs.len(), len) || !segs.all(|(a, n)| addressable(a as u64, n as u64)) {
-            return false;
-        }
-        let (streams, slot_size) = (&self.streams, self.slot_size);
-        let take = || SegmentKernel::if_built(streams[0].gpu(), slot_size, streams.len());
-        self.kernel.get(take, kernel_unavailable).is_some()
     }
 
     fn count(&mut self, by_kernel: bool) {
@@ -433,14 +502,41 @@ impl StagingRing {
     }
 
     fn mark(&mut self, slot: usize) -> Result<()> {
-        self.events[slot].record(self.stream(slot))
+        let lane = self.lane(slot);
+        lane.events[slot].record(lane.stream(slot))
     }
 
     /// Whether the last copy queued for `slot` finished.
     pub fn copied(&self, slot: usize) -> Result<bool> {
-        self.gpu().bind()?;
-        self.events[slot].done()
+        let lane = &self.lanes[self.slot_lane[slot]];
+        lane.gpu().bind()?;
+        lane.events[slot].done()
     }
+}
+
+/// Whether the segments `segs` of a `len`-byte chunk go through `lane`'s kernel: the mode wants it
+/// for them, a tile can name every one, and the kernel is built. The ring is used under its
+/// connection's lock, which NVRTC would hold for hundreds of milliseconds: the engine builds the
+/// kernel when it registers the GPU's memory, and chunks take one copy per segment until it is
+/// there.
+fn use_kernel(
+    lane: &mut Lane,
+    gather: StagingGather,
+    slot_size: usize,
+    mut segs: impl ExactSizeIterator<Item = (usize, usize)>,
+    len: usize,
+) -> bool {
+    if !wants_kernel(gather, segs.len(), len) || !segs.all(|(a, n)| addressable(a as u64, n as u64)) {
+        return false;
+    }
+    let waiting = matches!(lane.kernel, Built::Waiting);
+    let streams = &lane.streams;
+    let take = || SegmentKernel::if_built(streams[0].gpu(), slot_size, streams.len());
+    let ready = lane.kernel.get(take, kernel_unavailable).is_some();
+    if waiting && ready {
+        KERNELS_AT_A_CHUNK.fetch_add(1, Ordering::Relaxed);
+    }
+    ready
 }
 
 #[cfg(test)]

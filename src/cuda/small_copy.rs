@@ -45,6 +45,8 @@ struct State {
     bounce: PinnedBuffer,
 }
 
+static COPIERS_MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 pub struct SmallCopier {
     gpu: Arc<Gpu>,
     mode: SmallCopyMode,
@@ -69,7 +71,13 @@ impl SmallCopier {
         // The registry hands out the one Arc of this GPU, which the copier's stream and buffer hold.
         let copier = Arc::new(SmallCopier::new(&Gpu::open(gpu.ordinal())?, SmallCopyMode::Dma)?);
         copiers.push(copier.clone());
+        COPIERS_MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(copier)
+    }
+
+    /// Copiers `for_gpu` made so far in this process: for tests that check a transfer made none.
+    pub fn made() -> u64 {
+        COPIERS_MADE.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn new(gpu: &Arc<Gpu>, mode: SmallCopyMode) -> Result<SmallCopier> {

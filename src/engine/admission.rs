@@ -503,7 +503,8 @@ fn serve_admitted(
         channels: agreed.net.name(),
     };
     let binding = session.map(|s| s.token_binding());
-    Connection::start(core.clone(), stream, info, channels, chunking, agreed.link, binding)
+    let bound_gpu = core.gpu.bound_by(&*agreed.net);
+    Connection::start(core.clone(), stream, info, channels, chunking, agreed.link, binding, bound_gpu)
 }
 
 #[cfg(test)]

@@ -152,6 +152,9 @@ pub struct Local<'a> {
     pub removals: Arc<AtomicU64>,
     /// Announced in Hello / Welcome; all zero when same-host paths are disabled.
     pub host: HostIdentity,
+    /// The engine's GPU as of now, told to the route's transport before it makes comms (a staged
+    /// one makes their rings with them).
+    pub gpu: Option<Arc<crate::cuda::Gpu>>,
 }
 
 impl<'a> Local<'a> {
@@ -179,6 +182,7 @@ impl<'a> Local<'a> {
             window: core.config.window,
             removals: core.regions.removals(),
             host: same_host::own_identity(core.config.disable_ipc),
+            gpu: core.gpu.get().cloned(),
         }
     }
 }
@@ -253,6 +257,9 @@ pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, listens
             let same_kernel = link.locality.is_local() || local.host.same_kernel(&w.host);
             let route = local.routes.decide(same_kernel, w.capabilities).map_err(|e| refuse(stream, e))?;
             let net = local.routes.net(route).map_err(|e| refuse(stream, e))?;
+            if let Some(gpu) = &local.gpu {
+                net.set_gpu(gpu);
+            }
             let mut agreed = Agreement {
                 num_channels: w.num_channels,
                 chunk_size: w.chunk_size,
@@ -652,6 +659,7 @@ mod tests {
             window: 16,
             removals: removals.clone(),
             host: HostIdentity::default(),
+            gpu: None,
         }
     }
 

@@ -491,7 +491,8 @@ fn connect_to(
         channels: agreed.net.name(),
     };
     let binding = session.map(|s| s.token_binding());
-    Connection::start(core.clone(), stream, peer, channels, chunking, agreed.link, binding)
+    let bound_gpu = core.gpu.bound_by(&*agreed.net);
+    Connection::start(core.clone(), stream, peer, channels, chunking, agreed.link, binding, bound_gpu)
 }
 
 /// What the idle progress thread does (`idle_choice`): device copies in flight are staged chunks and

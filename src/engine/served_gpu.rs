@@ -6,6 +6,11 @@
 //! the device TCPX itself would have used.
 //!
 //! Once chosen, the GPU never changes, and the transport is told before it makes comms with it.
+//!
+//! Memory of any other GPU of the process is taken too, as UCCL's engine takes any pointer
+//! (unified addressing): each path moves it in its owning GPU's context (the staged path on that
+//! GPU's lane of a comm's ring, same-host copies on that GPU's queue, IPC handles exported there).
+//! A transport that binds comms to one GPU (TCPX) refuses it when a comm registers it.
 
 use std::sync::{Arc, OnceLock};
 
@@ -13,7 +18,7 @@ use crate::cuda::{self, Gpu};
 use crate::error::{Error, Result, UcclStatus};
 use crate::transport::Net;
 
-/// How a GPU came to be chosen, for the refusal of another GPU's memory.
+/// How a GPU came to be chosen, for messages about it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ChosenBy {
     Configuration,
@@ -87,6 +92,11 @@ impl ServedGpu {
         (0, "0")
     }
 
+    /// The GPU `net`'s comms are bound to: the engine's, where `net` binds comms to a GPU.
+    pub fn bound_by(&self, net: &dyn Net) -> Option<i32> {
+        net.binds_gpu().then(|| self.get().map(|gpu| gpu.ordinal())).flatten()
+    }
+
     /// Tells `net` the GPU, when one is chosen (at creation, before any comm exists).
     pub fn tell(&self, net: &dyn Net) {
         if let Some(gpu) = self.get() {
@@ -109,33 +119,43 @@ impl ServedGpu {
     }
 
     /// Memory of GPU `ordinal` is being registered: the engine serves that GPU, choosing it now
-    /// if none is yet. Memory of another GPU needs an engine of its own.
+    /// if none is yet, and takes memory of any other GPU the process reaches. What each GPU's
+    /// transfers use under a connection's lock (the unpack kernel, the inline copier) is built
+    /// here, on the caller's registering thread, which holds no lock.
     pub fn serve(&self, ordinal: i32, net: &dyn Net) -> Result<()> {
-        let (gpu, by) = self.choose(ordinal, ChosenBy::Registration, net)?;
-        if gpu.ordinal() == ordinal {
-            // Vectors of this memory go through the GPU's unpack kernel (staged chunks of many
-            // segments, same-host copies on one GPU), taken under a connection's lock only once
-            // built: it is built here, on the caller's registering thread, which holds no lock.
-            cuda::segments::TileCopier::build(gpu);
-            return Ok(());
+        let (served, by) = self.choose(ordinal, ChosenBy::Registration, net)?;
+        let gpu = if served.ordinal() == ordinal {
+            served.clone()
+        } else {
+            Gpu::open(ordinal).map_err(|e| {
+                e.context(format!(
+                    "memory of GPU {ordinal} (this engine serves GPU {}, {})",
+                    served.ordinal(),
+                    by.describe()
+                ))
+            })?
+        };
+        cuda::segments::TileCopier::build(&gpu);
+        // The inline copier's stream and pinned bounce buffer, so that the first inline transfer
+        // of this GPU's memory allocates nothing.
+        if let Err(e) = cuda::small_copy::SmallCopier::for_gpu(&gpu) {
+            log::debug!("GPU {ordinal}: no inline copier yet ({}); made at the first inline transfer", e.message());
         }
-        Err(Error::new(
-            UcclStatus::ErrNotSupported,
-            format!(
-                "this engine serves GPU {} ({}, {}); memory of GPU {ordinal} needs an engine of its own, \
-                 created with UCCL_TCPX_GPU={ordinal} or with GPU {ordinal} current",
-                gpu.ordinal(),
-                gpu.bus_id(),
-                by.describe()
-            ),
-        ))
+        Ok(())
     }
 
     /// Called before every connection's first listen or connect: a transport that binds comms to
     /// a GPU gets one now if the engine has none yet (the calling thread's current GPU, else GPU
-    /// 0), so no comm is ever bound to a GPU the engine does not serve.
+    /// 0), so no comm is ever bound to a GPU the engine does not serve; any other is told the GPU
+    /// chosen so far.
     pub fn before_comms(&self, net: &dyn Net) -> Result<()> {
-        if self.chosen.get().is_some() || !net.binds_gpu() {
+        if !net.binds_gpu() {
+            // A transport made after the GPU was chosen (the socket transport of same-host peers)
+            // learns it before its first comm, which stages through it.
+            self.tell(net);
+            return Ok(());
+        }
+        if self.chosen.get().is_some() {
             return Ok(());
         }
         let ordinal = cuda::gpu::current_ordinal().unwrap_or(0);

@@ -280,3 +280,40 @@ pub trait RecvComm: Send {
         Vec::new()
     }
 }
+
+/// Whether a comm bound to GPU `bound` (the engine's; `None`: no GPU is known, so none is bound)
+/// may register memory of GPU `device`. TCPX binds each comm to the GPU current when it is made
+/// (its receive pool lives there) and maps a CUDA registration through the GPU current at regMr
+/// (docs/TCPX.md): bytes of another GPU's memory could be neither unpacked into it nor sent from
+/// it by that comm. Connections on such a transport refuse it as a post or a peer's request names
+/// it (the connection goes on), and its comms at registration.
+pub fn bound_gpu_takes(bound: Option<i32>, device: i32) -> Result<()> {
+    match bound {
+        Some(bound) if bound != device => Err(crate::error::Error::new(
+            crate::error::UcclStatus::ErrNotSupported,
+            format!(
+                "the net plugin binds each comm to one GPU, this engine's GPU {bound}: memory of GPU \
+                 {device} moves only to peers on this host; to send it over the network, register it with an \
+                 engine of GPU {device} (UCCL_TCPX_GPU={device}, or GPU {device} current at creation)"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod bound_gpu_tests {
+    use super::bound_gpu_takes;
+    use crate::error::UcclStatus;
+
+    #[test]
+    fn a_comm_bound_to_one_gpu_takes_only_that_gpus_memory() {
+        assert!(bound_gpu_takes(Some(1), 1).is_ok());
+        assert!(bound_gpu_takes(None, 3).is_ok(), "no GPU known: nothing is bound");
+        let err = bound_gpu_takes(Some(1), 0).unwrap_err();
+        assert_eq!(err.status(), UcclStatus::ErrNotSupported);
+        for said in ["net plugin", "GPU 1", "memory of GPU 0", "UCCL_TCPX_GPU=0"] {
+            assert!(err.message().contains(said), "{said}: {err}");
+        }
+    }
+}

@@ -142,8 +142,13 @@ impl Connection {
             let in_run = open.as_ref().is_some_and(|run| {
                 run.region.id == op.mr && check_range(op.addr, op.len).is_ok() && run.region.contains(op.addr, op.len)
             });
-            let looked_up =
-                if in_run { None } else { Some(self.core.regions.local(op.mr, op.addr, op.len).map_err(ctx)?) };
+            let looked_up = if in_run {
+                None
+            } else {
+                let region = self.core.regions.local(op.mr, op.addr, op.len).map_err(ctx)?;
+                self.channels_take(&region).map_err(ctx)?;
+                Some(region)
+            };
             let cap = match last_cap {
                 Some((padding, cap)) if padding == op.remote.padding => cap,
                 _ => {
@@ -249,6 +254,7 @@ impl Connection {
         let mut items = Vec::with_capacity(msgs.len());
         for (i, &(mr, addr, len)) in msgs.iter().enumerate() {
             let region = self.core.regions.local(mr, addr, len).map_err(|e| e.context(format!("send item {i}")))?;
+            self.channels_take(&region).map_err(|e| e.context(format!("send item {i}")))?;
             // Up to the engine's inline bound, as one-sided transfers: on a small host an eager
             // message's hops (a helper at each end, the Done) cost more than an inline one's copies
             // (one at each end, two more where it arrives before its receive).
@@ -268,6 +274,7 @@ impl Connection {
     /// the message that arrives must fit the region (see `Regions::receive`).
     pub fn recv(&self, mr: u64, addr: usize, max: usize) -> Result<u64> {
         let region = self.core.regions.receive(mr, addr, max)?;
+        self.channels_take(&region)?;
         let mem = self.memory();
         self.post(1, false, None, |st, transfer, out| st.post_recv(transfer, region, addr, max as u64, &mem, out))
     }

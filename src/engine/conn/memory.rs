@@ -15,19 +15,34 @@ pub(super) struct EngineMemory<'a> {
     core: &'a EngineCore,
     /// The connection's token binding when it is authenticated: requests must carry bound tokens.
     binding: Option<&'a TokenBinding>,
+    /// The GPU the connection's comms are bound to, if their transport binds them to one.
+    bound_gpu: Option<i32>,
+}
+
+/// Whether channels whose comms are bound to GPU `bound_gpu` (if any) can move `region`: not
+/// device memory of another GPU (`transport::bound_gpu_takes`).
+pub(super) fn channels_take(bound_gpu: Option<i32>, region: &Region) -> Result<()> {
+    match (bound_gpu, region.kind) {
+        (Some(_), MemKind::Cuda { device }) => crate::transport::bound_gpu_takes(bound_gpu, device)
+            .map_err(|e| e.context(format!("memory region {}", region.id))),
+        _ => Ok(()),
+    }
 }
 
 impl<'a> EngineMemory<'a> {
-    pub fn new(core: &'a EngineCore, binding: Option<&'a TokenBinding>) -> EngineMemory<'a> {
-        EngineMemory { core, binding }
+    pub fn new(core: &'a EngineCore, binding: Option<&'a TokenBinding>, bound_gpu: Option<i32>) -> EngineMemory<'a> {
+        EngineMemory { core, binding, bound_gpu }
     }
 
-    fn region_gpu(&self, region: &Region) -> Result<&crate::cuda::Gpu> {
+    /// The GPU owning a device region: the engine's or another of the process (registration
+    /// opened it), whose context its inline copies run in.
+    fn region_gpu(&self, region: &Region) -> Result<Arc<crate::cuda::Gpu>> {
         match (self.core.gpu.get(), region.kind) {
-            (Some(gpu), MemKind::Cuda { device }) if gpu.ordinal() == device => Ok(gpu),
-            _ => Err(Error::new(
+            (Some(gpu), MemKind::Cuda { device }) if gpu.ordinal() == device => Ok(gpu.clone()),
+            (_, MemKind::Cuda { device }) => crate::cuda::Gpu::open(device),
+            (_, MemKind::Host) => Err(Error::new(
                 UcclStatus::ErrInternal,
-                format!("region {} is device memory of no GPU this engine serves", region.id),
+                format!("region {} is host memory, not device memory", region.id),
             )),
         }
     }
@@ -35,20 +50,24 @@ impl<'a> EngineMemory<'a> {
 
 impl Memory for EngineMemory<'_> {
     fn authorize(&self, region: u64, token: u64, addr: u64, len: u64) -> Result<Arc<Region>> {
-        self.core.regions.authorize(region, token, addr, len, self.binding)
+        let r = self.core.regions.authorize(region, token, addr, len, self.binding)?;
+        channels_take(self.bound_gpu, &r)?;
+        Ok(r)
     }
 
     fn authorize_segments(&self, region: u64, token: u64, segs: &[RemoteSeg]) -> Result<Arc<Region>> {
-        self.core.regions.authorize_segments(region, token, segs, self.binding)
+        let r = self.core.regions.authorize_segments(region, token, segs, self.binding)?;
+        channels_take(self.bound_gpu, &r)?;
+        Ok(r)
     }
 
     unsafe fn store(&self, region: &Region, addr: usize, payload: &[u8]) -> Result<()> {
         match region.kind {
             // SAFETY: per the contract.
             MemKind::Host => unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), addr as *mut u8, payload.len()) },
-            // SAFETY: per the contract; registration proved the range is memory of the engine's GPU.
+            // SAFETY: per the contract; registration proved the range is memory of the region's GPU.
             MemKind::Cuda { .. } => unsafe {
-                crate::cuda::small_copy::copy_to_device_sync(self.region_gpu(region)?, addr, payload)?
+                crate::cuda::small_copy::copy_to_device_sync(&*self.region_gpu(region)?, addr, payload)?
             },
         }
         Ok(())
@@ -61,9 +80,33 @@ impl Memory for EngineMemory<'_> {
             MemKind::Cuda { .. } => {
                 let mut out = vec![0u8; len];
                 // SAFETY: per the contract.
-                unsafe { crate::cuda::small_copy::copy_from_device_sync(self.region_gpu(region)?, &mut out, addr)? };
+                unsafe { crate::cuda::small_copy::copy_from_device_sync(&*self.region_gpu(region)?, &mut out, addr)? };
                 Ok(out)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::channels_take;
+    use crate::engine::region::RegionTable;
+    use crate::error::UcclStatus;
+    use crate::transport::MemKind;
+
+    /// Channels on comms bound to a GPU take host memory and that GPU's memory; another GPU's is
+    /// refused with the region named, and channels bound to none take every GPU's.
+    #[test]
+    fn channels_bound_to_a_gpu_refuse_only_another_gpus_memory() {
+        let t = RegionTable::default();
+        let on0 = t.get(t.register(0x10000, 0x1000, MemKind::Cuda { device: 0 }).unwrap()).unwrap();
+        let host = t.get(t.register(0x20000, 0x1000, MemKind::Host).unwrap()).unwrap();
+        for (bound, region) in [(Some(0), &on0), (None, &on0), (Some(1), &host), (None, &host)] {
+            assert!(channels_take(bound, region).is_ok(), "bound to {bound:?}, {:?}", region.kind);
+        }
+        let err = channels_take(Some(1), &on0).unwrap_err();
+        assert_eq!(err.status(), UcclStatus::ErrNotSupported);
+        assert!(err.message().contains(&format!("memory region {}", on0.id)), "{err}");
+        assert!(err.message().contains("memory of GPU 0"), "{err}");
     }
 }

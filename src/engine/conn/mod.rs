@@ -158,6 +158,9 @@ pub struct Connection {
     link: LocalLink,
     /// On an authenticated connection, region tokens travel bound to it (see `proto::auth`).
     binding: Option<TokenBinding>,
+    /// The GPU its channels' comms are bound to, where their transport binds comms to one: memory
+    /// of another GPU is refused as a post or a peer's request names it, before any comm sees it.
+    bound_gpu: Option<i32>,
     /// Which end of which connection its trace events name.
     trace: trace::ConnTag,
     /// The same-host paths' host worker and what they keep outside the lock.
@@ -188,6 +191,9 @@ impl Connection {
         }
     }
 
+    /// `bound_gpu`: the GPU the channels' comms are bound to, where their transport binds comms to
+    /// one (`Net::binds_gpu`).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn start(
         core: Arc<EngineCore>,
         control: TcpStream,
@@ -196,6 +202,7 @@ impl Connection {
         chunking: Chunking,
         link: LocalLink,
         binding: Option<TokenBinding>,
+        bound_gpu: Option<i32>,
     ) -> Result<Arc<Connection>> {
         let io = |e| Error::io("control stream", e);
         control.set_read_timeout(None).map_err(io)?;
@@ -251,6 +258,7 @@ impl Connection {
             listener_started: AtomicBool::new(false),
             link,
             binding,
+            bound_gpu,
             trace: tag,
             same_host: SameHostIo::new(weak.clone() as Weak<dyn HostServed>, device_batches),
             stats: Arc::default(),
@@ -282,7 +290,12 @@ impl Connection {
     }
 
     fn memory(&self) -> EngineMemory<'_> {
-        EngineMemory::new(&self.core, self.binding.as_ref())
+        EngineMemory::new(&self.core, self.binding.as_ref(), self.bound_gpu)
+    }
+
+    /// Whether this connection's channels can move `region` (see `bound_gpu`).
+    fn channels_take(&self, region: &super::region::Region) -> Result<()> {
+        memory::channels_take(self.bound_gpu, region)
     }
 
     /// What stands for a region's token in this connection's requests.

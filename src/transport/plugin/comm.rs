@@ -120,7 +120,8 @@ impl CommCore {
             MemKind::Host if self.props.supports_host => (addr, len, NCCL_PTR_HOST),
             // The plugin maps whole pages (TCPX refuses unaligned CUDA registrations): register
             // the page-aligned superset.
-            MemKind::Cuda { .. } if self.props.supports_cuda => {
+            MemKind::Cuda { device } if self.props.supports_cuda => {
+                self.gpus.takes(device)?;
                 let base = addr & !(PAGE - 1);
                 let end = end
                     .checked_next_multiple_of(PAGE)
@@ -138,7 +139,7 @@ impl CommCore {
             Error::invalid(format!("registration of {size} bytes exceeds the net plugin's 2 GiB (int) limit"))
         })?;
         // TCPX maps CUDA registrations with the device current at regMr: the memory's own GPU
-        // (the engine refuses memory of any GPU but its own), else the engine's GPU. Without a
+        // (the comm's, checked above), else the engine's GPU. Without a
         // driver no device memory exists (the mock plugin's tests pass made-up addresses), so
         // there is nothing to bind.
         let _current = match kind {

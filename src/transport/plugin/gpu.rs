@@ -83,6 +83,12 @@ impl PluginGpus {
         let _ = self.engine_gpu.set(gpu.clone());
     }
 
+    /// Whether a comm of this net may register memory of GPU `device`: see
+    /// [`crate::transport::bound_gpu_takes`].
+    pub fn takes(&self, device: i32) -> Result<()> {
+        crate::transport::bound_gpu_takes(self.engine_gpu.get().map(|g| g.ordinal()), device)
+    }
+
     /// Makes the engine's GPU current until the guard drops, when one is known. With none known
     /// (no CUDA driver: the plugin then has no GPU to bind) the plugin sees the caller's context.
     pub(crate) fn enter(&self) -> Result<Option<ContextRestore>> {

@@ -6,7 +6,8 @@
 //! channel logic sees the same comms and rules as without staging.
 //!
 //! Each comm owns its ring of `window` slots of `chunk size` bytes, its copy stream(s) and one event
-//! per slot, made when the comm first meets device memory and reused for every chunk (a chunk of
+//! per slot, made with the comm when the engine names its GPU (else when the comm first meets device
+//! memory) and reused for every chunk (a chunk of
 //! many small device segments is gathered or scattered by a kernel through a device bounce buffer,
 //! `cuda::segments`, made on the first such chunk). Several slots
 //! are in flight at once, so copies overlap the network. A send comm keeps only `ahead` copies
@@ -36,6 +37,7 @@ use crate::error::{Error, Result};
 
 pub use counts::{PartCounts, part_counts};
 pub use recv::StagedRecvComm;
+pub use regions::{RingCounts, ring_counts};
 pub use send::StagedSendComm;
 use setup::Setup;
 pub use setup::StagingParams;
@@ -62,6 +64,7 @@ impl StagedNet {
             max_requests: props.max_requests.max(1),
             copies_in_flight: Arc::default(),
             receives_watched: Arc::default(),
+            gpu: Arc::default(),
         };
         Ok(Arc::new(StagedNet { inner, setup }))
     }
@@ -122,6 +125,7 @@ impl Net for StagedNet {
     }
 
     fn set_gpu(&self, gpu: &Arc<crate::cuda::Gpu>) {
+        let _ = self.setup.gpu.set(gpu.clone());
         self.inner.set_gpu(gpu)
     }
 

@@ -71,7 +71,7 @@ impl StagedRecvComm {
     pub(crate) fn new(mut inner: Box<dyn RecvComm>, setup: Setup) -> StagedRecvComm {
         let part = setup.params.pipeline();
         let part = if part > 0 && inner.track_landed() { part } else { 0 };
-        StagedRecvComm {
+        let mut comm = StagedRecvComm {
             inner,
             part,
             watched: 0,
@@ -83,14 +83,16 @@ impl StagedRecvComm {
             consumed: 0,
             copying: 0,
             failure: StickyFailure::default(),
-        }
+        };
+        comm.staging.prepare(&mut comm.inner);
+        comm
     }
 
     fn post(&mut self, route: Route, iov: &[IoSeg]) -> Result<Option<RequestId>> {
         let (addr, len) = (iov[0].addr, iov.iter().map(|s| s.len).sum());
         let (target, mr, slot) = match route {
             Route::Direct(mr) => (addr, mr, None),
-            Route::Staged => {
+            Route::Staged(_) => {
                 let ring = self.staging.ring_mut()?;
                 let Some(slot) = ring.peek() else { return Ok(None) };
                 (ring.slot_ptr(slot) as usize, self.staging.ring_mr, Some(slot))
@@ -105,8 +107,8 @@ impl StagedRecvComm {
         };
         let Some(inner) = posted else { return Ok(None) };
         let segs = (slot.is_some() && iov.len() > 1).then(|| iov.to_vec());
-        if slot.is_some() {
-            self.staging.ring_mut()?.take();
+        if let Route::Staged(device) = route {
+            self.staging.ring_mut()?.take_for(device)?;
         }
         // Alone: no earlier receive of this comm is outstanding, whose arrival or copy would
         // overlap this one's copy anyway.

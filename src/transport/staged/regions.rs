@@ -1,7 +1,12 @@
 //! The part both staged comm kinds share: the registrations handed out (each says whether its
-//! memory is host, passed to the inner comm, or device, staged) and the comm's staging ring.
+//! memory is host, passed to the inner comm, or device, staged) and the comm's staging ring. The
+//! ring is made as the comm is, for the engine's GPU when one is known (`Staging::prepare`), so a
+//! connection's first device transfer allocates and pins nothing; memory of another GPU of the
+//! process gets a lane of that GPU's streams and events in the same ring when it is registered.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::setup::Setup;
 use crate::cuda::{self, Gpu, Location, StagingRing};
@@ -59,8 +64,35 @@ enum Registered {
 pub(super) enum Route {
     /// Straight through the inner comm, with its handle.
     Direct(MrHandle),
-    /// Through a staging slot.
-    Staged,
+    /// Through a staging slot, copied on the lane of this GPU (the memory's own).
+    Staged(i32),
+}
+
+impl Route {
+    pub(super) fn staged(self) -> bool {
+        matches!(self, Route::Staged(_))
+    }
+}
+
+/// What staged comms of this process set up, and when: for tests, which have no other view of
+/// whether a connection's first transfer allocated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingCounts {
+    /// Rings made as their comm was.
+    pub at_connect: u64,
+    /// Rings made by a comm's first registration or post of device memory.
+    pub on_first_use: u64,
+    /// Lanes added to a ring for memory of another GPU.
+    pub lanes_added: u64,
+}
+
+static AT_CONNECT: AtomicU64 = AtomicU64::new(0);
+static ON_FIRST_USE: AtomicU64 = AtomicU64::new(0);
+static LANES_ADDED: AtomicU64 = AtomicU64::new(0);
+
+pub fn ring_counts() -> RingCounts {
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    RingCounts { at_connect: get(&AT_CONNECT), on_first_use: get(&ON_FIRST_USE), lanes_added: get(&LANES_ADDED) }
 }
 
 pub(super) struct Staging {
@@ -75,6 +107,19 @@ pub(super) struct Staging {
 impl Staging {
     pub(super) fn new(setup: Setup) -> Staging {
         Staging { setup, registered: HashMap::new(), next_handle: 1, ring: None, ring_mr: MrHandle::NONE }
+    }
+
+    /// Makes the ring for the engine's GPU now, as the comm is made, when the engine names one:
+    /// its pinned slots, streams and events would otherwise cost the connection's first device
+    /// transfer milliseconds. A failure leaves it to the first use, which reports it.
+    pub(super) fn prepare(&mut self, inner: &mut dyn InnerRegistry) {
+        let Some(gpu) = self.setup.gpu.get().cloned() else { return };
+        match self.make_ring(inner, &gpu) {
+            Ok(()) => {
+                AT_CONNECT.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => log::warn!("staging ring for GPU {} not made with its comm: {e}", gpu.ordinal()),
+        }
     }
 
     pub(super) fn register(
@@ -154,7 +199,7 @@ impl Staging {
                 "a {len}-byte GPU chunk exceeds the {slot_size}-byte staging slot (UCCL_TCPX_CHUNK_SIZE)"
             )));
         }
-        Ok(Route::Staged)
+        Ok(Route::Staged(device))
     }
 
     /// How the segments of a vectored request posted with `mr` travel: all of them the same way
@@ -175,11 +220,13 @@ impl Staging {
         }
         for seg in rest {
             if self.route(inner, mr, seg.addr, seg.len)? != route {
-                return Err(Error::invalid("the segments of one request lie in host and in GPU memory"));
+                return Err(Error::invalid(
+                    "the segments of one request lie in host memory and GPU memory, or on two GPUs",
+                ));
             }
         }
         let total = iov.iter().map(|s| s.len).sum::<usize>();
-        if route == Route::Staged && total > self.ring_mut()?.slot_size() {
+        if route.staged() && total > self.ring_mut()?.slot_size() {
             return Err(Error::invalid(format!(
                 "a {total}-byte GPU chunk exceeds the {}-byte staging slot (UCCL_TCPX_CHUNK_SIZE)",
                 self.ring_mut()?.slot_size()
@@ -188,28 +235,33 @@ impl Staging {
         Ok(route)
     }
 
-    /// The ring, made on first use. A comm stages for one GPU: the engine serves one.
+    /// The ring, staging memory of GPU `device`: made on first use where the comm was made
+    /// without it (the engine named no GPU then), given a lane of `device` where it has none.
     fn ring(&mut self, inner: &mut dyn InnerRegistry, device: i32) -> Result<&mut StagingRing> {
-        if let Some(ring) = &self.ring {
-            if ring.gpu().ordinal() != device {
-                return Err(Error::new(
-                    UcclStatus::ErrNotSupported,
-                    format!(
-                        "this connection stages GPU {} memory; a buffer of GPU {device} cannot share it",
-                        ring.gpu().ordinal()
-                    ),
-                ));
+        match &mut self.ring {
+            Some(ring) if ring.stages(device) => {}
+            Some(ring) => {
+                ring.add_gpu(&Gpu::open(device)?)?;
+                ring.prepare_kernels();
+                LANES_ADDED.fetch_add(1, Ordering::Relaxed);
             }
-        } else {
-            let gpu = Gpu::open(device)?;
-            let params = self.setup.params;
-            let mut ring = StagingRing::new(&gpu, params.slot_size, params.slots, params.streams())?;
-            ring.set_gather(params.tuning.gather);
-            let (base, len) = ring.host_range();
-            self.register_ring_range(inner, base, len)?;
-            self.ring = Some(ring);
+            None => {
+                self.make_ring(inner, &Gpu::open(device)?)?;
+                ON_FIRST_USE.fetch_add(1, Ordering::Relaxed);
+            }
         }
         self.ring.as_mut().ok_or_else(|| Error::new(UcclStatus::ErrInternal, "staging ring missing"))
+    }
+
+    fn make_ring(&mut self, inner: &mut dyn InnerRegistry, gpu: &Arc<Gpu>) -> Result<()> {
+        let params = self.setup.params;
+        let mut ring = StagingRing::new(gpu, params.slot_size, params.slots, params.streams())?;
+        ring.set_gather(params.tuning.gather);
+        ring.prepare_kernels();
+        let (base, len) = ring.host_range();
+        self.register_ring_range(inner, base, len)?;
+        self.ring = Some(ring);
+        Ok(())
     }
 
     pub(super) fn ring_mut(&mut self) -> Result<&mut StagingRing> {

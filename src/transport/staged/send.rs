@@ -87,7 +87,7 @@ impl StagedSendComm {
     pub(crate) fn new(inner: Box<dyn SendComm>, setup: Setup) -> StagedSendComm {
         let tuning = setup.params.tuning;
         let part = if inner.takes_ready_watermark() { setup.params.pipeline() } else { 0 };
-        StagedSendComm {
+        let mut comm = StagedSendComm {
             inner,
             part,
             copy_limit: if tuning.ahead == 0 { usize::MAX } else { tuning.ahead as usize },
@@ -98,7 +98,9 @@ impl StagedSendComm {
             unsent: 0,
             copying: 0,
             failure: StickyFailure::default(),
-        }
+        };
+        comm.staging.prepare(&mut comm.inner);
+        comm
     }
 
     /// Queues the copies of pending chunks, oldest first, while the copy limit allows.
@@ -251,16 +253,16 @@ impl StagedSendComm {
         let (addr, len) = (iov[0].addr, iov.iter().map(|s| s.len).sum::<usize>());
         let segs = (iov.len() > 1).then(|| iov.to_vec());
         // Only a contiguous device chunk longer than one part may be copied in parts.
-        let splittable = route == Route::Staged && segs.is_none() && self.part > 0 && len > self.part;
+        let splittable = route.staged() && segs.is_none() && self.part > 0 && len > self.part;
         let stage = match route {
             Route::Direct(mr) => Stage::Waiting { addr, mr },
-            Route::Staged => {
+            Route::Staged(device) => {
                 let ring = self.staging.ring_mut()?;
-                let Some(slot) = ring.take() else { return Ok(None) };
+                let Some(slot) = ring.take_for(device)? else { return Ok(None) };
                 Stage::Pending { slot, src: addr }
             }
         };
-        let trace = self.tracer.as_mut().map(|t| t.posted(len, route == Route::Staged));
+        let trace = self.tracer.as_mut().map(|t| t.posted(len, route.staged()));
         self.queue.push_back(Request { len, stage, segs, trace, splittable, part: 0, copying: false, ready: 0 });
         let id = RequestId(self.posted);
         self.posted += 1;
@@ -329,7 +331,7 @@ impl SendComm for StagedSendComm {
             return Ok(None);
         }
         let route = self.staging.route_segments(&mut self.inner, mr, iov)?;
-        if route == Route::Staged && self.staging.ring_mut()?.peek().is_none() {
+        if route.staged() && self.staging.ring_mut()?.peek().is_none() {
             return Ok(None);
         }
         let entered = self.enter(false);

@@ -2,8 +2,8 @@
 //! that `needs_polling` reports, and the failure a comm keeps once it failed. Apart from `mod.rs` so that the comms and the net that makes them do not import each
 //! other.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use crate::config::StagingConfig;
 use crate::error::{Error, Result};
@@ -92,6 +92,9 @@ pub(crate) struct Setup {
     /// Receives copied out in parts whose inner receive has not completed, over every comm of this
     /// net: nothing signals that more of one landed, so the progress thread looks now and then.
     pub(super) receives_watched: Arc<AtomicUsize>,
+    /// The engine's GPU once it names one (`Net::set_gpu`): comms made from then on make their
+    /// ring for it as they are made.
+    pub(super) gpu: Arc<OnceLock<Arc<crate::cuda::Gpu>>>,
 }
 
 impl Setup {

@@ -261,6 +261,7 @@ fn only_a_pipelined_receive_comm_asks_its_inner_comm_to_track_landed_bytes() {
             max_requests: 16,
             copies_in_flight: Arc::default(),
             receives_watched: Arc::default(),
+            gpu: Arc::default(),
         };
         drop(StagedRecvComm::new(Box::new(Asked(asked.clone())), setup));
         assert_eq!(asked.load(std::sync::atomic::Ordering::Relaxed), asks, "pipeline {pipeline}");
@@ -309,6 +310,7 @@ fn the_rings_range_is_written_back_with_the_knob_on() {
             max_requests: 16,
             copies_in_flight: Arc::default(),
             receives_watched: Arc::default(),
+            gpu: Arc::default(),
         });
         staging.register_ring_range(&mut rx, slots.as_mut_ptr() as usize, len).unwrap();
         let held = receive_counting_write_back(&mut tx, &mut rx, &msg, &mut slots);
