@@ -4,7 +4,8 @@ time, so that a page and what is tested cannot drift apart.
 
 A fenced block opts in through words after its language:
 
-    ```python run=SUITE      runs (python: with the suite's interpreter; sh: with bash -e)
+    ```python run=SUITE      runs (python: with the suite's interpreter; sh: with bash -e);
+                             run=A,B runs in either suite
     ```python file=NAME      is saved as NAME for the page's run blocks to use
 
 SUITE names what the block needs, and the script that has it runs the block:
@@ -37,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 class Block:
     def __init__(self, page, line, lang, attrs, text):
         self.page, self.line, self.lang, self.text = page, line, lang, text
-        self.run = attrs.get("run")
+        self.run = attrs["run"].split(",") if "run" in attrs else []
         self.file = attrs.get("file")
 
     def where(self):
@@ -66,8 +67,9 @@ def blocks(page):
             if not eq or key not in ("run", "file") or not value:
                 raise SystemExit(f"{rel}:{start}: unknown word {word!r} after ```{lang} (run=SUITE or file=NAME)")
             attrs[key] = value
-        if "run" in attrs and attrs["run"] not in SUITES:
-            raise SystemExit(f"{rel}:{start}: unknown suite {attrs['run']!r} (one of {', '.join(SUITES)})")
+        for suite in attrs.get("run", "").split(",") if "run" in attrs else []:
+            if suite not in SUITES:
+                raise SystemExit(f"{rel}:{start}: unknown suite {suite!r} (one of {', '.join(SUITES)})")
         if "run" in attrs and lang not in ("python", "sh"):
             raise SystemExit(f"{rel}:{start}: only python and sh blocks run, not {lang}")
         if "file" in attrs and "/" in attrs["file"]:
@@ -93,7 +95,7 @@ def main():
     python = os.path.abspath(python)
     ran = 0
     for page, page_blocks in found.items():
-        runs = [b for b in page_blocks if b.run == args.suite]
+        runs = [b for b in page_blocks if args.suite in b.run]
         if not runs:
             continue
         if args.list:
