@@ -9,6 +9,7 @@
 #   nixl-site.tar.xz   NIXL for that Python (scripts/nixl_site.py): `nixl`, nixl_cuN with its
 #                      libraries, NIXL's own UCX plugin (the anchor) with UCX's cuda and cma
 #                      modules, and pyzmq (benchmark_nixl.py imports it)
+#   numpy-*.whl        for a Python whose torch came without numpy (used only then)
 #   uccl-tcpx-bench, scripts/ (the drivers below, run from here), README.md and docs/*.md (for
 #   the snippet runner), uccl/p2p/{tests,benchmarks}/*.py when UCCL_TREE is given (UCCL's Python
 #   tests and benchmark_nixl.py, for uccl_python_tests.sh and nixl_tcpx_benchmark.sh), bundle.env
@@ -24,6 +25,7 @@
 #      NIXL_BUNDLE_CUDA     12 or 13: nixl-cuN, by the GPU host torch's CUDA major (default 13)
 #      NIXL_BUNDLE_PYTHON   the GPU host's Python (default 3.12)
 #      PYZMQ_VERSION        (default 27.3.0)
+#      NUMPY_VERSION        (default 2.4.6)
 # Needs cargo, cmake, g++, python3 with venv and pip, xz, and PyPI.
 set -euo pipefail
 
@@ -38,6 +40,7 @@ version="${NIXL_BUNDLE_VERSION:-1.5.1}"
 cuda="${NIXL_BUNDLE_CUDA:-13}"
 bpython="${NIXL_BUNDLE_PYTHON:-3.12}"
 pyzmq_version="${PYZMQ_VERSION:-27.3.0}"
+numpy_version="${NUMPY_VERSION:-2.4.6}"
 module="nixl_cu$cuda"
 work="$repo/target/nixl-plugin-bundle"
 limit=$((64 << 20))
@@ -75,7 +78,7 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_26_x86_64 manyl
   manylinux2014_x86_64; do
   platforms+=(--platform "$p")
 done
-for req in "nixl==$version" "nixl-cu$cuda==$version" "pyzmq==$pyzmq_version"; do
+for req in "nixl==$version" "nixl-cu$cuda==$version" "pyzmq==$pyzmq_version" "numpy==$numpy_version"; do
   python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
     --python-version "$bpython" --implementation cp "${platforms[@]}" -d "$wheels" "$req" ||
     die "pip could not download $req for Python $bpython"
@@ -100,7 +103,7 @@ tar -C "$work/site" -cf - . | xz -6 -T0 >"$out/nixl-site.tar.xz"
 cp -a "$work/prefix" "$out/prefix"
 rm -rf "$out/prefix/include" "$out/prefix/lib/cmake" "$out/prefix/lib/pkgconfig" "$out/prefix/lib/"*.a
 strip "$out/prefix/lib/"*.so* "$out/prefix/lib/uccl-tcpx/nixl/"*/*.so 2>/dev/null || true
-cp "$work/wheels"/uccl_tcpx-*.whl "$out/"
+cp "$work/wheels"/uccl_tcpx-*.whl "$wheels"/numpy-"$numpy_version"-*.whl "$out/"
 cp "$repo/target/release/uccl-tcpx-bench" "$out/"
 strip "$out/uccl-tcpx-bench"
 for s in nixl_plugin_gpu_run.sh nixl_plugin_env.sh nixl_plugin_tests.py nixl_plugin_bench.py \

@@ -45,6 +45,14 @@ EOF
   "$PYTHON" -m zipfile -e "$bundle"/uccl_tcpx-*.whl "$pkg" || { echo "nixl_plugin_env: cannot unpack the wheel" >&2; return 1; }
   export PYTHON NIXL_PLUGIN_RUN_DIR
   export PYTHONPATH="$site:$pkg${PYTHONPATH:+:$PYTHONPATH}"
+  # The bundled numpy only where the interpreter has none: torch's own stays in charge otherwise.
+  if ! "$PYTHON" -c 'import numpy' 2>/dev/null; then
+    rm -rf "$NIXL_PLUGIN_RUN_DIR/numpy"
+    "$PYTHON" -m zipfile -e "$bundle"/numpy-*.whl "$NIXL_PLUGIN_RUN_DIR/numpy" ||
+      { echo "nixl_plugin_env: cannot unpack numpy" >&2; return 1; }
+    PYTHONPATH="$PYTHONPATH:$NIXL_PLUGIN_RUN_DIR/numpy"
+    echo "numpy: the bundle's (this Python has none)"
+  fi
   export UCCL_TCPX_PREFIX="$bundle/prefix"
   export UCCL_TCPX_BENCH="$bundle/uccl-tcpx-bench"
   [[ -d "$bundle/uccl/p2p/tests" ]] && export UCCL_TREE="$bundle/uccl"
