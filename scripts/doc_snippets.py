@@ -25,6 +25,7 @@ at all (its markers lost) fails the run.
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -91,8 +92,7 @@ def main():
     found = {page: blocks(page.resolve()) for page in pages}  # every page is checked, whatever the suite
 
     # The interpreter as named, not resolved: a virtual environment's python is a symlink.
-    python = args.python if "/" in args.python else (subprocess.getoutput(f"command -v {args.python}") or args.python)
-    python = os.path.abspath(python)
+    python = os.path.abspath(args.python if "/" in args.python else (shutil.which(args.python) or args.python))
     ran = 0
     for page, page_blocks in found.items():
         runs = [b for b in page_blocks if args.suite in b.run]
