@@ -99,9 +99,12 @@ echo "== the folder"
 rm -rf "$out"
 mkdir -p "$out/scripts" "$out/docs"
 tar -C "$work/site" -cf - . | xz -6 -T0 >"$out/nixl-site.tar.xz"
-# The install tree less what a GPU run does not use (headers, the static library, CMake files).
-cp -a "$work/prefix" "$out/prefix"
-rm -rf "$out/prefix/include" "$out/prefix/lib/cmake" "$out/prefix/lib/pkgconfig" "$out/prefix/lib/"*.a
+# The install tree less what a GPU run does not use (headers, the static library, CMake files, the
+# link-time and versioned names of the library), with no symbolic link: a copy that drops links
+# must still work.
+cp -rL "$work/prefix" "$out/prefix"
+rm -rf "$out/prefix/include" "$out/prefix/lib/cmake" "$out/prefix/lib/pkgconfig" "$out/prefix/lib/"*.a \
+  "$out/prefix/lib/libuccl_tcpx.so" "$out/prefix/lib/libuccl_tcpx.so.0".*
 strip "$out/prefix/lib/"*.so* "$out/prefix/lib/uccl-tcpx/nixl/"*/*.so 2>/dev/null || true
 cp "$work/wheels"/uccl_tcpx-*.whl "$wheels"/numpy-"$numpy_version"-*.whl "$out/"
 cp "$repo/target/release/uccl-tcpx-bench" "$out/"
@@ -124,6 +127,7 @@ fi
   echo "UCCL_SRC_COMMIT=$([[ -n "$uccl" ]] && (git -C "$uccl" rev-parse --short HEAD 2>/dev/null || echo unknown) || echo none)"
   echo "UCCL_TCPX_COMMIT=$(git -C "$repo" describe --always --dirty 2>/dev/null || echo unknown)"
 } >"$out/bundle.env"
+[[ -z "$(find "$out" -type l)" ]] || die "symbolic links in $out: $(find "$out" -type l | paste -sd ' ')"
 (cd "$out" && find . -type f ! -name MANIFEST -printf '%s\t%p\n' | sort -k2) >"$out/MANIFEST"
 size="$(du -sb "$out" | cut -f1)"
 ((size < limit)) || die "$out is $size bytes, over 64 MiB"

@@ -56,7 +56,7 @@ EOF
   export UCCL_TCPX_PREFIX="$bundle/prefix"
   export UCCL_TCPX_BENCH="$bundle/uccl-tcpx-bench"
   [[ -d "$bundle/uccl/p2p/tests" ]] && export UCCL_TREE="$bundle/uccl"
-  NIXL_PLUGIN_DIR="$("$UCCL_TCPX_PREFIX/bin/uccl-tcpx-nixl-plugin-dir" --python "$PYTHON" \
+  NIXL_PLUGIN_DIR="$("$PYTHON" "$UCCL_TCPX_PREFIX/bin/uccl-tcpx-nixl-plugin-dir" \
     --out "$NIXL_PLUGIN_RUN_DIR/plugins")" || { echo "nixl_plugin_env: no plugin folder (above)" >&2; return 1; }
   export NIXL_PLUGIN_DIR
   echo "NIXL $NIXL_VERSION ($NIXL_MODULE) for $PYTHON, uccl-tcpx $UCCL_TCPX_COMMIT; NIXL_PLUGIN_DIR=$NIXL_PLUGIN_DIR"
