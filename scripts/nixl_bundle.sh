@@ -58,45 +58,11 @@ build_plugins "$bundle/plugins" "$libs"
 
 # ---- the site subset -------------------------------------------------------------------------------------
 # Python files of the packages, and every shared library reachable from the extension modules through
-# DT_NEEDED inside the wheel (system libraries stay the host's).
+# DT_NEEDED inside the wheel (system libraries stay the host's); no plugin of NIXL's own.
 site="$work/bundle-site"
 rm -rf "$site"
 mkdir -p "$site"
-python3 - "$unpacked" "$site" "$module" <<'EOF' || die "could not collect NIXL's libraries"
-import os, re, shutil, subprocess, sys
-
-src, dst, module = sys.argv[1:]
-lib_dirs = [f".{module}.mesonpy.libs", f"{module}.libs", "pyzmq.libs"]
-
-
-def needed(path):
-    out = subprocess.run(["readelf", "-d", path], capture_output=True, text=True, check=True).stdout
-    return re.findall(r"\(NEEDED\).*\[(.*)\]", out)
-
-
-def copy(rel):
-    os.makedirs(os.path.dirname(os.path.join(dst, rel)) or dst, exist_ok=True)
-    shutil.copy2(os.path.join(src, rel), os.path.join(dst, rel))
-
-
-files = ["nixl_meta_utils.py"]
-for pkg in ("nixl", module, "zmq"):
-    for root, _, names in os.walk(os.path.join(src, pkg)):
-        for n in names:
-            files.append(os.path.relpath(os.path.join(root, n), src))
-todo = [f for f in files if ".so" in os.path.basename(f)]
-libs = set()
-while todo:
-    for name in needed(os.path.join(src, todo.pop())):
-        for d in lib_dirs:
-            rel = os.path.join(d, name)
-            if os.path.exists(os.path.join(src, rel)) and rel not in libs:
-                libs.add(rel)
-                todo.append(rel)
-for rel in files + sorted(libs):
-    copy(rel)
-print(f"  {len(files)} package files and {len(libs)} libraries from the wheels")
-EOF
+python3 "$repo/scripts/nixl_site.py" "$unpacked" "$site" "$module" || die "could not collect NIXL's libraries"
 for lib in libnixl.so libnixl_common.so libnixl_build.so libserdes.so; do
   [[ -f "$site/.$module.mesonpy.libs/$lib" ]] || die "$lib was not collected"
 done

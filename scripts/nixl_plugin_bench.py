@@ -3,7 +3,9 @@
 one run: our TCPX plugin on the network path and on the same-host path, and NIXL's UCX plugin with
 UCX_TLS=tcp and with UCX's defaults. Run by scripts/nixl_plugin_bench.sh (host memory). With
 --vram I,T the initiator's buffer is GPU I's memory and the target's GPU T's (torch tensors), and
-each TCPX engine serves its agent's GPU.
+each TCPX engine serves its agent's GPU; there UCX over TCP is ucx-tcp-cuda (UCX_TLS=tcp,cuda_copy:
+UCX stages GPU memory through host memory with cuda_copy and moves it over TCP, the TCP anchor for
+VRAM), which replaces ucx-tcp (TCP alone cannot reach GPU memory) in the default setups.
 
 Each point: WRITE or READ of one descriptor, timed from transfer() to DONE (polled with
 check_xfer_state, yielding the CPU between polls), after two untimed ones; the median and GB/s
@@ -12,6 +14,7 @@ Also, for TCPX: 10,000 descriptors of 4 KiB in one request, the time to prepare 
 and to post (transfer) it.
 
 usage: nixl_plugin_bench.py [--rounds N] [--sizes 4K,1M,64M] [--setups tcpx-net,tcpx-local,ucx-tcp,ucx]
+                            (with --vram: tcpx-net,tcpx-local,ucx-tcp-cuda,ucx)
                             [--vram I,T] [--json FILE]
 """
 
@@ -28,13 +31,17 @@ import numpy as np
 try:
     from nixl._api import nixl_agent, nixl_agent_config
 except ImportError:
-    from nixl_cu12._api import nixl_agent, nixl_agent_config
+    try:
+        from nixl_cu12._api import nixl_agent, nixl_agent_config
+    except ImportError:
+        from nixl_cu13._api import nixl_agent, nixl_agent_config
 
 SETUPS = {
     # name: (backend, backend parameters, environment of both processes)
     "tcpx-net": ("TCPX", {"ip": "127.0.0.1"}, {"UCCL_TCPX_DISABLE_IPC": "1"}),
     "tcpx-local": ("TCPX", {"ip": "127.0.0.1"}, {}),
     "ucx-tcp": ("UCX", {}, {"UCX_TLS": "tcp"}),
+    "ucx-tcp-cuda": ("UCX", {}, {"UCX_TLS": "tcp,cuda_copy"}),
     "ucx": ("UCX", {}, {}),
 }
 ITERS = {4 << 10: 200, 1 << 20: 50, 64 << 20: 8}
@@ -162,7 +169,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--sizes", default="4K,1M,64M")
-    ap.add_argument("--setups", default=",".join(SETUPS))
+    ap.add_argument("--setups", help="comma-separated, of " + ", ".join(SETUPS))
     ap.add_argument("--json", help="also write every measurement here")
     ap.add_argument("--vram", metavar="I,T", help="GPU memory: the initiator's on GPU I, the target's on GPU T")
     args = ap.parse_args()
@@ -173,7 +180,11 @@ def main():
             ap.error(f"--vram takes two GPU indices, I,T: {args.vram!r}")
         VRAM = (int(gpus[0]), int(gpus[1]))
     sizes = [parse_size(s) for s in args.sizes.split(",")]
-    setups = args.setups.split(",")
+    default = ["tcpx-net", "tcpx-local", "ucx-tcp-cuda" if VRAM else "ucx-tcp", "ucx"]
+    setups = args.setups.split(",") if args.setups else default
+    unknown = [s for s in setups if s not in SETUPS]
+    if unknown:
+        ap.error(f"unknown setup {', '.join(unknown)}: one of {', '.join(SETUPS)}")
     results = {}  # (setup, op, size) -> [per-round (median us, GB/s)]
     many = {}
     for r in range(args.rounds):

@@ -2,13 +2,16 @@
 # The TCPX NIXL plugin against the stock NIXL wheel from PyPI, over host memory, on one machine.
 #
 # Builds and installs uccl-tcpx with its plugin (cmake/install.sh), makes a virtual environment with
-# nixl-cuNN==VERSION (--no-deps: host memory needs no torch) and numpy, checks that
+# nixl-cuNN==VERSION and NIXL's `nixl` package of that version (both --no-deps: host memory needs no
+# torch) and numpy, as README.md has a user do, checks that
 # uccl-tcpx-nixl-plugin-dir refuses a NIXL version without a plugin, makes the plugin folder with
 # it, and runs scripts/nixl_plugin_tests.py: two agents in two processes (WRITE and READ of 4 KiB,
 # 1 MiB and 64 MiB as 1, 4 and 16 descriptors, notifications, bytes checked; a 6 GiB sparse
 # registration reached across its windows; a stopped and then a dead peer), an agent to itself,
 # three agents in one process each getting only its own notifications, bad input, a request
-# released in flight, backend options (auth key file, channels). About a minute after the build.
+# released in flight, backend options (auth key file, channels); then the NIXL snippets of README.md
+# and docs/ that run on host memory (scripts/doc_snippets.py --suite nixl). About a minute after the
+# build.
 #
 # usage: scripts/nixl_plugin_tests.sh [--nixl VERSION] [--cuda 12|13] [--unsupported]
 #   --nixl VERSION  the NIXL wheel to test against (default 1.4.0, the version the plugin is built for)
@@ -46,10 +49,10 @@ exported="$(nm -D --defined-only "$prefix"/lib/uccl-tcpx/nixl/*/libplugin_TCPX.s
 [[ "$exported" == "nixl_plugin_fini nixl_plugin_init " ]] ||
   { echo "nixl_plugin_tests: the plugin exports: $exported" >&2; exit 1; }
 
-echo "== nixl-cu$cuda $nixl_version and numpy into $venv"
+echo "== nixl-cu$cuda $nixl_version, nixl $nixl_version and numpy into $venv"
 [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check numpy
-"$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps "nixl-cu$cuda==$nixl_version"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps "nixl-cu$cuda==$nixl_version" "nixl==$nixl_version"
 
 echo "== the folder command refuses a NIXL version it has no plugin for"
 fake="$work/fake-root"
@@ -82,3 +85,6 @@ ls "$plugin_dir"
 echo "== tests"
 cd "$work"
 NIXL_PLUGIN_DIR="$plugin_dir" timeout 600 "$venv/bin/python" "$repo/scripts/nixl_plugin_tests.py"
+
+echo "== the NIXL snippets of README.md and docs/, host memory"
+NIXL_PLUGIN_DIR="$plugin_dir" "$venv/bin/python" "$repo/scripts/doc_snippets.py" --suite nixl --python "$venv/bin/python"

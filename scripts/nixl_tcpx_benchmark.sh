@@ -11,7 +11,8 @@
 #        scripts/nixl_tcpx_benchmark.sh --patch-only UCCL_SRC OUT.py   (the patched copy alone)
 # env: PYTHON  an interpreter with NIXL (1.4.0 or 1.5.1), torch and pyzmq (default python3)
 #      UCCL_TCPX_PREFIX  the installed uccl-tcpx (default target/nixl-plugin/prefix, as
-#                        scripts/nixl_plugin_tests.sh installs it)
+#                        scripts/nixl_plugin_tests.sh installs it; scripts/nixl_plugin_env.sh sets
+#                        it to a bundle's)
 #      and those of scripts/nixl_uccl_benchmark.sh (UCCL_TCPX_BENCH, NIXL_SERVER_GPU, ...)
 set -euo pipefail
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
@@ -20,7 +21,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 patch_benchmark() {  # UCCL_SRC OUT
   local src="$1/p2p/benchmarks/benchmark_nixl.py"
   [[ -f "$src" ]] || { echo "nixl_tcpx_benchmark: $src not found" >&2; exit 1; }
-  python3 - "$src" "$2" <<'PY'
+  "${PYTHON:-python3}" - "$src" "$2" <<'PY'
 import re, sys
 src, out = sys.argv[1:]
 text = open(src).read()
@@ -56,6 +57,7 @@ prefix="${UCCL_TCPX_PREFIX:-$repo/target/nixl-plugin/prefix}"
 patched="$logs/benchmark_nixl_tcpx.py"
 patch_benchmark "$uccl_src" "$patched"
 "$py" -c 'import torch, zmq' || { echo "nixl_tcpx_benchmark: $py needs torch and pyzmq" >&2; exit 1; }
-NIXL_PLUGIN_DIR="$("$prefix/bin/uccl-tcpx-nixl-plugin-dir" --python "$py")"
+# Run by that interpreter, so that a host whose only Python is $py needs no python3 on PATH.
+NIXL_PLUGIN_DIR="$("$py" "$prefix/bin/uccl-tcpx-nixl-plugin-dir")"
 export NIXL_PLUGIN_DIR PYTHON="$py" NIXL_BENCH_BACKEND=tcpx
 exec "$repo/scripts/nixl_uccl_benchmark.sh" "$patched" "$2" "$logs"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the Python wheel (python/, maturin installed by pip into a fresh virtual environment),
 # installs it into another fresh virtual environment with pytest and numpy, and runs the package's
-# suite there. Needs only cargo and python3 with pip; everything else comes from PyPI.
+# suite there, then the Python snippets of README.md and docs/ (scripts/doc_snippets.py --suite
+# python: read from the pages, run as written). Needs only cargo and python3 with pip; everything else comes from PyPI.
 #
 #   scripts/python_tests.sh [PYTEST_ARGS...]
 #
@@ -44,3 +45,6 @@ fresh_venv "$work/test-env"
 # From outside python/, so that `uccl_tcpx` is the installed package, not the source folder.
 cd "$work"
 "$work/test-env/bin/python" -m pytest -p no:cacheprovider -q "$repo/python/tests" "$@"
+
+echo "=== Python: the snippets of README.md and docs/ ==="
+"$work/test-env/bin/python" "$repo/scripts/doc_snippets.py" --suite python --python "$work/test-env/bin/python"

@@ -11,11 +11,12 @@
 # PYTHON names an interpreter that has torch and uccl-tcpx installed. Unset, a virtual
 # environment in target/uccl-tests-env gets torch, numpy and the wheel in target/python-wheels/
 # (scripts/python_tests.sh builds it); PyPI's torch wheel with its CUDA libraries is several GiB.
-# Each run's output is kept in target/uccl-python-tests/<name>.log.
+# Each run's output is kept in target/uccl-python-tests/<name>.log. Each run is stopped after
+# UCCL_TESTS_TIMEOUT seconds (default 600).
 set -euo pipefail
 
 if (($# < 1)); then
-  echo "usage: $0 UCCL_TREE [cpu|gpu|all]" >&2
+  echo "usage: $0 UCCL_TREE [cpu|gpu|gpu2|all]" >&2
   exit 2
 fi
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -45,7 +46,16 @@ if [[ -z "${PYTHON:-}" ]]; then
   "$env/bin/python" -m pip install --quiet --force-reinstall --no-deps "$wheel"
   PYTHON="$env/bin/python"
 fi
-bin="$(dirname "$PYTHON")"
+# The interpreter's folder goes first on PATH (torchrun's workers and UCCL's scripts call `python`).
+# A bare name (PYTHON=python3) is resolved first: its dirname would be `.`, putting the current
+# folder on PATH.
+if [[ "$PYTHON" != */* ]]; then
+  PYTHON="$(command -v "$PYTHON")" || { echo "PYTHON=$PYTHON: not found on PATH" >&2; exit 2; }
+fi
+bin="$(cd "$(dirname "$PYTHON")" && pwd)"
+PYTHON="$bin/$(basename "$PYTHON")" # the runs below start from the UCCL tree
+limit="${UCCL_TESTS_TIMEOUT:-600}"
+[[ "$limit" =~ ^[1-9][0-9]*$ ]] || { echo "UCCL_TESTS_TIMEOUT=$limit: a whole number of seconds" >&2; exit 2; }
 # torchrun's workers rendezvous on a fixed port (MASTER_PORT picks it); runs go one after another.
 # torchrun takes the port as an argument and sets the workers' MASTER_PORT itself: an exported
 # MASTER_PORT would not reach them.
@@ -65,7 +75,7 @@ run() {
   shift 2
   echo "=== $name: $* ==="
   local rc=0 log="$logs/$name.log"
-  PATH="$bin:$PATH" timeout 600 "$@" >"$log" 2>&1 || rc=$?
+  PATH="$bin:$PATH" timeout "$limit" "$@" >"$log" 2>&1 || rc=$?
   while IFS= read -r pattern; do
     if [[ "$pattern" == '!'* ]]; then
       ! grep -qF -- "${pattern#!}" "$log" || wrong+=("printed \"${pattern#!}\"")

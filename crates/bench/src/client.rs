@@ -108,6 +108,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
         server_memory,
         host_path,
         par_memcpy_threads: tcp_anchor.as_ref().map(|a| a.parallel.threads()),
+        checked: 0,
     };
     let vectors = args.num_iovs > 1;
     let rounds = args.rounds;
@@ -125,6 +126,8 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
     let mut anchors: HashMap<(bool, usize), Anchor> = HashMap::new();
     let mut points = Vec::new();
     let mut seed = 1u64;
+    // Transfers compared byte for byte (the first of every measurement); a mismatch ends the run.
+    let mut checked = 0usize;
     for &op in &args.ops {
         for &size in &args.sizes {
             let mut each = Vec::with_capacity(rounds);
@@ -145,6 +148,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
                         let mut run =
                             Run { args, ctl: &mut ctl, conn: &conn, mr, mem: &mut mem, fifo, op, layout: whole, seed };
                         let one = run.measure(iters)?;
+                        checked += 1;
                         contiguous = Some(Point::new(op, size, iters, &one.samples, None).gbs());
                         let pieces =
                             format!("{} {} in {} pieces", op.name(), crate::report::human(size), args.num_iovs);
@@ -152,7 +156,9 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
                         seed += 1;
                     }
                     let mut run = Run { args, ctl: &mut ctl, conn: &conn, mr, mem: &mut mem, fifo, op, layout, seed };
-                    run.measure(iters)?
+                    let timed = run.measure(iters)?;
+                    checked += 1;
+                    timed
                 };
                 let baseline = match baselines.get(&size) {
                     _ if !args.baseline => None,
@@ -201,6 +207,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
                         let (conn, mr) = (&a.conn, a.mr);
                         let mut run = Run { args, ctl: &mut ctl, conn, mr, mem: &mut mem, fifo, op, layout, seed };
                         let tcp_gbs = Point::new(op, size, iters, &run.measure(iters)?.samples, None).gbs();
+                        checked += 1;
                         let memcpy_gbs = crate::same_host::memcpy_gbs(&a.copy.0, &mut a.copy.1, size, iters);
                         let par_memcpy_gbs = a.parallel.gbs(&a.copy.0, &mut a.copy.1, size, iters)?;
                         Some(HostAnchors { tcp_gbs, memcpy_gbs, par_memcpy_gbs })
@@ -238,6 +245,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
         a.engine.shutdown();
     }
     engine.shutdown();
+    let info = RunInfo { checked, ..info };
     Ok((info, points))
 }
 

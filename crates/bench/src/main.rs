@@ -141,6 +141,7 @@ fn client_and_report(args: &Args, ip: IpAddr, port: u16, mode: &str) {
         sayln!("{json}");
     } else {
         say(format_args!("{}", report::summary(&points)));
+        sayln!("{}", report::checked_line(&info));
     }
     if let Some(path) = &args.plot {
         let title = format!("uccl-tcpx socket transport, {mode}: GB/s by message size");

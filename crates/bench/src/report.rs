@@ -37,6 +37,10 @@ pub struct RunInfo {
     /// the library's same-host copies take (UCCL_TCPX_HOST_COPY_THREADS).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub par_memcpy_threads: Option<usize>,
+    /// Transfers compared byte for byte with what was sent, all equal (a mismatch ends the run
+    /// with an error); known once the run is over.
+    #[serde(skip)]
+    pub checked: usize,
 }
 
 fn is_one(n: &usize) -> bool {
@@ -407,6 +411,14 @@ fn anchor_summary(points: &[Point]) -> String {
     s + &goals
 }
 
+/// The line that says the run's bytes were compared: the exit status alone says so only to a script.
+pub fn checked_line(info: &RunInfo) -> String {
+    match info.checked {
+        0 => "# bytes checked: none (no op of this run moves a buffer)".into(),
+        n => format!("# bytes checked: {n} transfers (the first of each measurement), all equal"),
+    }
+}
+
 pub fn summary(points: &[Point]) -> String {
     let mut s = format!(
         "\n# Summary{} (ratio = ours / raw TCP with the same streams: streaming without message ends, and \
@@ -594,6 +606,7 @@ mod tests {
             server_memory: server.into(),
             host_path: None,
             par_memcpy_threads: None,
+            checked: 0,
         }
     }
 
@@ -645,6 +658,16 @@ mod tests {
         let mut names: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         names.sort_unstable();
         names
+    }
+
+    #[test]
+    fn checked_line_counts_the_compared_transfers() {
+        let mut run = info("host", "host");
+        assert_eq!(checked_line(&run), "# bytes checked: none (no op of this run moves a buffer)");
+        run.checked = 12;
+        assert_eq!(checked_line(&run), "# bytes checked: 12 transfers (the first of each measurement), all equal");
+        let v = parsed(&run, "loopback, 2 processes", &[]);
+        assert!(v.get("checked").is_none(), "the count is printed, not part of the JSON report");
     }
 
     #[test]

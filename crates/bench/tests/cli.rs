@@ -24,6 +24,8 @@ fn host_run_prints_tables_and_writes_its_json_file() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("socket transport, host memory"), "{stdout}");
     assert!(stdout.contains("# Summary"), "{stdout}");
+    // 2 ops x 2 sizes, the first transfer of each compared.
+    assert!(stdout.contains("# bytes checked: 4 transfers (the first of each measurement), all equal"), "{stdout}");
     let saved = std::fs::read_to_string(&json).unwrap();
     let report: Value = serde_json::from_str(&saved).unwrap_or_else(|e| panic!("{e}: {saved}"));
     assert_eq!((report["device"].as_str(), report["client_memory"].as_str()), (Some("cpu"), Some("host")), "{saved}");
