@@ -59,8 +59,10 @@ unsafe impl Send for Piece {}
 
 impl Piece {
     fn run(self) {
-        // SAFETY: per `Copier::submit`'s contract.
-        unsafe { std::ptr::copy_nonoverlapping(self.src, self.dst, self.len) };
+        if self.len > 0 {
+            // SAFETY: per `Copier::submit`'s contract.
+            unsafe { std::ptr::copy_nonoverlapping(self.src, self.dst, self.len) };
+        }
         self.copy.piece_done();
     }
 }
@@ -155,7 +157,17 @@ impl Copier {
     /// `[src, src + len)` is readable and `[dst, dst + len)` writable, the two do not overlap, and
     /// nobody else writes either until the copy finished (or `CopyOut::wait` returned).
     pub unsafe fn submit(&self, src: *const u8, dst: *mut u8, len: usize, hold: Box<dyn Send>) -> CopyOut {
-        let pieces = len.div_ceil(PIECE).max(1);
+        // SAFETY: forwarded.
+        unsafe { self.submit_list(&[(src, dst, len)], hold) }
+    }
+
+    /// [`submit`](Self::submit) of several copies `(src, dst, len)` as one: `hold` goes once all
+    /// of them landed (a vectored receive's bytes, copied out of one slot into its pieces).
+    ///
+    /// # Safety
+    /// As `submit`, for every copy; no two destinations overlap.
+    pub unsafe fn submit_list(&self, copies: &[(*const u8, *mut u8, usize)], hold: Box<dyn Send>) -> CopyOut {
+        let pieces = copies.iter().map(|c| c.2.div_ceil(PIECE)).sum::<usize>().max(1);
         let copy = Arc::new(CopyState {
             left: AtomicUsize::new(pieces),
             done: AtomicBool::new(false),
@@ -163,20 +175,31 @@ impl Copier {
         });
         let out = CopyOut { copy: copy.clone(), health: self.health.clone() };
         let inline = !self.health.alive.load(Ordering::SeqCst);
-        for k in 0..pieces {
-            let at = k * PIECE;
-            // SAFETY: `at` < `len` (or 0 for an empty copy), inside both ranges.
-            let (src, dst) = unsafe { (src.add(at), dst.add(at)) };
-            let piece = Piece { src, dst, len: PIECE.min(len - at), copy: copy.clone() };
-            let sent = match &self.pieces {
-                Some(pieces) if !inline => pieces.send(piece),
-                _ => Err(mpsc::SendError(piece)),
-            };
-            if let Err(mpsc::SendError(piece)) = sent {
-                piece.run();
+        let mut queued = 0;
+        for &(src, dst, len) in copies {
+            for k in 0..len.div_ceil(PIECE) {
+                let at = k * PIECE;
+                // SAFETY: `at` < `len`, inside both ranges.
+                let (src, dst) = unsafe { (src.add(at), dst.add(at)) };
+                self.queue(Piece { src, dst, len: PIECE.min(len - at), copy: copy.clone() }, inline);
+                queued += 1;
             }
         }
+        if queued == 0 {
+            // Nothing to copy: the one piece counted for it lands at once.
+            self.queue(Piece { src: std::ptr::null(), dst: std::ptr::null_mut(), len: 0, copy }, true);
+        }
         out
+    }
+
+    fn queue(&self, piece: Piece, inline: bool) {
+        let sent = match &self.pieces {
+            Some(pieces) if !inline => pieces.send(piece),
+            _ => Err(mpsc::SendError(piece)),
+        };
+        if let Err(mpsc::SendError(piece)) = sent {
+            piece.run();
+        }
     }
 }
 
