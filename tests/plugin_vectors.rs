@@ -3,51 +3,13 @@
 //! plugin requests follows the bytes (the fake counts them: `fake_tcpx_requests`), every byte
 //! lands where its piece says, and a connection that fails mid-transfer fails it with a status.
 
-use std::path::Path;
 use std::time::Duration;
 
 use uccl_tcpx::{Config, FifoItem, OneSided, UcclStatus};
 
 mod common;
+use common::plugin::{block_table as table, elsewhere, fake_requests as requests};
 use common::{ChildTest, Pair, Rng, plugin, wait};
-
-/// The fake's count of send and receive requests handed out in this process so far.
-fn requests(path: &Path) -> (u64, u64) {
-    // SAFETY: the engine loaded the fake from this path (RTLD_NOLOAD only finds that image); the
-    // hook writes two u64s.
-    unsafe {
-        let lib = libloading::os::unix::Library::open(Some(path), libc::RTLD_NOW | libc::RTLD_NOLOAD)
-            .expect("the fake is loaded");
-        let hook = lib
-            .get::<unsafe extern "C" fn(*mut u64, *mut u64)>(b"fake_tcpx_requests\0")
-            .expect("the fake's request counter");
-        let (mut s, mut r) = (0u64, 0u64);
-        hook(&mut s, &mut r);
-        (s, r)
-    }
-}
-
-/// A random block table: `n` pieces of `min..=max` bytes, each at a random offset inside its own
-/// slot of `slot` bytes, the slots shuffled.
-fn table(rng: &mut Rng, n: usize, slot: usize, min: usize, max: usize) -> Vec<(usize, usize)> {
-    let mut slots: Vec<usize> = (0..n).collect();
-    rng.shuffle(&mut slots);
-    slots
-        .into_iter()
-        .map(|s| {
-            let len = min + rng.below(max - min + 1);
-            (s * slot + rng.below(slot - len + 1), len)
-        })
-        .collect()
-}
-
-/// The other end's pieces for the same bytes: the same lengths (one item is one length on both
-/// ends), each at a random offset of its own slot of `slot` bytes, the slots shuffled.
-fn elsewhere(rng: &mut Rng, pieces: &[(usize, usize)], slot: usize) -> Vec<(usize, usize)> {
-    let mut slots: Vec<usize> = (0..pieces.len()).collect();
-    rng.shuffle(&mut slots);
-    pieces.iter().zip(slots).map(|(&(_, len), s)| (s * slot + rng.below(slot - len + 1), len)).collect()
-}
 
 fn items(mr: u64, base: usize, mine: &[(usize, usize)], fifo: FifoItem, theirs: &[(usize, usize)]) -> Vec<OneSided> {
     mine.iter()
