@@ -102,13 +102,10 @@ impl Slot {
         let copies: Vec<(*const u8, *mut u8, usize)> = pieces
             .iter()
             .take_while(|p| (p.at as usize) < len)
-            // SAFETY: `p.at` < `len`, inside the slot.
             .map(|p| {
-                (
-                    unsafe { src.add(p.at as usize) }.cast_const(),
-                    p.addr as *mut u8,
-                    (p.len as usize).min(len - p.at as usize),
-                )
+                // SAFETY: `p.at` < `len`, inside the slot.
+                let from = unsafe { src.add(p.at as usize) }.cast_const();
+                (from, p.addr as *mut u8, (p.len as usize).min(len - p.at as usize))
             })
             .collect();
         let landing = self.landing.clone();
