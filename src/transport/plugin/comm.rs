@@ -417,9 +417,11 @@ impl SendComm for PluginSendComm {
             return Ok(None);
         }
         let Segments { key: user, kind, total, .. } = self.core.acquire_segments(iov, mr, "send")?;
+        let core = &mut self.core;
+        let mut register = |addr, len, kind| core.register(addr, len, kind, false);
         // SAFETY: the caller keeps every piece valid and unmodified (isendv's contract); the
         // pieces lie in one registration of `kind` memory and add up to at most MAX_MESSAGE.
-        let filled = unsafe { self.staging.fill(&mut self.core, kind, iov) };
+        let filled = unsafe { self.staging.fill(&mut register, kind, iov) };
         // The pieces are copied: the caller's registration is free again.
         self.core.release(user);
         let stage = filled.map_err(|e| self.core.fail(e))?;

@@ -12,13 +12,13 @@
 
 use std::sync::Arc;
 
-use super::comm::{CommCore, MAX_MESSAGE};
 use crate::cuda::Gpu;
 use crate::cuda::memory::DeviceBuffer;
 use crate::cuda::segments::TileCopier;
 use crate::cuda::stream::Stream;
 use crate::cuda::unpack::addressable;
 use crate::error::{Error, Result};
+use crate::ncclnet::UNPACK_MAX_SLICE_SIZE as MAX_MESSAGE;
 use crate::transport::{IoSeg, MemKind};
 
 enum Memory {
@@ -56,6 +56,9 @@ struct DeviceGather {
     copier: TileCopier,
 }
 
+/// Registers memory with the comm: address, length and kind in, the registration's key out.
+pub(super) type Register<'a> = &'a mut dyn FnMut(usize, usize, MemKind) -> Result<usize>;
+
 #[derive(Default)]
 pub(super) struct Staging {
     free: Vec<Stage>,
@@ -63,8 +66,9 @@ pub(super) struct Staging {
 }
 
 impl Staging {
-    /// A buffer of `kind` memory, registered with `core`: a free one, or a new one.
-    fn take(&mut self, core: &mut CommCore, kind: MemKind) -> Result<Stage> {
+    /// A buffer of `kind` memory, registered with the comm by `register` (address, length, kind:
+    /// the registration's key): a free one, or a new one.
+    fn take(&mut self, register: Register<'_>, kind: MemKind) -> Result<Stage> {
         if let Some(i) = self.free.iter().position(|s| s.kind() == kind) {
             return Ok(self.free.swap_remove(i));
         }
@@ -73,7 +77,7 @@ impl Staging {
             MemKind::Cuda { device } => Memory::Device(DeviceBuffer::new(device, MAX_MESSAGE)?),
         };
         let mut stage = Stage { memory, key: 0 };
-        stage.key = core.register(stage.addr(), MAX_MESSAGE, kind, false)?;
+        stage.key = register(stage.addr(), MAX_MESSAGE, kind)?;
         Ok(stage)
     }
 
@@ -87,8 +91,8 @@ impl Staging {
     /// # Safety
     /// Every piece is readable `kind` memory (of this comm's GPU for device memory) that nobody
     /// writes during the call; the pieces add up to at most [`MAX_MESSAGE`] bytes.
-    pub unsafe fn fill(&mut self, core: &mut CommCore, kind: MemKind, iov: &[IoSeg]) -> Result<Stage> {
-        let stage = self.take(core, kind)?;
+    pub unsafe fn fill(&mut self, register: Register<'_>, kind: MemKind, iov: &[IoSeg]) -> Result<Stage> {
+        let stage = self.take(register, kind)?;
         // SAFETY: forwarded; the buffer holds MAX_MESSAGE bytes.
         let filled = unsafe { self.copy_in(&stage, iov) };
         match filled {
