@@ -340,6 +340,39 @@ fn transfers_anywhere_in_six_gib_regions() {
     assert_eq!(wait(&p.ab, tx).unwrap(), back.1 as u64);
     assert_eq!(wait(&p.ba, rx).unwrap(), back.1 as u64);
     assert!(dst.slice(at, 3 << 20) == &pattern(3 << 20, 600)[..]);
+
+    // KV-cache blocks scattered over both whole regions: every chunk of the vector spans pieces
+    // in several registration windows on each end.
+    let blocks: Vec<(usize, usize, usize)> = (0..96)
+        .map(|i| ((i * 37 % 96) * (GIB / 16) + 5 * i, (i * 53 % 96) * (GIB / 16) + 3 * i, 16_384 + 777 * (i % 5)))
+        .collect();
+    for (i, &(from, _, len)) in blocks.iter().enumerate() {
+        src.slice_mut(from, len).copy_from_slice(&pattern(len, 700 + i as u64));
+    }
+    let items = |base: &Sparse| -> Vec<OneSided> {
+        blocks
+            .iter()
+            .map(|&(from, to, len)| {
+                let mut remote = fifo_for(to);
+                remote.addr = dst.at(to) as u64;
+                OneSided { mr: smr, addr: base.at(from), len, remote }
+            })
+            .collect()
+    };
+    let total: usize = blocks.iter().map(|b| b.2).sum();
+    let w = p.ab.write(&items(&src)).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap(), total as u64, "scattered write");
+    for &(from, to, len) in &blocks {
+        assert!(dst.slice(to, len) == src.slice(from, len), "block at {to} landed");
+    }
+    for &(from, _, len) in &blocks {
+        src.slice_mut(from, len).fill(0);
+    }
+    let r = p.ab.read(&items(&src)).unwrap();
+    assert_eq!(wait(&p.ab, r).unwrap(), total as u64, "scattered read");
+    for &(from, to, len) in &blocks {
+        assert!(src.slice(from, len) == dst.slice(to, len), "block read back into {from}");
+    }
 }
 
 #[test]

@@ -211,8 +211,11 @@ impl CommCore {
         Ok((key, reg.mhandle, reg.kind))
     }
 
-    /// The registration `mr` holding every piece of a vectored request, taken into use once, and
-    /// the pieces' total. A vectored request names its registration: no per-request one is made.
+    /// The registration `mr` holding the first piece of a vectored request, taken into use once,
+    /// and the pieces' total. A vectored request names its registration: no per-request one is
+    /// made. The other pieces may lie past it, in other windows of the same engine region (the
+    /// transport rule for nets with a registration limit): the plugin never sees them (the send
+    /// gathers them, the receive's unpack scatters into them), and their memory kind is the region's.
     pub fn acquire_segments(&mut self, iov: &[IoSeg], mr: MrHandle, what: &str) -> Result<Segments> {
         if iov.is_empty() || iov.iter().any(|s| s.len == 0) {
             return Err(Error::invalid(format!("a vectored {what} needs at least one segment and no empty one")));
@@ -223,13 +226,15 @@ impl CommCore {
         let reg = self.regs.get_mut(&mr.0).ok_or_else(|| {
             Error::invalid(format!("a vectored {what} needs the registration of its segments, not {}", mr.0))
         })?;
-        for s in iov {
-            if s.addr < reg.base || s.addr.checked_add(s.len).is_none_or(|end| end > reg.base + reg.len) {
-                return Err(Error::invalid(format!(
-                    "segment [{:#x}, +{}) of a vectored {what} is not inside its registration [{:#x}, +{})",
-                    s.addr, s.len, reg.base, reg.len
-                )));
-            }
+        let s = iov[0];
+        if s.addr < reg.base || s.addr.checked_add(s.len).is_none_or(|end| end > reg.base + reg.len) {
+            return Err(Error::invalid(format!(
+                "the first segment [{:#x}, +{}) of a vectored {what} is not inside its registration [{:#x}, +{})",
+                s.addr, s.len, reg.base, reg.len
+            )));
+        }
+        if iov.iter().any(|s| s.addr.checked_add(s.len).is_none()) {
+            return Err(Error::invalid(format!("a segment of a vectored {what} wraps around")));
         }
         reg.in_use += 1;
         Ok(Segments { key: mr.0, kind: reg.kind, total, base: reg.base, len: reg.len })

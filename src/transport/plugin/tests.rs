@@ -587,7 +587,7 @@ fn vectored_requests_outside_their_registration_or_overlapping_are_refused() {
     let buf = vec![0u8; 4096];
     let base = buf.as_ptr() as usize;
     let mr = l.recv.reg_mr(base, 4096, MemKind::Host).unwrap();
-    let outside = [IoSeg { addr: base, len: 10 }, IoSeg { addr: base + 4090, len: 10 }];
+    let outside = [IoSeg { addr: base + 4090, len: 10 }, IoSeg { addr: base, len: 10 }];
     // SAFETY: refused before anything is posted.
     let e = unsafe { l.recv.irecvv(&outside, mr) }.unwrap_err().to_string();
     assert!(e.contains("not inside its registration"), "{e}");
