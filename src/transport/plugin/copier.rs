@@ -271,4 +271,38 @@ mod tests {
         assert!(out.finished().unwrap(), "copied on the calling thread");
         assert_eq!(dst, src);
     }
+
+    #[test]
+    fn a_list_of_copies_lands_whole_and_lets_go_once() {
+        let copier = Copier::start("test-copier-list", 2).unwrap();
+        let dropped = Arc::new(AtomicUsize::new(0));
+        // One slot's bytes copied out into pieces of every size, in another order than they lie.
+        let src: Vec<u8> = (0..3 * PIECE + 999).map(|i| (i * 7) as u8).collect();
+        let cuts = [(0usize, 1usize), (1, PIECE + 3), (PIECE + 4, 0), (PIECE + 4, 2 * PIECE + 995)];
+        let mut dst = vec![0u8; src.len() + 64];
+        let copies: Vec<(*const u8, *mut u8, usize)> = cuts
+            .iter()
+            .rev()
+            .scan(0usize, |at, &(from, len)| {
+                let to = *at;
+                *at += len + 16;
+                // SAFETY: every range lies inside src or dst.
+                Some(unsafe { (src.as_ptr().add(from), dst.as_mut_ptr().add(to), len) })
+            })
+            .collect();
+        // SAFETY: both buffers live until the copy is waited for below; the destinations are apart.
+        let out = unsafe { copier.submit_list(&copies, Box::new(Held(dropped.clone()))) };
+        out.wait();
+        assert!(out.finished().unwrap());
+        assert_eq!(dropped.load(Ordering::SeqCst), 1, "what the list held went once");
+        let mut at = 0;
+        for &(from, len) in cuts.iter().rev() {
+            assert_eq!(&dst[at..at + len], &src[from..from + len]);
+            at += len + 16;
+        }
+        // SAFETY: an empty list touches nothing.
+        let out = unsafe { copier.submit_list(&[], Box::new(Held(dropped.clone()))) };
+        out.wait();
+        assert!(out.finished().unwrap() && dropped.load(Ordering::SeqCst) == 2, "an empty list finishes at once");
+    }
 }
