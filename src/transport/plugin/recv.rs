@@ -67,7 +67,8 @@ struct RecvReq {
     /// The copy out of its slot, once started.
     copy: Option<CopyOut>,
     /// A vectored receive's destination pieces (`data` is then the first one's address, `len`
-    /// their total); posted against an anchor, as a host destination with a device pool is.
+    /// their total); posted at a window of their registration, or against the anchor when it
+    /// lands (host pieces, device pool).
     pieces: Option<Box<[DstPiece]>>,
     state: RecvState,
 }
@@ -109,7 +110,6 @@ pub struct PluginRecvComm {
     /// The pool's GPU's landing slots and this comm's registration of their anchor, made by the
     /// first receive into host memory.
     anchor: Option<(Arc<HostLanding>, usize)>,
-
     metas: Vec<LoadMeta>,
     runs: Vec<Run>,
     /// Test the plugin's oldest unfinished receive whenever the oldest receive is tested, and move
