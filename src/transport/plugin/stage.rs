@@ -6,9 +6,10 @@
 //! 4 KiB, pieces side by side joined into one copy) on a stream the comm waits for before it
 //! posts, since the plugin reads the buffer from its own threads.
 //!
-//! Buffers hold one request's bytes at most ([`MAX_MESSAGE`]) and are registered with the comm
-//! once, on first need; one is taken per vectored send in flight and comes back when the plugin
-//! reports it done, so a comm holds at most as many as it has sends in flight.
+//! Buffers are registered with the comm once, on first need, sized to the chunk that needed them
+//! (a power of two, at most one request's [`MAX_MESSAGE`]); one is taken per vectored send in
+//! flight and comes back when the plugin reports it done, so a comm holds at most as many as it
+//! has sends in flight (and one per smaller size class seen), each about a chunk.
 
 use std::sync::Arc;
 
@@ -26,9 +27,13 @@ enum Memory {
     Device(DeviceBuffer),
 }
 
+/// The smallest staging buffer.
+const MIN_STAGE: usize = 64 << 10;
+
 /// One staging buffer and its registration with the comm.
 pub(super) struct Stage {
     memory: Memory,
+    len: usize,
     /// The comm's registration key.
     pub key: usize,
 }
@@ -66,18 +71,21 @@ pub(super) struct Staging {
 }
 
 impl Staging {
-    /// A buffer of `kind` memory, registered with the comm by `register` (address, length, kind:
-    /// the registration's key): a free one, or a new one.
-    fn take(&mut self, register: Register<'_>, kind: MemKind) -> Result<Stage> {
-        if let Some(i) = self.free.iter().position(|s| s.kind() == kind) {
+    /// A buffer of `kind` memory holding at least `len` bytes, registered with the comm by
+    /// `register` (address, length, kind: the registration's key): a free one, or a new one. Free
+    /// ones too small stay for smaller chunks: a comm's chunks come in one size but a flow's
+    /// last, so few are ever made.
+    fn take(&mut self, register: Register<'_>, kind: MemKind, len: usize) -> Result<Stage> {
+        if let Some(i) = self.free.iter().position(|s| s.kind() == kind && s.len >= len) {
             return Ok(self.free.swap_remove(i));
         }
+        let size = len.next_power_of_two().clamp(MIN_STAGE, MAX_MESSAGE);
         let memory = match kind {
-            MemKind::Host => Memory::Host(vec![0u8; MAX_MESSAGE].into_boxed_slice()),
-            MemKind::Cuda { device } => Memory::Device(DeviceBuffer::new(device, MAX_MESSAGE)?),
+            MemKind::Host => Memory::Host(vec![0u8; size].into_boxed_slice()),
+            MemKind::Cuda { device } => Memory::Device(DeviceBuffer::new(device, size)?),
         };
-        let mut stage = Stage { memory, key: 0 };
-        stage.key = register(stage.addr(), MAX_MESSAGE, kind)?;
+        let mut stage = Stage { memory, len: size, key: 0 };
+        stage.key = register(stage.addr(), size, kind)?;
         Ok(stage)
     }
 
@@ -92,9 +100,10 @@ impl Staging {
     /// Every piece is readable `kind` memory (of this comm's GPU for device memory) that nobody
     /// writes during the call; the pieces add up to at most [`MAX_MESSAGE`] bytes.
     pub unsafe fn fill(&mut self, register: Register<'_>, kind: MemKind, iov: &[IoSeg]) -> Result<Stage> {
-        let stage = self.take(register, kind)?;
-        // SAFETY: forwarded; the buffer holds MAX_MESSAGE bytes.
-        let filled = unsafe { self.copy_in(&stage, iov) };
+        let len = iov.iter().map(|s| s.len).sum();
+        let mut stage = self.take(register, kind, len)?;
+        // SAFETY: forwarded; the buffer holds at least the pieces' total.
+        let filled = unsafe { self.copy_in(&mut stage, iov) };
         match filled {
             Ok(()) => Ok(stage),
             Err(e) => {
@@ -106,15 +115,13 @@ impl Staging {
         }
     }
 
-    unsafe fn copy_in(&mut self, stage: &Stage, iov: &[IoSeg]) -> Result<()> {
-        match &stage.memory {
+    unsafe fn copy_in(&mut self, stage: &mut Stage, iov: &[IoSeg]) -> Result<()> {
+        match &mut stage.memory {
             Memory::Host(buf) => {
                 let mut at = 0;
                 for seg in iov {
-                    // SAFETY: the caller vouches for the piece; `at + len` ≤ MAX_MESSAGE.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(seg.addr as *const u8, buf.as_ptr().add(at).cast_mut(), seg.len)
-                    };
+                    // SAFETY: the caller vouches for the piece; `at + len` ≤ the buffer's length.
+                    unsafe { std::ptr::copy_nonoverlapping(seg.addr as *const u8, buf.as_mut_ptr().add(at), seg.len) };
                     at += seg.len;
                 }
                 Ok(())
