@@ -110,23 +110,23 @@ fn one_sided_writes_and_reads_with_vectors() {
     assert_eq!(wait(&p.ab, w).unwrap_err().status(), UcclStatus::ErrNotAllowed);
 }
 
-/// A vector of many scattered items is one request and one flow; a plugin takes one buffer per
-/// request, so the flow's chunks are cut within each item (items smaller and larger than a chunk).
+/// A vector of many scattered items is one request and one flow, whose chunks span items (each
+/// gathered into one plugin request and scattered on arrival): items smaller and larger than a chunk.
 #[test]
-fn scattered_vectors_are_cut_per_item() {
+fn scattered_vectors_span_items() {
     let p = pair_with(config(2, 64 << 10));
-    vector_cut_per_item(&p, 60, 160 << 10, &[1, 4097, 65_536, 100_001, 777]);
+    vector_across_items(&p, 60, 160 << 10, &[1, 4097, 65_536, 100_001, 777]);
 }
 
 /// The same below a full chunk per channel: 4.4 MB over 3 channels of 4 MiB chunks is cut in
-/// shares of 1.4 MiB, within each item (the 1.5 MB items take two chunks).
+/// shares of 1.4 MiB, across items.
 #[test]
-fn spread_vectors_are_cut_per_item() {
+fn spread_vectors_span_items() {
     let p = pair_with(config(3, 4 << 20));
-    vector_cut_per_item(&p, 8, 2 << 20, &[1, 1_500_001, 4097, 700_000]);
+    vector_across_items(&p, 8, 2 << 20, &[1, 1_500_001, 4097, 700_000]);
 }
 
-fn vector_cut_per_item(p: &Pair, count: usize, slot: usize, lens: &[usize]) {
+fn vector_across_items(p: &Pair, count: usize, slot: usize, lens: &[usize]) {
     let spans: Vec<(usize, usize, usize)> =
         (0..count).map(|i| (((i * 7) % count) * slot, ((i * 11) % count) * slot, lens[i % lens.len()])).collect();
     let total: usize = spans.iter().map(|s| s.2).sum();
@@ -340,6 +340,39 @@ fn transfers_anywhere_in_six_gib_regions() {
     assert_eq!(wait(&p.ab, tx).unwrap(), back.1 as u64);
     assert_eq!(wait(&p.ba, rx).unwrap(), back.1 as u64);
     assert!(dst.slice(at, 3 << 20) == &pattern(3 << 20, 600)[..]);
+
+    // KV-cache blocks scattered over both whole regions: every chunk of the vector spans pieces
+    // in several registration windows on each end.
+    let blocks: Vec<(usize, usize, usize)> = (0..96)
+        .map(|i| ((i * 37 % 96) * (GIB / 16) + 5 * i, (i * 53 % 96) * (GIB / 16) + 3 * i, 16_384 + 777 * (i % 5)))
+        .collect();
+    for (i, &(from, _, len)) in blocks.iter().enumerate() {
+        src.slice_mut(from, len).copy_from_slice(&pattern(len, 700 + i as u64));
+    }
+    let items = |base: &Sparse| -> Vec<OneSided> {
+        blocks
+            .iter()
+            .map(|&(from, to, len)| {
+                let mut remote = fifo_for(to);
+                remote.addr = dst.at(to) as u64;
+                OneSided { mr: smr, addr: base.at(from), len, remote }
+            })
+            .collect()
+    };
+    let total: usize = blocks.iter().map(|b| b.2).sum();
+    let w = p.ab.write(&items(&src)).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap(), total as u64, "scattered write");
+    for &(from, to, len) in &blocks {
+        assert!(dst.slice(to, len) == src.slice(from, len), "block at {to} landed");
+    }
+    for &(from, _, len) in &blocks {
+        src.slice_mut(from, len).fill(0);
+    }
+    let r = p.ab.read(&items(&src)).unwrap();
+    assert_eq!(wait(&p.ab, r).unwrap(), total as u64, "scattered read");
+    for &(from, to, len) in &blocks {
+        assert!(src.slice(from, len) == dst.slice(to, len), "block read back into {from}");
+    }
 }
 
 #[test]

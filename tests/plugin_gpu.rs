@@ -234,6 +234,81 @@ fn child_vectors_and_many_in_flight() {
 }
 
 #[test]
+fn kv_block_tables_move_in_requests_by_their_bytes() {
+    if no_gpu() {
+        return;
+    }
+    let out = run_child("child_kv_block_tables", "random");
+    assert!(out.contains("child checked"), "{out}");
+}
+
+#[test]
+#[ignore = "run by its parent with FAKE_TCPX_MODE=gpu"]
+fn child_kv_block_tables() {
+    assert_gpu_mode();
+    const CHUNK: usize = 1 << 20;
+    let p = pair(plugin_config(2, CHUNK as u32));
+    let path = plugin::fake_plugin();
+    let mut rng = common::Rng::new("kv_block_tables");
+    // KV-cache blocks: 8,192 x 16 KiB scattered at random over twice their bytes; then pieces of
+    // odd sizes (1 B to 9,000 B) at odd places, so pieces cross chunk and page edges everywhere.
+    let shapes = [(8192usize, 32 << 10, 16 << 10, 16 << 10), (3000, 9100, 1, 9000)];
+    let ways = [(Side::Gpu, Side::Gpu), (Side::Gpu, Side::Host), (Side::Host, Side::Gpu)];
+    for (n, slot, min, max) in shapes {
+        for (from, to) in ways {
+            let local = plugin::block_table(&mut rng, n, slot, min, max);
+            let remote = plugin::elsewhere(&mut rng, &local, slot);
+            let total: usize = local.iter().map(|x| x.1).sum();
+            let what = format!("{n} pieces of {min}..={max} B, {from:?} -> {to:?}");
+            let data = pattern(n * slot, n as u64);
+            let mut source = Mem::new(from, n * slot);
+            source.write(0, &data);
+            let target = Mem::new(to, n * slot);
+            let back = Mem::new(from, n * slot);
+            let smr = p.a.register(source.addr(), source.len()).unwrap();
+            let bmr = p.a.register(back.addr(), back.len()).unwrap();
+            let tmr = p.b.register(target.addr(), target.len()).unwrap();
+            let fifo = p.b.prepare_fifo(tmr, target.addr(), target.len()).unwrap();
+            let items = |mr: u64, base: usize| -> Vec<OneSided> {
+                local
+                    .iter()
+                    .zip(&remote)
+                    .map(|(&(lo, len), &(ro, _))| {
+                        let mut r = fifo;
+                        r.addr = (target.addr() + ro) as u64;
+                        OneSided { mr, addr: base + lo, len, remote: r }
+                    })
+                    .collect()
+            };
+            let before = plugin::fake_requests(&path);
+            let w = p.ab.write(&items(smr, source.addr())).unwrap();
+            assert_eq!(wait(&p.ab, w).unwrap(), total as u64, "{what}: write");
+            let after = plugin::fake_requests(&path);
+            let r = p.ab.read(&items(bmr, back.addr())).unwrap();
+            assert_eq!(wait(&p.ab, r).unwrap(), total as u64, "{what}: read");
+            let bound = (total.div_ceil(CHUNK) + 2) as u64;
+            let (sends, receives) = (after.0 - before.0, after.1 - before.1);
+            println!("{what}: write of {total} B made {sends} sends and {receives} receives (bound {bound})");
+            assert!(sends <= bound && receives <= bound, "{what}: {sends} sends, {receives} receives");
+            let (landed, read_back) = (target.read(0, target.len()), back.read(0, back.len()));
+            let mut expected_target = vec![0u8; n * slot];
+            let mut expected_back = vec![0u8; n * slot];
+            for (&(lo, len), &(ro, _)) in local.iter().zip(&remote) {
+                expected_target[ro..ro + len].copy_from_slice(&data[lo..lo + len]);
+                expected_back[lo..lo + len].copy_from_slice(&data[lo..lo + len]);
+            }
+            assert_same(&landed, &expected_target, &format!("{what}: written"));
+            assert_same(&read_back, &expected_back, &format!("{what}: read back"));
+            for mr in [smr, bmr] {
+                p.a.deregister(mr).unwrap();
+            }
+            p.b.deregister(tmr).unwrap();
+        }
+    }
+    println!("child checked");
+}
+
+#[test]
 fn host_destinations_on_more_comms_than_landing_slots() {
     if no_gpu() {
         return;

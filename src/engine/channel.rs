@@ -73,13 +73,22 @@ impl Windows {
 
     /// The window of the region `[base, base + len)` that holds `chunk`. Where the chunk lies is
     /// looked at only for a region of several windows: a spanning chunk's bounds take a walk over
-    /// its segments, which every chunk of a vector would pay for nothing.
+    /// its segments, which every chunk of a vector would pay for nothing. A spanning chunk whose
+    /// segments lie in several windows (KV-cache blocks scattered over a region larger than a
+    /// registration) names the window of its first segment: a vectored request's other segments
+    /// need only lie in the same region (the transport rule of `isendv` / `irecvv`).
     fn of_chunk(&self, base: usize, len: usize, chunk: &Chunk) -> Result<(usize, usize, usize)> {
         if len.saturating_add(PAGE_SLACK) <= self.max {
             return Ok((0, base, len));
         }
         let (addr, reach) = chunk.hull();
-        self.locate(base, len, addr, reach)
+        match self.locate(base, len, addr, reach) {
+            Err(_) if matches!(chunk.mem, ChunkMem::Spans { .. }) => {
+                let (first, first_len) = chunk.first_segment();
+                self.locate(base, len, first, first_len)
+            }
+            window => window,
+        }
     }
 
     /// The window of the region `[base, base + len)` that holds `[addr, addr + chunk)`: its index,
@@ -615,17 +624,24 @@ mod tests {
         while ch.drive(&mut Vec::new(), &mut done).unwrap() {}
         let expected = format!("isendv {:#x}+50,{:#x}+50 mr 102", base + 3 * GIB + 0x2000, base + 3 * GIB + 0x1000);
         assert_eq!(log.lock().last(), Some(&expected));
-        // One whose segments lie further apart than any window reaches is refused.
-        let segs: Arc<[IoSeg]> = [IoSeg { addr: base, len: 50 }, IoSeg { addr: base + 2 * GIB, len: 50 }].into();
+        // One whose segments lie further apart than any window reaches goes with the window of its
+        // first segment (blocks scattered over the region).
+        let segs: Arc<[IoSeg]> = [IoSeg { addr: base + 2 * GIB, len: 50 }, IoSeg { addr: base, len: 50 }].into();
         let wide = Chunk { flow: 10, region: id, mem: ChunkMem::Spans { segs, first: 0, offset: 0 }, len: 100 };
-        assert!(ch.queue_send(wide, Some(&region)).is_err());
+        ch.queue_send(wide, Some(&region)).unwrap();
+        while ch.drive(&mut Vec::new(), &mut done).unwrap() {}
+        let expected = format!("isendv {:#x}+50,{base:#x}+50 mr 104", base + 2 * GIB);
+        assert_eq!(log.lock().last(), Some(&expected));
         log.lock().clear();
         table.remove(id).unwrap();
         drop(region);
         ch.drive(&mut Vec::new(), &mut done).unwrap();
         let mut released = log.lock().clone();
         released.sort();
-        assert_eq!(released, ["dereg 101", "dereg 102", "dereg 103", "dereg 201", "dereg 202", "dereg 203"]);
+        assert_eq!(
+            released,
+            ["dereg 101", "dereg 102", "dereg 103", "dereg 104", "dereg 201", "dereg 202", "dereg 203"]
+        );
     }
 
     /// Touching segments of a host chunk go as one range, a contiguous request when they all join

@@ -689,8 +689,11 @@ mod tests {
         assert_eq!(agreed_cut(&socket, 0), Cut::PerSegment, "a peer without the bit");
         assert_eq!(agreed_cut(&socket, !CAP_SPANNING_CHUNKS), Cut::PerSegment, "other bits do not count");
         let plugin = PluginNet::with_plugin(mock::plugin(), None, None).unwrap();
-        assert_eq!(capabilities(&plugin), 0, "ncclNet v7 takes one buffer per request");
-        assert_eq!(agreed_cut(&plugin, CAP_SPANNING_CHUNKS), Cut::PerSegment);
+        // ncclNet v7 takes one buffer per request; the plugin transport gathers a chunk's pieces
+        // into one (and the peer's unpack scatters them), so its chunks span pieces too.
+        assert_eq!(capabilities(&plugin), CAP_SPANNING_CHUNKS);
+        assert_eq!(agreed_cut(&plugin, CAP_SPANNING_CHUNKS), Cut::Spanning);
+        assert_eq!(agreed_cut(&plugin, 0), Cut::PerSegment, "a peer without the bit");
     }
 
     #[test]

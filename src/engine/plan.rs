@@ -127,6 +127,17 @@ impl Chunk {
         }
     }
 
+    /// Where the chunk's first byte lies, and how many bytes of the chunk follow it there
+    /// contiguously (up to the end of its first segment).
+    pub fn first_segment(&self) -> (usize, usize) {
+        match &self.mem {
+            ChunkMem::At(addr) => (*addr, self.len),
+            ChunkMem::Spans { segs, first, offset } => {
+                spanned(segs, *first, *offset, self.len).next().map_or((0, 0), |s| (s.addr, s.len))
+            }
+        }
+    }
+
     /// The lowest address the chunk touches and the distance to the end of its highest byte.
     /// Walks the segments without collecting them: every chunk of a vector is queued through
     /// here, and a list per chunk cost a 1024-piece write's post a few microseconds.

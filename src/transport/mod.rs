@@ -12,7 +12,10 @@
 //! - closing is dropping;
 //! - a vectored request (`isendv` / `irecvv`, only on a net that reports `vectored`) is one message
 //!   whose bytes are its segments concatenated: it matches one request of the same total on the
-//!   other end, vectored or not, and its segments lie in the one registration `mr` names.
+//!   other end, vectored or not, and its segments lie in the one registration `mr` names; on a
+//!   net with a registration limit (`max_registration`) only its first segment need lie there,
+//!   the others anywhere in the same engine region (whose windows the engine registers), since a
+//!   chunk of blocks scattered over a larger region spans several windows.
 
 pub mod plugin;
 pub mod socket;

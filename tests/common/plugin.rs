@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use libloading::os::unix::Library;
+use testkit::Rng;
 use testkit::child::ChildTest;
 use uccl_tcpx::internal::ncclnet::{NCCL_NET_HANDLE_MAXSIZE, NcclNetV7, PLUGIN_SYMBOL_V7};
 use uccl_tcpx::{Config, TransportChoice};
@@ -115,6 +116,44 @@ fn mapped_at_zero(is_it: impl Fn(&str) -> bool) -> usize {
             fields.len() >= 6 && fields[2] == "00000000" && is_it(fields[5])
         })
         .count()
+}
+
+/// The fake's count of send and receive requests handed out in this process so far.
+pub fn fake_requests(path: &Path) -> (u64, u64) {
+    // SAFETY: the engine loaded the fake from this path (RTLD_NOLOAD only finds that image); the
+    // hook writes two u64s.
+    unsafe {
+        let lib = libloading::os::unix::Library::open(Some(path), libc::RTLD_NOW | libc::RTLD_NOLOAD)
+            .expect("the fake is loaded");
+        let hook = lib
+            .get::<unsafe extern "C" fn(*mut u64, *mut u64)>(b"fake_tcpx_requests\0")
+            .expect("the fake's request counter");
+        let (mut s, mut r) = (0u64, 0u64);
+        hook(&mut s, &mut r);
+        (s, r)
+    }
+}
+
+/// A random block table: `n` pieces of `min..=max` bytes, each at a random offset inside its own
+/// slot of `slot` bytes, the slots shuffled.
+pub fn block_table(rng: &mut Rng, n: usize, slot: usize, min: usize, max: usize) -> Vec<(usize, usize)> {
+    let mut slots: Vec<usize> = (0..n).collect();
+    rng.shuffle(&mut slots);
+    slots
+        .into_iter()
+        .map(|s| {
+            let len = min + rng.below(max - min + 1);
+            (s * slot + rng.below(slot - len + 1), len)
+        })
+        .collect()
+}
+
+/// The other end's pieces for the same bytes: the same lengths (one item is one length on both
+/// ends), each at a random offset of its own slot of `slot` bytes, the slots shuffled.
+pub fn elsewhere(rng: &mut Rng, pieces: &[(usize, usize)], slot: usize) -> Vec<(usize, usize)> {
+    let mut slots: Vec<usize> = (0..pieces.len()).collect();
+    rng.shuffle(&mut slots);
+    pieces.iter().zip(slots).map(|(&(_, len), s)| (s * slot + rng.below(slot - len + 1), len)).collect()
 }
 
 /// Engines on the plugin transport over the fake NIC, with `channels` channels of `chunk`-byte

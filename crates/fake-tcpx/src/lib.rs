@@ -70,6 +70,29 @@ pub static ncclNetPlugin_v7: NcclNetV7 = NcclNetV7 {
     irecv_consumed: Some(fake_irecv_consumed),
 };
 
+/// Requests `isend` and `irecv` handed out in this process, over every comm.
+static SENDS_POSTED: AtomicU64 = AtomicU64::new(0);
+static RECEIVES_POSTED: AtomicU64 = AtomicU64::new(0);
+
+/// Test hook, not part of the ncclNet table: the send and receive requests the plugin handed out
+/// in this process so far, so that a consumer's tests can count what a transfer cost in requests
+/// (TCPX holds 16 per comm, each with its own control message and unpack). A NULL pointer is skipped.
+///
+/// # Safety
+/// Each pointer is NULL or points to a writable `u64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fake_tcpx_requests(sends: *mut u64, receives: *mut u64) {
+    // SAFETY: per the contract.
+    unsafe {
+        if let Some(s) = sends.as_mut() {
+            *s = SENDS_POSTED.load(Ordering::Relaxed);
+        }
+        if let Some(r) = receives.as_mut() {
+            *r = RECEIVES_POSTED.load(Ordering::Relaxed);
+        }
+    }
+}
+
 unsafe extern "C" fn fake_init(logger: NcclDebugLogger) -> c_int {
     guard("init", || Scope::Control(0), || plugin::init(logger))
 }
@@ -309,6 +332,9 @@ unsafe extern "C" fn fake_isend(
                 return Err(Fail::internal(format!("isend on {send_comm:p}, which is not a send comm")));
             };
             let req = registry::lock(&c)?.isend(data, size, mhandle)?;
+            if !req.is_null() {
+                SENDS_POSTED.fetch_add(1, Ordering::Relaxed);
+            }
             // SAFETY: checked non-NULL.
             unsafe { request.write(req) };
             Ok(())
@@ -341,6 +367,9 @@ unsafe extern "C" fn fake_irecv(
             // SAFETY: checked non-NULL; n == 1 so each array has one element.
             let (data, size, mhandle) = unsafe { (data.read(), sizes.read(), mhandles.read()) };
             let req = registry::lock(&c)?.irecv(data, size, mhandle)?;
+            if !req.is_null() {
+                RECEIVES_POSTED.fetch_add(1, Ordering::Relaxed);
+            }
             // SAFETY: checked non-NULL.
             unsafe { request.write(req) };
             Ok(())

@@ -19,6 +19,7 @@ pub(crate) use memory::PinnedTiles;
 #[cfg(test)]
 pub use plan::run_tiles;
 pub use plan::{
-    MAX_FRAGMENTS, PlanError, PlanStats, ReceiveLayout, TILE_BYTES, Tile, addressable, cut_run, plan_receive,
+    DstPiece, MAX_FRAGMENTS, PlanError, PlanStats, ReceiveLayout, TILE_BYTES, Tile, addressable, cut_run, plan_receive,
+    plan_receive_pieces,
 };
 pub use unpacker::{BulkTiles, Completion, CompletionCounts, Submit, Unpacker, UnpackerConfig};

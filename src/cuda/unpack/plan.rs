@@ -52,6 +52,35 @@ impl ReceiveLayout {
     }
 }
 
+/// One destination piece of a receive whose bytes go to several places (a vectored receive): the
+/// message's bytes `[at, at + len)` belong at `addr`. A receive's pieces are listed in message
+/// order, each starting where the one before it ends, from 0 to the receive's `dst_len`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DstPiece {
+    pub at: u64,
+    pub addr: u64,
+    pub len: u64,
+}
+
+/// Checks that `pieces` tile `[0, dst_len)` in order, every one non-empty and addressable.
+fn check_pieces(pieces: &[DstPiece], dst_len: u64) -> Result<()> {
+    let mut at = 0u64;
+    for (i, p) in pieces.iter().enumerate() {
+        if p.at != at || p.len == 0 || p.addr == 0 || !addressable(p.addr, p.len) {
+            return Err(Error::invalid(format!(
+                "unpack: destination piece {i} ({:#x}+{} at message byte {}) does not continue the pieces before it \
+                 at byte {at}, is empty or lies outside the device address space",
+                p.addr, p.len, p.at
+            )));
+        }
+        at += p.len;
+    }
+    if at != dst_len {
+        return Err(Error::invalid(format!("unpack: destination pieces hold {at} bytes, not the receive's {dst_len}")));
+    }
+    Ok(())
+}
+
 /// Device addresses must lie below 2^52 (4 PiB; x86-64 and Arm GPU address spaces use 47 to 49
 /// bits) so that a tile's length fits in the top bits of its source address.
 pub const ADDRESS_BITS: u32 = 52;
@@ -118,7 +147,24 @@ pub fn plan_receive(
     tiles: &mut [Tile],
     used: &mut usize,
 ) -> std::result::Result<PlanStats, PlanError> {
+    plan_receive_pieces(layout, &[], metas, tiles, used)
+}
+
+/// [`plan_receive`] for a receive whose destination is `pieces` (none: `layout.dst`): the fragment
+/// list composed with the piece list, so every tile copies from the pool straight into the piece
+/// its bytes belong to, a run that crosses pieces cut where they end. `layout.dst_len` is the
+/// pieces' total; `layout.dst` is not written.
+pub fn plan_receive_pieces(
+    layout: &ReceiveLayout,
+    pieces: &[DstPiece],
+    metas: &[LoadMeta],
+    tiles: &mut [Tile],
+    used: &mut usize,
+) -> std::result::Result<PlanStats, PlanError> {
     layout.check().map_err(PlanError::Invalid)?;
+    if !pieces.is_empty() {
+        check_pieces(pieces, layout.dst_len).map_err(PlanError::Invalid)?;
+    }
     if metas.len() > MAX_FRAGMENTS {
         return Err(PlanError::Invalid(Error::invalid(format!(
             "unpack: receive reports {} fragments, more than the limit of {MAX_FRAGMENTS}",
@@ -126,7 +172,7 @@ pub fn plan_receive(
         ))));
     }
     let start = *used;
-    let mut out = TileWriter { tiles, used: start };
+    let mut out = TileWriter { tiles, used: start, pieces };
     let mut stats = PlanStats::default();
     // The run being extended; `run.len == 0` means none yet. Kept in locals rather than an
     // Option so the per-fragment loop stays branch-light (this is on every receive's latency).
@@ -262,16 +308,43 @@ pub fn run_tiles(src: u64, dst: u64, len: u64) -> impl Iterator<Item = Tile> {
 struct TileWriter<'a> {
     tiles: &'a mut [Tile],
     used: usize,
+    /// The destination's pieces; empty for a contiguous destination.
+    pieces: &'a [DstPiece],
 }
 
 impl TileWriter<'_> {
-    /// Cuts a run into tiles ([`cut_run`]). Err carries how many tiles the run needs.
+    /// Cuts a run into tiles ([`cut_run`]), in each destination piece it covers. Err carries how
+    /// many tiles the run needs.
     #[inline]
     fn push_run(&mut self, layout: &ReceiveLayout, run: &Run) -> std::result::Result<(), usize> {
-        let (src, dst) = (layout.pool + run.src_off, layout.dst + run.dst_off);
-        let needed = tiles_needed(dst, run.len);
+        if self.pieces.is_empty() {
+            return self.push_copy(layout.pool + run.src_off, layout.dst + run.dst_off, run.len);
+        }
+        // The piece holding the run's first byte: the last one starting at or before it.
+        let mut k = self.pieces.partition_point(|p| p.at <= run.dst_off) - 1;
+        let (mut done, mut needed) = (0u64, 0usize);
+        while done < run.len {
+            let p = self.pieces[k];
+            let into = run.dst_off + done - p.at;
+            let n = (p.len - into).min(run.len - done);
+            if needed == 0 {
+                if let Err(more) = self.push_copy(layout.pool + run.src_off + done, p.addr + into, n) {
+                    needed = more;
+                }
+            } else {
+                needed += tiles_needed(p.addr + into, n);
+            }
+            done += n;
+            k += 1;
+        }
+        if needed == 0 { Ok(()) } else { Err(needed) }
+    }
+
+    #[inline]
+    fn push_copy(&mut self, src: u64, dst: u64, len: u64) -> std::result::Result<(), usize> {
+        let needed = tiles_needed(dst, len);
         let Some(out) = self.tiles.get_mut(self.used..self.used + needed) else { return Err(needed) };
-        cut_run(out, src, dst, run.len);
+        cut_run(out, src, dst, len);
         self.used += needed;
         Ok(())
     }
@@ -522,6 +595,87 @@ mod tests {
             let mut via_metas = vec![0u8; dst_len as usize];
             apply_metas(&pool, &mut via_metas, &metas);
             assert_eq!(&via_tiles[offset..], &via_metas[..], "round {round}");
+        }
+    }
+
+    #[test]
+    fn fragments_composed_with_destination_pieces_land_in_the_pieces() {
+        let mut rng = Rng(0x9e37_79b9);
+        for round in 0..50 {
+            // A message of shuffled fragments of odd sizes (pages split at random points).
+            let total = 1 + rng.below(64 * 1024) as usize;
+            let mut metas = Vec::new();
+            let mut at = 0u64;
+            while (at as usize) < total {
+                let len = (1 + rng.below(5000)).min(total as u64 - at);
+                metas.push((at, len));
+                at += len;
+            }
+            let mut order: Vec<usize> = (0..metas.len()).collect();
+            for i in (1..order.len()).rev() {
+                order.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            let mut src_at = 0u32;
+            let metas: Vec<LoadMeta> = order
+                .iter()
+                .map(|&k| {
+                    let (dst_off, len) = metas[k];
+                    let m = meta(src_at + 7, len as u32, dst_off);
+                    src_at += len as u32 + 13;
+                    m
+                })
+                .collect();
+            let pool: Vec<u8> = (0..src_at as usize + 64).map(|i| (i * 131 + round) as u8).collect();
+            // Destination pieces of 1..3000 bytes at shuffled, odd places of a destination buffer.
+            let mut lens = Vec::new();
+            let mut left = total as u64;
+            while left > 0 {
+                let len = (1 + rng.below(3000)).min(left);
+                lens.push(len);
+                left -= len;
+            }
+            let stride = 3000 + 16;
+            let mut slots: Vec<u64> = (0..lens.len() as u64).collect();
+            for i in (1..slots.len()).rev() {
+                slots.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            let mut pieces = Vec::new();
+            let mut at = 0;
+            for (k, &len) in lens.iter().enumerate() {
+                pieces.push(DstPiece { at, addr: DST + slots[k] * stride + rng.below(16), len });
+                at += len;
+            }
+            let layout = ReceiveLayout { pool: POOL, pool_len: pool.len() as u64, dst: DST, dst_len: total as u64 };
+            let mut tiles = vec![Tile::default(); 4096];
+            let mut used = 0;
+            let stats = plan_receive_pieces(&layout, &pieces, &metas, &mut tiles, &mut used).expect("plans");
+            assert_eq!(stats.bytes, total as u64);
+            let mut dst = vec![0u8; lens.len() * stride as usize];
+            apply_tiles(&pool, &mut dst, &tiles[..used]);
+            let mut message = vec![0u8; total];
+            apply_metas(&pool, &mut message, &metas);
+            for p in &pieces {
+                let d = (p.addr - DST) as usize;
+                let m = p.at as usize;
+                assert_eq!(&dst[d..d + p.len as usize], &message[m..m + p.len as usize], "round {round}");
+            }
+            assert!(tiles[..used].iter().all(|t| t.bytes() as u64 <= TILE_BYTES));
+        }
+    }
+
+    #[test]
+    fn destination_pieces_must_tile_the_receive() {
+        let layout = layout(100);
+        let mut tiles = vec![Tile::default(); 16];
+        let gap = [DstPiece { at: 0, addr: DST, len: 50 }, DstPiece { at: 60, addr: DST + 64, len: 40 }];
+        let short = [DstPiece { at: 0, addr: DST, len: 50 }];
+        for pieces in [&gap[..], &short[..]] {
+            let mut used = 0;
+            match plan_receive_pieces(&layout, pieces, &[meta(0, 100, 0)], &mut tiles, &mut used) {
+                Err(PlanError::Invalid(e)) => assert!(e.to_string().contains("piece"), "{e}"),
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+            assert_eq!(used, 0);
         }
     }
 }

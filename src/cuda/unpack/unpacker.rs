@@ -43,7 +43,7 @@ use cudarc::driver::{result, sys};
 
 use super::kernels::{CompletionSignal, InlineTiles, UnpackKernels};
 use super::memory::{DeviceBytes, DeviceTiles, Event, MappedWords, PinnedTiles, driver_error};
-use super::plan::{PlanError, PlanStats, ReceiveLayout, plan_receive};
+use super::plan::{DstPiece, PlanError, PlanStats, ReceiveLayout, plan_receive_pieces};
 use crate::error::{Error, Result};
 use crate::ncclnet::LoadMeta;
 
@@ -275,11 +275,25 @@ impl Unpacker {
     /// unpacker's device (or mapped into it) that stays valid until the receive is finished, and
     /// nothing else may write the destination range meanwhile.
     pub unsafe fn submit(&mut self, layout: &ReceiveLayout, metas: &[LoadMeta]) -> Result<Submit> {
+        // SAFETY: forwarded.
+        unsafe { self.submit_pieces(layout, &[], metas) }
+    }
+
+    /// [`submit`](Self::submit) for a receive whose bytes go to `pieces` (`plan_receive_pieces`).
+    ///
+    /// # Safety
+    /// As `submit`, for every piece instead of `layout.dst .. + dst_len`.
+    pub unsafe fn submit_pieces(
+        &mut self,
+        layout: &ReceiveLayout,
+        pieces: &[DstPiece],
+        metas: &[LoadMeta],
+    ) -> Result<Submit> {
         self.check_failed()?;
         if !self.open_slot_free()? {
             return Ok(Submit::Full);
         }
-        match self.plan_into_open(layout, metas) {
+        match self.plan_into_open(layout, pieces, metas) {
             Ok(_) => {}
             Err(PlanError::Invalid(e)) => return Err(e),
             Err(PlanError::NoRoom { needed }) => {
@@ -291,7 +305,7 @@ impl Unpacker {
                 if !self.open_slot_free()? {
                     return Ok(Submit::Full);
                 }
-                match self.plan_into_open(layout, metas) {
+                match self.plan_into_open(layout, pieces, metas) {
                     Ok(_) => {}
                     Err(PlanError::Invalid(e)) => return Err(e),
                     Err(PlanError::NoRoom { needed }) => return Err(too_large(needed, capacity)),
@@ -307,10 +321,11 @@ impl Unpacker {
     fn plan_into_open(
         &mut self,
         layout: &ReceiveLayout,
+        pieces: &[DstPiece],
         metas: &[LoadMeta],
     ) -> std::result::Result<PlanStats, PlanError> {
         let slot = &mut self.slots[self.next];
-        plan_receive(layout, metas, slot.host.as_mut_slice(), &mut self.open_tiles)
+        plan_receive_pieces(layout, pieces, metas, slot.host.as_mut_slice(), &mut self.open_tiles)
     }
 
     /// Whether the open batch's slot is free, retiring finished launches if it is not.

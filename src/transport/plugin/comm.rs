@@ -13,12 +13,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::gpu::PluginGpus;
 use super::loader::{Plugin, rc_text};
 use super::logger::{mark, warning_suffix};
+use super::stage::{Stage, Staging};
 use crate::cuda::Gpu;
 use crate::error::{Error, Result, UcclStatus};
 use crate::ncclnet::{
     NCCL_PTR_CUDA, NCCL_PTR_HOST, NCCL_SUCCESS, NcclNetV7, UNPACK_MAX_SLICE_SIZE, UNPACK_QUEUE_DEPTH,
 };
-use crate::transport::{MemKind, MrHandle, Properties, RequestId, SendComm};
+use crate::transport::{IoSeg, MemKind, MrHandle, Properties, RequestId, SendComm};
 
 /// Requests per comm, received-but-unconsumed included (TCPX's ring and unpack queue).
 pub const MAX_REQUESTS: usize = UNPACK_QUEUE_DEPTH;
@@ -211,6 +212,35 @@ impl CommCore {
         Ok((key, reg.mhandle, reg.kind))
     }
 
+    /// The registration `mr` holding the first piece of a vectored request, taken into use once,
+    /// and the pieces' total. A vectored request names its registration: no per-request one is
+    /// made. The other pieces may lie past it, in other windows of the same engine region (the
+    /// transport rule for nets with a registration limit): the plugin never sees them (the send
+    /// gathers them, the receive's unpack scatters into them), and their memory kind is the region's.
+    pub fn acquire_segments(&mut self, iov: &[IoSeg], mr: MrHandle, what: &str) -> Result<Segments> {
+        if iov.is_empty() || iov.iter().any(|s| s.len == 0) {
+            return Err(Error::invalid(format!("a vectored {what} needs at least one segment and no empty one")));
+        }
+        let total = iov.iter().try_fold(0usize, |t, s| t.checked_add(s.len));
+        let total = total.ok_or_else(|| Error::invalid(format!("a vectored {what}'s segments overflow")))?;
+        check_size(total, what)?;
+        let reg = self.regs.get_mut(&mr.0).ok_or_else(|| {
+            Error::invalid(format!("a vectored {what} needs the registration of its segments, not {}", mr.0))
+        })?;
+        let s = iov[0];
+        if s.addr < reg.base || s.addr.checked_add(s.len).is_none_or(|end| end > reg.base + reg.len) {
+            return Err(Error::invalid(format!(
+                "the first segment [{:#x}, +{}) of a vectored {what} is not inside its registration [{:#x}, +{})",
+                s.addr, s.len, reg.base, reg.len
+            )));
+        }
+        if iov.iter().any(|s| s.addr.checked_add(s.len).is_none()) {
+            return Err(Error::invalid(format!("a segment of a vectored {what} wraps around")));
+        }
+        reg.in_use += 1;
+        Ok(Segments { key: mr.0, kind: reg.kind, total, base: reg.base, len: reg.len })
+    }
+
     pub fn release(&mut self, key: usize) {
         let Some(reg) = self.regs.get_mut(&key) else { return };
         reg.in_use -= 1;
@@ -250,6 +280,29 @@ impl CommCore {
     }
 }
 
+/// What [`CommCore::acquire_segments`] found.
+pub(super) struct Segments {
+    /// The registration, taken into use.
+    pub key: usize,
+    pub kind: MemKind,
+    /// The pieces' total.
+    pub total: usize,
+    /// The registration's range.
+    pub base: usize,
+    pub len: usize,
+}
+
+impl Segments {
+    /// An address inside the registration where `total` bytes fit from, as near the first piece
+    /// as may be: what a vectored receive is posted at when no anchor stands in (the plugin only
+    /// takes the address as the base of `dst_off` and checks nothing else of it). None when the
+    /// pieces add up to more than the registration holds, which pieces that do not overlap never do.
+    pub fn window(&self, first: usize) -> Option<usize> {
+        let room = self.len.checked_sub(self.total)?;
+        Some(self.base + (first - self.base).min(room))
+    }
+}
+
 pub(super) fn check_size(len: usize, what: &str) -> Result<c_int> {
     if len > MAX_MESSAGE {
         return Err(Error::invalid(format!(
@@ -283,6 +336,8 @@ struct SendReq {
     request: *mut c_void,
     len: usize,
     mr: usize,
+    /// The staging buffer a vectored send went from, given back when it is done.
+    stage: Option<Stage>,
 }
 
 // SAFETY: a request pointer is an opaque token handed back to the plugin by the comm's one user.
@@ -292,11 +347,48 @@ pub struct PluginSendComm {
     core: CommCore,
     inflight: VecDeque<SendReq>,
     next_id: u64,
+    /// Declared after `core`: buffers in flight are freed only once the comm closed.
+    staging: Staging,
 }
 
 impl PluginSendComm {
     pub(super) fn new(plugin: Arc<Plugin>, comm: *mut c_void, shared: CommShared) -> Self {
-        PluginSendComm { core: CommCore::new(plugin, comm, shared, "send"), inflight: VecDeque::new(), next_id: 0 }
+        PluginSendComm {
+            core: CommCore::new(plugin, comm, shared, "send"),
+            inflight: VecDeque::new(),
+            next_id: 0,
+            staging: Staging::default(),
+        }
+    }
+
+    /// Posts `len` bytes at `data`, inside registration `key` (taken into use by the caller, and
+    /// released here if nothing is posted).
+    fn post(&mut self, data: usize, len: usize, key: usize, stage: Option<Stage>) -> Result<Option<RequestId>> {
+        let size = len as c_int;
+        let mhandle = self.core.mhandle(key).expect("taken into use by the caller");
+        let mut request: *mut c_void = std::ptr::null_mut();
+        let comm = self.core.comm;
+        let (rc, since) = self.core.plugin.call(|t| {
+            let isend = t.isend.expect("checked at load");
+            let since = mark();
+            // SAFETY: a live comm with a free request slot; the caller keeps `data` valid until done.
+            (unsafe { isend(comm, data as *mut c_void, size, 0, mhandle, &mut request) }, since)
+        });
+        if rc != NCCL_SUCCESS || request.is_null() {
+            self.core.release(key);
+            if let Some(stage) = stage {
+                self.staging.put(stage);
+            }
+            if rc != NCCL_SUCCESS {
+                return Err(self.core.fail(plugin_error("isend", rc, since)));
+            }
+            return Ok(None);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.inflight.push_back(SendReq { id, request, len, mr: key, stage });
+        self.core.count(1);
+        Ok(Some(RequestId(id)))
     }
 }
 
@@ -311,31 +403,39 @@ impl SendComm for PluginSendComm {
 
     unsafe fn isend(&mut self, data: *const u8, len: usize, mr: MrHandle) -> Result<Option<RequestId>> {
         self.core.check()?;
-        let size = check_size(len, "send")?;
+        check_size(len, "send")?;
         if self.inflight.len() >= MAX_REQUESTS {
             return Ok(None);
         }
-        let (key, mhandle, _) = self.core.acquire(data as usize, len, mr)?;
-        let mut request: *mut c_void = std::ptr::null_mut();
-        let comm = self.core.comm;
-        let (rc, since) = self.core.plugin.call(|t| {
-            let isend = t.isend.expect("checked at load");
-            let since = mark();
-            // SAFETY: a live comm with a free request slot; the caller keeps `data` valid until done.
-            (unsafe { isend(comm, data as *mut c_void, size, 0, mhandle, &mut request) }, since)
-        });
-        if rc != NCCL_SUCCESS || request.is_null() {
-            self.core.release(key);
-            if rc != NCCL_SUCCESS {
-                return Err(self.core.fail(plugin_error("isend", rc, since)));
-            }
+        let (key, _, _) = self.core.acquire(data as usize, len, mr)?;
+        self.post(data as usize, len, key, None)
+    }
+
+    /// One request for all the pieces: gathered into a staging buffer of their memory's kind
+    /// (`stage.rs`) and sent from there, as one request of their total.
+    unsafe fn isendv(&mut self, iov: &[IoSeg], mr: MrHandle) -> Result<Option<RequestId>> {
+        if let [one] = iov {
+            // SAFETY: per the contract.
+            return unsafe { self.isend(one.addr as *const u8, one.len, mr) };
+        }
+        self.core.check()?;
+        if self.inflight.len() >= MAX_REQUESTS {
             return Ok(None);
         }
-        let id = self.next_id;
-        self.next_id += 1;
-        self.inflight.push_back(SendReq { id, request, len, mr: key });
-        self.core.count(1);
-        Ok(Some(RequestId(id)))
+        let Segments { key: user, kind, total, .. } = self.core.acquire_segments(iov, mr, "send")?;
+        let core = &mut self.core;
+        let mut register = |addr, len, kind| core.register(addr, len, kind, false);
+        // SAFETY: the caller keeps every piece valid and unmodified (isendv's contract); the
+        // pieces lie in one registration of `kind` memory and add up to at most MAX_MESSAGE.
+        let filled = unsafe { self.staging.fill(&mut register, kind, iov) };
+        // The pieces are copied: the caller's registration is free again.
+        self.core.release(user);
+        let stage = filled.map_err(|e| self.core.fail(e))?;
+        let (addr, key) = (stage.addr(), stage.key);
+        if let Err(e) = self.core.acquire(addr, total, MrHandle(key)) {
+            return Err(self.core.fail(e));
+        }
+        self.post(addr, total, key, Some(stage))
     }
 
     fn test(&mut self, req: RequestId) -> Result<Option<usize>> {
@@ -359,6 +459,9 @@ impl SendComm for PluginSendComm {
         let head = self.inflight.pop_front().expect("checked above");
         self.core.release(head.mr);
         self.core.count(-1);
+        if let Some(stage) = head.stage {
+            self.staging.put(stage);
+        }
         Ok(Some(head.len))
     }
 }

@@ -59,8 +59,10 @@ unsafe impl Send for Piece {}
 
 impl Piece {
     fn run(self) {
-        // SAFETY: per `Copier::submit`'s contract.
-        unsafe { std::ptr::copy_nonoverlapping(self.src, self.dst, self.len) };
+        if self.len > 0 {
+            // SAFETY: per `Copier::submit`'s contract.
+            unsafe { std::ptr::copy_nonoverlapping(self.src, self.dst, self.len) };
+        }
         self.copy.piece_done();
     }
 }
@@ -155,7 +157,17 @@ impl Copier {
     /// `[src, src + len)` is readable and `[dst, dst + len)` writable, the two do not overlap, and
     /// nobody else writes either until the copy finished (or `CopyOut::wait` returned).
     pub unsafe fn submit(&self, src: *const u8, dst: *mut u8, len: usize, hold: Box<dyn Send>) -> CopyOut {
-        let pieces = len.div_ceil(PIECE).max(1);
+        // SAFETY: forwarded.
+        unsafe { self.submit_list(&[(src, dst, len)], hold) }
+    }
+
+    /// [`submit`](Self::submit) of several copies `(src, dst, len)` as one: `hold` goes once all
+    /// of them landed (a vectored receive's bytes, copied out of one slot into its pieces).
+    ///
+    /// # Safety
+    /// As `submit`, for every copy; no two destinations overlap.
+    pub unsafe fn submit_list(&self, copies: &[(*const u8, *mut u8, usize)], hold: Box<dyn Send>) -> CopyOut {
+        let pieces = copies.iter().map(|c| c.2.div_ceil(PIECE)).sum::<usize>().max(1);
         let copy = Arc::new(CopyState {
             left: AtomicUsize::new(pieces),
             done: AtomicBool::new(false),
@@ -163,20 +175,31 @@ impl Copier {
         });
         let out = CopyOut { copy: copy.clone(), health: self.health.clone() };
         let inline = !self.health.alive.load(Ordering::SeqCst);
-        for k in 0..pieces {
-            let at = k * PIECE;
-            // SAFETY: `at` < `len` (or 0 for an empty copy), inside both ranges.
-            let (src, dst) = unsafe { (src.add(at), dst.add(at)) };
-            let piece = Piece { src, dst, len: PIECE.min(len - at), copy: copy.clone() };
-            let sent = match &self.pieces {
-                Some(pieces) if !inline => pieces.send(piece),
-                _ => Err(mpsc::SendError(piece)),
-            };
-            if let Err(mpsc::SendError(piece)) = sent {
-                piece.run();
+        let mut queued = 0;
+        for &(src, dst, len) in copies {
+            for k in 0..len.div_ceil(PIECE) {
+                let at = k * PIECE;
+                // SAFETY: `at` < `len`, inside both ranges.
+                let (src, dst) = unsafe { (src.add(at), dst.add(at)) };
+                self.queue(Piece { src, dst, len: PIECE.min(len - at), copy: copy.clone() }, inline);
+                queued += 1;
             }
         }
+        if queued == 0 {
+            // Nothing to copy: the one piece counted for it lands at once.
+            self.queue(Piece { src: std::ptr::null(), dst: std::ptr::null_mut(), len: 0, copy }, true);
+        }
         out
+    }
+
+    fn queue(&self, piece: Piece, inline: bool) {
+        let sent = match &self.pieces {
+            Some(pieces) if !inline => pieces.send(piece),
+            _ => Err(mpsc::SendError(piece)),
+        };
+        if let Err(mpsc::SendError(piece)) = sent {
+            piece.run();
+        }
     }
 }
 
@@ -247,5 +270,39 @@ mod tests {
         let out = unsafe { copier.submit(src.as_ptr(), dst.as_mut_ptr(), src.len(), Box::new(())) };
         assert!(out.finished().unwrap(), "copied on the calling thread");
         assert_eq!(dst, src);
+    }
+
+    #[test]
+    fn a_list_of_copies_lands_whole_and_lets_go_once() {
+        let copier = Copier::start("test-copier-list", 2).unwrap();
+        let dropped = Arc::new(AtomicUsize::new(0));
+        // One slot's bytes copied out into pieces of every size, in another order than they lie.
+        let src: Vec<u8> = (0..3 * PIECE + 999).map(|i| (i * 7) as u8).collect();
+        let cuts = [(0usize, 1usize), (1, PIECE + 3), (PIECE + 4, 0), (PIECE + 4, 2 * PIECE + 995)];
+        let mut dst = vec![0u8; src.len() + 64];
+        let copies: Vec<(*const u8, *mut u8, usize)> = cuts
+            .iter()
+            .rev()
+            .scan(0usize, |at, &(from, len)| {
+                let to = *at;
+                *at += len + 16;
+                // SAFETY: every range lies inside src or dst.
+                Some(unsafe { (src.as_ptr().add(from), dst.as_mut_ptr().add(to), len) })
+            })
+            .collect();
+        // SAFETY: both buffers live until the copy is waited for below; the destinations are apart.
+        let out = unsafe { copier.submit_list(&copies, Box::new(Held(dropped.clone()))) };
+        out.wait();
+        assert!(out.finished().unwrap());
+        assert_eq!(dropped.load(Ordering::SeqCst), 1, "what the list held went once");
+        let mut at = 0;
+        for &(from, len) in cuts.iter().rev() {
+            assert_eq!(&dst[at..at + len], &src[from..from + len]);
+            at += len + 16;
+        }
+        // SAFETY: an empty list touches nothing.
+        let out = unsafe { copier.submit_list(&[], Box::new(Held(dropped.clone()))) };
+        out.wait();
+        assert!(out.finished().unwrap() && dropped.load(Ordering::SeqCst) == 2, "an empty list finishes at once");
     }
 }

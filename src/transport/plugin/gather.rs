@@ -2,6 +2,7 @@
 //! buffer, merged into runs, and, for host memory on both sides, copied on the CPU. The plugin
 //! checks none of this (it trusts the sender's size), so nothing here trusts the plugin either.
 
+use crate::cuda::unpack::DstPiece;
 use crate::error::{Error, Result};
 use crate::ncclnet::{LoadMeta, UNPACK_MAX_SLICE_PAGES};
 
@@ -99,6 +100,42 @@ pub unsafe fn copy_runs(pool: *const u8, dst: *mut u8, runs: &[Run]) {
         // SAFETY: bounds checked by `plan`, validity by the caller.
         unsafe { std::ptr::copy_nonoverlapping(pool.add(r.src as usize), dst.add(r.dst as usize), r.len as usize) };
     }
+}
+
+/// Copies every run from the pool into the destination pieces (message byte `p.at` on goes to
+/// `p.addr`), a run that crosses pieces cut where they end.
+///
+/// # Safety
+/// `runs` came from [`plan`] for this receive, posted for the pieces' total; the pieces tile
+/// `[0, total)` in order (`DstPiece`); the pool is readable and every piece writable host memory
+/// nothing else touches meanwhile, none overlapping another or the pool.
+pub unsafe fn copy_runs_to_pieces(pool: *const u8, pieces: &[DstPiece], runs: &[Run]) {
+    for r in runs {
+        let mut k = pieces.partition_point(|p| p.at <= r.dst) - 1;
+        let mut done = 0u64;
+        while done < r.len {
+            let p = pieces[k];
+            let into = r.dst + done - p.at;
+            let n = (p.len - into).min(r.len - done);
+            // SAFETY: bounds checked by `plan` and the pieces' tiling, validity by the caller.
+            unsafe {
+                std::ptr::copy_nonoverlapping(pool.add((r.src + done) as usize), (p.addr + into) as *mut u8, n as usize)
+            };
+            done += n;
+            k += 1;
+        }
+    }
+}
+
+/// The pieces of a vectored receive (`(addr, len)`, in message order), as `DstPiece`s.
+pub fn pieces(segs: impl Iterator<Item = (usize, usize)>) -> Vec<DstPiece> {
+    let mut at = 0u64;
+    segs.map(|(addr, len)| {
+        let p = DstPiece { at, addr: addr as u64, len: len as u64 };
+        at += len as u64;
+        p
+    })
+    .collect()
 }
 
 #[cfg(test)]

@@ -15,15 +15,17 @@ use parking_lot::Mutex;
 use super::landing::HostLanding;
 use crate::cuda::Gpu;
 use crate::cuda::gpu::ContextRestore;
-use crate::cuda::unpack::{ReceiveLayout, Submit, Unpacker, UnpackerConfig};
+use crate::cuda::unpack::{DstPiece, ReceiveLayout, Submit, Unpacker, UnpackerConfig};
 use crate::error::Result;
 use crate::ncclnet::LoadMeta;
 
 /// What a receive comm asks of its GPU's unpacker (see [`Unpacker`], whose methods these are).
 pub trait BatchUnpack: Send {
+    /// `pieces`: where the bytes go when not to `layout.dst` (a vectored receive).
+    ///
     /// # Safety
-    /// As [`Unpacker::submit`].
-    unsafe fn submit(&mut self, layout: &ReceiveLayout, metas: &[LoadMeta]) -> Result<Submit>;
+    /// As [`Unpacker::submit_pieces`].
+    unsafe fn submit(&mut self, layout: &ReceiveLayout, pieces: &[DstPiece], metas: &[LoadMeta]) -> Result<Submit>;
     fn launch(&mut self) -> Result<bool>;
     fn poll(&mut self) -> Result<u64>;
     fn finish(&mut self) -> Result<u64>;
@@ -34,9 +36,9 @@ pub trait BatchUnpack: Send {
 }
 
 impl BatchUnpack for Unpacker {
-    unsafe fn submit(&mut self, layout: &ReceiveLayout, metas: &[LoadMeta]) -> Result<Submit> {
-        // SAFETY: the caller keeps `Unpacker::submit`'s contract.
-        unsafe { Unpacker::submit(self, layout, metas) }
+    unsafe fn submit(&mut self, layout: &ReceiveLayout, pieces: &[DstPiece], metas: &[LoadMeta]) -> Result<Submit> {
+        // SAFETY: the caller keeps `Unpacker::submit_pieces`'s contract.
+        unsafe { Unpacker::submit_pieces(self, layout, pieces, metas) }
     }
     fn launch(&mut self) -> Result<bool> {
         Unpacker::launch(self)

@@ -18,6 +18,7 @@ use parking_lot::Mutex;
 use super::copier::{self, Copier, CopyOut};
 use crate::cuda::Gpu;
 use crate::cuda::memory::{DeviceBuffer, MappedBuffer};
+use crate::cuda::unpack::DstPiece;
 use crate::error::Result;
 use crate::ncclnet::UNPACK_MAX_SLICE_SIZE;
 
@@ -87,6 +88,29 @@ impl Slot {
         // SAFETY: the slot's bytes stay put while the copy holds the slot; the caller vouches for
         // the destination; pinned host memory and the caller's buffer never overlap.
         unsafe { landing.copier.submit(src, dst, len, Box::new(self)) }
+    }
+
+    /// [`copy_out`](Self::copy_out) into the pieces of a vectored receive: the slot's first `len`
+    /// bytes, message byte `p.at` on to `p.addr`.
+    ///
+    /// # Safety
+    /// As `copy_out`, for every piece; the pieces tile `[0, len')` for some `len'` ≥ `len`.
+    pub unsafe fn copy_out_pieces(self, pieces: &[DstPiece], len: usize) -> CopyOut {
+        debug_assert!(len <= UNPACK_MAX_SLICE_SIZE);
+        // SAFETY: the slot lies inside the mapped buffer.
+        let src = unsafe { self.landing.slots.as_ptr().add(self.offset()) };
+        let copies: Vec<(*const u8, *mut u8, usize)> = pieces
+            .iter()
+            .take_while(|p| (p.at as usize) < len)
+            .map(|p| {
+                // SAFETY: `p.at` < `len`, inside the slot.
+                let from = unsafe { src.add(p.at as usize) }.cast_const();
+                (from, p.addr as *mut u8, (p.len as usize).min(len - p.at as usize))
+            })
+            .collect();
+        let landing = self.landing.clone();
+        // SAFETY: as in `copy_out`, for every piece, which do not overlap each other.
+        unsafe { landing.copier.submit_list(&copies, Box::new(self)) }
     }
 
     /// The GPU's unpack failed with this slot's kernel in an unknown state: the slot is never

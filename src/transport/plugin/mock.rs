@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use super::gather::{self, Run};
 use super::gpu::BatchUnpack;
 use super::loader::Plugin;
-use crate::cuda::unpack::{ReceiveLayout, Submit};
+use crate::cuda::unpack::{DstPiece, ReceiveLayout, Submit};
 use crate::ncclnet::*;
 
 const HANDLE_MAGIC: u64 = 0x4D4F_434B_4E45_5431;
@@ -565,8 +565,8 @@ pub fn table() -> NcclNetV7 {
 /// long as it likes.
 #[derive(Default)]
 pub struct HeldUnpack {
-    /// Per submitted receive: destination, pool and the runs to copy.
-    receives: Vec<(u64, u64, Vec<Run>)>,
+    /// Per submitted receive: destination, its pieces (none: contiguous), pool and the runs to copy.
+    receives: Vec<(u64, Vec<DstPiece>, u64, Vec<Run>)>,
     launched: u64,
     completed: u64,
     /// Receives with tickets below this may finish.
@@ -575,10 +575,15 @@ pub struct HeldUnpack {
 }
 
 impl BatchUnpack for HeldUnpack {
-    unsafe fn submit(&mut self, layout: &ReceiveLayout, metas: &[LoadMeta]) -> crate::error::Result<Submit> {
+    unsafe fn submit(
+        &mut self,
+        layout: &ReceiveLayout,
+        pieces: &[DstPiece],
+        metas: &[LoadMeta],
+    ) -> crate::error::Result<Submit> {
         let mut runs = Vec::new();
         gather::plan(metas, layout.dst_len as usize, layout.pool_len, &mut runs)?;
-        self.receives.push((layout.dst, layout.pool, runs));
+        self.receives.push((layout.dst, pieces.to_vec(), layout.pool, runs));
         Ok(Submit::Queued(self.receives.len() as u64 - 1))
     }
 
@@ -593,10 +598,15 @@ impl BatchUnpack for HeldUnpack {
 
     fn poll(&mut self) -> crate::error::Result<u64> {
         while self.completed < self.launched.min(self.release_below) {
-            let (dst, pool, runs) = &self.receives[self.completed as usize];
+            let (dst, pieces, pool, runs) = &self.receives[self.completed as usize];
             // SAFETY: `plan` checked the runs against the pool and the destination, which the
             // submit contract keeps valid until the receive is finished.
-            unsafe { gather::copy_runs(*pool as *const u8, *dst as *mut u8, runs) };
+            unsafe {
+                match pieces.is_empty() {
+                    true => gather::copy_runs(*pool as *const u8, *dst as *mut u8, runs),
+                    false => gather::copy_runs_to_pieces(*pool as *const u8, pieces, runs),
+                }
+            };
             self.completed += 1;
         }
         Ok(self.completed)

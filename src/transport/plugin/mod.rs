@@ -18,6 +18,7 @@ mod landing;
 pub mod loader;
 pub mod logger;
 mod recv;
+mod stage;
 pub mod unpack;
 
 #[cfg(test)]
@@ -193,6 +194,13 @@ impl Net for PluginNet {
     /// Loopback traffic never reaches the NIC; TCPX exits at its first devmem receive.
     fn reaches_own_host(&self) -> bool {
         false
+    }
+
+    /// A chunk of many pieces is one request of its bytes: gathered into a registered buffer on
+    /// the sender (`stage.rs`), scattered from the bounce pool straight into the pieces on the
+    /// receiver (`recv.rs`), so the requests a transfer makes follow its bytes, not its pieces.
+    fn vectored(&self) -> bool {
+        true
     }
 
     fn listen(&self, dev: usize) -> Result<(NetHandle, Box<dyn ListenComm>)> {

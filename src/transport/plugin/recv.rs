@@ -24,10 +24,10 @@ use super::loader::Plugin;
 use super::logger::mark;
 use super::unpack::{DevicePool, UnpackView};
 use crate::cuda::Gpu;
-use crate::cuda::unpack::{ReceiveLayout, Submit};
+use crate::cuda::unpack::{DstPiece, ReceiveLayout, Submit};
 use crate::error::{Error, Result, UcclStatus};
 use crate::ncclnet::{LoadMeta, NCCL_SUCCESS, UNPACK_QUEUE_DEPTH};
-use crate::transport::{MemKind, MrHandle, RecvComm, RequestId};
+use crate::transport::{IoSeg, MemKind, MrHandle, RecvComm, RequestId};
 
 use super::comm::MAX_REQUESTS;
 
@@ -66,6 +66,10 @@ struct RecvReq {
     slot: Option<Slot>,
     /// The copy out of its slot, once started.
     copy: Option<CopyOut>,
+    /// A vectored receive's destination pieces (`data` is then the first one's address, `len`
+    /// their total); posted at a window of their registration, or against the anchor when it
+    /// lands (host pieces, device pool).
+    pieces: Option<Box<[DstPiece]>>,
     state: RecvState,
 }
 
@@ -189,8 +193,9 @@ impl PluginRecvComm {
         let count = gather::check_count(view.fragment_count(slot))?;
         if count == 0 {
             // Nothing went through the pool: a zero-byte message, or (a plugin's host receive)
-            // bytes that landed in the buffer directly, whose size the plugin does not report.
-            let direct = matches!(r.kind, MemKind::Host) && !r.lands;
+            // bytes that landed in the buffer directly, whose size the plugin does not report. A
+            // vectored receive is posted against an anchor, never straight into its pieces.
+            let direct = matches!(r.kind, MemKind::Host) && !r.lands && r.pieces.is_none();
             return Ok(Landing::Landed(if direct { r.len } else { 0 }));
         }
         view.copy_fragments(slot, count, &mut self.metas);
@@ -222,10 +227,16 @@ impl PluginRecvComm {
             )),
             (MemKind::Host, None) => {
                 let pool = view.host_pool()?;
-                // SAFETY: `plan` checked every run against the pool and the posted length; the
-                // pool is the plugin's, whose pages stay this receive's until `irecv_consumed`,
-                // and the destination is ours by the irecv contract.
-                unsafe { gather::copy_runs(pool, r.data as *mut u8, &self.runs) };
+                // SAFETY: `plan` checked every run against the pool and the posted length (the
+                // pieces' total for a vectored receive); the pool is the plugin's, whose pages
+                // stay this receive's until `irecv_consumed`, and the destination is ours by the
+                // irecv contract.
+                unsafe {
+                    match &r.pieces {
+                        Some(pieces) => gather::copy_runs_to_pieces(pool, pieces, &self.runs),
+                        None => gather::copy_runs(pool, r.data as *mut u8, &self.runs),
+                    }
+                };
                 Ok(Landing::Landed(total))
             }
         }
@@ -245,6 +256,56 @@ impl PluginRecvComm {
         let (landing, key) = self.anchor.as_ref().expect("set above");
         let mhandle = self.core.mhandle(*key).expect("the anchor stays registered until close");
         Ok((landing.anchor().0, mhandle))
+    }
+
+    /// Posts one receive of `len` bytes at `ptr` with `mhandle` for the request whose destination
+    /// is `data` (registration `key`, taken into use by the caller and released here if nothing is
+    /// posted), or `pieces`.
+    #[allow(clippy::too_many_arguments)]
+    fn post(
+        &mut self,
+        (mut ptr, mut mhandle): (*mut c_void, *mut c_void),
+        data: usize,
+        len: usize,
+        key: usize,
+        kind: MemKind,
+        lands: bool,
+        pieces: Option<Box<[DstPiece]>>,
+    ) -> Result<Option<RequestId>> {
+        let mut size = len as c_int;
+        let mut tag: c_int = 0;
+        let mut request: *mut c_void = std::ptr::null_mut();
+        let comm = self.core.comm;
+        let (rc, since) = self.core.plugin.call(|t| {
+            let irecv = t.irecv.expect("checked at load");
+            let since = mark();
+            // SAFETY: one receive (n = 1) on a live comm with a free slot; the caller keeps the buffer ours.
+            (unsafe { irecv(comm, 1, &mut ptr, &mut size, &mut tag, &mut mhandle, &mut request) }, since)
+        });
+        if rc != NCCL_SUCCESS || request.is_null() {
+            self.core.release(key);
+            if rc != NCCL_SUCCESS {
+                return Err(self.core.fail(plugin_error("irecv", rc, since)));
+            }
+            return Ok(None);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.queue.push_back(RecvReq {
+            id,
+            request,
+            data,
+            len,
+            mr: key,
+            kind,
+            lands,
+            slot: None,
+            copy: None,
+            pieces,
+            state: RecvState::Posted,
+        });
+        self.core.count(1);
+        Ok(Some(RequestId(id)))
     }
 
     /// This comm's pool, GPU and (shared) unpacker, set up on first use.
@@ -307,9 +368,15 @@ impl PluginRecvComm {
                     r.state = match r.slot.take() {
                         Some(slot) => {
                             // SAFETY: the kernel that gathered `total` ≤ posted bytes into the slot
-                            // finished (its ticket is below the watermark); the destination is
-                            // ours by the irecv contract until the copy finished.
-                            r.copy = Some(unsafe { slot.copy_out(r.data as *mut u8, total) });
+                            // finished (its ticket is below the watermark); the destination (the
+                            // pieces of a vectored receive) is ours by the irecv contract until
+                            // the copy finished.
+                            r.copy = Some(unsafe {
+                                match &r.pieces {
+                                    Some(pieces) => slot.copy_out_pieces(pieces, total),
+                                    None => slot.copy_out(r.data as *mut u8, total),
+                                }
+                            });
                             RecvState::CopyingOut { total }
                         }
                         None => RecvState::Ready { total },
@@ -371,12 +438,18 @@ impl PluginRecvComm {
             None => (r.data as u64, r.len as u64),
         };
         let layout = ReceiveLayout { pool: pool.addr, pool_len: pool.len, dst, dst_len };
+        // A device destination of pieces: the fragment list composed with them, every tile
+        // straight from the pool into its piece. Into a slot, the message goes whole.
+        let pieces = match (&r.slot, &r.pieces) {
+            (None, Some(pieces)) => &pieces[..],
+            _ => &[],
+        };
         // SAFETY: the pool is the plugin's device memory on this GPU, valid until the comm closes
         // (which waits for the unpacker first), and its pages stay the receive's until
         // `irecv_consumed`, which the caller may only call after it was reported done; the
-        // destination is device memory of the same GPU that the irecv contract gives us, or the
-        // receive's landing slot.
-        match unsafe { unpacker.submit(&layout, &self.metas)? } {
+        // destination (each piece of a vectored one) is device memory of the same GPU that the
+        // irecv contract gives us, or the receive's landing slot.
+        match unsafe { unpacker.submit(&layout, pieces, &self.metas)? } {
             Submit::Queued(ticket) => {
                 self.queue[idx].state = RecvState::Unpacking { ticket, total };
                 Ok(true)
@@ -415,55 +488,64 @@ impl RecvComm for PluginRecvComm {
 
     unsafe fn irecv(&mut self, data: *mut u8, len: usize, mr: MrHandle) -> Result<Option<RequestId>> {
         self.core.check()?;
-        let mut size = check_size(len, "receive")?;
+        check_size(len, "receive")?;
         if self.queue.len() >= MAX_REQUESTS {
             return Ok(None);
         }
-        let (key, mut mhandle, kind) = self.core.acquire(data as usize, len, mr)?;
-        let (mut ptr, mut tag): (*mut c_void, c_int) = (data.cast(), 0);
+        let (key, mhandle, kind) = self.core.acquire(data as usize, len, mr)?;
         // A host destination with a GPU pool never reaches the plugin as a host receive (which
         // TCPX's steered sockets cannot serve): it is posted against the anchor instead.
         let lands = matches!(kind, MemKind::Host) && self.device_pool().is_some();
-        if lands {
-            match self.anchor() {
-                Ok((addr, anchor_mhandle)) => (ptr, mhandle) = (addr as *mut c_void, anchor_mhandle),
+        let target = match lands {
+            true => match self.anchor() {
+                Ok((addr, anchor_mhandle)) => (addr as *mut c_void, anchor_mhandle),
                 Err(e) => {
                     self.core.release(key);
                     return Err(self.core.fail(e));
                 }
-            }
+            },
+            false => (data.cast(), mhandle),
+        };
+        self.post(target, data as usize, len, key, kind, lands, None)
+    }
+
+    /// One request for all the pieces, posted for their total at a window of their registration
+    /// (TCPX never writes a CUDA receive's buffer: the bytes stay in its pool and `dst_off` counts
+    /// from the request), or against the landing anchor for host pieces with a device pool. Its
+    /// fragments are then composed with the pieces: the unpack kernel (or the CPU, from a host
+    /// pool) copies each straight from the pool into the piece it belongs to, and host pieces with
+    /// a device pool land whole in a slot that is copied out piece by piece.
+    unsafe fn irecvv(&mut self, iov: &[IoSeg], mr: MrHandle) -> Result<Option<RequestId>> {
+        if let [one] = iov {
+            // SAFETY: per the contract.
+            return unsafe { self.irecv(one.addr as *mut u8, one.len, mr) };
         }
-        let mut request: *mut c_void = std::ptr::null_mut();
-        let comm = self.core.comm;
-        let (rc, since) = self.core.plugin.call(|t| {
-            let irecv = t.irecv.expect("checked at load");
-            let since = mark();
-            // SAFETY: one receive (n = 1) on a live comm with a free slot; the caller keeps the buffer ours.
-            (unsafe { irecv(comm, 1, &mut ptr, &mut size, &mut tag, &mut mhandle, &mut request) }, since)
-        });
-        if rc != NCCL_SUCCESS || request.is_null() {
-            self.core.release(key);
-            if rc != NCCL_SUCCESS {
-                return Err(self.core.fail(plugin_error("irecv", rc, since)));
-            }
+        self.core.check()?;
+        if self.queue.len() >= MAX_REQUESTS {
             return Ok(None);
         }
-        let id = self.next_id;
-        self.next_id += 1;
-        self.queue.push_back(RecvReq {
-            id,
-            request,
-            data: data as usize,
-            len,
-            mr: key,
-            kind,
-            lands,
-            slot: None,
-            copy: None,
-            state: RecvState::Posted,
-        });
-        self.core.count(1);
-        Ok(Some(RequestId(id)))
+        let segs = self.core.acquire_segments(iov, mr, "receive")?;
+        let (key, kind, total) = (segs.key, segs.kind, segs.total);
+        let lands = matches!(kind, MemKind::Host) && self.device_pool().is_some();
+        let target = match lands {
+            true => self.anchor().map(|(addr, mhandle)| (addr as *mut c_void, mhandle)),
+            false => match (segs.window(iov[0].addr), self.core.mhandle(key)) {
+                (Some(at), Some(mhandle)) => Ok((at as *mut c_void, mhandle)),
+                _ => Err(Error::invalid(format!(
+                    "the {} bytes of a vectored receive's pieces exceed their {}-byte registration: pieces overlap",
+                    total, segs.len
+                ))),
+            },
+        };
+        let target = match target {
+            Ok(target) => target,
+            Err(e) => {
+                self.core.release(key);
+                return Err(if lands { self.core.fail(e) } else { e });
+            }
+        };
+        let pieces = gather::pieces(iov.iter().map(|s| (s.addr, s.len))).into_boxed_slice();
+        self.post(target, iov[0].addr, total, key, kind, lands, Some(pieces))
     }
 
     fn test(&mut self, req: RequestId) -> Result<Option<usize>> {

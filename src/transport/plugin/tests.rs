@@ -5,7 +5,7 @@ use super::gpu::BatchUnpack;
 use super::mock;
 use super::*;
 use crate::error::UcclStatus;
-use crate::transport::{MemKind, MrHandle, RequestId};
+use crate::transport::{IoSeg, MemKind, MrHandle, RequestId};
 
 fn net() -> PluginNet {
     PluginNet::with_plugin(mock::plugin(), None, None).unwrap()
@@ -456,5 +456,149 @@ fn receives_the_plugin_finished_are_reported_without_testing_it_again() {
     assert_eq!(calls(l.pair, "test"), tests, "nothing left in the plugin to test");
     l.recv.irecv_consumed(r1).unwrap();
     assert_eq!((&dst[..100], &dst[4096..4196]), (&src[..], &src[..]));
+    no_violations(l.pair);
+}
+
+/// A random block table: `n` pieces of `1..=max` bytes at distinct, shuffled places of a buffer of
+/// `n * stride` bytes, each at an odd offset inside its own stride, so sizes and alignments vary.
+fn block_table(n: usize, stride: usize, max: usize, seed: u64) -> Vec<(usize, usize)> {
+    let mut x = seed | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x as usize
+    };
+    let mut slots: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        slots.swap(i, next() % (i + 1));
+    }
+    slots
+        .into_iter()
+        .map(|slot| {
+            let len = 1 + next() % max;
+            let off = next() % (stride - len + 1);
+            (slot * stride + off, len)
+        })
+        .collect()
+}
+
+fn iov(base: usize, table: &[(usize, usize)]) -> Vec<IoSeg> {
+    table.iter().map(|&(off, len)| IoSeg { addr: base + off, len }).collect()
+}
+
+/// Sends `table_s` of `src` as one vectored request into `table_r` of `dst` and checks every byte,
+/// and that each end made one plugin request.
+fn vectored_round(
+    l: &mut Link,
+    src: &[u8],
+    table_s: &[(usize, usize)],
+    dst: &mut [u8],
+    table_r: &[(usize, usize)],
+    kind: MemKind,
+) {
+    let smr = l.send.reg_mr(src.as_ptr() as usize, src.len(), MemKind::Host).unwrap();
+    let rmr = l.recv.reg_mr(dst.as_ptr() as usize, dst.len(), kind).unwrap();
+    let (sends, recvs) = (calls(l.pair, "isend"), calls(l.pair, "irecv"));
+    let before = dst.to_vec();
+    // SAFETY: every piece lies in dst, which outlives the link; only the comm writes it, in test.
+    let r = unsafe { l.recv.irecvv(&iov(dst.as_ptr() as usize, table_r), rmr) }.unwrap().unwrap();
+    // SAFETY: src outlives the request; isendv copies the pieces before it returns.
+    let s = unsafe { l.send.isendv(&iov(src.as_ptr() as usize, table_s), smr) }.unwrap().unwrap();
+    let total: usize = table_s.iter().map(|p| p.1).sum();
+    assert_eq!(wait_send(l, s), total);
+    assert_eq!(wait_recv(l, r), total);
+    l.recv.irecv_consumed(r).unwrap();
+    assert_eq!((calls(l.pair, "isend") - sends, calls(l.pair, "irecv") - recvs), (1, 1), "one request per end");
+    let sent: Vec<u8> = table_s.iter().flat_map(|&(off, len)| src[off..off + len].iter().copied()).collect();
+    let mut expected = before;
+    let mut at = 0;
+    for &(off, len) in table_r {
+        expected[off..off + len].copy_from_slice(&sent[at..at + len]);
+        at += len;
+    }
+    assert!(dst == &expected[..], "every byte of the pieces, and none outside them");
+    l.send.dereg_mr(smr);
+    l.recv.dereg_mr(rmr);
+}
+
+#[test]
+fn a_vector_of_pieces_is_one_request_scattered_into_its_pieces() {
+    let net = net();
+    let mut l = link(&net);
+    // Pieces of odd sizes at odd offsets on both ends, cut differently on each end, so that
+    // pieces cross each other's boundaries and the pool's fragment boundaries.
+    for (n, stride, max, seed) in [(1usize, 64, 40, 1u64), (300, 97, 90, 2), (2000, 40, 33, 3)] {
+        let table_s = block_table(n, stride, max, seed);
+        let total: usize = table_s.iter().map(|p| p.1).sum();
+        let mut lens = Vec::new();
+        let mut left = total;
+        let mut x = seed;
+        while left > 0 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let len = (1 + (x >> 33) as usize % (2 * max)).min(left);
+            lens.push(len);
+            left -= len;
+        }
+        let stride_r = 2 * max + 8;
+        let mut table_r = block_table(lens.len(), stride_r, 1, seed + 7);
+        for (p, len) in table_r.iter_mut().zip(&lens) {
+            p.0 = p.0 / stride_r * stride_r + (p.0 % 8);
+            p.1 = *len;
+        }
+        let src = pattern(n * stride, seed as u8);
+        let mut dst = vec![0xA5u8; lens.len() * stride_r];
+        vectored_round(&mut l, &src, &table_s, &mut dst, &table_r, MemKind::Host);
+    }
+    no_violations(l.pair);
+}
+
+#[test]
+fn a_vector_into_device_pieces_is_unpacked_straight_into_them() {
+    // The stand-in unpacker plays the GPU: the receive's fragments composed with its pieces.
+    let (net, held) = held_net(true);
+    held.lock().release_below = u64::MAX;
+    let mut l = link(&net);
+    let table_s = block_table(500, 64, 60, 11);
+    let total: usize = table_s.iter().map(|p| p.1).sum();
+    let table_r: Vec<(usize, usize)> = {
+        let mut t = Vec::new();
+        let (mut at, mut k) = (0usize, 0usize);
+        while at < total {
+            let len = (1 + (k * 37) % 77).min(total - at);
+            t.push((k * 128 + 3, len));
+            at += len;
+            k += 1;
+        }
+        t.reverse();
+        t
+    };
+    let src = pattern(500 * 64, 9);
+    let mut dst = vec![0x5Au8; table_r.len() * 128];
+    vectored_round(&mut l, &src, &table_s, &mut dst, &table_r, MemKind::Cuda { device: 0 });
+    assert_eq!(held.lock().submitted(), 1, "one receive through the unpacker");
+    no_violations(l.pair);
+}
+
+#[test]
+fn vectored_requests_outside_their_registration_or_overlapping_are_refused() {
+    let net = net();
+    let mut l = link(&net);
+    let buf = vec![0u8; 4096];
+    let base = buf.as_ptr() as usize;
+    let mr = l.recv.reg_mr(base, 4096, MemKind::Host).unwrap();
+    let outside = [IoSeg { addr: base + 4090, len: 10 }, IoSeg { addr: base, len: 10 }];
+    // SAFETY: refused before anything is posted.
+    let e = unsafe { l.recv.irecvv(&outside, mr) }.unwrap_err().to_string();
+    assert!(e.contains("not inside its registration"), "{e}");
+    let overlapping = [IoSeg { addr: base, len: 3000 }, IoSeg { addr: base + 1000, len: 3000 }];
+    // SAFETY: as above.
+    let e = unsafe { l.recv.irecvv(&overlapping, mr) }.unwrap_err().to_string();
+    assert!(e.contains("pieces overlap"), "{e}");
+    let smr = l.send.reg_mr(base, 4096, MemKind::Host).unwrap();
+    // SAFETY: as above.
+    let e = unsafe { l.send.isendv(&outside, smr) }.unwrap_err().to_string();
+    assert!(e.contains("not inside its registration"), "{e}");
+    assert_eq!((calls(l.pair, "isend"), calls(l.pair, "irecv")), (0, 0));
     no_violations(l.pair);
 }

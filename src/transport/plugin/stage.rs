@@ -1,0 +1,172 @@
+//! The send comm's staging for vectored sends: a chunk of many pieces goes to the plugin as one
+//! request from one registered buffer, so the requests a transfer makes follow its bytes, not its
+//! pieces (TCPX takes 16 requests per comm, each with its own control message and, on the peer,
+//! its own unpack). Host pieces are copied into a host buffer; device pieces are gathered into
+//! device memory by the unpack kernel (`cuda::segments::TileCopier`, one warp per tile of at most
+//! 4 KiB, pieces side by side joined into one copy) on a stream the comm waits for before it
+//! posts, since the plugin reads the buffer from its own threads.
+//!
+//! Buffers are registered with the comm once, on first need, sized to the chunk that needed them
+//! (a power of two, at most one request's [`MAX_MESSAGE`]); one is taken per vectored send in
+//! flight and comes back when the plugin reports it done, so a comm holds at most as many as it
+//! has sends in flight (and one per smaller size class seen), each about a chunk.
+
+use std::sync::Arc;
+
+use crate::cuda::Gpu;
+use crate::cuda::memory::DeviceBuffer;
+use crate::cuda::segments::TileCopier;
+use crate::cuda::stream::Stream;
+use crate::cuda::unpack::addressable;
+use crate::error::{Error, Result};
+use crate::ncclnet::UNPACK_MAX_SLICE_SIZE as MAX_MESSAGE;
+use crate::transport::{IoSeg, MemKind};
+
+enum Memory {
+    Host(Box<[u8]>),
+    Device(DeviceBuffer),
+}
+
+/// The smallest staging buffer.
+const MIN_STAGE: usize = 64 << 10;
+
+/// One staging buffer and its registration with the comm.
+pub(super) struct Stage {
+    memory: Memory,
+    len: usize,
+    /// The comm's registration key.
+    pub key: usize,
+}
+
+impl Stage {
+    pub fn addr(&self) -> usize {
+        match &self.memory {
+            Memory::Host(b) => b.as_ptr() as usize,
+            Memory::Device(d) => d.addr(),
+        }
+    }
+
+    fn kind(&self) -> MemKind {
+        match &self.memory {
+            Memory::Host(_) => MemKind::Host,
+            Memory::Device(d) => MemKind::Cuda { device: d.gpu().ordinal() },
+        }
+    }
+}
+
+/// The device pieces' gather: the GPU, its stream and the kernel.
+struct DeviceGather {
+    gpu: Arc<Gpu>,
+    stream: Stream,
+    copier: TileCopier,
+}
+
+/// Registers memory with the comm: address, length and kind in, the registration's key out.
+pub(super) type Register<'a> = &'a mut dyn FnMut(usize, usize, MemKind) -> Result<usize>;
+
+#[derive(Default)]
+pub(super) struct Staging {
+    free: Vec<Stage>,
+    gather: Option<DeviceGather>,
+}
+
+impl Staging {
+    /// A buffer of `kind` memory holding at least `len` bytes, registered with the comm by
+    /// `register` (address, length, kind: the registration's key): a free one, or a new one. Free
+    /// ones too small stay for smaller chunks: a comm's chunks come in one size but a flow's
+    /// last, so few are ever made.
+    fn take(&mut self, register: Register<'_>, kind: MemKind, len: usize) -> Result<Stage> {
+        if let Some(i) = self.free.iter().position(|s| s.kind() == kind && s.len >= len) {
+            return Ok(self.free.swap_remove(i));
+        }
+        let size = len.next_power_of_two().clamp(MIN_STAGE, MAX_MESSAGE);
+        let memory = match kind {
+            MemKind::Host => Memory::Host(vec![0u8; size].into_boxed_slice()),
+            MemKind::Cuda { device } => Memory::Device(DeviceBuffer::new(device, size)?),
+        };
+        let mut stage = Stage { memory, len: size, key: 0 };
+        stage.key = register(stage.addr(), size, kind)?;
+        Ok(stage)
+    }
+
+    /// Gives a buffer back once the send that used it is done.
+    pub fn put(&mut self, stage: Stage) {
+        self.free.push(stage);
+    }
+
+    /// A buffer holding the pieces of `iov`, `kind` memory all, side by side.
+    ///
+    /// # Safety
+    /// Every piece is readable `kind` memory (of this comm's GPU for device memory) that nobody
+    /// writes during the call; the pieces add up to at most [`MAX_MESSAGE`] bytes.
+    pub unsafe fn fill(&mut self, register: Register<'_>, kind: MemKind, iov: &[IoSeg]) -> Result<Stage> {
+        let len = iov.iter().map(|s| s.len).sum();
+        let mut stage = self.take(register, kind, len)?;
+        // SAFETY: forwarded; the buffer holds at least the pieces' total.
+        let filled = unsafe { self.copy_in(&mut stage, iov) };
+        match filled {
+            Ok(()) => Ok(stage),
+            Err(e) => {
+                // A failed gather may still write the buffer: it is never used again (the comm
+                // fails, and its registrations go with it).
+                std::mem::forget(stage);
+                Err(e)
+            }
+        }
+    }
+
+    unsafe fn copy_in(&mut self, stage: &mut Stage, iov: &[IoSeg]) -> Result<()> {
+        match &mut stage.memory {
+            Memory::Host(buf) => {
+                let mut at = 0;
+                for seg in iov {
+                    // SAFETY: the caller vouches for the piece; `at + len` ≤ the buffer's length.
+                    unsafe { std::ptr::copy_nonoverlapping(seg.addr as *const u8, buf.as_mut_ptr().add(at), seg.len) };
+                    at += seg.len;
+                }
+                Ok(())
+            }
+            Memory::Device(buf) => {
+                let gather = self.device_gather(buf.gpu())?;
+                let _current = gather.gpu.enter()?;
+                let base = buf.addr() as u64;
+                let mut at = 0u64;
+                let mut runs = Vec::with_capacity(iov.len());
+                for seg in iov {
+                    let (src, len) = (seg.addr as u64, seg.len as u64);
+                    if !addressable(src, len) {
+                        return Err(Error::invalid(format!(
+                            "device piece {src:#x}+{len} lies outside what the gather kernel addresses"
+                        )));
+                    }
+                    runs.push((src, base + at, len));
+                    at += len;
+                }
+                // SAFETY: the pieces are this GPU's device memory nobody writes meanwhile (the
+                // caller's contract) and the buffer is ours; the stream is waited for below.
+                unsafe { gather.copier.copy(&gather.stream, runs.into_iter())? };
+                gather.stream.synchronize()
+            }
+        }
+    }
+
+    /// The kernel, stream and GPU of `gpu`'s gathers, made on the first device send (building the
+    /// kernel takes NVRTC a few hundred milliseconds, once per process).
+    fn device_gather(&mut self, gpu: &Arc<Gpu>) -> Result<&mut DeviceGather> {
+        if self.gather.as_ref().is_some_and(|g| g.gpu.ordinal() != gpu.ordinal()) {
+            return Err(Error::invalid("a send comm's device pieces lie on two GPUs"));
+        }
+        if self.gather.is_none() {
+            TileCopier::build(gpu);
+            let copier = TileCopier::if_built(gpu)
+                .unwrap_or_else(|| Err(Error::backend("the unpack kernel was not built")))
+                .map_err(|e| e.context(format!("gathering device pieces on GPU {}", gpu.ordinal())))?;
+            let stream = {
+                let _current = gpu.enter()?;
+                Stream::new(gpu)?
+            };
+            self.gather = Some(DeviceGather { gpu: gpu.clone(), stream, copier });
+        }
+        Ok(self.gather.as_mut().expect("set above"))
+    }
+}
