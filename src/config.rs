@@ -18,9 +18,7 @@ mod knob;
 mod retired;
 
 pub use knob::parse_bytes;
-use knob::{
-    Band, Choice, FilePath, Flag, Indices, Int, KeyFile, List, Micros, Millis, OffOrSize, Opt, Size, Text, TraceSetting,
-};
+use knob::{Band, Choice, FilePath, Flag, Indices, Int, KeyFile, List, Micros, Millis, Opt, Size, Text, TraceSetting};
 
 pub(crate) const MAX_CHANNELS: u16 = crate::proto::MAX_CHANNELS;
 /// TCPX receives are capped at 4 MiB; the socket transport keeps the same cap so one chunk plan fits both.
@@ -45,9 +43,6 @@ const MAX_CONTROL_THREADS: u8 = 64;
 const MAX_SPIN_MAX_REQUEST: u32 = 1 << 30;
 /// Bound on the polling knobs given in microseconds: a second.
 const MAX_SPIN_US: u64 = 1_000_000;
-/// Bounds of `UCCL_TCPX_STAGING_PIPELINE` when on: a sub-copy of less than a page costs its
-/// issue more than it overlaps, and one of a whole chunk is no pipelining.
-pub(crate) const STAGING_PIPELINE_RANGE: std::ops::RangeInclusive<u32> = MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE;
 /// At most this many blocks in `UCCL_TCPX_ALLOW_DIAL`: a longer list is a mistake, and every dial
 /// checks them all.
 const MAX_CIDRS: usize = 256;
@@ -169,7 +164,6 @@ knobs! {
         streams: u8 = "UCCL_TCPX_STAGING_STREAMS", Int(1, 8), 1, "copy streams per staging ring; slot `i` copies on stream `i mod n`";
         ahead: u8 = "UCCL_TCPX_STAGING_AHEAD", Int(0, MAX_WINDOW as u8), 1, "device-to-host copies one send comm keeps queued (0: no limit). The copy engine drains one stream's queue before the next, so with no limit the last channel's first chunk lands after every other channel's share; 1 makes the channels' copies alternate";
         write_back: bool = "UCCL_TCPX_STAGING_WRITE_BACK", Flag, true, "receiving sockets write what lands in a staging slot back from the CPU's caches before the slot is copied up to the GPU (only the last two receives posted on a comm): a copy of lines other cores hold modified runs at a third of its speed";
-        pipeline: u32 = "UCCL_TCPX_STAGING_PIPELINE", PIPELINE, 0, "pipelined staging: a contiguous staged GPU chunk its channel moves alone is copied in parts of this size, each sent (receiving: copied up) as it lands; later chunks of a transfer and chunks of several segments keep whole copies. Off by default: 4 MiB transfers at one in flight were 10-30 % shorter with 256K, other sizes unchanged";
         gather: StagingGather = "UCCL_TCPX_STAGING_GATHER", Choice(StagingGather::NAMES, ""), StagingGather::Auto, "how a staged GPU chunk of several segments gets into and out of its pinned slot: `auto`, a gather/scatter kernel when the segments average below 256 KiB, else (or without the kernel) a copy per segment; `kernel`, the kernel always; `copies`, a copy per segment";
     }
 }
@@ -179,13 +173,6 @@ const CIDRS: List<Cidr> = List {
     expected: "addresses or CIDR blocks (10.0.0.0/8, fd00::/8)",
     values: "comma list of addresses or CIDR blocks",
     item: std::marker::PhantomData,
-};
-
-const PIPELINE: OffOrSize = OffOrSize {
-    min: *STAGING_PIPELINE_RANGE.start(),
-    max: *STAGING_PIPELINE_RANGE.end(),
-    off: "whole-chunk copies",
-    what: "sub-copy size",
 };
 
 /// Variables read outside [`Config`], for the reference page: (variable, default, values, meaning).
@@ -354,11 +341,6 @@ impl StagingConfig {
     fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<StagingConfig> {
         StagingConfig::read_knobs(get)
     }
-}
-
-/// Whether `bytes` is a valid sub-copy size: 0 (off) or a size in [`STAGING_PIPELINE_RANGE`].
-pub(crate) fn valid_staging_pipeline(bytes: u32) -> bool {
-    bytes == 0 || STAGING_PIPELINE_RANGE.contains(&bytes)
 }
 
 /// The kind of transport a connection's channels run on, where their defaults differ.
@@ -770,24 +752,9 @@ mod tests {
     #[test]
     fn parses_staging_knobs() {
         let c = cfg(&[("UCCL_TCPX_STAGING_STREAMS", "2"), ("UCCL_TCPX_STAGING_AHEAD", "3")]).unwrap().staging;
-        assert_eq!(
-            c,
-            StagingConfig { streams: 2, ahead: 3, gather: StagingGather::Auto, pipeline: 0, write_back: true }
-        );
+        assert_eq!(c, StagingConfig { streams: 2, ahead: 3, gather: StagingGather::Auto, write_back: true });
         assert!(!cfg(&[("UCCL_TCPX_STAGING_WRITE_BACK", "0")]).unwrap().staging.write_back);
         assert!(cfg(&[("UCCL_TCPX_STAGING_WRITE_BACK", "2")]).is_err());
-        let pipeline = |v: &str| cfg(&[("UCCL_TCPX_STAGING_PIPELINE", v)]).map(|c| c.staging.pipeline);
-        assert_eq!(pipeline("128K").unwrap(), 128 << 10);
-        assert_eq!(pipeline("4096").unwrap(), 4096);
-        assert_eq!(pipeline("4M").unwrap(), 4 << 20);
-        assert_eq!(pipeline("100001").unwrap(), 100_001, "any size in range, not only powers of two");
-        assert_eq!(pipeline("0").unwrap(), 0, "0 is off");
-        assert_eq!(pipeline(" ").unwrap(), 0, "empty is unset");
-        for wrong in ["1K", "4095", "5M", "4G", "-1", "128KB", "x", "99999999999999999999"] {
-            let err = pipeline(wrong).unwrap_err();
-            assert!(err.message().contains("UCCL_TCPX_STAGING_PIPELINE"), "{wrong:?}: {err}");
-            assert!(err.message().contains("sub-copy size"), "{wrong:?}: {err}");
-        }
         assert_eq!(cfg(&[("UCCL_TCPX_STAGING_AHEAD", "0")]).unwrap().staging.ahead, 0);
         for (value, gather) in
             [("auto", StagingGather::Auto), ("Kernel", StagingGather::Kernel), ("copies", StagingGather::Copies)]
@@ -1003,11 +970,6 @@ mod tests {
                 "a comma-separated list of up to 256 addresses or CIDR blocks (10.0.0.0/8, fd00::/8)",
             ),
             ("UCCL_TCPX_HOST_COPY_NETWORK_BAND", "8M-2M", "LO-HI with LO below HI (K, M and G suffixes allowed), or 0"),
-            (
-                "UCCL_TCPX_STAGING_PIPELINE",
-                "1K",
-                "0 (whole-chunk copies) or a sub-copy size in 4096..=4194304 bytes (K, M and G suffixes allowed)",
-            ),
         ] {
             assert_eq!(message(k, v), format!("environment variable {k}={v:?} is invalid: expected {expected}"));
         }
@@ -1035,8 +997,7 @@ mod tests {
         assert_eq!((s.nthreads, s.nsocks_per_thread, s.helpers, s.sndbuf, s.rcvbuf), (0, 1, 0, 0, 0));
         assert_eq!((s.subchunk, s.spin_max_request, s.held_spin), (256 << 10, 512 << 10, Duration::ZERO));
         assert_eq!((s.kick_fanout, s.lazy, s.data_ifname.as_deref()), (4, true, None));
-        let staging =
-            StagingConfig { streams: 1, ahead: 1, gather: StagingGather::Auto, pipeline: 0, write_back: true };
+        let staging = StagingConfig { streams: 1, ahead: 1, gather: StagingGather::Auto, write_back: true };
         assert_eq!(c.staging, staging);
         // The defaults that follow the host, on this host and on the sizes they were measured on.
         let cores = available_cores();

@@ -168,13 +168,12 @@ fn vectored_requests_gather_and_scatter_through_the_slots() {
         return;
     }
     let (slot, total) = (256usize << 10, 250_000usize);
-    // Pipelined staging (64 KiB parts) leaves vectored chunks to whole gathers and scatters.
-    for (mode, pipeline) in [(StagingGather::Auto, 0), (StagingGather::Copies, 0), (StagingGather::Auto, 64 << 10)] {
+    for mode in [StagingGather::Auto, StagingGather::Copies] {
         for (from, to) in
             [(Side::Gpu, Side::Gpu), (Side::Gpu, Side::Host), (Side::Host, Side::Gpu), (Side::Host, Side::Host)]
         {
-            let what = format!("{mode:?} pipeline {pipeline} {from:?}->{to:?}");
-            let tuning = StagingConfig { gather: mode, pipeline, ..StagingConfig::default() };
+            let what = format!("{mode:?} {from:?}->{to:?}");
+            let tuning = StagingConfig { gather: mode, ..StagingConfig::default() };
             let mut s = staged_with(StagingParams { tuning, ..StagingParams::new(slot, 4) });
             let mut src = Mem::new(from, 2 * total);
             let mut dst = Mem::new(to, 2 * total);
@@ -241,18 +240,7 @@ fn every_staging_tuning_moves_the_same_bytes() {
         return;
     }
     let tuning = |streams, ahead| StagingConfig { streams, ahead, ..StagingConfig::default() };
-    let pipelined = |pipeline, base: StagingConfig| StagingConfig { pipeline, ..base };
-    let tunings = [
-        StagingConfig::default(),
-        tuning(1, 0),
-        tuning(1, 2),
-        tuning(3, 1),
-        tuning(2, 3),
-        // Chunks copied in parts: with no copy limit (every chunk's parts queued at once), on
-        // several streams.
-        pipelined(16 << 10, tuning(1, 0)),
-        pipelined(20_000, tuning(2, 3)),
-    ];
+    let tunings = [StagingConfig::default(), tuning(1, 0), tuning(1, 2), tuning(3, 1), tuning(2, 3)];
     let sizes = [1usize, (256 << 10) + 7, (3 << 20) + 5];
     let max = sizes.iter().max().unwrap() + 64;
     for tuning in tunings {
@@ -273,131 +261,6 @@ fn every_staging_tuning_moves_the_same_bytes() {
             s.tx.dereg_mr(smr);
             s.rx.dereg_mr(rmr);
         }
-    }
-}
-
-/// Pipelined staging (`UCCL_TCPX_STAGING_PIPELINE`): chunks longer than a part that go out alone
-/// are copied in parts and sent as the parts land. Sizes below one part, at one part, a part and a
-/// byte, not a multiple of the part, a whole slot, and several slots with a short last chunk, at
-/// odd offsets on both ends; parts of a power of two, of a page, and of an odd size. Each size
-/// moves with a window of chunks in flight (the first chunk in parts, the others whole) and one
-/// chunk at a time (every chunk in parts): the count of chunks sent in parts grows by at least
-/// those (other tests of this binary may add theirs meanwhile).
-#[test]
-fn pipelined_staging_moves_every_size_byte_for_byte() {
-    use uccl_tcpx::internal::transport::staged::part_counts;
-    if no_gpu() {
-        return;
-    }
-    let slot = 512usize << 10;
-    for part in [64usize << 10, 4096, 100_001] {
-        let sizes = [1, 4095, part, part + 1, 3 * part + 17, 200_003, slot - 1, slot, (3 << 20) + 7];
-        let max = sizes.iter().max().unwrap() + 64;
-        for (from, to) in [(Side::Gpu, Side::Gpu), (Side::Gpu, Side::Host), (Side::Host, Side::Gpu)] {
-            let tuning = StagingConfig { pipeline: part as u32, ..StagingConfig::default() };
-            let mut s = staged_with(StagingParams { tuning, ..StagingParams::new(slot, 8) });
-            let mut src = Mem::new(from, max);
-            let mut dst = Mem::new(to, max);
-            let (smr, rmr) = register(&mut s, &src, &dst);
-            for (k, &len) in sizes.iter().enumerate() {
-                for window in [WINDOW, 1] {
-                    let what = format!("parts of {part} B, {from:?}->{to:?}, {len} B, window {window}");
-                    let (soff, doff) = (1 + k % 5, 2 + (k * 3) % 7);
-                    let data = pattern(len, (part + k + window) as u64);
-                    src.write(soff, &data);
-                    dst.clear();
-                    let (a, b) = (End { addr: src.addr() + soff, mr: smr }, End { addr: dst.addr() + doff, mr: rmr });
-                    let before = part_counts();
-                    transfer_in(&mut s, window, a, b, len, |_, _| {});
-                    let split = (part_counts().sent - before.sent) as usize;
-                    let got = dst.read(doff - 1, len + 2);
-                    assert_same(&got[1..=len], &data, &what);
-                    assert_eq!((got[0], got[len + 1]), (0, 0), "{what}: neighbours untouched");
-                    let longer = chunks_longer_than(len, slot, part);
-                    let must = match (from, window) {
-                        (Side::Host, _) => 0,
-                        (Side::Gpu, 1) => longer,
-                        (Side::Gpu, _) => longer.min(usize::from(len.min(slot) > part)),
-                    };
-                    assert!(split >= must, "{what}: {split} chunks sent in parts, {must} at least");
-                }
-            }
-            assert!(!s.net.needs_polling(), "parts of {part} B: every copy was seen finished");
-            s.tx.dereg_mr(smr);
-            s.rx.dereg_mr(rmr);
-        }
-    }
-}
-
-/// Chunks of a `len`-byte transfer in `slot`-byte chunks that are longer than `part` bytes.
-fn chunks_longer_than(len: usize, slot: usize, part: usize) -> usize {
-    (0..len.div_ceil(slot)).filter(|i| slot.min(len - i * slot) > part).count()
-}
-
-/// Chunks go in parts with the knob on and never without it: sent, each chunk longer than a part
-/// that goes alone, counted exactly; received, a device receive whose sender holds the rest of
-/// the message back has its landed parts copied out to the GPU before it completes. In a process
-/// of its own, so that no other test's chunks add to the counts.
-#[test]
-fn chunks_go_in_parts_with_the_knob_and_only_then() {
-    if no_gpu() {
-        return;
-    }
-    common::ChildTest::new("chunks_in_parts_process").ignored().run_within(Duration::from_secs(300));
-}
-
-#[test]
-#[ignore = "runs as the child process of chunks_go_in_parts_with_the_knob_and_only_then"]
-fn chunks_in_parts_process() {
-    use uccl_tcpx::internal::transport::staged::part_counts;
-    assert!(
-        common::is_child("chunks_in_parts_process"),
-        "runs as the child of chunks_go_in_parts_with_the_knob_and_only_then"
-    );
-    let (slot, part) = (512usize << 10, 64usize << 10);
-    let sizes = [part + 1, 3 * part + 17, slot, (3 << 20) + 7];
-    for pipeline in [0, part] {
-        let tuning = StagingConfig { pipeline: pipeline as u32, ..StagingConfig::default() };
-        let mut s = staged_with(StagingParams { tuning, ..StagingParams::new(slot, 8) });
-        let max = sizes.iter().max().unwrap();
-        let mut src = Mem::new(Side::Gpu, *max);
-        let mut dst = Mem::new(Side::Gpu, *max);
-        let (smr, rmr) = register(&mut s, &src, &dst);
-        for &len in &sizes {
-            for window in [WINDOW, 1] {
-                let what = format!("pipeline {pipeline}, {len} B, window {window}");
-                let data = pattern(len, (len + window) as u64);
-                src.write(0, &data);
-                dst.clear();
-                let before = part_counts();
-                transfer_in(
-                    &mut s,
-                    window,
-                    End { addr: src.addr(), mr: smr },
-                    End { addr: dst.addr(), mr: rmr },
-                    len,
-                    |_, _| {},
-                );
-                let after = part_counts();
-                assert_same(&dst.read(0, len), &data, &what);
-                let (sent, received) =
-                    ((after.sent - before.sent) as usize, (after.received - before.received) as usize);
-                let chunks = len.div_ceil(slot);
-                if pipeline == 0 {
-                    assert_eq!((sent, received), (0, 0), "{what}: nothing goes in parts without the knob");
-                } else if window == 1 {
-                    // Every chunk goes alone.
-                    assert_eq!(sent, chunks_longer_than(len, slot, part), "{what}: chunks sent in parts");
-                    assert!(received <= chunks, "{what}: {received} of {chunks} chunks received in parts");
-                } else {
-                    // The first chunk alone, the others behind it.
-                    assert!(sent >= 1 && received <= chunks, "{what}: {sent} sent, {received} received in parts");
-                }
-            }
-        }
-        s.tx.dereg_mr(smr);
-        s.rx.dereg_mr(rmr);
-        receive_held_back_by_its_sender(slot, pipeline);
     }
 }
 
@@ -450,146 +313,6 @@ fn written_back_process() {
                 s.rx.dereg_mr(rmr);
             }
         }
-    }
-}
-
-/// A staged device receive fed by a plain socket send whose ready watermark holds the second half
-/// of the message back: with the knob on, the landed first half is copied out to the GPU in parts
-/// while the receive waits (one chunk counted received in parts); without it nothing reaches the
-/// GPU before the receive completed. Either way the message lands whole once the rest is let go.
-fn receive_held_back_by_its_sender(slot: usize, pipeline: usize) {
-    use uccl_tcpx::internal::transport::staged::part_counts;
-    let what = format!("pipeline {pipeline}, held back");
-    let socket: Arc<dyn Net> = Arc::new(common::socket::socket_net(SocketConfig::default()));
-    let tuning = StagingConfig { pipeline: pipeline as u32, ..StagingConfig::default() };
-    let net = StagedNet::wrap(socket.clone(), StagingParams { tuning, ..StagingParams::new(slot, 4) }).unwrap();
-    let (mut handle, mut listen) = net.listen(0).unwrap();
-    let (mut tx, mut rx) = (None, None);
-    let (mut tx, mut rx) = testkit::drive("connect and accept", Duration::from_secs(30), || {
-        if tx.is_none() {
-            tx = socket.connect(0, &mut handle).unwrap();
-        }
-        if rx.is_none() {
-            rx = listen.accept().unwrap();
-        }
-        (tx.is_some() && rx.is_some()).then(|| (tx.take().unwrap(), rx.take().unwrap()))
-    });
-    assert!(tx.takes_ready_watermark());
-    let dst = Mem::new(Side::Gpu, slot);
-    let rmr = rx.reg_mr(dst.addr(), dst.len(), dst.kind()).unwrap();
-    let msg = pattern(slot, 23);
-    let smr = tx.reg_mr(msg.as_ptr() as usize, msg.len(), MemKind::Host).unwrap();
-    let before = part_counts();
-    // SAFETY: dst and msg outlive both requests, tested to completion below; msg is not modified.
-    let r = unsafe { rx.irecv(dst.addr() as *mut u8, slot, rmr) }.unwrap().unwrap();
-    // SAFETY: as above.
-    let t = unsafe { tx.isend_ready(msg.as_ptr(), slot, smr, slot / 2) }.unwrap().unwrap();
-    // Half the message is let go, at least a part of it in whole pieces.
-    let first = &msg[..4096];
-    let deadline = Instant::now() + Duration::from_secs(if pipeline > 0 { 30 } else { 1 });
-    let mut seen = false;
-    while Instant::now() < deadline && !seen {
-        assert_eq!(rx.test(r).unwrap(), None, "{what}: the receive waits for the half held back");
-        seen = dst.read(0, first.len()) == first;
-    }
-    if pipeline > 0 {
-        assert!(seen, "{what}: the landed first part never reached the GPU");
-        assert_eq!(part_counts().received - before.received, 1, "{what}: one receive copied out in parts");
-    } else {
-        assert!(!seen, "{what}: bytes reached the GPU before the receive completed");
-        assert_eq!(part_counts(), before, "{what}: nothing in parts");
-    }
-    tx.raise_ready(t, slot).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let (mut sent, mut got) = (None, None);
-    while sent.is_none() || got.is_none() {
-        if sent.is_none() {
-            sent = tx.test(t).unwrap();
-        }
-        if got.is_none() {
-            got = rx.test(r).unwrap();
-        }
-        assert!(Instant::now() < deadline, "{what}: stuck after the raise");
-    }
-    assert_eq!((sent, got), (Some(slot), Some(slot)), "{what}");
-    rx.irecv_consumed(r).unwrap();
-    assert_same(&dst.read(0, slot), &msg, &what);
-    tx.dereg_mr(smr);
-    rx.dereg_mr(rmr);
-}
-
-/// A device receive copied out in parts is watched (the net asks to be polled) from its post until
-/// its bytes are all in, while nothing needs polling without the knob; a receive posted behind it
-/// is copied out whole and watched by nobody. Both land byte for byte.
-#[test]
-fn a_receive_copied_out_in_parts_is_watched_until_its_bytes_are_in() {
-    if no_gpu() {
-        return;
-    }
-    let (slot, part) = (1usize << 20, 64usize << 10);
-    for pipeline in [0, part] {
-        let tuning = StagingConfig { pipeline: pipeline as u32, ..StagingConfig::default() };
-        let mut s = staged_with(StagingParams { tuning, ..StagingParams::new(slot, 4) });
-        let mut src = Mem::new(Side::Gpu, 2 * slot);
-        let mut dst = Mem::new(Side::Gpu, 2 * slot);
-        let (smr, rmr) = register(&mut s, &src, &dst);
-        let data = pattern(2 * slot, 17);
-        src.write(0, &data);
-        dst.clear();
-        // SAFETY: dst outlives both receives, tested to completion below.
-        let r0 = unsafe { s.rx.irecv(dst.addr() as *mut u8, slot, rmr) }.unwrap().unwrap();
-        assert_eq!(
-            s.net.needs_polling(),
-            pipeline > 0,
-            "pipeline {pipeline}: a receive copied out in parts is watched"
-        );
-        // SAFETY: as above.
-        let r1 = unsafe { s.rx.irecv((dst.addr() + slot) as *mut u8, slot - 3, rmr) }.unwrap().unwrap();
-        let (mut sends, mut done) = (Vec::new(), 0);
-        for (k, len) in [slot, slot - 3].into_iter().enumerate() {
-            // SAFETY: src outlives both sends, tested to completion below.
-            sends.push(unsafe { s.tx.isend((src.addr() + k * slot) as *const u8, len, smr) }.unwrap().unwrap());
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for (k, r) in [r0, r1].into_iter().enumerate() {
-            loop {
-                while done < sends.len() && s.tx.test(sends[done]).unwrap().is_some() {
-                    done += 1;
-                }
-                if let Some(size) = s.rx.test(r).unwrap() {
-                    assert_eq!(size, slot - 3 * k);
-                    s.rx.irecv_consumed(r).unwrap();
-                    break;
-                }
-                assert!(Instant::now() < deadline, "pipeline {pipeline}: receive {k} stuck");
-            }
-        }
-        while done < sends.len() {
-            if s.tx.test(sends[done]).unwrap().is_some() {
-                done += 1;
-            }
-            assert!(Instant::now() < deadline, "pipeline {pipeline}: sends stuck");
-        }
-        assert!(!s.net.needs_polling(), "pipeline {pipeline}: nothing watched or copying once all is in");
-        let got = dst.read(0, 2 * slot);
-        assert_same(&got[..2 * slot - 3], &data[..2 * slot - 3], &format!("pipeline {pipeline}"));
-        assert_eq!(&got[2 * slot - 3..], &[0, 0, 0], "pipeline {pipeline}: past the short message untouched");
-        s.tx.dereg_mr(smr);
-        s.rx.dereg_mr(rmr);
-    }
-}
-
-/// The invalid sub-copy sizes are refused when the net is made, naming the knob.
-#[test]
-fn pipelined_staging_refuses_a_part_size_out_of_range() {
-    let socket: Arc<dyn Net> = Arc::new(common::socket::socket_net(SocketConfig::default()));
-    for pipeline in [1u32, 4095, (4 << 20) + 1] {
-        let tuning = StagingConfig { pipeline, ..StagingConfig::default() };
-        let err = StagedNet::wrap(socket.clone(), StagingParams { tuning, ..StagingParams::new(1 << 20, 4) })
-            .err()
-            .expect("refused");
-        assert_eq!(err.status(), UcclStatus::ErrInvalidParam, "{pipeline}: {err}");
-        assert!(err.message().contains("UCCL_TCPX_STAGING_PIPELINE"), "{err}");
     }
 }
 
@@ -938,84 +661,6 @@ fn every_ring_copy_lands() {
         wait_all(&ring, &taken);
         assert_same(&dst.to_vec().unwrap(), &want, "device memory after copy_out");
         drop(ring);
-    }
-}
-
-/// A slot copied in parts reports a prefix that only grows, on part boundaries, up to the whole
-/// chunk, by when its own event fired too; ranges of a slot copied out land where they are sent.
-#[test]
-fn ring_copies_in_parts_report_their_prefix_and_ranges_land() {
-    use uccl_tcpx::internal::cuda::{DeviceBuffer, Gpu, StagingRing};
-    if no_gpu() {
-        return;
-    }
-    let gpu = Gpu::open(0).unwrap();
-    let (slot_size, slots) = (1usize << 20, 4usize);
-    let want = pattern(slot_size * slots, 78);
-    let mut src = DeviceBuffer::new(0, want.len()).unwrap();
-    src.copy_from_host(0, &want).unwrap();
-    for streams in [1, 2] {
-        let mut ring = StagingRing::new(&gpu, slot_size, slots, streams).unwrap();
-        for (round, (len, part)) in
-            [(slot_size, 64usize << 10), ((1 << 20) - 3, 100_000), (8192, 4096)].into_iter().enumerate()
-        {
-            let taken: Vec<usize> = (0..slots).map(|_| ring.take().unwrap()).collect();
-            for (i, &slot) in taken.iter().enumerate() {
-                // SAFETY: slot i's source lies inside src, which outlives the waits below; the slot is taken.
-                unsafe { ring.copy_in_parts(slot, src.addr() + i * slot_size, len, part).unwrap() };
-            }
-            for &slot in &taken {
-                let deadline = Instant::now() + Duration::from_secs(10);
-                let mut seen = 0;
-                loop {
-                    let prefix = ring.copied_prefix(slot).unwrap();
-                    assert!(prefix >= seen, "round {round}: the prefix went back from {seen} to {prefix}");
-                    assert!(
-                        prefix == len || prefix.is_multiple_of(part),
-                        "round {round}: {prefix} is not a part boundary"
-                    );
-                    seen = prefix;
-                    if prefix == len {
-                        break;
-                    }
-                    assert!(Instant::now() < deadline, "round {round}: parts stuck at {prefix} of {len}");
-                }
-                assert!(ring.copied(slot).unwrap(), "round {round}: the slot's own event fired with its last part");
-            }
-            for (i, &slot) in taken.iter().enumerate() {
-                // SAFETY: every part of the slot landed (seen above), and nothing writes it meanwhile.
-                let got = unsafe { std::slice::from_raw_parts(ring.slot_ptr(slot), len) };
-                assert_same(got, &want[i * slot_size..i * slot_size + len], &format!("round {round}: slot {i}"));
-            }
-            // Out again in ranges of odd sizes, queued back to back; the slot's event covers them all.
-            let dst = DeviceBuffer::new(0, slot_size * slots).unwrap();
-            for (i, &slot) in taken.iter().enumerate() {
-                let mut at = 0;
-                while at < len {
-                    let n = (part / 3 + 1).min(len - at);
-                    // SAFETY: the range lies inside the slot and slot i's destination inside dst, which
-                    // nothing else touches until the wait below; the slot's bytes are final.
-                    unsafe { ring.copy_out_range(slot, at, dst.addr() + i * slot_size + at, n).unwrap() };
-                    at += n;
-                }
-            }
-            for &slot in &taken {
-                wait_copied(&ring, slot, &format!("round {round}"));
-            }
-            let back = dst.to_vec().unwrap();
-            for i in 0..slots {
-                let range = i * slot_size..i * slot_size + len;
-                assert_same(&back[range.clone()], &want[range], &format!("round {round}: ranges out of slot {i}"));
-            }
-            for _ in &taken {
-                ring.give_back();
-            }
-        }
-        // A range past the slot's end is refused before anything is queued.
-        let slot = ring.take().unwrap();
-        // SAFETY: refused before any copy is queued.
-        assert!(unsafe { ring.copy_out_range(slot, slot_size - 4, 0x1000, 8) }.is_err());
-        ring.give_back();
     }
 }
 

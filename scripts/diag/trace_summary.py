@@ -144,7 +144,7 @@ def host(evs):
         print(line)
 
 
-STAGE_ORDER = ['posted', 'copy_issued', 'first_part_seen', 'handed', 'copy_seen', 'inner_done', 'reported']
+STAGE_ORDER = ['posted', 'copy_issued', 'handed', 'copy_seen', 'inner_done', 'reported']
 
 
 def staging(evs, step_name):

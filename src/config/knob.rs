@@ -103,33 +103,6 @@ impl Kind for Size {
     }
 }
 
-/// `0` (off) or a byte count in `min..=max`; `what` names the count in the message.
-pub(crate) struct OffOrSize {
-    pub min: u32,
-    pub max: u32,
-    pub off: &'static str,
-    pub what: &'static str,
-}
-
-impl Kind for OffOrSize {
-    type Out = u32;
-    fn parse(&self, raw: &str) -> Result<u32, Reject> {
-        match parse_bytes(raw).and_then(|v| u32::try_from(v).ok()) {
-            Some(v) if v == 0 || (self.min..=self.max).contains(&v) => Ok(v),
-            _ => Err(Reject::Expected(format!(
-                "0 ({}) or a {} in {}..={} bytes (K, M and G suffixes allowed)",
-                self.off, self.what, self.min, self.max
-            ))),
-        }
-    }
-    fn values(&self) -> String {
-        format!("0 or {}–{} bytes", show_bytes(self.min as u64), show_bytes(self.max as u64))
-    }
-    fn show(&self, value: &u32) -> String {
-        show_bytes(*value as u64)
-    }
-}
-
 /// A duration in whole milliseconds, `min..=max`.
 pub(crate) struct Millis(pub u64, pub u64);
 

@@ -19,6 +19,10 @@ pub(super) const RETIRED: &[(&str, &str)] = &[
     ("UCCL_TCPX_TRACE_SOCKETS", TRACE),
     ("UCCL_TCPX_TRACE_STAGING", TRACE),
     (
+        "UCCL_TCPX_STAGING_PIPELINE",
+        "pipelined staging was removed (it gained only at 4 MiB with one transfer in flight)",
+    ),
+    (
         "UCCL_TCPX_SOCKET_ZEROCOPY_THRESHOLD",
         "zero-copy socket sends were removed (slower than copies where measured, and never run on a real NIC)",
     ),

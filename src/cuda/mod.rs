@@ -16,7 +16,6 @@ pub mod device_copy;
 pub mod gpu;
 pub mod ipc;
 pub mod memory;
-mod parts;
 pub mod pointer;
 pub mod ring;
 pub mod segments;

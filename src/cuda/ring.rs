@@ -11,10 +11,6 @@
 //! chunk that wants it; where it cannot be (no NVRTC, say) the ring says so once in the log and
 //! copies segment by segment.
 //!
-//! A contiguous chunk may be copied into its slot in parts, each followed by an event of its own
-//! (`super::parts`), so that its owner learns how far the copy got ([`StagingRing::copied_prefix`]);
-//! and copied out of it in ranges as its bytes arrive ([`StagingRing::copy_out_range`]).
-//!
 //! Nothing signals a finished copy: its owner polls the slot's event ([`StagingRing::copied`]). A
 //! driver host function per copy that woke the engine instead was measured: under load the driver
 //! ran those up to about 1.5 ms late, and the parked engine with them.
@@ -25,7 +21,6 @@ use std::sync::{Arc, Once};
 use cudarc::driver::sys;
 
 use super::memory::PinnedBuffer;
-use super::parts::PartMarks;
 use super::segments::{Built, SegmentKernel};
 use super::stream::{Event, Stream};
 use super::unpack::addressable;
@@ -90,21 +85,20 @@ fn kernel_unavailable(why: &Error) {
     });
 }
 
-/// One GPU's side of a ring: its copy streams, one event per slot, the marks of copies in parts
-/// and its segment kernel. Drop order: the streams synchronize first (no copy or kernel still reads
-/// or writes a slot, a bounce buffer or user memory), then the kernel's buffers and the events go.
+/// One GPU's side of a ring: its copy streams, one event per slot and its segment kernel. Drop
+/// order: the streams synchronize first (no copy or kernel still reads or writes a slot, a bounce
+/// buffer or user memory), then the kernel's buffers and the events go.
 struct Lane {
     streams: Vec<Stream>,
     kernel: Built<SegmentKernel>,
     events: Vec<Event>,
-    parts: PartMarks,
 }
 
 impl Lane {
     fn new(gpu: &Arc<Gpu>, slots: usize, streams: usize) -> Result<Lane> {
         let streams = (0..streams.min(slots)).map(|_| Stream::new(gpu)).collect::<Result<Vec<_>>>()?;
         let events = (0..slots).map(|_| Event::new(gpu)).collect::<Result<Vec<_>>>()?;
-        Ok(Lane { streams, kernel: Built::Waiting, parts: PartMarks::new(events.len()), events })
+        Ok(Lane { streams, kernel: Built::Waiting, events })
     }
 
     fn gpu(&self) -> &Arc<Gpu> {
@@ -337,85 +331,6 @@ impl StagingRing {
         if many {
             self.count(false);
         }
-        self.mark(slot)
-    }
-
-    /// Queues the copy of `len` device bytes at `src` into `slot` in parts of `part` bytes (the
-    /// last one shorter), each followed by a mark of its own: [`copied_prefix`] tells how many
-    /// leading bytes landed, and [`copied`] when all did.
-    ///
-    /// [`copied_prefix`]: StagingRing::copied_prefix
-    /// [`copied`]: StagingRing::copied
-    ///
-    /// # Safety
-    /// As `copy_in`.
-    pub unsafe fn copy_in_parts(&mut self, slot: usize, src: usize, len: usize, part: usize) -> Result<()> {
-        self.check_len(len)?;
-        if part == 0 {
-            return Err(Error::invalid("staging copies in parts of 0 bytes"));
-        }
-        let host = self.slot_ptr(slot);
-        let lane = self.lane(slot);
-        lane.gpu().bind()?;
-        lane.parts.start(slot);
-        let index = slot % lane.streams.len();
-        let mut at = 0;
-        while at < len {
-            let n = part.min(len - at);
-            check(
-                // SAFETY: the caller vouches for the device source and the taken slot, which holds
-                // slot_size >= len >= at + n bytes (check_len); the GPU is bound on this thread.
-                unsafe {
-                    sys::cuMemcpyDtoHAsync_v2(
-                        host.add(at).cast(),
-                        (src + at) as sys::CUdeviceptr,
-                        n,
-                        lane.streams[index].raw(),
-                    )
-                },
-                "cuMemcpyDtoHAsync of a part into a staging slot",
-            )?;
-            at += n;
-            let gpu = lane.streams[index].gpu().clone();
-            lane.parts.record(&gpu, slot, &lane.streams[index], at)?;
-        }
-        self.mark(slot)
-    }
-
-    /// Leading bytes of `slot` that the parts of its last [`copy_in_parts`] landed so far.
-    ///
-    /// [`copy_in_parts`]: StagingRing::copy_in_parts
-    pub fn copied_prefix(&mut self, slot: usize) -> Result<usize> {
-        let lane = self.lane(slot);
-        lane.gpu().bind()?;
-        lane.parts.seen(slot)
-    }
-
-    /// Queues the copy of `len` bytes at offset `at` of `slot` to device memory at `dst`; the
-    /// slot's mark follows it, so [`copied`](StagingRing::copied) tells when it and every copy
-    /// queued on the slot before it finished.
-    ///
-    /// # Safety
-    /// As `copy_out`, for the range's bytes of the slot.
-    pub unsafe fn copy_out_range(&mut self, slot: usize, at: usize, dst: usize, len: usize) -> Result<()> {
-        if at.checked_add(len).is_none_or(|end| end > self.slot_size) {
-            return Err(Error::invalid(format!(
-                "bytes {at}..+{len} lie outside a {}-byte staging slot",
-                self.slot_size
-            )));
-        }
-        let host = self.slot_ptr(slot);
-        let lane = self.lane(slot);
-        lane.gpu().bind()?;
-        let index = slot % lane.streams.len();
-        check(
-            // SAFETY: the caller vouches for the device destination and the range's final bytes;
-            // the range lies inside the slot (checked above), and the GPU is bound on this thread.
-            unsafe {
-                sys::cuMemcpyHtoDAsync_v2(dst as sys::CUdeviceptr, host.add(at).cast(), len, lane.streams[index].raw())
-            },
-            "cuMemcpyHtoDAsync of a range of a staging slot",
-        )?;
         self.mark(slot)
     }
 

@@ -182,7 +182,6 @@ codes! {
     StageMark("step") {
         CopyIssued = 1 "copy_issued",
         CopySeen = 2 "copy_seen",
-        FirstPartSeen = 3 "first_part_seen",
         Handed = 4 "handed",
         InnerDone = 5 "inner_done",
         Reported = 6 "reported",

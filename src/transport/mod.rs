@@ -70,13 +70,6 @@ pub struct LinkStats {
     pub errors: u64,
 }
 
-fn unsupported<T>(what: &str) -> Result<T> {
-    Err(crate::error::Error::new(
-        crate::error::UcclStatus::ErrNotSupported,
-        format!("this transport's comms do not {what}"),
-    ))
-}
-
 fn unvectored<T>(what: &str) -> Result<T> {
     Err(crate::error::Error::new(
         crate::error::UcclStatus::ErrNotSupported,
@@ -194,37 +187,6 @@ pub trait SendComm: Send {
     }
     /// `Some(bytes)` once the request finished.
     fn test(&mut self, req: RequestId) -> Result<Option<usize>>;
-    /// Whether the comm takes sends whose bytes become ready over time ([`SendComm::isend_ready`]
-    /// and [`SendComm::raise_ready`]): the staged path then hands a device chunk over as soon as
-    /// the first part of its copy is in host memory. Off by default: such a comm only gets whole
-    /// sends.
-    fn takes_ready_watermark(&self) -> bool {
-        false
-    }
-    /// As `isend`, but only the first `ready` bytes (the request's ready watermark) may be read
-    /// yet: the comm sends nothing at or past the watermark until [`SendComm::raise_ready`] raises
-    /// it, and the request completes only once all `len` bytes left. The bytes on the wire are
-    /// those of a plain `isend` of the same buffer. Only on a comm that
-    /// [`takes_ready_watermark`](SendComm::takes_ready_watermark).
-    ///
-    /// # Safety
-    /// As `isend`, except that the bytes past the watermark may still be being written (by a copy)
-    /// until a raise covers them; from then on they stay unmodified as `isend` requires.
-    unsafe fn isend_ready(
-        &mut self,
-        _data: *const u8,
-        _len: usize,
-        _mr: MrHandle,
-        _ready: usize,
-    ) -> Result<Option<RequestId>> {
-        unsupported("send before all their bytes are ready")
-    }
-    /// Raises the ready watermark of `req`, a request of this comm posted with `isend_ready` and not
-    /// yet reported done, to `ready` bytes; a watermark never goes down, and one past the request's
-    /// length is its length.
-    fn raise_ready(&mut self, _req: RequestId, _ready: usize) -> Result<()> {
-        unsupported("send before all their bytes are ready")
-    }
     /// Per data link, what the comm's sockets carried so far; empty for a transport that does not
     /// count (a net plugin).
     fn link_stats(&self) -> Vec<LinkStats> {
@@ -260,22 +222,6 @@ pub trait RecvComm: Send {
     /// hide (the socket comm does). Only a cost where nothing but the CPU reads the bytes.
     fn write_back_received(&mut self, _addr: usize, _len: usize) -> bool {
         false
-    }
-    /// Asks the comm to report how far its receives got before they complete
-    /// ([`RecvComm::landed`]), for every receive posted from now on; returns whether it does. Off
-    /// unless asked, since tracking costs every received piece: the staged path asks only where it
-    /// copies receives out of their slots in parts. Ask before the first receive: a comm may refuse
-    /// once it has posted one (and the default comm always does).
-    fn track_landed(&mut self) -> bool {
-        false
-    }
-    /// How many leading bytes of `req` (posted and not yet consumed) are in place in its buffer,
-    /// final and written by nobody any more: a prefix that only grows, the sender's whole message
-    /// once `test` reported the request done. It may lag behind the bytes that arrived (pieces
-    /// past a gap count only once the gap is filled). Only on a comm that agreed to
-    /// [`track_landed`](RecvComm::track_landed); others refuse it as not supported.
-    fn landed(&mut self, _req: RequestId) -> Result<usize> {
-        unsupported("report the bytes a receive landed so far")
     }
     /// Per data link, what the comm's sockets carried so far; empty for a transport that does not
     /// count (a net plugin).

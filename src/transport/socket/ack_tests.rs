@@ -15,7 +15,7 @@ const PIECE: usize = 64 << 10;
 fn posted(buf: &[u8], n: u64) -> Window {
     let w = Window::acked(PieceCut::new(PIECE, 2), Arc::new(|| {}), 2);
     for seq in 0..n {
-        w.post(seq, &[IoSeg { addr: buf.as_ptr() as usize, len: buf.len() }], usize::MAX, false);
+        w.post(seq, &[IoSeg { addr: buf.as_ptr() as usize, len: buf.len() }], false);
     }
     w
 }
@@ -112,7 +112,7 @@ fn an_acknowledgement_in_order_completes_requests_and_frees_their_slots_for_new_
     assert!(w.ack(16).unwrap());
     assert!((0..16).all(|seq| w.done(seq) == Some(2 * PIECE)));
     // Slot 0 again: its marks start over.
-    w.post(16, &[IoSeg { addr: buf.as_ptr() as usize, len: buf.len() }], usize::MAX, false);
+    w.post(16, &[IoSeg { addr: buf.as_ptr() as usize, len: buf.len() }], false);
     assert!(w.ack(17).is_err(), "request 16 was not sent");
     let p = cut_and_send(&w);
     assert_eq!((p.seq, p.offset), (16, 0));

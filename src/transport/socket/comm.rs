@@ -1,9 +1,7 @@
 //! Socket comms: a request window and the comm's data sockets, each socket served by one of the
 //! net's shared helper threads. A comm starts with one socket; a send comm opens the others as its
 //! requests ask for them, and a receive comm takes them as they arrive. Requests are numbered in
-//! posting order; `test` reads a completion flag without locking. A send may go out before all of
-//! its bytes are ready, up to a watermark its poster raises, and a receive reports the prefix that
-//! landed (`partial`).
+//! posting order; `test` reads a completion flag without locking.
 
 use std::io::Write;
 use std::net::{Shutdown, TcpStream};
@@ -17,7 +15,6 @@ use super::failover::{Failover, Redial};
 use super::fanout::{self, Idle};
 use super::grow::Dialer;
 use super::link_tally;
-use super::partial;
 use super::reactor::{Placement, Pool};
 use super::receiver::{RecvSockets, RecvTask};
 use super::sender::{INLINE_MAX, Inline, SendSockets, SendTask};
@@ -356,9 +353,7 @@ struct CommCore {
 }
 
 impl CommCore {
-    /// Posts a request over `iov`; a send may put its first `ready` bytes on the wire now
-    /// (`usize::MAX`: all of them).
-    fn post(&mut self, iov: &[IoSeg], ready: usize) -> Result<Option<RequestId>> {
+    fn post(&mut self, iov: &[IoSeg]) -> Result<Option<RequestId>> {
         self.window.check()?;
         if iov.is_empty() {
             return Err(Error::invalid("a vectored request needs at least one segment"));
@@ -372,19 +367,16 @@ impl CommCore {
             self.write_back.iter().any(|&(start, end)| start <= seg.addr && seg.addr.saturating_add(seg.len) <= end)
         };
         let write_back = !self.write_back.is_empty() && iov.iter().all(inside);
-        let alone = self.window.post(id, iov, ready, write_back);
+        let alone = self.window.post(id, iov, write_back);
         match &mut self.side {
             Side::Send(send) => {
                 let pieces = self.window.cut.pieces(len as u64);
-                let whole = ready >= len;
-                let inline =
-                    if alone && whole && len <= self.inline_max { send.shared.send_inline() } else { Inline::NoSocket };
+                let inline = if alone && len <= self.inline_max { send.shared.send_inline() } else { Inline::NoSocket };
                 match inline {
                     Inline::Done => {}
                     Inline::HandedOver(k) => send.placements[k].kick(),
-                    // As many idle sockets as the request has pieces ready; a raise of its
-                    // watermark kicks for the others.
-                    Inline::NoSocket => send.kick_idle(partial::cuttable(self.window.cut, len as u64, ready as u64)),
+                    // As many idle sockets as the request has pieces.
+                    Inline::NoSocket => send.kick_idle(pieces),
                 }
                 let want = send.wanted(pieces, alone);
                 if want > send.placements.len() {
@@ -406,17 +398,6 @@ impl CommCore {
         }
         self.posted += 1;
         Ok(Some(RequestId(id)))
-    }
-
-    /// Whether `req` was posted and not yet reported done.
-    fn untested(&self, req: RequestId) -> Result<()> {
-        if req.0 < self.tested || req.0 >= self.posted {
-            return Err(Error::backend(format!(
-                "request {} is not outstanding: {} were posted, {} reported done",
-                req.0, self.posted, self.tested
-            )));
-        }
-        Ok(())
     }
 
     fn test(&mut self, req: RequestId) -> Result<Option<usize>> {
@@ -546,11 +527,6 @@ impl SocketSendComm {
         }
     }
 
-    /// Bytes of `req` handed to the kernel so far.
-    pub fn sent(&self, req: RequestId) -> u64 {
-        self.0.window.moved(req.0)
-    }
-
     /// Shuts down an open socket over `link` as if it failed; returns its index.
     pub fn kill_socket_on(&self, link: std::net::IpAddr) -> usize {
         let Side::Send(send) = &self.0.side else { unreachable!("a send comm has a sending side") };
@@ -585,14 +561,6 @@ impl SocketSendComm {
         let Side::Send(send) = &self.0.side else { unreachable!("a send comm has a sending side") };
         send.shared.open_count()
     }
-
-    /// Whether every helper of the comm's sockets sleeps in `epoll_wait` (a kick must wake it).
-    pub fn helpers_sleep(&self) -> bool {
-        match &self.0.side {
-            Side::Send(send) => send.placements.iter().all(|p| p.sleeps()),
-            Side::Recv(_) => unreachable!("a send comm has a sending side"),
-        }
-    }
 }
 
 impl SendComm for SocketSendComm {
@@ -602,11 +570,11 @@ impl SendComm for SocketSendComm {
     fn dereg_mr(&mut self, _mr: MrHandle) {}
 
     unsafe fn isend(&mut self, data: *const u8, len: usize, _mr: MrHandle) -> Result<Option<RequestId>> {
-        self.0.post(&[IoSeg { addr: data as usize, len }], usize::MAX)
+        self.0.post(&[IoSeg { addr: data as usize, len }])
     }
 
     unsafe fn isendv(&mut self, iov: &[IoSeg], _mr: MrHandle) -> Result<Option<RequestId>> {
-        self.0.post(iov, usize::MAX)
+        self.0.post(iov)
     }
 
     fn test(&mut self, req: RequestId) -> Result<Option<usize>> {
@@ -619,40 +587,11 @@ impl SendComm for SocketSendComm {
         Ok(done)
     }
 
-    /// A piece is cut only once all of its bytes lie below the watermark (`partial`).
-    fn takes_ready_watermark(&self) -> bool {
-        true
-    }
-
-    unsafe fn isend_ready(
-        &mut self,
-        data: *const u8,
-        len: usize,
-        _mr: MrHandle,
-        ready: usize,
-    ) -> Result<Option<RequestId>> {
-        self.0.post(&[IoSeg { addr: data as usize, len }], ready)
-    }
-
     fn link_stats(&self) -> Vec<LinkStats> {
         match &self.0.side {
             Side::Send(send) => send.shared.tally.by_link(&send.shared.streams),
             Side::Recv(_) => unreachable!("a send comm has a sending side"),
         }
-    }
-
-    /// A raise that makes pieces cuttable kicks as many idle sockets (a sleeping helper is woken,
-    /// the fan-out applying as for a post); busy ones pull them when they finish their piece.
-    fn raise_ready(&mut self, req: RequestId, ready: usize) -> Result<()> {
-        self.0.window.check()?;
-        self.0.untested(req)?;
-        let newly = self.0.window.raise(req.0, ready);
-        if newly > 0
-            && let Side::Send(send) = &self.0.side
-        {
-            send.kick_idle(newly);
-        }
-        Ok(())
     }
 }
 
@@ -718,11 +657,11 @@ impl RecvComm for SocketRecvComm {
     fn dereg_mr(&mut self, _mr: MrHandle) {}
 
     unsafe fn irecv(&mut self, data: *mut u8, len: usize, _mr: MrHandle) -> Result<Option<RequestId>> {
-        self.0.post(&[IoSeg { addr: data as usize, len }], usize::MAX)
+        self.0.post(&[IoSeg { addr: data as usize, len }])
     }
 
     unsafe fn irecvv(&mut self, iov: &[IoSeg], _mr: MrHandle) -> Result<Option<RequestId>> {
-        self.0.post(iov, usize::MAX)
+        self.0.post(iov)
     }
 
     /// Only where the CPU has an instruction for it (`write_back.rs`).
@@ -732,26 +671,6 @@ impl RecvComm for SocketRecvComm {
         }
         self.0.write_back.push((addr, addr.saturating_add(len)));
         true
-    }
-
-    /// Each landed piece sets its bit; the prefix is the run of them from the first (`partial`).
-    fn track_landed(&mut self) -> bool {
-        self.0.window.track_landed()
-    }
-
-    fn landed(&mut self, req: RequestId) -> Result<usize> {
-        if req.0 < self.0.released || req.0 >= self.0.posted {
-            return Err(Error::backend(format!(
-                "landed bytes of request {}: {} were posted, {} consumed",
-                req.0, self.0.posted, self.0.released
-            )));
-        }
-        self.0.window.landed(req.0).ok_or_else(|| {
-            Error::new(
-                crate::error::UcclStatus::ErrNotSupported,
-                "this receive comm does not track landed bytes: ask with track_landed before the first receive",
-            )
-        })
     }
 
     fn test(&mut self, req: RequestId) -> Result<Option<usize>> {

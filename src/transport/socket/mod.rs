@@ -18,7 +18,6 @@ mod iov;
 mod link_tally;
 mod links;
 mod pace;
-mod partial;
 mod reactor;
 mod receiver;
 mod sender;
@@ -471,7 +470,5 @@ fn polls(options: &SocketConfig) -> Polls {
 mod ack_tests;
 #[cfg(test)]
 mod failover_tests;
-#[cfg(test)]
-mod partial_tests;
 #[cfg(test)]
 mod tests;

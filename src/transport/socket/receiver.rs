@@ -342,7 +342,7 @@ fn drive(s: &RecvSockets, socket: usize, inc: &mut Incoming) -> Result<Step> {
                         inc.ack_due = inc.ack_due.max(Some(n));
                     }
                 } else {
-                    s.window.landed_piece(&piece);
+                    s.window.finish(&piece);
                 }
                 return Ok(Step::Finished);
             }

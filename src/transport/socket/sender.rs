@@ -333,7 +333,7 @@ impl SendTask {
                 return Some(Outgoing::new(cut));
             }
             s.release(self.k);
-            // A request posted (or a watermark raised) after the cut looked, whose poster saw this
+            // A request posted (or pieces requeued) after the cut looked, whose poster saw this
             // socket claimed and so kicked nobody: look once more.
             if s.window.send_work() == seen {
                 return None;

@@ -1,19 +1,16 @@
 //! The request window a comm shares with its helper threads: 16 slots, request `seq` in slot
 //! `seq % 16`. Request descriptions and the decisions that must be atomic across threads (which piece
 //! a sender cuts next, which piece a receiver admits) sit behind one short lock per piece; byte counts
-//! and completion are atomics, so `test` never locks. A send may be posted with only a prefix of
-//! its bytes ready, and a receive window asked to track them reports its landed prefix (`partial`). On an acknowledged comm (`acked`) a send completes when the receiver
-//! acknowledged it, not when its bytes are in the kernel, and pieces a dead socket carried are cut
-//! again before anything new.
+//! and completion are atomics, so `test` never locks. On an acknowledged comm (`acked`) a send
+//! completes when the receiver acknowledged it, not when its bytes are in the kernel, and pieces a
+//! dead socket carried are cut again before anything new.
 
 use std::collections::VecDeque;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
 use super::acked::{Claims, Completions, REACH, Take};
-use super::partial::{self, Landed};
 use super::wire::PieceCut;
 use crate::error::{Error, Result};
 use crate::transport::{IoSeg, Wake};
@@ -33,8 +30,6 @@ struct Request {
     total: u64,
     /// Receive: bytes admitted so far; never exceeds `total`, so nothing lands after completion.
     admitted: u64,
-    /// Send: the ready watermark, leading bytes the sockets may send (`len` for a whole request).
-    ready: u64,
     /// Receive: each landed piece is written back from the CPU's caches (`write_back.rs`).
     write_back: bool,
 }
@@ -160,13 +155,9 @@ pub struct Window {
     book: Mutex<Book>,
     /// Mirror of `book.posted` that threads watch without the lock.
     posted: AtomicU64,
-    /// Send: watermark raises that made pieces cuttable, so far.
+    /// Send: requeues of pieces to send again (`acked`) that added some, so far.
     raised: AtomicU64,
     progress: [Progress; MAX_REQUESTS],
-    /// Receive: each slot's landed pieces, once the window was asked to track them. Apart from
-    /// `progress`, whose counters every piece updates, and only where asked: marking costs every
-    /// piece a shared atomic write, and only a staged receive copied out in parts reads it.
-    landed: OnceLock<Box<[Landed; MAX_REQUESTS]>>,
     /// How both ends cut requests into pieces.
     pub cut: PieceCut,
     closing: AtomicBool,
@@ -202,7 +193,7 @@ impl Window {
     }
 
     pub fn new(cut: PieceCut, wake: Wake) -> Window {
-        let empty = Request { seq: UNKNOWN, len: 0, total: UNKNOWN, admitted: 0, ready: 0, write_back: false };
+        let empty = Request { seq: UNKNOWN, len: 0, total: UNKNOWN, admitted: 0, write_back: false };
         Window {
             book: Mutex::new(Book {
                 posted: 0,
@@ -216,7 +207,6 @@ impl Window {
             posted: AtomicU64::new(0),
             raised: AtomicU64::new(0),
             progress: Default::default(),
-            landed: OnceLock::new(),
             cut,
             closing: AtomicBool::new(false),
             failed: AtomicBool::new(false),
@@ -241,16 +231,12 @@ impl Window {
     }
 
     /// Publishes request `seq` over the memory of `iov` (at least one segment; the caller checked
-    /// the window has room, so its slot is free), of which a send may put the first `ready` bytes
-    /// on the wire (`usize::MAX`: all). Returns whether nothing older is left to cut (the request
-    /// is next on the wire). The caller then kicks the helpers. A receive's pieces are written
+    /// the window has room, so its slot is free). Returns whether nothing older is left to cut (the
+    /// request is next on the wire). The caller then kicks the helpers. A receive's pieces are written
     /// back from the CPU's caches as they land with `write_back` (a DMA engine reads them next).
-    pub fn post(&self, seq: u64, iov: &[IoSeg], ready: usize, write_back: bool) -> bool {
+    pub fn post(&self, seq: u64, iov: &[IoSeg], write_back: bool) -> bool {
         let slot = seq as usize % MAX_REQUESTS;
         self.progress[slot].bytes.store(0, Ordering::Relaxed);
-        if let Some(landed) = self.landed.get() {
-            landed[slot].begin(self.cut);
-        }
         let alone = {
             let mut book = self.book.lock();
             debug_assert_eq!(book.posted, seq);
@@ -265,7 +251,6 @@ impl Window {
                 // Empty segments only: an empty message, which still needs somewhere to point.
                 mem.push((0, iov[0]));
             }
-            let ready = (ready as u64).min(len as u64);
             let pieces = self.cut.pieces(len as u64);
             let Book { seen, acked, .. } = &mut *book;
             if let Some(acked) = acked {
@@ -274,24 +259,12 @@ impl Window {
                 seen[slot].clear();
                 seen[slot].resize(pieces.div_ceil(64) as usize, 0);
             }
-            book.reqs[slot] = Request { seq, len, total: UNKNOWN, admitted: 0, ready, write_back };
+            book.reqs[slot] = Request { seq, len, total: UNKNOWN, admitted: 0, write_back };
             book.posted = seq + 1;
             book.cut_seq == seq
         };
         self.posted.store(seq + 1, Ordering::SeqCst);
         alone
-    }
-
-    /// Receiver: tracks the pieces of every request posted from now on, for [`Window::landed`].
-    /// Only before the first post (an earlier request's pieces would be missing); returns whether
-    /// the window tracks them.
-    pub fn track_landed(&self) -> bool {
-        if self.posted() == 0 {
-            // Before any post: a helper admits a piece only after it saw a post under the book's
-            // lock, so it sees this too.
-            let _ = self.landed.get_or_init(|| Box::new(std::array::from_fn(|_| Landed::default())));
-        }
-        self.landed.get().is_some()
     }
 
     /// Requests posted so far. SeqCst: a helper that stops looking for work checks it after
@@ -301,36 +274,14 @@ impl Window {
     }
 
     /// Sender: what a socket that found nothing to cut compares before and after it said it is
-    /// free: posts and watermark raises so far (each only grows, so the sum changes with either).
-    /// SeqCst, as `posted`: a raiser bumps it and then looks at the sockets.
+    /// free: posts and requeues of pieces to send again so far (each only grows, so the sum
+    /// changes with either). SeqCst, as `posted`: a requeuer bumps it and then looks at the sockets.
     pub fn send_work(&self) -> u64 {
         self.posted.load(Ordering::SeqCst) + self.raised.load(Ordering::SeqCst)
     }
 
-    /// Sender: raises the ready watermark of request `seq` (posted, not complete) to `ready`
-    /// bytes; returns how many of its pieces became cuttable, which the caller kicks sockets for.
-    pub fn raise(&self, seq: u64, ready: usize) -> u64 {
-        let newly = {
-            let mut book = self.book.lock();
-            let req = &mut book.reqs[seq as usize % MAX_REQUESTS];
-            if req.seq != seq {
-                return 0;
-            }
-            let (len, before) = (req.len as u64, req.ready);
-            req.ready = (ready as u64).min(len).max(before);
-            partial::cuttable(self.cut, len, req.ready) - partial::cuttable(self.cut, len, before)
-        };
-        if newly > 0 {
-            // After the watermark moved (a socket that looks again sees it), before the caller
-            // looks at the sockets.
-            self.raised.fetch_add(1, Ordering::SeqCst);
-        }
-        newly
-    }
-
-    /// Sender: the next piece to put on a free socket, if any request still has uncut bytes below
-    /// its ready watermark. Pieces are cut in request order, so the oldest request finishes first
-    /// (and one waiting for its bytes holds the later ones back).
+    /// Sender: the next piece to put on a free socket, if any request still has uncut bytes. Pieces
+    /// are cut in request order, so the oldest request finishes first.
     pub fn cut(&self) -> Option<(Piece, PieceMem)> {
         self.cut_unless(|_, _| false)
     }
@@ -371,7 +322,7 @@ impl Window {
             return None;
         };
         let len = rest.min(piece) as usize;
-        if offset + len as u64 > req.ready || declines(len as u64, &|| book.uncut(upto)) {
+        if declines(len as u64, &|| book.uncut(upto)) {
             return None;
         }
         book.cut_offset += piece;
@@ -383,19 +334,16 @@ impl Window {
         Some((Piece { seq: req.seq, total: req.len as u64, offset, len }, mem))
     }
 
-    /// Receiver: a piece header's message size for request `seq` in `slot`: it must fit the posted
+    /// Receiver: a piece header's message size for request `seq`: it must fit the posted
     /// receive and, once the first piece sized the request, agree with it. Returns the piece length
     /// the size is cut by.
-    fn size(&self, req: &mut Request, seen: &mut Vec<u64>, slot: usize, seq: u64, total: u64) -> Result<u64> {
+    fn size(&self, req: &mut Request, seen: &mut Vec<u64>, seq: u64, total: u64) -> Result<u64> {
         if total > req.len as u64 {
             return Err(Error::backend(format!("peer sent a {total}-byte message into a {}-byte receive", req.len)));
         }
         let piece = self.cut.piece_len(total);
         if req.total == UNKNOWN {
             req.total = total;
-            if let Some(landed) = self.landed.get() {
-                landed[slot].sized(total);
-            }
             seen.clear();
             seen.resize(total.div_ceil(piece).div_ceil(64).max(1) as usize, 0);
         } else if req.total != total {
@@ -424,7 +372,7 @@ impl Window {
                 "protocol violation: peer sent a piece of request {seq}, which is complete"
             )));
         }
-        let piece = self.size(req, seen, slot, seq, total)?;
+        let piece = self.size(req, seen, seq, total)?;
         // The header decoder checked that offset is a multiple of the piece size below total.
         let index = (offset / piece) as usize;
         let bit = 1u64 << (index % 64);
@@ -464,28 +412,6 @@ impl Window {
         if before + piece.len as u64 == piece.total {
             self.complete(slot, piece.seq, piece.total);
         }
-    }
-
-    /// Receiver: a piece landed in its memory. Marks it for [`Window::landed`] where tracked, then
-    /// counts it.
-    pub fn landed_piece(&self, piece: &Piece) {
-        if let Some(landed) = self.landed.get()
-            && piece.len > 0
-        {
-            let index = piece.offset / self.cut.piece_len(piece.total);
-            landed[piece.seq as usize % MAX_REQUESTS].mark(index);
-        }
-        self.finish(piece);
-    }
-
-    /// Receiver: leading bytes of request `seq` (posted, not consumed) in place so far; the
-    /// sender's size once it is complete. `None` where the window tracks no landed pieces.
-    pub fn landed(&self, seq: u64) -> Option<usize> {
-        let landed = self.landed.get()?;
-        if let Some(size) = self.done(seq) {
-            return Some(size);
-        }
-        Some(landed[seq as usize % MAX_REQUESTS].bytes(self.cut) as usize)
     }
 
     /// Sender: the receiver completed every request below `completed`; completes those not
@@ -615,7 +541,7 @@ impl Window {
             (acked.resend.len() - before) as u64
         };
         if n > 0 {
-            // As a raise: a socket that looks again finds them.
+            // As a post: a socket that looks again finds them.
             self.raised.fetch_add(1, Ordering::SeqCst);
         }
         (n, bytes)
@@ -638,7 +564,7 @@ impl Window {
             return Ok(Admission::Discard(len, Some(acked.completions.upto())));
         }
         let seen = &mut seen[slot];
-        let piece = self.size(req, seen, slot, seq, total)?;
+        let piece = self.size(req, seen, seq, total)?;
         let index = offset / piece;
         if seen[index as usize / 64] & (1u64 << (index % 64)) != 0 {
             log::debug!("socket {k}: piece {seq}/{offset} landed already");
@@ -673,11 +599,6 @@ impl Window {
         seen[slot][index as usize / 64] |= 1u64 << (index % 64);
         let req = &mut reqs[slot];
         req.admitted += piece.len as u64;
-        if let Some(landed) = self.landed.get()
-            && piece.len > 0
-        {
-            landed[slot].mark(index);
-        }
         self.progress[slot].bytes.fetch_add(piece.len as u64, Ordering::AcqRel);
         if req.admitted < piece.total {
             return None;
@@ -707,12 +628,6 @@ impl Window {
         self.progress[slot].size.store(size, Ordering::Relaxed);
         self.progress[slot].done.store(seq + 1, Ordering::Release);
         (self.wake)();
-    }
-
-    /// Bytes of request `seq` moved so far (sent: handed to the kernel, or released by it).
-    #[cfg(test)]
-    pub fn moved(&self, seq: u64) -> u64 {
-        self.progress[seq as usize % MAX_REQUESTS].bytes.load(Ordering::Acquire)
     }
 
     /// `Some(size)` once request `seq` is complete.

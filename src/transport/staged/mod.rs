@@ -16,14 +16,7 @@
 //! signals a finished copy, so the net asks the progress thread to keep polling while any copy is
 //! in flight (`needs_polling`): a driver callback per copy that woke it instead ran up to 1.5 ms
 //! late under load.
-//!
-//! Pipelined (`UCCL_TCPX_STAGING_PIPELINE`), a device chunk that goes out or comes in alone (its
-//! comm has no other request) is copied in parts: a send is handed to the inner comm as soon as its
-//! first part is in the slot and sent up to what landed there (`send`), a receive is copied out as
-//! its landed prefix grows (`recv`). Only over an inner comm that offers it (the socket transport);
-//! chunks of several segments keep whole copies. [`part_counts`] says how many chunks went in parts.
 
-mod counts;
 mod recv;
 mod regions;
 mod send;
@@ -35,7 +28,6 @@ use std::sync::atomic::Ordering;
 use super::{ListenComm, Net, NetHandle, Properties, RecvComm, SendComm};
 use crate::error::{Error, Result};
 
-pub use counts::{PartCounts, part_counts};
 pub use recv::StagedRecvComm;
 pub use regions::{RingCounts, ring_counts};
 pub use send::StagedSendComm;
@@ -63,7 +55,6 @@ impl StagedNet {
             params,
             max_requests: props.max_requests.max(1),
             copies_in_flight: Arc::default(),
-            receives_watched: Arc::default(),
             gpu: Arc::default(),
         };
         Ok(Arc::new(StagedNet { inner, setup }))
@@ -87,12 +78,9 @@ impl Net for StagedNet {
         Ok(props)
     }
 
-    /// Nothing tells the progress thread a copy finished: it polls while any is in flight; nor
-    /// that more of a receive copied out in parts landed: it looks while any waits for its bytes.
+    /// Nothing tells the progress thread a copy finished: it polls while any is in flight.
     fn needs_polling(&self) -> bool {
-        self.inner.needs_polling()
-            || self.polls_device_copies()
-            || self.setup.receives_watched.load(Ordering::Relaxed) > 0
+        self.inner.needs_polling() || self.polls_device_copies()
     }
 
     fn polls_device_copies(&self) -> bool {

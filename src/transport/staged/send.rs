@@ -8,23 +8,11 @@
 //! one go, and without the limit every channel's copies are issued before the next channel's
 //! first one.
 //!
-//! Pipelined (`UCCL_TCPX_STAGING_PIPELINE`, on an inner comm that `takes_ready_watermark`), a
-//! contiguous device chunk longer than a part whose copy is queued while it is the comm's oldest
-//! request is copied in parts, each with its own event, and handed to the inner comm once its
-//! first part landed, with that part as its ready watermark; `advance` raises the watermark as
-//! later parts are seen landed, and the inner comm sends nothing past it. The chunk counts as one
-//! copy (for the limit and for `needs_polling`) until its last part landed.
-//!
-//! Only such a chunk: one with an earlier request still ahead of it in the comm (a transfer's later
-//! chunks) has its copy overlap that request's network leg already, and parts would only cost the
-//! copy engine time (each copy about 2 us more on an H200: 2 MiB in 128 KiB parts landed in 79 us
-//! against 46 us whole, and 64 MiB writes fell from 36 to 12 GB/s with every chunk in parts). A
-//! chunk of several segments is gathered whole (by the segment kernel or a copy per segment): it
-//! has no single source to cut into parts, and is sent once all of it is there.
+//! A chunk of several segments is gathered whole (by the segment kernel or a copy per segment), and
+//! sent once all of it is there.
 
 use std::collections::VecDeque;
 
-use super::counts;
 use super::regions::{Route, Staging};
 use super::setup::{Setup, StickyFailure};
 use crate::error::{Error, Result};
@@ -37,11 +25,11 @@ enum Stage {
     Waiting { addr: usize, mr: MrHandle },
     /// Device data at `src` waiting for its copy into `slot` to be queued.
     Pending { slot: usize, src: usize },
-    /// Device data being copied into `slot` (`Request::ready` bytes of it landed, in parts).
+    /// Device data being copied into `slot`.
     Copying { slot: usize },
     /// In `slot`, not yet handed to the inner comm.
     Copied { slot: usize },
-    /// Handed to the inner comm as this request (its copy may still go on: `Request::copying`).
+    /// Handed to the inner comm as this request.
     Sent { inner: RequestId, slot: Option<usize> },
 }
 
@@ -51,24 +39,11 @@ struct Request {
     /// A vectored request's segments (its stage's address is the first one's); `None` for one buffer.
     segs: Option<Vec<IoSeg>>,
     trace: Option<ChunkTrace>,
-    /// A contiguous device chunk longer than a part: copied in parts if it is the comm's oldest
-    /// request when its copy is queued.
-    splittable: bool,
-    /// Bytes per part of its copy into the slot; 0: copied whole.
-    part: usize,
-    /// Its copy is queued and not yet seen finished (a chunk copied in parts may be handed over
-    /// meanwhile).
-    copying: bool,
-    /// Copied in parts: leading bytes seen landed in the slot, the inner comm's ready watermark.
-    ready: usize,
 }
 
 pub struct StagedSendComm {
     // Declared first so it drops first: its I/O stops reading slots before the ring goes.
     inner: Box<dyn SendComm>,
-    /// Bytes per part of a pipelined copy; 0: chunks are copied whole (the knob is off, or the
-    /// inner comm takes no ready watermark).
-    part: usize,
     staging: Staging,
     /// Requests not yet reported done, oldest first; the oldest has id `posted - queue.len()`.
     queue: VecDeque<Request>,
@@ -86,10 +61,8 @@ pub struct StagedSendComm {
 impl StagedSendComm {
     pub(crate) fn new(inner: Box<dyn SendComm>, setup: Setup) -> StagedSendComm {
         let tuning = setup.params.tuning;
-        let part = if inner.takes_ready_watermark() { setup.params.pipeline() } else { 0 };
         let mut comm = StagedSendComm {
             inner,
-            part,
             copy_limit: if tuning.ahead == 0 { usize::MAX } else { tuning.ahead as usize },
             tracer: CommTracer::new(true),
             staging: Staging::new(setup),
@@ -113,16 +86,9 @@ impl StagedSendComm {
             let len = self.queue[i].len;
             let started = self.tracer.as_ref().map(|_| clock_ns());
             let ring = self.staging.ring.as_mut().ok_or_else(|| Error::backend("staging ring missing"))?;
-            // The oldest request: nothing of this comm is on the network ahead of it.
-            let part = if i == 0 && self.queue[i].splittable { self.part } else { 0 };
             match &self.queue[i].segs {
-                None if part > 0 => {
-                    // SAFETY: the device source stays valid until the request is reported done or
-                    // the comm dropped (isend's contract), and the drop waits for the copy.
-                    unsafe { ring.copy_in_parts(slot, src, len, part)? };
-                    counts::sent_in_parts();
-                }
-                // SAFETY: as for the parts.
+                // SAFETY: the device source stays valid until the request is reported done or the
+                // comm dropped (isend's contract), and the drop waits for the copy.
                 None => unsafe { ring.copy_in(slot, src, len)? },
                 // SAFETY: as above, for every segment.
                 Some(segs) => unsafe { ring.gather(slot, len, segs.iter().map(|s| (s.addr, s.len)))? },
@@ -131,88 +97,47 @@ impl StagedSendComm {
             self.staging.setup.copies_changed(true, 1);
             let req = &mut self.queue[i];
             req.stage = Stage::Copying { slot };
-            req.copying = true;
-            req.part = part;
             if let (Some(trace), Some(started)) = (&mut req.trace, started) {
-                trace.issued(started, if part > 0 { len.div_ceil(part) } else { 1 });
+                trace.issued(started, 1);
                 trace.mark(Mark::CopyIssued);
             }
         }
         Ok(())
     }
 
-    /// Looks how far request `i`'s copy got: its ready bytes grow as parts land, and once all of
-    /// it did the request stops counting as a copy (which may let the next one be queued).
-    /// Returns whether its ready bytes grew.
+    /// Whether request `i`'s copy finished; once it did, the request stops counting as a copy
+    /// (which may let the next one be queued).
     fn poll_copy(&mut self, i: usize) -> Result<bool> {
-        let req = &mut self.queue[i];
-        let slot = match req.stage {
-            Stage::Copying { slot } | Stage::Sent { slot: Some(slot), .. } if req.copying => slot,
-            _ => return Ok(false),
-        };
+        let Stage::Copying { slot } = self.queue[i].stage else { return Ok(false) };
         let ring = self.staging.ring.as_mut().ok_or_else(|| Error::backend("staging ring missing"))?;
-        let (ready, finished) = if req.part > 0 {
-            let ready = ring.copied_prefix(slot)?;
-            (ready, ready >= req.len)
-        } else {
-            let finished = ring.copied(slot)?;
-            (if finished { req.len } else { 0 }, finished)
-        };
-        let grew = ready > req.ready;
-        if grew {
-            if req.part > 0
-                && req.ready == 0
-                && let Some(trace) = &mut req.trace
-            {
-                trace.mark(Mark::FirstPartSeen);
-            }
-            req.ready = ready;
+        if !ring.copied(slot)? {
+            return Ok(false);
         }
-        if finished {
-            req.copying = false;
-            if let Stage::Copying { slot } = req.stage {
-                req.stage = Stage::Copied { slot };
-            }
-            if let Some(trace) = &mut req.trace {
-                trace.mark(Mark::CopySeen);
-            }
-            self.copying -= 1;
-            self.staging.setup.copies_changed(false, 1);
-            // A finished copy makes room under the limit: queue the next before the (slower)
-            // hand-over.
-            self.issue_copies()?;
+        let req = &mut self.queue[i];
+        req.stage = Stage::Copied { slot };
+        if let Some(trace) = &mut req.trace {
+            trace.mark(Mark::CopySeen);
         }
-        Ok(grew)
+        self.copying -= 1;
+        self.staging.setup.copies_changed(false, 1);
+        // A finished copy makes room under the limit: queue the next before the (slower) hand-over.
+        self.issue_copies()?;
+        Ok(true)
     }
 
-    /// Hands requests to the inner comm in order while their data is ready and it has room, and
-    /// raises the watermark of those handed over while their copy goes on.
+    /// Hands requests to the inner comm in order while their data is ready and it has room.
     fn advance(&mut self) -> Result<()> {
         self.issue_copies()?;
-        for i in 0..self.unsent {
-            if let Stage::Sent { inner, slot: Some(_) } = self.queue[i].stage
-                && self.queue[i].copying
-                && self.poll_copy(i)?
-            {
-                self.inner.raise_ready(inner, self.queue[i].ready)?;
-            }
-        }
         while self.unsent < self.queue.len() {
             let req = &mut self.queue[self.unsent];
             let (addr, mr, slot) = match req.stage {
                 Stage::Waiting { addr, mr } => (addr, mr, None),
                 Stage::Pending { .. } => break,
-                Stage::Copying { slot } => {
-                    self.poll_copy(self.unsent)?;
-                    let req = &self.queue[self.unsent];
-                    if matches!(req.stage, Stage::Copied { .. }) {
+                Stage::Copying { .. } => {
+                    if self.poll_copy(self.unsent)? {
                         continue;
                     }
-                    if req.ready == 0 {
-                        break;
-                    }
-                    // Its first parts landed: it goes, up to the watermark.
-                    (self.staging.ring_mut()?.slot_ptr(slot) as usize, self.staging.ring_mr, Some(slot))
+                    break;
                 }
                 Stage::Copied { slot } => {
                     (self.staging.ring_mut()?.slot_ptr(slot) as usize, self.staging.ring_mr, Some(slot))
@@ -228,12 +153,6 @@ impl StagedSendComm {
                 // SAFETY: host segments stay valid until this request is reported done (isendv's
                 // contract).
                 (Some(segs), None) => unsafe { self.inner.isendv(segs, mr)? },
-                // SAFETY: the slot stays ours until this request is reported done, and the copy
-                // into it writes only bytes past the watermark, which the inner comm does not read
-                // until a raise covers them (isend_ready's contract).
-                (None, Some(_)) if req.copying => unsafe {
-                    self.inner.isend_ready(addr as *const u8, len, mr, req.ready)?
-                },
                 // SAFETY: host data stays valid until this request is reported done (the caller's
                 // isend contract); a slot stays ours until then too.
                 _ => unsafe { self.inner.isend(addr as *const u8, len, mr)? },
@@ -252,8 +171,6 @@ impl StagedSendComm {
     fn post(&mut self, route: Route, iov: &[IoSeg]) -> Result<Option<RequestId>> {
         let (addr, len) = (iov[0].addr, iov.iter().map(|s| s.len).sum::<usize>());
         let segs = (iov.len() > 1).then(|| iov.to_vec());
-        // Only a contiguous device chunk longer than one part may be copied in parts.
-        let splittable = route.staged() && segs.is_none() && self.part > 0 && len > self.part;
         let stage = match route {
             Route::Direct(mr) => Stage::Waiting { addr, mr },
             Route::Staged(device) => {
@@ -263,7 +180,7 @@ impl StagedSendComm {
             }
         };
         let trace = self.tracer.as_mut().map(|t| t.posted(len, route.staged()));
-        self.queue.push_back(Request { len, stage, segs, trace, splittable, part: 0, copying: false, ready: 0 });
+        self.queue.push_back(Request { len, stage, segs, trace });
         let id = RequestId(self.posted);
         self.posted += 1;
         self.advance()?;
@@ -272,13 +189,9 @@ impl StagedSendComm {
 
     fn finish_oldest(&mut self) -> Result<Option<usize>> {
         self.advance()?;
-        let Some(Request { stage: Stage::Sent { inner, slot }, copying, .. }) = self.queue.front() else {
+        let Some(Request { stage: Stage::Sent { inner, slot }, .. }) = self.queue.front() else {
             return Ok(None);
         };
-        if *copying {
-            // Its last bytes are not even in the slot: the inner comm cannot have sent them.
-            return Ok(None);
-        }
         let (inner, slot) = (*inner, *slot);
         let Some(size) = self.inner.test(inner)? else { return Ok(None) };
         let done = self.queue.pop_front().expect("front request");

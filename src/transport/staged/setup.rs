@@ -33,21 +33,7 @@ impl StagingParams {
         self.tuning.streams.max(1) as usize
     }
 
-    /// Sub-copy size of pipelined staging; 0 copies chunks whole.
-    pub(super) fn pipeline(&self) -> usize {
-        self.tuning.pipeline as usize
-    }
-
     pub(super) fn validate(&self) -> Result<()> {
-        if !crate::config::valid_staging_pipeline(self.tuning.pipeline) {
-            let range = crate::config::STAGING_PIPELINE_RANGE;
-            return Err(Error::invalid(format!(
-                "staging sub-copies (UCCL_TCPX_STAGING_PIPELINE) are 0 (whole-chunk copies) or {}..={} bytes, not {}",
-                range.start(),
-                range.end(),
-                self.tuning.pipeline
-            )));
-        }
         let max_slot = crate::config::MAX_CHUNK_SIZE as usize;
         if self.slot_size == 0 || self.slot_size > max_slot || self.slots == 0 || self.slots > crate::config::MAX_WINDOW
         {
@@ -89,26 +75,12 @@ pub(crate) struct Setup {
     /// Copies queued and not yet seen finished, over every comm of this net: nothing signals a
     /// finished copy, so the progress thread polls while any is in flight.
     pub(super) copies_in_flight: Arc<AtomicUsize>,
-    /// Receives copied out in parts whose inner receive has not completed, over every comm of this
-    /// net: nothing signals that more of one landed, so the progress thread looks now and then.
-    pub(super) receives_watched: Arc<AtomicUsize>,
     /// The engine's GPU once it names one (`Net::set_gpu`): comms made from then on make their
     /// ring for it as they are made.
     pub(super) gpu: Arc<OnceLock<Arc<crate::cuda::Gpu>>>,
 }
 
 impl Setup {
-    /// A receive copied out in parts began (`+1`) or stopped (`-n`) waiting for its bytes.
-    pub(super) fn watched_changed(&self, began: bool, n: usize) {
-        if n > 0 {
-            if began {
-                self.receives_watched.fetch_add(n, Ordering::Relaxed);
-            } else {
-                self.receives_watched.fetch_sub(n, Ordering::Relaxed);
-            }
-        }
-    }
-
     /// A copy was queued (`+1`) or seen finished or abandoned (`-n`).
     pub(super) fn copies_changed(&self, queued: bool, n: usize) {
         if n > 0 {

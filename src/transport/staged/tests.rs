@@ -226,73 +226,6 @@ fn vectored_host_requests_pass_through_to_the_inner_comm() {
     assert!(dst[..100].iter().chain(&dst[20_100..30_000]).all(|&b| b == 0), "gaps untouched");
 }
 
-/// A receive comm that only counts how often it was asked to track landed bytes.
-struct Asked(Arc<std::sync::atomic::AtomicUsize>);
-
-impl RecvComm for Asked {
-    fn reg_mr(&mut self, _addr: usize, _len: usize, _kind: MemKind) -> crate::error::Result<MrHandle> {
-        Ok(MrHandle::NONE)
-    }
-    fn dereg_mr(&mut self, _mr: MrHandle) {}
-    unsafe fn irecv(&mut self, _data: *mut u8, _len: usize, _mr: MrHandle) -> crate::error::Result<Option<RequestId>> {
-        Ok(None)
-    }
-    fn test(&mut self, _req: RequestId) -> crate::error::Result<Option<usize>> {
-        Ok(None)
-    }
-    fn irecv_consumed(&mut self, _req: RequestId) -> crate::error::Result<()> {
-        Ok(())
-    }
-    fn track_landed(&mut self) -> bool {
-        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        true
-    }
-}
-
-/// Tracking landed bytes costs the inner comm every piece it receives, and only a receive copied
-/// out in parts reads them: a staged receive comm asks for it with pipelining on, and only then.
-#[test]
-fn only_a_pipelined_receive_comm_asks_its_inner_comm_to_track_landed_bytes() {
-    for (pipeline, asks) in [(0u32, 0usize), (64 << 10, 1)] {
-        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let tuning = crate::config::StagingConfig { pipeline, ..Default::default() };
-        let setup = setup::Setup {
-            params: StagingParams { tuning, ..StagingParams::new(1 << 20, 4) },
-            max_requests: 16,
-            copies_in_flight: Arc::default(),
-            receives_watched: Arc::default(),
-            gpu: Arc::default(),
-        };
-        drop(StagedRecvComm::new(Box::new(Asked(asked.clone())), setup));
-        assert_eq!(asked.load(std::sync::atomic::Ordering::Relaxed), asks, "pipeline {pipeline}");
-    }
-}
-
-/// With pipelining on, the inner socket comm tracks landed bytes: host messages through the staged
-/// net, more than its 16 request slots of them and of changing sizes (so that each slot's bitmap is
-/// begun again after a longer request), still arrive intact.
-#[test]
-fn host_messages_pass_through_a_pipelined_net_intact() {
-    let socket: Arc<dyn Net> = Arc::new(loopback_socket_net());
-    let tuning = crate::config::StagingConfig { pipeline: 16 << 10, ..Default::default() };
-    let net = StagedNet::wrap(socket, StagingParams { tuning, ..StagingParams::new(64 << 10, 4) }).unwrap();
-    let (mut tx, mut rx) = pair(&*net);
-    for i in 0..40usize {
-        // Each slot holds long, short, long: 200 KiB + i, then i + 1 bytes.
-        let len = if (i / 16) % 2 == 0 { (200 << 10) + i } else { i + 1 };
-        let msg: Vec<u8> = (0..len).map(|j| (i * 7 + j * 3) as u8).collect();
-        let mut got = vec![0u8; len];
-        // SAFETY: got and msg outlive both requests, tested to completion below.
-        let r = unsafe { rx.irecv(got.as_mut_ptr(), len, MrHandle::NONE) }.unwrap().unwrap();
-        // SAFETY: as above.
-        let s = unsafe { tx.isend(msg.as_ptr(), len, MrHandle::NONE) }.unwrap().unwrap();
-        assert_eq!(until(|| tx.test(s)).unwrap(), len);
-        assert_eq!(until(|| rx.test(r)).unwrap(), len, "message {i}");
-        rx.irecv_consumed(r).unwrap();
-        assert!(got == msg, "message {i} arrived intact");
-    }
-}
-
 /// The ring's host range is written back from the caches by the inner receive comm (with the
 /// knob on), and not with the knob off.
 #[test]
@@ -309,7 +242,6 @@ fn the_rings_range_is_written_back_with_the_knob_on() {
             params: StagingParams { tuning, ..StagingParams::new(1 << 20, 4) },
             max_requests: 16,
             copies_in_flight: Arc::default(),
-            receives_watched: Arc::default(),
             gpu: Arc::default(),
         });
         staging.register_ring_range(&mut rx, slots.as_mut_ptr() as usize, len).unwrap();
