@@ -44,8 +44,8 @@ pub use config::{
     ChannelTransport, Cidr, Config, LocalPeers, SocketConfig, StagingConfig, StagingGather, TransportChoice,
     init_logging,
 };
+pub use engine::locality::Locality;
 pub use engine::notify::{Notification, drain as drain_notifications};
-pub use engine::same_host::Locality;
 pub use engine::stats::{ConnStats, LinkTotals, LinkWay, Moved};
 pub use engine::{Connection, Engine, HostPath, OneSided, PeerInfo};
 pub use error::{Error, Result, UcclStatus};

@@ -170,6 +170,37 @@ fn the_same_host_wing_and_the_network_path_meet_only_at_the_seam() {
     assert!(!wing.is_empty(), "the scan no longer sees the connection state own the sub-state");
 }
 
+/// Where a peer runs (`Locality`, `LocalLink`) is the engine's answer, which the route, the
+/// connection and the crate root read as well as the same-host wing that proves it: it sits in
+/// `engine/locality.rs`, which imports nothing of the engine, and those readers take it from there,
+/// not from the wing. The route and the crate root name nothing of the wing at all.
+#[test]
+fn where_a_peer_runs_is_read_from_its_own_module_not_the_wing() {
+    let graph = Graph::of_crate(&root().join("src"));
+    let from_locality: Vec<&str> = graph
+        .edges()
+        .filter(|(from, to)| *from == "engine/locality.rs" && to.starts_with("engine/"))
+        .map(|(_, to)| to)
+        .collect();
+    assert!(from_locality.is_empty(), "engine/locality.rs imports from the engine: {from_locality:?}");
+    let readers: BTreeSet<&str> =
+        graph.edges().filter(|(_, to)| *to == "engine/locality.rs").map(|(from, _)| from).collect();
+    for reader in ["engine/route.rs", "engine/conn/mod.rs", "engine/same_host/registry.rs"] {
+        assert!(readers.contains(reader), "the scan no longer sees {reader} read engine/locality.rs: {readers:?}");
+    }
+    let into_wing: Vec<String> = graph
+        .edges()
+        .filter(|(from, to)| *from == "engine/route.rs" && to.starts_with("engine/same_host/"))
+        .map(|(from, to)| format!("{from} -> {to}"))
+        .collect();
+    assert!(into_wing.is_empty(), "the route reaches into the same-host wing:\n{}", into_wing.join("\n"));
+    // The crate root's re-exports are no edges of the graph (nothing in lib.rs uses them): read
+    // the root's own words.
+    let lib = std::fs::read_to_string(root().join("src/lib.rs")).unwrap();
+    assert!(lib.contains("pub use engine::locality::Locality;"), "lib.rs re-exports Locality from elsewhere");
+    assert!(!lib.contains("same_host"), "lib.rs names the same-host wing");
+}
+
 /// The scanner sees what it must: a cycle and an upward import planted in a small tree are found.
 #[test]
 fn the_scanner_finds_planted_cycles_and_follows_re_exports() {

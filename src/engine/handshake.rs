@@ -27,9 +27,10 @@ use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use super::channel::{Channel, Windows};
+use super::locality::LocalLink;
 use super::plan::{Chunking, Cut};
 use super::route::{Route, Routes};
-use super::same_host::{self, LocalLink, PendingHello};
+use super::same_host::{self, PendingHello};
 use super::shared::EngineCore;
 use crate::config::ChannelTransport;
 use crate::error::{Error, Result, UcclStatus};

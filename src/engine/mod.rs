@@ -10,6 +10,7 @@ mod control_rx;
 mod dial;
 mod fd_limit;
 mod handshake;
+pub mod locality;
 mod mapping;
 pub mod notify;
 mod one_sided;

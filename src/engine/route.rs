@@ -21,7 +21,7 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 
-use super::same_host::Locality;
+use super::locality::Locality;
 use crate::config::LocalPeers;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::CAP_LOCAL_PEERS_ON_SOCKETS;

@@ -15,9 +15,9 @@ use super::turn::{Batch, InTurn, Take};
 use super::vector::{Grouper, Push, Run, RunKey};
 
 use super::{Connection, Held, Inner, OneSided};
+use crate::engine::locality::Locality;
 use crate::engine::plan::{Chunking, Extent};
 use crate::engine::region::{Region, check_range};
-use crate::engine::same_host::Locality;
 use crate::engine::same_host::device_copy::DevicePath;
 use crate::engine::same_host::local_copy::LocalCopy;
 use crate::engine::transfer::Transfer;

@@ -9,12 +9,13 @@ use parking_lot::MutexGuard;
 
 use super::state::{Action, ConnState};
 use super::{Connection, Inner};
+use crate::engine::locality::LocalLink;
+use crate::engine::same_host::PeerProcess;
 use crate::engine::same_host::host_copy::HostWork;
 use crate::engine::same_host::host_worker::{HostCopy, HostServed};
 use crate::engine::same_host::ipc::IpcState;
 use crate::engine::same_host::seam::{Conn, Locked};
 use crate::engine::same_host::state::{CopyJob, SameHost};
-use crate::engine::same_host::{LocalLink, PeerProcess};
 use crate::engine::shared::EngineCore;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result};

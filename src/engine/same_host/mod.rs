@@ -10,7 +10,7 @@
 //!   `local_copy::LocalCopy`, `host_copy::HostWork`).
 //!
 //! The rest: who this engine is and whether a peer shares its host or process (`identity.rs`,
-//! `registry.rs`, below), the proof of a peer process and its handle (`proof.rs`, `peers.rs`,
+//! `registry.rs`; the answer, `Locality`, is the engine's: `engine/locality.rs`), the proof of a peer process and its handle (`proof.rs`, `peers.rs`,
 //! `process.rs`), host copies between processes (`host_worker.rs`, `host_copy.rs`, `host_job.rs`,
 //! `copiers.rs`), GPU copies over CUDA IPC (`device_copy.rs`, `ipc.rs`), host copies within the
 //! process (`local_copy.rs`).
@@ -47,42 +47,5 @@ pub(crate) use process::{PIECE_BYTES, PeerProcess, pieces};
 pub(crate) use proof::{Refusal, prove};
 pub(crate) use registry::{PendingHello, accepted_locality, peer_connection, register_connection};
 pub use state::HostPath;
-
-use crate::proto::HostIdentity;
-
-/// Where a connection's peer runs, as far as the engine can prove it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Locality {
-    /// Another host or network namespace, or a peer (or this engine) that announces no identity.
-    #[default]
-    Remote,
-    /// Another process of this host and network namespace.
-    SameHost,
-    /// An engine of this process.
-    SameProcess,
-}
-
-impl Locality {
-    pub fn is_local(self) -> bool {
-        self != Locality::Remote
-    }
-
-    /// What the identities alone say, before the in-process proof.
-    fn from_identities(ours: &HostIdentity, theirs: &HostIdentity) -> Locality {
-        if ours.same_host(theirs) { Locality::SameHost } else { Locality::Remote }
-    }
-}
-
-/// A connection's key in the in-process table: the Hello nonce both ends share, and which end.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LocalLink {
-    pub locality: Locality,
-    pub nonce: u64,
-    pub connector: bool,
-}
-
-impl LocalLink {
-    pub fn remote() -> LocalLink {
-        LocalLink { locality: Locality::Remote, nonce: 0, connector: false }
-    }
-}
+// Where a peer runs is the engine's to say (`engine/locality.rs`); the wing's files read it here.
+pub(crate) use super::locality::{LocalLink, Locality};
