@@ -14,6 +14,7 @@ pub mod locality;
 mod mapping;
 pub mod notify;
 mod one_sided;
+mod path;
 mod plan;
 mod progress;
 pub mod region;

@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 use super::reader;
 use super::state::{
     Action, ConnState, Direction, MAX_INLINE_ONE_SIDED, Memory, OneSidedItem, OneSidedRequest, SendItem, VectorRequest,
-    inline_limit,
 };
 use super::turn::{Batch, InTurn, Take};
 use super::vector::{Grouper, Push, Run, RunKey};
 
 use super::{Connection, Held, Inner, OneSided};
 use crate::engine::locality::Locality;
+use crate::engine::path::{self, Path};
 use crate::engine::plan::{Chunking, Extent};
 use crate::engine::region::{Region, check_range};
 use crate::engine::same_host::device_copy::DevicePath;
@@ -24,7 +24,7 @@ use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Capability, Control, MAX_INLINE_SEND_BACKLOG, RemoteSeg};
 use crate::trace::{self, SeenBy as Seer, clock_ns};
-use crate::transport::IoSeg;
+use crate::transport::{IoSeg, MemKind};
 
 /// How long a caller waiting on its chunks parks before it looks again unwoken (a safety net: a
 /// completion or the transfer's end unparks it).
@@ -101,21 +101,28 @@ impl Connection {
         for run in &runs {
             requests.extend(run.requests(ops));
         }
-        if let Some(done) = self.try_local_one_sided(&requests, write) {
-            return done;
-        }
-        if let Some(done) = self.try_device_one_sided(&requests, write, posted) {
-            return done;
+        let local_host = requests.iter().all(|r| r.local_region().kind == MemKind::Host);
+        let call = path::Call { locality: self.link.locality, local_peers: self.core.config.local_peers, local_host };
+        for path in path::call_paths(call) {
+            // Each same-host path declines (None) what it cannot carry; the connection takes the rest.
+            let done = match path {
+                Path::SameProcess => self.try_local_one_sided(&requests, write),
+                Path::SameHostGpu => self.try_device_one_sided(&requests, write, posted),
+                _ => break,
+            };
+            if let Some(done) = done {
+                return done;
+            }
         }
         if write {
             let mem = self.memory();
-            let inline_max = super::inline_max(&self.core.config, self.link.locality);
+            let inline_max = path::inline_max(&self.core.config, self.link.locality);
             // The state keeps at most this many inline bytes unanswered and sends the rest as
             // requests, so a call of many items reads no more than that.
             let mut inline_left = MAX_INLINE_ONE_SIDED;
             for request in requests.iter_mut() {
                 if let OneSidedRequest::Item(item) = request
-                    && item.len <= inline_limit(inline_max, item.region.kind).min(inline_left)
+                    && path::reads_payload(item.len, item.region.kind, inline_max, inline_left)
                 {
                     inline_left -= item.len;
                     // SAFETY: the range was checked to lie in this live registration.
@@ -247,7 +254,7 @@ impl Connection {
     /// Each `(mr, addr, len)` is one message, matched by one receive the peer posts.
     pub fn send(&self, msgs: &[(u64, usize, usize)]) -> Result<u64> {
         let mem = self.memory();
-        let inline_max = super::inline_max(&self.core.config, self.link.locality);
+        let inline_max = path::inline_max(&self.core.config, self.link.locality);
         // The state sends at most this many bytes of unanswered messages inline and announces the
         // rest, so a call of many messages copies no more than that.
         let mut inline_left = MAX_INLINE_SEND_BACKLOG;
@@ -258,7 +265,7 @@ impl Connection {
             // Up to the engine's inline bound, as one-sided transfers: on a small host an eager
             // message's hops (a helper at each end, the Done) cost more than an inline one's copies
             // (one at each end, two more where it arrives before its receive).
-            let payload = if len as u64 <= inline_limit(inline_max, region.kind).min(inline_left) {
+            let payload = if path::reads_payload(len as u64, region.kind, inline_max, inline_left) {
                 inline_left -= len as u64;
                 // SAFETY: `regions.local` checked that the range lies in a live registration.
                 Some(unsafe { mem.load(&region, addr, len) }.map_err(|e| e.context(format!("send item {i}")))?)

@@ -170,15 +170,6 @@ pub struct Connection {
     stats: Arc<StatsCell>,
 }
 
-/// The longest host-memory transfer a connection sends inline: the engine's bound toward other
-/// hosts, the floor toward this host's processes (whose larger transfers take the direct copy).
-fn inline_max(config: &crate::config::Config, locality: Locality) -> u64 {
-    match locality {
-        Locality::Remote => config.inline_max.into(),
-        Locality::SameHost | Locality::SameProcess => crate::proto::INLINE_LEN_FLOOR as u64,
-    }
-}
-
 impl Connection {
     /// This connection's lock and its in-process peer's, taken in one order by both ends (the
     /// connector's first), so two engines copying toward each other at once cannot deadlock.
@@ -216,7 +207,7 @@ impl Connection {
         let ipc = IpcState::new(trace::on(trace::DEVICE).then_some(tag));
         let device_batches = ipc.in_flight();
         let mut state = ConnState::new(chunking, Instant::now());
-        state.set_inline_max(inline_max(&core.config, link.locality));
+        state.set_inline_max(super::path::inline_max(&core.config, link.locality));
         let landing = match chunking.cut {
             Cut::Spanning => Some(LandingMemory::new(&core.regions)?),
             Cut::PerSegment => None,

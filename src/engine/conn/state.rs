@@ -27,6 +27,7 @@ mod seam;
 
 use super::landing::Landings;
 pub(super) use crate::engine::one_sided::{OneSidedItem, OneSidedRequest, VectorRequest};
+use crate::engine::path::{self, Path};
 use crate::engine::plan::{Chunking, Extent, chunk_count};
 use crate::engine::region::Region;
 use crate::engine::same_host::state::SameHost;
@@ -111,16 +112,6 @@ pub(super) trait Memory {
     /// # Safety
     /// `[addr, addr + len)` lies inside `region`, which is live.
     unsafe fn load(&self, region: &Region, addr: usize, len: usize) -> Result<Vec<u8>>;
-}
-
-/// The longest transfer from or to memory of `kind` that goes inline when an engine inlines host
-/// memory up to `max`: device memory stays at the floor, each inline byte of it is a synchronous
-/// copy through a small bounce buffer.
-pub(super) fn inline_limit(max: u64, kind: MemKind) -> u64 {
-    match kind {
-        MemKind::Host => max,
-        MemKind::Cuda { .. } => INLINE_LEN_FLOOR as u64,
-    }
 }
 
 /// One message of a caller's send.
@@ -444,10 +435,7 @@ impl ConnState {
         }))?;
         // Processes of one host copy host memory directly (`same_host/state.rs`); the target still
         // decides.
-        let direct = requests.iter().all(|r| match r {
-            OneSidedRequest::Item(item) => item.region.kind == MemKind::Host,
-            OneSidedRequest::Vector(vector) => vector.region.kind == MemKind::Host,
-        });
+        let direct = requests.iter().all(|r| r.local_region().kind == MemKind::Host);
         // The requests go out together, ahead of the flows: the peer can start on them while
         // this end cuts the chunks.
         let mut flows = Vec::new();
@@ -491,18 +479,23 @@ impl ConnState {
     ) -> (Control, bool, bool) {
         let id = self.take_id();
         let OneSidedItem { region, addr: local, len, remote_region, token, remote_addr: addr, payload } = item;
-        // Small transfers ride the control stream: one round trip instead of a request, a grant
-        // and a channel hop (for device memory also instead of two staged copies), while the
-        // inline bytes in flight stay bounded. A write goes inline only with its payload read.
-        let inline = len <= inline_limit(self.inline_max, region.kind)
-            && self.inline_one_sided + len <= MAX_INLINE_ONE_SIDED
-            && (payload.is_some() || !write);
+        // A write goes inline only with its payload read.
+        let path = path::request_path(path::Request {
+            len,
+            kind: region.kind,
+            inline_max: self.inline_max,
+            inline_left: MAX_INLINE_ONE_SIDED.saturating_sub(self.inline_one_sided),
+            item: true,
+            payload: payload.is_some() || !write,
+            host_copy: direct,
+        });
+        let inline = path == Path::Inline;
         if inline {
             self.inline_one_sided += len;
         }
         let extent = Extent::Contiguous { addr: local, len };
-        let direct = match u32::try_from(len) {
-            Ok(seg_len) if direct && !inline => {
+        let direct = match (path, u32::try_from(len)) {
+            (Path::SameHostHostCopy, Ok(seg_len)) => {
                 let seg = RemoteSeg { addr, len: seg_len };
                 self.same_host_request((id, write), (&extent, &region), (remote_region, token), &[seg], flows)
             }
@@ -540,7 +533,17 @@ impl ConnState {
     ) -> (Control, bool) {
         let id = self.take_id();
         let VectorRequest { region, local: extent, remote_region, token, segs } = vector;
-        let direct = if direct {
+        let len = segs.iter().map(|s| u64::from(s.len)).sum();
+        let path = path::request_path(path::Request {
+            len,
+            kind: region.kind,
+            inline_max: self.inline_max,
+            inline_left: 0,
+            item: false,
+            payload: true,
+            host_copy: direct,
+        });
+        let direct = if path == Path::SameHostHostCopy {
             self.same_host_request((id, write), (&extent, &region), (remote_region, token), &segs, flows)
         } else {
             None

@@ -11,6 +11,7 @@ use super::super::vector::{Grouper, Push, REQUEST_SEGMENTS, RunKey};
 use super::*;
 use crate::config::Config;
 use crate::engine::conn::landing::LandingMemory;
+use crate::engine::path::inline_limit;
 use crate::engine::plan::{self, Cut};
 use crate::engine::region::RegionTable;
 use crate::engine::same_host::PeerProcess;
