@@ -201,6 +201,57 @@ fn where_a_peer_runs_is_read_from_its_own_module_not_the_wing() {
     assert!(!lib.contains("same_host"), "lib.rs names the same-host wing");
 }
 
+/// The engine asks `transport/open.rs` for a transport and gets a `Net`: no other file names the
+/// concrete ones (`SocketNet`, `PluginNet`, `StagedNet`) or reaches into their modules, but the
+/// implementations themselves and tests, which build them by hand.
+#[test]
+fn only_the_transport_opener_names_the_concrete_transports() {
+    const CONCRETE: [&str; 3] = ["socket", "plugin", "staged"];
+    fn scan(dir: &Path, src: &Path, out: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let rel = path.strip_prefix(src).unwrap().to_string_lossy().replace('\\', "/");
+            if path.is_dir() {
+                let inside = CONCRETE.iter().any(|c| rel == format!("transport/{c}"));
+                if !inside && !rel.ends_with("/tests") {
+                    scan(&path, src, out);
+                }
+                continue;
+            }
+            let exempt = ["transport/open.rs", "transport/testutil.rs"].contains(&rel.as_str())
+                || rel.ends_with("/tests.rs")
+                || rel.ends_with("_tests.rs");
+            if exempt || path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            // A file's own test module comes last; what it builds by hand is no route of the engine's.
+            let code = text.find("\n#[cfg(test)]\nmod ").map_or(text.as_str(), |at| &text[..at]);
+            let toks = lex(code);
+            for (i, tok) in toks.iter().enumerate() {
+                let Tok::Ident(word) = tok else { continue };
+                let named = ["SocketNet", "PluginNet", "StagedNet"].contains(&word.as_str())
+                    || (word == "transport"
+                        && toks.get(i + 1) == Some(&Tok::Sep)
+                        && matches!(toks.get(i + 2), Some(Tok::Ident(m)) if CONCRETE.contains(&m.as_str())));
+                if named {
+                    out.push(format!("{rel}: {word}"));
+                }
+            }
+        }
+    }
+    let src = root().join("src");
+    let mut naming = Vec::new();
+    scan(&src, &src, &mut naming);
+    assert!(
+        naming.is_empty(),
+        "files other than transport/open.rs that name a concrete transport:\n{}",
+        naming.join("\n")
+    );
+    let open = std::fs::read_to_string(src.join("transport/open.rs")).unwrap();
+    assert!(["SocketNet", "PluginNet", "StagedNet"].iter().all(|n| open.contains(n)), "the scan lost its anchor");
+}
+
 /// The scanner sees what it must: a cycle and an upward import planted in a small tree are found.
 #[test]
 fn the_scanner_finds_planted_cycles_and_follows_re_exports() {

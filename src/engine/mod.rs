@@ -39,16 +39,13 @@ pub use notify::Notification;
 #[doc(hidden)]
 pub use region::collapses_settled;
 
-use crate::config::{ChannelTransport, Config, TransportChoice};
+use crate::config::Config;
 use crate::cuda::Gpu;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{AuthKey, FifoItem, IpcInfo};
 use crate::sys::iface;
 use crate::threads::{ThreadKind, spawn_contained};
-use crate::transport::plugin::PluginNet;
-use crate::transport::socket::SocketNet;
-use crate::transport::staged::{StagedNet, StagingParams};
-use crate::transport::{MemKind, Net};
+use crate::transport::{MemKind, open};
 use admission::AcceptQueue;
 use control_reactor::ControlReactor;
 use progress::{ConnList, IdleWait, ProgressThread};
@@ -91,17 +88,14 @@ impl Engine {
         let waker = Arc::new(Waker::default());
         let wake_from_io = waker.clone();
         let wake: crate::transport::Wake = Arc::new(move || wake_from_io.io_done());
-        let (selected, kind) = select_net(&config, ip, bind, wake.clone())?;
+        let (net, kind) = open::engine_net(&config, ip, bind, wake.clone())?;
         let num_channels = config.channels_for(kind);
-        let net = StagedNet::wrap(selected, StagingParams::from_config(&config))?;
         gpu.tell(&*net);
         gpu.build_unpack_kernel(&*net);
         let routes = {
             let config = config.clone();
             let local_peers = config.local_peers;
-            let make_local: route::MakeNet = Box::new(move || {
-                StagedNet::wrap(socket_net(&config, ip, bind, wake.clone())?, StagingParams::from_config(&config))
-            });
+            let make_local: route::MakeNet = Box::new(move || open::local_peers_net(&config, ip, bind, wake.clone()));
             Arc::new(Routes::new(net.clone(), local_peers, make_local))
         };
         let config_key = config.auth_key.clone().map(Arc::new);
@@ -403,51 +397,6 @@ fn wait_for_device_copies(region: &region::Region, deadline: Instant) {
         }
         std::thread::sleep(std::time::Duration::from_micros(50));
     }
-}
-
-/// The transport `UCCL_TCPX_TRANSPORT` asks for, and its kind (whose defaults the engine's
-/// channels take): auto falls back from the plugin to sockets with a warning saying why; tcpx
-/// makes a plugin failure an engine-creation error.
-fn select_net(
-    config: &Config,
-    ip: IpAddr,
-    bind: IpAddr,
-    wake: crate::transport::Wake,
-) -> Result<(Arc<dyn Net>, ChannelTransport)> {
-    let socket = || Ok((socket_net(config, ip, bind, wake.clone())?, ChannelTransport::Socket));
-    let plugin = |net: PluginNet| (Arc::new(net) as Arc<dyn Net>, ChannelTransport::Plugin);
-    // Channels pair with the devices next to the GPU once the engine names it (`Net::set_gpu`).
-    let gpu_pci_path = None;
-    match config.transport {
-        TransportChoice::Socket => socket(),
-        TransportChoice::Tcpx => match PluginNet::open(config, gpu_pci_path) {
-            Ok(net) => Ok(plugin(net)),
-            Err(e) => Err(e.context("UCCL_TCPX_TRANSPORT=tcpx")),
-        },
-        TransportChoice::Auto => match PluginNet::open(config, gpu_pci_path) {
-            Ok(net) => Ok(plugin(net)),
-            Err(e) => {
-                log::warn!("using the built-in socket transport: {}", e.message());
-                socket()
-            }
-        },
-    }
-}
-
-/// The built-in socket transport with the engine's parameters: the engine's transport, or a plugin
-/// engine's for peers on its own host. Its data links are looked up here, so an interface list
-/// that names nothing fails the engine's creation.
-fn socket_net(config: &Config, ip: IpAddr, bind: IpAddr, wake: crate::transport::Wake) -> Result<Arc<dyn Net>> {
-    let net = SocketNet::new(ip, config.connect_timeout, config.timeout, wake)
-        .with_options(config.socket.clone())
-        .with_bind(bind);
-    let Some(spec) = &config.socket.data_ifname else { return Ok(Arc::new(net)) };
-    let links = iface::select(&iface::IfaceSpec::parse(spec).map_err(|e| e.context("UCCL_TCPX_SOCKET_IFNAME"))?)?;
-    log::info!(
-        "data sockets run over {}",
-        links.iter().map(|(name, addr)| format!("{name} ({addr})")).collect::<Vec<_>>().join(", ")
-    );
-    Ok(Arc::new(net.with_data_links(links.into_iter().map(|(_, addr)| addr).collect())))
 }
 
 /// The connector's side: control stream, Hello, channels. A failure after Hello is also told to

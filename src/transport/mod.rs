@@ -17,6 +17,7 @@
 //!   the others anywhere in the same engine region (whose windows the engine registers), since a
 //!   chunk of blocks scattered over a larger region spans several windows.
 
+pub mod open;
 pub mod plugin;
 pub mod socket;
 pub mod staged;
