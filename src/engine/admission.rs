@@ -327,7 +327,7 @@ pub(super) fn accept_loop(
         accepted.break_with(Error::io("control listener", e));
         return;
     }
-    let transport = core.net.name();
+    let transport = core.net.caps().name;
     let handshakes = Arc::new(AtomicUsize::new(0));
     let mut pending: Vec<Pending> = Vec::new();
     let mut fds: Vec<libc::pollfd> = Vec::new();
@@ -500,7 +500,7 @@ fn serve_admitted(
         gpu_index: agreed.peer_gpu_index,
         gpu_id: agreed.peer_gpu_id,
         locality: agreed.link.locality,
-        channels: agreed.net.name(),
+        channels: agreed.net.caps().name,
     };
     let binding = session.map(|s| s.token_binding());
     let bound_gpu = core.gpu.bound_by(&*agreed.net);

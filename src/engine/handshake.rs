@@ -61,7 +61,7 @@ pub struct Agreement {
 
 /// The capabilities this engine's transport gives it.
 fn capabilities(net: &dyn Net) -> u64 {
-    if net.vectored() { CAP_SPANNING_CHUNKS } else { 0 }
+    if net.caps().vectored { CAP_SPANNING_CHUNKS } else { 0 }
 }
 
 fn agreed_cut(net: &dyn Net, peer_capabilities: u64) -> Cut {
@@ -124,7 +124,7 @@ impl Listens {
 
     /// Listens on `net` for channels 1..n when each channel needs its own; returns their handles.
     fn open_rest(&mut self, net: &dyn Net, n: usize) -> Result<&[NetHandle]> {
-        if net.listen_per_channel() {
+        if net.caps().listen_per_channel {
             for ch in self.comms.len()..n {
                 let (handle, comm) = net.listen(net.channel_device(ch))?;
                 self.handles.push(handle);
@@ -228,7 +228,7 @@ pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, listens
         gpu_index: local.gpu_index,
         gpu_id: local.gpu_id.to_owned(),
         requested_gpu: requested_gpu.to_owned(),
-        transport: local.net.name().to_owned(),
+        transport: local.net.caps().name.to_owned(),
         net_handle,
         host: local.host,
     };
@@ -244,12 +244,12 @@ pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, listens
                     )),
                 ));
             }
-            if w.transport != local.net.name() {
+            if w.transport != local.net.caps().name {
                 return Err(refuse(
                     stream,
                     Error::new(
                         UcclStatus::ErrNotSupported,
-                        format!("peer uses transport {:?}, this engine {:?}", w.transport, local.net.name()),
+                        format!("peer uses transport {:?}, this engine {:?}", w.transport, local.net.caps().name),
                     ),
                 ));
             }
@@ -385,7 +385,7 @@ pub fn welcome(
         chunk_size: agreed.chunk_size,
         gpu_index: local.gpu_index,
         gpu_id: local.gpu_id.to_owned(),
-        transport: local.net.name().to_owned(),
+        transport: local.net.caps().name.to_owned(),
         net_handle,
         host: local.host,
     };
@@ -423,7 +423,7 @@ pub fn welcome(
 /// Handles each side sends after Hello / Welcome: one per channel beyond the first, when each
 /// channel has its own listen on `net`.
 fn extra_handles(net: &dyn Net, n: usize) -> usize {
-    if net.listen_per_channel() { n.saturating_sub(1) } else { 0 }
+    if net.caps().listen_per_channel { n.saturating_sub(1) } else { 0 }
 }
 
 impl Agreement {
@@ -470,7 +470,7 @@ pub fn establish_channels(
     if handles.len() != n {
         return Err(Error::backend(format!("internal: {} peer handles for {n} channels", handles.len())));
     }
-    let shared_listen = !net.listen_per_channel();
+    let shared_listen = !net.caps().listen_per_channel;
     if !shared_listen && listens.comms.len() != n {
         return Err(Error::backend(format!("internal: {} listens for {n} channels", listens.comms.len())));
     }
@@ -566,7 +566,7 @@ pub fn establish_channels(
         }
     }
     let window = local.window.min(net.properties(0)?.max_requests);
-    let windows = Windows::new(net.max_registration());
+    let windows = Windows::new(net.caps().max_registration);
     Ok(sends
         .into_iter()
         .zip(recvs)

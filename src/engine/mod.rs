@@ -144,7 +144,7 @@ impl Engine {
             )
             .map_err(|e| Error::io("spawn accept thread", e))?
         };
-        log::info!("engine listening on {ip}:{port} ({} transport)", core.net.name());
+        log::info!("engine listening on {ip}:{port} ({} transport)", core.net.caps().name);
         Ok(Engine {
             core,
             conns,
@@ -159,7 +159,7 @@ impl Engine {
 
     /// The transport moving this engine's data: "socket" or the net plugin's name.
     pub fn transport(&self) -> &'static str {
-        self.core.net.name()
+        self.core.net.caps().name
     }
 
     /// The data channels this engine offers a connection (`UCCL_TCPX_NUM_CHANNELS`, else its
@@ -439,7 +439,7 @@ fn connect_to(
         gpu_index: agreed.peer_gpu_index,
         gpu_id: agreed.peer_gpu_id,
         locality: agreed.link.locality,
-        channels: agreed.net.name(),
+        channels: agreed.net.caps().name,
     };
     let binding = session.map(|s| s.token_binding());
     let bound_gpu = core.gpu.bound_by(&*agreed.net);

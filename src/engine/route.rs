@@ -67,7 +67,13 @@ impl Routes {
     /// not (`same_kernel`); the peer, deciding from the same two facts, takes the same one or refuses
     /// with the same reason.
     pub fn decide(&self, same_kernel: bool, peer_capabilities: u64) -> Result<Route> {
-        decide(self.main.reaches_own_host(), self.main.name(), self.capabilities(), peer_capabilities, same_kernel)
+        decide(
+            self.main.caps().reaches_own_host,
+            self.main.caps().name,
+            self.capabilities(),
+            peer_capabilities,
+            same_kernel,
+        )
     }
 
     /// The transport of `route`, made now if it is the first same-host connection.
@@ -100,14 +106,14 @@ impl Routes {
 
     /// Says once per connection which transport its channels use.
     pub fn log_choice(&self, peer: SocketAddr, route: Route, locality: Locality) {
-        let name = self.main.name();
+        let name = self.main.caps().name;
         match route {
             Route::LocalSockets => log::info!(
                 "the peer at {peer} runs on this machine ({}): its channels use the built-in socket transport, not \
                  the {name} net plugin (traffic between two ends of one machine never reaches the NIC)",
                 if locality.is_local() { "this network namespace" } else { "another network namespace" }
             ),
-            Route::Transport if locality.is_local() && !self.main.reaches_own_host() => log::info!(
+            Route::Transport if locality.is_local() && !self.main.caps().reaches_own_host => log::info!(
                 "the peer at {peer} shares this host and its channels use the {name} net plugin, as \
                  UCCL_TCPX_LOCAL_PEERS=plugin asks (for tests against the fake NIC on one host only)"
             ),

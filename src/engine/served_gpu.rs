@@ -94,7 +94,7 @@ impl ServedGpu {
 
     /// The GPU `net`'s comms are bound to: the engine's, where `net` binds comms to a GPU.
     pub fn bound_by(&self, net: &dyn Net) -> Option<i32> {
-        net.binds_gpu().then(|| self.get().map(|gpu| gpu.ordinal())).flatten()
+        net.caps().binds_gpu.then(|| self.get().map(|gpu| gpu.ordinal())).flatten()
     }
 
     /// Tells `net` the GPU, when one is chosen (at creation, before any comm exists).
@@ -149,7 +149,7 @@ impl ServedGpu {
     /// 0), so no comm is ever bound to a GPU the engine does not serve; any other is told the GPU
     /// chosen so far.
     pub fn before_comms(&self, net: &dyn Net) -> Result<()> {
-        if !net.binds_gpu() {
+        if !net.caps().binds_gpu {
             // A transport made after the GPU was chosen (the socket transport of same-host peers)
             // learns it before its first comm, which stages through it.
             self.tell(net);
@@ -166,7 +166,7 @@ impl ServedGpu {
         log::warn!(
             "the {} transport binds comms to a GPU and this engine had none yet: it serves GPU {} ({}) from now \
              on; set UCCL_TCPX_GPU or make the GPU current when creating the engine to choose another",
-            net.name(),
+            net.caps().name,
             gpu.ordinal(),
             gpu.bus_id()
         );
@@ -182,7 +182,7 @@ impl ServedGpu {
     /// caller's thread is busy in the library only while the caller waits for it.
     pub fn build_unpack_kernel(&self, net: &dyn Net) {
         if let Some(gpu) = self.get()
-            && net.binds_gpu()
+            && net.caps().binds_gpu
         {
             cuda::segments::TileCopier::build(gpu);
         }

@@ -106,7 +106,7 @@ impl EngineCore {
                 if !self.net.properties(0)?.supports_cuda {
                     return Err(Error::new(
                         UcclStatus::ErrNotSupported,
-                        format!("the {} transport cannot move GPU memory", self.net.name()),
+                        format!("the {} transport cannot move GPU memory", self.net.caps().name),
                     ));
                 }
                 self.gpu.serve(ordinal, &*self.net)?;

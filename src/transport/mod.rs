@@ -17,6 +17,7 @@
 //!   the others anywhere in the same engine region (whose windows the engine registers), since a
 //!   chunk of blocks scattered over a larger region spans several windows.
 
+pub mod caps;
 pub mod open;
 pub mod plugin;
 pub mod socket;
@@ -27,6 +28,7 @@ pub(crate) mod testutil;
 use std::net::IpAddr;
 
 use crate::error::Result;
+pub use caps::{Caps, Properties};
 
 /// Opaque bytes a listener hands to the connecting side out of band (NCCL's `NCCL_NET_HANDLE_MAXSIZE`).
 pub type NetHandle = [u8; crate::proto::NET_HANDLE_SIZE];
@@ -84,22 +86,9 @@ pub enum MemKind {
     Cuda { device: i32 },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Properties {
-    pub name: String,
-    /// sysfs PCI path of the device, used to pair GPUs with close NICs; None for virtual interfaces.
-    pub pci_path: Option<String>,
-    pub supports_host: bool,
-    pub supports_cuda: bool,
-    pub speed_mbps: u32,
-    /// Received data lands in a device bounce pool and must be gathered by an unpack kernel.
-    pub device_unpack: bool,
-    /// Maximum outstanding requests per comm, received-but-unconsumed included.
-    pub max_requests: usize,
-}
-
 pub trait Net: Send + Sync {
-    fn name(&self) -> &'static str;
+    /// What the transport is and can do, fixed when it was opened (`caps.rs`).
+    fn caps(&self) -> &Caps;
     fn devices(&self) -> usize;
     fn properties(&self, dev: usize) -> Result<Properties>;
     fn listen(&self, dev: usize) -> Result<(NetHandle, Box<dyn ListenComm>)>;
@@ -108,60 +97,22 @@ pub trait Net: Send + Sync {
     fn connect(&self, dev: usize, handle: &mut NetHandle) -> Result<Option<Box<dyn SendComm>>>;
     /// Whether requests progress only while polled (no completion wakes the engine), and some are
     /// outstanding: the progress thread then keeps polling instead of parking.
-    fn needs_polling(&self) -> bool {
-        false
-    }
+    fn needs_polling(&self) -> bool;
     /// Whether what needs polling includes device copies (a staged chunk's copy): their end is
     /// reported to no thread, and the GPU, not a thread of the process, moves them, so the
     /// progress thread may poll them without leaving its core to anyone.
-    fn polls_device_copies(&self) -> bool {
-        false
-    }
-    /// The device channel `channel` of a connection listens and connects on.
-    fn channel_device(&self, _channel: usize) -> usize {
-        0
-    }
-    /// Whether a listen comm serves only one accept (TCPX), so every channel needs its own listen
-    /// and the peer one handle per channel.
-    fn listen_per_channel(&self) -> bool {
-        false
-    }
-    /// The largest `reg_mr` the comms take, in bytes; larger regions are registered in windows.
-    fn max_registration(&self) -> usize {
-        usize::MAX
-    }
-    /// Whether the transport binds its comms to the GPU current when they are made (TCPX does, at
-    /// listen, connect, accept and regMr), so that the engine must know its GPU before the first
-    /// listen or connect.
-    fn binds_gpu(&self) -> bool {
-        false
-    }
+    fn polls_device_copies(&self) -> bool;
+    /// The device channel `channel` of a connection listens and connects on (once the GPU is
+    /// known, a plugin's channels pair with the devices next to it).
+    fn channel_device(&self, channel: usize) -> usize;
     /// The GPU the engine serves, told once it is known (before any comm is made when it can be);
     /// transports that bind comms to a GPU make it current around those calls.
-    fn set_gpu(&self, _gpu: &std::sync::Arc<crate::cuda::Gpu>) {}
+    fn set_gpu(&self, gpu: &std::sync::Arc<crate::cuda::Gpu>);
     /// The address `connect` would dial for `handle`, when the transport can tell; `None` for handles
     /// it cannot read (a net plugin's are opaque).
-    fn handle_address(&self, _handle: &NetHandle) -> Option<IpAddr> {
-        None
-    }
+    fn handle_address(&self, handle: &NetHandle) -> Option<IpAddr>;
     /// Makes `connect` dial `ip` for `handle` instead of the address it names (same port).
-    fn set_handle_address(&self, _handle: &mut NetHandle, ip: IpAddr) -> Result<()> {
-        Err(crate::error::Error::new(
-            crate::error::UcclStatus::ErrNotSupported,
-            format!("the {} transport's handles name no address to replace with {ip}", self.name()),
-        ))
-    }
-    /// Whether two ends on one host can connect over it. TCPX cannot: traffic between them never
-    /// reaches the NIC, so nothing steers it into GPU memory, and its first receive ends the
-    /// process ("data landed on host memory").
-    fn reaches_own_host(&self) -> bool {
-        true
-    }
-    /// Whether the comms take vectored requests (`isendv` / `irecvv`) of any memory they move, in
-    /// one registration of any size.
-    fn vectored(&self) -> bool {
-        false
-    }
+    fn set_handle_address(&self, handle: &mut NetHandle, ip: IpAddr) -> Result<()>;
 }
 
 pub trait ListenComm: Send {

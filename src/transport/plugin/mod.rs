@@ -38,7 +38,7 @@ use self::gpu::PluginGpus;
 pub use self::loader::Plugin;
 use self::recv::PluginRecvComm;
 use self::unpack::UnpackView;
-use super::{ListenComm, Net, NetHandle, Properties, RecvComm, SendComm};
+use super::{Caps, ListenComm, Net, NetHandle, Properties, RecvComm, SendComm};
 use crate::config::Config;
 use crate::cuda::Gpu;
 use crate::error::{Error, Result};
@@ -64,6 +64,7 @@ struct PendingConnect {
 unsafe impl Send for PendingConnect {}
 
 pub struct PluginNet {
+    caps: Caps,
     plugin: Arc<Plugin>,
     /// `UCCL_TCPX_NET_DEVICES`, which overrides pairing with the GPU.
     explicit: Option<Vec<usize>>,
@@ -105,7 +106,25 @@ impl PluginNet {
         gpu_pci_path: Option<&str>,
     ) -> Result<PluginNet> {
         let unpaired = devices::channel_devices(explicit, &plugin.devices, None)?;
+        let caps = Caps {
+            name: plugin.name,
+            // TCPX serves one accept per listen comm.
+            listen_per_channel: true,
+            // ncclNet v7's `regMr` takes an `int` size (TCPX: `tcpxRegMr`).
+            max_registration: comm::MAX_REGISTRATION,
+            // TCPX binds every comm to the device current when it is made; where no CUDA driver
+            // exists there is no device to bind (the fake NIC in host mode, the mock plugin).
+            binds_gpu: crate::cuda::available()
+                && unpaired.iter().any(|&d| plugin.devices.get(d).is_some_and(|p| p.supports_cuda)),
+            // Loopback traffic never reaches the NIC; TCPX exits at its first devmem receive.
+            reaches_own_host: false,
+            // A chunk of many pieces is one request of its bytes: gathered into a registered
+            // buffer on the sender (`stage.rs`), scattered from the bounce pool straight into the
+            // pieces on the receiver (`recv.rs`), so a transfer's requests follow its bytes.
+            vectored: true,
+        };
         let net = PluginNet {
+            caps,
             plugin,
             explicit: explicit.map(<[usize]>::to_vec),
             unpaired,
@@ -179,8 +198,8 @@ impl PluginNet {
 }
 
 impl Net for PluginNet {
-    fn name(&self) -> &'static str {
-        self.plugin.name
+    fn caps(&self) -> &Caps {
+        &self.caps
     }
 
     fn devices(&self) -> usize {
@@ -189,18 +208,6 @@ impl Net for PluginNet {
 
     fn properties(&self, dev: usize) -> Result<Properties> {
         self.device(dev).cloned()
-    }
-
-    /// Loopback traffic never reaches the NIC; TCPX exits at its first devmem receive.
-    fn reaches_own_host(&self) -> bool {
-        false
-    }
-
-    /// A chunk of many pieces is one request of its bytes: gathered into a registered buffer on
-    /// the sender (`stage.rs`), scattered from the bounce pool straight into the pieces on the
-    /// receiver (`recv.rs`), so the requests a transfer makes follow its bytes, not its pieces.
-    fn vectored(&self) -> bool {
-        true
     }
 
     fn listen(&self, dev: usize) -> Result<(NetHandle, Box<dyn ListenComm>)> {
@@ -290,20 +297,21 @@ impl Net for PluginNet {
         list[channel % list.len()]
     }
 
-    fn listen_per_channel(&self) -> bool {
-        true
+    /// Comms run on the plugin's own threads and are seen done only when tested.
+    fn polls_device_copies(&self) -> bool {
+        false
     }
 
-    /// ncclNet v7's `regMr` takes an `int` size (TCPX: `tcpxRegMr`).
-    fn max_registration(&self) -> usize {
-        comm::MAX_REGISTRATION
+    /// A plugin's handles are opaque.
+    fn handle_address(&self, _handle: &NetHandle) -> Option<std::net::IpAddr> {
+        None
     }
 
-    /// TCPX binds every comm to the device current when it is made; where no CUDA driver exists
-    /// there is no device to bind (the fake NIC in host mode, the mock plugin).
-    fn binds_gpu(&self) -> bool {
-        crate::cuda::available()
-            && self.unpaired.iter().any(|&d| self.plugin.devices.get(d).is_some_and(|p| p.supports_cuda))
+    fn set_handle_address(&self, _handle: &mut NetHandle, ip: std::net::IpAddr) -> Result<()> {
+        Err(Error::new(
+            crate::error::UcclStatus::ErrNotSupported,
+            format!("the {} transport's handles name no address to replace with {ip}", self.caps.name),
+        ))
     }
 
     fn set_gpu(&self, gpu: &Arc<Gpu>) {

@@ -325,7 +325,7 @@ fn interleaved_connects_each_keep_their_own_handle_buffer() {
 #[test]
 fn devices_and_properties_come_from_the_plugin() {
     let net = net();
-    assert_eq!(net.name(), "MockNet_v7");
+    assert_eq!(net.caps().name, "MockNet_v7");
     assert_eq!(net.devices(), 1);
     let p = net.properties(0).unwrap();
     assert!(p.device_unpack && p.supports_cuda && p.supports_host);

@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use socket2::SockRef;
 
-use super::{ListenComm, Net, NetHandle, Properties, RecvComm, SendComm, Wake};
+use super::{Caps, ListenComm, Net, NetHandle, Properties, RecvComm, SendComm, Wake};
 use crate::error::{Error, Result};
 
 use crate::config::{self, SocketConfig};
@@ -274,19 +274,41 @@ impl SocketHandle {
     }
 }
 
+/// One device, every comm of any size, peers on this host as well as others.
+const CAPS: Caps = Caps {
+    name: "socket",
+    listen_per_channel: false,
+    max_registration: usize::MAX,
+    binds_gpu: false,
+    reaches_own_host: true,
+    // Pieces go out with `sendmsg` and land with `recvmsg`, so a request may as well be a list.
+    vectored: true,
+};
+
 impl Net for SocketNet {
-    fn name(&self) -> &'static str {
-        "socket"
+    fn caps(&self) -> &Caps {
+        &CAPS
     }
 
     fn devices(&self) -> usize {
         1
     }
 
-    /// Pieces go out with `sendmsg` and land with `recvmsg`, so a request may as well be a list.
-    fn vectored(&self) -> bool {
-        true
+    /// Helper threads move every piece and wake the engine on a completion.
+    fn needs_polling(&self) -> bool {
+        false
     }
+
+    fn polls_device_copies(&self) -> bool {
+        false
+    }
+
+    fn channel_device(&self, _channel: usize) -> usize {
+        0
+    }
+
+    /// Host memory only: no comm binds a GPU.
+    fn set_gpu(&self, _gpu: &Arc<crate::cuda::Gpu>) {}
 
     fn properties(&self, dev: usize) -> Result<Properties> {
         if dev != 0 {

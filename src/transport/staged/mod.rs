@@ -25,7 +25,7 @@ mod setup;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::{ListenComm, Net, NetHandle, Properties, RecvComm, SendComm};
+use super::{Caps, ListenComm, Net, NetHandle, Properties, RecvComm, SendComm};
 use crate::error::{Error, Result};
 
 pub use recv::StagedRecvComm;
@@ -37,6 +37,10 @@ pub use setup::StagingParams;
 /// The ring every staged comm allocates on first use of device memory.
 pub struct StagedNet {
     inner: Arc<dyn Net>,
+    /// The inner transport's: staging changes nothing on the wire, so a staged engine and an
+    /// unstaged one still agree on the transport in their handshake; a vectored device request is
+    /// gathered into (or scattered from) its one slot.
+    caps: Caps,
     setup: Setup,
 }
 
@@ -49,7 +53,7 @@ impl StagedNet {
             return Ok(inner);
         }
         if !props.supports_host {
-            return Err(Error::invalid(format!("transport {:?} moves neither host nor GPU memory", inner.name())));
+            return Err(Error::invalid(format!("transport {:?} moves neither host nor GPU memory", inner.caps().name)));
         }
         let setup = Setup {
             params,
@@ -57,15 +61,13 @@ impl StagedNet {
             copies_in_flight: Arc::default(),
             gpu: Arc::default(),
         };
-        Ok(Arc::new(StagedNet { inner, setup }))
+        Ok(Arc::new(StagedNet { caps: inner.caps().clone(), inner, setup }))
     }
 }
 
 impl Net for StagedNet {
-    /// The inner transport's name: staging changes nothing on the wire, so a staged engine and an
-    /// unstaged one still agree on the transport in their handshake.
-    fn name(&self) -> &'static str {
-        self.inner.name()
+    fn caps(&self) -> &Caps {
+        &self.caps
     }
 
     fn devices(&self) -> usize {
@@ -89,27 +91,6 @@ impl Net for StagedNet {
 
     fn channel_device(&self, channel: usize) -> usize {
         self.inner.channel_device(channel)
-    }
-
-    fn listen_per_channel(&self) -> bool {
-        self.inner.listen_per_channel()
-    }
-
-    /// A vectored device request is gathered into (or scattered from) its one slot.
-    fn vectored(&self) -> bool {
-        self.inner.vectored()
-    }
-
-    fn max_registration(&self) -> usize {
-        self.inner.max_registration()
-    }
-
-    fn binds_gpu(&self) -> bool {
-        self.inner.binds_gpu()
-    }
-
-    fn reaches_own_host(&self) -> bool {
-        self.inner.reaches_own_host()
     }
 
     fn set_gpu(&self, gpu: &Arc<crate::cuda::Gpu>) {

@@ -18,7 +18,7 @@ fn properties_claim_cuda_and_keep_the_inner_name() {
     let net = staged();
     let props = net.properties(0).unwrap();
     assert!(props.supports_cuda && props.supports_host);
-    assert_eq!(net.name(), "socket", "the wire is unchanged, so the handshake must see the same transport");
+    assert_eq!(net.caps().name, "socket", "the wire is unchanged, so the handshake must see the same transport");
     assert_eq!(props.max_requests, 16);
 }
 
@@ -197,7 +197,7 @@ fn peer_failure_surfaces_through_the_decorator() {
 #[test]
 fn vectored_host_requests_pass_through_to_the_inner_comm() {
     let net = staged();
-    assert!(net.vectored(), "the socket transport's vectored requests survive staging");
+    assert!(net.caps().vectored, "the socket transport's vectored requests survive staging");
     let (mut tx, mut rx) = pair(net.as_ref());
     let src: Vec<u8> = (0..50_000).map(|i| (i % 251) as u8).collect();
     let mut dst = vec![0u8; 60_000];
