@@ -252,6 +252,45 @@ fn only_the_transport_opener_names_the_concrete_transports() {
     assert!(["SocketNet", "PluginNet", "StagedNet"].iter().all(|n| open.contains(n)), "the scan lost its anchor");
 }
 
+/// The socket transport's bookkeeping (`transport/socket/pure/`: wire, window, acknowledgements,
+/// failover, counts) does no I/O: it imports nothing of the transport's I/O part (the rest of
+/// `socket/`), and its code names no socket, thread, file descriptor or syscall layer; its tests
+/// drive it without sockets. The I/O part drives it, so a second backend (io_uring beside epoll)
+/// reuses it as it is.
+#[test]
+fn the_socket_transports_bookkeeping_does_no_io() {
+    const PURE: &str = "transport/socket/pure/";
+    let graph = Graph::of_crate(&root().join("src"));
+    let into_io: Vec<String> = graph
+        .edges()
+        .filter(|(from, to)| from.starts_with(PURE) && to.starts_with("transport/socket/") && !to.starts_with(PURE))
+        .map(|(from, to)| format!("{from} -> {to}"))
+        .collect();
+    assert!(into_io.is_empty(), "the socket bookkeeping imports its I/O part:\n{}", into_io.join("\n"));
+    let from_io = graph.edges().filter(|(from, to)| !from.starts_with(PURE) && to.starts_with(PURE)).count();
+    assert!(from_io > 0, "the scan no longer sees the I/O part use the bookkeeping");
+    const IO: [&str; 10] =
+        ["TcpStream", "TcpListener", "UdpSocket", "thread", "libc", "socket2", "sys", "RawFd", "File", "epoll"];
+    let mut naming = Vec::new();
+    for entry in std::fs::read_dir(root().join("src").join(PURE)).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.ends_with("_tests.rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let code = text.find("\n#[cfg(test)]\nmod ").map_or(text.as_str(), |at| &text[..at]);
+        for tok in lex(code) {
+            if let Tok::Ident(word) = tok
+                && IO.contains(&word.as_str())
+            {
+                naming.push(format!("{name}: {word}"));
+            }
+        }
+    }
+    assert!(naming.is_empty(), "the socket bookkeeping names I/O:\n{}", naming.join("\n"));
+}
+
 /// The scanner sees what it must: a cycle and an upward import planted in a small tree are found.
 #[test]
 fn the_scanner_finds_planted_cycles_and_follows_re_exports() {

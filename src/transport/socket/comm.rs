@@ -10,17 +10,17 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use super::counts::Counts;
-use super::failover::{Failover, Redial};
 use super::fanout::{self, Idle};
 use super::grow::Dialer;
-use super::link_tally;
+use super::pure::counts::Counts;
+use super::pure::failover::{Failover, Redial};
+use super::pure::link_tally;
+use super::pure::window::{MAX_REQUESTS, Window};
+use super::pure::wire::{CommShape, PieceCut, attach_ack};
 use super::reactor::{Placement, Pool};
 use super::receiver::{RecvSockets, RecvTask};
 use super::sender::{INLINE_MAX, Inline, SendSockets, SendTask};
 use super::spin::Polls;
-use super::window::{MAX_REQUESTS, Window};
-use super::wire::{CommShape, PieceCut, attach_ack};
 use crate::error::{Error, Result};
 use crate::sys::epoll::EventFd;
 use crate::threads::ThreadKind;
@@ -428,7 +428,7 @@ impl Drop for CommCore {
                 self.helpers.send.detach(&send.placements);
                 send.sockets.closed_sending(send.shared.open_count() as u64);
                 if log::log_enabled!(log::Level::Info) {
-                    link_tally::log_closed("send", &send.shared.tally.by_link(&send.shared.streams));
+                    link_tally::log_closed("send", &send.shared.tally.by_link(placed_links(&send.shared.streams)));
                 }
             }
             Side::Recv(join) => {
@@ -439,7 +439,7 @@ impl Drop for CommCore {
                 let placed = join.placements.iter().filter(|p| p.get().is_some()).count();
                 join.counts.closed_receiving(placed as u64);
                 if log::log_enabled!(log::Level::Info) {
-                    link_tally::log_closed("receive", &join.sockets.tally.by_link(&join.sockets.streams));
+                    link_tally::log_closed("receive", &join.sockets.tally.by_link(placed_links(&join.sockets.streams)));
                 }
                 if let Some(wake) = &join.on_close {
                     wake.signal();
@@ -589,7 +589,7 @@ impl SendComm for SocketSendComm {
 
     fn link_stats(&self) -> Vec<LinkStats> {
         match &self.0.side {
-            Side::Send(send) => send.shared.tally.by_link(&send.shared.streams),
+            Side::Send(send) => send.shared.tally.by_link(placed_links(&send.shared.streams)),
             Side::Recv(_) => unreachable!("a send comm has a sending side"),
         }
     }
@@ -679,7 +679,7 @@ impl RecvComm for SocketRecvComm {
 
     fn link_stats(&self) -> Vec<LinkStats> {
         match &self.0.side {
-            Side::Recv(join) => join.sockets.tally.by_link(&join.sockets.streams),
+            Side::Recv(join) => join.sockets.tally.by_link(placed_links(&join.sockets.streams)),
             Side::Send(_) => unreachable!("a receive comm has a receiving side"),
         }
     }
@@ -704,4 +704,10 @@ fn host_only(kind: MemKind) -> Result<MrHandle> {
             "the socket transport moves host memory only; GPU buffers need staging",
         )),
     }
+}
+
+/// The placed sockets of `streams` with their local addresses (`None` where it cannot be read),
+/// for the per-link counts.
+fn placed_links(streams: &[OnceLock<TcpStream>]) -> impl Iterator<Item = (usize, Option<std::net::IpAddr>)> + '_ {
+    streams.iter().enumerate().filter_map(|(k, s)| s.get().map(|s| (k, s.local_addr().map(|a| a.ip()).ok())))
 }

@@ -16,8 +16,8 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use super::comm::RecvJoin;
-use super::counts::Counts;
-use super::wire::{CommShape, HELLO_LEN, SocketHello};
+use super::pure::counts::Counts;
+use super::pure::wire::{CommShape, HELLO_LEN, SocketHello};
 use crate::error::{Error, Result};
 use crate::sys::epoll::Epoll;
 use crate::sys::tcp::tune_stream;

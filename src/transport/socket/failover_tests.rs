@@ -8,7 +8,8 @@ use std::net::{IpAddr, Ipv4Addr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::wire::{ACK_LEN, Ack, DONE_LEN, PieceCut, PieceHeader, SocketHello, attach_ack};
+use super::pure::wire;
+use super::pure::wire::{ACK_LEN, Ack, DONE_LEN, PieceCut, PieceHeader, SocketHello, attach_ack};
 use super::*;
 use crate::trace::{DeadWhy, ResendCause};
 use crate::transport::testutil::until;

@@ -177,8 +177,8 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
+    use super::super::pure::window::Window;
     use super::super::reactor::{Next, Sockets};
-    use super::super::window::Window;
     use super::*;
     use crate::sys::worker::{Inbox, Worker};
     use crate::threads::ThreadKind;

@@ -10,8 +10,8 @@ use std::time::Duration;
 use socket2::SockRef;
 
 use super::links::Routes;
+use super::pure::wire::{ACK_LEN, HELLO_LEN, SocketHello, attach_ack};
 use super::tune::set_buffers;
-use super::wire::{ACK_LEN, HELLO_LEN, SocketHello, attach_ack};
 use crate::error::{Error, Result};
 use crate::sys::tcp::tune;
 

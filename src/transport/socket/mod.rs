@@ -7,27 +7,22 @@
 //! an idle progress thread can sleep.
 
 mod acceptor;
-mod acked;
 mod comm;
-mod counts;
 mod door;
-mod failover;
 mod fanout;
 mod grow;
 mod iov;
-mod link_tally;
 mod links;
 mod pace;
+mod pure;
 mod reactor;
 mod receiver;
 mod sender;
 mod spin;
 mod tune;
-mod window;
-mod wire;
 mod write_back;
 
-pub use counts::DataSocketStats;
+pub use pure::counts::DataSocketStats;
 #[cfg(test)]
 pub(crate) use write_back::supported as writes_back;
 pub use write_back::written_back_bytes;
@@ -48,15 +43,15 @@ use crate::sys::random::random_u64;
 use crate::sys::tcp::tune_stream;
 use acceptor::Acceptor;
 use comm::{Growth, Helpers, Threading};
-use counts::Counts;
 use door::{Doorway, MAX_PENDING_STREAMS};
-use failover::SPARE_SOCKETS;
 use grow::Dialer;
 use links::{Route, Routes};
+use pure::counts::Counts;
+use pure::failover::SPARE_SOCKETS;
+use pure::window::MAX_REQUESTS;
+use pure::wire::SocketHello;
 use spin::Polls;
 use tune::set_buffers;
-use window::MAX_REQUESTS;
-use wire::SocketHello;
 
 const HANDLE_MAGIC: u32 = 0x4B53_5455;
 /// Where a handle lists the listener's data links: a 2-byte mark, the count, a zero byte, then the
@@ -488,8 +483,6 @@ fn polls(options: &SocketConfig) -> Polls {
     }
 }
 
-#[cfg(test)]
-mod ack_tests;
 #[cfg(test)]
 mod failover_tests;
 #[cfg(test)]

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
+use super::pure::window::Window;
 use super::spin::{Polls, SHORT_SPIN, SpinTurn};
-use super::window::Window;
 use crate::error::{Error, Result};
 use crate::sys::worker::{Inbox, Serves, Thread, Worker};
 use crate::threads::{ThreadKind, panic_text};

@@ -17,10 +17,10 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use super::iov::{self, MAX_IOV};
-use super::link_tally::Tallies;
+use super::pure::link_tally::Tallies;
+use super::pure::window::{Admission, Piece, PieceMem, Window};
+use super::pure::wire::{Ack, DONE_LEN, PIECE_HEADER_LEN, PieceHeader};
 use super::reactor::{Next, Task};
-use super::window::{Admission, Piece, PieceMem, Window};
-use super::wire::{Ack, DONE_LEN, PIECE_HEADER_LEN, PieceHeader};
 use super::write_back;
 use crate::error::{Error, Result};
 use crate::threads::{self, ThreadKind};

@@ -14,15 +14,15 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 
-use super::counts::Counts;
 use super::fanout::Relay;
 use super::grow::Joining;
 use super::iov::{self, MAX_IOV};
-use super::link_tally::Tallies;
 use super::pace::Pace;
+use super::pure::counts::Counts;
+use super::pure::link_tally::Tallies;
+use super::pure::window::{Piece, PieceMem, Window};
+use super::pure::wire::{DONE_LEN, PIECE_HEADER_LEN, PieceHeader};
 use super::reactor::{Next, Task};
-use super::window::{Piece, PieceMem, Window};
-use super::wire::{DONE_LEN, PIECE_HEADER_LEN, PieceHeader};
 use crate::error::{Error, UcclStatus};
 use crate::threads::{self, ThreadKind};
 use crate::trace;

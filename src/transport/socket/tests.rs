@@ -2,6 +2,7 @@ use std::io::Read;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use super::pure::wire;
 use super::*;
 use crate::error::UcclStatus;
 use crate::transport::testutil::{loopback_socket_net, pair, receive_counting_write_back, until, written_back_alone};

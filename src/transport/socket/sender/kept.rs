@@ -13,8 +13,8 @@ use super::{Outgoing, SendSockets, SendTask, Step, write};
 use crate::error::Error;
 use crate::trace::{self, DeadWhy, ResendCause};
 use crate::transport::IoSeg;
-use crate::transport::socket::window::{Piece, PieceMem};
-use crate::transport::socket::wire::{Ack, DONE_LEN};
+use crate::transport::socket::pure::window::{Piece, PieceMem};
+use crate::transport::socket::pure::wire::{Ack, DONE_LEN};
 
 impl SendSockets {
     /// Acknowledged comms: socket `k` takes `piece`, kept until acknowledged. False when `k` died

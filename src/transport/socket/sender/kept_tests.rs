@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use super::kept::ACK_READS_PER_RUN;
 use super::{SendSockets, SendTask};
-use crate::transport::socket::counts::Counts;
+use crate::transport::socket::pure::counts::Counts;
+use crate::transport::socket::pure::window::Window;
+use crate::transport::socket::pure::wire::{Ack, DONE_LEN, PieceCut};
 use crate::transport::socket::reactor::{Next, Task};
-use crate::transport::socket::window::Window;
-use crate::transport::socket::wire::{Ack, DONE_LEN, PieceCut};
 
 /// A connected pair over loopback: ours non-blocking, the peer's blocking.
 fn pair() -> (TcpStream, TcpStream) {

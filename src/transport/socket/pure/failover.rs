@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 /// Spare slots an acknowledged comm keeps for replacing dead sockets.
-pub(super) const SPARE_SOCKETS: usize = 8;
+pub(crate) const SPARE_SOCKETS: usize = 8;
 /// Bounds a re-dialed socket may take to join.
 const JOIN_BOUNDS: u32 = 4;
 /// The back-off doubles this many times at most.
@@ -17,7 +17,7 @@ const MAX_DOUBLINGS: u32 = 4;
 
 /// A dead socket's link, to dial again once `due`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Redial {
+pub(crate) struct Redial {
     /// The first socket of that link: its route.
     pub route: u8,
     /// Attempts made for this link since it last carried pieces.
@@ -25,7 +25,7 @@ pub(super) struct Redial {
     due: Instant,
 }
 
-pub(super) struct Failover {
+pub(crate) struct Failover {
     /// A socket with bytes out whose link acknowledged none for this long is dead.
     pub dead_after: Duration,
     next_check: Instant,

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Default)]
-pub(super) struct Counts {
+pub(crate) struct Counts {
     sending: AtomicU64,
     receiving: AtomicU64,
     added: AtomicU64,

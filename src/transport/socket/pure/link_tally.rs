@@ -8,8 +8,7 @@
 //! atomic adds on a cache line no other socket writes, no lock. Readers see each counter as it
 //! stood at some moment; totals are exact once the comm's helpers let go of its sockets.
 
-use std::net::{IpAddr, TcpStream};
-use std::sync::OnceLock;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::transport::LinkStats;
@@ -25,7 +24,7 @@ struct SocketTally {
 }
 
 /// The counters of a comm's sockets, socket `k` at index `k`.
-pub(super) struct Tallies {
+pub(crate) struct Tallies {
     sockets: Box<[SocketTally]>,
 }
 
@@ -46,11 +45,10 @@ impl Tallies {
         self.sockets[k].errors.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The counters summed per link, in the order the links first appear among the sockets; a
-    /// socket not placed yet (a comm grows as its traffic asks) counts nowhere.
-    pub fn by_link(&self, streams: &[OnceLock<TcpStream>]) -> Vec<LinkStats> {
-        let placed = streams.iter().enumerate().filter_map(|(k, s)| s.get().map(|s| (k, s)));
-        let links = placed.map(|(k, s)| (k, s.local_addr().map(|a| a.ip()).ok()));
+    /// The counters summed per link, in the order the links first appear among `links`, the
+    /// placed sockets with their local addresses (a socket not placed yet, as a comm grows as its
+    /// traffic asks, counts nowhere).
+    pub fn by_link(&self, links: impl Iterator<Item = (usize, Option<IpAddr>)>) -> Vec<LinkStats> {
         sum_by_link(&self.sockets, links)
     }
 }
@@ -78,7 +76,7 @@ fn sum_by_link(sockets: &[SocketTally], links: impl Iterator<Item = (usize, Opti
 }
 
 /// One log line for a closing comm: each link's sockets, bytes, pieces and errors.
-pub(super) fn log_closed(side: &str, links: &[LinkStats]) {
+pub(crate) fn log_closed(side: &str, links: &[LinkStats]) {
     if links.is_empty() {
         return;
     }

@@ -11,13 +11,13 @@
 /// (bit `i`: request `upto + 1 + i`), which completed out of order: fewer than [`REACH`] past
 /// `upto`, as the window holds fewer requests.
 #[derive(Default, Debug)]
-pub(super) struct Completions {
+pub(crate) struct Completions {
     upto: u64,
     beyond: u32,
 }
 
 /// Requests past the oldest incomplete one that may complete.
-pub(super) const REACH: u64 = 32;
+pub(crate) const REACH: u64 = 32;
 
 impl Completions {
     /// Request `seq` (at or past `upto`, within the window) completed; returns the new count when
@@ -43,16 +43,16 @@ impl Completions {
 }
 
 /// A piece a receiving socket is landing: request and piece index.
-pub(super) type Claim = (u64, u64);
+pub(crate) type Claim = (u64, u64);
 
 /// Which piece each receiving socket is landing, socket `k` at index `k`.
-pub(super) struct Claims {
+pub(crate) struct Claims {
     by_socket: Vec<Option<Claim>>,
 }
 
 /// What a receiving socket does with a piece of a request that is posted and not complete.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Take {
+pub(crate) enum Take {
     /// Land it: no socket is landing it.
     Land,
     /// Land it, taken over from that socket, which must stop writing it first.
