@@ -105,7 +105,7 @@ impl Agreement {
     }
 }
 
-/// This side's listen comms: one for every channel, or one per channel (`Net::listen_per_channel`).
+/// This side's listen comms: one for every channel, or one per channel (`Caps::listen_per_channel`).
 pub struct Listens {
     handles: Vec<NetHandle>,
     comms: Vec<Box<dyn ListenComm>>,

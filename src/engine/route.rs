@@ -1,5 +1,5 @@
 //! Which transport carries a connection's channels. A net plugin cannot carry traffic between two
-//! ends of one host (`Net::reaches_own_host`: loopback never reaches the NIC, so nothing steers it
+//! ends of one host (`Caps::reaches_own_host`: loopback never reaches the NIC, so nothing steers it
 //! into GPU memory, and TCPX exits the process at its first receive), so a plugin engine moves the
 //! channels of a peer on its own host over the built-in socket transport, staged for GPU memory as
 //! a socket engine's are, made when the first such peer connects.

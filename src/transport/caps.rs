@@ -1,6 +1,6 @@
 //! What a transport is and can do, answered once when it is opened and read from then on: NCCL's
-//! `net_v7.h` answers with a properties struct beside its function table, and so does a [`Net`]
-//! here ([`Net::caps`]). Every answer is stated by every transport (no default stands in for "no").
+//! `net_v7.h` answers with a properties struct beside its function table, and so does a `Net`
+//! here (`Net::caps`). Every answer is stated by every transport (no default stands in for "no").
 //! What changes at run time stays a method of `Net`: whether the progress thread must poll, which
 //! device a channel uses once the GPU is known, the address a handle names.
 

@@ -184,7 +184,7 @@ impl Connection {
     }
 
     /// `bound_gpu`: the GPU the channels' comms are bound to, where their transport binds comms to
-    /// one (`Net::binds_gpu`).
+    /// one (`Caps::binds_gpu`).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn start(
         core: Arc<EngineCore>,
