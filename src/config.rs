@@ -203,7 +203,7 @@ that was removed is named in the log (at error level, once per process) with wha
 
 const DOC_OUTRO: &str = "
 The net plugin reads its own `NCCL_*` variables. Before its `init` the transport sets those of
-`src/transport/plugin/env.rs` that are unset (`NCCL_DYNAMIC_CHUNK_SIZE=524288`,
+`src/transport/plugin/tcpx.rs` that are unset (`NCCL_DYNAMIC_CHUNK_SIZE=524288`,
 `NCCL_NSOCKS_PERTHREAD=2`, `NCCL_SOCKET_NTHREADS=1`,
 `NCCL_GPUDIRECTTCPX_PROGRAM_FLOW_STEERING_WAIT_MICROS=500000`, `NCCL_GPUDIRECTTCPX_FORCE_ACK=0`,
 `NCCL_GPUDIRECTTCPX_TX_COMPLETION_NANOSLEEP=1000` and, if `/run/tcpx` exists,

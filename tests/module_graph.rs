@@ -110,7 +110,7 @@ fn only_this_module_reads_the_environment() {
     scan(&src, &mut readers);
     readers.sort();
     let expected: Vec<String> =
-        ["config.rs", "transport/plugin/env.rs"].iter().map(|f| src.join(f).to_string_lossy().into_owned()).collect();
+        ["config.rs", "transport/plugin/tcpx.rs"].iter().map(|f| src.join(f).to_string_lossy().into_owned()).collect();
     assert_eq!(readers, expected);
 }
 

@@ -6,7 +6,7 @@ use std::ffi::{CStr, c_char};
 use crate::error::{Error, Result, UcclStatus};
 use crate::ncclnet::{
     NCCL_NET_DEVICE_HOST, NCCL_NET_DEVICE_UNPACK, NCCL_NET_DEVICE_UNPACK_VERSION, NCCL_PTR_CUDA, NCCL_PTR_HOST,
-    NcclNetPropertiesV7, UNPACK_QUEUE_DEPTH,
+    NcclNetPropertiesV7,
 };
 use crate::transport::Properties;
 
@@ -39,8 +39,8 @@ pub fn from_raw(dev: usize, raw: &NcclNetPropertiesV7) -> Result<Properties> {
         supports_cuda,
         speed_mbps: raw.speed.max(0) as u32,
         device_unpack,
-        // TCPX's request ring and unpack queue both have 16 entries, whatever NCCL promises for v7.
-        max_requests: UNPACK_QUEUE_DEPTH,
+        // The vendor's bound (TCPX's 16), whatever NCCL promises for v7.
+        max_requests: super::tcpx::PROFILE.max_requests,
     })
 }
 

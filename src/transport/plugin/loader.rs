@@ -17,7 +17,7 @@ use libloading::os::unix::Library;
 use parking_lot::{Mutex, const_mutex};
 
 use super::image::{self, PrivateImage};
-use super::{devices, env, logger};
+use super::{devices, logger, tcpx};
 use crate::error::{Error, Result};
 use crate::ncclnet::{NCCL_SUCCESS, NcclNetPropertiesV7, NcclNetV7, PLUGIN_SYMBOL_V7};
 use crate::transport::Properties;
@@ -235,7 +235,7 @@ fn init_and_describe(table: NcclNetV7, name: &str, origin: &str) -> Result<Vec<P
     let since = logger::mark();
     let fail =
         |what: String| Error::backend(format!("net plugin {origin} ({name}): {what}{}", logger::warning_suffix(since)));
-    env::apply_defaults();
+    (tcpx::PROFILE.set_environment)();
     let (init, devices, get_properties) = (table.init.unwrap(), table.devices.unwrap(), table.get_properties.unwrap());
     // SAFETY: entries checked non-NULL; the logger lives for the whole process.
     let rc = unsafe { init(logger::logger()) };

@@ -10,15 +10,16 @@
 mod comm;
 mod copier;
 pub mod devices;
-pub mod env;
 pub mod gather;
 mod gpu;
 mod image;
 mod landing;
 pub mod loader;
 pub mod logger;
+pub mod profile;
 mod recv;
 mod stage;
+pub mod tcpx;
 pub mod unpack;
 
 #[cfg(test)]
@@ -44,9 +45,6 @@ use crate::cuda::Gpu;
 use crate::error::{Error, Result};
 use crate::ncclnet::{NCCL_NET_HANDLE_MAXSIZE, NCCL_SUCCESS, NcclNetDeviceHandleV7};
 
-/// Bytes 80..88 of TCPX's listen handle: where `connect` keeps its in-progress state.
-const CONNECT_STATE: std::ops::Range<usize> = 80..88;
-
 /// 8-byte aligned, as the plugin writes a pointer into it.
 #[repr(C, align(8))]
 struct AlignedHandle([u8; NCCL_NET_HANDLE_MAXSIZE]);
@@ -65,6 +63,8 @@ unsafe impl Send for PendingConnect {}
 
 pub struct PluginNet {
     caps: Caps,
+    /// The vendor's rules over the generic driver (`tcpx.rs`).
+    profile: &'static profile::Profile,
     plugin: Arc<Plugin>,
     /// `UCCL_TCPX_NET_DEVICES`, which overrides pairing with the GPU.
     explicit: Option<Vec<usize>>,
@@ -106,18 +106,18 @@ impl PluginNet {
         gpu_pci_path: Option<&str>,
     ) -> Result<PluginNet> {
         let unpaired = devices::channel_devices(explicit, &plugin.devices, None)?;
+        let profile = &tcpx::PROFILE;
         let caps = Caps {
             name: plugin.name,
-            // TCPX serves one accept per listen comm.
-            listen_per_channel: true,
-            // ncclNet v7's `regMr` takes an `int` size (TCPX: `tcpxRegMr`).
+            listen_per_channel: profile.listen_per_channel,
+            // ncclNet v7's `regMr` takes an `int` size.
             max_registration: comm::MAX_REGISTRATION,
-            // TCPX binds every comm to the device current when it is made; where no CUDA driver
-            // exists there is no device to bind (the fake NIC in host mode, the mock plugin).
-            binds_gpu: crate::cuda::available()
+            // Where no CUDA driver exists there is no device to bind (the fake NIC in host mode,
+            // the mock plugin).
+            binds_gpu: profile.binds_gpu
+                && crate::cuda::available()
                 && unpaired.iter().any(|&d| plugin.devices.get(d).is_some_and(|p| p.supports_cuda)),
-            // Loopback traffic never reaches the NIC; TCPX exits at its first devmem receive.
-            reaches_own_host: false,
+            reaches_own_host: profile.reaches_own_host,
             // A chunk of many pieces is one request of its bytes: gathered into a registered
             // buffer on the sender (`stage.rs`), scattered from the bounce pool straight into the
             // pieces on the receiver (`recv.rs`), so a transfer's requests follow its bytes.
@@ -125,6 +125,7 @@ impl PluginNet {
         };
         let net = PluginNet {
             caps,
+            profile,
             plugin,
             explicit: explicit.map(<[usize]>::to_vec),
             unpaired,
@@ -240,7 +241,7 @@ impl Net for PluginNet {
         };
         let mut wire = handle.0;
         // Connect state is local to the connecting process; never ship whatever sits there.
-        wire[CONNECT_STATE].fill(0);
+        wire[self.profile.connect_state.clone()].fill(0);
         Ok((wire, Box::new(listen)))
     }
 
@@ -259,7 +260,7 @@ impl Net for PluginNet {
                 }
                 // A fresh attempt: a fresh copy with no connect state in it.
                 let mut copy = AlignedHandle(*handle);
-                copy.0[CONNECT_STATE].fill(0);
+                copy.0[self.profile.connect_state.clone()].fill(0);
                 Box::new(PendingConnect { peer_handle: *handle, handle: copy, dev_handle: std::ptr::null_mut() })
             }
         };

@@ -19,11 +19,11 @@ struct Link {
 
 fn link(net: &PluginNet) -> Link {
     let (handle, mut listen) = net.listen(0).unwrap();
-    assert_eq!(&handle[CONNECT_STATE], &[0u8; 8], "connect state never goes on the wire");
+    assert_eq!(&handle[tcpx::PROFILE.connect_state.clone()], &[0u8; 8], "connect state never goes on the wire");
     let pair = mock::pair_of_handle(&handle);
     let mut mine = handle;
     // A peer may ship anything in those bytes; the connect must start from a clean copy anyway.
-    mine[CONNECT_STATE].fill(0xFF);
+    mine[tcpx::PROFILE.connect_state.clone()].fill(0xFF);
     let (mut send, mut recv) = (None, None);
     for _ in 0..10 {
         if send.is_none() {
@@ -601,4 +601,19 @@ fn vectored_requests_outside_their_registration_or_overlapping_are_refused() {
     assert!(e.contains("not inside its registration"), "{e}");
     assert_eq!((calls(l.pair, "isend"), calls(l.pair, "irecv")), (0, 0));
     no_violations(l.pair);
+}
+
+/// The driver takes the vendor's rules from its profile: TCPX's reach the net's caps, its devices'
+/// request bound and the part of a handle it never ships.
+#[test]
+fn tcpx_rules_come_from_its_profile() {
+    let net = PluginNet::with_plugin(mock::plugin(), None, None).unwrap();
+    let (caps, rules) = (net.caps(), &tcpx::PROFILE);
+    assert!(caps.listen_per_channel && rules.listen_per_channel, "one accept per listen comm");
+    assert!(!caps.reaches_own_host && !rules.reaches_own_host, "no peers on its own host");
+    assert!(net.devices() > 0);
+    for dev in 0..net.devices() {
+        assert_eq!(net.properties(dev).unwrap().max_requests, 16, "device {dev}");
+    }
+    assert_eq!(rules.connect_state, 80..88);
 }

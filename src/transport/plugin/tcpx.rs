@@ -1,5 +1,33 @@
-//! Environment the plugin reads once, in `init`. Defaults are applied only to variables the user
-//! left unset, so a deployment's own tuning always wins.
+//! GPUDirect-TCPX's rules, the profile the plugin driver (`plugin/`) applies over its generic
+//! ncclNet v7 calls: what TCPX allows and needs beyond the ABI, each cited to the plugin's source
+//! (google/nccl-plugin-gpudirecttcpx; docs/TCPX.md has the full table). A second ncclNet plugin
+//! brings a profile of its own; the driver stays as it is.
+//!
+//! The environment defaults below are TCPX's too: the plugin reads its environment once, in
+//! `init`, and they are applied only to variables the user left unset, so a deployment's own
+//! tuning always wins.
+
+use super::profile::Profile;
+use crate::ncclnet::UNPACK_QUEUE_DEPTH;
+
+/// TCPX, and the fake devmem NIC and mock plugin that stand in for it in tests.
+pub const PROFILE: Profile = Profile {
+    // A receive without devmem cmsgs (traffic that never passed a NIC) ends the process:
+    // `src/sock/tcpx.h` `process_recv_cmsg`, `src/macro.h` `EXIT_ON_CMSG_ERRORS`.
+    reaches_own_host: false,
+    // A listen comm serves one accept: `src/net_tcpx.cc` `tcpxAccept_v5`, `tcpxCloseListen`.
+    listen_per_channel: true,
+    // Comms bind to the device current when made, registrations map through it:
+    // `src/gpu/cuda_wrapper.cu` `gpu_current_dev`, `gpu_tx_reg_mr`; `src/common.cc` `tcpxCommNew`.
+    binds_gpu: true,
+    // The request ring and the unpack queue hold 16 entries, whatever NCCL promises for v7:
+    // `src/net_tcpx.cc` `tcpxGetRequest`, `src/work_queue.h` `MAX_REQUESTS`.
+    max_requests: UNPACK_QUEUE_DEPTH,
+    // `connect` keeps its in-progress state in bytes 80..88 of the handle it is given:
+    // `src/connect.cc` `tcpxConnectV5`.
+    connect_state: 80..88,
+    set_environment: apply_defaults,
+};
 
 /// `(variable, value, why)`; `UNIX_CLIENT_PREFIX` is added separately because it depends on the host.
 pub const DEFAULTS: &[(&str, &str, &str)] = &[
