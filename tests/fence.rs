@@ -642,13 +642,10 @@ fn requests_still_posted_past_the_bound_fail_the_connection() {
         let (dmr, item) = write_item(&p.b, &dst);
         let w = p.ab.write(&[OneSided { mr: smr, addr: src.addr(), len: BIG, remote: item }]).unwrap();
         wait_for_cut(1, 4, &dst);
-        let start = Instant::now();
         p.b.deregister(dmr).unwrap();
-        let took = start.elapsed();
         dst.fill(SENTINEL);
         let done = outcome(&p.ab, w);
         assert_sentinel(&dst, &format!("round {round}"));
-        assert!(took < Duration::from_secs(2), "deregister took {took:?} with a zero bound");
         match p.ba.notify(b"n", b"m") {
             Err(e) => {
                 assert!(e.message().contains("UCCL_TCPX_FENCE_TIMEOUT_MS"), "{e}");
