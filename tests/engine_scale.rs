@@ -64,5 +64,5 @@ fn connections_cost_no_thread_one_control_descriptor_and_no_idle_cpu() {
         b.close_connection(&ba);
     }
     // The connections' threads ended with them: each engine keeps its progress thread and accept loop.
-    common::threads_settle(4, Duration::from_secs(10));
+    common::threads_settle(4, common::PATIENCE);
 }

@@ -129,6 +129,6 @@ fn faults_leave_no_threads_behind() {
             drop(engine);
             drop(peer);
         }
-        threads_settle(baseline, Duration::from_secs(10));
+        threads_settle(baseline, PATIENCE);
     }
 }

@@ -28,12 +28,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 const FENCE_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn config() -> Config {
-    Config {
-        num_channels: Some(2),
-        chunk_size: 256 << 10,
-        fence_timeout: FENCE_TIMEOUT,
-        ..common::loopback()
-    }
+    Config { num_channels: Some(2), chunk_size: 256 << 10, fence_timeout: FENCE_TIMEOUT, ..common::loopback() }
 }
 
 /// Memory the engine reads and writes behind the test's back, so the test touches it only through
