@@ -550,7 +550,7 @@ fn a_receive_copied_out_in_parts_is_watched_until_its_bytes_are_in() {
             // SAFETY: src outlives both sends, tested to completion below.
             sends.push(unsafe { s.tx.isend((src.addr() + k * slot) as *const u8, len, smr) }.unwrap().unwrap());
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + testkit::PATIENCE;
         for (k, r) in [r0, r1].into_iter().enumerate() {
             loop {
                 while done < sends.len() && s.tx.test(sends[done]).unwrap().is_some() {
@@ -733,7 +733,7 @@ fn receive_is_in_place_when_reported_and_send_source_is_free_after_done() {
         if sends.len() == 4 {
             // The ring has 4 slots: wait for them before posting more.
             for r in sends.drain(..) {
-                let deadline = Instant::now() + Duration::from_secs(10);
+                let deadline = Instant::now() + testkit::PATIENCE;
                 while s.tx.test(r).unwrap().is_none() {
                     assert!(Instant::now() < deadline, "send stuck");
                 }
@@ -741,7 +741,7 @@ fn receive_is_in_place_when_reported_and_send_source_is_free_after_done() {
         }
     }
     for r in sends {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + testkit::PATIENCE;
         while s.tx.test(r).unwrap().is_none() {
             assert!(Instant::now() < deadline, "send stuck");
         }
@@ -911,7 +911,7 @@ fn every_ring_copy_lands() {
         src.copy_from_host(0, &want).unwrap();
         let dst = DeviceBuffer::new(0, want.len()).unwrap();
         let wait_all = |ring: &StagingRing, taken: &[usize]| {
-            let deadline = Instant::now() + Duration::from_secs(10);
+            let deadline = Instant::now() + testkit::PATIENCE;
             while !taken.iter().all(|&s| ring.copied(s).unwrap()) {
                 assert!(Instant::now() < deadline, "{streams} streams: staging copies did not finish");
             }
@@ -965,7 +965,7 @@ fn ring_copies_in_parts_report_their_prefix_and_ranges_land() {
                 unsafe { ring.copy_in_parts(slot, src.addr() + i * slot_size, len, part).unwrap() };
             }
             for &slot in &taken {
-                let deadline = Instant::now() + Duration::from_secs(10);
+                let deadline = Instant::now() + testkit::PATIENCE;
                 let mut seen = 0;
                 loop {
                     let prefix = ring.copied_prefix(slot).unwrap();
@@ -1127,7 +1127,7 @@ fn ring_gathers_and_scatters_many_pieces_in_every_mode() {
 }
 
 fn wait_copied(ring: &uccl_tcpx::internal::cuda::StagingRing, slot: usize, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + testkit::PATIENCE;
     while !ring.copied(slot).unwrap() {
         assert!(Instant::now() < deadline, "{what}: slot {slot}'s copies did not finish");
     }

@@ -21,7 +21,7 @@ use super::partial;
 use super::reactor::{Placement, Pool};
 use super::receiver::{RecvSockets, RecvTask};
 use super::sender::{INLINE_MAX, Inline, SendSockets, SendTask};
-use super::spin::Polls;
+use super::spin::{HelperWaits, Polls};
 use super::window::{MAX_REQUESTS, Window};
 use super::wire::{CommShape, PieceCut, attach_ack};
 use crate::error::{Error, Result};
@@ -64,6 +64,11 @@ impl Helpers {
     #[cfg(test)]
     pub fn awake(&self) -> usize {
         self.send.awake() + self.recv.awake()
+    }
+
+    /// How the helpers waited so far, senders and receivers.
+    pub fn waits(&self) -> HelperWaits {
+        self.send.waits() + self.recv.waits()
     }
 }
 

@@ -29,7 +29,7 @@ fn message(len: usize, seed: usize) -> Vec<u8> {
 /// Waits until `tx` handed `want` bytes of `req` to the kernel, then checks that nothing more
 /// leaves for a while (the sockets are idle, not slow).
 fn sends_exactly(tx: &SocketSendComm, req: RequestId, want: u64, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + testkit::PATIENCE;
     while tx.sent(req) < want {
         assert!(Instant::now() < deadline, "{what}: {} of {want} bytes sent", tx.sent(req));
         std::thread::yield_now();
@@ -196,7 +196,7 @@ fn a_receive_reports_the_pieces_a_partial_send_let_go() {
     // SAFETY: got and msg outlive both requests, tested to completion below.
     let r = unsafe { rx.irecv(got.as_mut_ptr(), got.len(), MrHandle::NONE) }.unwrap().unwrap();
     let landed_at = |rx: &mut Box<dyn RecvComm>, want: usize, what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + testkit::PATIENCE;
         while rx.landed(r).unwrap() < want {
             assert!(Instant::now() < deadline, "{what}: {} of {want} bytes landed", rx.landed(r).unwrap());
             std::thread::yield_now();
@@ -361,9 +361,8 @@ fn dropping_a_comm_with_a_partial_send_closes_cleanly() {
         // SAFETY: msg outlives tx, dropped below with the send in flight.
         let s = unsafe { tx.isend_ready(msg.as_ptr(), msg.len(), MrHandle::NONE, ready) }.unwrap().unwrap();
         sends_exactly(&tx, s, ready as u64, "before the drop");
-        let start = Instant::now();
-        drop(tx);
-        assert!(start.elapsed() < Duration::from_secs(1), "the drop returned promptly");
+        // The held-back part never comes: the drop returns without waiting for it.
+        testkit::within(testkit::PATIENCE, "the drop", move || drop(tx));
         let err = until(|| rx.test(r)).unwrap_err();
         assert_eq!(err.status(), UcclStatus::ErrRemoteDisconnect, "{err}");
         drop(rx);
