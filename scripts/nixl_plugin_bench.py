@@ -158,6 +158,185 @@ def measure(setup, size, many):
         os.environ.update(saved)
 
 
+
+# ---- KV case (--kv): a reader shaped like vLLM's NixlConnector in pull mode ----------------------
+# The target registers REGIONS regions (one per layer x K/V) of BLOCKS blocks each; the initiator
+# has the same layout. The initiator prepares both sides' block lists once (prep_xfer_dlist), then
+# each request READs (pull) or WRITEs (push) PER_REQ random blocks of every region into PER_REQ
+# random blocks of the other side (make_prepped_xfer with index lists, one notification per
+# request). Every byte is checked: READs by the initiator, WRITEs by the target once their
+# notification is in. Anchor, same run and setup: one descriptor of the same bytes, made and posted
+# the same way. Each cell: time from make_prepped_xfer to DONE.
+
+
+def kv_pattern(regions, blocks, block, seed):
+    """The bytes a side's regions start with: a (regions, blocks, block) uint8 array."""
+    return np.random.default_rng(seed).integers(0, 256, size=(regions, blocks, block), dtype=np.uint8)
+
+
+def kv_register(agent, mem, kind="DRAM"):
+    """Registers each region of `mem` (regions, blocks, block) separately, as vLLM does per layer."""
+    regs = [(mem[r].ctypes.data, mem[r].nbytes, 0, "") for r in range(mem.shape[0])]
+    agent.register_memory(agent.get_reg_descs(regs, kind))
+
+
+def kv_block_list(mem):
+    """Every block of every region, region-major: index r * blocks + b."""
+    regions, blocks, block = mem.shape
+    return [(mem[r, b].ctypes.data, block, 0) for r in range(regions) for b in range(blocks)]
+
+
+def kv_target(pipe, setup, shape):
+    for k, v in SETUPS[setup][2].items():
+        os.environ[k] = v
+    regions, blocks, block, per_req = shape
+    agent = make_agent("target", setup, None)
+    mem = kv_pattern(regions, blocks, block, 2)
+    kv_register(agent, mem)
+    anchor = np.full(regions * per_req * block, 7, dtype=np.uint8)
+    agent.register_memory(agent.get_reg_descs([(anchor.ctypes.data, anchor.nbytes, 0, "")], "DRAM"))
+    pipe.send((agent.get_agent_metadata(), kv_block_list(mem), (anchor.ctypes.data, anchor.nbytes)))
+    bad = 0
+    notifs = 0
+    while True:
+        cmd = pipe.recv()
+        if cmd[0] == "done":
+            pipe.send((notifs, bad))
+            break
+        # ("check", tag, remote_idx, local_idx): a WRITE request's blocks, to check once its
+        # notification is in (the notification comes after the data).
+        _, tag, ridx, lidx = cmd
+        deadline = time.monotonic() + 30
+        got = False
+        while not got and time.monotonic() < deadline:
+            for msgs in agent.get_new_notifs().values():
+                notifs += len(msgs)
+                got = got or tag in msgs
+            if not got:
+                time.sleep(0.0002)
+        src = kv_pattern(regions, blocks, block, 1).reshape(-1, block)
+        ok = got and np.array_equal(mem.reshape(-1, block)[ridx], src[lidx])
+        bad += 0 if ok else 1
+        pipe.send(ok)
+    os._exit(0)
+
+
+def kv_measure(setup, shape, requests):
+    """{op: [(make s, post s, done s, anchor done s)]} for `requests` requests of each op."""
+    regions, blocks, block, per_req = shape
+    saved = dict(os.environ)
+    os.environ.update(SETUPS[setup][2])
+    ctx = mp.get_context("spawn")
+    pipe, child = ctx.Pipe()
+    proc = ctx.Process(target=kv_target, args=(child, setup, shape), daemon=True)
+    proc.start()
+    try:
+        if not pipe.poll(60):
+            raise RuntimeError("the target did not start")
+        meta, remote_blocks, remote_anchor = pipe.recv()
+        agent = make_agent("initiator", setup, None)
+        mem = kv_pattern(regions, blocks, block, 1)
+        kv_register(agent, mem)
+        anchor = np.full(regions * per_req * block, 7, dtype=np.uint8)
+        agent.register_memory(agent.get_reg_descs([(anchor.ctypes.data, anchor.nbytes, 0, "")], "DRAM"))
+        peer = agent.add_remote_agent(meta)
+        local_side = agent.prep_xfer_dlist("", kv_block_list(mem), "DRAM")
+        remote_side = agent.prep_xfer_dlist(peer, remote_blocks, "DRAM")
+        anchor_local = agent.prep_xfer_dlist("", [(anchor.ctypes.data, anchor.nbytes, 0)], "DRAM")
+        anchor_remote = agent.prep_xfer_dlist(peer, [(remote_anchor[0], remote_anchor[1], 0)], "DRAM")
+        target_mem = kv_pattern(regions, blocks, block, 2).reshape(-1, block)
+        rng = np.random.default_rng(3)
+        out = {}
+        for op in ("READ", "WRITE"):
+            if op == "WRITE":
+                mem[...] = kv_pattern(regions, blocks, block, 1)
+            rows = []
+            for i in range(requests + 2):
+                # Random block tables: PER_REQ distinct blocks of each region on both sides.
+                lidx = np.concatenate(
+                    [r * blocks + rng.choice(blocks, per_req, replace=False) for r in range(regions)]
+                )
+                ridx = np.concatenate(
+                    [r * blocks + rng.choice(blocks, per_req, replace=False) for r in range(regions)]
+                )
+                tag = f"{op}:{i}".encode()
+                start = time.perf_counter()
+                handle = agent.make_prepped_xfer(op, local_side, lidx, remote_side, ridx, tag)
+                made = time.perf_counter()
+                state = agent.transfer(handle)
+                posted = time.perf_counter()
+                wait(agent, handle, state)
+                done = time.perf_counter()
+                agent.release_xfer_handle(handle)
+                # The anchor: the same bytes as one descriptor, made and posted alike.
+                a_start = time.perf_counter()
+                a_handle = agent.make_prepped_xfer(op, anchor_local, [0], anchor_remote, [0], tag + b":1")
+                wait(agent, a_handle, agent.transfer(a_handle))
+                a_done = time.perf_counter()
+                agent.release_xfer_handle(a_handle)
+                if op == "READ":
+                    if not np.array_equal(mem.reshape(-1, block)[lidx], target_mem[ridx]):
+                        raise RuntimeError(f"{setup} KV READ {i}: wrong bytes")
+                else:
+                    pipe.send(("check", tag, ridx, lidx))
+                    if not pipe.poll(60) or not pipe.recv():
+                        raise RuntimeError(f"{setup} KV WRITE {i}: wrong bytes or no notification at the target")
+                if i >= 2:
+                    rows.append((made - start, posted - made, done - start, a_done - a_start))
+            out[op] = rows
+        pipe.send(("done",))
+        pipe.recv()
+        return out
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def parse_kv(text):
+    """REGIONSxBLOCKSxPER_REQxBLOCK_SIZE, e.g. 8x1024x256x16K."""
+    parts = text.lower().split("x")
+    if len(parts) != 4:
+        raise ValueError(f"--kv takes REGIONSxBLOCKSxPER_REQxBLOCK_SIZE, not {text!r}")
+    regions, blocks, per_req = (int(p) for p in parts[:3])
+    block = parse_size(parts[3].upper())
+    if min(regions, blocks, per_req, block) <= 0 or per_req > blocks:
+        raise ValueError(f"--kv {text!r}: every number positive and PER_REQ <= BLOCKS")
+    return regions, blocks, block, per_req
+
+
+def kv_main(shape, setups, rounds, requests):
+    regions, blocks, block, per_req = shape
+    n = regions * per_req
+    print(
+        f"KV: {regions} regions x {blocks} blocks of {block >> 10} KiB; each request {n} descriptors "
+        f"({n * block >> 20} MiB), {requests} requests per op and round; anchor: one descriptor of the same bytes"
+    )
+    got = {}  # (setup, op) -> rows over rounds
+    for r in range(rounds):
+        for setup in setups:
+            try:
+                res = kv_measure(setup, shape, requests)
+            except Exception as e:  # a setup that does not run here is reported, not fatal
+                print(f"round {r + 1}: {setup} KV: {e}", file=sys.stderr)
+                continue
+            for op, rows in res.items():
+                got.setdefault((setup, op), []).extend(rows)
+        print(f"KV round {r + 1} of {rounds} done", file=sys.stderr, flush=True)
+    print("| setup | op | make ms | post ms | to DONE ms | GB/s | anchor ms | anchor GB/s | ratio | (make+post)/DONE |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (setup, op), rows in got.items():
+        make, post, done, anchor = (statistics.median(col) for col in zip(*rows))
+        ratio = statistics.median(a / d for _, _, d, a in rows)
+        share = statistics.median((m + p) / d for m, p, d, _ in rows)
+        print(
+            f"| {setup} | {op} | {make * 1e3:.2f} | {post * 1e3:.2f} | {done * 1e3:.2f} | {n * block / done / 1e9:.2f} "
+            f"| {anchor * 1e3:.2f} | {n * block / anchor / 1e9:.2f} | {ratio:.2f} | {share:.2f} |"
+        )
+    return got
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -165,7 +344,14 @@ def main():
     ap.add_argument("--setups", default=",".join(SETUPS))
     ap.add_argument("--json", help="also write every measurement here")
     ap.add_argument("--vram", metavar="I,T", help="GPU memory: the initiator's on GPU I, the target's on GPU T")
+    ap.add_argument("--kv", metavar="RxBxPxS", help="the KV case instead of the sizes, e.g. 8x1024x256x16K")
+    ap.add_argument("--kv-requests", type=int, default=10, help="KV requests per op and round")
     args = ap.parse_args()
+    if args.kv:
+        if args.vram:
+            ap.error("--kv runs in host memory")
+        kv_main(parse_kv(args.kv), args.setups.split(","), args.rounds, args.kv_requests)
+        return
     global VRAM
     if args.vram:
         gpus = args.vram.split(",")
