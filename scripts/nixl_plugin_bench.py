@@ -11,8 +11,12 @@ from the mean. Setups alternate within each round, so load changes hit all of th
 Also, for TCPX: 10,000 descriptors of 4 KiB in one request, the time to prepare (initialize_xfer)
 and to post (transfer) it.
 
+With --kv REGIONSxBLOCKSxPER_REQxBLOCK_SIZE (host memory), instead: a reader shaped like vLLM's
+pull mode and its push variant, timed against one descriptor of the same bytes (see kv_measure).
+
 usage: nixl_plugin_bench.py [--rounds N] [--sizes 4K,1M,64M] [--setups tcpx-net,tcpx-local,ucx-tcp,ucx]
                             [--vram I,T] [--json FILE]
+       nixl_plugin_bench.py --kv 8x1024x256x16K [--kv-requests N] [--rounds N] [--setups ...]
 """
 
 import argparse
