@@ -11,7 +11,7 @@ from the mean. Setups alternate within each round, so load changes hit all of th
 Also, for TCPX: 10,000 descriptors of 4 KiB in one request, the time to prepare (initialize_xfer)
 and to post (transfer) it.
 
-With --kv REGIONSxBLOCKSxPER_REQxBLOCK_SIZE (host memory), instead: a reader shaped like vLLM's
+With --kv REGIONSxBLOCKSxPER_REQxBLOCK_SIZE (with --vram too), instead: a reader shaped like vLLM's
 pull mode and its push variant, timed against one descriptor of the same bytes (see kv_measure).
 
 usage: nixl_plugin_bench.py [--rounds N] [--sizes 4K,1M,64M] [--setups tcpx-net,tcpx-local,ucx-tcp,ucx]
@@ -178,28 +178,66 @@ def kv_pattern(regions, blocks, block, seed):
     return np.random.default_rng(seed).integers(0, 256, size=(regions, blocks, block), dtype=np.uint8)
 
 
-def kv_register(agent, mem, kind="DRAM"):
-    """Registers each region of `mem` (regions, blocks, block) separately, as vLLM does per layer."""
-    regs = [(mem[r].ctypes.data, mem[r].nbytes, 0, "") for r in range(mem.shape[0])]
-    agent.register_memory(agent.get_reg_descs(regs, kind))
+class KvMem:
+    """One side's regions, (regions, blocks, block) bytes: numpy (host memory) or a torch tensor on
+    GPU `gpu`; each region registered on its own, as vLLM registers one per layer and K/V."""
+
+    def __init__(self, shape, seed, gpu=None):
+        self.shape = shape
+        self.kind, self.dev, self.gpu = ("DRAM", 0, None) if gpu is None else ("VRAM", gpu, gpu)
+        host = kv_pattern(*shape, seed)
+        if gpu is None:
+            self.mem = host
+        else:
+            import torch
+
+            self.mem = torch.from_numpy(host).to(f"cuda:{gpu}")
+            torch.cuda.synchronize(self.mem.device)
+
+    def fill(self, seed):
+        host = kv_pattern(*self.shape, seed)
+        if self.gpu is None:
+            self.mem[...] = host
+        else:
+            import torch
+
+            self.mem.copy_(torch.from_numpy(host).to(self.mem.device))
+            torch.cuda.synchronize(self.mem.device)
+
+    def base(self, r):
+        return self.mem[r].ctypes.data if self.gpu is None else self.mem[r].data_ptr()
+
+    def register(self, agent):
+        regions, blocks, block = self.shape
+        regs = [(self.base(r), blocks * block, self.dev, "") for r in range(regions)]
+        agent.register_memory(agent.get_reg_descs(regs, self.kind))
+
+    def blocks(self):
+        """Every block of every region, region-major: index r * blocks + b."""
+        regions, blocks, block = self.shape
+        return [(self.base(r) + b * block, block, self.dev) for r in range(regions) for b in range(blocks)]
+
+    def rows(self):
+        """The bytes as a (regions * blocks, block) numpy array."""
+        block = self.shape[2]
+        if self.gpu is None:
+            return self.mem.reshape(-1, block)
+        import torch
+
+        torch.cuda.synchronize(self.mem.device)
+        return self.mem.cpu().numpy().reshape(-1, block)
 
 
-def kv_block_list(mem):
-    """Every block of every region, region-major: index r * blocks + b."""
-    regions, blocks, block = mem.shape
-    return [(mem[r, b].ctypes.data, block, 0) for r in range(regions) for b in range(blocks)]
-
-
-def kv_target(pipe, setup, shape):
+def kv_target(pipe, setup, shape, gpu):
     for k, v in SETUPS[setup][2].items():
         os.environ[k] = v
     regions, blocks, block, per_req = shape
-    agent = make_agent("target", setup, None)
-    mem = kv_pattern(regions, blocks, block, 2)
-    kv_register(agent, mem)
-    anchor = np.full(regions * per_req * block, 7, dtype=np.uint8)
-    agent.register_memory(agent.get_reg_descs([(anchor.ctypes.data, anchor.nbytes, 0, "")], "DRAM"))
-    pipe.send((agent.get_agent_metadata(), kv_block_list(mem), (anchor.ctypes.data, anchor.nbytes)))
+    agent = make_agent("target", setup, gpu)
+    mem = KvMem((regions, blocks, block), 2, gpu)
+    mem.register(agent)
+    anchor = KvMem((1, 1, regions * per_req * block), 7, gpu)
+    anchor.register(agent)
+    pipe.send((agent.get_agent_metadata(), mem.blocks(), anchor.blocks()[0], mem.kind))
     bad = 0
     notifs = 0
     while True:
@@ -219,7 +257,7 @@ def kv_target(pipe, setup, shape):
             if not got:
                 time.sleep(0.0002)
         src = kv_pattern(regions, blocks, block, 1).reshape(-1, block)
-        ok = got and np.array_equal(mem.reshape(-1, block)[ridx], src[lidx])
+        ok = got and np.array_equal(mem.rows()[ridx], src[lidx])
         bad += 0 if ok else 1
         pipe.send(ok)
     os._exit(0)
@@ -232,28 +270,29 @@ def kv_measure(setup, shape, requests):
     os.environ.update(SETUPS[setup][2])
     ctx = mp.get_context("spawn")
     pipe, child = ctx.Pipe()
-    proc = ctx.Process(target=kv_target, args=(child, setup, shape), daemon=True)
+    proc = ctx.Process(target=kv_target, args=(child, setup, shape, VRAM[1] if VRAM else None), daemon=True)
     proc.start()
     try:
         if not pipe.poll(60):
             raise RuntimeError("the target did not start")
-        meta, remote_blocks, remote_anchor = pipe.recv()
-        agent = make_agent("initiator", setup, None)
-        mem = kv_pattern(regions, blocks, block, 1)
-        kv_register(agent, mem)
-        anchor = np.full(regions * per_req * block, 7, dtype=np.uint8)
-        agent.register_memory(agent.get_reg_descs([(anchor.ctypes.data, anchor.nbytes, 0, "")], "DRAM"))
+        meta, remote_blocks, remote_anchor, remote_kind = pipe.recv()
+        gpu = VRAM[0] if VRAM else None
+        agent = make_agent("initiator", setup, gpu)
+        mem = KvMem((regions, blocks, block), 1, gpu)
+        mem.register(agent)
+        anchor = KvMem((1, 1, regions * per_req * block), 7, gpu)
+        anchor.register(agent)
         peer = agent.add_remote_agent(meta)
-        local_side = agent.prep_xfer_dlist("", kv_block_list(mem), "DRAM")
-        remote_side = agent.prep_xfer_dlist(peer, remote_blocks, "DRAM")
-        anchor_local = agent.prep_xfer_dlist("", [(anchor.ctypes.data, anchor.nbytes, 0)], "DRAM")
-        anchor_remote = agent.prep_xfer_dlist(peer, [(remote_anchor[0], remote_anchor[1], 0)], "DRAM")
-        target_mem = kv_pattern(regions, blocks, block, 2).reshape(-1, block)
+        local_side = agent.prep_xfer_dlist("", mem.blocks(), mem.kind)
+        remote_side = agent.prep_xfer_dlist(peer, remote_blocks, remote_kind)
+        anchor_local = agent.prep_xfer_dlist("", anchor.blocks(), anchor.kind)
+        anchor_remote = agent.prep_xfer_dlist(peer, [remote_anchor], remote_kind)
+        target_rows = kv_pattern(regions, blocks, block, 2).reshape(-1, block)
         rng = np.random.default_rng(3)
         out = {}
         for op in ("READ", "WRITE"):
             if op == "WRITE":
-                mem[...] = kv_pattern(regions, blocks, block, 1)
+                mem.fill(1)
             rows = []
             for i in range(requests + 2):
                 # Random block tables: PER_REQ distinct blocks of each region on both sides.
@@ -279,7 +318,7 @@ def kv_measure(setup, shape, requests):
                 a_done = time.perf_counter()
                 agent.release_xfer_handle(a_handle)
                 if op == "READ":
-                    if not np.array_equal(mem.reshape(-1, block)[lidx], target_mem[ridx]):
+                    if not np.array_equal(mem.rows()[lidx], target_rows[ridx]):
                         raise RuntimeError(f"{setup} KV READ {i}: wrong bytes")
                 else:
                     pipe.send(("check", tag, ridx, lidx))
@@ -329,15 +368,18 @@ def kv_main(shape, setups, rounds, requests):
             for op, rows in res.items():
                 got.setdefault((setup, op), []).extend(rows)
         print(f"KV round {r + 1} of {rounds} done", file=sys.stderr, flush=True)
-    print("| setup | op | make ms | post ms | to DONE ms | GB/s | anchor ms | anchor GB/s | ratio | (make+post)/DONE |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| setup | op | make ms | post ms | to DONE ms | GB/s | anchor ms | anchor GB/s | ratio | (make+post)/DONE | x ucx |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (setup, op), rows in got.items():
         make, post, done, anchor = (statistics.median(col) for col in zip(*rows))
         ratio = statistics.median(a / d for _, _, d, a in rows)
         share = statistics.median((m + p) / d for m, p, d, _ in rows)
+        # NIXL's UCX backend on the same requests, same run: its time to DONE over ours.
+        ucx = got.get(("ucx", op))
+        vs_ucx = f"{statistics.median(r[2] for r in ucx) / done:.1f}" if ucx else "-"
         print(
             f"| {setup} | {op} | {make * 1e3:.2f} | {post * 1e3:.2f} | {done * 1e3:.2f} | {n * block / done / 1e9:.2f} "
-            f"| {anchor * 1e3:.2f} | {n * block / anchor / 1e9:.2f} | {ratio:.2f} | {share:.2f} |"
+            f"| {anchor * 1e3:.2f} | {n * block / anchor / 1e9:.2f} | {ratio:.2f} | {share:.2f} | {vs_ucx} |"
         )
     return got
 
@@ -351,17 +393,15 @@ def main():
     ap.add_argument("--kv", metavar="RxBxPxS", help="the KV case instead of the sizes, e.g. 8x1024x256x16K")
     ap.add_argument("--kv-requests", type=int, default=10, help="KV requests per op and round")
     args = ap.parse_args()
-    if args.kv:
-        if args.vram:
-            ap.error("--kv runs in host memory")
-        kv_main(parse_kv(args.kv), args.setups.split(","), args.rounds, args.kv_requests)
-        return
     global VRAM
     if args.vram:
         gpus = args.vram.split(",")
         if len(gpus) != 2 or not all(g.isdigit() for g in gpus):
             ap.error(f"--vram takes two GPU indices, I,T: {args.vram!r}")
         VRAM = (int(gpus[0]), int(gpus[1]))
+    if args.kv:
+        kv_main(parse_kv(args.kv), args.setups.split(","), args.rounds, args.kv_requests)
+        return
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     setups = args.setups.split(",")
     results = {}  # (setup, op, size) -> [per-round (median us, GB/s)]
