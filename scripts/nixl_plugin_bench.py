@@ -240,6 +240,7 @@ def kv_target(pipe, setup, shape, gpu):
     pipe.send((agent.get_agent_metadata(), mem.blocks(), anchor.blocks()[0], mem.kind))
     bad = 0
     notifs = 0
+    src = None  # the initiator's bytes, made at the first check
     while True:
         cmd = pipe.recv()
         if cmd[0] == "done":
@@ -256,7 +257,8 @@ def kv_target(pipe, setup, shape, gpu):
                 got = got or tag in msgs
             if not got:
                 time.sleep(0.0002)
-        src = kv_pattern(regions, blocks, block, 1).reshape(-1, block)
+        if src is None:
+            src = kv_pattern(regions, blocks, block, 1).reshape(-1, block)
         ok = got and np.array_equal(mem.rows()[ridx], src[lidx])
         bad += 0 if ok else 1
         pipe.send(ok)

@@ -50,7 +50,7 @@ impl Table {
         let add = (n / 2) | 1;
         let few = |mult: usize| {
             let g = gcd(initiator.abs_diff(mult), n);
-            add % g != 0 || g <= (n / 128).max(1)
+            !add.is_multiple_of(g) || g <= (n / 128).max(1)
         };
         Table { mult: coprime_from(n * 3 / 8, &few), add: add % n.max(1) }
     }
