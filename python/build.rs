@@ -29,6 +29,46 @@ fn main() {
     std::fs::copy(&built, &staging).unwrap_or_else(|e| panic!("copy {}: {e}", built.display()));
     std::fs::rename(&staging, &dest).expect("move the engine library into place");
     build_nixl_plugin(&repo, &dest_dir);
+    write_knobs(&repo, &dest_dir);
+}
+
+/// uccl_tcpx/lib/knobs.txt, what `uccl-tcpx-doctor` knows of the engine's settings: `known NAME`
+/// for each variable of docs/CONFIG.md (generated from, and tested against, src/config.rs),
+/// `retired NAME` for each of src/config/retired.rs, and `plugin_default NAME VALUE` for each net
+/// plugin variable the engine sets when unset (docs/CONFIG.md, tested against
+/// src/transport/plugin/env.rs).
+fn write_knobs(repo: &Path, lib_dir: &Path) {
+    let page_path = repo.join("docs").join("CONFIG.md");
+    let retired_path = repo.join("src").join("config").join("retired.rs");
+    println!("cargo:rerun-if-changed={}", page_path.display());
+    println!("cargo:rerun-if-changed={}", retired_path.display());
+    let page = std::fs::read_to_string(&page_path).expect("read docs/CONFIG.md");
+    let retired = std::fs::read_to_string(&retired_path).expect("read src/config/retired.rs");
+    let mut out = String::new();
+    for row in page.lines().filter_map(|l| l.strip_prefix("| `")) {
+        if let Some((name, _)) = row.split_once('`') {
+            out += &format!("known {name}\n");
+        }
+    }
+    // Backticked NAME=VALUE of the page: the plugin variables the engine fills in.
+    for quoted in page.split('`').skip(1).step_by(2) {
+        if let Some((name, value)) = quoted.split_once('=')
+            && name.starts_with("NCCL_")
+            && name.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+            && !value.is_empty()
+            && !value.contains(char::is_whitespace)
+        {
+            out += &format!("plugin_default {name} {value}\n");
+        }
+    }
+    let table = retired.split("#[cfg(test)]").next().unwrap_or_default();
+    for quoted in table.split('"').skip(1).step_by(2).filter(|q| q.starts_with("UCCL_TCPX_")) {
+        out += &format!("retired {quoted}\n");
+    }
+    if !out.contains("known UCCL_TCPX_TRANSPORT") || !out.contains("retired ") || !out.contains("plugin_default ") {
+        panic!("docs/CONFIG.md or src/config/retired.rs no longer has the shape build.rs reads");
+    }
+    std::fs::write(lib_dir.join("knobs.txt"), out).expect("write uccl_tcpx/lib/knobs.txt");
 }
 
 /// Compiles nixl/tcpx_backend.cpp against the project's NIXL ABI header and links it to the

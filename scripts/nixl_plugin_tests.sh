@@ -111,6 +111,21 @@ ours="$(readlink -f "$plugin_dir/libplugin_TCPX.so")"
 [[ "$unsupported" == 1 ]] || [[ " $(readlink -f "${plugins[@]}" | tr '\n' ' ') " == *" $ours "* ]] ||
   { echo "nixl_plugin_tests: the folder's plugin is $ours, not one installed here" >&2; exit 1; }
 
+if [[ -n "$wheel" ]]; then
+  echo "== uccl-tcpx-doctor sees the folder and an agent with backends=[\"TCPX\"] getting ours"
+  NIXL_PLUGIN_DIR="$plugin_dir" UCCL_TCPX_TRANSPORT=socket "$venv/bin/uccl-tcpx-doctor" --json >"$work/doctor.json" ||
+    { cat "$work/doctor.json"; echo "nixl_plugin_tests: the doctor failed" >&2; exit 1; }
+  "$venv/bin/python" - "$work/doctor.json" <<'PY'
+import json, sys
+checks = {f"{c['section']}/{c['name']}": c for c in json.load(open(sys.argv[1]))["checks"]}
+for key in ("nixl/installed", "nixl/plugin folder", "nixl/agent"):
+    c = checks.get(key)
+    if not c or c["status"] != "ok":
+        sys.exit(f"nixl_plugin_tests: doctor {key}: {c}")
+    print(f"doctor {key}: {c['detail']}")
+PY
+fi
+
 echo "== tests"
 cd "$work"
 NIXL_PLUGIN_DIR="$plugin_dir" timeout 600 "$venv/bin/python" "$repo/scripts/nixl_plugin_tests.py"

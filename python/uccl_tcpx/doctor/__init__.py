@@ -1,0 +1,84 @@
+"""uccl-tcpx-doctor: what on this machine stops uccl-tcpx's transports, each finding with its fix.
+
+    uccl-tcpx-doctor [--json] [--transport auto|socket|tcpx] [--root DIR] [--gpu N]
+    uccl-tcpx-doctor --serve [--port P]        (on one host)
+    uccl-tcpx-doctor --peer HOST[:P]           (on the other)
+
+Exit status 1 when the transport asked for (--transport, else UCCL_TCPX_TRANSPORT, else auto)
+cannot work here; auto falls back to sockets, so TCPX's problems are reported without failing it.
+"""
+
+import argparse
+import os
+import sys
+
+from . import cuda_checks, engine_checks, nixl_checks, peer, tcpx_checks
+from .host import Host
+from .report import Report
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser(prog="uccl-tcpx-doctor", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", action="store_true", help="print the findings as JSON")
+    ap.add_argument(
+        "--transport",
+        choices=engine_checks.TRANSPORTS,
+        help="the transport to judge (default: UCCL_TCPX_TRANSPORT, else auto)",
+    )
+    ap.add_argument("--root", default="/", help="read sysfs, procfs and libraries under this folder (tests)")
+    ap.add_argument("--gpu", type=int, default=None, help="the GPU the engine serves (default: host memory only)")
+    ap.add_argument("--serve", action="store_true", help="wait for one --peer and answer it")
+    ap.add_argument("--peer", metavar="HOST[:PORT]", help="exchange 64 MiB each way with a --serve")
+    ap.add_argument("--port", type=int, default=peer.DEFAULT_PORT, help=f"--serve's port (default {peer.DEFAULT_PORT})")
+    ap.add_argument("--no-nixl", action="store_true", help="skip the NIXL checks")
+    return ap.parse_args(argv)
+
+
+def diagnose(args, env):
+    asked = (args.transport or env.get("UCCL_TCPX_TRANSPORT") or "auto").strip().lower()
+    report = Report(asked if asked in engine_checks.TRANSPORTS else "auto")
+    host = Host(args.root)
+    known, retired, defaults = engine_checks.load_knobs()
+    engine_checks.check_version(report)
+    if asked not in engine_checks.TRANSPORTS:
+        report.add(
+            "engine",
+            "transport",
+            "fail",
+            f"UCCL_TCPX_TRANSPORT={asked} is none of auto, socket, tcpx",
+            "export UCCL_TCPX_TRANSPORT=auto",
+        )
+    engine_checks.check_settings(report, env, known, retired)
+    engine_checks.check_auth(report, env)
+    gpus = host.gpus()
+    if cuda_checks.check_driver(report, host) and host.live and gpus:
+        cuda_checks.check_peer_access(report)
+    cuda_checks.check_devices(report, host, gpus)
+    plugin = None
+    if report.transport != "socket":
+        plugin = tcpx_checks.run(report, host, env, defaults, gpus)
+    gpu = -1 if args.gpu is None else args.gpu
+    engine_checks.check_transport(report, env, report.transport, plugin, gpu)
+    if not args.no_nixl:
+        nixl_checks.run(report, env)
+    if args.peer:
+        peer.peer(report, args.peer, args.gpu)
+    return report
+
+
+def main(argv=None):
+    args = parse(sys.argv[1:] if argv is None else argv)
+    if args.serve:
+        try:
+            peer.serve(args.port, args.gpu, sys.stdout)
+        except Exception as e:
+            print(f"uccl-tcpx-doctor --serve: {e}", file=sys.stderr)
+            return 1
+        return 0
+    report = diagnose(args, dict(os.environ))
+    print(report.to_json() if args.json else report.to_text())
+    return report.exit_code()
+
+
+def console():
+    sys.exit(main())
