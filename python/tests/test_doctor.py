@@ -393,3 +393,50 @@ def test_peer_with_nobody_there_fails_with_the_fix():
     code, checks = doctor(["--transport", "socket", "--peer", f"127.0.0.1:{port}"], env)
     assert code == 1
     assert f"uccl-tcpx-doctor --serve --port {port}" in checks["peer/exchange"]["fix"]
+
+
+def test_serve_and_peer_across_two_test_hosts():
+    """The same across two network namespaces (scripts/testnet.sh): no same-host shortcut, so the
+    path is the socket transport over the hosts' link."""
+    testnet = os.path.join(REPO, "scripts", "testnet.sh")
+    prefix = f"dr{os.getpid() % 100000}"
+    up = subprocess.run([testnet, "up", prefix], capture_output=True, text=True, check=False)
+    if up.returncode != 0:
+        subprocess.run([testnet, "down", prefix], capture_output=True, check=False)
+        if os.environ.get("UCCL_TCPX_REQUIRE_NETNS") == "1":
+            pytest.fail(f"cannot make test hosts: {up.stderr.strip()}")
+        pytest.skip(f"no test hosts here (root and iproute2 needed): {up.stderr.strip()}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UCCL_TCPX_", "NCCL_"))}
+    env["UCCL_TCPX_TRANSPORT"] = "socket"
+    try:
+        # Link 0 of the pair (hosts 0 and 1) is 198.18.0.0/24: host 0 at .1, host 1 at .2.
+        server = subprocess.Popen(
+            [testnet, "exec", prefix, "1", sys.executable, "-m", "uccl_tcpx.doctor", "--serve", "--port", "18515"],
+            env={**env, "UCCL_TCPX_IP": "198.18.0.2"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            first = server.stdout.readline()
+            assert "serving at 198.18.0.2:18515" in first, first
+            done = subprocess.run(
+                [testnet, "exec", prefix, "0", sys.executable, "-m", "uccl_tcpx.doctor", "--json", "--no-nixl"]
+                + ["--transport", "socket", "--peer", "198.18.0.2:18515"],
+                env={**env, "UCCL_TCPX_IP": "198.18.0.1"},
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
+            served = server.communicate(timeout=120)[0]
+        finally:
+            server.kill()
+    finally:
+        subprocess.run([testnet, "down", prefix], capture_output=True, check=False)
+    checks = {f"{c['section']}/{c['name']}": c for c in json.loads(done.stdout)["checks"]}
+    c = checks["peer/exchange"]
+    assert c["status"] == "ok" and done.returncode == 0, c
+    assert c["data"]["path"] == "sockets", c
+    assert all(link.startswith("198.18.") for link in c["data"]["links"]) and c["data"]["links"], c
+    assert "served 198.18.0.1: path sockets" in served, served
