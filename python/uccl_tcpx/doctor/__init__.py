@@ -34,12 +34,26 @@ def parse(argv):
     return ap.parse_args(argv)
 
 
+def guarded(report, section, what, fn, *args, default=None):
+    """Runs one group of checks; a check that breaks is a finding, never a traceback."""
+    try:
+        return fn(*args)
+    except Exception as e:  # the doctor reports what it could not check and goes on
+        report.add(
+            section,
+            what,
+            "fail",
+            f"the check itself failed: {type(e).__name__}: {e}",
+            "send this output with UCCL_TCPX_LOG=info",
+        )
+        return default
+
+
 def diagnose(args, env):
     asked = (args.transport or env.get("UCCL_TCPX_TRANSPORT") or "auto").strip().lower()
     report = Report(asked if asked in engine_checks.TRANSPORTS else "auto")
     host = Host(args.root)
-    known, retired, defaults = engine_checks.load_knobs()
-    engine_checks.check_version(report)
+    guarded(report, "engine", "version", engine_checks.check_version, report)
     if asked not in engine_checks.TRANSPORTS:
         report.add(
             "engine",
@@ -48,21 +62,24 @@ def diagnose(args, env):
             f"UCCL_TCPX_TRANSPORT={asked} is none of auto, socket, tcpx",
             "export UCCL_TCPX_TRANSPORT=auto",
         )
-    engine_checks.check_settings(report, env, known, retired)
-    engine_checks.check_auth(report, env)
-    gpus = host.gpus()
-    if cuda_checks.check_driver(report, host) and host.live and gpus:
-        cuda_checks.check_peer_access(report)
+    knobs = guarded(report, "engine", "settings", engine_checks.load_knobs, default=(set(), set(), []))
+    known, retired, defaults = knobs
+    if known:
+        guarded(report, "engine", "settings", engine_checks.check_settings, report, env, known, retired)
+    guarded(report, "engine", "auth key", engine_checks.check_auth, report, env)
+    gpus = guarded(report, "cuda", "devices", host.gpus, default={})
+    if guarded(report, "cuda", "driver", cuda_checks.check_driver, report, host) and host.live and gpus:
+        guarded(report, "cuda", "peer access", cuda_checks.check_peer_access, report)
     cuda_checks.check_devices(report, host, gpus)
     plugin = None
     if report.transport != "socket":
-        plugin = tcpx_checks.run(report, host, env, defaults, gpus)
+        plugin = guarded(report, "tcpx", "checks", tcpx_checks.run, report, host, env, defaults, gpus)
     gpu = -1 if args.gpu is None else args.gpu
-    engine_checks.check_transport(report, env, report.transport, plugin, gpu)
+    guarded(report, "engine", "transport", engine_checks.check_transport, report, env, report.transport, plugin, gpu)
     if not args.no_nixl:
-        nixl_checks.run(report, env)
+        guarded(report, "nixl", "checks", nixl_checks.run, report, env)
     if args.peer:
-        peer.peer(report, args.peer, args.gpu)
+        guarded(report, "peer", "exchange", peer.peer, report, args.peer, args.gpu)
     return report
 
 
