@@ -26,7 +26,7 @@ def parse(argv):
         help="the transport to judge (default: UCCL_TCPX_TRANSPORT, else auto)",
     )
     ap.add_argument("--root", default="/", help="read sysfs, procfs and libraries under this folder (tests)")
-    ap.add_argument("--gpu", type=int, default=None, help="the GPU the engine serves (default: host memory only)")
+    ap.add_argument("--gpu", type=int, default=None, help="the GPU the engine serves (default: 0 where there are GPUs)")
     ap.add_argument("--serve", action="store_true", help="wait for one --peer and answer it")
     ap.add_argument("--peer", metavar="HOST[:PORT]", help="exchange 64 MiB each way with a --serve")
     ap.add_argument("--port", type=int, default=peer.DEFAULT_PORT, help=f"--serve's port (default {peer.DEFAULT_PORT})")
@@ -74,12 +74,14 @@ def diagnose(args, env):
     plugin = None
     if report.transport != "socket":
         plugin = guarded(report, "tcpx", "checks", tcpx_checks.run, report, host, env, defaults, gpus)
-    gpu = -1 if args.gpu is None else args.gpu
+    # The engine serves a GPU where there is one: TCPX binds a comm to the current GPU, so a
+    # host-memory-only engine is not what a GPU user runs.
+    gpu = args.gpu if args.gpu is not None else (0 if host.live and gpus else -1)
     guarded(report, "engine", "transport", engine_checks.check_transport, report, env, report.transport, plugin, gpu)
     if not args.no_nixl:
         guarded(report, "nixl", "checks", nixl_checks.run, report, env)
     if args.peer:
-        guarded(report, "peer", "exchange", peer.peer, report, args.peer, args.gpu)
+        guarded(report, "peer", "exchange", peer.peer, report, args.peer, None if gpu < 0 else gpu)
     return report
 
 
@@ -87,7 +89,9 @@ def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
     if args.serve:
         try:
-            peer.serve(args.port, args.gpu, sys.stdout)
+            host = Host(args.root)
+            gpu = args.gpu if args.gpu is not None else (0 if host.live and host.gpus() else None)
+            peer.serve(args.port, gpu, sys.stdout)
         except Exception as e:
             print(f"uccl-tcpx-doctor --serve: {e}", file=sys.stderr)
             return 1
