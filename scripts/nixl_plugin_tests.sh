@@ -124,6 +124,13 @@ for key in ("nixl/installed", "nixl/plugin folder", "nixl/agent"):
         sys.exit(f"nixl_plugin_tests: doctor {key}: {c}")
     print(f"doctor {key}: {c['detail']}")
 PY
+  # NIXL's own folder has no TCPX plugin: the doctor says so, with the command that fixes it.
+  own=("$venv"/lib/python3*/site-packages/.nixl_cu*.mesonpy.libs/plugins)
+  if NIXL_PLUGIN_DIR="${own[0]}" UCCL_TCPX_TRANSPORT=socket "$venv/bin/uccl-tcpx-doctor" >"$work/doctor.txt"; then
+    cat "$work/doctor.txt"; echo "nixl_plugin_tests: the doctor passed a folder without our plugin" >&2; exit 1
+  fi
+  grep -q 'has no libplugin_TCPX.so' "$work/doctor.txt" && grep -q 'uccl-tcpx-nixl-plugin-dir' "$work/doctor.txt" ||
+    { cat "$work/doctor.txt"; echo "nixl_plugin_tests: the doctor's verdict on NIXL's own folder" >&2; exit 1; }
 fi
 
 echo "== tests"

@@ -61,7 +61,8 @@ class Side:
         if _engine.conn_is_local(self.ep._conn(conn)):
             return "same-host", []
         links = [ln["link"] for ln in self.ep.conn_link_stats(conn) if ln["out"]["bytes"] or ln["in"]["bytes"]]
-        return ("sockets", links) if links else ("tcpx (net plugin)", [])
+        # The plugin keeps no per-socket counts: its NICs are the ones tcpx/pairing gives the GPU.
+        return ("sockets", links) if links else ("tcpx (net plugin; NICs: those tcpx/pairing gives the GPU)", [])
 
 
 def pattern(seed):
