@@ -904,6 +904,7 @@ fn post_descs(
 /// nothing, when any entry is not of that form (or a size exceeds 32 bits), for the caller's
 /// general path and its messages.
 #[pyfunction]
+#[allow(clippy::too_many_arguments)] // the Python call's own arguments, one each
 fn postv_plain(
     py: Python<'_>,
     conn: usize,
