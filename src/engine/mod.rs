@@ -194,8 +194,8 @@ impl Engine {
     /// these counts instead of by its CPU time.
     #[doc(hidden)]
     pub fn idle_waits(&self) -> IdleWaits {
-        let w = &self.core.waker;
-        IdleWaits { polled: w.idle_polls.load(Ordering::Relaxed), parked: w.parks.load(Ordering::Relaxed) }
+        let idle = &self.core.waker.idle;
+        IdleWaits { polled: idle.polls.load(Ordering::Relaxed), parked: idle.parks.load(Ordering::Relaxed) }
     }
 
     /// Callers' waits on this engine's transfers that ran out a slice (a park or a blocking read

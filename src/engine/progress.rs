@@ -225,7 +225,7 @@ fn run(list: &ConnList, stop: &AtomicBool, waker: &Waker, watch: Duration, idle_
         } else {
             match idle_wait(idle_since) {
                 IdleWait::Poll => {
-                    waker.idle_polls.fetch_add(1, Ordering::Relaxed);
+                    waker.idle.polls.fetch_add(1, Ordering::Relaxed);
                     polled = true;
                     std::thread::yield_now();
                 }
@@ -251,7 +251,7 @@ fn run(list: &ConnList, stop: &AtomicBool, waker: &Waker, watch: Duration, idle_
 /// such a wait meanwhile (under the connection's lock, which the asking takes too) either is seen
 /// here or wakes the thread.
 fn park(conns: &[Arc<Connection>], waker: &Waker, watch: Duration) {
-    waker.parks.fetch_add(1, Ordering::Relaxed);
+    waker.idle.parks.fetch_add(1, Ordering::Relaxed);
     waker.parking_untimed(true);
     if conns.iter().any(|c| c.waits_on_peer()) {
         waker.parking_untimed(false);

@@ -195,7 +195,15 @@ pub struct Waker {
     next_waiter: AtomicU64,
     /// The progress thread's idle waits that polled, and its parks: counted, so that tests see it
     /// poll or park by the event rather than by the CPU time it takes.
-    pub idle_polls: AtomicU64,
+    pub idle: IdleCounts,
+}
+
+/// Counts the polling progress thread bumps on every pass, on a cache line of their own so that
+/// the threads reading the waker's other fields on each completion do not lose theirs to it.
+#[derive(Default)]
+#[repr(align(128))]
+pub struct IdleCounts {
+    pub polls: AtomicU64,
     pub parks: AtomicU64,
 }
 
