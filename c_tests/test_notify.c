@@ -98,7 +98,7 @@ static void test_whole_messages(void) {
   last_error_text(err, sizeof err);
   CHECKF(strstr(err, "out") != NULL, "last error \"%s\"", err);
 
-  REQUIRE(get_whole(got, 3, 10000) == 3);
+  REQUIRE(get_whole(got, 3, DEFAULT_WAIT_MS) == 3);
   for (int i = 0; i < 3; i++) {
     const uccl_notif_v_t *n = &got[i];
     REQUIRE(n->name != NULL && n->msg != NULL);
@@ -215,7 +215,7 @@ int main(void) {
   for (int i = 0; i < k; i++) {
     char what[MSG_SIZE + 32];
     snprintf(what, sizeof what, "notification %d (%.64s)", i, want[i].name);
-    if (!get_one(&got, 10000)) {
+    if (!get_one(&got, DEFAULT_WAIT_MS)) {
       fprintf(stderr, "  %s never arrived\n", what);
       note_failure();
       break;

@@ -40,7 +40,7 @@ int main(void) {
   double stopped_at;
   uccl_engine_t *e;
 
-  test_begin("test_stop_accept", 60);
+  test_begin("test_stop_accept", 100);
   e = make_engine();
   REQUIRE(e);
   memset(&job, 0, sizeof job);
@@ -53,29 +53,28 @@ int main(void) {
   stopped_at = now_ms();
   uccl_engine_stop_accept(e);
 
-  while (!job_done(&job) && now_ms() - stopped_at < 2000.0) sleep_ms(5);
+  /* Nothing but stop_accept ends the accept: the bound only turns a hang into a failure. */
+  while (!job_done(&job) && now_ms() - stopped_at < DEFAULT_WAIT_MS) sleep_ms(5);
   if (!job_done(&job)) {
     /* The thread is stuck inside the library; joining would hang the test. */
-    fprintf(stderr, "accept still blocked 2 s after stop_accept\n");
+    fprintf(stderr, "accept still blocked %d ms after stop_accept\n", DEFAULT_WAIT_MS);
     return 1;
   }
   pthread_join(tid, NULL);
   printf("accept returned %.1f ms after stop_accept\n", job.returned_at - stopped_at);
   CHECK(job.conn == NULL);
-  CHECKF(job.returned_at - stopped_at < 2000.0, "took %.1f ms", job.returned_at - stopped_at);
   CHECKF(job.error[0] != '\0', "last_error is empty in the thread whose accept was stopped");
 
   /* Later accepts return at once instead of blocking. */
   {
     char ip[64], err[512];
     int gpu = -1;
-    double t0 = now_ms();
     uccl_conn_t *c;
-    watchdog_arm(10, "accept after stop_accept");
+    /* A later accept that blocked would block for good: the watchdog fails it. */
+    watchdog_arm(DEFAULT_WAIT_MS / 1000, "accept after stop_accept");
     c = uccl_engine_accept(e, ip, sizeof ip, &gpu);
-    watchdog_arm(60, "test_stop_accept");
+    watchdog_arm(100, "test_stop_accept");
     CHECK(c == NULL);
-    CHECKF(now_ms() - t0 < 2000.0, "a later accept took %.1f ms", now_ms() - t0);
     CHECK(last_error_text(err, sizeof err) > 0 && err[0] != '\0');
     uccl_engine_conn_destroy(c);
   }

@@ -37,5 +37,7 @@ if(UCCL_TCPX_NIXL_PLUGIN)
   foreach(_v IN LISTS UCCL_TCPX_NIXL_VERSIONS)
     install(TARGETS nixl_plugin_tcpx LIBRARY DESTINATION "${CMAKE_INSTALL_LIBDIR}/uccl-tcpx/nixl/${_v}")
   endforeach()
-  install(PROGRAMS "${_nixl_dir}/uccl-tcpx-nixl-plugin-dir" DESTINATION "${CMAKE_INSTALL_BINDIR}")
+  # The same command the Python package installs as a console script.
+  install(PROGRAMS "${_nixl_dir}/../python/uccl_tcpx/nixl_plugin_dir.py"
+    DESTINATION "${CMAKE_INSTALL_BINDIR}" RENAME uccl-tcpx-nixl-plugin-dir)
 endif()

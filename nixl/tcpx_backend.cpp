@@ -437,6 +437,18 @@ public:
                     uint64_t raddr = r.addr + done;
                     uint64_t into = (raddr - rmd->base) % rmd->window;
                     uint64_t piece = std::min<uint64_t>(l.len - done, rmd->window - into);
+                    // A piece that continues the last one on both sides, in the same registrations and
+                    // the same window of the target, extends it: NIXL hands most of a block table over
+                    // unmerged, and every item the engine sees costs it a segment.
+                    if (into != 0 && !req->items.empty() && req->mrs.back() == lmd->mr &&
+                        reinterpret_cast<uint64_t>(req->addrs.back()) + req->sizes.back() == l.addr + done &&
+                        req->items.back().addr + req->items.back().size == raddr &&
+                        std::memcmp(req->items.back().padding, rmd->item.padding, sizeof rmd->item.padding) == 0) {
+                        req->sizes.back() += piece;
+                        req->items.back().size += static_cast<uint32_t>(piece);
+                        done += piece;
+                        continue;
+                    }
                     FifoItem item = rmd->item;
                     item.addr = raddr;
                     item.size = static_cast<uint32_t>(piece);

@@ -7,8 +7,9 @@
 #   scripts/gpu_tests.sh BUNDLE_DIR
 set -uo pipefail
 bundle="$(cd "${1:?usage: scripts/gpu_tests.sh BUNDLE_DIR}" && pwd)"
-# From the repository root, wherever it is started: tests that run a script of scripts/ look for it
-# relative to the working directory once the binary left its build tree.
+# From the repository root, wherever it is started. The test binaries need no source tree: what
+# they read of it (docs/CONFIG.md, the sources' environment reads, scripts/diag/) was embedded when
+# they were built.
 scripts="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$scripts/.."
 export UCCL_TCPX_FAKE_PLUGIN="$bundle/libfake_tcpx.so"

@@ -13,9 +13,13 @@ from the mean. Setups alternate within each round, so load changes hit all of th
 Also, for TCPX: 10,000 descriptors of 4 KiB in one request, the time to prepare (initialize_xfer)
 and to post (transfer) it.
 
+With --kv REGIONSxBLOCKSxPER_REQxBLOCK_SIZE (with --vram too), instead: a reader shaped like vLLM's
+pull mode and its push variant, timed against one descriptor of the same bytes (see kv_measure).
+
 usage: nixl_plugin_bench.py [--rounds N] [--sizes 4K,1M,64M] [--setups tcpx-net,tcpx-local,ucx-tcp,ucx]
                             (with --vram: tcpx-net,tcpx-local,ucx-tcp-cuda,ucx)
                             [--vram I,T] [--json FILE]
+       nixl_plugin_bench.py --kv 8x1024x256x16K [--kv-requests N] [--rounds N] [--setups ...]
 """
 
 import argparse
@@ -165,6 +169,229 @@ def measure(setup, size, many):
         os.environ.update(saved)
 
 
+
+# ---- KV case (--kv): a reader shaped like vLLM's NixlConnector in pull mode ----------------------
+# The target registers REGIONS regions (one per layer x K/V) of BLOCKS blocks each; the initiator
+# has the same layout. The initiator prepares both sides' block lists once (prep_xfer_dlist), then
+# each request READs (pull) or WRITEs (push) PER_REQ random blocks of every region into PER_REQ
+# random blocks of the other side (make_prepped_xfer with index lists, one notification per
+# request). Every byte is checked: READs by the initiator, WRITEs by the target once their
+# notification is in. Anchor, same run and setup: one descriptor of the same bytes, made and posted
+# the same way. Each cell: time from make_prepped_xfer to DONE.
+
+
+def kv_pattern(regions, blocks, block, seed):
+    """The bytes a side's regions start with: a (regions, blocks, block) uint8 array."""
+    return np.random.default_rng(seed).integers(0, 256, size=(regions, blocks, block), dtype=np.uint8)
+
+
+class KvMem:
+    """One side's regions, (regions, blocks, block) bytes: numpy (host memory) or a torch tensor on
+    GPU `gpu`; each region registered on its own, as vLLM registers one per layer and K/V."""
+
+    def __init__(self, shape, seed, gpu=None):
+        self.shape = shape
+        self.kind, self.dev, self.gpu = ("DRAM", 0, None) if gpu is None else ("VRAM", gpu, gpu)
+        host = kv_pattern(*shape, seed)
+        if gpu is None:
+            self.mem = host
+        else:
+            import torch
+
+            self.mem = torch.from_numpy(host).to(f"cuda:{gpu}")
+            torch.cuda.synchronize(self.mem.device)
+
+    def fill(self, seed):
+        host = kv_pattern(*self.shape, seed)
+        if self.gpu is None:
+            self.mem[...] = host
+        else:
+            import torch
+
+            self.mem.copy_(torch.from_numpy(host).to(self.mem.device))
+            torch.cuda.synchronize(self.mem.device)
+
+    def base(self, r):
+        return self.mem[r].ctypes.data if self.gpu is None else self.mem[r].data_ptr()
+
+    def register(self, agent):
+        regions, blocks, block = self.shape
+        regs = [(self.base(r), blocks * block, self.dev, "") for r in range(regions)]
+        agent.register_memory(agent.get_reg_descs(regs, self.kind))
+
+    def blocks(self):
+        """Every block of every region, region-major: index r * blocks + b."""
+        regions, blocks, block = self.shape
+        return [(self.base(r) + b * block, block, self.dev) for r in range(regions) for b in range(blocks)]
+
+    def rows(self):
+        """The bytes as a (regions * blocks, block) numpy array."""
+        block = self.shape[2]
+        if self.gpu is None:
+            return self.mem.reshape(-1, block)
+        import torch
+
+        torch.cuda.synchronize(self.mem.device)
+        return self.mem.cpu().numpy().reshape(-1, block)
+
+
+def kv_target(pipe, setup, shape, gpu):
+    for k, v in SETUPS[setup][2].items():
+        os.environ[k] = v
+    regions, blocks, block, per_req = shape
+    agent = make_agent("target", setup, gpu)
+    mem = KvMem((regions, blocks, block), 2, gpu)
+    mem.register(agent)
+    anchor = KvMem((1, 1, regions * per_req * block), 7, gpu)
+    anchor.register(agent)
+    pipe.send((agent.get_agent_metadata(), mem.blocks(), anchor.blocks()[0], mem.kind))
+    bad = 0
+    notifs = 0
+    src = None  # the initiator's bytes, made at the first check
+    while True:
+        cmd = pipe.recv()
+        if cmd[0] == "done":
+            pipe.send((notifs, bad))
+            break
+        # ("check", tag, remote_idx, local_idx): a WRITE request's blocks, to check once its
+        # notification is in (the notification comes after the data).
+        _, tag, ridx, lidx = cmd
+        deadline = time.monotonic() + 30
+        got = False
+        while not got and time.monotonic() < deadline:
+            for msgs in agent.get_new_notifs().values():
+                notifs += len(msgs)
+                got = got or tag in msgs
+            if not got:
+                time.sleep(0.0002)
+        if src is None:
+            src = kv_pattern(regions, blocks, block, 1).reshape(-1, block)
+        ok = got and np.array_equal(mem.rows()[ridx], src[lidx])
+        bad += 0 if ok else 1
+        pipe.send(ok)
+    os._exit(0)
+
+
+def kv_measure(setup, shape, requests):
+    """{op: [(make s, post s, done s, anchor done s)]} for `requests` requests of each op."""
+    regions, blocks, block, per_req = shape
+    saved = dict(os.environ)
+    os.environ.update(SETUPS[setup][2])
+    ctx = mp.get_context("spawn")
+    pipe, child = ctx.Pipe()
+    proc = ctx.Process(target=kv_target, args=(child, setup, shape, VRAM[1] if VRAM else None), daemon=True)
+    proc.start()
+    try:
+        if not pipe.poll(60):
+            raise RuntimeError("the target did not start")
+        meta, remote_blocks, remote_anchor, remote_kind = pipe.recv()
+        gpu = VRAM[0] if VRAM else None
+        agent = make_agent("initiator", setup, gpu)
+        mem = KvMem((regions, blocks, block), 1, gpu)
+        mem.register(agent)
+        anchor = KvMem((1, 1, regions * per_req * block), 7, gpu)
+        anchor.register(agent)
+        peer = agent.add_remote_agent(meta)
+        local_side = agent.prep_xfer_dlist("", mem.blocks(), mem.kind)
+        remote_side = agent.prep_xfer_dlist(peer, remote_blocks, remote_kind)
+        anchor_local = agent.prep_xfer_dlist("", anchor.blocks(), anchor.kind)
+        anchor_remote = agent.prep_xfer_dlist(peer, [remote_anchor], remote_kind)
+        target_rows = kv_pattern(regions, blocks, block, 2).reshape(-1, block)
+        rng = np.random.default_rng(3)
+        out = {}
+        for op in ("READ", "WRITE"):
+            if op == "WRITE":
+                mem.fill(1)
+            rows = []
+            for i in range(requests + 2):
+                # Random block tables: PER_REQ distinct blocks of each region on both sides.
+                lidx = np.concatenate(
+                    [r * blocks + rng.choice(blocks, per_req, replace=False) for r in range(regions)]
+                )
+                ridx = np.concatenate(
+                    [r * blocks + rng.choice(blocks, per_req, replace=False) for r in range(regions)]
+                )
+                tag = f"{op}:{i}".encode()
+                start = time.perf_counter()
+                handle = agent.make_prepped_xfer(op, local_side, lidx, remote_side, ridx, tag)
+                made = time.perf_counter()
+                state = agent.transfer(handle)
+                posted = time.perf_counter()
+                wait(agent, handle, state)
+                done = time.perf_counter()
+                agent.release_xfer_handle(handle)
+                # The anchor: the same bytes as one descriptor, made and posted alike.
+                a_start = time.perf_counter()
+                a_handle = agent.make_prepped_xfer(op, anchor_local, [0], anchor_remote, [0], tag + b":1")
+                wait(agent, a_handle, agent.transfer(a_handle))
+                a_done = time.perf_counter()
+                agent.release_xfer_handle(a_handle)
+                if op == "READ":
+                    if not np.array_equal(mem.rows()[lidx], target_rows[ridx]):
+                        raise RuntimeError(f"{setup} KV READ {i}: wrong bytes")
+                else:
+                    pipe.send(("check", tag, ridx, lidx))
+                    if not pipe.poll(60) or not pipe.recv():
+                        raise RuntimeError(f"{setup} KV WRITE {i}: wrong bytes or no notification at the target")
+                if i >= 2:
+                    rows.append((made - start, posted - made, done - start, a_done - a_start))
+            out[op] = rows
+        pipe.send(("done",))
+        pipe.recv()
+        return out
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def parse_kv(text):
+    """REGIONSxBLOCKSxPER_REQxBLOCK_SIZE, e.g. 8x1024x256x16K."""
+    parts = text.lower().split("x")
+    if len(parts) != 4:
+        raise ValueError(f"--kv takes REGIONSxBLOCKSxPER_REQxBLOCK_SIZE, not {text!r}")
+    regions, blocks, per_req = (int(p) for p in parts[:3])
+    block = parse_size(parts[3].upper())
+    if min(regions, blocks, per_req, block) <= 0 or per_req > blocks:
+        raise ValueError(f"--kv {text!r}: every number positive and PER_REQ <= BLOCKS")
+    return regions, blocks, block, per_req
+
+
+def kv_main(shape, setups, rounds, requests):
+    regions, blocks, block, per_req = shape
+    n = regions * per_req
+    print(
+        f"KV: {regions} regions x {blocks} blocks of {block >> 10} KiB; each request {n} descriptors "
+        f"({n * block >> 20} MiB), {requests} requests per op and round; anchor: one descriptor of the same bytes"
+    )
+    got = {}  # (setup, op) -> rows over rounds
+    for r in range(rounds):
+        for setup in setups:
+            try:
+                res = kv_measure(setup, shape, requests)
+            except Exception as e:  # a setup that does not run here is reported, not fatal
+                print(f"round {r + 1}: {setup} KV: {e}", file=sys.stderr)
+                continue
+            for op, rows in res.items():
+                got.setdefault((setup, op), []).extend(rows)
+        print(f"KV round {r + 1} of {rounds} done", file=sys.stderr, flush=True)
+    print("| setup | op | make ms | post ms | to DONE ms | GB/s | anchor ms | anchor GB/s | ratio | (make+post)/DONE | x ucx |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (setup, op), rows in got.items():
+        make, post, done, anchor = (statistics.median(col) for col in zip(*rows))
+        ratio = statistics.median(a / d for _, _, d, a in rows)
+        share = statistics.median((m + p) / d for m, p, d, _ in rows)
+        # NIXL's UCX backend on the same requests, same run: its time to DONE over ours.
+        ucx = got.get(("ucx", op))
+        vs_ucx = f"{statistics.median(r[2] for r in ucx) / done:.1f}" if ucx else "-"
+        print(
+            f"| {setup} | {op} | {make * 1e3:.2f} | {post * 1e3:.2f} | {done * 1e3:.2f} | {n * block / done / 1e9:.2f} "
+            f"| {anchor * 1e3:.2f} | {n * block / anchor / 1e9:.2f} | {ratio:.2f} | {share:.2f} | {vs_ucx} |"
+        )
+    return got
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -172,6 +399,8 @@ def main():
     ap.add_argument("--setups", help="comma-separated, of " + ", ".join(SETUPS))
     ap.add_argument("--json", help="also write every measurement here")
     ap.add_argument("--vram", metavar="I,T", help="GPU memory: the initiator's on GPU I, the target's on GPU T")
+    ap.add_argument("--kv", metavar="RxBxPxS", help="the KV case instead of the sizes, e.g. 8x1024x256x16K")
+    ap.add_argument("--kv-requests", type=int, default=10, help="KV requests per op and round")
     args = ap.parse_args()
     global VRAM
     if args.vram:
@@ -179,6 +408,9 @@ def main():
         if len(gpus) != 2 or not all(g.isdigit() for g in gpus):
             ap.error(f"--vram takes two GPU indices, I,T: {args.vram!r}")
         VRAM = (int(gpus[0]), int(gpus[1]))
+    if args.kv:
+        kv_main(parse_kv(args.kv), args.setups.split(","), args.rounds, args.kv_requests)
+        return
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     default = ["tcpx-net", "tcpx-local", "ucx-tcp-cuda" if VRAM else "ucx-tcp", "ucx"]
     setups = args.setups.split(",") if args.setups else default

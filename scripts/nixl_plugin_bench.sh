@@ -5,17 +5,20 @@
 # prints tables (scripts/nixl_plugin_bench.py says what is timed) and checks nothing but that
 # every transfer completed.
 #
-# usage: scripts/nixl_plugin_bench.sh [--nixl VERSION] [--rounds N] [--sizes 4K,1M,64M]
+# usage: scripts/nixl_plugin_bench.sh [--nixl VERSION] [--rounds N] [--sizes 4K,1M,64M] [--kv RxBxPxS]
+#   --kv  also the KV case of nixl_plugin_bench.py (e.g. 8x1024x256x16K: 2,048 blocks of 16 KiB a request)
 # env: NIXL_PLUGIN_TESTS_DIR  work directory shared with nixl_plugin_tests.sh (default target/nixl-plugin)
 set -euo pipefail
 nixl_version=1.4.0
 rounds=3
 sizes=4K,1M,64M
+kv=
 while [[ $# -gt 0 ]]; do
   case "$1" in
   --nixl) nixl_version="$2"; shift 2 ;;
   --rounds) rounds="$2"; shift 2 ;;
   --sizes) sizes="$2"; shift 2 ;;
+  --kv) kv="$2"; shift 2 ;;
   *) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2 ;;
   esac
 done
@@ -37,6 +40,11 @@ echo "== host: $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg); NIXL $nixl_
 echo "== NIXL, $rounds rounds (each cell: the range over rounds)"
 (cd "$work" && NIXL_PLUGIN_DIR="$plugin_dir" "$venv/bin/python" "$repo/scripts/nixl_plugin_bench.py" \
   --rounds "$rounds" --sizes "$sizes" --json "$work/nixl_plugin_bench.json")
+if [[ -n "$kv" ]]; then
+  echo "== NIXL, KV block tables $kv, $rounds rounds"
+  (cd "$work" && NIXL_PLUGIN_DIR="$plugin_dir" "$venv/bin/python" "$repo/scripts/nixl_plugin_bench.py" \
+    --rounds "$rounds" --kv "$kv")
+fi
 echo "== uccl-tcpx-bench, network path"
 "$bench" --ops write,read --sizes "$sizes" --no-baseline
 echo "== uccl-tcpx-bench, same-host path"

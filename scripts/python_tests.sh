@@ -39,6 +39,10 @@ rm -rf "$wheels"
 wheel="$(ls "$wheels"/uccl_tcpx-*.whl)"
 echo "built $wheel"
 
+# The fake NIC stands in for Google's TCPX plugin in the doctor's fake machines (tests/test_doctor.py).
+cargo build --locked -p fake-tcpx
+export UCCL_TCPX_FAKE_PLUGIN="${CARGO_TARGET_DIR:-$repo/target}/debug/libfake_tcpx.so"
+
 echo "=== Python: the package's suite ==="
 fresh_venv "$work/test-env"
 "$work/test-env/bin/python" -m pip install --quiet "$wheel" pytest numpy

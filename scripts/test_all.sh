@@ -30,7 +30,9 @@ scripts/c_tests.sh
 scripts/p2p_symbols.sh "$PWD/target/cmake-stage/lib"
 scripts/sanitize.sh
 scripts/python_tests.sh
-# The NIXL plugin against the stock nixl-cu12 wheels from PyPI: the version it is built for, and the
-# newest, which it supports as well.
+# The NIXL plugin against the stock nixl-cu12 wheels from PyPI: as the Python wheel just built
+# installs it, for each NIXL version it is built for; and as cmake/install.sh installs it.
+for nixl in 1.4.0 1.5.1; do
+  scripts/nixl_plugin_tests.sh --nixl "$nixl" --wheel "$(ls target/python-wheels/uccl_tcpx-*.whl)"
+done
 scripts/nixl_plugin_tests.sh
-scripts/nixl_plugin_tests.sh --nixl 1.5.1

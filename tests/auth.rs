@@ -116,11 +116,10 @@ fn a_peer_without_the_key_or_with_another_is_refused_and_both_sides_say_why() {
     for (what, connector_key, acceptor_key, cause) in cases {
         let (a, b) = (engine(connector_key), engine(acceptor_key));
         ERRORS.lock().unwrap().clear();
-        let started = Instant::now();
+        // Refused by the check itself, not by a handshake timeout (which fails as ErrTimeout).
         let err = a.connect("127.0.0.1", "0", b.address().port()).err().unwrap_or_else(|| panic!("{what}: connected"));
         assert_eq!(err.status(), UcclStatus::ErrNotAllowed, "{what}: {err}");
         assert!(err.message().contains("authentication failed") && err.message().contains(cause), "{what}: {err}");
-        assert!(started.elapsed() < Duration::from_secs(3), "{what}: refused only after {:?}", started.elapsed());
         // The acceptor logs its side as it turns the peer away; the connector logged its error.
         let logged = || {
             let errors = ERRORS.lock().unwrap();

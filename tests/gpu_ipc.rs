@@ -823,3 +823,92 @@ fn vmm_memory_has_no_ipc_info_and_takes_the_network_path() {
     assert_same(&vmm.read(LEN), &pattern(LEN, SEED), "read into our VMM memory");
     assert_eq!(conn.device_copy_batches(), 1);
 }
+
+/// A shuffled block table of `n` blocks.
+fn block_table(n: usize, stream: &str) -> Vec<usize> {
+    let mut rng = common::Rng::new(stream);
+    let mut v: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        v.swap(i, rng.below(i + 1));
+    }
+    v
+}
+
+/// KV-cache traffic on the same-host GPU path between engines of this process, GPU `ga` to GPU
+/// `gb`: random block tables on both ends, one block and 100,000 blocks of an odd size at odd
+/// offsets, read and written, every byte of both buffers checked (each block in its slot, nothing
+/// between), and a table with one block past the window in the middle refused whole.
+fn random_block_tables(ga: i32, gb: i32) {
+    let a = Arc::new(Engine::new(Config { gpu: Some(ga), ..same_host() }).unwrap());
+    let b = Arc::new(Engine::new(Config { gpu: Some(gb), ..same_host() }).unwrap());
+    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+    let _ba = common::accept(&b).unwrap();
+    let theirs = pattern(LEN, SEED);
+    let mut target = Mem::on_gpu(gb, LEN);
+    target.write(0, &theirs);
+    let tmr = b.register(target.addr(), LEN).unwrap();
+    let window = item(&b, tmr, &target);
+    let mut local = Mem::on_gpu(ga, LEN);
+    let mr = a.register(local.addr(), LEN).unwrap();
+    let (slot, block, first) = (160usize, 131usize, 3usize);
+    for count in [1usize, 100_000] {
+        let (mine, remote) = (block_table(count, "gpu-kv-local"), block_table(count, "gpu-kv-remote"));
+        let items: Vec<OneSided> = (0..count)
+            .map(|i| OneSided {
+                mr,
+                addr: local.addr() + first + mine[i] * slot,
+                len: block,
+                remote: at(window, first + remote[i] * slot),
+            })
+            .collect();
+        let total = (count * block) as u64;
+        local.clear();
+        let r = ab.read(&items).unwrap();
+        assert_eq!(waited(&ab, r).unwrap(), total, "read of {count} blocks");
+        let mut expected = vec![0u8; LEN];
+        for i in 0..count {
+            let (l, r) = (first + mine[i] * slot, first + remote[i] * slot);
+            expected[l..l + block].copy_from_slice(&theirs[r..r + block]);
+        }
+        assert_same(&local.read(0, LEN), &expected, &format!("{count} blocks read"));
+
+        let fresh = pattern(LEN, 300 + count as u64);
+        local.write(0, &fresh);
+        let w = ab.write(&items).unwrap();
+        assert_eq!(waited(&ab, w).unwrap(), total, "write of {count} blocks");
+        let mut expected = theirs.clone();
+        for i in 0..count {
+            let (l, r) = (first + mine[i] * slot, first + remote[i] * slot);
+            expected[r..r + block].copy_from_slice(&fresh[l..l + block]);
+        }
+        assert_same(&target.read(0, LEN), &expected, &format!("{count} blocks written"));
+        target.write(0, &theirs);
+    }
+    let table = block_table(10_000, "gpu-kv-bad");
+    let mut items: Vec<OneSided> = (0..10_000)
+        .map(|i| OneSided { mr, addr: local.addr() + i * slot, len: block, remote: at(window, table[i] * slot) })
+        .collect();
+    items[5_000].remote = at(window, LEN - 10);
+    for write in [true, false] {
+        let posted = if write { ab.write(&items) } else { ab.read(&items) };
+        let err = posted.and_then(|id| waited(&ab, id)).unwrap_err();
+        assert_eq!(err.status(), UcclStatus::ErrNotAllowed, "write {write}: {err}");
+    }
+    assert_same(&target.read(0, LEN), &theirs, "the refused tables left the target untouched");
+}
+
+#[test]
+fn random_block_tables_one_gpu() {
+    if no_gpu() {
+        return;
+    }
+    random_block_tables(0, 0);
+}
+
+#[test]
+fn random_block_tables_two_gpus() {
+    if no_gpu() || fewer_gpus_than(2) {
+        return;
+    }
+    random_block_tables(0, 1);
+}

@@ -456,7 +456,7 @@ fn receive_is_in_place_when_reported_and_send_source_is_free_after_done() {
         if sends.len() == 4 {
             // The ring has 4 slots: wait for them before posting more.
             for r in sends.drain(..) {
-                let deadline = Instant::now() + Duration::from_secs(10);
+                let deadline = Instant::now() + testkit::PATIENCE;
                 while s.tx.test(r).unwrap().is_none() {
                     assert!(Instant::now() < deadline, "send stuck");
                 }
@@ -464,7 +464,7 @@ fn receive_is_in_place_when_reported_and_send_source_is_free_after_done() {
         }
     }
     for r in sends {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + testkit::PATIENCE;
         while s.tx.test(r).unwrap().is_none() {
             assert!(Instant::now() < deadline, "send stuck");
         }
@@ -634,7 +634,7 @@ fn every_ring_copy_lands() {
         src.copy_from_host(0, &want).unwrap();
         let dst = DeviceBuffer::new(0, want.len()).unwrap();
         let wait_all = |ring: &StagingRing, taken: &[usize]| {
-            let deadline = Instant::now() + Duration::from_secs(10);
+            let deadline = Instant::now() + testkit::PATIENCE;
             while !taken.iter().all(|&s| ring.copied(s).unwrap()) {
                 assert!(Instant::now() < deadline, "{streams} streams: staging copies did not finish");
             }
@@ -772,7 +772,7 @@ fn ring_gathers_and_scatters_many_pieces_in_every_mode() {
 }
 
 fn wait_copied(ring: &uccl_tcpx::internal::cuda::StagingRing, slot: usize, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + testkit::PATIENCE;
     while !ring.copied(slot).unwrap() {
         assert!(Instant::now() < deadline, "{what}: slot {slot}'s copies did not finish");
     }

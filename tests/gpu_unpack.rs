@@ -541,13 +541,11 @@ fn asking_under_a_lock_neither_waits_nor_builds() {
     }
     let started = Instant::now();
     let builder = std::thread::spawn(|| UnpackKernels::for_device(0).map(drop));
-    // Asked while the other thread builds: each answer comes at once.
-    let (mut asks, mut slowest) = (0, Duration::ZERO);
+    // Asked while the other thread builds: an ask that waited for the build would answer with
+    // the kernels, so answers of none while the build runs show that asks do not wait.
+    let mut asks = 0;
     while !builder.is_finished() {
-        let asked = Instant::now();
-        let answer = UnpackKernels::if_built(0);
-        slowest = slowest.max(asked.elapsed());
-        if answer.is_some() {
+        if UnpackKernels::if_built(0).is_some() {
             break;
         }
         asks += 1;
@@ -555,8 +553,7 @@ fn asking_under_a_lock_neither_waits_nor_builds() {
     }
     builder.join().unwrap().expect("the kernels build");
     let build = started.elapsed();
-    println!("{asks} asks during a build of {build:?}, the slowest answered in {slowest:?}");
+    println!("{asks} asks answered none during a build of {build:?}");
     assert!(asks > 0, "the build ({build:?}) ended before the first ask");
-    assert!(slowest < Duration::from_millis(10), "an ask waited {slowest:?} for the build");
     assert!(matches!(UnpackKernels::if_built(0), Some(Ok(_))), "built once the build ended");
 }

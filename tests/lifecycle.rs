@@ -16,7 +16,7 @@ use common::{PATIENCE, Pair, pattern, wait, wait_done as outcome, within};
 
 const BIG: usize = 64 << 20;
 /// Bound on any single transfer id reaching a final state after a teardown.
-const SETTLE: Duration = Duration::from_secs(20);
+const SETTLE: Duration = PATIENCE;
 
 fn config() -> Config {
     Config {
@@ -134,7 +134,7 @@ fn close_connection_with_64_mib_transfers_in_flight() {
     let (ids, rid) = post_big_transfers(&p, &mut bufs, 1);
     let start = Instant::now();
     let (a, ab) = (p.a.clone(), p.ab.clone());
-    within(Duration::from_secs(10), "close_connection", move || a.close_connection(&ab));
+    within(PATIENCE, "close_connection", move || a.close_connection(&ab));
     let closed_in = start.elapsed();
     // After the close returned no transport touches the initiator's memory.
     let back_then = bufs.back.clone();
@@ -161,7 +161,7 @@ fn peer_closes_while_64_mib_transfers_are_in_flight() {
     let mut bufs = Buffers::new(&p);
     let (ids, rid) = post_big_transfers(&p, &mut bufs, 1);
     let (b, ba) = (p.b.clone(), p.ba.clone());
-    within(Duration::from_secs(10), "close_connection", move || b.close_connection(&ba));
+    within(PATIENCE, "close_connection", move || b.close_connection(&ba));
     // The target closed: nothing may land in its memory any more.
     let target_then = bufs.target.clone();
     let allowed = [UcclStatus::ErrRemoteDisconnect, UcclStatus::ErrBackend];
@@ -282,7 +282,7 @@ fn engine_shutdown_with_connections_and_transfers_open() {
     let pending_recv = ba2.recv(small_mr, small.as_mut_ptr() as usize, small.len()).unwrap();
     let b = p.b.clone();
     let start = Instant::now();
-    within(Duration::from_secs(15), "Engine::shutdown", move || b.shutdown());
+    within(PATIENCE, "Engine::shutdown", move || b.shutdown());
     let shutdown_in = start.elapsed();
     let target_then = bufs.target.clone();
     let failed = settle(&p.ab, &ids, &[UcclStatus::ErrRemoteDisconnect, UcclStatus::ErrBackend]);
@@ -296,14 +296,12 @@ fn engine_shutdown_with_connections_and_transfers_open() {
     // The shut-down engine refuses everything promptly; its old connection handles report the closure.
     let b = p.b.clone();
     assert_eq!(
-        within(Duration::from_secs(10), "accept after shutdown", move || b.accept()).unwrap_err().status(),
+        within(PATIENCE, "accept after shutdown", move || b.accept()).unwrap_err().status(),
         UcclStatus::ErrCanceled
     );
     let b = p.b.clone();
     let port = p.a.address().port();
-    assert!(
-        within(Duration::from_secs(15), "connect after shutdown", move || b.connect("127.0.0.1", "0", port)).is_err()
-    );
+    assert!(within(PATIENCE, "connect after shutdown", move || b.connect("127.0.0.1", "0", port)).is_err());
     assert!(ba2.notify(b"x", b"y").is_err());
     // The survivor notices the peer engine went away on its second connection too.
     common::wait_until("A notices that B shut down", SETTLE, || ab2.notify(b"x", b"y").is_err());
@@ -311,7 +309,7 @@ fn engine_shutdown_with_connections_and_transfers_open() {
     eprintln!("shutdown with 2 connections and {} x 64 MiB posted took {shutdown_in:?}, {failed} cut off", ids.len());
     // Dropping every handle (engines last) returns promptly.
     let Pair { a, b, ab, ba } = p;
-    within(Duration::from_secs(15), "dropping engines and connections", move || {
+    within(PATIENCE, "dropping engines and connections", move || {
         drop((ab, ba, ab2, ba2));
         drop((a, b));
     });
@@ -325,13 +323,13 @@ fn dropping_an_engine_while_holding_its_connections() {
     let dmr = p.b.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();
     let r = p.ba.recv(dmr, dst.as_mut_ptr() as usize, dst.len()).unwrap();
     let Pair { a, b, ab, ba } = p;
-    within(Duration::from_secs(15), "dropping engine B", move || drop(b));
+    within(PATIENCE, "dropping engine B", move || drop(b));
     // B's connection handle outlives its engine: it reports the closure instead of hanging.
     assert_eq!(outcome(&ba, r, SETTLE).unwrap_err().status(), UcclStatus::ErrCanceled);
     assert!(ba.notify(b"n", b"m").is_err());
     assert!(ba.recv(dmr, dst.as_mut_ptr() as usize, 16).is_err());
     common::wait_until("A notices that B went away", SETTLE, || ab.notify(b"n", b"m").is_err());
-    within(Duration::from_secs(15), "dropping the rest", move || drop((ab, ba, a)));
+    within(PATIENCE, "dropping the rest", move || drop((ab, ba, a)));
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -454,13 +452,12 @@ fn stop_accept_racing_handshakes() {
         std::thread::sleep(Duration::from_micros(round * 700));
         b.stop_accept();
         // A blocked accept may have taken one connection before the stop; afterwards it is canceled.
-        let first =
-            blocked.recv_timeout(Duration::from_secs(10)).expect("stop_accept did not release a blocked accept");
+        let first = blocked.recv_timeout(PATIENCE).expect("stop_accept did not release a blocked accept");
         let b3 = b.clone();
-        let later = within(Duration::from_secs(10), "accept after stop_accept", move || b3.accept());
+        let later = within(PATIENCE, "accept after stop_accept", move || b3.accept());
         assert_eq!(later.unwrap_err().status(), UcclStatus::ErrCanceled);
         for h in handles {
-            match within(Duration::from_secs(15), "a connect racing stop_accept", move || h.join()).unwrap() {
+            match within(PATIENCE, "a connect racing stop_accept", move || h.join()).unwrap() {
                 Ok((c, conn)) => {
                     outcomes[0] += 1;
                     c.close_connection(&conn);
@@ -474,7 +471,7 @@ fn stop_accept_racing_handshakes() {
         if let Ok(conn) = first {
             b.close_connection(&conn);
         }
-        within(Duration::from_secs(15), "dropping the engine after stop_accept", move || drop(b));
+        within(PATIENCE, "dropping the engine after stop_accept", move || drop(b));
     }
     eprintln!("connects racing stop_accept: {} completed, {} failed", outcomes[0], outcomes[1]);
 }

@@ -1088,3 +1088,87 @@ fn a_read_copied_on_its_callers_thread_stops_at_deregistration() {
          middle of {mid} copies taken up by the caller and failed {failed} of its reads; both must happen"
     );
 }
+
+/// A shuffled block table: `n` slot numbers in random order.
+fn block_table(n: usize, stream: &str) -> Vec<usize> {
+    let mut rng = common::Rng::new(stream);
+    let mut v: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        v.swap(i, rng.below(i + 1));
+    }
+    v
+}
+
+/// KV-cache traffic to another process of the host: random block tables on both ends, 100,000
+/// blocks of an odd size at odd offsets, and a single block, read and written, every byte of both
+/// buffers checked (each block lands in its slot, nothing between); a table with one bad block in
+/// the middle fails the whole transfer with a status and leaves the target untouched.
+#[test]
+fn random_block_tables_move_every_block_to_its_slot_on_the_same_host_path() {
+    let (_process, port, window, guard) = direct_peer(&[]);
+    let engine = Engine::new(same_host()).unwrap();
+    let conn = checked_connection(&engine, port);
+    let mut buf = vec![0u8; WINDOW];
+    let mr = engine.register(buf.as_mut_ptr() as usize, WINDOW).unwrap();
+    let base = buf.as_ptr() as usize;
+    let theirs = common::pattern(WINDOW, WINDOW_SEED);
+    // Slots of 113 bytes from byte 1, blocks of 67: odd sizes and alignments on both ends.
+    let (slot, block, at) = (113usize, 67usize, 1usize);
+    for count in [1usize, 100_000] {
+        let (mine, remote) = (block_table(count, "kv-local"), block_table(count, "kv-remote"));
+        let items: Vec<OneSided> = (0..count)
+            .map(|i| {
+                let mut item = window;
+                item.addr += (at + remote[i] * slot) as u64;
+                one(mr, base + at + mine[i] * slot, block, item)
+            })
+            .collect();
+        let total = (count * block) as u64;
+
+        buf.fill(0);
+        let r = conn.read(&items).unwrap();
+        assert_eq!(wait(&conn, r).unwrap(), total, "read of {count} blocks");
+        let mut expected = vec![0u8; WINDOW];
+        for i in 0..count {
+            let (l, r) = (at + mine[i] * slot, at + remote[i] * slot);
+            expected[l..l + block].copy_from_slice(&theirs[r..r + block]);
+        }
+        common::assert_same(&buf, &expected, &format!("{count} blocks read"));
+
+        let fresh = common::pattern(WINDOW, 700 + count as u64);
+        buf.copy_from_slice(&fresh);
+        let w = conn.write(&items).unwrap();
+        assert_eq!(wait(&conn, w).unwrap(), total, "write of {count} blocks");
+        // The whole window back, in one piece: each written block in its slot, the rest as it was.
+        buf.fill(0);
+        let r = conn.read(&[one(mr, base, WINDOW, window)]).unwrap();
+        assert_eq!(wait(&conn, r).unwrap(), WINDOW as u64);
+        let mut expected = theirs.clone();
+        for i in 0..count {
+            let (l, r) = (at + mine[i] * slot, at + remote[i] * slot);
+            expected[r..r + block].copy_from_slice(&fresh[l..l + block]);
+        }
+        common::assert_same(&buf, &expected, &format!("{count} blocks written, read back whole"));
+        // Put the window back as the next round expects it.
+        buf.copy_from_slice(&theirs);
+        let w = conn.write(&[one(mr, base, WINDOW, window)]).unwrap();
+        assert_eq!(wait(&conn, w).unwrap(), WINDOW as u64);
+    }
+
+    // One block past the window's end in the middle of 10,000: the transfer fails whole.
+    let table = block_table(10_000, "kv-bad");
+    let mut items: Vec<OneSided> = (0..10_000)
+        .map(|i| {
+            let mut item = window;
+            item.addr += (table[i] * slot) as u64;
+            one(mr, base + i * slot, block, item)
+        })
+        .collect();
+    items[5_000].remote.addr = window.addr + WINDOW as u64 - 10;
+    for write in [true, false] {
+        let posted = if write { conn.write(&items) } else { conn.read(&items) };
+        let err = posted.and_then(|id| wait(&conn, id)).unwrap_err();
+        assert_eq!(err.status(), UcclStatus::ErrNotAllowed, "write {write}: {err}");
+    }
+    assert_guard_untouched(&engine, &conn, guard);
+}

@@ -48,7 +48,8 @@ fn a_dropped_plugin_connection_fails_the_transfer_with_the_plugins_words() {
 #[ignore = "run by its parent with FAKE_TCPX_FAULT set"]
 fn child_dropped_connection() {
     // Each comm's eighth chunk drops the link (setup moves no bytes over plugin comms).
-    let (sent, received, took) = transfer_outcomes(config(Duration::from_secs(20)));
+    // A watchdog far beyond the transfer's bound: a failure by it would say ErrTimeout.
+    let (sent, received, took) = transfer_outcomes(config(Duration::from_secs(600)));
     let errors = [sent.expect_err("send fails"), received.expect_err("receive fails")];
     println!("outcomes after {took:?}: {errors:?}");
     assert!(
@@ -61,7 +62,10 @@ fn child_dropped_connection() {
             .any(|e| e.message().contains("Connection closed by remote peer") || e.message().contains("peer closed")),
         "the plugin's warning or the peer's close is quoted: {errors:?}"
     );
-    assert!(took < Duration::from_secs(20), "failed promptly, not by the watchdog: {took:?}");
+    assert!(
+        errors.iter().all(|e| e.status() != UcclStatus::ErrTimeout),
+        "failed by the drop, not the watchdog: {errors:?}"
+    );
     println!("child checked");
 }
 
@@ -78,6 +82,7 @@ fn child_stalled_comm() {
     let errors = [sent.expect_err("send fails"), received.expect_err("receive fails")];
     println!("outcomes after {took:?}: {errors:?}");
     assert!(errors.iter().any(|e| e.status() == UcclStatus::ErrTimeout), "{errors:?}");
-    assert!(took >= Duration::from_millis(1500) && took < Duration::from_secs(20), "{took:?}");
+    // Not before the watchdog's timeout; `transfer_outcomes` bounds the wait.
+    assert!(took >= Duration::from_millis(1500), "{took:?}");
     println!("child checked");
 }

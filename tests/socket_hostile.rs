@@ -5,7 +5,6 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::time::Duration;
 
 use uccl_tcpx::internal::transport::socket::SocketNet;
 use uccl_tcpx::internal::transport::{ListenComm, MrHandle, Net, NetHandle, RecvComm};
@@ -145,7 +144,7 @@ fn expect_failure_on(
     for b in &bufs {
         assert!(b[posted..].iter().all(|&x| x == 0), "{what}: bytes past the posted receive were written");
     }
-    common::within(Duration::from_secs(10), &format!("{what}: dropping the failed comm"), move || drop(comm));
+    common::within(common::PATIENCE, &format!("{what}: dropping the failed comm"), move || drop(comm));
 }
 
 #[test]

@@ -897,6 +897,78 @@ fn post_descs(
     post_vector(py, conn, write, &mr_v, &ptr_v, &size_v, &fifo_v).map(Some)
 }
 
+/// The arrays of a `writev`/`readv` in their plain form, handled here in one pass: `mr_ids`
+/// (looked up in `mrs`, whose values are `(engine mr, ...)`), `ptrs` and `sizes` lists of ints,
+/// `metas` a list of 64-byte `bytes`, each sent with its size field set to its item's size, as
+/// UCCL's vector calls do. Posts them as one vector transfer and returns its id; None, posting
+/// nothing, when any entry is not of that form (or a size exceeds 32 bits), for the caller's
+/// general path and its messages.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)] // the Python call's own arguments, one each
+fn postv_plain(
+    py: Python<'_>,
+    conn: usize,
+    write: bool,
+    mrs: Bound<'_, pyo3::types::PyDict>,
+    mr_ids: Bound<'_, PyAny>,
+    ptrs: Bound<'_, PyAny>,
+    sizes: Bound<'_, PyAny>,
+    metas: Bound<'_, PyAny>,
+) -> PyResult<Option<u64>> {
+    use pyo3::types::{PyBytes, PyInt, PyList, PyTuple};
+    let lists = (mr_ids.cast_exact::<PyList>(), ptrs.cast_exact::<PyList>(), sizes.cast_exact::<PyList>());
+    let (Ok(mr_ids), Ok(ptrs), Ok(sizes), Ok(metas)) = (lists.0, lists.1, lists.2, metas.cast_exact::<PyList>()) else {
+        return Ok(None);
+    };
+    let n = mr_ids.len();
+    if n == 0 || ptrs.len() != n || sizes.len() != n || metas.len() != n {
+        return Ok(None);
+    }
+    let int = |v: Bound<'_, PyAny>| v.cast_exact::<PyInt>().ok().and_then(|i| i.extract::<u64>().ok());
+    let (mut mr_v, mut ptr_v, mut size_v, mut fifo_v) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    // The last id and its engine region: a vector names one region over and over.
+    let mut last: Option<(u64, u64)> = None;
+    for i in 0..n {
+        let (Some(id), Some(ptr), Some(size)) =
+            (int(mr_ids.get_item(i)?), int(ptrs.get_item(i)?), int(sizes.get_item(i)?))
+        else {
+            return Ok(None);
+        };
+        let mr = match last {
+            Some((known, mr)) if known == id => mr,
+            _ => {
+                let Some(mr) = mrs
+                    .get_item(id)?
+                    .as_ref()
+                    .and_then(|e| e.cast_exact::<PyTuple>().ok())
+                    .and_then(|t| t.get_item(0).ok())
+                    .and_then(|m| m.extract::<u64>().ok())
+                else {
+                    return Ok(None);
+                };
+                last = Some((id, mr));
+                mr
+            }
+        };
+        let meta = metas.get_item(i)?;
+        let (Ok(meta), Ok(size32), Ok(ptr), Ok(size)) =
+            (meta.cast_exact::<PyBytes>(), u32::try_from(size), usize::try_from(ptr), usize::try_from(size))
+        else {
+            return Ok(None);
+        };
+        let Ok(mut fifo) = <[u8; FIFO_LEN]>::try_from(meta.as_bytes()) else {
+            return Ok(None);
+        };
+        fifo[8..12].copy_from_slice(&size32.to_le_bytes());
+        mr_v.push(mr);
+        ptr_v.push(ptr);
+        size_v.push(size);
+        fifo_v.push(Fifo(fifo));
+    }
+    post_vector(py, conn, write, &mr_v, &ptr_v, &size_v, &fifo_v).map(Some)
+}
+
 /// Sends messages (each matched by one peer receive) under one transfer id.
 #[pyfunction]
 fn send(py: Python<'_>, conn: usize, mrs: Vec<u64>, ptrs: Vec<usize>, sizes: Vec<usize>) -> PyResult<u64> {
@@ -1071,6 +1143,7 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(array_ranges, m)?)?;
     m.add_function(wrap_pyfunction!(serialize_descs, m)?)?;
     m.add_function(wrap_pyfunction!(post_descs, m)?)?;
+    m.add_function(wrap_pyfunction!(postv_plain, m)?)?;
     m.add_function(wrap_pyfunction!(deserialize_descs, m)?)?;
     m.add_function(wrap_pyfunction!(make_descs, m)?)?;
     m.add_function(wrap_pyfunction!(recv, m)?)?;

@@ -894,6 +894,15 @@ class Endpoint:
             raise RuntimeError("All input vectors/lists must have length num_iovs")
         if n == 0:
             raise RuntimeError("num_iovs must be positive")
+        # Plain lists (ints, 64-byte bytes, known regions) are read and posted in one pass in the
+        # extension; anything else takes the checks below and their messages.
+        try:
+            eid = _engine.postv_plain(conn, write, self._mrs, mr_id_v, ptr_v, size_v, meta_blob_v)
+        except RuntimeError as e:
+            _log.error("%s: %s", "writev" if write else "readv", e)
+            return conn, None
+        if eid is not None:
+            return conn, eid
         mrs = [self._engine_mr(m) for m in mr_id_v]
         ptrs, sizes = _ints(ptr_v, "ptr_v"), _ints(size_v, "size_v")
         metas = [_resized(_meta(m), s) for m, s in zip(meta_blob_v, sizes)]

@@ -725,7 +725,7 @@ mod tests {
             route: Route::Transport,
             net: net.clone(),
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + testkit::PATIENCE;
         let (a_side, b_side) = sides.split_at_mut(1);
         let (mut a_control, mut b_control) = stream_pair();
         let (mut a, mut b) = std::thread::scope(|s| {

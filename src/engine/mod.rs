@@ -17,6 +17,7 @@ mod one_sided;
 mod path;
 mod plan;
 mod progress;
+pub use progress::IdleWaits;
 pub mod region;
 mod route;
 pub mod same_host;
@@ -183,6 +184,22 @@ impl Engine {
     /// creating the engine), so it never changes after the first call; the GPU part is advisory.
     pub fn metadata(&self) -> String {
         self.metadata.get_or_init(|| format!("{}?{}", self.advertised, self.core.gpu.identity().1)).clone()
+    }
+
+    /// How the progress thread waited once idle so far: for tests, which see it poll or park by
+    /// these counts instead of by its CPU time.
+    #[doc(hidden)]
+    pub fn idle_waits(&self) -> IdleWaits {
+        let idle = &self.core.waker.idle;
+        IdleWaits { polled: idle.polls.load(Ordering::Relaxed), parked: idle.parks.load(Ordering::Relaxed) }
+    }
+
+    /// Callers' waits on this engine's transfers that ran out a slice (a park or a blocking read
+    /// of the control stream that nothing ended): a lost wake-up or hand-over shows as these, which
+    /// tests count instead of timing the waits.
+    #[doc(hidden)]
+    pub fn wait_slices_run_out(&self) -> u64 {
+        self.core.transfers.slices_run_out()
     }
 
     /// The GPU this engine serves, once chosen.

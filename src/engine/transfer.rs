@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
@@ -32,6 +32,8 @@ pub struct Transfer {
     /// The callers parked until the transfer finished (`park_until_finished`): every one, so that
     /// two threads waiting on one transfer both wake at its end.
     parked: Mutex<Vec<std::thread::Thread>>,
+    /// The engine's count of callers' waits that ran out their slice (`TransferTable::run_out`).
+    run_out: Arc<AtomicU64>,
 }
 
 /// How the parts of a transfer end, as far as a waiting caller is concerned.
@@ -133,15 +135,25 @@ impl Transfer {
     }
 
     /// Parks the calling thread for at most `limit`, or until the transfer finished (whoever
-    /// finishes it unparks the thread) or anything else unparks it.
-    pub fn park_until_finished(&self, limit: Duration) {
+    /// finishes it unparks the thread) or anything else unparks it. True when it waited out all of
+    /// `limit` and the transfer is still in progress.
+    pub fn park_until_finished(&self, limit: Duration) -> bool {
         let me = std::thread::current();
         let id = me.id();
         self.parked.lock().push(me);
+        let start = Instant::now();
         if !self.is_finished() {
             std::thread::park_timeout(limit);
         }
         self.parked.lock().retain(|t| t.id() != id);
+        !self.is_finished() && start.elapsed() >= limit
+    }
+
+    /// A caller's wait for this transfer (a slice of it: a park, a blocking read of the control
+    /// stream) ran out with nothing that ends it: counted, because a wake-up or a hand-over that
+    /// was lost shows as such waits, which tests look for by the count instead of by the time.
+    pub fn slice_ran_out(&self) {
+        self.run_out.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn is_finished(&self) -> bool {
@@ -157,7 +169,10 @@ impl Transfer {
     fn wait(&self, timeout: Duration) -> bool {
         let mut p = self.state.lock();
         if p.remaining > 0 {
-            self.finished.wait_for(&mut p, timeout);
+            let timed_out = self.finished.wait_for(&mut p, timeout).timed_out();
+            if timed_out && p.remaining > 0 {
+                self.slice_ran_out();
+            }
         }
         p.remaining == 0
     }
@@ -173,10 +188,17 @@ impl std::fmt::Debug for Transfer {
 pub struct TransferTable {
     live: Mutex<HashMap<u64, Arc<Transfer>>>,
     next_id: AtomicU64,
+    /// Callers' waits on this engine's transfers that ran out their slice (`Transfer::slice_ran_out`).
+    run_out: Arc<AtomicU64>,
 }
 
 impl TransferTable {
     /// A transfer of `parts` parts on connection `conn`, reported to `counted` when it ends.
+    /// Callers' waits that ran out their slice so far (`Transfer::slice_ran_out`).
+    pub fn slices_run_out(&self) -> u64 {
+        self.run_out.load(Ordering::Relaxed)
+    }
+
     pub fn create(&self, conn: u64, parts: usize, counted: Option<Counted>) -> Arc<Transfer> {
         debug_assert!(parts > 0, "a transfer of no parts would never end");
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
@@ -194,6 +216,7 @@ impl TransferTable {
             unanswered: AtomicUsize::new(0),
             chunk_parts: AtomicUsize::new(0),
             parked: Mutex::default(),
+            run_out: self.run_out.clone(),
         });
         self.live.lock().insert(id, t.clone());
         t
@@ -317,28 +340,34 @@ mod tests {
         h.join().unwrap();
     }
 
-    /// A caller parked on a transfer is unparked by whoever finishes its last part, long before its
-    /// limit; once finished, it does not park at all.
+    /// A caller parked on a transfer is unparked by whoever finishes its last part, never by its
+    /// limit (a park that ran out says so, and counts); once finished, it does not park at all.
     #[test]
     fn a_parked_caller_wakes_when_the_last_part_finishes() {
         let t = TransferTable::default();
         let x = t.create(1, 2, None);
+        // Waits that nothing ends run out, and say so (the table counts them).
+        assert!(x.park_until_finished(Duration::from_millis(1)), "a park nothing ended");
+        x.slice_ran_out();
+        assert!(!x.wait(Duration::from_millis(1)), "a wait nothing ended");
+        assert_eq!(t.slices_run_out(), 2, "the ran-out slice and the wait, not the park itself");
         x.finish_part(Ok(1));
-        let start = std::time::Instant::now();
         std::thread::scope(|s| {
             s.spawn(|| {
                 std::thread::sleep(Duration::from_millis(30));
                 x.finish_part(Ok(2));
             });
             while !x.is_finished() {
-                x.park_until_finished(Duration::from_secs(20));
+                assert!(!x.park_until_finished(Duration::from_secs(20)), "woken by the limit, not the finish");
             }
         });
-        assert!(start.elapsed() < Duration::from_secs(10), "woken by the finish, not the limit");
-        let start = std::time::Instant::now();
-        x.park_until_finished(Duration::from_secs(20));
-        assert!(start.elapsed() < Duration::from_secs(10), "a finished transfer parks nobody");
+        // A park of a finished transfer that waited would outlast the test's patience.
+        let finished = x.clone();
+        testkit::within(testkit::PATIENCE, "a park of a finished transfer", move || {
+            finished.park_until_finished(Duration::from_secs(3600))
+        });
         assert_eq!(t.poll(1, x.id).unwrap(), Some(3));
+        assert_eq!(t.slices_run_out(), 2, "no wait ran out once the finish woke it");
     }
 
     /// Two callers parked on one transfer both wake when it finishes, long before their limit.
@@ -351,12 +380,12 @@ mod tests {
             let waiters: Vec<_> = (0..2)
                 .map(|_| {
                     s.spawn(|| {
-                        let start = std::time::Instant::now();
                         parking.fetch_add(1, Ordering::SeqCst);
+                        let mut ran_out = 0;
                         while !x.is_finished() {
-                            x.park_until_finished(Duration::from_secs(20));
+                            ran_out += usize::from(x.park_until_finished(Duration::from_secs(20)));
                         }
-                        start.elapsed()
+                        ran_out
                     })
                 })
                 .collect();
@@ -366,7 +395,7 @@ mod tests {
             x.finish_part(Ok(1));
             waiters.into_iter().map(|w| w.join().unwrap()).collect::<Vec<_>>()
         });
-        assert!(waited.iter().all(|w| *w < Duration::from_secs(10)), "woken by the finish, not the limit: {waited:?}");
+        assert_eq!(waited, [0, 0], "parks that ran out their limit: woken by the limit, not the finish");
     }
 
     /// Which parts end how is counted as they are posted, possibly in several goes.

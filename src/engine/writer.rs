@@ -399,7 +399,7 @@ mod tests {
             endpoint.0.send_all(batch).unwrap();
             std::thread::sleep(Duration::from_millis(2));
         }
-        endpoint.0.finish(Duration::from_secs(20));
+        endpoint.0.finish(testkit::PATIENCE);
         let got = reading.join().unwrap();
         assert!(got == expected, "the bytes that arrived differ from the frames sent");
     }
@@ -424,7 +424,7 @@ mod tests {
             msg.encode(&mut expected);
             endpoint.0.send(&msg).unwrap();
         }
-        endpoint.0.finish(Duration::from_secs(20));
+        endpoint.0.finish(testkit::PATIENCE);
         assert!(
             endpoint.0.queue.lock().bytes.is_empty() && !endpoint.0.queue.lock().handed,
             "finish waited for the queue"

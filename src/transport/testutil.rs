@@ -19,7 +19,7 @@ pub(crate) fn loopback_socket_net() -> SocketNet {
 pub(crate) fn pair(net: &dyn Net) -> (Box<dyn SendComm>, Box<dyn RecvComm>) {
     let (mut handle, mut listen) = net.listen(0).unwrap();
     let send = net.connect(0, &mut handle).unwrap().expect("socket connect completes at once");
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + testkit::PATIENCE;
     loop {
         if let Some(recv) = listen.accept().unwrap() {
             return (send, recv);
@@ -31,7 +31,7 @@ pub(crate) fn pair(net: &dyn Net) -> (Box<dyn SendComm>, Box<dyn RecvComm>) {
 
 /// Polls `f` (a request's `test`) until it reports done, failing the test after 10 s.
 pub(crate) fn until<T>(mut f: impl FnMut() -> crate::Result<Option<T>>) -> crate::Result<T> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + testkit::PATIENCE;
     loop {
         if let Some(v) = f()? {
             return Ok(v);

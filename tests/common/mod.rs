@@ -23,6 +23,19 @@ pub fn threads() -> usize {
     testkit::threads::count_named("uccl")
 }
 
+/// How often the library's threads woke (and slept again) over `idle`, counted by the kernel
+/// once every one of them sleeps: a loaded host may delay a thread's last work, but adds no wake-up.
+pub fn library_wakeups_while_idle(idle: Duration) -> u64 {
+    let asleep = || {
+        let names = testkit::threads::named("uccl");
+        names.iter().all(|&tid| testkit::threads::state(tid).is_none_or(|s| s != 'R'))
+    };
+    wait_until("every library thread sleeps", PATIENCE, asleep);
+    let before = testkit::cost::wakeups("uccl");
+    std::thread::sleep(idle);
+    testkit::cost::wakeups("uccl").saturating_sub(before)
+}
+
 /// Waits until the thread count is back to `baseline`, failing after `limit`.
 pub fn threads_settle(baseline: usize, limit: Duration) {
     if testkit::poll::poll(limit, || (threads() <= baseline).then_some(())).is_none() {

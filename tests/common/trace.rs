@@ -18,13 +18,30 @@ pub fn files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// Runs `scripts/diag/<script>` with `args`; fails the test unless it succeeds. Returns its output.
+/// The scripts of `scripts/diag/` that tests run, and those they import, as they were when the
+/// test binary was built: a binary copied off its build tree (the GPU suite's bundle) runs them
+/// with no source tree where it runs.
+const SCRIPTS: [(&str, &str); 5] = [
+    ("flow_timeline.py", include_str!("../../scripts/diag/flow_timeline.py")),
+    ("socket_balance.py", include_str!("../../scripts/diag/socket_balance.py")),
+    ("socket_timeline.py", include_str!("../../scripts/diag/socket_timeline.py")),
+    ("trace_events.py", include_str!("../../scripts/diag/trace_events.py")),
+    ("trace_summary.py", include_str!("../../scripts/diag/trace_summary.py")),
+];
+
+/// Runs `scripts/diag/<script>` with `args`, from a folder of its own holding the embedded
+/// scripts; fails the test unless it succeeds. Returns its output.
 pub fn run_script(script: &str, args: &[&str]) -> String {
-    // From the source tree this was built in, or from the one a copied test binary runs in.
-    let built = format!("{}/scripts/diag/{script}", env!("CARGO_MANIFEST_DIR"));
-    let here = format!("scripts/diag/{script}");
-    let path = [built, here].into_iter().find(|p| Path::new(p).exists()).expect("scripts/diag in the source tree");
-    let run = std::process::Command::new("python3").arg(&path).args(args).output().expect("python3 runs");
+    assert!(SCRIPTS.iter().any(|(name, _)| *name == script), "{script} is not among the embedded scripts");
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("uccl-diag-{}-{run}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, text) in SCRIPTS {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    let run = std::process::Command::new("python3").arg(dir.join(script)).args(args).output().expect("python3 runs");
+    let _ = std::fs::remove_dir_all(&dir);
     let out = String::from_utf8_lossy(&run.stdout).into_owned();
     assert!(run.status.success(), "{script} failed:\n{out}{}", String::from_utf8_lossy(&run.stderr));
     print!("{out}");

@@ -15,8 +15,9 @@ use crate::common::{self, PATIENCE, Pair, Rng, accept, pattern, threads, threads
 
 /// Bound on connection setup for the engines under attack: abandoned handshakes end this quickly.
 const SETUP_TIMEOUT: Duration = Duration::from_millis(1500);
-/// How long past `SETUP_TIMEOUT` an engine may take to drop a connection it gave up on.
-const SLACK: Duration = Duration::from_secs(4);
+/// How long past `SETUP_TIMEOUT` the tests wait for an engine to drop a connection it gave up on:
+/// only a bound on a hang, which a loaded host must not reach.
+const SLACK: Duration = PATIENCE;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -417,7 +418,7 @@ fn two_hundred_connections_opened_and_dropped() {
 /// The handshake timeout of the engine the silent flood targets: long enough that a loaded machine
 /// opens all 200 connections, probes the engine with a real peer and counts its threads before the
 /// first of them time out.
-const FLOOD_SETUP_TIMEOUT: Duration = Duration::from_secs(12);
+const FLOOD_SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[test]
 fn two_hundred_silent_connections_held_at_once() {
@@ -429,7 +430,6 @@ fn two_hundred_silent_connections_held_at_once() {
     let held: Vec<TcpStream> =
         (0..200).map(|_| TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap()).collect();
     eprintln!("200 silent connections opened in {:?}", opened.elapsed());
-    assert!(opened.elapsed() < FLOOD_SETUP_TIMEOUT, "the flood took longer than the handshake timeout");
     // A real peer still gets through while all of them wait for their Hello, which costs no thread
     // and no listener: they wait in the accept loop.
     assert_accepts_new_peers(&p.b);
@@ -443,7 +443,15 @@ fn two_hundred_silent_connections_held_at_once() {
     let now = testkit::poll::poll(pending, || Some((threads(), common::listening_sockets())).filter(|&n| settled(n)))
         .unwrap_or_else(|| (threads(), common::listening_sockets()));
     assert!(settled(now), "(threads, listening sockets) with 200 connections pending: {now:?}, {baseline:?} before");
-    assert!(opened.elapsed() < FLOOD_SETUP_TIMEOUT, "counted only after the first silent connections timed out");
+    // Counted while all 200 were pending: none is closed even now (the engine closes one at its
+    // handshake timeout, which a host loaded enough to open them slowly may have let pass).
+    for (i, s) in held.iter().enumerate() {
+        s.set_nonblocking(true).unwrap();
+        let mut byte = [0u8; 1];
+        let pending = matches!((&*s).read(&mut byte), Err(e) if e.kind() == ErrorKind::WouldBlock);
+        assert!(pending, "silent connection {i} was dropped before the count: counted too late to tell");
+        s.set_nonblocking(false).unwrap();
+    }
     for mut s in held {
         let reply = read_reply(&mut s, FLOOD_SETUP_TIMEOUT + SLACK);
         assert!(reply.closed && reply.bytes.is_empty());
@@ -688,7 +696,7 @@ impl FakePeer {
 
     /// The next control message from the engine, `None` once it closed the stream.
     fn recv(&mut self) -> Option<Control> {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + PATIENCE;
         loop {
             match decode_frame(&self.inbox).expect("the engine sent a malformed control frame") {
                 Some((msg, used)) => {
@@ -697,7 +705,7 @@ impl FakePeer {
                 }
                 None => {
                     let left = deadline.saturating_duration_since(Instant::now());
-                    assert!(!left.is_zero(), "no control message from the engine within 10 s");
+                    assert!(!left.is_zero(), "no control message from the engine within {PATIENCE:?}");
                     self.control.set_read_timeout(Some(left)).unwrap();
                     let mut buf = [0u8; 4096];
                     match self.control.read(&mut buf) {
@@ -713,7 +721,7 @@ impl FakePeer {
 
     /// The engine closed the control stream (after a Close or nothing) within the bound.
     fn expect_closed(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + PATIENCE;
         while Instant::now() < deadline {
             match self.recv() {
                 None => return,
@@ -799,38 +807,39 @@ fn a_peer_silent_after_a_write_request_is_cut_off_at_the_stall_timeout() {
     let (_mem, start) = announce_unsent_write(&p, &mut fake);
     fake.expect_closed();
     let took = start.elapsed();
+    // Not before the timeout (a loaded host only makes it later; `expect_closed` bounds the wait).
     assert!(took >= timeout, "cut off after {took:?}, before the stall timeout");
-    // The watch looks every sixteenth of the timeout; the rest is a loaded host's slack.
-    assert!(took < timeout + Duration::from_secs(5), "cut off only after {took:?}");
     assert_pair_works(&p, 16);
 }
 
 /// A peer that announces a write and then sends none of its chunks leaves the engine's receives
-/// posted for good: with UCCL_TCPX_PROGRESS_POLL_US set, the progress thread polls for them (taking
-/// CPU time) only until the bound has passed since it last woke, then parks (taking none) while the
-/// stall timeout is still far.
+/// posted for good: with UCCL_TCPX_PROGRESS_POLL_US set, the progress thread polls for them only
+/// until the bound has passed since it last woke, then parks while the stall timeout is still far.
+/// The engine's count of its idle waits shows which it did: a loaded host changes how much CPU a
+/// poll gets, not whether the thread polls or parks.
 #[test]
 fn chunks_that_never_complete_are_polled_for_only_up_to_the_bound() {
     let _serial = serial();
-    let bound = Duration::from_millis(400);
-    let p = pair_with(Config { timeout: Duration::from_secs(60), progress_poll: bound, ..config() });
+    // Long enough that the thread woken by the request is still within it when its idle passes
+    // end, however loaded the host; the stall watch (a sixteenth of the timeout) wakes it no
+    // sooner than the test ends.
+    let bound = Duration::from_secs(1);
+    let p = pair_with(Config { timeout: Duration::from_secs(600), progress_poll: bound, ..config() });
     let (mut fake, _conn) = fake_peer(&p);
-    let (_mem, start) = announce_unsent_write(&p, &mut fake);
-    let polling = testkit::cost::idle(Duration::from_millis(20), Duration::from_millis(200)).cpu;
-    std::thread::sleep((start + bound + Duration::from_millis(200)).saturating_duration_since(Instant::now()));
-    let parked = testkit::cost::idle(Duration::ZERO, Duration::from_secs(1)).cpu;
-    eprintln!("receives outstanding: {polling:?} of CPU in 200 ms within the bound, {parked:?} in 1 s past it");
-    // Polling, the thread runs at every turn the scheduler gives it, so it takes CPU time even on a
-    // loaded host, where each turn is short (it yields at once): at least a millisecond in 200 ms,
-    // and per second many times what it takes parked. Parked it takes next to nothing (a thread
-    // that polled on would take most of the second).
-    assert!(polling >= Duration::from_millis(1), "{polling:?} of CPU while the thread should poll");
-    let (polling_rate, parked_rate) = (polling.as_secs_f64() / 0.2, parked.as_secs_f64());
-    assert!(
-        polling_rate >= 10.0 * parked_rate,
-        "{polling:?} in 200 ms polling is not well above {parked:?} in 1 s parked"
-    );
-    assert!(parked < Duration::from_millis(60), "{parked:?} of CPU after the bound");
+    let before = p.b.idle_waits();
+    let (_mem, _start) = announce_unsent_write(&p, &mut fake);
+    // It polls for the receives, then parks past the bound with them still posted.
+    let polling = common::eventually("the progress thread polls for the chunks", PATIENCE, || {
+        Some(p.b.idle_waits()).filter(|w| w.polled > before.polled)
+    });
+    let parked = common::eventually("the progress thread parks past the bound", PATIENCE, || {
+        Some(p.b.idle_waits()).filter(|w| w.parked > polling.parked)
+    });
+    // Parked, it polls no more.
+    std::thread::sleep(Duration::from_millis(300));
+    let later = p.b.idle_waits();
+    eprintln!("receives outstanding: idle waits {before:?} before, {parked:?} once parked, {later:?} later");
+    assert_eq!(later, parked, "the thread polled or woke again past the bound");
     fake.send(&Control::Close);
     fake.expect_closed();
     assert_pair_works(&p, 18);
@@ -851,13 +860,12 @@ fn a_caller_waiting_on_an_unserved_read_is_released_when_the_peer_hangs_up() {
         let remote = p.b.prepare_fifo(mr, dst.as_mut_ptr() as usize, dst.len()).unwrap();
         let id = conn.read(&[OneSided { mr, addr: dst.as_mut_ptr() as usize, len: dst.len(), remote }]).unwrap();
         assert!(matches!(fake.recv(), Some(Control::ReadRequest { .. })));
-        let waiter = testkit::threads::spawn_blocked("Connection::wait", move || (conn.wait(id), Instant::now()));
-        let hung_up = Instant::now();
+        let waiter = testkit::threads::spawn_blocked("Connection::wait", move || conn.wait(id));
         drop(fake);
-        let (outcome, returned) = waiter.join().unwrap();
-        assert!(outcome.is_err(), "caller_completes {caller_completes}: the read cannot have succeeded");
-        let waited = returned.saturating_duration_since(hung_up);
-        assert!(waited < Duration::from_secs(3), "caller_completes {caller_completes}: released after {waited:?}");
+        // Released by the hang-up, not by the stall timeout (which fails it as a timeout).
+        let outcome = testkit::within(PATIENCE, "the wait released by the hang-up", move || waiter.join().unwrap());
+        let err = outcome.expect_err("the read cannot have succeeded");
+        assert_ne!(err.status(), UcclStatus::ErrTimeout, "caller_completes {caller_completes}: {err}");
         assert_pair_works(&p, 17);
     }
 }

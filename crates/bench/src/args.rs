@@ -100,6 +100,11 @@ pub struct Args {
     /// as the blocks of a KV cache are, instead of side by side
     #[arg(long, value_name = "SIZE", value_parser = size)]
     pub scatter: Option<usize>,
+    /// KV-cache block tables (needs --scatter): the region is cut into --num-iovs blocks and each
+    /// end places the pieces in its own shuffled order of them, as a serving stack's random block
+    /// tables do; bytes are checked, and the same bytes in one piece are timed in the same run
+    #[arg(long, requires = "scatter")]
+    pub kv: bool,
     /// Machine-readable results on stdout instead of the tables
     #[arg(long)]
     pub json: bool,
@@ -275,7 +280,8 @@ impl Args {
 
     /// Where the pieces of a transfer of `size` bytes in `iovs` pieces lie.
     pub fn layout(&self, size: usize, iovs: usize) -> Result<Layout, String> {
-        Layout::new(size, iovs, self.scatter, self.depth)
+        let layout = Layout::new(size, iovs, self.scatter, self.depth)?;
+        Ok(if self.kv { layout.with_tables(false) } else { layout })
     }
 
     /// Bytes each end registers: every slot of the largest size, or the scatter region.

@@ -298,9 +298,10 @@ impl Run<'_> {
         // At least one pass over every slot of the pipeline, so no slot is first used while timed.
         let warmup = (iters / 10).clamp(1, 10).max(self.args.depth);
         let (depth, seed) = (self.args.depth, self.seed);
-        let Layout { size, iovs, stride } = self.layout;
+        let Layout { size, iovs, stride, .. } = self.layout;
         let count = 1 + warmup + iters;
-        self.ctl.send(&format!("OP {} {size} {count} {depth} {iovs} {seed} {stride}", self.op.name()))?;
+        let kv = u8::from(self.layout.shuffled());
+        self.ctl.send(&format!("OP {} {size} {count} {depth} {iovs} {seed} {stride} {kv}", self.op.name()))?;
         self.ctl.expect("GO")?;
         match self.op {
             Op::Read => self.mem.zero(&self.layout)?,
@@ -390,9 +391,10 @@ impl Run<'_> {
             Op::Write | Op::Read => Items::OneSided(
                 self.layout
                     .pieces(slot)
-                    .map(|r| {
+                    .zip(self.layout.peer().pieces(slot))
+                    .map(|(r, theirs)| {
                         let mut remote = self.fifo;
-                        remote.addr += r.start as u64;
+                        remote.addr += theirs.start as u64;
                         remote.size = r.len() as u32;
                         OneSided { mr: self.mr, addr: base + r.start, len: r.len(), remote }
                     })

@@ -1,6 +1,8 @@
 //! Where the pieces of one transfer lie in the bench's buffer (the same offsets on both ends): side
 //! by side, or (`--scatter`) spread over a region, as the blocks of a KV cache are, so that neither
-//! end sees two pieces next to each other. Every transfer in flight has its own slot.
+//! end sees two pieces next to each other. Every transfer in flight has its own slot. With `--kv`
+//! the pieces follow block tables: piece k lies in block `table(k)` of the region, a different
+//! shuffle on each end, as a serving stack's random block tables are.
 
 use std::ops::Range;
 
@@ -10,8 +12,60 @@ pub struct Layout {
     pub size: usize,
     /// Pieces per transfer.
     pub iovs: usize,
-    /// Distance between the starts of consecutive pieces; 0: side by side.
+    /// Distance between the starts of consecutive blocks; 0: side by side.
     pub stride: usize,
+    /// Which block each piece lies in (scattered layouts only).
+    pub table: Table,
+}
+
+/// A block table: piece k lies in block `(k * mult + add) % iovs`. The multiplier is coprime to
+/// the block count, so every block is used once; far from 1 and from the count, so that no two
+/// pieces consecutive in the transfer are neighbours in memory, nor in address order. The
+/// initiator's and the target's tables differ, so a piece never sits at the same offset on both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Table {
+    mult: usize,
+    add: usize,
+}
+
+impl Table {
+    /// Piece k in block k.
+    pub const IN_ORDER: Table = Table { mult: 1, add: 0 };
+
+    /// The initiator's table (`target`: the target's) for `n` blocks. The target's multiplier is
+    /// also picked so that at most about one piece in a hundred has the same block on both ends.
+    pub fn shuffled(n: usize, target: bool) -> Table {
+        let coprime_from = |from: usize, ok: &dyn Fn(usize) -> bool| {
+            let mut mult = from.max(1);
+            while gcd(mult, n) != 1 || !ok(mult) && mult < from + n {
+                mult += 1;
+            }
+            mult
+        };
+        let initiator = coprime_from(n * 5 / 8, &|_| true);
+        if !target {
+            return Table { mult: initiator, add: 0 };
+        }
+        // k * (m1 - m2) = add (mod n) has gcd(m1 - m2, n) solutions if that divides add, else none.
+        let add = (n / 2) | 1;
+        let few = |mult: usize| {
+            let g = gcd(initiator.abs_diff(mult), n);
+            !add.is_multiple_of(g) || g <= (n / 128).max(1)
+        };
+        Table { mult: coprime_from(n * 3 / 8, &few), add: add % n.max(1) }
+    }
+
+    fn block(self, k: usize, n: usize) -> usize {
+        if self == Table::IN_ORDER {
+            k
+        } else {
+            ((k as u128 * self.mult as u128 + self.add as u128) % n as u128) as usize
+        }
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// Scattered pieces start on page boundaries where the region leaves room, as the blocks of a KV
@@ -27,8 +81,8 @@ impl Layout {
         if iovs == 0 || iovs > size || depth == 0 {
             return Err(format!("{size} bytes cannot be cut into {iovs} pieces"));
         }
-        let Some(scatter) = scatter else { return Ok(Layout { size, iovs, stride: 0 }) };
-        let room = |align: usize| Layout { size, iovs, stride: scatter / iovs / align * align };
+        let Some(scatter) = scatter else { return Ok(Layout { size, iovs, stride: 0, table: Table::IN_ORDER }) };
+        let room = |align: usize| Layout { size, iovs, stride: scatter / iovs / align * align, table: Table::IN_ORDER };
         let paged = room(PAGE);
         let layout = if paged.stride >= depth * paged.max_piece() { paged } else { room(SCATTER_ALIGN) };
         if layout.stride < depth * layout.max_piece() {
@@ -43,11 +97,29 @@ impl Layout {
 
     /// The layout carried by the bench's control protocol (`stride` as sent, 0 for side by side).
     pub fn from_wire(size: usize, iovs: usize, stride: usize, depth: usize) -> Result<Layout, String> {
-        let layout = Layout { size, iovs, stride };
+        let layout = Layout { size, iovs, stride, table: Table::IN_ORDER };
         if iovs == 0 || iovs > size || (stride != 0 && stride < depth * layout.max_piece()) {
             return Err(format!("no layout of {size} bytes in {iovs} pieces {stride} bytes apart"));
         }
         Ok(layout)
+    }
+
+    /// The same layout following the block tables of `--kv`: this end's (`target`: the target's).
+    /// Side by side pieces have no blocks to shuffle.
+    pub fn with_tables(self, target: bool) -> Layout {
+        let table = if self.stride == 0 { Table::IN_ORDER } else { Table::shuffled(self.iovs, target) };
+        Layout { table, ..self }
+    }
+
+    /// Whether the pieces follow block tables.
+    pub fn shuffled(&self) -> bool {
+        self.table != Table::IN_ORDER
+    }
+
+    /// Where the other end of a transfer keeps its pieces: the target's tables for a shuffled
+    /// layout (the initiator's), else the same offsets.
+    pub fn peer(self) -> Layout {
+        if self.shuffled() { self.with_tables(true) } else { self }
     }
 
     fn max_piece(&self) -> usize {
@@ -62,8 +134,11 @@ impl Layout {
     /// Where piece `k` of slot `slot` lies in the buffer.
     pub fn piece(&self, slot: usize, k: usize) -> Range<usize> {
         let part = self.part(k);
-        let start =
-            if self.stride == 0 { slot * self.size + part.start } else { k * self.stride + slot * self.max_piece() };
+        let start = if self.stride == 0 {
+            slot * self.size + part.start
+        } else {
+            self.table.block(k, self.iovs) * self.stride + slot * self.max_piece()
+        };
         start..start + part.len()
     }
 
@@ -124,6 +199,35 @@ mod tests {
         assert!(Layout::new(4, 8, None, 1).is_err());
         assert!(Layout::from_wire(16, 4, 2, 1).is_err(), "pieces of 4 bytes 2 apart overlap");
         assert!(Layout::from_wire(16, 0, 0, 1).is_err());
-        assert_eq!(Layout::from_wire(16, 4, 64, 2), Ok(Layout { size: 16, iovs: 4, stride: 64 }));
+        assert_eq!(
+            Layout::from_wire(16, 4, 64, 2),
+            Ok(Layout { size: 16, iovs: 4, stride: 64, table: Table::IN_ORDER })
+        );
+    }
+
+    #[test]
+    fn block_tables_use_every_block_once_and_differ_between_the_ends() {
+        for (iovs, depth) in [(1usize, 1usize), (2, 1), (7, 3), (2048, 1), (100_000, 2)] {
+            let plain = Layout::new(iovs * 64, iovs, Some(iovs * 64 * depth * 2), depth).unwrap();
+            let (ours, theirs) = (plain.with_tables(false), plain.with_tables(true));
+            for l in [ours, theirs] {
+                let mut blocks: Vec<usize> = l.pieces(0).map(|r| r.start / l.stride).collect();
+                blocks.sort_unstable();
+                assert_eq!(blocks, (0..iovs).collect::<Vec<_>>(), "{iovs} pieces: every block once");
+                assert!(disjoint((0..depth).flat_map(|s| l.pieces(s).collect::<Vec<_>>()).collect()));
+                assert_eq!(l.span(depth), plain.span(depth));
+            }
+            if iovs >= 7 {
+                let same = ours.pieces(0).zip(theirs.pieces(0)).filter(|(a, b)| a == b).count();
+                assert!(same <= (iovs / 100).max(1), "{iovs} pieces: {same} at the same offset on both ends");
+                let next = ours
+                    .pieces(0)
+                    .zip(ours.pieces(0).skip(1))
+                    .filter(|(a, b)| a.end + plain.stride > b.start && a.start < b.start)
+                    .count();
+                assert_eq!(next, 0, "{iovs} pieces: consecutive pieces are not neighbours in address order");
+            }
+        }
+        assert_eq!(Layout::new(64, 4, None, 1).unwrap().with_tables(true).table, Table::IN_ORDER);
     }
 }

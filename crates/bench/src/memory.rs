@@ -249,7 +249,7 @@ mod tests {
         assert!(m.fill(&Layout::new(101, 1, None, 1).unwrap(), 7).is_err(), "past the buffer: an error, not a panic");
         assert_eq!(m.host().len(), 100);
         // Scattered pieces: only they are written, and each is checked.
-        let spread = Layout { size: 20, iovs: 4, stride: 24 };
+        let spread = Layout { size: 20, iovs: 4, stride: 24, table: crate::layout::Table::IN_ORDER };
         m.host().fill(0xee);
         m.fill(&spread, 3).unwrap();
         assert!(m.check(&spread, 3).unwrap());
@@ -282,7 +282,7 @@ mod tests {
             }
             Ok(mut m) => {
                 assert!(m.describe().starts_with("gpu0@"));
-                let spread = Layout { size: 2048, iovs: 4, stride: 1024 };
+                let spread = Layout { size: 2048, iovs: 4, stride: 1024, table: crate::layout::Table::IN_ORDER };
                 m.fill(&spread, 3).unwrap();
                 m.host().fill(0);
                 assert!(m.check(&spread, 3).unwrap(), "the pattern came back from the device");

@@ -93,7 +93,7 @@ impl Target<'_> {
         }
     }
 
-    /// `OP kind size count depth iovs seed stride`: prepares slot 0 (the checked transfer), then for
+    /// `OP kind size count depth iovs seed stride [kv]`: prepares slot 0 (the checked transfer), then for
     /// a send posts `count` receives of `iovs` messages each, `depth` transfers ahead. The pieces lie
     /// where the client's do ([`Layout`]).
     fn op(&mut self, ctl: &mut Ctl, w: &[String]) -> Io<()> {
@@ -101,6 +101,9 @@ impl Target<'_> {
         let (size, count, depth, iovs, seed, stride): (usize, usize, usize, usize, u64, usize) =
             (field(w, 2)?, field(w, 3)?, field(w, 4)?, field(w, 5)?, field(w, 6)?, field(w, 7)?);
         let layout = Layout::from_wire(size, iovs, stride, depth).map_err(std::io::Error::other)?;
+        // With block tables (`--kv`) the pieces lie in the target's shuffled order of the blocks.
+        let kv: u8 = if w.len() > 8 { field(w, 8)? } else { 0 };
+        let layout = if kv == 1 { layout.with_tables(true) } else { layout };
         if depth == 0 || layout.span(depth) > self.mem.len() {
             return Err(std::io::Error::other(format!("{size} bytes x {depth} in flight do not fit the buffer")));
         }

@@ -279,3 +279,31 @@ fn a_reader_that_goes_away_early_does_not_fail_the_run() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(status.success(), "{status:?}: {err}");
 }
+
+/// `--kv`: each end places the pieces after its own shuffled block table; the run checks every
+/// transfer's bytes at the other end (a piece in the wrong block fails it), over the network path
+/// and the same-host path, and times one piece of the same bytes alongside.
+#[test]
+fn kv_block_tables_move_checked_bytes_on_both_paths() {
+    for same_host in [false, true] {
+        // The same-host bench measures one-sided transfers only.
+        let ops = if same_host { "write,read" } else { "write,read,send" };
+        let mut args = vec!["--sizes", "1M", "--iters", "3", "--ops", ops, "--num-iovs", "64"];
+        args.extend(["--scatter", "8M", "--kv", "--no-baseline", "--json"]);
+        if same_host {
+            args.push("--same-host");
+        }
+        let out = bench(&args);
+        let all = text(&out);
+        assert!(out.status.success(), "same host {same_host}: {all}");
+        let report: Value =
+            serde_json::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap_or_else(|e| panic!("{e}: {all}"));
+        let results = report["results"].as_array().expect("a results list");
+        assert_eq!(results.len(), if same_host { 2 } else { 3 }, "{all}");
+        for p in results {
+            assert!(p["contiguous_gb_per_s"].as_f64().is_some_and(|v| v > 0.0), "{p}");
+        }
+    }
+    let refused = bench(&["--sizes", "1M", "--num-iovs", "64", "--kv"]);
+    assert!(!refused.status.success() && text(&refused).contains("--scatter"), "{}", text(&refused));
+}

@@ -8,7 +8,7 @@ mod common;
 
 use std::ffi::{c_char, c_int, c_ulong, c_void};
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::{Aligned, Plugin, pattern};
 use uccl_tcpx::internal::ncclnet::*;
@@ -140,7 +140,7 @@ fn init_slow() -> Plugin {
 fn overlap(inside: impl FnOnce() + Send + 'static, meanwhile: impl FnOnce()) {
     let before = slow_logger_entered();
     let t = std::thread::Builder::new().name("first".into()).spawn(inside).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + testkit::PATIENCE;
     while slow_logger_entered() == before {
         assert!(Instant::now() < deadline, "the first thread never logged");
         std::thread::yield_now();

@@ -52,7 +52,7 @@ isolated_test!(
         p.wait(r).unwrap();
         assert_eq!(p.consume(pair.recv, r), 0);
         let r = p.irecv(pair.recv, dst.as_mut_ptr(), 100, rmh).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + testkit::PATIENCE;
         let rc = loop {
             match p.test(r) {
                 Ok(false) => assert!(Instant::now() < deadline, "the receiver never noticed the close"),

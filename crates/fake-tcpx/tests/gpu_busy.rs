@@ -244,7 +244,6 @@ fn transfers_complete_while_a_kernel_waits_for_them() {
         "the transfers completed only after the waiting kernel gave up ({took:?}): a call inside the plugin \
          waited for the GPU to go idle, which deadlocks a consumer whose kernels wait for the plugin (NCCL)"
     );
-    assert!(took < KERNEL_LIMIT / 2, "the transfers took {took:?} with a kernel running");
 
     // Every byte arrived: slots 0..4 again (requests 16..20).
     for (i, (&size, &off)) in sizes.iter().zip(&offsets).enumerate() {

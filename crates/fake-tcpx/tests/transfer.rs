@@ -306,7 +306,7 @@ isolated_test!(
         let rmh = p.reg(pair.recv, big_dst.as_mut_ptr(), big_dst.len(), NCCL_PTR_HOST).unwrap();
         let r = p.irecv(pair.recv, big_dst.as_mut_ptr(), big.len(), rmh).unwrap();
         let s = p.isend(pair.send, big.as_ptr(), big.len(), smh).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + testkit::PATIENCE;
         let mut big_sent = false;
         let rc = loop {
             if !sent {
@@ -410,7 +410,7 @@ isolated_test!(
         let rmh = p.reg(pair.recv, dst.as_mut_ptr(), len, NCCL_PTR_HOST).unwrap();
         let r = p.irecv(pair.recv, dst.as_mut_ptr(), len, rmh).unwrap();
         let s = p.isend(pair.send, src.as_ptr(), len, smh).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + testkit::PATIENCE;
         let rc = loop {
             let _ = p.test(s);
             match p.test(r) {

@@ -29,6 +29,20 @@ fn listing() -> Vec<String> {
     names
 }
 
+/// Kernel ids of this process's threads whose name starts with `prefix`, for [`state`].
+pub fn named(prefix: &str) -> Vec<u32> {
+    let mut tids = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok())
+            && name.starts_with(prefix)
+        {
+            tids.push(tid);
+        }
+    }
+    tids
+}
+
 /// How many of this process's threads have a name starting with `prefix`.
 pub fn count_named(prefix: &str) -> usize {
     names().iter().filter(|n| n.starts_with(prefix)).count()
@@ -90,6 +104,7 @@ mod tests {
         let tid = tid_rx.recv().unwrap();
         wait_asleep(tid, "the probe's recv", crate::PATIENCE);
         assert!(count_named("testkit-probe") >= 1, "{:?}", names());
+        assert_eq!(named("testkit-probe"), [tid]);
         go_tx.send(()).unwrap();
         t.join().unwrap();
         crate::wait_until("the exited thread leaves /proc", crate::PATIENCE, || state(tid).is_none());

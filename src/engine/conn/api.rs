@@ -503,7 +503,9 @@ impl Connection {
                 break;
             }
             counted.looked();
-            t.park_until_finished(WAIT_SLICE);
+            if t.park_until_finished(WAIT_SLICE) {
+                t.slice_ran_out();
+            }
         }
         // Dropping `counted` wakes the progress thread for whatever else completed.
     }

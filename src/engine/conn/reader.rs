@@ -59,10 +59,14 @@ fn after_handling(next: Next, handled: Handled) -> Next {
     }
 }
 
-/// Reads what the control stream holds and handles every whole message; false once the connection
-/// failed. With `wait` the read blocks a bounded time for something.
-fn pump(conn: &impl Served, buf: &mut RxBuffer, wait: bool) -> bool {
-    let drained = conn.rx().drain(buf, wait);
+/// Reads what the control stream holds, blocking a bounded time for something, and handles every
+/// whole message; false once the connection failed. A read that came back empty ran out its slice
+/// waiting for `t`'s answer (`Transfer::slice_ran_out`).
+fn pump_for(conn: &impl Served, buf: &mut RxBuffer, t: &Transfer) -> bool {
+    let drained = conn.rx().drain(buf, true);
+    if matches!(drained, Drained::Empty) {
+        t.slice_ran_out();
+    }
     conn.handle_read(buf, drained) != Handled::Failed
 }
 
@@ -95,7 +99,7 @@ pub(super) fn read_until_finished(conn: &impl Served, t: &Transfer) {
         {
             // Each blocking read is bounded, so a reply delivered some other way (a failure) is
             // noticed.
-            while !t.is_finished() && t.awaits_answer() && !conn.work_waiting() && pump(conn, &mut buf, true) {}
+            while !t.is_finished() && t.awaits_answer() && !conn.work_waiting() && pump_for(conn, &mut buf, t) {}
         }
         if t.is_finished() || !conn.work_waiting() {
             return;

@@ -90,9 +90,7 @@ impl PeerProcess {
     /// # Safety
     /// Every `local` segment is writable memory of this process that nothing else accesses meanwhile.
     pub unsafe fn read_piece(&self, local: &[IoSeg], remote: &[IoSeg]) -> io::Result<()> {
-        let iov = |s: &IoSeg| libc::iovec { iov_base: s.addr as *mut libc::c_void, iov_len: s.len };
-        let mut local: Vec<libc::iovec> = local.iter().map(iov).collect();
-        let mut remote: Vec<libc::iovec> = remote.iter().map(iov).collect();
+        let (mut local, mut remote) = (joined(local), joined(remote));
         let (mut l, mut r) = (&mut local[..], &mut remote[..]);
         while !l.is_empty() {
             let (lc, rc) = (l.len() as libc::c_ulong, r.len() as libc::c_ulong);
@@ -111,6 +109,21 @@ impl PeerProcess {
         }
         Ok(())
     }
+}
+
+/// `segs` as an iovec list, each run of segments that follow one another in memory as one entry:
+/// the kernel pins a remote entry's pages with a call of its own (about 1 us for a 16 KiB block on
+/// a 2-core VM, as much as copying it), and either side's list may be joined on its own, since the
+/// call pairs the two lists' bytes in order, not their entries.
+fn joined(segs: &[IoSeg]) -> Vec<libc::iovec> {
+    let mut out: Vec<libc::iovec> = Vec::with_capacity(segs.len());
+    for s in segs {
+        match out.last_mut() {
+            Some(last) if last.iov_base as usize + last.iov_len == s.addr => last.iov_len += s.len,
+            _ => out.push(libc::iovec { iov_base: s.addr as *mut libc::c_void, iov_len: s.len }),
+        }
+    }
+    out
 }
 
 /// Cuts two segment lists holding the same number of bytes into pieces of at most `max_bytes` and
@@ -205,6 +218,28 @@ mod tests {
         assert_eq!(got.iter().map(|(a, _)| a.len()).collect::<Vec<_>>(), [1024, 1024, 452]);
         assert!(got.iter().all(|(_, b)| b.len() == 1));
         assert!(pieces(&[], &[], 8).is_empty());
+    }
+
+    #[test]
+    fn segments_that_follow_one_another_are_joined_on_each_side_alone() {
+        let got = |segs: &[IoSeg]| joined(segs).iter().map(|v| (v.iov_base as usize, v.iov_len)).collect::<Vec<_>>();
+        assert_eq!(got(&[seg(0, 16), seg(16, 16), seg(64, 8), seg(72, 8), seg(32, 4)]), [(0, 32), (64, 16), (32, 4)]);
+        assert_eq!(got(&[seg(100, 5)]), [(100, 5)]);
+        assert!(got(&[]).is_empty());
+        // Joined remote blocks, scattered local ones: the bytes land as the items say.
+        let me = PeerProcess::open(std::process::id()).unwrap();
+        let src: Vec<u8> = (0..4096u32).map(|i| (i % 253) as u8).collect();
+        let mut dst = vec![0u8; 8192];
+        let (s, d) = (src.as_ptr() as usize, dst.as_mut_ptr() as usize);
+        let local = [seg(d + 5000, 1000), seg(d + 1, 1000), seg(d + 3000, 2000)];
+        let remote = [seg(s, 1000), seg(s + 1000, 1000), seg(s + 2000, 2000)];
+        // SAFETY: `dst` is ours and untouched meanwhile.
+        unsafe { me.read_piece(&local, &remote) }.unwrap();
+        assert_eq!(&dst[5000..6000], &src[..1000]);
+        assert_eq!(&dst[1..1001], &src[1000..2000]);
+        assert_eq!(&dst[3000..5000], &src[2000..4000]);
+        assert_eq!(dst[0], 0);
+        assert!(dst[1001..3000].iter().all(|&b| b == 0) && dst[6000..].iter().all(|&b| b == 0));
     }
 
     #[test]

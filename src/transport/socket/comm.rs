@@ -20,7 +20,7 @@ use super::pure::wire::{CommShape, PieceCut, attach_ack};
 use super::reactor::{Placement, Pool};
 use super::receiver::{RecvSockets, RecvTask};
 use super::sender::{INLINE_MAX, Inline, SendSockets, SendTask};
-use super::spin::Polls;
+use super::spin::{HelperWaits, Polls};
 use crate::error::{Error, Result};
 use crate::sys::epoll::EventFd;
 use crate::threads::ThreadKind;
@@ -61,6 +61,11 @@ impl Helpers {
     #[cfg(test)]
     pub fn awake(&self) -> usize {
         self.send.awake() + self.recv.awake()
+    }
+
+    /// How the helpers waited so far, senders and receivers.
+    pub fn waits(&self) -> HelperWaits {
+        self.send.waits() + self.recv.waits()
     }
 }
 

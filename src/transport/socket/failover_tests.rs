@@ -203,7 +203,7 @@ fn a_send_socket_failing_under_a_stream_of_messages_loses_no_byte_and_its_link_i
     // The link is dialed again after the bound (200 ms here) and carries pieces once joined.
     let start = Instant::now();
     while tx.open_sockets() < 4 {
-        assert!(start.elapsed() < Duration::from_secs(10), "the link was not dialed again: {links:?}");
+        assert!(start.elapsed() < testkit::PATIENCE, "the link was not dialed again: {links:?}");
         stream(&mut tx, &mut rx, 4, PIECE, |_, _| {});
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -229,7 +229,7 @@ fn a_comm_that_opens_no_more_sockets_dials_no_dead_link_again() {
         tx.kill_socket_on(second);
         let start = Instant::now();
         while tx.open_sockets() > left {
-            assert!(start.elapsed() < Duration::from_secs(10), "the socket was never declared dead");
+            assert!(start.elapsed() < testkit::PATIENCE, "the socket was never declared dead");
             stream(tx, rx, 1, PIECE, |_, _| {});
         }
         stream(tx, rx, 1, PIECE, |_, _| {});
@@ -282,7 +282,7 @@ fn a_failover_is_traced() {
     let k = killed.get().expect("a socket was killed") as u64;
     let start = Instant::now();
     while tx.open_sockets() < 4 {
-        assert!(start.elapsed() < Duration::from_secs(10), "the link was not dialed again");
+        assert!(start.elapsed() < testkit::PATIENCE, "the link was not dialed again");
         stream(&mut tx, &mut rx, 4, PIECE, |_, _| {});
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -290,7 +290,7 @@ fn a_failover_is_traced() {
     let comm = tx.comm_id();
     let traced = |label| failover_events(comm).into_iter().filter(|e| e.1 == label).collect::<Vec<_>>();
     while traced("sock_rejoined").is_empty() {
-        assert!(start.elapsed() < Duration::from_secs(10), "the join was never traced");
+        assert!(start.elapsed() < testkit::PATIENCE, "the join was never traced");
         stream(&mut tx, &mut rx, 1, PIECE, |_, _| {});
     }
     let dead = traced("sock_dead");
@@ -386,7 +386,7 @@ fn an_acknowledgement_that_never_comes_is_asked_for_again() {
     let start = Instant::now();
     while !asked.is_finished() {
         assert_eq!(tx.test(s).unwrap(), None, "complete without an acknowledgement");
-        assert!(start.elapsed() < Duration::from_secs(10), "the piece never came again");
+        assert!(start.elapsed() < testkit::PATIENCE, "the piece never came again");
         std::thread::sleep(Duration::from_millis(5));
     }
     let (mut first, (again, payload), at) = asked.join().unwrap();
@@ -468,7 +468,7 @@ fn an_acknowledgement_of_bytes_never_sent_fails_the_comm() {
             Ok(Some(n)) => panic!("a request completed on a lie ({n} bytes)"),
             Err(e) => break e,
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "the comm never failed");
+        assert!(start.elapsed() < testkit::PATIENCE, "the comm never failed");
         std::thread::sleep(Duration::from_millis(1));
     };
     assert!(err.message().contains("protocol violation") && err.message().contains("not sent in full"), "{err}");

@@ -153,7 +153,7 @@ mod tests {
 
     /// Runs `advance` until it answers, as a helper would on each event.
     fn settle(j: &mut Joining, s: &TcpStream) -> std::io::Result<bool> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + testkit::PATIENCE;
         loop {
             if j.advance(s)? {
                 return Ok(true);
@@ -165,7 +165,7 @@ mod tests {
 
     /// Runs `advance` until the hello is out, and reads it on the accepted end.
     fn hello_out(j: &mut Joining, s: &TcpStream, theirs: &mut TcpStream) -> SocketHello {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + testkit::PATIENCE;
         while j.written < HELLO_LEN {
             assert!(!j.advance(s).unwrap(), "open before the ack");
             assert!(std::time::Instant::now() < deadline, "the hello never left");

@@ -23,6 +23,7 @@ mod tune;
 mod write_back;
 
 pub use pure::counts::DataSocketStats;
+pub use spin::HelperWaits;
 #[cfg(test)]
 pub(crate) use write_back::supported as writes_back;
 pub use write_back::written_back_bytes;
@@ -139,6 +140,12 @@ impl SocketNet {
     /// The data sockets this net's comms hold now, and what became of those they added later.
     pub fn data_socket_stats(&self) -> DataSocketStats {
         self.sockets.snapshot()
+    }
+
+    /// How this net's helpers waited once out of work (polling or asleep) so far: what tests
+    /// observe instead of the CPU time a poll takes.
+    pub fn helper_waits(&self) -> HelperWaits {
+        self.helpers.waits()
     }
 
     /// Socket counts, buffer sizes and thread tuning (`Config::socket`).

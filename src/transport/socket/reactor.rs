@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use super::pure::window::Window;
-use super::spin::{Polls, SHORT_SPIN, SpinTurn};
+use super::spin::{HelperWaits, Polls, SHORT_SPIN, SpinTurn, WaitCounts};
 use crate::error::{Error, Result};
 use crate::sys::worker::{Inbox, Serves, Thread, Worker};
 use crate::threads::{ThreadKind, panic_text};
@@ -139,7 +139,7 @@ impl Holding {
 }
 
 /// A helper thread's body.
-fn serve<T: Task>(helper: &Helper<T>, polls: Polls) {
+fn serve<T: Task>(helper: &Helper<T>, polls: Polls, waits: &WaitCounts) {
     let mut turn = SpinTurn::default();
     let mut slab: Vec<Option<Entry<T>>> = Vec::new();
     let mut queue: VecDeque<usize> = VecDeque::new();
@@ -200,8 +200,11 @@ fn serve<T: Task>(helper: &Helper<T>, polls: Polls) {
         // kick says. Past `SHORT_SPIN` a helper polls only with one of the process's turns.
         let spinning = queue.is_empty() && {
             let quiet = last_work.elapsed();
-            (polls.after_work(quiet, last_request) || holding.awaits_post(polls.held))
-                && (quiet < SHORT_SPIN || turn.take(polls.spinners))
+            let after_work = polls.after_work(quiet, last_request);
+            let for_post = !after_work && holding.awaits_post(polls.held);
+            let spinning = (after_work || for_post) && (quiet < SHORT_SPIN || turn.take(polls.spinners));
+            waits.waited(spinning, after_work, for_post, holding.count > 0);
+            spinning
         };
         if !spinning {
             turn.release();
@@ -334,12 +337,13 @@ pub(super) struct Pool<T: Task> {
     name: &'static str,
     max: usize,
     polls: Polls,
+    waits: Arc<WaitCounts>,
     slots: Mutex<Vec<Thread<Sockets<T>>>>,
 }
 
 impl<T: Task> Pool<T> {
     pub fn new(kind: ThreadKind, name: &'static str, max: usize, polls: Polls) -> Pool<T> {
-        Pool { kind, name, max: max.max(1), polls, slots: Mutex::new(Vec::new()) }
+        Pool { kind, name, max: max.max(1), polls, waits: Arc::default(), slots: Mutex::new(Vec::new()) }
     }
 
     /// Threads started and alive.
@@ -434,8 +438,13 @@ impl<T: Task> Pool<T> {
     }
 
     fn start(&self) -> Result<Thread<Sockets<T>>> {
-        let polls = self.polls;
-        Thread::start(Worker::new(self.kind, polls.spin)?, self.name, move |helper| serve(helper, polls), died)
+        let (polls, waits) = (self.polls, self.waits.clone());
+        Thread::start(Worker::new(self.kind, polls.spin)?, self.name, move |helper| serve(helper, polls, &waits), died)
+    }
+
+    /// How this pool's helpers waited so far.
+    pub fn waits(&self) -> HelperWaits {
+        self.waits.snapshot()
     }
 }
 

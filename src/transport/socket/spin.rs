@@ -21,7 +21,7 @@
 //! helper's poll, and every transfer with it; polling after 256 KiB requests without the yield
 //! took 256 KiB-1 MiB transfers to a third of their speed on the 16-core host.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// How a net's socket helpers poll before they sleep.
@@ -45,6 +45,63 @@ impl Polls {
     /// request of `last_request` bytes, polls for more (turns aside).
     pub fn after_work(&self, quiet: Duration, last_request: u64) -> bool {
         quiet < self.spin && last_request <= self.max_request
+    }
+}
+
+/// What a pool's helpers did each time they ran out of work: counted, so that a test sees a helper
+/// poll or sleep by the event itself, not by the CPU time it took (which a loaded host bends). On
+/// a cache line of its own: polling helpers bump it on every poll.
+#[derive(Default)]
+#[repr(align(128))]
+pub(super) struct WaitCounts {
+    after_work: AtomicU64,
+    holding: AtomicU64,
+    slept_holding: AtomicU64,
+}
+
+/// A snapshot of [`WaitCounts`], summed over a net's helpers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HelperWaits {
+    /// Waits that polled after a piece of a small request (`UCCL_TCPX_SOCKET_SPIN_US`).
+    pub polled_after_work: u64,
+    /// Waits that polled only for the post of a piece a socket holds
+    /// (`UCCL_TCPX_SOCKET_HELD_SPIN_US`).
+    pub polled_holding: u64,
+    /// Waits that slept while a socket held such a piece.
+    pub slept_holding: u64,
+}
+
+impl WaitCounts {
+    /// A helper with nothing queued waits: polling (`polled`) or asleep; it wanted to poll after
+    /// work (`after_work`) or for a held piece's post (`for_post`), and `holding` pieces.
+    pub fn waited(&self, polled: bool, after_work: bool, for_post: bool, holding: bool) {
+        let count = match (polled, after_work, for_post) {
+            (true, true, _) => &self.after_work,
+            (true, false, true) => &self.holding,
+            (false, ..) if holding => &self.slept_holding,
+            _ => return,
+        };
+        count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> HelperWaits {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        HelperWaits {
+            polled_after_work: get(&self.after_work),
+            polled_holding: get(&self.holding),
+            slept_holding: get(&self.slept_holding),
+        }
+    }
+}
+
+impl std::ops::Add for HelperWaits {
+    type Output = HelperWaits;
+    fn add(self, o: HelperWaits) -> HelperWaits {
+        HelperWaits {
+            polled_after_work: self.polled_after_work + o.polled_after_work,
+            polled_holding: self.polled_holding + o.polled_holding,
+            slept_holding: self.slept_holding + o.slept_holding,
+        }
     }
 }
 

@@ -191,7 +191,7 @@ fn a_failed_socket_counts_an_error_on_its_link() {
             Ok(Some(id)) if until(|| tx.test(id)).is_ok() => {}
             _ => break,
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "sends to a dropped peer kept succeeding");
+        assert!(start.elapsed() < testkit::PATIENCE, "sends to a dropped peer kept succeeding");
     }
     let links = tx.link_stats();
     assert_eq!(links.len(), 1, "{links:?}");
@@ -334,9 +334,8 @@ fn peer_drop_surfaces_as_error_and_drop_unblocks_pending_receive() {
     // posted.
     let r = unsafe { rx2.irecv(buf.as_mut_ptr(), 8, MrHandle::NONE) }.unwrap().unwrap();
     assert!(rx2.test(r).unwrap().is_none());
-    let start = Instant::now();
-    drop(rx2);
-    assert!(start.elapsed() < Duration::from_secs(1), "dropping a comm with a blocked receive returns promptly");
+    // Nothing will complete the receive: the drop returns without waiting for it.
+    testkit::within(testkit::PATIENCE, "dropping a comm with a blocked receive", move || drop(rx2));
 }
 
 #[test]
@@ -624,9 +623,8 @@ fn dropping_a_comm_with_sockets_still_joining_leaves_nothing() {
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(net.data_socket_stats().sending, 1, "no acknowledgement, no added socket in use");
     assert_eq!(sockets_to(port), 4);
-    let start = Instant::now();
-    drop(tx);
-    assert!(start.elapsed() < Duration::from_secs(1), "the drop returned promptly");
+    // Nothing will acknowledge the added sockets: the drop returns without waiting for them.
+    testkit::within(testkit::PATIENCE, "the drop", move || drop(tx));
     assert_eq!(net.helper_threads(), 0);
     assert_eq!(sockets_to(port), 0, "every socket of the comm was closed");
     assert_eq!(net.data_socket_stats().sending, 0);
@@ -690,9 +688,8 @@ fn dropping_a_comm_with_sockets_still_connecting_leaves_nothing() {
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(sockets_to(addr.port()), 4, "the first socket and three more");
     assert_eq!(sockets_to_in(addr.port(), Some("02")), 3, "the three added ones still connecting");
-    let start = Instant::now();
-    drop(tx);
-    assert!(start.elapsed() < Duration::from_secs(1), "the drop returned promptly");
+    // The added sockets never finish connecting: the drop returns without waiting for them.
+    testkit::within(testkit::PATIENCE, "the drop", move || drop(tx));
     assert_eq!(net.helper_threads(), 0);
     assert_eq!(sockets_to(addr.port()), 0, "every socket of the comm was closed");
     assert_eq!(net.data_socket_stats().sending, 0);
@@ -804,7 +801,7 @@ fn helpers_poll_after_small_requests_and_sleep_after_large_ones() {
         false
     };
     transfer(256 << 10);
-    assert!(all_asleep_within(Duration::from_secs(20)), "a helper polled after a piece of a 256 KiB request");
+    assert!(all_asleep_within(testkit::PATIENCE), "a helper polled after a piece of a 256 KiB request");
     transfer(32 << 10);
     std::thread::sleep(Duration::from_millis(50));
     assert!(net.awake_helpers() > 0, "no helper polled after the pieces of a 32 KiB request");
@@ -825,9 +822,8 @@ fn dropping_a_comm_with_kicks_owed_returns_and_leaves_no_helper() {
         if round % 2 == 1 {
             tx.relay().owe(u64::from(u16::MAX));
         }
-        let start = Instant::now();
-        drop(tx);
-        assert!(start.elapsed() < Duration::from_secs(1), "round {round}: the drop returned promptly");
+        // Nobody passes the kicks on: the drop returns without waiting for them.
+        testkit::within(testkit::PATIENCE, &format!("round {round}: the drop"), move || drop(tx));
         drop(rx);
         assert_eq!(net.helper_threads(), 0, "round {round}");
         assert_eq!(net.data_socket_stats().sending, 0);

@@ -8,6 +8,9 @@ NIXL_PLUGIN_DIR replaces NIXL's own plugin folder, hence the links to the wheel'
 plugin is built for exact NIXL versions (NIXL's classes change layout between releases); a NIXL
 of another version is refused, naming the versions this installation supports.
 
+Installed with the Python package (pip install uccl-tcpx) as a console command, and by
+cmake/install.sh as <prefix>/bin/uccl-tcpx-nixl-plugin-dir; each finds its own plugins.
+
 NIXL is looked up in the Python that runs this command (the first python3 on PATH), or in the one
 --python names. Exit status: 0 and the folder on stdout, else 1 and the reason on stderr.
 """
@@ -32,8 +35,12 @@ def die(msg):
 
 
 def default_root():
-    # Installed as <prefix>/bin/<this>, the plugins as <prefix>/lib/uccl-tcpx/nixl/<version>/.
     here = Path(__file__).resolve().parent
+    # In the Python package (pip): uccl_tcpx/lib/nixl/<version>/, beside this module.
+    packaged = here / "lib" / "nixl"
+    if packaged.is_dir():
+        return packaged
+    # Installed by cmake/install.sh as <prefix>/bin/<this>: <prefix>/lib/uccl-tcpx/nixl/<version>/.
     return here.parent / "lib" / "uccl-tcpx" / "nixl"
 
 
@@ -146,7 +153,10 @@ def main():
     wanted[PLUGIN] = ours
     # The plugin finds the engine library through $ORIGIN, which is this folder when NIXL opens the
     # plugin through its link here; NIXL loads only libplugin_*.so files, so the link is inert.
-    engine = next((p for p in (root.parent.parent / ENGINE_LIB, root / version / ENGINE_LIB) if p.exists()), None)
+    # Where each layout keeps it: <libdir> of <libdir>/uccl-tcpx/nixl (cmake), uccl_tcpx/lib of
+    # uccl_tcpx/lib/nixl (the Python package), or beside the plugin.
+    places = (root.parent.parent / ENGINE_LIB, root.parent / ENGINE_LIB, root / version / ENGINE_LIB)
+    engine = next((p for p in places if p.exists()), None)
     if engine:
         wanted[ENGINE_LIB] = engine.resolve()
     if args.as_uccl:

@@ -1,0 +1,442 @@
+"""uccl-tcpx-doctor on fake machines: an A3-like sysfs/procfs/library tree (the fake NIC,
+libfake_tcpx.so, standing in for Google's plugin) that passes, one tree per missing piece that
+fails with that piece's fix, and this machine itself."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# A3 High's shape, two PCI roots of it: each root has a switch with two GPUs and their NIC.
+GPUS = {
+    "0000:04:00.0": "/sys/devices/pci0000:01/0000:01:00.0/0000:02:00.0/0000:04:00.0",
+    "0000:05:00.0": "/sys/devices/pci0000:01/0000:01:00.0/0000:02:00.0/0000:05:00.0",
+    "0000:0a:00.0": "/sys/devices/pci0000:07/0000:07:00.0/0000:08:00.0/0000:0a:00.0",
+    "0000:0b:00.0": "/sys/devices/pci0000:07/0000:07:00.0/0000:08:00.0/0000:0b:00.0",
+}
+NICS = {
+    "eth0": ("/sys/devices/pci0000:00/0000:00:04.0", []),
+    "eth1": ("/sys/devices/pci0000:01/0000:01:00.0/0000:02:00.0/0000:06:00.0", ["0000:04:00.0", "0000:05:00.0"]),
+    "eth2": ("/sys/devices/pci0000:07/0000:07:00.0/0000:08:00.0/0000:0c:00.0", ["0000:0a:00.0", "0000:0b:00.0"]),
+}
+SYSCTLS = {
+    "net/core/optmem_max": "131072",
+    "net/ipv4/tcp_mtu_probing": "0",
+    "net/ipv4/tcp_slow_start_after_idle": "0",
+    "net/ipv4/tcp_no_metrics_save": "1",
+    "net/core/somaxconn": "4096",
+    "net/ipv4/tcp_max_syn_backlog": "4096",
+}
+RXDM = "/run/tcpx"
+
+
+def fake_plugin():
+    """libfake_tcpx.so: UCCL_TCPX_FAKE_PLUGIN, else the repository's build (scripts/python_tests.sh
+    builds it)."""
+    path = os.environ.get("UCCL_TCPX_FAKE_PLUGIN") or os.path.join(REPO, "target", "debug", "libfake_tcpx.so")
+    assert os.path.isfile(path), f"{path} is missing: cargo build -p fake-tcpx (or set UCCL_TCPX_FAKE_PLUGIN)"
+    return path
+
+
+class Tree:
+    """A fake machine under a short temporary root (unix socket paths are limited to 108 bytes)."""
+
+    def __init__(self, nics=NICS):
+        self.root = tempfile.mkdtemp(prefix="dr", dir="/tmp")
+        self.listeners = []
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("UCCL_TCPX_", "NCCL_", "FAKE_TCPX_"))}
+        # The fake's devices are the tree's NICs, at the same PCI paths.
+        self.env["FAKE_TCPX_TOPOLOGY"] = "; ".join(
+            f"{name} {path}" + (f" {','.join(gpus)}" if gpus else "") for name, (path, gpus) in nics.items()
+        )
+        self.env["FAKE_TCPX_SOCKET_DELAY_MS"] = "0"
+        self.write(
+            "/proc/driver/nvidia/version",
+            "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.90.07  Fri May 31 2024\n",
+        )
+        self.write("/proc/sys/kernel/osrelease", "6.1.85+\n")
+        for name, value in SYSCTLS.items():
+            self.write(f"/proc/sys/{name}", value + "\n")
+        for bdf, path in GPUS.items():
+            self.write(f"{path}/vendor", "0x10de\n")
+            self.write(f"{path}/class", "0x030200\n")
+            self.link(f"/sys/bus/pci/devices/{bdf}", path)
+        os.makedirs(self.path("/sys/bus/pci/drivers/gve"), exist_ok=True)
+        for name, (path, _) in nics.items():
+            self.write(f"{path}/vendor", "0x1ae0\n")
+            self.link(f"{path}/driver", "/sys/bus/pci/drivers/gve")
+            self.link(f"/sys/class/net/{name}/device", path)
+        self.install_plugin("/usr/local/nvidia/lib64")
+        self.env["LD_LIBRARY_PATH"] = "/usr/local/nvidia/lib64"
+        self.serve_rxdm(RXDM)
+
+    def path(self, p):
+        return os.path.join(self.root, p.lstrip("/"))
+
+    def write(self, p, text):
+        os.makedirs(os.path.dirname(self.path(p)), exist_ok=True)
+        with open(self.path(p), "w") as f:
+            f.write(text)
+
+    def link(self, p, target):
+        """A link inside the tree, relative, as sysfs makes them."""
+        os.makedirs(os.path.dirname(self.path(p)), exist_ok=True)
+        os.makedirs(self.path(target), exist_ok=True)
+        os.symlink(os.path.relpath(self.path(target), os.path.dirname(self.path(p))), self.path(p))
+
+    def install_plugin(self, folder, source=None):
+        os.makedirs(self.path(folder), exist_ok=True)
+        shutil.copy(source or fake_plugin(), self.path(f"{folder}/libnccl-net.so"))
+
+    def remove(self, p):
+        target = self.path(p)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        else:
+            os.unlink(target)
+
+    def socket_at(self, p, listen=True):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(self.path(p))
+        if listen:
+            s.listen(16)
+            self.listeners.append(s)
+        else:
+            s.close()  # the file stays, nothing answers: a stopped RxDM
+
+    def serve_rxdm(self, folder):
+        """RxDM's sockets (google/tcpgpudmarxd), listening."""
+        os.makedirs(self.path(folder), exist_ok=True)
+        self.socket_at(f"{folder}/rx_rule_manager")
+        for bdf in GPUS:
+            self.socket_at(f"{folder}/get_gpu_fd_{bdf}")
+            self.socket_at(f"{folder}/get_gpu_metadata_{bdf}")
+
+    def stop_rxdm(self, folder=RXDM):
+        for s in self.listeners:
+            s.close()
+        self.listeners = []
+        shutil.rmtree(self.path(folder))
+
+    def close(self):
+        for s in self.listeners:
+            s.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def tree():
+    t = Tree()
+    yield t
+    t.close()
+
+
+def doctor(args, env):
+    done = subprocess.run(
+        [sys.executable, "-m", "uccl_tcpx.doctor", "--json", "--no-nixl", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.stdout.startswith("{"), f"no JSON (exit {done.returncode}): {done.stdout}\n{done.stderr}"
+    report = json.loads(done.stdout)
+    assert report["exit"] == done.returncode, report
+    return done.returncode, {f"{c['section']}/{c['name']}": c for c in report["checks"]}
+
+
+def run_tree(t, *extra):
+    return doctor(["--root", t.root, "--transport", "tcpx", *extra], t.env)
+
+
+def failed(checks):
+    return sorted(k for k, c in checks.items() if c["status"] == "fail")
+
+
+def test_a3_like_tree_passes(tree):
+    code, checks = run_tree(tree)
+    assert failed(checks) == [], checks
+    assert code == 0
+    assert checks["tcpx/plugin"]["data"]["name"] == "FakeDevmemTCPX_v7"
+    names = [d["name"] for d in checks["tcpx/devices"]["data"]["devices"]]
+    assert names == ["eth0", "eth1", "eth2"], names
+    # Each GPU pairs with the NIC behind its own switch, as the engine pairs them.
+    assert checks["tcpx/pairing"]["data"]["pairs"] == {
+        "0000:04:00.0": ["eth1"],
+        "0000:05:00.0": ["eth1"],
+        "0000:0a:00.0": ["eth2"],
+        "0000:0b:00.0": ["eth2"],
+    }
+    assert checks["tcpx/rxdm"]["status"] == "ok"
+    assert checks["tcpx/kernel"]["status"] == "ok"
+    assert checks["engine/transport"]["detail"].startswith("tcpx resolves to tcpx")
+    # Every TCPX requirement says where it comes from upstream.
+    for key, c in checks.items():
+        if key.startswith("tcpx/") and key != "tcpx/environment":
+            assert c["source"].startswith(("google/", "GoogleCloudPlatform/")), (key, c["source"])
+    # The kernel check looks at the NICs the engine uses, not at eth0.
+    assert "eth1, eth2" in checks["tcpx/kernel"]["detail"] and "eth0" not in checks["tcpx/kernel"]["detail"]
+
+
+def only_failure(checks, key):
+    assert failed(checks) == [key], {k: checks[k]["detail"] for k in failed(checks)}
+    return checks[key]
+
+
+def test_no_plugin(tree):
+    tree.remove("/usr/local/nvidia/lib64/libnccl-net.so")
+    code, checks = run_tree(tree)
+    assert code == 1
+    # The engine, asked for tcpx, fails as well, and says why.
+    assert set(failed(checks)) == {"tcpx/plugin", "engine/transport"}, failed(checks)
+    assert "install Google's plugin" in checks["tcpx/plugin"]["fix"]
+    assert "LD_LIBRARY_PATH" in checks["tcpx/plugin"]["fix"]
+
+
+def test_plugin_off_the_library_path(tree):
+    tree.remove("/usr/local/nvidia/lib64/libnccl-net.so")
+    tree.install_plugin("/var/lib/tcpx/lib64")
+    code, checks = run_tree(tree)
+    assert code == 1
+    assert checks["tcpx/plugin"]["status"] == "fail"
+    assert checks["tcpx/plugin"]["fix"].startswith("export LD_LIBRARY_PATH=/var/lib/tcpx/lib64:")
+
+
+def test_a_library_that_is_no_net_plugin(tree):
+    import uccl_tcpx
+
+    tree.install_plugin("/usr/local/nvidia/lib64", source=uccl_tcpx.lib_path())
+    code, checks = run_tree(tree)
+    assert code == 1
+    assert "has no ncclNetPlugin_v7" in checks["tcpx/plugin"]["detail"]
+
+
+def test_no_rxdm(tree):
+    tree.stop_rxdm()
+    code, checks = run_tree(tree)
+    assert code == 1
+    c = only_failure(checks, "tcpx/rxdm")
+    assert "rx_rule_manager" in c["detail"] and "--uds_path /run/tcpx" in c["fix"]
+    assert c["source"].startswith("google/nccl-plugin-gpudirecttcpx")
+
+
+def test_rxdm_stopped_leaves_its_sockets(tree):
+    tree.stop_rxdm()
+    os.makedirs(tree.path(RXDM))
+    for name in ["rx_rule_manager"] + [f"get_gpu_{k}_{b}" for b in GPUS for k in ("fd", "metadata")]:
+        tree.socket_at(f"{RXDM}/{name}", listen=False)
+    code, checks = run_tree(tree)
+    assert code == 1
+    c = only_failure(checks, "tcpx/rxdm")
+    assert "nothing answers" in c["detail"] and c["fix"].startswith("restart RxDM")
+
+
+def test_rxdm_prefix_points_elsewhere(tree):
+    tree.env["NCCL_GPUDIRECTTCPX_UNIX_CLIENT_PREFIX"] = "/tmp"
+    code, checks = run_tree(tree)
+    assert code == 1
+    c = only_failure(checks, "tcpx/rxdm")
+    assert c["fix"].startswith("export NCCL_GPUDIRECTTCPX_UNIX_CLIENT_PREFIX=/run/tcpx")
+
+
+def test_rxdm_missing_one_gpu(tree):
+    os.unlink(tree.path(f"{RXDM}/get_gpu_fd_0000:0b:00.0"))
+    code, checks = run_tree(tree)
+    assert code == 1
+    assert "get_gpu_fd_0000:0b:00.0" in only_failure(checks, "tcpx/rxdm")["detail"]
+
+
+def test_optmem_max_too_small(tree):
+    tree.write("/proc/sys/net/core/optmem_max", "20480\n")
+    code, checks = run_tree(tree)
+    assert code == 1
+    c = only_failure(checks, "tcpx/net.core.optmem_max")
+    assert c["fix"] == "sysctl -w net.core.optmem_max=131072"
+    assert "optmem-max-ds.yaml" in c["source"]
+
+
+def test_untuned_tcp_settings_warn(tree):
+    tree.write("/proc/sys/net/ipv4/tcp_mtu_probing", "1\n")
+    code, checks = run_tree(tree)
+    assert code == 0
+    assert checks["tcpx/net.ipv4.tcp_mtu_probing"]["status"] == "warn"
+    assert checks["tcpx/net.ipv4.tcp_mtu_probing"]["fix"] == "sysctl -w net.ipv4.tcp_mtu_probing=0"
+
+
+def test_no_nvidia_driver(tree):
+    tree.remove("/proc/driver/nvidia")
+    code, checks = run_tree(tree)
+    assert code == 1
+    assert "install the NVIDIA driver" in only_failure(checks, "cuda/driver")["fix"]
+
+
+def test_a_gpu_without_its_nic():
+    # The plugin lists no NIC under the second PCI root: its GPUs have no devmem path.
+    nics = {k: v for k, v in NICS.items() if k != "eth2"}
+    t = Tree(nics)
+    try:
+        code, checks = run_tree(t)
+    finally:
+        t.close()
+    assert code == 1
+    c = only_failure(checks, "tcpx/pairing")
+    assert (
+        "0000:0a:00.0" in c["detail"]
+        and "0000:0b:00.0" in c["detail"]
+        and "0000:04:00.0" not in c["detail"].split("(")[0]
+    )
+
+
+def test_flow_steering_strategy_overridden(tree):
+    tree.env["NCCL_GPUDIRECTTCPX_FLOW_STEERING_STRATEGY"] = "1"
+    code, checks = run_tree(tree)
+    assert code == 1
+    assert only_failure(checks, "tcpx/flow steering")["fix"] == "unset NCCL_GPUDIRECTTCPX_FLOW_STEERING_STRATEGY"
+
+
+def test_ifname_naming_no_interface(tree):
+    tree.env["NCCL_GPUDIRECTTCPX_SOCKET_IFNAME"] = "enp0s1"
+    code, checks = run_tree(tree)
+    assert code == 1
+    assert "enp0s1" in checks["tcpx/NCCL_GPUDIRECTTCPX_SOCKET_IFNAME"]["detail"]
+
+
+def test_user_values_are_shown_against_the_engines(tree):
+    tree.env["NCCL_NSOCKS_PERTHREAD"] = "4"
+    code, checks = run_tree(tree)
+    assert code == 0
+    assert "NCCL_NSOCKS_PERTHREAD=4 (yours; engine's 2)" in checks["tcpx/environment"]["detail"]
+
+
+def test_retired_and_unknown_settings_warn(tree):
+    tree.env["UCCL_TCPX_TRACE_FLOW"] = "1"
+    tree.env["UCCL_TCPX_NUM_CHANELS"] = "4"
+    code, checks = run_tree(tree)
+    assert code == 0
+    assert "UCCL_TCPX_TRACE_FLOW" in checks["engine/retired settings"]["detail"]
+    assert "UCCL_TCPX_NUM_CHANELS" in checks["engine/unknown settings"]["detail"]
+
+
+def test_auth_key_open_to_others(tree):
+    key = tree.path("/key")
+    with open(key, "wb") as f:
+        f.write(os.urandom(32))
+    os.chmod(key, 0o644)
+    tree.env["UCCL_TCPX_AUTH_KEY_FILE"] = key
+    code, checks = run_tree(tree)
+    assert code == 1
+    # The engine refuses such a key too: the doctor's verdict is the engine's.
+    assert checks["engine/auth key"]["fix"] == f"chmod 600 {key}"
+    os.chmod(key, 0o600)
+    code, checks = run_tree(tree)
+    assert code == 0 and checks["engine/auth key"]["status"] == "ok"
+
+
+def test_this_machine_without_tcpx():
+    """Here: no GPU, no plugin. Sockets work; auto says why TCPX is out and exits 0, tcpx exits 1."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UCCL_TCPX_", "NCCL_"))}
+    code, checks = doctor([], env)
+    assert code == 0
+    assert checks["engine/socket transport"]["status"] == "ok"
+    assert checks["engine/transport"]["status"] == "warn"
+    assert "auto resolves to socket" in checks["engine/transport"]["detail"]
+    assert checks["tcpx/plugin"]["status"] == "fail" and checks["tcpx/plugin"]["fix"]
+    code, checks = doctor(["--transport", "tcpx"], env)
+    assert code == 1
+    assert checks["engine/transport"]["status"] == "fail"
+    code, checks = doctor(["--transport", "socket"], env)
+    assert code == 0 and not any(k.startswith("tcpx/") for k in checks)
+
+
+def test_serve_and_peer_across_two_processes():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UCCL_TCPX_", "NCCL_"))}
+    env["UCCL_TCPX_TRANSPORT"] = "socket"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uccl_tcpx.doctor", "--serve", "--port", str(port)],
+        env={**env, "UCCL_TCPX_IP": "127.0.0.1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        first = server.stdout.readline()
+        assert "serving at" in first, first
+        code, checks = doctor(["--transport", "socket", "--peer", f"127.0.0.1:{port}"], env)
+        served = server.communicate(timeout=120)[0]
+    finally:
+        server.kill()
+    assert server.returncode == 0, served
+    c = checks["peer/exchange"]
+    assert c["status"] == "ok", c
+    assert code == 0
+    assert c["data"]["path"] in ("same-host", "sockets"), c
+    assert c["data"]["out_gbps"] > 0 and c["data"]["in_gbps"] > 0
+    assert "served 127.0.0.1" in served
+
+
+def test_peer_with_nobody_there_fails_with_the_fix():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UCCL_TCPX_", "NCCL_"))}
+    env["UCCL_TCPX_CONNECT_TIMEOUT_MS"] = "2000"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, checks = doctor(["--transport", "socket", "--peer", f"127.0.0.1:{port}"], env)
+    assert code == 1
+    assert f"uccl-tcpx-doctor --serve --port {port}" in checks["peer/exchange"]["fix"]
+
+
+def test_serve_and_peer_across_two_test_hosts():
+    """The same across two network namespaces (scripts/testnet.sh): no same-host shortcut, so the
+    path is the socket transport over the hosts' link."""
+    testnet = os.path.join(REPO, "scripts", "testnet.sh")
+    prefix = f"dr{os.getpid() % 100000}"
+    up = subprocess.run([testnet, "up", prefix], capture_output=True, text=True, check=False)
+    if up.returncode != 0:
+        subprocess.run([testnet, "down", prefix], capture_output=True, check=False)
+        if os.environ.get("UCCL_TCPX_REQUIRE_NETNS") == "1":
+            pytest.fail(f"cannot make test hosts: {up.stderr.strip()}")
+        pytest.skip(f"no test hosts here (root and iproute2 needed): {up.stderr.strip()}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UCCL_TCPX_", "NCCL_"))}
+    env["UCCL_TCPX_TRANSPORT"] = "socket"
+    try:
+        # Link 0 of the pair (hosts 0 and 1) is 198.18.0.0/24: host 0 at .1, host 1 at .2.
+        server = subprocess.Popen(
+            [testnet, "exec", prefix, "1", sys.executable, "-m", "uccl_tcpx.doctor", "--serve", "--port", "18515"],
+            env={**env, "UCCL_TCPX_IP": "198.18.0.2"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            first = server.stdout.readline()
+            assert "serving at 198.18.0.2:18515" in first, first
+            done = subprocess.run(
+                [testnet, "exec", prefix, "0", sys.executable, "-m", "uccl_tcpx.doctor", "--json", "--no-nixl"]
+                + ["--transport", "socket", "--peer", "198.18.0.2:18515"],
+                env={**env, "UCCL_TCPX_IP": "198.18.0.1"},
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
+            served = server.communicate(timeout=120)[0]
+        finally:
+            server.kill()
+    finally:
+        subprocess.run([testnet, "down", prefix], capture_output=True, check=False)
+    checks = {f"{c['section']}/{c['name']}": c for c in json.loads(done.stdout)["checks"]}
+    c = checks["peer/exchange"]
+    assert c["status"] == "ok" and done.returncode == 0, c
+    assert c["data"]["path"] == "sockets", c
+    assert all(link.startswith("198.18.") for link in c["data"]["links"]) and c["data"]["links"], c
+    assert "served 198.18.0.1: path sockets" in served, served

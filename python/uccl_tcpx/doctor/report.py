@@ -1,0 +1,75 @@
+"""The doctor's verdicts: one Check per thing looked at, printed as text or JSON."""
+
+import json
+from dataclasses import asdict, dataclass, field
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+SECTIONS = ("engine", "cuda", "tcpx", "nixl", "peer")
+
+
+@dataclass
+class Check:
+    section: str  # engine, cuda, tcpx, nixl, peer
+    name: str
+    status: str  # ok, warn or fail
+    detail: str
+    fix: str = ""  # one line, for warn and fail
+    source: str = ""  # where the requirement comes from (an upstream file), if not from this project
+    data: dict = field(default_factory=dict)
+
+
+class Report:
+    def __init__(self, transport):
+        self.transport = transport  # what the user asked for: auto, socket or tcpx
+        self.checks = []
+
+    def add(self, section, title, status, detail, fix="", source="", **data):
+        if status not in (OK, WARN, FAIL) or section not in SECTIONS:
+            raise ValueError(f"check {section}/{title}: status {status!r}")
+        check = Check(section, title, status, detail, fix, source, data)
+        self.checks.append(check)
+        return check
+
+    def ordered(self):
+        return sorted(self.checks, key=lambda c: SECTIONS.index(c.section))
+
+    def failing(self):
+        """The failed checks that stop the transport asked for. The TCPX and CUDA sections count
+        only when TCPX was asked for: auto falls back to sockets, and says why."""
+        counted = {"engine", "peer", "nixl"}
+        if self.transport == "tcpx":
+            counted |= {"cuda", "tcpx"}
+        return [c for c in self.checks if c.status == FAIL and c.section in counted]
+
+    def exit_code(self):
+        return 1 if self.failing() else 0
+
+    def to_json(self):
+        return json.dumps(
+            {
+                "transport": self.transport,
+                "exit": self.exit_code(),
+                "checks": [asdict(c) for c in self.ordered()],
+            },
+            indent=2,
+        )
+
+    def to_text(self):
+        lines = []
+        section = None
+        for c in self.ordered():
+            if c.section != section:
+                section = c.section
+                lines.append(f"== {section}")
+            lines.append(f"[{c.status:>4}] {c.name}: {c.detail}")
+            if c.fix and c.status != OK:
+                lines.append(f"       fix: {c.fix}")
+            if c.source:
+                lines.append(f"       per: {c.source}")
+        failing = self.failing()
+        if failing:
+            names = ", ".join(f"{c.section}/{c.name}" for c in failing)
+            lines.append(f"transport {self.transport}: cannot work here ({names})")
+        else:
+            lines.append(f"transport {self.transport}: nothing found that stops it")
+        return "\n".join(lines)
