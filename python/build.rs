@@ -36,7 +36,7 @@ fn main() {
 /// for each variable of docs/CONFIG.md (generated from, and tested against, src/config.rs),
 /// `retired NAME` for each of src/config/retired.rs, and `plugin_default NAME VALUE` for each net
 /// plugin variable the engine sets when unset (docs/CONFIG.md, tested against
-/// src/transport/plugin/env.rs).
+/// src/transport/plugin/tcpx.rs).
 fn write_knobs(repo: &Path, lib_dir: &Path) {
     let page_path = repo.join("docs").join("CONFIG.md");
     let retired_path = repo.join("src").join("config").join("retired.rs");

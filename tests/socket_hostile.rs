@@ -1,7 +1,7 @@
 //! A hostile peer on the socket transport's data sockets: bad hellos are ignored, late sockets that
 //! do not belong to a live comm are refused, and a bad piece header fails the receiving comm cleanly
 //! (an error from `test`, nothing written outside the posted buffer, a prompt drop). The peer speaks
-//! the wire format of src/transport/socket/wire.rs by hand.
+//! the wire format of src/transport/socket/pure/wire.rs by hand.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};

@@ -536,8 +536,9 @@ fn peers_turned_away_cost_no_thread_listener_or_dial() {
 // ---------------------------------------------------------------------------------------------
 // A scripted peer that completes the handshake itself, then misbehaves. It speaks the socket
 // transport's wire format, which is private to the crate: it mirrors `SocketHandle` in
-// src/transport/socket/mod.rs and the data socket hello and piece header in src/transport/socket/wire.rs,
-// with one data socket per comm (so every message is one piece, in order).
+// src/transport/socket/mod.rs and the data socket hello and piece header in
+// src/transport/socket/pure/wire.rs, with one data socket per comm (so every message is one piece,
+// in order).
 
 const HANDLE_MAGIC: u32 = 0x4B53_5455;
 const STREAM_HELLO_MAGIC: u32 = 0x5353_5455;

@@ -58,7 +58,7 @@ def find_plugin(host, env):
 
 def plugin_env(env, host, defaults):
     """The environment the engine gives the plugin: the user's, plus its defaults where unset
-    (src/transport/plugin/env.rs)."""
+    (src/transport/plugin/tcpx.rs)."""
     out = dict(env)
     for name, value in defaults:
         out.setdefault(name, value)
@@ -338,7 +338,7 @@ def check_env(report, host, env, defaults):
     parts = []
     for name, value in defaults:
         parts.append(f"{name}={env[name]} (yours; engine's {value})" if name in env else f"{name}={value}")
-    report.add("tcpx", "environment", OK, "; ".join(parts), source="the engine: src/transport/plugin/env.rs")
+    report.add("tcpx", "environment", OK, "; ".join(parts), source="the engine: src/transport/plugin/tcpx.rs")
     strategy = env.get("NCCL_GPUDIRECTTCPX_FLOW_STEERING_STRATEGY")
     if strategy not in (None, "", "3"):
         report.add(
