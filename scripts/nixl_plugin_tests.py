@@ -36,6 +36,8 @@ GAP = 4 * KiB
 TIMEOUT_MS = 5000
 # Bound on any one wait here: far above what a transfer needs, far below a hang.
 WAIT_S = 60.0
+# What the target maps and fills in one system call while it is being stopped (case_dead_peer).
+HOLD = 512 * MiB
 
 
 def make_agent(name, **options):
@@ -204,6 +206,11 @@ def target_main(pipe, big, options, mem):
         elif cmd == "zero":
             buf.zero()
             pipe.send(True)
+        elif cmd == "hold":
+            # This thread spends a while in one system call (the kernel filling a mapping), where
+            # a SIGSTOP waits for it while the engine's threads run on.
+            pipe.send(True)
+            populate(args[0])
         elif cmd == "die":
             # Gone without a goodbye, as a crashed process is.
             os._exit(0)
@@ -339,6 +346,53 @@ def case_big_region(results, t):
         results.check(state == "DONE" and ok, what, f"state {state}, checked {ok}")
 
 
+def populate(length):
+    """Maps `length` bytes and has the kernel fill them in one system call, then unmaps them."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    prot, flags = 0x1 | 0x2, 0x02 | 0x20 | 0x8000  # READ|WRITE, PRIVATE|ANONYMOUS|POPULATE
+    addr = libc.mmap(None, length, prot, flags, -1, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), f"mmap of {length} bytes")
+    libc.munmap(addr, length)
+
+
+def resident(pid):
+    """The resident memory of process `pid`, in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * KiB for line in f if line.startswith("VmRSS:"))
+
+
+def stopped_threads(pid):
+    """How many threads of process `pid` are stopped, and how many it has."""
+    states = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+    return sum(s in ("T", "t") for s in states), len(states)
+
+
+def stop(proc):
+    """Stops `proc` with SIGSTOP and returns once every thread of it is stopped. kill() only
+    queues the signal: the kernel wakes one thread (the main one) to take it, and stops the others
+    once that thread leaves the kernel; until then a peer's engine threads still answer, and a
+    transfer posted at once may be served in full by the peer being stopped."""
+    os.kill(proc.pid, signal.SIGSTOP)
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        done, threads = stopped_threads(proc.pid)
+        if done == threads:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"process {proc.pid}: {done} of {threads} threads stopped after SIGSTOP")
+        time.sleep(0.001)
+
+
 def timed_transfer(t, msg):
     local = t.mem.descs(t.agent, [(0, 1 * MiB)])
     remote = t.remote([(0, 1 * MiB)])
@@ -353,19 +407,39 @@ def timed_transfer(t, msg):
 def case_dead_peer(results, t):
     """A transfer to a peer that stopped answering fails within the engine's timeout, and one to
     a peer whose process died fails at once: NIXL's error either way, never in progress forever."""
-    os.kill(t.proc.pid, signal.SIGSTOP)
+    # NIXL drops a peer whose transfer failed with NIXL_ERR_REMOTE_DISCONNECT.
+    disconnect = "raised nixlRemoteDisconnectError"
+    stop(t.proc)
     try:
         state, took = timed_transfer(t, b"while-stopped")
     finally:
         os.kill(t.proc.pid, signal.SIGCONT)
-    # NIXL drops a peer whose transfer failed with NIXL_ERR_REMOTE_DISCONNECT.
-    disconnect = "raised nixlRemoteDisconnectError"
     # How long it took is reported, not held: a loaded host bends it, and `run` bounds the wait.
     results.check(state == disconnect, "transfer to a stopped peer fails", f"{state} after {took:.2f} s")
     # Loaded again, the peer is reached on a new connection.
     t.agent.add_remote_agent(t.meta)
     state, took = timed_transfer(t, b"after-reload")
     results.check(state == "DONE" and t.ask("notif", b"after-reload"), "the peer again after reloading it", state)
+    # The stop again, with the peer's main thread in the kernel when it is signalled: the group
+    # stops only once that thread comes out, while the engine's threads serve on (as they did, for
+    # a millisecond or so, whenever the host was busy). A transfer posted only once every thread
+    # stopped fails; one posted right after kill() would be served in full.
+    before = resident(t.proc.pid)
+    t.ask("hold", HOLD)
+    while resident(t.proc.pid) < before + HOLD // 8:  # the mapping fills: the thread is in the kernel
+        if not t.proc.is_alive():
+            raise RuntimeError("the target process exited while filling a mapping")
+        time.sleep(0.001)
+    stop(t.proc)
+    try:
+        state, took = timed_transfer(t, b"while-stopped-busy")
+    finally:
+        os.kill(t.proc.pid, signal.SIGCONT)
+    what = "transfer to a peer stopped while in the kernel fails"
+    results.check(state == disconnect, what, f"{state} after {took:.2f} s")
+    t.agent.add_remote_agent(t.meta)
+    state, took = timed_transfer(t, b"after-reload-2")
+    results.check(state == "DONE" and t.ask("notif", b"after-reload-2"), "the peer again after that", state)
     t.pipe.send(("die",))
     t.proc.join(WAIT_S)
     state, took = timed_transfer(t, b"after-death")

@@ -53,9 +53,30 @@ impl Peer {
     }
 
     fn signal(&self, sig: i32) {
+        let pid = self.process.pid();
         // SAFETY: sending a signal to our own child process, which is alive until `process` drops.
-        assert_eq!(unsafe { libc::kill(self.process.pid() as i32, sig) }, 0);
+        assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
+        if sig == libc::SIGSTOP {
+            // kill() only queues it: the peer's threads stop once its main thread takes the signal,
+            // and until then its engine still answers.
+            let deadline = std::time::Instant::now() + PATIENCE;
+            while !all_stopped(pid) {
+                assert!(std::time::Instant::now() < deadline, "peer {pid} not stopped after SIGSTOP");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
     }
+}
+
+/// Whether every thread of process `pid` is stopped (state T in /proc).
+fn all_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().all(|task| {
+        // A thread that ended meanwhile has nothing left to run.
+        std::fs::read_to_string(task.path().join("stat")).map_or(true, |stat| {
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) == Some("T")
+        })
+    })
 }
 
 fn connected(timeout_ms: u64) -> (Engine, Arc<Connection>, Peer, Vec<u8>, u64) {

@@ -227,6 +227,25 @@ STALLED_WRITE = RESTORE_SIGINT + textwrap.dedent(
 )
 
 
+def stop(proc):
+    """SIGSTOP, then waits until every thread of `proc` shows stopped: kill() only queues the signal,
+    and the peer's engine threads answer until its main thread has taken it."""
+    os.kill(proc.pid, signal.SIGSTOP)
+    deadline = time.monotonic() + INTERRUPT_WAIT
+    while True:
+        states = []
+        for tid in os.listdir(f"/proc/{proc.pid}/task"):
+            try:
+                with open(f"/proc/{proc.pid}/task/{tid}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:  # a thread that ended meanwhile
+                pass
+        if all(s in ("T", "t") for s in states):
+            return
+        assert time.monotonic() < deadline, f"process {proc.pid} not stopped after SIGSTOP: {states}"
+        time.sleep(0.001)
+
+
 def test_ctrl_c_interrupts_a_write_to_a_stopped_peer():
     # The network path, which needs the peer's side: on the same-host path the data would be
     # copied without the stopped process.
@@ -240,7 +259,7 @@ def test_ctrl_c_interrupts_a_write_to_a_stopped_peer():
         client.stdin.flush()
         assert line(server) == "accepted True"
         assert line(client) == "ready"
-        os.kill(server.pid, signal.SIGSTOP)
+        stop(server)
         client.stdin.write("go\n")
         client.stdin.flush()
         time.sleep(0.5)

@@ -207,9 +207,14 @@ fn a_send_socket_failing_under_a_stream_of_messages_loses_no_byte_and_its_link_i
         stream(&mut tx, &mut rx, 4, PIECE, |_, _| {});
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Which socket takes a piece is the helpers' race: on a loaded host the others can take every
+    // piece of a few rounds, so rounds go on until the rejoined link has carried one.
     let before = link_bytes(&tx, second);
-    stream(&mut tx, &mut rx, 32, 4 * PIECE, |_, _| {});
-    assert!(link_bytes(&tx, second) > before, "the link carries pieces again (socket {k} was replaced)");
+    let start = Instant::now();
+    while link_bytes(&tx, second) == before {
+        assert!(start.elapsed() < testkit::PATIENCE, "the link carries pieces again (socket {k} was replaced)");
+        stream(&mut tx, &mut rx, 32, 4 * PIECE, |_, _| {});
+    }
 }
 
 /// A comm that can open no socket any more (a helper once failed to take one it opened, which no
