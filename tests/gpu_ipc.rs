@@ -900,11 +900,8 @@ fn random_block_tables(ga: i32, gb: i32) {
         assert_eq!(err.status(), UcclStatus::ErrNotAllowed, "write {write}: {err}");
         // The side written to: each good block whole from the other side or as it was, the rest
         // (the refused block's slot and the window's end included) as it was.
-        let (got, before, from) = if write {
-            (target.read(0, LEN), &theirs, &mine)
-        } else {
-            (local.read(0, LEN), &mine, &theirs)
-        };
+        let (got, before, from) =
+            if write { (target.read(0, LEN), &theirs, &mine) } else { (local.read(0, LEN), &mine, &theirs) };
         let mut expected = before.clone();
         for (i, &slot_index) in table.iter().enumerate().filter(|&(i, _)| i != 5_000) {
             let (l, r) = (i * slot, slot_index * slot);
