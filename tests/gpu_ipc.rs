@@ -837,7 +837,10 @@ fn block_table(n: usize, stream: &str) -> Vec<usize> {
 /// KV-cache traffic on the same-host GPU path between engines of this process, GPU `ga` to GPU
 /// `gb`: random block tables on both ends, one block and 100,000 blocks of an odd size at odd
 /// offsets, read and written, every byte of both buffers checked (each block in its slot, nothing
-/// between), and a table with one block past the window in the middle refused whole.
+/// between), and a table with one block past the window in the middle failed with its status.
+/// Each item is a request of its own, refused or copied on its own (as between engines of this
+/// process in host memory): the refused block moves nothing, and every byte outside the table's
+/// blocks stays as it was; a block the engine copied holds all of its new bytes, never a part.
 fn random_block_tables(ga: i32, gb: i32) {
     let a = Arc::new(Engine::new(Config { gpu: Some(ga), ..same_host() }).unwrap());
     let b = Arc::new(Engine::new(Config { gpu: Some(gb), ..same_host() }).unwrap());
@@ -889,12 +892,30 @@ fn random_block_tables(ga: i32, gb: i32) {
         .map(|i| OneSided { mr, addr: local.addr() + i * slot, len: block, remote: at(window, table[i] * slot) })
         .collect();
     items[5_000].remote = at(window, LEN - 10);
+    let mine = pattern(LEN, 500);
+    local.write(0, &mine);
     for write in [true, false] {
         let posted = if write { ab.write(&items) } else { ab.read(&items) };
         let err = posted.and_then(|id| waited(&ab, id)).unwrap_err();
         assert_eq!(err.status(), UcclStatus::ErrNotAllowed, "write {write}: {err}");
+        // The side written to: each good block whole from the other side or as it was, the rest
+        // (the refused block's slot and the window's end included) as it was.
+        let (got, before, from) =
+            if write { (target.read(0, LEN), &theirs, &mine) } else { (local.read(0, LEN), &mine, &theirs) };
+        let mut expected = before.clone();
+        for (i, &slot_index) in table.iter().enumerate().filter(|&(i, _)| i != 5_000) {
+            let (l, r) = (i * slot, slot_index * slot);
+            let (at, src) = if write { (r, l) } else { (l, r) };
+            let block_got = &got[at..at + block];
+            assert!(
+                block_got == &before[at..at + block] || block_got == &from[src..src + block],
+                "write {write}: block {i} holds part of its bytes"
+            );
+            expected[at..at + block].copy_from_slice(block_got);
+        }
+        assert_same(&got, &expected, &format!("write {write}: bytes outside the table's good blocks"));
+        target.write(0, &theirs);
     }
-    assert_same(&target.read(0, LEN), &theirs, "the refused tables left the target untouched");
 }
 
 #[test]

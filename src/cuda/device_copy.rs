@@ -236,10 +236,41 @@ fn independent(copies: &[DeviceCopy]) -> bool {
     if rising || falling {
         return true;
     }
+    // A scattered block table: sorted by start. One u64 per copy, its offset from the lowest start
+    // above its length, where both fit: sorting those took half the time of (start, end) pairs
+    // (8,192 copies, 60-90 us against 125-190 us), under the connection's lock on every call.
+    if let Some(apart) = packed_apart(copies, dst_lo, dst_hi) {
+        return apart;
+    }
     let mut written: Vec<(u64, u64)> =
         copies.iter().map(|c| (c.dst, c.dst.saturating_add(c.len as u64))).filter(|(start, end)| start < end).collect();
     written.sort_unstable();
     written.windows(2).all(|pair| pair[0].1 <= pair[1].0)
+}
+
+/// Bits of a packed key that hold a copy's length: every copy the kernel takes is shorter than 2^23
+/// (`KERNEL_MAX_COPY`); longer ones make the caller sort pairs.
+const LEN_BITS: u32 = 23;
+
+/// Whether no two of `copies`' destinations share a byte, by one sort of packed u64 keys (offset
+/// from `lo` above the length); `None` where a length or the span `lo..hi` does not fit them.
+fn packed_apart(copies: &[DeviceCopy], lo: u64, hi: u64) -> Option<bool> {
+    if hi.saturating_sub(lo) >= 1 << (64 - LEN_BITS) {
+        return None;
+    }
+    let mut keys = Vec::with_capacity(copies.len());
+    for c in copies {
+        let len = c.len as u64;
+        if len >= 1 << LEN_BITS {
+            return None;
+        }
+        if len > 0 {
+            keys.push((c.dst - lo) << LEN_BITS | len);
+        }
+    }
+    keys.sort_unstable();
+    let end = |k: u64| (k >> LEN_BITS) + (k & ((1 << LEN_BITS) - 1));
+    Some(keys.windows(2).all(|pair| end(pair[0]) <= pair[1] >> LEN_BITS))
 }
 
 #[cfg(test)]
@@ -345,6 +376,25 @@ mod tests {
             if want { yes += 1 } else { no += 1 }
         }
         assert!(yes > 500 && no > 500, "both answers occur: {yes} / {no}");
+    }
+
+    /// The packed keys agree with the pairs where they fit and step aside where they do not.
+    #[test]
+    fn packed_keys_decide_as_the_pairs_do_where_they_fit() {
+        let scattered = |len: usize, far: u64| -> Vec<DeviceCopy> {
+            (0..64u64).map(|i| copy(i << 24, (1 << 40) + ((i * 37) % 64) * far, len)).collect()
+        };
+        let apart = scattered(4096, 8192);
+        assert_eq!(packed_apart(&apart, 1 << 40, (1 << 40) + 64 * 8192), Some(true));
+        let overlapping = scattered(8193, 8192);
+        assert_eq!(packed_apart(&overlapping, 1 << 40, (1 << 40) + 64 * 8192 + 1), Some(false));
+        assert!(!independent(&overlapping) && independent(&apart));
+        let long = scattered(1 << LEN_BITS, 1 << 24);
+        assert_eq!(packed_apart(&long, 1 << 40, (1 << 40) + (65 << 24)), None, "a length over 23 bits");
+        assert!(independent(&long), "the pairs decide it");
+        let wide = [copy(0, 0x10, 16), copy(0, 1 << 50, 16), copy(0, 0x20, 16)];
+        assert_eq!(packed_apart(&wide, 0x10, (1 << 50) + 16), None, "a span over 41 bits");
+        assert!(independent(&wide));
     }
 
     /// Many small copies on one GPU go through the kernel (when it can be built), in one call, and

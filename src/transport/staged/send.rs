@@ -6,7 +6,10 @@
 //! With a copy limit (`UCCL_TCPX_STAGING_AHEAD`) a device chunk beyond it keeps its slot but its
 //! copy is queued only once an earlier one finished: the engine posts a channel's whole window in
 //! one go, and without the limit every channel's copies are issued before the next channel's
-//! first one.
+//! first one. A chunk of several segments may be queued while fewer copies than the ring has
+//! streams are: its gather kernel then runs on its own stream beside the previous chunk's copy
+//! instead of after it (a KV cache's 16 KiB blocks, 2 MiB chunks: 0.55 of one piece with one
+//! gathered chunk at a time, 0.8 with two on two streams, on an H100).
 //!
 //! A chunk of several segments is gathered whole (by the segment kernel or a copy per segment), and
 //! sent once all of it is there.
@@ -54,6 +57,8 @@ pub struct StagedSendComm {
     copying: usize,
     /// Copies this comm may have queued and unfinished at once.
     copy_limit: usize,
+    /// The same for a chunk of several segments: at least one per stream of the ring.
+    gather_limit: usize,
     failure: StickyFailure,
     tracer: Option<CommTracer>,
 }
@@ -61,9 +66,11 @@ pub struct StagedSendComm {
 impl StagedSendComm {
     pub(crate) fn new(inner: Box<dyn SendComm>, setup: Setup) -> StagedSendComm {
         let tuning = setup.params.tuning;
+        let copy_limit = if tuning.ahead == 0 { usize::MAX } else { tuning.ahead as usize };
         let mut comm = StagedSendComm {
             inner,
-            copy_limit: if tuning.ahead == 0 { usize::MAX } else { tuning.ahead as usize },
+            copy_limit,
+            gather_limit: copy_limit.max(setup.params.streams()),
             tracer: CommTracer::new(true),
             staging: Staging::new(setup),
             queue: VecDeque::new(),
@@ -79,7 +86,9 @@ impl StagedSendComm {
     /// Queues the copies of pending chunks, oldest first, while the copy limit allows.
     fn issue_copies(&mut self) -> Result<()> {
         for i in self.unsent..self.queue.len() {
-            if self.copying >= self.copy_limit {
+            let gathered = self.queue[i].segs.as_ref().is_some_and(|segs| segs.len() >= 2);
+            let limit = if gathered { self.gather_limit } else { self.copy_limit };
+            if self.copying >= limit {
                 break;
             }
             let Stage::Pending { slot, src } = self.queue[i].stage else { continue };
