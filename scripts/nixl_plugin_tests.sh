@@ -128,6 +128,23 @@ for key in ("nixl/installed", "nixl/plugin folder", "nixl/agent"):
         sys.exit(f"nixl_plugin_tests: doctor {key}: {c}")
     print(f"doctor {key}: {c['detail']}")
 PY
+  # A folder holding another build of the plugin (a copy of the package's library folder, as
+  # cmake/install.sh's would be): the doctor warns and still passes, its agent getting that build.
+  other="$work/other-build-$nixl_version"
+  rm -rf "$other" && mkdir -p "$other/dir"
+  cp -r "$(dirname "$(dirname "$(dirname "$ours")")")" "$other/lib"
+  cp -P "$plugin_dir"/* "$other/dir/"
+  ln -sf "$other/lib/nixl/$nixl_version/libplugin_TCPX.so" "$other/dir/libplugin_TCPX.so"
+  NIXL_PLUGIN_DIR="$other/dir" UCCL_TCPX_TRANSPORT=socket "$venv/bin/uccl-tcpx-doctor" --json >"$work/doctor-other.json" ||
+    { cat "$work/doctor-other.json"; echo "nixl_plugin_tests: the doctor failed another build of the plugin" >&2; exit 1; }
+  "$venv/bin/python" - "$work/doctor-other.json" "$other/lib/nixl/$nixl_version/libplugin_TCPX.so" <<'PY'
+import json, sys
+checks = {f"{c['section']}/{c['name']}": c for c in json.load(open(sys.argv[1]))["checks"]}
+folder, agent = checks["nixl/plugin folder"], checks["nixl/agent"]
+assert folder["status"] == "warn" and "another build" in folder["detail"], folder
+assert agent["status"] == "ok" and sys.argv[2] in agent["detail"], agent
+print(f"doctor, another build: {folder['detail']}")
+PY
   # NIXL's own folder has no TCPX plugin: the doctor says so, with the command that fixes it.
   own=("$venv"/lib/python3*/site-packages/.nixl_cu*.mesonpy.libs/plugins)
   if NIXL_PLUGIN_DIR="${own[0]}" UCCL_TCPX_TRANSPORT=socket "$venv/bin/uccl-tcpx-doctor" >"$work/doctor.txt"; then
