@@ -48,6 +48,13 @@ SETUPS = {
     "ucx-tcp-cuda": ("UCX", {}, {"UCX_TLS": "tcp,cuda_copy"}),
     "ucx": ("UCX", {}, {}),
 }
+# The plugin transport over the fake devmem NIC (crates/fake-tcpx) in GPU mode, both agents on this
+# host, when UCCL_TCPX_FAKE_PLUGIN names libfake_tcpx.so: the TCPX path's shape without TCPX NICs.
+if os.environ.get("UCCL_TCPX_FAKE_PLUGIN"):
+    SETUPS["tcpx-fake"] = ("TCPX", {"ip": "127.0.0.1"}, {
+        "UCCL_TCPX_TRANSPORT": "tcpx", "UCCL_TCPX_PLUGIN": os.environ["UCCL_TCPX_FAKE_PLUGIN"],
+        "FAKE_TCPX_MODE": "gpu", "UCCL_TCPX_LOCAL_PEERS": "plugin", "FAKE_TCPX_SAME_HOST": "allow",
+        "FAKE_TCPX_STEERING_WAIT_MS": "0"})
 ITERS = {4 << 10: 200, 1 << 20: 50, 64 << 20: 8}
 # The GPUs of the initiator's and the target's memory (--vram); None: host memory.
 VRAM = None

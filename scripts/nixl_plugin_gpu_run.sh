@@ -9,8 +9,8 @@
 #   benchmark  scripts/nixl_tcpx_benchmark.sh: UCCL's benchmark_nixl.py --backend tcpx --device gpu
 #   uccl       scripts/uccl_python_tests.sh UCCL_TREE gpu: UCCL's one-GPU Python tests over the
 #              uccl_tcpx wheel
-#   uccl2      the same, gpu2 (two GPUs; not run unless named: two of its five tests register
-#              GPU 0's memory with an endpoint of GPU 1, which an engine serving one GPU refuses)
+#   uccl2      the same, gpu2: UCCL's two-GPU tests, one rank per GPU (needs two GPUs, so it runs
+#              only when named)
 # P is GPU 1 where there are two GPUs, else 0. benchmark and uccl need the UCCL test files in the
 # bundle (made with UCCL_TREE). Every step runs even when an earlier one failed; the last line
 # says whether all passed.
