@@ -362,7 +362,7 @@ const LARGE_HOST_CORES: usize = 16;
 /// against 4 x 4 (the same 16 sockets) took 256 KiB host transfers from 96-110 to 58-72 us p50 and
 /// 1 MiB GPU0->GPU1 transfers at 4 in flight from 8.22-9.23 to 9.65-11.41 GB/s, for 256 MiB host
 /// writes at 31.6-34.1 GB/s instead of 35.3-37.6. A plugin keeps 4: that measurement covered the
-/// socket transport only (docs/PERFORMANCE.md, "Defaults").
+/// socket transport only (docs/DEFAULTS.md).
 fn default_channels(transport: ChannelTransport, cores: usize) -> u16 {
     match transport {
         _ if cores < LARGE_HOST_CORES => 2,
