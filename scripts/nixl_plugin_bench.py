@@ -60,6 +60,15 @@ ITERS = {4 << 10: 200, 1 << 20: 50, 64 << 20: 8}
 VRAM = None
 
 
+def end_target(proc, saved):
+    """Joins (else kills) a target process and puts back the environment a setup changed."""
+    proc.join(30)
+    if proc.is_alive():
+        proc.kill()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 class Buffer:
     """Host memory (numpy) or, on a GPU, a torch tensor; `fill` is its bytes' value."""
 
@@ -169,11 +178,7 @@ def measure(setup, size, many):
         pipe.send("done")
         return out
     finally:
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
-        os.environ.clear()
-        os.environ.update(saved)
+        end_target(proc, saved)
 
 
 
@@ -347,11 +352,7 @@ def kv_measure(setup, shape, requests):
         pipe.recv()
         return out
     finally:
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
-        os.environ.clear()
-        os.environ.update(saved)
+        end_target(proc, saved)
 
 
 def parse_kv(text):
