@@ -453,6 +453,42 @@ fn cross_process(ours: i32, theirs: i32) {
     assert_eq!(conn.peer.locality, Locality::SameHost);
     // The owner's allocation is mapped into this GPU's context, wherever it lives.
     exercise(&conn, &mut local, mr, owner.item, LEN, true);
+    kv_blocks_through_the_mapping(&conn, &mut local, mr, owner.item);
+}
+
+/// KV-cache traffic between processes: 100,000 blocks of an odd size at odd offsets, written from
+/// random local slots into random slots of the owner's region and read back into the same local
+/// slots, through the kernel in one batch each (more pieces than one list of the piece kernel
+/// holds, so several launches). Every byte of the local buffer checked: each block back in its
+/// slot, nothing between.
+fn kv_blocks_through_the_mapping(conn: &Arc<Connection>, local: &mut Mem, mr: u64, remote: FifoItem) {
+    let (count, slot, block, first) = (100_000usize, 160usize, 131usize, 3usize);
+    let (mine, theirs) = (block_table(count, "ipc-kv-local"), block_table(count, "ipc-kv-remote"));
+    let items: Vec<OneSided> = (0..count)
+        .map(|i| OneSided {
+            mr,
+            addr: local.addr() + first + mine[i] * slot,
+            len: block,
+            remote: at(remote, first + theirs[i] * slot),
+        })
+        .collect();
+    let data = pattern(LEN, 404);
+    local.write(0, &data);
+    let (batches, kernel_batches) = (conn.device_copy_batches(), conn.device_copy_kernel_batches());
+    let total = (count * block) as u64;
+    let w = conn.write(&items).unwrap();
+    assert_eq!(waited(conn, w).unwrap(), total, "write of {count} blocks");
+    local.clear();
+    let r = conn.read(&items).unwrap();
+    assert_eq!(waited(conn, r).unwrap(), total, "read of {count} blocks");
+    let mut expected = vec![0u8; LEN];
+    for &m in &mine {
+        let at = first + m * slot;
+        expected[at..at + block].copy_from_slice(&data[at..at + block]);
+    }
+    assert_same(&local.read(0, LEN), &expected, "100,000 blocks there and back");
+    assert_eq!(conn.device_copy_batches(), batches + 2, "one batch a call");
+    assert_eq!(conn.device_copy_kernel_batches(), kernel_batches + 2, "both through the kernel");
 }
 
 #[test]

@@ -12,21 +12,20 @@ use std::sync::Arc;
 
 use cudarc::driver::sys;
 
-use super::segments::{Built, TileCopier};
+use super::gpu::ContextRestore;
+use super::pieces::PieceCopier;
+use super::segments::Built;
 use super::stream::{Event, Stream};
 use super::unpack::{UnpackKernels, addressable};
 use super::{Gpu, check};
 use crate::error::Result;
 
 /// Calls of at least this many copies, averaging at most `KERNEL_MAX_AVERAGE` bytes, go through
-/// the unpack kernel when every end lies on the issuing GPU. Below, the copies' own launches cost
-/// less than the kernel's launch (one per call, or per list of 4096 tiles of 4 KiB, each about as
-/// much as a copy).
-const KERNEL_MIN_COPIES: usize = 4;
-const KERNEL_MAX_AVERAGE: usize = 512 << 10;
-/// No copy of such a call is larger: one large copy among many small ones would cost more launches
-/// as tiles than it saves.
-const KERNEL_MAX_COPY: usize = 4 << 20;
+/// the piece kernel when every end lies on the issuing GPU. Below, the copies' own launches cost
+/// less than the kernel's launch (one per call, or per list of 16,384 pieces, each about as much
+/// as a copy); larger copies keep the copy engines, which leave the SMs to the user's kernels.
+pub const KERNEL_MIN_COPIES: usize = 4;
+pub const KERNEL_MAX_AVERAGE: usize = 512 << 10;
 
 /// One copy: `len` bytes from `src` to `dst`. An end with a GPU is memory that GPU's kernels
 /// address: its own allocations in this process, or a peer's allocation mapped into its context.
@@ -46,9 +45,9 @@ const SPARE_EVENTS: usize = 64;
 pub struct CopyQueue {
     stream: Stream,
     spare: Vec<Event>,
-    /// The unpack kernel of the queue's GPU: calls are issued under the connection's lock, so the
+    /// The piece kernel of the queue's GPU: calls are issued under the connection's lock, so the
     /// engine builds it when it registers the GPU's memory, and calls copy one by one until then.
-    kernel: Built<TileCopier>,
+    kernel: Built<PieceCopier>,
     /// Calls that went through the kernel.
     by_kernel: u64,
 }
@@ -83,25 +82,50 @@ impl CopyQueue {
         let _ctx = gpu.enter()?;
         let queued = match kernel_for(&mut self.kernel, &gpu, copies, takes) {
             Some(kernel) => {
-                // SAFETY: per the contract; every end is device memory of this GPU (`kernel_for`).
-                let copied = unsafe { kernel.copy(&self.stream, copies.iter().map(|c| (c.src, c.dst, c.len as u64))) };
+                // SAFETY: per the contract; every end is device memory of this GPU, addressable
+                // (`kernel_for`).
+                let copied = unsafe {
+                    copies
+                        .iter()
+                        .try_for_each(|c| kernel.push(&self.stream, c.src, c.dst, c.len as u64))
+                        .and_then(|()| kernel.finish(&self.stream))
+                };
+                if copied.is_err() {
+                    kernel.abandon();
+                }
                 self.by_kernel += u64::from(copied.is_ok());
                 copied
             }
             // SAFETY: per the contract.
             None => copies.iter().try_for_each(|c| unsafe { self.queue_one(c) }),
         };
-        let marked = queued.and_then(|()| {
-            let event = match self.spare.pop() {
-                Some(e) => e,
-                None => Event::new(&gpu)?,
-            };
-            event.record(&self.stream).map(|()| event)
-        });
-        if marked.is_err() {
-            let _ = self.stream.synchronize();
+        mark(&self.stream, &mut self.spare, queued)
+    }
+
+    /// A call through the piece kernel whose copies the caller lists one at a time, each full list
+    /// launched at once, so the GPU starts on a long call while the rest is still being worked out;
+    /// `None` while the kernel is not built (or cannot be). The GPU's context is current while the
+    /// call lives.
+    pub fn piece_call(&mut self) -> Result<Option<PieceCall<'_>>> {
+        let gpu = self.stream.gpu().clone();
+        let ctx = gpu.enter()?;
+        let CopyQueue { stream, spare, kernel, by_kernel } = self;
+        let Some(kernel) = kernel.get(
+            || PieceCopier::if_built(&gpu),
+            |e| log::info!("device copies go one by one on {gpu:?}: no piece kernel ({e})"),
+        ) else {
+            return Ok(None);
+        };
+        Ok(Some(PieceCall { kernel, stream, spare, by_kernel, _ctx: ctx, ended: false }))
+    }
+
+    /// The piece kernel's copier, once this queue took it.
+    #[cfg(test)]
+    pub(crate) fn piece_copier(&self) -> Option<&PieceCopier> {
+        match &self.kernel {
+            Built::Ready(copier) => Some(copier),
+            Built::Waiting | Built::Unavailable => None,
         }
-        marked
     }
 
     /// Calls so far whose copies went through the kernel.
@@ -156,8 +180,71 @@ impl CopyQueue {
     }
 }
 
+/// A call through the piece kernel (`CopyQueue::piece_call`). Dropped without [`end`](Self::end)
+/// (an error on the way), its pieces not yet launched are dropped and the stream is waited for,
+/// so nothing it launched still touches the caller's ranges.
+pub struct PieceCall<'a> {
+    kernel: &'a mut PieceCopier,
+    stream: &'a Stream,
+    spare: &'a mut Vec<Event>,
+    by_kernel: &'a mut u64,
+    _ctx: ContextRestore,
+    ended: bool,
+}
+
+impl PieceCall<'_> {
+    /// Lists one copy of `len` bytes from `src` to `dst`.
+    ///
+    /// # Safety
+    /// Both ranges are device memory the queue's GPU's kernels address (its own allocations, or a
+    /// peer's mapped into its context), below 2^52 (`unpack::addressable`), valid and reserved to
+    /// this copy until the event [`end`](Self::end) returns fired (or the call was dropped).
+    #[inline]
+    pub unsafe fn push(&mut self, src: u64, dst: u64, len: u64) -> Result<()> {
+        // SAFETY: forwarded from the caller; the context is current (`_ctx`).
+        unsafe { self.kernel.push(self.stream, src, dst, len) }
+    }
+
+    /// Launches the rest and returns the event that fires once every copy of the call finished.
+    pub fn end(mut self) -> Result<Event> {
+        self.ended = true;
+        // SAFETY: the pieces were listed under `push`'s contract.
+        let launched = unsafe { self.kernel.finish(self.stream) };
+        if launched.is_err() {
+            self.kernel.abandon();
+        }
+        *self.by_kernel += u64::from(launched.is_ok());
+        mark(self.stream, self.spare, launched)
+    }
+}
+
+impl Drop for PieceCall<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.kernel.abandon();
+            let _ = self.stream.synchronize();
+        }
+    }
+}
+
+/// The event behind what `queued` queued on `stream`, or, where queuing or recording failed, the
+/// error once the stream passed everything queued before it. The GPU's context is current.
+fn mark(stream: &Stream, spare: &mut Vec<Event>, queued: Result<()>) -> Result<Event> {
+    let marked = queued.and_then(|()| {
+        let event = match spare.pop() {
+            Some(e) => e,
+            None => Event::new(stream.gpu())?,
+        };
+        event.record(stream).map(|()| event)
+    });
+    if marked.is_err() {
+        let _ = stream.synchronize();
+    }
+    marked
+}
+
 /// Whether GPU `ordinal`'s unpack kernel is built; never builds it.
-fn kernel_ready(ordinal: i32) -> bool {
+pub fn kernel_ready(ordinal: i32) -> bool {
     usize::try_from(ordinal).is_ok_and(|o| matches!(UnpackKernels::if_built(o), Some(Ok(_))))
 }
 
@@ -171,8 +258,6 @@ pub fn kernel_takes(here: i32, copies: &[DeviceCopy]) -> bool {
 /// Whether `copies` suit the kernel of GPU `here`, built or not: many and small enough, every end
 /// memory that `here`'s kernels address within a tile's reach (its own allocations, and peers'
 /// allocations mapped into its context, which CUDA IPC maps with peer access), and independent.
-/// Two passes over the copies (this one's checks, then `independent`'s), as they are walked under
-/// a connection's lock for every call of a vector's pieces.
 fn kernel_fits(here: i32, copies: &[DeviceCopy]) -> bool {
     if copies.len() < KERNEL_MIN_COPIES {
         return false;
@@ -180,8 +265,7 @@ fn kernel_fits(here: i32, copies: &[DeviceCopy]) -> bool {
     let here = Some(here);
     let mut bytes = 0usize;
     for c in copies {
-        let fits = c.len <= KERNEL_MAX_COPY
-            && c.src_gpu == here
+        let fits = c.src_gpu == here
             && c.dst_gpu == here
             && addressable(c.src, c.len as u64)
             && addressable(c.dst, c.len as u64);
@@ -196,81 +280,33 @@ fn kernel_fits(here: i32, copies: &[DeviceCopy]) -> bool {
 /// The kernel, where it takes `copies` (`kernel_takes`, or `takes` where the caller asked it) and
 /// this queue got hold of it.
 fn kernel_for<'a>(
-    kernel: &'a mut Built<TileCopier>,
+    kernel: &'a mut Built<PieceCopier>,
     gpu: &Arc<Gpu>,
     copies: &[DeviceCopy],
     takes: Option<bool>,
-) -> Option<&'a mut TileCopier> {
+) -> Option<&'a mut PieceCopier> {
     if !takes.unwrap_or_else(|| kernel_takes(gpu.ordinal(), copies)) {
         return None;
     }
     kernel.get(
-        || TileCopier::if_built(gpu),
+        || PieceCopier::if_built(gpu),
         |e| log::info!("device copies go one by one on {gpu:?}: no unpack kernel ({e})"),
     )
 }
 
-/// Whether `copies` may run all at once and leave what they would one after another: no copy
-/// reads bytes another writes (the sources' span and the destinations' span are apart) and no two
-/// write the same bytes. Copies one by one, in order, are what a call that breaks this gets.
+/// Whether `copies` may run all at once: no copy reads bytes another writes (the sources' span and
+/// the destinations' span are apart), which only copies in order get right. Bytes two copies of a
+/// call both write get either copy's bytes, as on the network path and the host-memory path, so
+/// destinations may overlap: checking that they do not took a sort of every destination under the
+/// connection's lock (8,192 of them: 60-90 us on the 2-core machine).
 fn independent(copies: &[DeviceCopy]) -> bool {
-    // One pass: both spans, and whether the destinations lie in address order either way (a KV
-    // cache's blocks often do), which needs no sort.
     let (mut src_lo, mut src_hi, mut dst_lo, mut dst_hi) = (u64::MAX, 0, u64::MAX, 0);
-    let (mut rising, mut falling) = (true, true);
-    let mut previous: Option<(u64, u64)> = None;
     for c in copies {
         let len = c.len as u64;
-        let (src_end, dst_end) = (c.src.saturating_add(len), c.dst.saturating_add(len));
-        (src_lo, src_hi) = (src_lo.min(c.src), src_hi.max(src_end));
-        (dst_lo, dst_hi) = (dst_lo.min(c.dst), dst_hi.max(dst_end));
-        if let Some((start, end)) = previous {
-            rising &= end <= c.dst;
-            falling &= dst_end <= start;
-        }
-        previous = Some((c.dst, dst_end));
+        (src_lo, src_hi) = (src_lo.min(c.src), src_hi.max(c.src.saturating_add(len)));
+        (dst_lo, dst_hi) = (dst_lo.min(c.dst), dst_hi.max(c.dst.saturating_add(len)));
     }
-    if src_lo < dst_hi && dst_lo < src_hi {
-        return false;
-    }
-    if rising || falling {
-        return true;
-    }
-    // A scattered block table: sorted by start. One u64 per copy, its offset from the lowest start
-    // above its length, where both fit: sorting those took half the time of (start, end) pairs
-    // (8,192 copies, 60-90 us against 125-190 us), under the connection's lock on every call.
-    if let Some(apart) = packed_apart(copies, dst_lo, dst_hi) {
-        return apart;
-    }
-    let mut written: Vec<(u64, u64)> =
-        copies.iter().map(|c| (c.dst, c.dst.saturating_add(c.len as u64))).filter(|(start, end)| start < end).collect();
-    written.sort_unstable();
-    written.windows(2).all(|pair| pair[0].1 <= pair[1].0)
-}
-
-/// Bits of a packed key that hold a copy's length: every copy the kernel takes is shorter than 2^23
-/// (`KERNEL_MAX_COPY`); longer ones make the caller sort pairs.
-const LEN_BITS: u32 = 23;
-
-/// Whether no two of `copies`' destinations share a byte, by one sort of packed u64 keys (offset
-/// from `lo` above the length); `None` where a length or the span `lo..hi` does not fit them.
-fn packed_apart(copies: &[DeviceCopy], lo: u64, hi: u64) -> Option<bool> {
-    if hi.saturating_sub(lo) >= 1 << (64 - LEN_BITS) {
-        return None;
-    }
-    let mut keys = Vec::with_capacity(copies.len());
-    for c in copies {
-        let len = c.len as u64;
-        if len >= 1 << LEN_BITS {
-            return None;
-        }
-        if len > 0 {
-            keys.push((c.dst - lo) << LEN_BITS | len);
-        }
-    }
-    keys.sort_unstable();
-    let end = |k: u64| (k >> LEN_BITS) + (k & ((1 << LEN_BITS) - 1));
-    Some(keys.windows(2).all(|pair| end(pair[0]) <= pair[1] >> LEN_BITS))
+    !(src_lo < dst_hi && dst_lo < src_hi)
 }
 
 #[cfg(test)]
@@ -283,30 +319,24 @@ mod tests {
     }
 
     #[test]
-    fn copies_run_at_once_only_when_none_reads_or_writes_what_another_writes() {
+    fn copies_run_at_once_unless_one_reads_what_another_writes() {
         let apart = [copy(0x1000, 0x9000, 0x100), copy(0x1100, 0x8000, 0x100), copy(0x1000, 0x9100, 0x100)];
         assert!(independent(&apart), "sources may repeat and lie side by side, destinations apart");
         let reads_a_write = [copy(0x1000, 0x9000, 0x100), copy(0x9000, 0x5000, 0x100)];
         assert!(!independent(&reads_a_write), "a source inside the destinations' span");
+        let reads_itself = [copy(0x1000, 0x1080, 0x100), copy(0x3000, 0x9000, 0x10)];
+        assert!(!independent(&reads_itself), "a copy overlapping its own destination");
         let same_bytes = [copy(0x1000, 0x9000, 0x100), copy(0x2000, 0x90ff, 0x100)];
-        assert!(!independent(&same_bytes), "two destinations share a byte");
-        let touching = [copy(0x1000, 0x9000, 0x100), copy(0x2000, 0x9100, 0x100), copy(0x3000, 0x8f00, 0x100)];
-        assert!(independent(&touching), "destinations side by side share no byte");
+        assert!(independent(&same_bytes), "two destinations sharing a byte get either copy's");
         let empty = [copy(0x1000, 0x9000, 0), copy(0x2000, 0x9000, 0x100)];
         assert!(independent(&empty), "an empty copy writes nothing");
-        let descending = [copy(0x1000, 0x9200, 0x100), copy(0x2000, 0x9100, 0x100), copy(0x3000, 0x9000, 0x100)];
-        assert!(independent(&descending), "destinations in falling order");
-        let falling_overlap = [copy(0x1000, 0x9200, 0x100), copy(0x2000, 0x9150, 0x100)];
-        assert!(!independent(&falling_overlap), "in no order once they overlap");
-        let rising_overlap = [copy(0x1000, 0x9000, 0x100), copy(0x2000, 0x90ff, 0x100), copy(0x3000, 0x9400, 0x10)];
-        assert!(!independent(&rising_overlap));
     }
 
     /// What the kernel of GPU 0 takes, built or not: both ends its memory (a peer's allocation
-    /// mapped into its context is labelled so by the engine), at least four copies, none over
-    /// 4 MiB, half a MiB on average at most, and independent.
+    /// mapped into its context is labelled so by the engine), at least four copies, half a MiB on
+    /// average at most, and none reading what another writes.
     #[test]
-    fn the_kernel_takes_many_small_independent_copies_whose_ends_it_addresses() {
+    fn the_kernel_takes_many_small_copies_whose_ends_it_addresses() {
         let many = |n: u64, len: usize| -> Vec<DeviceCopy> {
             (0..n).map(|i| copy(0x10_0000 + i * 0x10_0000, 0x1_0000_0000 + i * 0x10_0000, len)).collect()
         };
@@ -321,85 +351,20 @@ mod tests {
         other_gpu[63].src_gpu = Some(1);
         assert!(!kernel_fits(0, &other_gpu), "one end on another GPU");
         let mut large = many(64, 4096);
-        large[0].len = KERNEL_MAX_COPY + 1;
-        assert!(!kernel_fits(0, &large), "a copy over 4 MiB among small ones");
+        large[0].len = 8 << 20;
+        assert!(kernel_fits(0, &large), "one large copy among small ones is cut into pieces");
         assert!(!kernel_fits(0, &many(8, 600 << 10)), "averaging over half a MiB");
-        let mut overlapping = many(64, 4096);
-        overlapping[1].dst = overlapping[0].dst + 100;
-        assert!(!kernel_fits(0, &overlapping), "two copies write the same bytes");
-    }
-
-    /// The one-pass check against its definition, pair by pair, on random calls: small address
-    /// ranges so that overlaps, touching ends, empty copies and both orders all occur.
-    #[test]
-    fn the_one_pass_check_agrees_with_the_pairwise_definition() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move |n: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % n
-        };
-        let overlap = |a: (u64, u64), b: (u64, u64)| a.0 < b.1 && b.0 < a.1 && a.0 < a.1 && b.0 < b.1;
-        let (mut yes, mut no) = (0, 0);
-        for round in 0..5000 {
-            let count = 1 + next(6) as usize;
-            let ordered = next(3);
-            let mut at = next(64);
-            let copies: Vec<DeviceCopy> = (0..count)
-                .map(|_| {
-                    let len = next(24) as usize;
-                    let dst = match ordered {
-                        0 => 1000 + next(200),
-                        _ => {
-                            at += next(40);
-                            1000 + at
-                        }
-                    };
-                    copy(next(1200), dst, len)
-                })
-                .collect();
-            let copies: Vec<DeviceCopy> = if ordered == 2 { copies.into_iter().rev().collect() } else { copies };
-            let span =
-                |ends: Vec<(u64, u64)>| ends.iter().fold((u64::MAX, 0), |(lo, hi), &(s, e)| (lo.min(s), hi.max(e)));
-            let src = span(copies.iter().map(|c| (c.src, c.src + c.len as u64)).collect());
-            let dst = span(copies.iter().map(|c| (c.dst, c.dst + c.len as u64)).collect());
-            let spans_apart = !(src.0 < dst.1 && dst.0 < src.1);
-            let writes_apart = (0..count).all(|i| {
-                (0..count).all(|j| {
-                    let (a, b) = (&copies[i], &copies[j]);
-                    i == j || !overlap((a.dst, a.dst + a.len as u64), (b.dst, b.dst + b.len as u64))
-                })
-            });
-            let want = spans_apart && writes_apart;
-            assert_eq!(independent(&copies), want, "round {round}: {copies:?}");
-            if want { yes += 1 } else { no += 1 }
-        }
-        assert!(yes > 500 && no > 500, "both answers occur: {yes} / {no}");
-    }
-
-    /// The packed keys agree with the pairs where they fit and step aside where they do not.
-    #[test]
-    fn packed_keys_decide_as_the_pairs_do_where_they_fit() {
-        let scattered = |len: usize, far: u64| -> Vec<DeviceCopy> {
-            (0..64u64).map(|i| copy(i << 24, (1 << 40) + ((i * 37) % 64) * far, len)).collect()
-        };
-        let apart = scattered(4096, 8192);
-        assert_eq!(packed_apart(&apart, 1 << 40, (1 << 40) + 64 * 8192), Some(true));
-        let overlapping = scattered(8193, 8192);
-        assert_eq!(packed_apart(&overlapping, 1 << 40, (1 << 40) + 64 * 8192 + 1), Some(false));
-        assert!(!independent(&overlapping) && independent(&apart));
-        let long = scattered(1 << LEN_BITS, 1 << 24);
-        assert_eq!(packed_apart(&long, 1 << 40, (1 << 40) + (65 << 24)), None, "a length over 23 bits");
-        assert!(independent(&long), "the pairs decide it");
-        let wide = [copy(0, 0x10, 16), copy(0, 1 << 50, 16), copy(0, 0x20, 16)];
-        assert_eq!(packed_apart(&wide, 0x10, (1 << 50) + 16), None, "a span over 41 bits");
-        assert!(independent(&wide));
+        let mut unreachable = many(64, 4096);
+        unreachable[2].dst = 1 << 52;
+        assert!(!kernel_fits(0, &unreachable), "beyond a tile's 52-bit addresses");
+        let mut chained = many(64, 4096);
+        chained[1].src = chained[0].dst;
+        assert!(!kernel_fits(0, &chained), "a copy reads what another writes");
     }
 
     /// Many small copies on one GPU go through the kernel (when it can be built), in one call, and
-    /// land as the copies one by one would; copies that write the same bytes, or read what others
-    /// write, still go one by one, in order.
+    /// land as the copies one by one would; copies that read what others write still go one by
+    /// one, in order.
     #[test]
     fn many_small_copies_on_one_gpu_go_through_the_kernel_and_land() {
         if testkit::skip_without_gpu(crate::cuda::available()) {
@@ -449,8 +414,8 @@ mod tests {
             println!("no unpack kernel on this host: the copies went one by one");
             return;
         }
-        let Built::Ready(copier) = &queue.kernel else { panic!("the kernel was taken") };
-        assert!(copier.mapped_launches() >= 1, "256 pieces of 4-13 KiB are more tiles than parameters carry");
+        let copier = queue.piece_copier().expect("the kernel was taken");
+        assert_eq!(copier.launches(), by_kernel, "one launch a call of 256 pieces");
         // A chain: piece k reads what piece k - 1 wrote, which only copies in order get right.
         let chain: Vec<DeviceCopy> = (0..8u64).map(|k| copy(d + k * 4096, d + (k + 1) * 4096, 4096)).collect();
         // SAFETY: as above.

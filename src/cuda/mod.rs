@@ -6,6 +6,7 @@
 //! - [`memory`]: [`DeviceBuffer`] (device memory for tests and benchmarks) and pinned host memory;
 //! - [`stream`]: streams and events, the asynchronous copies the staging path issues;
 //! - [`ring`]: a comm's ring of pinned staging slots;
+//! - [`pieces`]: many copies on one GPU by one kernel, listed one piece at a time;
 //! - [`segments`]: chunks of many device segments gathered into and scattered out of a slot by the
 //!   unpack kernel and one copy;
 //! - [`small_copy`]: the synchronous copies of inline transfers, fast up to 64 KiB;
@@ -16,6 +17,7 @@ pub mod device_copy;
 pub mod gpu;
 pub mod ipc;
 pub mod memory;
+pub mod pieces;
 pub mod pointer;
 pub mod ring;
 pub mod segments;

@@ -101,6 +101,15 @@ impl Event {
     }
 }
 
+impl Stream {
+    /// Makes the stream's later work wait for the work before `event`'s last record (on any stream
+    /// of the same GPU), without blocking the host.
+    pub fn wait(&self, event: &Event) -> Result<()> {
+        // SAFETY: both handles are owned and alive.
+        check(unsafe { sys::cuStreamWaitEvent(self.raw, event.raw, 0) }, "cuStreamWaitEvent")
+    }
+}
+
 impl Event {
     /// Blocks until the work before the last `record` finished; for paths that must not return
     /// while a copy may still touch memory (a failing connection). Errors are the copies' own.

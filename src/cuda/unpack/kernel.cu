@@ -220,6 +220,37 @@ extern "C" __global__ void unpack_tiles(const Tile* __restrict__ tiles, u32 coun
     unpack_block(tiles, count, signal);
 }
 
+// Mirrors pieces::Piece: one copy of a list the host did not cut into tiles. A block takes pieces
+// blockIdx.x, blockIdx.x + gridDim.x, ...; its warps take the piece's tiles in turn, cut as the host
+// cuts them (plan.rs): the first ends on a 16-byte boundary of the destination, the rest are whole
+// TILE bytes. The host lists each piece of a call once (24 bytes) instead of each tile, and the
+// list is read through its device mapping, each warp loading its piece once.
+#define UNPACK_TILE 4096ull
+struct Piece {
+    u64 src;
+    u64 dst;
+    u64 len;
+};
+
+extern "C" __global__ void copy_pieces(const Piece* __restrict__ pieces, u32 count) {
+    const u32 lane = threadIdx.x & (UNPACK_WARP - 1);
+    const u32 warp = threadIdx.x / UNPACK_WARP;
+    const u32 warps = blockDim.x / UNPACK_WARP;
+    for (u32 p = blockIdx.x; p < count; p += gridDim.x) {
+        const Piece piece = pieces[p];
+        if (piece.len == 0) continue;
+        u64 first = UNPACK_TILE - (piece.dst & 15ull);
+        if (first > piece.len) first = piece.len;
+        const u64 tiles = 1 + (piece.len - first + UNPACK_TILE - 1) / UNPACK_TILE;
+        for (u64 t = warp; t < tiles; t += warps) {
+            const u64 at = t == 0 ? 0 : first + (t - 1) * UNPACK_TILE;
+            u64 end = t == 0 ? first : at + UNPACK_TILE;
+            if (end > piece.len) end = piece.len;
+            copy_tile(piece.src + at, piece.dst + at, (u32)(end - at), lane);
+        }
+    }
+}
+
 #define UNPACK_DEFINE_INLINE(NAME, N)                                                                  \
     extern "C" __global__ void NAME(const __grid_constant__ InlineTiles<N> p) {                       \
         unpack_block(p.tiles, p.count, p.signal);                                                      \

@@ -88,6 +88,7 @@ pub struct UnpackKernels {
     context: Arc<CudaContext>,
     target: String,
     device_tiles: CudaFunction,
+    pieces: CudaFunction,
     inline: Vec<(usize, CudaFunction)>,
     _module: Arc<CudaModule>,
 }
@@ -193,6 +194,26 @@ impl UnpackKernels {
         unsafe { self.launch(function, stream, count, &mut args) }
     }
 
+    /// Copies the `count` pieces (`struct Piece` in kernel.cu: source, destination, length) that
+    /// sit at device address `pieces`, one block per piece, its warps taking the piece's tiles.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of this device's primary context, current on this thread;
+    /// `pieces` holds `count` pieces until the launch finished; every piece's ranges are valid
+    /// device memory of this device's kernels, below 2^52.
+    pub unsafe fn launch_pieces(&self, stream: sys::CUstream, pieces: sys::CUdeviceptr, count: u32) -> Result<()> {
+        if count == 0 {
+            return Ok(());
+        }
+        let (mut pieces, mut count_arg) = (pieces, count);
+        let mut args: [*mut c_void; 2] = [(&raw mut pieces).cast(), (&raw mut count_arg).cast()];
+        // SAFETY: argument types match `copy_pieces(const Piece*, u32)`; the rest is the caller's.
+        unsafe {
+            result::launch_kernel(self.pieces.cu_function(), (count, 1, 1), (BLOCK_THREADS, 1, 1), 0, stream, &mut args)
+        }
+        .map_err(|e| driver_error("launch piece copy kernel", e))
+    }
+
     unsafe fn launch(
         &self,
         function: &CudaFunction,
@@ -231,6 +252,7 @@ fn build(ordinal: usize) -> Result<UnpackKernels> {
     let module = context.load_module(image).map_err(|e| driver_error(&format!("load module ({target})"), e))?;
     let load = |name: &str| module.load_function(name).map_err(|e| driver_error(&format!("find {name}"), e));
     let device_tiles = load("unpack_tiles")?;
+    let pieces = load("copy_pieces")?;
     let mut inline = Vec::new();
     let names = ["unpack_inline_tiny", "unpack_inline_small", "unpack_inline_medium", "unpack_inline_large"];
     for (cap, name) in inline_caps.iter().zip(names) {
@@ -238,7 +260,7 @@ fn build(ordinal: usize) -> Result<UnpackKernels> {
             inline.push((*cap, load(name)?));
         }
     }
-    Ok(UnpackKernels { context, target, device_tiles, inline, _module: module })
+    Ok(UnpackKernels { context, target, device_tiles, pieces, inline, _module: module })
 }
 
 /// Compiles the kernel to a cubin for `sm_<cc>` when this NVRTC knows the architecture, else to PTX

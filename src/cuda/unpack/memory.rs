@@ -14,31 +14,44 @@ pub(super) fn driver_error(what: &str, err: result::DriverError) -> Error {
 }
 
 /// Page-locked, cached (not write-combined: the host reads it back for inline launches) host
-/// memory, mapped into the device so a kernel can also read it in place.
-pub(crate) struct PinnedTiles {
-    ptr: *mut Tile,
+/// memory, mapped into the device so a kernel can also read it in place: a list of `T` (tiles, or
+/// the pieces of `cuda::pieces`).
+pub(crate) struct PinnedList<T: Plain> {
+    ptr: *mut T,
     len: usize,
     device: sys::CUdeviceptr,
 }
 
-// SAFETY: plain memory owned by this value; nothing about it is tied to a thread.
-unsafe impl Send for PinnedTiles {}
+pub(crate) type PinnedTiles = PinnedList<Tile>;
 
-impl PinnedTiles {
-    pub(crate) fn new(len: usize) -> Result<PinnedTiles> {
-        let bytes = len.max(1) * size_of::<Tile>();
+/// Plain old data a pinned list may hold: zeroed memory is a valid value of it.
+///
+/// # Safety
+/// Every bit pattern, all zeros included, is a valid value of the type.
+pub(crate) unsafe trait Plain: Copy {}
+
+// SAFETY: two u64 words.
+unsafe impl Plain for Tile {}
+
+// SAFETY: plain memory owned by this value; nothing about it is tied to a thread.
+unsafe impl<T: Plain> Send for PinnedList<T> {}
+
+impl<T: Plain> PinnedList<T> {
+    pub(crate) fn new(len: usize) -> Result<PinnedList<T>> {
+        let bytes = len.max(1) * size_of::<T>();
         // SAFETY: a fresh allocation; zeroed below before any read.
         let ptr = unsafe { result::malloc_host(bytes, sys::CU_MEMHOSTALLOC_DEVICEMAP) }
-            .map_err(|e| driver_error("pinned tile buffer", e))?;
-        let ptr = ptr.cast::<Tile>();
-        let mut tiles = PinnedTiles { ptr, len, device: 0 };
-        // SAFETY: `ptr` points to `bytes` writable bytes, suitably aligned (page-aligned allocation).
+            .map_err(|e| driver_error("pinned list", e))?;
+        let ptr = ptr.cast::<T>();
+        let mut list = PinnedList { ptr, len, device: 0 };
+        // SAFETY: `ptr` points to `bytes` writable bytes, page-aligned; zeroes are a valid `T`
+        // (`Plain`).
         unsafe { std::ptr::write_bytes(ptr, 0, len.max(1)) };
         // SAFETY: `ptr` was allocated with DEVICEMAP in the current context.
-        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut tiles.device, ptr.cast(), 0) }
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut list.device, ptr.cast(), 0) }
             .result()
-            .map_err(|e| driver_error("map pinned tile buffer", e))?;
-        Ok(tiles)
+            .map_err(|e| driver_error("map pinned list", e))?;
+        Ok(list)
     }
 
     /// The device's address of the same memory.
@@ -46,18 +59,23 @@ impl PinnedTiles {
         self.device
     }
 
-    pub(super) fn as_slice(&self) -> &[Tile] {
-        // SAFETY: `len` initialised tiles owned by self.
+    /// The host's address of it, for a copy the driver makes.
+    pub(crate) fn host_ptr(&self) -> *const T {
+        self.ptr
+    }
+
+    pub(super) fn as_slice(&self) -> &[T] {
+        // SAFETY: `len` initialised values owned by self.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 
-    pub(crate) fn as_mut_slice(&mut self) -> &mut [Tile] {
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [T] {
         // SAFETY: as above, borrowed mutably through self.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
 }
 
-impl Drop for PinnedTiles {
+impl<T: Plain> Drop for PinnedList<T> {
     fn drop(&mut self) {
         // SAFETY: allocated by malloc_host in new and freed once.
         let _ = unsafe { result::free_host(self.ptr.cast()) };

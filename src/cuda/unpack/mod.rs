@@ -15,7 +15,7 @@ mod unpacker;
 pub use kernels::{
     BLOCK_THREADS, CompletionSignal, INLINE_LARGE, INLINE_MEDIUM, INLINE_SMALL, INLINE_TINY, InlineTiles, UnpackKernels,
 };
-pub(crate) use memory::PinnedTiles;
+pub(crate) use memory::{PinnedList, PinnedTiles, Plain};
 #[cfg(test)]
 pub use plan::run_tiles;
 pub use plan::{

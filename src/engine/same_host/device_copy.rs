@@ -28,8 +28,9 @@ use super::seam::{Conn, Locked};
 use super::{Locality, peer_connection};
 use crate::config::LocalPeers;
 use crate::cuda::Gpu;
-use crate::cuda::device_copy::{DeviceCopy, kernel_takes};
+use crate::cuda::device_copy::{DeviceCopy, KERNEL_MAX_AVERAGE, KERNEL_MIN_COPIES, kernel_ready, kernel_takes};
 use crate::cuda::ipc::Mapping;
+use crate::cuda::unpack::addressable;
 use crate::engine::one_sided::OneSidedRequest;
 use crate::engine::plan::Extent;
 use crate::engine::region::Region;
@@ -108,6 +109,31 @@ impl Plan {
         if !self.regions.iter().any(|r| Arc::ptr_eq(r, region)) {
             self.regions.push(region.clone());
         }
+    }
+}
+
+/// A request of a cross-process call, decided: its pieces' remote addresses plus `offset` are
+/// their mapped addresses here.
+pub(crate) struct Route<'a> {
+    request: &'a OneSidedRequest,
+    offset: u64,
+    /// Its local end is memory of the issuing GPU.
+    local_here: bool,
+}
+
+/// How many pieces `pieces` yields for the request.
+fn request_pieces(request: &OneSidedRequest) -> usize {
+    match request {
+        OneSidedRequest::Item(_) => 1,
+        OneSidedRequest::Vector(v) => v.segs.len(),
+    }
+}
+
+/// The bytes the request moves.
+fn request_bytes(request: &OneSidedRequest) -> u64 {
+    match request {
+        OneSidedRequest::Item(i) => i.len,
+        OneSidedRequest::Vector(v) => v.local.len(),
     }
 }
 
@@ -328,15 +354,24 @@ pub(crate) trait DevicePath: Conn {
         }
         let gpu = self.core().gpu.get()?.clone();
         let mut refused: Vec<Option<Error>> = Vec::with_capacity(requests.len());
+        // The grant table's generation when the first request was found covered: if it did not
+        // move until the plan below, every coverage found meanwhile still holds there.
+        let mut covered_at = None;
         for request in requests {
             let (key, segs) = (grant_key(request), remote_segs(request));
             let mut outcome = None;
             for _ in 0..MAX_ASKS {
-                match self.lock().ipc().coverage(key, &segs) {
-                    Coverage::Covered => break,
+                let mut locked = self.lock();
+                let ipc = locked.ipc();
+                match ipc.coverage(key, &segs) {
+                    Coverage::Covered => {
+                        covered_at.get_or_insert(ipc.generation());
+                        break;
+                    }
                     Coverage::Unavailable => return None,
                     Coverage::Missing => {}
                 }
+                drop(locked);
                 let asked_at = post.map(|_| clock_ns());
                 let asked = self.ask(key, &segs, &gpu);
                 if let (Some(post), Some(at)) = (post.as_mut(), asked_at) {
@@ -361,10 +396,16 @@ pub(crate) trait DevicePath: Conn {
             return Some(Err(e));
         }
         // Planned before the transfer exists, so that a call the network must carry leaves nothing
-        // behind; the parts that fail wait for that choice too.
+        // behind; the parts that fail wait for that choice too. Every request is decided here,
+        // under the lock held until its copies are queued: its grant covers its pieces, so each
+        // is mapped at its address plus the grant's offset.
         let mut failed: Vec<Error> = Vec::new();
         let mut plan = Plan::new(gpu);
-        let here = Some(plan.gpu.ordinal());
+        let here = plan.gpu.ordinal();
+        let mut routes: Vec<Route> = Vec::with_capacity(requests.len());
+        let unchanged = covered_at.is_some_and(|at| at == inner.ipc().generation());
+        let mut kernel = kernel_ready(here);
+        let mut listed = 0usize;
         for (request, refusal) in requests.iter().zip(refused) {
             let local = request.local_region();
             let key = grant_key(request);
@@ -378,53 +419,57 @@ pub(crate) trait DevicePath: Conn {
             }
             // A grant revoked since it was looked up above (the owner deregistered the region)
             // leaves the request unmapped; so does a piece outside its windows.
-            let Some(grant) = inner.ipc().mapped(key) else {
+            let Some(grant) = inner.ipc().mapped(key).filter(|g| unchanged || g.covers(&remote_segs(request))) else {
                 failed.push(deregistered(key.0));
                 continue;
             };
             // The mapping lives in the issuing GPU's context, opened with peer access wherever the
-            // owner's allocation is: the issuing GPU's kernels address it, so the remote end is
-            // that GPU's; the local end is, where it is that GPU's memory. A call of many small
-            // pieces may then go through its kernel (`kernel_takes`).
-            let (ours, theirs) = (here.filter(|_| device_of(local) == here), here);
-            // Straight into the plan, taken back if a piece is not covered.
-            let start = plan.copies.len();
-            let mut bytes = 0u64;
-            let covered = pieces(request).all(|(l, r, len)| {
-                let Some(mapped) = grant.translate(r, len as u32) else { return false };
-                let l = l as u64;
-                plan.copies.push(if write {
-                    DeviceCopy { dst: mapped, dst_gpu: theirs, src: l, src_gpu: ours, len }
-                } else {
-                    DeviceCopy { dst: l, dst_gpu: ours, src: mapped, src_gpu: theirs, len }
-                });
-                bytes += len as u64;
-                true
-            });
-            if !covered {
-                plan.copies.truncate(start);
-                failed.push(deregistered(key.0));
-                continue;
-            }
-            let mapping = grant.mapping.clone();
-            plan.parts.push(bytes);
+            // owner's allocation is: the issuing GPU's kernels address it. The local end is
+            // theirs where it is that GPU's memory.
+            let local_here = device_of(local) == Some(here);
+            kernel &=
+                local_here && addressable(local.base as u64, local.len as u64) && grant.mapped_within(addressable);
+            listed += request_pieces(request);
+            routes.push(Route { request, offset: grant.offset(), local_here });
+            plan.parts.push(request_bytes(request));
             plan.touch(local);
             if !plan.remote_regions.contains(&key.0) {
                 plan.remote_regions.push(key.0);
             }
-            if !plan.mappings.iter().any(|m| m.ptr() == mapping.ptr()) {
-                plan.mappings.push(mapping);
+            if !plan.mappings.iter().any(|m| m.ptr() == grant.mapping.ptr()) {
+                plan.mappings.push(grant.mapping.clone());
             }
         }
-        if too_costly_one_by_one(&mut plan) {
-            return None;
+        let bytes = plan.parts.iter().sum::<u64>();
+        // Many small pieces on the issuing GPU go through the piece kernel, listed as they are
+        // walked; the rest one copy each, unless too many and too small for that.
+        kernel &= listed >= KERNEL_MIN_COPIES && bytes <= (listed as u64).saturating_mul(KERNEL_MAX_AVERAGE as u64);
+        if !kernel {
+            let ours = Some(here);
+            for route in &routes {
+                let ours = ours.filter(|_| route.local_here);
+                plan.copies.extend(pieces(route.request).map(|(l, r, len)| {
+                    let (l, mapped) = (l as u64, r.wrapping_add(route.offset));
+                    if write {
+                        DeviceCopy { dst: mapped, dst_gpu: Some(here), src: l, src_gpu: ours, len }
+                    } else {
+                        DeviceCopy { dst: l, dst_gpu: ours, src: mapped, src_gpu: Some(here), len }
+                    }
+                }));
+            }
+            if too_costly_one_by_one(&mut plan) {
+                return None;
+            }
         }
         let transfer = self.new_transfer(requests.len(), write);
         for e in failed {
             transfer.finish_part(Err(e));
         }
-        let bytes = plan.parts.iter().sum::<u64>();
-        let issued = self.issue(inner.ipc(), &transfer, plan);
+        let issued = if kernel {
+            self.issue_pieces(inner.ipc(), &transfer, plan, &routes, write)
+        } else {
+            self.issue(inner.ipc(), &transfer, plan)
+        };
         if let Some(post) = post {
             trace::event!(DeviceIssued {
                 conn: self.trace().conn,
@@ -439,6 +484,67 @@ pub(crate) trait DevicePath: Conn {
             });
         }
         Some(Ok(transfer.id))
+    }
+
+    /// Queues the pieces of `routes` through the piece kernel as they are walked, each full list
+    /// launched at once, then one event behind them, and records the batch; a failure to queue
+    /// fails its parts once the copies queued before it finished. Whether a batch is now in flight.
+    fn issue_pieces(
+        &self,
+        ipc: &mut IpcState,
+        transfer: &Arc<Transfer>,
+        plan: Plan,
+        routes: &[Route<'_>],
+        write: bool,
+    ) -> bool {
+        if plan.parts.is_empty() {
+            return false;
+        }
+        let Plan { gpu, parts, regions, remote_regions, mappings, .. } = plan;
+        let fail = |e: Error| {
+            for _ in &parts {
+                transfer.finish_part(Err(e.clone()));
+            }
+        };
+        // Counted before the first copy: a deregistration that removed one of them now waits.
+        for r in &regions {
+            r.copy_started();
+        }
+        let listed = ipc.queue(&gpu).and_then(|(queue, q)| {
+            let Some(mut call) = q.piece_call()? else {
+                return Err(Error::backend(format!("the piece kernel of {gpu:?} is not built")));
+            };
+            for route in routes {
+                for (l, r, len) in pieces(route.request) {
+                    let (l, mapped) = (l as u64, r.wrapping_add(route.offset));
+                    let (src, dst) = if write { (l, mapped) } else { (mapped, l) };
+                    // SAFETY: every local range lies in a live registration of this engine on the
+                    // issuing GPU (checked at post and not removed, under this connection's lock);
+                    // every remote one in a window of an owner's grant mapped into that GPU's
+                    // context (covered, under the same lock); both addressable by the kernel
+                    // (their region and windows are). The regions stay counted, and the mappings
+                    // held, until the batch's event fired; a failure waits for what was launched.
+                    unsafe { call.push(src, dst, len as u64)? };
+                }
+            }
+            call.end().map(|event| (queue, event))
+        });
+        match listed {
+            Ok((queue, event)) => {
+                let event = Arc::new(event);
+                let batch =
+                    Batch { event, queue, transfer: transfer.clone(), parts, regions, remote_regions, mappings };
+                ipc.push(batch, &self.core().waker);
+                true
+            }
+            Err(e) => {
+                for r in &regions {
+                    r.copy_ended();
+                }
+                fail(e);
+                false
+            }
+        }
     }
 
     /// Queues a plan's copies behind one event and records the batch; a failure to queue fails its

@@ -80,6 +80,9 @@ pub(crate) struct Batch {
 #[derive(Default)]
 pub(crate) struct IpcState {
     grants: HashMap<GrantKey, Grant>,
+    /// Counts changes of `grants`: coverage found under one hold of the connection's lock still
+    /// holds under a later one if this did not move in between.
+    generation: u64,
     asks: HashMap<u64, Ask>,
     next_ask: u64,
     batches: Vec<Batch>,
@@ -106,10 +109,21 @@ pub(crate) struct MappedGrant<'a> {
 }
 
 impl MappedGrant<'_> {
-    /// Where the owner's `addr` is mapped here; `None` unless the grant's windows cover
-    /// `[addr, addr + len)`.
-    pub fn translate(&self, addr: u64, len: u32) -> Option<u64> {
-        covers(self.windows, &[RemoteSeg { addr, len }]).then(|| self.mapping.ptr() + (addr - self.alloc_base))
+    /// Whether the windows cover every one of `segs`: once it said so, under the connection's lock
+    /// held on, each of them is mapped at its address plus [`offset`](Self::offset).
+    pub fn covers(&self, segs: &[RemoteSeg]) -> bool {
+        covers(self.windows, segs)
+    }
+
+    /// What turns an owner's address inside the windows into its mapped address here (wrapping
+    /// arithmetic: the mapping may lie below the owner's allocation).
+    pub fn offset(&self) -> u64 {
+        self.mapping.ptr().wrapping_sub(self.alloc_base)
+    }
+
+    /// Whether every window's mapped range satisfies `reach` (a kernel's address limit).
+    pub fn mapped_within(&self, reach: impl Fn(u64, u64) -> bool) -> bool {
+        self.windows.iter().all(|&(base, len)| reach(base.wrapping_add(self.offset()), len))
     }
 }
 
@@ -154,7 +168,13 @@ impl IpcState {
         }
     }
 
+    /// See `generation`.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     pub fn mark_unavailable(&mut self, key: GrantKey) {
+        self.generation += 1;
         self.grants.insert(key, Grant::Unavailable);
     }
 
@@ -210,6 +230,7 @@ impl IpcState {
         }
         ask.answer = Some(Answer::Granted { handle, alloc_base, alloc_len });
         let key = ask.key;
+        self.generation += 1;
         let windows: Vec<(u64, u64)> = windows.iter().map(|w| (w.addr, u64::from(w.len))).collect();
         // The same allocation granted again (an ask for a window advertised since, or two callers
         // asking at once): the mapping stays, the windows are the owner's latest.
@@ -239,6 +260,7 @@ impl IpcState {
     /// replaced by another allocation's, meanwhile, or another caller attached one already. A
     /// mapping smaller than the grant's allocation is refused (the owner would have us copy past it).
     pub fn attach(&mut self, key: GrantKey, handle: &[u8; IPC_HANDLE_LEN], mapping: Mapping) -> Result<()> {
+        self.generation += 1;
         let Some(Grant::Granted { handle: granted, alloc_len, mapping: slot, .. }) = self.grants.get_mut(&key) else {
             return Ok(());
         };
@@ -365,6 +387,7 @@ impl IpcState {
     /// The owner revoked `region`: no new copy may use it. True when the answer can go at once,
     /// false when it waits for batches in flight (`poll` returns it then).
     pub fn revoke(&mut self, region: u64) -> bool {
+        self.generation += 1;
         self.grants.retain(|&(r, _), _| r != region);
         if self.batches.iter().any(|b| b.remote_regions.contains(&region)) {
             self.revoking.insert(region);
@@ -408,6 +431,7 @@ impl IpcState {
             let _ = batch.event.synchronize();
             self.finish(batch, Err(err.clone()), waker, Seer::Failure);
         }
+        self.generation += 1;
         self.grants.clear();
         self.asks.clear();
         self.revoking.clear();
