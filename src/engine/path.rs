@@ -58,6 +58,31 @@ pub(crate) fn call_paths(call: Call) -> Vec<Path> {
     paths
 }
 
+/// What a two-sided message's path depends on, at the sending end.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Message {
+    pub locality: Locality,
+    pub local_peers: LocalPeers,
+    pub kind: MemKind,
+    /// The message's region has a CUDA IPC handle (`Region::ipc_export`).
+    pub ipc_handle: bool,
+}
+
+/// A message's path: GPU memory with an IPC handle, its receiver in another process of this host,
+/// is offered for the receiver to copy out over CUDA IPC ([`Path::SameHostGpu`]; the receiver may
+/// still take it over the channels), at every length as a one-sided call of GPU memory is
+/// ([`call_paths`]): its copy costs one event where an inline message costs a synchronous copy at
+/// each end. Anything else takes the connection ([`request_path`]'s inline or the channels). An
+/// engine of this process cannot open this process's own IPC handles, so its messages stay there.
+pub(crate) fn message_path(m: Message) -> Path {
+    let gpu = matches!(m.kind, MemKind::Cuda { .. });
+    if m.locality == Locality::SameHost && m.local_peers != LocalPeers::Plugin && gpu && m.ipc_handle {
+        Path::SameHostGpu
+    } else {
+        Path::Connection
+    }
+}
+
 /// What one request's path on the connection depends on.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Request {
@@ -142,6 +167,18 @@ mod tests {
             assert_eq!(paths(Locality::SameHost, LocalPeers::Socket, local_host), [SameHostGpu, Connection]);
             assert_eq!(paths(Locality::SameHost, LocalPeers::Plugin, local_host), [Connection]);
         }
+    }
+
+    #[test]
+    fn a_gpu_message_to_another_process_here_is_offered_over_ipc_else_takes_the_connection() {
+        let gpu = MemKind::Cuda { device: 1 };
+        let path = |locality, local_peers, kind, ipc_handle| message_path(Message { locality, local_peers, kind, ipc_handle });
+        assert_eq!(path(Locality::SameHost, LocalPeers::Socket, gpu, true), Path::SameHostGpu);
+        assert_eq!(path(Locality::SameHost, LocalPeers::Socket, gpu, false), Path::Connection, "no handle");
+        assert_eq!(path(Locality::SameHost, LocalPeers::Socket, MemKind::Host, false), Path::Connection, "host");
+        assert_eq!(path(Locality::SameHost, LocalPeers::Plugin, gpu, true), Path::Connection, "plugin");
+        assert_eq!(path(Locality::SameProcess, LocalPeers::Socket, gpu, true), Path::Connection, "own handles");
+        assert_eq!(path(Locality::Remote, LocalPeers::Socket, gpu, true), Path::Connection, "remote");
     }
 
     fn request(len: u64, kind: MemKind) -> Request {

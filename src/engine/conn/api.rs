@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::reader;
 use super::state::{
-    Action, ConnState, Direction, MAX_INLINE_ONE_SIDED, Memory, OneSidedItem, OneSidedRequest, SendItem, VectorRequest,
+    Action, ConnState, Direction, IpcOffer, MAX_INLINE_ONE_SIDED, Memory, OneSidedItem, OneSidedRequest, SendItem, VectorRequest,
 };
 use super::turn::{Batch, InTurn, Take};
 use super::vector::{Grouper, Push, Run, RunKey};
@@ -265,16 +265,29 @@ impl Connection {
             // Up to the engine's inline bound, as one-sided transfers: on a small host an eager
             // message's hops (a helper at each end, the Done) cost more than an inline one's copies
             // (one at each end, two more where it arrives before its receive).
-            let payload = if path::reads_payload(len as u64, region.kind, inline_max, inline_left) {
+            let ipc = self.ipc_offer(&region);
+            let payload = if ipc.is_none() && path::reads_payload(len as u64, region.kind, inline_max, inline_left) {
                 inline_left -= len as u64;
                 // SAFETY: `regions.local` checked that the range lies in a live registration.
                 Some(unsafe { mem.load(&region, addr, len) }.map_err(|e| e.context(format!("send item {i}")))?)
             } else {
                 None
             };
-            items.push(SendItem { region, addr, len: len as u64, payload });
+            items.push(SendItem { region, addr, len: len as u64, payload, ipc });
         }
         self.post(msgs.len(), true, None, |st, transfer, out| st.post_send(transfer, items, out))
+    }
+
+    /// How a message out of `region` is offered for the receiver to copy over CUDA IPC, when its
+    /// path is that one (`path::message_path`).
+    fn ipc_offer(&self, region: &Region) -> Option<IpcOffer> {
+        let (locality, local_peers) = (self.link.locality, self.core.config.local_peers);
+        // The handle is made only where it could be used: it opens the allocation to the host.
+        let maybe = locality == Locality::SameHost && matches!(region.kind, MemKind::Cuda { .. });
+        let export = maybe.then(|| region.ipc_export()).flatten();
+        let message = path::Message { locality, local_peers, kind: region.kind, ipc_handle: export.is_some() };
+        let export = export.filter(|_| path::message_path(message) == Path::SameHostGpu)?;
+        Some(IpcOffer { region: region.id, handle: export.handle, alloc_base: export.base, alloc_len: export.len })
     }
 
     /// Posts a receive of up to `max` bytes at `addr`, which must start inside region `mr`; only
@@ -439,6 +452,12 @@ impl Connection {
     /// Of those, the batches of many small copies on one GPU that its kernel moved.
     pub fn device_copy_kernel_batches(&self) -> u64 {
         self.inner.lock().ipc.issued_by_kernel()
+    }
+
+    /// Of those, the batches that copied a peer's two-sided message offered over CUDA IPC into a
+    /// receive of ours (one per message): tells tests and benchmarks that its bytes took no socket.
+    pub fn device_recv_batches(&self) -> u64 {
+        self.inner.lock().ipc.issued_recvs()
     }
 
     /// A transfer that completes on the control stream (inline items, and writes over the channels,
