@@ -216,7 +216,7 @@ mod tests {
     use super::*;
     use crate::proto::testutil::XorShift;
 
-    const KNOWN: [u8; 33] = [
+    const KNOWN: [u8; 34] = [
         kind::HELLO,
         kind::WELCOME,
         kind::REFUSE,

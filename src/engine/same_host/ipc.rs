@@ -598,6 +598,7 @@ mod tests {
                 regions: Vec::new(),
                 remote_regions: Vec::new(),
                 mappings: Vec::new(),
+                answer: None,
             };
             st.push(batch, &waker);
             transfer
