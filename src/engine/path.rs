@@ -172,7 +172,8 @@ mod tests {
     #[test]
     fn a_gpu_message_to_another_process_here_is_offered_over_ipc_else_takes_the_connection() {
         let gpu = MemKind::Cuda { device: 1 };
-        let path = |locality, local_peers, kind, ipc_handle| message_path(Message { locality, local_peers, kind, ipc_handle });
+        let path =
+            |locality, local_peers, kind, ipc_handle| message_path(Message { locality, local_peers, kind, ipc_handle });
         assert_eq!(path(Locality::SameHost, LocalPeers::Socket, gpu, true), Path::SameHostGpu);
         assert_eq!(path(Locality::SameHost, LocalPeers::Socket, gpu, false), Path::Connection, "no handle");
         assert_eq!(path(Locality::SameHost, LocalPeers::Socket, MemKind::Host, false), Path::Connection, "host");

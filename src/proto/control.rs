@@ -638,7 +638,9 @@ impl Control {
             | Self::DirectRead { segs, .. } => check_vector(segs),
             Self::DirectWrite { segs, src, .. } => check_vector(segs).and_then(|()| check_sources(segs, src)),
             Self::IpcGrant { alloc_base, alloc_len, windows, .. } => check_grant(*alloc_base, *alloc_len, windows),
-            Self::IpcSend { len, addr, alloc_base, alloc_len, .. } => check_ipc_send(*addr, *len, *alloc_base, *alloc_len),
+            Self::IpcSend { len, addr, alloc_base, alloc_len, .. } => {
+                check_ipc_send(*addr, *len, *alloc_base, *alloc_len)
+            }
             Self::Grant { .. }
             | Self::Resume { .. }
             | Self::IpcRevoke { .. }
@@ -902,7 +904,15 @@ mod tests {
                 alloc_base: 0x7f00_0000_0000,
                 alloc_len: 1 << 30,
             },
-            Control::IpcSend { xfer: 39, len: 1, region: 0, addr: u64::MAX - 1, handle: [0; 64], alloc_base: u64::MAX - 1, alloc_len: 1 },
+            Control::IpcSend {
+                xfer: 39,
+                len: 1,
+                region: 0,
+                addr: u64::MAX - 1,
+                handle: [0; 64],
+                alloc_base: u64::MAX - 1,
+                alloc_len: 1,
+            },
             Control::ProcessHello { pid: 4242, fd: 17 },
             Control::ProcessAck { readable: true },
             Control::ProcessAck { readable: false },

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use super::reader;
 use super::state::{
-    Action, ConnState, Direction, IpcOffer, MAX_INLINE_ONE_SIDED, Memory, OneSidedItem, OneSidedRequest, SendItem, VectorRequest,
+    Action, ConnState, Direction, IpcOffer, MAX_INLINE_ONE_SIDED, Memory, OneSidedItem, OneSidedRequest, SendItem,
+    VectorRequest,
 };
 use super::turn::{Batch, InTurn, Take};
 use super::vector::{Grouper, Push, Run, RunKey};
@@ -452,6 +453,12 @@ impl Connection {
     /// Of those, the batches of many small copies on one GPU that its kernel moved.
     pub fn device_copy_kernel_batches(&self) -> u64 {
         self.inner.lock().ipc.issued_by_kernel()
+    }
+
+    /// Our two-sided messages the peer copied out over CUDA IPC (its Done ended them, no chunk
+    /// went over the channels): tells tests and benchmarks which path our sends took.
+    pub fn sends_copied_by_peer(&self) -> u64 {
+        self.inner.lock().state.sends_copied()
     }
 
     /// Of those, the batches that copied a peer's two-sided message offered over CUDA IPC into a

@@ -493,7 +493,11 @@ impl Connection {
                 self.apply_held(inner, out, held)
             }
             Received::Failed(e) => {
-                held.msgs.push(Control::Deny { xfer: recv.peer_op, status: e.status() as i32, reason: e.message().to_owned() });
+                held.msgs.push(Control::Deny {
+                    xfer: recv.peer_op,
+                    status: e.status() as i32,
+                    reason: e.message().to_owned(),
+                });
                 recv.transfer.finish_part(Err(e));
                 Ok(())
             }

@@ -27,7 +27,6 @@ mod ipc_send;
 mod seam;
 
 use super::landing::Landings;
-pub(crate) use ipc_send::{DeviceRecv, IpcOffer, IpcSource};
 pub(super) use crate::engine::one_sided::{OneSidedItem, OneSidedRequest, VectorRequest};
 use crate::engine::path::{self, Path};
 use crate::engine::plan::{Chunking, Extent, chunk_count};
@@ -37,6 +36,7 @@ use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, Frame, INLINE_LEN_FLOOR, MAX_INLINE_LEN, MAX_INLINE_SEND_BACKLOG, RemoteSeg};
 use crate::transport::{IoSeg, MemKind};
+pub(crate) use ipc_send::{DeviceRecv, IpcOffer, IpcSource};
 
 /// Announced sends the peer may queue ahead of our receives before it is treated as hostile.
 const MAX_UNMATCHED_ANNOUNCES: usize = 1 << 16;
@@ -348,6 +348,8 @@ pub(super) struct ConnState {
     same_host: SameHost,
     /// The peer is another process of this host: its messages may be offered over CUDA IPC.
     ipc_sends: bool,
+    /// Our offered messages the peer copied over CUDA IPC (ended by its Done, with no Grant).
+    sends_copied: u64,
 }
 
 impl ConnState {
@@ -377,6 +379,7 @@ impl ConnState {
             last_heard: now,
             same_host: SameHost::default(),
             ipc_sends: false,
+            sends_copied: 0,
         }
     }
 
@@ -650,7 +653,8 @@ impl ConnState {
                     self.send_eagerly(id, src, transfer, &mut flows)
                 }
                 _ => {
-                    let pending = Outbound { src, transfer: transfer.clone(), prompt: false, error: None, offered: false };
+                    let pending =
+                        Outbound { src, transfer: transfer.clone(), prompt: false, error: None, offered: false };
                     self.awaiting_grant.insert(id, pending);
                     Control::SendAnnounce { xfer: id, len }
                 }

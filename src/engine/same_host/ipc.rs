@@ -387,7 +387,9 @@ impl IpcState {
             let len = parts.iter().sum();
             self.answers.push(match &outcome {
                 Ok(()) => crate::proto::Control::Done { xfer, len },
-                Err(e) => crate::proto::Control::Deny { xfer, status: e.status() as i32, reason: e.message().to_owned() },
+                Err(e) => {
+                    crate::proto::Control::Deny { xfer, status: e.status() as i32, reason: e.message().to_owned() }
+                }
             });
         }
         if let Some(t) = self.tracer {

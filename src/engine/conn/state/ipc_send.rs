@@ -88,6 +88,11 @@ impl ConnState {
         out.push(Action::Send(Control::IpcSend { xfer: id, len, region, addr, handle, alloc_base, alloc_len }));
     }
 
+    /// Our offered messages the peer copied over CUDA IPC.
+    pub fn sends_copied(&self) -> u64 {
+        self.sends_copied
+    }
+
     /// The peer's IpcSend: queued with its announced messages, in order.
     pub(super) fn ipc_send_arrived(&mut self, peer_op: u64, len: u64, src: IpcSource) -> Result<()> {
         if !self.ipc_sends {
@@ -110,6 +115,7 @@ impl ConnState {
             ))));
         }
         let Outbound { transfer, error, .. } = self.awaiting_grant.remove(&xfer).expect("checked above");
+        self.sends_copied += 1;
         transfer.answered();
         out.push(Action::Finish(transfer, error.map_or(Ok(len), Err)));
         Some(Ok(()))

@@ -123,6 +123,7 @@ fn offered_messages_match_receives_in_order_with_the_others_and_end_with_the_rec
     for (s, n) in [(&s1, 4 * CHUNK + 3), (&s2, 3 * CHUNK), (&s3, 1), (&s4, 100)] {
         assert_eq!(a.outcome(s).unwrap().unwrap(), n as u64);
     }
+    assert_eq!(a.st.sends_copied(), 2, "the announced and inline ones are not counted");
     assert_eq!(b.outcome(&r[0]).unwrap().unwrap(), 4 * CHUNK as u64 + 3);
     assert_eq!(b.outcome(&r[2]).unwrap().unwrap(), 1);
     assert_eq!(&d[0].bytes[..4 * CHUNK + 3], &host.bytes[..4 * CHUNK + 3]);
@@ -169,6 +170,7 @@ fn a_receiver_that_cannot_copy_takes_the_message_over_the_channels() {
     pump(&mut a, &mut b);
     assert_eq!(a.outcome(&s).unwrap().unwrap(), 3 * CHUNK as u64 + 7);
     assert_eq!(b.outcome(&r).unwrap().unwrap(), 3 * CHUNK as u64 + 7);
+    assert_eq!(a.st.sends_copied(), 0, "it went over the channels");
     assert_eq!(&dst.bytes[..3 * CHUNK + 7], &src.bytes[CHUNK..4 * CHUNK + 7]);
     assert!(a.st.awaiting_grant.is_empty() && a.st.awaiting_done.is_empty());
 }
