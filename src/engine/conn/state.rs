@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 mod eager;
 mod ipc_send;
+mod offer;
 mod seam;
 
 use super::landing::Landings;
@@ -36,7 +37,7 @@ use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, Frame, INLINE_LEN_FLOOR, MAX_INLINE_LEN, MAX_INLINE_SEND_BACKLOG, RemoteSeg};
 use crate::transport::{IoSeg, MemKind};
-pub(crate) use ipc_send::{DeviceRecv, IpcOffer, IpcSource};
+pub(crate) use offer::{DeviceRecv, IpcOffer, IpcSource};
 
 /// Announced sends the peer may queue ahead of our receives before it is treated as hostile.
 const MAX_UNMATCHED_ANNOUNCES: usize = 1 << 16;
