@@ -1,8 +1,10 @@
-//! Two-sided messages of GPU memory between processes of one host: the receiver copies each out
-//! of the sender's allocation over CUDA IPC (IpcSend), no byte on a socket. Messages of 1 byte,
-//! 4 KiB + 3 and 16 MiB each way, into GPU memory and into host memory, on one GPU and from GPU 0
-//! to GPU 1, every byte checked; every message counted as one device batch of the receiver
-//! (`device_recv_batches`) while the channels' sockets carried nothing inbound.
+//! Two-sided messages of GPU memory between engines of one host: the receiver copies each out of
+//! the sender's memory (IpcSend), over CUDA IPC between processes, by address within one, and no
+//! byte takes a socket. Messages of 1 byte, 4 KiB + 3 and 16 MiB each way, into GPU memory and
+//! into host memory, on one GPU and between GPU 0 and GPU 1, every byte checked; every message
+//! counted as one device batch of the receiver (`device_recv_batches`) and as copied by its
+//! receiver at the sender (`sends_copied_by_peer`), while the channels' sockets carried nothing
+//! inbound.
 //!
 //! Without a CUDA driver each test prints "SKIPPED: no CUDA driver" (and fails under
 //! UCCL_TCPX_REQUIRE_GPU=1, as scripts/gpu_tests.sh runs it); tests needing two GPUs say so on
@@ -121,4 +123,47 @@ fn send_recv_two_gpus_between_processes() {
     }
     // The peer's messages come from GPU 1 into GPU 0, ours from GPU 0 into GPU 1.
     send_and_receive(0, 1, Side::Gpu);
+}
+
+/// Engines of GPUs `ga` and `gb` in this process: `a` sends out of GPU `ga`'s memory, `b`
+/// receives into memory on `side` (GPU `gb` or host), each message copied by address. The sends
+/// go first, so the receives match them in order.
+fn in_process(ga: i32, gb: i32, side: Side) {
+    let a = Arc::new(Engine::new(Config { gpu: Some(ga), ..same_host() }).unwrap());
+    let b = Arc::new(Engine::new(Config { gpu: Some(gb), ..same_host() }).unwrap());
+    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+    let ba = common::accept(&b).unwrap();
+    assert_eq!(ab.peer.locality, Locality::SameProcess);
+    let mut src = Mem::on_gpu(ga, LEN);
+    src.write(0, &pattern(LEN, OUR_SEED));
+    let src_mr = a.register(src.addr(), LEN).unwrap();
+    let dst = match side {
+        Side::Gpu => Mem::on_gpu(gb, LEN),
+        Side::Host => Mem::new(Side::Host, LEN),
+    };
+    let dst_mr = b.register(dst.addr(), LEN).unwrap();
+    let sends: Vec<u64> = SIZES.iter().map(|&len| ab.send(&[(src_mr, src.addr(), len)]).unwrap()).collect();
+    receive_each(&ba, &dst, dst_mr, OUR_SEED);
+    for (id, len) in sends.into_iter().zip(SIZES) {
+        assert_eq!(wait(&ab, id).unwrap(), len as u64, "the {len}-byte message's send");
+    }
+    assert_eq!(ab.sends_copied_by_peer(), SIZES.len() as u64, "each message was copied by its receiver");
+}
+
+#[test]
+fn send_recv_one_gpu_in_one_process() {
+    if no_gpu() {
+        return;
+    }
+    in_process(0, 0, Side::Gpu);
+    in_process(0, 0, Side::Host);
+}
+
+#[test]
+fn send_recv_two_gpus_in_one_process() {
+    if no_gpu() || fewer_gpus_than(2) {
+        return;
+    }
+    in_process(0, 1, Side::Gpu);
+    in_process(1, 0, Side::Gpu);
 }

@@ -23,7 +23,7 @@ use crate::engine::same_host::device_copy::DevicePath;
 use crate::engine::same_host::local_copy::LocalCopy;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
-use crate::proto::{Capability, Control, MAX_INLINE_SEND_BACKLOG, RemoteSeg};
+use crate::proto::{Capability, Control, IPC_HANDLE_LEN, MAX_INLINE_SEND_BACKLOG, RemoteSeg};
 use crate::trace::{self, SeenBy as Seer, clock_ns};
 use crate::transport::{IoSeg, MemKind};
 
@@ -266,7 +266,7 @@ impl Connection {
             // Up to the engine's inline bound, as one-sided transfers: on a small host an eager
             // message's hops (a helper at each end, the Done) cost more than an inline one's copies
             // (one at each end, two more where it arrives before its receive).
-            let ipc = self.ipc_offer(&region);
+            let ipc = self.ipc_offer(&region, addr, len);
             let payload = if ipc.is_none() && path::reads_payload(len as u64, region.kind, inline_max, inline_left) {
                 inline_left -= len as u64;
                 // SAFETY: `regions.local` checked that the range lies in a live registration.
@@ -279,16 +279,24 @@ impl Connection {
         self.post(msgs.len(), true, None, |st, transfer, out| st.post_send(transfer, items, out))
     }
 
-    /// How a message out of `region` is offered for the receiver to copy over CUDA IPC, when its
-    /// path is that one (`path::message_path`).
-    fn ipc_offer(&self, region: &Region) -> Option<IpcOffer> {
+    /// How the message of `len` bytes at `addr` of `region` is offered for the receiver to copy
+    /// out itself, when its path is that one (`path::message_path`): over CUDA IPC to another
+    /// process, by address to an engine of this process (which checks the range against our
+    /// registration; no handle, the allocation named being the message's own range).
+    fn ipc_offer(&self, region: &Region, addr: usize, len: usize) -> Option<IpcOffer> {
         let (locality, local_peers) = (self.link.locality, self.core.config.local_peers);
         // The handle is made only where it could be used: it opens the allocation to the host.
         let maybe = locality == Locality::SameHost && matches!(region.kind, MemKind::Cuda { .. });
         let export = maybe.then(|| region.ipc_export()).flatten();
         let message = path::Message { locality, local_peers, kind: region.kind, ipc_handle: export.is_some() };
-        let export = export.filter(|_| path::message_path(message) == Path::SameHostGpu)?;
-        Some(IpcOffer { region: region.id, handle: export.handle, alloc_base: export.base, alloc_len: export.len })
+        if path::message_path(message) != Path::SameHostGpu {
+            return None;
+        }
+        let (handle, alloc_base, alloc_len) = match export {
+            Some(e) => (e.handle, e.base, e.len),
+            None => ([0; IPC_HANDLE_LEN], addr as u64, len as u64),
+        };
+        Some(IpcOffer { region: region.id, handle, alloc_base, alloc_len })
     }
 
     /// Posts a receive of up to `max` bytes at `addr`, which must start inside region `mr`; only

@@ -217,8 +217,10 @@ impl Connection {
             state.send_eagerly_with(memory.clone());
         }
         let on_host = link.locality == Locality::SameHost;
-        if on_host {
+        if link.locality.is_local() {
             state.accept_ipc_sends();
+        }
+        if on_host {
             state.same_host_mut().set_same_host(core.config.host_copy_network_band, core.config.host_copy_huge_pages);
             if core.config.host_copy_collapse {
                 state.same_host_mut().set_collapse_sources();
@@ -447,6 +449,10 @@ impl Connection {
         for action in actions {
             match action {
                 Action::Finish(t, outcome) => t.finish_part(outcome),
+                // A matched receive is no longer the state's: failing the connection misses it.
+                Action::DeviceRecv(recv) if result.is_err() => {
+                    recv.transfer.finish_part(Err(result.clone().expect_err("checked")));
+                }
                 _ if result.is_err() => {}
                 Action::Send(msg) => held.msgs.push(msg),
                 Action::Queue(plan) => {
@@ -485,7 +491,22 @@ impl Connection {
             transfer: &recv.transfer,
             src,
         };
-        match device_recv::receive(&mut inner.ipc, &self.core, offered) {
+        let received = match self.link.locality {
+            // Within the process the range is checked against the sender's live registration,
+            // which the copy then holds counted, as its deregistration waits for.
+            Locality::SameProcess => match same_host::peer_connection::<Connection>(&self.link) {
+                None => Received::Declined,
+                Some(peer) => match peer.core.regions.local(region, addr as usize, recv.len as usize) {
+                    Ok(source) if source.kind != MemKind::Host => {
+                        device_recv::receive_in_process(&mut inner.ipc, offered, &source, &self.core)
+                    }
+                    Ok(_) => Received::Failed(Error::invalid("the peer offered host memory as GPU memory")),
+                    Err(e) => Received::Failed(e),
+                },
+            },
+            _ => device_recv::receive(&mut inner.ipc, &self.core, offered),
+        };
+        match received {
             Received::Issued => Ok(()),
             Received::Declined => {
                 let mut out = Vec::new();

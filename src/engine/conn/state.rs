@@ -347,7 +347,7 @@ pub(super) struct ConnState {
     last_heard: Instant,
     /// The same-host sub-state machine: its requests, copies and leases.
     same_host: SameHost,
-    /// The peer is another process of this host: its messages may be offered over CUDA IPC.
+    /// The peer is an engine of this host: its messages may be offered for us to copy.
     ipc_sends: bool,
     /// Our offered messages the peer copied over CUDA IPC (ended by its Done, with no Grant).
     sends_copied: u64,
@@ -629,11 +629,12 @@ impl ConnState {
         live(items.iter().map(|i| &i.region))?;
         let parts = items.len();
         let mut flows = Vec::new();
-        let (mut inline_parts, mut eager_parts) = (0, 0);
+        let (mut inline_parts, mut eager_parts, mut offered_parts) = (0, 0, 0);
         for SendItem { region, addr, len, payload, ipc } in items {
             let id = self.take_id();
             let src = Source { extent: Extent::Contiguous { addr, len }, region };
             if let Some(offer) = ipc {
+                offered_parts += 1;
                 self.offer_ipc(id, (src, addr as u64), transfer, offer, out);
                 continue;
             }
@@ -664,7 +665,8 @@ impl ConnState {
         }
         out.append(&mut flows);
         // An announced send ends with a Done too, but only once the peer's user posted a receive.
-        if inline_parts + eager_parts == parts {
+        // An offered one ends with the receiver's Done after its copy, or its Deny, as an inline one.
+        if inline_parts + eager_parts + offered_parts == parts {
             transfer.expect_answers(parts, eager_parts > 0);
         }
         Ok(())

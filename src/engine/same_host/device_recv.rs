@@ -13,6 +13,7 @@ use std::sync::Arc;
 use super::ipc::{Batch, IpcState};
 use crate::cuda::Gpu;
 use crate::cuda::device_copy::DeviceCopy;
+use crate::cuda::ipc::Mapping;
 use crate::engine::region::Region;
 use crate::engine::shared::EngineCore;
 use crate::engine::transfer::Transfer;
@@ -74,13 +75,6 @@ pub(crate) fn receive(ipc: &mut IpcState, core: &EngineCore, recv: Offered<'_>) 
             return Received::Declined;
         }
     };
-    let queue = match ipc.queue(&gpu) {
-        Ok((queue, _)) => queue,
-        Err(e) => {
-            log::warn!("no copy queue on GPU {}: {e}; the peer's message takes the channels", gpu.ordinal());
-            return Received::Declined;
-        }
-    };
     let here = gpu.ordinal();
     let local = match recv.region.kind {
         MemKind::Cuda { device } if device == here => Some(here),
@@ -94,12 +88,72 @@ pub(crate) fn receive(ipc: &mut IpcState, core: &EngineCore, recv: Offered<'_>) 
         src_gpu: Some(here),
         len: recv.len as usize,
     };
-    // Counted before the copy: a deregistration of the receive's region now waits for it.
-    recv.region.copy_started();
-    let (_, q) = ipc.queue(&gpu).expect("made above");
-    // SAFETY: `fit` admitted `len` bytes of the live registration from `addr` (the receive was not
-    // cut, under the connection's lock), and the region stays counted until the batch finished;
-    // the source lies inside the peer's allocation, mapped here and held by the batch.
+    let held = Held { regions: vec![recv.region.clone()], remote_regions: vec![src.region], mappings: vec![mapping] };
+    issue(ipc, core, &gpu, copy, &recv, held)
+}
+
+/// Queues the copy of an offered message of an engine of this process out of `source`, its live
+/// registration, which `recv.src` names by address: issued by the receive's GPU, else the
+/// source's, each end named with its own GPU as `device_copy` names them within the process.
+pub(crate) fn receive_in_process(
+    ipc: &mut IpcState,
+    recv: Offered<'_>,
+    source: &Arc<Region>,
+    core: &EngineCore,
+) -> Received {
+    let (dst_gpu, src_gpu) = (device_of(recv.region), device_of(source));
+    let Some(gpu) = dst_gpu.or(src_gpu).and_then(|issuer| Gpu::open(issuer).ok()) else {
+        return Received::Declined;
+    };
+    let copy = DeviceCopy { dst: recv.addr as u64, dst_gpu, src: recv.src.addr, src_gpu, len: recv.len as usize };
+    let held =
+        Held { regions: vec![recv.region.clone(), source.clone()], remote_regions: Vec::new(), mappings: Vec::new() };
+    issue(ipc, core, &gpu, copy, &recv, held)
+}
+
+fn device_of(region: &Region) -> Option<i32> {
+    match region.kind {
+        MemKind::Cuda { device } => Some(device),
+        MemKind::Host => None,
+    }
+}
+
+/// What a batch holds until its copy is over.
+struct Held {
+    /// Regions of this process, counted.
+    regions: Vec<Arc<Region>>,
+    /// The peer process's regions, whose revocation waits.
+    remote_regions: Vec<u64>,
+    mappings: Vec<Mapping>,
+}
+
+/// Queues `copy` on `gpu`'s queue behind one event, as the batch that finishes `recv`'s part and
+/// answers the peer.
+fn issue(
+    ipc: &mut IpcState,
+    core: &EngineCore,
+    gpu: &Arc<Gpu>,
+    copy: DeviceCopy,
+    recv: &Offered<'_>,
+    held: Held,
+) -> Received {
+    let queue = match ipc.queue(gpu) {
+        Ok((queue, _)) => queue,
+        Err(e) => {
+            log::warn!("no copy queue on GPU {}: {e}; the peer's message takes the channels", gpu.ordinal());
+            return Received::Declined;
+        }
+    };
+    let Held { regions, remote_regions, mappings } = held;
+    // Counted before the copy: a deregistration of any of them now waits for it.
+    for r in &regions {
+        r.copy_started();
+    }
+    let (_, q) = ipc.queue(gpu).expect("made above");
+    // SAFETY: `fit` admitted `len` bytes of the receive's live registration from its address (not
+    // cut, under the connection's lock); the source lies in the peer's mapped allocation (held by
+    // the batch) or in its live registration of this process. The regions stay counted, and the
+    // mappings held, until the batch finished.
     match unsafe { q.issue_known(&[copy], None) } {
         Ok(event) => {
             let batch = Batch {
@@ -107,16 +161,18 @@ pub(crate) fn receive(ipc: &mut IpcState, core: &EngineCore, recv: Offered<'_>) 
                 queue,
                 transfer: recv.transfer.clone(),
                 parts: vec![recv.len],
-                regions: vec![recv.region.clone()],
-                remote_regions: vec![src.region],
-                mappings: vec![mapping],
+                regions,
+                remote_regions,
+                mappings,
                 answer: Some(recv.peer_op),
             };
             ipc.push(batch, &core.waker);
             Received::Issued
         }
         Err(e) => {
-            recv.region.copy_ended();
+            for r in &regions {
+                r.copy_ended();
+            }
             Received::Failed(e)
         }
     }

@@ -30,7 +30,7 @@ impl DeviceRecv {
 }
 
 impl ConnState {
-    /// The peer is another process of this host: it may offer messages over CUDA IPC.
+    /// The peer is an engine of this host: it may offer messages for us to copy.
     pub fn accept_ipc_sends(&mut self) {
         self.ipc_sends = true;
     }
@@ -64,7 +64,7 @@ impl ConnState {
     pub(super) fn ipc_send_arrived(&mut self, peer_op: u64, len: u64, src: IpcSource) -> Result<()> {
         if !self.ipc_sends {
             return Err(Error::backend(
-                "protocol violation: an IpcSend from a peer that is not another process of this host",
+                "protocol violation: an IpcSend from a peer that is not an engine of this host",
             ));
         }
         self.announced(Announced { peer_op, len, body: Body::Ipc(src) })

@@ -105,6 +105,7 @@ fn offered_messages_match_receives_in_order_with_the_others_and_end_with_the_rec
     let s1 = a.send_offered(&[(&gpu, 0, 4 * CHUNK + 3)]);
     let s2 = a.send(&[(&host, 0, 3 * CHUNK)]);
     let s3 = a.send_offered(&[(&gpu, 5, 1)]);
+    assert!(s1.completes_on_control() && s3.completes_on_control(), "the caller may read for their Done");
     pump(&mut a, &mut b);
     assert!(b.device_recvs.is_empty(), "nothing matched yet");
     let r: Vec<_> = d.iter().map(|buf| b.recv(buf, 4 * CHUNK + 3)).collect();
@@ -198,7 +199,7 @@ fn an_ipc_send_from_a_peer_elsewhere_or_a_wrong_done_fails_the_connection() {
     a.send_offered(&[(&src, 0, CHUNK)]);
     let offer = a.outbox.pop_front().unwrap();
     let err = remote.handle(offer).unwrap_err();
-    assert!(err.message().contains("not another process of this host"), "{err}");
+    assert!(err.message().contains("not an engine of this host"), "{err}");
     // Our offered message ends with a Done of its own length only; failing then fails it.
     let s = a.send_offered(&[(&src, 0, CHUNK)]);
     let Some(Control::IpcSend { xfer, .. }) = a.outbox.pop_front() else { panic!() };
