@@ -493,14 +493,11 @@ impl Connection {
         };
         let received = match self.link.locality {
             // Within the process the range is checked against the sender's live registration,
-            // which the copy then holds counted, as its deregistration waits for.
+            // counted for the copy at once, as its deregistration waits for.
             Locality::SameProcess => match same_host::peer_connection::<Connection>(&self.link) {
                 None => Received::Declined,
-                Some(peer) => match peer.core.regions.local(region, addr as usize, recv.len as usize) {
-                    Ok(source) if source.kind != MemKind::Host => {
-                        device_recv::receive_in_process(&mut inner.ipc, offered, &source, &self.core)
-                    }
-                    Ok(_) => Received::Failed(Error::invalid("the peer offered host memory as GPU memory")),
+                Some(peer) => match peer.core.regions.local_counted(region, addr as usize, recv.len as usize) {
+                    Ok(source) => device_recv::receive_in_process(&mut inner.ipc, offered, source, &self.core),
                     Err(e) => Received::Failed(e),
                 },
             },

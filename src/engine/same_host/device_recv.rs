@@ -89,26 +89,41 @@ pub(crate) fn receive(ipc: &mut IpcState, core: &EngineCore, recv: Offered<'_>) 
         len: recv.len as usize,
     };
     let held = Held { regions: vec![recv.region.clone()], remote_regions: vec![src.region], mappings: vec![mapping] };
-    issue(ipc, core, &gpu, copy, &recv, held)
+    issue(ipc, core, &gpu, copy, &recv, held, None)
 }
 
 /// Queues the copy of an offered message of an engine of this process out of `source`, its live
-/// registration, which `recv.src` names by address: issued by the receive's GPU, else the
-/// source's, each end named with its own GPU as `device_copy` names them within the process.
+/// registration, which `recv.src` names by address and the caller counted for the copy
+/// (`RegionTable::local_counted`): issued by the receive's GPU, else the source's, each end named
+/// with its own GPU as `device_copy` names them within the process. The source's count ends with
+/// the batch, or here when nothing was queued.
 pub(crate) fn receive_in_process(
     ipc: &mut IpcState,
     recv: Offered<'_>,
-    source: &Arc<Region>,
+    source: Arc<Region>,
     core: &EngineCore,
 ) -> Received {
-    let (dst_gpu, src_gpu) = (device_of(recv.region), device_of(source));
-    let Some(gpu) = dst_gpu.or(src_gpu).and_then(|issuer| Gpu::open(issuer).ok()) else {
-        return Received::Declined;
+    let (dst_gpu, src_gpu) = (device_of(recv.region), device_of(&source));
+    let gpu = match (src_gpu, dst_gpu.or(src_gpu)) {
+        (Some(_), Some(issuer)) => Gpu::open(issuer).map_err(|e| e.to_string()),
+        _ => Err(format!("the peer offered memory region {} of host memory as GPU memory", source.id)),
+    };
+    let gpu = match gpu {
+        Ok(gpu) => gpu,
+        Err(why) => {
+            source.copy_ended();
+            log::debug!("cannot copy the peer's message {}: {why}; it takes the channels", recv.peer_op);
+            return Received::Declined;
+        }
     };
     let copy = DeviceCopy { dst: recv.addr as u64, dst_gpu, src: recv.src.addr, src_gpu, len: recv.len as usize };
-    let held =
-        Held { regions: vec![recv.region.clone(), source.clone()], remote_regions: Vec::new(), mappings: Vec::new() };
-    issue(ipc, core, &gpu, copy, &recv, held)
+    // The source is counted already; the receive's region is counted with the batch.
+    let held = Held { regions: vec![recv.region.clone()], remote_regions: Vec::new(), mappings: Vec::new() };
+    let received = issue(ipc, core, &gpu, copy, &recv, held, Some(&source));
+    if !matches!(received, Received::Issued) {
+        source.copy_ended();
+    }
+    received
 }
 
 fn device_of(region: &Region) -> Option<i32> {
@@ -128,7 +143,8 @@ struct Held {
 }
 
 /// Queues `copy` on `gpu`'s queue behind one event, as the batch that finishes `recv`'s part and
-/// answers the peer.
+/// answers the peer; `counted`, a region the caller counted already, goes with the batch too
+/// (whose end ends its count), and stays the caller's to end when nothing was queued.
 fn issue(
     ipc: &mut IpcState,
     core: &EngineCore,
@@ -136,6 +152,7 @@ fn issue(
     copy: DeviceCopy,
     recv: &Offered<'_>,
     held: Held,
+    counted: Option<&Arc<Region>>,
 ) -> Received {
     let queue = match ipc.queue(gpu) {
         Ok((queue, _)) => queue,
@@ -161,7 +178,7 @@ fn issue(
                 queue,
                 transfer: recv.transfer.clone(),
                 parts: vec![recv.len],
-                regions,
+                regions: regions.into_iter().chain(counted.cloned()).collect(),
                 remote_regions,
                 mappings,
                 answer: Some(recv.peer_op),
