@@ -665,9 +665,10 @@ impl ConnState {
         }
         out.append(&mut flows);
         // An announced send ends with a Done too, but only once the peer's user posted a receive.
-        // An offered one ends with the receiver's Done after its copy, or its Deny, as an inline one.
+        // An offered one ends with the receiver's Done after its copy, or its Deny, as a same-host
+        // write does: after its bytes moved.
         if inline_parts + eager_parts + offered_parts == parts {
-            transfer.expect_answers(parts, eager_parts > 0);
+            transfer.expect_answers(parts, eager_parts + offered_parts > 0);
         }
         Ok(())
     }
