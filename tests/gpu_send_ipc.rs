@@ -167,3 +167,46 @@ fn send_recv_two_gpus_in_one_process() {
     in_process(0, 1, Side::Gpu);
     in_process(1, 0, Side::Gpu);
 }
+
+/// Deregistering the receive's region while the receiver copies a large message into it returns
+/// only once the copy landed (both transfers complete, the bytes do not change afterwards);
+/// deregistering the message's source meanwhile fails the connection, as for any unfinished send,
+/// and returns only once no copy reads it any more: the receive's bytes no longer change.
+#[test]
+fn deregistration_during_the_receivers_copy_is_a_fence() {
+    if no_gpu() {
+        return;
+    }
+    let len = 256 << 20;
+    for deregister_receive in [true, false] {
+        let p = common::pair(same_host());
+        assert_eq!(p.ab.peer.locality, Locality::SameProcess);
+        let dst = Mem::on_gpu(0, len);
+        let mut src = Mem::on_gpu(0, len);
+        src.write(0, &pattern(len, 8));
+        let dmr = p.b.register(dst.addr(), len).unwrap();
+        let smr = p.a.register(src.addr(), len).unwrap();
+        let r = p.ba.recv(dmr, dst.addr(), len).unwrap();
+        let s = p.ab.send(&[(smr, src.addr(), len)]).unwrap();
+        common::eventually("the receiver's copy", Duration::from_secs(60), || {
+            (p.ba.device_recv_batches() == 1).then_some(())
+        });
+        if deregister_receive {
+            p.b.deregister(dmr).unwrap();
+        } else {
+            p.a.deregister(smr).unwrap();
+        }
+        let first = dst.read(0, len);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(first == dst.read(0, len), "the receive changed after the deregistration returned");
+        if deregister_receive {
+            assert_same(&first, &pattern(len, 8), "all of it landed before the deregistration returned");
+            assert_eq!(wait(&p.ba, r).unwrap(), len as u64, "the copy was under way and completed");
+            assert_eq!(wait(&p.ab, s).unwrap(), len as u64);
+        } else {
+            assert!(wait(&p.ab, s).is_err(), "a send whose source was deregistered fails with its connection");
+            // The receive ends either way: landed before the failure was seen, or failed with it.
+            let _ = wait(&p.ba, r);
+        }
+    }
+}
