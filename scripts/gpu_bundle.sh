@@ -30,7 +30,7 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])'
 }
 {
-  bundle_tests -p uccl-tcpx --lib --test gpu_staging --test gpu_engine --test gpu_ipc --test gpu_unpack --test plugin_gpu
+  bundle_tests -p uccl-tcpx --lib --test gpu_staging --test gpu_engine --test gpu_ipc --test gpu_send_ipc --test gpu_unpack --test plugin_gpu
   bundle_tests -p fake-tcpx --test gpu --test gpu_busy
 } | while read -r name exe; do
   dest="$out/test-$name"

@@ -58,6 +58,33 @@ pub(crate) fn call_paths(call: Call) -> Vec<Path> {
     paths
 }
 
+/// What a two-sided message's path depends on, at the sending end.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Message {
+    pub locality: Locality,
+    pub local_peers: LocalPeers,
+    pub kind: MemKind,
+    /// The message's region has a CUDA IPC handle (`Region::ipc_export`).
+    pub ipc_handle: bool,
+}
+
+/// A message's path: GPU memory whose receiver is an engine of this process, or of another
+/// process of this host where the memory has an IPC handle, is offered for the receiver to copy
+/// out itself ([`Path::SameHostGpu`]: by address within the process, over CUDA IPC between
+/// processes; the receiver may still take it over the channels), at every length as a one-sided
+/// call of GPU memory is ([`call_paths`]): its copy costs one event where an inline message costs
+/// a synchronous copy at each end. Anything else takes the connection ([`request_path`]'s inline
+/// or the channels).
+pub(crate) fn message_path(m: Message) -> Path {
+    let gpu = matches!(m.kind, MemKind::Cuda { .. });
+    let reachable = match m.locality {
+        Locality::SameProcess => true,
+        Locality::SameHost => m.ipc_handle,
+        Locality::Remote => false,
+    };
+    if m.local_peers != LocalPeers::Plugin && gpu && reachable { Path::SameHostGpu } else { Path::Connection }
+}
+
 /// What one request's path on the connection depends on.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Request {
@@ -142,6 +169,21 @@ mod tests {
             assert_eq!(paths(Locality::SameHost, LocalPeers::Socket, local_host), [SameHostGpu, Connection]);
             assert_eq!(paths(Locality::SameHost, LocalPeers::Plugin, local_host), [Connection]);
         }
+    }
+
+    #[test]
+    fn a_gpu_message_to_an_engine_of_this_host_is_offered_for_its_copy_else_takes_the_connection() {
+        let gpu = MemKind::Cuda { device: 1 };
+        let path =
+            |locality, local_peers, kind, ipc_handle| message_path(Message { locality, local_peers, kind, ipc_handle });
+        assert_eq!(path(Locality::SameHost, LocalPeers::Socket, gpu, true), Path::SameHostGpu);
+        assert_eq!(path(Locality::SameHost, LocalPeers::Socket, gpu, false), Path::Connection, "no handle");
+        assert_eq!(path(Locality::SameHost, LocalPeers::Socket, MemKind::Host, false), Path::Connection, "host");
+        assert_eq!(path(Locality::SameHost, LocalPeers::Plugin, gpu, true), Path::Connection, "plugin");
+        assert_eq!(path(Locality::SameProcess, LocalPeers::Socket, gpu, false), Path::SameHostGpu, "by address");
+        assert_eq!(path(Locality::SameProcess, LocalPeers::Plugin, gpu, false), Path::Connection, "plugin");
+        assert_eq!(path(Locality::SameProcess, LocalPeers::Socket, MemKind::Host, false), Path::Connection);
+        assert_eq!(path(Locality::Remote, LocalPeers::Socket, gpu, true), Path::Connection, "remote");
     }
 
     fn request(len: u64, kind: MemKind) -> Request {

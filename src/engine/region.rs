@@ -375,6 +375,27 @@ impl RegionTable {
         Ok(region)
     }
 
+    /// As [`local`](Self::local), the region counted for a device copy (`Region::copy_started`)
+    /// under the table's lock, which its removal takes: either the copy is counted before the
+    /// region is removed, and the deregistration waits for it, or the region is not found. For a
+    /// copy out of another engine's region, whose deregistration takes no lock the copier holds.
+    /// The caller ends the count (`copy_ended`) once the copy is over or was not queued.
+    pub fn local_counted(&self, id: u64, addr: usize, len: usize) -> Result<Arc<Region>> {
+        check_range(addr, len)?;
+        let regions = self.regions.read();
+        let region = regions
+            .get(&id)
+            .ok_or_else(|| Error::not_found(format!("memory region {id} is not registered with this engine")))?;
+        if !region.contains(addr, len) {
+            return Err(Error::invalid(format!(
+                "buffer [{addr:#x}, +{len}) lies outside memory region {id} [{:#x}, +{})",
+                region.base, region.len
+            )));
+        }
+        region.copy_started();
+        Ok(region.clone())
+    }
+
     /// A receive's buffer, posted for up to `max` bytes: it must start inside region `id` but may
     /// run past the region's end, as an RDMA receive may (UCCL's tests post receives larger than
     /// their registration). What keeps writes inside the registration is the check when a message
@@ -510,6 +531,20 @@ mod tests {
         assert_eq!(t.local(999, 0x1000, 1).unwrap_err().status(), UcclStatus::ErrNotFound);
         t.remove(a).unwrap();
         assert_eq!(t.remove(a).unwrap_err().status(), UcclStatus::ErrNotFound);
+    }
+
+    #[test]
+    fn a_counted_lookup_counts_a_live_range_only() {
+        let t = RegionTable::default();
+        let id = t.register(0x1000, 0x100, MemKind::Cuda { device: 0 }).unwrap();
+        assert_eq!(t.local_counted(id, 0x10ff, 2).unwrap_err().status(), UcclStatus::ErrInvalidParam);
+        let region = t.local_counted(id, 0x1080, 0x80).unwrap();
+        assert_eq!(region.copies_in_flight(), 1, "counted by the lookup");
+        let removed = t.remove(id).unwrap();
+        assert_eq!(removed.copies_in_flight(), 1, "what the deregistration waits for");
+        region.copy_ended();
+        assert_eq!(t.local_counted(id, 0x1080, 1).unwrap_err().status(), UcclStatus::ErrNotFound);
+        assert_eq!(removed.copies_in_flight(), 0, "a refused lookup counts nothing");
     }
 
     #[test]

@@ -156,6 +156,21 @@ pub enum Control {
     IpcRevoked {
         region: u64,
     },
+    /// Between processes of one host: a two-sided message of GPU memory offered for the receiver
+    /// to copy out itself, matched like a SendAnnounce. `[addr, addr + len)` of the sender's
+    /// `region` lies in the allocation the handle names (`alloc_base`, `alloc_len`): the receiver
+    /// maps it and copies out of that range only, then answers Done (or Deny), and the sender
+    /// revokes the region with IpcRevoke when it is deregistered, as for an IpcGrant. The receiver
+    /// may answer with Grant instead: the sender then sends the chunks as for a SendAnnounce.
+    IpcSend {
+        xfer: u64,
+        len: u64,
+        region: u64,
+        addr: u64,
+        handle: [u8; IPC_HANDLE_LEN],
+        alloc_base: u64,
+        alloc_len: u64,
+    },
     /// Same-host peers: the sender's process id and the number of its end of this control
     /// connection's socket in that process, for the receiver to check (`engine::same_host::proof`).
     ProcessHello {
@@ -262,6 +277,17 @@ fn check_grant(alloc_base: u64, alloc_len: u64, windows: &[RemoteSeg]) -> Result
     Ok(())
 }
 
+/// An offered message lies inside the allocation its handle names: the receiver copies out of
+/// `mapping + (addr - alloc_base)`, so a range past the allocation would have it read past the map.
+fn check_ipc_send(addr: u64, len: u64, alloc_base: u64, alloc_len: u64) -> Result<(), ProtoError> {
+    check_range(addr, len)?;
+    check_range(alloc_base, alloc_len)?;
+    if addr < alloc_base || addr + len > alloc_base + alloc_len {
+        return Err(ProtoError::Invalid("an IpcSend's range lies outside the allocation it names"));
+    }
+    Ok(())
+}
+
 /// At most `MAX_VECTOR_SEGMENTS` segments and `MAX_VECTOR_BYTES` in all, none empty or wrapping.
 fn check_vector(segs: &[RemoteSeg]) -> Result<(), ProtoError> {
     if segs.is_empty() {
@@ -339,6 +365,7 @@ impl Control {
             Self::IpcGrant { .. } => kind::IPC_GRANT,
             Self::IpcRevoke { .. } => kind::IPC_REVOKE,
             Self::IpcRevoked { .. } => kind::IPC_REVOKED,
+            Self::IpcSend { .. } => kind::IPC_SEND,
             Self::ProcessHello { .. } => kind::PROCESS_HELLO,
             Self::ProcessAck { .. } => kind::PROCESS_ACK,
             Self::DirectWrite { .. } => kind::DIRECT_WRITE,
@@ -460,6 +487,14 @@ impl Control {
                 w.u32(*fd);
             }
             Self::ProcessAck { readable } => w.u32(u32::from(*readable)),
+            Self::IpcSend { xfer, len, region, addr, handle, alloc_base, alloc_len } => {
+                for v in [xfer, len, region, addr] {
+                    w.u64(*v);
+                }
+                w.bytes(handle);
+                w.u64(*alloc_base);
+                w.u64(*alloc_len);
+            }
             Self::IpcGrant { xfer, region, handle, alloc_base, alloc_len, windows } => {
                 w.u64(*xfer);
                 w.u64(*region);
@@ -543,6 +578,11 @@ impl Control {
             }
             kind::IPC_REVOKE => Self::IpcRevoke { region: r.u64()? },
             kind::IPC_REVOKED => Self::IpcRevoked { region: r.u64()? },
+            kind::IPC_SEND => {
+                let (xfer, len, region, addr) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+                let handle: [u8; IPC_HANDLE_LEN] = r.array()?;
+                Self::IpcSend { xfer, len, region, addr, handle, alloc_base: r.u64()?, alloc_len: r.u64()? }
+            }
             kind::PROCESS_HELLO => Self::ProcessHello { pid: r.u32()?, fd: r.u32()? },
             kind::PROCESS_ACK => Self::ProcessAck {
                 readable: match r.u32()? {
@@ -598,6 +638,9 @@ impl Control {
             | Self::DirectRead { segs, .. } => check_vector(segs),
             Self::DirectWrite { segs, src, .. } => check_vector(segs).and_then(|()| check_sources(segs, src)),
             Self::IpcGrant { alloc_base, alloc_len, windows, .. } => check_grant(*alloc_base, *alloc_len, windows),
+            Self::IpcSend { len, addr, alloc_base, alloc_len, .. } => {
+                check_ipc_send(*addr, *len, *alloc_base, *alloc_len)
+            }
             Self::Grant { .. }
             | Self::Resume { .. }
             | Self::IpcRevoke { .. }
@@ -852,6 +895,24 @@ mod tests {
             },
             Control::IpcRevoke { region: 32 },
             Control::IpcRevoked { region: u64::MAX },
+            Control::IpcSend {
+                xfer: 37,
+                len: 1 << 24,
+                region: 38,
+                addr: 0x7f00_0000_1000,
+                handle: core::array::from_fn(|i| 255 - i as u8),
+                alloc_base: 0x7f00_0000_0000,
+                alloc_len: 1 << 30,
+            },
+            Control::IpcSend {
+                xfer: 39,
+                len: 1,
+                region: 0,
+                addr: u64::MAX - 1,
+                handle: [0; 64],
+                alloc_base: u64::MAX - 1,
+                alloc_len: 1,
+            },
             Control::ProcessHello { pid: 4242, fd: 17 },
             Control::ProcessAck { readable: true },
             Control::ProcessAck { readable: false },
@@ -1169,6 +1230,38 @@ mod tests {
         let frame = encode(&msg);
         assert_eq!(frame.len(), FRAME_HEADER_LEN + max_body_len(kind::NOTIFY).unwrap());
         assert_eq!(decode_frame(&frame), Ok(Some((msg, frame.len()))));
+    }
+
+    #[test]
+    fn an_ipc_send_lies_inside_the_allocation_it_names() {
+        let send = |addr, len, alloc_base, alloc_len| Control::IpcSend {
+            xfer: 1,
+            len,
+            region: 2,
+            addr,
+            handle: [3; IPC_HANDLE_LEN],
+            alloc_base,
+            alloc_len,
+        };
+        let ok = send(0x1000, 0x1000, 0x1000, 0x1000);
+        assert_eq!(ok.validate(), Ok(()), "the whole allocation");
+        let frame = encode(&ok);
+        assert_eq!(frame[2], kind::IPC_SEND);
+        assert_eq!(frame.len(), FRAME_HEADER_LEN + 112);
+        assert_eq!(frame[FRAME_HEADER_LEN..FRAME_HEADER_LEN + 8], 1u64.to_le_bytes());
+        assert_eq!(frame[FRAME_HEADER_LEN + 32..FRAME_HEADER_LEN + 96], [3; IPC_HANDLE_LEN]);
+        assert_eq!(frame[FRAME_HEADER_LEN + 96..FRAME_HEADER_LEN + 104], 0x1000u64.to_le_bytes());
+        for (bad, why) in [
+            (send(0x1000, 0, 0x1000, 0x1000), "zero"),
+            (send(0x0fff, 1, 0x1000, 0x1000), "outside"),
+            (send(0x1fff, 2, 0x1000, 0x1000), "outside"),
+            (send(0x1000, 1, 0x1000, 0), "zero"),
+            (send(u64::MAX, 1, u64::MAX - 1, 2), "address space"),
+            (send(0x1000, 1, u64::MAX - 1, 2), "address space"),
+        ] {
+            assert!(matches!(bad.validate(), Err(ProtoError::Invalid(w)) if w.contains(why)), "{bad:?}");
+            assert_eq!(decode_frame(&encode(&bad)), Err(bad.validate().unwrap_err()), "{bad:?}");
+        }
     }
 
     #[test]

@@ -49,6 +49,7 @@ pub mod kind {
     pub(crate) const DIRECT_GRANT: u8 = 44;
     pub(crate) const DIRECT_DONE: u8 = 45;
     pub(crate) const EAGER_SEND: u8 = 46;
+    pub(crate) const IPC_SEND: u8 = 47;
 }
 
 /// Largest vector request body: three ids, the count, the segments.
@@ -98,6 +99,7 @@ fn body_spec(kind: u8) -> Option<(&'static str, BodySize)> {
         kind::IPC_GRANT => ("IpcGrant body", UpTo(MAX_IPC_GRANT_BODY)),
         kind::IPC_REVOKE => ("IpcRevoke body", Exactly(8)),
         kind::IPC_REVOKED => ("IpcRevoked body", Exactly(8)),
+        kind::IPC_SEND => ("IpcSend body", Exactly(32 + IPC_HANDLE_LEN + 16)),
         kind::PROCESS_HELLO => ("ProcessHello body", Exactly(8)),
         kind::PROCESS_ACK => ("ProcessAck body", Exactly(4)),
         kind::DIRECT_WRITE => ("DirectWrite body", UpTo(MAX_DIRECT_WRITE_BODY)),
@@ -214,7 +216,7 @@ mod tests {
     use super::*;
     use crate::proto::testutil::XorShift;
 
-    const KNOWN: [u8; 33] = [
+    const KNOWN: [u8; 34] = [
         kind::HELLO,
         kind::WELCOME,
         kind::REFUSE,
@@ -248,6 +250,7 @@ mod tests {
         kind::DIRECT_GRANT,
         kind::DIRECT_DONE,
         kind::EAGER_SEND,
+        kind::IPC_SEND,
     ];
 
     fn raw(magic: u16, kind: u8, flags: u8, body_len: u32) -> [u8; 8] {
@@ -308,6 +311,7 @@ mod tests {
         assert_eq!(max_body_len(kind::IPC_GRANT), Some(100 + 12 * 4096));
         assert_eq!(max_body_len(kind::IPC_REVOKE), Some(8));
         assert_eq!(max_body_len(kind::IPC_REVOKED), Some(8));
+        assert_eq!(max_body_len(kind::IPC_SEND), Some(112));
     }
 
     #[test]
@@ -338,6 +342,7 @@ mod tests {
             kind::DONE,
             kind::IPC_REVOKE,
             kind::IPC_REVOKED,
+            kind::IPC_SEND,
             kind::PROCESS_HELLO,
             kind::PROCESS_ACK,
             kind::DIRECT_GRANT,

@@ -1066,6 +1066,57 @@ fn ipc_requests_are_answered_only_for_local_peers_and_never_with_a_handle_for_ho
     }
 }
 
+/// A two-sided message offered for the receiver to copy (IpcSend): from a peer on another host a
+/// protocol violation that fails that connection; from a peer of this host into a receive the
+/// engine cannot copy into (host memory, no GPU mapping the garbage handle) granted, its chunks
+/// then coming over the channels; one whose range runs past the allocation it names refused when
+/// decoded, failing that connection. The engine keeps serving either way.
+#[test]
+fn ipc_sends_are_granted_when_no_copy_can_be_made_and_refused_from_elsewhere() {
+    let _serial = serial();
+    let offer = |xfer, addr, alloc_len| Control::IpcSend {
+        xfer,
+        len: 100,
+        region: 5,
+        addr,
+        handle: [9; 64],
+        alloc_base: 0x10000,
+        alloc_len,
+    };
+    for local in [true, false] {
+        let p = pair_with(Config { disable_ipc: !local, ..config() });
+        let mut host = uccl_tcpx::internal::engine::same_host::own_identity(false);
+        host.pid += 1;
+        let fake = FakePeer::connect_as(p.b.address(), Stray::None, if local { host } else { HostIdentity::default() });
+        let (mut fake, conn) = (fake.unwrap(), accept(&p.b).unwrap());
+        if local {
+            assert!(matches!(fake.recv(), Some(Control::ProcessHello { .. })));
+        }
+        let mut dst = vec![0u8; 300];
+        let dmr = p.b.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();
+        let rid = conn.recv(dmr, dst.as_mut_ptr() as usize, 200).unwrap();
+        fake.send(&offer(1, 0x10000, 0x1000));
+        if local {
+            let Some(Control::Grant { xfer: 1, flow }) = fake.recv() else { panic!("no Grant") };
+            fake.send(&Control::Data { flow, len: 100 });
+            fake.data(&pattern(100, 12)).unwrap();
+            assert_eq!(fake.recv(), Some(Control::Done { xfer: 1, len: 100 }));
+            assert_eq!(wait(&conn, rid).unwrap(), 100);
+            assert_eq!(&dst[..100], &pattern(100, 12)[..]);
+            let rid = conn.recv(dmr, dst.as_mut_ptr() as usize + 100, 200).unwrap();
+            fake.send(&offer(2, 0x10fa0, 0x1000));
+            fake.expect_closed();
+            assert!(wait(&conn, rid).is_err(), "the receive fails with the connection");
+        } else {
+            fake.expect_closed();
+            assert!(wait(&conn, rid).is_err(), "the receive fails with the connection");
+        }
+        assert!(dst[100..].iter().all(|&b| b == 0), "nothing else was written");
+        p.b.deregister(dmr).unwrap();
+        assert_pair_works(&p, 23);
+    }
+}
+
 /// Protocol violations after the handshake: each fails that one connection (a pending receive
 /// reports an error, the control stream is closed), never the process or other connections.
 #[test]

@@ -237,9 +237,14 @@ impl Args {
                 "--same-host applies to --loopback only (two hosts have no same-host path)",
             ));
         }
-        let one_sided = self.ops.iter().all(|&o| o == Op::Write || o == Op::Read);
-        if self.same_host && !one_sided {
-            return Err((ErrorKind::ArgumentConflict, "--same-host measures one-sided transfers: --ops write,read"));
+        // GPU memory's sends take the same-host path too (the receiver copies them over CUDA IPC);
+        // host memory's keep to the connection, which the network-path bench measures.
+        let same_host_op = |o: &Op| matches!(o, Op::Write | Op::Read) || (*o == Op::Send && self.uses_gpu());
+        if self.same_host && !self.ops.iter().all(same_host_op) {
+            return Err((
+                ErrorKind::ArgumentConflict,
+                "--same-host measures one-sided transfers, --ops write,read, and with --device gpu sends too",
+            ));
         }
         if self.peer_device.is_some() && self.role != Role::Loopback {
             return Err((
@@ -458,7 +463,6 @@ mod tests {
             "--same-host --role client --remote-ip 10.0.0.2",
             "--same-host --role server",
             "--same-host --ops write,send",
-            "--same-host --device gpu",
             "--scale 64,1",
             "--scale 0",
             "--scale 4 --role server",
@@ -570,6 +574,7 @@ mod tests {
             "--ops write,read --sizes 64M --depth 4 --iters 16 --channels 8",
             "--same-host --ops write,read --sizes 64K,1M,16M,64M",
             "--same-host --device gpu --peer-gpu 1 --ops write,read --sizes 8,64M --no-baseline",
+            "--same-host --device gpu --gpu 0 --peer-gpu 1 --ops send --sizes 16M,64M",
             "--scale 1,64,256,1024",
             "--scale 1,64 --sizes 64K --idle-secs 2",
             "--same-host --ops write,read --sizes 16M --rounds 5",

@@ -184,8 +184,13 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
                 let anchor = match (op, same_host_gpus) {
                     // Only where the transfers did take the device path (a region without an IPC
                     // handle moves over the network, against which this anchor says nothing).
-                    (Op::Write | Op::Read, Some((ours, theirs))) if conn.device_copy_batches() > 0 => {
-                        let write = op == Op::Write;
+                    // A send the receiver copied out over CUDA IPC is held against the same copy
+                    // as a write.
+                    (Op::Write | Op::Read | Op::Send, Some((ours, theirs)))
+                        if (op == Op::Send && conn.sends_copied_by_peer() > 0)
+                            || (op != Op::Send && conn.device_copy_batches() > 0) =>
+                    {
+                        let write = op != Op::Read;
                         let (src, dst) = if write { (ours, theirs) } else { (theirs, ours) };
                         match anchors.get(&(write, size)) {
                             Some(&known) if shared_anchors => Some(known),

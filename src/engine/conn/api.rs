@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use super::reader;
 use super::state::{
-    Action, ConnState, Direction, MAX_INLINE_ONE_SIDED, Memory, OneSidedItem, OneSidedRequest, SendItem, VectorRequest,
+    Action, ConnState, Direction, IpcOffer, MAX_INLINE_ONE_SIDED, Memory, OneSidedItem, OneSidedRequest, SendItem,
+    VectorRequest,
 };
 use super::turn::{Batch, InTurn, Take};
 use super::vector::{Grouper, Push, Run, RunKey};
@@ -22,7 +23,7 @@ use crate::engine::same_host::device_copy::DevicePath;
 use crate::engine::same_host::local_copy::LocalCopy;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
-use crate::proto::{Capability, Control, MAX_INLINE_SEND_BACKLOG, RemoteSeg};
+use crate::proto::{Capability, Control, IPC_HANDLE_LEN, MAX_INLINE_SEND_BACKLOG, RemoteSeg};
 use crate::trace::{self, SeenBy as Seer, clock_ns};
 use crate::transport::{IoSeg, MemKind};
 
@@ -265,16 +266,37 @@ impl Connection {
             // Up to the engine's inline bound, as one-sided transfers: on a small host an eager
             // message's hops (a helper at each end, the Done) cost more than an inline one's copies
             // (one at each end, two more where it arrives before its receive).
-            let payload = if path::reads_payload(len as u64, region.kind, inline_max, inline_left) {
+            let ipc = self.ipc_offer(&region, addr, len);
+            let payload = if ipc.is_none() && path::reads_payload(len as u64, region.kind, inline_max, inline_left) {
                 inline_left -= len as u64;
                 // SAFETY: `regions.local` checked that the range lies in a live registration.
                 Some(unsafe { mem.load(&region, addr, len) }.map_err(|e| e.context(format!("send item {i}")))?)
             } else {
                 None
             };
-            items.push(SendItem { region, addr, len: len as u64, payload });
+            items.push(SendItem { region, addr, len: len as u64, payload, ipc });
         }
         self.post(msgs.len(), true, None, |st, transfer, out| st.post_send(transfer, items, out))
+    }
+
+    /// How the message of `len` bytes at `addr` of `region` is offered for the receiver to copy
+    /// out itself, when its path is that one (`path::message_path`): over CUDA IPC to another
+    /// process, by address to an engine of this process (which checks the range against our
+    /// registration; no handle, the allocation named being the message's own range).
+    fn ipc_offer(&self, region: &Region, addr: usize, len: usize) -> Option<IpcOffer> {
+        let (locality, local_peers) = (self.link.locality, self.core.config.local_peers);
+        // The handle is made only where it could be used: it opens the allocation to the host.
+        let maybe = locality == Locality::SameHost && matches!(region.kind, MemKind::Cuda { .. });
+        let export = maybe.then(|| region.ipc_export()).flatten();
+        let message = path::Message { locality, local_peers, kind: region.kind, ipc_handle: export.is_some() };
+        if path::message_path(message) != Path::SameHostGpu {
+            return None;
+        }
+        let (handle, alloc_base, alloc_len) = match export {
+            Some(e) => (e.handle, e.base, e.len),
+            None => ([0; IPC_HANDLE_LEN], addr as u64, len as u64),
+        };
+        Some(IpcOffer { region: region.id, handle, alloc_base, alloc_len })
     }
 
     /// Posts a receive of up to `max` bytes at `addr`, which must start inside region `mr`; only
@@ -439,6 +461,18 @@ impl Connection {
     /// Of those, the batches of many small copies on one GPU that its kernel moved.
     pub fn device_copy_kernel_batches(&self) -> u64 {
         self.inner.lock().ipc.issued_by_kernel()
+    }
+
+    /// Our two-sided messages the peer copied out over CUDA IPC (its Done ended them, no chunk
+    /// went over the channels): tells tests and benchmarks which path our sends took.
+    pub fn sends_copied_by_peer(&self) -> u64 {
+        self.inner.lock().state.sends_copied()
+    }
+
+    /// Of those, the batches that copied a peer's two-sided message offered over CUDA IPC into a
+    /// receive of ours (one per message): tells tests and benchmarks that its bytes took no socket.
+    pub fn device_recv_batches(&self) -> u64 {
+        self.inner.lock().ipc.issued_recvs()
     }
 
     /// A transfer that completes on the control stream (inline items, and writes over the channels,

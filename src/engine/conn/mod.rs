@@ -31,6 +31,7 @@ use super::plan::{self, Chunk, ChunkMem, Chunking, Cut};
 use super::same_host;
 pub use super::same_host::HostPath;
 use super::same_host::device_copy::DevicePath;
+use super::same_host::device_recv::{self, Received};
 use super::same_host::host_worker::HostServed;
 use super::same_host::ipc::IpcState;
 use super::same_host::seam::SameHostIo;
@@ -45,7 +46,7 @@ use crate::transport::MemKind;
 use landing::LandingMemory;
 use memory::EngineMemory;
 use reader::Handled;
-use state::{Action, ConnState, Direction, FlowPlan, Memory};
+use state::{Action, ConnState, DeviceRecv, Direction, FlowPlan, IpcSource, Memory};
 
 /// How long closing waits for queued control messages (the Close among them) to leave.
 const LINGER_ON_CLOSE: Duration = Duration::from_secs(1);
@@ -216,6 +217,9 @@ impl Connection {
             state.send_eagerly_with(memory.clone());
         }
         let on_host = link.locality == Locality::SameHost;
+        if link.locality.is_local() {
+            state.accept_ipc_sends();
+        }
         if on_host {
             state.same_host_mut().set_same_host(core.config.host_copy_network_band, core.config.host_copy_huge_pages);
             if core.config.host_copy_collapse {
@@ -445,6 +449,10 @@ impl Connection {
         for action in actions {
             match action {
                 Action::Finish(t, outcome) => t.finish_part(outcome),
+                // A matched receive is no longer the state's: failing the connection misses it.
+                Action::DeviceRecv(recv) if result.is_err() => {
+                    recv.transfer.finish_part(Err(result.clone().expect_err("checked")));
+                }
                 _ if result.is_err() => {}
                 Action::Send(msg) => held.msgs.push(msg),
                 Action::Queue(plan) => {
@@ -463,9 +471,55 @@ impl Connection {
                 }
                 Action::HostWork { ours } => result = self.same_host.host.wake(ours),
                 Action::Collapse(region) => region.collapse_into_huge_pages(),
+                Action::GrantIpc(region) => inner.ipc.record_grant(region),
+                Action::DeviceRecv(recv) => result = self.device_recv(inner, recv, held),
             }
         }
         result
+    }
+
+    /// Copies the peer's offered message into its matched receive over CUDA IPC
+    /// (`same_host/device_recv.rs`), or grants it over the channels when no copy can be queued.
+    fn device_recv(&self, inner: &mut Inner, recv: DeviceRecv, held: &mut Held) -> Result<()> {
+        let IpcSource { region, addr, handle, alloc_base, alloc_len } = recv.src;
+        let src = device_recv::Source { region, addr, handle, alloc_base, alloc_len };
+        let offered = device_recv::Offered {
+            peer_op: recv.peer_op,
+            len: recv.len,
+            addr: recv.addr,
+            region: &recv.region,
+            transfer: &recv.transfer,
+            src,
+        };
+        let received = match self.link.locality {
+            // Within the process the range is checked against the sender's live registration,
+            // counted for the copy at once, as its deregistration waits for.
+            Locality::SameProcess => match same_host::peer_connection::<Connection>(&self.link) {
+                None => Received::Declined,
+                Some(peer) => match peer.core.regions.local_counted(region, addr as usize, recv.len as usize) {
+                    Ok(source) => device_recv::receive_in_process(&mut inner.ipc, offered, source, &self.core),
+                    Err(e) => Received::Failed(e),
+                },
+            },
+            _ => device_recv::receive(&mut inner.ipc, &self.core, offered),
+        };
+        match received {
+            Received::Issued => Ok(()),
+            Received::Declined => {
+                let mut out = Vec::new();
+                inner.state.recv_by_network(recv, &mut out);
+                self.apply_held(inner, out, held)
+            }
+            Received::Failed(e) => {
+                held.msgs.push(Control::Deny {
+                    xfer: recv.peer_op,
+                    status: e.status() as i32,
+                    reason: e.message().to_owned(),
+                });
+                recv.transfer.finish_part(Err(e));
+                Ok(())
+            }
+        }
     }
 
     /// Sends what [`apply_held`](Self::apply_held) held back and wakes the progress thread for the

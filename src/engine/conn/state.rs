@@ -23,6 +23,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod eager;
+mod ipc_send;
+mod offer;
 mod seam;
 
 use super::landing::Landings;
@@ -35,6 +37,7 @@ use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, Frame, INLINE_LEN_FLOOR, MAX_INLINE_LEN, MAX_INLINE_SEND_BACKLOG, RemoteSeg};
 use crate::transport::{IoSeg, MemKind};
+pub(crate) use offer::{DeviceRecv, IpcOffer, IpcSource};
 
 /// Announced sends the peer may queue ahead of our receives before it is treated as hostile.
 const MAX_UNMATCHED_ANNOUNCES: usize = 1 << 16;
@@ -72,6 +75,12 @@ pub(super) enum Action {
     /// The peer is to copy out of this region of ours with `process_vm_readv`: collapse it into
     /// huge pages in the background, once (`Region::collapse_into_huge_pages`).
     Collapse(Arc<Region>),
+    /// The peer may map this region of ours (an IpcSend offered a message out of it): revoke it
+    /// when it is deregistered (`IpcState::record_grant`).
+    GrantIpc(u64),
+    /// Copy the peer's offered message into a matched receive over CUDA IPC (`ipc_send.rs`); the
+    /// connection hands it back with `recv_by_network` when it cannot.
+    DeviceRecv(DeviceRecv),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,6 +130,8 @@ pub(super) struct SendItem {
     pub len: u64,
     /// The bytes of a small message, read before the state lock.
     pub payload: Option<Vec<u8>>,
+    /// GPU memory the peer may copy out itself over CUDA IPC (`path::message_path`).
+    pub ipc: Option<IpcOffer>,
 }
 
 /// What finishing a flow means.
@@ -208,6 +219,8 @@ struct Outbound {
     prompt: bool,
     /// The source was deregistered before the Grant: the flow will send zeros and fail.
     error: Option<Error>,
+    /// Offered over CUDA IPC (IpcSend): the receiver's Done may end it without a Grant.
+    offered: bool,
 }
 
 struct Inbound {
@@ -274,6 +287,8 @@ enum Body {
     Inline(Vec<u8>),
     /// Landing (or landed) by this flow of ours (`eager.rs`).
     Landing(u64),
+    /// In the peer's GPU memory, offered for us to copy out over CUDA IPC (`ipc_send.rs`).
+    Ipc(IpcSource),
 }
 
 struct PostedRecv {
@@ -332,6 +347,10 @@ pub(super) struct ConnState {
     last_heard: Instant,
     /// The same-host sub-state machine: its requests, copies and leases.
     same_host: SameHost,
+    /// The peer is an engine of this host: its messages may be offered for us to copy.
+    ipc_sends: bool,
+    /// Our offered messages the peer copied over CUDA IPC (ended by its Done, with no Grant).
+    sends_copied: u64,
 }
 
 impl ConnState {
@@ -360,6 +379,8 @@ impl ConnState {
             failure: None,
             last_heard: now,
             same_host: SameHost::default(),
+            ipc_sends: false,
+            sends_copied: 0,
         }
     }
 
@@ -572,7 +593,7 @@ impl ConnState {
     ) -> Control {
         match direct {
             Some(msg) => {
-                let pending = Outbound { src, transfer: transfer.clone(), prompt: true, error: None };
+                let pending = Outbound { src, transfer: transfer.clone(), prompt: true, error: None, offered: false };
                 self.awaiting_grant.insert(id, pending);
                 msg
             }
@@ -608,10 +629,15 @@ impl ConnState {
         live(items.iter().map(|i| &i.region))?;
         let parts = items.len();
         let mut flows = Vec::new();
-        let (mut inline_parts, mut eager_parts) = (0, 0);
-        for SendItem { region, addr, len, payload } in items {
+        let (mut inline_parts, mut eager_parts, mut offered_parts) = (0, 0, 0);
+        for SendItem { region, addr, len, payload, ipc } in items {
             let id = self.take_id();
             let src = Source { extent: Extent::Contiguous { addr, len }, region };
+            if let Some(offer) = ipc {
+                offered_parts += 1;
+                self.offer_ipc(id, (src, addr as u64), transfer, offer, out);
+                continue;
+            }
             // A small message carries its payload, a mid-size one its chunks at once, unless the
             // peer could be left holding too much for receives not yet posted; then it is
             // announced like a large one.
@@ -629,7 +655,8 @@ impl ConnState {
                     self.send_eagerly(id, src, transfer, &mut flows)
                 }
                 _ => {
-                    let pending = Outbound { src, transfer: transfer.clone(), prompt: false, error: None };
+                    let pending =
+                        Outbound { src, transfer: transfer.clone(), prompt: false, error: None, offered: false };
                     self.awaiting_grant.insert(id, pending);
                     Control::SendAnnounce { xfer: id, len }
                 }
@@ -638,8 +665,10 @@ impl ConnState {
         }
         out.append(&mut flows);
         // An announced send ends with a Done too, but only once the peer's user posted a receive.
-        if inline_parts + eager_parts == parts {
-            transfer.expect_answers(parts, eager_parts > 0);
+        // An offered one ends with the receiver's Done after its copy, or its Deny, as a same-host
+        // write does: after its bytes moved.
+        if inline_parts + eager_parts + offered_parts == parts {
+            transfer.expect_answers(parts, eager_parts + offered_parts > 0);
         }
         Ok(())
     }
@@ -891,6 +920,12 @@ impl ConnState {
                 Ok(())
             }
             Control::EagerSend { xfer, len } => self.eager_arrived(xfer, len, out),
+            Control::IpcSend { xfer, len, region, addr, handle, alloc_base, alloc_len } => {
+                let src = IpcSource { region, addr, handle, alloc_base, alloc_len };
+                self.ipc_send_arrived(xfer, len, src)?;
+                self.match_recvs(mem, out);
+                Ok(())
+            }
             Control::InlineSend { xfer, payload } => {
                 let len = payload.len() as u64;
                 self.admit_inline_send(len)?;
@@ -941,7 +976,7 @@ impl ConnState {
             Control::Grant { xfer, flow } => {
                 self.network_answered(xfer);
                 let granted = self.awaiting_grant.remove(&xfer).ok_or_else(|| unknown_op("Grant", xfer))?;
-                let Outbound { src, transfer, prompt, error } = granted;
+                let Outbound { src, transfer, prompt, error, .. } = granted;
                 let local = self.start_outbound(flow, src, 1, OnDone::Part(transfer), error, out);
                 if let Some(f) = self.flows.get_mut(&local) {
                     f.uncuttable = !prompt;
@@ -1031,6 +1066,9 @@ impl ConnState {
                 if self.same_host.may_answer_done(xfer)
                     && let Some(answered) = self.with_same_host(out, |sh, net| sh.done(xfer, len, net))
                 {
+                    return answered;
+                }
+                if let Some(answered) = self.ipc_send_done(xfer, len, out) {
                     return answered;
                 }
                 let flow = self.awaiting_done.remove(&xfer).ok_or_else(|| unknown_op("Done", xfer))?;
@@ -1188,15 +1226,25 @@ impl ConnState {
                     answers.push(deliver_inline(recv, peer_op, &payload, mem, out));
                     continue;
                 }
+                (Body::Ipc(src), Ok(recv)) => {
+                    out.push(Action::DeviceRecv(DeviceRecv::new(peer_op, len, src, recv)));
+                    continue;
+                }
                 (Body::Announced, Ok(recv)) => recv,
             };
-            let flow = self.take_id();
-            let (extent, region) = (Extent::Contiguous { addr: recv.addr, len }, recv.region);
-            let on_done = OnDone::PartAndAck(recv.transfer, peer_op);
-            self.inbound.insert(flow, Inbound::new(extent, region, on_done));
-            answers.push(Control::Grant { xfer: peer_op, flow });
+            answers.push(self.grant_recv(peer_op, len, recv));
         }
         out.extend(answers.into_iter().map(Action::Send));
+    }
+
+    /// Grants the peer's announced message `peer_op` of `len` bytes into `recv`, which `fit`
+    /// admitted: it sends the chunks after the Grant this returns.
+    fn grant_recv(&mut self, peer_op: u64, len: u64, recv: PostedRecv) -> Control {
+        let flow = self.take_id();
+        let (extent, region) = (Extent::Contiguous { addr: recv.addr, len }, recv.region);
+        let on_done = OnDone::PartAndAck(recv.transfer, peer_op);
+        self.inbound.insert(flow, Inbound::new(extent, region, on_done));
+        Control::Grant { xfer: peer_op, flow }
     }
 
     /// Starts sending `src` as the peer's flow `peer_flow`: the chunks, then the Data marker; from

@@ -578,8 +578,16 @@ pub(crate) trait DevicePath: Conn {
         match unsafe { q.issue_known(&copies, kernel) } {
             Ok(event) => {
                 let event = Arc::new(event);
-                let batch =
-                    Batch { event, queue, transfer: transfer.clone(), parts, regions, remote_regions, mappings };
+                let batch = Batch {
+                    event,
+                    queue,
+                    transfer: transfer.clone(),
+                    parts,
+                    regions,
+                    remote_regions,
+                    mappings,
+                    answer: None,
+                };
                 ipc.push(batch, &self.core().waker);
                 true
             }
@@ -754,6 +762,10 @@ pub(crate) trait DevicePath: Conn {
         let (moved, revoked) = ipc.poll(&self.core().waker, by);
         for region in revoked {
             self.send(&Control::IpcRevoked { region })?;
+        }
+        // The offered messages copied (`device_recv.rs`) answered, after their parts finished.
+        for answer in ipc.take_answers() {
+            self.send(&answer)?;
         }
         Ok(moved)
     }

@@ -75,6 +75,18 @@ pub(crate) struct Batch {
     pub remote_regions: Vec<u64>,
     /// Keeps the peers' allocations mapped until the copies finished.
     pub mappings: Vec<Mapping>,
+    /// The peer's offered message the batch copies (`device_recv.rs`): answered with Done, or
+    /// Deny, once the copies finished.
+    pub answer: Option<u64>,
+}
+
+/// A peer's allocation mapped for its offered messages (IpcSend), by its region and the GPU that
+/// maps it.
+struct SentMap {
+    handle: [u8; IPC_HANDLE_LEN],
+    alloc_base: u64,
+    alloc_len: u64,
+    mapping: Mapping,
 }
 
 #[derive(Default)]
@@ -97,6 +109,12 @@ pub(crate) struct IpcState {
     in_flight: Arc<AtomicUsize>,
     /// Batches issued since the connection started.
     issued: u64,
+    /// As a receiver: the peer's allocations its offered messages were copied out of, mapped.
+    sent_maps: HashMap<(u64, i32), SentMap>,
+    /// Answers to offered messages whose batch finished, for the connection to send.
+    answers: Vec<crate::proto::Control>,
+    /// Of the batches issued, those that copied an offered message.
+    issued_recvs: u64,
     /// Which connection's batches are seen finished, while the `device` trace runs.
     tracer: Option<ConnTag>,
 }
@@ -280,6 +298,43 @@ impl IpcState {
         Ok(())
     }
 
+    /// The mapping of the peer's allocation for an offered message out of its `region`, in `gpu`'s
+    /// context: kept from an earlier message of the same allocation, else opened (which takes the
+    /// driver a while once per allocation) and kept until the region is revoked. A mapping smaller
+    /// than the allocation the peer named is refused (the peer would have us copy past it).
+    pub fn sent_mapping(
+        &mut self,
+        region: u64,
+        gpu: &Arc<Gpu>,
+        (handle, alloc_base, alloc_len): ([u8; IPC_HANDLE_LEN], u64, u64),
+    ) -> Result<Mapping> {
+        let key = (region, gpu.ordinal());
+        if let Some(m) = self.sent_maps.get(&key)
+            && (m.handle, m.alloc_base, m.alloc_len) == (handle, alloc_base, alloc_len)
+        {
+            return Ok(m.mapping.clone());
+        }
+        let mapping = Mapping::open(gpu, &handle)?;
+        if mapping.mapped_len().is_some_and(|len| (len as u64) < alloc_len) {
+            return Err(Error::backend(format!(
+                "the peer offered a message of a {alloc_len}-byte allocation whose handle maps {:?} bytes",
+                mapping.mapped_len()
+            )));
+        }
+        self.sent_maps.insert(key, SentMap { handle, alloc_base, alloc_len, mapping: mapping.clone() });
+        Ok(mapping)
+    }
+
+    /// Of the batches issued, those that copied a peer's offered message.
+    pub fn issued_recvs(&self) -> u64 {
+        self.issued_recvs
+    }
+
+    /// Answers to the peer's offered messages whose copies finished, to send in this order.
+    pub fn take_answers(&mut self) -> Vec<crate::proto::Control> {
+        std::mem::take(&mut self.answers)
+    }
+
     /// The copy queue of `gpu`, made on first use.
     pub fn queue(&mut self, gpu: &Arc<Gpu>) -> Result<(usize, &mut CopyQueue)> {
         let at = match self.queues.iter().position(|q| q.gpu().ordinal() == gpu.ordinal()) {
@@ -298,6 +353,7 @@ impl IpcState {
         waker.wake();
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.issued += 1;
+        self.issued_recvs += u64::from(batch.answer.is_some());
         self.batches.push(batch);
     }
 
@@ -348,7 +404,16 @@ impl IpcState {
     }
 
     fn finish(&mut self, batch: Batch, outcome: Result<()>, waker: &Waker, by: Seer) {
-        let Batch { event, queue, transfer, parts, regions, mappings, .. } = batch;
+        let Batch { event, queue, transfer, parts, regions, mappings, answer, .. } = batch;
+        if let Some(xfer) = answer {
+            let len = parts.iter().sum();
+            self.answers.push(match &outcome {
+                Ok(()) => crate::proto::Control::Done { xfer, len },
+                Err(e) => {
+                    crate::proto::Control::Deny { xfer, status: e.status() as i32, reason: e.message().to_owned() }
+                }
+            });
+        }
         if let Some(t) = self.tracer {
             trace::event!(DeviceSeen { conn: t.conn, side: t.side, transfer: transfer.id, by: by as u64 });
         }
@@ -389,6 +454,7 @@ impl IpcState {
     pub fn revoke(&mut self, region: u64) -> bool {
         self.generation += 1;
         self.grants.retain(|&(r, _), _| r != region);
+        self.sent_maps.retain(|&(r, _), _| r != region);
         if self.batches.iter().any(|b| b.remote_regions.contains(&region)) {
             self.revoking.insert(region);
             return false;
@@ -433,6 +499,8 @@ impl IpcState {
         }
         self.generation += 1;
         self.grants.clear();
+        self.sent_maps.clear();
+        self.answers.clear();
         self.asks.clear();
         self.revoking.clear();
         self.granted.clear();
@@ -556,6 +624,7 @@ mod tests {
                 regions: Vec::new(),
                 remote_regions: Vec::new(),
                 mappings: Vec::new(),
+                answer: None,
             };
             st.push(batch, &waker);
             transfer

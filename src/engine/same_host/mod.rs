@@ -12,7 +12,7 @@
 //! The rest: who this engine is and whether a peer shares its host or process (`identity.rs`,
 //! `registry.rs`; the answer, `Locality`, is the engine's: `engine/locality.rs`), the proof of a peer process and its handle (`proof.rs`, `peers.rs`,
 //! `process.rs`), host copies between processes (`host_worker.rs`, `host_copy.rs`, `host_job.rs`,
-//! `copiers.rs`), GPU copies over CUDA IPC (`device_copy.rs`, `ipc.rs`), host copies within the
+//! `copiers.rs`), GPU copies over CUDA IPC (`device_copy.rs`, `device_recv.rs` for two-sided messages, `ipc.rs`), host copies within the
 //! process (`local_copy.rs`).
 //!
 //! The host identity travels in Hello and Welcome. A peer's claim to share our process is never
@@ -27,6 +27,7 @@
 
 pub(crate) mod copiers;
 pub(crate) mod device_copy;
+pub(crate) mod device_recv;
 pub(crate) mod host_copy;
 pub(crate) mod host_job;
 pub(crate) mod host_worker;

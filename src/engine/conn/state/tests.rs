@@ -93,6 +93,10 @@ struct End {
     copy_gate: Arc<Gate>,
     /// The peer's process, as the worker's proof finds it: this one.
     process: Arc<PeerProcess>,
+    /// Regions of ours the peer may map (offered messages out of them), in order.
+    ipc_granted: Vec<u64>,
+    /// Matched receives of the peer's offered messages, for the test to copy (`ipc_send` tests).
+    device_recvs: VecDeque<DeviceRecv>,
 }
 
 impl End {
@@ -122,6 +126,8 @@ impl End {
             collapsed: Vec::new(),
             copy_gate: Arc::default(),
             process: Arc::new(PeerProcess::open(std::process::id()).unwrap()),
+            ipc_granted: Vec::new(),
+            device_recvs: VecDeque::new(),
         }
     }
 
@@ -166,6 +172,8 @@ impl End {
                 Action::Release(flow) => self.held.retain(|&f| f != flow),
                 Action::HostWork { .. } => self.host_work = true,
                 Action::Collapse(region) => self.collapsed.push(region.id),
+                Action::GrantIpc(region) => self.ipc_granted.push(region),
+                Action::DeviceRecv(recv) => self.device_recvs.push_back(recv),
             }
         }
     }
@@ -254,6 +262,7 @@ impl End {
                 len: len as u64,
                 payload: (len as u64 <= inline_limit(self.st.inline_max, buf.region.kind))
                     .then(|| buf.bytes[off..off + len].to_vec()),
+                ipc: None,
             })
             .collect();
         self.st.begin_post(Instant::now()).unwrap();
@@ -431,6 +440,7 @@ fn run_task(end: &mut End, task: HostTask, out: &mut Vec<Action>) {
 
 mod direct;
 mod eager;
+mod ipc_send;
 
 fn pattern(seed: u8) -> impl Fn(usize) -> u8 {
     move |i| (i as u8).wrapping_mul(31).wrapping_add(seed)
@@ -1274,7 +1284,7 @@ fn posts_naming_a_deregistered_region_register_nothing() {
     let err =
         a.st.post_one_sided(&t, true, vec![OneSidedRequest::Item(item(Some(vec![0; 10])))], &mut out).unwrap_err();
     assert_eq!(err.status(), UcclStatus::ErrNotFound);
-    let send = SendItem { region: buf.region.clone(), addr: buf.addr(), len: 10, payload: None };
+    let send = SendItem { region: buf.region.clone(), addr: buf.addr(), len: 10, payload: None, ipc: None };
     assert!(a.st.post_send(&t, vec![send], &mut Vec::new()).is_err());
     assert!(a.st.post_recv(&t, buf.region.clone(), buf.addr(), 10, &a.mem, &mut out).is_err());
     assert!(out.is_empty() && !a.st.waits_on_peer() && a.st.fail(Error::backend("x")).is_empty());
