@@ -532,8 +532,16 @@ pub(crate) trait DevicePath: Conn {
         match listed {
             Ok((queue, event)) => {
                 let event = Arc::new(event);
-                let batch =
-                    Batch { event, queue, transfer: transfer.clone(), parts, regions, remote_regions, mappings };
+                let batch = Batch {
+                    event,
+                    queue,
+                    transfer: transfer.clone(),
+                    parts,
+                    regions,
+                    remote_regions,
+                    mappings,
+                    answer: None,
+                };
                 ipc.push(batch, &self.core().waker);
                 true
             }
