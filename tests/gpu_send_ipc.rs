@@ -33,8 +33,10 @@ fn inbound_socket_bytes(conn: &Connection) -> u64 {
 }
 
 /// Receives every size into `mem` at [`OFFSET`], each checked against what the sender sent and
-/// counted as one device batch, with no byte from the sockets.
-fn receive_each(conn: &Connection, mem: &Mem, mr: u64, seed: u64) {
+/// counted as one device batch, with no byte from the sockets meanwhile (what the connection's
+/// setup moved on them before is not the messages'); returns the sockets' inbound bytes before.
+fn receive_each(conn: &Connection, mem: &Mem, mr: u64, seed: u64) -> u64 {
+    let before = inbound_socket_bytes(conn);
     let expected = pattern(LEN, seed);
     for len in SIZES {
         let batches = conn.device_recv_batches();
@@ -43,7 +45,8 @@ fn receive_each(conn: &Connection, mem: &Mem, mr: u64, seed: u64) {
         assert_same(&mem.read(OFFSET, len), &expected[..len], &format!("the {len}-byte message"));
         assert_eq!(conn.device_recv_batches(), batches + 1, "the {len}-byte message took one device copy");
     }
-    assert_eq!(inbound_socket_bytes(conn), 0, "no message byte came over the sockets");
+    assert_eq!(inbound_socket_bytes(conn), before, "no message byte came over the sockets");
+    before
 }
 
 /// The peer process: its engine and GPU memory on `UCCL_TCPX_TEST_PEER_GPU`. It sends every size
@@ -67,8 +70,8 @@ fn gpu_send_peer_process() {
         let id = conn.send(&[(src_mr, src.addr(), len)]).unwrap();
         assert_eq!(wait(&conn, id).unwrap(), len as u64);
     }
-    receive_each(&conn, &dst, dst_mr, OUR_SEED);
-    println!("PEER-RECEIVED {} {}", conn.device_recv_batches(), inbound_socket_bytes(&conn));
+    let before = receive_each(&conn, &dst, dst_mr, OUR_SEED);
+    println!("PEER-RECEIVED {} {}", conn.device_recv_batches(), inbound_socket_bytes(&conn) - before);
     testkit::child::park_until_killed()
 }
 

@@ -39,9 +39,9 @@ unsafe impl Plain for Piece {}
 const LIST_PIECES: usize = 16384;
 /// Lists per copier, allocated as calls need them (6 MiB of pinned memory at most).
 const MAX_LISTS: usize = 16;
-/// A longer piece is listed as several of this size: one block copies a piece, and one block per
-/// 64 KiB keeps a call of large pieces spread over the GPU.
-const PIECE_SPLIT: u64 = 64 << 10;
+/// A longer piece is listed as several of this size: one warp copies a piece, four tiles of it at
+/// most, so a call of large pieces spreads over the GPU as one of small pieces does.
+const PIECE_SPLIT: u64 = 16 << 10;
 /// Pieces a call lists before its first launch: about one wave of blocks on an H100.
 const FIRST_LAUNCH: usize = 2048;
 

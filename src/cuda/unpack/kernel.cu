@@ -220,11 +220,13 @@ extern "C" __global__ void unpack_tiles(const Tile* __restrict__ tiles, u32 coun
     unpack_block(tiles, count, signal);
 }
 
-// Mirrors pieces::Piece: one copy of a list the host did not cut into tiles. A block takes pieces
-// blockIdx.x, blockIdx.x + gridDim.x, ...; its warps take the piece's tiles in turn, cut as the host
-// cuts them (plan.rs): the first ends on a 16-byte boundary of the destination, the rest are whole
-// TILE bytes. The host lists each piece of a call once (24 bytes) instead of each tile, and the
-// list is read through its device mapping, each warp loading its piece once.
+// Mirrors pieces::Piece: one copy of a list the host did not cut into tiles. Warp w of block b
+// takes pieces 4b + w, then a grid's worth further on, and copies each tile after tile, cut as the
+// host cuts them (plan.rs): the first ends on a 16-byte boundary of the destination, the rest are
+// whole TILE bytes. The host lists a piece once (24 bytes) instead of each tile, and splits long
+// ones, so that a warp copies at most a few tiles of each. One block per 16 KiB piece (a tile per
+// warp) ran its blocks' start and end for every 16 KiB and copied between two H200s at about 260
+// GB/s against 390 for 64 KiB per block.
 #define UNPACK_TILE 4096ull
 struct Piece {
     u64 src;
@@ -234,19 +236,16 @@ struct Piece {
 
 extern "C" __global__ void copy_pieces(const Piece* __restrict__ pieces, u32 count) {
     const u32 lane = threadIdx.x & (UNPACK_WARP - 1);
-    const u32 warp = threadIdx.x / UNPACK_WARP;
     const u32 warps = blockDim.x / UNPACK_WARP;
-    for (u32 p = blockIdx.x; p < count; p += gridDim.x) {
+    const u64 stride = (u64)gridDim.x * warps;
+    for (u64 p = (u64)blockIdx.x * warps + threadIdx.x / UNPACK_WARP; p < count; p += stride) {
         const Piece piece = pieces[p];
-        if (piece.len == 0) continue;
-        u64 first = UNPACK_TILE - (piece.dst & 15ull);
-        if (first > piece.len) first = piece.len;
-        const u64 tiles = 1 + (piece.len - first + UNPACK_TILE - 1) / UNPACK_TILE;
-        for (u64 t = warp; t < tiles; t += warps) {
-            const u64 at = t == 0 ? 0 : first + (t - 1) * UNPACK_TILE;
-            u64 end = t == 0 ? first : at + UNPACK_TILE;
-            if (end > piece.len) end = piece.len;
-            copy_tile(piece.src + at, piece.dst + at, (u32)(end - at), lane);
+        u64 at = 0;
+        while (at < piece.len) {
+            u64 n = at == 0 ? UNPACK_TILE - (piece.dst & 15ull) : UNPACK_TILE;
+            if (n > piece.len - at) n = piece.len - at;
+            copy_tile(piece.src + at, piece.dst + at, (u32)n, lane);
+            at += n;
         }
     }
 }

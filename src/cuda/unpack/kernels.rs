@@ -195,7 +195,7 @@ impl UnpackKernels {
     }
 
     /// Copies the `count` pieces (`struct Piece` in kernel.cu: source, destination, length) that
-    /// sit at device address `pieces`, one block per piece, its warps taking the piece's tiles.
+    /// sit at device address `pieces`, one warp per piece.
     ///
     /// # Safety
     /// `stream` is a live stream of this device's primary context, current on this thread;
@@ -209,7 +209,14 @@ impl UnpackKernels {
         let mut args: [*mut c_void; 2] = [(&raw mut pieces).cast(), (&raw mut count_arg).cast()];
         // SAFETY: argument types match `copy_pieces(const Piece*, u32)`; the rest is the caller's.
         unsafe {
-            result::launch_kernel(self.pieces.cu_function(), (count, 1, 1), (BLOCK_THREADS, 1, 1), 0, stream, &mut args)
+            result::launch_kernel(
+                self.pieces.cu_function(),
+                (count.div_ceil(TILES_PER_BLOCK), 1, 1),
+                (BLOCK_THREADS, 1, 1),
+                0,
+                stream,
+                &mut args,
+            )
         }
         .map_err(|e| driver_error("launch piece copy kernel", e))
     }
