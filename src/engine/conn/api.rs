@@ -206,12 +206,11 @@ impl Connection {
         Ok(runs)
     }
 
-    /// Posts a call of several vector requests over the network one request at a time, each as
-    /// soon as its segment lists are built, so the first request's bytes move while this thread
-    /// builds the next (posting 100,000 items as one batch held the first byte back for the whole
-    /// pass, milliseconds on a transfer of a few more). Only the first request's chunks are posted
-    /// by this thread, and a later request that finds the connection busy goes with a later one
-    /// (`turn`). Every item was checked before, so bad input still fails the call with nothing
+    /// Posts a call of several vector requests over the network: the first as soon as its segment
+    /// lists are built, so its bytes move while this thread builds the rest (posting 100,000 items
+    /// as one batch held the first byte back for the whole pass, milliseconds on a transfer of a
+    /// few more), the rest together once built (`turn`). Only the first request's chunks are
+    /// posted by this thread. Every item was checked before, so bad input still fails the call with nothing
     /// sent. A failure once a request is out (the connection failing, a local region deregistered
     /// meanwhile) fails the transfer instead, whose id the caller gets: its earlier requests may
     /// still be moving the caller's bytes.
@@ -230,13 +229,10 @@ impl Connection {
         }
         let mut turn = InTurn::new();
         for (i, run) in runs.iter().enumerate() {
-            let mut inner = match turn.built(run.vector(ops), i + 1 == parts) {
-                Take::Wait => self.inner.lock(),
-                Take::Try => match self.inner.try_lock() {
-                    Some(inner) => inner,
-                    None => continue,
-                },
-            };
+            if turn.built(run.vector(ops), i + 1 == parts) == Take::Hold {
+                continue;
+            }
+            let mut inner = self.inner.lock();
             let taken = turn.take();
             let post_chunks_here = taken.post_chunks_here();
             let Batch { requests: batch, first_part } = taken;
