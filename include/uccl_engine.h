@@ -213,6 +213,27 @@ typedef struct uccl_notif_v {
 typedef struct uccl_notif_v uccl_notif_v_t;
 
 /**
+ * `num_pieces` consecutive pieces of a call between local region `mr` and the peer range
+ * `remote` grants: `[remote.addr, remote.addr + remote.size)` bounds every piece's remote range,
+ * and its padding names the target's capability (one advertising window of it, say).
+ */
+typedef struct uccl_tcpx_run_t {
+  uccl_mr_t mr;
+  struct FifoItem remote;
+  uint64_t num_pieces;
+} uccl_tcpx_run_t;
+
+/**
+ * One piece of `uccl_tcpx_write_pieces` / `uccl_tcpx_read_pieces`: `len` bytes at `local_addr`
+ * (in its run's region) and at `remote_addr` (at the peer, inside what its run's FifoItem grants).
+ */
+typedef struct uccl_tcpx_piece_t {
+  uint64_t local_addr;
+  uint64_t remote_addr;
+  uint64_t len;
+} uccl_tcpx_piece_t;
+
+/**
  * A received (or to be sent) notification: `name` is a C string, `msg` 256 binary bytes.
  */
 typedef struct notify_msg {
@@ -433,6 +454,21 @@ int uccl_tcpx_forget(uccl_conn_t *conn, uint64_t transfer_id);
  * refuses it). `*window` (may be NULL) receives the window size.
  */
 int uccl_tcpx_advertise_region(uccl_engine_t *engine, uccl_mr_t mr, uintptr_t addr, size_t len, struct FifoItem *item, uint64_t *window);
+
+/**
+ * Writes `num_pieces` pieces under one transfer id, which `runs` (`num_runs` of them, each
+ * covering its `num_pieces` pieces in order) divide among local regions and peer capabilities:
+ * the form of `uccl_engine_write_vector` for a caller that already grouped its items, such as a
+ * NIXL backend. It is checked as that call is (every local range inside its registration, every
+ * remote range inside what its run's FifoItem grants; the target checks its side) with one
+ * registration lookup and one capability per run, and the pieces are read in place.
+ */
+int uccl_tcpx_write_pieces(uccl_conn_t *conn, const struct uccl_tcpx_run_t *runs, size_t num_runs, const struct uccl_tcpx_piece_t *pieces, size_t num_pieces, uint64_t *transfer_id);
+
+/**
+ * Reads into `num_pieces` pieces under one transfer id, as `uccl_tcpx_write_pieces` writes.
+ */
+int uccl_tcpx_read_pieces(uccl_conn_t *conn, const struct uccl_tcpx_run_t *runs, size_t num_runs, const struct uccl_tcpx_piece_t *pieces, size_t num_pieces, uint64_t *transfer_id);
 
 /**
  * Sends `name` (NUL-terminated within 256 bytes) and all 256 bytes of `msg`.

@@ -2,10 +2,11 @@
 //
 // One engine per backend instance (per agent), so that agents sharing a process keep their
 // notifications apart (uccl_tcpx_engine_get_notifs_v). Connections are keyed by agent name and
-// made on first use; transfers map onto the engine's vector one-sided calls, with every item cut
-// at the target's 2 GiB advertising windows; engine statuses pass through as NIXL statuses (they
-// share the numbering), so a dead peer reads NIXL_ERR_REMOTE_DISCONNECT. No exception leaves a
-// function NIXL calls.
+// made on first use; prepXfer turns a transfer's descriptors into the engine's runs of pieces (one
+// run per local registration and target window, every piece cut at the target's 2 GiB advertising
+// windows) and postXfer hands those to uccl_tcpx_{write,read}_pieces as they are; engine statuses
+// pass through as NIXL statuses (they share the numbering), so a dead peer reads
+// NIXL_ERR_REMOTE_DISCONNECT. No exception leaves a function NIXL calls.
 
 #define UCCL_TCPX_C_ONLY
 #include "uccl_engine.h"
@@ -37,6 +38,10 @@ namespace {
 constexpr const char *kConnInfoPrefix = "tcpx1;";
 // Prefix of a registration's public data.
 constexpr const char *kPublicPrefix = "tcpx1:";
+// Every registration is advertised in windows of this size (loadRemoteMD refuses another); a power
+// of two, so finding a byte's window is a shift.
+constexpr uint64_t kWindow = UCCL_TCPX_ADVERTISE_WINDOW;
+static_assert((kWindow & (kWindow - 1)) == 0, "the advertising window is a power of two");
 // The wire's name field holds at most this many bytes.
 constexpr size_t kMaxNameLen = 255;
 // Backend options (create_backend("TCPX", {...})) and the engine setting each one sets.
@@ -121,15 +126,14 @@ struct PublicData {
     char padding[32];
 };
 
-// One posted-or-prepared transfer: the engine's vectors, built once by prepXfer.
+// One posted-or-prepared transfer: the engine's runs and pieces, built once by prepXfer and handed
+// to the engine in place at every post.
 struct TcpxReq : nixlBackendReqH {
     nixl_xfer_op_t op = NIXL_WRITE;
     std::string agent;
     uccl_conn_t *conn = nullptr;
-    std::vector<uccl_mr_t> mrs;
-    std::vector<void *> addrs;
-    std::vector<size_t> sizes;
-    std::vector<FifoItem> items;
+    std::vector<uccl_tcpx_run_t> runs;
+    std::vector<uccl_tcpx_piece_t> pieces;
     uint64_t bytes = 0;
     uint64_t id = 0;
     bool in_flight = false;
@@ -414,10 +418,10 @@ public:
             req->op = op;
             req->agent = agent;
             req->conn = conn;
-            req->mrs.reserve(n);
-            req->addrs.reserve(n);
-            req->sizes.reserve(n);
-            req->items.reserve(n);
+            req->pieces.reserve(n);
+            // The run being filled: its local registration, the target's, and the target's window.
+            const TcpxMD *run_l = nullptr, *run_r = nullptr;
+            uint64_t run_window = 0;
             for (int i = 0; i < n; ++i) {
                 const auto &l = local[i];
                 const auto &r = remote[i];
@@ -431,37 +435,41 @@ public:
                     return fail(NIXL_ERR_INVALID_PARAM, at() + ": local range outside its registration");
                 if (r.addr < rmd->base || r.len > rmd->len || r.addr - rmd->base > rmd->len - r.len)
                     return fail(NIXL_ERR_INVALID_PARAM, at() + ": remote range outside its registration");
-                // Cut at every window boundary of the target: its checks are per window.
+                // Cut at every window boundary of the target: its checks are per window. Every
+                // window is kWindow (loadRemoteMD refuses another), a power of two.
                 uint64_t done = 0;
                 while (done < l.len) {
-                    uint64_t raddr = r.addr + done;
-                    uint64_t into = (raddr - rmd->base) % rmd->window;
-                    uint64_t piece = std::min<uint64_t>(l.len - done, rmd->window - into);
-                    // A piece that continues the last one on both sides, in the same registrations and
-                    // the same window of the target, extends it: NIXL hands most of a block table over
-                    // unmerged, and every item the engine sees costs it a segment.
-                    if (into != 0 && !req->items.empty() && req->mrs.back() == lmd->mr &&
-                        reinterpret_cast<uint64_t>(req->addrs.back()) + req->sizes.back() == l.addr + done &&
-                        req->items.back().addr + req->items.back().size == raddr &&
-                        std::memcmp(req->items.back().padding, rmd->item.padding, sizeof rmd->item.padding) == 0) {
-                        req->sizes.back() += piece;
-                        req->items.back().size += static_cast<uint32_t>(piece);
-                        done += piece;
-                        continue;
-                    }
-                    FifoItem item = rmd->item;
-                    item.addr = raddr;
-                    item.size = static_cast<uint32_t>(piece);
-                    req->mrs.push_back(lmd->mr);
-                    req->addrs.push_back(reinterpret_cast<void *>(l.addr + done));
-                    req->sizes.push_back(piece);
-                    req->items.push_back(item);
+                    uint64_t laddr = l.addr + done, raddr = r.addr + done;
+                    uint64_t off = raddr - rmd->base;
+                    uint64_t window = off / kWindow, into = off % kWindow;
+                    uint64_t piece = std::min<uint64_t>(l.len - done, kWindow - into);
                     done += piece;
+                    if (lmd != run_l || rmd != run_r || window != run_window || req->runs.empty()) {
+                        // A new run: the target's capability narrowed to this window.
+                        uccl_tcpx_run_t run{};
+                        run.mr = lmd->mr;
+                        run.remote = rmd->item;
+                        run.remote.addr = rmd->base + window * kWindow;
+                        run.remote.size = static_cast<uint32_t>(std::min<uint64_t>(rmd->len - window * kWindow, kWindow));
+                        req->runs.push_back(run);
+                        run_l = lmd;
+                        run_r = rmd;
+                        run_window = window;
+                    } else {
+                        // A piece that continues the last one on both sides, in the same run,
+                        // extends it: NIXL hands most of a block table over unmerged, and every
+                        // piece the engine sees costs it a segment.
+                        auto &last = req->pieces.back();
+                        if (last.local_addr + last.len == laddr && last.remote_addr + last.len == raddr) {
+                            last.len += piece;
+                            continue;
+                        }
+                    }
+                    req->pieces.push_back({laddr, raddr, piece});
+                    ++req->runs.back().num_pieces;
                 }
                 req->bytes += l.len;
             }
-            if (req->items.size() > static_cast<size_t>(INT_MAX))
-                return fail(NIXL_ERR_INVALID_PARAM, "too many descriptors");
             handle = req.release();
             return NIXL_SUCCESS;
         } catch (...) {
@@ -478,12 +486,12 @@ public:
             if (req->in_flight) return NIXL_ERR_REPOST_ACTIVE;
             req->has_notif = opt_args && opt_args->hasNotif;
             req->notif = req->has_notif ? opt_args->notifMsg : std::string();
-            int num = static_cast<int>(req->items.size());
+            // The lists prepXfer built go to the engine as they are: nothing per piece happens here.
             int rc = req->op == NIXL_WRITE
-                         ? uccl_engine_write_vector(req->conn, req->mrs.data(), req->addrs.data(), req->sizes.data(),
-                                                    req->items.data(), num, &req->id, nullptr)
-                         : uccl_engine_read_vector(req->conn, req->mrs.data(), req->addrs.data(), req->sizes.data(),
-                                                   req->items.data(), num, &req->id, nullptr);
+                         ? uccl_tcpx_write_pieces(req->conn, req->runs.data(), req->runs.size(), req->pieces.data(),
+                                                  req->pieces.size(), &req->id)
+                         : uccl_tcpx_read_pieces(req->conn, req->runs.data(), req->runs.size(), req->pieces.data(),
+                                                 req->pieces.size(), &req->id);
             if (rc != 0) {
                 auto status = failed(to_nixl(rc), "posting to agent " + req->agent + " failed: " + engine_error());
                 forget_if_gone(status, req->agent, req->conn);

@@ -14,7 +14,9 @@ Also, for TCPX: 10,000 descriptors of 4 KiB in one request, the time to prepare 
 and to post (transfer) it.
 
 With --kv REGIONSxBLOCKSxPER_REQxBLOCK_SIZE (with --vram too), instead: a reader shaped like vLLM's
-pull mode and its push variant, timed against one descriptor of the same bytes (see kv_measure).
+pull mode and its push variant, timed against one descriptor of the same bytes (see kv_measure); also
+the initiator thread's CPU time in make_prepped_xfer and in transfer() per descriptor, which the
+wall time of a post on a busy host hides (the caller loses its core to the threads moving the bytes).
 
 usage: nixl_plugin_bench.py [--rounds N] [--sizes 4K,1M,64M] [--setups tcpx-net,tcpx-local,ucx-tcp,ucx]
                             (with --vram: tcpx-net,tcpx-local,ucx-tcp-cuda,ucx)
@@ -285,7 +287,8 @@ def kv_target(pipe, setup, shape, gpu):
 
 
 def kv_measure(setup, shape, requests):
-    """{op: [(make s, post s, done s, anchor done s)]} for `requests` requests of each op."""
+    """{op: [(make s, post s, done s, anchor done s, make CPU s, post CPU s)]} for `requests` requests of
+    each op (CPU: the calling thread's)."""
     regions, blocks, block, per_req = shape
     saved = dict(os.environ)
     os.environ.update(SETUPS[setup][2])
@@ -324,11 +327,14 @@ def kv_measure(setup, shape, requests):
                     [r * blocks + rng.choice(blocks, per_req, replace=False) for r in range(regions)]
                 )
                 tag = f"{op}:{i}".encode()
+                cpu_start = time.thread_time_ns()
                 start = time.perf_counter()
                 handle = agent.make_prepped_xfer(op, local_side, lidx, remote_side, ridx, tag)
                 made = time.perf_counter()
+                cpu_made = time.thread_time_ns()
                 state = agent.transfer(handle)
                 posted = time.perf_counter()
+                cpu_posted = time.thread_time_ns()
                 wait(agent, handle, state)
                 done = time.perf_counter()
                 agent.release_xfer_handle(handle)
@@ -346,7 +352,8 @@ def kv_measure(setup, shape, requests):
                     if not pipe.poll(60) or not pipe.recv():
                         raise RuntimeError(f"{setup} KV WRITE {i}: wrong bytes or no notification at the target")
                 if i >= 2:
-                    rows.append((made - start, posted - made, done - start, a_done - a_start))
+                    cpu = ((cpu_made - cpu_start) * 1e-9, (cpu_posted - cpu_made) * 1e-9)
+                    rows.append((made - start, posted - made, done - start, a_done - a_start) + cpu)
             out[op] = rows
         pipe.send(("done",))
         pipe.recv()
@@ -385,18 +392,22 @@ def kv_main(shape, setups, rounds, requests):
             for op, rows in res.items():
                 got.setdefault((setup, op), []).extend(rows)
         print(f"KV round {r + 1} of {rounds} done", file=sys.stderr, flush=True)
-    print("| setup | op | make ms | post ms | to DONE ms | GB/s | anchor ms | anchor GB/s | ratio | (make+post)/DONE | x ucx |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| setup | op | make ms | post ms | to DONE ms | GB/s | anchor ms | anchor GB/s | ratio | (make+post)/DONE "
+        "| x ucx | make CPU ns/desc | post CPU ns/desc |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (setup, op), rows in got.items():
-        make, post, done, anchor = (statistics.median(col) for col in zip(*rows))
-        ratio = statistics.median(a / d for _, _, d, a in rows)
-        share = statistics.median((m + p) / d for m, p, d, _ in rows)
+        make, post, done, anchor, make_cpu, post_cpu = (statistics.median(col) for col in zip(*rows))
+        ratio = statistics.median(r[3] / r[2] for r in rows)
+        share = statistics.median((r[0] + r[1]) / r[2] for r in rows)
         # NIXL's UCX backend on the same requests, same run: its time to DONE over ours.
         ucx = got.get(("ucx", op))
         vs_ucx = f"{statistics.median(r[2] for r in ucx) / done:.1f}" if ucx else "-"
         print(
             f"| {setup} | {op} | {make * 1e3:.2f} | {post * 1e3:.2f} | {done * 1e3:.2f} | {n * block / done / 1e9:.2f} "
-            f"| {anchor * 1e3:.2f} | {n * block / anchor / 1e9:.2f} | {ratio:.2f} | {share:.2f} | {vs_ucx} |"
+            f"| {anchor * 1e3:.2f} | {n * block / anchor / 1e9:.2f} | {ratio:.2f} | {share:.2f} | {vs_ucx} "
+            f"| {make_cpu / n * 1e9:.0f} | {post_cpu / n * 1e9:.0f} |"
         )
     return got
 

@@ -714,7 +714,8 @@ def case_kv(results, path):
     """Random block tables through prepared lists, as vLLM's NixlConnector sends them: both sides'
     block lists prepared once, then READs (pull) and WRITEs (push) of random blocks of every region
     into random blocks of ours, one notification each, every byte checked; nothing arrives twice or
-    in the wrong block, and the notification comes after the data."""
+    in the wrong block, and the notification comes after the data. One handle of each op is posted
+    a second time, after the bytes it reads changed: its lists serve every post."""
     rng = np.random.default_rng(11)
     for shape in KV_SHAPES:
         n_regions, blocks, block, _, per_req = shape
@@ -741,26 +742,36 @@ def case_kv(results, path):
                     msg = f"kv-{op}-{rep}".encode()
                     handle = agent.make_prepped_xfer(op, local_side, lidx, remote_side, ridx, msg)
                     try:
-                        state = agent.transfer(handle)
-                        deadline = time.monotonic() + WAIT_S
-                        while state == "PROC" and time.monotonic() < deadline:
-                            os.sched_yield()
-                            state = agent.check_xfer_state(handle)
+                        # The second request is posted twice: a handle's lists serve every post of
+                        # it. Between the posts the bytes the op reads change (a READ's target
+                        # blocks here are zeroed, a WRITE's source blocks get new bytes).
+                        for post in range(1 + rep):
+                            if post:
+                                for li in lidx:
+                                    flat[li // blocks][li % blocks] = 0 if op == "READ" else (li + 7) % 251
+                            state = agent.transfer(handle)
+                            deadline = time.monotonic() + WAIT_S
+                            while state == "PROC" and time.monotonic() < deadline:
+                                os.sched_yield()
+                                state = agent.check_xfer_state(handle)
+                            if op == "READ":
+                                ok = all(
+                                    np.array_equal(flat[li // blocks][li % blocks], theirs[ri // blocks][ri % blocks])
+                                    for li, ri in zip(lidx, ridx)
+                                )
+                                got = t.ask("notif", msg)
+                            else:
+                                expected = [flat[li // blocks][li % blocks].copy() for li in lidx]
+                                got, ok = t.ask("check", msg, ridx, expected)
+                                for ri, e in zip(ridx, expected):  # what the target holds now
+                                    theirs[ri // blocks][ri % blocks] = e
+                            what = (
+                                f"{path}: KV {op} of {len(lidx)} blocks of {block} B ({n_regions} regions), "
+                                f"request {rep}" + (", posted again" if post else "")
+                            )
+                            results.check(state == "DONE" and ok and got, what, f"state {state}, bytes {ok}, notif {got}")
                     finally:
                         agent.release_xfer_handle(handle)
-                    if op == "READ":
-                        ok = all(
-                            np.array_equal(flat[li // blocks][li % blocks], theirs[ri // blocks][ri % blocks])
-                            for li, ri in zip(lidx, ridx)
-                        )
-                        got = t.ask("notif", msg)
-                    else:
-                        expected = [flat[li // blocks][li % blocks].copy() for li in lidx]
-                        got, ok = t.ask("check", msg, ridx, expected)
-                        for ri, e in zip(ridx, expected):  # what the target holds now
-                            theirs[ri // blocks][ri % blocks] = e
-                    what = f"{path}: KV {op} of {len(lidx)} blocks of {block} B ({n_regions} regions), request {rep}"
-                    results.check(state == "DONE" and ok and got, what, f"state {state}, bytes {ok}, notif {got}")
         finally:
             t.close()
 

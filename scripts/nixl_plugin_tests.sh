@@ -8,8 +8,8 @@
 # uccl-tcpx-nixl-plugin-dir refuses a NIXL version without a plugin, makes the plugin folder with
 # it, and runs scripts/nixl_plugin_tests.py: two agents in two processes (WRITE and READ of 4 KiB,
 # 1 MiB and 64 MiB as 1, 4 and 16 descriptors, notifications, bytes checked; random KV block tables
-# through prepared lists, 1 to 100,000 blocks of odd sizes; a 6 GiB sparse registration reached
-# across its windows; a stopped and then a dead peer), an agent to itself,
+# through prepared lists, 1 to 100,000 blocks of odd sizes, a handle posted twice; a 6 GiB sparse
+# registration reached across its windows; a stopped and then a dead peer), an agent to itself,
 # three agents in one process each getting only its own notifications, bad input, a request
 # released in flight, backend options (auth key file, channels); then the NIXL snippets of README.md
 # and docs/ that run on host memory (scripts/doc_snippets.py --suite nixl). About a minute after the

@@ -47,7 +47,7 @@ pub use config::{
 pub use engine::locality::Locality;
 pub use engine::notify::{Notification, drain as drain_notifications};
 pub use engine::stats::{ConnStats, LinkTotals, LinkWay, Moved};
-pub use engine::{Connection, Engine, HostPath, OneSided, PeerInfo};
+pub use engine::{Connection, Engine, HostPath, OneSided, PeerInfo, Piece, PieceRun};
 pub use error::{Error, Result, UcclStatus};
 pub use proto::{AuthKey, FifoItem, IpcInfo};
 pub use trace::Setting as TraceSetting;

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 
-pub use conn::{Connection, HostPath, OneSided, PeerInfo};
+pub use conn::{Connection, HostPath, OneSided, PeerInfo, Piece, PieceRun};
 pub use notify::Notification;
 #[doc(hidden)]
 pub use region::collapses_settled;

@@ -1,6 +1,7 @@
 //! What a NIXL backend needs beyond UCCL's calls: an engine configured from the backend's
 //! parameters instead of the environment, each engine's own notifications, registrations of 4 GiB
-//! and more advertised in windows, and giving up on a transfer that is still in flight.
+//! and more advertised in windows, giving up on a transfer that is still in flight, and one-sided
+//! calls given as runs of pieces (items already grouped by region and capability).
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -14,7 +15,7 @@ use super::memory::uccl_mr_t;
 use super::notify::{hand_out, uccl_notif_v_t};
 use super::{c_str_arg, ffi_fn, non_null};
 use crate::config::Config;
-use crate::engine::{Engine, notify};
+use crate::engine::{Engine, Piece, PieceRun, notify};
 use crate::error::{Error, Result};
 
 /// The window size `uccl_tcpx_advertise_region` advertises a region in: 2 GiB, so that every
@@ -170,4 +171,102 @@ pub extern "C" fn uccl_tcpx_advertise_region(
         }
         Ok(0)
     })
+}
+
+/// One piece of `uccl_tcpx_write_pieces` / `uccl_tcpx_read_pieces`: `len` bytes at `local_addr`
+/// (in its run's region) and at `remote_addr` (at the peer, inside what its run's FifoItem grants).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct uccl_tcpx_piece_t {
+    pub local_addr: u64,
+    pub remote_addr: u64,
+    pub len: u64,
+}
+
+/// `num_pieces` consecutive pieces of a call between local region `mr` and the peer range
+/// `remote` grants: `[remote.addr, remote.addr + remote.size)` bounds every piece's remote range,
+/// and its padding names the target's capability (one advertising window of it, say).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct uccl_tcpx_run_t {
+    pub mr: uccl_mr_t,
+    pub remote: FifoItem,
+    pub num_pieces: u64,
+}
+
+// The engine reads the caller's pieces in place: the same three u64 fields in the same order.
+const _: () = {
+    use crate::engine::Piece;
+    use std::mem::{align_of, offset_of, size_of};
+    assert!(size_of::<uccl_tcpx_piece_t>() == size_of::<Piece>());
+    assert!(align_of::<uccl_tcpx_piece_t>() == align_of::<Piece>());
+    assert!(offset_of!(uccl_tcpx_piece_t, local_addr) == offset_of!(Piece, local));
+    assert!(offset_of!(uccl_tcpx_piece_t, remote_addr) == offset_of!(Piece, remote));
+    assert!(offset_of!(uccl_tcpx_piece_t, len) == offset_of!(Piece, len));
+};
+
+/// Writes `num_pieces` pieces under one transfer id, which `runs` (`num_runs` of them, each
+/// covering its `num_pieces` pieces in order) divide among local regions and peer capabilities:
+/// the form of `uccl_engine_write_vector` for a caller that already grouped its items, such as a
+/// NIXL backend. It is checked as that call is (every local range inside its registration, every
+/// remote range inside what its run's FifoItem grants; the target checks its side) with one
+/// registration lookup and one capability per run, and the pieces are read in place.
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_tcpx_write_pieces(
+    conn: *mut uccl_conn_t,
+    runs: *const uccl_tcpx_run_t,
+    num_runs: libc::size_t,
+    pieces: *const uccl_tcpx_piece_t,
+    num_pieces: libc::size_t,
+    transfer_id: *mut u64,
+) -> c_int {
+    ffi_fn!("uccl_tcpx_write_pieces", { post_pieces(conn, runs, num_runs, pieces, num_pieces, transfer_id, true) })
+}
+
+/// Reads into `num_pieces` pieces under one transfer id, as `uccl_tcpx_write_pieces` writes.
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_tcpx_read_pieces(
+    conn: *mut uccl_conn_t,
+    runs: *const uccl_tcpx_run_t,
+    num_runs: libc::size_t,
+    pieces: *const uccl_tcpx_piece_t,
+    num_pieces: libc::size_t,
+    transfer_id: *mut u64,
+) -> c_int {
+    ffi_fn!("uccl_tcpx_read_pieces", { post_pieces(conn, runs, num_runs, pieces, num_pieces, transfer_id, false) })
+}
+
+fn post_pieces(
+    conn: *mut uccl_conn_t,
+    runs: *const uccl_tcpx_run_t,
+    num_runs: usize,
+    pieces: *const uccl_tcpx_piece_t,
+    num_pieces: usize,
+    transfer_id: *mut u64,
+    write: bool,
+) -> Result<c_int> {
+    non_null!(transfer_id);
+    if num_runs == 0 || num_pieces == 0 {
+        return Err(Error::invalid("nothing to transfer: zero runs or zero pieces"));
+    }
+    non_null!(runs);
+    non_null!(pieces);
+    // SAFETY: both checked non-NULL; the caller's arrays hold `num_runs` and `num_pieces` entries.
+    // `uccl_tcpx_piece_t` and `Piece` have one layout (asserted above), so the pieces are read as
+    // the engine's without a copy.
+    let (c_runs, pieces) = unsafe {
+        (std::slice::from_raw_parts(runs, num_runs), std::slice::from_raw_parts(pieces.cast::<Piece>(), num_pieces))
+    };
+    let runs = c_runs
+        .iter()
+        .map(|r| {
+            let n = usize::try_from(r.num_pieces).map_err(|_| Error::invalid("a run's num_pieces overflows"))?;
+            Ok(PieceRun { mr: r.mr, remote: r.remote, pieces: n })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let conn = conn_ref(conn)?;
+    let id = if write { conn.write_pieces(&runs, pieces)? } else { conn.read_pieces(&runs, pieces)? };
+    // SAFETY: checked non-NULL above.
+    unsafe { *transfer_id = id };
+    Ok(0)
 }

@@ -72,7 +72,7 @@ impl Connection {
     }
 
     /// Marks when a traced post call returned its transfer to the caller.
-    fn traced_return(&self, posted: Result<u64>) -> Result<u64> {
+    pub(super) fn traced_return(&self, posted: Result<u64>) -> Result<u64> {
         if let Ok(transfer) = posted {
             trace::event!(FlowReturned { conn: self.trace.conn, side: self.trace.side, transfer });
         }
@@ -95,11 +95,23 @@ impl Connection {
         let verb = if write { "write" } else { "read" };
         let posted = trace::on(trace::DEVICE | trace::FLOW).then(clock_ns);
         let runs = self.check_items(ops, verb)?;
+        self.post_runs(ops, &runs, write, posted, verb)
+    }
+
+    /// Posts a call's checked runs: the tail both list forms share (`one_sided`, `pieces.rs`).
+    pub(super) fn post_runs(
+        &self,
+        ops: &(impl ItemList + ?Sized),
+        runs: &[CheckedRun],
+        write: bool,
+        posted: Option<u64>,
+        verb: &str,
+    ) -> Result<u64> {
         if self.link.locality == Locality::Remote && runs.len() > 1 && runs.iter().all(|r| r.run.vector) {
-            return self.post_in_turn(ops, &runs, write, posted);
+            return self.post_in_turn(ops, runs, write, posted);
         }
         let mut requests = Vec::new();
-        for run in &runs {
+        for run in runs {
             requests.extend(run.requests(ops));
         }
         let local_host = requests.iter().all(|r| r.local_region().kind == MemKind::Host);
@@ -195,16 +207,21 @@ impl Connection {
         Ok(runs)
     }
 
-    /// Posts a call of several vector requests over the network one request at a time, each as
-    /// soon as its segment lists are built, so the first request's bytes move while this thread
-    /// builds the next (posting 100,000 items as one batch held the first byte back for the whole
-    /// pass, milliseconds on a transfer of a few more). Only the first request's chunks are posted
-    /// by this thread, and a later request that finds the connection busy goes with a later one
-    /// (`turn`). Every item was checked before, so bad input still fails the call with nothing
+    /// Posts a call of several vector requests over the network: the first as soon as its segment
+    /// lists are built, so its bytes move while this thread builds the rest (posting 100,000 items
+    /// as one batch held the first byte back for the whole pass, milliseconds on a transfer of a
+    /// few more), the rest together once built (`turn`). Only the first request's chunks are
+    /// posted by this thread. Every item was checked before, so bad input still fails the call with nothing
     /// sent. A failure once a request is out (the connection failing, a local region deregistered
     /// meanwhile) fails the transfer instead, whose id the caller gets: its earlier requests may
     /// still be moving the caller's bytes.
-    fn post_in_turn(&self, ops: &[OneSided], runs: &[CheckedRun], write: bool, entered: Option<u64>) -> Result<u64> {
+    fn post_in_turn(
+        &self,
+        ops: &(impl ItemList + ?Sized),
+        runs: &[CheckedRun],
+        write: bool,
+        entered: Option<u64>,
+    ) -> Result<u64> {
         // Every run here is a vector: one request, one part.
         let parts = runs.len();
         let transfer = self.new_transfer(parts, write);
@@ -213,13 +230,10 @@ impl Connection {
         }
         let mut turn = InTurn::new();
         for (i, run) in runs.iter().enumerate() {
-            let mut inner = match turn.built(run.vector(ops), i + 1 == parts) {
-                Take::Wait => self.inner.lock(),
-                Take::Try => match self.inner.try_lock() {
-                    Some(inner) => inner,
-                    None => continue,
-                },
-            };
+            if turn.built(run.vector(ops), i + 1 == parts) == Take::Hold {
+                continue;
+            }
+            let mut inner = self.inner.lock();
             let taken = turn.take();
             let post_chunks_here = taken.post_chunks_here();
             let Batch { requests: batch, first_part } = taken;
@@ -563,38 +577,57 @@ impl Connection {
     }
 }
 
+/// A call's items as either list form gives them (`OneSided` items, or pieces of runs): item `i`'s
+/// local buffer and the peer address it meets.
+pub(super) trait ItemList {
+    fn local(&self, i: usize) -> IoSeg;
+    fn remote_addr(&self, i: usize) -> u64;
+}
+
+impl ItemList for [OneSided] {
+    fn local(&self, i: usize) -> IoSeg {
+        IoSeg { addr: self[i].addr, len: self[i].len }
+    }
+
+    fn remote_addr(&self, i: usize) -> u64 {
+        self[i].remote.addr
+    }
+}
+
 /// What the items of a run share, known from its first item.
-struct RunHead {
-    region: Arc<Region>,
-    remote_region: u64,
+pub(super) struct RunHead {
+    pub region: Arc<Region>,
+    pub remote_region: u64,
     /// The capability's token as this connection's requests carry it.
-    token: u64,
+    pub token: u64,
 }
 
 /// A run of a call's items, every one checked.
-struct CheckedRun {
-    head: RunHead,
-    run: Run,
+pub(super) struct CheckedRun {
+    pub head: RunHead,
+    pub run: Run,
 }
 
 impl CheckedRun {
     /// The run's requests: one vector, or one request per item.
-    fn requests(&self, ops: &[OneSided]) -> Vec<OneSidedRequest> {
+    fn requests(&self, ops: &(impl ItemList + ?Sized)) -> Vec<OneSidedRequest> {
         let RunHead { region, remote_region, token } = &self.head;
         let (remote_region, token) = (*remote_region, *token);
         if self.run.vector {
             return vec![self.vector(ops)];
         }
-        ops[self.run.items.clone()]
-            .iter()
-            .map(|op| {
+        self.run
+            .items
+            .clone()
+            .map(|i| {
+                let local = ops.local(i);
                 OneSidedRequest::Item(OneSidedItem {
                     region: region.clone(),
-                    addr: op.addr,
-                    len: op.len as u64,
+                    addr: local.addr,
+                    len: local.len as u64,
                     remote_region,
                     token,
-                    remote_addr: op.remote.addr,
+                    remote_addr: ops.remote_addr(i),
                     payload: None,
                 })
             })
@@ -603,12 +636,12 @@ impl CheckedRun {
 
     /// The run as one vector request, its segment lists collected from exact-size iterators, each
     /// into one allocation of its final size.
-    fn vector(&self, ops: &[OneSided]) -> OneSidedRequest {
+    fn vector(&self, ops: &(impl ItemList + ?Sized)) -> OneSidedRequest {
         let RunHead { region, remote_region, token } = &self.head;
-        let items = &ops[self.run.items.clone()];
-        let local = Extent::scattered(items.iter().map(|op| IoSeg { addr: op.addr, len: op.len }));
+        let items = self.run.items.clone();
+        let local = Extent::scattered(items.clone().map(|i| ops.local(i)));
         // The length was checked against the u32 size of its FifoItem.
-        let segs = items.iter().map(|op| RemoteSeg { addr: op.remote.addr, len: op.len as u32 }).collect();
+        let segs = items.map(|i| RemoteSeg { addr: ops.remote_addr(i), len: ops.local(i).len as u32 }).collect();
         let (region, remote_region, token) = (region.clone(), *remote_region, *token);
         OneSidedRequest::Vector(VectorRequest { region, local, remote_region, token, segs })
     }

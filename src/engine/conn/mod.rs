@@ -8,6 +8,7 @@
 mod api;
 mod landing;
 mod memory;
+mod pieces;
 mod reader;
 mod same_host_io;
 mod state;
@@ -45,6 +46,7 @@ use crate::trace::{self, MsgKind, SeenBy as Seer};
 use crate::transport::MemKind;
 use landing::LandingMemory;
 use memory::EngineMemory;
+pub use pieces::{Piece, PieceRun};
 use reader::Handled;
 use state::{Action, ConnState, DeviceRecv, Direction, FlowPlan, IpcSource, Memory};
 
