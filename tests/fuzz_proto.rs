@@ -285,6 +285,18 @@ fn sample_controls() -> Vec<(&'static str, Control)> {
                 windows: vec![RemoteSeg { addr: 0x7f00_0000_1000, len: 4096 }],
             },
         ),
+        (
+            "ipc_send",
+            Control::IpcSend {
+                xfer: 31,
+                len: 4099,
+                region: 32,
+                addr: 0x7f00_0000_1003,
+                handle: [0x3c; 64],
+                alloc_base: 0x7f00_0000_0000,
+                alloc_len: 2 << 20,
+            },
+        ),
         ("ipc_revoke", Control::IpcRevoke { region: 30 }),
         ("ipc_revoked", Control::IpcRevoked { region: 30 }),
         ("process_hello", Control::ProcessHello { pid: 4321, fd: 9 }),
