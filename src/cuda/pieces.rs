@@ -258,10 +258,10 @@ impl Drop for PieceCopier {
 mod tests {
     use super::*;
     use crate::cuda::DeviceBuffer;
-    use crate::cuda::device_copy::CopyQueue;
 
-    /// GPU 0's queue with its kernel built, or `None` (and a note) where it cannot be built.
-    fn queue() -> Option<(Arc<Gpu>, CopyQueue)> {
+    /// GPU 0, a stream of it and its copier, the kernel built; `None` (and a note) where it cannot
+    /// be built.
+    fn copier() -> Option<(Arc<Gpu>, Stream, PieceCopier)> {
         if testkit::skip_without_gpu(crate::cuda::available()) {
             return None;
         }
@@ -273,8 +273,9 @@ mod tests {
         if testkit::skip_without("NVRTC", built.is_ok()) {
             return None;
         }
-        let queue = CopyQueue::new(&gpu).unwrap();
-        Some((gpu, queue))
+        let stream = Stream::new(&gpu).unwrap();
+        let copier = PieceCopier::if_built(&gpu).expect("built above").unwrap();
+        Some((gpu, stream, copier))
     }
 
     fn numbered(len: usize, seed: usize) -> Vec<u8> {
@@ -287,7 +288,7 @@ mod tests {
     /// put it, nothing between.
     #[test]
     fn a_call_of_more_pieces_than_its_lists_hold_lands_whole() {
-        let Some((_gpu, mut queue)) = queue() else { return };
+        let Some((gpu, stream, mut copier)) = copier() else { return };
         const SMALL: usize = LIST_PIECES * MAX_LISTS + 1000;
         const SLOT: usize = 96;
         const LARGE: [usize; 3] = [PIECE_SPLIT as usize + 1, 3 * PIECE_SPLIT as usize, 200_003];
@@ -312,13 +313,17 @@ mod tests {
         for &(so, dof, n) in &copies {
             want[dof..dof + n].copy_from_slice(&data[so..so + n]);
         }
-        let mut call = queue.piece_call().unwrap().expect("the kernel is built");
-        for &(so, dof, n) in &copies {
-            // SAFETY: both ranges lie in live buffers of this test, untouched until the event fired.
-            unsafe { call.push(s + so as u64, d + dof as u64, n as u64) }.unwrap();
+        {
+            let _ctx = gpu.enter().unwrap();
+            for &(so, dof, n) in &copies {
+                // SAFETY: both ranges lie in live buffers of this test, untouched until the stream
+                // passed the copies; the GPU's context is current.
+                unsafe { copier.push(&stream, s + so as u64, d + dof as u64, n as u64) }.unwrap();
+            }
+            // SAFETY: as above.
+            unsafe { copier.finish(&stream) }.unwrap();
+            stream.synchronize().unwrap();
         }
-        let event = call.end().unwrap();
-        event.synchronize().unwrap();
         assert!(dst.to_vec().unwrap() == want, "every piece in place, nothing else written");
         let listed = SMALL + LARGE.iter().map(|&n| (n as u64).div_ceil(PIECE_SPLIT) as usize).sum::<usize>();
         // Launches at 2,048, 4,096, ... up to a full list, then at every full list, then the rest.
@@ -326,17 +331,15 @@ mod tests {
         while left > 0 {
             (launches, left, next) = (launches + 1, left.saturating_sub(next), (next * 2).min(LIST_PIECES));
         }
-        let Some(copier) = queue.piece_copier() else { panic!("the kernel was taken") };
         assert_eq!(copier.launches(), launches, "launches at growing counts, then at every full list");
         assert!(copier.lists.len() <= MAX_LISTS);
-        assert_eq!(queue.batches_by_kernel(), 1);
     }
 
-    /// A call dropped before its end (an error on the way) launches none of the pieces it had
+    /// A call abandoned before its end (an error on the way) launches none of the pieces it had
     /// listed since its last launch: the next call copies its own pieces only.
     #[test]
-    fn a_dropped_call_leaves_no_piece_to_the_next() {
-        let Some((_gpu, mut queue)) = queue() else { return };
+    fn an_abandoned_call_leaves_no_piece_to_the_next() {
+        let Some((gpu, stream, mut copier)) = copier() else { return };
         const LEN: usize = 1 << 20;
         let data = numbered(LEN, 3);
         let mut src = DeviceBuffer::new(0, LEN).unwrap();
@@ -345,21 +348,24 @@ mod tests {
         dst.fill(0).unwrap();
         let (s, d) = (src.addr() as u64, dst.addr() as u64);
         {
-            let mut call = queue.piece_call().unwrap().expect("the kernel is built");
+            let _ctx = gpu.enter().unwrap();
             for i in 0..10u64 {
-                // SAFETY: as above; the call is dropped, so nothing is launched.
-                unsafe { call.push(s + i * 4096, d + i * 4096, 4096) }.unwrap();
+                // SAFETY: both ranges lie in live buffers of this test; the call is abandoned, so
+                // nothing is launched.
+                unsafe { copier.push(&stream, s + i * 4096, d + i * 4096, 4096) }.unwrap();
             }
-        }
-        let mut call = queue.piece_call().unwrap().expect("the kernel is built");
-        for i in 10..15u64 {
+            copier.abandon();
+            for i in 10..15u64 {
+                // SAFETY: as above, untouched until the stream passed the copies.
+                unsafe { copier.push(&stream, s + i * 4096, d + i * 4096, 4096) }.unwrap();
+            }
             // SAFETY: as above.
-            unsafe { call.push(s + i * 4096, d + i * 4096, 4096) }.unwrap();
+            unsafe { copier.finish(&stream) }.unwrap();
+            stream.synchronize().unwrap();
         }
-        call.end().unwrap().synchronize().unwrap();
         let mut want = vec![0u8; LEN];
         want[10 * 4096..15 * 4096].copy_from_slice(&data[10 * 4096..15 * 4096]);
         assert!(dst.to_vec().unwrap() == want, "only the second call's pieces landed");
-        assert_eq!(queue.piece_copier().map(PieceCopier::launches), Some(1));
+        assert_eq!(copier.launches(), 1);
     }
 }
