@@ -154,19 +154,18 @@ fn issue(
     held: Held,
     counted: Option<&Arc<Region>>,
 ) -> Received {
-    let queue = match ipc.queue(gpu) {
-        Ok((queue, _)) => queue,
+    let Held { regions, remote_regions, mappings } = held;
+    let (queue, q) = match ipc.queue(gpu) {
+        Ok(queue) => queue,
         Err(e) => {
             log::warn!("no copy queue on GPU {}: {e}; the peer's message takes the channels", gpu.ordinal());
             return Received::Declined;
         }
     };
-    let Held { regions, remote_regions, mappings } = held;
     // Counted before the copy: a deregistration of any of them now waits for it.
     for r in &regions {
         r.copy_started();
     }
-    let (_, q) = ipc.queue(gpu).expect("made above");
     // SAFETY: `fit` admitted `len` bytes of the receive's live registration from its address (not
     // cut, under the connection's lock); the source lies in the peer's mapped allocation (held by
     // the batch) or in its live registration of this process. The regions stay counted, and the

@@ -81,7 +81,7 @@ impl ConnState {
                 "protocol violation: Done for offered message {xfer} reports {len} bytes, expected {expected}"
             ))));
         }
-        let Outbound { transfer, error, .. } = self.awaiting_grant.remove(&xfer).expect("checked above");
+        let Outbound { transfer, error, .. } = self.awaiting_grant.remove(&xfer)?;
         self.sends_copied += 1;
         transfer.answered();
         out.push(Action::Finish(transfer, error.map_or(Ok(len), Err)));
