@@ -11,9 +11,10 @@ use std::ptr::null_mut;
 use uccl_tcpx::ffi::{
     uccl_engine_last_error, uccl_tcpx_piece_t, uccl_tcpx_read_pieces, uccl_tcpx_run_t, uccl_tcpx_write_pieces,
 };
-use uccl_tcpx::{Engine, FifoItem, OneSided, Piece, PieceRun, UcclStatus};
+use uccl_tcpx::{FifoItem, OneSided, Piece, PieceRun, UcclStatus};
 
 mod common;
+use common::engine::Region;
 use common::{Pair, Rng, pattern, wait};
 
 /// Counts the bytes this thread asks the allocator for, so that a test sees what one call on its
@@ -64,26 +65,6 @@ fn allocated<R>(f: impl FnOnce() -> R) -> (u64, R) {
     (ASKED.with(Cell::get) - before, r)
 }
 
-/// A buffer registered with `engine`, advertised whole.
-struct Region {
-    bytes: Vec<u8>,
-    mr: u64,
-    fifo: FifoItem,
-}
-
-impl Region {
-    fn new(engine: &Engine, mut bytes: Vec<u8>) -> Region {
-        let (addr, len) = (bytes.as_mut_ptr() as usize, bytes.len());
-        let mr = engine.register(addr, len).unwrap();
-        let fifo = engine.prepare_fifo(mr, addr, len).unwrap();
-        Region { bytes, mr, fifo }
-    }
-
-    fn addr(&self) -> u64 {
-        self.bytes.as_ptr() as u64
-    }
-}
-
 const BLOCK: usize = 4096;
 const BLOCKS: usize = 256;
 
@@ -100,8 +81,8 @@ fn table(rng: &mut Rng, locals: &[&Region], remote: &Region, per: usize) -> (Vec
         for j in 0..per {
             let (s, d) = (src[j], dst[k * per + j]);
             pieces.push(Piece {
-                local: local.addr() + (s * BLOCK) as u64,
-                remote: remote.addr() + (d * BLOCK) as u64,
+                local: (local.addr() + s * BLOCK) as u64,
+                remote: (remote.addr() + d * BLOCK) as u64,
                 len: BLOCK as u64,
             });
         }
@@ -115,8 +96,9 @@ fn gather(regions: &[&Region], pieces: &[Piece], remote: bool) -> Vec<u8> {
     let mut out = Vec::new();
     for p in pieces {
         let addr = if remote { p.remote } else { p.local };
-        let r = regions.iter().find(|r| addr >= r.addr() && addr < r.addr() + r.bytes.len() as u64).unwrap();
-        let at = (addr - r.addr()) as usize;
+        let addr = addr as usize;
+        let r = regions.iter().find(|r| addr >= r.addr() && addr < r.addr() + r.bytes.len()).unwrap();
+        let at = addr - r.addr();
         out.extend_from_slice(&r.bytes[at..at + p.len as usize]);
     }
     out
@@ -164,8 +146,11 @@ fn bad_pieces_fail_the_call_whole() {
     let p = common::pair(common::loopback());
     let a = Region::new(&p.a, pattern(BLOCKS * BLOCK, 3));
     let b = Region::new(&p.b, vec![0u8; BLOCKS * BLOCK]);
-    let good =
-        |k: u64| Piece { local: a.addr() + k * BLOCK as u64, remote: b.addr() + k * BLOCK as u64, len: BLOCK as u64 };
+    let good = |k: u64| Piece {
+        local: a.addr() as u64 + k * BLOCK as u64,
+        remote: b.addr() as u64 + k * BLOCK as u64,
+        len: BLOCK as u64,
+    };
     let run = |n: usize| PieceRun { mr: a.mr, remote: b.fifo, pieces: n };
     let end = BLOCKS as u64 * BLOCK as u64;
     let mut narrowed = b.fifo;
@@ -174,21 +159,21 @@ fn bad_pieces_fail_the_call_whole() {
         (
             "local past the region",
             vec![run(2)],
-            vec![good(0), Piece { local: a.addr() + end - 8, ..good(1) }],
+            vec![good(0), Piece { local: a.addr() as u64 + end - 8, ..good(1) }],
             UcclStatus::ErrInvalidParam,
             "piece 1: buffer",
         ),
         (
             "remote past the grant",
             vec![run(2)],
-            vec![good(0), Piece { remote: b.addr() + end - 8, ..good(1) }],
+            vec![good(0), Piece { remote: b.addr() as u64 + end - 8, ..good(1) }],
             UcclStatus::ErrInvalidParam,
             "piece 1: remote range",
         ),
         (
             "remote before the grant",
             vec![run(1)],
-            vec![Piece { remote: b.addr() - BLOCK as u64, ..good(0) }],
+            vec![Piece { remote: b.addr() as u64 - BLOCK as u64, ..good(0) }],
             UcclStatus::ErrInvalidParam,
             "remote range",
         ),
@@ -273,7 +258,7 @@ fn a_post_allocates_per_piece_only_the_lists_the_engine_keeps() {
     let post = |n: usize| {
         let len = (2 << 20) / n as u64;
         let pieces: Vec<Piece> = (0..n as u64)
-            .map(|k| Piece { local: a.addr() + 2 * k * len, remote: b.addr() + 2 * k * len, len })
+            .map(|k| Piece { local: a.addr() as u64 + 2 * k * len, remote: b.addr() as u64 + 2 * k * len, len })
             .collect();
         let run = [PieceRun { mr: a.mr, remote: b.fifo, pieces: n }];
         let (bytes, id) = allocated(|| p.ab.write_pieces(&run, &pieces).unwrap());

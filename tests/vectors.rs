@@ -3,9 +3,10 @@
 //! nothing lands between items, and a vector with one item outside the advertised window fails
 //! whole without touching the target.
 
-use uccl_tcpx::{Config, Engine, FifoItem, OneSided, UcclStatus};
+use uccl_tcpx::{Config, OneSided, UcclStatus};
 
 mod common;
+use common::engine::Region;
 use common::{Pair, Rng, pattern, wait};
 
 /// Small chunks, so a vector's flow has many chunks and items cross chunk boundaries.
@@ -15,26 +16,6 @@ fn config() -> Config {
 
 fn pair() -> Pair {
     common::pair(config())
-}
-
-/// A buffer registered with `engine`, advertised whole: the FifoItem a peer targets it with.
-struct Region {
-    bytes: Vec<u8>,
-    mr: u64,
-    fifo: FifoItem,
-}
-
-impl Region {
-    fn new(engine: &Engine, mut bytes: Vec<u8>) -> Region {
-        let (addr, len) = (bytes.as_mut_ptr() as usize, bytes.len());
-        let mr = engine.register(addr, len).unwrap();
-        let fifo = engine.prepare_fifo(mr, addr, len).unwrap();
-        Region { bytes, mr, fifo }
-    }
-
-    fn addr(&self) -> usize {
-        self.bytes.as_ptr() as usize
-    }
 }
 
 /// `(local offset, remote offset, len)` per item: lengths from `lens` (cycled) until `count`

@@ -79,3 +79,23 @@ pub fn fifo_from_hex(hex: &str) -> FifoItem {
     }
     FifoItem::from_bytes(&bytes)
 }
+
+/// A host buffer registered with `engine`, advertised whole: the FifoItem a peer targets it with.
+pub struct Region {
+    pub bytes: Vec<u8>,
+    pub mr: u64,
+    pub fifo: FifoItem,
+}
+
+impl Region {
+    pub fn new(engine: &Engine, mut bytes: Vec<u8>) -> Region {
+        let (addr, len) = (bytes.as_mut_ptr() as usize, bytes.len());
+        let mr = engine.register(addr, len).unwrap();
+        let fifo = engine.prepare_fifo(mr, addr, len).unwrap();
+        Region { bytes, mr, fifo }
+    }
+
+    pub fn addr(&self) -> usize {
+        self.bytes.as_ptr() as usize
+    }
+}

@@ -253,7 +253,6 @@ impl End {
     }
 
     fn send(&mut self, items: &[(&Buf, usize, usize)]) -> Arc<Transfer> {
-        let t = self.transfer(items.len());
         let items = items
             .iter()
             .map(|&(buf, off, len)| SendItem {
@@ -265,6 +264,12 @@ impl End {
                 ipc: None,
             })
             .collect();
+        self.post_sends(items)
+    }
+
+    /// Posts `items` as one send call.
+    fn post_sends(&mut self, items: Vec<SendItem>) -> Arc<Transfer> {
+        let t = self.transfer(items.len());
         self.st.begin_post(Instant::now()).unwrap();
         let mut out = Vec::new();
         self.st.post_send(&t, items, &mut out).unwrap();

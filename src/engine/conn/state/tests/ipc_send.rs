@@ -19,7 +19,6 @@ impl End {
     /// Sends `len` bytes of `buf` from `off`, each message offered over CUDA IPC (the handle is a
     /// stand-in: the test copies by address).
     fn send_offered(&mut self, items: &[(&Buf, usize, usize)]) -> Arc<Transfer> {
-        let t = self.transfer(items.len());
         let items = items
             .iter()
             .map(|&(buf, off, len)| SendItem {
@@ -35,11 +34,7 @@ impl End {
                 }),
             })
             .collect();
-        self.st.begin_post(Instant::now()).unwrap();
-        let mut out = Vec::new();
-        self.st.post_send(&t, items, &mut out).unwrap();
-        self.take(out);
-        t
+        self.post_sends(items)
     }
 
     /// Plays the connection's device copy of the oldest matched offered message: the bytes (when
