@@ -25,25 +25,14 @@ benchmark="$uccl_src/p2p/benchmarks/benchmark_nixl.py"
 
 # ---- the wheels, for the GPU host's Python ------------------------------------------------------------
 wheels="$work/bundle-wheels/py$bpython"
-mkdir -p "$wheels"
-platforms=()
-for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_26_x86_64 manylinux_2_17_x86_64 \
-  manylinux2014_x86_64; do
-  platforms+=(--platform "$p")
-done
-for req in "nixl==$nixl_version" "nixl-cu$bcuda==$nixl_version" "pyzmq==$pyzmq_version"; do
-  python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
-    --python-version "$bpython" --implementation cp "${platforms[@]}" -d "$wheels" "$req" ||
-    die "pip could not download $req for Python $bpython"
-done
+# shellcheck source=scripts/wheels.sh
+source "$repo/scripts/wheels.sh"
+fetch_wheels "$wheels" "$bpython" "nixl==$nixl_version" "nixl-cu$bcuda==$nixl_version" "pyzmq==$pyzmq_version" ||
+  die "the wheels for Python $bpython could not be fetched"
 unpacked="$work/bundle-unpacked"
 rm -rf "$unpacked"
-mkdir -p "$unpacked"
-for whl in "$wheels"/nixl-"$nixl_version"-*.whl "$wheels"/nixl_cu"$bcuda"-"$nixl_version"-*.whl \
-  "$wheels"/pyzmq-"$pyzmq_version"-*.whl; do
-  [[ -f "$whl" ]] || die "no wheel matches $whl"
-  python3 -m zipfile -e "$whl" "$unpacked"
-done
+unpack_wheels "$unpacked" "$wheels"/nixl-"$nixl_version"-*.whl "$wheels"/nixl_cu"$bcuda"-"$nixl_version"-*.whl \
+  "$wheels"/pyzmq-"$pyzmq_version"-*.whl || die "the wheels could not be unpacked"
 tag="cpython-${bpython/./}-x86_64-linux-gnu"
 [[ -f "$unpacked/$module/_bindings.$tag.so" ]] ||
   die "nixl-cu$bcuda $nixl_version has no _bindings.$tag.so: not a wheel for Python $bpython"

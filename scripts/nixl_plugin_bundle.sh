@@ -72,25 +72,14 @@ cargo build --release --locked -q -p uccl-tcpx-bench --manifest-path "$repo/Carg
 
 echo "== NIXL $version (nixl-cu$cuda) and pyzmq $pyzmq_version for Python $bpython"
 wheels="$work/nixl-wheels/py$bpython"
-mkdir -p "$wheels"
-platforms=()
-for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_26_x86_64 manylinux_2_17_x86_64 \
-  manylinux2014_x86_64; do
-  platforms+=(--platform "$p")
-done
-for req in "nixl==$version" "nixl-cu$cuda==$version" "pyzmq==$pyzmq_version" "numpy==$numpy_version"; do
-  python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
-    --python-version "$bpython" --implementation cp "${platforms[@]}" -d "$wheels" "$req" ||
-    die "pip could not download $req for Python $bpython"
-done
+# shellcheck source=scripts/wheels.sh
+source "$repo/scripts/wheels.sh"
+fetch_wheels "$wheels" "$bpython" "nixl==$version" "nixl-cu$cuda==$version" "pyzmq==$pyzmq_version" \
+  "numpy==$numpy_version" || die "the wheels for Python $bpython could not be fetched"
 unpacked="$work/nixl-unpacked"
 rm -rf "$unpacked" "$work/site"
-mkdir -p "$unpacked"
-for whl in "$wheels"/nixl-"$version"-*.whl "$wheels"/nixl_cu"$cuda"-"$version"-*.whl \
-  "$wheels"/pyzmq-"$pyzmq_version"-*.whl; do
-  [[ -f "$whl" ]] || die "no wheel matches $whl"
-  python3 -m zipfile -e "$whl" "$unpacked"
-done
+unpack_wheels "$unpacked" "$wheels"/nixl-"$version"-*.whl "$wheels"/nixl_cu"$cuda"-"$version"-*.whl \
+  "$wheels"/pyzmq-"$pyzmq_version"-*.whl || die "the wheels could not be unpacked"
 [[ -f "$unpacked/$module/_bindings.cpython-${bpython/./}-x86_64-linux-gnu.so" ]] ||
   die "nixl-cu$cuda $version has no extension for Python $bpython"
 python3 "$repo/scripts/nixl_site.py" "$unpacked" "$work/site" "$module" --plugins UCX --ucx-modules cuda,cma
