@@ -351,6 +351,38 @@ fn same_process_deregistration_waits_for_the_copy() {
     assert_eq!(p.ab.device_copy_batches(), 2);
 }
 
+/// Copies only their caller awaits are the caller's to finish: a caller's writes and reads, polled
+/// to their end, never have the progress thread poll beside it (no wake-up per post, no second
+/// thread querying the events), and every byte lands.
+#[test]
+fn same_process_the_caller_finishes_its_own_copies() {
+    if no_gpu() {
+        return;
+    }
+    let p = common::pair(same_host());
+    let len = 1 << 20;
+    let (mut src, mut target) = (Mem::on_gpu(0, len), Mem::on_gpu(0, len));
+    let (smr, tmr) = (p.a.register(src.addr(), len).unwrap(), p.b.register(target.addr(), len).unwrap());
+    let remote = p.b.prepare_fifo(tmr, target.addr(), len).unwrap();
+    let (batches, polled) = (p.ab.device_copy_batches(), p.a.idle_waits().polled);
+    for k in 0..40u64 {
+        let data = pattern(len, k);
+        let item = [OneSided { mr: smr, addr: src.addr(), len, remote }];
+        let id = if k % 2 == 0 {
+            src.write(0, &data);
+            p.ab.write(&item).unwrap()
+        } else {
+            target.write(0, &data);
+            p.ab.read(&item).unwrap()
+        };
+        assert_eq!(wait(&p.ab, id).unwrap(), len as u64);
+        let landed = if k % 2 == 0 { target.read(0, len) } else { src.read(0, len) };
+        assert_same(&landed, &data, &format!("transfer {k}"));
+    }
+    assert_eq!(p.ab.device_copy_batches(), batches + 40, "every transfer took the device path");
+    assert_eq!(p.a.idle_waits().polled, polled, "the progress thread polled beside the caller");
+}
+
 // ---- another process of this host --------------------------------------------------------------
 
 /// The owner: an engine with a GPU region of `LEN` bytes holding `pattern(LEN, SEED)` on the GPU

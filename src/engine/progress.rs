@@ -7,8 +7,10 @@
 //! progresses only while polled (a net plugin) never wakes it, so while such a transport has
 //! requests outstanding (or device copies of the same-host path are in flight) the thread naps
 //! briefly instead of parking; while the outstanding work is device copies (staged chunks, the
-//! same-host GPU path), which no thread of ours moves, it keeps polling instead (`IdleWait::Poll`,
-//! from 4 CPUs): a nap's wake-up came tens of microseconds after the copy ended, on every chunk.
+//! same-host GPU path's copies a peer awaits), which no thread of ours moves, it keeps polling
+//! instead (`IdleWait::Poll`, from 4 CPUs): a nap's wake-up came tens of microseconds after the
+//! copy ended, on every chunk. Same-host copies only their caller awaits are the caller's to poll:
+//! their post does not wake the thread, which parks a millisecond at a time while any is in flight.
 //! While network chunks are in flight it may keep polling too, for a bounded time since it last
 //! moved something or woke (`UCCL_TCPX_PROGRESS_POLL_US`), so that the last chunk's completion finds
 //! it awake; a chunk that never completes (a peer gone) costs that bound per wake-up, not a core.
@@ -32,6 +34,10 @@ const IDLE_SPINS: u32 = 64;
 /// Idle nap while a polled transport has work: short against a 512 KiB chunk's ~40 us at 12.5 GB/s,
 /// long enough to leave the core to the plugin's helper threads.
 const POLL_NAP: Duration = Duration::from_micros(25);
+/// How long a park lasts at most while callers' device copies are in flight (`Waker::caller_copies`):
+/// their callers finish them, so this only bounds how late one nobody polls ends; a look a
+/// millisecond costs nothing beside a caller polling every few microseconds.
+const CALLER_COPY_WATCH: Duration = Duration::from_millis(1);
 /// Timer slack of the progress thread, in nanoseconds.
 const POLL_NAP_SLACK_NS: libc::c_ulong = 1_000;
 
@@ -246,14 +252,18 @@ fn run(list: &ConnList, stop: &AtomicBool, waker: &Waker, watch: Duration, idle_
     }
 }
 
-/// Parks until woken: for at most `watch` while a connection waits on its peer's engine, else for
-/// good. The waker hears of an untimed park before the connections are asked, so work that starts
-/// such a wait meanwhile (under the connection's lock, which the asking takes too) either is seen
-/// here or wakes the thread.
+/// Parks until woken: for at most [`CALLER_COPY_WATCH`] while callers' device copies are in flight,
+/// for at most `watch` while a connection waits on its peer's engine, else for good. The waker
+/// hears of an untimed park before the copies and connections are asked, so work that starts such
+/// a wait meanwhile (counted first, or under the connection's lock, which the asking takes too)
+/// either is seen here or wakes the thread.
 fn park(conns: &[Arc<Connection>], waker: &Waker, watch: Duration) {
     waker.idle.parks.fetch_add(1, Ordering::Relaxed);
     waker.parking_untimed(true);
-    if conns.iter().any(|c| c.waits_on_peer()) {
+    if waker.caller_copies.any() {
+        waker.parking_untimed(false);
+        std::thread::park_timeout(watch.min(CALLER_COPY_WATCH));
+    } else if conns.iter().any(|c| c.waits_on_peer()) {
         waker.parking_untimed(false);
         std::thread::park_timeout(watch);
     } else {
@@ -335,6 +345,35 @@ mod tests {
         let (polling, _, slept) = ask_until(IdleWait::Poll, 2000, testkit::PATIENCE);
         assert!(polling >= 2000, "a polling thread asked {polling} times");
         assert!(slept < polling as u64 / 10, "a polling thread slept {slept} times between {polling} looks");
+    }
+
+    /// While callers' device copies are in flight the idle thread parks a millisecond at a time and
+    /// looks again with no wake-up, so that one nobody polls still ends; once none is, it parks for
+    /// good. A post of one wakes a thread parked for good.
+    #[test]
+    fn callers_copies_keep_the_thread_looking_without_wake_ups() {
+        let waker = Arc::new(Waker::default());
+        let parks = || waker.idle.parks.load(Ordering::Relaxed);
+        let thread = ProgressThread::start(
+            Arc::new(ConnList::default()),
+            waker.clone(),
+            Duration::from_secs(30),
+            |_| IdleWait::Park,
+            |_| {},
+        )
+        .expect("progress thread");
+        testkit::wait_until("the idle thread parks for good", testkit::PATIENCE, || waker.parked_untimed());
+        let before = parks();
+        waker.caller_copies.add();
+        // As a post does: only this wakes the thread parked for good; it then parks timed.
+        waker.activity();
+        testkit::wait_until("timed parks, one after another", testkit::PATIENCE, || parks() >= before + 5);
+        waker.caller_copies.remove();
+        testkit::wait_until("a park for good once none is in flight", testkit::PATIENCE, || waker.parked_untimed());
+        let settled = parks();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(parks(), settled, "parked for good, the thread looked again");
+        drop(thread);
     }
 
     /// The thread tells its idle wait since when it found nothing to move, so that a wait which

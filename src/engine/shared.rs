@@ -140,20 +140,22 @@ impl Drop for WaitingCaller<'_> {
 }
 
 /// How many of one kind of work are in flight, for the idle progress thread to ask whether any is.
+/// SeqCst, so that a poster that counts work and then reads whether the thread parks untimed, and
+/// the thread that says so and then reads the counts, cannot both miss the other.
 #[derive(Default)]
 pub struct Tally(AtomicUsize);
 
 impl Tally {
     pub fn add(&self) {
-        self.0.fetch_add(1, Ordering::AcqRel);
+        self.0.fetch_add(1, Ordering::SeqCst);
     }
 
     pub fn remove(&self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 
     pub fn any(&self) -> bool {
-        self.0.load(Ordering::Acquire) > 0
+        self.0.load(Ordering::SeqCst) > 0
     }
 
     /// Counts a member in or out as its own flag changes to `now`; true when it was counted in.
@@ -181,9 +183,16 @@ pub struct Waker {
     /// Work in flight that completes only when polled (a comm that declined a post with nothing of
     /// ours in flight): while any is, the progress thread naps instead of parking.
     pub polled: Tally,
-    /// Device copies of the same-host path in flight: they complete only when polled, and no thread
-    /// of ours moves them, so the progress thread may poll them without pause.
+    /// Device copies of the same-host path in flight that a peer awaits (an offered message's
+    /// answer): they complete only when polled, and no thread of ours moves them, so the progress
+    /// thread may poll them without pause.
     pub device_copies: Tally,
+    /// Device copies of the same-host path in flight that only their caller awaits: its poll or
+    /// wait finishes them, so their post does not wake the progress thread (a futex call, a tenth
+    /// of a small copy's time) nor has it poll beside the caller. While any is in flight the thread
+    /// parks with a short timer instead of for good, so that one nobody polls still ends (its
+    /// regions' counts, a revocation it holds up). SeqCst with `untimed`, as `activity` reads it.
+    pub caller_copies: Tally,
     /// Connections with network chunks posted to their channels' transport and not complete, at
     /// most 1 MiB of them (each counted once, however many chunks): a thread of the transport ends
     /// them and wakes the progress thread, which `UCCL_TCPX_PROGRESS_POLL_US` may keep awake.

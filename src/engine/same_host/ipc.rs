@@ -347,10 +347,17 @@ impl IpcState {
         Ok((at, &mut self.queues[at]))
     }
 
-    /// Records a batch in flight; the caller counted its regions.
+    /// Records a batch in flight; the caller counted its regions. A batch only its caller awaits
+    /// wakes the progress thread only from a park for good (`Waker::caller_copies`); one that
+    /// answers the peer wakes it to be polled.
     pub fn push(&mut self, batch: Batch, waker: &Waker) {
-        waker.device_copies.add();
-        waker.wake();
+        if batch.answer.is_some() {
+            waker.device_copies.add();
+            waker.wake();
+        } else {
+            waker.caller_copies.add();
+            waker.activity();
+        }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.issued += 1;
         self.issued_recvs += u64::from(batch.answer.is_some());
@@ -405,6 +412,7 @@ impl IpcState {
 
     fn finish(&mut self, batch: Batch, outcome: Result<()>, waker: &Waker, by: Seer) {
         let Batch { event, queue, transfer, parts, regions, mappings, answer, .. } = batch;
+        let tally = if answer.is_some() { &waker.device_copies } else { &waker.caller_copies };
         if let Some(xfer) = answer {
             let len = parts.iter().sum();
             self.answers.push(match &outcome {
@@ -427,7 +435,7 @@ impl IpcState {
         for r in &regions {
             r.copy_ended();
         }
-        waker.device_copies.remove();
+        tally.remove();
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
         // An event a waiting caller still holds is not recorded again under it: it goes with the
         // caller's reference instead.
@@ -630,6 +638,8 @@ mod tests {
             transfer
         };
         let (first, second) = (issue(&mut st, 8 << 20), issue(&mut st, 4096));
+        // Batches only their callers await: counted apart from those the progress thread polls.
+        assert!(waker.caller_copies.any() && !waker.device_copies.any());
         let held = st.event_of(first.id).expect("the first transfer's batch is in flight");
         assert!(st.event_of(first.id + second.id + 1).is_none(), "no batch of an unknown transfer");
         let theirs = st.event_of(second.id).unwrap();
@@ -641,7 +651,7 @@ mod tests {
         assert_eq!(st.poll(&waker, Seer::Wait), (true, vec![]));
         assert!(st.event_of(first.id).is_none() && st.event_of(second.id).is_none());
         assert!(first.is_finished() && second.is_finished());
-        assert!(!waker.device_copies.any());
+        assert!(!waker.device_copies.any() && !waker.caller_copies.any());
         assert_eq!(st.queues[0].spare_events(), 1, "only the unheld event went back to the queue");
     }
 
