@@ -23,13 +23,16 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::ipc::{ASK_BIT, Answer, Batch, Coverage, GrantKey, IpcState};
+use super::ipc::{ASK_BIT, Answer, Coverage, GrantKey, Hold, IpcState, NotIssued};
 use super::seam::{Conn, Locked};
 use super::{Locality, peer_connection};
 use crate::config::LocalPeers;
 use crate::cuda::Gpu;
-use crate::cuda::device_copy::{DeviceCopy, KERNEL_MAX_AVERAGE, KERNEL_MIN_COPIES, kernel_ready, kernel_takes};
+use crate::cuda::device_copy::{
+    CopyQueue, DeviceCopy, KERNEL_MAX_AVERAGE, KERNEL_MIN_COPIES, kernel_ready, kernel_takes,
+};
 use crate::cuda::ipc::Mapping;
+use crate::cuda::stream::Event;
 use crate::cuda::unpack::addressable;
 use crate::engine::one_sided::OneSidedRequest;
 use crate::engine::plan::Extent;
@@ -497,20 +500,8 @@ pub(crate) trait DevicePath: Conn {
         routes: &[Route<'_>],
         write: bool,
     ) -> bool {
-        if plan.parts.is_empty() {
-            return false;
-        }
-        let Plan { gpu, parts, regions, remote_regions, mappings, .. } = plan;
-        let fail = |e: Error| {
-            for _ in &parts {
-                transfer.finish_part(Err(e.clone()));
-            }
-        };
-        // Counted before the first copy: a deregistration that removed one of them now waits.
-        for r in &regions {
-            r.copy_started();
-        }
-        let listed = ipc.queue(&gpu).and_then(|(queue, q)| {
+        let gpu = plan.gpu.clone();
+        self.issue_with(ipc, transfer, plan, |q| {
             let Some(mut call) = q.piece_call()? else {
                 return Err(Error::backend(format!("the piece kernel of {gpu:?} is not built")));
             };
@@ -527,83 +518,51 @@ pub(crate) trait DevicePath: Conn {
                     unsafe { call.push(src, dst, len as u64)? };
                 }
             }
-            call.end().map(|event| (queue, event))
-        });
-        match listed {
-            Ok((queue, event)) => {
-                let event = Arc::new(event);
-                let batch = Batch {
-                    event,
-                    queue,
-                    transfer: transfer.clone(),
-                    parts,
-                    regions,
-                    remote_regions,
-                    mappings,
-                    answer: None,
-                };
-                ipc.push(batch, &self.core().waker);
-                true
-            }
-            Err(e) => {
-                for r in &regions {
-                    r.copy_ended();
-                }
-                fail(e);
-                false
-            }
-        }
+            call.end()
+        })
     }
 
     /// Queues a plan's copies behind one event and records the batch; a failure to queue fails its
     /// parts (after the copies queued before it finished). Whether a batch is now in flight.
-    fn issue(&self, ipc: &mut IpcState, transfer: &Arc<Transfer>, plan: Plan) -> bool {
-        if plan.parts.is_empty() {
-            return false;
-        }
-        let Plan { gpu, copies, parts, regions, remote_regions, mappings, kernel } = plan;
-        let fail = |e: Error| {
-            for _ in &parts {
-                transfer.finish_part(Err(e.clone()));
-            }
-        };
-        let (queue, q) = match ipc.queue(&gpu) {
-            Ok(q) => q,
-            Err(e) => {
-                fail(e);
-                return false;
-            }
-        };
-        // Counted before the first copy: a deregistration that removed one of them now waits.
-        for r in &regions {
-            r.copy_started();
-        }
+    fn issue(&self, ipc: &mut IpcState, transfer: &Arc<Transfer>, mut plan: Plan) -> bool {
+        let (copies, kernel) = (std::mem::take(&mut plan.copies), plan.kernel);
         // SAFETY: every local range lies in a live registration of this engine (checked at post and
         // not removed, under this connection's lock); every remote one either lies in a window the
         // owner in this process authorized (its region not removed, under the owner's connection
         // lock) or in a mapped window of an owner's grant. The regions stay counted, and the
         // mappings held, until the batch's event fired.
-        match unsafe { q.issue_known(&copies, kernel) } {
-            Ok(event) => {
-                let event = Arc::new(event);
-                let batch = Batch {
-                    event,
-                    queue,
-                    transfer: transfer.clone(),
-                    parts,
-                    regions,
-                    remote_regions,
-                    mappings,
-                    answer: None,
-                };
-                ipc.push(batch, &self.core().waker);
-                true
-            }
-            Err(e) => {
-                for r in &regions {
-                    r.copy_ended();
+        self.issue_with(ipc, transfer, plan, |q| unsafe { q.issue_known(&copies, kernel) })
+    }
+
+    /// Records `plan`'s batch, its copies queued by `queue_copies`; a failure fails its parts.
+    /// Whether a batch is now in flight.
+    fn issue_with(
+        &self,
+        ipc: &mut IpcState,
+        transfer: &Arc<Transfer>,
+        plan: Plan,
+        queue_copies: impl FnOnce(&mut CopyQueue) -> Result<Event>,
+    ) -> bool {
+        if plan.parts.is_empty() {
+            return false;
+        }
+        let Plan { gpu, parts, regions, remote_regions, mappings, .. } = plan;
+        let n = parts.len();
+        let hold = Hold {
+            transfer: transfer.clone(),
+            parts,
+            regions,
+            counted: Vec::new(),
+            remote_regions,
+            mappings,
+            answer: None,
+        };
+        match ipc.issue(&gpu, hold, &self.core().waker, queue_copies) {
+            Ok(()) => true,
+            Err(NotIssued::NoQueue(e) | NotIssued::Failed(e)) => {
+                for _ in 0..n {
+                    transfer.finish_part(Err(e.clone()));
                 }
-                fail(e);
                 false
             }
         }

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use super::ipc::{Batch, IpcState};
+use super::ipc::{Hold, IpcState, NotIssued};
 use crate::cuda::Gpu;
 use crate::cuda::device_copy::DeviceCopy;
 use crate::cuda::ipc::Mapping;
@@ -133,9 +133,9 @@ fn device_of(region: &Region) -> Option<i32> {
     }
 }
 
-/// What a batch holds until its copy is over.
+/// What a batch holds until its copy is over, besides the receive's part.
 struct Held {
-    /// Regions of this process, counted.
+    /// Regions of this process, counted with the batch.
     regions: Vec<Arc<Region>>,
     /// The peer process's regions, whose revocation waits.
     remote_regions: Vec<u64>,
@@ -155,41 +155,25 @@ fn issue(
     counted: Option<&Arc<Region>>,
 ) -> Received {
     let Held { regions, remote_regions, mappings } = held;
-    let (queue, q) = match ipc.queue(gpu) {
-        Ok(queue) => queue,
-        Err(e) => {
-            log::warn!("no copy queue on GPU {}: {e}; the peer's message takes the channels", gpu.ordinal());
-            return Received::Declined;
-        }
+    let hold = Hold {
+        transfer: recv.transfer.clone(),
+        parts: vec![recv.len],
+        regions,
+        counted: counted.into_iter().cloned().collect(),
+        remote_regions,
+        mappings,
+        answer: Some(recv.peer_op),
     };
-    // Counted before the copy: a deregistration of any of them now waits for it.
-    for r in &regions {
-        r.copy_started();
-    }
     // SAFETY: `fit` admitted `len` bytes of the receive's live registration from its address (not
     // cut, under the connection's lock); the source lies in the peer's mapped allocation (held by
     // the batch) or in its live registration of this process. The regions stay counted, and the
     // mappings held, until the batch finished.
-    match unsafe { q.issue_known(&[copy], None) } {
-        Ok(event) => {
-            let batch = Batch {
-                event: Arc::new(event),
-                queue,
-                transfer: recv.transfer.clone(),
-                parts: vec![recv.len],
-                regions: regions.into_iter().chain(counted.cloned()).collect(),
-                remote_regions,
-                mappings,
-                answer: Some(recv.peer_op),
-            };
-            ipc.push(batch, &core.waker);
-            Received::Issued
+    match ipc.issue(gpu, hold, &core.waker, |q| unsafe { q.issue_known(&[copy], None) }) {
+        Ok(()) => Received::Issued,
+        Err(NotIssued::NoQueue(e)) => {
+            log::warn!("no copy queue on GPU {}: {e}; the peer's message takes the channels", gpu.ordinal());
+            Received::Declined
         }
-        Err(e) => {
-            for r in &regions {
-                r.copy_ended();
-            }
-            Received::Failed(e)
-        }
+        Err(NotIssued::Failed(e)) => Received::Failed(e),
     }
 }

@@ -80,6 +80,28 @@ pub(crate) struct Batch {
     pub answer: Option<u64>,
 }
 
+/// What a batch holds until its copies are over, besides its event: see [`Batch`].
+pub(crate) struct Hold {
+    pub transfer: Arc<Transfer>,
+    pub parts: Vec<u64>,
+    /// Counted by `IpcState::issue` before the first copy.
+    pub regions: Vec<Arc<Region>>,
+    /// Counted by the caller already; their counts end with the batch, or stay the caller's to
+    /// end when nothing was queued.
+    pub counted: Vec<Arc<Region>>,
+    pub remote_regions: Vec<u64>,
+    pub mappings: Vec<Mapping>,
+    pub answer: Option<u64>,
+}
+
+/// Why `IpcState::issue` queued nothing.
+pub(crate) enum NotIssued {
+    /// The GPU's copy queue could not be made.
+    NoQueue(Error),
+    /// Queuing the copies failed (those queued before the failure were waited for).
+    Failed(Error),
+}
+
 /// A peer's allocation mapped for its offered messages (IpcSend), by its region and the GPU that
 /// maps it.
 struct SentMap {
@@ -347,10 +369,43 @@ impl IpcState {
         Ok((at, &mut self.queues[at]))
     }
 
+    /// Queues copies on `gpu`'s queue with `queue_copies`, which returns the event behind them,
+    /// and records the batch that holds `hold` until it fired. `hold.regions` are counted before the
+    /// first copy (a deregistration that removed one of them now waits for it) and the counts
+    /// undone when nothing was queued.
+    pub fn issue(
+        &mut self,
+        gpu: &Arc<Gpu>,
+        hold: Hold,
+        waker: &Waker,
+        queue_copies: impl FnOnce(&mut CopyQueue) -> Result<Event>,
+    ) -> std::result::Result<(), NotIssued> {
+        let Hold { transfer, parts, regions, counted, remote_regions, mappings, answer } = hold;
+        let (queue, q) = self.queue(gpu).map_err(NotIssued::NoQueue)?;
+        for r in &regions {
+            r.copy_started();
+        }
+        match queue_copies(q) {
+            Ok(event) => {
+                let regions = regions.into_iter().chain(counted).collect();
+                let event = Arc::new(event);
+                let batch = Batch { event, queue, transfer, parts, regions, remote_regions, mappings, answer };
+                self.push(batch, waker);
+                Ok(())
+            }
+            Err(e) => {
+                for r in &regions {
+                    r.copy_ended();
+                }
+                Err(NotIssued::Failed(e))
+            }
+        }
+    }
+
     /// Records a batch in flight; the caller counted its regions. A batch only its caller awaits
     /// wakes the progress thread only from a park for good (`Waker::caller_copies`); one that
     /// answers the peer wakes it to be polled.
-    pub fn push(&mut self, batch: Batch, waker: &Waker) {
+    fn push(&mut self, batch: Batch, waker: &Waker) {
         if batch.answer.is_some() {
             waker.device_copies.add();
             waker.wake();
@@ -619,22 +674,20 @@ mod tests {
         let mut st = IpcState::default();
         let issue = |st: &mut IpcState, len: usize| {
             let transfer = transfers.create(1, 1, None);
-            let (queue, q) = st.queue(&gpu).unwrap();
             let copy =
                 DeviceCopy { dst: dst.addr() as u64, dst_gpu: Some(0), src: src.addr() as u64, src_gpu: Some(0), len };
-            // SAFETY: both buffers live until the end of the test, after every batch was waited for.
-            let event = Arc::new(unsafe { q.issue(&[copy]) }.unwrap());
-            let batch = Batch {
-                event,
-                queue,
+            let hold = Hold {
                 transfer: transfer.clone(),
                 parts: vec![len as u64],
                 regions: Vec::new(),
+                counted: Vec::new(),
                 remote_regions: Vec::new(),
                 mappings: Vec::new(),
                 answer: None,
             };
-            st.push(batch, &waker);
+            // SAFETY: both buffers live until the end of the test, after every batch was waited for.
+            let issued = st.issue(&gpu, hold, &waker, |q| unsafe { q.issue(&[copy]) });
+            assert!(issued.is_ok(), "the copy was queued");
             transfer
         };
         let (first, second) = (issue(&mut st, 8 << 20), issue(&mut st, 4096));
