@@ -27,6 +27,7 @@ usage: nixl_plugin_bench.py [--rounds N] [--sizes 4K,1M,64M] [--setups tcpx-net,
                             [--vram I,T] [--json FILE]
        nixl_plugin_bench.py --kv 8x1024x256x16K [--kv-requests N] [--rounds N] [--setups ...]
        nixl_plugin_bench.py --breakdown [--bench PATH] [--rounds N] [--sizes 4K,1M] [--vram I,T]
+                            [--initiator-param UCCL_TCPX_CONTROL_SPIN_US=0 ...]
 """
 
 import argparse
@@ -67,6 +68,9 @@ if os.environ.get("UCCL_TCPX_FAKE_PLUGIN"):
 ITERS = {4 << 10: 200, 1 << 20: 50, 64 << 20: 8}
 # The GPUs of the initiator's and the target's memory (--vram); None: host memory.
 VRAM = None
+# Backend parameters of the initiator's TCPX backend alone (--initiator-param), such as an engine
+# setting (UCCL_TCPX_...) tried on one side.
+INITIATOR_PARAMS = {}
 
 
 def end_target(proc, saved):
@@ -117,6 +121,8 @@ def make_agent(name, setup, gpu):
     params = dict(params)
     if backend == "TCPX" and gpu is not None:
         params["gpu"] = str(gpu)
+    if backend == "TCPX" and name == "initiator":
+        params.update(INITIATOR_PARAMS)
     agent = nixl_agent(name, nixl_agent_config(backends=[]))
     agent.create_backend(backend, params)
     return agent
@@ -590,8 +596,15 @@ def main():
     ap.add_argument("--kv-requests", type=int, default=10, help="KV requests per op and round")
     ap.add_argument("--breakdown", action="store_true", help="where a request's time goes (--sizes default 4K,1M)")
     ap.add_argument("--bench", metavar="PATH", help="with --breakdown: uccl-tcpx-bench, run in every round")
+    ap.add_argument("--initiator-param", metavar="KEY=VALUE", action="append", default=[],
+                    help="a backend parameter of the initiator's TCPX backend only (repeatable)")
     args = ap.parse_args()
     global VRAM
+    for kv in args.initiator_param:
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            ap.error(f"--initiator-param takes KEY=VALUE, not {kv!r}")
+        INITIATOR_PARAMS[key] = value
     if args.vram:
         gpus = args.vram.split(",")
         if len(gpus) != 2 or not all(g.isdigit() for g in gpus):
