@@ -19,8 +19,8 @@ the initiator thread's CPU time in make_prepped_xfer and in transfer() per descr
 wall time of a post on a busy host hides (the caller loses its core to the threads moving the bytes).
 
 With --breakdown, instead: where one request's time goes (see breakdown_measure), on the same-host
-path (tcpx-local) by default, against uccl-tcpx-bench --same-host on the same sizes in the same
-rounds when --bench names its binary.
+path (tcpx-local) by default, against uccl-tcpx-bench on the same path and sizes in the same rounds
+when --bench names its binary (--same-host for tcpx-local).
 
 usage: nixl_plugin_bench.py [--rounds N] [--sizes 4K,1M,64M] [--setups tcpx-net,tcpx-local,ucx-tcp,ucx]
                             (with --vram: tcpx-net,tcpx-local,ucx-tcp-cuda,ucx)
@@ -206,6 +206,8 @@ def measure(setup, size, many):
 # on a handle already DONE (the agent answers from its own state, reaching no backend; the plugin's
 # count confirms it), and os.sched_yield (what the loop adds per poll).
 BREAKDOWN_ITERS = {4 << 10: 2000, 1 << 20: 500}
+# The setups uccl-tcpx-bench has a path of: whether it runs with --same-host for them.
+BENCH_SAME_HOST = {"tcpx-local": True, "tcpx-net": False}
 FLOOR_CALLS = 2000
 
 
@@ -306,10 +308,12 @@ def breakdown_measure(setup, size):
         end_target(proc, saved)
 
 
-def bench_points(bench, sizes):
-    """{(op, size): (p50 us, GB/s, post p50 us)} of uccl-tcpx-bench --same-host on `sizes`, this memory."""
-    cmd = [bench, "--same-host", "--ops", "write,read", "--no-baseline", "--json",
-           "--sizes", ",".join(str(s) for s in sizes)]
+def bench_points(bench, sizes, same_host):
+    """{(op, size): (p50 us, GB/s, post p50 us)} of uccl-tcpx-bench on `sizes`, this memory, on the
+    same-host path or the network path."""
+    cmd = [bench, "--ops", "write,read", "--no-baseline", "--json", "--sizes", ",".join(str(s) for s in sizes)]
+    if same_host:
+        cmd.append("--same-host")
     if VRAM:
         cmd += ["--device", "gpu", "--gpu", str(VRAM[0]), "--peer-gpu", str(VRAM[1])]
     res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
@@ -319,10 +323,13 @@ def bench_points(bench, sizes):
 def breakdown_main(sizes, setups, rounds, bench):
     rows = {}  # (setup, op, size) -> [per-round dict]
     for r in range(rounds):
-        anchor = bench_points(bench, sizes) if bench else {}
+        # The bench on each setup's path (other setups have none).
+        paths = {BENCH_SAME_HOST[s] for s in setups if s in BENCH_SAME_HOST}
+        anchors = {same: bench_points(bench, sizes, same) for same in paths} if bench else {}
         for size in sizes:
             for setup in setups:
                 got = breakdown_measure(setup, size)
+                anchor = anchors.get(BENCH_SAME_HOST.get(setup), {})
                 for op in ("WRITE", "READ"):
                     row = dict(got[op], yield_us=got["yield"])
                     if (op, size) in anchor:
