@@ -139,6 +139,31 @@ struct TcpxReq : nixlBackendReqH {
     bool in_flight = false;
     bool has_notif = false;
     std::string notif;
+    // Under UCCL_TCPX_NIXL_CALL_TIMES only: the calls NIXL made into this request and the time
+    // they took (postXfer's includes the check it ends with).
+    uint64_t posts = 0, post_ns = 0, checks = 0, check_ns = 0, done_at_post = 0;
+};
+
+uint64_t now_ns() {
+    return static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+            .count());
+}
+
+// Adds the time from its construction to its destruction to `*total` (nothing when `total` is
+// NULL, which is how the calls go untimed).
+class CallTimer {
+public:
+    explicit CallTimer(uint64_t *total) : total_(total), start_(total ? now_ns() : 0) {}
+    ~CallTimer() {
+        if (total_) *total_ += now_ns() - start_;
+    }
+    CallTimer(const CallTimer &) = delete;
+    CallTimer &operator=(const CallTimer &) = delete;
+
+private:
+    uint64_t *total_;
+    uint64_t start_;
 };
 
 // Connection info: "tcpx1;" + the engine's metadata "ip:port?gpu" or "[ip6]:port?gpu".
@@ -210,6 +235,12 @@ public:
         }
         conn_info_ = std::string(kConnInfoPrefix) + meta;
         uccl_engine_free_string(meta);
+        // What share of a NIXL request's time is this backend's (scripts/nixl_plugin_bench.py
+        // --breakdown): each request's calls and their time, one line per request at its release.
+        if (const char *path = std::getenv("UCCL_TCPX_NIXL_CALL_TIMES"); path && *path) {
+            call_times_ = std::fopen(path, "a");
+            if (!call_times_) log_error(std::string("cannot open UCCL_TCPX_NIXL_CALL_TIMES file ") + path);
+        }
         acceptor_ = std::thread([this] { accept_loop(); });
     }
 
@@ -226,6 +257,7 @@ public:
             delete md;
         }
         uccl_engine_destroy(engine_);
+        if (call_times_) std::fclose(call_times_);
     }
 
     bool supportsRemote() const override { return true; }
@@ -483,6 +515,8 @@ public:
         try {
             auto *req = static_cast<TcpxReq *>(handle);
             if (!req) return NIXL_ERR_INVALID_PARAM;
+            CallTimer timer(call_times_ ? &req->post_ns : nullptr);
+            req->posts += call_times_ != nullptr;
             if (req->in_flight) return NIXL_ERR_REPOST_ACTIVE;
             req->has_notif = opt_args && opt_args->hasNotif;
             req->notif = req->has_notif ? opt_args->notifMsg : std::string();
@@ -499,42 +533,20 @@ public:
             }
             req->in_flight = true;
             // Small transfers are often done already: reporting that now saves the caller a check.
-            return checkXfer(req);
+            nixl_status_t status = check(req);
+            req->done_at_post += call_times_ && status == NIXL_SUCCESS;
+            return status;
         } catch (...) {
             return NIXL_ERR_BACKEND;
         }
     }
 
     nixl_status_t checkXfer(nixlBackendReqH *handle) const override {
-        try {
-            auto *req = static_cast<TcpxReq *>(handle);
-            if (!req) return NIXL_ERR_INVALID_PARAM;
-            if (!req->in_flight) return NIXL_ERR_NOT_POSTED;
-            int rc = uccl_engine_poll(req->conn, req->id, nullptr);
-            if (rc == 1) return NIXL_IN_PROG;
-            req->in_flight = false;
-            if (rc != 0) {
-                auto status = failed(to_nixl(rc), "transfer to agent " + req->agent + " failed: " + engine_error());
-                forget_if_gone(status, req->agent, req->conn);
-                return status;
-            }
-            addTelemetry(req->op == NIXL_WRITE ? nixl_telemetry_event_type_t::AGENT_TX_BYTES
-                                               : nixl_telemetry_event_type_t::AGENT_RX_BYTES,
-                         req->bytes);
-            if (req->has_notif) {
-                rc = uccl_engine_send_notif_v(req->conn, localAgent.data(), localAgent.size(), req->notif.data(),
-                                              req->notif.size());
-                if (rc != 0) {
-                    auto status =
-                        failed(to_nixl(rc), "notification to agent " + req->agent + " failed: " + engine_error());
-                    forget_if_gone(status, req->agent, req->conn);
-                    return status;
-                }
-            }
-            return NIXL_SUCCESS;
-        } catch (...) {
-            return NIXL_ERR_BACKEND;
-        }
+        auto *req = static_cast<TcpxReq *>(handle);
+        if (!req) return NIXL_ERR_INVALID_PARAM;
+        CallTimer timer(call_times_ ? &req->check_ns : nullptr);
+        req->checks += call_times_ != nullptr;
+        return check(req);
     }
 
     nixl_status_t releaseReqH(nixlBackendReqH *handle) const override {
@@ -543,6 +555,17 @@ public:
         // The engine copied the vectors at post and keeps nothing of ours: give up the id and let
         // the transfer end on its own. The memory stays safe until deregisterMem, which fences it.
         if (req->in_flight) uccl_tcpx_forget(req->conn, req->id);
+        if (call_times_) {
+            std::fprintf(call_times_,
+                         "op=%s bytes=%llu pieces=%zu posts=%llu post_ns=%llu done_at_post=%llu checks=%llu "
+                         "check_ns=%llu\n",
+                         req->op == NIXL_WRITE ? "WRITE" : "READ", static_cast<unsigned long long>(req->bytes),
+                         req->pieces.size(), static_cast<unsigned long long>(req->posts),
+                         static_cast<unsigned long long>(req->post_ns),
+                         static_cast<unsigned long long>(req->done_at_post),
+                         static_cast<unsigned long long>(req->checks), static_cast<unsigned long long>(req->check_ns));
+            std::fflush(call_times_);
+        }
         delete req;
         return NIXL_SUCCESS;
     }
@@ -590,6 +613,37 @@ public:
     }
 
 private:
+    // checkXfer's work, which postXfer ends with too.
+    nixl_status_t check(TcpxReq *req) const {
+        try {
+            if (!req->in_flight) return NIXL_ERR_NOT_POSTED;
+            int rc = uccl_engine_poll(req->conn, req->id, nullptr);
+            if (rc == 1) return NIXL_IN_PROG;
+            req->in_flight = false;
+            if (rc != 0) {
+                auto status = failed(to_nixl(rc), "transfer to agent " + req->agent + " failed: " + engine_error());
+                forget_if_gone(status, req->agent, req->conn);
+                return status;
+            }
+            addTelemetry(req->op == NIXL_WRITE ? nixl_telemetry_event_type_t::AGENT_TX_BYTES
+                                               : nixl_telemetry_event_type_t::AGENT_RX_BYTES,
+                         req->bytes);
+            if (req->has_notif) {
+                rc = uccl_engine_send_notif_v(req->conn, localAgent.data(), localAgent.size(), req->notif.data(),
+                                              req->notif.size());
+                if (rc != 0) {
+                    auto status =
+                        failed(to_nixl(rc), "notification to agent " + req->agent + " failed: " + engine_error());
+                    forget_if_gone(status, req->agent, req->conn);
+                    return status;
+                }
+            }
+            return NIXL_SUCCESS;
+        } catch (...) {
+            return NIXL_ERR_BACKEND;
+        }
+    }
+
     // The connection to `agent`, made on first use from its loaded connection info (our own for
     // the agent itself).
     nixl_status_t conn_for(const std::string &agent, uccl_conn_t *&out) const {
@@ -700,6 +754,8 @@ private:
     uccl_engine_t *engine_ = nullptr;
     std::string conn_info_;
     std::thread acceptor_;
+    // UCCL_TCPX_NIXL_CALL_TIMES's file, open when set: requests' calls are timed then.
+    std::FILE *call_times_ = nullptr;
     mutable std::mutex mu_;
     mutable std::map<std::string, uccl_conn_t *> conns_;
     // Per agent, held while a connection to it is being made.

@@ -18,10 +18,16 @@ pull mode and its push variant, timed against one descriptor of the same bytes (
 the initiator thread's CPU time in make_prepped_xfer and in transfer() per descriptor, which the
 wall time of a post on a busy host hides (the caller loses its core to the threads moving the bytes).
 
+With --breakdown, instead: where one request's time goes (see breakdown_measure), on the same-host
+path (tcpx-local) by default, against uccl-tcpx-bench on the same path and sizes in the same rounds
+when --bench names its binary (--same-host for tcpx-local).
+
 usage: nixl_plugin_bench.py [--rounds N] [--sizes 4K,1M,64M] [--setups tcpx-net,tcpx-local,ucx-tcp,ucx]
                             (with --vram: tcpx-net,tcpx-local,ucx-tcp-cuda,ucx)
                             [--vram I,T] [--json FILE]
        nixl_plugin_bench.py --kv 8x1024x256x16K [--kv-requests N] [--rounds N] [--setups ...]
+       nixl_plugin_bench.py --breakdown [--bench PATH] [--rounds N] [--sizes 4K,1M] [--vram I,T]
+                            [--initiator-param UCCL_TCPX_CONTROL_SPIN_US=0 ...]
 """
 
 import argparse
@@ -29,7 +35,9 @@ import json
 import multiprocessing as mp
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -60,6 +68,9 @@ if os.environ.get("UCCL_TCPX_FAKE_PLUGIN"):
 ITERS = {4 << 10: 200, 1 << 20: 50, 64 << 20: 8}
 # The GPUs of the initiator's and the target's memory (--vram); None: host memory.
 VRAM = None
+# Backend parameters of the initiator's TCPX backend alone (--initiator-param), such as an engine
+# setting (UCCL_TCPX_...) tried on one side.
+INITIATOR_PARAMS = {}
 
 
 def end_target(proc, saved):
@@ -110,6 +121,8 @@ def make_agent(name, setup, gpu):
     params = dict(params)
     if backend == "TCPX" and gpu is not None:
         params["gpu"] = str(gpu)
+    if backend == "TCPX" and name == "initiator":
+        params.update(INITIATOR_PARAMS)
     agent = nixl_agent(name, nixl_agent_config(backends=[]))
     agent.create_backend(backend, params)
     return agent
@@ -182,6 +195,174 @@ def measure(setup, size, many):
     finally:
         end_target(proc, saved)
 
+
+
+# ---- Breakdown (--breakdown): where one request's time goes ----------------------------------------
+# Each request is timed as above (transfer() to DONE), and within it: the transfer() call, each
+# check_xfer_state call, and the polls. Our plugin, with UCCL_TCPX_NIXL_CALL_TIMES naming a file,
+# appends per request handle the calls NIXL made into it and the nanoseconds they took (postXfer,
+# which ends with a check, and checkXfer), so NIXL's own part of transfer() and of check_xfer_state
+# is what the call took less what the plugin took inside it. NIXL's floor, per call: check_xfer_state
+# on a handle already DONE (the agent answers from its own state, reaching no backend; the plugin's
+# count confirms it), and os.sched_yield (what the loop adds per poll).
+BREAKDOWN_ITERS = {4 << 10: 2000, 1 << 20: 500}
+# The setups uccl-tcpx-bench has a path of: whether it runs with --same-host for them.
+BENCH_SAME_HOST = {"tcpx-local": True, "tcpx-net": False}
+FLOOR_CALLS = 2000
+
+
+def read_call_times(path):
+    """The plugin's lines, oldest first, as dicts of ints (op stays a string)."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            row = dict(kv.split("=", 1) for kv in line.split())
+            rows.append({k: (v if k == "op" else int(v)) for k, v in row.items()})
+    return rows
+
+
+def timed_requests(agent, handle, iters):
+    """(total s, transfer() s, check_xfer_state calls, their s) of each of `iters` requests."""
+    out = []
+    clock = time.perf_counter
+    for _ in range(iters):
+        start = clock()
+        state = agent.transfer(handle)
+        posted = clock()
+        checks, in_checks = 0, 0.0
+        while state == "PROC":
+            os.sched_yield()
+            t = clock()
+            state = agent.check_xfer_state(handle)
+            in_checks += clock() - t
+            checks += 1
+        if state != "DONE":
+            raise RuntimeError(f"transfer ended {state}")
+        out.append((clock() - start, posted - start, checks, in_checks))
+    return out
+
+
+def call_floor(call):
+    """Seconds per call of `call`, over FLOOR_CALLS calls."""
+    start = time.perf_counter()
+    for _ in range(FLOOR_CALLS):
+        call()
+    return (time.perf_counter() - start) / FLOOR_CALLS
+
+
+def breakdown_measure(setup, size):
+    """{op: dict of per-request means (us) and counts} for one descriptor of `size` bytes."""
+    saved = dict(os.environ)
+    os.environ.update(SETUPS[setup][2])
+    ctx = mp.get_context("spawn")
+    pipe, child = ctx.Pipe()
+    proc = ctx.Process(target=target, args=(child, setup, size, VRAM), daemon=True)
+    proc.start()
+    fd, times_path = tempfile.mkstemp(prefix="nixl-call-times-")
+    os.close(fd)
+    try:
+        if not pipe.poll(60):
+            raise RuntimeError("the target did not start")
+        meta, remote_buf = pipe.recv()
+        gpu = VRAM[0] if VRAM else None
+        # Only the initiator's plugin times its calls: the target was started without it.
+        os.environ["UCCL_TCPX_NIXL_CALL_TIMES"] = times_path
+        agent = make_agent("initiator", setup, gpu)
+        buf = Buffer(max(size, 10000 * 4096), 1, gpu)
+        buf.register(agent)
+        peer = agent.add_remote_agent(meta)
+        iters = BREAKDOWN_ITERS.get(size, 20)
+        out = {}
+        for op in ("WRITE", "READ"):
+            local = buf.descs(agent, [(0, size)])
+            remote = xfer_descs(agent, remote_buf, [(0, size)])
+            warm = agent.initialize_xfer(op, local, remote, peer)
+            timed_requests(agent, warm, 3)
+            agent.release_xfer_handle(warm)
+            handle = agent.initialize_xfer(op, local, remote, peer)
+            reqs = timed_requests(agent, handle, iters)
+            done_check = call_floor(lambda: agent.check_xfer_state(handle))
+            agent.release_xfer_handle(handle)
+            plugin = read_call_times(times_path)[-1]
+            polls = sum(r[2] for r in reqs)
+            if plugin["op"] != op or plugin["posts"] != iters or plugin["checks"] != polls:
+                raise RuntimeError(f"the plugin saw {plugin}, the loop {iters} posts and {polls} checks")
+            mean = lambda k: statistics.mean(r[k] for r in reqs) * 1e6  # noqa: E731
+            out[op] = {
+                "p50": statistics.median(r[0] for r in reqs) * 1e6,
+                "total": mean(0),
+                "transfer": mean(1),
+                "transfer_p50": statistics.median(r[1] for r in reqs) * 1e6,
+                "checks": mean(3),
+                "polls": polls / iters,
+                "post_ns": plugin["post_ns"] / iters / 1e3,
+                "check_ns": plugin["check_ns"] / iters / 1e3,
+                "done_at_post": plugin["done_at_post"] / iters,
+                "done_check": done_check * 1e6,
+            }
+        out["yield"] = call_floor(os.sched_yield) * 1e6
+        pipe.send("done")
+        return out
+    finally:
+        os.unlink(times_path)
+        end_target(proc, saved)
+
+
+def bench_points(bench, sizes, same_host):
+    """{(op, size): (p50 us, GB/s, post p50 us)} of uccl-tcpx-bench on `sizes`, this memory, on the
+    same-host path or the network path."""
+    cmd = [bench, "--ops", "write,read", "--no-baseline", "--json", "--sizes", ",".join(str(s) for s in sizes)]
+    if same_host:
+        cmd.append("--same-host")
+    if VRAM:
+        cmd += ["--device", "gpu", "--gpu", str(VRAM[0]), "--peer-gpu", str(VRAM[1])]
+    res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    return {(r["op"].upper(), r["size"]): (r["p50_us"], r["gb_per_s"], r["post_p50_us"]) for r in res["results"]}
+
+
+def breakdown_main(sizes, setups, rounds, bench):
+    rows = {}  # (setup, op, size) -> [per-round dict]
+    for r in range(rounds):
+        # The bench on each setup's path (other setups have none).
+        paths = {BENCH_SAME_HOST[s] for s in setups if s in BENCH_SAME_HOST}
+        anchors = {same: bench_points(bench, sizes, same) for same in paths} if bench else {}
+        for size in sizes:
+            for setup in setups:
+                got = breakdown_measure(setup, size)
+                anchor = anchors.get(BENCH_SAME_HOST.get(setup), {})
+                for op in ("WRITE", "READ"):
+                    row = dict(got[op], yield_us=got["yield"])
+                    if (op, size) in anchor:
+                        p50, gbps, post = anchor[(op, size)]
+                        row["bench_p50"], row["bench_post"] = p50, post
+                        row["x_p50"] = row["p50"] / p50
+                        row["x_rate"] = size / row["total"] / 1e3 / gbps
+                    rows.setdefault((setup, op, size), []).append(row)
+        print(f"breakdown round {r + 1} of {rounds} done", file=sys.stderr, flush=True)
+    print(
+        "Per request, us (medians over rounds of each round's mean; p50: median request). NIXL's own: "
+        "transfer() less our postXfer, check_xfer_state less our checkXfer. bench: its p50 and its post "
+        "call's p50; x bench: p50 over the bench's p50, rate over its GB/s, same round."
+    )
+    print(
+        "| setup | op | size | p50 | mean | transfer() | transfer() p50 | our postXfer | done at post | polls | checks | our checkXfer "
+        "| NIXL's own | ours | loop+wait | check on DONE | sched_yield | bench p50 | bench post | x bench p50 "
+        "| x bench rate |"
+    )
+    print("|---|---|---|" + "---|" * 18)
+    for (setup, op, size), vals in rows.items():
+        m = {k: statistics.median(v[k] for v in vals) for k in vals[0]}
+        nixl = statistics.median(v["transfer"] - v["post_ns"] + v["checks"] - v["check_ns"] for v in vals)
+        ours = statistics.median(v["post_ns"] + v["check_ns"] for v in vals)
+        rest = statistics.median(v["total"] - v["transfer"] - v["checks"] for v in vals)
+        name = f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
+        x = [f"{m[k]:.2f}" if k in m else "-" for k in ("bench_p50", "bench_post", "x_p50", "x_rate")]
+        print(
+            f"| {setup} | {op} | {name} | {m['p50']:.1f} | {m['total']:.1f} | {m['transfer']:.2f} | {m['transfer_p50']:.2f} | {m['post_ns']:.2f} "
+            f"| {m['done_at_post']:.2f} | {m['polls']:.1f} | {m['checks']:.2f} | {m['check_ns']:.2f} | {nixl:.2f} "
+            f"| {ours:.2f} | {rest:.2f} | {m['done_check']:.3f} | {m['yield_us']:.3f} | {' | '.join(x)} |"
+        )
+    return rows
 
 
 # ---- KV case (--kv): a reader shaped like vLLM's NixlConnector in pull mode ----------------------
@@ -414,14 +595,23 @@ def kv_main(shape, setups, rounds, requests):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--sizes", default="4K,1M,64M")
+    ap.add_argument("--sizes", help="default 4K,1M,64M")
     ap.add_argument("--setups", help="comma-separated, of " + ", ".join(SETUPS))
     ap.add_argument("--json", help="also write every measurement here")
     ap.add_argument("--vram", metavar="I,T", help="GPU memory: the initiator's on GPU I, the target's on GPU T")
     ap.add_argument("--kv", metavar="RxBxPxS", help="the KV case instead of the sizes, e.g. 8x1024x256x16K")
     ap.add_argument("--kv-requests", type=int, default=10, help="KV requests per op and round")
+    ap.add_argument("--breakdown", action="store_true", help="where a request's time goes (--sizes default 4K,1M)")
+    ap.add_argument("--bench", metavar="PATH", help="with --breakdown: uccl-tcpx-bench, run in every round")
+    ap.add_argument("--initiator-param", metavar="KEY=VALUE", action="append", default=[],
+                    help="a backend parameter of the initiator's TCPX backend only (repeatable)")
     args = ap.parse_args()
     global VRAM
+    for kv in args.initiator_param:
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            ap.error(f"--initiator-param takes KEY=VALUE, not {kv!r}")
+        INITIATOR_PARAMS[key] = value
     if args.vram:
         gpus = args.vram.split(",")
         if len(gpus) != 2 or not all(g.isdigit() for g in gpus):
@@ -430,7 +620,14 @@ def main():
     if args.kv:
         kv_main(parse_kv(args.kv), args.setups.split(","), args.rounds, args.kv_requests)
         return
-    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    if args.breakdown:
+        sizes = [parse_size(s) for s in (args.sizes or "4K,1M").split(",")]
+        setups = (args.setups or "tcpx-local").split(",")
+        if not all(SETUPS.get(x, ("",))[0] == "TCPX" for x in setups):
+            ap.error("--breakdown times our plugin's calls: TCPX setups only (tcpx-local, tcpx-net, ...)")
+        breakdown_main(sizes, setups, args.rounds, args.bench)
+        return
+    sizes = [parse_size(s) for s in (args.sizes or "4K,1M,64M").split(",")]
     default = ["tcpx-net", "tcpx-local", "ucx-tcp-cuda" if VRAM else "ucx-tcp", "ucx"]
     setups = args.setups.split(",") if args.setups else default
     unknown = [s for s in setups if s not in SETUPS]

@@ -6,19 +6,24 @@
 # every transfer completed.
 #
 # usage: scripts/nixl_plugin_bench.sh [--nixl VERSION] [--rounds N] [--sizes 4K,1M,64M] [--kv RxBxPxS]
-#   --kv  also the KV case of nixl_plugin_bench.py (e.g. 8x1024x256x16K: 2,048 blocks of 16 KiB a request)
+#                                      [--breakdown]
+#   --kv         also the KV case of nixl_plugin_bench.py (e.g. 8x1024x256x16K: 2,048 blocks of 16 KiB a request)
+#   --breakdown  instead: where a request's time goes on the same-host path, NIXL's calls against our
+#                plugin's, with uccl-tcpx-bench --same-host in every round (sizes default 4K,1M)
 # env: NIXL_PLUGIN_TESTS_DIR  work directory shared with nixl_plugin_tests.sh (default target/nixl-plugin)
 set -euo pipefail
 nixl_version=1.4.0
 rounds=3
-sizes=4K,1M,64M
+sizes=
 kv=
+breakdown=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
   --nixl) nixl_version="$2"; shift 2 ;;
   --rounds) rounds="$2"; shift 2 ;;
   --sizes) sizes="$2"; shift 2 ;;
   --kv) kv="$2"; shift 2 ;;
+  --breakdown) breakdown=1; shift ;;
   *) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2 ;;
   esac
 done
@@ -37,6 +42,13 @@ bench="${CARGO_TARGET_DIR:-$repo/target}/release/uccl-tcpx-bench"
 plugin_dir="$("$prefix/bin/uccl-tcpx-nixl-plugin-dir" --python "$venv/bin/python" --out "$work/plugins-$nixl_version")"
 
 echo "== host: $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg); NIXL $nixl_version"
+if ((breakdown)); then
+  echo "== NIXL on the same-host path, where a request's time goes, $rounds rounds"
+  (cd "$work" && NIXL_PLUGIN_DIR="$plugin_dir" "$venv/bin/python" "$repo/scripts/nixl_plugin_bench.py" \
+    --breakdown --bench "$bench" --rounds "$rounds" ${sizes:+--sizes "$sizes"})
+  exit
+fi
+sizes="${sizes:-4K,1M,64M}"
 echo "== NIXL, $rounds rounds (each cell: the range over rounds)"
 (cd "$work" && NIXL_PLUGIN_DIR="$plugin_dir" "$venv/bin/python" "$repo/scripts/nixl_plugin_bench.py" \
   --rounds "$rounds" --sizes "$sizes" --json "$work/nixl_plugin_bench.json")

@@ -638,6 +638,48 @@ def case_telemetry(results):
         results.check(ok, "telemetry on: transfers and a clean exit", f"{states[:1]}x{len(states)}, bytes {same}, files {files}, exit {proc.exitcode}")
 
 
+def case_call_times(results):
+    """UCCL_TCPX_NIXL_CALL_TIMES: one line per released request, counting the calls NIXL made
+    into it (what scripts/nixl_plugin_bench.py --breakdown reads), against the caller's count."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "calls")
+        os.environ["UCCL_TCPX_NIXL_CALL_TIMES"] = path
+        try:
+            t = TwoProcesses()  # the backend reads the variable when it is made
+        finally:
+            del os.environ["UCCL_TCPX_NIXL_CALL_TIMES"]
+        try:
+            local, remote = t.mem.descs(t.agent, [(0, 1 * MiB)]), t.remote([(0, 1 * MiB)])
+            handle = t.agent.initialize_xfer("WRITE", local, remote, t.peer)
+            states, checks, at_post = [], 0, 0
+            for _ in range(3):
+                state = t.agent.transfer(handle)
+                at_post += state == "DONE"
+                while state == "PROC":
+                    os.sched_yield()
+                    state = t.agent.check_xfer_state(handle)
+                    checks += 1
+                states.append(state)
+            t.agent.release_xfer_handle(handle)
+            # A handle released unposted: a line with no calls.
+            t.agent.release_xfer_handle(t.agent.initialize_xfer("READ", local, remote, t.peer))
+        finally:
+            t.close()
+        lines = open(path).read().splitlines() if os.path.exists(path) else []
+    rows = [dict(kv.split("=", 1) for kv in line.split()) for line in lines]
+    ok = states == ["DONE"] * 3 and len(rows) == 2
+    if ok:
+        w, r = rows
+        ok = (
+            (w["op"], w["bytes"], w["pieces"], w["posts"]) == ("WRITE", str(MiB), "1", "3")
+            and (int(w["checks"]), int(w["done_at_post"])) == (checks, at_post)
+            and int(w["post_ns"]) > 0
+            and (int(w["check_ns"]) > 0) == (checks > 0)
+            and (r["op"], r["posts"], r["checks"], r["post_ns"], r["check_ns"]) == ("READ", "0", "0", "0", "0")
+        )
+    results.check(ok, "call times: each request's calls counted", f"{states}, {checks} checks, {lines}")
+
+
 def ucx_child(pipe):
     a = nixl_agent("ucx-a", nixl_agent_config(backends=["UCX"]))
     b = nixl_agent("ucx-b", nixl_agent_config(backends=["UCX"]))
@@ -801,7 +843,7 @@ def main():
             sys.exit(f"--{key} takes DRAM or VRAM, not {value}")
         MEM[key] = int(value) if key == "gpu" else value
         args = args[2:]
-    cases = args or ["two_processes", "kv", "self", "notifs", "bad_input", "auth", "telemetry", "ucx"]
+    cases = args or ["two_processes", "kv", "self", "notifs", "bad_input", "auth", "telemetry", "call_times", "ucx"]
     results = Results()
     for case in cases:
         try:
@@ -830,6 +872,8 @@ def main():
                 case_auth_key(results)
             elif case == "telemetry":
                 case_telemetry(results)
+            elif case == "call_times":
+                case_call_times(results)
             elif case == "ucx":
                 case_wheel_plugins(results)
             else:
