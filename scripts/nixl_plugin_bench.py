@@ -469,7 +469,7 @@ def kv_target(pipe, setup, shape, gpu):
 
 def kv_measure(setup, shape, requests):
     """{op: [(make s, post s, done s, anchor done s, make CPU s, post CPU s)]} for `requests` requests of
-    each op (CPU: the calling thread's)."""
+    each op (CPU: the calling thread's), and {op: the first request's seconds to DONE}."""
     regions, blocks, block, per_req = shape
     saved = dict(os.environ)
     os.environ.update(SETUPS[setup][2])
@@ -494,7 +494,9 @@ def kv_measure(setup, shape, requests):
         anchor_remote = agent.prep_xfer_dlist(peer, [remote_anchor], remote_kind)
         target_rows = kv_pattern(regions, blocks, block, 2).reshape(-1, block)
         rng = np.random.default_rng(3)
-        out = {}
+        # Each op's untimed first request, to DONE: READ's is the agent's first request to its
+        # peer, which connects (the plugin connects on first use).
+        out, firsts = {}, {}
         for op in ("READ", "WRITE"):
             if op == "WRITE":
                 mem.fill(1)
@@ -532,13 +534,15 @@ def kv_measure(setup, shape, requests):
                     pipe.send(("check", tag, ridx, lidx))
                     if not pipe.poll(60) or not pipe.recv():
                         raise RuntimeError(f"{setup} KV WRITE {i}: wrong bytes or no notification at the target")
+                if i == 0:
+                    firsts[op] = done - start
                 if i >= 2:
                     cpu = ((cpu_made - cpu_start) * 1e-9, (cpu_posted - cpu_made) * 1e-9)
                     rows.append((made - start, posted - made, done - start, a_done - a_start) + cpu)
             out[op] = rows
         pipe.send(("done",))
         pipe.recv()
-        return out
+        return out, firsts
     finally:
         end_target(proc, saved)
 
@@ -563,21 +567,23 @@ def kv_main(shape, setups, rounds, requests):
         f"({n * block >> 20} MiB), {requests} requests per op and round; anchor: one descriptor of the same bytes"
     )
     got = {}  # (setup, op) -> rows over rounds
+    firsts = {}  # (setup, op) -> the first request's seconds to DONE, one per round
     for r in range(rounds):
         for setup in setups:
             try:
-                res = kv_measure(setup, shape, requests)
+                res, first = kv_measure(setup, shape, requests)
             except Exception as e:  # a setup that does not run here is reported, not fatal
                 print(f"round {r + 1}: {setup} KV: {e}", file=sys.stderr)
                 continue
             for op, rows in res.items():
                 got.setdefault((setup, op), []).extend(rows)
+                firsts.setdefault((setup, op), []).append(first[op])
         print(f"KV round {r + 1} of {rounds} done", file=sys.stderr, flush=True)
     print(
         "| setup | op | make ms | post ms | to DONE ms | GB/s | anchor ms | anchor GB/s | ratio | (make+post)/DONE "
-        "| x ucx | make CPU ns/desc | post CPU ns/desc |"
+        "| x ucx | make CPU ns/desc | post CPU ns/desc | first to DONE ms (x DONE) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (setup, op), rows in got.items():
         make, post, done, anchor, make_cpu, post_cpu = (statistics.median(col) for col in zip(*rows))
         ratio = statistics.median(r[3] / r[2] for r in rows)
@@ -588,7 +594,8 @@ def kv_main(shape, setups, rounds, requests):
         print(
             f"| {setup} | {op} | {make * 1e3:.2f} | {post * 1e3:.2f} | {done * 1e3:.2f} | {n * block / done / 1e9:.2f} "
             f"| {anchor * 1e3:.2f} | {n * block / anchor / 1e9:.2f} | {ratio:.2f} | {share:.2f} | {vs_ucx} "
-            f"| {make_cpu / n * 1e9:.0f} | {post_cpu / n * 1e9:.0f} |"
+            f"| {make_cpu / n * 1e9:.0f} | {post_cpu / n * 1e9:.0f} "
+            f"| {' '.join(f'{f * 1e3:.1f} ({f / done:.1f})' for f in firsts[(setup, op)])} |"
         )
     return got
 
@@ -618,7 +625,11 @@ def main():
             ap.error(f"--vram takes two GPU indices, I,T: {args.vram!r}")
         VRAM = (int(gpus[0]), int(gpus[1]))
     if args.kv:
-        kv_main(parse_kv(args.kv), args.setups.split(","), args.rounds, args.kv_requests)
+        kv_setups = args.setups.split(",") if args.setups else ["tcpx-net", "tcpx-local", "ucx"]
+        unknown = [s for s in kv_setups if s not in SETUPS]
+        if unknown:
+            ap.error(f"unknown setup {', '.join(unknown)}: one of {', '.join(SETUPS)}")
+        kv_main(parse_kv(args.kv), kv_setups, args.rounds, args.kv_requests)
         return
     if args.breakdown:
         sizes = [parse_size(s) for s in (args.sizes or "4K,1M").split(",")]
