@@ -370,9 +370,11 @@ mod tests {
         testkit::wait_until("timed parks, one after another", testkit::PATIENCE, || parks() >= before + 5);
         waker.caller_copies.remove();
         testkit::wait_until("a park for good once none is in flight", testkit::PATIENCE, || waker.parked_untimed());
+        // A timed park decided just before the count fell may still end once; parked a
+        // millisecond at a time, the thread would park dozens of times meanwhile.
         let settled = parks();
         std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(parks(), settled, "parked for good, the thread looked again");
+        assert!(parks() <= settled + 1, "parked for good, the thread looked again: {} parks after {settled}", parks());
         drop(thread);
     }
 
