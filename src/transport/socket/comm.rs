@@ -175,7 +175,7 @@ impl SendSide {
             if f.acks_overdue(self.shared.window.acked_upto(), delivered, now) && self.shared.ask_again() {
                 log::debug!("a send comm asks again for an acknowledgement overdue");
             }
-            for (k, late) in f.joining().collect::<Vec<_>>() {
+            for (k, late) in f.joining(now).collect::<Vec<_>>() {
                 if self.shared.is_open(k) {
                     if let Some((link, attempt)) = f.joined(k) {
                         Redialed::Joined.trace(self.shared.trace, k, link, attempt);

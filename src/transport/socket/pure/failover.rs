@@ -146,9 +146,8 @@ impl Failover {
         joined
     }
 
-    /// Re-dialed slots still joining: those past their time, and those that were.
-    pub fn joining(&self) -> impl Iterator<Item = (usize, bool)> + '_ {
-        let now = Instant::now();
+    /// Re-dialed slots still joining, each with whether it is past its time at `now`.
+    pub fn joining(&self, now: Instant) -> impl Iterator<Item = (usize, bool)> + '_ {
         self.joining.iter().map(move |&(k, by)| (k, now >= by))
     }
 }
@@ -203,7 +202,9 @@ mod tests {
         assert_eq!(f.due(t0 + bound), None, "one re-dial per dead link");
         // Slot 4 tries link 2 and fails: the next attempt waits twice as long, then four times.
         f.started(4, r, t0 + bound);
-        assert_eq!(f.joining().collect::<Vec<_>>(), vec![(4, false)]);
+        assert_eq!(f.joining(t0 + bound).collect::<Vec<_>>(), vec![(4, false)]);
+        let late = t0 + bound + bound * JOIN_BOUNDS;
+        assert_eq!(f.joining(late).collect::<Vec<_>>(), vec![(4, true)], "past its time to join");
         assert_eq!(f.dead(4, t0 + bound), Some((2, 1)), "the attempt that failed");
         assert_eq!(f.due(t0 + bound * 2), None);
         let r = f.due(t0 + bound * 3).expect("after twice the bound");
@@ -218,7 +219,7 @@ mod tests {
         // A slot that joined starts over.
         f.started(7, Redial { route: 1, attempt: 3, due: t0 }, t0);
         assert_eq!(f.joined(7), Some((1, 3)), "the attempt that joined");
-        assert_eq!(f.joining().count(), 0);
+        assert_eq!(f.joining(t0).count(), 0);
         assert_eq!(f.dead(7, t0), None, "a socket that carried pieces: no attempt failed");
         let r = f.due(t0 + bound).expect("after one bound again");
         assert_eq!((r.route, r.attempt), (1, 1));
