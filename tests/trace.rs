@@ -116,14 +116,26 @@ fn check_flows(rows: &[Row]) {
 }
 
 /// Every piece a socket sent landed on its peer socket whole, taken before its header was read,
-/// admitted after, landed last.
+/// admitted after, landed last. Every socket a comm added was filed by the receiving side, taken,
+/// and opened at the sender, in that order.
 fn check_sockets(rows: &[Row]) {
     type Key = (u64, u64, u64);
     let key = |r: &Row| (r.get("comm"), r.get("seq"), r.get("socket"));
     let mut first: HashMap<(&str, Key), u64> = HashMap::new();
     let mut bytes: HashMap<(bool, Key), u64> = HashMap::new();
     let mut last: HashMap<Key, u64> = HashMap::new();
-    for r in rows.iter().filter(|r| r.event.starts_with("sock_")) {
+    let mut joins: HashMap<(u64, u64), Vec<(&str, u64, u64)>> = HashMap::new();
+    for r in rows.iter().filter(|r| matches!(r.event.as_str(), "sock_dial" | "sock_filed" | "sock_opened")) {
+        let taken = if r.event == "sock_filed" { r.get("taken") } else { 1 };
+        joins.entry((r.get("comm"), r.get("socket"))).or_default().push((r.event.as_str(), r.ns, taken));
+    }
+    assert!(!joins.is_empty(), "the comms added sockets");
+    for (k, steps) in &joins {
+        let names: Vec<(&str, u64)> = steps.iter().map(|&(e, _, taken)| (e, taken)).collect();
+        assert_eq!(names, [("sock_dial", 1), ("sock_filed", 1), ("sock_opened", 1)], "{k:?}: {steps:?}");
+    }
+    let pieces = ["sock_take", "sock_sent", "sock_header", "sock_admit", "sock_landed"];
+    for r in rows.iter().filter(|r| pieces.contains(&r.event.as_str())) {
         first.entry((r.event.as_str(), key(r))).or_insert(r.ns);
         match r.event.as_str() {
             "sock_sent" => *bytes.entry((true, key(r))).or_default() += r.get("bytes"),

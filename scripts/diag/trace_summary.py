@@ -14,6 +14,8 @@ process, in microseconds as `p50 (min-max)`:
   failover per socket comm over several links: sockets declared dead and why, pieces sent again
            (for a dead socket, or to ask for an acknowledgement overdue), re-dials of dead links
            started, joined and failed
+  joins    per send comm that added sockets: dialed, taken or refused by the receiving side,
+           opened, and the time from dial to filing and from filing to the acknowledgement read
   UCCL_TCPX_TRACE=device,host,staging,socket:/tmp/t <run>
   scripts/diag/trace_summary.py /tmp/t"""
 import collections
@@ -243,6 +245,28 @@ def failover(evs, named):
               f'{steps["sock_rejoined"]} joined, {steps["sock_redial_failed"]} failed')
 
 
+def joins(evs):
+    """Per send comm that added sockets: each added socket's dial (sender), filing by the receiving
+    side (taken or refused) and acknowledgement read (sender), joined on the comm id both ends
+    trace."""
+    steps = collections.defaultdict(dict)  # (comm, socket) -> {event: ns}
+    refused = collections.Counter()
+    for e in evs:
+        if e['event'] == 'sock_filed' and not e['taken']:
+            refused[e['comm']] += 1
+        elif e['event'] in ('sock_dial', 'sock_filed', 'sock_opened'):
+            steps[(e['comm'], e['socket'])].setdefault(e['event'], e['ns'])
+    for comm in sorted({c for c, _ in steps} | set(refused)):
+        mine = [v for (c, _), v in steps.items() if c == comm and 'sock_dial' in v]
+        if not mine and not refused[comm]:
+            continue
+        leg = lambda a, b: spread([v[b] - v[a] for v in mine if a in v and b in v])  # noqa: E731
+        print(f'joins comm {comm:x}: {len(mine)} sockets dialed, '
+              f'{sum("sock_filed" in v for v in mine)} taken by the receiver, {refused[comm]} refused, '
+              f'{sum("sock_opened" in v for v in mine)} opened; dial > filed {leg("sock_dial", "sock_filed")}, '
+              f'filed > opened {leg("sock_filed", "sock_opened")} us')
+
+
 def main():
     if len(sys.argv) != 2:
         sys.exit('usage: trace_summary.py PREFIX  (the path prefix of UCCL_TCPX_TRACE)')
@@ -253,6 +277,7 @@ def main():
     host(evs)
     staging(evs, named.get('step', {}))
     failover(evs, {'why': named.get('why', {}), 'cause': named.get('cause', {})})
+    joins(evs)
 
 
 if __name__ == '__main__':

@@ -107,6 +107,13 @@ events! {
     SockAdmit = "sock_admit", SOCKET { comm, seq, socket };
     /// The piece landed whole.
     SockLanded = "sock_landed", SOCKET { comm, seq, socket, bytes };
+    /// Send comm `comm` started dialing added socket `socket`, its traffic having asked for it.
+    SockDial = "sock_dial", SOCKET { comm, socket };
+    /// The receiving side read the hello of added socket `socket` of comm `comm`: its comm took it
+    /// and acknowledged it (`taken` 1), or it was refused (0).
+    SockFiled = "sock_filed", SOCKET { comm, socket, taken };
+    /// Added socket `socket` of send comm `comm` read its acknowledgement: it pulls pieces now.
+    SockOpened = "sock_opened", SOCKET { comm, socket };
     /// Socket `socket` of send comm `comm` (over several links) was declared dead (`why`: `DeadWhy`).
     SockDead = "sock_dead", SOCKET { comm, socket, why };
     /// `pieces` pieces (`bytes` of payload) that socket `socket` carried go out again on the

@@ -129,6 +129,7 @@ impl SendSide {
     fn grow_to(&mut self, want: usize, helpers: &Helpers) {
         while self.growing && self.placements.len() < want.min(self.base) {
             let k = self.placements.len();
+            trace::event!(SockDial { comm: self.shared.trace, socket: k as u64 });
             if let Err(e) = self.open(k, k as u8, helpers) {
                 log::warn!("a send comm goes on with {k} data sockets: adding one failed: {e}");
                 self.sockets.gave_up();
@@ -331,6 +332,8 @@ impl RecvJoin {
         }
         self.counts.opened_receiving(1);
         drop(closed);
+        // Before the acknowledgement, which the sender's `sock_opened` follows.
+        trace::event!(SockFiled { comm: self.sockets.trace, socket: k as u64, taken: 1 });
         // Eight bytes into a fresh socket's empty buffer; should the kernel take fewer, the sender
         // just never uses the socket (it waits for the whole acknowledgement).
         let ack = attach_ack(k as u8);

@@ -21,6 +21,7 @@ use super::pure::wire::{CommShape, HELLO_LEN, SocketHello};
 use crate::error::{Error, Result};
 use crate::sys::epoll::Epoll;
 use crate::sys::tcp::tune_stream;
+use crate::trace;
 
 /// Streams held at once (waiting for a hello, or for the first socket of their comm); more wait in
 /// the kernel's backlog until some finish or time out.
@@ -327,12 +328,16 @@ impl Doorway {
         let closed = join.as_ref().is_none_or(|j| j.closed());
         let taken = join.as_ref().is_some_and(|j| j.has(hello.index as usize));
         let on_a_link = self.on_a_link(&stream);
+        // Taken, the comm traces it as it acknowledges it (`RecvJoin::attach`).
+        let refused = || trace::event!(SockFiled { comm: hello.comm_id, socket: hello.index as u64, taken: 0 });
         if let Some(why) = comm.refusal(&hello, peer.ip(), on_a_link, taken, closed) {
+            refused();
             self.refuse(peer, why);
             return;
         }
         let join = join.expect("a comm that is not closed is alive");
         if let Err(why) = join.attach(hello.index as usize, stream) {
+            refused();
             self.refuse(peer, why);
         }
         if join.full() {

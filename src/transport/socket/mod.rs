@@ -42,6 +42,7 @@ use crate::error::{Error, Result};
 use crate::config::{self, SocketConfig};
 use crate::sys::random::random_u64;
 use crate::sys::tcp::tune_stream;
+use crate::trace;
 use acceptor::Acceptor;
 use comm::{Growth, Helpers, Threading};
 use door::{Doorway, MAX_PENDING_STREAMS};
@@ -450,6 +451,7 @@ impl ListenComm for SocketListen {
         let join = recv.join();
         for (k, stream) in new.early {
             if let Err(why) = join.attach(k, stream) {
+                trace::event!(SockFiled { comm: new.comm_id, socket: k as u64, taken: 0 });
                 self.sockets.refused();
                 log::warn!("refusing data socket {k} of a new receive comm: {why}");
             }

@@ -301,6 +301,7 @@ impl SendTask {
                 if !self.shared.open_if_alive(self.k) {
                     return Some(Next::Stop);
                 }
+                trace::event!(SockOpened { comm: self.shared.trace, socket: self.k as u64 });
                 self.joining = None;
                 None
             }

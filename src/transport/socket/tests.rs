@@ -874,3 +874,56 @@ fn receives_into_memory_read_by_dma_are_written_back_and_arrive_whole() {
     assert!(slots[..4 * part] == msg[..4 * part], "every byte as sent");
     assert_eq!(written_back_bytes() - before, 2 * part as u64);
 }
+
+/// The `socket` trace events of send comm `comm` labelled `label`, with their time and fields.
+fn socket_events(comm: u64, label: &str) -> Vec<(u64, std::collections::HashMap<&'static str, u64>)> {
+    let mut out = Vec::new();
+    for (at, e) in crate::trace::recorded() {
+        let schema = crate::trace::SCHEMA[e.index()];
+        let mut values = Vec::new();
+        e.values(&mut values);
+        let fields: std::collections::HashMap<_, _> = schema.fields.iter().copied().zip(values).collect();
+        if schema.label == label && fields["comm"] == comm {
+            out.push((at, fields));
+        }
+    }
+    out
+}
+
+/// A comm's added sockets leave each step of their join in the trace: the sender starting to dial
+/// it, the receiving side filing it (its comm took it), the sender reading its acknowledgement, in
+/// that order for every socket; none refused.
+#[test]
+fn an_added_socket_is_traced_from_its_dial_to_its_acknowledgement() {
+    crate::trace::record_in_memory(crate::trace::SOCKET);
+    let net = four_socket_net();
+    let (handle, mut listen) = net.listen(0).unwrap();
+    let mut tx = net.connect_comm(0, &handle).unwrap();
+    let mut rx = until(|| listen.accept()).unwrap();
+    let comm = tx.comm_id();
+    // Four pieces of 128 KiB: the comm opens its three other sockets.
+    let msg: Vec<u8> = (0..512 << 10).map(|i| (i % 249) as u8).collect();
+    let mut buf = vec![0u8; msg.len()];
+    let opened = |comm| socket_events(comm, "sock_opened");
+    while opened(comm).len() < 3 {
+        // SAFETY: buf and msg outlive both requests, tested to completion right away.
+        let r = unsafe { rx.irecv(buf.as_mut_ptr(), buf.len(), MrHandle::NONE) }.unwrap().unwrap();
+        // SAFETY: as above.
+        let s = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
+        assert_eq!(until(|| tx.test(s)).unwrap(), msg.len());
+        assert_eq!(until(|| rx.test(r)).unwrap(), msg.len());
+        rx.irecv_consumed(r).unwrap();
+        assert!(buf == msg, "every byte as sent");
+    }
+    let (dials, filed, opened) = (socket_events(comm, "sock_dial"), socket_events(comm, "sock_filed"), opened(comm));
+    assert!(filed.iter().all(|(_, f)| f["taken"] == 1), "no added socket refused: {filed:?}");
+    for k in 1..4u64 {
+        let at = |events: &[(u64, std::collections::HashMap<&str, u64>)]| {
+            let mine: Vec<u64> = events.iter().filter(|(_, f)| f["socket"] == k).map(|(t, _)| *t).collect();
+            assert_eq!(mine.len(), 1, "one of each step for socket {k}: {events:?}");
+            mine[0]
+        };
+        let (d, f, o) = (at(&dials), at(&filed), at(&opened));
+        assert!(d <= f && f <= o, "socket {k}: dialed at {d}, filed at {f}, opened at {o}");
+    }
+}
