@@ -124,7 +124,9 @@ fn check_sockets(rows: &[Row]) {
     let mut first: HashMap<(&str, Key), u64> = HashMap::new();
     let mut bytes: HashMap<(bool, Key), u64> = HashMap::new();
     let mut last: HashMap<Key, u64> = HashMap::new();
-    let mut joins: HashMap<(u64, u64), Vec<(&str, u64, u64)>> = HashMap::new();
+    // (comm, socket) -> each join step: (event, time, taken).
+    type Steps<'a> = Vec<(&'a str, u64, u64)>;
+    let mut joins: HashMap<(u64, u64), Steps> = HashMap::new();
     for r in rows.iter().filter(|r| matches!(r.event.as_str(), "sock_dial" | "sock_filed" | "sock_opened")) {
         let taken = if r.event == "sock_filed" { r.get("taken") } else { 1 };
         joins.entry((r.get("comm"), r.get("socket"))).or_default().push((r.event.as_str(), r.ns, taken));
