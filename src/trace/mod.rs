@@ -80,6 +80,29 @@ pub fn recorded() -> Vec<(u64, Event)> {
     record::kept_events()
 }
 
+/// Tests: the kept events of comm `comm` whose label is one of `labels`, by time, as (time, label,
+/// fields as the schema names them).
+#[cfg(test)]
+pub fn recorded_of_comm(
+    comm: u64,
+    labels: &[&str],
+) -> Vec<(u64, &'static str, std::collections::HashMap<&'static str, u64>)> {
+    let mut out = Vec::new();
+    for (at, e) in recorded() {
+        let schema = SCHEMA[e.index()];
+        if !labels.contains(&schema.label) {
+            continue;
+        }
+        let mut values = Vec::new();
+        e.values(&mut values);
+        let fields: std::collections::HashMap<_, _> = schema.fields.iter().copied().zip(values).collect();
+        if fields.get("comm") == Some(&comm) {
+            out.push((at, schema.label, fields));
+        }
+    }
+    out
+}
+
 /// What `UCCL_TCPX_TRACE` asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Setting {

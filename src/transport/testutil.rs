@@ -48,15 +48,9 @@ pub(crate) fn written_back_alone() -> MutexGuard<'static, ()> {
     ALONE.lock()
 }
 
-/// Sends `msg` over `tx` into `dst` (at least as long) through `rx`, checks it arrived whole, and
-/// returns the bytes the receivers wrote back meanwhile (hold [`written_back_alone`]).
-pub(crate) fn receive_counting_write_back(
-    tx: &mut Box<dyn SendComm>,
-    rx: &mut Box<dyn RecvComm>,
-    msg: &[u8],
-    dst: &mut [u8],
-) -> u64 {
-    let before = super::socket::written_back_bytes();
+/// Sends `msg` over `tx` into `dst` (at least as long) through `rx`, both requests tested to
+/// completion, and checks it arrived whole.
+pub(crate) fn exchange(tx: &mut dyn SendComm, rx: &mut dyn RecvComm, msg: &[u8], dst: &mut [u8]) {
     // SAFETY: dst and msg outlive both requests, which are tested done before this returns.
     let r = unsafe { rx.irecv(dst.as_mut_ptr(), dst.len(), MrHandle::NONE) }.unwrap().unwrap();
     // SAFETY: as above.
@@ -65,5 +59,17 @@ pub(crate) fn receive_counting_write_back(
     assert_eq!(until(|| rx.test(r)).unwrap(), msg.len());
     rx.irecv_consumed(r).unwrap();
     assert!(dst[..msg.len()] == *msg, "every byte as sent");
+}
+
+/// [`exchange`], returning the bytes the receivers wrote back meanwhile (hold
+/// [`written_back_alone`]).
+pub(crate) fn receive_counting_write_back(
+    tx: &mut Box<dyn SendComm>,
+    rx: &mut Box<dyn RecvComm>,
+    msg: &[u8],
+    dst: &mut [u8],
+) -> u64 {
+    let before = super::socket::written_back_bytes();
+    exchange(&mut **tx, &mut **rx, msg, dst);
     super::socket::written_back_bytes() - before
 }

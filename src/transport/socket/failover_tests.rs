@@ -257,18 +257,10 @@ fn a_comm_that_opens_no_more_sockets_dials_no_dead_link_again() {
 /// The trace events of send comm `comm` of the failover: (time, label, fields as the schema
 /// names them).
 fn failover_events(comm: u64) -> Vec<(u64, &'static str, std::collections::HashMap<&'static str, u64>)> {
-    let failover = ["sock_dead", "sock_resent", "sock_redial", "sock_rejoined", "sock_redial_failed"];
-    let mut out = Vec::new();
-    for (at, e) in crate::trace::recorded() {
-        let schema = crate::trace::SCHEMA[e.index()];
-        let mut values = Vec::new();
-        e.values(&mut values);
-        let fields: std::collections::HashMap<_, _> = schema.fields.iter().copied().zip(values).collect();
-        if failover.contains(&schema.label) && fields["comm"] == comm {
-            out.push((at, schema.label, fields));
-        }
-    }
-    out
+    crate::trace::recorded_of_comm(
+        comm,
+        &["sock_dead", "sock_resent", "sock_redial", "sock_rejoined", "sock_redial_failed"],
+    )
 }
 
 /// A failover run writes its steps to the trace: the socket declared dead and why, the pieces it

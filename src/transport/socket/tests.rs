@@ -734,18 +734,12 @@ fn kicks_owed_by_a_post_all_go_out_and_its_request_arrives_intact() {
         let (mut tx, mut rx) = eager_pair(&net, 16);
         let msg: Vec<u8> = (0..256 << 10).map(|i| (i * 13 % 251) as u8).collect();
         assert_eq!(wire::PieceCut::new(16 << 10, 16).pieces(msg.len() as u64), 16);
-        for round in 0..6 {
+        for _ in 0..6 {
             // Past any helper's polling after its last piece: they all sleep in epoll_wait.
             std::thread::sleep(Duration::from_millis(20));
             let mut got = vec![0u8; msg.len()];
-            // SAFETY: got and msg outlive both requests, which are tested to completion below.
-            let r = unsafe { rx.irecv(got.as_mut_ptr(), got.len(), MrHandle::NONE) }.unwrap().unwrap();
-            // SAFETY: as above.
-            let s = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
-            assert_eq!(until(|| tx.test(s)).unwrap(), msg.len());
-            assert_eq!(until(|| rx.test(r)).unwrap(), msg.len());
-            rx.irecv_consumed(r).unwrap();
-            assert!(got == msg, "round {round} with a fan-out of {fanout} arrived intact");
+            // Arrived intact, every round, whatever the fan-out.
+            crate::transport::testutil::exchange(&mut tx, &mut *rx, &msg, &mut got);
             // No owed kick is left behind: each was passed on (or its socket ran anyway).
             let relay = tx.relay();
             let counted = || (relay.counted.0.load(Ordering::Relaxed), relay.counted.1.load(Ordering::Relaxed));
@@ -875,21 +869,6 @@ fn receives_into_memory_read_by_dma_are_written_back_and_arrive_whole() {
     assert_eq!(written_back_bytes() - before, 2 * part as u64);
 }
 
-/// The `socket` trace events of send comm `comm` labelled `label`, with their time and fields.
-fn socket_events(comm: u64, label: &str) -> Vec<(u64, std::collections::HashMap<&'static str, u64>)> {
-    let mut out = Vec::new();
-    for (at, e) in crate::trace::recorded() {
-        let schema = crate::trace::SCHEMA[e.index()];
-        let mut values = Vec::new();
-        e.values(&mut values);
-        let fields: std::collections::HashMap<_, _> = schema.fields.iter().copied().zip(values).collect();
-        if schema.label == label && fields["comm"] == comm {
-            out.push((at, fields));
-        }
-    }
-    out
-}
-
 /// A comm's added sockets leave each step of their join in the trace: the sender starting to dial
 /// it, the receiving side filing it (its comm took it), the sender reading its acknowledgement, in
 /// that order for every socket; none refused.
@@ -904,26 +883,23 @@ fn an_added_socket_is_traced_from_its_dial_to_its_acknowledgement() {
     // Four pieces of 128 KiB: the comm opens its three other sockets.
     let msg: Vec<u8> = (0..512 << 10).map(|i| (i % 249) as u8).collect();
     let mut buf = vec![0u8; msg.len()];
-    let opened = |comm| socket_events(comm, "sock_opened");
-    while opened(comm).len() < 3 {
-        // SAFETY: buf and msg outlive both requests, tested to completion right away.
-        let r = unsafe { rx.irecv(buf.as_mut_ptr(), buf.len(), MrHandle::NONE) }.unwrap().unwrap();
-        // SAFETY: as above.
-        let s = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
-        assert_eq!(until(|| tx.test(s)).unwrap(), msg.len());
-        assert_eq!(until(|| rx.test(r)).unwrap(), msg.len());
-        rx.irecv_consumed(r).unwrap();
-        assert!(buf == msg, "every byte as sent");
+    let steps = || crate::trace::recorded_of_comm(comm, &["sock_dial", "sock_filed", "sock_opened"]);
+    while steps().iter().filter(|e| e.1 == "sock_opened").count() < 3 {
+        crate::transport::testutil::exchange(&mut tx, &mut *rx, &msg, &mut buf);
     }
-    let (dials, filed, opened) = (socket_events(comm, "sock_dial"), socket_events(comm, "sock_filed"), opened(comm));
-    assert!(filed.iter().all(|(_, f)| f["taken"] == 1), "no added socket refused: {filed:?}");
+    let steps = steps();
+    assert!(
+        steps.iter().all(|(_, label, f)| *label != "sock_filed" || f["taken"] == 1),
+        "no added socket refused: {steps:?}"
+    );
     for k in 1..4u64 {
-        let at = |events: &[(u64, std::collections::HashMap<&str, u64>)]| {
-            let mine: Vec<u64> = events.iter().filter(|(_, f)| f["socket"] == k).map(|(t, _)| *t).collect();
-            assert_eq!(mine.len(), 1, "one of each step for socket {k}: {events:?}");
+        let at = |label: &str| {
+            let mine: Vec<u64> =
+                steps.iter().filter(|(_, l, f)| *l == label && f["socket"] == k).map(|(t, _, _)| *t).collect();
+            assert_eq!(mine.len(), 1, "one {label} for socket {k}: {steps:?}");
             mine[0]
         };
-        let (d, f, o) = (at(&dials), at(&filed), at(&opened));
+        let (d, f, o) = (at("sock_dial"), at("sock_filed"), at("sock_opened"));
         assert!(d <= f && f <= o, "socket {k}: dialed at {d}, filed at {f}, opened at {o}");
     }
 }
