@@ -73,6 +73,18 @@ VRAM = None
 INITIATOR_PARAMS = {}
 
 
+def start_target(setup, body, *args):
+    """Starts `body(pipe, *args)`, a target, in a spawned process, both processes under `setup`'s
+    environment until `end_target`: (the environment before, this end's pipe, the process)."""
+    saved = dict(os.environ)
+    os.environ.update(SETUPS[setup][2])
+    ctx = mp.get_context("spawn")
+    pipe, child = ctx.Pipe()
+    proc = ctx.Process(target=body, args=(child, *args), daemon=True)
+    proc.start()
+    return saved, pipe, proc
+
+
 def end_target(proc, saved):
     """Joins (else kills) a target process and puts back the environment a setup changed."""
     proc.join(30)
@@ -151,12 +163,7 @@ def wait(agent, handle, state):
 
 def measure(setup, size, many):
     """{op: [seconds per transfer]}, and for `many` the (prepare, post) seconds of 10,000 x 4 KiB."""
-    saved = dict(os.environ)
-    os.environ.update(SETUPS[setup][2])
-    ctx = mp.get_context("spawn")
-    pipe, child = ctx.Pipe()
-    proc = ctx.Process(target=target, args=(child, setup, size, VRAM), daemon=True)
-    proc.start()
+    saved, pipe, proc = start_target(setup, target, setup, size, VRAM)
     try:
         meta, remote_buf = pipe.recv()
         gpu = VRAM[0] if VRAM else None
@@ -252,12 +259,7 @@ def call_floor(call):
 
 def breakdown_measure(setup, size):
     """{op: dict of per-request means (us) and counts} for one descriptor of `size` bytes."""
-    saved = dict(os.environ)
-    os.environ.update(SETUPS[setup][2])
-    ctx = mp.get_context("spawn")
-    pipe, child = ctx.Pipe()
-    proc = ctx.Process(target=target, args=(child, setup, size, VRAM), daemon=True)
-    proc.start()
+    saved, pipe, proc = start_target(setup, target, setup, size, VRAM)
     fd, times_path = tempfile.mkstemp(prefix="nixl-call-times-")
     os.close(fd)
     try:
@@ -471,12 +473,7 @@ def kv_measure(setup, shape, requests):
     """{op: [(make s, post s, done s, anchor done s, make CPU s, post CPU s)]} for `requests` requests of
     each op (CPU: the calling thread's), and {op: the first request's seconds to DONE}."""
     regions, blocks, block, per_req = shape
-    saved = dict(os.environ)
-    os.environ.update(SETUPS[setup][2])
-    ctx = mp.get_context("spawn")
-    pipe, child = ctx.Pipe()
-    proc = ctx.Process(target=kv_target, args=(child, setup, shape, VRAM[1] if VRAM else None), daemon=True)
-    proc.start()
+    saved, pipe, proc = start_target(setup, kv_target, setup, shape, VRAM[1] if VRAM else None)
     try:
         if not pipe.poll(60):
             raise RuntimeError("the target did not start")
