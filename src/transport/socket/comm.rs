@@ -57,6 +57,12 @@ impl Helpers {
         self.send.threads() + self.recv.threads()
     }
 
+    /// Helper threads started so far, senders and receivers.
+    #[cfg(test)]
+    pub fn starts(&self) -> usize {
+        self.send.started() + self.recv.started()
+    }
+
     /// Helper threads not asleep now, senders and receivers.
     #[cfg(test)]
     pub fn awake(&self) -> usize {
@@ -351,6 +357,8 @@ struct CommCore {
     side: Side,
     inline_max: usize,
     helpers: Arc<Helpers>,
+    /// Sockets the comm may open, which its helpers were started for (`Pool::expect`).
+    expected: usize,
     posted: u64,
     /// Requests whose slot was given back (send: tested done; receive: consumed).
     released: u64,
@@ -433,7 +441,7 @@ impl Drop for CommCore {
         match &self.side {
             Side::Send(send) => {
                 shut_down(&send.shared.streams);
-                self.helpers.send.detach(&send.placements);
+                self.helpers.send.detach(&send.placements, self.expected);
                 send.sockets.closed_sending(send.shared.open_count() as u64);
                 if log::log_enabled!(log::Level::Info) {
                     link_tally::log_closed("send", &send.shared.tally.by_link(placed_links(&send.shared.streams)));
@@ -443,7 +451,7 @@ impl Drop for CommCore {
                 // No socket joins from here on; those that did are all placed.
                 *join.closed.lock() = true;
                 shut_down(&join.sockets.streams);
-                self.helpers.recv.detach(join.placements.iter().filter_map(OnceLock::get));
+                self.helpers.recv.detach(join.placements.iter().filter_map(OnceLock::get), self.expected);
                 let placed = join.placements.iter().filter(|p| p.get().is_some()).count();
                 join.counts.closed_receiving(placed as u64);
                 if log::log_enabled!(log::Level::Info) {
@@ -494,6 +502,7 @@ impl SocketSendComm {
         let shared = Arc::new(SendSockets::new(slots, window.clone(), how.kick_fanout, sockets.clone(), trace, paced));
         shared.place(0, first);
         let placements = helpers.send.attach(vec![SendTask::new(shared.clone(), 0, None)], [])?;
+        helpers.send.expect(count);
         shared.relay.place(0, &placements[0]);
         shared.opened(0);
         // A socket whose link acknowledged nothing for a quarter of the stall timeout is dead, so
@@ -517,6 +526,7 @@ impl SocketSendComm {
             side: Side::Send(Box::new(send)),
             inline_max: INLINE_MAX.min(how.subchunk),
             helpers,
+            expected: count,
             posted: 0,
             released: 0,
             tested: 0,
@@ -626,6 +636,8 @@ impl SocketRecvComm {
         let sockets = Arc::new(RecvSockets::new(count, window.clone(), trace));
         sockets.place(0, first);
         let placed = helpers.recv.attach(vec![RecvTask::new(sockets.clone(), 0)], [])?;
+        let expected = shape.count as usize;
+        helpers.recv.expect(expected);
         let placements: Vec<OnceLock<Placement<RecvTask>>> = (0..count).map(|_| OnceLock::new()).collect();
         let _ = placements[0].set(placed.into_iter().next().expect("one task, one placement"));
         counts.opened_receiving(1);
@@ -642,6 +654,7 @@ impl SocketRecvComm {
             side: Side::Recv(join),
             inline_max: 0,
             helpers,
+            expected,
             posted: 0,
             released: 0,
             tested: 0,

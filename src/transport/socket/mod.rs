@@ -163,6 +163,12 @@ impl SocketNet {
         self.helpers.threads()
     }
 
+    /// Helper threads started so far, senders and receivers.
+    #[cfg(test)]
+    fn helper_starts(&self) -> usize {
+        self.helpers.starts()
+    }
+
     /// Helper threads not asleep now (working or polling).
     #[cfg(test)]
     fn awake_helpers(&self) -> usize {

@@ -495,6 +495,39 @@ fn helpers_are_shared_bounded_and_end_with_their_last_socket() {
     assert_eq!(net.data_socket_stats(), DataSocketStats { added: 32, ..Default::default() });
 }
 
+/// A comm's helpers start when it is made, one per socket it may open: the sockets a lazy comm adds
+/// at its first large request find theirs running, and no thread starts on the way of a transfer.
+#[test]
+fn helpers_start_with_the_comm_not_with_its_first_large_request() {
+    let net = loopback_socket_net().with_options(crate::config::SocketConfig {
+        nthreads: 2,
+        nsocks_per_thread: 2,
+        helpers: 6,
+        subchunk: 16 << 10,
+        ..Default::default()
+    });
+    let (mut tx, mut rx) = pair(&net);
+    assert_eq!(net.helper_threads(), 8, "4 senders and 4 receivers for the comm's 4 sockets each way");
+    let starts = net.helper_starts();
+    assert_eq!(net.data_socket_stats().sending, 1, "a lazy comm opened one socket so far");
+    // Four pieces: the comm adds its three other sockets.
+    let msg: Vec<u8> = (0..(64 << 10) + 100).map(|i| (i % 253) as u8).collect();
+    let mut buf = vec![0u8; msg.len()];
+    // SAFETY: buf and msg outlive the requests, tested to completion below.
+    let r = unsafe { rx.irecv(buf.as_mut_ptr(), buf.len(), MrHandle::NONE) }.unwrap().unwrap();
+    // SAFETY: as above.
+    let s = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
+    assert_eq!(until(|| tx.test(s)).unwrap(), msg.len());
+    assert_eq!(until(|| rx.test(r)).unwrap(), msg.len());
+    assert_eq!(buf, msg);
+    let grown = |s: DataSocketStats| (s.sending == 4 && s.receiving == 4).then_some(());
+    until(|| Ok(grown(net.data_socket_stats()))).unwrap();
+    assert_eq!(net.helper_starts(), starts, "no helper started for the added sockets");
+    assert_eq!(net.helper_threads(), 8);
+    drop((tx, rx));
+    assert_eq!(net.helper_threads(), 0, "the comm's helpers end with it");
+}
+
 /// A listener outlives its listen comm while a comm of it may still take sockets, on the net's
 /// acceptor thread, and closes with the last such comm.
 #[test]
