@@ -188,8 +188,10 @@ impl<'a> Local<'a> {
     }
 }
 
-/// Bounds the handshake: a peer that connects and goes silent cannot hold a thread forever.
+/// Bounds the handshake: a peer that connects and goes silent cannot hold a thread forever. Also
+/// grows the descriptor table for the connection's sockets now rather than at a transfer.
 pub fn prepare_control(stream: &TcpStream, deadline: Instant, io_timeout: Duration) -> Result<()> {
+    super::fd_limit::keep_table_ahead();
     crate::sys::tcp::tune_stream(stream, io_timeout)?;
     let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
     stream.set_read_timeout(Some(left)).map_err(|e| Error::io("control stream", e))?;

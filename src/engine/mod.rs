@@ -71,6 +71,7 @@ pub struct Engine {
 impl Engine {
     pub fn new(config: Config) -> Result<Engine> {
         fd_limit::raise_once();
+        fd_limit::keep_table_ahead();
         if let Some(trace) = &config.trace {
             crate::trace::start(trace);
         }
