@@ -17,9 +17,11 @@
 #include <atomic>
 #include <chrono>
 #include <climits>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -54,6 +56,9 @@ const std::map<std::string, std::string> kOptions = {
     {"timeout_ms", "UCCL_TCPX_TIMEOUT_MS"},
     {"connect_timeout_ms", "UCCL_TCPX_CONNECT_TIMEOUT_MS"},
 };
+// The backend's own option: 1 (default) connects to an agent as its info is loaded, on a thread of
+// the backend's; 0 at its first request or `connect()`.
+constexpr const char *kConnectOnLoad = "connect_on_load";
 
 void log_error(const std::string &what) {
     std::fprintf(stderr, "[NIXL TCPX] error: %s\n", what.c_str());
@@ -206,6 +211,15 @@ public:
         }
         std::vector<std::string> keys, values;
         for (const auto &[key, value] : params()) {
+            if (key == kConnectOnLoad) {
+                if (value == "0" || value == "1" || value.empty()) {
+                    connect_on_load_ = value != "0";
+                    continue;
+                }
+                log_error("backend option " + std::string(kConnectOnLoad) + " takes 0 or 1, not \"" + value + "\"");
+                initErr = true;
+                return;
+            }
             auto known = kOptions.find(key);
             if (known != kOptions.end()) {
                 keys.push_back(known->second);
@@ -246,6 +260,13 @@ public:
 
     ~TcpxEngine() override {
         if (!engine_) return;
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            stopping_ = true;
+        }
+        dial_cv_.notify_all();
+        // Waits for a connect under way, at most the connect timeout for a peer that does not answer.
+        if (dialer_.joinable()) dialer_.join();
         uccl_engine_stop_accept(engine_);
         if (acceptor_.joinable()) acceptor_.join();
         std::lock_guard<std::mutex> lock(mu_);
@@ -291,6 +312,11 @@ public:
                 }
             }
             infos_[agent] = info;
+            if (connect_on_load_ && agent != localAgent && !conns_.count(agent)) {
+                to_dial_.push_back(agent);
+                if (!dialer_.joinable()) dialer_ = std::thread([this] { dial_loop(); });
+                dial_cv_.notify_one();
+            }
             return NIXL_SUCCESS;
         } catch (...) {
             return NIXL_ERR_BACKEND;
@@ -704,6 +730,34 @@ private:
         retired_.push_back(conn);
     }
 
+    // Connects to the agents whose info was loaded, one at a time in the order loaded, so that
+    // their first requests find the connection made (it costs tens of milliseconds with GPU
+    // memory: pinned staging rings). A request that comes first connects itself, and a failure
+    // here (logged) leaves the connect to the agent's first request.
+    void dial_loop() {
+        for (;;) {
+            std::string agent;
+            {
+                std::unique_lock<std::mutex> lock(mu_);
+                dial_cv_.wait(lock, [this] { return stopping_ || !to_dial_.empty(); });
+                if (stopping_) return;
+                agent = std::move(to_dial_.front());
+                to_dial_.pop_front();
+                if (conns_.count(agent) || !infos_.count(agent)) continue;  // connected, or dropped meanwhile
+            }
+            uccl_conn_t *conn = nullptr;
+            if (conn_for(agent, conn) != NIXL_SUCCESS) continue;
+            std::lock_guard<std::mutex> lock(mu_);
+            // Dropped while connecting: nobody will use it, and a request to the agent loaded again
+            // connects anew.
+            auto it = conns_.find(agent);
+            if (!infos_.count(agent) && it != conns_.end() && it->second == conn) {
+                conns_.erase(it);
+                retired_.push_back(conn);
+            }
+        }
+    }
+
     void accept_loop() {
         for (;;) {
             char ip[64];
@@ -764,6 +818,12 @@ private:
     std::vector<uccl_conn_t *> accepted_;
     mutable std::vector<uccl_conn_t *> retired_;
     std::set<TcpxMD *> registered_;
+    // connect_on_load: agents whose info was loaded, for the dialer thread to connect to.
+    bool connect_on_load_ = true;
+    std::deque<std::string> to_dial_;
+    std::condition_variable dial_cv_;
+    bool stopping_ = false;
+    std::thread dialer_;
 };
 
 nixlBackendEngine *create_engine(const nixlBackendInitParams *init) {
@@ -792,6 +852,7 @@ const char *plugin_version() { return UCCL_TCPX_PLUGIN_VERSION; }
 nixl_b_params_t backend_options() {
     nixl_b_params_t options;
     for (const auto &[name, setting] : kOptions) options.emplace(name, "");
+    options.emplace(kConnectOnLoad, "1");
     return options;
 }
 

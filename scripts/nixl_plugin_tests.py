@@ -11,6 +11,7 @@ usage: nixl_plugin_tests.py [--initiator DRAM|VRAM] [--target DRAM|VRAM] [--gpu 
 import ctypes
 import multiprocessing as mp
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -540,6 +541,62 @@ def case_notifs_in_one_process(results):
     results.check(bytes_ok, "both writes landed", f"{bytes_ok}")
 
 
+def connections_to(port):
+    """This process's established TCP connections to 127.0.0.1:`port`."""
+    ours = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            ours.add(link[len("socket:[") : -1])
+    target = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return sum(1 for r in rows if r[2] == target and r[3] == "01" and r[9] in ours)
+
+
+def control_port(meta):
+    """The port of the engine whose connection info `meta` (an agent's metadata) carries."""
+    found = re.search(rb"tcpx1;127\.0\.0\.1:(\d+)\?", meta)
+    if not found:
+        raise RuntimeError("no TCPX connection info on 127.0.0.1 in the agent's metadata")
+    return int(found.group(1))
+
+
+def case_connect_on_load(results):
+    """connect_on_load (default 1): loading a peer's metadata connects to it in the background,
+    before any request; with 0 the first request connects. Both then move bytes."""
+    for on in ("1", "0"):
+        t = TwoProcesses(options={"connect_on_load": on, **PATHS["network path"]})
+        try:
+            port = control_port(t.meta)
+            deadline = time.monotonic() + (WAIT_S if on == "1" else 0.5)
+            while connections_to(port) == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            before = connections_to(port)
+            t.ask("fill", [(0, 1 * MiB, 41)])
+            local, remote = t.mem.descs(t.agent, [(0, 1 * MiB)]), t.remote([(0, 1 * MiB)])
+            state = run(t.agent, "READ", local, remote, t.peer, b"")
+            same = bool(np.array_equal(t.mem.read(0, 1 * MiB), pattern(1 * MiB, 41)))
+            after = connections_to(port)
+        finally:
+            t.close()
+        expected_before = 1 if on == "1" else 0
+        results.check(
+            state == "DONE" and same and before == expected_before and after == 1,
+            f"connect_on_load={on}: connected before the first request: {bool(expected_before)}",
+            f"{state}, bytes {same}, connections before {before}, after {after}",
+        )
+    try:
+        make_agent("bad-option", connect_on_load="yes")
+        refused = "created"
+    except Exception as e:
+        refused = f"refused: {type(e).__name__}"
+    results.check(refused.startswith("refused"), "connect_on_load=yes is refused", refused)
+
+
 def case_bad_input(results):
     """Bad requests get a NIXL error, not a crash."""
     a, b = make_agent("bad-a"), make_agent("bad-b")
@@ -843,7 +900,9 @@ def main():
             sys.exit(f"--{key} takes DRAM or VRAM, not {value}")
         MEM[key] = int(value) if key == "gpu" else value
         args = args[2:]
-    cases = args or ["two_processes", "kv", "self", "notifs", "bad_input", "auth", "telemetry", "call_times", "ucx"]
+    cases = args or [
+        "two_processes", "kv", "self", "notifs", "connect_on_load", "bad_input", "auth", "telemetry", "call_times", "ucx",
+    ]
     results = Results()
     for case in cases:
         try:
@@ -866,6 +925,8 @@ def main():
                 case_self(results)
             elif case == "notifs":
                 case_notifs_in_one_process(results)
+            elif case == "connect_on_load":
+                case_connect_on_load(results)
             elif case == "bad_input":
                 case_bad_input(results)
             elif case == "auth":

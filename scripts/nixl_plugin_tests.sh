@@ -11,7 +11,8 @@
 # through prepared lists, 1 to 100,000 blocks of odd sizes, a handle posted twice; a 6 GiB sparse
 # registration reached across its windows; a stopped and then a dead peer), an agent to itself,
 # three agents in one process each getting only its own notifications, bad input, a request
-# released in flight, backend options (auth key file, channels), each request's calls counted under
+# released in flight, backend options (auth key file, channels, connect_on_load: connected before
+# the first request or at it), each request's calls counted under
 # UCCL_TCPX_NIXL_CALL_TIMES; then the NIXL snippets of README.md
 # and docs/ that run on host memory (scripts/doc_snippets.py --suite nixl). About a minute after the
 # build.
