@@ -494,33 +494,68 @@ fn cross_process(ours: i32, theirs: i32) {
 /// holds, so several launches). Every byte of the local buffer checked: each block back in its
 /// slot, nothing between.
 fn kv_blocks_through_the_mapping(conn: &Arc<Connection>, local: &mut Mem, mr: u64, remote: FifoItem) {
-    let (count, slot, block, first) = (100_000usize, 160usize, 131usize, 3usize);
-    let (mine, theirs) = (block_table(count, "ipc-kv-local"), block_table(count, "ipc-kv-remote"));
-    let items: Vec<OneSided> = (0..count)
-        .map(|i| OneSided {
-            mr,
-            addr: local.addr() + first + mine[i] * slot,
-            len: block,
-            remote: at(remote, first + theirs[i] * slot),
-        })
-        .collect();
+    let kv = KvBlocks::shuffled(100_000, "ipc-kv");
+    let items = kv.items(mr, local.addr(), remote);
     let data = pattern(LEN, 404);
     local.write(0, &data);
     let (batches, kernel_batches) = (conn.device_copy_batches(), conn.device_copy_kernel_batches());
-    let total = (count * block) as u64;
     let w = conn.write(&items).unwrap();
-    assert_eq!(waited(conn, w).unwrap(), total, "write of {count} blocks");
+    assert_eq!(waited(conn, w).unwrap(), kv.bytes(), "write of {} blocks", kv.count());
     local.clear();
     let r = conn.read(&items).unwrap();
-    assert_eq!(waited(conn, r).unwrap(), total, "read of {count} blocks");
-    let mut expected = vec![0u8; LEN];
-    for &m in &mine {
-        let at = first + m * slot;
-        expected[at..at + block].copy_from_slice(&data[at..at + block]);
-    }
-    assert_same(&local.read(0, LEN), &expected, "100,000 blocks there and back");
+    assert_eq!(waited(conn, r).unwrap(), kv.bytes(), "read of {} blocks", kv.count());
+    // Each block back in its local slot, zeros between.
+    let back: Vec<(usize, usize)> = kv.pairs().map(|(l, _)| (l, l)).collect();
+    assert_same(&local.read(0, LEN), &KvBlocks::moved(&vec![0u8; LEN], &data, &back), "100,000 blocks there and back");
     assert_eq!(conn.device_copy_batches(), batches + 2, "one batch a call");
     assert_eq!(conn.device_copy_kernel_batches(), kernel_batches + 2, "both through the kernel");
+}
+
+/// KV blocks as these tests lay them out: `count` blocks of an odd size at odd offsets, block `i`
+/// in local slot `mine[i]` and remote slot `theirs[i]` of two shuffled tables.
+struct KvBlocks {
+    mine: Vec<usize>,
+    theirs: Vec<usize>,
+}
+
+impl KvBlocks {
+    const SLOT: usize = 160;
+    const BLOCK: usize = 131;
+    const FIRST: usize = 3;
+
+    fn shuffled(count: usize, stream: &str) -> KvBlocks {
+        KvBlocks {
+            mine: block_table(count, &format!("{stream}-local")),
+            theirs: block_table(count, &format!("{stream}-remote")),
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.mine.len()
+    }
+
+    fn bytes(&self) -> u64 {
+        (self.count() * Self::BLOCK) as u64
+    }
+
+    /// Each block's (local, remote) offset.
+    fn pairs(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let at = |slot: usize| Self::FIRST + slot * Self::SLOT;
+        self.mine.iter().zip(&self.theirs).map(move |(&m, &t)| (at(m), at(t)))
+    }
+
+    fn items(&self, mr: u64, local: usize, remote: FifoItem) -> Vec<OneSided> {
+        self.pairs().map(|(l, r)| OneSided { mr, addr: local + l, len: Self::BLOCK, remote: at(remote, r) }).collect()
+    }
+
+    /// `before` with each block of `src` at the first offset of `moves` copied to the second.
+    fn moved(before: &[u8], src: &[u8], moves: &[(usize, usize)]) -> Vec<u8> {
+        let mut out = before.to_vec();
+        for &(from, to) in moves {
+            out[to..to + Self::BLOCK].copy_from_slice(&src[from..from + Self::BLOCK]);
+        }
+        out
+    }
 }
 
 #[test]
@@ -921,40 +956,29 @@ fn random_block_tables(ga: i32, gb: i32) {
     let window = item(&b, tmr, &target);
     let mut local = Mem::on_gpu(ga, LEN);
     let mr = a.register(local.addr(), LEN).unwrap();
-    let (slot, block, first) = (160usize, 131usize, 3usize);
     for count in [1usize, 100_000] {
-        let (mine, remote) = (block_table(count, "gpu-kv-local"), block_table(count, "gpu-kv-remote"));
-        let items: Vec<OneSided> = (0..count)
-            .map(|i| OneSided {
-                mr,
-                addr: local.addr() + first + mine[i] * slot,
-                len: block,
-                remote: at(window, first + remote[i] * slot),
-            })
-            .collect();
-        let total = (count * block) as u64;
+        let kv = KvBlocks::shuffled(count, "gpu-kv");
+        let items = kv.items(mr, local.addr(), window);
         local.clear();
         let r = ab.read(&items).unwrap();
-        assert_eq!(waited(&ab, r).unwrap(), total, "read of {count} blocks");
-        let mut expected = vec![0u8; LEN];
-        for i in 0..count {
-            let (l, r) = (first + mine[i] * slot, first + remote[i] * slot);
-            expected[l..l + block].copy_from_slice(&theirs[r..r + block]);
-        }
+        assert_eq!(waited(&ab, r).unwrap(), kv.bytes(), "read of {count} blocks");
+        let read: Vec<(usize, usize)> = kv.pairs().map(|(l, r)| (r, l)).collect();
+        let expected = KvBlocks::moved(&vec![0u8; LEN], &theirs, &read);
         assert_same(&local.read(0, LEN), &expected, &format!("{count} blocks read"));
 
         let fresh = pattern(LEN, 300 + count as u64);
         local.write(0, &fresh);
         let w = ab.write(&items).unwrap();
-        assert_eq!(waited(&ab, w).unwrap(), total, "write of {count} blocks");
-        let mut expected = theirs.clone();
-        for i in 0..count {
-            let (l, r) = (first + mine[i] * slot, first + remote[i] * slot);
-            expected[r..r + block].copy_from_slice(&fresh[l..l + block]);
-        }
-        assert_same(&target.read(0, LEN), &expected, &format!("{count} blocks written"));
+        assert_eq!(waited(&ab, w).unwrap(), kv.bytes(), "write of {count} blocks");
+        let written: Vec<(usize, usize)> = kv.pairs().collect();
+        assert_same(
+            &target.read(0, LEN),
+            &KvBlocks::moved(&theirs, &fresh, &written),
+            &format!("{count} blocks written"),
+        );
         target.write(0, &theirs);
     }
+    let (slot, block) = (KvBlocks::SLOT, KvBlocks::BLOCK);
     let table = block_table(10_000, "gpu-kv-bad");
     let mut items: Vec<OneSided> = (0..10_000)
         .map(|i| OneSided { mr, addr: local.addr() + i * slot, len: block, remote: at(window, table[i] * slot) })
