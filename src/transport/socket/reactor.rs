@@ -344,7 +344,7 @@ pub(super) struct Pool<T: Task> {
     /// Sockets the live comms may open in all (changed under the `slots` lock). The pool keeps a
     /// helper per such socket, up to `max`, started when the comm is made: a comm adds sockets at
     /// its first request that has pieces for them, and a thread started there held up the first
-    /// staged 1 MiB transfer of a GPU process for 13-30 ms (2 x H200), where the same start at
+    /// staged 1 MiB transfer of a GPU process for 12-30 ms (2 x H200), where the same start at
     /// connection took 40-100 us.
     expected: AtomicUsize,
     /// Helper starts tried so far.
@@ -371,7 +371,7 @@ impl<T: Task> Pool<T> {
         self.slots.lock().iter().filter(|s| !s.worker.is_dead()).count()
     }
 
-    /// Threads started since the pool was made.
+    /// Helper starts tried since the pool was made.
     #[cfg(test)]
     pub fn started(&self) -> usize {
         self.started.load(Ordering::Relaxed)
