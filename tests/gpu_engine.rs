@@ -578,8 +578,9 @@ fn uccl_tcpx_gpu_wins_over_the_current_gpu() {
 /// A connection's first transfers of GPU memory, of every kind and size, allocate nothing: the
 /// staged comms made their rings as the connection was made (the engines knew their GPU from
 /// creation), each ring readied its segment kernel then (NIXL's order: memory registered, which
-/// builds the kernel, before connecting), and registration made the GPU's inline copier. Counted
-/// by what the library records making, not by time.
+/// builds the kernel, before connecting), and registration made the GPU's inline copier; the
+/// sockets the comms add start no helper thread and grow no descriptor table. Counted by what the
+/// library records making and what /proc shows, not by time (the suite runs one test at a time).
 #[test]
 fn a_connections_first_transfers_allocate_nothing() {
     use uccl_tcpx::internal::cuda::ring::kernels_readied_at_a_chunk;
@@ -598,6 +599,8 @@ fn a_connections_first_transfers_allocate_nothing() {
     let ba = common::accept(&b).unwrap();
     let p = common::Pair { a, b, ab, ba };
     let (rings, copiers, kernels) = (ring_counts(), SmallCopier::made(), kernels_readied_at_a_chunk());
+    let helpers = || testkit::threads::count_named("uccl-sock-tx") + testkit::threads::count_named("uccl-sock-rx");
+    let (threads, table, descriptors) = (helpers(), testkit::cost::descriptor_table(), testkit::cost::descriptors());
     assert!(rings.at_connect > before_connect.at_connect, "the comms made their rings: {rings:?}");
     // Inline, eager and chunked sizes, each the first of its kind on this connection.
     for (k, size) in [4096usize, (64 << 10) + 1, 128 << 10, 256 << 10, 4 << 20].into_iter().enumerate() {
@@ -638,6 +641,12 @@ fn a_connections_first_transfers_allocate_nothing() {
     assert_eq!(after.lanes_added, rings.lanes_added, "nor a lane");
     assert_eq!(SmallCopier::made(), copiers, "no inline copier was made at a transfer");
     assert_eq!(kernels_readied_at_a_chunk(), kernels, "no segment kernel was readied at a chunk");
+    let added = testkit::cost::descriptors() - descriptors;
+    assert_eq!(
+        (helpers(), testkit::cost::descriptor_table()),
+        (threads, table),
+        "a helper started or the table grew ({added} descriptors added)"
+    );
 }
 
 /// Memory of the GPU an engine does not serve, on both ends (engine a serves GPU 1 with memory on

@@ -88,20 +88,17 @@ mod tests {
         assert_eq!(soft, hard);
     }
 
-    /// The table's size as the kernel reports it.
-    fn table_size() -> usize {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let line = status.lines().find(|l| l.starts_with("FDSize:")).expect("FDSize in /proc/self/status");
-        line["FDSize:".len()..].trim().parse().unwrap()
-    }
-
     #[test]
     fn the_table_grows_ahead_of_the_descriptors_in_use() {
         raise_once();
         keep_table_ahead();
         let (soft, _) = crate::error::open_file_limit().unwrap();
         let floor = MIN_TABLE.min(soft as usize);
-        assert!(table_size() >= floor, "FDSize {} below {floor}", table_size());
+        assert!(
+            testkit::cost::descriptor_table() >= floor,
+            "FDSize {} below {floor}",
+            testkit::cost::descriptor_table()
+        );
     }
 
     #[test]

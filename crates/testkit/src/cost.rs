@@ -1,7 +1,7 @@
 //! What this process's threads do and hold, for tests that hold a library to a fixed cost: how
-//! often its threads woke (an idle connection should wake none), and its open descriptors. Counts
-//! the kernel keeps, not CPU time: a loaded host changes the time a thread gets, not how often it
-//! goes to sleep.
+//! often its threads woke (an idle connection should wake none), its open descriptors and its
+//! descriptor table. Counts the kernel keeps, not CPU time: a loaded host changes the time a
+//! thread gets, not how often it goes to sleep.
 
 /// Voluntary context switches so far of this process's threads whose name starts with `prefix`:
 /// every time one went to sleep (a blocking call, a timed wait), which is every time it woke and
@@ -21,6 +21,14 @@ pub fn wakeups(prefix: &str) -> u64 {
 /// How many descriptors this process has open (the listing's own included).
 pub fn descriptors() -> usize {
     std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd").count()
+}
+
+/// How many descriptors this process's table holds now (`FDSize`). The kernel grows it, never
+/// shrinks it: a test that reads it before and after some work learns whether the work grew it.
+pub fn descriptor_table() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let size = status.lines().find_map(|l| l.strip_prefix("FDSize:")).expect("FDSize in /proc/self/status");
+    size.trim().parse().expect("FDSize is a number")
 }
 
 #[cfg(test)]
