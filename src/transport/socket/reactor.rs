@@ -1,10 +1,10 @@
-//! The helper threads one `SocketNet` shares among all of its comms: a pool of senders and a pool of
-//! receivers, started as sockets need them up to a fixed count, each serving many sockets of many
-//! comms. A helper owns its sockets' state, waits in `epoll_wait` on them (edge triggered) and on
-//! an eventfd, and runs a socket when the kernel reports it or a posting thread kicks it (work was
-//! posted, a partly sent piece was handed over); its epoll set, inbox and kicks are a [`Worker`]'s.
-//! Nothing polls on a timer: an idle connection costs no CPU, and the thread count is the pool's
-//! bound whatever the number of connections.
+//! The helper threads one `SocketNet` shares among all of its comms: a pool of senders and a pool
+//! of receivers, started as comms are made (one per socket they may open) up to a fixed count, each
+//! serving many sockets of many comms. A helper owns its sockets' state, waits in `epoll_wait` on
+//! them (edge triggered) and on an eventfd, and runs a socket when the kernel reports it or a
+//! posting thread kicks it (work was posted, a partly sent piece was handed over); its epoll set,
+//! inbox and kicks are a [`Worker`]'s. Nothing polls on a timer: an idle connection costs no CPU,
+//! and the thread count is the pool's bound whatever the number of connections.
 
 use std::collections::VecDeque;
 use std::marker::PhantomData;
