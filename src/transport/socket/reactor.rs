@@ -343,9 +343,10 @@ pub(super) struct Pool<T: Task> {
     slots: Mutex<Vec<Thread<Sockets<T>>>>,
     /// Sockets the live comms may open in all (changed under the `slots` lock). The pool keeps a
     /// helper per such socket, up to `max`, started when the comm is made: a comm adds sockets at
-    /// its first request that has pieces for them, and a thread started there held up the first
-    /// staged 1 MiB transfer of a GPU process for 12-30 ms (2 x H200), where the same start at
-    /// connection took 40-100 us.
+    /// its first request that has pieces for them, and a helper started there (a thread, an epoll
+    /// set and an eventfd) held up the first staged 1 MiB transfer of a GPU process for 12-30 ms
+    /// (2 x H200), where the same start at connection took 40-100 us (its descriptors, most
+    /// likely, crossing the table's end: `engine::fd_limit`).
     expected: AtomicUsize,
     /// Helper starts tried so far.
     started: AtomicUsize,
