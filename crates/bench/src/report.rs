@@ -423,12 +423,12 @@ pub fn summary(points: &[Point]) -> String {
     let mut s = format!(
         "\n# Summary{} (ratio = ours / raw TCP with the same streams: streaming without message ends, and \
          acknowledged messages of the size with the same depth; latency: median round trip, ours vs a raw \
-         ping-pong of the same size)\n",
+         ping-pong of the same size; first: the size's first transfer, timed alone)\n",
         medians_note(points)
     );
     s += &format!(
-        "{:<9} {:>9} {:>10} {:>10} {:>7} {:>10} {:>7} {:>12} {:>12} {:>7}\n",
-        "op", "size", "GB/s", "raw GB/s", "ratio", "msg GB/s", "ratio", "p50 us", "raw p50 us", "ratio"
+        "{:<9} {:>9} {:>10} {:>10} {:>7} {:>10} {:>7} {:>12} {:>12} {:>7} {:>10}\n",
+        "op", "size", "GB/s", "raw GB/s", "ratio", "msg GB/s", "ratio", "p50 us", "raw p50 us", "ratio", "first us"
     );
     let vectors = points.iter().any(|p| p.contiguous_gbs.is_some());
     if vectors {
@@ -447,7 +447,7 @@ pub fn summary(points: &[Point]) -> String {
     for p in points {
         let b = p.baseline;
         s += &format!(
-            "{:<9} {:>9} {:>10.2} {:>10} {:>7} {:>10} {:>7} {:>12.1} {:>12} {:>7}",
+            "{:<9} {:>9} {:>10.2} {:>10} {:>7} {:>10} {:>7} {:>12.1} {:>12} {:>7} {:>10}",
             p.op.name(),
             human(p.size),
             p.gbs(),
@@ -458,6 +458,7 @@ pub fn summary(points: &[Point]) -> String {
             p.p50.as_secs_f64() * 1e6,
             fmt(b.map(|b| b.pingpong.as_secs_f64() * 1e6), 1),
             fmt(p.lat_ratio(), 2),
+            fmt(p.first.map(|d| d.as_secs_f64() * 1e6), 1),
         );
         if vectors {
             let post = p.post_p50.map(|d| d.as_secs_f64() * 1e6);
@@ -633,7 +634,11 @@ mod tests {
         let table = summary(std::slice::from_ref(&p));
         let row: Vec<&str> = table.lines().last().unwrap().split_whitespace().collect();
         assert_eq!(&row[..4], ["write", "1000", "B", "0.02"], "{table}");
-        assert_eq!(&row[4..], ["1.00", "0.02", "0.50", "0.04", "51.0", "25.0", "2.04"], "{table}");
+        assert_eq!(&row[4..], ["1.00", "0.02", "0.50", "0.04", "51.0", "25.0", "2.04", "-"], "{table}");
+        let mut first = Point::new(Op::Write, 1000, 100, &samples, Some(baseline));
+        first.first = Some(Duration::from_micros(700));
+        let table = summary(&[first]);
+        assert_eq!(table.lines().last().unwrap().split_whitespace().last(), Some("700.0"), "{table}");
         assert!(line(&p).starts_with("[Client]   1000 B :"), "{}", line(&p));
         assert!(!table.contains("vec ratio"), "no vector columns without a one-piece figure: {table}");
         let mut v = Point::new(Op::Read, 1000, 100, &samples, None);
