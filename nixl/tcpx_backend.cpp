@@ -312,11 +312,7 @@ public:
                 }
             }
             infos_[agent] = info;
-            if (connect_on_load_ && agent != localAgent && !conns_.count(agent)) {
-                to_dial_.push_back(agent);
-                if (!dialer_.joinable()) dialer_ = std::thread([this] { dial_loop(); });
-                dial_cv_.notify_one();
-            }
+            if (connect_on_load_ && agent != localAgent && !conns_.count(agent)) queue_dial(agent);
             return NIXL_SUCCESS;
         } catch (...) {
             return NIXL_ERR_BACKEND;
@@ -735,18 +731,42 @@ private:
     // memory: pinned staging rings). A request that comes first connects itself, and a failure
     // here (logged) leaves the connect to the agent's first request.
     void dial_loop() {
-        for (;;) {
+        while (dial_next()) {
+        }
+    }
+
+    // Queues `agent` for the dialer thread, started on first use; mu_ is held. Without the thread
+    // (it could not start) agents connect at their first request, as with connect_on_load=0.
+    void queue_dial(const std::string &agent) {
+        if (!dialer_.joinable()) {
+            try {
+                dialer_ = std::thread([this] { dial_loop(); });
+            } catch (const std::exception &e) {
+                log_error(std::string("no thread to connect as agents are loaded (") + e.what() +
+                          "): agents connect at their first request");
+                connect_on_load_ = false;
+                return;
+            }
+        }
+        to_dial_.push_back(agent);
+        dial_cv_.notify_one();
+    }
+
+    // One agent's connect: false once the backend stops. An exception (out of memory) is logged and
+    // leaves that agent to its first request, so that the thread never takes the process down.
+    bool dial_next() {
+        try {
             std::string agent;
             {
                 std::unique_lock<std::mutex> lock(mu_);
                 dial_cv_.wait(lock, [this] { return stopping_ || !to_dial_.empty(); });
-                if (stopping_) return;
+                if (stopping_) return false;
                 agent = std::move(to_dial_.front());
                 to_dial_.pop_front();
-                if (conns_.count(agent) || !infos_.count(agent)) continue;  // connected, or dropped meanwhile
+                if (conns_.count(agent) || !infos_.count(agent)) return true;  // connected, or dropped meanwhile
             }
             uccl_conn_t *conn = nullptr;
-            if (conn_for(agent, conn) != NIXL_SUCCESS) continue;
+            if (conn_for(agent, conn) != NIXL_SUCCESS) return true;
             std::lock_guard<std::mutex> lock(mu_);
             // Dropped while connecting: nobody will use it, and a request to the agent loaded again
             // connects anew.
@@ -755,7 +775,12 @@ private:
                 conns_.erase(it);
                 retired_.push_back(conn);
             }
+        } catch (const std::exception &e) {
+            log_error(std::string("connecting as an agent's info was loaded: ") + e.what());
+        } catch (...) {
+            log_error("connecting as an agent's info was loaded failed");
         }
+        return true;
     }
 
     void accept_loop() {

@@ -67,7 +67,6 @@ fn a_connections_first_large_transfer_grows_no_table_and_starts_no_helper() {
 #[ignore = "runs in a child process: it watches the whole process's descriptor table and threads"]
 fn first_large_transfer_in_a_fresh_process() {
     use common::engine::{Region, pair, wait};
-    use testkit::threads::count_named;
     use uccl_tcpx::OneSided;
     use uccl_tcpx::internal::config::SocketConfig;
     // Eight sockets per comm, opened as traffic asks: the first 16 MiB write adds the others.
@@ -76,8 +75,7 @@ fn first_large_transfer_in_a_fresh_process() {
     let len = 16 << 20;
     let src = Region::new(&p.a, (0..len).map(|i| (i % 251) as u8).collect());
     let dst = Region::new(&p.b, vec![0u8; len]);
-    let helpers = || count_named("uccl-sock-tx") + count_named("uccl-sock-rx");
-    let (table, open, threads) = (descriptor_table(), descriptors(), helpers());
+    let (table, open, threads) = (descriptor_table(), descriptors(), common::socket_helpers());
     // The connection left room for its data sockets and more (the kernel would grow the table,
     // stalling every thread that opens a descriptor meanwhile, at the transfer that opens them).
     let limit = nofile().rlim_cur as usize;
@@ -87,5 +85,5 @@ fn first_large_transfer_in_a_fresh_process() {
     assert!(dst.bytes == src.bytes, "the 16 MiB arrived intact");
     assert!(descriptors() > open, "the write added data sockets ({open} descriptors before)");
     assert_eq!(descriptor_table(), table, "the descriptor table did not grow at the transfer");
-    assert_eq!(helpers(), threads, "no socket helper started at the transfer");
+    assert_eq!(common::socket_helpers(), threads, "no socket helper started at the transfer");
 }

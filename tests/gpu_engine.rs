@@ -599,8 +599,8 @@ fn a_connections_first_transfers_allocate_nothing() {
     let ba = common::accept(&b).unwrap();
     let p = common::Pair { a, b, ab, ba };
     let (rings, copiers, kernels) = (ring_counts(), SmallCopier::made(), kernels_readied_at_a_chunk());
-    let helpers = || testkit::threads::count_named("uccl-sock-tx") + testkit::threads::count_named("uccl-sock-rx");
-    let (threads, table, descriptors) = (helpers(), testkit::cost::descriptor_table(), testkit::cost::descriptors());
+    let (threads, table, descriptors) =
+        (common::socket_helpers(), testkit::cost::descriptor_table(), testkit::cost::descriptors());
     assert!(rings.at_connect > before_connect.at_connect, "the comms made their rings: {rings:?}");
     // Inline, eager and chunked sizes, each the first of its kind on this connection.
     for (k, size) in [4096usize, (64 << 10) + 1, 128 << 10, 256 << 10, 4 << 20].into_iter().enumerate() {
@@ -643,7 +643,7 @@ fn a_connections_first_transfers_allocate_nothing() {
     assert_eq!(kernels_readied_at_a_chunk(), kernels, "no segment kernel was readied at a chunk");
     let added = testkit::cost::descriptors() - descriptors;
     assert_eq!(
-        (helpers(), testkit::cost::descriptor_table()),
+        (common::socket_helpers(), testkit::cost::descriptor_table()),
         (threads, table),
         "a helper started or the table grew ({added} descriptors added)"
     );

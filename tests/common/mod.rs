@@ -23,6 +23,11 @@ pub fn threads() -> usize {
     testkit::threads::count_named("uccl")
 }
 
+/// The socket transport's helper threads (senders and receivers) running in this process.
+pub fn socket_helpers() -> usize {
+    testkit::threads::count_named("uccl-sock-tx") + testkit::threads::count_named("uccl-sock-rx")
+}
+
 /// How often the library's threads woke (and slept again) over `idle`, counted by the kernel
 /// once every one of them sleeps: a loaded host may delay a thread's last work, but adds no wake-up.
 pub fn library_wakeups_while_idle(idle: Duration) -> u64 {
