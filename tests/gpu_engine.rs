@@ -358,6 +358,67 @@ fn many_transfers_in_flight_at_once() {
     }
 }
 
+/// Inline transfers of device memory many at a time: 64 KiB writes, reads and sends (the device
+/// inline limit) all posted before any is waited for, so that a reader finds several payloads
+/// queued and starts their copies while it reads on (answering each once its copy is done); then
+/// one of each alone, which a reader going idle waits for. Byte for byte, and the GPU's copier
+/// started copies for them.
+#[test]
+fn inline_device_transfers_in_flight_start_their_copies() {
+    use uccl_tcpx::internal::cuda::small_copy::{MAX_SMALL_COPY, SmallCopier};
+    if no_gpu() {
+        return;
+    }
+    let copier = SmallCopier::for_gpu(&cuda::Gpu::open(0).unwrap()).unwrap();
+    let p = pair(Config { gpu: Some(0), ..config() });
+    let (count, len) = (24usize, MAX_SMALL_COPY);
+    let (mut a_mem, mut b_mem) = (Mem::on_gpu(0, count * len), Mem::on_gpu(0, count * len));
+    let (amr, bmr) =
+        (p.a.register(a_mem.addr(), a_mem.len()).unwrap(), p.b.register(b_mem.addr(), b_mem.len()).unwrap());
+    let b_span = (b_mem.addr(), b_mem.len());
+    let started = copier.started();
+    for round in [count, 1] {
+        for kind in [Kind::Write, Kind::Read, Kind::SendRecv] {
+            let data = pattern(round * len, round as u64 * 7 + kind as u64);
+            let ((src, smr), (dst, dmr)) = match kind {
+                Kind::Read => ((&mut b_mem, bmr), (&mut a_mem, amr)),
+                _ => ((&mut a_mem, amr), (&mut b_mem, bmr)),
+            };
+            src.write(0, &data);
+            dst.clear();
+            let fifo = (!matches!(kind, Kind::SendRecv)).then(|| p.b.prepare_fifo(bmr, b_span.0, b_span.1).unwrap());
+            let mut pending = Vec::new();
+            for i in 0..round {
+                let at = i * len;
+                let id = match (kind, fifo) {
+                    (Kind::SendRecv, _) => {
+                        let r = p.ba.recv(dmr, dst.addr() + at, len).unwrap();
+                        pending.push((&p.ba, r));
+                        p.ab.send(&[(smr, src.addr() + at, len)]).unwrap()
+                    }
+                    (Kind::Write, Some(f)) => {
+                        let remote = FifoItem { addr: f.addr + at as u64, ..f };
+                        p.ab.write(&[OneSided { mr: smr, addr: src.addr() + at, len, remote }]).unwrap()
+                    }
+                    (_, Some(f)) => {
+                        let remote = FifoItem { addr: f.addr + at as u64, ..f };
+                        p.ab.read(&[OneSided { mr: dmr, addr: dst.addr() + at, len, remote }]).unwrap()
+                    }
+                    _ => unreachable!("one-sided kinds have a fifo item"),
+                };
+                pending.push((&p.ab, id));
+            }
+            for (conn, id) in pending {
+                assert_eq!(wait(conn, id).unwrap(), len as u64, "{kind:?}, {round} at once");
+            }
+            assert_same(&dst.read(0, round * len), &data, &format!("{kind:?}, {round} at once"));
+        }
+    }
+    // Each end's reader started the copies of the payloads it read (more than one write's worth
+    // also had a slot free while earlier ones ran); a full set of slots falls back to waiting.
+    assert!(copier.started() > started, "no copy was started: inline device copies all waited");
+}
+
 /// An engine inlining host memory up to 256 KiB (its bound below 8 CPUs) next to a peer's device
 /// memory: host-memory writes and sends of up to the bound land in the peer's GPU memory from the
 /// control stream (past the small copier's 64 KiB through plain synchronous copies), and reads

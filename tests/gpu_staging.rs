@@ -583,6 +583,56 @@ fn small_copies_every_mode_size_and_alignment() {
     assert_eq!(cudarc::driver::result::ctx::get_current().unwrap(), before, "the caller's context changed");
 }
 
+/// Started copies: each through a slot of its own, as many at once as there are slots (one more
+/// is declined, for the caller to copy synchronously), bytes landing at their offsets and loads
+/// bringing theirs; a dropped copy's slot is free again, a legacy copier starts none, and the
+/// caller's context is the same afterwards.
+#[test]
+fn started_small_copies_take_a_slot_each_and_land() {
+    use uccl_tcpx::internal::cuda::small_copy::{COPY_SLOTS, MAX_SMALL_COPY, SmallCopier, SmallCopyMode};
+    if no_gpu() {
+        return;
+    }
+    let gpu = uccl_tcpx::internal::cuda::Gpu::open(0).unwrap();
+    let total = (COPY_SLOTS + 1) * MAX_SMALL_COPY;
+    let dev = uccl_tcpx::internal::cuda::DeviceBuffer::new(0, total).unwrap();
+    let before = cudarc::driver::result::ctx::get_current().unwrap();
+    let copier = Arc::new(SmallCopier::new(&gpu, SmallCopyMode::Dma).unwrap());
+    let lens: Vec<usize> = (0..COPY_SLOTS).map(|i| MAX_SMALL_COPY - i * 4093).collect();
+    let data: Vec<Vec<u8>> = lens.iter().enumerate().map(|(i, &n)| pattern(n, 90 + i as u64)).collect();
+    // SAFETY: each copy's range [i * MAX_SMALL_COPY, + len) lies inside dev and is this copy's alone.
+    let stores: Vec<_> = (0..COPY_SLOTS)
+        .map(|i| unsafe { copier.start_to_device(dev.addr() + i * MAX_SMALL_COPY, &data[i]) }.unwrap().expect("a slot"))
+        .collect();
+    // SAFETY: as above, past every other copy's range.
+    let extra = unsafe { copier.start_to_device(dev.addr() + COPY_SLOTS * MAX_SMALL_COPY, &data[0]) }.unwrap();
+    assert!(extra.is_none(), "a copy started with every slot taken");
+    assert_eq!(copier.started(), COPY_SLOTS as u64);
+    for s in &stores {
+        s.wait().unwrap();
+        assert!(s.done().unwrap());
+    }
+    drop(stores);
+    let all = dev.to_vec().unwrap();
+    for (i, d) in data.iter().enumerate() {
+        assert_same(&all[i * MAX_SMALL_COPY..i * MAX_SMALL_COPY + d.len()], d, &format!("started store {i}"));
+    }
+    let loads: Vec<_> = (0..COPY_SLOTS)
+        .map(|i| {
+            // SAFETY: the ranges lie inside dev, written above and not written meanwhile.
+            unsafe { copier.start_from_device(dev.addr() + i * MAX_SMALL_COPY, lens[i]) }.unwrap().expect("slots back")
+        })
+        .collect();
+    for (i, l) in loads.iter().enumerate() {
+        l.wait().unwrap();
+        assert_same(l.loaded(), &data[i], &format!("started load {i}"));
+    }
+    let legacy = Arc::new(SmallCopier::new(&gpu, SmallCopyMode::Legacy).unwrap());
+    // SAFETY: inside dev.
+    assert!(unsafe { legacy.start_to_device(dev.addr(), &data[0]) }.unwrap().is_none(), "legacy copiers start none");
+    assert_eq!(cudarc::driver::result::ctx::get_current().unwrap(), before, "the caller's context changed");
+}
+
 /// Threads sharing one GPU's copier (its bounce buffer is one, behind a lock) never see each
 /// other's bytes.
 #[test]

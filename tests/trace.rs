@@ -56,6 +56,7 @@ fn a_trace_keeps_every_event_and_the_scripts_read_it() {
         assert!(report.contains(expected), "{expected:?} missing:\n{report}");
     }
     assert!(report.contains("replies read by"), "{report}");
+    assert!(report.contains("write inline (any size): 1 joined (0 unmatched)"), "{report}");
 
     let report = run_script("socket_timeline.py", &[&prefix]);
     assert!(report.contains("comms paired by comm id") && !report.contains("without their peer"), "{report}");
@@ -78,10 +79,26 @@ fn a_trace_keeps_every_event_and_the_scripts_read_it() {
 }
 
 /// Every write and read over the channels left its request, the flows of both ends, and its
-/// outcome; the inline write of 4 KiB took no channel and left no request.
+/// outcome; the inline write of 4 KiB left its request, written inline and read so by its target,
+/// and no flow.
 fn check_flows(rows: &[Row]) {
     let of = |event: &'static str| rows.iter().filter(move |r| r.event == event);
-    let requests: Vec<&Row> = of("flow_request").collect();
+    let msg = |event: &'static str, conn: u64, side: u64, id: u64, kind: u64| {
+        of(event).find(move |m| (m.get("conn"), m.get("side"), m.get("id"), m.get("kind")) == (conn, side, id, kind))
+    };
+    // Kinds of flow messages (`MsgKind`): 5 is an inline write.
+    let inline: Vec<&Row> = of("flow_request")
+        .filter(|r| msg("flow_msg_out", r.get("conn"), r.get("side"), r.get("xfer"), 5).is_some())
+        .collect();
+    assert_eq!(inline.len(), 1, "the one inline write's request: {inline:?}");
+    let (conn, side, xfer) = (inline[0].get("conn"), inline[0].get("side"), inline[0].get("xfer"));
+    assert_eq!(inline[0].get("write"), 1);
+    assert!(msg("flow_msg_in", conn, 1 - side, xfer, 5).is_some(), "its target read it inline");
+    assert!(msg("flow_msg_in", conn, side, xfer, 3).is_some(), "and its Done came back");
+    let planned = |p: &&Row| (p.get("conn"), p.get("side"), p.get("xfer"), p.get("ours")) == (conn, side, xfer, 1);
+    assert!(!of("flow_plan").any(|p| planned(&p)), "it planned no flow");
+    let requests: Vec<&Row> =
+        of("flow_request").filter(|r| (r.get("conn"), r.get("side"), r.get("xfer")) != (conn, side, xfer)).collect();
     let writes = requests.iter().filter(|r| r.get("write") == 1).count();
     assert_eq!((writes, requests.len() - writes), (2 * ROUNDS, 2 * ROUNDS), "requests by kind");
     for r in &requests {

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Where a write's or read's time goes over the channels: reads the `flow` events of the files a
+"""Where a write's or read's time goes, over the channels or inline on the control stream: reads the `flow` events of the files a
 trace writes (UCCL_TCPX_TRACE=PREFIX or flow:PREFIX, `PREFIX.<pid>.tsv`, one per process: both
 ends of a loopback run, or each host's files of a two-host run), rebuilds each end's timeline of
-every write and read that took the channels, joins the two ends of each, and prints per op and size
+every write and read, joins the two ends of each, and prints per op and size
 the end-to-end time (initiator's post to its caller seeing it complete), every step's offset from
 the initiator's post and every leg between consecutive steps (median, p10, p90, in microseconds),
 and which threads read the replies and how long those then waited for the connection's lock.
@@ -21,7 +21,11 @@ from trace_events import events, pct  # noqa: E402
 
 STEPS = ['post', 'returned', 'request_sent', 'request_read', 'queued', 'first_posted', 'last_chunk',
          'reply_sent', 'reply_arrived', 'reply_read', 'complete']
-KIND = {1: 'write_request', 2: 'read_request', 3: 'done', 4: 'data'}
+KIND = {1: 'write_request', 2: 'read_request', 3: 'done', 4: 'data', 5: 'inline_write', 6: 'read_small',
+        7: 'read_data', 8: 'inline_send'}
+REQUESTS = {'write_request': True, 'read_request': False, 'inline_write': True, 'read_small': False}
+REPLIES = ('done', 'data', 'read_data')
+INLINE = ('inline_write', 'read_small')
 
 
 def reader(thread):
@@ -39,7 +43,7 @@ def records(evs):
 
     def new(end, key, initiator, write, transfer=None):
         r = {'conn': key[0], 'side': key[1], 'initiator': initiator, 'write': write, 'transfer': transfer,
-             'seq': None, 'bytes': 0, 'reader': '-', 'marks': {}}
+             'seq': None, 'xfer': key[3], 'inline': False, 'bytes': 0, 'reader': '-', 'marks': {}}
         recs[key] = r
         out.append(r)
         return r
@@ -65,10 +69,11 @@ def records(evs):
                 flows[end + (e['flow'],)] = r
         elif name == 'flow_msg_in':
             kind = KIND.get(e['kind'])
-            if kind in ('write_request', 'read_request'):
-                r = new(end, end + ('p', e['id']), False, kind == 'write_request')
+            if kind in REQUESTS:
+                r = new(end, end + ('p', e['id']), False, REQUESTS[kind])
+                r['inline'] = kind in INLINE
                 mark(r, 'request_read', e['ns'])
-            elif kind in ('done', 'data'):
+            elif kind in REPLIES:
                 r = recs.get(end + ('o', e['id']))
                 if r is not None and 'reply_read' not in r['marks']:
                     mark(r, 'reply_arrived', e['arrived'])
@@ -76,9 +81,12 @@ def records(evs):
                     r['reader'] = reader(e['thread'])
         elif name == 'flow_msg_out':
             kind = KIND.get(e['kind'])
-            if kind in ('write_request', 'read_request'):
-                mark(recs.get(end + ('o', e['id'])), 'request_sent', e['ns'])
-            elif kind in ('done', 'data'):
+            if kind in REQUESTS:
+                r = recs.get(end + ('o', e['id']))
+                if r is not None:
+                    r['inline'] = kind in INLINE
+                mark(r, 'request_sent', e['ns'])
+            elif kind in REPLIES:
                 mark(recs.get(end + ('p', e['id'])), 'reply_sent', e['ns'])
         elif name == 'flow_queued':
             r = flows.get(end + (e['flow'],))
@@ -108,17 +116,18 @@ def main():
     prefix = sys.argv[1]
     ends = {}
     for r in records(events(prefix)):
-        if r['seq'] is None:
+        if r['seq'] is None and not r['inline']:
             continue
         # Each end numbers its own flows from 0: a write each way on one connection shares a
-        # seq, and only which end initiated (connector or acceptor) tells them apart.
+        # seq, and only which end initiated (connector or acceptor) tells them apart. An inline
+        # transfer plans no flow: both ends know it by the initiator's id.
         from_connector = r['initiator'] == (r['side'] == 1)
         op = 'write' if r['write'] else 'read'
-        key = (r['conn'], op, from_connector, r['seq'])
-        ends.setdefault(key, {})['initiator' if r['initiator'] else 'target'] = r
+        which = ('inline', r['xfer']) if r['inline'] else ('flow', r['seq'])
+        ends.setdefault((r['conn'], op, from_connector, which), {})['initiator' if r['initiator'] else 'target'] = r
     groups = collections.defaultdict(list)
     unjoined = collections.Counter()
-    for (conn, op, _, seq), pair in ends.items():
+    for (_, op, _, _), pair in ends.items():
         if 'initiator' not in pair or 'target' not in pair:
             unjoined[op] += 1
             continue
@@ -135,7 +144,8 @@ def main():
         sys.exit(f'no initiator and target records of {prefix}.*.tsv join ({dict(unjoined)} unmatched)')
     for (op, size), transfers in sorted(groups.items()):
         e2e = [m['i.complete'] for m in transfers]
-        print(f'{op} {size} B: {len(transfers)} joined ({unjoined[op]} unmatched); end-to-end p50 '
+        what = f'{size} B' if size else 'inline (any size)'
+        print(f'{op} {what}: {len(transfers)} joined ({unjoined[op]} unmatched); end-to-end p50 '
               f'{pct(e2e, 0.5) / 1e3:.1f} us (p10 {pct(e2e, 0.1) / 1e3:.1f}, p90 {pct(e2e, 0.9) / 1e3:.1f})')
         names = collections.Counter(k for m in transfers for k in m if k != 'reader')
         # A step seen in at least half the transfers is shown; the rest are noise of failures.

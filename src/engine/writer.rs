@@ -77,6 +77,16 @@ impl ControlWriter {
 
     /// Queues `msgs` in order, back to back (one socket write when nothing is queued ahead).
     pub fn send_all(&self, msgs: &[Control]) -> Result<()> {
+        self.queue_msgs(msgs, true)
+    }
+
+    /// Queues `msgs` for the reactor to write, even when nothing is queued ahead: the caller has
+    /// better things to do than the socket write (`Connection::send_posted`).
+    pub fn hand_over(&self, msgs: &[Control]) -> Result<()> {
+        self.queue_msgs(msgs, false)
+    }
+
+    fn queue_msgs(&self, msgs: &[Control], direct: bool) -> Result<()> {
         let mut q = self.queue.lock();
         if let Some(e) = &q.error {
             return Err(e.clone());
@@ -95,7 +105,7 @@ impl ControlWriter {
         }
         // An injected writer panic (tests) takes every message through the reactor, so that the
         // panic happens with one in flight.
-        let idle = q.bytes.is_empty() && !q.handed && !threads::armed(ThreadKind::ControlWriter);
+        let idle = direct && q.bytes.is_empty() && !q.handed && !threads::armed(ThreadKind::ControlWriter);
         if idle {
             // Nothing queued ahead of us: try the socket directly and save the reactor's wake-up (most
             // of a small message's latency). Non-blocking, so a full send buffer (a peer not
@@ -406,6 +416,29 @@ mod tests {
 
     /// Batches larger than the socket takes at once leave whole and in order through the reactor,
     /// which waits for room instead of blocking, and `finish` returns once they left.
+    /// Messages handed over to the reactor and messages written directly, interleaved, leave
+    /// whole and in the order they were queued.
+    #[test]
+    fn handed_over_messages_keep_their_place_among_direct_ones() {
+        let (_reactor, endpoint, mut peer) = writer();
+        let reading = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            peer.read_to_end(&mut all).unwrap();
+            all
+        });
+        let mut expected = Vec::new();
+        for i in 0..64u64 {
+            let payload = vec![i as u8; 4096 + i as usize * 997];
+            let msg = Control::InlineWrite { xfer: i, region: 1, token: 2, addr: 3, payload };
+            msg.encode(&mut expected);
+            if i % 2 == 0 { endpoint.0.hand_over(&[msg]) } else { endpoint.0.send(&msg) }.unwrap();
+        }
+        endpoint.0.finish(testkit::PATIENCE);
+        endpoint.0.stream.shutdown(std::net::Shutdown::Both).unwrap();
+        let got = reading.join().unwrap();
+        assert!(got == expected, "{} bytes arrived, {} sent", got.len(), expected.len());
+    }
+
     #[test]
     fn large_batches_leave_in_order_through_the_reactor() {
         let (reactor, endpoint, mut peer) = writer();

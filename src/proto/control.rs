@@ -381,6 +381,16 @@ impl Control {
         write_frame(out, self.kind(), |w| self.write_body(w));
     }
 
+    /// The inline payload a message carries (empty for other kinds).
+    pub fn inline_payload(&self) -> &[u8] {
+        match self {
+            Self::InlineWrite { payload, .. } | Self::ReadData { payload, .. } | Self::InlineSend { payload, .. } => {
+                payload
+            }
+            _ => &[],
+        }
+    }
+
     /// Appends header and body but for an inline payload, which it returns for the caller to send
     /// right behind (the frame's length counts it): one copy of a large payload fewer. Other kinds
     /// are appended whole and return nothing.

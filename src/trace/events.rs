@@ -173,7 +173,16 @@ macro_rules! codes {
 
 codes! {
     /// What a flow message is (`kind` of `FlowMsgOut` and `FlowMsgIn`).
-    MsgKind("kind") { WriteRequest = 1 "write_request", ReadRequest = 2 "read_request", Done = 3 "done", Data = 4 "data" }
+    MsgKind("kind") {
+        WriteRequest = 1 "write_request",
+        ReadRequest = 2 "read_request",
+        Done = 3 "done",
+        Data = 4 "data",
+        InlineWrite = 5 "inline_write",
+        ReadSmall = 6 "read_small",
+        ReadData = 7 "read_data",
+        InlineSend = 8 "inline_send",
+    }
     /// Who saw a device-copy batch finished.
     SeenBy("by") { Poll = 0 "poll", Wait = 1 "wait", Progress = 2 "progress", Failure = 3 "failure" }
     /// Why a data socket was declared dead (`SockDead`).

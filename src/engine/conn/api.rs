@@ -14,7 +14,7 @@ use super::state::{
 use super::turn::{Batch, InTurn, Take};
 use super::vector::{Grouper, Push, Run, RunKey};
 
-use super::{Connection, Held, Inner, OneSided};
+use super::{Connection, HAND_OVER_MIN, Held, Inner, OneSided};
 use crate::engine::locality::Locality;
 use crate::engine::path::{self, Path};
 use crate::engine::plan::{Chunking, Extent};
@@ -234,6 +234,7 @@ impl Connection {
                 continue;
             }
             let mut inner = self.inner.lock();
+            let hand_over = inner.state.inline_unanswered();
             let taken = turn.take();
             let post_chunks_here = taken.post_chunks_here();
             let Batch { requests: batch, first_part } = taken;
@@ -247,7 +248,7 @@ impl Connection {
                 })
                 .and_then(|msgs| {
                     drop(inner);
-                    self.send_posted(&msgs)
+                    self.send_posted(&msgs, hand_over)
                 });
             if let Err(e) = posted {
                 if first_part == 0 {
@@ -344,11 +345,11 @@ impl Connection {
         let transfer = self.new_transfer(parts, out);
         let (conn, side) = (self.trace.conn, self.trace.side);
         trace::event!(FlowCall { conn, side, transfer: transfer.id, entered: entered.unwrap_or_else(clock_ns) });
-        let sent = self.register_parts(&transfer, post).and_then(|msgs| {
+        let sent = self.register_parts(&transfer, post).and_then(|(msgs, hand_over)| {
             if let Some(at) = posted {
                 trace_direct(self.trace, transfer.id, &msgs, at);
             }
-            self.send_posted(&msgs)
+            self.send_posted(&msgs, hand_over)
         });
         if let Err(e) = sent {
             self.discard(transfer.id, &e);
@@ -364,11 +365,17 @@ impl Connection {
     }
 
     /// Sends the messages `register_parts` returned; failing to queue them fails the connection.
-    fn send_posted(&self, msgs: &[Control]) -> Result<()> {
+    /// `behind`: the connection had inline transfers unanswered when they were posted. Then a
+    /// large inline payload is handed to the control reactor instead of written here, so that
+    /// the socket write overlaps the caller's next post (its device copy) rather than add to it;
+    /// a transfer posted alone is written here, which saves the reactor's wake-up.
+    fn send_posted(&self, msgs: &[Control], behind: bool) -> Result<()> {
         if msgs.is_empty() {
             return Ok(());
         }
-        self.send_all(msgs).inspect_err(|e| self.fail(&mut self.inner.lock(), e.clone()))
+        let hand_over = behind && msgs.iter().any(|m| m.inline_payload().len() >= HAND_OVER_MIN);
+        let sent = if hand_over { self.hand_over(msgs) } else { self.send_all(msgs) };
+        sent.inspect_err(|e| self.fail(&mut self.inner.lock(), e.clone()))
     }
 
     /// `post`'s part under the lock: the state registers the parts (or refuses before registering
@@ -379,8 +386,10 @@ impl Connection {
         &self,
         transfer: &Arc<Transfer>,
         post: impl FnOnce(&mut ConnState, &Arc<Transfer>, &mut Vec<Action>) -> Result<()>,
-    ) -> Result<Vec<Control>> {
-        self.register_locked(&mut self.inner.lock(), transfer, true, post)
+    ) -> Result<(Vec<Control>, bool)> {
+        let mut inner = self.inner.lock();
+        let behind = inner.state.inline_unanswered();
+        self.register_locked(&mut inner, transfer, true, post).map(|msgs| (msgs, behind))
     }
 
     /// `register_parts` under a lock the caller holds; `post_chunks`: whether this thread posts the
@@ -671,13 +680,16 @@ fn trace_requests(tag: trace::ConnTag, transfer: u64, out: &[Action], chunking: 
     for action in out {
         match action {
             Action::Send(msg) => {
-                let (xfer, write) = match *msg {
-                    Control::WriteRequest { xfer, .. } | Control::WriteVector { xfer, .. } => (xfer, true),
-                    Control::ReadRequest { xfer, .. } | Control::ReadVector { xfer, .. } => (xfer, false),
+                let (xfer, write, chunks) = match *msg {
+                    Control::WriteRequest { xfer, .. } | Control::WriteVector { xfer, .. } => (xfer, true, true),
+                    Control::ReadRequest { xfer, .. } | Control::ReadVector { xfer, .. } => (xfer, false, true),
+                    // Inline: the payload rides the request or its answer; no flow is planned.
+                    Control::InlineWrite { xfer, .. } => (xfer, true, false),
+                    Control::ReadSmall { xfer, .. } => (xfer, false, false),
                     _ => continue,
                 };
                 trace::event!(FlowRequest { conn: tag.conn, side: tag.side, transfer, xfer, write: u64::from(write) });
-                if write {
+                if write && chunks {
                     writes.push_back(xfer);
                 }
             }

@@ -1,10 +1,12 @@
 //! The engine's memory as the connection state machine sees it: a peer's requests are decided by
-//! the region table, and inline payloads are copied with the CPU (host memory) or a synchronous
-//! copy of at most 64 KiB (device memory, cheaper than a staged pass).
+//! the region table, and inline payloads are copied with the CPU (host memory) or a copy of at
+//! most 64 KiB through the GPU's small copier (device memory, cheaper than a staged pass): started
+//! where the state can wait for it (`start_store`, `start_load`), synchronous elsewhere.
 
 use std::sync::Arc;
 
-use super::state::Memory;
+use super::state::{Copying, Memory, Started};
+use crate::cuda::small_copy::StartedCopy;
 use crate::engine::region::Region;
 use crate::engine::shared::EngineCore;
 use crate::error::{Error, Result, UcclStatus};
@@ -48,6 +50,20 @@ impl<'a> EngineMemory<'a> {
     }
 }
 
+impl Copying for StartedCopy {
+    fn done(&self) -> Result<bool> {
+        StartedCopy::done(self)
+    }
+
+    fn wait(&self) -> Result<()> {
+        StartedCopy::wait(self)
+    }
+
+    fn loaded(&self) -> &[u8] {
+        StartedCopy::loaded(self)
+    }
+}
+
 impl Memory for EngineMemory<'_> {
     fn authorize(&self, region: u64, token: u64, addr: u64, len: u64) -> Result<Arc<Region>> {
         let r = self.core.regions.authorize(region, token, addr, len, self.binding)?;
@@ -84,6 +100,32 @@ impl Memory for EngineMemory<'_> {
                 Ok(out)
             }
         }
+    }
+
+    unsafe fn start_store(&self, region: &Region, addr: usize, payload: &[u8]) -> Result<Started<()>> {
+        if let MemKind::Cuda { .. } = region.kind {
+            let gpu = self.region_gpu(region)?;
+            // SAFETY: per the contract; registration proved the range is memory of that GPU.
+            let started = unsafe { crate::cuda::small_copy::start_to_device(&gpu, addr, payload)? };
+            if let Some(copy) = started {
+                return Ok(Started::Later(Box::new(copy)));
+            }
+        }
+        // SAFETY: per the contract.
+        unsafe { self.store(region, addr, payload) }.map(Started::Now)
+    }
+
+    unsafe fn start_load(&self, region: &Region, addr: usize, len: usize) -> Result<Started<Vec<u8>>> {
+        if let MemKind::Cuda { .. } = region.kind {
+            let gpu = self.region_gpu(region)?;
+            // SAFETY: as above.
+            let started = unsafe { crate::cuda::small_copy::start_from_device(&gpu, addr, len)? };
+            if let Some(copy) = started {
+                return Ok(Started::Later(Box::new(copy)));
+            }
+        }
+        // SAFETY: per the contract.
+        unsafe { self.load(region, addr, len) }.map(Started::Now)
     }
 }
 

@@ -24,7 +24,12 @@ pub(super) trait Served {
     fn rx(&self) -> &ControlRx;
 
     /// Handles the whole messages a read that `drained` describes brought into `buf`.
-    fn handle_read(&self, buf: &mut RxBuffer, drained: Drained) -> Handled;
+    /// `leave_copies`: the reader comes back at once (the reactor with more to read), so the device
+    /// copies started for inline payloads may run on instead of being waited for.
+    fn handle_read(&self, buf: &mut RxBuffer, drained: Drained, leave_copies: bool) -> Handled;
+
+    /// Whether device copies started for inline payloads are left for a reader to finish.
+    fn copies_started(&self) -> bool;
 
     /// Whether work waits that a waiting caller may run (the copy of a read of ours).
     fn work_waiting(&self) -> bool;
@@ -47,7 +52,13 @@ pub(super) fn serve_readable(conn: &impl Served) -> Next {
         Drained::Empty => Next::Empty,
         Drained::Open | Drained::Closed(_) => Next::Idle,
     };
-    if next == Next::Empty { next } else { after_handling(next, conn.handle_read(&mut buf, drained)) }
+    // With more to read at once (`Again`), the copies started for inline payloads run while the
+    // reactor reads on; otherwise they are waited for. An empty read still answers for those left
+    // running by the last one.
+    if next == Next::Empty && !conn.copies_started() {
+        return next;
+    }
+    after_handling(next, conn.handle_read(&mut buf, drained, next == Next::Again))
 }
 
 /// The reactor's next step once what its read brought was handled.
@@ -63,11 +74,15 @@ fn after_handling(next: Next, handled: Handled) -> Next {
 /// whole message; false once the connection failed. A read that came back empty ran out its slice
 /// waiting for `t`'s answer (`Transfer::slice_ran_out`).
 fn pump_for(conn: &impl Served, buf: &mut RxBuffer, t: &Transfer) -> bool {
+    // Copies the reactor left running are answered for before this thread blocks in a read.
+    if conn.copies_started() && conn.handle_read(buf, Drained::Empty, false) == Handled::Failed {
+        return false;
+    }
     let drained = conn.rx().drain(buf, true);
     if matches!(drained, Drained::Empty) {
         t.slice_ran_out();
     }
-    conn.handle_read(buf, drained) != Handled::Failed
+    conn.handle_read(buf, drained, false) != Handled::Failed
 }
 
 /// Reads the control stream in the caller's thread while `t` waits for the peer's answer to one of
@@ -94,12 +109,15 @@ pub(super) fn read_until_finished(conn: &impl Served, t: &Transfer) {
             }
             std::thread::yield_now();
         };
-        if let Some(mut buf) = taken
-            && spin_until_finished(conn, &mut buf, t, spin)
-        {
-            // Each blocking read is bounded, so a reply delivered some other way (a failure) is
-            // noticed.
-            while !t.is_finished() && t.awaits_answer() && !conn.work_waiting() && pump_for(conn, &mut buf, t) {}
+        if let Some(mut buf) = taken {
+            // The reactor no longer reads the stream once a caller took it: the copies it left
+            // running (the one our answer waits for, perhaps) are answered for here first.
+            let alive = !conn.copies_started() || conn.handle_read(&mut buf, Drained::Empty, false) != Handled::Failed;
+            if alive && spin_until_finished(conn, &mut buf, t, spin) {
+                // Each blocking read is bounded, so a reply delivered some other way (a failure)
+                // is noticed.
+                while !t.is_finished() && t.awaits_answer() && !conn.work_waiting() && pump_for(conn, &mut buf, t) {}
+            }
         }
         if t.is_finished() || !conn.work_waiting() {
             return;
@@ -116,7 +134,8 @@ fn spin_until_finished(conn: &impl Served, buf: &mut RxBuffer, t: &Transfer, spi
     let until = Instant::now() + spin;
     while !t.is_finished() && t.awaits_answer() && !conn.work_waiting() && Instant::now() < until {
         let drained = rx.drain(buf, false);
-        if !matches!(drained, Drained::Empty) && conn.handle_read(buf, drained) == Handled::Failed {
+        let handle = !matches!(drained, Drained::Empty) || conn.copies_started();
+        if handle && conn.handle_read(buf, drained, false) == Handled::Failed {
             return false;
         }
         std::thread::yield_now();

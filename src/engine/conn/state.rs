@@ -81,6 +81,36 @@ pub(super) enum Action {
     /// Copy the peer's offered message into a matched receive over CUDA IPC (`ipc_send.rs`); the
     /// connection hands it back with `recv_by_network` when it cannot.
     DeviceRecv(DeviceRecv),
+    /// Carry out what follows a device copy the state started (an inline payload's store, the load
+    /// answering the peer's small read) once the copy is done.
+    AfterCopy(AfterCopy),
+}
+
+/// What waits for a started device copy: actions, and for a load the peer's read it answers. The
+/// connection carries them out in the order the copies started; a copy that fails once started
+/// fails the connection (the GPU's context is then most likely lost), its parts with it.
+#[derive(Debug)]
+pub(super) struct AfterCopy {
+    pub copy: Box<dyn Copying>,
+    pub then: Vec<Action>,
+    /// The peer's small read whose ReadData carries the bytes the copy loaded.
+    pub read_answer: Option<u64>,
+}
+
+/// A device copy started by `Memory::start_store` or `start_load`, finished by its connection.
+pub(super) trait Copying: Send + std::fmt::Debug {
+    /// Whether it finished; never blocks. An error is the copy's own.
+    fn done(&self) -> Result<bool>;
+    /// Returns once it finished.
+    fn wait(&self) -> Result<()>;
+    /// What a load brought, once done.
+    fn loaded(&self) -> &[u8];
+}
+
+/// A store or load done at once, or a device copy started.
+pub(super) enum Started<T> {
+    Now(T),
+    Later(Box<dyn Copying>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,6 +151,26 @@ pub(super) trait Memory {
     /// # Safety
     /// `[addr, addr + len)` lies inside `region`, which is live.
     unsafe fn load(&self, region: &Region, addr: usize, len: usize) -> Result<Vec<u8>>;
+
+    /// `store`, or for device memory its start: nothing may answer for the range before the copy
+    /// is done.
+    ///
+    /// # Safety
+    /// As `store`; the range stays live until the copy is done (a deregistration fences the
+    /// connection, which waits for its copies).
+    unsafe fn start_store(&self, region: &Region, addr: usize, payload: &[u8]) -> Result<Started<()>> {
+        // SAFETY: per the contract.
+        unsafe { self.store(region, addr, payload) }.map(Started::Now)
+    }
+
+    /// `load`, or for device memory its start.
+    ///
+    /// # Safety
+    /// As `load` and `start_store`.
+    unsafe fn start_load(&self, region: &Region, addr: usize, len: usize) -> Result<Started<Vec<u8>>> {
+        // SAFETY: per the contract.
+        unsafe { self.load(region, addr, len) }.map(Started::Now)
+    }
 }
 
 /// One message of a caller's send.
@@ -733,6 +783,11 @@ impl ConnState {
         Ok(())
     }
 
+    /// Whether inline transfers of ours wait for their answers (writes, sends, small reads).
+    pub fn inline_unanswered(&self) -> bool {
+        !self.inline_ops.is_empty() || self.inline_one_sided > 0
+    }
+
     /// Applies one message as `handle` does, an inline payload stored straight from the reader's
     /// buffer.
     pub fn handle_frame(&mut self, frame: Frame<'_>, mem: &impl Memory, out: &mut Vec<Action>) -> Result<()> {
@@ -757,9 +812,9 @@ impl ConnState {
         let recv = self.posted_recvs.pop_front().expect("non-empty");
         let answer = match fit(recv, payload.len() as u64, out) {
             Ok(recv) => deliver_inline(recv, xfer, payload, mem, out),
-            Err(e) => deny_msg(xfer, &e),
+            Err(e) => Some(deny_msg(xfer, &e)),
         };
-        out.push(Action::Send(answer));
+        out.extend(answer.map(Action::Send));
         Ok(())
     }
 
@@ -787,9 +842,13 @@ impl ConnState {
         let len = payload.len() as u64;
         let authorized = mem.authorize(region, token, addr, len);
         // SAFETY: `authorize` proved the range lies in a live, advertised region.
-        match authorized.and_then(|r| unsafe { mem.store(&r, addr as usize, payload) }) {
+        match authorized.and_then(|r| unsafe { mem.start_store(&r, addr as usize, payload) }) {
             Err(e) => deny(xfer, e, out),
-            Ok(()) => out.push(Action::Send(Control::Done { xfer, len })),
+            Ok(Started::Now(())) => out.push(Action::Send(Control::Done { xfer, len })),
+            Ok(Started::Later(copy)) => {
+                let then = vec![Action::Send(Control::Done { xfer, len })];
+                out.push(Action::AfterCopy(AfterCopy { copy, then, read_answer: None }));
+            }
         }
     }
 
@@ -901,11 +960,17 @@ impl ConnState {
             Some(e) => Err(e),
             // SAFETY: the destination was checked against its registration when the read was
             // posted, is not cut off, and the region is kept alive by `dst`.
-            None => unsafe { mem.store(&dst.region, addr, payload) },
+            None => unsafe { mem.start_store(&dst.region, addr, payload) },
         };
-        if let Some(t) = dst.on_done.transfer() {
+        let len = payload.len() as u64;
+        let finish = dst.on_done.transfer().map(|t| Action::Finish(t.clone(), Ok(len)));
+        match stored {
+            Ok(Started::Now(())) => out.extend(finish),
+            Ok(Started::Later(copy)) => {
+                out.push(Action::AfterCopy(AfterCopy { copy, then: finish.into_iter().collect(), read_answer: None }))
+            }
             // A failed local copy fails this read only; the connection is fine.
-            out.push(Action::Finish(t.clone(), stored.map(|()| payload.len() as u64)));
+            Err(e) => out.extend(dst.on_done.transfer().map(|t| Action::Finish(t.clone(), Err(e)))),
         }
         Ok(())
     }
@@ -966,9 +1031,12 @@ impl ConnState {
             Control::ReadSmall { xfer, region, token, addr, len } => {
                 let authorized = mem.authorize(region, token, addr, len);
                 // SAFETY: as above; `len` is at most MAX_INLINE_LEN (checked by the decoder).
-                match authorized.and_then(|r| unsafe { mem.load(&r, addr as usize, len as usize) }) {
+                match authorized.and_then(|r| unsafe { mem.start_load(&r, addr as usize, len as usize) }) {
                     Err(e) => deny(xfer, e, out),
-                    Ok(payload) => out.push(Action::Send(Control::ReadData { xfer, payload })),
+                    Ok(Started::Now(payload)) => out.push(Action::Send(Control::ReadData { xfer, payload })),
+                    Ok(Started::Later(copy)) => {
+                        out.push(Action::AfterCopy(AfterCopy { copy, then: Vec::new(), read_answer: Some(xfer) }))
+                    }
                 }
                 Ok(())
             }
@@ -1223,7 +1291,7 @@ impl ConnState {
                     continue;
                 }
                 (Body::Inline(payload), Ok(recv)) => {
-                    answers.push(deliver_inline(recv, peer_op, &payload, mem, out));
+                    answers.extend(deliver_inline(recv, peer_op, &payload, mem, out));
                     continue;
                 }
                 (Body::Ipc(src), Ok(recv)) => {
@@ -1368,17 +1436,32 @@ impl ConnState {
 
 /// Stores the peer's inline message `peer_op` into `recv`, which `fit` admitted, finishes the
 /// receive and returns the answer for the peer.
-fn deliver_inline(recv: PostedRecv, peer_op: u64, payload: &[u8], mem: &impl Memory, out: &mut Vec<Action>) -> Control {
+fn deliver_inline(
+    recv: PostedRecv,
+    peer_op: u64,
+    payload: &[u8],
+    mem: &impl Memory,
+    out: &mut Vec<Action>,
+) -> Option<Control> {
     let len = payload.len() as u64;
     // SAFETY: the message fits the registration from `recv.addr` on (`fit`), and its region is
     // kept alive by `recv`.
-    let stored = unsafe { mem.store(&recv.region, recv.addr, payload) };
-    let answer = match &stored {
-        Ok(()) => Control::Done { xfer: peer_op, len },
-        Err(e) => deny_msg(peer_op, e),
+    let stored = unsafe { mem.start_store(&recv.region, recv.addr, payload) };
+    let (finish, answer) = match stored {
+        Ok(Started::Now(())) => (Ok(len), Control::Done { xfer: peer_op, len }),
+        Err(e) => {
+            let answer = deny_msg(peer_op, &e);
+            (Err(e), answer)
+        }
+        Ok(Started::Later(copy)) => {
+            // The receive finishes and the peer hears of it once the bytes are in place.
+            let then = vec![Action::Finish(recv.transfer, Ok(len)), Action::Send(Control::Done { xfer: peer_op, len })];
+            out.push(Action::AfterCopy(AfterCopy { copy, then, read_answer: None }));
+            return None;
+        }
     };
-    out.push(Action::Finish(recv.transfer, stored.map(|()| len)));
-    answer
+    out.push(Action::Finish(recv.transfer, finish));
+    Some(answer)
 }
 
 /// How a payload whose landing from the socket was cut off ends: its region was deregistered

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::super::copies::StartedCopies;
 use super::super::vector::{Grouper, Push, REQUEST_SEGMENTS, RunKey};
 use super::*;
 use crate::config::Config;
@@ -26,10 +27,41 @@ use crate::transport::MemKind;
 const CHUNK: usize = 64 << 10;
 const CONN: u64 = 1;
 
-/// Host memory behind a region table, as the engine's memory is.
+/// Host memory behind a region table, as the engine's memory is. With `start_device_copies`,
+/// stores and loads of (simulated) device memory start a copy its end finishes later
+/// (`End::finish_copies`), as the engine's GPU copier does.
 #[derive(Default)]
 struct HostMemory {
     regions: RegionTable,
+    start_device_copies: bool,
+}
+
+/// A simulated device copy: the bytes move when it starts, `done` holds once it was waited for.
+#[derive(Debug)]
+struct SimulatedCopy {
+    loaded: Vec<u8>,
+    waited: std::sync::atomic::AtomicBool,
+}
+
+impl Copying for SimulatedCopy {
+    fn done(&self) -> Result<bool> {
+        Ok(self.waited.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    fn wait(&self) -> Result<()> {
+        self.waited.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn loaded(&self) -> &[u8] {
+        &self.loaded
+    }
+}
+
+impl HostMemory {
+    fn starts_copy(&self, region: &Region) -> bool {
+        self.start_device_copies && matches!(region.kind, MemKind::Cuda { .. })
+    }
 }
 
 impl Memory for HostMemory {
@@ -56,6 +88,24 @@ impl Memory for HostMemory {
         assert!(region.contains(addr, len));
         // SAFETY: as above.
         Ok(unsafe { std::slice::from_raw_parts(addr as *const u8, len) }.to_vec())
+    }
+
+    unsafe fn start_store(&self, region: &Region, addr: usize, payload: &[u8]) -> Result<Started<()>> {
+        // SAFETY: per the contract.
+        unsafe { self.store(region, addr, payload) }?;
+        Ok(match self.starts_copy(region) {
+            true => Started::Later(Box::new(SimulatedCopy { loaded: Vec::new(), waited: Default::default() })),
+            false => Started::Now(()),
+        })
+    }
+
+    unsafe fn start_load(&self, region: &Region, addr: usize, len: usize) -> Result<Started<Vec<u8>>> {
+        // SAFETY: per the contract.
+        let loaded = unsafe { self.load(region, addr, len) }?;
+        Ok(match self.starts_copy(region) {
+            true => Started::Later(Box::new(SimulatedCopy { loaded, waited: Default::default() })),
+            false => Started::Now(loaded),
+        })
     }
 }
 
@@ -97,6 +147,8 @@ struct End {
     ipc_granted: Vec<u64>,
     /// Matched receives of the peer's offered messages, for the test to copy (`ipc_send` tests).
     device_recvs: VecDeque<DeviceRecv>,
+    /// Device copies started and what waits for them, as the connection keeps them.
+    copies: StartedCopies,
 }
 
 impl End {
@@ -128,6 +180,7 @@ impl End {
             process: Arc::new(PeerProcess::open(std::process::id()).unwrap()),
             ipc_granted: Vec::new(),
             device_recvs: VecDeque::new(),
+            copies: StartedCopies::default(),
         }
     }
 
@@ -174,8 +227,16 @@ impl End {
                 Action::Collapse(region) => self.collapsed.push(region.id),
                 Action::GrantIpc(region) => self.ipc_granted.push(region),
                 Action::DeviceRecv(recv) => self.device_recvs.push_back(recv),
+                Action::AfterCopy(copy) => self.copies.push(copy),
             }
         }
+    }
+
+    /// Waits for the device copies started so far, as the connection's reader does before it
+    /// goes idle, and carries out what waited for them.
+    fn finish_copies(&mut self) {
+        let out = self.copies.settle(true).unwrap();
+        self.take(out);
     }
 
     /// Applies `msg` as the connection does: an inline write, send or a small read's answer through
@@ -443,6 +504,7 @@ fn run_task(end: &mut End, task: HostTask, out: &mut Vec<Action>) {
     }
 }
 
+mod device_copies;
 mod direct;
 mod eager;
 mod ipc_send;
@@ -762,6 +824,29 @@ fn small_writes_and_reads_ride_the_control_stream() {
     assert_eq!((w.answers(), r.answers(), big.answers()), (Answers::Inline, Answers::Inline, Answers::AfterData));
     pump(&mut a, &mut b);
     assert_eq!(a.outcome(&big).unwrap().unwrap(), INLINE_LEN_FLOOR as u64 + 1);
+}
+
+/// Inline transfers unanswered (what makes a poster hand its payload to the reactor) are seen from
+/// the post of an inline write or small read until its answer, and not for a request over the
+/// channels.
+#[test]
+fn inline_transfers_are_unanswered_from_their_post_to_their_answer() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let local = a.buffer(4 * INLINE_LEN_FLOOR, pattern(2));
+    let remote = b.buffer(4 * INLINE_LEN_FLOOR, pattern(3));
+    for (write, len) in [(true, 4096), (false, 4096)] {
+        assert!(!a.st.inline_unanswered());
+        let t = a.one_sided(write, &[(&local, 0, &remote, 0, len)]);
+        assert!(a.st.inline_unanswered(), "write: {write}");
+        pump(&mut a, &mut b);
+        assert_eq!(a.outcome(&t).unwrap().unwrap(), len as u64);
+        assert!(!a.st.inline_unanswered(), "answered (write: {write})");
+    }
+    let big = a.one_sided(true, &[(&local, 0, &remote, 0, 2 * INLINE_LEN_FLOOR)]);
+    assert!(matches!(a.outbox.front(), Some(Control::WriteRequest { .. })));
+    assert!(!a.st.inline_unanswered(), "a request over the channels is no inline transfer");
+    pump(&mut a, &mut b);
+    assert!(a.outcome(&big).unwrap().is_ok());
 }
 
 /// Payloads the connection's reader lands straight from the socket: a small read's answer is
