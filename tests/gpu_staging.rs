@@ -633,6 +633,18 @@ fn started_small_copies_take_a_slot_each_and_land() {
     assert_eq!(cudarc::driver::result::ctx::get_current().unwrap(), before, "the caller's context changed");
 }
 
+/// The copier the engine uses is warmed when it is made: copies through its slots (one each way)
+/// ran before any transfer asked for one.
+#[test]
+fn the_engines_copier_is_warmed_when_made() {
+    if no_gpu() {
+        return;
+    }
+    let gpu = uccl_tcpx::internal::cuda::Gpu::open(0).unwrap();
+    let copier = uccl_tcpx::internal::cuda::small_copy::SmallCopier::for_gpu(&gpu).unwrap();
+    assert!(copier.started() >= 2, "{} copies started", copier.started());
+}
+
 /// Threads sharing one GPU's copier (its bounce buffer is one, behind a lock) never see each
 /// other's bytes.
 #[test]

@@ -95,9 +95,37 @@ impl SmallCopier {
         }
         // The registry hands out the one Arc of this GPU, which the copier's stream and buffer hold.
         let copier = Arc::new(SmallCopier::new(&Gpu::open(gpu.ordinal())?, SmallCopyMode::Dma)?);
+        copier.warm_up();
         copiers.push(copier.clone());
         COPIERS_MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(copier)
+    }
+
+    /// Moves a few bytes each way, synchronously and through a slot, so that the driver's
+    /// first-use work on the stream and the copy engines is done here, when the engine or its
+    /// first connection is made, not in the first inline transfer. A failure only leaves that work
+    /// to the first transfer.
+    fn warm_up(self: &Arc<Self>) {
+        let warmed = (|| -> Result<()> {
+            let dev = super::DeviceBuffer::new(self.gpu.ordinal(), 64)?;
+            let mut back = [0u8; 64];
+            // SAFETY: the 64 bytes lie in `dev`, which only this function uses and which outlives
+            // every copy (each is waited for, a started one by `wait` and again when dropped).
+            unsafe {
+                self.to_device(dev.addr(), &[7u8; 64])?;
+                self.from_device(&mut back, dev.addr())?;
+                if let Some(copy) = self.start_to_device(dev.addr(), &back)? {
+                    copy.wait()?;
+                }
+                if let Some(copy) = self.start_from_device(dev.addr(), 64)? {
+                    copy.wait()?;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = warmed {
+            log::debug!("GPU {}: the small copier's warm-up failed: {}", self.gpu.ordinal(), e.message());
+        }
     }
 
     /// Copiers `for_gpu` made so far in this process: for tests that check a transfer made none.
@@ -148,12 +176,18 @@ impl SmallCopier {
             return Ok(None);
         }
         let Some(slot) = self.take_slot() else { return Ok(None) };
-        let _ctx = self.gpu.enter()?;
+        // SAFETY: the slot holds MAX_SMALL_COPY bytes (checked above) and is this copy's alone.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), slot.bounce.as_ptr(), src.len()) };
+        let _ctx = match self.gpu.enter() {
+            Ok(ctx) => ctx,
+            Err(e) => {
+                self.put_slot(slot);
+                return Err(e);
+            }
+        };
         let st = self.lock();
-        // SAFETY: the slot holds MAX_SMALL_COPY bytes (checked above) and is this copy's alone;
-        // the destination is the caller's contract.
+        // SAFETY: the slot holds the bytes; the destination is the caller's contract.
         let issued = unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), slot.bounce.as_ptr(), src.len());
             check(
                 sys::cuMemcpyHtoDAsync_v2(
                     dst as sys::CUdeviceptr,
@@ -181,7 +215,13 @@ impl SmallCopier {
             return Ok(None);
         }
         let Some(slot) = self.take_slot() else { return Ok(None) };
-        let _ctx = self.gpu.enter()?;
+        let _ctx = match self.gpu.enter() {
+            Ok(ctx) => ctx,
+            Err(e) => {
+                self.put_slot(slot);
+                return Err(e);
+            }
+        };
         let st = self.lock();
         // SAFETY: as above.
         let issued = unsafe {
