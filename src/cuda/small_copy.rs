@@ -14,8 +14,8 @@
 //! GPU's copier up to [`MAX_SMALL_COPY`], plain synchronous copies beyond. A connection's control
 //! reader starts its copies instead (`SmallCopier::start_to_device`, `start_from_device`): each
 //! through a pinned slot of its own, so that the reader reads the next inline payload while the
-//! copy runs and answers the peer once it finished (a 64 KiB synchronous copy held the reader
-//! about 10 us, a third of each inline transfer at 4 in flight).
+//! copy runs and answers the peer once it finished (docs/perf-log/two-gpus.md, "Inline device
+//! copies overlapped").
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

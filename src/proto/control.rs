@@ -395,15 +395,12 @@ impl Control {
     /// right behind (the frame's length counts it): one copy of a large payload fewer. Other kinds
     /// are appended whole and return nothing.
     pub fn encode_head(&self, out: &mut Vec<u8>) -> &[u8] {
-        let payload = match self {
-            Self::InlineWrite { payload, .. } | Self::ReadData { payload, .. } | Self::InlineSend { payload, .. } => {
-                payload
-            }
-            _ => {
-                self.encode(out);
-                return &[];
-            }
-        };
+        let payload = self.inline_payload();
+        if payload.is_empty() {
+            // No payload to leave out (an empty one encodes the same whole).
+            self.encode(out);
+            return &[];
+        }
         let start = out.len();
         write_frame(out, self.kind(), |w| self.write_body_head(w));
         let body_len = out.len() - start - FRAME_HEADER_LEN + payload.len();

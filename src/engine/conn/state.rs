@@ -1435,7 +1435,8 @@ impl ConnState {
 }
 
 /// Stores the peer's inline message `peer_op` into `recv`, which `fit` admitted, finishes the
-/// receive and returns the answer for the peer.
+/// receive and returns the answer for the peer; or, where the store is a device copy started,
+/// leaves both to follow the copy and returns nothing.
 fn deliver_inline(
     recv: PostedRecv,
     peer_op: u64,
