@@ -332,8 +332,8 @@ mod tests {
     /// An idle thread with device copies in flight looks again at once; with only a polled
     /// transport it naps between looks; with neither it parks and asks no more. What holds on a
     /// loaded host: no two looks of a napping thread come closer than its 25 us nap, and it sleeps
-    /// between every two, while a polling thread only yields (which the kernel does not count as
-    /// going to sleep), however long each yield takes.
+    /// between nearly every two, while a polling thread only yields (which the kernel does not
+    /// count as going to sleep), however long each yield takes.
     #[test]
     fn the_idle_wait_decides_how_often_an_idle_thread_looks() {
         let (parked, _, _) = ask_until(IdleWait::Park, usize::MAX, Duration::from_millis(100));
@@ -341,7 +341,9 @@ mod tests {
         let (napping, gap, slept) = ask_until(IdleWait::Nap, 200, testkit::PATIENCE);
         assert!(napping >= 200, "a napping thread asked {napping} times");
         assert!(gap >= Duration::from_micros(25), "two naps of 25 us {gap:?} apart");
-        assert!(slept + 1 >= napping as u64, "a napping thread slept {slept} times between {napping} looks");
+        // Nearly every nap sleeps: one whose timer expired before the thread got to block (a
+        // preemption between arming it and sleeping) counts no switch, so not every one.
+        assert!(slept * 10 >= napping as u64 * 9, "a napping thread slept {slept} times between {napping} looks");
         let (polling, _, slept) = ask_until(IdleWait::Poll, 2000, testkit::PATIENCE);
         assert!(polling >= 2000, "a polling thread asked {polling} times");
         assert!(slept < polling as u64 / 10, "a polling thread slept {slept} times between {polling} looks");
