@@ -24,6 +24,8 @@ pub mod same_host;
 mod served_gpu;
 mod shared;
 pub mod stats;
+#[cfg(test)]
+mod test_copies;
 mod transfer;
 mod writer;
 
@@ -120,6 +122,8 @@ impl Engine {
             live: Mutex::new(LiveConns::default()),
             control,
             notify_key: notify::next_engine_key(),
+            #[cfg(test)]
+            simulated_copies: OnceLock::new(),
         });
         let conns = Arc::new(ConnList::default());
         let accepted = Arc::new(AcceptQueue::new()?);

@@ -44,6 +44,9 @@ pub(crate) struct EngineCore {
     pub(super) control: ControlReactor,
     /// Tags what this engine's connections receive in the process-wide notification queue.
     pub(super) notify_key: u64,
+    /// Copies started for host-memory inline payloads too (`test_copies.rs`).
+    #[cfg(test)]
+    pub(super) simulated_copies: OnceLock<Arc<super::test_copies::SimulatedCopies>>,
 }
 
 /// What a deregistration and the engine's shutdown need from every connection the engine started.

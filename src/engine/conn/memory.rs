@@ -64,6 +64,21 @@ impl Copying for StartedCopy {
     }
 }
 
+#[cfg(test)]
+impl Copying for crate::engine::test_copies::SimulatedCopy {
+    fn done(&self) -> Result<bool> {
+        crate::engine::test_copies::SimulatedCopy::done(self)
+    }
+
+    fn wait(&self) -> Result<()> {
+        crate::engine::test_copies::SimulatedCopy::wait(self)
+    }
+
+    fn loaded(&self) -> &[u8] {
+        crate::engine::test_copies::SimulatedCopy::loaded(self)
+    }
+}
+
 impl Memory for EngineMemory<'_> {
     fn authorize(&self, region: u64, token: u64, addr: u64, len: u64) -> Result<Arc<Region>> {
         let r = self.core.regions.authorize(region, token, addr, len, self.binding)?;
@@ -103,6 +118,11 @@ impl Memory for EngineMemory<'_> {
     }
 
     unsafe fn start_store(&self, region: &Region, addr: usize, payload: &[u8]) -> Result<Started<()>> {
+        #[cfg(test)]
+        if let (MemKind::Host, Some(sim)) = (region.kind, self.core.simulated_copies.get()) {
+            // SAFETY: per the contract: the range stays live until the copy is done.
+            return Ok(Started::Later(Box::new(unsafe { sim.store(addr, payload) })));
+        }
         if let MemKind::Cuda { .. } = region.kind {
             let gpu = self.region_gpu(region)?;
             // SAFETY: per the contract; registration proved the range is memory of that GPU.
@@ -116,6 +136,11 @@ impl Memory for EngineMemory<'_> {
     }
 
     unsafe fn start_load(&self, region: &Region, addr: usize, len: usize) -> Result<Started<Vec<u8>>> {
+        #[cfg(test)]
+        if let (MemKind::Host, Some(sim)) = (region.kind, self.core.simulated_copies.get()) {
+            // SAFETY: per the contract.
+            return Ok(Started::Later(Box::new(unsafe { sim.load(addr, len) })));
+        }
         if let MemKind::Cuda { .. } = region.kind {
             let gpu = self.region_gpu(region)?;
             // SAFETY: as above.
