@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use super::flow_trace::{trace_direct, trace_requests};
 use super::reader;
 use super::state::{
-    Action, ConnState, Direction, IpcOffer, MAX_INLINE_ONE_SIDED, Memory, OneSidedItem, OneSidedRequest, SendItem,
-    VectorRequest,
+    Action, ConnState, IpcOffer, MAX_INLINE_ONE_SIDED, Memory, OneSidedItem, OneSidedRequest, SendItem, VectorRequest,
 };
 use super::turn::{Batch, InTurn, Take};
 use super::vector::{Grouper, Push, Run, RunKey};
@@ -17,7 +17,7 @@ use super::vector::{Grouper, Push, Run, RunKey};
 use super::{Connection, HAND_OVER_MIN, Held, Inner, OneSided};
 use crate::engine::locality::Locality;
 use crate::engine::path::{self, Path};
-use crate::engine::plan::{Chunking, Extent};
+use crate::engine::plan::Extent;
 use crate::engine::region::{Region, check_range};
 use crate::engine::same_host::device_copy::DevicePath;
 use crate::engine::same_host::local_copy::LocalCopy;
@@ -653,52 +653,5 @@ impl CheckedRun {
         let segs = items.map(|i| RemoteSeg { addr: ops.remote_addr(i), len: ops.local(i).len as u32 }).collect();
         let (region, remote_region, token) = (region.clone(), *remote_region, *token);
         OneSidedRequest::Vector(VectorRequest { region, local, remote_region, token, segs })
-    }
-}
-
-/// Records the direct requests among a post's messages (the `host` trace): the post asked for the
-/// same-host copy, of that many bytes.
-fn trace_direct(tag: trace::ConnTag, transfer: u64, msgs: &[Control], at: u64) {
-    let (mut write, mut bytes, mut direct) = (false, 0u64, false);
-    for msg in msgs {
-        if let Control::DirectWrite { segs, .. } | Control::DirectRead { segs, .. } = msg {
-            write = matches!(msg, Control::DirectWrite { .. });
-            bytes += segs.iter().map(|s| u64::from(s.len)).sum::<u64>();
-            direct = true;
-        }
-    }
-    if direct {
-        let write = u64::from(write);
-        trace::event!(HostPosted { conn: tag.conn, side: tag.side, transfer, write, bytes, entered: at });
-    }
-}
-
-/// Records the requests among a post's actions (the `flow` trace), and the flows of its writes,
-/// whose chunks the actions queue in the order of their requests.
-fn trace_requests(tag: trace::ConnTag, transfer: u64, out: &[Action], chunking: Chunking) {
-    let mut writes = std::collections::VecDeque::new();
-    for action in out {
-        match action {
-            Action::Send(msg) => {
-                let (xfer, write, chunks) = match *msg {
-                    Control::WriteRequest { xfer, .. } | Control::WriteVector { xfer, .. } => (xfer, true, true),
-                    Control::ReadRequest { xfer, .. } | Control::ReadVector { xfer, .. } => (xfer, false, true),
-                    // Inline: the payload rides the request or its answer; no flow is planned.
-                    Control::InlineWrite { xfer, .. } => (xfer, true, false),
-                    Control::ReadSmall { xfer, .. } => (xfer, false, false),
-                    _ => continue,
-                };
-                trace::event!(FlowRequest { conn: tag.conn, side: tag.side, transfer, xfer, write: u64::from(write) });
-                if write && chunks {
-                    writes.push_back(xfer);
-                }
-            }
-            Action::Queue(plan) if plan.dir == Direction::Send => {
-                if let Some(xfer) = writes.pop_front() {
-                    super::trace_plan(tag, xfer, true, plan, chunking);
-                }
-            }
-            _ => {}
-        }
     }
 }

@@ -7,6 +7,7 @@
 
 mod api;
 mod copies;
+mod flow_trace;
 mod landing;
 mod memory;
 mod pieces;
@@ -43,9 +44,10 @@ use super::transfer::{Counted, Transfer};
 use super::writer::ControlWriter;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, FifoItem, Frame, InlineInto, TokenBinding};
-use crate::trace::{self, MsgKind, SeenBy as Seer};
+use crate::trace::{self, SeenBy as Seer};
 use crate::transport::MemKind;
 use copies::StartedCopies;
+use flow_trace::{flow_msg, lent_msg, trace_heard};
 use landing::LandingMemory;
 use memory::EngineMemory;
 pub use pieces::{Piece, PieceRun};
@@ -996,65 +998,4 @@ impl Drop for Connection {
     fn drop(&mut self) {
         self.close();
     }
-}
-
-/// What the `flow` trace calls a message of a write's or read's, and the request id it names.
-fn flow_msg(msg: &Control) -> Option<(u64, MsgKind)> {
-    Some(match *msg {
-        Control::WriteRequest { xfer, .. } | Control::WriteVector { xfer, .. } => (xfer, MsgKind::WriteRequest),
-        Control::ReadRequest { xfer, .. } | Control::ReadVector { xfer, .. } => (xfer, MsgKind::ReadRequest),
-        Control::Done { xfer, .. } => (xfer, MsgKind::Done),
-        Control::Data { flow, .. } => (flow, MsgKind::Data),
-        Control::InlineWrite { xfer, .. } => (xfer, MsgKind::InlineWrite),
-        Control::ReadSmall { xfer, .. } => (xfer, MsgKind::ReadSmall),
-        Control::ReadData { xfer, .. } => (xfer, MsgKind::ReadData),
-        Control::InlineSend { xfer, .. } => (xfer, MsgKind::InlineSend),
-        _ => return None,
-    })
-}
-
-/// `flow_msg` of a message whose payload is lent from the reader's buffer.
-fn lent_msg(frame: &Frame<'_>) -> Option<(u64, MsgKind)> {
-    Some(match *frame {
-        Frame::InlineWrite { xfer, .. } => (xfer, MsgKind::InlineWrite),
-        Frame::ReadData { xfer, .. } => (xfer, MsgKind::ReadData),
-        Frame::InlineSend { xfer, .. } => (xfer, MsgKind::InlineSend),
-        Frame::Whole(_) => return None,
-    })
-}
-
-/// Records the flow the state planned for the peer's request `id` (a target's), or for our read
-/// whose Data marker `id` announces its chunks.
-fn trace_heard(tag: trace::ConnTag, id: u64, kind: MsgKind, out: &[Action], chunking: Chunking) {
-    let (dir, ours) = match kind {
-        MsgKind::WriteRequest => (Direction::Recv, false),
-        MsgKind::ReadRequest => (Direction::Send, false),
-        MsgKind::Data => (Direction::Recv, true),
-        _ => return,
-    };
-    let planned = out.iter().find_map(|a| match a {
-        Action::Queue(plan) if plan.dir == dir && (!ours || plan.flow == id) => Some(plan),
-        _ => None,
-    });
-    if let Some(plan) = planned {
-        trace_plan(tag, id, ours, plan, chunking);
-    }
-}
-
-/// Records that flow `plan` carries request `xfer`, ours or the peer's.
-fn trace_plan(tag: trace::ConnTag, xfer: u64, ours: bool, plan: &FlowPlan, chunking: Chunking) {
-    let (ours, recv) = (u64::from(ours), u64::from(plan.dir == Direction::Recv));
-    let (flow, seq, bytes, chunks) =
-        (plan.flow, plan.seq, plan.extent.len(), plan::chunk_count(&plan.extent, chunking));
-    trace::event!(FlowPlan {
-        conn: tag.conn,
-        side: tag.side,
-        xfer,
-        ours,
-        flow,
-        seq,
-        bytes,
-        chunks: chunks as u64,
-        recv
-    });
 }
