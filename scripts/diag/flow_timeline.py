@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Where a write's or read's time goes, over the channels or inline on the control stream: reads the `flow` events of the files a
-trace writes (UCCL_TCPX_TRACE=PREFIX or flow:PREFIX, `PREFIX.<pid>.tsv`, one per process: both
-ends of a loopback run, or each host's files of a two-host run), rebuilds each end's timeline of
-every write and read, joins the two ends of each, and prints per op and size
-the end-to-end time (initiator's post to its caller seeing it complete), every step's offset from
-the initiator's post and every leg between consecutive steps (median, p10, p90, in microseconds),
-and which threads read the replies and how long those then waited for the connection's lock.
+"""Where a write's or read's time goes, over the channels or inline on the control stream: reads the
+`flow` events of the files a trace writes (UCCL_TCPX_TRACE=PREFIX or flow:PREFIX,
+`PREFIX.<pid>.tsv`, one per process: both ends of a loopback run, or each host's files of a two-host
+run), rebuilds each end's timeline of every write and read, joins the two ends of each, and prints
+per op and size the end-to-end time (initiator's post to its caller seeing it complete), every
+step's offset from the initiator's post and every leg between consecutive steps (median, p10, p90,
+in microseconds), and which threads read the replies and how long those then waited for the
+connection's lock.
   UCCL_TCPX_TRACE=flow:/tmp/flow <run both ends>
   scripts/diag/flow_timeline.py /tmp/flow
 Steps are named `i.` (initiator) or `t.` (target) and listed in the order of their median offset;

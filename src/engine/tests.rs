@@ -217,8 +217,8 @@ fn sends_a_write_leaves_queued_are_marked_for_the_progress_thread() {
 /// Inline writes, reads and sends whose stores and loads start copies (simulated on host memory,
 /// landing 2 ms after they start): 32 posted at once, three times, so that readers find several
 /// payloads queued and read on while copies run, then one at a time, so that a caller waits for
-/// its own answer's copy. Each transfer's bytes are in place when it ends (an answer sent before its copy
-/// landed shows as bytes missing), and every copy started landed.
+/// its own answer's copy. Each transfer's bytes are in place when it ends (an answer sent before
+/// its copy landed shows as bytes missing), and every copy started landed.
 #[test]
 fn inline_transfers_over_started_copies_end_with_their_bytes() {
     let sim = super::test_copies::SimulatedCopies::new(Duration::from_millis(2));
@@ -234,11 +234,11 @@ fn inline_transfers_over_started_copies_end_with_their_bytes() {
     // more behind, the turn in which copies run while it reads on.
     let (n, len) = (32usize, 60 << 10);
     let src = bytes(n * len, 9);
-    let (dst, back, got) = (vec![0u8; n * len], vec![0u8; n * len], vec![0u8; n * len]);
+    let (mut dst, mut back, mut got) = (vec![0u8; n * len], vec![0u8; n * len], vec![0u8; n * len]);
     let smr = a.register(src.as_ptr() as usize, n * len).unwrap();
-    let kmr = a.register(back.as_ptr() as usize, n * len).unwrap();
-    let dmr = b.register(dst.as_ptr() as usize, n * len).unwrap();
-    let gmr = b.register(got.as_ptr() as usize, n * len).unwrap();
+    let kmr = a.register(back.as_mut_ptr() as usize, n * len).unwrap();
+    let dmr = b.register(dst.as_mut_ptr() as usize, n * len).unwrap();
+    let gmr = b.register(got.as_mut_ptr() as usize, n * len).unwrap();
     let remote = b.prepare_fifo(dmr, dst.as_ptr() as usize, n * len).unwrap();
     // What the transfers wrote, read as the engine left it (the buffers are the engine's to write
     // while registered).
@@ -277,9 +277,8 @@ fn inline_transfers_over_started_copies_end_with_their_bytes() {
                 }
             }
         }
-        for v in [&dst, &back, &got] {
-            // SAFETY: as above; no transfer is in flight.
-            unsafe { std::ptr::write_bytes(v.as_ptr() as *mut u8, 0, v.len()) };
+        for v in [&mut dst, &mut back, &mut got] {
+            v.fill(0);
         }
     }
     let started = sim.started.load(std::sync::atomic::Ordering::SeqCst);
