@@ -234,7 +234,6 @@ impl Connection {
                 continue;
             }
             let mut inner = self.inner.lock();
-            let hand_over = inner.state.inline_unanswered();
             let taken = turn.take();
             let post_chunks_here = taken.post_chunks_here();
             let Batch { requests: batch, first_part } = taken;
@@ -246,9 +245,9 @@ impl Connection {
                     registered = true;
                     Ok(())
                 })
-                .and_then(|msgs| {
+                .and_then(|(msgs, behind)| {
                     drop(inner);
-                    self.send_posted(&msgs, hand_over)
+                    self.send_posted(&msgs, behind)
                 });
             if let Err(e) = posted {
                 if first_part == 0 {
@@ -387,21 +386,21 @@ impl Connection {
         transfer: &Arc<Transfer>,
         post: impl FnOnce(&mut ConnState, &Arc<Transfer>, &mut Vec<Action>) -> Result<()>,
     ) -> Result<(Vec<Control>, bool)> {
-        let mut inner = self.inner.lock();
-        let behind = inner.state.inline_unanswered();
-        self.register_locked(&mut inner, transfer, true, post).map(|msgs| (msgs, behind))
+        self.register_locked(&mut self.inner.lock(), transfer, true, post)
     }
 
     /// `register_parts` under a lock the caller holds; `post_chunks`: whether this thread posts the
     /// first chunks of the flows it starts, or leaves them to the progress thread (which their
-    /// queueing wakes).
+    /// queueing wakes). Returned with the messages: whether inline transfers were unanswered
+    /// before this post (`send_posted`'s `behind`).
     fn register_locked(
         &self,
         inner: &mut Inner,
         transfer: &Arc<Transfer>,
         post_chunks: bool,
         post: impl FnOnce(&mut ConnState, &Arc<Transfer>, &mut Vec<Action>) -> Result<()>,
-    ) -> Result<Vec<Control>> {
+    ) -> Result<(Vec<Control>, bool)> {
+        let behind = inner.state.inline_unanswered();
         inner.state.begin_post(Instant::now())?;
         let mut out = Vec::new();
         post(&mut inner.state, transfer, &mut out)?;
@@ -421,13 +420,13 @@ impl Connection {
             }
             if inner.state.failure().is_some() {
                 // The pass failed the connection, and with it the parts registered here.
-                return Ok(Vec::new());
+                return Ok((Vec::new(), behind));
             }
             if let Err(e) = self.release(inner, held) {
                 self.fail(inner, e.clone());
                 return Err(e);
             }
-            return Ok(Vec::new());
+            return Ok((Vec::new(), behind));
         }
         let mut msgs = Vec::new();
         let mut rest = Vec::new();
@@ -442,7 +441,7 @@ impl Connection {
             self.fail(inner, e.clone());
             return Err(e);
         }
-        Ok(msgs)
+        Ok((msgs, behind))
     }
 
     /// Stops tracking `transfer` for the caller, who will not poll it again (see

@@ -74,10 +74,6 @@ fn after_handling(next: Next, handled: Handled) -> Next {
 /// whole message; false once the connection failed. A read that came back empty ran out its slice
 /// waiting for `t`'s answer (`Transfer::slice_ran_out`).
 fn pump_for(conn: &impl Served, buf: &mut RxBuffer, t: &Transfer) -> bool {
-    // Copies the reactor left running are answered for before this thread blocks in a read.
-    if conn.copies_started() && conn.handle_read(buf, Drained::Empty, false) == Handled::Failed {
-        return false;
-    }
     let drained = conn.rx().drain(buf, true);
     if matches!(drained, Drained::Empty) {
         t.slice_ran_out();
@@ -111,7 +107,8 @@ pub(super) fn read_until_finished(conn: &impl Served, t: &Transfer) {
         };
         if let Some(mut buf) = taken {
             // The reactor no longer reads the stream once a caller took it: the copies it left
-            // running (the one our answer waits for, perhaps) are answered for here first.
+            // running (the one our answer waits for, perhaps) are answered for here first. None
+            // is left while we hold it: our own reads wait for theirs, as every other path does.
             let alive = !conn.copies_started() || conn.handle_read(&mut buf, Drained::Empty, false) != Handled::Failed;
             if alive && spin_until_finished(conn, &mut buf, t, spin) {
                 // Each blocking read is bounded, so a reply delivered some other way (a failure)
@@ -134,8 +131,7 @@ fn spin_until_finished(conn: &impl Served, buf: &mut RxBuffer, t: &Transfer, spi
     let until = Instant::now() + spin;
     while !t.is_finished() && t.awaits_answer() && !conn.work_waiting() && Instant::now() < until {
         let drained = rx.drain(buf, false);
-        let handle = !matches!(drained, Drained::Empty) || conn.copies_started();
-        if handle && conn.handle_read(buf, drained, false) == Handled::Failed {
+        if !matches!(drained, Drained::Empty) && conn.handle_read(buf, drained, false) == Handled::Failed {
             return false;
         }
         std::thread::yield_now();
