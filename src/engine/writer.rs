@@ -338,6 +338,15 @@ mod tests {
         }
     }
 
+    /// Everything the peer end will read until the stream is shut down, read on a thread.
+    fn read_to_end(mut peer: TcpStream) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut all = Vec::new();
+            peer.read_to_end(&mut all).unwrap();
+            all
+        })
+    }
+
     fn writer() -> (ControlReactor, Arc<Endpoint>, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let ours = Arc::new(TcpStream::connect(listener.local_addr().unwrap()).unwrap());
@@ -420,12 +429,8 @@ mod tests {
     /// whole and in the order they were queued.
     #[test]
     fn handed_over_messages_keep_their_place_among_direct_ones() {
-        let (_reactor, endpoint, mut peer) = writer();
-        let reading = std::thread::spawn(move || {
-            let mut all = Vec::new();
-            peer.read_to_end(&mut all).unwrap();
-            all
-        });
+        let (_reactor, endpoint, peer) = writer();
+        let reading = read_to_end(peer);
         let mut expected = Vec::new();
         for i in 0..64u64 {
             let payload = vec![i as u8; 4096 + i as usize * 997];
@@ -441,13 +446,9 @@ mod tests {
 
     #[test]
     fn large_batches_leave_in_order_through_the_reactor() {
-        let (reactor, endpoint, mut peer) = writer();
+        let (reactor, endpoint, peer) = writer();
         assert_eq!(reactor.threads(), 1);
-        let reading = std::thread::spawn(move || {
-            let mut all = Vec::new();
-            peer.read_to_end(&mut all).unwrap();
-            all
-        });
+        let reading = read_to_end(peer);
         let mut expected = Vec::new();
         for i in 0..24u8 {
             // Small ones the caller writes itself, large ones (and whatever follows while they
