@@ -37,18 +37,18 @@ fn main() {
     println!("small copies, GPU {ordinal}, {iters} each: p50 / p99 us");
     for mode in [SmallCopyMode::Legacy, SmallCopyMode::Dma] {
         let copier = SmallCopier::new(&gpu, mode).unwrap();
-        for (len, offset) in [(8usize, 0usize), (8, 3), (1, 5), (64, 0), (4096, 0), (8192, 1)] {
+        for (len, offset) in [(8usize, 0usize), (8, 3), (1, 5), (64, 0), (4096, 0), (8192, 1), (16384, 0), (65536, 0)] {
             let payload: Vec<u8> = (0..len).map(|i| (i * 7 + len + offset) as u8).collect();
             let mut back = vec![0u8; len];
             let (mut put, mut get) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
             for i in 0..iters + 50 {
                 let t = Instant::now();
-                // SAFETY: offset + len is at most 8193, far inside dev's 64 MiB, and only this thread uses
+                // SAFETY: offset + len is at most 65536, far inside dev's 64 MiB, and only this thread uses
                 // dev.
                 unsafe { copier.to_device(dev.addr() + offset, &payload).unwrap() };
                 let t_put = t.elapsed().as_secs_f64() * 1e6;
                 let t = Instant::now();
-                // SAFETY: offset + len is at most 8193, inside dev's 64 MiB.
+                // SAFETY: offset + len is at most 65536, inside dev's 64 MiB.
                 unsafe { copier.from_device(&mut back, dev.addr() + offset).unwrap() };
                 let t_get = t.elapsed().as_secs_f64() * 1e6;
                 assert_eq!(back, payload, "{mode:?} {len} B at +{offset}");

@@ -57,6 +57,14 @@ fn a_trace_keeps_every_event_and_the_scripts_read_it() {
     }
     assert!(report.contains("replies read by"), "{report}");
     assert!(report.contains("write inline (any size): 1 joined (0 unmatched)"), "{report}");
+    // With --first, each group's earliest transfers one by one: as many as there are, at most N,
+    // each with its end-to-end time and the legs from its post.
+    let firsts = run_script("flow_timeline.py", &[&prefix, "--first", "3"]);
+    let listed = |line: &str| line.trim_start().starts_with("transfer ") && line.contains(" us: i.");
+    let per_group: Vec<usize> =
+        firsts.split("end-to-end p50").skip(1).map(|group| group.lines().filter(|l| listed(l)).count()).collect();
+    assert_eq!(per_group, vec![3, 1, 3], "transfers listed per group (read, inline write, write):\n{firsts}");
+    assert!(firsts.contains("  transfer 1: ") && firsts.contains("i.request_sent +"), "{firsts}");
 
     let report = run_script("socket_timeline.py", &[&prefix]);
     assert!(report.contains("comms paired by comm id") && !report.contains("without their peer"), "{report}");

@@ -8,7 +8,9 @@ step's offset from the initiator's post and every leg between consecutive steps 
 in microseconds), and which threads read the replies and how long those then waited for the
 connection's lock.
   UCCL_TCPX_TRACE=flow:/tmp/flow <run both ends>
-  scripts/diag/flow_timeline.py /tmp/flow
+  scripts/diag/flow_timeline.py /tmp/flow [--first N]
+With --first N, each group's N earliest transfers follow its summary one by one (every step's
+offset and each leg): where a connection's first transfers spend what steady ones do not.
 Steps are named `i.` (initiator) or `t.` (target) and listed in the order of their median offset;
 a leg is the time from one step to the next one in that order, measured per transfer. Both ends'
 clocks are CLOCK_MONOTONIC: legs across ends are exact on one host, meaningless across hosts
@@ -112,9 +114,14 @@ def records(evs):
 
 
 def main():
-    if len(sys.argv) != 2:
-        sys.exit('usage: flow_timeline.py PREFIX  (the path prefix of UCCL_TCPX_TRACE)')
-    prefix = sys.argv[1]
+    args = sys.argv[1:]
+    first = 0
+    if len(args) == 3 and args[1] == '--first' and args[2].isdigit():
+        first = int(args[2])
+        args = args[:1]
+    if len(args) != 1:
+        sys.exit('usage: flow_timeline.py PREFIX [--first N]  (PREFIX: the path prefix of UCCL_TCPX_TRACE)')
+    prefix = args[0]
     ends = {}
     for r in records(events(prefix)):
         if r['seq'] is None and not r['inline']:
@@ -140,6 +147,7 @@ def main():
         post = marks['i.post']
         offsets = {k: v - post for k, v in marks.items()}
         offsets['reader'] = i['reader']
+        offsets['at'] = post
         groups[(op, i['bytes'])].append(offsets)
     if not groups:
         sys.exit(f'no initiator and target records of {prefix}.*.tsv join ({dict(unjoined)} unmatched)')
@@ -148,7 +156,7 @@ def main():
         what = f'{size} B' if size else 'inline (any size)'
         print(f'{op} {what}: {len(transfers)} joined ({unjoined[op]} unmatched); end-to-end p50 '
               f'{pct(e2e, 0.5) / 1e3:.1f} us (p10 {pct(e2e, 0.1) / 1e3:.1f}, p90 {pct(e2e, 0.9) / 1e3:.1f})')
-        names = collections.Counter(k for m in transfers for k in m if k != 'reader')
+        names = collections.Counter(k for m in transfers for k in m if k not in ('reader', 'at'))
         # A step seen in at least half the transfers is shown; the rest are noise of failures.
         shown = [n for n, c in names.items() if c * 2 >= len(transfers)]
         shown.sort(key=lambda n: pct([m[n] for m in transfers if n in m], 0.5))
@@ -171,6 +179,10 @@ def main():
             if waits:
                 print(f'  replies read by {names_of.get(who, who)}: {count}, waiting for the lock p50 '
                       f'{pct(waits, 0.5) / 1e3:.1f} us (p90 {pct(waits, 0.9) / 1e3:.1f})')
+        for n, m in enumerate(sorted(transfers, key=lambda m: m['at'])[:first]):
+            steps = sorted((k for k in m if k not in ('reader', 'at')), key=lambda k: m[k])
+            legs = ', '.join(f'{b} +{(m[b] - m[a]) / 1e3:.1f}' for a, b in zip(steps, steps[1:]))
+            print(f'  transfer {n + 1}: {m["i.complete"] / 1e3:.1f} us: {legs}')
 
 
 if __name__ == '__main__':

@@ -64,6 +64,13 @@ pub struct SmallCopier {
     started: std::sync::atomic::AtomicU64,
 }
 
+/// Which way a started copy goes, and the memory at the other end.
+#[derive(Clone, Copy)]
+enum Way<'a> {
+    ToDevice { dst: usize, src: &'a [u8] },
+    FromDevice { src: usize },
+}
+
 /// A started copy's own bounce buffer and the event marking its end.
 struct Slot {
     bounce: PinnedBuffer,
@@ -76,6 +83,8 @@ pub struct StartedCopy {
     copier: Arc<SmallCopier>,
     slot: Option<Slot>,
     len: usize,
+    /// Seen finished: dropping it then asks the driver nothing.
+    finished: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for SmallCopier {
@@ -171,36 +180,8 @@ impl SmallCopier {
     /// `[dst, dst + src.len())` is device memory of this copier's GPU that nobody else writes or
     /// frees until the copy is done.
     pub unsafe fn start_to_device(self: &Arc<Self>, dst: usize, src: &[u8]) -> Result<Option<StartedCopy>> {
-        too_large(src.len())?;
-        if src.is_empty() {
-            return Ok(None);
-        }
-        let Some(slot) = self.take_slot() else { return Ok(None) };
-        // SAFETY: the slot holds MAX_SMALL_COPY bytes (checked above) and is this copy's alone.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), slot.bounce.as_ptr(), src.len()) };
-        let _ctx = match self.gpu.enter() {
-            Ok(ctx) => ctx,
-            Err(e) => {
-                self.put_slot(slot);
-                return Err(e);
-            }
-        };
-        let st = self.lock();
-        // SAFETY: the slot holds the bytes; the destination is the caller's contract.
-        let issued = unsafe {
-            check(
-                sys::cuMemcpyHtoDAsync_v2(
-                    dst as sys::CUdeviceptr,
-                    slot.bounce.as_ptr().cast(),
-                    src.len(),
-                    st.stream.raw(),
-                ),
-                "cuMemcpyHtoDAsync (started small copy)",
-            )
-        };
-        let marked = issued.and_then(|()| slot.end.record(&st.stream));
-        drop(st);
-        self.started_with(slot, src.len(), marked)
+        // SAFETY: per the contract.
+        unsafe { self.start(Way::ToDevice { dst, src }, src.len()) }
     }
 
     /// Starts copying `len` device bytes at `src` into a slot of its own and returns; the bytes
@@ -210,11 +191,26 @@ impl SmallCopier {
     /// `[src, src + len)` is device memory of this copier's GPU that stays allocated until the copy
     /// is done.
     pub unsafe fn start_from_device(self: &Arc<Self>, src: usize, len: usize) -> Result<Option<StartedCopy>> {
+        // SAFETY: per the contract.
+        unsafe { self.start(Way::FromDevice { src }, len) }
+    }
+
+    /// A started copy of `len` bytes through a free slot: the bytes to the device go into the slot
+    /// first (before the copier's lock), then the copy is issued on the copier's stream and its end
+    /// marked with the slot's event.
+    ///
+    /// # Safety
+    /// As `start_to_device` or `start_from_device`, by `way`.
+    unsafe fn start(self: &Arc<Self>, way: Way<'_>, len: usize) -> Result<Option<StartedCopy>> {
         too_large(len)?;
         if len == 0 {
             return Ok(None);
         }
         let Some(slot) = self.take_slot() else { return Ok(None) };
+        if let Way::ToDevice { src, .. } = way {
+            // SAFETY: the slot holds MAX_SMALL_COPY bytes (checked above) and is this copy's alone.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), slot.bounce.as_ptr(), len) };
+        }
         let _ctx = match self.gpu.enter() {
             Ok(ctx) => ctx,
             Err(e) => {
@@ -223,12 +219,19 @@ impl SmallCopier {
             }
         };
         let st = self.lock();
-        // SAFETY: as above.
+        let (bounce, stream) = (slot.bounce.as_ptr(), st.stream.raw());
+        // SAFETY: the slot holds the bytes or takes them; the device range is the caller's contract.
         let issued = unsafe {
-            check(
-                sys::cuMemcpyDtoHAsync_v2(slot.bounce.as_ptr().cast(), src as sys::CUdeviceptr, len, st.stream.raw()),
-                "cuMemcpyDtoHAsync (started small copy)",
-            )
+            match way {
+                Way::ToDevice { dst, .. } => check(
+                    sys::cuMemcpyHtoDAsync_v2(dst as sys::CUdeviceptr, bounce.cast(), len, stream),
+                    "cuMemcpyHtoDAsync (started small copy)",
+                ),
+                Way::FromDevice { src } => check(
+                    sys::cuMemcpyDtoHAsync_v2(bounce.cast(), src as sys::CUdeviceptr, len, stream),
+                    "cuMemcpyDtoHAsync (started small copy)",
+                ),
+            }
         };
         let marked = issued.and_then(|()| slot.end.record(&st.stream));
         drop(st);
@@ -241,7 +244,8 @@ impl SmallCopier {
         match marked {
             Ok(()) => {
                 self.started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Ok(Some(StartedCopy { copier: self.clone(), slot: Some(slot), len }))
+                let finished = std::sync::atomic::AtomicBool::new(false);
+                Ok(Some(StartedCopy { copier: self.clone(), slot: Some(slot), len, finished }))
             }
             Err(e) => {
                 // Nothing was queued after the failed call; whatever was waits in the stream.
@@ -400,7 +404,12 @@ impl StartedCopy {
 
     /// Whether the copy finished; never blocks. An error is the copy's own.
     pub fn done(&self) -> Result<bool> {
-        self.slot().end.done()
+        if self.finished.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(true);
+        }
+        let done = self.slot().end.done()?;
+        self.finished.store(done, std::sync::atomic::Ordering::Release);
+        Ok(done)
     }
 
     /// Spins until the copy finished (for at most the spin limit, then waits in the driver).
@@ -411,7 +420,9 @@ impl StartedCopy {
                 return Ok(());
             }
             if start.elapsed() > SPIN_LIMIT {
-                return self.slot().end.synchronize();
+                self.slot().end.synchronize()?;
+                self.finished.store(true, std::sync::atomic::Ordering::Release);
+                return Ok(());
             }
             std::hint::spin_loop();
         }
@@ -429,7 +440,9 @@ impl Drop for StartedCopy {
     fn drop(&mut self) {
         if let Some(slot) = self.slot.take() {
             // The slot is reused only once no copy touches it; an error left it idle as well.
-            let _ = slot.end.synchronize();
+            if !*self.finished.get_mut() {
+                let _ = slot.end.synchronize();
+            }
             self.copier.put_slot(slot);
         }
     }
