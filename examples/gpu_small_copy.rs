@@ -66,6 +66,26 @@ fn main() {
         }
     }
 
+    // A thread's first copy against its next ones: whatever the driver sets up per thread (a
+    // connection's reader makes its first copy on a thread that never touched the GPU).
+    let copier = std::sync::Arc::new(SmallCopier::new(&gpu, SmallCopyMode::Dma).unwrap());
+    for round in 0..3 {
+        let (copier, at) = (copier.clone(), dev.addr());
+        let times = std::thread::spawn(move || {
+            (0..4)
+                .map(|_| {
+                    let t = Instant::now();
+                    // SAFETY: 4 KiB at the start of dev's 64 MiB; only this thread copies meanwhile.
+                    unsafe { copier.to_device(at, &[1u8; 4096]).unwrap() };
+                    t.elapsed().as_secs_f64() * 1e6
+                })
+                .collect::<Vec<_>>()
+        })
+        .join()
+        .unwrap();
+        println!("a new thread's 4 KiB copies to the device (round {round}), us: {times:.1?}");
+    }
+
     // Host-side cost of what the staging ring issues per chunk.
     let stream = Stream::new(&gpu).unwrap();
     let pinned = PinnedBuffer::new(&gpu, 32 << 20).unwrap();

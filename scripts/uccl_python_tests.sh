@@ -89,6 +89,9 @@ run() {
   else
     echo "FAILED (exit $rc; ${wrong[*]:-}); the last lines of $log:"
     tail -n 30 "$log"
+    # torchrun's report of a failed rank ends the log: the rank's own error comes before it.
+    echo "--- the first error lines of $log:"
+    grep -nE 'Error|Traceback|assert|FAIL|panicked' "$log" | grep -v 'torch/distributed' | head -n 20
     failed=$((failed + 1))
   fi
 }

@@ -52,7 +52,33 @@ struct State {
     bounce: PinnedBuffer,
 }
 
+/// The process's copiers, one per GPU (`SmallCopier::for_gpu`).
+static COPIERS: Mutex<Vec<Arc<SmallCopier>>> = Mutex::new(Vec::new());
 static COPIERS_MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static THREADS_WARMED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// What a library thread that may touch a GPU runs when it starts (`threads::on_start`): one small
+/// copy to each GPU whose copier this process made, so that the driver's set-up of the thread is
+/// done before the thread serves a transfer. A failure only leaves that set-up to the transfer.
+fn warm_thread() {
+    let copiers: Vec<Arc<SmallCopier>> = SmallCopier::all();
+    for copier in copiers {
+        let warmed = copier.scratch().and_then(|dev| {
+            // SAFETY: the copier's own scratch bytes, which only copies of 8 bytes of zeros touch.
+            unsafe { copier.to_device(dev.addr(), &[0u8; 8]) }
+        });
+        if let Err(e) = warmed {
+            log::debug!("GPU {}: warming a thread failed: {}", copier.gpu.ordinal(), e.message());
+        }
+    }
+    THREADS_WARMED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    WARMED_HERE.set(true);
+}
+
+thread_local! {
+    /// Whether this thread ran `warm_thread`.
+    static WARMED_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
 pub struct SmallCopier {
     gpu: Arc<Gpu>,
@@ -62,6 +88,8 @@ pub struct SmallCopier {
     slots: Mutex<Vec<Slot>>,
     /// Copies started, for tests that check a path started them.
     started: std::sync::atomic::AtomicU64,
+    /// A few device bytes that library threads copy to when they start (`warm_thread`).
+    scratch: std::sync::OnceLock<super::DeviceBuffer>,
 }
 
 /// Which way a started copy goes, and the memory at the other end.
@@ -95,9 +123,9 @@ impl std::fmt::Debug for SmallCopier {
 
 impl SmallCopier {
     /// The copier of `gpu` that the engine's inline transfers use, made on first use and kept for
-    /// the life of the process, like the GPU itself.
+    /// the life of the process, like the GPU itself. From then on every library thread that may
+    /// touch a GPU warms itself on this GPU as it starts (`warm_thread`).
     pub fn for_gpu(gpu: &Gpu) -> Result<Arc<SmallCopier>> {
-        static COPIERS: Mutex<Vec<Arc<SmallCopier>>> = Mutex::new(Vec::new());
         let mut copiers = COPIERS.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(copier) = copiers.iter().find(|c| c.gpu.ordinal() == gpu.ordinal()) {
             return Ok(copier.clone());
@@ -107,6 +135,7 @@ impl SmallCopier {
         copier.warm_up();
         copiers.push(copier.clone());
         COPIERS_MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        crate::threads::on_start(warm_thread);
         Ok(copier)
     }
 
@@ -116,10 +145,10 @@ impl SmallCopier {
     /// to the first transfer.
     fn warm_up(self: &Arc<Self>) {
         let warmed = (|| -> Result<()> {
-            let dev = super::DeviceBuffer::new(self.gpu.ordinal(), 64)?;
+            let dev = self.scratch()?;
             let mut back = [0u8; 64];
-            // SAFETY: the 64 bytes lie in `dev`, which only this function uses and which outlives
-            // every copy (each is waited for, a started one by `wait` and again when dropped).
+            // SAFETY: the 64 bytes lie in `dev`, the copier's scratch, which lives as long as the
+            // copier and which only warm-ups write (bytes nobody reads for their value).
             unsafe {
                 self.to_device(dev.addr(), &[7u8; 64])?;
                 self.from_device(&mut back, dev.addr())?;
@@ -135,6 +164,30 @@ impl SmallCopier {
         if let Err(e) = warmed {
             log::debug!("GPU {}: the small copier's warm-up failed: {}", self.gpu.ordinal(), e.message());
         }
+    }
+
+    /// The copier's scratch bytes on its GPU, allocated at the first use.
+    fn scratch(&self) -> Result<&super::DeviceBuffer> {
+        if let Some(dev) = self.scratch.get() {
+            return Ok(dev);
+        }
+        let dev = super::DeviceBuffer::new(self.gpu.ordinal(), 64)?;
+        Ok(self.scratch.get_or_init(|| dev))
+    }
+
+    /// The copiers `for_gpu` made.
+    fn all() -> Vec<Arc<SmallCopier>> {
+        COPIERS.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Library threads that warmed themselves on the process's GPUs as they started.
+    pub fn threads_warmed() -> u64 {
+        THREADS_WARMED.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the calling thread warmed itself as it started.
+    pub fn warmed_here() -> bool {
+        WARMED_HERE.get()
     }
 
     /// Copiers `for_gpu` made so far in this process: for tests that check a transfer made none.
@@ -157,6 +210,7 @@ impl SmallCopier {
             state: Mutex::new(State { stream, bounce }),
             slots: Mutex::new(slots),
             started: std::sync::atomic::AtomicU64::new(0),
+            scratch: std::sync::OnceLock::new(),
         })
     }
 
@@ -482,6 +536,29 @@ fn stream_done(stream: &Stream) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Once a GPU's copier exists, a library thread of a kind that may touch a GPU warms itself
+    /// on it before its body runs; other kinds (the accept loop) start as before.
+    #[test]
+    fn library_threads_that_may_touch_a_gpu_warm_themselves_as_they_start() {
+        if testkit::skip_without_gpu(crate::cuda::available()) {
+            return;
+        }
+        SmallCopier::for_gpu(&Gpu::open(0).unwrap()).unwrap();
+        let warmed = |kind| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let body = move || tx.send(SmallCopier::warmed_here()).unwrap();
+            let t = crate::threads::spawn_contained(std::thread::Builder::new(), kind, |_| {}, body).unwrap();
+            t.join().unwrap();
+            rx.recv().unwrap()
+        };
+        let before = SmallCopier::threads_warmed();
+        assert!(warmed(crate::threads::ThreadKind::ControlReactor), "a control reactor thread warms itself");
+        assert!(warmed(crate::threads::ThreadKind::SocketReceiver), "a socket helper warms itself");
+        assert!(!warmed(crate::threads::ThreadKind::Accept), "the accept loop touches no GPU");
+        assert!(SmallCopier::threads_warmed() >= before + 2);
+        assert!(!SmallCopier::warmed_here(), "the test's own thread was not started by the library");
+    }
 
     #[test]
     fn oversized_copies_are_refused_before_touching_the_driver() {

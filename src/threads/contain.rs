@@ -27,7 +27,11 @@ where
         fault::enter(kind);
         // Unwind safety: after a panic nothing of `body` is used again; `on_panic` touches only
         // shared state made to be failed (a flag, an error slot, a socket shutdown).
-        let Err(panic) = catch_unwind(AssertUnwindSafe(body)) else { return };
+        let run = || {
+            super::warm::starting(kind);
+            body()
+        };
+        let Err(panic) = catch_unwind(AssertUnwindSafe(run)) else { return };
         let err = Error::internal(format!("{kind} panicked: {}", panic_text(&*panic)));
         log::error!("{}", err.message());
         if let Err(again) = catch_unwind(AssertUnwindSafe(|| on_panic(err))) {
