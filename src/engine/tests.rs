@@ -286,3 +286,47 @@ fn inline_transfers_over_started_copies_end_with_their_bytes() {
     assert!(started >= 3 * 4 * n as u64, "{started} copies started for {} inline transfers", 3 * 4 * n);
     assert_eq!(sim.landed.load(std::sync::atomic::Ordering::SeqCst), started, "a started copy never landed");
 }
+
+/// A deregistration returns only once the copies started for inline payloads into the region
+/// ended (here each lands 20 ms after it starts, and the target's reader, finding more to read,
+/// leaves them running while it reads on): none lands in the region after it returned. The writes
+/// end, either way, with their bytes or an error.
+#[test]
+fn a_deregistration_waits_for_the_copies_of_payloads_into_the_region() {
+    let sim = super::test_copies::SimulatedCopies::new(Duration::from_millis(20));
+    let config = || Config { disable_ipc: true, ..config() };
+    let (a, b) = (Engine::new(config()).unwrap(), Engine::new(config()).unwrap());
+    b.core.simulated_copies.set(sim.clone()).unwrap();
+    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+    let _ba = b.accept().unwrap();
+    let (n, len) = (32usize, 60 << 10);
+    let src = bytes(n * len, 7);
+    let mut dst = vec![0u8; n * len];
+    let smr = a.register(src.as_ptr() as usize, n * len).unwrap();
+    let dmr = b.register(dst.as_mut_ptr() as usize, n * len).unwrap();
+    let remote = b.prepare_fifo(dmr, dst.as_ptr() as usize, n * len).unwrap();
+    let ids: Vec<u64> = (0..n)
+        .map(|i| {
+            let remote = FifoItem { addr: remote.addr + (i * len) as u64, ..remote };
+            ab.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize + i * len, len, remote }]).unwrap()
+        })
+        .collect();
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::SeqCst);
+    // Deregister while copies into the region run (the first lands 20 ms after it started).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count(&sim.started) == 0 {
+        assert!(Instant::now() < deadline, "no copy into the region started");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    b.deregister(dmr).unwrap();
+    let (started, landed) = (count(&sim.started), count(&sim.landed));
+    assert_eq!(landed, started, "the deregistration returned with copies into the region still running");
+    for id in ids {
+        while !matches!(ab.poll(id), Ok(Some(_)) | Err(_)) {
+            assert!(Instant::now() < deadline, "write {id} never ended");
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+    assert_eq!(count(&sim.started), started, "a copy into the region started after its deregistration");
+    drop(dst);
+}
