@@ -14,7 +14,7 @@ use super::state::{
 use super::turn::{Batch, InTurn, Take};
 use super::vector::{Grouper, Push, Run, RunKey};
 
-use super::{Connection, HAND_OVER_MIN, Held, Inner, OneSided};
+use super::{Connection, Held, Inner, OneSided};
 use crate::engine::locality::Locality;
 use crate::engine::path::{self, Path};
 use crate::engine::plan::Extent;
@@ -364,17 +364,11 @@ impl Connection {
     }
 
     /// Sends the messages `register_parts` returned; failing to queue them fails the connection.
-    /// `behind`: the connection had inline transfers unanswered when they were posted. Then a
-    /// large inline payload is handed to the control reactor instead of written here, so that
-    /// the socket write overlaps the caller's next post (its device copy) rather than add to it;
-    /// a transfer posted alone is written here, which saves the reactor's wake-up.
+    /// `behind`: the connection had inline transfers unanswered when they were posted, so the
+    /// caller is pipelining and its next post (a device copy) overlaps a payload's socket write
+    /// (`send_pipelined`).
     fn send_posted(&self, msgs: &[Control], behind: bool) -> Result<()> {
-        if msgs.is_empty() {
-            return Ok(());
-        }
-        let hand_over = behind && msgs.iter().any(|m| m.inline_payload().len() >= HAND_OVER_MIN);
-        let sent = if hand_over { self.hand_over(msgs) } else { self.send_all(msgs) };
-        sent.inspect_err(|e| self.fail(&mut self.inner.lock(), e.clone()))
+        self.send_pipelined(msgs, behind).inspect_err(|e| self.fail(&mut self.inner.lock(), e.clone()))
     }
 
     /// `post`'s part under the lock: the state registers the parts (or refuses before registering

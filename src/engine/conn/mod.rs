@@ -127,9 +127,9 @@ impl Inner {
 }
 
 /// The smallest inline payload a pipelined poster or reader hands to the control reactor instead
-/// of writing it itself (`Connection::send_posted`). 64 KiB GPU writes at 4 in flight (2 x H100):
-/// 1.71-1.84 GB/s -> 2.31-2.46 with the write handed over from 4 KiB or 32 KiB on; 4 KiB writes
-/// 0.18-0.23 -> 0.29-0.33 from 4 KiB on, unchanged from 32 KiB on.
+/// of writing it itself (`Connection::send_pipelined`). 64 KiB GPU writes at 4 in flight (2 x
+/// H100): 1.71-1.84 GB/s -> 2.31-2.46 with the write handed over from 4 KiB or 32 KiB on; 4 KiB
+/// writes 0.18-0.23 -> 0.29-0.33 from 4 KiB on, unchanged from 32 KiB on.
 const HAND_OVER_MIN: usize = 4 << 10;
 
 /// Control messages of actions carried out and not sent yet, and whether (and how many bytes)
@@ -555,14 +555,8 @@ impl Connection {
     fn release(&self, inner: &mut Inner, mut held: Held) -> Result<()> {
         self.settle_copies(inner, &mut held)?;
         // A reader with more to read leaves a large answer (a small read's data) for the
-        // reactor's write turn and reads on first, as a pipelined poster hands its payload over
-        // (`send_posted`).
-        let hand_over = held.leave_copies && held.msgs.iter().any(|m| m.inline_payload().len() >= HAND_OVER_MIN);
-        let sent = match (held.msgs.is_empty(), hand_over) {
-            (true, _) => Ok(()),
-            (false, true) => self.hand_over(&held.msgs),
-            (false, false) => self.send_all(&held.msgs),
-        };
+        // reactor's write turn and reads on first.
+        let sent = self.send_pipelined(&held.msgs, held.leave_copies);
         if held.queued || inner.queued {
             self.core.waker.wake();
         } else if self.core.waker.parked_untimed() && self.owes_us(&inner.state) {
@@ -592,9 +586,20 @@ impl Connection {
         self.traced_send(msgs, self.writer.send_all(msgs))
     }
 
-    /// `send_all` through the control reactor, whatever the queue holds.
-    fn hand_over(&self, msgs: &[Control]) -> Result<()> {
-        self.traced_send(msgs, self.writer.hand_over(msgs))
+    /// `send_all`, unless the caller has more to do at once (`pipelined`: a poster behind
+    /// unanswered inline transfers, a reader with more to read): then a large inline payload goes
+    /// to the control reactor's write turn whatever the queue holds, so that the socket write
+    /// overlaps that work rather than add to it. Alone, the caller writes it itself, which saves
+    /// the reactor's wake-up.
+    fn send_pipelined(&self, msgs: &[Control], pipelined: bool) -> Result<()> {
+        if msgs.is_empty() {
+            return Ok(());
+        }
+        if pipelined && msgs.iter().any(|m| m.inline_payload().len() >= HAND_OVER_MIN) {
+            self.traced_send(msgs, self.writer.hand_over(msgs))
+        } else {
+            self.send_all(msgs)
+        }
     }
 
     fn traced_send(&self, msgs: &[Control], sent: Result<()>) -> Result<()> {
