@@ -74,13 +74,17 @@ impl Handle {
     }
 }
 
+// Locks are taken in one order, KEPT, THREADS, then a thread's own: events leaving a thread's
+// buffer reach KEPT under KEPT's lock, so `gather`, which holds it throughout, finds them in one
+// place or the other, never in neither (a filing recorded before its acknowledgement was once
+// missing from a read made after the acknowledgement arrived).
 impl Drop for Handle {
     fn drop(&mut self) {
-        let recs = std::mem::take(&mut self.local.lock().recs);
+        let mut kept = KEPT.lock();
         let mut threads = THREADS.lock();
         let name = threads.iter().position(|t| Arc::ptr_eq(&t.local, &self.local)).map(|i| threads.remove(i).name);
         drop(threads);
-        let mut kept = KEPT.lock();
+        let recs = std::mem::take(&mut self.local.lock().recs);
         let kept = kept.get_or_insert_with(Kept::default);
         kept.gone.push((self.tid, name.unwrap_or_default()));
         stash(kept, recs);
@@ -110,9 +114,11 @@ pub(super) fn push(at: u64, event: Event) {
         let mut local = h.local.lock();
         local.recs.push(Rec { at, tid: h.tid, event });
         if local.recs.len() >= CHUNK {
-            let full = std::mem::replace(&mut local.recs, Vec::with_capacity(CHUNK));
+            // In the locks' order (above): KEPT first.
             drop(local);
-            stash(KEPT.lock().get_or_insert_with(Kept::default), full);
+            let mut kept = KEPT.lock();
+            let full = std::mem::replace(&mut h.local.lock().recs, Vec::with_capacity(CHUNK));
+            stash(kept.get_or_insert_with(Kept::default), full);
         }
     });
 }
@@ -140,6 +146,7 @@ fn gather() -> Option<(Vec<Rec>, Names, u64)> {
     let wait = Duration::from_millis(200);
     let mut recs = Vec::new();
     let mut names = Vec::new();
+    let kept = KEPT.try_lock_for(wait)?;
     {
         let threads = THREADS.try_lock_for(wait)?;
         for t in threads.iter() {
@@ -149,7 +156,6 @@ fn gather() -> Option<(Vec<Rec>, Names, u64)> {
             }
         }
     }
-    let kept = KEPT.try_lock_for(wait)?;
     let dropped = kept.as_ref().map_or(0, |k| k.dropped);
     if let Some(kept) = kept.as_ref() {
         recs.extend(kept.chunks.iter().flatten().copied());
