@@ -196,7 +196,11 @@ impl Engine {
     #[doc(hidden)]
     pub fn idle_waits(&self) -> IdleWaits {
         let idle = &self.core.waker.idle;
-        IdleWaits { polled: idle.polls.load(Ordering::Relaxed), parked: idle.parks.load(Ordering::Relaxed) }
+        IdleWaits {
+            polled: idle.polls.load(Ordering::Relaxed),
+            parked: idle.parks.load(Ordering::Relaxed),
+            spun: idle.spins.load(Ordering::Relaxed),
+        }
     }
 
     /// Callers' waits on this engine's transfers that ran out a slice (a park or a blocking read

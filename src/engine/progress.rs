@@ -132,6 +132,8 @@ pub struct IdleWaits {
     pub polled: u64,
     /// Parks, timed (a connection waits on its peer) or not.
     pub parked: u64,
+    /// Idle passes (yielding) after a pass that moved something, before the idle wait is asked.
+    pub spun: u64,
 }
 
 pub struct ProgressThread {
@@ -227,6 +229,7 @@ fn run(list: &ConnList, stop: &AtomicBool, waker: &Waker, watch: Duration, idle_
                 idle_since = Instant::now();
             }
             idle += 1;
+            waker.idle.spins.fetch_add(1, Ordering::Relaxed);
             std::thread::yield_now();
         } else {
             match idle_wait(idle_since) {

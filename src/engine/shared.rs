@@ -205,8 +205,8 @@ pub struct Waker {
     waiters: Mutex<Vec<(u64, Thread)>>,
     waiting: AtomicUsize,
     next_waiter: AtomicU64,
-    /// The progress thread's idle waits that polled, and its parks: counted, so that tests see it
-    /// poll or park by the event rather than by the CPU time it takes.
+    /// The progress thread's idle waits that polled, its parks and idle passes: counted, so that
+    /// tests see it poll, park or spin by the event rather than by the CPU time it takes.
     pub idle: IdleCounts,
 }
 
@@ -217,6 +217,7 @@ pub struct Waker {
 pub struct IdleCounts {
     pub polls: AtomicU64,
     pub parks: AtomicU64,
+    pub spins: AtomicU64,
 }
 
 impl Waker {

@@ -721,12 +721,13 @@ pub(crate) trait DevicePath: Conn {
     }
 
     /// Finishes the batches whose copies completed and answers revocations they held up; `by`:
-    /// who looks (for the trace).
+    /// who looks (for the trace). Whether an answer to the peer left (`IpcState::poll`).
     fn drive_device_copies(&self, ipc: &mut IpcState, by: Seer) -> Result<bool> {
         if !ipc.has_pending() {
             return Ok(false);
         }
-        let (moved, revoked) = ipc.poll(&self.core().waker, by);
+        let (answered, revoked) = ipc.poll(&self.core().waker, by);
+        let moved = answered || !revoked.is_empty();
         for region in revoked {
             self.send(&Control::IpcRevoked { region })?;
         }

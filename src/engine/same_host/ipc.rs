@@ -445,9 +445,12 @@ impl IpcState {
     }
 
     /// Finishes every batch whose event fired (a failed copy fails its parts); returns whether
-    /// one did, and the owner's regions whose revocation can now be answered. `by`: who looks.
+    /// one the peer awaits did (its answer is queued), and the owner's regions whose revocation
+    /// can now be answered. `by`: who looks. A batch only its caller awaits is not counted: that
+    /// caller's own poll or wait would have finished it, so the progress thread that saw it first
+    /// moved nothing it is there for (counted, it kept polling beside callers for good).
     pub fn poll(&mut self, waker: &Waker, by: Seer) -> (bool, Vec<u64>) {
-        let mut moved = false;
+        let mut answered = false;
         let mut at = 0;
         while at < self.batches.len() {
             let outcome = match self.batches[at].event.done() {
@@ -459,10 +462,10 @@ impl IpcState {
                 Err(e) => Err(e),
             };
             let batch = self.batches.swap_remove(at);
+            answered |= batch.answer.is_some();
             self.finish(batch, outcome, waker, by);
-            moved = true;
         }
-        (moved, self.answerable_revokes())
+        (answered, self.answerable_revokes())
     }
 
     fn finish(&mut self, batch: Batch, outcome: Result<()>, waker: &Waker, by: Seer) {
@@ -701,7 +704,7 @@ mod tests {
         // Queued behind the first on the same stream: both are done once the second is.
         st.event_of(second.id).unwrap().synchronize().unwrap();
         assert!(held.done().unwrap());
-        assert_eq!(st.poll(&waker, Seer::Wait), (true, vec![]));
+        assert_eq!(st.poll(&waker, Seer::Wait), (false, vec![]), "batches only their callers await answer nobody");
         assert!(st.event_of(first.id).is_none() && st.event_of(second.id).is_none());
         assert!(first.is_finished() && second.is_finished());
         assert!(!waker.device_copies.any() && !waker.caller_copies.any());
