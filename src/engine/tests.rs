@@ -313,19 +313,14 @@ fn a_deregistration_waits_for_the_copies_of_payloads_into_the_region() {
         .collect();
     let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::SeqCst);
     // Deregister while copies into the region run (the first lands 20 ms after it started).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while count(&sim.started) == 0 {
-        assert!(Instant::now() < deadline, "no copy into the region started");
-        std::thread::sleep(Duration::from_micros(200));
-    }
+    testkit::wait_until("a copy into the region started", testkit::PATIENCE, || count(&sim.started) > 0);
     b.deregister(dmr).unwrap();
     let (started, landed) = (count(&sim.started), count(&sim.landed));
     assert_eq!(landed, started, "the deregistration returned with copies into the region still running");
     for id in ids {
-        while !matches!(ab.poll(id), Ok(Some(_)) | Err(_)) {
-            assert!(Instant::now() < deadline, "write {id} never ended");
-            std::thread::sleep(Duration::from_micros(100));
-        }
+        testkit::wait_until(&format!("write {id} ends"), testkit::PATIENCE, || {
+            matches!(ab.poll(id), Ok(Some(_)) | Err(_))
+        });
     }
     assert_eq!(count(&sim.started), started, "a copy into the region started after its deregistration");
     drop(dst);

@@ -139,9 +139,10 @@ impl ControlWriter {
             // Encoded with the queue let go: an inline payload's copy under the lock held the
             // reactor off its own writes (2 x H100, 64 KiB GPU writes at 4 in flight: the client's
             // reactor slept on this lock about 15,000 times a second). Messages racing from other
-            // threads had no order among them anyway; each thread's own stay in its order.
+            // threads had no order among them anyway; each thread's own stay in its order. An
+            // empty queue lends its buffer, so a payload's encoding allocates nothing.
+            let mut encoded = if q.bytes.is_empty() { std::mem::take(&mut q.bytes) } else { Vec::new() };
             drop(q);
-            let mut encoded = Vec::new();
             for msg in msgs {
                 msg.encode(&mut encoded);
             }
