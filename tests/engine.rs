@@ -524,8 +524,8 @@ fn a_send_waiting_for_its_receive_is_not_a_stall() {
 }
 
 /// Mid-size messages go with their bytes at once: into receives posted before them, or landed at
-/// the receiver and copied once their receives come; one too large for its receive fails both ends
-/// either way and leaves the receive's memory untouched.
+/// the receiver (counted) and copied once their receives come; one too large for its receive fails
+/// both ends either way and leaves the receive's memory untouched.
 #[test]
 fn mid_size_sends_meet_receives_posted_before_and_after_them() {
     let p = pair();
@@ -535,36 +535,42 @@ fn mid_size_sends_meet_receives_posted_before_and_after_them() {
     let mut dst = vec![0u8; (1 << 20) + 64];
     let (at, cap) = (dst.as_mut_ptr() as usize, dst.len());
     let dmr = p.b.register(at, cap).unwrap();
+    let landed = || p.ba.stats().landed;
     for posted_first in [true, false] {
         for (i, &n) in sizes.iter().enumerate() {
-            dst.fill(0);
             let send = || p.ab.send(&[(smrs[i], srcs[i].as_ptr() as usize, n)]).unwrap();
             let recv = |max| p.ba.recv(dmr, at, max).unwrap();
-            let (r, s) = if posted_first {
-                let r = recv(cap);
-                (r, send())
-            } else {
+            // Posted after: the receive comes once the message has landed.
+            let send_first = || {
+                let before = landed();
                 let s = send();
-                std::thread::sleep(Duration::from_millis(20));
-                (recv(cap), s)
+                testkit::wait_until("the message lands", PATIENCE, || landed() == before + 1);
+                s
             };
-            assert_eq!(wait(&p.ab, s).unwrap(), n as u64, "{n} bytes, posted first: {posted_first}");
-            assert_eq!(wait(&p.ba, r).unwrap(), n as u64);
-            assert_eq!(&dst[..n], &srcs[i][..], "{n} bytes, posted first: {posted_first}");
-            assert!(dst[n..].iter().all(|&b| b == 0), "bytes past the message untouched");
-            // Too large for the receive: both fail, nothing lands.
-            dst.fill(0);
-            let (r, s) = if posted_first {
-                let r = recv(n - 1);
-                (r, send())
-            } else {
-                let s = send();
-                std::thread::sleep(Duration::from_millis(20));
-                (recv(n - 1), s)
-            };
-            assert_eq!(wait(&p.ab, s).unwrap_err().status(), UcclStatus::ErrMismatch);
-            assert_eq!(wait(&p.ba, r).unwrap_err().status(), UcclStatus::ErrMismatch);
-            assert!(dst.iter().all(|&b| b == 0), "{n} bytes: a refused message wrote nothing");
+            for max in [cap, n - 1] {
+                dst.fill(0);
+                let before = landed();
+                let (r, s) = if posted_first {
+                    let r = recv(max);
+                    (r, send())
+                } else {
+                    let s = send_first();
+                    (recv(max), s)
+                };
+                let what = format!("{n} bytes into {max}, posted first: {posted_first}");
+                if max == cap {
+                    assert_eq!(wait(&p.ab, s).unwrap(), n as u64, "{what}");
+                    assert_eq!(wait(&p.ba, r).unwrap(), n as u64, "{what}");
+                    assert_eq!(&dst[..n], &srcs[i][..], "{what}");
+                    assert!(dst[n..].iter().all(|&b| b == 0), "{what}: bytes past the message untouched");
+                } else {
+                    // Too large for the receive: both fail, nothing lands.
+                    assert_eq!(wait(&p.ab, s).unwrap_err().status(), UcclStatus::ErrMismatch, "{what}");
+                    assert_eq!(wait(&p.ba, r).unwrap_err().status(), UcclStatus::ErrMismatch, "{what}");
+                    assert!(dst.iter().all(|&b| b == 0), "{what}: a refused message wrote nothing");
+                }
+                assert_eq!(landed() - before, u64::from(!posted_first), "{what}: landed only when sent first");
+            }
         }
     }
 }

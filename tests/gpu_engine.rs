@@ -482,15 +482,15 @@ fn mid_size_sends_ahead_of_their_device_receives() {
     let smrs: Vec<u64> = srcs.iter().map(|m| p.a.register(m.addr(), m.len()).unwrap()).collect();
     let dmrs: Vec<u64> = dsts.iter().map(|m| p.b.register(m.addr(), m.len()).unwrap()).collect();
     let sends: Vec<u64> = (0..lens.len()).map(|i| p.ab.send(&[(smrs[i], srcs[i].addr(), lens[i])]).unwrap()).collect();
-    // Time for the messages to land; a receive that overtakes one still gets it, only by the
-    // other path.
-    std::thread::sleep(Duration::from_millis(200));
+    // Every message arrives before its receive (which then copies it out of landing memory).
+    common::wait_until("the three messages land", PATIENCE, || p.ba.stats().landed == lens.len() as u64);
     let recvs: Vec<u64> = (0..lens.len()).map(|i| p.ba.recv(dmrs[i], dsts[i].addr() + 3, lens[i]).unwrap()).collect();
     for i in 0..lens.len() {
         assert_eq!(wait(&p.ab, sends[i]).unwrap(), lens[i] as u64);
         assert_eq!(wait(&p.ba, recvs[i]).unwrap(), lens[i] as u64);
         assert_same(&dsts[i].read(3, lens[i]), &data[i], &format!("message {i} ({} bytes)", lens[i]));
     }
+    assert_eq!(p.ba.stats().landed, lens.len() as u64, "none counted twice");
 }
 
 #[test]

@@ -352,6 +352,31 @@ impl SmallCopier {
         st.wait_stream()
     }
 
+    /// Copies `src`, of any length, to device address `dst` straight from where it lies (no
+    /// bounce) on the copier's stream, and returns once the bytes are in place: from page-locked
+    /// memory one DMA, from pageable memory through the driver's own staging. Never on the legacy
+    /// stream, so it does not wait behind the user's kernels.
+    ///
+    /// # Safety
+    /// As [`to_device`](Self::to_device).
+    pub unsafe fn to_device_direct(&self, dst: usize, src: &[u8]) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        let _ctx = self.gpu.enter()?;
+        let dst = dst as sys::CUdeviceptr;
+        if self.mode == SmallCopyMode::Legacy {
+            // SAFETY: per the contract; src is a live host slice.
+            check(unsafe { sys::cuMemcpyHtoD_v2(dst, src.as_ptr().cast(), src.len()) }, "cuMemcpyHtoD")?;
+            return sync_legacy_stream();
+        }
+        let st = self.lock();
+        // SAFETY: per the contract; `src` outlives the copy, which is waited for before returning.
+        let issued = unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src.as_ptr().cast(), src.len(), st.stream.raw()) };
+        check(issued, "cuMemcpyHtoDAsync (direct copy)")?;
+        st.wait_stream()
+    }
+
     /// Copies device bytes at `src` into `dst` and returns once they are there.
     ///
     /// # Safety
@@ -383,8 +408,9 @@ impl SmallCopier {
 }
 
 /// Copies host bytes to device address `dst` of `gpu` and waits: for small transfers (inline writes)
-/// where a staged pass would cost more than the copy. Up to the inline limit (64 KiB) through the
-/// GPU's small copier.
+/// where a staged pass would cost more than the copy, and for eager messages landed before their
+/// receive. Up to the inline limit (64 KiB) through the GPU's small copier's bounce buffer, beyond
+/// straight from `src` on the copier's stream.
 ///
 /// # Safety
 /// `[dst, dst + src.len())` is device memory of `gpu` that nobody else writes meanwhile.
@@ -392,14 +418,9 @@ pub(crate) unsafe fn copy_to_device_sync(gpu: &Gpu, dst: usize, src: &[u8]) -> R
     if src.is_empty() {
         return Ok(());
     }
-    if src.len() <= MAX_SMALL_COPY {
-        // SAFETY: per the contract.
-        return unsafe { SmallCopier::for_gpu(gpu)?.to_device(dst, src) };
-    }
-    let _ctx = gpu.enter()?;
-    // SAFETY: the caller vouches for the device range; src is a live host slice.
-    check(unsafe { sys::cuMemcpyHtoD_v2(dst as sys::CUdeviceptr, src.as_ptr().cast(), src.len()) }, "cuMemcpyHtoD")?;
-    sync_legacy_stream()
+    let copier = SmallCopier::for_gpu(gpu)?;
+    // SAFETY: per the contract.
+    unsafe { if src.len() <= MAX_SMALL_COPY { copier.to_device(dst, src) } else { copier.to_device_direct(dst, src) } }
 }
 
 /// Copies device bytes at `src` of `gpu` into `dst` and waits.

@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::cuda::Gpu;
+use crate::cuda::memory::PinnedBuffer;
 use crate::engine::plan::Extent;
 use crate::engine::region::{Region, RegionTable};
 use crate::error::{Error, Result};
@@ -16,11 +18,27 @@ const LANDING_LEN: usize = SLOTS * EAGER_SLOT as usize;
 
 /// Host memory a connection lands eager messages in, registered with its channels like a caller's
 /// region but never advertised. The connection keeps it until its channels are closed, so no
-/// transport writes into it once freed.
+/// transport writes into it once freed. On an engine serving a GPU it is page-locked: a message
+/// landed for a receive in device memory then goes there in one DMA per run of slots.
 pub(crate) struct LandingMemory {
-    /// Reached only through raw pointers: the transport writes it, the state copies out of it.
-    mem: *mut [u8],
+    _backing: Backing,
     region: Arc<Region>,
+}
+
+/// Reached only through raw pointers: the transport writes it, the state copies out of it.
+enum Backing {
+    Heap(HeapBytes),
+    Pinned(PinnedBuffer),
+}
+
+/// Zeroed heap bytes, freed on drop.
+struct HeapBytes(*mut [u8]);
+
+impl Drop for HeapBytes {
+    fn drop(&mut self) {
+        // SAFETY: made by `Box::into_raw` in `LandingMemory::new`, freed once, here.
+        drop(unsafe { Box::from_raw(self.0) });
+    }
 }
 
 // SAFETY: plain bytes behind a pointer this type alone frees; who touches which slot when is
@@ -30,28 +48,34 @@ unsafe impl Send for LandingMemory {}
 unsafe impl Sync for LandingMemory {}
 
 impl LandingMemory {
-    pub fn new(regions: &RegionTable) -> Result<Arc<LandingMemory>> {
-        // Zeroed pages cost nothing until a message lands in them.
-        let mem = Box::into_raw(vec![0u8; LANDING_LEN].into_boxed_slice());
-        match regions.internal(mem as *mut u8 as usize, LANDING_LEN) {
-            Ok(region) => Ok(Arc::new(LandingMemory { mem, region })),
-            Err(e) => {
-                // SAFETY: made by `Box::into_raw` just above and not shared.
-                drop(unsafe { Box::from_raw(mem) });
-                Err(e)
+    /// Page-locked through `gpu` where one is given and the driver grants it, else heap pages (zeroed
+    /// pages cost nothing until a message lands in them).
+    pub fn new(regions: &RegionTable, gpu: Option<&Arc<Gpu>>) -> Result<Arc<LandingMemory>> {
+        let backing = match gpu.map(|gpu| PinnedBuffer::new(gpu, LANDING_LEN)) {
+            Some(Ok(pinned)) => Backing::Pinned(pinned),
+            found => {
+                if let Some(Err(e)) = found {
+                    log::warn!("eager messages land in pageable memory: {}", e.message());
+                }
+                Backing::Heap(HeapBytes(Box::into_raw(vec![0u8; LANDING_LEN].into_boxed_slice())))
             }
-        }
+        };
+        let base = match &backing {
+            Backing::Heap(bytes) => bytes.0 as *mut u8 as usize,
+            Backing::Pinned(pinned) => pinned.as_ptr() as usize,
+        };
+        let region = regions.internal(base, LANDING_LEN)?;
+        Ok(Arc::new(LandingMemory { _backing: backing, region }))
+    }
+
+    /// Whether the slots are page-locked.
+    #[cfg(test)]
+    pub fn pinned(&self) -> bool {
+        matches!(self._backing, Backing::Pinned(_))
     }
 
     fn slot(&self, slot: u16) -> usize {
         self.region.base + slot as usize * EAGER_SLOT as usize
-    }
-}
-
-impl Drop for LandingMemory {
-    fn drop(&mut self) {
-        // SAFETY: made by `Box::into_raw` in `new`, freed once, here.
-        drop(unsafe { Box::from_raw(self.mem) });
     }
 }
 
@@ -65,6 +89,8 @@ pub(super) struct Landings<R> {
     by_flow: HashMap<u64, Landing<R>>,
     /// Our own eager messages not answered yet: op id -> what each holds of the inline-send backlog.
     pub sent: HashMap<u64, u64>,
+    /// The peer's messages landed so far (`ConnStats::landed`).
+    landed: u64,
 }
 
 /// A message in landing slots.
@@ -88,7 +114,12 @@ pub(super) enum Fate<R> {
 
 impl<R> Landings<R> {
     pub fn new(memory: Arc<LandingMemory>) -> Landings<R> {
-        Landings { memory, free: all_slots(), by_flow: HashMap::new(), sent: HashMap::new() }
+        Landings { memory, free: all_slots(), by_flow: HashMap::new(), sent: HashMap::new(), landed: 0 }
+    }
+
+    /// The peer's messages that arrived before their receive, so far.
+    pub fn landed(&self) -> u64 {
+        self.landed
     }
 
     /// Landing memory the peer's messages hold, in bytes.
@@ -116,6 +147,7 @@ impl<R> Landings<R> {
         });
         let extent = Extent::scattered(segs);
         self.by_flow.insert(flow, Landing { peer_op, len, slots, arrived: false, fate: Fate::Waiting });
+        self.landed += 1;
         Some(extent)
     }
 
@@ -133,17 +165,16 @@ impl<R> Landings<R> {
     }
 
     /// Hands `landing`'s bytes to `store` as (offset in the message, bytes), a run of adjacent
-    /// slots of at most `max_run` bytes at a time, up to its first error.
+    /// slots at a time, up to its first error.
     ///
     /// # Safety
     /// Every chunk of the message landed: no transport writes its slots any more.
     pub unsafe fn copy_out(
         &self,
         landing: &Landing<R>,
-        max_run: usize,
         mut store: impl FnMut(usize, &[u8]) -> Result<()>,
     ) -> Result<()> {
-        for (at, n, first) in runs(&landing.slots, landing.len, max_run) {
+        for (at, n, first) in runs(&landing.slots, landing.len) {
             // SAFETY: the slots are the message's, inside the memory this keeps alive, and no one
             // writes them (the contract).
             let bytes = unsafe { std::slice::from_raw_parts(self.memory.slot(first) as *const u8, n) };
@@ -177,19 +208,15 @@ fn all_slots() -> Vec<u16> {
     (0..SLOTS as u16).rev().collect()
 }
 
-/// A message of `len` bytes in `slots` as runs of adjacent slots, each at most `max_run` bytes
-/// long (or one slot where that is less): (offset in the message, length, first slot).
-fn runs(slots: &[u16], len: u64, max_run: usize) -> Vec<(usize, usize, u16)> {
+/// A message of `len` bytes in `slots` as runs of adjacent slots: (offset in the message, length,
+/// first slot).
+fn runs(slots: &[u16], len: u64) -> Vec<(usize, usize, u16)> {
     let mut runs: Vec<(usize, usize, u16)> = Vec::new();
     for (i, &slot) in slots.iter().enumerate() {
         let at = i as u64 * EAGER_SLOT;
         let n = (len - at).min(EAGER_SLOT) as usize;
         match runs.last_mut() {
-            Some((_, run, first))
-                if *first as usize + *run / EAGER_SLOT as usize == slot as usize && *run + n <= max_run =>
-            {
-                *run += n
-            }
+            Some((_, run, first)) if *first as usize + *run / EAGER_SLOT as usize == slot as usize => *run += n,
             _ => runs.push((at as usize, n, slot)),
         }
     }
@@ -203,28 +230,60 @@ mod tests {
     #[test]
     fn adjacent_slots_are_copied_as_one_run() {
         let slot = EAGER_SLOT as usize;
-        let all = usize::MAX;
-        assert_eq!(runs(&[3, 4, 5], 2 * EAGER_SLOT + 7, all), [(0, 2 * slot + 7, 3)]);
-        assert_eq!(runs(&[3, 9, 10], 3 * EAGER_SLOT, all), [(0, slot, 3), (slot, 2 * slot, 9)]);
-        assert_eq!(runs(&[5, 4], EAGER_SLOT + 1, all), [(0, slot, 5), (slot, 1, 4)], "descending is two runs");
-        assert_eq!(runs(&[0], 1, all), [(0, 1, 0)]);
+        assert_eq!(runs(&[3, 4, 5], 2 * EAGER_SLOT + 7), [(0, 2 * slot + 7, 3)]);
+        assert_eq!(runs(&[3, 9, 10], 3 * EAGER_SLOT), [(0, slot, 3), (slot, 2 * slot, 9)]);
+        assert_eq!(runs(&[5, 4], EAGER_SLOT + 1), [(0, slot, 5), (slot, 1, 4)], "descending is two runs");
+        assert_eq!(runs(&[0], 1), [(0, 1, 0)]);
     }
 
+    /// On an engine serving a GPU the slots are page-locked (the driver says so), and a message
+    /// landed in adjacent slots goes into device memory whole, in one copy, byte for byte.
     #[test]
-    fn runs_stop_growing_at_their_limit() {
-        let slot = EAGER_SLOT as usize;
-        assert_eq!(
-            runs(&[3, 4, 5], 2 * EAGER_SLOT + 7, slot),
-            [(0, slot, 3), (slot, slot, 4), (2 * slot, 7, 5)],
-            "one slot each"
-        );
-        assert_eq!(runs(&[3, 4, 5, 6], 4 * EAGER_SLOT, 2 * slot + 1), [(0, 2 * slot, 3), (2 * slot, 2 * slot, 5)]);
-        assert_eq!(runs(&[3, 4], EAGER_SLOT + 9, slot + 9), [(0, slot + 9, 3)], "a short tail fits");
+    fn a_gpu_engines_landing_is_page_locked_and_a_run_goes_to_the_device_in_one_copy() {
+        if testkit::skip_without_gpu(crate::cuda::available()) {
+            return;
+        }
+        let gpu = Gpu::open(0).unwrap();
+        let memory = LandingMemory::new(&RegionTable::default(), Some(&gpu)).unwrap();
+        assert!(memory.pinned());
+        let mut flags = 0u32;
+        let found = {
+            let _ctx = gpu.enter().unwrap();
+            // SAFETY: `flags` is a live local; the pointer is the landing's base.
+            unsafe { cudarc::driver::sys::cuMemHostGetFlags(&mut flags, memory.region.base as *mut _) }
+        };
+        assert_eq!(found, cudarc::driver::sys::CUresult::CUDA_SUCCESS, "page-locked memory the driver knows");
+
+        let len = 3 * EAGER_SLOT as usize + 5;
+        let data = testkit::pattern(len, 77);
+        let mut l: Landings<()> = Landings::new(memory);
+        let Some(Extent::Scattered { segs, .. }) = l.take(1, 9, len as u64) else { panic!("scattered") };
+        let mut at = 0;
+        for seg in segs.iter() {
+            // SAFETY: the message's own slots, which nothing else writes.
+            unsafe { std::ptr::copy_nonoverlapping(data[at..].as_ptr(), seg.addr as *mut u8, seg.len) };
+            at += seg.len;
+        }
+        let landing = l.remove(1).unwrap();
+        let dst = crate::cuda::DeviceBuffer::new(0, len).unwrap();
+        let mut copies = 0;
+        // SAFETY: every byte of the message was written above; the destination is a live device
+        // buffer of `len` bytes.
+        unsafe {
+            l.copy_out(&landing, |off, bytes| {
+                copies += 1;
+                crate::cuda::small_copy::copy_to_device_sync(&gpu, dst.addr() + off, bytes)
+            })
+        }
+        .unwrap();
+        assert_eq!(copies, 1, "adjacent slots are one run");
+        assert!(dst.to_vec().unwrap() == data, "the bytes on the device are the message's");
+        l.release(landing);
     }
 
     #[test]
     fn slots_are_taken_lowest_first_ascending_and_come_back() {
-        let memory = LandingMemory::new(&RegionTable::default()).unwrap();
+        let memory = LandingMemory::new(&RegionTable::default(), None).unwrap();
         let base = memory.region.base;
         let mut l: Landings<()> = Landings::new(memory);
         let slot = EAGER_SLOT as usize;

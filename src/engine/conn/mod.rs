@@ -229,7 +229,7 @@ impl Connection {
         let mut state = ConnState::new(chunking, Instant::now());
         state.set_inline_max(super::path::inline_max(&core.config, link.locality));
         let landing = match chunking.cut {
-            Cut::Spanning => Some(LandingMemory::new(&core.regions)?),
+            Cut::Spanning => Some(LandingMemory::new(&core.regions, core.gpu.get())?),
             Cut::PerSegment => None,
         };
         if let Some(memory) = &landing {
@@ -707,7 +707,8 @@ impl Connection {
 
     /// A reading of the connection's counters.
     pub fn stats(&self) -> ConnStats {
-        self.stats.snapshot()
+        let landed = self.inner.lock().state.eager_landed();
+        ConnStats { landed, ..self.stats.snapshot() }
     }
 
     /// What the channels' data sockets carried, by link (none where the transport keeps no such

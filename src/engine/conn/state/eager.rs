@@ -20,7 +20,6 @@ use crate::engine::plan::{Cut, Extent, chunk_count};
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result};
 use crate::proto::{Control, INLINE_LEN_FLOOR, MAX_EAGER_LEN, MAX_INLINE_SEND_BACKLOG, eager_landing_bytes};
-use crate::transport::MemKind;
 
 impl ConnState {
     /// Makes eager sending possible on this connection (both ends decide alike from the agreed cut).
@@ -114,6 +113,11 @@ impl ConnState {
         Ok(())
     }
 
+    /// The peer's eager messages that arrived before their receive and landed, so far.
+    pub fn eager_landed(&self) -> u64 {
+        self.eager.as_ref().map_or(0, Landings::landed)
+    }
+
     /// Bytes of ours the peer's unmatched sends hold: inline payloads and landing slots.
     pub(super) fn held_for_peer(&self) -> u64 {
         self.announced_inline + self.eager.as_ref().map_or(0, Landings::held)
@@ -161,18 +165,11 @@ impl ConnState {
             Fate::Waiting => unreachable!("settled only once matched"),
             Fate::Refused(e) => deny_msg(peer_op, &e),
             Fate::Matched(recv) => {
-                // Stores into device memory go one small copy at a time: a larger one waits on
-                // the legacy stream, behind the user's kernels, with the connection held.
-                let max_run = match recv.region.kind {
-                    MemKind::Host => usize::MAX,
-                    MemKind::Cuda { .. } => INLINE_LEN_FLOOR,
-                };
                 // SAFETY: settled only once landed. The message fits the receive's registration
                 // from its start (checked when matched; a cut since refused it), and `recv` keeps
                 // the region.
-                let stored = unsafe {
-                    landings.copy_out(&landing, max_run, |at, bytes| mem.store(&recv.region, recv.addr + at, bytes))
-                };
+                let stored =
+                    unsafe { landings.copy_out(&landing, |at, bytes| mem.store(&recv.region, recv.addr + at, bytes)) };
                 out.push(Action::Finish(recv.transfer, stored.clone().map(|()| len)));
                 match stored {
                     Ok(()) => Control::Done { xfer: peer_op, len },

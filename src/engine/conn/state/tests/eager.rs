@@ -35,6 +35,7 @@ fn a_mid_size_send_goes_at_once_into_a_receive_posted_first() {
     assert_eq!(a.sending.len(), 1, "its chunks are queued with the message");
     deliver(&mut a, &mut b).unwrap();
     assert_eq!(b.st.held_for_peer(), 0, "taken by the posted receive, nothing lands");
+    assert_eq!(b.st.eager_landed(), 0);
     pump(&mut a, &mut b);
     assert_eq!(a.outcome(&s).unwrap().unwrap(), MID as u64);
     assert_eq!(b.outcome(&r).unwrap().unwrap(), MID as u64);
@@ -53,6 +54,7 @@ fn sends_before_their_receives_land_and_are_copied_in_order() {
     pump(&mut a, &mut b);
     let landed: u64 = lens.iter().map(|&n| eager_landing_bytes(n as u64)).sum();
     assert_eq!(b.st.held_for_peer(), landed, "all three wait in landing slots");
+    assert_eq!(b.st.eager_landed(), 3, "each counted once");
     assert!(sends.iter().all(|s| a.outcome(s).is_none()), "unanswered until received");
     assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer(), "waiting for the peer's user is no stall");
     let dsts: Vec<_> = lens.iter().map(|&n| b.buffer(n, |_| 0)).collect();
@@ -67,19 +69,22 @@ fn sends_before_their_receives_land_and_are_copied_in_order() {
 }
 
 #[test]
-fn a_landed_message_goes_into_device_memory_one_small_store_at_a_time() {
+fn a_landed_message_goes_into_device_memory_in_one_store_per_run_of_slots() {
     let (mut a, mut b) = (End::new(), End::new());
     let n = MAX_EAGER_LEN as usize;
     let src = a.buffer(n, pattern(47));
     let send = a.send(&[(&src, 0, n)]);
     pump(&mut a, &mut b);
     assert_eq!(b.st.held_for_peer(), eager_landing_bytes(n as u64), "landed in adjacent slots");
+    assert_eq!(b.st.eager_landed(), 1);
     let dst = b.device_buffer(n);
     let recv = b.recv(&dst, n);
     pump(&mut a, &mut b);
     assert_eq!(a.outcome(&send).unwrap().unwrap(), n as u64);
     assert_eq!(b.outcome(&recv).unwrap().unwrap(), n as u64);
     assert_eq!(dst.bytes, src.bytes);
+    // One store per run of adjacent slots (the engine's: one copy straight from the slots).
+    assert_eq!(*b.mem.device_stores.lock().unwrap(), [n], "one store of the whole run");
     settled(&a, &b);
 }
 
