@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::cuda::Gpu;
 use crate::cuda::memory::PinnedBuffer;
@@ -16,10 +17,45 @@ use crate::transport::IoSeg;
 const SLOTS: usize = (MAX_INLINE_SEND_BACKLOG / EAGER_SLOT) as usize;
 const LANDING_LEN: usize = SLOTS * EAGER_SLOT as usize;
 
+/// Page-locked landing memory one process holds at most: 64 connections' worth. Later
+/// connections land in heap pages (committed only as messages land), whose copies to a device go
+/// through the driver's own staging, so an engine serving a GPU with thousands of connections
+/// does not pin gigabytes it mostly never uses.
+const PINNED_LANDINGS_MAX: usize = 64 * LANDING_LEN;
+
+/// Bytes of page-locked landing memory the process holds.
+static PINNED_LANDINGS: PinBudget = PinBudget::new(PINNED_LANDINGS_MAX);
+
+/// A bound on bytes held, taken and given back without a lock.
+struct PinBudget {
+    held: AtomicUsize,
+    max: usize,
+}
+
+impl PinBudget {
+    const fn new(max: usize) -> PinBudget {
+        PinBudget { held: AtomicUsize::new(0), max }
+    }
+
+    /// Takes `len` bytes if they fit under the bound.
+    fn take(&self, len: usize) -> bool {
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(len).filter(|&after| after <= self.max)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, len: usize) {
+        self.held.fetch_sub(len, Ordering::AcqRel);
+    }
+}
+
 /// Host memory a connection lands eager messages in, registered with its channels like a caller's
 /// region but never advertised. The connection keeps it until its channels are closed, so no
-/// transport writes into it once freed. On an engine serving a GPU it is page-locked: a message
-/// landed for a receive in device memory then goes there in one DMA per run of slots.
+/// transport writes into it once freed. On an engine serving a GPU it is page-locked (within
+/// [`PINNED_LANDINGS_MAX`]): a message landed for a receive in device memory then goes there in
+/// one DMA per run of slots.
 pub(crate) struct LandingMemory {
     _backing: Backing,
     region: Arc<Region>,
@@ -28,7 +64,7 @@ pub(crate) struct LandingMemory {
 /// Reached only through raw pointers: the transport writes it, the state copies out of it.
 enum Backing {
     Heap(HeapBytes),
-    Pinned(PinnedBuffer),
+    Pinned(PinnedLanding),
 }
 
 /// Zeroed heap bytes, freed on drop.
@@ -41,6 +77,15 @@ impl Drop for HeapBytes {
     }
 }
 
+/// Page-locked bytes counted in [`PINNED_LANDINGS`] until freed.
+struct PinnedLanding(PinnedBuffer);
+
+impl Drop for PinnedLanding {
+    fn drop(&mut self) {
+        PINNED_LANDINGS.give_back(self.0.len());
+    }
+}
+
 // SAFETY: plain bytes behind a pointer this type alone frees; who touches which slot when is
 // ordered by the connection lock (a slot is handed to one flow at a time).
 unsafe impl Send for LandingMemory {}
@@ -48,21 +93,25 @@ unsafe impl Send for LandingMemory {}
 unsafe impl Sync for LandingMemory {}
 
 impl LandingMemory {
-    /// Page-locked through `gpu` where one is given and the driver grants it, else heap pages (zeroed
-    /// pages cost nothing until a message lands in them).
+    /// Page-locked through `gpu` where one is given, the process's bound leaves room and the driver
+    /// grants it; else heap pages (zeroed pages cost nothing until a message lands in them).
     pub fn new(regions: &RegionTable, gpu: Option<&Arc<Gpu>>) -> Result<Arc<LandingMemory>> {
-        let backing = match gpu.map(|gpu| PinnedBuffer::new(gpu, LANDING_LEN)) {
-            Some(Ok(pinned)) => Backing::Pinned(pinned),
-            found => {
-                if let Some(Err(e)) = found {
+        let backing = match gpu.filter(|_| PINNED_LANDINGS.take(LANDING_LEN)) {
+            Some(gpu) => match PinnedBuffer::new(gpu, LANDING_LEN) {
+                Ok(pinned) => Some(Backing::Pinned(PinnedLanding(pinned))),
+                Err(e) => {
+                    PINNED_LANDINGS.give_back(LANDING_LEN);
                     log::warn!("eager messages land in pageable memory: {}", e.message());
+                    None
                 }
-                Backing::Heap(HeapBytes(Box::into_raw(vec![0u8; LANDING_LEN].into_boxed_slice())))
-            }
+            },
+            None => None,
         };
+        let backing = backing
+            .unwrap_or_else(|| Backing::Heap(HeapBytes(Box::into_raw(vec![0u8; LANDING_LEN].into_boxed_slice()))));
         let base = match &backing {
             Backing::Heap(bytes) => bytes.0 as *mut u8 as usize,
-            Backing::Pinned(pinned) => pinned.as_ptr() as usize,
+            Backing::Pinned(pinned) => pinned.0.as_ptr() as usize,
         };
         let region = regions.internal(base, LANDING_LEN)?;
         Ok(Arc::new(LandingMemory { _backing: backing, region }))
@@ -279,6 +328,19 @@ mod tests {
         assert_eq!(copies, 1, "adjacent slots are one run");
         assert!(dst.to_vec().unwrap() == data, "the bytes on the device are the message's");
         l.release(landing);
+    }
+
+    /// The bound on page-locked landings: taken while it fits, refused past it without changing
+    /// what is held, and room again once given back.
+    #[test]
+    fn pinned_landings_stay_within_their_bound() {
+        let budget = PinBudget::new(3 * LANDING_LEN);
+        assert!((0..3).all(|_| budget.take(LANDING_LEN)));
+        assert!(!budget.take(LANDING_LEN), "a fourth does not fit");
+        assert!(!budget.take(usize::MAX), "nor an overflowing one");
+        assert_eq!(budget.held.load(Ordering::Acquire), 3 * LANDING_LEN, "a refusal holds nothing");
+        budget.give_back(LANDING_LEN);
+        assert!(budget.take(LANDING_LEN));
     }
 
     #[test]
