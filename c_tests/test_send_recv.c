@@ -11,6 +11,20 @@ static uint8_t *sbuf, *rbuf;
 static size_t sbuf_len, rbuf_len;
 static uccl_mr_t smr, rmr;
 
+/* The receiving connection's count of messages that arrived before their receive. */
+static uint64_t landed_at_b(void) {
+  uccl_tcpx_conn_stats_t s;
+  memset(&s, 0, sizeof s);
+  CHECK_EQ(uccl_tcpx_conn_stats(P.conn_b, &s, sizeof s), (int)sizeof s);
+  return s.landed;
+}
+
+/* Sends past the inline bound and up to 1 MiB go eagerly: one that arrives before its receive
+ * lands, and is counted. */
+static bool lands_when_early(size_t size) {
+  return size > 256 * 1024 && size <= 1024 * 1024;
+}
+
 /* One message each way of posting; `recv_first` decides whether the receive is already waiting
  * when the send arrives, which exercises different matching paths in the engine. */
 static void one_message(size_t size, bool recv_first, bool use_blocking_send_name, uint32_t seed) {
@@ -20,6 +34,9 @@ static void one_message(size_t size, bool recv_first, bool use_blocking_send_nam
   char what[96];
   /* A receive larger than the message checks that the reported size is the sent one. */
   size_t max_size = recv_first ? size : size + 100;
+
+  uint64_t landed_before = landed_at_b();
+  bool lands = !recv_first && lands_when_early(size);
 
   fill_pattern(sbuf, size, seed);
   memset(rbuf, POISON, size + 100 + SLACK);
@@ -33,8 +50,14 @@ static void one_message(size_t size, bool recv_first, bool use_blocking_send_nam
     rc_s = uccl_engine_send_async(P.conn_a, smr, sbuf, size, &sid);
   CHECK_EQ(rc_s, UCCL_STATUS_OK);
   if (!recv_first) {
-    /* Let the send reach the peer before anything is posted there. */
-    sleep_ms(20);
+    /* Let the send reach the peer before anything is posted there: an eager one until it is
+     * counted as landed, any other for a while. */
+    if (lands) {
+      double until = now_ms() + DEFAULT_WAIT_MS;
+      while (landed_at_b() == landed_before && now_ms() < until) sleep_ms(1);
+    } else {
+      sleep_ms(20);
+    }
     CHECK_EQ(uccl_engine_recv_async(P.conn_b, rmr, rbuf, max_size, &rid), UCCL_STATUS_OK);
   }
   rc_r = wait_xfer(P.conn_b, rid, &rbytes, DEFAULT_WAIT_MS);
@@ -46,6 +69,8 @@ static void one_message(size_t size, bool recv_first, bool use_blocking_send_nam
   CHECKF(sbytes == size, "%s: sender reported %zu bytes", what, sbytes);
   CHECKF(check_pattern(rbuf, size, seed, what), "%s: payload differs", what);
   CHECKF(check_fill(rbuf + size, 100 + SLACK, POISON, what), "%s: wrote past the message", what);
+  CHECKF(landed_at_b() - landed_before == (lands ? 1u : 0u), "%s: landed %llu times", what,
+         (unsigned long long)(landed_at_b() - landed_before));
   /* A finished id is reported exactly once. */
   CHECK_EQ(uccl_engine_poll(P.conn_b, rid, NULL), UCCL_STATUS_ERR_NOT_FOUND);
   CHECK_EQ(uccl_engine_poll(P.conn_a, sid, NULL), UCCL_STATUS_ERR_NOT_FOUND);

@@ -160,6 +160,13 @@ typedef struct uccl_tcpx_conn_stats_t {
    */
   int32_t last_error;
   uint32_t reserved;
+  /**
+   * The peer's mid-size messages (sends past the inline bound, up to 1 MiB) that arrived before
+   * a receive was posted for them: each waited in the connection's landing memory and was
+   * copied into its receive. Counting up with every message: receives posted earlier save that
+   * copy.
+   */
+  uint64_t landed;
 } uccl_tcpx_conn_stats_t;
 
 /**

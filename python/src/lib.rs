@@ -71,6 +71,7 @@ struct ConnStats {
     retries: u64,
     last_error: i32,
     reserved: u32,
+    landed: u64,
 }
 type Conn = *mut c_void;
 
@@ -1053,7 +1054,8 @@ fn wait(py: Python<'_>, conn: usize, id: u64, timeout_ms: Option<u64>) -> PyResu
 }
 
 /// A connection's counters as a dict: transfers and bytes each way, in flight, failed, failures
-/// by status (only statuses seen), retries, the last failure's status.
+/// by status (only statuses seen), retries, the last failure's status, messages landed before
+/// their receive.
 #[pyfunction]
 fn conn_stats(py: Python<'_>, conn: usize) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
     let api = api()?;
@@ -1074,6 +1076,7 @@ fn conn_stats(py: Python<'_>, conn: usize) -> PyResult<Bound<'_, pyo3::types::Py
     d.set_item("errors", errors)?;
     d.set_item("retries", s.retries)?;
     d.set_item("last_error", s.last_error)?;
+    d.set_item("landed", s.landed)?;
     Ok(d)
 }
 

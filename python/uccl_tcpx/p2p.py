@@ -591,8 +591,10 @@ class Endpoint:
         """This endpoint's counters for a connection (an addition of uccl-tcpx): a dict with
         ``out_transfers``/``out_bytes`` (writes and sends that succeeded), ``in_transfers``/
         ``in_bytes`` (reads and receives), ``in_flight``, ``failed``, ``errors`` (failures by
-        status, e.g. ``{-14: 1}`` for one timeout), ``retries`` and ``last_error`` (0 while none
-        failed). The peer's one-sided transfers against this side's memory count at the peer."""
+        status, e.g. ``{-14: 1}`` for one timeout), ``retries``, ``last_error`` (0 while none
+        failed) and ``landed`` (the peer's mid-size messages that arrived before their receive was
+        posted, each copied once more). The peer's one-sided transfers against this side's memory
+        count at the peer."""
         return _engine.conn_stats(self._conn(conn_id))
 
     def conn_link_stats(self, conn_id):

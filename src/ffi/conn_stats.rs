@@ -41,6 +41,11 @@ pub struct uccl_tcpx_conn_stats_t {
     /// The status of the latest failure; 0 while none failed.
     pub last_error: i32,
     pub reserved: u32,
+    /// The peer's mid-size messages (sends past the inline bound, up to 1 MiB) that arrived before
+    /// a receive was posted for them: each waited in the connection's landing memory and was
+    /// copied into its receive. Counting up with every message: receives posted earlier save that
+    /// copy.
+    pub landed: u64,
 }
 
 impl From<ConnStats> for uccl_tcpx_conn_stats_t {
@@ -56,6 +61,7 @@ impl From<ConnStats> for uccl_tcpx_conn_stats_t {
             retries: s.retries,
             last_error: s.last_error,
             reserved: 0,
+            landed: s.landed,
         }
     }
 }
