@@ -327,29 +327,9 @@ impl SmallCopier {
     /// # Safety
     /// `[dst, dst + src.len())` is device memory of this copier's GPU that nobody else writes meanwhile.
     pub unsafe fn to_device(&self, dst: usize, src: &[u8]) -> Result<()> {
-        if src.is_empty() {
-            return Ok(());
-        }
         too_large(src.len())?;
-        let _ctx = self.gpu.enter()?;
-        let dst = dst as sys::CUdeviceptr;
-        if self.mode == SmallCopyMode::Legacy {
-            // SAFETY: per the contract; src is a live host slice.
-            check(unsafe { sys::cuMemcpyHtoD_v2(dst, src.as_ptr().cast(), src.len()) }, "cuMemcpyHtoD")?;
-            // From pageable memory the call may return before the DMA landed.
-            return sync_legacy_stream();
-        }
-        let st = self.lock();
-        // SAFETY: the bounce buffer holds MAX_SMALL_COPY bytes (checked above) and no copy is in
-        // flight (the lock is held and every call waits for its copy).
-        unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), st.bounce.as_ptr(), src.len());
-            check(
-                sys::cuMemcpyHtoDAsync_v2(dst, st.bounce.as_ptr().cast(), src.len(), st.stream.raw()),
-                "cuMemcpyHtoDAsync (small copy)",
-            )?;
-        }
-        st.wait_stream()
+        // SAFETY: per the contract.
+        unsafe { self.copy_up(dst, src, true) }
     }
 
     /// Copies `src`, of any length, to device address `dst` straight from where it lies (no
@@ -360,6 +340,16 @@ impl SmallCopier {
     /// # Safety
     /// As [`to_device`](Self::to_device).
     pub unsafe fn to_device_direct(&self, dst: usize, src: &[u8]) -> Result<()> {
+        // SAFETY: per the contract.
+        unsafe { self.copy_up(dst, src, false) }
+    }
+
+    /// `to_device` through the bounce buffer (`src` at most [`MAX_SMALL_COPY`] bytes, checked by
+    /// the caller), else `to_device_direct`.
+    ///
+    /// # Safety
+    /// As [`to_device`](Self::to_device).
+    unsafe fn copy_up(&self, dst: usize, src: &[u8], bounce: bool) -> Result<()> {
         if src.is_empty() {
             return Ok(());
         }
@@ -368,12 +358,22 @@ impl SmallCopier {
         if self.mode == SmallCopyMode::Legacy {
             // SAFETY: per the contract; src is a live host slice.
             check(unsafe { sys::cuMemcpyHtoD_v2(dst, src.as_ptr().cast(), src.len()) }, "cuMemcpyHtoD")?;
+            // From pageable memory the call may return before the DMA landed.
             return sync_legacy_stream();
         }
         let st = self.lock();
-        // SAFETY: per the contract; `src` outlives the copy, which is waited for before returning.
-        let issued = unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src.as_ptr().cast(), src.len(), st.stream.raw()) };
-        check(issued, "cuMemcpyHtoDAsync (direct copy)")?;
+        let from = if bounce {
+            // SAFETY: the bounce buffer holds MAX_SMALL_COPY bytes (the caller checked `src`) and
+            // no copy is in flight (the lock is held and every call waits for its copy).
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), st.bounce.as_ptr(), src.len()) };
+            st.bounce.as_ptr().cast_const()
+        } else {
+            src.as_ptr()
+        };
+        // SAFETY: per the contract; `from` (the bounce buffer or `src`) outlives the copy, which is
+        // waited for before returning.
+        let issued = unsafe { sys::cuMemcpyHtoDAsync_v2(dst, from.cast(), src.len(), st.stream.raw()) };
+        check(issued, if bounce { "cuMemcpyHtoDAsync (small copy)" } else { "cuMemcpyHtoDAsync (direct copy)" })?;
         st.wait_stream()
     }
 
