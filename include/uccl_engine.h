@@ -453,6 +453,17 @@ size_t uccl_tcpx_engine_get_notifs_v(uccl_engine_t *engine, uccl_notif_v_t *out,
 int uccl_tcpx_forget(uccl_conn_t *conn, uint64_t transfer_id);
 
 /**
+ * Sets up now what a first write or read into the peer's `item` would set up on its way: between
+ * processes of one host, the owner's grant and the mapping of its GPU allocation (hundreds of
+ * microseconds to milliseconds, once per region and allocation), so that a NIXL backend can take
+ * them off an agent's first request once its memory is known. Blocks for the owner's answer.
+ * `*mapped` (may be NULL) tells whether a mapping now serves `item`; it is false, and the call
+ * still succeeds, where no transfer would map anything (a peer on another host, memory without a
+ * CUDA IPC handle, an engine without a GPU). A capability the owner refuses fails with its status.
+ */
+int uccl_tcpx_prepare(uccl_conn_t *conn, const struct FifoItem *item, bool *mapped);
+
+/**
  * Advertises `[addr, addr + len)` of region `mr`, of any size up to 8 TiB, as consecutive windows
  * of `UCCL_TCPX_ADVERTISE_WINDOW` bytes starting at `addr` (the last one shorter), and writes to
  * `*item` the capability for the first window. Its padding (region and token) serves every window:

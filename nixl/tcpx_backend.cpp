@@ -25,9 +25,11 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #ifndef UCCL_TCPX_PLUGIN_VERSION
@@ -428,6 +430,10 @@ public:
             md->item.addr = pd.base;
             md->item.size = static_cast<uint32_t>(std::min<uint64_t>(pd.len, pd.window));
             std::memcpy(md->item.padding, pd.padding, sizeof(pd.padding));
+            if (kind == VRAM_SEG && agent != localAgent) {
+                std::lock_guard<std::mutex> lock(mu_);
+                if (connect_on_load_) queue_prepare(agent, md->item);
+            }
             output = md.release();
             return NIXL_SUCCESS;
         } catch (...) {
@@ -728,44 +734,76 @@ private:
 
     // Connects to the agents whose info was loaded, one at a time in the order loaded, so that
     // their first requests find the connection made (it costs tens of milliseconds with GPU
-    // memory: pinned staging rings). A request that comes first connects itself, and a failure
-    // here (logged) leaves the connect to the agent's first request.
+    // memory: pinned staging rings), then prepares the GPU memory loaded for them (a same-host
+    // agent's allocation asked for and mapped: hundreds of microseconds to milliseconds per
+    // region, which its first request would otherwise pay). A request that comes first connects
+    // or maps itself, and a failure here leaves the step to the agent's first request.
     void dial_loop() {
         while (dial_next()) {
         }
     }
 
-    // Queues `agent` for the dialer thread, started on first use; mu_ is held. Without the thread
-    // (it could not start) agents connect at their first request, as with connect_on_load=0.
-    void queue_dial(const std::string &agent) {
-        if (!dialer_.joinable()) {
-            try {
-                dialer_ = std::thread([this] { dial_loop(); });
-            } catch (const std::exception &e) {
-                log_error(std::string("no thread to connect as agents are loaded (") + e.what() +
-                          "): agents connect at their first request");
-                connect_on_load_ = false;
-                return;
-            }
+    // Starts the dialer thread on first use; mu_ is held. Without it (it could not start) agents
+    // connect at their first request, as with connect_on_load=0.
+    bool start_dialer() {
+        if (dialer_.joinable()) return true;
+        try {
+            dialer_ = std::thread([this] { dial_loop(); });
+            return true;
+        } catch (const std::exception &e) {
+            log_error(std::string("no thread to connect as agents are loaded (") + e.what() +
+                      "): agents connect at their first request");
+            connect_on_load_ = false;
+            return false;
         }
+    }
+
+    // Queues `agent` for the dialer thread; mu_ is held.
+    void queue_dial(const std::string &agent) {
+        if (!start_dialer()) return;
         to_dial_.push_back(agent);
         dial_cv_.notify_one();
     }
 
-    // One agent's connect: false once the backend stops. An exception (out of memory) is logged and
-    // leaves that agent to its first request, so that the thread never takes the process down.
+    // Queues a remote GPU registration of `agent` to be prepared once it is connected; mu_ is held.
+    void queue_prepare(const std::string &agent, const FifoItem &item) {
+        if (!start_dialer()) return;
+        to_prepare_.emplace_back(agent, item);
+        dial_cv_.notify_one();
+    }
+
+    // One agent's connect, or else one registration's preparation: false once the backend stops.
+    // An exception (out of memory) is logged and leaves the step to the agent's first request, so
+    // that the thread never takes the process down.
     bool dial_next() {
         try {
             std::string agent;
+            std::optional<FifoItem> item;
+            uccl_conn_t *conn = nullptr;
             {
                 std::unique_lock<std::mutex> lock(mu_);
-                dial_cv_.wait(lock, [this] { return stopping_ || !to_dial_.empty(); });
+                dial_cv_.wait(lock, [this] { return stopping_ || !to_dial_.empty() || !to_prepare_.empty(); });
                 if (stopping_) return false;
-                agent = std::move(to_dial_.front());
-                to_dial_.pop_front();
-                if (conns_.count(agent) || !infos_.count(agent)) return true;  // connected, or dropped meanwhile
+                // Connects first: a registration is loaded after its agent's info.
+                if (!to_dial_.empty()) {
+                    agent = std::move(to_dial_.front());
+                    to_dial_.pop_front();
+                    if (conns_.count(agent) || !infos_.count(agent)) return true;  // connected, or dropped meanwhile
+                } else {
+                    agent = std::move(to_prepare_.front().first);
+                    item = to_prepare_.front().second;
+                    to_prepare_.pop_front();
+                    auto it = conns_.find(agent);
+                    if (it == conns_.end()) return true;  // not connected: its first request does both
+                    conn = it->second;
+                }
             }
-            uccl_conn_t *conn = nullptr;
+            if (item) {
+                // The engine checks the handle (a connection dropped meanwhile fails here), and a
+                // refusal is the owner's, which the agent's first request meets and reports.
+                uccl_tcpx_prepare(conn, &*item, nullptr);
+                return true;
+            }
             if (conn_for(agent, conn) != NIXL_SUCCESS) return true;
             std::lock_guard<std::mutex> lock(mu_);
             // Dropped while connecting: nobody will use it, and a request to the agent loaded again
@@ -843,9 +881,11 @@ private:
     std::vector<uccl_conn_t *> accepted_;
     mutable std::vector<uccl_conn_t *> retired_;
     std::set<TcpxMD *> registered_;
-    // connect_on_load: agents whose info was loaded, for the dialer thread to connect to.
+    // connect_on_load: agents whose info was loaded, for the dialer thread to connect to, and
+    // their GPU registrations loaded, for it to prepare.
     bool connect_on_load_ = true;
     std::deque<std::string> to_dial_;
+    std::deque<std::pair<std::string, FifoItem>> to_prepare_;
     std::condition_variable dial_cv_;
     bool stopping_ = false;
     std::thread dialer_;

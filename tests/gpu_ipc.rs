@@ -638,6 +638,46 @@ fn cross_process_refuses_what_was_not_advertised() {
     assert_same(&local.read(0, LEN), &pattern(LEN, SEED), "the owner's region after the refusals");
 }
 
+/// `Connection::prepare` asks the owner and maps its allocation before any transfer, so that a
+/// connection's first write and read ask nothing on their way (`ipc_asks`, the round trips to the
+/// owner, does not move) and move the right bytes; preparing again asks nothing; a forged token is
+/// refused by the owner at `prepare` as a transfer would be, and asks once.
+#[test]
+fn a_prepared_capability_spares_the_first_transfers_their_ask() {
+    if no_gpu() {
+        return;
+    }
+    let owner = Owner::spawn(0);
+    let engine = Engine::new(same_host()).unwrap();
+    let mut local = Mem::on_gpu(0, LEN);
+    let mr = engine.register(local.addr(), LEN).unwrap();
+    let conn = engine.connect("127.0.0.1", "0", owner.port).unwrap();
+    assert_eq!(conn.ipc_asks(), 0);
+    assert!(conn.prepare(&owner.item).unwrap(), "a GPU allocation of a same-host owner is mapped");
+    assert_eq!(conn.ipc_asks(), 1);
+    assert!(conn.prepare(&FifoItem { size: 4096, ..at(owner.item, 4096) }).unwrap());
+    assert_eq!(conn.ipc_asks(), 1, "prepared already: no second ask");
+
+    let len = 1 << 20;
+    let r = conn.read(&[OneSided { mr, addr: local.addr() + 1, len, remote: at(owner.item, 3) }]).unwrap();
+    assert_eq!(wait(&conn, r).unwrap(), len as u64);
+    assert_same(&local.read(1, len), &pattern(LEN, SEED)[3..3 + len], "the first read");
+    let w = conn.write(&[OneSided { mr, addr: local.addr() + 1, len, remote: at(owner.item, 2 * len) }]).unwrap();
+    assert_eq!(wait(&conn, w).unwrap(), len as u64);
+    local.clear();
+    let r = conn.read(&[OneSided { mr, addr: local.addr(), len, remote: at(owner.item, 2 * len) }]).unwrap();
+    assert_eq!(wait(&conn, r).unwrap(), len as u64);
+    assert_same(&local.read(0, len), &pattern(LEN, SEED)[3..3 + len], "the first write, read back");
+    assert_eq!(conn.device_copy_batches(), 3, "every transfer took the device path");
+    assert_eq!(conn.ipc_asks(), 1, "the first transfers asked nothing");
+
+    let mut forged = owner.item.to_bytes();
+    forged[40] ^= 1;
+    let err = conn.prepare(&FifoItem::from_bytes(&forged)).unwrap_err();
+    assert_eq!(err.status(), UcclStatus::ErrNotAllowed, "a forged token: {err}");
+    assert_eq!(conn.ipc_asks(), 2);
+}
+
 /// The owner deregisters its region while a large write into it runs: its deregistration returns
 /// only after our copy finished (its bytes do not change afterwards), and our next request for
 /// the region is refused. Our own deregistration of a source under a running copy waits for it too.

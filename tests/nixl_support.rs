@@ -1,5 +1,6 @@
 //! The C calls a NIXL backend builds on: an engine from key/value parameters, each engine's own
-//! notifications, large regions advertised in windows, and forgetting a transfer in flight.
+//! notifications, large regions advertised in windows, forgetting a transfer in flight, and
+//! preparing a peer's capability before a first transfer.
 
 mod common;
 
@@ -258,6 +259,46 @@ fn a_region_over_4_gib_is_reached_through_its_windows() {
     uccl_engine_mr_destroy(b, dmr);
     uccl_engine_destroy(a);
     uccl_engine_destroy(b);
+}
+
+/// `uccl_tcpx_prepare` maps nothing where no transfer would (a peer over the network; a peer engine
+/// of this process, whose memory needs no mapping) and says so without failing; the transfers after it still
+/// move their bytes; bad arguments are refused with a status.
+#[test]
+fn preparing_a_capability_that_no_mapping_serves_succeeds_and_says_so() {
+    let same_process = || {
+        let e = create(&[("ip", "127.0.0.1")]);
+        assert!(!e.is_null(), "{}", last_error());
+        e
+    };
+    for (a, b) in [(loopback_engine(), loopback_engine()), (same_process(), same_process())] {
+        let (ab, _ba) = connect(a, b);
+        let len = 1 << 20;
+        let (src, dst) = (vec![0x33u8; len], vec![0u8; len]);
+        let (mut smr, mut dmr) = (0, 0);
+        assert_eq!(uccl_engine_reg(a, src.as_ptr() as usize, len, &mut smr), 0);
+        assert_eq!(uccl_engine_reg(b, dst.as_ptr() as usize, len, &mut dmr), 0);
+        let mut item = FifoItem::default();
+        assert_eq!(uccl_tcpx_advertise_region(b, dmr, dst.as_ptr() as usize, len, &mut item, null_mut()), 0);
+        let mut mapped = true;
+        assert_eq!(uccl_tcpx_prepare(ab, &item, &mut mapped), 0, "{}", last_error());
+        assert!(!mapped, "nothing to map over the network or within one process");
+        assert_eq!(uccl_tcpx_prepare(ab, &item, null_mut()), 0, "{}", last_error());
+        let mut id = 0;
+        assert_eq!(uccl_engine_write(ab, smr, src.as_ptr().cast(), len, item, &mut id), 0, "{}", last_error());
+        assert_eq!(wait_transfer(ab, id), 0, "{}", last_error());
+        assert!(dst.iter().all(|&b| b == 0x33), "the write after preparing");
+
+        assert_eq!(uccl_tcpx_prepare(ab, null(), &mut mapped), UcclStatus::ErrInvalidParam as i32);
+        assert_eq!(uccl_tcpx_prepare(null_mut(), &item, &mut mapped), UcclStatus::ErrInvalidParam as i32);
+        let not_ours = FifoItem { addr: item.addr, size: 64, ..FifoItem::default() };
+        assert_eq!(uccl_tcpx_prepare(ab, &not_ours, &mut mapped), UcclStatus::ErrInvalidParam as i32);
+        assert!(last_error().contains("capability"), "{}", last_error());
+        uccl_engine_mr_destroy(a, smr);
+        uccl_engine_mr_destroy(b, dmr);
+        uccl_engine_destroy(a);
+        uccl_engine_destroy(b);
+    }
 }
 
 /// A forgotten transfer is unknown afterwards, its data still arrives, and the region's

@@ -1,7 +1,8 @@
 //! What a NIXL backend needs beyond UCCL's calls: an engine configured from the backend's
 //! parameters instead of the environment, each engine's own notifications, registrations of 4 GiB
-//! and more advertised in windows, giving up on a transfer that is still in flight, and one-sided
-//! calls given as runs of pieces (items already grouped by region and capability).
+//! and more advertised in windows, giving up on a transfer that is still in flight, setting up a
+//! same-host peer's memory before its first transfer, and one-sided calls given as runs of pieces
+//! (items already grouped by region and capability).
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -124,6 +125,28 @@ pub extern "C" fn uccl_tcpx_engine_get_notifs_v(
 pub extern "C" fn uccl_tcpx_forget(conn: *mut uccl_conn_t, transfer_id: u64) -> c_int {
     ffi_fn!("uccl_tcpx_forget", {
         conn_ref(conn)?.forget(transfer_id)?;
+        Ok(0)
+    })
+}
+
+/// Sets up now what a first write or read into the peer's `item` would set up on its way: between
+/// processes of one host, the owner's grant and the mapping of its GPU allocation (hundreds of
+/// microseconds to milliseconds, once per region and allocation), so that a NIXL backend can take
+/// them off an agent's first request once its memory is known. Blocks for the owner's answer.
+/// `*mapped` (may be NULL) tells whether a mapping now serves `item`; it is false, and the call
+/// still succeeds, where no transfer would map anything (a peer on another host, memory without a
+/// CUDA IPC handle, an engine without a GPU). A capability the owner refuses fails with its status.
+#[unsafe(no_mangle)]
+pub extern "C" fn uccl_tcpx_prepare(conn: *mut uccl_conn_t, item: *const FifoItem, mapped: *mut bool) -> c_int {
+    ffi_fn!("uccl_tcpx_prepare", {
+        non_null!(item);
+        let conn = conn_ref(conn)?;
+        // SAFETY: checked non-NULL; the caller's FifoItem is readable and only read.
+        let done = conn.prepare(unsafe { &*item })?;
+        if !mapped.is_null() {
+            // SAFETY: checked non-NULL; the caller's bool is writable.
+            unsafe { *mapped = done };
+        }
         Ok(0)
     })
 }

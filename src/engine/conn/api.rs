@@ -23,7 +23,7 @@ use crate::engine::same_host::device_copy::DevicePath;
 use crate::engine::same_host::local_copy::LocalCopy;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
-use crate::proto::{Capability, Control, IPC_HANDLE_LEN, MAX_INLINE_SEND_BACKLOG, RemoteSeg};
+use crate::proto::{Capability, Control, FifoItem, IPC_HANDLE_LEN, MAX_INLINE_SEND_BACKLOG, RemoteSeg};
 use crate::trace::{self, SeenBy as Seer, clock_ns};
 use crate::transport::{IoSeg, MemKind};
 
@@ -466,6 +466,24 @@ impl Connection {
             trace::event!(CallDone { conn: self.trace.conn, side: self.trace.side, transfer });
         }
         polled
+    }
+
+    /// How many times this connection asked a same-host owner for a grant (one round trip and,
+    /// granted, a mapping each): tells tests what a transfer set up on its way.
+    pub fn ipc_asks(&self) -> u64 {
+        self.inner.lock().ipc.asked()
+    }
+
+    /// Sets up now what a first write or read into the peer's `remote` would set up on its way:
+    /// between processes of one host, the owner's grant for the capability and the mapping of its
+    /// GPU allocation (one round trip and `cuIpcOpenMemHandle`, hundreds of microseconds to
+    /// milliseconds, once per region and allocation). Whether a mapping now serves `remote`; false
+    /// where no transfer would map anything (a peer on another host or in this process, memory
+    /// without a CUDA IPC handle, an engine without a GPU), which is not an error. A capability
+    /// the owner refuses fails here as its transfers would. Blocks for the owner's answer.
+    pub fn prepare(&self, remote: &FifoItem) -> Result<bool> {
+        self.inner.lock().state.check_open()?;
+        self.prepare_device(remote)
     }
 
     /// How many batches of device copies this connection issued on the same-host GPU path (one per

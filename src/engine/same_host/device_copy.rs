@@ -39,7 +39,7 @@ use crate::engine::plan::Extent;
 use crate::engine::region::Region;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
-use crate::proto::{Control, IPC_HANDLE_LEN, RemoteSeg};
+use crate::proto::{Control, FifoItem, IPC_HANDLE_LEN, RemoteSeg};
 use crate::trace::{self, DevicePost as Post, SeenBy as Seer, clock_ns};
 use crate::transport::MemKind;
 
@@ -80,6 +80,19 @@ pub(crate) enum Asked {
     Unavailable,
     /// The owner refused the request (not authorized): its part fails with this.
     Refused(Error),
+}
+
+/// What a capability's grant came to (`cover`).
+pub(crate) enum Cover {
+    /// Mapped and covering the segments, at this generation of the grant table.
+    Covered(u64),
+    /// No IPC path for the region: the network path carries its transfers.
+    Unavailable,
+    /// The owner refused (not authorized).
+    Refused(Error),
+    /// Granted every time it was asked and gone again before it was looked up (the owner
+    /// deregistering the region meanwhile).
+    Revoked,
 }
 
 /// The copies of one call that go to one GPU's queue, and what they finish.
@@ -361,37 +374,18 @@ pub(crate) trait DevicePath: Conn {
         // move until the plan below, every coverage found meanwhile still holds there.
         let mut covered_at = None;
         for request in requests {
-            let (key, segs) = (grant_key(request), remote_segs(request));
-            let mut outcome = None;
-            for _ in 0..MAX_ASKS {
-                let mut locked = self.lock();
-                let ipc = locked.ipc();
-                match ipc.coverage(key, &segs) {
-                    Coverage::Covered => {
-                        covered_at.get_or_insert(ipc.generation());
-                        break;
-                    }
-                    Coverage::Unavailable => return None,
-                    Coverage::Missing => {}
+            match self.cover(grant_key(request), &remote_segs(request), &gpu, &mut post) {
+                Ok(Cover::Covered(generation)) => {
+                    covered_at.get_or_insert(generation);
+                    refused.push(None);
                 }
-                drop(locked);
-                let asked_at = post.map(|_| clock_ns());
-                let asked = self.ask(key, &segs, &gpu);
-                if let (Some(post), Some(at)) = (post.as_mut(), asked_at) {
-                    post.asks += 1;
-                    post.ask_ns += clock_ns().saturating_sub(at);
-                }
-                match asked {
-                    Ok(Asked::Granted) => continue,
-                    Ok(Asked::Unavailable) => return None,
-                    Ok(Asked::Refused(e)) => {
-                        outcome = Some(e);
-                        break;
-                    }
-                    Err(e) => return Some(Err(e)),
-                }
+                Ok(Cover::Unavailable) => return None,
+                Ok(Cover::Refused(e)) => refused.push(Some(e)),
+                // Asked again and again, granted each time and revoked before it was used: the
+                // plan below finds it unmapped and fails the request.
+                Ok(Cover::Revoked) => refused.push(None),
+                Err(e) => return Some(Err(e)),
             }
-            refused.push(outcome);
         }
         let mut guard = self.lock();
         let inner = &mut guard;
@@ -487,6 +481,54 @@ pub(crate) trait DevicePath: Conn {
             });
         }
         Some(Ok(transfer.id))
+    }
+
+    /// Makes sure the grant of `key` covers `segs` and is mapped into `gpu`'s context, asking the
+    /// owner (and mapping what it grants) at most [`MAX_ASKS`] times; `post` counts the asks while
+    /// the call is traced.
+    fn cover(&self, key: GrantKey, segs: &[RemoteSeg], gpu: &Arc<Gpu>, post: &mut Option<Post>) -> Result<Cover> {
+        for _ in 0..MAX_ASKS {
+            let mut locked = self.lock();
+            let ipc = locked.ipc();
+            match ipc.coverage(key, segs) {
+                Coverage::Covered => return Ok(Cover::Covered(ipc.generation())),
+                Coverage::Unavailable => return Ok(Cover::Unavailable),
+                Coverage::Missing => {}
+            }
+            drop(locked);
+            let asked_at = post.map(|_| clock_ns());
+            let asked = self.ask(key, segs, gpu);
+            if let (Some(post), Some(at)) = (post.as_mut(), asked_at) {
+                post.asks += 1;
+                post.ask_ns += clock_ns().saturating_sub(at);
+            }
+            match asked? {
+                Asked::Granted => continue,
+                Asked::Unavailable => return Ok(Cover::Unavailable),
+                Asked::Refused(e) => return Ok(Cover::Refused(e)),
+            }
+        }
+        Ok(Cover::Revoked)
+    }
+
+    /// What a first transfer into `remote` would ask the owner and map (`cover`), done now: the
+    /// capability's whole window, whose grant covers every window the owner advertised for the
+    /// region. Whether a mapping now serves it; false where none would (a peer of another host or
+    /// of this process, an engine without a GPU, memory without a CUDA IPC handle, the plugin
+    /// keeping same-host peers).
+    fn prepare_device(&self, remote: &FifoItem) -> Result<bool> {
+        let cap = remote.capability().map_err(|e| Error::invalid(format!("not a capability of this engine: {e}")))?;
+        if self.core().config.local_peers == LocalPeers::Plugin || self.link().locality != Locality::SameHost {
+            return Ok(false);
+        }
+        let Some(gpu) = self.core().gpu.get().cloned() else { return Ok(false) };
+        let segs = [RemoteSeg { addr: remote.addr, len: remote.size }];
+        match self.cover((cap.region, cap.token), &segs, &gpu, &mut None)? {
+            Cover::Covered(_) => Ok(true),
+            Cover::Unavailable => Ok(false),
+            Cover::Refused(e) => Err(e),
+            Cover::Revoked => Err(deregistered(cap.region)),
+        }
     }
 
     /// Queues the pieces of `routes` through the piece kernel as they are walked, each full list

@@ -118,6 +118,7 @@ pub(crate) struct IpcState {
     /// holds under a later one if this did not move in between.
     generation: u64,
     asks: HashMap<u64, Ask>,
+    /// Asks started since the connection started (each is one round trip to the owner).
     next_ask: u64,
     batches: Vec<Batch>,
     queues: Vec<CopyQueue>,
@@ -216,6 +217,11 @@ impl IpcState {
     pub fn mark_unavailable(&mut self, key: GrantKey) {
         self.generation += 1;
         self.grants.insert(key, Grant::Unavailable);
+    }
+
+    /// Asks started since the connection started.
+    pub fn asked(&self) -> u64 {
+        self.next_ask
     }
 
     /// Starts an ask for `key`; the caller sends the IpcRequest with this id.
