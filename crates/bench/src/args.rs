@@ -162,6 +162,12 @@ pub struct Args {
     /// measured next to device copies between the same GPUs
     #[arg(long)]
     pub same_host: bool,
+
+    /// Before the first transfer, set up what it would (`Connection::prepare`: a same-host peer's
+    /// grant asked for and its GPU allocation mapped, as a NIXL agent's dialer does once the
+    /// peer's memory is loaded); elsewhere it sets up nothing
+    #[arg(long)]
+    pub prepare: bool,
     /// Host buffers (ours and the anchors', both ends) ask for transparent huge pages
     /// (`madvise(MADV_HUGEPAGE)` before their pages are touched), as an allocator that does so
     /// gives them (PyTorch's with THP_MEM_ALLOC_ENABLE=1); the kernel grants them when its THP mode

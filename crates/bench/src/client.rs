@@ -60,6 +60,13 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
     // A GPU server names its GPU (`gpuN@<bus id>`); host-memory engines answer to "0".
     let remote_gpu = server_memory.split_once('@').map_or("0", |(_, bus)| bus);
     let conn = engine.connect(&server.to_string(), remote_gpu, engine_port).map_err(std::io::Error::other)?;
+    if args.prepare {
+        let mapped = conn.prepare(&fifo).map_err(std::io::Error::other)?;
+        eprintln!(
+            "uccl-tcpx-bench: --prepare: {}",
+            if mapped { "the server's buffer is mapped" } else { "nothing to map" }
+        );
+    }
     if conn.peer.channels != engine.transport() {
         // A plugin engine sends a peer on its own host over sockets: the figures are not the plugin's.
         eprintln!(
