@@ -640,10 +640,12 @@ fn cross_process_refuses_what_was_not_advertised() {
 
 /// `Connection::prepare` asks the owner and maps its allocation before any transfer, so that a
 /// connection's first write and read ask nothing on their way (`ipc_asks`, the round trips to the
-/// owner, does not move) and move the right bytes; preparing again asks nothing; a forged token is
-/// refused by the owner at `prepare` as a transfer would be, and asks once.
+/// owner, does not move), make no copy queue (the connection made it) and move the right bytes;
+/// preparing again asks nothing; a forged token is refused by the owner at `prepare` as a transfer
+/// would be, and asks once.
 #[test]
 fn a_prepared_capability_spares_the_first_transfers_their_ask() {
+    use uccl_tcpx::internal::cuda::device_copy::CopyQueue;
     if no_gpu() {
         return;
     }
@@ -651,7 +653,10 @@ fn a_prepared_capability_spares_the_first_transfers_their_ask() {
     let engine = Engine::new(same_host()).unwrap();
     let mut local = Mem::on_gpu(0, LEN);
     let mr = engine.register(local.addr(), LEN).unwrap();
+    let queues = CopyQueue::made();
     let conn = engine.connect("127.0.0.1", "0", owner.port).unwrap();
+    assert_eq!(CopyQueue::made(), queues + 1, "the connection made its GPU's copy queue");
+    let queues = CopyQueue::made();
     assert_eq!(conn.ipc_asks(), 0);
     assert!(conn.prepare(&owner.item).unwrap(), "a GPU allocation of a same-host owner is mapped");
     assert_eq!(conn.ipc_asks(), 1);
@@ -670,6 +675,7 @@ fn a_prepared_capability_spares_the_first_transfers_their_ask() {
     assert_same(&local.read(0, len), &pattern(LEN, SEED)[3..3 + len], "the first write, read back");
     assert_eq!(conn.device_copy_batches(), 3, "every transfer took the device path");
     assert_eq!(conn.ipc_asks(), 1, "the first transfers asked nothing");
+    assert_eq!(CopyQueue::made(), queues, "nor made a copy queue");
 
     let mut forged = owner.item.to_bytes();
     forged[40] ^= 1;

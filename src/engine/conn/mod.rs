@@ -42,6 +42,7 @@ use super::shared::{EngineCore, LiveConnection};
 use super::stats::{ConnStats, LinkTotals, StatsCell, Way, link_totals};
 use super::transfer::{Counted, Transfer};
 use super::writer::ControlWriter;
+use crate::config::LocalPeers;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, FifoItem, Frame, InlineInto, TokenBinding};
 use crate::trace::{self, SeenBy as Seer};
@@ -224,7 +225,16 @@ impl Connection {
         let writer = ControlWriter::new(control.clone(), reactor.clone());
         let rx = ControlRx::new(control.clone(), reactor.clone(), core.config.control_spin)?;
         let tag = trace::ConnTag { conn: link.nonce, side: u64::from(link.connector) };
-        let ipc = IpcState::new(trace::on(trace::DEVICE).then_some(tag));
+        let mut ipc = IpcState::new(trace::on(trace::DEVICE).then_some(tag));
+        // A peer on this host may take the same-host GPU path: its copy queue is made now rather
+        // than at the first transfer (a stream, an event and the stream's first operation).
+        if link.locality.is_local()
+            && core.config.local_peers != LocalPeers::Plugin
+            && let Some(gpu) = core.gpu.get()
+            && let Err(e) = ipc.ready_queue(gpu)
+        {
+            log::debug!("no copy queue for GPU {} yet ({e}): made at the first same-host transfer", gpu.ordinal());
+        }
         let device_batches = ipc.in_flight();
         let mut state = ConnState::new(chunking, Instant::now());
         state.set_inline_max(super::path::inline_max(&core.config, link.locality));

@@ -363,6 +363,11 @@ impl IpcState {
         std::mem::take(&mut self.answers)
     }
 
+    /// Makes `gpu`'s copy queue and readies it (`CopyQueue::ready`) ahead of the first batch.
+    pub fn ready_queue(&mut self, gpu: &Arc<Gpu>) -> Result<()> {
+        self.queue(gpu)?.1.ready()
+    }
+
     /// The copy queue of `gpu`, made on first use.
     pub fn queue(&mut self, gpu: &Arc<Gpu>) -> Result<(usize, &mut CopyQueue)> {
         let at = match self.queues.iter().position(|q| q.gpu().ordinal() == gpu.ordinal()) {
