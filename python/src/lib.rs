@@ -101,6 +101,7 @@ struct Api {
     default_ip: unsafe extern "C" fn(*mut c_char, usize) -> c_int,
     conn_stats: unsafe extern "C" fn(Conn, *mut ConnStats, usize) -> c_int,
     conn_link_stats: unsafe extern "C" fn(Conn, *mut LinkStats, usize, usize) -> c_int,
+    prepare: unsafe extern "C" fn(Conn, *const Fifo, *mut bool) -> c_int,
 }
 
 type VectorFn = unsafe extern "C" fn(
@@ -232,6 +233,7 @@ fn load(path: &str) -> PyResult<()> {
         gpu_count: sym!(b"uccl_tcpx_gpu_count\0"),
         default_ip: sym!(b"uccl_tcpx_default_ip\0"),
         conn_stats: sym!(b"uccl_tcpx_conn_stats\0"),
+        prepare: sym!(b"uccl_tcpx_prepare\0"),
         conn_link_stats: sym!(b"uccl_tcpx_conn_link_stats\0"),
     };
     let _ = API.set(api);
@@ -1053,6 +1055,20 @@ fn wait(py: Python<'_>, conn: usize, id: u64, timeout_ms: Option<u64>) -> PyResu
     }
 }
 
+/// Sets up what a first write or read into the peer's `meta` would set up on its way
+/// (`uccl_tcpx_prepare`): whether a mapping now serves it. Blocks, the GIL let go, for the
+/// owner's answer.
+#[pyfunction]
+fn prepare(py: Python<'_>, conn: usize, meta: &[u8]) -> PyResult<bool> {
+    let api = api()?;
+    let fifo = fifo_of(meta)?;
+    let mut mapped = false;
+    // SAFETY: the library checks the handle, only reads the FifoItem and writes one bool.
+    let rc = py.detach(|| unsafe { (api.prepare)(as_conn(conn), &fifo, &mut mapped) });
+    check(api, rc)?;
+    Ok(mapped)
+}
+
 /// A connection's counters as a dict: transfers and bytes each way, in flight, failed, failures
 /// by status (only statuses seen), retries, the last failure's status, messages landed before
 /// their receive.
@@ -1153,6 +1169,7 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(poll, m)?)?;
     m.add_function(wrap_pyfunction!(wait, m)?)?;
     m.add_function(wrap_pyfunction!(conn_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(prepare, m)?)?;
     m.add_function(wrap_pyfunction!(conn_link_stats, m)?)?;
     m.add("SLICE_MS", SLICE_MS)?;
     m.add("EngineError", m.py().get_type::<EngineError>())?;

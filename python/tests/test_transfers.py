@@ -51,6 +51,23 @@ def test_sync_write_then_read(pair, size):
         assert ep.dereg(mr) is False, "a second dereg of one id"
 
 
+def test_prepare_maps_nothing_for_host_memory_and_refuses_bad_bytes(pair):
+    n = 64 << 10
+    src, dst = pattern(n, 9), np.zeros(n, np.uint8)
+    _, smr = pair.client.reg(addr(src), n)
+    _, dmr = pair.server.reg(addr(dst), n)
+    _, meta = pair.server.advertise(dmr, addr(dst), n)
+    assert pair.client.prepare(pair.conn, meta) is False, "host memory of a peer in this process: nothing to map"
+    assert pair.client.write(pair.conn, smr, addr(src), n, meta) is True
+    assert np.array_equal(dst, src)
+    with pytest.raises(ValueError, match="64 bytes"):
+        pair.client.prepare(pair.conn, meta[:10])
+    with pytest.raises(RuntimeError, match="capability"):
+        pair.client.prepare(pair.conn, bytes(64))
+    with pytest.raises(RuntimeError, match="Invalid conn_id"):
+        pair.client.prepare(99, meta)
+
+
 def test_async_write_read_and_poll(pair):
     n = 256 << 10
     src, dst, back = pattern(n, 2), np.zeros(n, np.uint8), np.zeros(n, np.uint8)

@@ -597,6 +597,15 @@ class Endpoint:
         count at the peer."""
         return _engine.conn_stats(self._conn(conn_id))
 
+    def prepare(self, conn_id, meta):
+        """Sets up now what a first write or read into the peer's ``meta`` (its ``advertise``
+        bytes) would set up on its way (an addition of uccl-tcpx): for a peer on this host, its
+        grant for the memory and the mapping of its GPU allocation, which otherwise cost that first
+        transfer hundreds of microseconds to milliseconds. True when a mapping now serves ``meta``;
+        False where no transfer would map anything (a peer on another host, host memory, an
+        endpoint without a GPU). Raises RuntimeError when the peer refuses the capability."""
+        return _engine.prepare(self._conn(conn_id), bytes(meta))
+
     def conn_link_stats(self, conn_id):
         """What the connection's data sockets carried per data link (an addition of uccl-tcpx): a
         list of dicts, each with ``link`` (the local address) and ``out``/``in`` dicts of
