@@ -6,8 +6,9 @@
 //! one GPU and across two, single items and vectors, writes and reads at odd offsets checked byte
 //! for byte, requests the owner did not authorize (refused, the target untouched), the IPC info of
 //! `uccl_engine_get_ipc_info` opened by another process at a sub-range, memory of the CUDA virtual
-//! memory API (no handle: the network path), deregistration as a fence on both sides, and a peer
-//! process that exits while its buffer is mapped here.
+//! memory API (no handle: the network path), deregistration as a fence on both sides, a peer's
+//! capability prepared before the first transfer, and a peer process that exits while its buffer is
+//! mapped here.
 //!
 //! Every test checks that its transfers took the path under test (`device_copy_batches`). Without
 //! a CUDA driver each prints "SKIPPED: no CUDA driver" (and fails under UCCL_TCPX_REQUIRE_GPU=1);
