@@ -45,13 +45,20 @@ pub(crate) struct Call {
     pub local_host: bool,
 }
 
+/// Whether GPU memory may move between a connection's ends by device copies
+/// ([`Path::SameHostGpu`]): its peer shares this host, and `UCCL_TCPX_LOCAL_PEERS` is not `plugin`.
+/// What a connection sets up for that path ahead of its first transfer follows the same answer.
+pub(crate) fn same_host_gpu(locality: Locality, local_peers: LocalPeers) -> bool {
+    locality.is_local() && local_peers != LocalPeers::Plugin
+}
+
 /// The paths a one-sided call tries, in order; the last is always [`Path::Connection`].
 pub(crate) fn call_paths(call: Call) -> Vec<Path> {
     let mut paths = Vec::with_capacity(3);
     if call.locality == Locality::SameProcess && call.local_host {
         paths.push(Path::SameProcess);
     }
-    if call.locality.is_local() && call.local_peers != LocalPeers::Plugin {
+    if same_host_gpu(call.locality, call.local_peers) {
         paths.push(Path::SameHostGpu);
     }
     paths.push(Path::Connection);

@@ -96,19 +96,18 @@ impl LandingMemory {
     /// Page-locked through `gpu` where one is given, the process's bound leaves room and the driver
     /// grants it; else heap pages (zeroed pages cost nothing until a message lands in them).
     pub fn new(regions: &RegionTable, gpu: Option<&Arc<Gpu>>) -> Result<Arc<LandingMemory>> {
-        let backing = match gpu.filter(|_| PINNED_LANDINGS.take(LANDING_LEN)) {
-            Some(gpu) => match PinnedBuffer::new(gpu, LANDING_LEN) {
-                Ok(pinned) => Some(Backing::Pinned(PinnedLanding(pinned))),
-                Err(e) => {
+        let pinned = gpu.filter(|_| PINNED_LANDINGS.take(LANDING_LEN)).and_then(|gpu| {
+            PinnedBuffer::new(gpu, LANDING_LEN)
+                .inspect_err(|e| {
                     PINNED_LANDINGS.give_back(LANDING_LEN);
                     log::warn!("eager messages land in pageable memory: {}", e.message());
-                    None
-                }
-            },
-            None => None,
+                })
+                .ok()
+        });
+        let backing = match pinned {
+            Some(pinned) => Backing::Pinned(PinnedLanding(pinned)),
+            None => Backing::Heap(HeapBytes(Box::into_raw(vec![0u8; LANDING_LEN].into_boxed_slice()))),
         };
-        let backing = backing
-            .unwrap_or_else(|| Backing::Heap(HeapBytes(Box::into_raw(vec![0u8; LANDING_LEN].into_boxed_slice()))));
         let base = match &backing {
             Backing::Heap(bytes) => bytes.0 as *mut u8 as usize,
             Backing::Pinned(pinned) => pinned.0.as_ptr() as usize,

@@ -42,7 +42,6 @@ use super::shared::{EngineCore, LiveConnection};
 use super::stats::{ConnStats, LinkTotals, StatsCell, Way, link_totals};
 use super::transfer::{Counted, Transfer};
 use super::writer::ControlWriter;
-use crate::config::LocalPeers;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{Control, FifoItem, Frame, InlineInto, TokenBinding};
 use crate::trace::{self, SeenBy as Seer};
@@ -228,8 +227,7 @@ impl Connection {
         let mut ipc = IpcState::new(trace::on(trace::DEVICE).then_some(tag));
         // A peer on this host may take the same-host GPU path: its copy queue is made now rather
         // than at the first transfer (a stream, an event and the stream's first operation).
-        if link.locality.is_local()
-            && core.config.local_peers != LocalPeers::Plugin
+        if super::path::same_host_gpu(link.locality, core.config.local_peers)
             && let Some(gpu) = core.gpu.get()
             && let Err(e) = ipc.ready_queue(gpu)
         {

@@ -35,6 +35,7 @@ use crate::cuda::ipc::Mapping;
 use crate::cuda::stream::Event;
 use crate::cuda::unpack::addressable;
 use crate::engine::one_sided::OneSidedRequest;
+use crate::engine::path;
 use crate::engine::plan::Extent;
 use crate::engine::region::Region;
 use crate::engine::transfer::Transfer;
@@ -518,7 +519,9 @@ pub(crate) trait DevicePath: Conn {
     /// keeping same-host peers).
     fn prepare_device(&self, remote: &FifoItem) -> Result<bool> {
         let cap = remote.capability().map_err(|e| Error::invalid(format!("not a capability of this engine: {e}")))?;
-        if self.core().config.local_peers == LocalPeers::Plugin || self.link().locality != Locality::SameHost {
+        // Only a peer process's memory needs mapping; within this process its addresses serve.
+        let locality = self.link().locality;
+        if locality != Locality::SameHost || !path::same_host_gpu(locality, self.core().config.local_peers) {
             return Ok(false);
         }
         let Some(gpu) = self.core().gpu.get().cloned() else { return Ok(false) };
