@@ -4,6 +4,9 @@
 //         push  cuMemcpyAsync in GPU 0's context from its memory to GPU 1's (a same-host write)
 //         pull  cuMemcpyAsync in GPU 0's context from GPU 1's memory to its own (a same-host read)
 //         same  cuMemcpyDtoDAsync within GPU 0 (one-GPU hosts)
+//   push/pull with a suffix: "d" issues cuMemcpyDtoDAsync instead of cuMemcpyAsync; "ipc" takes GPU
+//   1's memory from a child process through cuIpcOpenMemHandle, as a same-host peer's is mapped,
+//   instead of this process's own allocation (ipcpush, ipcpull, ipcpushd, ipcpulld)
 // For each size, five ways to learn the copy ended (p50 / p10 / p90 of the whole, and of the issue):
 //   sync        cuStreamSynchronize
 //   event       cuEventRecord, cuEventQuery until done (what the engine does)
@@ -18,7 +21,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 
 typedef int CUresult;
 typedef int CUdevice;
@@ -48,6 +53,9 @@ FN(cuEventQuery, CUevent)
 FN(cuMemcpyAsync, CUdeviceptr, CUdeviceptr, size_t, CUstream)
 FN(cuMemcpyDtoDAsync_v2, CUdeviceptr, CUdeviceptr, size_t, CUstream)
 FN(cuMemcpyPeerAsync, CUdeviceptr, CUcontext, CUdeviceptr, CUcontext, size_t, CUstream)
+typedef struct { char bytes[64]; } CUipcMemHandle;
+FN(cuIpcGetMemHandle, CUipcMemHandle *, CUdeviceptr)
+FN(cuIpcOpenMemHandle_v2, CUdeviceptr *, CUipcMemHandle, unsigned)
 
 #define CHECK(x)                                     \
   do {                                               \
@@ -75,14 +83,21 @@ static int by_value(const void *a, const void *b) {
 
 enum how { PEER, PUSH, PULL, SAME };
 static enum how how;
+static int dtod;
 static CUcontext c0, c1;
 static CUdeviceptr here, there;  // GPU 0's buffer, GPU 1's (GPU 0's again for SAME)
 
 static void copy(size_t off, size_t len, CUstream s) {
   switch (how) {
   case PEER: CHECK(cuMemcpyPeerAsync(there + off, c1, here + off, c0, len, s)); break;
-  case PUSH: CHECK(cuMemcpyAsync(there + off, here + off, len, s)); break;
-  case PULL: CHECK(cuMemcpyAsync(here + off, there + off, len, s)); break;
+  case PUSH:
+    if (dtod) CHECK(cuMemcpyDtoDAsync_v2(there + off, here + off, len, s));
+    else CHECK(cuMemcpyAsync(there + off, here + off, len, s));
+    break;
+  case PULL:
+    if (dtod) CHECK(cuMemcpyDtoDAsync_v2(here + off, there + off, len, s));
+    else CHECK(cuMemcpyAsync(here + off, there + off, len, s));
+    break;
   case SAME: CHECK(cuMemcpyDtoDAsync_v2(there + off, here + off, len, s)); break;
   }
 }
@@ -97,14 +112,34 @@ static void wait_event(CUevent e) {
 int main(int argc, char **argv) {
   const char *names[] = {"peer", "push", "pull", "same"};
   if (argc < 2) {
-    fprintf(stderr, "usage: %s peer|push|pull|same [SIZES_KIB...]\n", argv[0]);
+    fprintf(stderr, "usage: %s peer|[ipc]push[d]|[ipc]pull[d]|same [SIZES_KIB...]\n", argv[0]);
     return 2;
   }
-  for (how = PEER; how <= SAME && strcmp(argv[1], names[how]); how++) {
+  char base[16];
+  int ipc = strncmp(argv[1], "ipc", 3) == 0;
+  snprintf(base, sizeof base, "%s", argv[1] + (ipc ? 3 : 0));
+  size_t blen = strlen(base);
+  if (blen == 5 && base[4] == 'd') {
+    dtod = 1;
+    base[4] = 0;
   }
+  for (how = PEER; how <= SAME && strcmp(base, names[how]); how++) {
+  }
+  if ((ipc || dtod) && how != PUSH && how != PULL) how = SAME + 1;
   if (how > SAME) {
     fprintf(stderr, "unknown HOW %s\n", argv[1]);
     return 2;
+  }
+  // The owner of GPU 1's memory under "ipc": a child that exports it and lives until told to go.
+  int to_parent[2], to_child[2];
+  pid_t child = -1;
+  if (ipc) {
+    if (pipe(to_parent) || pipe(to_child)) return 1;
+    child = fork();
+    if (child < 0) return 1;
+    // Each side keeps its own ends, so a child that fails ends the parent's read.
+    close(child ? to_parent[1] : to_parent[0]);
+    close(child ? to_child[0] : to_child[1]);
   }
   void *lib = dlopen("libcuda.so.1", RTLD_NOW);
   if (!lib) {
@@ -120,8 +155,23 @@ int main(int argc, char **argv) {
   LOAD(cuCtxGetCurrent) LOAD(cuCtxEnablePeerAccess) LOAD(cuMemAlloc_v2) LOAD(cuMemHostAlloc)
   LOAD(cuMemHostGetDevicePointer_v2) LOAD(cuStreamCreate) LOAD(cuStreamSynchronize) LOAD(cuStreamWriteValue32_v2)
   LOAD(cuEventCreate) LOAD(cuEventRecord) LOAD(cuEventQuery) LOAD(cuMemcpyAsync) LOAD(cuMemcpyDtoDAsync_v2)
-  LOAD(cuMemcpyPeerAsync)
+  LOAD(cuMemcpyPeerAsync) LOAD(cuIpcGetMemHandle) LOAD(cuIpcOpenMemHandle_v2)
   CHECK(cuInit(0));
+  if (ipc && child == 0) {
+    CUdevice d;
+    CUcontext c;
+    CUdeviceptr mem;
+    CUipcMemHandle h;
+    char gone;
+    CHECK(cuDeviceGet(&d, 1));
+    CHECK(cuDevicePrimaryCtxRetain(&c, d));
+    CHECK(cuCtxSetCurrent(c));
+    CHECK(cuMemAlloc_v2(&mem, MAX_BYTES));
+    CHECK(cuIpcGetMemHandle(&h, mem));
+    if (write(to_parent[1], &h, sizeof h) != sizeof h) return 1;
+    if (read(to_child[0], &gone, 1) < 0) return 1;
+    return 0;
+  }
   int gpus = 0;
   CHECK(cuDeviceGetCount(&gpus));
   if (how != SAME && gpus < 2) {
@@ -133,10 +183,20 @@ int main(int argc, char **argv) {
   CHECK(cuDeviceGet(&d1, how == SAME ? 0 : 1));
   CHECK(cuDevicePrimaryCtxRetain(&c0, d0));
   CHECK(cuDevicePrimaryCtxRetain(&c1, d1));
-  CHECK(cuCtxSetCurrent(c1));
-  CHECK(cuMemAlloc_v2(&there, MAX_BYTES));
-  CHECK(cuCtxSetCurrent(c0));
-  if (how != SAME) CHECK(cuCtxEnablePeerAccess(c1, 0));
+  if (ipc) {
+    CUipcMemHandle h;
+    if (read(to_parent[0], &h, sizeof h) != sizeof h) {
+      fprintf(stderr, "the child exported nothing\n");
+      return 1;
+    }
+    CHECK(cuCtxSetCurrent(c0));
+    CHECK(cuIpcOpenMemHandle_v2(&there, h, 1 /* lazy peer access */));
+  } else {
+    CHECK(cuCtxSetCurrent(c1));
+    CHECK(cuMemAlloc_v2(&there, MAX_BYTES));
+    CHECK(cuCtxSetCurrent(c0));
+    if (how != SAME) CHECK(cuCtxEnablePeerAccess(c1, 0));
+  }
   CHECK(cuMemAlloc_v2(&here, MAX_BYTES));
   CUstream streams[4];
   CUevent events[4];
@@ -159,7 +219,7 @@ int main(int argc, char **argv) {
   const char *ways[] = {"sync", "event", "flag", "event+ctx", "split2", "split3", "split4"};
   double *total = malloc(ITERS * sizeof(double)), *issue = malloc(ITERS * sizeof(double));
   uint32_t value = 0;
-  printf("%s, %d GPUs\n", names[how], gpus);
+  printf("%s, %d GPUs\n", argv[1], gpus);
   for (int si = 0; si < nsizes; si++) {
     size_t bytes = sizes[si] << 10;
     if (bytes == 0 || bytes > MAX_BYTES) {
@@ -211,6 +271,10 @@ int main(int argc, char **argv) {
       printf("%8zu KiB %-10s p50 %7.2f us  p10 %7.2f  p90 %7.2f  issue p50 %5.2f\n", sizes[si], ways[way],
              total[ITERS / 2], total[ITERS / 10], total[ITERS * 9 / 10], issue[ITERS / 2]);
     }
+  }
+  if (ipc) {
+    close(to_child[1]);
+    waitpid(child, NULL, 0);
   }
   return 0;
 }
