@@ -685,6 +685,51 @@ fn a_prepared_capability_spares_the_first_transfers_their_ask() {
     assert_eq!(conn.ipc_asks(), 2);
 }
 
+/// Callers racing into a region nothing mapped yet share one ask: eight threads writing to it at
+/// once and one preparing it make one round trip to the owner between them (`ipc_asks`, whatever
+/// order they arrive in: each finds the grant mapped or an ask under way and waits for it), and
+/// every write lands where it was sent.
+#[test]
+fn callers_racing_into_a_fresh_region_share_one_ask() {
+    if no_gpu() {
+        return;
+    }
+    const CALLERS: usize = 8;
+    const PIECE: usize = 64 << 10;
+    let owner = Owner::spawn(0);
+    let engine = Engine::new(same_host()).unwrap();
+    let mut local = Mem::on_gpu(0, LEN);
+    let ours = pattern(LEN, SEED + 1);
+    local.write(0, &ours);
+    let mr = engine.register(local.addr(), LEN).unwrap();
+    let conn = engine.connect("127.0.0.1", "0", owner.port).unwrap();
+    let (base, item) = (local.addr(), owner.item);
+    let gate = std::sync::Barrier::new(CALLERS + 1);
+    std::thread::scope(|s| {
+        for i in 0..CALLERS {
+            let (conn, gate) = (&conn, &gate);
+            s.spawn(move || {
+                gate.wait();
+                let one = OneSided { mr, addr: base + i * PIECE, len: PIECE, remote: at(item, i * PIECE) };
+                let w = conn.write(&[one]).unwrap();
+                assert_eq!(wait(conn, w).unwrap(), PIECE as u64);
+            });
+        }
+        let (conn, gate) = (&conn, &gate);
+        s.spawn(move || {
+            gate.wait();
+            assert!(conn.prepare(&item).unwrap(), "a GPU allocation of a same-host owner is mapped");
+        });
+    });
+    assert_eq!(conn.ipc_asks(), 1, "nine callers into one fresh region asked its owner once");
+    assert_eq!(conn.device_copy_batches(), CALLERS as u64, "every write took the device path");
+    local.clear();
+    let n = CALLERS * PIECE;
+    let r = conn.read(&[OneSided { mr, addr: local.addr(), len: n, remote: owner.item }]).unwrap();
+    assert_eq!(wait(&conn, r).unwrap(), n as u64);
+    assert_same(&local.read(0, n), &ours[..n], "the racing writes, read back");
+}
+
 /// The owner deregisters its region while a large write into it runs: its deregistration returns
 /// only after our copy finished (its bytes do not change afterwards), and our next request for
 /// the region is refused. Our own deregistration of a source under a running copy waits for it too.

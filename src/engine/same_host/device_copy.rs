@@ -199,6 +199,14 @@ fn device_of(region: &Region) -> Option<i32> {
     }
 }
 
+fn unanswered(key: GrantKey, timeout: std::time::Duration) -> Error {
+    Error::timeout(format!(
+        "the owner of memory region {} did not answer an IPC request within {} ms (UCCL_TCPX_TIMEOUT_MS)",
+        key.0,
+        timeout.as_millis()
+    ))
+}
+
 fn deregistered(region: u64) -> Error {
     Error::not_allowed(format!("memory region {region} was deregistered during the transfer"))
 }
@@ -486,19 +494,35 @@ pub(crate) trait DevicePath: Conn {
 
     /// Makes sure the grant of `key` covers `segs` and is mapped into `gpu`'s context, asking the
     /// owner (and mapping what it grants) at most [`MAX_ASKS`] times; `post` counts the asks while
-    /// the call is traced.
+    /// the call is traced. While another caller asks for the same grant this one waits for that
+    /// ask and looks again, so that callers racing for a region (a transfer beside `prepare`)
+    /// make one round trip and one mapping between them.
     fn cover(&self, key: GrantKey, segs: &[RemoteSeg], gpu: &Arc<Gpu>, post: &mut Option<Post>) -> Result<Cover> {
+        let deadline = Instant::now() + self.core().config.timeout;
         for _ in 0..MAX_ASKS {
             let mut locked = self.lock();
-            let ipc = locked.ipc();
-            match ipc.coverage(key, segs) {
-                Coverage::Covered => return Ok(Cover::Covered(ipc.generation())),
-                Coverage::Unavailable => return Ok(Cover::Unavailable),
-                Coverage::Missing => {}
+            loop {
+                let ipc = locked.ipc();
+                match ipc.coverage(key, segs) {
+                    Coverage::Covered => return Ok(Cover::Covered(ipc.generation())),
+                    Coverage::Unavailable => return Ok(Cover::Unavailable),
+                    Coverage::Missing if !ipc.asking(key) => break,
+                    Coverage::Missing => {}
+                }
+                if let Some(e) = locked.failure() {
+                    return Err(e);
+                }
+                if self.wait_answered(&mut locked, deadline) {
+                    return Err(unanswered(key, self.core().config.timeout));
+                }
             }
+            // Marked under the lock that found no ask under way, so that no other caller starts one.
+            locked.ipc().ask_for(key);
             drop(locked);
             let asked_at = post.map(|_| clock_ns());
             let asked = self.ask(key, segs, gpu);
+            self.lock().ipc().asked_for(key);
+            self.answered();
             if let (Some(post), Some(at)) = (post.as_mut(), asked_at) {
                 post.asks += 1;
                 post.ask_ns += clock_ns().saturating_sub(at);
@@ -638,11 +662,7 @@ pub(crate) trait DevicePath: Conn {
             }
             if self.wait_answered(&mut inner, deadline) {
                 inner.ipc().forget_ask(id);
-                return Err(Error::timeout(format!(
-                    "the owner of memory region {} did not answer an IPC request within {} ms (UCCL_TCPX_TIMEOUT_MS)",
-                    key.0,
-                    self.core().config.timeout.as_millis()
-                )));
+                return Err(unanswered(key, self.core().config.timeout));
             }
         };
         let (handle, alloc_base, alloc_len) = match answer {

@@ -120,6 +120,9 @@ pub(crate) struct IpcState {
     asks: HashMap<u64, Ask>,
     /// Asks started since the connection started (each is one round trip to the owner).
     next_ask: u64,
+    /// Grants a caller is asking for and mapping now: another caller needing one waits for that
+    /// ask instead of sending its own (a transfer racing `prepare` on another thread).
+    asking: HashSet<GrantKey>,
     batches: Vec<Batch>,
     queues: Vec<CopyQueue>,
     /// Owner's regions revoked while batches used them: answered once those finished.
@@ -222,6 +225,22 @@ impl IpcState {
     /// Asks started since the connection started.
     pub fn asked(&self) -> u64 {
         self.next_ask
+    }
+
+    /// Whether a caller is asking for `key`'s grant (and mapping it) now.
+    pub fn asking(&self, key: GrantKey) -> bool {
+        self.asking.contains(&key)
+    }
+
+    /// A caller takes on asking for `key`'s grant; [`asked_for`](Self::asked_for) once it is done,
+    /// whatever the outcome.
+    pub fn ask_for(&mut self, key: GrantKey) {
+        self.asking.insert(key);
+    }
+
+    /// The ask for `key`'s grant is over: callers waiting for it look at the grant table again.
+    pub fn asked_for(&mut self, key: GrantKey) {
+        self.asking.remove(&key);
     }
 
     /// Starts an ask for `key`; the caller sends the IpcRequest with this id.
