@@ -73,13 +73,9 @@ impl CopyQueue {
     pub fn ready(&mut self) -> Result<()> {
         let gpu = self.stream.gpu().clone();
         let _ctx = gpu.enter()?;
-        let event = match self.spare.pop() {
-            Some(e) => e,
-            None => Event::new(&gpu)?,
-        };
-        event.record(&self.stream)?;
+        let event = mark(&self.stream, &mut self.spare, Ok(()))?;
         event.synchronize()?;
-        self.spare.push(event);
+        self.recycle(event);
         Ok(())
     }
 

@@ -498,7 +498,8 @@ pub(crate) trait DevicePath: Conn {
     /// ask and looks again, so that callers racing for a region (a transfer beside `prepare`)
     /// make one round trip and one mapping between them.
     fn cover(&self, key: GrantKey, segs: &[RemoteSeg], gpu: &Arc<Gpu>, post: &mut Option<Post>) -> Result<Cover> {
-        let deadline = Instant::now() + self.core().config.timeout;
+        // Read only when a caller has to wait: a covered grant, the common case, needs no clock.
+        let mut deadline = None;
         for _ in 0..MAX_ASKS {
             let mut locked = self.lock();
             loop {
@@ -512,8 +513,9 @@ pub(crate) trait DevicePath: Conn {
                 if let Some(e) = locked.failure() {
                     return Err(e);
                 }
-                if self.wait_answered(&mut locked, deadline) {
-                    return Err(unanswered(key, self.core().config.timeout));
+                let timeout = self.core().config.timeout;
+                if self.wait_answered(&mut locked, *deadline.get_or_insert_with(|| Instant::now() + timeout)) {
+                    return Err(unanswered(key, timeout));
                 }
             }
             // Marked under the lock that found no ask under way, so that no other caller starts one.
