@@ -144,8 +144,10 @@ fi
 # the pipe) and ch8-1m measure whether that beats the per-chunk cost. ch2-depth4 is ch8-depth4 on the
 # default two channels: on 2 x H200 a 256 KiB GPU write (one chunk) took 134-137 us there against
 # 214-234 us with eight channels, each of which carries one transfer in eight. Without --same-host the bench
-# keeps its two processes on the network path these layouts are about.
+# keeps its two processes on the network path these layouts are about. dflt-depth4 is what a caller
+# gets with no knob set (2 channels of 8 sockets and 2 MiB chunks from 16 cores), 4 in flight.
 LAYOUTS=(
+  "dflt-depth4|--depth 4|"
   "ch4|--channels 4|UCCL_TCPX_SOCKET_NTHREADS=4 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=1M UCCL_TCPX_WINDOW=8"
   "ch8|--channels 8|UCCL_TCPX_SOCKET_NTHREADS=2 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=4M UCCL_TCPX_WINDOW=16"
   "ch8-depth4|--channels 8 --depth 4|UCCL_TCPX_SOCKET_NTHREADS=2 UCCL_TCPX_NSOCKS_PERTHREAD=1 UCCL_TCPX_CHUNK_SIZE=4M UCCL_TCPX_WINDOW=16"
@@ -233,7 +235,7 @@ if command -v python3 >/dev/null 2>&1; then
 import json, sys
 doc = json.load(open(sys.argv[1]))
 runs = {r["name"]: r["result"] for r in doc["runs"] if r["result"]}
-for tag in ("ch4", "ch8", "ch8-depth4", "ch2-depth4", "ch4-2m", "ch4-2m-depth4", "ch8-1m"):
+for tag in ("dflt-depth4", "ch4", "ch8", "ch8-depth4", "ch2-depth4", "ch4-2m", "ch4-2m-depth4", "ch8-1m"):
     gpu, cpu = runs.get(f"bench-gpu-{tag}"), runs.get(f"bench-cpu-{tag}")
     if not gpu:
         print(f"{tag}: no GPU result")
