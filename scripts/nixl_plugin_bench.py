@@ -65,6 +65,11 @@ if os.environ.get("UCCL_TCPX_FAKE_PLUGIN"):
         "UCCL_TCPX_TRANSPORT": "tcpx", "UCCL_TCPX_PLUGIN": os.environ["UCCL_TCPX_FAKE_PLUGIN"],
         "FAKE_TCPX_MODE": "gpu", "UCCL_TCPX_LOCAL_PEERS": "plugin", "FAKE_TCPX_SAME_HOST": "allow",
         "FAKE_TCPX_STEERING_WAIT_MS": "0"})
+    # The same in host mode (bounce pool in host memory, gathered on the CPU): the plugin path's
+    # shape on a host without a GPU. Without same-host identities, or host memory would take the
+    # same-host copy (process_vm_readv) instead of the plugin.
+    SETUPS["tcpx-fake-host"] = (*SETUPS["tcpx-fake"][:2], {
+        **SETUPS["tcpx-fake"][2], "FAKE_TCPX_MODE": "host", "UCCL_TCPX_DISABLE_IPC": "1"})
 ITERS = {4 << 10: 200, 1 << 20: 50, 64 << 20: 8}
 # The GPUs of the initiator's and the target's memory (--vram); None: host memory.
 VRAM = None

@@ -52,6 +52,14 @@ pub(crate) fn same_host_gpu(locality: Locality, local_peers: LocalPeers) -> bool
     locality.is_local() && local_peers != LocalPeers::Plugin
 }
 
+/// Whether a call's vectors may run over several regions (one request and one flow for the pieces
+/// of many regions, `WriteRuns` / `ReadRuns`): where the network is the call's one path, a peer on
+/// another host, or one on this host with `UCCL_TCPX_LOCAL_PEERS=plugin` (the plugin path's tests).
+/// The same-host copies authorize, map and copy per region.
+pub(crate) fn spans_regions(locality: Locality, local_peers: LocalPeers) -> bool {
+    locality == Locality::Remote || locality == Locality::SameHost && local_peers == LocalPeers::Plugin
+}
+
 /// The paths a one-sided call tries, in order; the last is always [`Path::Connection`].
 pub(crate) fn call_paths(call: Call) -> Vec<Path> {
     let mut paths = Vec::with_capacity(3);

@@ -10,6 +10,11 @@
 //! chunk)` of the flow; with `Cut::Spanning` such a chunk may run over several segments and travels
 //! as one vectored request, with `Cut::PerSegment` chunks are cut within each segment instead (for
 //! transports that take one buffer per request).
+//!
+//! A vector over several regions (`WriteRuns` / `ReadRuns`) is one flow whose segments come in
+//! runs, one per pair of regions; no chunk crosses from one run into the next, so every chunk lies
+//! in one registration on each end (the transports register memory per region), and the flow
+//! costs one request, one answer and about a chunk per run more than its bytes in one region.
 
 use std::sync::Arc;
 
@@ -21,7 +26,9 @@ pub enum Extent {
     /// `len` bytes at `addr`.
     Contiguous { addr: usize, len: u64 },
     /// The concatenation of `segs`, in order; `len` is their total. No segment is empty.
-    Scattered { segs: Arc<[IoSeg]>, len: u64 },
+    /// `runs`: the segment counts of the flow's runs (regions), in order, adding up to the
+    /// segments; None is one run.
+    Scattered { segs: Arc<[IoSeg]>, len: u64, runs: Option<Arc<[usize]>> },
 }
 
 impl Extent {
@@ -31,7 +38,19 @@ impl Extent {
     pub fn scattered(segs: impl IntoIterator<Item = IoSeg>) -> Extent {
         let segs: Arc<[IoSeg]> = segs.into_iter().collect();
         let len = segs.iter().map(|s| s.len as u64).sum();
-        Extent::Scattered { segs, len }
+        Extent::Scattered { segs, len, runs: None }
+    }
+
+    /// The segments as one extent of runs of `runs` segments each (which add up to the segments).
+    pub fn scattered_runs(segs: impl IntoIterator<Item = IoSeg>, runs: Arc<[usize]>) -> Extent {
+        match Extent::scattered(segs) {
+            Extent::Scattered { segs, len, .. } => {
+                debug_assert_eq!(runs.iter().sum::<usize>(), segs.len());
+                let runs = (runs.len() > 1).then_some(runs);
+                Extent::Scattered { segs, len, runs }
+            }
+            contiguous => contiguous,
+        }
     }
 
     pub fn len(&self) -> u64 {
@@ -173,31 +192,50 @@ fn spanned(segs: &[IoSeg], first: usize, offset: usize, len: usize) -> impl Iter
         .filter(|s| s.len > 0)
 }
 
+/// The bytes of each run of a scattered extent of several runs.
+fn run_bytes(segs: &[IoSeg], runs: &[usize]) -> impl Iterator<Item = u64> {
+    runs.iter().scan(0usize, move |at, &n| {
+        let run = &segs[*at..*at + n];
+        *at += n;
+        Some(run.iter().map(|s| s.len as u64).sum())
+    })
+}
+
 /// How many chunks the flow over `extent` is cut into.
 pub fn chunk_count(extent: &Extent, chunking: Chunking) -> usize {
     let size = flow_chunk(extent.len(), chunking);
     match (extent, chunking.cut) {
         (Extent::Scattered { segs, .. }, Cut::PerSegment) => segs.iter().map(|s| s.len.div_ceil(size)).sum(),
+        (Extent::Scattered { segs, runs: Some(runs), .. }, Cut::Spanning) => {
+            run_bytes(segs, runs).map(|b| b.div_ceil(size as u64) as usize).sum()
+        }
         _ => extent.len().div_ceil(size as u64) as usize,
     }
 }
 
 /// Cuts the flow over `extent` into chunks; chunk `i` of the flow with direction sequence number
 /// `seq` rides channel `(seq + i) % channels`, so flows of one chunk spread over channels too.
-pub fn plan(
+/// Each chunk comes with the run it lies in; `regions` names the region of each run (one entry:
+/// every run's).
+pub fn plan<'a>(
     flow: u64,
-    region: u64,
+    regions: &'a [u64],
     extent: &Extent,
     chunking: Chunking,
     seq: u64,
-) -> impl Iterator<Item = (usize, Chunk)> {
+) -> impl Iterator<Item = (usize, usize, Chunk)> + 'a {
     let channels = chunking.channels.max(1);
     let first_channel = (seq % channels as u64) as usize;
     let size = flow_chunk(extent.len(), chunking);
-    let mut cursor = Cursor { extent: extent.clone(), seg: 0, offset: 0, left: extent.len() };
+    let run_left = match extent {
+        Extent::Scattered { segs, runs: Some(runs), .. } => run_bytes(segs, runs).collect(),
+        _ => vec![extent.len()],
+    };
+    let mut cursor = Cursor { extent: extent.clone(), seg: 0, offset: 0, left: extent.len(), run: 0, run_left };
     (0..chunk_count(extent, chunking)).map(move |i| {
-        let (mem, len) = cursor.next(size, chunking.cut);
-        ((first_channel + i) % channels, Chunk { flow, region, mem, len })
+        let (run, mem, len) = cursor.next(size, chunking.cut);
+        let region = regions[run.min(regions.len() - 1)];
+        ((first_channel + i) % channels, run, Chunk { flow, region, mem, len })
     })
 }
 
@@ -209,16 +247,24 @@ struct Cursor {
     offset: usize,
     /// Bytes of the flow not yet in a chunk.
     left: u64,
+    /// The run the next chunk lies in, and the bytes of each run not yet in a chunk.
+    run: usize,
+    run_left: Vec<u64>,
 }
 
 impl Cursor {
-    fn next(&mut self, chunk_size: usize, cut: Cut) -> (ChunkMem, usize) {
+    fn next(&mut self, chunk_size: usize, cut: Cut) -> (usize, ChunkMem, usize) {
+        while self.run_left[self.run] == 0 && self.run + 1 < self.run_left.len() {
+            self.run += 1;
+        }
+        let run = self.run;
         match &self.extent {
             Extent::Contiguous { addr, len } => {
                 let done = (*len - self.left) as usize;
                 let n = (self.left as usize).min(chunk_size);
                 self.left -= n as u64;
-                (ChunkMem::At(addr + done), n)
+                self.run_left[run] -= n as u64;
+                (run, ChunkMem::At(addr + done), n)
             }
             Extent::Scattered { segs, .. } => {
                 let segs = segs.clone();
@@ -228,9 +274,10 @@ impl Cursor {
                 let here = segs[self.seg];
                 let in_seg = here.len - self.offset;
                 let n = match cut {
-                    Cut::Spanning => (self.left.min(chunk_size as u64)) as usize,
+                    Cut::Spanning => (self.run_left[run].min(chunk_size as u64)) as usize,
                     Cut::PerSegment => in_seg.min(chunk_size),
                 };
+                self.run_left[run] -= n as u64;
                 let mem = if n <= in_seg {
                     ChunkMem::At(here.addr + self.offset)
                 } else {
@@ -248,7 +295,7 @@ impl Cursor {
                     self.seg += 1;
                     self.offset = 0;
                 }
-                (mem, n)
+                (run, mem, n)
             }
         }
     }
@@ -260,6 +307,50 @@ mod tests {
 
     fn seg(addr: usize, len: usize) -> IoSeg {
         IoSeg { addr, len }
+    }
+
+    /// The plan of a flow in one region, without the run of each chunk.
+    fn plan(
+        flow: u64,
+        region: u64,
+        extent: &Extent,
+        chunking: Chunking,
+        seq: u64,
+    ) -> std::vec::IntoIter<(usize, Chunk)> {
+        let chunks: Vec<_> = super::plan(flow, &[region], extent, chunking, seq).map(|(ch, _, c)| (ch, c)).collect();
+        chunks.into_iter()
+    }
+
+    #[test]
+    fn runs_keep_their_chunks_apart_and_both_ends_cut_alike() {
+        // Three runs of 16-byte pieces: 5, 2 and 9 pieces, chunks of 48 bytes.
+        let runs: Arc<[usize]> = Arc::from([5, 2, 9]);
+        let here = Extent::scattered_runs((0..16).map(|i| seg(0x1000 + i * 100, 16)), runs.clone());
+        let there = Extent::scattered_runs((0..16).map(|i| seg(0x9000 + (15 - i) * 32, 16)), runs.clone());
+        let chunking = Chunking { size: 48, channels: 3, cut: Cut::Spanning };
+        let a: Vec<_> = super::plan(4, &[10, 11, 12], &here, chunking, 1).collect();
+        let b: Vec<_> = super::plan(4, &[20, 21, 22], &there, chunking, 1).collect();
+        let shape = |p: &[(usize, usize, Chunk)]| p.iter().map(|(ch, run, c)| (*ch, *run, c.len)).collect::<Vec<_>>();
+        // Run 0: 80 bytes = 48 + 32; run 1: 32; run 2: 144 = 3 x 48.
+        let want = [(1, 0, 48), (2, 0, 32), (0, 1, 32), (1, 2, 48), (2, 2, 48), (0, 2, 48)];
+        assert_eq!(shape(&a), want);
+        assert_eq!(shape(&b), want, "the peer's addresses do not change the cut");
+        assert_eq!(chunk_count(&here, chunking), want.len());
+        assert_eq!(a.iter().map(|(_, _, c)| c.region).collect::<Vec<_>>(), [10, 10, 11, 12, 12, 12]);
+        let mut covered = Vec::new();
+        for (_, _, c) in &a {
+            c.segments(&mut covered, false);
+        }
+        let Extent::Scattered { segs, .. } = &here else { unreachable!() };
+        assert_eq!(covered, segs.to_vec(), "every byte once, in order, no chunk across a run");
+        // One region for every run (a flow through scratch memory): the same cut.
+        let scratch: Vec<_> = super::plan(4, &[0], &here, chunking, 1).collect();
+        assert_eq!(shape(&scratch), want);
+        // Per-segment cuts ignore runs: segments never share a chunk anyway.
+        let per = Chunking { cut: Cut::PerSegment, ..chunking };
+        assert_eq!(chunk_count(&here, per), 16);
+        assert_eq!(super::plan(4, &[10, 11, 12], &here, per, 0).map(|(_, run, _)| run).filter(|&r| r == 1).count(), 2);
+        assert!(matches!(Extent::scattered_runs([seg(1, 2)], Arc::from([1])), Extent::Scattered { runs: None, .. }));
     }
 
     fn memory(chunks: &[(usize, Chunk)]) -> Vec<IoSeg> {

@@ -12,7 +12,7 @@ use super::frame::{FRAME_HEADER_LEN, FrameHeader, is_handshake_kind, kind, write
 use super::wire::{Reader, Writer, check_len};
 use super::{
     INLINE_LEN_FLOOR, IPC_HANDLE_LEN, MAX_EAGER_LEN, MAX_INLINE_LEN, MAX_IPC_WINDOWS, MAX_NAME_LEN, MAX_NOTIFY_MSG_LEN,
-    MAX_REASON_LEN, MAX_VECTOR_BYTES, MAX_VECTOR_SEGMENTS, ProtoError, REMOTE_SEG_LEN,
+    MAX_REASON_LEN, MAX_VECTOR_BYTES, MAX_VECTOR_RUNS, MAX_VECTOR_SEGMENTS, ProtoError, REMOTE_SEG_LEN, VECTOR_RUN_LEN,
 };
 
 /// One piece of a remote region that a vector request names: `len` bytes at `addr`.
@@ -20,6 +20,15 @@ use super::{
 pub struct RemoteSeg {
     pub addr: u64,
     pub len: u32,
+}
+
+/// One run of a vector over several regions: its next `segs` segments lie in `region`, which the
+/// capability's `token` grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VectorRun {
+    pub region: u64,
+    pub token: u64,
+    pub segs: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,6 +134,20 @@ pub enum Control {
         xfer: u64,
         region: u64,
         token: u64,
+        segs: Vec<RemoteSeg>,
+    },
+    /// A WriteVector over several regions: `runs` divide `segs` among regions and capabilities in
+    /// order; one flow, whose chunks never cross from one run into the next. Authorized all or
+    /// nothing, every run against its own region.
+    WriteRuns {
+        xfer: u64,
+        runs: Vec<VectorRun>,
+        segs: Vec<RemoteSeg>,
+    },
+    /// A ReadVector over several regions, divided as a WriteRuns'.
+    ReadRuns {
+        xfer: u64,
+        runs: Vec<VectorRun>,
         segs: Vec<RemoteSeg>,
     },
     /// Between processes of one host: asks for the CUDA IPC handle of a GPU region, presenting its
@@ -305,6 +328,22 @@ fn check_vector(segs: &[RemoteSeg]) -> Result<(), ProtoError> {
     Ok(())
 }
 
+/// The runs of a WriteRuns or ReadRuns: at least two (one run is a WriteVector or ReadVector), none
+/// empty, together exactly the segments.
+fn check_runs(runs: &[VectorRun], segs: usize) -> Result<(), ProtoError> {
+    if runs.len() < 2 {
+        return Err(ProtoError::Invalid("a vector over several regions must name at least two runs"));
+    }
+    check_len(runs.len(), MAX_VECTOR_RUNS, "vector run list")?;
+    if runs.iter().any(|r| r.segs == 0) {
+        return Err(ProtoError::Invalid("a run of a vector over several regions must hold a segment"));
+    }
+    if runs.iter().map(|r| r.segs as usize).sum::<usize>() != segs {
+        return Err(ProtoError::Invalid("the runs of a vector over several regions must add up to its segments"));
+    }
+    Ok(())
+}
+
 /// A `u32` that must say 0 or 1.
 fn flag(r: &mut Reader<'_>, invalid: &'static str) -> Result<bool, ProtoError> {
     match r.u32()? {
@@ -361,6 +400,8 @@ impl Control {
             Self::Resume { .. } => kind::RESUME,
             Self::WriteVector { .. } => kind::WRITE_VECTOR,
             Self::ReadVector { .. } => kind::READ_VECTOR,
+            Self::WriteRuns { .. } => kind::WRITE_RUNS,
+            Self::ReadRuns { .. } => kind::READ_RUNS,
             Self::IpcRequest { .. } => kind::IPC_REQUEST,
             Self::IpcGrant { .. } => kind::IPC_GRANT,
             Self::IpcRevoke { .. } => kind::IPC_REVOKE,
@@ -479,6 +520,16 @@ impl Control {
                 }
                 write_segments(w, segs);
             }
+            Self::WriteRuns { xfer, runs, segs } | Self::ReadRuns { xfer, runs, segs } => {
+                w.u64(*xfer);
+                w.u32(u32::try_from(runs.len()).unwrap_or(u32::MAX));
+                for run in runs {
+                    w.u64(run.region);
+                    w.u64(run.token);
+                    w.u32(run.segs);
+                }
+                write_segments(w, segs);
+            }
             Self::DirectWrite { xfer, region, token, segs, src, huge } => {
                 for v in [xfer, region, token] {
                     w.u64(*v);
@@ -573,6 +624,14 @@ impl Control {
                 let (xfer, region, token) = (r.u64()?, r.u64()?, r.u64()?);
                 Self::ReadVector { xfer, region, token, segs: read_segments(r)? }
             }
+            kind::WRITE_RUNS => {
+                let xfer = r.u64()?;
+                Self::WriteRuns { xfer, runs: read_runs(r)?, segs: read_segments(r)? }
+            }
+            kind::READ_RUNS => {
+                let xfer = r.u64()?;
+                Self::ReadRuns { xfer, runs: read_runs(r)?, segs: read_segments(r)? }
+            }
             kind::IPC_REQUEST => {
                 let (xfer, region, token) = (r.u64()?, r.u64()?, r.u64()?);
                 Self::IpcRequest { xfer, region, token, segs: read_segments(r)? }
@@ -643,6 +702,9 @@ impl Control {
             | Self::ReadVector { segs, .. }
             | Self::IpcRequest { segs, .. }
             | Self::DirectRead { segs, .. } => check_vector(segs),
+            Self::WriteRuns { runs, segs, .. } | Self::ReadRuns { runs, segs, .. } => {
+                check_vector(segs).and_then(|()| check_runs(runs, segs.len()))
+            }
             Self::DirectWrite { segs, src, .. } => check_vector(segs).and_then(|()| check_sources(segs, src)),
             Self::IpcGrant { alloc_base, alloc_len, windows, .. } => check_grant(*alloc_base, *alloc_len, windows),
             Self::IpcSend { len, addr, alloc_base, alloc_len, .. } => {
@@ -668,6 +730,22 @@ fn write_segments(w: &mut Writer<'_>, segs: &[RemoteSeg]) {
         w.u64(seg.addr);
         w.u32(seg.len);
     }
+}
+
+/// A run count, checked against its limit and against the bytes present before anything is
+/// allocated for it, then the runs.
+fn read_runs(r: &mut Reader<'_>) -> Result<Vec<VectorRun>, ProtoError> {
+    let count = usize::try_from(r.u32()?).unwrap_or(usize::MAX);
+    check_len(count, MAX_VECTOR_RUNS, "vector run list")?;
+    let raw = r.bytes(count * VECTOR_RUN_LEN)?;
+    Ok(raw
+        .chunks_exact(VECTOR_RUN_LEN)
+        .map(|b| VectorRun {
+            region: u64::from_le_bytes(b[0..8].try_into().expect("8 bytes")),
+            token: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+            segs: u32::from_le_bytes(b[16..20].try_into().expect("4 bytes")),
+        })
+        .collect())
 }
 
 /// A segment count, checked against its limit and against the bytes present before anything is
@@ -883,6 +961,23 @@ mod tests {
                 token: 28,
                 segs: vec![RemoteSeg { addr: u64::MAX - 1, len: 1 }],
             },
+            Control::WriteRuns {
+                xfer: 37,
+                runs: vec![VectorRun { region: 1, token: 2, segs: 1 }, VectorRun { region: 3, token: 4, segs: 2 }],
+                segs: vec![
+                    RemoteSeg { addr: 0x1000, len: 16 },
+                    RemoteSeg { addr: 0x9000, len: 4096 },
+                    RemoteSeg { addr: 0x5000, len: 1 },
+                ],
+            },
+            Control::ReadRuns {
+                xfer: 38,
+                runs: vec![
+                    VectorRun { region: 5, token: u64::MAX, segs: 1 },
+                    VectorRun { region: 5, token: 6, segs: 1 },
+                ],
+                segs: vec![RemoteSeg { addr: 0x2000, len: 8 }, RemoteSeg { addr: 0x2000, len: 8 }],
+            },
             Control::IpcRequest {
                 xfer: 1 << 63,
                 region: 29,
@@ -957,6 +1052,8 @@ mod tests {
                 | Control::InlineSend { .. }
                 | Control::WriteVector { .. }
                 | Control::ReadVector { .. }
+                | Control::WriteRuns { .. }
+                | Control::ReadRuns { .. }
                 | Control::IpcRequest { .. }
                 | Control::IpcGrant { .. }
                 | Control::DirectWrite { .. }

@@ -5,8 +5,8 @@
 
 use super::wire::{Reader, Writer, put_at};
 use super::{
-    IPC_HANDLE_LEN, MAX_INLINE_LEN, MAX_IPC_WINDOWS, MAX_NAME_LEN, MAX_NOTIFY_MSG_LEN, MAX_REASON_LEN,
-    MAX_VECTOR_SEGMENTS, ProtoError, REMOTE_SEG_LEN,
+    IPC_HANDLE_LEN, MAX_INLINE_LEN, MAX_IPC_WINDOWS, MAX_NAME_LEN, MAX_NOTIFY_MSG_LEN, MAX_REASON_LEN, MAX_VECTOR_RUNS,
+    MAX_VECTOR_SEGMENTS, ProtoError, REMOTE_SEG_LEN, VECTOR_RUN_LEN,
 };
 
 pub(crate) const FRAME_HEADER_LEN: usize = 8;
@@ -50,10 +50,15 @@ pub mod kind {
     pub(crate) const DIRECT_DONE: u8 = 45;
     pub(crate) const EAGER_SEND: u8 = 46;
     pub(crate) const IPC_SEND: u8 = 47;
+    pub(crate) const WRITE_RUNS: u8 = 48;
+    pub(crate) const READ_RUNS: u8 = 49;
 }
 
 /// Largest vector request body: three ids, the count, the segments.
 const MAX_VECTOR_BODY: usize = 24 + 4 + REMOTE_SEG_LEN * MAX_VECTOR_SEGMENTS;
+/// Largest vector-of-runs body: the id, the run count, the runs (region, token, segment count), the
+/// segment count, the segments.
+const MAX_RUNS_BODY: usize = 8 + 4 + VECTOR_RUN_LEN * MAX_VECTOR_RUNS + 4 + REMOTE_SEG_LEN * MAX_VECTOR_SEGMENTS;
 /// Largest IPC grant body: two ids, the handle, the allocation's range, the count, the windows.
 const MAX_IPC_GRANT_BODY: usize = 16 + IPC_HANDLE_LEN + 16 + 4 + REMOTE_SEG_LEN * MAX_IPC_WINDOWS;
 /// Largest DirectWrite body: a vector request plus one source address per segment and the
@@ -95,6 +100,8 @@ fn body_spec(kind: u8) -> Option<(&'static str, BodySize)> {
         kind::RESUME => ("Resume body", Exactly(8)),
         kind::WRITE_VECTOR => ("WriteVector body", UpTo(MAX_VECTOR_BODY)),
         kind::READ_VECTOR => ("ReadVector body", UpTo(MAX_VECTOR_BODY)),
+        kind::WRITE_RUNS => ("WriteRuns body", UpTo(MAX_RUNS_BODY)),
+        kind::READ_RUNS => ("ReadRuns body", UpTo(MAX_RUNS_BODY)),
         kind::IPC_REQUEST => ("IpcRequest body", UpTo(MAX_VECTOR_BODY)),
         kind::IPC_GRANT => ("IpcGrant body", UpTo(MAX_IPC_GRANT_BODY)),
         kind::IPC_REVOKE => ("IpcRevoke body", Exactly(8)),
@@ -216,7 +223,7 @@ mod tests {
     use super::*;
     use crate::proto::testutil::XorShift;
 
-    const KNOWN: [u8; 34] = [
+    const KNOWN: [u8; 36] = [
         kind::HELLO,
         kind::WELCOME,
         kind::REFUSE,
@@ -239,6 +246,8 @@ mod tests {
         kind::RESUME,
         kind::WRITE_VECTOR,
         kind::READ_VECTOR,
+        kind::WRITE_RUNS,
+        kind::READ_RUNS,
         kind::IPC_REQUEST,
         kind::IPC_GRANT,
         kind::IPC_REVOKE,

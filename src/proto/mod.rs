@@ -16,7 +16,7 @@ mod wire;
 
 pub use auth::{AuthChallenge, AuthHello, AuthKey, AuthProof, Session, TokenBinding};
 pub use control::{
-    Control, Frame, InlineHead, InlineInto, RemoteSeg, decode_frame, decode_frame_lent, peek_inline_head,
+    Control, Frame, InlineHead, InlineInto, RemoteSeg, VectorRun, decode_frame, decode_frame_lent, peek_inline_head,
 };
 pub use fifo::{Capability, FifoItem};
 pub(crate) use frame::FRAME_HEADER_LEN;
@@ -28,7 +28,8 @@ pub use ipc::{IPC_HANDLE_LEN, IPC_INFO_SIZE, IpcInfo};
 pub(crate) const MAGIC: u32 = 0x5854_4355;
 /// 21: two-sided messages up to `MAX_EAGER_LEN` go eagerly (`Control::EagerSend`) on connections
 /// whose chunks span segments. 22: inline payloads up to `MAX_INLINE_LEN` (256 KiB, was 64).
-pub(crate) const PROTOCOL_VERSION: u16 = 22;
+/// 23: vectors over several regions (`Control::WriteRuns` / `ReadRuns`), chunks cut per run.
+pub(crate) const PROTOCOL_VERSION: u16 = 23;
 pub(crate) const NET_HANDLE_SIZE: usize = 128;
 /// Notification name bytes, NUL terminator excluded.
 pub(crate) const MAX_NAME_LEN: usize = 255;
@@ -63,6 +64,12 @@ pub(crate) fn eager_landing_bytes(len: u64) -> u64 {
 pub(crate) const MAX_VECTOR_SEGMENTS: usize = 1 << 16;
 /// Wire bytes per segment of a vector request: `u64 addr, u32 len`.
 pub(crate) const REMOTE_SEG_LEN: usize = 12;
+/// Runs (regions) one `WriteRuns` / `ReadRuns` may name: a serving stack registers one region per
+/// layer and K/V (160 for Llama-70B, 188 for Qwen3-235B), so a request names that many; a call
+/// whose items alternate between regions more often goes as several requests.
+pub(crate) const MAX_VECTOR_RUNS: usize = 4096;
+/// Wire bytes per run of a vector over several regions: `u64 region, u64 token, u32 segments`.
+pub(crate) const VECTOR_RUN_LEN: usize = 20;
 /// Bytes one vector request, or one WriteRequest, may move, as much as one advertised window can
 /// hold: bounds the chunks a peer can make us queue for one flow, whatever its segments repeat (a
 /// write's chunks are received even when it is refused).

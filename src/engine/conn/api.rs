@@ -10,9 +10,10 @@ use super::flow_trace::{trace_direct, trace_requests};
 use super::reader;
 use super::state::{
     Action, ConnState, IpcOffer, MAX_INLINE_ONE_SIDED, Memory, OneSidedItem, OneSidedRequest, SendItem, VectorRequest,
+    VectorRuns,
 };
 use super::turn::{Batch, InTurn, Take};
-use super::vector::{Grouper, Push, Run, RunKey};
+use super::vector::{self, Grouper, Push, Run, RunKey};
 
 use super::{Connection, Held, Inner, OneSided};
 use crate::engine::locality::Locality;
@@ -23,7 +24,7 @@ use crate::engine::same_host::device_copy::DevicePath;
 use crate::engine::same_host::local_copy::LocalCopy;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
-use crate::proto::{Capability, Control, FifoItem, IPC_HANDLE_LEN, MAX_INLINE_SEND_BACKLOG, RemoteSeg};
+use crate::proto::{Capability, Control, FifoItem, IPC_HANDLE_LEN, MAX_INLINE_SEND_BACKLOG, RemoteSeg, VectorRun};
 use crate::trace::{self, SeenBy as Seer, clock_ns};
 use crate::transport::{IoSeg, MemKind};
 
@@ -107,12 +108,19 @@ impl Connection {
         posted: Option<u64>,
         verb: &str,
     ) -> Result<u64> {
-        if self.link.locality == Locality::Remote && runs.len() > 1 && runs.iter().all(|r| r.run.vector) {
-            return self.post_in_turn(ops, runs, write, posted);
+        let spans = path::spans_regions(self.link.locality, self.core.config.local_peers);
+        let plain: Vec<Run> = runs.iter().map(|r| r.run.clone()).collect();
+        let groups = vector::requests(&plain, spans);
+        let is_vector = |g: &std::ops::Range<usize>| g.len() > 1 || runs[g.start].run.vector;
+        if self.link.locality == Locality::Remote && groups.len() > 1 && groups.iter().all(is_vector) {
+            return self.post_in_turn(ops, runs, &groups, write, posted);
         }
         let mut requests = Vec::new();
-        for run in runs {
-            requests.extend(run.requests(ops));
+        for group in &groups {
+            match &runs[group.clone()] {
+                [run] => requests.extend(run.requests(ops)),
+                several => requests.push(vector_over_runs(several, ops)),
+            }
         }
         let local_host = requests.iter().all(|r| r.local_region().kind == MemKind::Host);
         let call = path::Call { locality: self.link.locality, local_peers: self.core.config.local_peers, local_host };
@@ -219,18 +227,23 @@ impl Connection {
         &self,
         ops: &(impl ItemList + ?Sized),
         runs: &[CheckedRun],
+        groups: &[std::ops::Range<usize>],
         write: bool,
         entered: Option<u64>,
     ) -> Result<u64> {
-        // Every run here is a vector: one request, one part.
-        let parts = runs.len();
+        // Every group here is a vector: one request, one part.
+        let parts = groups.len();
         let transfer = self.new_transfer(parts, write);
         if let Some(entered) = entered {
             trace::event!(FlowCall { conn: self.trace.conn, side: self.trace.side, transfer: transfer.id, entered });
         }
         let mut turn = InTurn::new();
-        for (i, run) in runs.iter().enumerate() {
-            if turn.built(run.vector(ops), i + 1 == parts) == Take::Hold {
+        for (i, group) in groups.iter().enumerate() {
+            let request = match &runs[group.clone()] {
+                [run] => run.vector(ops),
+                several => vector_over_runs(several, ops),
+            };
+            if turn.built(request, i + 1 == parts) == Take::Hold {
                 continue;
             }
             let mut inner = self.inner.lock();
@@ -663,6 +676,30 @@ impl CheckedRun {
         // The length was checked against the u32 size of its FifoItem.
         let segs = items.map(|i| RemoteSeg { addr: ops.remote_addr(i), len: ops.local(i).len as u32 }).collect();
         let (region, remote_region, token) = (region.clone(), *remote_region, *token);
-        OneSidedRequest::Vector(VectorRequest { region, local, remote_region, token, segs })
+        OneSidedRequest::Vector(VectorRequest { region, local, remote_region, token, segs, runs: None })
     }
+}
+
+/// Consecutive runs of a call as one vector over their regions: one request, one flow, its chunks
+/// cut per run. The segment lists are collected from exact-size iterators, as a run's are.
+fn vector_over_runs(runs: &[CheckedRun], ops: &(impl ItemList + ?Sized)) -> OneSidedRequest {
+    let items = runs[0].run.items.start..runs[runs.len() - 1].run.items.end;
+    let counts: Arc<[usize]> = runs.iter().map(|r| r.run.items.len()).collect();
+    let local = Extent::scattered_runs(items.clone().map(|i| ops.local(i)), counts);
+    // Each length was checked against the u32 size of its FifoItem.
+    let segs = items.map(|i| RemoteSeg { addr: ops.remote_addr(i), len: ops.local(i).len as u32 }).collect();
+    let remote = runs
+        .iter()
+        .map(|r| VectorRun { region: r.head.remote_region, token: r.head.token, segs: r.run.items.len() as u32 })
+        .collect();
+    let regions: Arc<[Arc<Region>]> = runs.iter().map(|r| r.head.region.clone()).collect();
+    let first = &runs[0].head;
+    OneSidedRequest::Vector(VectorRequest {
+        region: first.region.clone(),
+        local,
+        remote_region: first.remote_region,
+        token: first.token,
+        segs,
+        runs: Some(Box::new(VectorRuns { local: regions, remote })),
+    })
 }

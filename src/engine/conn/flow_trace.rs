@@ -11,8 +11,12 @@ use super::state::{Action, Direction, FlowPlan};
 /// What the `flow` trace calls a message of a write's or read's, and the request id it names.
 pub(super) fn flow_msg(msg: &Control) -> Option<(u64, MsgKind)> {
     Some(match *msg {
-        Control::WriteRequest { xfer, .. } | Control::WriteVector { xfer, .. } => (xfer, MsgKind::WriteRequest),
-        Control::ReadRequest { xfer, .. } | Control::ReadVector { xfer, .. } => (xfer, MsgKind::ReadRequest),
+        Control::WriteRequest { xfer, .. } | Control::WriteVector { xfer, .. } | Control::WriteRuns { xfer, .. } => {
+            (xfer, MsgKind::WriteRequest)
+        }
+        Control::ReadRequest { xfer, .. } | Control::ReadVector { xfer, .. } | Control::ReadRuns { xfer, .. } => {
+            (xfer, MsgKind::ReadRequest)
+        }
         Control::Done { xfer, .. } => (xfer, MsgKind::Done),
         Control::Data { flow, .. } => (flow, MsgKind::Data),
         Control::InlineWrite { xfer, .. } => (xfer, MsgKind::InlineWrite),
@@ -94,8 +98,12 @@ pub(super) fn trace_requests(tag: trace::ConnTag, transfer: u64, out: &[Action],
         match action {
             Action::Send(msg) => {
                 let (xfer, write, chunks) = match *msg {
-                    Control::WriteRequest { xfer, .. } | Control::WriteVector { xfer, .. } => (xfer, true, true),
-                    Control::ReadRequest { xfer, .. } | Control::ReadVector { xfer, .. } => (xfer, false, true),
+                    Control::WriteRequest { xfer, .. }
+                    | Control::WriteVector { xfer, .. }
+                    | Control::WriteRuns { xfer, .. } => (xfer, true, true),
+                    Control::ReadRequest { xfer, .. }
+                    | Control::ReadVector { xfer, .. }
+                    | Control::ReadRuns { xfer, .. } => (xfer, false, true),
                     // Inline: the payload rides the request or its answer; no flow is planned.
                     Control::InlineWrite { xfer, .. } => (xfer, true, false),
                     Control::ReadSmall { xfer, .. } => (xfer, false, false),

@@ -944,13 +944,18 @@ fn queue(channels: &mut [Channel], chunking: Chunking, flow_plan: &FlowPlan) -> 
         )));
     }
     let FlowPlan { dir, flow, ref region, ref extent, seq } = *flow_plan;
-    let id = region.as_ref().map_or(channel::SCRATCH, |r| r.id);
-    for (c, chunk) in plan::plan(flow, id, extent, chunking, seq) {
+    let runs: Vec<&Arc<crate::engine::region::Region>> = region.iter().flat_map(|r| r.iter()).collect();
+    let ids: Vec<u64> = match runs.is_empty() {
+        true => vec![channel::SCRATCH],
+        false => runs.iter().map(|r| r.id).collect(),
+    };
+    for (c, run, chunk) in plan::plan(flow, &ids, extent, chunking, seq) {
         // A flow whose region is gone moves through scratch memory with the same chunk lengths.
+        let region = runs.get(run).or(runs.first()).copied();
         let chunk = if region.is_some() { chunk } else { Chunk { mem: ChunkMem::At(0), ..chunk } };
         match dir {
-            Direction::Send => channels[c].queue_send(chunk, region.as_ref())?,
-            Direction::Recv => channels[c].queue_recv(chunk, region.as_ref())?,
+            Direction::Send => channels[c].queue_send(chunk, region)?,
+            Direction::Recv => channels[c].queue_recv(chunk, region)?,
         }
     }
     Ok(())

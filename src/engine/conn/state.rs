@@ -28,14 +28,14 @@ mod offer;
 mod seam;
 
 use super::landing::Landings;
-pub(super) use crate::engine::one_sided::{OneSidedItem, OneSidedRequest, VectorRequest};
+pub(super) use crate::engine::one_sided::{OneSidedItem, OneSidedRequest, Regions, VectorRequest, VectorRuns};
 use crate::engine::path::{self, Path};
 use crate::engine::plan::{Chunking, Extent, chunk_count};
 use crate::engine::region::Region;
 use crate::engine::same_host::state::SameHost;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
-use crate::proto::{Control, Frame, INLINE_LEN_FLOOR, MAX_INLINE_LEN, MAX_INLINE_SEND_BACKLOG, RemoteSeg};
+use crate::proto::{Control, Frame, INLINE_LEN_FLOOR, MAX_INLINE_LEN, MAX_INLINE_SEND_BACKLOG, RemoteSeg, VectorRun};
 use crate::transport::{IoSeg, MemKind};
 pub(crate) use offer::{DeviceRecv, IpcOffer, IpcSource};
 
@@ -126,7 +126,7 @@ pub(super) enum Direction {
 pub(super) struct FlowPlan {
     pub dir: Direction,
     pub flow: u64,
-    pub region: Option<Arc<Region>>,
+    pub region: Option<Regions>,
     pub extent: Extent,
     pub seq: u64,
 }
@@ -212,8 +212,8 @@ struct Flow {
     remaining: usize,
     len: u64,
     on_done: OnDone,
-    /// Keeps the registration alive while in flight; None for a flow that moves through scratch.
-    region: Option<Arc<Region>>,
+    /// Keeps the registrations alive while in flight; None for a flow that moves through scratch.
+    region: Option<Regions>,
     /// How the flow ends once its chunks are through, when not in success: its region was cut off,
     /// or the peer refused it.
     error: Option<Error>,
@@ -235,7 +235,7 @@ struct Flow {
 impl Flow {
     /// A flow of `len` bytes in `remaining` chunks (plus any answer it waits for), cuttable, none
     /// of them held back or refused: callers override what differs.
-    fn new(remaining: usize, len: u64, on_done: OnDone, region: Option<Arc<Region>>, error: Option<Error>) -> Flow {
+    fn new(remaining: usize, len: u64, on_done: OnDone, region: Option<Regions>, error: Option<Error>) -> Flow {
         Flow {
             remaining,
             len,
@@ -259,7 +259,7 @@ impl Flow {
 /// Memory a flow sends from.
 struct Source {
     extent: Extent,
-    region: Arc<Region>,
+    region: Regions,
 }
 
 struct Outbound {
@@ -275,7 +275,7 @@ struct Outbound {
 
 struct Inbound {
     extent: Extent,
-    region: Arc<Region>,
+    region: Regions,
     on_done: OnDone,
     /// Bytes of `inline_one_sided` this small read holds until its ReadData (zero otherwise).
     inline: u64,
@@ -289,8 +289,8 @@ struct Inbound {
 
 impl Inbound {
     /// A destination that ends on its own data: no inline bytes held, no answer awaited.
-    fn new(extent: Extent, region: Arc<Region>, on_done: OnDone) -> Inbound {
-        Inbound { extent, region, on_done, inline: 0, error: None, awaits_answer: false }
+    fn new(extent: Extent, region: impl Into<Regions>, on_done: OnDone) -> Inbound {
+        Inbound { extent, region: region.into(), on_done, inline: 0, error: None, awaits_answer: false }
     }
 
     /// The peer answered this read on the control stream: counted once, whichever message it was.
@@ -500,9 +500,12 @@ impl ConnState {
         requests: Vec<OneSidedRequest>,
         out: &mut Vec<Action>,
     ) -> Result<()> {
-        live(requests.iter().map(|r| match r {
-            OneSidedRequest::Item(item) => &item.region,
-            OneSidedRequest::Vector(vector) => &vector.region,
+        live(requests.iter().flat_map(|r| {
+            let (first, runs) = match r {
+                OneSidedRequest::Item(item) => (&item.region, None),
+                OneSidedRequest::Vector(vector) => (&vector.region, vector.runs.as_ref()),
+            };
+            std::iter::once(first).chain(runs.into_iter().flat_map(|runs| runs.local.iter()))
         }))?;
         // Processes of one host copy host memory directly (`same_host/state.rs`); the target still
         // decides.
@@ -529,7 +532,10 @@ impl ConnState {
                 later_parts += 1;
             }
             // A read over the channels ends on its own chunks, with no answer.
-            read_parts += usize::from(matches!(msg, Control::ReadRequest { .. } | Control::ReadVector { .. }));
+            read_parts += usize::from(matches!(
+                msg,
+                Control::ReadRequest { .. } | Control::ReadVector { .. } | Control::ReadRuns { .. }
+            ));
             out.push(Action::Send(msg));
         }
         out.append(&mut flows);
@@ -584,10 +590,10 @@ impl ConnState {
             Control::ReadSmall { xfer: id, region: remote_region, token, addr, len }
         } else if write {
             let request = Control::WriteRequest { xfer: id, region: remote_region, token, addr, len };
-            self.post_write(id, Source { extent, region }, transfer, direct, request, flows)
+            self.post_write(id, Source { extent, region: region.into() }, transfer, direct, request, flows)
         } else {
             let request = Control::ReadRequest { xfer: id, region: remote_region, token, addr, len };
-            self.post_read(id, extent, region, transfer, direct, request)
+            self.post_read(id, extent, region.into(), transfer, direct, request)
         };
         (msg, inline, asked)
     }
@@ -603,7 +609,21 @@ impl ConnState {
         flows: &mut Vec<Action>,
     ) -> (Control, bool) {
         let id = self.take_id();
-        let VectorRequest { region, local: extent, remote_region, token, segs } = vector;
+        let VectorRequest { region, local: extent, remote_region, token, segs, runs } = vector;
+        if let Some(runs) = runs {
+            // Several regions, one flow over the channels: never the same-host copy, which goes
+            // per region (a call is grouped so only where its one path is the network).
+            let VectorRuns { local, remote } = *runs;
+            let src = Source { extent, region: Regions::Runs(local) };
+            let msg = if write {
+                let request = Control::WriteRuns { xfer: id, runs: remote, segs };
+                self.post_write(id, src, transfer, None, request, flows)
+            } else {
+                let request = Control::ReadRuns { xfer: id, runs: remote, segs };
+                self.post_read(id, src.extent, src.region, transfer, None, request)
+            };
+            return (msg, false);
+        }
         let len = segs.iter().map(|s| u64::from(s.len)).sum();
         let path = path::request_path(path::Request {
             len,
@@ -622,10 +642,10 @@ impl ConnState {
         let asked = direct.is_some();
         let msg = if write {
             let request = Control::WriteVector { xfer: id, region: remote_region, token, segs };
-            self.post_write(id, Source { extent, region }, transfer, direct, request, flows)
+            self.post_write(id, Source { extent, region: region.into() }, transfer, direct, request, flows)
         } else {
             let request = Control::ReadVector { xfer: id, region: remote_region, token, segs };
-            self.post_read(id, extent, region, transfer, direct, request)
+            self.post_read(id, extent, region.into(), transfer, direct, request)
         };
         (msg, asked)
     }
@@ -660,7 +680,7 @@ impl ConnState {
         &mut self,
         id: u64,
         extent: Extent,
-        region: Arc<Region>,
+        region: Regions,
         transfer: &Arc<Transfer>,
         direct: Option<Control>,
         request: Control,
@@ -682,7 +702,7 @@ impl ConnState {
         let (mut inline_parts, mut eager_parts, mut offered_parts) = (0, 0, 0);
         for SendItem { region, addr, len, payload, ipc } in items {
             let id = self.take_id();
-            let src = Source { extent: Extent::Contiguous { addr, len }, region };
+            let src = Source { extent: Extent::Contiguous { addr, len }, region: region.into() };
             if let Some(offer) = ipc {
                 offered_parts += 1;
                 self.offer_ipc(id, (src, addr as u64), transfer, offer, out);
@@ -748,7 +768,7 @@ impl ConnState {
     pub fn cut(&mut self, region: u64, err: &Error, out: &mut Vec<Action>) -> Result<()> {
         let on = |r: &Arc<Region>| r.id == region;
         let mut uncuttable = false;
-        for (&flow, f) in self.flows.iter_mut().filter(|(_, f)| f.region.as_ref().is_some_and(on)) {
+        for (&flow, f) in self.flows.iter_mut().filter(|(_, f)| f.region.as_ref().is_some_and(|r| r.has(region))) {
             f.error.get_or_insert_with(|| err.clone());
             uncuttable |= f.uncuttable;
             if let OnDone::Served(peer_op) = f.on_done
@@ -760,11 +780,11 @@ impl ConnState {
                 out.push(Action::Send(deny_msg(peer_op, err)));
             }
         }
-        for o in self.awaiting_grant.values_mut().filter(|o| on(&o.src.region)) {
+        for o in self.awaiting_grant.values_mut().filter(|o| o.src.region.has(region)) {
             o.error.get_or_insert_with(|| err.clone());
             uncuttable |= !o.prompt;
         }
-        for i in self.inbound.values_mut().filter(|i| on(&i.region)) {
+        for i in self.inbound.values_mut().filter(|i| i.region.has(region)) {
             i.error.get_or_insert_with(|| err.clone());
         }
         let landing = self.landing_recv.iter_mut().map(|(_, r)| r);
@@ -869,9 +889,9 @@ impl ConnState {
         let dst = self.inbound.get(&xfer)?;
         match dst.extent {
             Extent::Contiguous { addr, len: asked }
-                if asked == len && dst.error.is_none() && dst.region.kind == MemKind::Host =>
+                if asked == len && dst.error.is_none() && dst.region.first().kind == MemKind::Host =>
             {
-                Some((addr, dst.region.id))
+                Some((addr, dst.region.first().id))
             }
             _ => None,
         }
@@ -960,7 +980,7 @@ impl ConnState {
             Some(e) => Err(e),
             // SAFETY: the destination was checked against its registration when the read was
             // posted, is not cut off, and the region is kept alive by `dst`.
-            None => unsafe { mem.start_store(&dst.region, addr, payload) },
+            None => unsafe { mem.start_store(dst.region.first(), addr, payload) },
         };
         let len = payload.len() as u64;
         let finish = dst.on_done.transfer().map(|t| Action::Finish(t.clone(), Ok(len)));
@@ -1000,17 +1020,30 @@ impl ConnState {
                 Ok(())
             }
             Control::WriteRequest { xfer, region, token, addr, len } => {
-                let authorized = mem.authorize(region, token, addr, len);
+                let authorized = mem.authorize(region, token, addr, len).map(Regions::One);
                 self.receive_write(xfer, Extent::Contiguous { addr: addr as usize, len }, authorized, out)
             }
             Control::WriteVector { xfer, region, token, segs } => {
-                let authorized = mem.authorize_segments(region, token, &segs);
+                let authorized = mem.authorize_segments(region, token, &segs).map(Regions::One);
                 self.receive_write(xfer, local_segments(&segs), authorized, out)
             }
             Control::ReadVector { xfer, region, token, segs } => {
                 match mem.authorize_segments(region, token, &segs) {
                     Err(e) => deny(xfer, e, out),
-                    Ok(region) => self.serve(xfer, Source { extent: local_segments(&segs), region }, out)?,
+                    Ok(region) => {
+                        self.serve(xfer, Source { extent: local_segments(&segs), region: region.into() }, out)?
+                    }
+                }
+                Ok(())
+            }
+            Control::WriteRuns { xfer, runs, segs } => {
+                let authorized = authorize_runs(mem, &runs, &segs);
+                self.receive_write(xfer, run_segments(&runs, &segs), authorized, out)
+            }
+            Control::ReadRuns { xfer, runs, segs } => {
+                match authorize_runs(mem, &runs, &segs) {
+                    Err(e) => deny(xfer, e, out),
+                    Ok(region) => self.serve(xfer, Source { extent: run_segments(&runs, &segs), region }, out)?,
                 }
                 Ok(())
             }
@@ -1019,7 +1052,7 @@ impl ConnState {
                     Err(e) => deny(xfer, e, out),
                     Ok(region) => {
                         let extent = Extent::Contiguous { addr: addr as usize, len };
-                        self.serve(xfer, Source { extent, region }, out)?
+                        self.serve(xfer, Source { extent, region: region.into() }, out)?
                     }
                 }
                 Ok(())
@@ -1377,7 +1410,7 @@ impl ConnState {
         &mut self,
         xfer: u64,
         extent: Extent,
-        authorized: Result<Arc<Region>>,
+        authorized: Result<Regions>,
         out: &mut Vec<Action>,
     ) -> Result<()> {
         let (region, extent, error) = match authorized {
@@ -1505,12 +1538,39 @@ fn local_segments(segs: &[RemoteSeg]) -> Extent {
     Extent::scattered(segs.iter().map(|s| IoSeg { addr: s.addr as usize, len: s.len as usize }))
 }
 
+/// The segments of the peer's vector over several regions as our extent, cut into its runs.
+fn run_segments(runs: &[VectorRun], segs: &[RemoteSeg]) -> Extent {
+    let counts: Arc<[usize]> = runs.iter().map(|r| r.segs as usize).collect();
+    Extent::scattered_runs(segs.iter().map(|s| IoSeg { addr: s.addr as usize, len: s.len as usize }), counts)
+}
+
+/// Every run of the peer's vector authorized against its own region (validation proved the runs
+/// add up to the segments): the regions in run order, or the first refusal.
+fn authorize_runs(mem: &impl Memory, runs: &[VectorRun], segs: &[RemoteSeg]) -> Result<Regions> {
+    let mut at = 0;
+    let mut regions = Vec::with_capacity(runs.len());
+    for (i, run) in runs.iter().enumerate() {
+        let end = at + run.segs as usize;
+        let Some(run_segs) = segs.get(at..end) else {
+            return Err(Error::invalid("the runs of a vector over several regions exceed its segments"));
+        };
+        regions
+            .push(mem.authorize_segments(run.region, run.token, run_segs).map_err(|e| e.context(format!("run {i}")))?);
+        at = end;
+    }
+    Ok(Regions::Runs(regions.into()))
+}
+
 /// The same lengths with no address in them: what a refused write is received as. The chunk plan
 /// needs only the lengths, and the channels give each scratch chunk memory of its own.
 fn scratch(extent: &Extent) -> Extent {
     match extent {
         Extent::Contiguous { len, .. } => Extent::Contiguous { addr: 0, len: *len },
-        Extent::Scattered { segs, .. } => Extent::scattered(segs.iter().map(|s| IoSeg { addr: 0, len: s.len })),
+        // The runs too: they cut the chunks.
+        Extent::Scattered { segs, runs, .. } => match runs {
+            Some(runs) => Extent::scattered_runs(segs.iter().map(|s| IoSeg { addr: 0, len: s.len }), runs.clone()),
+            None => Extent::scattered(segs.iter().map(|s| IoSeg { addr: 0, len: s.len })),
+        },
     }
 }
 

@@ -5,10 +5,15 @@
 //!
 //! The grouper sees each item once, as the call's items are checked, and keeps nothing per item: a
 //! call of 100,000 items yields a handful of parts.
+//!
+//! Where the network is the call's one path, consecutive runs of different regions then go
+//! together as one vector over several regions (`requests`): a serving stack's request names every
+//! layer's K and V region (64 to 188), and a request and a flow per region made the per-region
+//! work, not the bytes, set a transfer's time.
 
 use std::ops::Range;
 
-use crate::proto::{INLINE_LEN_FLOOR, MAX_VECTOR_BYTES, MAX_VECTOR_SEGMENTS};
+use crate::proto::{INLINE_LEN_FLOOR, MAX_VECTOR_BYTES, MAX_VECTOR_RUNS, MAX_VECTOR_SEGMENTS};
 
 /// A run of at most this many items whose bytes fit one inline message goes item by item: that is
 /// one round trip on the control stream, where a vector takes a request, a grant and a channel
@@ -31,11 +36,46 @@ pub(super) struct RunKey {
     pub token: u64,
 }
 
-/// A finished run: items `items` of the call, sent as one vector request or item by item.
+/// A finished run: items `items` of the call (`bytes` in all), sent as one vector request or item
+/// by item.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Run {
     pub items: Range<usize>,
+    pub bytes: u64,
     pub vector: bool,
+}
+
+/// The call's requests as ranges of its runs: with `spans`, consecutive runs go together while one
+/// request's limits allow (segments, bytes, runs); a group of several runs is one vector over
+/// several regions. A group too small to gain from that (its items would go inline) is left as its
+/// runs, one request each, as without `spans`.
+pub(super) fn requests(runs: &[Run], spans: bool) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < runs.len() {
+        let (mut end, mut items, mut bytes) = (start + 1, runs[start].items.len(), runs[start].bytes);
+        while spans && end < runs.len() && end - start < MAX_VECTOR_RUNS {
+            let next = &runs[end];
+            if items + next.items.len() > REQUEST_SEGMENTS || bytes.saturating_add(next.bytes) > MAX_VECTOR_BYTES {
+                break;
+            }
+            items += next.items.len();
+            bytes += next.bytes;
+            end += 1;
+        }
+        if end - start > 1 && !is_vector(items, bytes) {
+            out.extend((start..end).map(|i| i..i + 1));
+        } else {
+            out.push(start..end);
+        }
+        start = end;
+    }
+    out
+}
+
+/// Whether `items` items of `bytes` in all go as one vector request rather than one by one.
+fn is_vector(items: usize, bytes: u64) -> bool {
+    items >= 2 && (bytes > INLINE_LEN_FLOOR as u64 || items > INLINE_RUN)
 }
 
 /// What adding an item did.
@@ -84,8 +124,8 @@ impl Grouper {
 
     fn run(&self) -> Option<Run> {
         let items = self.start..self.next;
-        let vector = items.len() >= 2 && (self.bytes > INLINE_LEN_FLOOR as u64 || items.len() > INLINE_RUN);
-        (!items.is_empty()).then_some(Run { items, vector })
+        let vector = is_vector(items.len(), self.bytes);
+        (!items.is_empty()).then_some(Run { vector, items, bytes: self.bytes })
     }
 }
 
@@ -98,7 +138,7 @@ mod tests {
     }
 
     /// The runs of items given as `(local, remote, len)`.
-    fn runs(items: &[(u64, u64, u64)]) -> Vec<Run> {
+    fn full_runs(items: &[(u64, u64, u64)]) -> Vec<Run> {
         let mut g = Grouper::default();
         let mut out = Vec::new();
         for &(l, r, len) in items {
@@ -110,27 +150,59 @@ mod tests {
         out
     }
 
-    fn vector(items: Range<usize>) -> Run {
-        Run { items, vector: true }
+    /// The same, each run as its items and whether it is a vector.
+    fn runs(items: &[(u64, u64, u64)]) -> Vec<(Range<usize>, bool)> {
+        full_runs(items).into_iter().map(|r| (r.items, r.vector)).collect()
     }
 
-    fn single(i: usize) -> Run {
-        Run { items: i..i + 1, vector: false }
+    fn vector(items: Range<usize>) -> (Range<usize>, bool) {
+        (items, true)
+    }
+
+    fn single(i: usize) -> (Range<usize>, bool) {
+        (i..i + 1, false)
     }
 
     #[test]
     fn runs_of_shared_regions_become_vectors_and_short_small_runs_stay_single() {
         let big = 64 << 10;
         let got = runs(&[(0, 5, big), (0, 5, 1), (1, 5, big), (1, 5, big), (1, 6, 8), (1, 6, 8)]);
-        assert_eq!(got, [vector(0..2), vector(2..4), Run { items: 4..6, vector: false }]);
+        assert_eq!(got, [vector(0..2), vector(2..4), (4..6, false)]);
         assert_eq!(runs(&vec![(2, 1, 8); INLINE_RUN + 1]), [vector(0..INLINE_RUN + 1)]);
-        assert_eq!(runs(&vec![(2, 1, 8); INLINE_RUN]), [Run { items: 0..INLINE_RUN, vector: false }]);
+        assert_eq!(runs(&vec![(2, 1, 8); INLINE_RUN]), [(0..INLINE_RUN, false)]);
         assert_eq!(runs(&[(0, 1, 1 << 20)]), [single(0)]);
         assert!(runs(&[]).is_empty());
         // The token is part of the key: another capability of the same region is another run.
         let mut g = Grouper::default();
         assert_eq!((g.push(key(0, 1), big), g.push(key(0, 1), big)), (Push::Started(None), Push::Joined));
-        assert_eq!(g.push(RunKey { token: 8, ..key(0, 1) }, big), Push::Started(Some(vector(0..2))));
+        let pushed = g.push(RunKey { token: 8, ..key(0, 1) }, big);
+        assert_eq!(pushed, Push::Started(Some(Run { items: 0..2, bytes: 2 * big, vector: true })));
+    }
+
+    #[test]
+    fn runs_of_many_regions_go_as_one_request_where_the_network_is_the_path() {
+        // 160 regions x 50 blocks of 16 KiB, region-major, as a serving stack's block table.
+        let kv: Vec<_> = (0..160u64).flat_map(|r| (0..50).map(move |_| (r, r + 1000, 16 << 10))).collect();
+        let all = full_runs(&kv);
+        assert_eq!(all.len(), 160);
+        assert_eq!(requests(&all, true), vec![0..160usize], "one request for the whole call");
+        assert_eq!(requests(&all, false), (0..160).map(|i| i..i + 1).collect::<Vec<_>>(), "a request per region");
+        // The request limits cut: 8 regions of 2,000 blocks make requests of at most 8,192 segments.
+        let wide: Vec<_> = (0..8u64).flat_map(|r| (0..2000).map(move |_| (r, r, 4096))).collect();
+        assert_eq!(requests(&full_runs(&wide), true), [0..4, 4..8]);
+        // Runs of small items that would go inline stay item by item, each run its own request.
+        let small = [(0, 0, 8), (1, 1, 8), (2, 2, 8)];
+        assert_eq!(requests(&full_runs(&small), true), [0..1, 1..2, 2..3]);
+        // Small items are one vector once there are more than an inline run of them.
+        let many: Vec<_> = (0..INLINE_RUN as u64 + 1).map(|r| (r, r, 8)).collect();
+        assert_eq!(requests(&full_runs(&many), true), vec![0..INLINE_RUN + 1]);
+        // At most MAX_VECTOR_RUNS runs a request: items alternating between two regions.
+        let alternating: Vec<_> = (0..MAX_VECTOR_RUNS as u64 + 3).map(|i| (i % 2, i % 2, 64 << 10)).collect();
+        assert_eq!(
+            requests(&full_runs(&alternating), true),
+            [0..MAX_VECTOR_RUNS, MAX_VECTOR_RUNS..MAX_VECTOR_RUNS + 3]
+        );
+        assert!(requests(&[], true).is_empty());
     }
 
     #[test]

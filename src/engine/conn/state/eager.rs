@@ -82,7 +82,7 @@ impl ConnState {
                     let chunks = chunk_count(&extent, self.chunking);
                     let on_done = OnDone::PartAndAck(recv.transfer, peer_op);
                     let (flow, seq) = self.number_inbound();
-                    let f = Flow::new(chunks, len, on_done, Some(recv.region), None);
+                    let f = Flow::new(chunks, len, on_done, Some(recv.region.into()), None);
                     self.queue_flow(Direction::Recv, (flow, seq), extent, f, out);
                     Ok(())
                 }
@@ -108,7 +108,7 @@ impl ConnState {
         let extent = landings.take(flow, peer_op, len).ok_or_else(violation)?;
         let region = landings.region().clone();
         self.announced(Announced { peer_op, len, body: Body::Landing(flow) })?;
-        let f = Flow::new(chunk_count(&extent, self.chunking), len, OnDone::Landing, Some(region), None);
+        let f = Flow::new(chunk_count(&extent, self.chunking), len, OnDone::Landing, Some(region.into()), None);
         self.queue_flow(Direction::Recv, (flow, seq), extent, f, out);
         Ok(())
     }

@@ -38,7 +38,7 @@ impl Network for Net<'_> {
     }
 
     fn serve(&mut self, xfer: u64, extent: Extent, region: Arc<Region>) -> Result<()> {
-        self.state.serve(xfer, Source { extent, region }, self.out)
+        self.state.serve(xfer, Source { extent, region: region.into() }, self.out)
     }
 
     fn serving(&self, xfer: u64) -> bool {
@@ -47,6 +47,8 @@ impl Network for Net<'_> {
 
     fn take_read(&mut self, xfer: u64) -> Option<Destination> {
         let Inbound { extent, region, on_done, error, .. } = self.state.inbound.remove(&xfer)?;
+        // Only a read in one region asks for the same-host copy.
+        let region = region.first().clone();
         Some(Destination { extent, region, transfer: on_done.transfer().cloned(), error })
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::super::copies::StartedCopies;
-use super::super::vector::{Grouper, Push, REQUEST_SEGMENTS, RunKey};
+use super::super::vector::{self, Grouper, Push, REQUEST_SEGMENTS, RunKey};
 use super::*;
 use crate::config::Config;
 use crate::engine::conn::landing::LandingMemory;
@@ -265,6 +265,12 @@ impl End {
     /// A write (or read) of `len` bytes between `local` at `off` and `remote` at `roff`, per item;
     /// items are grouped into requests as the connection groups them.
     fn one_sided(&mut self, write: bool, items: &[(&Buf, usize, &Buf, usize, usize)]) -> Arc<Transfer> {
+        self.one_sided_in(write, items, false)
+    }
+
+    /// `one_sided`; with `spans`, runs of several regions go together as the network path groups
+    /// them (`vector::requests`), as vectors over several regions.
+    fn one_sided_in(&mut self, write: bool, items: &[(&Buf, usize, &Buf, usize, usize)], spans: bool) -> Arc<Transfer> {
         let mut grouper = Grouper::default();
         let mut runs = Vec::new();
         for &(local, _, remote, _, len) in items {
@@ -288,7 +294,40 @@ impl End {
             })
         };
         let mut parts = Vec::new();
-        for run in runs {
+        for group in vector::requests(&runs, spans) {
+            if group.len() > 1 {
+                let all = &items[runs[group.start].items.start..runs[group.end - 1].items.end];
+                let counts: Arc<[usize]> = runs[group.clone()].iter().map(|r| r.items.len()).collect();
+                let heads: Vec<_> = runs[group.clone()].iter().map(|r| items[r.items.start]).collect();
+                let (local, _, remote, _, _) = heads[0];
+                parts.push(OneSidedRequest::Vector(VectorRequest {
+                    region: local.region.clone(),
+                    local: Extent::scattered_runs(
+                        all.iter().map(|&(l, o, _, _, n)| IoSeg { addr: l.addr() + o, len: n }),
+                        counts,
+                    ),
+                    remote_region: remote.cap.region,
+                    token: remote.cap.token,
+                    segs: all
+                        .iter()
+                        .map(|&(_, _, r, ro, n)| RemoteSeg { addr: (r.addr() + ro) as u64, len: n as u32 })
+                        .collect(),
+                    runs: Some(Box::new(VectorRuns {
+                        local: heads.iter().map(|h| h.0.region.clone()).collect(),
+                        remote: runs[group.clone()]
+                            .iter()
+                            .zip(&heads)
+                            .map(|(r, h)| VectorRun {
+                                region: h.2.cap.region,
+                                token: h.2.cap.token,
+                                segs: r.items.len() as u32,
+                            })
+                            .collect(),
+                    })),
+                }));
+                continue;
+            }
+            let run = runs[group.start].clone();
             let run_items = &items[run.items];
             let (local, _, remote, _, _) = run_items[0];
             if !run.vector {
@@ -304,6 +343,7 @@ impl End {
                     .iter()
                     .map(|&(_, _, r, ro, n)| RemoteSeg { addr: (r.addr() + ro) as u64, len: n as u32 })
                     .collect(),
+                runs: None,
             }));
         }
         let t = self.transfer(parts.len());
@@ -362,7 +402,7 @@ impl End {
         let cut = self.st.cut(id, &err, &mut out);
         self.take(out);
         for plan in self.sending.values_mut().chain(self.receiving.values_mut()) {
-            if plan.region.as_ref().is_some_and(|r| r.id == id) {
+            if plan.region.as_ref().is_some_and(|r| r.has(id)) {
                 plan.region = None;
             }
         }
@@ -394,7 +434,7 @@ fn move_data(from: &mut End, to: &mut End) -> bool {
         assert_eq!(src.extent.len(), dst.extent.len(), "both ends plan the same flow");
         // Both ends cut the flow into the same chunks on the same channels, whatever their memory.
         let shape = |p: &FlowPlan, chunking| {
-            plan::plan(p.flow, 1, &p.extent, chunking, p.seq).map(|(ch, c)| (ch, c.len)).collect::<Vec<_>>()
+            plan::plan(p.flow, &[1], &p.extent, chunking, p.seq).map(|(ch, _, c)| (ch, c.len)).collect::<Vec<_>>()
         };
         let chunks = shape(&src, from.st.chunking());
         assert_eq!(chunks, shape(&dst, to.st.chunking()), "both ends cut the flow alike");
@@ -509,6 +549,7 @@ mod device_copies;
 mod direct;
 mod eager;
 mod ipc_send;
+mod runs;
 
 fn pattern(seed: u8) -> impl Fn(usize) -> u8 {
     move |i| (i as u8).wrapping_mul(31).wrapping_add(seed)
@@ -1502,7 +1543,7 @@ fn a_vector_with_one_segment_outside_the_window_fails_whole_and_touches_nothing(
             // The chunks are on their way: received into scratch memory, nowhere in the region.
             let [(_, plan)] = b.receiving.iter().collect::<Vec<_>>()[..] else { panic!("{:?}", b.receiving) };
             assert!(plan.region.is_none(), "a refused write lands in scratch memory");
-            let Extent::Scattered { segs, len } = &plan.extent else { panic!("{:?}", plan.extent) };
+            let Extent::Scattered { segs, len, .. } = &plan.extent else { panic!("{:?}", plan.extent) };
             assert!(segs.iter().all(|s| s.addr == 0) && *len == (20 * 1024 + 4096) as u64, "{segs:?}");
             assert!(b.outbox.is_empty(), "the Deny waits for the chunks");
         } else {
