@@ -28,13 +28,13 @@ use uccl_tcpx::internal::proto::control::decode_frame;
 use uccl_tcpx::internal::proto::frame::{is_handshake_kind, max_body_len};
 use uccl_tcpx::internal::proto::{
     AuthChallenge, AuthHello, AuthProof, Capability, ChannelHello, Control, FrameHeader, Handshake, Hello,
-    HostIdentity, Refuse, RemoteSeg, Welcome,
+    HostIdentity, Refuse, RemoteSeg, VectorRun, Welcome,
 };
 
 /// `proto::FRAME_HEADER_LEN` is crate-private; `FrameHeader::to_bytes` pins the same number.
 const HEADER_LEN: usize = 8;
-/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 22.
-const VERSION: u16 = 22;
+/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 23.
+const VERSION: u16 = 23;
 const CHANNEL_HELLO_LEN: usize = 16;
 const FIFO_LEN: usize = 64;
 /// Protocol limits (crate-private in `proto`); `limits_match_the_codec` checks each against the codec.
@@ -263,6 +263,26 @@ fn sample_controls() -> Vec<(&'static str, Control)> {
                 region: 26,
                 token: 27,
                 segs: vec![RemoteSeg { addr: u64::MAX - 8, len: 8 }],
+            },
+        ),
+        (
+            "write_runs",
+            Control::WriteRuns {
+                xfer: 30,
+                runs: vec![VectorRun { region: 31, token: 32, segs: 1 }, VectorRun { region: 33, token: 34, segs: 2 }],
+                segs: vec![
+                    RemoteSeg { addr: 0x1000, len: 4096 },
+                    RemoteSeg { addr: 0x9000, len: 17 },
+                    RemoteSeg { addr: 0x4000, len: 16 << 10 },
+                ],
+            },
+        ),
+        (
+            "read_runs",
+            Control::ReadRuns {
+                xfer: 35,
+                runs: vec![VectorRun { region: 36, token: 37, segs: 1 }, VectorRun { region: 36, token: 38, segs: 1 }],
+                segs: vec![RemoteSeg { addr: 0x2000, len: 8 }, RemoteSeg { addr: u64::MAX - 8, len: 8 }],
             },
         ),
         (
@@ -753,6 +773,18 @@ fn control() -> impl Strategy<Value = Control> {
         } else {
             Control::ReadVector { xfer, region, token, segs }
         }),
+        // The segments in runs of 0 to 3 segments (a run of none, or counts that do not add up,
+        // is invalid), each its region and token.
+        (request(), segments(), vec(0u32..4, 0..40), any::<bool>()).prop_map(
+            |((xfer, region, token, _), segs, counts, write)| {
+                let runs = counts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &n)| VectorRun { region: region ^ i as u64, token, segs: n })
+                    .collect();
+                if write { Control::WriteRuns { xfer, runs, segs } } else { Control::ReadRuns { xfer, runs, segs } }
+            }
+        ),
         Just(Control::Close),
     ]
 }

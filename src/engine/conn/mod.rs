@@ -52,7 +52,7 @@ use landing::LandingMemory;
 use memory::EngineMemory;
 pub use pieces::{Piece, PieceRun};
 use reader::Handled;
-use state::{Action, ConnState, DeviceRecv, Direction, FlowPlan, IpcSource, Memory};
+use state::{Action, ConnState, DeviceRecv, Direction, FlowPlan, IpcSource, Memory, Regions};
 
 /// How long closing waits for queued control messages (the Close among them) to leave.
 const LINGER_ON_CLOSE: Duration = Duration::from_secs(1);
@@ -944,14 +944,22 @@ fn queue(channels: &mut [Channel], chunking: Chunking, flow_plan: &FlowPlan) -> 
         )));
     }
     let FlowPlan { dir, flow, ref region, ref extent, seq } = *flow_plan;
-    let runs: Vec<&Arc<crate::engine::region::Region>> = region.iter().flat_map(|r| r.iter()).collect();
-    let ids: Vec<u64> = match runs.is_empty() {
-        true => vec![channel::SCRATCH],
-        false => runs.iter().map(|r| r.id).collect(),
+    // The region of each run, and its id for the plan (no list for a flow in one region).
+    let (one, many);
+    let (runs, ids): (&[Arc<crate::engine::region::Region>], &[u64]) = match region {
+        None => (&[], &[channel::SCRATCH]),
+        Some(Regions::One(r)) => {
+            one = [r.id];
+            (std::slice::from_ref(r), &one)
+        }
+        Some(Regions::Runs(rs)) => {
+            many = rs.iter().map(|r| r.id).collect::<Vec<_>>();
+            (rs, &many)
+        }
     };
-    for (c, run, chunk) in plan::plan(flow, &ids, extent, chunking, seq) {
+    for (c, run, chunk) in plan::plan(flow, ids, extent, chunking, seq) {
         // A flow whose region is gone moves through scratch memory with the same chunk lengths.
-        let region = runs.get(run).or(runs.first()).copied();
+        let region = runs.get(run);
         let chunk = if region.is_some() { chunk } else { Chunk { mem: ChunkMem::At(0), ..chunk } };
         match dir {
             Direction::Send => channels[c].queue_send(chunk, region)?,

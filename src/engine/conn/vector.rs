@@ -45,29 +45,27 @@ pub(super) struct Run {
     pub vector: bool,
 }
 
-/// The call's requests as ranges of its runs: with `spans`, consecutive runs go together while one
-/// request's limits allow (segments, bytes, runs); a group of several runs is one vector over
-/// several regions. A group too small to gain from that (its items would go inline) is left as its
-/// runs, one request each, as without `spans`.
+/// The call's requests as ranges of its runs: with `spans`, consecutive vector runs go together
+/// while one request's limits allow (segments, bytes, runs); a group of several runs is one vector
+/// over several regions. A run that is no vector (items small enough to go inline, or one item)
+/// keeps its own requests, as without `spans`.
 pub(super) fn requests(runs: &[Run], spans: bool) -> Vec<Range<usize>> {
     let mut out = Vec::new();
     let mut start = 0;
     while start < runs.len() {
         let (mut end, mut items, mut bytes) = (start + 1, runs[start].items.len(), runs[start].bytes);
-        while spans && end < runs.len() && end - start < MAX_VECTOR_RUNS {
+        while spans && runs[start].vector && end < runs.len() && end - start < MAX_VECTOR_RUNS {
             let next = &runs[end];
-            if items + next.items.len() > REQUEST_SEGMENTS || bytes.saturating_add(next.bytes) > MAX_VECTOR_BYTES {
+            let fits =
+                items + next.items.len() <= REQUEST_SEGMENTS && bytes.saturating_add(next.bytes) <= MAX_VECTOR_BYTES;
+            if !next.vector || !fits {
                 break;
             }
             items += next.items.len();
             bytes += next.bytes;
             end += 1;
         }
-        if end - start > 1 && !is_vector(items, bytes) {
-            out.extend((start..end).map(|i| i..i + 1));
-        } else {
-            out.push(start..end);
-        }
+        out.push(start..end);
         start = end;
     }
     out
@@ -190,18 +188,15 @@ mod tests {
         // The request limits cut: 8 regions of 2,000 blocks make requests of at most 8,192 segments.
         let wide: Vec<_> = (0..8u64).flat_map(|r| (0..2000).map(move |_| (r, r, 4096))).collect();
         assert_eq!(requests(&full_runs(&wide), true), [0..4, 4..8]);
-        // Runs of small items that would go inline stay item by item, each run its own request.
-        let small = [(0, 0, 8), (1, 1, 8), (2, 2, 8)];
-        assert_eq!(requests(&full_runs(&small), true), [0..1, 1..2, 2..3]);
-        // Small items are one vector once there are more than an inline run of them.
-        let many: Vec<_> = (0..INLINE_RUN as u64 + 1).map(|r| (r, r, 8)).collect();
-        assert_eq!(requests(&full_runs(&many), true), vec![0..INLINE_RUN + 1]);
-        // At most MAX_VECTOR_RUNS runs a request: items alternating between two regions.
-        let alternating: Vec<_> = (0..MAX_VECTOR_RUNS as u64 + 3).map(|i| (i % 2, i % 2, 64 << 10)).collect();
-        assert_eq!(
-            requests(&full_runs(&alternating), true),
-            [0..MAX_VECTOR_RUNS, MAX_VECTOR_RUNS..MAX_VECTOR_RUNS + 3]
-        );
+        // Runs that are no vectors (small items that go inline, single items) keep their own
+        // requests, and a vector run next to them is not joined to them.
+        let small = [(0, 0, 8), (1, 1, 8), (2, 2, 1 << 20), (3, 3, 64 << 10), (3, 3, 64 << 10)];
+        assert_eq!(requests(&full_runs(&small), true), [0..1, 1..2, 2..3, 3..4]);
+        // At most MAX_VECTOR_RUNS runs a request: pairs of items alternating between two regions.
+        let alternating: Vec<_> =
+            (0..2 * (MAX_VECTOR_RUNS as u64 + 3)).map(|i| (i / 2 % 2, i / 2 % 2, 64 << 10)).collect();
+        let (all, most) = (MAX_VECTOR_RUNS + 3, MAX_VECTOR_RUNS);
+        assert_eq!(requests(&full_runs(&alternating), true), [0..most, most..all]);
         assert!(requests(&[], true).is_empty());
     }
 

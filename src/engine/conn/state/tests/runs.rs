@@ -73,14 +73,14 @@ fn a_read_over_several_regions_is_one_request_and_one_flow_back() {
 
 #[test]
 fn chunks_of_a_flow_over_several_regions_stay_in_their_runs() {
-    // Runs of 2 x about 20,000 bytes against chunks of 64 KiB: each run is a chunk of its own,
-    // where the same bytes in one region would take four.
+    // Runs of 4 x about 20,000 bytes against chunks of 64 KiB: two chunks a run, where the same
+    // bytes in one region would take eight.
     let (mut a, mut b) = (End::new(), End::new());
-    let layout = Layout::new(&a, &b, 6, 2, 0, 0);
+    let layout = Layout::new(&a, &b, 6, 4, 0, 0);
     a.one_sided_in(true, &layout.items(), true);
     let plan = a.sending.values().next().unwrap();
     let chunks: Vec<_> = plan::plan(plan.flow, &[7], &plan.extent, a.st.chunking(), plan.seq).collect();
-    assert_eq!(chunks.iter().map(|(_, run, _)| *run).collect::<Vec<_>>(), [0, 1, 2, 3, 4, 5]);
+    assert_eq!(chunks.iter().map(|(_, run, _)| *run).collect::<Vec<_>>(), [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]);
     assert_eq!(chunks.len(), chunk_count(&plan.extent, a.st.chunking()));
     assert!(matches!(&plan.region, Some(Regions::Runs(r)) if r.len() == 6));
     pump(&mut a, &mut b);
