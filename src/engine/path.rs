@@ -187,6 +187,23 @@ mod tests {
     }
 
     #[test]
+    fn vectors_span_regions_only_where_every_call_takes_the_connection() {
+        for local_peers in [LocalPeers::Socket, LocalPeers::Plugin] {
+            for locality in LOCALITIES {
+                let only_connection = [true, false]
+                    .iter()
+                    .all(|&local_host| call_paths(Call { locality, local_peers, local_host }) == [Path::Connection]);
+                let spans = spans_regions(locality, local_peers);
+                assert!(!spans || only_connection, "{locality:?} {local_peers:?}");
+            }
+        }
+        assert!(spans_regions(Locality::Remote, LocalPeers::Socket));
+        assert!(spans_regions(Locality::SameHost, LocalPeers::Plugin));
+        assert!(!spans_regions(Locality::SameHost, LocalPeers::Socket));
+        assert!(!spans_regions(Locality::SameProcess, LocalPeers::Plugin));
+    }
+
+    #[test]
     fn a_gpu_message_to_an_engine_of_this_host_is_offered_for_its_copy_else_takes_the_connection() {
         let gpu = MemKind::Cuda { device: 1 };
         let path =
