@@ -227,9 +227,10 @@ pub fn plan<'a>(
     let channels = chunking.channels.max(1);
     let first_channel = (seq % channels as u64) as usize;
     let size = flow_chunk(extent.len(), chunking);
+    // Only a flow of several runs keeps a count per run (no allocation for one region).
     let run_left = match extent {
         Extent::Scattered { segs, runs: Some(runs), .. } => run_bytes(segs, runs).collect(),
-        _ => vec![extent.len()],
+        _ => Vec::new(),
     };
     let mut cursor = Cursor { extent: extent.clone(), seg: 0, offset: 0, left: extent.len(), run: 0, run_left };
     (0..chunk_count(extent, chunking)).map(move |i| {
@@ -247,23 +248,24 @@ struct Cursor {
     offset: usize,
     /// Bytes of the flow not yet in a chunk.
     left: u64,
-    /// The run the next chunk lies in, and the bytes of each run not yet in a chunk.
+    /// The run the next chunk lies in, and the bytes of each run not yet in a chunk (empty for a
+    /// flow of one run, whose bytes left are `left`).
     run: usize,
     run_left: Vec<u64>,
 }
 
 impl Cursor {
     fn next(&mut self, chunk_size: usize, cut: Cut) -> (usize, ChunkMem, usize) {
-        while self.run_left[self.run] == 0 && self.run + 1 < self.run_left.len() {
+        while self.run + 1 < self.run_left.len() && self.run_left[self.run] == 0 {
             self.run += 1;
         }
         let run = self.run;
+        let in_run = self.run_left.get(run).copied().unwrap_or(self.left);
         match &self.extent {
             Extent::Contiguous { addr, len } => {
                 let done = (*len - self.left) as usize;
                 let n = (self.left as usize).min(chunk_size);
                 self.left -= n as u64;
-                self.run_left[run] -= n as u64;
                 (run, ChunkMem::At(addr + done), n)
             }
             Extent::Scattered { segs, .. } => {
@@ -274,10 +276,12 @@ impl Cursor {
                 let here = segs[self.seg];
                 let in_seg = here.len - self.offset;
                 let n = match cut {
-                    Cut::Spanning => (self.run_left[run].min(chunk_size as u64)) as usize,
+                    Cut::Spanning => (in_run.min(chunk_size as u64)) as usize,
                     Cut::PerSegment => in_seg.min(chunk_size),
                 };
-                self.run_left[run] -= n as u64;
+                if let Some(left) = self.run_left.get_mut(run) {
+                    *left -= n as u64;
+                }
                 let mem = if n <= in_seg {
                     ChunkMem::At(here.addr + self.offset)
                 } else {
