@@ -119,7 +119,7 @@ impl Connection {
         for group in &groups {
             match &runs[group.clone()] {
                 [run] => requests.extend(run.requests(ops)),
-                several => requests.push(vector_over_runs(several, ops)),
+                several => requests.push(vector(several, ops)),
             }
         }
         let local_host = requests.iter().all(|r| r.local_region().kind == MemKind::Host);
@@ -239,11 +239,7 @@ impl Connection {
         }
         let mut turn = InTurn::new();
         for (i, group) in groups.iter().enumerate() {
-            let request = match &runs[group.clone()] {
-                [run] => run.vector(ops),
-                several => vector_over_runs(several, ops),
-            };
-            if turn.built(request, i + 1 == parts) == Take::Hold {
+            if turn.built(vector(&runs[group.clone()], ops), i + 1 == parts) == Take::Hold {
                 continue;
             }
             let mut inner = self.inner.lock();
@@ -647,7 +643,7 @@ impl CheckedRun {
         let RunHead { region, remote_region, token } = &self.head;
         let (remote_region, token) = (*remote_region, *token);
         if self.run.vector {
-            return vec![self.vector(ops)];
+            return vec![vector(std::slice::from_ref(self), ops)];
         }
         self.run
             .items
@@ -666,33 +662,27 @@ impl CheckedRun {
             })
             .collect()
     }
-
-    /// The run as one vector request, its segment lists collected from exact-size iterators, each
-    /// into one allocation of its final size.
-    fn vector(&self, ops: &(impl ItemList + ?Sized)) -> OneSidedRequest {
-        let RunHead { region, remote_region, token } = &self.head;
-        let items = self.run.items.clone();
-        let local = Extent::scattered(items.clone().map(|i| ops.local(i)));
-        // The length was checked against the u32 size of its FifoItem.
-        let segs = items.map(|i| RemoteSeg { addr: ops.remote_addr(i), len: ops.local(i).len as u32 }).collect();
-        let (region, remote_region, token) = (region.clone(), *remote_region, *token);
-        OneSidedRequest::Vector(VectorRequest { region, local, remote_region, token, segs, runs: None })
-    }
 }
 
-/// Consecutive runs of a call as one vector over their regions: one request, one flow, its chunks
-/// cut per run. The segment lists are collected from exact-size iterators, as a run's are.
-fn vector_over_runs(runs: &[CheckedRun], ops: &(impl ItemList + ?Sized)) -> OneSidedRequest {
+/// Consecutive runs of a call as one vector request: one request, one flow; over several regions
+/// its chunks are cut per run. The segment lists are collected from exact-size iterators, each into
+/// one allocation of its final size.
+fn vector(runs: &[CheckedRun], ops: &(impl ItemList + ?Sized)) -> OneSidedRequest {
     let items = runs[0].run.items.start..runs[runs.len() - 1].run.items.end;
-    let counts: Arc<[usize]> = runs.iter().map(|r| r.run.items.len()).collect();
-    let local = Extent::scattered_runs(items.clone().map(|i| ops.local(i)), counts);
+    let pieces = items.clone().map(|i| ops.local(i));
+    let local = match runs {
+        [_] => Extent::scattered(pieces),
+        _ => Extent::scattered_runs(pieces, runs.iter().map(|r| r.run.items.len()).collect()),
+    };
     // Each length was checked against the u32 size of its FifoItem.
     let segs = items.map(|i| RemoteSeg { addr: ops.remote_addr(i), len: ops.local(i).len as u32 }).collect();
-    let remote = runs
-        .iter()
-        .map(|r| VectorRun { region: r.head.remote_region, token: r.head.token, segs: r.run.items.len() as u32 })
-        .collect();
-    let regions: Arc<[Arc<Region>]> = runs.iter().map(|r| r.head.region.clone()).collect();
+    let several = (runs.len() > 1).then(|| {
+        let remote = runs
+            .iter()
+            .map(|r| VectorRun { region: r.head.remote_region, token: r.head.token, segs: r.run.items.len() as u32 })
+            .collect();
+        Box::new(VectorRuns { local: runs.iter().map(|r| r.head.region.clone()).collect(), remote })
+    });
     let first = &runs[0].head;
     OneSidedRequest::Vector(VectorRequest {
         region: first.region.clone(),
@@ -700,6 +690,6 @@ fn vector_over_runs(runs: &[CheckedRun], ops: &(impl ItemList + ?Sized)) -> OneS
         remote_region: first.remote_region,
         token: first.token,
         segs,
-        runs: Some(Box::new(VectorRuns { local: regions, remote })),
+        runs: several,
     })
 }
