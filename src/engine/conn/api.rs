@@ -109,8 +109,7 @@ impl Connection {
         verb: &str,
     ) -> Result<u64> {
         let spans = path::spans_regions(self.link.locality, self.core.config.local_peers);
-        let plain: Vec<Run> = runs.iter().map(|r| r.run.clone()).collect();
-        let groups = vector::requests(&plain, spans);
+        let groups = vector::requests(runs, |r| &r.run, spans);
         let is_vector = |g: &std::ops::Range<usize>| g.len() > 1 || runs[g.start].run.vector;
         if self.link.locality == Locality::Remote && groups.len() > 1 && groups.iter().all(is_vector) {
             return self.post_in_turn(ops, runs, &groups, write, posted);

@@ -49,13 +49,14 @@ pub(super) struct Run {
 /// while one request's limits allow (segments, bytes, runs); a group of several runs is one vector
 /// over several regions. A run that is no vector (items small enough to go inline, or one item)
 /// keeps its own requests, as without `spans`.
-pub(super) fn requests(runs: &[Run], spans: bool) -> Vec<Range<usize>> {
+pub(super) fn requests<R>(runs: &[R], run: impl Fn(&R) -> &Run, spans: bool) -> Vec<Range<usize>> {
     let mut out = Vec::new();
     let mut start = 0;
     while start < runs.len() {
-        let (mut end, mut items, mut bytes) = (start + 1, runs[start].items.len(), runs[start].bytes);
-        while spans && runs[start].vector && end < runs.len() && end - start < MAX_VECTOR_RUNS {
-            let next = &runs[end];
+        let first = run(&runs[start]);
+        let (mut end, mut items, mut bytes) = (start + 1, first.items.len(), first.bytes);
+        while spans && first.vector && end < runs.len() && end - start < MAX_VECTOR_RUNS {
+            let next = run(&runs[end]);
             let fits =
                 items + next.items.len() <= REQUEST_SEGMENTS && bytes.saturating_add(next.bytes) <= MAX_VECTOR_BYTES;
             if !next.vector || !fits {
@@ -183,21 +184,25 @@ mod tests {
         let kv: Vec<_> = (0..160u64).flat_map(|r| (0..50).map(move |_| (r, r + 1000, 16 << 10))).collect();
         let all = full_runs(&kv);
         assert_eq!(all.len(), 160);
-        assert_eq!(requests(&all, true), vec![0..160usize], "one request for the whole call");
-        assert_eq!(requests(&all, false), (0..160).map(|i| i..i + 1).collect::<Vec<_>>(), "a request per region");
+        assert_eq!(requests(&all, |r| r, true), vec![0..160usize], "one request for the whole call");
+        assert_eq!(
+            requests(&all, |r| r, false),
+            (0..160).map(|i| i..i + 1).collect::<Vec<_>>(),
+            "a request per region"
+        );
         // The request limits cut: 8 regions of 2,000 blocks make requests of at most 8,192 segments.
         let wide: Vec<_> = (0..8u64).flat_map(|r| (0..2000).map(move |_| (r, r, 4096))).collect();
-        assert_eq!(requests(&full_runs(&wide), true), [0..4, 4..8]);
+        assert_eq!(requests(&full_runs(&wide), |r| r, true), [0..4, 4..8]);
         // Runs that are no vectors (small items that go inline, single items) keep their own
         // requests, and a vector run next to them is not joined to them.
         let small = [(0, 0, 8), (1, 1, 8), (2, 2, 1 << 20), (3, 3, 64 << 10), (3, 3, 64 << 10)];
-        assert_eq!(requests(&full_runs(&small), true), [0..1, 1..2, 2..3, 3..4]);
+        assert_eq!(requests(&full_runs(&small), |r| r, true), [0..1, 1..2, 2..3, 3..4]);
         // At most MAX_VECTOR_RUNS runs a request: pairs of items alternating between two regions.
         let alternating: Vec<_> =
             (0..2 * (MAX_VECTOR_RUNS as u64 + 3)).map(|i| (i / 2 % 2, i / 2 % 2, 64 << 10)).collect();
         let (all, most) = (MAX_VECTOR_RUNS + 3, MAX_VECTOR_RUNS);
-        assert_eq!(requests(&full_runs(&alternating), true), [0..most, most..all]);
-        assert!(requests(&[], true).is_empty());
+        assert_eq!(requests(&full_runs(&alternating), |r| r, true), [0..most, most..all]);
+        assert!(requests::<Run>(&[], |r| r, true).is_empty());
     }
 
     #[test]

@@ -294,7 +294,7 @@ impl End {
             })
         };
         let mut parts = Vec::new();
-        for group in vector::requests(&runs, spans) {
+        for group in vector::requests(&runs, |r| r, spans) {
             if group.len() > 1 {
                 let all = &items[runs[group.start].items.start..runs[group.end - 1].items.end];
                 let counts: Arc<[usize]> = runs[group.clone()].iter().map(|r| r.items.len()).collect();
