@@ -14,7 +14,8 @@ Also, for TCPX: 10,000 descriptors of 4 KiB in one request, the time to prepare 
 and to post (transfer) it.
 
 With --kv REGIONSxBLOCKSxPER_REQxBLOCK_SIZE (with --vram too), instead: a reader shaped like vLLM's
-pull mode and its push variant, timed against one descriptor of the same bytes (see kv_measure); also
+pull mode and its push variant, timed against one descriptor of the same bytes (see kv_measure;
+--kv-concurrent C: C requests in flight at once, their aggregate against one descriptor alone); also
 the initiator thread's CPU time in make_prepped_xfer and in transfer() per descriptor, which the
 wall time of a post on a busy host hides (the caller loses its core to the threads moving the bytes).
 
@@ -25,7 +26,7 @@ when --bench names its binary (--same-host for tcpx-local).
 usage: nixl_plugin_bench.py [--rounds N] [--sizes 4K,1M,64M] [--setups tcpx-net,tcpx-local,ucx-tcp,ucx]
                             (with --vram: tcpx-net,tcpx-local,ucx-tcp-cuda,ucx)
                             [--vram I,T] [--json FILE]
-       nixl_plugin_bench.py --kv 8x1024x256x16K [--kv-requests N] [--rounds N] [--setups ...]
+       nixl_plugin_bench.py --kv 8x1024x256x16K [--kv-requests N] [--kv-concurrent C] [--rounds N] [--setups ...]
        nixl_plugin_bench.py --breakdown [--bench PATH] [--rounds N] [--sizes 4K,1M] [--vram I,T]
                             [--initiator-param UCCL_TCPX_CONTROL_SPIN_US=0 ...]
 """
@@ -450,6 +451,7 @@ def kv_target(pipe, setup, shape, gpu):
     bad = 0
     notifs = 0
     src = None  # the initiator's bytes, made at the first check
+    seen = set()  # notifications in, not yet checked for
     while True:
         cmd = pipe.recv()
         if cmd[0] == "done":
@@ -459,13 +461,15 @@ def kv_target(pipe, setup, shape, gpu):
         # notification is in (the notification comes after the data).
         _, tag, ridx, lidx = cmd
         deadline = time.monotonic() + 30
-        got = False
-        while not got and time.monotonic() < deadline:
+        # Notifications of requests that were in flight together may come in one batch.
+        while tag not in seen and time.monotonic() < deadline:
             for msgs in agent.get_new_notifs().values():
                 notifs += len(msgs)
-                got = got or tag in msgs
-            if not got:
+                seen.update(msgs)
+            if tag not in seen:
                 time.sleep(0.0002)
+        got = tag in seen
+        seen.discard(tag)
         if src is None:
             src = kv_pattern(regions, blocks, block, 1).reshape(-1, block)
         ok = got and np.array_equal(mem.rows()[ridx], src[lidx])
@@ -474,9 +478,12 @@ def kv_target(pipe, setup, shape, gpu):
     os._exit(0)
 
 
-def kv_measure(setup, shape, requests):
+def kv_measure(setup, shape, requests, concurrent=1):
     """{op: [(make s, post s, done s, anchor done s, make CPU s, post CPU s)]} for `requests` requests of
-    each op (CPU: the calling thread's), and {op: the first request's seconds to DONE}."""
+    each op (CPU: the calling thread's), and {op: the first request's seconds to DONE}. With
+    `concurrent` C > 1 each step is C requests of disjoint blocks made, posted together and waited
+    for together, and the anchor's time counts C times: the ratio is their aggregate rate over one
+    descriptor's alone."""
     regions, blocks, block, per_req = shape
     saved, pipe, proc = start_target(setup, kv_target, setup, shape, VRAM[1] if VRAM else None)
     try:
@@ -504,43 +511,52 @@ def kv_measure(setup, shape, requests):
                 mem.fill(1)
             rows = []
             for i in range(requests + 2):
-                # Random block tables: PER_REQ distinct blocks of each region on both sides.
-                lidx = np.concatenate(
-                    [r * blocks + rng.choice(blocks, per_req, replace=False) for r in range(regions)]
-                )
-                ridx = np.concatenate(
-                    [r * blocks + rng.choice(blocks, per_req, replace=False) for r in range(regions)]
-                )
-                tag = f"{op}:{i}".encode()
+                # Random block tables: PER_REQ distinct blocks of each region on both sides, and
+                # no block in two of the requests in flight together.
+                def tables():
+                    picks = [rng.choice(blocks, per_req * concurrent, replace=False) for _ in range(regions)]
+                    return [
+                        np.concatenate([r * blocks + picks[r][k * per_req:(k + 1) * per_req] for r in range(regions)])
+                        for k in range(concurrent)
+                    ]
+                lidxs, ridxs = tables(), tables()
+                tags = [f"{op}:{i}:{k}".encode() for k in range(concurrent)]
                 cpu_start = time.thread_time_ns()
                 start = time.perf_counter()
-                handle = agent.make_prepped_xfer(op, local_side, lidx, remote_side, ridx, tag)
+                handles = [
+                    agent.make_prepped_xfer(op, local_side, lidx, remote_side, ridx, tag)
+                    for lidx, ridx, tag in zip(lidxs, ridxs, tags)
+                ]
                 made = time.perf_counter()
                 cpu_made = time.thread_time_ns()
-                state = agent.transfer(handle)
+                states = [agent.transfer(h) for h in handles]
                 posted = time.perf_counter()
                 cpu_posted = time.thread_time_ns()
-                wait(agent, handle, state)
+                for handle, state in zip(handles, states):
+                    wait(agent, handle, state)
                 done = time.perf_counter()
-                agent.release_xfer_handle(handle)
+                for handle in handles:
+                    agent.release_xfer_handle(handle)
+                tag = tags[0]
                 # The anchor: the same bytes as one descriptor, made and posted alike.
                 a_start = time.perf_counter()
                 a_handle = agent.make_prepped_xfer(op, anchor_local, [0], anchor_remote, [0], tag + b":1")
                 wait(agent, a_handle, agent.transfer(a_handle))
                 a_done = time.perf_counter()
                 agent.release_xfer_handle(a_handle)
-                if op == "READ":
-                    if not np.array_equal(mem.rows()[lidx], target_rows[ridx]):
-                        raise RuntimeError(f"{setup} KV READ {i}: wrong bytes")
-                else:
-                    pipe.send(("check", tag, ridx, lidx))
-                    if not pipe.poll(60) or not pipe.recv():
-                        raise RuntimeError(f"{setup} KV WRITE {i}: wrong bytes or no notification at the target")
+                for lidx, ridx, tag in zip(lidxs, ridxs, tags):
+                    if op == "READ":
+                        if not np.array_equal(mem.rows()[lidx], target_rows[ridx]):
+                            raise RuntimeError(f"{setup} KV READ {i}: wrong bytes")
+                    else:
+                        pipe.send(("check", tag, ridx, lidx))
+                        if not pipe.poll(60) or not pipe.recv():
+                            raise RuntimeError(f"{setup} KV WRITE {i}: wrong bytes or no notification at the target")
                 if i == 0:
                     firsts[op] = done - start
                 if i >= 2:
                     cpu = ((cpu_made - cpu_start) * 1e-9, (cpu_posted - cpu_made) * 1e-9)
-                    rows.append((made - start, posted - made, done - start, a_done - a_start) + cpu)
+                    rows.append((made - start, posted - made, done - start, (a_done - a_start) * concurrent) + cpu)
             out[op] = rows
         pipe.send(("done",))
         pipe.recv()
@@ -561,19 +577,20 @@ def parse_kv(text):
     return regions, blocks, block, per_req
 
 
-def kv_main(shape, setups, rounds, requests):
+def kv_main(shape, setups, rounds, requests, concurrent=1):
     regions, blocks, block, per_req = shape
-    n = regions * per_req
+    n = regions * per_req * concurrent
     print(
-        f"KV: {regions} regions x {blocks} blocks of {block >> 10} KiB; each request {n} descriptors "
-        f"({n * block >> 20} MiB), {requests} requests per op and round; anchor: one descriptor of the same bytes"
+        f"KV: {regions} regions x {blocks} blocks of {block >> 10} KiB; each request {n // concurrent} descriptors "
+        f"({n // concurrent * block >> 20} MiB), {concurrent} at once, {requests} steps per op and round; "
+        "anchor: one descriptor of one request's bytes, alone (its time x the requests at once)"
     )
     got = {}  # (setup, op) -> rows over rounds
     firsts = {}  # (setup, op) -> the first request's seconds to DONE, one per round
     for r in range(rounds):
         for setup in setups:
             try:
-                res, first = kv_measure(setup, shape, requests)
+                res, first = kv_measure(setup, shape, requests, concurrent)
             except Exception as e:  # a setup that does not run here is reported, not fatal
                 print(f"round {r + 1}: {setup} KV: {e}", file=sys.stderr)
                 continue
@@ -610,6 +627,8 @@ def main():
     ap.add_argument("--vram", metavar="I,T", help="GPU memory: the initiator's on GPU I, the target's on GPU T")
     ap.add_argument("--kv", metavar="RxBxPxS", help="the KV case instead of the sizes, e.g. 8x1024x256x16K")
     ap.add_argument("--kv-requests", type=int, default=10, help="KV requests per op and round")
+    ap.add_argument("--kv-concurrent", type=int, default=1, metavar="C",
+                    help="KV requests of one agent in flight at once, disjoint blocks (C x PER_REQ <= BLOCKS)")
     ap.add_argument("--breakdown", action="store_true", help="where a request's time goes (--sizes default 4K,1M)")
     ap.add_argument("--bench", metavar="PATH", help="with --breakdown: uccl-tcpx-bench, run in every round")
     ap.add_argument("--initiator-param", metavar="KEY=VALUE", action="append", default=[],
@@ -631,7 +650,10 @@ def main():
         unknown = [s for s in kv_setups if s not in SETUPS]
         if unknown:
             ap.error(f"unknown setup {', '.join(unknown)}: one of {', '.join(SETUPS)}")
-        kv_main(parse_kv(args.kv), kv_setups, args.rounds, args.kv_requests)
+        shape = parse_kv(args.kv)
+        if args.kv_concurrent < 1 or args.kv_concurrent * shape[3] > shape[1]:
+            ap.error(f"--kv-concurrent {args.kv_concurrent}: at least 1, and C x PER_REQ <= BLOCKS")
+        kv_main(shape, kv_setups, args.rounds, args.kv_requests, args.kv_concurrent)
         return
     if args.breakdown:
         sizes = [parse_size(s) for s in (args.sizes or "4K,1M").split(",")]
