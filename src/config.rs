@@ -164,6 +164,7 @@ knobs! {
         streams: u8 = "UCCL_TCPX_STAGING_STREAMS", Int(1, 8), 2, "copy streams per staging ring; slot `i` copies on stream `i mod n`. Two let one chunk's gather or scatter kernel run beside another chunk's copy (a send comm keeps as many gathered chunks queued, whatever `UCCL_TCPX_STAGING_AHEAD` says): 8,192 scattered 16 KiB blocks went from 0.53-0.62 to 0.86-1.02 of one piece on an H100";
         ahead: u8 = "UCCL_TCPX_STAGING_AHEAD", Int(0, MAX_WINDOW as u8), 1, "device-to-host copies one send comm keeps queued (0: no limit). The copy engine drains one stream's queue before the next, so with no limit the last channel's first chunk lands after every other channel's share; 1 makes the channels' copies alternate";
         write_back: bool = "UCCL_TCPX_STAGING_WRITE_BACK", Flag, true, "receiving sockets write what lands in a staging slot back from the CPU's caches before the slot is copied up to the GPU (only the last two receives posted on a comm): a copy of lines other cores hold modified runs at a third of its speed";
+        pool: u32 = "UCCL_TCPX_STAGING_POOL", Size(0, 1 << 31), 256 << 20, "pinned staging memory an engine keeps idle for its connections' next GPU transfers over a host-only transport (with each ring's device bounce buffers): a connection holds a ring only while a transfer of GPU memory is under way on it, and gives it back after; rings past this bound, or past one per open channel direction, are freed. `0`: a ring is made and freed for every busy spell";
         gather: StagingGather = "UCCL_TCPX_STAGING_GATHER", Choice(StagingGather::NAMES, ""), StagingGather::Auto, "how a staged GPU chunk of several segments gets into and out of its pinned slot: `auto`, a gather/scatter kernel when the segments average below 256 KiB, else (or without the kernel) a copy per segment; `kernel`, the kernel always; `copies`, a copy per segment";
     }
 }
@@ -753,7 +754,10 @@ mod tests {
     #[test]
     fn parses_staging_knobs() {
         let c = cfg(&[("UCCL_TCPX_STAGING_STREAMS", "2"), ("UCCL_TCPX_STAGING_AHEAD", "3")]).unwrap().staging;
-        assert_eq!(c, StagingConfig { streams: 2, ahead: 3, gather: StagingGather::Auto, write_back: true });
+        assert_eq!(
+            c,
+            StagingConfig { streams: 2, ahead: 3, gather: StagingGather::Auto, write_back: true, pool: 256 << 20 }
+        );
         assert!(!cfg(&[("UCCL_TCPX_STAGING_WRITE_BACK", "0")]).unwrap().staging.write_back);
         assert!(cfg(&[("UCCL_TCPX_STAGING_WRITE_BACK", "2")]).is_err());
         assert_eq!(cfg(&[("UCCL_TCPX_STAGING_AHEAD", "0")]).unwrap().staging.ahead, 0);
@@ -998,7 +1002,8 @@ mod tests {
         assert_eq!((s.nthreads, s.nsocks_per_thread, s.helpers, s.sndbuf, s.rcvbuf), (0, 1, 0, 0, 0));
         assert_eq!((s.subchunk, s.spin_max_request, s.held_spin), (256 << 10, 512 << 10, Duration::ZERO));
         assert_eq!((s.kick_fanout, s.lazy, s.data_ifname.as_deref()), (4, true, None));
-        let staging = StagingConfig { streams: 2, ahead: 1, gather: StagingGather::Auto, write_back: true };
+        let staging =
+            StagingConfig { streams: 2, ahead: 1, gather: StagingGather::Auto, write_back: true, pool: 256 << 20 };
         assert_eq!(c.staging, staging);
         // The defaults that follow the host, on this host and on the sizes they were measured on.
         let cores = available_cores();

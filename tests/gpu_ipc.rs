@@ -389,6 +389,44 @@ fn same_process_the_caller_finishes_its_own_copies() {
     assert!(now.spun - idle.spun < 64, "the progress thread spun {} idle passes", now.spun - idle.spun);
 }
 
+/// A wait in slices (`wait_within`, as the Python package and `uccl_tcpx_wait` with a timeout wait)
+/// waits for the transfer's copies in flight on their event, past its limit if need be, rather
+/// than parking a slice and looking again: a 64 MiB write and read waited with a limit of 1 us
+/// each end in the first call, every byte landed.
+#[test]
+fn same_process_a_wait_in_slices_waits_for_the_copies_in_flight() {
+    if no_gpu() {
+        return;
+    }
+    let p = common::pair(same_host());
+    let len = 64 << 20;
+    let (mut src, mut target) = (Mem::on_gpu(0, len), Mem::on_gpu(0, len));
+    let (smr, tmr) = (p.a.register(src.addr(), len).unwrap(), p.b.register(target.addr(), len).unwrap());
+    let remote = p.b.prepare_fifo(tmr, target.addr(), len).unwrap();
+    // The region's first requests ask its owner for the grant: a round trip before any copy.
+    let whole = [OneSided { mr: smr, addr: src.addr(), len, remote }];
+    for id in [p.ab.write(&whole).unwrap(), p.ab.read(&whole).unwrap()] {
+        assert_eq!(wait(&p.ab, id).unwrap(), len as u64);
+    }
+    let batches = p.ab.device_copy_batches();
+    for k in 0..4u64 {
+        let data = pattern(len, k + 7);
+        let item = [OneSided { mr: smr, addr: src.addr(), len, remote }];
+        let id = if k % 2 == 0 {
+            src.write(0, &data);
+            p.ab.write(&item).unwrap()
+        } else {
+            target.write(0, &data);
+            p.ab.read(&item).unwrap()
+        };
+        let got = p.ab.wait_within(id, Duration::from_micros(1)).unwrap();
+        assert_eq!(got, Some(len as u64), "transfer {k} ended in the first slice");
+        let landed = if k % 2 == 0 { target.read(0, len) } else { src.read(0, len) };
+        assert_same(&landed, &data, &format!("transfer {k}"));
+    }
+    assert_eq!(p.ab.device_copy_batches(), batches + 4, "every transfer took the device path");
+}
+
 // ---- another process of this host --------------------------------------------------------------
 
 /// The owner: an engine with a GPU region of `LEN` bytes holding `pattern(LEN, SEED)` on the GPU

@@ -76,6 +76,14 @@ impl Gpu {
         self.ctx.bind_to_thread().map_err(|e| super::driver_error(e.0, "cuCtxSetCurrent"))
     }
 
+    /// Bytes of this GPU's memory in use, by every process (`cuMemGetInfo`): for the benchmark's
+    /// view of what connections cost, with one process per GPU.
+    pub fn memory_in_use(&self) -> Result<u64> {
+        let _restore = self.enter()?;
+        let (free, total) = result::mem_get_info().map_err(|e| super::driver_error(e.0, "cuMemGetInfo"))?;
+        Ok(total.saturating_sub(free) as u64)
+    }
+
     /// Makes this GPU's context current until the guard drops, then restores the caller's: for
     /// calls made on the user's threads, whose CUDA state is theirs.
     pub(crate) fn enter(&self) -> Result<ContextRestore> {

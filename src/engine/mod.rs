@@ -476,11 +476,15 @@ fn connect_to(
 /// the same-host GPU path's copies; polled work is a transport that progresses only when polled (a
 /// plugin's requests) or a comm that declined a post with nothing in flight, which the waker counts,
 /// as it counts connections with network chunks in flight. The clock is read only when polling for
-/// those chunks is on and some are in flight.
+/// those chunks is on and some are in flight. A thread about to park frees the idle staging
+/// memory that is due, and parks no longer than until the next is.
 fn idle_wait(routes: &Routes, waker: &Waker, spin: bool, chunk_poll: Duration, idle_since: Instant) -> IdleWait {
     let copies = routes.polls_device_copies() || waker.device_copies.any();
     let chunks_idle = (!chunk_poll.is_zero() && waker.chunks_out.any()).then(|| idle_since.elapsed());
-    idle_choice(copies, routes.needs_polling() || waker.polled.any(), spin, chunks_idle, chunk_poll)
+    match idle_choice(copies, routes.needs_polling() || waker.polled.any(), spin, chunks_idle, chunk_poll) {
+        IdleWait::Park => routes.trim_staging().map_or(IdleWait::Park, IdleWait::ParkFor),
+        other => other,
+    }
 }
 
 /// Polls without pause while device copies are in flight, when `spin` allows (no thread of ours

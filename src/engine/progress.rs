@@ -46,6 +46,9 @@ const POLL_NAP_SLACK_NS: libc::c_ulong = 1_000;
 pub enum IdleWait {
     /// Park until woken (or a connection's stall watch).
     Park,
+    /// Park as `Park`, for this long at most: then idle staging memory is due to be freed
+    /// (`Routes::trim_staging`, asked again at the next park).
+    ParkFor(Duration),
     /// Sleep `POLL_NAP` and look again: a transport progresses only while polled, and its own
     /// threads need the core.
     Nap,
@@ -242,12 +245,16 @@ fn run(list: &ConnList, stop: &AtomicBool, waker: &Waker, watch: Duration, idle_
                 // A token left by a wake-up while polling would end the park at once and start
                 // another bound, though the passes since saw what it announced: it is taken here,
                 // and one more pass covers a wake-up that came after the last one.
-                IdleWait::Park if polled => {
+                IdleWait::Park | IdleWait::ParkFor(_) if polled => {
                     polled = false;
                     std::thread::park_timeout(Duration::ZERO);
                 }
                 IdleWait::Park => {
-                    park(&local, waker, watch);
+                    park(&local, waker, watch, None);
+                    idle_since = Instant::now();
+                }
+                IdleWait::ParkFor(limit) => {
+                    park(&local, waker, watch, Some(limit));
                     idle_since = Instant::now();
                 }
             }
@@ -256,19 +263,24 @@ fn run(list: &ConnList, stop: &AtomicBool, waker: &Waker, watch: Duration, idle_
 }
 
 /// Parks until woken: for at most [`CALLER_COPY_WATCH`] while callers' device copies are in flight,
-/// for at most `watch` while a connection waits on its peer's engine, else for good. The waker
+/// for at most `watch` while a connection waits on its peer's engine, else for good; never past
+/// `limit`. The waker
 /// hears of an untimed park before the copies and connections are asked, so work that starts such
 /// a wait meanwhile (counted first, or under the connection's lock, which the asking takes too)
 /// either is seen here or wakes the thread.
-fn park(conns: &[Arc<Connection>], waker: &Waker, watch: Duration) {
+fn park(conns: &[Arc<Connection>], waker: &Waker, watch: Duration, limit: Option<Duration>) {
     waker.idle.parks.fetch_add(1, Ordering::Relaxed);
     waker.parking_untimed(true);
+    let limit = limit.unwrap_or(Duration::MAX);
     if waker.caller_copies.any() {
         waker.parking_untimed(false);
-        std::thread::park_timeout(watch.min(CALLER_COPY_WATCH));
+        std::thread::park_timeout(watch.min(CALLER_COPY_WATCH).min(limit));
     } else if conns.iter().any(|c| c.waits_on_peer()) {
         waker.parking_untimed(false);
-        std::thread::park_timeout(watch);
+        std::thread::park_timeout(watch.min(limit));
+    } else if limit < Duration::MAX {
+        waker.parking_untimed(false);
+        std::thread::park_timeout(limit);
     } else {
         std::thread::park();
         waker.parking_untimed(false);

@@ -104,6 +104,15 @@ impl Routes {
         self.main.polls_device_copies() || self.local.get().is_some_and(|net| net.polls_device_copies())
     }
 
+    /// Frees what every transport in use keeps idle past its bound and is due; when the next is.
+    pub fn trim_staging(&self) -> Option<std::time::Duration> {
+        let local = self.local.get().and_then(|net| net.trim_staging());
+        match (self.main.trim_staging(), local) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Says once per connection which transport its channels use.
     pub fn log_choice(&self, peer: SocketAddr, route: Route, locality: Locality) {
         let name = self.main.caps().name;

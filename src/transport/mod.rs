@@ -102,6 +102,11 @@ pub trait Net: Send + Sync {
     /// reported to no thread, and the GPU, not a thread of the process, moves them, so the
     /// progress thread may poll them without leaving its core to anyone.
     fn polls_device_copies(&self) -> bool;
+    /// Frees staging memory kept idle past its bound whose time came (the staged decorator's
+    /// pool), and says when the next is due: the progress thread parks no longer than that.
+    fn trim_staging(&self) -> Option<std::time::Duration> {
+        None
+    }
     /// The device channel `channel` of a connection listens and connects on (once the GPU is
     /// known, a plugin's channels pair with the devices next to it).
     fn channel_device(&self, channel: usize) -> usize;
@@ -175,6 +180,9 @@ pub trait RecvComm: Send {
     fn write_back_received(&mut self, _addr: usize, _len: usize) -> bool {
         false
     }
+    /// Ends [`RecvComm::write_back_received`] for `[addr, addr + len)`, with no receive posted into
+    /// it: the staged path's ring left the comm for its engine's pool.
+    fn stop_write_back(&mut self, _addr: usize, _len: usize) {}
     /// Per data link, what the comm's sockets carried so far; empty for a transport that does not
     /// count (a net plugin).
     fn link_stats(&self) -> Vec<LinkStats> {

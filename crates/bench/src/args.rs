@@ -208,11 +208,12 @@ impl Args {
     }
 
     fn check(&self) -> Result<(), (ErrorKind, &'static str)> {
-        if !self.scale.is_empty() && (self.role == Role::Server || self.uses_gpu() || self.same_host) {
+        let mixed = self.peer_device.is_some_and(|d| d != self.device);
+        if !self.scale.is_empty() && (self.role == Role::Server || mixed || self.same_host) {
             return Err((
                 ErrorKind::ArgumentConflict,
-                "--scale is the client's (a server follows it) and moves host memory over the network path: leave \
-                 out --role server, --device gpu and --same-host",
+                "--scale is the client's (a server follows it) and moves one kind of memory over the network path: \
+                 leave out --role server, --peer-device and --same-host",
             ));
         }
         if self.rounds > 1 && (self.role == Role::Server || !self.scale.is_empty()) {
@@ -472,7 +473,7 @@ mod tests {
             "--scale 64,1",
             "--scale 0",
             "--scale 4 --role server",
-            "--scale 4 --device gpu",
+            "--scale 4 --device gpu --peer-device cpu",
             "--scale 4 --idle-secs 0",
             "--scale 4 --same-host",
             "--rounds 0",

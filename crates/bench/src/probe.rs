@@ -1,5 +1,6 @@
-//! A process's own figures for `--scale`: threads, descriptors, resident memory, CPU time and
-//! voluntary context switches. The /proc files they come from are opened once, before any
+//! A process's own figures for `--scale`: threads, descriptors, resident memory, CPU time,
+//! voluntary context switches, the staging rings its engine holds, and with a GPU that GPU's memory
+//! in use. The /proc files they come from are opened once, before any
 //! connection: a process serving many connections can sit at its open-file limit (a comm opens its
 //! later data sockets as traffic asks and goes on with fewer when the kernel refuses one), and
 //! there opening a /proc file fails, while reading one already open needs no descriptor. A reading
@@ -11,7 +12,8 @@ use std::os::fd::{AsRawFd, IntoRawFd};
 use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
 
-/// A process's threads, descriptors, resident memory, CPU time and voluntary context switches.
+/// A process's threads, descriptors, resident memory, CPU time, voluntary context switches, staging
+/// rings made and not freed, and its GPU's memory in use (KiB, every process's; `None` without one).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Stats {
     pub threads: usize,
@@ -19,6 +21,8 @@ pub struct Stats {
     pub rss_kib: u64,
     pub cpu_us: u64,
     pub switches: i64,
+    pub rings: u64,
+    pub gpu_kib: Option<u64>,
 }
 
 /// The figures, or why they could not be read.
@@ -28,6 +32,8 @@ pub type Reading = Result<Stats, String>;
 pub struct Probe {
     status: File,
     fd_dir: NonNull<libc::DIR>,
+    /// The GPU whose memory in use is read, one process per GPU.
+    pub gpu: Option<std::sync::Arc<uccl_tcpx::internal::cuda::Gpu>>,
 }
 
 /// The descriptors a probe holds itself (the status file and the directory), left out of the count.
@@ -41,7 +47,7 @@ impl Probe {
         let fd_dir =
             NonNull::new(unsafe { libc::fdopendir(dir.as_raw_fd()) }).ok_or_else(std::io::Error::last_os_error)?;
         let _ = dir.into_raw_fd();
-        Ok(Probe { status, fd_dir })
+        Ok(Probe { status, fd_dir, gpu: None })
     }
 
     /// The figures now.
@@ -63,12 +69,18 @@ impl Probe {
             return Err(format!("getrusage: {}", std::io::Error::last_os_error()));
         }
         let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+        let gpu_kib = match &self.gpu {
+            Some(gpu) => Some(gpu.memory_in_use().map_err(|e| format!("GPU memory in use: {e}"))? >> 10),
+            None => None,
+        };
         Ok(Stats {
             threads,
             fds: fds.saturating_sub(OWN_FDS),
             rss_kib,
             cpu_us: us(ru.ru_utime) + us(ru.ru_stime),
             switches: ru.ru_nvcsw,
+            rings: uccl_tcpx::internal::transport::staged::ring_counts().live(),
+            gpu_kib,
         })
     }
 
@@ -117,11 +129,21 @@ impl Drop for Probe {
     }
 }
 
-/// The figures as one line of the bench's control protocol: `STATS` and the five numbers, or
+/// The figures as one line of the bench's control protocol: `STATS` and the seven numbers (-1: no
+/// GPU), or
 /// `STATS n/a` and why not.
 pub fn to_line(reading: &Reading) -> String {
     match reading {
-        Ok(s) => format!("STATS {} {} {} {} {}", s.threads, s.fds, s.rss_kib, s.cpu_us, s.switches),
+        Ok(s) => format!(
+            "STATS {} {} {} {} {} {} {}",
+            s.threads,
+            s.fds,
+            s.rss_kib,
+            s.cpu_us,
+            s.switches,
+            s.rings,
+            s.gpu_kib.map_or(-1, |k| k as i64)
+        ),
         Err(why) => format!("STATS n/a {why}"),
     }
 }
@@ -137,6 +159,8 @@ pub fn from_words(w: &[String]) -> std::io::Result<Reading> {
         rss_kib: field(w, 3)?,
         cpu_us: field(w, 4)?,
         switches: field(w, 5)?,
+        rings: field(w, 6)?,
+        gpu_kib: u64::try_from(field::<i64>(w, 7)?).ok(),
     }))
 }
 
@@ -192,8 +216,11 @@ mod tests {
     #[test]
     fn a_reading_crosses_the_control_protocol() {
         let words = |line: String| line.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
-        let stats = Stats { threads: 9, fds: 321, rss_kib: 15_900, cpu_us: 1_234_567, switches: 42 };
+        let stats =
+            Stats { threads: 9, fds: 321, rss_kib: 15_900, cpu_us: 1_234_567, switches: 42, rings: 3, gpu_kib: None };
         assert_eq!(from_words(&words(to_line(&Ok(stats)))).unwrap(), Ok(stats));
+        let on_gpu = Stats { gpu_kib: Some(1 << 20), ..stats };
+        assert_eq!(from_words(&words(to_line(&Ok(on_gpu)))).unwrap(), Ok(on_gpu));
         let failed: Reading = Err("listing /proc/self/fd: Too many open files".into());
         assert_eq!(from_words(&words(to_line(&failed))).unwrap(), failed);
         assert!(from_words(&words("STATS 9 x 1 2 3".into())).is_err());

@@ -3,7 +3,9 @@
 //! the new connections took, each process's threads, descriptors and resident memory (one engine
 //! each), the CPU each burns while every connection idles, and the aggregate rate with every
 //! connection writing at once. Both ends announce no host identity (`disable_ipc`), so that the
-//! data moves over the network path as between hosts.
+//! data moves over the network path as between hosts. With `--device gpu` each end's engine serves
+//! its GPU (the client `--gpu`, the loopback server `--peer-gpu`) and moves that GPU's memory, and
+//! the table adds the staging rings each process holds and each GPU's memory in use.
 
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -12,8 +14,9 @@ use std::time::{Duration, Instant};
 use state::Accepted;
 use uccl_tcpx::{Config, Connection, Engine, FifoItem, OneSided};
 
-use crate::args::Args;
+use crate::args::{Args, Device};
 use crate::ctl::{self, Ctl, field};
+use crate::memory::BenchMemory;
 use crate::probe::{self, Probe, Reading, Stats};
 use crate::report::human;
 use crate::stdout::sayln;
@@ -30,12 +33,24 @@ fn config(args: &Args, channels: Option<u16>) -> Io<Config> {
         config.num_channels = Some(c);
     }
     config.disable_ipc = true;
+    if args.device == Device::Gpu {
+        config.gpu = Some(args.gpu);
+    }
     Ok(config)
+}
+
+/// The probe, reading this end's GPU's memory in use with `--device gpu`.
+fn probe_for(args: &Args) -> Io<Probe> {
+    let mut probe = open_probe()?;
+    if args.device == Device::Gpu {
+        probe.gpu = Some(uccl_tcpx::internal::cuda::Gpu::open(args.gpu).map_err(other)?);
+    }
+    Ok(probe)
 }
 
 /// The client: connects, measures, prints the table.
 pub fn run(args: &Args, server: IpAddr, port: u16) -> Io<()> {
-    let probe = open_probe()?;
+    let probe = probe_for(args)?;
     let mut ctl = Ctl::new(TcpStream::connect(SocketAddr::new(server, port))?)?;
     let mut config = config(args, None)?;
     if server.is_loopback() {
@@ -53,27 +68,32 @@ pub fn run(args: &Args, server: IpAddr, port: u16) -> Io<()> {
         .map(|b| FifoItem::from_bytes(&b))
         .ok_or_else(|| other("malformed FifoItem from the server"))?;
     let engine = Engine::new(config.clone()).map_err(other)?;
-    let src: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
-    let mr = engine.register(src.as_ptr() as usize, size).map_err(other)?;
-    let op = OneSided { mr, addr: src.as_ptr() as usize, len: size, remote: fifo };
+    let src = BenchMemory::for_args(args, size)?;
+    let mr = engine.register(src.addr(), size).map_err(other)?;
+    let op = OneSided { mr, addr: src.addr(), len: size, remote: fifo };
     let idle = Duration::from_secs_f64(args.idle_secs);
     sayln!(
         "# uccl-tcpx-bench --scale: one engine per process (c: the connecting client, s: the accepting server), \
          {} channels x {} sockets per comm, {} helper threads per direction and engine; idle CPU over {idle:?}; \
-         busy: every connection writes {} at once, repeated for at least 1 s",
+         busy: every connection writes {} of {} at once, repeated for at least 1 s after untimed rounds (more \
+         while they make staging rings); rings: staging rings made and not freed; GPU MiB: the GPU's memory in \
+         use, every process's",
         engine.num_channels(),
         config.socket.sockets_per_comm(),
         config.socket.helpers_per_direction(),
-        human(size)
+        human(size),
+        src.describe()
     );
     sayln!(
-        "{:>6} {:>11} {:>8} {:>11} {:>13} {:>13} {:>13} {:>13} {:>15} {:>9} {:>13}",
+        "{:>6} {:>11} {:>8} {:>11} {:>13} {:>13} {:>9} {:>15} {:>13} {:>13} {:>15} {:>9} {:>13}",
         "conns",
         "connect ms",
         "ms/conn",
         "threads c/s",
         "fds c/s",
         "RSS MiB c/s",
+        "rings c/s",
+        "GPU MiB c/s",
         "idle CPU% c/s",
         "%/conn c/s",
         "wakeups/s c/s",
@@ -135,7 +155,15 @@ fn step(
     let (c0, s0) = (probe.read(), server_stats(ctl)?);
     std::thread::sleep(idle);
     let (c1, s1) = (probe.read(), server_stats(ctl)?);
-    let (busy_gbs, bytes) = busy(conns, op)?;
+    let (busy_gbs, bytes, warm) = busy(conns, op)?;
+    if warm.rings > 0 {
+        sayln!(
+            "# at {n} connections the busy phase's {} untimed rounds took {:.1} ms, the client making {} staging rings",
+            warm.rounds,
+            warm.took.as_secs_f64() * 1e3,
+            warm.rings
+        );
+    }
     let (c2, s2) = (probe.read(), server_stats(ctl)?);
     // CPU per byte holds on a shared host where GB/s does not: there a process with more threads
     // simply gets more of the cores.
@@ -192,13 +220,15 @@ impl Row {
         let num = |v: Option<f64>, digits: usize| v.map(|v| format!("{v:.digits$}"));
         let per_conn = |v: Option<f64>| num(v.map(|v| v / self.conns as f64), 4);
         format!(
-            "{:>6} {:>11.1} {:>8.2} {:>11} {:>13} {:>13} {:>13} {:>13} {:>15} {:>9.2} {:>13}",
+            "{:>6} {:>11.1} {:>8.2} {:>11} {:>13} {:>13} {:>9} {:>15} {:>13} {:>13} {:>15} {:>9.2} {:>13}",
             self.conns,
             self.connect.as_secs_f64() * 1e3,
             per_conn_ms,
             each(&|s| s.threads.to_string()),
             each(&|s| s.fds.to_string()),
             each(&|s| format!("{:.1}", s.rss_kib as f64 / 1024.0)),
+            each(&|s| s.rings.to_string()),
+            each(&|s| s.gpu_kib.map_or("-".into(), |k| format!("{:.0}", k as f64 / 1024.0))),
             pair(num(cc, 2), num(sc, 2)),
             pair(per_conn(cc), per_conn(sc)),
             pair(num(wakeups(&self.client), 0), num(wakeups(&self.server), 0)),
@@ -226,31 +256,56 @@ fn write_all(conns: &[Arc<Connection>], op: &OneSided) -> Io<()> {
     Ok(())
 }
 
-/// GB/s with every connection writing at once, rounds repeated for at least a second after one
-/// untimed round; and the bytes written in all.
-fn busy(conns: &[Arc<Connection>], op: &OneSided) -> Io<(f64, usize)> {
-    write_all(conns, op)?;
+/// The untimed rounds before the busy phase's clock starts: at least one, and more while a round
+/// makes staging rings (each takes milliseconds; after an idle spell the first rounds of a load
+/// wider than the engine's pool make them), at most [`WARM_ROUNDS`].
+struct Warm {
+    rounds: usize,
+    took: Duration,
+    rings: u64,
+}
+
+const WARM_ROUNDS: usize = 20;
+
+/// GB/s with every connection writing at once, rounds repeated for at least a second after the
+/// untimed ones ([`Warm`]); the bytes written in all, and the warm-up.
+fn busy(conns: &[Arc<Connection>], op: &OneSided) -> Io<(f64, usize, Warm)> {
+    let made = || {
+        let c = uccl_tcpx::internal::transport::staged::ring_counts();
+        c.at_connect + c.on_first_use
+    };
+    let (first, start) = (made(), Instant::now());
+    let mut warm = Warm { rounds: 0, took: Duration::ZERO, rings: 0 };
+    loop {
+        let before = made();
+        write_all(conns, op)?;
+        warm.rounds += 1;
+        if made() == before || warm.rounds == WARM_ROUNDS {
+            break;
+        }
+    }
+    (warm.took, warm.rings) = (start.elapsed(), made() - first);
     let start = Instant::now();
     let mut rounds = 0usize;
     while rounds == 0 || start.elapsed() < Duration::from_secs(1) {
         write_all(conns, op)?;
         rounds += 1;
     }
-    let bytes = (rounds + 1) * conns.len() * op.len;
-    Ok(((rounds * conns.len() * op.len) as f64 / start.elapsed().as_secs_f64() / 1e9, bytes))
+    let bytes = (rounds + warm.rounds) * conns.len() * op.len;
+    Ok(((rounds * conns.len() * op.len) as f64 / start.elapsed().as_secs_f64() / 1e9, bytes, warm))
 }
 
 /// The server: `SCALE size channels` came; accepts every connection the client opens, answers
 /// `ACCEPTED n` once it holds n (or with why not) and `STATS` with its own figures, until `QUIT`.
 pub fn serve(args: &Args, ctl: &mut Ctl, setup: &[String]) -> Io<()> {
     let (size, channels): (usize, u16) = (field(setup, 1)?, field(setup, 2)?);
-    let probe = open_probe()?;
+    let probe = probe_for(args)?;
     let config = config(args, (channels != 0).then_some(channels))?;
     let timeout = config.connect_timeout;
     let engine = Arc::new(Engine::new(config).map_err(other)?);
-    let mut dst = vec![0u8; size];
-    let mr = engine.register(dst.as_mut_ptr() as usize, size).map_err(other)?;
-    let fifo = engine.prepare_fifo(mr, dst.as_mut_ptr() as usize, size).map_err(other)?;
+    let dst = BenchMemory::for_args(args, size)?;
+    let mr = engine.register(dst.addr(), size).map_err(other)?;
+    let fifo = engine.prepare_fifo(mr, dst.addr(), size).map_err(other)?;
     let accepted = Arc::new(Accepted::default());
     let acceptor = {
         let (engine, accepted) = (engine.clone(), accepted.clone());
@@ -354,7 +409,9 @@ mod tests {
 
     #[test]
     fn a_figure_that_could_not_be_read_shows_as_not_available() {
-        let stats = |threads, fds, cpu_us| Ok(Stats { threads, fds, rss_kib: 2048, cpu_us, switches: 4 });
+        let stats = |threads, fds, cpu_us| {
+            Ok(Stats { threads, fds, rss_kib: 2048, cpu_us, switches: 4, rings: 3, gpu_kib: Some(5 << 10) })
+        };
         let mut row = Row {
             conns: 2,
             connect: Duration::from_millis(10),
@@ -368,11 +425,14 @@ mod tests {
         let words = |row: &Row| row.line().split_whitespace().map(str::to_owned).collect::<Vec<_>>();
         assert_eq!(
             words(&row)[3..],
-            ["9/10", "31/41", "2.0/2.0", "1.00/2.00", "0.5000/1.0000", "0/0", "1.50", "0.50/0.25"]
+            ["9/10", "31/41", "2.0/2.0", "3/3", "5/5", "1.00/2.00", "0.5000/1.0000", "0/0", "1.50", "0.50/0.25"]
         );
         row.client.1 = Err("listing /proc/self/fd: Too many open files".into());
         row.busy_cpu.0 = None;
         let failed = words(&row);
-        assert_eq!(failed[3..], ["n/a/10", "n/a/41", "n/a/2.0", "n/a/2.00", "n/a/1.0000", "n/a/0", "1.50", "n/a/0.25"]);
+        assert_eq!(
+            failed[3..],
+            ["n/a/10", "n/a/41", "n/a/2.0", "n/a/3", "n/a/5", "n/a/2.00", "n/a/1.0000", "n/a/0", "1.50", "n/a/0.25"]
+        );
     }
 }

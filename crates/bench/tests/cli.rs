@@ -189,11 +189,12 @@ fn scale_run_prints_a_row_per_connection_count() {
         .collect();
     assert_eq!(rows.iter().map(|r| r[0]).collect::<Vec<_>>(), ["1", "3"], "{stdout}");
     for r in &rows {
-        assert_eq!(r.len(), 11, "{r:?}");
+        assert_eq!(r.len(), 13, "{r:?}");
+        assert_eq!((r[6], r[7]), ("0/0", "-/-"), "host memory: no staging ring, no GPU: {r:?}");
         let threads: Vec<usize> = r[3].split('/').map(|t| t.parse().unwrap()).collect();
         let fds: Vec<usize> = r[4].split('/').map(|t| t.parse().unwrap()).collect();
         assert!(threads.iter().all(|&t| t > 1) && fds.iter().all(|&f| f > 3), "{r:?}");
-        assert!(r[9].parse::<f64>().unwrap() > 0.0, "busy GB/s in {r:?}");
+        assert!(r[11].parse::<f64>().unwrap() > 0.0, "busy GB/s in {r:?}");
     }
     let threads = |r: &Vec<&str>| r[3].split('/').map(|t| t.parse::<usize>().unwrap()).collect::<Vec<_>>();
     // More connections add no thread: the engine's one control reactor thread serves every control

@@ -540,7 +540,10 @@ impl Connection {
     /// (the id stays valid). The engine's threads finish every transfer without the caller's help,
     /// so the caller only polls (which runs this transfer's waiting copies, as `poll` does) and
     /// sleeps until the transfer's end wakes it; a caller that must stay responsive (to a signal)
-    /// waits in such slices.
+    /// waits in such slices. Same-host GPU copies of the transfer in flight are waited for on
+    /// their events, as `wait` does, even past the limit (a copy's own time at most): polled every
+    /// slice instead, a 64 MiB write ended about 0.7 ms after its copy (the Python package waits
+    /// in 50 ms slices).
     pub fn wait_within(&self, transfer: u64, limit: Duration) -> Result<Option<u64>> {
         let start = Instant::now();
         let deadline = start + limit;
@@ -549,6 +552,9 @@ impl Connection {
         loop {
             if let Some(bytes) = self.poll(transfer)? {
                 return Ok(Some(bytes));
+            }
+            if self.same_host.device_copies() && self.wait_device_copies(transfer) {
+                continue;
             }
             let now = Instant::now();
             if now < spin_until {

@@ -769,10 +769,12 @@ pub(crate) trait DevicePath: Conn {
     /// thread looks again (it naps between looks while copies are in flight, so each transfer
     /// would pay up to a nap and two thread wake-ups). Returns once no batch of `transfer` is in
     /// flight, or a wait failed (the batch is then left to the progress thread's queries); the
-    /// transfer's own wait reports the outcome.
-    fn wait_device_copies(&self, transfer: u64) {
+    /// transfer's own wait reports the outcome. Whether it found a batch to wait for.
+    fn wait_device_copies(&self, transfer: u64) -> bool {
+        let mut waited = false;
         loop {
-            let Some(event) = self.lock().ipc().event_of(transfer) else { return };
+            let Some(event) = self.lock().ipc().event_of(transfer) else { return waited };
+            waited = true;
             let synced = event.synchronize();
             {
                 // A failed copy shows in the event's query here, which fails its parts.
@@ -782,7 +784,7 @@ pub(crate) trait DevicePath: Conn {
                 }
             }
             if synced.is_err() {
-                return;
+                return waited;
             }
         }
     }

@@ -694,6 +694,11 @@ impl RecvComm for SocketRecvComm {
         true
     }
 
+    fn stop_write_back(&mut self, addr: usize, len: usize) {
+        let range = (addr, addr.saturating_add(len));
+        self.0.write_back.retain(|&r| r != range);
+    }
+
     fn test(&mut self, req: RequestId) -> Result<Option<usize>> {
         self.0.test(req)
     }

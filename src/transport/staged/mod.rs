@@ -5,11 +5,12 @@
 //! reported done only when that copy finished. Host memory passes straight through. The engine's
 //! channel logic sees the same comms and rules as without staging.
 //!
-//! Each comm owns its ring of `window` slots of `chunk size` bytes, its copy stream(s) and one event
-//! per slot, made with the comm when the engine names its GPU (else when the comm first meets device
-//! memory) and reused for every chunk (a chunk of
+//! A comm stages through a ring of `window` slots of `chunk size` bytes, with its copy stream(s) and
+//! one event per slot, which it holds only while it has requests outstanding: it takes one from the
+//! net's pool (`pool.rs`, made ahead as comms are made, within a bound) and gives it back once idle
+//! (a chunk of
 //! many small device segments is gathered or scattered by a kernel through a device bounce buffer,
-//! `cuda::segments`, made on the first such chunk). Several slots
+//! `cuda::segments`, readied with the ring). Several slots
 //! are in flight at once, so copies overlap the network. A send comm keeps only `ahead` copies
 //! queued (default 1): the copy engine drains one stream before the next, so without the limit the
 //! last channel waited for every other channel's whole share before its first chunk landed. Nothing
@@ -17,6 +18,7 @@
 //! in flight (`needs_polling`): a driver callback per copy that woke it instead ran up to 1.5 ms
 //! late under load.
 
+mod pool;
 mod recv;
 mod regions;
 mod send;
@@ -28,8 +30,8 @@ use std::sync::atomic::Ordering;
 use super::{Caps, ListenComm, Net, NetHandle, Properties, RecvComm, SendComm};
 use crate::error::{Error, Result};
 
+pub use pool::{RingCounts, ring_counts};
 pub use recv::StagedRecvComm;
-pub use regions::{RingCounts, ring_counts};
 pub use send::StagedSendComm;
 use setup::Setup;
 pub use setup::StagingParams;
@@ -55,12 +57,7 @@ impl StagedNet {
         if !props.supports_host {
             return Err(Error::invalid(format!("transport {:?} moves neither host nor GPU memory", inner.caps().name)));
         }
-        let setup = Setup {
-            params,
-            max_requests: props.max_requests.max(1),
-            copies_in_flight: Arc::default(),
-            gpu: Arc::default(),
-        };
+        let setup = Setup::new(params, props.max_requests.max(1));
         Ok(Arc::new(StagedNet { caps: inner.caps().clone(), inner, setup }))
     }
 }
@@ -87,6 +84,17 @@ impl Net for StagedNet {
 
     fn polls_device_copies(&self) -> bool {
         self.setup.copies_in_flight.load(Ordering::Relaxed) > 0
+    }
+
+    /// Frees the pool's idle rings past its bound that are due; when the next one is.
+    fn trim_staging(&self) -> Option<std::time::Duration> {
+        let now = std::time::Instant::now();
+        let mut pool = self.setup.pool.lock();
+        let freed = pool.trim(now);
+        let next = pool.next_trim(now);
+        drop(pool);
+        pool::count(&pool::COUNTS.freed, freed.len());
+        next
     }
 
     fn channel_device(&self, channel: usize) -> usize {

@@ -49,7 +49,7 @@ pub struct StagedRecvComm {
 
 impl StagedRecvComm {
     pub(crate) fn new(inner: Box<dyn RecvComm>, setup: Setup) -> StagedRecvComm {
-        let mut comm = StagedRecvComm {
+        StagedRecvComm {
             inner,
             tracer: CommTracer::new(false),
             staging: Staging::new(setup),
@@ -59,17 +59,15 @@ impl StagedRecvComm {
             consumed: 0,
             copying: 0,
             failure: StickyFailure::default(),
-        };
-        comm.staging.prepare(&mut comm.inner);
-        comm
+        }
     }
 
     fn post(&mut self, route: Route, iov: &[IoSeg]) -> Result<Option<RequestId>> {
         let (addr, len) = (iov[0].addr, iov.iter().map(|s| s.len).sum());
         let (target, mr, slot) = match route {
             Route::Direct(mr) => (addr, mr, None),
-            Route::Staged(_) => {
-                let ring = self.staging.ring_mut()?;
+            Route::Staged(device) => {
+                let ring = self.staging.ring(&mut self.inner, device)?;
                 let Some(slot) = ring.peek() else { return Ok(None) };
                 (ring.slot_ptr(slot) as usize, self.staging.ring_mr, Some(slot))
             }
@@ -181,6 +179,9 @@ impl StagedRecvComm {
         if done.slot.is_some() {
             self.staging.ring_mut()?.give_back();
         }
+        if self.queue.is_empty() {
+            self.staging.idle(&mut self.inner);
+        }
         self.tested += 1;
         Ok(Some(size))
     }
@@ -213,7 +214,7 @@ impl RecvComm for StagedRecvComm {
         if (self.posted - self.consumed) as usize >= self.staging.setup.max_requests {
             return Ok(None);
         }
-        let route = self.staging.route_segments(&mut self.inner, mr, iov)?;
+        let route = self.staging.route_segments(mr, iov)?;
         let entered = self.tracer.as_mut().map(|t| t.enter(false));
         let posted = self.post(route, iov);
         self.exit(entered);
@@ -250,6 +251,6 @@ impl Drop for StagedRecvComm {
     fn drop(&mut self) {
         self.staging.setup.copies_changed(false, self.copying);
         let idle = self.queue.is_empty();
-        self.staging.release_ring_registration(&mut self.inner, idle);
+        self.staging.close(&mut self.inner, idle);
     }
 }

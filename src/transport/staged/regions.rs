@@ -1,13 +1,14 @@
 //! The part both staged comm kinds share: the registrations handed out (each says whether its
-//! memory is host, passed to the inner comm, or device, staged) and the comm's staging ring. The
-//! ring is made as the comm is, for the engine's GPU when one is known (`Staging::prepare`), so a
-//! connection's first device transfer allocates and pins nothing; memory of another GPU of the
-//! process gets a lane of that GPU's streams and events in the same ring when it is registered.
+//! memory is host, passed to the inner comm, or device, staged) and the comm's staging ring while
+//! it holds one. A comm takes a ring from its net's pool (`pool.rs`) when it first stages after
+//! being idle and gives it back once nothing it posted is outstanding; memory of another GPU of the
+//! process gets a lane of that GPU's streams and events in the ring when it is registered or
+//! staged (the lane stays with the ring).
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
+use super::pool::{COUNTS, count};
 use super::setup::Setup;
 use crate::cuda::{self, Gpu, Location, StagingRing};
 use crate::error::{Error, Result, UcclStatus};
@@ -23,6 +24,8 @@ pub(super) trait InnerRegistry {
     fn read_by_dma(&mut self, _addr: usize, _len: usize) -> bool {
         false
     }
+    /// Ends `read_by_dma` for a range no receive is posted into.
+    fn not_read_by_dma(&mut self, _addr: usize, _len: usize) {}
 }
 
 impl InnerRegistry for Box<dyn SendComm> {
@@ -43,6 +46,9 @@ impl InnerRegistry for Box<dyn RecvComm> {
     }
     fn read_by_dma(&mut self, addr: usize, len: usize) -> bool {
         self.write_back_received(addr, len)
+    }
+    fn not_read_by_dma(&mut self, addr: usize, len: usize) {
+        self.stop_write_back(addr, len)
     }
 }
 
@@ -74,51 +80,40 @@ impl Route {
     }
 }
 
-/// What staged comms of this process set up, and when: for tests, which have no other view of
-/// whether a connection's first transfer allocated.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RingCounts {
-    /// Rings made as their comm was.
-    pub at_connect: u64,
-    /// Rings made by a comm's first registration or post of device memory.
-    pub on_first_use: u64,
-    /// Lanes added to a ring for memory of another GPU.
-    pub lanes_added: u64,
-}
-
-static AT_CONNECT: AtomicU64 = AtomicU64::new(0);
-static ON_FIRST_USE: AtomicU64 = AtomicU64::new(0);
-static LANES_ADDED: AtomicU64 = AtomicU64::new(0);
-
-pub fn ring_counts() -> RingCounts {
-    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    RingCounts { at_connect: get(&AT_CONNECT), on_first_use: get(&ON_FIRST_USE), lanes_added: get(&LANES_ADDED) }
-}
-
 pub(super) struct Staging {
     pub(super) setup: Setup,
     registered: HashMap<usize, Registered>,
     next_handle: usize,
-    /// Made on first use of device memory; `ring_mr` is its registration with the inner comm.
+    /// Held from a comm's first staged post after being idle until nothing it posted is
+    /// outstanding; `ring_mr` is its registration with the inner comm meanwhile.
     pub(super) ring: Option<StagingRing>,
     pub(super) ring_mr: MrHandle,
+    /// Whether the ring's range is written back by the inner comm (`read_by_dma`).
+    ring_written_back: bool,
 }
 
 impl Staging {
+    /// The comm's share of its net's pool: while the pool holds fewer rings than its bound, one is
+    /// made now for the engine's GPU (when the engine names one), so that a connection's first
+    /// device transfer pins nothing. A failure leaves it to the first use, which reports it.
     pub(super) fn new(setup: Setup) -> Staging {
-        Staging { setup, registered: HashMap::new(), next_handle: 1, ring: None, ring_mr: MrHandle::NONE }
-    }
-
-    /// Makes the ring for the engine's GPU now, as the comm is made, when the engine names one:
-    /// its pinned slots, streams and events would otherwise cost the connection's first device
-    /// transfer milliseconds. A failure leaves it to the first use, which reports it.
-    pub(super) fn prepare(&mut self, inner: &mut dyn InnerRegistry) {
-        let Some(gpu) = self.setup.gpu.get().cloned() else { return };
-        match self.make_ring(inner, &gpu) {
-            Ok(()) => {
-                AT_CONNECT.fetch_add(1, Ordering::Relaxed);
+        let warm = setup.pool.lock().comm_made();
+        if let (true, Some(gpu)) = (warm, setup.gpu.get().cloned()) {
+            match setup.make_ring(&gpu) {
+                Ok(ring) => {
+                    setup.pool.lock().warmed(ring, Instant::now());
+                    count(&COUNTS.at_connect, 1);
+                }
+                Err(e) => log::warn!("staging ring for GPU {} not made ahead: {e}", gpu.ordinal()),
             }
-            Err(e) => log::warn!("staging ring for GPU {} not made with its comm: {e}", gpu.ordinal()),
+        }
+        Staging {
+            setup,
+            registered: HashMap::new(),
+            next_handle: 1,
+            ring: None,
+            ring_mr: MrHandle::NONE,
+            ring_written_back: false,
         }
     }
 
@@ -147,7 +142,9 @@ impl Staging {
                         "[{addr:#x}, +{len}) was registered as memory of GPU {device} but is {found:?}"
                     )));
                 }
-                self.ring(inner, device)?;
+                // Opened now, so that a post into it later cannot fail there; the comm's ring gets
+                // a lane of it when it first stages it.
+                Gpu::open(device)?;
                 Registered::Device { base: addr, len, device }
             }
         };
@@ -166,13 +163,7 @@ impl Staging {
 
     /// How `[addr, addr + len)` posted with `mr` travels. With no handle (the engine's own small
     /// buffers, or callers that never register) the pointer itself says, when a driver exists.
-    pub(super) fn route(
-        &mut self,
-        inner: &mut dyn InnerRegistry,
-        mr: MrHandle,
-        addr: usize,
-        len: usize,
-    ) -> Result<Route> {
+    pub(super) fn route(&mut self, mr: MrHandle, addr: usize, len: usize) -> Result<Route> {
         let device = if mr == MrHandle::NONE {
             match cuda::locate(addr, len.max(1))? {
                 Location::Host => return Ok(Route::Direct(MrHandle::NONE)),
@@ -193,7 +184,7 @@ impl Staging {
                 }
             }
         };
-        let slot_size = self.ring(inner, device)?.slot_size();
+        let slot_size = self.setup.params.slot_size;
         if len > slot_size {
             return Err(Error::invalid(format!(
                 "a {len}-byte GPU chunk exceeds the {slot_size}-byte staging slot (UCCL_TCPX_CHUNK_SIZE)"
@@ -204,64 +195,62 @@ impl Staging {
 
     /// How the segments of a vectored request posted with `mr` travel: all of them the same way
     /// (one registration holds them), in one slot when staged.
-    pub(super) fn route_segments(
-        &mut self,
-        inner: &mut dyn InnerRegistry,
-        mr: MrHandle,
-        iov: &[IoSeg],
-    ) -> Result<Route> {
+    pub(super) fn route_segments(&mut self, mr: MrHandle, iov: &[IoSeg]) -> Result<Route> {
         let Some((first, rest)) = iov.split_first() else {
             return Err(Error::invalid("a vectored request needs at least one segment"));
         };
-        let route = self.route(inner, mr, first.addr, first.len)?;
+        let route = self.route(mr, first.addr, first.len)?;
         if matches!(route, Route::Direct(_)) && mr != MrHandle::NONE {
             // A host registration: the inner comm checks nothing per segment either.
             return Ok(route);
         }
         for seg in rest {
-            if self.route(inner, mr, seg.addr, seg.len)? != route {
+            if self.route(mr, seg.addr, seg.len)? != route {
                 return Err(Error::invalid(
                     "the segments of one request lie in host memory and GPU memory, or on two GPUs",
                 ));
             }
         }
-        let total = iov.iter().map(|s| s.len).sum::<usize>();
-        if route.staged() && total > self.ring_mut()?.slot_size() {
+        let (total, slot_size) = (iov.iter().map(|s| s.len).sum::<usize>(), self.setup.params.slot_size);
+        if route.staged() && total > slot_size {
             return Err(Error::invalid(format!(
-                "a {total}-byte GPU chunk exceeds the {}-byte staging slot (UCCL_TCPX_CHUNK_SIZE)",
-                self.ring_mut()?.slot_size()
+                "a {total}-byte GPU chunk exceeds the {slot_size}-byte staging slot (UCCL_TCPX_CHUNK_SIZE)"
             )));
         }
         Ok(route)
     }
 
-    /// The ring, staging memory of GPU `device`: made on first use where the comm was made
-    /// without it (the engine named no GPU then), given a lane of `device` where it has none.
-    fn ring(&mut self, inner: &mut dyn InnerRegistry, device: i32) -> Result<&mut StagingRing> {
-        match &mut self.ring {
-            Some(ring) if ring.stages(device) => {}
-            Some(ring) => {
-                ring.add_gpu(&Gpu::open(device)?)?;
-                ring.prepare_kernels();
-                LANES_ADDED.fetch_add(1, Ordering::Relaxed);
-            }
-            None => {
-                self.make_ring(inner, &Gpu::open(device)?)?;
-                ON_FIRST_USE.fetch_add(1, Ordering::Relaxed);
+    /// The ring, staging memory of GPU `device`: taken from the pool (or made, where it holds
+    /// none) when the comm holds none, given a lane of `device` where it has none.
+    pub(super) fn ring(&mut self, inner: &mut dyn InnerRegistry, device: i32) -> Result<&mut StagingRing> {
+        if self.ring.is_none() {
+            let pooled = self.setup.pool.lock().take();
+            let ring = match pooled {
+                Some(ring) => {
+                    count(&COUNTS.taken, 1);
+                    ring
+                }
+                None => {
+                    let ring = self.setup.make_ring(&Gpu::open(device)?)?;
+                    self.setup.pool.lock().made(Instant::now());
+                    count(&COUNTS.on_first_use, 1);
+                    ring
+                }
+            };
+            let (base, len) = ring.host_range();
+            self.ring = Some(ring);
+            if let Err(e) = self.register_ring_range(inner, base, len) {
+                self.give_back_ring(inner);
+                return Err(e);
             }
         }
-        self.ring.as_mut().ok_or_else(|| Error::new(UcclStatus::ErrInternal, "staging ring missing"))
-    }
-
-    fn make_ring(&mut self, inner: &mut dyn InnerRegistry, gpu: &Arc<Gpu>) -> Result<()> {
-        let params = self.setup.params;
-        let mut ring = StagingRing::new(gpu, params.slot_size, params.slots, params.streams())?;
-        ring.set_gather(params.tuning.gather);
-        ring.prepare_kernels();
-        let (base, len) = ring.host_range();
-        self.register_ring_range(inner, base, len)?;
-        self.ring = Some(ring);
-        Ok(())
+        let ring = self.ring.as_mut().ok_or_else(|| Error::new(UcclStatus::ErrInternal, "staging ring missing"))?;
+        if !ring.stages(device) {
+            ring.add_gpu(&Gpu::open(device)?)?;
+            ring.prepare_kernels();
+            count(&COUNTS.lanes_added, 1);
+        }
+        Ok(ring)
     }
 
     pub(super) fn ring_mut(&mut self) -> Result<&mut StagingRing> {
@@ -272,17 +261,44 @@ impl Staging {
     /// receiving one to write what lands there back from the CPU's caches (with the knob on).
     pub(super) fn register_ring_range(&mut self, inner: &mut dyn InnerRegistry, base: usize, len: usize) -> Result<()> {
         self.ring_mr = inner.register(base, len, MemKind::Host)?;
-        if self.setup.params.tuning.write_back {
-            // For the inner comm's life: the ring is released only as the comm closes.
-            inner.read_by_dma(base, len);
-        }
+        self.ring_written_back = self.setup.params.tuning.write_back && inner.read_by_dma(base, len);
         Ok(())
     }
 
-    /// Lets go of the ring's inner registration before the comm closes, if nothing uses it.
-    pub(super) fn release_ring_registration(&mut self, inner: &mut dyn InnerRegistry, idle: bool) {
-        if idle && self.ring.is_some() {
-            inner.deregister(std::mem::replace(&mut self.ring_mr, MrHandle::NONE));
+    /// Once nothing the comm posted is outstanding (`idle`): its ring goes back to the pool, its
+    /// registration with the inner comm with it. A ring some request still holds a slot of stays.
+    pub(super) fn idle(&mut self, inner: &mut dyn InnerRegistry) {
+        if self.ring.as_ref().is_some_and(|r| r.in_use() == 0) {
+            self.give_back_ring(inner);
         }
+    }
+
+    fn give_back_ring(&mut self, inner: &mut dyn InnerRegistry) {
+        let Some(ring) = self.ring.take() else { return };
+        let (base, len) = ring.host_range();
+        if self.ring_written_back {
+            inner.not_read_by_dma(base, len);
+            self.ring_written_back = false;
+        }
+        inner.deregister(std::mem::replace(&mut self.ring_mr, MrHandle::NONE));
+        count(&COUNTS.given_back, 1);
+        let freed = self.setup.pool.lock().give(ring, Instant::now());
+        count(&COUNTS.freed, freed.len());
+    }
+
+    /// The comm closes: an idle ring goes back to the pool, one with requests outstanding (a
+    /// failed comm's, copies perhaps still queued) goes with the comm, whose drop waits for them;
+    /// the pool then frees what is due under its smaller bound (all of it with no comm left).
+    pub(super) fn close(&mut self, inner: &mut dyn InnerRegistry, idle: bool) {
+        if idle {
+            self.idle(inner);
+        }
+        let mut pool = self.setup.pool.lock();
+        if self.ring.is_some() {
+            pool.lost();
+        }
+        let freed = pool.comm_dropped(Instant::now());
+        drop(pool);
+        count(&COUNTS.freed, freed.len() + usize::from(self.ring.is_some()));
     }
 }

@@ -67,7 +67,7 @@ impl StagedSendComm {
     pub(crate) fn new(inner: Box<dyn SendComm>, setup: Setup) -> StagedSendComm {
         let tuning = setup.params.tuning;
         let copy_limit = if tuning.ahead == 0 { usize::MAX } else { tuning.ahead as usize };
-        let mut comm = StagedSendComm {
+        StagedSendComm {
             inner,
             copy_limit,
             gather_limit: copy_limit.max(setup.params.streams()),
@@ -78,9 +78,7 @@ impl StagedSendComm {
             unsent: 0,
             copying: 0,
             failure: StickyFailure::default(),
-        };
-        comm.staging.prepare(&mut comm.inner);
-        comm
+        }
     }
 
     /// Queues the copies of pending chunks, oldest first, while the copy limit allows.
@@ -212,6 +210,9 @@ impl StagedSendComm {
         if slot.is_some() {
             self.staging.ring_mut()?.give_back();
         }
+        if self.queue.is_empty() {
+            self.staging.idle(&mut self.inner);
+        }
         Ok(Some(size))
     }
 
@@ -252,8 +253,10 @@ impl SendComm for StagedSendComm {
         if self.queue.len() >= self.staging.setup.max_requests {
             return Ok(None);
         }
-        let route = self.staging.route_segments(&mut self.inner, mr, iov)?;
-        if route.staged() && self.staging.ring_mut()?.peek().is_none() {
+        let route = self.staging.route_segments(mr, iov)?;
+        if let Route::Staged(device) = route
+            && self.staging.ring(&mut self.inner, device)?.peek().is_none()
+        {
             return Ok(None);
         }
         let entered = self.enter(false);
@@ -284,6 +287,6 @@ impl Drop for StagedSendComm {
         // progress thread must poll for.
         self.staging.setup.copies_changed(false, self.copying);
         let idle = self.queue.is_empty();
-        self.staging.release_ring_registration(&mut self.inner, idle);
+        self.staging.close(&mut self.inner, idle);
     }
 }

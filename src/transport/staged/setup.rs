@@ -5,7 +5,11 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use parking_lot::Mutex;
+
+use super::pool::Pool;
 use crate::config::StagingConfig;
+use crate::cuda::{Gpu, StagingRing};
 use crate::error::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +73,8 @@ impl StickyFailure {
 /// What every staged comm of one net shares.
 #[derive(Clone)]
 pub(crate) struct Setup {
+    /// The net's idle rings (`pool.rs`).
+    pub(super) pool: Arc<Mutex<Pool<StagingRing>>>,
     pub(super) params: StagingParams,
     /// The inner comms' bound on outstanding requests, which the staged comms keep too.
     pub(super) max_requests: usize,
@@ -81,6 +87,27 @@ pub(crate) struct Setup {
 }
 
 impl Setup {
+    pub(super) fn new(params: StagingParams, max_requests: usize) -> Setup {
+        let ring_bytes = (params.slot_size * params.slots).max(1);
+        let keep = params.tuning.pool as usize / ring_bytes;
+        Setup {
+            pool: Arc::new(Mutex::new(Pool::new(keep))),
+            params,
+            max_requests,
+            copies_in_flight: Arc::default(),
+            gpu: Arc::default(),
+        }
+    }
+
+    /// A ring of this net's slots for `gpu`, its segment kernel readied where it is built.
+    pub(super) fn make_ring(&self, gpu: &Arc<Gpu>) -> Result<StagingRing> {
+        let params = self.params;
+        let mut ring = StagingRing::new(gpu, params.slot_size, params.slots, params.streams())?;
+        ring.set_gather(params.tuning.gather);
+        ring.prepare_kernels();
+        Ok(ring)
+    }
+
     /// A copy was queued (`+1`) or seen finished or abandoned (`-n`).
     pub(super) fn copies_changed(&self, queued: bool, n: usize) {
         if n > 0 {

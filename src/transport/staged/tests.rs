@@ -238,12 +238,8 @@ fn the_rings_range_is_written_back_with_the_knob_on() {
         let (mut tx, mut rx) = pair(&net);
         let mut slots = vec![0u8; len];
         let tuning = crate::config::StagingConfig { write_back, ..Default::default() };
-        let mut staging = regions::Staging::new(setup::Setup {
-            params: StagingParams { tuning, ..StagingParams::new(1 << 20, 4) },
-            max_requests: 16,
-            copies_in_flight: Arc::default(),
-            gpu: Arc::default(),
-        });
+        let mut staging =
+            regions::Staging::new(setup::Setup::new(StagingParams { tuning, ..StagingParams::new(1 << 20, 4) }, 16));
         staging.register_ring_range(&mut rx, slots.as_mut_ptr() as usize, len).unwrap();
         let held = receive_counting_write_back(&mut tx, &mut rx, &msg, &mut slots);
         if write_back && writes_back() {
