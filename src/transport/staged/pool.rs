@@ -10,10 +10,11 @@
 //! Making a ring (pinned slots, streams, events, bounce buffers) takes milliseconds, so a load
 //! wider than the bound must not free and make rings round after round: freed at once past the
 //! bound, 16 connections each writing 1 MiB of GPU memory at once ran at 0.11 GB/s against 5.95
-//! for one (2 x H100); freed after [`LINGER`] unused, 64 connections still did (0.12 GB/s), since
-//! rounds slowed by making rings left rings unused that long. So nothing past the bound is freed
-//! within [`CALM`] of a comm finding the pool empty. Rings past the bound are freed by the engine's
-//! progress thread as it parks ([`Pool::next_trim`]), or at the pool's next use.
+//! for one (2 x H100); freed after half a second unused, 64 connections still did (0.12 GB/s),
+//! since rounds slowed by making rings left rings unused that long. So nothing past the bound is
+//! freed within [`CALM`] of a comm finding the pool empty, and then only rings unused for
+//! [`LINGER`]. Rings past the bound are freed by the engine's progress thread as it parks
+//! ([`Pool::next_trim`]), or at the pool's next use.
 //!
 //! A comm never waits for a ring: one that finds the pool empty makes its own, so no comm's
 //! progress depends on another's giving back (two engines sending to each other from full pools
@@ -27,11 +28,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// How long a ring past the pool's bound stays idle before it is freed: longer than the gaps of a
-/// steady load, short enough that a burst's rings are gone soon after it.
-pub(super) const LINGER: Duration = Duration::from_millis(500);
+/// steady load, short enough that a burst's rings are gone within seconds of it.
+pub(super) const LINGER: Duration = Duration::from_secs(2);
 
 /// How long after the pool last ran short (a comm made a ring) nothing past the bound is freed.
-pub(super) const CALM: Duration = Duration::from_secs(2);
+pub(super) const CALM: Duration = Duration::from_secs(5);
 
 /// Idle rings, each with when it was given back, and the counts the policy needs.
 pub(super) struct Pool<R> {
