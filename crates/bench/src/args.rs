@@ -105,6 +105,11 @@ pub struct Args {
     /// tables do; bytes are checked, and the same bytes in one piece are timed in the same run
     #[arg(long, requires = "scatter")]
     pub kv: bool,
+    /// With --kv: the block tables' blocks fall in N regions, registered apart on each end, as a
+    /// serving stack registers one region per KV tensor (an 8B model's 64; 160 for 70B); at most
+    /// the block count
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = positive, requires = "kv")]
+    pub kv_regions: usize,
     /// Machine-readable results on stdout instead of the tables
     #[arg(long)]
     pub json: bool,
@@ -294,6 +299,12 @@ impl Args {
     pub fn layout(&self, size: usize, iovs: usize) -> Result<Layout, String> {
         let layout = Layout::new(size, iovs, self.scatter, self.depth)?;
         Ok(if self.kv { layout.with_tables(false) } else { layout })
+    }
+
+    /// The regions a transfer's pieces fall in: `--kv-regions` (at most one per block) with
+    /// `--kv`, else one.
+    pub fn regions(&self) -> usize {
+        if self.kv { self.kv_regions.min(self.num_iovs) } else { 1 }
     }
 
     /// Bytes each end registers: every slot of the largest size, or the scatter region.

@@ -109,6 +109,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
         raw_streams: streams,
         depth: args.depth,
         num_iovs: args.num_iovs,
+        kv_regions: args.regions(),
         chunk_size: config.chunk_size,
         rounds: args.rounds,
         client_memory: mem.describe(),
@@ -152,8 +153,19 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
                     if vectors {
                         // The same bytes in one piece, same run: what the vector is compared with.
                         let whole = args.layout(size, 1).map_err(std::io::Error::other)?;
-                        let mut run =
-                            Run { args, ctl: &mut ctl, conn: &conn, mr, mem: &mut mem, fifo, op, layout: whole, seed };
+                        let mut run = Run {
+                            args,
+                            ctl: &mut ctl,
+                            engine: &engine,
+                            conn: &conn,
+                            mr,
+                            mem: &mut mem,
+                            fifo,
+                            op,
+                            layout: whole,
+                            seed,
+                            split: None,
+                        };
                         let one = run.measure(iters)?;
                         checked += 1;
                         contiguous = Some(Point::new(op, size, iters, &one.samples, None).gbs());
@@ -162,7 +174,19 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
                         progress.step(&what(pieces));
                         seed += 1;
                     }
-                    let mut run = Run { args, ctl: &mut ctl, conn: &conn, mr, mem: &mut mem, fifo, op, layout, seed };
+                    let mut run = Run {
+                        args,
+                        ctl: &mut ctl,
+                        engine: &engine,
+                        conn: &conn,
+                        mr,
+                        mem: &mut mem,
+                        fifo,
+                        op,
+                        layout,
+                        seed,
+                        split: None,
+                    };
                     let timed = run.measure(iters)?;
                     checked += 1;
                     timed
@@ -216,8 +240,20 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
                         let label = format!("{} {} over loopback TCP", op.name(), crate::report::human(size));
                         progress.step(&what(label));
                         seed += 1;
-                        let (conn, mr) = (&a.conn, a.mr);
-                        let mut run = Run { args, ctl: &mut ctl, conn, mr, mem: &mut mem, fifo, op, layout, seed };
+                        let (engine, conn, mr) = (&a.engine, &a.conn, a.mr);
+                        let mut run = Run {
+                            args,
+                            ctl: &mut ctl,
+                            engine,
+                            conn,
+                            mr,
+                            mem: &mut mem,
+                            fifo,
+                            op,
+                            layout,
+                            seed,
+                            split: None,
+                        };
                         let tcp_gbs = Point::new(op, size, iters, &run.measure(iters)?.samples, None).gbs();
                         checked += 1;
                         let memcpy_gbs = crate::same_host::memcpy_gbs(&a.copy.0, &mut a.copy.1, size, iters);
@@ -279,6 +315,7 @@ pub fn median(mut v: Vec<Duration>) -> Duration {
 struct Run<'a> {
     args: &'a Args,
     ctl: &'a mut Ctl,
+    engine: &'a Engine,
     conn: &'a Arc<Connection>,
     mr: u64,
     mem: &'a mut BenchMemory,
@@ -286,6 +323,24 @@ struct Run<'a> {
     op: Op,
     layout: Layout,
     seed: u64,
+    /// With block tables over several regions (`--kv-regions`): each end's registrations of them,
+    /// made for the run.
+    split: Option<Split>,
+}
+
+/// The buffer cut into regions at block boundaries ([`Layout::regions`]), the same on both ends:
+/// this end's registration of each and the server's FifoItem of each.
+struct Split {
+    bounds: Vec<std::ops::Range<usize>>,
+    mrs: Vec<u64>,
+    fifos: Vec<FifoItem>,
+}
+
+impl Split {
+    /// The region holding buffer offset `at`.
+    fn of(&self, at: usize) -> usize {
+        self.bounds.partition_point(|b| b.end <= at)
+    }
 }
 
 /// One transfer's items.
@@ -313,8 +368,55 @@ impl Run<'_> {
         let Layout { size, iovs, stride, .. } = self.layout;
         let count = 1 + warmup + iters;
         let kv = u8::from(self.layout.shuffled());
-        self.ctl.send(&format!("OP {} {size} {count} {depth} {iovs} {seed} {stride} {kv}", self.op.name()))?;
-        self.ctl.expect("GO")?;
+        let regions = if self.layout.shuffled() && self.op != Op::Send { self.args.regions() } else { 1 };
+        self.ctl
+            .send(&format!("OP {} {size} {count} {depth} {iovs} {seed} {stride} {kv} {regions}", self.op.name()))?;
+        let go = self.ctl.expect("GO")?;
+        if regions > 1 {
+            self.split = Some(self.split(&go, regions)?);
+        }
+        let timed = self.measured(warmup, iters);
+        if let Some(split) = self.split.take() {
+            for mr in split.mrs {
+                let _ = self.engine.deregister(mr);
+            }
+            // Every transfer ended: the server may let go of its regions.
+            if timed.is_ok() {
+                self.ctl.send("FREE")?;
+                self.verdict()?;
+            }
+        }
+        timed
+    }
+
+    /// This end's registrations of the regions, and the server's FifoItems of them from its `GO`.
+    fn split(&self, go: &[String], regions: usize) -> Io<Split> {
+        let bounds = self.layout.regions(regions, self.args.depth);
+        let fifos = go
+            .get(1)
+            .map(|list| list.split(',').map(|h| ctl::unhex(h).and_then(|b| <[u8; 64]>::try_from(b).ok())).collect())
+            .and_then(|all: Option<Vec<[u8; 64]>>| all)
+            .filter(|all| all.len() == bounds.len())
+            .ok_or_else(|| std::io::Error::other(format!("the server's GO lacks {} FifoItems", bounds.len())))?;
+        let base = self.mem.addr();
+        let mut mrs = Vec::with_capacity(bounds.len());
+        for b in &bounds {
+            match self.engine.register(base + b.start, b.len()) {
+                Ok(mr) => mrs.push(mr),
+                Err(e) => {
+                    for mr in mrs {
+                        let _ = self.engine.deregister(mr);
+                    }
+                    return Err(std::io::Error::other(format!("registering a region: {e}")));
+                }
+            }
+        }
+        Ok(Split { bounds, mrs, fifos: fifos.iter().map(FifoItem::from_bytes).collect() })
+    }
+
+    /// `measure` once the server is ready: the checked transfer, the warm-up and the timed ones.
+    fn measured(&mut self, warmup: usize, iters: usize) -> Io<Timed> {
+        let seed = self.seed;
         match self.op {
             Op::Read => self.mem.zero(&self.layout)?,
             _ => self.mem.fill(&self.layout, seed)?,
@@ -405,10 +507,17 @@ impl Run<'_> {
                     .pieces(slot)
                     .zip(self.layout.peer().pieces(slot))
                     .map(|(r, theirs)| {
-                        let mut remote = self.fifo;
-                        remote.addr += theirs.start as u64;
+                        let (mr, mut remote) = match &self.split {
+                            None => (self.mr, FifoItem { addr: self.fifo.addr + theirs.start as u64, ..self.fifo }),
+                            Some(split) => {
+                                let (ours, at) = (split.of(r.start), split.of(theirs.start));
+                                let fifo = split.fifos[at];
+                                let offset = (theirs.start - split.bounds[at].start) as u64;
+                                (split.mrs[ours], FifoItem { addr: fifo.addr + offset, ..fifo })
+                            }
+                        };
                         remote.size = r.len() as u32;
-                        OneSided { mr: self.mr, addr: base + r.start, len: r.len(), remote }
+                        OneSided { mr, addr: base + r.start, len: r.len(), remote }
                     })
                     .collect(),
             ),

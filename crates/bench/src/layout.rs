@@ -147,6 +147,20 @@ impl Layout {
         (0..self.iovs).map(move |k| self.piece(slot, k))
     }
 
+    /// The buffer's bytes cut into `regions` registrations at block boundaries (region `r` holds
+    /// blocks `r * iovs / regions` up to the next region's first), so that every piece of every slot
+    /// lies in one; the last ends with `depth` slots' span. One region, the span, for pieces side by
+    /// side or `regions` of 1.
+    pub fn regions(&self, regions: usize, depth: usize) -> Vec<Range<usize>> {
+        let span = self.span(depth);
+        if self.stride == 0 || regions <= 1 {
+            return std::iter::once(0..span).collect();
+        }
+        let regions = regions.min(self.iovs);
+        let start = |r: usize| r * self.iovs / regions * self.stride;
+        (0..regions).map(|r| start(r)..if r + 1 == regions { span } else { start(r + 1) }).collect()
+    }
+
     /// Buffer bytes that `depth` slots touch.
     pub fn span(&self, depth: usize) -> usize {
         if self.stride == 0 { self.size * depth } else { (self.iovs - 1) * self.stride + depth * self.max_piece() }
@@ -191,6 +205,25 @@ mod tests {
         let uneven = Layout::new(1000, 7, Some(4096), 3).unwrap();
         assert_eq!(uneven.pieces(1).map(|r| r.len()).sum::<usize>(), 1000);
         assert!(disjoint((0..3).flat_map(|s| uneven.pieces(s).collect::<Vec<_>>()).collect()));
+    }
+
+    #[test]
+    fn regions_cut_at_blocks_hold_every_piece_of_every_slot() {
+        for (iovs, regions, depth) in [(8192, 64, 2), (8320, 160, 1), (100, 7, 3), (16, 64, 1)] {
+            let l = Layout::new(iovs * 4096, iovs, Some(iovs * 16384), depth).unwrap().with_tables(true);
+            let bounds = l.regions(regions, depth);
+            assert_eq!(bounds.len(), regions.min(iovs), "{iovs} blocks in {regions} regions");
+            assert!(bounds.windows(2).all(|w| w[0].end == w[1].start && w[0].start < w[0].end));
+            assert_eq!((bounds[0].start, bounds.last().unwrap().end), (0, l.span(depth)));
+            for slot in 0..depth {
+                for p in l.pieces(slot) {
+                    assert_eq!(bounds.iter().filter(|b| b.start <= p.start && p.end <= b.end).count(), 1, "{p:?}");
+                }
+            }
+        }
+        let side = Layout::new(1 << 20, 16, None, 2).unwrap();
+        let one = side.regions(64, 2);
+        assert_eq!((one.len(), one[0].clone()), (1, 0..2 << 20), "pieces side by side: one region");
     }
 
     #[test]

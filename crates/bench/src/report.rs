@@ -24,6 +24,9 @@ pub struct RunInfo {
     pub raw_streams: usize,
     pub depth: usize,
     pub num_iovs: usize,
+    /// The regions a KV transfer's blocks fall in (`--kv-regions`; 1 without `--kv`).
+    #[serde(skip_serializing_if = "is_one")]
+    pub kv_regions: usize,
     pub chunk_size: u32,
     /// `--rounds`: how many times each point and its anchors were measured, alternately (left out
     /// at 1, the report of one measurement each).
@@ -329,14 +332,16 @@ fn header_lines(info: &RunInfo, mode: &str) -> String {
     let baseline_memory = if info.on_gpu() { "host-memory buffers of the same size" } else { "same buffers" };
     format!(
         "# uccl-tcpx-bench: socket transport, {memory}, {mode}\n# {} channels x {} sockets ({} shared helper threads \
-         per direction), chunk {}, {} in flight, {} iov(s); baseline: raw TCP, {} streams with a thread each, {baseline_memory}\
-         ; msg = the same streams (at most one per 64 KiB of message), each message acknowledged, as many in flight",
+         per direction), chunk {}, {} in flight, {} iov(s){}; baseline: raw TCP, {} streams with a thread each, \
+         {baseline_memory}; msg = the same streams (at most one per 64 KiB of message), each message acknowledged, as \
+         many in flight",
         info.channels,
         info.sockets_per_comm,
         info.helpers_per_direction,
         human(info.chunk_size as usize),
         info.depth,
         info.num_iovs,
+        if info.kv_regions > 1 { format!(" in {} registered regions", info.kv_regions) } else { String::new() },
         info.raw_streams
     )
 }
@@ -601,6 +606,7 @@ mod tests {
             raw_streams: 8,
             depth: 1,
             num_iovs: 1,
+            kv_regions: 1,
             chunk_size: 1 << 20,
             rounds: 1,
             client_memory: client.into(),

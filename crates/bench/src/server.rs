@@ -79,7 +79,6 @@ struct Target<'a> {
 
 impl Target<'_> {
     fn serve(&mut self, ctl: &mut Ctl) -> Io<()> {
-        let _ = self.engine;
         loop {
             let words = ctl.recv()?;
             match words.first().map(String::as_str) {
@@ -93,10 +92,47 @@ impl Target<'_> {
         }
     }
 
-    /// `OP kind size count depth iovs seed stride [kv]`: prepares slot 0 (the checked transfer), then for
-    /// a send posts `count` receives of `iovs` messages each, `depth` transfers ahead. The pieces lie
-    /// where the client's do ([`Layout`]).
+    /// `OP kind size count depth iovs seed stride [kv [regions]]`: prepares slot 0 (the checked
+    /// transfer), then for a send posts `count` receives of `iovs` messages each, `depth` transfers
+    /// ahead. The pieces lie where the client's do ([`Layout`]). With several regions (`--kv-regions`)
+    /// the buffer is registered again cut into them for this op, `GO` carries each region's
+    /// FifoItem, and they are deregistered at the client's `FREE`.
     fn op(&mut self, ctl: &mut Ctl, w: &[String]) -> Io<()> {
+        let regions: usize = if w.len() > 9 { field(w, 9)? } else { 1 };
+        if regions <= 1 {
+            return self.op_in(ctl, w, "GO".into());
+        }
+        let (size, depth, iovs, stride): (usize, usize, usize, usize) =
+            (field(w, 2)?, field(w, 4)?, field(w, 5)?, field(w, 7)?);
+        let layout = Layout::from_wire(size, iovs, stride, depth).map_err(std::io::Error::other)?;
+        let bounds = layout.regions(regions, depth);
+        if bounds.last().is_some_and(|b| b.end > self.mem.len()) {
+            return Err(std::io::Error::other(format!("{size} bytes x {depth} in flight do not fit the buffer")));
+        }
+        let (base, engine) = (self.mem.addr(), self.engine);
+        let mut mrs = Vec::with_capacity(bounds.len());
+        let mut go = || -> Io<String> {
+            let mut fifos = Vec::with_capacity(bounds.len());
+            for b in &bounds {
+                let mr = engine.register(base + b.start, b.len()).map_err(std::io::Error::other)?;
+                mrs.push(mr);
+                let fifo = engine.prepare_fifo(mr, base + b.start, b.len()).map_err(std::io::Error::other)?;
+                fifos.push(ctl::hex(&fifo.to_bytes()));
+            }
+            Ok(format!("GO {}", fifos.join(",")))
+        };
+        let go = go();
+        // The client's last one-sided transfers may still run when the op's exchange is over:
+        // its `FREE` says they ended.
+        let served = go.and_then(|go| self.op_in(ctl, w, go)).and_then(|()| ctl.expect("FREE").map(drop));
+        for mr in mrs {
+            let _ = self.engine.deregister(mr);
+        }
+        served?;
+        ctl.send("OK")
+    }
+
+    fn op_in(&mut self, ctl: &mut Ctl, w: &[String], go: String) -> Io<()> {
         let kind = w.get(1).map(String::as_str).unwrap_or("");
         let (size, count, depth, iovs, seed, stride): (usize, usize, usize, usize, u64, usize) =
             (field(w, 2)?, field(w, 3)?, field(w, 4)?, field(w, 5)?, field(w, 6)?, field(w, 7)?);
@@ -110,21 +146,21 @@ impl Target<'_> {
         match kind {
             "write" => {
                 self.mem.zero(&layout)?;
-                ctl.send("GO")?;
+                ctl.send(&go)?;
                 ctl.expect("CHECK")?;
                 ctl.send(if self.mem.check(&layout, seed)? { "OK" } else { "BAD" })?;
                 settle(ctl)
             }
             "read" => {
                 self.mem.fill(&layout, seed)?;
-                ctl.send("GO")?;
+                ctl.send(&go)?;
                 settle(ctl)?;
                 ctl.expect("END")?;
                 ctl.send("OK")
             }
             "send" => {
                 self.mem.zero(&layout)?;
-                ctl.send("GO")?;
+                ctl.send(&go)?;
                 let ok = self.receive(&layout, count, depth, seed)?;
                 ctl.send(if ok { "OK" } else { "BAD" })
             }

@@ -281,12 +281,13 @@ fn a_reader_that_goes_away_early_does_not_fail_the_run() {
     assert!(status.success(), "{status:?}: {err}");
 }
 
-/// `--kv`: each end places the pieces after its own shuffled block table; the run checks every
-/// transfer's bytes at the other end (a piece in the wrong block fails it), over the network path
-/// and the same-host path, and times one piece of the same bytes alongside.
+/// `--kv`: each end places the pieces after its own shuffled block table, the blocks in regions
+/// registered apart (64 by default, one block each here; 7 of uneven block counts); the run checks
+/// every transfer's bytes at the other end (a piece in the wrong block or region fails it), over
+/// the network path and the same-host path, and times one piece of the same bytes alongside.
 #[test]
 fn kv_block_tables_move_checked_bytes_on_both_paths() {
-    for same_host in [false, true] {
+    for (same_host, regions) in [(false, None), (true, None), (false, Some("7")), (true, Some("7"))] {
         // The same-host bench measures one-sided transfers only.
         let ops = if same_host { "write,read" } else { "write,read,send" };
         let mut args = vec!["--sizes", "1M", "--iters", "3", "--ops", ops, "--num-iovs", "64"];
@@ -294,11 +295,15 @@ fn kv_block_tables_move_checked_bytes_on_both_paths() {
         if same_host {
             args.push("--same-host");
         }
+        if let Some(n) = regions {
+            args.extend(["--kv-regions", n]);
+        }
         let out = bench(&args);
         let all = text(&out);
-        assert!(out.status.success(), "same host {same_host}: {all}");
+        assert!(out.status.success(), "same host {same_host}, regions {regions:?}: {all}");
         let report: Value =
             serde_json::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap_or_else(|e| panic!("{e}: {all}"));
+        assert_eq!(report["kv_regions"].as_u64(), Some(regions.map_or(64, |n| n.parse().unwrap())), "{all}");
         let results = report["results"].as_array().expect("a results list");
         assert_eq!(results.len(), if same_host { 2 } else { 3 }, "{all}");
         for p in results {
@@ -307,4 +312,6 @@ fn kv_block_tables_move_checked_bytes_on_both_paths() {
     }
     let refused = bench(&["--sizes", "1M", "--num-iovs", "64", "--kv"]);
     assert!(!refused.status.success() && text(&refused).contains("--scatter"), "{}", text(&refused));
+    let refused = bench(&["--sizes", "1M", "--num-iovs", "64", "--kv-regions", "4"]);
+    assert!(!refused.status.success() && text(&refused).contains("--kv"), "{}", text(&refused));
 }
