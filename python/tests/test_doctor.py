@@ -347,12 +347,45 @@ def test_this_machine_without_tcpx():
     assert checks["engine/socket transport"]["status"] == "ok"
     assert checks["engine/transport"]["status"] == "warn"
     assert "auto resolves to socket" in checks["engine/transport"]["detail"]
-    assert checks["tcpx/plugin"]["status"] == "fail" and checks["tcpx/plugin"]["fix"]
+    # What TCPX or CUDA lack stops nothing auto runs: warnings, and the host's one line says so.
+    assert checks["tcpx/plugin"]["status"] == "warn" and checks["tcpx/plugin"]["fix"]
+    assert not [k for k, c in checks.items() if c["status"] == "fail"], checks
     code, checks = doctor(["--transport", "tcpx"], env)
     assert code == 1
     assert checks["engine/transport"]["status"] == "fail"
+    assert checks["tcpx/plugin"]["status"] == "fail"
     code, checks = doctor(["--transport", "socket"], env)
     assert code == 0 and not any(k.startswith("tcpx/") for k in checks)
+
+
+def test_the_host_says_what_it_runs():
+    """The report's one line: here the socket transport; host memory only without a GPU."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UCCL_TCPX_", "NCCL_"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "uccl_tcpx.doctor", "--json", "--no-nixl", "--gpu", "-1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    runs = json.loads(done.stdout)["runs"]
+    assert runs.startswith("the built-in socket transport, host memory only"), runs
+    text = subprocess.run(
+        [sys.executable, "-m", "uccl_tcpx.doctor", "--no-nixl", "--transport", "socket", "--gpu", "-1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
+    assert "this host runs: the built-in socket transport, host memory only" in text, text
+
+
+def test_a_failed_engine_names_the_fix_for_its_cause():
+    from uccl_tcpx.doctor.engine_checks import creation_fix
+
+    assert "cuda section" in creation_fix("cannot register GPU memory: CUDA unavailable", 0)
+    assert "UCCL_TCPX_IFNAME" in creation_fix("no interface named eth9", -1)
+    assert "UCCL_TCPX_IP" not in creation_fix("something else", -1)
 
 
 def test_serve_and_peer_across_two_processes():

@@ -77,12 +77,32 @@ def diagnose(args, env):
     # The engine serves a GPU where there is one: TCPX binds a comm to the current GPU, so a
     # host-memory-only engine is not what a GPU user runs.
     gpu = args.gpu if args.gpu is not None else (0 if host.live and gpus else -1)
-    guarded(report, "engine", "transport", engine_checks.check_transport, report, env, report.transport, plugin, gpu)
+    resolved = guarded(
+        report, "engine", "transport", engine_checks.check_transport, report, env, report.transport, plugin, gpu
+    )
+    report.runs = runs_here(report, resolved, gpu)
     if not args.no_nixl:
         guarded(report, "nixl", "checks", nixl_checks.run, report, env)
     if args.peer:
         guarded(report, "peer", "exchange", peer.peer, report, args.peer, None if gpu < 0 else gpu)
     return report
+
+
+def runs_here(report, resolved, gpu):
+    """One line: the transport and memory kinds an engine gets on this host, from the checks."""
+    status = {f"{c.section}/{c.name}": c.status for c in report.checks}
+    if status.get("engine/socket transport") != "ok":
+        return "nothing: no engine can be created (see engine)"
+    memory = "host memory"
+    if gpu >= 0 and status.get("cuda/driver") == "ok" and status.get("cuda/CUDA API") != "fail":
+        memory += f" and GPU {gpu}'s memory"
+    else:
+        memory += " only (no GPU an engine can serve)"
+    if resolved == "tcpx":
+        return f"the TCPX net plugin, {memory}; peers on this host over sockets"
+    return f"the built-in socket transport, {memory}" + (
+        "" if resolved == "socket" and report.transport == "socket" else "; not TCPX (see tcpx)"
+    )
 
 
 def main(argv=None):

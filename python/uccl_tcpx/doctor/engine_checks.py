@@ -135,6 +135,19 @@ def check_auth(report, env):
         report.add("engine", "auth key", OK, f"{path} ({st.st_size} bytes, mode {stat.S_IMODE(st.st_mode):o})")
 
 
+def creation_fix(error, gpu):
+    """The fix line for an engine that cannot be created, from what its error is about."""
+    lowered = error.lower()
+    if "cuda" in lowered or "gpu" in lowered:
+        return (
+            f"the engine was to serve GPU {gpu}: fix what the cuda section reports, or run the doctor with "
+            "--gpu -1 to check a host-memory engine"
+        )
+    if "address" in lowered or "interface" in lowered or "bind" in lowered or "port" in lowered:
+        return "fix the setting the error names (UCCL_TCPX_IP, UCCL_TCPX_IFNAME, UCCL_TCPX_PORT)"
+    return "fix what the error names; UCCL_TCPX_LOG=info says more"
+
+
 def check_transport(report, env, asked, plugin_path, gpu):
     """The socket engine this host can make, and what `asked` resolves to, each from a real engine."""
     sock = create_engine({**env, "UCCL_TCPX_TRANSPORT": "socket"}, gpu)
@@ -144,7 +157,7 @@ def check_transport(report, env, asked, plugin_path, gpu):
             "socket transport",
             FAIL,
             f"an engine cannot be created: {sock['error']}",
-            "fix the setting the error names (UCCL_TCPX_IP, UCCL_TCPX_IFNAME, UCCL_TCPX_PORT)",
+            creation_fix(sock["error"], gpu),
         )
     else:
         report.add(

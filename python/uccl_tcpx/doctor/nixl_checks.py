@@ -89,11 +89,14 @@ def run(report, env):
         report.add("nixl", "installed", OK, f"{dist} {version}")
     folder = env.get("NIXL_PLUGIN_DIR")
     if not folder:
+        # NIXL's Python agent only logs a warning for a listed backend it has no plugin for, so a
+        # serving stack asking for TCPX starts and fails later, at its first registration.
         report.add(
             "nixl",
             "plugin folder",
-            WARN,
-            'NIXL_PLUGIN_DIR unset: NIXL loads its own plugins only, and backends=["TCPX"] fails',
+            FAIL,
+            'NIXL_PLUGIN_DIR unset: NIXL loads its own plugins only; a stack asking for "TCPX" (docs/SERVING.md) '
+            "starts with a warning and fails at its first registration",
             EXPORT,
         )
         return

@@ -22,10 +22,15 @@ class Report:
     def __init__(self, transport):
         self.transport = transport  # what the user asked for: auto, socket or tcpx
         self.checks = []
+        self.runs = ""  # what this host can run, in one line (`diagnose` fills it in)
 
     def add(self, section, title, status, detail, fix="", source="", **data):
         if status not in (OK, WARN, FAIL) or section not in SECTIONS:
             raise ValueError(f"check {section}/{title}: status {status!r}")
+        # Without TCPX asked for, what CUDA or TCPX lacks stops nothing the user runs (auto falls
+        # back to sockets, host memory needs no GPU): a warning, never a failure on a healthy host.
+        if status == FAIL and section in ("cuda", "tcpx") and self.transport != "tcpx":
+            status = WARN
         check = Check(section, title, status, detail, fix, source, data)
         self.checks.append(check)
         return check
@@ -49,6 +54,7 @@ class Report:
             {
                 "transport": self.transport,
                 "exit": self.exit_code(),
+                "runs": self.runs,
                 "checks": [asdict(c) for c in self.ordered()],
             },
             indent=2,
@@ -66,6 +72,8 @@ class Report:
                 lines.append(f"       fix: {c.fix}")
             if c.source:
                 lines.append(f"       per: {c.source}")
+        if self.runs:
+            lines.append(f"this host runs: {self.runs}")
         failing = self.failing()
         if failing:
             names = ", ".join(f"{c.section}/{c.name}" for c in failing)
