@@ -1,7 +1,12 @@
-//! The handle of a connection's host worker (`host_copy.rs` is the work): the thread, started with
-//! the first same-host work, the signal that wakes it, the runner token that lets one thread at a
-//! time run the queued work, and the gate through which every piece of a copy into our memory
-//! passes.
+//! The host work of a connection (`host_copy.rs` is the work): the process's connection workers,
+//! threads that run the queued work of whichever connection has some, the runner token that lets
+//! one thread at a time run a connection's queued work, and the gate through which every piece of
+//! a copy into our memory passes.
+//!
+//! Workers are the process's, not a thread per connection, so that an engine with many same-host
+//! peers runs a bounded number of threads ([`max_workers`]); a connection with work queued waits in
+//! the ready queue for the next free worker, which runs its queue and goes on to the next. Started
+//! as work comes, a worker that found none for [`IDLE_EXIT`] ends, so an idle process holds none.
 //!
 //! The copy of a read of ours need not wait for the worker: a caller waiting on the connection,
 //! reading its control stream, runs it on its own thread when it finds the target's grant
@@ -19,9 +24,9 @@
 //! Failing the connection closes the gate the same way, so nothing lands after that either.
 
 use std::cell::Cell;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Weak};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -122,18 +127,38 @@ impl Drop for Inside<'_> {
     }
 }
 
-/// Wakes the worker: set when work was queued, cleared when it looked.
-#[derive(Default)]
-struct Signal {
-    pending: Mutex<bool>,
-    cond: Condvar,
+/// How long a worker waits for a connection with work before it ends.
+const IDLE_EXIT: Duration = Duration::from_secs(1);
+
+/// The most connection workers the process runs: half its CPUs, 2 to 8. A worker runs one
+/// connection's queue at a time, and a large copy's pieces go to the copy helpers besides
+/// (`copiers.rs`), so more workers add threads, not copying.
+fn max_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get() / 2).clamp(2, 8)
+}
+
+/// The connections with work queued, in order, and the workers serving them.
+struct Workers {
+    ready: VecDeque<Weak<dyn HostServed>>,
+    threads: usize,
+    idle: usize,
+}
+
+static WORKERS: Mutex<Workers> = Mutex::new(Workers { ready: VecDeque::new(), threads: 0, idle: 0 });
+static READY: Condvar = Condvar::new();
+
+/// Connection workers running now: for tests and the benchmark.
+pub fn workers_running() -> usize {
+    WORKERS.lock().threads
 }
 
 pub(crate) struct HostCopy {
     conn: Weak<dyn HostServed>,
     pub gate: Arc<Gate>,
-    signal: Arc<Signal>,
-    worker: Mutex<Option<JoinHandle<()>>>,
+    /// In the ready queue: queued once however often it is woken before a worker takes it up.
+    queued: AtomicBool,
+    /// Workers running this connection's queue (at most one; the runner token says so too).
+    serving: AtomicUsize,
     /// Held by the thread running the queued work (the worker or a waiting caller): one job at a
     /// time, as the gate requires. Holds the peer's process once proven.
     runner: Mutex<Option<Arc<PeerProcess>>>,
@@ -165,8 +190,8 @@ impl HostCopy {
         HostCopy {
             conn,
             gate: Arc::default(),
-            signal: Arc::default(),
-            worker: Mutex::new(None),
+            queued: AtomicBool::new(false),
+            serving: AtomicUsize::new(0),
             runner: Mutex::new(None),
             ours_queued: AtomicBool::new(false),
         }
@@ -247,8 +272,9 @@ impl HostCopy {
         }
     }
 
-    /// Work was queued: wakes the worker, starting it the first time; or leaves the copy of a read
-    /// of ours (`ours`) to the caller waiting on this thread (`caller_waits`).
+    /// Work was queued: hands the connection to the process's workers, starting one where none
+    /// waits and fewer than [`max_workers`] run; or leaves the copy of a read of ours (`ours`) to
+    /// the caller waiting on this thread (`caller_waits`).
     pub fn wake(&self, ours: bool) -> Result<()> {
         if ours && CALLER.get().0 == self.id() {
             CALLER.set((self.id(), true));
@@ -257,27 +283,34 @@ impl HostCopy {
         if ours {
             self.ours_queued.store(true, Ordering::Relaxed);
         }
-        let mut worker = self.worker.lock();
-        if self.gate.closed.load(Ordering::Acquire) {
+        if self.gate.closed.load(Ordering::Acquire) || self.queued.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        if worker.is_none() {
-            let (conn, signal, failing) = (self.conn.clone(), self.signal.clone(), self.conn.clone());
-            let thread = spawn_contained(
+        let mut workers = WORKERS.lock();
+        workers.ready.push_back(self.conn.clone());
+        if workers.idle > 0 {
+            READY.notify_one();
+        } else if workers.threads < max_workers() {
+            workers.threads += 1;
+            drop(workers);
+            let started = spawn_contained(
                 std::thread::Builder::new().name("uccl-host-copy".into()),
                 ThreadKind::HostCopier,
-                move |err| {
-                    if let Some(conn) = failing.upgrade() {
-                        conn.fail_with(err);
-                    }
+                // A panic in a connection's work fails that connection (`serve_one`); one here
+                // is the worker's own, whose place the next wake-up takes.
+                |_| {
+                    WORKERS.lock().threads -= 1;
                 },
-                move || run(&conn, &signal),
-            )
-            .map_err(|e| Error::io("spawn host copy thread", e))?;
-            *worker = Some(thread);
+                serve,
+            );
+            if let Err(e) = started {
+                WORKERS.lock().threads -= 1;
+                // Left queued: a running worker takes it up; with none, the connection fails.
+                if workers_running() == 0 {
+                    return Err(Error::io("spawn host copy thread", e));
+                }
+            }
         }
-        *self.signal.pending.lock() = true;
-        self.signal.cond.notify_one();
         Ok(())
     }
 
@@ -289,19 +322,16 @@ impl HostCopy {
     /// Stops all copying: returns once no piece is under way, and none starts afterwards.
     pub fn stop(&self) {
         self.gate.close();
-        *self.signal.pending.lock() = true;
-        self.signal.cond.notify_one();
     }
 
-    /// Joins the worker (after `stop`), unless this is the worker itself letting go of the connection.
+    /// Returns (after `stop`) once no worker runs the connection's queue, unless this is the
+    /// worker itself letting go of the connection: its run ends with the closed gate.
     pub fn join(&self) {
-        // Taken in a statement of its own, so the handle's lock is let go before the join: the
-        // worker, finishing a copy cut short, may queue work on its way out (`wake` takes it).
-        let worker = self.worker.lock().take();
-        if let Some(t) = worker
-            && t.thread().id() != std::thread::current().id()
-        {
-            let _ = t.join();
+        if WORKER_OF.get() == self.id() {
+            return;
+        }
+        while self.serving.load(Ordering::SeqCst) > 0 {
+            std::thread::sleep(GATE_POLL);
         }
     }
 
@@ -316,34 +346,56 @@ impl HostCopy {
     }
 }
 
-/// The worker: waits for work, then serves it while the connection lives. After work it looks for
-/// more for the connection's spin time (`Config::host_copy_spin`) before it sleeps, so that a copy
-/// following closely does not wait for its wake-up.
-fn run(conn: &Weak<dyn HostServed>, signal: &Signal) {
+/// A worker: takes the next connection with work queued and runs its queue, until it found none
+/// for [`IDLE_EXIT`]. After work it looks for more for that connection's spin time
+/// (`Config::host_copy_spin`) before it sleeps, so that a copy following closely does not wait for
+/// its wake-up.
+fn serve() {
     let mut spin = Duration::ZERO;
     loop {
         let until = Instant::now() + spin;
-        loop {
-            let mut pending = signal.pending.lock();
-            if !*pending && Instant::now() < until {
-                drop(pending);
+        let next = loop {
+            let mut workers = WORKERS.lock();
+            if let Some(conn) = workers.ready.pop_front() {
+                break conn;
+            }
+            if Instant::now() < until {
+                drop(workers);
                 std::thread::yield_now();
                 continue;
             }
-            while !*pending {
-                signal.cond.wait(&mut pending);
+            workers.idle += 1;
+            let timed_out = READY.wait_for(&mut workers, IDLE_EXIT).timed_out();
+            workers.idle -= 1;
+            if timed_out && workers.ready.is_empty() {
+                workers.threads -= 1;
+                return;
             }
-            *pending = false;
-            break;
+        };
+        if let Some(conn) = next.upgrade() {
+            spin = serve_one(&*conn);
         }
-        let Some(conn) = conn.upgrade() else { return };
-        if conn.host().gate.is_closed() {
-            return;
-        }
-        WORKER_OF.set(conn.host().id());
-        conn.host().run_queued(&*conn);
-        spin = conn.spin();
     }
+}
+
+/// Runs one connection's queued work on this worker; its spin time.
+fn serve_one(conn: &dyn HostServed) -> Duration {
+    let host = conn.host();
+    // Cleared before the queue is looked at: work queued from now on queues the connection again.
+    host.queued.store(false, Ordering::SeqCst);
+    // Counted before the gate is read, both sequentially consistent, as `stop` then `join` close
+    // it and then read the count: either this run sees the gate closed, or `join` waits for it.
+    host.serving.fetch_add(1, Ordering::SeqCst);
+    if !host.gate.closed.load(Ordering::SeqCst) {
+        WORKER_OF.set(host.id());
+        // A panic in the work fails the connection (and its transfers), not the worker.
+        if let Err(e) = run_contained(ThreadKind::HostCopier, || host.run_queued(conn)) {
+            conn.fail_with(e);
+        }
+        WORKER_OF.set(0);
+    }
+    host.serving.fetch_sub(1, Ordering::SeqCst);
+    conn.spin()
 }
 
 #[cfg(test)]
@@ -493,6 +545,38 @@ mod tests {
         assert!(left.0 == 9 && left.1 != me, "{left:?}");
         fake.host.stop();
         fake.host.join();
+    }
+
+    /// However many connections have work, the process runs at most `max_workers` workers: with
+    /// every worker held in a job, the other connections wait in the ready queue, and all run once
+    /// released.
+    #[test]
+    fn many_connections_share_a_bounded_number_of_workers() {
+        let (mut releases, mut fakes) = (Vec::new(), Vec::new());
+        for k in 0..24 {
+            let (release, hold) = mpsc::channel();
+            releases.push(release);
+            fakes.push(fake(&[k], hold));
+        }
+        for f in &fakes {
+            f.host.wake(false).unwrap();
+        }
+        // A job under way holds its connection's runner token (and its `hold` lock: not looked at).
+        let started = || fakes.iter().filter(|f| f.host.runner.is_locked()).count();
+        let max = max_workers();
+        testkit::wait_until("every worker holds a job", testkit::PATIENCE, || started() == max);
+        assert!(workers_running() <= max, "{} workers", workers_running());
+        for release in &releases {
+            release.send(()).unwrap();
+        }
+        testkit::wait_until("every connection's job ran", testkit::PATIENCE, || {
+            fakes.iter().all(|f| f.ran.lock().len() == 1)
+        });
+        assert!(workers_running() <= max);
+        for f in &fakes {
+            f.host.stop();
+            f.host.join();
+        }
     }
 
     /// Closing joins the worker while it finishes a job cut short: the worker, asking whether it
