@@ -162,3 +162,6 @@ NIXL_PLUGIN_DIR="$plugin_dir" timeout 600 "$venv/bin/python" "$repo/scripts/nixl
 
 echo "== the NIXL snippets of README.md and docs/, host memory"
 NIXL_PLUGIN_DIR="$plugin_dir" "$venv/bin/python" "$repo/scripts/doc_snippets.py" --suite nixl --python "$venv/bin/python"
+
+echo "== the serving stacks' NIXL call patterns (scripts/serving/run.py), host memory"
+NIXL_PLUGIN_DIR="$plugin_dir" timeout 600 "$venv/bin/python" "$repo/scripts/serving/run.py"
