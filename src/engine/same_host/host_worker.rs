@@ -134,7 +134,9 @@ const IDLE_EXIT: Duration = Duration::from_secs(1);
 /// connection's queue at a time, and a large copy's pieces go to the copy helpers besides
 /// (`copiers.rs`), so more workers add threads, not copying.
 fn max_workers() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get() / 2).clamp(2, 8)
+    // Read once: the standard library reads the cgroup's quota files for it.
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get() / 2).clamp(2, 8))
 }
 
 /// The connections with work queued, in order, and the workers serving them.
