@@ -4,8 +4,9 @@
 //! each), the CPU each burns while every connection idles, and the aggregate rate with every
 //! connection writing at once. Both ends announce no host identity (`disable_ipc`), so that the
 //! data moves over the network path as between hosts. With `--device gpu` each end's engine serves
-//! its GPU (the client `--gpu`, the loopback server `--peer-gpu`) and moves that GPU's memory, and
-//! the table adds the staging rings each process holds and each GPU's memory in use.
+//! its GPU (the client `--gpu`, the loopback server `--peer-gpu`) and moves that GPU's memory; the
+//! staging rings each process holds and each GPU's memory in use are columns of every table (0 and
+//! `-` on host memory).
 
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::Arc;

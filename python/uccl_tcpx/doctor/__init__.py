@@ -94,7 +94,7 @@ def runs_here(report, resolved, gpu):
     if status.get("engine/socket transport") != "ok":
         return "nothing: no engine can be created (see engine)"
     memory = "host memory"
-    if gpu >= 0 and status.get("cuda/driver") == "ok" and status.get("cuda/CUDA API") != "fail":
+    if gpu >= 0 and status.get("cuda/driver") == "ok" and status.get("cuda/CUDA API", "ok") == "ok":
         memory += f" and GPU {gpu}'s memory"
     else:
         memory += " only (no GPU an engine can serve)"
