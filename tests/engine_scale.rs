@@ -1,8 +1,8 @@
-//! What connections cost an engine: two engines joined by many connections run a fixed number of
-//! threads whatever the number of connections, each connection end holds one descriptor for its
-//! control stream besides its data sockets, and idle connections cost no CPU (the control reactor
-//! and the socket helpers sleep in `epoll_wait`, the progress thread parks, the accept loop sleeps
-//! in `poll`, none on a timer). One test in this binary, so that the process's threads,
+//! What connections cost an engine: two engines joined by up to 128 connections run a fixed number
+//! of threads whatever the number of connections, each connection end holds one descriptor for its
+//! control stream besides its data sockets and well under a MiB of memory, and idle connections
+//! cost no CPU (the control reactor and the socket helpers sleep in `epoll_wait`, the progress
+//! thread parks, the accept loop sleeps in `poll`, none on a timer). One test in this binary, so that the process's threads,
 //! descriptors and CPU time are the engines'.
 
 use std::sync::Arc;
@@ -29,8 +29,8 @@ fn connections_cost_no_thread_one_control_descriptor_and_no_idle_cpu() {
     let src = vec![7u8; 4096];
     let smr = a.register(src.as_ptr() as usize, src.len()).unwrap();
     let mut conns: Vec<(Arc<Connection>, Arc<Connection>)> = Vec::new();
-    let (mut threads_at, mut fds_at) = (Vec::new(), Vec::new());
-    for n in [4, 20] {
+    let (mut threads_at, mut fds_at, mut rss_at) = (Vec::new(), Vec::new(), Vec::new());
+    for n in [4, 20, 128] {
         while conns.len() < n {
             let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
             let ba = accept(&b).unwrap();
@@ -43,13 +43,18 @@ fn connections_cost_no_thread_one_control_descriptor_and_no_idle_cpu() {
         }
         threads_at.push(common::threads());
         fds_at.push(testkit::cost::descriptors());
+        rss_at.push(testkit::cost::resident_kib());
     }
     // Per engine: progress, accept loop, 2 control reactor threads, 2 sending and 2 receiving helpers.
-    assert_eq!(threads_at, [16, 16], "library threads with 4 and with 20 connections");
+    assert_eq!(threads_at, [16, 16, 16], "library threads with 4, 20 and 128 connections");
     // Each more connection has two ends here, each with 2 data sockets a direction and its control
     // socket.
-    let per_connection = (fds_at[1] - fds_at[0]) as f64 / 16.0;
+    let per_connection = (fds_at[2] - fds_at[1]) as f64 / 108.0;
     assert_eq!(per_connection, 2.0 * (4.0 + 1.0), "descriptors per connection: {fds_at:?}");
+    // Memory: each connection, both its ends, adds well under 1 MiB (about 40 KiB measured).
+    let kib_per_connection = (rss_at[2].saturating_sub(rss_at[1])) / 108;
+    eprintln!("resident memory {rss_at:?} KiB at 4, 20 and 128 connections: {kib_per_connection} KiB a connection");
+    assert!(kib_per_connection <= 1024, "{kib_per_connection} KiB a connection: {rss_at:?} KiB");
 
     let idle = Duration::from_secs(2);
     let woke = common::library_wakeups_while_idle(idle);

@@ -23,6 +23,13 @@ pub fn descriptors() -> usize {
     std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd").count()
 }
 
+/// This process's resident memory now (`VmRSS`, KiB).
+pub fn resident_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let rss = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).expect("VmRSS in /proc/self/status");
+    rss.trim().trim_end_matches("kB").trim().parse().expect("VmRSS is a number")
+}
+
 /// How many descriptors this process's table holds now (`FDSize`). The kernel grows it, never
 /// shrinks it: a test that reads it before and after some work learns whether the work grew it.
 pub fn descriptor_table() -> usize {
