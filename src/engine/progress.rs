@@ -279,8 +279,10 @@ fn park(conns: &[Arc<Connection>], waker: &Waker, watch: Duration, limit: Option
         waker.parking_untimed(false);
         std::thread::park_timeout(watch.min(limit));
     } else if limit < Duration::MAX {
+        // Timed, so a connection that starts waiting on its peer meanwhile does not wake it
+        // (`Waker::activity`): it looks again within `watch`, as while one waits.
         waker.parking_untimed(false);
-        std::thread::park_timeout(limit);
+        std::thread::park_timeout(limit.min(watch));
     } else {
         std::thread::park();
         waker.parking_untimed(false);
