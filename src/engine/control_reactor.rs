@@ -544,13 +544,22 @@ mod tests {
         stream: TcpStream,
         next: Next,
         reads: AtomicUsize,
+        /// The number of the (last) turn that read bytes, 0 before any: the message's turn, not
+        /// one before it (a turn as the stream is armed may come first).
+        read_in: AtomicUsize,
     }
 
     impl ControlEndpoint for Reader {
         fn readable(&self) -> Next {
-            self.reads.fetch_add(1, Ordering::SeqCst);
             let mut buf = [0u8; 64];
-            while matches!((&self.stream).read(&mut buf), Ok(n) if n > 0) {}
+            let mut got = false;
+            while let Ok(1..) = (&self.stream).read(&mut buf) {
+                got = true;
+            }
+            let turn = self.reads.fetch_add(1, Ordering::SeqCst) + 1;
+            if got {
+                self.read_in.store(turn, Ordering::SeqCst);
+            }
             self.next
         }
         fn writable(&self) -> Next {
@@ -568,15 +577,16 @@ mod tests {
         let (ours, mut peer) = socket();
         ours.set_nonblocking(true).unwrap();
         let reg = reactor.attach(ours.as_raw_fd()).unwrap();
-        let reader = Arc::new(Reader { stream: ours, next, reads: AtomicUsize::new(0) });
+        let reader = Arc::new(Reader { stream: ours, next, reads: AtomicUsize::new(0), read_in: AtomicUsize::new(0) });
         reg.start(Arc::downgrade(&reader) as Weak<dyn ControlEndpoint>).unwrap();
         peer.write_all(b"x").unwrap();
-        until("the message's turn", || reader.reads.load(Ordering::SeqCst) > 0);
+        until("the message's turn", || reader.read_in.load(Ordering::SeqCst) > 0);
+        let after = reader.read_in.load(Ordering::SeqCst);
         let polled = if matches!(next, Next::Handed) && !past_chunks {
             std::thread::sleep(Duration::from_millis(50));
-            reader.reads.load(Ordering::SeqCst) > 1
+            reader.reads.load(Ordering::SeqCst) > after
         } else {
-            until("a polling turn", || reader.reads.load(Ordering::SeqCst) > 1);
+            until("a polling turn", || reader.reads.load(Ordering::SeqCst) > after);
             true
         };
         reg.detach();
