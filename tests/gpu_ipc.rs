@@ -352,6 +352,43 @@ fn same_process_deregistration_waits_for_the_copy() {
     assert_eq!(p.ab.device_copy_batches(), 2);
 }
 
+/// Two engines of this process, a GPU 0 buffer of `len` bytes each: the source registered on `a`,
+/// the target advertised by `b`. Transfer `k` writes the whole buffer (even `k`) or reads it (odd).
+struct Alternating {
+    p: common::Pair,
+    src: Mem,
+    target: Mem,
+    item: [OneSided; 1],
+}
+
+impl Alternating {
+    fn new(len: usize) -> Alternating {
+        let p = common::pair(same_host());
+        let (src, target) = (Mem::on_gpu(0, len), Mem::on_gpu(0, len));
+        let (smr, tmr) = (p.a.register(src.addr(), len).unwrap(), p.b.register(target.addr(), len).unwrap());
+        let remote = p.b.prepare_fifo(tmr, target.addr(), len).unwrap();
+        let item = [OneSided { mr: smr, addr: src.addr(), len, remote }];
+        Alternating { p, src, target, item }
+    }
+
+    /// Puts `data` at transfer `k`'s source and posts it.
+    fn post(&mut self, k: u64, data: &[u8]) -> u64 {
+        if k.is_multiple_of(2) {
+            self.src.write(0, data);
+            self.p.ab.write(&self.item).unwrap()
+        } else {
+            self.target.write(0, data);
+            self.p.ab.read(&self.item).unwrap()
+        }
+    }
+
+    /// The bytes at transfer `k`'s destination.
+    fn landed(&self, k: u64) -> Vec<u8> {
+        let len = self.item[0].len;
+        if k.is_multiple_of(2) { self.target.read(0, len) } else { self.src.read(0, len) }
+    }
+}
+
 /// Copies only their caller awaits are the caller's to finish: a caller's writes and reads, polled
 /// to their end, never have the progress thread poll beside it (no wake-up per post, no second
 /// thread querying the events), and every byte lands.
@@ -360,26 +397,17 @@ fn same_process_the_caller_finishes_its_own_copies() {
     if no_gpu() {
         return;
     }
-    let p = common::pair(same_host());
     let len = 1 << 20;
-    let (mut src, mut target) = (Mem::on_gpu(0, len), Mem::on_gpu(0, len));
-    let (smr, tmr) = (p.a.register(src.addr(), len).unwrap(), p.b.register(target.addr(), len).unwrap());
-    let remote = p.b.prepare_fifo(tmr, target.addr(), len).unwrap();
+    let mut t = Alternating::new(len);
+    let p = &t.p;
     let (batches, idle) = (p.ab.device_copy_batches(), p.a.idle_waits());
     for k in 0..40u64 {
         let data = pattern(len, k);
-        let item = [OneSided { mr: smr, addr: src.addr(), len, remote }];
-        let id = if k % 2 == 0 {
-            src.write(0, &data);
-            p.ab.write(&item).unwrap()
-        } else {
-            target.write(0, &data);
-            p.ab.read(&item).unwrap()
-        };
-        assert_eq!(wait(&p.ab, id).unwrap(), len as u64);
-        let landed = if k % 2 == 0 { target.read(0, len) } else { src.read(0, len) };
-        assert_same(&landed, &data, &format!("transfer {k}"));
+        let id = t.post(k, &data);
+        assert_eq!(wait(&t.p.ab, id).unwrap(), len as u64);
+        assert_same(&t.landed(k), &data, &format!("transfer {k}"));
     }
+    let p = &t.p;
     assert_eq!(p.ab.device_copy_batches(), batches + 40, "every transfer took the device path");
     let now = p.a.idle_waits();
     assert_eq!(now.polled, idle.polled, "the progress thread polled beside the caller");
@@ -398,32 +426,21 @@ fn same_process_a_wait_in_slices_waits_for_the_copies_in_flight() {
     if no_gpu() {
         return;
     }
-    let p = common::pair(same_host());
     let len = 64 << 20;
-    let (mut src, mut target) = (Mem::on_gpu(0, len), Mem::on_gpu(0, len));
-    let (smr, tmr) = (p.a.register(src.addr(), len).unwrap(), p.b.register(target.addr(), len).unwrap());
-    let remote = p.b.prepare_fifo(tmr, target.addr(), len).unwrap();
+    let mut t = Alternating::new(len);
     // The region's first requests ask its owner for the grant: a round trip before any copy.
-    let whole = [OneSided { mr: smr, addr: src.addr(), len, remote }];
-    for id in [p.ab.write(&whole).unwrap(), p.ab.read(&whole).unwrap()] {
-        assert_eq!(wait(&p.ab, id).unwrap(), len as u64);
+    for id in [t.p.ab.write(&t.item).unwrap(), t.p.ab.read(&t.item).unwrap()] {
+        assert_eq!(wait(&t.p.ab, id).unwrap(), len as u64);
     }
-    let batches = p.ab.device_copy_batches();
+    let batches = t.p.ab.device_copy_batches();
     for k in 0..4u64 {
         let data = pattern(len, k + 7);
-        let item = [OneSided { mr: smr, addr: src.addr(), len, remote }];
-        let id = if k % 2 == 0 {
-            src.write(0, &data);
-            p.ab.write(&item).unwrap()
-        } else {
-            target.write(0, &data);
-            p.ab.read(&item).unwrap()
-        };
-        let got = p.ab.wait_within(id, Duration::from_micros(1)).unwrap();
+        let id = t.post(k, &data);
+        let got = t.p.ab.wait_within(id, Duration::from_micros(1)).unwrap();
         assert_eq!(got, Some(len as u64), "transfer {k} ended in the first slice");
-        let landed = if k % 2 == 0 { target.read(0, len) } else { src.read(0, len) };
-        assert_same(&landed, &data, &format!("transfer {k}"));
+        assert_same(&t.landed(k), &data, &format!("transfer {k}"));
     }
+    let p = &t.p;
     assert_eq!(p.ab.device_copy_batches(), batches + 4, "every transfer took the device path");
 }
 

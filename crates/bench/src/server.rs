@@ -98,33 +98,27 @@ impl Target<'_> {
     /// the buffer is registered again cut into them for this op, `GO` carries each region's
     /// FifoItem, and they are deregistered at the client's `FREE`.
     fn op(&mut self, ctl: &mut Ctl, w: &[String]) -> Io<()> {
-        let regions: usize = if w.len() > 9 { field(w, 9)? } else { 1 };
-        if regions <= 1 {
-            return self.op_in(ctl, w, "GO".into());
-        }
-        let (size, depth, iovs, stride): (usize, usize, usize, usize) =
-            (field(w, 2)?, field(w, 4)?, field(w, 5)?, field(w, 7)?);
+        let kind = w.get(1).map(String::as_str).unwrap_or("");
+        let (size, count, depth, iovs, seed, stride): (usize, usize, usize, usize, u64, usize) =
+            (field(w, 2)?, field(w, 3)?, field(w, 4)?, field(w, 5)?, field(w, 6)?, field(w, 7)?);
         let layout = Layout::from_wire(size, iovs, stride, depth).map_err(std::io::Error::other)?;
-        let bounds = layout.regions(regions, depth);
-        if bounds.last().is_some_and(|b| b.end > self.mem.len()) {
+        // With block tables (`--kv`) the pieces lie in the target's shuffled order of the blocks.
+        let kv: u8 = if w.len() > 8 { field(w, 8)? } else { 0 };
+        let regions: usize = if w.len() > 9 { field(w, 9)? } else { 1 };
+        let layout = if kv == 1 { layout.with_tables(true) } else { layout };
+        if depth == 0 || layout.span(depth) > self.mem.len() {
             return Err(std::io::Error::other(format!("{size} bytes x {depth} in flight do not fit the buffer")));
         }
-        let (base, engine) = (self.mem.addr(), self.engine);
-        let mut mrs = Vec::with_capacity(bounds.len());
-        let mut go = || -> Io<String> {
-            let mut fifos = Vec::with_capacity(bounds.len());
-            for b in &bounds {
-                let mr = engine.register(base + b.start, b.len()).map_err(std::io::Error::other)?;
-                mrs.push(mr);
-                let fifo = engine.prepare_fifo(mr, base + b.start, b.len()).map_err(std::io::Error::other)?;
-                fifos.push(ctl::hex(&fifo.to_bytes()));
-            }
-            Ok(format!("GO {}", fifos.join(",")))
-        };
-        let go = go();
+        if regions <= 1 {
+            return self.serve_op(ctl, kind, &layout, (count, depth, seed), "GO");
+        }
+        let mut mrs = Vec::with_capacity(regions);
+        let go = self.register_regions(&layout.regions(regions, depth), &mut mrs);
         // The client's last one-sided transfers may still run when the op's exchange is over:
         // its `FREE` says they ended.
-        let served = go.and_then(|go| self.op_in(ctl, w, go)).and_then(|()| ctl.expect("FREE").map(drop));
+        let served = go
+            .and_then(|go| self.serve_op(ctl, kind, &layout, (count, depth, seed), &go))
+            .and_then(|()| ctl.expect("FREE").map(drop));
         for mr in mrs {
             let _ = self.engine.deregister(mr);
         }
@@ -132,36 +126,43 @@ impl Target<'_> {
         ctl.send("OK")
     }
 
-    fn op_in(&mut self, ctl: &mut Ctl, w: &[String], go: String) -> Io<()> {
-        let kind = w.get(1).map(String::as_str).unwrap_or("");
-        let (size, count, depth, iovs, seed, stride): (usize, usize, usize, usize, u64, usize) =
-            (field(w, 2)?, field(w, 3)?, field(w, 4)?, field(w, 5)?, field(w, 6)?, field(w, 7)?);
-        let layout = Layout::from_wire(size, iovs, stride, depth).map_err(std::io::Error::other)?;
-        // With block tables (`--kv`) the pieces lie in the target's shuffled order of the blocks.
-        let kv: u8 = if w.len() > 8 { field(w, 8)? } else { 0 };
-        let layout = if kv == 1 { layout.with_tables(true) } else { layout };
-        if depth == 0 || layout.span(depth) > self.mem.len() {
-            return Err(std::io::Error::other(format!("{size} bytes x {depth} in flight do not fit the buffer")));
+    /// Registers each of `bounds` of the buffer (into `mrs`, which the caller deregisters, also
+    /// after a failure): the `GO` that carries their FifoItems.
+    fn register_regions(&self, bounds: &[std::ops::Range<usize>], mrs: &mut Vec<u64>) -> Io<String> {
+        let base = self.mem.addr();
+        let mut fifos = Vec::with_capacity(bounds.len());
+        for b in bounds {
+            let mr = self.engine.register(base + b.start, b.len()).map_err(std::io::Error::other)?;
+            mrs.push(mr);
+            let fifo = self.engine.prepare_fifo(mr, base + b.start, b.len()).map_err(std::io::Error::other)?;
+            fifos.push(ctl::hex(&fifo.to_bytes()));
         }
+        Ok(format!("GO {}", fifos.join(",")))
+    }
+
+    /// The op's exchange with the client, `go` announcing this end ready; `(count, depth, seed)` as
+    /// the `OP` line gave them.
+    fn serve_op(&mut self, ctl: &mut Ctl, kind: &str, layout: &Layout, run: (usize, usize, u64), go: &str) -> Io<()> {
+        let (count, depth, seed) = run;
         match kind {
             "write" => {
-                self.mem.zero(&layout)?;
-                ctl.send(&go)?;
+                self.mem.zero(layout)?;
+                ctl.send(go)?;
                 ctl.expect("CHECK")?;
-                ctl.send(if self.mem.check(&layout, seed)? { "OK" } else { "BAD" })?;
+                ctl.send(if self.mem.check(layout, seed)? { "OK" } else { "BAD" })?;
                 settle(ctl)
             }
             "read" => {
-                self.mem.fill(&layout, seed)?;
-                ctl.send(&go)?;
+                self.mem.fill(layout, seed)?;
+                ctl.send(go)?;
                 settle(ctl)?;
                 ctl.expect("END")?;
                 ctl.send("OK")
             }
             "send" => {
-                self.mem.zero(&layout)?;
-                ctl.send(&go)?;
-                let ok = self.receive(&layout, count, depth, seed)?;
+                self.mem.zero(layout)?;
+                ctl.send(go)?;
+                let ok = self.receive(layout, count, depth, seed)?;
                 ctl.send(if ok { "OK" } else { "BAD" })
             }
             other => Err(std::io::Error::other(format!("unknown op {other:?}"))),

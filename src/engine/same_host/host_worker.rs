@@ -387,16 +387,23 @@ fn serve_one(conn: &dyn HostServed) -> Duration {
     host.queued.store(false, Ordering::SeqCst);
     // Counted before the gate is read, both sequentially consistent, as `stop` then `join` close
     // it and then read the count: either this run sees the gate closed, or `join` waits for it.
+    // Uncounted by a guard, so that no unwinding leaves `join` waiting.
+    struct Serving<'a>(&'a AtomicUsize);
+    impl Drop for Serving<'_> {
+        fn drop(&mut self) {
+            WORKER_OF.set(0);
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
     host.serving.fetch_add(1, Ordering::SeqCst);
+    let _serving = Serving(&host.serving);
     if !host.gate.closed.load(Ordering::SeqCst) {
         WORKER_OF.set(host.id());
         // A panic in the work fails the connection (and its transfers), not the worker.
         if let Err(e) = run_contained(ThreadKind::HostCopier, || host.run_queued(conn)) {
             conn.fail_with(e);
         }
-        WORKER_OF.set(0);
     }
-    host.serving.fetch_sub(1, Ordering::SeqCst);
     conn.spin()
 }
 
