@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use uccl_tcpx::internal::transport::staged::{StagedNet, StagingParams};
-use uccl_tcpx::internal::transport::{IoSeg, ListenComm, MemKind, MrHandle, Net, RecvComm, SendComm};
+use uccl_tcpx::internal::transport::{IoSeg, ListenComm, MemKind, MrHandle, MrRun, Net, RecvComm, SendComm};
 use uccl_tcpx::{SocketConfig, StagingConfig, UcclStatus};
 
 mod common;
@@ -183,11 +183,16 @@ fn vectored_requests_gather_and_scatter_through_the_slots() {
             dst.clear();
             let send = segments(src.addr() + 1, total, &[4096, 1, 30_001], 100);
             let recv = segments(dst.addr() + 3, total, &[10_000, 4095], 64);
+            // Each side's segments in two runs of two registrations of its buffer, as a chunk that
+            // crosses from one region into the next names them.
+            let (smr2, rmr2) = register(&mut s, &src, &dst);
+            let halves = |n: usize, a, b| [MrRun { segs: n / 2, mr: a }, MrRun { segs: n - n / 2, mr: b }];
+            let (send_runs, recv_runs) = (halves(send.len(), smr, smr2), halves(recv.len(), rmr2, rmr));
             let before = segment_copy_counts();
             // SAFETY: both buffers outlive the requests, which are tested to completion below.
-            let r = unsafe { s.rx.irecvv(&recv, rmr) }.unwrap().unwrap();
+            let r = unsafe { s.rx.irecvv(&recv, &recv_runs) }.unwrap().unwrap();
             // SAFETY: as above.
-            let t = unsafe { s.tx.isendv(&send, smr) }.unwrap().unwrap();
+            let t = unsafe { s.tx.isendv(&send, &send_runs) }.unwrap().unwrap();
             let deadline = Instant::now() + Duration::from_secs(30);
             let (mut sent, mut got) = (None, None);
             while sent.is_none() || got.is_none() {
@@ -225,11 +230,13 @@ fn vectored_requests_gather_and_scatter_through_the_slots() {
             if from == Side::Gpu {
                 let big = segments(src.addr(), slot + 1, &[slot / 2], 0);
                 // SAFETY: refused before anything is posted.
-                let refused = unsafe { s.tx.isendv(&big, smr) };
+                let refused = unsafe { s.tx.isendv(&big, &MrRun::all(&big, smr)) };
                 assert_eq!(refused.unwrap_err().status(), UcclStatus::ErrInvalidParam);
             }
-            s.tx.dereg_mr(smr);
-            s.rx.dereg_mr(rmr);
+            for (smr, rmr) in [(smr, rmr), (smr2, rmr2)] {
+                s.tx.dereg_mr(smr);
+                s.rx.dereg_mr(rmr);
+            }
         }
     }
 }

@@ -3,8 +3,8 @@
 //! different sizes, registered in shuffled order and interleaved in the address space, READ and
 //! WRITE, in both list forms (items, and the pieces the NIXL backend hands over), every byte
 //! checked; on the socket transport and on the plugin transport over the fake devmem NIC (host
-//! mode). Over the fake, the same pieces over 160 regions make at most a request per region more
-//! than in one region. A region deregistered between two requests fails the next with a status,
+//! mode). Over the fake, the same pieces over 160 regions make no more requests than in one
+//! region. A region deregistered between two requests fails the next with a status,
 //! and nothing lands in it.
 
 use uccl_tcpx::{Config, Engine, FifoItem, OneSided, Piece, PieceRun, UcclStatus};
@@ -136,7 +136,7 @@ fn block_tables_over_many_regions_land_every_byte_over_the_fake_nic() {
 }
 
 #[test]
-fn the_same_pieces_over_160_regions_make_about_the_requests_of_one_region() {
+fn the_same_pieces_over_160_regions_make_no_more_requests_than_one_region() {
     let _turn = one_at_a_time();
     let path = plugin::fake_plugin();
     let p = common::pair(plugin::config(2, 1 << 20));
@@ -154,11 +154,11 @@ fn the_same_pieces_over_160_regions_make_about_the_requests_of_one_region() {
         let many = count(&many_a, &many_b, &table(&mut rng, &many_a, &many_b, 50), write);
         let one = count(&one_a, &one_b, &table(&mut rng, &one_a, &one_b, 8000), write);
         println!("write {write}: 160 regions {many:?} requests (sends, receives), one region {one:?}");
-        // Each region's 800 KiB is one chunk of its own: a request per region, where 125 MiB in
-        // one region take 125 chunks of 1 MiB; a flow per region spread over both channels took
-        // two to four each.
-        assert!(many.0 <= one.0 + 160 && many.1 <= one.1 + 160, "write {write}: {many:?} against {one:?}");
-        assert!(many.0 >= 160 && many.1 >= 160, "write {write}: {many:?}");
+        // 125 MiB take 125 chunks of 1 MiB in one region or 160: chunks cross from one region's
+        // 800 KiB into the next (cut per region, they took a request per region, 160; a flow per
+        // region spread over both channels took two to four each).
+        assert!(many.0 <= one.0 && many.1 <= one.1, "write {write}: {many:?} against {one:?}");
+        assert!(many.0 >= 125 && many.1 >= 125, "write {write}: {many:?}");
     }
 }
 

@@ -309,6 +309,98 @@ fn child_kv_block_tables() {
     println!("child checked");
 }
 
+/// KV blocks over 160 regions each smaller than a chunk (vLLM registers a region per layer and
+/// K/V): chunks cross from one region into the next, so a write and a read make the requests of
+/// their bytes in one region; no registration holds a whole chunk, so a receive into device
+/// memory is posted against the GPU's anchor. Every byte checked, and no byte outside the blocks.
+#[test]
+fn kv_blocks_over_many_small_regions_move_in_requests_by_their_bytes() {
+    if no_gpu() {
+        return;
+    }
+    let out = run_child("child_kv_many_small_regions", "random");
+    assert!(out.contains("child checked"), "{out}");
+}
+
+#[test]
+#[ignore = "run by its parent with FAKE_TCPX_MODE=gpu"]
+fn child_kv_many_small_regions() {
+    assert_gpu_mode();
+    const CHUNK: usize = 1 << 20;
+    const BLOCK: usize = 16 << 10;
+    let (regions, per_region, moved) = (160usize, 40usize, 24usize);
+    let p = pair(plugin_config(2, CHUNK as u32));
+    let path = plugin::fake_plugin();
+    let mut rng = common::Rng::new("kv_many_small_regions");
+    let len = per_region * BLOCK;
+    for (from, to) in [(Side::Gpu, Side::Gpu), (Side::Gpu, Side::Host), (Side::Host, Side::Gpu)] {
+        let what = format!("{regions} regions of {len} B, {from:?} -> {to:?}");
+        let data: Vec<Vec<u8>> = (0..regions).map(|i| pattern(len, i as u64 + 1)).collect();
+        let sources: Vec<Mem> = data
+            .iter()
+            .map(|d| {
+                let mut m = Mem::new(from, len);
+                m.write(0, d);
+                m
+            })
+            .collect();
+        let (targets, backs): (Vec<Mem>, Vec<Mem>) =
+            (0..regions).map(|_| (Mem::new(to, len), Mem::new(from, len))).unzip();
+        let initial: Vec<Vec<u8>> = targets.iter().chain(&backs).map(|m| m.read(0, len)).collect();
+        let smrs: Vec<u64> = sources.iter().map(|m| p.a.register(m.addr(), len).unwrap()).collect();
+        let bmrs: Vec<u64> = backs.iter().map(|m| p.a.register(m.addr(), len).unwrap()).collect();
+        let tmrs: Vec<u64> = targets.iter().map(|m| p.b.register(m.addr(), len).unwrap()).collect();
+        let fifos: Vec<_> =
+            targets.iter().zip(&tmrs).map(|(m, &mr)| p.b.prepare_fifo(mr, m.addr(), len).unwrap()).collect();
+        // (region, block here, block there): `moved` random blocks of each region to random blocks.
+        let mut moves = Vec::new();
+        for r in 0..regions {
+            let (mut here, mut there): (Vec<usize>, Vec<usize>) =
+                ((0..per_region).collect(), (0..per_region).collect());
+            rng.shuffle(&mut here);
+            rng.shuffle(&mut there);
+            moves.extend(here.into_iter().zip(there).take(moved).map(|(h, t)| (r, h, t)));
+        }
+        let items = |mrs: &[u64], mems: &[Mem]| -> Vec<OneSided> {
+            moves
+                .iter()
+                .map(|&(r, h, t)| {
+                    let mut remote = fifos[r];
+                    remote.addr = (targets[r].addr() + t * BLOCK) as u64;
+                    OneSided { mr: mrs[r], addr: mems[r].addr() + h * BLOCK, len: BLOCK, remote }
+                })
+                .collect()
+        };
+        let total = (moves.len() * BLOCK) as u64;
+        let before = plugin::fake_requests(&path);
+        let w = p.ab.write(&items(&smrs, &sources)).unwrap();
+        assert_eq!(wait(&p.ab, w).unwrap(), total, "{what}: write");
+        let after = plugin::fake_requests(&path);
+        let r = p.ab.read(&items(&bmrs, &backs)).unwrap();
+        assert_eq!(wait(&p.ab, r).unwrap(), total, "{what}: read");
+        let bound = total.div_ceil(CHUNK as u64) + 2;
+        let (sends, receives) = (after.0 - before.0, after.1 - before.1);
+        println!("{what}: a write of {total} B made {sends} sends and {receives} receives (bound {bound})");
+        assert!(sends <= bound && receives <= bound, "{what}: {sends} sends, {receives} receives");
+        let (mut want_t, mut want_b) = (initial[..regions].to_vec(), initial[regions..].to_vec());
+        for &(r, h, t) in &moves {
+            want_t[r][t * BLOCK..(t + 1) * BLOCK].copy_from_slice(&data[r][h * BLOCK..(h + 1) * BLOCK]);
+            want_b[r][h * BLOCK..(h + 1) * BLOCK].copy_from_slice(&data[r][h * BLOCK..(h + 1) * BLOCK]);
+        }
+        for r in 0..regions {
+            assert_same(&targets[r].read(0, len), &want_t[r], &format!("{what}: region {r} written"));
+            assert_same(&backs[r].read(0, len), &want_b[r], &format!("{what}: region {r} read back"));
+        }
+        for mr in smrs.into_iter().chain(bmrs) {
+            p.a.deregister(mr).unwrap();
+        }
+        for mr in tmrs {
+            p.b.deregister(mr).unwrap();
+        }
+    }
+    println!("child checked");
+}
+
 #[test]
 fn host_destinations_on_more_comms_than_landing_slots() {
     if no_gpu() {

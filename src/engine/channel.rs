@@ -26,7 +26,7 @@ use super::plan::{Chunk, ChunkMem};
 use super::region::Region;
 use crate::error::{Error, Result};
 use crate::threads::{self, ThreadKind};
-use crate::transport::{IoSeg, LinkStats, MrHandle, RecvComm, RequestId, SendComm};
+use crate::transport::{IoSeg, LinkStats, MrHandle, MrRun, RecvComm, RequestId, SendComm};
 
 /// The region id of a chunk that moves through scratch memory instead of a region (ids start at 1).
 pub(super) const SCRATCH: u64 = 0;
@@ -84,8 +84,8 @@ impl Windows {
         let (addr, reach) = chunk.hull();
         match self.locate(base, len, addr, reach) {
             Err(_) if matches!(chunk.mem, ChunkMem::Spans { .. }) => {
-                let (first, first_len) = chunk.first_segment();
-                self.locate(base, len, first, first_len)
+                let first = chunk.regions().next().map_or(IoSeg { addr, len: 0 }, |(_, s)| s);
+                self.locate(base, len, first.addr, first.len)
             }
             window => window,
         }
@@ -125,6 +125,35 @@ const SPARE_SCRATCH: usize = 4;
 /// until the comm reports the request done; the comms are dropped before the queues).
 type Posted = (RequestId, Chunk, Option<Box<[u8]>>);
 
+/// The registrations a queued chunk goes out with: one, or one per region for a chunk that
+/// crosses from one region into the next (in the order of [`Chunk::regions`]).
+#[derive(Debug)]
+enum Mrs {
+    One(MrHandle),
+    Runs(Box<[MrHandle]>),
+}
+
+impl Mrs {
+    /// The runs of a request whose segments came in `counts` per region.
+    fn runs(&self, counts: &[usize], out: &mut Vec<MrRun>) -> Result<()> {
+        out.clear();
+        match self {
+            Mrs::One(mr) => out.push(MrRun { segs: counts.iter().sum(), mr: *mr }),
+            Mrs::Runs(mrs) if mrs.len() == counts.len() => {
+                out.extend(counts.iter().zip(mrs.iter()).map(|(&segs, &mr)| MrRun { segs, mr }))
+            }
+            Mrs::Runs(mrs) => {
+                return Err(Error::backend(format!(
+                    "internal: a chunk over {} regions was registered for {}",
+                    counts.len(),
+                    mrs.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 pub struct Channel {
     // Declared first so they drop first: dropping a comm ends its I/O, after which the scratch
     // buffers of requests still posted may go.
@@ -139,16 +168,19 @@ pub struct Channel {
     removals: Arc<AtomicU64>,
     /// A removed region is still held by a flow; sweep again on later passes.
     sweep_pending: bool,
-    /// Queued chunks with the registration they go out with (NONE for scratch).
-    send_queue: VecDeque<(Chunk, MrHandle)>,
+    /// Queued chunks with the registrations they go out with (NONE for scratch).
+    send_queue: VecDeque<(Chunk, Mrs)>,
     /// Flows whose send chunks wait (a served read cut off, until its reader took note); chunks
     /// queued behind one wait with it, keeping the channel's order.
     held: Vec<u64>,
     send_inflight: VecDeque<Posted>,
-    recv_queue: VecDeque<(Chunk, MrHandle)>,
+    recv_queue: VecDeque<(Chunk, Mrs)>,
     recv_inflight: VecDeque<Posted>,
-    /// The segments of a chunk being posted; reused.
+    /// The segments of a chunk being posted, their count per region and the runs of
+    /// registrations they make; reused.
     iov: Vec<IoSeg>,
+    counts: Vec<usize>,
+    mr_runs: Vec<MrRun>,
     /// Scratch receive buffers whose receive completed, for the next scratch receives.
     spare: Vec<Box<[u8]>>,
     /// A comm declined a post on the last pass with nothing of ours in flight on it.
@@ -184,6 +216,8 @@ impl Channel {
             recv_queue: VecDeque::new(),
             recv_inflight: VecDeque::new(),
             iov: Vec::new(),
+            counts: Vec::new(),
+            mr_runs: Vec::new(),
             spare: Vec::new(),
             declined: false,
         }
@@ -219,59 +253,73 @@ impl Channel {
         }
     }
 
-    /// Queues a chunk of `region` (registering its window with the send comm first if needed), or
-    /// of scratch memory when `region` is None.
-    pub fn queue_send(&mut self, chunk: Chunk, region: Option<&Arc<Region>>) -> Result<()> {
-        debug_assert_eq!(chunk.region, region.map_or(SCRATCH, |r| r.id));
-        let Some(region) = region else {
-            self.send_queue.push_back((chunk, MrHandle::NONE));
-            return Ok(());
-        };
-        let (index, start, len) = self.windows.of_chunk(region.base, region.len, &chunk)?;
-        let entry = Self::entry(&mut self.registrations, region);
-        let mr = match entry.send.get(&index) {
-            Some(mr) => *mr,
-            None => {
-                let mr = self.send.reg_mr(start, len, region.kind)?;
-                entry.send.insert(index, mr);
-                mr
-            }
-        };
-        self.send_queue.push_back((chunk, mr));
+    /// Queues a chunk of the `regions` it lies in (registering their windows with the send comm
+    /// first where needed), or of scratch memory when there are none.
+    pub fn queue_send(&mut self, chunk: Chunk, regions: &[Arc<Region>]) -> Result<()> {
+        let mrs = self.registered(&chunk, regions, true)?;
+        self.send_queue.push_back((chunk, mrs));
         Ok(())
     }
 
-    /// Queues a chunk of `region` (registering its window with the receive comm first if needed),
-    /// or of scratch memory when `region` is None.
-    pub fn queue_recv(&mut self, chunk: Chunk, region: Option<&Arc<Region>>) -> Result<()> {
-        debug_assert_eq!(chunk.region, region.map_or(SCRATCH, |r| r.id));
-        let Some(region) = region else {
-            self.recv_queue.push_back((chunk, MrHandle::NONE));
-            return Ok(());
-        };
-        let (index, start, len) = self.windows.of_chunk(region.base, region.len, &chunk)?;
-        let entry = Self::entry(&mut self.registrations, region);
-        let mr = match entry.recv.get(&index) {
-            Some(mr) => *mr,
-            None => {
-                let mr = self.recv.reg_mr(start, len, region.kind)?;
-                entry.recv.insert(index, mr);
-                mr
-            }
-        };
-        self.recv_queue.push_back((chunk, mr));
+    /// Queues a chunk of the `regions` it lies in (registering their windows with the receive
+    /// comm first where needed), or of scratch memory when there are none.
+    pub fn queue_recv(&mut self, chunk: Chunk, regions: &[Arc<Region>]) -> Result<()> {
+        let mrs = self.registered(&chunk, regions, false)?;
+        self.recv_queue.push_back((chunk, mrs));
         Ok(())
     }
 
-    /// Sends zeros instead of, and receives into scratch memory instead of, every queued chunk of
-    /// `region` (without its registration: the transport registers scratch per request); chunks
-    /// already posted keep their memory until they complete (`posted_on`).
+    /// The registrations `chunk` goes out with: of the window of each region that holds its first
+    /// segment there (the transport rule for vectored requests), made on first use. `regions`
+    /// holds every region the chunk touches (a flow's runs may repeat one).
+    fn registered(&mut self, chunk: &Chunk, regions: &[Arc<Region>], send: bool) -> Result<Mrs> {
+        let window = |this: &mut Self, region: &Arc<Region>, (index, start, len)| -> Result<MrHandle> {
+            let entry = Self::entry(&mut this.registrations, region);
+            let cache = if send { &mut entry.send } else { &mut entry.recv };
+            if let Some(mr) = cache.get(&index) {
+                return Ok(*mr);
+            }
+            let mr = match send {
+                true => this.send.reg_mr(start, len, region.kind)?,
+                false => this.recv.reg_mr(start, len, region.kind)?,
+            };
+            cache.insert(index, mr);
+            Ok(mr)
+        };
+        match regions {
+            [] => Ok(Mrs::One(MrHandle::NONE)),
+            [region] => {
+                debug_assert_eq!(chunk.region, region.id);
+                let at = self.windows.of_chunk(region.base, region.len, chunk)?;
+                Ok(Mrs::One(window(self, region, at)?))
+            }
+            _ => {
+                let mut mrs = Vec::new();
+                for (id, first) in chunk.regions() {
+                    let region = regions.iter().find(|r| r.id == id).ok_or_else(|| {
+                        Error::backend(format!("internal: a chunk of region {id} was queued without it"))
+                    })?;
+                    let at = self.windows.locate(region.base, region.len, first.addr, first.len)?;
+                    mrs.push(window(self, region, at)?);
+                }
+                Ok(match mrs[..] {
+                    [one] => Mrs::One(one),
+                    _ => Mrs::Runs(mrs.into()),
+                })
+            }
+        }
+    }
+
+    /// Sends zeros instead of, and receives into scratch memory instead of, every queued chunk
+    /// with bytes in `region` (without its registration: the transport registers scratch per
+    /// request); chunks already posted keep their memory until they complete (`posted_on`). A
+    /// chunk over several regions goes whole: its flow fails with the region anyway.
     pub fn redirect(&mut self, region: u64) {
-        for (chunk, mr) in self.send_queue.iter_mut().chain(self.recv_queue.iter_mut()) {
-            if chunk.region == region {
+        for (chunk, mrs) in self.send_queue.iter_mut().chain(self.recv_queue.iter_mut()) {
+            if chunk.touches(region) {
                 chunk.region = SCRATCH;
                 chunk.mem = ChunkMem::At(0);
-                *mr = MrHandle::NONE;
+                *mrs = Mrs::One(MrHandle::NONE);
             }
         }
     }
@@ -293,7 +341,7 @@ impl Channel {
 
     /// Whether a request posted to a comm still uses memory of `region`.
     pub fn posted_on(&self, region: u64) -> bool {
-        self.send_inflight.iter().chain(&self.recv_inflight).any(|(_, chunk, _)| chunk.region == region)
+        self.send_inflight.iter().chain(&self.recv_inflight).any(|(_, chunk, _)| chunk.touches(region))
     }
 
     fn entry<'a>(registrations: &'a mut HashMap<u64, Registration>, region: &Arc<Region>) -> &'a mut Registration {
@@ -355,28 +403,33 @@ impl Channel {
         let mut moved = false;
         let mut posted_bytes = 0usize;
         while self.send_inflight.len() < self.window && posted_bytes < send_bytes {
-            let Some((chunk, mr)) = self.send_queue.front() else { break };
+            let Some((chunk, mrs)) = self.send_queue.front() else { break };
             if !self.held.is_empty() && self.held.contains(&chunk.flow) {
                 break;
             }
             let scratch = (chunk.region == SCRATCH).then(|| vec![0u8; chunk.len].into_boxed_slice());
-            let posted = match (&scratch, &chunk.mem) {
+            let posted = match (&scratch, &chunk.mem, mrs) {
                 // SAFETY: scratch memory is kept with the request until it completes.
-                (Some(s), _) => unsafe { self.send.isend(s.as_ptr(), chunk.len, *mr)? },
+                (Some(s), _, Mrs::One(mr)) => unsafe { self.send.isend(s.as_ptr(), chunk.len, *mr)? },
                 // SAFETY: chunks point into registered regions the flow keeps alive, which a
                 // deregistration redirects before returning (waiting for posted ones); the
                 // connection drops this channel (joining its I/O) before any flow is reported
                 // finished on failure.
-                (None, ChunkMem::At(addr)) => unsafe { self.send.isend(*addr as *const u8, chunk.len, *mr)? },
-                (None, ChunkMem::Spans { .. }) => {
+                (None, ChunkMem::At(addr), Mrs::One(mr)) => unsafe {
+                    self.send.isend(*addr as *const u8, chunk.len, *mr)?
+                },
+                _ => {
+                    let joins = |region| joins_touching(&self.registrations, region);
                     self.iov.clear();
-                    chunk.segments(&mut self.iov, joins_touching(&self.registrations, chunk.region));
-                    match self.iov[..] {
+                    self.counts.clear();
+                    chunk.segments(&mut self.iov, &mut self.counts, &joins);
+                    mrs.runs(&self.counts, &mut self.mr_runs)?;
+                    match (&self.iov[..], &self.mr_runs[..]) {
                         // Segments side by side, joined: a contiguous request.
                         // SAFETY: as for a contiguous chunk.
-                        [one] => unsafe { self.send.isend(one.addr as *const u8, one.len, *mr)? },
+                        ([one], [run]) => unsafe { self.send.isend(one.addr as *const u8, one.len, run.mr)? },
                         // SAFETY: as for a contiguous chunk, for every segment.
-                        _ => unsafe { self.send.isendv(&self.iov, *mr)? },
+                        _ => unsafe { self.send.isendv(&self.iov, &self.mr_runs)? },
                     }
                 }
             };
@@ -402,20 +455,25 @@ impl Channel {
             let Some((chunk, _)) = self.recv_queue.front() else { break };
             let scratch_len = (chunk.region == SCRATCH).then_some(chunk.len);
             let mut scratch = scratch_len.map(|len| self.take_scratch(len));
-            let (chunk, mr) = self.recv_queue.front().expect("looked at the front");
-            let posted = match (&mut scratch, &chunk.mem) {
+            let (chunk, mrs) = self.recv_queue.front().expect("looked at the front");
+            let posted = match (&mut scratch, &chunk.mem, mrs) {
                 // SAFETY: scratch memory is kept with the request until it completes.
-                (Some(s), _) => unsafe { self.recv.irecv(s.as_mut_ptr(), chunk.len, *mr)? },
+                (Some(s), _, Mrs::One(mr)) => unsafe { self.recv.irecv(s.as_mut_ptr(), chunk.len, *mr)? },
                 // SAFETY: as for sends; the destination is exclusively ours until the flow finishes.
-                (None, ChunkMem::At(addr)) => unsafe { self.recv.irecv(*addr as *mut u8, chunk.len, *mr)? },
-                (None, ChunkMem::Spans { .. }) => {
+                (None, ChunkMem::At(addr), Mrs::One(mr)) => unsafe {
+                    self.recv.irecv(*addr as *mut u8, chunk.len, *mr)?
+                },
+                _ => {
+                    let joins = |region| joins_touching(&self.registrations, region);
                     self.iov.clear();
-                    chunk.segments(&mut self.iov, joins_touching(&self.registrations, chunk.region));
-                    match self.iov[..] {
+                    self.counts.clear();
+                    chunk.segments(&mut self.iov, &mut self.counts, &joins);
+                    mrs.runs(&self.counts, &mut self.mr_runs)?;
+                    match (&self.iov[..], &self.mr_runs[..]) {
                         // SAFETY: as for a contiguous destination.
-                        [one] => unsafe { self.recv.irecv(one.addr as *mut u8, one.len, *mr)? },
+                        ([one], [run]) => unsafe { self.recv.irecv(one.addr as *mut u8, one.len, run.mr)? },
                         // SAFETY: as for a contiguous destination, for every segment.
-                        _ => unsafe { self.recv.irecvv(&self.iov, *mr)? },
+                        _ => unsafe { self.recv.irecvv(&self.iov, &self.mr_runs)? },
                     }
                 }
             };
@@ -486,8 +544,8 @@ mod tests {
             self.log.lock().push(format!("isend {:#x}+{len} mr {}", data as usize, mr.0));
             Ok(Some(RequestId(len as u64)))
         }
-        unsafe fn isendv(&mut self, iov: &[IoSeg], mr: MrHandle) -> Result<Option<RequestId>> {
-            self.log.lock().push(format!("isendv {} mr {}", segs(iov), mr.0));
+        unsafe fn isendv(&mut self, iov: &[IoSeg], mrs: &[MrRun]) -> Result<Option<RequestId>> {
+            self.log.lock().push(format!("isendv {} mr {}", segs(iov), runs(mrs)));
             Ok(Some(RequestId(iov.iter().map(|s| s.len as u64).sum())))
         }
         fn test(&mut self, req: RequestId) -> Result<Option<usize>> {
@@ -506,8 +564,8 @@ mod tests {
             self.log.lock().push(format!("irecv {:#x}+{len} mr {}", data as usize, mr.0));
             Ok(Some(RequestId(len as u64)))
         }
-        unsafe fn irecvv(&mut self, iov: &[IoSeg], mr: MrHandle) -> Result<Option<RequestId>> {
-            self.log.lock().push(format!("irecvv {} mr {}", segs(iov), mr.0));
+        unsafe fn irecvv(&mut self, iov: &[IoSeg], mrs: &[MrRun]) -> Result<Option<RequestId>> {
+            self.log.lock().push(format!("irecvv {} mr {}", segs(iov), runs(mrs)));
             Ok(Some(RequestId(iov.iter().map(|s| s.len as u64).sum())))
         }
         fn test(&mut self, req: RequestId) -> Result<Option<usize>> {
@@ -520,6 +578,14 @@ mod tests {
 
     fn segs(iov: &[IoSeg]) -> String {
         iov.iter().map(|s| format!("{:#x}+{}", s.addr, s.len)).collect::<Vec<_>>().join(",")
+    }
+
+    /// `mr 7` for one registration, `mr 7x2,8x1` for runs of segments in several.
+    fn runs(mrs: &[MrRun]) -> String {
+        match mrs {
+            [one] => one.mr.0.to_string(),
+            _ => mrs.iter().map(|r| format!("{}x{}", r.mr.0, r.segs)).collect::<Vec<_>>().join(","),
+        }
     }
 
     /// A channel over two logging comms (send handles from 101, receive handles from 201).
@@ -538,8 +604,8 @@ mod tests {
         let region = table.get(id).unwrap();
         for (flow, off) in [(1, 0), (2, 0x800)] {
             let chunk = Chunk { flow, region: id, mem: ChunkMem::At(0x10000 + off), len: 0x800 };
-            ch.queue_send(chunk.clone(), Some(&region)).unwrap();
-            ch.queue_recv(chunk, Some(&region)).unwrap();
+            ch.queue_send(chunk.clone(), std::slice::from_ref(&region)).unwrap();
+            ch.queue_recv(chunk, std::slice::from_ref(&region)).unwrap();
         }
         let mut done = Vec::new();
         assert!(ch.drive(&mut Vec::new(), &mut done).unwrap());
@@ -593,8 +659,8 @@ mod tests {
         let offsets = [0, GIB - 10, 3 * GIB + 5, 5 * GIB + (GIB - 100), 10];
         for (flow, off) in offsets.into_iter().enumerate() {
             let chunk = Chunk { flow: flow as u64, region: id, mem: ChunkMem::At(base + off), len: 100 };
-            ch.queue_send(chunk.clone(), Some(&region)).unwrap();
-            ch.queue_recv(chunk, Some(&region)).unwrap();
+            ch.queue_send(chunk.clone(), std::slice::from_ref(&region)).unwrap();
+            ch.queue_recv(chunk, std::slice::from_ref(&region)).unwrap();
         }
         let mut done = Vec::new();
         while ch.drive(&mut Vec::new(), &mut done).unwrap() {}
@@ -619,16 +685,18 @@ mod tests {
         // A spanning chunk goes with the window of its lowest byte, wherever its first segment lies.
         let segs: Arc<[IoSeg]> =
             [IoSeg { addr: base + 3 * GIB + 0x2000, len: 50 }, IoSeg { addr: base + 3 * GIB + 0x1000, len: 50 }].into();
-        let spanning = Chunk { flow: 9, region: id, mem: ChunkMem::Spans { segs, first: 0, offset: 0 }, len: 100 };
-        ch.queue_send(spanning, Some(&region)).unwrap();
+        let spanning =
+            Chunk { flow: 9, region: id, mem: ChunkMem::Spans { segs, first: 0, offset: 0, runs: None }, len: 100 };
+        ch.queue_send(spanning, std::slice::from_ref(&region)).unwrap();
         while ch.drive(&mut Vec::new(), &mut done).unwrap() {}
         let expected = format!("isendv {:#x}+50,{:#x}+50 mr 102", base + 3 * GIB + 0x2000, base + 3 * GIB + 0x1000);
         assert_eq!(log.lock().last(), Some(&expected));
         // One whose segments lie further apart than any window reaches goes with the window of its
         // first segment (blocks scattered over the region).
         let segs: Arc<[IoSeg]> = [IoSeg { addr: base + 2 * GIB, len: 50 }, IoSeg { addr: base, len: 50 }].into();
-        let wide = Chunk { flow: 10, region: id, mem: ChunkMem::Spans { segs, first: 0, offset: 0 }, len: 100 };
-        ch.queue_send(wide, Some(&region)).unwrap();
+        let wide =
+            Chunk { flow: 10, region: id, mem: ChunkMem::Spans { segs, first: 0, offset: 0, runs: None }, len: 100 };
+        ch.queue_send(wide, std::slice::from_ref(&region)).unwrap();
         while ch.drive(&mut Vec::new(), &mut done).unwrap() {}
         let expected = format!("isendv {:#x}+50,{base:#x}+50 mr 104", base + 2 * GIB);
         assert_eq!(log.lock().last(), Some(&expected));
@@ -661,17 +729,17 @@ mod tests {
         let spans = |flow, region: &Arc<Region>, segs| Chunk {
             flow,
             region: region.id,
-            mem: ChunkMem::Spans { segs, first: 0, offset: 0 },
+            mem: ChunkMem::Spans { segs, first: 0, offset: 0, runs: None },
             len: 0x400,
         };
-        ch.queue_send(spans(1, &host, side_by_side(0x10000)), Some(&host)).unwrap();
-        ch.queue_recv(spans(2, &host, side_by_side(0x12000)), Some(&host)).unwrap();
-        ch.queue_send(spans(3, &device, side_by_side(0x40000)), Some(&device)).unwrap();
-        ch.queue_recv(spans(4, &device, side_by_side(0x42000)), Some(&device)).unwrap();
+        ch.queue_send(spans(1, &host, side_by_side(0x10000)), std::slice::from_ref(&host)).unwrap();
+        ch.queue_recv(spans(2, &host, side_by_side(0x12000)), std::slice::from_ref(&host)).unwrap();
+        ch.queue_send(spans(3, &device, side_by_side(0x40000)), std::slice::from_ref(&device)).unwrap();
+        ch.queue_recv(spans(4, &device, side_by_side(0x42000)), std::slice::from_ref(&device)).unwrap();
         // Two runs with a gap between them: two iovecs.
         let gapped: Arc<[IoSeg]> =
             [0x10000, 0x10100, 0x10400, 0x10500].iter().map(|&addr| IoSeg { addr, len: 0x100 }).collect();
-        ch.queue_send(spans(5, &host, gapped), Some(&host)).unwrap();
+        ch.queue_send(spans(5, &host, gapped), std::slice::from_ref(&host)).unwrap();
         while ch.drive(&mut Vec::new(), &mut done).unwrap() {}
         let lines: Vec<String> = log.lock().iter().filter(|l| !l.starts_with("reg")).cloned().collect();
         let each = |op: &str, base: usize, mr| {
@@ -689,6 +757,53 @@ mod tests {
         }
     }
 
+    /// A chunk that crosses from one region into the next goes as one request with a run of
+    /// segments per region, each with its own region's registration, touching segments joined
+    /// only inside a run; a redirect or a fence of either region takes the whole chunk.
+    #[test]
+    fn a_chunk_over_several_regions_names_each_regions_registration() {
+        use crate::engine::plan::{self, Chunking, Cut, Extent};
+        let (mut ch, log, table) = logging_channel(8, false);
+        // Two host regions side by side in the address space: pieces of both never join.
+        let ids = [0x10000, 0x20000, 0x30000].map(|base| table.register(base, 0x10000, MemKind::Host).unwrap());
+        let regions: Vec<Arc<Region>> = ids.iter().map(|&id| table.get(id).unwrap()).collect();
+        // Run 0: three 0x100 pieces ending at the top of region 1; run 1: two at the bottom of
+        // region 2 (touching run 0's last); run 2: one in region 3.
+        let segs = [0x1fd00, 0x1fe00, 0x1ff00, 0x20000, 0x20100, 0x30000].map(|addr| IoSeg { addr, len: 0x100 });
+        let extent = Extent::scattered_runs(segs, Arc::from([3, 2, 1]));
+        let chunking = Chunking { size: 0x400, channels: 1, cut: Cut::Spanning };
+        let chunks: Vec<_> = plan::plan(1, &ids, &extent, chunking, 0).collect();
+        assert_eq!(
+            chunks.iter().map(|(_, runs, c)| (runs.clone(), c.len)).collect::<Vec<_>>(),
+            [(0..2, 0x400), (1..3, 0x200)]
+        );
+        for (_, runs, chunk) in &chunks {
+            ch.queue_send(chunk.clone(), &regions[runs.clone()]).unwrap();
+            ch.queue_recv(chunk.clone(), &regions[runs.clone()]).unwrap();
+        }
+        let mut done = Vec::new();
+        ch.drive(&mut Vec::new(), &mut done).unwrap();
+        let lines: Vec<String> = log.lock().clone();
+        for expected in [
+            "isendv 0x1fd00+768,0x20000+256 mr 101x1,102x1",
+            "isendv 0x20100+256,0x30000+256 mr 102x1,103x1",
+            "irecvv 0x1fd00+768,0x20000+256 mr 201x1,202x1",
+        ] {
+            assert!(lines.iter().any(|l| l == expected), "{expected} in {lines:?}");
+        }
+        // Posted: each chunk is on the regions it touches, and only those.
+        assert!(ch.posted_on(ids[0]) && ch.posted_on(ids[1]) && ch.posted_on(ids[2]));
+        let (_, runs, chunk) = &chunks[1];
+        assert!(!chunk.touches(ids[0]) && chunk.touches(ids[2]));
+        // Queued behind them, a redirect of region 3 sends the whole of the second chunk from
+        // scratch and leaves the first alone.
+        ch.queue_send(chunks[0].2.clone(), &regions[chunks[0].1.clone()]).unwrap();
+        ch.queue_send(chunk.clone(), &regions[runs.clone()]).unwrap();
+        ch.redirect(ids[2]);
+        let queued: Vec<_> = ch.send_queue.iter().map(|(c, mrs)| (c.region, matches!(mrs, Mrs::Runs(_)))).collect();
+        assert_eq!(queued, [(ids[0], true), (SCRATCH, false)]);
+    }
+
     #[test]
     fn receives_are_posted_twice_as_far_ahead_as_sends() {
         let (mut ch, log, table) = logging_channel(3, false);
@@ -696,8 +811,8 @@ mod tests {
         let region = table.get(id).unwrap();
         for i in 0..10 {
             let chunk = Chunk { flow: 1, region: id, mem: ChunkMem::At(0x10000 + i * 0x100), len: 0x100 };
-            ch.queue_send(chunk.clone(), Some(&region)).unwrap();
-            ch.queue_recv(chunk, Some(&region)).unwrap();
+            ch.queue_send(chunk.clone(), std::slice::from_ref(&region)).unwrap();
+            ch.queue_recv(chunk, std::slice::from_ref(&region)).unwrap();
         }
         let mut done = Vec::new();
         assert!(ch.drive(&mut Vec::new(), &mut done).unwrap());
@@ -716,8 +831,8 @@ mod tests {
         let region = table.get(id).unwrap();
         for i in 0..5 {
             let chunk = Chunk { flow: 1, region: id, mem: ChunkMem::At(0x10000 + i * 0x800), len: 0x800 };
-            ch.queue_send(chunk.clone(), Some(&region)).unwrap();
-            ch.queue_recv(chunk, Some(&region)).unwrap();
+            ch.queue_send(chunk.clone(), std::slice::from_ref(&region)).unwrap();
+            ch.queue_recv(chunk, std::slice::from_ref(&region)).unwrap();
         }
         let count = |op: &str| log.lock().iter().filter(|l| l.starts_with(op)).count();
         let (mut sent, mut done) = (Vec::new(), Vec::new());
@@ -740,8 +855,11 @@ mod tests {
         let id = table.register(0x10000, 0x1000, MemKind::Host).unwrap();
         let region = table.get(id).unwrap();
         for off in [0, 0x100] {
-            ch.queue_send(Chunk { flow: 3, region: id, mem: ChunkMem::At(0x10000 + off), len: 0x100 }, Some(&region))
-                .unwrap();
+            ch.queue_send(
+                Chunk { flow: 3, region: id, mem: ChunkMem::At(0x10000 + off), len: 0x100 },
+                std::slice::from_ref(&region),
+            )
+            .unwrap();
         }
         ch.hold(3);
         assert!(!ch.sends_waiting(), "held");
@@ -758,8 +876,8 @@ mod tests {
         let region = table.get(id).unwrap();
         for i in 0..3 {
             let chunk = Chunk { flow: 1, region: id, mem: ChunkMem::At(0x10000 + i * 0x100), len: 0x100 };
-            ch.queue_send(chunk.clone(), Some(&region)).unwrap();
-            ch.queue_recv(chunk, Some(&region)).unwrap();
+            ch.queue_send(chunk.clone(), std::slice::from_ref(&region)).unwrap();
+            ch.queue_recv(chunk, std::slice::from_ref(&region)).unwrap();
         }
         let mut done = Vec::new();
         ch.drive(&mut Vec::new(), &mut done).unwrap();
@@ -788,7 +906,11 @@ mod tests {
         let id = table.register(0x10000, 0x1000, MemKind::Host).unwrap();
         let other = table.register(0x20000, 0x1000, MemKind::Host).unwrap();
         let region = table.get(id).unwrap();
-        ch.queue_recv(Chunk { flow: 1, region: id, mem: ChunkMem::At(0x10000), len: 16 }, Some(&region)).unwrap();
+        ch.queue_recv(
+            Chunk { flow: 1, region: id, mem: ChunkMem::At(0x10000), len: 16 },
+            std::slice::from_ref(&region),
+        )
+        .unwrap();
         assert!(!ch.posted_on(id), "queued is not posted");
         ch.drive(&mut Vec::new(), &mut Vec::new()).unwrap();
         assert!(ch.posted_on(id) && !ch.posted_on(other));
@@ -802,8 +924,11 @@ mod tests {
         let id = table.register(0x10000, 0x1000, MemKind::Host).unwrap();
         let region = table.get(id).unwrap();
         for (flow, off) in [(7, 0), (8, 0x100), (7, 0x200)] {
-            ch.queue_send(Chunk { flow, region: id, mem: ChunkMem::At(0x10000 + off), len: 0x100 }, Some(&region))
-                .unwrap();
+            ch.queue_send(
+                Chunk { flow, region: id, mem: ChunkMem::At(0x10000 + off), len: 0x100 },
+                std::slice::from_ref(&region),
+            )
+            .unwrap();
         }
         ch.hold(7);
         let (mut sent, mut done) = (Vec::new(), Vec::new());
@@ -826,10 +951,15 @@ mod tests {
             IoSeg { addr: 0x12000, len: 0x40 },
         ]
         .into();
-        let spanning = Chunk { flow: 1, region: id, mem: ChunkMem::Spans { segs, first: 0, offset: 0x40 }, len: 0x100 };
+        let spanning = Chunk {
+            flow: 1,
+            region: id,
+            mem: ChunkMem::Spans { segs, first: 0, offset: 0x40, runs: None },
+            len: 0x100,
+        };
         assert_eq!(spanning.hull(), (0x10040, 0x18000 + 0xc0 - 0x10040));
-        ch.queue_send(spanning.clone(), Some(&region)).unwrap();
-        ch.queue_recv(spanning.clone(), Some(&region)).unwrap();
+        ch.queue_send(spanning.clone(), std::slice::from_ref(&region)).unwrap();
+        ch.queue_recv(spanning.clone(), std::slice::from_ref(&region)).unwrap();
         let mut done = Vec::new();
         ch.drive(&mut Vec::new(), &mut done).unwrap();
         assert_eq!(done.len(), 2);
@@ -838,7 +968,7 @@ mod tests {
         assert!(lines.contains(&"irecvv 0x10040+64,0x18000+192 mr 201".to_string()), "{lines:?}");
         // Cut off before it was posted, it moves through scratch as one plain request of its length.
         log.lock().clear();
-        ch.queue_send(spanning, Some(&region)).unwrap();
+        ch.queue_send(spanning, std::slice::from_ref(&region)).unwrap();
         ch.redirect(id);
         ch.drive(&mut Vec::new(), &mut done).unwrap();
         let lines = log.lock().clone();
@@ -928,7 +1058,7 @@ mod tests {
         let (mut ch, _send, recv) = switched_channel(3);
         recv.set(false, false);
         for _ in 0..2 * 3 * RECV_WINDOW_FACTOR {
-            ch.queue_recv(scratch_chunk(1, 0x1000), None).unwrap();
+            ch.queue_recv(scratch_chunk(1, 0x1000), &[]).unwrap();
         }
         let mut done = Vec::new();
         ch.drive(&mut Vec::new(), &mut done).unwrap();
@@ -960,8 +1090,8 @@ mod tests {
     fn a_post_declined_with_nothing_in_flight_asks_to_be_retried() {
         let (mut ch, send, recv) = switched_channel(2);
         for flow in 1..=3 {
-            ch.queue_send(scratch_chunk(flow, 64), None).unwrap();
-            ch.queue_recv(scratch_chunk(flow, 64), None).unwrap();
+            ch.queue_send(scratch_chunk(flow, 64), &[]).unwrap();
+            ch.queue_recv(scratch_chunk(flow, 64), &[]).unwrap();
         }
         send.set(true, false);
         recv.set(true, false);

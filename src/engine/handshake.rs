@@ -768,9 +768,9 @@ mod tests {
         for i in 0..n {
             let off = i * 1000;
             let at = ChunkMem::At(src.as_ptr() as usize + off);
-            a[i].queue_send(Chunk { flow: 1, region: smr, mem: at, len: 1000 }, Some(&sreg)).unwrap();
+            a[i].queue_send(Chunk { flow: 1, region: smr, mem: at, len: 1000 }, std::slice::from_ref(&sreg)).unwrap();
             let chunk = Chunk { flow: 1, region: dmr, mem: ChunkMem::At(dst.as_mut_ptr() as usize + off), len: 1000 };
-            b[i].queue_recv(chunk, Some(&dreg)).unwrap();
+            b[i].queue_recv(chunk, std::slice::from_ref(&dreg)).unwrap();
         }
         let mut done = Vec::new();
         for _ in 0..1000 {

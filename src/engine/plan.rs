@@ -12,10 +12,12 @@
 //! transports that take one buffer per request).
 //!
 //! A vector over several regions (`WriteRuns` / `ReadRuns`) is one flow whose segments come in
-//! runs, one per pair of regions; no chunk crosses from one run into the next, so every chunk lies
-//! in one registration on each end (the transports register memory per region), and the flow
-//! costs one request, one answer and about a chunk per run more than its bytes in one region.
+//! runs, one per pair of regions. Spanning chunks cross from one run into the next as they cross
+//! segments (protocol 24): a request of 160 regions x 52 blocks is cut as its bytes in one region
+//! would be, not into a chunk per region. Such a chunk names the flow's [`Runs`], and the transport
+//! gets its segments run by run, each run with its own region's registration.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use crate::transport::IoSeg;
@@ -108,8 +110,30 @@ pub enum ChunkMem {
     /// Contiguous, at this address.
     At(usize),
     /// From `offset` bytes into segment `first` of `segs` on, through as many segments as the
-    /// chunk's length reaches.
-    Spans { segs: Arc<[IoSeg]>, first: usize, offset: usize },
+    /// chunk's length reaches. `runs`: the flow's runs, for a chunk that crosses from one into
+    /// another (None: every segment is in the chunk's region).
+    Spans { segs: Arc<[IoSeg]>, first: usize, offset: usize, runs: Option<Arc<Runs>> },
+}
+
+/// The runs of a flow over several regions: the region of each and where its segments start.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Runs {
+    regions: Box<[u64]>,
+    /// The first segment of each run.
+    starts: Box<[usize]>,
+}
+
+impl Runs {
+    /// Runs of `counts` segments each, in `regions` (one per run).
+    fn new(regions: &[u64], counts: &[usize]) -> Runs {
+        let starts = counts.iter().scan(0, |at, n| Some(std::mem::replace(at, *at + n))).collect();
+        Runs { regions: regions.into(), starts }
+    }
+
+    /// The run segment `seg` lies in (a run of no segments holds none).
+    fn of(&self, seg: usize) -> usize {
+        self.starts.partition_point(|&s| s <= seg).saturating_sub(1)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,38 +146,72 @@ pub struct Chunk {
 }
 
 impl Chunk {
-    /// Appends the chunk's memory to `out`, as the segments it covers; with `join_touching`, a
-    /// segment that starts where the one before it ends is joined to it. A KV cache's consecutive
-    /// blocks are often side by side, and every segment of a vectored request costs the transport
-    /// an iovec, which the kernel's copies pay for (16 KiB blocks side by side moved at 0.84-0.92 of
-    /// one piece on 16 cores). Only this chunk's segments are joined; the bytes and their order
-    /// stay the same. Not where the memory may lie in several device allocations, which one copy
-    /// must not cross (the driver refuses it): `join_touching` says.
-    pub fn segments(&self, out: &mut Vec<IoSeg>, join_touching: bool) {
+    /// Appends the chunk's memory to `out`, as the segments it covers, and to `runs` the count of
+    /// them in each run the chunk touches (one entry for a chunk of one region); a segment that
+    /// starts where the one before it in the same run ends is joined to it where `join_touching`
+    /// says so of that run's region. A KV cache's consecutive blocks are often side by side, and
+    /// every segment of a vectored request costs the transport an iovec, which the kernel's copies
+    /// pay for (16 KiB blocks side by side moved at 0.84-0.92 of one piece on 16 cores). Only this
+    /// chunk's segments are joined, never across runs (two regions are two allocations, which one
+    /// copy must not cross), and not where a region's memory may lie in several device
+    /// allocations; the bytes and their order stay the same.
+    pub fn segments(&self, out: &mut Vec<IoSeg>, runs: &mut Vec<usize>, join_touching: &dyn Fn(u64) -> bool) {
         match &self.mem {
-            ChunkMem::At(addr) => out.push(IoSeg { addr: *addr, len: self.len }),
-            ChunkMem::Spans { segs, first, offset } => {
-                let start = out.len();
-                for seg in spanned(segs, *first, *offset, self.len) {
-                    match out[start..].last_mut() {
-                        Some(last) if join_touching && last.addr.checked_add(last.len) == Some(seg.addr) => {
-                            last.len += seg.len
+            ChunkMem::At(addr) => {
+                out.push(IoSeg { addr: *addr, len: self.len });
+                runs.push(1);
+            }
+            ChunkMem::Spans { segs, first, offset, runs: table } => {
+                let mut current: Option<usize> = None;
+                let (mut start, mut join) = (out.len(), false);
+                for (i, seg) in spanned(segs, *first, *offset, self.len) {
+                    let run = table.as_ref().map_or(0, |t| t.of(i));
+                    if current != Some(run) {
+                        if current.is_some() {
+                            runs.push(out.len() - start);
                         }
+                        current = Some(run);
+                        start = out.len();
+                        join = join_touching(table.as_ref().map_or(self.region, |t| t.regions[run]));
+                        out.push(seg);
+                        continue;
+                    }
+                    match out[start..].last_mut() {
+                        Some(last) if join && last.addr.checked_add(last.len) == Some(seg.addr) => last.len += seg.len,
                         _ => out.push(seg),
                     }
+                }
+                if current.is_some() {
+                    runs.push(out.len() - start);
                 }
             }
         }
     }
 
-    /// Where the chunk's first byte lies, and how many bytes of the chunk follow it there
-    /// contiguously (up to the end of its first segment).
-    pub fn first_segment(&self) -> (usize, usize) {
-        match &self.mem {
-            ChunkMem::At(addr) => (*addr, self.len),
-            ChunkMem::Spans { segs, first, offset } => {
-                spanned(segs, *first, *offset, self.len).next().map_or((0, 0), |s| (s.addr, s.len))
+    /// The regions the chunk's bytes lie in, in order, each with the first segment of the chunk
+    /// in it: one for a chunk of one region.
+    pub fn regions(&self) -> impl Iterator<Item = (u64, IoSeg)> + '_ {
+        let (table, walk) = match &self.mem {
+            ChunkMem::At(addr) => (None, Either::Left(std::iter::once((0, IoSeg { addr: *addr, len: self.len })))),
+            ChunkMem::Spans { segs, first, offset, runs } => {
+                (runs.as_ref(), Either::Right(spanned(segs, *first, *offset, self.len)))
             }
+        };
+        let mut last = None;
+        walk.filter_map(move |(i, seg)| {
+            let run = table.map_or(0, |t| t.of(i));
+            (last != Some(run)).then(|| {
+                last = Some(run);
+                (table.map_or(self.region, |t| t.regions[run]), seg)
+            })
+        })
+    }
+
+    /// Whether any byte of the chunk lies in `region`.
+    pub fn touches(&self, region: u64) -> bool {
+        match &self.mem {
+            ChunkMem::Spans { runs: Some(_), .. } => self.regions().any(|(r, _)| r == region),
+            _ => self.region == region,
         }
     }
 
@@ -163,23 +221,42 @@ impl Chunk {
     pub fn hull(&self) -> (usize, usize) {
         match &self.mem {
             ChunkMem::At(addr) => (*addr, self.len),
-            ChunkMem::Spans { segs, first, offset } => {
-                let bounds = spanned(segs, *first, *offset, self.len).fold(None, |b: Option<(usize, usize)>, s| {
-                    let (lo, hi) = b.unwrap_or((s.addr, s.addr + s.len));
-                    Some((lo.min(s.addr), hi.max(s.addr + s.len)))
-                });
+            ChunkMem::Spans { segs, first, offset, .. } => {
+                let bounds =
+                    spanned(segs, *first, *offset, self.len).fold(None, |b: Option<(usize, usize)>, (_, s)| {
+                        let (lo, hi) = b.unwrap_or((s.addr, s.addr + s.len));
+                        Some((lo.min(s.addr), hi.max(s.addr + s.len)))
+                    });
                 bounds.map_or((0, 0), |(lo, hi)| (lo, hi - lo))
             }
         }
     }
 }
 
-/// The non-empty segments `len` bytes cover from `offset` bytes into `segs[first]` on.
-fn spanned(segs: &[IoSeg], first: usize, offset: usize, len: usize) -> impl Iterator<Item = IoSeg> + '_ {
+/// One iterator type or the other.
+enum Either<A, B> {
+    Left(A),
+    Right(B),
+}
+
+impl<T, A: Iterator<Item = T>, B: Iterator<Item = T>> Iterator for Either<A, B> {
+    type Item = T;
+    fn next(&mut self) -> Option<T> {
+        match self {
+            Either::Left(a) => a.next(),
+            Either::Right(b) => b.next(),
+        }
+    }
+}
+
+/// The non-empty segments `len` bytes cover from `offset` bytes into `segs[first]` on, each with
+/// its index in `segs`.
+fn spanned(segs: &[IoSeg], first: usize, offset: usize, len: usize) -> impl Iterator<Item = (usize, IoSeg)> + '_ {
     let (mut left, mut offset) = (len, offset);
     segs[first..]
         .iter()
-        .map_while(move |seg| {
+        .enumerate()
+        .map_while(move |(i, seg)| {
             if left == 0 {
                 return None;
             }
@@ -187,18 +264,9 @@ fn spanned(segs: &[IoSeg], first: usize, offset: usize, len: usize) -> impl Iter
             let at = IoSeg { addr: seg.addr + offset, len: n };
             left -= n;
             offset = 0;
-            Some(at)
+            Some((first + i, at))
         })
-        .filter(|s| s.len > 0)
-}
-
-/// The bytes of each run of a scattered extent of several runs.
-fn run_bytes(segs: &[IoSeg], runs: &[usize]) -> impl Iterator<Item = u64> {
-    runs.iter().scan(0usize, move |at, &n| {
-        let run = &segs[*at..*at + n];
-        *at += n;
-        Some(run.iter().map(|s| s.len as u64).sum())
-    })
+        .filter(|(_, s)| s.len > 0)
 }
 
 /// How many chunks the flow over `extent` is cut into.
@@ -206,16 +274,13 @@ pub fn chunk_count(extent: &Extent, chunking: Chunking) -> usize {
     let size = flow_chunk(extent.len(), chunking);
     match (extent, chunking.cut) {
         (Extent::Scattered { segs, .. }, Cut::PerSegment) => segs.iter().map(|s| s.len.div_ceil(size)).sum(),
-        (Extent::Scattered { segs, runs: Some(runs), .. }, Cut::Spanning) => {
-            run_bytes(segs, runs).map(|b| b.div_ceil(size as u64) as usize).sum()
-        }
         _ => extent.len().div_ceil(size as u64) as usize,
     }
 }
 
 /// Cuts the flow over `extent` into chunks; chunk `i` of the flow with direction sequence number
 /// `seq` rides channel `(seq + i) % channels`, so flows of one chunk spread over channels too.
-/// Each chunk comes with the run it lies in; `regions` names the region of each run (one entry:
+/// Each chunk comes with the runs it lies in; `regions` names the region of each run (one entry:
 /// every run's).
 pub fn plan<'a>(
     flow: u64,
@@ -223,20 +288,23 @@ pub fn plan<'a>(
     extent: &Extent,
     chunking: Chunking,
     seq: u64,
-) -> impl Iterator<Item = (usize, usize, Chunk)> + 'a {
+) -> impl Iterator<Item = (usize, Range<usize>, Chunk)> + 'a {
     let channels = chunking.channels.max(1);
     let first_channel = (seq % channels as u64) as usize;
     let size = flow_chunk(extent.len(), chunking);
-    // Only a flow of several runs keeps a count per run (no allocation for one region).
-    let run_left = match extent {
-        Extent::Scattered { segs, runs: Some(runs), .. } => run_bytes(segs, runs).collect(),
-        _ => Vec::new(),
+    // Only a flow of several regions keeps a table of its runs (no allocation for one region).
+    let runs = match extent {
+        Extent::Scattered { runs: Some(counts), .. } if regions.len() > 1 => {
+            debug_assert_eq!(regions.len(), counts.len(), "a region per run");
+            (regions.len() == counts.len()).then(|| Arc::new(Runs::new(regions, counts)))
+        }
+        _ => None,
     };
-    let mut cursor = Cursor { extent: extent.clone(), seg: 0, offset: 0, left: extent.len(), run: 0, run_left };
+    let mut cursor = Cursor { extent: extent.clone(), seg: 0, offset: 0, left: extent.len(), runs };
     (0..chunk_count(extent, chunking)).map(move |i| {
-        let (run, mem, len) = cursor.next(size, chunking.cut);
-        let region = regions[run.min(regions.len() - 1)];
-        ((first_channel + i) % channels, run, Chunk { flow, region, mem, len })
+        let (runs, mem, len) = cursor.next(size, chunking.cut);
+        let region = regions[runs.start.min(regions.len() - 1)];
+        ((first_channel + i) % channels, runs, Chunk { flow, region, mem, len })
     })
 }
 
@@ -248,25 +316,18 @@ struct Cursor {
     offset: usize,
     /// Bytes of the flow not yet in a chunk.
     left: u64,
-    /// The run the next chunk lies in, and the bytes of each run not yet in a chunk (empty for a
-    /// flow of one run, whose bytes left are `left`).
-    run: usize,
-    run_left: Vec<u64>,
+    runs: Option<Arc<Runs>>,
 }
 
 impl Cursor {
-    fn next(&mut self, chunk_size: usize, cut: Cut) -> (usize, ChunkMem, usize) {
-        while self.run + 1 < self.run_left.len() && self.run_left[self.run] == 0 {
-            self.run += 1;
-        }
-        let run = self.run;
-        let in_run = self.run_left.get(run).copied().unwrap_or(self.left);
+    /// The next chunk: the runs it lies in, its memory and its length.
+    fn next(&mut self, chunk_size: usize, cut: Cut) -> (Range<usize>, ChunkMem, usize) {
         match &self.extent {
             Extent::Contiguous { addr, len } => {
                 let done = (*len - self.left) as usize;
                 let n = (self.left as usize).min(chunk_size);
                 self.left -= n as u64;
-                (run, ChunkMem::At(addr + done), n)
+                (0..1, ChunkMem::At(addr + done), n)
             }
             Extent::Scattered { segs, .. } => {
                 let segs = segs.clone();
@@ -276,21 +337,16 @@ impl Cursor {
                 let here = segs[self.seg];
                 let in_seg = here.len - self.offset;
                 let n = match cut {
-                    Cut::Spanning => (in_run.min(chunk_size as u64)) as usize,
+                    Cut::Spanning => (self.left.min(chunk_size as u64)) as usize,
                     Cut::PerSegment => in_seg.min(chunk_size),
                 };
-                if let Some(left) = self.run_left.get_mut(run) {
-                    *left -= n as u64;
-                }
-                let mem = if n <= in_seg {
-                    ChunkMem::At(here.addr + self.offset)
-                } else {
-                    ChunkMem::Spans { segs: segs.clone(), first: self.seg, offset: self.offset }
-                };
+                let (first_seg, offset) = (self.seg, self.offset);
                 self.left -= n as u64;
                 let mut step = n;
+                let mut last_seg = self.seg;
                 while step > 0 {
                     let room = segs[self.seg].len - self.offset;
+                    last_seg = self.seg;
                     if step < room {
                         self.offset += step;
                         break;
@@ -299,7 +355,15 @@ impl Cursor {
                     self.seg += 1;
                     self.offset = 0;
                 }
-                (run, mem, n)
+                let run_of = |seg| self.runs.as_ref().map_or(0, |r| r.of(seg));
+                let runs = run_of(first_seg)..run_of(last_seg) + 1;
+                let mem = if n <= in_seg {
+                    ChunkMem::At(here.addr + offset)
+                } else {
+                    let table = (runs.len() > 1).then(|| self.runs.clone()).flatten();
+                    ChunkMem::Spans { segs, first: first_seg, offset, runs: table }
+                };
+                (runs, mem, n)
             }
         }
     }
@@ -326,7 +390,7 @@ mod tests {
     }
 
     #[test]
-    fn runs_keep_their_chunks_apart_and_both_ends_cut_alike() {
+    fn chunks_cross_runs_as_they_cross_segments_and_both_ends_cut_alike() {
         // Three runs of 16-byte pieces: 5, 2 and 9 pieces, chunks of 48 bytes.
         let runs: Arc<[usize]> = Arc::from([5, 2, 9]);
         let here = Extent::scattered_runs((0..16).map(|i| seg(0x1000 + i * 100, 16)), runs.clone());
@@ -334,26 +398,52 @@ mod tests {
         let chunking = Chunking { size: 48, channels: 3, cut: Cut::Spanning };
         let a: Vec<_> = super::plan(4, &[10, 11, 12], &here, chunking, 1).collect();
         let b: Vec<_> = super::plan(4, &[20, 21, 22], &there, chunking, 1).collect();
-        let shape = |p: &[(usize, usize, Chunk)]| p.iter().map(|(ch, run, c)| (*ch, *run, c.len)).collect::<Vec<_>>();
-        // Run 0: 80 bytes = 48 + 32; run 1: 32; run 2: 144 = 3 x 48.
-        let want = [(1, 0, 48), (2, 0, 32), (0, 1, 32), (1, 2, 48), (2, 2, 48), (0, 2, 48)];
+        let shape = |p: &[(usize, Range<usize>, Chunk)]| {
+            p.iter().map(|(ch, runs, c)| (*ch, runs.clone(), c.len)).collect::<Vec<_>>()
+        };
+        // 256 bytes: five chunks of 48 and one of 16, as in one region; the second chunk holds
+        // pieces 3-5 (run 0 and run 1), the third pieces 6-8 (runs 1 and 2).
+        let want = [(1, 0..1, 48), (2, 0..2, 48), (0, 1..3, 48), (1, 2..3, 48), (2, 2..3, 48), (0, 2..3, 16)];
         assert_eq!(shape(&a), want);
-        assert_eq!(shape(&b), want, "the peer's addresses do not change the cut");
+        assert_eq!(shape(&b), want, "the peer's addresses and regions do not change the cut");
         assert_eq!(chunk_count(&here, chunking), want.len());
+        let one_region = Extent::scattered((0..16).map(|i| seg(0x1000 + i * 100, 16)));
+        assert_eq!(chunk_count(&one_region, chunking), want.len(), "as many chunks as one region takes");
         assert_eq!(a.iter().map(|(_, _, c)| c.region).collect::<Vec<_>>(), [10, 10, 11, 12, 12, 12]);
+        let regions = |c: &Chunk| c.regions().map(|(r, s)| (r, s.addr)).collect::<Vec<_>>();
+        assert_eq!(regions(&a[1].2), [(10, 0x1000 + 300), (11, 0x1000 + 500)]);
+        assert_eq!(regions(&a[2].2), [(11, 0x1000 + 600), (12, 0x1000 + 700)]);
+        assert_eq!(regions(&a[3].2), [(12, 0x1000 + 900)]);
+        assert!(a[2].2.touches(11) && a[2].2.touches(12) && !a[2].2.touches(10));
+        // Each run's segments apart; pieces side by side are joined only inside a run.
+        let side: Vec<IoSeg> = (0..16).map(|i| seg(0x1000 + i * 16, 16)).collect();
+        let joined: Vec<_> = super::plan(4, &[10, 11, 12], &Extent::scattered_runs(side, runs), chunking, 1).collect();
+        let (mut out, mut counts) = (Vec::new(), Vec::new());
+        joined[1].2.segments(&mut out, &mut counts, &|r| r != 12);
+        assert_eq!(out, [seg(0x1000 + 48, 32), seg(0x1000 + 80, 16)], "run 0's two pieces joined, run 1 apart");
+        assert_eq!(counts, [1, 1]);
+        let (mut out, mut counts) = (Vec::new(), Vec::new());
+        joined[2].2.segments(&mut out, &mut counts, &|r| r != 12);
+        assert_eq!(out, [seg(0x1000 + 96, 16), seg(0x1000 + 112, 16), seg(0x1000 + 128, 16)], "region 12 never joins");
+        assert_eq!(counts, [1, 2]);
         let mut covered = Vec::new();
         for (_, _, c) in &a {
-            c.segments(&mut covered, false);
+            c.segments(&mut covered, &mut Vec::new(), &|_| false);
         }
         let Extent::Scattered { segs, .. } = &here else { unreachable!() };
-        assert_eq!(covered, segs.to_vec(), "every byte once, in order, no chunk across a run");
-        // One region for every run (a flow through scratch memory): the same cut.
+        assert_eq!(covered, segs.to_vec(), "every byte once, in order");
+        // One region for every run (a flow through scratch memory): the same cut, no run table.
         let scratch: Vec<_> = super::plan(4, &[0], &here, chunking, 1).collect();
-        assert_eq!(shape(&scratch), want);
-        // Per-segment cuts ignore runs: segments never share a chunk anyway.
+        assert_eq!(
+            scratch.iter().map(|(ch, _, c)| (*ch, c.len)).collect::<Vec<_>>(),
+            [(1, 48), (2, 48), (0, 48), (1, 48), (2, 48), (0, 16)]
+        );
+        assert!(scratch.iter().all(|(_, _, c)| !matches!(c.mem, ChunkMem::Spans { runs: Some(_), .. })));
+        // Per-segment cuts: segments never share a chunk; each chunk names its segment's run.
         let per = Chunking { cut: Cut::PerSegment, ..chunking };
         assert_eq!(chunk_count(&here, per), 16);
-        assert_eq!(super::plan(4, &[10, 11, 12], &here, per, 0).map(|(_, run, _)| run).filter(|&r| r == 1).count(), 2);
+        let per_runs: Vec<_> = super::plan(4, &[10, 11, 12], &here, per, 0).map(|(_, r, c)| (r, c.region)).collect();
+        assert_eq!(per_runs.iter().filter(|(r, c)| *r == (1..2) && *c == 11).count(), 2);
         assert!(matches!(Extent::scattered_runs([seg(1, 2)], Arc::from([1])), Extent::Scattered { runs: None, .. }));
     }
 
@@ -361,7 +451,7 @@ mod tests {
         let mut out = Vec::new();
         for (_, c) in chunks {
             let before = out.len();
-            c.segments(&mut out, true);
+            c.segments(&mut out, &mut Vec::new(), &|_| true);
             assert_eq!(out[before..].iter().map(|s| s.len).sum::<usize>(), c.len, "{c:?}");
         }
         out
@@ -411,10 +501,10 @@ mod tests {
         assert_eq!(chunks.iter().map(|(ch, _)| *ch).collect::<Vec<_>>(), [0, 1, 0]);
         assert_eq!(chunk_count(&ext, Chunking { size: 8, channels: 2, cut: Cut::Spanning }), 3);
         let mut c0 = Vec::new();
-        chunks[0].1.segments(&mut c0, true);
+        chunks[0].1.segments(&mut c0, &mut Vec::new(), &|_| true);
         assert_eq!(c0, [seg(100, 3), seg(200, 5)]);
         let mut c1 = Vec::new();
-        chunks[1].1.segments(&mut c1, true);
+        chunks[1].1.segments(&mut c1, &mut Vec::new(), &|_| true);
         assert_eq!(c1, [seg(205, 5), seg(400, 1), seg(500, 2)]);
         assert_eq!(chunks[1].1.hull(), (205, 297));
         // A chunk inside one segment is plain memory.
@@ -431,12 +521,12 @@ mod tests {
         let chunk = |first, offset, len| Chunk {
             flow: 1,
             region: 1,
-            mem: ChunkMem::Spans { segs: segs.clone(), first, offset },
+            mem: ChunkMem::Spans { segs: segs.clone(), first, offset, runs: None },
             len,
         };
         let from_segments = |c: &Chunk| {
             let mut out = Vec::new();
-            c.segments(&mut out, true);
+            c.segments(&mut out, &mut Vec::new(), &|_| true);
             assert_eq!(out.iter().map(|s| s.len).sum::<usize>(), c.len);
             assert!(out.iter().all(|s| s.len > 0), "{out:?}");
             let lo = out.iter().map(|s| s.addr).min().unwrap();
@@ -583,18 +673,18 @@ mod tests {
         let chunk = |segs: Vec<IoSeg>, first, offset, len| Chunk {
             flow: 1,
             region: 1,
-            mem: ChunkMem::Spans { segs: segs.into(), first, offset },
+            mem: ChunkMem::Spans { segs: segs.into(), first, offset, runs: None },
             len,
         };
         let side_by_side: Vec<IoSeg> = (0..8).map(|i| seg(0x10_0000 + i * 0x4000, 0x4000)).collect();
         let mut out = vec![seg(0x10_0000 - 0x100, 0x100)];
         // Starts 0x1000 into segment 1 and ends 0x1000 into segment 6: one range, and the segment
         // already in `out` (which this one touches) is left alone.
-        chunk(side_by_side.clone(), 1, 0x1000, 5 * 0x4000).segments(&mut out, true);
+        chunk(side_by_side.clone(), 1, 0x1000, 5 * 0x4000).segments(&mut out, &mut Vec::new(), &|_| true);
         assert_eq!(out, [seg(0x10_0000 - 0x100, 0x100), seg(0x10_5000, 5 * 0x4000)]);
         // Not asked to join (device memory): every segment as it is.
         let mut out = Vec::new();
-        chunk(side_by_side, 1, 0x1000, 5 * 0x4000).segments(&mut out, false);
+        chunk(side_by_side, 1, 0x1000, 5 * 0x4000).segments(&mut out, &mut Vec::new(), &|_| false);
         let expected: Vec<IoSeg> = std::iter::once(seg(0x10_5000, 0x3000))
             .chain((2..6).map(|i| seg(0x10_0000 + i * 0x4000, 0x4000)))
             .chain(std::iter::once(seg(0x11_8000, 0x1000)))
@@ -613,14 +703,14 @@ mod tests {
             seg(0x8800, 0x800),
         ];
         let mut out = Vec::new();
-        chunk(mixed.clone(), 0, 0, 0x6000).segments(&mut out, true);
+        chunk(mixed.clone(), 0, 0, 0x6000).segments(&mut out, &mut Vec::new(), &|_| true);
         assert_eq!(out, [seg(0x1000, 0x2000), seg(0x8000, 0x1000), seg(0x7000, 0x1000), seg(0x7000, 0x2000)]);
         assert_eq!(merged(out), merged(mixed), "the same bytes in the same order");
 
         // A segment ending at the top of the address space is not joined past it.
         let top = vec![seg(usize::MAX - 0xfff, 0x1000), seg(0, 0x1000)];
         let mut out = Vec::new();
-        chunk(top.clone(), 0, 0, 0x2000).segments(&mut out, true);
+        chunk(top.clone(), 0, 0, 0x2000).segments(&mut out, &mut Vec::new(), &|_| true);
         assert_eq!(out, top);
     }
 

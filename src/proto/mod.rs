@@ -29,7 +29,8 @@ pub(crate) const MAGIC: u32 = 0x5854_4355;
 /// 21: two-sided messages up to `MAX_EAGER_LEN` go eagerly (`Control::EagerSend`) on connections
 /// whose chunks span segments. 22: inline payloads up to `MAX_INLINE_LEN` (256 KiB, was 64).
 /// 23: vectors over several regions (`Control::WriteRuns` / `ReadRuns`), chunks cut per run.
-pub(crate) const PROTOCOL_VERSION: u16 = 23;
+/// 24: spanning chunks of such vectors cross from one run into the next.
+pub(crate) const PROTOCOL_VERSION: u16 = 24;
 pub(crate) const NET_HANDLE_SIZE: usize = 128;
 /// Notification name bytes, NUL terminator excluded.
 pub(crate) const MAX_NAME_LEN: usize = 255;

@@ -12,10 +12,13 @@
 //! - closing is dropping;
 //! - a vectored request (`isendv` / `irecvv`, only on a net that reports `vectored`) is one message
 //!   whose bytes are its segments concatenated: it matches one request of the same total on the
-//!   other end, vectored or not, and its segments lie in the one registration `mr` names; on a
-//!   net with a registration limit (`max_registration`) only its first segment need lie there,
-//!   the others anywhere in the same engine region (whose windows the engine registers), since a
-//!   chunk of blocks scattered over a larger region spans several windows.
+//!   other end, vectored or not. Its segments come in runs ([`MrRun`]), each in the registration
+//!   it names: one run for a chunk of one region, several for a chunk of KV blocks that crosses
+//!   from one region into the next (the regions need not be of one allocation, so no two runs are
+//!   joined into one copy). On a net with a registration limit (`max_registration`) only a run's
+//!   first segment need lie in its registration, the others anywhere in the same engine region
+//!   (whose windows the engine registers), since blocks scattered over a larger region span
+//!   several windows.
 
 pub mod caps;
 pub mod open;
@@ -54,6 +57,33 @@ impl MrHandle {
 pub struct IoSeg {
     pub addr: usize,
     pub len: usize,
+}
+
+/// A run of a vectored request's segments: the next `segs` of them lie in registration `mr`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MrRun {
+    pub segs: usize,
+    pub mr: MrHandle,
+}
+
+impl MrRun {
+    /// Every segment of `iov` in `mr`.
+    pub fn all(iov: &[IoSeg], mr: MrHandle) -> [MrRun; 1] {
+        [MrRun { segs: iov.len(), mr }]
+    }
+}
+
+/// Checks that `mrs` are runs of all of `iov`'s segments, none empty.
+pub(crate) fn check_runs(iov: &[IoSeg], mrs: &[MrRun], what: &str) -> Result<()> {
+    let covered = mrs.iter().try_fold(0usize, |n, r| if r.segs == 0 { None } else { n.checked_add(r.segs) });
+    if covered != Some(iov.len()) || mrs.is_empty() {
+        return Err(crate::error::Error::invalid(format!(
+            "the registrations of a vectored {what} cover {} of its {} segments",
+            mrs.iter().map(|r| r.segs).sum::<usize>(),
+            iov.len()
+        )));
+    }
+    Ok(())
 }
 
 /// What a comm's data sockets on one link carried so far ([`SendComm::link_stats`],
@@ -131,14 +161,15 @@ pub trait SendComm: Send {
     /// `[data, data + len)` stays valid and unmodified until `test` reports the request done or the
     /// comm is dropped.
     unsafe fn isend(&mut self, data: *const u8, len: usize, mr: MrHandle) -> Result<Option<RequestId>>;
-    /// Sends the segments of `iov` as one message (see the module rules).
+    /// Sends the segments of `iov`, in the registrations `mrs` name, as one message (see the
+    /// module rules).
     ///
     /// # Safety
     /// Every segment as `isend`'s buffer; `iov` itself need not outlive the call.
-    unsafe fn isendv(&mut self, iov: &[IoSeg], mr: MrHandle) -> Result<Option<RequestId>> {
-        match iov {
+    unsafe fn isendv(&mut self, iov: &[IoSeg], mrs: &[MrRun]) -> Result<Option<RequestId>> {
+        match (iov, mrs) {
             // SAFETY: per the contract.
-            [one] => unsafe { self.isend(one.addr as *const u8, one.len, mr) },
+            ([one], [run]) => unsafe { self.isend(one.addr as *const u8, one.len, run.mr) },
             _ => unvectored("send"),
         }
     }
@@ -158,14 +189,15 @@ pub trait RecvComm: Send {
     /// `[data, data + len)` stays valid and is not accessed by anyone else until `test` reports the
     /// request done or the comm is dropped.
     unsafe fn irecv(&mut self, data: *mut u8, len: usize, mr: MrHandle) -> Result<Option<RequestId>>;
-    /// Receives one message into the segments of `iov`, in order (see the module rules).
+    /// Receives one message into the segments of `iov`, in order, in the registrations `mrs`
+    /// name (see the module rules).
     ///
     /// # Safety
     /// Every segment as `irecv`'s buffer; `iov` itself need not outlive the call.
-    unsafe fn irecvv(&mut self, iov: &[IoSeg], mr: MrHandle) -> Result<Option<RequestId>> {
-        match iov {
+    unsafe fn irecvv(&mut self, iov: &[IoSeg], mrs: &[MrRun]) -> Result<Option<RequestId>> {
+        match (iov, mrs) {
             // SAFETY: per the contract.
-            [one] => unsafe { self.irecv(one.addr as *mut u8, one.len, mr) },
+            ([one], [run]) => unsafe { self.irecv(one.addr as *mut u8, one.len, run.mr) },
             _ => unvectored("receive"),
         }
     }

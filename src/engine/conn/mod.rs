@@ -957,13 +957,13 @@ fn queue(channels: &mut [Channel], chunking: Chunking, flow_plan: &FlowPlan) -> 
             (rs, &many)
         }
     };
-    for (c, run, chunk) in plan::plan(flow, ids, extent, chunking, seq) {
+    for (c, touched, chunk) in plan::plan(flow, ids, extent, chunking, seq) {
         // A flow whose region is gone moves through scratch memory with the same chunk lengths.
-        let region = runs.get(run);
-        let chunk = if region.is_some() { chunk } else { Chunk { mem: ChunkMem::At(0), ..chunk } };
+        let regions = runs.get(touched).unwrap_or(&[]);
+        let chunk = if regions.is_empty() { Chunk { mem: ChunkMem::At(0), ..chunk } } else { chunk };
         match dir {
-            Direction::Send => channels[c].queue_send(chunk, region)?,
-            Direction::Recv => channels[c].queue_recv(chunk, region)?,
+            Direction::Send => channels[c].queue_send(chunk, regions)?,
+            Direction::Recv => channels[c].queue_recv(chunk, regions)?,
         }
     }
     Ok(())

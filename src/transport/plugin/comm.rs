@@ -19,7 +19,7 @@ use crate::error::{Error, Result, UcclStatus};
 use crate::ncclnet::{
     NCCL_PTR_CUDA, NCCL_PTR_HOST, NCCL_SUCCESS, NcclNetV7, UNPACK_MAX_SLICE_SIZE, UNPACK_QUEUE_DEPTH,
 };
-use crate::transport::{IoSeg, MemKind, MrHandle, Properties, RequestId, SendComm};
+use crate::transport::{IoSeg, MemKind, MrHandle, MrRun, Properties, RequestId, SendComm, check_runs};
 
 /// Requests per comm, received-but-unconsumed included (TCPX's ring and unpack queue).
 pub const MAX_REQUESTS: usize = UNPACK_QUEUE_DEPTH;
@@ -212,33 +212,51 @@ impl CommCore {
         Ok((key, reg.mhandle, reg.kind))
     }
 
-    /// The registration `mr` holding the first piece of a vectored request, taken into use once,
-    /// and the pieces' total. A vectored request names its registration: no per-request one is
-    /// made. The other pieces may lie past it, in other windows of the same engine region (the
-    /// transport rule for nets with a registration limit): the plugin never sees them (the send
-    /// gathers them, the receive's unpack scatters into them), and their memory kind is the region's.
-    pub fn acquire_segments(&mut self, iov: &[IoSeg], mr: MrHandle, what: &str) -> Result<Segments> {
+    /// The registration holding the first piece of a vectored request, taken into use once, and
+    /// the pieces' total. A vectored request names its registrations (`mrs`): no per-request one
+    /// is made. Only a run's first piece is checked against its registration: the others may lie
+    /// past it, in other windows of the same engine region (the transport rule for nets with a
+    /// registration limit), and the plugin never sees them (the send gathers them, the receive's
+    /// unpack scatters into them). Every run's memory is of the first one's kind.
+    pub fn acquire_segments(&mut self, iov: &[IoSeg], mrs: &[MrRun], what: &str) -> Result<Segments> {
         if iov.is_empty() || iov.iter().any(|s| s.len == 0) {
             return Err(Error::invalid(format!("a vectored {what} needs at least one segment and no empty one")));
         }
+        check_runs(iov, mrs, what)?;
         let total = iov.iter().try_fold(0usize, |t, s| t.checked_add(s.len));
         let total = total.ok_or_else(|| Error::invalid(format!("a vectored {what}'s segments overflow")))?;
         check_size(total, what)?;
-        let reg = self.regs.get_mut(&mr.0).ok_or_else(|| {
-            Error::invalid(format!("a vectored {what} needs the registration of its segments, not {}", mr.0))
-        })?;
-        let s = iov[0];
-        if s.addr < reg.base || s.addr.checked_add(s.len).is_none_or(|end| end > reg.base + reg.len) {
-            return Err(Error::invalid(format!(
-                "the first segment [{:#x}, +{}) of a vectored {what} is not inside its registration [{:#x}, +{})",
-                s.addr, s.len, reg.base, reg.len
-            )));
-        }
         if iov.iter().any(|s| s.addr.checked_add(s.len).is_none()) {
             return Err(Error::invalid(format!("a segment of a vectored {what} wraps around")));
         }
+        let (mut at, mut kind, mut room) = (0, None, None);
+        for run in mrs {
+            let reg = self.regs.get(&run.mr.0).ok_or_else(|| {
+                Error::invalid(format!("a vectored {what} needs the registration of its segments, not {}", run.mr.0))
+            })?;
+            let s = iov[at];
+            if s.addr < reg.base || s.addr.checked_add(s.len).is_none_or(|end| end > reg.base + reg.len) {
+                return Err(Error::invalid(format!(
+                    "the first segment [{:#x}, +{}) of a run of a vectored {what} is not inside its registration \
+                     [{:#x}, +{})",
+                    s.addr, s.len, reg.base, reg.len
+                )));
+            }
+            if kind.get_or_insert(reg.kind) != &reg.kind {
+                return Err(Error::invalid(format!("the pieces of a vectored {what} lie in memory of two kinds")));
+            }
+            // Where a receive may be posted: `total` bytes inside one of the registrations, near
+            // the first piece in the first one.
+            if room.is_none() && reg.len >= total {
+                let near = if at == 0 { (s.addr - reg.base).min(reg.len - total) } else { 0 };
+                room = Some((reg.base + near, run.mr.0));
+            }
+            at += run.segs;
+        }
+        let key = mrs[0].mr.0;
+        let reg = self.regs.get_mut(&key).expect("looked up above");
         reg.in_use += 1;
-        Ok(Segments { key: mr.0, kind: reg.kind, total, base: reg.base, len: reg.len })
+        Ok(Segments { key, kind: reg.kind, total, room })
     }
 
     pub fn release(&mut self, key: usize) {
@@ -282,25 +300,16 @@ impl CommCore {
 
 /// What [`CommCore::acquire_segments`] found.
 pub(super) struct Segments {
-    /// The registration, taken into use.
+    /// The first run's registration, taken into use.
     pub key: usize,
     pub kind: MemKind,
     /// The pieces' total.
     pub total: usize,
-    /// The registration's range.
-    pub base: usize,
-    pub len: usize,
-}
-
-impl Segments {
-    /// An address inside the registration where `total` bytes fit from, as near the first piece
-    /// as may be: what a vectored receive is posted at when no anchor stands in (the plugin only
-    /// takes the address as the base of `dst_off` and checks nothing else of it). None when the
-    /// pieces add up to more than the registration holds, which pieces that do not overlap never do.
-    pub fn window(&self, first: usize) -> Option<usize> {
-        let room = self.len.checked_sub(self.total)?;
-        Some(self.base + (first - self.base).min(room))
-    }
+    /// An address inside one of the runs' registrations (and its key) where `total` bytes fit
+    /// from: what a vectored receive is posted at when no anchor stands in (the plugin only takes
+    /// the address as the base of `dst_off` and checks nothing else of it). None when every
+    /// registration is smaller (pieces of several small regions).
+    pub room: Option<(usize, usize)>,
 }
 
 pub(super) fn check_size(len: usize, what: &str) -> Result<c_int> {
@@ -413,20 +422,20 @@ impl SendComm for PluginSendComm {
 
     /// One request for all the pieces: gathered into a staging buffer of their memory's kind
     /// (`stage.rs`) and sent from there, as one request of their total.
-    unsafe fn isendv(&mut self, iov: &[IoSeg], mr: MrHandle) -> Result<Option<RequestId>> {
-        if let [one] = iov {
+    unsafe fn isendv(&mut self, iov: &[IoSeg], mrs: &[MrRun]) -> Result<Option<RequestId>> {
+        if let ([one], [run]) = (iov, mrs) {
             // SAFETY: per the contract.
-            return unsafe { self.isend(one.addr as *const u8, one.len, mr) };
+            return unsafe { self.isend(one.addr as *const u8, one.len, run.mr) };
         }
         self.core.check()?;
         if self.inflight.len() >= MAX_REQUESTS {
             return Ok(None);
         }
-        let Segments { key: user, kind, total, .. } = self.core.acquire_segments(iov, mr, "send")?;
+        let Segments { key: user, kind, total, .. } = self.core.acquire_segments(iov, mrs, "send")?;
         let core = &mut self.core;
         let mut register = |addr, len, kind| core.register(addr, len, kind, false);
         // SAFETY: the caller keeps every piece valid and unmodified (isendv's contract); the
-        // pieces lie in one registration of `kind` memory and add up to at most MAX_MESSAGE.
+        // pieces lie in registrations of `kind` memory and add up to at most MAX_MESSAGE.
         let filled = unsafe { self.staging.fill(&mut register, kind, iov) };
         // The pieces are copied: the caller's registration is free again.
         self.core.release(user);

@@ -27,9 +27,9 @@ use crate::cuda::Gpu;
 use crate::cuda::unpack::{DstPiece, ReceiveLayout, Submit};
 use crate::error::{Error, Result, UcclStatus};
 use crate::ncclnet::{LoadMeta, NCCL_SUCCESS, UNPACK_QUEUE_DEPTH};
-use crate::transport::{IoSeg, MemKind, MrHandle, RecvComm, RequestId};
+use crate::transport::{IoSeg, MemKind, MrHandle, MrRun, RecvComm, RequestId};
 
-use super::comm::MAX_REQUESTS;
+use super::comm::{MAX_MESSAGE, MAX_REQUESTS};
 
 /// Tiles (4 KiB each at most) at which a waiting batch launches even while an earlier launch runs:
 /// one 4 MiB receive of whole pages.
@@ -110,6 +110,7 @@ pub struct PluginRecvComm {
     /// The pool's GPU's landing slots and this comm's registration of their anchor, made by the
     /// first receive into host memory.
     anchor: Option<(Arc<HostLanding>, usize)>,
+    spare: Option<(Box<[u8]>, usize)>,
     metas: Vec<LoadMeta>,
     runs: Vec<Run>,
     /// Test the plugin's oldest unfinished receive whenever the oldest receive is tested, and move
@@ -127,6 +128,7 @@ impl PluginRecvComm {
             unpack: None,
             device: None,
             anchor: None,
+            spare: None,
             metas: Vec::new(),
             runs: Vec::new(),
             ahead,
@@ -240,6 +242,20 @@ impl PluginRecvComm {
                 Ok(Landing::Landed(total))
             }
         }
+    }
+
+    /// Host memory a vectored receive of a host pool is posted against when none of its
+    /// registrations holds its total, and this comm's registration of it, made on first use.
+    /// Never written (pieces are gathered from the pool), so its pages are never touched.
+    fn spare(&mut self) -> Result<(usize, *mut c_void)> {
+        if self.spare.is_none() {
+            let buf = vec![0u8; MAX_MESSAGE].into_boxed_slice();
+            let key = self.core.register(buf.as_ptr() as usize, buf.len(), MemKind::Host, false)?;
+            self.spare = Some((buf, key));
+        }
+        let (buf, key) = self.spare.as_ref().expect("set above");
+        let mhandle = self.core.mhandle(*key).expect("the spare stays registered until close");
+        Ok((buf.as_ptr() as usize, mhandle))
     }
 
     /// The anchor's address and this comm's registration of it, made on first use.
@@ -515,33 +531,37 @@ impl RecvComm for PluginRecvComm {
     /// fragments are then composed with the pieces: the unpack kernel (or the CPU, from a host
     /// pool) copies each straight from the pool into the piece it belongs to, and host pieces with
     /// a device pool land whole in a slot that is copied out piece by piece.
-    unsafe fn irecvv(&mut self, iov: &[IoSeg], mr: MrHandle) -> Result<Option<RequestId>> {
-        if let [one] = iov {
+    unsafe fn irecvv(&mut self, iov: &[IoSeg], mrs: &[MrRun]) -> Result<Option<RequestId>> {
+        if let ([one], [run]) = (iov, mrs) {
             // SAFETY: per the contract.
-            return unsafe { self.irecv(one.addr as *mut u8, one.len, mr) };
+            return unsafe { self.irecv(one.addr as *mut u8, one.len, run.mr) };
         }
         self.core.check()?;
         if self.queue.len() >= MAX_REQUESTS {
             return Ok(None);
         }
-        let segs = self.core.acquire_segments(iov, mr, "receive")?;
+        let segs = self.core.acquire_segments(iov, mrs, "receive")?;
         let (key, kind, total) = (segs.key, segs.kind, segs.total);
         let lands = matches!(kind, MemKind::Host) && self.device_pool().is_some();
-        let target = match lands {
-            true => self.anchor().map(|(addr, mhandle)| (addr as *mut c_void, mhandle)),
-            false => match (segs.window(iov[0].addr), self.core.mhandle(key)) {
-                (Some(at), Some(mhandle)) => Ok((at as *mut c_void, mhandle)),
-                _ => Err(Error::invalid(format!(
-                    "the {} bytes of a vectored receive's pieces exceed their {}-byte registration: pieces overlap",
-                    total, segs.len
-                ))),
-            },
+        // Pieces of several regions none of which holds their total: posted against memory of the
+        // comm's own of their kind, which the plugin never writes either.
+        let stand_in = !lands && segs.room.is_none() && mrs.len() > 1;
+        let target = match (lands, segs.room) {
+            (true, _) => self.anchor(),
+            (false, Some((at, room_key))) => self.core.mhandle(room_key).map(|m| (at, m)).ok_or_else(|| {
+                Error::new(UcclStatus::ErrInternal, format!("registration {room_key} has no plugin handle"))
+            }),
+            (false, None) if stand_in && matches!(kind, MemKind::Cuda { .. }) => self.anchor(),
+            (false, None) if stand_in => self.spare(),
+            (false, None) => Err(Error::invalid(format!(
+                "the {total} bytes of a vectored receive's pieces exceed their registration: pieces overlap"
+            ))),
         };
         let target = match target {
-            Ok(target) => target,
+            Ok((at, mhandle)) => (at as *mut c_void, mhandle),
             Err(e) => {
                 self.core.release(key);
-                return Err(if lands { self.core.fail(e) } else { e });
+                return Err(if lands || stand_in { self.core.fail(e) } else { e });
             }
         };
         let pieces = gather::pieces(iov.iter().map(|s| (s.addr, s.len))).into_boxed_slice();

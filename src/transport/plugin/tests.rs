@@ -5,7 +5,7 @@ use super::gpu::BatchUnpack;
 use super::mock;
 use super::*;
 use crate::error::UcclStatus;
-use crate::transport::{IoSeg, MemKind, MrHandle, RequestId};
+use crate::transport::{IoSeg, MemKind, MrHandle, MrRun, RequestId};
 
 fn net() -> PluginNet {
     PluginNet::with_plugin(mock::plugin(), None, None).unwrap()
@@ -487,6 +487,11 @@ fn iov(base: usize, table: &[(usize, usize)]) -> Vec<IoSeg> {
     table.iter().map(|&(off, len)| IoSeg { addr: base + off, len }).collect()
 }
 
+/// Every piece of `table` in registration `mr`.
+fn one_run(table: &[(usize, usize)], mr: MrHandle) -> [MrRun; 1] {
+    [MrRun { segs: table.len(), mr }]
+}
+
 /// Sends `table_s` of `src` as one vectored request into `table_r` of `dst` and checks every byte,
 /// and that each end made one plugin request.
 fn vectored_round(
@@ -502,9 +507,9 @@ fn vectored_round(
     let (sends, recvs) = (calls(l.pair, "isend"), calls(l.pair, "irecv"));
     let before = dst.to_vec();
     // SAFETY: every piece lies in dst, which outlives the link; only the comm writes it, in test.
-    let r = unsafe { l.recv.irecvv(&iov(dst.as_ptr() as usize, table_r), rmr) }.unwrap().unwrap();
+    let r = unsafe { l.recv.irecvv(&iov(dst.as_ptr() as usize, table_r), &one_run(table_r, rmr)) }.unwrap().unwrap();
     // SAFETY: src outlives the request; isendv copies the pieces before it returns.
-    let s = unsafe { l.send.isendv(&iov(src.as_ptr() as usize, table_s), smr) }.unwrap().unwrap();
+    let s = unsafe { l.send.isendv(&iov(src.as_ptr() as usize, table_s), &one_run(table_s, smr)) }.unwrap().unwrap();
     let total: usize = table_s.iter().map(|p| p.1).sum();
     assert_eq!(wait_send(l, s), total);
     assert_eq!(wait_recv(l, r), total);
@@ -580,6 +585,49 @@ fn a_vector_into_device_pieces_is_unpacked_straight_into_them() {
     no_violations(l.pair);
 }
 
+/// Pieces of several registrations (a chunk that crosses from one region into the next), none
+/// of which holds the request's total: one request per end, each run checked against its own
+/// registration, the receive posted against the comm's own spare range.
+#[test]
+fn a_vector_over_several_registrations_smaller_than_it_is_one_request() {
+    let net = net();
+    let mut l = link(&net);
+    let src = pattern(3 * 1000, 5);
+    let dst: Vec<Vec<u8>> = (0..3).map(|_| vec![0xA5u8; 1000]).collect();
+    let base = src.as_ptr() as usize;
+    let smrs: Vec<MrHandle> = (0..3).map(|i| l.send.reg_mr(base + i * 1000, 1000, MemKind::Host).unwrap()).collect();
+    let rmrs: Vec<MrHandle> =
+        dst.iter().map(|d| l.recv.reg_mr(d.as_ptr() as usize, 1000, MemKind::Host).unwrap()).collect();
+    // 2,700 bytes: two pieces in each source region, one piece in each destination region.
+    let send: Vec<IoSeg> = (0..3)
+        .flat_map(|i| [(i * 1000, 500), (i * 1000 + 600, 400)])
+        .map(|(o, len)| IoSeg { addr: base + o, len })
+        .collect();
+    let send_runs: Vec<MrRun> = smrs.iter().map(|&mr| MrRun { segs: 2, mr }).collect();
+    let recv: Vec<IoSeg> = dst.iter().map(|d| IoSeg { addr: d.as_ptr() as usize + 50, len: 900 }).collect();
+    let recv_runs: Vec<MrRun> = rmrs.iter().map(|&mr| MrRun { segs: 1, mr }).collect();
+    // A run whose first piece lies outside its registration is refused before the plugin sees it.
+    let swapped = [recv_runs[1], recv_runs[0], recv_runs[2]];
+    // SAFETY: refused before anything is posted.
+    let e = unsafe { l.recv.irecvv(&recv, &swapped) }.unwrap_err().to_string();
+    assert!(e.contains("not inside its registration"), "{e}");
+    let (sends, recvs) = (calls(l.pair, "isend"), calls(l.pair, "irecv"));
+    // SAFETY: the buffers outlive the requests, tested to completion below.
+    let r = unsafe { l.recv.irecvv(&recv, &recv_runs) }.unwrap().unwrap();
+    // SAFETY: as above; isendv copies the pieces before it returns.
+    let s = unsafe { l.send.isendv(&send, &send_runs) }.unwrap().unwrap();
+    assert_eq!(wait_send(&mut l, s), 2700);
+    assert_eq!(wait_recv(&mut l, r), 2700);
+    l.recv.irecv_consumed(r).unwrap();
+    assert_eq!((calls(l.pair, "isend") - sends, calls(l.pair, "irecv") - recvs), (1, 1), "one request per end");
+    let sent: Vec<u8> = send.iter().flat_map(|g| src[g.addr - base..g.addr - base + g.len].iter().copied()).collect();
+    for (i, d) in dst.iter().enumerate() {
+        assert!(d[50..950] == sent[i * 900..(i + 1) * 900], "region {i}");
+        assert!(d[..50].iter().chain(&d[950..]).all(|&b| b == 0xA5), "region {i}: nothing outside the piece");
+    }
+    no_violations(l.pair);
+}
+
 #[test]
 fn vectored_requests_outside_their_registration_or_overlapping_are_refused() {
     let net = net();
@@ -589,15 +637,15 @@ fn vectored_requests_outside_their_registration_or_overlapping_are_refused() {
     let mr = l.recv.reg_mr(base, 4096, MemKind::Host).unwrap();
     let outside = [IoSeg { addr: base + 4090, len: 10 }, IoSeg { addr: base, len: 10 }];
     // SAFETY: refused before anything is posted.
-    let e = unsafe { l.recv.irecvv(&outside, mr) }.unwrap_err().to_string();
+    let e = unsafe { l.recv.irecvv(&outside, &MrRun::all(&outside, mr)) }.unwrap_err().to_string();
     assert!(e.contains("not inside its registration"), "{e}");
     let overlapping = [IoSeg { addr: base, len: 3000 }, IoSeg { addr: base + 1000, len: 3000 }];
     // SAFETY: as above.
-    let e = unsafe { l.recv.irecvv(&overlapping, mr) }.unwrap_err().to_string();
+    let e = unsafe { l.recv.irecvv(&overlapping, &MrRun::all(&overlapping, mr)) }.unwrap_err().to_string();
     assert!(e.contains("pieces overlap"), "{e}");
     let smr = l.send.reg_mr(base, 4096, MemKind::Host).unwrap();
     // SAFETY: as above.
-    let e = unsafe { l.send.isendv(&outside, smr) }.unwrap_err().to_string();
+    let e = unsafe { l.send.isendv(&outside, &MrRun::all(&outside, smr)) }.unwrap_err().to_string();
     assert!(e.contains("not inside its registration"), "{e}");
     assert_eq!((calls(l.pair, "isend"), calls(l.pair, "irecv")), (0, 0));
     no_violations(l.pair);

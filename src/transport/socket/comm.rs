@@ -26,7 +26,7 @@ use crate::sys::epoll::EventFd;
 use crate::threads::ThreadKind;
 use crate::trace;
 use crate::transport::Wake;
-use crate::transport::{IoSeg, LinkStats, MemKind, MrHandle, RecvComm, RequestId, SendComm};
+use crate::transport::{IoSeg, LinkStats, MemKind, MrHandle, MrRun, RecvComm, RequestId, SendComm};
 
 /// How a comm moves its pieces.
 #[derive(Clone, Copy, Debug)]
@@ -591,7 +591,7 @@ impl SendComm for SocketSendComm {
         self.0.post(&[IoSeg { addr: data as usize, len }])
     }
 
-    unsafe fn isendv(&mut self, iov: &[IoSeg], _mr: MrHandle) -> Result<Option<RequestId>> {
+    unsafe fn isendv(&mut self, iov: &[IoSeg], _mrs: &[MrRun]) -> Result<Option<RequestId>> {
         self.0.post(iov)
     }
 
@@ -681,7 +681,7 @@ impl RecvComm for SocketRecvComm {
         self.0.post(&[IoSeg { addr: data as usize, len }])
     }
 
-    unsafe fn irecvv(&mut self, iov: &[IoSeg], _mr: MrHandle) -> Result<Option<RequestId>> {
+    unsafe fn irecvv(&mut self, iov: &[IoSeg], _mrs: &[MrRun]) -> Result<Option<RequestId>> {
         self.0.post(iov)
     }
 

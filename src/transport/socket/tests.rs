@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use super::pure::wire;
 use super::*;
 use crate::error::UcclStatus;
+use crate::transport::MrRun;
 use crate::transport::testutil::{loopback_socket_net, pair, receive_counting_write_back, until, written_back_alone};
 use crate::transport::{IoSeg, MemKind, MrHandle, RequestId};
 
@@ -395,9 +396,9 @@ fn move_vectored(net: &SocketNet, total: usize, send_sizes: &[usize], recv_sizes
         segments(&mut dst, total, recv_sizes, 5)
     };
     // SAFETY: both segment lists lie in buffers that outlive the requests (tested to completion below).
-    let r = unsafe { rx.irecvv(&recv_segs, MrHandle::NONE) }.unwrap().unwrap();
+    let r = unsafe { rx.irecvv(&recv_segs, &MrRun::all(&recv_segs, MrHandle::NONE)) }.unwrap().unwrap();
     // SAFETY: as above.
-    let s = unsafe { tx.isendv(&send_segs, MrHandle::NONE) }.unwrap().unwrap();
+    let s = unsafe { tx.isendv(&send_segs, &MrRun::all(&send_segs, MrHandle::NONE)) }.unwrap().unwrap();
     assert_eq!(until(|| tx.test(s)).unwrap(), total);
     assert_eq!(until(|| rx.test(r)).unwrap(), total);
     rx.irecv_consumed(r).unwrap();
@@ -440,7 +441,7 @@ fn vectored_receive_takes_a_shorter_message_and_refuses_nothing_empty() {
     let mut dst = vec![0u8; 60_000];
     let recv_segs = segments(&mut dst, 50_000, &[20_000], 100);
     // SAFETY: the segments and the message outlive the requests (tested to completion below).
-    let r = unsafe { rx.irecvv(&recv_segs, MrHandle::NONE) }.unwrap().unwrap();
+    let r = unsafe { rx.irecvv(&recv_segs, &MrRun::all(&recv_segs, MrHandle::NONE)) }.unwrap().unwrap();
     // SAFETY: as above.
     let s = unsafe { tx.isend(msg.as_ptr(), msg.len(), MrHandle::NONE) }.unwrap().unwrap();
     assert_eq!(until(|| tx.test(s)).unwrap(), 30_000);
@@ -448,7 +449,7 @@ fn vectored_receive_takes_a_shorter_message_and_refuses_nothing_empty() {
     assert_eq!(&dst[..20_000], &msg[..20_000]);
     assert_eq!(&dst[20_100..30_100], &msg[20_000..]);
     // SAFETY: no segment, nothing to keep valid.
-    let err = unsafe { tx.isendv(&[], MrHandle::NONE) }.unwrap_err();
+    let err = unsafe { tx.isendv(&[], &[]) }.unwrap_err();
     assert_eq!(err.status(), UcclStatus::ErrInvalidParam, "{err}");
 }
 

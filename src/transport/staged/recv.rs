@@ -10,7 +10,7 @@ use super::regions::{Route, Staging};
 use super::setup::{Setup, StickyFailure};
 use crate::error::{Error, Result};
 use crate::trace::{StageMark as Mark, StagedChunk as ChunkTrace, StagedComm as CommTracer, clock_ns};
-use crate::transport::{IoSeg, MemKind, MrHandle, RecvComm, RequestId};
+use crate::transport::{IoSeg, MemKind, MrHandle, MrRun, RecvComm, RequestId};
 
 #[derive(Clone, Copy, Debug)]
 enum Stage {
@@ -43,6 +43,8 @@ pub struct StagedRecvComm {
     consumed: u64,
     /// Copies queued and not yet seen finished.
     copying: usize,
+    /// A host vector's runs of registrations with the inner comm; reused.
+    runs: Vec<MrRun>,
     failure: StickyFailure,
     tracer: Option<CommTracer>,
 }
@@ -58,11 +60,13 @@ impl StagedRecvComm {
             tested: 0,
             consumed: 0,
             copying: 0,
+            runs: Vec::new(),
             failure: StickyFailure::default(),
         }
     }
 
-    fn post(&mut self, route: Route, iov: &[IoSeg]) -> Result<Option<RequestId>> {
+    /// Posts `iov`; a host vector goes to the inner comm in `runs` of its registrations.
+    fn post(&mut self, route: Route, iov: &[IoSeg], runs: &[MrRun]) -> Result<Option<RequestId>> {
         let (addr, len) = (iov[0].addr, iov.iter().map(|s| s.len).sum());
         let (target, mr, slot) = match route {
             Route::Direct(mr) => (addr, mr, None),
@@ -74,7 +78,7 @@ impl StagedRecvComm {
         };
         let posted = match slot {
             // SAFETY: host segments are the caller's until this request is done (irecvv's contract).
-            None if iov.len() > 1 => unsafe { self.inner.irecvv(iov, mr)? },
+            None if iov.len() > 1 => unsafe { self.inner.irecvv(iov, runs)? },
             // SAFETY: a host destination is the caller's until this request is done (irecv's
             // contract); a slot is ours until the copy out of it finished.
             _ => unsafe { self.inner.irecv(target as *mut u8, len, mr)? },
@@ -202,21 +206,30 @@ impl RecvComm for StagedRecvComm {
     }
 
     unsafe fn irecv(&mut self, data: *mut u8, len: usize, mr: MrHandle) -> Result<Option<RequestId>> {
+        let one = [IoSeg { addr: data as usize, len }];
         // SAFETY: per the contract.
-        unsafe { self.irecvv(&[IoSeg { addr: data as usize, len }], mr) }
+        unsafe { self.irecvv(&one, &MrRun::all(&one, mr)) }
     }
 
     /// A device request lands in its slot and is scattered out of it (by the segment kernel when
     /// its segments are many and small, else with one copy per segment); a host one goes to the
     /// inner comm as it is.
-    unsafe fn irecvv(&mut self, iov: &[IoSeg], mr: MrHandle) -> Result<Option<RequestId>> {
+    unsafe fn irecvv(&mut self, iov: &[IoSeg], mrs: &[MrRun]) -> Result<Option<RequestId>> {
         self.failure.check()?;
         if (self.posted - self.consumed) as usize >= self.staging.setup.max_requests {
             return Ok(None);
         }
-        let route = self.staging.route_segments(mr, iov)?;
+        let mut runs = std::mem::take(&mut self.runs);
+        let route = match self.staging.route_segments(mrs, iov, &mut runs) {
+            Ok(route) => route,
+            Err(e) => {
+                self.runs = runs;
+                return Err(e);
+            }
+        };
         let entered = self.tracer.as_mut().map(|t| t.enter(false));
-        let posted = self.post(route, iov);
+        let posted = self.post(route, iov, &runs);
+        self.runs = runs;
         self.exit(entered);
         self.failure.keep(posted)
     }

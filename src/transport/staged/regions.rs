@@ -12,7 +12,7 @@ use super::pool::{COUNTS, count};
 use super::setup::Setup;
 use crate::cuda::{self, Gpu, Location, StagingRing};
 use crate::error::{Error, Result, UcclStatus};
-use crate::transport::{IoSeg, MemKind, MrHandle, RecvComm, SendComm};
+use crate::transport::{IoSeg, MemKind, MrHandle, MrRun, RecvComm, SendComm, check_runs};
 
 /// Registration calls of the wrapped comm, whichever direction it moves.
 pub(super) trait InnerRegistry {
@@ -193,24 +193,38 @@ impl Staging {
         Ok(Route::Staged(device))
     }
 
-    /// How the segments of a vectored request posted with `mr` travel: all of them the same way
-    /// (one registration holds them), in one slot when staged.
-    pub(super) fn route_segments(&mut self, mr: MrHandle, iov: &[IoSeg]) -> Result<Route> {
-        let Some((first, rest)) = iov.split_first() else {
-            return Err(Error::invalid("a vectored request needs at least one segment"));
-        };
-        let route = self.route(mr, first.addr, first.len)?;
-        if matches!(route, Route::Direct(_)) && mr != MrHandle::NONE {
+    /// How the segments of a vectored request posted with `mrs` travel: all of them the same way,
+    /// in one slot when staged (on the GPU of all of them). Host segments go straight to the inner
+    /// comm, whose handles for their runs are left in `inner`.
+    pub(super) fn route_segments(&mut self, mrs: &[MrRun], iov: &[IoSeg], inner: &mut Vec<MrRun>) -> Result<Route> {
+        check_runs(iov, mrs, "request")?;
+        inner.clear();
+        let mut routed: Option<Route> = None;
+        let mut at = 0;
+        for run in mrs {
+            let segs = &iov[at..at + run.segs];
+            at += run.segs;
+            let route = self.route(run.mr, segs[0].addr, segs[0].len)?;
             // A host registration: the inner comm checks nothing per segment either.
-            return Ok(route);
-        }
-        for seg in rest {
-            if self.route(mr, seg.addr, seg.len)? != route {
-                return Err(Error::invalid(
-                    "the segments of one request lie in host memory and GPU memory, or on two GPUs",
-                ));
+            let checked = matches!(route, Route::Direct(_)) && run.mr != MrHandle::NONE;
+            if !checked {
+                for seg in &segs[1..] {
+                    if self.route(run.mr, seg.addr, seg.len)? != route {
+                        return Err(mixed());
+                    }
+                }
+            }
+            match (routed, route) {
+                (None, _) | (Some(Route::Direct(_)), Route::Direct(_)) => {}
+                (Some(Route::Staged(a)), Route::Staged(b)) if a == b => {}
+                _ => return Err(mixed()),
+            }
+            routed.get_or_insert(route);
+            if let Route::Direct(mr) = route {
+                inner.push(MrRun { segs: run.segs, mr });
             }
         }
+        let route = routed.ok_or_else(|| Error::invalid("a vectored request needs at least one segment"))?;
         let (total, slot_size) = (iov.iter().map(|s| s.len).sum::<usize>(), self.setup.params.slot_size);
         if route.staged() && total > slot_size {
             return Err(Error::invalid(format!(
@@ -301,4 +315,8 @@ impl Staging {
         drop(pool);
         count(&COUNTS.freed, freed.len() + usize::from(self.ring.is_some()));
     }
+}
+
+fn mixed() -> Error {
+    Error::invalid("the segments of one request lie in host memory and GPU memory, or on two GPUs")
 }

@@ -20,7 +20,7 @@ use super::regions::{Route, Staging};
 use super::setup::{Setup, StickyFailure};
 use crate::error::{Error, Result};
 use crate::trace::{StageMark as Mark, StagedChunk as ChunkTrace, StagedComm as CommTracer, clock_ns};
-use crate::transport::{IoSeg, MemKind, MrHandle, RequestId, SendComm};
+use crate::transport::{IoSeg, MemKind, MrHandle, MrRun, RequestId, SendComm};
 
 #[derive(Clone, Copy, Debug)]
 enum Stage {
@@ -41,6 +41,8 @@ struct Request {
     stage: Stage,
     /// A vectored request's segments (its stage's address is the first one's); `None` for one buffer.
     segs: Option<Vec<IoSeg>>,
+    /// A host vector's runs of registrations with the inner comm (empty otherwise).
+    runs: Vec<MrRun>,
     trace: Option<ChunkTrace>,
 }
 
@@ -159,7 +161,7 @@ impl StagedSendComm {
             let posted = match (&req.segs, slot) {
                 // SAFETY: host segments stay valid until this request is reported done (isendv's
                 // contract).
-                (Some(segs), None) => unsafe { self.inner.isendv(segs, mr)? },
+                (Some(segs), None) => unsafe { self.inner.isendv(segs, &req.runs)? },
                 // SAFETY: host data stays valid until this request is reported done (the caller's
                 // isend contract); a slot stays ours until then too.
                 _ => unsafe { self.inner.isend(addr as *const u8, len, mr)? },
@@ -175,9 +177,10 @@ impl StagedSendComm {
         Ok(())
     }
 
-    fn post(&mut self, route: Route, iov: &[IoSeg]) -> Result<Option<RequestId>> {
+    fn post(&mut self, route: Route, iov: &[IoSeg], runs: Vec<MrRun>) -> Result<Option<RequestId>> {
         let (addr, len) = (iov[0].addr, iov.iter().map(|s| s.len).sum::<usize>());
         let segs = (iov.len() > 1).then(|| iov.to_vec());
+        let runs = if segs.is_some() && !route.staged() { runs } else { Vec::new() };
         let stage = match route {
             Route::Direct(mr) => Stage::Waiting { addr, mr },
             Route::Staged(device) => {
@@ -187,7 +190,7 @@ impl StagedSendComm {
             }
         };
         let trace = self.tracer.as_mut().map(|t| t.posted(len, route.staged()));
-        self.queue.push_back(Request { len, stage, segs, trace });
+        self.queue.push_back(Request { len, stage, segs, runs, trace });
         let id = RequestId(self.posted);
         self.posted += 1;
         self.advance()?;
@@ -242,25 +245,27 @@ impl SendComm for StagedSendComm {
     }
 
     unsafe fn isend(&mut self, data: *const u8, len: usize, mr: MrHandle) -> Result<Option<RequestId>> {
+        let one = [IoSeg { addr: data as usize, len }];
         // SAFETY: per the contract.
-        unsafe { self.isendv(&[IoSeg { addr: data as usize, len }], mr) }
+        unsafe { self.isendv(&one, &MrRun::all(&one, mr)) }
     }
 
     /// A device request is gathered into its slot (by the segment kernel when its segments are
     /// many and small, else with one copy per segment); a host one goes to the inner comm as it is.
-    unsafe fn isendv(&mut self, iov: &[IoSeg], mr: MrHandle) -> Result<Option<RequestId>> {
+    unsafe fn isendv(&mut self, iov: &[IoSeg], mrs: &[MrRun]) -> Result<Option<RequestId>> {
         self.failure.check()?;
         if self.queue.len() >= self.staging.setup.max_requests {
             return Ok(None);
         }
-        let route = self.staging.route_segments(mr, iov)?;
+        let mut runs = Vec::new();
+        let route = self.staging.route_segments(mrs, iov, &mut runs)?;
         if let Route::Staged(device) = route
             && self.staging.ring(&mut self.inner, device)?.peek().is_none()
         {
             return Ok(None);
         }
         let entered = self.enter(false);
-        let posted = self.post(route, iov);
+        let posted = self.post(route, iov, runs);
         self.exit(entered);
         self.failure.keep(posted)
     }

@@ -7,7 +7,7 @@ use super::*;
 use crate::error::UcclStatus;
 use crate::transport::socket::writes_back;
 use crate::transport::testutil::{loopback_socket_net, pair, receive_counting_write_back, until, written_back_alone};
-use crate::transport::{MemKind, MrHandle, RequestId};
+use crate::transport::{MemKind, MrHandle, MrRun, RequestId};
 
 fn staged() -> Arc<dyn Net> {
     StagedNet::wrap(Arc::new(loopback_socket_net()), StagingParams::new(64 << 10, 4)).unwrap()
@@ -200,30 +200,37 @@ fn vectored_host_requests_pass_through_to_the_inner_comm() {
     assert!(net.caps().vectored, "the socket transport's vectored requests survive staging");
     let (mut tx, mut rx) = pair(net.as_ref());
     let src: Vec<u8> = (0..50_000).map(|i| (i % 251) as u8).collect();
-    let mut dst = vec![0u8; 60_000];
+    let src2: Vec<u8> = (0..9_000).map(|i| (i % 13) as u8 + 1).collect();
+    let (mut dst, mut dst2) = (vec![0u8; 60_000], vec![0u8; 8_000]);
     let smr = tx.reg_mr(src.as_ptr() as usize, src.len(), MemKind::Host).unwrap();
+    let smr2 = tx.reg_mr(src2.as_ptr() as usize, src2.len(), MemKind::Host).unwrap();
     let rmr = rx.reg_mr(dst.as_mut_ptr() as usize, dst.len(), MemKind::Host).unwrap();
-    let base = src.as_ptr() as usize;
-    let send = [
-        crate::transport::IoSeg { addr: base + 40_000, len: 10_000 },
-        crate::transport::IoSeg { addr: base, len: 30_000 },
-    ];
-    let dbase = dst.as_mut_ptr() as usize;
-    let recv = [
-        crate::transport::IoSeg { addr: dbase + 100, len: 20_000 },
-        crate::transport::IoSeg { addr: dbase + 30_000, len: 20_000 },
-    ];
-    // SAFETY: both buffers outlive the requests (tested to completion below).
-    let r = unsafe { rx.irecvv(&recv, rmr) }.unwrap().unwrap();
+    let rmr2 = rx.reg_mr(dst2.as_mut_ptr() as usize, dst2.len(), MemKind::Host).unwrap();
+    let seg = |addr, len| crate::transport::IoSeg { addr, len };
+    let (base, base2) = (src.as_ptr() as usize, src2.as_ptr() as usize);
+    // Three segments in two registrations (runs of 2 and 1) on the sender, three in two
+    // registrations (runs of 1 and 2) on the receiver.
+    let send = [seg(base + 40_000, 10_000), seg(base, 30_000), seg(base2 + 1_000, 8_000)];
+    let send_runs = [MrRun { segs: 2, mr: smr }, MrRun { segs: 1, mr: smr2 }];
+    let (dbase, dbase2) = (dst.as_mut_ptr() as usize, dst2.as_mut_ptr() as usize);
+    let recv = [seg(dbase2, 6_000), seg(dbase + 100, 20_000), seg(dbase + 30_000, 22_000)];
+    let recv_runs = [MrRun { segs: 1, mr: rmr2 }, MrRun { segs: 2, mr: rmr }];
+    // SAFETY: refused before anything is posted.
+    let uncovered = unsafe { tx.isendv(&send, &send_runs[..1]) }.unwrap_err();
+    assert_eq!(uncovered.status(), UcclStatus::ErrInvalidParam, "{uncovered}");
+    assert!(uncovered.message().contains("cover 2 of its 3 segments"), "{uncovered}");
+    // SAFETY: the buffers outlive the requests (tested to completion below).
+    let r = unsafe { rx.irecvv(&recv, &recv_runs) }.unwrap().unwrap();
     // SAFETY: as above.
-    let s = unsafe { tx.isendv(&send, smr) }.unwrap().unwrap();
-    assert_eq!(until(|| tx.test(s)).unwrap(), 40_000);
-    assert_eq!(until(|| rx.test(r)).unwrap(), 40_000);
+    let s = unsafe { tx.isendv(&send, &send_runs) }.unwrap().unwrap();
+    assert_eq!(until(|| tx.test(s)).unwrap(), 48_000);
+    assert_eq!(until(|| rx.test(r)).unwrap(), 48_000);
     rx.irecv_consumed(r).unwrap();
-    let sent: Vec<u8> = [&src[40_000..50_000], &src[..30_000]].concat();
-    let got: Vec<u8> = [&dst[100..20_100], &dst[30_000..50_000]].concat();
+    let sent: Vec<u8> = [&src[40_000..50_000], &src[..30_000], &src2[1_000..]].concat();
+    let got: Vec<u8> = [&dst2[..6_000], &dst[100..20_100], &dst[30_000..52_000]].concat();
     assert!(got == sent);
-    assert!(dst[..100].iter().chain(&dst[20_100..30_000]).all(|&b| b == 0), "gaps untouched");
+    assert!(dst[..100].iter().chain(&dst[20_100..30_000]).chain(&dst[52_000..]).all(|&b| b == 0), "gaps untouched");
+    assert!(dst2[6_000..].iter().all(|&b| b == 0));
 }
 
 /// The ring's host range is written back from the caches by the inner receive comm (with the

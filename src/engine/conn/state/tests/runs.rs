@@ -72,16 +72,29 @@ fn a_read_over_several_regions_is_one_request_and_one_flow_back() {
 }
 
 #[test]
-fn chunks_of_a_flow_over_several_regions_stay_in_their_runs() {
-    // Runs of 4 x about 20,000 bytes against chunks of 64 KiB: two chunks a run, where the same
-    // bytes in one region would take eight.
+fn chunks_of_a_flow_over_several_regions_are_cut_as_its_bytes_in_one_region() {
+    // Runs of 4 x about 20,000 bytes against chunks of 64 KiB: chunks cross from run to run, as
+    // many as the same bytes in one region take (two a run when cut per run).
     let (mut a, mut b) = (End::new(), End::new());
     let layout = Layout::new(&a, &b, 6, 4, 0, 0);
     a.one_sided_in(true, &layout.items(), true);
     let plan = a.sending.values().next().unwrap();
-    let chunks: Vec<_> = plan::plan(plan.flow, &[7], &plan.extent, a.st.chunking(), plan.seq).collect();
-    assert_eq!(chunks.iter().map(|(_, run, _)| *run).collect::<Vec<_>>(), [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]);
+    let regions: Vec<u64> = (1..=6).collect();
+    let chunks: Vec<_> = plan::plan(plan.flow, &regions, &plan.extent, a.st.chunking(), plan.seq).collect();
+    let size = plan::flow_chunk(plan.extent.len(), a.st.chunking()) as u64;
+    assert_eq!(chunks.len() as u64, plan.extent.len().div_ceil(size));
+    assert!(chunks.len() < 12, "{} chunks", chunks.len());
     assert_eq!(chunks.len(), chunk_count(&plan.extent, a.st.chunking()));
+    assert!(chunks.iter().any(|(_, runs, _)| runs.len() > 1), "some chunk crosses from one run into the next");
+    // Each chunk starts in the run the one before ended in, or in the next; the last ends in run 5.
+    let mut end = 1;
+    for (_, runs, chunk) in &chunks {
+        assert!(runs.start == end - 1 || runs.start == end, "{runs:?} after a chunk ending in run {}", end - 1);
+        assert_eq!(chunk.region, regions[runs.start]);
+        assert_eq!(chunk.regions().map(|(r, _)| r).collect::<Vec<_>>(), regions[runs.clone()]);
+        end = runs.end;
+    }
+    assert_eq!(end, 6);
     assert!(matches!(&plan.region, Some(Regions::Runs(r)) if r.len() == 6));
     pump(&mut a, &mut b);
 }
