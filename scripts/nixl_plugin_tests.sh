@@ -18,6 +18,7 @@
 # build.
 #
 # usage: scripts/nixl_plugin_tests.sh [--nixl VERSION] [--cuda 12|13] [--wheel WHEEL] [--unsupported]
+#                                     [--example]
 #   --nixl VERSION  the NIXL wheel to test against (default 1.4.0, the version the plugin is built for)
 #   --wheel WHEEL   test the plugin the Python wheel installs (scripts/python_tests.sh builds it into
 #                   target/python-wheels/), found through its `uccl-tcpx-nixl-plugin-dir` console
@@ -25,6 +26,9 @@
 #   --unsupported   run the plugin against a NIXL version it is not built for (to find out whether
 #                   that version keeps the layout); without it such a version stops at the refusal,
 #                   exit status 3
+#   --example       also run examples/disaggregated on the CPU (a tiny Llama model, prefill and
+#                   decode processes, tokens checked): installs torch and transformers into the
+#                   environment first (about 3 GB from PyPI, a minute or two) and removes them after
 # env: NIXL_PLUGIN_TESTS_DIR  work directory (default target/nixl-plugin)
 # Needs cargo, cmake, g++ (C++20), python3 with venv and pip, and PyPI.
 set -euo pipefail
@@ -32,6 +36,7 @@ set -euo pipefail
 nixl_version=1.4.0
 cuda=12
 unsupported=0
+example=0
 wheel=
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -39,6 +44,7 @@ while [[ $# -gt 0 ]]; do
   --cuda) cuda="$2"; shift 2 ;;
   --wheel) wheel="$(realpath -- "$2")"; shift 2 ;;
   --unsupported) unsupported=1; shift ;;
+  --example) example=1; shift ;;
   *) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2 ;;
   esac
 done
@@ -165,3 +171,13 @@ NIXL_PLUGIN_DIR="$plugin_dir" "$venv/bin/python" "$repo/scripts/doc_snippets.py"
 
 echo "== the serving stacks' NIXL call patterns (scripts/serving/run.py), host memory"
 NIXL_PLUGIN_DIR="$plugin_dir" timeout 600 "$venv/bin/python" "$repo/scripts/serving/run.py"
+
+if ((example)); then
+  echo "== a real model, prefill and decode processes over TCPX (examples/disaggregated), CPU"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir \
+    "torch==${EXAMPLE_TORCH_VERSION:-2.15.0}" "transformers==${EXAMPLE_TRANSFORMERS_VERSION:-5.24.0}"
+  NIXL_PLUGIN_DIR="$plugin_dir" timeout 900 "$venv/bin/python" "$repo/examples/disaggregated/disagg.py" --device cpu
+  # Gigabytes of CUDA libraries nothing after this uses.
+  "$venv/bin/python" -m pip freeze | grep -E '^(torch|transformers|triton|nvidia-[^=]*|cuda-[^=]*)==' |
+    cut -d= -f1 | xargs -r "$venv/bin/python" -m pip uninstall -y -q
+fi

@@ -32,7 +32,9 @@ scripts/sanitize.sh
 scripts/python_tests.sh
 # The NIXL plugin against the stock nixl-cu12 wheels from PyPI: as the Python wheel just built
 # installs it, for each NIXL version it is built for; and as cmake/install.sh installs it.
+# The newer one also runs the real-model example on the CPU (examples/disaggregated).
 for nixl in 1.4.0 1.5.1; do
-  scripts/nixl_plugin_tests.sh --nixl "$nixl" --wheel "$(ls target/python-wheels/uccl_tcpx-*.whl)"
+  scripts/nixl_plugin_tests.sh --nixl "$nixl" --wheel "$(ls target/python-wheels/uccl_tcpx-*.whl)" \
+    $([[ $nixl == 1.5.1 ]] && echo --example)
 done
 scripts/nixl_plugin_tests.sh
