@@ -294,11 +294,16 @@ impl Channel {
                 Ok(Mrs::One(window(self, region, at)?))
             }
             _ => {
-                let mut mrs = Vec::new();
-                for (id, first) in chunk.regions() {
-                    let region = regions.iter().find(|r| r.id == id).ok_or_else(|| {
-                        Error::backend(format!("internal: a chunk of region {id} was queued without it"))
-                    })?;
+                let mut mrs = Vec::with_capacity(regions.len());
+                for (k, (id, first)) in chunk.regions().enumerate() {
+                    // `regions` are the chunk's runs' in order: the k-th is the one, unless a run
+                    // had no byte in the chunk.
+                    let region = match regions.get(k) {
+                        Some(r) if r.id == id => r,
+                        _ => regions.iter().find(|r| r.id == id).ok_or_else(|| {
+                            Error::backend(format!("internal: a chunk of region {id} was queued without it"))
+                        })?,
+                    };
                     let at = self.windows.locate(region.base, region.len, first.addr, first.len)?;
                     mrs.push(window(self, region, at)?);
                 }
