@@ -77,7 +77,8 @@ pub fn run(args: &Args, server: IpAddr, port: u16) -> Io<()> {
         "# uccl-tcpx-bench --scale: one engine per process (c: the connecting client, s: the accepting server), \
          {} channels x {} sockets per comm, {} helper threads per direction and engine; idle CPU over {idle:?}; \
          busy: every connection writes {} of {} at once, repeated for at least 1 s after untimed rounds (more \
-         while they make staging rings); rings: staging rings made and not freed; GPU MiB: the GPU's memory in \
+         while they make staging rings); free: each connection writing back to back on its own for 1 s, \
+         each/mean: the slowest and the fastest connection's writes over the mean; rings: staging rings made and not freed; GPU MiB: the GPU's memory in \
          use, every process's",
         engine.num_channels(),
         config.socket.sockets_per_comm(),
@@ -86,7 +87,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16) -> Io<()> {
         src.describe()
     );
     sayln!(
-        "{:>6} {:>11} {:>8} {:>11} {:>13} {:>13} {:>9} {:>15} {:>13} {:>13} {:>15} {:>9} {:>13}",
+        "{:>6} {:>11} {:>8} {:>11} {:>13} {:>13} {:>9} {:>15} {:>13} {:>13} {:>15} {:>9} {:>13} {:>9} {:>11}",
         "conns",
         "connect ms",
         "ms/conn",
@@ -99,7 +100,9 @@ pub fn run(args: &Args, server: IpAddr, port: u16) -> Io<()> {
         "%/conn c/s",
         "wakeups/s c/s",
         "busy GB/s",
-        "CPU s/GB c/s"
+        "CPU s/GB c/s",
+        "free GB/s",
+        "each/mean"
     );
     let mut conns: Vec<Arc<Connection>> = Vec::new();
     let host = server.to_string();
@@ -179,7 +182,8 @@ fn step(
             sayln!("# {end}'s figures at {n} connections: {why}");
         }
     }
-    Ok(Row { conns: n, connect, added, idle, client: (c0, c1), server: (s0, s1), busy_gbs, busy_cpu })
+    let free = free_running(conns, op)?;
+    Ok(Row { conns: n, connect, added, idle, client: (c0, c1), server: (s0, s1), busy_gbs, busy_cpu, free })
 }
 
 fn server_stats(ctl: &mut Ctl) -> Io<Reading> {
@@ -204,6 +208,7 @@ struct Row {
     busy_gbs: f64,
     /// CPU seconds per GB written while busy, each process, where its figures could be read.
     busy_cpu: (Option<f64>, Option<f64>),
+    free: Free,
 }
 
 impl Row {
@@ -221,7 +226,7 @@ impl Row {
         let num = |v: Option<f64>, digits: usize| v.map(|v| format!("{v:.digits$}"));
         let per_conn = |v: Option<f64>| num(v.map(|v| v / self.conns as f64), 4);
         format!(
-            "{:>6} {:>11.1} {:>8.2} {:>11} {:>13} {:>13} {:>9} {:>15} {:>13} {:>13} {:>15} {:>9.2} {:>13}",
+            "{:>6} {:>11.1} {:>8.2} {:>11} {:>13} {:>13} {:>9} {:>15} {:>13} {:>13} {:>15} {:>9.2} {:>13} {:>9.2} {:>11}",
             self.conns,
             self.connect.as_secs_f64() * 1e3,
             per_conn_ms,
@@ -234,7 +239,9 @@ impl Row {
             pair(per_conn(cc), per_conn(sc)),
             pair(num(wakeups(&self.client), 0), num(wakeups(&self.server), 0)),
             self.busy_gbs,
-            pair(num(self.busy_cpu.0, 2), num(self.busy_cpu.1, 2))
+            pair(num(self.busy_cpu.0, 2), num(self.busy_cpu.1, 2)),
+            self.free.gbs,
+            self.free.spread.map_or_else(|| "n/a".into(), |(lo, hi)| format!("{lo:.2}-{hi:.2}"))
         )
     }
 }
@@ -255,6 +262,46 @@ fn write_all(conns: &[Arc<Connection>], op: &OneSided) -> Io<()> {
         c.wait(id).map_err(|e| other(format!("write: {e}")))?;
     }
     Ok(())
+}
+
+/// Every connection writing back to back on its own for a second: the aggregate, and the writes
+/// of the slowest and the fastest connection as shares of the mean. The busy phase's rounds wait
+/// for their slowest write, which hides a connection starved by the others; here none waits.
+struct Free {
+    gbs: f64,
+    /// None when no write finished within the second.
+    spread: Option<(f64, f64)>,
+}
+
+fn free_running(conns: &[Arc<Connection>], op: &OneSided) -> Io<Free> {
+    let post = |c: &Connection| c.write(std::slice::from_ref(op)).map_err(|e| other(format!("write post: {e}")));
+    let mut posted = conns.iter().map(|c| post(c)).collect::<Io<Vec<u64>>>()?;
+    let mut done = vec![0u64; conns.len()];
+    let start = Instant::now();
+    // One thread polls every connection in turn, so no connection gets ahead by its thread
+    // being scheduled more often.
+    while start.elapsed() < Duration::from_secs(1) {
+        let mut moved = false;
+        for (i, c) in conns.iter().enumerate() {
+            if c.poll(posted[i]).map_err(|e| other(format!("write: {e}")))?.is_some() {
+                done[i] += 1;
+                posted[i] = post(c)?;
+                moved = true;
+            }
+        }
+        if !moved {
+            std::thread::yield_now();
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    for (c, id) in conns.iter().zip(posted) {
+        c.wait(id).map_err(|e| other(format!("write: {e}")))?;
+    }
+    let total: u64 = done.iter().sum();
+    let mean = total as f64 / conns.len() as f64;
+    let (min, max) = (done.iter().min().copied().unwrap_or(0), done.iter().max().copied().unwrap_or(0));
+    let spread = (total > 0).then(|| (min as f64 / mean, max as f64 / mean));
+    Ok(Free { gbs: total as f64 * op.len as f64 / secs / 1e9, spread })
 }
 
 /// The untimed rounds before the busy phase's clock starts: at least one, and more while a round
@@ -422,18 +469,46 @@ mod tests {
             server: (stats(10, 40, 0), stats(10, 41, 20_000)),
             busy_gbs: 1.5,
             busy_cpu: (Some(0.5), Some(0.25)),
+            free: Free { gbs: 1.25, spread: Some((0.9, 1.1)) },
         };
         let words = |row: &Row| row.line().split_whitespace().map(str::to_owned).collect::<Vec<_>>();
         assert_eq!(
             words(&row)[3..],
-            ["9/10", "31/41", "2.0/2.0", "3/3", "5/5", "1.00/2.00", "0.5000/1.0000", "0/0", "1.50", "0.50/0.25"]
+            [
+                "9/10",
+                "31/41",
+                "2.0/2.0",
+                "3/3",
+                "5/5",
+                "1.00/2.00",
+                "0.5000/1.0000",
+                "0/0",
+                "1.50",
+                "0.50/0.25",
+                "1.25",
+                "0.90-1.10"
+            ]
         );
         row.client.1 = Err("listing /proc/self/fd: Too many open files".into());
         row.busy_cpu.0 = None;
+        row.free.spread = None;
         let failed = words(&row);
         assert_eq!(
             failed[3..],
-            ["n/a/10", "n/a/41", "n/a/2.0", "n/a/3", "n/a/5", "n/a/2.00", "n/a/1.0000", "n/a/0", "1.50", "n/a/0.25"]
+            [
+                "n/a/10",
+                "n/a/41",
+                "n/a/2.0",
+                "n/a/3",
+                "n/a/5",
+                "n/a/2.00",
+                "n/a/1.0000",
+                "n/a/0",
+                "1.50",
+                "n/a/0.25",
+                "1.25",
+                "n/a"
+            ]
         );
     }
 }

@@ -168,7 +168,8 @@ fn help_goes_to_stdout_and_succeeds() {
     assert!(help.contains("Usage: uccl-tcpx-bench [OPTIONS]") && help.contains("--split-cores"), "{help}");
 }
 
-/// `--scale`: a row per connection count, each with both processes' figures and a busy rate, and
+/// `--scale`: a row per connection count, each with both processes' figures, a busy rate and the
+/// free-running one with the slowest and fastest connection's share, and
 /// the same transport threads at 1 and at 3 connections (the helpers are shared; one per direction
 /// here, and one control reactor thread, so that the first connection already starts all of them
 /// on any host).
@@ -189,12 +190,20 @@ fn scale_run_prints_a_row_per_connection_count() {
         .collect();
     assert_eq!(rows.iter().map(|r| r[0]).collect::<Vec<_>>(), ["1", "3"], "{stdout}");
     for r in &rows {
-        assert_eq!(r.len(), 13, "{r:?}");
+        assert_eq!(r.len(), 15, "{r:?}");
         assert_eq!((r[6], r[7]), ("0/0", "-/-"), "host memory: no staging ring, no GPU: {r:?}");
         let threads: Vec<usize> = r[3].split('/').map(|t| t.parse().unwrap()).collect();
         let fds: Vec<usize> = r[4].split('/').map(|t| t.parse().unwrap()).collect();
         assert!(threads.iter().all(|&t| t > 1) && fds.iter().all(|&f| f > 3), "{r:?}");
         assert!(r[11].parse::<f64>().unwrap() > 0.0, "busy GB/s in {r:?}");
+        // Free-running: an aggregate rate, and the slowest and fastest connection around the mean.
+        assert!(r[13].parse::<f64>().unwrap() >= 0.0, "free GB/s in {r:?}");
+        if let Some((slowest, fastest)) = r[14].split_once('-') {
+            let (slowest, fastest): (f64, f64) = (slowest.parse().unwrap(), fastest.parse().unwrap());
+            assert!(slowest <= 1.0 && fastest >= 1.0, "each/mean in {r:?}");
+        } else {
+            assert_eq!(r[14], "n/a", "each/mean in {r:?}");
+        }
     }
     let threads = |r: &Vec<&str>| r[3].split('/').map(|t| t.parse::<usize>().unwrap()).collect::<Vec<_>>();
     // More connections add no thread: the engine's one control reactor thread serves every control
