@@ -2,12 +2,14 @@
 //! fails `init` with a message naming the variable. The few TCPX variables the fake honours
 //! (`NCCL_NSOCKS_PERTHREAD`, `NCCL_SOCKET_NTHREADS`,
 //! `NCCL_GPUDIRECTTCPX_PROGRAM_FLOW_STEERING_WAIT_MICROS`) are read as TCPX reads them: a value out
-//! of range falls back to the default instead of failing.
+//! of range falls back to the default instead of failing. `FAKE_TCPX_PLUGIN_KIND` is read here too,
+//! to be checked against the kind the library was loaded as (`profile.rs`).
 
 use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::fail::{Fail, Result};
+use crate::profile::{self, Kind};
 use crate::topology::{self, NicSpec};
 
 /// The pool of a GPU by default, MiB. TCPX's is 4 GiB per GPU (RxDM's `RX_POOL_SIZE`); this is
@@ -87,12 +89,16 @@ const TCPX_STEERING_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// `FAKE_TCPX_PLUGIN_KIND`: the plugin the fake stands in for.
+    pub kind: Kind,
     /// `FAKE_TCPX_NDEV`: devices with devmem in the default topology (its own default when unset).
     pub devices: Option<usize>,
     /// `FAKE_TCPX_TOPOLOGY`, which replaces the default topology.
     pub topology: Option<Vec<NicSpec>>,
-    /// `NCCL_GPUDIRECTTCPX_SOCKET_IFNAME`, TCPX's interface list.
-    pub ifname: Option<String>,
+    /// The plugin's interface list and the variable it came from: TCPX's
+    /// `NCCL_GPUDIRECTTCPX_SOCKET_IFNAME`; TCPXO's `NCCL_FASTRAK_IFNAME`, else
+    /// `NCCL_FASTRAK_SOCKET_IFNAME`.
+    pub ifname: Option<(&'static str, String)>,
     pub ip: IpAddr,
     pub mode: Mode,
     pub gpu_copy: GpuCopy,
@@ -124,6 +130,7 @@ impl Config {
 
     pub fn parse(var: impl Fn(&str) -> Option<String>) -> Result<Config> {
         let get = |name: &str| var(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+        let kind = Kind::parse(get(profile::VAR).as_deref()).map_err(Fail::internal)?;
         let devices = match get("FAKE_TCPX_NDEV") {
             Some(_) => Some(number(&get, "FAKE_TCPX_NDEV", 0, 1, MAX_DEVMEM_DEVICES)? as usize),
             None => None,
@@ -137,8 +144,7 @@ impl Config {
             Some(v) => Some(topology::parse(&v).map_err(|why| Fail::internal(format!("FAKE_TCPX_TOPOLOGY: {why}")))?),
             None => None,
         };
-        // As TCPX reads it (misc/socket_utils.cc): a value of one character counts as unset.
-        let ifname = get("NCCL_GPUDIRECTTCPX_SOCKET_IFNAME").filter(|v| v.len() > 1);
+        let ifname = interface_list(kind, &get);
         let ip = match get("FAKE_TCPX_IP") {
             None => IpAddr::from([127, 0, 0, 1]),
             Some(v) => v.parse().map_err(|_| bad("FAKE_TCPX_IP", &v, "an IPv4 or IPv6 address"))?,
@@ -181,15 +187,20 @@ impl Config {
         };
         let host_recv_allowed = choice(&get, "FAKE_TCPX_HOST_RECV", ("fail", "allow"))?;
         let thread_check = !choice(&get, "FAKE_TCPX_THREAD_CHECK", ("on", "off"))?;
-        let socket_delay = Duration::from_millis(number(&get, "FAKE_TCPX_SOCKET_DELAY_MS", 100, 0, 10_000)?);
-        let steering_wait = match get("FAKE_TCPX_STEERING_WAIT_MS") {
-            Some(_) => Duration::from_millis(number(&get, "FAKE_TCPX_STEERING_WAIT_MS", 0, 0, 600_000)?),
-            None => tcpx_steering_wait(get("NCCL_GPUDIRECTTCPX_PROGRAM_FLOW_STEERING_WAIT_MICROS")),
+        // TCPXO's setup time is its transfer service's, which nothing in its source fixes: none by
+        // default there.
+        let delay_default = if kind == Kind::Tcpx { 100 } else { 0 };
+        let socket_delay = Duration::from_millis(number(&get, "FAKE_TCPX_SOCKET_DELAY_MS", delay_default, 0, 10_000)?);
+        let steering_wait = match (get("FAKE_TCPX_STEERING_WAIT_MS"), kind) {
+            (Some(_), _) => Duration::from_millis(number(&get, "FAKE_TCPX_STEERING_WAIT_MS", 0, 0, 600_000)?),
+            (None, Kind::Tcpx) => tcpx_steering_wait(get("NCCL_GPUDIRECTTCPX_PROGRAM_FLOW_STEERING_WAIT_MICROS")),
+            (None, Kind::Tcpxo) => Duration::ZERO,
         };
         let data_sockets = tcpx_data_sockets(get("NCCL_NSOCKS_PERTHREAD"), get("NCCL_SOCKET_NTHREADS"));
         let same_host_allowed = choice(&get, "FAKE_TCPX_SAME_HOST", ("fatal", "allow"))?;
         let trace = choice(&get, "FAKE_TCPX_DEBUG", ("0", "1"))?;
         Ok(Config {
+            kind,
             devices,
             topology,
             ifname,
@@ -208,6 +219,17 @@ impl Config {
             same_host_allowed,
             trace,
         })
+    }
+}
+
+/// The plugin's interface list. TCPX (`misc/socket_utils.cc`): a value of one character counts as
+/// unset. TCPXO: `NCCL_FASTRAK_IFNAME` when set (`fo/common.cc` `initializeNetIfs` L68), else
+/// `NCCL_FASTRAK_SOCKET_IFNAME` longer than one character (`fo/utilities.h` `findInterfaces` L464).
+fn interface_list(kind: Kind, get: &impl Fn(&str) -> Option<String>) -> Option<(&'static str, String)> {
+    let named = |name: &'static str, min: usize| get(name).filter(|v| v.len() >= min).map(|v| (name, v));
+    match kind {
+        Kind::Tcpx => named("NCCL_GPUDIRECTTCPX_SOCKET_IFNAME", 2),
+        Kind::Tcpxo => named("NCCL_FASTRAK_IFNAME", 1).or_else(|| named("NCCL_FASTRAK_SOCKET_IFNAME", 2)),
     }
 }
 
@@ -288,6 +310,7 @@ mod tests {
     #[test]
     fn defaults() {
         let c = parse(&[]).unwrap();
+        assert_eq!(c.kind, Kind::Tcpx);
         assert_eq!((c.devices, &c.topology, &c.ifname), (None, &None, &None));
         assert_eq!(c.mode, Mode::Host);
         assert_eq!(c.gpu_copy, GpuCopy::Kernel);
@@ -330,14 +353,39 @@ mod tests {
     }
 
     #[test]
+    fn tcpxo_reads_its_own_interface_list_and_spends_no_setup_time() {
+        let tcpxo = |pairs: &[(&str, &str)]| {
+            let mut all = vec![("FAKE_TCPX_PLUGIN_KIND", "tcpxo")];
+            all.extend_from_slice(pairs);
+            parse(&all).unwrap()
+        };
+        let c = tcpxo(&[]);
+        assert_eq!(
+            (c.kind, c.setup.socket_delay, c.setup.steering_wait),
+            (Kind::Tcpxo, Duration::ZERO, Duration::ZERO)
+        );
+        assert_eq!(tcpxo(&[("NCCL_GPUDIRECTTCPX_SOCKET_IFNAME", "eth1")]).ifname, None, "TCPX's list");
+        let fastrak = tcpxo(&[("NCCL_FASTRAK_IFNAME", "e"), ("NCCL_FASTRAK_SOCKET_IFNAME", "eth2")]).ifname;
+        assert_eq!(fastrak, Some(("NCCL_FASTRAK_IFNAME", "e".to_owned())), "first, and any length");
+        let socket = tcpxo(&[("NCCL_FASTRAK_SOCKET_IFNAME", "eth2")]).ifname;
+        assert_eq!(socket, Some(("NCCL_FASTRAK_SOCKET_IFNAME", "eth2".to_owned())));
+        assert_eq!(tcpxo(&[("NCCL_FASTRAK_SOCKET_IFNAME", "e")]).ifname, None, "too short");
+        assert_eq!(tcpxo(&[("FAKE_TCPX_SOCKET_DELAY_MS", "5")]).setup.socket_delay, Duration::from_millis(5));
+    }
+
+    #[test]
     fn values_and_errors() {
         let c = parse(&[("FAKE_TCPX_FAULT", "drop:3"), ("FAKE_TCPX_NDEV", "4"), ("FAKE_TCPX_SEED", "0x10")]).unwrap();
         assert_eq!(c.fault, Fault::Drop(3));
         assert_eq!(c.devices, Some(4));
         let t = parse(&[("FAKE_TCPX_TOPOLOGY", "eth9 /sys/devices/pci0000:01/0000:01:00.0 *")]).unwrap();
         assert_eq!(t.topology.unwrap()[0].name, "eth9");
-        assert_eq!(parse(&[("NCCL_GPUDIRECTTCPX_SOCKET_IFNAME", "eth1")]).unwrap().ifname.as_deref(), Some("eth1"));
-        assert_eq!(parse(&[("NCCL_GPUDIRECTTCPX_SOCKET_IFNAME", "e")]).unwrap().ifname, None, "too short for TCPX");
+        let list = |pairs: &[(&str, &str)]| parse(pairs).unwrap().ifname.map(|(var, v)| format!("{var}={v}"));
+        assert_eq!(
+            list(&[("NCCL_GPUDIRECTTCPX_SOCKET_IFNAME", "eth1")]).unwrap(),
+            "NCCL_GPUDIRECTTCPX_SOCKET_IFNAME=eth1"
+        );
+        assert_eq!(list(&[("NCCL_GPUDIRECTTCPX_SOCKET_IFNAME", "e")]), None, "too short for TCPX");
         assert_eq!(c.seed, 16);
         assert_eq!(parse(&[("FAKE_TCPX_GPU_COPY", "each")]).unwrap().gpu_copy, GpuCopy::Each);
         assert_eq!(parse(&[("FAKE_TCPX_GPU_COPY", "batch")]).unwrap().gpu_copy, GpuCopy::Batch);
@@ -347,6 +395,7 @@ mod tests {
         assert!(!parse(&[("FAKE_TCPX_THREAD_CHECK", "off")]).unwrap().thread_check);
         assert!(parse(&[("FAKE_TCPX_SAME_HOST", "allow")]).unwrap().same_host_allowed);
         assert!(parse(&[("FAKE_TCPX_DEBUG", "1")]).unwrap().trace);
+        assert_eq!(parse(&[("FAKE_TCPX_PLUGIN_KIND", "tcpxo")]).unwrap().kind, Kind::Tcpxo);
         let both =
             parse(&[("FAKE_TCPX_NDEV", "2"), ("FAKE_TCPX_TOPOLOGY", "eth1 /sys/devices/pci0000:01/0000:01:00.0")]);
         assert!(both.unwrap_err().msg.contains("both set"));
@@ -370,6 +419,7 @@ mod tests {
             ("FAKE_TCPX_STEERING_WAIT_MS", "-1"),
             ("FAKE_TCPX_SAME_HOST", "yes"),
             ("FAKE_TCPX_DEBUG", "yes"),
+            ("FAKE_TCPX_PLUGIN_KIND", "fastrak"),
         ] {
             let err = parse(&[(k, v)]).unwrap_err();
             assert!(err.msg.contains(k), "{k}={v}: {}", err.msg);

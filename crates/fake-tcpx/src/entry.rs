@@ -7,11 +7,12 @@ use uccl_tcpx::internal::ncclnet::{NCCL_INTERNAL_ERROR, NCCL_SUCCESS};
 
 use crate::fail::{Fail, Result};
 use crate::log;
+use crate::profile;
 use crate::threads::{self, Scope};
 
 /// Runs an entry point's body with the calling thread recorded inside `entry` on `scope` (computed
-/// first): a `Fail` becomes a WARN and its rc, a panic becomes rc 3 (a panic must never unwind into
-/// the C caller).
+/// first): a `Fail` becomes a WARN and its rc as the plugin stood in for reports it (`profile.rs`),
+/// a panic becomes rc 3 (a panic must never unwind into the C caller).
 pub fn guard(entry: &'static str, scope: impl FnOnce() -> Scope, body: impl FnOnce() -> Result<()>) -> c_int {
     let run = || {
         let _inside = threads::enter(entry, scope())?;
@@ -21,7 +22,7 @@ pub fn guard(entry: &'static str, scope: impl FnOnce() -> Scope, body: impl FnOn
         Ok(Ok(())) => NCCL_SUCCESS,
         Ok(Err(fail)) => {
             log::warn(&format!("{entry}: {}", fail.msg));
-            fail.rc
+            profile::kind().rc(fail.rc)
         }
         Err(panic) => {
             let what = panic

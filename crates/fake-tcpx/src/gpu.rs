@@ -123,12 +123,17 @@ pub fn bus_id(device: CUdevice) -> Result<String> {
     parsed.ok_or_else(|| Fail::internal(format!("cuDeviceGetPCIBusId({device}) gave {raw:?}")))
 }
 
-/// Every GPU of the host and where sysfs places it, in ordinal order.
-pub fn places() -> Result<Vec<GpuPlace>> {
+/// The GPUs the driver shows.
+pub fn count() -> Result<i32> {
     let mut count = 0;
     // SAFETY: writes one int; the driver was initialised by init.
     cuda("cuDeviceGetCount", unsafe { sys::cuDeviceGetCount(&mut count) })?;
-    (0..count)
+    Ok(count)
+}
+
+/// Every GPU of the host and where sysfs places it, in ordinal order.
+pub fn places() -> Result<Vec<GpuPlace>> {
+    (0..count()?)
         .map(|d| {
             let bus_id = bus_id(d)?;
             let sysfs = std::fs::canonicalize(format!("/sys/bus/pci/devices/{bus_id}"))

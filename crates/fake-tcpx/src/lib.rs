@@ -4,8 +4,12 @@
 //! UNPACK device handle, 16 requests per comm with receives held until `irecvConsumed`, progress only
 //! inside `test`, `test` valid only on the oldest request, `*size` never written, the sender's size
 //! replacing the receiver's, and received bytes scattered over a bounce pool described by
-//! `loadMeta` lists. Knobs and differences from TCPX: README.md of this crate.
+//! `loadMeta` lists. With `FAKE_TCPX_PLUGIN_KIND=tcpxo` it stands in for GPUDirect-TCPXO instead
+//! (`profile.rs`): a HOST device, no `irecvConsumed`, unbounded requests tested in any order, and
+//! received bytes written into the posted buffer. Knobs and differences: README.md of this crate.
 
+mod addresses;
+mod book;
 mod config;
 mod connect;
 mod entry;
@@ -16,12 +20,16 @@ mod gpu;
 mod handle;
 mod health;
 mod host;
+mod land;
+mod ledger;
+mod linear;
 mod listen;
 mod log;
 mod memory;
 mod mr;
 mod plugin;
 mod pool;
+mod profile;
 mod recv;
 mod registry;
 mod request;
@@ -32,6 +40,7 @@ mod threads;
 mod topology;
 mod wire;
 
+use std::cell::UnsafeCell;
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,16 +48,45 @@ use std::sync::{Arc, Mutex};
 use uccl_tcpx::internal::ncclnet::{NcclDebugLogger, NcclNetDeviceHandleV7, NcclNetPropertiesV7, NcclNetV7};
 use uccl_tcpx::internal::transport::Net;
 
+use book::Tested;
 use config::Mode;
 use entry::{guard, non_null};
 use fail::{Fail, Result};
+use profile::Kind;
 use registry::Object;
 use threads::Scope;
 
-/// The plugin table, a data symbol as in TCPX.
+/// The exported table: a data symbol, as in TCPX and TCPXO. It is TCPX's unless the library was
+/// loaded with `FAKE_TCPX_PLUGIN_KIND=tcpxo`, when the constructor below puts TCPXO's in its place
+/// before `dlopen` returns, so before any consumer can copy it.
+#[repr(transparent)]
+pub struct Table(UnsafeCell<NcclNetV7>);
+
+// SAFETY: written only by the load-time constructor, which runs before `dlopen` returns and so
+// before anything else can reach the table; read only after that.
+unsafe impl Sync for Table {}
+
 #[allow(non_upper_case_globals)]
 #[unsafe(no_mangle)]
-pub static ncclNetPlugin_v7: NcclNetV7 = NcclNetV7 {
+pub static ncclNetPlugin_v7: Table = Table(UnsafeCell::new(TCPX_TABLE));
+
+/// Runs when the library is loaded (`.init_array`): the one knob read before `init`.
+#[used]
+#[unsafe(link_section = ".init_array")]
+static SELECT_AT_LOAD: extern "C" fn() = select_at_load;
+
+extern "C" fn select_at_load() {
+    let value = std::env::var(profile::VAR).ok().map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+    // A malformed value leaves TCPX's table; init then fails naming the variable, as for any knob.
+    if let Ok(Kind::Tcpxo) = Kind::parse(value.as_deref()) {
+        profile::select(Kind::Tcpxo);
+        // SAFETY: nothing else can reach the table before `dlopen` returns (see `Table`).
+        unsafe { *ncclNetPlugin_v7.0.get() = TCPXO_TABLE };
+    }
+}
+
+/// TCPX's table (`nccl_plugin.cc`).
+const TCPX_TABLE: NcclNetV7 = NcclNetV7 {
     name: c"FakeDevmemTCPX_v7".as_ptr(),
     init: Some(fake_init),
     devices: Some(fake_devices),
@@ -69,6 +107,11 @@ pub static ncclNetPlugin_v7: NcclNetV7 = NcclNetV7 {
     get_device_mr: Some(fake_get_device_mr),
     irecv_consumed: Some(fake_irecv_consumed),
 };
+
+/// TCPXO's table (`fo/fastrak_plugin.cc` L358-378): `iflush` does nothing, `irecvConsumed` is NULL.
+/// Its `regMrDmaBuf` is left NULL here (see README.md).
+const TCPXO_TABLE: NcclNetV7 =
+    NcclNetV7 { name: c"FakeFasTrak".as_ptr(), iflush: Some(fake_iflush_nothing), irecv_consumed: None, ..TCPX_TABLE };
 
 /// Requests `isend` and `irecv` handed out in this process, over every comm.
 static SENDS_POSTED: AtomicU64 = AtomicU64::new(0);
@@ -116,6 +159,11 @@ unsafe extern "C" fn fake_get_properties(dev: c_int, props: *mut NcclNetProperti
         || Scope::Free,
         || {
             let p = plugin::get()?;
+            if p.cfg.kind == Kind::Tcpxo {
+                // TCPXO finds the current GPU's state first (fo/fastrak_plugin.cc GetProperties L291-292).
+                non_null(props, "props may not be null.")?;
+                p.bind_gpu("getProperties")?;
+            }
             let dev = p.check_dev(dev)?;
             // SAFETY: checked non-NULL; the caller provides a 56-byte v7 properties struct.
             unsafe { non_null(props, "props")?.write(p.properties(dev)) };
@@ -139,10 +187,15 @@ unsafe extern "C" fn fake_listen(dev: c_int, handle: *mut c_void, listen_comm: *
             let dev = p.check_dev(dev)?;
             let handle = non_null(handle, "handle")?.cast::<u8>();
             let listen_comm = non_null(listen_comm, "listenComm")?;
-            // TCPX binds the listen comm to the current GPU, whose pool its flows are steered into.
+            // TCPX binds the listen comm to the current GPU, whose pool its flows are steered into;
+            // TCPXO to the current GPU's state, whose FasTrak index goes into the handle.
             let gpu = p.bind_gpu("listen")?;
-            let (mut h, inner) = p.net(dev).listen(0).map_err(|e| Fail::system(format!("listen: {e}")))?;
-            handle::mark(&mut h, dev, p.cfg.setup.data_sockets);
+            let index = match p.cfg.kind {
+                Kind::Tcpx => 0,
+                Kind::Tcpxo => p.fastrak_index(gpu.as_ref())?,
+            };
+            let (t, inner) = p.net(dev).listen(0).map_err(|e| Fail::system(format!("listen: {e}")))?;
+            let h = handle::write(p.cfg.kind, &t, dev, p.cfg.setup.data_sockets, index);
             let comm = Arc::new(Mutex::new(listen::FakeListen::new(inner, dev, next_comm_seed(p.cfg.seed), gpu)));
             let key = Arc::as_ptr(&comm) as usize;
             registry::add(key, Object::Listen(comm), None);
@@ -160,55 +213,31 @@ unsafe extern "C" fn fake_connect(
     dev: c_int,
     handle: *mut c_void,
     send_comm: *mut *mut c_void,
-    _send_dev_comm: *mut *mut NcclNetDeviceHandleV7,
+    send_dev_comm: *mut *mut NcclNetDeviceHandleV7,
 ) -> c_int {
     guard(
         "connect",
         || Scope::Control(0),
         || {
             let p = plugin::get()?;
-            let dev = p.check_dev(dev)?;
-            let handle = non_null(handle, "handle")?.cast::<u8>();
-            let send_comm = non_null(send_comm, "sendComm")?;
-            // SAFETY: checked non-NULL; the caller passes its 128-byte handle buffer.
-            unsafe { send_comm.write(std::ptr::null_mut()) };
-            // SAFETY: handle is non-NULL (checked above) and is the caller's 128-byte handle buffer.
-            let h = unsafe { handle::read(handle) };
-            let state = handle::connect_state(&h);
-            if state == 0 {
-                let c = connect::Connecting::start(p, dev, h, p.bind_gpu("connect")?)?;
-                let key = registry::add_connect(c);
-                // SAFETY: as above; bytes 80..88 of the caller's handle hold the state, as in TCPX.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        (key as u64).to_le_bytes().as_ptr(),
-                        handle.add(handle::CONNECT_STATE.start),
-                        8,
-                    )
-                };
-                return Ok(());
+            match p.cfg.kind {
+                Kind::Tcpx => {
+                    let dev = p.check_dev(dev)?;
+                    let handle = non_null(handle, "handle")?.cast::<u8>();
+                    let send_comm = non_null(send_comm, "sendComm")?;
+                    // SAFETY: checked non-NULL; the caller passes its 128-byte handle buffer and a
+                    // pointer slot.
+                    unsafe { connect::poll_tcpx(p, dev, handle, send_comm) }
+                }
+                Kind::Tcpxo => {
+                    let handle = non_null(handle, "opaqueHandle may not be null.")?.cast::<u8>();
+                    let send_comm = non_null(send_comm, "sendComm may not be null.")?;
+                    let send_dev_comm = non_null(send_dev_comm, "sendDevComm may not be null.")?;
+                    // SAFETY: checked non-NULL; the caller passes its 128-byte handle buffer and
+                    // pointer slots, *sendDevComm NULL or its device handle.
+                    unsafe { connect::poll_tcpxo(p, dev, handle, send_comm, send_dev_comm) }
+                }
             }
-            let c = registry::get_connect(state).ok_or_else(|| {
-                Fail::internal(
-                    "connect handle bytes 80..88 hold no connect in progress: start every connect from a fresh \
-                 copy of the listen handle (TCPX would read freed memory here)",
-                )
-            })?;
-            let Some(outcome) = c.poll() else { return Ok(()) };
-            registry::remove_connect(state);
-            let inner = outcome?;
-            let comm = Arc::new(Mutex::new(send::FakeSend::new(inner, &p.cfg, c.take_gpu())?));
-            let key = Arc::as_ptr(&comm) as usize;
-            let ring = {
-                let mut c = registry::lock(&comm)?;
-                c.set_key(key);
-                c.ring_base()
-            };
-            registry::add(key, Object::Send(comm), Some(ring));
-            log::trace(|| format!("connect: send comm {key:#x} on device {dev}"));
-            // SAFETY: as above.
-            unsafe { send_comm.write(key as *mut c_void) };
-            Ok(())
         },
     )
 }
@@ -224,50 +253,73 @@ unsafe extern "C" fn fake_accept(
         || {
             let p = plugin::get()?;
             let recv_comm = non_null(recv_comm, "recvComm")?;
-            // SAFETY: checked non-NULL.
-            unsafe { recv_comm.write(std::ptr::null_mut()) };
-            let recv_dev_comm = non_null(recv_dev_comm, "recvDevComm (TCPX needs it to build the unpack queue)")?;
-            // SAFETY: checked non-NULL; points at the caller's pointer slot.
-            let dev_handle = unsafe { recv_dev_comm.read() };
-            let dev_handle = non_null(
-                dev_handle,
-                "*recvDevComm: it must point at a caller-allocated ncclNetDeviceHandle_v7_t (TCPX segfaults)",
-            )?;
+            let dev_handle = match p.cfg.kind {
+                Kind::Tcpx => {
+                    // SAFETY: checked non-NULL.
+                    unsafe { recv_comm.write(std::ptr::null_mut()) };
+                    let recv_dev_comm =
+                        non_null(recv_dev_comm, "recvDevComm (TCPX needs it to build the unpack queue)")?;
+                    // SAFETY: checked non-NULL; points at the caller's pointer slot.
+                    let dev_handle = unsafe { recv_dev_comm.read() };
+                    non_null(
+                        dev_handle,
+                        "*recvDevComm: it must point at a caller-allocated ncclNetDeviceHandle_v7_t (TCPX segfaults)",
+                    )?
+                }
+                Kind::Tcpxo => {
+                    // TCPXO finds the current GPU's state first (fo/fastrak_plugin.cc Accept L174),
+                    // and writes a device handle only where *recvDevComm is not NULL (L183).
+                    p.bind_gpu("accept")?;
+                    let recv_dev_comm = non_null(recv_dev_comm, "recvDevComm may not be null.")?;
+                    // SAFETY: checked non-NULL; points at the caller's pointer slot.
+                    unsafe { recv_dev_comm.read() }
+                }
+            };
             let Some(Object::Listen(l)) = registry::get(listen_comm as usize) else {
                 return Err(Fail::internal(format!("accept on {listen_comm:p}, which is not a listen comm")));
             };
-            let accepted = registry::lock(&l)?.accept(p, dev_handle)?;
-            if let Some(comm) = accepted {
-                let key = Arc::as_ptr(&comm) as usize;
-                let ring = {
-                    let mut c = registry::lock(&comm)?;
-                    c.set_key(key);
-                    c.ring_base()
-                };
-                registry::add(key, Object::Recv(comm), Some(ring));
-                log::trace(|| {
-                    // SAFETY: accept wrote the caller's device handle just above; a plain read.
-                    let h = unsafe { dev_handle.read() };
-                    format!("accept: recv comm {key:#x}, unpack handle {:p} (in device memory in GPU mode)", h.handle)
-                });
-                // SAFETY: checked non-NULL.
-                unsafe { recv_comm.write(key as *mut c_void) };
-            }
+            let Some(accepted) = registry::lock(&l)?.accept(p, dev_handle)? else { return Ok(()) };
+            let key = match &accepted {
+                Object::Recv(comm) => {
+                    let key = Arc::as_ptr(comm) as usize;
+                    let ring = {
+                        let mut c = registry::lock(comm)?;
+                        c.set_key(key);
+                        c.ring_base()
+                    };
+                    registry::add(key, accepted, Some(ring));
+                    log::trace(|| {
+                        // SAFETY: accept wrote the caller's device handle just above; a plain read.
+                        let h = unsafe { dev_handle.read() };
+                        format!(
+                            "accept: recv comm {key:#x}, unpack handle {:p} (in device memory in GPU mode)",
+                            h.handle
+                        )
+                    });
+                    key
+                }
+                Object::Linear(comm) => {
+                    let key = Arc::as_ptr(comm) as usize;
+                    registry::lock(comm)?.set_key(key);
+                    registry::add(key, accepted, None);
+                    log::trace(|| format!("accept: recv comm {key:#x}"));
+                    key
+                }
+                _ => return Err(Fail::internal("accept made something other than a receive comm")),
+            };
+            // SAFETY: checked non-NULL.
+            unsafe { recv_comm.write(key as *mut c_void) };
             Ok(())
         },
     )
 }
 
-/// Runs `f` on the send or receive comm `comm` names.
-fn with_comm<T>(
-    comm: *mut c_void,
-    what: &str,
-    on_send: impl FnOnce(&mut send::FakeSend) -> Result<T>,
-    on_recv: impl FnOnce(&mut recv::FakeRecv) -> Result<T>,
-) -> Result<T> {
+/// Runs `f` on the registrations of the send or receive comm `comm` names.
+fn with_regs<T>(comm: *mut c_void, what: &str, f: impl FnOnce(&mut mr::Registrations) -> Result<T>) -> Result<T> {
     match registry::get(comm as usize) {
-        Some(Object::Send(c)) => on_send(&mut *registry::lock(&c)?),
-        Some(Object::Recv(c)) => on_recv(&mut *registry::lock(&c)?),
+        Some(Object::Send(c)) => f(registry::lock(&c)?.regs()),
+        Some(Object::Recv(c)) => f(registry::lock(&c)?.regs()),
+        Some(Object::Linear(c)) => f(registry::lock(&c)?.regs()),
         _ => Err(Fail::internal(format!("{what} on {comm:p}, which is not a send or receive comm"))),
     }
 }
@@ -294,12 +346,7 @@ unsafe extern "C" fn fake_reg_mr(
                 }
                 Mode::Host => Ok(None),
             };
-            let h = with_comm(
-                comm,
-                "regMr",
-                |c| c.regs().register(data, size, ty, locate),
-                |c| c.regs().register(data, size, ty, locate),
-            )?;
+            let h = with_regs(comm, "regMr", |r| r.register(data, size, ty, locate))?;
             // SAFETY: checked non-NULL.
             unsafe { mhandle.write(h) };
             Ok(())
@@ -308,11 +355,7 @@ unsafe extern "C" fn fake_reg_mr(
 }
 
 unsafe extern "C" fn fake_dereg_mr(comm: *mut c_void, mhandle: *mut c_void) -> c_int {
-    guard(
-        "deregMr",
-        || Scope::Control(comm as usize),
-        || with_comm(comm, "deregMr", |c| c.regs().deregister(mhandle), |c| c.regs().deregister(mhandle)),
-    )
+    guard("deregMr", || Scope::Control(comm as usize), || with_regs(comm, "deregMr", |r| r.deregister(mhandle)))
 }
 
 unsafe extern "C" fn fake_isend(
@@ -356,17 +399,23 @@ unsafe extern "C" fn fake_irecv(
         || Scope::Comm(recv_comm as usize),
         || {
             if n != 1 {
-                return Err(Fail::internal(format!("irecv with n = {n}: this plugin receives one buffer per request")));
+                return Err(Fail::internal(match profile::kind() {
+                    Kind::Tcpx => format!("irecv with n = {n}: this plugin receives one buffer per request"),
+                    Kind::Tcpxo => {
+                        format!("PXN is not supported (fo/fastrak_plugin.cc Irecv L205): irecv with n = {n}")
+                    }
+                }));
             }
             let request = non_null(request, "request")?;
             let (data, sizes, mhandles) =
                 (non_null(data, "data")?, non_null(sizes, "sizes")?, non_null(mhandles, "mhandles")?);
-            let Some(Object::Recv(c)) = registry::get(recv_comm as usize) else {
-                return Err(Fail::internal(format!("irecv on {recv_comm:p}, which is not a receive comm")));
-            };
             // SAFETY: checked non-NULL; n == 1 so each array has one element.
             let (data, size, mhandle) = unsafe { (data.read(), sizes.read(), mhandles.read()) };
-            let req = registry::lock(&c)?.irecv(data, size, mhandle)?;
+            let req = match registry::get(recv_comm as usize) {
+                Some(Object::Recv(c)) => registry::lock(&c)?.irecv(data, size, mhandle)?,
+                Some(Object::Linear(c)) => registry::lock(&c)?.irecv(data, size, mhandle)?,
+                _ => return Err(Fail::internal(format!("irecv on {recv_comm:p}, which is not a receive comm"))),
+            };
             if !req.is_null() {
                 RECEIVES_POSTED.fetch_add(1, Ordering::Relaxed);
             }
@@ -392,35 +441,106 @@ unsafe extern "C" fn fake_iflush(
     )
 }
 
+/// TCPXO's `iflush` (`fo/fastrak_plugin.cc` `Iflush` L320-324): succeeds and writes nothing, not even
+/// `*request`.
+unsafe extern "C" fn fake_iflush_nothing(
+    _recv_comm: *mut c_void,
+    _n: c_int,
+    _data: *mut *mut c_void,
+    _sizes: *mut c_int,
+    _mhandles: *mut *mut c_void,
+    _request: *mut *mut c_void,
+) -> c_int {
+    0
+}
+
 /// A request is a call on its comm; one no comm owns fails the call anyway.
 fn request_scope(request: *mut c_void) -> Scope {
     registry::request(request as usize).map_or(Scope::Free, |(key, _, _)| Scope::Comm(key))
 }
 
-unsafe extern "C" fn fake_test(request: *mut c_void, done: *mut c_int, _size: *mut c_int) -> c_int {
-    // `*size` is never written, as in TCPX: the size is the sender's, found at offset 36 of the
-    // request or as the sum of the loadMeta lengths.
+unsafe extern "C" fn fake_test(request: *mut c_void, done: *mut c_int, size: *mut c_int) -> c_int {
     guard(
         "test",
         || request_scope(request),
-        || {
-            let done = non_null(done, "done")?;
-            let Some((_, object, slot)) = registry::request(request as usize) else {
-                return Err(Fail::internal(format!("test called with invalid request {request:p}")));
-            };
-            let mut d = 0;
-            let r = match object {
-                Object::Send(c) => registry::lock(&c)?.test(slot, &mut d),
-                Object::Recv(c) => registry::lock(&c)?.test(slot, &mut d),
-                Object::Listen(_) => Err(Fail::internal("test called with invalid request")),
-            };
-            // SAFETY: checked non-NULL.
-            unsafe { done.write(d) };
-            r
+        || match profile::kind() {
+            // SAFETY: the caller's pointers, checked before use.
+            Kind::Tcpx => unsafe { test_tcpx(request, done) },
+            // SAFETY: as above.
+            Kind::Tcpxo => unsafe { test_tcpxo(request, done, size) },
         },
     )
 }
 
+/// TCPX's `test`: `*done` always written, `*size` never: the size is the sender's, found at offset
+/// 36 of the request or as the sum of the loadMeta lengths.
+///
+/// # Safety
+/// `done` is NULL or points at a writable int.
+unsafe fn test_tcpx(request: *mut c_void, done: *mut c_int) -> Result<()> {
+    let done = non_null(done, "done")?;
+    let Some((_, object, slot)) = registry::request(request as usize) else {
+        return Err(Fail::internal(format!("test called with invalid request {request:p}")));
+    };
+    let mut d = 0;
+    let r = match object {
+        Object::Send(c) => match registry::lock(&c)?.test(slot) {
+            Ok(Tested::Done(_)) => {
+                d = 1;
+                Ok(())
+            }
+            Ok(Tested::Pending) => Ok(()),
+            Ok(Tested::Failed(f)) | Err(f) => Err(f),
+        },
+        Object::Recv(c) => registry::lock(&c)?.test(slot, &mut d),
+        _ => Err(Fail::internal("test called with invalid request")),
+    };
+    // SAFETY: checked non-NULL.
+    unsafe { done.write(d) };
+    r
+}
+
+/// TCPXO's `test` (`fo/fastrak_plugin.cc` `Test` L228-246): `*done` and, where not NULL, `*size`
+/// (0 while pending, the size moved once done); a failure sets `*done` 1 and `*size` 0 and returns
+/// 2, and every later test of that request returns 2 writing nothing. A request reported done was
+/// freed: testing it again ends the process here.
+///
+/// # Safety
+/// `done` is NULL or points at a writable int; `size` likewise.
+unsafe fn test_tcpxo(request: *mut c_void, done: *mut c_int, size: *mut c_int) -> Result<()> {
+    if request.is_null() {
+        return Err(Fail::internal("request may not be null."));
+    }
+    let done = non_null(done, "done may not be null.")?;
+    let Some((_, object, seq)) = registry::request(request as usize) else {
+        if addresses::issued(request as usize) {
+            return Err(fatal::fatal(format!(
+                "test of request {request:p}, which test already reported done or whose comm was closed: TCPXO \
+                 freed it then (fo/nccl_shim.cc Test L728, Close L975) and would read freed memory now. Test each \
+                 request until it is done, and no more"
+            )));
+        }
+        return Err(Fail::internal(format!("test called with invalid request {request:p}")));
+    };
+    let tested = match object {
+        Object::Send(c) => registry::lock(&c)?.test(seq)?,
+        Object::Linear(c) => registry::lock(&c)?.test(seq as u64)?,
+        _ => return Err(Fail::internal("test called with invalid request")),
+    };
+    let (d, n, r) = match tested {
+        Tested::Pending => (0, 0, Ok(())),
+        Tested::Done(n) => (1, n, Ok(())),
+        Tested::Failed(f) => (1, 0, Err(f)),
+    };
+    // SAFETY: `done` checked non-NULL; `size` written only where not NULL, as TCPXO does.
+    unsafe {
+        done.write(d);
+        if !size.is_null() {
+            size.write(n);
+        }
+    }
+    r
+}
 unsafe extern "C" fn fake_irecv_consumed(recv_comm: *mut c_void, n: c_int, request: *mut c_void) -> c_int {
     guard(
         "irecvConsumed",
@@ -449,7 +569,7 @@ unsafe extern "C" fn fake_close(comm: *mut c_void) -> c_int {
         "close",
         || Scope::Control(comm as usize),
         || {
-            let is_comm = |o: &Object| matches!(o, Object::Send(_) | Object::Recv(_));
+            let is_comm = |o: &Object| matches!(o, Object::Send(_) | Object::Recv(_) | Object::Linear(_));
             match registry::remove_if(comm as usize, is_comm) {
                 Some((Object::Send(c), true)) => {
                     if registry::lock(&c).map(|c| c.has_outstanding()).unwrap_or(false) {
@@ -471,6 +591,9 @@ unsafe extern "C" fn fake_close(comm: *mut c_void) -> c_int {
                     }
                     Ok(())
                 }
+                // TCPXO closes without a word (fo/nccl_shim.cc Close L975); a test of one of its
+                // requests after this ends the process (test_tcpxo).
+                Some((Object::Linear(_), true)) => Ok(()),
                 Some(_) => Err(Fail::internal("closeSend/closeRecv called on a listen comm")),
                 None => Err(Fail::internal(format!("close of {comm:p}, which is not an open comm"))),
             }
@@ -482,15 +605,24 @@ unsafe extern "C" fn fake_close_listen(listen_comm: *mut c_void) -> c_int {
     guard(
         "closeListen",
         || Scope::Control(listen_comm as usize),
-        || match registry::remove_if(listen_comm as usize, |o| matches!(o, Object::Listen(_))) {
-            Some((_, true)) => Ok(()),
-            Some((_, false)) => Err(Fail::internal("closeListen called on a send or receive comm")),
-            None => Err(Fail::internal(format!("closeListen of {listen_comm:p}, which is not an open listen comm"))),
+        || {
+            let p = plugin::get()?;
+            if p.cfg.kind == Kind::Tcpxo {
+                // TCPXO finds the current GPU's state first (fo/fastrak_plugin.cc CloseListen L307).
+                p.bind_gpu("closeListen")?;
+            }
+            match registry::remove_if(listen_comm as usize, |o| matches!(o, Object::Listen(_))) {
+                Some((_, true)) => Ok(()),
+                Some((_, false)) => Err(Fail::internal("closeListen called on a send or receive comm")),
+                None => {
+                    Err(Fail::internal(format!("closeListen of {listen_comm:p}, which is not an open listen comm")))
+                }
+            }
         },
     )
 }
 
 unsafe extern "C" fn fake_get_device_mr(_comm: *mut c_void, _mhandle: *mut c_void, _dptr: *mut *mut c_void) -> c_int {
-    // TCPX writes nothing here either.
+    // TCPX writes nothing here either, nor does TCPXO (fo/fastrak_plugin.cc GetDeviceMr L315).
     0
 }

@@ -1,6 +1,7 @@
-//! Listen comms and accept. Like TCPX, accept is asynchronous (the first call only starts it and
-//! returns no comm), takes TCPX's setup time (`setup.rs`) and is allowed once per listen comm; the
-//! receive comm comes with its device handle written into the caller's `ncclNetDeviceHandle_v7_t`.
+//! Listen comms and accept. Like TCPX's and TCPXO's, accept is asynchronous (the first call only
+//! starts it and returns no comm), takes the setup time (`setup.rs`) and is allowed once per listen
+//! comm; the receive comm comes with its device handle written into the caller's
+//! `ncclNetDeviceHandle_v7_t`: TCPX's unpack queue, or TCPXO's HOST handle.
 //!
 //! GPU mode: TCPX binds the listen comm to the GPU current at listen and steers the accepted flows
 //! into that GPU's pool (`connect.cc`: the accept thread's `args->gpu = lComm->gpu`), but makes the
@@ -12,16 +13,22 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use uccl_tcpx::internal::ncclnet::{NCCL_NET_DEVICE_UNPACK, NCCL_NET_DEVICE_UNPACK_VERSION, NcclNetDeviceHandleV7};
+use uccl_tcpx::internal::ncclnet::{
+    NCCL_NET_DEVICE_HOST, NCCL_NET_DEVICE_UNPACK, NCCL_NET_DEVICE_UNPACK_VERSION, NcclNetDeviceHandleV7,
+};
 use uccl_tcpx::internal::transport::{ListenComm, RecvComm};
 
 use crate::fail::{Fail, Result};
 use crate::gpu::{self, GpuContext};
 use crate::health::closed;
+use crate::land::Landing;
+use crate::linear::LinearRecv;
 use crate::memory::{self, HostRx, RxMemory};
 use crate::plugin::Plugin;
 use crate::pool::{self, PoolKey};
+use crate::profile::Kind;
 use crate::recv::FakeRecv;
+use crate::registry::Object;
 use crate::topology::Devmem;
 
 pub struct FakeListen {
@@ -43,15 +50,18 @@ impl FakeListen {
         FakeListen { inner, started: None, arrived: None, accepted: false, dev, seed, gpu }
     }
 
-    /// `Some(receive comm)` once a connection arrived, with `*dev_handle` filled; the caller
-    /// registers the comm.
-    pub fn accept(
-        &mut self,
-        plugin: &Plugin,
-        dev_handle: *mut NcclNetDeviceHandleV7,
-    ) -> Result<Option<Arc<Mutex<FakeRecv>>>> {
+    /// `Some(receive comm)` once a connection arrived, with `*dev_handle` filled (TCPXO: where it
+    /// is not NULL); the caller registers the comm.
+    pub fn accept(&mut self, plugin: &Plugin, dev_handle: *mut NcclNetDeviceHandleV7) -> Result<Option<Object>> {
         if self.accepted {
-            return Err(Fail::internal("accept called again: one accept per listen comm (TCPX reuses freed state)"));
+            return Err(Fail::internal(match plugin.cfg.kind {
+                Kind::Tcpx => "accept called again: one accept per listen comm (TCPX reuses freed state)",
+                // TCPXO's own message, which names Connect (fo/nccl_shim.cc Accept L505-509).
+                Kind::Tcpxo => {
+                    "NcclShim::Connect should not be called in state 3 (fo/nccl_shim.cc Accept L505-509): TCPXO \
+                     accepts one connection per listen comm, then its stage is done"
+                }
+            }));
         }
         let now = Instant::now();
         let Some(started) = self.started else {
@@ -80,6 +90,14 @@ impl FakeListen {
             return Ok(());
         }
         let (l, a) = (listen.ordinal(), now.ordinal());
+        if plugin.cfg.kind == Kind::Tcpxo {
+            return Err(Fail::internal(format!(
+                "accept with GPU {a} current on a listen comm made with GPU {l} current: TCPXO makes the receive \
+                 comm for the listen comm's GPU {l} (fo/nccl_shim.cc Accept L429) through the per-GPU state of the \
+                 current GPU {a} (fo/fastrak_plugin.cc GetShim L104), whose NIC's buffer manager then registers its \
+                 buffers. Keep the same GPU current from listen through accept"
+            )));
+        }
         Err(Fail::internal(format!(
             "accept with GPU {a} current on a listen comm made with GPU {l} current: TCPX steers the accepted \
              flows into GPU {l}'s bounce pool (connect.cc, the listen comm's GPU) but binds the receive comm to \
@@ -120,7 +138,10 @@ impl FakeListen {
         plugin: &Plugin,
         inner: Box<dyn RecvComm>,
         dev_handle: *mut NcclNetDeviceHandleV7,
-    ) -> Result<Option<Arc<Mutex<FakeRecv>>>> {
+    ) -> Result<Option<Object>> {
+        if plugin.cfg.kind == Kind::Tcpxo {
+            return self.finish_linear(plugin, inner, dev_handle);
+        }
         let cfg = &plugin.cfg;
         let (bytes, seed) = (cfg.pool_bytes, cfg.seed);
         let (mem, gpu, pool): (Box<dyn RxMemory>, _, _) = match &self.gpu {
@@ -148,6 +169,40 @@ impl FakeListen {
             })
         };
         self.accepted = true;
-        Ok(Some(Arc::new(Mutex::new(comm))))
+        Ok(Some(Object::Recv(Arc::new(Mutex::new(comm)))))
+    }
+
+    /// TCPXO's receive comm: bytes land in the posted buffers, and the device handle, where the
+    /// caller passes one, is HOST (`fo/nccl_shim.cc` `createRecvDevComm` L240-254;
+    /// `fo/fastrak_plugin.cc` `Accept` L183 writes it only when `*recvDevComm` is not NULL).
+    fn finish_linear(
+        &mut self,
+        plugin: &Plugin,
+        inner: Box<dyn RecvComm>,
+        dev_handle: *mut NcclNetDeviceHandleV7,
+    ) -> Result<Option<Object>> {
+        let landing = match &self.gpu {
+            None => Landing::host(),
+            Some(g) => Landing::gpu(g.retain()?)?,
+        };
+        let comm = LinearRecv::new(inner, landing, &plugin.cfg);
+        if !dev_handle.is_null() {
+            // SAFETY: not NULL; the caller's *recvDevComm points at its ncclNetDeviceHandle_v7_t.
+            unsafe { dev_handle.write(host_device_handle()) };
+        }
+        self.accepted = true;
+        Ok(Some(Object::Linear(Arc::new(Mutex::new(comm)))))
+    }
+}
+
+/// TCPXO's device handle of either end: no device code, no proxy progress (`fo/nccl_shim.cc`
+/// `createSendDevComm` L227-238, `createRecvDevComm` L240-254).
+pub fn host_device_handle() -> NcclNetDeviceHandleV7 {
+    NcclNetDeviceHandleV7 {
+        net_device_type: NCCL_NET_DEVICE_HOST,
+        net_device_version: NCCL_NET_DEVICE_UNPACK_VERSION,
+        handle: std::ptr::null_mut(),
+        size: 0,
+        needs_proxy_progress: 0,
     }
 }

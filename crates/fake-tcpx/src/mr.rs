@@ -7,6 +7,7 @@ use std::ffi::{c_int, c_void};
 use uccl_tcpx::internal::ncclnet::{NCCL_PTR_CUDA, NCCL_PTR_HOST};
 
 use crate::fail::{Fail, Result};
+use crate::profile::{self, Kind};
 
 const DEVMEM_PAGE: usize = 4096;
 
@@ -49,6 +50,8 @@ impl Registrations {
                     "gpu_tx_reg_mr failed: CUDA regMr of 0 bytes at {data:p}; {INT_SIZE}"
                 )));
             }
+            // TCPXO registers the whole pages around any range (fo/nccl_shim.cc RegMrDmaBuf L817-821).
+            NCCL_PTR_CUDA if profile::kind() == Kind::Tcpxo => {}
             NCCL_PTR_CUDA => {
                 // TCPX builds a dma-buf of whole pages for GPU memory.
                 if !(data as usize).is_multiple_of(DEVMEM_PAGE) || !len.is_multiple_of(DEVMEM_PAGE) {

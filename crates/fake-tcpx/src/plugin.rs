@@ -1,20 +1,25 @@
 //! Process-wide state created by `init`: the knobs, the devices (`topology.rs`) with their property
-//! strings (static storage, as TCPX's are) and the socket transport each one's comms run on, bound
-//! to its address.
+//! strings (static storage, as TCPX's and TCPXO's are) and the socket transport each one's comms
+//! run on, bound to its address. How `init` may be called again, and what failing it costs, is the
+//! plugin's rule: TCPX refuses a second call, TCPXO shares the first one's outcome and ends the
+//! process where it fails.
 
 use std::ffi::{CString, c_char, c_int};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use uccl_tcpx::internal::ncclnet::{
-    NCCL_NET_DEVICE_UNPACK, NCCL_NET_DEVICE_UNPACK_VERSION, NCCL_PTR_CUDA, NCCL_PTR_HOST, NcclDebugLogger,
-    NcclNetPropertiesV7,
+    NCCL_NET_DEVICE_HOST, NCCL_NET_DEVICE_UNPACK, NCCL_NET_DEVICE_UNPACK_VERSION, NCCL_PTR_CUDA, NCCL_PTR_HOST,
+    NcclDebugLogger, NcclNetPropertiesV7,
 };
 use uccl_tcpx::internal::transport::socket::SocketNet;
 
 use crate::config::{Config, Mode};
 use crate::fail::{Fail, Result};
+use crate::fatal::fatal;
 use crate::gpu::{self, GpuContext};
+use crate::handle::TCPXO_NO_INDEX;
+use crate::profile::{self, Kind};
 use crate::topology::{self, Nic};
 use crate::{fatal, log, threads};
 
@@ -24,6 +29,10 @@ const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// One A3 GPU NIC: 200 Gbps.
 const SPEED_MBPS: c_int = 200_000;
 const MAX_COMMS: c_int = 65536;
+/// TCPXO's speed where `/sys/class/net/<name>/speed` gives none (`fo/common.cc` `GetSpeed` L203-207).
+const TCPXO_DEFAULT_SPEED: c_int = 10_000;
+/// TCPXO's `kMaxGpuDevices` (`nccl_cuda/cuda_defs.h` L18).
+const TCPXO_MAX_GPUS: i32 = 8;
 
 pub struct Plugin {
     pub cfg: Config,
@@ -46,6 +55,14 @@ pub fn get() -> Result<&'static Plugin> {
 }
 
 pub fn init(logger: NcclDebugLogger) -> Result<()> {
+    match profile::kind() {
+        Kind::Tcpx => init_once(logger),
+        Kind::Tcpxo => init_shared(logger),
+    }
+}
+
+/// TCPX's: once per loaded image, whoever calls it (`gpu/cuda_wrapper.cu` `gpu_init`).
+fn init_once(logger: NcclDebugLogger) -> Result<()> {
     if logger.is_none() {
         // TCPX stores it and crashes at its first message; refusing leaves the image uninitialised.
         return Err(Fail::internal("init needs a logger, got NULL"));
@@ -61,7 +78,49 @@ pub fn init(logger: NcclDebugLogger) -> Result<()> {
              this consumer's logger",
         ));
     }
-    let cfg = Config::from_env()?;
+    let _ = PLUGIN.set(open(Config::from_env()?)?);
+    Ok(())
+}
+
+/// TCPXO's: the core runs once per image (`absl::call_once`, `fo/init.cc` `PluginCoreInit` L140),
+/// with the first caller's logger (`InitOnce` L104-107); a later call gets the first outcome and
+/// keeps that logger. Every call then sets up the GPU current on its thread (`fo/fastrak_plugin.cc`
+/// `Init` L83-99). Any failure there is `LOG(FATAL)`: the process ends, so that NCCL cannot fall
+/// back to another transport (L75-80).
+fn init_shared(logger: NcclDebugLogger) -> Result<()> {
+    let _serial = INIT.lock().unwrap_or_else(|p| p.into_inner());
+    if PLUGIN.get().is_none() {
+        if logger.is_none() {
+            return Err(fatal(
+                "init with a NULL logger: TCPXO installs the first caller's logger before anything else \
+                 (fo/init.cc InitOnce L107) and calls it for its first message"
+                    .into(),
+            ));
+        }
+        log::install(logger);
+        let plugin = Config::from_env().and_then(open).map_err(|f| {
+            fatal(format!(
+                "Plug-in core initialization failed ({}), aborting... (fo/fastrak_plugin.cc Init L78)",
+                f.msg
+            ))
+        })?;
+        let _ = PLUGIN.set(plugin);
+    }
+    get()?.current_gpu_for_init()
+}
+
+/// The plugin `cfg` describes, its process-wide settings applied.
+fn open(cfg: Config) -> Result<Plugin> {
+    if cfg.kind != profile::kind() {
+        return Err(Fail::internal(format!(
+            "{}={} at init, but this library was loaded as {}: the kind shapes the exported table, which is \
+             fixed when the library is loaded; set {} before loading it",
+            profile::VAR,
+            cfg.kind.label(),
+            profile::kind().label(),
+            profile::VAR
+        )));
+    }
     if cfg.mode == Mode::Gpu {
         uccl_tcpx::internal::cuda::driver().map_err(|e| Fail::internal(format!("FAKE_TCPX_MODE=gpu: {e}")))?;
     }
@@ -73,7 +132,11 @@ pub fn init(logger: NcclDebugLogger) -> Result<()> {
         (None, Mode::Host) => topology::host_default(cfg.devices.unwrap_or(2)),
         (None, Mode::Gpu) => topology::gpu_default(cfg.devices, &gpu::places()?),
     };
-    let nics = topology::finish(specs, cfg.ip, cfg.ifname.as_deref()).map_err(Fail::internal)?;
+    let ifname = cfg.ifname.as_ref().map(|(var, list)| (*var, list.as_str()));
+    let mut nics = topology::finish(specs, cfg.ip, ifname).map_err(Fail::internal)?;
+    if cfg.kind == Kind::Tcpxo {
+        topology::sort_by_pci_address(&mut nics);
+    }
     let devices = nics
         .into_iter()
         .map(|nic| Device {
@@ -87,8 +150,7 @@ pub fn init(logger: NcclDebugLogger) -> Result<()> {
     for (i, d) in devices.iter().enumerate() {
         log::info(&format!("device {i}: {:?}", d.nic));
     }
-    let _ = PLUGIN.set(Plugin { cfg, devices });
-    Ok(())
+    Ok(Plugin { cfg, devices })
 }
 
 impl Plugin {
@@ -98,6 +160,51 @@ impl Plugin {
             Mode::Gpu => GpuContext::current(call).map(Some),
             Mode::Host => Ok(None),
         }
+    }
+
+    /// TCPXO's `init` finds the per-GPU state of the GPU current on the calling thread
+    /// (`cuCtxGetDevice`, `nccl_cuda/cuda_common.cc` `GetDeviceIndex` L56) and ends the process
+    /// without one, or with an ordinal of 8 or more (`fo/fastrak_plugin.cc` `Init` L83-89), or with
+    /// more than 8 GPUs (`checkDeviceCount`, `nccl_cuda/cuda_common.cc` L89-96, from `NcclShim::Create`
+    /// L175). Host mode has no GPU: it stands in for one.
+    fn current_gpu_for_init(&self) -> Result<()> {
+        if self.cfg.mode != Mode::Gpu {
+            return Ok(());
+        }
+        let gpu = GpuContext::current("init").map_err(|f| {
+            fatal(format!(
+                "Failed to get device index for current GPU -1, aborting... (fo/fastrak_plugin.cc Init L86): every \
+                 init call needs a CUDA context current on its thread ({})",
+                f.msg
+            ))
+        })?;
+        if gpu.ordinal() >= TCPXO_MAX_GPUS {
+            return Err(fatal(format!(
+                "Failed to get device index for current GPU {}, aborting... (fo/fastrak_plugin.cc Init L86)",
+                gpu.ordinal()
+            )));
+        }
+        let count = gpu::count()?;
+        if count > TCPXO_MAX_GPUS {
+            return Err(fatal(format!(
+                "Failed to initialize nccl shim on device:{} (NET/FasTrak: Number of GPUs ({count}) is larger than \
+                 maximum number: {TCPXO_MAX_GPUS}), aborting... (fo/fastrak_plugin.cc Init L96)",
+                gpu.ordinal()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The FasTrak index `listen` puts in a TCPXO handle: the rank of the listener's GPU by PCI
+    /// address among the host's GPUs (`fo/common.cc` `GetPciAddrToFastrakIdxMap` L211-245, which
+    /// counts H100s; the fake counts every GPU); 0 in host mode.
+    pub fn fastrak_index(&self, gpu: Option<&GpuContext>) -> Result<u8> {
+        let Some(gpu) = gpu else { return Ok(0) };
+        let me = gpu.bus_id()?;
+        let mut all: Vec<String> = gpu::places()?.into_iter().map(|p| p.bus_id).collect();
+        all.sort();
+        let index = all.iter().position(|b| *b == me).unwrap_or(0);
+        Ok(u8::try_from(index).ok().filter(|i| *i != TCPXO_NO_INDEX).unwrap_or(0))
     }
 
     pub fn check_dev(&self, dev: c_int) -> Result<usize> {
@@ -126,6 +233,9 @@ impl Plugin {
     /// does not define it), so only its PCI path tells a device without devmem apart.
     pub fn properties(&self, dev: usize) -> NcclNetPropertiesV7 {
         let d = &self.devices[dev];
+        if self.cfg.kind == Kind::Tcpxo {
+            return tcpxo_properties(dev, d);
+        }
         NcclNetPropertiesV7 {
             name: d.name.as_ptr() as *mut c_char,
             pci_path: d.pci_path.as_ptr() as *mut c_char,
@@ -140,4 +250,35 @@ impl Plugin {
             net_device_version: NCCL_NET_DEVICE_UNPACK_VERSION,
         }
     }
+}
+
+/// TCPXO's properties (`fo/nccl_shim.cc` `GetProperties` L950-973): HOST|CUDA (`HOST_PTR_ONLY` is
+/// defined nowhere in its build), the speed its interface reports, no latency, 65536 comms, one
+/// receive per request, and a HOST device: no device code, no proxy progress.
+fn tcpxo_properties(dev: usize, d: &Device) -> NcclNetPropertiesV7 {
+    NcclNetPropertiesV7 {
+        name: d.name.as_ptr() as *mut c_char,
+        pci_path: d.pci_path.as_ptr() as *mut c_char,
+        guid: dev as u64,
+        ptr_support: NCCL_PTR_HOST | NCCL_PTR_CUDA,
+        speed: tcpxo_speed(&d.nic.name),
+        port: 0,
+        latency: 0.0,
+        max_comms: MAX_COMMS,
+        max_recvs: 1,
+        net_device_type: NCCL_NET_DEVICE_HOST,
+        net_device_version: NCCL_NET_DEVICE_UNPACK_VERSION,
+    }
+}
+
+/// TCPXO's `GetSpeed` (`fo/common.cc` L192-209), read at every `getProperties`: the first 8 bytes
+/// of `/sys/class/net/<name>/speed` as a number, else (no such interface, or not positive) 10 Gbps.
+/// The fake's devices are not the host's interfaces, so most read the default.
+pub fn tcpxo_speed(name: &str) -> c_int {
+    let read = std::fs::read(format!("/sys/class/net/{name}/speed")).unwrap_or_default();
+    let text = String::from_utf8_lossy(&read[..read.len().min(8)]).into_owned();
+    let text = text.trim_start();
+    let end = text.char_indices().find(|&(i, c)| !(c.is_ascii_digit() || (i == 0 && (c == '-' || c == '+'))));
+    let number = &text[..end.map_or(text.len(), |(i, _)| i)];
+    number.parse::<c_int>().ok().filter(|s| *s > 0).unwrap_or(TCPXO_DEFAULT_SPEED)
 }

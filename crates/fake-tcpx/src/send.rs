@@ -1,13 +1,16 @@
 //! A send comm: requests are queued by `isend` and moved onto the socket transport only inside
-//! `test`, the one progress engine of a comm as in TCPX. Each request becomes a header message and a
-//! payload message on the underlying stream.
+//! `test`, the one progress engine of a comm as in TCPX (TCPXO's NIC client is polled inside `test`
+//! too: `dxs/send-op.h` `Test` L56). Each request becomes a header message and a payload message on
+//! the underlying stream, in posting order, so the k-th send meets the k-th receive. Which requests
+//! may be tested, and how many may be outstanding, is the plugin's rule (`book.rs`).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::{c_int, c_void};
 
-use uccl_tcpx::internal::ncclnet::NCCL_PTR_CUDA;
+use uccl_tcpx::internal::ncclnet::{NCCL_PTR_CUDA, NCCL_PTR_HOST};
 use uccl_tcpx::internal::transport::{MrHandle, RequestId, SendComm};
 
+use crate::book::{Book, Tested};
 use crate::config::Config;
 use crate::fail::{Fail, Result};
 use crate::gpu::GpuContext;
@@ -15,15 +18,17 @@ use crate::health::{AfterCompletion, Health, closed};
 use crate::host;
 use crate::log;
 use crate::mr::Registrations;
-use crate::request::{MAX_REQUESTS, OP_SEND, Ring};
+use crate::profile::Kind;
+use crate::request::MAX_REQUESTS;
 use crate::staging::SendStaging;
 use crate::wire::{self, HEADER_LEN};
 
 /// The socket transport's own request window.
 const INNER_WINDOW: usize = 16;
 
-#[derive(Default)]
 struct SendSlot {
+    /// The request's ctrl message, boxed so that it stays put while the transport sends it.
+    header: Box<[u8; HEADER_LEN]>,
     data: usize,
     len: usize,
     /// Device memory in GPU mode: copied to the slot's pinned staging buffer before it goes on
@@ -44,17 +49,21 @@ pub struct FakeSend {
     /// First field: dropped (closing the stream, joining its helper thread) before the buffers below.
     inner: Option<Box<dyn SendComm>>,
     key: usize,
+    kind: Kind,
     /// GPU mode: the context and the pinned buffers CUDA sends are copied out of device memory with.
     gpu: Option<SendStaging>,
     /// Requests whose staging copy was started (device sends) or that need none.
     staged: u64,
-    ring: Ring,
+    book: Book,
     regs: Registrations,
     health: Health,
-    headers: Box<[[u8; HEADER_LEN]; MAX_REQUESTS]>,
-    slots: [SendSlot; MAX_REQUESTS],
+    /// Requests posted and not yet reported done, by sequence number.
+    slots: HashMap<u64, SendSlot>,
     /// Requests handed to the socket transport so far.
     submitted: u64,
+    /// Requests whose payload the socket transport has taken, in posting order; their staging
+    /// copies were given back.
+    on_wire: u64,
     inner_queue: VecDeque<InnerRequest>,
     /// The request whose staging copy waits for ring space, once traced.
     staging_wait_traced: Option<u64>,
@@ -69,14 +78,15 @@ impl FakeSend {
         Ok(FakeSend {
             inner,
             key: 0,
+            kind: cfg.kind,
             gpu,
             staged: 0,
-            ring: Ring::new(),
+            book: Book::new(cfg.kind),
             regs: Registrations::default(),
             health,
-            headers: Box::new([[0; HEADER_LEN]; MAX_REQUESTS]),
-            slots: Default::default(),
+            slots: HashMap::new(),
             submitted: 0,
+            on_wire: 0,
             inner_queue: VecDeque::new(),
             staging_wait_traced: None,
         })
@@ -87,8 +97,9 @@ impl FakeSend {
         self.key = key;
     }
 
-    pub fn ring_base(&self) -> usize {
-        self.ring.base()
+    /// The address range of its request pointers, where the registry finds them (TCPX).
+    pub fn ring_base(&self) -> Option<usize> {
+        self.book.ring_base()
     }
 
     pub fn regs(&mut self) -> &mut Registrations {
@@ -99,20 +110,35 @@ impl FakeSend {
         let len = usize::try_from(size).map_err(|_| Fail::internal(format!("isend size {size} is negative")))?;
         let mr = self.regs.covering(mhandle, data as usize, len)?;
         let (kind, base) = (mr.kind, mr.base);
+        if self.kind == Kind::Tcpxo && kind & NCCL_PTR_HOST != 0 && len > 0 {
+            return Err(host_payload("Send", len, self.key));
+        }
         let device = kind == NCCL_PTR_CUDA && self.gpu.is_some();
         if let (true, Some(gpu)) = (device, &self.gpu)
             && len > gpu.capacity()
         {
+            let why = match self.kind {
+                Kind::Tcpx => {
+                    "no receive can take it anyway (TCPX's receiver exits past 2048 fragments of 4 KiB, \
+                               sock/tcpx.h process_recv_cmsg)"
+                }
+                Kind::Tcpxo => "a limit of the fake, not of TCPXO: keep GPU-mode requests within it",
+            };
             return Err(Fail::internal(format!(
-                "a {len}-byte send from GPU memory exceeds the fake's {}-byte send staging; no receive can take \
-                 it anyway (TCPX's receiver exits past 2048 fragments of 4 KiB, sock/tcpx.h process_recv_cmsg)",
+                "a {len}-byte send from GPU memory exceeds the fake's {}-byte send staging; {why}",
                 gpu.capacity()
             )));
         }
-        let (k, entry) = self.ring.post(self.key, OP_SEND, data, kind, size)?;
-        entry.gpu_mem_off = (data as usize - base) as u64;
-        self.slots[k as usize % MAX_REQUESTS] =
-            SendSlot { data: data as usize, len, device, copying: false, sent: false };
+        let (k, request) = self.book.post(self.key, data, kind, size, (data as usize - base) as u64)?;
+        let slot = SendSlot {
+            header: Box::new([0; HEADER_LEN]),
+            data: data as usize,
+            len,
+            device,
+            copying: false,
+            sent: false,
+        };
+        self.slots.insert(k, slot);
         let key = self.key;
         log::trace(|| {
             let mem = if kind == NCCL_PTR_CUDA { "CUDA" } else { "HOST" };
@@ -121,46 +147,57 @@ impl FakeSend {
                 k % MAX_REQUESTS as u64
             )
         });
-        Ok(self.ring.pointer(k))
+        Ok(request)
     }
 
-    pub fn test(&mut self, slot: usize, done: &mut c_int) -> Result<()> {
-        let k = self.ring.check_test(slot)?;
-        *done = 0;
-        if !self.health.may_progress()? {
-            return Ok(());
+    /// One `test` of the request `id` names (the registry's view of its pointer). Only here does
+    /// the comm progress.
+    pub fn test(&mut self, id: usize) -> Result<Tested> {
+        let k = self.book.testable(id)?;
+        let sent = match self.advance(k) {
+            Ok(sent) => sent,
+            Err(f) => {
+                let f = self.health.fail(f);
+                self.book.failed(k);
+                return Ok(Tested::Failed(f));
+            }
+        };
+        if !sent {
+            return Ok(Tested::Pending);
         }
-        if let Err(f) = self.progress() {
-            return Err(self.health.fail(f));
-        }
-        let s = &mut self.slots[k as usize % MAX_REQUESTS];
-        if !s.sent {
-            return Ok(());
-        }
-        *s = SendSlot::default();
-        self.ring.tested += 1;
-        self.ring.released += 1;
-        *done = 1;
+        let len = self.slots.remove(&k).map_or(0, |s| s.len);
+        self.book.done(k);
         let key = self.key;
-        log::trace(|| format!("send {key:#x} test k={k} slot={slot} done"));
+        log::trace(|| format!("send {key:#x} test k={k} slot={} done", k % MAX_REQUESTS as u64));
         if self.health.completed() == AfterCompletion::Drop {
             self.inner = None;
         }
-        Ok(())
+        Ok(Tested::Done(len as c_int))
+    }
+
+    /// Progresses the comm, unless it stalled; whether request `k` is on the wire.
+    fn advance(&mut self, k: u64) -> Result<bool> {
+        if !self.health.may_progress()? {
+            return Ok(false);
+        }
+        self.progress()?;
+        Ok(self.slots.get(&k).is_some_and(|s| s.sent))
     }
 
     pub fn has_outstanding(&self) -> bool {
-        self.ring.in_flight() > 0
+        self.book.in_flight() > 0
     }
 
     fn progress(&mut self) -> Result<()> {
         let inner = self.inner.as_mut().ok_or_else(|| Fail::system("Connection closed by remote peer"))?;
         // Start the staging copies of every posted device send that has ring space, so they run
-        // while the requests before them are written to the socket.
-        while self.staged < self.ring.posted {
+        // while the requests before them are written to the socket. A copy holds staging slot
+        // k % 16 until its bytes are on the wire, so at most 16 are started ahead of the wire
+        // (TCPX's window of 16 requests already keeps it so; TCPXO's comms have no window).
+        while self.staged < self.book.posted() && self.staged - self.on_wire < MAX_REQUESTS as u64 {
             let k = self.staged;
             let i = k as usize % MAX_REQUESTS;
-            let s = &mut self.slots[i];
+            let s = self.slots.get_mut(&k).expect("a posted request keeps its slot until it is on the wire");
             if let (true, Some(gpu)) = (s.device, &mut self.gpu) {
                 let Some(off) = gpu.start(i, s.data, s.len)? else {
                     // Not an error: sends on the wire give their space back.
@@ -184,7 +221,7 @@ impl FakeSend {
         while self.submitted < self.staged && self.inner_queue.len() + 2 <= INNER_WINDOW {
             let seq = self.submitted;
             let i = seq as usize % MAX_REQUESTS;
-            let s = &mut self.slots[i];
+            let s = self.slots.get_mut(&seq).expect("a posted request keeps its slot until it is on the wire");
             let payload = match (s.copying, &mut self.gpu) {
                 (true, Some(gpu)) => {
                     if !gpu.ready(i)? {
@@ -194,11 +231,11 @@ impl FakeSend {
                 }
                 _ => s.data as *const u8,
             };
-            self.headers[i] = wire::encode(seq, s.len as u32, host::local());
-            // SAFETY: the header lives in this comm and the payload is caller memory that isend's
-            // contract keeps valid until test reports done; dropping `inner` first joins its thread.
-            let header_id =
-                unsafe { inner.isend(self.headers[i].as_ptr(), HEADER_LEN, MrHandle(0)) }.map_err(closed)?;
+            *s.header = wire::encode(seq, s.len as u32, host::local());
+            // SAFETY: the header is boxed in the slot, which stays until the request is reported
+            // done, after its payload left; the payload is caller memory that isend's contract keeps
+            // valid until test reports done; dropping `inner` first joins its thread.
+            let header_id = unsafe { inner.isend(s.header.as_ptr(), HEADER_LEN, MrHandle(0)) }.map_err(closed)?;
             // SAFETY: as for the header: the payload is caller memory (or this comm's staging copy)
             // that isend's contract keeps valid until test reports done.
             let payload_id = unsafe { inner.isend(payload, s.len, MrHandle(0)) }.map_err(closed)?;
@@ -214,15 +251,25 @@ impl FakeSend {
                 break;
             }
             if front.payload {
-                let s = &mut self.slots[front.seq as usize % MAX_REQUESTS];
+                let s = self.slots.get_mut(&front.seq).expect("a request keeps its slot until it is reported done");
                 s.sent = true;
                 if let (true, Some(gpu)) = (s.copying, &mut self.gpu) {
                     // Requests reach the wire in posting order, the order their copies took space.
                     gpu.give_back();
                 }
+                self.on_wire += 1;
             }
             self.inner_queue.pop_front();
         }
         Ok(())
     }
+}
+
+/// TCPXO refuses payload in host memory (`fo/nccl_shim.cc` `GetRequest` L517-524): its NIC's
+/// transfer service reaches only registered GPU memory, though `ptrSupport` lists HOST.
+pub fn host_payload(what: &str, len: usize, comm: usize) -> Fail {
+    Fail::system(format!(
+        "Attempted to {what} {len} bytes from host buffer on comm {comm:#x} (fo/nccl_shim.cc GetRequest): TCPXO \
+         moves only GPU memory registered as NCCL_PTR_CUDA, and only 0-byte requests may name host memory"
+    ))
 }

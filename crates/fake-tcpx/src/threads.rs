@@ -6,12 +6,18 @@
 //! tolerates. So two control calls at once, or two calls on one comm at once, end the process
 //! (as a fatal condition: see `fatal.rs`) with a message naming both calls; the per-comm locks
 //! stay behind this as a safety net. `FAKE_TCPX_THREAD_CHECK=off` turns the check off.
+//!
+//! TCPXO locks its per-GPU setup and shared clients (`fo/fastrak_plugin.cc` L57-71), but not a
+//! comm's state nor the counter its connect and accept bump (`fo/nccl_shim.cc` `Connect` L371,
+//! `Accept` L430): the same two clashes hold, the first stricter than TCPXO needs for calls that
+//! make no comm.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::fail::Result;
 use crate::fatal::fatal;
+use crate::profile::{self, Kind};
 
 /// What an entry point touches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,12 +38,18 @@ impl Scope {
         }
     }
 
-    /// Why TCPX cannot run calls of these two scopes at once, if it cannot.
-    fn clash(self, other: Scope) -> Option<String> {
+    /// Why the plugin `kind` cannot run calls of these two scopes at once, if it cannot.
+    fn clash(self, other: Scope, kind: Kind) -> Option<String> {
         if let (Scope::Control(_), Scope::Control(_)) = (self, other) {
-            return Some(
-                "TCPX's per-GPU setup (gpu_current_dev, the rx pool import) and connection setup take no lock".into(),
-            );
+            return Some(match kind {
+                Kind::Tcpx => {
+                    "TCPX's per-GPU setup (gpu_current_dev, the rx pool import) and connection setup take no lock"
+                        .into()
+                }
+                Kind::Tcpxo => "TCPXO's comm counter (++comm_counter_, fo/nccl_shim.cc Connect L371, Accept L430) \
+                                and connection stages take no lock"
+                    .into(),
+            });
         }
         match (self.comm(), other.comm()) {
             (Some(a), Some(b)) if a == b => Some(format!("the requests and progress of comm {a:#x} take no lock")),
@@ -102,8 +114,11 @@ pub fn enter(call: &'static str, scope: Scope) -> Result<Token> {
     let id = NEXT.fetch_add(1, Ordering::Relaxed);
     let clash = {
         let mut inside = inside();
-        let clash =
-            inside.iter().filter(|i| i.tid != tid).find_map(|i| scope.clash(i.scope).map(|why| (i.call, i.tid, why)));
+        let kind = profile::kind();
+        let clash = inside
+            .iter()
+            .filter(|i| i.tid != tid)
+            .find_map(|i| scope.clash(i.scope, kind).map(|why| (i.call, i.tid, why)));
         inside.push(Inside { id, tid, call, scope });
         clash
     };
@@ -127,13 +142,16 @@ mod tests {
     #[test]
     fn clashes() {
         let (c1, c2) = (0x1000, 0x2000);
-        assert!(Scope::Control(0).clash(Scope::Control(c1)).is_some(), "two control calls");
-        assert!(Scope::Comm(c1).clash(Scope::Comm(c1)).is_some(), "one comm");
-        assert!(Scope::Control(c1).clash(Scope::Comm(c1)).is_some(), "regMr or close during test of its comm");
-        assert!(Scope::Comm(c1).clash(Scope::Comm(c2)).is_none(), "two comms");
-        assert!(Scope::Control(c1).clash(Scope::Comm(c2)).is_none(), "NCCL's service and progress threads");
-        assert!(Scope::Control(0).clash(Scope::Comm(c2)).is_none());
-        assert!(Scope::Free.clash(Scope::Free).is_none());
+        for k in [Kind::Tcpx, Kind::Tcpxo] {
+            assert!(Scope::Control(0).clash(Scope::Control(c1), k).is_some(), "two control calls");
+            assert!(Scope::Comm(c1).clash(Scope::Comm(c1), k).is_some(), "one comm");
+            assert!(Scope::Control(c1).clash(Scope::Comm(c1), k).is_some(), "regMr or close during test of its comm");
+            assert!(Scope::Comm(c1).clash(Scope::Comm(c2), k).is_none(), "two comms");
+            assert!(Scope::Control(c1).clash(Scope::Comm(c2), k).is_none(), "NCCL's service and progress threads");
+            assert!(Scope::Control(0).clash(Scope::Comm(c2), k).is_none());
+            assert!(Scope::Free.clash(Scope::Free, k).is_none());
+        }
+        assert!(Scope::Control(0).clash(Scope::Control(0), Kind::Tcpxo).unwrap().contains("comm_counter_"));
     }
 
     #[test]

@@ -215,9 +215,15 @@ pub fn gpu_default(n: Option<usize>, gpus: &[GpuPlace]) -> Vec<NicSpec> {
 }
 
 /// The devices as reported: sorted by name, given addresses (the listed one, else `base`, and on
-/// IPv4 loopback `base` plus the device's place, so that each has its own), and filtered by
-/// `ifname` (`NCCL_GPUDIRECTTCPX_SOCKET_IFNAME`: prefixes, `^` excludes, `=` matches exactly).
-pub fn finish(mut specs: Vec<NicSpec>, base: IpAddr, ifname: Option<&str>) -> Result<Vec<Nic>, String> {
+/// IPv4 loopback `base` plus the device's place, so that each has its own), and filtered by the
+/// interface list `ifname` names (the variable and its value: prefixes, `^` excludes, `=` matches
+/// exactly; `NCCL_GPUDIRECTTCPX_SOCKET_IFNAME` for TCPX, TCPXO's the same way, `fo/utilities.h`
+/// `findInterfaces` L186-195).
+pub fn finish(mut specs: Vec<NicSpec>, base: IpAddr, ifname: Option<(&str, &str)>) -> Result<Vec<Nic>, String> {
+    let (var, ifname) = match ifname {
+        Some((var, list)) => (var, Some(list)),
+        None => ("", None),
+    };
     specs.sort_by(|a, b| a.name.cmp(&b.name));
     let mut nics = Vec::with_capacity(specs.len());
     for (i, s) in specs.into_iter().enumerate() {
@@ -237,12 +243,15 @@ pub fn finish(mut specs: Vec<NicSpec>, base: IpAddr, ifname: Option<&str>) -> Re
         }
     }
     if nics.is_empty() {
-        return Err(format!(
-            "no interface found: NCCL_GPUDIRECTTCPX_SOCKET_IFNAME={} matches no device",
-            ifname.unwrap_or("")
-        ));
+        return Err(format!("no interface found: {var}={} matches no device", ifname.unwrap_or("")));
     }
     Ok(nics)
+}
+
+/// TCPXO's device order: by the PCI address that ends each device's path (`fo/common.cc`
+/// `initializeNetIfs` L122-137), where TCPX's is by name.
+pub fn sort_by_pci_address(nics: &mut [Nic]) {
+    nics.sort_by(|a, b| a.pci_path.rsplit('/').next().cmp(&b.pci_path.rsplit('/').next()));
 }
 
 /// TCPX's interface match (`misc/socket_utils.cc` `findInterfaces`, `matchIfList`): a list of
@@ -310,7 +319,7 @@ mod tests {
         assert!(finish(host_default(2), "127.0.0.254".parse().unwrap(), None).unwrap_err().contains("no loopback"));
 
         let names = |filter| -> Vec<String> {
-            finish(host_default(3), LO, Some(filter))
+            finish(host_default(3), LO, Some(("LIST", filter)))
                 .map(|n| n.into_iter().map(|n| n.name).collect())
                 .unwrap_or_default()
         };
@@ -319,10 +328,20 @@ mod tests {
         assert_eq!(names("eth"), ["eth0", "eth1", "eth2", "eth3"], "a prefix");
         assert_eq!(names("=eth"), Vec::<String>::new());
         assert_eq!(names("=eth3,eth1"), ["eth1", "eth3"]);
-        assert!(finish(host_default(1), LO, Some("ib")).unwrap_err().contains("no interface found"));
+        assert!(finish(host_default(1), LO, Some(("LIST", "ib"))).unwrap_err().contains("no interface found: LIST=ib"));
         // The filtered list keeps the addresses of the whole one.
-        let kept = finish(host_default(2), LO, Some("^eth0")).unwrap();
+        let kept = finish(host_default(2), LO, Some(("LIST", "^eth0"))).unwrap();
         assert_eq!(kept[0].addr.to_string(), "127.0.0.2");
+    }
+
+    #[test]
+    fn tcpxo_orders_devices_by_pci_address() {
+        let spec = "b /sys/devices/pci0000:01/0000:01:00.0/0000:09:00.0; a /sys/devices/pci0000:81/0000:86:00.0; \
+                    c /sys/devices/pci0000:00/0000:00:04.0";
+        let mut nics = finish(parse(spec).unwrap(), LO, None).unwrap();
+        sort_by_pci_address(&mut nics);
+        let got: Vec<(&str, String)> = nics.iter().map(|n| (n.name.as_str(), n.addr.to_string())).collect();
+        assert_eq!(got, [("c", "127.0.0.3".into()), ("b", "127.0.0.2".into()), ("a", "127.0.0.1".into())]);
     }
 
     #[test]

@@ -201,7 +201,60 @@ impl Plugin {
             }
             (!sc.is_null() && !rc.is_null()).then_some(())
         });
-        Pair { send: sc, recv: rc, listen: lc, dev_handle, connect_handle }
+        Pair { send: sc, recv: rc, listen: lc, dev_handle, send_dev_handle: Box::default(), connect_handle }
+    }
+
+    /// TCPXO's connect and accept, polled as NCCL's proxy does, with both device handle slots
+    /// pointing at handles filled with `UNWRITTEN` first (TCPXO requires `sendDevComm`; it writes
+    /// through `*sendDevComm` and `*recvDevComm`).
+    pub fn pair_tcpxo(&self, dev: c_int) -> Pair {
+        let (handle, lc) = self.listen(dev);
+        let mut connect_handle = handle;
+        let (mut dev_handle, mut send_dev_handle) = (Box::new(UNWRITTEN), Box::new(UNWRITTEN));
+        let mut recv_ptr: *mut NcclNetDeviceHandleV7 = &mut *dev_handle;
+        let mut send_ptr: *mut NcclNetDeviceHandleV7 = &mut *send_dev_handle;
+        let (mut sc, mut rc): (*mut c_void, *mut c_void) = (std::ptr::null_mut(), std::ptr::null_mut());
+        testkit::drive("connect and accept", LIMIT, || {
+            if sc.is_null() {
+                // SAFETY: connect_handle is the 128-byte handle listen wrote, kept in place across polls;
+                // sc and send_ptr are writable locals, the latter pointing at boxed storage Pair keeps.
+                let r =
+                    unsafe { self.t.connect.unwrap()(dev, connect_handle.as_mut_ptr().cast(), &mut sc, &mut send_ptr) };
+                assert_eq!(r, 0, "connect");
+            }
+            if rc.is_null() {
+                // SAFETY: lc came from listen above; rc and recv_ptr are writable locals, the latter
+                // pointing at boxed storage Pair keeps.
+                let r = unsafe { self.t.accept.unwrap()(lc, &mut rc, &mut recv_ptr) };
+                assert_eq!(r, 0, "accept");
+            }
+            (!sc.is_null() && !rc.is_null()).then_some(())
+        });
+        Pair { send: sc, recv: rc, listen: lc, dev_handle, send_dev_handle, connect_handle }
+    }
+
+    /// One TCPXO test call, which writes `*size` too: Ok((done, size)).
+    pub fn test_sized(&self, req: *mut c_void) -> Result<(bool, c_int), c_int> {
+        let mut done = -1;
+        let mut size = -12345;
+        // SAFETY: the fake maps req through its registry (anything else is an error) and writes only
+        // done and size, both writable locals.
+        let rc = unsafe { self.t.test.unwrap()(req, &mut done, &mut size) };
+        if rc != 0 {
+            return Err(rc);
+        }
+        assert!(done == 0 || done == 1, "done = {done}");
+        assert!(done == 1 || size == 0, "a pending TCPXO request reports size 0, got {size}");
+        Ok((done == 1, size))
+    }
+
+    /// TCPXO: tests `req` until done, with a deadline; the size it reported.
+    pub fn wait_sized(&self, req: *mut c_void) -> Result<c_int, c_int> {
+        testkit::drive(&format!("request {req:p} completes"), LIMIT, || match self.test_sized(req) {
+            Ok((false, _)) => None,
+            Ok((true, n)) => Some(Ok(n)),
+            Err(rc) => Some(Err(rc)),
+        })
     }
 
     pub fn reg(&self, comm: *mut c_void, data: *const u8, len: usize, ty: c_int) -> Result<*mut c_void, c_int> {
@@ -286,8 +339,19 @@ pub struct Pair {
     pub recv: *mut c_void,
     pub listen: *mut c_void,
     pub dev_handle: Box<NcclNetDeviceHandleV7>,
+    /// What `connect` wrote through `*sendDevComm` (TCPXO; TCPX pairs pass none).
+    pub send_dev_handle: Box<NcclNetDeviceHandleV7>,
     pub connect_handle: [u8; 128],
 }
+
+/// A device handle no plugin writes: what `pair_tcpxo` fills the slots with first.
+pub const UNWRITTEN: NcclNetDeviceHandleV7 = NcclNetDeviceHandleV7 {
+    net_device_type: 99,
+    net_device_version: 99,
+    handle: 0x99 as *mut c_void,
+    size: 99,
+    needs_proxy_progress: 99,
+};
 
 /// The host-mode view of a receive comm's unpack queue.
 pub struct Unpack {
