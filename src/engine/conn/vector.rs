@@ -202,7 +202,7 @@ mod tests {
         // Single items and small ones join the request of the runs beside them, one 8 B item
         // next to another keeps its own (inline, one round trip each, no flow).
         let small = [(0, 0, 8), (1, 1, 8), (2, 2, 1 << 20), (3, 3, 64 << 10), (3, 3, 64 << 10)];
-        assert_eq!(requests(&full_runs(&small), |r| r, true), [0..4]);
+        assert_eq!(requests(&full_runs(&small), |r| r, true), vec![0..4usize]);
         assert_eq!(requests(&full_runs(&small[..2]), |r| r, true), [0..1, 1..2]);
         assert_eq!(requests(&full_runs(&small), |r| r, false), [0..1, 1..2, 2..3, 3..4]);
         // Blocks alternating between regions: runs of one block, MAX_VECTOR_RUNS a request.
