@@ -39,13 +39,13 @@ fn connections_closing_while_others_move_data_lose_nothing_of_theirs() {
         let op = OneSided { mr: smrs[i], addr: src[i].as_ptr() as usize + round * LEN, len: LEN, remote: targets[i] };
         conns[i].0.write(&[op]).unwrap()
     };
-    let closed = |i: usize| i % 3 == 0;
+    let closed = |i: usize| i.is_multiple_of(3);
 
     // Every connection writes at once; every third closes while the writes are in flight, from
     // one end or the other.
     let ids: Vec<u64> = (0..N).map(|i| write(i, 0)).collect();
     for i in (0..N).filter(|&i| closed(i)) {
-        if i % 2 == 0 { a.close_connection(&conns[i].0) } else { b.close_connection(&conns[i].1) }
+        if i.is_multiple_of(2) { a.close_connection(&conns[i].0) } else { b.close_connection(&conns[i].1) }
     }
     let mut failed = 0;
     for (i, &id) in ids.iter().enumerate() {
