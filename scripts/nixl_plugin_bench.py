@@ -19,6 +19,10 @@ pull mode and its push variant, timed against one descriptor of the same bytes (
 the initiator thread's CPU time in make_prepped_xfer and in transfer() per descriptor, which the
 wall time of a post on a busy host hides (the caller loses its core to the threads moving the bytes).
 
+With --sglang ROOMSxCHUNKSxPAGESxPAGE_SIZE (with --vram too), instead: SGLang's prefill->decode push
+(4 transfer threads sharing the prefill agent, rooms cut into chunks, kv and aux notifications),
+each run's time to the last notification and each room's, against NIXL's UCX (see sglang_measure).
+
 With --breakdown, instead: where one request's time goes (see breakdown_measure), on the same-host
 path (tcpx-local) by default, against uccl-tcpx-bench on the same path and sizes in the same rounds
 when --bench names its binary (--same-host for tcpx-local).
@@ -27,6 +31,7 @@ usage: nixl_plugin_bench.py [--rounds N] [--sizes 4K,1M,64M] [--setups tcpx-net,
                             (with --vram: tcpx-net,tcpx-local,ucx-tcp-cuda,ucx)
                             [--vram I,T] [--json FILE]
        nixl_plugin_bench.py --kv 8x1024x256x16K [--kv-requests N] [--kv-concurrent C] [--rounds N] [--setups ...]
+       nixl_plugin_bench.py --sglang 24x3x24x64K [--rounds N] [--setups tcpx-net,tcpx-local,ucx] [--vram I,T]
        nixl_plugin_bench.py --breakdown [--bench PATH] [--rounds N] [--sizes 4K,1M] [--vram I,T]
                             [--initiator-param UCCL_TCPX_CONTROL_SPIN_US=0 ...]
 """
@@ -35,21 +40,23 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import queue
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
 
 try:
-    from nixl._api import nixl_agent, nixl_agent_config
+    from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 except ImportError:
     try:
-        from nixl_cu12._api import nixl_agent, nixl_agent_config
+        from nixl_cu12._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
     except ImportError:
-        from nixl_cu13._api import nixl_agent, nixl_agent_config
+        from nixl_cu13._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
 SETUPS = {
     # name: (backend, backend parameters, environment of both processes)
@@ -134,14 +141,21 @@ def parse_size(text):
     return int(text[:-1]) * mult[text[-1]] if text[-1] in mult else int(text)
 
 
-def make_agent(name, setup, gpu):
+def make_agent(name, setup, gpu, sglang=False):
     backend, params, _ = SETUPS[setup]
     params = dict(params)
     if backend == "TCPX" and gpu is not None:
         params["gpu"] = str(gpu)
     if backend == "TCPX" and name == "initiator":
         params.update(INITIATOR_PARAMS)
-    agent = nixl_agent(name, nixl_agent_config(backends=[]))
+    config = nixl_agent_config(backends=[])
+    if sglang:
+        # As SGLang's NixlKVManager: STRICT, for its transfer threads share the prefill agent
+        # (without a listen thread NIXL would take NONE), and 8 threads for the prefill's UCX.
+        config = nixl_agent_config(backends=[], sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
+        if backend == "UCX" and name == "initiator":
+            params.setdefault("num_threads", "8")
+    agent = nixl_agent(name, config)
     agent.create_backend(backend, params)
     return agent
 
@@ -618,6 +632,291 @@ def kv_main(shape, setups, rounds, requests, concurrent=1):
         )
     return got
 
+
+# ---- SGLang case (--sglang): SGLang's prefill->decode push through NIXL ----------------------------
+# After sgl-project/sglang python/sglang/srt/disaggregation/nixl/conn.py @ 8d9468505bb1, as
+# scripts/serving/sglang.py reproduces it for correctness: the initiator is the prefill side, the
+# target the decode side. KV: 16 layers x K and V, 32 regions of SLOTS pages each registered apart
+# (SLOTS = ROOMS x CHUNKS x PAGES, each room's pages at its own slots, the same on both sides); aux
+# in host memory even with --vram. The prefill side prepares both lists once (prep_xfer_dlist, one
+# descriptor per region and page, index region * SLOTS + page); each room is cut into CHUNKS chunks
+# of PAGES pages, queued room by room (so a room's time is its own chunks', not the queue's behind
+# it) to transfer thread room % 4 (4 threads, a queue each); a thread makes (make_prepped_xfer
+# WRITE, notification "{room}_kv_{chunk}_{last}_0") and posts a chunk, on a room's last chunk also
+# its aux (initialize_xfer WRITE, "{room}_aux"), then polls check_xfer_state over the chunk's
+# handles, time.sleep(0) between rounds, until all are DONE. The
+# decode side drains get_new_notifs until every room's kv and aux notifications are in, then checks
+# every byte. Times are CLOCK_MONOTONIC, one clock for both processes of this host.
+SG_REGIONS = 2 * 16
+SG_QUEUES = 4  # SGLANG_DISAGGREGATION_QUEUE_SIZE's default
+SG_AUX = 256  # one room's aux item, as sglang.py's first aux buffer
+SG_WAIT_S = 120
+SG_RANK = 0
+
+
+def sg_clock():
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
+def sg_pattern(nbytes, region):
+    """The prefill side's bytes of `region`: every 8-byte word unlike every other of every region,
+    so a page written to the wrong slot or region shows; cheaper to make than random bytes."""
+    words = -(-nbytes // 8)
+    w = np.arange(region * words, (region + 1) * words, dtype=np.uint64)
+    w *= np.uint64(0x9E3779B97F4A7C15)
+    return w.view(np.uint8)[:nbytes]
+
+
+def sg_aux_pattern(rooms):
+    return np.random.default_rng(11).integers(0, 256, size=rooms * SG_AUX, dtype=np.uint8)
+
+
+class SgKv:
+    """One side's KV regions: the prefill pattern, or zeros, in host memory or on GPU `gpu`. Every
+    page is written here first, so no transfer meets a page the kernel has yet to map."""
+
+    def __init__(self, slots, page, fill, gpu=None):
+        self.slots, self.page = slots, page
+        self.kind, self.dev, self.gpu = ("DRAM", 0, None) if gpu is None else ("VRAM", gpu, gpu)
+        n = slots * page
+        if gpu is None:
+            self.mem = np.zeros((SG_REGIONS, n), dtype=np.uint8)
+            for r in range(SG_REGIONS):
+                self.mem[r] = sg_pattern(n, r) if fill else 0
+        else:
+            import torch
+
+            self.mem = torch.zeros((SG_REGIONS, n), dtype=torch.uint8, device=f"cuda:{gpu}")
+            if fill:
+                for r in range(SG_REGIONS):
+                    self.mem[r].copy_(torch.from_numpy(sg_pattern(n, r)))
+            torch.cuda.synchronize(self.mem.device)
+
+    def bases(self):
+        if self.gpu is None:
+            return [self.mem[r].ctypes.data for r in range(SG_REGIONS)]
+        return [self.mem[r].data_ptr() for r in range(SG_REGIONS)]
+
+    def register(self, agent):
+        n = self.slots * self.page
+        regs = [(b, n, self.dev, "") for b in self.bases()]
+        agent.register_memory(agent.get_reg_descs(regs, self.kind))
+
+    def region(self, r):
+        """Region r's bytes as a host numpy array."""
+        if self.gpu is None:
+            return self.mem[r]
+        return self.mem[r].cpu().numpy()
+
+
+def sg_dlist(bases, slots, page, dev):
+    """SGLang's _prep_equal_tp_dlist: an Nx3 array, one descriptor per region and page."""
+    rows = []
+    for base in bases:
+        addrs = np.arange(slots, dtype=np.uint64) * np.uint64(page) + np.uint64(base)
+        rows.append(np.column_stack([addrs, np.full(slots, page, dtype=np.uint64), np.full(slots, dev, dtype=np.uint64)]))
+    return np.vstack(rows)
+
+
+def sg_notifs(rooms, chunks):
+    want = set()
+    for room in range(rooms):
+        want.update(f"{room}_kv_{c}_{int(c == chunks - 1)}_{SG_RANK}".encode() for c in range(chunks))
+        want.add(f"{room}_aux".encode())
+    return want
+
+
+def sglang_target(pipe, setup, shape, gpu):
+    for k, v in SETUPS[setup][2].items():
+        os.environ[k] = v
+    rooms, chunks, pages, page = shape
+    slots = rooms * chunks * pages
+    agent = make_agent("target", setup, gpu, sglang=True)
+    kv = SgKv(slots, page, False, gpu)
+    kv.register(agent)
+    aux = np.zeros(rooms * SG_AUX, dtype=np.uint8)
+    agent.register_memory(agent.get_reg_descs([(aux.ctypes.data, aux.nbytes, 0, "")], "DRAM"))
+    pipe.send((agent.get_agent_metadata(), kv.bases(), kv.dev, kv.kind, aux.ctypes.data))
+    problems, last = [], None
+    if pipe.recv() == "go":
+        want = sg_notifs(rooms, chunks)
+        seen = set()
+        deadline = sg_clock() + SG_WAIT_S
+        # SGLang's decode side: get_new_notifs from its scheduler's loop, here every 0.5 ms.
+        while last is None and not pipe.poll():
+            for msgs in agent.get_new_notifs().values():
+                for m in msgs:
+                    m = bytes(m)
+                    if m not in want or m in seen:
+                        problems.append(f"notification {m!r} unknown or twice")
+                    seen.add(m)
+            if want <= seen:
+                last = sg_clock()
+            elif sg_clock() > deadline:
+                problems.append(f"{len(want - seen)} of {len(want)} notifications missing after {SG_WAIT_S} s")
+                break
+            else:
+                time.sleep(0.0005)
+        if last is not None:
+            n = slots * page
+            for r in range(SG_REGIONS):
+                if not np.array_equal(kv.region(r), sg_pattern(n, r)):
+                    problems.append(f"KV region {r} differs from the prefill side's")
+            if not np.array_equal(aux, sg_aux_pattern(rooms)):
+                problems.append("aux differs from the prefill side's")
+            # The check took a while: a stray notification would be in by now.
+            extra = sum(len(m) for m in agent.get_new_notifs().values())
+            if extra:
+                problems.append(f"{extra} notifications more than the rooms'")
+        pipe.send((last, problems))
+    pipe.recv()  # until the prefill side is done
+    os._exit(0)
+
+
+def sglang_measure(setup, shape):
+    """(run s: the first make_prepped_xfer to the last notification in, [each room's s: its first
+    chunk's make_prepped_xfer to its last chunk's DONE], in room order)."""
+    rooms, chunks, pages, page = shape
+    slots = rooms * chunks * pages
+    saved, pipe, proc = start_target(setup, sglang_target, setup, shape, VRAM[1] if VRAM else None)
+    try:
+        if not pipe.poll(120):
+            raise RuntimeError("the target did not start")
+        meta, remote_bases, remote_dev, remote_kind, remote_aux = pipe.recv()
+        gpu = VRAM[0] if VRAM else None
+        agent = make_agent("initiator", setup, gpu, sglang=True)
+        kv = SgKv(slots, page, True, gpu)
+        kv.register(agent)
+        aux = sg_aux_pattern(rooms)
+        agent.register_memory(agent.get_reg_descs([(aux.ctypes.data, aux.nbytes, 0, "")], "DRAM"))
+        peer = agent.add_remote_agent(meta)
+        src = agent.prep_xfer_dlist("", sg_dlist(kv.bases(), slots, page, kv.dev), kv.kind)
+        dst = agent.prep_xfer_dlist(peer, sg_dlist(remote_bases, slots, page, remote_dev), remote_kind)
+        times = {}  # (room, chunk) -> (make_prepped_xfer, DONE)
+        errors = []
+
+        def transfer_worker(q):
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                room, chunk = item
+                # As SGLang, the last chunk's handles go when the next chunk starts.
+                handles = []
+                try:
+                    last = chunk == chunks - 1
+                    first = (room * chunks + chunk) * pages
+                    region_starts = np.arange(SG_REGIONS, dtype=np.int32)[:, None] * slots
+                    idx = (region_starts + np.arange(first, first + pages, dtype=np.int32)[None, :]).ravel()
+                    notif = f"{room}_kv_{chunk}_{int(last)}_{SG_RANK}".encode()
+                    start = sg_clock()
+                    h = agent.make_prepped_xfer("WRITE", src, idx, dst, idx, notif)
+                    if agent.transfer(h) == "ERR":
+                        raise RuntimeError(f"room {room} chunk {chunk}: transfer() ERR")
+                    handles.append(h)
+                    if last:
+                        s = agent.get_xfer_descs([(aux.ctypes.data + room * SG_AUX, SG_AUX, 0)], "DRAM")
+                        d = agent.get_xfer_descs([(remote_aux + room * SG_AUX, SG_AUX, 0)], "DRAM")
+                        h = agent.initialize_xfer("WRITE", s, d, peer, f"{room}_aux".encode())
+                        if agent.transfer(h) == "ERR":
+                            raise RuntimeError(f"room {room} aux: transfer() ERR")
+                        handles.append(h)
+                    deadline = start + SG_WAIT_S
+                    while True:
+                        states = [agent.check_xfer_state(h) for h in handles]
+                        if "ERR" in states:
+                            raise RuntimeError(f"room {room} chunk {chunk}: ERR")
+                        if all(st == "DONE" for st in states):
+                            break
+                        if sg_clock() > deadline:
+                            raise RuntimeError(f"room {room} chunk {chunk}: {states} after {SG_WAIT_S} s")
+                        time.sleep(0)
+                    times[(room, chunk)] = (start, sg_clock())
+                except Exception as e:
+                    errors.append(e)
+
+        queues = [queue.Queue() for _ in range(SG_QUEUES)]
+        workers = [threading.Thread(target=transfer_worker, args=(q,), daemon=True) for q in queues]
+        for w in workers:
+            w.start()
+        pipe.send("go")
+        for room in range(rooms):
+            for chunk in range(chunks):
+                queues[room % SG_QUEUES].put((room, chunk))
+        for q in queues:
+            q.put(None)
+        for w in workers:
+            w.join(SG_WAIT_S * rooms * chunks)
+        if errors or any(w.is_alive() for w in workers):
+            pipe.send("abort")
+            raise errors[0] if errors else RuntimeError("a transfer thread hung")
+        if not pipe.poll(SG_WAIT_S + 600):
+            raise RuntimeError("the decode side did not answer")
+        last, problems = pipe.recv()
+        pipe.send("done")
+        if problems:
+            raise RuntimeError("decode side: " + "; ".join(problems[:5]))
+        run = last - min(t[0] for t in times.values())
+        return run, [times[(room, chunks - 1)][1] - times[(room, 0)][0] for room in range(rooms)]
+    finally:
+        end_target(proc, saved)
+
+
+def parse_sglang(text):
+    """ROOMSxCHUNKSxPAGESxPAGE_SIZE, e.g. 24x3x24x64K."""
+    parts = text.lower().split("x")
+    if len(parts) != 4:
+        raise ValueError(f"--sglang takes ROOMSxCHUNKSxPAGESxPAGE_SIZE, not {text!r}")
+    rooms, chunks, pages = (int(p) for p in parts[:3])
+    page = parse_size(parts[3].upper())
+    if min(rooms, chunks, pages, page) <= 0:
+        raise ValueError(f"--sglang {text!r}: every number positive")
+    if SG_REGIONS * rooms * chunks * pages >= 1 << 31:
+        raise ValueError(f"--sglang {text!r}: more descriptors than int32 indices reach")
+    return rooms, chunks, pages, page
+
+
+def sglang_main(shape, setups, rounds, json_path=None):
+    rooms, chunks, pages, page = shape
+    room_bytes = chunks * pages * SG_REGIONS * page
+    total = rooms * room_bytes
+    print(
+        f"SGLang push: {rooms} rooms x {chunks} chunks x {pages} pages of {page >> 10} KiB in each of "
+        f"{SG_REGIONS} regions ({room_bytes / (1 << 20):.0f} MiB a room, {total / (1 << 30):.2f} GiB a run), "
+        f"{SG_QUEUES} transfer threads; KV in {'VRAM' if VRAM else 'DRAM'}, aux in DRAM. run: the first "
+        "make_prepped_xfer to the last notification in; room: its first chunk's make_prepped_xfer to its "
+        "last chunk's DONE; first room: room 0 over the round's room p50 (fresh peer); x ucx: ucx's run over this one's"
+    )
+    got = {}  # setup -> [(run s, [room s])] over rounds
+    for r in range(rounds):
+        for setup in setups:
+            try:
+                res = sglang_measure(setup, shape)
+            except Exception as e:  # a setup that does not run here is reported, not fatal
+                print(f"round {r + 1}: {setup} SGLang: {e}", file=sys.stderr)
+                continue
+            got.setdefault(setup, []).append(res)
+        print(f"SGLang round {r + 1} of {rounds} done", file=sys.stderr, flush=True)
+    print("| setup | run ms | GB/s | x ucx | room p50 ms | room max ms | first room ms (x p50) | run ms per round |")
+    print("|---|---|---|---|---|---|---|---|")
+    for setup, res in got.items():
+        run = statistics.median(x[0] for x in res)
+        p50s = [statistics.median(x[1]) for x in res]
+        ucx = got.get("ucx")
+        vs_ucx = f"{statistics.median(x[0] for x in ucx) / run:.2f}" if ucx else "-"
+        print(
+            f"| {setup} | {run * 1e3:.0f} | {total / run / 1e9:.2f} | {vs_ucx} | {statistics.median(p50s) * 1e3:.1f} "
+            f"| {max(max(x[1]) for x in res) * 1e3:.1f} "
+            f"| {' '.join(f'{x[1][0] * 1e3:.1f} ({x[1][0] / p:.2f})' for x, p in zip(res, p50s))} "
+            f"| {' '.join(f'{x[0] * 1e3:.0f}' for x in res)} |"
+        )
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"shape": shape, "vram": VRAM, "runs": {s: [{"run_s": x[0], "rooms_s": x[1]} for x in res]
+                                                            for s, res in got.items()}}, f, indent=1)
+    return got
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -629,6 +928,9 @@ def main():
     ap.add_argument("--kv-requests", type=int, default=10, help="KV requests per op and round")
     ap.add_argument("--kv-concurrent", type=int, default=1, metavar="C",
                     help="KV requests of one agent in flight at once, disjoint blocks (C x PER_REQ <= BLOCKS)")
+    ap.add_argument("--sglang", metavar="RxCxPxS",
+                    help="SGLang's prefill->decode push instead of the sizes, e.g. 24x3x24x64K: "
+                         "ROOMS x CHUNKS a room x PAGES a chunk x PAGE_SIZE")
     ap.add_argument("--breakdown", action="store_true", help="where a request's time goes (--sizes default 4K,1M)")
     ap.add_argument("--bench", metavar="PATH", help="with --breakdown: uccl-tcpx-bench, run in every round")
     ap.add_argument("--initiator-param", metavar="KEY=VALUE", action="append", default=[],
@@ -654,6 +956,17 @@ def main():
         if args.kv_concurrent < 1 or args.kv_concurrent * shape[3] > shape[1]:
             ap.error(f"--kv-concurrent {args.kv_concurrent}: at least 1, and C x PER_REQ <= BLOCKS")
         kv_main(shape, kv_setups, args.rounds, args.kv_requests, args.kv_concurrent)
+        return
+    if args.sglang:
+        sg_setups = args.setups.split(",") if args.setups else ["tcpx-net", "tcpx-local", "ucx"]
+        unknown = [s for s in sg_setups if s not in SETUPS]
+        if unknown:
+            ap.error(f"unknown setup {', '.join(unknown)}: one of {', '.join(SETUPS)}")
+        try:
+            shape = parse_sglang(args.sglang)
+        except ValueError as e:
+            ap.error(str(e))
+        sglang_main(shape, sg_setups, args.rounds, args.json)
         return
     if args.breakdown:
         sizes = [parse_size(s) for s in (args.sizes or "4K,1M").split(",")]
