@@ -670,7 +670,7 @@ impl CheckedRun {
 }
 
 /// Consecutive runs of a call as one vector request: one request, one flow; over several regions
-/// its chunks are cut per run. The segment lists are collected from exact-size iterators, each into
+/// its chunks cross from one region into the next (`plan.rs`). The segment lists are collected from exact-size iterators, each into
 /// one allocation of its final size.
 fn vector(runs: &[CheckedRun], ops: &(impl ItemList + ?Sized)) -> OneSidedRequest {
     let items = runs[0].run.items.start..runs[runs.len() - 1].run.items.end;
