@@ -11,7 +11,7 @@ use std::ffi::c_void;
 
 use crate::addresses;
 use crate::fail::{Fail, Result};
-use crate::registry;
+use crate::pointers;
 
 #[derive(Default)]
 pub struct Ledger {
@@ -33,7 +33,7 @@ impl Ledger {
         let k = self.posted;
         self.posted += 1;
         self.live.insert(k, Entry { addr, failed: false });
-        registry::add_request(addr, comm, k);
+        pointers::add(addr, comm, k);
         Ok((k, addr as *mut c_void))
     }
 
@@ -52,7 +52,7 @@ impl Ledger {
     /// `test` reported request `k` done: it is gone.
     pub fn done(&mut self, k: u64) {
         if let Some(e) = self.live.remove(&k) {
-            registry::remove_request(e.addr);
+            pointers::remove(e.addr);
         }
     }
 
@@ -86,7 +86,7 @@ mod tests {
         assert_eq!(l.testable(57).unwrap(), 57, "any request, in any order");
         l.done(57);
         assert!(l.testable(57).is_err(), "gone once done");
-        assert!(registry::request(posted[57].1 as usize).is_none());
+        assert!(pointers::get(posted[57].1 as usize).is_none());
         assert!(addresses::issued(posted[57].1 as usize), "still known as handed out");
         l.failed(3);
         assert!(l.testable(3).unwrap_err().msg.contains("error state"));

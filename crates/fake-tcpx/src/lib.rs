@@ -12,6 +12,7 @@ mod addresses;
 mod book;
 mod config;
 mod connect;
+mod dial;
 mod entry;
 mod fail;
 mod fatal;
@@ -28,6 +29,7 @@ mod log;
 mod memory;
 mod mr;
 mod plugin;
+mod pointers;
 mod pool;
 mod profile;
 mod recv;
@@ -227,7 +229,7 @@ unsafe extern "C" fn fake_connect(
                     let send_comm = non_null(send_comm, "sendComm")?;
                     // SAFETY: checked non-NULL; the caller passes its 128-byte handle buffer and a
                     // pointer slot.
-                    unsafe { connect::poll_tcpx(p, dev, handle, send_comm) }
+                    unsafe { dial::poll_tcpx(p, dev, handle, send_comm) }
                 }
                 Kind::Tcpxo => {
                     let handle = non_null(handle, "opaqueHandle may not be null.")?.cast::<u8>();
@@ -235,7 +237,7 @@ unsafe extern "C" fn fake_connect(
                     let send_dev_comm = non_null(send_dev_comm, "sendDevComm may not be null.")?;
                     // SAFETY: checked non-NULL; the caller passes its 128-byte handle buffer and
                     // pointer slots, *sendDevComm NULL or its device handle.
-                    unsafe { connect::poll_tcpxo(p, dev, handle, send_comm, send_dev_comm) }
+                    unsafe { dial::poll_tcpxo(p, dev, handle, send_comm, send_dev_comm) }
                 }
             }
         },
@@ -279,6 +281,10 @@ unsafe extern "C" fn fake_accept(
                 return Err(Fail::internal(format!("accept on {listen_comm:p}, which is not a listen comm")));
             };
             let Some(accepted) = registry::lock(&l)?.accept(p, dev_handle)? else { return Ok(()) };
+            let accepted = match accepted {
+                listen::Accepted::Recv(comm) => Object::Recv(Arc::new(Mutex::new(*comm))),
+                listen::Accepted::Linear(comm) => Object::Linear(Arc::new(Mutex::new(*comm))),
+            };
             let key = match &accepted {
                 Object::Recv(comm) => {
                     let key = Arc::as_ptr(comm) as usize;

@@ -10,7 +10,6 @@
 //! `gpu_get_rxmem`). Two different GPUs there would give every receive the other GPU's pages; the
 //! fake refuses the accept instead.
 
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use uccl_tcpx::internal::ncclnet::{
@@ -28,8 +27,13 @@ use crate::plugin::Plugin;
 use crate::pool::{self, PoolKey};
 use crate::profile::Kind;
 use crate::recv::FakeRecv;
-use crate::registry::Object;
 use crate::topology::Devmem;
+
+/// The receive comm an accept made: TCPX's, or TCPXO's; the caller registers it.
+pub enum Accepted {
+    Recv(Box<FakeRecv>),
+    Linear(Box<LinearRecv>),
+}
 
 pub struct FakeListen {
     inner: Box<dyn ListenComm>,
@@ -52,7 +56,7 @@ impl FakeListen {
 
     /// `Some(receive comm)` once a connection arrived, with `*dev_handle` filled (TCPXO: where it
     /// is not NULL); the caller registers the comm.
-    pub fn accept(&mut self, plugin: &Plugin, dev_handle: *mut NcclNetDeviceHandleV7) -> Result<Option<Object>> {
+    pub fn accept(&mut self, plugin: &Plugin, dev_handle: *mut NcclNetDeviceHandleV7) -> Result<Option<Accepted>> {
         if self.accepted {
             return Err(Fail::internal(match plugin.cfg.kind {
                 Kind::Tcpx => "accept called again: one accept per listen comm (TCPX reuses freed state)",
@@ -138,7 +142,7 @@ impl FakeListen {
         plugin: &Plugin,
         inner: Box<dyn RecvComm>,
         dev_handle: *mut NcclNetDeviceHandleV7,
-    ) -> Result<Option<Object>> {
+    ) -> Result<Option<Accepted>> {
         if plugin.cfg.kind == Kind::Tcpxo {
             return self.finish_linear(plugin, inner, dev_handle);
         }
@@ -169,7 +173,7 @@ impl FakeListen {
             })
         };
         self.accepted = true;
-        Ok(Some(Object::Recv(Arc::new(Mutex::new(comm)))))
+        Ok(Some(Accepted::Recv(Box::new(comm))))
     }
 
     /// TCPXO's receive comm: bytes land in the posted buffers, and the device handle, where the
@@ -180,7 +184,7 @@ impl FakeListen {
         plugin: &Plugin,
         inner: Box<dyn RecvComm>,
         dev_handle: *mut NcclNetDeviceHandleV7,
-    ) -> Result<Option<Object>> {
+    ) -> Result<Option<Accepted>> {
         let landing = match &self.gpu {
             None => Landing::host(),
             Some(g) => Landing::gpu(g.retain()?)?,
@@ -191,7 +195,7 @@ impl FakeListen {
             unsafe { dev_handle.write(host_device_handle()) };
         }
         self.accepted = true;
-        Ok(Some(Object::Linear(Arc::new(Mutex::new(comm)))))
+        Ok(Some(Accepted::Linear(Box::new(comm))))
     }
 }
 

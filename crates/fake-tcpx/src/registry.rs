@@ -2,7 +2,7 @@
 //! keyed by the address the caller holds. Each incoming pointer is looked up here first, so a stale,
 //! foreign or wrong-kind pointer is an error rather than a crash. Request pointers are mapped to
 //! their comm through the address range of the comm's request ring (TCPX), or one by one while
-//! the request lives (TCPXO, `ledger.rs`).
+//! the request lives (TCPXO, `pointers.rs`).
 //!
 //! The registry lock is held only to clone an `Arc` or update a map; it is never held while a comm
 //! is locked (a comm may take it, to record or forget a request pointer).
@@ -14,6 +14,7 @@ use crate::connect::Connecting;
 use crate::fail::{Fail, Result};
 use crate::linear::LinearRecv;
 use crate::listen::FakeListen;
+use crate::pointers;
 use crate::recv::FakeRecv;
 use crate::request::{RequestEntry, Ring};
 use crate::send::FakeSend;
@@ -32,8 +33,6 @@ struct Registry {
     objects: HashMap<usize, Object>,
     /// Ring base address -> comm key.
     rings: BTreeMap<usize, usize>,
-    /// Live TCPXO request pointer -> (comm key, sequence number).
-    requests: HashMap<usize, (usize, u64)>,
     connects: HashMap<usize, Arc<Connecting>>,
 }
 
@@ -69,16 +68,17 @@ pub fn remove_if(key: usize, wanted: impl Fn(&Object) -> bool) -> Option<(Object
     }
     r.objects.remove(&key);
     r.rings.retain(|_, k| *k != key);
-    r.requests.retain(|_, (k, _)| *k != key);
+    drop(r);
+    pointers::forget_comm(key);
     Some((object, true))
 }
 
 /// The comm a request pointer belongs to and its entry index (TCPX) or sequence number (TCPXO).
 pub fn request(ptr: usize) -> Option<(usize, Object, usize)> {
-    let r = registry();
-    if let Some(&(key, seq)) = r.requests.get(&ptr) {
-        return Some((key, r.objects.get(&key)?.clone(), seq as usize));
+    if let Some((key, seq)) = pointers::get(ptr) {
+        return Some((key, registry().objects.get(&key)?.clone(), seq as usize));
     }
+    let r = registry();
     let (&base, &key) = r.rings.range(..=ptr).next_back()?;
     let off = ptr - base;
     let entry = size_of::<RequestEntry>();
@@ -86,16 +86,6 @@ pub fn request(ptr: usize) -> Option<(usize, Object, usize)> {
         return None;
     }
     Some((key, r.objects.get(&key)?.clone(), off / entry))
-}
-
-/// Records a live TCPXO request pointer of comm `key`.
-pub fn add_request(ptr: usize, key: usize, seq: u64) {
-    registry().requests.insert(ptr, (key, seq));
-}
-
-/// Forgets a TCPXO request pointer (its request was reported done).
-pub fn remove_request(ptr: usize) {
-    registry().requests.remove(&ptr);
 }
 
 pub fn add_connect(c: Arc<Connecting>) -> usize {
