@@ -554,6 +554,10 @@ def main():
     if not rows:
         print("FAIL: no backend ran", flush=True)
         sys.exit(1)
+    # UCX may be missing from a NIXL build; TCPX, what this example is about, may not.
+    if "TCPX" in opts.backends.split(",") and not any(r["where"].startswith("TCPX") for r in rows):
+        print("FAIL: TCPX did not run (see uccl-tcpx-doctor)", flush=True)
+        sys.exit(1)
     print(f"PASS: tokens and KV equal to one process generating alone over {', '.join(r['where'] for r in rows)} "
           f"({time.monotonic() - began:.1f} s)", flush=True)
 
