@@ -191,14 +191,15 @@ impl Chunk {
     /// The regions the chunk's bytes lie in, in order, each with the first segment of the chunk
     /// in it: one for a chunk of one region.
     pub fn regions(&self) -> impl Iterator<Item = (u64, IoSeg)> + '_ {
-        let (table, walk) = match &self.mem {
-            ChunkMem::At(addr) => (None, Either::Left(std::iter::once((0, IoSeg { addr: *addr, len: self.len })))),
+        // A contiguous chunk is its one segment; a spanning one walks its segments.
+        let (table, at, walk) = match &self.mem {
+            ChunkMem::At(addr) => (None, Some((0, IoSeg { addr: *addr, len: self.len })), spanned(&[], 0, 0, 0)),
             ChunkMem::Spans { segs, first, offset, runs } => {
-                (runs.as_ref(), Either::Right(spanned(segs, *first, *offset, self.len)))
+                (runs.as_ref(), None, spanned(segs, *first, *offset, self.len))
             }
         };
         let mut last = None;
-        walk.filter_map(move |(i, seg)| {
+        at.into_iter().chain(walk).filter_map(move |(i, seg)| {
             let run = table.map_or(0, |t| t.of(i));
             (last != Some(run)).then(|| {
                 last = Some(run);
@@ -229,22 +230,6 @@ impl Chunk {
                     });
                 bounds.map_or((0, 0), |(lo, hi)| (lo, hi - lo))
             }
-        }
-    }
-}
-
-/// One iterator type or the other.
-enum Either<A, B> {
-    Left(A),
-    Right(B),
-}
-
-impl<T, A: Iterator<Item = T>, B: Iterator<Item = T>> Iterator for Either<A, B> {
-    type Item = T;
-    fn next(&mut self) -> Option<T> {
-        match self {
-            Either::Left(a) => a.next(),
-            Either::Right(b) => b.next(),
         }
     }
 }

@@ -150,23 +150,16 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
                     let samples = transport_ping::round_trips(size, iters, &config)?;
                     Timed { samples, posts: Vec::new(), first: None }
                 } else {
+                    let mut measure = |layout, seed| {
+                        let split = None;
+                        let (ctl, mem) = (&mut ctl, &mut mem);
+                        Run { args, ctl, engine: &engine, conn: &conn, mr, mem, fifo, op, layout, seed, split }
+                            .measure(iters)
+                    };
                     if vectors {
                         // The same bytes in one piece, same run: what the vector is compared with.
                         let whole = args.layout(size, 1).map_err(std::io::Error::other)?;
-                        let mut run = Run {
-                            args,
-                            ctl: &mut ctl,
-                            engine: &engine,
-                            conn: &conn,
-                            mr,
-                            mem: &mut mem,
-                            fifo,
-                            op,
-                            layout: whole,
-                            seed,
-                            split: None,
-                        };
-                        let one = run.measure(iters)?;
+                        let one = measure(whole, seed)?;
                         checked += 1;
                         contiguous = Some(Point::new(op, size, iters, &one.samples, None).gbs());
                         let pieces =
@@ -174,20 +167,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
                         progress.step(&what(pieces));
                         seed += 1;
                     }
-                    let mut run = Run {
-                        args,
-                        ctl: &mut ctl,
-                        engine: &engine,
-                        conn: &conn,
-                        mr,
-                        mem: &mut mem,
-                        fifo,
-                        op,
-                        layout,
-                        seed,
-                        split: None,
-                    };
-                    let timed = run.measure(iters)?;
+                    let timed = measure(layout, seed)?;
                     checked += 1;
                     timed
                 };
