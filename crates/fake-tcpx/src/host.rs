@@ -25,6 +25,16 @@ pub fn local() -> Origin {
     *LOCAL
 }
 
+/// Where a message from `origin` was sent, when that is this host (both ends in this process, or
+/// another process here); None from another host.
+pub fn same_host_ends(origin: Origin) -> Option<String> {
+    let me = local();
+    (origin.host == me.host).then(|| match origin.pid == me.pid {
+        true => format!("both ends of this connection are this process ({})", me.pid),
+        false => format!("the sender (process {}) runs on this host too", origin.pid),
+    })
+}
+
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }

@@ -34,9 +34,13 @@ struct Posted {
 
 /// Where the one receive being filled stands: messages arrive in order on one stream.
 enum Rx {
-    Idle,
-    Header(RequestId),
-    Payload { seq: u64, len: usize, id: RequestId },
+    /// Waiting for the next message's header: its receive, once posted.
+    Header(Option<RequestId>),
+    Payload {
+        seq: u64,
+        len: usize,
+        id: RequestId,
+    },
 }
 
 pub struct LinearRecv {
@@ -69,7 +73,7 @@ impl LinearRecv {
             regs: Registrations::default(),
             health,
             posted: HashMap::new(),
-            rx: Rx::Idle,
+            rx: Rx::Header(None),
             next_header: 0,
             header: Box::new([0; HEADER_LEN]),
         }
@@ -152,25 +156,17 @@ impl LinearRecv {
     fn progress(&mut self) -> Result<()> {
         loop {
             let inner = self.inner.as_mut().ok_or_else(|| Fail::system("Connection closed by remote peer"))?;
-            self.rx = match std::mem::replace(&mut self.rx, Rx::Idle) {
-                Rx::Idle => {
-                    if self.next_header >= self.ledger.posted() {
+            self.rx = match std::mem::replace(&mut self.rx, Rx::Header(None)) {
+                Rx::Header(mut id) => {
+                    if id.is_none() && self.next_header >= self.ledger.posted() {
+                        self.rx = Rx::Header(None);
                         return Ok(());
                     }
-                    // SAFETY: the header buffer lives in this comm; dropping `inner` first joins its thread.
-                    match unsafe { inner.irecv(self.header.as_mut_ptr(), HEADER_LEN, MrHandle(0)) }.map_err(closed)? {
-                        Some(id) => Rx::Header(id),
-                        None => return Ok(()),
-                    }
-                }
-                Rx::Header(id) => {
-                    let Some(n) = inner.test(id).map_err(closed)? else {
+                    let seq = self.next_header;
+                    let Some((len, origin)) = wire::poll_header(&mut **inner, &mut self.header, &mut id, seq)? else {
                         self.rx = Rx::Header(id);
                         return Ok(());
                     };
-                    inner.irecv_consumed(id).map_err(closed)?;
-                    let seq = self.next_header;
-                    let (len, origin) = wire::decode(&self.header[..n.min(HEADER_LEN)], seq)?;
                     let p = self.posted.get(&seq).ok_or_else(|| Fail::internal("a posted receive lost its record"))?;
                     check_arrival(seq, len, p.len, origin, self.same_host_allowed)?;
                     let (dst, device) = (p.data, p.device);
@@ -199,7 +195,7 @@ impl LinearRecv {
                     self.landing.finish(p.data, len, p.device)?;
                     p.arrived = Some(len);
                     self.next_header += 1;
-                    Rx::Idle
+                    Rx::Header(None)
                 }
             };
         }
@@ -209,13 +205,7 @@ impl LinearRecv {
 /// Whether the sender's message may land in receive `seq`, posted for `posted` bytes. Either
 /// failure ends the comm: the stream then stands before bytes nobody may read.
 fn check_arrival(seq: u64, len: usize, posted: usize, origin: Origin, same_host_allowed: bool) -> Result<()> {
-    let me = host::local();
-    if len > 0 && origin.host == me.host && !same_host_allowed {
-        let ends = if origin.pid == me.pid {
-            format!("both ends of this connection are this process ({})", me.pid)
-        } else {
-            format!("the sender (process {}) runs on this host too", origin.pid)
-        };
+    if let Some(ends) = host::same_host_ends(origin).filter(|_| len > 0 && !same_host_allowed) {
         return Err(Fail::system(format!(
             "receive {seq}: {ends}. Whether TCPXO's transfer service serves a VM's traffic to itself is not in its \
              source (its connect answers include kNotServingVM, dxs/client/control-command.h ConnectAckMessage \

@@ -36,8 +36,8 @@ struct RecvSlot {
 /// Where the one receive being filled stands. Messages arrive in order on one stream, so receives
 /// are filled one at a time, oldest first.
 enum Rx {
-    Idle,
-    Header(RequestId),
+    /// Waiting for the next message's header: its receive, once posted.
+    Header(Option<RequestId>),
     /// The header arrived; waiting for enough free pool pages.
     Pages {
         seq: u64,
@@ -105,7 +105,7 @@ impl FakeRecv {
             regs: Registrations::default(),
             health,
             slots: Default::default(),
-            rx: Rx::Idle,
+            rx: Rx::Header(None),
             next_header: 0,
             pool,
             rng,
@@ -225,25 +225,17 @@ impl FakeRecv {
     fn progress(&mut self) -> Result<()> {
         loop {
             let inner = self.inner.as_mut().ok_or_else(|| Fail::system("Connection closed by remote peer"))?;
-            self.rx = match std::mem::replace(&mut self.rx, Rx::Idle) {
-                Rx::Idle => {
-                    if self.next_header >= self.ring.posted {
+            self.rx = match std::mem::replace(&mut self.rx, Rx::Header(None)) {
+                Rx::Header(mut id) => {
+                    if id.is_none() && self.next_header >= self.ring.posted {
+                        self.rx = Rx::Header(None);
                         return Ok(());
                     }
-                    // SAFETY: the header buffer lives in this comm; dropping `inner` first joins its thread.
-                    match unsafe { inner.irecv(self.header.as_mut_ptr(), HEADER_LEN, MrHandle(0)) }.map_err(closed)? {
-                        Some(id) => Rx::Header(id),
-                        None => return Ok(()),
-                    }
-                }
-                Rx::Header(id) => {
-                    let Some(n) = inner.test(id).map_err(closed)? else {
+                    let seq = self.next_header;
+                    let Some((len, origin)) = wire::poll_header(&mut **inner, &mut self.header, &mut id, seq)? else {
                         self.rx = Rx::Header(id);
                         return Ok(());
                     };
-                    inner.irecv_consumed(id).map_err(closed)?;
-                    let seq = self.next_header;
-                    let (len, origin) = wire::decode(&self.header[..n.min(HEADER_LEN)], seq)?;
                     let frags = self.announce(seq, len, origin)?;
                     let (key, n) = (self.key, frags.len());
                     log::trace(|| {
@@ -277,7 +269,7 @@ impl FakeRecv {
                     }
                     self.land(seq, &frags, pages)?;
                     self.next_header += 1;
-                    Rx::Idle
+                    Rx::Header(None)
                 }
             };
         }
@@ -290,13 +282,7 @@ impl FakeRecv {
         let key = self.key;
         let entry = self.ring.entry(seq);
         let devmem = entry.mem_type == NCCL_PTR_CUDA;
-        let me = host::local();
-        if devmem && len > 0 && origin.host == me.host && !self.same_host_allowed {
-            let ends = if origin.pid == me.pid {
-                format!("both ends of this connection are this process ({})", me.pid)
-            } else {
-                format!("the sender (process {}) runs on this host too", origin.pid)
-            };
+        if let Some(ends) = host::same_host_ends(origin).filter(|_| devmem && len > 0 && !self.same_host_allowed) {
             return Err(fatal(format!(
                 "fatal, recv comm {key:#x} data landed on host memory 1 times (sock/tcpx.h process_recv_cmsg): \
                  {ends}, and same-host traffic never reaches the NIC, so nothing steers it into device memory. \
@@ -379,7 +365,7 @@ impl Drop for FakeRecv {
         for s in &mut self.slots {
             self.pool.give_back(std::mem::take(&mut s.pages));
         }
-        if let Rx::Payload { pages, .. } = std::mem::replace(&mut self.rx, Rx::Idle) {
+        if let Rx::Payload { pages, .. } = std::mem::replace(&mut self.rx, Rx::Header(None)) {
             self.pool.give_back(pages);
         }
     }

@@ -3,7 +3,10 @@
 //! also the sender's host and process, which a NIC would make plain) followed by the payload as a
 //! second message.
 
+use uccl_tcpx::internal::transport::{MrHandle, RecvComm, RequestId};
+
 use crate::fail::{Fail, Result};
+use crate::health::closed;
 use crate::host::Origin;
 
 pub const HEADER_LEN: usize = 32;
@@ -43,6 +46,28 @@ pub fn decode(h: &[u8], seq: u64) -> Result<(usize, Origin)> {
         return Err(Fail::internal(format!("peer announced {size} bytes, more than an int")));
     }
     Ok((size as usize, Origin { host: field(16..24), pid: field(24..28) as u32 }))
+}
+
+/// The header of message `seq` on `inner`, into `buf`: posts its receive while `posted` is None,
+/// tests it after; the sender's length and origin once it arrived (the receive consumed).
+pub fn poll_header(
+    inner: &mut dyn RecvComm,
+    buf: &mut [u8; HEADER_LEN],
+    posted: &mut Option<RequestId>,
+    seq: u64,
+) -> Result<Option<(usize, Origin)>> {
+    let id = match *posted {
+        Some(id) => id,
+        // SAFETY: `buf` lives in the comm, whose drop drops `inner` (joining its thread) first.
+        None => match unsafe { inner.irecv(buf.as_mut_ptr(), HEADER_LEN, MrHandle(0)) }.map_err(closed)? {
+            Some(id) => *posted.insert(id),
+            None => return Ok(None),
+        },
+    };
+    let Some(n) = inner.test(id).map_err(closed)? else { return Ok(None) };
+    inner.irecv_consumed(id).map_err(closed)?;
+    *posted = None;
+    decode(&buf[..n.min(HEADER_LEN)], seq).map(Some)
 }
 
 #[cfg(test)]
