@@ -19,8 +19,9 @@ cp target/release/libfake_tcpx.so target/release/uccl-tcpx-bench target/release/
 # NCCL over the fake (scripts/gpu_tests.sh runs it from the bundle on a 2-GPU host with PyTorch).
 cp scripts/nccl_over_fake.sh scripts/nccl_over_fake.py "$out/"
 
-# Test binaries: every GPU test, the fake NIC's GPU test, and the library's unit tests (which hold
-# the CUDA and staging unit tests); cargo prints each executable in its JSON messages.
+# Test binaries: every GPU test, the fake NIC's GPU tests (its TCPXO mode's among them), and the
+# library's unit tests (which hold the CUDA and staging unit tests); cargo prints each executable
+# in its JSON messages.
 bundle_tests() {
   cargo test --release --locked --no-run --message-format=json "$@" 2>/dev/null |
     python3 -c 'import json,sys
@@ -31,7 +32,7 @@ for line in sys.stdin:
 }
 {
   bundle_tests -p uccl-tcpx --lib --test gpu_staging --test gpu_engine --test gpu_ipc --test gpu_send_ipc --test gpu_unpack --test plugin_gpu
-  bundle_tests -p fake-tcpx --test gpu --test gpu_busy
+  bundle_tests -p fake-tcpx --test gpu --test gpu_busy --test tcpxo
 } | while read -r name exe; do
   dest="$out/test-$name"
   [[ "$name" == uccl_tcpx ]] && dest="$out/test-lib"

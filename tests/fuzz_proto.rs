@@ -28,13 +28,13 @@ use uccl_tcpx::internal::proto::control::decode_frame;
 use uccl_tcpx::internal::proto::frame::{is_handshake_kind, max_body_len};
 use uccl_tcpx::internal::proto::{
     AuthChallenge, AuthHello, AuthProof, Capability, ChannelHello, Control, FrameHeader, Handshake, Hello,
-    HostIdentity, Refuse, RemoteSeg, VectorRun, Welcome,
+    HostIdentity, Place, Refuse, RemoteSeg, VectorRun, Welcome,
 };
 
 /// `proto::FRAME_HEADER_LEN` is crate-private; `FrameHeader::to_bytes` pins the same number.
 const HEADER_LEN: usize = 8;
-/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 24.
-const VERSION: u16 = 24;
+/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 25.
+const VERSION: u16 = 25;
 const CHANNEL_HELLO_LEN: usize = 16;
 const FIFO_LEN: usize = 64;
 /// Protocol limits (crate-private in `proto`); `limits_match_the_codec` checks each against the codec.
@@ -402,14 +402,17 @@ fn sample_channel_hellos() -> Vec<(&'static str, ChannelHello)> {
 }
 
 fn sample_fifo_items() -> Vec<(&'static str, FifoItem)> {
-    let cap = Capability { region: 3, token: 0xa1a2_a3a4_a5a6_a7a8 };
+    let cap = Capability { region: 3, token: 0xa1a2_a3a4_a5a6_a7a8, place: Place::gpu(1) };
     let mut patched = FifoItem::with_capability(0x7f12_3456_0000, 1 << 20, cap);
     patched.addr += 4096;
     patched.size -= 4096;
     vec![
         ("minted", FifoItem::with_capability(0x7f12_3456_0000, 1 << 20, cap)),
         ("patched", patched),
-        ("max_size", FifoItem::with_capability(1, u32::MAX, Capability { region: u64::MAX, token: 0 })),
+        (
+            "max_size",
+            FifoItem::with_capability(1, u32::MAX, Capability { region: u64::MAX, token: 0, place: Place::HOST }),
+        ),
     ]
 }
 
@@ -917,9 +920,10 @@ fn fifo_items_random_and_mutated() {
         <[u8; FIFO_LEN]>::try_from(m).unwrap()
     });
     let (accepted, _) = run("FifoItem::from_bytes + capability", 20_000, input, check_fifo_item);
-    // Any single bit flipped in the capability trailer (magic, version, reserved tail) is refused.
+    // Any single bit flipped in the capability trailer (magic, version, reserved tail) is refused;
+    // the place (bytes 58..60) is the capability's own, like region and token.
     let minted = sample_fifo_items()[0].1.to_bytes();
-    for byte in 52..FIFO_LEN {
+    for byte in (52..58).chain(60..FIFO_LEN) {
         for bit in 0..8 {
             let mut b = minted;
             b[byte] ^= 1 << bit;

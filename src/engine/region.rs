@@ -11,7 +11,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::cuda::ipc::Export;
 use crate::error::{Error, Result};
-use crate::proto::{Capability, FifoItem, RemoteSeg, TokenBinding};
+use crate::proto::{Capability, FifoItem, Place, RemoteSeg, TokenBinding};
 use crate::threads::{ThreadKind, spawn_contained};
 use crate::transport::MemKind;
 
@@ -87,6 +87,14 @@ pub struct Region {
 }
 
 impl Region {
+    /// Where its memory lies, as its capability says.
+    pub fn place(&self) -> Place {
+        match self.kind {
+            MemKind::Host => Place::HOST,
+            MemKind::Cuda { device } => Place::gpu(device),
+        }
+    }
+
     fn new(id: u64, base: usize, len: usize, kind: MemKind) -> Region {
         Region {
             id,
@@ -433,7 +441,11 @@ impl RegionTable {
             }
             windows.push((addr, len));
         }
-        Ok(FifoItem::with_capability(addr as u64, size, Capability { region: id, token: region.token }))
+        Ok(FifoItem::with_capability(
+            addr as u64,
+            size,
+            Capability { region: id, token: region.token, place: region.place() },
+        ))
     }
 
     /// Decides a peer's one-sided request. Every failure is NOT_ALLOWED and names no secret. On an

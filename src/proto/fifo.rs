@@ -6,7 +6,7 @@
 //!
 //! The fields are UCCL's, `engine_offset` included (bytes 32..36), because UCCL's engine writes
 //! that field on every chunk it posts. This library never reads it. The capability (region id,
-//! token, magic, version) lives in the 28 bytes after it, which UCCL leaves as padding:
+//! token, place, magic, version) lives in the 28 bytes after it, which UCCL leaves as padding:
 //!
 //! | bytes  | field                                   |
 //! |--------|-----------------------------------------|
@@ -15,11 +15,12 @@
 //! | 36..44 | region id                               |
 //! | 44..52 | token                                   |
 //! | 52..56 | magic `UTX1`                            |
-//! | 56..58 | capability version (2)                  |
-//! | 58..64 | zero                                    |
+//! | 56..58 | capability version (3)                  |
+//! | 58..60 | place: 0 host memory, 1 + n GPU n       |
+//! | 60..64 | zero                                    |
 //!
 //! Version 1 kept the capability at bytes 32..54, where UCCL's engine overwrote the region id;
-//! such items are refused with an error that names the version.
+//! version 2 had no place. Both are refused with an error that names the version.
 
 use core::ffi::c_char;
 use core::mem::{align_of, offset_of, size_of};
@@ -29,11 +30,11 @@ use super::wire::{Reader, get_at, put_at};
 
 pub(crate) const FIFO_ITEM_SIZE: usize = 64;
 pub(crate) const CAP_MAGIC: u32 = 0x3158_5455;
-pub(crate) const CAP_VERSION: u16 = 2;
+pub(crate) const CAP_VERSION: u16 = 3;
 
 const PADDING_LEN: usize = 28;
 /// Capability bytes at the front of the padding; the remainder must stay zero.
-const CAP_LEN: usize = 8 + 8 + 4 + 2;
+const CAP_LEN: usize = 8 + 8 + 4 + 2 + 2;
 
 /// Where version 1 put its magic and version, as offsets into the whole item.
 const V1_MAGIC_AT: usize = 48;
@@ -43,7 +44,11 @@ const FOREIGN_ITEM: ProtoError =
     ProtoError::Invalid("FifoItem was not minted by uccl-tcpx prepare_fifo or is corrupted");
 const V1_ITEM: ProtoError = ProtoError::Invalid(
     "FifoItem was minted by an older uccl-tcpx (capability version 1, at bytes 32..54); this build reads \
-     version 2 at bytes 36..64: mint it again with prepare_fifo on an engine of this version",
+     version 3 at bytes 36..64: mint it again with prepare_fifo on an engine of this version",
+);
+const V2_ITEM: ProtoError = ProtoError::Invalid(
+    "FifoItem was minted by an older uccl-tcpx (capability version 2, which names no memory place); this \
+     build reads version 3: mint it again with prepare_fifo on an engine of this version",
 );
 
 #[repr(C)]
@@ -79,11 +84,29 @@ const _: () = {
     assert!(V1_VERSION_AT == 52 && CAP_MAGIC & 0xffff != 1);
 };
 
-/// Names a registered memory region and the token that authorises access to it.
+/// Names a registered memory region, the token that authorises access to it, and where its memory
+/// lies.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Capability {
     pub region: u64,
     pub token: u64,
+    pub place: Place,
+}
+
+/// Where a region's memory lies as its owner sees it: host memory or one GPU. An initiator joins
+/// the runs of several regions into one request only where each end's regions lie in one place,
+/// since one transport request moves one place's memory; the target still checks every region it
+/// is asked for, so a wrong place fails a request with a status, never moves a byte elsewhere.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Place(u16);
+
+impl Place {
+    pub const HOST: Place = Place(0);
+
+    /// GPU `ordinal`; one beyond the field's range (none that CUDA numbers) shares the last code.
+    pub fn gpu(ordinal: i32) -> Place {
+        Place(u16::try_from(ordinal).map_or(u16::MAX, |n| n.saturating_add(1)))
+    }
 }
 
 // c_char is i8 on some targets and u8 on others; going through native bytes works for both
@@ -103,22 +126,27 @@ impl Capability {
         put_at(&mut bytes, 8, &self.token.to_le_bytes());
         put_at(&mut bytes, 16, &CAP_MAGIC.to_le_bytes());
         put_at(&mut bytes, 20, &CAP_VERSION.to_le_bytes());
+        put_at(&mut bytes, 22, &self.place.0.to_le_bytes());
         bytes.map(byte_to_char)
     }
 
     fn from_padding(padding: &[c_char; PADDING_LEN]) -> Result<Self, ProtoError> {
         let bytes = padding.map(char_to_byte);
         let mut r = Reader::new(&bytes, "FifoItem padding");
-        let cap = Capability { region: r.u64()?, token: r.u64()? };
+        let (region, token) = (r.u64()?, r.u64()?);
         let magic = r.u32()?;
         let version = r.u16()?;
+        let place = Place(r.u16()?);
         // A zero tail leaves room for later versions and catches stray writes into it.
         let tail_is_zero = r.bytes(PADDING_LEN - CAP_LEN)?.iter().all(|&b| b == 0);
         r.finish()?;
+        if magic == CAP_MAGIC && version == 2 && tail_is_zero {
+            return Err(V2_ITEM);
+        }
         if magic != CAP_MAGIC || version != CAP_VERSION || !tail_is_zero {
             return Err(FOREIGN_ITEM);
         }
-        Ok(cap)
+        Ok(Capability { region, token, place })
     }
 }
 
@@ -162,7 +190,7 @@ impl FifoItem {
     /// older layout is named as such, so a mixed deployment says what to upgrade.
     #[doc(hidden)]
     pub fn capability(&self) -> Result<Capability, ProtoError> {
-        Capability::from_padding(&self.padding).map_err(|_| if self.is_version_1() { V1_ITEM } else { FOREIGN_ITEM })
+        Capability::from_padding(&self.padding).map_err(|e| if self.is_version_1() { V1_ITEM } else { e })
     }
 
     fn is_version_1(&self) -> bool {
@@ -179,7 +207,7 @@ mod tests {
     use crate::proto::testutil::XorShift;
 
     fn cap() -> Capability {
-        Capability { region: 0x0102_0304_0506_0708, token: 0xa1a2_a3a4_a5a6_a7a8 }
+        Capability { region: 0x0102_0304_0506_0708, token: 0xa1a2_a3a4_a5a6_a7a8, place: Place::gpu(2) }
     }
 
     fn sample() -> FifoItem {
@@ -258,8 +286,12 @@ mod tests {
         assert_eq!(&b[36..44], &cap().region.to_le_bytes());
         assert_eq!(&b[44..52], &cap().token.to_le_bytes());
         assert_eq!(&b[52..56], &[0x55, 0x54, 0x58, 0x31]);
-        assert_eq!(&b[56..58], &[2, 0]);
-        assert!(b[58..].iter().all(|&x| x == 0));
+        assert_eq!(&b[56..58], &[3, 0]);
+        assert_eq!(&b[58..60], &[3, 0], "GPU 2");
+        assert!(b[60..].iter().all(|&x| x == 0));
+        let host = Capability { place: Place::HOST, ..cap() };
+        assert_eq!(&FifoItem::with_capability(0, 0, host).to_bytes()[58..60], &[0, 0]);
+        assert_ne!(Place::gpu(0), Place::HOST);
     }
 
     #[test]
@@ -278,7 +310,7 @@ mod tests {
     #[test]
     fn version_1_items_are_refused_by_name() {
         let expected = "FifoItem was minted by an older uccl-tcpx (capability version 1, at bytes 32..54); this build \
-                        reads version 2 at bytes 36..64: mint it again with prepare_fifo on an engine of this version";
+                        reads version 3 at bytes 36..64: mint it again with prepare_fifo on an engine of this version";
         let v1 = FifoItem::from_bytes(&version_1_bytes(0x4000, 4096, cap()));
         assert_eq!(v1.capability(), Err(V1_ITEM));
         assert_eq!(v1.capability().unwrap_err().to_string(), expected);
@@ -293,10 +325,21 @@ mod tests {
     }
 
     #[test]
-    fn version_2_items_never_read_as_version_1() {
+    fn version_2_items_are_refused_by_name() {
+        // Version 2: the same bytes up to 58, no place, zeros after.
+        let mut b = FifoItem::with_capability(0x4000, 4096, Capability { place: Place::HOST, ..cap() }).to_bytes();
+        b[56..58].copy_from_slice(&2u16.to_le_bytes());
+        let err = FifoItem::from_bytes(&b).capability().unwrap_err();
+        assert_eq!(err, V2_ITEM);
+        assert!(err.to_string().contains("capability version 2"), "{err}");
+    }
+
+    #[test]
+    fn current_items_never_read_as_version_1() {
         let mut rng = XorShift::new(0x5eed_0002);
-        for _ in 0..1000 {
-            let c = Capability { region: rng.next_u64(), token: rng.next_u64() };
+        for i in 0..1000 {
+            let place = if i % 2 == 0 { Place::HOST } else { Place::gpu(i % 8) };
+            let c = Capability { region: rng.next_u64(), token: rng.next_u64(), place };
             let item = FifoItem::with_capability(rng.next_u64(), 4096, c);
             assert!(!item.is_version_1());
             assert_eq!(item.capability(), Ok(c));
@@ -319,12 +362,13 @@ mod tests {
                 bad.padding[byte] = byte_to_char(char_to_byte(bad.padding[byte]) ^ (1 << bit));
                 match bad.capability() {
                     Ok(c) => {
-                        assert!(byte < 16, "byte {byte} bit {bit} went unnoticed");
+                        assert!(byte < 16 || (22..24).contains(&byte), "byte {byte} bit {bit} went unnoticed");
                         assert_ne!(c, cap());
                     }
                     Err(e) => {
-                        assert!(byte >= 16);
-                        assert_eq!(e, FOREIGN_ITEM);
+                        assert!((16..22).contains(&byte) || byte >= 24);
+                        // Flipping version 3 to 2 names the older version.
+                        assert!(e == FOREIGN_ITEM || (byte == 20 && bit == 0 && e == V2_ITEM), "{e}");
                     }
                 }
             }

@@ -18,7 +18,7 @@ pub use auth::{AuthChallenge, AuthHello, AuthKey, AuthProof, Session, TokenBindi
 pub use control::{
     Control, Frame, InlineHead, InlineInto, RemoteSeg, VectorRun, decode_frame, decode_frame_lent, peek_inline_head,
 };
-pub use fifo::{Capability, FifoItem};
+pub use fifo::{Capability, FifoItem, Place};
 pub(crate) use frame::FRAME_HEADER_LEN;
 pub use frame::FrameHeader;
 pub use handshake::{ChannelHello, Handshake, Hello, HostIdentity, Refuse, Welcome};
@@ -29,8 +29,10 @@ pub(crate) const MAGIC: u32 = 0x5854_4355;
 /// 21: two-sided messages up to `MAX_EAGER_LEN` go eagerly (`Control::EagerSend`) on connections
 /// whose chunks span segments. 22: inline payloads up to `MAX_INLINE_LEN` (256 KiB, was 64).
 /// 23: vectors over several regions (`Control::WriteRuns` / `ReadRuns`), chunks cut per run.
-/// 24: spanning chunks of such vectors cross from one run into the next.
-pub(crate) const PROTOCOL_VERSION: u16 = 24;
+/// 24: spanning chunks of such vectors cross from one run into the next. 25: a FifoItem's
+/// capability names where its region's memory lies (capability version 3), and such vectors join
+/// only regions of one place on each end.
+pub(crate) const PROTOCOL_VERSION: u16 = 25;
 pub(crate) const NET_HANDLE_SIZE: usize = 128;
 /// Notification name bytes, NUL terminator excluded.
 pub(crate) const MAX_NAME_LEN: usize = 255;

@@ -143,7 +143,7 @@ fn encode(msg: &Handshake) -> Vec<u8> {
 }
 
 /// The crate's protocol version (crate-private there); a wrong one fails every handshake below.
-const PROTOCOL_VERSION: u16 = 24;
+const PROTOCOL_VERSION: u16 = 25;
 
 fn hello() -> Hello {
     Hello {
@@ -1540,7 +1540,7 @@ fn transfer_behind_a_blocked_writer(
     let remote = uccl_tcpx::FifoItem::with_capability(
         0x1000,
         128 << 10,
-        uccl_tcpx::internal::proto::Capability { region: 1, token: 2 },
+        uccl_tcpx::internal::proto::Capability { region: 1, token: 2, place: uccl_tcpx::internal::proto::Place::HOST },
     );
     let (w, xfer) = if write {
         let w = conn.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len: src.len(), remote }]).unwrap();

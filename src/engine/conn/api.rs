@@ -24,7 +24,9 @@ use crate::engine::same_host::device_copy::DevicePath;
 use crate::engine::same_host::local_copy::LocalCopy;
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result, UcclStatus};
-use crate::proto::{Capability, Control, FifoItem, IPC_HANDLE_LEN, MAX_INLINE_SEND_BACKLOG, RemoteSeg, VectorRun};
+use crate::proto::{
+    Capability, Control, FifoItem, IPC_HANDLE_LEN, MAX_INLINE_SEND_BACKLOG, Place, RemoteSeg, VectorRun,
+};
 use crate::trace::{self, SeenBy as Seer, clock_ns};
 use crate::transport::{IoSeg, MemKind};
 
@@ -109,7 +111,7 @@ impl Connection {
         verb: &str,
     ) -> Result<u64> {
         let spans = path::spans_regions(self.link.locality, self.core.config.local_peers);
-        let groups = vector::requests(runs, |r| &r.run, spans);
+        let groups = vector::requests(runs, |r| (&r.run, (r.head.region.place(), r.head.remote_place)), spans);
         let is_vector = |g: &std::ops::Range<usize>| g.len() > 1 || runs[g.start].run.vector;
         if self.link.locality == Locality::Remote && groups.len() > 1 && groups.iter().all(is_vector) {
             return self.post_in_turn(ops, runs, &groups, write, posted);
@@ -202,7 +204,7 @@ impl Connection {
             if let Push::Started(finished) = grouper.push(key, op.len as u64) {
                 let region = looked_up.or_else(|| open.as_ref().map(|run| run.region.clone())).expect("checked above");
                 let token = self.wire_token(cap.region, cap.token);
-                let started = RunHead { region, remote_region: cap.region, token };
+                let started = RunHead { region, remote_region: cap.region, remote_place: cap.place, token };
                 if let (Some(head), Some(run)) = (open.replace(started), finished) {
                     runs.push(CheckedRun { head, run });
                 }
@@ -632,6 +634,8 @@ impl ItemList for [OneSided] {
 pub(super) struct RunHead {
     pub region: Arc<Region>,
     pub remote_region: u64,
+    /// Where the remote region's memory lies, as its capability says.
+    pub remote_place: Place,
     /// The capability's token as this connection's requests carry it.
     pub token: u64,
 }
@@ -645,7 +649,7 @@ pub(super) struct CheckedRun {
 impl CheckedRun {
     /// The run's requests: one vector, or one request per item.
     fn requests(&self, ops: &(impl ItemList + ?Sized)) -> Vec<OneSidedRequest> {
-        let RunHead { region, remote_region, token } = &self.head;
+        let RunHead { region, remote_region, token, .. } = &self.head;
         let (remote_region, token) = (*remote_region, *token);
         if self.run.vector {
             return vec![vector(std::slice::from_ref(self), ops)];

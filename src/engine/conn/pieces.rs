@@ -104,7 +104,8 @@ impl Connection {
                 // A new request starts at a run's first piece (unless the run continues the request
                 // before it: same regions and capability) and at a cut at the request limits.
                 if let Push::Started(finished) = grouper.push(key, p.len) {
-                    let started = RunHead { region: region.clone(), remote_region: cap.region, token };
+                    let started =
+                        RunHead { region: region.clone(), remote_region: cap.region, remote_place: cap.place, token };
                     if let (Some(done), Some(run)) = (open.replace(started), finished) {
                         out.push(CheckedRun { head: done, run });
                     }

@@ -46,21 +46,23 @@ pub(super) struct Run {
 }
 
 /// The call's requests as ranges of its runs: with `spans`, consecutive runs go together while one
-/// request's limits allow (segments, bytes, runs); a group of several runs is one vector over
-/// several regions. Runs of one item each go too: blocks handed over in an order that alternates
-/// between regions (100,000 blocks of 512 B over 64 regions) went as a request per block, at 0.02
-/// of one piece. A group that is no vector as a whole (a few items small enough to go inline) goes
-/// run by run, as without `spans`.
-pub(super) fn requests<R>(runs: &[R], run: impl Fn(&R) -> &Run, spans: bool) -> Vec<Range<usize>> {
+/// request's limits allow (segments, bytes, runs) and their regions lie where the first run's do
+/// (`P`: the local and the remote region's places; one transport request moves one place's
+/// memory); a group of several runs is one vector over several regions. Runs of one item each go
+/// too: blocks handed over in an order that alternates between regions (100,000 blocks of 512 B
+/// over 64 regions) went as a request per block, at 0.02 of one piece. A group that is no vector as
+/// a whole (a few items small enough to go inline) goes run by run, as without `spans`.
+pub(super) fn requests<R, P: PartialEq>(runs: &[R], run: impl Fn(&R) -> (&Run, P), spans: bool) -> Vec<Range<usize>> {
     let mut out = Vec::new();
     let mut start = 0;
     while start < runs.len() {
-        let first = run(&runs[start]);
+        let (first, place) = run(&runs[start]);
         let (mut end, mut items, mut bytes) = (start + 1, first.items.len(), first.bytes);
         while spans && end < runs.len() && end - start < MAX_VECTOR_RUNS {
-            let next = run(&runs[end]);
-            let fits =
-                items + next.items.len() <= REQUEST_SEGMENTS && bytes.saturating_add(next.bytes) <= MAX_VECTOR_BYTES;
+            let (next, next_place) = run(&runs[end]);
+            let fits = next_place == place
+                && items + next.items.len() <= REQUEST_SEGMENTS
+                && bytes.saturating_add(next.bytes) <= MAX_VECTOR_BYTES;
             if !fits {
                 break;
             }
@@ -190,36 +192,48 @@ mod tests {
         let kv: Vec<_> = (0..160u64).flat_map(|r| (0..50).map(move |_| (r, r + 1000, 16 << 10))).collect();
         let all = full_runs(&kv);
         assert_eq!(all.len(), 160);
-        assert_eq!(requests(&all, |r| r, true), vec![0..160usize], "one request for the whole call");
+        assert_eq!(requests(&all, |r| (r, ()), true), vec![0..160usize], "one request for the whole call");
         assert_eq!(
-            requests(&all, |r| r, false),
+            requests(&all, |r| (r, ()), false),
             (0..160).map(|i| i..i + 1).collect::<Vec<_>>(),
             "a request per region"
         );
         // The request limits cut: 8 regions of 2,000 blocks make requests of at most 8,192 segments.
         let wide: Vec<_> = (0..8u64).flat_map(|r| (0..2000).map(move |_| (r, r, 4096))).collect();
-        assert_eq!(requests(&full_runs(&wide), |r| r, true), [0..4, 4..8]);
+        assert_eq!(requests(&full_runs(&wide), |r| (r, ()), true), [0..4, 4..8]);
         // Single items and small ones join the request of the runs beside them, one 8 B item
         // next to another keeps its own (inline, one round trip each, no flow).
         let small = [(0, 0, 8), (1, 1, 8), (2, 2, 1 << 20), (3, 3, 64 << 10), (3, 3, 64 << 10)];
-        assert_eq!(requests(&full_runs(&small), |r| r, true), vec![0..4usize]);
-        assert_eq!(requests(&full_runs(&small[..2]), |r| r, true), [0..1, 1..2]);
-        assert_eq!(requests(&full_runs(&small), |r| r, false), [0..1, 1..2, 2..3, 3..4]);
+        assert_eq!(requests(&full_runs(&small), |r| (r, ()), true), vec![0..4usize]);
+        assert_eq!(requests(&full_runs(&small[..2]), |r| (r, ()), true), [0..1, 1..2]);
+        assert_eq!(requests(&full_runs(&small), |r| (r, ()), false), [0..1, 1..2, 2..3, 3..4]);
         // Blocks alternating between regions: runs of one block, MAX_VECTOR_RUNS a request.
         let mixed: Vec<_> = (0..10_000u64).map(|i| (i * 7 % 64, i * 7 % 64 + 100, 512)).collect();
         let mixed_runs = full_runs(&mixed);
         assert_eq!(mixed_runs.len(), 10_000);
-        let got = requests(&mixed_runs, |r| r, true);
+        let got = requests(&mixed_runs, |r| (r, ()), true);
         assert_eq!(got, [0..MAX_VECTOR_RUNS, MAX_VECTOR_RUNS..2 * MAX_VECTOR_RUNS, 2 * MAX_VECTOR_RUNS..10_000]);
         // An item beyond a vector's bytes goes alone.
         let huge = [(0, 0, 64 << 10), (1, 1, MAX_VECTOR_BYTES + 1), (2, 2, 64 << 10), (3, 3, 64 << 10)];
-        assert_eq!(requests(&full_runs(&huge), |r| r, true), [0..1, 1..2, 2..4]);
+        assert_eq!(requests(&full_runs(&huge), |r| (r, ()), true), [0..1, 1..2, 2..4]);
         // At most MAX_VECTOR_RUNS runs a request: pairs of items alternating between two regions.
         let alternating: Vec<_> =
             (0..2 * (MAX_VECTOR_RUNS as u64 + 3)).map(|i| (i / 2 % 2, i / 2 % 2, 64 << 10)).collect();
         let (all, most) = (MAX_VECTOR_RUNS + 3, MAX_VECTOR_RUNS);
-        assert_eq!(requests(&full_runs(&alternating), |r| r, true), [0..most, most..all]);
-        assert!(requests::<Run>(&[], |r| r, true).is_empty());
+        assert_eq!(requests(&full_runs(&alternating), |r| (r, ()), true), [0..most, most..all]);
+        assert!(requests::<Run, ()>(&[], |r| (r, ()), true).is_empty());
+    }
+
+    #[test]
+    fn runs_join_only_where_both_ends_regions_lie_in_one_place() {
+        // Items alternating between host and GPU memory on one end, then on the other: each place's
+        // runs are a request of their own, a run of one place continuing the one before it joins.
+        let items: Vec<_> = (0..6u64).map(|r| (r, r + 10, 64 << 10)).collect();
+        let all = full_runs(&items);
+        let local = ["host", "gpu0", "gpu0", "gpu1", "gpu1", "gpu1"];
+        assert_eq!(requests(&all, |r| (r, (local[r.items.start], "host")), true), [0..1, 1..3, 3..6]);
+        let remote = ["gpu0", "host", "gpu0", "gpu0", "gpu0", "host"];
+        assert_eq!(requests(&all, |r| (r, ("host", remote[r.items.start])), true), [0..1, 1..2, 2..5, 5..6]);
     }
 
     #[test]

@@ -205,7 +205,7 @@ impl End {
     /// peer forging access to memory it was not given would send.
     fn forged(&self, target: &Buf) -> Buf {
         let mut forged = self.buffer(16, |_| 0);
-        forged.cap = Capability { region: target.cap.region, token: target.cap.token ^ 1 };
+        forged.cap = Capability { token: target.cap.token ^ 1, ..target.cap };
         forged
     }
 
@@ -294,7 +294,7 @@ impl End {
             })
         };
         let mut parts = Vec::new();
-        for group in vector::requests(&runs, |r| r, spans) {
+        for group in vector::requests(&runs, |r| (r, ()), spans) {
             if group.len() > 1 {
                 let all = &items[runs[group.start].items.start..runs[group.end - 1].items.end];
                 let counts: Arc<[usize]> = runs[group.clone()].iter().map(|r| r.items.len()).collect();
