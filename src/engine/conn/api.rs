@@ -548,6 +548,12 @@ impl Connection {
     /// in 50 ms slices).
     pub fn wait_within(&self, transfer: u64, limit: Duration) -> Result<Option<u64>> {
         let start = Instant::now();
+        let t = self.core.transfers.get(self.id, transfer)?;
+        if t.completes_on_control() {
+            let _copies_here = self.same_host.host.caller_waits();
+            reader::spin_for_answer(self, &t);
+        }
+        drop(t);
         let deadline = start + limit;
         let spin = if self.same_host.device_copies() { WAIT_SPIN.min(limit) } else { Duration::ZERO };
         let spin_until = start + spin;
