@@ -1,12 +1,13 @@
 //! Receiving sockets: each reads piece headers, has the window admit them, and reads payloads
-//! straight into the posted buffer. A header small enough arrives with its payload in one `recv`
-//! into a 4 KiB staging area, so a small message costs one syscall; large payloads are read in
-//! place and only their first few KiB pass through staging. A socket's work runs on the shared
-//! helper that owns it (`reactor`), whenever the kernel reports data or a post kicks it. Pieces of
-//! any request may come on any socket of the comm, including sockets added after it was handed out.
-//! On an acknowledged comm a socket whose landing completed requests writes the count back
-//! ([`Ack`]), a piece that comes twice is read past or taken over (`acked`), and a socket that
-//! fails only takes itself out while others live.
+//! straight into the posted buffer (runs of small segments through the thread's bounce buffer,
+//! `iov`). A header small enough arrives with its payload in one `recv` into a 4 KiB staging area,
+//! so a small message costs one syscall; large payloads are read in place and only their first few
+//! KiB pass through staging. A socket's work runs on the shared helper that owns it (`reactor`),
+//! whenever the kernel reports data or a post kicks it. Pieces of any request may come on any
+//! socket of the comm, including sockets added after it was handed out. On an acknowledged comm a
+//! socket whose landing completed requests writes the count back ([`Ack`]), a piece that comes
+//! twice is read past or taken over (`acked`), and a socket that fails only takes itself out while
+//! others live.
 
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
@@ -25,6 +26,7 @@ use super::write_back;
 use crate::error::{Error, Result};
 use crate::threads::{self, ThreadKind};
 use crate::trace;
+use crate::transport::IoSeg;
 
 const STAGE_LEN: usize = 4096;
 /// How long a socket taking over a piece waits for the socket that had it to stop running: that
@@ -395,26 +397,48 @@ fn admit(s: &RecvSockets, socket: usize, inc: &mut Incoming, h: PieceHeader) -> 
 }
 
 /// Reads into `mem` from byte `landed` of it on: one `recv` into a single range, one `recvmsg`
-/// over the segments of a piece that spans several.
+/// over the segments of a piece that spans several, its small ones through this thread's bounce
+/// buffer (`iov`), copied to their place before this returns.
 ///
 /// # Safety
 /// `mem` is writable memory nobody else accesses meanwhile.
 unsafe fn recv_into(fd: i32, mem: &PieceMem, landed: usize, flags: i32) -> Result<Option<usize>> {
-    if let PieceMem::One(seg) = mem {
+    let segs = match mem {
+        PieceMem::One(seg) => {
+            // SAFETY: per the contract.
+            let dst = unsafe { std::slice::from_raw_parts_mut((seg.addr + landed) as *mut u8, seg.len - landed) };
+            return recv(fd, dst, flags);
+        }
+        PieceMem::Many(segs) => segs,
+    };
+    if !iov::has_small(segs) {
         // SAFETY: per the contract.
-        let dst = unsafe { std::slice::from_raw_parts_mut((seg.addr + landed) as *mut u8, seg.len - landed) };
-        return recv(fd, dst, flags);
+        return unsafe { recv_segs(fd, segs, landed, flags, &mut []) };
     }
+    let left = segs.iter().map(|s| s.len).sum::<usize>().saturating_sub(landed);
+    // SAFETY: per the contract.
+    iov::with_bounce(left, |bounce| unsafe { recv_segs(fd, segs, landed, flags, bounce) })
+}
+
+/// One `recvmsg` into `segs` from byte `landed` of them on, with `bounce` for the small ones.
+///
+/// # Safety
+/// As [`recv_into`].
+unsafe fn recv_segs(fd: i32, segs: &[IoSeg], landed: usize, flags: i32, bounce: &mut [u8]) -> Result<Option<usize>> {
     let mut iovs = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOV];
-    let n_iov = iov::fill(mem.segs(), landed, &mut iovs);
+    let n_iov = iov::walk(segs, landed, usize::MAX, &mut iovs, bounce, |_, _, _| {});
     loop {
         // SAFETY: an all-zero msghdr is valid; we point it at our iovecs only.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = iovs.as_mut_ptr();
         msg.msg_iovlen = n_iov;
-        // SAFETY: the iovecs cover writable memory per the contract.
+        // SAFETY: the iovecs cover writable memory per the contract, and the bounce buffer.
         let n = unsafe { libc::recvmsg(fd, &mut msg, flags) };
         if let Some(done) = received(n)? {
+            if let Some(got) = done {
+                // SAFETY: per the contract; `got` bytes of the walk above arrived.
+                unsafe { iov::unbounce(segs, landed, got, &mut iovs, bounce) };
+            }
             return Ok(done);
         }
     }

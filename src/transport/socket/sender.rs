@@ -1,7 +1,8 @@
 //! Sending sockets: each socket that has nothing in flight cuts the next piece from the comm's
 //! window, so whichever socket drains first takes more (a slow flow never gates a request). Header
-//! and payload leave in one `sendmsg` straight from the caller's buffer. A socket's work runs on the
-//! shared helper that owns it (`reactor`), or on the posting thread for a small request. A socket the comm
+//! and payload leave in one `sendmsg` straight from the caller's buffer (runs of small segments
+//! gathered first into the thread's bounce buffer, `iov`). A socket's work runs on the shared
+//! helper that owns it (`reactor`), or on the posting thread for a small request. A socket the comm
 //! added after connect pulls nothing until it joined (`grow`). On an acknowledged comm every socket
 //! keeps the pieces it carried until the receiver acknowledged their requests; a socket that fails,
 //! or whose link stops answering ([`SendSockets::check_links`]), is declared dead and its pieces
@@ -494,8 +495,18 @@ enum Step {
 }
 
 /// Writes what the socket takes of `o`: header and payload in one `sendmsg` while both remain. The
-/// socket is non-blocking; every call also says so.
+/// socket is non-blocking; every call also says so. A payload with small segments goes through
+/// this thread's bounce buffer (`iov`); what the socket did not take of it is gathered again on
+/// the next call, so nothing of the piece stays in the buffer between calls.
 fn write(stream: &TcpStream, o: &mut Outgoing) -> std::io::Result<Step> {
+    if iov::has_small(o.mem.segs()) {
+        return iov::with_bounce(o.payload_left(), |bounce| write_from(stream, o, bounce));
+    }
+    write_from(stream, o, &mut [])
+}
+
+/// [`write`], with `bounce` for the small segments.
+fn write_from(stream: &TcpStream, o: &mut Outgoing, bounce: &mut [u8]) -> std::io::Result<Step> {
     let fd = stream.as_raw_fd();
     let total = PIECE_HEADER_LEN + o.piece.len;
     let start = o.written;
@@ -511,15 +522,17 @@ fn write(stream: &TcpStream, o: &mut Outgoing) -> std::io::Result<Step> {
         }
         let payload_done = o.written.saturating_sub(PIECE_HEADER_LEN);
         if payload_done < o.piece.len {
-            n_iov += iov::fill(o.mem.segs(), payload_done, &mut iov[n_iov..]);
+            // SAFETY: the request's contract keeps its segments valid and unmodified until it
+            // completes (or the comm's drop, which joins this thread).
+            n_iov += unsafe { iov::gather(o.mem.segs(), payload_done, &mut iov[n_iov..], bounce) };
         }
         // SAFETY: an all-zero msghdr is valid; we point it at our iovecs only.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = iov.as_mut_ptr();
         msg.msg_iovlen = n_iov;
-        // SAFETY: the iovecs cover our header array and the caller's payload segments, which the
-        // request's contract keeps valid until it completes (or the comm's drop, which joins this
-        // thread). MSG_NOSIGNAL: a closed peer must be an error, not SIGPIPE in the host process.
+        // SAFETY: the iovecs cover our header array, the bounce buffer and the caller's payload
+        // segments, which the request's contract keeps valid (see above). MSG_NOSIGNAL: a closed
+        // peer must be an error, not SIGPIPE in the host process.
         let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
         if n < 0 {
             let e = std::io::Error::last_os_error();

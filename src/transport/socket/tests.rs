@@ -433,6 +433,42 @@ fn vectored_requests_gather_and_scatter_across_piece_boundaries() {
     move_vectored(&small_pieces_net(2, 1), 200_000, &[20_000, 4096], &[9999]);
 }
 
+/// `n` segment sizes from a seeded xorshift: below 2 KiB (through the helpers' bounce buffers)
+/// but one in `large_one_in` from 2 to 10 KiB (each an iovec of its own).
+fn random_sizes(seed: u64, n: usize, large_one_in: usize) -> Vec<usize> {
+    let mut x = seed;
+    let mut below = move |n: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % n as u64) as usize
+    };
+    (0..n)
+        .map(|_| if below(large_one_in) == 0 { (2 << 10) + below(8 << 10) } else { 1 + below((2 << 10) - 1) })
+        .collect()
+}
+
+/// Requests of many small segments, their sizes random and their addresses at any alignment,
+/// alone or among large ones, on either end or both: every byte lands in place, across the
+/// pieces (16 KiB, and the default's 256 KiB, which span several bounce buffers' worth).
+#[test]
+fn many_small_segments_land_in_place_both_ways_and_among_large_ones() {
+    let small = random_sizes(1, 97, usize::MAX);
+    let other = random_sizes(2, 89, usize::MAX);
+    let mixed = random_sizes(3, 61, 4);
+    for net in [loopback_socket_net(), small_pieces_net(2, 2)] {
+        move_vectored(&net, 600_000, &small, &[]);
+        move_vectored(&net, 600_000, &[], &other);
+        move_vectored(&net, 600_000, &small, &other);
+        move_vectored(&net, 600_000, &mixed, &small);
+        move_vectored(&net, 600_000, &other, &mixed);
+        // The KV shape: blocks of 512 B on both ends.
+        move_vectored(&net, 600_000, &[512], &[512]);
+        // Small enough for the posting thread to send it itself.
+        move_vectored(&net, 9000, &small, &mixed);
+    }
+}
+
 #[test]
 fn vectored_receive_takes_a_shorter_message_and_refuses_nothing_empty() {
     let net = small_pieces_net(1, 1);
