@@ -636,6 +636,26 @@ fn uccl_tcpx_gpu_wins_over_the_current_gpu() {
     assert_same(&on1.read(0, 1 << 20), &data, "GPU 0 -> GPU 1 under UCCL_TCPX_GPU");
 }
 
+/// A connection whose GPU memory takes the same-host path (device copies, two engines of this
+/// process) makes no staging ring as its channels come up; one whose GPU memory takes its channels
+/// (no same-host identities) does. Counted by the process's ring tally (one test at a time).
+#[test]
+fn only_connections_whose_gpu_memory_takes_their_channels_make_rings_ahead() {
+    use uccl_tcpx::internal::transport::staged::ring_counts;
+    if no_gpu() {
+        return;
+    }
+    for (cfg, stages) in [(common::same_host(), false), (config(), true)] {
+        let a = Arc::new(Engine::new(Config { gpu: Some(0), ..cfg.clone() }).unwrap());
+        let b = Arc::new(Engine::new(Config { gpu: Some(0), ..cfg }).unwrap());
+        let before = ring_counts();
+        let _ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+        let _ba = common::accept(&b).unwrap();
+        let made = ring_counts().at_connect - before.at_connect;
+        assert_eq!(made > 0, stages, "rings made as the channels came up: {made} (same-host path: {})", !stages);
+    }
+}
+
 /// A connection's first transfers of GPU memory, of every kind and size, allocate nothing: the
 /// staged comms made their rings as the connection was made (the engines knew their GPU from
 /// creation), each ring readied its segment kernel then (NIXL's order: memory registered, which

@@ -348,7 +348,10 @@ fn staged_for_gpu(gpu: i32, slot: usize) -> Staged {
     let socket = common::socket::socket_net(SocketConfig::default());
     let net = StagedNet::wrap(Arc::new(socket), StagingParams::new(slot, 8)).unwrap();
     net.set_gpu(&uccl_tcpx::internal::cuda::Gpu::open(gpu).unwrap());
-    let (tx, rx, listen) = common::comm::comm_pair(&*net, 0);
+    let (mut tx, mut rx, listen) = common::comm::comm_pair(&*net, 0);
+    // As the engine asks of a connection whose GPU memory takes its channels.
+    tx.make_ahead();
+    rx.make_ahead();
     Staged { net, tx, rx, _listen: listen, slot }
 }
 
@@ -370,9 +373,10 @@ fn every_size(s: &mut Staged, src: &mut Mem, dst: &mut Mem, sizes: &[usize], wha
     s.rx.dereg_mr(rmr);
 }
 
-/// Comms made once the net knows its GPU warm its pool with a ring each: their first device
-/// transfer allocates nothing, takes a ring and gives it back once done. Comms made before make
-/// theirs at first use, which the count sees, and take them from their pool after that.
+/// Comms made once the net knows its GPU, asked to make ahead, warm its pool with a ring each:
+/// their first device transfer allocates nothing, takes a ring and gives it back once done. Comms
+/// made before make theirs at first use, which the count sees, and take them from their pool after
+/// that.
 #[test]
 fn comms_made_once_the_gpu_is_known_make_their_rings_with_them() {
     use uccl_tcpx::internal::transport::staged::{RingCounts, ring_counts};
@@ -421,7 +425,9 @@ fn idle_staging_is_bounded_by_the_pool_whatever_the_connections() {
         let before = ring_counts();
         let mut pairs: Vec<Staged> = (0..8)
             .map(|_| {
-                let (tx, rx, listen) = common::comm::comm_pair(&*net, 0);
+                let (mut tx, mut rx, listen) = common::comm::comm_pair(&*net, 0);
+                tx.make_ahead();
+                rx.make_ahead();
                 Staged { net: net.clone(), tx, rx, _listen: listen, slot }
             })
             .collect();

@@ -28,11 +28,12 @@ use std::time::{Duration, Instant};
 
 use super::channel::{Channel, Windows};
 use super::locality::LocalLink;
+use super::path;
 use super::plan::{Chunking, Cut};
 use super::route::{Route, Routes};
 use super::same_host::{self, PendingHello};
 use super::shared::EngineCore;
-use crate::config::ChannelTransport;
+use crate::config::{ChannelTransport, LocalPeers};
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{
     CAP_SPANNING_CHUNKS, ChannelHello, FRAME_HEADER_LEN, FrameHeader, Handshake, Hello, HostIdentity, MAX_REASON_LEN,
@@ -154,8 +155,11 @@ pub struct Local<'a> {
     /// Announced in Hello / Welcome; all zero when same-host paths are disabled.
     pub host: HostIdentity,
     /// The engine's GPU as of now, told to the route's transport before it makes comms (a staged
-    /// one makes their rings with them).
+    /// one makes a ring ahead for each of a connection whose GPU memory takes its channels).
     pub gpu: Option<Arc<crate::cuda::Gpu>>,
+    /// Whether same-host peers keep the plugin (`UCCL_TCPX_LOCAL_PEERS`), which decides where a
+    /// same-host connection's GPU memory goes.
+    pub local_peers: LocalPeers,
 }
 
 impl<'a> Local<'a> {
@@ -184,6 +188,7 @@ impl<'a> Local<'a> {
             removals: core.regions.removals(),
             host: same_host::own_identity(core.config.disable_ipc),
             gpu: core.gpu.get().cloned(),
+            local_peers: core.config.local_peers,
         }
     }
 }
@@ -569,11 +574,19 @@ pub fn establish_channels(
     }
     let window = local.window.min(net.properties(0)?.max_requests);
     let windows = Windows::new(net.caps().max_registration);
+    // What a first transfer of GPU memory over the channels would make, made now, unless the
+    // same-host GPU path carries that memory.
+    let ahead = !path::same_host_gpu(agreed.link.locality, local.local_peers);
     Ok(sends
         .into_iter()
         .zip(recvs)
         .map(|(s, r)| {
-            Channel::new(s.expect("all sent"), r.expect("all accepted"), window, windows, local.removals.clone())
+            let (mut s, mut r) = (s.expect("all sent"), r.expect("all accepted"));
+            if ahead {
+                s.make_ahead();
+                r.make_ahead();
+            }
+            Channel::new(s, r, window, windows, local.removals.clone())
         })
         .collect())
 }
@@ -663,6 +676,7 @@ mod tests {
             removals: removals.clone(),
             host: HostIdentity::default(),
             gpu: None,
+            local_peers: LocalPeers::Socket,
         }
     }
 

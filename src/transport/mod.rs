@@ -175,6 +175,10 @@ pub trait SendComm: Send {
     }
     /// `Some(bytes)` once the request finished.
     fn test(&mut self, req: RequestId) -> Result<Option<usize>>;
+    /// Makes now what the comm's first transfer of GPU memory would otherwise make on its way (a
+    /// staged comm: a ring for its engine's pool). Asked only of the channels of a connection whose
+    /// GPU memory takes them; nothing by default.
+    fn make_ahead(&mut self) {}
     /// Per data link, what the comm's sockets carried so far; empty for a transport that does not
     /// count (a net plugin).
     fn link_stats(&self) -> Vec<LinkStats> {
@@ -204,6 +208,11 @@ pub trait RecvComm: Send {
     /// `Some(bytes)` (the sender's size) once the data is in place.
     fn test(&mut self, req: RequestId) -> Result<Option<usize>>;
     fn irecv_consumed(&mut self, req: RequestId) -> Result<()>;
+    /// Makes now what the comm's first transfer of GPU memory would otherwise make on its way (a
+    /// staged comm: a ring for its engine's pool). Asked only of the channels of a connection whose
+    /// GPU memory takes them; nothing by default.
+    fn make_ahead(&mut self) {}
+
     /// Asks the comm to write the bytes of receives posted from now on into `[addr, addr + len)`
     /// back from the CPU's caches to memory as they land, since a DMA engine reads them next (the
     /// staged path's slots: a copy up of lines other cores hold modified runs at a third of its

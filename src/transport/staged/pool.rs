@@ -58,14 +58,18 @@ impl<R> Pool<R> {
         self.keep.min(self.comms)
     }
 
-    /// A comm was made: whether a ring should be made into the pool for it now (the pool holds
-    /// fewer rings in all than the bound), so that its first transfer finds one.
-    pub(super) fn comm_made(&mut self) -> bool {
+    /// A comm was made.
+    pub(super) fn comm_made(&mut self) {
         self.comms += 1;
+    }
+
+    /// Whether a ring should be made into the pool now, for a comm whose first transfers will
+    /// stage (the pool holds fewer rings in all than the bound), so that they find one.
+    pub(super) fn wants_ring(&self) -> bool {
         self.live < self.bound()
     }
 
-    /// A ring made ahead by [`Pool::comm_made`]'s answer joins the idle ones.
+    /// A ring made ahead on [`Pool::wants_ring`]'s answer joins the idle ones.
     pub(super) fn warmed(&mut self, ring: R, now: Instant) {
         self.live += 1;
         self.idle.push_back((ring, now));
@@ -216,7 +220,8 @@ mod tests {
         let (mut pool, now) = (Pool::<u32>::new(3), Instant::now());
         let mut warmed = 0;
         for _ in 0..10 {
-            if pool.comm_made() {
+            pool.comm_made();
+            if pool.wants_ring() {
                 pool.warmed(warmed, now);
                 warmed += 1;
             }
@@ -231,7 +236,8 @@ mod tests {
     fn rings_past_the_bound_linger_then_go() {
         let (mut pool, t0) = (Pool::<u32>::new(2), Instant::now());
         for _ in 0..8 {
-            if pool.comm_made() {
+            pool.comm_made();
+            if pool.wants_ring() {
                 pool.warmed(0, t0);
             }
         }
@@ -262,9 +268,11 @@ mod tests {
     #[test]
     fn a_ring_past_the_bound_goes_once_it_lingered() {
         let (mut pool, t0) = (Pool::<u32>::new(1), Instant::now());
-        assert!(pool.comm_made());
+        pool.comm_made();
+        assert!(pool.wants_ring());
         pool.warmed(1, t0);
-        assert!(!pool.comm_made(), "the bound of one is warm");
+        pool.comm_made();
+        assert!(!pool.wants_ring(), "the bound of one is warm");
         let first = pool.take().unwrap();
         pool.made(t0);
         let calm = t0 + CALM;
@@ -279,7 +287,8 @@ mod tests {
     fn closing_comms_free_what_the_bound_no_longer_covers() {
         let (mut pool, now) = (Pool::<u32>::new(4), Instant::now());
         for _ in 0..4 {
-            if pool.comm_made() {
+            pool.comm_made();
+            if pool.wants_ring() {
                 pool.warmed(1, now);
             }
         }
@@ -297,7 +306,8 @@ mod tests {
     #[test]
     fn a_pool_of_nothing_keeps_nothing_for_good() {
         let (mut pool, now) = (Pool::<u32>::new(0), Instant::now());
-        assert!(!pool.comm_made(), "nothing made ahead");
+        pool.comm_made();
+        assert!(!pool.wants_ring(), "nothing made ahead");
         assert!(pool.take().is_none());
         pool.made(now);
         assert!(pool.give(7, now).is_empty());

@@ -248,6 +248,10 @@ impl RecvComm for StagedRecvComm {
         self.failure.keep(done)
     }
 
+    fn make_ahead(&mut self) {
+        self.staging.make_ahead();
+    }
+
     fn irecv_consumed(&mut self, req: RequestId) -> Result<()> {
         if req.0 != self.consumed || req.0 >= self.tested {
             return Err(Error::backend(format!(

@@ -284,6 +284,10 @@ impl SendComm for StagedSendComm {
         self.exit(entered);
         self.failure.keep(done)
     }
+
+    fn make_ahead(&mut self) {
+        self.staging.make_ahead();
+    }
 }
 
 impl Drop for StagedSendComm {
