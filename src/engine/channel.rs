@@ -18,9 +18,12 @@
 //! flight on it, no completion will wake the progress thread for it, so the channel says so
 //! (`needs_retry`) and the thread keeps polling instead of parking.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+
+// Keyed by region ids and window indices of our own: `region.rs` says why not SipHash.
+use rustc_hash::FxHashMap as IdMap;
 
 use super::plan::{Chunk, ChunkMem};
 use super::region::Region;
@@ -38,8 +41,8 @@ struct Registration {
     /// Touching segments of a chunk may go as one range (`Chunk::segments`): host memory, or
     /// device memory inside one allocation.
     joins: bool,
-    send: HashMap<usize, MrHandle>,
-    recv: HashMap<usize, MrHandle>,
+    send: IdMap<usize, MrHandle>,
+    recv: IdMap<usize, MrHandle>,
 }
 
 /// A chunk never ends further than this past the start of its window's span.
@@ -49,7 +52,7 @@ const PAGE_SLACK: usize = 2 * 4096;
 
 /// Whether touching segments of a queued chunk of `region` may go as one range (its registration
 /// was made when it was queued).
-fn joins_touching(registrations: &HashMap<u64, Registration>, region: u64) -> bool {
+fn joins_touching(registrations: &IdMap<u64, Registration>, region: u64) -> bool {
     registrations.get(&region).is_some_and(|r| r.joins)
 }
 
@@ -162,7 +165,7 @@ pub struct Channel {
     window: usize,
     recv_window: usize,
     windows: Windows,
-    registrations: HashMap<u64, Registration>,
+    registrations: IdMap<u64, Registration>,
     /// The region table's removal count when the cache was last swept.
     removals_seen: u64,
     removals: Arc<AtomicU64>,
@@ -206,7 +209,7 @@ impl Channel {
             window,
             recv_window: window * RECV_WINDOW_FACTOR,
             windows,
-            registrations: HashMap::new(),
+            registrations: IdMap::default(),
             removals_seen: removals.load(Ordering::Acquire),
             removals,
             sweep_pending: false,
@@ -349,12 +352,12 @@ impl Channel {
         self.send_inflight.iter().chain(&self.recv_inflight).any(|(_, chunk, _)| chunk.touches(region))
     }
 
-    fn entry<'a>(registrations: &'a mut HashMap<u64, Registration>, region: &Arc<Region>) -> &'a mut Registration {
+    fn entry<'a>(registrations: &'a mut IdMap<u64, Registration>, region: &Arc<Region>) -> &'a mut Registration {
         registrations.entry(region.id).or_insert_with(|| Registration {
             region: Arc::downgrade(region),
             joins: region.in_one_allocation(),
-            send: HashMap::new(),
-            recv: HashMap::new(),
+            send: IdMap::default(),
+            recv: IdMap::default(),
         })
     }
 

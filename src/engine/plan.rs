@@ -134,6 +134,45 @@ impl Runs {
     fn of(&self, seg: usize) -> usize {
         self.starts.partition_point(|&s| s <= seg).saturating_sub(1)
     }
+
+    /// The first segment of the run after `run`; past the last run, none.
+    fn next_start(&self, run: usize) -> usize {
+        self.starts.get(run + 1).copied().unwrap_or(usize::MAX)
+    }
+}
+
+/// The run of each segment of a chunk, its segments looked at in increasing order: the table is
+/// searched once for the chunk's first segment and then stepped through. Blocks handed over in an
+/// order alternating between regions make runs of one segment; a search per segment put the walk
+/// of `Chunk::segments` and `Chunk::regions` at ~4 % of a 98,304-block write's samples.
+struct RunWalk<'a> {
+    table: Option<&'a Runs>,
+    run: usize,
+    /// The first segment past the current run.
+    next: usize,
+}
+
+impl<'a> RunWalk<'a> {
+    fn new(table: Option<&'a Runs>, first: usize) -> RunWalk<'a> {
+        let run = table.map_or(0, |t| t.of(first));
+        RunWalk { table, run, next: table.map_or(usize::MAX, |t| t.next_start(run)) }
+    }
+
+    /// The run of segment `seg`, no lower than the one asked for before (as `Runs::of` says).
+    fn run_of(&mut self, seg: usize) -> usize {
+        if let Some(t) = self.table {
+            while seg >= self.next {
+                self.run += 1;
+                self.next = t.next_start(self.run);
+            }
+        }
+        self.run
+    }
+
+    /// The region of the current run (`own`: the chunk's, for a chunk without a table).
+    fn region(&self, own: u64) -> u64 {
+        self.table.map_or(own, |t| t.regions[self.run])
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -162,17 +201,26 @@ impl Chunk {
                 runs.push(1);
             }
             ChunkMem::Spans { segs, first, offset, runs: table } => {
+                let mut walk = RunWalk::new(table.as_deref(), *first);
                 let mut current: Option<usize> = None;
                 let (mut start, mut join) = (out.len(), false);
+                // Consecutive runs often share this end's region (another region of the peer's):
+                // its answer is kept rather than asked again.
+                let mut asked: Option<(u64, bool)> = None;
                 for (i, seg) in spanned(segs, *first, *offset, self.len) {
-                    let run = table.as_ref().map_or(0, |t| t.of(i));
+                    let run = walk.run_of(i);
                     if current != Some(run) {
                         if current.is_some() {
                             runs.push(out.len() - start);
                         }
                         current = Some(run);
                         start = out.len();
-                        join = join_touching(table.as_ref().map_or(self.region, |t| t.regions[run]));
+                        let region = walk.region(self.region);
+                        join = match asked {
+                            Some((r, j)) if r == region => j,
+                            _ => join_touching(region),
+                        };
+                        asked = Some((region, join));
                         out.push(seg);
                         continue;
                     }
@@ -198,14 +246,23 @@ impl Chunk {
                 (runs.as_ref(), None, spanned(segs, *first, *offset, self.len))
             }
         };
+        let mut runs = RunWalk::new(table.map(|t| &**t), self.first_segment());
         let mut last = None;
         at.into_iter().chain(walk).filter_map(move |(i, seg)| {
-            let run = table.map_or(0, |t| t.of(i));
+            let run = runs.run_of(i);
             (last != Some(run)).then(|| {
                 last = Some(run);
-                (table.map_or(self.region, |t| t.regions[run]), seg)
+                (runs.region(self.region), seg)
             })
         })
+    }
+
+    /// The index of the chunk's first segment in its flow's (0 for a contiguous chunk).
+    fn first_segment(&self) -> usize {
+        match &self.mem {
+            ChunkMem::At(_) => 0,
+            ChunkMem::Spans { first, .. } => *first,
+        }
     }
 
     /// Whether any byte of the chunk lies in `region`.
@@ -372,6 +429,25 @@ mod tests {
     ) -> std::vec::IntoIter<(usize, Chunk)> {
         let chunks: Vec<_> = super::plan(flow, &[region], extent, chunking, seq).map(|(ch, _, c)| (ch, c)).collect();
         chunks.into_iter()
+    }
+
+    #[test]
+    fn a_run_walk_names_the_run_a_search_would_from_any_first_segment() {
+        // Runs of 3, 0, 1, 1, 0, 0 and 4 segments: empty runs hold no segment, the last run
+        // reaches the end, and runs of one segment come one after the other.
+        let counts = [3, 0, 1, 1, 0, 0, 4];
+        let table = Runs::new(&[10, 11, 12, 13, 14, 15, 16], &counts);
+        let segs: usize = counts.iter().sum();
+        for first in 0..segs {
+            let mut walk = RunWalk::new(Some(&table), first);
+            for seg in first..segs {
+                assert_eq!(walk.run_of(seg), table.of(seg), "from {first}, segment {seg}");
+                assert_eq!(walk.region(0), table.regions[table.of(seg)]);
+            }
+        }
+        // Without a table every segment is in the chunk's own region.
+        let mut walk = RunWalk::new(None, 5);
+        assert_eq!((walk.run_of(5), walk.run_of(1000), walk.region(42)), (0, 0, 42));
     }
 
     #[test]
