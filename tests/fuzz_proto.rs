@@ -411,7 +411,7 @@ fn sample_fifo_items() -> Vec<(&'static str, FifoItem)> {
         ("patched", patched),
         (
             "max_size",
-            FifoItem::with_capability(1, u32::MAX, Capability { region: u64::MAX, token: 0, place: Place::HOST }),
+            FifoItem::with_capability(1, u32::MAX, Capability { region: u64::MAX, token: 0, place: Place::host() }),
         ),
     ]
 }

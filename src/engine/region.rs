@@ -94,7 +94,7 @@ impl Region {
     /// Where its memory lies, as its capability says.
     pub fn place(&self) -> Place {
         match self.kind {
-            MemKind::Host => Place::HOST,
+            MemKind::Host => Place::host(),
             MemKind::Cuda { device } => Place::gpu(device),
         }
     }

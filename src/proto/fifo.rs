@@ -101,7 +101,11 @@ pub struct Capability {
 pub struct Place(u16);
 
 impl Place {
-    pub const HOST: Place = Place(0);
+    /// Host memory. A function, not an associated constant: cbindgen would put the constant in the
+    /// C header.
+    pub const fn host() -> Place {
+        Place(0)
+    }
 
     /// GPU `ordinal`; one beyond the field's range (none that CUDA numbers) shares the last code.
     pub fn gpu(ordinal: i32) -> Place {
@@ -289,9 +293,9 @@ mod tests {
         assert_eq!(&b[56..58], &[3, 0]);
         assert_eq!(&b[58..60], &[3, 0], "GPU 2");
         assert!(b[60..].iter().all(|&x| x == 0));
-        let host = Capability { place: Place::HOST, ..cap() };
+        let host = Capability { place: Place::host(), ..cap() };
         assert_eq!(&FifoItem::with_capability(0, 0, host).to_bytes()[58..60], &[0, 0]);
-        assert_ne!(Place::gpu(0), Place::HOST);
+        assert_ne!(Place::gpu(0), Place::host());
     }
 
     #[test]
@@ -327,7 +331,7 @@ mod tests {
     #[test]
     fn version_2_items_are_refused_by_name() {
         // Version 2: the same bytes up to 58, no place, zeros after.
-        let mut b = FifoItem::with_capability(0x4000, 4096, Capability { place: Place::HOST, ..cap() }).to_bytes();
+        let mut b = FifoItem::with_capability(0x4000, 4096, Capability { place: Place::host(), ..cap() }).to_bytes();
         b[56..58].copy_from_slice(&2u16.to_le_bytes());
         let err = FifoItem::from_bytes(&b).capability().unwrap_err();
         assert_eq!(err, V2_ITEM);
@@ -338,7 +342,7 @@ mod tests {
     fn current_items_never_read_as_version_1() {
         let mut rng = XorShift::new(0x5eed_0002);
         for i in 0..1000 {
-            let place = if i % 2 == 0 { Place::HOST } else { Place::gpu(i % 8) };
+            let place = if i % 2 == 0 { Place::host() } else { Place::gpu(i % 8) };
             let c = Capability { region: rng.next_u64(), token: rng.next_u64(), place };
             let item = FifoItem::with_capability(rng.next_u64(), 4096, c);
             assert!(!item.is_version_1());

@@ -1540,7 +1540,11 @@ fn transfer_behind_a_blocked_writer(
     let remote = uccl_tcpx::FifoItem::with_capability(
         0x1000,
         128 << 10,
-        uccl_tcpx::internal::proto::Capability { region: 1, token: 2, place: uccl_tcpx::internal::proto::Place::HOST },
+        uccl_tcpx::internal::proto::Capability {
+            region: 1,
+            token: 2,
+            place: uccl_tcpx::internal::proto::Place::host(),
+        },
     );
     let (w, xfer) = if write {
         let w = conn.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len: src.len(), remote }]).unwrap();
