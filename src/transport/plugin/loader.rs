@@ -202,8 +202,16 @@ fn table_name(table: &NcclNetV7, origin: &str) -> Result<&'static str> {
 }
 
 /// Every entry this transport calls must be present; `regMrDmaBuf`, `iflush` (broken in TCPX) and
-/// `getDeviceMr` are never called.
+/// `getDeviceMr` are never called. GPUDirect-TCPXO ("FasTrak", A3-Mega) is named as such before
+/// its `init`, whose failure ends the process: the engine drives TCPX's contract only
+/// (docs/TCPXO.md says what a TCPXO profile would take).
 pub fn check_entries(t: &NcclNetV7, origin: &str, name: &str) -> Result<()> {
+    if name.contains("FasTrak") {
+        return Err(Error::backend(format!(
+            "net plugin {origin} ({name}) is GPUDirect-TCPXO (A3-Mega), which this build does not drive: \
+             it drives GPUDirect-TCPX (A3); on A3-Mega use UCCL_TCPX_TRANSPORT=socket (docs/TCPXO.md)"
+        )));
+    }
     let entries = [
         ("init", t.init.is_some()),
         ("devices", t.devices.is_some()),
@@ -325,6 +333,20 @@ mod tests {
         let err = load(None, Some("surely-not-installed-xyz")).unwrap_err().to_string();
         assert!(err.contains("libnccl-net-surely-not-installed-xyz.so"), "{err}");
         assert!(err.contains("no net plugin could be loaded"), "{err}");
+    }
+
+    #[test]
+    fn tcpxo_is_refused_by_name_before_its_init() {
+        let table =
+            NcclNetV7 { name: c"FasTrak".as_ptr(), irecv_consumed: None, ..crate::transport::plugin::mock::table() };
+        let err = check_entries(&table, "libnccl-net.so", "FasTrak").unwrap_err();
+        assert!(
+            err.message().contains("GPUDirect-TCPXO") && err.message().contains("UCCL_TCPX_TRANSPORT=socket"),
+            "{err}"
+        );
+        let fake = NcclNetV7 { irecv_consumed: None, ..crate::transport::plugin::mock::table() };
+        let err = check_entries(&fake, "x.so", "Other").unwrap_err();
+        assert!(err.message().contains("irecvConsumed"), "any other plugin: the entries it lacks: {err}");
     }
 
     #[test]
