@@ -325,3 +325,47 @@ fn a_deregistration_waits_for_the_copies_of_payloads_into_the_region() {
     assert_eq!(count(&sim.started), started, "a copy into the region started after its deregistration");
     drop(dst);
 }
+
+/// A caller waiting in slices (`wait_within`, as the Python package's blocking calls do) reads its
+/// answer itself within each slice and ends every kind of transfer with its bytes, inline and over
+/// the channels, writes and reads, over the network path and the same-host one, with slices from
+/// none at all to longer than the transfer; a slice that runs out leaves the transfer in progress
+/// for the next, and the id is done once.
+#[test]
+fn waits_in_slices_end_every_kind_of_transfer_with_its_bytes() {
+    for disable_ipc in [true, false] {
+        let config = || Config { disable_ipc, ..config() };
+        let (a, b) = (Engine::new(config()).unwrap(), Engine::new(config()).unwrap());
+        let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+        let _ba = b.accept().unwrap();
+        let most = 8 << 20;
+        let src = bytes(most, 5);
+        let (mut dst, mut back) = (vec![0u8; most], vec![0u8; most]);
+        let smr = a.register(src.as_ptr() as usize, most).unwrap();
+        let kmr = a.register(back.as_mut_ptr() as usize, most).unwrap();
+        let dmr = b.register(dst.as_mut_ptr() as usize, most).unwrap();
+        let remote = b.prepare_fifo(dmr, dst.as_ptr() as usize, most).unwrap();
+        for (k, len) in [4096usize, (256 << 10) + 3, most].into_iter().enumerate() {
+            for slice in [Duration::ZERO, Duration::from_micros(50), Duration::from_millis(50)] {
+                for write in [true, false] {
+                    let (local, mr) =
+                        if write { (src.as_ptr() as usize, smr) } else { (back.as_mut_ptr() as usize, kmr) };
+                    let op = [OneSided { mr, addr: local, len, remote }];
+                    let id = if write { ab.write(&op) } else { ab.read(&op) }.unwrap();
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    let got = loop {
+                        if let Some(n) = ab.wait_within(id, slice).unwrap() {
+                            break n;
+                        }
+                        assert!(Instant::now() < deadline, "{len} B, slice {slice:?}: still in progress");
+                    };
+                    assert_eq!(got, len as u64, "case {k}, slice {slice:?}, write {write}");
+                    assert!(ab.poll(id).is_err(), "an id is reported done once");
+                }
+                assert!(dst[..len] == src[..len], "ipc off {disable_ipc}: {len} B written, slice {slice:?}");
+                assert!(back[..len] == src[..len], "ipc off {disable_ipc}: {len} B read back, slice {slice:?}");
+                back[..len].fill(0);
+            }
+        }
+    }
+}
