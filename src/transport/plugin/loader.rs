@@ -337,15 +337,14 @@ mod tests {
 
     #[test]
     fn tcpxo_is_refused_by_name_before_its_init() {
-        let table =
-            NcclNetV7 { name: c"FasTrak".as_ptr(), irecv_consumed: None, ..crate::transport::plugin::mock::table() };
-        let err = check_entries(&table, "libnccl-net.so", "FasTrak").unwrap_err();
+        // SAFETY: all-zero is a valid table: a NULL name and every entry None.
+        let empty: NcclNetV7 = unsafe { std::mem::zeroed() };
+        let err = check_entries(&empty, "libnccl-net.so", "FasTrak").unwrap_err();
         assert!(
             err.message().contains("GPUDirect-TCPXO") && err.message().contains("UCCL_TCPX_TRANSPORT=socket"),
             "{err}"
         );
-        let fake = NcclNetV7 { irecv_consumed: None, ..crate::transport::plugin::mock::table() };
-        let err = check_entries(&fake, "x.so", "Other").unwrap_err();
+        let err = check_entries(&empty, "x.so", "Other").unwrap_err();
         assert!(err.message().contains("irecvConsumed"), "any other plugin: the entries it lacks: {err}");
     }
 
