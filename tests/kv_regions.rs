@@ -2,10 +2,10 @@
 //! 64 for an 8B model, 160 for a 70B one): random block tables over 1, 16, 64 and 160 regions of
 //! different sizes, registered in shuffled order and interleaved in the address space, READ and
 //! WRITE, in both list forms (items, and the pieces the NIXL backend hands over), every byte
-//! checked; on the socket transport and on the plugin transport over the fake devmem NIC (host
-//! mode). Over the fake, the same pieces over 160 regions make no more requests than in one
-//! region. A region deregistered between two requests fails the next with a status,
-//! and nothing lands in it.
+//! checked; on the socket transport, on the same-host path (engines of one process copy directly)
+//! and on the plugin transport over the fake devmem NIC (host mode). Over the fake, the same
+//! pieces over 160 regions make no more requests than in one region. A region deregistered
+//! between two requests fails the next with a status, and nothing lands in it.
 
 use uccl_tcpx::{Config, Engine, FifoItem, OneSided, Piece, PieceRun, UcclStatus};
 
@@ -131,6 +131,14 @@ fn block_tables_over_many_regions_land_every_byte_on_the_socket_transport() {
 }
 
 #[test]
+fn block_tables_over_many_regions_land_every_byte_on_the_same_host_path() {
+    let p = common::pair(common::same_host());
+    assert_eq!(p.ab.peer.locality, uccl_tcpx::Locality::SameProcess);
+    drop(p);
+    every_shape(common::same_host(), "kv_regions_same_host");
+}
+
+#[test]
 fn block_tables_over_many_regions_land_every_byte_over_the_fake_nic() {
     every_shape(plugin::config(2, 1 << 20), "kv_regions_fake");
 }
@@ -165,7 +173,7 @@ fn the_same_pieces_over_160_regions_make_no_more_requests_than_one_region() {
 #[test]
 fn a_region_deregistered_between_two_requests_fails_the_next_and_nothing_lands_in_it() {
     let _turn = one_at_a_time();
-    for config in [common::loopback(), plugin::config(2, 1 << 20)] {
+    for config in [common::loopback(), common::same_host(), plugin::config(2, 1 << 20)] {
         let p = common::pair(config);
         let mut rng = Rng::new("kv_regions_deregistered");
         let blocks = [6; 64];
