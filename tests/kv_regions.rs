@@ -108,7 +108,7 @@ fn request(p: &Pair, a: &Regions, b: &Regions, table: &[(usize, usize, usize)], 
     }
 }
 
-/// Every region count, both ways, both list forms.
+/// Every region count, both ways, both list forms, blocks in region order and in any order.
 fn every_shape(config: Config, stream: &str) {
     let _turn = one_at_a_time();
     let p = common::pair(config);
@@ -118,8 +118,14 @@ fn every_shape(config: Config, stream: &str) {
         let blocks: Vec<usize> = (0..regions).map(|r| per + 1 + r % 3).collect();
         let a = Regions::new(&p.a, &mut rng, &blocks, 1);
         let b = Regions::new(&p.b, &mut rng, &blocks, 101);
-        for (write, pieces) in [(true, false), (false, false), (true, true), (false, true)] {
-            let t = table(&mut rng, &a, &b, per);
+        // Region-major as serving stacks list them, and in any order (items hopping between
+        // regions at each block: a run, a request on the same-host path, per item).
+        let shapes = [(true, false, false), (false, false, false), (true, true, false), (false, true, false)];
+        for (write, pieces, hop) in shapes.into_iter().chain([(true, false, true), (false, false, true)]) {
+            let mut t = table(&mut rng, &a, &b, per);
+            if hop {
+                rng.shuffle(&mut t);
+            }
             request(&p, &a, &b, &t, write, pieces);
         }
     }

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use rustc_hash::FxHashMap as IdMap;
+
 use super::flow_trace::{trace_direct, trace_requests};
 use super::reader;
 use super::state::{
@@ -119,7 +121,7 @@ impl Connection {
         let mut requests = Vec::new();
         for group in &groups {
             match &runs[group.clone()] {
-                [run] => requests.extend(run.requests(ops)),
+                [run] => run.push_requests(ops, &mut requests),
                 several => requests.push(vector(several, ops)),
             }
         }
@@ -166,6 +168,11 @@ impl Connection {
         // run's region first (the region table is locked about once a run), and a capability is
         // parsed again only when its bytes differ from the last one's.
         let mut last_cap: Option<([std::ffi::c_char; 28], Capability)> = None;
+        // Items that hop between regions (blocks listed in any order) find each region here after
+        // its first lookup, without the table's lock; as within a run, the region stays checked
+        // for the rest of the call (a deregistration meanwhile is caught when the call is posted).
+        let mut found: IdMap<u64, Arc<Region>> = IdMap::default();
+        let mut bound: IdMap<(u64, u64), u64> = IdMap::default();
         for (i, op) in ops.iter().enumerate() {
             let ctx = |e: Error| e.context(format!("{verb} item {i}"));
             let in_run = open.as_ref().is_some_and(|run| {
@@ -173,9 +180,14 @@ impl Connection {
             });
             let looked_up = if in_run {
                 None
+            } else if let Some(region) =
+                found.get(&op.mr).filter(|r| check_range(op.addr, op.len).is_ok() && r.contains(op.addr, op.len))
+            {
+                Some(region.clone())
             } else {
                 let region = self.core.regions.local(op.mr, op.addr, op.len).map_err(ctx)?;
                 self.channels_take(&region).map_err(ctx)?;
+                found.insert(op.mr, region.clone());
                 Some(region)
             };
             let cap = match last_cap {
@@ -203,7 +215,13 @@ impl Connection {
             let key = RunKey { local_region: region_id, remote_region: cap.region, token: cap.token };
             if let Push::Started(finished) = grouper.push(key, op.len as u64) {
                 let region = looked_up.or_else(|| open.as_ref().map(|run| run.region.clone())).expect("checked above");
-                let token = self.wire_token(cap.region, cap.token);
+                // Bound to this connection by a keyed hash: once per capability, not per run.
+                let token = match self.binding {
+                    Some(_) => {
+                        *bound.entry((cap.region, cap.token)).or_insert_with(|| self.wire_token(cap.region, cap.token))
+                    }
+                    None => cap.token,
+                };
                 let started = RunHead { region, remote_region: cap.region, remote_place: cap.place, token };
                 if let (Some(head), Some(run)) = (open.replace(started), finished) {
                     runs.push(CheckedRun { head, run });
@@ -653,29 +671,26 @@ pub(super) struct CheckedRun {
 }
 
 impl CheckedRun {
-    /// The run's requests: one vector, or one request per item.
-    fn requests(&self, ops: &(impl ItemList + ?Sized)) -> Vec<OneSidedRequest> {
+    /// Adds the run's requests to `out`: one vector, or one request per item.
+    fn push_requests(&self, ops: &(impl ItemList + ?Sized), out: &mut Vec<OneSidedRequest>) {
         let RunHead { region, remote_region, token, .. } = &self.head;
         let (remote_region, token) = (*remote_region, *token);
         if self.run.vector {
-            return vec![vector(std::slice::from_ref(self), ops)];
+            out.push(vector(std::slice::from_ref(self), ops));
+            return;
         }
-        self.run
-            .items
-            .clone()
-            .map(|i| {
-                let local = ops.local(i);
-                OneSidedRequest::Item(OneSidedItem {
-                    region: region.clone(),
-                    addr: local.addr,
-                    len: local.len as u64,
-                    remote_region,
-                    token,
-                    remote_addr: ops.remote_addr(i),
-                    payload: None,
-                })
+        out.extend(self.run.items.clone().map(|i| {
+            let local = ops.local(i);
+            OneSidedRequest::Item(OneSidedItem {
+                region: region.clone(),
+                addr: local.addr,
+                len: local.len as u64,
+                remote_region,
+                token,
+                remote_addr: ops.remote_addr(i),
+                payload: None,
             })
-            .collect()
+        }));
     }
 }
 
