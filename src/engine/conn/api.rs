@@ -172,7 +172,6 @@ impl Connection {
         // its first lookup, without the table's lock; as within a run, the region stays checked
         // for the rest of the call (a deregistration meanwhile is caught when the call is posted).
         let mut found: IdMap<u64, Arc<Region>> = IdMap::default();
-        let mut bound: IdMap<(u64, u64), u64> = IdMap::default();
         for (i, op) in ops.iter().enumerate() {
             let ctx = |e: Error| e.context(format!("{verb} item {i}"));
             let in_run = open.as_ref().is_some_and(|run| {
@@ -215,13 +214,7 @@ impl Connection {
             let key = RunKey { local_region: region_id, remote_region: cap.region, token: cap.token };
             if let Push::Started(finished) = grouper.push(key, op.len as u64) {
                 let region = looked_up.or_else(|| open.as_ref().map(|run| run.region.clone())).expect("checked above");
-                // Bound to this connection by a keyed hash: once per capability, not per run.
-                let token = match self.binding {
-                    Some(_) => {
-                        *bound.entry((cap.region, cap.token)).or_insert_with(|| self.wire_token(cap.region, cap.token))
-                    }
-                    None => cap.token,
-                };
+                let token = self.wire_token(cap.region, cap.token);
                 let started = RunHead { region, remote_region: cap.region, remote_place: cap.place, token };
                 if let (Some(head), Some(run)) = (open.replace(started), finished) {
                     runs.push(CheckedRun { head, run });
