@@ -42,6 +42,16 @@ pub enum Device {
     Gpu,
 }
 
+/// The order a KV transfer lists its blocks in, over several regions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KvOrder {
+    /// Region by region, each region's blocks shuffled among its own on both ends, as serving
+    /// stacks list a request (every block of one layer's tensor, then the next's)
+    Region,
+    /// One shuffle over every block: consecutive blocks fall in different regions at both ends
+    Any,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Role {
     /// Both ends on this host, the server end in a child process
@@ -110,6 +120,9 @@ pub struct Args {
     /// the block count
     #[arg(long, value_name = "N", default_value_t = 64, value_parser = positive, requires = "kv")]
     pub kv_regions: usize,
+    /// With --kv: the order the blocks are listed in over the regions
+    #[arg(long, value_enum, default_value_t = KvOrder::Region, requires = "kv")]
+    pub kv_order: KvOrder,
     /// Machine-readable results on stdout instead of the tables
     #[arg(long)]
     pub json: bool,
@@ -298,13 +311,18 @@ impl Args {
     /// Where the pieces of a transfer of `size` bytes in `iovs` pieces lie.
     pub fn layout(&self, size: usize, iovs: usize) -> Result<Layout, String> {
         let layout = Layout::new(size, iovs, self.scatter, self.depth)?;
-        Ok(if self.kv { layout.with_tables(false) } else { layout })
+        Ok(if self.kv { layout.with_tables(false, self.table_regions()) } else { layout })
     }
 
     /// The regions a transfer's pieces fall in: `--kv-regions` (at most one per block) with
     /// `--kv`, else one.
     pub fn regions(&self) -> usize {
         if self.kv { self.kv_regions.min(self.num_iovs) } else { 1 }
+    }
+
+    /// The shares the block tables shuffle within: the regions, listed region by region, else one.
+    pub fn table_regions(&self) -> usize {
+        if self.kv_order == KvOrder::Region { self.regions() } else { 1 }
     }
 
     /// Bytes each end registers: every slot of the largest size, or the scatter region.

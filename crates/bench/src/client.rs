@@ -110,6 +110,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16, on_point: OnPoint) -> Io<(Run
         depth: args.depth,
         num_iovs: args.num_iovs,
         kv_regions: args.regions(),
+        kv_region_major: args.table_regions() > 1,
         chunk_size: config.chunk_size,
         rounds: args.rounds,
         client_memory: mem.describe(),
@@ -349,8 +350,9 @@ impl Run<'_> {
         let count = 1 + warmup + iters;
         let kv = u8::from(self.layout.shuffled());
         let regions = if self.layout.shuffled() && self.op != Op::Send { self.args.regions() } else { 1 };
-        self.ctl
-            .send(&format!("OP {} {size} {count} {depth} {iovs} {seed} {stride} {kv} {regions}", self.op.name()))?;
+        let shares = self.layout.table.regions();
+        let op = self.op.name();
+        self.ctl.send(&format!("OP {op} {size} {count} {depth} {iovs} {seed} {stride} {kv} {regions} {shares}"))?;
         let go = self.ctl.expect("GO")?;
         if regions > 1 {
             self.split = Some(self.split(&go, regions)?);

@@ -2,7 +2,8 @@
 //! by side, or (`--scatter`) spread over a region, as the blocks of a KV cache are, so that neither
 //! end sees two pieces next to each other. Every transfer in flight has its own slot. With `--kv`
 //! the pieces follow block tables: piece k lies in block `table(k)` of the region, a different
-//! shuffle on each end, as a serving stack's random block tables are.
+//! shuffle on each end, as a serving stack's random block tables are, region by region
+//! (`--kv-order region`) or in any order.
 
 use std::ops::Range;
 
@@ -22,29 +23,40 @@ pub struct Layout {
 /// the block count, so every block is used once; far from 1 and from the count, so that no two
 /// pieces consecutive in the transfer are neighbours in memory, nor in address order. The
 /// initiator's and the target's tables differ, so a piece never sits at the same offset on both.
+///
+/// Region by region (`regions` > 1, as serving stacks list a request: every block of one layer's
+/// tensor, then the next's), the pieces of region r ([`Layout::regions`]'s r-th share of the
+/// blocks) are shuffled among that region's blocks alone, on both ends: a piece's local and remote
+/// regions are the r-th of each end's. With `regions` 1 the whole table is one shuffle, and a
+/// transfer over several regions hops between them at almost every piece.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Table {
     mult: usize,
     add: usize,
+    regions: usize,
 }
 
 impl Table {
     /// Piece k in block k.
-    pub const IN_ORDER: Table = Table { mult: 1, add: 0 };
+    pub const IN_ORDER: Table = Table { mult: 1, add: 0, regions: 1 };
 
-    /// The initiator's table (`target`: the target's) for `n` blocks. The target's multiplier is
-    /// also picked so that at most about one piece in a hundred has the same block on both ends.
-    pub fn shuffled(n: usize, target: bool) -> Table {
+    /// The initiator's table (`target`: the target's) for `n` blocks, shuffled within each of
+    /// `regions` shares of them. The target's multiplier is also picked so that at most about one
+    /// piece in a hundred has the same block on both ends.
+    pub fn shuffled(n: usize, target: bool, regions: usize) -> Table {
+        let regions = regions.clamp(1, n.max(1));
+        // The shares hold n / regions blocks or one more: the multiplier is coprime to both.
+        let (n, other) = if regions > 1 { (n / regions, n / regions + 1) } else { (n, 1) };
         let coprime_from = |from: usize, ok: &dyn Fn(usize) -> bool| {
             let mut mult = from.max(1);
-            while gcd(mult, n) != 1 || !ok(mult) && mult < from + n {
+            while gcd(mult, n) != 1 || gcd(mult, other) != 1 || !ok(mult) && mult < from + n {
                 mult += 1;
             }
             mult
         };
         let initiator = coprime_from(n * 5 / 8, &|_| true);
         if !target {
-            return Table { mult: initiator, add: 0 };
+            return Table { mult: initiator, add: 0, regions };
         }
         // k * (m1 - m2) = add (mod n) has gcd(m1 - m2, n) solutions if that divides add, else none.
         let add = (n / 2) | 1;
@@ -52,16 +64,35 @@ impl Table {
             let g = gcd(initiator.abs_diff(mult), n);
             !add.is_multiple_of(g) || g <= (n / 128).max(1)
         };
-        Table { mult: coprime_from(n * 3 / 8, &few), add: add % n.max(1) }
+        Table { mult: coprime_from(n * 3 / 8, &few), add, regions }
+    }
+
+    /// The shares of the blocks this table shuffles within (1: all of them at once).
+    pub fn regions(self) -> usize {
+        self.regions
     }
 
     fn block(self, k: usize, n: usize) -> usize {
         if self == Table::IN_ORDER {
-            k
-        } else {
-            ((k as u128 * self.mult as u128 + self.add as u128) % n as u128) as usize
+            return k;
         }
+        let (start, len) = if self.regions > 1 { share(k, n, self.regions) } else { (0, n) };
+        start + ((((k - start) as u128) * self.mult as u128 + self.add as u128) % len as u128) as usize
     }
+}
+
+/// The first block and the block count of the share of `n` blocks cut in `regions` that holds
+/// block `k`: share r starts at block `r * n / regions`, as [`Layout::regions`] cuts them.
+fn share(k: usize, n: usize, regions: usize) -> (usize, usize) {
+    let start = |r: usize| r * n / regions;
+    let mut r = k * regions / n;
+    while r + 1 < regions && start(r + 1) <= k {
+        r += 1;
+    }
+    while start(r) > k {
+        r -= 1;
+    }
+    (start(r), start(r + 1) - start(r))
 }
 
 fn gcd(a: usize, b: usize) -> usize {
@@ -104,10 +135,11 @@ impl Layout {
         Ok(layout)
     }
 
-    /// The same layout following the block tables of `--kv`: this end's (`target`: the target's).
-    /// Side by side pieces have no blocks to shuffle.
-    pub fn with_tables(self, target: bool) -> Layout {
-        let table = if self.stride == 0 { Table::IN_ORDER } else { Table::shuffled(self.iovs, target) };
+    /// The same layout following the block tables of `--kv`: this end's (`target`: the target's),
+    /// region by region over `regions` shares of the blocks (1: one shuffle of them all). Side by
+    /// side pieces have no blocks to shuffle.
+    pub fn with_tables(self, target: bool, regions: usize) -> Layout {
+        let table = if self.stride == 0 { Table::IN_ORDER } else { Table::shuffled(self.iovs, target, regions) };
         Layout { table, ..self }
     }
 
@@ -119,7 +151,7 @@ impl Layout {
     /// Where the other end of a transfer keeps its pieces: the target's tables for a shuffled
     /// layout (the initiator's), else the same offsets.
     pub fn peer(self) -> Layout {
-        if self.shuffled() { self.with_tables(true) } else { self }
+        if self.shuffled() { self.with_tables(true, self.table.regions) } else { self }
     }
 
     fn max_piece(&self) -> usize {
@@ -207,10 +239,48 @@ mod tests {
         assert!(disjoint((0..3).flat_map(|s| uneven.pieces(s).collect::<Vec<_>>()).collect()));
     }
 
+    /// Region by region, piece k of both ends lies in the region holding block k (the same
+    /// region index at both ends), every block once, the two ends' blocks mostly apart; in any
+    /// order, consecutive pieces mostly change region.
+    #[test]
+    fn region_by_region_tables_keep_each_piece_in_its_own_region_at_both_ends() {
+        for (iovs, regions) in [(8192, 64), (8320, 160), (100, 7), (98_304, 64), (10, 10), (12, 5)] {
+            let l = Layout::new(iovs * 4096, iovs, Some(iovs * 16384), 1).unwrap().with_tables(false, regions);
+            let peer = l.peer();
+            assert_eq!(peer.table.regions(), regions, "the peer's table keeps the shares");
+            let bounds = l.regions(regions, 1);
+            let region_of = |at: usize| bounds.iter().position(|b| b.start <= at && at < b.end).unwrap();
+            let (mine, theirs): (Vec<_>, Vec<_>) = (l.pieces(0).collect(), peer.pieces(0).collect());
+            let mut used = vec![false; iovs];
+            let mut same = 0;
+            for k in 0..iovs {
+                let want = bounds.iter().position(|b| b.start <= k * l.stride && k * l.stride < b.end).unwrap();
+                assert_eq!(
+                    (region_of(mine[k].start), region_of(theirs[k].start)),
+                    (want, want),
+                    "{iovs}/{regions}: piece {k}"
+                );
+                let block = mine[k].start / l.stride;
+                assert!(!std::mem::replace(&mut used[block], true), "{iovs}/{regions}: block {block} twice");
+                same += usize::from(mine[k].start == theirs[k].start);
+            }
+            // Shares of a few blocks leave no room to keep the ends apart.
+            if iovs / regions >= 16 {
+                assert!(same * 50 <= iovs, "{iovs}/{regions}: {same} pieces at the same offset on both ends");
+            }
+        }
+        let any = Layout::new(8192 * 4096, 8192, Some(8192 * 16384), 1).unwrap().with_tables(false, 1);
+        let bounds = any.regions(64, 1);
+        let region_of = |at: usize| bounds.iter().position(|b| b.start <= at && at < b.end).unwrap();
+        let pieces: Vec<_> = any.pieces(0).collect();
+        let hops = pieces.windows(2).filter(|w| region_of(w[0].start) != region_of(w[1].start)).count();
+        assert!(hops * 10 >= 9 * 8191, "in any order the region changes at almost every piece: {hops}");
+    }
+
     #[test]
     fn regions_cut_at_blocks_hold_every_piece_of_every_slot() {
         for (iovs, regions, depth) in [(8192, 64, 2), (8320, 160, 1), (100, 7, 3), (16, 64, 1)] {
-            let l = Layout::new(iovs * 4096, iovs, Some(iovs * 16384), depth).unwrap().with_tables(true);
+            let l = Layout::new(iovs * 4096, iovs, Some(iovs * 16384), depth).unwrap().with_tables(true, 1);
             let bounds = l.regions(regions, depth);
             assert_eq!(bounds.len(), regions.min(iovs), "{iovs} blocks in {regions} regions");
             assert!(bounds.windows(2).all(|w| w[0].end == w[1].start && w[0].start < w[0].end));
@@ -242,7 +312,7 @@ mod tests {
     fn block_tables_use_every_block_once_and_differ_between_the_ends() {
         for (iovs, depth) in [(1usize, 1usize), (2, 1), (7, 3), (2048, 1), (100_000, 2)] {
             let plain = Layout::new(iovs * 64, iovs, Some(iovs * 64 * depth * 2), depth).unwrap();
-            let (ours, theirs) = (plain.with_tables(false), plain.with_tables(true));
+            let (ours, theirs) = (plain.with_tables(false, 1), plain.with_tables(true, 1));
             for l in [ours, theirs] {
                 let mut blocks: Vec<usize> = l.pieces(0).map(|r| r.start / l.stride).collect();
                 blocks.sort_unstable();
@@ -261,6 +331,6 @@ mod tests {
                 assert_eq!(next, 0, "{iovs} pieces: consecutive pieces are not neighbours in address order");
             }
         }
-        assert_eq!(Layout::new(64, 4, None, 1).unwrap().with_tables(true).table, Table::IN_ORDER);
+        assert_eq!(Layout::new(64, 4, None, 1).unwrap().with_tables(true, 1).table, Table::IN_ORDER);
     }
 }

@@ -27,6 +27,9 @@ pub struct RunInfo {
     /// The regions a KV transfer's blocks fall in (`--kv-regions`; 1 without `--kv`).
     #[serde(skip_serializing_if = "is_one")]
     pub kv_regions: usize,
+    /// Whether a KV transfer over several regions lists its blocks region by region (`--kv-order`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub kv_region_major: bool,
     pub chunk_size: u32,
     /// `--rounds`: how many times each point and its anchors were measured, alternately (left out
     /// at 1, the report of one measurement each).
@@ -341,7 +344,11 @@ fn header_lines(info: &RunInfo, mode: &str) -> String {
         human(info.chunk_size as usize),
         info.depth,
         info.num_iovs,
-        if info.kv_regions > 1 { format!(" in {} registered regions", info.kv_regions) } else { String::new() },
+        match (info.kv_regions, info.kv_region_major) {
+            (1, _) => String::new(),
+            (n, true) => format!(" in {n} registered regions, listed region by region"),
+            (n, false) => format!(" in {n} registered regions, listed in any order"),
+        },
         info.raw_streams
     )
 }
@@ -607,6 +614,7 @@ mod tests {
             depth: 1,
             num_iovs: 1,
             kv_regions: 1,
+            kv_region_major: false,
             chunk_size: 1 << 20,
             rounds: 1,
             client_memory: client.into(),

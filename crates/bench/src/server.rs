@@ -92,11 +92,12 @@ impl Target<'_> {
         }
     }
 
-    /// `OP kind size count depth iovs seed stride [kv [regions]]`: prepares slot 0 (the checked
-    /// transfer), then for a send posts `count` receives of `iovs` messages each, `depth` transfers
-    /// ahead. The pieces lie where the client's do ([`Layout`]). With several regions (`--kv-regions`)
-    /// the buffer is registered again cut into them for this op, `GO` carries each region's
-    /// FifoItem, and they are deregistered at the client's `FREE`.
+    /// `OP kind size count depth iovs seed stride [kv [regions [shares]]]`: prepares slot 0 (the
+    /// checked transfer), then for a send posts `count` receives of `iovs` messages each, `depth`
+    /// transfers ahead. The pieces lie where the client's do ([`Layout`]; `shares`: the block
+    /// tables shuffle within that many shares, region by region). With several regions
+    /// (`--kv-regions`) the buffer is registered again cut into them for this op, `GO` carries each
+    /// region's FifoItem, and they are deregistered at the client's `FREE`.
     fn op(&mut self, ctl: &mut Ctl, w: &[String]) -> Io<()> {
         let kind = w.get(1).map(String::as_str).unwrap_or("");
         let (size, count, depth, iovs, seed, stride): (usize, usize, usize, usize, u64, usize) =
@@ -105,7 +106,8 @@ impl Target<'_> {
         // With block tables (`--kv`) the pieces lie in the target's shuffled order of the blocks.
         let kv: u8 = if w.len() > 8 { field(w, 8)? } else { 0 };
         let regions: usize = if w.len() > 9 { field(w, 9)? } else { 1 };
-        let layout = if kv == 1 { layout.with_tables(true) } else { layout };
+        let shares: usize = if w.len() > 10 { field(w, 10)? } else { 1 };
+        let layout = if kv == 1 { layout.with_tables(true, shares) } else { layout };
         if depth == 0 || layout.span(depth) > self.mem.len() {
             return Err(std::io::Error::other(format!("{size} bytes x {depth} in flight do not fit the buffer")));
         }
