@@ -222,6 +222,7 @@ pub unsafe fn scatter(src: &[u8], segs: &[IoSeg], mut at: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::testutil::XorShift;
 
     fn empty() -> [libc::iovec; 4] {
         [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 4]
@@ -264,30 +265,18 @@ mod tests {
         assert_eq!((limited, out[0].iov_len), (1, 12), "at most `limit` bytes");
     }
 
-    /// A seeded xorshift: the same cases every run.
-    struct Rng(u64);
-
-    impl Rng {
-        fn below(&mut self, n: usize) -> usize {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            (self.0 % n as u64) as usize
-        }
-
-        /// Mostly segments shorter than [`BOUNCE_BELOW`], some longer.
-        fn seg_len(&mut self) -> usize {
-            if self.below(8) == 0 { BOUNCE_BELOW + self.below(3 * BOUNCE_BELOW) } else { 1 + self.below(BOUNCE_BELOW) }
-        }
+    /// Mostly segments shorter than [`BOUNCE_BELOW`], some longer.
+    fn seg_len(rng: &mut XorShift) -> usize {
+        if rng.below(8) == 0 { BOUNCE_BELOW + rng.below(3 * BOUNCE_BELOW) } else { 1 + rng.below(BOUNCE_BELOW) }
     }
 
-    /// Segments of `buf` of [`Rng::seg_len`] bytes totalling `total`, each at a random gap (so at
-    /// any alignment) after the last.
-    fn random_segs(rng: &mut Rng, buf: &mut [u8], total: usize) -> Vec<IoSeg> {
+    /// Segments of `buf` of [`seg_len`] bytes totalling `total`, each at a random gap (so at any
+    /// alignment) after the last.
+    fn random_segs(rng: &mut XorShift, buf: &mut [u8], total: usize) -> Vec<IoSeg> {
         let (mut segs, mut at, mut left) = (Vec::new(), 0, total);
         while left > 0 {
             at += rng.below(70);
-            let len = rng.seg_len().min(left);
+            let len = seg_len(rng).min(left);
             assert!(at + len <= buf.len(), "test buffer too small");
             segs.push(IoSeg { addr: buf.as_mut_ptr() as usize + at, len });
             (at, left) = (at + len, left - len);
@@ -330,7 +319,8 @@ mod tests {
     /// segments and runs cut at any bounce or call boundary, nothing outside a segment written.
     #[test]
     fn gathered_and_unbounced_bytes_land_in_place_across_every_boundary() {
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        // Seeded: the same cases every run.
+        let mut rng = XorShift::new(0x9e37_79b9_7f4a_7c15);
         for case in 0..40 {
             let total = 1 + rng.below(200_000);
             let mut src: Vec<u8> = (0..3 * total + 4096).map(|i| (i * 131 % 251) as u8).collect();

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use super::pure::wire;
 use super::*;
 use crate::error::UcclStatus;
+use crate::proto::testutil::XorShift;
 use crate::transport::MrRun;
 use crate::transport::testutil::{loopback_socket_net, pair, receive_counting_write_back, until, written_back_alone};
 use crate::transport::{IoSeg, MemKind, MrHandle, RequestId};
@@ -436,15 +437,13 @@ fn vectored_requests_gather_and_scatter_across_piece_boundaries() {
 /// `n` segment sizes from a seeded xorshift: below 2 KiB (through the helpers' bounce buffers)
 /// but one in `large_one_in` from 2 to 10 KiB (each an iovec of its own).
 fn random_sizes(seed: u64, n: usize, large_one_in: usize) -> Vec<usize> {
-    let mut x = seed;
-    let mut below = move |n: usize| {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        (x % n as u64) as usize
-    };
+    let mut rng = XorShift::new(seed);
     (0..n)
-        .map(|_| if below(large_one_in) == 0 { (2 << 10) + below(8 << 10) } else { 1 + below((2 << 10) - 1) })
+        .map(
+            |_| {
+                if rng.below(large_one_in) == 0 { (2 << 10) + rng.below(8 << 10) } else { 1 + rng.below((2 << 10) - 1) }
+            },
+        )
         .collect()
 }
 
