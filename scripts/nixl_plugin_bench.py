@@ -160,6 +160,19 @@ def make_agent(name, setup, gpu, sglang=False):
     return agent
 
 
+def leave():
+    """Ends this process without Python's teardown: NIXL's UCX crashes in a library destructor at
+    exit, which would turn a finished run into a failure. With UCCL_TCPX_TRACE set, through the C
+    library's exit instead, so that the engine's exit handler writes the trace (it runs before the
+    destructors, having been registered after them)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.environ.get("UCCL_TCPX_TRACE"):
+        import ctypes
+        ctypes.CDLL(None).exit(0)
+    os._exit(0)
+
+
 def target(pipe, setup, size, vram):
     for k, v in SETUPS[setup][2].items():
         os.environ[k] = v
@@ -169,8 +182,7 @@ def target(pipe, setup, size, vram):
     buf.register(agent)
     pipe.send((agent.get_agent_metadata(), (buf.addr, buf.kind, buf.dev)))
     pipe.recv()  # until the initiator is done
-    # NIXL's UCX crashes in a library destructor at process exit: skip those.
-    os._exit(0)
+    leave()
 
 
 def wait(agent, handle, state):
@@ -489,7 +501,7 @@ def kv_target(pipe, setup, shape, gpu):
         ok = got and np.array_equal(mem.rows()[ridx], src[lidx])
         bad += 0 if ok else 1
         pipe.send(ok)
-    os._exit(0)
+    leave()
 
 
 def kv_measure(setup, shape, requests, concurrent=1):
@@ -770,7 +782,7 @@ def sglang_target(pipe, setup, shape, gpu):
                 problems.append(f"{extra} notifications more than the rooms'")
         pipe.send((last, problems))
     pipe.recv()  # until the prefill side is done
-    os._exit(0)
+    leave()
 
 
 def sglang_measure(setup, shape):
@@ -1028,6 +1040,4 @@ def main():
 
 if __name__ == "__main__":
     main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as in target(): UCX's exit-time crash would turn a finished run into a failure
+    leave()
