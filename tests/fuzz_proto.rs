@@ -33,8 +33,8 @@ use uccl_tcpx::internal::proto::{
 
 /// `proto::FRAME_HEADER_LEN` is crate-private; `FrameHeader::to_bytes` pins the same number.
 const HEADER_LEN: usize = 8;
-/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 25.
-const VERSION: u16 = 25;
+/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 26.
+const VERSION: u16 = 26;
 const CHANNEL_HELLO_LEN: usize = 16;
 const FIFO_LEN: usize = 64;
 /// Protocol limits (crate-private in `proto`); `limits_match_the_codec` checks each against the codec.

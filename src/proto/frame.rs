@@ -5,8 +5,8 @@
 
 use super::wire::{Reader, Writer, put_at};
 use super::{
-    IPC_HANDLE_LEN, MAX_INLINE_LEN, MAX_IPC_WINDOWS, MAX_NAME_LEN, MAX_NOTIFY_MSG_LEN, MAX_REASON_LEN, MAX_VECTOR_RUNS,
-    MAX_VECTOR_SEGMENTS, ProtoError, REMOTE_SEG_LEN, VECTOR_RUN_LEN,
+    IPC_HANDLE_LEN, MAX_INLINE_LEN, MAX_IPC_WINDOWS, MAX_NAME_LEN, MAX_NOTIFY_MSG_LEN, MAX_REASON_LEN,
+    MAX_SEG_WIRE_LEN, MAX_VECTOR_RUNS, MAX_VECTOR_SEGMENTS, ProtoError, SEG_LIST_HEAD_LEN, VECTOR_RUN_LEN,
 };
 
 pub(crate) const FRAME_HEADER_LEN: usize = 8;
@@ -54,13 +54,17 @@ pub mod kind {
     pub(crate) const READ_RUNS: u8 = 49;
 }
 
-/// Largest vector request body: three ids, the count, the segments.
-const MAX_VECTOR_BODY: usize = 24 + 4 + REMOTE_SEG_LEN * MAX_VECTOR_SEGMENTS;
+/// Largest segment list of `n` segments.
+const fn max_seg_list(n: usize) -> usize {
+    SEG_LIST_HEAD_LEN + MAX_SEG_WIRE_LEN * n
+}
+/// Largest vector request body: three ids, the segment list.
+const MAX_VECTOR_BODY: usize = 24 + max_seg_list(MAX_VECTOR_SEGMENTS);
 /// Largest vector-of-runs body: the id, the run count, the runs (region, token, segment count), the
-/// segment count, the segments.
-const MAX_RUNS_BODY: usize = 8 + 4 + VECTOR_RUN_LEN * MAX_VECTOR_RUNS + 4 + REMOTE_SEG_LEN * MAX_VECTOR_SEGMENTS;
-/// Largest IPC grant body: two ids, the handle, the allocation's range, the count, the windows.
-const MAX_IPC_GRANT_BODY: usize = 16 + IPC_HANDLE_LEN + 16 + 4 + REMOTE_SEG_LEN * MAX_IPC_WINDOWS;
+/// segment list.
+const MAX_RUNS_BODY: usize = 8 + 4 + VECTOR_RUN_LEN * MAX_VECTOR_RUNS + max_seg_list(MAX_VECTOR_SEGMENTS);
+/// Largest IPC grant body: two ids, the handle, the allocation's range, the windows' list.
+const MAX_IPC_GRANT_BODY: usize = 16 + IPC_HANDLE_LEN + 16 + max_seg_list(MAX_IPC_WINDOWS);
 /// Largest DirectWrite body: a vector request plus one source address per segment and the
 /// sources' page size.
 const MAX_DIRECT_WRITE_BODY: usize = MAX_VECTOR_BODY + 8 * MAX_VECTOR_SEGMENTS + 4;
@@ -307,17 +311,17 @@ mod tests {
         assert_eq!(max_body_len(kind::READ_SMALL), Some(40));
         assert_eq!(max_body_len(kind::READ_DATA), Some(12 + 262_144));
         assert_eq!(max_body_len(kind::INLINE_SEND), Some(12 + 262_144));
-        assert_eq!(max_body_len(kind::WRITE_VECTOR), Some(28 + 12 * 65536));
-        assert_eq!(max_body_len(kind::READ_VECTOR), Some(28 + 12 * 65536));
+        assert_eq!(max_body_len(kind::WRITE_VECTOR), Some(29 + 20 * 65536));
+        assert_eq!(max_body_len(kind::READ_VECTOR), Some(29 + 20 * 65536));
         assert_eq!(max_body_len(kind::PROCESS_HELLO), Some(8));
         assert_eq!(max_body_len(kind::PROCESS_ACK), Some(4));
-        assert_eq!(max_body_len(kind::DIRECT_WRITE), Some(32 + 20 * 65536));
-        assert_eq!(max_body_len(kind::DIRECT_READ), Some(28 + 12 * 65536));
+        assert_eq!(max_body_len(kind::DIRECT_WRITE), Some(33 + 28 * 65536));
+        assert_eq!(max_body_len(kind::DIRECT_READ), Some(29 + 20 * 65536));
         assert_eq!(max_body_len(kind::DIRECT_GRANT), Some(12));
         assert_eq!(max_body_len(kind::DIRECT_DONE), Some(8));
         assert_eq!(max_body_len(kind::EAGER_SEND), Some(16));
-        assert_eq!(max_body_len(kind::IPC_REQUEST), Some(28 + 12 * 65536));
-        assert_eq!(max_body_len(kind::IPC_GRANT), Some(100 + 12 * 4096));
+        assert_eq!(max_body_len(kind::IPC_REQUEST), Some(29 + 20 * 65536));
+        assert_eq!(max_body_len(kind::IPC_GRANT), Some(101 + 20 * 4096));
         assert_eq!(max_body_len(kind::IPC_REVOKE), Some(8));
         assert_eq!(max_body_len(kind::IPC_REVOKED), Some(8));
         assert_eq!(max_body_len(kind::IPC_SEND), Some(112));

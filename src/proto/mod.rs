@@ -31,8 +31,9 @@ pub(crate) const MAGIC: u32 = 0x5854_4355;
 /// 23: vectors over several regions (`Control::WriteRuns` / `ReadRuns`), chunks cut per run.
 /// 24: spanning chunks of such vectors cross from one run into the next. 25: a FifoItem's
 /// capability names where its region's memory lies (capability version 3), and such vectors join
-/// only regions of one place on each end.
-pub(crate) const PROTOCOL_VERSION: u16 = 25;
+/// only regions of one place on each end. 26: segment lists as offsets from a running base, with
+/// one length for all where they share it (`control::write_segments`).
+pub(crate) const PROTOCOL_VERSION: u16 = 26;
 pub(crate) const NET_HANDLE_SIZE: usize = 128;
 /// Notification name bytes, NUL terminator excluded.
 pub(crate) const MAX_NAME_LEN: usize = 255;
@@ -62,11 +63,20 @@ pub(crate) const EAGER_SLOT: u64 = 64 << 10;
 pub(crate) fn eager_landing_bytes(len: u64) -> u64 {
     len.div_ceil(EAGER_SLOT) * EAGER_SLOT
 }
-/// Segments one vector request may name: a 768 KiB frame. A call with more items sends several
-/// requests.
+/// Segments one vector request may name: a frame of 256 KiB for blocks of one length, 512 KiB
+/// otherwise, 1.25 MiB at most (each segment on a base of its own). A call with more items sends
+/// several requests.
 pub(crate) const MAX_VECTOR_SEGMENTS: usize = 1 << 16;
-/// Wire bytes per segment of a vector request: `u64 addr, u32 len`.
-pub(crate) const REMOTE_SEG_LEN: usize = 12;
+/// Most wire bytes a segment of a segment list takes: a new base (the marker and a `u64`), its
+/// offset and its own length.
+pub(crate) const MAX_SEG_WIRE_LEN: usize = 20;
+/// A segment list's bytes before its segments at most, with no shared length: the count and the
+/// flags (a shared length takes 4 bytes more there and 4 fewer from every segment).
+pub(crate) const SEG_LIST_HEAD_LEN: usize = 5;
+/// A segment list's flag: one length, after the flags, is every segment's.
+pub(crate) const SEG_SHARED_LEN: u8 = 1;
+/// In place of a segment's offset: a new `u64` base follows, then the offset from it.
+pub(crate) const SEG_NEW_BASE: u32 = u32::MAX;
 /// Runs (regions) one `WriteRuns` / `ReadRuns` may name: a serving stack registers one region per
 /// layer and K/V (160 for Llama-70B, 188 for Qwen3-235B), so a request names that many; a call
 /// whose items alternate between regions more often goes as several requests.

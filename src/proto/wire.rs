@@ -29,6 +29,16 @@ impl<'a> Reader<'a> {
         ProtoError::Truncated { what: self.what }
     }
 
+    /// Bytes not read yet.
+    pub(super) fn remaining(&self) -> usize {
+        self.rest.len()
+    }
+
+    /// The bytes not read yet, left unread (`bytes` takes them).
+    pub(super) fn rest(&self) -> &'a [u8] {
+        self.rest
+    }
+
     pub(super) fn bytes(&mut self, n: usize) -> Result<&'a [u8], ProtoError> {
         let (head, tail) = self.rest.split_at_checked(n).ok_or_else(|| self.truncated())?;
         self.rest = tail;
@@ -109,6 +119,10 @@ impl<'a> Writer<'a> {
 
     pub(super) fn bytes(&mut self, bytes: &[u8]) {
         self.out.extend_from_slice(bytes);
+    }
+
+    pub(super) fn u8(&mut self, v: u8) {
+        self.out.push(v);
     }
 
     pub(super) fn u16(&mut self, v: u16) {

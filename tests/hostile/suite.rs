@@ -143,7 +143,7 @@ fn encode(msg: &Handshake) -> Vec<u8> {
 }
 
 /// The crate's protocol version (crate-private there); a wrong one fails every handshake below.
-const PROTOCOL_VERSION: u16 = 25;
+const PROTOCOL_VERSION: u16 = 26;
 
 fn hello() -> Hello {
     Hello {
