@@ -18,6 +18,9 @@ pull mode and its push variant, timed against one descriptor of the same bytes (
 --kv-concurrent C: C requests in flight at once, their aggregate against one descriptor alone); also
 the initiator thread's CPU time in make_prepped_xfer and in transfer() per descriptor, which the
 wall time of a post on a busy host hides (the caller loses its core to the threads moving the bytes).
+With --kv-readers N also: N such readers at once, each an initiator process with a target process of
+its own, on GPUs every target on GPU T and the readers on --reader-gpus; each reader's time under load
+against its anchor alone, and their aggregate against one reader's anchor alone (see kv_reader).
 
 With --sglang ROOMSxCHUNKSxPAGESxPAGE_SIZE (with --vram too), instead: SGLang's prefill->decode push
 (4 transfer threads sharing the prefill agent, rooms cut into chunks, kv and aux notifications),
@@ -31,6 +34,7 @@ usage: nixl_plugin_bench.py [--rounds N] [--sizes 4K,1M,64M] [--setups tcpx-net,
                             (with --vram: tcpx-net,tcpx-local,ucx-tcp-cuda,ucx)
                             [--vram I,T] [--json FILE]
        nixl_plugin_bench.py --kv 8x1024x256x16K [--kv-requests N] [--kv-concurrent C] [--rounds N] [--setups ...]
+       nixl_plugin_bench.py --kv 8x1024x256x16K --kv-readers N [--reader-gpus 1,2,3] [--kv-requests N] [--vram I,T] ...
        nixl_plugin_bench.py --sglang 24x3x24x64K [--rounds N] [--setups tcpx-net,tcpx-local,ucx] [--vram I,T]
        nixl_plugin_bench.py --breakdown [--bench PATH] [--rounds N] [--sizes 4K,1M] [--vram I,T]
                             [--initiator-param UCCL_TCPX_CONTROL_SPIN_US=0 ...]
@@ -47,6 +51,7 @@ import sys
 import tempfile
 import threading
 import time
+from multiprocessing.connection import wait as wait_any
 
 import numpy as np
 
@@ -139,6 +144,12 @@ def xfer_descs(agent, where, ranges):
 def parse_size(text):
     mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     return int(text[:-1]) * mult[text[-1]] if text[-1] in mult else int(text)
+
+
+def mono_clock():
+    """CLOCK_MONOTONIC in seconds: one clock for every process of this host, so that times taken in
+    two processes compare."""
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
 
 
 def make_agent(name, setup, gpu, sglang=False):
@@ -479,7 +490,10 @@ def kv_target(pipe, setup, shape, gpu):
     src = None  # the initiator's bytes, made at the first check
     seen = set()  # notifications in, not yet checked for
     while True:
-        cmd = pipe.recv()
+        try:
+            cmd = pipe.recv()
+        except EOFError:  # the initiator is gone, and says why
+            break
         if cmd[0] == "done":
             pipe.send((notifs, bad))
             break
@@ -504,91 +518,143 @@ def kv_target(pipe, setup, shape, gpu):
     leave()
 
 
+class KvInitiator:
+    """The KV case's initiator in this process and its target in a process of its own, started here
+    under `setup` (initiator memory on GPU `gpu`, the target's on `target_gpu`; None: host memory):
+    both sides' regions, their block lists prepared once (prep_xfer_dlist), and the anchor, one
+    descriptor of one request's bytes on each side. A context manager: its end ends the target."""
+
+    def __init__(self, setup, shape, gpu, target_gpu):
+        self.setup, self.shape = setup, shape
+        self.saved, self.pipe, self.proc = start_target(setup, kv_target, setup, shape, target_gpu)
+        try:
+            if not self.pipe.poll(60):
+                raise RuntimeError("the target did not start")
+            try:
+                meta, remote_blocks, remote_anchor, remote_kind = self.pipe.recv()
+            except EOFError:
+                raise RuntimeError("the target ended before it started (its error above)") from None
+            regions, blocks, block, per_req = shape
+            self.agent = agent = make_agent("initiator", setup, gpu)
+            self.mem = KvMem((regions, blocks, block), 1, gpu)
+            self.mem.register(agent)
+            self.anchor_mem = KvMem((1, 1, regions * per_req * block), 7, gpu)
+            self.anchor_mem.register(agent)
+            peer = agent.add_remote_agent(meta)
+            self.local_side = agent.prep_xfer_dlist("", self.mem.blocks(), self.mem.kind)
+            self.remote_side = agent.prep_xfer_dlist(peer, remote_blocks, remote_kind)
+            self.anchor_local = agent.prep_xfer_dlist("", self.anchor_mem.blocks(), self.anchor_mem.kind)
+            self.anchor_remote = agent.prep_xfer_dlist(peer, [remote_anchor], remote_kind)
+            self.target_rows = kv_pattern(regions, blocks, block, 2).reshape(-1, block)
+        except BaseException:
+            self.end(failed=True)
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, failed, *_):
+        self.end(failed)
+
+    def end(self, failed):
+        """Ends the target: after a failure at once (it may be waiting for a check or a command that
+        will not come), else once it has answered the end of the run."""
+        if failed:
+            self.proc.kill()
+        else:
+            self.pipe.send(("done",))
+            if self.pipe.poll(60):
+                self.pipe.recv()
+        end_target(self.proc, self.saved)
+
+    def begin(self, op):
+        """Before an op's requests: WRITEs send the initiator's own bytes, which READs overwrote."""
+        if op == "WRITE":
+            self.mem.fill(1)
+
+    def draw(self, op, i, rng, concurrent=1):
+        """Step `i` of `op`: (local tables, remote tables, notifications) of `concurrent` requests.
+        Random block tables: PER_REQ distinct blocks of each region on both sides, and no block in
+        two of the requests in flight together."""
+        regions, blocks, _, per_req = self.shape
+
+        def tables():
+            picks = [rng.choice(blocks, per_req * concurrent, replace=False) for _ in range(regions)]
+            return [
+                np.concatenate([r * blocks + picks[r][k * per_req:(k + 1) * per_req] for r in range(regions)])
+                for k in range(concurrent)
+            ]
+        return tables(), tables(), [f"{op}:{i}:{k}".encode() for k in range(concurrent)]
+
+    def run(self, op, step):
+        """Makes, posts and waits for a step's requests together: (start, made, posted, DONE) in
+        CLOCK_MONOTONIC s, and the calling thread's CPU s in make_prepped_xfer and in transfer()."""
+        agent = self.agent
+        cpu_start = time.thread_time_ns()
+        start = mono_clock()
+        handles = [
+            agent.make_prepped_xfer(op, self.local_side, lidx, self.remote_side, ridx, tag)
+            for lidx, ridx, tag in zip(*step)
+        ]
+        made = mono_clock()
+        cpu_made = time.thread_time_ns()
+        states = [agent.transfer(h) for h in handles]
+        posted = mono_clock()
+        cpu_posted = time.thread_time_ns()
+        for handle, state in zip(handles, states):
+            wait(agent, handle, state)
+        done = mono_clock()
+        for handle in handles:
+            agent.release_xfer_handle(handle)
+        return (start, made, posted, done), ((cpu_made - cpu_start) * 1e-9, (cpu_posted - cpu_made) * 1e-9)
+
+    def anchor(self, op, tag):
+        """Seconds to DONE of the anchor: one request's bytes as one descriptor, made and posted alike."""
+        start = mono_clock()
+        handle = self.agent.make_prepped_xfer(op, self.anchor_local, [0], self.anchor_remote, [0], tag)
+        wait(self.agent, handle, self.agent.transfer(handle))
+        done = mono_clock()
+        self.agent.release_xfer_handle(handle)
+        return done - start
+
+    def check(self, op, i, step):
+        """Every byte of a step's requests: READs' here, WRITEs' at the target once their notification
+        is in."""
+        for lidx, ridx, tag in zip(*step):
+            if op == "READ":
+                if not np.array_equal(self.mem.rows()[lidx], self.target_rows[ridx]):
+                    raise RuntimeError(f"{self.setup} KV READ {i}: wrong bytes")
+            else:
+                self.pipe.send(("check", tag, ridx, lidx))
+                if not self.pipe.poll(60) or not self.pipe.recv():
+                    raise RuntimeError(f"{self.setup} KV WRITE {i}: wrong bytes or no notification at the target")
+
+
 def kv_measure(setup, shape, requests, concurrent=1):
     """{op: [(make s, post s, done s, anchor done s, make CPU s, post CPU s)]} for `requests` requests of
     each op (CPU: the calling thread's), and {op: the first request's seconds to DONE}. With
     `concurrent` C > 1 each step is C requests of disjoint blocks made, posted together and waited
     for together, and the anchor's time counts C times: the ratio is their aggregate rate over one
     descriptor's alone."""
-    regions, blocks, block, per_req = shape
-    saved, pipe, proc = start_target(setup, kv_target, setup, shape, VRAM[1] if VRAM else None)
-    try:
-        if not pipe.poll(60):
-            raise RuntimeError("the target did not start")
-        meta, remote_blocks, remote_anchor, remote_kind = pipe.recv()
-        gpu = VRAM[0] if VRAM else None
-        agent = make_agent("initiator", setup, gpu)
-        mem = KvMem((regions, blocks, block), 1, gpu)
-        mem.register(agent)
-        anchor = KvMem((1, 1, regions * per_req * block), 7, gpu)
-        anchor.register(agent)
-        peer = agent.add_remote_agent(meta)
-        local_side = agent.prep_xfer_dlist("", mem.blocks(), mem.kind)
-        remote_side = agent.prep_xfer_dlist(peer, remote_blocks, remote_kind)
-        anchor_local = agent.prep_xfer_dlist("", anchor.blocks(), anchor.kind)
-        anchor_remote = agent.prep_xfer_dlist(peer, [remote_anchor], remote_kind)
-        target_rows = kv_pattern(regions, blocks, block, 2).reshape(-1, block)
+    with KvInitiator(setup, shape, *(VRAM or (None, None))) as kv:
         rng = np.random.default_rng(3)
         # Each op's untimed first request, to DONE: READ's is the agent's first request to its
         # peer, which connects (the plugin connects on first use).
         out, firsts = {}, {}
         for op in ("READ", "WRITE"):
-            if op == "WRITE":
-                mem.fill(1)
+            kv.begin(op)
             rows = []
             for i in range(requests + 2):
-                # Random block tables: PER_REQ distinct blocks of each region on both sides, and
-                # no block in two of the requests in flight together.
-                def tables():
-                    picks = [rng.choice(blocks, per_req * concurrent, replace=False) for _ in range(regions)]
-                    return [
-                        np.concatenate([r * blocks + picks[r][k * per_req:(k + 1) * per_req] for r in range(regions)])
-                        for k in range(concurrent)
-                    ]
-                lidxs, ridxs = tables(), tables()
-                tags = [f"{op}:{i}:{k}".encode() for k in range(concurrent)]
-                cpu_start = time.thread_time_ns()
-                start = time.perf_counter()
-                handles = [
-                    agent.make_prepped_xfer(op, local_side, lidx, remote_side, ridx, tag)
-                    for lidx, ridx, tag in zip(lidxs, ridxs, tags)
-                ]
-                made = time.perf_counter()
-                cpu_made = time.thread_time_ns()
-                states = [agent.transfer(h) for h in handles]
-                posted = time.perf_counter()
-                cpu_posted = time.thread_time_ns()
-                for handle, state in zip(handles, states):
-                    wait(agent, handle, state)
-                done = time.perf_counter()
-                for handle in handles:
-                    agent.release_xfer_handle(handle)
-                tag = tags[0]
-                # The anchor: the same bytes as one descriptor, made and posted alike.
-                a_start = time.perf_counter()
-                a_handle = agent.make_prepped_xfer(op, anchor_local, [0], anchor_remote, [0], tag + b":1")
-                wait(agent, a_handle, agent.transfer(a_handle))
-                a_done = time.perf_counter()
-                agent.release_xfer_handle(a_handle)
-                for lidx, ridx, tag in zip(lidxs, ridxs, tags):
-                    if op == "READ":
-                        if not np.array_equal(mem.rows()[lidx], target_rows[ridx]):
-                            raise RuntimeError(f"{setup} KV READ {i}: wrong bytes")
-                    else:
-                        pipe.send(("check", tag, ridx, lidx))
-                        if not pipe.poll(60) or not pipe.recv():
-                            raise RuntimeError(f"{setup} KV WRITE {i}: wrong bytes or no notification at the target")
+                step = kv.draw(op, i, rng, concurrent)
+                (start, made, posted, done), cpu = kv.run(op, step)
+                anchor = kv.anchor(op, step[2][0] + b":1")
+                kv.check(op, i, step)
                 if i == 0:
                     firsts[op] = done - start
                 if i >= 2:
-                    cpu = ((cpu_made - cpu_start) * 1e-9, (cpu_posted - cpu_made) * 1e-9)
-                    rows.append((made - start, posted - made, done - start, (a_done - a_start) * concurrent) + cpu)
+                    rows.append((made - start, posted - made, done - start, anchor * concurrent) + cpu)
             out[op] = rows
-        pipe.send(("done",))
-        pipe.recv()
         return out, firsts
-    finally:
-        end_target(proc, saved)
 
 
 def parse_kv(text):
@@ -645,6 +711,167 @@ def kv_main(shape, setups, rounds, requests, concurrent=1):
     return got
 
 
+# ---- Several KV readers at once (--kv-readers N): decode workers pulling KV on one host together ----
+# Each reader is a KvInitiator in a process of its own, with a target process of its own (two agents
+# a reader), all on this host; with --vram every target on GPU T and reader k on the k-th GPU of
+# --reader-gpus. Per op, first each reader's anchor alone: the readers take turns, the others idle.
+# Then steps of one KV request per reader: each draws its block tables, waits at a barrier the
+# readers share, makes, posts and waits for its request, and checks its bytes before the next step.
+# A reader's time: its make_prepped_xfer to DONE; a step's: the first reader's make_prepped_xfer to
+# the last one's DONE, in CLOCK_MONOTONIC, one clock for every process of the host.
+KV_WAIT_S = 120  # the longest a step may take: a reader's wait at the barrier, the parent's per step
+
+
+def kv_reader(pipe, barrier, k, setup, shape, requests, gpus, params):
+    """Reader `k` (`gpus`: its GPU and its target's), doing the parent's commands from `pipe`:
+    ("alone", op): its anchor's seconds to DONE, `requests` times after two untimed; ("load", op):
+    (start, DONE) of each of `requests` steps after two untimed; ("done",): ends. A failure goes back
+    as ("error", text) and then breaks the barrier, so that the other readers stop too."""
+    INITIATOR_PARAMS.update(params)
+    try:
+        with KvInitiator(setup, shape, *gpus) as kv:
+            rng = np.random.default_rng(3 + k)
+            pipe.send(("ok", None))
+            while (cmd := pipe.recv())[0] != "done":
+                what, op = cmd
+                if what == "alone":
+                    got = [kv.anchor(op, f"{op}:alone:{i}".encode()) for i in range(requests + 2)]
+                else:
+                    kv.begin(op)
+                    got = []
+                    for i in range(requests + 2):
+                        step = kv.draw(op, i, rng)
+                        try:
+                            barrier.wait(KV_WAIT_S)
+                        except threading.BrokenBarrierError:
+                            raise RuntimeError(f"KV {op} step {i}: the barrier broke (another reader failed, or "
+                                               f"was not there in {KV_WAIT_S} s)") from None
+                        (start, _, _, done), _ = kv.run(op, step)
+                        kv.check(op, i, step)
+                        got.append((start, done))
+                pipe.send(("ok", got[2:]))
+    except Exception as e:
+        # The error first: once the barrier breaks, the parent may hear the others' BrokenBarrierError.
+        pipe.send(("error", f"{type(e).__name__}: {e}"))
+        barrier.abort()
+    leave()
+
+
+def kv_readers_measure(setup, shape, requests, gpus):
+    """{op: ([each reader's anchor alone s], [each reader's [(start, DONE) per step]])} of one reader
+    per entry of `gpus` [(its GPU, its target's)], all at once."""
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(len(gpus))
+    readers = []  # (pipe, process)
+
+    def answers(ks, timeout):
+        """Readers `ks`' answers to their last command; a reader's error, its death or `timeout` s
+        without all answers raises, naming every reader that failed by then."""
+        deadline = time.monotonic() + timeout
+        pending = {readers[k][0]: k for k in ks}
+        got = {}
+        while pending:
+            if not wait_any(list(pending), max(0.0, deadline - time.monotonic())):
+                raise RuntimeError(f"no answer from reader(s) {sorted(pending.values())} in {timeout} s")
+            # Every answer in by now, not only the first: a failing reader sends its error before it
+            # breaks the barrier, so the cause comes with the others' BrokenBarrierError.
+            errors = []
+            for p in [p for p in pending if p.poll()]:
+                k = pending.pop(p)
+                try:
+                    what, got[k] = p.recv()
+                except EOFError:
+                    readers[k][1].join(5)
+                    what, got[k] = "error", f"died (exit code {readers[k][1].exitcode})"
+                if what == "error":
+                    errors.append(f"reader {k}: {got[k]}")
+            if errors:
+                if pending:
+                    errors.append(f"no answer yet from reader(s) {sorted(pending.values())}")
+                raise RuntimeError("; ".join(errors))
+        return [got[k] for k in ks]
+
+    try:
+        for k, g in enumerate(gpus):
+            pipe, child = ctx.Pipe()
+            # Not a daemon: a reader starts its target. Spawned, as targets are: no fork after CUDA.
+            proc = ctx.Process(target=kv_reader, args=(child, barrier, k, setup, shape, requests, g, INITIATOR_PARAMS))
+            proc.start()
+            child.close()  # so that the reader's death reads as EOF here
+            readers.append((pipe, proc))
+        answers(range(len(gpus)), KV_WAIT_S)
+        out = {}
+        for op in ("READ", "WRITE"):
+            alone = []
+            for k, (pipe, _) in enumerate(readers):
+                pipe.send(("alone", op))
+                alone += answers([k], KV_WAIT_S * (requests + 2))
+            for pipe, _ in readers:
+                pipe.send(("load", op))
+            out[op] = (alone, answers(range(len(gpus)), KV_WAIT_S * (requests + 2)))
+        return out
+    finally:
+        barrier.abort()  # readers waiting there for a failed one stop
+        for pipe, _ in readers:
+            try:
+                pipe.send(("done",))
+            except OSError:  # it ended already
+                pass
+        for _, proc in readers:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+
+
+def kv_readers_main(shape, setups, rounds, requests, gpus):
+    regions, blocks, block, per_req = shape
+    n, size = len(gpus), regions * per_req * block
+    at = ",".join(str(g) for g, _ in gpus)
+    where = "all in DRAM" if gpus[0][0] is None else f"readers on GPUs {at}, targets on GPU {gpus[0][1]}"
+    print(
+        f"KV, {n} readers at once, each an initiator and a target process of its own ({where}): {regions} regions x "
+        f"{blocks} blocks of {block >> 10} KiB; each request {regions * per_req} descriptors ({size >> 20} MiB), "
+        f"{requests} steps per op and round, each reader one request a step from a shared barrier. Per reader, in "
+        "order: alone: its anchor (one descriptor of a request's bytes) with the other readers idle; under load: its "
+        "request's make_prepped_xfer to DONE; ratio: alone over under load. step: the first make_prepped_xfer to the "
+        "last DONE; sum / one alone: the step's bytes per step time over the mean reader's anchor GB/s alone; "
+        "spread: the slowest and fastest reader's GB/s under load over their mean"
+    )
+    got = {}  # (setup, op) -> ([each reader's anchor s], [each reader's DONE s], [step s]) over rounds
+    for r in range(rounds):
+        for setup in setups:
+            try:
+                res = kv_readers_measure(setup, shape, requests, gpus)
+            except Exception as e:  # a setup that does not run here is reported, not fatal
+                print(f"round {r + 1}: {setup} KV readers: {e}", file=sys.stderr)
+                continue
+            for op, (alone, load) in res.items():
+                anchors, dones, steps = got.setdefault((setup, op), ([[] for _ in gpus], [[] for _ in gpus], []))
+                for k in range(n):
+                    anchors[k] += alone[k]
+                    dones[k] += [done - start for start, done in load[k]]
+                steps += [max(done for _, done in step) - min(start for start, _ in step) for step in zip(*load)]
+        print(f"KV readers round {r + 1} of {rounds} done", file=sys.stderr, flush=True)
+    print("| setup | op | alone ms | alone GB/s | under load ms | under load GB/s | ratio | step ms | sum GB/s "
+          "| sum / one alone | spread |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (setup, op), (anchors, dones, steps) in got.items():
+        alone = [statistics.median(x) for x in anchors]
+        done = [statistics.median(x) for x in dones]
+        rates = [size / d for d in done]
+        step = statistics.median(steps)
+        one_alone = statistics.mean(size / a for a in alone)
+        mean = statistics.mean(rates)
+        each = lambda xs, scale: " ".join(f"{x * scale:.2f}" for x in xs)  # noqa: E731
+        print(
+            f"| {setup} | {op} | {each(alone, 1e3)} | {each([size / a for a in alone], 1e-9)} | {each(done, 1e3)} "
+            f"| {each(rates, 1e-9)} | {each([a / d for a, d in zip(alone, done)], 1)} | {step * 1e3:.2f} "
+            f"| {n * size / step / 1e9:.2f} | {n * size / step / one_alone:.2f} "
+            f"| {min(rates) / mean:.2f}-{max(rates) / mean:.2f} |"
+        )
+    return got
+
+
 # ---- SGLang case (--sglang): SGLang's prefill->decode push through NIXL ----------------------------
 # After sgl-project/sglang python/sglang/srt/disaggregation/nixl/conn.py @ 8d9468505bb1, as
 # scripts/serving/sglang.py reproduces it for correctness: the initiator is the prefill side, the
@@ -664,10 +891,6 @@ SG_QUEUES = 4  # SGLANG_DISAGGREGATION_QUEUE_SIZE's default
 SG_AUX = 256  # one room's aux item, as sglang.py's first aux buffer
 SG_WAIT_S = 120
 SG_RANK = 0
-
-
-def sg_clock():
-    return time.clock_gettime(time.CLOCK_MONOTONIC)
 
 
 def sg_pattern(nbytes, region):
@@ -753,7 +976,7 @@ def sglang_target(pipe, setup, shape, gpu):
     if pipe.recv() == "go":
         want = sg_notifs(rooms, chunks)
         seen = set()
-        deadline = sg_clock() + SG_WAIT_S
+        deadline = mono_clock() + SG_WAIT_S
         # SGLang's decode side: get_new_notifs from its scheduler's loop, here every 0.5 ms.
         while last is None and not pipe.poll():
             for msgs in agent.get_new_notifs().values():
@@ -763,8 +986,8 @@ def sglang_target(pipe, setup, shape, gpu):
                         problems.append(f"notification {m!r} unknown or twice")
                     seen.add(m)
             if want <= seen:
-                last = sg_clock()
-            elif sg_clock() > deadline:
+                last = mono_clock()
+            elif mono_clock() > deadline:
                 problems.append(f"{len(want - seen)} of {len(want)} notifications missing after {SG_WAIT_S} s")
                 break
             else:
@@ -821,7 +1044,7 @@ def sglang_measure(setup, shape):
                     region_starts = np.arange(SG_REGIONS, dtype=np.int32)[:, None] * slots
                     idx = (region_starts + np.arange(first, first + pages, dtype=np.int32)[None, :]).ravel()
                     notif = f"{room}_kv_{chunk}_{int(last)}_{SG_RANK}".encode()
-                    start = sg_clock()
+                    start = mono_clock()
                     h = agent.make_prepped_xfer("WRITE", src, idx, dst, idx, notif)
                     if agent.transfer(h) == "ERR":
                         raise RuntimeError(f"room {room} chunk {chunk}: transfer() ERR")
@@ -840,10 +1063,10 @@ def sglang_measure(setup, shape):
                             raise RuntimeError(f"room {room} chunk {chunk}: ERR")
                         if all(st == "DONE" for st in states):
                             break
-                        if sg_clock() > deadline:
+                        if mono_clock() > deadline:
                             raise RuntimeError(f"room {room} chunk {chunk}: {states} after {SG_WAIT_S} s")
                         time.sleep(0)
-                    times[(room, chunk)] = (start, sg_clock())
+                    times[(room, chunk)] = (start, mono_clock())
                 except Exception as e:
                     errors.append(e)
 
@@ -940,6 +1163,11 @@ def main():
     ap.add_argument("--kv-requests", type=int, default=10, help="KV requests per op and round")
     ap.add_argument("--kv-concurrent", type=int, default=1, metavar="C",
                     help="KV requests of one agent in flight at once, disjoint blocks (C x PER_REQ <= BLOCKS)")
+    ap.add_argument("--kv-readers", type=int, metavar="N",
+                    help="with --kv: N readers at once (N >= 2), each an initiator and a target process of its own")
+    ap.add_argument("--reader-gpus", metavar="LIST",
+                    help="with --kv-readers and --vram I,T (T: every target's GPU, I unused): the readers' GPUs, "
+                         "comma-separated; default the first N GPUs other than T")
     ap.add_argument("--sglang", metavar="RxCxPxS",
                     help="SGLang's prefill->decode push instead of the sizes, e.g. 24x3x24x64K: "
                          "ROOMS x CHUNKS a room x PAGES a chunk x PAGE_SIZE")
@@ -959,6 +1187,8 @@ def main():
         if len(gpus) != 2 or not all(g.isdigit() for g in gpus):
             ap.error(f"--vram takes two GPU indices, I,T: {args.vram!r}")
         VRAM = (int(gpus[0]), int(gpus[1]))
+    if (args.reader_gpus and args.kv_readers is None) or (args.kv_readers is not None and not args.kv):
+        ap.error("--reader-gpus goes with --kv-readers, --kv-readers with --kv")
     if args.kv:
         kv_setups = args.setups.split(",") if args.setups else ["tcpx-net", "tcpx-local", "ucx"]
         unknown = [s for s in kv_setups if s not in SETUPS]
@@ -967,6 +1197,22 @@ def main():
         shape = parse_kv(args.kv)
         if args.kv_concurrent < 1 or args.kv_concurrent * shape[3] > shape[1]:
             ap.error(f"--kv-concurrent {args.kv_concurrent}: at least 1, and C x PER_REQ <= BLOCKS")
+        if args.kv_readers is not None:
+            n = args.kv_readers
+            if n < 2 or args.kv_concurrent != 1:
+                ap.error(f"--kv-readers {n}: at least 2, each one request at a time (no --kv-concurrent)")
+            if VRAM is None:
+                if args.reader_gpus:
+                    ap.error("--reader-gpus needs --vram I,T: without it every reader is on host memory")
+                gpus = [(None, None)] * n
+            else:
+                others = [str(g) for g in range(n + 1) if g != VRAM[1]][:n]
+                listed = args.reader_gpus.split(",") if args.reader_gpus else others
+                if len(listed) != n or not all(g.isdigit() for g in listed):
+                    ap.error(f"--reader-gpus takes {n} GPU indices, comma-separated, not {args.reader_gpus!r}")
+                gpus = [(int(g), VRAM[1]) for g in listed]
+            kv_readers_main(shape, kv_setups, args.rounds, args.kv_requests, gpus)
+            return
         kv_main(shape, kv_setups, args.rounds, args.kv_requests, args.kv_concurrent)
         return
     if args.sglang:
