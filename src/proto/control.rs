@@ -821,10 +821,10 @@ fn read_segments(r: &mut Reader<'_>) -> Result<Vec<RemoteSeg>, ProtoError> {
     Ok(segs)
 }
 
-/// The segments at the front of `rest`, as many as `segs` has room for, each `SHARED` one `len` long, as `read_segments`
-/// reads them; how many bytes they took. Read as the u32 words they are made of, one loop per
-/// form: through the reader's checked calls a KV request's 8,192 segments took three times as long
-/// as the 12-byte form before them.
+/// Fills `segs` from the front of `rest` as `read_segments` reads a list, each segment `len` long
+/// where `SHARED`; how many bytes they took. Read as the u32 words the list is made of, one loop
+/// per form: through the reader's checked calls a KV request's 8,192 segments took 21-27 us on the
+/// 2-core VM, this 12 (the 12-byte form before them: 9).
 fn read_segment_words<const SHARED: bool>(rest: &[u8], len: u32, segs: &mut [RemoteSeg]) -> Result<usize, ProtoError> {
     let (chunks, _) = rest.as_chunks::<4>();
     let words = chunks.len();

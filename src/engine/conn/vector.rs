@@ -23,8 +23,9 @@ const INLINE_RUN: usize = 16;
 /// Segments this end puts in one vector request (the protocol allows `MAX_VECTOR_SEGMENTS`). A
 /// longer run goes as several requests, each its own flow, so the target grants the first (a
 /// 33-65 KiB frame to read, decode and authorize) and its data moves while the target still works
-/// through the next: with one request of 65536 segments, 100,000 blocks of 4 KiB moved at 0.55 of the same
-/// bytes in one piece on 32 cores, the target holding the first grant back for the whole list.
+/// through the next: with one request of 65536 segments, 100,000 blocks of 4 KiB moved at 0.55 of
+/// the same bytes in one piece on 32 cores, the target holding the first grant back for the whole
+/// list.
 pub(super) const REQUEST_SEGMENTS: usize = 8192;
 const _: () = assert!(REQUEST_SEGMENTS <= MAX_VECTOR_SEGMENTS);
 
