@@ -801,7 +801,7 @@ fn read_segments(r: &mut Reader<'_>) -> Result<Vec<RemoteSeg>, ProtoError> {
         return Err(ProtoError::Invalid("a segment list has unknown flags"));
     }
     let shared = if flags & SEG_SHARED_LEN != 0 { Some(r.u32()?) } else { None };
-    if r.remaining() < count * if shared.is_some() { 4 } else { 8 } {
+    if r.rest().len() < count * if shared.is_some() { 4 } else { 8 } {
         return Err(SEG_TRUNCATED);
     }
     let mut segs = vec![RemoteSeg { addr: 0, len: 0 }; count];

@@ -29,11 +29,6 @@ impl<'a> Reader<'a> {
         ProtoError::Truncated { what: self.what }
     }
 
-    /// Bytes not read yet.
-    pub(super) fn remaining(&self) -> usize {
-        self.rest.len()
-    }
-
     /// The bytes not read yet, left unread (`bytes` takes them).
     pub(super) fn rest(&self) -> &'a [u8] {
         self.rest
