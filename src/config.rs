@@ -111,7 +111,7 @@ knobs! {
         timeout: Duration = "UCCL_TCPX_TIMEOUT_MS", Millis(100, 86_400_000), Duration::from_secs(30), "a connection with transfers pending that hears nothing from the peer's engine this long fails them with `-14` (stalled peer); also the sockets' `TCP_USER_TIMEOUT`; over several data links a socket whose link answers nothing for a quarter of it is failed over (docs/FAILOVER.md)";
         fence_timeout: Duration = "UCCL_TCPX_FENCE_TIMEOUT_MS", Millis(0, 60_000), DEFAULT_FENCE_TIMEOUT, "how long `uccl_engine_mr_destroy` waits for transport requests already posted on the region (transfers using it are cut off with `-6`); a connection still holding some then is failed, so none touches the memory once the call returns";
         gpu: Option<i32> = "UCCL_TCPX_GPU", Opt(Int(0, MAX_GPU_ORDINAL)), None, "CUDA ordinal of the GPU the engine serves, opened at creation (needs a CUDA driver); unset: the GPU current on the creating thread, else that of the first device-memory registration (docs/C_API.md, \"Which GPU an engine serves\")";
-        transport: TransportChoice = "UCCL_TCPX_TRANSPORT", Choice(TransportChoice::NAMES, ""), TransportChoice::Auto, "`auto`: the net plugin if it loads, else the built-in socket transport (with a warning saying why); `tcpx`: the plugin or engine creation fails; `socket`: never load a plugin";
+        transport: TransportChoice = "UCCL_TCPX_TRANSPORT", Choice(TransportChoice::NAMES, ""), TransportChoice::Auto, "`auto`: the net plugin if it loads, else the built-in socket transport (with a warning saying why); `tcpx`: the plugin or engine creation fails; `tcpxo`: GPUDirect-TCPXO's plugin (A3-Mega), which `auto` never loads since its failed init ends the process (docs/TCPXO.md); `socket`: never load a plugin";
         local_peers: LocalPeers = "UCCL_TCPX_LOCAL_PEERS", Choice(LocalPeers::NAMES, " (plugin only for tests on one host)"), LocalPeers::Socket, "where a plugin engine moves the channels of a peer on its own host: `socket`, the built-in socket transport (GPU memory staged), since TCPX exits the process on traffic that never reached the NIC; `plugin`, the plugin, **for tests on one host against the fake NIC only** (`FAKE_TCPX_SAME_HOST=allow`). Both ends must agree: a connection between the two settings is refused";
         disable_ipc: bool = "UCCL_TCPX_DISABLE_IPC", Flag, false, "`1`: same-host peers move data over the network path like remote ones (UCCL's `UCCL_P2P_DISABLE_IPC`): the engine announces no host identity, so neither end takes the connection for local, and hands out no CUDA IPC handles";
         plugin_path: Option<PathBuf> = "UCCL_TCPX_PLUGIN", Opt(FilePath), None, "the ncclNet v7 plugin; unset: `libnccl-net-$NCCL_NET_PLUGIN.so` (if set), then `libnccl-net.so`. In a process whose NCCL already loaded it, the engine loads a private copy of the file (docs/TCPX.md)";
@@ -262,13 +262,26 @@ pub enum TransportChoice {
     Auto,
     /// The built-in socket transport; no plugin is ever loaded.
     Socket,
-    /// The net plugin; failing to load it fails engine creation.
+    /// The net plugin, GPUDirect-TCPX's or another's but TCPXO's; failing to load it fails
+    /// engine creation.
     Tcpx,
+    /// GPUDirect-TCPXO's net plugin (A3-Mega), whose failed `init` ends the process, so `auto`
+    /// never loads it; failing to load it fails engine creation.
+    Tcpxo,
 }
 
 impl TransportChoice {
-    const NAMES: &[(&str, TransportChoice)] =
-        &[("auto", TransportChoice::Auto), ("socket", TransportChoice::Socket), ("tcpx", TransportChoice::Tcpx)];
+    const NAMES: &[(&str, TransportChoice)] = &[
+        ("auto", TransportChoice::Auto),
+        ("socket", TransportChoice::Socket),
+        ("tcpx", TransportChoice::Tcpx),
+        ("tcpxo", TransportChoice::Tcpxo),
+    ];
+
+    /// The knob's value for this choice.
+    pub fn name(self) -> &'static str {
+        Self::NAMES.iter().find(|(_, c)| *c == self).map_or("auto", |(n, _)| n)
+    }
 }
 
 /// How the staged path moves a chunk made of several device segments between them and its pinned
@@ -964,7 +977,7 @@ mod tests {
             ("UCCL_TCPX_TIMEOUT_MS", "99", "an integer in 100..=86400000"),
             ("UCCL_TCPX_SOCKET_SPIN_US", "-1", "an integer in 0..=1000000"),
             ("UCCL_TCPX_CHUNK_SIZE", "5M", "a size in 4096..=4194304 bytes (K, M and G suffixes allowed)"),
-            ("UCCL_TCPX_TRANSPORT", "rdma", "auto, socket or tcpx"),
+            ("UCCL_TCPX_TRANSPORT", "rdma", "auto, socket, tcpx or tcpxo"),
             ("UCCL_TCPX_LOCAL_PEERS", "loopback", "socket or plugin (plugin only for tests on one host)"),
             ("UCCL_TCPX_STAGING_GATHER", "each", "auto, kernel or copies"),
             ("UCCL_TCPX_IP", "not-an-ip", "an IPv4 or IPv6 address"),

@@ -838,3 +838,100 @@ fn child_throughput() {
     }
     println!("child checked");
 }
+
+/// GPUDirect-TCPXO's plugin (the fake in TCPXO mode, GPU mode): receives land in the posted device
+/// buffer, no unpack, no `irecvConsumed`, host memory refused in requests. GPU memory of every
+/// kind of transfer, sizes 1 B to 16 MiB, and a block table of 2,048 scattered 16 KiB blocks,
+/// every byte checked; host memory refused with a status and the connection going on. Its `init`
+/// ends the process without a current GPU: an engine naming none, with none current, is refused
+/// before it (the child would not get past it otherwise).
+#[test]
+fn tcpxo_moves_gpu_memory_and_refuses_host_memory() {
+    if no_gpu() {
+        return;
+    }
+    let out = ChildTest::new("child_tcpxo_gpu")
+        .ignored()
+        .env_cleared("FAKE_TCPX_")
+        .env("FAKE_TCPX_MODE", "gpu")
+        .env("FAKE_TCPX_PLUGIN_KIND", "tcpxo")
+        .env("FAKE_TCPX_SAME_HOST", "allow")
+        .env("UCCL_TCPX_FAKE_PLUGIN", plugin::fake_plugin())
+        .run();
+    assert!(out.contains("child checked"), "{out}");
+}
+
+#[test]
+#[ignore = "run by its parent with FAKE_TCPX_MODE=gpu FAKE_TCPX_PLUGIN_KIND=tcpxo"]
+fn child_tcpxo_gpu() {
+    assert_gpu_mode();
+    let tcpxo = |gpu: Option<i32>| Config { transport: TransportChoice::Tcpxo, gpu, ..plugin::config(2, 1 << 20) };
+    let err = Engine::new(tcpxo(None)).err().expect("no GPU named, none current").to_string();
+    assert!(err.contains("GPUDirect-TCPXO's init would end the process") && err.contains("UCCL_TCPX_GPU"), "{err}");
+    let p = pair(tcpxo(Some(0)));
+    assert_eq!(p.a.transport(), "FakeFasTrak");
+    let sizes = [1usize, 7, 4095, 4096, 4097, (1 << 20) - 3, 1 << 20, (4 << 20) + 17, 16 << 20];
+    let max = sizes.iter().max().unwrap() + 64;
+    for kind in [Kind::SendRecv, Kind::Write, Kind::Read] {
+        let mut src = Mem::new(Side::Gpu, max);
+        let dst = Mem::new(Side::Gpu, max);
+        let (src_engine, dst_engine) = if matches!(kind, Kind::Read) { (&p.b, &p.a) } else { (&p.a, &p.b) };
+        let smr = src_engine.register(src.addr(), src.len()).unwrap();
+        let dmr = dst_engine.register(dst.addr(), dst.len()).unwrap();
+        for (i, &len) in sizes.iter().enumerate() {
+            let data = pattern(len, 900 + i as u64);
+            src.write(3, &data);
+            move_bytes(&p, kind, (&src, smr, 3), (&dst, dmr, 5), len);
+            assert_same(&dst.read(5, len), &data, &format!("TCPXO {kind:?} of {len} B"));
+        }
+    }
+    three_items_every_vector_way(&p, [Side::Gpu; 3], [Side::Gpu; 3]);
+
+    // A block table: 2,048 blocks of 16 KiB scattered over twice their bytes, written and read.
+    let mut rng = common::Rng::new("tcpxo_blocks");
+    let (n, slot) = (2048usize, 32 << 10);
+    let local = plugin::block_table(&mut rng, n, slot, 16 << 10, 16 << 10);
+    let remote = plugin::elsewhere(&mut rng, &local, slot);
+    let data = pattern(n * slot, 77);
+    let mut source = Mem::new(Side::Gpu, n * slot);
+    source.write(0, &data);
+    let (target, back) = (Mem::new(Side::Gpu, n * slot), Mem::new(Side::Gpu, n * slot));
+    let (smr, bmr) = (p.a.register(source.addr(), n * slot).unwrap(), p.a.register(back.addr(), n * slot).unwrap());
+    let tmr = p.b.register(target.addr(), n * slot).unwrap();
+    let fifo = p.b.prepare_fifo(tmr, target.addr(), n * slot).unwrap();
+    let items = |mr: u64, base: usize| -> Vec<OneSided> {
+        local
+            .iter()
+            .zip(&remote)
+            .map(|(&(lo, len), &(ro, _))| {
+                let mut r = fifo;
+                r.addr = (target.addr() + ro) as u64;
+                OneSided { mr, addr: base + lo, len, remote: r }
+            })
+            .collect()
+    };
+    let total: u64 = local.iter().map(|x| x.1 as u64).sum();
+    let w = p.ab.write(&items(smr, source.addr())).unwrap();
+    assert_eq!(wait(&p.ab, w).unwrap(), total);
+    let r = p.ab.read(&items(bmr, back.addr())).unwrap();
+    assert_eq!(wait(&p.ab, r).unwrap(), total);
+    let (landed, read_back) = (target.read(0, n * slot), back.read(0, n * slot));
+    for (&(lo, len), &(ro, _)) in local.iter().zip(&remote) {
+        assert!(landed[ro..ro + len] == data[lo..lo + len], "block at {lo} written");
+        assert!(read_back[lo..lo + len] == data[lo..lo + len], "block at {lo} read back");
+    }
+
+    // Host memory: refused at the post, the connection going on.
+    let host = Mem::new(Side::Host, 1 << 20);
+    let hmr = p.a.register(host.addr(), host.len()).unwrap();
+    let err = p.ab.send(&[(hmr, host.addr(), 1 << 20)]).expect_err("host memory over TCPXO");
+    assert_eq!(err.status(), UcclStatus::ErrNotSupported, "{err}");
+    let data = pattern(1 << 20, 5);
+    let mut src = Mem::new(Side::Gpu, 1 << 20);
+    src.write(0, &data);
+    let dst = Mem::new(Side::Gpu, 1 << 20);
+    let (smr, dmr) = (p.a.register(src.addr(), 1 << 20).unwrap(), p.b.register(dst.addr(), 1 << 20).unwrap());
+    move_bytes(&p, Kind::Write, (&src, smr, 0), (&dst, dmr, 0), 1 << 20);
+    assert_same(&dst.read(0, 1 << 20), &data, "after the refusal");
+    println!("child checked");
+}

@@ -93,6 +93,12 @@ impl Gpu {
     }
 }
 
+/// CUDA devices the process sees.
+pub fn device_count() -> Result<i32> {
+    super::driver()?;
+    result::device::get_count().map_err(|e| super::driver_error(e.0, "cuDeviceGetCount"))
+}
+
 /// The ordinal of the GPU whose context is current on the calling thread: how a caller that did
 /// `cudaSetDevice(n)` (or made any context of GPU `n` current) says which GPU it works on, as UCCL's
 /// endpoint reads it. `None` without a driver or without a current context. A context that fails

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
 
-use super::conn::{Connection, PeerInfo};
+use super::conn::{Connection, PeerInfo, Reach};
 use super::handshake::prepare_control;
 use super::progress::ConnList;
 use super::shared::EngineCore;
@@ -503,8 +503,8 @@ fn serve_admitted(
         channels: agreed.net.caps().name,
     };
     let binding = session.map(|s| s.token_binding());
-    let bound_gpu = core.gpu.bound_by(&*agreed.net);
-    Connection::start(core.clone(), stream, info, channels, chunking, agreed.link, binding, bound_gpu)
+    let reach = Reach::of(core.gpu.bound_by(&*agreed.net), &*agreed.net);
+    Connection::start(core.clone(), stream, info, channels, chunking, agreed.link, binding, reach)
 }
 
 #[cfg(test)]

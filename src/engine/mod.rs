@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 
+use conn::Reach;
 pub use conn::{Connection, HostPath, OneSided, PeerInfo, Piece, PieceRun};
 pub use notify::Notification;
 #[doc(hidden)]
@@ -468,8 +469,8 @@ fn connect_to(
         channels: agreed.net.caps().name,
     };
     let binding = session.map(|s| s.token_binding());
-    let bound_gpu = core.gpu.bound_by(&*agreed.net);
-    Connection::start(core.clone(), stream, peer, channels, chunking, agreed.link, binding, bound_gpu)
+    let reach = Reach::of(core.gpu.bound_by(&*agreed.net), &*agreed.net);
+    Connection::start(core.clone(), stream, peer, channels, chunking, agreed.link, binding, reach)
 }
 
 /// What the idle progress thread does (`idle_choice`): device copies in flight are staged chunks and

@@ -15,7 +15,7 @@ use crate::sys::iface;
 
 /// The transport `UCCL_TCPX_TRANSPORT` asks for, given GPU memory through staging where it moves
 /// host memory only, and its kind (whose defaults the engine's channels take): auto falls back
-/// from the plugin to sockets with a warning saying why; tcpx makes a plugin failure an
+/// from the plugin to sockets with a warning saying why; tcpx and tcpxo make a plugin failure an
 /// engine-creation error. `ip` is the engine's address, `bind` what its listeners bind.
 pub fn engine_net(config: &Config, ip: IpAddr, bind: IpAddr, wake: Wake) -> Result<(Arc<dyn Net>, ChannelTransport)> {
     let (selected, kind) = select(config, ip, bind, wake)?;
@@ -35,9 +35,9 @@ fn select(config: &Config, ip: IpAddr, bind: IpAddr, wake: Wake) -> Result<(Arc<
     let gpu_pci_path = None;
     match config.transport {
         TransportChoice::Socket => socket(),
-        TransportChoice::Tcpx => match PluginNet::open(config, gpu_pci_path) {
+        TransportChoice::Tcpx | TransportChoice::Tcpxo => match PluginNet::open(config, gpu_pci_path) {
             Ok(net) => Ok(plugin(net)),
-            Err(e) => Err(e.context("UCCL_TCPX_TRANSPORT=tcpx")),
+            Err(e) => Err(e.context(format!("UCCL_TCPX_TRANSPORT={}", config.transport.name()))),
         },
         TransportChoice::Auto => match PluginNet::open(config, gpu_pci_path) {
             Ok(net) => Ok(plugin(net)),

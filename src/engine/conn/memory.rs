@@ -11,29 +11,57 @@ use crate::engine::region::Region;
 use crate::engine::shared::EngineCore;
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{RemoteSeg, TokenBinding};
-use crate::transport::MemKind;
+use crate::transport::{MemKind, Net};
 
 pub(super) struct EngineMemory<'a> {
     core: &'a EngineCore,
     /// The connection's token binding when it is authenticated: requests must carry bound tokens.
     binding: Option<&'a TokenBinding>,
-    /// The GPU the connection's comms are bound to, if their transport binds them to one.
-    bound_gpu: Option<i32>,
+    reach: Reach,
 }
 
-/// Whether channels whose comms are bound to GPU `bound_gpu` (if any) can move `region`: not
-/// device memory of another GPU (`transport::bound_gpu_takes`).
-pub(super) fn channels_take(bound_gpu: Option<i32>, region: &Region) -> Result<()> {
-    match (bound_gpu, region.kind) {
-        (Some(_), MemKind::Cuda { device }) => crate::transport::bound_gpu_takes(bound_gpu, device)
-            .map_err(|e| e.context(format!("memory region {}", region.id))),
-        _ => Ok(()),
+/// What a connection's channels can move, known once its transport is agreed: device memory of
+/// the GPU their comms are bound to (every GPU's where the transport binds none), and host memory
+/// unless the transport refuses it in requests (TCPXO). What they cannot move is refused as a post
+/// or a peer's request names it, before any comm sees it, and the connection goes on.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Reach {
+    pub bound_gpu: Option<i32>,
+    pub host: bool,
+    /// The transport's name, for the refusal.
+    pub transport: &'static str,
+}
+
+impl Reach {
+    /// The reach of channels over `net` whose comms are bound to `bound_gpu`.
+    pub fn of(bound_gpu: Option<i32>, net: &dyn Net) -> Reach {
+        let host = net.properties(0).map_or(true, |p| p.supports_host);
+        Reach { bound_gpu, host, transport: net.caps().name }
     }
 }
 
+/// Whether channels of `reach` can move `region`: not device memory of another GPU
+/// (`transport::bound_gpu_takes`), nor host memory where the transport refuses it.
+pub(super) fn channels_take(reach: Reach, region: &Region) -> Result<()> {
+    let refused = match (reach.bound_gpu, region.kind) {
+        (Some(_), MemKind::Cuda { device }) => crate::transport::bound_gpu_takes(reach.bound_gpu, device),
+        (_, MemKind::Host) if !reach.host => Err(Error::new(
+            UcclStatus::ErrNotSupported,
+            format!(
+                "the {} transport moves GPU memory only (its plugin refuses host memory in requests, as \
+                 GPUDirect-TCPXO does): host memory moves to peers on this host, or over \
+                 UCCL_TCPX_TRANSPORT=socket",
+                reach.transport
+            ),
+        )),
+        _ => Ok(()),
+    };
+    refused.map_err(|e| e.context(format!("memory region {}", region.id)))
+}
+
 impl<'a> EngineMemory<'a> {
-    pub fn new(core: &'a EngineCore, binding: Option<&'a TokenBinding>, bound_gpu: Option<i32>) -> EngineMemory<'a> {
-        EngineMemory { core, binding, bound_gpu }
+    pub fn new(core: &'a EngineCore, binding: Option<&'a TokenBinding>, reach: Reach) -> EngineMemory<'a> {
+        EngineMemory { core, binding, reach }
     }
 
     /// The GPU owning a device region: the engine's or another of the process (registration
@@ -82,13 +110,13 @@ impl Copying for crate::engine::test_copies::SimulatedCopy {
 impl Memory for EngineMemory<'_> {
     fn authorize(&self, region: u64, token: u64, addr: u64, len: u64) -> Result<Arc<Region>> {
         let r = self.core.regions.authorize(region, token, addr, len, self.binding)?;
-        channels_take(self.bound_gpu, &r)?;
+        channels_take(self.reach, &r)?;
         Ok(r)
     }
 
     fn authorize_segments(&self, region: u64, token: u64, segs: &[RemoteSeg]) -> Result<Arc<Region>> {
         let r = self.core.regions.authorize_segments(region, token, segs, self.binding)?;
-        channels_take(self.bound_gpu, &r)?;
+        channels_take(self.reach, &r)?;
         Ok(r)
     }
 
@@ -156,24 +184,34 @@ impl Memory for EngineMemory<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::channels_take;
+    use super::{Reach, channels_take};
     use crate::engine::region::RegionTable;
     use crate::error::UcclStatus;
     use crate::transport::MemKind;
 
+    fn reach(bound_gpu: Option<i32>, host: bool) -> Reach {
+        Reach { bound_gpu, host, transport: "Plugin" }
+    }
+
     /// Channels on comms bound to a GPU take host memory and that GPU's memory; another GPU's is
-    /// refused with the region named, and channels bound to none take every GPU's.
+    /// refused with the region named, and channels bound to none take every GPU's. A transport
+    /// refusing host memory (TCPXO) has it refused here too, and only that.
     #[test]
-    fn channels_bound_to_a_gpu_refuse_only_another_gpus_memory() {
+    fn channels_refuse_another_gpus_memory_and_host_memory_their_transport_refuses() {
         let t = RegionTable::default();
         let on0 = t.get(t.register(0x10000, 0x1000, MemKind::Cuda { device: 0 }).unwrap()).unwrap();
         let host = t.get(t.register(0x20000, 0x1000, MemKind::Host).unwrap()).unwrap();
         for (bound, region) in [(Some(0), &on0), (None, &on0), (Some(1), &host), (None, &host)] {
-            assert!(channels_take(bound, region).is_ok(), "bound to {bound:?}, {:?}", region.kind);
+            assert!(channels_take(reach(bound, true), region).is_ok(), "bound to {bound:?}, {:?}", region.kind);
         }
-        let err = channels_take(Some(1), &on0).unwrap_err();
+        let err = channels_take(reach(Some(1), true), &on0).unwrap_err();
         assert_eq!(err.status(), UcclStatus::ErrNotSupported);
         assert!(err.message().contains(&format!("memory region {}", on0.id)), "{err}");
         assert!(err.message().contains("memory of GPU 0"), "{err}");
+        assert!(channels_take(reach(Some(0), false), &on0).is_ok());
+        let err = channels_take(reach(Some(0), false), &host).unwrap_err();
+        assert_eq!(err.status(), UcclStatus::ErrNotSupported);
+        assert!(err.message().contains(&format!("memory region {}", host.id)), "{err}");
+        assert!(err.message().contains("the Plugin transport moves GPU memory only"), "{err}");
     }
 }

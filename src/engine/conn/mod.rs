@@ -50,6 +50,7 @@ use copies::StartedCopies;
 use flow_trace::{flow_msg, lent_msg, trace_heard};
 use landing::LandingMemory;
 use memory::EngineMemory;
+pub(crate) use memory::Reach;
 pub use pieces::{Piece, PieceRun};
 use reader::Handled;
 use state::{Action, ConnState, DeviceRecv, Direction, FlowPlan, IpcSource, Memory, Regions};
@@ -179,9 +180,8 @@ pub struct Connection {
     link: LocalLink,
     /// On an authenticated connection, region tokens travel bound to it (see `proto::auth`).
     binding: Option<TokenBinding>,
-    /// The GPU its channels' comms are bound to, where their transport binds comms to one: memory
-    /// of another GPU is refused as a post or a peer's request names it, before any comm sees it.
-    bound_gpu: Option<i32>,
+    /// What its channels can move (`memory::Reach`).
+    reach: Reach,
     /// Which end of which connection its trace events name.
     trace: trace::ConnTag,
     /// The same-host paths' host worker and what they keep outside the lock.
@@ -203,8 +203,7 @@ impl Connection {
         }
     }
 
-    /// `bound_gpu`: the GPU the channels' comms are bound to, where their transport binds comms to
-    /// one (`Caps::binds_gpu`).
+    /// `reach`: what the channels can move.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn start(
         core: Arc<EngineCore>,
@@ -214,7 +213,7 @@ impl Connection {
         chunking: Chunking,
         link: LocalLink,
         binding: Option<TokenBinding>,
-        bound_gpu: Option<i32>,
+        reach: Reach,
     ) -> Result<Arc<Connection>> {
         let io = |e| Error::io("control stream", e);
         control.set_read_timeout(None).map_err(io)?;
@@ -283,7 +282,7 @@ impl Connection {
             listener_started: AtomicBool::new(false),
             link,
             binding,
-            bound_gpu,
+            reach,
             trace: tag,
             same_host: SameHostIo::new(weak.clone() as Weak<dyn HostServed>, device_batches),
             stats: Arc::default(),
@@ -315,12 +314,12 @@ impl Connection {
     }
 
     fn memory(&self) -> EngineMemory<'_> {
-        EngineMemory::new(&self.core, self.binding.as_ref(), self.bound_gpu)
+        EngineMemory::new(&self.core, self.binding.as_ref(), self.reach)
     }
 
-    /// Whether this connection's channels can move `region` (see `bound_gpu`).
+    /// Whether this connection's channels can move `region` (see `reach`).
     fn channels_take(&self, region: &super::region::Region) -> Result<()> {
-        memory::channels_take(self.bound_gpu, region)
+        memory::channels_take(self.reach, region)
     }
 
     /// What stands for a region's token in this connection's requests.

@@ -3,6 +3,7 @@
 
 use std::ffi::{CStr, c_char};
 
+use super::profile::Profile;
 use crate::error::{Error, Result, UcclStatus};
 use crate::ncclnet::{
     NCCL_NET_DEVICE_HOST, NCCL_NET_DEVICE_UNPACK, NCCL_NET_DEVICE_UNPACK_VERSION, NCCL_PTR_CUDA, NCCL_PTR_HOST,
@@ -10,8 +11,9 @@ use crate::ncclnet::{
 };
 use crate::transport::Properties;
 
-/// Converts what `getProperties` wrote for device `dev`, refusing what this transport cannot drive.
-pub fn from_raw(dev: usize, raw: &NcclNetPropertiesV7) -> Result<Properties> {
+/// Converts what `getProperties` wrote for device `dev` of a plugin under `profile`, refusing what
+/// this transport cannot drive.
+pub fn from_raw(dev: usize, raw: &NcclNetPropertiesV7, profile: &Profile) -> Result<Properties> {
     let text = |p: *mut c_char| {
         // SAFETY: the plugin's properties point at NUL-terminated strings it keeps alive (static
         // interface names and sysfs paths), or are NULL.
@@ -19,7 +21,8 @@ pub fn from_raw(dev: usize, raw: &NcclNetPropertiesV7) -> Result<Properties> {
     };
     let name = text(raw.name).unwrap_or_else(|| format!("device {dev}"));
     let ctx = |what: String| Error::backend(format!("net plugin device {dev} ({name}): {what}"));
-    let supports_host = raw.ptr_support & NCCL_PTR_HOST != 0;
+    // HOST in `ptrSupport` but refused in requests (TCPXO) is no host support.
+    let supports_host = raw.ptr_support & NCCL_PTR_HOST != 0 && profile.host_requests;
     let supports_cuda = raw.ptr_support & NCCL_PTR_CUDA != 0;
     if !supports_host && !supports_cuda {
         return Err(ctx(format!("supports neither host nor CUDA memory (ptrSupport {:#x})", raw.ptr_support)));
@@ -40,7 +43,7 @@ pub fn from_raw(dev: usize, raw: &NcclNetPropertiesV7) -> Result<Properties> {
         speed_mbps: raw.speed.max(0) as u32,
         device_unpack,
         // The vendor's bound (TCPX's 16), whatever NCCL promises for v7.
-        max_requests: super::tcpx::PROFILE.max_requests,
+        max_requests: profile.max_requests,
     })
 }
 
@@ -117,6 +120,7 @@ pub fn channel_devices(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::plugin::{tcpx::PROFILE as TCPX, tcpxo::PROFILE as TCPXO};
 
     fn raw(ptr: i32, ty: i32, ver: i32) -> NcclNetPropertiesV7 {
         NcclNetPropertiesV7 {
@@ -136,15 +140,22 @@ mod tests {
         let mut r = raw(3, 1, 7);
         r.name = name.as_ptr().cast_mut();
         r.pci_path = path.as_ptr().cast_mut();
-        let p = from_raw(0, &r).unwrap();
+        let p = from_raw(0, &r, &TCPX).unwrap();
         assert_eq!(p.name, "eth1");
         assert_eq!(p.pci_path.as_deref(), Some("/sys/devices/pci0000:01/0000:06:00.0"));
         assert!(p.supports_host && p.supports_cuda && p.device_unpack);
         assert_eq!((p.speed_mbps, p.max_requests), (200_000, 16));
 
-        let host = from_raw(1, &raw(1, 0, 0)).unwrap();
+        let host = from_raw(1, &raw(1, 0, 0), &TCPX).unwrap();
         assert_eq!(host.name, "device 1");
         assert!(!host.device_unpack && !host.supports_cuda && host.pci_path.is_none());
+
+        // TCPXO: HOST|CUDA in `ptrSupport`, a HOST device, host memory refused in requests.
+        let xo = from_raw(0, &raw(3, 0, 0), &TCPXO).unwrap();
+        assert!(!xo.supports_host && xo.supports_cuda && !xo.device_unpack);
+        assert_eq!(xo.max_requests, TCPXO.max_requests);
+        let err = from_raw(0, &raw(1, 0, 0), &TCPXO).unwrap_err().to_string();
+        assert!(err.contains("neither host nor CUDA"), "host pointers alone are no use to TCPXO: {err}");
 
         for (bad, why) in [
             (raw(0, 0, 0), "neither host nor CUDA"),
@@ -152,7 +163,7 @@ mod tests {
             (raw(3, 2, 7), "type 2"),
             (NcclNetPropertiesV7 { max_recvs: 0, ..raw(1, 0, 0) }, "maxRecvs 0"),
         ] {
-            let err = from_raw(2, &bad).unwrap_err().to_string();
+            let err = from_raw(2, &bad, &TCPX).unwrap_err().to_string();
             assert!(err.contains(why) && err.contains("device 2"), "{err}");
         }
     }
@@ -209,7 +220,7 @@ mod tests {
 
     #[test]
     fn explicit_device_lists_are_checked() {
-        let p = from_raw(0, &raw(1, 0, 0)).unwrap();
+        let p = from_raw(0, &raw(1, 0, 0), &TCPX).unwrap();
         let props = vec![p.clone(), p];
         assert_eq!(channel_devices(Some(&[1, 0, 1]), &props, None).unwrap(), vec![1, 0, 1]);
         let err = channel_devices(Some(&[2]), &props, None).unwrap_err().to_string();

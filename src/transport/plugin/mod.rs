@@ -20,6 +20,7 @@ pub mod profile;
 mod recv;
 mod stage;
 pub mod tcpx;
+pub mod tcpxo;
 pub mod unpack;
 
 #[cfg(test)]
@@ -63,7 +64,7 @@ unsafe impl Send for PendingConnect {}
 
 pub struct PluginNet {
     caps: Caps,
-    /// The vendor's rules over the generic driver (`tcpx.rs`).
+    /// The vendor's rules over the generic driver (`tcpx.rs`, `tcpxo.rs`).
     profile: &'static profile::Profile,
     plugin: Arc<Plugin>,
     /// `UCCL_TCPX_NET_DEVICES`, which overrides pairing with the GPU.
@@ -88,7 +89,12 @@ impl PluginNet {
     /// `gpu_pci_path` (a GPU's sysfs path) channels pair with its devices at once; otherwise when
     /// the engine names its GPU ([`Net::set_gpu`]).
     pub fn open(config: &Config, gpu_pci_path: Option<&str>) -> Result<PluginNet> {
-        let plugin = loader::load(config.plugin_path.as_deref(), config.nccl_net_plugin.as_deref())?;
+        let plugin = loader::load(
+            config.plugin_path.as_deref(),
+            config.nccl_net_plugin.as_deref(),
+            config.transport,
+            config.gpu,
+        )?;
         let net = PluginNet::with_plugin(plugin, config.net_devices.as_deref(), gpu_pci_path)?;
         Ok(net.with_test_ahead(config.plugin_test_ahead))
     }
@@ -106,7 +112,7 @@ impl PluginNet {
         gpu_pci_path: Option<&str>,
     ) -> Result<PluginNet> {
         let unpaired = devices::channel_devices(explicit, &plugin.devices, None)?;
-        let profile = &tcpx::PROFILE;
+        let profile = plugin.profile;
         let caps = Caps {
             name: plugin.name,
             listen_per_channel: profile.listen_per_channel,
@@ -120,8 +126,9 @@ impl PluginNet {
             reaches_own_host: profile.reaches_own_host,
             // A chunk of many pieces is one request of its bytes: gathered into a registered
             // buffer on the sender (`stage.rs`), scattered from the bounce pool straight into the
-            // pieces on the receiver (`recv.rs`), so a transfer's requests follow its bytes.
-            vectored: true,
+            // pieces on the receiver (`recv.rs`), so a transfer's requests follow its bytes. Where
+            // receives land in the posted buffer (no pool: TCPXO), a chunk stays in one piece.
+            vectored: plugin.devices.iter().all(|p| p.device_unpack),
         };
         let net = PluginNet {
             caps,
@@ -405,6 +412,8 @@ impl Drop for PluginListen {
             log::warn!("leaking a net plugin listen comm whose accept never completed");
             return;
         }
+        // TCPXO finds the comm's GPU by the current context here too (`GetShim`).
+        let _current = self.shared.gpus.enter();
         let (rc, since) = self.plugin.call(|t| {
             let close = t.close_listen.expect("checked at load");
             let since = logger::mark();

@@ -474,13 +474,15 @@ impl PluginRecvComm {
         }
     }
 
-    /// Hands the oldest receive back to the plugin, which then reuses its slot and pages.
+    /// Hands the oldest receive back to the plugin, which then reuses its slot and pages (where
+    /// its receives are consumed at all: TCPXO's are not).
     fn consume_head(&mut self) -> Result<()> {
         let head = self.queue.pop_front().expect("checked by the caller");
         let comm = self.core.comm;
+        let consumes = self.core.plugin.profile.consumes_receives;
         let (rc, since) = self.core.plugin.call(|t| {
-            let consumed = t.irecv_consumed.expect("checked at load");
             let since = mark();
+            let Some(consumed) = t.irecv_consumed.filter(|_| consumes) else { return (NCCL_SUCCESS, since) };
             // SAFETY: the oldest completed, unconsumed receive of this live comm.
             (unsafe { consumed(comm, 1, head.request) }, since)
         });
@@ -537,6 +539,16 @@ impl RecvComm for PluginRecvComm {
             return unsafe { self.irecv(one.addr as *mut u8, one.len, run.mr) };
         }
         self.core.check()?;
+        if self.unpack.is_none() {
+            // The plugin writes the posted buffer (TCPXO): pieces cannot share a request.
+            return Err(Error::new(
+                UcclStatus::ErrNotSupported,
+                format!(
+                    "{} receives land in the posted buffer: one piece per request",
+                    self.core.plugin.profile.vendor
+                ),
+            ));
+        }
         if self.queue.len() >= MAX_REQUESTS {
             return Ok(None);
         }

@@ -12,6 +12,7 @@ use crate::ncclnet::UNPACK_QUEUE_DEPTH;
 
 /// TCPX, and the fake devmem NIC and mock plugin that stand in for it in tests.
 pub const PROFILE: Profile = Profile {
+    vendor: "GPUDirect-TCPX",
     // A receive without devmem cmsgs (traffic that never passed a NIC) ends the process:
     // `src/sock/tcpx.h` `process_recv_cmsg`, `src/macro.h` `EXIT_ON_CMSG_ERRORS`.
     reaches_own_host: false,
@@ -27,6 +28,17 @@ pub const PROFILE: Profile = Profile {
     // `src/connect.cc` `tcpxConnectV5`.
     connect_state: 80..88,
     set_environment: apply_defaults,
+    // Its bounce pool's pages and unpack slots go back with `irecvConsumed`: `src/net_tcpx.cc`
+    // `tcpxIrecvConsumed`.
+    consumes_receives: true,
+    // A HOST send is a plain socket send (`src/net_tcpx.cc` `taskProgress`); receives into host
+    // memory of a GPU pool's comm go through the landing slots (`landing.rs`).
+    host_requests: true,
+    // A second `init` of an image fails ("gpu lib init twice"): `src/gpu/cuda_wrapper.cu`
+    // `gpu_init`, from `src/net_tcpx.cc` `tcpxInit`.
+    init_once_per_image: true,
+    init_is_fatal: false,
+    libraries: &[],
 };
 
 /// `(variable, value, why)`; `UNIX_CLIENT_PREFIX` is added separately because it depends on the host.
@@ -71,20 +83,10 @@ pub fn missing_defaults(
     out
 }
 
-/// Sets the missing defaults in the process environment. Called under the loader's lock before a
-/// plugin's `init`.
+/// Sets the missing defaults before the plugin's `init`, under the loader's lock.
 pub fn apply_defaults() {
     let rxdm = std::path::Path::new(RXDM_DIR).is_dir();
-    let set = |n: &str| std::env::var_os(n).map(|v| v.to_string_lossy().into_owned());
-    for (name, value, why) in missing_defaults(set, rxdm) {
-        log::info!("net plugin: {name}={value} by default ({why}); set it to override");
-        // SAFETY: setenv is not safe against concurrent getenv in other threads, and no code path
-        // can promise that none run here (the host application, earlier engines). The plugin reads
-        // its configuration only from the environment, once, in the `init` that follows, so there
-        // is no other way to configure it; this runs once per process under the loader lock, and
-        // our own threads do not read these variables.
-        unsafe { std::env::set_var(name, value) };
-    }
+    super::profile::set_missing(|lookup| missing_defaults(lookup, rxdm));
 }
 
 #[cfg(test)]
