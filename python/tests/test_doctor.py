@@ -1,6 +1,7 @@
 """uccl-tcpx-doctor on fake machines: an A3-like sysfs/procfs/library tree (the fake NIC,
 libfake_tcpx.so, standing in for Google's plugin) that passes, one tree per missing piece that
-fails with that piece's fix, and this machine itself."""
+fails with that piece's fix, the same for an A3-Mega-like tree (the fake in its TCPXO mode), and
+this machine itself."""
 
 import json
 import os
@@ -35,6 +36,7 @@ SYSCTLS = {
     "net/ipv4/tcp_max_syn_backlog": "4096",
 }
 RXDM = "/run/tcpx"
+H100 = "0x2330"
 
 
 def fake_plugin():
@@ -48,8 +50,9 @@ def fake_plugin():
 class Tree:
     """A fake machine under a short temporary root (unix socket paths are limited to 108 bytes)."""
 
-    def __init__(self, nics=NICS):
+    def __init__(self, nics=NICS, gpus=GPUS, tcpx=True):
         self.root = tempfile.mkdtemp(prefix="dr", dir="/tmp")
+        self.gpus = gpus
         self.listeners = []
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("UCCL_TCPX_", "NCCL_", "FAKE_TCPX_"))}
         # The fake's devices are the tree's NICs, at the same PCI paths.
@@ -64,18 +67,17 @@ class Tree:
         self.write("/proc/sys/kernel/osrelease", "6.1.85+\n")
         for name, value in SYSCTLS.items():
             self.write(f"/proc/sys/{name}", value + "\n")
-        for bdf, path in GPUS.items():
-            self.write(f"{path}/vendor", "0x10de\n")
-            self.write(f"{path}/class", "0x030200\n")
-            self.link(f"/sys/bus/pci/devices/{bdf}", path)
+        for bdf, path in gpus.items():
+            self.add_gpu(bdf, path)
         os.makedirs(self.path("/sys/bus/pci/drivers/gve"), exist_ok=True)
         for name, (path, _) in nics.items():
             self.write(f"{path}/vendor", "0x1ae0\n")
             self.link(f"{path}/driver", "/sys/bus/pci/drivers/gve")
             self.link(f"/sys/class/net/{name}/device", path)
-        self.install_plugin("/usr/local/nvidia/lib64")
-        self.env["LD_LIBRARY_PATH"] = "/usr/local/nvidia/lib64"
-        self.serve_rxdm(RXDM)
+        if tcpx:
+            self.install_plugin("/usr/local/nvidia/lib64")
+            self.env["LD_LIBRARY_PATH"] = "/usr/local/nvidia/lib64"
+            self.serve_rxdm(RXDM)
 
     def path(self, p):
         return os.path.join(self.root, p.lstrip("/"))
@@ -91,9 +93,16 @@ class Tree:
         os.makedirs(self.path(target), exist_ok=True)
         os.symlink(os.path.relpath(self.path(target), os.path.dirname(self.path(p))), self.path(p))
 
-    def install_plugin(self, folder, source=None):
+    def add_gpu(self, bdf, path, device=H100):
+        """An NVIDIA 3D controller (an H100 unless `device` says otherwise) at sysfs `path`."""
+        self.write(f"{path}/vendor", "0x10de\n")
+        self.write(f"{path}/device", device + "\n")
+        self.write(f"{path}/class", "0x030200\n")
+        self.link(f"/sys/bus/pci/devices/{bdf}", path)
+
+    def install_plugin(self, folder, source=None, name="libnccl-net.so"):
         os.makedirs(self.path(folder), exist_ok=True)
-        shutil.copy(source or fake_plugin(), self.path(f"{folder}/libnccl-net.so"))
+        shutil.copy(source or fake_plugin(), self.path(f"{folder}/{name}"))
 
     def remove(self, p):
         target = self.path(p)
@@ -115,7 +124,7 @@ class Tree:
         """RxDM's sockets (google/tcpgpudmarxd), listening."""
         os.makedirs(self.path(folder), exist_ok=True)
         self.socket_at(f"{folder}/rx_rule_manager")
-        for bdf in GPUS:
+        for bdf in self.gpus:
             self.socket_at(f"{folder}/get_gpu_fd_{bdf}")
             self.socket_at(f"{folder}/get_gpu_metadata_{bdf}")
 
@@ -138,7 +147,8 @@ def tree():
     t.close()
 
 
-def doctor(args, env):
+def doctor_report(args, env):
+    """(exit status, the JSON report) of one doctor run."""
     done = subprocess.run(
         [sys.executable, "-m", "uccl_tcpx.doctor", "--json", "--no-nixl", *args],
         env=env,
@@ -149,7 +159,12 @@ def doctor(args, env):
     assert done.stdout.startswith("{"), f"no JSON (exit {done.returncode}): {done.stdout}\n{done.stderr}"
     report = json.loads(done.stdout)
     assert report["exit"] == done.returncode, report
-    return done.returncode, {f"{c['section']}/{c['name']}": c for c in report["checks"]}
+    return done.returncode, report
+
+
+def doctor(args, env):
+    code, report = doctor_report(args, env)
+    return code, {f"{c['section']}/{c['name']}": c for c in report["checks"]}
 
 
 def run_tree(t, *extra):
@@ -183,6 +198,8 @@ def test_a3_like_tree_passes(tree):
             assert c["source"].startswith(("google/", "GoogleCloudPlatform/")), (key, c["source"])
     # The kernel check looks at the NICs the engine uses, not at eth0.
     assert "eth1, eth2" in checks["tcpx/kernel"]["detail"] and "eth0" not in checks["tcpx/kernel"]["detail"]
+    # Nothing of TCPXO's here: its checks are for A3-Mega-like hosts.
+    assert not any(k.startswith("tcpxo/") for k in checks)
 
 
 def only_failure(checks, key):
@@ -337,6 +354,229 @@ def test_auth_key_open_to_others(tree):
     os.chmod(key, 0o600)
     code, checks = run_tree(tree)
     assert code == 0 and checks["engine/auth key"]["status"] == "ok"
+
+
+def test_a_tcpxo_plugin_asked_for_as_tcpx(tree):
+    # TCPXO's plugin where TCPX's is looked for: named, never initialised (its failed init ends
+    # the process), with the setting that selects it.
+    tree.env["FAKE_TCPX_PLUGIN_KIND"] = "tcpxo"
+    code, checks = run_tree(tree)
+    assert code == 1
+    c = checks["tcpx/plugin"]
+    assert c["status"] == "fail" and "is GPUDirect-TCPXO's plugin ('FakeFasTrak'" in c["detail"], c
+    assert c["fix"].startswith("export UCCL_TCPX_TRANSPORT=tcpxo")
+    assert "tcpx/devices" not in checks
+
+
+def mega_shape():
+    """A3-Mega's shape (a3-megagpu-8g): eight H100s on four PCI roots, each GPU with a NIC of its
+    own behind the same switch, eth0 for control (GKE's names). ({bdf: path}, NICS-like)."""
+    gpus, nics = {}, {"eth0": ("/sys/devices/pci0000:00/0000:00:0c.0", [])}
+    for k in range(8):
+        root = 0x10 * (k // 2 + 1)
+        switch = f"/sys/devices/pci0000:{root:02x}/0000:{root:02x}:00.0/0000:{root + 1:02x}:00.0"
+        gpu = f"0000:{root + 2 + k % 2:02x}:00.0"
+        gpus[gpu] = f"{switch}/{gpu}"
+        nics[f"eth{k + 1}"] = (f"{switch}/0000:{root + 4 + k % 2:02x}:00.0", [gpu])
+    return gpus, nics
+
+
+MEGA_GPUS, MEGA_NICS = mega_shape()
+# Where Google's TCPXO installer puts the plugin, renamed (tcpxo_scripts/container_entry.sh).
+TCPXO_LIB = "/var/lib/tcpxo/lib64"
+TCPXO_PLUGIN = f"{TCPXO_LIB}/libnccl-net_internal.so"
+IMPORT_HELPER = "/dev/dmabuf_import_helper"
+LLCM_DIR = "/dev/aperture_devices"
+# RxDM's sockets as files (FILE_BASED_UDS_PATH_PREFIX): abstract ones are the machine's, not the tree's.
+RXDM_UDS = "/run/rxdm"
+
+
+class MegaTree(Tree):
+    """An A3-Mega-like machine set up as docs/A3.md says: TCPXO's plugin where Google's installer
+    puts it (the fake in its TCPXO mode), RxDM's import helper, LLCM devices bind-mounted under
+    /dev/aperture_devices, and the settings that select TCPXO."""
+
+    def __init__(self):
+        super().__init__(MEGA_NICS, MEGA_GPUS, tcpx=False)
+        self.install_plugin(TCPXO_LIB, name="libnccl-net_internal.so")
+        self.env["LD_LIBRARY_PATH"] = TCPXO_LIB
+        self.env["FAKE_TCPX_PLUGIN_KIND"] = "tcpxo"
+        self.write(IMPORT_HELPER, "")
+        os.makedirs(self.path(RXDM_UDS))
+        self.socket_at(f"{RXDM_UDS}/rxdm_uds_nic_mapping")
+        self.env["FILE_BASED_UDS_PATH_PREFIX"] = RXDM_UDS
+        for k in range(8):
+            bdf = f"0000:{0x10 * (k // 2 + 1) + 6 + k % 2:02x}:00.0"
+            self.write(f"{LLCM_DIR}/{bdf}/vendor", "0x1ae0\n")
+            self.write(f"{LLCM_DIR}/{bdf}/device", "0x0084\n")
+        self.env["UCCL_TCPX_TRANSPORT"] = "tcpxo"
+        self.env["UCCL_TCPX_GPU"] = "0"
+        self.env["NCCL_FASTRAK_IFNAME"] = ",".join(f"eth{k}" for k in range(1, 9))
+        self.env["NCCL_FASTRAK_CTRL_DEV"] = "eth0"
+
+
+@pytest.fixture
+def mega():
+    t = MegaTree()
+    yield t
+    t.close()
+
+
+def run_mega(t, *extra):
+    """(exit status, checks, the host's one line). --gpu -2: the doctor's engines take no GPU,
+    whatever UCCL_TCPX_GPU says (this machine may have none; the fake stands in for one)."""
+    code, report = doctor_report(["--root", t.root, "--gpu", "-2", *extra], t.env)
+    return code, {f"{c['section']}/{c['name']}": c for c in report["checks"]}, report["runs"]
+
+
+def predates_tcpxo(checks):
+    """Whether the installed engine library was built before TCPXO: it refuses
+    UCCL_TCPX_TRANSPORT=tcpxo, and the doctor says to upgrade."""
+    c = checks["engine/transport"]
+    return c["status"] == "fail" and "invalid" in c["detail"] and c["fix"].startswith("install a uccl-tcpx that knows")
+
+
+def mega_failures(checks):
+    """The failed checks, less engine/transport where the engine library predates TCPXO."""
+    return [k for k in failed(checks) if not (k == "engine/transport" and predates_tcpxo(checks))]
+
+
+MEGA_CHECKS = [
+    "tcpxo/control nic",
+    "tcpxo/data nics",
+    "tcpxo/engine gpu",
+    "tcpxo/gpus",
+    "tcpxo/import helper",
+    "tcpxo/llcm",
+    "tcpxo/plugin",
+    "tcpxo/rxdm",
+    "tcpxo/transport",
+]
+
+
+def test_a3_mega_like_tree_passes_the_tcpxo_checks(mega):
+    code, checks, runs = run_mega(mega)
+    assert sorted(k for k in checks if k.startswith("tcpxo/")) == MEGA_CHECKS
+    assert [k for k in MEGA_CHECKS if checks[k]["status"] != "ok"] == [], {k: checks[k] for k in MEGA_CHECKS}
+    # TCPX's checks would judge another plugin: not run on A3-Mega unless tcpx is asked for.
+    assert not any(k.startswith("tcpx/") for k in checks)
+    assert checks["tcpxo/plugin"]["data"] == {"path": TCPXO_PLUGIN, "name": "FakeFasTrak"}
+    assert len(checks["tcpxo/llcm"]["data"]["devices"]) == 8
+    assert "the engine's" in checks["tcpxo/llcm"]["detail"]
+    assert checks["tcpxo/data nics"]["data"]["nics"] == [f"eth{k}" for k in range(1, 9)]
+    # Every TCPXO requirement says where it comes from upstream (the last two are the engine's).
+    for key in MEGA_CHECKS:
+        src = checks[key]["source"]
+        assert src.startswith(("google/", "GoogleCloudPlatform/", "the engine:")), (key, src)
+        assert "the engine:" not in src or key in ("tcpxo/engine gpu", "tcpxo/transport"), (key, src)
+    if predates_tcpxo(checks):
+        # An engine library built before TCPXO (the installed wheel lags the source): the doctor
+        # says so, and nothing else fails.
+        assert code == 1 and failed(checks) == ["engine/transport"], failed(checks)
+    else:
+        assert code == 0 and failed(checks) == [], failed(checks)
+        assert checks["engine/transport"]["detail"].startswith("tcpxo resolves to tcpxo"), checks["engine/transport"]
+        assert runs.startswith("the TCPXO net plugin, GPU memory only"), runs
+
+
+def test_a3_mega_without_the_plugin(mega):
+    mega.remove(TCPXO_PLUGIN)
+    code, checks, runs = run_mega(mega)
+    assert code == 1
+    assert set(failed(checks)) == {"tcpxo/plugin", "engine/transport"}, failed(checks)
+    c = checks["tcpxo/plugin"]
+    assert c["detail"].startswith("no TCPXO plugin") and "nccl-tcpxo-installer.yaml" in c["fix"], c
+    assert "not TCPXO (see tcpxo: plugin)" in runs, runs
+
+
+def test_a3_mega_plugin_off_the_library_path(mega):
+    del mega.env["LD_LIBRARY_PATH"]
+    code, checks, _ = run_mega(mega)
+    assert code == 1
+    c = checks["tcpxo/plugin"]
+    assert c["status"] == "fail" and c["fix"].startswith(f"export LD_LIBRARY_PATH={TCPXO_LIB}:"), c
+
+
+def test_a3_mega_without_the_import_helper(mega):
+    mega.remove(IMPORT_HELPER)
+    code, checks, runs = run_mega(mega)
+    assert code == 1
+    assert mega_failures(checks) == ["tcpxo/import helper"], mega_failures(checks)
+    c = checks["tcpxo/import helper"]
+    assert "modprobe import-helper" in c["fix"] and IMPORT_HELPER in c["fix"]
+    assert c["source"].startswith("google/nccl-plugin-gpudirect-tcpxo: dmabuf_bridge/dmabuf_importer.c")
+    # An engine may be made (the fake has no RxDM), but transfers would fail: the line says so.
+    assert "(see tcpxo: import helper)" in runs and not runs.startswith("the TCPXO net plugin"), runs
+
+
+def test_a3_mega_without_rxdm(mega):
+    mega.stop_rxdm(RXDM_UDS)
+    code, checks, _ = run_mega(mega)
+    assert code == 1
+    assert mega_failures(checks) == ["tcpxo/rxdm"], mega_failures(checks)
+    c = checks["tcpxo/rxdm"]
+    assert f"{RXDM_UDS}/rxdm_uds_nic_mapping" in c["detail"] and "ends the process" in c["detail"]
+    assert "entrypoint_rxdm_container.sh" in c["fix"] and "uds_helpers.cc" in c["source"]
+
+
+def test_a3_mega_with_a_gpu_that_is_no_h100(mega):
+    a100 = next(iter(MEGA_GPUS.values()))
+    mega.write(f"{a100}/device", "0x20b2\n")  # an A100 80GB
+    code, checks, _ = run_mega(mega)
+    assert code == 1
+    assert mega_failures(checks) == ["tcpxo/gpus"], mega_failures(checks)
+    c = checks["tcpxo/gpus"]
+    assert "(0x20b2)" in c["detail"] and "ends the process" in c["detail"]
+    assert "a3-megagpu-8g" in c["fix"] and "kH100DeviceId" in c["source"]
+
+
+def test_a3_mega_with_more_than_8_gpus_visible(mega):
+    mega.add_gpu("0000:52:00.0", "/sys/devices/pci0000:50/0000:50:00.0/0000:51:00.0/0000:52:00.0")
+    code, checks, _ = run_mega(mega)
+    c = checks["tcpxo/gpus"]
+    assert c["status"] == "fail" and "9 GPUs visible" in c["detail"] and "CUDA_VISIBLE_DEVICES" in c["fix"], c
+    mega.env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(8))
+    code, checks, _ = run_mega(mega)
+    assert checks["tcpxo/gpus"]["status"] == "ok", checks["tcpxo/gpus"]
+
+
+def test_a3_mega_without_uccl_tcpx_transport(mega):
+    # auto never loads TCPXO: the doctor judges auto (sockets, which work), says TCPXO's checks
+    # pass, and names the setting; nothing fails.
+    del mega.env["UCCL_TCPX_TRANSPORT"]
+    code, checks, runs = run_mega(mega)
+    assert code == 0 and failed(checks) == [], failed(checks)
+    c = checks["tcpxo/transport"]
+    assert c["status"] == "warn" and c["fix"] == "export UCCL_TCPX_TRANSPORT=tcpxo", c
+    assert "UCCL_TCPX_TRANSPORT=tcpxo" in checks["engine/transport"]["fix"]
+    assert not any(k.startswith("tcpx/") for k in checks)
+    assert runs.endswith("TCPXO's checks pass: set UCCL_TCPX_TRANSPORT=tcpxo to use it"), runs
+
+
+def test_a3_mega_without_llcm_devices(mega):
+    # No devices: LLCM stays off, a warning. LLCM turned on by hand with no devices: init would
+    # end the process, a failure.
+    mega.remove(LLCM_DIR)
+    code, checks, _ = run_mega(mega)
+    c = checks["tcpxo/llcm"]
+    assert c["status"] == "warn" and LLCM_DIR in c["fix"], c
+    assert mega_failures(checks) == []
+    mega.env["NCCL_FASTRAK_USE_LLCM"] = "1"
+    code, checks, _ = run_mega(mega)
+    assert mega_failures(checks) == ["tcpxo/llcm"], mega_failures(checks)
+    assert "ends the process" in checks["tcpxo/llcm"]["detail"]
+
+
+def test_a3_mega_nic_settings_naming_no_interface(mega):
+    mega.env["NCCL_FASTRAK_IFNAME"] = "enp6s0"
+    mega.env["NCCL_FASTRAK_CTRL_DEV"] = "enp0s12"
+    code, checks, _ = run_mega(mega)
+    assert code == 1
+    # The engine fails too where it knows TCPXO: the fake, like TCPXO, then lists no device.
+    tcpxo = [k for k in failed(checks) if k.startswith("tcpxo/")]
+    assert tcpxo == ["tcpxo/control nic", "tcpxo/data nics"], failed(checks)
+    assert checks["tcpxo/data nics"]["fix"].startswith("export NCCL_FASTRAK_IFNAME=")
+    assert checks["tcpxo/control nic"]["fix"].startswith("export NCCL_FASTRAK_CTRL_DEV=")
 
 
 def test_this_machine_without_tcpx():

@@ -1,18 +1,20 @@
 """uccl-tcpx-doctor: what on this machine stops uccl-tcpx's transports, each finding with its fix.
 
-    uccl-tcpx-doctor [--json] [--transport auto|socket|tcpx] [--root DIR] [--gpu N]
+    uccl-tcpx-doctor [--json] [--transport auto|socket|tcpx|tcpxo] [--root DIR] [--gpu N]
     uccl-tcpx-doctor --serve [--port P]        (on one host)
     uccl-tcpx-doctor --peer HOST[:P]           (on the other)
 
 Exit status 1 when the transport asked for (--transport, else UCCL_TCPX_TRANSPORT, else auto)
 cannot work here; auto falls back to sockets, so TCPX's problems are reported without failing it.
+A host that looks like A3-Mega (TCPXO's plugin, /dev/aperture_devices, or tcpxo asked for) gets the
+TCPXO checks instead of TCPX's, unless tcpx is asked for.
 """
 
 import argparse
 import os
 import sys
 
-from . import cuda_checks, engine_checks, nixl_checks, peer, tcpx_checks
+from . import cuda_checks, engine_checks, nixl_checks, peer, tcpx_checks, tcpxo_checks
 from .host import Host
 from .report import Report
 
@@ -59,7 +61,7 @@ def diagnose(args, env):
             "engine",
             "transport",
             "fail",
-            f"UCCL_TCPX_TRANSPORT={asked} is none of auto, socket, tcpx",
+            f"UCCL_TCPX_TRANSPORT={asked} is none of {', '.join(engine_checks.TRANSPORTS)}",
             "export UCCL_TCPX_TRANSPORT=auto",
         )
     knobs = guarded(report, "engine", "settings", engine_checks.load_knobs, default=(set(), set(), []))
@@ -71,16 +73,23 @@ def diagnose(args, env):
     if guarded(report, "cuda", "driver", cuda_checks.check_driver, report, host) and host.live and gpus:
         guarded(report, "cuda", "peer access", cuda_checks.check_peer_access, report)
     cuda_checks.check_devices(report, host, gpus)
-    plugin = None
-    if report.transport != "socket":
-        plugin = guarded(report, "tcpx", "checks", tcpx_checks.run, report, host, env, defaults, gpus)
+    plugin, tcpxo = plugin_checks(report, host, env, asked, defaults, gpus)
     # The engine serves a GPU where there is one: TCPX binds a comm to the current GPU, so a
     # host-memory-only engine is not what a GPU user runs.
     gpu = args.gpu if args.gpu is not None else (0 if host.live and gpus else -1)
     resolved = guarded(
-        report, "engine", "transport", engine_checks.check_transport, report, env, report.transport, plugin, gpu
+        report,
+        "engine",
+        "transport",
+        engine_checks.check_transport,
+        report,
+        env,
+        report.transport,
+        plugin,
+        gpu,
+        tcpxo is not None,
     )
-    report.runs = runs_here(report, resolved, gpu)
+    report.runs = runs_here(report, resolved, gpu, tcpxo)
     if not args.no_nixl:
         guarded(report, "nixl", "checks", nixl_checks.run, report, env)
     if args.peer:
@@ -88,21 +97,62 @@ def diagnose(args, env):
     return report
 
 
-def runs_here(report, resolved, gpu):
-    """One line: the transport and memory kinds an engine gets on this host, from the checks."""
+def plugin_checks(report, host, env, asked, defaults, gpus):
+    """Runs the checks of the plugins this host may use: (the plugin the engine check should
+    load, or None; the TCPXO checks' Verdict, or None where they did not run)."""
+    if report.transport == "socket":
+        return None, None
+    mega = guarded(report, "tcpxo", "checks", tcpxo_checks.looks_like_a3_mega, host, env, asked, default=False)
+    plugin = tcpxo = None
+    # On A3-Mega, TCPX's checks would judge another plugin (and initialise Google's wrapper, which
+    # loads TCPXO): only where TCPX is asked for by name.
+    if report.transport == "tcpx" or (report.transport == "auto" and not mega):
+        plugin = guarded(report, "tcpx", "checks", tcpx_checks.run, report, host, env, defaults, gpus)
+    if mega:
+        tcpxo = guarded(
+            report, "tcpxo", "checks", tcpxo_checks.run, report, host, env, gpus, default=tcpxo_checks.Verdict()
+        )
+        if report.transport == "tcpxo":
+            plugin = tcpxo.plugin
+    return plugin, tcpxo
+
+
+def runs_here(report, resolved, gpu, tcpxo=None):
+    """One line: the profile (TCPX, TCPXO or sockets only) and memory kinds an engine gets on this
+    host, from the checks. `tcpxo`: the TCPXO checks' Verdict where they ran."""
     status = {f"{c.section}/{c.name}": c.status for c in report.checks}
     if status.get("engine/socket transport") != "ok":
         return "nothing: no engine can be created (see engine)"
-    memory = "host memory"
-    if gpu >= 0 and status.get("cuda/driver") == "ok" and status.get("cuda/CUDA API", "ok") == "ok":
-        memory += f" and GPU {gpu}'s memory"
-    else:
-        memory += " only (no GPU an engine can serve)"
+    has_gpu = gpu >= 0 and status.get("cuda/driver") == "ok" and status.get("cuda/CUDA API", "ok") == "ok"
+    if resolved == "tcpxo":
+        return over_tcpxo(gpu if has_gpu else None, tcpxo)
+    memory = "host memory" + (f" and GPU {gpu}'s memory" if has_gpu else " only (no GPU an engine can serve)")
     if resolved == "tcpx":
         return f"the TCPX net plugin, {memory}; peers on this host over sockets"
-    return f"the built-in socket transport, {memory}" + (
-        "" if resolved == "socket" and report.transport == "socket" else "; not TCPX (see tcpx)"
-    )
+    line = f"the built-in socket transport, {memory}"
+    if tcpxo is None:
+        return line + ("" if resolved == "socket" and report.transport == "socket" else "; not TCPX (see tcpx)")
+    return line + ("; not TCPX (see tcpx)" if report.transport == "tcpx" else "") + tcpxo_suffix(report, tcpxo)
+
+
+def over_tcpxo(gpu, tcpxo):
+    """The line for an engine made over TCPXO, serving `gpu` (None: none it can serve)."""
+    # An engine made proves TCPXO's init only: what the checks found missing (RxDM's import
+    # helper, say) fails the transfers later.
+    if tcpxo is not None and tcpxo.blocking:
+        missing = ", ".join(tcpxo.blocking)
+        return f"an engine over the TCPXO net plugin, whose transfers will fail (see tcpxo: {missing})"
+    memory = f"GPU {gpu}'s memory only" if gpu is not None else "GPU memory only, and no GPU an engine can serve"
+    return f"the TCPXO net plugin, {memory} (host memory only to peers on this host, over sockets)"
+
+
+def tcpxo_suffix(report, tcpxo):
+    """Why an A3-Mega-like host's engine is not over TCPXO, after the socket line."""
+    if tcpxo.blocking:
+        return f"; not TCPXO (see tcpxo: {', '.join(tcpxo.blocking)})"
+    if report.transport == "tcpxo":
+        return "; not TCPXO (see engine/transport)"
+    return "; TCPXO's checks pass: set UCCL_TCPX_TRANSPORT=tcpxo to use it"
 
 
 def main(argv=None):

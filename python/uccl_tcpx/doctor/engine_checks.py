@@ -9,7 +9,7 @@ import sys
 
 from .report import FAIL, OK, WARN
 
-TRANSPORTS = ("auto", "socket", "tcpx")
+TRANSPORTS = ("auto", "socket", "tcpx", "tcpxo")
 
 # Creates one engine in a process of its own (a net plugin is initialised once per process, and
 # TCPX ends the process on some errors) and prints its metadata or the engine's error.
@@ -148,8 +148,20 @@ def creation_fix(error, gpu):
     return "fix what the error names; UCCL_TCPX_LOG=info says more"
 
 
-def check_transport(report, env, asked, plugin_path, gpu):
-    """The socket engine this host can make, and what `asked` resolves to, each from a real engine."""
+def plugin_fix(asked, why, mega):
+    """The fix line for a plugin engine that cannot be created."""
+    if "UCCL_TCPX_TRANSPORT" in why and "invalid" in why:
+        return f"install a uccl-tcpx that knows UCCL_TCPX_TRANSPORT={asked}, or UCCL_TCPX_TRANSPORT=socket"
+    if asked == "auto":
+        if mega:
+            return "auto never loads TCPXO: export UCCL_TCPX_TRANSPORT=tcpxo (see tcpxo); sockets work meanwhile"
+        return "fix what the tcpx section reports to get TCPX; sockets work meanwhile"
+    return f"fix what the {asked} section reports, or UCCL_TCPX_TRANSPORT=socket"
+
+
+def check_transport(report, env, asked, plugin_path, gpu, mega=False):
+    """The socket engine this host can make, and what `asked` resolves to, each from a real engine.
+    `mega`: the host looks like A3-Mega (TCPXO's checks ran)."""
     sock = create_engine({**env, "UCCL_TCPX_TRANSPORT": "socket"}, gpu)
     if "error" in sock:
         report.add(
@@ -166,26 +178,28 @@ def check_transport(report, env, asked, plugin_path, gpu):
     if asked == "socket":
         report.add("engine", "transport", OK, "UCCL_TCPX_TRANSPORT=socket: the built-in socket transport, no plugin")
         return "socket"
-    tcpx_env = {**env, "UCCL_TCPX_TRANSPORT": "tcpx"}
+    # TCPXO only where asked for by name: auto never loads it (its failed init ends the process).
+    plugin = "tcpxo" if asked == "tcpxo" else "tcpx"
+    plugin_env = {**env, "UCCL_TCPX_TRANSPORT": plugin}
     if plugin_path:
-        tcpx_env["UCCL_TCPX_PLUGIN"] = plugin_path
-    made = create_engine(tcpx_env, gpu)
+        plugin_env["UCCL_TCPX_PLUGIN"] = plugin_path
+    made = create_engine(plugin_env, gpu)
     if "error" not in made:
         report.add(
             "engine",
             "transport",
             OK,
-            f"{asked} resolves to tcpx: an engine over the net plugin advertises {made['metadata']}",
+            f"{asked} resolves to {plugin}: an engine over the net plugin advertises {made['metadata']}",
         )
-        return "tcpx"
+        return plugin
     why = made["error"]
-    if asked == "tcpx":
+    if asked in ("tcpx", "tcpxo"):
         report.add(
             "engine",
             "transport",
             FAIL,
-            f"UCCL_TCPX_TRANSPORT=tcpx, and the plugin engine fails: {why}",
-            "fix what the tcpx section reports, or UCCL_TCPX_TRANSPORT=socket",
+            f"UCCL_TCPX_TRANSPORT={asked}, and the plugin engine fails: {why}",
+            plugin_fix(asked, why, mega),
         )
     else:
         report.add(
@@ -193,6 +207,6 @@ def check_transport(report, env, asked, plugin_path, gpu):
             "transport",
             WARN,
             f"auto resolves to socket, because the plugin engine fails: {why}",
-            "fix what the tcpx section reports to get TCPX; sockets work meanwhile",
+            plugin_fix(asked, why, mega),
         )
     return "socket"

@@ -123,14 +123,17 @@ def peer(report, target, gpu):
         path, links = side.path(conn)
         side.ep.close()
     except Exception as e:
-        report.add(
-            "peer",
-            "exchange",
-            FAIL,
-            f"with {host}:{port}: {e}",
+        fix = (
             f"run `uccl-tcpx-doctor --serve --port {port}` there first; open TCP port {port} and the engine's "
-            "data ports between the hosts; send both sides' --json and UCCL_TCPX_LOG=info output",
+            "data ports between the hosts; send both sides' --json and UCCL_TCPX_LOG=info output"
         )
+        if report.transport == "tcpxo":
+            # The exchange moves host memory, which TCPXO refuses between hosts.
+            fix = (
+                "TCPXO moves GPU memory only and this exchange moves host memory: run both ends with "
+                "UCCL_TCPX_TRANSPORT=socket to check the hosts reach each other; docs/A3.md moves GPU memory"
+            )
+        report.add("peer", "exchange", FAIL, f"with {host}:{port}: {e}", fix)
         return
     rate = lambda s: SIZE / s / 1e9 if s > 0 else 0.0
     detail = f"64 MiB out {rate(out_s):.2f} GB/s, in {rate(in_s):.2f} GB/s (each with one round trip); path {path}" + (

@@ -4,12 +4,14 @@ import json
 from dataclasses import asdict, dataclass, field
 
 OK, WARN, FAIL = "ok", "warn", "fail"
-SECTIONS = ("engine", "cuda", "tcpx", "nixl", "peer")
+SECTIONS = ("engine", "cuda", "tcpx", "tcpxo", "nixl", "peer")
+# The plugin transports, each with the section of its own checks.
+PLUGIN_TRANSPORTS = ("tcpx", "tcpxo")
 
 
 @dataclass
 class Check:
-    section: str  # engine, cuda, tcpx, nixl, peer
+    section: str  # engine, cuda, tcpx, tcpxo, nixl, peer
     name: str
     status: str  # ok, warn or fail
     detail: str
@@ -20,31 +22,38 @@ class Check:
 
 class Report:
     def __init__(self, transport):
-        self.transport = transport  # what the user asked for: auto, socket or tcpx
+        self.transport = transport  # what the user asked for: auto, socket, tcpx or tcpxo
         self.checks = []
         self.runs = ""  # what this host can run, in one line (`diagnose` fills it in)
 
     def add(self, section, title, status, detail, fix="", source="", **data):
         if status not in (OK, WARN, FAIL) or section not in SECTIONS:
             raise ValueError(f"check {section}/{title}: status {status!r}")
-        # Without TCPX asked for, what CUDA or TCPX lacks stops nothing the user runs (auto falls
-        # back to sockets, host memory needs no GPU): a warning, never a failure on a healthy host.
-        if status == FAIL and section in ("cuda", "tcpx") and self.transport != "tcpx":
+        # Without a plugin transport asked for, what CUDA or a plugin lacks stops nothing the user
+        # runs (auto falls back to sockets and never loads TCPXO, host memory needs no GPU): a
+        # warning, never a failure on a healthy host.
+        if status == FAIL and not self.counts(section):
             status = WARN
         check = Check(section, title, status, detail, fix, source, data)
         self.checks.append(check)
         return check
 
+    def counts(self, section):
+        """Whether a failure in `section` stops the transport asked for: CUDA's and a plugin's
+        sections count only when that plugin was asked for."""
+        if section == "cuda":
+            return self.transport in PLUGIN_TRANSPORTS
+        if section in PLUGIN_TRANSPORTS:
+            return section == self.transport
+        return True
+
     def ordered(self):
         return sorted(self.checks, key=lambda c: SECTIONS.index(c.section))
 
     def failing(self):
-        """The failed checks that stop the transport asked for. The TCPX and CUDA sections count
-        only when TCPX was asked for: auto falls back to sockets, and says why."""
-        counted = {"engine", "peer", "nixl"}
-        if self.transport == "tcpx":
-            counted |= {"cuda", "tcpx"}
-        return [c for c in self.checks if c.status == FAIL and c.section in counted]
+        """The failed checks that stop the transport asked for. A plugin's section and CUDA's
+        count only when that plugin was asked for: auto falls back to sockets, and says why."""
+        return [c for c in self.checks if c.status == FAIL and self.counts(c.section)]
 
     def exit_code(self):
         return 1 if self.failing() else 0

@@ -131,6 +131,18 @@ def check_plugin(report, host, env, defaults):
             f"{PLUGIN_SRC}: src/nccl_plugin.cc",
         )
         return None
+    if "FasTrak" in (info.get("name") or ""):
+        # Never initialised here: a failed TCPXO init ends the process (google/nccl-plugin-gpudirect-tcpxo,
+        # tcpdirect_plugin/fastrak_offload/fastrak_plugin.cc), and the engine refuses it for tcpx.
+        report.add(
+            "tcpx",
+            "plugin",
+            FAIL,
+            f"{shown} is GPUDirect-TCPXO's plugin ({info.get('name')!r}, A3-Mega), not TCPX's",
+            "export UCCL_TCPX_TRANSPORT=tcpxo (the doctor then checks TCPXO; docs/TCPXO.md)",
+            "google/nccl-plugin-gpudirect-tcpxo: tcpdirect_plugin/fastrak_offload/fastrak_plugin.cc",
+        )
+        return None
     version = info.get("version") or "not stated in the file"
     report.add(
         "tcpx",
