@@ -841,7 +841,8 @@ fn child_throughput() {
 
 /// GPUDirect-TCPXO's plugin (the fake in TCPXO mode, GPU mode): receives land in the posted device
 /// buffer, no unpack, no `irecvConsumed`, host memory refused in requests. GPU memory of every
-/// kind of transfer, sizes 1 B to 16 MiB, and a block table of 2,048 scattered 16 KiB blocks,
+/// kind of transfer, sizes 1 B to 16 MiB, and a block table of 2,048 scattered 16 KiB blocks in
+/// requests by their bytes (chunks of many blocks received into a scratch slot and scattered),
 /// every byte checked; host memory refused with a status and the connection going on. Its `init`
 /// ends the process without a current GPU: an engine naming none, with none current, is refused
 /// before it (the child would not get past it otherwise).
@@ -911,10 +912,17 @@ fn child_tcpxo_gpu() {
             .collect()
     };
     let total: u64 = local.iter().map(|x| x.1 as u64).sum();
+    let path = plugin::fake_plugin();
+    let before = plugin::fake_requests(&path);
     let w = p.ab.write(&items(smr, source.addr())).unwrap();
     assert_eq!(wait(&p.ab, w).unwrap(), total);
+    let after = plugin::fake_requests(&path);
     let r = p.ab.read(&items(bmr, back.addr())).unwrap();
     assert_eq!(wait(&p.ab, r).unwrap(), total);
+    // Received into scratch slots and scattered: requests by the bytes, not one per block.
+    let bound = total.div_ceil(1 << 20) + 2;
+    let (sends, receives) = (after.0 - before.0, after.1 - before.1);
+    assert!(sends <= bound && receives <= bound, "{sends} sends, {receives} receives for {total} B (bound {bound})");
     let (landed, read_back) = (target.read(0, n * slot), back.read(0, n * slot));
     for (&(lo, len), &(ro, _)) in local.iter().zip(&remote) {
         assert!(landed[ro..ro + len] == data[lo..lo + len], "block at {lo} written");

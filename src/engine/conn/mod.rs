@@ -235,9 +235,10 @@ impl Connection {
         let device_batches = ipc.in_flight();
         let mut state = ConnState::new(chunking, Instant::now());
         state.set_inline_max(super::path::inline_max(&core.config, link.locality));
+        // Eager messages land in host memory, which some transports refuse (TCPXO).
         let landing = match chunking.cut {
-            Cut::Spanning => Some(LandingMemory::new(&core.regions, core.gpu.get())?),
-            Cut::PerSegment => None,
+            Cut::Spanning if reach.host => Some(LandingMemory::new(&core.regions, core.gpu.get())?),
+            Cut::Spanning | Cut::PerSegment => None,
         };
         if let Some(memory) = &landing {
             state.send_eagerly_with(memory.clone());

@@ -125,10 +125,10 @@ impl PluginNet {
                 && unpaired.iter().any(|&d| plugin.devices.get(d).is_some_and(|p| p.supports_cuda)),
             reaches_own_host: profile.reaches_own_host,
             // A chunk of many pieces is one request of its bytes: gathered into a registered
-            // buffer on the sender (`stage.rs`), scattered from the bounce pool straight into the
-            // pieces on the receiver (`recv.rs`), so a transfer's requests follow its bytes. Where
-            // receives land in the posted buffer (no pool: TCPXO), a chunk stays in one piece.
-            vectored: plugin.devices.iter().all(|p| p.device_unpack),
+            // buffer on the sender (`stage.rs`), scattered from the bounce pool (or, where the
+            // plugin writes the buffer posted, from a scratch slot) straight into the pieces on
+            // the receiver (`recv.rs`), so a transfer's requests follow its bytes.
+            vectored: true,
         };
         let net = PluginNet {
             caps,

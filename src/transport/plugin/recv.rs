@@ -10,6 +10,10 @@
 //! while earlier ones unpack, and each receive the plugin finishes goes to the unpacker (or its
 //! landing slot) at once, in posting order, without waiting for the receives before it to be
 //! reported. `UCCL_TCPX_PLUGIN_TEST_AHEAD=0` restores testing only the oldest receive, for comparison.
+//!
+//! A plugin without a pool writes each receive into the buffer posted (TCPXO), so a chunk of many
+//! pieces is posted into a slot of the comm's own GPU scratch ([`Scratch`]) and the unpacker, given
+//! one fragment of the whole slot, scatters it into the pieces as it gathers a pool's fragments.
 
 use std::collections::VecDeque;
 use std::ffi::{c_int, c_void};
@@ -24,6 +28,7 @@ use super::loader::Plugin;
 use super::logger::mark;
 use super::unpack::{DevicePool, UnpackView};
 use crate::cuda::Gpu;
+use crate::cuda::memory::DeviceBuffer;
 use crate::cuda::unpack::{DstPiece, ReceiveLayout, Submit};
 use crate::error::{Error, Result, UcclStatus};
 use crate::ncclnet::{LoadMeta, NCCL_SUCCESS, UNPACK_QUEUE_DEPTH};
@@ -68,8 +73,10 @@ struct RecvReq {
     copy: Option<CopyOut>,
     /// A vectored receive's destination pieces (`data` is then the first one's address, `len`
     /// their total); posted at a window of their registration, or against the anchor when it
-    /// lands (host pieces, device pool).
+    /// lands (host pieces, device pool), or into a scratch slot where there is no pool.
     pieces: Option<Box<[DstPiece]>>,
+    /// The scratch slot it was posted into, held until it is consumed.
+    scratch: Option<usize>,
     state: RecvState,
 }
 
@@ -92,6 +99,26 @@ enum Landing {
     Unpack { total: usize },
 }
 
+/// Where a plugin that writes receives into the posted buffer lands a chunk of many device pieces:
+/// [`SCRATCH_SLOTS`] slots of a whole request each, in one allocation of the pieces' GPU that the
+/// comm registers on its first such receive and keeps until it closes.
+struct Scratch {
+    memory: DeviceBuffer,
+    /// The comm's registration of `memory`.
+    key: usize,
+    free: Vec<usize>,
+}
+
+/// Scratch slots per comm: receives of many pieces in flight at once beyond these wait for one.
+const SCRATCH_SLOTS: usize = 4;
+
+impl Scratch {
+    fn pool(&self) -> DevicePool {
+        let m = &self.memory;
+        DevicePool { addr: m.addr() as u64, len: m.len() as u64, ordinal: m.gpu().ordinal() }
+    }
+}
+
 /// The GPU side of a receive comm whose pool is device memory, set up on its first GPU receive.
 struct DeviceUnpack {
     /// None for a unit test's stand-in unpacker, which needs no GPU.
@@ -111,6 +138,7 @@ pub struct PluginRecvComm {
     /// first receive into host memory.
     anchor: Option<(Arc<HostLanding>, usize)>,
     spare: Option<(Box<[u8]>, usize)>,
+    scratch: Option<Scratch>,
     metas: Vec<LoadMeta>,
     runs: Vec<Run>,
     /// Test the plugin's oldest unfinished receive whenever the oldest receive is tested, and move
@@ -129,6 +157,7 @@ impl PluginRecvComm {
             device: None,
             anchor: None,
             spare: None,
+            scratch: None,
             metas: Vec::new(),
             runs: Vec::new(),
             ahead,
@@ -147,8 +176,15 @@ impl PluginRecvComm {
         self.unpack = Some(view);
     }
 
-    fn device_pool(&self) -> Option<DevicePool> {
+    /// The plugin's own device pool, where it has one.
+    fn plugin_pool(&self) -> Option<DevicePool> {
         self.unpack.as_ref().and_then(UnpackView::device_pool)
+    }
+
+    /// The device memory this comm's receives are unpacked from: the plugin's pool, else the
+    /// comm's scratch once made.
+    fn device_pool(&self) -> Option<DevicePool> {
+        self.plugin_pool().or_else(|| self.scratch.as_ref().map(Scratch::pool))
     }
 
     /// Tests the plugin's oldest unfinished receive, and while it reports one done, the next: each
@@ -186,8 +222,14 @@ impl PluginRecvComm {
     /// gathers them on the CPU when both pool and destination are host memory.
     fn land(&mut self, idx: usize) -> Result<Landing> {
         let Some(view) = &self.unpack else {
-            // A host-type plugin received straight into the buffer and does not say how much.
-            return Ok(Landing::Landed(self.queue[idx].len));
+            let r = &self.queue[idx];
+            // The plugin wrote the buffer posted, at its size: the pieces' scratch slot, as one
+            // fragment for the unpacker to scatter, or the destination itself.
+            let Some(slot) = r.scratch else { return Ok(Landing::Landed(r.len)) };
+            let src_off = u32::try_from(slot * MAX_MESSAGE).map_err(|_| Error::internal("scratch offset"))?;
+            self.metas.clear();
+            self.metas.push(LoadMeta { src_off, len: r.len as u32, dst_off: 0 });
+            return Ok(Landing::Unpack { total: r.len });
         };
         let r = &self.queue[idx];
         // Slots are taken in posting order, one per receive, and freed in order by consumption.
@@ -258,10 +300,62 @@ impl PluginRecvComm {
         Ok((buf.as_ptr() as usize, mhandle))
     }
 
+    /// Posts a receive of many device pieces into a scratch slot (made on first use on the pieces'
+    /// GPU), or declines while every slot is taken.
+    ///
+    /// # Safety
+    /// As `irecvv`.
+    unsafe fn irecvv_scratch(&mut self, iov: &[IoSeg], mrs: &[MrRun]) -> Result<Option<RequestId>> {
+        let segs = self.core.acquire_segments(iov, mrs, "receive")?;
+        let (key, kind, total) = (segs.key, segs.kind, segs.total);
+        let MemKind::Cuda { device } = kind else {
+            self.core.release(key);
+            return Err(Error::new(
+                UcclStatus::ErrNotSupported,
+                format!("{} receives no host memory: a vectored receive into it", self.core.plugin.profile.vendor),
+            ));
+        };
+        let (slot, at, mhandle) = match self.scratch_slot(device) {
+            Ok(Some(taken)) => taken,
+            Ok(None) => {
+                self.core.release(key);
+                return Ok(None);
+            }
+            Err(e) => {
+                self.core.release(key);
+                return Err(self.core.fail(e));
+            }
+        };
+        let pieces = gather::pieces(iov.iter().map(|s| (s.addr, s.len))).into_boxed_slice();
+        self.post((at as *mut c_void, mhandle), iov[0].addr, total, key, kind, false, Some(pieces), Some(slot))
+    }
+
+    /// A free scratch slot's index and address and the scratch's registration, the scratch made on
+    /// first use on GPU `device`; `None` while every slot is taken.
+    fn scratch_slot(&mut self, device: i32) -> Result<Option<(usize, usize, *mut c_void)>> {
+        if self.scratch.is_none() {
+            let memory = DeviceBuffer::new(device, SCRATCH_SLOTS * MAX_MESSAGE)?;
+            let key = self.core.register(memory.addr(), memory.len(), MemKind::Cuda { device }, false)?;
+            self.scratch = Some(Scratch { memory, key, free: (0..SCRATCH_SLOTS).rev().collect() });
+        }
+        let scratch = self.scratch.as_mut().expect("set above");
+        let on = scratch.memory.gpu().ordinal();
+        if on != device {
+            return Err(Error::new(
+                UcclStatus::ErrNotSupported,
+                format!("pieces on GPU {device} for a receive comm whose scratch is on GPU {on}"),
+            ));
+        }
+        let Some(slot) = scratch.free.pop() else { return Ok(None) };
+        let (addr, key) = (scratch.memory.addr() + slot * MAX_MESSAGE, scratch.key);
+        let mhandle = self.core.mhandle(key).expect("the scratch stays registered until close");
+        Ok(Some((slot, addr, mhandle)))
+    }
+
     /// The anchor's address and this comm's registration of it, made on first use.
     fn anchor(&mut self) -> Result<(usize, *mut c_void)> {
         if self.anchor.is_none() {
-            let pool = self.device_pool().ok_or_else(|| {
+            let pool = self.plugin_pool().ok_or_else(|| {
                 Error::new(UcclStatus::ErrInternal, "landing a host receive on a comm without a device pool")
             })?;
             let landing = self.core.gpus.landing(pool.ordinal)?;
@@ -287,6 +381,7 @@ impl PluginRecvComm {
         kind: MemKind,
         lands: bool,
         pieces: Option<Box<[DstPiece]>>,
+        scratch: Option<usize>,
     ) -> Result<Option<RequestId>> {
         let mut size = len as c_int;
         let mut tag: c_int = 0;
@@ -300,6 +395,9 @@ impl PluginRecvComm {
         });
         if rc != NCCL_SUCCESS || request.is_null() {
             self.core.release(key);
+            if let (Some(slot), Some(s)) = (scratch, self.scratch.as_mut()) {
+                s.free.push(slot);
+            }
             if rc != NCCL_SUCCESS {
                 return Err(self.core.fail(plugin_error("irecv", rc, since)));
             }
@@ -318,6 +416,7 @@ impl PluginRecvComm {
             slot: None,
             copy: None,
             pieces,
+            scratch,
             state: RecvState::Posted,
         });
         self.core.count(1);
@@ -488,6 +587,9 @@ impl PluginRecvComm {
         });
         self.core.release(head.mr);
         self.core.count(-1);
+        if let (Some(slot), Some(s)) = (head.scratch, self.scratch.as_mut()) {
+            s.free.push(slot);
+        }
         if rc != NCCL_SUCCESS {
             return Err(self.core.fail(plugin_error("irecvConsumed", rc, since)));
         }
@@ -513,7 +615,7 @@ impl RecvComm for PluginRecvComm {
         let (key, mhandle, kind) = self.core.acquire(data as usize, len, mr)?;
         // A host destination with a GPU pool never reaches the plugin as a host receive (which
         // TCPX's steered sockets cannot serve): it is posted against the anchor instead.
-        let lands = matches!(kind, MemKind::Host) && self.device_pool().is_some();
+        let lands = matches!(kind, MemKind::Host) && self.plugin_pool().is_some();
         let target = match lands {
             true => match self.anchor() {
                 Ok((addr, anchor_mhandle)) => (addr as *mut c_void, anchor_mhandle),
@@ -524,7 +626,7 @@ impl RecvComm for PluginRecvComm {
             },
             false => (data.cast(), mhandle),
         };
-        self.post(target, data as usize, len, key, kind, lands, None)
+        self.post(target, data as usize, len, key, kind, lands, None, None)
     }
 
     /// One request for all the pieces, posted for their total at a window of their registration
@@ -539,22 +641,16 @@ impl RecvComm for PluginRecvComm {
             return unsafe { self.irecv(one.addr as *mut u8, one.len, run.mr) };
         }
         self.core.check()?;
-        if self.unpack.is_none() {
-            // The plugin writes the posted buffer (TCPXO): pieces cannot share a request.
-            return Err(Error::new(
-                UcclStatus::ErrNotSupported,
-                format!(
-                    "{} receives land in the posted buffer: one piece per request",
-                    self.core.plugin.profile.vendor
-                ),
-            ));
-        }
         if self.queue.len() >= MAX_REQUESTS {
             return Ok(None);
         }
+        if self.unpack.is_none() {
+            // SAFETY: per the contract.
+            return unsafe { self.irecvv_scratch(iov, mrs) };
+        }
         let segs = self.core.acquire_segments(iov, mrs, "receive")?;
         let (key, kind, total) = (segs.key, segs.kind, segs.total);
-        let lands = matches!(kind, MemKind::Host) && self.device_pool().is_some();
+        let lands = matches!(kind, MemKind::Host) && self.plugin_pool().is_some();
         // Pieces of several regions none of which holds their total: posted against memory of the
         // comm's own of their kind, which the plugin never writes either.
         let stand_in = !lands && segs.room.is_none() && mrs.len() > 1;
@@ -577,7 +673,7 @@ impl RecvComm for PluginRecvComm {
             }
         };
         let pieces = gather::pieces(iov.iter().map(|s| (s.addr, s.len))).into_boxed_slice();
-        self.post(target, iov[0].addr, total, key, kind, lands, Some(pieces))
+        self.post(target, iov[0].addr, total, key, kind, lands, Some(pieces), None)
     }
 
     fn test(&mut self, req: RequestId) -> Result<Option<usize>> {
@@ -642,6 +738,10 @@ impl Drop for PluginRecvComm {
                 if let Some(slot) = r.slot.take() {
                     slot.retire();
                 }
+            }
+            // ... nor read the scratch, which is never freed.
+            if let Some(scratch) = self.scratch.take() {
+                std::mem::forget(scratch.memory);
             }
         }
         // Completed receives go back first, so the plugin does not close over unreturned pages.
