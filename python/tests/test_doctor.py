@@ -476,7 +476,7 @@ def test_a3_mega_like_tree_passes_the_tcpxo_checks(mega):
     else:
         assert code == 0 and failed(checks) == [], failed(checks)
         assert checks["engine/transport"]["detail"].startswith("tcpxo resolves to tcpxo"), checks["engine/transport"]
-        assert runs.startswith("the TCPXO net plugin, GPU memory only"), runs
+        assert runs.startswith("the TCPXO net plugin, but no GPU an engine can serve"), runs
 
 
 def test_a3_mega_without_the_plugin(mega):

@@ -142,8 +142,9 @@ def over_tcpxo(gpu, tcpxo):
     if tcpxo is not None and tcpxo.blocking:
         missing = ", ".join(tcpxo.blocking)
         return f"an engine over the TCPXO net plugin, whose transfers will fail (see tcpxo: {missing})"
-    memory = f"GPU {gpu}'s memory only" if gpu is not None else "GPU memory only, and no GPU an engine can serve"
-    return f"the TCPXO net plugin, {memory} (host memory only to peers on this host, over sockets)"
+    if gpu is None:
+        return "the TCPXO net plugin, but no GPU an engine can serve (TCPXO moves GPU memory)"
+    return f"the TCPXO net plugin, GPU {gpu}'s memory and host memory (through a GPU {gpu} buffer)"
 
 
 def tcpxo_suffix(report, tcpxo):

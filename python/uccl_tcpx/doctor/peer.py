@@ -127,12 +127,6 @@ def peer(report, target, gpu):
             f"run `uccl-tcpx-doctor --serve --port {port}` there first; open TCP port {port} and the engine's "
             "data ports between the hosts; send both sides' --json and UCCL_TCPX_LOG=info output"
         )
-        if report.transport == "tcpxo":
-            # The exchange moves host memory, which TCPXO refuses between hosts.
-            fix = (
-                "TCPXO moves GPU memory only and this exchange moves host memory: run both ends with "
-                "UCCL_TCPX_TRANSPORT=socket to check the hosts reach each other; docs/A3.md moves GPU memory"
-            )
         report.add("peer", "exchange", FAIL, f"with {host}:{port}: {e}", fix)
         return
     rate = lambda s: SIZE / s / 1e9 if s > 0 else 0.0

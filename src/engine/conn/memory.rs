@@ -22,7 +22,8 @@ pub(super) struct EngineMemory<'a> {
 
 /// What a connection's channels can move, known once its transport is agreed: device memory of
 /// the GPU their comms are bound to (every GPU's where the transport binds none), and host memory
-/// unless the transport refuses it in requests (TCPXO). What they cannot move is refused as a post
+/// unless the transport refuses it in requests with no GPU to stage it through (TCPXO without a
+/// CUDA driver). What they cannot move is refused as a post
 /// or a peer's request names it, before any comm sees it, and the connection goes on.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Reach {
@@ -48,9 +49,9 @@ pub(super) fn channels_take(reach: Reach, region: &Region) -> Result<()> {
         (_, MemKind::Host) if !reach.host => Err(Error::new(
             UcclStatus::ErrNotSupported,
             format!(
-                "the {} transport moves GPU memory only (its plugin refuses host memory in requests, as \
-                 GPUDirect-TCPXO does): host memory moves to peers on this host, or over \
-                 UCCL_TCPX_TRANSPORT=socket",
+                "the {} transport moves GPU memory only here (its plugin refuses host memory in requests, \
+                 as GPUDirect-TCPXO does, and no GPU stages it): host memory moves to peers on this host, \
+                 or over UCCL_TCPX_TRANSPORT=socket",
                 reach.transport
             ),
         )),
@@ -212,6 +213,6 @@ mod tests {
         let err = channels_take(reach(Some(0), false), &host).unwrap_err();
         assert_eq!(err.status(), UcclStatus::ErrNotSupported);
         assert!(err.message().contains(&format!("memory region {}", host.id)), "{err}");
-        assert!(err.message().contains("the Plugin transport moves GPU memory only"), "{err}");
+        assert!(err.message().contains("the Plugin transport moves GPU memory only here"), "{err}");
     }
 }

@@ -117,6 +117,17 @@ impl CommCore {
         self.check()?;
         let end =
             addr.checked_add(len).ok_or_else(|| Error::invalid(format!("region {addr:#x}+{len} wraps around")))?;
+        if kind == MemKind::Host && self.stages_host() {
+            // The plugin never sees it (`stages_host`): the registration is the comm's alone.
+            return Ok(self.record(Registration {
+                mhandle: std::ptr::null_mut(),
+                base: addr,
+                len,
+                kind,
+                in_use: 0,
+                release_when_idle: temporary,
+            }));
+        }
         let (base, size, ty) = match kind {
             MemKind::Host if self.props.supports_host => (addr, len, NCCL_PTR_HOST),
             // The plugin maps whole pages (TCPX refuses unaligned CUDA registrations): register
@@ -161,12 +172,22 @@ impl CommCore {
         if mhandle.is_null() {
             return Err(Error::backend("net plugin regMr succeeded but returned no handle"));
         }
+        // Requests are checked against what the caller registered, not the page-rounded superset.
+        Ok(self.record(Registration { mhandle, base: addr, len, kind, in_use: 0, release_when_idle: temporary }))
+    }
+
+    fn record(&mut self, reg: Registration) -> usize {
         let key = self.next_mr;
         self.next_mr += 1;
-        // Requests are checked against what the caller registered, not the page-rounded superset.
-        let reg = Registration { mhandle, base: addr, len, kind, in_use: 0, release_when_idle: temporary };
         self.regs.insert(key, reg);
-        Ok(key)
+        key
+    }
+
+    /// Host memory goes through a registered GPU buffer, never to the plugin: the vendor refuses it
+    /// in requests (TCPXO) and the comm can reach the GPU to stage it (devices then report host
+    /// support only where a CUDA driver exists, `devices::from_raw`).
+    pub fn stages_host(&self) -> bool {
+        self.props.supports_host && !self.plugin.profile.host_requests
     }
 
     /// The plugin's handle of registration `key`.
@@ -176,6 +197,9 @@ impl CommCore {
 
     fn deregister_now(&mut self, key: usize) {
         let Some(reg) = self.regs.remove(&key) else { return };
+        if reg.mhandle.is_null() {
+            return;
+        }
         let comm = self.comm;
         let (rc, since) = self.plugin.call(|t| {
             let dereg = t.dereg_mr.expect("checked at load");
@@ -370,6 +394,37 @@ impl PluginSendComm {
         }
     }
 
+    /// Posts the pieces of `iov` (in the registrations `mrs` names) from a staging buffer they are
+    /// copied into: of their own kind, or GPU memory for host pieces the plugin is not given
+    /// (`CommCore::stages_host`).
+    ///
+    /// # Safety
+    /// As `isendv`.
+    unsafe fn post_staged(&mut self, iov: &[IoSeg], mrs: &[MrRun]) -> Result<Option<RequestId>> {
+        let Segments { key: user, kind, total, .. } = self.core.acquire_segments(iov, mrs, "send")?;
+        let into = match (kind, self.core.gpus.engine_ordinal()) {
+            (MemKind::Host, Some(device)) if self.core.stages_host() => MemKind::Cuda { device },
+            (MemKind::Host, None) if self.core.stages_host() => {
+                self.core.release(user);
+                return Err(Error::new(UcclStatus::ErrNotSupported, "host memory staged through no GPU"));
+            }
+            _ => kind,
+        };
+        let core = &mut self.core;
+        let mut register = |addr, len, kind| core.register(addr, len, kind, false);
+        // SAFETY: the caller keeps every piece valid and unmodified (isendv's contract); the
+        // pieces lie in registrations of `kind` memory and add up to at most MAX_MESSAGE.
+        let filled = unsafe { self.staging.fill(&mut register, kind, into, iov) };
+        // The pieces are copied: the caller's registration is free again.
+        self.core.release(user);
+        let stage = filled.map_err(|e| self.core.fail(e))?;
+        let (addr, key) = (stage.addr(), stage.key);
+        if let Err(e) = self.core.acquire(addr, total, MrHandle(key)) {
+            return Err(self.core.fail(e));
+        }
+        self.post(addr, total, key, Some(stage))
+    }
+
     /// Posts `len` bytes at `data`, inside registration `key` (taken into use by the caller, and
     /// released here if nothing is posted).
     fn post(&mut self, data: usize, len: usize, key: usize, stage: Option<Stage>) -> Result<Option<RequestId>> {
@@ -416,7 +471,14 @@ impl SendComm for PluginSendComm {
         if self.inflight.len() >= MAX_REQUESTS {
             return Ok(None);
         }
-        let (key, _, _) = self.core.acquire(data as usize, len, mr)?;
+        let (key, _, kind) = self.core.acquire(data as usize, len, mr)?;
+        if kind == MemKind::Host && self.core.stages_host() {
+            let one = ([IoSeg { addr: data as usize, len }], [MrRun { mr: MrHandle(key), segs: 1 }]);
+            // SAFETY: per the contract.
+            let staged = unsafe { self.post_staged(&one.0, &one.1) };
+            self.core.release(key);
+            return staged;
+        }
         self.post(data as usize, len, key, None)
     }
 
@@ -431,20 +493,8 @@ impl SendComm for PluginSendComm {
         if self.inflight.len() >= MAX_REQUESTS {
             return Ok(None);
         }
-        let Segments { key: user, kind, total, .. } = self.core.acquire_segments(iov, mrs, "send")?;
-        let core = &mut self.core;
-        let mut register = |addr, len, kind| core.register(addr, len, kind, false);
-        // SAFETY: the caller keeps every piece valid and unmodified (isendv's contract); the
-        // pieces lie in registrations of `kind` memory and add up to at most MAX_MESSAGE.
-        let filled = unsafe { self.staging.fill(&mut register, kind, iov) };
-        // The pieces are copied: the caller's registration is free again.
-        self.core.release(user);
-        let stage = filled.map_err(|e| self.core.fail(e))?;
-        let (addr, key) = (stage.addr(), stage.key);
-        if let Err(e) = self.core.acquire(addr, total, MrHandle(key)) {
-            return Err(self.core.fail(e));
-        }
-        self.post(addr, total, key, Some(stage))
+        // SAFETY: per the contract.
+        unsafe { self.post_staged(iov, mrs) }
     }
 
     fn test(&mut self, req: RequestId) -> Result<Option<usize>> {

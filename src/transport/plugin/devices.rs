@@ -21,9 +21,11 @@ pub fn from_raw(dev: usize, raw: &NcclNetPropertiesV7, profile: &Profile) -> Res
     };
     let name = text(raw.name).unwrap_or_else(|| format!("device {dev}"));
     let ctx = |what: String| Error::backend(format!("net plugin device {dev} ({name}): {what}"));
-    // HOST in `ptrSupport` but refused in requests (TCPXO) is no host support.
-    let supports_host = raw.ptr_support & NCCL_PTR_HOST != 0 && profile.host_requests;
     let supports_cuda = raw.ptr_support & NCCL_PTR_CUDA != 0;
+    // HOST in `ptrSupport` but refused in requests (TCPXO): host memory goes through a GPU buffer
+    // (`CommCore::stages_host`), where there is a GPU.
+    let supports_host =
+        raw.ptr_support & NCCL_PTR_HOST != 0 && (profile.host_requests || supports_cuda && crate::cuda::available());
     if !supports_host && !supports_cuda {
         return Err(ctx(format!("supports neither host nor CUDA memory (ptrSupport {:#x})", raw.ptr_support)));
     }
@@ -150,9 +152,11 @@ mod tests {
         assert_eq!(host.name, "device 1");
         assert!(!host.device_unpack && !host.supports_cuda && host.pci_path.is_none());
 
-        // TCPXO: HOST|CUDA in `ptrSupport`, a HOST device, host memory refused in requests.
+        // TCPXO: HOST|CUDA in `ptrSupport`, a HOST device, host memory refused in requests, so
+        // staged through the GPU where there is one.
         let xo = from_raw(0, &raw(3, 0, 0), &TCPXO).unwrap();
-        assert!(!xo.supports_host && xo.supports_cuda && !xo.device_unpack);
+        assert!(xo.supports_cuda && !xo.device_unpack);
+        assert_eq!(xo.supports_host, crate::cuda::available());
         assert_eq!(xo.max_requests, TCPXO.max_requests);
         let err = from_raw(0, &raw(1, 0, 0), &TCPXO).unwrap_err().to_string();
         assert!(err.contains("neither host nor CUDA"), "host pointers alone are no use to TCPXO: {err}");

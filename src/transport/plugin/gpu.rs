@@ -85,6 +85,11 @@ impl PluginGpus {
         let _ = self.engine_gpu.set(gpu.clone());
     }
 
+    /// The engine's GPU's ordinal, once named.
+    pub fn engine_ordinal(&self) -> Option<i32> {
+        self.engine_gpu.get().map(|g| g.ordinal())
+    }
+
     /// Whether a comm of this net may register memory of GPU `device`: see
     /// [`crate::transport::bound_gpu_takes`].
     pub fn takes(&self, device: i32) -> Result<()> {

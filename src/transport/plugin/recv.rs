@@ -300,22 +300,30 @@ impl PluginRecvComm {
         Ok((buf.as_ptr() as usize, mhandle))
     }
 
-    /// Posts a receive of many device pieces into a scratch slot (made on first use on the pieces'
-    /// GPU), or declines while every slot is taken.
-    ///
-    /// # Safety
-    /// As `irecvv`.
-    unsafe fn irecvv_scratch(&mut self, iov: &[IoSeg], mrs: &[MrRun]) -> Result<Option<RequestId>> {
-        let segs = self.core.acquire_segments(iov, mrs, "receive")?;
-        let (key, kind, total) = (segs.key, segs.kind, segs.total);
-        let MemKind::Cuda { device } = kind else {
-            self.core.release(key);
-            return Err(Error::new(
-                UcclStatus::ErrNotSupported,
-                format!("{} receives no host memory: a vectored receive into it", self.core.plugin.profile.vendor),
-            ));
+    /// Posts a receive into a scratch slot (made on first use), or declines while every slot is
+    /// taken: a chunk of many device pieces, or a host destination the plugin is not given
+    /// (`CommCore::stages_host`), which then lands through a landing slot. `key` (the
+    /// destination's registration, taken into use) is released here if nothing is posted.
+    fn post_scratch(
+        &mut self,
+        key: usize,
+        kind: MemKind,
+        data: usize,
+        len: usize,
+        pieces: Option<Box<[DstPiece]>>,
+    ) -> Result<Option<RequestId>> {
+        let device = match kind {
+            MemKind::Cuda { device } => Some(device),
+            MemKind::Host => self.core.gpus.engine_ordinal().filter(|_| self.core.stages_host()),
         };
-        let (slot, at, mhandle) = match self.scratch_slot(device) {
+        let taken = match device {
+            Some(device) => self.scratch_slot(device),
+            None => Err(Error::new(
+                UcclStatus::ErrNotSupported,
+                format!("{} receives no host memory without a GPU to stage it", self.core.plugin.profile.vendor),
+            )),
+        };
+        let (slot, at, mhandle) = match taken {
             Ok(Some(taken)) => taken,
             Ok(None) => {
                 self.core.release(key);
@@ -326,8 +334,8 @@ impl PluginRecvComm {
                 return Err(self.core.fail(e));
             }
         };
-        let pieces = gather::pieces(iov.iter().map(|s| (s.addr, s.len))).into_boxed_slice();
-        self.post((at as *mut c_void, mhandle), iov[0].addr, total, key, kind, false, Some(pieces), Some(slot))
+        let lands = kind == MemKind::Host;
+        self.post((at as *mut c_void, mhandle), data, len, key, kind, lands, pieces, Some(slot))
     }
 
     /// A free scratch slot's index and address and the scratch's registration, the scratch made on
@@ -350,6 +358,16 @@ impl PluginRecvComm {
         let (addr, key) = (scratch.memory.addr() + slot * MAX_MESSAGE, scratch.key);
         let mhandle = self.core.mhandle(key).expect("the scratch stays registered until close");
         Ok(Some((slot, addr, mhandle)))
+    }
+
+    /// The landing slots this comm's host destinations go through: the anchor's GPU's, else the
+    /// scratch's.
+    fn landing_slots(&self) -> Result<Arc<HostLanding>> {
+        match (&self.anchor, &self.scratch) {
+            (Some((landing, _)), _) => Ok(landing.clone()),
+            (None, Some(scratch)) => self.core.gpus.landing(scratch.memory.gpu().ordinal()),
+            (None, None) => Err(Error::internal("a host destination landing on a comm without a device pool")),
+        }
     }
 
     /// The anchor's address and this comm's registration of it, made on first use.
@@ -541,7 +559,7 @@ impl PluginRecvComm {
             if idx != head && held >= PER_COMM {
                 return Ok(false);
             }
-            let landing = &self.anchor.as_ref().expect("set by the irecv that posted it").0;
+            let landing = self.landing_slots()?;
             match landing.take() {
                 Some(slot) => self.queue[idx].slot = Some(slot),
                 None => return Ok(false),
@@ -613,6 +631,9 @@ impl RecvComm for PluginRecvComm {
             return Ok(None);
         }
         let (key, mhandle, kind) = self.core.acquire(data as usize, len, mr)?;
+        if kind == MemKind::Host && self.core.stages_host() {
+            return self.post_scratch(key, kind, data as usize, len, None);
+        }
         // A host destination with a GPU pool never reaches the plugin as a host receive (which
         // TCPX's steered sockets cannot serve): it is posted against the anchor instead.
         let lands = matches!(kind, MemKind::Host) && self.plugin_pool().is_some();
@@ -644,12 +665,13 @@ impl RecvComm for PluginRecvComm {
         if self.queue.len() >= MAX_REQUESTS {
             return Ok(None);
         }
-        if self.unpack.is_none() {
-            // SAFETY: per the contract.
-            return unsafe { self.irecvv_scratch(iov, mrs) };
-        }
         let segs = self.core.acquire_segments(iov, mrs, "receive")?;
         let (key, kind, total) = (segs.key, segs.kind, segs.total);
+        if self.unpack.is_none() {
+            // The plugin writes the buffer posted: the pieces land in a scratch slot first.
+            let pieces = gather::pieces(iov.iter().map(|s| (s.addr, s.len))).into_boxed_slice();
+            return self.post_scratch(key, kind, iov[0].addr, total, Some(pieces));
+        }
         let lands = matches!(kind, MemKind::Host) && self.plugin_pool().is_some();
         // Pieces of several regions none of which holds their total: posted against memory of the
         // comm's own of their kind, which the plugin never writes either.

@@ -1,10 +1,11 @@
 //! The send comm's staging for vectored sends: a chunk of many pieces goes to the plugin as one
 //! request from one registered buffer, so the requests a transfer makes follow its bytes, not its
 //! pieces (TCPX takes 16 requests per comm, each with its own control message and, on the peer,
-//! its own unpack). Host pieces are copied into a host buffer; device pieces are gathered into
-//! device memory by the unpack kernel (`cuda::segments::TileCopier`, one warp per tile of at most
-//! 4 KiB, pieces side by side joined into one copy) on a stream the comm waits for before it
-//! posts, since the plugin reads the buffer from its own threads.
+//! its own unpack). Host pieces are copied into a host buffer, or into device memory with one copy
+//! each where the plugin takes no host memory (TCPXO); device pieces are gathered into device
+//! memory by the unpack kernel (`cuda::segments::TileCopier`, one warp per tile of at most 4 KiB,
+//! pieces side by side joined into one copy). The comm waits for the stream before it posts,
+//! since the plugin reads the buffer from its own threads.
 //!
 //! Buffers are registered with the comm once, on first need, sized to the chunk that needed them
 //! (a power of two, at most one request's [`MAX_MESSAGE`]); one is taken per vectored send in
@@ -13,11 +14,15 @@
 
 use std::sync::Arc;
 
-use crate::cuda::Gpu;
+use std::ffi::c_void;
+
+use cudarc::driver::sys;
+
 use crate::cuda::memory::DeviceBuffer;
 use crate::cuda::segments::TileCopier;
 use crate::cuda::stream::Stream;
 use crate::cuda::unpack::addressable;
+use crate::cuda::{Gpu, check};
 use crate::error::{Error, Result};
 use crate::ncclnet::UNPACK_MAX_SLICE_SIZE as MAX_MESSAGE;
 use crate::transport::{IoSeg, MemKind};
@@ -94,16 +99,23 @@ impl Staging {
         self.free.push(stage);
     }
 
-    /// A buffer holding the pieces of `iov`, `kind` memory all, side by side.
+    /// A buffer of `into` memory holding the pieces of `iov`, `kind` memory all, side by side:
+    /// `into` is `kind`, or GPU memory for host pieces.
     ///
     /// # Safety
     /// Every piece is readable `kind` memory (of this comm's GPU for device memory) that nobody
     /// writes during the call; the pieces add up to at most [`MAX_MESSAGE`] bytes.
-    pub unsafe fn fill(&mut self, register: Register<'_>, kind: MemKind, iov: &[IoSeg]) -> Result<Stage> {
+    pub unsafe fn fill(
+        &mut self,
+        register: Register<'_>,
+        kind: MemKind,
+        into: MemKind,
+        iov: &[IoSeg],
+    ) -> Result<Stage> {
         let len = iov.iter().map(|s| s.len).sum();
-        let mut stage = self.take(register, kind, len)?;
+        let mut stage = self.take(register, into, len)?;
         // SAFETY: forwarded; the buffer holds at least the pieces' total.
-        let filled = unsafe { self.copy_in(&mut stage, iov) };
+        let filled = unsafe { self.copy_in(&mut stage, kind, iov) };
         match filled {
             Ok(()) => Ok(stage),
             Err(e) => {
@@ -115,8 +127,22 @@ impl Staging {
         }
     }
 
-    unsafe fn copy_in(&mut self, stage: &mut Stage, iov: &[IoSeg]) -> Result<()> {
+    unsafe fn copy_in(&mut self, stage: &mut Stage, kind: MemKind, iov: &[IoSeg]) -> Result<()> {
         match &mut stage.memory {
+            Memory::Device(buf) if kind == MemKind::Host => {
+                let gather = self.device_gather(buf.gpu())?;
+                let _current = gather.gpu.enter()?;
+                let mut at = buf.addr() as u64;
+                for seg in iov {
+                    let (src, stream) = (seg.addr as *const c_void, gather.stream.raw());
+                    // SAFETY: the caller vouches for the host piece; the buffer is ours and holds
+                    // the pieces' total; the stream is waited for below.
+                    let copied = unsafe { sys::cuMemcpyHtoDAsync_v2(at, src, seg.len, stream) };
+                    check(copied, "cuMemcpyHtoDAsync of a host piece into a send's staging buffer")?;
+                    at += seg.len as u64;
+                }
+                gather.stream.synchronize()
+            }
             Memory::Host(buf) => {
                 let mut at = 0;
                 for seg in iov {
