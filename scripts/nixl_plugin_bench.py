@@ -20,7 +20,10 @@ the initiator thread's CPU time in make_prepped_xfer and in transfer() per descr
 wall time of a post on a busy host hides (the caller loses its core to the threads moving the bytes).
 With --kv-readers N also: N such readers at once, each an initiator process with a target process of
 its own, on GPUs every target on GPU T and the readers on --reader-gpus; each reader's time under load
-against its anchor alone, and their aggregate against one reader's anchor alone (see kv_reader).
+against its anchor alone, and their aggregate against one reader's anchor alone (see KvGroup).
+With --kv-all-to-all G instead: G agents, each a target and an initiator in one process (with --vram
+agent k on GPU k), each step every agent one request to every other at once; each ordered pair's
+time under load, against the pairs' anchors alone, and any stalled step (see KvA2aAgent).
 
 With --sglang ROOMSxCHUNKSxPAGESxPAGE_SIZE (with --vram too), instead: SGLang's prefill->decode push
 (4 transfer threads sharing the prefill agent, rooms cut into chunks, kv and aux notifications),
@@ -35,12 +38,14 @@ usage: nixl_plugin_bench.py [--rounds N] [--sizes 4K,1M,64M] [--setups tcpx-net,
                             [--vram I,T] [--json FILE]
        nixl_plugin_bench.py --kv 8x1024x256x16K [--kv-requests N] [--kv-concurrent C] [--rounds N] [--setups ...]
        nixl_plugin_bench.py --kv 8x1024x256x16K --kv-readers N [--reader-gpus 1,2,3] [--kv-requests N] [--vram I,T] ...
+       nixl_plugin_bench.py --kv 8x1024x128x16K --kv-all-to-all G [--kv-requests N] [--vram 0,0] ...
        nixl_plugin_bench.py --sglang 24x3x24x64K [--rounds N] [--setups tcpx-net,tcpx-local,ucx] [--vram I,T]
        nixl_plugin_bench.py --breakdown [--bench PATH] [--rounds N] [--sizes 4K,1M] [--vram I,T]
                             [--initiator-param UCCL_TCPX_CONTROL_SPIN_US=0 ...]
 """
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -152,12 +157,14 @@ def mono_clock():
     return time.clock_gettime(time.CLOCK_MONOTONIC)
 
 
-def make_agent(name, setup, gpu, sglang=False):
+def make_agent(name, setup, gpu, sglang=False, initiator=False):
+    """An agent named `name` with `setup`'s backend (serving GPU `gpu`); the initiator's backend
+    parameters (--initiator-param) when named "initiator" or `initiator`."""
     backend, params, _ = SETUPS[setup]
     params = dict(params)
     if backend == "TCPX" and gpu is not None:
         params["gpu"] = str(gpu)
-    if backend == "TCPX" and name == "initiator":
+    if backend == "TCPX" and (name == "initiator" or initiator):
         params.update(INITIATOR_PARAMS)
     config = nixl_agent_config(backends=[])
     if sglang:
@@ -475,41 +482,99 @@ class KvMem:
         return self.mem.cpu().numpy().reshape(-1, block)
 
 
-def kv_target(pipe, setup, shape, gpu):
-    for k, v in SETUPS[setup][2].items():
-        os.environ[k] = v
+KV_WAIT_S = 120  # the longest a KV request may take to DONE, and a step of several agents (barrier, parent)
+KV_NOTIF_S = 30  # the longest a WRITE's target waits for its notification
+
+
+def wait_all(agent, handles, states, timeout=KV_WAIT_S):
+    """Polls posted `handles` (`states`: their transfer() answers) until every one is DONE, yielding
+    the CPU between rounds: each one's DONE time in CLOCK_MONOTONIC s. Raises on an error, or with
+    some still in flight after `timeout` s (a stall, reported rather than waited out)."""
+    if any(s not in ("PROC", "DONE") for s in states):
+        raise RuntimeError(f"transfer() answered {states}")
+    dones = [mono_clock() if s == "DONE" else None for s in states]
+    pending = [k for k, s in enumerate(states) if s == "PROC"]
+    deadline = mono_clock() + timeout
+    while pending:
+        os.sched_yield()
+        for k in list(pending):
+            state = agent.check_xfer_state(handles[k])
+            if state == "DONE":
+                dones[k] = mono_clock()
+                pending.remove(k)
+            elif state != "PROC":
+                raise RuntimeError(f"transfer ended {state}")
+        if pending and mono_clock() > deadline:
+            raise TimeoutError(f"{len(pending)} of {len(handles)} requests not DONE after {timeout} s")
+    return dones
+
+
+def kv_tables(shape, rng, n):
+    """Block tables of `n` requests on one side: PER_REQ distinct random blocks of each region for
+    each, no block in two of them; indices r * BLOCKS + b, region-major."""
+    regions, blocks, _, per_req = shape
+    picks = [rng.choice(blocks, per_req * n, replace=False) for _ in range(regions)]
+    return [
+        np.concatenate([r * blocks + picks[r][k * per_req:(k + 1) * per_req] for r in range(regions)])
+        for k in range(n)
+    ]
+
+
+def kv_target_side(agent, shape, gpu, seed):
+    """A target's regions (bytes from `seed`) and anchor (one request's bytes), registered on `agent`
+    as one per layer and K/V: (regions, anchor, what a peer needs to reach them: (block list, anchor
+    descriptor, memory kind))."""
     regions, blocks, block, per_req = shape
-    agent = make_agent("target", setup, gpu)
-    mem = KvMem((regions, blocks, block), 2, gpu)
+    mem = KvMem((regions, blocks, block), seed, gpu)
     mem.register(agent)
     anchor = KvMem((1, 1, regions * per_req * block), 7, gpu)
     anchor.register(agent)
-    pipe.send((agent.get_agent_metadata(), mem.blocks(), anchor.blocks()[0], mem.kind))
+    return mem, anchor, (mem.blocks(), anchor.blocks()[0], mem.kind)
+
+
+class Notifs:
+    """An agent's notifications in, kept until waited for: requests in flight together may notify in
+    one batch."""
+
+    def __init__(self, agent):
+        self.agent, self.seen, self.count = agent, set(), 0
+
+    def wait(self, tag, timeout=KV_NOTIF_S):
+        """Whether `tag` came in within `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while tag not in self.seen and time.monotonic() < deadline:
+            for msgs in self.agent.get_new_notifs().values():
+                self.count += len(msgs)
+                self.seen.update(msgs)
+            if tag not in self.seen:
+                time.sleep(0.0002)
+        got = tag in self.seen
+        self.seen.discard(tag)
+        return got
+
+
+def kv_target(pipe, setup, shape, gpu):
+    for k, v in SETUPS[setup][2].items():
+        os.environ[k] = v
+    regions, blocks, block, _ = shape
+    agent = make_agent("target", setup, gpu)
+    mem, _anchor, reach = kv_target_side(agent, shape, gpu, 2)
+    pipe.send((agent.get_agent_metadata(), *reach))
     bad = 0
-    notifs = 0
+    notifs = Notifs(agent)
     src = None  # the initiator's bytes, made at the first check
-    seen = set()  # notifications in, not yet checked for
     while True:
         try:
             cmd = pipe.recv()
         except EOFError:  # the initiator is gone, and says why
             break
         if cmd[0] == "done":
-            pipe.send((notifs, bad))
+            pipe.send((notifs.count, bad))
             break
         # ("check", tag, remote_idx, local_idx): a WRITE request's blocks, to check once its
         # notification is in (the notification comes after the data).
         _, tag, ridx, lidx = cmd
-        deadline = time.monotonic() + 30
-        # Notifications of requests that were in flight together may come in one batch.
-        while tag not in seen and time.monotonic() < deadline:
-            for msgs in agent.get_new_notifs().values():
-                notifs += len(msgs)
-                seen.update(msgs)
-            if tag not in seen:
-                time.sleep(0.0002)
-        got = tag in seen
-        seen.discard(tag)
+        got = notifs.wait(tag)
         if src is None:
             src = kv_pattern(regions, blocks, block, 1).reshape(-1, block)
         ok = got and np.array_equal(mem.rows()[ridx], src[lidx])
@@ -518,43 +583,119 @@ def kv_target(pipe, setup, shape, gpu):
     leave()
 
 
-class KvInitiator:
-    """The KV case's initiator in this process and its target in a process of its own, started here
-    under `setup` (initiator memory on GPU `gpu`, the target's on `target_gpu`; None: host memory):
-    both sides' regions, their block lists prepared once (prep_xfer_dlist), and the anchor, one
-    descriptor of one request's bytes on each side. A context manager: its end ends the target."""
+class KvPeer:
+    """A peer's regions and anchor as an agent reaches them, both prepared once (prep_xfer_dlist);
+    `rows`: the bytes its regions start with (from `seed`), made when first checked against."""
 
-    def __init__(self, setup, shape, gpu, target_gpu):
-        self.setup, self.shape = setup, shape
-        self.saved, self.pipe, self.proc = start_target(setup, kv_target, setup, shape, target_gpu)
-        try:
-            if not self.pipe.poll(60):
-                raise RuntimeError("the target did not start")
-            try:
-                meta, remote_blocks, remote_anchor, remote_kind = self.pipe.recv()
-            except EOFError:
-                raise RuntimeError("the target ended before it started (its error above)") from None
-            regions, blocks, block, per_req = shape
-            self.agent = agent = make_agent("initiator", setup, gpu)
-            self.mem = KvMem((regions, blocks, block), 1, gpu)
-            self.mem.register(agent)
-            self.anchor_mem = KvMem((1, 1, regions * per_req * block), 7, gpu)
-            self.anchor_mem.register(agent)
-            peer = agent.add_remote_agent(meta)
-            self.local_side = agent.prep_xfer_dlist("", self.mem.blocks(), self.mem.kind)
-            self.remote_side = agent.prep_xfer_dlist(peer, remote_blocks, remote_kind)
-            self.anchor_local = agent.prep_xfer_dlist("", self.anchor_mem.blocks(), self.anchor_mem.kind)
-            self.anchor_remote = agent.prep_xfer_dlist(peer, [remote_anchor], remote_kind)
-            self.target_rows = kv_pattern(regions, blocks, block, 2).reshape(-1, block)
-        except BaseException:
-            self.end(failed=True)
-            raise
+    def __init__(self, agent, meta, reach, shape, seed):
+        remote_blocks, remote_anchor, remote_kind = reach
+        self.name = agent.add_remote_agent(meta)
+        self.label = self.name.decode() if isinstance(self.name, bytes) else self.name
+        self.side = agent.prep_xfer_dlist(self.name, remote_blocks, remote_kind)
+        self.anchor = agent.prep_xfer_dlist(self.name, [remote_anchor], remote_kind)
+        self.shape, self.seed = shape, seed
+
+    @functools.cached_property
+    def rows(self):
+        regions, blocks, block, _ = self.shape
+        return kv_pattern(regions, blocks, block, self.seed).reshape(-1, block)
+
+
+class KvAgent:
+    """An initiator's side in this process: its agent (named `name`, the initiator's backend
+    parameters), its regions (bytes from `seed`) and the anchor, one descriptor of one request's
+    bytes, both registered and prepared once (prep_xfer_dlist); its peers are KvPeers. A step: a
+    tuple (local tables, remote tables, notifications, peers), one entry per request."""
+
+    def __init__(self, name, setup, shape, gpu, seed):
+        regions, blocks, block, per_req = shape
+        self.setup, self.shape, self.seed = setup, shape, seed
+        self.agent = agent = make_agent(name, setup, gpu, initiator=True)
+        self.mem = KvMem((regions, blocks, block), seed, gpu)
+        self.mem.register(agent)
+        self.anchor_mem = KvMem((1, 1, regions * per_req * block), 7, gpu)
+        self.anchor_mem.register(agent)
+        self.local_side = agent.prep_xfer_dlist("", self.mem.blocks(), self.mem.kind)
+        self.anchor_local = agent.prep_xfer_dlist("", self.anchor_mem.blocks(), self.anchor_mem.kind)
 
     def __enter__(self):
         return self
 
     def __exit__(self, failed, *_):
         self.end(failed)
+
+    def end(self, failed):
+        pass
+
+    def add_peer(self, meta, reach, seed):
+        """A peer from its metadata and kv_target_side's `reach`, its regions' bytes from `seed`."""
+        return KvPeer(self.agent, meta, reach, self.shape, seed)
+
+    def begin(self, op):
+        """Before an op's requests: WRITEs send this side's own bytes, which READs overwrote."""
+        if op == "WRITE":
+            self.mem.fill(self.seed)
+
+    def run(self, op, step):
+        """Makes, posts and waits for a step's requests together: (start, made, posted, the last
+        DONE) in CLOCK_MONOTONIC s, the calling thread's CPU s in make_prepped_xfer and in
+        transfer(), and each request's DONE."""
+        agent = self.agent
+        cpu_start = time.thread_time_ns()
+        start = mono_clock()
+        handles = [
+            agent.make_prepped_xfer(op, self.local_side, lidx, peer.side, ridx, tag)
+            for lidx, ridx, tag, peer in zip(*step)
+        ]
+        made = mono_clock()
+        cpu_made = time.thread_time_ns()
+        states = [agent.transfer(h) for h in handles]
+        posted = mono_clock()
+        cpu_posted = time.thread_time_ns()
+        dones = wait_all(agent, handles, states)
+        for handle in handles:
+            agent.release_xfer_handle(handle)
+        cpu = ((cpu_made - cpu_start) * 1e-9, (cpu_posted - cpu_made) * 1e-9)
+        return (start, made, posted, max(dones)), cpu, dones
+
+    def anchor_to(self, op, peer, tag):
+        """Seconds to DONE of the anchor to `peer`: one request's bytes as one descriptor, made and
+        posted alike."""
+        start = mono_clock()
+        handle = self.agent.make_prepped_xfer(op, self.anchor_local, [0], peer.anchor, [0], tag)
+        done = wait_all(self.agent, [handle], [self.agent.transfer(handle)])[0]
+        self.agent.release_xfer_handle(handle)
+        return done - start
+
+    def check_reads(self, i, step):
+        """Every byte a step's READs brought here."""
+        rows = self.mem.rows()
+        for lidx, ridx, _, peer in zip(*step):
+            if not np.array_equal(rows[lidx], peer.rows[ridx]):
+                raise RuntimeError(f"{self.setup} KV READ {i} from {peer.label}: wrong bytes")
+
+
+class KvInitiator(KvAgent):
+    """The KV case's initiator in this process and its target in a process of its own, started here
+    under `setup` (initiator memory on GPU `gpu`, the target's on `target_gpu`; None: host memory);
+    block tables drawn from a generator of its own (`rng_seed`). A context manager: its end ends the
+    target."""
+
+    def __init__(self, setup, shape, gpu, target_gpu, rng_seed=3):
+        self.saved, self.pipe, self.proc = start_target(setup, kv_target, setup, shape, target_gpu)
+        try:
+            if not self.pipe.poll(60):
+                raise RuntimeError("the target did not start")
+            try:
+                meta, *reach = self.pipe.recv()
+            except EOFError:
+                raise RuntimeError("the target ended before it started (its error above)") from None
+            super().__init__("initiator", setup, shape, gpu, 1)
+            self.peer = self.add_peer(meta, reach, 2)
+            self.rng = np.random.default_rng(rng_seed)
+        except BaseException:
+            self.end(failed=True)
+            raise
 
     def end(self, failed):
         """Ends the target: after a failure at once (it may be waiting for a check or a command that
@@ -567,67 +708,36 @@ class KvInitiator:
                 self.pipe.recv()
         end_target(self.proc, self.saved)
 
-    def begin(self, op):
-        """Before an op's requests: WRITEs send the initiator's own bytes, which READs overwrote."""
-        if op == "WRITE":
-            self.mem.fill(1)
-
-    def draw(self, op, i, rng, concurrent=1):
-        """Step `i` of `op`: (local tables, remote tables, notifications) of `concurrent` requests.
-        Random block tables: PER_REQ distinct blocks of each region on both sides, and no block in
-        two of the requests in flight together."""
-        regions, blocks, _, per_req = self.shape
-
-        def tables():
-            picks = [rng.choice(blocks, per_req * concurrent, replace=False) for _ in range(regions)]
-            return [
-                np.concatenate([r * blocks + picks[r][k * per_req:(k + 1) * per_req] for r in range(regions)])
-                for k in range(concurrent)
-            ]
-        return tables(), tables(), [f"{op}:{i}:{k}".encode() for k in range(concurrent)]
-
-    def run(self, op, step):
-        """Makes, posts and waits for a step's requests together: (start, made, posted, DONE) in
-        CLOCK_MONOTONIC s, and the calling thread's CPU s in make_prepped_xfer and in transfer()."""
-        agent = self.agent
-        cpu_start = time.thread_time_ns()
-        start = mono_clock()
-        handles = [
-            agent.make_prepped_xfer(op, self.local_side, lidx, self.remote_side, ridx, tag)
-            for lidx, ridx, tag in zip(*step)
-        ]
-        made = mono_clock()
-        cpu_made = time.thread_time_ns()
-        states = [agent.transfer(h) for h in handles]
-        posted = mono_clock()
-        cpu_posted = time.thread_time_ns()
-        for handle, state in zip(handles, states):
-            wait(agent, handle, state)
-        done = mono_clock()
-        for handle in handles:
-            agent.release_xfer_handle(handle)
-        return (start, made, posted, done), ((cpu_made - cpu_start) * 1e-9, (cpu_posted - cpu_made) * 1e-9)
+    def draw(self, op, i, concurrent=1):
+        """Step `i` of `op`: `concurrent` requests to the target, random block tables (PER_REQ
+        distinct blocks of each region on both sides, no block in two of the requests in flight
+        together)."""
+        local, remote = kv_tables(self.shape, self.rng, concurrent), kv_tables(self.shape, self.rng, concurrent)
+        return local, remote, [f"{op}:{i}:{k}".encode() for k in range(concurrent)], [self.peer] * concurrent
 
     def anchor(self, op, tag):
-        """Seconds to DONE of the anchor: one request's bytes as one descriptor, made and posted alike."""
-        start = mono_clock()
-        handle = self.agent.make_prepped_xfer(op, self.anchor_local, [0], self.anchor_remote, [0], tag)
-        wait(self.agent, handle, self.agent.transfer(handle))
-        done = mono_clock()
-        self.agent.release_xfer_handle(handle)
-        return done - start
+        return self.anchor_to(op, self.peer, tag)
 
     def check(self, op, i, step):
         """Every byte of a step's requests: READs' here, WRITEs' at the target once their notification
         is in."""
-        for lidx, ridx, tag in zip(*step):
-            if op == "READ":
-                if not np.array_equal(self.mem.rows()[lidx], self.target_rows[ridx]):
-                    raise RuntimeError(f"{self.setup} KV READ {i}: wrong bytes")
-            else:
-                self.pipe.send(("check", tag, ridx, lidx))
-                if not self.pipe.poll(60) or not self.pipe.recv():
-                    raise RuntimeError(f"{self.setup} KV WRITE {i}: wrong bytes or no notification at the target")
+        if op == "READ":
+            return self.check_reads(i, step)
+        for lidx, ridx, tag, _ in zip(*step):
+            self.pipe.send(("check", tag, ridx, lidx))
+            if not self.pipe.poll(60) or not self.pipe.recv():
+                raise RuntimeError(f"{self.setup} KV WRITE {i}: wrong bytes or no notification at the target")
+
+    # As a member of --kv-readers (kv_member): its anchor alone, and a step under load.
+    def alone(self, op, requests):
+        """Its anchor's seconds to DONE, `requests` times after two untimed."""
+        return [self.anchor(op, f"{op}:alone:{i}".encode()) for i in range(requests + 2)][2:]
+
+    def step(self, op, i, step):
+        """Runs and checks a drawn step: (its make_prepped_xfer, DONE)."""
+        (start, _, _, done), _, _ = self.run(op, step)
+        self.check(op, i, step)
+        return start, done
 
 
 def kv_measure(setup, shape, requests, concurrent=1):
@@ -637,7 +747,6 @@ def kv_measure(setup, shape, requests, concurrent=1):
     for together, and the anchor's time counts C times: the ratio is their aggregate rate over one
     descriptor's alone."""
     with KvInitiator(setup, shape, *(VRAM or (None, None))) as kv:
-        rng = np.random.default_rng(3)
         # Each op's untimed first request, to DONE: READ's is the agent's first request to its
         # peer, which connects (the plugin connects on first use).
         out, firsts = {}, {}
@@ -645,8 +754,8 @@ def kv_measure(setup, shape, requests, concurrent=1):
             kv.begin(op)
             rows = []
             for i in range(requests + 2):
-                step = kv.draw(op, i, rng, concurrent)
-                (start, made, posted, done), cpu = kv.run(op, step)
+                step = kv.draw(op, i, concurrent)
+                (start, made, posted, done), cpu, _ = kv.run(op, step)
                 anchor = kv.anchor(op, step[2][0] + b":1")
                 kv.check(op, i, step)
                 if i == 0:
@@ -718,38 +827,29 @@ def kv_main(shape, setups, rounds, requests, concurrent=1):
 # Then steps of one KV request per reader: each draws its block tables, waits at a barrier the
 # readers share, makes, posts and waits for its request, and checks its bytes before the next step.
 # A reader's time: its make_prepped_xfer to DONE; a step's: the first reader's make_prepped_xfer to
-# the last one's DONE, in CLOCK_MONOTONIC, one clock for every process of the host.
-KV_WAIT_S = 120  # the longest a step may take: a reader's wait at the barrier, the parent's per step
+# the last one's DONE, in CLOCK_MONOTONIC, one clock for every process of the host. The processes
+# and the barrier are a KvGroup's, which --kv-all-to-all's agents share.
 
 
-def kv_reader(pipe, barrier, k, setup, shape, requests, gpus, params):
-    """Reader `k` (`gpus`: its GPU and its target's), doing the parent's commands from `pipe`:
-    ("alone", op): its anchor's seconds to DONE, `requests` times after two untimed; ("load", op):
-    (start, DONE) of each of `requests` steps after two untimed; ("done",): ends. A failure goes back
-    as ("error", text) and then breaks the barrier, so that the other readers stop too."""
+def kv_member(pipe, barrier, requests, params, make, *args):
+    """A member of a KvGroup in a process of its own: `make(*args)`, a context manager, doing the
+    parent's commands from `pipe`: ("alone", op): its `alone(op, requests)`, its anchor(s) timed
+    alone; ("load", op): `requests` steps after two untimed, each from `barrier` (kv_load); other
+    (name, *args): its method `name`'s answer; ("done",): ends. Answers go back as ("ok", answer); a
+    failure as ("error", text), and then breaks the barrier, so that the other members stop too."""
     INITIATOR_PARAMS.update(params)
     try:
-        with KvInitiator(setup, shape, *gpus) as kv:
-            rng = np.random.default_rng(3 + k)
+        with make(*args) as m:
             pipe.send(("ok", None))
             while (cmd := pipe.recv())[0] != "done":
-                what, op = cmd
-                if what == "alone":
-                    got = [kv.anchor(op, f"{op}:alone:{i}".encode()) for i in range(requests + 2)]
+                what, *rest = cmd
+                if what == "load":
+                    got = kv_load(m, rest[0], requests, barrier)
+                elif what == "alone":
+                    got = m.alone(rest[0], requests)
                 else:
-                    kv.begin(op)
-                    got = []
-                    for i in range(requests + 2):
-                        step = kv.draw(op, i, rng)
-                        try:
-                            barrier.wait(KV_WAIT_S)
-                        except threading.BrokenBarrierError:
-                            raise RuntimeError(f"KV {op} step {i}: the barrier broke (another reader failed, or "
-                                               f"was not there in {KV_WAIT_S} s)") from None
-                        (start, _, _, done), _ = kv.run(op, step)
-                        kv.check(op, i, step)
-                        got.append((start, done))
-                pipe.send(("ok", got[2:]))
+                    got = getattr(m, what)(*rest)
+                pipe.send(("ok", got))
     except Exception as e:
         # The error first: once the barrier breaks, the parent may hear the others' BrokenBarrierError.
         pipe.send(("error", f"{type(e).__name__}: {e}"))
@@ -757,23 +857,68 @@ def kv_reader(pipe, barrier, k, setup, shape, requests, gpus, params):
     leave()
 
 
-def kv_readers_measure(setup, shape, requests, gpus):
-    """{op: ([each reader's anchor alone s], [each reader's [(start, DONE) per step]])} of one reader
-    per entry of `gpus` [(its GPU, its target's)], all at once."""
-    ctx = mp.get_context("spawn")
-    barrier = ctx.Barrier(len(gpus))
-    readers = []  # (pipe, process)
+def kv_load(m, op, requests, barrier):
+    """Member `m`'s steps of `op`: each drawn (`m.draw`), then from the barrier the members share,
+    run and checked (`m.step`, whose answers these are), `requests` after two untimed."""
+    m.begin(op)
+    got = []
+    for i in range(requests + 2):
+        step = m.draw(op, i)
+        try:
+            barrier.wait(KV_WAIT_S)
+        except threading.BrokenBarrierError:
+            raise RuntimeError(f"KV {op} step {i}: the barrier broke (another member failed, or was not "
+                               f"there in {KV_WAIT_S} s)") from None
+        got.append(m.step(op, i, step))
+    return got[2:]
 
-    def answers(ks, timeout):
-        """Readers `ks`' answers to their last command; a reader's error, its death or `timeout` s
-        without all answers raises, naming every reader that failed by then."""
+
+class KvGroup:
+    """Processes of kv_member on this host, one per entry of `members` ((class, *its arguments)),
+    sharing a barrier, `requests` steps per op; `noun`: what errors call a member. A context
+    manager: its end stops them all."""
+
+    def __init__(self, requests, members, noun):
+        ctx = mp.get_context("spawn")
+        self.requests, self.noun = requests, noun
+        self.barrier = ctx.Barrier(len(members))
+        self.members = []  # (pipe, process)
+        try:
+            for make in members:
+                pipe, child = ctx.Pipe()
+                # Not a daemon: a reader starts its target. Spawned, as targets are: no fork after CUDA.
+                proc = ctx.Process(target=kv_member, args=(child, self.barrier, requests, INITIATOR_PARAMS, *make))
+                proc.start()
+                child.close()  # so that the member's death reads as EOF here
+                self.members.append((pipe, proc))
+            self.answers(range(len(members)), KV_WAIT_S)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.close()
+
+    def ask(self, ks, cmd, timeout=None):
+        """Sends `cmd` to members `ks`: their answers, within `timeout` s (default, a step's limit
+        for each of the requests and the two untimed)."""
+        for k in ks:
+            self.members[k][0].send(cmd)
+        return self.answers(ks, timeout or KV_WAIT_S * (self.requests + 2))
+
+    def answers(self, ks, timeout):
+        """Members `ks`' answers to their last command; a member's error, its death or `timeout` s
+        without all answers raises, naming every member that failed by then."""
         deadline = time.monotonic() + timeout
-        pending = {readers[k][0]: k for k in ks}
+        pending = {self.members[k][0]: k for k in ks}
         got = {}
         while pending:
             if not wait_any(list(pending), max(0.0, deadline - time.monotonic())):
-                raise RuntimeError(f"no answer from reader(s) {sorted(pending.values())} in {timeout} s")
-            # Every answer in by now, not only the first: a failing reader sends its error before it
+                raise RuntimeError(f"no answer from {self.noun}(s) {sorted(pending.values())} in {timeout} s")
+            # Every answer in by now, not only the first: a failing member sends its error before it
             # breaks the barrier, so the cause comes with the others' BrokenBarrierError.
             errors = []
             for p in [p for p in pending if p.poll()]:
@@ -781,46 +926,40 @@ def kv_readers_measure(setup, shape, requests, gpus):
                 try:
                     what, got[k] = p.recv()
                 except EOFError:
-                    readers[k][1].join(5)
-                    what, got[k] = "error", f"died (exit code {readers[k][1].exitcode})"
+                    self.members[k][1].join(5)
+                    what, got[k] = "error", f"died (exit code {self.members[k][1].exitcode})"
                 if what == "error":
-                    errors.append(f"reader {k}: {got[k]}")
+                    errors.append(f"{self.noun} {k}: {got[k]}")
             if errors:
                 if pending:
-                    errors.append(f"no answer yet from reader(s) {sorted(pending.values())}")
+                    errors.append(f"no answer yet from {self.noun}(s) {sorted(pending.values())}")
                 raise RuntimeError("; ".join(errors))
         return [got[k] for k in ks]
 
-    try:
-        for k, g in enumerate(gpus):
-            pipe, child = ctx.Pipe()
-            # Not a daemon: a reader starts its target. Spawned, as targets are: no fork after CUDA.
-            proc = ctx.Process(target=kv_reader, args=(child, barrier, k, setup, shape, requests, g, INITIATOR_PARAMS))
-            proc.start()
-            child.close()  # so that the reader's death reads as EOF here
-            readers.append((pipe, proc))
-        answers(range(len(gpus)), KV_WAIT_S)
-        out = {}
-        for op in ("READ", "WRITE"):
-            alone = []
-            for k, (pipe, _) in enumerate(readers):
-                pipe.send(("alone", op))
-                alone += answers([k], KV_WAIT_S * (requests + 2))
-            for pipe, _ in readers:
-                pipe.send(("load", op))
-            out[op] = (alone, answers(range(len(gpus)), KV_WAIT_S * (requests + 2)))
-        return out
-    finally:
-        barrier.abort()  # readers waiting there for a failed one stop
-        for pipe, _ in readers:
+    def close(self):
+        self.barrier.abort()  # members waiting there for a failed one stop
+        for pipe, _ in self.members:
             try:
                 pipe.send(("done",))
             except OSError:  # it ended already
                 pass
-        for _, proc in readers:
+        for _, proc in self.members:
             proc.join(30)
             if proc.is_alive():
                 proc.kill()
+
+
+def kv_readers_measure(setup, shape, requests, gpus):
+    """{op: ([each reader's anchor alone s], [each reader's [(start, DONE) per step]])} of one reader
+    per entry of `gpus` [(its GPU, its target's)], all at once."""
+    n = len(gpus)
+    readers = [(KvInitiator, setup, shape, g, t, 3 + k) for k, (g, t) in enumerate(gpus)]
+    with KvGroup(requests, readers, "reader") as group:
+        out = {}
+        for op in ("READ", "WRITE"):
+            alone = [group.ask([k], ("alone", op))[0] for k in range(n)]  # in turn, the others idle
+            out[op] = (alone, group.ask(range(n), ("load", op)))
+        return out
 
 
 def kv_readers_main(shape, setups, rounds, requests, gpus):
@@ -869,6 +1008,207 @@ def kv_readers_main(shape, setups, rounds, requests, gpus):
             f"| {n * size / step / 1e9:.2f} | {n * size / step / one_alone:.2f} "
             f"| {min(rates) / mean:.2f}-{max(rates) / mean:.2f} |"
         )
+    return got
+
+
+# ---- KV all-to-all (--kv-all-to-all G): every GPU's agent pulling from and pushing to every other ----
+# G agents on this host, agent k in a process of its own, its memory on GPU k with --vram (else host
+# memory). Each is a target (its regions registered as kv_target's, bytes of its own) and an
+# initiator (regions of the same layout, bytes of its own) in one NIXL agent, a KvGroup member as a
+# --kv-readers reader: each step every agent makes, posts and waits for one KV request to every
+# other agent at once from the shared barrier, G - 1 in flight per agent and G (G - 1) in all. Block
+# tables are drawn alike in every process (a2a_tables, one generator per step): an agent's requests
+# take disjoint blocks of its own regions, and the requests into an agent's regions disjoint blocks
+# of those, so every pair's bytes check: READs by the reader, WRITEs by the agent written to once
+# the writer's notification is in. Per op, first every ordered pair's anchor alone: the agents take
+# turns, each timing its anchor to every other in turn, the others idle. A pair's time under load:
+# its agent's first make_prepped_xfer to the pair's request DONE (an agent polls its requests in
+# turn); a step's: the first make_prepped_xfer of any agent to the last DONE.
+A2A_SEED = 5
+A2A_STALL = 10  # a step longer than this many times the median step stalled
+
+
+def a2a_seed(k):
+    """The seed of agent k's initiator regions' bytes; its target regions' is one more."""
+    return 10 + 2 * k
+
+
+def a2a_others(n, k):
+    return [j for j in range(n) if j != k]
+
+
+def a2a_tag(op, i, src, dst):
+    return f"{op}:{i}:{src}>{dst}".encode()
+
+
+def a2a_tables(shape, n, op, i):
+    """Step `i` of `op` among `n` agents, the same in every process: {(src, dst): (the table in
+    src's regions, the table in dst's)} for every ordered pair."""
+    rng = np.random.default_rng([A2A_SEED, ("READ", "WRITE").index(op), i])
+    local = [kv_tables(shape, rng, n - 1) for _ in range(n)]
+    remote = [kv_tables(shape, rng, n - 1) for _ in range(n)]
+    return {
+        (s, d): (local[s][a2a_others(n, s).index(d)], remote[d][a2a_others(n, d).index(s)])
+        for s in range(n) for d in a2a_others(n, s)
+    }
+
+
+class KvA2aAgent(KvAgent):
+    """Agent k of a --kv-all-to-all run of n in this process, under `setup`, its memory on GPU `gpu`
+    (None: host memory): an initiator (KvAgent) and a target (kv_target_side) in one agent. Besides
+    a member's commands: ("reach",): what the others need to reach it; ("connect", [every agent's
+    reach]): adds the others as its peers."""
+
+    def __init__(self, k, n, setup, shape, gpu):
+        os.environ.update(SETUPS[setup][2])
+        super().__init__(f"agent{k}", setup, shape, gpu, a2a_seed(k))
+        self.k, self.n, self.others = k, n, a2a_others(n, k)
+        self.target, self.target_anchor, self.target_reach = kv_target_side(self.agent, shape, gpu, a2a_seed(k) + 1)
+        self.notifs = Notifs(self.agent)
+        self.peers = {}
+        self.sources = {}  # a writer's initiator bytes, made at its first check
+
+    def reach(self):
+        return self.agent.get_agent_metadata(), self.target_reach
+
+    def connect(self, reaches):
+        for j in self.others:
+            self.peers[j] = self.add_peer(*reaches[j], a2a_seed(j) + 1)
+
+    def begin(self, op):
+        """WRITEs send this agent's own bytes, READs read the targets' own (each overwrote them)."""
+        super().begin(op)
+        if op == "READ":
+            self.target.fill(a2a_seed(self.k) + 1)
+
+    def draw(self, op, i):
+        """Step `i` of `op`: this agent's requests, one to each other agent in order (a KvAgent step),
+        and {writer: its tables} of the others' into this agent's regions."""
+        tables = a2a_tables(self.shape, self.n, op, i)
+        mine = [tables[(self.k, j)] for j in self.others]
+        step = ([t[0] for t in mine], [t[1] for t in mine], [a2a_tag(op, i, self.k, j) for j in self.others],
+                [self.peers[j] for j in self.others])
+        return step, {s: tables[(s, self.k)] for s in self.others}
+
+    def step(self, op, i, drawn):
+        """Runs and checks a drawn step: (its first make_prepped_xfer, [each request's DONE])."""
+        step, incoming = drawn
+        (start, _, _, _), _, dones = self.run(op, step)
+        if op == "READ":
+            self.check_reads(i, step)
+        else:
+            self.check_writes(i, incoming)
+        return start, dones
+
+    def check_writes(self, i, incoming):
+        """Every byte the others' WRITEs of step `i` brought here, once each one's notification is in."""
+        for s in incoming:
+            if not self.notifs.wait(a2a_tag("WRITE", i, s, self.k)):
+                raise RuntimeError(f"{self.setup} KV WRITE {i} from agent{s}: no notification in {KV_NOTIF_S} s")
+        rows = self.target.rows()
+        for s, (lidx, ridx) in incoming.items():
+            if not np.array_equal(rows[ridx], self.source(s)[lidx]):
+                raise RuntimeError(f"{self.setup} KV WRITE {i} from agent{s}: wrong bytes")
+
+    def source(self, s):
+        if s not in self.sources:
+            regions, blocks, block, _ = self.shape
+            self.sources[s] = kv_pattern(regions, blocks, block, a2a_seed(s)).reshape(-1, block)
+        return self.sources[s]
+
+    def alone(self, op, requests):
+        """Its anchor to each other agent in turn, `requests` times after two untimed: [[seconds to
+        DONE] per other agent]."""
+        tag = f"{op}:alone:{self.k}>{{}}:{{}}"
+        return [
+            [self.anchor_to(op, self.peers[j], tag.format(j, r).encode()) for r in range(requests + 2)][2:]
+            for j in self.others
+        ]
+
+
+def kv_a2a_measure(setup, shape, requests, gpus, out):
+    """Fills `out` {op: (alone, load)} of one agent per entry of `gpus` (its GPU, None: host memory):
+    alone[k]: agent k's anchor seconds per other agent; load[k]: its steps' (start, [DONE per other
+    agent]). Raises at the first failure, `out` keeping the ops done by then."""
+    n = len(gpus)
+    with KvGroup(requests, [(KvA2aAgent, k, n, setup, shape, g) for k, g in enumerate(gpus)], "agent") as group:
+        reaches = group.ask(range(n), ("reach",), KV_WAIT_S)
+        group.ask(range(n), ("connect", reaches), KV_WAIT_S)
+        for op in ("READ", "WRITE"):
+            alone = [group.ask([k], ("alone", op))[0] for k in range(n)]  # in turn, the others idle
+            out[op] = (alone, group.ask(range(n), ("load", op)))
+
+
+def a2a_add(entry, n, alone, load):
+    """Adds a round's op to `entry`: each ordered pair's anchor s and s to DONE under load, and the
+    step times."""
+    for s in range(n):
+        for j, d in enumerate(a2a_others(n, s)):
+            entry["alone"].setdefault((s, d), []).extend(alone[s][j])
+            entry["load"].setdefault((s, d), []).extend(dones[j] - start for start, dones in load[s])
+    entry["steps"] += [max(max(d) for _, d in step) - min(start for start, _ in step) for step in zip(*load)]
+
+
+def a2a_stalls(steps, failed):
+    """Steps over A2A_STALL times the median step, and the rounds' failures; "none" without either."""
+    slow = [s for s in steps if s > A2A_STALL * statistics.median(steps)] if steps else []
+    text = [f"{len(slow)} of {len(steps)} steps > {A2A_STALL}x median (max {max(slow) * 1e3:.1f} ms)"] if slow else []
+    return "; ".join(text + failed) or "none"
+
+
+def a2a_row(setup, op, entry, size):
+    if not entry["steps"]:
+        return f"| {setup} | {op} | - | - | - | - | - | - | {a2a_stalls([], entry['failed'])} |"
+    pairs = sorted(entry["load"])
+    alone = [size / statistics.median(entry["alone"][p]) for p in pairs]
+    rates = [size / statistics.median(entry["load"][p]) for p in pairs]
+    step = statistics.median(entry["steps"])
+    one_alone, mean = statistics.mean(alone), statistics.mean(rates)
+    total = len(pairs) * size / step
+    return (
+        f"| {setup} | {op} | {one_alone / 1e9:.2f} ({min(alone) / 1e9:.2f}-{max(alone) / 1e9:.2f}) "
+        f"| {' '.join(f'{s}>{d} {r / 1e9:.2f}' for (s, d), r in zip(pairs, rates))} | {step * 1e3:.2f} "
+        f"| {total / 1e9:.2f} | {total / one_alone:.2f} | {min(rates) / mean:.2f}-{max(rates) / mean:.2f} "
+        f"| {a2a_stalls(entry['steps'], entry['failed'])} |"
+    )
+
+
+def kv_a2a_main(shape, setups, rounds, requests, gpus):
+    regions, blocks, block, per_req = shape
+    n, size = len(gpus), regions * per_req * block
+    where = "all in DRAM" if gpus[0] is None else f"agent k on GPU k, GPUs {','.join(str(g) for g in gpus)}"
+    print(
+        f"KV all-to-all, {n} agents, each a target and an initiator in one process ({where}): {regions} regions x "
+        f"{blocks} blocks of {block >> 10} KiB; each request {regions * per_req} descriptors ({size >> 20} MiB); each "
+        f"step every agent one request to every other at once from a shared barrier ({n * (n - 1)} in flight), "
+        f"{requests} steps per op and round, every byte checked. alone: each ordered pair's anchor (one descriptor of "
+        "a request's bytes, agent i -> j) timed alone, every pair in turn with the others idle: the pairs' mean GB/s "
+        "(min-max); under load: each pair i>j's GB/s, agent i's first make_prepped_xfer to the pair's DONE; step: the "
+        "first make_prepped_xfer to the last DONE; sum: all pairs' bytes per step time; sum / one alone: over the "
+        "mean pair's anchor GB/s alone; spread: the slowest and fastest pair's GB/s under load over their mean; "
+        f"stalls: steps over {A2A_STALL}x the median step, and failures (a request not DONE in {KV_WAIT_S} s, a "
+        f"barrier or answer wait running out, a notification not in within {KV_NOTIF_S} s, wrong bytes)"
+    )
+    got = {(s, op): {"alone": {}, "load": {}, "steps": [], "failed": []} for s in setups for op in ("READ", "WRITE")}
+    for r in range(rounds):
+        for setup in setups:
+            res = {}
+            try:
+                kv_a2a_measure(setup, shape, requests, gpus, res)
+            except Exception as e:  # reported in the op's row and here, not fatal
+                print(f"round {r + 1}: {setup} KV all-to-all: {e}", file=sys.stderr)
+                missing = [op for op in ("READ", "WRITE") if op not in res]
+                for op in missing:
+                    why = str(e)[:160] if op == missing[0] else f"not run, {missing[0]} failed"
+                    got[(setup, op)]["failed"].append(f"round {r + 1}: {why}".replace("|", "/"))
+            for op, (alone, load) in res.items():
+                a2a_add(got[(setup, op)], n, alone, load)
+        print(f"KV all-to-all round {r + 1} of {rounds} done", file=sys.stderr, flush=True)
+    print("| setup | op | pair alone GB/s | under load GB/s per pair | step ms | sum GB/s | sum / one alone | spread "
+          "| stalls |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (setup, op), entry in got.items():
+        print(a2a_row(setup, op, entry, size))
     return got
 
 
@@ -1168,6 +1508,10 @@ def main():
     ap.add_argument("--reader-gpus", metavar="LIST",
                     help="with --kv-readers and --vram I,T (T: every target's GPU, I unused): the readers' GPUs, "
                          "comma-separated; default the first N GPUs other than T")
+    ap.add_argument("--kv-all-to-all", type=int, metavar="G",
+                    help="with --kv: G agents (G >= 2, (G-1) x PER_REQ <= BLOCKS), each a target and an initiator "
+                         "sending one request to every other at once each step; with --vram (its I,T unused) agent "
+                         "k's memory on GPU k")
     ap.add_argument("--sglang", metavar="RxCxPxS",
                     help="SGLang's prefill->decode push instead of the sizes, e.g. 24x3x24x64K: "
                          "ROOMS x CHUNKS a room x PAGES a chunk x PAGE_SIZE")
@@ -1189,6 +1533,8 @@ def main():
         VRAM = (int(gpus[0]), int(gpus[1]))
     if (args.reader_gpus and args.kv_readers is None) or (args.kv_readers is not None and not args.kv):
         ap.error("--reader-gpus goes with --kv-readers, --kv-readers with --kv")
+    if args.kv_all_to_all is not None and (not args.kv or args.kv_readers is not None):
+        ap.error("--kv-all-to-all goes with --kv, and not with --kv-readers")
     if args.kv:
         kv_setups = args.setups.split(",") if args.setups else ["tcpx-net", "tcpx-local", "ucx"]
         unknown = [s for s in kv_setups if s not in SETUPS]
@@ -1197,6 +1543,12 @@ def main():
         shape = parse_kv(args.kv)
         if args.kv_concurrent < 1 or args.kv_concurrent * shape[3] > shape[1]:
             ap.error(f"--kv-concurrent {args.kv_concurrent}: at least 1, and C x PER_REQ <= BLOCKS")
+        if args.kv_all_to_all is not None:
+            g = args.kv_all_to_all
+            if g < 2 or args.kv_concurrent != 1 or (g - 1) * shape[3] > shape[1]:
+                ap.error(f"--kv-all-to-all {g}: at least 2, (G-1) x PER_REQ <= BLOCKS, no --kv-concurrent")
+            kv_a2a_main(shape, kv_setups, args.rounds, args.kv_requests, list(range(g)) if VRAM else [None] * g)
+            return
         if args.kv_readers is not None:
             n = args.kv_readers
             if n < 2 or args.kv_concurrent != 1:
