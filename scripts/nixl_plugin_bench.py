@@ -88,6 +88,10 @@ if os.environ.get("UCCL_TCPX_FAKE_PLUGIN"):
     # same-host copy (process_vm_readv) instead of the plugin.
     SETUPS["tcpx-fake-host"] = (*SETUPS["tcpx-fake"][:2], {
         **SETUPS["tcpx-fake"][2], "FAKE_TCPX_MODE": "host", "UCCL_TCPX_DISABLE_IPC": "1"})
+    # The fake standing in for A3-Mega's GPUDirect-TCPXO (receives written into the buffer posted,
+    # host memory refused in requests), driven by the engine's tcpxo profile; GPU mode.
+    SETUPS["tcpxo-fake"] = (*SETUPS["tcpx-fake"][:2], {
+        **SETUPS["tcpx-fake"][2], "UCCL_TCPX_TRANSPORT": "tcpxo", "FAKE_TCPX_PLUGIN_KIND": "tcpxo"})
 ITERS = {4 << 10: 200, 1 << 20: 50, 64 << 20: 8}
 # The GPUs of the initiator's and the target's memory (--vram); None: host memory.
 VRAM = None
@@ -1535,6 +1539,10 @@ def main():
         ap.error("--reader-gpus goes with --kv-readers, --kv-readers with --kv")
     if args.kv_all_to_all is not None and (not args.kv or args.kv_readers is not None):
         ap.error("--kv-all-to-all goes with --kv, and not with --kv-readers")
+    named = set((args.setups or "").split(","))
+    if "tcpxo-fake" in named and named & {"tcpx-fake", "tcpx-fake-host"}:
+        # The fake takes its kind when a process first loads it, and this one loads it for both.
+        ap.error("tcpxo-fake runs in an invocation of its own, without tcpx-fake or tcpx-fake-host")
     if args.kv:
         kv_setups = args.setups.split(",") if args.setups else ["tcpx-net", "tcpx-local", "ucx"]
         unknown = [s for s in kv_setups if s not in SETUPS]
