@@ -34,8 +34,15 @@ use common::{ChildTest, assert_same, pair, pattern, plugin, wait};
 /// Runs the ignored test `name` in a child process with the fake in GPU mode and `fragments`
 /// (`page` or `random`); returns its output.
 fn run_child(name: &str, fragments: &str) -> String {
+    run_child_as(name, fragments, "tcpx")
+}
+
+/// `run_child` with the fake standing in for `kind` (`tcpx`, or `tcpxo`: the engine then takes it
+/// with its tcpxo profile, `plugin_config`).
+fn run_child_as(name: &str, fragments: &str, kind: &str) -> String {
     ChildTest::new(name)
         .ignored()
+        .env("FAKE_TCPX_PLUGIN_KIND", kind)
         .env("FAKE_TCPX_MODE", "gpu")
         .env("FAKE_TCPX_FRAGMENT", fragments)
         // As TCPX: a receive comm's sockets are steered into GPU memory, so a host receive fails.
@@ -53,8 +60,20 @@ fn assert_gpu_mode() {
     );
 }
 
+/// Whether the child runs the fake as TCPXO (`run_child_as`).
+fn as_tcpxo() -> bool {
+    std::env::var("FAKE_TCPX_PLUGIN_KIND").as_deref() == Ok("tcpxo")
+}
+
+/// The fake's table name in this child.
+fn fake_name() -> &'static str {
+    if as_tcpxo() { "FakeFasTrak" } else { "FakeDevmemTCPX_v7" }
+}
+
+/// The engine's GPU named, as TCPXO's init needs, and the transport that takes the fake's kind.
 fn plugin_config(channels: u16, chunk: u32) -> Config {
-    Config { gpu: Some(0), ..gpu_host_config(channels, chunk) }
+    let transport = if as_tcpxo() { TransportChoice::Tcpxo } else { TransportChoice::Tcpx };
+    Config { gpu: Some(0), transport, ..gpu_host_config(channels, chunk) }
 }
 
 /// In GPU mode the fake puts a NIC next to each PCI switch of the host's GPUs (and eth0, without
@@ -88,7 +107,7 @@ fn child_every_kind_every_direction() {
     assert_gpu_mode();
     // 4 MiB chunks: a message of exactly 4 MiB is one full receive, larger ones span several.
     let p = pair(plugin_config(2, 4 << 20));
-    assert_eq!(p.a.transport(), "FakeDevmemTCPX_v7");
+    assert_eq!(p.a.transport(), fake_name());
     let sizes = [1usize, 7, 4095, 4096, 4097, (1 << 20) - 3, 4 << 20, (4 << 20) + 17, 16 << 20];
     every_kind_every_direction(&p, &sizes);
     assert_eq!(p.b.gpu().expect("configured GPU").ordinal(), 0);
@@ -839,84 +858,44 @@ fn child_throughput() {
     println!("child checked");
 }
 
-/// GPUDirect-TCPXO's plugin (the fake in TCPXO mode, GPU mode): receives land in the posted device
-/// buffer, no unpack, no `irecvConsumed`, host memory refused in requests (so staged through a GPU
-/// buffer). Every kind of transfer GPU->GPU, GPU->host and host->GPU, sizes 1 B to 16 MiB, vectors
-/// of mixed memory, and a block table of 2,048 scattered 16 KiB blocks in requests by their bytes
-/// (chunks of many blocks received into a scratch slot and scattered), every byte checked. Its `init`
-/// ends the process without a current GPU: an engine naming none, with none current, is refused
-/// before it (the child would not get past it otherwise).
+/// GPUDirect-TCPXO's plugin: the fake as TCPXO (receives written into the buffer posted, host
+/// memory failed in requests) under the engine's tcpxo profile, through the cases above that hold
+/// for any plugin: every kind of transfer GPU<->host, vectors and writes in flight, KV block tables
+/// in requests by their bytes (chunks of many blocks received into a scratch slot and scattered),
+/// 160 small regions, host receives on more comms than landing slots, six GiB regions; every byte
+/// checked. Then what is TCPXO's own: its init ends the process without a current GPU, so an engine
+/// naming none, with none current, is refused before it (the child would not get past it
+/// otherwise), and vectors of host and GPU pieces at once.
 #[test]
-fn tcpxo_moves_gpu_and_host_memory() {
+fn the_plugin_cases_pass_over_the_fake_as_tcpxo() {
     if no_gpu() {
         return;
     }
-    let out = ChildTest::new("child_tcpxo_gpu")
-        .ignored()
-        .env_cleared("FAKE_TCPX_")
-        .env("FAKE_TCPX_MODE", "gpu")
-        .env("FAKE_TCPX_PLUGIN_KIND", "tcpxo")
-        .env("FAKE_TCPX_SAME_HOST", "allow")
-        .env("UCCL_TCPX_FAKE_PLUGIN", plugin::fake_plugin())
-        .run();
-    assert!(out.contains("child checked"), "{out}");
+    for child in [
+        "child_every_kind_every_direction",
+        "child_vectors_and_many_in_flight",
+        "child_kv_block_tables",
+        "child_kv_many_small_regions",
+        "child_host_destinations_on_many_comms",
+        "child_six_gib_device_regions",
+        "child_tcpxo_gpu",
+    ] {
+        let out = run_child_as(child, "page", "tcpxo");
+        assert!(out.contains("child checked"), "{child} as TCPXO: {out}");
+    }
 }
 
 #[test]
 #[ignore = "run by its parent with FAKE_TCPX_MODE=gpu FAKE_TCPX_PLUGIN_KIND=tcpxo"]
 fn child_tcpxo_gpu() {
     assert_gpu_mode();
-    let tcpxo = |gpu: Option<i32>| Config { transport: TransportChoice::Tcpxo, gpu, ..plugin::config(2, 1 << 20) };
+    assert!(as_tcpxo(), "run through its parent, which sets FAKE_TCPX_PLUGIN_KIND=tcpxo");
+    let tcpxo = |gpu: Option<i32>| Config { gpu, ..plugin_config(2, 1 << 20) };
     let err = Engine::new(tcpxo(None)).err().expect("no GPU named, none current").to_string();
     assert!(err.contains("GPUDirect-TCPXO's init would end the process") && err.contains("UCCL_TCPX_GPU"), "{err}");
     let p = pair(tcpxo(Some(0)));
     assert_eq!(p.a.transport(), "FakeFasTrak");
-    // GPU memory straight, host memory through a GPU buffer at either end.
-    let sizes = [1usize, 7, 4095, 4096, 4097, (1 << 20) - 3, 1 << 20, (4 << 20) + 17, 16 << 20];
-    every_kind_every_direction(&p, &sizes);
     three_items_every_vector_way(&p, [Side::Gpu; 3], [Side::Gpu, Side::Host, Side::Gpu]);
     three_items_every_vector_way(&p, [Side::Host, Side::Gpu, Side::Host], [Side::Gpu; 3]);
-
-    // A block table: 2,048 blocks of 16 KiB scattered over twice their bytes, written and read.
-    let mut rng = common::Rng::new("tcpxo_blocks");
-    let (n, slot) = (2048usize, 32 << 10);
-    let local = plugin::block_table(&mut rng, n, slot, 16 << 10, 16 << 10);
-    let remote = plugin::elsewhere(&mut rng, &local, slot);
-    let data = pattern(n * slot, 77);
-    let mut source = Mem::new(Side::Gpu, n * slot);
-    source.write(0, &data);
-    let (target, back) = (Mem::new(Side::Gpu, n * slot), Mem::new(Side::Gpu, n * slot));
-    let (smr, bmr) = (p.a.register(source.addr(), n * slot).unwrap(), p.a.register(back.addr(), n * slot).unwrap());
-    let tmr = p.b.register(target.addr(), n * slot).unwrap();
-    let fifo = p.b.prepare_fifo(tmr, target.addr(), n * slot).unwrap();
-    let items = |mr: u64, base: usize| -> Vec<OneSided> {
-        local
-            .iter()
-            .zip(&remote)
-            .map(|(&(lo, len), &(ro, _))| {
-                let mut r = fifo;
-                r.addr = (target.addr() + ro) as u64;
-                OneSided { mr, addr: base + lo, len, remote: r }
-            })
-            .collect()
-    };
-    let total: u64 = local.iter().map(|x| x.1 as u64).sum();
-    let path = plugin::fake_plugin();
-    let before = plugin::fake_requests(&path);
-    let w = p.ab.write(&items(smr, source.addr())).unwrap();
-    assert_eq!(wait(&p.ab, w).unwrap(), total);
-    let after = plugin::fake_requests(&path);
-    let r = p.ab.read(&items(bmr, back.addr())).unwrap();
-    assert_eq!(wait(&p.ab, r).unwrap(), total);
-    // Received into scratch slots and scattered: requests by the bytes, not one per block.
-    let bound = total.div_ceil(1 << 20) + 2;
-    let (sends, receives) = (after.0 - before.0, after.1 - before.1);
-    assert!(sends <= bound && receives <= bound, "{sends} sends, {receives} receives for {total} B (bound {bound})");
-    let (landed, read_back) = (target.read(0, n * slot), back.read(0, n * slot));
-    for (&(lo, len), &(ro, _)) in local.iter().zip(&remote) {
-        assert!(landed[ro..ro + len] == data[lo..lo + len], "block at {lo} written");
-        assert!(read_back[lo..lo + len] == data[lo..lo + len], "block at {lo} read back");
-    }
-
     println!("child checked");
 }
