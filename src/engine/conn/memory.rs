@@ -23,8 +23,8 @@ pub(super) struct EngineMemory<'a> {
 /// What a connection's channels can move, known once its transport is agreed: device memory of
 /// the GPU their comms are bound to (every GPU's where the transport binds none), and host memory
 /// unless the transport refuses it in requests with no GPU to stage it through (TCPXO without a
-/// CUDA driver). What they cannot move is refused as a post
-/// or a peer's request names it, before any comm sees it, and the connection goes on.
+/// CUDA driver). What they cannot move is refused as a post or a peer's request names it, before
+/// any comm sees it, and the connection goes on.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Reach {
     pub bound_gpu: Option<i32>,

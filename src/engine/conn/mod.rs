@@ -235,7 +235,7 @@ impl Connection {
         let device_batches = ipc.in_flight();
         let mut state = ConnState::new(chunking, Instant::now());
         state.set_inline_max(super::path::inline_max(&core.config, link.locality));
-        // Eager messages land in host memory, which some transports refuse (TCPXO).
+        // Eager messages land in host memory, which a transport may not move (TCPXO without a GPU).
         let landing = match chunking.cut {
             Cut::Spanning if reach.host => Some(LandingMemory::new(&core.regions, core.gpu.get())?),
             Cut::Spanning | Cut::PerSegment => None,

@@ -406,7 +406,10 @@ impl PluginSendComm {
             (MemKind::Host, Some(device)) if self.core.stages_host() => MemKind::Cuda { device },
             (MemKind::Host, None) if self.core.stages_host() => {
                 self.core.release(user);
-                return Err(Error::new(UcclStatus::ErrNotSupported, "host memory staged through no GPU"));
+                return Err(Error::new(
+                    UcclStatus::ErrNotSupported,
+                    "host memory for a net plugin that takes none in requests, and no engine GPU to stage it through",
+                ));
             }
             _ => kind,
         };

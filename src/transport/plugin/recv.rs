@@ -320,7 +320,8 @@ impl PluginRecvComm {
             Some(device) => self.scratch_slot(device),
             None => Err(Error::new(
                 UcclStatus::ErrNotSupported,
-                format!("{} receives no host memory without a GPU to stage it", self.core.plugin.profile.vendor),
+                "a receive into host memory from a net plugin that writes the buffer posted, with no GPU to stage \
+                 it through",
             )),
         };
         let (slot, at, mhandle) = match taken {
@@ -596,13 +597,15 @@ impl PluginRecvComm {
     fn consume_head(&mut self) -> Result<()> {
         let head = self.queue.pop_front().expect("checked by the caller");
         let comm = self.core.comm;
-        let consumes = self.core.plugin.profile.consumes_receives;
-        let (rc, since) = self.core.plugin.call(|t| {
-            let since = mark();
-            let Some(consumed) = t.irecv_consumed.filter(|_| consumes) else { return (NCCL_SUCCESS, since) };
-            // SAFETY: the oldest completed, unconsumed receive of this live comm.
-            (unsafe { consumed(comm, 1, head.request) }, since)
-        });
+        let (rc, since) = match self.core.plugin.profile.consumes_receives {
+            true => self.core.plugin.call(|t| {
+                let consumed = t.irecv_consumed.expect("checked at load");
+                let since = mark();
+                // SAFETY: the oldest completed, unconsumed receive of this live comm.
+                (unsafe { consumed(comm, 1, head.request) }, since)
+            }),
+            false => (NCCL_SUCCESS, 0),
+        };
         self.core.release(head.mr);
         self.core.count(-1);
         if let (Some(slot), Some(s)) = (head.scratch, self.scratch.as_mut()) {
