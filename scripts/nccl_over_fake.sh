@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # NCCL (PyTorch's) over the fake devmem NIC in GPU mode as its net plugin, GPU 0 <-> GPU 1 of one
 # host (both ranks on GPU 0 of a one-GPU host, each naming a host of its own): every size from 4 KiB to 64 MiB (some not page multiples) in both directions and both at
-# once, bit-exact, then timed, once with TCPX's NCCL settings and once with NCCL's default channel
-# counts; then our own bench over the fake for the same sizes, and a table of the three.
+# once, bit-exact, then timed, once with TCPX's NCCL settings, once with NCCL's default channel
+# counts and once with the fake as TCPXO ("FakeFasTrak"); then our own bench over the fake for the
+# same sizes, and a table of the first two and ours.
 #
 #   scripts/nccl_over_fake.sh DIR
 #
@@ -66,12 +67,15 @@ common=(
   NCCL_OVER_FAKE_SIZES="$sizes"
 )
 configs=(
-  "tcpx|NCCL_P2P_NET_CHUNKSIZE=524288 NCCL_BUFFSIZE=4194304 NCCL_MIN_NCHANNELS=2 NCCL_MAX_NCHANNELS=2"
-  "default-channels|NCCL_P2P_NET_CHUNKSIZE=524288 NCCL_BUFFSIZE=4194304"
+  "tcpx|FakeDevmemTCPX_v7|NCCL_P2P_NET_CHUNKSIZE=524288 NCCL_BUFFSIZE=4194304 NCCL_MIN_NCHANNELS=2 NCCL_MAX_NCHANNELS=2"
+  "default-channels|FakeDevmemTCPX_v7|NCCL_P2P_NET_CHUNKSIZE=524288 NCCL_BUFFSIZE=4194304"
+  # The fake as GPUDirect-TCPXO: a HOST device, receives written into the buffer posted, no
+  # irecvConsumed; Google's A3-Mega settings (tcpxo_scripts/nccl-env-profile.sh).
+  "tcpxo|FakeFasTrak|FAKE_TCPX_PLUGIN_KIND=tcpxo NCCL_NET=FakeFasTrak NCCL_P2P_NET_CHUNKSIZE=524288 NCCL_BUFFSIZE=8388608"
 )
 failed=()
 for config in "${configs[@]}"; do
-  IFS='|' read -r tag knobs <<<"$config"
+  IFS='|' read -r tag net knobs <<<"$config"
   log="$out/nccl-$tag.log"
   rm -f "$out/nccl-$tag".*.debug
   echo "======== nccl-over-fake $tag: $knobs"
@@ -83,8 +87,8 @@ for config in "${configs[@]}"; do
   ((rc == 124)) && why+=("timed out after ${limit}s")
   ((rc != 0 && rc != 124)) && why+=("exit status $rc")
   grep -q "HANG:" "$log" && why+=("a step hung")
-  grep -qs "Loaded net plugin FakeDevmemTCPX_v7" "$out/nccl-$tag".*.debug || why+=("NCCL did not load the fake")
-  grep -qs "via NET/FakeDevmemTCPX_v7.*GDRDMA" "$out/nccl-$tag".*.debug || why+=("no GDRDMA channel over the fake")
+  grep -qs "Loaded net plugin $net" "$out/nccl-$tag".*.debug || why+=("NCCL did not load the fake as $net")
+  grep -qs "via NET/$net.*GDRDMA" "$out/nccl-$tag".*.debug || why+=("no GDRDMA channel over the fake")
   grep -q "sizes bit-exact" "$log" || why+=("not every size was checked")
   if ((${#why[@]})); then
     echo "nccl-over-fake $tag: FAILED: ${why[*]} (logs: $log, $out/nccl-$tag.*.debug)"
