@@ -29,7 +29,7 @@ INSTALL_DIRS = [
     "/usr/local/nvidia/lib64",
     "/home/kubernetes/bin/nvidia/lib64",
 ]
-# The table name the engine takes for TCPXO's (src/transport/plugin/profile.rs `of`).
+# The table name the engine takes for TCPXO's (src/transport/plugin/loader.rs `profile_of`).
 TABLE_NAME = "FasTrak"
 INSTALL_FIX = (
     f"run Google's TCPXO installer (gpudirect-tcpxo/nccl-tcpxo-installer.yaml; /scripts/container_entry.sh "
