@@ -64,8 +64,7 @@ unsafe impl Send for PendingConnect {}
 
 pub struct PluginNet {
     caps: Caps,
-    /// The vendor's rules over the generic driver (`tcpx.rs`, `tcpxo.rs`).
-    profile: &'static profile::Profile,
+    /// With the vendor's rules over the generic driver (`Plugin::profile`: `tcpx.rs`, `tcpxo.rs`).
     plugin: Arc<Plugin>,
     /// `UCCL_TCPX_NET_DEVICES`, which overrides pairing with the GPU.
     explicit: Option<Vec<usize>>,
@@ -132,7 +131,6 @@ impl PluginNet {
         };
         let net = PluginNet {
             caps,
-            profile,
             plugin,
             explicit: explicit.map(<[usize]>::to_vec),
             unpaired,
@@ -248,7 +246,7 @@ impl Net for PluginNet {
         };
         let mut wire = handle.0;
         // Connect state is local to the connecting process; never ship whatever sits there.
-        wire[self.profile.connect_state.clone()].fill(0);
+        wire[self.plugin.profile.connect_state.clone()].fill(0);
         Ok((wire, Box::new(listen)))
     }
 
@@ -267,7 +265,7 @@ impl Net for PluginNet {
                 }
                 // A fresh attempt: a fresh copy with no connect state in it.
                 let mut copy = AlignedHandle(*handle);
-                copy.0[self.profile.connect_state.clone()].fill(0);
+                copy.0[self.plugin.profile.connect_state.clone()].fill(0);
                 Box::new(PendingConnect { peer_handle: *handle, handle: copy, dev_handle: std::ptr::null_mut() })
             }
         };
