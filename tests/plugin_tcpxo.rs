@@ -136,3 +136,53 @@ fn child_tcpxo_host_memory() {
     assert_eq!(got[0].msg, b"still here");
     println!("child checked");
 }
+
+/// TCPXO pairs the k-th send with the k-th receive across each comm's flows, each end with the
+/// count its own environment gave (`NCCL_FASTRAK_NUM_FLOWS`): ends that differ would pair wrongly,
+/// so they refuse each other in the handshake, naming both counts; ends whose settings come to the
+/// same count (unset and `2`) connect.
+#[test]
+fn ends_with_different_flow_counts_refuse_each_other() {
+    let out = child("child_tcpxo_flows_acceptor", "tcpxo");
+    assert!(out.contains("child checked"), "{out}");
+}
+
+#[test]
+#[ignore = "run by its parent: the fake's kind is fixed when it loads"]
+fn child_tcpxo_flows_acceptor() {
+    let engine = std::sync::Arc::new(Engine::new(config(TransportChoice::Tcpxo)).unwrap());
+    for (flows, expect) in [("4", "refused"), ("2", "connected")] {
+        let mut peer = ChildTest::new("child_tcpxo_flows_peer")
+            .ignored()
+            .env("ACCEPTOR_PORT", engine.address().port().to_string())
+            .env("NCCL_FASTRAK_NUM_FLOWS", flows)
+            .env("EXPECT", expect)
+            .spawn();
+        if expect == "connected" {
+            let conn = common::accept(&engine).unwrap();
+            assert_eq!(conn.peer.channels, FAKE_TCPXO);
+        }
+        peer.announcement(&format!("PEER {expect}"), common::PATIENCE);
+    }
+    println!("child checked");
+}
+
+#[test]
+#[ignore = "runs as the peer process of child_tcpxo_flows_acceptor"]
+fn child_tcpxo_flows_peer() {
+    let port: u16 = std::env::var("ACCEPTOR_PORT").unwrap().parse().unwrap();
+    let expect = std::env::var("EXPECT").unwrap();
+    let engine = Engine::new(config(TransportChoice::Tcpxo)).unwrap();
+    match (expect.as_str(), engine.connect("127.0.0.1", "0", port)) {
+        ("refused", Err(e)) => {
+            assert_eq!(e.status(), UcclStatus::ErrNotSupported, "{e}");
+            for needle in ["FakeFasTrak flows=4", "FakeFasTrak flows=2"] {
+                assert!(e.to_string().contains(needle), "{needle:?} missing: {e}");
+            }
+        }
+        ("connected", Ok(_)) => {}
+        (expect, got) => panic!("expected {expect}, got {:?}", got.map(|_| "a connection")),
+    }
+    println!("PEER {expect}");
+    testkit::child::park_until_killed()
+}

@@ -327,7 +327,7 @@ pub(super) fn accept_loop(
         accepted.break_with(Error::io("control listener", e));
         return;
     }
-    let transport = core.net.caps().name;
+    let transport = core.net.caps().handshake_name();
     let handshakes = Arc::new(AtomicUsize::new(0));
     let mut pending: Vec<Pending> = Vec::new();
     let mut fds: Vec<libc::pollfd> = Vec::new();
@@ -367,7 +367,7 @@ pub(super) fn accept_loop(
                 log::info!("{}: no handshake within the connect timeout", pending[i].peer);
                 Progress::Gone
             } else if revents != 0 {
-                pending[i].progress(transport)
+                pending[i].progress(&transport)
             } else {
                 Progress::Keep
             };

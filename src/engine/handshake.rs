@@ -235,7 +235,7 @@ pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, listens
         gpu_index: local.gpu_index,
         gpu_id: local.gpu_id.to_owned(),
         requested_gpu: requested_gpu.to_owned(),
-        transport: local.net.caps().name.to_owned(),
+        transport: local.net.caps().handshake_name(),
         net_handle,
         host: local.host,
     };
@@ -251,12 +251,13 @@ pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, listens
                     )),
                 ));
             }
-            if w.transport != local.net.caps().name {
+            let ours = local.net.caps().handshake_name();
+            if w.transport != ours {
                 return Err(refuse(
                     stream,
                     Error::new(
                         UcclStatus::ErrNotSupported,
-                        format!("peer uses transport {:?}, this engine {:?}", w.transport, local.net.caps().name),
+                        format!("peer uses transport {:?}, this engine {ours:?}", w.transport),
                     ),
                 ));
             }
@@ -392,7 +393,7 @@ pub fn welcome(
         chunk_size: agreed.chunk_size,
         gpu_index: local.gpu_index,
         gpu_id: local.gpu_id.to_owned(),
-        transport: local.net.caps().name.to_owned(),
+        transport: local.net.caps().handshake_name(),
         net_handle,
         host: local.host,
     };

@@ -25,6 +25,16 @@ pub struct Caps {
     /// The comms take vectored requests (`isendv` / `irecvv`) of any memory they move, in one
     /// registration of any size.
     pub vectored: bool,
+    /// What else both ends' transports must agree on, after `name` in the handshake (empty where
+    /// nothing): TCPXO's flow count, across which its sends and receives pair by position.
+    pub agreement: &'static str,
+}
+
+impl Caps {
+    /// The transport as the handshake names it: ends that differ here refuse each other.
+    pub fn handshake_name(&self) -> String {
+        format!("{}{}", self.name, self.agreement)
+    }
 }
 
 /// What one device of a transport offers (ncclNet's `getProperties`).

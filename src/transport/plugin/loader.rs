@@ -42,6 +42,9 @@ pub struct Plugin {
     pub name: &'static str,
     /// Its vendor's rules, picked by `name`.
     pub profile: &'static Profile,
+    /// What a peer's plugin must agree on besides `name` (`Profile::agreement`), read once, with
+    /// the environment the plugin's `init` read.
+    pub agreement: &'static str,
     /// What was loaded, as given (a path or a library name dlopen searched for).
     pub origin: String,
     pub devices: Vec<Properties>,
@@ -69,7 +72,8 @@ impl std::fmt::Debug for Plugin {
 impl Plugin {
     fn new(table: NcclNetV7, name: &'static str, origin: String, devices: Vec<Properties>, image: Image) -> Plugin {
         let profile = profile_of(name);
-        Plugin { table, calls: const_mutex(()), name, profile, origin, devices, _image: image }
+        let agreement = Box::leak(super::profile::agreement(profile).into_boxed_str());
+        Plugin { table, calls: const_mutex(()), name, profile, agreement, origin, devices, _image: image }
     }
 
     /// Runs `f`, which makes one call into the plugin through the table it is given, with no other

@@ -128,6 +128,7 @@ impl PluginNet {
             // plugin writes the buffer posted, from a scratch slot) straight into the pieces on
             // the receiver (`recv.rs`), so a transfer's requests follow its bytes.
             vectored: true,
+            agreement: plugin.agreement,
         };
         let net = PluginNet {
             caps,

@@ -37,6 +37,23 @@ pub struct Profile {
     pub init_is_fatal: bool,
     /// Library names tried before NCCL's (`libnccl-net.so`) when none is configured.
     pub libraries: &'static [&'static str],
+    /// What both ends must agree on beyond the plugin's name, from the environment the plugin's
+    /// `init` read ([`agreement`]); empty where nothing.
+    pub agreement: fn(Lookup<'_>) -> String,
+}
+
+/// The environment as a profile reads it: a variable's value, where set.
+pub type Lookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// Nothing beyond the name.
+pub fn nothing(_: Lookup<'_>) -> String {
+    String::new()
+}
+
+/// `profile`'s agreement with the live environment: read right after the plugin's `init`, which
+/// reads the same variables once.
+pub fn agreement(profile: &Profile) -> String {
+    (profile.agreement)(&|n: &str| std::env::var_os(n).map(|v| v.to_string_lossy().into_owned()))
 }
 
 /// Sets each `(variable, value, why)` that `defaults`, given the environment to look in, finds

@@ -39,6 +39,7 @@ pub const PROFILE: Profile = Profile {
     init_once_per_image: true,
     init_is_fatal: false,
     libraries: &[],
+    agreement: super::profile::nothing,
 };
 
 /// `(variable, value, why)`; `UNIX_CLIENT_PREFIX` is added separately because it depends on the host.

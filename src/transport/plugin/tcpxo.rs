@@ -36,7 +36,18 @@ pub const PROFILE: Profile = Profile {
     // Google's installer renames the plugin and puts a wrapper in `libnccl-net.so`'s place:
     // `tcpxo_scripts/container_entry.sh` `install_nccl_shim` L93.
     libraries: &["libnccl-net_internal.so"],
+    // A comm deals its requests round-robin over `NCCL_FASTRAK_NUM_FLOWS` flows and the k-th send
+    // must meet the k-th receive on the same flow, each end with its own count (`fo/nccl_shim.cc`
+    // `GetRequest` L593-598): ends with different counts refuse each other in the handshake.
+    agreement: flows,
 };
+
+/// ` flows=N`: the flow count the plugin's `init` takes from `NCCL_FASTRAK_NUM_FLOWS`, an integer
+/// 1-8, else 2 (`fo/const_params.h` L102-104, `fo/params.cc` `InitParam` L26-48).
+pub fn flows(lookup: super::profile::Lookup<'_>) -> String {
+    let set = lookup("NCCL_FASTRAK_NUM_FLOWS").and_then(|v| v.trim().parse::<i64>().ok());
+    format!(" flows={}", set.filter(|n| (1..=8).contains(n)).unwrap_or(2))
+}
 
 /// Where Google's A3-Mega manifests bind-mount the LLCM devices (`gpudirect-tcpxo/nccl-tcpxo-
 /// installer.yaml`, container-engine-accelerators 10c8d237).
@@ -64,6 +75,17 @@ pub fn apply_defaults() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_flow_count_is_what_the_plugin_takes() {
+        let with = |v: Option<&str>| flows(&|_: &str| v.map(str::to_owned));
+        assert_eq!(with(None), " flows=2");
+        for (set, flows) in
+            [("4", 4), (" 3 ", 3), ("8", 8), ("1", 1), ("9", 2), ("0", 2), ("-1", 2), ("two", 2), ("", 2)]
+        {
+            assert_eq!(with(Some(set)), format!(" flows={flows}"), "{set:?}");
+        }
+    }
 
     #[test]
     fn llcm_is_turned_on_only_where_its_devices_are_and_the_user_left_it_unset() {

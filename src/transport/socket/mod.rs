@@ -292,6 +292,7 @@ const CAPS: Caps = Caps {
     reaches_own_host: true,
     // Pieces go out with `sendmsg` and land with `recvmsg`, so a request may as well be a list.
     vectored: true,
+    agreement: "",
 };
 
 impl Net for SocketNet {
