@@ -3,6 +3,7 @@ the kernel and host settings, and the plugin's environment. Each requirement nam
 file it comes from (google/nccl-plugin-gpudirecttcpx, google/tcpgpudmarxd,
 GoogleCloudPlatform/container-engine-accelerators)."""
 
+import functools
 import json
 import os
 import socket
@@ -82,31 +83,29 @@ def probe(path, env, init):
     return json.loads(lines[-1])
 
 
+def plugin_missing(add, vendor, searched, elsewhere, install, src):
+    """The `plugin` finding where no library was found where dlopen looks: the fix for a copy in an
+    install folder dlopen does not search (`elsewhere`), else `install`. `add(title, status, detail,
+    fix, source)` reports in the caller's section."""
+    if elsewhere:
+        folder = os.path.dirname(elsewhere[0])
+        detail = f"found {elsewhere[0]}, but not where dlopen looks"
+        fix = f"export LD_LIBRARY_PATH={folder}:$LD_LIBRARY_PATH (or UCCL_TCPX_PLUGIN={elsewhere[0]})"
+        add("plugin", FAIL, detail, fix, src)
+    else:
+        shown = ", ".join(searched[:4]) + (", ..." if len(searched) > 4 else "")
+        add("plugin", FAIL, f"no {vendor} plugin (searched {shown})", install, src)
+
+
 def check_plugin(report, host, env, defaults):
     path, searched, elsewhere = find_plugin(host, env)
     src = f"{GKE_SRC}: gpudirect-tcpx/nccl-tcpx-installer.yaml"
     if path is None:
-        if elsewhere:
-            d = os.path.dirname(elsewhere[0])
-            report.add(
-                "tcpx",
-                "plugin",
-                FAIL,
-                f"found {elsewhere[0]}, but not where dlopen looks",
-                f"export LD_LIBRARY_PATH={d}:$LD_LIBRARY_PATH (or UCCL_TCPX_PLUGIN={elsewhere[0]})",
-                src,
-            )
-        else:
-            shown = ", ".join(searched[:4]) + (", ..." if len(searched) > 4 else "")
-            report.add(
-                "tcpx",
-                "plugin",
-                FAIL,
-                f"no TCPX plugin (searched {shown})",
-                "install Google's plugin (nccl-plugin-gpudirecttcpx-dev image, /scripts/container_entry.sh "
-                "install) and put its folder on LD_LIBRARY_PATH, or set UCCL_TCPX_PLUGIN",
-                src,
-            )
+        install = (
+            "install Google's plugin (nccl-plugin-gpudirecttcpx-dev image, /scripts/container_entry.sh "
+            "install) and put its folder on LD_LIBRARY_PATH, or set UCCL_TCPX_PLUGIN"
+        )
+        plugin_missing(functools.partial(report.add, "tcpx"), "TCPX", searched, elsewhere, install, src)
         return None
     shown = host.unrooted(path)
     info = probe(path, env, init=False)

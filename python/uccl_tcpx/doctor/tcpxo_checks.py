@@ -141,19 +141,10 @@ def check_plugin(out, host, env):
     src = f"{PLUGIN_SRC}: tcpxo_scripts/container_entry.sh; {FO}/fastrak_plugin.cc"
     found, searched = candidates(host, env)
     if not found:
-        elsewhere = installed_elsewhere(host, tcpx_checks.search_dirs(host, env))
-        if elsewhere and not env.get("UCCL_TCPX_PLUGIN"):
-            folder = elsewhere[0].rsplit("/", 1)[0]
-            out.add(
-                "plugin",
-                FAIL,
-                f"found {elsewhere[0]}, but not where dlopen looks",
-                f"export LD_LIBRARY_PATH={folder}:$LD_LIBRARY_PATH (or UCCL_TCPX_PLUGIN={elsewhere[0]})",
-                src,
-            )
-        else:
-            shown = ", ".join(searched[:4]) + (", ..." if len(searched) > 4 else "")
-            out.add("plugin", FAIL, f"no TCPXO plugin (searched {shown})", INSTALL_FIX, src)
+        # A path the user named stands alone: no other copy is a fix for it.
+        explicit = env.get("UCCL_TCPX_PLUGIN")
+        elsewhere = [] if explicit else installed_elsewhere(host, tcpx_checks.search_dirs(host, env))
+        tcpx_checks.plugin_missing(out.add, "TCPXO", searched, elsewhere, INSTALL_FIX, src)
         return None
     refused = []
     for path in found:
