@@ -14,7 +14,13 @@ pub struct DeviceBuffer {
     gpu: Arc<Gpu>,
     ptr: sys::CUdeviceptr,
     len: usize,
+    /// What cuMemAlloc returned, freed on drop: `ptr` where that began a page.
+    alloc: sys::CUdeviceptr,
 }
+
+/// A net plugin registers device memory by whole pages: a buffer starts on one, so that its
+/// registration covers only its own allocation.
+const PAGE: u64 = 4096;
 
 impl std::fmt::Debug for DeviceBuffer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -30,10 +36,23 @@ impl DeviceBuffer {
         }
         let gpu = Gpu::open(ordinal)?;
         let _ctx = gpu.enter()?;
-        let mut ptr: sys::CUdeviceptr = 0;
-        // SAFETY: the driver writes one device pointer into `ptr`.
-        check(unsafe { sys::cuMemAlloc_v2(&mut ptr, len) }, &format!("cuMemAlloc of {len} bytes"))?;
-        Ok(DeviceBuffer { gpu, ptr, len })
+        let alloc = |bytes: usize| {
+            let mut ptr: sys::CUdeviceptr = 0;
+            // SAFETY: the driver writes one device pointer into `ptr`.
+            check(unsafe { sys::cuMemAlloc_v2(&mut ptr, bytes) }, &format!("cuMemAlloc of {bytes} bytes")).map(|()| ptr)
+        };
+        let mut base = alloc(len)?;
+        // The driver carves small allocations out of larger ones: the page below such a buffer may
+        // be nobody's memory, and a net plugin registers whole pages (GPUDirect-TCPXO v1.0.17 rounds
+        // the range out to pages and exports it with cuMemGetHandleForAddressRange, `nccl_shim.cc`
+        // RegMrDmaBuf, `nccl_cuda/cuda_common.cc` getDmabufFd), so a staging buffer registered there
+        // failed. One page more makes room to start on one.
+        if base % PAGE != 0 {
+            // SAFETY: allocated just above, unused.
+            let _ = unsafe { sys::cuMemFree_v2(base) };
+            base = alloc(len + PAGE as usize)?;
+        }
+        Ok(DeviceBuffer { gpu, ptr: base.next_multiple_of(PAGE), len, alloc: base })
     }
 
     /// The device address, for registration and transfers.
@@ -111,7 +130,7 @@ impl Drop for DeviceBuffer {
         if let Ok(_ctx) = self.gpu.enter() {
             // SAFETY: allocated by cuMemAlloc in new(), freed once here. cuMemFree waits for work
             // still using the memory.
-            let _ = unsafe { sys::cuMemFree_v2(self.ptr) };
+            let _ = unsafe { sys::cuMemFree_v2(self.alloc) };
         }
     }
 }
@@ -231,5 +250,23 @@ mod tests {
         }
         let err = super::DeviceBuffer::new(0, 16).unwrap_err();
         assert!(err.message().contains("CUDA unavailable"), "{err}");
+    }
+
+    /// Buffers of every size a plugin's staging makes, and odd ones between, each start on a page,
+    /// so that registering their whole pages registers nothing but them.
+    #[test]
+    fn device_buffers_start_on_a_page() {
+        if testkit::skip_without_gpu(crate::cuda::available()) {
+            return;
+        }
+        let sizes = [1usize, 100, 4096, 5000, 64 << 10, 100_000, 256 << 10, 1 << 20, 3 << 20];
+        let buffers: Vec<_> = sizes
+            .iter()
+            .flat_map(|&n| (0..4).map(move |_| n))
+            .map(|n| super::DeviceBuffer::new(0, n).unwrap())
+            .collect();
+        for b in &buffers {
+            assert_eq!(b.addr() % 4096, 0, "{b:?}");
+        }
     }
 }
