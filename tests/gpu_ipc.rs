@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use cudarc::driver::sys;
 use uccl_tcpx::internal::transport::MemKind;
-use uccl_tcpx::{Config, Connection, Engine, FifoItem, IpcInfo, Locality, OneSided, UcclStatus};
+use uccl_tcpx::{Config, Connection, Engine, FifoItem, IpcInfo, Locality, OneSided, Piece, PieceRun, UcclStatus};
 
 mod common;
 use common::gpu::{Mem, fewer_gpus_than, no_gpu};
@@ -570,6 +570,34 @@ fn kv_blocks_through_the_mapping(conn: &Arc<Connection>, local: &mut Mem, mr: u6
     assert_same(&local.read(0, LEN), &KvBlocks::moved(&vec![0u8; LEN], &data, &back), "100,000 blocks there and back");
     assert_eq!(conn.device_copy_batches(), batches + 2, "one batch a call");
     assert_eq!(conn.device_copy_kernel_batches(), kernel_batches + 2, "both through the kernel");
+
+    // The NIXL backend's form of the same call: runs of pieces (several runs of one region and
+    // capability, as a backend cuts them), copied from the checked runs in one batch each way.
+    let (runs, pieces) = kv.pieces(mr, local.addr(), remote, 7_001);
+    let fresh = pattern(LEN, 405);
+    local.write(0, &fresh);
+    let (batches, kernel_batches) = (conn.device_copy_batches(), conn.device_copy_kernel_batches());
+    let w = conn.write_pieces(&runs, &pieces).unwrap();
+    assert_eq!(waited(conn, w).unwrap(), kv.bytes(), "write of {} pieces", kv.count());
+    local.clear();
+    let r = conn.read_pieces(&runs, &pieces).unwrap();
+    assert_eq!(waited(conn, r).unwrap(), kv.bytes(), "read of {} pieces", kv.count());
+    assert_same(&local.read(0, LEN), &KvBlocks::moved(&vec![0u8; LEN], &fresh, &back), "100,000 pieces there and back");
+    assert_eq!(conn.device_copy_batches(), batches + 2, "one batch a pieces call");
+    assert_eq!(conn.device_copy_kernel_batches(), kernel_batches + 2, "both pieces calls through the kernel");
+
+    // A piece past the capability's end fails the call at the post, before anything is copied.
+    let mut bad = pieces.clone();
+    bad[50_000].remote = remote.addr + u64::from(remote.size) - 10;
+    local.write(0, &fresh);
+    for write in [true, false] {
+        let posted = if write { conn.write_pieces(&runs, &bad) } else { conn.read_pieces(&runs, &bad) };
+        let err = posted.unwrap_err();
+        assert_eq!(err.status(), UcclStatus::ErrInvalidParam, "write {write}: {err}");
+        assert!(err.to_string().contains("piece 50000"), "write {write}: {err}");
+    }
+    assert_same(&local.read(0, LEN), &fresh, "nothing read by the refused call");
+    assert_eq!(conn.device_copy_batches(), batches + 2, "the refused calls queued nothing");
 }
 
 /// KV blocks as these tests lay them out: `count` blocks of an odd size at odd offsets, block `i`
@@ -607,6 +635,17 @@ impl KvBlocks {
 
     fn items(&self, mr: u64, local: usize, remote: FifoItem) -> Vec<OneSided> {
         self.pairs().map(|(l, r)| OneSided { mr, addr: local + l, len: Self::BLOCK, remote: at(remote, r) }).collect()
+    }
+
+    /// The blocks as runs of pieces of local region `mr` and the capability `remote`, a run every
+    /// `per_run` pieces.
+    fn pieces(&self, mr: u64, local: usize, remote: FifoItem, per_run: usize) -> (Vec<PieceRun>, Vec<Piece>) {
+        let pieces: Vec<Piece> = self
+            .pairs()
+            .map(|(l, r)| Piece { local: (local + l) as u64, remote: remote.addr + r as u64, len: Self::BLOCK as u64 })
+            .collect();
+        let runs = pieces.chunks(per_run).map(|c| PieceRun { mr, remote, pieces: c.len() }).collect();
+        (runs, pieces)
     }
 
     /// `before` with each block of `src` at the first offset of `moves` copied to the second.

@@ -130,11 +130,12 @@ fn no_files_import_each_other() {
 /// network path's connection (`engine/conn/`), which reaches them through their seams only. In
 /// `conn/`, the connection state hands the sub-state its messages and lends it its network path
 /// (`state.rs`, `state/seam.rs`), the connection implements what the wing's I/O needs of it
-/// (`same_host_io.rs`), and the connection's root and its callers' calls (`mod.rs`, `api.rs`)
-/// call the wing's entry points; no other file of `conn/` (tests aside) names the wing.
+/// (`same_host_io.rs`), and the connection's root and its callers' calls (`mod.rs`, `api.rs`,
+/// `pieces.rs`) call the wing's entry points; no other file of `conn/` (tests aside) names the wing.
 const CONN_FILES_AT_THE_SEAM: &[&str] = &[
     "engine/conn/mod.rs",
     "engine/conn/api.rs",
+    "engine/conn/pieces.rs",
     "engine/conn/state.rs",
     "engine/conn/state/seam.rs",
     "engine/conn/same_host_io.rs",

@@ -5,7 +5,30 @@ use std::sync::Arc;
 
 use crate::engine::plan::Extent;
 use crate::engine::region::Region;
-use crate::proto::{RemoteSeg, VectorRun};
+use crate::proto::{Place, RemoteSeg, VectorRun};
+
+/// `len` bytes at `local` in a run's region and at `remote` in the peer's, where the run's
+/// capability grants them (the NIXL backend's form of a call: runs of these).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Piece {
+    pub local: u64,
+    pub remote: u64,
+    pub len: u64,
+}
+
+/// A run of a call's pieces, every one checked: inside `region` and inside `granted`, the peer's
+/// range that its capability names (region and token as this connection's requests carry them).
+pub(crate) struct CheckedPieces<'a> {
+    pub region: Arc<Region>,
+    pub remote_region: u64,
+    pub token: u64,
+    pub remote_place: Place,
+    pub granted: RemoteSeg,
+    pub pieces: &'a [Piece],
+    /// The pieces' bytes.
+    pub bytes: u64,
+}
 
 /// One item of a caller's write or read: the local buffer and the peer's capability it targets.
 pub(crate) struct OneSidedItem {

@@ -1,30 +1,26 @@
 //! A one-sided call given as runs of pieces: the caller (the NIXL backend) has already grouped its
 //! items by local region and remote capability, so each run names its region and capability once
-//! and its pieces are three numbers each. The call checks and groups the pieces in one pass, with
-//! one region lookup and one capability parse per run, and builds each request's segment lists
-//! straight from the caller's pieces: nothing per piece is copied before that, where the item form
-//! (`api.rs`) takes a 64-byte capability per item and a copy of the whole list first.
+//! and its pieces are three numbers each. The call checks the pieces in one pass, with one region
+//! lookup and one capability parse per run. To a peer process of this host with GPU memory the
+//! checked runs go to the copy kernel as they are; elsewhere they are grouped into requests whose
+//! segment lists are built straight from the caller's pieces: nothing per piece is copied before
+//! that, where the item form (`api.rs`) takes a 64-byte capability per item and a copy of the
+//! whole list first.
 
 use std::ops::Range;
 
 use super::Connection;
 use super::api::{CheckedRun, ItemList, RunHead};
 use super::vector::{Grouper, Push, RunKey};
+use crate::engine::locality::Locality;
+use crate::engine::one_sided::CheckedPieces;
+pub use crate::engine::one_sided::Piece;
 use crate::engine::region::{Region, check_range};
+use crate::engine::same_host::device_copy::DevicePath;
 use crate::error::{Error, Result};
-use crate::proto::FifoItem;
+use crate::proto::{FifoItem, RemoteSeg};
 use crate::trace::{self, clock_ns};
 use crate::transport::IoSeg;
-
-/// `len` bytes at `local` in the run's region and at `remote` in the peer's, where the run's
-/// capability grants them.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Piece {
-    pub local: u64,
-    pub remote: u64,
-    pub len: u64,
-}
 
 /// `pieces` consecutive pieces of a call, all between local region `mr` and the peer range that
 /// `remote` grants (its address and size bound every piece's remote range; its padding names the
@@ -61,12 +57,20 @@ impl Connection {
         let verb = if write { "write" } else { "read" };
         let posted = trace::on(trace::DEVICE | trace::FLOW).then(clock_ns);
         let checked = self.check_pieces(runs, pieces, verb)?;
-        self.post_runs(pieces, &checked, write, posted, verb)
+        // A peer process of this host with GPU memory takes the checked runs as they are: their
+        // pieces go to the copy kernel in one pass, the first launched while the rest are listed.
+        if self.link.locality == Locality::SameHost
+            && let Some(done) = self.try_device_pieces(&checked, write, posted)
+        {
+            return done;
+        }
+        self.post_runs(pieces, &requests_of(&checked), write, posted, verb)
     }
 
     /// Every piece checked (inside its run's local region and inside the range its run's
-    /// capability grants), and the requests' runs they form, in one pass over the pieces.
-    fn check_pieces(&self, runs: &[PieceRun], pieces: &[Piece], verb: &str) -> Result<Vec<CheckedRun>> {
+    /// capability grants), in one pass over the pieces, with one region lookup and one capability
+    /// parse per run.
+    fn check_pieces<'a>(&self, runs: &[PieceRun], pieces: &'a [Piece], verb: &str) -> Result<Vec<CheckedPieces<'a>>> {
         let total = runs.iter().try_fold(0usize, |n, run| n.checked_add(run.pieces));
         if total != Some(pieces.len()) {
             return Err(Error::invalid(format!(
@@ -77,9 +81,7 @@ impl Connection {
         if pieces.is_empty() {
             return Err(Error::invalid("nothing to transfer: zero pieces"));
         }
-        let mut grouper = Grouper::default();
-        let mut open: Option<RunHead> = None;
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(runs.len());
         let mut at = 0;
         for (r, run) in runs.iter().enumerate() {
             let ctx = |e: Error| e.context(format!("{verb} run {r}"));
@@ -92,31 +94,56 @@ impl Connection {
             self.channels_take(&region).map_err(ctx)?;
             let cap = run.remote.capability().map_err(|e| ctx(Error::invalid(e.to_string())))?;
             let granted = grant(&run.remote).map_err(ctx)?;
-            let key = RunKey { local_region: region.id, remote_region: cap.region, token: cap.token };
-            let token = self.wire_token(cap.region, cap.token);
-            for i in span {
-                let p = &pieces[i];
+            let (first, mut bytes) = (span.start, 0u64);
+            for (i, p) in pieces[span.clone()].iter().enumerate() {
                 let local_ok =
                     p.local != 0 && p.len != 0 && p.local.checked_add(p.len).is_some() && in_region(&region, p);
                 if !local_ok || !within(&granted, p.remote, p.len) {
-                    return Err(ctx(piece_error(&region, &granted, p, i)));
+                    return Err(ctx(piece_error(&region, &granted, p, first + i)));
                 }
-                // A new request starts at a run's first piece (unless the run continues the request
-                // before it: same regions and capability) and at a cut at the request limits.
-                if let Push::Started(finished) = grouper.push(key, p.len) {
-                    let started =
-                        RunHead { region: region.clone(), remote_region: cap.region, remote_place: cap.place, token };
-                    if let (Some(done), Some(run)) = (open.replace(started), finished) {
-                        out.push(CheckedRun { head: done, run });
-                    }
-                }
+                bytes = bytes.saturating_add(p.len);
             }
-        }
-        if let (Some(done), Some(run)) = (open, grouper.finish()) {
-            out.push(CheckedRun { head: done, run });
+            out.push(CheckedPieces {
+                token: self.wire_token(cap.region, cap.token),
+                region,
+                remote_region: cap.region,
+                remote_place: cap.place,
+                granted: RemoteSeg { addr: run.remote.addr, len: run.remote.size },
+                pieces: &pieces[span],
+                bytes,
+            });
         }
         Ok(out)
     }
+}
+
+/// The requests' runs that checked pieces form: a new request starts at a run's first piece
+/// (unless the run continues the request before it: same regions and capability) and at a cut at
+/// the request limits.
+fn requests_of(checked: &[CheckedPieces]) -> Vec<CheckedRun> {
+    let mut grouper = Grouper::default();
+    let mut open: Option<RunHead> = None;
+    let mut out = Vec::new();
+    for run in checked {
+        let key = RunKey { local_region: run.region.id, remote_region: run.remote_region, token: run.token };
+        for p in run.pieces {
+            if let Push::Started(finished) = grouper.push(key, p.len) {
+                let started = RunHead {
+                    region: run.region.clone(),
+                    remote_region: run.remote_region,
+                    remote_place: run.remote_place,
+                    token: run.token,
+                };
+                if let (Some(done), Some(run)) = (open.replace(started), finished) {
+                    out.push(CheckedRun { head: done, run });
+                }
+            }
+        }
+    }
+    if let (Some(done), Some(run)) = (open, grouper.finish()) {
+        out.push(CheckedRun { head: done, run });
+    }
+    out
 }
 
 #[inline]

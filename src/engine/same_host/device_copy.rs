@@ -35,7 +35,7 @@ use crate::cuda::device_copy::{
 use crate::cuda::ipc::Mapping;
 use crate::cuda::stream::Event;
 use crate::cuda::unpack::addressable;
-use crate::engine::one_sided::OneSidedRequest;
+use crate::engine::one_sided::{CheckedPieces, OneSidedRequest};
 use crate::engine::path;
 use crate::engine::plan::Extent;
 use crate::engine::region::Region;
@@ -312,6 +312,86 @@ pub(crate) trait DevicePath: Conn {
             Locality::SameProcess => self.same_process_device(requests, write, post),
             Locality::SameHost => self.cross_process_device(requests, write, post),
         }
+    }
+
+    /// The checked runs of a pieces call (`Connection::write_pieces`) to a peer process of this
+    /// host, copied by the piece kernel straight from the runs in one pass under the lock (its
+    /// first launch while the rest is still listed): `None` unless that is the whole call's path
+    /// with nothing to ask or decide per piece (every local region on the engine's GPU, every
+    /// run's capability inside a mapped grant, the kernel built and taking the pieces), which
+    /// `try_device_one_sided` then decides request by request.
+    fn try_device_pieces(&self, runs: &[CheckedPieces<'_>], write: bool, posted: Option<u64>) -> Option<Result<u64>> {
+        if !path::same_host_gpu(self.link().locality, self.core().config.local_peers) {
+            return None;
+        }
+        let gpu = self.core().gpu.get()?.clone();
+        let here = gpu.ordinal();
+        let listed: usize = runs.iter().map(|r| r.pieces.len()).sum();
+        let bytes = runs.iter().fold(0u64, |b, r| b.saturating_add(r.bytes));
+        let kernel = kernel_ready(here)
+            && listed >= KERNEL_MIN_COPIES
+            && bytes <= (listed as u64).saturating_mul(KERNEL_MAX_AVERAGE as u64)
+            && runs
+                .iter()
+                .all(|r| device_of(&r.region) == Some(here) && addressable(r.region.base as u64, r.region.len as u64));
+        if !kernel {
+            return None;
+        }
+        let mut guard = self.lock();
+        if let Err(e) = guard.check_open() {
+            return Some(Err(e));
+        }
+        let ipc = guard.ipc();
+        let mut plan = Plan::new(gpu);
+        let mut offsets = Vec::with_capacity(runs.len());
+        for run in runs {
+            let key = (run.remote_region, run.token);
+            // A run inside its capability is inside the grant wherever the capability's range is.
+            // A region removed since the check fails its part on the general path.
+            let grant = ipc
+                .mapped(key)
+                .filter(|g| g.covers(std::slice::from_ref(&run.granted)) && g.mapped_within(addressable))
+                .filter(|_| !run.region.is_removed())?;
+            offsets.push(grant.offset());
+            plan.parts.push(run.bytes);
+            plan.touch(&run.region);
+            plan.touch_remote(key.0, grant.mapping);
+        }
+        let transfer = self.new_transfer(runs.len(), write);
+        let gpu = plan.gpu.clone();
+        let issued = self.issue_with(ipc, &transfer, plan, |q| {
+            let Some(mut call) = q.piece_call()? else {
+                return Err(Error::backend(format!("the piece kernel of {gpu:?} is not built")));
+            };
+            for (run, offset) in runs.iter().zip(offsets) {
+                for p in run.pieces {
+                    let mapped = p.remote.wrapping_add(offset);
+                    let (src, dst) = if write { (p.local, mapped) } else { (mapped, p.local) };
+                    // SAFETY: every local range lies in a live registration of this engine on the
+                    // issuing GPU (checked at the call, not removed, under this connection's lock);
+                    // every remote one inside its run's capability, inside a window of the owner's
+                    // grant mapped into that GPU's context (under the same lock); both addressable
+                    // by the kernel. The regions stay counted, and the mappings held, until the
+                    // batch's event fired; a failure waits for what was launched.
+                    unsafe { call.push(src, dst, p.len)? };
+                }
+            }
+            call.end()
+        });
+        if let Some(at) = posted {
+            trace::event!(DeviceIssued {
+                conn: self.trace().conn,
+                side: self.trace().side,
+                transfer: transfer.id,
+                write: u64::from(write),
+                bytes,
+                batches: u64::from(issued),
+                entered: at,
+                asks: 0,
+                ask_ns: 0
+            });
+        }
+        Some(Ok(transfer.id))
     }
 
     fn same_process_device(
