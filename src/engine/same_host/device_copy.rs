@@ -358,39 +358,25 @@ pub(crate) trait DevicePath: Conn {
             plan.touch_remote(key.0, grant.mapping);
         }
         let transfer = self.new_transfer(runs.len(), write);
-        let gpu = plan.gpu.clone();
-        let issued = self.issue_with(ipc, &transfer, plan, |q| {
-            let Some(mut call) = q.piece_call()? else {
-                return Err(Error::backend(format!("the piece kernel of {gpu:?} is not built")));
-            };
-            for (run, offset) in runs.iter().zip(offsets) {
-                for p in run.pieces {
-                    let mapped = p.remote.wrapping_add(offset);
-                    let (src, dst) = if write { (p.local, mapped) } else { (mapped, p.local) };
-                    // SAFETY: every local range lies in a live registration of this engine on the
-                    // issuing GPU (checked at the call, not removed, under this connection's lock);
-                    // every remote one inside its run's capability, inside a window of the owner's
-                    // grant mapped into that GPU's context (under the same lock); both addressable
-                    // by the kernel. The regions stay counted, and the mappings held, until the
-                    // batch's event fired; a failure waits for what was launched.
-                    unsafe { call.push(src, dst, p.len)? };
-                }
-            }
-            call.end()
+        let copies = runs.iter().zip(offsets).flat_map(|(run, offset)| {
+            run.pieces.iter().map(move |p| {
+                let mapped = p.remote.wrapping_add(offset);
+                if write { (p.local, mapped, p.len) } else { (mapped, p.local, p.len) }
+            })
         });
-        if let Some(at) = posted {
-            trace::event!(DeviceIssued {
-                conn: self.trace().conn,
-                side: self.trace().side,
-                transfer: transfer.id,
-                write: u64::from(write),
-                bytes,
-                batches: u64::from(issued),
-                entered: at,
-                asks: 0,
-                ask_ns: 0
-            });
-        }
+        // SAFETY: every local range lies in a live registration of this engine on the issuing GPU
+        // (checked at the call, not removed, under this connection's lock, counted by the plan);
+        // every remote one inside its run's capability, inside a window of the owner's grant mapped
+        // into that GPU's context (under the same lock, held by the plan); both addressable by the
+        // kernel.
+        let issued = unsafe { self.issue_pieces(ipc, &transfer, plan, copies) };
+        self.trace_issued(
+            posted.map(|at| Post { at, ..Post::default() }),
+            transfer.id,
+            write,
+            bytes,
+            u64::from(issued),
+        );
         Some(Ok(transfer.id))
     }
 
@@ -504,19 +490,7 @@ pub(crate) trait DevicePath: Conn {
                 (batches, bytes) = (batches + 1, bytes + planned);
             }
         }
-        if let Some(post) = post {
-            trace::event!(DeviceIssued {
-                conn: self.trace().conn,
-                side: self.trace().side,
-                transfer: transfer.id,
-                write: u64::from(write),
-                bytes,
-                batches,
-                entered: post.at,
-                asks: u64::from(post.asks),
-                ask_ns: post.ask_ns
-            });
-        }
+        self.trace_issued(post, transfer.id, write, bytes, batches);
         drop((ours, theirs));
         Some(Ok(transfer.id))
     }
@@ -598,23 +572,22 @@ pub(crate) trait DevicePath: Conn {
             transfer.finish_part(Err(e));
         }
         let issued = if kernel {
-            self.issue_pieces(inner.ipc(), &transfer, plan, &routes, write)
+            let copies = routes.iter().flat_map(|route| {
+                pieces(route.request).map(move |(l, r, len)| {
+                    let (l, mapped) = (l as u64, r.wrapping_add(route.offset));
+                    if write { (l, mapped, len as u64) } else { (mapped, l, len as u64) }
+                })
+            });
+            // SAFETY: every local range lies in a live registration of this engine on the issuing
+            // GPU (checked at post and not removed, under this connection's lock); every remote one
+            // in a window of an owner's grant mapped into that GPU's context (covered, under the
+            // same lock); both addressable by the kernel (their region and windows are). The plan
+            // counts the regions and holds the mappings.
+            unsafe { self.issue_pieces(inner.ipc(), &transfer, plan, copies) }
         } else {
             self.issue(inner.ipc(), &transfer, plan)
         };
-        if let Some(post) = post {
-            trace::event!(DeviceIssued {
-                conn: self.trace().conn,
-                side: self.trace().side,
-                transfer: transfer.id,
-                write: u64::from(write),
-                bytes,
-                batches: u64::from(issued),
-                entered: post.at,
-                asks: u64::from(post.asks),
-                ask_ns: post.ask_ns
-            });
-        }
+        self.trace_issued(post, transfer.id, write, bytes, u64::from(issued));
         Some(Ok(transfer.id))
     }
 
@@ -686,37 +659,47 @@ pub(crate) trait DevicePath: Conn {
         }
     }
 
-    /// Queues the pieces of `routes` through the piece kernel as they are walked, each full list
-    /// launched at once, then one event behind them, and records the batch; a failure to queue
-    /// fails its parts once the copies queued before it finished. Whether a batch is now in flight.
-    fn issue_pieces(
+    /// Queues `copies` (source, destination, length) through the piece kernel as they are walked,
+    /// each full list launched at once, then one event behind them, and records the batch; a
+    /// failure to queue fails its parts once the copies queued before it finished. Whether a batch
+    /// is now in flight.
+    ///
+    /// # Safety
+    /// Every range is device memory that the plan's GPU's kernels address, in a region or mapped
+    /// window that `plan` counts or holds, reserved to its copy until the batch's event fired.
+    unsafe fn issue_pieces(
         &self,
         ipc: &mut IpcState,
         transfer: &Arc<Transfer>,
         plan: Plan,
-        routes: &[Route<'_>],
-        write: bool,
+        mut copies: impl Iterator<Item = (u64, u64, u64)>,
     ) -> bool {
         let gpu = plan.gpu.clone();
         self.issue_with(ipc, transfer, plan, |q| {
             let Some(mut call) = q.piece_call()? else {
                 return Err(Error::backend(format!("the piece kernel of {gpu:?} is not built")));
             };
-            for route in routes {
-                for (l, r, len) in pieces(route.request) {
-                    let (l, mapped) = (l as u64, r.wrapping_add(route.offset));
-                    let (src, dst) = if write { (l, mapped) } else { (mapped, l) };
-                    // SAFETY: every local range lies in a live registration of this engine on the
-                    // issuing GPU (checked at post and not removed, under this connection's lock);
-                    // every remote one in a window of an owner's grant mapped into that GPU's
-                    // context (covered, under the same lock); both addressable by the kernel
-                    // (their region and windows are). The regions stay counted, and the mappings
-                    // held, until the batch's event fired; a failure waits for what was launched.
-                    unsafe { call.push(src, dst, len as u64)? };
-                }
-            }
+            // SAFETY: the caller's contract; a failure waits for what was launched.
+            copies.try_for_each(|(src, dst, len)| unsafe { call.push(src, dst, len) })?;
             call.end()
         })
+    }
+
+    /// Records a traced call's issue.
+    fn trace_issued(&self, post: Option<Post>, transfer: u64, write: bool, bytes: u64, batches: u64) {
+        if let Some(post) = post {
+            trace::event!(DeviceIssued {
+                conn: self.trace().conn,
+                side: self.trace().side,
+                transfer,
+                write: u64::from(write),
+                bytes,
+                batches,
+                entered: post.at,
+                asks: u64::from(post.asks),
+                ask_ns: post.ask_ns
+            });
+        }
     }
 
     /// Queues a plan's copies behind one event and records the batch; a failure to queue fails its
