@@ -14,7 +14,7 @@ mkdir -p "$out"
 cargo build --release --locked -p fake-tcpx
 cargo build --release --locked -p uccl-tcpx-bench --bins
 cargo build --release --locked --example gpu_staging_bw
-cp target/release/libfake_tcpx.so target/release/uccl-tcpx-bench target/release/unpack_bench \
+cp target/release/libfake_tcpx.so target/release/uccl-tcpx-bench target/release/unpack_bench target/release/pieces_bench \
   target/release/examples/gpu_staging_bw "$out/"
 # NCCL over the fake (scripts/gpu_tests.sh runs it from the bundle on a 2-GPU host with PyTorch).
 cp scripts/nccl_over_fake.sh scripts/nccl_over_fake.py "$out/"
@@ -40,5 +40,5 @@ for line in sys.stdin:
   [[ "$name" == gpu_busy ]] && dest="$out/test-fake-gpu-busy"
   cp "$exe" "$dest"
 done
-strip "$out"/test-* "$out"/*.so "$out"/uccl-tcpx-bench "$out"/unpack_bench "$out"/gpu_staging_bw 2>/dev/null || true
+strip "$out"/test-* "$out"/*.so "$out"/uccl-tcpx-bench "$out"/unpack_bench "$out"/pieces_bench "$out"/gpu_staging_bw 2>/dev/null || true
 ls -la "$out"

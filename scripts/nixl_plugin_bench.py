@@ -428,7 +428,10 @@ def breakdown_main(sizes, setups, rounds, bench):
 # random blocks of the other side (make_prepped_xfer with index lists, one notification per
 # request). Every byte is checked: READs by the initiator, WRITEs by the target once their
 # notification is in. Anchor, same run and setup: one descriptor of the same bytes, made and posted
-# the same way. Each cell: time from make_prepped_xfer to DONE.
+# the same way. Each cell: time from make_prepped_xfer to DONE. Each request follows an untimed
+# anchor and its timed anchor follows it, so both find the GPUs and their links busy: after the
+# check's idle (100 ms or more) a copy between two H200s takes about 1.6x as long, and a request
+# timed cold against an anchor timed warm read as the request's own cost (perf-log/kv-same-host.md).
 
 
 def kv_pattern(regions, blocks, block, seed):
@@ -759,6 +762,7 @@ def kv_measure(setup, shape, requests, concurrent=1):
             rows = []
             for i in range(requests + 2):
                 step = kv.draw(op, i, concurrent)
+                kv.anchor(op, step[2][0] + b":0")
                 (start, made, posted, done), cpu, _ = kv.run(op, step)
                 anchor = kv.anchor(op, step[2][0] + b":1")
                 kv.check(op, i, step)

@@ -66,8 +66,9 @@ pub struct PieceCopier {
     /// Pieces the list being filled holds when it is launched.
     launch_at: usize,
     launches: u64,
-    /// Every other launch of a call goes here; `fork` lets it start after what the caller's
-    /// stream held when the call began, `join` lets the caller's stream go on after it.
+    /// Every other launch of a call goes here; `fork`, recorded before the call's first launch,
+    /// lets it start after what the caller's stream held when the call began, `join` lets the
+    /// caller's stream go on after it.
     side: Stream,
     fork: Event,
     join: Event,
@@ -132,7 +133,7 @@ impl PieceCopier {
         self.filling = Some((index, count + 1));
         if count + 1 == self.launch_at {
             // SAFETY: forwarded from the caller.
-            unsafe { self.launch(stream)? };
+            unsafe { self.launch(stream, true)? };
             self.launch_at = (self.launch_at * 2).min(LIST_PIECES);
         }
         Ok(())
@@ -146,7 +147,7 @@ impl PieceCopier {
     /// As for [`push`](Self::push).
     pub unsafe fn finish(&mut self, stream: &Stream) -> Result<()> {
         // SAFETY: forwarded from the caller.
-        unsafe { self.launch(stream)? };
+        unsafe { self.launch(stream, false)? };
         // On an error the caller abandons the call, which waits for the side stream.
         self.join(stream)?;
         self.end_call();
@@ -166,14 +167,21 @@ impl PieceCopier {
         (self.launch_at, self.forked, self.call_launches) = (FIRST_LAUNCH, false, 0);
     }
 
-    unsafe fn launch(&mut self, stream: &Stream) -> Result<()> {
+    /// Launches the list being filled on the call's next stream. `more`: the call goes on, so its
+    /// first launch marks the fork before it goes, and the side stream's first launch need not wait
+    /// for it (marked after it, the side waited for the first launch to end, and 8,192 pieces of 16
+    /// KiB between two H200s went at .83-.86 of one copy against .87-.90, `pieces_bench`).
+    unsafe fn launch(&mut self, stream: &Stream, more: bool) -> Result<()> {
         let Some((index, count)) = self.filling.take() else {
             return Ok(());
         };
         self.call_launches += 1;
+        // A call has a second launch only if its first came from `push`, which marked the fork.
+        if self.call_launches == 1 && more {
+            self.fork.record(stream)?;
+        }
         let stream = if self.call_launches.is_multiple_of(2) {
             if !self.forked {
-                self.fork.record(stream)?;
                 self.side.wait(&self.fork)?;
                 self.forked = true;
             }
