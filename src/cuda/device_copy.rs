@@ -25,8 +25,8 @@ use crate::error::Result;
 /// the piece kernel when every end lies on the issuing GPU. Below, the copies' own launches cost
 /// less than the kernel's launch (one per call, or per list of 16,384 pieces, each about as much
 /// as a copy); larger copies keep the copy engines, which leave the SMs to the user's kernels.
-pub const KERNEL_MIN_COPIES: usize = 4;
-pub const KERNEL_MAX_AVERAGE: usize = 512 << 10;
+const KERNEL_MIN_COPIES: usize = 4;
+const KERNEL_MAX_AVERAGE: usize = 512 << 10;
 
 /// One copy: `len` bytes from `src` to `dst`. An end with a GPU is memory that GPU's kernels
 /// address: its own allocations in this process, or a peer's allocation mapped into its context.
@@ -266,7 +266,7 @@ fn mark(stream: &Stream, spare: &mut Vec<Event>, queued: Result<()>) -> Result<E
 }
 
 /// Whether GPU `ordinal`'s unpack kernel is built; never builds it.
-pub fn kernel_ready(ordinal: i32) -> bool {
+fn kernel_ready(ordinal: i32) -> bool {
     usize::try_from(ordinal).is_ok_and(|o| matches!(UnpackKernels::if_built(o), Some(Ok(_))))
 }
 
@@ -275,6 +275,16 @@ pub fn kernel_ready(ordinal: i32) -> bool {
 /// the engine keeps on the device path for the kernel is one the kernel takes.
 pub fn kernel_takes(here: i32, copies: &[DeviceCopy]) -> bool {
     kernel_fits(here, copies) && kernel_ready(here)
+}
+
+/// Whether `listed` pieces of `bytes` in all, every end already known to be memory that GPU
+/// `here`'s kernels address, go through its piece kernel: as many and as small as `kernel_takes`
+/// asks of copies, the kernel built. The same-host paths that list pieces straight from their
+/// runs ask this.
+pub fn kernel_takes_listed(here: i32, listed: usize, bytes: u64) -> bool {
+    listed >= KERNEL_MIN_COPIES
+        && bytes <= (listed as u64).saturating_mul(KERNEL_MAX_AVERAGE as u64)
+        && kernel_ready(here)
 }
 
 /// Whether `copies` suit the kernel of GPU `here`, built or not: many and small enough, every end

@@ -226,6 +226,7 @@ fn announced(local: &Local) -> u64 {
 pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, listens: &mut Listens) -> Result<Agreement> {
     let nonce = crate::sys::random::random_u64();
     let pending = PendingHello::register(nonce);
+    let transport = local.net.caps().handshake_name();
     let hello = |net_handle| Hello {
         version: crate::proto::PROTOCOL_VERSION,
         capabilities: announced(local),
@@ -235,7 +236,7 @@ pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, listens
         gpu_index: local.gpu_index,
         gpu_id: local.gpu_id.to_owned(),
         requested_gpu: requested_gpu.to_owned(),
-        transport: local.net.caps().handshake_name(),
+        transport: transport.clone(),
         net_handle,
         host: local.host,
     };
@@ -251,13 +252,12 @@ pub fn hello(stream: &mut TcpStream, local: &Local, requested_gpu: &str, listens
                     )),
                 ));
             }
-            let ours = local.net.caps().handshake_name();
-            if w.transport != ours {
+            if w.transport != transport {
                 return Err(refuse(
                     stream,
                     Error::new(
                         UcclStatus::ErrNotSupported,
-                        format!("peer uses transport {:?}, this engine {ours:?}", w.transport),
+                        format!("peer uses transport {:?}, this engine {transport:?}", w.transport),
                     ),
                 ));
             }
@@ -386,6 +386,7 @@ pub fn welcome(
         route: routing.route,
         net: routing.net,
     };
+    let transport = local.net.caps().handshake_name();
     let welcome = |net_handle| Welcome {
         version: crate::proto::PROTOCOL_VERSION,
         capabilities: announced(local),
@@ -393,7 +394,7 @@ pub fn welcome(
         chunk_size: agreed.chunk_size,
         gpu_index: local.gpu_index,
         gpu_id: local.gpu_id.to_owned(),
-        transport: local.net.caps().handshake_name(),
+        transport: transport.clone(),
         net_handle,
         host: local.host,
     };

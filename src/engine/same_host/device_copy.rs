@@ -29,9 +29,7 @@ use super::seam::{Conn, Locked};
 use super::{Locality, peer_connection};
 use crate::config::LocalPeers;
 use crate::cuda::Gpu;
-use crate::cuda::device_copy::{
-    CopyQueue, DeviceCopy, KERNEL_MAX_AVERAGE, KERNEL_MIN_COPIES, kernel_ready, kernel_takes,
-};
+use crate::cuda::device_copy::{CopyQueue, DeviceCopy, kernel_takes, kernel_takes_listed};
 use crate::cuda::ipc::Mapping;
 use crate::cuda::stream::Event;
 use crate::cuda::unpack::addressable;
@@ -328,9 +326,7 @@ pub(crate) trait DevicePath: Conn {
         let here = gpu.ordinal();
         let listed: usize = runs.iter().map(|r| r.pieces.len()).sum();
         let bytes = runs.iter().fold(0u64, |b, r| b.saturating_add(r.bytes));
-        let kernel = kernel_ready(here)
-            && listed >= KERNEL_MIN_COPIES
-            && bytes <= (listed as u64).saturating_mul(KERNEL_MAX_AVERAGE as u64)
+        let kernel = kernel_takes_listed(here, listed, bytes)
             && runs
                 .iter()
                 .all(|r| device_of(&r.region) == Some(here) && addressable(r.region.base as u64, r.region.len as u64));
@@ -545,11 +541,10 @@ pub(crate) trait DevicePath: Conn {
         let inner = &mut guard;
         let here = plan.gpu.ordinal();
         let listed: usize = routes.iter().map(|r| request_pieces(r.request)).sum();
-        let mut kernel = kernel_ready(here) && routes.iter().all(|r| r.kernel);
         let bytes = plan.parts.iter().sum::<u64>();
         // Many small pieces on the issuing GPU go through the piece kernel, listed as they are
         // walked; the rest one copy each, unless too many and too small for that.
-        kernel &= listed >= KERNEL_MIN_COPIES && bytes <= (listed as u64).saturating_mul(KERNEL_MAX_AVERAGE as u64);
+        let kernel = routes.iter().all(|r| r.kernel) && kernel_takes_listed(here, listed, bytes);
         if !kernel {
             let ours = Some(here);
             for route in &routes {
