@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::gpu::PluginGpus;
 use super::loader::{Plugin, rc_text};
 use super::logger::{mark, warning_suffix};
-use super::stage::{Stage, Staging};
+use super::stage::{Stage, StageBudget, Staging};
 use crate::cuda::Gpu;
 use crate::error::{Error, Result, UcclStatus};
 use crate::ncclnet::{
@@ -76,7 +76,7 @@ unsafe impl Send for CommCore {}
 
 impl CommCore {
     pub fn new(plugin: Arc<Plugin>, comm: *mut c_void, shared: CommShared, direction: &'static str) -> Self {
-        let CommShared { props, busy, gpus, test_ahead: _ } = shared;
+        let CommShared { props, busy, gpus, test_ahead: _, stage_budget: _ } = shared;
         CommCore {
             plugin,
             comm,
@@ -362,6 +362,8 @@ pub(super) struct CommShared {
     pub gpus: Arc<PluginGpus>,
     /// Receive comms test the plugin's next receive while earlier ones unpack (`recv.rs`).
     pub test_ahead: bool,
+    /// What the net's send comms keep idle in staging buffers (`stage.rs`).
+    pub stage_budget: Arc<StageBudget>,
 }
 
 struct SendReq {
@@ -386,11 +388,20 @@ pub struct PluginSendComm {
 
 impl PluginSendComm {
     pub(super) fn new(plugin: Arc<Plugin>, comm: *mut c_void, shared: CommShared) -> Self {
+        let staging = Staging::new(shared.stage_budget.clone());
         PluginSendComm {
             core: CommCore::new(plugin, comm, shared, "send"),
             inflight: VecDeque::new(),
             next_id: 0,
-            staging: Staging::default(),
+            staging,
+        }
+    }
+
+    /// Gives a send's staging buffer back: kept for the next, or deregistered and freed past the
+    /// net's bound.
+    fn put_stage(&mut self, stage: Stage) {
+        if let Some(spare) = self.staging.put(stage) {
+            self.core.deregister(MrHandle(spare.key));
         }
     }
 
@@ -444,7 +455,7 @@ impl PluginSendComm {
         if rc != NCCL_SUCCESS || request.is_null() {
             self.core.release(key);
             if let Some(stage) = stage {
-                self.staging.put(stage);
+                self.put_stage(stage);
             }
             if rc != NCCL_SUCCESS {
                 return Err(self.core.fail(plugin_error("isend", rc, since)));
@@ -522,7 +533,7 @@ impl SendComm for PluginSendComm {
         self.core.release(head.mr);
         self.core.count(-1);
         if let Some(stage) = head.stage {
-            self.staging.put(stage);
+            self.put_stage(stage);
         }
         Ok(Some(head.len))
     }

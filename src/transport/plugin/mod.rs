@@ -39,6 +39,7 @@ use self::comm::{CommShared, PluginSendComm, plugin_error};
 use self::gpu::PluginGpus;
 pub use self::loader::Plugin;
 use self::recv::PluginRecvComm;
+use self::stage::StageBudget;
 use self::unpack::UnpackView;
 use super::{Caps, ListenComm, Net, NetHandle, Properties, RecvComm, SendComm};
 use crate::config::Config;
@@ -81,6 +82,8 @@ pub struct PluginNet {
     /// Receive comms test the plugin's next receive while earlier ones unpack
     /// (`UCCL_TCPX_PLUGIN_TEST_AHEAD`).
     test_ahead: bool,
+    /// What the send comms keep idle in staging buffers (`UCCL_TCPX_STAGING_POOL`).
+    stage_budget: Arc<StageBudget>,
 }
 
 impl PluginNet {
@@ -94,7 +97,8 @@ impl PluginNet {
             config.transport,
             config.gpu,
         )?;
-        let net = PluginNet::with_plugin(plugin, config.net_devices.as_deref(), gpu_pci_path)?;
+        let mut net = PluginNet::with_plugin(plugin, config.net_devices.as_deref(), gpu_pci_path)?;
+        net.stage_budget = StageBudget::new(config.staging.pool as usize, stage::CALM);
         Ok(net.with_test_ahead(config.plugin_test_ahead))
     }
 
@@ -140,6 +144,7 @@ impl PluginNet {
             connects: Mutex::default(),
             gpus: Arc::default(),
             test_ahead: true,
+            stage_budget: StageBudget::new(crate::config::StagingConfig::default().pool as usize, stage::CALM),
         };
         if let Some(path) = gpu_pci_path {
             net.pair("the given GPU", Some(path));
@@ -190,7 +195,13 @@ impl PluginNet {
     }
 
     fn shared(&self, props: Properties) -> CommShared {
-        CommShared { props, busy: self.busy.clone(), gpus: self.gpus.clone(), test_ahead: self.test_ahead }
+        CommShared {
+            props,
+            busy: self.busy.clone(),
+            gpus: self.gpus.clone(),
+            test_ahead: self.test_ahead,
+            stage_budget: self.stage_budget.clone(),
+        }
     }
 
     fn device(&self, dev: usize) -> Result<&Properties> {
@@ -385,6 +396,7 @@ impl ListenComm for PluginListen {
             busy: self.shared.busy.clone(),
             gpus: self.shared.gpus.clone(),
             test_ahead: self.shared.test_ahead,
+            stage_budget: self.shared.stage_budget.clone(),
         };
         let mut comm = PluginRecvComm::new(self.plugin.clone(), recv_comm, shared);
         // Dropping `comm` on an error below closes it: nothing is in flight yet.

@@ -11,8 +11,18 @@
 //! (a power of two, at most one request's [`MAX_MESSAGE`]); one is taken per vectored send in
 //! flight and comes back when the plugin reports it done, so a comm holds at most as many as it
 //! has sends in flight (and one per smaller size class seen), each about a chunk.
+//!
+//! What the comms of one net keep idle between sends is bounded by [`StageBudget`]
+//! (`UCCL_TCPX_STAGING_POOL` bytes), whatever the number of connections: a buffer given back past
+//! the bound is deregistered and freed, but not while comms still make buffers (for [`CALM`] after
+//! the last one was made), since a load wider than the bound would otherwise register a buffer
+//! for every send (on TCPX a dma-buf import, milliseconds).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use std::ffi::c_void;
 
@@ -59,6 +69,52 @@ impl Stage {
     }
 }
 
+/// How long after a comm of the net made a buffer nothing given back is freed (as the socket path's
+/// ring pool waits before it frees past its bound).
+pub(super) const CALM: Duration = Duration::from_secs(5);
+
+/// The idle staging buffers of one net's send comms: their bytes, against the bound (read and
+/// added without a lock: comms giving back at the same moment may keep a buffer past it).
+pub(super) struct StageBudget {
+    keep: usize,
+    calm: Duration,
+    idle: AtomicUsize,
+    /// When a comm last made a buffer.
+    made: Mutex<Option<Instant>>,
+}
+
+impl StageBudget {
+    pub fn new(keep: usize, calm: Duration) -> Arc<StageBudget> {
+        Arc::new(StageBudget { keep, calm, idle: AtomicUsize::new(0), made: Mutex::new(None) })
+    }
+
+    /// Bytes of buffers kept idle now.
+    #[cfg(test)]
+    pub fn idle(&self) -> usize {
+        self.idle.load(Ordering::Relaxed)
+    }
+
+    fn made(&self, now: Instant) {
+        *self.made.lock() = Some(now);
+    }
+
+    /// Whether a buffer of `len` given back at `now` is kept (and counted): within the bound, or
+    /// while comms still make buffers.
+    fn keeps(&self, len: usize, now: Instant) -> bool {
+        let busy = self.made.lock().is_some_and(|at| now.saturating_duration_since(at) < self.calm);
+        let fits = self.idle.load(Ordering::Relaxed).saturating_add(len) <= self.keep;
+        if fits || busy {
+            self.idle.fetch_add(len, Ordering::Relaxed);
+        }
+        fits || busy
+    }
+
+    /// A kept buffer in use again, or gone with its comm.
+    fn left(&self, len: usize) {
+        self.idle.fetch_sub(len, Ordering::Relaxed);
+    }
+}
+
 /// The device pieces' gather: the GPU, its stream and the kernel.
 struct DeviceGather {
     gpu: Arc<Gpu>,
@@ -69,21 +125,28 @@ struct DeviceGather {
 /// Registers memory with the comm: address, length and kind in, the registration's key out.
 pub(super) type Register<'a> = &'a mut dyn FnMut(usize, usize, MemKind) -> Result<usize>;
 
-#[derive(Default)]
 pub(super) struct Staging {
     free: Vec<Stage>,
     gather: Option<DeviceGather>,
+    budget: Arc<StageBudget>,
 }
 
 impl Staging {
+    pub fn new(budget: Arc<StageBudget>) -> Staging {
+        Staging { free: Vec::new(), gather: None, budget }
+    }
+
     /// A buffer of `kind` memory holding at least `len` bytes, registered with the comm by
     /// `register` (address, length, kind: the registration's key): a free one, or a new one. Free
     /// ones too small stay for smaller chunks: a comm's chunks come in one size but a flow's
     /// last, so few are ever made.
     fn take(&mut self, register: Register<'_>, kind: MemKind, len: usize) -> Result<Stage> {
         if let Some(i) = self.free.iter().position(|s| s.kind() == kind && s.len >= len) {
-            return Ok(self.free.swap_remove(i));
+            let stage = self.free.swap_remove(i);
+            self.budget.left(stage.len);
+            return Ok(stage);
         }
+        self.budget.made(Instant::now());
         let size = len.next_power_of_two().clamp(MIN_STAGE, MAX_MESSAGE);
         let memory = match kind {
             MemKind::Host => Memory::Host(vec![0u8; size].into_boxed_slice()),
@@ -94,9 +157,15 @@ impl Staging {
         Ok(stage)
     }
 
-    /// Gives a buffer back once the send that used it is done.
-    pub fn put(&mut self, stage: Stage) {
-        self.free.push(stage);
+    /// Gives a buffer back once the send that used it is done: kept for the next send, or handed
+    /// back past the net's bound for the caller to deregister and drop.
+    #[must_use]
+    pub fn put(&mut self, stage: Stage) -> Option<Stage> {
+        if self.budget.keeps(stage.len, Instant::now()) {
+            self.free.push(stage);
+            return None;
+        }
+        Some(stage)
     }
 
     /// A buffer of `into` memory holding the pieces of `iov`, `kind` memory all, side by side:
@@ -194,5 +263,38 @@ impl Staging {
             self.gather = Some(DeviceGather { gpu: gpu.clone(), stream, copier });
         }
         Ok(self.gather.as_mut().expect("set above"))
+    }
+}
+
+impl Drop for Staging {
+    /// The comm's idle buffers leave the net's count; their registrations go with the comm.
+    fn drop(&mut self) {
+        for stage in &self.free {
+            self.budget.left(stage.len);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Within the bound a buffer given back is kept; past it, only while a comm made one less than
+    /// the calm ago; what leaves (taken again, or gone with its comm) leaves the count.
+    #[test]
+    fn buffers_past_the_bound_go_once_no_comm_made_one_for_the_calm() {
+        let calm = Duration::from_secs(5);
+        let budget = StageBudget::new(100, calm);
+        let t0 = Instant::now();
+        assert!(budget.keeps(60, t0), "within the bound");
+        assert!(!budget.keeps(60, t0), "past it, and no comm ever made one");
+        assert_eq!(budget.idle(), 60, "what went is not counted");
+        budget.made(t0);
+        assert!(budget.keeps(60, t0 + calm / 2), "past the bound, a comm made one lately");
+        assert_eq!(budget.idle(), 120);
+        assert!(!budget.keeps(60, t0 + calm), "past the bound and calm");
+        budget.left(60);
+        assert!(budget.keeps(40, t0 + calm), "room again once one left");
+        assert_eq!(budget.idle(), 100);
     }
 }

@@ -3,6 +3,7 @@
 
 use super::gpu::BatchUnpack;
 use super::mock;
+use super::stage::StageBudget;
 use super::*;
 use crate::error::UcclStatus;
 use crate::transport::{IoSeg, MemKind, MrHandle, MrRun, RequestId};
@@ -555,6 +556,45 @@ fn a_vector_of_pieces_is_one_request_scattered_into_its_pieces() {
         let mut dst = vec![0xA5u8; lens.len() * stride_r];
         vectored_round(&mut l, &src, &table_s, &mut dst, &table_r, MemKind::Host);
     }
+    no_violations(l.pair);
+}
+
+/// A send comm's staging buffers are bounded by its net, whatever the number of comms: within the
+/// bound a vectored send's buffer is kept and the next send takes it (no second registration);
+/// past it and calm, it is deregistered and freed as its send completes, and the next send makes
+/// one again. A comm's kept buffers leave the net's count with the comm.
+#[test]
+fn staging_kept_between_vectored_sends_is_bounded_per_net() {
+    let table = block_table(64, 64, 48, 5);
+    let src = pattern(64 * 64, 3);
+    let mut dst = vec![0u8; 64 * 64];
+    let regs = |pair| (calls(pair, "regMr"), calls(pair, "deregMr"));
+
+    let kept = net();
+    let mut l = link(&kept);
+    for round in 0..3 {
+        let before = regs(l.pair);
+        vectored_round(&mut l, &src, &table, &mut dst, &table, MemKind::Host);
+        let (made, freed) = (regs(l.pair).0 - before.0, regs(l.pair).1 - before.1);
+        // Each round registers and deregisters the caller's two regions; the first one the stage.
+        assert_eq!((made, freed), (2 + usize::from(round == 0), 2), "round {round}");
+        assert!(kept.stage_budget.idle() > 0, "the buffer is kept");
+    }
+    no_violations(l.pair);
+    drop(l);
+    assert_eq!(kept.stage_budget.idle(), 0, "a closed comm's buffers leave the count");
+
+    let mut bounded = net();
+    bounded.stage_budget = StageBudget::new(0, std::time::Duration::ZERO);
+    let mut l = link(&bounded);
+    for round in 0..3 {
+        let before = regs(l.pair);
+        vectored_round(&mut l, &src, &table, &mut dst, &table, MemKind::Host);
+        let (made, freed) = (regs(l.pair).0 - before.0, regs(l.pair).1 - before.1);
+        assert_eq!((made, freed), (3, 3), "round {round}: the stage made, and freed as its send completed");
+        assert_eq!(bounded.stage_budget.idle(), 0);
+    }
+    mock::pair(l.pair, |p| assert_eq!(p.live_mrs, 0, "nothing left registered"));
     no_violations(l.pair);
 }
 
