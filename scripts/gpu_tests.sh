@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the GPU test suite from a folder made by scripts/gpu_bundle.sh, on a host with a CUDA driver:
-# every test binary, then NCCL over the fake NIC (nccl_over_fake.sh: a GPU and PyTorch; on a host
+# every test binary, the piece copier between two GPUs (on 2+ GPUs), then NCCL over the fake NIC (nccl_over_fake.sh: a GPU and PyTorch; on a host
 # with no GPU it reports itself skipped). Everything runs even if an earlier step failed;
 # the exit status says whether all passed.
 #
@@ -31,6 +31,16 @@ for t in "${tests[@]}"; do
   fi
 done
 skipped=()
+# The piece copier between two GPUs, its side stream and lists included (8,192 pieces: three
+# launches), in one process and through CUDA IPC: every layout's bytes are checked first.
+echo "======== pieces-two-gpus"
+if (($(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | wc -l) >= 2)); then
+  for ipc in "" --ipc; do
+    "$bundle/pieces_bench" --pieces 8192 --blocks 16384 --reps 1 $ipc 2>&1 || failed+=("pieces_bench${ipc:+ $ipc}")
+  done
+else
+  skipped+=(pieces-two-gpus)
+fi
 echo "======== nccl-over-fake"
 nccl_test="$bundle/nccl_over_fake.sh"
 [[ -f "$nccl_test" ]] || nccl_test="$scripts/nccl_over_fake.sh"
