@@ -725,6 +725,11 @@ class KvInitiator(KvAgent):
     def anchor(self, op, tag):
         return self.anchor_to(op, self.peer, tag)
 
+    def warm(self, op, i):
+        """An untimed anchor just before step `i`, which then finds the GPUs busy as the anchors
+        timed alone did (the KV case's note above)."""
+        self.anchor(op, f"{op}:warm:{i}".encode())
+
     def check(self, op, i, step):
         """Every byte of a step's requests: READs' here, WRITEs' at the target once their notification
         is in."""
@@ -866,12 +871,14 @@ def kv_member(pipe, barrier, requests, params, make, *args):
 
 
 def kv_load(m, op, requests, barrier):
-    """Member `m`'s steps of `op`: each drawn (`m.draw`), then from the barrier the members share,
-    run and checked (`m.step`, whose answers these are), `requests` after two untimed."""
+    """Member `m`'s steps of `op`: each drawn (`m.draw`) and warmed (`m.warm`), then from the barrier
+    the members share, run and checked (`m.step`, whose answers these are), `requests` after two
+    untimed."""
     m.begin(op)
     got = []
     for i in range(requests + 2):
         step = m.draw(op, i)
+        m.warm(op, i)
         try:
             barrier.wait(KV_WAIT_S)
         except threading.BrokenBarrierError:
@@ -1123,6 +1130,10 @@ class KvA2aAgent(KvAgent):
             regions, blocks, block, _ = self.shape
             self.sources[s] = kv_pattern(regions, blocks, block, a2a_seed(s)).reshape(-1, block)
         return self.sources[s]
+
+    def warm(self, op, i):
+        """An untimed anchor to one other agent just before step `i` (as `KvInitiator.warm`)."""
+        self.anchor_to(op, self.peers[self.others[0]], f"{op}:warm:{i}:{self.k}".encode())
 
     def alone(self, op, requests):
         """Its anchor to each other agent in turn, `requests` times after two untimed: [[seconds to
