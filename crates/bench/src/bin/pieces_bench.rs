@@ -19,6 +19,10 @@ use uccl_tcpx::internal::cuda::stream::Stream;
 use uccl_tcpx::internal::cuda::unpack::UnpackKernels;
 use uccl_tcpx::internal::cuda::{DeviceBuffer, Gpu};
 
+#[path = "../kernel_bench.rs"]
+mod kernel_bench;
+use kernel_bench::{Rng, check, fail};
+
 #[derive(Parser)]
 #[command(name = "pieces_bench")]
 struct Options {
@@ -53,35 +57,6 @@ struct Options {
     /// them (the GPU's clocks may fall while it idles)
     #[arg(long, default_value_t = 0)]
     gap_us: u64,
-}
-
-fn fail(msg: &str) -> ! {
-    eprintln!("pieces_bench: {msg}");
-    std::process::exit(1)
-}
-
-fn check<T, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> T {
-    r.unwrap_or_else(|e| fail(&format!("{what}: {e}")))
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    /// `n` distinct values below `of`, in random order.
-    fn pick(&mut self, n: usize, of: usize) -> Vec<usize> {
-        let mut all: Vec<usize> = (0..of).collect();
-        for i in 0..n {
-            let j = i + (self.next() % (of - i) as u64) as usize;
-            all.swap(i, j);
-        }
-        all.truncate(n);
-        all
-    }
 }
 
 /// Median, min and max of microsecond samples.
@@ -163,6 +138,11 @@ fn main() {
         fail("need pieces > 0, size > 0, blocks >= pieces and a multiple of regions");
     }
     let span = o.blocks * o.size;
+    // SAFETY: only tries to dlopen the driver's names; nothing in it is called, so a fork may follow.
+    if !unsafe { sys::is_culib_present() } {
+        println!("SKIPPED: no CUDA driver");
+        return;
+    }
     // The owner first: a fork must come before this process's first CUDA call.
     let ipc = (o.ipc && o.peer != o.gpu).then(|| ipc_end(o.peer, span));
     if !uccl_tcpx::internal::cuda::available() {
@@ -315,18 +295,26 @@ fn main() {
     }
 }
 
+/// `n` distinct values below `of`, in random order.
+fn pick(rng: &mut Rng, n: usize, of: usize) -> Vec<usize> {
+    let mut all: Vec<usize> = (0..of).collect();
+    rng.shuffle(&mut all);
+    all.truncate(n);
+    all
+}
+
 /// Source and destination block numbers of a request of `layout`.
 fn table(layout: &str, o: &Options, rng: &mut Rng) -> (Vec<usize>, Vec<usize>) {
     match layout {
         "side" => ((0..o.pieces).collect(), (0..o.pieces).collect()),
-        "random" => (rng.pick(o.pieces, o.blocks), rng.pick(o.pieces, o.blocks)),
+        "random" => (pick(rng, o.pieces, o.blocks), pick(rng, o.pieces, o.blocks)),
         _ => {
             let (per, each) = (o.blocks / o.regions, o.pieces.div_ceil(o.regions));
             let (mut from, mut to) = (Vec::new(), Vec::new());
             for r in 0..o.regions {
                 let n = each.min(o.pieces - from.len()).min(per);
-                from.extend(rng.pick(n, per).into_iter().map(|b| r * per + b));
-                to.extend(rng.pick(n, per).into_iter().map(|b| r * per + b));
+                from.extend(pick(rng, n, per).into_iter().map(|b| r * per + b));
+                to.extend(pick(rng, n, per).into_iter().map(|b| r * per + b));
             }
             (from, to)
         }

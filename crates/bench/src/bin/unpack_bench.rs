@@ -22,6 +22,10 @@ use uccl_tcpx::internal::cuda::unpack::{
 };
 use uccl_tcpx::internal::ncclnet::LoadMeta;
 
+#[path = "../kernel_bench.rs"]
+mod kernel_bench;
+use kernel_bench::{Rng, check, fail};
+
 /// GPU unpack kernel against a device memcpy and an NCCL-style unpack, then the latency a 512 KiB
 /// receive adds.
 #[derive(Parser)]
@@ -37,33 +41,6 @@ struct Options {
 
 const POOL_BYTES: usize = 256 << 20;
 const CHUNK: usize = 512 << 10;
-
-fn fail(msg: &str) -> ! {
-    eprintln!("unpack_bench: {msg}");
-    std::process::exit(1)
-}
-
-fn check<T, E: std::fmt::Debug>(what: &str, r: Result<T, E>) -> T {
-    r.unwrap_or_else(|e| fail(&format!("{what}: {e:?}")))
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, self.below(i + 1));
-        }
-    }
-}
 
 struct DeviceBuffer(sys::CUdeviceptr);
 impl DeviceBuffer {
