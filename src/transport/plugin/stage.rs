@@ -19,10 +19,8 @@
 //! for every send (on TCPX a dma-buf import, milliseconds).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-
-use parking_lot::Mutex;
 
 use std::ffi::c_void;
 
@@ -79,13 +77,22 @@ pub(super) struct StageBudget {
     keep: usize,
     calm: Duration,
     idle: AtomicUsize,
-    /// When a comm last made a buffer.
-    made: Mutex<Option<Instant>>,
+    /// Since `epoch`, in nanoseconds, when a comm last made a buffer (`NEVER`: none yet): an atomic,
+    /// as every send comm of the net gives buffers back on its completions.
+    made: AtomicU64,
+    epoch: Instant,
 }
+
+const NEVER: u64 = u64::MAX;
 
 impl StageBudget {
     pub fn new(keep: usize, calm: Duration) -> Arc<StageBudget> {
-        Arc::new(StageBudget { keep, calm, idle: AtomicUsize::new(0), made: Mutex::new(None) })
+        let (idle, made, epoch) = (AtomicUsize::new(0), AtomicU64::new(NEVER), Instant::now());
+        Arc::new(StageBudget { keep, calm, idle, made, epoch })
+    }
+
+    fn since_epoch(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_nanos() as u64
     }
 
     /// Bytes of buffers kept idle now.
@@ -95,18 +102,22 @@ impl StageBudget {
     }
 
     fn made(&self, now: Instant) {
-        *self.made.lock() = Some(now);
+        self.made.store(self.since_epoch(now), Ordering::Relaxed);
     }
 
     /// Whether a buffer of `len` given back at `now` is kept (and counted): within the bound, or
     /// while comms still make buffers.
     fn keeps(&self, len: usize, now: Instant) -> bool {
-        let busy = self.made.lock().is_some_and(|at| now.saturating_duration_since(at) < self.calm);
-        let fits = self.idle.load(Ordering::Relaxed).saturating_add(len) <= self.keep;
-        if fits || busy {
+        let fits = || self.idle.load(Ordering::Relaxed).saturating_add(len) <= self.keep;
+        let busy = || {
+            let made = self.made.load(Ordering::Relaxed);
+            made != NEVER && self.since_epoch(now).saturating_sub(made) < self.calm.as_nanos() as u64
+        };
+        let kept = fits() || busy();
+        if kept {
             self.idle.fetch_add(len, Ordering::Relaxed);
         }
-        fits || busy
+        kept
     }
 
     /// A kept buffer in use again, or gone with its comm.
