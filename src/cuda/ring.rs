@@ -289,7 +289,7 @@ impl StagingRing {
     {
         self.check_len(len)?;
         let segs = segs.into_iter();
-        let total = segs.clone().try_fold(0usize, |sum, (_, n)| sum.checked_add(n));
+        let (total, addressable) = measure(segs.clone());
         if total != Some(len) {
             return Err(Error::invalid(format!(
                 "staging segments add up to {total:?} bytes, not the {len} they were announced with"
@@ -300,7 +300,7 @@ impl StagingRing {
         lane.gpu().bind()?;
         let index = slot % lane.streams.len();
         let many = segs.len() >= 2;
-        if use_kernel(lane, gather, slot_size, segs.clone(), len)
+        if use_kernel(lane, gather, slot_size, (segs.len(), len), addressable)
             && let Built::Ready(kernel) = &mut lane.kernel
         {
             // SAFETY: the caller vouches for the segments and the taken slot, which holds
@@ -357,7 +357,7 @@ impl StagingRing {
     {
         self.check_len(len)?;
         let segs = segs.into_iter();
-        let total = segs.clone().try_fold(0usize, |sum, (_, n)| sum.checked_add(n));
+        let (total, addressable) = measure(segs.clone());
         if total.is_some_and(|t| t < len) {
             return Err(Error::invalid(format!(
                 "{len} staged bytes cannot be scattered into segments of {total:?} bytes"
@@ -368,7 +368,7 @@ impl StagingRing {
         lane.gpu().bind()?;
         let index = slot % lane.streams.len();
         let many = segs.len() >= 2;
-        if use_kernel(lane, gather, slot_size, segs.clone(), len)
+        if use_kernel(lane, gather, slot_size, (segs.len(), len), addressable)
             && let Built::Ready(kernel) = &mut lane.kernel
         {
             // SAFETY: the caller vouches for the segments and the slot's final bytes; `len` is at
@@ -429,19 +429,31 @@ impl StagingRing {
     }
 }
 
-/// Whether the segments `segs` of a `len`-byte chunk go through `lane`'s kernel: the mode wants it
-/// for them, a tile can name every one, and the kernel is built. The ring is used under its
-/// connection's lock, which NVRTC would hold for hundreds of milliseconds: the engine builds the
-/// kernel when it registers the GPU's memory, and chunks take one copy per segment until it is
-/// there.
+/// A chunk's segments in one pass: their total length (`None` past `usize`) and whether the
+/// kernel can address every one of them.
+fn measure(segs: impl Iterator<Item = (usize, usize)>) -> (Option<usize>, bool) {
+    let (mut total, mut all) = (Some(0usize), true);
+    for (addr, len) in segs {
+        total = total.and_then(|t| t.checked_add(len));
+        all &= addressable(addr as u64, len as u64);
+    }
+    (total, all)
+}
+
+/// Whether a chunk of `count` segments and `len` bytes goes through `lane`'s kernel: the mode
+/// wants it for them, a tile can name every one (`addressable`), and the kernel is built. The ring
+/// is used under its connection's lock, which NVRTC would hold for hundreds of milliseconds: the
+/// engine builds the kernel when it registers the GPU's memory, and chunks take one copy per
+/// segment until it is there.
 fn use_kernel(
     lane: &mut Lane,
     gather: StagingGather,
     slot_size: usize,
-    mut segs: impl ExactSizeIterator<Item = (usize, usize)>,
-    len: usize,
+    chunk: (usize, usize),
+    addressable: bool,
 ) -> bool {
-    if !wants_kernel(gather, segs.len(), len) || !segs.all(|(a, n)| addressable(a as u64, n as u64)) {
+    let (count, len) = chunk;
+    if !wants_kernel(gather, count, len) || !addressable {
         return false;
     }
     let waiting = matches!(lane.kernel, Built::Waiting);

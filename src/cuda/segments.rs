@@ -178,9 +178,7 @@ impl TileCopier {
     pub unsafe fn copy(&mut self, stream: &Stream, runs: impl Iterator<Item = (u64, u64, u64)>) -> Result<()> {
         // SAFETY: forwarded from the caller.
         self.call(|copier| unsafe {
-            for run in merged(runs.map(|(src, dst, len)| Run { src, dst, len })) {
-                copier.push_run(stream, run)?;
-            }
+            copier.push_runs(stream, merged(runs.map(|(src, dst, len)| Run { src, dst, len })))?;
             copier.launch(stream)
         })
     }
@@ -197,20 +195,42 @@ impl TileCopier {
         queued
     }
 
-    /// Cuts the run's tiles into the call's parameters or mapped list, as many at a time as they
-    /// have room for, making room (a launch, a move to a list) whenever they are full.
-    unsafe fn push_run(&mut self, stream: &Stream, mut run: Run) -> Result<()> {
-        while run.len > 0 {
+    /// Cuts the runs' tiles into the call's parameters or mapped list, as many at a time as they
+    /// have room for, making room (a launch, a move to a list) whenever they are full. Room is
+    /// asked for once per block it fills, not per run: a staged chunk of 512 B blocks is 4,096
+    /// runs, whose gather took 40-100 us on an H200 host's thread, under its connection's lock.
+    unsafe fn push_runs(&mut self, stream: &Stream, runs: impl Iterator<Item = Run>) -> Result<()> {
+        let mut runs = runs.filter(|r| r.len > 0).peekable();
+        while runs.peek().is_some() {
             // SAFETY: forwarded from the caller.
             let room = unsafe { self.room(stream)? };
-            let (tiles, bytes) = cut_run(room, run.src, run.dst, run.len);
-            match &mut self.filling {
-                Some((_, count)) => *count += tiles,
-                None => self.params.count += tiles as u32,
+            let mut used = 0;
+            while let Some(run) = runs.peek_mut() {
+                let (tiles, bytes) = cut_run(&mut room[used..], run.src, run.dst, run.len);
+                used += tiles;
+                if bytes < run.len {
+                    // The room is full; the rest of the run goes to the next.
+                    *run = Run { src: run.src + bytes, dst: run.dst + bytes, len: run.len - bytes };
+                    break;
+                }
+                runs.next();
+                if used == room.len() {
+                    break;
+                }
             }
-            run = Run { src: run.src + bytes, dst: run.dst + bytes, len: run.len - bytes };
+            match &mut self.filling {
+                Some((_, count)) => *count += used,
+                None => self.params.count += used as u32,
+            }
         }
         Ok(())
+    }
+
+    /// [`push_runs`](Self::push_runs) of one run.
+    #[cfg(test)]
+    unsafe fn push_run(&mut self, stream: &Stream, run: Run) -> Result<()> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.push_runs(stream, std::iter::once(run)) }
     }
 
     /// Where the call's next tiles go, with room for one at least: what is left of the list being
@@ -370,9 +390,7 @@ impl SegmentKernel {
         let bounce = self.bounce_for(index, len)?;
         // SAFETY: forwarded from the caller.
         self.tiles.call(|copier| unsafe {
-            for run in gather_runs(bounce, segs) {
-                copier.push_run(stream, run)?;
-            }
+            copier.push_runs(stream, gather_runs(bounce, segs))?;
             copier.launch(stream)
         })?;
         check(
@@ -408,9 +426,7 @@ impl SegmentKernel {
         )?;
         // SAFETY: forwarded from the caller.
         self.tiles.call(|copier| unsafe {
-            for run in scatter_runs(bounce, len, segs) {
-                copier.push_run(stream, run)?;
-            }
+            copier.push_runs(stream, scatter_runs(bounce, len, segs))?;
             copier.launch(stream)
         })
     }

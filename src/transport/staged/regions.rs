@@ -189,12 +189,7 @@ impl Staging {
                 None => return Err(Error::invalid(format!("memory registration {} is unknown to this comm", mr.0))),
                 Some(&Registered::Host { inner }) => return Ok(Route::Direct(inner)),
                 Some(&Registered::Device { base, len: region_len, device }) => {
-                    let inside = addr >= base && addr.checked_add(len).is_some_and(|end| end <= base + region_len);
-                    if !inside {
-                        return Err(Error::invalid(format!(
-                            "buffer [{addr:#x}, +{len}) lies outside its GPU registration [{base:#x}, +{region_len})"
-                        )));
-                    }
+                    inside(addr, len, base, region_len)?;
                     device
                 }
             }
@@ -208,6 +203,31 @@ impl Staging {
         Ok(Route::Staged(device))
     }
 
+    /// How a run of segments posted with `mr` travels: as its first one, the others checked
+    /// against the same registration, looked up once a run (a chunk of 512 B blocks is 4,096
+    /// segments). A host registration's segments are not checked: the inner comm checks nothing
+    /// per segment either. Without a handle each segment's own pointer says.
+    fn route_run(&mut self, mr: MrHandle, segs: &[IoSeg]) -> Result<Route> {
+        let route = self.route(mr, segs[0].addr, segs[0].len)?;
+        let registered = self.position(mr).map(|at| &self.registered[at].1);
+        match (mr, registered) {
+            (MrHandle::NONE, _) => {
+                for seg in &segs[1..] {
+                    if self.route(mr, seg.addr, seg.len)? != route {
+                        return Err(mixed());
+                    }
+                }
+            }
+            (_, Some(&Registered::Device { base, len, .. })) => {
+                for seg in &segs[1..] {
+                    inside(seg.addr, seg.len, base, len)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(route)
+    }
+
     /// How the segments of a vectored request posted with `mrs` travel: all of them the same way,
     /// in one slot when staged (on the GPU of all of them). Host segments go straight to the inner
     /// comm, whose handles for their runs are left in `inner`.
@@ -219,16 +239,7 @@ impl Staging {
         for run in mrs {
             let segs = &iov[at..at + run.segs];
             at += run.segs;
-            let route = self.route(run.mr, segs[0].addr, segs[0].len)?;
-            // A host registration: the inner comm checks nothing per segment either.
-            let checked = matches!(route, Route::Direct(_)) && run.mr != MrHandle::NONE;
-            if !checked {
-                for seg in &segs[1..] {
-                    if self.route(run.mr, seg.addr, seg.len)? != route {
-                        return Err(mixed());
-                    }
-                }
-            }
+            let route = self.route_run(run.mr, segs)?;
             match (routed, route) {
                 (None, _) | (Some(Route::Direct(_)), Route::Direct(_)) => {}
                 (Some(Route::Staged(a)), Route::Staged(b)) if a == b => {}
@@ -346,6 +357,16 @@ fn position(registered: &[(usize, Registered)], mr: MrHandle) -> Option<usize> {
     registered[..most].binary_search_by_key(&mr.0, |&(handle, _)| handle).ok()
 }
 
+/// `[addr, addr + len)` within the GPU registration `[base, base + region_len)`.
+fn inside(addr: usize, len: usize, base: usize, region_len: usize) -> Result<()> {
+    if addr >= base && addr.checked_add(len).is_some_and(|end| end <= base + region_len) {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "buffer [{addr:#x}, +{len}) lies outside its GPU registration [{base:#x}, +{region_len})"
+    )))
+}
+
 fn mixed() -> Error {
     Error::invalid("the segments of one request lie in host memory and GPU memory, or on two GPUs")
 }
@@ -374,5 +395,42 @@ mod tests {
         }
         assert_eq!(position(&[], MrHandle(1)), None);
         assert_eq!(found(&[host(5)], 4), None, "below the first handle");
+    }
+
+    #[test]
+    fn every_segment_of_a_run_lies_in_its_registration() {
+        let mut staging = Staging::new(Setup::new(super::super::StagingParams::new(4 << 20, 4), 16));
+        let (base, len) = (0x10_0000, 0x80_0000);
+        staging.registered = vec![(1, Registered::Device { base, len, device: 3 }), host(2)];
+        staging.next_handle = 3;
+        let seg = |addr, len| IoSeg { addr, len };
+        let (mut inner, gpu, host_mr) = (Vec::new(), MrHandle(1), MrHandle(2));
+        // 4,096 blocks of 512 B, 1 KiB apart: staged on the registration's GPU.
+        let blocks: Vec<_> = (0..4096).map(|i| seg(base + i * 1024, 512)).collect();
+        let route = staging.route_segments(&[MrRun { segs: blocks.len(), mr: gpu }], &blocks, &mut inner);
+        assert_eq!(route.unwrap(), Route::Staged(3));
+        // One block past the end, anywhere in the run, refuses the request.
+        for at in [1, 2000, 4095] {
+            let mut bad = blocks.clone();
+            bad[at] = seg(base + len - 256, 512);
+            let err = staging.route_segments(&[MrRun { segs: bad.len(), mr: gpu }], &bad, &mut inner).unwrap_err();
+            assert!(err.to_string().contains("outside its GPU registration"), "{err}");
+            bad[at] = seg(base - 512, 512);
+            assert!(staging.route_segments(&[MrRun { segs: bad.len(), mr: gpu }], &bad, &mut inner).is_err());
+        }
+        // A run of the host registration goes straight through with its inner handle; mixing it
+        // with a staged run is refused.
+        let host_segs = [seg(0x9000_0000, 64), seg(0x9000_1000, 64)];
+        let route = staging.route_segments(&[MrRun { segs: 2, mr: host_mr }], &host_segs, &mut inner).unwrap();
+        assert_eq!(
+            (route, inner.as_slice()),
+            (Route::Direct(MrHandle(20)), &[MrRun { segs: 2, mr: MrHandle(20) }][..])
+        );
+        let both = [blocks[0], host_segs[0]];
+        let runs = [MrRun { segs: 1, mr: gpu }, MrRun { segs: 1, mr: host_mr }];
+        assert!(staging.route_segments(&runs, &both, &mut inner).is_err());
+        // A chunk larger than a slot (4 MiB here) is refused.
+        let big: Vec<_> = (0..3).map(|i| seg(base + i * (2 << 20), 2 << 20)).collect();
+        assert!(staging.route_segments(&[MrRun { segs: 3, mr: gpu }], &big, &mut inner).is_err());
     }
 }
