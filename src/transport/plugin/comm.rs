@@ -355,6 +355,7 @@ pub(super) fn out_of_order(req: RequestId, oldest: Option<u64>, what: &str) -> E
 }
 
 /// What a comm gets from the net that made it.
+#[derive(Clone)]
 pub(super) struct CommShared {
     pub props: Properties,
     /// Requests outstanding on every comm of the net.

@@ -391,13 +391,7 @@ impl ListenComm for PluginListen {
             return Ok(None);
         }
         self.state = AcceptState::Accepted;
-        let shared = CommShared {
-            props: self.shared.props.clone(),
-            busy: self.shared.busy.clone(),
-            gpus: self.shared.gpus.clone(),
-            test_ahead: self.shared.test_ahead,
-            stage_budget: self.shared.stage_budget.clone(),
-        };
+        let shared = self.shared.clone();
         let mut comm = PluginRecvComm::new(self.plugin.clone(), recv_comm, shared);
         // Dropping `comm` on an error below closes it: nothing is in flight yet.
         if self.shared.props.device_unpack {
