@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the GPU test suite from a folder made by scripts/gpu_bundle.sh, on a host with a CUDA driver:
-# every test binary, the piece copier between two GPUs (on 2+ GPUs), then NCCL over the fake NIC (nccl_over_fake.sh: a GPU and PyTorch; on a host
-# with no GPU it reports itself skipped). Everything runs even if an earlier step failed;
-# the exit status says whether all passed.
+# every test binary, the piece copier between two GPUs (on 2+ GPUs), then NCCL over the fake NIC
+# (nccl_over_fake.sh: a GPU and PyTorch; on a host with no GPU it reports itself skipped).
+# Everything runs even if an earlier step failed; the exit status says whether all passed.
 #
 #   scripts/gpu_tests.sh BUNDLE_DIR
 set -uo pipefail

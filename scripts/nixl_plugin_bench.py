@@ -767,7 +767,7 @@ def kv_measure(setup, shape, requests, concurrent=1):
             rows = []
             for i in range(requests + 2):
                 step = kv.draw(op, i, concurrent)
-                kv.anchor(op, step[2][0] + b":0")
+                kv.warm(op, i)
                 (start, made, posted, done), cpu, _ = kv.run(op, step)
                 anchor = kv.anchor(op, step[2][0] + b":1")
                 kv.check(op, i, step)
