@@ -697,7 +697,8 @@ def case_telemetry(results):
 
 def case_call_times(results):
     """UCCL_TCPX_NIXL_CALL_TIMES: one line per released request, counting the calls NIXL made
-    into it (what scripts/nixl_plugin_bench.py --breakdown reads), against the caller's count."""
+    into it (what scripts/nixl_plugin_bench.py --breakdown reads), against the caller's count, and
+    saying whether its lists were a released request's."""
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "calls")
         os.environ["UCCL_TCPX_NIXL_CALL_TIMES"] = path
@@ -733,6 +734,8 @@ def case_call_times(results):
             and int(w["post_ns"]) > 0
             and (int(w["check_ns"]) > 0) == (checks > 0)
             and (r["op"], r["posts"], r["checks"], r["post_ns"], r["check_ns"]) == ("READ", "0", "0", "0", "0")
+            # The READ was made after the WRITE's release: it fills the lists that one left.
+            and r["reused"] == "1"
         )
     results.check(ok, "call times: each request's calls counted", f"{states}, {checks} checks, {lines}")
 

@@ -187,7 +187,7 @@ const ELSEWHERE: &[(&str, &str, &str, &str)] = &[
     ("UCCL_TCPX_LIB", "the package's", "path", "the library the Python package loads (docs/PYTHON.md)"),
     ("UCCL_TCPX_RENDEZVOUS_DIR", "`/dev/shm`", "path", "where the Python package's same-host rendezvous (`connect_local`) keeps its entries (docs/PYTHON.md)"),
     ("UCCL_TCPX_NIXL_PLUGIN_ROOT", "the installed one", "path", "`uccl-tcpx-nixl-plugin-dir`'s `--plugin-root`: the folder of `<version>/libplugin_TCPX.so` it links from (docs/NIXL.md)"),
-    ("UCCL_TCPX_NIXL_CALL_TIMES", "unset", "path", "NIXL's backend appends to this file, per request at its release, the calls NIXL made into it and their time (`scripts/nixl_plugin_bench.py --breakdown`, docs/perf-log/nixl.md)"),
+    ("UCCL_TCPX_NIXL_CALL_TIMES", "unset", "path", "NIXL's backend appends to this file, per request at its release, the calls NIXL made into it, their time and whether its lists were a released request's (`scripts/nixl_plugin_bench.py --breakdown`, docs/perf-log/nixl.md)"),
     ("UCCL_TCPX_ALIAS_QUIET", "unset", "`1`", "silences the notice of the Python package's `uccl.p2p` alias (docs/PYTHON.md)"),
 ];
 
