@@ -721,13 +721,24 @@ def case_call_times(results):
             t.agent.release_xfer_handle(handle)
             # A handle released unposted: a line with no calls.
             t.agent.release_xfer_handle(t.agent.initialize_xfer("READ", local, remote, t.peer))
+            # Ten made at once, released, and ten more: the backend keeps at most eight lists.
+            for _ in range(2):
+                batch = [t.agent.initialize_xfer("READ", local, remote, t.peer) for _ in range(10)]
+                for h in batch:
+                    t.agent.release_xfer_handle(h)
         finally:
             t.close()
         lines = open(path).read().splitlines() if os.path.exists(path) else []
     rows = [dict(kv.split("=", 1) for kv in line.split()) for line in lines]
-    ok = states == ["DONE"] * 3 and len(rows) == 2
+    reused = [sum(r.get("reused") == "1" for r in rows[at : at + 10]) for at in (2, 12)]
+    results.check(
+        len(rows) == 22 and reused == [1, 8],
+        "call times: released requests' lists kept, eight at most",
+        f"{len(rows)} lines, reused in the two batches of ten: {reused}",
+    )
+    ok = states == ["DONE"] * 3 and len(rows) == 22
     if ok:
-        w, r = rows
+        w, r = rows[:2]
         ok = (
             (w["op"], w["bytes"], w["pieces"], w["posts"]) == ("WRITE", str(MiB), "1", "3")
             and (int(w["checks"]), int(w["done_at_post"])) == (checks, at_post)
@@ -737,7 +748,7 @@ def case_call_times(results):
             # The READ was made after the WRITE's release: it fills the lists that one left.
             and r["reused"] == "1"
         )
-    results.check(ok, "call times: each request's calls counted", f"{states}, {checks} checks, {lines}")
+    results.check(ok, "call times: each request's calls counted", f"{states}, {checks} checks, {lines[:2]}")
 
 
 def ucx_child(pipe):

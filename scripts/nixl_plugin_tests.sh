@@ -12,10 +12,9 @@
 # registration reached across its windows; a stopped and then a dead peer), an agent to itself,
 # three agents in one process each getting only its own notifications, bad input, a request
 # released in flight, backend options (auth key file, channels, connect_on_load: connected before
-# the first request or at it), each request's calls counted under
-# UCCL_TCPX_NIXL_CALL_TIMES; then the NIXL snippets of README.md
-# and docs/ that run on host memory (scripts/doc_snippets.py --suite nixl). About a minute after the
-# build.
+# the first request or at it), each request's calls counted under UCCL_TCPX_NIXL_CALL_TIMES (and
+# released requests' lists kept, eight at most); then the NIXL snippets of README.md and docs/ that
+# run on host memory (scripts/doc_snippets.py --suite nixl). About a minute after the build.
 #
 # usage: scripts/nixl_plugin_tests.sh [--nixl VERSION] [--cuda 12|13] [--wheel WHEEL] [--unsupported]
 #                                     [--example]
