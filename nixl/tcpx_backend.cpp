@@ -179,15 +179,16 @@ public:
         return true;
     }
 
-    // Keeps `lists` if there is room; frees them otherwise (outside the lock).
+    // Keeps `lists` if there is room; otherwise they are freed with the caller's temporary, after
+    // the lock. Never throws: it runs in releaseReqH, which NIXL calls expecting no exception.
     void give(Lists &&lists) noexcept {
+        if (lists.pieces.capacity() == 0) return;
         lists.runs.clear();
         lists.pieces.clear();
         size_t size = size_of(lists);
-        if (lists.pieces.capacity() == 0) return;
-        std::lock_guard<std::mutex> lock(mu_);
-        if (kept_.size() >= kMaxKept || bytes_ + size > kMaxBytes) return;
         try {
+            std::lock_guard<std::mutex> lock(mu_);
+            if (kept_.size() >= kMaxKept || bytes_ + size > kMaxBytes) return;
             kept_.push_back(std::move(lists));
             bytes_ += size;
         } catch (...) {
