@@ -863,8 +863,9 @@ fn ring_gathers_and_scatters_many_pieces_in_every_mode() {
                     }
                     let s = ring.take().unwrap();
                     let segs: Vec<(usize, usize)> = pieces.iter().map(|&(o, l)| (src.addr() + o, l)).collect();
-                    // SAFETY: every piece lies inside src, which outlives the wait below; the slot is taken.
-                    unsafe { ring.gather(s, len, segs.iter().copied()) }.unwrap();
+                    // SAFETY: every piece lies inside src, which outlives the wait below, and a tile
+                    // names any address of it; the pieces add up to len; the slot is taken.
+                    unsafe { ring.gather(s, len, segs.iter().copied(), true) }.unwrap();
                     wait_copied(&ring, s, &what);
                     // SAFETY: the gather into the slot finished (waited above) and nothing else writes it.
                     let got = unsafe { std::slice::from_raw_parts(ring.slot_ptr(s), len) };
@@ -876,9 +877,10 @@ fn ring_gathers_and_scatters_many_pieces_in_every_mode() {
                     let mut dst = common::gpu::Mem::Device(dst);
                     dst.clear();
                     let dsegs: Vec<(usize, usize)> = to.iter().map(|&(o, l)| (dst.addr() + o, l)).collect();
-                    // SAFETY: every piece lies inside dst, which nothing else touches until the wait below;
-                    // the slot's bytes are final.
-                    unsafe { ring.scatter(s, short, dsegs.iter().copied()) }.unwrap();
+                    // SAFETY: every piece lies inside dst, which nothing else touches until the wait below,
+                    // and a tile names any address of it; the pieces hold at least `short` bytes; the
+                    // slot's bytes are final.
+                    unsafe { ring.scatter(s, short, dsegs.iter().copied(), true) }.unwrap();
                     wait_copied(&ring, s, &what);
                     let expect = landed(&stream[..short], &[(0, short)], &to, dst_len);
                     assert_same(&dst.read(0, dst_len), &expect, &format!("{what}: scattered pieces {first}..{end}"));

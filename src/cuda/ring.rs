@@ -273,28 +273,26 @@ impl StagingRing {
     /// is reported done or the ring is dropped; `slot` is taken and not otherwise in use.
     pub unsafe fn copy_in(&mut self, slot: usize, src: usize, len: usize) -> Result<()> {
         // SAFETY: per the contract.
-        unsafe { self.gather(slot, len, [(src, len)]) }
+        unsafe { self.gather(slot, len, [(src, len)], addressable(src as u64, len as u64)) }
     }
 
     /// Queues the gather of the device segments `(addr, len)` of `segs`, `len` bytes in all,
     /// concatenated into `slot`: by the segment kernel when they are many and small, else one copy
-    /// per segment; one completion for all of them either way.
+    /// per segment; one completion for all of them either way. The caller measured the segments
+    /// as it checked them (a chunk of 512 B blocks is 4,096 of them, and each pass costs the
+    /// thread holding its connection's lock): they add up to `len`, and `addressable` says whether
+    /// a tile can name every one (`unpack::addressable`).
     ///
     /// # Safety
-    /// As `copy_in`, for every segment.
-    pub unsafe fn gather<I>(&mut self, slot: usize, len: usize, segs: I) -> Result<()>
+    /// As `copy_in`, for every segment; the segments add up to `len` and `addressable` is true only
+    /// where every one is.
+    pub unsafe fn gather<I>(&mut self, slot: usize, len: usize, segs: I, addressable: bool) -> Result<()>
     where
         I: IntoIterator<Item = (usize, usize)>,
         I::IntoIter: ExactSizeIterator + Clone,
     {
         self.check_len(len)?;
         let segs = segs.into_iter();
-        let (total, addressable) = measure(segs.clone());
-        if total != Some(len) {
-            return Err(Error::invalid(format!(
-                "staging segments add up to {total:?} bytes, not the {len} they were announced with"
-            )));
-        }
         let (host, slot_size, gather) = (self.slot_ptr(slot), self.slot_size, self.gather);
         let lane = self.lane(slot);
         lane.gpu().bind()?;
@@ -303,30 +301,34 @@ impl StagingRing {
         if use_kernel(lane, gather, slot_size, (segs.len(), len), addressable)
             && let Built::Ready(kernel) = &mut lane.kernel
         {
-            // SAFETY: the caller vouches for the segments and the taken slot, which holds
-            // slot_size >= len bytes; the segments add up to len (checked above) and are
-            // addressable (use_kernel); the lane's GPU is bound on this thread.
+            // SAFETY: the caller vouches for the segments, their total and their being
+            // addressable, and for the taken slot, which holds slot_size >= len bytes (check_len);
+            // the kernel's walk stops at len bytes whatever the segments say; the lane's GPU is
+            // bound on this thread.
             unsafe { kernel.gather(index, &lane.streams[index], host, len, segs)? };
             self.count(true);
             return self.mark(slot);
         }
         let mut at = 0;
         for (addr, seg_len) in segs {
+            let n = seg_len.min(len - at);
+            if n == 0 {
+                continue;
+            }
             check(
                 // SAFETY: the caller vouches for each device source and the taken slot; the slot
-                // holds slot_size >= len >= at + seg_len bytes (the segments add up to len), and
-                // the GPU is bound on this thread.
+                // holds slot_size >= len >= at + n bytes, and the GPU is bound on this thread.
                 unsafe {
                     sys::cuMemcpyDtoHAsync_v2(
                         host.add(at).cast(),
                         addr as sys::CUdeviceptr,
-                        seg_len,
+                        n,
                         lane.streams[index].raw(),
                     )
                 },
                 "cuMemcpyDtoHAsync into a staging slot",
             )?;
-            at += seg_len;
+            at += n;
         }
         if many {
             self.count(false);
@@ -341,28 +343,24 @@ impl StagingRing {
     /// accesses until the copy is reported done or the ring is dropped; the slot's bytes are final.
     pub unsafe fn copy_out(&mut self, slot: usize, dst: usize, len: usize) -> Result<()> {
         // SAFETY: per the contract.
-        unsafe { self.scatter(slot, len, [(dst, len)]) }
+        unsafe { self.scatter(slot, len, [(dst, len)], addressable(dst as u64, len as u64)) }
     }
 
     /// Queues the scatter of the first `len` bytes of `slot` into the device segments `(addr,
     /// len)` of `segs`, in order, as far as `len` reaches: by the segment kernel when they are
-    /// many and small, else one copy per segment reached; one completion for all of them.
+    /// many and small, else one copy per segment reached; one completion for all of them. As for
+    /// [`gather`](Self::gather), the caller measured the segments.
     ///
     /// # Safety
-    /// As `copy_out`, for every segment; `len` is at most their total.
-    pub unsafe fn scatter<I>(&mut self, slot: usize, len: usize, segs: I) -> Result<()>
+    /// As `copy_out`, for every segment; `len` is at most their total, and `addressable` is true
+    /// only where a tile can name every one.
+    pub unsafe fn scatter<I>(&mut self, slot: usize, len: usize, segs: I, addressable: bool) -> Result<()>
     where
         I: IntoIterator<Item = (usize, usize)>,
         I::IntoIter: ExactSizeIterator + Clone,
     {
         self.check_len(len)?;
         let segs = segs.into_iter();
-        let (total, addressable) = measure(segs.clone());
-        if total.is_some_and(|t| t < len) {
-            return Err(Error::invalid(format!(
-                "{len} staged bytes cannot be scattered into segments of {total:?} bytes"
-            )));
-        }
         let (host, slot_size, gather) = (self.slot_ptr(slot), self.slot_size, self.gather);
         let lane = self.lane(slot);
         lane.gpu().bind()?;
@@ -371,9 +369,9 @@ impl StagingRing {
         if use_kernel(lane, gather, slot_size, (segs.len(), len), addressable)
             && let Built::Ready(kernel) = &mut lane.kernel
         {
-            // SAFETY: the caller vouches for the segments and the slot's final bytes; `len` is at
-            // most a slot (check_len) and at most the segments' total (checked above), which are
-            // addressable (use_kernel); the lane's GPU is bound on this thread.
+            // SAFETY: the caller vouches for the segments, their being addressable and the slot's
+            // final bytes; `len` is at most a slot (check_len) and, by the caller's word, at most
+            // the segments' total; the lane's GPU is bound on this thread.
             unsafe { kernel.scatter(index, &lane.streams[index], host, len, segs)? };
             self.count(true);
             return self.mark(slot);
@@ -427,17 +425,6 @@ impl StagingRing {
         lane.gpu().bind()?;
         lane.events[slot].done()
     }
-}
-
-/// A chunk's segments in one pass: their total length (`None` past `usize`) and whether the
-/// kernel can address every one of them.
-fn measure(segs: impl Iterator<Item = (usize, usize)>) -> (Option<usize>, bool) {
-    let (mut total, mut all) = (Some(0usize), true);
-    for (addr, len) in segs {
-        total = total.and_then(|t| t.checked_add(len));
-        all &= addressable(addr as u64, len as u64);
-    }
-    (total, all)
 }
 
 /// Whether a chunk of `count` segments and `len` bytes goes through `lane`'s kernel: the mode

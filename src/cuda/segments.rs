@@ -381,7 +381,7 @@ impl SegmentKernel {
         let bounce = self.bounce_for(index, len)?;
         // SAFETY: forwarded from the caller.
         self.tiles.call(|copier| unsafe {
-            copier.push_runs(stream, gather_runs(bounce, segs))?;
+            copier.push_runs(stream, gather_runs(bounce, len, segs))?;
             copier.launch(stream)
         })?;
         check(
@@ -460,14 +460,19 @@ fn fill(room: &mut [Tile], pending: &mut Option<Run>, runs: &mut impl Iterator<I
     used
 }
 
-/// The copies of a gather: segment after segment into the next bytes from `bounce` on, segments
-/// that continue each other merged into one copy. Empty segments copy nothing.
-fn gather_runs(bounce: u64, segs: impl Iterator<Item = (usize, usize)>) -> impl Iterator<Item = Run> {
-    let mut at = bounce;
-    merged(segs.map(move |(addr, len)| {
-        let run = Run { src: addr as u64, dst: at, len: len as u64 };
-        at += len as u64;
-        run
+/// The copies of a gather of `len` bytes: segment after segment into the next bytes from `bounce`
+/// on, as far as the bytes reach (the segments add up to them), segments that continue each other
+/// merged into one copy. Empty segments copy nothing.
+fn gather_runs(bounce: u64, len: usize, segs: impl Iterator<Item = (usize, usize)>) -> impl Iterator<Item = Run> {
+    let (mut at, end) = (bounce, bounce + len as u64);
+    merged(segs.map_while(move |(addr, seg_len)| {
+        if at == end {
+            return None;
+        }
+        let n = (seg_len as u64).min(end - at);
+        let run = Run { src: addr as u64, dst: at, len: n };
+        at += n;
+        Some(run)
     }))
 }
 
@@ -580,7 +585,7 @@ mod tests {
             let stream: Vec<u8> = segs.iter().flat_map(|&(a, n)| original[a..a + n].iter().copied()).collect();
 
             let mut memory = original.clone();
-            let tiles = apply(&mut memory, gather_runs(BOUNCE, segs.iter().copied()));
+            let tiles = apply(&mut memory, gather_runs(BOUNCE, len, segs.iter().copied()));
             let b = BOUNCE as usize;
             assert_eq!(&memory[b..b + len], &stream[..], "round {round}: the gathered bytes");
             assert_eq!(&memory[b + len..], &original[b + len..], "round {round}: past the gather");
@@ -588,7 +593,7 @@ mod tests {
             let filled: Vec<_> = segs.iter().filter(|s| s.1 > 0).collect();
             let side_by_side = filled.windows(2).filter(|w| w[0].0 + w[0].1 == w[1].0).count();
             assert!(side_by_side > 0 || count < 3, "round {round}: the test has side-by-side segments");
-            let runs = gather_runs(BOUNCE, segs.iter().copied()).count();
+            let runs = gather_runs(BOUNCE, len, segs.iter().copied()).count();
             assert_eq!(runs, filled.len() - side_by_side, "round {round}: side-by-side segments merged");
             assert!(tiles >= runs);
 
@@ -782,8 +787,9 @@ mod tests {
         let scatter: Vec<_> =
             scatter_runs(1000, 7, [(0, 4), (4, 4), (50, 9)].into_iter()).map(|r| (r.src, r.dst, r.len)).collect();
         assert_eq!(scatter, [(1000, 0, 7)], "the bytes end inside the second segment");
-        let gather: Vec<_> =
-            gather_runs(1000, [(50, 3), (0, 0), (53, 2), (10, 1)].into_iter()).map(|r| (r.src, r.dst, r.len)).collect();
+        let gather: Vec<_> = gather_runs(1000, 6, [(50, 3), (0, 0), (53, 2), (10, 1), (90, 4)].into_iter())
+            .map(|r| (r.src, r.dst, r.len))
+            .collect();
         assert_eq!(gather, [(50, 1000, 5), (10, 1005, 1)]);
     }
 }

@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 
-use super::regions::{Route, Staging};
+use super::regions::{Route, Routed, SpareSegments, Staging};
 use super::setup::{Setup, StickyFailure};
 use crate::error::{Error, Result};
 use crate::trace::{StageMark as Mark, StagedChunk as ChunkTrace, StagedComm as CommTracer, clock_ns};
@@ -27,6 +27,8 @@ struct Request {
     len: usize,
     /// A staged vectored receive's segments, filled from the slot in order; `None` for one buffer.
     segs: Option<Vec<IoSeg>>,
+    /// Whether the segment kernel can name every segment (as routing found them).
+    addressable: bool,
     slot: Option<usize>,
     stage: Stage,
     trace: Option<ChunkTrace>,
@@ -45,6 +47,7 @@ pub struct StagedRecvComm {
     copying: usize,
     /// A host vector's runs of registrations with the inner comm; reused.
     runs: Vec<MrRun>,
+    spare: SpareSegments,
     failure: StickyFailure,
     tracer: Option<CommTracer>,
 }
@@ -61,13 +64,14 @@ impl StagedRecvComm {
             consumed: 0,
             copying: 0,
             runs: Vec::new(),
+            spare: SpareSegments::default(),
             failure: StickyFailure::default(),
         }
     }
 
     /// Posts `iov`; a host vector goes to the inner comm in `runs` of its registrations.
-    fn post(&mut self, route: Route, iov: &[IoSeg], runs: &[MrRun]) -> Result<Option<RequestId>> {
-        let (addr, len) = (iov[0].addr, iov.iter().map(|s| s.len).sum());
+    fn post(&mut self, routed: Routed, iov: &[IoSeg], runs: &[MrRun]) -> Result<Option<RequestId>> {
+        let (route, addr, len) = (routed.route, iov[0].addr, routed.len);
         let (target, mr, slot) = match route {
             Route::Direct(mr) => (addr, mr, None),
             Route::Staged(device) => {
@@ -84,7 +88,7 @@ impl StagedRecvComm {
             _ => unsafe { self.inner.irecv(target as *mut u8, len, mr)? },
         };
         let Some(inner) = posted else { return Ok(None) };
-        let segs = (slot.is_some() && iov.len() > 1).then(|| iov.to_vec());
+        let segs = (slot.is_some() && iov.len() > 1).then(|| self.spare.copy(iov));
         if let Route::Staged(device) = route {
             self.staging.ring_mut()?.take_for(device)?;
         }
@@ -92,7 +96,8 @@ impl StagedRecvComm {
         if let Some(trace) = &trace {
             trace.mark(Mark::Handed);
         }
-        self.queue.push_back(Request { addr, len, segs, slot, stage: Stage::Receiving { inner }, trace });
+        let addressable = routed.addressable;
+        self.queue.push_back(Request { addr, len, segs, addressable, slot, stage: Stage::Receiving { inner }, trace });
         let id = RequestId(self.posted);
         self.posted += 1;
         Ok(Some(id))
@@ -139,8 +144,10 @@ impl StagedRecvComm {
             // the comm dropped, and the drop waits for the copy; the slot's bytes are final (the
             // inner receive completed).
             None => unsafe { ring.copy_out(slot, req.addr, len)? },
-            // SAFETY: as above, for every segment; `len` is at most their total.
-            Some(segs) => unsafe { ring.scatter(slot, len, segs.iter().map(|s| (s.addr, s.len)))? },
+            // SAFETY: as above, for every segment; `len` is at most their total (the inner receive
+            // reported at most the request's length, which routing measured), and `addressable` is
+            // what routing found.
+            Some(segs) => unsafe { ring.scatter(slot, len, segs.iter().map(|s| (s.addr, s.len)), req.addressable)? },
         }
         if let (Some(trace), Some(started)) = (&mut req.trace, started) {
             trace.issued(started, 1);
@@ -174,6 +181,7 @@ impl StagedRecvComm {
             }
         };
         let done = self.queue.pop_front().expect("front request");
+        self.spare.give(done.segs);
         if let (Some(tracer), Some(trace)) = (&mut self.tracer, done.trace) {
             if done.slot.is_some() {
                 trace.mark(Mark::CopySeen);
@@ -185,6 +193,7 @@ impl StagedRecvComm {
         }
         if self.queue.is_empty() {
             self.staging.idle(&mut self.inner);
+            self.spare.clear();
         }
         self.tested += 1;
         Ok(Some(size))
@@ -220,15 +229,15 @@ impl RecvComm for StagedRecvComm {
             return Ok(None);
         }
         let mut runs = std::mem::take(&mut self.runs);
-        let route = match self.staging.route_segments(mrs, iov, &mut runs) {
-            Ok(route) => route,
+        let routed = match self.staging.route_segments(mrs, iov, &mut runs) {
+            Ok(routed) => routed,
             Err(e) => {
                 self.runs = runs;
                 return Err(e);
             }
         };
         let entered = self.tracer.as_mut().map(|t| t.enter(false));
-        let posted = self.post(route, iov, &runs);
+        let posted = self.post(routed, iov, &runs);
         self.runs = runs;
         self.exit(entered);
         self.failure.keep(posted)

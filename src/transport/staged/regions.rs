@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use super::pool::{COUNTS, count};
 use super::setup::Setup;
+use crate::cuda::unpack::addressable;
 use crate::cuda::{self, Gpu, Location, StagingRing};
 use crate::error::{Error, Result, UcclStatus};
 use crate::transport::{IoSeg, MemKind, MrHandle, MrRun, RecvComm, SendComm, check_runs};
@@ -76,6 +77,48 @@ pub(super) enum Route {
 impl Route {
     pub(super) fn staged(self) -> bool {
         matches!(self, Route::Staged(_))
+    }
+}
+
+/// A vectored request as routing found it, in one pass over its segments: how it travels, its
+/// bytes, and whether the segment kernel's tiles can name every segment (`unpack::addressable`).
+/// The ring takes the last two from here rather than walking the segments again: at 512 B blocks
+/// each pass over a chunk's 4,096 segments cost an H200 host's engine thread 6-14 us, on a path
+/// whose thread the staging trace shows busy through the whole transfer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Routed {
+    pub(super) route: Route,
+    pub(super) len: usize,
+    pub(super) addressable: bool,
+}
+
+/// The segment lists of a busy comm's done requests, kept for its next ones: a staged chunk of 512
+/// B blocks keeps a copy of its 4,096 segments (64 KiB) until its copy is queued, which otherwise
+/// came from the allocator and went back at each request. A steady stream gives one back for each
+/// it takes, so two are kept; an idle comm keeps none (`clear`).
+#[derive(Default)]
+pub(super) struct SpareSegments(Vec<Vec<IoSeg>>);
+
+impl SpareSegments {
+    const KEPT: usize = 2;
+
+    /// A copy of `iov`, in a kept list if there is one.
+    pub(super) fn copy(&mut self, iov: &[IoSeg]) -> Vec<IoSeg> {
+        let mut segs = self.0.pop().unwrap_or_default();
+        segs.clear();
+        segs.extend_from_slice(iov);
+        segs
+    }
+
+    /// A done request's list, kept if fewer than two are.
+    pub(super) fn give(&mut self, segs: Option<Vec<IoSeg>>) {
+        if let Some(segs) = segs.filter(|_| self.0.len() < Self::KEPT) {
+            self.0.push(segs);
+        }
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.0 = Vec::new();
     }
 }
 
@@ -206,58 +249,71 @@ impl Staging {
     /// How a run of segments posted with `mr` travels: as its first one, the others checked
     /// against the same registration, looked up once a run (a chunk of 512 B blocks is 4,096
     /// segments). A host registration's segments are not checked: the inner comm checks nothing
-    /// per segment either. Without a handle each segment's own pointer says.
-    fn route_run(&mut self, mr: MrHandle, segs: &[IoSeg]) -> Result<Route> {
+    /// per segment either. Without a handle each segment's own pointer says. The run's bytes and
+    /// whether the segment kernel can name them all are taken in the same pass ([`Routed`]).
+    fn route_run(&mut self, mr: MrHandle, segs: &[IoSeg]) -> Result<Routed> {
         let route = self.route(mr, segs[0].addr, segs[0].len)?;
         let registered = self.position(mr).map(|at| &self.registered[at].1);
+        let (mut len, mut all) = (segs[0].len, addressable(segs[0].addr as u64, segs[0].len as u64));
         match (mr, registered) {
             (MrHandle::NONE, _) => {
                 for seg in &segs[1..] {
                     if self.route(mr, seg.addr, seg.len)? != route {
                         return Err(mixed());
                     }
+                    len = len.saturating_add(seg.len);
+                    all &= addressable(seg.addr as u64, seg.len as u64);
                 }
             }
-            (_, Some(&Registered::Device { base, len, .. })) => {
+            (_, Some(&Registered::Device { base, len: region_len, .. })) => {
                 for seg in &segs[1..] {
-                    inside(seg.addr, seg.len, base, len)?;
+                    inside(seg.addr, seg.len, base, region_len)?;
+                    len += seg.len;
+                    all &= addressable(seg.addr as u64, seg.len as u64);
                 }
             }
-            _ => {}
+            _ => len = segs.iter().fold(0usize, |n, s| n.saturating_add(s.len)),
         }
-        Ok(route)
+        Ok(Routed { route, len, addressable: all })
     }
 
     /// How the segments of a vectored request posted with `mrs` travel: all of them the same way,
     /// in one slot when staged (on the GPU of all of them). Host segments go straight to the inner
     /// comm, whose handles for their runs are left in `inner`.
-    pub(super) fn route_segments(&mut self, mrs: &[MrRun], iov: &[IoSeg], inner: &mut Vec<MrRun>) -> Result<Route> {
+    pub(super) fn route_segments(&mut self, mrs: &[MrRun], iov: &[IoSeg], inner: &mut Vec<MrRun>) -> Result<Routed> {
         check_runs(iov, mrs, "request")?;
         inner.clear();
-        let mut routed: Option<Route> = None;
+        let mut routed: Option<Routed> = None;
         let mut at = 0;
         for run in mrs {
             let segs = &iov[at..at + run.segs];
             at += run.segs;
-            let route = self.route_run(run.mr, segs)?;
-            match (routed, route) {
-                (None, _) | (Some(Route::Direct(_)), Route::Direct(_)) => {}
-                (Some(Route::Staged(a)), Route::Staged(b)) if a == b => {}
-                _ => return Err(mixed()),
-            }
-            routed.get_or_insert(route);
-            if let Route::Direct(mr) = route {
+            let this = self.route_run(run.mr, segs)?;
+            routed = Some(match routed {
+                None => this,
+                Some(r) => {
+                    match (r.route, this.route) {
+                        (Route::Direct(_), Route::Direct(_)) => {}
+                        (Route::Staged(a), Route::Staged(b)) if a == b => {}
+                        _ => return Err(mixed()),
+                    }
+                    let len = r.len.saturating_add(this.len);
+                    Routed { route: r.route, len, addressable: r.addressable && this.addressable }
+                }
+            });
+            if let Route::Direct(mr) = this.route {
                 inner.push(MrRun { segs: run.segs, mr });
             }
         }
-        let route = routed.ok_or_else(|| Error::invalid("a vectored request needs at least one segment"))?;
-        let (total, slot_size) = (iov.iter().map(|s| s.len).sum::<usize>(), self.setup.params.slot_size);
-        if route.staged() && total > slot_size {
+        let routed = routed.ok_or_else(|| Error::invalid("a vectored request needs at least one segment"))?;
+        let slot_size = self.setup.params.slot_size;
+        if routed.route.staged() && routed.len > slot_size {
             return Err(Error::invalid(format!(
-                "a {total}-byte GPU chunk exceeds the {slot_size}-byte staging slot (UCCL_TCPX_CHUNK_SIZE)"
+                "a {}-byte GPU chunk exceeds the {slot_size}-byte staging slot (UCCL_TCPX_CHUNK_SIZE)",
+                routed.len
             )));
         }
-        Ok(route)
+        Ok(routed)
     }
 
     /// The ring, staging memory of GPU `device`: taken from the pool (or made, where it holds
@@ -398,6 +454,25 @@ mod tests {
     }
 
     #[test]
+    fn a_busy_comm_reuses_two_segment_lists_and_an_idle_one_keeps_none() {
+        let mut spare = SpareSegments::default();
+        let iov: Vec<_> = (0..4096).map(|i| IoSeg { addr: 0x1000 + i * 1024, len: 512 }).collect();
+        let lists: Vec<_> = (0..3).map(|_| spare.copy(&iov)).collect();
+        assert!(lists.iter().all(|l| *l == iov));
+        let held: Vec<_> = lists.iter().map(|l| l.as_ptr()).collect();
+        for list in lists {
+            spare.give(Some(list));
+        }
+        assert_eq!(spare.0.len(), SpareSegments::KEPT, "the third list is freed");
+        let again = spare.copy(&iov[..10]);
+        assert_eq!(again, iov[..10]);
+        assert!(held.contains(&again.as_ptr()), "a kept list is reused");
+        spare.give(None);
+        spare.clear();
+        assert!(spare.0.is_empty() && spare.0.capacity() == 0);
+    }
+
+    #[test]
     fn every_segment_of_a_run_lies_in_its_registration() {
         let mut staging = Staging::new(Setup::new(super::super::StagingParams::new(4 << 20, 4), 16));
         let (base, len) = (0x10_0000, 0x80_0000);
@@ -407,8 +482,20 @@ mod tests {
         let (mut inner, gpu, host_mr) = (Vec::new(), MrHandle(1), MrHandle(2));
         // 4,096 blocks of 512 B, 1 KiB apart: staged on the registration's GPU.
         let blocks: Vec<_> = (0..4096).map(|i| seg(base + i * 1024, 512)).collect();
-        let route = staging.route_segments(&[MrRun { segs: blocks.len(), mr: gpu }], &blocks, &mut inner);
-        assert_eq!(route.unwrap(), Route::Staged(3));
+        let routed = staging.route_segments(&[MrRun { segs: blocks.len(), mr: gpu }], &blocks, &mut inner);
+        assert_eq!(routed.unwrap(), Routed { route: Route::Staged(3), len: 4096 * 512, addressable: true });
+        // Two runs of one registration: their bytes add up, and one segment past what a tile can
+        // name (here the registration's own range, made to reach that far) makes the request
+        // unaddressable for the kernel.
+        let halves = [MrRun { segs: 2048, mr: gpu }, MrRun { segs: 2048, mr: gpu }];
+        assert_eq!(staging.route_segments(&halves, &blocks, &mut inner).unwrap().len, 4096 * 512);
+        let far = 1usize << crate::cuda::unpack::plan::ADDRESS_BITS;
+        staging.registered[0].1 = Registered::Device { base, len: far, device: 3 };
+        let mut reaching = blocks.clone();
+        reaching[3000] = seg(far - 256, 512);
+        let routed = staging.route_segments(&halves, &reaching, &mut inner).unwrap();
+        assert_eq!((routed.route, routed.addressable), (Route::Staged(3), false));
+        staging.registered[0].1 = Registered::Device { base, len, device: 3 };
         // One block past the end, anywhere in the run, refuses the request.
         for at in [1, 2000, 4095] {
             let mut bad = blocks.clone();
@@ -421,10 +508,10 @@ mod tests {
         // A run of the host registration goes straight through with its inner handle; mixing it
         // with a staged run is refused.
         let host_segs = [seg(0x9000_0000, 64), seg(0x9000_1000, 64)];
-        let route = staging.route_segments(&[MrRun { segs: 2, mr: host_mr }], &host_segs, &mut inner).unwrap();
+        let routed = staging.route_segments(&[MrRun { segs: 2, mr: host_mr }], &host_segs, &mut inner).unwrap();
         assert_eq!(
-            (route, inner.as_slice()),
-            (Route::Direct(MrHandle(20)), &[MrRun { segs: 2, mr: MrHandle(20) }][..])
+            (routed.route, routed.len, inner.as_slice()),
+            (Route::Direct(MrHandle(20)), 128, &[MrRun { segs: 2, mr: MrHandle(20) }][..])
         );
         let both = [blocks[0], host_segs[0]];
         let runs = [MrRun { segs: 1, mr: gpu }, MrRun { segs: 1, mr: host_mr }];

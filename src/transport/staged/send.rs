@@ -16,7 +16,7 @@
 
 use std::collections::VecDeque;
 
-use super::regions::{Route, Staging};
+use super::regions::{Route, Routed, SpareSegments, Staging};
 use super::setup::{Setup, StickyFailure};
 use crate::error::{Error, Result};
 use crate::trace::{StageMark as Mark, StagedChunk as ChunkTrace, StagedComm as CommTracer, clock_ns};
@@ -41,6 +41,8 @@ struct Request {
     stage: Stage,
     /// A vectored request's segments (its stage's address is the first one's); `None` for one buffer.
     segs: Option<Vec<IoSeg>>,
+    /// Whether the segment kernel can name every segment (as routing found them).
+    addressable: bool,
     /// A host vector's runs of registrations with the inner comm (empty otherwise).
     runs: Vec<MrRun>,
     trace: Option<ChunkTrace>,
@@ -61,6 +63,7 @@ pub struct StagedSendComm {
     copy_limit: usize,
     /// The same for a chunk of several segments: at least one per stream of the ring.
     gather_limit: usize,
+    spare: SpareSegments,
     failure: StickyFailure,
     tracer: Option<CommTracer>,
 }
@@ -79,6 +82,7 @@ impl StagedSendComm {
             posted: 0,
             unsent: 0,
             copying: 0,
+            spare: SpareSegments::default(),
             failure: StickyFailure::default(),
         }
     }
@@ -100,7 +104,10 @@ impl StagedSendComm {
                 // comm dropped (isend's contract), and the drop waits for the copy.
                 None => unsafe { ring.copy_in(slot, src, len)? },
                 // SAFETY: as above, for every segment.
-                Some(segs) => unsafe { ring.gather(slot, len, segs.iter().map(|s| (s.addr, s.len)))? },
+                // The segments add up to `len` and `addressable` is what routing found (`post`).
+                Some(segs) => unsafe {
+                    ring.gather(slot, len, segs.iter().map(|s| (s.addr, s.len)), self.queue[i].addressable)?
+                },
             }
             self.copying += 1;
             self.staging.setup.copies_changed(true, 1);
@@ -177,10 +184,8 @@ impl StagedSendComm {
         Ok(())
     }
 
-    fn post(&mut self, route: Route, iov: &[IoSeg], runs: Vec<MrRun>) -> Result<Option<RequestId>> {
-        let (addr, len) = (iov[0].addr, iov.iter().map(|s| s.len).sum::<usize>());
-        let segs = (iov.len() > 1).then(|| iov.to_vec());
-        let runs = if segs.is_some() && !route.staged() { runs } else { Vec::new() };
+    fn post(&mut self, routed: Routed, iov: &[IoSeg], runs: Vec<MrRun>) -> Result<Option<RequestId>> {
+        let (route, addr, len) = (routed.route, iov[0].addr, routed.len);
         let stage = match route {
             Route::Direct(mr) => Stage::Waiting { addr, mr },
             Route::Staged(device) => {
@@ -189,8 +194,10 @@ impl StagedSendComm {
                 Stage::Pending { slot, src: addr }
             }
         };
+        let segs = (iov.len() > 1).then(|| self.spare.copy(iov));
+        let runs = if segs.is_some() && !route.staged() { runs } else { Vec::new() };
         let trace = self.tracer.as_mut().map(|t| t.posted(len, route.staged()));
-        self.queue.push_back(Request { len, stage, segs, runs, trace });
+        self.queue.push_back(Request { len, stage, segs, addressable: routed.addressable, runs, trace });
         let id = RequestId(self.posted);
         self.posted += 1;
         self.advance()?;
@@ -210,11 +217,13 @@ impl StagedSendComm {
             trace.mark(Mark::InnerDone);
             tracer.reported(trace);
         }
+        self.spare.give(done.segs);
         if slot.is_some() {
             self.staging.ring_mut()?.give_back();
         }
         if self.queue.is_empty() {
             self.staging.idle(&mut self.inner);
+            self.spare.clear();
         }
         Ok(Some(size))
     }
@@ -258,14 +267,14 @@ impl SendComm for StagedSendComm {
             return Ok(None);
         }
         let mut runs = Vec::new();
-        let route = self.staging.route_segments(mrs, iov, &mut runs)?;
-        if let Route::Staged(device) = route
+        let routed = self.staging.route_segments(mrs, iov, &mut runs)?;
+        if let Route::Staged(device) = routed.route
             && self.staging.ring(&mut self.inner, device)?.peek().is_none()
         {
             return Ok(None);
         }
         let entered = self.enter(false);
-        let posted = self.post(route, iov, runs);
+        let posted = self.post(routed, iov, runs);
         self.exit(entered);
         self.failure.keep(posted)
     }
