@@ -268,7 +268,7 @@ impl Staging {
             (_, Some(&Registered::Device { base, len: region_len, .. })) => {
                 for seg in &segs[1..] {
                     inside(seg.addr, seg.len, base, region_len)?;
-                    len += seg.len;
+                    len = len.saturating_add(seg.len);
                     all &= addressable(seg.addr as u64, seg.len as u64);
                 }
             }
