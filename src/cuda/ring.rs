@@ -289,7 +289,7 @@ impl StagingRing {
     pub unsafe fn gather<I>(&mut self, slot: usize, len: usize, segs: I, addressable: bool) -> Result<()>
     where
         I: IntoIterator<Item = (usize, usize)>,
-        I::IntoIter: ExactSizeIterator + Clone,
+        I::IntoIter: ExactSizeIterator,
     {
         self.check_len(len)?;
         let segs = segs.into_iter();
@@ -357,7 +357,7 @@ impl StagingRing {
     pub unsafe fn scatter<I>(&mut self, slot: usize, len: usize, segs: I, addressable: bool) -> Result<()>
     where
         I: IntoIterator<Item = (usize, usize)>,
-        I::IntoIter: ExactSizeIterator + Clone,
+        I::IntoIter: ExactSizeIterator,
     {
         self.check_len(len)?;
         let segs = segs.into_iter();
