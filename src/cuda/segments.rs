@@ -381,7 +381,7 @@ impl SegmentKernel {
         let bounce = self.bounce_for(index, len)?;
         // SAFETY: forwarded from the caller.
         self.tiles.call(|copier| unsafe {
-            copier.push_runs(stream, gather_runs(bounce, len, segs))?;
+            copier.push_runs(stream, bounce_runs(bounce, len, true, segs))?;
             copier.launch(stream)
         })?;
         check(
@@ -417,7 +417,7 @@ impl SegmentKernel {
         )?;
         // SAFETY: forwarded from the caller.
         self.tiles.call(|copier| unsafe {
-            copier.push_runs(stream, scatter_runs(bounce, len, segs))?;
+            copier.push_runs(stream, bounce_runs(bounce, len, false, segs))?;
             copier.launch(stream)
         })
     }
@@ -460,34 +460,25 @@ fn fill(room: &mut [Tile], pending: &mut Option<Run>, runs: &mut impl Iterator<I
     used
 }
 
-/// The copies of a gather of `len` bytes: segment after segment into the next bytes from `bounce`
-/// on, as far as the bytes reach (the segments add up to them), segments that continue each other
-/// merged into one copy. Empty segments copy nothing.
-fn gather_runs(bounce: u64, len: usize, segs: impl Iterator<Item = (usize, usize)>) -> impl Iterator<Item = Run> {
+/// The copies of a gather (`gather`: from the segments into the bounce buffer) or a scatter (out
+/// of it into them) of `len` bytes through the buffer at `bounce`: segment after segment to or from
+/// its next bytes, as far as the bytes reach, segments that continue each other merged into one
+/// copy. Empty segments copy nothing.
+fn bounce_runs(
+    bounce: u64,
+    len: usize,
+    gather: bool,
+    segs: impl Iterator<Item = (usize, usize)>,
+) -> impl Iterator<Item = Run> {
     let (mut at, end) = (bounce, bounce + len as u64);
     merged(segs.map_while(move |(addr, seg_len)| {
         if at == end {
             return None;
         }
         let n = (seg_len as u64).min(end - at);
-        let run = Run { src: addr as u64, dst: at, len: n };
+        let (src, dst) = if gather { (addr as u64, at) } else { (at, addr as u64) };
         at += n;
-        Some(run)
-    }))
-}
-
-/// The copies of a scatter of `len` bytes from `bounce` on: into segment after segment as far as
-/// the bytes reach, segments that continue each other merged into one copy.
-fn scatter_runs(bounce: u64, len: usize, segs: impl Iterator<Item = (usize, usize)>) -> impl Iterator<Item = Run> {
-    let (mut at, end) = (bounce, bounce + len as u64);
-    merged(segs.map_while(move |(addr, seg_len)| {
-        if at == end {
-            return None;
-        }
-        let n = (seg_len as u64).min(end - at);
-        let run = Run { src: at, dst: addr as u64, len: n };
-        at += n;
-        Some(run)
+        Some(Run { src, dst, len: n })
     }))
 }
 
@@ -585,7 +576,7 @@ mod tests {
             let stream: Vec<u8> = segs.iter().flat_map(|&(a, n)| original[a..a + n].iter().copied()).collect();
 
             let mut memory = original.clone();
-            let tiles = apply(&mut memory, gather_runs(BOUNCE, len, segs.iter().copied()));
+            let tiles = apply(&mut memory, bounce_runs(BOUNCE, len, true, segs.iter().copied()));
             let b = BOUNCE as usize;
             assert_eq!(&memory[b..b + len], &stream[..], "round {round}: the gathered bytes");
             assert_eq!(&memory[b + len..], &original[b + len..], "round {round}: past the gather");
@@ -593,7 +584,7 @@ mod tests {
             let filled: Vec<_> = segs.iter().filter(|s| s.1 > 0).collect();
             let side_by_side = filled.windows(2).filter(|w| w[0].0 + w[0].1 == w[1].0).count();
             assert!(side_by_side > 0 || count < 3, "round {round}: the test has side-by-side segments");
-            let runs = gather_runs(BOUNCE, len, segs.iter().copied()).count();
+            let runs = bounce_runs(BOUNCE, len, true, segs.iter().copied()).count();
             assert_eq!(runs, filled.len() - side_by_side, "round {round}: side-by-side segments merged");
             assert!(tiles >= runs);
 
@@ -605,7 +596,7 @@ mod tests {
                 back[a..a + n].fill(0);
             }
             let cleared = back.clone();
-            apply(&mut back, scatter_runs(BOUNCE, short, segs.iter().copied()));
+            apply(&mut back, bounce_runs(BOUNCE, short, false, segs.iter().copied()));
             let mut want = cleared;
             let mut from = 0;
             for &(a, n) in &segs {
@@ -785,9 +776,9 @@ mod tests {
         assert_eq!(runs(&[(0, 100, 10), (11, 110, 5)]), [(0, 100, 10), (11, 110, 5)]);
         assert_eq!(runs(&[(0, 0, 0), (5, 5, 0)]), []);
         let scatter: Vec<_> =
-            scatter_runs(1000, 7, [(0, 4), (4, 4), (50, 9)].into_iter()).map(|r| (r.src, r.dst, r.len)).collect();
+            bounce_runs(1000, 7, false, [(0, 4), (4, 4), (50, 9)].into_iter()).map(|r| (r.src, r.dst, r.len)).collect();
         assert_eq!(scatter, [(1000, 0, 7)], "the bytes end inside the second segment");
-        let gather: Vec<_> = gather_runs(1000, 6, [(50, 3), (0, 0), (53, 2), (10, 1), (90, 4)].into_iter())
+        let gather: Vec<_> = bounce_runs(1000, 6, true, [(50, 3), (0, 0), (53, 2), (10, 1), (90, 4)].into_iter())
             .map(|r| (r.src, r.dst, r.len))
             .collect();
         assert_eq!(gather, [(50, 1000, 5), (10, 1005, 1)]);
