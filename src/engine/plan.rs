@@ -201,36 +201,43 @@ impl Chunk {
                 runs.push(1);
             }
             ChunkMem::Spans { segs, first, offset, runs: table } => {
+                // Run by run, one plain loop over each run's segments. The walk through iterator
+                // adapters with a run lookup per segment took 27 us a chunk of 4,096 blocks of 512
+                // B on an H200 host (sampled), on the thread that holds the connection's lock while
+                // it posts chunks; with this loop such requests' data phase went from 4.6-5.4 to
+                // 4.4-4.7 ms (three pairs, 2 x H200).
                 let mut walk = RunWalk::new(table.as_deref(), *first);
-                let mut current: Option<usize> = None;
-                let (mut start, mut join) = (out.len(), false);
                 // Consecutive runs often share this end's region (another region of the peer's):
                 // its answer is kept rather than asked again.
                 let mut asked: Option<(u64, bool)> = None;
-                for (i, seg) in spanned(segs, *first, *offset, self.len) {
-                    let run = walk.run_of(i);
-                    if current != Some(run) {
-                        if current.is_some() {
-                            runs.push(out.len() - start);
+                let (mut at, mut skip, mut left) = (*first, *offset, self.len);
+                while left > 0 && at < segs.len() {
+                    walk.run_of(at);
+                    let end = walk.next.min(segs.len());
+                    let region = walk.region(self.region);
+                    let join = match asked {
+                        Some((r, j)) if r == region => j,
+                        _ => join_touching(region),
+                    };
+                    asked = Some((region, join));
+                    let start = out.len();
+                    out.reserve(end - at);
+                    while left > 0 && at < end {
+                        let seg = segs[at];
+                        let n = (seg.len - skip).min(left);
+                        let piece = IoSeg { addr: seg.addr + skip, len: n };
+                        (skip, left, at) = (0, left - n, at + 1);
+                        if n == 0 {
+                            continue;
                         }
-                        current = Some(run);
-                        start = out.len();
-                        let region = walk.region(self.region);
-                        join = match asked {
-                            Some((r, j)) if r == region => j,
-                            _ => join_touching(region),
-                        };
-                        asked = Some((region, join));
-                        out.push(seg);
-                        continue;
+                        match out[start..].last_mut() {
+                            Some(last) if join && last.addr.checked_add(last.len) == Some(piece.addr) => last.len += n,
+                            _ => out.push(piece),
+                        }
                     }
-                    match out[start..].last_mut() {
-                        Some(last) if join && last.addr.checked_add(last.len) == Some(seg.addr) => last.len += seg.len,
-                        _ => out.push(seg),
+                    if out.len() > start {
+                        runs.push(out.len() - start);
                     }
-                }
-                if current.is_some() {
-                    runs.push(out.len() - start);
                 }
             }
         }
@@ -415,6 +422,49 @@ impl Cursor {
 mod tests {
     use super::*;
 
+    /// What `Chunk::segments` lists, written as the walk over `spanned` it once was: its oracle.
+    fn segments_by_walk(c: &Chunk, out: &mut Vec<IoSeg>, runs: &mut Vec<usize>, join_touching: &dyn Fn(u64) -> bool) {
+        match &c.mem {
+            ChunkMem::At(addr) => {
+                out.push(IoSeg { addr: *addr, len: c.len });
+                runs.push(1);
+            }
+            ChunkMem::Spans { segs, first, offset, runs: table } => {
+                let mut walk = RunWalk::new(table.as_deref(), *first);
+                let mut current: Option<usize> = None;
+                let (mut start, mut join) = (out.len(), false);
+                // Consecutive runs often share this end's region (another region of the peer's):
+                // its answer is kept rather than asked again.
+                let mut asked: Option<(u64, bool)> = None;
+                for (i, seg) in spanned(segs, *first, *offset, c.len) {
+                    let run = walk.run_of(i);
+                    if current != Some(run) {
+                        if current.is_some() {
+                            runs.push(out.len() - start);
+                        }
+                        current = Some(run);
+                        start = out.len();
+                        let region = walk.region(c.region);
+                        join = match asked {
+                            Some((r, j)) if r == region => j,
+                            _ => join_touching(region),
+                        };
+                        asked = Some((region, join));
+                        out.push(seg);
+                        continue;
+                    }
+                    match out[start..].last_mut() {
+                        Some(last) if join && last.addr.checked_add(last.len) == Some(seg.addr) => last.len += seg.len,
+                        _ => out.push(seg),
+                    }
+                }
+                if current.is_some() {
+                    runs.push(out.len() - start);
+                }
+            }
+        }
+    }
+
     fn seg(addr: usize, len: usize) -> IoSeg {
         IoSeg { addr, len }
     }
@@ -429,6 +479,63 @@ mod tests {
     ) -> std::vec::IntoIter<(usize, Chunk)> {
         let chunks: Vec<_> = super::plan(flow, &[region], extent, chunking, seq).map(|(ch, _, c)| (ch, c)).collect();
         chunks.into_iter()
+    }
+
+    /// Random flows over random runs, some segments side by side (joinable), cut at random points:
+    /// the plain loop lists what the walk through `spanned` does, into a list already holding some.
+    #[test]
+    fn a_chunks_segments_are_what_the_walk_over_its_segments_lists() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rand = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        for case in 0..3000 {
+            let count = 1 + rand(40);
+            let mut addr = 0x10_0000;
+            let segs: Vec<IoSeg> = (0..count)
+                .map(|_| {
+                    // Side by side with the one before, or apart; now and then empty.
+                    addr += if rand(3) == 0 { 0 } else { 64 * (1 + rand(8)) };
+                    let len = if rand(17) == 0 { 0 } else { 1 + rand(300) };
+                    let s = seg(addr, len);
+                    addr += len;
+                    s
+                })
+                .collect();
+            let mut counts = Vec::new();
+            let mut left = count;
+            while left > 0 {
+                let n = rand(left + 1).max(usize::from(rand(4) == 0));
+                counts.push(n.min(left));
+                left -= n.min(left);
+                if rand(5) == 0 {
+                    counts.push(0);
+                }
+            }
+            let regions: Vec<u64> = (0..counts.len()).map(|r| 10 + (r % 4) as u64).collect();
+            let table = (counts.len() > 1 && rand(4) != 0).then(|| Arc::new(Runs::new(&regions, &counts)));
+            let total: usize = segs.iter().map(|s| s.len).sum();
+            let Some(first) = (0..count).filter(|&i| segs[i].len > 0).nth(rand(count)) else { continue };
+            let offset = rand(segs[first].len);
+            let after: usize = segs[first..].iter().map(|s| s.len).sum::<usize>() - offset;
+            let len = 1 + rand(after.min(total));
+            let chunk = Chunk {
+                flow: 1,
+                region: 10,
+                mem: ChunkMem::Spans { segs: segs.clone().into(), first, offset, runs: table },
+                len,
+            };
+            let joins = |r: u64| !r.is_multiple_of(3);
+            let prefix = vec![seg(1, 1); rand(3)];
+            let (mut want, mut want_runs) = (prefix.clone(), vec![7]);
+            segments_by_walk(&chunk, &mut want, &mut want_runs, &joins);
+            let (mut got, mut got_runs) = (prefix, vec![7]);
+            chunk.segments(&mut got, &mut got_runs, &joins);
+            assert_eq!((got, got_runs), (want, want_runs), "case {case}: {chunk:?}");
+        }
     }
 
     #[test]
