@@ -214,6 +214,50 @@ fn sends_a_write_leaves_queued_are_marked_for_the_progress_thread() {
     }
 }
 
+/// While the progress thread drives channel 0 without the connection's lock, another thread
+/// posts: what it queues on channel 0 waits for that channel's next drive, what it queues on
+/// channel 1 goes there at once, and every byte lands in place, in both channels' order. Three
+/// writes of their own bytes to three ranges and a read back of all three.
+#[test]
+fn chunks_queued_while_the_progress_thread_drives_a_channel_wait_for_it_in_order() {
+    let engine = || Engine::new(Config { transport: TransportChoice::Socket, disable_ipc: true, ..config() }).unwrap();
+    let (a, b) = (engine(), engine());
+    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+    let _ba = b.accept().unwrap();
+    let part = 1 << 20;
+    let mut dst = vec![0u8; 3 * part];
+    let dmr = b.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();
+    let srcs: Vec<Vec<u8>> = (0..3).map(|i| bytes(part, 7 * i as u8 + 1)).collect();
+    let mrs: Vec<u64> = srcs.iter().map(|s| a.register(s.as_ptr() as usize, part).unwrap()).collect();
+    let write = |i: usize| {
+        let remote = b.prepare_fifo(dmr, dst.as_ptr() as usize + i * part, part).unwrap();
+        ab.write(&[OneSided { mr: mrs[i], addr: srcs[i].as_ptr() as usize, len: part, remote }]).unwrap()
+    };
+    ab.gate().close();
+    let first = write(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ab.gate().reached() {
+        assert!(Instant::now() < deadline, "the progress thread never drove the connection");
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    let (second, third) = (write(1), write(2));
+    assert!(ab.deferred_ops() > 0, "chunks for the channel being driven were queued on it under its drive");
+    ab.gate().open();
+    for w in [first, second, third] {
+        assert_eq!(wait(&ab, w), part as u64);
+    }
+    assert_eq!(ab.deferred_ops(), 0);
+    for (i, src) in srcs.iter().enumerate() {
+        assert!(&dst[i * part..(i + 1) * part] == src.as_slice(), "write {i} landed wrong");
+    }
+    let mut back = vec![0u8; 3 * part];
+    let bmr = a.register(back.as_mut_ptr() as usize, back.len()).unwrap();
+    let remote = b.prepare_fifo(dmr, dst.as_ptr() as usize, dst.len()).unwrap();
+    let r = ab.read(&[OneSided { mr: bmr, addr: back.as_mut_ptr() as usize, len: back.len(), remote }]).unwrap();
+    assert_eq!(wait(&ab, r), back.len() as u64);
+    assert!(back == dst, "the read returned other bytes");
+}
+
 /// Inline writes, reads and sends whose stores and loads start copies (simulated on host memory,
 /// landing 2 ms after they start): 32 posted at once, three times, so that readers find several
 /// payloads queued and read on while copies run, then one at a time, so that a caller waits for
