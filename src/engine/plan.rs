@@ -422,44 +422,24 @@ impl Cursor {
 mod tests {
     use super::*;
 
-    /// What `Chunk::segments` lists, written as the walk over `spanned` it once was: its oracle.
-    fn segments_by_walk(c: &Chunk, out: &mut Vec<IoSeg>, runs: &mut Vec<usize>, join_touching: &dyn Fn(u64) -> bool) {
-        match &c.mem {
-            ChunkMem::At(addr) => {
-                out.push(IoSeg { addr: *addr, len: c.len });
-                runs.push(1);
-            }
-            ChunkMem::Spans { segs, first, offset, runs: table } => {
-                let mut walk = RunWalk::new(table.as_deref(), *first);
-                let mut current: Option<usize> = None;
-                let (mut start, mut join) = (out.len(), false);
-                // Consecutive runs often share this end's region (another region of the peer's):
-                // its answer is kept rather than asked again.
-                let mut asked: Option<(u64, bool)> = None;
-                for (i, seg) in spanned(segs, *first, *offset, c.len) {
-                    let run = walk.run_of(i);
-                    if current != Some(run) {
-                        if current.is_some() {
-                            runs.push(out.len() - start);
-                        }
-                        current = Some(run);
-                        start = out.len();
-                        let region = walk.region(c.region);
-                        join = match asked {
-                            Some((r, j)) if r == region => j,
-                            _ => join_touching(region),
-                        };
-                        asked = Some((region, join));
-                        out.push(seg);
-                        continue;
-                    }
-                    match out[start..].last_mut() {
-                        Some(last) if join && last.addr.checked_add(last.len) == Some(seg.addr) => last.len += seg.len,
-                        _ => out.push(seg),
-                    }
+    /// What `Chunk::segments` lists, spelled out: the segments `spanned` yields, each run's looked
+    /// up on its own, side by side ones of a run joined where its region says so.
+    fn segments_spelled_out(c: &Chunk, out: &mut Vec<IoSeg>, runs: &mut Vec<usize>, joins: &dyn Fn(u64) -> bool) {
+        let ChunkMem::Spans { segs, first, offset, runs: table } = &c.mem else { panic!("not a spanning chunk") };
+        let mut last_run = None;
+        for (i, seg) in spanned(segs, *first, *offset, c.len) {
+            let run = table.as_ref().map_or(0, |t| t.of(i));
+            let region = table.as_ref().map_or(c.region, |t| t.regions[run]);
+            match out.last_mut().filter(|_| last_run == Some(run)) {
+                Some(p) if joins(region) && p.addr.checked_add(p.len) == Some(seg.addr) => p.len += seg.len,
+                Some(_) => {
+                    out.push(seg);
+                    *runs.last_mut().expect("a run started") += 1;
                 }
-                if current.is_some() {
-                    runs.push(out.len() - start);
+                None => {
+                    out.push(seg);
+                    runs.push(1);
+                    last_run = Some(run);
                 }
             }
         }
@@ -482,9 +462,9 @@ mod tests {
     }
 
     /// Random flows over random runs, some segments side by side (joinable), cut at random points:
-    /// the plain loop lists what the walk through `spanned` does, into a list already holding some.
+    /// the loop lists what is spelled out naively, into a list already holding some.
     #[test]
-    fn a_chunks_segments_are_what_the_walk_over_its_segments_lists() {
+    fn a_chunks_segments_are_those_spelled_out_segment_by_segment() {
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         let mut rand = |n: usize| {
             state ^= state << 13;
@@ -531,7 +511,7 @@ mod tests {
             let joins = |r: u64| !r.is_multiple_of(3);
             let prefix = vec![seg(1, 1); rand(3)];
             let (mut want, mut want_runs) = (prefix.clone(), vec![7]);
-            segments_by_walk(&chunk, &mut want, &mut want_runs, &joins);
+            segments_spelled_out(&chunk, &mut want, &mut want_runs, &joins);
             let (mut got, mut got_runs) = (prefix, vec![7]);
             chunk.segments(&mut got, &mut got_runs, &joins);
             assert_eq!((got, got_runs), (want, want_runs), "case {case}: {chunk:?}");
