@@ -945,10 +945,10 @@ impl Connection {
         if pass.result.is_ok() && driven.error.is_none() {
             let (sent, finished) = (&mut pass.sent, &mut pass.finished);
             MutexGuard::unlocked_fair(&mut inner, || {
-                for (_k, slot) in self.channels.iter().enumerate() {
+                for slot in self.channels.iter() {
                     if let Some(ch) = slot.lock().as_mut() {
                         #[cfg(test)]
-                        if _k == 0 {
+                        if std::ptr::eq(slot, &self.channels[0]) {
                             self.gate.pass();
                         }
                         driven.drive(ch, sent, finished, usize::MAX);
