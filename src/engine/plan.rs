@@ -203,9 +203,9 @@ impl Chunk {
             ChunkMem::Spans { segs, first, offset, runs: table } => {
                 // Run by run, one plain loop over each run's segments. The walk through iterator
                 // adapters with a run lookup per segment took 27 us a chunk of 4,096 blocks of 512
-                // B on an H200 host (sampled), on the thread that holds the connection's lock while
-                // it posts chunks; with this loop such requests' data phase went from 4.6-5.4 to
-                // 4.4-4.7 ms (three pairs, 2 x H200).
+                // B on an H200 host (sampled), on the thread posting the chunks, which is what bounds
+                // such requests; with this loop their data phase went from 4.6-5.4 to 4.4-4.7 ms
+                // (three pairs, 2 x H200).
                 let mut walk = RunWalk::new(table.as_deref(), *first);
                 // Consecutive runs often share this end's region (another region of the peer's):
                 // its answer is kept rather than asked again.
