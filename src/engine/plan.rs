@@ -445,6 +445,16 @@ mod tests {
         }
     }
 
+    /// A xorshift generator from `seed`: each call a number below its bound.
+    fn xorshift(mut x: u64) -> impl FnMut(usize) -> usize {
+        move |bound| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % bound as u64) as usize
+        }
+    }
+
     fn seg(addr: usize, len: usize) -> IoSeg {
         IoSeg { addr, len }
     }
@@ -465,13 +475,7 @@ mod tests {
     /// the loop lists what is spelled out naively, into a list already holding some.
     #[test]
     fn a_chunks_segments_are_those_spelled_out_segment_by_segment() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rand = |n: usize| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % n as u64) as usize
-        };
+        let mut rand = xorshift(0x9e37_79b9_7f4a_7c15);
         for case in 0..3000 {
             let count = 1 + rand(40);
             let mut addr = 0x10_0000;
@@ -717,13 +721,7 @@ mod tests {
     /// Both ends cut the same lengths whatever their own segment addresses, for many shapes.
     #[test]
     fn both_ends_derive_the_same_lengths_and_every_byte_is_covered_once() {
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut next = |bound: usize| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % bound as u64) as usize
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         for _ in 0..300 {
             let n = 1 + next(40);
             let lens: Vec<usize> = (0..n).map(|_| 1 + next(5000)).collect();

@@ -40,6 +40,16 @@ fn write_and_read_back(a: &Engine, b: &Engine, ab: &Connection, len: usize, roun
     assert!(back == src, "read returned wrong bytes");
 }
 
+/// Two engines over the built-in socket transport (the network path) and the connection from the
+/// first to the second, each end's.
+fn socket_pair() -> (Engine, Engine, std::sync::Arc<Connection>, std::sync::Arc<Connection>) {
+    let engine = || Engine::new(Config { transport: TransportChoice::Socket, disable_ipc: true, ..config() }).unwrap();
+    let (a, b) = (engine(), engine());
+    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+    let ba = b.accept().unwrap();
+    (a, b, ab, ba)
+}
+
 fn bytes(len: usize, seed: u8) -> Vec<u8> {
     (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
 }
@@ -194,10 +204,7 @@ fn network_chunks_in_flight_keep_the_idle_progress_thread_polling_within_its_bou
 /// Every write still lands whole.
 #[test]
 fn sends_a_write_leaves_queued_are_marked_for_the_progress_thread() {
-    let engine = || Engine::new(Config { transport: TransportChoice::Socket, disable_ipc: true, ..config() }).unwrap();
-    let (a, b) = (engine(), engine());
-    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
-    let _ba = b.accept().unwrap();
+    let (a, b, ab, _ba) = socket_pair();
     // 16 chunks of 64 KiB over 2 channels: the caller posts one a channel, seven stay queued.
     let len = 1 << 20;
     let mut dst = vec![0u8; len];
@@ -220,10 +227,7 @@ fn sends_a_write_leaves_queued_are_marked_for_the_progress_thread() {
 /// writes of their own bytes to three ranges and a read back of all three.
 #[test]
 fn chunks_queued_while_the_progress_thread_drives_a_channel_wait_for_it_in_order() {
-    let engine = || Engine::new(Config { transport: TransportChoice::Socket, disable_ipc: true, ..config() }).unwrap();
-    let (a, b) = (engine(), engine());
-    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
-    let _ba = b.accept().unwrap();
+    let (a, b, ab, _ba) = socket_pair();
     let part = 1 << 20;
     let mut dst = vec![0u8; 3 * part];
     let dmr = b.register(dst.as_mut_ptr() as usize, dst.len()).unwrap();

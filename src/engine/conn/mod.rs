@@ -128,10 +128,9 @@ struct Inner {
     copies: StartedCopies,
 }
 
-/// What the state asks of one channel.
+/// What the state asks of one channel, kept while another thread drives it.
 enum ChannelOp {
-    Send(Chunk, Vec<Arc<super::region::Region>>),
-    Recv(Chunk, Vec<Arc<super::region::Region>>),
+    Queue(Direction, Chunk, Vec<Arc<super::region::Region>>),
     Hold(u64),
     Release(u64),
 }
@@ -139,12 +138,19 @@ enum ChannelOp {
 impl ChannelOp {
     fn apply(self, ch: &mut Channel) -> Result<()> {
         match self {
-            ChannelOp::Send(chunk, regions) => ch.queue_send(chunk, &regions)?,
-            ChannelOp::Recv(chunk, regions) => ch.queue_recv(chunk, &regions)?,
+            ChannelOp::Queue(dir, chunk, regions) => queue_chunk(ch, dir, chunk, &regions)?,
             ChannelOp::Hold(flow) => ch.hold(flow),
             ChannelOp::Release(flow) => ch.release(flow),
         }
         Ok(())
+    }
+}
+
+/// Queues `chunk` on `ch` in direction `dir`, registering its regions there first.
+fn queue_chunk(ch: &mut Channel, dir: Direction, chunk: Chunk, regions: &[Arc<super::region::Region>]) -> Result<()> {
+    match dir {
+        Direction::Send => ch.queue_send(chunk, regions),
+        Direction::Recv => ch.queue_recv(chunk, regions),
     }
 }
 
@@ -937,8 +943,11 @@ impl Connection {
         let mut inner = self.inner.lock();
         let Some(mut pass) = self.start_pass(&mut inner) else { return false };
         let mut driven = Driven::default();
+        // What waits for a channel is applied under both locks before it is driven.
         for k in 0..self.channels.len() {
-            if let Err(e) = self.channel_now(&mut inner, k) {
+            if !inner.deferred[k].is_empty()
+                && let Err(e) = self.channel_now(&mut inner, k)
+            {
                 driven.error = Some(e);
             }
         }
@@ -1121,16 +1130,18 @@ impl Connection {
     /// Does what the state asks of channel `k`, or, while another thread drives it (or earlier
     /// requests wait), leaves it for whoever drives it next under the connection's lock, in order.
     fn channel_op(&self, inner: &mut Inner, k: usize, op: ChannelOp) -> Result<()> {
-        if inner.deferred[k].is_empty()
-            && let Some(mut slot) = self.channels[k].try_lock()
-        {
-            return match slot.as_mut() {
-                Some(ch) => op.apply(ch),
-                None => Err(Error::backend("the connection's channels are closed")),
-            };
+        match self.free_channel(inner, k) {
+            Some(mut slot) => op.apply(open_channel(&mut slot)?),
+            None => {
+                inner.deferred[k].push(op);
+                Ok(())
+            }
         }
-        inner.deferred[k].push(op);
-        Ok(())
+    }
+
+    /// Channel `k` if it may be asked now: nothing waits for it and no other thread drives it.
+    fn free_channel(&self, inner: &Inner, k: usize) -> Option<MutexGuard<'_, Option<Channel>>> {
+        if inner.deferred[k].is_empty() { self.channels[k].try_lock() } else { None }
     }
 
     /// Cuts a flow into chunks and queues each on its channel (registering its region there first).
@@ -1159,13 +1170,13 @@ impl Connection {
         };
         for (c, touched, chunk) in plan::plan(flow, ids, extent, chunking, seq) {
             // A flow whose region is gone moves through scratch memory with the same chunk lengths.
-            let regions = runs.get(touched).unwrap_or(&[]).to_vec();
+            let regions = runs.get(touched).unwrap_or(&[]);
             let chunk = if regions.is_empty() { Chunk { mem: ChunkMem::At(0), ..chunk } } else { chunk };
-            let op = match dir {
-                Direction::Send => ChannelOp::Send(chunk, regions),
-                Direction::Recv => ChannelOp::Recv(chunk, regions),
-            };
-            self.channel_op(inner, c, op)?;
+            // The regions are copied only for a chunk that must wait for its channel.
+            match self.free_channel(inner, c) {
+                Some(mut slot) => queue_chunk(open_channel(&mut slot)?, dir, chunk, regions)?,
+                None => inner.deferred[c].push(ChannelOp::Queue(dir, chunk, regions.to_vec())),
+            }
         }
         Ok(())
     }
@@ -1199,6 +1210,11 @@ impl Pass {
         finished.clear();
         (inner.sent_chunks, inner.finished_chunks) = (sent, finished);
     }
+}
+
+/// The channel in `slot`, or the error of a connection whose channels were dropped.
+fn open_channel<'a>(slot: &'a mut MutexGuard<'_, Option<Channel>>) -> Result<&'a mut Channel> {
+    slot.as_mut().ok_or_else(|| Error::backend("the connection's channels are closed"))
 }
 
 /// Applies what waits for a channel to it, in order.
