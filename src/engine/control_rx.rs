@@ -192,6 +192,14 @@ impl ControlRx {
         Some(Taken { rx: self, buf: Some(buf) })
     }
 
+    /// Whether the socket holds bytes not read yet (an error says no).
+    pub fn bytes_waiting(&self) -> bool {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int to the pointer given; the descriptor is the stream's.
+        let rc = unsafe { libc::ioctl(self.stream.as_raw_fd(), libc::FIONREAD, &mut n) };
+        rc == 0 && n > 0
+    }
+
     /// Reads what the socket holds, up to about a buffer's worth. With `wait`, the first read blocks
     /// for at most `WAIT_SLICE` (one syscall instead of a wait and a read); every other read is
     /// non-blocking per call (MSG_DONTWAIT): the socket itself stays blocking for that one read.

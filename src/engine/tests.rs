@@ -262,6 +262,73 @@ fn chunks_queued_while_the_progress_thread_drives_a_channel_wait_for_it_in_order
     assert!(back == dst, "the read returned other bytes");
 }
 
+/// Reads posted while the target's control stream is held pile up there and are read at once:
+/// its reader hands the connection's lock over between them (sending what each answered, leaving
+/// what it queued to the progress thread), and every read ends with its bytes.
+#[test]
+fn a_reader_lets_others_in_between_the_requests_of_one_read() {
+    let (a, b, ab, ba) = socket_pair();
+    ba.hand_over_every_message();
+    let (n, part) = (16usize, 1usize << 20);
+    let src = bytes(n * part, 3);
+    let smr = b.register(src.as_ptr() as usize, src.len()).unwrap();
+    let remote = b.prepare_fifo(smr, src.as_ptr() as usize, src.len()).unwrap();
+    let mut back = vec![0u8; n * part];
+    let kmr = a.register(back.as_mut_ptr() as usize, back.len()).unwrap();
+    let held = ba.hold_reads();
+    let reads: Vec<u64> = (0..n)
+        .map(|i| {
+            let remote = FifoItem { addr: remote.addr + (i * part) as u64, ..remote };
+            ab.read(&[OneSided { mr: kmr, addr: back.as_mut_ptr() as usize + i * part, len: part, remote }]).unwrap()
+        })
+        .collect();
+    drop(held);
+    for r in reads {
+        assert_eq!(wait(&ab, r), part as u64);
+    }
+    assert!(ba.lets_in() > 0, "16 requests read together were handled under one hold of the lock");
+    assert!(back == src, "a read returned other bytes");
+}
+
+/// Four reads of 8,192 pieces of 512 B each (4 MiB) posted while the target's control stream is
+/// held: their requests, about 128 KiB each, take more than one of its reads. A reader that
+/// handled some with the rest still in the stream leaves their chunks to the progress thread, and
+/// every read ends with its bytes.
+#[test]
+fn a_reader_with_more_to_read_leaves_large_flows_to_the_progress_thread() {
+    let (a, b, ab, ba) = socket_pair();
+    let (pieces, piece) = (8192usize, 512usize);
+    let len = pieces * piece;
+    let n = 4;
+    let src = bytes(2 * n * len, 5);
+    let smr = b.register(src.as_ptr() as usize, src.len()).unwrap();
+    let remote = b.prepare_fifo(smr, src.as_ptr() as usize, src.len()).unwrap();
+    let mut back = vec![0u8; n * len];
+    let kmr = a.register(back.as_mut_ptr() as usize, back.len()).unwrap();
+    // Every other piece of the source, so that none joins its neighbour.
+    let read = |k: usize, back: &mut Vec<u8>| {
+        let ops: Vec<OneSided> = (0..pieces)
+            .map(|i| OneSided {
+                mr: kmr,
+                addr: back.as_mut_ptr() as usize + k * len + i * piece,
+                len: piece,
+                remote: FifoItem { addr: remote.addr + ((k * pieces + i) * 2 * piece) as u64, ..remote },
+            })
+            .collect();
+        ab.read(&ops).unwrap()
+    };
+    let held = ba.hold_reads();
+    let reads: Vec<u64> = (0..n).map(|k| read(k, &mut back)).collect();
+    drop(held);
+    for r in reads {
+        assert_eq!(wait(&ab, r), len as u64);
+    }
+    assert!(ba.left_to_progress() > 0, "the reader posted every read's chunks with more requests waiting");
+    for (i, got) in back.chunks(piece).enumerate() {
+        assert!(got == &src[i * 2 * piece..][..piece], "piece {i} of the reads landed wrong");
+    }
+}
+
 /// Inline writes, reads and sends whose stores and loads start copies (simulated on host memory,
 /// landing 2 ms after they start): 32 posted at once, three times, so that readers find several
 /// payloads queued and read on while copies run, then one at a time, so that a caller waits for
