@@ -157,6 +157,31 @@ impl Mrs {
     }
 }
 
+/// A chunk's segments as a comm takes them, filled at each post into lists kept for the next: the
+/// segments, their count per region and the runs of registrations they make.
+#[derive(Default)]
+struct Spelled {
+    iov: Vec<IoSeg>,
+    counts: Vec<usize>,
+    mr_runs: Vec<MrRun>,
+}
+
+impl Spelled {
+    /// Fills in `chunk`'s segments and the runs of `mrs` they make; where they joined into one
+    /// segment of one registration, that segment and its registration.
+    fn fill(&mut self, chunk: &Chunk, mrs: &Mrs, regs: &IdMap<u64, Registration>) -> Result<Option<(IoSeg, MrHandle)>> {
+        let joins = |region| joins_touching(regs, region);
+        self.iov.clear();
+        self.counts.clear();
+        chunk.segments(&mut self.iov, &mut self.counts, &joins);
+        mrs.runs(&self.counts, &mut self.mr_runs)?;
+        Ok(match (&self.iov[..], &self.mr_runs[..]) {
+            ([one], [run]) => Some((*one, run.mr)),
+            _ => None,
+        })
+    }
+}
+
 pub struct Channel {
     // Declared first so they drop first: dropping a comm ends its I/O, after which the scratch
     // buffers of requests still posted may go.
@@ -179,11 +204,8 @@ pub struct Channel {
     send_inflight: VecDeque<Posted>,
     recv_queue: VecDeque<(Chunk, Mrs)>,
     recv_inflight: VecDeque<Posted>,
-    /// The segments of a chunk being posted, their count per region and the runs of
-    /// registrations they make; reused.
-    iov: Vec<IoSeg>,
-    counts: Vec<usize>,
-    mr_runs: Vec<MrRun>,
+    /// The segments of the chunk being posted.
+    spelled: Spelled,
     /// Scratch receive buffers whose receive completed, for the next scratch receives.
     spare: Vec<Box<[u8]>>,
     /// A comm declined a post on the last pass with nothing of ours in flight on it.
@@ -218,9 +240,7 @@ impl Channel {
             send_inflight: VecDeque::new(),
             recv_queue: VecDeque::new(),
             recv_inflight: VecDeque::new(),
-            iov: Vec::new(),
-            counts: Vec::new(),
-            mr_runs: Vec::new(),
+            spelled: Spelled::default(),
             spare: Vec::new(),
             declined: false,
         }
@@ -426,20 +446,13 @@ impl Channel {
                 (None, ChunkMem::At(addr), Mrs::One(mr)) => unsafe {
                     self.send.isend(*addr as *const u8, chunk.len, *mr)?
                 },
-                _ => {
-                    let joins = |region| joins_touching(&self.registrations, region);
-                    self.iov.clear();
-                    self.counts.clear();
-                    chunk.segments(&mut self.iov, &mut self.counts, &joins);
-                    mrs.runs(&self.counts, &mut self.mr_runs)?;
-                    match (&self.iov[..], &self.mr_runs[..]) {
-                        // Segments side by side, joined: a contiguous request.
-                        // SAFETY: as for a contiguous chunk.
-                        ([one], [run]) => unsafe { self.send.isend(one.addr as *const u8, one.len, run.mr)? },
-                        // SAFETY: as for a contiguous chunk, for every segment.
-                        _ => unsafe { self.send.isendv(&self.iov, &self.mr_runs)? },
-                    }
-                }
+                _ => match self.spelled.fill(chunk, mrs, &self.registrations)? {
+                    // Segments side by side, joined: a contiguous request.
+                    // SAFETY: as for a contiguous chunk.
+                    Some((one, mr)) => unsafe { self.send.isend(one.addr as *const u8, one.len, mr)? },
+                    // SAFETY: as for a contiguous chunk, for every segment.
+                    None => unsafe { self.send.isendv(&self.spelled.iov, &self.spelled.mr_runs)? },
+                },
             };
             let Some(req) = posted else {
                 self.declined |= self.send_inflight.is_empty();
@@ -471,19 +484,12 @@ impl Channel {
                 (None, ChunkMem::At(addr), Mrs::One(mr)) => unsafe {
                     self.recv.irecv(*addr as *mut u8, chunk.len, *mr)?
                 },
-                _ => {
-                    let joins = |region| joins_touching(&self.registrations, region);
-                    self.iov.clear();
-                    self.counts.clear();
-                    chunk.segments(&mut self.iov, &mut self.counts, &joins);
-                    mrs.runs(&self.counts, &mut self.mr_runs)?;
-                    match (&self.iov[..], &self.mr_runs[..]) {
-                        // SAFETY: as for a contiguous destination.
-                        ([one], [run]) => unsafe { self.recv.irecv(one.addr as *mut u8, one.len, run.mr)? },
-                        // SAFETY: as for a contiguous destination, for every segment.
-                        _ => unsafe { self.recv.irecvv(&self.iov, &self.mr_runs)? },
-                    }
-                }
+                _ => match self.spelled.fill(chunk, mrs, &self.registrations)? {
+                    // SAFETY: as for a contiguous destination.
+                    Some((one, mr)) => unsafe { self.recv.irecv(one.addr as *mut u8, one.len, mr)? },
+                    // SAFETY: as for a contiguous destination, for every segment.
+                    None => unsafe { self.recv.irecvv(&self.spelled.iov, &self.spelled.mr_runs)? },
+                },
             };
             let Some(req) = posted else {
                 self.declined |= self.recv_inflight.is_empty();
