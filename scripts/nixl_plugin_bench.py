@@ -428,7 +428,8 @@ def breakdown_main(sizes, setups, rounds, bench):
 # random blocks of the other side (make_prepped_xfer with index lists, one notification per
 # request). Every byte is checked: READs by the initiator, WRITEs by the target once their
 # notification is in. Anchor, same run and setup: one descriptor of the same bytes, made and posted
-# the same way. Each cell: time from make_prepped_xfer to DONE. Each request follows an untimed
+# the same way. Each cell: time from make_prepped_xfer to DONE; `data ratio` is the anchor's time
+# over the request's from its post's return to DONE (its data phase). Each request follows an untimed
 # anchor and its timed anchor follows it, so both find the GPUs and their links busy: after the
 # check's idle (100 ms or more) a copy between two H200s takes about 1.6x as long, and a request
 # timed cold against an anchor timed warm read as the request's own cost (perf-log/kv-same-host.md).
@@ -813,20 +814,21 @@ def kv_main(shape, setups, rounds, requests, concurrent=1):
                 firsts.setdefault((setup, op), []).append(first[op])
         print(f"KV round {r + 1} of {rounds} done", file=sys.stderr, flush=True)
     print(
-        "| setup | op | make ms | post ms | to DONE ms | GB/s | anchor ms | anchor GB/s | ratio | (make+post)/DONE "
-        "| x ucx | make CPU ns/desc | post CPU ns/desc | first to DONE ms (x DONE) |"
+        "| setup | op | make ms | post ms | to DONE ms | GB/s | anchor ms | anchor GB/s | ratio | data ratio "
+        "| (make+post)/DONE | x ucx | make CPU ns/desc | post CPU ns/desc | first to DONE ms (x DONE) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (setup, op), rows in got.items():
         make, post, done, anchor, make_cpu, post_cpu = (statistics.median(col) for col in zip(*rows))
         ratio = statistics.median(r[3] / r[2] for r in rows)
         share = statistics.median((r[0] + r[1]) / r[2] for r in rows)
+        data = statistics.median(r[3] / max(r[2] - r[0] - r[1], 1e-9) for r in rows)
         # NIXL's UCX backend on the same requests, same run: its time to DONE over ours.
         ucx = got.get(("ucx", op))
         vs_ucx = f"{statistics.median(r[2] for r in ucx) / done:.1f}" if ucx else "-"
         print(
             f"| {setup} | {op} | {make * 1e3:.2f} | {post * 1e3:.2f} | {done * 1e3:.2f} | {n * block / done / 1e9:.2f} "
-            f"| {anchor * 1e3:.2f} | {n * block / anchor / 1e9:.2f} | {ratio:.2f} | {share:.2f} | {vs_ucx} "
+            f"| {anchor * 1e3:.2f} | {n * block / anchor / 1e9:.2f} | {ratio:.2f} | {data:.2f} | {share:.2f} | {vs_ucx} "
             f"| {make_cpu / n * 1e9:.0f} | {post_cpu / n * 1e9:.0f} "
             f"| {' '.join(f'{f * 1e3:.1f} ({f / done:.1f})' for f in firsts[(setup, op)])} |"
         )
