@@ -264,15 +264,19 @@ pub struct Connection {
     /// What the caller's transfers on this connection moved and how they ended.
     stats: Arc<StatsCell>,
     #[cfg(test)]
+    hooks: TestHooks,
+}
+
+/// Where tests hold a connection's threads, and what they count of them.
+#[cfg(test)]
+#[derive(Default)]
+struct TestHooks {
     gate: DriveGate,
     /// Readers' hand-overs of the lock between messages (`let_others_in`).
-    #[cfg(test)]
     lets_in: std::sync::atomic::AtomicU64,
     /// A reader hands the lock over before every message but the first of a read.
-    #[cfg(test)]
     slice_zero: AtomicBool,
     /// Reads whose chunks the reader left to the progress thread (`reader_pass`).
-    #[cfg(test)]
     left_to_progress: std::sync::atomic::AtomicU64,
 }
 
@@ -410,13 +414,7 @@ impl Connection {
             same_host: SameHostIo::new(weak.clone() as Weak<dyn HostServed>, device_batches),
             stats: Arc::default(),
             #[cfg(test)]
-            gate: DriveGate::default(),
-            #[cfg(test)]
-            lets_in: Default::default(),
-            #[cfg(test)]
-            slice_zero: AtomicBool::new(false),
-            #[cfg(test)]
-            left_to_progress: Default::default(),
+            hooks: TestHooks::default(),
         });
         // Known to the engine before it reads a byte: a deregistration must reach every connection
         // that could authorize a request for the region.
@@ -566,7 +564,7 @@ impl Connection {
         held.leave_copies = true;
         self.release(inner, held)?;
         #[cfg(test)]
-        self.lets_in.fetch_add(1, Ordering::Relaxed);
+        self.hooks.lets_in.fetch_add(1, Ordering::Relaxed);
         MutexGuard::bump(inner);
         Ok(())
     }
@@ -582,7 +580,7 @@ impl Connection {
     fn reader_pass(&self, inner: &mut Inner, queued: u64) {
         if queued > inner.state.chunking().size as u64 && self.rx.bytes_waiting() {
             #[cfg(test)]
-            self.left_to_progress.fetch_add(1, Ordering::Relaxed);
+            self.hooks.left_to_progress.fetch_add(1, Ordering::Relaxed);
             return;
         }
         self.pass_if_queued(inner);
@@ -591,7 +589,7 @@ impl Connection {
     /// How long a reader handles messages under the connection's lock before it lets others in.
     fn handle_slice(&self) -> Duration {
         #[cfg(test)]
-        if self.slice_zero.load(Ordering::Relaxed) {
+        if self.hooks.slice_zero.load(Ordering::Relaxed) {
             return Duration::ZERO;
         }
         HANDLE_SLICE
@@ -1007,25 +1005,25 @@ impl Connection {
     /// The gate the progress thread's drive of channel 0 stops at while a test holds it closed.
     #[cfg(test)]
     pub(super) fn gate(&self) -> &DriveGate {
-        &self.gate
+        &self.hooks.gate
     }
 
     /// Makes readers hand the lock over before every message of a read but the first.
     #[cfg(test)]
     pub(super) fn hand_over_every_message(&self) {
-        self.slice_zero.store(true, Ordering::Relaxed);
+        self.hooks.slice_zero.store(true, Ordering::Relaxed);
     }
 
     /// How often readers handed the lock over between messages.
     #[cfg(test)]
     pub(super) fn lets_in(&self) -> u64 {
-        self.lets_in.load(Ordering::Relaxed)
+        self.hooks.lets_in.load(Ordering::Relaxed)
     }
 
     /// How often a reader left the chunks it queued to the progress thread.
     #[cfg(test)]
     pub(super) fn left_to_progress(&self) -> u64 {
-        self.left_to_progress.load(Ordering::Relaxed)
+        self.hooks.left_to_progress.load(Ordering::Relaxed)
     }
 
     /// Keeps the control stream from its readers until the guard goes (which lets the reactor read
@@ -1069,7 +1067,7 @@ impl Connection {
                     if let Some(ch) = slot.lock().as_mut() {
                         #[cfg(test)]
                         if std::ptr::eq(slot, &self.channels[0]) {
-                            self.gate.pass();
+                            self.hooks.gate.pass();
                         }
                         driven.drive(ch, sent, finished, usize::MAX);
                     }
