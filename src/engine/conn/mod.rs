@@ -501,13 +501,13 @@ impl Connection {
             };
             if slice.elapsed() >= self.handle_slice() {
                 handled = self.let_others_in(&mut inner, std::mem::take(&mut held));
-                if handled.is_ok() && inner.state.failure().is_some() {
-                    return Handled::Failed;
-                }
-                slice = Instant::now();
                 if handled.is_err() {
                     break;
                 }
+                if inner.state.failure().is_some() {
+                    return Handled::Failed;
+                }
+                slice = Instant::now();
             }
             match frame {
                 Frame::Whole(msg) => {
@@ -532,13 +532,7 @@ impl Connection {
             handled = self.start_landing(&mut inner, buf);
         }
         if handled.is_ok() {
-            // A short read's bytes leave before the Data message that announces them.
-            handled = held.send_unless_chunks_first(self);
-        }
-        if handled.is_ok() {
-            self.reader_pass(&mut inner, held.queued_bytes);
-            held.leave_copies = leave_copies;
-            handled = self.release(&mut inner, held);
+            handled = self.end_stretch(&mut inner, held, leave_copies, false);
         }
         let outcome = match (handled, drained) {
             (Err(e), _) | (Ok(()), Drained::Closed(e)) => e,
@@ -552,17 +546,27 @@ impl Connection {
         Handled::Failed
     }
 
-    /// Ends a stretch of [`handle_read`](Self::handle_read) as its end would, but for the chunks
-    /// the messages handled so far queued, which are left to the progress thread (`reader_pass`),
-    /// and hands the connection's lock to a thread waiting for it, if any, before the next
-    /// message. A peer's request of 7,815 blocks of 512 B took about 150 us to check and plan; a
-    /// read of six of them held the lock for a millisecond, in which the progress thread saw no
-    /// finished copy and posted no chunk.
-    fn let_others_in(&self, inner: &mut MutexGuard<'_, Inner>, mut held: Held) -> Result<()> {
+    /// Ends a stretch of messages a reader handled under the lock: what they answered sent, what
+    /// they queued posted by the reader or left to the progress thread (`reader_pass`; always
+    /// left while the reader holds the next message, `in_hand`). `leave_copies`: the reader comes
+    /// back at once, so copies started for inline payloads run on meanwhile.
+    fn end_stretch(&self, inner: &mut Inner, mut held: Held, leave_copies: bool, in_hand: bool) -> Result<()> {
+        // A short read's bytes leave before the Data message that announces them.
         held.send_unless_chunks_first(self)?;
-        // The reader goes on at once: copies started for inline payloads run meanwhile.
-        held.leave_copies = true;
-        self.release(inner, held)?;
+        if !in_hand {
+            self.reader_pass(inner, held.queued_bytes);
+        }
+        held.leave_copies = leave_copies;
+        self.release(inner, held)
+    }
+
+    /// Ends the stretch of [`handle_read`](Self::handle_read) so far (`end_stretch`) and hands the
+    /// connection's lock to a thread waiting for it, if any, before the next message. A peer's
+    /// request of 7,815 blocks of 512 B took about 150 us to check and plan; a read of six of them
+    /// held the lock for a millisecond, in which the progress thread saw no finished copy and
+    /// posted no chunk.
+    fn let_others_in(&self, inner: &mut MutexGuard<'_, Inner>, held: Held) -> Result<()> {
+        self.end_stretch(inner, held, true, true)?;
         #[cfg(test)]
         self.hooks.lets_in.fetch_add(1, Ordering::Relaxed);
         MutexGuard::bump(inner);
