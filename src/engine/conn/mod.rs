@@ -278,6 +278,9 @@ struct TestHooks {
     slice_zero: AtomicBool,
     /// Reads whose chunks the reader left to the progress thread (`reader_pass`).
     left_to_progress: std::sync::atomic::AtomicU64,
+    /// The progress thread drives the channels with the connection's lock let go: what it took
+    /// of the connection's marks is in its hands (`sends_stranded`). Changed under that lock.
+    driving: AtomicBool,
 }
 
 /// Where the progress thread's drive of channel 0 stops while a test keeps it closed: that
@@ -997,12 +1000,14 @@ impl Connection {
 
     /// Whether a channel holds sends its comm would take now with nothing set to post them: no
     /// pass due (the connection not marked queued, so no release wakes the progress thread for
-    /// it) and no comm that declined one. Outside a pass this must never hold.
+    /// it), no comm that declined one, and no drive by the progress thread under way (which took
+    /// the mark). Outside a pass this must never hold.
     #[cfg(test)]
     pub(super) fn sends_stranded(&self) -> bool {
         let inner = self.inner.lock();
         !inner.queued
             && !inner.retrying
+            && !self.hooks.driving.load(Ordering::Relaxed)
             && self.channels.iter().any(|slot| slot.lock().as_ref().is_some_and(Channel::sends_waiting))
     }
 
@@ -1066,6 +1071,8 @@ impl Connection {
         }
         if pass.result.is_ok() && driven.error.is_none() {
             let (sent, finished) = (&mut pass.sent, &mut pass.finished);
+            #[cfg(test)]
+            self.hooks.driving.store(true, Ordering::Relaxed);
             MutexGuard::unlocked_fair(&mut inner, || {
                 for slot in self.channels.iter() {
                     if let Some(ch) = slot.lock().as_mut() {
@@ -1077,6 +1084,8 @@ impl Connection {
                     }
                 }
             });
+            #[cfg(test)]
+            self.hooks.driving.store(false, Ordering::Relaxed);
         }
         let moved = if inner.state.failure().is_some() {
             // Failed while the channels were driven: the failure ended their chunks' flows.
