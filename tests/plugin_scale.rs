@@ -3,8 +3,9 @@
 //! thread is started per connection or per comm on the plugin path. One test in this binary, so
 //! that the process's threads are the engines'.
 //!
-//! Resident memory is printed, not asserted: over the fake it is mostly the fake's own (its model
-//! of TCPX's per-receive-comm metadata, 512 KiB each, `perf-log/fan-out.md`).
+//! Resident memory is printed, not asserted: over the fake it is mostly what the fake holds as
+//! TCPX does per comm (about 7 MiB a send comm, 9 a receive comm, at 2 sockets and 512 KiB
+//! chunks; `crates/fake-tcpx/src/footprint.rs`, `perf-log/fan-out.md`).
 
 use std::sync::Arc;
 

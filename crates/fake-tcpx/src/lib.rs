@@ -16,6 +16,7 @@ mod dial;
 mod entry;
 mod fail;
 mod fatal;
+mod footprint;
 mod fragment;
 mod gpu;
 mod handle;

@@ -14,6 +14,7 @@ use uccl_tcpx::internal::transport::{MrHandle, RecvComm, RequestId};
 use crate::config::{Config, Fragmentation};
 use crate::fail::{Fail, Result};
 use crate::fatal::fatal;
+use crate::footprint::Footprint;
 use crate::fragment::{self, Failstop, Fragment, MAX_FRAGMENTS, PAGE, Rng};
 use crate::gpu::GpuContext;
 use crate::health::{AfterCompletion, Health, closed};
@@ -76,6 +77,8 @@ pub struct FakeRecv {
     pool: Arc<SharedPool>,
     rng: Rng,
     header: Box<[u8; HEADER_LEN]>,
+    /// What TCPX holds for a comm (`footprint.rs`).
+    _footprint: Footprint,
 }
 
 impl FakeRecv {
@@ -110,6 +113,7 @@ impl FakeRecv {
             pool,
             rng,
             header: Box::new([0; HEADER_LEN]),
+            _footprint: Footprint::of(cfg, true),
         }
     }
 

@@ -13,6 +13,7 @@ use uccl_tcpx::internal::transport::{MrHandle, RequestId, SendComm};
 use crate::book::{Book, Tested};
 use crate::config::Config;
 use crate::fail::{Fail, Result};
+use crate::footprint::Footprint;
 use crate::gpu::GpuContext;
 use crate::health::{AfterCompletion, Health, closed};
 use crate::host;
@@ -67,6 +68,8 @@ pub struct FakeSend {
     inner_queue: VecDeque<InnerRequest>,
     /// The request whose staging copy waits for ring space, once traced.
     staging_wait_traced: Option<u64>,
+    /// What TCPX holds for a comm (`footprint.rs`).
+    _footprint: Footprint,
 }
 
 impl FakeSend {
@@ -89,6 +92,7 @@ impl FakeSend {
             on_wire: 0,
             inner_queue: VecDeque::new(),
             staging_wait_traced: None,
+            _footprint: Footprint::of(cfg, false),
         })
     }
 

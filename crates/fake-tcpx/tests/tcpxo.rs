@@ -1,5 +1,5 @@
 //! TCPXO mode (`FAKE_TCPX_PLUGIN_KIND=tcpxo`): the rules of Google's GPUDirect-TCPXO plugin as a raw
-//! v7 consumer meets them. One test per row of BEHAVIOURS.md's TCPXO section; each fails if the fake
+//! v7 consumer meets them. One test per row of BEHAVIOURS_TCPXO.md; each fails if the fake
 //! stopped enforcing its rule. The GPU cases need a CUDA driver and a GPU and report themselves
 //! skipped without one (a failure where UCCL_TCPX_REQUIRE_GPU=1 says the host has one).
 
