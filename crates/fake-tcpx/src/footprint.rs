@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::profile::Kind;
 
 /// Tasks per data socket (`src/work_queue.h`).
-pub const TASKS_PER_SOCKET: usize = 6;
+const TASKS_PER_SOCKET: usize = 6;
 /// A pipe's control-message buffer: 2,048 pages' `CMSG_SPACE(sizeof(struct iovec))`.
 const CTRL_DATA: usize = 2048 * 32;
 /// A pipe's scatter list: 2,048 `union loadMeta` of 16 bytes.
