@@ -252,6 +252,18 @@ impl Channel {
         self.declined
     }
 
+    /// Whether a drive would find nothing to do: no chunk queued or posted, no declined post to
+    /// retry, no registration of a deregistered region to release.
+    pub fn quiet(&self) -> bool {
+        self.send_queue.is_empty()
+            && self.send_inflight.is_empty()
+            && self.recv_queue.is_empty()
+            && self.recv_inflight.is_empty()
+            && !self.declined
+            && !self.sweep_pending
+            && self.removals.load(Ordering::Acquire) == self.removals_seen
+    }
+
     /// Whether a chunk was handed to a comm and is not complete yet.
     pub fn has_posted(&self) -> bool {
         !self.send_inflight.is_empty() || !self.recv_inflight.is_empty()

@@ -221,6 +221,43 @@ fn sends_a_write_leaves_queued_are_marked_for_the_progress_thread() {
     }
 }
 
+/// The progress thread passes over a connection with nothing to do and drives one with work: a
+/// write whose request the target has not read yet keeps the initiator's connection in the pass
+/// until the write ends, and a region deregistered after it moved over the channels keeps it there
+/// until a pass released the channels' registrations of it.
+#[test]
+fn the_progress_pass_passes_over_quiet_connections_only() {
+    let (a, b, ab, ba) = socket_pair();
+    let quiet = |what: &str| {
+        let deadline = Instant::now() + testkit::PATIENCE;
+        while !ab.is_quiet() {
+            assert!(Instant::now() < deadline, "the connection never went quiet {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    quiet("once connected");
+    let len = 1 << 20;
+    let mut dst = vec![0u8; len];
+    let dmr = b.register(dst.as_mut_ptr() as usize, len).unwrap();
+    let remote = b.prepare_fifo(dmr, dst.as_ptr() as usize, len).unwrap();
+    let src = bytes(len, 3);
+    let smr = a.register(src.as_ptr() as usize, len).unwrap();
+    let held = ba.hold_reads();
+    let w = ab.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len, remote }]).unwrap();
+    assert!(!ab.is_quiet(), "a write the target has not answered is passed over");
+    drop(held);
+    assert_eq!(wait(&ab, w), len as u64);
+    assert!(dst == src, "the write landed wrong");
+    quiet("after the write");
+    a.deregister(smr).unwrap();
+    // The deregistration counts a removal the channels have not swept yet, unless a pass did.
+    let deadline = Instant::now() + testkit::PATIENCE;
+    while !ab.is_quiet() {
+        assert!(Instant::now() < deadline, "the deregistered region's registrations were never released");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// While the progress thread drives channel 0 without the connection's lock, another thread
 /// posts: what it queues on channel 0 waits for that channel's next drive, what it queues on
 /// channel 1 goes there at once, and every byte lands in place, in both channels' order. Three

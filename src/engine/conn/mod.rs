@@ -1047,6 +1047,12 @@ impl Connection {
         }
     }
 
+    /// Whether the progress thread's pass would pass this connection over now (`quiet`).
+    #[cfg(test)]
+    pub(super) fn is_quiet(&self) -> bool {
+        self.quiet(&self.inner.lock())
+    }
+
     /// Requests of the state waiting for their channel's next drive.
     #[cfg(test)]
     pub(super) fn deferred_ops(&self) -> usize {
@@ -1059,6 +1065,10 @@ impl Connection {
     /// connection's lock may drive another channel (`pass`).
     pub(super) fn progress(&self) -> bool {
         let mut inner = self.inner.lock();
+        if self.quiet(&inner) {
+            MutexGuard::unlock_fair(inner);
+            return false;
+        }
         let Some(mut pass) = self.start_pass(&mut inner) else { return false };
         let mut driven = Driven::default();
         // What waits for a channel is applied under both locks before it is driven.
@@ -1301,6 +1311,24 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// Whether a pass would find nothing to do: nothing queued, deferred, posted or to report, no
+    /// device copy out, no registration to release, and the peer owing nothing whose stall a pass
+    /// would watch. Such a connection is passed over at the cost of its lock: the progress thread
+    /// visits every connection of its engine on each pass, and a busy connection's 1 MiB writes took
+    /// 1.5x as long beside 256 idle ones that were driven in full (2-core VM).
+    fn quiet(&self, inner: &Inner) -> bool {
+        !inner.queued
+            && !inner.retrying
+            && !inner.chunks_out
+            && inner.sent_chunks.is_empty()
+            && inner.finished_chunks.is_empty()
+            && inner.deferred.iter().all(Vec::is_empty)
+            && !inner.ipc.has_pending()
+            && inner.state.failure().is_none()
+            && !inner.state.waits_on_peer()
+            && self.channels.iter().all(|slot| slot.try_lock().is_some_and(|ch| ch.as_ref().is_none_or(Channel::quiet)))
     }
 
     /// Keeps the progress thread polling while a comm declined a post with nothing in flight to

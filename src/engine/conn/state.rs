@@ -474,7 +474,7 @@ impl ConnState {
     }
 
     /// Whether something pending needs the peer's engine (not its user) to act soon.
-    fn waits_on_peer(&self) -> bool {
+    pub fn waits_on_peer(&self) -> bool {
         self.flows.values().any(|f| !f.waits_on_user())
             || self.awaiting_done.values().any(|flow| !self.flows.get(flow).is_some_and(Flow::waits_on_user))
             || self.inline_ops.values().any(|o| o.prompt)
