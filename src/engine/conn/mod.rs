@@ -1315,9 +1315,10 @@ impl Connection {
 
     /// Whether a pass would find nothing to do: nothing queued, deferred, posted or to report, no
     /// device copy out (an inline payload's included), no registration to release, and the peer
-    /// owing nothing whose stall a pass would watch. Such a connection is passed over at the cost of its lock: the progress thread
-    /// visits every connection of its engine on each pass, and a busy connection's 1 MiB writes took
-    /// 1.5x as long beside 256 idle ones that were driven in full (2-core VM).
+    /// owing nothing whose stall a pass would watch. Such a connection is passed over at the cost
+    /// of its lock: the progress thread visits every connection of its engine on each pass, and a
+    /// busy connection's 1 MiB writes took 1.5x as long beside 255 idle ones driven in full (2-core
+    /// VM, `perf-log/fan-out.md`).
     fn quiet(&self, inner: &Inner) -> bool {
         !inner.queued
             && !inner.retrying
