@@ -824,11 +824,7 @@ impl Connection {
     }
 
     fn owes_us(&self, state: &ConnState) -> bool {
-        let timeout = self.core.config.timeout;
-        // A clock a timeout and a tick past now has outlasted every silence so far: `stalled` then
-        // says only whether something is owed.
-        let past = Instant::now() + timeout + Duration::from_nanos(1);
-        state.failure().is_none() && state.stalled(past, timeout)
+        state.failure().is_none() && state.waits_on_peer()
     }
 
     /// Cuts the deregistered `region` off this connection, returning once no transport request uses
@@ -1328,8 +1324,7 @@ impl Connection {
             && inner.deferred.iter().all(Vec::is_empty)
             && inner.copies.is_empty()
             && !inner.ipc.has_pending()
-            && inner.state.failure().is_none()
-            && !inner.state.waits_on_peer()
+            && !self.owes_us(&inner.state)
             && self.channels.iter().all(|slot| slot.try_lock().is_some_and(|ch| ch.as_ref().is_none_or(Channel::quiet)))
     }
 
