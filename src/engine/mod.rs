@@ -349,6 +349,11 @@ impl Engine {
             conn.fence(mr, deadline);
         }
         wait_for_device_copies(&region, deadline);
+        // Channels release their registrations of a removed region once no one holds it; a pass
+        // the fences woke while this call still held it left them for a later pass, which the
+        // progress thread, parked with nothing else to do, would not run.
+        drop(region);
+        self.core.waker.wake();
         Ok(())
     }
 
