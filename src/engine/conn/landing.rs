@@ -127,10 +127,16 @@ impl LandingMemory {
     }
 }
 
+/// Makes a connection's landing memory, when the first of the peer's messages must land.
+pub(crate) type MakeLanding = Box<dyn Fn() -> Result<Arc<LandingMemory>> + Send>;
+
 /// The landing slots of one connection and the messages in them, by the flow that brings each;
-/// `R` is what a message is matched to (a posted receive).
+/// `R` is what a message is matched to (a posted receive). The memory is made when a message first
+/// lands, not with the connection: most connections never land one (NIXL's only write and read),
+/// and on an engine serving a GPU it is 4 MiB page-locked, which idle connections would hold.
 pub(super) struct Landings<R> {
-    memory: Arc<LandingMemory>,
+    memory: Option<Arc<LandingMemory>>,
+    make: MakeLanding,
     /// Free slots, the lowest last: a message mostly lands in adjacent slots, ascending, and is
     /// copied out in one piece.
     free: Vec<u16>,
@@ -161,8 +167,14 @@ pub(super) enum Fate<R> {
 }
 
 impl<R> Landings<R> {
-    pub fn new(memory: Arc<LandingMemory>) -> Landings<R> {
-        Landings { memory, free: all_slots(), by_flow: HashMap::new(), sent: HashMap::new(), landed: 0 }
+    pub fn new(make: MakeLanding) -> Landings<R> {
+        Landings { memory: None, make, free: all_slots(), by_flow: HashMap::new(), sent: HashMap::new(), landed: 0 }
+    }
+
+    /// Whether the landing memory was made.
+    #[cfg(test)]
+    pub fn has_memory(&self) -> bool {
+        self.memory.is_some()
     }
 
     /// The peer's messages that arrived before their receive, so far.
@@ -175,28 +187,27 @@ impl<R> Landings<R> {
         (SLOTS - self.free.len()) as u64 * EAGER_SLOT
     }
 
-    /// The region the channels receive landing chunks into.
-    pub fn region(&self) -> &Arc<Region> {
-        &self.memory.region
-    }
-
     /// Takes slots for the peer's message `peer_op` of `len` bytes, brought by `flow`: where its
-    /// bytes go, or None when too few slots are free.
-    pub fn take(&mut self, flow: u64, peer_op: u64, len: u64) -> Option<Extent> {
+    /// bytes go and the region the channels receive them into, or None when too few slots are free.
+    pub fn take(&mut self, flow: u64, peer_op: u64, len: u64) -> Result<Option<(Extent, Arc<Region>)>> {
         let need = len.div_ceil(EAGER_SLOT) as usize;
         if need > self.free.len() {
-            return None;
+            return Ok(None);
         }
+        if self.memory.is_none() {
+            self.memory = Some((self.make)()?);
+        }
+        let memory = self.memory.as_ref().expect("made above");
         let mut slots = self.free.split_off(self.free.len() - need);
         slots.reverse();
-        let segs = slots.iter().enumerate().map(|(i, &s)| IoSeg {
-            addr: self.memory.slot(s),
-            len: (len - i as u64 * EAGER_SLOT).min(EAGER_SLOT) as usize,
-        });
+        let segs = slots
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| IoSeg { addr: memory.slot(s), len: (len - i as u64 * EAGER_SLOT).min(EAGER_SLOT) as usize });
         let extent = Extent::scattered(segs);
         self.by_flow.insert(flow, Landing { peer_op, len, slots, arrived: false, fate: Fate::Waiting });
         self.landed += 1;
-        Some(extent)
+        Ok(Some((extent, memory.region.clone())))
     }
 
     pub fn get_mut(&mut self, flow: u64) -> Option<&mut Landing<R>> {
@@ -222,10 +233,11 @@ impl<R> Landings<R> {
         landing: &Landing<R>,
         mut store: impl FnMut(usize, &[u8]) -> Result<()>,
     ) -> Result<()> {
+        let memory = self.memory.as_ref().ok_or_else(|| Error::backend("internal: a landed message without memory"))?;
         for (at, n, first) in runs(&landing.slots, landing.len) {
             // SAFETY: the slots are the message's, inside the memory this keeps alive, and no one
             // writes them (the contract).
-            let bytes = unsafe { std::slice::from_raw_parts(self.memory.slot(first) as *const u8, n) };
+            let bytes = unsafe { std::slice::from_raw_parts(memory.slot(first) as *const u8, n) };
             store(at, bytes)?;
         }
         Ok(())
@@ -304,8 +316,9 @@ mod tests {
 
         let len = 3 * EAGER_SLOT as usize + 5;
         let data = testkit::pattern(len, 77);
-        let mut l: Landings<()> = Landings::new(memory);
-        let Some(Extent::Scattered { segs, .. }) = l.take(1, 9, len as u64) else { panic!("scattered") };
+        let made = memory.clone();
+        let mut l: Landings<()> = Landings::new(Box::new(move || Ok(made.clone())));
+        let Some((Extent::Scattered { segs, .. }, _)) = l.take(1, 9, len as u64).unwrap() else { panic!("scattered") };
         let mut at = 0;
         for seg in segs.iter() {
             // SAFETY: the message's own slots, which nothing else writes.
@@ -346,17 +359,21 @@ mod tests {
     fn slots_are_taken_lowest_first_ascending_and_come_back() {
         let memory = LandingMemory::new(&RegionTable::default(), None).unwrap();
         let base = memory.region.base;
-        let mut l: Landings<()> = Landings::new(memory);
+        let made = memory.clone();
+        let mut l: Landings<()> = Landings::new(Box::new(move || Ok(made.clone())));
         let slot = EAGER_SLOT as usize;
-        let Some(Extent::Scattered { segs, .. }) = l.take(1, 7, 2 * EAGER_SLOT + 1) else { panic!("scattered") };
+        let Some((Extent::Scattered { segs, .. }, region)) = l.take(1, 7, 2 * EAGER_SLOT + 1).unwrap() else {
+            panic!("scattered")
+        };
+        assert!(Arc::ptr_eq(&region, &memory.region), "received into the landing's region");
         let at: Vec<_> = segs.iter().map(|s| (s.addr - base, s.len)).collect();
         assert_eq!(at, [(0, slot), (slot, slot), (2 * slot, 1)]);
         assert_eq!(l.held(), 3 * EAGER_SLOT);
-        assert!(l.take(2, 8, MAX_INLINE_SEND_BACKLOG).is_none(), "more than is free");
+        assert!(l.take(2, 8, MAX_INLINE_SEND_BACKLOG).unwrap().is_none(), "more than is free");
         let first = l.remove(1).unwrap();
         l.release(first);
         assert_eq!(l.held(), 0);
-        let Some(Extent::Scattered { segs, .. }) = l.take(3, 9, EAGER_SLOT) else { panic!("scattered") };
+        let Some((Extent::Scattered { segs, .. }, _)) = l.take(3, 9, EAGER_SLOT).unwrap() else { panic!("scattered") };
         assert_eq!(segs[0].addr, base, "the lowest slot again");
     }
 }

@@ -117,9 +117,6 @@ struct Inner {
     queued: bool,
     /// The channels' per-link counts when the connection failed and dropped them.
     final_links: Vec<LinkTotals>,
-    /// Where the peer's eager messages land (the state lends it out): freed only once the channels
-    /// stopped writing into it (`Connection::channels` drop first).
-    _landing: Option<Arc<LandingMemory>>,
     /// The region an inline payload (the peer's write or message, the answer to our read) is being
     /// read straight into, and the gate that stops it (`ControlRx`): closed by a fence on that region
     /// and by a failure.
@@ -364,12 +361,9 @@ impl Connection {
         let mut state = ConnState::new(chunking, Instant::now());
         state.set_inline_max(super::path::inline_max(&core.config, link.locality));
         // Eager messages land in host memory, which a transport may not move (TCPXO without a GPU).
-        let landing = match chunking.cut {
-            Cut::Spanning if reach.host => Some(LandingMemory::new(&core.regions, core.gpu.get())?),
-            Cut::Spanning | Cut::PerSegment => None,
-        };
-        if let Some(memory) = &landing {
-            state.send_eagerly_with(memory.clone());
+        if chunking.cut == Cut::Spanning && reach.host {
+            let core = core.clone();
+            state.send_eagerly_with(Box::new(move || LandingMemory::new(&core.regions, core.gpu.get())));
         }
         let on_host = link.locality == Locality::SameHost;
         if link.locality.is_local() {
@@ -402,7 +396,6 @@ impl Connection {
                 chunks_out: false,
                 queued: false,
                 final_links: Vec::new(),
-                _landing: landing,
                 inline_landing: None,
                 copies: StartedCopies::default(),
             }),

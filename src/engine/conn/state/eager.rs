@@ -15,18 +15,25 @@
 use std::sync::Arc;
 
 use super::{Action, Announced, Body, ConnState, Direction, Flow, Memory, OnDone, PostedRecv, Source, deny_msg, fit};
-use crate::engine::conn::landing::{Fate, LandingMemory, Landings};
+use crate::engine::conn::landing::{Fate, Landings, MakeLanding};
 use crate::engine::plan::{Cut, Extent, chunk_count};
 use crate::engine::transfer::Transfer;
 use crate::error::{Error, Result};
 use crate::proto::{Control, INLINE_LEN_FLOOR, MAX_EAGER_LEN, MAX_INLINE_SEND_BACKLOG, eager_landing_bytes};
 
 impl ConnState {
-    /// Makes eager sending possible on this connection (both ends decide alike from the agreed cut).
-    pub fn send_eagerly_with(&mut self, memory: Arc<LandingMemory>) {
+    /// Makes eager sending possible on this connection (both ends decide alike from the agreed cut);
+    /// the peer's messages land in memory `make` makes when the first one must.
+    pub fn send_eagerly_with(&mut self, make: MakeLanding) {
         if self.chunking.cut == Cut::Spanning {
-            self.eager = Some(Landings::new(memory));
+            self.eager = Some(Landings::new(make));
         }
+    }
+
+    /// Whether this connection made its landing memory.
+    #[cfg(test)]
+    pub fn holds_landing_memory(&self) -> bool {
+        self.eager.as_ref().is_some_and(Landings::has_memory)
     }
 
     /// Whether a message of `len` bytes goes eagerly now.
@@ -105,8 +112,7 @@ impl ConnState {
         }
         let (flow, seq) = self.number_inbound();
         let landings = self.eager.as_mut().expect("checked by the caller");
-        let extent = landings.take(flow, peer_op, len).ok_or_else(violation)?;
-        let region = landings.region().clone();
+        let (extent, region) = landings.take(flow, peer_op, len)?.ok_or_else(violation)?;
         self.announced(Announced { peer_op, len, body: Body::Landing(flow) })?;
         let f = Flow::new(chunk_count(&extent, self.chunking), len, OnDone::Landing, Some(region.into()), None);
         self.queue_flow(Direction::Recv, (flow, seq), extent, f, out);

@@ -159,8 +159,9 @@ impl End {
 
     fn with_cut(cut: Cut) -> End {
         let mut end = End::without_eager_sends(cut);
-        let landing = LandingMemory::new(&end.mem.regions, None).unwrap();
-        end.st.send_eagerly_with(landing);
+        // Its own table: landing regions are internal, never entered in one.
+        let table = RegionTable::default();
+        end.st.send_eagerly_with(Box::new(move || LandingMemory::new(&table, None)));
         end
     }
 

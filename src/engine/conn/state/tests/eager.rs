@@ -42,6 +42,7 @@ fn a_mid_size_send_goes_at_once_into_a_receive_posted_first() {
     assert_eq!(&dst.bytes[..MID], &src.bytes[..]);
     assert!(dst.bytes[MID..].iter().all(|&x| x == 0));
     settled(&a, &b);
+    assert!(!a.st.holds_landing_memory() && !b.st.holds_landing_memory(), "nothing landed, no landing memory made");
 }
 
 #[test]
@@ -51,7 +52,9 @@ fn sends_before_their_receives_land_and_are_copied_in_order() {
     let srcs: Vec<_> = lens.iter().enumerate().map(|(i, &n)| a.buffer(n, pattern(41 + i as u8))).collect();
     let sends: Vec<_> = srcs.iter().zip(lens).map(|(src, n)| a.send(&[(src, 0, n)])).collect();
     assert_eq!(kinds(&a.outbox), eager(3));
+    assert!(!b.st.holds_landing_memory(), "made when the first message lands, not with the connection");
     pump(&mut a, &mut b);
+    assert!(b.st.holds_landing_memory() && !a.st.holds_landing_memory());
     let landed: u64 = lens.iter().map(|&n| eager_landing_bytes(n as u64)).sum();
     assert_eq!(b.st.held_for_peer(), landed, "all three wait in landing slots");
     assert_eq!(b.st.eager_landed(), 3, "each counted once");
@@ -66,6 +69,19 @@ fn sends_before_their_receives_land_and_are_copied_in_order() {
         assert_eq!(d.bytes, src.bytes, "{n} bytes copied out of their slots");
     }
     settled(&a, &b);
+}
+
+/// Landing memory that cannot be made is the connection's failure, with its reason; nothing lands.
+#[test]
+fn landing_memory_that_cannot_be_made_fails_the_message_with_its_reason() {
+    let (mut a, mut b) = (End::new(), End::without_eager_sends(Cut::Spanning));
+    b.st.send_eagerly_with(Box::new(|| Err(Error::backend("no memory for landing slots"))));
+    let src = a.buffer(MID, pattern(45));
+    a.send(&[(&src, 0, MID)]);
+    let err = deliver(&mut a, &mut b).unwrap_err();
+    assert!(err.message().contains("no memory for landing slots"), "{}", err.message());
+    assert!(!b.st.holds_landing_memory());
+    assert_eq!(b.st.eager_landed(), 0);
 }
 
 #[test]
