@@ -33,8 +33,8 @@ use uccl_tcpx::internal::proto::{
 
 /// `proto::FRAME_HEADER_LEN` is crate-private; `FrameHeader::to_bytes` pins the same number.
 const HEADER_LEN: usize = 8;
-/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 26.
-const VERSION: u16 = 26;
+/// `proto::PROTOCOL_VERSION` is crate-private; the handshake tests below prove it is 27.
+const VERSION: u16 = 27;
 const CHANNEL_HELLO_LEN: usize = 16;
 const FIFO_LEN: usize = 64;
 /// Protocol limits (crate-private in `proto`); `limits_match_the_codec` checks each against the codec.
@@ -338,6 +338,10 @@ fn sample_controls() -> Vec<(&'static str, Control)> {
         ),
         ("direct_grant", Control::DirectGrant { xfer: 34, huge: true }),
         ("direct_done", Control::DirectDone { xfer: 35 }),
+        ("park_channels", Control::ParkChannels { epoch: 1 }),
+        ("channels_parked", Control::ChannelsParked { epoch: 1, parked: true }),
+        ("want_channels", Control::WantChannels { epoch: 1 }),
+        ("open_channels", Control::OpenChannels { epoch: 2, handles: vec![net_handle(5), net_handle(6)] }),
     ]
 }
 

@@ -482,7 +482,7 @@ fn serve_admitted(
     // The Hello says where the peer runs, so the first listen is already on its route's transport.
     let listened = handshake::accepted_routing(&local, &hello).and_then(|routing| {
         core.gpu.before_comms(&*routing.net)?;
-        Ok((handshake::Listens::first(&*routing.net)?, routing))
+        Ok((super::establish::Listens::first(&*routing.net)?, routing))
     });
     let (mut listens, routing) = listened.map_err(|e| handshake::refuse(&mut stream, e))?;
     let mut agreed = handshake::welcome(&mut stream, &local, &mut listens, hello, routing)?;
@@ -495,6 +495,7 @@ fn serve_admitted(
     let channels = handshake::establish_channels(&local, &mut listens, &agreed, deadline, &mut stream)
         .map_err(|e| handshake::refuse(&mut stream, e))?;
     let chunking = agreed.chunking();
+    let renewal = handshake::renewal(core, &agreed);
     let info = PeerInfo {
         addr: peer,
         gpu_index: agreed.peer_gpu_index,
@@ -504,7 +505,7 @@ fn serve_admitted(
     };
     let binding = session.map(|s| s.token_binding());
     let reach = Reach::of(core.gpu.bound_by(&*agreed.net), &*agreed.net);
-    Connection::start(core.clone(), stream, info, channels, chunking, agreed.link, binding, reach)
+    Connection::start(core.clone(), stream, info, channels, chunking, agreed.link, binding, reach, renewal)
 }
 
 #[cfg(test)]

@@ -26,7 +26,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
-use super::channel::{Channel, Windows};
+use super::channel::Channel;
+use super::establish::{Establishing, Listens, Renewal, Step};
 use super::locality::LocalLink;
 use super::path;
 use super::plan::{Chunking, Cut};
@@ -36,10 +37,10 @@ use super::shared::EngineCore;
 use crate::config::{ChannelTransport, LocalPeers};
 use crate::error::{Error, Result, UcclStatus};
 use crate::proto::{
-    CAP_SPANNING_CHUNKS, ChannelHello, FRAME_HEADER_LEN, FrameHeader, Handshake, Hello, HostIdentity, MAX_REASON_LEN,
+    CAP_SPANNING_CHUNKS, FRAME_HEADER_LEN, FrameHeader, Handshake, Hello, HostIdentity, MAX_REASON_LEN,
     NET_HANDLE_SIZE, ProtoError, Refuse, Welcome,
 };
-use crate::transport::{ListenComm, MrHandle, Net, NetHandle, RecvComm, RequestId, SendComm};
+use crate::transport::{Net, NetHandle};
 
 /// What both ends agreed on.
 pub struct Agreement {
@@ -103,36 +104,6 @@ impl Agreement {
     /// How this connection cuts flows into chunks.
     pub fn chunking(&self) -> Chunking {
         Chunking { size: self.chunk_size as usize, channels: self.num_channels as usize, cut: self.cut }
-    }
-}
-
-/// This side's listen comms: one for every channel, or one per channel (`Caps::listen_per_channel`).
-pub struct Listens {
-    handles: Vec<NetHandle>,
-    comms: Vec<Box<dyn ListenComm>>,
-}
-
-impl Listens {
-    /// Channel 0's listen on `net`, whose handle goes into Hello / Welcome.
-    pub fn first(net: &dyn Net) -> Result<Listens> {
-        let (handle, comm) = net.listen(net.channel_device(0))?;
-        Ok(Listens { handles: vec![handle], comms: vec![comm] })
-    }
-
-    pub fn first_handle(&self) -> NetHandle {
-        self.handles[0]
-    }
-
-    /// Listens on `net` for channels 1..n when each channel needs its own; returns their handles.
-    fn open_rest(&mut self, net: &dyn Net, n: usize) -> Result<&[NetHandle]> {
-        if net.caps().listen_per_channel {
-            for ch in self.comms.len()..n {
-                let (handle, comm) = net.listen(net.channel_device(ch))?;
-                self.handles.push(handle);
-                self.comms.push(comm);
-            }
-        }
-        Ok(&self.handles[1..])
     }
 }
 
@@ -450,21 +421,8 @@ pub fn gpu_matches(requested: &str, index: i32, id: &str) -> bool {
     requested.eq_ignore_ascii_case(id) || requested.parse::<i32>().is_ok_and(|i| i == index)
 }
 
-/// A channel hello in flight: its boxed buffer stays put until the request finished.
-struct HelloIo {
-    buf: Box<[u8; 16]>,
-    req: RequestId,
-}
-
 /// Opens `n` send comms to the peer's handles and accepts `n` receive comms on `listens`, pairing
 /// them into channels. Bounded by `deadline`; ends early when the peer gives up on `control`.
-///
-/// With a listen per channel the pairing is the handle order itself: channel `i` connects to the
-/// peer's `i`-th handle, and whatever the `i`-th listen accepts is channel `i`, so no byte moves
-/// before the channels exist. That matters for TCPX, whose receive comms are flow-steered into GPU
-/// memory at accept and cannot take a host-memory receive. A listen shared by every channel (the
-/// socket transport) accepts in any order: each send comm then opens with a ChannelHello naming its
-/// channel and the session's nonce.
 pub fn establish_channels(
     local: &Local,
     listens: &mut Listens,
@@ -473,124 +431,32 @@ pub fn establish_channels(
     control: &mut TcpStream,
 ) -> Result<Vec<Channel>> {
     let n = agreed.num_channels as usize;
-    let net = &*agreed.net;
-    // One buffer per connect attempt, kept in place while it is polled (plugins keep state in it).
-    let mut handles: Vec<NetHandle> = agreed.peer_handles.clone();
-    if handles.len() != n {
-        return Err(Error::backend(format!("internal: {} peer handles for {n} channels", handles.len())));
-    }
-    let shared_listen = !net.caps().listen_per_channel;
-    if !shared_listen && listens.comms.len() != n {
-        return Err(Error::backend(format!("internal: {} listens for {n} channels", listens.comms.len())));
-    }
-    let mut listen_done = vec![false; listens.comms.len()];
-    let mut sends: Vec<Option<Box<dyn SendComm>>> = (0..n).map(|_| None).collect();
-    let mut hellos_out: Vec<Option<HelloIo>> = (0..n).map(|_| None).collect();
-    let mut accepted: Vec<(Box<dyn RecvComm>, HelloIo)> = Vec::new();
-    let mut recvs: Vec<Option<Box<dyn RecvComm>>> = (0..n).map(|_| None).collect();
+    let mut setup =
+        Establishing::new(agreed.net.clone(), std::mem::take(listens), agreed.peer_handles.clone(), n, agreed.nonce)?;
     loop {
-        let mut moved = false;
-        for (i, slot) in sends.iter_mut().enumerate() {
-            if slot.is_some() {
-                continue;
-            }
-            if let Some(mut comm) = net.connect(net.channel_device(i), &mut handles[i])? {
-                if shared_listen {
-                    let buf = Box::new(ChannelHello { channel: i as u16, nonce: agreed.nonce }.to_bytes());
-                    // SAFETY: `buf` is boxed and kept in `hellos_out` until the send is tested done.
-                    let req = unsafe { comm.isend(buf.as_ptr(), buf.len(), MrHandle::NONE)? }
-                        .ok_or_else(|| Error::backend("a fresh comm has no free request slot"))?;
-                    hellos_out[i] = Some(HelloIo { buf, req });
-                }
-                *slot = Some(comm);
-                moved = true;
-            }
-        }
-        for (j, listen) in listens.comms.iter_mut().enumerate() {
-            let wanted = if shared_listen {
-                accepted.len() + recvs.iter().filter(|r| r.is_some()).count() < n
-            } else {
-                !listen_done[j]
-            };
-            if !wanted {
-                continue;
-            }
-            if let Some(mut comm) = listen.accept()? {
-                moved = true;
-                if !shared_listen {
-                    listen_done[j] = true;
-                    recvs[j] = Some(comm);
-                    continue;
-                }
-                let mut buf = Box::new([0u8; 16]);
-                // SAFETY: `buf` is boxed and kept with the comm until the receive is consumed.
-                let req = unsafe { comm.irecv(buf.as_mut_ptr(), buf.len(), MrHandle::NONE)? }
-                    .ok_or_else(|| Error::backend("a fresh comm has no free request slot"))?;
-                accepted.push((comm, HelloIo { buf, req }));
-            }
-        }
-        for (comm, hello) in sends.iter_mut().zip(hellos_out.iter_mut()) {
-            if let (Some(comm), Some(io)) = (comm, hello.as_ref())
-                && comm.test(io.req)?.is_some()
-            {
-                *hello = None;
-                moved = true;
-            }
-        }
-        let mut i = 0;
-        while i < accepted.len() {
-            let (comm, io) = &mut accepted[i];
-            match comm.test(io.req)? {
-                None => i += 1,
-                Some(size) => {
-                    let (mut comm, io) = accepted.swap_remove(i);
-                    let hello = ChannelHello::from_bytes(&io.buf[..size.min(16)])?;
-                    comm.irecv_consumed(io.req)?;
-                    let ch = hello.channel as usize;
-                    if hello.nonce != agreed.nonce || ch >= n || recvs[ch].is_some() {
-                        return Err(Error::backend(format!(
-                            "protocol violation: unexpected channel hello (channel {ch} of {n}, nonce match {})",
-                            hello.nonce == agreed.nonce
-                        )));
-                    }
-                    recvs[ch] = Some(comm);
-                    moved = true;
-                }
-            }
-        }
-        let ready = |s: &Option<Box<dyn SendComm>>, h: &Option<HelloIo>| s.is_some() && h.is_none();
-        let sent = sends.iter().zip(&hellos_out).filter(|(s, h)| ready(s, h)).count();
-        let received = recvs.iter().filter(|r| r.is_some()).count();
-        if sent == n && received == n {
-            break;
+        match setup.step()? {
+            Step::Done => break,
+            Step::Moved => continue,
+            Step::Waiting => {}
         }
         if Instant::now() >= deadline {
-            return Err(Error::timeout(format!(
-                "channel setup did not finish in time: {sent}/{n} send and {received}/{n} receive comms ready"
-            )));
+            return Err(setup.timed_out());
         }
-        if !moved {
-            watch_control(control)?;
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        watch_control(control)?;
+        std::thread::sleep(Duration::from_micros(200));
     }
-    let window = local.window.min(net.properties(0)?.max_requests);
-    let windows = Windows::new(net.caps().max_registration);
-    // What a first transfer of GPU memory over the channels would make, made now, unless the
-    // same-host GPU path carries that memory.
     let ahead = !path::same_host_gpu(agreed.link.locality, local.local_peers);
-    Ok(sends
-        .into_iter()
-        .zip(recvs)
-        .map(|(s, r)| {
-            let (mut s, mut r) = (s.expect("all sent"), r.expect("all accepted"));
-            if ahead {
-                s.make_ahead();
-                r.make_ahead();
-            }
-            Channel::new(s, r, window, windows, local.removals.clone())
-        })
-        .collect())
+    setup.into_channels(local.window, &local.removals, ahead)
+}
+
+/// What a connection agreed on makes new channels with, once idle ones closed.
+pub fn renewal(core: &EngineCore, agreed: &Agreement) -> Renewal {
+    Renewal {
+        net: agreed.net.clone(),
+        nonce: agreed.nonce,
+        ahead: !path::same_host_gpu(agreed.link.locality, core.config.local_peers),
+        idle_close: Renewal::idle_close(core.config.idle_close, &*agreed.net),
+    }
 }
 
 /// During channel setup the control stream carries nothing but a Refuse (the peer gave up, and
@@ -723,14 +589,8 @@ mod tests {
         let routes = Routes::new(net.clone(), crate::config::LocalPeers::Socket, Box::new(|| unreachable!()));
         let (n, table) = (3usize, RegionTable::default());
         let removals = table.removals();
-        let mut sides: Vec<Listens> = (0..2)
-            .map(|_| {
-                let mut l = Listens::first(&*net).unwrap();
-                l.open_rest(&*net, n).unwrap();
-                l
-            })
-            .collect();
-        let handles: Vec<Vec<NetHandle>> = sides.iter().map(|l| l.handles.clone()).collect();
+        let (mut sides, handles): (Vec<Listens>, Vec<Vec<NetHandle>>) =
+            (0..2).map(|_| Listens::for_channels(&*net, n).unwrap()).unzip();
         let agreement = |peer: usize| Agreement {
             num_channels: n as u16,
             chunk_size: 1 << 20,

@@ -8,6 +8,7 @@ mod conn;
 mod control_reactor;
 mod control_rx;
 mod dial;
+mod establish;
 mod fd_limit;
 mod handshake;
 pub mod locality;
@@ -22,6 +23,7 @@ pub mod region;
 mod route;
 pub mod same_host;
 mod served_gpu;
+mod setup_thread;
 mod shared;
 pub mod stats;
 #[cfg(test)]
@@ -123,6 +125,7 @@ impl Engine {
             live: Mutex::new(LiveConns::default()),
             control,
             notify_key: notify::next_engine_key(),
+            setups: Arc::default(),
             #[cfg(test)]
             simulated_copies: OnceLock::new(),
         });
@@ -455,7 +458,7 @@ fn connect_to(
     }
     // The peer is not known yet: the first listen is on the engine's transport (replaced by one on
     // the socket transport if the peer turns out to share the host).
-    let listened = handshake::Listens::first(&*core.net);
+    let listened = establish::Listens::first(&*core.net);
     let mut listens = listened.map_err(|e| handshake::refuse(&mut stream, e))?;
     let mut agreed = handshake::hello(&mut stream, &local, remote_gpu, &mut listens)?;
     if let Some(s) = &session {
@@ -466,6 +469,7 @@ fn connect_to(
     let channels = handshake::establish_channels(&local, &mut listens, &agreed, deadline, &mut stream)
         .map_err(|e| handshake::refuse(&mut stream, e))?;
     let chunking = agreed.chunking();
+    let renewal = handshake::renewal(core, &agreed);
     let peer = PeerInfo {
         addr,
         gpu_index: agreed.peer_gpu_index,
@@ -475,7 +479,7 @@ fn connect_to(
     };
     let binding = session.map(|s| s.token_binding());
     let reach = Reach::of(core.gpu.bound_by(&*agreed.net), &*agreed.net);
-    Connection::start(core.clone(), stream, peer, channels, chunking, agreed.link, binding, reach)
+    Connection::start(core.clone(), stream, peer, channels, chunking, agreed.link, binding, reach, renewal)
 }
 
 /// What the idle progress thread does (`idle_choice`): device copies in flight are staged chunks and

@@ -219,11 +219,19 @@ fn run(list: &ConnList, stop: &AtomicBool, waker: &Waker, watch: Duration, idle_
     let mut idle_since = Instant::now();
     // The last idle wait was a poll: wake-ups meanwhile left the thread's park token set.
     let mut polled = false;
+    // When idle channels are next looked at while the thread has not parked for long: a busy
+    // connection keeps it from parking, and must not keep idle ones open.
+    let mut passes = 0u32;
+    let mut closes_due = Instant::now() + watch;
     while !stop.load(Ordering::Acquire) {
         list.refresh(&mut seen, &mut local);
         let mut moved = false;
         for conn in &local {
             moved |= conn.progress();
+        }
+        passes = passes.wrapping_add(1);
+        if passes.is_multiple_of(CLOSE_CHECK_PASSES) && Instant::now() >= closes_due {
+            closes_due = Instant::now() + idle_closes(&local).map_or(watch, |until| until.min(watch));
         }
         if moved {
             idle = 0;
@@ -250,16 +258,27 @@ fn run(list: &ConnList, stop: &AtomicBool, waker: &Waker, watch: Duration, idle_
                     std::thread::park_timeout(Duration::ZERO);
                 }
                 IdleWait::Park => {
-                    park(&local, waker, watch, None);
+                    park(&local, waker, watch, idle_closes(&local));
                     idle_since = Instant::now();
                 }
                 IdleWait::ParkFor(limit) => {
+                    let limit = idle_closes(&local).map_or(limit, |until| until.min(limit));
                     park(&local, waker, watch, Some(limit));
                     idle_since = Instant::now();
                 }
             }
         }
     }
+}
+
+/// Passes between looks at the clock for idle channels to close while the thread does not park.
+const CLOSE_CHECK_PASSES: u32 = 4096;
+
+/// Has the connectors whose channels stayed idle long enough close them
+/// (`Connection::close_if_idle`); how long until the next may.
+fn idle_closes(conns: &[Arc<Connection>]) -> Option<Duration> {
+    let now = Instant::now();
+    conns.iter().filter_map(|c| c.close_if_idle(now)).min().map(|due| due.saturating_duration_since(now))
 }
 
 /// Parks until woken: for at most [`CALLER_COPY_WATCH`] while callers' device copies are in flight,

@@ -44,6 +44,8 @@ pub(crate) struct EngineCore {
     pub(super) control: ControlReactor,
     /// Tags what this engine's connections receive in the process-wide notification queue.
     pub(super) notify_key: u64,
+    /// The thread setting up new channels of connections whose idle ones closed.
+    pub(super) setups: Arc<super::setup_thread::SetupThread>,
     /// Copies started for host-memory inline payloads too (`test_copies.rs`).
     #[cfg(test)]
     pub(super) simulated_copies: OnceLock<Arc<super::test_copies::SimulatedCopies>>,

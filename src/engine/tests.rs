@@ -521,3 +521,5 @@ fn waits_in_slices_end_every_kind_of_transfer_with_its_bytes() {
         }
     }
 }
+
+mod renew;

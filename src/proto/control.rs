@@ -11,9 +11,9 @@
 use super::frame::{FRAME_HEADER_LEN, FrameHeader, is_handshake_kind, kind, write_frame};
 use super::wire::{Reader, Writer, check_len};
 use super::{
-    INLINE_LEN_FLOOR, IPC_HANDLE_LEN, MAX_EAGER_LEN, MAX_INLINE_LEN, MAX_IPC_WINDOWS, MAX_NAME_LEN, MAX_NOTIFY_MSG_LEN,
-    MAX_REASON_LEN, MAX_VECTOR_BYTES, MAX_VECTOR_RUNS, MAX_VECTOR_SEGMENTS, ProtoError, SEG_NEW_BASE, SEG_SHARED_LEN,
-    VECTOR_RUN_LEN,
+    INLINE_LEN_FLOOR, IPC_HANDLE_LEN, MAX_CHANNELS, MAX_EAGER_LEN, MAX_INLINE_LEN, MAX_IPC_WINDOWS, MAX_NAME_LEN,
+    MAX_NOTIFY_MSG_LEN, MAX_REASON_LEN, MAX_VECTOR_BYTES, MAX_VECTOR_RUNS, MAX_VECTOR_SEGMENTS, NET_HANDLE_SIZE,
+    ProtoError, SEG_NEW_BASE, SEG_SHARED_LEN, VECTOR_RUN_LEN,
 };
 
 /// One piece of a remote region that a vector request names: `len` bytes at `addr`.
@@ -179,6 +179,28 @@ pub enum Control {
     },
     IpcRevoked {
         region: u64,
+    },
+    /// The connector's channels moved nothing for a while (`UCCL_TCPX_IDLE_CLOSE_MS`): it asks the
+    /// acceptor to close both ends' channels, the control stream staying up. `epoch` counts the
+    /// channels' lifetimes on this connection (0: the handshake's).
+    ParkChannels {
+        epoch: u64,
+    },
+    /// The acceptor's answer: it closed its channels (`parked`), or keeps them, having work.
+    ChannelsParked {
+        epoch: u64,
+        parked: bool,
+    },
+    /// The acceptor has work for parked channels: the connector opens new ones.
+    WantChannels {
+        epoch: u64,
+    },
+    /// Listen handles for the channels of lifetime `epoch`, one a channel (the same one repeated
+    /// where one listen serves them all): the connector's offer, then the acceptor's answer. Each
+    /// end then connects to the other's and accepts on its own, as at the handshake.
+    OpenChannels {
+        epoch: u64,
+        handles: Vec<[u8; NET_HANDLE_SIZE]>,
     },
     /// Between processes of one host: a two-sided message of GPU memory offered for the receiver
     /// to copy out itself, matched like a SendAnnounce. `[addr, addr + len)` of the sender's
@@ -414,6 +436,10 @@ impl Control {
             Self::DirectRead { .. } => kind::DIRECT_READ,
             Self::DirectGrant { .. } => kind::DIRECT_GRANT,
             Self::DirectDone { .. } => kind::DIRECT_DONE,
+            Self::ParkChannels { .. } => kind::PARK_CHANNELS,
+            Self::ChannelsParked { .. } => kind::CHANNELS_PARKED,
+            Self::WantChannels { .. } => kind::WANT_CHANNELS,
+            Self::OpenChannels { .. } => kind::OPEN_CHANNELS,
         }
     }
 
@@ -511,6 +537,18 @@ impl Control {
                 w.u32(u32::from(*huge));
             }
             Self::IpcRevoke { region } | Self::IpcRevoked { region } => w.u64(*region),
+            Self::ParkChannels { epoch } | Self::WantChannels { epoch } => w.u64(*epoch),
+            Self::ChannelsParked { epoch, parked } => {
+                w.u64(*epoch);
+                w.u32(u32::from(*parked));
+            }
+            Self::OpenChannels { epoch, handles } => {
+                w.u64(*epoch);
+                w.u32(u32::try_from(handles.len()).unwrap_or(u32::MAX));
+                for h in handles {
+                    w.bytes(h);
+                }
+            }
             Self::Close => {}
             Self::WriteVector { xfer, region, token, segs }
             | Self::ReadVector { xfer, region, token, segs }
@@ -676,6 +714,20 @@ impl Control {
                 Self::DirectGrant { xfer: r.u64()?, huge: flag(r, "a DirectGrant's page size must say 0 or 1")? }
             }
             kind::DIRECT_DONE => Self::DirectDone { xfer: r.u64()? },
+            kind::PARK_CHANNELS => Self::ParkChannels { epoch: r.u64()? },
+            kind::CHANNELS_PARKED => {
+                Self::ChannelsParked { epoch: r.u64()?, parked: flag(r, "a ChannelsParked must say 0 or 1")? }
+            }
+            kind::WANT_CHANNELS => Self::WantChannels { epoch: r.u64()? },
+            kind::OPEN_CHANNELS => {
+                let epoch = r.u64()?;
+                let n = r.u32()? as usize;
+                if n == 0 || n > MAX_CHANNELS as usize {
+                    return Err(ProtoError::Invalid("an OpenChannels must name 1 to MAX_CHANNELS handles"));
+                }
+                let handles = (0..n).map(|_| r.array()).collect::<Result<_, _>>()?;
+                Self::OpenChannels { epoch, handles }
+            }
             other => return Err(ProtoError::UnknownKind(other)),
         };
         Ok(msg)
@@ -719,7 +771,16 @@ impl Control {
             | Self::ProcessAck { .. }
             | Self::DirectGrant { .. }
             | Self::DirectDone { .. }
+            | Self::ParkChannels { .. }
+            | Self::ChannelsParked { .. }
+            | Self::WantChannels { .. }
             | Self::Close => Ok(()),
+            Self::OpenChannels { handles, .. } => {
+                if handles.is_empty() || handles.len() > MAX_CHANNELS as usize {
+                    return Err(ProtoError::Invalid("an OpenChannels must name 1 to MAX_CHANNELS handles"));
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -1133,6 +1194,15 @@ mod tests {
             Control::DirectGrant { xfer: 35, huge: true },
             Control::DirectGrant { xfer: 36, huge: false },
             Control::DirectDone { xfer: u64::MAX },
+            Control::ParkChannels { epoch: 1 },
+            Control::ChannelsParked { epoch: 2, parked: true },
+            Control::ChannelsParked { epoch: u64::MAX, parked: false },
+            Control::WantChannels { epoch: 3 },
+            Control::OpenChannels { epoch: 4, handles: vec![[0xa5; NET_HANDLE_SIZE]] },
+            Control::OpenChannels {
+                epoch: 5,
+                handles: (0..MAX_CHANNELS).map(|i| [i as u8; NET_HANDLE_SIZE]).collect(),
+            },
         ]
     }
 
@@ -1156,6 +1226,7 @@ mod tests {
                 | Control::IpcGrant { .. }
                 | Control::DirectWrite { .. }
                 | Control::DirectRead { .. }
+                | Control::OpenChannels { .. }
         )
     }
 
@@ -1791,7 +1862,28 @@ mod tests {
         }
         assert_eq!(decode_raw(0, &[]), Err(ProtoError::UnknownKind(0)));
         assert_eq!(decode_raw(36, &[]), Err(ProtoError::UnknownKind(36)));
-        assert_eq!(decode_raw(51, &[]), Err(ProtoError::UnknownKind(51)));
+        assert_eq!(decode_raw(54, &[]), Err(ProtoError::UnknownKind(54)));
+    }
+
+    /// A channel lifetime's messages: a flag is 0 or 1, and a set of channels has 1 to
+    /// MAX_CHANNELS handles, each whole.
+    #[test]
+    fn channel_lifetime_messages_are_bounded() {
+        let mut body = 7u64.to_le_bytes().to_vec();
+        body.extend(2u32.to_le_bytes());
+        assert!(matches!(decode_raw(kind::CHANNELS_PARKED, &body), Err(ProtoError::Invalid(_))));
+        for n in [0, MAX_CHANNELS as usize + 1] {
+            let msg = Control::OpenChannels { epoch: 1, handles: vec![[3; NET_HANDLE_SIZE]; n] };
+            assert!(matches!(msg.validate(), Err(ProtoError::Invalid(_))), "{n} handles");
+            assert!(decode_frame(&encode(&msg)).is_err(), "{n} handles");
+        }
+        let whole = encode(&Control::OpenChannels { epoch: 1, handles: vec![[3; NET_HANDLE_SIZE]; 2] });
+        let (header, body) = split(&whole);
+        let cut = &body[..body.len() - 1];
+        assert!(
+            Control::decode(&FrameHeader { body_len: cut.len() as u32, ..header }, cut).is_err(),
+            "a handle cut short"
+        );
     }
 
     #[test]

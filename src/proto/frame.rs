@@ -5,8 +5,9 @@
 
 use super::wire::{Reader, Writer, put_at};
 use super::{
-    IPC_HANDLE_LEN, MAX_INLINE_LEN, MAX_IPC_WINDOWS, MAX_NAME_LEN, MAX_NOTIFY_MSG_LEN, MAX_REASON_LEN,
-    MAX_SEG_WIRE_LEN, MAX_VECTOR_RUNS, MAX_VECTOR_SEGMENTS, ProtoError, SEG_LIST_HEAD_LEN, VECTOR_RUN_LEN,
+    IPC_HANDLE_LEN, MAX_CHANNELS, MAX_INLINE_LEN, MAX_IPC_WINDOWS, MAX_NAME_LEN, MAX_NOTIFY_MSG_LEN, MAX_REASON_LEN,
+    MAX_SEG_WIRE_LEN, MAX_VECTOR_RUNS, MAX_VECTOR_SEGMENTS, NET_HANDLE_SIZE, ProtoError, SEG_LIST_HEAD_LEN,
+    VECTOR_RUN_LEN,
 };
 
 pub(crate) const FRAME_HEADER_LEN: usize = 8;
@@ -52,6 +53,10 @@ pub mod kind {
     pub(crate) const IPC_SEND: u8 = 47;
     pub(crate) const WRITE_RUNS: u8 = 48;
     pub(crate) const READ_RUNS: u8 = 49;
+    pub(crate) const PARK_CHANNELS: u8 = 50;
+    pub(crate) const CHANNELS_PARKED: u8 = 51;
+    pub(crate) const WANT_CHANNELS: u8 = 52;
+    pub(crate) const OPEN_CHANNELS: u8 = 53;
 }
 
 /// Largest segment list of `n` segments.
@@ -117,6 +122,10 @@ fn body_spec(kind: u8) -> Option<(&'static str, BodySize)> {
         kind::DIRECT_READ => ("DirectRead body", UpTo(MAX_VECTOR_BODY)),
         kind::DIRECT_GRANT => ("DirectGrant body", Exactly(12)),
         kind::DIRECT_DONE => ("DirectDone body", Exactly(8)),
+        kind::PARK_CHANNELS => ("ParkChannels body", Exactly(8)),
+        kind::CHANNELS_PARKED => ("ChannelsParked body", Exactly(12)),
+        kind::WANT_CHANNELS => ("WantChannels body", Exactly(8)),
+        kind::OPEN_CHANNELS => ("OpenChannels body", UpTo(12 + NET_HANDLE_SIZE * MAX_CHANNELS as usize)),
         _ => return None,
     };
     Some(spec)
@@ -227,7 +236,7 @@ mod tests {
     use super::*;
     use crate::proto::testutil::XorShift;
 
-    const KNOWN: [u8; 36] = [
+    const KNOWN: [u8; 40] = [
         kind::HELLO,
         kind::WELCOME,
         kind::REFUSE,
@@ -264,6 +273,10 @@ mod tests {
         kind::DIRECT_DONE,
         kind::EAGER_SEND,
         kind::IPC_SEND,
+        kind::PARK_CHANNELS,
+        kind::CHANNELS_PARKED,
+        kind::WANT_CHANNELS,
+        kind::OPEN_CHANNELS,
     ];
 
     fn raw(magic: u16, kind: u8, flags: u8, body_len: u32) -> [u8; 8] {

@@ -33,7 +33,7 @@ pub(crate) const MAGIC: u32 = 0x5854_4355;
 /// capability names where its region's memory lies (capability version 3), and such vectors join
 /// only regions of one place on each end. 26: segment lists as offsets from a running base, with
 /// one length for all where they share it (`control::write_segments`).
-pub(crate) const PROTOCOL_VERSION: u16 = 26;
+pub(crate) const PROTOCOL_VERSION: u16 = 27;
 pub(crate) const NET_HANDLE_SIZE: usize = 128;
 /// Notification name bytes, NUL terminator excluded.
 pub(crate) const MAX_NAME_LEN: usize = 255;

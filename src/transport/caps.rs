@@ -25,6 +25,10 @@ pub struct Caps {
     /// The comms take vectored requests (`isendv` / `irecvv`) of any memory they move, in one
     /// registration of any size.
     pub vectored: bool,
+    /// A comm holds buffers and threads however idle (TCPX: about 7 MiB and a helper thread a
+    /// comm), so a connection closes channels that moved nothing for a while unless told otherwise
+    /// (`UCCL_TCPX_IDLE_CLOSE_MS`).
+    pub idle_comms_cost: bool,
     /// What else both ends' transports must agree on, after `name` in the handshake (empty where
     /// nothing): TCPXO's flow count, across which its sends and receives pair by position.
     pub agreement: &'static str,

@@ -134,6 +134,22 @@ pub fn fake_requests(path: &Path) -> (u64, u64) {
     }
 }
 
+/// The fake's comms that hold TCPX's per-comm host memory now, the bytes they hold, and the
+/// comms that ever held it.
+pub fn fake_comms(path: &Path) -> (u64, u64, u64) {
+    // SAFETY: as in `fake_requests`; the hook writes three u64s.
+    unsafe {
+        let lib = libloading::os::unix::Library::open(Some(path), libc::RTLD_NOW | libc::RTLD_NOLOAD)
+            .expect("the fake is loaded");
+        let hook = lib
+            .get::<unsafe extern "C" fn(*mut u64, *mut u64, *mut u64)>(b"fake_tcpx_comms\0")
+            .expect("the fake's comm counter");
+        let (mut held, mut bytes, mut made) = (0u64, 0u64, 0u64);
+        hook(&mut held, &mut bytes, &mut made);
+        (held, bytes, made)
+    }
+}
+
 /// A random block table: `n` pieces of `min..=max` bytes, each at a random offset inside its own
 /// slot of `slot` bytes, the slots shuffled.
 pub fn block_table(rng: &mut Rng, n: usize, slot: usize, min: usize, max: usize) -> Vec<(usize, usize)> {

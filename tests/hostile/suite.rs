@@ -143,7 +143,7 @@ fn encode(msg: &Handshake) -> Vec<u8> {
 }
 
 /// The crate's protocol version (crate-private there); a wrong one fails every handshake below.
-const PROTOCOL_VERSION: u16 = 26;
+const PROTOCOL_VERSION: u16 = 27;
 
 fn hello() -> Hello {
     Hello {
@@ -1186,6 +1186,10 @@ fn control_protocol_violations_fail_only_that_connection() {
             "Notify announcing more than 64 MiB",
             FrameHeader { kind: 23, body_len: (64 << 20) + 264 }.to_bytes().to_vec(),
         ),
+        ("ChannelsParked never asked for", frame(Control::ChannelsParked { epoch: 0, parked: true })),
+        ("WantChannels sent to the acceptor", frame(Control::WantChannels { epoch: 0 })),
+        ("ParkChannels of another lifetime", frame(Control::ParkChannels { epoch: 5 })),
+        ("OpenChannels for open channels", frame(Control::OpenChannels { epoch: 1, handles: vec![[0; 128]] })),
         ("Close", frame(Control::Close)),
     ];
     let total = cases.len();

@@ -7,8 +7,16 @@
 //! tokens of 8 bytes), pinned in TCPX, pageable here. `tcpxCalloc` zeroes what it allocates, so
 //! every page is resident from the start; here each page is written once.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::config::Config;
 use crate::profile::Kind;
+
+/// Comms holding a footprint in this process, the bytes they hold, and the footprints ever made
+/// (`fake_tcpx_comms`).
+pub static HELD_COMMS: AtomicU64 = AtomicU64::new(0);
+pub static HELD_BYTES: AtomicU64 = AtomicU64::new(0);
+pub static MADE_COMMS: AtomicU64 = AtomicU64::new(0);
 
 /// Tasks per data socket (`src/work_queue.h`).
 const TASKS_PER_SOCKET: usize = 6;
@@ -34,6 +42,10 @@ impl Footprint {
         if receive {
             sizes.push(PAGE_TOKENS);
         }
+        let bytes: usize = sizes.iter().sum();
+        HELD_COMMS.fetch_add(1, Ordering::Relaxed);
+        HELD_BYTES.fetch_add(bytes as u64, Ordering::Relaxed);
+        MADE_COMMS.fetch_add(1, Ordering::Relaxed);
         Footprint { _buffers: sizes.into_iter().map(resident).collect() }
     }
 
@@ -55,6 +67,17 @@ impl Footprint {
     #[cfg(test)]
     fn bytes(&self) -> usize {
         self._buffers.iter().map(|b| b.len()).sum()
+    }
+}
+
+impl Drop for Footprint {
+    fn drop(&mut self) {
+        if self._buffers.is_empty() {
+            return;
+        }
+        let bytes: usize = self._buffers.iter().map(|b| b.len()).sum();
+        HELD_COMMS.fetch_sub(1, Ordering::Relaxed);
+        HELD_BYTES.fetch_sub(bytes as u64, Ordering::Relaxed);
     }
 }
 

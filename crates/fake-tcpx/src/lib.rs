@@ -120,6 +120,28 @@ const TCPXO_TABLE: NcclNetV7 =
 static SENDS_POSTED: AtomicU64 = AtomicU64::new(0);
 static RECEIVES_POSTED: AtomicU64 = AtomicU64::new(0);
 
+/// Test hook, not part of the ncclNet table: the comms that hold TCPX's per-comm host memory in
+/// this process now (`footprint.rs`), the bytes they hold, and the comms that ever held it. A NULL
+/// pointer is skipped.
+///
+/// # Safety
+/// Each pointer is NULL or points to a writable `u64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fake_tcpx_comms(held: *mut u64, bytes: *mut u64, made: *mut u64) {
+    // SAFETY: per the contract.
+    unsafe {
+        if let Some(h) = held.as_mut() {
+            *h = footprint::HELD_COMMS.load(Ordering::Relaxed);
+        }
+        if let Some(b) = bytes.as_mut() {
+            *b = footprint::HELD_BYTES.load(Ordering::Relaxed);
+        }
+        if let Some(m) = made.as_mut() {
+            *m = footprint::MADE_COMMS.load(Ordering::Relaxed);
+        }
+    }
+}
+
 /// Test hook, not part of the ncclNet table: the send and receive requests the plugin handed out
 /// in this process so far, so that a consumer's tests can count what a transfer cost in requests
 /// (TCPX holds 16 per comm, each with its own control message and unpack). A NULL pointer is skipped.

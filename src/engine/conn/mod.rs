@@ -13,9 +13,11 @@ mod api;
 mod copies;
 mod flow_trace;
 mod landing;
+pub(super) mod life;
 mod memory;
 mod pieces;
 mod reader;
+mod renew;
 mod same_host_io;
 mod state;
 mod turn;
@@ -32,6 +34,7 @@ use parking_lot::{Mutex, MutexGuard};
 use super::channel::{self, Channel};
 use super::control_reactor::{ControlEndpoint, Next, Registration};
 use super::control_rx::{ControlRx, Drained, Landing, LandingGate, RxBuffer};
+use super::establish::Renewal;
 use super::locality::{LocalLink, Locality};
 use super::notify;
 use super::plan::{self, Chunk, ChunkMem, Chunking, Cut};
@@ -53,6 +56,7 @@ use crate::transport::MemKind;
 use copies::StartedCopies;
 use flow_trace::{flow_msg, lent_msg, trace_heard};
 use landing::LandingMemory;
+use life::ChannelLife;
 use memory::EngineMemory;
 pub(crate) use memory::Reach;
 pub use pieces::{Piece, PieceRun};
@@ -121,6 +125,10 @@ struct Inner {
     /// read straight into, and the gate that stops it (`ControlRx`): closed by a fence on that region
     /// and by a failure.
     inline_landing: Option<(u64, Arc<LandingGate>)>,
+    /// The channels' lifetime (`life.rs`), and the listens made for the next ones until the
+    /// peer's handles come.
+    life: ChannelLife,
+    listens: Option<(u64, super::establish::Listens)>,
     /// Device copies of inline payloads started and what waits for each (`copies.rs`).
     copies: StartedCopies,
 }
@@ -260,6 +268,10 @@ pub struct Connection {
     same_host: SameHostIo,
     /// What the caller's transfers on this connection moved and how they ended.
     stats: Arc<StatsCell>,
+    /// What new channels are made with, after idle ones closed (`renew.rs`).
+    renewal: Renewal,
+    /// This connection, for the setup of its new channels to come back to.
+    me: Weak<dyn super::setup_thread::SetupOwner>,
     #[cfg(test)]
     hooks: TestHooks,
 }
@@ -339,6 +351,7 @@ impl Connection {
         link: LocalLink,
         binding: Option<TokenBinding>,
         reach: Reach,
+        renewal: Renewal,
     ) -> Result<Arc<Connection>> {
         let io = |e| Error::io("control stream", e);
         control.set_read_timeout(None).map_err(io)?;
@@ -397,6 +410,8 @@ impl Connection {
                 queued: false,
                 final_links: Vec::new(),
                 inline_landing: None,
+                life: ChannelLife::new(link.connector),
+                listens: None,
                 copies: StartedCopies::default(),
             }),
             channels: channels.into_iter().map(|ch| Mutex::new(Some(ch))).collect(),
@@ -409,6 +424,8 @@ impl Connection {
             trace: tag,
             same_host: SameHostIo::new(weak.clone() as Weak<dyn HostServed>, device_batches),
             stats: Arc::default(),
+            renewal,
+            me: weak.clone() as Weak<dyn super::setup_thread::SetupOwner>,
             #[cfg(test)]
             hooks: TestHooks::default(),
         });
@@ -635,6 +652,13 @@ impl Connection {
     /// Every answer, the IPC path's too, stays in `held`, in the order of what it answers.
     /// `arrived`: when the read that brought it returned (for the flow trace).
     fn handle(&self, inner: &mut Inner, msg: Control, held: &mut Held, arrived: u64) -> Result<()> {
+        let msg = match msg {
+            msg @ (Control::ParkChannels { .. }
+            | Control::ChannelsParked { .. }
+            | Control::WantChannels { .. }
+            | Control::OpenChannels { .. }) => return self.handle_life(inner, msg, held),
+            msg => msg,
+        };
         let Some(msg) = self.handle_ipc(&mut inner.ipc, msg, &mut held.msgs)? else { return Ok(()) };
         let seen = if trace::on(trace::FLOW) { flow_msg(&msg) } else { None };
         if let Some((id, kind)) = seen {
@@ -702,7 +726,7 @@ impl Connection {
                 Action::DeviceRecv(recv) => result = self.device_recv(inner, recv, held),
             }
         }
-        result
+        result.and_then(|()| self.need_channels(inner, held))
     }
 
     /// Copies the peer's offered message into its matched receive over CUDA IPC
@@ -848,6 +872,8 @@ impl Connection {
                     if let Some(ch) = slot.as_mut() {
                         ch.redirect(region);
                     }
+                    // What waits for channels that are not open.
+                    redirect_deferred(&mut inner.deferred[k], region);
                 })
             });
             if let Err(e) = cut.and(redirected).and_then(|()| self.apply(inner, out)) {
@@ -974,6 +1000,7 @@ impl Connection {
             drop(slot.lock().take());
         }
         inner.deferred.iter_mut().for_each(Vec::clear);
+        inner.listens = None;
         self.set_retrying(inner, false);
         self.core.waker.chunks_out.set(&mut inner.chunks_out, false);
         // No same-host copy lands in our memory after this returns either.
@@ -1148,7 +1175,9 @@ impl Connection {
                     continue;
                 };
                 let Some(ch) = slot.as_mut() else { continue };
-                match apply_deferred(&mut inner.deferred[k], ch) {
+                // Parking: nothing goes on the channels until the peer answers.
+                let applied = if inner.life.is_open() { apply_deferred(&mut inner.deferred[k], ch) } else { Ok(()) };
+                match applied {
                     Ok(()) => driven.drive(ch, &mut pass.sent, &mut pass.finished, send_bytes),
                     Err(e) => driven.error = Some(e),
                 }
@@ -1242,7 +1271,7 @@ impl Connection {
     /// it under way. An error is the connection's.
     fn channel_now<'a>(&'a self, inner: &mut Inner, k: usize) -> Result<MutexGuard<'a, Option<Channel>>> {
         let mut slot = self.channels[k].lock();
-        if let Some(ch) = slot.as_mut() {
+        if let Some(ch) = slot.as_mut().filter(|_| inner.life.is_open()) {
             apply_deferred(&mut inner.deferred[k], ch)?;
         }
         Ok(slot)
@@ -1260,9 +1289,10 @@ impl Connection {
         }
     }
 
-    /// Channel `k` if it may be asked now: nothing waits for it and no other thread drives it.
+    /// Channel `k` if it may be asked now: the channels are open, nothing waits for it and no
+    /// other thread drives it.
     fn free_channel(&self, inner: &Inner, k: usize) -> Option<MutexGuard<'_, Option<Channel>>> {
-        if inner.deferred[k].is_empty() { self.channels[k].try_lock() } else { None }
+        if inner.deferred[k].is_empty() && inner.life.is_open() { self.channels[k].try_lock() } else { None }
     }
 
     /// Cuts a flow into chunks and queues each on its channel (registering its region there first).
@@ -1355,6 +1385,20 @@ impl Pass {
 /// The channel in `slot`, or the error of a connection whose channels were dropped.
 fn open_channel<'a>(slot: &'a mut MutexGuard<'_, Option<Channel>>) -> Result<&'a mut Channel> {
     slot.as_mut().ok_or_else(|| Error::backend("the connection's channels are closed"))
+}
+
+/// `Channel::redirect` for chunks waiting in `deferred`: those with bytes in `region` move
+/// through scratch memory, with the same lengths.
+fn redirect_deferred(deferred: &mut [ChannelOp], region: u64) {
+    for op in deferred {
+        if let ChannelOp::Queue(_, chunk, regions) = op
+            && chunk.touches(region)
+        {
+            chunk.region = channel::SCRATCH;
+            chunk.mem = ChunkMem::At(0);
+            regions.clear();
+        }
+    }
 }
 
 /// Applies what waits for a channel to it, in order.

@@ -467,6 +467,22 @@ impl ConnState {
         self.last_heard = now;
     }
 
+    /// When the peer last showed life, or a chunk last moved.
+    pub fn last_heard(&self) -> Instant {
+        self.last_heard
+    }
+
+    /// Whether no flow of either direction is under way, to be answered, or owed its chunks: the
+    /// channels may close (`life.rs`). Messages still unmatched are no flow yet.
+    pub fn moves_nothing(&self) -> bool {
+        self.flows.is_empty()
+            && self.inbound.is_empty()
+            && self.awaiting_done.is_empty()
+            && self.serving.is_empty()
+            && self.reading.is_empty()
+            && self.refused_chunks == 0
+    }
+
     /// Whether the peer's engine owes us something and has been silent for longer than `timeout`.
     /// The clock goes first: `waits_on_peer` scans the pending ops.
     pub fn stalled(&self, now: Instant, timeout: Duration) -> bool {
@@ -1214,6 +1230,12 @@ impl ConnState {
             | Control::IpcRevoke { .. }
             | Control::IpcRevoked { .. } => {
                 Err(Error::backend("internal: an IPC message reached the transfer state machine"))
+            }
+            Control::ParkChannels { .. }
+            | Control::ChannelsParked { .. }
+            | Control::WantChannels { .. }
+            | Control::OpenChannels { .. } => {
+                Err(Error::backend("internal: a channel lifetime message reached the transfer state machine"))
             }
         }
     }

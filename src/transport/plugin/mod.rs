@@ -132,6 +132,8 @@ impl PluginNet {
             // plugin writes the buffer posted, from a scratch slot) straight into the pieces on
             // the receiver (`recv.rs`), so a transfer's requests follow its bytes.
             vectored: true,
+            // Whatever the plugin: its comms' memory and threads are its own to keep.
+            idle_comms_cost: true,
             agreement: plugin.agreement,
         };
         let net = PluginNet {

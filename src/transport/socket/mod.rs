@@ -292,6 +292,8 @@ const CAPS: Caps = Caps {
     reaches_own_host: true,
     // Pieces go out with `sendmsg` and land with `recvmsg`, so a request may as well be a list.
     vectored: true,
+    // Its sockets open as traffic needs them and its helper threads are the net's.
+    idle_comms_cost: false,
     agreement: "",
 };
 

@@ -1,0 +1,216 @@
+//! Idle channels closed and new ones opened (`conn/life.rs`, `conn/renew.rs`), over the built-in
+//! socket transport with a short idle time: transfers after a parking find new channels, either
+//! end's work opens them, a busy acceptor keeps them, and a peer gone while they are closed fails
+//! what waits for them.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{bytes, config, wait};
+use crate::config::{Config, TransportChoice};
+use crate::engine::conn::life::Life;
+use crate::engine::{Connection, Engine, OneSided};
+
+fn idle_pair(idle: Duration) -> (Engine, Engine, Arc<Connection>, Arc<Connection>) {
+    let engine = || {
+        Engine::new(Config {
+            transport: TransportChoice::Socket,
+            disable_ipc: true,
+            idle_close: Some(idle),
+            ..config()
+        })
+        .unwrap()
+    };
+    let (a, b) = (engine(), engine());
+    let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+    let ba = b.accept().unwrap();
+    (a, b, ab, ba)
+}
+
+fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + testkit::PATIENCE;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Writes `src` from `from`'s engine into `dst` of the other over `conn`, and checks the bytes.
+fn write(from: &Engine, to: &Engine, conn: &Connection, src: &[u8], dst: &mut [u8]) {
+    let len = src.len();
+    let smr = from.register(src.as_ptr() as usize, len).unwrap();
+    let dmr = to.register(dst.as_mut_ptr() as usize, len).unwrap();
+    let remote = to.prepare_fifo(dmr, dst.as_ptr() as usize, len).unwrap();
+    let w = conn.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len, remote }]).unwrap();
+    assert_eq!(wait(conn, w), len as u64);
+    assert!(dst == src, "the write landed wrong");
+    from.deregister(smr).unwrap();
+    to.deregister(dmr).unwrap();
+}
+
+/// Both ends close their channels once idle, and open new ones for the next transfer: the
+/// connector's own, then the acceptor's (which asks the connector). Every byte lands.
+#[test]
+fn idle_channels_close_and_either_ends_transfer_opens_new_ones() {
+    let (a, b, ab, ba) = idle_pair(Duration::from_millis(30));
+    let len = 1 << 20;
+    let mut dst = vec![0u8; len];
+    write(&a, &b, &ab, &bytes(len, 1), &mut dst);
+    until("the channels never closed", || ab.channel_renewals().0 == 1 && ba.channel_renewals().0 == 1);
+    assert_eq!((ab.open_channels(), ba.open_channels()), (0, 0), "closed at both ends");
+    assert_eq!((ab.channel_life(), ba.channel_life()), (Life::Parked, Life::Parked));
+
+    // The connector's write waits for new channels.
+    write(&a, &b, &ab, &bytes(len, 2), &mut dst);
+    assert_eq!((ab.channel_renewals().1, ba.channel_renewals().1), (1, 1), "opened once at each end");
+    assert_eq!(ab.open_channels(), 2);
+
+    // Parked again; now the acceptor writes, and a read from the connector follows.
+    until("the channels never closed again", || ab.channel_renewals().0 == 2 && ba.channel_renewals().0 == 2);
+    let mut back = vec![0u8; len];
+    write(&b, &a, &ba, &bytes(len, 3), &mut back);
+    assert_eq!((ab.channel_renewals().1, ba.channel_renewals().1), (2, 2));
+    let src = bytes(len, 4);
+    let mut got = vec![0u8; len];
+    let (smr, gmr) =
+        (b.register(src.as_ptr() as usize, len).unwrap(), a.register(got.as_mut_ptr() as usize, len).unwrap());
+    let remote = b.prepare_fifo(smr, src.as_ptr() as usize, len).unwrap();
+    let r = ab.read(&[OneSided { mr: gmr, addr: got.as_mut_ptr() as usize, len, remote }]).unwrap();
+    assert_eq!(wait(&ab, r), len as u64);
+    assert!(got == src, "the read returned wrong bytes");
+}
+
+/// The acceptor has a write under way that the connector has not heard of when the connector
+/// asks to park: the acceptor keeps its channels, the connector takes the write's chunks on the
+/// channels it kept, and nothing closes.
+#[test]
+fn an_acceptor_with_work_in_flight_keeps_the_channels() {
+    let (a, b, ab, ba) = idle_pair(Duration::from_millis(100));
+    let len = 1 << 20;
+    let src = bytes(len, 5);
+    let mut dst = vec![0u8; len];
+    let smr = b.register(src.as_ptr() as usize, len).unwrap();
+    let dmr = a.register(dst.as_mut_ptr() as usize, len).unwrap();
+    let remote = a.prepare_fifo(dmr, dst.as_ptr() as usize, len).unwrap();
+    // The connector hears nothing from here on until the guard goes: it stays idle.
+    let held = ab.hold_reads();
+    let w = ba.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len, remote }]).unwrap();
+    until("the connector never asked to park", || ab.channel_life() == Life::Parking);
+    drop(held);
+    assert_eq!(wait(&ba, w), len as u64);
+    assert!(dst == src, "the write landed wrong");
+    until("the connector never took the answer", || ab.channel_life() == Life::Open);
+    assert_eq!((ab.channel_renewals(), ba.channel_renewals()), ((0, 0), (0, 0)), "nothing closed");
+    assert_eq!(ab.open_channels(), 2);
+}
+
+/// A peer gone while the channels are closed: the transfer that waits for new ones fails with
+/// an error, and nothing hangs.
+#[test]
+fn a_peer_gone_while_the_channels_are_closed_fails_the_waiting_transfer() {
+    let (a, b, ab, ba) = idle_pair(Duration::from_millis(30));
+    until("the channels never closed", || ab.channel_renewals().0 == 1);
+    let len = 1 << 20;
+    let mut dst = vec![0u8; len];
+    let src = bytes(len, 6);
+    let smr = a.register(src.as_ptr() as usize, len).unwrap();
+    let dmr = b.register(dst.as_mut_ptr() as usize, len).unwrap();
+    let remote = b.prepare_fifo(dmr, dst.as_ptr() as usize, len).unwrap();
+    drop(ba);
+    drop(b);
+    let deadline = Instant::now() + testkit::PATIENCE;
+    let outcome = ab.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len, remote }]).and_then(|w| {
+        loop {
+            if let Some(n) = ab.poll(w)? {
+                break Ok(n);
+            }
+            assert!(Instant::now() < deadline, "the write neither ended nor failed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    assert!(outcome.is_err(), "a write to a peer gone: {outcome:?}");
+}
+
+/// A deregistration while a write's chunks wait for new channels: the write fails as cut off,
+/// its chunks go from scratch memory once the channels open (the target's range gets zeros, not
+/// the region's bytes), and the next write on the new channels lands whole.
+#[test]
+fn a_deregistration_while_channels_open_sends_nothing_of_the_region() {
+    let (a, b, ab, ba) = idle_pair(Duration::from_millis(30));
+    until("the channels never closed", || ab.channel_renewals().0 == 1 && ba.channel_renewals().0 == 1);
+    let len = 1 << 20;
+    let src = bytes(len, 7);
+    let mut dst = vec![0xeeu8; len];
+    let smr = a.register(src.as_ptr() as usize, len).unwrap();
+    let dmr = b.register(dst.as_mut_ptr() as usize, len).unwrap();
+    let remote = b.prepare_fifo(dmr, dst.as_ptr() as usize, len).unwrap();
+    // The acceptor reads nothing: the connector's offer of new channels waits, and so do the
+    // write's chunks.
+    let held = ba.hold_reads();
+    let w = ab.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len, remote }]).unwrap();
+    until("the write never waited for new channels", || ab.channel_life() == Life::Opening);
+    a.deregister(smr).unwrap();
+    drop(held);
+    let deadline = Instant::now() + testkit::PATIENCE;
+    let err = loop {
+        match ab.poll(w) {
+            Ok(None) => {}
+            Ok(Some(n)) => panic!("a write cut off by its deregistration moved {n} bytes"),
+            Err(e) => break e,
+        }
+        assert!(Instant::now() < deadline, "the cut-off write never ended");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert!(err.message().contains("deregistered"), "{}", err.message());
+    let mut next = vec![0u8; len];
+    write(&a, &b, &ab, &bytes(len, 8), &mut next);
+    assert_eq!((ab.channel_renewals().1, ba.channel_renewals().1), (1, 1));
+    assert!(dst.iter().all(|&x| x == 0), "the target's range got the region's bytes, not scratch");
+}
+
+/// Transfers of both ends, writes, reads and messages, with pauses around the idle time between
+/// them: whatever each finds (channels open, being parked, parked, opening), every one ends with
+/// its bytes in place.
+#[test]
+fn transfers_around_the_idle_time_all_land() {
+    let (a, b, ab, ba) = idle_pair(Duration::from_millis(3));
+    let mut rng = testkit::Rng::new("renew");
+    let len = 512 << 10;
+    for round in 0..40u8 {
+        let (from, to, conn, back) = if round % 2 == 0 { (&a, &b, &ab, &ba) } else { (&b, &a, &ba, &ab) };
+        match round % 3 {
+            0 => write(from, to, conn, &bytes(len, round), &mut vec![0u8; len]),
+            1 => {
+                let src = bytes(len, round);
+                let mut got = vec![0u8; len];
+                let smr = to.register(src.as_ptr() as usize, len).unwrap();
+                let gmr = from.register(got.as_mut_ptr() as usize, len).unwrap();
+                let remote = to.prepare_fifo(smr, src.as_ptr() as usize, len).unwrap();
+                let r = conn.read(&[OneSided { mr: gmr, addr: got.as_mut_ptr() as usize, len, remote }]).unwrap();
+                assert_eq!(wait(conn, r), len as u64);
+                assert!(got == src, "read {round} returned wrong bytes");
+            }
+            _ => {
+                let src = bytes(len, round);
+                let mut got = vec![0u8; len];
+                let smr = from.register(src.as_ptr() as usize, len).unwrap();
+                let gmr = to.register(got.as_mut_ptr() as usize, len).unwrap();
+                let s = conn.send(&[(smr, src.as_ptr() as usize, len)]).unwrap();
+                let r = back.recv(gmr, got.as_mut_ptr() as usize, len).unwrap();
+                assert_eq!(wait(back, r), len as u64);
+                assert_eq!(wait(conn, s), len as u64);
+                assert!(got == src, "message {round} arrived wrong");
+            }
+        }
+        if round % 5 == 4 {
+            // Every fifth round the next finds the channels parked, whatever the machine's load.
+            let parks = ab.channel_renewals().0;
+            until("the channels never closed", || ab.channel_renewals().0 > parks);
+        } else {
+            std::thread::sleep(Duration::from_micros(rng.below(8_000) as u64));
+        }
+    }
+    let (parks, opens) = ab.channel_renewals();
+    assert!(parks >= 8 && opens >= 7, "the rounds found the channels parked {parks} times, opened {opens}");
+    until("both ends never counted the same lifetimes", || ab.channel_renewals() == ba.channel_renewals());
+}
