@@ -243,6 +243,15 @@ impl<R> Landings<R> {
         Ok(())
     }
 
+    /// Lets the memory go when no message is in it or on its way (the channels that received
+    /// into it are closed): the next message to land makes it again. Whether it went.
+    pub fn give_back(&mut self) -> bool {
+        if !self.by_flow.is_empty() || self.free.len() != SLOTS {
+            return false;
+        }
+        self.memory.take().is_some()
+    }
+
     /// Frees the slots of a message taken out.
     pub fn release(&mut self, landing: Landing<R>) {
         self.free.extend(landing.slots.into_iter().rev());

@@ -81,6 +81,8 @@ impl Connection {
                             return Err(Error::internal("channels closed with requests posted on them"));
                         }
                     }
+                    // Nothing receives into the landing slots any more.
+                    inner.state.channels_closed();
                     // What the comms freed (TCPX's buffers are the C library's heap) stays the
                     // process's unless handed back: the C library keeps freed pages for its next
                     // allocations.
@@ -138,6 +140,12 @@ impl Connection {
     #[cfg(test)]
     pub(crate) fn open_channels(&self) -> usize {
         self.channels.iter().filter(|slot| slot.lock().is_some()).count()
+    }
+
+    /// Whether the connection holds landing memory for the peer's eager messages.
+    #[cfg(test)]
+    pub(crate) fn holds_landing_memory(&self) -> bool {
+        self.inner.lock().state.holds_landing_memory()
     }
 
     /// Where the channels' lifetime stands.

@@ -56,8 +56,19 @@ fn idle_channels_close_and_either_ends_transfer_opens_new_ones() {
     let len = 1 << 20;
     let mut dst = vec![0u8; len];
     write(&a, &b, &ab, &bytes(len, 1), &mut dst);
+    // A mid-size message sent before its receive lands in the acceptor's landing slots.
+    let (msg, mut got) = (bytes(512 << 10, 9), vec![0u8; 512 << 10]);
+    let smr = a.register(msg.as_ptr() as usize, msg.len()).unwrap();
+    let gmr = b.register(got.as_mut_ptr() as usize, got.len()).unwrap();
+    let s = ab.send(&[(smr, msg.as_ptr() as usize, msg.len())]).unwrap();
+    until("the message never landed", || ba.stats().landed == 1);
+    let r = ba.recv(gmr, got.as_mut_ptr() as usize, got.len()).unwrap();
+    assert_eq!((wait(&ba, r), wait(&ab, s)), (msg.len() as u64, msg.len() as u64));
+    assert!(got == msg, "the landed message arrived wrong");
+    assert!(ba.holds_landing_memory());
     until("the channels never closed", || ab.channel_renewals().0 == 1 && ba.channel_renewals().0 == 1);
     assert_eq!((ab.open_channels(), ba.open_channels()), (0, 0), "closed at both ends");
+    assert!(!ba.holds_landing_memory(), "landing memory kept with the channels closed");
     assert_eq!((ab.channel_life(), ba.channel_life()), (Life::Parked, Life::Parked));
 
     // The connector's write waits for new channels.

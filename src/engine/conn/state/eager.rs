@@ -30,6 +30,13 @@ impl ConnState {
         }
     }
 
+    /// The channels closed: landing memory no message holds goes until one lands again.
+    pub fn channels_closed(&mut self) {
+        if let Some(l) = self.eager.as_mut() {
+            l.give_back();
+        }
+    }
+
     /// Whether this connection made its landing memory.
     #[cfg(test)]
     pub fn holds_landing_memory(&self) -> bool {
