@@ -268,6 +268,116 @@ mod tests {
         assert_eq!(c.handle(Control::WantChannels { epoch: 0 }, false, false).unwrap(), []);
     }
 
+    /// One end of the model below: its lifetime, the messages on their way to it, whether it has
+    /// work on the channels (`busy`) or waiting for them (`waiting`), and its setup under way.
+    struct End {
+        life: ChannelLife,
+        inbox: std::collections::VecDeque<Control>,
+        busy: bool,
+        waiting: bool,
+        setup: Option<u64>,
+    }
+
+    impl End {
+        /// Carries out `actions` as the connection does; messages go to `peer`.
+        fn carry_out(&mut self, actions: Vec<LifeAction>, peer: &mut std::collections::VecDeque<Control>) {
+            for action in actions {
+                match action {
+                    LifeAction::Send(msg) => peer.push_back(msg),
+                    LifeAction::Close => assert!(!self.busy, "channels closed under work"),
+                    LifeAction::Listen { epoch } => peer.push_back(Control::OpenChannels { epoch, handles: vec![H] }),
+                    LifeAction::Connect { epoch, .. } => self.setup = Some(epoch),
+                    LifeAction::Resume => self.start_waiting(),
+                }
+            }
+        }
+
+        fn start_waiting(&mut self) {
+            if self.life.is_open() && self.waiting {
+                (self.busy, self.waiting) = (true, false);
+            }
+        }
+    }
+
+    /// Both ends under every order of events a connection sees, messages in order each way: no
+    /// event is a violation, channels never close under work, and once the events stop and the
+    /// messages and setups run out, no work is left waiting.
+    #[test]
+    fn any_order_of_events_leaves_no_work_waiting() {
+        let mut rng = testkit::Rng::new("channel lifetimes");
+        for _ in 0..2_000 {
+            let mut ends = [true, false].map(|connector| End {
+                life: ChannelLife::new(connector),
+                inbox: Default::default(),
+                busy: false,
+                waiting: false,
+                setup: None,
+            });
+            for step in 0..200 {
+                let events_left = step < 150;
+                let i = rng.below(2);
+                let (this, peer) = if i == 0 {
+                    let [c, a] = &mut ends;
+                    (c, a)
+                } else {
+                    let [c, a] = &mut ends;
+                    (a, c)
+                };
+                match rng.below(6) {
+                    0 if events_left => {
+                        // New work: on open channels at once, else it waits and wants them.
+                        if this.life.is_open() {
+                            this.busy = true;
+                        } else {
+                            this.waiting = true;
+                            let actions = this.life.need();
+                            this.carry_out(actions, &mut peer.inbox);
+                        }
+                    }
+                    1 if events_left => this.busy = false,
+                    2 if events_left && !this.busy && !this.waiting => {
+                        if let Some(msg) = this.life.idle() {
+                            peer.inbox.push_back(msg);
+                        }
+                    }
+                    3 | 4 => {
+                        let Some(msg) = this.inbox.pop_front() else { continue };
+                        let quiet = !this.busy && !this.waiting;
+                        let actions = this.life.handle(msg, quiet, this.waiting).expect("no violation");
+                        this.carry_out(actions, &mut peer.inbox);
+                    }
+                    _ => {
+                        if let Some(epoch) = this.setup.take()
+                            && this.life.opened(epoch)
+                        {
+                            this.start_waiting();
+                        }
+                    }
+                }
+            }
+            // Drain: every message delivered, every setup finished, until nothing changes.
+            for _ in 0..50 {
+                for i in 0..2 {
+                    let [c, a] = &mut ends;
+                    let (this, peer) = if i == 0 { (c, a) } else { (a, c) };
+                    while let Some(msg) = this.inbox.pop_front() {
+                        let quiet = !this.busy && !this.waiting;
+                        let actions = this.life.handle(msg, quiet, this.waiting).expect("no violation");
+                        this.carry_out(actions, &mut peer.inbox);
+                    }
+                    if let Some(epoch) = this.setup.take()
+                        && this.life.opened(epoch)
+                    {
+                        this.start_waiting();
+                    }
+                }
+            }
+            for end in &ends {
+                assert!(!end.waiting, "work left waiting: {:?}", end.life.life());
+            }
+        }
+    }
+
     /// Messages the other end's role or the lifetime rules out fail the connection.
     #[test]
     fn messages_out_of_turn_are_violations() {
