@@ -282,8 +282,8 @@ fn idle_closes(conns: &[Arc<Connection>]) -> Option<Duration> {
 }
 
 /// Parks until woken: for at most [`CALLER_COPY_WATCH`] while callers' device copies are in flight,
-/// for at most `watch` while a connection waits on its peer's engine, else for good; never past
-/// `limit`. The waker
+/// for at most `watch` while a connection waits on its peer's engine, else until `limit` or for
+/// good. The waker
 /// hears of an untimed park before the copies and connections are asked, so work that starts such
 /// a wait meanwhile (counted first, or under the connection's lock, which the asking takes too)
 /// either is seen here or wakes the thread.
@@ -297,13 +297,15 @@ fn park(conns: &[Arc<Connection>], waker: &Waker, watch: Duration, limit: Option
     } else if conns.iter().any(|c| c.waits_on_peer()) {
         waker.parking_untimed(false);
         std::thread::park_timeout(watch.min(limit));
-    } else if limit < Duration::MAX {
-        // Timed, so a connection that starts waiting on its peer meanwhile does not wake it
-        // (`Waker::activity`): it looks again within `watch`, as while one waits.
-        waker.parking_untimed(false);
-        std::thread::park_timeout(limit.min(watch));
     } else {
-        std::thread::park();
+        // Until `limit` (idle staging to free, idle channels to close: tens of seconds), and as an
+        // untimed park for the wakers: a connection that starts waiting on its peer meanwhile
+        // wakes it (`Waker::activity`), so no stall watch is needed until then.
+        if limit < Duration::MAX {
+            std::thread::park_timeout(limit);
+        } else {
+            std::thread::park();
+        }
         waker.parking_untimed(false);
     }
 }
