@@ -167,6 +167,12 @@ typedef struct uccl_tcpx_conn_stats_t {
    * copy.
    */
   uint64_t landed;
+  /**
+   * Times the connection closed its channels after they moved nothing for
+   * `UCCL_TCPX_IDLE_CLOSE_MS`, and opened new ones for a transfer (which waited for them).
+   */
+  uint64_t idle_closes;
+  uint64_t reopens;
 } uccl_tcpx_conn_stats_t;
 
 /**

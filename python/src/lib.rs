@@ -72,6 +72,8 @@ struct ConnStats {
     last_error: i32,
     reserved: u32,
     landed: u64,
+    idle_closes: u64,
+    reopens: u64,
 }
 type Conn = *mut c_void;
 
@@ -1071,7 +1073,7 @@ fn prepare(py: Python<'_>, conn: usize, meta: &[u8]) -> PyResult<bool> {
 
 /// A connection's counters as a dict: transfers and bytes each way, in flight, failed, failures
 /// by status (only statuses seen), retries, the last failure's status, messages landed before
-/// their receive.
+/// their receive, idle channel closes and reopenings.
 #[pyfunction]
 fn conn_stats(py: Python<'_>, conn: usize) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
     let api = api()?;
@@ -1093,6 +1095,8 @@ fn conn_stats(py: Python<'_>, conn: usize) -> PyResult<Bound<'_, pyo3::types::Py
     d.set_item("retries", s.retries)?;
     d.set_item("last_error", s.last_error)?;
     d.set_item("landed", s.landed)?;
+    d.set_item("idle_closes", s.idle_closes)?;
+    d.set_item("reopens", s.reopens)?;
     Ok(d)
 }
 

@@ -149,7 +149,8 @@ def test_conn_stats_count_each_way_and_failures_by_status(pair):
     _, meta = pair.server.advertise(dmr, addr(dst), n)
     fresh = pair.client.conn_stats(pair.conn)
     assert fresh == {"out_transfers": 0, "out_bytes": 0, "in_transfers": 0, "in_bytes": 0, "in_flight": 0,
-                     "failed": 0, "errors": {}, "retries": 0, "last_error": 0, "landed": 0}
+                     "failed": 0, "errors": {}, "retries": 0, "last_error": 0, "landed": 0, "idle_closes": 0,
+                     "reopens": 0}
     assert pair.client.write(pair.conn, smr, addr(src), n, meta) is True
     assert pair.client.read(pair.conn, bmr, addr(back), n, meta) is True
     assert pair.client.write(pair.conn, smr, addr(src), 2 * n, meta) is False, "past the advertised range"

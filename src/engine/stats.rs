@@ -51,6 +51,10 @@ pub struct ConnStats {
     /// in the connection's landing memory and was copied into its receive (an extra copy a
     /// receive posted ahead saves).
     pub landed: u64,
+    /// Times the connection closed its channels, idle (`UCCL_TCPX_IDLE_CLOSE_MS`), and opened new
+    /// ones for a transfer that then waited for them.
+    pub idle_closes: u64,
+    pub reopens: u64,
 }
 
 /// What a connection's data sockets on one link carried, both ways, summed over its channels.
@@ -159,6 +163,8 @@ impl StatsCell {
             last_error: self.last_error.load(Ordering::Relaxed),
             // The connection's state counts these (`Connection::stats`).
             landed: 0,
+            idle_closes: 0,
+            reopens: 0,
         }
     }
 }
@@ -177,7 +183,11 @@ impl fmt::Display for ConnStats {
         if self.last_error != 0 {
             write!(f, ", last error {}", self.last_error)?;
         }
-        write!(f, ", {} retries, {} landed before their receive", self.retries, self.landed)
+        write!(f, ", {} retries, {} landed before their receive", self.retries, self.landed)?;
+        if self.idle_closes > 0 {
+            write!(f, ", channels closed idle {} times, opened again {}", self.idle_closes, self.reopens)?;
+        }
+        Ok(())
     }
 }
 

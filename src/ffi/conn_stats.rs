@@ -46,6 +46,10 @@ pub struct uccl_tcpx_conn_stats_t {
     /// copied into its receive. Counting up with every message: receives posted earlier save that
     /// copy.
     pub landed: u64,
+    /// Times the connection closed its channels after they moved nothing for
+    /// `UCCL_TCPX_IDLE_CLOSE_MS`, and opened new ones for a transfer (which waited for them).
+    pub idle_closes: u64,
+    pub reopens: u64,
 }
 
 impl From<ConnStats> for uccl_tcpx_conn_stats_t {
@@ -62,6 +66,8 @@ impl From<ConnStats> for uccl_tcpx_conn_stats_t {
             last_error: s.last_error,
             reserved: 0,
             landed: s.landed,
+            idle_closes: s.idle_closes,
+            reopens: s.reopens,
         }
     }
 }

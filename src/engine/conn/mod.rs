@@ -934,8 +934,11 @@ impl Connection {
 
     /// A reading of the connection's counters.
     pub fn stats(&self) -> ConnStats {
-        let landed = self.inner.lock().state.eager_landed();
-        ConnStats { landed, ..self.stats.snapshot() }
+        let (landed, (idle_closes, reopens)) = {
+            let inner = self.inner.lock();
+            (inner.state.eager_landed(), inner.life.counts())
+        };
+        ConnStats { landed, idle_closes, reopens, ..self.stats.snapshot() }
     }
 
     /// What the channels' data sockets carried, by link (none where the transport keeps no such

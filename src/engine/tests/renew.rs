@@ -75,6 +75,9 @@ fn idle_channels_close_and_either_ends_transfer_opens_new_ones() {
     write(&a, &b, &ab, &bytes(len, 2), &mut dst);
     assert_eq!((ab.channel_renewals().1, ba.channel_renewals().1), (1, 1), "opened once at each end");
     assert_eq!(ab.open_channels(), 2);
+    let stats = ab.stats();
+    assert_eq!((stats.idle_closes, stats.reopens), (1, 1), "the counters say so too");
+    assert!(stats.to_string().contains("channels closed idle 1 times, opened again 1"), "{stats}");
 
     // Parked again; now the acceptor writes, and a read from the connector follows.
     until("the channels never closed again", || ab.channel_renewals().0 == 2 && ba.channel_renewals().0 == 2);
