@@ -34,6 +34,13 @@ use crate::transport::{IoSeg, LinkStats, MrHandle, MrRun, RecvComm, RequestId, S
 /// The region id of a chunk that moves through scratch memory instead of a region (ids start at 1).
 pub(super) const SCRATCH: u64 = 0;
 
+/// Moves `chunk` through scratch memory, with the same lengths, instead of its region's bytes: a
+/// send of zeros, a receive into scratch.
+pub(super) fn to_scratch(chunk: &mut Chunk) {
+    chunk.region = SCRATCH;
+    chunk.mem = ChunkMem::At(0);
+}
+
 /// A region's registrations with this channel's two comms, by window, made on first use in each
 /// direction.
 struct Registration {
@@ -357,8 +364,7 @@ impl Channel {
     pub fn redirect(&mut self, region: u64) {
         for (chunk, mrs) in self.send_queue.iter_mut().chain(self.recv_queue.iter_mut()) {
             if chunk.touches(region) {
-                chunk.region = SCRATCH;
-                chunk.mem = ChunkMem::At(0);
+                to_scratch(chunk);
                 *mrs = Mrs::One(MrHandle::NONE);
             }
         }

@@ -1397,8 +1397,7 @@ fn redirect_deferred(deferred: &mut [ChannelOp], region: u64) {
         if let ChannelOp::Queue(_, chunk, regions) = op
             && chunk.touches(region)
         {
-            chunk.region = channel::SCRATCH;
-            chunk.mem = ChunkMem::At(0);
+            channel::to_scratch(chunk);
             regions.clear();
         }
     }

@@ -1,7 +1,8 @@
 //! Idle channels closed and new ones opened (`conn/life.rs`, `conn/renew.rs`), over the built-in
-//! socket transport with a short idle time: transfers after a parking find new channels, either
-//! end's work opens them, a busy acceptor keeps them, and a peer gone while they are closed fails
-//! what waits for them.
+//! socket transport: transfers after a parking find new channels, either end's work opens them, a
+//! busy acceptor keeps them, and a peer gone while they are closed fails what waits for them.
+//! Most cases park on cue (`park`) with an idle time no test reaches, so that no count depends on
+//! how fast the machine runs; the last lets the progress thread park on its own.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,6 +11,10 @@ use super::{bytes, config, wait};
 use crate::config::{Config, TransportChoice};
 use crate::engine::conn::life::Life;
 use crate::engine::{Connection, Engine, OneSided};
+use crate::error::Result;
+
+/// An idle time no test waits out.
+const NEVER: Duration = Duration::from_secs(3600);
 
 fn idle_pair(idle: Duration) -> (Engine, Engine, Arc<Connection>, Arc<Connection>) {
     let engine = || {
@@ -35,6 +40,32 @@ fn until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// The connector `ab` asks to close its channels as the progress thread does once they idled
+/// past its idle time, again after an acceptor that still had something in flight kept them,
+/// until both ends closed them.
+fn park(ab: &Connection, ba: &Connection) {
+    let (a, b) = (ab.channel_renewals().0, ba.channel_renewals().0);
+    until("the channels never closed", || {
+        let closed = ab.channel_renewals().0 == a + 1 && ba.channel_renewals().0 == b + 1;
+        if !closed {
+            ab.close_if_idle(Instant::now() + 2 * NEVER);
+        }
+        closed
+    });
+}
+
+/// How transfer `id` ended: its bytes, or its error.
+fn outcome(conn: &Connection, id: u64) -> Result<u64> {
+    let deadline = Instant::now() + testkit::PATIENCE;
+    loop {
+        if let Some(n) = conn.poll(id)? {
+            return Ok(n);
+        }
+        assert!(Instant::now() < deadline, "transfer {id} never ended");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Writes `src` from `from`'s engine into `dst` of the other over `conn`, and checks the bytes.
 fn write(from: &Engine, to: &Engine, conn: &Connection, src: &[u8], dst: &mut [u8]) {
     let len = src.len();
@@ -52,7 +83,7 @@ fn write(from: &Engine, to: &Engine, conn: &Connection, src: &[u8], dst: &mut [u
 /// connector's own, then the acceptor's (which asks the connector). Every byte lands.
 #[test]
 fn idle_channels_close_and_either_ends_transfer_opens_new_ones() {
-    let (a, b, ab, ba) = idle_pair(Duration::from_millis(30));
+    let (a, b, ab, ba) = idle_pair(NEVER);
     let len = 1 << 20;
     let mut dst = vec![0u8; len];
     write(&a, &b, &ab, &bytes(len, 1), &mut dst);
@@ -66,7 +97,7 @@ fn idle_channels_close_and_either_ends_transfer_opens_new_ones() {
     assert_eq!((wait(&ba, r), wait(&ab, s)), (msg.len() as u64, msg.len() as u64));
     assert!(got == msg, "the landed message arrived wrong");
     assert!(ba.holds_landing_memory());
-    until("the channels never closed", || ab.channel_renewals().0 == 1 && ba.channel_renewals().0 == 1);
+    park(&ab, &ba);
     assert_eq!((ab.open_channels(), ba.open_channels()), (0, 0), "closed at both ends");
     assert!(!ba.holds_landing_memory(), "landing memory kept with the channels closed");
     assert_eq!((ab.channel_life(), ba.channel_life()), (Life::Parked, Life::Parked));
@@ -80,7 +111,7 @@ fn idle_channels_close_and_either_ends_transfer_opens_new_ones() {
     assert!(stats.to_string().contains("channels closed idle 1 times, opened again 1"), "{stats}");
 
     // Parked again; now the acceptor writes, and a read from the connector follows.
-    until("the channels never closed again", || ab.channel_renewals().0 == 2 && ba.channel_renewals().0 == 2);
+    park(&ab, &ba);
     let mut back = vec![0u8; len];
     write(&b, &a, &ba, &bytes(len, 3), &mut back);
     assert_eq!((ab.channel_renewals().1, ba.channel_renewals().1), (2, 2));
@@ -99,7 +130,7 @@ fn idle_channels_close_and_either_ends_transfer_opens_new_ones() {
 /// channels it kept, and nothing closes.
 #[test]
 fn an_acceptor_with_work_in_flight_keeps_the_channels() {
-    let (a, b, ab, ba) = idle_pair(Duration::from_millis(100));
+    let (a, b, ab, ba) = idle_pair(NEVER);
     let len = 1 << 20;
     let src = bytes(len, 5);
     let mut dst = vec![0u8; len];
@@ -109,7 +140,8 @@ fn an_acceptor_with_work_in_flight_keeps_the_channels() {
     // The connector hears nothing from here on until the guard goes: it stays idle.
     let held = ab.hold_reads();
     let w = ba.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len, remote }]).unwrap();
-    until("the connector never asked to park", || ab.channel_life() == Life::Parking);
+    until("the connector never asked to park", || ab.close_if_idle(Instant::now() + 2 * NEVER).is_none());
+    assert_eq!(ab.channel_life(), Life::Parking);
     drop(held);
     assert_eq!(wait(&ba, w), len as u64);
     assert!(dst == src, "the write landed wrong");
@@ -122,8 +154,8 @@ fn an_acceptor_with_work_in_flight_keeps_the_channels() {
 /// an error, and nothing hangs.
 #[test]
 fn a_peer_gone_while_the_channels_are_closed_fails_the_waiting_transfer() {
-    let (a, b, ab, ba) = idle_pair(Duration::from_millis(30));
-    until("the channels never closed", || ab.channel_renewals().0 == 1);
+    let (a, b, ab, ba) = idle_pair(NEVER);
+    park(&ab, &ba);
     let len = 1 << 20;
     let mut dst = vec![0u8; len];
     let src = bytes(len, 6);
@@ -132,17 +164,9 @@ fn a_peer_gone_while_the_channels_are_closed_fails_the_waiting_transfer() {
     let remote = b.prepare_fifo(dmr, dst.as_ptr() as usize, len).unwrap();
     drop(ba);
     drop(b);
-    let deadline = Instant::now() + testkit::PATIENCE;
-    let outcome = ab.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len, remote }]).and_then(|w| {
-        loop {
-            if let Some(n) = ab.poll(w)? {
-                break Ok(n);
-            }
-            assert!(Instant::now() < deadline, "the write neither ended nor failed");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    });
-    assert!(outcome.is_err(), "a write to a peer gone: {outcome:?}");
+    let ended =
+        ab.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len, remote }]).and_then(|w| outcome(&ab, w));
+    assert!(ended.is_err(), "a write to a peer gone: {ended:?}");
 }
 
 /// A deregistration while a write's chunks wait for new channels: the write fails as cut off,
@@ -150,8 +174,8 @@ fn a_peer_gone_while_the_channels_are_closed_fails_the_waiting_transfer() {
 /// the region's bytes), and the next write on the new channels lands whole.
 #[test]
 fn a_deregistration_while_channels_open_sends_nothing_of_the_region() {
-    let (a, b, ab, ba) = idle_pair(Duration::from_millis(30));
-    until("the channels never closed", || ab.channel_renewals().0 == 1 && ba.channel_renewals().0 == 1);
+    let (a, b, ab, ba) = idle_pair(NEVER);
+    park(&ab, &ba);
     let len = 1 << 20;
     let src = bytes(len, 7);
     let mut dst = vec![0xeeu8; len];
@@ -165,16 +189,7 @@ fn a_deregistration_while_channels_open_sends_nothing_of_the_region() {
     until("the write never waited for new channels", || ab.channel_life() == Life::Opening);
     a.deregister(smr).unwrap();
     drop(held);
-    let deadline = Instant::now() + testkit::PATIENCE;
-    let err = loop {
-        match ab.poll(w) {
-            Ok(None) => {}
-            Ok(Some(n)) => panic!("a write cut off by its deregistration moved {n} bytes"),
-            Err(e) => break e,
-        }
-        assert!(Instant::now() < deadline, "the cut-off write never ended");
-        std::thread::sleep(Duration::from_millis(1));
-    };
+    let err = outcome(&ab, w).expect_err("a write cut off by its deregistration");
     assert!(err.message().contains("deregistered"), "{}", err.message());
     let mut next = vec![0u8; len];
     write(&a, &b, &ab, &bytes(len, 8), &mut next);
