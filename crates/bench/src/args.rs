@@ -195,7 +195,8 @@ pub struct Args {
     /// Instead of the transfer table, what connections cost: the client's engine connects to the
     /// server's until it holds each count of the list (ascending, e.g. 1,64,256,1024); per count the
     /// connect time, each end's threads, descriptors, resident memory and CPU while idle, and GB/s
-    /// with every connection writing the first of --sizes [default 1 MiB] at once
+    /// with every connection writing the first of --sizes [default 1 MiB] at once; over the network
+    /// path, or the same-host path with --same-host
     #[arg(long, value_name = "LIST", value_delimiter = ',', action = clap::ArgAction::Set, value_parser = positive)]
     pub scale: Vec<usize>,
     /// With --scale: seconds over which the idle CPU is measured
@@ -227,11 +228,11 @@ impl Args {
 
     fn check(&self) -> Result<(), (ErrorKind, &'static str)> {
         let mixed = self.peer_device.is_some_and(|d| d != self.device);
-        if !self.scale.is_empty() && (self.role == Role::Server || mixed || self.same_host) {
+        if !self.scale.is_empty() && (self.role == Role::Server || mixed) {
             return Err((
                 ErrorKind::ArgumentConflict,
-                "--scale is the client's (a server follows it) and moves one kind of memory over the network path: \
-                 leave out --role server, --peer-device and --same-host",
+                "--scale is the client's (a server follows it) and moves one kind of memory: leave out --role server \
+                 and --peer-device",
             ));
         }
         if self.rounds > 1 && (self.role == Role::Server || !self.scale.is_empty()) {
@@ -265,7 +266,7 @@ impl Args {
         // GPU memory's sends take the same-host path too (the receiver copies them over CUDA IPC);
         // host memory's keep to the connection, which the network-path bench measures.
         let same_host_op = |o: &Op| matches!(o, Op::Write | Op::Read) || (*o == Op::Send && self.uses_gpu());
-        if self.same_host && !self.ops.iter().all(same_host_op) {
+        if self.same_host && self.scale.is_empty() && !self.ops.iter().all(same_host_op) {
             return Err((
                 ErrorKind::ArgumentConflict,
                 "--same-host measures one-sided transfers, --ops write,read, and with --device gpu sends too",
@@ -504,7 +505,6 @@ mod tests {
             "--scale 4 --role server",
             "--scale 4 --device gpu --peer-device cpu",
             "--scale 4 --idle-secs 0",
-            "--scale 4 --same-host",
             "--rounds 0",
             "--rounds 101",
             "--rounds x",
@@ -613,6 +613,7 @@ mod tests {
             "--same-host --device gpu --gpu 0 --peer-gpu 1 --ops send --sizes 16M,64M",
             "--scale 1,64,256,1024",
             "--scale 1,64 --sizes 64K --idle-secs 2",
+            "--scale 1,8 --same-host",
             "--same-host --ops write,read --sizes 16M --rounds 5",
             "--same-host --huge-pages --ops write,read --sizes 1M,2M,4M,8M,16M,64M --iters 40 --no-baseline",
             // docs/PERFORMANCE.md, the commands of its figures

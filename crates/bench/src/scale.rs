@@ -3,7 +3,8 @@
 //! the new connections took, each process's threads, descriptors and resident memory (one engine
 //! each), the CPU each burns while every connection idles, and the aggregate rate with every
 //! connection writing at once. Both ends announce no host identity (`disable_ipc`), so that the
-//! data moves over the network path as between hosts. With `--device gpu` each end's engine serves
+//! data moves over the network path as between hosts; with `--same-host` they announce it and the
+//! connections take the same-host path (CUDA IPC, direct host copies). With `--device gpu` each end's engine serves
 //! its GPU (the client `--gpu`, the loopback server `--peer-gpu`) and moves that GPU's memory; the
 //! staging rings each process holds and each GPU's memory in use are columns of every table (0 and
 //! `-` on host memory).
@@ -28,12 +29,12 @@ fn other(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
-fn config(args: &Args, channels: Option<u16>) -> Io<Config> {
+fn config(args: &Args, channels: Option<u16>, same_host: bool) -> Io<Config> {
     let mut config = Config::from_env().map_err(other)?;
     if let Some(c) = args.channels.or(channels) {
         config.num_channels = Some(c);
     }
-    config.disable_ipc = true;
+    config.disable_ipc = !same_host;
     if args.device == Device::Gpu {
         config.gpu = Some(args.gpu);
     }
@@ -53,13 +54,13 @@ fn probe_for(args: &Args) -> Io<Probe> {
 pub fn run(args: &Args, server: IpAddr, port: u16) -> Io<()> {
     let probe = probe_for(args)?;
     let mut ctl = Ctl::new(TcpStream::connect(SocketAddr::new(server, port))?)?;
-    let mut config = config(args, None)?;
+    let mut config = config(args, None, args.same_host)?;
     if server.is_loopback() {
         config.ip = Some(server);
     }
     let size = args.scale_size();
     // 0: unset, the server's engine takes its transport's default as this one does.
-    ctl.send(&format!("SCALE {size} {}", config.num_channels.unwrap_or(0)))?;
+    ctl.send(&format!("SCALE {size} {} {}", config.num_channels.unwrap_or(0), u8::from(args.same_host)))?;
     let ready = ctl.expect("READY")?;
     let engine_port: u16 = field(&ready, 1)?;
     let fifo = ready
@@ -74,12 +75,13 @@ pub fn run(args: &Args, server: IpAddr, port: u16) -> Io<()> {
     let op = OneSided { mr, addr: src.addr(), len: size, remote: fifo };
     let idle = Duration::from_secs_f64(args.idle_secs);
     sayln!(
-        "# uccl-tcpx-bench --scale: one engine per process (c: the connecting client, s: the accepting server), \
+        "# uccl-tcpx-bench --scale: {} path, one engine per process (c: the connecting client, s: the accepting server), \
          {} channels x {} sockets per comm, {} helper threads per direction and engine; idle CPU over {idle:?}; \
          busy: every connection writes {} of {} at once, repeated for at least 1 s after untimed rounds (more \
          while they make staging rings); free: each connection writing back to back on its own for 1 s, \
          each/mean: the slowest and the fastest connection's writes over the mean; rings: staging rings made and not freed; GPU MiB: the GPU's memory in \
          use, every process's",
+        if args.same_host { "same-host" } else { "network" },
         engine.num_channels(),
         config.socket.sockets_per_comm(),
         config.socket.helpers_per_direction(),
@@ -108,7 +110,7 @@ pub fn run(args: &Args, server: IpAddr, port: u16) -> Io<()> {
     let host = server.to_string();
     let mut result = Ok(());
     for &n in &args.scale {
-        match step(&mut ctl, &probe, &engine, &host, engine_port, &mut conns, n, &op, idle) {
+        match step(&mut ctl, &probe, &engine, &host, engine_port, &mut conns, n, &op, idle, args.same_host) {
             Ok(row) => sayln!("{}", row.line()),
             Err(e) => {
                 result = Err(other(format!("at {n} connections: {e}")));
@@ -138,6 +140,7 @@ fn step(
     n: usize,
     op: &OneSided,
     idle: Duration,
+    same_host: bool,
 ) -> Io<Row> {
     let start = Instant::now();
     let added = n.saturating_sub(conns.len());
@@ -145,6 +148,15 @@ fn step(
         let conn = engine
             .connect(host, "0", port)
             .map_err(|e| other(format!("connection {} of {n}: {e}", conns.len() + 1)))?;
+        // A table that names a path holds only connections on it.
+        if conn.peer.locality.is_local() != same_host {
+            return Err(other(format!(
+                "connection {} of {n} took the {} path (the peer is {:?})",
+                conns.len() + 1,
+                if same_host { "network" } else { "same-host" },
+                conn.peer.locality
+            )));
+        }
         conns.push(conn);
     }
     ctl.send(&format!("ACCEPTED {n}"))?;
@@ -343,12 +355,12 @@ fn busy(conns: &[Arc<Connection>], op: &OneSided) -> Io<(f64, usize, Warm)> {
     Ok(((rounds * conns.len() * op.len) as f64 / start.elapsed().as_secs_f64() / 1e9, bytes, warm))
 }
 
-/// The server: `SCALE size channels` came; accepts every connection the client opens, answers
+/// The server: `SCALE size channels same-host` came; accepts every connection the client opens, answers
 /// `ACCEPTED n` once it holds n (or with why not) and `STATS` with its own figures, until `QUIT`.
 pub fn serve(args: &Args, ctl: &mut Ctl, setup: &[String]) -> Io<()> {
-    let (size, channels): (usize, u16) = (field(setup, 1)?, field(setup, 2)?);
+    let (size, channels, same_host): (usize, u16, u8) = (field(setup, 1)?, field(setup, 2)?, field(setup, 3)?);
     let probe = probe_for(args)?;
-    let config = config(args, (channels != 0).then_some(channels))?;
+    let config = config(args, (channels != 0).then_some(channels), same_host != 0)?;
     let timeout = config.connect_timeout;
     let engine = Arc::new(Engine::new(config).map_err(other)?);
     let dst = BenchMemory::for_args(args, size)?;

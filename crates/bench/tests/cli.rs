@@ -212,6 +212,23 @@ fn scale_run_prints_a_row_per_connection_count() {
     assert_eq!(three, one, "{stdout}");
 }
 
+/// `--scale --same-host`: the connections take the same-host path (the bench fails a connection
+/// that took another), and the table says which path it measured.
+#[test]
+fn scale_run_on_the_same_host_path() {
+    let out = Command::new(env!("CARGO_BIN_EXE_uccl-tcpx-bench"))
+        .args(["--scale", "1,2", "--same-host", "--idle-secs", "0.2", "--sizes", "64K"])
+        .env_remove("UCCL_TCPX_DISABLE_IPC")
+        .output()
+        .expect("the bench binary starts");
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("--scale: same-host path"), "{stdout}");
+    let rows: Vec<&str> =
+        stdout.lines().filter(|l| !l.starts_with('#') && !l.trim_start().starts_with("conns")).collect();
+    assert_eq!(rows.iter().map(|r| r.split_whitespace().next().unwrap()).collect::<Vec<_>>(), ["1", "2"], "{stdout}");
+}
+
 /// Every point of a `--rounds 3` run: three rounds, each with the figures of its own anchors, and
 /// every median (figures and ratios) within what the rounds measured.
 fn check_rounds(report: &Value, figures: &[&str], ratios: &[&str]) {
