@@ -417,6 +417,51 @@ fn same_process_the_caller_finishes_its_own_copies() {
     assert!(now.spun - idle.spun < 64, "the progress thread spun {} idle passes", now.spun - idle.spun);
 }
 
+/// A connection holds a copy queue (a stream, which costs its GPU 0.5-1 MiB that the driver keeps
+/// for the next stream even once this one is destroyed) only while its copies are in flight: 16
+/// connections of one engine writing one after another make at most one queue between them, and
+/// the queue waits among the process's idle ones once each write ended. Every byte is read back.
+#[test]
+fn idle_connections_hold_no_copy_queue() {
+    use uccl_tcpx::internal::cuda::device_copy::CopyQueue;
+    if no_gpu() {
+        return;
+    }
+    const CONNS: usize = 16;
+    let a = Arc::new(Engine::new(Config { gpu: Some(0), ..same_host() }).unwrap());
+    let b = Arc::new(Engine::new(Config { gpu: Some(0), ..same_host() }).unwrap());
+    let target = Mem::on_gpu(0, LEN);
+    let tmr = b.register(target.addr(), LEN).unwrap();
+    let window = item(&b, tmr, &target);
+    let mut local = Mem::on_gpu(0, LEN);
+    let lmr = a.register(local.addr(), LEN).unwrap();
+    let data = pattern(CONNS * 4096, SEED);
+    local.write(0, &data);
+    let made = CopyQueue::made();
+    let mut accepted = Vec::new();
+    let conns: Vec<Arc<Connection>> = (0..CONNS)
+        .map(|_| {
+            let c = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
+            accepted.push(common::accept(&b).unwrap());
+            assert_eq!(c.peer.locality, Locality::SameProcess);
+            c
+        })
+        .collect();
+    for (i, conn) in conns.iter().enumerate() {
+        let (addr, remote) = (local.addr() + i * 4096, at(window, i * 4096));
+        let id = conn.write(&[OneSided { mr: lmr, addr, len: 4096, remote }]).unwrap();
+        assert_eq!(waited(conn, id).unwrap(), 4096);
+        assert_eq!(conn.device_copy_batches(), 1, "connection {i} took the device path");
+        assert!(CopyQueue::idle(0) >= 1, "connection {i}'s queue went back once its write ended");
+    }
+    assert!(
+        CopyQueue::made() - made <= 1,
+        "{} copy queues made for {CONNS} connections writing one after another",
+        CopyQueue::made() - made
+    );
+    assert_same(&target.read(0, CONNS * 4096), &data, "what the connections wrote");
+}
+
 /// A wait in slices (`wait_within`, as the Python package and `uccl_tcpx_wait` with a timeout wait)
 /// waits for the transfer's copies in flight on their event, past its limit if need be, rather
 /// than parking a slice and looking again: a 64 MiB write and read waited with a limit of 1 us
@@ -748,9 +793,8 @@ fn a_prepared_capability_spares_the_first_transfers_their_ask() {
     let engine = Engine::new(same_host()).unwrap();
     let mut local = Mem::on_gpu(0, LEN);
     let mr = engine.register(local.addr(), LEN).unwrap();
-    let queues = CopyQueue::made();
     let conn = engine.connect("127.0.0.1", "0", owner.port).unwrap();
-    assert_eq!(CopyQueue::made(), queues + 1, "the connection made its GPU's copy queue");
+    assert!(CopyQueue::idle(0) >= 1, "the connection readied a copy queue and left it idle for its transfers");
     let queues = CopyQueue::made();
     assert_eq!(conn.ipc_asks(), 0);
     assert!(conn.prepare(&owner.item).unwrap(), "a GPU allocation of a same-host owner is mapped");

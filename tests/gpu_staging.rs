@@ -911,3 +911,44 @@ fn wait_copied(ring: &uccl_tcpx::internal::cuda::StagingRing, slot: usize, what:
         assert!(Instant::now() < deadline, "{what}: slot {slot}'s copies did not finish");
     }
 }
+
+/// Staging rings share their GPU's streams (`cuda::stream::shared_streams`): a stream costs the
+/// GPU memory that the driver keeps once it is destroyed, so as many rings as the share has streams,
+/// two streams each, held at once make no more than the share, and each still copies its own bytes:
+/// every ring gathers a pattern of its own into a slot, all queued before any is waited for.
+#[test]
+fn rings_share_their_gpus_streams() {
+    use uccl_tcpx::internal::cuda::stream::{SHARED_PER_GPU, shared_made};
+    use uccl_tcpx::internal::cuda::{DeviceBuffer, Gpu, StagingRing};
+    if no_gpu() {
+        return;
+    }
+    let gpu = Gpu::open(0).unwrap();
+    let len = 1 << 20;
+    let mut rings: Vec<StagingRing> = (0..SHARED_PER_GPU).map(|_| StagingRing::new(&gpu, len, 2, 2).unwrap()).collect();
+    assert!(shared_made(0) <= SHARED_PER_GPU, "{} streams for {SHARED_PER_GPU} rings of two", shared_made(0));
+    let srcs: Vec<DeviceBuffer> = (0..rings.len())
+        .map(|i| {
+            let mut b = DeviceBuffer::new(0, len).unwrap();
+            b.copy_from_host(0, &pattern(len, i as u64)).unwrap();
+            b
+        })
+        .collect();
+    let slots: Vec<usize> = rings
+        .iter_mut()
+        .zip(&srcs)
+        .map(|(ring, src)| {
+            let s = ring.take().unwrap();
+            // SAFETY: the piece is all of src, which outlives the waits below; the slot is taken.
+            unsafe { ring.gather(s, len, std::iter::once((src.addr(), len)), true) }.unwrap();
+            s
+        })
+        .collect();
+    for (i, (ring, s)) in rings.iter().zip(slots).enumerate() {
+        let what = format!("ring {i}");
+        wait_copied(ring, s, &what);
+        // SAFETY: the gather into the slot finished (waited above) and nothing else writes it.
+        let got = unsafe { std::slice::from_raw_parts(ring.slot_ptr(s), len) };
+        assert_same(got, &pattern(len, i as u64), &what);
+    }
+}

@@ -8,8 +8,8 @@
 //! process) goes through the unpack kernel instead, its tiles in one launch or a few: each copy issued
 //! on its own costs the poster about 5 us and moved 1024 blocks of 16 KiB at 3 GB/s on an H100.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys;
 
@@ -56,11 +56,60 @@ pub struct CopyQueue {
 /// Copy queues made in this process (`CopyQueue::made`).
 static MADE: AtomicU64 = AtomicU64::new(0);
 
+/// Copy queues no connection holds, of every GPU, for the next connection that copies. A stream
+/// costs its GPU about 0.5-1 MiB (H200), which the driver keeps after the stream is destroyed and
+/// hands to the next one made: what streams cost is set by the most that ever lived at once. So a
+/// connection holds a queue only while its copies are in flight, and a process's queues follow
+/// its busiest moment, not its connections.
+static IDLE: Mutex<Vec<CopyQueue>> = Mutex::new(Vec::new());
+
+/// Idle queues kept per GPU: dropping one would give back no stream memory, and making one again
+/// costs a busy connection a stream's creation and destruction at every call (at 64 connections
+/// writing at once, half the rate). Past [`KEEP_LISTS`] idle queues, one given back frees its
+/// piece lists, which are memory the driver does give back.
+const KEEP_IDLE: usize = 256;
+const KEEP_LISTS: usize = 8;
+
 impl CopyQueue {
     pub fn new(gpu: &Arc<Gpu>) -> Result<CopyQueue> {
         let queue = CopyQueue { stream: Stream::new(gpu)?, spare: Vec::new(), kernel: Built::Waiting, by_kernel: 0 };
         MADE.fetch_add(1, Ordering::Relaxed);
         Ok(queue)
+    }
+
+    /// An idle queue of `gpu` (the last given back), else a new one.
+    pub fn take(gpu: &Arc<Gpu>) -> Result<CopyQueue> {
+        let mut idle = IDLE.lock().unwrap_or_else(|e| e.into_inner());
+        match idle.iter().rposition(|q| q.gpu().ordinal() == gpu.ordinal()) {
+            Some(at) => Ok(idle.remove(at)),
+            None => {
+                drop(idle);
+                CopyQueue::new(gpu)
+            }
+        }
+    }
+
+    /// Gives the queue back for another connection once nothing queued on it is awaited (a
+    /// caller may still hold the event of its last batch: that event is never recorded again).
+    pub fn give_back(mut self) {
+        let mut idle = IDLE.lock().unwrap_or_else(|e| e.into_inner());
+        let ordinal = self.gpu().ordinal();
+        let kept = idle.iter().filter(|q| q.gpu().ordinal() == ordinal).count();
+        if kept >= KEEP_IDLE {
+            return;
+        }
+        if kept >= KEEP_LISTS
+            && let Built::Ready(kernel) = &mut self.kernel
+            && let Ok(_ctx) = self.stream.gpu().enter()
+        {
+            kernel.trim();
+        }
+        idle.push(self);
+    }
+
+    /// Idle queues of GPU `ordinal`.
+    pub fn idle(ordinal: i32) -> usize {
+        IDLE.lock().unwrap_or_else(|e| e.into_inner()).iter().filter(|q| q.gpu().ordinal() == ordinal).count()
     }
 
     /// Copy queues made in this process so far: for tests of what a first transfer sets up.
@@ -153,6 +202,11 @@ impl CopyQueue {
     /// Calls so far whose copies went through the kernel.
     pub fn batches_by_kernel(&self) -> u64 {
         self.by_kernel
+    }
+
+    /// The calls that went through the kernel since the last time this was asked.
+    pub fn take_batches_by_kernel(&mut self) -> u64 {
+        std::mem::take(&mut self.by_kernel)
     }
 
     /// Takes back a fired event for later batches.

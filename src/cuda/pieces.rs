@@ -226,6 +226,18 @@ impl PieceCopier {
         self.end_call();
     }
 
+    /// Frees the lists between calls (up to 6 MiB pinned and as much of the GPU's memory), after
+    /// the launches that read them; the next call allocates what it needs again.
+    pub fn trim(&mut self) {
+        if self.filling.is_some() {
+            return;
+        }
+        for list in &self.lists {
+            let _ = list.read.synchronize();
+        }
+        self.lists.clear();
+    }
+
     /// A list no launch still reads: a done one, else a new one while there are fewer than
     /// [`MAX_LISTS`], else the oldest once its launch finished. The GPU's context is current.
     fn free_list(&mut self) -> Result<usize> {

@@ -22,7 +22,7 @@ use cudarc::driver::sys;
 
 use super::memory::PinnedBuffer;
 use super::segments::{Built, SegmentKernel};
-use super::stream::{Event, Stream};
+use super::stream::{Event, Stream, shared_streams};
 use super::unpack::addressable;
 use super::{Gpu, check};
 use crate::config::StagingGather;
@@ -85,18 +85,19 @@ fn kernel_unavailable(why: &Error) {
     });
 }
 
-/// One GPU's side of a ring: its copy streams, one event per slot and its segment kernel. Drop
-/// order: the streams synchronize first (no copy or kernel still reads or writes a slot, a bounce
-/// buffer or user memory), then the kernel's buffers and the events go.
+/// One GPU's side of a ring: its copy streams (shared with other rings, `shared_streams`), one
+/// event per slot and its segment kernel. Drop order: the streams synchronize first (no copy or
+/// kernel still reads or writes a slot, a bounce buffer or user memory), then the kernel's buffers
+/// and the events go.
 struct Lane {
-    streams: Vec<Stream>,
+    streams: Vec<Arc<Stream>>,
     kernel: Built<SegmentKernel>,
     events: Vec<Event>,
 }
 
 impl Lane {
     fn new(gpu: &Arc<Gpu>, slots: usize, streams: usize) -> Result<Lane> {
-        let streams = (0..streams.min(slots)).map(|_| Stream::new(gpu)).collect::<Result<Vec<_>>>()?;
+        let streams = shared_streams(gpu, streams.min(slots))?;
         let events = (0..slots).map(|_| Event::new(gpu)).collect::<Result<Vec<_>>>()?;
         Ok(Lane { streams, kernel: Built::Waiting, events })
     }
@@ -107,6 +108,15 @@ impl Lane {
 
     fn stream(&self, slot: usize) -> &Stream {
         &self.streams[slot % self.streams.len()]
+    }
+}
+
+impl Drop for Lane {
+    /// The shared streams outlive the ring: what it queued on them ends before its memory goes.
+    fn drop(&mut self) {
+        for stream in &self.streams {
+            let _ = stream.synchronize();
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! A stream and events of one GPU, created once and reused: the staging path issues every copy on
 //! its comm's stream and learns of completion through per-slot events, never by blocking.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{self, CUresult};
 
@@ -15,6 +15,9 @@ pub struct Stream {
 
 // SAFETY: a CUstream may be used from any thread once its context is current there.
 unsafe impl Send for Stream {}
+// SAFETY: every method takes `&self` and makes driver calls, which are thread-safe on one stream:
+// work two threads queue on it runs in the order the driver took it (`shared_streams`).
+unsafe impl Sync for Stream {}
 
 impl Stream {
     /// A non-blocking stream: it does not wait for work the user queued on the legacy default stream.
@@ -56,6 +59,46 @@ impl Drop for Stream {
             }
         }
     }
+}
+
+/// Streams the staging rings of every engine share, at most [`SHARED_PER_GPU`] a GPU. A stream
+/// costs its GPU 0.5-1 MiB (H200) that the driver keeps once the stream is destroyed, for the next
+/// one made: rings with streams of their own left the most rings a burst ever held on the GPU
+/// for good (at 128 connections, 4 MiB a connection). Rings that share these hold at most that
+/// many streams a GPU, and each waits for its own slots' events, never for a stream.
+static SHARED: Mutex<Vec<Arc<Stream>>> = Mutex::new(Vec::new());
+
+/// Two streams for each of 16 rings, the staging pool's bound from 16 cores: past it, rings share.
+pub const SHARED_PER_GPU: usize = 32;
+
+/// `n` distinct streams of `gpu` for one ring: unused ones first, then new ones while the GPU has
+/// fewer than [`SHARED_PER_GPU`], then the least used.
+pub fn shared_streams(gpu: &Arc<Gpu>, n: usize) -> Result<Vec<Arc<Stream>>> {
+    let mut all = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    let mut picked: Vec<Arc<Stream>> = Vec::with_capacity(n);
+    for _ in 0..n {
+        let ours = |s: &&Arc<Stream>| s.gpu.ordinal() == gpu.ordinal();
+        let have = all.iter().filter(ours).count();
+        let least = all
+            .iter()
+            .filter(ours)
+            .filter(|s| !picked.iter().any(|p| Arc::ptr_eq(p, s)))
+            .min_by_key(|s| Arc::strong_count(s));
+        match least {
+            Some(s) if Arc::strong_count(s) == 1 || have >= SHARED_PER_GPU => picked.push(s.clone()),
+            _ => {
+                let stream = Arc::new(Stream::new(gpu)?);
+                all.push(stream.clone());
+                picked.push(stream);
+            }
+        }
+    }
+    Ok(picked)
+}
+
+/// Streams of GPU `ordinal` made for the rings so far.
+pub fn shared_made(ordinal: i32) -> usize {
+    SHARED.lock().unwrap_or_else(|e| e.into_inner()).iter().filter(|s| s.gpu.ordinal() == ordinal).count()
 }
 
 pub struct Event {

@@ -361,12 +361,13 @@ impl Connection {
         let writer = ControlWriter::new(control.clone(), reactor.clone());
         let rx = ControlRx::new(control.clone(), reactor.clone(), core.config.control_spin)?;
         let tag = trace::ConnTag { conn: link.nonce, side: u64::from(link.connector) };
-        let mut ipc = IpcState::new(trace::on(trace::DEVICE).then_some(tag));
-        // A peer on this host may take the same-host GPU path: its copy queue is made now rather
-        // than at the first transfer (a stream, an event and the stream's first operation).
+        let ipc = IpcState::new(trace::on(trace::DEVICE).then_some(tag));
+        // A peer on this host may take the same-host GPU path: a copy queue is readied now rather
+        // than at the first transfer (a stream, an event and the stream's first operation), and
+        // left among the process's idle ones for it.
         if super::path::same_host_gpu(link.locality, core.config.local_peers)
             && let Some(gpu) = core.gpu.get()
-            && let Err(e) = ipc.ready_queue(gpu)
+            && let Err(e) = IpcState::ready_queue(gpu)
         {
             log::debug!("no copy queue for GPU {} yet ({e}): made at the first same-host transfer", gpu.ordinal());
         }

@@ -124,7 +124,12 @@ pub(crate) struct IpcState {
     /// ask instead of sending its own (a transfer racing `prepare` on another thread).
     asking: HashSet<GrantKey>,
     batches: Vec<Batch>,
-    queues: Vec<CopyQueue>,
+    /// The copy queues of the batches in flight (`Batch::queue` indexes it), taken from the
+    /// process's idle queues at a first batch and given back once none is in flight
+    /// (`CopyQueue::take`): an idle connection holds no stream.
+    queues: HeldQueues,
+    /// Batches through a GPU's kernel on queues given back.
+    by_kernel: u64,
     /// Owner's regions revoked while batches used them: answered once those finished.
     revoking: HashSet<u64>,
     /// As the owner: regions granted on this connection.
@@ -143,6 +148,19 @@ pub(crate) struct IpcState {
     issued_recvs: u64,
     /// Which connection's batches are seen finished, while the `device` trace runs.
     tracer: Option<ConnTag>,
+}
+
+/// A connection's copy queues, given back when it ends too (copies still queued on one only make
+/// the next holder's wait behind them).
+#[derive(Default)]
+struct HeldQueues(Vec<CopyQueue>);
+
+impl Drop for HeldQueues {
+    fn drop(&mut self) {
+        for queue in self.0.drain(..) {
+            queue.give_back();
+        }
+    }
 }
 
 /// A grant whose allocation is mapped here.
@@ -382,21 +400,43 @@ impl IpcState {
         std::mem::take(&mut self.answers)
     }
 
-    /// Makes `gpu`'s copy queue and readies it (`CopyQueue::ready`) ahead of the first batch.
-    pub fn ready_queue(&mut self, gpu: &Arc<Gpu>) -> Result<()> {
-        self.queue(gpu)?.1.ready()
+    /// Readies a copy queue of `gpu` (`CopyQueue::ready`) ahead of the first batch, among the
+    /// process's idle ones.
+    pub fn ready_queue(gpu: &Arc<Gpu>) -> Result<()> {
+        let mut queue = CopyQueue::take(gpu)?;
+        let readied = queue.ready();
+        queue.give_back();
+        readied
     }
 
-    /// The copy queue of `gpu`, made on first use.
-    pub fn queue(&mut self, gpu: &Arc<Gpu>) -> Result<(usize, &mut CopyQueue)> {
-        let at = match self.queues.iter().position(|q| q.gpu().ordinal() == gpu.ordinal()) {
+    /// The copy queue of `gpu` this connection holds, taken on first use.
+    fn queue(&mut self, gpu: &Arc<Gpu>) -> Result<(usize, &mut CopyQueue)> {
+        let queues = &mut self.queues.0;
+        let at = match queues.iter().position(|q| q.gpu().ordinal() == gpu.ordinal()) {
             Some(at) => at,
             None => {
-                self.queues.push(CopyQueue::new(gpu)?);
-                self.queues.len() - 1
+                queues.push(CopyQueue::take(gpu)?);
+                queues.len() - 1
             }
         };
-        Ok((at, &mut self.queues[at]))
+        Ok((at, &mut queues[at]))
+    }
+
+    /// Gives the copy queues back once no batch is in flight.
+    fn give_back_queues(&mut self) {
+        if !self.batches.is_empty() {
+            return;
+        }
+        for mut queue in self.queues.0.drain(..) {
+            self.by_kernel += queue.take_batches_by_kernel();
+            queue.give_back();
+        }
+    }
+
+    /// The copy queues this connection holds now.
+    #[cfg(test)]
+    pub fn queues_held(&self) -> usize {
+        self.queues.0.len()
     }
 
     /// Queues copies on `gpu`'s queue with `queue_copies`, which returns the event behind them,
@@ -455,7 +495,7 @@ impl IpcState {
 
     /// Of the batches issued, those whose copies went through a GPU's kernel.
     pub fn issued_by_kernel(&self) -> u64 {
-        self.queues.iter().map(CopyQueue::batches_by_kernel).sum()
+        self.by_kernel + self.queues.0.iter().map(CopyQueue::batches_by_kernel).sum::<u64>()
     }
 
     /// The count of batches in flight, shared with the connection.
@@ -495,6 +535,7 @@ impl IpcState {
             answered |= batch.answer.is_some();
             self.finish(batch, outcome, waker, by);
         }
+        self.give_back_queues();
         (answered, self.answerable_revokes())
     }
 
@@ -528,7 +569,7 @@ impl IpcState {
         // An event a waiting caller still holds is not recorded again under it: it goes with the
         // caller's reference instead.
         if outcome.is_ok()
-            && let Some(q) = self.queues.get_mut(queue)
+            && let Some(q) = self.queues.0.get_mut(queue)
             && let Ok(event) = Arc::try_unwrap(event)
         {
             q.recycle(event);
@@ -593,6 +634,7 @@ impl IpcState {
             let _ = batch.event.synchronize();
             self.finish(batch, Err(err.clone()), waker, Seer::Failure);
         }
+        self.give_back_queues();
         self.generation += 1;
         self.grants.clear();
         self.sent_maps.clear();
@@ -738,7 +780,9 @@ mod tests {
         assert!(st.event_of(first.id).is_none() && st.event_of(second.id).is_none());
         assert!(first.is_finished() && second.is_finished());
         assert!(!waker.device_copies.any() && !waker.caller_copies.any());
-        assert_eq!(st.queues[0].spare_events(), 1, "only the unheld event went back to the queue");
+        assert_eq!(st.queues_held(), 0, "nothing in flight: the queue went back");
+        let queue = CopyQueue::take(&gpu).unwrap();
+        assert_eq!(queue.spare_events(), 1, "only the unheld event went back to the queue");
     }
 
     #[test]
